@@ -1,0 +1,15 @@
+"""denseclip_fast: a fast, exact inference engine for DenseCLIP (Rao et al., CVPR 2022).
+
+    import denseclip_fast as dcf
+    model = dcf.load_checkpoint("denseclip_fpn_res50.pth")      # eval mode, CPU, float32
+    logits = model(x)                                            # x: CLIP-normalised (B, 3, H, W)
+"""
+
+from .checkpoints import CheckpointError, load_checkpoint
+from .class_names import ADE20K_CLASSES
+from .config import DenseCLIPConfig, preset
+from .model import DenseCLIP
+
+__version__ = "0.1.0"
+
+__all__ = ["ADE20K_CLASSES", "CheckpointError", "DenseCLIP", "DenseCLIPConfig", "load_checkpoint", "preset"]

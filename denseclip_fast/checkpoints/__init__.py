@@ -1,0 +1,117 @@
+"""Checkpoint loading and saving.
+
+``load_checkpoint`` reads released official DenseCLIP files (mmcv ``.pth``) and denseclip_fast's own
+``.safetensors`` files; ``clip.py`` reads CLIP weights (OpenAI TorchScript archives, plain state dicts, open_clip
+checkpoints) to initialise a model for training. Nothing is ever unpickled with code execution (see ``io.py``).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from ..class_names import ADE20K_CLASSES
+from .io import CheckpointError, WeightFile, read_weight_file
+from .native import is_native, native_contents
+from .official import check_arch, infer_config, load_state_strict
+
+__all__ = ["CheckpointError", "load_checkpoint"]
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str], arch: str | None = None, class_names: Sequence[str] | None = None
+) -> Any:
+    """Load a DenseCLIP model: eval mode, CPU, float32.
+
+    Args:
+        path: an official DenseCLIP checkpoint (``{'meta', 'state_dict'}`` or a bare state dict, ``.pth``) or a file
+            written by ``DenseCLIP.save`` (``.safetensors``).
+        arch: ``'RN50'``, ``'RN101'`` or ``'ViT-B/16'`` to insist on; detected from the tensors when None.
+        class_names: the K class names; default: the file's own (``meta['CLASSES']`` or the saved vocabulary),
+            else the 150 ADE20K classes when K is 150.
+
+    Raises:
+        CheckpointError: unreadable, unsafe or inconsistent file (the message names the file and the reason).
+        ValueError: ``class_names`` of the wrong length or with a name longer than 3 BPE tokens.
+    """
+    from ..model import DenseCLIP
+
+    path = os.fspath(path)
+    wf = read_weight_file(path)
+    if wf.kind == "safetensors" and is_native(wf.metadata):
+        config, names, palette = native_contents(wf.metadata, path)
+        check_arch(config, arch, path)
+        sd: Mapping[str, torch.Tensor] = wf.tensors
+    else:
+        sd, meta = _official_state(wf, path)
+        config, k = infer_config(sd, path)
+        check_arch(config, arch, path)
+        names, palette = _official_names(meta, k, path), meta.get("PALETTE")
+    if class_names is not None:
+        names = list(class_names)
+    k = sd["decode_head.conv_seg.weight"].shape[0] if "decode_head.conv_seg.weight" in sd else len(names)
+    if len(names) != k:
+        raise ValueError(f"class_names has {len(names)} names but the checkpoint's head has {k} outputs")
+    model = DenseCLIP(config, names)
+    load_state_strict(model, sd, path)
+    model.palette = _palette(palette, k)
+    return model.eval()
+
+
+def _official_state(wf: WeightFile, path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    if wf.kind == "torchscript":
+        raise CheckpointError(
+            path, "this is a TorchScript archive (CLIP weights?), not a DenseCLIP checkpoint; "
+            "use DenseCLIP.from_clip(path, arch, class_names) to initialise a model from CLIP weights"
+        )  # fmt: skip
+    obj = wf.tensors if wf.kind == "safetensors" else wf.obj
+    meta: dict[str, Any] = {}
+    if isinstance(obj, Mapping) and "state_dict" in obj:
+        meta = obj.get("meta") or {}
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping) or not obj:
+        raise CheckpointError(
+            path, f"not a checkpoint: expected a state dict or {{'state_dict': ...}}, found {type(obj).__name__}"
+        )
+    sd = {str(k): v for k, v in obj.items()}
+    if all(k.startswith("module.") for k in sd):  # saved from a DistributedDataParallel wrapper
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    if "visual.conv1.weight" in sd or "token_embedding.weight" in sd:
+        raise CheckpointError(
+            path, "these are CLIP weights, not a DenseCLIP checkpoint; use DenseCLIP.from_clip(path, arch, class_names)"
+        )
+    not_tensors = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise CheckpointError(path, f"state dict entries that are not tensors: {', '.join(not_tensors[:10])}")
+    return sd, dict(meta) if isinstance(meta, Mapping) else {}
+
+
+def _official_names(meta: Mapping[str, Any], k: int, path: str) -> list[str]:
+    classes = meta.get("CLASSES")
+    if classes is not None:
+        if isinstance(classes, str) or not all(isinstance(c, str) for c in classes):
+            raise CheckpointError(path, "meta['CLASSES'] is not a list of strings")
+        return list(classes)
+    if k == len(ADE20K_CLASSES):
+        warnings.warn(
+            f"{path}: no class names in the file (meta['CLASSES']); assuming the 150 ADE20K classes. "
+            "Pass class_names=[...] to choose.",
+            stacklevel=3,
+        )
+        return list(ADE20K_CLASSES)
+    raise CheckpointError(path, f"the file names no classes and its head has {k} outputs: pass class_names=[...]")
+
+
+def _palette(palette: Any, k: int) -> list[tuple[int, int, int]] | None:
+    """A usable palette (K RGB triples of 0..255) or None; a malformed palette is dropped, not trusted."""
+    try:
+        colors = [tuple(int(c) for c in rgb) for rgb in palette]
+    except (TypeError, ValueError):
+        return None
+    if len(colors) != k or any(len(c) != 3 or not all(0 <= v <= 255 for v in c) for c in colors):
+        return None
+    return colors  # type: ignore[return-value]

@@ -1,0 +1,113 @@
+"""Initialising DenseCLIP's backbone and text encoder from CLIP weights, as the official ``init_weights`` do.
+
+Accepted files: OpenAI's TorchScript archives (``RN50.pt`` ...), plain CLIP state dicts (``torch.save`` or
+``.safetensors``) and open_clip checkpoints (``{'state_dict': ...}``, ``module.`` prefixes). CLIP's keys are
+``visual.*`` for the image tower and ``transformer.*``, ``token_embedding.weight``, ``positional_embedding``,
+``ln_final.*``, ``text_projection`` for the text tower.
+
+* ``visual.*`` -> ``backbone.*``. The positional grid is resized bilinearly (align_corners=False) from CLIP's
+  (7x7 for RN at 224, 14x14 for ViT-B/16) to the model's (16x16 for 512 inputs, 40x40 for 640).
+* text keys -> ``text_encoder.*``; the positional embedding is truncated from 77 to the 13 positions used.
+* Everything else (contexts, gamma, decoder, neck, head, the ViT pyramid adapters) keeps its fresh initialisation.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..model.resnet import resize_positional_grid
+from .io import CheckpointError, read_weight_file
+from .official import _listing
+
+if TYPE_CHECKING:
+    from ..model import DenseCLIP
+
+TEXT_PREFIXES = ("transformer.", "token_embedding.", "ln_final.")
+TEXT_KEYS = ("positional_embedding", "text_projection")
+IGNORED = ("logit_scale", "logit_bias", "input_resolution", "context_length", "vocab_size")
+
+
+def read_clip_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """CLIP weights from any supported file as a flat ``{name: tensor}`` dict with CLIP's key names."""
+    path = os.fspath(path)
+    wf = read_weight_file(path)
+    obj = wf.obj if wf.kind == "torch" else wf.tensors
+    if isinstance(obj, Mapping) and "state_dict" in obj:
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(path, f"not CLIP weights: expected a state dict, found {type(obj).__name__}")
+    sd = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    if "visual.conv1.weight" not in sd or "token_embedding.weight" not in sd:
+        raise CheckpointError(path, "not CLIP weights: no 'visual.conv1.weight' or 'token_embedding.weight'")
+    return sd
+
+
+def _grid(n_tokens: int, key: str, path: str) -> int:
+    grid = math.isqrt(n_tokens - 1)
+    if grid * grid != n_tokens - 1:
+        raise CheckpointError(path, f"{key} has {n_tokens} rows, not 1 + a square grid")
+    return grid
+
+
+def _backbone_state(model: DenseCLIP, sd: Mapping[str, torch.Tensor], path: str) -> dict[str, torch.Tensor]:
+    visual = {k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.") and not k.endswith("attn_mask")}
+    pos_key = "attnpool.positional_embedding" if model.config.vision.kind == "resnet" else "positional_embedding"
+    if pos_key in visual:
+        pos = visual[pos_key].float()
+        new_grid = model.config.vision.grid
+        old_grid = _grid(pos.shape[0], "visual." + pos_key, path)
+        if old_grid != new_grid:
+            visual[pos_key] = resize_positional_grid(pos, old_grid, (new_grid, new_grid))
+    return visual
+
+
+def _text_state(model: DenseCLIP, sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    text = {
+        k: v for k, v in sd.items() if (k.startswith(TEXT_PREFIXES) or k in TEXT_KEYS) and not k.endswith("attn_mask")
+    }
+    if "positional_embedding" in text:
+        text["positional_embedding"] = text["positional_embedding"][: model.config.text.context_length]
+    return text
+
+
+def _load_part(part: torch.nn.Module, state: dict[str, torch.Tensor], prefix: str, path: str, optional: str) -> None:
+    """Load ``state`` into ``part``: every key of ``part`` except those starting with ``optional`` must be given,
+    every given key must exist, shapes must match."""
+    expected = part.state_dict()
+    missing = sorted(k for k in expected if k not in state and not (optional and k.startswith(optional)))
+    unexpected = sorted(k for k in state if k not in expected)
+    mismatched = [
+        f"{k}: file {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+        for k, v in state.items()
+        if k in expected and tuple(v.shape) != tuple(expected[k].shape)
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing {prefix} keys ({len(missing)}): {_listing([prefix + k for k in missing])}")
+    if unexpected:
+        problems.append(f"unexpected {prefix} keys ({len(unexpected)}): {_listing([prefix + k for k in unexpected])}")
+    if mismatched:
+        problems.append(f"shape mismatch ({len(mismatched)}): {_listing(mismatched, 10)}")
+    if problems:
+        raise CheckpointError(path, "these CLIP weights do not fit the architecture: " + "; ".join(problems))
+    part.load_state_dict(state, strict=False)
+
+
+def init_from_clip(model: DenseCLIP, path: str | os.PathLike[str]) -> None:
+    """Copy CLIP weights into ``model.backbone`` and ``model.text_encoder`` (in place)."""
+    path = os.fspath(path)
+    sd = read_clip_state_dict(path)
+    visual_keys = ("visual.",)
+    others = sorted(k for k in sd if not k.startswith(visual_keys + TEXT_PREFIXES) and k not in TEXT_KEYS + IGNORED)
+    if others:
+        raise CheckpointError(path, f"unrecognised keys in CLIP weights: {_listing(others)}")
+    optional_vision = "fpn" if model.config.vision.kind == "vit" else ""
+    _load_part(model.backbone, _backbone_state(model, sd, path), "visual.", path, optional_vision)
+    _load_part(model.text_encoder, _text_state(model, sd), "", path, "")

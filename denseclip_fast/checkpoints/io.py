@@ -1,0 +1,224 @@
+"""Reading weight files without ever executing code from them.
+
+* torch files (zip or legacy pickle) go through ``torch.load(weights_only=True)``: tensors and plain containers only.
+* TorchScript archives (OpenAI's CLIP ``.pt`` files) are read by :class:`_TorchScriptUnpickler`, which rebuilds
+  tensors from the archive's storages and turns every scripted module into a plain record. No TorchScript code,
+  no ``__setstate__`` of the archive and no global outside a short allowlist is ever run.
+* safetensors files are read with the safetensors library (no pickle at all).
+
+Every failure is a :class:`CheckpointError` whose message is one line: the file and the reason.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import struct
+import zipfile
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+class CheckpointError(ValueError):
+    """A weight file that cannot be used; ``str(err)`` is ``'<path>: <reason>'`` on one line."""
+
+    def __init__(self, path: str | os.PathLike[str], reason: str) -> None:
+        self.path = os.fspath(path)
+        self.reason = " ".join(reason.split())
+        super().__init__(f"{self.path}: {self.reason}")
+
+
+@dataclass
+class WeightFile:
+    """What a file holds. ``kind``: 'torch' (``obj`` is what torch.load returned), 'torchscript' or 'safetensors'
+    (``tensors`` is a flat name -> tensor dict, ``metadata`` the safetensors header metadata)."""
+
+    kind: str
+    obj: Any = None
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+def read_weight_file(path: str | os.PathLike[str]) -> WeightFile:
+    """Open a checkpoint of any supported format, safely. Raises CheckpointError."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise CheckpointError(path, "no such file")
+    if not os.path.isfile(path):
+        raise CheckpointError(path, "not a file")
+    size = os.path.getsize(path)
+    if size == 0:
+        raise CheckpointError(path, "the file is empty")
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head[:4] == b"PK\x03\x04":
+        if _is_torchscript(path):
+            return WeightFile("torchscript", tensors=_read_torchscript(path))
+        return WeightFile("torch", obj=_torch_load(path))
+    if head[:1] == b"\x80":  # a pickle protocol marker: torch.save's legacy format
+        return WeightFile("torch", obj=_torch_load(path))
+    if len(head) >= 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] < size:
+        return _read_safetensors(path)
+    raise CheckpointError(
+        path, f"not a checkpoint: unrecognised format (first bytes {head[:8]!r}); expected a torch .pth/.pt file, "
+        "a TorchScript archive or a .safetensors file"
+    )
+
+
+def _torch_load(path: str) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        what = f"it references {found.group(1)}" if found else "it holds objects other than tensors and containers"
+        raise CheckpointError(
+            path,
+            f"refused: loading it would execute code ({what}); only tensors and plain containers are read. "
+            "If you trust the file, re-save its state_dict with torch.save in a trusted environment.",
+        ) from None
+    except (RuntimeError, EOFError, OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
+        message = str(exc).split(".")[0] if str(exc) else type(exc).__name__
+        if isinstance(exc, EOFError) or "central directory" in message or "failed reading" in message:
+            reason = "truncated or corrupt (the archive ends early or its index is damaged)"
+        else:
+            reason = f"could not be read as a torch checkpoint ({type(exc).__name__}: {message})"
+        raise CheckpointError(path, reason) from None
+
+
+def _read_safetensors(path: str) -> WeightFile:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except Exception as exc:  # safetensors raises its own SafetensorError / OSError variants
+        raise CheckpointError(path, f"corrupt or truncated safetensors file ({exc})") from None
+    return WeightFile("safetensors", tensors=tensors, metadata=metadata)
+
+
+# ---------------------------------------------------------------------------------------------- TorchScript
+
+
+def _is_torchscript(path: str) -> bool:
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return False  # let torch.load report the damage
+    return any(n.endswith("/constants.pkl") or "/code/" in n for n in names)
+
+
+_STORAGE_DTYPES = {
+    "FloatStorage": torch.float32,
+    "DoubleStorage": torch.float64,
+    "HalfStorage": torch.float16,
+    "BFloat16Storage": torch.bfloat16,
+    "LongStorage": torch.int64,
+    "IntStorage": torch.int32,
+    "ShortStorage": torch.int16,
+    "CharStorage": torch.int8,
+    "ByteStorage": torch.uint8,
+    "BoolStorage": torch.bool,
+}
+
+
+class _ScriptRecord:
+    """Stands in for any scripted class of the archive: keeps its pickled state, runs none of its code."""
+
+    def __init__(self, *args: Any) -> None:
+        self.state: Any = None
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+
+def _rebuild_tensor(storage: torch.Tensor, offset: int, size: Any, stride: Any, *_: Any) -> torch.Tensor:
+    return torch.as_strided(storage, tuple(size), tuple(stride), offset)
+
+
+def _first(value: Any, *_: Any) -> Any:
+    return value
+
+
+def _as_list(items: Any, *_: Any) -> list[Any]:
+    return list(items)
+
+
+_SAFE_GLOBALS: dict[tuple[str, str], Any] = {
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_parameter"): _first,
+    ("collections", "OrderedDict"): OrderedDict,
+    ("torch.jit._pickle", "restore_type_tag"): _first,
+    ("torch.jit._pickle", "build_intlist"): _as_list,
+    ("torch.jit._pickle", "build_doublelist"): _as_list,
+    ("torch.jit._pickle", "build_boollist"): _as_list,
+    ("torch.jit._pickle", "build_tensorlist"): _as_list,
+}
+
+
+class _TorchScriptUnpickler(pickle.Unpickler):
+    def __init__(self, data: bytes, archive: zipfile.ZipFile, prefix: str, path: str) -> None:
+        import io
+
+        super().__init__(io.BytesIO(data))
+        self.archive, self.prefix, self.path = archive, prefix, path
+        self.storages: dict[str, torch.Tensor] = {}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "__torch__" or module.startswith("__torch__."):
+            return _ScriptRecord
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _STORAGE_DTYPES[name]
+        if (module, name) in _SAFE_GLOBALS:
+            return _SAFE_GLOBALS[(module, name)]
+        raise CheckpointError(self.path, f"refused: the TorchScript archive references {module}.{name}")
+
+    def persistent_load(self, pid: Any) -> torch.Tensor:
+        if not (isinstance(pid, tuple) and len(pid) >= 3 and pid[0] == "storage"):
+            raise CheckpointError(self.path, f"unsupported TorchScript storage reference {pid!r}")
+        dtype, key = pid[1], str(pid[2])
+        if not isinstance(dtype, torch.dtype):
+            raise CheckpointError(self.path, f"unsupported storage type in TorchScript archive: {dtype!r}")
+        if key not in self.storages:
+            raw = bytearray(self.archive.read(f"{self.prefix}data/{key}"))
+            self.storages[key] = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
+        return self.storages[key]
+
+
+def _flatten(obj: Any, prefix: str, out: dict[str, torch.Tensor]) -> None:
+    if isinstance(obj, _ScriptRecord):
+        obj = obj.state
+    if isinstance(obj, dict):
+        for name, value in obj.items():
+            if isinstance(value, torch.Tensor):
+                out[prefix + str(name)] = value
+            elif isinstance(value, (_ScriptRecord, dict)):
+                _flatten(value, f"{prefix}{name}.", out)
+
+
+def _read_torchscript(path: str) -> dict[str, torch.Tensor]:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            data_pkl = [n for n in archive.namelist() if n.endswith("data.pkl") and n.count("/") == 1]
+            if not data_pkl:
+                raise CheckpointError(path, "TorchScript archive without data.pkl")
+            prefix = data_pkl[0][: -len("data.pkl")]
+            byteorder = f"{prefix}byteorder"
+            if byteorder in archive.namelist() and archive.read(byteorder).strip() != b"little":
+                raise CheckpointError(path, "big-endian TorchScript archives are not supported")
+            root = _TorchScriptUnpickler(archive.read(data_pkl[0]), archive, prefix, path).load()
+    except CheckpointError:
+        raise
+    except (zipfile.BadZipFile, KeyError, EOFError, pickle.UnpicklingError, RuntimeError, ValueError) as exc:
+        raise CheckpointError(path, f"truncated or corrupt TorchScript archive ({type(exc).__name__}: {exc})") from None
+    tensors: dict[str, torch.Tensor] = {}
+    _flatten(root, "", tensors)
+    if not tensors:
+        raise CheckpointError(path, "the TorchScript archive holds no tensors")
+    return {k: v.clone() for k, v in tensors.items()}

@@ -1,0 +1,59 @@
+"""denseclip_fast's own checkpoint format: one ``.safetensors`` file.
+
+The tensors are the model's state dict under the official names; the safetensors header metadata holds
+``format = "denseclip_fast"``, ``format_version``, ``config`` (the architecture as JSON, see DenseCLIPConfig),
+``class_names`` (JSON list) and optionally ``palette`` (JSON list of RGB triples). Any safetensors reader can list
+the tensors and read the JSON; nothing in the file is executable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import TYPE_CHECKING, Any
+
+from ..config import DenseCLIPConfig
+from .io import CheckpointError
+
+if TYPE_CHECKING:
+    from ..model import DenseCLIP
+
+FORMAT = "denseclip_fast"
+FORMAT_VERSION = "1"
+
+
+def save_native(model: DenseCLIP, path: str | os.PathLike[str]) -> None:
+    from safetensors.torch import save_file
+
+    path = os.fspath(path)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    metadata = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "config": json.dumps(model.config.to_dict()),
+        "class_names": json.dumps(model.class_names),
+    }
+    if model.palette is not None:
+        metadata["palette"] = json.dumps([list(c) for c in model.palette])
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise CheckpointError(path, f"cannot save: directory {parent} does not exist")
+    save_file(tensors, path, metadata=metadata)
+
+
+def is_native(metadata: dict[str, str]) -> bool:
+    return metadata.get("format") == FORMAT
+
+
+def native_contents(metadata: dict[str, str], path: str) -> tuple[DenseCLIPConfig, list[str], Any]:
+    """(config, class names, palette or None) from a native file's metadata."""
+    version = metadata.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(path, f"denseclip_fast format version {version!r} is not supported (expected 1)")
+    try:
+        config = DenseCLIPConfig.from_dict(json.loads(metadata["config"]))
+        names = json.loads(metadata["class_names"])
+        palette = json.loads(metadata["palette"]) if "palette" in metadata else None
+    except (KeyError, json.JSONDecodeError, ValueError, TypeError) as exc:
+        raise CheckpointError(path, f"damaged denseclip_fast metadata ({type(exc).__name__}: {exc})") from None
+    return config, names, palette

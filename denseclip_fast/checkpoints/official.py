@@ -1,0 +1,158 @@
+"""Official DenseCLIP state dicts: detecting the architecture from the tensors and loading every one of them.
+
+An official segmentation checkpoint is an mmcv file ``{'meta': {'CLASSES', 'PALETTE', ...}, 'state_dict': {...}}``
+whose keys are ``backbone.*``, ``text_encoder.*``, ``context_decoder.*``, ``neck.*``, ``decode_head.*``,
+``contexts`` and ``gamma``; our module tree uses the same names, so loading is a strict ``load_state_dict`` once the
+architecture is known. What the tensors cannot tell (head counts, ViT tap blocks, drop-path rate, sliding-window
+defaults) follows the official configs.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from ..config import DecoderConfig, DenseCLIPConfig, TextConfig, VisionConfig, canonical_arch, preset
+from .io import CheckpointError
+
+REQUIRED_KEYS = (
+    "contexts",
+    "gamma",
+    "backbone.conv1.weight",
+    "text_encoder.token_embedding.weight",
+    "text_encoder.positional_embedding",
+    "text_encoder.text_projection",
+    "context_decoder.text_proj.1.weight",
+    "neck.lateral_convs.0.conv.weight",
+    "decode_head.conv_seg.weight",
+)
+OFFICIAL_DECODER_HEADS = 4  # ContextDecoder transformer_heads in every official config
+OFFICIAL_RESNET_POOL_HEADS = 32  # hard-coded in CLIPResNetWithAttention
+
+
+def _count(sd: Mapping[str, torch.Tensor], pattern: str) -> int:
+    regex = re.compile(pattern)
+    return len({m.group(1) for k in sd if (m := regex.match(k))})
+
+
+def _vision_config(sd: Mapping[str, torch.Tensor]) -> VisionConfig:
+    if "backbone.class_embedding" in sd:
+        width = sd["backbone.class_embedding"].shape[0]
+        patch = sd["backbone.conv1.weight"].shape[-1]
+        grid = math.isqrt(sd["backbone.positional_embedding"].shape[0] - 1)
+        depth = _count(sd, r"backbone\.transformer\.resblocks\.(\d+)\.")
+        return VisionConfig(
+            kind="vit", layers=(depth,), width=width, heads=width // 64, input_resolution=grid * patch,
+            patch_size=patch,
+        )  # fmt: skip
+    layers = tuple(_count(sd, rf"backbone\.layer{i}\.(\d+)\.") for i in range(1, 5))
+    width = sd["backbone.conv1.weight"].shape[0] * 2
+    grid = math.isqrt(sd["backbone.attnpool.positional_embedding"].shape[0] - 1)
+    return VisionConfig(
+        kind="resnet", layers=layers, width=width, heads=OFFICIAL_RESNET_POOL_HEADS, input_resolution=grid * 32
+    )
+
+
+def infer_config(sd: Mapping[str, torch.Tensor], path: str) -> tuple[DenseCLIPConfig, int]:
+    """The architecture and the number of classes K of an official-layout state dict."""
+    missing = [k for k in REQUIRED_KEYS if k not in sd]
+    if "backbone.class_embedding" not in sd and "backbone.attnpool.positional_embedding" not in sd:
+        missing.append("backbone.attnpool.positional_embedding or backbone.class_embedding")
+    if missing:
+        raise CheckpointError(path, f"not a DenseCLIP state dict: missing {', '.join(missing)}")
+    embed_dim = sd["gamma"].shape[0]
+    pos = sd["text_encoder.positional_embedding"]
+    text_width = pos.shape[1]
+    text = TextConfig(
+        context_length=pos.shape[0],
+        n_ctx=sd["contexts"].shape[1],
+        vocab_size=sd["text_encoder.token_embedding.weight"].shape[0],
+        width=text_width,
+        heads=max(1, text_width // 64),
+        layers=_count(sd, r"text_encoder\.transformer\.resblocks\.(\d+)\."),
+    )
+    decoder = DecoderConfig(
+        width=sd["context_decoder.text_proj.1.weight"].shape[0],
+        heads=OFFICIAL_DECODER_HEADS,
+        layers=_count(sd, r"context_decoder\.decoder\.(\d+)\."),
+    )
+    vision = _vision_config(sd)
+    k, head_channels = sd["decode_head.conv_seg.weight"].shape[:2]
+    lateral_in = [sd.get(f"neck.lateral_convs.{i}.conv.weight", torch.empty(0, 0)).shape[1] for i in range(4)]
+    concat = [i for i in range(4) if lateral_in[i] == vision.level_channels[i] + k]
+    if len(concat) != 1:
+        raise CheckpointError(
+            path,
+            f"cannot tell which level takes the {k} score channels: FPN lateral inputs {lateral_in}, "
+            f"backbone levels {list(vision.level_channels)}",
+        )
+    base = preset("ViT-B/16" if vision.kind == "vit" else "RN50")
+    candidate = DenseCLIPConfig(
+        arch="custom",
+        embed_dim=embed_dim,
+        vision=vision,
+        text=text,
+        decoder=decoder,
+        fpn_channels=sd["neck.lateral_convs.0.conv.weight"].shape[0],
+        head_channels=head_channels,
+        score_concat_index=concat[0],
+        slide_crop=base.slide_crop,
+        slide_stride=base.slide_stride,
+        test_scale=base.test_scale,
+    )
+    return _match_preset(candidate), k
+
+
+def _shape_fields(cfg: DenseCLIPConfig) -> tuple[object, ...]:
+    v = cfg.vision
+    return (cfg.embed_dim, v.kind, v.layers, v.width, v.input_resolution, v.patch_size, cfg.text, cfg.decoder.width,
+            cfg.decoder.layers, cfg.fpn_channels, cfg.head_channels, cfg.score_concat_index)  # fmt: skip
+
+
+def _match_preset(cfg: DenseCLIPConfig) -> DenseCLIPConfig:
+    """Return the released preset whose tensors have these shapes, else ``cfg`` (arch 'custom')."""
+    for arch in ("RN50", "RN101", "ViT-B/16"):
+        known = preset(arch)
+        if _shape_fields(known) == _shape_fields(cfg):
+            return known
+    return cfg
+
+
+def check_arch(config: DenseCLIPConfig, arch: str | None, path: str) -> None:
+    if arch is not None and canonical_arch(arch) != config.arch:
+        raise CheckpointError(path, f"arch={arch!r} was requested but the checkpoint holds {config.arch!r}")
+
+
+def _listing(keys: list[str], limit: int = 20) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f" ... and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def load_state_strict(model: nn.Module, sd: Mapping[str, torch.Tensor], path: str) -> None:
+    """Load every tensor of ``sd`` into ``model``: any missing or unexpected key, or any shape mismatch, is a
+    CheckpointError that lists them."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    problems = []
+    if missing:
+        problems.append(f"missing keys ({len(missing)}): {_listing(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys ({len(unexpected)}): {_listing(unexpected)}")
+    mismatched = [
+        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in sd and tuple(sd[k].shape) != tuple(v.shape)
+    ]
+    if mismatched:
+        problems.append(f"shape mismatch ({len(mismatched)}): {_listing(mismatched, 10)}")
+    if problems:
+        raise CheckpointError(path, "; ".join(problems))
+    for k, v in sd.items():
+        if not isinstance(v, torch.Tensor):
+            raise CheckpointError(path, f"{k} is a {type(v).__name__}, not a tensor")
+    model.load_state_dict(dict(sd), strict=True)

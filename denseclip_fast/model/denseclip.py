@@ -1,0 +1,233 @@
+"""DenseCLIP assembled: image encoder -> context decoder -> pixel-text score -> FPN -> Semantic FPN head.
+
+Data flows one way:
+
+    x (B,3,H,W) -> backbone -> levels C2..C5, global g (B,D), local z (B,D,h,w)
+    class embeddings t (K,D) = text_encoder(class tokens, contexts)         [image-independent: cached in eval]
+    t' = t + gamma * context_decoder(t, [g; z])                               (B,K,D)
+    s  = cosine(z, t')                                                        (B,K,h,w)
+    levels[score_concat_index] = cat(levels[i], s)  -> FPN -> head -> bilinear resize to (H, W)
+
+Submodule and parameter names are the official ones (``backbone``, ``text_encoder``, ``context_decoder``, ``neck``,
+``decode_head``, ``contexts``, ``gamma``), so official checkpoints load as they are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+from ..class_names import ADE20K_CLASSES
+from ..config import DenseCLIPConfig, preset
+from .decoder import ContextDecoder
+from .features import ImageFeatures
+from .heads import FPN, SemanticFPNHead
+from .resnet import CLIPResNetBackbone
+from .slide import slide_inference as _slide_inference
+from .text import ContextTextEncoder, tokenize_class_names
+from .vit import CLIPViTBackbone
+
+if TYPE_CHECKING:
+    from os import PathLike
+
+MIN_IMAGE_SIDE = 32  # the stride-32 level must keep at least one pixel
+
+
+def build_backbone(config: DenseCLIPConfig) -> nn.Module:
+    if config.vision.kind == "resnet":
+        return CLIPResNetBackbone(config.vision, config.embed_dim)
+    return CLIPViTBackbone(config.vision, config.embed_dim)
+
+
+class DenseCLIP(nn.Module):
+    """A DenseCLIP segmentor with the semantics of the official ``DenseCLIP`` (mmseg) model.
+
+    Args:
+        config: the architecture (see :func:`denseclip_fast.config.preset`).
+        class_names: the K class names; K fixes the score channels and the classifier.
+    """
+
+    def __init__(self, config: DenseCLIPConfig, class_names: Sequence[str]) -> None:
+        super().__init__()
+        tokens = tokenize_class_names(class_names, config.text.class_token_length)
+        k, d = len(class_names), config.embed_dim
+        self.config = config
+        self._class_names = tuple(class_names)
+        self.palette: list[tuple[int, int, int]] | None = None
+        self.backbone = build_backbone(config)
+        self.text_encoder = ContextTextEncoder(config.text, d)
+        self.context_decoder = ContextDecoder(config.decoder, d)
+        in_channels = list(config.vision.level_channels)
+        in_channels[config.score_concat_index] += k
+        self.neck = FPN(in_channels, config.fpn_channels)
+        self.decode_head = SemanticFPNHead(config.fpn_channels, config.head_channels, k, config.head_dropout)
+        self.contexts = nn.Parameter(torch.empty(1, config.text.n_ctx, config.text.width))
+        nn.init.trunc_normal_(self.contexts)
+        self.gamma = nn.Parameter(torch.full((d,), 1e-4))
+        self.register_buffer("class_tokens", tokens, persistent=False)
+        self._text_cache: tuple[tuple[Any, ...], torch.Tensor] | None = None
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_arch(cls, arch: str, class_names: Sequence[str] | None = None) -> DenseCLIP:
+        """A randomly initialised model of a released architecture (``'RN50'``, ``'RN101'``, ``'ViT-B/16'``).
+
+        ``class_names`` defaults to the 150 ADE20K classes the released checkpoints were trained on.
+        """
+        return cls(preset(arch), ADE20K_CLASSES if class_names is None else class_names)
+
+    @classmethod
+    def from_clip(cls, clip_weights: str | PathLike[str], arch: str, class_names: Sequence[str]) -> DenseCLIP:
+        """A model for training: backbone and text encoder from CLIP weights (an OpenAI TorchScript archive, a
+        plain CLIP state dict or an open_clip checkpoint), everything else freshly initialised."""
+        from ..checkpoints.clip import init_from_clip
+
+        model = cls.from_arch(arch, class_names)
+        init_from_clip(model, clip_weights)
+        return model
+
+    # ------------------------------------------------------------------ vocabulary
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self._class_names)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self._class_names)
+
+    def set_classes(self, names: Sequence[str]) -> None:
+        """Reword the vocabulary: exactly K names (the head has K outputs), re-tokenised, cache recomputed."""
+        if isinstance(names, str) or len(names) != self.num_classes:
+            got = "a string" if isinstance(names, str) else f"{len(names)} names"
+            raise ValueError(
+                f"set_classes needs exactly {self.num_classes} names (the head has {self.num_classes} outputs), "
+                f"got {got}; use open_vocab_scores(x, names) to score any number of names"
+            )
+        tokens = tokenize_class_names(names, self.config.text.class_token_length)
+        self.class_tokens = tokens.to(self.class_tokens.device)
+        self._class_names = tuple(names)
+        self._text_cache = None
+
+    def text_features(self, names: Sequence[str]) -> torch.Tensor:
+        """(K', D) class embeddings of any names through the learned contexts (before the context decoder)."""
+        tokens = tokenize_class_names(names, self.config.text.class_token_length)
+        return self.text_encoder(tokens.to(self.contexts.device), self.contexts)
+
+    def class_embeddings(self) -> torch.Tensor:
+        """(K, D) embeddings of the current vocabulary. In eval mode they are computed once and cached (detached)
+        until the vocabulary, the contexts or the text encoder's weights change; in train mode they are computed on
+        every call so that gradients reach the contexts."""
+        if self.training:
+            return self.text_encoder(self.class_tokens, self.contexts)
+        params = [self.contexts, self.class_tokens, *self.text_encoder.parameters()]
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+        if self._text_cache is None or self._text_cache[0] != key:
+            with torch.no_grad():
+                self._text_cache = (key, self.text_encoder(self.class_tokens, self.contexts))
+        return self._text_cache[1]
+
+    # ------------------------------------------------------------------ inference
+
+    def extract(self, x: torch.Tensor) -> ImageFeatures:
+        """Run the image encoder on CLIP-normalised images (B, 3, H, W)."""
+        self._check_images(x)
+        return self.backbone(x.to(self.contexts.dtype))
+
+    def decode_text(self, feats: ImageFeatures, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Context-aware prompting for one image batch: text (K, D) -> (text_embeddings (B, K, D), score (B, K, h, w))."""
+        g, z = feats.global_feat, feats.local_feat
+        b = z.shape[0]
+        visual_context = torch.cat([g.unsqueeze(1), z.flatten(2).transpose(1, 2)], dim=1)  # (B, 1 + hw, D)
+        text = text.to(z.dtype).unsqueeze(0).expand(b, -1, -1)
+        text = text + self.gamma * self.context_decoder(text, visual_context)
+        return text, ops.pixel_text_score(z, text)
+
+    def _logits(self, feats: ImageFeatures, score: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        levels = list(feats.levels)
+        i = self.config.score_concat_index
+        levels[i] = torch.cat([levels[i], score], dim=1)
+        out = self.decode_head(self.neck(levels))
+        return F.interpolate(out, size=size, mode="bilinear", align_corners=False)
+
+    def forward_features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Everything the whole-image forward computes: ``global_feat`` (B, D), ``local_feat`` (B, D, h, w),
+        ``text_embeddings`` (B, K, D) after the context decoder, ``score_map`` (B, K, h, w) cosine,
+        ``aux_logits`` = score_map / tau (the identity head), ``logits`` (B, K, H, W)."""
+        feats = self.extract(x)
+        text, score = self.decode_text(feats, self.class_embeddings())
+        return {
+            "global_feat": feats.global_feat,
+            "local_feat": feats.local_feat,
+            "text_embeddings": text,
+            "score_map": score,
+            "aux_logits": score / self.config.tau,
+            "logits": self._logits(feats, score, x.shape[2:]),
+        }
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Whole-image inference: CLIP-normalised x (B, 3, H, W) float -> logits (B, K, H, W)."""
+        feats = self.extract(x)
+        _, score = self.decode_text(feats, self.class_embeddings())
+        return self._logits(feats, score, x.shape[2:])
+
+    def slide_inference(
+        self,
+        x: torch.Tensor,
+        crop: int | tuple[int, int] | None = None,
+        stride: int | tuple[int, int] | None = None,
+        windows_per_batch: int | None = None,
+    ) -> torch.Tensor:
+        """Sliding-window inference as mmseg's ``slide_inference`` -> logits (B, K, H, W).
+
+        ``crop``/``stride`` default to the architecture's (512/341 for ResNets, 640/426 for ViT-B/16).
+        """
+        self._check_images(x)
+        crop = self.config.slide_crop if crop is None else crop
+        stride = self.config.slide_stride if stride is None else stride
+        return _slide_inference(self.forward, x, crop, stride, windows_per_batch)
+
+    def open_vocab_scores(self, x: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
+        """(B, K', h, w) pixel-text cosine maps for any names, with the context decoder applied."""
+        feats = self.extract(x)
+        return self.decode_text(feats, self.text_features(names))[1]
+
+    # ------------------------------------------------------------------ utilities
+
+    def save(self, path: str | PathLike[str]) -> None:
+        """Write the model in denseclip_fast's format: safetensors tensors + the JSON config and class names."""
+        from ..checkpoints.native import save_native
+
+        save_native(self, path)
+
+    def parameter_counts(self) -> dict[str, int]:
+        """``{'total': ..., 'without_text_encoder': ...}`` parameter counts."""
+        total = sum(p.numel() for p in self.parameters())
+        text = sum(p.numel() for p in self.text_encoder.parameters())
+        return {"total": total, "without_text_encoder": total - text}
+
+    def _check_images(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"x must be a torch.Tensor (B, 3, H, W), got {type(x).__name__}")
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"x must have shape (B, 3, H, W), got {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise ValueError(
+                f"x must be a CLIP-normalised floating-point tensor, got dtype {x.dtype} "
+                "(uint8 images go through denseclip_fast.preprocess first)"
+            )
+        if x.shape[0] == 0:
+            raise ValueError("x has an empty batch (B=0)")
+        if min(x.shape[2:]) < MIN_IMAGE_SIDE:
+            raise ValueError(f"x must be at least {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} pixels, got {tuple(x.shape[2:])}")
+        if x.device != self.contexts.device:
+            raise ValueError(f"x is on {x.device} but the model is on {self.contexts.device}")
+
+    def extra_repr(self) -> str:
+        return f"arch={self.config.arch!r}, num_classes={self.num_classes}"

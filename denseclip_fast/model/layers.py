@@ -1,0 +1,103 @@
+"""CLIP transformer building blocks shared by the text encoder and the ViT image encoder.
+
+Parameter names follow OpenAI CLIP (``attn.in_proj_weight``, ``mlp.c_fc``, ``ln_1`` ...) so that CLIP and official
+DenseCLIP state dicts load unchanged. Tensors are batch-first (B, L, D); the official code runs the same math in
+(L, B, D) through ``nn.MultiheadAttention``.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class LayerNormFp32(nn.LayerNorm):
+    """CLIP's LayerNorm: computed in float32 whatever the input dtype, result cast back."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.float()).to(x.dtype)
+
+
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x), the activation CLIP was trained with."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample; the identity at inference."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class MultiheadSelfAttention(nn.Module):
+    """Self-attention with ``nn.MultiheadAttention``'s parameter layout (packed q/k/v in-projection)."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"width {width} is not divisible by heads {heads}")
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+        """x: (B, L, D) -> (B, L, D)."""
+        b, n, d = x.shape
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        q, k, v = qkv.view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return self.out_proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class ResidualAttentionBlock(nn.Module):
+    """Pre-norm CLIP block: x += attn(ln_1(x)); x += mlp(ln_2(x)), QuickGELU MLP of 4x width."""
+
+    def __init__(self, width: int, heads: int, drop_path: float = 0.0) -> None:
+        super().__init__()
+        self.attn = MultiheadSelfAttention(width, heads)
+        self.ln_1 = LayerNormFp32(width)
+        self.mlp = nn.Sequential(
+            OrderedDict(
+                [("c_fc", nn.Linear(width, width * 4)), ("gelu", QuickGELU()), ("c_proj", nn.Linear(width * 4, width))]
+            )
+        )
+        self.ln_2 = LayerNormFp32(width)
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.ln_1(x), causal=causal))
+        return x + self.drop_path(self.mlp(self.ln_2(x)))
+
+
+class Transformer(nn.Module):
+    """A stack of :class:`ResidualAttentionBlock` (``resblocks.i``), drop-path rates rising linearly to the last."""
+
+    def __init__(self, width: int, layers: int, heads: int, drop_path_rate: float = 0.0) -> None:
+        super().__init__()
+        rates = torch.linspace(0, drop_path_rate, layers).tolist() if layers > 0 else []
+        self.resblocks = nn.Sequential(*[ResidualAttentionBlock(width, heads, r) for r in rates])
+
+    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+        for block in self.resblocks:
+            x = block(x, causal=causal)
+        return x

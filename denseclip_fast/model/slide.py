@@ -1,0 +1,72 @@
+"""Sliding-window inference, exactly as mmseg 0.x ``slide_inference``.
+
+Windows start every ``stride`` pixels; the last one in each direction is shifted back to end at the image border
+(``y1 = max(min(y1 + crop, H) - crop, 0)``), and an image smaller than the crop is one window of the image size.
+Every window's logits are added into a (B, K, H, W) sum, and the sum is divided by the number of windows that
+cover each pixel. All windows have the same size, so they are evaluated as one batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+Window = tuple[int, int, int, int]  # y1, y2, x1, x2
+
+
+def _pair(value: int | tuple[int, int], name: str) -> tuple[int, int]:
+    pair = (value, value) if isinstance(value, int) else tuple(value)
+    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in pair):
+        raise ValueError(f"{name} must be a positive int or a pair of positive ints, got {value!r}")
+    return pair  # type: ignore[return-value]
+
+
+def slide_windows(
+    height: int, width: int, crop: int | tuple[int, int], stride: int | tuple[int, int]
+) -> list[Window]:
+    """The windows mmseg visits, in its order (rows, then columns)."""
+    h_crop, w_crop = _pair(crop, "crop")
+    h_stride, w_stride = _pair(stride, "stride")
+    h_grids = max(height - h_crop + h_stride - 1, 0) // h_stride + 1
+    w_grids = max(width - w_crop + w_stride - 1, 0) // w_stride + 1
+    windows = []
+    for hi in range(h_grids):
+        for wi in range(w_grids):
+            y2 = min(hi * h_stride + h_crop, height)
+            x2 = min(wi * w_stride + w_crop, width)
+            windows.append((max(y2 - h_crop, 0), y2, max(x2 - w_crop, 0), x2))
+    return windows
+
+
+def slide_inference(
+    encode_decode: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    crop: int | tuple[int, int],
+    stride: int | tuple[int, int],
+    windows_per_batch: int | None = None,
+) -> torch.Tensor:
+    """x: (B, 3, H, W); ``encode_decode`` maps (N, 3, h, w) crops to (N, K, h, w) logits. Returns (B, K, H, W).
+
+    ``windows_per_batch`` bounds how many windows (each B crops) go through one ``encode_decode`` call; None runs
+    them all at once.
+    """
+    b, _, height, width = x.shape
+    windows = slide_windows(height, width, crop, stride)
+    step = len(windows) if windows_per_batch is None else windows_per_batch
+    if step < 1:
+        raise ValueError(f"windows_per_batch must be >= 1, got {windows_per_batch}")
+    total: torch.Tensor | None = None
+    count = x.new_zeros((1, 1, height, width))
+    for start in range(0, len(windows), step):
+        group = windows[start : start + step]
+        crops = torch.cat([x[:, :, y1:y2, x1:x2] for y1, y2, x1, x2 in group], dim=0)
+        logits = encode_decode(crops).unflatten(0, (len(group), b))
+        if total is None:
+            total = logits.new_zeros((b, logits.shape[2], height, width))
+            count = count.to(logits.dtype)
+        for (y1, y2, x1, x2), window_logits in zip(group, logits):
+            total[:, :, y1:y2, x1:x2] += window_logits
+            count[:, :, y1:y2, x1:x2] += 1
+    assert total is not None
+    return total / count

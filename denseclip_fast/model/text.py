@@ -1,0 +1,90 @@
+"""Class-name tokenisation and the CoOp-style context text encoder (official ``CLIPTextContextEncoder``).
+
+A class name is tokenised with CLIP's BPE (open_clip's tokenizer and its bundled vocabulary) into
+``[SOT, name tokens, EOT, 0 ...]`` of length ``context_length - n_ctx`` (5 for the released models, so a name may
+have at most 3 BPE tokens). The encoder input is ``[SOT, ctx_1 .. ctx_n, name tokens, EOT, pad]`` (13 positions),
+where the n learned context vectors are shared by all classes. CLIP's causal transformer runs over it, and the
+output at the EOT position goes through ``ln_final`` and ``text_projection``. The result depends only on the
+weights and the names, never on the image: callers cache it.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import TextConfig
+from .layers import LayerNormFp32, Transformer
+
+
+@functools.lru_cache(maxsize=1)
+def _bpe() -> Any:
+    # open_clip's package import is slow (it pulls timm and torchvision); pay it only when names are tokenised.
+    from open_clip.tokenizer import SimpleTokenizer
+
+    return SimpleTokenizer()
+
+
+def tokenize_class_names(names: Sequence[str], length: int) -> torch.Tensor:
+    """Tokenise class names to (K, length) int64: SOT, BPE tokens, EOT, zero padding.
+
+    Raises ValueError naming the offending entry for a non-string, a name with no tokens, or a name longer than
+    ``length - 2`` BPE tokens.
+    """
+    if isinstance(names, str) or not isinstance(names, Sequence):
+        raise ValueError(f"class names must be a sequence of strings, got {type(names).__name__}")
+    if len(names) == 0:
+        raise ValueError("class names must not be empty")
+    bpe = _bpe()
+    out = torch.zeros(len(names), length, dtype=torch.long)
+    for i, name in enumerate(names):
+        if not isinstance(name, str):
+            raise ValueError(f"class name {i} must be a string, got {type(name).__name__}: {name!r}")
+        tokens = bpe.encode(name)
+        if not tokens:
+            raise ValueError(f"class name {i} ({name!r}) has no tokens")
+        if len(tokens) > length - 2:
+            raise ValueError(
+                f"class name {name!r} has {len(tokens)} BPE tokens; at most {length - 2} fit "
+                f"(context length {length} includes SOT and EOT)"
+            )
+        out[i, : len(tokens) + 2] = torch.tensor([bpe.sot_token_id, *tokens, bpe.eot_token_id])
+    return out
+
+
+class ContextTextEncoder(nn.Module):
+    """CLIP text transformer taking learned context vectors after SOT."""
+
+    def __init__(self, cfg: TextConfig, embed_dim: int) -> None:
+        super().__init__()
+        self.context_length = cfg.context_length
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.width))
+        self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads)
+        self.ln_final = LayerNormFp32(cfg.width)
+        self.text_projection = nn.Parameter(torch.empty(cfg.width, embed_dim))
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        nn.init.normal_(self.text_projection, std=cfg.width**-0.5)
+
+    def forward(self, tokens: torch.Tensor, contexts: torch.Tensor) -> torch.Tensor:
+        """tokens: (K, L) int64 class tokens from :func:`tokenize_class_names`; contexts: (1, n_ctx, width).
+
+        Returns (K, embed_dim) class embeddings in the joint space.
+        """
+        k, n_tok = tokens.shape
+        n_ctx = contexts.shape[1]
+        if n_tok + n_ctx != self.context_length:
+            raise ValueError(
+                f"tokens ({n_tok}) + contexts ({n_ctx}) must fill the context length {self.context_length}"
+            )
+        x_tok = self.token_embedding(tokens)  # (K, L, W)
+        ctx = contexts.to(x_tok.dtype).expand(k, -1, -1)
+        x = torch.cat([x_tok[:, :1], ctx, x_tok[:, 1:]], dim=1) + self.positional_embedding.to(x_tok.dtype)
+        x = self.ln_final(self.transformer(x, causal=True))
+        eot = tokens.argmax(dim=-1) + n_ctx  # EOT has the largest id in CLIP's vocabulary
+        return x[torch.arange(k, device=x.device), eot] @ self.text_projection
