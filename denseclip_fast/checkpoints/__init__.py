@@ -43,16 +43,16 @@ def load_checkpoint(
     path = os.fspath(path)
     wf = read_weight_file(path)
     if wf.kind == "safetensors" and is_native(wf.metadata):
-        config, names, palette = native_contents(wf.metadata, path)
+        config, file_names, palette = native_contents(wf.metadata, path)
         check_arch(config, arch, path)
         sd: Mapping[str, torch.Tensor] = wf.tensors
     else:
         sd, meta = _official_state(wf, path)
         config, k = infer_config(sd, path)
         check_arch(config, arch, path)
-        names, palette = _official_names(meta, k, path), meta.get("PALETTE")
-    if class_names is not None:
-        names = list(class_names)
+        palette = meta.get("PALETTE")
+        file_names = _official_names(meta, k, path) if class_names is None else None
+    names = list(class_names) if class_names is not None else file_names
     k = sd["decode_head.conv_seg.weight"].shape[0] if "decode_head.conv_seg.weight" in sd else len(names)
     if len(names) != k:
         raise ValueError(f"class_names has {len(names)} names but the checkpoint's head has {k} outputs")

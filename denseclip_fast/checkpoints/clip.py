@@ -41,7 +41,8 @@ def read_clip_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):
         raise CheckpointError(path, f"not CLIP weights: expected a state dict, found {type(obj).__name__}")
-    sd = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    # attn_mask: the causal mask, stored as an attribute or buffer by CLIP implementations; not a weight.
+    sd = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor) and not str(k).endswith("attn_mask")}
     if sd and all(k.startswith("module.") for k in sd):
         sd = {k[len("module."):]: v for k, v in sd.items()}
     if "visual.conv1.weight" not in sd or "token_embedding.weight" not in sd:
@@ -57,7 +58,7 @@ def _grid(n_tokens: int, key: str, path: str) -> int:
 
 
 def _backbone_state(model: DenseCLIP, sd: Mapping[str, torch.Tensor], path: str) -> dict[str, torch.Tensor]:
-    visual = {k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.") and not k.endswith("attn_mask")}
+    visual = {k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")}
     pos_key = "attnpool.positional_embedding" if model.config.vision.kind == "resnet" else "positional_embedding"
     if pos_key in visual:
         pos = visual[pos_key].float()
@@ -69,9 +70,7 @@ def _backbone_state(model: DenseCLIP, sd: Mapping[str, torch.Tensor], path: str)
 
 
 def _text_state(model: DenseCLIP, sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    text = {
-        k: v for k, v in sd.items() if (k.startswith(TEXT_PREFIXES) or k in TEXT_KEYS) and not k.endswith("attn_mask")
-    }
+    text = {k: v for k, v in sd.items() if k.startswith(TEXT_PREFIXES) or k in TEXT_KEYS}
     if "positional_embedding" in text:
         text["positional_embedding"] = text["positional_embedding"][: model.config.text.context_length]
     return text

@@ -16,7 +16,7 @@ Window = tuple[int, int, int, int]  # y1, y2, x1, x2
 
 
 def _pair(value: int | tuple[int, int], name: str) -> tuple[int, int]:
-    pair = (value, value) if isinstance(value, int) else tuple(value)
+    pair = (value, value) if not isinstance(value, (tuple, list)) else tuple(value)
     if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in pair):
         raise ValueError(f"{name} must be a positive int or a pair of positive ints, got {value!r}")
     return pair  # type: ignore[return-value]

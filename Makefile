@@ -1,0 +1,35 @@
+# Two commands do everything on a fresh machine:
+#   make test    set up .venv if needed, build the extension, run the whole test suite
+#   make bench   set up .venv if needed, run the benchmark for this machine
+PYTHON_SYSTEM ?= python3
+VENV   := .venv
+PYTHON := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip -q --disable-pip-version-check
+CSRC   := $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
+
+export HF_HUB_OFFLINE := 1
+export MAX_JOBS ?= 2
+
+.PHONY: setup test bench clean
+
+setup: $(VENV)/.ext
+
+# Third-party packages, pinned (requirements.lock). Re-run only when the lock file changes.
+$(VENV)/.deps: requirements.lock
+	test -x $(PYTHON) || $(PYTHON_SYSTEM) -m venv $(VENV)
+	$(PIP) install -r requirements.lock
+	touch $@
+
+# The package in editable mode and its C++/CUDA extension, rebuilt when csrc/ or the build files change.
+$(VENV)/.ext: $(VENV)/.deps setup.py pyproject.toml $(CSRC)
+	$(PIP) install --no-build-isolation --no-deps -e .
+	touch $@
+
+test: setup
+	$(PYTHON) -m pytest -q
+
+bench: setup
+	$(PYTHON) benchmarks/bench_e2e.py
+
+clean:
+	rm -rf $(VENV) build denseclip_fast/_C*.so *.egg-info

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# One call on the lent GPU machine: install the carried wheels, build the extension, run the test suite (GPU tests
+# included) and the benchmark, and write everything to OUT_DIR.
+#
+#   bash benchmarks/gpu_check.sh OUT_DIR
+#
+# The GPU machine receives a copy of the checkout, not ../shared: before the call, copy the wheels it lacks
+# (open_clip, ftfy, wcwidth) into ./wheels (ignored by git) and carry that folder.
+set -uo pipefail
+OUT=${1:?usage: bash benchmarks/gpu_check.sh OUT_DIR}
+mkdir -p "$OUT"
+cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE=1
+
+if compgen -G "wheels/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --target /tmp/dcf-site wheels/*.whl > "$OUT/wheels.log" 2>&1
+  export PYTHONPATH=/tmp/dcf-site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+
+python3 - > "$OUT/env.json" <<'PY'
+import json, platform, torch
+info = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+try:
+    import triton
+    info["triton"] = triton.__version__
+except ImportError:
+    info["triton"] = None
+print(json.dumps(info, indent=2))
+PY
+cat "$OUT/env.json"
+
+start=$(date +%s)
+TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} \
+  python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1
+echo "build: exit $? in $(( $(date +%s) - start )) s" | tee "$OUT/build_status.txt"
+
+python3 -m pytest -q -rs tests/ > "$OUT/tests.log" 2>&1
+echo "tests: exit $?" | tee "$OUT/tests_status.txt"
+tail -5 "$OUT/tests.log"
+
+for batch in 1 16; do
+  python3 benchmarks/bench_e2e.py --device cuda --batch "$batch" --repeats 20 --json "$OUT/bench_e2e_b$batch.json" \
+    2>&1 | tee -a "$OUT/bench.txt"
+done

@@ -1,0 +1,71 @@
+"""The official test-time preprocessing, in plain torch: load, keep-ratio resize, CLIP normalisation.
+
+mmseg's test pipeline for DenseCLIP: ``Resize(img_scale=(2048, 512), keep_ratio=True)`` (640 for ViT-B/16), then
+``Normalize`` with CLIP's mean/std on 0..255 RGB. mmcv resizes uint8 images with OpenCV's bilinear filter; here
+the resize is ``F.interpolate(bilinear, align_corners=False, antialias=False)`` (the same sampling grid) followed by
+rounding to 0..255, which reproduces OpenCV's uint8 output up to its fixed-point rounding (a difference of at most
+one grey level on some pixels).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+CLIP_MEAN = (0.48145466 * 255, 0.4578275 * 255, 0.40821073 * 255)
+CLIP_STD = (0.26862954 * 255, 0.26130258 * 255, 0.27577711 * 255)
+
+
+def load_image(path: str | os.PathLike[str]) -> np.ndarray:
+    """An image file as (H, W, 3) uint8 RGB. Raises ValueError naming the file when it is not a readable image."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = os.fspath(path)
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert("RGB")).copy()
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such image file") from None
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ValueError(f"{path}: not a readable image ({exc})") from None
+
+
+def keep_ratio_size(height: int, width: int, scale: Sequence[int]) -> tuple[int, int]:
+    """mmcv's ``rescale_size``: the largest size with the image's aspect ratio whose long side fits max(scale)
+    and short side fits min(scale). Returns (new_height, new_width)."""
+    long_edge, short_edge = max(scale), min(scale)
+    factor = min(long_edge / max(height, width), short_edge / min(height, width))
+    return int(height * factor + 0.5), int(width * factor + 0.5)
+
+
+def to_tensor(image: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """(H, W, 3) uint8 RGB (numpy or torch) -> (1, 3, H, W) float32 in 0..255."""
+    t = torch.as_tensor(image)
+    if t.dim() != 3 or t.shape[2] != 3 or t.dtype != torch.uint8:
+        raise ValueError(f"image must be (H, W, 3) uint8 RGB, got shape {tuple(t.shape)} dtype {t.dtype}")
+    if t.shape[0] == 0 or t.shape[1] == 0:
+        raise ValueError(f"image has zero size {tuple(t.shape[:2])}")
+    return t.permute(2, 0, 1).unsqueeze(0).float()
+
+
+def resize_keep_ratio(x: torch.Tensor, scale: Sequence[int]) -> torch.Tensor:
+    """(B, 3, H, W) float 0..255 -> resized to :func:`keep_ratio_size`, rounded like a uint8 image."""
+    size = keep_ratio_size(x.shape[2], x.shape[3], scale)
+    x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    return x.round().clamp(0, 255)
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) float 0..255 RGB -> CLIP-normalised."""
+    mean = torch.tensor(CLIP_MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def prepare(image: np.ndarray | torch.Tensor, scale: Sequence[int]) -> torch.Tensor:
+    """The whole test pipeline for one uint8 image: (H, W, 3) -> CLIP-normalised (1, 3, h, w)."""
+    return normalize(resize_keep_ratio(to_tensor(image), scale))

@@ -1,0 +1,47 @@
+"""Label maps to pictures: palettes, colourised labels, overlays on the input image."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+Palette = Sequence[Sequence[int]]
+
+
+def default_palette(num_classes: int) -> list[tuple[int, int, int]]:
+    """Distinct, deterministic colours: evenly spaced hues (golden-ratio steps) at alternating brightness."""
+    colors = []
+    for i in range(num_classes):
+        hue = (i * 0.618033988749895) % 1.0
+        value = 0.95 if i % 2 == 0 else 0.7
+        colors.append(_hsv_to_rgb(hue, 0.75, value))
+    return colors
+
+
+def _hsv_to_rgb(h: float, s: float, v: float) -> tuple[int, int, int]:
+    i = int(h * 6) % 6
+    f = h * 6 - int(h * 6)
+    p, q, t = v * (1 - s), v * (1 - f * s), v * (1 - (1 - f) * s)
+    r, g, b = [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)][i]
+    return int(r * 255 + 0.5), int(g * 255 + 0.5), int(b * 255 + 0.5)
+
+
+def colorize(labels: np.ndarray, palette: Palette) -> np.ndarray:
+    """(H, W) integer labels -> (H, W, 3) uint8 colours. Labels outside the palette raise ValueError."""
+    labels = np.asarray(labels)
+    lut = np.asarray(palette, dtype=np.uint8).reshape(-1, 3)
+    if labels.size and (labels.min() < 0 or labels.max() >= len(lut)):
+        raise ValueError(f"labels range {labels.min()}..{labels.max()} exceeds the palette of {len(lut)} colours")
+    return lut[labels]
+
+
+def overlay(image: np.ndarray, labels: np.ndarray, palette: Palette, alpha: float = 0.5) -> np.ndarray:
+    """Blend the colourised labels over an (H, W, 3) uint8 image; ``alpha`` is the weight of the colours."""
+    image = np.asarray(image)
+    if image.shape[:2] != np.asarray(labels).shape:
+        raise ValueError(f"image {image.shape[:2]} and labels {np.asarray(labels).shape} differ in size")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    blended = (1 - alpha) * image.astype(np.float32) + alpha * colorize(labels, palette).astype(np.float32)
+    return np.clip(blended + 0.5, 0, 255).astype(np.uint8)

@@ -1,0 +1,252 @@
+"""Checkpoint loading: official mmcv files, our safetensors format, detection, and every error path."""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import zipfile
+
+import pytest
+import torch
+
+import denseclip_fast as dcf
+from benchmarks.official import OfficialDenseCLIP, save_mmcv_checkpoint
+from denseclip_fast import CheckpointError, DenseCLIP
+from denseclip_fast.checkpoints.official import infer_config
+
+from .conftest import NAMES, official_cfg, randomized, tiny_config
+
+PWNED = "denseclip_fast_pwned_marker"
+
+
+@pytest.fixture(scope="module")
+def official_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "official.pth"
+    model = randomized(OfficialDenseCLIP(official_cfg(tiny_config("resnet")), NAMES)).eval()
+    save_mmcv_checkpoint(model, str(path), NAMES, palette=[[10, 20, 30], [40, 50, 60], [70, 80, 90], [1, 2, 3]])
+    return path
+
+
+def _state(path):
+    return torch.load(path, weights_only=True)
+
+
+def _save_state(tmp_path, state_dict, meta=None, name="edited.pth"):
+    path = tmp_path / name
+    obj = {"state_dict": state_dict} if meta is None else {"meta": meta, "state_dict": state_dict}
+    torch.save(obj, path)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ official files
+
+
+def test_official_file_loads_in_eval_mode_with_meta(official_file):
+    model = dcf.load_checkpoint(official_file)
+    assert isinstance(model, DenseCLIP) and not model.training
+    assert model.class_names == NAMES
+    assert model.palette == [(10, 20, 30), (40, 50, 60), (70, 80, 90), (1, 2, 3)]
+    assert model.config == tiny_config("resnet")
+    assert next(model.parameters()).dtype == torch.float32
+    sd = _state(official_file)["state_dict"]
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, sd[key]), key  # every tensor was consumed as it is
+
+
+def test_class_names_argument_overrides_meta(official_file):
+    model = dcf.load_checkpoint(official_file, class_names=["a", "b", "c", "d"])
+    assert model.class_names == ["a", "b", "c", "d"]
+    with pytest.raises(ValueError, match="class_names has 2 names but the checkpoint's head has 4 outputs"):
+        dcf.load_checkpoint(official_file, class_names=["a", "b"])
+
+
+def test_bare_state_dict_and_ddp_prefix(tmp_path, official_file):
+    sd = _state(official_file)["state_dict"]
+    bare = tmp_path / "bare.pth"
+    torch.save({f"module.{k}": v for k, v in sd.items()}, bare)
+    with pytest.raises(CheckpointError, match="names no classes and its head has 4 outputs: pass class_names"):
+        dcf.load_checkpoint(bare)
+    model = dcf.load_checkpoint(bare, class_names=NAMES)
+    assert torch.equal(model.gamma, sd["gamma"])
+
+
+def test_no_class_names_with_150_outputs_assumes_ade20k(tmp_path):
+    official = OfficialDenseCLIP(official_cfg(tiny_config("resnet")), list(dcf.ADE20K_CLASSES))
+    path = tmp_path / "ade.pth"
+    torch.save(official.state_dict(), path)
+    with pytest.warns(UserWarning, match="assuming the 150 ADE20K classes"):
+        model = dcf.load_checkpoint(path)
+    assert model.class_names == list(dcf.ADE20K_CLASSES)
+
+
+def test_missing_and_unexpected_keys_are_listed(tmp_path, official_file):
+    sd = dict(_state(official_file)["state_dict"])
+    del sd["decode_head.scale_heads.1.0.bn.running_var"]
+    sd["decode_head.extra.weight"] = torch.zeros(1)
+    path = _save_state(tmp_path, sd)
+    with pytest.raises(CheckpointError) as err:
+        dcf.load_checkpoint(path, class_names=NAMES)
+    message = str(err.value)
+    assert "missing keys (1): decode_head.scale_heads.1.0.bn.running_var" in message
+    assert "unexpected keys (1): decode_head.extra.weight" in message
+    assert message.startswith(str(path)) and "\n" not in message
+
+
+def test_shape_mismatch_names_key_and_shapes(tmp_path, official_file):
+    sd = dict(_state(official_file)["state_dict"])
+    sd["context_decoder.decoder.0.mlp.0.bias"] = torch.zeros(7)
+    path = _save_state(tmp_path, sd)
+    with pytest.raises(CheckpointError, match=r"context_decoder.decoder.0.mlp.0.bias: checkpoint \(7,\) vs model \(128,\)"):
+        dcf.load_checkpoint(path, class_names=NAMES)
+
+
+def test_non_tensor_entries_are_refused(tmp_path, official_file):
+    sd = dict(_state(official_file)["state_dict"])
+    sd["gamma"] = [1.0, 2.0]
+    with pytest.raises(CheckpointError, match="not tensors: gamma"):
+        dcf.load_checkpoint(_save_state(tmp_path, sd), class_names=NAMES)
+
+
+def test_not_a_denseclip_state_dict(tmp_path):
+    path = tmp_path / "other.pth"
+    torch.save({"state_dict": {"fc.weight": torch.zeros(2, 2)}}, path)
+    with pytest.raises(CheckpointError, match="not a DenseCLIP state dict: missing contexts, gamma"):
+        dcf.load_checkpoint(path)
+    torch.save([1, 2, 3], path)
+    with pytest.raises(CheckpointError, match="expected a state dict .* found list"):
+        dcf.load_checkpoint(path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["RN50", "RN101", "ViT-B/16"])
+def test_architecture_detected_from_tensors(arch):
+    sd = DenseCLIP.from_arch(arch).state_dict()
+    config, k = infer_config(sd, "x.pth")
+    assert config == dcf.preset(arch) and k == 150
+
+
+def test_detection_of_tiny_vit_and_arch_check(tmp_path):
+    sd = DenseCLIP(tiny_config("vit"), NAMES).state_dict()
+    config, k = infer_config(sd, "x.pth")
+    assert config == tiny_config("vit") and k == len(NAMES)
+    path = _save_state(tmp_path, sd, meta={"CLASSES": tuple(NAMES)})
+    with pytest.raises(CheckpointError, match=r"arch='RN50' was requested but the checkpoint holds 'custom'"):
+        dcf.load_checkpoint(path, arch="RN50")
+
+
+# ------------------------------------------------------------------------------------------------ own format
+
+
+def test_native_round_trip(tmp_path, official_file):
+    model = dcf.load_checkpoint(official_file)
+    path = tmp_path / "model.safetensors"
+    model.save(path)
+    loaded = dcf.load_checkpoint(path)
+    assert loaded.config == model.config and loaded.class_names == model.class_names
+    assert loaded.palette == model.palette
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        assert f.metadata()["format"] == "denseclip_fast"
+        assert set(f.keys()) == set(model.state_dict())
+
+
+def test_native_file_checks(tmp_path):
+    model = DenseCLIP(tiny_config("vit"), ["sky", "road"])
+    path = tmp_path / "vit.safetensors"
+    model.save(path)
+    assert dcf.load_checkpoint(path, class_names=["a", "b"]).class_names == ["a", "b"]
+    with pytest.raises(CheckpointError, match="arch='ViT-B/16' was requested but the checkpoint holds 'custom'"):
+        dcf.load_checkpoint(path, arch="ViT-B/16")
+    with pytest.raises(CheckpointError, match="cannot save: directory .* does not exist"):
+        model.save(tmp_path / "missing_dir" / "x.safetensors")
+    data = path.read_bytes()
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="corrupt or truncated safetensors file"):
+        dcf.load_checkpoint(truncated)
+
+
+# ------------------------------------------------------------------------------------------------ unsafe and broken
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, (f"touch {PWNED}",))
+
+
+def test_pickles_that_run_code_are_refused_without_running(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    zipped = tmp_path / "evil.pth"
+    torch.save({"state_dict": {"gamma": torch.zeros(2)}, "payload": _Evil()}, zipped)
+    raw = tmp_path / "evil_raw.pth"
+    raw.write_bytes(pickle.dumps({"state_dict": _Evil()}, protocol=2))
+    for path in (zipped, raw):
+        with pytest.raises(CheckpointError, match="refused: loading it would execute code") as err:
+            dcf.load_checkpoint(path)
+        assert "\n" not in str(err.value) and str(path) in str(err.value)
+        assert err.value.__cause__ is None and err.value.__suppress_context__
+    assert not (tmp_path / PWNED).exists()
+    with pytest.raises(CheckpointError, match="posix.system|os.system"):
+        dcf.load_checkpoint(zipped)
+
+
+def test_torchscript_archive_with_code_is_never_run(tmp_path, monkeypatch):
+    """A TorchScript archive whose data.pkl calls os.system: the restricted reader refuses the global."""
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "evil_ts.pt"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("archive/data.pkl", pickle.dumps({"x": _Evil()}, protocol=2))
+        z.writestr("archive/constants.pkl", pickle.dumps((), protocol=2))
+        z.writestr("archive/code/__torch__.py", "")
+    from denseclip_fast.checkpoints.clip import read_clip_state_dict
+
+    with pytest.raises(CheckpointError, match="refused: the TorchScript archive references posix.system"):
+        read_clip_state_dict(path)
+    assert not (tmp_path / PWNED).exists()
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        (b"", "the file is empty"),
+        (b"hello, this is text\n", "not a checkpoint: unrecognised format"),
+    ],
+)
+def test_non_checkpoints(tmp_path, content, match):
+    path = tmp_path / "file.pth"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=match):
+        dcf.load_checkpoint(path)
+
+
+def test_truncated_files(tmp_path, official_file):
+    data = official_file.read_bytes()
+    zipped = tmp_path / "truncated.pth"
+    zipped.write_bytes(data[: len(data) // 2])
+    buf = io.BytesIO()
+    torch.save({"gamma": torch.zeros(100)}, buf, _use_new_zipfile_serialization=False)
+    legacy = tmp_path / "truncated_legacy.pth"
+    legacy.write_bytes(buf.getvalue()[:200])
+    for path in (zipped, legacy):
+        with pytest.raises(CheckpointError, match="truncated or corrupt") as err:
+            dcf.load_checkpoint(path)
+        assert "\n" not in str(err.value)
+
+
+def test_missing_file_and_directory(tmp_path):
+    with pytest.raises(CheckpointError, match="nope.pth: no such file"):
+        dcf.load_checkpoint(tmp_path / "nope.pth")
+    with pytest.raises(CheckpointError, match="not a file"):
+        dcf.load_checkpoint(tmp_path)
+
+
+def test_clip_weights_are_pointed_to_from_clip(tmp_path):
+    path = tmp_path / "clip.pth"
+    torch.save({"visual.conv1.weight": torch.zeros(1), "token_embedding.weight": torch.zeros(1)}, path)
+    with pytest.raises(CheckpointError, match="CLIP weights, not a DenseCLIP checkpoint; use DenseCLIP.from_clip"):
+        dcf.load_checkpoint(path)

@@ -1,0 +1,86 @@
+"""The denseclip-fast command: info and segment on a checkpoint the test writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from denseclip_fast import DenseCLIP
+from denseclip_fast.cli import main
+
+from .conftest import NAMES, tiny_config
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli") / "tiny.safetensors"
+    torch.manual_seed(0)
+    DenseCLIP(tiny_config("resnet"), NAMES).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    paths = []
+    for name, (h, w) in {"a.png": (48, 64), "b.jpg": (37, 51)}.items():
+        Image.fromarray(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)).save(folder / name)
+        paths.append(folder / name)
+    return paths
+
+
+def test_info(checkpoint, capsys):
+    assert main(["info", str(checkpoint)]) == 0
+    out = capsys.readouterr().out
+    assert "arch         custom" in out and "classes      4: wall, chest of drawers, cat, bed" in out
+    counts = DenseCLIP(tiny_config("resnet"), NAMES).parameter_counts()
+    assert f"{counts['total']:,}" in out and f"{counts['without_text_encoder']:,} without the text encoder" in out
+    assert main(["info", "--json", str(checkpoint)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["num_classes"] == 4 and info["parameters"] == counts["total"]
+
+
+@pytest.mark.parametrize("mode", ["slide", "whole"])
+def test_segment_writes_labels_and_overlays(checkpoint, images, tmp_path, mode):
+    out = tmp_path / "out"
+    assert main(["segment", "--checkpoint", str(checkpoint), "--mode", mode, "--out", str(out), *map(str, images)]) == 0
+    for path in images:
+        stem = os.path.splitext(path.name)[0]
+        source = Image.open(path)
+        labels = np.asarray(Image.open(out / f"{stem}_labels.png"))
+        overlay = Image.open(out / f"{stem}_overlay.png")
+        assert labels.shape == (source.height, source.width) and labels.max() < 4
+        assert overlay.size == source.size and overlay.mode == "RGB"
+
+
+def test_segment_with_classes(checkpoint, images, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["segment", "--checkpoint", str(checkpoint), "--out", str(out), str(images[0])]
+    assert main([*args, "--classes", "sky,road,tree,grass"]) == 0
+    assert main([*args, "--classes", "sky,road"]) == 2
+    err = capsys.readouterr().err
+    assert "exactly 4 names" in err and "--open-vocab" in err
+    assert main([*args, "--classes", "sky,road", "--open-vocab"]) == 0
+    assert np.asarray(Image.open(out / "a_labels.png")).max() < 2
+    assert main([*args, "--classes", "sky,,road"]) == 2
+    assert "non-empty names" in capsys.readouterr().err
+
+
+def test_user_errors_are_one_line(tmp_path, capsys):
+    assert main(["info", str(tmp_path / "missing.pth")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("denseclip-fast: error: ") and "no such file" in err and err.count("\n") == 1
+
+
+def test_console_script_is_installed():
+    exe = os.path.join(os.path.dirname(sys.executable), "denseclip-fast")
+    result = subprocess.run([exe, "--help"], capture_output=True, text=True, check=True)
+    assert "segment" in result.stdout and "info" in result.stdout

@@ -1,0 +1,146 @@
+"""Initialising from CLIP weights: OpenAI-style TorchScript archives, plain state dicts, open_clip checkpoints.
+
+open_clip builds the CLIP models (random weights, offline); its image towers are an independent implementation
+that our backbones must reproduce.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from denseclip_fast import CheckpointError, DenseCLIP
+from denseclip_fast.checkpoints.clip import init_from_clip, read_clip_state_dict
+
+from .conftest import NAMES, rel_err, tiny_config
+
+
+def _open_clip(kind: str, image_size: int):
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+    if kind == "resnet":
+        vision = CLIPVisionCfg(layers=(1, 1, 1, 1), width=8, image_size=image_size, head_width=64)
+    else:
+        vision = CLIPVisionCfg(layers=12, width=64, head_width=64, patch_size=16, image_size=image_size)
+    text = CLIPTextCfg(context_length=77, vocab_size=49408, width=64, heads=1, layers=2)
+    torch.manual_seed(1)
+    model = CLIP(48, vision, text, quick_gelu=True).eval()  # OpenAI CLIP's activation, which DenseCLIP uses
+    with torch.no_grad():  # non-trivial BN statistics so that the trunk comparison is meaningful
+        for name, buf in model.named_buffers():
+            if name.endswith("running_mean"):
+                buf.normal_(0, 0.1)
+            elif name.endswith("running_var"):
+                buf.uniform_(0.5, 1.5)
+    return model
+
+
+def _save(model, path, fmt):
+    sd = model.state_dict()
+    if fmt == "plain":
+        torch.save(sd, path)
+    elif fmt == "open_clip_training":
+        torch.save({"epoch": 3, "name": "run", "state_dict": {f"module.{k}": v for k, v in sd.items()}}, path)
+    elif fmt == "safetensors":
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    elif fmt == "torchscript":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.jit.script(model).save(str(path))
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["plain", "open_clip_training", "safetensors", "torchscript"])
+def test_every_clip_file_format_reads_the_same(tmp_path, fmt):
+    clip = _open_clip("resnet", 64)
+    sd = read_clip_state_dict(_save(clip, tmp_path / "clip.bin", fmt))
+    expected = {k: v for k, v in clip.state_dict().items() if not k.endswith("attn_mask")}
+    assert set(sd) == set(expected)
+    assert all(torch.equal(sd[k], v) for k, v in expected.items())
+
+
+@pytest.mark.parametrize("kind", ["resnet", "vit"])
+def test_init_copies_resizes_and_truncates(tmp_path, kind):
+    clip = _open_clip(kind, 64)
+    path = _save(clip, tmp_path / "clip.pt", "torchscript")
+    model = DenseCLIP(tiny_config(kind, input_resolution=128), NAMES)  # twice CLIP's grid: pos. embedding resized
+    contexts = model.contexts.detach().clone()
+    init_from_clip(model, path)
+    sd = clip.state_dict()
+    assert torch.equal(model.text_encoder.positional_embedding, sd["positional_embedding"][:13])
+    assert torch.equal(model.text_encoder.transformer.resblocks[1].mlp.c_fc.weight, sd["transformer.resblocks.1.mlp.c_fc.weight"])
+    assert torch.equal(model.text_encoder.text_projection, sd["text_projection"])
+    assert torch.equal(model.backbone.conv1.weight, sd["visual.conv1.weight"])
+    assert torch.equal(model.contexts, contexts)  # DenseCLIP's own parameters keep their initialisation
+    key = "attnpool.positional_embedding" if kind == "resnet" else "positional_embedding"
+    pos = sd[f"visual.{key}"]
+    grid = int((pos.shape[0] - 1) ** 0.5)
+    spatial = pos[1:].reshape(1, grid, grid, -1).permute(0, 3, 1, 2)
+    spatial = F.interpolate(spatial, size=(2 * grid, 2 * grid), mode="bilinear", align_corners=False)
+    expected = torch.cat([pos[:1], spatial.flatten(2)[0].t()])
+    assert torch.allclose(model.backbone.state_dict()[key], expected)
+
+
+def test_resnet_backbone_matches_open_clip(tmp_path):
+    """Our ModifiedResNet trunk and dense attention pool against open_clip's at CLIP's own resolution: token 0 of
+    the dense pool is exactly CLIP's pooled image embedding."""
+    clip = _open_clip("resnet", 64)
+    config = tiny_config("resnet", input_resolution=64)
+    # CLIP's pool has width * 32 / 64 heads: 32 for the released RN50/RN101, 4 for this tiny width of 8
+    config = config.replace(vision=dataclasses.replace(config.vision, heads=4))
+    model = DenseCLIP(config, NAMES).eval()
+    init_from_clip(model, _save(clip, tmp_path / "clip.pth", "plain"))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        feats = model.backbone(x)
+        v = clip.visual
+        c5 = v.layer4(v.layer3(v.layer2(v.layer1(v.stem(x)))))
+        pooled = v(x)
+    assert rel_err(feats.levels[3], c5) < 1e-6
+    assert rel_err(feats.global_feat, pooled) < 1e-5
+
+
+def test_vit_backbone_matches_open_clip_with_single_class_embedding(tmp_path):
+    """With the official double class-embedding switched off, our ViT is CLIP's ViT; with it on, it is not."""
+    clip = _open_clip("vit", 64)
+    model = DenseCLIP(tiny_config("vit", input_resolution=64), NAMES).eval()
+    init_from_clip(model, _save(clip, tmp_path / "clip.pth", "plain"))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        official_style = model.backbone(x).global_feat
+        model.backbone.double_class_embedding = False
+        single = model.backbone(x).global_feat
+        pooled = clip.visual(x)
+    assert rel_err(single, pooled) < 1e-5
+    assert rel_err(official_style, pooled) > 1e-3
+
+
+@pytest.mark.slow
+def test_from_clip_released_rn50(tmp_path):
+    import open_clip
+
+    clip = open_clip.create_model("RN50", pretrained=None).eval()
+    path = _save(clip, tmp_path / "RN50.pt", "torchscript")
+    model = DenseCLIP.from_clip(path, "RN50", ["sky", "road"])
+    assert model.backbone.attnpool.positional_embedding.shape == (16 * 16 + 1, 2048)  # 7x7 -> 16x16
+    assert torch.equal(model.backbone.layer3[5].conv2.weight, clip.state_dict()["visual.layer3.5.conv2.weight"])
+
+
+def test_mismatched_clip_weights_are_refused(tmp_path):
+    vit_clip = _save(_open_clip("vit", 64), tmp_path / "vit.pth", "plain")
+    with pytest.raises(CheckpointError, match="do not fit the architecture: missing visual. keys"):
+        init_from_clip(DenseCLIP(tiny_config("resnet"), NAMES), vit_clip)
+    junk = tmp_path / "junk.pth"
+    torch.save({"model": torch.zeros(3)}, junk)
+    with pytest.raises(CheckpointError, match="not CLIP weights"):
+        read_clip_state_dict(junk)
+    sd = _open_clip("resnet", 64).state_dict()
+    sd["visual.extra.weight"] = torch.zeros(1)
+    torch.save(sd, junk)
+    with pytest.raises(CheckpointError, match=r"unexpected visual. keys \(1\): visual.extra.weight"):
+        init_from_clip(DenseCLIP(tiny_config("resnet"), NAMES), junk)

@@ -1,0 +1,43 @@
+"""The model on CUDA (skipped without a GPU; run by benchmarks/gpu_check.sh on the lent machine)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import denseclip_fast as dcf
+from benchmarks.official import OfficialDenseCLIP, official_config, save_mmcv_checkpoint
+from denseclip_fast import ops
+
+from .conftest import NAMES, official_cfg, randomized, rel_err, tiny_config
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    """fp32 comparisons need true fp32 convolutions and matmuls (cuDNN defaults to TF32 convolutions)."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def test_extension_built_for_this_gpu():
+    major, minor = torch.cuda.get_device_capability()
+    archs = ops.build_info()["cuda"]["archs"]
+    assert 10 * major + minor in archs, f"built for {archs}, this GPU is sm_{major}{minor}"
+
+
+@pytest.mark.parametrize("cfg", [official_cfg(tiny_config("resnet")), official_cfg(tiny_config("vit")),
+                                 official_config("RN50"), official_config("ViT-B/16")])  # fmt: skip
+def test_cuda_matches_official(tmp_path, cfg):
+    official = randomized(OfficialDenseCLIP(cfg, NAMES)).eval()
+    path = tmp_path / "official.pth"
+    save_mmcv_checkpoint(official, str(path), NAMES)
+    model = dcf.load_checkpoint(path).cuda()
+    official = official.cuda()
+    x = torch.randn(2, 3, 128, 160, device="cuda")
+    with torch.no_grad():
+        assert rel_err(model(x), official(x)) < 1e-4
+        assert rel_err(model.slide_inference(x, 96, 64), official.slide_inference(x, 96, 64)) < 1e-4

@@ -1,0 +1,142 @@
+"""The DenseCLIP module: shapes for every architecture, the vocabulary API, the text cache, input errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import denseclip_fast as dcf
+from denseclip_fast import DenseCLIP
+
+from .conftest import NAMES, rel_err, tiny_config
+
+
+@pytest.fixture(scope="module")
+def tiny() -> DenseCLIP:
+    torch.manual_seed(0)
+    model = DenseCLIP(tiny_config("resnet"), NAMES).eval()
+    with torch.no_grad():
+        model.gamma.fill_(0.5)
+    return model
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch, dim, local_stride", [("RN50", 1024, 32), ("RN101", 512, 32), ("ViT-B/16", 512, 16)])
+def test_forward_shapes_released_archs(arch, dim, local_stride):
+    model = DenseCLIP.from_arch(arch, ["sky", "road", "tree"]).eval()
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        out = model.forward_features(x)
+        logits = model(x)
+        slide = model.slide_inference(x, crop=64, stride=40)
+    h, w = 64 // local_stride, 96 // local_stride
+    assert out["global_feat"].shape == (2, dim)
+    assert out["local_feat"].shape == (2, dim, h, w)
+    assert out["text_embeddings"].shape == (2, 3, dim)
+    assert out["score_map"].shape == (2, 3, h, w)
+    assert logits.shape == slide.shape == out["logits"].shape == (2, 3, 64, 96)
+    assert torch.equal(out["logits"], logits)
+    assert torch.isfinite(logits).all()
+
+
+def test_forward_features_consistency(tiny):
+    x = torch.randn(2, 3, 64, 80)
+    with torch.no_grad():
+        out = tiny.forward_features(x)
+    assert torch.allclose(out["aux_logits"], out["score_map"] / 0.07)
+    assert out["score_map"].abs().max() <= 1 + 1e-5  # cosine similarities
+    # the score map is the cosine between the local map and the decoded text embeddings
+    z = torch.nn.functional.normalize(out["local_feat"], dim=1)
+    t = torch.nn.functional.normalize(out["text_embeddings"], dim=-1)
+    assert torch.allclose(out["score_map"], torch.einsum("bchw,bkc->bkhw", z, t), atol=1e-6)
+
+
+def test_set_classes_equals_rebuilding(tiny):
+    new_names = ["sky", "road", "person", "grass"]
+    rebuilt = DenseCLIP(tiny.config, new_names).eval()
+    rebuilt.load_state_dict(tiny.state_dict())
+    x = torch.randn(1, 3, 64, 64)
+    model = DenseCLIP(tiny.config, NAMES).eval()
+    model.load_state_dict(tiny.state_dict())
+    with torch.no_grad():
+        before = model(x)
+        model.set_classes(new_names)
+        after = model(x)
+        expected = rebuilt(x)
+    assert model.class_names == new_names
+    assert torch.equal(after, expected)
+    assert rel_err(before, after) > 1e-3
+
+
+def test_set_classes_wrong_count_points_to_open_vocab(tiny):
+    with pytest.raises(ValueError, match=r"exactly 4 names.*got 2 names.*open_vocab_scores"):
+        tiny.set_classes(["sky", "road"])
+    with pytest.raises(ValueError, match="got a string"):
+        tiny.set_classes("sky")
+
+
+def test_long_name_is_rejected_with_its_token_count(tiny):
+    with pytest.raises(ValueError, match=r"'a very long class name' has 5 BPE tokens; at most 3 fit"):
+        tiny.set_classes(["sky", "road", "person", "a very long class name"])
+    assert tiny.class_names == NAMES  # unchanged
+
+
+def test_open_vocab_and_text_features(tiny):
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        scores = tiny.open_vocab_scores(x, ["dog", "sky", "road", "grass", "person", "tree", "car"])
+        same = tiny.open_vocab_scores(x, tiny.class_names)
+        feats = tiny.forward_features(x)
+        text = tiny.text_features(tiny.class_names)
+    assert scores.shape == (2, 7, 2, 2)
+    assert torch.allclose(same, feats["score_map"], atol=1e-6)
+    assert torch.allclose(text, tiny.class_embeddings(), atol=1e-6)
+    assert tiny.text_features(["dog"]).shape == (1, 48)
+
+
+def test_class_embeddings_cached_and_invalidated(tiny):
+    model = DenseCLIP(tiny.config, NAMES).eval()
+    first = model.class_embeddings()
+    assert model.class_embeddings() is first  # cached
+    with torch.no_grad():
+        model.contexts.add_(1.0)  # in-place change: the cache must notice
+    second = model.class_embeddings()
+    assert second is not first and not torch.allclose(first, second)
+    model.load_state_dict(tiny.state_dict())
+    assert torch.allclose(model.class_embeddings(), tiny.class_embeddings())
+
+
+def test_training_mode_reaches_the_contexts(tiny):
+    model = DenseCLIP(tiny.config, NAMES)
+    model.load_state_dict(tiny.state_dict())
+    model.train()
+    loss = model(torch.randn(2, 3, 64, 64)).square().mean()
+    loss.backward()
+    assert model.contexts.grad is not None and model.contexts.grad.abs().sum() > 0
+    assert model.gamma.grad is not None
+
+
+@pytest.mark.parametrize(
+    "x, match",
+    [
+        (torch.randn(1, 4, 64, 64), r"shape \(B, 3, H, W\), got \(1, 4, 64, 64\)"),
+        (torch.randn(3, 64, 64), r"shape \(B, 3, H, W\)"),
+        (torch.zeros(1, 3, 64, 64, dtype=torch.uint8), "floating-point tensor, got dtype torch.uint8"),
+        (torch.randn(0, 3, 64, 64), "empty batch"),
+        (torch.randn(1, 3, 16, 64), r"at least 32x32 pixels, got \(16, 64\)"),
+        (torch.randn(1, 3, 64, 64, device="meta"), "x is on meta but the model is on cpu"),
+        ([[1.0]], "must be a torch.Tensor"),
+    ],
+)
+def test_bad_images_get_clear_errors(tiny, x, match):
+    with pytest.raises(ValueError, match=match):
+        tiny(x)
+
+
+def test_from_arch_defaults_to_ade20k():
+    model = DenseCLIP.from_arch("RN50")
+    assert model.class_names == list(dcf.ADE20K_CLASSES)
+    assert model.decode_head.conv_seg.out_channels == 150
+    assert model.neck.lateral_convs[3].conv.in_channels == 2048 + 150
+    with pytest.raises(ValueError, match="arch must be one of"):
+        DenseCLIP.from_arch("RN18")

@@ -1,0 +1,73 @@
+"""Test-time preprocessing and visualisation helpers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from denseclip_fast.preprocess import CLIP_MEAN, CLIP_STD, keep_ratio_size, load_image, normalize, prepare, to_tensor
+from denseclip_fast.visualize import colorize, default_palette, overlay
+
+
+@pytest.mark.parametrize(
+    "hw, scale, expected",
+    [
+        ((512, 683), (2048, 512), (512, 683)),  # a typical ADE20K image is already at scale
+        ((256, 256), (2048, 512), (512, 512)),  # short side limits
+        ((500, 2000), (2048, 512), (512, 2048)),  # both limits at once
+        ((100, 3000), (2048, 512), (68, 2048)),  # long side limits: 100 * 2048/3000 = 68.27
+        ((333, 500), (2048, 640), (640, 961)),  # ViT scale: 500 * 640/333 = 960.96 -> 961
+    ],
+)
+def test_keep_ratio_size_is_mmcv_rescale_size(hw, scale, expected):
+    assert keep_ratio_size(*hw, scale) == expected
+
+
+def test_prepare_resizes_rounds_and_normalises():
+    image = np.random.default_rng(0).integers(0, 256, size=(40, 60, 3), dtype=np.uint8)
+    x = prepare(image, (2048, 512))
+    assert x.shape == (1, 3, 512, 768)
+    pixels = x * torch.tensor(CLIP_STD).view(1, 3, 1, 1) + torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    assert torch.allclose(pixels, pixels.round(), atol=1e-3)  # a uint8 image after resizing, like OpenCV's
+    same = prepare(np.zeros((512, 512, 3), np.uint8), (2048, 512))
+    assert torch.allclose(same[0, :, 0, 0], -torch.tensor(CLIP_MEAN) / torch.tensor(CLIP_STD))
+    assert torch.allclose(normalize(torch.full((1, 3, 2, 2), 255.0))[0, 0, 0, 0], torch.tensor((255 - CLIP_MEAN[0]) / CLIP_STD[0]))
+
+
+@pytest.mark.parametrize(
+    "image, match",
+    [
+        (np.zeros((10, 10), np.uint8), r"\(H, W, 3\) uint8 RGB, got shape \(10, 10\)"),
+        (np.zeros((10, 10, 3), np.float32), "dtype torch.float32"),
+        (np.zeros((0, 10, 3), np.uint8), "zero size"),
+    ],
+)
+def test_bad_images(image, match):
+    with pytest.raises(ValueError, match=match):
+        to_tensor(image)
+
+
+def test_load_image_errors(tmp_path):
+    with pytest.raises(ValueError, match="missing.png: no such image file"):
+        load_image(tmp_path / "missing.png")
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="bad.png: not a readable image"):
+        load_image(bad)
+
+
+def test_palette_colorize_overlay():
+    palette = default_palette(150)
+    assert len(set(palette)) == 150
+    labels = np.array([[0, 1], [2, 149]])
+    colors = colorize(labels, palette)
+    assert colors.shape == (2, 2, 3) and tuple(colors[1, 1]) == palette[149]
+    image = np.full((2, 2, 3), 100, np.uint8)
+    blended = overlay(image, labels, palette, alpha=0.0)
+    assert np.array_equal(blended, image)
+    assert np.array_equal(overlay(image, labels, palette, alpha=1.0), colors)
+    with pytest.raises(ValueError, match="exceeds the palette of 150"):
+        colorize(np.array([[150]]), palette)
+    with pytest.raises(ValueError, match="differ in size"):
+        overlay(np.zeros((3, 3, 3), np.uint8), labels, palette)

@@ -1,0 +1,57 @@
+"""Sliding windows against mmseg's loop (written out in benchmarks/official), and the averaging."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from denseclip_fast.model.slide import slide_inference, slide_windows
+
+
+def mmseg_windows(h, w, crop, stride):
+    out = []
+    h_grids = max(h - crop + stride - 1, 0) // stride + 1
+    w_grids = max(w - crop + stride - 1, 0) // stride + 1
+    for hi in range(h_grids):
+        for wi in range(w_grids):
+            y1, x1 = hi * stride, wi * stride
+            y2, x2 = min(y1 + crop, h), min(x1 + crop, w)
+            out.append((max(y2 - crop, 0), y2, max(x2 - crop, 0), x2))
+    return out
+
+
+@pytest.mark.parametrize("h, w", [(512, 2048), (512, 683), (300, 200), (513, 512), (1, 1), (1024, 1365)])
+@pytest.mark.parametrize("crop, stride", [(512, 341), (640, 426), (64, 64)])
+def test_windows_equal_mmseg_and_cover_everything(h, w, crop, stride):
+    windows = slide_windows(h, w, crop, stride)
+    assert windows == mmseg_windows(h, w, crop, stride)
+    covered = torch.zeros(h, w)
+    for y1, y2, x1, x2 in windows:
+        assert (y2 - y1, x2 - x1) == (min(crop, h), min(crop, w))
+        covered[y1:y2, x1:x2] += 1
+    assert covered.min() >= 1
+
+
+def test_averaging_and_chunking():
+    x = torch.randn(2, 3, 40, 70)
+    calls = []
+
+    def fake(crops):  # per-pixel logits that depend on the crop position only through the pixel values
+        calls.append(crops.shape[0])
+        return torch.stack([crops.sum(1), -crops.sum(1)], dim=1)
+
+    out = slide_inference(fake, x, crop=32, stride=20)
+    expected = torch.stack([x.sum(1), -x.sum(1)], dim=1)
+    assert torch.allclose(out, expected, atol=1e-6)  # each pixel averages identical values
+    n_windows = len(slide_windows(40, 70, 32, 20))
+    assert calls == [2 * n_windows]
+    calls.clear()
+    chunked = slide_inference(fake, x, crop=32, stride=20, windows_per_batch=2)
+    assert torch.equal(chunked, out) and calls[0] == 4 and sum(calls) == 2 * n_windows
+
+
+@pytest.mark.parametrize("crop, stride, match", [(0, 10, "crop must be"), (32, (1, 2, 3), "stride must be"),
+                                                 (32.5, 10, "crop must be")])  # fmt: skip
+def test_bad_window_arguments(crop, stride, match):
+    with pytest.raises(ValueError, match=match):
+        slide_windows(64, 64, crop, stride)
