@@ -19,8 +19,8 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 def _version() -> str:
-    with open(os.path.join(ROOT, "pyproject.toml")) as f:
-        return re.search(r'^version = "([^"]+)"', f.read(), re.M).group(1)
+    with open(os.path.join(ROOT, "denseclip_fast", "__init__.py")) as f:
+        return re.search(r'^__version__ = "([^"]+)"', f.read(), re.M).group(1)
 
 
 def _default_cuda_home() -> None:

@@ -1,8 +1,9 @@
 """The official test pipeline on the plain model, one uint8 image at a time (what the CLI runs).
 
 image (H, W, 3) uint8 -> keep-ratio resize to fit ``config.test_scale`` -> CLIP normalisation -> whole or sliding-
-window logits -> bilinear resize to (H, W). With ``names`` given, the open-vocabulary cosine map of those names is
-used instead of the trained head.
+window logits -> bilinear resize to (H, W). With ``names`` given, the open-vocabulary cosine map of those names
+(whole resized image, at the stride of the local embedding map) is used instead of the trained head, and ``mode``
+does not apply.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 
+import denseclip_fast as dcf
 from denseclip_fast import ops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,7 +31,7 @@ def _toolkit() -> str | None:
 def test_extension_loads_and_reports_its_build():
     assert ops.extension_available()
     info = ops.build_info()
-    assert info["version"] == "0.1.0"
+    assert info["version"] == dcf.__version__
     cuda_expected = torch.version.cuda is not None and _toolkit() is not None and os.environ.get("DENSECLIP_FAST_CUDA") != "0"
     assert (info["cuda"] is not None) == cuda_expected, info
     if info["cuda"] is not None:
@@ -95,5 +96,5 @@ def test_cmake_builds_the_library_for_cpp_consumers(tmp_path):
     _run(args, env)
     _run([cmake, "--build", str(tmp_path), "-j", "2"], env)
     info = json.loads(_run([str(tmp_path / "denseclip_fast_info")], env))
-    assert info["version"] == "0.1.0"
+    assert info["version"] == dcf.__version__
     assert (info["cuda"] is not None) == with_cuda

@@ -10,21 +10,24 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..class_names import ADE20K_CLASSES
 from .io import CheckpointError, WeightFile, read_weight_file
 from .native import is_native, native_contents
-from .official import check_arch, infer_config, load_state_strict
+from .official import check_arch, infer_config, key_listing, load_state_strict
+
+if TYPE_CHECKING:
+    from ..model import DenseCLIP
 
 __all__ = ["CheckpointError", "load_checkpoint"]
 
 
 def load_checkpoint(
     path: str | os.PathLike[str], arch: str | None = None, class_names: Sequence[str] | None = None
-) -> Any:
+) -> DenseCLIP:
     """Load a DenseCLIP model: eval mode, CPU, float32.
 
     Args:
@@ -38,7 +41,7 @@ def load_checkpoint(
         CheckpointError: unreadable, unsafe or inconsistent file (the message names the file and the reason).
         ValueError: ``class_names`` of the wrong length or with a name longer than 3 BPE tokens.
     """
-    from ..model import DenseCLIP
+    from ..model import DenseCLIP  # noqa: F811  (the runtime import; the model package imports this one)
 
     path = os.fspath(path)
     wf = read_weight_file(path)
@@ -58,7 +61,7 @@ def load_checkpoint(
         raise ValueError(f"class_names has {len(names)} names but the checkpoint's head has {k} outputs")
     model = DenseCLIP(config, names)
     load_state_strict(model, sd, path)
-    model.palette = _palette(palette, k)
+    model.palette = _palette(palette, k, path)
     return model.eval()
 
 
@@ -86,7 +89,7 @@ def _official_state(wf: WeightFile, path: str) -> tuple[dict[str, torch.Tensor],
         )
     not_tensors = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
     if not_tensors:
-        raise CheckpointError(path, f"state dict entries that are not tensors: {', '.join(not_tensors[:10])}")
+        raise CheckpointError(path, f"state dict entries that are not tensors: {key_listing(not_tensors)}")
     return sd, dict(meta) if isinstance(meta, Mapping) else {}
 
 
@@ -106,12 +109,16 @@ def _official_names(meta: Mapping[str, Any], k: int, path: str) -> list[str]:
     raise CheckpointError(path, f"the file names no classes and its head has {k} outputs: pass class_names=[...]")
 
 
-def _palette(palette: Any, k: int) -> list[tuple[int, int, int]] | None:
-    """A usable palette (K RGB triples of 0..255) or None; a malformed palette is dropped, not trusted."""
+def _palette(palette: Any, k: int, path: str) -> list[tuple[int, int, int]] | None:
+    """A usable palette (K RGB triples of 0..255) or None; a malformed one is dropped with a warning."""
+    if palette is None:
+        return None
     try:
         colors = [tuple(int(c) for c in rgb) for rgb in palette]
+        valid = len(colors) == k and all(len(c) == 3 and all(0 <= v <= 255 for v in c) for c in colors)
     except (TypeError, ValueError):
-        return None
-    if len(colors) != k or any(len(c) != 3 or not all(0 <= v <= 255 for v in c) for c in colors):
+        valid = False
+    if not valid:
+        warnings.warn(f"{path}: ignoring the palette in the file: it is not {k} RGB triples in 0..255", stacklevel=3)
         return None
     return colors  # type: ignore[return-value]

@@ -22,7 +22,7 @@ import torch
 
 from ..model.resnet import resize_positional_grid
 from .io import CheckpointError, read_weight_file
-from .official import _listing
+from .official import key_listing, state_problems
 
 if TYPE_CHECKING:
     from ..model import DenseCLIP
@@ -76,24 +76,10 @@ def _text_state(model: DenseCLIP, sd: Mapping[str, torch.Tensor]) -> dict[str, t
     return text
 
 
-def _load_part(part: torch.nn.Module, state: dict[str, torch.Tensor], prefix: str, path: str, optional: str) -> None:
+def _load_part(part: torch.nn.Module, state: dict[str, torch.Tensor], label: str, path: str, optional: str) -> None:
     """Load ``state`` into ``part``: every key of ``part`` except those starting with ``optional`` must be given,
     every given key must exist, shapes must match."""
-    expected = part.state_dict()
-    missing = sorted(k for k in expected if k not in state and not (optional and k.startswith(optional)))
-    unexpected = sorted(k for k in state if k not in expected)
-    mismatched = [
-        f"{k}: file {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
-        for k, v in state.items()
-        if k in expected and tuple(v.shape) != tuple(expected[k].shape)
-    ]
-    problems = []
-    if missing:
-        problems.append(f"missing {prefix} keys ({len(missing)}): {_listing([prefix + k for k in missing])}")
-    if unexpected:
-        problems.append(f"unexpected {prefix} keys ({len(unexpected)}): {_listing([prefix + k for k in unexpected])}")
-    if mismatched:
-        problems.append(f"shape mismatch ({len(mismatched)}): {_listing(mismatched, 10)}")
+    problems = state_problems(part.state_dict(), state, label, optional)
     if problems:
         raise CheckpointError(path, "these CLIP weights do not fit the architecture: " + "; ".join(problems))
     part.load_state_dict(state, strict=False)
@@ -106,7 +92,7 @@ def init_from_clip(model: DenseCLIP, path: str | os.PathLike[str]) -> None:
     visual_keys = ("visual.",)
     others = sorted(k for k in sd if not k.startswith(visual_keys + TEXT_PREFIXES) and k not in TEXT_KEYS + IGNORED)
     if others:
-        raise CheckpointError(path, f"unrecognised keys in CLIP weights: {_listing(others)}")
+        raise CheckpointError(path, f"unrecognised keys in CLIP weights: {key_listing(others)}")
     optional_vision = "fpn" if model.config.vision.kind == "vit" else ""
     _load_part(model.backbone, _backbone_state(model, sd, path), "visual.", path, optional_vision)
     _load_part(model.text_encoder, _text_state(model, sd), "", path, "")

@@ -127,32 +127,38 @@ def check_arch(config: DenseCLIPConfig, arch: str | None, path: str) -> None:
         raise CheckpointError(path, f"arch={arch!r} was requested but the checkpoint holds {config.arch!r}")
 
 
-def _listing(keys: list[str], limit: int = 20) -> str:
+def key_listing(keys: list[str], limit: int = 20) -> str:
     shown = ", ".join(keys[:limit])
     return shown + (f" ... and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def state_problems(
+    expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor], label: str = "", optional: str = ""
+) -> list[str]:
+    """What keeps ``given`` from loading into a module whose state dict is ``expected``: missing keys (except those
+    starting with ``optional``), unexpected keys and shape mismatches, each as one readable phrase. ``label`` is
+    prepended to the key names in the messages."""
+    missing = sorted(k for k in expected if k not in given and not (optional and k.startswith(optional)))
+    unexpected = sorted(k for k in given if k not in expected)
+    mismatched = [
+        f"{label}{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+        for k, v in given.items()
+        if k in expected and tuple(v.shape) != tuple(expected[k].shape)
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys ({len(missing)}): {key_listing([label + k for k in missing])}")
+    if unexpected:
+        problems.append(f"unexpected keys ({len(unexpected)}): {key_listing([label + k for k in unexpected])}")
+    if mismatched:
+        problems.append(f"shape mismatch ({len(mismatched)}): {key_listing(mismatched, 10)}")
+    return problems
 
 
 def load_state_strict(model: nn.Module, sd: Mapping[str, torch.Tensor], path: str) -> None:
     """Load every tensor of ``sd`` into ``model``: any missing or unexpected key, or any shape mismatch, is a
     CheckpointError that lists them."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
-    problems = []
-    if missing:
-        problems.append(f"missing keys ({len(missing)}): {_listing(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys ({len(unexpected)}): {_listing(unexpected)}")
-    mismatched = [
-        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in sd and tuple(sd[k].shape) != tuple(v.shape)
-    ]
-    if mismatched:
-        problems.append(f"shape mismatch ({len(mismatched)}): {_listing(mismatched, 10)}")
+    problems = state_problems(model.state_dict(), sd)
     if problems:
         raise CheckpointError(path, "; ".join(problems))
-    for k, v in sd.items():
-        if not isinstance(v, torch.Tensor):
-            raise CheckpointError(path, f"{k} is a {type(v).__name__}, not a tensor")
     model.load_state_dict(dict(sd), strict=True)
