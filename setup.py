@@ -48,7 +48,7 @@ def _extensions() -> tuple[list, dict]:
     from torch.utils import cpp_extension
 
     with_cuda = cuda_build_wanted(torch.version.cuda, cpp_extension.CUDA_HOME, os.environ.get("DENSECLIP_FAST_CUDA"))
-    sources = sorted(glob.glob("csrc/*.cpp"))
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     defines = [("DENSECLIP_FAST_VERSION", f'"{_version()}"')]
     cxx = ["-O3", "-fopenmp"]  # the C++ standard is torch's choice (C++20 for torch >= 2.10)
     if with_cuda:

@@ -1,11 +1,14 @@
-// Registers the denseclip_fast operator library with PyTorch's dispatcher.
+// Registers the denseclip_fast operator library with PyTorch's dispatcher: the schemas (one per operator), the
+// shared input checks, and build_info. Backends add their kernels with TORCH_LIBRARY_IMPL in csrc/cpu and
+// csrc/cuda; fake (meta) kernels and autograd formulas are registered from Python (denseclip_fast/ops/library.py).
 //
 // This file is shared by the Python extension (setup.py -> denseclip_fast._C) and the plain C++ library built by
-// CMakeLists.txt, so it must not include Python headers. Operators are reached through the dispatcher:
-// torch.ops.denseclip_fast.<name> in Python, c10::Dispatcher in C++.
+// CMakeLists.txt, so it must not include Python headers.
 #include <torch/library.h>
 
 #include <string>
+
+#include "common.h"
 
 #ifndef DENSECLIP_FAST_VERSION
 #define DENSECLIP_FAST_VERSION "unknown"
@@ -33,8 +36,84 @@ std::string build_info() {
   return info + "}";
 }
 
+static void check_float(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", name,
+              " must be float32, float64, float16 or bfloat16, got ", t.scalar_type());
+}
+
+ScoreShape check_score_inputs(const at::Tensor& visual, const at::Tensor& text, const char* op) {
+  TORCH_CHECK(visual.dim() == 4, op, ": visual must be (B, C, H, W), got shape ", visual.sizes());
+  TORCH_CHECK(text.dim() == 2 || text.dim() == 3, op, ": text must be (K, C) or (B, K, C), got shape ",
+              text.sizes());
+  check_float(visual, op, "visual");
+  check_float(text, op, "text");
+  TORCH_CHECK(visual.scalar_type() == text.scalar_type(), op, ": visual and text must have the same dtype, got ",
+              visual.scalar_type(), " and ", text.scalar_type());
+  TORCH_CHECK(visual.device() == text.device(), op, ": visual and text must be on the same device, got ",
+              visual.device(), " and ", text.device());
+  ScoreShape s{visual.size(0), visual.size(1), visual.size(2), visual.size(3), text.size(-2), text.dim() == 3,
+               score_memory_format(visual) == at::MemoryFormat::ChannelsLast};
+  TORCH_CHECK(text.size(-1) == s.C, op, ": text has C=", text.size(-1), " channels but visual has C=", s.C);
+  TORCH_CHECK(s.K >= 1, op, ": text must hold at least one class embedding, got K=0");
+  TORCH_CHECK(!s.text_batched || text.size(0) == s.B, op, ": per-batch text has B=", text.size(0),
+              " but visual has B=", s.B);
+  return s;
+}
+
+at::MemoryFormat score_memory_format(const at::Tensor& visual) {
+  if (visual.dim() == 4 && visual.is_contiguous(at::MemoryFormat::ChannelsLast) && !visual.is_contiguous()) {
+    return at::MemoryFormat::ChannelsLast;
+  }
+  return at::MemoryFormat::Contiguous;
+}
+
+void check_score_grad(const at::Tensor& grad, const at::Tensor& visual, const ScoreShape& s, const char* op) {
+  TORCH_CHECK(grad.dim() == 4 && grad.size(0) == s.B && grad.size(1) == s.K && grad.size(2) == s.H &&
+                  grad.size(3) == s.W,
+              op, ": grad must be (B, K, H, W) = (", s.B, ", ", s.K, ", ", s.H, ", ", s.W, "), got ", grad.sizes());
+  TORCH_CHECK(grad.scalar_type() == visual.scalar_type() && grad.device() == visual.device(), op,
+              ": grad must match visual's dtype and device, got ", grad.scalar_type(), " on ", grad.device());
+}
+
+at::Tensor empty_concat_output(const at::Tensor& feature, const at::Tensor& visual, const ScoreShape& s) {
+  TORCH_CHECK(feature.dim() == 4 && feature.size(0) == s.B && feature.size(2) == s.H && feature.size(3) == s.W,
+              "score_concat: feature must be (B, C_feat, H, W) with visual's B, H, W = (", s.B, ", ", s.H, ", ", s.W,
+              "), got ", feature.sizes());
+  TORCH_CHECK(feature.scalar_type() == visual.scalar_type() && feature.device() == visual.device(),
+              "score_concat: feature must match visual's dtype and device, got ", feature.scalar_type(), " on ",
+              feature.device());
+  return at::empty({s.B, feature.size(1) + s.K, s.H, s.W}, visual.options().memory_format(score_memory_format(visual)));
+}
+
+AttentionShape check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const char* op) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, op,
+              ": q, k and v must be (B, heads, L, D), got shapes ", q.sizes(), ", ", k.sizes(), ", ", v.sizes());
+  check_float(q, op, "q");
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
+              ": q, k and v must have the same dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
+              v.scalar_type());
+  TORCH_CHECK(k.device() == q.device() && v.device() == q.device(), op,
+              ": q, k and v must be on the same device, got ", q.device(), ", ", k.device(), ", ", v.device());
+  TORCH_CHECK(k.sizes() == v.sizes(), op, ": k and v must have the same shape, got ", k.sizes(), " and ", v.sizes());
+  TORCH_CHECK(q.size(0) == k.size(0) && q.size(1) == k.size(1) && q.size(3) == k.size(3), op,
+              ": q ", q.sizes(), " and k ", k.sizes(), " must agree in B, heads and D");
+  AttentionShape s{q.size(0), q.size(1), q.size(2), k.size(2), q.size(3)};
+  TORCH_CHECK(s.Lk >= 1, op, ": k and v must hold at least one token, got Lk=0");
+  TORCH_CHECK(s.D >= 1, op, ": head dim must be >= 1, got D=0");
+  return s;
+}
+
 TORCH_LIBRARY(denseclip_fast, m) {
   m.def("build_info() -> str", &build_info);
+  // L2-normalise every pixel of visual and every row of text, dot products, times scale: (B, K, H, W).
+  m.def("pixel_text_score(Tensor visual, Tensor text, float scale=1.0) -> Tensor");
+  m.def("pixel_text_score_backward(Tensor grad, Tensor visual, Tensor text, float scale) -> (Tensor, Tensor)");
+  // cat([feature, pixel_text_score(visual, text, scale)], dim=1) without the intermediate score tensor.
+  m.def("score_concat(Tensor feature, Tensor visual, Tensor text, float scale=1.0) -> Tensor");
+  // softmax(q k^T / sqrt(D)) v and the row log-sum-exp (B, heads, Lq) in float32 (float64 for float64 inputs).
+  m.def("context_attention(Tensor q, Tensor k, Tensor v) -> (Tensor, Tensor)");
+  m.def("context_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse)"
+        " -> (Tensor, Tensor, Tensor)");
 }
 
 }  // namespace denseclip_fast

@@ -44,7 +44,7 @@ def test_zero_vectors_score_zero_and_channels_last():
         (torch.randn(1, 3, 2, 2), torch.randn(5, 4), "text has C=4 channels but visual has C=3"),
         (torch.randn(1, 3, 2, 2), torch.randn(0, 3), "K >= 1"),
         (torch.randn(2, 3, 2, 2), torch.randn(3, 5, 3), "per-batch text has B=3 but visual has B=2"),
-        (torch.ones(1, 3, 2, 2, dtype=torch.int64), torch.randn(5, 3), "visual must be a floating-point"),
+        (torch.ones(1, 3, 2, 2, dtype=torch.int64), torch.randn(5, 3), "visual must be a float32, float64, float16 or bfloat16 tensor"),
         (torch.randn(1, 3, 2, 2), torch.randn(5, 3, device="meta"), "same device"),
     ],
 )

@@ -7,14 +7,15 @@ memory_proj = LN(D), Linear(D, W), LN(W); text_proj = LN(D), Linear(D, W); then 
 
 (q/k/v Linear without bias, output Linear with bias, scale head_dim^-0.5; MLP W-4W-W with exact GELU; dropout in
 training), and out_proj = LN(W), Linear(W, D). The model adds ``gamma * decoder(text, visual)`` to the text.
+Both attentions run through ``ops.context_attention`` (flash-style, no K x N score matrix).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from .. import ops
 from ..config import DecoderConfig
 
 
@@ -38,7 +39,7 @@ class Attention(nn.Module):
         q = self.q_proj(q).view(b, n, self.heads, d).transpose(1, 2)
         k = self.k_proj(kv).view(b, m, self.heads, d).transpose(1, 2)
         v = self.v_proj(kv).view(b, m, self.heads, d).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = ops.context_attention(q, k, v)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, c)))
 
 

@@ -140,42 +140,47 @@ class DenseCLIP(nn.Module):
         self._check_images(x)
         return self.backbone(x.to(self.contexts.dtype))
 
-    def decode_text(self, feats: ImageFeatures, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Context-aware prompting for one image batch: text (K, D) -> (text_embeddings (B, K, D), score (B, K, h, w))."""
+    def context_prompt(self, feats: ImageFeatures, text: torch.Tensor) -> torch.Tensor:
+        """Context-aware prompting: class embeddings (K, D) -> t + gamma * decoder(t, [g; z]), (B, K, D)."""
         g, z = feats.global_feat, feats.local_feat
-        b = z.shape[0]
         visual_context = torch.cat([g.unsqueeze(1), z.flatten(2).transpose(1, 2)], dim=1)  # (B, 1 + hw, D)
-        text = text.to(z.dtype).unsqueeze(0).expand(b, -1, -1)
-        text = text + self.gamma * self.context_decoder(text, visual_context)
-        return text, ops.pixel_text_score(z, text)
+        text = text.to(z.dtype).unsqueeze(0).expand(z.shape[0], -1, -1)
+        return text + self.gamma * self.context_decoder(text, visual_context)
 
-    def _logits(self, feats: ImageFeatures, score: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    def _logits_and_score(
+        self, feats: ImageFeatures, text: torch.Tensor, size: tuple[int, int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The score map concatenated to its pyramid level (one fused operator), FPN, head, resize to ``size``."""
         levels = list(feats.levels)
         i = self.config.score_concat_index
-        levels[i] = torch.cat([levels[i], score], dim=1)
+        z = feats.local_feat
+        merged = ops.score_concat(levels[i], z, text.to(z.dtype))
+        score = merged[:, levels[i].shape[1] :]
+        levels[i] = merged
         out = self.decode_head(self.neck(levels))
-        return F.interpolate(out, size=size, mode="bilinear", align_corners=False)
+        return F.interpolate(out, size=size, mode="bilinear", align_corners=False), score
 
     def forward_features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Everything the whole-image forward computes: ``global_feat`` (B, D), ``local_feat`` (B, D, h, w),
         ``text_embeddings`` (B, K, D) after the context decoder, ``score_map`` (B, K, h, w) cosine,
         ``aux_logits`` = score_map / tau (the identity head), ``logits`` (B, K, H, W)."""
         feats = self.extract(x)
-        text, score = self.decode_text(feats, self.class_embeddings())
+        text = self.context_prompt(feats, self.class_embeddings())
+        logits, score = self._logits_and_score(feats, text, x.shape[2:])
         return {
             "global_feat": feats.global_feat,
             "local_feat": feats.local_feat,
             "text_embeddings": text,
             "score_map": score,
             "aux_logits": score / self.config.tau,
-            "logits": self._logits(feats, score, x.shape[2:]),
+            "logits": logits,
         }
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Whole-image inference: CLIP-normalised x (B, 3, H, W) float -> logits (B, K, H, W)."""
         feats = self.extract(x)
-        _, score = self.decode_text(feats, self.class_embeddings())
-        return self._logits(feats, score, x.shape[2:])
+        text = self.context_prompt(feats, self.class_embeddings())
+        return self._logits_and_score(feats, text, x.shape[2:])[0]
 
     def slide_inference(
         self,
@@ -196,7 +201,8 @@ class DenseCLIP(nn.Module):
     def open_vocab_scores(self, x: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
         """(B, K', h, w) pixel-text cosine maps for any names, with the context decoder applied."""
         feats = self.extract(x)
-        return self.decode_text(feats, self.text_features(names))[1]
+        text = self.context_prompt(feats, self.text_features(names))
+        return ops.pixel_text_score(feats.local_feat, text.to(feats.local_feat.dtype))
 
     # ------------------------------------------------------------------ utilities
 

@@ -1,42 +1,62 @@
-"""denseclip_fast's operators.
+"""denseclip_fast's operators: what DenseCLIP computes between the image encoder and the FPN, fused.
 
-``pixel_text_score`` is what the model calls between the image encoder and the FPN. Today it validates its input
-and runs the reference implementation; the fused kernels (C++/CUDA/Triton) plug in behind the same signature.
+    pixel_text_score(visual, text, scale=1.0)          cosine score map (B, K, H, W)
+    score_concat(feature, visual, text, scale=1.0)     cat([feature, score map], dim=1), without the intermediate
+    context_attention(q, k, v)                         scaled_dot_product_attention without mask, flash-style
+
+Each runs on one backend (``cuda``, ``triton``, ``cpu``, ``reference``; see :mod:`.backends`), chosen per call
+from the device, the dtype and ``DENSECLIP_FAST_BACKEND`` or the ``backend=`` argument. All are differentiable. The
+C++/CUDA and Triton implementations are ``torch.ops.denseclip_fast.*`` operators (with fake kernels and autograd),
+so ``torch.compile(fullgraph=True)`` and ``torch.export`` trace through them. ``reference.py`` is the specification.
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import reference
+from . import backends, reference
 from .extension import build_info, extension_available
 
-__all__ = ["pixel_text_score", "reference", "build_info", "extension_available"]
+if extension_available():
+    from . import library  # noqa: F401  (fake kernels and autograd of the C++ operators)
+
+__all__ = [
+    "backends",
+    "build_info",
+    "context_attention",
+    "extension_available",
+    "pixel_text_score",
+    "reference",
+    "score_concat",
+]
 
 
-def pixel_text_score(visual: torch.Tensor, text: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-    """Cosine score map: visual (B, C, H, W), text (K, C) or (B, K, C) -> (B, K, H, W) times ``scale``.
-
-    See :func:`denseclip_fast.ops.reference.pixel_text_score` for the exact definition.
-    """
-    _check_score_inputs(visual, text)
-    return reference.pixel_text_score(visual, text, scale)
+def _describe(x: object) -> str:
+    shape = getattr(x, "shape", None)
+    return f"{type(x).__name__} of shape {tuple(shape)}" if shape is not None else type(x).__name__
 
 
-def _check_score_inputs(visual: torch.Tensor, text: torch.Tensor) -> None:
+def _check_float(name: str, t: torch.Tensor) -> None:
+    if not t.is_floating_point():
+        raise ValueError(f"{name} must be a float32, float64, float16 or bfloat16 tensor, got dtype {t.dtype}")
+
+
+def check_score_inputs(visual: torch.Tensor, text: torch.Tensor) -> None:
+    """ValueError naming the argument for anything the score operators cannot take."""
     if not isinstance(visual, torch.Tensor) or visual.dim() != 4:
         raise ValueError(f"visual must be a (B, C, H, W) tensor, got {_describe(visual)}")
     if not isinstance(text, torch.Tensor) or text.dim() not in (2, 3):
         raise ValueError(f"text must be a (K, C) or (B, K, C) tensor, got {_describe(text)}")
-    for name, t in (("visual", visual), ("text", text)):
-        if not t.is_floating_point():
-            raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    _check_float("visual", visual)
+    _check_float("text", text)
+    if visual.dtype != text.dtype:
+        raise ValueError(f"visual and text must have the same dtype, got {visual.dtype} and {text.dtype}")
     if visual.device != text.device:
         raise ValueError(f"visual and text must be on the same device, got {visual.device} and {text.device}")
     if text.shape[-1] != visual.shape[1]:
         raise ValueError(
-            f"text has C={text.shape[-1]} channels but visual has C={visual.shape[1]} (shapes {tuple(text.shape)} "
-            f"and {tuple(visual.shape)})"
+            f"text has C={text.shape[-1]} channels but visual has C={visual.shape[1]} "
+            f"(shapes {tuple(text.shape)} and {tuple(visual.shape)})"
         )
     if text.shape[-2] == 0:
         raise ValueError("text must hold at least one class embedding (K >= 1), got K=0")
@@ -44,6 +64,84 @@ def _check_score_inputs(visual: torch.Tensor, text: torch.Tensor) -> None:
         raise ValueError(f"per-batch text has B={text.shape[0]} but visual has B={visual.shape[0]}")
 
 
-def _describe(x: object) -> str:
-    shape = getattr(x, "shape", None)
-    return f"{type(x).__name__} of shape {tuple(shape)}" if shape is not None else type(x).__name__
+def pixel_text_score(
+    visual: torch.Tensor, text: torch.Tensor, scale: float = 1.0, *, backend: str | None = None
+) -> torch.Tensor:
+    """Cosine score map, times ``scale``.
+
+    Args:
+        visual: (B, C, H, W) float32/float64/float16/bfloat16, contiguous or channels_last.
+        text: (K, C) shared by the batch or (B, K, C), same dtype and device.
+        scale: multiplies the cosine (1 for DenseCLIP's score map, 1/tau for its auxiliary logits).
+    Returns:
+        (B, K, H, W) in visual's dtype, channels_last when visual is. Both inputs are L2-normalised as
+        ``F.normalize`` (eps 1e-12) does; accumulation in float32 (float64 for float64).
+    """
+    check_score_inputs(visual, text)
+    chosen = backends.resolve("pixel_text_score", visual.device, visual.dtype, backend)
+    if chosen == "reference":
+        return reference.pixel_text_score(visual, text, scale)
+    if chosen == "triton":
+        return torch.ops.denseclip_fast.pixel_text_score_triton(visual, text, float(scale))
+    return torch.ops.denseclip_fast.pixel_text_score(visual, text, float(scale))
+
+
+def score_concat(
+    feature: torch.Tensor, visual: torch.Tensor, text: torch.Tensor, scale: float = 1.0, *, backend: str | None = None
+) -> torch.Tensor:
+    """``torch.cat([feature, pixel_text_score(visual, text, scale)], dim=1)``: (B, C_feat + K, H, W), the score
+    channels written straight into the output. ``feature`` is (B, C_feat, H, W) with visual's B, H, W and dtype."""
+    check_score_inputs(visual, text)
+    if not isinstance(feature, torch.Tensor) or feature.dim() != 4:
+        raise ValueError(f"feature must be a (B, C_feat, H, W) tensor, got {_describe(feature)}")
+    if (feature.shape[0], *feature.shape[2:]) != (visual.shape[0], *visual.shape[2:]):
+        raise ValueError(
+            f"feature {tuple(feature.shape)} and visual {tuple(visual.shape)} must agree in B, H and W"
+        )
+    if feature.dtype != visual.dtype or feature.device != visual.device:
+        raise ValueError(
+            f"feature must match visual's dtype and device ({visual.dtype}, {visual.device}), "
+            f"got {feature.dtype} on {feature.device}"
+        )
+    chosen = backends.resolve("score_concat", visual.device, visual.dtype, backend)
+    if chosen == "reference":
+        return reference.score_concat(feature, visual, text, scale)
+    if chosen == "triton":
+        return torch.ops.denseclip_fast.score_concat_triton(feature, visual, text, float(scale))
+    return torch.ops.denseclip_fast.score_concat(feature, visual, text, float(scale))
+
+
+def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a (B, heads, L, D) tensor, got {_describe(t)}")
+        _check_float(name, t)
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k and v must have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k and v must be on the same device, got {q.device}, {k.device}, {v.device}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if (q.shape[0], q.shape[1], q.shape[3]) != (k.shape[0], k.shape[1], k.shape[3]):
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in B, heads and D")
+    if k.shape[2] == 0:
+        raise ValueError("k and v must hold at least one token (Lk >= 1), got Lk=0")
+    if q.shape[3] == 0:
+        raise ValueError("the head dim D must be >= 1, got 0")
+
+
+def context_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str | None = None
+) -> torch.Tensor:
+    """``F.scaled_dot_product_attention(q, k, v)`` (no mask, no dropout, scale 1/sqrt(D)), flash-style: online
+    softmax, no Lq x Lk score matrix in memory.
+
+    q: (B, heads, Lq, D); k, v: (B, heads, Lk, D), Lk >= 1. Returns (B, heads, Lq, D) in q's dtype.
+    """
+    check_attention_inputs(q, k, v)
+    chosen = backends.resolve("context_attention", q.device, q.dtype, backend, head_dim=q.shape[-1])
+    if chosen == "reference":
+        return reference.attention(q, k, v)
+    if chosen == "triton":
+        return torch.ops.denseclip_fast.context_attention_triton(q, k, v)[0]
+    return torch.ops.denseclip_fast.context_attention(q, k, v)[0]

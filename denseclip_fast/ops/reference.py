@@ -24,6 +24,12 @@ def pixel_text_score(visual: torch.Tensor, text: torch.Tensor, scale: float = 1.
     return score * scale if scale != 1.0 else score
 
 
+def score_concat(feature: torch.Tensor, visual: torch.Tensor, text: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """``torch.cat([feature, pixel_text_score(visual, text, scale)], dim=1)``, what the official model does to the
+    pyramid level that receives the score map."""
+    return torch.cat([feature, pixel_text_score(visual, text, scale)], dim=1)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v for (B, heads, L, d) tensors, as ``F.scaled_dot_product_attention`` without
     mask or dropout."""

@@ -1,0 +1,48 @@
+// Shared by every backend of the denseclip_fast operators: input checks with messages that name the argument,
+// and the output layout rules. Implemented in registration.cpp.
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace denseclip_fast {
+
+constexpr double kNormEps = 1e-12;  // torch.nn.functional.normalize's eps
+
+// Accumulation type of the kernels: float for float16/bfloat16/float32, double for float64.
+template <typename T>
+struct AccType {
+  using type = float;
+};
+template <>
+struct AccType<double> {
+  using type = double;
+};
+
+// The shapes of a pixel_text_score call. visual (B, C, H, W); text (K, C) shared or (B, K, C) per batch.
+struct ScoreShape {
+  int64_t B, C, H, W, K;
+  bool text_batched;
+  bool channels_last;  // visual (and every (B, *, H, W) tensor of the call) is NHWC in memory
+  int64_t P() const { return H * W; }
+};
+
+// Throws c10::Error (RuntimeError in Python) naming `op` and the offending argument.
+ScoreShape check_score_inputs(const at::Tensor& visual, const at::Tensor& text, const char* op);
+
+// NHWC when visual is channels_last-contiguous and not also NCHW-contiguous, else NCHW.
+at::MemoryFormat score_memory_format(const at::Tensor& visual);
+
+// grad of a score call must be (B, K, H, W) with visual's dtype and device.
+void check_score_grad(const at::Tensor& grad, const at::Tensor& visual, const ScoreShape& s, const char* op);
+
+// Checks feature (B, C_feat, H, W) against visual and returns the empty (B, C_feat + K, H, W) output of score_concat
+// in visual's memory format.
+at::Tensor empty_concat_output(const at::Tensor& feature, const at::Tensor& visual, const ScoreShape& s);
+
+// Shapes of a context_attention call: q (B, heads, Lq, D), k and v (B, heads, Lk, D).
+struct AttentionShape {
+  int64_t B, heads, Lq, Lk, D;
+};
+AttentionShape check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const char* op);
+
+}  // namespace denseclip_fast

@@ -1,0 +1,87 @@
+"""Which implementation runs an operator.
+
+Backends: ``cuda`` (CUDA C++ kernels of the extension), ``triton`` (Triton kernels), ``cpu`` (C++ CPU kernels of the
+extension), ``reference`` (plain PyTorch, denseclip_fast/ops/reference.py). ``auto`` (the default) takes, for CUDA
+tensors, triton when it is installed and supports the dtype and shape, else cuda, else reference; for CPU tensors,
+cpu when the extension is built, else reference.
+
+``DENSECLIP_FAST_BACKEND=<name>`` or the ``backend=`` argument of an operator forces one; a forced backend that
+cannot run the call raises RuntimeError saying why.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from .extension import build_info, extension_available
+
+BACKENDS = ("cuda", "triton", "cpu", "reference")
+ENV_VAR = "DENSECLIP_FAST_BACKEND"
+TRITON_HEAD_DIMS = (16, 32, 64, 128)
+
+
+@functools.lru_cache(maxsize=1)
+def _cuda_kernels_built() -> bool:
+    return extension_available() and build_info()["cuda"] is not None
+
+
+@functools.lru_cache(maxsize=1)
+def triton_available() -> str | None:
+    """None when the Triton kernels can be used, else why not."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "triton is not installed"
+    from . import triton as _kernels  # registers the ops
+
+    return _kernels.UNAVAILABLE
+
+
+def _triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def unavailable_reason(backend: str, op: str, device: torch.device, dtype: torch.dtype, head_dim: int = 0) -> str | None:
+    """None when ``backend`` can run ``op`` on tensors of this device and dtype, else the reason."""
+    if backend == "reference":
+        return None
+    if backend == "cpu":
+        if device.type != "cpu":
+            return f"the cpu backend runs CPU tensors, these are on {device}"
+        return None if extension_available() else "the extension denseclip_fast._C is not built (run make setup)"
+    if backend == "cuda":
+        if device.type != "cuda":
+            return f"the cuda backend runs CUDA tensors, these are on {device}"
+        if not extension_available():
+            return "the extension denseclip_fast._C is not built (run make setup)"
+        return None if _cuda_kernels_built() else "the extension was built without CUDA (no toolkit at build time)"
+    if backend == "triton":
+        why = triton_available()
+        if why is not None:
+            return why
+        if device.type != "cuda" and not (device.type == "cpu" and _triton_interpreting()):
+            return f"Triton kernels run CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), these are on {device}"
+        if dtype == torch.float64:
+            return "the Triton kernels support float32, float16 and bfloat16, not float64"
+        if op == "context_attention" and head_dim not in TRITON_HEAD_DIMS:
+            return f"the Triton attention kernel supports head dims {TRITON_HEAD_DIMS}, got {head_dim}"
+        return None
+    raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS} or 'auto'")
+
+
+def resolve(op: str, device: torch.device, dtype: torch.dtype, backend: str | None = None, head_dim: int = 0) -> str:
+    """The backend that runs this call (see the module docstring)."""
+    source = "backend=" if backend is not None else ENV_VAR
+    requested = backend if backend is not None else os.environ.get(ENV_VAR, "auto")
+    if requested not in BACKENDS + ("auto",):
+        raise ValueError(f"{source}{requested!r} is not a backend; choose one of {BACKENDS} or 'auto'")
+    if requested != "auto":
+        why = unavailable_reason(requested, op, device, dtype, head_dim)
+        if why is not None:
+            raise RuntimeError(f"{op}: backend {requested!r} (from {source}) cannot run this call: {why}")
+        return requested
+    order = ("triton", "cuda", "reference") if device.type == "cuda" else ("cpu", "reference")
+    return next(b for b in order if unavailable_reason(b, op, device, dtype, head_dim) is None)

@@ -1,0 +1,128 @@
+"""torch.library registrations of the C++ operators (``torch.ops.denseclip_fast.*``, defined in csrc/registration.cpp):
+fake (meta) kernels for tracing, and the autograd formulas, whose backward runs the C++ backward operators.
+
+Importing this module loads the extension; it is imported by :mod:`denseclip_fast.ops` when the extension exists.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .extension import extension_available
+
+OPS = ("pixel_text_score", "score_concat", "context_attention")
+
+
+def score_memory_format(visual: torch.Tensor) -> torch.memory_format:
+    """The layout of every (B, *, H, W) output of a score operator: NHWC when visual is channels_last-contiguous
+    (and not also NCHW-contiguous), else NCHW. The same rule as csrc/registration.cpp."""
+    if visual.dim() == 4 and visual.is_contiguous(memory_format=torch.channels_last) and not visual.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def lse_dtype(q: torch.Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def _empty_score(visual: torch.Tensor, channels: int) -> torch.Tensor:
+    b, _, h, w = visual.shape
+    return torch.empty(
+        (b, channels, h, w), dtype=visual.dtype, device=visual.device, memory_format=score_memory_format(visual)
+    )
+
+
+# ------------------------------------------------------------------------------------------------ fake kernels
+
+
+def _fake_score(visual: torch.Tensor, text: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    return _empty_score(visual, text.shape[-2])
+
+
+def _fake_score_backward(
+    grad: torch.Tensor, visual: torch.Tensor, text: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    grad_visual = torch.empty_like(visual, memory_format=score_memory_format(visual))
+    return grad_visual, torch.empty_like(text, memory_format=torch.contiguous_format)
+
+
+def _fake_concat(feature: torch.Tensor, visual: torch.Tensor, text: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    return _empty_score(visual, feature.shape[1] + text.shape[-2])
+
+
+def _fake_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    return out, q.new_empty(q.shape[:3], dtype=lse_dtype(q))
+
+
+def _fake_attention_backward(
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    fmt = torch.contiguous_format
+    return (torch.empty_like(q, memory_format=fmt), torch.empty_like(k, memory_format=fmt),
+            torch.empty_like(v, memory_format=fmt))  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------ autograd
+
+
+def register_autograd(suffix: str = "") -> None:
+    """Autograd of ``denseclip_fast::{pixel_text_score, score_concat, context_attention}<suffix>``; the backward
+    runs the same backend's backward operators (``..._backward<suffix>``)."""
+    ops = torch.ops.denseclip_fast
+    score_backward = getattr(ops, f"pixel_text_score_backward{suffix}")
+    attention_backward = getattr(ops, f"context_attention_backward{suffix}")
+
+    def score_setup(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+        visual, text, scale = inputs
+        ctx.save_for_backward(visual, text)
+        ctx.scale = scale
+
+    def score_grads(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        visual, text = ctx.saved_tensors
+        grad_visual, grad_text = score_backward(grad, visual, text, ctx.scale)
+        return grad_visual, grad_text, None
+
+    def concat_setup(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+        feature, visual, text, scale = inputs
+        ctx.save_for_backward(visual, text)
+        ctx.scale, ctx.feature_channels = scale, feature.shape[1]
+
+    def concat_grads(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        visual, text = ctx.saved_tensors
+        cf = ctx.feature_channels
+        grad_visual, grad_text = score_backward(grad[:, cf:], visual, text, ctx.scale)
+        return grad[:, :cf], grad_visual, grad_text, None
+
+    def attention_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]) -> None:
+        q, k, v = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.mark_non_differentiable(lse)  # the log-sum-exp is an aid to the backward, not a result
+
+    def attention_grads(ctx: Any, grad_out: torch.Tensor, _grad_lse: Any) -> tuple[Any, ...]:
+        q, k, v, out, lse = ctx.saved_tensors
+        return attention_backward(grad_out, q, k, v, out, lse)
+
+    lib = torch.library
+    lib.register_autograd(f"denseclip_fast::pixel_text_score{suffix}", score_grads, setup_context=score_setup)
+    lib.register_autograd(f"denseclip_fast::score_concat{suffix}", concat_grads, setup_context=concat_setup)
+    lib.register_autograd(
+        f"denseclip_fast::context_attention{suffix}", attention_grads, setup_context=attention_setup
+    )
+
+
+def _register_cpp_ops() -> None:
+    lib = torch.library
+    lib.register_fake("denseclip_fast::pixel_text_score", _fake_score)
+    lib.register_fake("denseclip_fast::pixel_text_score_backward", _fake_score_backward)
+    lib.register_fake("denseclip_fast::score_concat", _fake_concat)
+    lib.register_fake("denseclip_fast::context_attention", _fake_attention)
+    lib.register_fake("denseclip_fast::context_attention_backward", _fake_attention_backward)
+    register_autograd()
+
+
+if extension_available():
+    _register_cpp_ops()

@@ -1,0 +1,64 @@
+"""The Triton backend: ``torch.ops.denseclip_fast.<op>_triton`` operators built with ``torch.library.triton_op``,
+so that torch.compile, torch.export and AOTInductor see (and can compile) the kernels themselves.
+
+Kernels: score.py (pixel_text_score forward/backward, score_concat) and attention.py (flash attention forward and
+backward). They take float32 (IEEE products), float16 and bfloat16 (tensor cores, float32 accumulation).
+On machines without a GPU they run under Triton's interpreter (``TRITON_INTERPRET=1``, set before triton is
+imported); there bfloat16 products are computed in float32 because the interpreter mis-multiplies bfloat16.
+"""
+
+from __future__ import annotations
+
+UNAVAILABLE: str | None = None
+try:
+    import triton  # noqa: F401
+except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
+    UNAVAILABLE = "triton is not installed"
+
+if UNAVAILABLE is None:
+    import torch
+    from torch.library import triton_op
+
+    from ..library import lse_dtype, register_autograd, score_memory_format
+    from . import attention, score
+
+    @triton_op("denseclip_fast::pixel_text_score_triton", mutates_args=())
+    def pixel_text_score_triton(visual: torch.Tensor, text: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        b, _, h, w = visual.shape
+        out = torch.empty((b, text.shape[-2], h, w), dtype=visual.dtype, device=visual.device,
+                          memory_format=score_memory_format(visual))  # fmt: skip
+        score.score_forward_into(out, visual, text, scale)
+        return out
+
+    @triton_op("denseclip_fast::pixel_text_score_backward_triton", mutates_args=())
+    def pixel_text_score_backward_triton(
+        grad: torch.Tensor, visual: torch.Tensor, text: torch.Tensor, scale: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return score.score_backward(grad, visual, text, scale)
+
+    @triton_op("denseclip_fast::score_concat_triton", mutates_args=())
+    def score_concat_triton(
+        feature: torch.Tensor, visual: torch.Tensor, text: torch.Tensor, scale: float = 1.0
+    ) -> torch.Tensor:
+        b, cf, h, w = feature.shape
+        out = torch.empty((b, cf + text.shape[-2], h, w), dtype=visual.dtype, device=visual.device,
+                          memory_format=score_memory_format(visual))  # fmt: skip
+        out[:, :cf].copy_(feature)
+        score.score_forward_into(out[:, cf:], visual, text, scale)
+        return out
+
+    @triton_op("denseclip_fast::context_attention_triton", mutates_args=())
+    def context_attention_triton(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        assert lse_dtype(q) == torch.float32, "the Triton kernels do not take float64"
+        return attention.attention_forward(q, k, v)
+
+    @triton_op("denseclip_fast::context_attention_backward_triton", mutates_args=())
+    def context_attention_backward_triton(
+        grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+        lse: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+        return attention.attention_backward(grad_out, q, k, v, out, lse)
+
+    register_autograd(suffix="_triton")

@@ -1,0 +1,202 @@
+"""Triton kernels of context_attention: flash attention forward and backward, no mask, scale 1/sqrt(D).
+
+Forward, one program per (batch * head, block of BLOCK_M queries): the query tile stays in registers while the
+keys and values stream through in BLOCK_N blocks; scores on the tensor cores, online softmax in base 2 (running
+max m and sum l, the accumulator rescaled by 2^(m_old - m_new)), then O = acc / l and the natural log-sum-exp
+L = (m + log2 l) ln 2 for the backward. Memory: q, k, v read once per query block, O written once; the
+Lq x Lk score matrix never exists. FLOPs 4 B H Lq Lk D.
+
+Backward: delta_i = <dO_i, O_i> (a small kernel), then one program per key block accumulates dK and dV over all
+query blocks, and one program per query block accumulates dQ over all key blocks, both recomputing
+P = exp(S - L) from the saved L (the FlashAttention-2 split, no atomics).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
+    Lq, Lk, qk_scale,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr,
+):  # fmt: skip
+    """q, k, v, o contiguous (B*H, L, D); lse (B*H, Lq) float32. qk_scale = log2(e) / sqrt(D)."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    mask_m = offs_m < Lq
+    q = tl.load(q_ptr + bh * Lq * D + offs_m[:, None] * D + offs_d[None, :], mask=mask_m[:, None], other=0.0)
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, D), dtype=tl.float32)
+    for n0 in range(0, Lk, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < Lk
+        k = tl.load(k_ptr + bh * Lk * D + offs_n[:, None] * D + offs_d[None, :], mask=mask_n[:, None], other=0.0)
+        v = tl.load(v_ptr + bh * Lk * D + offs_n[:, None] * D + offs_d[None, :], mask=mask_n[:, None], other=0.0)
+        if DOT_F32:
+            s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = tl.where(mask_n[None, :], s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if DOT_F32:
+            acc = tl.dot(p, v.to(tl.float32), acc * alpha[:, None], input_precision="ieee")
+        else:
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        m_i = m_new
+    out = acc / l_i[:, None]
+    tl.store(o_ptr + bh * Lq * D + offs_m[:, None] * D + offs_d[None, :], out.to(o_ptr.dtype.element_ty),
+             mask=mask_m[:, None])  # fmt: skip
+    tl.store(lse_ptr + bh * Lq + offs_m, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=mask_m)
+
+
+@triton.jit
+def _attn_bwd_delta_kernel(o_ptr, do_ptr, delta_ptr, Lq, D: tl.constexpr, BLOCK_M: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    mask = offs_m[:, None] < Lq
+    ptr = bh * Lq * D + offs_m[:, None] * D + offs_d[None, :]
+    o = tl.load(o_ptr + ptr, mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(do_ptr + ptr, mask=mask, other=0.0).to(tl.float32)
+    tl.store(delta_ptr + bh * Lq + offs_m, tl.sum(o * do, axis=1), mask=offs_m < Lq)
+
+
+@triton.jit
+def _mm(a, b, DOT_F32: tl.constexpr):
+    if DOT_F32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+    Lq, Lk, sm_scale,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr,
+):  # fmt: skip
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    mask_n = offs_n < Lk
+    kv_ptr = bh * Lk * D + offs_n[:, None] * D + offs_d[None, :]
+    k = tl.load(k_ptr + kv_ptr, mask=mask_n[:, None], other=0.0)
+    v = tl.load(v_ptr + kv_ptr, mask=mask_n[:, None], other=0.0)
+    dk = tl.zeros((BLOCK_N, D), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_N, D), dtype=tl.float32)
+    for m0 in range(0, Lq, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < Lq
+        q_rows = bh * Lq * D + offs_m[:, None] * D + offs_d[None, :]
+        q = tl.load(q_ptr + q_rows, mask=mask_m[:, None], other=0.0)
+        do = tl.load(do_ptr + q_rows, mask=mask_m[:, None], other=0.0)
+        lse = tl.load(lse_ptr + bh * Lq + offs_m, mask=mask_m, other=0.0)
+        delta = tl.load(delta_ptr + bh * Lq + offs_m, mask=mask_m, other=0.0)
+        s_t = _mm(k, tl.trans(q), DOT_F32) * sm_scale  # (BLOCK_N, BLOCK_M): S^T
+        p_t = tl.exp(s_t - lse[None, :])
+        p_t = tl.where(mask_m[None, :] & mask_n[:, None], p_t, 0.0)
+        dv += _mm(p_t.to(do.dtype), do, DOT_F32)
+        dp_t = _mm(v, tl.trans(do), DOT_F32)  # (dO V^T)^T
+        ds_t = p_t * (dp_t - delta[None, :]) * sm_scale
+        dk += _mm(ds_t.to(q.dtype), q, DOT_F32)
+    tl.store(dk_ptr + kv_ptr, dk.to(dk_ptr.dtype.element_ty), mask=mask_n[:, None])
+    tl.store(dv_ptr + kv_ptr, dv.to(dv_ptr.dtype.element_ty), mask=mask_n[:, None])
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
+    Lq, Lk, sm_scale,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    mask_m = offs_m < Lq
+    q_rows = bh * Lq * D + offs_m[:, None] * D + offs_d[None, :]
+    q = tl.load(q_ptr + q_rows, mask=mask_m[:, None], other=0.0)
+    do = tl.load(do_ptr + q_rows, mask=mask_m[:, None], other=0.0)
+    lse = tl.load(lse_ptr + bh * Lq + offs_m, mask=mask_m, other=0.0)
+    delta = tl.load(delta_ptr + bh * Lq + offs_m, mask=mask_m, other=0.0)
+    dq = tl.zeros((BLOCK_M, D), dtype=tl.float32)
+    for n0 in range(0, Lk, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < Lk
+        kv_ptr = bh * Lk * D + offs_n[:, None] * D + offs_d[None, :]
+        k = tl.load(k_ptr + kv_ptr, mask=mask_n[:, None], other=0.0)
+        v = tl.load(v_ptr + kv_ptr, mask=mask_n[:, None], other=0.0)
+        s = _mm(q, tl.trans(k), DOT_F32) * sm_scale
+        p = tl.where(mask_n[None, :], tl.exp(s - lse[:, None]), 0.0)
+        dp = _mm(do, tl.trans(v), DOT_F32)
+        ds = p * (dp - delta[:, None]) * sm_scale
+        dq += _mm(ds.to(k.dtype), k, DOT_F32)
+    tl.store(dq_ptr + q_rows, dq.to(dq_ptr.dtype.element_ty), mask=mask_m[:, None])
+
+
+def _dot_in_f32(dtype: torch.dtype) -> bool:
+    import os
+
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def _blocks(lq: int, lk: int, d: int) -> tuple[int, int]:
+    block_m = 64 if lq > 32 else max(16, triton.next_power_of_2(lq))
+    block_n = 64 if d <= 64 else 32
+    return block_m, block_n
+
+
+def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    from torch.library import wrap_triton
+
+    b, h, lq, d = q.shape
+    lk = k.shape[2]
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    out = torch.empty_like(q)
+    lse = torch.empty((b, h, lq), dtype=torch.float32, device=q.device)
+    block_m, block_n = _blocks(lq, lk, d)
+    wrap_triton(_attn_fwd_kernel)[(triton.cdiv(lq, block_m), b * h)](
+        q, k, v, out, lse, lq, lk, LOG2E / math.sqrt(d),
+        D=d, BLOCK_M=block_m, BLOCK_N=block_n, DOT_F32=_dot_in_f32(q.dtype),
+    )  # fmt: skip
+    return out, lse
+
+
+def attention_backward(
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from torch.library import wrap_triton
+
+    b, h, lq, d = q.shape
+    lk = k.shape[2]
+    q, k, v, out, do = q.contiguous(), k.contiguous(), v.contiguous(), out.contiguous(), grad_out.contiguous()
+    lse = lse.contiguous()
+    delta = torch.empty_like(lse)
+    block_m, block_n = _blocks(lq, lk, d)
+    wrap_triton(_attn_bwd_delta_kernel)[(triton.cdiv(lq, block_m), b * h)](out, do, delta, lq, D=d, BLOCK_M=block_m)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    f32 = _dot_in_f32(q.dtype)
+    scale = 1.0 / math.sqrt(d)
+    wrap_triton(_attn_bwd_dkdv_kernel)[(triton.cdiv(lk, block_n), b * h)](
+        q, k, v, do, lse, delta, dk, dv, lq, lk, scale, D=d, BLOCK_M=block_m, BLOCK_N=block_n, DOT_F32=f32
+    )
+    wrap_triton(_attn_bwd_dq_kernel)[(triton.cdiv(lq, block_m), b * h)](
+        q, k, v, do, lse, delta, dq, lq, lk, scale, D=d, BLOCK_M=block_m, BLOCK_N=block_n, DOT_F32=f32
+    )
+    return dq, dk, dv

@@ -1,0 +1,215 @@
+"""Triton kernels of pixel_text_score (forward, backward) and score_concat.
+
+Forward, one program per (batch, block of BLOCK_P pixels, block of BLOCK_K classes). Loop over C in BLOCK_C
+chunks: load the visual tile (BLOCK_C x BLOCK_P) and the text tile (BLOCK_K x BLOCK_C), accumulate their product
+on the tensor cores (float32 accumulator) together with the squared norms of both; at the end divide by
+max(norm, eps) on both sides and multiply by scale. s = <t, v> / (max|t| max|v|) equals F.normalize on both sides
+followed by the dot product. Memory traffic: visual is read once when BLOCK_K >= K (one class block), the text
+(K x C, small) once per program from L2, the output written once: bytes = |visual| + |out| (+ L2-resident text).
+FLOPs = 2 B K C H W. Strides are arguments, so NCHW and NHWC visual (and any strided output view, which is how
+score_concat writes into its concatenated buffer) use the same kernel.
+
+Backward, one program per (batch, block of pixels): a first pass over C accumulates |v|^2 and <v, g^> where
+g^ = scale * T^T G (tensor cores), a second pass recomputes g^ and writes dv = (g^ - v^ <v^, g^>) / |v| (or g^ / eps
+below eps). The text gradient is a matmul of G / |v| with the raw visual (cuBLAS) followed by the text
+normalisation's Jacobian on the small K x C matrix. Traffic: visual read three times, dv written once;
+the text-side products run on TF32 tensor cores (IEEE float32 for float32 inputs).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+EPS = 1e-12
+
+
+@triton.jit
+def _score_fwd_kernel(
+    v_ptr, t_ptr, out_ptr,
+    C, P, K,
+    s_vb, s_vc, s_vp,
+    s_tb, s_tk, s_tc,
+    s_ob, s_ok, s_op,
+    scale, eps,
+    BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, DOT_F32: tl.constexpr,
+):  # fmt: skip
+    pid_p = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_p = offs_p < P
+    mask_k = offs_k < K
+    acc = tl.zeros((BLOCK_K, BLOCK_P), dtype=tl.float32)
+    v_sq = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    t_sq = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        mask_c = offs_c < C
+        v = tl.load(
+            v_ptr + b * s_vb + offs_c[:, None] * s_vc + offs_p[None, :] * s_vp,
+            mask=mask_c[:, None] & mask_p[None, :], other=0.0,
+        )  # fmt: skip
+        t = tl.load(
+            t_ptr + b * s_tb + offs_k[:, None] * s_tk + offs_c[None, :] * s_tc,
+            mask=mask_k[:, None] & mask_c[None, :], other=0.0,
+        )  # fmt: skip
+        vf = v.to(tl.float32)
+        tf = t.to(tl.float32)
+        v_sq += tl.sum(vf * vf, axis=0)
+        t_sq += tl.sum(tf * tf, axis=1)
+        if DOT_F32:
+            acc = tl.dot(tf, vf, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(t, v, acc)
+    inv_v = 1.0 / tl.maximum(tl.sqrt(v_sq), eps)
+    inv_t = 1.0 / tl.maximum(tl.sqrt(t_sq), eps)
+    out = acc * (inv_t * scale)[:, None] * inv_v[None, :]
+    tl.store(
+        out_ptr + b * s_ob + offs_k[:, None] * s_ok + offs_p[None, :] * s_op,
+        out.to(out_ptr.dtype.element_ty), mask=mask_k[:, None] & mask_p[None, :],
+    )  # fmt: skip
+
+
+@triton.jit
+def _grad_hat_tile(
+    that_ptr, g_ptr, b, offs_c, mask_c, offs_p, mask_p, K,
+    s_tb, s_tk, s_tc, s_gb, s_gk, s_gp, scale,
+    BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, DOT_F32: tl.constexpr,
+):  # fmt: skip
+    """g^ = scale * T^^T G on a (BLOCK_C, BLOCK_P) tile, summing over the classes in blocks of BLOCK_K."""
+    gh = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        tt = tl.load(
+            that_ptr + b * s_tb + offs_k[None, :] * s_tk + offs_c[:, None] * s_tc,
+            mask=mask_c[:, None] & mask_k[None, :], other=0.0,
+        )  # (BLOCK_C, BLOCK_K) float32  # fmt: skip
+        g = tl.load(
+            g_ptr + b * s_gb + offs_k[:, None] * s_gk + offs_p[None, :] * s_gp,
+            mask=mask_k[:, None] & mask_p[None, :], other=0.0,
+        ).to(tl.float32)  # (BLOCK_K, BLOCK_P)  # fmt: skip
+        if DOT_F32:
+            gh = tl.dot(tt, g, gh, input_precision="ieee")
+        else:
+            gh = tl.dot(tt, g, gh)  # TF32 tensor cores
+    return gh * scale
+
+
+@triton.jit
+def _score_bwd_visual_kernel(
+    v_ptr, that_ptr, g_ptr, gv_ptr, inv_ptr,
+    C, P, K,
+    s_vb, s_vc, s_vp,
+    s_tb, s_tk, s_tc,
+    s_gb, s_gk, s_gp,
+    scale, eps,
+    BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, DOT_F32: tl.constexpr,
+):  # fmt: skip
+    """grad_visual (same strides as visual) and 1 / max(|v|, eps) as (B, P) float32; that = normalised text."""
+    pid_p = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask_p = offs_p < P
+    v_sq = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    v_dot_g = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        mask_c = offs_c < C
+        v = tl.load(
+            v_ptr + b * s_vb + offs_c[:, None] * s_vc + offs_p[None, :] * s_vp,
+            mask=mask_c[:, None] & mask_p[None, :], other=0.0,
+        ).to(tl.float32)  # fmt: skip
+        gh = _grad_hat_tile(that_ptr, g_ptr, b, offs_c, mask_c, offs_p, mask_p, K, s_tb, s_tk, s_tc, s_gb, s_gk,
+                            s_gp, scale, BLOCK_P, BLOCK_K, BLOCK_C, DOT_F32)  # fmt: skip
+        v_sq += tl.sum(v * v, axis=0)
+        v_dot_g += tl.sum(v * gh, axis=0)
+    norm = tl.sqrt(v_sq)
+    inv = 1.0 / tl.maximum(norm, eps)
+    radial = tl.where(norm >= eps, v_dot_g * inv * inv, 0.0)  # <v^, g^> / |v| where the projection applies
+    tl.store(inv_ptr + b * P + offs_p, inv, mask=mask_p)
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        mask_c = offs_c < C
+        ptr = b * s_vb + offs_c[:, None] * s_vc + offs_p[None, :] * s_vp
+        mask = mask_c[:, None] & mask_p[None, :]
+        v = tl.load(v_ptr + ptr, mask=mask, other=0.0).to(tl.float32)
+        gh = _grad_hat_tile(that_ptr, g_ptr, b, offs_c, mask_c, offs_p, mask_p, K, s_tb, s_tk, s_tc, s_gb, s_gk,
+                            s_gp, scale, BLOCK_P, BLOCK_K, BLOCK_C, DOT_F32)  # fmt: skip
+        gv = (gh - v * radial[None, :]) * inv[None, :]
+        tl.store(gv_ptr + ptr, gv.to(gv_ptr.dtype.element_ty), mask=mask)
+
+
+def _dot_in_f32(dtype: torch.dtype) -> bool:
+    """fp32 inputs need IEEE fp32 products (TF32 would cost ~1e-3); Triton's interpreter mis-multiplies bf16."""
+    import os
+
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def _flat_visual(visual: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
+    """visual made NCHW- or NHWC-contiguous, and its (b, c, pixel) strides."""
+    nhwc = visual.is_contiguous(memory_format=torch.channels_last) and not visual.is_contiguous()
+    v = visual if nhwc else visual.contiguous()
+    return v, v.stride(0), v.stride(1), v.stride(3)
+
+
+def _text_strides(text: torch.Tensor) -> tuple[int, int, int]:
+    return (text.stride(0), text.stride(1), text.stride(2)) if text.dim() == 3 else (0, text.stride(0), text.stride(1))
+
+
+def _blocks(k: int) -> tuple[int, int, int]:
+    block_k = min(256, max(16, triton.next_power_of_2(k)))
+    block_p = 64 if block_k <= 128 else 32
+    return block_p, block_k, 32
+
+
+def score_forward_into(out: torch.Tensor, visual: torch.Tensor, text: torch.Tensor, scale: float) -> None:
+    """Write the scores into ``out``, a (B, K, H, W) tensor or view with out.stride(2) == W * out.stride(3)."""
+    from torch.library import wrap_triton
+
+    v, s_vb, s_vc, s_vp = _flat_visual(visual)
+    t = text.contiguous()
+    b, c, h, w = v.shape
+    k, p = t.shape[-2], h * w
+    block_p, block_k, block_c = _blocks(k)
+    grid = (triton.cdiv(p, block_p), triton.cdiv(k, block_k), b)
+    wrap_triton(_score_fwd_kernel)[grid](
+        v, t, out, c, p, k, s_vb, s_vc, s_vp, *_text_strides(t), out.stride(0), out.stride(1), out.stride(3),
+        float(scale), EPS, BLOCK_P=block_p, BLOCK_K=block_k, BLOCK_C=block_c, DOT_F32=_dot_in_f32(v.dtype),
+    )  # fmt: skip
+
+
+def score_backward(
+    grad: torch.Tensor, visual: torch.Tensor, text: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from torch.library import wrap_triton
+
+    v, s_vb, s_vc, s_vp = _flat_visual(visual)
+    b, c, h, w = v.shape
+    p = h * w
+    t32 = text.float()
+    t_norm = t32.norm(dim=-1, keepdim=True)
+    t_hat = (t32 / t_norm.clamp_min(EPS)).contiguous()
+    g = grad.contiguous()
+    k = t_hat.shape[-2]
+    grad_visual = torch.empty_like(v)
+    inv = torch.empty((b, p), dtype=torch.float32, device=v.device)
+    block_p, block_k = 32, min(64, max(16, triton.next_power_of_2(k)))
+    wrap_triton(_score_bwd_visual_kernel)[(triton.cdiv(p, block_p), b)](
+        v, t_hat, g, grad_visual, inv, c, p, k, s_vb, s_vc, s_vp, *_text_strides(t_hat),
+        g.stride(0), g.stride(1), g.stride(3), float(scale), EPS,
+        BLOCK_P=block_p, BLOCK_K=block_k, BLOCK_C=32, DOT_F32=v.dtype == torch.float32,
+    )  # fmt: skip
+    # d/d t^: scale * sum_p G[b,k,p] v[b,:,p] / |v_p| (a batched matmul on the raw visual, float32 accumulation),
+    # then the Jacobian of the text normalisation on the small (K, C) result.
+    g_scaled = (g.float().flatten(2) * inv.unsqueeze(1) * scale).to(v.dtype)  # (B, K, P)
+    gt_hat = torch.bmm(g_scaled, v.flatten(2).transpose(1, 2)).float()  # (B, K, C)
+    if text.dim() == 2:
+        gt_hat = gt_hat.sum(0)
+    radial = (t_hat * gt_hat).sum(-1, keepdim=True) * (t_norm >= EPS)
+    grad_text = (gt_hat - t_hat * radial) / t_norm.clamp_min(EPS)
+    return grad_visual, grad_text.to(text.dtype)
