@@ -60,7 +60,7 @@ def _extensions() -> tuple[list, dict]:
             "denseclip_fast._C",
             sources,
             define_macros=defines,
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math"]},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},
             extra_link_args=["-fopenmp"],
         )
     else:

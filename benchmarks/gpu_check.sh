@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One call on the lent GPU machine: install the carried wheels, build the extension, run the test suite (GPU tests
-# included) and the benchmark, and write everything to OUT_DIR.
+# included) and the benchmarks (operators, then end to end), and write everything to OUT_DIR. Copy the JSON and
+# markdown results into benchmarks/results/ and commit them.
 #
 #   bash benchmarks/gpu_check.sh OUT_DIR
 #
@@ -36,9 +37,18 @@ TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} \
   python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1
 echo "build: exit $? in $(( $(date +%s) - start )) s" | tee "$OUT/build_status.txt"
 
-python3 -m pytest -q -rs tests/ > "$OUT/tests.log" 2>&1
-echo "tests: exit $?" | tee "$OUT/tests_status.txt"
-tail -5 "$OUT/tests.log"
+# Most valuable first, each step writing its files as it goes, so a run cut short still brings results back.
+python3 -m pytest -q -rs tests/test_ops.py tests/test_gpu.py > "$OUT/tests_gpu.log" 2>&1
+echo "GPU tests: exit $?" | tee "$OUT/tests_status.txt"
+tail -3 "$OUT/tests_gpu.log"
+
+python3 benchmarks/bench_ops.py --dtype bf16 --out "$OUT" > "$OUT/bench_ops.txt" 2>&1
+echo "bench_ops: exit $?" | tee -a "$OUT/tests_status.txt"
+
+DENSECLIP_FAST_CMAKE_CUDA=1 python3 -m pytest -q -rs tests/ --ignore=tests/test_ops.py --ignore=tests/test_gpu.py \
+  > "$OUT/tests_rest.log" 2>&1
+echo "other tests: exit $?" | tee -a "$OUT/tests_status.txt"
+tail -3 "$OUT/tests_rest.log"
 
 for batch in 1 16; do
   python3 benchmarks/bench_e2e.py --device cuda --batch "$batch" --repeats 20 --json "$OUT/bench_e2e_b$batch.json" \

@@ -8,16 +8,6 @@ namespace denseclip_fast {
 
 constexpr double kNormEps = 1e-12;  // torch.nn.functional.normalize's eps
 
-// Accumulation type of the kernels: float for float16/bfloat16/float32, double for float64.
-template <typename T>
-struct AccType {
-  using type = float;
-};
-template <>
-struct AccType<double> {
-  using type = double;
-};
-
 // The shapes of a pixel_text_score call. visual (B, C, H, W); text (K, C) shared or (B, K, C) per batch.
 struct ScoreShape {
   int64_t B, C, H, W, K;
@@ -28,6 +18,16 @@ struct ScoreShape {
 
 // Throws c10::Error (RuntimeError in Python) naming `op` and the offending argument.
 ScoreShape check_score_inputs(const at::Tensor& visual, const at::Tensor& text, const char* op);
+
+// Element strides of a visual tensor made contiguous in the layout of s (NCHW or NHWC), as (batch, channel, pixel)
+// with pixel p = h * W + w. Computed from the shape: a contiguous tensor may carry arbitrary strides on its
+// size-1 dimensions, so its own stride(3) is not the pixel stride when W == 1.
+struct VisualStrides {
+  int64_t b, c, p;
+};
+inline VisualStrides dense_visual_strides(const ScoreShape& s) {
+  return s.channels_last ? VisualStrides{s.P() * s.C, 1, s.C} : VisualStrides{s.C * s.P(), s.P(), 1};
+}
 
 // NHWC when visual is channels_last-contiguous and not also NCHW-contiguous, else NCHW.
 at::MemoryFormat score_memory_format(const at::Tensor& visual);
@@ -44,5 +44,12 @@ struct AttentionShape {
   int64_t B, heads, Lq, Lk, D;
 };
 AttentionShape check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const char* op);
+
+// The float type of the row log-sum-exp: float64 for float64 inputs, else float32.
+at::ScalarType lse_type(const at::Tensor& q);
+
+// Checks the extra arguments of context_attention_backward (grad_out and out like q, lse (B, heads, Lq)).
+AttentionShape check_attention_backward_inputs(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                                               const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse);
 
 }  // namespace denseclip_fast

@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <string>
+#include <utility>
 
 #include "common.h"
 
@@ -100,6 +101,24 @@ AttentionShape check_attention_inputs(const at::Tensor& q, const at::Tensor& k, 
   AttentionShape s{q.size(0), q.size(1), q.size(2), k.size(2), q.size(3)};
   TORCH_CHECK(s.Lk >= 1, op, ": k and v must hold at least one token, got Lk=0");
   TORCH_CHECK(s.D >= 1, op, ": head dim must be >= 1, got D=0");
+  return s;
+}
+
+at::ScalarType lse_type(const at::Tensor& q) { return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+AttentionShape check_attention_backward_inputs(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                                               const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse) {
+  const char* op = "context_attention_backward";
+  const AttentionShape s = check_attention_inputs(q, k, v, op);
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"grad_out", grad_out}, {"out", out}}) {
+    TORCH_CHECK(t.sizes() == q.sizes() && t.scalar_type() == q.scalar_type() && t.device() == q.device(), op, ": ",
+                name, " must match q (", q.sizes(), ", ", q.scalar_type(), ", ", q.device(), "), got ", t.sizes(),
+                ", ", t.scalar_type(), ", ", t.device());
+  }
+  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == s.B && lse.size(1) == s.heads && lse.size(2) == s.Lq &&
+                  lse.scalar_type() == lse_type(q) && lse.device() == q.device(),
+              op, ": lse must be (B, heads, Lq) = (", s.B, ", ", s.heads, ", ", s.Lq, ") ", lse_type(q), " on ",
+              q.device(), ", got ", lse.sizes(), " ", lse.scalar_type(), " on ", lse.device());
   return s;
 }
 

@@ -16,6 +16,10 @@ from typing import Any  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+if not torch.cuda.is_available():
+    # Triton kernels run on CPU tensors under the interpreter; it must be chosen before triton is imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from denseclip_fast.config import DecoderConfig, DenseCLIPConfig, TextConfig, VisionConfig, preset  # noqa: E402
 
 NAMES = ["wall", "chest of drawers", "cat", "bed "]

@@ -1,4 +1,5 @@
-"""The model on CUDA (skipped without a GPU; run by benchmarks/gpu_check.sh on the lent machine)."""
+"""The model on CUDA (skipped without a GPU; run by benchmarks/gpu_check.sh on the lent machine). The operator
+suite (test_ops.py) runs on CUDA by itself when a GPU is present: its CPU backend becomes the CUDA one."""
 
 from __future__ import annotations
 
@@ -29,9 +30,12 @@ def test_extension_built_for_this_gpu():
     assert 10 * major + minor in archs, f"built for {archs}, this GPU is sm_{major}{minor}"
 
 
+@pytest.mark.parametrize("backend", ["triton", "cuda", "reference"])
 @pytest.mark.parametrize("cfg", [official_cfg(tiny_config("resnet")), official_cfg(tiny_config("vit")),
                                  official_config("RN50"), official_config("ViT-B/16")])  # fmt: skip
-def test_cuda_matches_official(tmp_path, cfg):
+def test_cuda_matches_official(tmp_path, monkeypatch, cfg, backend):
+    """The model on CUDA in float32, with its fused operators on each backend, against the official oracle."""
+    monkeypatch.setenv("DENSECLIP_FAST_BACKEND", backend)
     official = randomized(OfficialDenseCLIP(cfg, NAMES)).eval()
     path = tmp_path / "official.pth"
     save_mmcv_checkpoint(official, str(path), NAMES)

@@ -1,4 +1,11 @@
-"""The operator wrappers in denseclip_fast.ops against their definition."""
+"""The fused operators against their specification (denseclip_fast/ops/reference.py), on every backend this
+machine can run: the C++ CPU kernels, the Triton kernels (under TRITON_INTERPRET=1 without a GPU) and the
+reference itself. Comparisons are made against the reference in float64.
+
+Tolerances (relative error, norm of the difference over the norm of the float64 result): float64 1e-10, float32
+1e-5, float16 2e-3, bfloat16 2e-2; gradients 2x (attention 4x) that; an absolute floor of one tolerance per element
+for results that are exactly zero.
+"""
 
 from __future__ import annotations
 
@@ -6,54 +13,342 @@ import pytest
 import torch
 
 from denseclip_fast import ops
+from denseclip_fast.ops import reference
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+BACKEND_DTYPES = [
+    ("cpu", torch.float64), ("cpu", torch.float32), ("cpu", torch.float16), ("cpu", torch.bfloat16),
+    ("triton", torch.float32), ("triton", torch.float16), ("triton", torch.bfloat16),
+    ("reference", torch.float32),
+]  # fmt: skip
+if DEVICE == "cuda":
+    BACKEND_DTYPES = [("cuda" if b == "cpu" else b, d) for b, d in BACKEND_DTYPES]
+
+# (B, C, H, W, K): odd sizes, K=1, H*W=1, B=1, C and K past one block, C below one block
+SCORE_SHAPES = [(1, 1, 1, 1, 1), (2, 33, 5, 7, 1), (1, 130, 9, 13, 3), (3, 7, 1, 1, 70), (2, 64, 4, 4, 150),
+                (1, 40, 3, 5, 300)]  # fmt: skip
+LAYOUTS = ["contiguous", "channels_last", "strided"]
 
 
-@pytest.mark.parametrize("shared", [True, False])
-@pytest.mark.parametrize("shape", [(1, 1, 1, 1, 1), (2, 7, 3, 5, 4), (3, 33, 9, 1, 17)])
-def test_pixel_text_score_is_the_cosine(shape, shared):
+def _check_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, factor: float = 1.0) -> None:
+    actual, expected = actual.double(), expected.double()
+    err = (actual - expected).norm().item()
+    # relative to the result, with a floor of one tolerance per element for results that are (nearly) zero,
+    # such as the gradient of a 1-channel normalisation or of a softmax over one key
+    bound = factor * TOL[dtype] * max(expected.norm().item(), expected.numel() ** 0.5)
+    assert err <= bound, f"relative error {err / max(expected.norm().item(), 1e-30):.3g} (bound {bound:.3g})"
+
+
+def _leaf(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A fresh leaf copy (float64 when asked) that records gradients."""
+    return x.detach().to(dtype or x.dtype).clone().requires_grad_()
+
+
+def _visual(b: int, c: int, h: int, w: int, layout: str, dtype: torch.dtype) -> torch.Tensor:
+    x = torch.randn(b, c, h, w, dtype=torch.float64)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":  # a view that is neither NCHW- nor NHWC-contiguous
+        x = torch.randn(b, c, h, 2 * w + 1, dtype=torch.float64)[..., 1::2]
+    return x.to(DEVICE, dtype)
+
+
+def _text(b: int, k: int, c: int, batched: bool, dtype: torch.dtype) -> torch.Tensor:
+    shape = (b, k, c) if batched else (k, c)
+    return torch.randn(shape, dtype=torch.float64).to(DEVICE, dtype)
+
+
+@pytest.mark.parametrize("backend, dtype", BACKEND_DTYPES)
+@pytest.mark.parametrize("shape", SCORE_SHAPES)
+@pytest.mark.parametrize("batched", [False, True])
+def test_pixel_text_score_forward_and_backward(backend, dtype, shape, batched):
     b, c, h, w, k = shape
-    visual = torch.randn(b, c, h, w, dtype=torch.float64)
-    text = torch.randn(k, c, dtype=torch.float64) if shared else torch.randn(b, k, c, dtype=torch.float64)
-    out = ops.pixel_text_score(visual, text, scale=2.5)
-    t = text.expand(b, k, c) if shared else text
-    expected = torch.empty(b, k, h, w, dtype=torch.float64)
-    for i in range(b):
-        for y in range(h):
-            for x in range(w):
-                v = visual[i, :, y, x]
-                expected[i, :, y, x] = 2.5 * (t[i] @ v) / (t[i].norm(dim=1) * v.norm())
-    assert torch.allclose(out, expected)
+    layout = LAYOUTS[(sum(shape) + batched) % 3]
+    visual, text = _visual(b, c, h, w, layout, dtype), _text(b, k, c, batched, dtype)
+    v64, t64 = _leaf(visual, torch.float64), _leaf(text, torch.float64)
+    expected = reference.pixel_text_score(v64, t64, 0.5)
+    grad = torch.randn_like(expected)
+    expected.backward(grad)
+    v, t = _leaf(visual), _leaf(text)
+    out = ops.pixel_text_score(v, t, 0.5, backend=backend)
+    out.backward(grad.to(dtype))
+    assert out.dtype == dtype and out.shape == (b, k, h, w)
+    if backend != "reference":  # the kernels keep visual's layout (the reference only defines the values)
+        nhwc = visual.is_contiguous(memory_format=torch.channels_last) and not visual.is_contiguous()
+        assert out.is_contiguous(memory_format=torch.channels_last if nhwc else torch.contiguous_format)
+    _check_close(out, expected, dtype)
+    _check_close(v.grad, v64.grad, dtype, 2)
+    _check_close(t.grad, t64.grad, dtype, 2)
 
 
-def test_zero_vectors_score_zero_and_channels_last():
-    visual = torch.randn(1, 4, 3, 3)
+@pytest.mark.parametrize("backend, dtype", BACKEND_DTYPES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_score_concat(backend, dtype, layout):
+    visual, text = _visual(2, 24, 5, 6, layout, dtype), _text(2, 7, 24, layout == "strided", dtype)
+    feature = torch.randn(2, 9, 5, 6, dtype=torch.float64).to(DEVICE, dtype)
+    f64, v64, t64 = (_leaf(x, torch.float64) for x in (feature, visual, text))
+    expected = reference.score_concat(f64, v64, t64, 2.0)
+    grad = torch.randn_like(expected)
+    expected.backward(grad)
+    f, v, t = (_leaf(x) for x in (feature, visual, text))
+    out = ops.score_concat(f, v, t, 2.0, backend=backend)
+    out.backward(grad.to(dtype))
+    assert out.shape == (2, 16, 5, 6)
+    assert torch.equal(out[:, :9], feature)  # the feature channels are copied, not recomputed
+    _check_close(out, expected, dtype)
+    for actual, wanted in ((f.grad, f64.grad), (v.grad, v64.grad), (t.grad, t64.grad)):
+        _check_close(actual, wanted, dtype, 2)
+
+
+@pytest.mark.parametrize("backend", sorted({b for b, _ in BACKEND_DTYPES}))
+def test_zero_vectors(backend):
+    """Zero pixels and zero classes score 0, and their gradients follow F.normalize's clamp (g / eps)."""
+    dtype = torch.float32
+    visual = _visual(2, 6, 3, 3, "contiguous", dtype)
     visual[0, :, 1, 1] = 0
-    text = torch.randn(2, 4)
-    text[1] = 0
-    out = ops.pixel_text_score(visual, text)
-    assert torch.equal(out[0, :, 1, 1], torch.zeros(2)) and torch.equal(out[0, 1], torch.zeros(3, 3))
-    cl = ops.pixel_text_score(visual.to(memory_format=torch.channels_last), text)
-    assert torch.allclose(cl, out)
+    text = _text(2, 4, 6, False, dtype)
+    text[2] = 0
+    v64, t64 = _leaf(visual, torch.float64), _leaf(text, torch.float64)
+    grad = torch.randn(2, 4, 3, 3, dtype=torch.float64, device=DEVICE)
+    reference.pixel_text_score(v64, t64).backward(grad)
+    v, t = _leaf(visual), _leaf(text)
+    out = ops.pixel_text_score(v, t, backend=backend)
+    out.backward(grad.float())
+    assert torch.equal(out[0, :, 1, 1], torch.zeros(4, device=DEVICE)) and (out[:, 2] == 0).all()
+    _check_close(v.grad, v64.grad, dtype, 2)
+    _check_close(t.grad, t64.grad, dtype, 2)
 
 
-@pytest.mark.parametrize(
-    "visual, text, match",
-    [
-        (torch.randn(2, 3, 4), torch.randn(5, 3), r"visual must be a \(B, C, H, W\) tensor"),
-        (torch.randn(1, 3, 2, 2), torch.randn(5), r"text must be a \(K, C\) or \(B, K, C\)"),
-        (torch.randn(1, 3, 2, 2), torch.randn(5, 4), "text has C=4 channels but visual has C=3"),
-        (torch.randn(1, 3, 2, 2), torch.randn(0, 3), "K >= 1"),
-        (torch.randn(2, 3, 2, 2), torch.randn(3, 5, 3), "per-batch text has B=3 but visual has B=2"),
-        (torch.ones(1, 3, 2, 2, dtype=torch.int64), torch.randn(5, 3), "visual must be a float32, float64, float16 or bfloat16 tensor"),
-        (torch.randn(1, 3, 2, 2), torch.randn(5, 3, device="meta"), "same device"),
-    ],
-)
-def test_bad_inputs(visual, text, match):
-    with pytest.raises(ValueError, match=match):
-        ops.pixel_text_score(visual, text)
+@pytest.mark.parametrize("backend", sorted({b for b, _ in BACKEND_DTYPES}))
+def test_size_one_dimensions_with_odd_strides(backend):
+    """Contiguous tensors may carry any stride on a size-1 dimension; the kernels must not trust it."""
+    nchw = torch.randn(2, 3, 1, 5, device=DEVICE).transpose(2, 3)  # (2, 3, 5, 1), strides (15, 5, 1, 5)
+    nhwc = torch.randn(2, 7, 3, device=DEVICE).transpose(1, 2).unsqueeze(-1)  # channels_last (2, 3, 7, 1)
+    for visual in (nchw, nhwc):
+        text = torch.randn(4, visual.shape[1], device=DEVICE)
+        expected = reference.pixel_text_score(visual.double(), text.double())
+        _check_close(ops.pixel_text_score(visual, text, backend=backend), expected, torch.float32)
+        feature = torch.randn(2, 2, *visual.shape[2:], device=DEVICE)
+        _check_close(ops.score_concat(feature, visual, text, backend=backend)[:, 2:], expected, torch.float32)
+
+
+@pytest.mark.parametrize("backend", sorted({b for b, _ in BACKEND_DTYPES}))
+def test_empty_batch_and_empty_image(backend):
+    for shape in ((0, 4, 3, 3), (2, 4, 0, 3)):
+        visual = torch.randn(shape, device=DEVICE, requires_grad=True)
+        text = torch.randn(5, 4, device=DEVICE, requires_grad=True)
+        out = ops.pixel_text_score(visual, text, backend=backend)
+        assert out.shape == (shape[0], 5, *shape[2:])
+        out.sum().backward()
+        assert visual.grad.shape == visual.shape and torch.equal(text.grad, torch.zeros_like(text))
+    q = torch.randn(2, 1, 0, 16, device=DEVICE, requires_grad=True)
+    k = torch.randn(2, 1, 3, 16, device=DEVICE, requires_grad=True)
+    out = ops.context_attention(q, k, k, backend=backend)
+    assert out.shape == (2, 1, 0, 16)
+    out.sum().backward()
+    assert torch.equal(k.grad, torch.zeros_like(k))
+
+
+# (B, heads, Lq, Lk, D): one query, one key, odd lengths, several key blocks, every Triton head dim
+ATTENTION_SHAPES = [(1, 1, 1, 1, 32), (2, 3, 5, 70, 16), (1, 4, 33, 257, 64), (2, 1, 150, 65, 128), (1, 2, 7, 3, 32),
+                     (1, 1, 9, 1100, 32)]  # the last: several 512-key blocks on the CPU backend
+
+
+@pytest.mark.parametrize("backend, dtype", BACKEND_DTYPES)
+@pytest.mark.parametrize("shape", ATTENTION_SHAPES)
+def test_context_attention_forward_and_backward(backend, dtype, shape):
+    b, h, lq, lk, d = shape
+    q, k, v = (torch.randn(b, h, n, d, dtype=torch.float64).to(DEVICE, dtype) for n in (lq, lk, lk))
+    if lq > 1:
+        q = q.transpose(1, 2).contiguous().transpose(1, 2)  # non-contiguous, as the decoder's head split makes it
+    q64, k64, v64 = (_leaf(x, torch.float64) for x in (q, k, v))
+    expected = torch.nn.functional.scaled_dot_product_attention(q64, k64, v64)
+    grad = torch.randn_like(expected)
+    expected.backward(grad)
+    qa, ka, va = (_leaf(x) for x in (q, k, v))
+    out = ops.context_attention(qa, ka, va, backend=backend)
+    out.backward(grad.to(dtype))
+    assert out.shape == q.shape and out.dtype == dtype
+    _check_close(out, expected, dtype)
+    for actual, wanted in ((qa.grad, q64.grad), (ka.grad, k64.grad), (va.grad, v64.grad)):
+        _check_close(actual, wanted, dtype, 4)
 
 
 def test_reference_attention_is_sdpa():
     q, k, v = torch.randn(2, 4, 5, 8), torch.randn(2, 4, 9, 8), torch.randn(2, 4, 9, 8)
-    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v)
-    assert torch.allclose(ops.reference.attention(q, k, v), expected, atol=1e-6)
+    assert torch.allclose(reference.attention(q, k, v), torch.nn.functional.scaled_dot_product_attention(q, k, v),
+                          atol=1e-6)  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------ registration
+
+
+def test_gradcheck_cpu_kernels_float64():
+    backend = "cuda" if DEVICE == "cuda" else "cpu"
+    v = torch.randn(2, 5, 3, 4, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    t = torch.randn(3, 5, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    tb = torch.randn(2, 3, 5, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    f = torch.randn(2, 2, 3, 4, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda v, t: ops.pixel_text_score(v, t, 1.5, backend=backend), (v, t))
+    assert torch.autograd.gradcheck(lambda v, t: ops.pixel_text_score(v, t, backend=backend), (v, tb))
+    assert torch.autograd.gradcheck(lambda f, v, t: ops.score_concat(f, v, t, backend=backend), (f, v, t))
+    q, k, vv = (torch.randn(1, 2, n, 8, dtype=torch.float64, device=DEVICE, requires_grad=True) for n in (3, 5, 5))
+    assert torch.autograd.gradcheck(lambda q, k, v: ops.context_attention(q, k, v, backend=backend), (q, k, vv))
+
+
+def _opcheck_cases(suffix: str, dtype: torch.dtype):
+    lib = torch.ops.denseclip_fast
+    v = torch.randn(2, 6, 3, 4, dtype=dtype, device=DEVICE)
+    t = torch.randn(5, 6, dtype=dtype, device=DEVICE)
+    f = torch.randn(2, 3, 3, 4, dtype=dtype, device=DEVICE)
+    q, k, vv = (torch.randn(1, 2, n, 16, dtype=dtype, device=DEVICE) for n in (3, 5, 5))
+    yield getattr(lib, f"pixel_text_score{suffix}").default, (v, t, 1.5)
+    yield getattr(lib, f"pixel_text_score{suffix}").default, (v.contiguous(memory_format=torch.channels_last), t, 1.0)
+    yield getattr(lib, f"score_concat{suffix}").default, (f, v, t, 1.0)
+    yield getattr(lib, f"context_attention{suffix}").default, (q, k, vv)
+
+
+@pytest.mark.parametrize("suffix, dtype", [("", torch.float64), ("_triton", torch.float32)])
+def test_opcheck(suffix, dtype):
+    assert ops.backends.triton_available() is None  # also registers the Triton operators
+    utils = ["test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"]
+    if suffix == "_triton" and DEVICE == "cpu":
+        # AOT dispatch traces the triton_op body into Triton's higher-order op, which the interpreter cannot run on
+        # traced storages; the GPU run of this suite checks it.
+        utils.remove("test_aot_dispatch_dynamic")
+    for op, args in _opcheck_cases(suffix, dtype):
+        args = tuple(a.requires_grad_() if isinstance(a, torch.Tensor) else a for a in args)
+        result = torch.library.opcheck(op, args, test_utils=utils)
+        assert all(v == "SUCCESS" for v in result.values()), (op, result)
+
+
+def test_compile_fullgraph_and_export_trace_the_operators():
+    def block(feature, visual, text, q, k, v):
+        merged = ops.score_concat(feature, visual, text)
+        return merged.sum() + ops.context_attention(q, k, v).sum() + ops.pixel_text_score(visual, text, 2.0).sum()
+
+    args = (torch.randn(2, 3, 4, 4), torch.randn(2, 8, 4, 4), torch.randn(5, 8),
+            *(torch.randn(1, 2, n, 16) for n in (5, 7, 7)))  # fmt: skip
+    args = tuple(a.to(DEVICE) for a in args)
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    assert torch.allclose(compiled(*args), block(*args), rtol=1e-5)
+
+    class Block(torch.nn.Module):
+        def forward(self, *xs):
+            return block(*xs)
+
+    graph = torch.export.export(Block(), args).graph
+    targets = {str(n.target) for n in graph.nodes if n.op == "call_function"}
+    suffix = "_triton" if ops.backends.resolve("score_concat", args[0].device, args[0].dtype) == "triton" else ""
+    expected = {f"denseclip_fast.{name}{suffix}.default" for name in ops.library.OPS}
+    assert expected <= targets, targets
+
+
+@pytest.mark.slow
+def test_inductor_compiles_the_cpu_operators():
+    def f(visual, text, q, k, v):
+        return ops.pixel_text_score(visual.relu(), text) * 2, ops.context_attention(q, k, v) + 1
+
+    args = (torch.randn(2, 8, 4, 4), torch.randn(5, 8), *(torch.randn(1, 2, n, 16) for n in (5, 7, 7)))
+    expected = f(*args)
+    actual = torch.compile(f, fullgraph=True)(*args)
+    for a, e in zip(actual, expected):
+        assert torch.allclose(a, e, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ backends
+
+
+def test_auto_backend_per_device(monkeypatch):
+    monkeypatch.delenv("DENSECLIP_FAST_BACKEND", raising=False)
+    cpu, f32 = torch.device("cpu"), torch.float32
+    assert ops.backends.resolve("pixel_text_score", cpu, f32) == "cpu"
+    assert ops.backends.resolve("context_attention", cpu, torch.float64, head_dim=24) == "cpu"
+
+
+def test_forcing_a_backend(monkeypatch):
+    visual, text = torch.randn(1, 4, 2, 2), torch.randn(3, 4)
+    monkeypatch.setenv("DENSECLIP_FAST_BACKEND", "reference")
+    assert torch.equal(ops.pixel_text_score(visual, text), reference.pixel_text_score(visual, text))
+    assert ops.backends.resolve("pixel_text_score", visual.device, visual.dtype) == "reference"
+    assert ops.backends.resolve("pixel_text_score", visual.device, visual.dtype, backend="cpu") == "cpu"  # kwarg wins
+    monkeypatch.setenv("DENSECLIP_FAST_BACKEND", "fastest")
+    with pytest.raises(ValueError, match=r"DENSECLIP_FAST_BACKEND'fastest' is not a backend"):
+        ops.pixel_text_score(visual, text)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the errors of a machine without CUDA")
+def test_unavailable_backends_say_why():
+    visual, text = torch.randn(1, 4, 2, 2), torch.randn(3, 4)
+    with pytest.raises(RuntimeError, match="backend 'cuda' .* runs CUDA tensors, these are on cpu"):
+        ops.pixel_text_score(visual, text, backend="cuda")
+    with pytest.raises(RuntimeError, match="not float64"):
+        ops.pixel_text_score(visual.double(), text.double(), backend="triton")
+    q = torch.randn(1, 1, 2, 24)
+    with pytest.raises(RuntimeError, match=r"head dims \(16, 32, 64, 128\), got 24"):
+        ops.context_attention(q, q, q, backend="triton")
+    with pytest.raises(ValueError, match="backend='gpu' is not a backend"):
+        ops.context_attention(q, q, q, backend="gpu")
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+
+BAD_SCORE = [
+    (torch.randn(2, 3, 4), torch.randn(5, 3), ValueError, r"visual must be a \(B, C, H, W\) tensor"),
+    (torch.randn(1, 3, 2, 2), torch.randn(5), ValueError, r"text must be a \(K, C\) or \(B, K, C\)"),
+    (torch.randn(1, 3, 2, 2), torch.randn(5, 4), ValueError, "text has C=4 channels but visual has C=3"),
+    (torch.randn(1, 3, 2, 2), torch.randn(0, 3), ValueError, "K >= 1"),
+    (torch.randn(2, 3, 2, 2), torch.randn(3, 5, 3), ValueError, "per-batch text has B=3 but visual has B=2"),
+    (torch.ones(1, 3, 2, 2, dtype=torch.int64), torch.randn(5, 3), ValueError, "visual must be a float32"),
+    (torch.randn(1, 3, 2, 2), torch.randn(5, 3, dtype=torch.float64), ValueError, "same dtype"),
+    (torch.randn(1, 3, 2, 2), torch.randn(5, 3, device="meta"), ValueError, "same device"),
+]
+
+
+@pytest.mark.parametrize("visual, text, error, match", BAD_SCORE)
+def test_bad_score_inputs(visual, text, error, match):
+    with pytest.raises(error, match=match):
+        ops.pixel_text_score(visual, text)
+    with pytest.raises(error, match=match):
+        ops.score_concat(torch.randn(visual.shape[0], 2, *visual.shape[2:]) if visual.dim() == 4 else visual,
+                         visual, text)  # fmt: skip
+
+
+def test_bad_concat_feature():
+    visual, text = torch.randn(2, 3, 4, 4), torch.randn(5, 3)
+    with pytest.raises(ValueError, match=r"must agree in B, H and W"):
+        ops.score_concat(torch.randn(2, 3, 4, 5), visual, text)
+    with pytest.raises(ValueError, match="feature must match visual's dtype"):
+        ops.score_concat(torch.randn(2, 3, 4, 4, dtype=torch.float64), visual, text)
+
+
+@pytest.mark.parametrize(
+    "shapes, match",
+    [
+        (((2, 1, 3, 8), (2, 1, 0, 8), (2, 1, 0, 8)), r"Lk >= 1"),
+        (((2, 1, 3, 8), (2, 1, 4, 8), (2, 1, 5, 8)), "k and v must have the same shape"),
+        (((2, 1, 3, 8), (2, 2, 4, 8), (2, 2, 4, 8)), "must agree in B, heads and D"),
+        (((2, 3, 8),) * 3, r"q must be a \(B, heads, L, D\) tensor"),
+    ],
+)
+def test_bad_attention_inputs(shapes, match):
+    with pytest.raises(ValueError, match=match):
+        ops.context_attention(*(torch.randn(s) for s in shapes))
+    with pytest.raises(ValueError, match="q must be a float32"):
+        ops.context_attention(torch.ones(1, 1, 2, 4, dtype=torch.int32), torch.randn(1, 1, 2, 4), torch.randn(1, 1, 2, 4))
+
+
+def test_the_raw_operators_check_their_inputs_too():
+    """torch.ops.denseclip_fast.* called directly (bypassing the Python checks) raise RuntimeError, never crash."""
+    lib = torch.ops.denseclip_fast
+    with pytest.raises(RuntimeError, match="pixel_text_score: text has C=4 channels but visual has C=3"):
+        lib.pixel_text_score(torch.randn(1, 3, 2, 2), torch.randn(5, 4), 1.0)
+    with pytest.raises(RuntimeError, match="pixel_text_score: visual must be float32, float64, float16 or bfloat16"):
+        lib.pixel_text_score(torch.ones(1, 3, 2, 2, dtype=torch.int64), torch.ones(5, 3, dtype=torch.int64), 1.0)
+    with pytest.raises(RuntimeError, match="score_concat: feature must be"):
+        lib.score_concat(torch.randn(1, 2, 3, 3), torch.randn(1, 3, 2, 2), torch.randn(5, 3), 1.0)
+    with pytest.raises(RuntimeError, match="context_attention: k and v must hold at least one token"):
+        lib.context_attention(torch.randn(1, 1, 2, 4), torch.randn(1, 1, 0, 4), torch.randn(1, 1, 0, 4))
+    with pytest.raises(RuntimeError, match="pixel_text_score_backward: grad must be"):
+        lib.pixel_text_score_backward(torch.randn(1, 2, 2, 2), torch.randn(1, 3, 2, 2), torch.randn(5, 3), 1.0)

@@ -11,8 +11,8 @@ cannot run the call raises RuntimeError saying why.
 
 from __future__ import annotations
 
-import functools
 import os
+from typing import Any
 
 import torch
 
@@ -21,23 +21,28 @@ from .extension import build_info, extension_available
 BACKENDS = ("cuda", "triton", "cpu", "reference")
 ENV_VAR = "DENSECLIP_FAST_BACKEND"
 TRITON_HEAD_DIMS = (16, 32, 64, 128)
+CUDA_MAX_HEAD_DIM = 128  # csrc/cuda/attention.cu kMaxD
 
 
-@functools.lru_cache(maxsize=1)
+_memo: dict[str, Any] = {}  # by hand rather than lru_cache: torch.compile traces plain dict lookups silently
+
+
 def _cuda_kernels_built() -> bool:
-    return extension_available() and build_info()["cuda"] is not None
+    if "cuda" not in _memo:
+        _memo["cuda"] = extension_available() and build_info()["cuda"] is not None
+    return _memo["cuda"]
 
 
-@functools.lru_cache(maxsize=1)
 def triton_available() -> str | None:
-    """None when the Triton kernels can be used, else why not."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return "triton is not installed"
-    from . import triton as _kernels  # registers the ops
+    """None when the Triton kernels can be used (importing them registers their operators), else why not."""
+    if "triton" not in _memo:
+        try:
+            from . import triton as _kernels
 
-    return _kernels.UNAVAILABLE
+            _memo["triton"] = _kernels.UNAVAILABLE
+        except ImportError as exc:
+            _memo["triton"] = f"triton could not be imported ({exc})"
+    return _memo["triton"]
 
 
 def _triton_interpreting() -> bool:
@@ -57,7 +62,11 @@ def unavailable_reason(backend: str, op: str, device: torch.device, dtype: torch
             return f"the cuda backend runs CUDA tensors, these are on {device}"
         if not extension_available():
             return "the extension denseclip_fast._C is not built (run make setup)"
-        return None if _cuda_kernels_built() else "the extension was built without CUDA (no toolkit at build time)"
+        if not _cuda_kernels_built():
+            return "the extension was built without CUDA (no toolkit at build time)"
+        if op == "context_attention" and head_dim > CUDA_MAX_HEAD_DIM:
+            return f"the CUDA attention kernel supports head dims up to {CUDA_MAX_HEAD_DIM}, got {head_dim}"
+        return None
     if backend == "triton":
         why = triton_available()
         if why is not None:

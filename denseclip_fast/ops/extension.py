@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
-import functools
 import json
 from typing import Any
 
 import torch
 
+_UNSET = object()
+_load_error: Any = _UNSET  # memoised by hand: torch.compile traces through plain globals without warnings
 
-@functools.lru_cache(maxsize=1)
+
 def _load() -> str | None:
     """Import the extension once; returns None on success, else why it is unavailable."""
-    try:
-        from .. import _C  # noqa: F401  (importing registers the operators)
-    except ImportError as exc:
-        return f"denseclip_fast._C could not be imported ({exc}); rebuild it with `make setup`"
-    return None
+    global _load_error
+    if _load_error is _UNSET:
+        try:
+            from .. import _C  # noqa: F401  (importing registers the operators)
+
+            _load_error = None
+        except ImportError as exc:
+            _load_error = f"denseclip_fast._C could not be imported ({exc}); rebuild it with `make setup`"
+    return _load_error
 
 
 def extension_available() -> bool:

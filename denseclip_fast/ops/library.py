@@ -114,15 +114,18 @@ def register_autograd(suffix: str = "") -> None:
     )
 
 
-def _register_cpp_ops() -> None:
+def register_fakes(suffix: str = "") -> None:
+    """Fake kernels of ``denseclip_fast::<op><suffix>``: output shapes, dtypes and layouts without computing.
+    The Triton operators get them too, so that fake-tensor tracing never launches a kernel (under Triton's
+    interpreter a launch on fake tensors fails)."""
     lib = torch.library
-    lib.register_fake("denseclip_fast::pixel_text_score", _fake_score)
-    lib.register_fake("denseclip_fast::pixel_text_score_backward", _fake_score_backward)
-    lib.register_fake("denseclip_fast::score_concat", _fake_concat)
-    lib.register_fake("denseclip_fast::context_attention", _fake_attention)
-    lib.register_fake("denseclip_fast::context_attention_backward", _fake_attention_backward)
-    register_autograd()
+    lib.register_fake(f"denseclip_fast::pixel_text_score{suffix}", _fake_score)
+    lib.register_fake(f"denseclip_fast::pixel_text_score_backward{suffix}", _fake_score_backward)
+    lib.register_fake(f"denseclip_fast::score_concat{suffix}", _fake_concat)
+    lib.register_fake(f"denseclip_fast::context_attention{suffix}", _fake_attention)
+    lib.register_fake(f"denseclip_fast::context_attention_backward{suffix}", _fake_attention_backward)
 
 
 if extension_available():
-    _register_cpp_ops()
+    register_fakes()
+    register_autograd()

@@ -19,7 +19,7 @@ if UNAVAILABLE is None:
     import torch
     from torch.library import triton_op
 
-    from ..library import lse_dtype, register_autograd, score_memory_format
+    from ..library import lse_dtype, register_autograd, register_fakes, score_memory_format
     from . import attention, score
 
     @triton_op("denseclip_fast::pixel_text_score_triton", mutates_args=())
@@ -61,4 +61,5 @@ if UNAVAILABLE is None:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
         return attention.attention_backward(grad_out, q, k, v, out, lse)
 
+    register_fakes(suffix="_triton")
     register_autograd(suffix="_triton")

@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..backends import TRITON_HEAD_DIMS as HEAD_DIMS
+
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
@@ -170,6 +172,8 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tupl
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     out = torch.empty_like(q)
     lse = torch.empty((b, h, lq), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse
     block_m, block_n = _blocks(lq, lk, d)
     wrap_triton(_attn_fwd_kernel)[(triton.cdiv(lq, block_m), b * h)](
         q, k, v, out, lse, lq, lk, LOG2E / math.sqrt(d),
@@ -185,6 +189,8 @@ def attention_backward(
 
     b, h, lq, d = q.shape
     lk = k.shape[2]
+    if q.numel() == 0:
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     q, k, v, out, do = q.contiguous(), k.contiguous(), v.contiguous(), out.contiguous(), grad_out.contiguous()
     lse = lse.contiguous()
     delta = torch.empty_like(lse)

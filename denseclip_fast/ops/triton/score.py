@@ -151,10 +151,13 @@ def _dot_in_f32(dtype: torch.dtype) -> bool:
 
 
 def _flat_visual(visual: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
-    """visual made NCHW- or NHWC-contiguous, and its (b, c, pixel) strides."""
-    nhwc = visual.is_contiguous(memory_format=torch.channels_last) and not visual.is_contiguous()
-    v = visual if nhwc else visual.contiguous()
-    return v, v.stride(0), v.stride(1), v.stride(3)
+    """visual made NCHW- or NHWC-contiguous, and its (b, c, pixel) element strides. The strides come from the
+    shape: a contiguous tensor may carry any stride on a size-1 dimension, so stride(3) is no pixel stride when
+    W == 1."""
+    b, c, h, w = visual.shape
+    if visual.is_contiguous(memory_format=torch.channels_last) and not visual.is_contiguous():
+        return visual, h * w * c, 1, c
+    return visual.contiguous(), c * h * w, h * w, 1
 
 
 def _text_strides(text: torch.Tensor) -> tuple[int, int, int]:
@@ -171,6 +174,8 @@ def score_forward_into(out: torch.Tensor, visual: torch.Tensor, text: torch.Tens
     """Write the scores into ``out``, a (B, K, H, W) tensor or view with out.stride(2) == W * out.stride(3)."""
     from torch.library import wrap_triton
 
+    if out.numel() == 0:
+        return
     v, s_vb, s_vc, s_vp = _flat_visual(visual)
     t = text.contiguous()
     b, c, h, w = v.shape
@@ -188,6 +193,8 @@ def score_backward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     from torch.library import wrap_triton
 
+    if visual.numel() == 0:
+        return torch.zeros_like(visual), torch.zeros_like(text)
     v, s_vb, s_vc, s_vp = _flat_visual(visual)
     b, c, h, w = v.shape
     p = h * w
@@ -196,7 +203,7 @@ def score_backward(
     t_hat = (t32 / t_norm.clamp_min(EPS)).contiguous()
     g = grad.contiguous()
     k = t_hat.shape[-2]
-    grad_visual = torch.empty_like(v)
+    grad_visual = torch.empty_like(v)  # dense in v's layout, written with v's element strides
     inv = torch.empty((b, p), dtype=torch.float32, device=v.device)
     block_p, block_k = 32, min(64, max(16, triton.next_power_of_2(k)))
     wrap_triton(_score_bwd_visual_kernel)[(triton.cdiv(p, block_p), b)](

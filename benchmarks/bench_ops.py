@@ -1,0 +1,230 @@
+"""Operator benchmark: each fused operator, forward and backward, per backend, against eager PyTorch and
+torch.compile of the reference.
+
+    python benchmarks/bench_ops.py [--out benchmarks/results] [--dtype bf16] [--quick]
+
+On a GPU: the shapes of the issue (score at RN50/ADE, ViT-B and a large map; the context decoder's attention at
+K150 x N257 and K150 x N1601), timed with triton.testing.do_bench (L2 flushed between runs). On a CPU (or with
+--quick) small shapes and the CPU contestants, as a smoke run. Prints a table and writes JSON and markdown with the
+device name, torch and triton versions. Roofline: bytes moved / 4.8 TB/s and FLOPs / 790 TFLOP/s (H200 bf16
+dense); "floor" is the larger of the two, "of floor" is floor / measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from denseclip_fast import ops  # noqa: E402
+from denseclip_fast.ops import reference  # noqa: E402
+
+HBM_BYTES_PER_S = 4.8e12
+PEAK_FLOPS = 790e12
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass
+class Row:
+    op: str
+    shape: str
+    dtype: str
+    direction: str
+    contestant: str
+    median_ms: float
+    min_ms: float
+    max_ms: float
+    bytes: float
+    flops: float
+
+    @property
+    def floor_ms(self) -> float:
+        return 1e3 * max(self.bytes / HBM_BYTES_PER_S, self.flops / PEAK_FLOPS)
+
+    def summary(self) -> dict:
+        d = asdict(self)
+        s = self.median_ms / 1e3
+        d.update(
+            floor_ms=self.floor_ms,
+            fraction_of_floor=self.floor_ms / self.median_ms,
+            achieved_tb_per_s=self.bytes / s / 1e12,
+            achieved_tflop_per_s=self.flops / s / 1e12,
+        )
+        return d
+
+
+def _time(fn: Callable[[], object], device: torch.device) -> tuple[float, float, float]:
+    if device.type == "cuda":
+        import triton.testing
+
+        times = triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="all")
+        return statistics.median(times), min(times), max(times)
+    fn()
+    times = []
+    deadline = time.perf_counter() + 1.0
+    while len(times) < 3 or (time.perf_counter() < deadline and len(times) < 50):
+        start = time.perf_counter()
+        fn()
+        times.append(1e3 * (time.perf_counter() - start))
+    return statistics.median(times), min(times), max(times)
+
+
+def _contestants(op: str, device: torch.device, dtype: torch.dtype, head_dim: int = 0) -> dict[str, Callable]:
+    """name -> function with the operator's signature."""
+    if op == "score":
+        fns: dict[str, Callable] = {"eager": reference.pixel_text_score}
+        fused = lambda backend: lambda v, t: ops.pixel_text_score(v, t, backend=backend)  # noqa: E731
+        compiled_ref = reference.pixel_text_score
+    else:
+        fns = {"eager einsum (official)": reference.attention,
+               "sdpa": torch.nn.functional.scaled_dot_product_attention}  # fmt: skip
+        fused = lambda backend: lambda q, k, v: ops.context_attention(q, k, v, backend=backend)  # noqa: E731
+        compiled_ref = reference.attention
+    if device.type == "cuda" or os.environ.get("BENCH_COMPILE") == "1":
+        fns["torch.compile(reference)"] = torch.compile(compiled_ref, dynamic=False)
+    op_name = "pixel_text_score" if op == "score" else "context_attention"
+    for backend in ("triton", "cuda", "cpu"):
+        if ops.backends.unavailable_reason(backend, op_name, device, dtype, head_dim) is None:
+            fns[backend] = fused(backend)
+    return fns
+
+
+def bench_score(b: int, c: int, h: int, w: int, k: int, dtype: torch.dtype, device: torch.device, backward: bool):
+    visual = torch.randn(b, c, h, w, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    text = torch.randn(k, c, device=device, dtype=dtype)
+    s, p = dtype.itemsize, h * w
+    fwd_bytes, fwd_flops = (b * c * p + k * c + b * k * p) * s, 2.0 * b * k * c * p
+    shape = f"B{b} C{c} {h}x{w} K{k}"
+    rows = []
+    for name, fn in _contestants("score", device, dtype).items():
+        try:
+            fn(visual, text)
+        except Exception as exc:  # a contestant that cannot run this case is reported, not fatal
+            print(f"  skipped {name} on {shape}: {type(exc).__name__}: {str(exc)[:120]}")
+            continue
+        t = _time(lambda: fn(visual, text), device)
+        rows.append(Row("pixel_text_score", shape, str(dtype)[6:], "forward", name, *t, fwd_bytes, fwd_flops))
+        if backward:
+            v, tx = visual.detach().requires_grad_(), text.detach().requires_grad_()
+            out = fn(v, tx)
+            grad = torch.randn_like(out)
+            t = _time(lambda: torch.autograd.grad(out, (v, tx), grad, retain_graph=True), device)
+            bwd_bytes = (2 * b * c * p + b * k * p + 2 * k * c) * s  # read visual and grad, write grad_visual
+            rows.append(Row("pixel_text_score", shape, str(dtype)[6:], "backward", name, *t, bwd_bytes, 2 * fwd_flops))
+    return rows
+
+
+def bench_attention(b: int, heads: int, lq: int, lk: int, d: int, dtype: torch.dtype, device: torch.device,
+                    backward: bool):  # fmt: skip
+    q = torch.randn(b, heads, lq, d, device=device, dtype=dtype)
+    k, v = (torch.randn(b, heads, lk, d, device=device, dtype=dtype) for _ in range(2))
+    s = dtype.itemsize
+    fwd_bytes, fwd_flops = b * heads * (2 * lq + 2 * lk) * d * s, 4.0 * b * heads * lq * lk * d
+    shape = f"B{b} H{heads} K{lq} x N{lk} D{d}"
+    rows = []
+    for name, fn in _contestants("attention", device, dtype, d).items():
+        try:
+            fn(q, k, v)
+        except Exception as exc:
+            print(f"  skipped {name} on {shape}: {type(exc).__name__}: {str(exc)[:120]}")
+            continue
+        t = _time(lambda: fn(q, k, v), device)
+        rows.append(Row("context_attention", shape, str(dtype)[6:], "forward", name, *t, fwd_bytes, fwd_flops))
+        if backward:
+            qa, ka, va = (x.detach().requires_grad_() for x in (q, k, v))
+            out = fn(qa, ka, va)
+            grad = torch.randn_like(out)
+            t = _time(lambda: torch.autograd.grad(out, (qa, ka, va), grad, retain_graph=True), device)
+            bwd_bytes = b * heads * (4 * lq + 4 * lk) * d * s
+            rows.append(Row("context_attention", shape, str(dtype)[6:], "backward", name, *t, bwd_bytes,
+                            2.5 * fwd_flops))  # fmt: skip
+    return rows
+
+
+def environment(device: torch.device) -> dict:
+    env = {"date": datetime.date.today().isoformat(), "torch": torch.__version__, "python": platform.python_version(),
+           "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine() + " CPU",
+           "cpu_threads": torch.get_num_threads()}  # fmt: skip
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    env["extension"] = ops.build_info() if ops.extension_available() else None
+    return env
+
+
+def markdown(env: dict, rows: list[Row]) -> str:
+    lines = [
+        f"# Operator benchmark: {env['device']}",
+        "",
+        f"{env['date']}, torch {env['torch']}, triton {env['triton']}. Median of do_bench runs (L2 flushed) on GPU.",
+        "Floor = max(bytes / 4.8 TB/s, FLOPs / 790 TFLOP/s); 'of floor' = floor / median.",
+        "",
+        "| op | shape | dtype | pass | contestant | median ms | min ms | TB/s | TFLOP/s | of floor |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        s = r.summary()
+        lines.append(
+            f"| {r.op} | {r.shape} | {r.dtype} | {r.direction} | {r.contestant} | {r.median_ms:.4f} | "
+            f"{r.min_ms:.4f} | {s['achieved_tb_per_s']:.2f} | {s['achieved_tflop_per_s']:.1f} | "
+            f"{100 * s['fraction_of_floor']:.0f}% |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="small shapes (the default on CPU)")
+    parser.add_argument("--no-backward", action="store_true")
+    args = parser.parse_args(argv)
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    quick = args.quick or device.type == "cpu"
+    if quick:
+        dtype = torch.float32 if device.type == "cpu" else dtype
+        score_shapes = [(2, 256, 16, 16, 150)]
+        attention_shapes = [(2, 4, 150, 257, 64)]
+    else:
+        score_shapes = [(16, 1024, 16, 16, 150), (8, 512, 40, 40, 150), (32, 1024, 128, 128, 171)]
+        attention_shapes = [(16, 4, 150, 257, 64), (8, 4, 150, 1601, 64)]
+    backward = not args.no_backward
+    rows: list[Row] = []
+    for shape in score_shapes:
+        print(f"pixel_text_score {shape} {args.dtype}")
+        rows += bench_score(*shape, dtype, device, backward)
+    if not quick and dtype != torch.float32:
+        print("pixel_text_score (32, 1024, 128, 128, 171) fp32")
+        rows += bench_score(32, 1024, 128, 128, 171, torch.float32, device, False)
+    for shape in attention_shapes:
+        print(f"context_attention {shape} {args.dtype}")
+        rows += bench_attention(*shape, dtype, device, backward)
+    env = environment(device)
+    table = markdown(env, rows)
+    print(table)
+    os.makedirs(args.out, exist_ok=True)
+    tag = "cpu_smoke" if device.type == "cpu" else env["device"].replace(" ", "_")
+    with open(os.path.join(args.out, f"ops_{tag}.json"), "w") as f:
+        json.dump({"environment": env, "rows": [r.summary() for r in rows]}, f, indent=2)
+    with open(os.path.join(args.out, f"ops_{tag}.md"), "w") as f:
+        f.write(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

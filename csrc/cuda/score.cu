@@ -1,0 +1,195 @@
+// CUDA kernels of pixel_text_score, its backward and score_concat.
+//
+// Forward (one fused kernel, any GPU): a block scores a tile of 64 classes x 64 pixels of one image. It loops over
+// the channels in chunks of 16, staging the visual tile (16 x 64) and the text tile (64 x 16) in shared memory in
+// the accumulation type; each of the 256 threads accumulates a 4 x 4 micro-tile of dot products, and the block
+// accumulates the squared norms of its 64 pixels and 64 classes along the way. The epilogue divides by
+// max(norm, eps) on both sides (F.normalize's clamp) and multiplies by scale. Visual is read once per class tile;
+// strides are arguments, so NCHW, NHWC and strided output views (score_concat) share the kernel. The products run on
+// the FMA units in float (double for float64): this kernel is the portable backend; the tensor-core path is the
+// Triton kernel (denseclip_fast/ops/triton/score.py), which ops.backends prefers on CUDA.
+//
+// Backward: the two products (scale * T^^T G for the visual side, G / |v| times V^T for the text side) go to cuBLAS;
+// one kernel applies the Jacobian of the pixel normalisation per pixel: dv = (g^ - v^ <v^, g^>) / |v| if |v| >= eps,
+// g^ / eps otherwise. The text normalisation's Jacobian runs on the small K x C result with ATen ops.
+#include <ATen/ATen.h>
+#include <ATen/AccumulateType.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "../common.h"
+
+namespace denseclip_fast {
+namespace {
+
+constexpr int kTileK = 64, kTileP = 64, kTileC = 16, kThreads = 256;
+
+template <typename scalar_t, typename acc_t>
+__global__ void score_forward_kernel(const scalar_t* __restrict__ v, const scalar_t* __restrict__ t,
+                                     scalar_t* __restrict__ out, int64_t C, int64_t P, int64_t K, int64_t s_vb,
+                                     int64_t s_vc, int64_t s_vp, int64_t s_tb, int64_t s_tk, int64_t s_ob,
+                                     int64_t s_ok, int64_t s_op, acc_t scale) {
+  __shared__ acc_t vs[kTileC][kTileP];
+  __shared__ acc_t ts[kTileK][kTileC + 1];
+  __shared__ acc_t v_sq[kTileP], t_sq[kTileK];
+  const int tid = threadIdx.x;
+  const int64_t p0 = static_cast<int64_t>(blockIdx.x) * kTileP, k0 = static_cast<int64_t>(blockIdx.y) * kTileK;
+  const int64_t b = blockIdx.z;
+  const scalar_t* vb = v + b * s_vb;
+  const scalar_t* tb = t + b * s_tb;
+  const bool c_fastest = s_vc == 1;  // NHWC: consecutive threads walk the channels
+  if (tid < kTileP) v_sq[tid] = 0;
+  if (tid < kTileK) t_sq[tid] = 0;
+  __syncthreads();
+  acc_t acc[4][4] = {};
+  const int tk = (tid / 16) * 4, tp = (tid % 16) * 4;  // this thread's 4 x 4 micro-tile
+  for (int64_t c0 = 0; c0 < C; c0 += kTileC) {
+    for (int i = tid; i < kTileC * kTileP; i += kThreads) {
+      const int c = c_fastest ? i % kTileC : i / kTileP, p = c_fastest ? i / kTileC : i % kTileP;
+      const bool ok = c0 + c < C && p0 + p < P;
+      vs[c][p] = ok ? static_cast<acc_t>(vb[(c0 + c) * s_vc + (p0 + p) * s_vp]) : acc_t(0);
+    }
+    for (int i = tid; i < kTileK * kTileC; i += kThreads) {
+      const int k = i / kTileC, c = i % kTileC;
+      const bool ok = k0 + k < K && c0 + c < C;
+      ts[k][c] = ok ? static_cast<acc_t>(tb[(k0 + k) * s_tk + c0 + c]) : acc_t(0);
+    }
+    __syncthreads();
+    if (tid < kTileP) {
+      acc_t ss = 0;
+      for (int c = 0; c < kTileC; ++c) ss += vs[c][tid] * vs[c][tid];
+      v_sq[tid] += ss;
+    } else if (tid < kTileP + kTileK) {
+      const int k = tid - kTileP;
+      acc_t ss = 0;
+      for (int c = 0; c < kTileC; ++c) ss += ts[k][c] * ts[k][c];
+      t_sq[k] += ss;
+    }
+    for (int c = 0; c < kTileC; ++c) {
+      acc_t tv[4], vv[4];
+      for (int i = 0; i < 4; ++i) tv[i] = ts[tk + i][c];
+      for (int j = 0; j < 4; ++j) vv[j] = vs[c][tp + j];
+      for (int i = 0; i < 4; ++i)
+        for (int j = 0; j < 4; ++j) acc[i][j] += tv[i] * vv[j];
+    }
+    __syncthreads();
+  }
+  const acc_t eps = static_cast<acc_t>(kNormEps);
+  for (int i = 0; i < 4; ++i) {
+    const int64_t k = k0 + tk + i;
+    if (k >= K) continue;
+    const acc_t ft = scale / max(sqrt(t_sq[tk + i]), eps);
+    for (int j = 0; j < 4; ++j) {
+      const int64_t p = p0 + tp + j;
+      if (p >= P) continue;
+      out[b * s_ob + k * s_ok + p * s_op] = static_cast<scalar_t>(acc[i][j] * ft / max(sqrt(v_sq[tp + j]), eps));
+    }
+  }
+}
+
+void score_forward_into(at::Tensor out, const at::Tensor& visual, const at::Tensor& text, const ScoreShape& s,
+                        double scale) {
+  if (out.numel() == 0) return;
+  const c10::cuda::CUDAGuard guard(visual.device());
+  const at::Tensor v = visual.contiguous(s.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+  const at::Tensor t = text.contiguous();
+  const dim3 grid((s.P() + kTileP - 1) / kTileP, (s.K + kTileK - 1) / kTileK, s.B);
+  TORCH_CHECK(grid.y <= 65535 && grid.z <= 65535, "pixel_text_score: too many classes or images for one launch");
+  const int64_t s_tb = s.text_batched ? s.K * s.C : 0;
+  const VisualStrides vs = dense_visual_strides(s);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "pixel_text_score_cuda", [&] {
+    using acc_t = at::acc_type<scalar_t, true>;
+    score_forward_kernel<scalar_t, acc_t><<<grid, kThreads, 0, stream>>>(
+        v.data_ptr<scalar_t>(), t.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), s.C, s.P(), s.K, vs.b, vs.c, vs.p,
+        s_tb, s.C, out.stride(0), out.stride(1), out.stride(3), static_cast<acc_t>(scale));
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+at::Tensor pixel_text_score_cuda(const at::Tensor& visual, const at::Tensor& text, double scale) {
+  const ScoreShape s = check_score_inputs(visual, text, "pixel_text_score");
+  at::Tensor out = at::empty({s.B, s.K, s.H, s.W}, visual.options().memory_format(score_memory_format(visual)));
+  score_forward_into(out, visual, text, s, scale);
+  return out;
+}
+
+at::Tensor score_concat_cuda(const at::Tensor& feature, const at::Tensor& visual, const at::Tensor& text,
+                             double scale) {
+  const ScoreShape s = check_score_inputs(visual, text, "score_concat");
+  at::Tensor out = empty_concat_output(feature, visual, s);
+  out.narrow(1, 0, feature.size(1)).copy_(feature);
+  score_forward_into(out.narrow(1, feature.size(1), s.K), visual, text, s, scale);
+  return out;
+}
+
+// dv[b, c, p] = inv[p] * (gh[c, p] - v[c, p] * inv[p] * <v^, gh>_p * [|v_p| >= eps]); one thread per pixel column.
+template <typename scalar_t, typename acc_t>
+__global__ void normalize_backward_kernel(const scalar_t* __restrict__ v, const acc_t* __restrict__ gh,
+                                          scalar_t* __restrict__ dv, int64_t B, int64_t C, int64_t P) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= B * P) return;
+  const int64_t b = i / P, p = i % P;
+  const scalar_t* vb = v + b * C * P + p;
+  const acc_t* gb = gh + b * C * P + p;
+  acc_t ss = 0, dot = 0;
+  for (int64_t c = 0; c < C; ++c) {
+    const acc_t x = static_cast<acc_t>(vb[c * P]);
+    ss += x * x;
+    dot += x * gb[c * P];
+  }
+  const acc_t norm = sqrt(ss), eps = static_cast<acc_t>(kNormEps);
+  const acc_t inv = acc_t(1) / max(norm, eps);
+  const acc_t radial = norm >= eps ? dot * inv * inv : acc_t(0);
+  scalar_t* db = dv + b * C * P + p;
+  for (int64_t c = 0; c < C; ++c) {
+    db[c * P] = static_cast<scalar_t>((gb[c * P] - static_cast<acc_t>(vb[c * P]) * radial) * inv);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> pixel_text_score_backward_cuda(const at::Tensor& grad, const at::Tensor& visual,
+                                                                  const at::Tensor& text, double scale) {
+  const ScoreShape s = check_score_inputs(visual, text, "pixel_text_score_backward");
+  check_score_grad(grad, visual, s, "pixel_text_score_backward");
+  if (visual.numel() == 0) return {at::zeros_like(visual), at::zeros_like(text)};
+  const c10::cuda::CUDAGuard guard(visual.device());
+  const at::MemoryFormat fmt = score_memory_format(visual);
+  const at::ScalarType acc = visual.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor v = visual.contiguous().view({s.B, s.C, s.P()});
+  const at::Tensor g = grad.contiguous().view({s.B, s.K, s.P()}).to(acc);
+  const at::Tensor t = text.to(acc);
+  const at::Tensor t_norm = at::linalg_vector_norm(t, 2, {-1}, /*keepdim=*/true);
+  const at::Tensor t_hat = t / t_norm.clamp_min(kNormEps);
+  const at::Tensor t_hat_b = s.text_batched ? t_hat : t_hat.unsqueeze(0).expand({s.B, s.K, s.C});
+  // Visual side: g^ = scale * T^^T G (cuBLAS), then the normalisation's Jacobian per pixel.
+  const at::Tensor gh = at::bmm(t_hat_b.transpose(1, 2), g).mul_(scale).contiguous();  // (B, C, P)
+  at::Tensor dv = at::empty_like(v);
+  const int64_t n = s.B * s.P();
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "pixel_text_score_backward_cuda", [&] {
+    using acc_t = at::acc_type<scalar_t, true>;
+    normalize_backward_kernel<scalar_t, acc_t><<<(n + 255) / 256, 256, 0, stream>>>(
+        v.data_ptr<scalar_t>(), gh.data_ptr<acc_t>(), dv.data_ptr<scalar_t>(), s.B, s.C, s.P());
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  // Text side: d/dt^ = scale * sum_p G / max(|v_p|, eps) v^T, then the text normalisation's Jacobian.
+  const at::Tensor v_acc = v.to(acc);
+  const at::Tensor inv_v = at::linalg_vector_norm(v_acc, 2, {1}, /*keepdim=*/true).clamp_min(kNormEps).reciprocal();
+  at::Tensor gt_hat = at::bmm(g * inv_v * scale, v_acc.transpose(1, 2));  // (B, K, C)
+  if (!s.text_batched) gt_hat = gt_hat.sum(0);
+  const at::Tensor radial = (t_hat * gt_hat).sum(-1, true) * (t_norm >= kNormEps);
+  const at::Tensor grad_text = ((gt_hat - t_hat * radial) / t_norm.clamp_min(kNormEps)).to(text.scalar_type());
+  return {dv.view({s.B, s.C, s.H, s.W}).contiguous(fmt), grad_text};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(denseclip_fast, CUDA, m) {
+  m.impl("pixel_text_score", &pixel_text_score_cuda);
+  m.impl("pixel_text_score_backward", &pixel_text_score_backward_cuda);
+  m.impl("score_concat", &score_concat_cuda);
+}
+
+}  // namespace denseclip_fast
