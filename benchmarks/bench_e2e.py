@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -18,18 +19,10 @@ import time
 
 import torch
 
-import denseclip_fast as dcf
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+import denseclip_fast as dcf  # noqa: E402
+from benchmarks.common import cpu_name  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:
@@ -57,7 +50,7 @@ def time_model(arch: str, size: int, classes: int, batch: int, repeats: int, dev
     return {
         "arch": arch,
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "threads": torch.get_num_threads(),
         "dtype": "float32",
         "batch": batch,

@@ -27,6 +27,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.common import cpu_name  # noqa: E402
 from denseclip_fast import ops  # noqa: E402
 from denseclip_fast.ops import reference  # noqa: E402
 
@@ -154,7 +155,8 @@ def bench_attention(b: int, heads: int, lq: int, lk: int, d: int, dtype: torch.d
 
 def environment(device: torch.device) -> dict:
     env = {"date": datetime.date.today().isoformat(), "torch": torch.__version__, "python": platform.python_version(),
-           "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine() + " CPU",
+           "gpu": device.type == "cuda",
+           "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
            "cpu_threads": torch.get_num_threads()}  # fmt: skip
     try:
         import triton
@@ -167,11 +169,16 @@ def environment(device: torch.device) -> dict:
 
 
 def markdown(env: dict, rows: list[Row]) -> str:
+    if env["gpu"]:
+        how = ("Median of triton.testing.do_bench runs (L2 flushed between runs). Floor = max(bytes / 4.8 TB/s, "
+               "FLOPs / 790 TFLOP/s), the H200's; 'of floor' = floor / median.")  # fmt: skip
+    else:
+        how = (f"CPU smoke run ({env['cpu_threads']} threads): median of perf_counter loops. The bandwidth, FLOP-rate "
+               "and floor columns refer to an H200 and mean nothing here.")  # fmt: skip
     lines = [
         f"# Operator benchmark: {env['device']}",
         "",
-        f"{env['date']}, torch {env['torch']}, triton {env['triton']}. Median of do_bench runs (L2 flushed) on GPU.",
-        "Floor = max(bytes / 4.8 TB/s, FLOPs / 790 TFLOP/s); 'of floor' = floor / median.",
+        f"{env['date']}, torch {env['torch']}, triton {env['triton']}. {how}",
         "",
         "| op | shape | dtype | pass | contestant | median ms | min ms | TB/s | TFLOP/s | of floor |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from ..backends import TRITON_HEAD_DIMS as HEAD_DIMS
+from .common import dot_in_f32
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -152,12 +153,6 @@ def _attn_bwd_dq_kernel(
     tl.store(dq_ptr + q_rows, dq.to(dq_ptr.dtype.element_ty), mask=mask_m[:, None])
 
 
-def _dot_in_f32(dtype: torch.dtype) -> bool:
-    import os
-
-    return dtype == torch.float32 or (dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1")
-
-
 def _blocks(lq: int, lk: int, d: int) -> tuple[int, int]:
     block_m = 64 if lq > 32 else max(16, triton.next_power_of_2(lq))
     block_n = 64 if d <= 64 else 32
@@ -177,7 +172,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tupl
     block_m, block_n = _blocks(lq, lk, d)
     wrap_triton(_attn_fwd_kernel)[(triton.cdiv(lq, block_m), b * h)](
         q, k, v, out, lse, lq, lk, LOG2E / math.sqrt(d),
-        D=d, BLOCK_M=block_m, BLOCK_N=block_n, DOT_F32=_dot_in_f32(q.dtype),
+        D=d, BLOCK_M=block_m, BLOCK_N=block_n, DOT_F32=dot_in_f32(q.dtype),
     )  # fmt: skip
     return out, lse
 
@@ -197,7 +192,7 @@ def attention_backward(
     block_m, block_n = _blocks(lq, lk, d)
     wrap_triton(_attn_bwd_delta_kernel)[(triton.cdiv(lq, block_m), b * h)](out, do, delta, lq, D=d, BLOCK_M=block_m)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    f32 = _dot_in_f32(q.dtype)
+    f32 = dot_in_f32(q.dtype)
     scale = 1.0 / math.sqrt(d)
     wrap_triton(_attn_bwd_dkdv_kernel)[(triton.cdiv(lk, block_n), b * h)](
         q, k, v, do, lse, delta, dk, dv, lq, lk, scale, D=d, BLOCK_M=block_m, BLOCK_N=block_n, DOT_F32=f32

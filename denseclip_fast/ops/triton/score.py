@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .common import dot_in_f32
+
 EPS = 1e-12
 
 
@@ -143,13 +145,6 @@ def _score_bwd_visual_kernel(
         tl.store(gv_ptr + ptr, gv.to(gv_ptr.dtype.element_ty), mask=mask)
 
 
-def _dot_in_f32(dtype: torch.dtype) -> bool:
-    """fp32 inputs need IEEE fp32 products (TF32 would cost ~1e-3); Triton's interpreter mis-multiplies bf16."""
-    import os
-
-    return dtype == torch.float32 or (dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1")
-
-
 def _flat_visual(visual: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
     """visual made NCHW- or NHWC-contiguous, and its (b, c, pixel) element strides. The strides come from the
     shape: a contiguous tensor may carry any stride on a size-1 dimension, so stride(3) is no pixel stride when
@@ -184,7 +179,7 @@ def score_forward_into(out: torch.Tensor, visual: torch.Tensor, text: torch.Tens
     grid = (triton.cdiv(p, block_p), triton.cdiv(k, block_k), b)
     wrap_triton(_score_fwd_kernel)[grid](
         v, t, out, c, p, k, s_vb, s_vc, s_vp, *_text_strides(t), out.stride(0), out.stride(1), out.stride(3),
-        float(scale), EPS, BLOCK_P=block_p, BLOCK_K=block_k, BLOCK_C=block_c, DOT_F32=_dot_in_f32(v.dtype),
+        float(scale), EPS, BLOCK_P=block_p, BLOCK_K=block_k, BLOCK_C=block_c, DOT_F32=dot_in_f32(v.dtype),
     )  # fmt: skip
 
 
