@@ -39,6 +39,27 @@ void check_score_grad(const at::Tensor& grad, const at::Tensor& visual, const Sc
 // in visual's memory format.
 at::Tensor empty_concat_output(const at::Tensor& feature, const at::Tensor& visual, const ScoreShape& s);
 
+// pixel_text_score and score_concat for a backend whose `into(out, visual, text, shape, scale)` writes the scores into
+// a (B, K, H, W) tensor or view (out.stride(2) == W * out.stride(3)): the allocation and the feature copy are the same
+// for every backend.
+template <typename Into>
+at::Tensor score_with(const at::Tensor& visual, const at::Tensor& text, double scale, Into into) {
+  const ScoreShape s = check_score_inputs(visual, text, "pixel_text_score");
+  at::Tensor out = at::empty({s.B, s.K, s.H, s.W}, visual.options().memory_format(score_memory_format(visual)));
+  into(out, visual, text, s, scale);
+  return out;
+}
+
+template <typename Into>
+at::Tensor score_concat_with(const at::Tensor& feature, const at::Tensor& visual, const at::Tensor& text,
+                             double scale, Into into) {
+  const ScoreShape s = check_score_inputs(visual, text, "score_concat");
+  at::Tensor out = empty_concat_output(feature, visual, s);
+  out.narrow(1, 0, feature.size(1)).copy_(feature);
+  into(out.narrow(1, feature.size(1), s.K), visual, text, s, scale);
+  return out;
+}
+
 // Shapes of a context_attention call: q (B, heads, Lq, D), k and v (B, heads, Lk, D).
 struct AttentionShape {
   int64_t B, heads, Lq, Lk, D;

@@ -57,19 +57,12 @@ void score_forward_into(at::Tensor out, const at::Tensor& visual, const at::Tens
 }
 
 at::Tensor pixel_text_score_cpu(const at::Tensor& visual, const at::Tensor& text, double scale) {
-  const ScoreShape s = check_score_inputs(visual, text, "pixel_text_score");
-  at::Tensor out = at::empty({s.B, s.K, s.H, s.W}, visual.options().memory_format(score_memory_format(visual)));
-  score_forward_into(out, visual, text, s, scale);
-  return out;
+  return score_with(visual, text, scale, score_forward_into);
 }
 
 at::Tensor score_concat_cpu(const at::Tensor& feature, const at::Tensor& visual, const at::Tensor& text,
                             double scale) {
-  const ScoreShape s = check_score_inputs(visual, text, "score_concat");
-  at::Tensor out = empty_concat_output(feature, visual, s);
-  out.narrow(1, 0, feature.size(1)).copy_(feature);
-  score_forward_into(out.narrow(1, feature.size(1), s.K), visual, text, s, scale);
-  return out;
+  return score_concat_with(feature, visual, text, scale, score_forward_into);
 }
 
 std::tuple<at::Tensor, at::Tensor> pixel_text_score_backward_cpu(const at::Tensor& grad, const at::Tensor& visual,
