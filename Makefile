@@ -1,6 +1,7 @@
 # Two commands do everything on a fresh machine:
 #   make test    set up .venv if needed, build the extension, run the whole test suite
-#   make bench   set up .venv if needed, run the benchmark for this machine
+#   make bench   set up .venv if needed, run the operator and end-to-end benchmarks for this machine
+#                (a small smoke grid on a CPU, the full grids on a GPU; results in benchmarks/results/)
 PYTHON_SYSTEM ?= python3
 VENV   := .venv
 PYTHON := $(VENV)/bin/python
@@ -29,6 +30,7 @@ test: setup
 	$(PYTHON) -m pytest -q
 
 bench: setup
+	$(PYTHON) benchmarks/bench_ops.py
 	$(PYTHON) benchmarks/bench_e2e.py
 
 clean:

@@ -1,21 +1,32 @@
-"""End-to-end timing of DenseCLIP inference.
+"""End-to-end DenseCLIP inference: the official pipeline against the engine, side by side, same weights and inputs.
 
-At this stage it times the plain model (random weights, eval mode, text embeddings cached after the first call) at
-one size on the machine's default device and prints one line; ``--json PATH`` also writes the numbers with the
-machine, torch and device names. The engine and the official-pipeline contestants join later.
+    python benchmarks/bench_e2e.py                       # GPU: the issue's grid; CPU: a small smoke grid
+    python benchmarks/bench_e2e.py --archs RN50 --batches 1 16 --modes whole --contestants official engine-bf16
 
-    python benchmarks/bench_e2e.py [--arch RN50] [--size 512] [--classes 150] [--batch 1] [--repeats 3]
+Contestants (random weights, BN statistics and gamma randomised so every stage matters):
+  official            benchmarks/official (the official model code without mmseg): text encoder every call, fp32
+  official-bf16       the same under bf16 autocast
+  compile-ro          torch.compile(official, mode="reduce-overhead") under bf16 autocast
+  compile-ma          torch.compile(official, mode="max-autotune") under bf16 autocast (opt in: long compile)
+  engine-fp32         denseclip_fast.Segmenter, float32 (TF32 off), CUDA graphs on CUDA
+  engine-bf16         the same in bfloat16
+Per contestant: p50/p90/p99 latency, images/s, peak memory of the timed calls, the first call's time (compile or
+capture included), the relative error of the logits against `official`, and the FLOP rate: FLOPs of one
+image-dependent forward (text encoder excluded; counted once with torch.utils.flop_counter) per second, as a
+fraction of 790 TFLOP/s (H200 bf16 dense). Writes JSON, markdown and a PNG bar chart to benchmarks/results/.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -23,6 +34,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import denseclip_fast as dcf  # noqa: E402
 from benchmarks.common import cpu_name  # noqa: E402
+from benchmarks.official import OfficialDenseCLIP, official_config, randomize_  # noqa: E402
+
+PEAK_FLOPS = 790e12
+ALL = ("official", "official-bf16", "compile-ro", "compile-ma", "engine-fp32", "engine-bf16")
 
 
 def _sync(device: torch.device) -> None:
@@ -30,61 +45,227 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_model(arch: str, size: int, classes: int, batch: int, repeats: int, device: torch.device) -> dict:
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def build(arch: str, classes: int, device: torch.device) -> tuple[dcf.DenseCLIP, OfficialDenseCLIP]:
+    names = list(dcf.ADE20K_CLASSES[:classes])
     torch.manual_seed(0)
-    names = list(dcf.ADE20K_CLASSES[:classes]) if classes <= 150 else [f"class {i}" for i in range(classes)]
-    model = dcf.DenseCLIP.from_arch(arch, names).eval().to(device)
-    x = torch.randn(batch, 3, size, size, device=device)
-    with torch.inference_mode():
+    official = randomize_(OfficialDenseCLIP(official_config(arch), names)).eval()
+    model = dcf.DenseCLIP.from_arch(arch, names).eval()
+    model.load_state_dict(official.state_dict())
+    return model, official.to(device)
+
+
+def contestant(name: str, model: dcf.DenseCLIP, official: OfficialDenseCLIP, device: torch.device, mode: str,
+               crop: int, stride: int) -> Callable[[torch.Tensor], torch.Tensor]:  # fmt: skip
+    def run_official(net: Callable) -> Callable[[torch.Tensor], torch.Tensor]:
+        if mode == "whole":
+            return net
+        return lambda x: official.slide_inference(x, crop, stride)
+
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16)  # noqa: E731
+    if name == "official":
+        return run_official(official)
+    if name == "official-bf16":
+        fn = run_official(official)
+
+        def bf16(x: torch.Tensor) -> torch.Tensor:
+            with autocast():
+                return fn(x)
+
+        return bf16
+    if name in ("compile-ro", "compile-ma"):
+        target = official.encode_decode if mode == "whole" else (lambda x: official.slide_inference(x, crop, stride))
+        compiled = torch.compile(target, mode="reduce-overhead" if name == "compile-ro" else "max-autotune")
+
+        def compiled_bf16(x: torch.Tensor) -> torch.Tensor:
+            with autocast():
+                return compiled(x)
+
+        return compiled_bf16
+    dtype = torch.float32 if name == "engine-fp32" else torch.bfloat16
+    seg = dcf.Segmenter(model, device=device, dtype=dtype, mode=mode, crop=crop, stride=stride)
+    return seg.logits
+
+
+def count_flops(model: dcf.DenseCLIP, x: torch.Tensor, mode: str, crop: int, stride: int) -> float:
+    """FLOPs of one image-dependent forward (the class embeddings are computed before counting)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = model.to(x.device)
+    with torch.no_grad():
+        model.class_embeddings()
+        with FlopCounterMode(display=False) as counter:
+            model(x) if mode == "whole" else model.slide_inference(x, crop, stride)
+    model.cpu()
+    return float(counter.get_total_flops())
+
+
+def measure(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, repeats: int, device: torch.device) -> dict:
+    with torch.no_grad():
         _sync(device)
         start = time.perf_counter()
-        model(x)  # includes the text encoder, whose output is then cached
+        out = fn(x)
         _sync(device)
         first = time.perf_counter() - start
+        fn(x)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         times = []
         for _ in range(repeats):
+            _sync(device)
             start = time.perf_counter()
-            model(x)
+            fn(x)
             _sync(device)
             times.append(time.perf_counter() - start)
+    times.sort()
+    q = lambda f: times[min(len(times) - 1, int(f * len(times)))]  # noqa: E731
     return {
-        "arch": arch,
-        "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
-        "threads": torch.get_num_threads(),
-        "dtype": "float32",
-        "batch": batch,
-        "size": size,
-        "classes": classes,
-        "first_call_ms": first * 1e3,
-        "median_ms": statistics.median(times) * 1e3,
-        "min_ms": min(times) * 1e3,
-        "repeats": repeats,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
+        "first_call_s": first,
+        "p50_ms": 1e3 * statistics.median(times),
+        "p90_ms": 1e3 * q(0.9),
+        "p99_ms": 1e3 * q(0.99),
+        "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "logits": out.float().cpu(),
     }
+
+
+def run(args: argparse.Namespace, device: torch.device) -> list[dict]:
+    rows = []
+    for arch in args.archs:
+        model, official = build(arch, args.classes, device)
+        cfg = model.config
+        size = args.size or (640 if arch == "ViT-B/16" else 512)
+        for mode in args.modes:
+            for batch in args.batches:
+                shape = (batch, 3, size, size) if mode == "whole" else (batch, 3, args.slide_height, 4 * args.slide_height)
+                crop = min(cfg.slide_crop, args.slide_height) if mode == "slide" else cfg.slide_crop
+                stride = cfg.slide_stride if crop == cfg.slide_crop else max(1, crop * 2 // 3)
+                x = torch.randn(shape, device=device)
+                flops = count_flops(model, x, mode, crop, stride)
+                reference = None
+                for name in args.contestants:
+                    print(f"{arch} {mode} {tuple(shape)} {name} ...", flush=True)
+                    try:
+                        r = measure(contestant(name, model, official, device, mode, crop, stride), x, args.repeats,
+                                    device)  # fmt: skip
+                    except Exception as exc:  # report and go on: one failing contestant must not hide the rest
+                        print(f"  failed: {type(exc).__name__}: {str(exc)[:200]}")
+                        rows.append({"arch": arch, "mode": mode, "shape": list(shape), "contestant": name,
+                                     "error": f"{type(exc).__name__}: {str(exc)[:500]}"})  # fmt: skip
+                        continue
+                    logits = r.pop("logits")
+                    if name == "official":
+                        reference = logits
+                    r.update(arch=arch, mode=mode, shape=list(shape), contestant=name, flops=flops,
+                             images_per_s=batch / (r["p50_ms"] / 1e3),
+                             rel_error_vs_official=_rel(logits, reference) if reference is not None else None)  # fmt: skip
+                    r["fraction_of_peak_flops"] = flops / (r["p50_ms"] / 1e3) / PEAK_FLOPS
+                    rows.append(r)
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+        del model, official
+    return rows
+
+
+def environment(device: torch.device) -> dict:
+    env = {"date": datetime.date.today().isoformat(), "torch": torch.__version__, "python": platform.python_version(),
+           "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+           "threads": torch.get_num_threads()}  # fmt: skip
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    return env
+
+
+def table(env: dict, rows: list[dict], gpu: bool, classes: int) -> str:
+    note = ("FLOP rate = FLOPs of one image-dependent forward / p50, against the H200's 790 TFLOP/s." if gpu else
+            "A CPU smoke run: the FLOP-rate column refers to an H200 and means nothing here.")  # fmt: skip
+    lines = [f"# End-to-end benchmark: {env['device']}", "",
+             f"{env['date']}, torch {env['torch']}, triton {env['triton']}, {env['threads']} CPU threads. "
+             f"Random weights, K = {classes} ADE20K names. {note}", "",
+             "| arch | mode | input | contestant | p50 ms | p90 ms | p99 ms | img/s | first call s | peak GB | "
+             "rel. error | of 790 TFLOP/s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    for r in rows:
+        shape = "x".join(str(s) for s in r["shape"])
+        if "error" in r:
+            lines.append(f"| {r['arch']} | {r['mode']} | {shape} | {r['contestant']} | failed: {r['error'][:80]} "
+                         "| | | | | | | |")  # fmt: skip
+            continue
+        mem = f"{r['peak_memory_gb']:.2f}" if r["peak_memory_gb"] is not None else "-"
+        err = f"{r['rel_error_vs_official']:.1e}" if r["rel_error_vs_official"] is not None else "-"
+        lines.append(f"| {r['arch']} | {r['mode']} | {shape} | {r['contestant']} | {r['p50_ms']:.2f} | "
+                     f"{r['p90_ms']:.2f} | {r['p99_ms']:.2f} | {r['images_per_s']:.1f} | {r['first_call_s']:.1f} | "
+                     f"{mem} | {err} | {100 * r['fraction_of_peak_flops']:.2f}% |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def bar_chart(rows: list[dict], path: str) -> None:
+    """Images/s per contestant and configuration, drawn with PIL (no plotting library needed)."""
+    from PIL import Image, ImageDraw
+
+    rows = [r for r in rows if "error" not in r]
+    if not rows:
+        return
+    width, bar_h, pad, label_w = 1100, 22, 6, 420
+    img = Image.new("RGB", (width, 40 + len(rows) * (bar_h + pad)), "white")
+    draw = ImageDraw.Draw(img)
+    draw.text((10, 10), "images/s (p50), longer is better", fill="black")
+    top = max(r["images_per_s"] for r in rows)
+    colors = {"official": (150, 150, 150), "official-bf16": (110, 110, 110), "compile-ro": (230, 150, 40),
+              "compile-ma": (200, 110, 20), "engine-fp32": (60, 130, 220), "engine-bf16": (20, 80, 180)}  # fmt: skip
+    for i, r in enumerate(rows):
+        y = 40 + i * (bar_h + pad)
+        label = f"{r['arch']} {r['mode']} {'x'.join(map(str, r['shape']))} {r['contestant']}"
+        draw.text((10, y + 5), label, fill="black")
+        length = max(1, int((width - label_w - 90) * r["images_per_s"] / top))
+        draw.rectangle([label_w, y, label_w + length, y + bar_h], fill=colors.get(r["contestant"], (0, 0, 0)))
+        draw.text((label_w + length + 6, y + 5), f"{r['images_per_s']:.1f}", fill="black")
+    img.save(path)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", default="RN50", choices=dcf.config.ARCHS)
-    parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--classes", type=int, default=150)
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--json", help="also write the result as JSON to this path")
+    parser.add_argument("--archs", nargs="+", choices=dcf.config.ARCHS)
+    parser.add_argument("--batches", nargs="+", type=int)
+    parser.add_argument("--modes", nargs="+", choices=("whole", "slide"))
+    parser.add_argument("--contestants", nargs="+", choices=ALL)
+    parser.add_argument("--size", type=int, help="whole-image side (default 512, 640 for ViT-B/16)")
+    parser.add_argument("--slide-height", type=int, default=512, help="slide images are H x 4H")
+    parser.add_argument("--classes", type=int, default=150)
+    parser.add_argument("--repeats", type=int)
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    parser.add_argument("--tag", help="file name tag (default: the device)")
     args = parser.parse_args(argv)
-    r = time_model(args.arch, args.size, args.classes, args.batch, args.repeats, torch.device(args.device))
-    print(
-        f"{r['arch']} {r['device']} ({r['device_name']}, {r['threads']} threads) fp32 eager, "
-        f"{r['batch']}x3x{r['size']}x{r['size']}, K={r['classes']}, whole image: "
-        f"median {r['median_ms']:.1f} ms, min {r['min_ms']:.1f} ms over {r['repeats']} runs "
-        f"(first call with the text encoder {r['first_call_ms']:.1f} ms), torch {r['torch']}"
-    )
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(r, f, indent=2)
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    args.archs = args.archs or (["RN50", "RN101", "ViT-B/16"] if gpu else ["RN50"])
+    args.batches = args.batches or ([1, 16] if gpu else [1])
+    args.modes = args.modes or (["whole", "slide"] if gpu else ["whole"])
+    args.contestants = args.contestants or ([c for c in ALL if c != "compile-ma"] if gpu else ["official", "engine-fp32"])
+    args.repeats = args.repeats or (50 if gpu else 3)
+    if not gpu:
+        args.size = args.size or 256
+        args.slide_height = min(args.slide_height, 256)
+    env = environment(device)
+    rows = run(args, device)
+    text = table(env, rows, gpu, args.classes)
+    print(text)
+    os.makedirs(args.out, exist_ok=True)
+    tag = args.tag or ("cpu_smoke" if not gpu else env["device"].replace(" ", "_"))
+    with open(os.path.join(args.out, f"e2e_{tag}.json"), "w") as f:
+        json.dump({"environment": env, "args": vars(args), "rows": rows}, f, indent=2)
+    with open(os.path.join(args.out, f"e2e_{tag}.md"), "w") as f:
+        f.write(text)
+    bar_chart(rows, os.path.join(args.out, f"e2e_{tag}.png"))
     return 0
 
 

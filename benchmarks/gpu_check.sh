@@ -50,7 +50,13 @@ DENSECLIP_FAST_CMAKE_CUDA=1 python3 -m pytest -q -rs tests/ --ignore=tests/test_
 echo "other tests: exit $?" | tee -a "$OUT/tests_status.txt"
 tail -3 "$OUT/tests_rest.log"
 
-for batch in 1 16; do
-  python3 benchmarks/bench_e2e.py --device cuda --batch "$batch" --repeats 20 --json "$OUT/bench_e2e_b$batch.json" \
-    2>&1 | tee -a "$OUT/bench.txt"
-done
+# End to end, the headline first (RN50 512x512 batch 1 and 16), then slide, then the other architectures.
+python3 benchmarks/bench_e2e.py --archs RN50 --modes whole --batches 1 16 --out "$OUT" --tag rn50_whole \
+  > "$OUT/bench_e2e_rn50_whole.txt" 2>&1
+echo "bench_e2e RN50 whole: exit $?" | tee -a "$OUT/tests_status.txt"
+python3 benchmarks/bench_e2e.py --archs RN50 --modes slide --batches 1 --out "$OUT" --tag rn50_slide \
+  --contestants official official-bf16 engine-fp32 engine-bf16 > "$OUT/bench_e2e_rn50_slide.txt" 2>&1
+echo "bench_e2e RN50 slide: exit $?" | tee -a "$OUT/tests_status.txt"
+python3 benchmarks/bench_e2e.py --archs RN101 ViT-B/16 --modes whole --batches 1 16 --out "$OUT" --tag others \
+  --contestants official official-bf16 engine-fp32 engine-bf16 > "$OUT/bench_e2e_others.txt" 2>&1
+echo "bench_e2e RN101 ViT-B/16: exit $?" | tee -a "$OUT/tests_status.txt"

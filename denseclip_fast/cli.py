@@ -2,7 +2,9 @@
 
     denseclip-fast info CHECKPOINT [--json]
     denseclip-fast segment --checkpoint C [--classes "a,b,c"] [--open-vocab] [--mode slide|whole]
-                           [--device cpu|cuda] IMAGE... --out DIR
+                           [--device cpu|cuda] [--dtype float32|bfloat16|float16] IMAGE... --out DIR
+
+segment runs the engine (denseclip_fast.Segmenter): the official test pipeline on the chosen device.
 
 Errors the user can fix (a bad file, a wrong class list) are printed as one line and exit with status 2.
 """
@@ -51,17 +53,22 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+               "float16": "float16", "fp16": "float16"}  # fmt: skip
+
+
 def cmd_segment(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
     from PIL import Image
     from tqdm import tqdm
 
-    from . import load_checkpoint
-    from .pipeline import image_labels
+    from . import Segmenter, load_checkpoint
     from .preprocess import load_image
     from .visualize import default_palette, overlay
 
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, DTYPE_NAMES[args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")])
     model = load_checkpoint(args.checkpoint)
     names = None
     if args.classes is not None:
@@ -75,20 +82,19 @@ def cmd_segment(args: argparse.Namespace) -> int:
                 raise ValueError(f"{exc} (on the command line: --open-vocab)") from None
     elif args.open_vocab:
         raise ValueError("--open-vocab needs --classes")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: no CUDA device is available")
-    model = model.to(args.device)
+    seg = Segmenter(model, device=device, dtype=dtype, mode=args.mode)
     k = len(names) if names is not None else model.num_classes
     palette = model.palette if (model.palette is not None and names is None) else default_palette(k)
     os.makedirs(args.out, exist_ok=True)
     for path in tqdm(args.images, desc="segment", unit="img", disable=len(args.images) < 2):
         image = load_image(path)
-        labels = image_labels(model, image, args.mode, names)
+        scores = seg.open_vocab(image, names) if names is not None else seg.logits(image)
+        labels = scores[0].argmax(dim=0).cpu().numpy()
         stem = os.path.splitext(os.path.basename(path))[0]
-        mode = "L" if k <= 256 else "I;16"
-        Image.fromarray(labels.astype(np.uint8 if k <= 256 else np.uint16), mode=mode).save(
-            os.path.join(args.out, f"{stem}_labels.png")
-        )
+        if k <= 256:
+            Image.fromarray(labels.astype(np.uint8), mode="L").save(os.path.join(args.out, f"{stem}_labels.png"))
+        else:
+            Image.fromarray(labels.astype(np.uint16), mode="I;16").save(os.path.join(args.out, f"{stem}_labels.png"))
         Image.fromarray(overlay(image, labels, palette)).save(os.path.join(args.out, f"{stem}_overlay.png"))
     print(f"wrote {2 * len(args.images)} files to {args.out}")
     return 0
@@ -109,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--open-vocab", action="store_true",
                      help="score --classes (any number) with the pixel-text map instead of the trained head")  # fmt: skip
     seg.add_argument("--mode", choices=("slide", "whole"), default="slide")
-    seg.add_argument("--device", default="cpu")
+    seg.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    seg.add_argument("--dtype", choices=sorted(DTYPE_NAMES), help="default: bfloat16 on CUDA, float32 on CPU")
     seg.add_argument("--out", required=True, help="output directory")
     seg.add_argument("images", nargs="+", metavar="IMAGE")
     seg.set_defaults(func=cmd_segment)

@@ -45,3 +45,31 @@ def test_cuda_matches_official(tmp_path, monkeypatch, cfg, backend):
     with torch.no_grad():
         assert rel_err(model(x), official(x)) < 1e-4
         assert rel_err(model.slide_inference(x, 96, 64), official.slide_inference(x, 96, 64)) < 1e-4
+
+
+@pytest.mark.parametrize("mode", ["whole", "slide"])
+def test_engine_on_cuda_matches_official(mode):
+    """The engine on CUDA (CUDA graphs on): float32 within 1e-4 and bfloat16 within 2e-2 of the official model;
+    one graph per input shape; set_classes reaches the captured graphs."""
+    from denseclip_fast import DenseCLIP, Segmenter
+
+    official = randomized(OfficialDenseCLIP(official_config("RN50"), NAMES)).eval()
+    model = DenseCLIP.from_arch("RN50", NAMES).eval()
+    model.load_state_dict(official.state_dict())
+    official = official.cuda()
+    x = torch.randn(2, 3, 160, 224, device="cuda")
+    with torch.no_grad():
+        reference = official(x) if mode == "whole" else official.slide_inference(x, 96, 64)
+    for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 2e-2)):
+        seg = Segmenter(model, device="cuda", dtype=dtype, mode=mode, crop=96, stride=64)
+        first = seg.logits(x)
+        assert rel_err(first, reference) < tol, (dtype, rel_err(first, reference))
+        assert torch.equal(seg.logits(x), first) and seg.captured_graphs == 1  # replayed, not captured again
+        seg.logits(x[:1])
+        assert seg.captured_graphs == 2
+    names = ["sky", "road", "person", "tree"]
+    rebuilt = DenseCLIP.from_arch("RN50", names).eval()
+    rebuilt.load_state_dict(model.state_dict())
+    seg.set_classes(names)
+    expected = Segmenter(rebuilt, device="cuda", dtype=torch.bfloat16, mode=mode, crop=96, stride=64).logits(x)
+    assert rel_err(seg.logits(x), expected) < 1e-3

@@ -147,7 +147,7 @@ class DenseCLIP(nn.Module):
         text = text.to(z.dtype).unsqueeze(0).expand(z.shape[0], -1, -1)
         return text + self.gamma * self.context_decoder(text, visual_context)
 
-    def _logits_and_score(
+    def logits_and_score(
         self, feats: ImageFeatures, text: torch.Tensor, size: tuple[int, int]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The score map concatenated to its pyramid level (one fused operator), FPN, head, resize to ``size``."""
@@ -166,7 +166,7 @@ class DenseCLIP(nn.Module):
         ``aux_logits`` = score_map / tau (the identity head), ``logits`` (B, K, H, W)."""
         feats = self.extract(x)
         text = self.context_prompt(feats, self.class_embeddings())
-        logits, score = self._logits_and_score(feats, text, x.shape[2:])
+        logits, score = self.logits_and_score(feats, text, x.shape[2:])
         return {
             "global_feat": feats.global_feat,
             "local_feat": feats.local_feat,
@@ -180,7 +180,7 @@ class DenseCLIP(nn.Module):
         """Whole-image inference: CLIP-normalised x (B, 3, H, W) float -> logits (B, K, H, W)."""
         feats = self.extract(x)
         text = self.context_prompt(feats, self.class_embeddings())
-        return self._logits_and_score(feats, text, x.shape[2:])[0]
+        return self.logits_and_score(feats, text, x.shape[2:])[0]
 
     def slide_inference(
         self,

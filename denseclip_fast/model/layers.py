@@ -15,10 +15,12 @@ from torch import nn
 
 
 class LayerNormFp32(nn.LayerNorm):
-    """CLIP's LayerNorm: computed in float32 whatever the input dtype, result cast back."""
+    """CLIP's LayerNorm: computed in float32 whatever the input and weight dtypes, result cast back."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float()).to(x.dtype)
+        weight = self.weight.float() if self.weight is not None else None
+        bias = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
 
 
 class QuickGELU(nn.Module):

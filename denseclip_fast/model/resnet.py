@@ -6,8 +6,8 @@ C2..C5 at strides 4/8/16/32 with 4w, 8w, 16w, 32w channels (w = 64 for RN50/RN10
 
 The attention pool is CLIP's, applied densely: tokens = [mean of C5; every C5 pixel] + positional embedding (the
 stored grid bilinearly resized to the actual h x w, align_corners=False), then multi-head attention of every token
-over all 1 + hw tokens with the q/k/v/c projections. Token 0 is the global embedding g (B, D); tokens 1.. form the
-local embedding map z (B, D, h, w).
+over all 1 + hw tokens with the q/k/v/c projections (through the fused ``ops.context_attention``). Token 0 is the
+global embedding g (B, D); tokens 1.. form the local embedding map z (B, D, h, w).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import ops
 from ..config import VisionConfig
 from .features import ImageFeatures
 
@@ -95,7 +96,7 @@ class DenseAttentionPool(nn.Module):
             return t.view(b, n, self.heads, d).transpose(1, 2)
 
         q, k, v = heads(self.q_proj(tokens)), heads(self.k_proj(tokens)), heads(self.v_proj(tokens))
-        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c)
+        out = ops.context_attention(q, k, v).transpose(1, 2).reshape(b, n, c)
         out = self.c_proj(out)  # (B, 1 + hw, D)
         global_feat = out[:, 0]
         local_feat = out[:, 1:].transpose(1, 2).reshape(b, -1, h, w)

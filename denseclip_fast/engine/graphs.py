@@ -1,0 +1,97 @@
+"""CUDA-graph capture of a forward function, one graph per input signature.
+
+The first call with a new (shape, dtype, device, layout) warms the function up on a side stream (cuDNN and Triton
+pick and compile their kernels there), then captures one call into a CUDA graph that reads a static input buffer
+and writes a static output. Later calls with that signature copy their input into the buffer and replay the graph:
+one launch instead of hundreds. Graphs share one memory pool; the least recently used are dropped past
+``max_graphs``. Tensors the function closes over (weights, the cached class embeddings) are baked into the graphs:
+change them only in place (``copy_``), or call :meth:`GraphCache.clear`.
+
+The capture itself needs a GPU; the cache logic takes any ``capture`` callable, which is how it is tested on CPU.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+Forward = Callable[[torch.Tensor], torch.Tensor]
+
+
+def signature(x: torch.Tensor) -> tuple[Any, ...]:
+    """What a captured graph is specific to."""
+    return tuple(x.shape), x.dtype, x.device, x.stride()
+
+
+class CapturedForward:
+    """One CUDA graph of ``fn`` for inputs like ``example``."""
+
+    def __init__(self, fn: Forward, example: torch.Tensor, pool: Any = None, warmup: int = 2) -> None:
+        self.static_input = example.clone()
+        side = torch.cuda.Stream(device=example.device)
+        side.wait_stream(torch.cuda.current_stream(example.device))
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                fn(self.static_input)
+        torch.cuda.current_stream(example.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.static_output = fn(self.static_input)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """The output buffer, overwritten by the next replay: consume or clone it before calling again."""
+        self.static_input.copy_(x)
+        self.graph.replay()
+        return self.static_output
+
+
+class GraphCache:
+    """``cache(x)`` runs ``fn(x)`` through the graph captured for x's signature (capturing it on first sight).
+
+    Args:
+        fn: the forward to capture; it must be capturable (static shapes, no host synchronisation).
+        enabled: False runs ``fn`` eagerly (the CPU path, or CUDA graphs switched off).
+        capture: builds a replayable object from (fn, example, pool); CapturedForward on a GPU.
+        max_graphs: how many signatures keep a graph; the least recently used is dropped beyond.
+    """
+
+    def __init__(
+        self,
+        fn: Forward,
+        enabled: bool = True,
+        capture: Callable[[Forward, torch.Tensor, Any], Forward] | None = None,
+        max_graphs: int = 16,
+    ) -> None:
+        if max_graphs < 1:
+            raise ValueError(f"max_graphs must be >= 1, got {max_graphs}")
+        self.fn = fn
+        self.enabled = enabled
+        self.capture = capture or (lambda f, x, pool: CapturedForward(f, x, pool))
+        self.max_graphs = max_graphs
+        self.graphs: OrderedDict[tuple[Any, ...], Forward] = OrderedDict()
+        self.captures = 0
+        self._pool: Any = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return self.fn(x)
+        key = signature(x)
+        graph = self.graphs.get(key)
+        if graph is None:
+            if self._pool is None and x.is_cuda:
+                self._pool = torch.cuda.graph_pool_handle()
+            graph = self.capture(self.fn, x, self._pool)
+            self.captures += 1
+            self.graphs[key] = graph
+            while len(self.graphs) > self.max_graphs:
+                self.graphs.popitem(last=False)
+        else:
+            self.graphs.move_to_end(key)
+        return graph(x)
+
+    def clear(self) -> None:
+        """Drop every graph (after changing what the captured function reads other than in place)."""
+        self.graphs.clear()

@@ -1,0 +1,77 @@
+"""What the Segmenter accepts as images, turned into tensors with a clear error for anything else.
+
+* a float tensor (B, 3, H, W) or (3, H, W): CLIP-normalised already, used as it is;
+* uint8 images: a (B, H, W, 3) or (H, W, 3) tensor, a numpy array of those shapes, a PIL image, or a list of any of
+  these (sizes may differ); they go through the official test pipeline on the engine's device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+
+@dataclass
+class ImageBatch:
+    """Either ``normalized`` (B, 3, H, W) float, or ``raw``: uint8 (H, W, 3) images, grouped by size in ``groups``
+    (lists of indices into ``raw`` whose images share a size)."""
+
+    normalized: torch.Tensor | None = None
+    raw: list[torch.Tensor] | None = None
+
+    @property
+    def groups(self) -> list[list[int]]:
+        assert self.raw is not None
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for i, image in enumerate(self.raw):
+            by_size.setdefault(tuple(image.shape[:2]), []).append(i)
+        return list(by_size.values())
+
+    def __len__(self) -> int:
+        return len(self.raw) if self.raw is not None else int(self.normalized.shape[0])  # type: ignore[union-attr]
+
+
+def _uint8_image(x: Any, where: str) -> torch.Tensor:
+    if hasattr(x, "convert") and hasattr(x, "size"):  # a PIL image
+        x = np.asarray(x.convert("RGB"))
+    if isinstance(x, np.ndarray):
+        if x.dtype != np.uint8:
+            raise ValueError(f"{where}: numpy images must be uint8 (H, W, 3), got dtype {x.dtype}")
+        x = torch.from_numpy(np.ascontiguousarray(x) if x.flags.writeable else x.copy())
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{where}: expected an image (tensor, numpy array or PIL image), got {type(x).__name__}")
+    if x.dtype != torch.uint8 or x.dim() != 3 or x.shape[2] != 3:
+        raise ValueError(f"{where}: expected a uint8 (H, W, 3) image, got shape {tuple(x.shape)} dtype {x.dtype}")
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"{where}: zero-size image {tuple(x.shape[:2])}")
+    return x
+
+
+def as_batch(images: Any) -> ImageBatch:
+    """Classify and check ``images``; raises ValueError naming what is wrong."""
+    if isinstance(images, torch.Tensor) and images.is_floating_point():
+        x = images.unsqueeze(0) if images.dim() == 3 else images
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"float images must be CLIP-normalised (B, 3, H, W), got shape {tuple(images.shape)}")
+        if x.shape[0] == 0:
+            raise ValueError("images is an empty batch (B=0)")
+        if x.shape[2] == 0 or x.shape[3] == 0:
+            raise ValueError(f"zero-size images {tuple(x.shape[2:])}")
+        if not torch.isfinite(x).all():
+            raise ValueError("images contain NaN or infinite values")
+        return ImageBatch(normalized=x)
+    if isinstance(images, torch.Tensor) and images.dim() == 4:
+        if images.shape[0] == 0:
+            raise ValueError("images is an empty batch (B=0)")
+        return ImageBatch(raw=[_uint8_image(img, f"images[{i}]") for i, img in enumerate(images)])
+    if isinstance(images, np.ndarray) and images.ndim == 4:
+        return as_batch(list(images))
+    if isinstance(images, Sequence) and not isinstance(images, (str, bytes)):
+        if len(images) == 0:
+            raise ValueError("images is an empty list")
+        return ImageBatch(raw=[_uint8_image(img, f"images[{i}]") for i, img in enumerate(images)])
+    return ImageBatch(raw=[_uint8_image(images, "images")])

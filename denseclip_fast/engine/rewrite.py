@@ -1,0 +1,67 @@
+"""Inference-time rewrites of a DenseCLIP model that keep its function.
+
+* BatchNorm folded into the convolution before it (inference BN is an affine map per channel): the ResNet stem and
+  bottlenecks (shortcuts included), the Semantic FPN head's conv-BN-ReLU blocks, and the ViT pyramid's
+  ConvTranspose-BN. w' = w * gamma / sqrt(var + eps) along the output channels, b' = (b - mean) * gamma /
+  sqrt(var + eps) + beta, computed in float32 before any cast.
+* channels_last weights (and inputs), which cuDNN's fastest convolutions use.
+* native low-precision weights (the CLIP LayerNorms keep computing in float32).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..model.heads import ConvModule
+from ..model.resnet import Bottleneck, CLIPResNetBackbone
+
+
+@torch.no_grad()
+def fold_bn_into(conv: nn.Conv2d | nn.ConvTranspose2d, bn: nn.BatchNorm2d) -> None:
+    """Fold an eval-mode ``bn`` that follows ``conv`` into ``conv``'s weight and bias (in place)."""
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError("cannot fold a BatchNorm without running statistics (track_running_stats=False)")
+    factor = (bn.weight.float() if bn.affine else torch.ones_like(bn.running_var.float())) / torch.sqrt(
+        bn.running_var.float() + bn.eps
+    )
+    shift = bn.bias.float() if bn.affine else torch.zeros_like(factor)
+    out_dim = 1 if isinstance(conv, nn.ConvTranspose2d) else 0
+    shape = [1] * conv.weight.dim()
+    shape[out_dim] = -1
+    weight = conv.weight.float() * factor.view(shape)
+    bias = conv.bias.float() if conv.bias is not None else torch.zeros_like(factor)
+    bias = (bias - bn.running_mean.float()) * factor + shift
+    conv.weight.copy_(weight.to(conv.weight.dtype))
+    if conv.bias is None:
+        conv.bias = nn.Parameter(bias.to(conv.weight.dtype))
+    else:
+        conv.bias.copy_(bias.to(conv.bias.dtype))
+
+
+def fold_batchnorm(model: nn.Module) -> int:
+    """Fold every conv-BN pair of a DenseCLIP model (in place); returns how many were folded."""
+    folded = 0
+    for module in model.modules():
+        pairs: list[tuple[nn.Module, str, str]] = []
+        if isinstance(module, (CLIPResNetBackbone, Bottleneck)):
+            pairs = [(module, f"conv{i}", f"bn{i}") for i in (1, 2, 3)]
+        elif isinstance(module, ConvModule) and module.bn is not None:
+            pairs = [(module, "conv", "bn")]
+        elif isinstance(module, nn.Sequential):
+            children = list(module.named_children())
+            pairs = [
+                (module, name, nxt)
+                for (name, conv), (nxt, bn) in zip(children, children[1:])
+                if isinstance(conv, (nn.Conv2d, nn.ConvTranspose2d)) and isinstance(bn, nn.BatchNorm2d)
+            ]
+        for owner, conv_name, bn_name in pairs:
+            conv, bn = getattr(owner, conv_name), getattr(owner, bn_name)
+            if not isinstance(bn, nn.BatchNorm2d):
+                continue
+            if bn.training:
+                raise ValueError("fold_batchnorm needs the model in eval mode (BatchNorm uses batch statistics in train)")
+            fold_bn_into(conv, bn)
+            setattr(owner, bn_name, None if isinstance(owner, ConvModule) else nn.Identity())
+            folded += 1
+    return folded

@@ -1,0 +1,236 @@
+"""The inference engine: a DenseCLIP model prepared once, serving many images.
+
+    seg = Segmenter(model, device="cuda", dtype=torch.bfloat16, mode="slide")
+    logits = seg.logits(images)      # (B, K, H, W) float32 at each image's size
+    labels = seg.predict(images)     # (B, H, W) int64
+    seg.set_classes([...])           # K new names; the text encoder runs here, never per image
+
+What happens once, at construction: a private copy of the model is put in eval mode, its BatchNorms are folded into
+the convolutions, it is moved to the device and dtype (channels_last on CUDA), and the class embeddings of the
+vocabulary are computed in float32 and kept in a buffer. Per image only the image encoder, the context decoder, the
+fused score/concat operator, the FPN and the head run; on CUDA every (batch, size) is captured once into a CUDA
+graph and replayed. Slide mode evaluates all crops of a batch as one forward.
+
+Threads: every public method takes one lock, so a Segmenter may be shared by threads, which then take turns; for
+parallel inference give each thread (or GPU) its own Segmenter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .. import ops
+from ..model import DenseCLIP
+from ..model.slide import slide_inference
+from ..preprocess import normalize, resize_keep_ratio
+from ..visualize import default_palette
+from ..visualize import overlay as blend
+from .graphs import GraphCache
+from .inputs import ImageBatch, as_batch
+from .rewrite import fold_batchnorm
+
+Mode = Literal["whole", "slide"]
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class Segmenter:
+    """Serve segmentation with a DenseCLIP model.
+
+    Args:
+        model: a DenseCLIP model (left untouched: the engine works on a copy).
+        device: where to run; "cuda" needs a GPU.
+        dtype: float32 (true float32 math: TF32 is switched off inside the engine), float16 or bfloat16 (the
+            CLIP LayerNorms still compute in float32). float16 needs CUDA.
+        mode: "whole" (one forward per image) or "slide" (mmseg's sliding window, crops batched).
+        crop, stride: the sliding window; default the architecture's (512/341, 640/426 for ViT-B/16).
+        cuda_graphs: capture and replay CUDA graphs per input shape (CUDA only).
+        max_graphs: how many input shapes keep a captured graph.
+    """
+
+    def __init__(
+        self,
+        model: DenseCLIP,
+        device: str | torch.device = "cuda",
+        dtype: torch.dtype = torch.bfloat16,
+        mode: Mode = "whole",
+        crop: int | None = None,
+        stride: int | None = None,
+        cuda_graphs: bool = True,
+        max_graphs: int = 16,
+    ) -> None:
+        if not isinstance(model, DenseCLIP):
+            raise ValueError(f"model must be a denseclip_fast.DenseCLIP, got {type(model).__name__}")
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device={device!r} but no CUDA GPU is available; use device='cpu'")
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {dtype}")
+        if dtype == torch.float16 and self.device.type != "cuda":
+            raise ValueError("dtype=torch.float16 needs a CUDA device; use float32 or bfloat16 on CPU")
+        if mode not in ("whole", "slide"):
+            raise ValueError(f"mode must be 'whole' or 'slide', got {mode!r}")
+        self.dtype, self.mode = dtype, mode
+        self.crop = model.config.slide_crop if crop is None else crop
+        self.stride = model.config.slide_stride if stride is None else stride
+        for name, value in (("crop", self.crop), ("stride", self.stride)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.model = self._prepare(model)
+        self._text = self._embed(self.model.class_names)  # the buffer the graphs read; refreshed in place
+        self._vocabularies: OrderedDict[tuple[str, ...], torch.Tensor] = OrderedDict()
+        self._lock = threading.RLock()
+        self._graphs = GraphCache(self._forward, enabled=cuda_graphs and self.device.type == "cuda",
+                                  max_graphs=max_graphs)  # fmt: skip
+
+    # ------------------------------------------------------------------ setup
+
+    def _prepare(self, model: DenseCLIP) -> DenseCLIP:
+        """A private copy: eval, BatchNorm folded, on the device; everything the images go through in the engine's
+        dtype (channels_last on CUDA), the text encoder and the contexts kept in float32 for the class embeddings."""
+        model = copy.deepcopy(model).eval().requires_grad_(False)
+        fold_batchnorm(model)
+        model.to(self.device)
+        for name, child in model.named_children():
+            if name != "text_encoder":
+                child.to(self.dtype)
+        model.gamma.data = model.gamma.data.to(self.dtype)
+        if self.device.type == "cuda":
+            model.to(memory_format=torch.channels_last)
+        return model
+
+    def _embed(self, names: Sequence[str]) -> torch.Tensor:
+        """(K, D) class embeddings of ``names`` computed in float32, returned in the engine's dtype."""
+        with torch.no_grad(), self._math(always=True):
+            return self.model.text_features(names).to(self.dtype)
+
+    @contextlib.contextmanager
+    def _math(self, always: bool = False) -> Iterator[None]:
+        """float32 means float32: TF32 off for convolutions and matmuls while a float32 engine (or, with
+        ``always``, any engine) runs, the previous settings restored after."""
+        if (self.dtype != torch.float32 and not always) or self.device.type != "cuda":
+            yield
+            return
+        saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            yield
+        finally:
+            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+    # ------------------------------------------------------------------ the forward
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        """CLIP-normalised (N, 3, h, w) in the engine's dtype -> logits (N, K, h, w): what the graphs capture."""
+        feats = self.model.backbone(x)
+        text = self.model.context_prompt(feats, self._text)
+        return self.model.logits_and_score(feats, text, x.shape[2:])[0]
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
+        """Whole or slide logits (N, K, h, w) in float32 for a normalised batch on the device."""
+        x = x.to(self.device, self.dtype, memory_format=self._layout())
+        if self.mode == "slide":
+            out = slide_inference(self._graphs, x, self.crop, self.stride)
+        else:
+            out = self._graphs(x)
+        return out.float()  # a new tensor: the graph's output buffer is reused by the next replay
+
+    def _layout(self) -> torch.memory_format:
+        return torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
+
+    def _prepare_raw(self, images: list[torch.Tensor]) -> torch.Tensor:
+        """uint8 (H, W, 3) images of one size -> the official test pipeline's normalised batch on the device."""
+        x = torch.stack(images).to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
+        return normalize(resize_keep_ratio(x, self.model.config.test_scale))
+
+    def _each_group(self, batch: ImageBatch, fn: Any) -> list[torch.Tensor]:
+        """Apply ``fn(normalised batch) -> (N, C, h, w)`` per group of same-size images; returns per-image
+        (C, H, W) float32 tensors at each image's own size, in input order."""
+        if batch.normalized is not None:
+            return list(fn(batch.normalized))
+        assert batch.raw is not None
+        results: list[Any] = [None] * len(batch.raw)
+        for group in batch.groups:
+            height, width = batch.raw[group[0]].shape[:2]
+            out = fn(self._prepare_raw([batch.raw[i] for i in group]))
+            out = F.interpolate(out.float(), size=(height, width), mode="bilinear", align_corners=False)
+            for i, o in zip(group, out):
+                results[i] = o
+        return results
+
+    @staticmethod
+    def _stack(per_image: list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
+        if all(t.shape == per_image[0].shape for t in per_image):
+            return torch.stack(per_image)
+        return per_image
+
+    # ------------------------------------------------------------------ public API
+
+    def logits(self, images: Any) -> torch.Tensor | list[torch.Tensor]:
+        """(B, K, H, W) float32 logits, at the input size for a normalised float batch and at each image's own size
+        for uint8 images; a list of (K, H_i, W_i) when uint8 images differ in size."""
+        batch = as_batch(images)
+        with self._lock, torch.inference_mode(), self._math():
+            return self._stack(self._each_group(batch, self._run))
+
+    def predict(self, images: Any) -> torch.Tensor | list[torch.Tensor]:
+        """(B, H, W) int64 label maps (a list when uint8 images differ in size)."""
+        logits = self.logits(images)
+        if isinstance(logits, list):
+            return [t.argmax(dim=0) for t in logits]
+        return logits.argmax(dim=1)
+
+    def open_vocab(self, images: Any, names: Sequence[str]) -> torch.Tensor | list[torch.Tensor]:
+        """(B, K', H, W) float32 pixel-text cosine scores of any ``names`` (context decoder applied), from the
+        whole image's local embedding map, upsampled to the image. Each vocabulary's embeddings are cached."""
+        batch = as_batch(images)
+        with self._lock, torch.inference_mode(), self._math():
+            key = tuple(names) if not isinstance(names, str) else (names,)
+            text = self._vocabularies.get(key)
+            if text is None:
+                text = self._embed(key)
+                self._vocabularies[key] = text
+                while len(self._vocabularies) > 8:
+                    self._vocabularies.popitem(last=False)
+
+            def scores(x: torch.Tensor) -> torch.Tensor:
+                x = x.to(self.device, self.dtype, memory_format=self._layout())
+                feats = self.model.backbone(x)
+                z = feats.local_feat
+                s = ops.pixel_text_score(z, self.model.context_prompt(feats, text).to(z.dtype))
+                return F.interpolate(s.float(), size=x.shape[2:], mode="bilinear", align_corners=False)
+
+            return self._stack(self._each_group(batch, scores))
+
+    def set_classes(self, names: Sequence[str]) -> None:
+        """Reword the vocabulary (exactly K names, each at most 3 BPE tokens); the embeddings are recomputed once
+        and written into the buffer the captured graphs read."""
+        with self._lock:
+            self.model.set_classes(names)
+            self._text.copy_(self._embed(self.model.class_names))
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.model.class_names
+
+    def overlay(self, image: Any, labels: torch.Tensor | np.ndarray, alpha: float = 0.5) -> np.ndarray:
+        """Colour the label map over a uint8 (H, W, 3) image: the checkpoint's palette, else a generated one."""
+        img = as_batch(image).raw
+        if img is None or len(img) != 1:
+            raise ValueError("overlay takes one uint8 (H, W, 3) image")
+        labels = labels.cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+        palette = self.model.palette or default_palette(self.model.num_classes)
+        return blend(img[0].numpy(), labels, palette, alpha)
+
+    @property
+    def captured_graphs(self) -> int:
+        """How many input shapes have been captured into CUDA graphs so far."""
+        return self._graphs.captures

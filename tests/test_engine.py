@@ -1,0 +1,256 @@
+"""The Segmenter engine on CPU: same function as the model, the vocabulary API, the uint8 test pipeline, input
+errors, the BatchNorm folding and the CUDA-graph cache logic (with the capture itself replaced on CPU)."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import denseclip_fast as dcf
+from denseclip_fast import DenseCLIP, Segmenter
+from denseclip_fast.engine import GraphCache, fold_batchnorm
+
+from .conftest import NAMES, randomized, rel_err, tiny_config
+
+CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1) * 255
+CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1) * 255
+
+
+@pytest.fixture(scope="module", params=["resnet", "vit"])
+def model(request) -> DenseCLIP:
+    torch.manual_seed(0)
+    return randomized(DenseCLIP(tiny_config(request.param), NAMES)).eval()
+
+
+def _engine(model: DenseCLIP, **kw) -> Segmenter:
+    kw.setdefault("crop", 64)
+    kw.setdefault("stride", 40)
+    return Segmenter(model, device="cpu", dtype=kw.pop("dtype", torch.float32), **kw)
+
+
+def test_fp32_engine_equals_the_model(model):
+    x = torch.randn(2, 3, 70, 100)
+    with torch.no_grad():
+        whole, slide = model(x), model.slide_inference(x, crop=64, stride=40)
+    assert rel_err(_engine(model, mode="whole").logits(x), whole) < 1e-4
+    assert rel_err(_engine(model, mode="slide").logits(x), slide) < 1e-4
+
+
+def test_bf16_engine_is_close(model):
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+    out = _engine(model, dtype=torch.bfloat16).logits(x)
+    assert out.dtype == torch.float32 and rel_err(out, expected) < 2e-2
+
+
+def test_engine_leaves_the_users_model_alone(model):
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    _engine(model)
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+
+
+def test_set_classes_equals_rebuilding(model):
+    names = ["sky", "road", "person", "tree"]
+    rebuilt = DenseCLIP(model.config, names).eval()
+    rebuilt.load_state_dict(model.state_dict())
+    seg = _engine(model)
+    x = torch.randn(1, 3, 64, 64)
+    before = seg.logits(x)
+    buffer = seg._text.data_ptr()
+    seg.set_classes(names)
+    assert seg._text.data_ptr() == buffer  # updated in place: captured graphs keep reading it
+    assert seg.class_names == names
+    assert torch.equal(seg.logits(x), _engine(rebuilt).logits(x))
+    assert rel_err(before, seg.logits(x)) > 1e-3
+
+
+def _official_test_pipeline(model: DenseCLIP, image: np.ndarray, mode: str) -> torch.Tensor:
+    """The mmseg test pipeline written out in plain torch: keep-ratio resize to fit (2048, 512) with mmcv's
+    rounding, uint8 rounding of the resized pixels, CLIP normalisation, whole or slide, resize back."""
+    h, w = image.shape[:2]
+    long_edge, short_edge = max(model.config.test_scale), min(model.config.test_scale)
+    factor = min(long_edge / max(h, w), short_edge / min(h, w))
+    size = (int(h * factor + 0.5), int(w * factor + 0.5))
+    x = torch.from_numpy(image).permute(2, 0, 1)[None].float()
+    x = F.interpolate(x, size=size, mode="bilinear", align_corners=False).round().clamp(0, 255)
+    x = (x - CLIP_MEAN) / CLIP_STD
+    with torch.no_grad():
+        out = model(x) if mode == "whole" else model.slide_inference(x, crop=64, stride=40)
+    return F.interpolate(out, size=(h, w), mode="bilinear", align_corners=False)
+
+
+@pytest.mark.parametrize("mode", ["whole", "slide"])
+def test_uint8_images_go_through_the_official_test_pipeline(model, mode):
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, size=(48, 80, 3), dtype=np.uint8)
+    b = rng.integers(0, 256, size=(37, 29, 3), dtype=np.uint8)
+    seg = Segmenter(model, device="cpu", dtype=torch.float32, mode=mode, crop=64, stride=40)
+    seg.model.config = seg.model.config.replace(test_scale=(256, 64))  # keep the resized images small
+    model.config, saved = seg.model.config, model.config
+    try:
+        out = seg.logits([a, b])  # different sizes: a list, each at its own size
+        assert isinstance(out, list) and out[0].shape == (4, 48, 80) and out[1].shape == (4, 37, 29)
+        assert rel_err(out[0], _official_test_pipeline(model, a, mode)[0]) < 1e-4
+        assert rel_err(out[1], _official_test_pipeline(model, b, mode)[0]) < 1e-4
+        batch = seg.logits(torch.from_numpy(np.stack([a, a])))  # one (B, H, W, 3) tensor: one forward
+        assert batch.shape == (2, 4, 48, 80) and rel_err(batch[1], out[0]) < 1e-5
+        from PIL import Image
+
+        assert rel_err(seg.logits(Image.fromarray(a))[0], out[0]) < 1e-6
+    finally:
+        model.config = saved
+
+
+def test_predict_overlay_and_open_vocab(model):
+    seg = _engine(model)
+    image = np.random.default_rng(1).integers(0, 256, size=(40, 52, 3), dtype=np.uint8)
+    labels = seg.predict(image)
+    assert labels.shape == (1, 40, 52) and labels.dtype == torch.int64 and labels.max() < 4
+    picture = seg.overlay(image, labels[0])
+    assert picture.shape == (40, 52, 3) and picture.dtype == np.uint8
+    x = torch.randn(2, 3, 64, 96)
+    scores = seg.open_vocab(x, ["dog", "sky", "road", "grass", "car"])
+    assert scores.shape == (2, 5, 64, 96)
+    with torch.no_grad():
+        expected = model.open_vocab_scores(x, ["dog", "sky", "road", "grass", "car"])
+    expected = F.interpolate(expected, size=(64, 96), mode="bilinear", align_corners=False)
+    assert rel_err(scores, expected) < 1e-4
+    assert seg.open_vocab(x, ["dog", "sky", "road", "grass", "car"]).shape == scores.shape  # cached vocabulary
+
+
+def test_threads_take_turns(model):
+    seg = _engine(model)
+    xs = [torch.randn(1, 3, 64, 64) for _ in range(4)]
+    expected = [seg.logits(x) for x in xs]
+    results: dict[int, torch.Tensor] = {}
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, seg.logits(xs[i]))) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(torch.equal(results[i], expected[i]) for i in range(4))
+
+
+@pytest.mark.parametrize(
+    "images, match",
+    [
+        (torch.randn(1, 4, 64, 64), r"CLIP-normalised \(B, 3, H, W\), got shape \(1, 4, 64, 64\)"),
+        (np.zeros((32, 32, 4), np.uint8), r"uint8 \(H, W, 3\) image, got shape \(32, 32, 4\)"),
+        (torch.randn(0, 3, 64, 64), "empty batch"),
+        ([], "empty list"),
+        (np.zeros((0, 10, 3), np.uint8), "zero-size image"),
+        (torch.full((1, 3, 64, 64), float("nan")), "NaN or infinite"),
+        (np.zeros((32, 32, 3), np.float32), "numpy images must be uint8"),
+        ("image.png", "expected an image"),
+    ],
+)
+def test_bad_images(model, images, match):
+    with pytest.raises(ValueError, match=match):
+        _engine(model).logits(images)
+
+
+def test_bad_vocabularies_and_settings(model):
+    seg = _engine(model)
+    with pytest.raises(ValueError, match="exactly 4 names"):
+        seg.set_classes([])
+    with pytest.raises(ValueError, match="'a very long class name' has 5 BPE tokens"):
+        seg.set_classes(["sky", "road", "tree", "a very long class name"])
+    with pytest.raises(ValueError, match="must not be empty"):
+        seg.open_vocab(torch.randn(1, 3, 64, 64), [])
+    with pytest.raises(ValueError, match="float16 needs a CUDA device"):
+        Segmenter(model, device="cpu", dtype=torch.float16)
+    with pytest.raises(ValueError, match="mode must be 'whole' or 'slide'"):
+        Segmenter(model, device="cpu", mode="tiles")
+    with pytest.raises(ValueError, match="must be a denseclip_fast.DenseCLIP"):
+        Segmenter(torch.nn.Linear(2, 2), device="cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU is available"):
+            Segmenter(model, device="cuda")
+
+
+def test_batchnorm_folding_keeps_the_function():
+    model = randomized(DenseCLIP(tiny_config("resnet"), NAMES)).eval()
+    folded = randomized(DenseCLIP(tiny_config("resnet"), NAMES)).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+        count = fold_batchnorm(model)
+        assert count == 3 + 4 * 3 + 4 + 7  # stem, 4 bottlenecks, 4 shortcuts, 1 + 1 + 2 + 3 head blocks
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+        assert rel_err(model(x), expected) < 1e-5
+        vit = randomized(DenseCLIP(tiny_config("vit"), NAMES)).eval()
+        expected = vit(x)
+        assert fold_batchnorm(vit) == 1 + 7  # the ConvTranspose-BN of the pyramid, the head
+        assert rel_err(vit(x), expected) < 1e-5
+    with pytest.raises(ValueError, match="eval mode"):
+        fold_batchnorm(folded.train())
+
+
+# ------------------------------------------------------------------------------------------------ graph cache
+
+
+class FakeCapture:
+    """Stands in for a CUDA graph on CPU: records what was captured and replays by calling the function."""
+
+    def __init__(self) -> None:
+        self.captured: list[tuple[int, ...]] = []
+
+    def __call__(self, fn, example, pool):
+        self.captured.append(tuple(example.shape))
+        return lambda x: fn(x)
+
+
+def test_graph_cache_captures_each_shape_once_and_evicts():
+    calls = []
+    fn = lambda x: (calls.append(tuple(x.shape)), x * 2)[1]  # noqa: E731
+    capture = FakeCapture()
+    cache = GraphCache(fn, enabled=True, capture=capture, max_graphs=2)
+    a, b, c = torch.ones(1, 3), torch.ones(2, 3), torch.ones(3, 3)
+    assert torch.equal(cache(a), a * 2) and torch.equal(cache(a), a * 2)
+    cache(b)
+    assert capture.captured == [(1, 3), (2, 3)] and cache.captures == 2
+    cache(a)  # a is now the most recent: c evicts b
+    cache(c)
+    assert list(cache.graphs) == [((1, 3), torch.float32, torch.device("cpu"), (3, 1)),
+                                  ((3, 3), torch.float32, torch.device("cpu"), (3, 1))]  # fmt: skip
+    cache(b)
+    assert capture.captured[-1] == (2, 3) and cache.captures == 4
+    cache(a.t().contiguous().t())  # same shape, other strides: a graph of its own
+    assert cache.captures == 5
+    disabled = GraphCache(fn, enabled=False, capture=capture)
+    disabled(a)
+    assert disabled.captures == 0
+    with pytest.raises(ValueError, match="max_graphs must be >= 1"):
+        GraphCache(fn, max_graphs=0)
+
+
+def test_segmenter_routes_every_forward_through_the_graph_cache(model):
+    seg = _engine(model, mode="slide")
+    capture = FakeCapture()
+    seg._graphs = GraphCache(seg._forward, enabled=True, capture=capture)
+    x = torch.randn(1, 3, 70, 100)
+    first = seg.logits(x)
+    assert torch.equal(seg.logits(x), first)
+    assert capture.captured == [(4, 3, 64, 64)]  # all 2 x 2 crops of the image in one forward, captured once
+    seg.logits(torch.randn(1, 3, 64, 64))
+    assert capture.captured[-1] == (1, 3, 64, 64)
+    assert seg.captured_graphs == 2
+    assert Segmenter(model, device="cpu", dtype=torch.float32).captured_graphs == 0  # no capture on CPU
+
+
+@pytest.mark.slow
+def test_released_rn50_engine_equals_model():
+    model = DenseCLIP.from_arch("RN50", ["sky", "road", "tree"]).eval()
+    randomized(model)
+    x = torch.randn(1, 3, 96, 128)
+    with torch.no_grad():
+        expected = model(x)
+    assert rel_err(Segmenter(model, device="cpu", dtype=torch.float32).logits(x), expected) < 1e-4
+    assert dcf.Segmenter is Segmenter
