@@ -19,10 +19,8 @@ fraction of 790 TFLOP/s (H200 bf16 dense). Writes JSON, markdown and a PNG bar c
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -33,7 +31,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import denseclip_fast as dcf  # noqa: E402
-from benchmarks.common import cpu_name  # noqa: E402
+from benchmarks.common import environment  # noqa: E402
 from benchmarks.official import OfficialDenseCLIP, official_config, randomize_  # noqa: E402
 
 PEAK_FLOPS = 790e12
@@ -169,19 +167,6 @@ def run(args: argparse.Namespace, device: torch.device) -> list[dict]:
                         torch.cuda.empty_cache()
         del model, official
     return rows
-
-
-def environment(device: torch.device) -> dict:
-    env = {"date": datetime.date.today().isoformat(), "torch": torch.__version__, "python": platform.python_version(),
-           "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
-           "threads": torch.get_num_threads()}  # fmt: skip
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except ImportError:
-        env["triton"] = None
-    return env
 
 
 def table(env: dict, rows: list[dict], gpu: bool, classes: int) -> str:

@@ -13,10 +13,8 @@ dense); "floor" is the larger of the two, "of floor" is floor / measured.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -27,7 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import cpu_name  # noqa: E402
+from benchmarks.common import environment as common_environment  # noqa: E402
 from denseclip_fast import ops  # noqa: E402
 from denseclip_fast.ops import reference  # noqa: E402
 
@@ -154,16 +152,7 @@ def bench_attention(b: int, heads: int, lq: int, lk: int, d: int, dtype: torch.d
 
 
 def environment(device: torch.device) -> dict:
-    env = {"date": datetime.date.today().isoformat(), "torch": torch.__version__, "python": platform.python_version(),
-           "gpu": device.type == "cuda",
-           "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
-           "cpu_threads": torch.get_num_threads()}  # fmt: skip
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except ImportError:
-        env["triton"] = None
+    env = common_environment(device)
     env["extension"] = ops.build_info() if ops.extension_available() else None
     return env
 
@@ -173,7 +162,7 @@ def markdown(env: dict, rows: list[Row]) -> str:
         how = ("Median of triton.testing.do_bench runs (L2 flushed between runs). Floor = max(bytes / 4.8 TB/s, "
                "FLOPs / 790 TFLOP/s), the H200's; 'of floor' = floor / median.")  # fmt: skip
     else:
-        how = (f"CPU smoke run ({env['cpu_threads']} threads): median of perf_counter loops. The bandwidth, FLOP-rate "
+        how = (f"CPU smoke run ({env['threads']} threads): median of perf_counter loops. The bandwidth, FLOP-rate "
                "and floor columns refer to an H200 and mean nothing here.")  # fmt: skip
     lines = [
         f"# Operator benchmark: {env['device']}",

@@ -4,6 +4,8 @@
 
 #include <ATen/ATen.h>
 
+#include <utility>
+
 namespace denseclip_fast {
 
 constexpr double kNormEps = 1e-12;  // torch.nn.functional.normalize's eps
@@ -58,6 +60,17 @@ at::Tensor score_concat_with(const at::Tensor& feature, const at::Tensor& visual
   out.narrow(1, 0, feature.size(1)).copy_(feature);
   into(out.narrow(1, feature.size(1), s.K), visual, text, s, scale);
   return out;
+}
+
+// float32 for float16/bfloat16/float32 tensors, float64 for float64: the type the ATen-based parts compute in.
+inline at::ScalarType compute_type(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// x / max(|x|, eps) along `dim` (F.normalize), and the clamped norms (keepdim).
+inline std::pair<at::Tensor, at::Tensor> normalize_along(const at::Tensor& x, int64_t dim) {
+  const at::Tensor clamped = at::linalg_vector_norm(x, 2, {dim}, /*keepdim=*/true).clamp_min(kNormEps);
+  return {x / clamped, clamped};
 }
 
 // Shapes of a context_attention call: q (B, heads, Lq, D), k and v (B, heads, Lk, D).

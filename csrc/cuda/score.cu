@@ -1,4 +1,4 @@
-// CUDA kernels of pixel_text_score, its backward and score_concat.
+// CUDA kernel of pixel_text_score and score_concat (the backward, ATen on any device, is in csrc/score_backward.cpp).
 //
 // Forward (one fused kernel, any GPU): a block scores a tile of 64 classes x 64 pixels of one image. It loops over
 // the channels in chunks of 16, staging the visual tile (16 x 64) and the text tile (64 x 16) in shared memory in
@@ -8,10 +8,6 @@
 // strides are arguments, so NCHW, NHWC and strided output views (score_concat) share the kernel. The products run on
 // the FMA units in float (double for float64): this kernel is the portable backend; the tensor-core path is the
 // Triton kernel (denseclip_fast/ops/triton/score.py), which ops.backends prefers on CUDA.
-//
-// Backward: the two products (scale * T^^T G for the visual side, G / |v| times V^T for the text side) go to cuBLAS;
-// one kernel applies the Jacobian of the pixel normalisation per pixel: dv = (g^ - v^ <v^, g^>) / |v| if |v| >= eps,
-// g^ / eps otherwise. The text normalisation's Jacobian runs on the small K x C result with ATen ops.
 #include <ATen/ATen.h>
 #include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
@@ -118,70 +114,10 @@ at::Tensor score_concat_cuda(const at::Tensor& feature, const at::Tensor& visual
   return score_concat_with(feature, visual, text, scale, score_forward_into);
 }
 
-// dv[b, c, p] = inv[p] * (gh[c, p] - v[c, p] * inv[p] * <v^, gh>_p * [|v_p| >= eps]); one thread per pixel column.
-template <typename scalar_t, typename acc_t>
-__global__ void normalize_backward_kernel(const scalar_t* __restrict__ v, const acc_t* __restrict__ gh,
-                                          scalar_t* __restrict__ dv, int64_t B, int64_t C, int64_t P) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= B * P) return;
-  const int64_t b = i / P, p = i % P;
-  const scalar_t* vb = v + b * C * P + p;
-  const acc_t* gb = gh + b * C * P + p;
-  acc_t ss = 0, dot = 0;
-  for (int64_t c = 0; c < C; ++c) {
-    const acc_t x = static_cast<acc_t>(vb[c * P]);
-    ss += x * x;
-    dot += x * gb[c * P];
-  }
-  const acc_t norm = sqrt(ss), eps = static_cast<acc_t>(kNormEps);
-  const acc_t inv = acc_t(1) / max(norm, eps);
-  const acc_t radial = norm >= eps ? dot * inv * inv : acc_t(0);
-  scalar_t* db = dv + b * C * P + p;
-  for (int64_t c = 0; c < C; ++c) {
-    db[c * P] = static_cast<scalar_t>((gb[c * P] - static_cast<acc_t>(vb[c * P]) * radial) * inv);
-  }
-}
-
-std::tuple<at::Tensor, at::Tensor> pixel_text_score_backward_cuda(const at::Tensor& grad, const at::Tensor& visual,
-                                                                  const at::Tensor& text, double scale) {
-  const ScoreShape s = check_score_inputs(visual, text, "pixel_text_score_backward");
-  check_score_grad(grad, visual, s, "pixel_text_score_backward");
-  if (visual.numel() == 0) return {at::zeros_like(visual), at::zeros_like(text)};
-  const c10::cuda::CUDAGuard guard(visual.device());
-  const at::MemoryFormat fmt = score_memory_format(visual);
-  const at::ScalarType acc = visual.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const at::Tensor v = visual.contiguous().view({s.B, s.C, s.P()});
-  const at::Tensor g = grad.contiguous().view({s.B, s.K, s.P()}).to(acc);
-  const at::Tensor t = text.to(acc);
-  const at::Tensor t_norm = at::linalg_vector_norm(t, 2, {-1}, /*keepdim=*/true);
-  const at::Tensor t_hat = t / t_norm.clamp_min(kNormEps);
-  const at::Tensor t_hat_b = s.text_batched ? t_hat : t_hat.unsqueeze(0).expand({s.B, s.K, s.C});
-  // Visual side: g^ = scale * T^^T G (cuBLAS), then the normalisation's Jacobian per pixel.
-  const at::Tensor gh = at::bmm(t_hat_b.transpose(1, 2), g).mul_(scale).contiguous();  // (B, C, P)
-  at::Tensor dv = at::empty_like(v);
-  const int64_t n = s.B * s.P();
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "pixel_text_score_backward_cuda", [&] {
-    using acc_t = at::acc_type<scalar_t, true>;
-    normalize_backward_kernel<scalar_t, acc_t><<<(n + 255) / 256, 256, 0, stream>>>(
-        v.data_ptr<scalar_t>(), gh.data_ptr<acc_t>(), dv.data_ptr<scalar_t>(), s.B, s.C, s.P());
-  });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  // Text side: d/dt^ = scale * sum_p G / max(|v_p|, eps) v^T, then the text normalisation's Jacobian.
-  const at::Tensor v_acc = v.to(acc);
-  const at::Tensor inv_v = at::linalg_vector_norm(v_acc, 2, {1}, /*keepdim=*/true).clamp_min(kNormEps).reciprocal();
-  at::Tensor gt_hat = at::bmm(g * inv_v * scale, v_acc.transpose(1, 2));  // (B, K, C)
-  if (!s.text_batched) gt_hat = gt_hat.sum(0);
-  const at::Tensor radial = (t_hat * gt_hat).sum(-1, true) * (t_norm >= kNormEps);
-  const at::Tensor grad_text = ((gt_hat - t_hat * radial) / t_norm.clamp_min(kNormEps)).to(text.scalar_type());
-  return {dv.view({s.B, s.C, s.H, s.W}).contiguous(fmt), grad_text};
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(denseclip_fast, CUDA, m) {
   m.impl("pixel_text_score", &pixel_text_score_cuda);
-  m.impl("pixel_text_score_backward", &pixel_text_score_backward_cuda);
   m.impl("score_concat", &score_concat_cuda);
 }
 

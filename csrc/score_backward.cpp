@@ -1,0 +1,53 @@
+// Backward of pixel_text_score, for CPU and CUDA tensors alike (ATen calls: batched GEMMs on BLAS or cuBLAS, and
+// elementwise work on the small and the pixel-sized results).
+//
+// With v^ = v / max(|v|, eps), t^ = t / max(|t|, eps) and s = scale <t^, v^>:
+//   g^_v = scale * T^^T G                      (one batched GEMM, (C x K)(K x P) per image)
+//   dv   = (g^_v - v^ <v^, g^_v>) / |v|         if |v| >= eps, g^_v / eps otherwise (F.normalize's clamp: its
+//                                               gradient passes at equality)
+//   g^_t = scale * sum_p (G / max(|v_p|, eps)) v_p^T   (one batched GEMM on the raw map, summed over the batch
+//                                               when the text is shared), then the same Jacobian for the rows of t.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "common.h"
+
+namespace denseclip_fast {
+namespace {
+
+// Backward of x / max(|x|, eps) along `dim`, for the gradient g_hat of the normalised tensor.
+at::Tensor normalize_backward(const at::Tensor& g_hat, const at::Tensor& x_hat, const at::Tensor& x_clamped,
+                              const at::Tensor& x_norm, int64_t dim) {
+  const at::Tensor radial = (x_hat * g_hat).sum(dim, /*keepdim=*/true) * x_norm.ge(kNormEps);
+  return (g_hat - x_hat * radial) / x_clamped;
+}
+
+std::tuple<at::Tensor, at::Tensor> pixel_text_score_backward(const at::Tensor& grad, const at::Tensor& visual,
+                                                             const at::Tensor& text, double scale) {
+  const ScoreShape s = check_score_inputs(visual, text, "pixel_text_score_backward");
+  check_score_grad(grad, visual, s, "pixel_text_score_backward");
+  if (visual.numel() == 0) return {at::zeros_like(visual), at::zeros_like(text)};
+  const at::ScalarType ct = compute_type(visual);
+  const at::Tensor v = visual.to(ct).contiguous().view({s.B, s.C, s.P()});
+  const at::Tensor g = grad.to(ct).contiguous().view({s.B, s.K, s.P()});
+  const at::Tensor t = text.to(ct);
+  const at::Tensor t_norm = at::linalg_vector_norm(t, 2, {-1}, /*keepdim=*/true);
+  const auto [t_hat, t_clamped] = normalize_along(t, -1);
+  const at::Tensor t_b = s.text_batched ? t_hat : t_hat.unsqueeze(0).expand({s.B, s.K, s.C});
+  const at::Tensor v_norm = at::linalg_vector_norm(v, 2, {1}, /*keepdim=*/true);  // (B, 1, P)
+  const at::Tensor v_clamped = v_norm.clamp_min(kNormEps);
+  const at::Tensor gv_hat = at::bmm(t_b.transpose(1, 2), g).mul_(scale);          // (B, C, P)
+  const at::Tensor grad_visual = normalize_backward(gv_hat, v / v_clamped, v_clamped, v_norm, 1);
+  at::Tensor gt_hat = at::bmm(g / v_clamped, v.transpose(1, 2)).mul_(scale);    // (B, K, C)
+  if (!s.text_batched) gt_hat = gt_hat.sum(0);
+  const at::Tensor grad_text = normalize_backward(gt_hat, t_hat, t_clamped, t_norm, -1);
+  return {grad_visual.view({s.B, s.C, s.H, s.W}).to(visual.scalar_type()).contiguous(score_memory_format(visual)),
+          grad_text.to(text.scalar_type())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(denseclip_fast, CPU, m) { m.impl("pixel_text_score_backward", &pixel_text_score_backward); }
+TORCH_LIBRARY_IMPL(denseclip_fast, CUDA, m) { m.impl("pixel_text_score_backward", &pixel_text_score_backward); }
+
+}  // namespace denseclip_fast
