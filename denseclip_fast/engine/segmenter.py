@@ -141,7 +141,7 @@ class Segmenter:
             out = slide_inference(self._graphs, x, self.crop, self.stride)
         else:
             out = self._graphs(x)
-        return out.float()  # a new tensor: the graph's output buffer is reused by the next replay
+        return out.to(torch.float32, copy=True)  # never the graph's output buffer, which the next replay reuses
 
     def _layout(self) -> torch.memory_format:
         return torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
