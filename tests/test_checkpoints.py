@@ -54,6 +54,16 @@ def test_official_file_loads_in_eval_mode_with_meta(official_file):
         assert torch.equal(value, sd[key]), key  # every tensor was consumed as it is
 
 
+def test_numpy_values_in_meta_are_read(tmp_path, official_file):
+    """mmcv's meta may hold numpy arrays and scalars; they are plain data and must not make the file unreadable."""
+    import numpy as np
+
+    sd = _state(official_file)["state_dict"]
+    palette = np.array([[10, 20, 30], [40, 50, 60], [70, 80, 90], [1, 2, 3]], dtype=np.int64)
+    path = _save_state(tmp_path, sd, meta={"CLASSES": tuple(NAMES), "PALETTE": palette, "seed": np.int64(7)})
+    assert dcf.load_checkpoint(path).palette == [tuple(map(int, c)) for c in palette]
+
+
 def test_class_names_argument_overrides_meta(official_file):
     model = dcf.load_checkpoint(official_file, class_names=["a", "b", "c", "d"])
     assert model.class_names == ["a", "b", "c", "d"]

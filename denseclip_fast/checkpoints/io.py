@@ -1,6 +1,7 @@
 """Reading weight files without ever executing code from them.
 
-* torch files (zip or legacy pickle) go through ``torch.load(weights_only=True)``: tensors and plain containers only.
+* torch files (zip or legacy pickle) go through ``torch.load(weights_only=True)``: tensors, plain containers and
+  numpy arrays/scalars (mmcv's ``meta`` may hold them) only.
 * TorchScript archives (OpenAI's CLIP ``.pt`` files) are read by :class:`_TorchScriptUnpickler`, which rebuilds
   tensors from the archive's storages and turns every scripted module into a plain record. No TorchScript code,
   no ``__setstate__`` of the archive and no global outside a short allowlist is ever run.
@@ -69,9 +70,28 @@ def read_weight_file(path: str | os.PathLike[str]) -> WeightFile:
     )
 
 
+def _numpy_safe_globals() -> list[Any]:
+    """numpy arrays and scalars, which mmcv's ``meta`` may hold: rebuilt from their data, no code involved. Named as
+    numpy 1 (``numpy.core``) and numpy 2 (``numpy._core``) write them."""
+    import numpy as np
+
+    try:
+        from numpy._core import multiarray
+    except ImportError:  # numpy 1
+        from numpy.core import multiarray  # type: ignore[no-redef]
+    items: list[Any] = [np.ndarray, np.dtype]
+    for package in ("numpy.core", "numpy._core"):
+        items += [(multiarray._reconstruct, f"{package}.multiarray._reconstruct"),
+                  (multiarray.scalar, f"{package}.multiarray.scalar")]  # fmt: skip
+    kinds = (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.float16, np.float32, np.float64)
+    items += [type(np.dtype(kind)) for kind in kinds]
+    return items
+
+
 def _torch_load(path: str) -> Any:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_numpy_safe_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         found = re.search(r"GLOBAL ([\w.]+)", str(exc))
         what = f"it references {found.group(1)}" if found else "it holds objects other than tensors and containers"
