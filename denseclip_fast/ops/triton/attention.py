@@ -27,6 +27,27 @@ LN2 = 0.6931471805599453
 
 
 @triton.jit
+def _key_block(k_ptr, v_ptr, bh, offs_n, Lk, D: tl.constexpr):
+    """Rows offs_n of K and V of one (batch, head), zeros past Lk, and their flat offsets."""
+    rows = bh * Lk * D + offs_n[:, None] * D + tl.arange(0, D)[None, :]
+    mask = offs_n[:, None] < Lk
+    return tl.load(k_ptr + rows, mask=mask, other=0.0), tl.load(v_ptr + rows, mask=mask, other=0.0), rows
+
+
+@triton.jit
+def _query_block(q_ptr, do_ptr, lse_ptr, delta_ptr, bh, offs_m, Lq, D: tl.constexpr):
+    """Rows offs_m of Q and dO of one (batch, head) with their log-sum-exp and delta, zeros past Lq, and the
+    flat offsets of the rows."""
+    rows = bh * Lq * D + offs_m[:, None] * D + tl.arange(0, D)[None, :]
+    mask = offs_m < Lq
+    q = tl.load(q_ptr + rows, mask=mask[:, None], other=0.0)
+    do = tl.load(do_ptr + rows, mask=mask[:, None], other=0.0)
+    lse = tl.load(lse_ptr + bh * Lq + offs_m, mask=mask, other=0.0)
+    delta = tl.load(delta_ptr + bh * Lq + offs_m, mask=mask, other=0.0)
+    return q, do, lse, delta, rows
+
+
+@triton.jit
 def _attn_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
     Lq, Lk, qk_scale,
@@ -45,8 +66,7 @@ def _attn_fwd_kernel(
     for n0 in range(0, Lk, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < Lk
-        k = tl.load(k_ptr + bh * Lk * D + offs_n[:, None] * D + offs_d[None, :], mask=mask_n[:, None], other=0.0)
-        v = tl.load(v_ptr + bh * Lk * D + offs_n[:, None] * D + offs_d[None, :], mask=mask_n[:, None], other=0.0)
+        k, v, _ = _key_block(k_ptr, v_ptr, bh, offs_n, Lk, D)
         if DOT_F32:
             s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
         else:
@@ -96,21 +116,14 @@ def _attn_bwd_dkdv_kernel(
     pid_n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, D)
     mask_n = offs_n < Lk
-    kv_ptr = bh * Lk * D + offs_n[:, None] * D + offs_d[None, :]
-    k = tl.load(k_ptr + kv_ptr, mask=mask_n[:, None], other=0.0)
-    v = tl.load(v_ptr + kv_ptr, mask=mask_n[:, None], other=0.0)
+    k, v, kv_ptr = _key_block(k_ptr, v_ptr, bh, offs_n, Lk, D)
     dk = tl.zeros((BLOCK_N, D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, D), dtype=tl.float32)
     for m0 in range(0, Lq, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         mask_m = offs_m < Lq
-        q_rows = bh * Lq * D + offs_m[:, None] * D + offs_d[None, :]
-        q = tl.load(q_ptr + q_rows, mask=mask_m[:, None], other=0.0)
-        do = tl.load(do_ptr + q_rows, mask=mask_m[:, None], other=0.0)
-        lse = tl.load(lse_ptr + bh * Lq + offs_m, mask=mask_m, other=0.0)
-        delta = tl.load(delta_ptr + bh * Lq + offs_m, mask=mask_m, other=0.0)
+        q, do, lse, delta, _ = _query_block(q_ptr, do_ptr, lse_ptr, delta_ptr, bh, offs_m, Lq, D)
         s_t = _mm(k, tl.trans(q), DOT_F32) * sm_scale  # (BLOCK_N, BLOCK_M): S^T
         p_t = tl.exp(s_t - lse[None, :])
         p_t = tl.where(mask_m[None, :] & mask_n[:, None], p_t, 0.0)
@@ -131,20 +144,13 @@ def _attn_bwd_dq_kernel(
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D)
     mask_m = offs_m < Lq
-    q_rows = bh * Lq * D + offs_m[:, None] * D + offs_d[None, :]
-    q = tl.load(q_ptr + q_rows, mask=mask_m[:, None], other=0.0)
-    do = tl.load(do_ptr + q_rows, mask=mask_m[:, None], other=0.0)
-    lse = tl.load(lse_ptr + bh * Lq + offs_m, mask=mask_m, other=0.0)
-    delta = tl.load(delta_ptr + bh * Lq + offs_m, mask=mask_m, other=0.0)
+    q, do, lse, delta, q_rows = _query_block(q_ptr, do_ptr, lse_ptr, delta_ptr, bh, offs_m, Lq, D)
     dq = tl.zeros((BLOCK_M, D), dtype=tl.float32)
     for n0 in range(0, Lk, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < Lk
-        kv_ptr = bh * Lk * D + offs_n[:, None] * D + offs_d[None, :]
-        k = tl.load(k_ptr + kv_ptr, mask=mask_n[:, None], other=0.0)
-        v = tl.load(v_ptr + kv_ptr, mask=mask_n[:, None], other=0.0)
+        k, v, _ = _key_block(k_ptr, v_ptr, bh, offs_n, Lk, D)
         s = _mm(q, tl.trans(k), DOT_F32) * sm_scale
         p = tl.where(mask_n[None, :], tl.exp(s - lse[:, None]), 0.0)
         dp = _mm(do, tl.trans(v), DOT_F32)
