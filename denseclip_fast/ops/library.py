@@ -27,7 +27,8 @@ def lse_dtype(q: torch.Tensor) -> torch.dtype:
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
-def _empty_score(visual: torch.Tensor, channels: int) -> torch.Tensor:
+def empty_score(visual: torch.Tensor, channels: int) -> torch.Tensor:
+    """The (B, channels, H, W) output of a score operator, in visual's dtype, device and score layout."""
     b, _, h, w = visual.shape
     return torch.empty(
         (b, channels, h, w), dtype=visual.dtype, device=visual.device, memory_format=score_memory_format(visual)
@@ -38,7 +39,7 @@ def _empty_score(visual: torch.Tensor, channels: int) -> torch.Tensor:
 
 
 def _fake_score(visual: torch.Tensor, text: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-    return _empty_score(visual, text.shape[-2])
+    return empty_score(visual, text.shape[-2])
 
 
 def _fake_score_backward(
@@ -49,7 +50,7 @@ def _fake_score_backward(
 
 
 def _fake_concat(feature: torch.Tensor, visual: torch.Tensor, text: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-    return _empty_score(visual, feature.shape[1] + text.shape[-2])
+    return empty_score(visual, feature.shape[1] + text.shape[-2])
 
 
 def _fake_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,14 +19,12 @@ if UNAVAILABLE is None:
     import torch
     from torch.library import triton_op
 
-    from ..library import lse_dtype, register_autograd, register_fakes, score_memory_format
+    from ..library import empty_score, lse_dtype, register_autograd, register_fakes
     from . import attention, score
 
     @triton_op("denseclip_fast::pixel_text_score_triton", mutates_args=())
     def pixel_text_score_triton(visual: torch.Tensor, text: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-        b, _, h, w = visual.shape
-        out = torch.empty((b, text.shape[-2], h, w), dtype=visual.dtype, device=visual.device,
-                          memory_format=score_memory_format(visual))  # fmt: skip
+        out = empty_score(visual, text.shape[-2])
         score.score_forward_into(out, visual, text, scale)
         return out
 
@@ -40,9 +38,8 @@ if UNAVAILABLE is None:
     def score_concat_triton(
         feature: torch.Tensor, visual: torch.Tensor, text: torch.Tensor, scale: float = 1.0
     ) -> torch.Tensor:
-        b, cf, h, w = feature.shape
-        out = torch.empty((b, cf + text.shape[-2], h, w), dtype=visual.dtype, device=visual.device,
-                          memory_format=score_memory_format(visual))  # fmt: skip
+        cf = feature.shape[1]
+        out = empty_score(visual, cf + text.shape[-2])
         out[:, :cf].copy_(feature)
         score.score_forward_into(out[:, cf:], visual, text, scale)
         return out

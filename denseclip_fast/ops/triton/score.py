@@ -22,9 +22,18 @@ import torch
 import triton
 import triton.language as tl
 
+from ..library import score_memory_format
 from .common import dot_in_f32
 
 EPS = 1e-12
+
+
+@triton.jit
+def _visual_tile(v_ptr, b, offs_c, offs_p, C, P, s_vb, s_vc, s_vp):
+    """The (BLOCK_C, BLOCK_P) visual tile of image b, zeros past C and P, and its element offsets and mask."""
+    ptr = b * s_vb + offs_c[:, None] * s_vc + offs_p[None, :] * s_vp
+    mask = (offs_c[:, None] < C) & (offs_p[None, :] < P)
+    return tl.load(v_ptr + ptr, mask=mask, other=0.0), ptr, mask
 
 
 @triton.jit
@@ -50,10 +59,7 @@ def _score_fwd_kernel(
     for c0 in range(0, C, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         mask_c = offs_c < C
-        v = tl.load(
-            v_ptr + b * s_vb + offs_c[:, None] * s_vc + offs_p[None, :] * s_vp,
-            mask=mask_c[:, None] & mask_p[None, :], other=0.0,
-        )  # fmt: skip
+        v, _, _ = _visual_tile(v_ptr, b, offs_c, offs_p, C, P, s_vb, s_vc, s_vp)
         t = tl.load(
             t_ptr + b * s_tb + offs_k[:, None] * s_tk + offs_c[None, :] * s_tc,
             mask=mask_k[:, None] & mask_c[None, :], other=0.0,
@@ -121,10 +127,8 @@ def _score_bwd_visual_kernel(
     for c0 in range(0, C, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         mask_c = offs_c < C
-        v = tl.load(
-            v_ptr + b * s_vb + offs_c[:, None] * s_vc + offs_p[None, :] * s_vp,
-            mask=mask_c[:, None] & mask_p[None, :], other=0.0,
-        ).to(tl.float32)  # fmt: skip
+        v, _, _ = _visual_tile(v_ptr, b, offs_c, offs_p, C, P, s_vb, s_vc, s_vp)
+        v = v.to(tl.float32)
         gh = _grad_hat_tile(that_ptr, g_ptr, b, offs_c, mask_c, offs_p, mask_p, K, s_tb, s_tk, s_tc, s_gb, s_gk,
                             s_gp, scale, BLOCK_P, BLOCK_K, BLOCK_C, DOT_F32)  # fmt: skip
         v_sq += tl.sum(v * v, axis=0)
@@ -136,9 +140,8 @@ def _score_bwd_visual_kernel(
     for c0 in range(0, C, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         mask_c = offs_c < C
-        ptr = b * s_vb + offs_c[:, None] * s_vc + offs_p[None, :] * s_vp
-        mask = mask_c[:, None] & mask_p[None, :]
-        v = tl.load(v_ptr + ptr, mask=mask, other=0.0).to(tl.float32)
+        v, ptr, mask = _visual_tile(v_ptr, b, offs_c, offs_p, C, P, s_vb, s_vc, s_vp)
+        v = v.to(tl.float32)
         gh = _grad_hat_tile(that_ptr, g_ptr, b, offs_c, mask_c, offs_p, mask_p, K, s_tb, s_tk, s_tc, s_gb, s_gk,
                             s_gp, scale, BLOCK_P, BLOCK_K, BLOCK_C, DOT_F32)  # fmt: skip
         gv = (gh - v * radial[None, :]) * inv[None, :]
@@ -150,7 +153,7 @@ def _flat_visual(visual: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
     shape: a contiguous tensor may carry any stride on a size-1 dimension, so stride(3) is no pixel stride when
     W == 1."""
     b, c, h, w = visual.shape
-    if visual.is_contiguous(memory_format=torch.channels_last) and not visual.is_contiguous():
+    if score_memory_format(visual) == torch.channels_last:
         return visual, h * w * c, 1, c
     return visual.contiguous(), c * h * w, h * w, 1
 
