@@ -31,7 +31,9 @@ inline VisualStrides dense_visual_strides(const ScoreShape& s) {
   return s.channels_last ? VisualStrides{s.P() * s.C, 1, s.C} : VisualStrides{s.C * s.P(), s.P(), 1};
 }
 
-// NHWC when visual is channels_last-contiguous and not also NCHW-contiguous, else NCHW.
+// NHWC when each image of visual has channels_last strides and not also NCHW ones, else NCHW. The batch stride is
+// not looked at, so that the answer does not change when the batch size becomes 1 (a graph compiled by
+// torch.export/AOTInductor at batch B relies on the layout it saw when it runs at batch 1).
 at::MemoryFormat score_memory_format(const at::Tensor& visual);
 
 // grad of a score call must be (B, K, H, W) with visual's dtype and device.

@@ -61,8 +61,22 @@ ScoreShape check_score_inputs(const at::Tensor& visual, const at::Tensor& text, 
   return s;
 }
 
+namespace {
+// Whether one image of visual (dims C, H, W; the batch stride is ignored) has the given dense strides, size-1
+// dimensions excepted.
+bool image_strides_are(const at::Tensor& visual, int64_t stride_c, int64_t stride_h, int64_t stride_w) {
+  const int64_t expected[3] = {stride_c, stride_h, stride_w};
+  for (int d = 1; d < 4; ++d) {
+    if (visual.size(d) != 1 && visual.stride(d) != expected[d - 1]) return false;
+  }
+  return true;
+}
+}  // namespace
+
 at::MemoryFormat score_memory_format(const at::Tensor& visual) {
-  if (visual.dim() == 4 && visual.is_contiguous(at::MemoryFormat::ChannelsLast) && !visual.is_contiguous()) {
+  if (visual.dim() != 4) return at::MemoryFormat::Contiguous;
+  const int64_t c = visual.size(1), h = visual.size(2), w = visual.size(3);
+  if (image_strides_are(visual, 1, w * c, c) && !image_strides_are(visual, h * w, w, 1)) {
     return at::MemoryFormat::ChannelsLast;
   }
   return at::MemoryFormat::Contiguous;

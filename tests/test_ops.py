@@ -120,6 +120,32 @@ def test_zero_vectors(backend):
     _check_close(t.grad, t64.grad, dtype, 2)
 
 
+@pytest.mark.parametrize("backend", sorted({b for b in dict(BACKEND_DTYPES) if b != "reference"}))
+def test_layout_does_not_depend_on_the_batch_size(backend):
+    """The score map of the pool's pixel tokens (a channels_last view with a padded batch stride) is NHWC at every
+    batch size, B = 1 included, where a batch stride means nothing: a graph AOTInductor compiled at B = 2 relies on
+    the layout it saw there when it runs at B = 1. Values and gradients stay exact."""
+    for b in (1, 2):
+        tokens = torch.randn(b, 1 + 5 * 3, 6, dtype=torch.float64, device=DEVICE)
+        text = torch.randn(4, 6, dtype=torch.float64, device=DEVICE)
+        tok, t = _leaf(tokens, torch.float32), _leaf(text, torch.float32)
+        visual = tok[:, 1:].transpose(1, 2).reshape(b, 6, 5, 3)  # a view, strides (16 * 6, 1, 18, 6)
+        tok64, t64 = _leaf(tokens), _leaf(text)
+        expected = reference.pixel_text_score(tok64[:, 1:].transpose(1, 2).reshape(b, 6, 5, 3), t64)
+        grad = torch.randn_like(expected)
+        expected.backward(grad)
+        out = ops.pixel_text_score(visual, t, backend=backend)
+        out.backward(grad.float())
+        assert out.is_contiguous(memory_format=torch.channels_last) and out.stride(1) == 1, (b, out.stride())
+        _check_close(out, expected, torch.float32)
+        _check_close(tok.grad, tok64.grad, torch.float32, 2)
+        _check_close(t.grad, t64.grad, torch.float32, 2)
+        feature = torch.randn(b, 2, 5, 3, device=DEVICE)
+        merged = ops.score_concat(feature, visual.detach(), t.detach(), backend=backend)
+        assert merged.stride(1) == 1, (b, merged.stride())
+        _check_close(merged[:, 2:], expected, torch.float32)
+
+
 @pytest.mark.parametrize("backend", sorted({b for b, _ in BACKEND_DTYPES}))
 def test_size_one_dimensions_with_odd_strides(backend):
     """Contiguous tensors may carry any stride on a size-1 dimension; the kernels must not trust it."""

@@ -15,10 +15,20 @@ from .extension import extension_available
 OPS = ("pixel_text_score", "score_concat", "context_attention")
 
 
+def _image_strides_are(visual: torch.Tensor, expected: tuple[int, int, int]) -> bool:
+    return all(visual.shape[d] == 1 or visual.stride(d) == expected[d - 1] for d in (1, 2, 3))
+
+
 def score_memory_format(visual: torch.Tensor) -> torch.memory_format:
-    """The layout of every (B, *, H, W) output of a score operator: NHWC when visual is channels_last-contiguous
-    (and not also NCHW-contiguous), else NCHW. The same rule as csrc/registration.cpp."""
-    if visual.dim() == 4 and visual.is_contiguous(memory_format=torch.channels_last) and not visual.is_contiguous():
+    """The layout of every (B, *, H, W) output of a score operator: NHWC when each image of visual has channels_last
+    strides (and not also NCHW ones), else NCHW. The same rule as csrc/registration.cpp.
+
+    The batch stride is not looked at: a graph that torch.export or AOTInductor compiled at batch B assumes the layout
+    it saw, and must get the same layout when it runs at batch 1 (where any tensor's batch stride is arbitrary)."""
+    if visual.dim() != 4:
+        return torch.contiguous_format
+    _, c, h, w = visual.shape
+    if _image_strides_are(visual, (1, w * c, c)) and not _image_strides_are(visual, (h * w, w, 1)):
         return torch.channels_last
     return torch.contiguous_format
 

@@ -154,7 +154,7 @@ def _flat_visual(visual: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
     W == 1."""
     b, c, h, w = visual.shape
     if score_memory_format(visual) == torch.channels_last:
-        return visual, h * w * c, 1, c
+        return visual.contiguous(memory_format=torch.channels_last), h * w * c, 1, c
     return visual.contiguous(), c * h * w, h * w, 1
 
 
