@@ -11,6 +11,12 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import glob  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import pytest  # noqa: E402
@@ -88,3 +94,78 @@ def randomized(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 @pytest.fixture(autouse=True)
 def _deterministic() -> None:
     torch.manual_seed(0)
+
+
+# ------------------------------------------------------------------------------------------------ the CMake build
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def cuda_toolkit() -> str | None:
+    """The CUDA toolkit setup.py would use, or None."""
+    from torch.utils import cpp_extension
+
+    for home in (os.environ.get("CUDA_HOME"), "/usr/local/cuda", cpp_extension.CUDA_HOME):
+        if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
+            return os.path.realpath(home)
+    return None
+
+
+def _nvrtc() -> str | None:
+    try:
+        import nvidia  # type: ignore[import-not-found]  # torch's CUDA runtime wheels
+    except ImportError:
+        return None
+    for base in nvidia.__path__:
+        found = sorted(glob.glob(os.path.join(base, "*", "lib", "libnvrtc.so*")))
+        if found:
+            return found[0]
+    return None
+
+
+def run_checked(args: list[str], env: dict[str, str] | None = None) -> str:
+    result = subprocess.run(args, capture_output=True, text=True, env=env)
+    assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result.stdout
+
+
+@dataclass
+class CMakeBuild:
+    """CMakeLists.txt built once per test session: libdenseclip_fast_ops and the examples/cpp programs."""
+
+    directory: Path
+    with_cuda: bool
+
+    def run(self, program: str, *args: str) -> str:
+        return run_checked([str(self.directory / program), *args])
+
+
+@pytest.fixture(scope="session")
+def cmake_build(tmp_path_factory: pytest.TempPathFactory) -> CMakeBuild:
+    cmake = shutil.which("cmake", path=os.path.dirname(sys.executable)) or shutil.which("cmake")
+    if cmake is None:
+        pytest.skip("cmake is not installed")
+    version = subprocess.run([cmake, "--version"], capture_output=True, text=True).stdout.split()[2]
+    if tuple(int(v) for v in version.split(".")[:2]) < (3, 26):
+        pytest.skip(f"cmake {version} is too old for torch's CMake config (>= 3.26; make setup installs one)")
+    build = tmp_path_factory.mktemp("cmake")
+    args = [cmake, "-S", ROOT, "-B", str(build), f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}"]
+    ninja = shutil.which("ninja", path=os.path.dirname(sys.executable)) or shutil.which("ninja")
+    if ninja:
+        args += ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]
+    toolkit = cuda_toolkit()
+    # The CUDA sources are compiled by setup.py already (test_extension.py); compiling them a second time here
+    # costs CI minutes, so CMake's CUDA path runs where DENSECLIP_FAST_CMAKE_CUDA=1 (benchmarks/gpu_check.sh).
+    with_cuda = torch.version.cuda is not None and toolkit is not None and os.environ.get("DENSECLIP_FAST_CMAKE_CUDA") == "1"
+    if torch.version.cuda is not None:
+        if toolkit is None:
+            pytest.skip("a CUDA build of torch needs a CUDA toolkit for find_package(Torch)")
+        # TorchConfig needs the toolkit even for CPU code; nvrtc ships with torch's pip packages, not the toolkit
+        args += [f"-DCUDA_TOOLKIT_ROOT_DIR={toolkit}", f"-DCMAKE_CUDA_COMPILER={toolkit}/bin/nvcc"]
+        if _nvrtc():
+            args.append(f"-DCUDA_nvrtc_LIBRARY={_nvrtc()}")
+    args.append(f"-DDENSECLIP_FAST_CUDA={'ON' if with_cuda else 'OFF'}")
+    env = {**os.environ, "TORCH_CUDA_ARCH_LIST": "9.0"}
+    run_checked(args, env)
+    run_checked([cmake, "--build", str(build), "-j", "2"], env)
+    return CMakeBuild(build, with_cuda)

@@ -10,9 +10,12 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
+from ..model import DenseCLIP
 from ..model.heads import ConvModule
 from ..model.resnet import Bottleneck, CLIPResNetBackbone
 
@@ -65,3 +68,19 @@ def fold_batchnorm(model: nn.Module) -> int:
             setattr(owner, bn_name, None if isinstance(owner, ConvModule) else nn.Identity())
             folded += 1
     return folded
+
+
+def prepare_for_inference(model: DenseCLIP, device: torch.device, dtype: torch.dtype) -> DenseCLIP:
+    """A private copy of ``model`` for inference (the engine's and the exporters'): eval, no gradients, BatchNorm
+    folded, on ``device``; everything an image goes through in ``dtype`` (channels_last on CUDA), the text encoder
+    and the contexts kept in float32 for the class embeddings."""
+    model = copy.deepcopy(model).eval().requires_grad_(False)
+    fold_batchnorm(model)
+    model.to(device)
+    for name, child in model.named_children():
+        if name != "text_encoder":
+            child.to(dtype)
+    model.gamma.data = model.gamma.data.to(dtype)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    return model

@@ -18,7 +18,6 @@ parallel inference give each thread (or GPU) its own Segmenter.
 from __future__ import annotations
 
 import contextlib
-import copy
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -36,7 +35,7 @@ from ..visualize import default_palette
 from ..visualize import overlay as blend
 from .graphs import GraphCache
 from .inputs import ImageBatch, as_batch
-from .rewrite import fold_batchnorm
+from .rewrite import prepare_for_inference
 
 Mode = Literal["whole", "slide"]
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -84,7 +83,7 @@ class Segmenter:
         for name, value in (("crop", self.crop), ("stride", self.stride)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        self.model = self._prepare(model)
+        self.model = prepare_for_inference(model, self.device, self.dtype)
         self._text = self._embed(self.model.class_names)  # the buffer the graphs read; refreshed in place
         self._vocabularies: OrderedDict[tuple[str, ...], torch.Tensor] = OrderedDict()
         self._lock = threading.RLock()
@@ -92,20 +91,6 @@ class Segmenter:
                                   max_graphs=max_graphs)  # fmt: skip
 
     # ------------------------------------------------------------------ setup
-
-    def _prepare(self, model: DenseCLIP) -> DenseCLIP:
-        """A private copy: eval, BatchNorm folded, on the device; everything the images go through in the engine's
-        dtype (channels_last on CUDA), the text encoder and the contexts kept in float32 for the class embeddings."""
-        model = copy.deepcopy(model).eval().requires_grad_(False)
-        fold_batchnorm(model)
-        model.to(self.device)
-        for name, child in model.named_children():
-            if name != "text_encoder":
-                child.to(self.dtype)
-        model.gamma.data = model.gamma.data.to(self.dtype)
-        if self.device.type == "cuda":
-            model.to(memory_format=torch.channels_last)
-        return model
 
     def _embed(self, names: Sequence[str]) -> torch.Tensor:
         """(K, D) class embeddings of ``names`` computed in float32, returned in the engine's dtype."""

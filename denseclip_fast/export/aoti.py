@@ -1,0 +1,131 @@
+"""AOTInductor: a compiled ``.pt2`` package of the engine's forward, for Python and for C++ without Python.
+
+    to_aoti(model_or_segmenter, "rn50.pt2", image_size=512)    torch.export + aoti_compile_and_package
+    pkg = load_aoti("rn50.pt2"); logits = pkg(x)                  x: CLIP-normalised (B, 3, H, W), B <= max_batch
+
+The package computes what ``Segmenter`` computes per forward (BatchNorm folded, the vocabulary's class embeddings
+baked in, the engine's device and dtype) at one image size and any batch up to ``max_batch``. The fused operators
+are inside: on CUDA the Triton kernels (``torch.library.triton_op``) are compiled into the package; the C++ and
+CUDA C++ operators are called through PyTorch's dispatcher, so the process that runs the package must have loaded
+them (``import denseclip_fast`` in Python; link ``libdenseclip_fast_ops`` in C++, see examples/cpp/segment.cpp).
+Facts the C++ runner needs (image size, mean/std, class names, device, dtype) are stored as package metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import __version__
+from ..engine import Segmenter
+from ..model import DenseCLIP
+from ..preprocess import CLIP_MEAN, CLIP_STD
+from .graphs import TRACE_BATCH, ImageGraph, check_image_size
+
+DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def to_aoti(
+    model_or_segmenter: DenseCLIP | Segmenter,
+    path: str | os.PathLike[str],
+    *,
+    image_size: int | Sequence[int] | None = None,
+    max_batch: int = 64,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Compile the engine's forward into an AOTInductor package at ``path`` (``.pt2``); returns the path.
+
+    Args:
+        model_or_segmenter: a Segmenter (its prepared model, device, dtype and vocabulary are used) or a DenseCLIP
+            model (prepared here as a Segmenter would be, on ``device`` in ``dtype``).
+        image_size: H and W (int or (H, W)); default the sliding-window crop (512, 640 for ViT-B/16).
+        max_batch: the largest batch the package accepts.
+        device, dtype: for a DenseCLIP model only (default: CUDA when available, else CPU; bfloat16 on CUDA,
+            float32 on CPU).
+    """
+    if isinstance(model_or_segmenter, Segmenter):
+        if device is not None or dtype is not None:
+            raise ValueError("device and dtype come from the Segmenter; pass a DenseCLIP model to choose them")
+        seg = model_or_segmenter
+    elif isinstance(model_or_segmenter, DenseCLIP):
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        seg = Segmenter(model_or_segmenter, device=device, dtype=dtype, cuda_graphs=False)
+    else:
+        raise ValueError(f"model_or_segmenter must be a DenseCLIP model or a Segmenter, got {type(model_or_segmenter).__name__}")
+    if not isinstance(max_batch, int) or max_batch < TRACE_BATCH:
+        raise ValueError(f"max_batch must be an int >= {TRACE_BATCH}, got {max_batch!r}")
+    size = check_image_size(seg.model, image_size)
+    module = ImageGraph(seg.model, seg._text.clone()).eval()
+    example = torch.randn(TRACE_BATCH, 3, *size, device=seg.device).to(seg.dtype, memory_format=seg._layout())
+    batch = torch.export.Dim("batch", min=1, max=max_batch)
+    with torch.no_grad(), seg._math():
+        program = torch.export.export(module, (example,), dynamic_shapes={"image": {0: batch}})
+    metadata = {
+        "denseclip_fast.version": __version__,
+        "denseclip_fast.arch": seg.model.config.arch,
+        "denseclip_fast.image_size": json.dumps(list(size)),
+        "denseclip_fast.max_batch": str(max_batch),
+        "denseclip_fast.device": seg.device.type,
+        "denseclip_fast.dtype": DTYPE_NAMES[seg.dtype],
+        "denseclip_fast.mean": json.dumps(CLIP_MEAN),
+        "denseclip_fast.std": json.dumps(CLIP_STD),
+        "denseclip_fast.class_names": json.dumps(seg.class_names),
+    }
+    path = Path(path)
+    if path.suffix != ".pt2":
+        raise ValueError(f"path must end in .pt2 (AOTInductor packages are .pt2 archives), got {str(path)!r}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with seg._math():
+        torch._inductor.aoti_compile_and_package(
+            program, package_path=str(path), inductor_configs={"aot_inductor.metadata": metadata}
+        )
+    return path
+
+
+class AOTIPackage:
+    """A loaded AOTInductor package: ``pkg(x)`` -> logits (B, K, H, W) in the package's dtype, on its device."""
+
+    def __init__(self, path: str | os.PathLike[str], device_index: int = -1) -> None:
+        from .. import ops  # noqa: F401  (registers the C++ operators the package calls)
+
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise ValueError(f"path {path!r} is not a file")
+        self.path = path
+        self._compiled = torch._inductor.aoti_load_package(path, device_index=device_index)
+        meta = self._compiled.get_metadata()
+        if "denseclip_fast.image_size" not in meta:
+            raise ValueError(f"{path} is not a denseclip_fast package (no denseclip_fast metadata)")
+        self.metadata = {k.removeprefix("denseclip_fast."): v for k, v in meta.items() if k.startswith("denseclip_fast.")}
+        self.image_size: tuple[int, int] = tuple(json.loads(self.metadata["image_size"]))  # type: ignore[assignment]
+        self.max_batch = int(self.metadata["max_batch"])
+        self.class_names: list[str] = json.loads(self.metadata["class_names"])
+        self.dtype: torch.dtype = getattr(torch, self.metadata["dtype"])
+        self.device = torch.device(self.metadata["device"] if device_index < 0 else f"cuda:{device_index}")
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or tuple(x.shape[1:]) != (3, *self.image_size):
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x must be (B, 3, {self.image_size[0]}, {self.image_size[1]}), got {got}")
+        if not 1 <= x.shape[0] <= self.max_batch:
+            raise ValueError(f"the batch must be 1..{self.max_batch} for this package, got {x.shape[0]}")
+        layout = torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
+        x = x.to(self.device, self.dtype, memory_format=layout)
+        out: Any = self._compiled(x)
+        return out[0] if isinstance(out, (list, tuple)) else out
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, W) int64 labels."""
+        return self(x).argmax(dim=1)
+
+
+def load_aoti(path: str | os.PathLike[str], device_index: int = -1) -> AOTIPackage:
+    """Load a package written by :func:`to_aoti` (``device_index`` picks the GPU of a CUDA package)."""
+    return AOTIPackage(path, device_index)

@@ -1,0 +1,104 @@
+"""The modules that the exporters trace: what a deployed DenseCLIP computes, with nothing Python-side left.
+
+    ImageGraph(model, embeddings)   normalised image (B, 3, H, W) -> logits (B, K, H, W), class embeddings baked in
+    ImageGraph(model, None)         (image, class embeddings (K, D)) -> logits: the vocabulary is an input
+    TextGraph(model)                class tokens (K, L) int64 -> class embeddings (K, D), through the learned contexts
+
+Both image graphs are the engine's per-forward function (image encoder, context decoder, fused score/concat, FPN,
+head, resize to the input size) on a model prepared as the engine prepares it (BatchNorm folded, one dtype).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import nn
+
+from ..engine.rewrite import prepare_for_inference
+from ..model import DenseCLIP
+from ..model.denseclip import MIN_IMAGE_SIDE
+
+GraphKind = Literal["image", "image_with_text", "text"]
+GRAPHS: tuple[str, ...] = ("image", "image_with_text", "text")
+# the graphs are traced at this batch size with the batch dimension symbolic: a trace at batch 1 lets the tracer
+# specialise size-1 dimensions into constants (and the graph would then reject batch 3)
+TRACE_BATCH = 2
+
+
+class ImageGraph(nn.Module):
+    """Normalised images -> logits. ``embeddings`` (K, D) are baked in as a buffer; None makes them an input."""
+
+    def __init__(self, model: DenseCLIP, embeddings: torch.Tensor | None) -> None:
+        super().__init__()
+        self.model = model
+        self.text_input = embeddings is None
+        if embeddings is not None:
+            self.register_buffer("class_embeddings", embeddings)
+
+    def forward(self, image: torch.Tensor, class_embeddings: torch.Tensor | None = None) -> torch.Tensor:
+        text = class_embeddings if self.text_input else self.class_embeddings
+        assert text is not None
+        feats = self.model.backbone(image)
+        prompted = self.model.context_prompt(feats, text)
+        return self.model.logits_and_score(feats, prompted, image.shape[2:])[0]
+
+
+class TextGraph(nn.Module):
+    """Class tokens (K, L) from :func:`denseclip_fast.model.text.tokenize_class_names` -> class embeddings (K, D)."""
+
+    def __init__(self, model: DenseCLIP, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.text_encoder = model.text_encoder.to(dtype)
+        self.contexts = nn.Parameter(model.contexts.detach().to(dtype), requires_grad=False)
+
+    def forward(self, class_tokens: torch.Tensor) -> torch.Tensor:
+        return self.text_encoder(class_tokens, self.contexts)
+
+
+def check_image_size(model: DenseCLIP, image_size: int | Sequence[int] | None) -> tuple[int, int]:
+    """(H, W) of the exported graph: ``image_size`` as an int or (H, W), by default the sliding-window crop (the
+    size the network sees in the official slide inference)."""
+    if image_size is None:
+        return model.config.slide_crop, model.config.slide_crop
+    size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    if len(size) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) for s in size):
+        raise ValueError(f"image_size must be an int or (H, W) ints, got {image_size!r}")
+    if min(size) < MIN_IMAGE_SIDE:
+        raise ValueError(f"image_size must be at least {MIN_IMAGE_SIDE} on each side, got {size}")
+    return size[0], size[1]
+
+
+def build_graph(
+    model: DenseCLIP, graph: str, dtype: torch.dtype, device: torch.device
+) -> tuple[nn.Module, DenseCLIP]:
+    """The module for ``graph`` on a prepared copy of ``model`` (which is returned too)."""
+    if not isinstance(model, DenseCLIP):
+        raise ValueError(f"model must be a denseclip_fast.DenseCLIP, got {type(model).__name__}")
+    if graph not in GRAPHS:
+        raise ValueError(f"graph must be one of {GRAPHS}, got {graph!r}")
+    prepared = prepare_for_inference(model, device, dtype)
+    if graph == "text":
+        return TextGraph(prepared, dtype).eval(), prepared
+    if graph == "image_with_text":
+        return ImageGraph(prepared, None).eval(), prepared
+    with torch.no_grad():
+        embeddings = prepared.text_features(prepared.class_names).to(dtype)
+    return ImageGraph(prepared, embeddings).eval(), prepared
+
+
+def example_inputs(
+    graph: str, prepared: DenseCLIP, size: tuple[int, int], dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, ...]:
+    """Random inputs of the right shapes to trace ``graph`` with (batch and class count symbolic)."""
+    if graph == "text":
+        tokens = prepared.class_tokens.to(device)
+        return (tokens.repeat(TRACE_BATCH, 1) if tokens.shape[0] < TRACE_BATCH else tokens,)
+    image = torch.randn(TRACE_BATCH, 3, *size, dtype=dtype, device=device)
+    if device.type == "cuda":
+        image = image.contiguous(memory_format=torch.channels_last)
+    if graph == "image_with_text":
+        text = torch.randn(prepared.num_classes, prepared.config.embed_dim, dtype=dtype, device=device)
+        return image, text
+    return (image,)

@@ -1,0 +1,127 @@
+"""ONNX export (torch.onnx's dynamo exporter) with the fused operators as standard ONNX operators.
+
+    to_onnx(model, "rn50.onnx")                              image (B,3,512,512) -> logits, vocabulary baked in
+    to_onnx(model, "rn50_t.onnx", graph="image_with_text")   (image, class_embeddings (K, D)) -> logits
+    to_onnx(model, "text.onnx", graph="text")                class_tokens (K, 5) int64 -> class_embeddings (K, D)
+
+The batch (the class count for the text graph) is dynamic; H and W are fixed at export. Inputs and outputs are in
+the graph's dtype (float32 or float16); the image is CLIP-normalised RGB (``denseclip_fast.preprocess.normalize``);
+class tokens come from ``denseclip_fast.model.text.tokenize_class_names``. Every graph carries its facts (arch,
+class names, size, dtype, mean/std) as ONNX metadata properties under ``denseclip_fast.*``, and is checked against
+TensorRT's supported-operator list (:mod:`.tensorrt`) as it is written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from ..model import DenseCLIP
+from ..preprocess import CLIP_MEAN, CLIP_STD
+from .graphs import TRACE_BATCH, build_graph, check_image_size, example_inputs
+
+ONNX_DTYPES = (torch.float32, torch.float16)
+OPSETS = range(17, 21)  # LayerNormalization needs 17; TensorRT 10's parser reads up to 20
+NAMES = {
+    "image": (["image"], ["logits"]),
+    "image_with_text": (["image", "class_embeddings"], ["logits"]),
+    "text": (["class_tokens"], ["class_embeddings"]),
+}
+
+
+def to_onnx(
+    model: DenseCLIP,
+    path: str | os.PathLike[str],
+    *,
+    graph: str = "image",
+    image_size: int | Sequence[int] | None = None,
+    dtype: torch.dtype = torch.float32,
+    opset: int = 18,
+    max_batch: int = 1024,
+    check_tensorrt: bool = True,
+) -> Path:
+    """Export ``model`` to an ONNX file at ``path``; returns the path.
+
+    Args:
+        model: a DenseCLIP model (left untouched: a prepared copy is exported, BatchNorm folded).
+        graph: ``"image"`` (class embeddings of the current vocabulary baked in), ``"image_with_text"`` (class
+            embeddings (K, D) as a second input: reword the vocabulary without re-exporting) or ``"text"``.
+        image_size: H and W of the image graphs (int or (H, W)); default the sliding-window crop (512, 640 for
+            ViT-B/16), the size the network sees in the official slide inference.
+        dtype: torch.float32 or torch.float16 (the fused operators and the CLIP LayerNorms compute in float32).
+        opset: ONNX opset, 17 to 20.
+        max_batch: the largest batch (class count for the text graph) the graph declares.
+        check_tensorrt: warn (``UserWarning``) about any node outside TensorRT's supported-operator list.
+    """
+    if dtype not in ONNX_DTYPES:
+        raise ValueError(
+            f"dtype must be torch.float32 or torch.float16 for ONNX, got {dtype} (for bfloat16, build a TensorRT "
+            "engine with bf16=True from the float32 graph)"
+        )
+    if opset not in OPSETS:
+        raise ValueError(f"opset must be in {OPSETS.start}..{OPSETS.stop - 1}, got {opset!r}")
+    if not isinstance(max_batch, int) or max_batch < TRACE_BATCH:
+        raise ValueError(f"max_batch must be an int >= {TRACE_BATCH}, got {max_batch!r}")
+    device = torch.device("cpu")
+    module, prepared = build_graph(model, graph, dtype, device)
+    size = check_image_size(prepared, image_size)
+    args = example_inputs(graph, prepared, size, dtype, device)
+    input_names, output_names = NAMES[graph]
+    batch = torch.export.Dim("classes" if graph == "text" else "batch", min=1, max=max_batch)
+    dynamic = {"class_tokens": {0: batch}} if graph == "text" else {"image": {0: batch}}
+    if graph == "image_with_text":
+        dynamic["class_embeddings"] = None
+
+    from .onnx_ops import translation_table
+
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        program = torch.onnx.export(
+            module, args, dynamo=True, custom_translation_table=translation_table(), opset_version=opset,
+            input_names=input_names, output_names=output_names, dynamic_shapes=dynamic, verbose=False,
+        )  # fmt: skip
+    metadata = {
+        "version": __version__,
+        "graph": graph,
+        "arch": prepared.config.arch,
+        "dtype": str(dtype).removeprefix("torch."),
+        "class_names": json.dumps(prepared.class_names),
+        "embed_dim": str(prepared.config.embed_dim),
+        "config": json.dumps(prepared.config.to_dict()),
+    }
+    if graph == "text":
+        metadata["class_token_length"] = str(prepared.config.text.class_token_length)
+    else:
+        metadata |= {"image_size": json.dumps(list(size)), "mean": json.dumps(CLIP_MEAN), "std": json.dumps(CLIP_STD)}
+    program.model.metadata_props.update({f"denseclip_fast.{k}": v for k, v in metadata.items()})
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    program.save(str(path))
+    if check_tensorrt:
+        from .tensorrt import tensorrt_problems
+
+        problems = tensorrt_problems(path)
+        if problems:
+            warnings.warn(
+                f"{path}: {len(problems)} node(s) outside TensorRT's ONNX operator list: " + "; ".join(problems[:10]),
+                stacklevel=2,
+            )
+    return path
+
+
+def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The ``denseclip_fast.*`` metadata of an exported ONNX file (without the prefix)."""
+    import onnx
+
+    model = onnx.load(os.fspath(path), load_external_data=False)
+    prefix = "denseclip_fast."
+    return {p.key.removeprefix(prefix): p.value for p in model.metadata_props if p.key.startswith(prefix)}

@@ -1,0 +1,194 @@
+"""TensorRT: the supported-operator check of exported ONNX graphs, and the engine builder.
+
+``tensorrt_onnx_ops.json`` is TensorRT's ONNX-parser operator table (onnx-tensorrt's docs/operators.md, source and
+release recorded in the file): per operator whether it is supported, its data types and its restrictions.
+:func:`tensorrt_problems` checks every node of a graph against it: the domain (no custom domains, which would need
+plugins), the operator, the data type of its main input, the opset range, the Resize modes, and the inputs the table
+requires to be initializers (``axes`` of reductions, Slice, Squeeze, Unsqueeze ...).
+
+:func:`build_tensorrt_engine` builds a serialized engine with the TensorRT Python API (an optional dependency).
+TensorRT cannot be installed on the machines this project is developed and tested on: the builder is written against
+the TensorRT 10 API and has not been run; the ONNX graphs it consumes are verified (operator list, ONNX Runtime).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+TABLE = Path(__file__).with_name("tensorrt_onnx_ops.json")
+
+# ONNX TensorProto element types -> the type names of the table
+ONNX_TYPES = {1: "FP32", 2: "UINT8", 3: "INT8", 6: "INT32", 7: "INT64", 9: "BOOL", 10: "FP16", 11: "DOUBLE",
+              16: "BF16"}  # fmt: skip
+RESIZE_MODES = {"nearest", "linear"}
+RESIZE_COORDINATES = {"half_pixel", "pytorch_half_pixel", "tf_half_pixel_for_nn", "asymmetric", "align_corners"}
+
+
+class TensorRTUnavailable(RuntimeError):
+    """The ``tensorrt`` Python package is not installed."""
+
+
+@functools.lru_cache(maxsize=1)
+def supported_operators() -> dict[str, Any]:
+    """The table: ``{"source", "source_release", "opset_range", "operators": {name: {...}}}``."""
+    with open(TABLE, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _must_be_initializers(op_type: str, restriction: str, opset: int) -> list[int]:
+    """Input positions that the restriction text requires to be initializers (by the ONNX schema's input names)."""
+    import onnx
+
+    names = [
+        name
+        for sentence in restriction.split(". ")
+        if re.search(r" must be (an initializer|initializers|a constant)", sentence)
+        for name in re.findall(r"`(\w+)`", sentence.split(" must be ")[0])
+    ]
+    if not names:
+        return []
+    try:
+        schema = onnx.defs.get_schema(op_type, opset, "")
+    except onnx.defs.SchemaError:
+        return []
+    inputs = [i.name for i in schema.inputs]
+    return [inputs.index(n) for n in names if n in inputs]
+
+
+def tensorrt_problems(model: Any) -> list[str]:
+    """Every reason TensorRT's ONNX parser (per the table) would reject the graph; empty when it is all supported.
+
+    ``model``: an ``onnx.ModelProto`` or a path. Types come from ONNX shape inference.
+    """
+    import onnx
+
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(os.fspath(model), load_external_data=False)
+    table = supported_operators()
+    low, high = table["opset_range"]
+    problems: list[str] = []
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset is None or not low <= opset <= high:
+        problems.append(f"opset {opset} is outside TensorRT's range {low}..{high}")
+        opset = high
+    try:
+        graph = onnx.shape_inference.infer_shapes(model).graph
+    except onnx.shape_inference.InferenceError:  # e.g. a custom-domain node without a schema: types stay unknown
+        graph = model.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*graph.value_info, *graph.input, *graph.output]}
+    types |= {t.name: t.data_type for t in graph.initializer}
+    constants = {t.name for t in graph.initializer}
+    constants |= {out for node in graph.node if node.op_type == "Constant" for out in node.output}
+    for node in graph.node:
+        where = f"{node.op_type} node {node.name!r}"
+        if node.domain not in ("", "ai.onnx"):
+            problems.append(f"{where} is in the custom domain {node.domain!r} (TensorRT would need a plugin)")
+            continue
+        entry = table["operators"].get(node.op_type)
+        if entry is None or not entry["supported"]:
+            problems.append(f"{where}: {node.op_type} is not supported by TensorRT's ONNX parser")
+            continue
+        if node.op_type == "Constant":
+            kind = next(iter(a.name for a in node.attribute), "")
+            if kind in ("sparse_value", "value_string", "value_strings"):
+                problems.append(f"{where}: attribute {kind} is unsupported")
+            continue
+        data = node.input[0] if node.input else ""
+        dtype = ONNX_TYPES.get(types.get(data, 0))
+        if data and dtype is not None and entry["types"] and dtype not in entry["types"]:
+            problems.append(f"{where}: input type {dtype} is not one of {entry['types']}")
+        if node.op_type == "Cast":
+            to = next((a.i for a in node.attribute if a.name == "to"), 0)
+            if ONNX_TYPES.get(to) not in entry["types"]:
+                problems.append(f"{where}: cast to {ONNX_TYPES.get(to, to)} is not one of {entry['types']}")
+        for position in _must_be_initializers(node.op_type, entry.get("restrictions", ""), opset):
+            if position < len(node.input) and node.input[position] and node.input[position] not in constants:
+                problems.append(f"{where}: input {position} ({node.input[position]!r}) must be an initializer")
+        if node.op_type == "Resize":
+            attrs = {a.name: (a.s.decode() if a.type == onnx.AttributeProto.STRING else a.i) for a in node.attribute}
+            if attrs.get("mode", "nearest") not in RESIZE_MODES:
+                problems.append(f"{where}: mode {attrs['mode']!r} is not one of {sorted(RESIZE_MODES)}")
+            coords = attrs.get("coordinate_transformation_mode", "half_pixel")
+            if coords not in RESIZE_COORDINATES:
+                problems.append(f"{where}: coordinate_transformation_mode {coords!r} is unsupported")
+            if attrs.get("antialias", 0):
+                problems.append(f"{where}: antialiasing is unsupported")
+            if attrs.get("keep_aspect_ratio_policy", "stretch") != "stretch":
+                problems.append(f"{where}: keep_aspect_ratio_policy must be 'stretch'")
+    return problems
+
+
+def _tensorrt() -> Any:
+    try:
+        import tensorrt  # type: ignore[import-not-found]
+    except ImportError:
+        raise TensorRTUnavailable(
+            "TensorRT is not installed: `pip install tensorrt` (NVIDIA's index) on a machine with an NVIDIA GPU; "
+            "the ONNX graph itself is ready (denseclip-fast export --format onnx)"
+        ) from None
+    return tensorrt
+
+
+def build_tensorrt_engine(
+    onnx_path: str | os.PathLike[str],
+    engine_path: str | os.PathLike[str],
+    fp16: bool = True,
+    *,
+    bf16: bool = False,
+    batch: Sequence[int] = (1, 1, 16),
+    workspace_gib: float | None = None,
+) -> Path:
+    """Build a serialized TensorRT engine from an exported ONNX graph; returns ``engine_path``.
+
+    Args:
+        fp16, bf16: allow TensorRT to run layers in float16 / bfloat16 (it picks per layer; a float16 graph runs
+            in float16 regardless).
+        batch: (min, opt, max) of the dynamic first dimension (the batch, or the class count of the text graph):
+            one optimisation profile covers it; the engine is tuned for ``opt``.
+        workspace_gib: a limit on TensorRT's scratch memory (default: TensorRT's).
+    Raises:
+        TensorRTUnavailable without the ``tensorrt`` package; ValueError for bad arguments or a graph TensorRT's
+        parser rejects (its errors listed).
+    """
+    onnx_path, engine_path = Path(onnx_path), Path(engine_path)
+    if not onnx_path.is_file():
+        raise ValueError(f"onnx_path {str(onnx_path)!r} is not a file")
+    if len(batch) != 3 or not all(isinstance(b, int) for b in batch) or not 1 <= batch[0] <= batch[1] <= batch[2]:
+        raise ValueError(f"batch must be (min, opt, max) ints with 1 <= min <= opt <= max, got {tuple(batch)}")
+    trt = _tensorrt()
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)  # TensorRT 10: explicit batch is the only mode
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        raise ValueError(f"TensorRT's ONNX parser rejected {onnx_path}: " + "; ".join(errors))
+    config = builder.create_builder_config()
+    if fp16:
+        config.set_flag(trt.BuilderFlag.FP16)
+    if bf16:
+        config.set_flag(trt.BuilderFlag.BF16)
+    if workspace_gib is not None:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
+    profile = builder.create_optimization_profile()
+    for i in range(network.num_inputs):
+        tensor = network.get_input(i)
+        shape = list(tensor.shape)
+        if any(d < 0 for d in shape[1:]):
+            raise ValueError(f"input {tensor.name!r} has dynamic dimensions beyond the first: {shape}")
+        if shape[0] < 0:
+            low, opt, high = ([b, *shape[1:]] for b in batch)
+            profile.set_shape(tensor.name, low, opt, high)
+    config.add_optimization_profile(profile)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise ValueError(f"TensorRT could not build an engine from {onnx_path} (see its log above)")
+    engine_path.parent.mkdir(parents=True, exist_ok=True)
+    engine_path.write_bytes(bytes(serialized))
+    return engine_path

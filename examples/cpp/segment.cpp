@@ -1,0 +1,216 @@
+// Segments an image with an AOTInductor package written by denseclip_fast.export.to_aoti, without Python.
+//
+//   denseclip_fast_segment PACKAGE.pt2 IMAGE.ppm LABELS.pgm [--logits LOGITS.f32] [--device-index N]
+//
+// The image is a binary PPM (P6, 8-bit RGB; `convert photo.jpg photo.ppm` or PIL writes one). It is resized
+// (bilinear, stretched) to the package's input size, normalised with the mean/std stored in the package, run through
+// the package, and the logits are resized back to the image's size; the per-pixel argmax is written as a PGM
+// (8-bit up to 256 classes, else 16-bit). --logits also writes the package's raw output (1, K, H, W) as
+// little-endian float32. A JSON summary (size, classes, the most frequent labels) goes to stdout.
+//
+// The package calls denseclip_fast's C++ operators through PyTorch's dispatcher: this program links
+// libdenseclip_fast_ops (built by CMakeLists.txt), whose load registers them.
+#include <torch/csrc/inductor/aoti_package/model_package_loader.h>
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <fstream>
+#include <iostream>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+namespace {
+
+struct Image {
+  int64_t height = 0, width = 0;
+  std::vector<uint8_t> rgb;  // height * width * 3
+};
+
+// Skips whitespace and '#' comments in a PNM header, then reads one unsigned integer.
+int64_t read_header_int(std::istream& in, const std::string& path) {
+  int c = in.get();
+  while (c != EOF && (std::isspace(c) || c == '#')) {
+    if (c == '#') {
+      while (c != EOF && c != '\n') c = in.get();
+    }
+    c = in.get();
+  }
+  if (c == EOF || !std::isdigit(c)) throw std::runtime_error(path + ": malformed PPM header");
+  int64_t value = 0;
+  while (c != EOF && std::isdigit(c)) {
+    value = value * 10 + (c - '0');
+    c = in.get();
+  }
+  return value;  // the single whitespace after the number has been consumed
+}
+
+Image read_ppm(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw std::runtime_error("cannot open image " + path);
+  char magic[2] = {0, 0};
+  in.read(magic, 2);
+  if (magic[0] != 'P' || magic[1] != '6') throw std::runtime_error(path + " is not a binary PPM (P6) image");
+  Image img;
+  img.width = read_header_int(in, path);
+  img.height = read_header_int(in, path);
+  const int64_t maxval = read_header_int(in, path);
+  if (img.width < 1 || img.height < 1 || maxval != 255) {
+    throw std::runtime_error(path + ": need an 8-bit PPM (maxval 255) of positive size");
+  }
+  img.rgb.resize(static_cast<size_t>(img.width * img.height * 3));
+  in.read(reinterpret_cast<char*>(img.rgb.data()), static_cast<std::streamsize>(img.rgb.size()));
+  if (in.gcount() != static_cast<std::streamsize>(img.rgb.size())) throw std::runtime_error(path + ": truncated");
+  return img;
+}
+
+// The numbers of a flat JSON array such as "[512, 512]" or "[122.77, 116.74, 104.09]".
+std::vector<double> json_numbers(const std::string& text) {
+  std::vector<double> out;
+  std::string cleaned = text;
+  for (char& c : cleaned) {
+    if (c == '[' || c == ']' || c == ',') c = ' ';
+  }
+  std::istringstream in(cleaned);
+  double v;
+  while (in >> v) out.push_back(v);
+  return out;
+}
+
+// The strings of a flat JSON array of strings (escapes \" \\ \/ \n \t and \uXXXX below 0x80 decoded).
+std::vector<std::string> json_strings(const std::string& text) {
+  std::vector<std::string> out;
+  for (size_t i = 0; i < text.size(); ++i) {
+    if (text[i] != '"') continue;
+    std::string s;
+    for (++i; i < text.size() && text[i] != '"'; ++i) {
+      if (text[i] != '\\' || i + 1 >= text.size()) {
+        s += text[i];
+        continue;
+      }
+      const char e = text[++i];
+      if (e == 'n') s += '\n';
+      else if (e == 't') s += '\t';
+      else if (e == 'u' && i + 4 < text.size()) {
+        const int code = std::stoi(text.substr(i + 1, 4), nullptr, 16);
+        s += code < 0x80 ? static_cast<char>(code) : '?';
+        i += 4;
+      } else s += e;
+    }
+    out.push_back(s);
+  }
+  return out;
+}
+
+std::string json_escape(const std::string& s) {
+  std::string out;
+  for (char c : s) {
+    if (c == '"' || c == '\\') out += '\\';
+    out += c;
+  }
+  return out;
+}
+
+const std::string& meta(const std::unordered_map<std::string, std::string>& m, const std::string& key) {
+  auto it = m.find("denseclip_fast." + key);
+  if (it == m.end()) throw std::runtime_error("the package has no denseclip_fast." + key + " (not from to_aoti?)");
+  return it->second;
+}
+
+void write_pgm(const std::string& path, const at::Tensor& labels, int64_t num_classes) {
+  std::ofstream out(path, std::ios::binary);
+  if (!out) throw std::runtime_error("cannot write " + path);
+  const bool wide = num_classes > 256;
+  out << "P5\n" << labels.size(1) << " " << labels.size(0) << "\n" << (wide ? 65535 : 255) << "\n";
+  const at::Tensor flat = labels.contiguous();
+  const int64_t* data = flat.data_ptr<int64_t>();
+  for (int64_t i = 0; i < flat.numel(); ++i) {
+    if (wide) {  // 16-bit PGM samples are big-endian
+      const uint16_t v = static_cast<uint16_t>(data[i]);
+      out.put(static_cast<char>(v >> 8)).put(static_cast<char>(v & 0xff));
+    } else {
+      out.put(static_cast<char>(static_cast<uint8_t>(data[i])));
+    }
+  }
+}
+
+int run(int argc, char** argv) {
+  std::vector<std::string> positional;
+  std::string logits_path;
+  int device_index = -1;
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if (arg == "--logits" && i + 1 < argc) logits_path = argv[++i];
+    else if (arg == "--device-index" && i + 1 < argc) device_index = std::stoi(argv[++i]);
+    else positional.push_back(arg);
+  }
+  if (positional.size() != 3) {
+    std::cerr << "usage: " << argv[0] << " PACKAGE.pt2 IMAGE.ppm LABELS.pgm [--logits LOGITS.f32] [--device-index N]\n";
+    return 2;
+  }
+  torch::NoGradGuard no_grad;
+  torch::inductor::AOTIModelPackageLoader loader(positional[0], "model", false, 1, device_index);
+  const auto metadata = loader.get_metadata();
+  const std::vector<double> size = json_numbers(meta(metadata, "image_size"));
+  const std::vector<double> mean = json_numbers(meta(metadata, "mean"));
+  const std::vector<double> stddev = json_numbers(meta(metadata, "std"));
+  const std::vector<std::string> names = json_strings(meta(metadata, "class_names"));
+  const std::string& dtype_name = meta(metadata, "dtype");
+  const bool cuda = meta(metadata, "device") == "cuda";
+  if (size.size() != 2 || mean.size() != 3 || stddev.size() != 3) throw std::runtime_error("bad package metadata");
+  const at::ScalarType dtype = dtype_name == "float16"    ? at::kHalf
+                               : dtype_name == "bfloat16" ? at::kBFloat16
+                                                          : at::kFloat;
+  const at::Device device = cuda ? at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(std::max(device_index, 0)))
+                                 : at::Device(at::kCPU);
+
+  Image img = read_ppm(positional[1]);
+  at::Tensor x = torch::from_blob(img.rgb.data(), {1, img.height, img.width, 3}, at::kByte)
+                     .permute({0, 3, 1, 2})
+                     .to(at::kFloat);
+  const std::vector<int64_t> net_size = {static_cast<int64_t>(size[0]), static_cast<int64_t>(size[1])};
+  namespace F = torch::nn::functional;
+  x = F::interpolate(x, F::InterpolateFuncOptions().size(net_size).mode(torch::kBilinear).align_corners(false));
+  x = (x - torch::tensor(mean).to(at::kFloat).view({1, 3, 1, 1})) / torch::tensor(stddev).to(at::kFloat).view({1, 3, 1, 1});
+  x = x.to(device, dtype).contiguous(cuda ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+
+  const at::Tensor logits = loader.run({x})[0].to(at::kCPU, at::kFloat).contiguous();  // (1, K, H, W)
+  const int64_t num_classes = logits.size(1);
+  if (!logits_path.empty()) {
+    std::ofstream out(logits_path, std::ios::binary);
+    out.write(reinterpret_cast<const char*>(logits.data_ptr<float>()), static_cast<std::streamsize>(logits.numel() * 4));
+  }
+  const at::Tensor full = F::interpolate(
+      logits, F::InterpolateFuncOptions().size(std::vector<int64_t>{img.height, img.width}).mode(torch::kBilinear).align_corners(false));
+  const at::Tensor labels = full.argmax(1)[0];  // (H, W) int64
+  write_pgm(positional[2], labels, num_classes);
+
+  const at::Tensor counts = torch::bincount(labels.flatten(), {}, num_classes);
+  const at::Tensor order = counts.argsort(0, true);
+  std::cout << "{\"image\": [" << img.height << ", " << img.width << "], \"classes\": " << num_classes
+            << ", \"package_size\": [" << net_size[0] << ", " << net_size[1] << "], \"top\": [";
+  for (int64_t i = 0; i < std::min<int64_t>(5, num_classes); ++i) {
+    const int64_t c = order[i].item<int64_t>();
+    const double share = counts[c].item<double>() / static_cast<double>(labels.numel());
+    if (share == 0) break;
+    std::cout << (i ? ", " : "") << "[\"" << json_escape(c < static_cast<int64_t>(names.size()) ? names[c] : "?")
+              << "\", " << share << "]";
+  }
+  std::cout << "]}" << std::endl;
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    return run(argc, argv);
+  } catch (const std::exception& e) {
+    std::cerr << "denseclip_fast_segment: error: " << e.what() << std::endl;
+    return 1;
+  }
+}

@@ -1,0 +1,208 @@
+"""ONNX export: graphs run in ONNX Runtime and equal the PyTorch model; every node is in TensorRT's operator list."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+from denseclip_fast import DenseCLIP  # noqa: E402
+from denseclip_fast.export import read_metadata, supported_operators, tensorrt_problems, to_onnx  # noqa: E402
+from denseclip_fast.export.tensorrt import TensorRTUnavailable, build_tensorrt_engine  # noqa: E402
+from denseclip_fast.model.text import tokenize_class_names  # noqa: E402
+
+from .conftest import NAMES, randomized, rel_err, tiny_config  # noqa: E402
+
+SIZE = (64, 96)
+
+
+def _session(path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def _logits(session: ort.InferenceSession, x: torch.Tensor, dtype: torch.dtype, text: torch.Tensor | None = None):
+    feed = {"image": x.to(dtype).numpy()}
+    if text is not None:
+        feed["class_embeddings"] = text.to(dtype).numpy()
+    return torch.from_numpy(session.run(None, feed)[0])
+
+
+@pytest.fixture(scope="module")
+def tiny() -> DenseCLIP:
+    return randomized(DenseCLIP(tiny_config("resnet"), NAMES)).eval()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "arch, dtype",
+    [("RN50", torch.float32), ("RN101", torch.float32), ("ViT-B/16", torch.float32), ("ViT-B/16", torch.float16)],
+)
+def test_released_architectures_match_pytorch_in_onnxruntime(arch, dtype, tmp_path):
+    """The full-size architectures (random weights, a small input): float32 <= 1e-4, float16 <= 2e-2 relative
+    error against the float32 PyTorch model, at batch 1 and 3 (the batch is dynamic), TensorRT-clean. (float16
+    ResNets: test_float16_graph_and_dynamic_batch, on a tiny one, to keep CI short.)"""
+    model = randomized(DenseCLIP.from_arch(arch)).eval()
+    path = to_onnx(model, tmp_path / "m.onnx", image_size=64, dtype=dtype)
+    assert tensorrt_problems(path) == []
+    session = _session(path)
+    for batch in (1, 3):
+        x = torch.randn(batch, 3, 64, 64)
+        with torch.no_grad():
+            expected = model(x)
+        out = _logits(session, x, dtype)
+        assert out.shape == expected.shape and out.dtype == dtype
+        assert rel_err(out, expected) <= (1e-4 if dtype == torch.float32 else 2e-2), (batch, rel_err(out, expected))
+
+
+@pytest.mark.parametrize("kind", ["resnet", "vit"])
+def test_vocabulary_as_an_input(kind, tmp_path):
+    """image_with_text takes any vocabulary's class embeddings (K, D): a reworded model's logits, no re-export."""
+    model = randomized(DenseCLIP(tiny_config(kind), NAMES)).eval()
+    path = to_onnx(model, tmp_path / "t.onnx", graph="image_with_text", image_size=SIZE)
+    assert [i.name for i in _session(path).get_inputs()] == ["image", "class_embeddings"]
+    assert tensorrt_problems(path) == []
+    session = _session(path)
+    x = torch.randn(2, 3, *SIZE)
+    new_names = ["sky", "dog", "tree", "road"]
+    with torch.no_grad():
+        text = model.text_features(new_names)
+        model.set_classes(new_names)
+        expected = model(x)
+    assert rel_err(_logits(session, x, torch.float32, text), expected) <= 1e-4
+
+
+def test_float16_graph_and_dynamic_batch(tiny, tmp_path):
+    path = to_onnx(tiny, tmp_path / "h.onnx", image_size=SIZE, dtype=torch.float16)
+    session = _session(path)
+    assert session.get_inputs()[0].type == "tensor(float16)"
+    assert session.get_inputs()[0].shape[1:] == [3, *SIZE] and not isinstance(session.get_inputs()[0].shape[0], int)
+    for batch in (1, 3):
+        x = torch.randn(batch, 3, *SIZE)
+        with torch.no_grad():
+            expected = tiny(x)
+        assert rel_err(_logits(session, x, torch.float16), expected) <= 2e-2
+    meta = read_metadata(path)
+    assert meta["dtype"] == "float16" and json.loads(meta["image_size"]) == list(SIZE)
+    assert json.loads(meta["class_names"]) == NAMES and meta["graph"] == "image"
+
+
+def test_fused_operators_become_standard_onnx(tiny, tmp_path):
+    """No custom-domain node: the score/concat/attention translations are ReduceL2, MatMul, Softmax ..."""
+    model = onnx.load(str(to_onnx(tiny, tmp_path / "m.onnx", image_size=SIZE)))
+    domains = {node.domain for node in model.graph.node}
+    assert domains <= {"", "ai.onnx"}, domains
+    op_types = {node.op_type for node in model.graph.node}
+    assert {"ReduceL2", "MatMul", "Softmax", "Concat"} <= op_types
+    assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) == 18
+
+
+def test_text_graph_equals_set_classes(tiny, tmp_path):
+    """The text graph maps class tokens to exactly what set_classes gives the model, for any number of names."""
+    path = to_onnx(tiny, tmp_path / "text.onnx", graph="text")
+    assert tensorrt_problems(path) == []
+    session = _session(path)
+    meta = read_metadata(path)
+    for names in (["sky", "a dog", "tree", "car", "road"], ["person"]):
+        tokens = tokenize_class_names(names, int(meta["class_token_length"]))
+        out = torch.from_numpy(session.run(None, {"class_tokens": tokens.numpy()})[0])
+        assert out.shape == (len(names), tiny.config.embed_dim)
+        with torch.no_grad():
+            assert rel_err(out, tiny.text_features(names)) <= 1e-5
+    reworded = randomized(DenseCLIP(tiny_config("resnet"), NAMES)).eval()
+    reworded.set_classes(["sky", "dog", "tree", "road"])
+    tokens = tokenize_class_names(reworded.class_names, 5)
+    with torch.no_grad():
+        expected = reworded.class_embeddings()
+    out = torch.from_numpy(session.run(None, {"class_tokens": tokens.numpy()})[0])
+    assert rel_err(out, expected) <= 1e-5
+
+
+# ------------------------------------------------------------------------------------------------ TensorRT list
+
+
+def test_operator_table_has_its_source():
+    table = supported_operators()
+    assert "onnx-tensorrt" in table["source"] and table["opset_range"] == [9, 20]
+    ops = table["operators"]
+    assert ops["LayerNormalization"]["supported"] and not ops["Unique"]["supported"]
+    assert "FP16" in ops["MatMul"]["types"]
+
+
+def _graph(nodes, inputs, outputs, initializers=(), opset=18):
+    graph = onnx.helper.make_graph(nodes, "g", inputs, outputs, initializer=list(initializers))
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
+
+
+def _tensor(name: str, elem=onnx.TensorProto.FLOAT, shape=(1, 3, 8, 8)):
+    return onnx.helper.make_tensor_value_info(name, elem, list(shape))
+
+
+def test_tensorrt_check_finds_what_the_parser_rejects():
+    h = onnx.helper
+    fine = _graph([h.make_node("Relu", ["x"], ["y"])], [_tensor("x")], [_tensor("y")])
+    assert tensorrt_problems(fine) == []
+    cases = {
+        "custom domain": _graph([h.make_node("pixel_text_score", ["x"], ["y"], domain="denseclip_fast")],
+                                [_tensor("x")], [_tensor("y")]),  # no schema: shape inference fails, types unknown
+        "not supported": _graph([h.make_node("BitShift", ["x", "x"], ["y"], direction="LEFT")],
+                                [_tensor("x", onnx.TensorProto.UINT8)], [_tensor("y", onnx.TensorProto.UINT8)]),
+        "mode 'cubic'": _graph(
+            [h.make_node("Resize", ["x", "", "s"], ["y"], mode="cubic")], [_tensor("x")], [_tensor("y")],
+            [onnx.numpy_helper.from_array(np.ones(4, np.float32), "s")]),
+        "must be an initializer": _graph(
+            [h.make_node("ReduceL2", ["x", "axes"], ["y"])], [_tensor("x"), _tensor("axes", onnx.TensorProto.INT64, (1,))],
+            [_tensor("y")]),
+        "cast to DOUBLE": _graph([h.make_node("Cast", ["x"], ["y"], to=onnx.TensorProto.DOUBLE)], [_tensor("x")],
+                                 [_tensor("y", onnx.TensorProto.DOUBLE)]),
+        "opset 21": _graph([h.make_node("Relu", ["x"], ["y"])], [_tensor("x")], [_tensor("y")], opset=21),
+    }  # fmt: skip
+    for expected, model in cases.items():
+        problems = tensorrt_problems(model)
+        assert len(problems) == 1 and expected in problems[0], (expected, problems)
+    constant_axes = _graph(
+        [h.make_node("ReduceL2", ["x", "axes"], ["y"])], [_tensor("x")], [_tensor("y")],
+        [onnx.numpy_helper.from_array(np.array([1], np.int64), "axes")],
+    )
+    assert tensorrt_problems(constant_axes) == []
+
+
+# ------------------------------------------------------------------------------------------------ bad requests
+
+
+def test_unsupported_export_requests_say_what_is_wrong(tiny, tmp_path):
+    with pytest.raises(ValueError, match="graph must be one of"):
+        to_onnx(tiny, tmp_path / "x.onnx", graph="video")
+    with pytest.raises(ValueError, match="dtype must be torch.float32 or torch.float16 for ONNX, got torch.bfloat16"):
+        to_onnx(tiny, tmp_path / "x.onnx", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="opset must be in 17..20, got 13"):
+        to_onnx(tiny, tmp_path / "x.onnx", opset=13)
+    with pytest.raises(ValueError, match="image_size must be at least 32"):
+        to_onnx(tiny, tmp_path / "x.onnx", image_size=16)
+    with pytest.raises(ValueError, match=r"image_size must be an int or \(H, W\)"):
+        to_onnx(tiny, tmp_path / "x.onnx", image_size=(64, 64, 3))
+    with pytest.raises(ValueError, match="model must be a denseclip_fast.DenseCLIP"):
+        to_onnx(torch.nn.Linear(2, 2), tmp_path / "x.onnx")  # type: ignore[arg-type]
+
+
+def test_tensorrt_builder_without_tensorrt(tmp_path):
+    pytest.importorskip("denseclip_fast")
+    try:
+        import tensorrt  # type: ignore[import-not-found]  # noqa: F401
+
+        pytest.skip("tensorrt is installed here")
+    except ImportError:
+        pass
+    onnx_file = tmp_path / "m.onnx"
+    onnx.save(_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], [_tensor("x")], [_tensor("y")]), onnx_file)
+    with pytest.raises(TensorRTUnavailable, match="TensorRT is not installed"):
+        build_tensorrt_engine(onnx_file, tmp_path / "m.engine")
+    with pytest.raises(ValueError, match="is not a file"):
+        build_tensorrt_engine(tmp_path / "missing.onnx", tmp_path / "m.engine")
+    with pytest.raises(ValueError, match="batch must be"):
+        build_tensorrt_engine(onnx_file, tmp_path / "m.engine", batch=(4, 1, 8))
