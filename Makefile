@@ -1,7 +1,8 @@
 # Two commands do everything on a fresh machine:
 #   make test    set up .venv if needed, build the extension, run the whole test suite
-#   make bench   set up .venv if needed, run the operator and end-to-end benchmarks for this machine
+#   make bench   set up .venv if needed, run the operator, end-to-end and export benchmarks for this machine
 #                (a small smoke grid on a CPU, the full grids on a GPU; results in benchmarks/results/)
+#   make gpu-wheels   the Python 3.12 wheels the GPU test machine lacks, into ./wheels (see benchmarks/gpu_check.sh)
 PYTHON_SYSTEM ?= python3
 VENV   := .venv
 PYTHON := $(VENV)/bin/python
@@ -11,7 +12,7 @@ CSRC   := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda
 export HF_HUB_OFFLINE := 1
 export MAX_JOBS ?= 2
 
-.PHONY: setup test bench clean
+.PHONY: setup test bench gpu-wheels clean
 
 setup: $(VENV)/.ext
 
@@ -32,6 +33,13 @@ test: setup
 bench: setup
 	$(PYTHON) benchmarks/bench_ops.py
 	$(PYTHON) benchmarks/bench_e2e.py
+	$(PYTHON) benchmarks/bench_export.py
+
+SHARED_WHEELS ?= ../shared/wheels/py312
+gpu-wheels: $(VENV)/.deps
+	mkdir -p wheels
+	cp $(SHARED_WHEELS)/*.whl wheels/
+	$(PIP) download --no-deps -d wheels onnxscript==0.7.2 onnx-ir==1.1.0
 
 clean:
 	rm -rf $(VENV) build denseclip_fast/_C*.so *.egg-info

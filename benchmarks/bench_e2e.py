@@ -21,9 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 from collections.abc import Callable
 
 import torch
@@ -31,21 +29,11 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import denseclip_fast as dcf  # noqa: E402
-from benchmarks.common import environment  # noqa: E402
+from benchmarks.common import environment, measure, rel_err  # noqa: E402
 from benchmarks.official import OfficialDenseCLIP, official_config, randomize_  # noqa: E402
 
 PEAK_FLOPS = 790e12
 ALL = ("official", "official-bf16", "compile-ro", "compile-ma", "engine-fp32", "engine-bf16")
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm()).item()
 
 
 def build(arch: str, classes: int, device: torch.device) -> tuple[dcf.DenseCLIP, OfficialDenseCLIP]:
@@ -102,35 +90,6 @@ def count_flops(model: dcf.DenseCLIP, x: torch.Tensor, mode: str, crop: int, str
     return float(counter.get_total_flops())
 
 
-def measure(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, repeats: int, device: torch.device) -> dict:
-    with torch.no_grad():
-        _sync(device)
-        start = time.perf_counter()
-        out = fn(x)
-        _sync(device)
-        first = time.perf_counter() - start
-        fn(x)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        times = []
-        for _ in range(repeats):
-            _sync(device)
-            start = time.perf_counter()
-            fn(x)
-            _sync(device)
-            times.append(time.perf_counter() - start)
-    times.sort()
-    q = lambda f: times[min(len(times) - 1, int(f * len(times)))]  # noqa: E731
-    return {
-        "first_call_s": first,
-        "p50_ms": 1e3 * statistics.median(times),
-        "p90_ms": 1e3 * q(0.9),
-        "p99_ms": 1e3 * q(0.99),
-        "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-        "logits": out.float().cpu(),
-    }
-
-
 def run(args: argparse.Namespace, device: torch.device) -> list[dict]:
     rows = []
     for arch in args.archs:
@@ -160,7 +119,7 @@ def run(args: argparse.Namespace, device: torch.device) -> list[dict]:
                         reference = logits
                     r.update(arch=arch, mode=mode, shape=list(shape), contestant=name, flops=flops,
                              images_per_s=batch / (r["p50_ms"] / 1e3),
-                             rel_error_vs_official=_rel(logits, reference) if reference is not None else None)  # fmt: skip
+                             rel_error_vs_official=rel_err(logits, reference) if reference is not None else None)  # fmt: skip
                     r["fraction_of_peak_flops"] = flops / (r["p50_ms"] / 1e3) / PEAK_FLOPS
                     rows.append(r)
                     if device.type == "cuda":

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import datetime
 import platform
+import statistics
+import time
+from collections.abc import Callable
 
 import torch
 
@@ -30,3 +33,45 @@ def environment(device: torch.device) -> dict:
     except ImportError:
         env["triton"] = None
     return env
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| in float64."""
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def measure(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, repeats: int, device: torch.device) -> dict:
+    """The first call's time, then p50/p90/p99 of ``repeats`` timed calls after one warm-up, the peak CUDA memory
+    of the timed calls, and the first call's output as float32 on the CPU (``logits``)."""
+    with torch.no_grad():
+        sync(device)
+        start = time.perf_counter()
+        out = fn(x)
+        sync(device)
+        first = time.perf_counter() - start
+        fn(x)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        times = []
+        for _ in range(repeats):
+            sync(device)
+            start = time.perf_counter()
+            fn(x)
+            sync(device)
+            times.append(time.perf_counter() - start)
+    times.sort()
+    q = lambda f: times[min(len(times) - 1, int(f * len(times)))]  # noqa: E731
+    return {
+        "first_call_s": first,
+        "p50_ms": 1e3 * statistics.median(times),
+        "p90_ms": 1e3 * q(0.9),
+        "p99_ms": 1e3 * q(0.99),
+        "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "logits": out.float().cpu(),
+    }

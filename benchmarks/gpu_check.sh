@@ -5,8 +5,9 @@
 #
 #   bash benchmarks/gpu_check.sh OUT_DIR
 #
-# The GPU machine receives a copy of the checkout, not ../shared: before the call, copy the wheels it lacks
-# (open_clip, ftfy, wcwidth) into ./wheels (ignored by git) and carry that folder.
+# The GPU machine receives a copy of the checkout, not ../shared: before the call, `make gpu-wheels` puts the wheels
+# it lacks (open_clip, ftfy, wcwidth from ../shared; onnxscript, onnx-ir from PyPI) into ./wheels (ignored by git);
+# carry that folder.
 set -uo pipefail
 OUT=${1:?usage: bash benchmarks/gpu_check.sh OUT_DIR}
 mkdir -p "$OUT"
@@ -45,15 +46,20 @@ tail -3 "$OUT/tests_gpu.log"
 python3 benchmarks/bench_ops.py --dtype bf16 --out "$OUT" > "$OUT/bench_ops.txt" 2>&1
 echo "bench_ops: exit $?" | tee -a "$OUT/tests_status.txt"
 
+# End to end, the headline first (RN50 512x512 batch 1 and 16), then slide, then the other architectures.
+python3 benchmarks/bench_e2e.py --archs RN50 --modes whole --batches 1 16 --out "$OUT" --tag rn50_whole \
+  > "$OUT/bench_e2e_rn50_whole.txt" 2>&1
+echo "bench_e2e RN50 whole: exit $?" | tee -a "$OUT/tests_status.txt"
+
+# Deployment: the AOTInductor package against the engine on the GPU, ONNX Runtime on this machine's CPU cores.
+python3 benchmarks/bench_export.py --archs RN50 --out "$OUT" --tag rn50 > "$OUT/bench_export.txt" 2>&1
+echo "bench_export RN50: exit $?" | tee -a "$OUT/tests_status.txt"
+
 DENSECLIP_FAST_CMAKE_CUDA=1 python3 -m pytest -q -rs tests/ --ignore=tests/test_ops.py --ignore=tests/test_gpu.py \
   > "$OUT/tests_rest.log" 2>&1
 echo "other tests: exit $?" | tee -a "$OUT/tests_status.txt"
 tail -3 "$OUT/tests_rest.log"
 
-# End to end, the headline first (RN50 512x512 batch 1 and 16), then slide, then the other architectures.
-python3 benchmarks/bench_e2e.py --archs RN50 --modes whole --batches 1 16 --out "$OUT" --tag rn50_whole \
-  > "$OUT/bench_e2e_rn50_whole.txt" 2>&1
-echo "bench_e2e RN50 whole: exit $?" | tee -a "$OUT/tests_status.txt"
 python3 benchmarks/bench_e2e.py --archs RN50 --modes slide --batches 1 --out "$OUT" --tag rn50_slide \
   --contestants official official-bf16 engine-fp32 engine-bf16 > "$OUT/bench_e2e_rn50_slide.txt" 2>&1
 echo "bench_e2e RN50 slide: exit $?" | tee -a "$OUT/tests_status.txt"

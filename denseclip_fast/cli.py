@@ -3,8 +3,11 @@
     denseclip-fast info CHECKPOINT [--json]
     denseclip-fast segment --checkpoint C [--classes "a,b,c"] [--open-vocab] [--mode slide|whole]
                            [--device cpu|cuda] [--dtype float32|bfloat16|float16] IMAGE... --out DIR
+    denseclip-fast export --checkpoint C --format onnx|tensorrt|aoti --out PATH [--graph image|image_with_text|text]
+                          [--image-size 512 | 512x1024] [--dtype ...] [--max-batch N] [--verify] [--classes "a,b"]
 
-segment runs the engine (denseclip_fast.Segmenter): the official test pipeline on the chosen device.
+segment runs the engine (denseclip_fast.Segmenter): the official test pipeline on the chosen device. export writes
+an ONNX graph, a TensorRT engine (needs the tensorrt package) or an AOTInductor package (denseclip_fast.export).
 
 Errors the user can fix (a bad file, a wrong class list) are printed as one line and exit with status 2.
 """
@@ -18,6 +21,7 @@ import sys
 from collections.abc import Sequence
 
 from .checkpoints import CheckpointError
+from .export.tensorrt import TensorRTUnavailable
 
 
 def _parse_classes(text: str) -> list[str]:
@@ -100,6 +104,90 @@ def cmd_segment(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_size(text: str) -> tuple[int, int]:
+    parts = text.lower().split("x")
+    if len(parts) not in (1, 2) or not all(p.strip().isdigit() for p in parts):
+        raise ValueError(f"--image-size must be N or HxW (e.g. 512 or 512x1024), got {text!r}")
+    sizes = [int(p) for p in parts]
+    return (sizes[0], sizes[-1])
+
+
+def _parse_batch(text: str) -> tuple[int, int, int]:
+    parts = text.split(",")
+    if len(parts) != 3 or not all(p.strip().isdigit() for p in parts):
+        raise ValueError(f"--trt-batch must be MIN,OPT,MAX (e.g. 1,1,16), got {text!r}")
+    low, opt, high = (int(p) for p in parts)
+    return low, opt, high
+
+
+def _verify_onnx(path: str, model: object, graph: str) -> float:
+    """Relative error of the ONNX graph in ONNX Runtime against the float32 PyTorch model on a random input."""
+    import json as _json
+
+    import onnxruntime as ort
+    import torch
+
+    from .export import read_metadata
+    from .model.text import tokenize_class_names
+
+    meta = read_metadata(path)
+    dtype = getattr(torch, meta["dtype"])
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        if graph == "text":
+            names = model.class_names  # type: ignore[attr-defined]
+            tokens = tokenize_class_names(names, int(meta["class_token_length"]))
+            expected = model.text_features(names)  # type: ignore[attr-defined]
+            out = session.run(None, {"class_tokens": tokens.numpy()})[0]
+        else:
+            x = torch.randn(2, 3, *_json.loads(meta["image_size"]))
+            expected = model(x)  # type: ignore[operator]
+            feed = {"image": x.to(dtype).numpy()}
+            if graph == "image_with_text":
+                feed["class_embeddings"] = model.class_embeddings().to(dtype).numpy()  # type: ignore[attr-defined]
+            out = session.run(None, feed)[0]
+    out_t = torch.from_numpy(out).double()
+    return ((out_t - expected.double()).norm() / expected.double().norm()).item()
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import export, load_checkpoint
+
+    size = _parse_size(args.image_size) if args.image_size else None
+    if args.format == "tensorrt":
+        export.tensorrt._tensorrt()  # say so before any work when TensorRT is missing
+        batch = _parse_batch(args.trt_batch)
+    model = load_checkpoint(args.checkpoint)
+    if args.classes is not None:
+        model.set_classes(_parse_classes(args.classes))
+    out = args.out
+    if args.format == "aoti":
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = getattr(torch, DTYPE_NAMES[args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")])
+        if args.graph != "image":
+            raise ValueError("--format aoti compiles the image graph only (--graph image)")
+        path = export.to_aoti(model, out, image_size=size, max_batch=args.max_batch, device=device, dtype=dtype)
+        print(f"wrote {path} (AOTInductor, {device}, {dtype}, batch 1..{args.max_batch})")
+        return 0
+    dtype = getattr(torch, DTYPE_NAMES[args.dtype or "float32"])
+    onnx_path = out if args.format == "onnx" else os.path.splitext(out)[0] + ".onnx"
+    path = export.to_onnx(model, onnx_path, graph=args.graph, image_size=size, dtype=dtype, opset=args.opset,
+                          max_batch=args.max_batch, check_tensorrt=False)  # fmt: skip
+    problems = export.tensorrt_problems(path)
+    print(f"wrote {path} ({args.graph} graph, {dtype}, opset {args.opset}); TensorRT operator check: "
+          + ("all nodes supported" if not problems else f"{len(problems)} problem(s): " + "; ".join(problems[:5])))  # fmt: skip
+    if args.verify:
+        err = _verify_onnx(str(path), model, args.graph)
+        print(f"ONNX Runtime vs PyTorch (float32): relative error {err:.2e}")
+    if args.format == "tensorrt":
+        engine = export.build_tensorrt_engine(path, out, fp16=args.fp16 or dtype == torch.float16, bf16=args.bf16,
+                                              batch=batch)  # fmt: skip
+        print(f"wrote {engine} (TensorRT engine)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="denseclip-fast", description="DenseCLIP semantic segmentation")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -120,6 +208,26 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--out", required=True, help="output directory")
     seg.add_argument("images", nargs="+", metavar="IMAGE")
     seg.set_defaults(func=cmd_segment)
+
+    exp = sub.add_parser("export", help="write an ONNX graph, a TensorRT engine or an AOTInductor package")
+    exp.add_argument("--checkpoint", required=True)
+    exp.add_argument("--format", choices=("onnx", "tensorrt", "aoti"), required=True)
+    exp.add_argument("--out", required=True, help="the file to write (.onnx, .engine, .pt2)")
+    exp.add_argument("--graph", choices=("image", "image_with_text", "text"), default="image",
+                     help="image: vocabulary baked in; image_with_text: class embeddings as an input; text: "
+                          "class tokens -> class embeddings")  # fmt: skip
+    exp.add_argument("--image-size", help="N or HxW (default: the sliding-window crop, 512 or 640)")
+    exp.add_argument("--dtype", choices=sorted(DTYPE_NAMES),
+                     help="onnx/tensorrt: float32 (default) or float16; aoti: default bfloat16 on CUDA, float32 on CPU")
+    exp.add_argument("--classes", help="comma-separated names replacing the checkpoint's (same count)")
+    exp.add_argument("--max-batch", type=int, default=64, help="largest batch the graph accepts (default 64)")
+    exp.add_argument("--opset", type=int, default=18, help="ONNX opset, 17..20 (default 18)")
+    exp.add_argument("--verify", action="store_true", help="run the ONNX graph in ONNX Runtime against PyTorch")
+    exp.add_argument("--device", help="aoti: cpu or cuda (default: cuda when available)")
+    exp.add_argument("--trt-batch", default="1,1,16", help="tensorrt: MIN,OPT,MAX batch of the profile")
+    exp.add_argument("--fp16", action="store_true", help="tensorrt: allow float16 layers")
+    exp.add_argument("--bf16", action="store_true", help="tensorrt: allow bfloat16 layers")
+    exp.set_defaults(func=cmd_export)
     return parser
 
 
@@ -127,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (CheckpointError, ValueError) as exc:
+    except (CheckpointError, ValueError, TensorRTUnavailable) as exc:
         print(f"denseclip-fast: error: {exc}", file=sys.stderr)
         return 2
 

@@ -84,3 +84,36 @@ def test_console_script_is_installed():
     exe = os.path.join(os.path.dirname(sys.executable), "denseclip-fast")
     result = subprocess.run([exe, "--help"], capture_output=True, text=True, check=True)
     assert "segment" in result.stdout and "info" in result.stdout
+
+
+def test_export_onnx_with_verification(checkpoint, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    out = tmp_path / "tiny.onnx"
+    args = ["export", "--checkpoint", str(checkpoint), "--format", "onnx", "--out", str(out), "--image-size", "64x96",
+            "--classes", "sky,dog,tree,road", "--verify"]  # fmt: skip
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "TensorRT operator check: all nodes supported" in printed
+    err = float(printed.split("relative error ")[1].split()[0])
+    assert err <= 1e-4
+    from denseclip_fast.export import read_metadata
+
+    meta = read_metadata(out)
+    assert json.loads(meta["class_names"]) == ["sky", "dog", "tree", "road"] and json.loads(meta["image_size"]) == [64, 96]
+
+
+def test_export_errors_are_one_line(checkpoint, tmp_path, capsys):
+    try:
+        import tensorrt  # type: ignore[import-not-found]  # noqa: F401
+    except ImportError:
+        args = ["export", "--checkpoint", str(checkpoint), "--format", "tensorrt", "--out", str(tmp_path / "m.engine")]
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("denseclip-fast: error: TensorRT is not installed") and err.count("\n") == 1
+        assert not (tmp_path / "m.onnx").exists()  # said before any work
+    args = ["export", "--checkpoint", str(checkpoint), "--format", "aoti", "--graph", "text", "--out", str(tmp_path / "t.pt2")]
+    assert main(args) == 2
+    assert "--format aoti compiles the image graph only" in capsys.readouterr().err
+    args = ["export", "--checkpoint", str(checkpoint), "--format", "onnx", "--image-size", "big", "--out", str(tmp_path / "x")]
+    assert main(args) == 2
+    assert "--image-size must be N or HxW" in capsys.readouterr().err

@@ -73,3 +73,18 @@ def test_engine_on_cuda_matches_official(mode):
     seg.set_classes(names)
     expected = Segmenter(rebuilt, device="cuda", dtype=torch.bfloat16, mode=mode, crop=96, stride=64).logits(x)
     assert rel_err(seg.logits(x), expected) < 1e-3
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_aoti_package_on_cuda(tmp_path, monkeypatch, backend):
+    """An AOTInductor package of a CUDA Segmenter: the Triton kernels compiled into it (triton backend) or the CUDA
+    C++ operators called through the dispatcher (cuda backend); logits equal the engine's at batch 1 and 3."""
+    from denseclip_fast.export import load_aoti, to_aoti
+
+    monkeypatch.setenv("DENSECLIP_FAST_BACKEND", backend)
+    model = randomized(dcf.DenseCLIP(tiny_config("resnet"), NAMES)).eval()
+    seg = dcf.Segmenter(model, device="cuda", dtype=torch.float32, mode="whole")
+    pkg = load_aoti(to_aoti(seg, tmp_path / "m.pt2", image_size=(64, 96), max_batch=4))
+    for batch in (1, 3):
+        x = torch.randn(batch, 3, 64, 96, device="cuda")
+        assert rel_err(pkg(x).float(), seg.logits(x)) <= 1e-5

@@ -1,0 +1,175 @@
+"""Deployment artefacts against the engine, same weights and inputs.
+
+    python benchmarks/bench_export.py                  # CPU part always; the GPU part too when CUDA is available
+    python benchmarks/bench_export.py --parts cpu --archs RN50 --size 512 --batches 1 4
+
+CPU part (ONNX Runtime's CPU provider, all graph optimisations, default threads):
+  torch-eager         the DenseCLIP model, float32, PyTorch eager on the CPU
+  engine-cpu          denseclip_fast.Segmenter on the CPU, float32 (BatchNorm folded, C++ operators)
+  onnxruntime         the float32 ONNX image graph (denseclip_fast.export.to_onnx) in ONNX Runtime
+GPU part:
+  engine-bf16         Segmenter on CUDA, bfloat16, CUDA graphs
+  aoti-bf16           the AOTInductor package of that Segmenter (denseclip_fast.export.to_aoti), from Python
+Per row: p50/p90/p99 latency, images/s, the first call's time, the relative error of the logits against the float32
+model (torch-eager on the CPU), and for the artefacts the export/compile time. Writes JSON and markdown to
+benchmarks/results/ (export_<tag>.*) with the machine and versions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import denseclip_fast as dcf  # noqa: E402
+from benchmarks.common import environment, measure, rel_err  # noqa: E402
+from benchmarks.official import randomize_  # noqa: E402
+
+
+def build(arch: str, classes: int) -> dcf.DenseCLIP:
+    torch.manual_seed(0)
+    return randomize_(dcf.DenseCLIP.from_arch(arch, list(dcf.ADE20K_CLASSES[:classes]))).eval()
+
+
+def _row(arch: str, batch: int, size: int, name: str, r: dict, reference: torch.Tensor | None, **extra: object) -> dict:
+    logits = r.pop("logits")
+    return dict(arch=arch, batch=batch, size=size, contestant=name, **r,
+                images_per_s=batch / (r["p50_ms"] / 1e3),
+                rel_error_vs_fp32=rel_err(logits, reference) if reference is not None else None, **extra)  # fmt: skip
+
+
+def cpu_part(args: argparse.Namespace, workdir: str) -> list[dict]:
+    import onnxruntime as ort
+
+    from denseclip_fast.export import to_onnx
+
+    rows = []
+    cpu = torch.device("cpu")
+    for arch in args.archs:
+        model = build(arch, args.classes)
+        start = time.perf_counter()
+        path = to_onnx(model, os.path.join(workdir, "model.onnx"), image_size=args.size, max_batch=max(2, *args.batches))
+        export_s = time.perf_counter() - start
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        seg = dcf.Segmenter(model, device="cpu", dtype=torch.float32, mode="whole")
+
+        def onnxruntime(x: torch.Tensor) -> torch.Tensor:
+            return torch.from_numpy(session.run(None, {"image": x.numpy()})[0])
+
+        contestants: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+            "torch-eager": model, "engine-cpu": seg.logits, "onnxruntime": onnxruntime,
+        }  # fmt: skip
+        for batch in args.batches:
+            x = torch.randn(batch, 3, args.size, args.size)
+            reference = None
+            for name, fn in contestants.items():
+                r = measure(fn, x, args.repeats, cpu)
+                if name == "torch-eager":
+                    reference = r["logits"]
+                extra = {"export_s": export_s} if name == "onnxruntime" else {}
+                rows.append(_row(arch, batch, args.size, name, r, reference, **extra))
+                print(f"{arch} b{batch} {name}: p50 {rows[-1]['p50_ms']:.1f} ms", flush=True)
+        os.remove(path)
+    return rows
+
+
+def gpu_part(args: argparse.Namespace, workdir: str) -> list[dict]:
+    from denseclip_fast.export import load_aoti, to_aoti
+
+    rows = []
+    device = torch.device("cuda")
+    for arch in args.archs:
+        model = build(arch, args.classes)
+        seg = dcf.Segmenter(model, device=device, dtype=torch.bfloat16, mode="whole")
+        start = time.perf_counter()
+        path = to_aoti(seg, os.path.join(workdir, "model.pt2"), image_size=args.size, max_batch=max(2, *args.batches))
+        compile_s = time.perf_counter() - start
+        pkg = load_aoti(path)
+        for batch in args.batches:
+            x = torch.randn(batch, 3, args.size, args.size)
+            with torch.no_grad():
+                reference = model(x)
+            xd = x.to(device, torch.bfloat16, memory_format=torch.channels_last)
+            r = measure(seg.logits, xd, args.repeats, device)
+            rows.append(_row(arch, batch, args.size, "engine-bf16", r, reference))
+            r = measure(lambda t: pkg(t).float(), xd, args.repeats, device)
+            rows.append(_row(arch, batch, args.size, "aoti-bf16", r, reference, compile_s=compile_s))
+            print(f"{arch} b{batch}: engine {rows[-2]['p50_ms']:.2f} ms, aoti {rows[-1]['p50_ms']:.2f} ms", flush=True)
+    return rows
+
+
+def table(env: dict, rows: list[dict]) -> str:
+    versions = ", ".join(f"{k} {env.get(k)}" for k in ("torch", "triton", "onnxruntime", "onnx"))
+    lines = [
+        f"# Deployment artefacts vs the engine ({env['date']})",
+        "",
+        f"CPU: {env['cpu']} ({env['threads']} threads); GPU: {env['gpu_name'] or 'none'}; {versions}.",
+        "Random weights, 150 classes, whole image, square inputs. Error: relative L2 of the logits against the float32"
+        " model in PyTorch eager on the CPU.",
+        "",
+        "| arch | size | batch | contestant | p50 ms | p90 ms | images/s | first call s | export/compile s | rel. error |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        made = r.get("export_s", r.get("compile_s"))
+        err = r["rel_error_vs_fp32"]
+        lines.append(
+            f"| {r['arch']} | {r['size']} | {r['batch']} | {r['contestant']} | {r['p50_ms']:.2f} | {r['p90_ms']:.2f} "
+            f"| {r['images_per_s']:.1f} | {r['first_call_s']:.2f} | {'' if made is None else f'{made:.0f}'} "
+            f"| {'' if err is None else f'{err:.1e}'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--parts", nargs="+", choices=("cpu", "gpu"))
+    parser.add_argument("--archs", nargs="+", choices=dcf.config.ARCHS)
+    parser.add_argument("--batches", nargs="+", type=int)
+    parser.add_argument("--size", type=int, help="square input side (default 512 with a GPU, 256 without)")
+    parser.add_argument("--classes", type=int, default=150)
+    parser.add_argument("--repeats", type=int)
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    parser.add_argument("--tag", help="file name tag (default: cpu_smoke, or the GPU's name)")
+    args = parser.parse_args(argv)
+    gpu = torch.cuda.is_available()
+    args.parts = args.parts or (["cpu", "gpu"] if gpu else ["cpu"])
+    if "gpu" in args.parts and not gpu:
+        parser.error("--parts gpu needs a CUDA GPU")
+    args.archs = args.archs or ["RN50"]
+    args.batches = args.batches or ([1, 16] if gpu else [1])
+    args.size = args.size or (512 if gpu else 256)
+    args.repeats = args.repeats or (30 if gpu else 3)
+    import onnx
+    import onnxruntime
+
+    env = environment(torch.device("cuda" if gpu else "cpu"))
+    env |= {"cpu": environment(torch.device("cpu"))["device"], "gpu_name": env["device"] if gpu else None,
+            "onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__}  # fmt: skip
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory() as workdir:
+        if "cpu" in args.parts:
+            rows += cpu_part(args, workdir)
+        if "gpu" in args.parts:
+            rows += gpu_part(args, workdir)
+    text = table(env, rows)
+    print(text)
+    os.makedirs(args.out, exist_ok=True)
+    tag = args.tag or ("cpu_smoke" if not gpu else env["device"].replace(" ", "_"))
+    with open(os.path.join(args.out, f"export_{tag}.json"), "w") as f:
+        json.dump({"environment": env, "args": vars(args), "rows": rows}, f, indent=2)
+    with open(os.path.join(args.out, f"export_{tag}.md"), "w") as f:
+        f.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
