@@ -6,6 +6,10 @@
     denseclip-fast export --checkpoint C --format onnx|tensorrt|aoti --out PATH [--graph image|image_with_text|text]
                           [--image-size 512 | 512x1024] [--dtype ...] [--max-batch N] [--verify] [--classes "a,b"]
 
+    denseclip-fast train [CONFIG.yaml] [--arch A] [--data DIR] [--layout ade20k|generic] [--init CLIP|none] [--iters N]
+                         [--batch-size N] [--accum N] [--crop N] [--lr X] [--seed N] [--device D] [--work-dir DIR]
+    denseclip-fast eval --checkpoint C --data DIR --layout L [--mode whole|slide] [--scales 0.5,1.0] [--flip]
+
 segment runs the engine (denseclip_fast.Segmenter): the official test pipeline on the chosen device. export writes
 an ONNX graph, a TensorRT engine (needs the tensorrt package) or an AOTInductor package (denseclip_fast.export).
 
@@ -188,6 +192,60 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+TRAIN_OPTIONS = {  # command-line option -> (TrainConfig field, type)
+    "arch": str, "data": str, "layout": str, "init": str, "iters": int, "batch_size": int, "accum": int, "crop": int,
+    "lr": float, "seed": int, "device": str, "work_dir": str, "num_workers": int, "checkpoint_interval": int,
+    "eval_interval": int, "log_interval": int, "amp": str,
+}  # fmt: skip
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import TrainConfig, train, train_preset
+
+    if args.config:
+        cfg = TrainConfig.load(args.config)
+    else:
+        cfg = train_preset(args.arch) if args.arch in ("RN50", "RN101", "ViT-B/16", "ViT-B-16") else TrainConfig()
+    for name in TRAIN_OPTIONS:
+        value = getattr(args, name)
+        if value is not None:
+            setattr(cfg, name, value)
+    if args.grad_checkpointing:
+        cfg.grad_checkpointing = True
+    if args.sync_bn:
+        cfg.sync_bn = True
+    result = train(cfg, resume=args.resume)
+    evaluation = result.get("eval")
+    if evaluation:
+        print(f"mIoU {100 * evaluation['mIoU']:.2f}  aAcc {100 * evaluation['aAcc']:.2f}  (work dir {cfg.work_dir})")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import load_checkpoint
+    from .train import SegmentationData, evaluate
+
+    try:
+        scales = [float(s) for s in args.scales.split(",")]
+    except ValueError:
+        raise ValueError(f"--scales must be comma-separated numbers, e.g. 0.5,0.75,1.0, got {args.scales!r}") from None
+    data = SegmentationData(args.data, args.layout, "val")
+    model = load_checkpoint(args.checkpoint, class_names=data.class_names)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    dtype = torch.bfloat16 if device.startswith("cuda") else None
+    result = evaluate(model, data, mode=args.mode, scales=scales, flip=args.flip, dtype=dtype, progress=True)
+    result["checkpoint"] = args.checkpoint
+    out = args.out or os.path.splitext(args.checkpoint)[0] + "_eval.json"
+    with open(out, "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=2)
+    print(f"mIoU {100 * result['mIoU']:.2f}  aAcc {100 * result['aAcc']:.2f}  mAcc {100 * result['mAcc']:.2f}  "
+          f"({result['images']} images, {args.mode}; written to {out})")  # fmt: skip
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="denseclip-fast", description="DenseCLIP semantic segmentation")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -228,6 +286,41 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--fp16", action="store_true", help="tensorrt: allow float16 layers")
     exp.add_argument("--bf16", action="store_true", help="tensorrt: allow bfloat16 layers")
     exp.set_defaults(func=cmd_export)
+
+    tr = sub.add_parser("train", help="fine-tune DenseCLIP (options override the config file or the arch's preset)")
+    tr.add_argument("config", nargs="?", help="YAML or JSON file of TrainConfig fields ('preset: RN50' starts from one)")
+    tr.add_argument("--arch", help="RN50, RN101, ViT-B/16 (the official recipe), or an architecture JSON file")
+    tr.add_argument("--data", help="the data set directory")
+    tr.add_argument("--layout", choices=("ade20k", "generic"))
+    tr.add_argument("--init", help="CLIP weights (OpenAI .pt, state dict, open_clip) or 'none' for random")
+    tr.add_argument("--iters", type=int)
+    tr.add_argument("--batch-size", dest="batch_size", type=int, help="global batch per step (default 32)")
+    tr.add_argument("--accum", type=int, help="micro-batches per step (gradient accumulation)")
+    tr.add_argument("--crop", type=int)
+    tr.add_argument("--lr", type=float)
+    tr.add_argument("--seed", type=int)
+    tr.add_argument("--device")
+    tr.add_argument("--work-dir", dest="work_dir")
+    tr.add_argument("--num-workers", dest="num_workers", type=int)
+    tr.add_argument("--checkpoint-interval", dest="checkpoint_interval", type=int)
+    tr.add_argument("--eval-interval", dest="eval_interval", type=int)
+    tr.add_argument("--log-interval", dest="log_interval", type=int)
+    tr.add_argument("--amp", choices=("bf16", "fp16", "none"))
+    tr.add_argument("--grad-checkpointing", action="store_true")
+    tr.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes (torchrun)")
+    tr.add_argument("--resume", help="'auto' (the work dir's latest checkpoint) or an iter_N.state.pt file")
+    tr.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("eval", help="mIoU and aAcc of a checkpoint on a data set's validation split")
+    ev.add_argument("--checkpoint", required=True)
+    ev.add_argument("--data", required=True)
+    ev.add_argument("--layout", choices=("ade20k", "generic"), required=True)
+    ev.add_argument("--mode", choices=("whole", "slide"), default="slide")
+    ev.add_argument("--scales", default="1.0", help="comma-separated ratios of the test scale (multi-scale)")
+    ev.add_argument("--flip", action="store_true", help="also evaluate the flipped image")
+    ev.add_argument("--device")
+    ev.add_argument("--out", help="JSON file (default: CHECKPOINT_eval.json)")
+    ev.set_defaults(func=cmd_eval)
     return parser
 
 

@@ -1,0 +1,16 @@
+"""Training: DenseCLIP fine-tuning on the fused operators, one GPU to many (torchrun), and evaluation.
+
+    from denseclip_fast.train import TrainConfig, train, train_preset
+    cfg = train_preset("RN50"); cfg.data = "ADEChallengeData2016"; cfg.init = "RN50.pt"; cfg.accum = 4
+    train(cfg)                                          # or: denseclip-fast train --arch RN50 --data ... --accum 4
+
+Modules: config.py (TrainConfig, the official recipes), data.py (layouts, augmentation, sampler), optim.py
+(parameter groups, schedule, loss), loop.py (the trainer), evaluate.py (mIoU, aAcc).
+"""
+
+from .config import TrainConfig, train_preset
+from .data import SegmentationData
+from .evaluate import SegmentationMetrics, evaluate
+from .loop import Trainer, train
+
+__all__ = ["SegmentationData", "SegmentationMetrics", "TrainConfig", "Trainer", "evaluate", "train", "train_preset"]

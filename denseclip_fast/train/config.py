@@ -1,0 +1,131 @@
+"""The training configuration: one dataclass, presets for the official ADE20K recipes, YAML/JSON files.
+
+The official recipe (DenseCLIP's ``configs/denseclip_fpn_*_512x512_80k.py``): AdamW, lr 1e-4, weight decay 1e-4,
+backbone lr x0.1, no weight decay on normalisation layers, poly schedule (power 0.9, min lr 1e-6) after 1500 linear
+warm-up iterations (warm-up ratio 1e-6), 80k iterations, global batch 32, crop 512 (640 for ViT-B/16); loss:
+cross-entropy of the head + 0.4 x cross-entropy of score / tau (the identity head), ignore index 255.
+Where the official code differs from what it claims, this trainer does what it claims: the text encoder is truly
+frozen (no gradient, no optimiser state; the official lr_mult 0 under a poly schedule with min_lr still moved it),
+BatchNorm is plain unless SyncBatchNorm is asked for, anomaly detection is off.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..config import ARCHS, DenseCLIPConfig, canonical_arch, preset
+
+LAYOUTS = ("ade20k", "generic")
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a training run. ``arch`` is a released architecture or a path to an architecture JSON file
+    (``DenseCLIPConfig.to_dict()``); ``init`` is CLIP weights for ``DenseCLIP.from_clip`` or ``"none"``."""
+
+    arch: str = "RN50"
+    data: str = ""
+    layout: str = "ade20k"
+    init: str = "none"
+    work_dir: str = "work_dirs/denseclip"
+    iters: int = 80_000
+    batch_size: int = 32  # global: per step, over all processes and accumulation micro-steps
+    accum: int = 1
+    crop: int = 512
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    backbone_lr_mult: float = 0.1
+    warmup_iters: int = 1500
+    warmup_ratio: float = 1e-6
+    poly_power: float = 0.9
+    min_lr: float = 1e-6
+    aux_weight: float = 0.4  # the identity head's cross-entropy of score / tau
+    ignore_index: int = 255
+    img_scale: tuple[int, int] = (2048, 512)
+    ratio_range: tuple[float, float] = (0.5, 2.0)
+    cat_max_ratio: float = 0.75
+    seed: int = 0
+    device: str = ""  # default: cuda when available
+    amp: str = "bf16"  # autocast: "bf16", "fp16" (with a gradient scaler) or "none" (float32)
+    grad_checkpointing: bool = False
+    sync_bn: bool = False
+    num_workers: int = 4
+    checkpoint_interval: int = 8000
+    eval_interval: int = 0  # 0: evaluate only at the end
+    log_interval: int = 50
+    eval_mode: str = "slide"
+    max_checkpoints: int = 3
+    tensorboard: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.img_scale = tuple(self.img_scale)  # type: ignore[assignment]
+        self.ratio_range = tuple(self.ratio_range)  # type: ignore[assignment]
+
+    def validate(self) -> None:
+        """ValueError naming the field for anything a run cannot start with."""
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+        if not self.data:
+            raise ValueError("data must name the dataset directory (--data DIR)")
+        if not os.path.isdir(self.data):
+            raise ValueError(f"data directory {self.data!r} does not exist")
+        for name in ("iters", "batch_size", "accum", "crop"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.batch_size % self.accum:
+            raise ValueError(f"batch_size {self.batch_size} must be divisible by accum {self.accum}")
+        if self.amp not in ("bf16", "fp16", "none"):
+            raise ValueError(f"amp must be 'bf16', 'fp16' or 'none', got {self.amp!r}")
+        if self.eval_mode not in ("whole", "slide"):
+            raise ValueError(f"eval_mode must be 'whole' or 'slide', got {self.eval_mode!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        self.model_config()
+
+    def model_config(self) -> DenseCLIPConfig:
+        if self.arch in ARCHS or self.arch in ("ViT-B-16",):
+            return preset(canonical_arch(self.arch))
+        if os.path.isfile(self.arch):
+            with open(self.arch, encoding="utf-8") as f:
+                return DenseCLIPConfig.from_dict(json.load(f))
+        raise ValueError(f"arch must be one of {list(ARCHS)} or an architecture JSON file, got {self.arch!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown training config keys {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+    @classmethod
+    def load(cls, path: str) -> TrainConfig:
+        """A YAML (.yaml/.yml) or JSON file of TrainConfig fields; ``preset: RN50`` starts from a preset."""
+        with open(path, encoding="utf-8") as f:
+            if path.endswith((".yaml", ".yml")):
+                import yaml
+
+                data = yaml.safe_load(f) or {}
+            else:
+                data = json.load(f)
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: a training config must be a mapping of fields, got {type(data).__name__}")
+        base = train_preset(data.pop("preset")).to_dict() if "preset" in data else {}
+        return cls.from_dict({**base, **data})
+
+
+def train_preset(arch: str) -> TrainConfig:
+    """The official ADE20K recipe for ``arch`` (RN50, RN101: crop 512; ViT-B/16: crop 640, scale 2048x640)."""
+    arch = canonical_arch(arch)
+    if arch == "ViT-B/16":
+        return TrainConfig(arch=arch, crop=640, img_scale=(2048, 640))
+    return TrainConfig(arch=arch)

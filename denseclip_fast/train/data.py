@@ -1,0 +1,272 @@
+"""Segmentation data: the ADE20K and the generic directory layouts, the official training augmentation, and a
+resumable, distributed sampler.
+
+Layouts:
+  ade20k   DIR/images/{training,validation}/*.jpg, DIR/annotations/{training,validation}/*.png; label 0 is
+           "other" and ignored, classes shift down by one (mmseg's ``reduce_zero_label``); the 150 ADE20K classes.
+  generic  DIR/images/NAME.jpg|png, DIR/labels/NAME.png (class indices, 255 ignored), DIR/classes.txt (one name a
+           line), optional DIR/splits/train.txt and DIR/splits/val.txt listing NAMEs (without them every image
+           serves both).
+Training augmentation, as the official pipeline: keep-ratio resize to (2048, 512) x a ratio in [0.5, 2.0] (image
+bilinear, label nearest), random crop whose most frequent class covers < 75% (10 tries), horizontal flip (p 0.5),
+photometric distortion (brightness, contrast, saturation, hue, mmseg's order and ranges), CLIP normalisation, pad to
+the crop (image 0 after normalisation, label 255). Each sample's randomness is seeded by (seed, its position in the
+sample stream), so a run is reproducible whatever the worker count, and a resumed run sees the same data.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset, Sampler
+
+from ..class_names import ADE20K_CLASSES
+from ..preprocess import keep_ratio_size, load_image, normalize
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+IGNORE = 255
+
+
+@dataclass(frozen=True)
+class Sample:
+    image: str
+    label: str
+
+
+def _names_in(folder: str, suffixes: Sequence[str]) -> dict[str, str]:
+    if not os.path.isdir(folder):
+        raise ValueError(f"{folder} does not exist (see the data layout in denseclip_fast.train.data)")
+    return {os.path.splitext(f)[0]: os.path.join(folder, f) for f in sorted(os.listdir(folder))
+            if f.lower().endswith(tuple(suffixes))}  # fmt: skip
+
+
+def find_samples(root: str, layout: str, split: str) -> tuple[list[Sample], list[str]]:
+    """The (image, label) pairs of ``split`` ("train" or "val") and the class names."""
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    if layout == "ade20k":
+        sub = "training" if split == "train" else "validation"
+        images = _names_in(os.path.join(root, "images", sub), IMAGE_SUFFIXES)
+        labels = _names_in(os.path.join(root, "annotations", sub), (".png",))
+        names = list(images)
+        classes = list(ADE20K_CLASSES)
+    elif layout == "generic":
+        images = _names_in(os.path.join(root, "images"), IMAGE_SUFFIXES)
+        labels = _names_in(os.path.join(root, "labels"), (".png",))
+        classes_file = os.path.join(root, "classes.txt")
+        if not os.path.isfile(classes_file):
+            raise ValueError(f"{classes_file} is missing (one class name a line)")
+        with open(classes_file, encoding="utf-8") as f:
+            classes = [line.strip() for line in f if line.strip()]
+        if not classes:
+            raise ValueError(f"{classes_file} lists no class names")
+        split_file = os.path.join(root, "splits", f"{split}.txt")
+        if os.path.isfile(split_file):
+            with open(split_file, encoding="utf-8") as f:
+                names = [line.strip() for line in f if line.strip()]
+            missing = [n for n in names if n not in images]
+            if missing:
+                raise ValueError(f"{split_file} lists {len(missing)} name(s) without an image, e.g. {missing[0]!r}")
+        else:
+            names = list(images)
+    else:
+        raise ValueError(f"layout must be 'ade20k' or 'generic', got {layout!r}")
+    unlabeled = [n for n in names if n not in labels]
+    if unlabeled:
+        raise ValueError(f"{len(unlabeled)} image(s) in {root} have no label file, e.g. {images[unlabeled[0]]}")
+    if not names:
+        raise ValueError(f"no {split} images found in {root} ({layout} layout)")
+    return [Sample(images[n], labels[n]) for n in names], classes
+
+
+def read_label(path: str, num_classes: int, reduce_zero_label: bool) -> np.ndarray:
+    """(H, W) int64 class indices, IGNORE for ignored pixels. ValueError naming the file for an unreadable file or
+    a class index out of range."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            label = np.asarray(img).astype(np.int64)
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ValueError(f"{path}: not a readable label image ({exc})") from None
+    if label.ndim != 2:
+        raise ValueError(f"{path}: a label must be a single-channel image of class indices, got shape {label.shape}")
+    if reduce_zero_label:
+        label = np.where(label == 0, IGNORE + 1, label) - 1  # 0 -> 255, k -> k - 1
+    bad = (label != IGNORE) & ((label < 0) | (label >= num_classes))
+    if bad.any():
+        value = int(label[bad][0]) + (1 if reduce_zero_label else 0)
+        raise ValueError(
+            f"{path}: label value {value} is out of range for {num_classes} classes "
+            f"(valid: {'1..' + str(num_classes) if reduce_zero_label else '0..' + str(num_classes - 1)}, and "
+            f"{'0' if reduce_zero_label else str(IGNORE)} for ignored pixels)"
+        )
+    return label
+
+
+# ------------------------------------------------------------------------------------------------ augmentation
+
+
+def _rgb_to_hsv(rgb: np.ndarray) -> np.ndarray:
+    """float RGB 0..255 -> OpenCV 8-bit HSV scales: H 0..180, S and V 0..255."""
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    v = rgb.max(axis=-1)
+    c = v - rgb.min(axis=-1)
+    s = np.where(v > 0, c / np.maximum(v, 1e-12) * 255.0, 0.0)
+    safe = np.maximum(c, 1e-12)
+    h = np.where(v == r, (g - b) / safe, np.where(v == g, 2.0 + (b - r) / safe, 4.0 + (r - g) / safe))
+    h = np.where(c > 0, (h * 30.0) % 180.0, 0.0)
+    return np.stack([h, s, v], axis=-1)
+
+
+def _hsv_to_rgb(hsv: np.ndarray) -> np.ndarray:
+    h, s, v = hsv[..., 0] / 30.0, hsv[..., 1] / 255.0, hsv[..., 2]
+    c = v * s
+    x = c * (1 - np.abs(h % 2 - 1))
+    m = v - c
+    sector = np.floor(h).astype(np.int64) % 6
+    zeros = np.zeros_like(c)
+    table = [(c, x, zeros), (x, c, zeros), (zeros, c, x), (zeros, x, c), (x, zeros, c), (c, zeros, x)]
+    out = np.zeros(hsv.shape, dtype=np.float64)
+    for k, (r, g, b) in enumerate(table):
+        mask = sector == k
+        out[mask] = np.stack([r[mask], g[mask], b[mask]], axis=-1)
+    return out + m[..., None]
+
+
+def photometric_distortion(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """mmseg's PhotoMetricDistortion on float RGB 0..255: brightness +-32, contrast x[0.5, 1.5] (before or after
+    the colour changes), saturation x[0.5, 1.5], hue +-18 (of 180); each applied with probability 0.5."""
+    img = image.astype(np.float64)
+    if rng.integers(2):
+        img = np.clip(img + rng.uniform(-32, 32), 0, 255)
+    contrast_first = bool(rng.integers(2))
+
+    def contrast(x: np.ndarray) -> np.ndarray:
+        return np.clip(x * rng.uniform(0.5, 1.5), 0, 255) if rng.integers(2) else x
+
+    if contrast_first:
+        img = contrast(img)
+    img = np.round(img)
+    if rng.integers(2):
+        hsv = _rgb_to_hsv(img)
+        hsv[..., 1] = np.clip(hsv[..., 1] * rng.uniform(0.5, 1.5), 0, 255)
+        img = _hsv_to_rgb(hsv)
+    if rng.integers(2):
+        hsv = _rgb_to_hsv(img)
+        hsv[..., 0] = (np.round(hsv[..., 0]) + rng.integers(-18, 19)) % 180
+        img = _hsv_to_rgb(hsv)
+    if not contrast_first:
+        img = contrast(img)
+    return np.clip(np.round(img), 0, 255)
+
+
+def random_crop_box(label: np.ndarray, crop: int, cat_max_ratio: float, rng: np.random.Generator) -> tuple[int, int]:
+    """Top-left corner of a crop whose most frequent (non-ignored) class covers less than ``cat_max_ratio`` (up to
+    10 tries, the last kept), as mmseg's RandomCrop."""
+    h, w = label.shape
+    for _ in range(10):
+        top = int(rng.integers(0, max(h - crop, 0) + 1))
+        left = int(rng.integers(0, max(w - crop, 0) + 1))
+        if cat_max_ratio >= 1:
+            break
+        window = label[top : top + crop, left : left + crop]
+        _, counts = np.unique(window[window != IGNORE], return_counts=True)
+        if len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio:
+            break
+    return top, left
+
+
+def train_transform(
+    image: np.ndarray,
+    label: np.ndarray,
+    rng: np.random.Generator,
+    crop: int,
+    img_scale: Sequence[int],
+    ratio_range: Sequence[float],
+    cat_max_ratio: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 (H, W, 3) image and (H, W) label -> normalised (3, crop, crop) float32 and (crop, crop) int64."""
+    ratio = rng.uniform(*ratio_range)
+    scale = (int(img_scale[0] * ratio), int(img_scale[1] * ratio))
+    size = keep_ratio_size(image.shape[0], image.shape[1], scale)
+    x = torch.from_numpy(image).permute(2, 0, 1)[None].float()
+    x = F.interpolate(x, size=size, mode="bilinear", align_corners=False).round().clamp(0, 255)
+    y = F.interpolate(torch.from_numpy(label)[None, None].float(), size=size, mode="nearest")[0, 0].long()
+    img, lab = x[0].permute(1, 2, 0).numpy(), y.numpy()
+    top, left = random_crop_box(lab, crop, cat_max_ratio, rng)
+    img, lab = img[top : top + crop, left : left + crop], lab[top : top + crop, left : left + crop]
+    if rng.random() < 0.5:
+        img, lab = img[:, ::-1], lab[:, ::-1]
+    img = photometric_distortion(img, rng)
+    x = normalize(torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None].float())[0]
+    out = torch.zeros(3, crop, crop)
+    out_label = torch.full((crop, crop), IGNORE, dtype=torch.long)
+    out[:, : x.shape[1], : x.shape[2]] = x
+    out_label[: lab.shape[0], : lab.shape[1]] = torch.from_numpy(np.ascontiguousarray(lab))
+    return out, out_label
+
+
+# ------------------------------------------------------------------------------------------------ datasets
+
+
+class SegmentationData(Dataset):
+    """Samples of one split. Training items are ``(index, position)`` pairs from :class:`TrainSampler` (the
+    position seeds the augmentation); evaluation items are plain indices -> (uint8 image, label, image path)."""
+
+    def __init__(self, root: str, layout: str, split: str, config: object | None = None) -> None:
+        self.samples, self.class_names = find_samples(root, layout, split)
+        self.reduce_zero_label = layout == "ade20k"
+        self.config = config
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def read(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        sample = self.samples[index]
+        image = load_image(sample.image)
+        label = read_label(sample.label, len(self.class_names), self.reduce_zero_label)
+        if label.shape != image.shape[:2]:
+            raise ValueError(f"{sample.label}: label size {label.shape} differs from its image's {image.shape[:2]}")
+        return image, label
+
+    def __getitem__(self, item: int | tuple[int, int]):  # type: ignore[override]
+        if isinstance(item, tuple):
+            index, position = item
+            cfg = self.config
+            assert cfg is not None, "training items need the TrainConfig"
+            image, label = self.read(index)
+            rng = np.random.default_rng([cfg.seed, position])  # type: ignore[attr-defined]
+            return train_transform(image, label, rng, cfg.crop, cfg.img_scale, cfg.ratio_range,  # type: ignore[attr-defined]
+                                   cfg.cat_max_ratio)  # type: ignore[attr-defined]  # fmt: skip
+        image, label = self.read(item)
+        return image, label, self.samples[item].image
+
+
+class TrainSampler(Sampler):
+    """An endless stream of ``(index, position)``: epoch e is a permutation seeded by (seed, e), padded to a
+    multiple of ``world`` and dealt round-robin to the ranks; ``position`` numbers the stream. ``start`` skips the
+    first samples of this rank's stream (resume)."""
+
+    def __init__(self, size: int, seed: int, rank: int = 0, world: int = 1, start: int = 0) -> None:
+        self.size, self.seed, self.rank, self.world, self.start = size, seed, rank, world, start
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        per_rank = -(-self.size // self.world)
+        epoch, skip = divmod(self.start, per_rank)
+        while True:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            order = torch.randperm(self.size, generator=g).tolist()
+            order += order[: per_rank * self.world - self.size]
+            mine = order[self.rank :: self.world]
+            for i in range(skip, per_rank):
+                yield mine[i], ((epoch * per_rank + i) * self.world + self.rank)
+            epoch, skip = epoch + 1, 0
+
+    def __len__(self) -> int:  # an endless sampler; DataLoader only asks for it with a length-based batch sampler
+        return 2**62

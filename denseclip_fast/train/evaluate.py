@@ -1,0 +1,130 @@
+"""Evaluation: mIoU, per-class IoU, per-class accuracy and aAcc over a split, as mmseg computes them.
+
+Per image the official test pipeline runs (keep-ratio resize to fit ``test_scale`` x each scale ratio, CLIP
+normalisation, whole or sliding-window inference, optional horizontal flip); the softmax probabilities of all
+scales/flips are averaged at the image's size and the argmax is compared with the label (ignored pixels excluded).
+Areas are summed over the split: IoU_k = |pred=k and label=k| / |pred=k or label=k| (NaN for a class absent from
+both), mIoU = nanmean(IoU), aAcc = correct pixels / labelled pixels.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..model import DenseCLIP
+from ..preprocess import normalize, resize_keep_ratio, to_tensor
+from .data import IGNORE, SegmentationData
+
+
+class SegmentationMetrics:
+    """Accumulates intersection/union/prediction/label areas per class."""
+
+    def __init__(self, num_classes: int, ignore_index: int = IGNORE) -> None:
+        self.num_classes, self.ignore_index = num_classes, ignore_index
+        self.intersect = np.zeros(num_classes, dtype=np.int64)
+        self.union = np.zeros(num_classes, dtype=np.int64)
+        self.pred_area = np.zeros(num_classes, dtype=np.int64)
+        self.label_area = np.zeros(num_classes, dtype=np.int64)
+
+    def update(self, pred: np.ndarray | torch.Tensor, label: np.ndarray | torch.Tensor) -> None:
+        pred, label = np.asarray(pred).astype(np.int64), np.asarray(label).astype(np.int64)
+        if pred.shape != label.shape:
+            raise ValueError(f"prediction {pred.shape} and label {label.shape} must have the same shape")
+        keep = label != self.ignore_index
+        pred, label = pred[keep], label[keep]
+        k = self.num_classes
+        inter = np.bincount(label[pred == label], minlength=k)[:k]
+        area_pred = np.bincount(pred, minlength=k)[:k]
+        area_label = np.bincount(label, minlength=k)[:k]
+        self.intersect += inter
+        self.pred_area += area_pred
+        self.label_area += area_label
+        self.union += area_pred + area_label - inter
+
+    def results(self, class_names: Sequence[str] | None = None) -> dict[str, Any]:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            iou = self.intersect / self.union
+            acc = self.intersect / self.label_area
+        total = self.label_area.sum()
+        out: dict[str, Any] = {
+            "mIoU": float(np.nanmean(iou)) if np.isfinite(iou).any() else math.nan,
+            "mAcc": float(np.nanmean(acc)) if np.isfinite(acc).any() else math.nan,
+            "aAcc": float(self.intersect.sum() / total) if total else math.nan,
+        }
+        names = list(class_names) if class_names is not None else [str(i) for i in range(self.num_classes)]
+        out["per_class"] = {n: {"IoU": None if math.isnan(i) else float(i), "Acc": None if math.isnan(a) else float(a)}
+                            for n, i, a in zip(names, iou, acc)}  # fmt: skip
+        return out
+
+
+@torch.no_grad()
+def predict_probabilities(
+    model: DenseCLIP,
+    image: np.ndarray,
+    mode: str = "slide",
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """(K, H, W) float32 softmax probabilities of a uint8 (H, W, 3) image, averaged over scales and flips."""
+    device = model.contexts.device
+    height, width = image.shape[:2]
+    raw = to_tensor(image).to(device)
+    total = torch.zeros(model.num_classes, height, width, device=device)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None and dtype != torch.float32)
+    for ratio in scales:
+        scale = [int(s * ratio) for s in model.config.test_scale]
+        x = normalize(resize_keep_ratio(raw, scale))
+        for flipped in (False, True) if flip else (False,):
+            xi = x.flip(-1) if flipped else x
+            with autocast:
+                logits = model(xi) if mode == "whole" else model.slide_inference(xi)
+            logits = logits.float().flip(-1) if flipped else logits.float()
+            logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
+            total += logits[0].softmax(dim=0)
+    return total / (len(scales) * (2 if flip else 1))
+
+
+def evaluate(
+    model: DenseCLIP,
+    data: SegmentationData,
+    mode: str = "slide",
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
+    dtype: torch.dtype | None = None,
+    limit: int | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Metrics of ``model`` (in eval mode while it runs) over ``data`` (a "val" SegmentationData)."""
+    if model.num_classes != len(data.class_names):
+        raise ValueError(
+            f"the model has {model.num_classes} classes but the data set has {len(data.class_names)} "
+            f"({len(data.class_names)} names in its class list)"
+        )
+    if mode not in ("whole", "slide"):
+        raise ValueError(f"mode must be 'whole' or 'slide', got {mode!r}")
+    was_training = model.training
+    model.eval()
+    metrics = SegmentationMetrics(model.num_classes)
+    count = len(data) if limit is None else min(limit, len(data))
+    indices = range(count)
+    if progress:
+        from tqdm import tqdm
+
+        indices = tqdm(indices, desc="eval", unit="img")
+    try:
+        for i in indices:
+            image, label, _ = data[i]
+            pred = predict_probabilities(model, image, mode, scales, flip, dtype).argmax(dim=0)
+            metrics.update(pred.cpu().numpy(), label)
+    finally:
+        model.train(was_training)
+    result = metrics.results(data.class_names)
+    result |= {"images": count, "mode": mode, "scales": list(scales), "flip": flip}
+    return result

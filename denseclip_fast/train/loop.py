@@ -1,0 +1,317 @@
+"""The training loop: one process or many (torchrun), gradient accumulation, bf16 autocast, checkpoints, resume.
+
+    from denseclip_fast.train import TrainConfig, train
+    train(TrainConfig(arch="RN50", data="ADEChallengeData2016", init="RN50.pt", batch_size=32, accum=4))
+
+Per iteration: ``accum`` micro-batches of batch_size / (world * accum) images per process; their losses are
+averaged (DDP averages over processes, gradient synchronisation only on the last micro-batch); AdamW steps once.
+The model runs through the fused operators (their backward kernels) exactly as in inference; the text encoder is
+frozen but runs every step, since the learned contexts go through it.
+
+Work dir: ``iter_<N>.safetensors`` (the model in the project's format: ``denseclip_fast.load_checkpoint`` reads it),
+``iter_<N>.state.pt`` (optimiser, scaler, iteration, random state; tensors and plain data only, read with
+``weights_only=True``), ``latest.json``, ``metrics.csv`` (iter, loss, loss_decode, loss_aux, lr, images_per_s,
+seconds), ``eval.csv`` and ``config.json``; TensorBoard events when the ``tensorboard`` package is installed.
+Resuming (``resume="auto"`` or a ``.state.pt`` path) restores the model, optimiser, schedule, scaler, iteration,
+random state and the position in the data stream, so it ends where an uninterrupted run ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import functools
+import json
+import os
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ..checkpoints import load_checkpoint
+from ..model import DenseCLIP
+from .config import TrainConfig
+from .data import SegmentationData, TrainSampler
+from .evaluate import evaluate
+from .optim import freeze_text_encoder, param_groups, segmentation_loss, set_learning_rates
+
+METRIC_COLUMNS = ["iter", "loss", "loss_decode", "loss_aux", "lr", "images_per_s", "seconds"]
+
+
+class TrainStep(nn.Module):
+    """What DDP wraps: images -> (head logits at the input size, score map / tau)."""
+
+    def __init__(self, model: DenseCLIP) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.model.forward_features(x)
+        return out["logits"], out["aux_logits"]
+
+
+def _checkpointed(forward: Any, *args: Any, **kwargs: Any) -> Any:
+    from torch.utils.checkpoint import checkpoint
+
+    return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+
+def enable_gradient_checkpointing(model: DenseCLIP) -> int:
+    """Recompute the activations of every backbone stage / transformer block in the backward pass (the parameter
+    names do not change). Returns how many modules were wrapped."""
+    blocks: list[nn.Module] = []
+    backbone = model.backbone
+    if hasattr(backbone, "layer1"):
+        blocks += [getattr(backbone, f"layer{i}") for i in range(1, 5)]
+    if hasattr(backbone, "transformer"):
+        blocks += list(backbone.transformer.resblocks)
+    blocks += list(model.text_encoder.transformer.resblocks)
+    for block in blocks:
+        block.forward = functools.partial(_checkpointed, block.forward)  # type: ignore[method-assign]
+    return len(blocks)
+
+
+@contextlib.contextmanager
+def _distributed(cfg: TrainConfig) -> Iterator[tuple[int, int, torch.device]]:
+    """(rank, world, device); a process group when launched by torchrun (WORLD_SIZE > 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local if world > 1 else (device.index or 0))
+        torch.cuda.set_device(device)
+    started = False
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        started = True
+    try:
+        yield rank, world, device
+    finally:
+        if started:
+            dist.destroy_process_group()
+
+
+def build_model(cfg: TrainConfig, class_names: list[str]) -> DenseCLIP:
+    torch.manual_seed(cfg.seed)
+    model = DenseCLIP(cfg.model_config(), class_names)
+    if cfg.init != "none":
+        from ..checkpoints.clip import init_from_clip
+
+        init_from_clip(model, cfg.init)
+    return model
+
+
+class Trainer:
+    """Holds one run's state; :meth:`run` trains to ``cfg.iters``."""
+
+    def __init__(self, cfg: TrainConfig, resume: str | None = None) -> None:
+        cfg.validate()
+        self.cfg = cfg
+        self.resume = resume
+
+    # ------------------------------------------------------------------ files
+
+    def _path(self, name: str) -> str:
+        return os.path.join(self.cfg.work_dir, name)
+
+    def _find_resume(self) -> str | None:
+        if self.resume in (None, "", "none"):
+            return None
+        if self.resume == "auto":
+            latest = self._path("latest.json")
+            if not os.path.isfile(latest):
+                return None
+            with open(latest, encoding="utf-8") as f:
+                return os.path.join(self.cfg.work_dir, json.load(f)["state"])
+        if not os.path.isfile(self.resume):
+            raise ValueError(f"resume file {self.resume!r} does not exist")
+        return self.resume
+
+    def _save(self, model: DenseCLIP, optimizer: torch.optim.Optimizer, scaler: Any, iteration: int) -> None:
+        name = f"iter_{iteration}"
+        model.save(self._path(f"{name}.safetensors"))
+        state = {
+            "iteration": iteration,
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(),
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "config": json.dumps(self.cfg.to_dict()),
+        }
+        torch.save(state, self._path(f"{name}.state.pt"))
+        with open(self._path("latest.json"), "w", encoding="utf-8") as f:
+            json.dump({"iteration": iteration, "model": f"{name}.safetensors", "state": f"{name}.state.pt"}, f)
+        kept = sorted((int(n[5:-12]) for n in os.listdir(self.cfg.work_dir)
+                       if n.startswith("iter_") and n.endswith(".safetensors")))  # fmt: skip
+        for old in kept[: -self.cfg.max_checkpoints] if self.cfg.max_checkpoints > 0 else []:
+            for suffix in (".safetensors", ".state.pt"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(self._path(f"iter_{old}{suffix}"))
+
+    def _load(self, path: str, model: DenseCLIP, optimizer: torch.optim.Optimizer, scaler: Any) -> int:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        weights = path.removesuffix(".state.pt") + ".safetensors"
+        loaded = load_checkpoint(weights, class_names=model.class_names)
+        model.load_state_dict(loaded.state_dict())
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng_cpu"])
+        if state["rng_cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng_cuda"])
+        return int(state["iteration"])
+
+    # ------------------------------------------------------------------ the run
+
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        with _distributed(cfg) as (rank, world, device):
+            return self._run(rank, world, device)
+
+    def _run(self, rank: int, world: int, device: torch.device) -> dict[str, Any]:
+        cfg = self.cfg
+        if cfg.batch_size % (world * cfg.accum):
+            raise ValueError(
+                f"batch_size {cfg.batch_size} must be divisible by processes x accum = {world} x {cfg.accum}"
+            )
+        micro = cfg.batch_size // (world * cfg.accum)
+        data = SegmentationData(cfg.data, cfg.layout, "train", cfg)
+        model = build_model(cfg, data.class_names)
+        freeze_text_encoder(model)
+        model.to(device).train()
+        if cfg.grad_checkpointing:
+            enable_gradient_checkpointing(model)
+        groups = param_groups(model, cfg)
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+        if rank == 0:
+            os.makedirs(cfg.work_dir, exist_ok=True)
+            with open(self._path("config.json"), "w", encoding="utf-8") as f:
+                json.dump(cfg.to_dict(), f, indent=2)
+        resume_path = self._find_resume()
+        start = self._load(resume_path, model, optimizer, scaler) if resume_path else 0
+        if not resume_path:
+            torch.manual_seed(cfg.seed + rank)  # dropout masks: distinct per process, reproducible
+
+        step_module: nn.Module = TrainStep(model)
+        if world > 1:
+            if cfg.sync_bn:
+                step_module = nn.SyncBatchNorm.convert_sync_batchnorm(step_module)
+            ids = [device.index] if device.type == "cuda" else None
+            step_module = nn.parallel.DistributedDataParallel(step_module, device_ids=ids)
+        sampler = TrainSampler(len(data), cfg.seed, rank, world, start=start * micro * cfg.accum)
+        # its own generator: creating the loader must not draw from the global RNG (a resumed run creates it at
+        # a different point of the run than an uninterrupted one)
+        loader = DataLoader(data, batch_size=micro, sampler=sampler, num_workers=cfg.num_workers,
+                            pin_memory=device.type == "cuda", persistent_workers=cfg.num_workers > 0,
+                            generator=torch.Generator().manual_seed(cfg.seed))  # fmt: skip
+        batches = iter(loader)
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16 if cfg.amp == "bf16" else torch.float16,
+                                  enabled=cfg.amp != "none")  # fmt: skip
+        writer = self._tensorboard() if rank == 0 else None
+        progress = None
+        if rank == 0:
+            from tqdm import tqdm
+
+            progress = tqdm(total=cfg.iters, initial=start, desc="train", unit="it", dynamic_ncols=True)
+        metrics_file = self._path("metrics.csv")
+        last: dict[str, float] = {}
+        tic = time.perf_counter()
+        for it in range(start, cfg.iters):
+            lr = set_learning_rates(optimizer, it, cfg)
+            totals = {"loss": 0.0, "loss_decode": 0.0, "loss_aux": 0.0}
+            for m in range(cfg.accum):
+                images, labels = next(batches)
+                images = images.to(device, non_blocking=True)
+                labels = labels.to(device, non_blocking=True)
+                sync = m == cfg.accum - 1 or world == 1
+                context = step_module.no_sync() if not sync else contextlib.nullcontext()  # type: ignore[operator]
+                with context:
+                    with autocast:
+                        logits, aux = step_module(images)
+                    losses = segmentation_loss(logits, aux, labels, cfg)
+                    scaler.scale(losses["loss"] / cfg.accum).backward()
+                for k in totals:
+                    totals[k] += losses[k].item() / cfg.accum
+            if world > 1:  # log the global mean, not this process's
+                reduced = torch.tensor(list(totals.values()), dtype=torch.float64, device=device)
+                dist.all_reduce(reduced)
+                totals = dict(zip(totals, (reduced / world).tolist()))
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            done = it + 1
+            if rank == 0:
+                assert progress is not None
+                progress.update(1)
+                progress.set_postfix(loss=f"{totals['loss']:.4f}", lr=f"{lr:.2e}")
+                if done % cfg.log_interval == 0 or done == cfg.iters or done == start + 1:
+                    seconds = time.perf_counter() - tic
+                    row = {"iter": done, **totals, "lr": lr, "images_per_s": cfg.batch_size * (done - start) / seconds,
+                           "seconds": seconds}  # fmt: skip
+                    self._append_csv(metrics_file, METRIC_COLUMNS, row)
+                    if writer is not None:
+                        for k in ("loss", "loss_decode", "loss_aux", "lr"):
+                            writer.add_scalar(f"train/{k}", row[k], done)
+                last = totals
+            if done % cfg.checkpoint_interval == 0 or done == cfg.iters:
+                if rank == 0:
+                    self._save(model, optimizer, scaler, done)
+                if world > 1:
+                    dist.barrier()
+            if cfg.eval_interval and done % cfg.eval_interval == 0 and done != cfg.iters:
+                self._evaluate(model, rank, world, done, writer)
+        if progress is not None:
+            progress.close()
+        result: dict[str, Any] = {"iterations": cfg.iters, "last": last}
+        if cfg.iters > start or not os.path.isfile(self._path("eval.csv")):
+            result["eval"] = self._evaluate(model, rank, world, cfg.iters, writer)
+        if writer is not None:
+            writer.close()
+        return result
+
+    def _evaluate(self, model: DenseCLIP, rank: int, world: int, iteration: int, writer: Any) -> dict[str, Any] | None:
+        """mIoU/aAcc on the val split (rank 0; the others wait)."""
+        result = None
+        if rank == 0:
+            val = SegmentationData(self.cfg.data, self.cfg.layout, "val")
+            dtype = torch.bfloat16 if self.cfg.amp == "bf16" and model.contexts.is_cuda else None
+            result = evaluate(model, val, mode=self.cfg.eval_mode, dtype=dtype)
+            row = {"iter": iteration, "mIoU": result["mIoU"], "aAcc": result["aAcc"], "mAcc": result["mAcc"]}
+            self._append_csv(self._path("eval.csv"), list(row), row)
+            with open(self._path(f"eval_iter_{iteration}.json"), "w", encoding="utf-8") as f:
+                json.dump(result, f, indent=2)
+            if writer is not None:
+                for k in ("mIoU", "aAcc"):
+                    writer.add_scalar(f"val/{k}", row[k], iteration)
+        if world > 1:
+            dist.barrier()
+        return result
+
+    @staticmethod
+    def _append_csv(path: str, columns: list[str], row: dict[str, Any]) -> None:
+        new = not os.path.isfile(path)
+        with open(path, "a", newline="", encoding="utf-8") as f:
+            out = csv.DictWriter(f, fieldnames=columns)
+            if new:
+                out.writeheader()
+            out.writerow(row)
+
+    def _tensorboard(self) -> Any:
+        if not self.cfg.tensorboard:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # the tensorboard package is optional
+            return None
+        return SummaryWriter(self._path("tensorboard"))
+
+
+def train(cfg: TrainConfig, resume: str | None = None) -> dict[str, Any]:
+    """Train with ``cfg`` (see :class:`TrainConfig`); ``resume``: None, "auto" (the work dir's latest) or a
+    ``iter_<N>.state.pt`` path. Returns the last losses and the final evaluation."""
+    return Trainer(cfg, resume).run()

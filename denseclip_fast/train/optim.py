@@ -1,0 +1,81 @@
+"""Optimiser parameter groups, the poly schedule with linear warm-up, and the training loss.
+
+Parameter groups: the text encoder is frozen (``requires_grad=False``: no gradient, no optimiser state); the
+backbone learns at ``backbone_lr_mult`` x lr; normalisation layers (BatchNorm, LayerNorm, GroupNorm weights and
+biases) get no weight decay. (mmcv matched the substring "norm" in parameter names, which in the official model only
+reaches the context decoder's norm1..3; here every normalisation layer is exempt, as the recipe says.)
+
+Schedule (mmcv's PolyLrUpdaterHook with linear warm-up, per group): regular = (base - min_lr) * (1 - it / iters) **
+power + min_lr; during the first ``warmup_iters``: regular * (1 - (1 - it / warmup_iters) * (1 - warmup_ratio)).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import TrainConfig
+
+NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
+
+
+def freeze_text_encoder(model: nn.Module) -> None:
+    text_encoder = model.text_encoder
+    assert isinstance(text_encoder, nn.Module)
+    text_encoder.requires_grad_(False)
+
+
+def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """AdamW groups: (backbone or not) x (normalisation or not); frozen parameters are left out."""
+    groups: dict[tuple[bool, bool], dict[str, Any]] = {}
+    for module_name, module in model.named_modules():
+        for name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad:
+                continue
+            full = f"{module_name}.{name}" if module_name else name
+            backbone = full.startswith("backbone.")
+            norm = isinstance(module, NORMS)
+            key = (backbone, norm)
+            if key not in groups:
+                mult = cfg.backbone_lr_mult if backbone else 1.0
+                groups[key] = {"params": [], "names": [], "lr": cfg.lr * mult, "initial_lr": cfg.lr * mult,
+                               "weight_decay": 0.0 if norm else cfg.weight_decay}  # fmt: skip
+            groups[key]["params"].append(param)
+            groups[key]["names"].append(full)
+    return [groups[k] for k in sorted(groups)]
+
+
+def learning_rate(base: float, iteration: int, cfg: TrainConfig) -> float:
+    """The learning rate of a group with initial lr ``base`` at ``iteration`` (0-based)."""
+    regular = (base - cfg.min_lr) * (1 - iteration / cfg.iters) ** cfg.poly_power + cfg.min_lr
+    if iteration < cfg.warmup_iters:
+        k = (1 - iteration / cfg.warmup_iters) * (1 - cfg.warmup_ratio)
+        return regular * (1 - k)
+    return regular
+
+
+def set_learning_rates(optimizer: torch.optim.Optimizer, iteration: int, cfg: TrainConfig) -> float:
+    """Apply the schedule for ``iteration``; returns the unscaled (head) learning rate."""
+    for group in optimizer.param_groups:
+        group["lr"] = learning_rate(group["initial_lr"], iteration, cfg)
+    return learning_rate(cfg.lr, iteration, cfg)
+
+
+def _mean_cross_entropy(logits: torch.Tensor, label: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    # mmseg 0.x's CrossEntropyLoss: per-pixel loss, ignored pixels 0, mean over *all* pixels
+    return F.cross_entropy(logits.float(), label, ignore_index=ignore_index, reduction="none").mean()
+
+
+def segmentation_loss(
+    logits: torch.Tensor, aux_logits: torch.Tensor, label: torch.Tensor, cfg: TrainConfig
+) -> dict[str, torch.Tensor]:
+    """``loss = CE(head logits) + aux_weight * CE(score / tau upsampled to the label)``; returns all three."""
+    if logits.shape[-2:] != label.shape[-2:]:
+        logits = F.interpolate(logits, size=label.shape[-2:], mode="bilinear", align_corners=False)
+    aux = F.interpolate(aux_logits, size=label.shape[-2:], mode="bilinear", align_corners=False)
+    decode = _mean_cross_entropy(logits, label, cfg.ignore_index)
+    identity = _mean_cross_entropy(aux, label, cfg.ignore_index)
+    return {"loss": decode + cfg.aux_weight * identity, "loss_decode": decode, "loss_aux": identity}

@@ -1,0 +1,327 @@
+"""Training: synthetic data sets in both layouts (written here), the trainer, resume, DDP, metrics, errors."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from denseclip_fast import load_checkpoint
+from denseclip_fast.class_names import ADE20K_CLASSES
+from denseclip_fast.cli import main
+from denseclip_fast.train import SegmentationData, SegmentationMetrics, TrainConfig, train, train_preset
+from denseclip_fast.train.data import _hsv_to_rgb, _rgb_to_hsv, random_crop_box, read_label, train_transform
+from denseclip_fast.train.loop import build_model, enable_gradient_checkpointing
+from denseclip_fast.train.optim import freeze_text_encoder, learning_rate, param_groups, segmentation_loss
+
+from .conftest import tiny_config
+
+CLASSES = ["sky", "grass", "road"]
+COLOURS = np.array([[70, 130, 230], [40, 180, 60], [120, 120, 120]], dtype=np.float64)
+
+
+def _scene(rng: np.random.Generator, size: tuple[int, int] = (40, 56)) -> tuple[np.ndarray, np.ndarray]:
+    """An image of three bands (sky / grass / road) with noise, and its label."""
+    h, w = size
+    cuts = sorted(rng.integers(h // 5, 4 * h // 5, size=2))
+    label = np.zeros((h, w), dtype=np.uint8)
+    label[cuts[0] :] = 1
+    label[cuts[1] :] = 2
+    image = COLOURS[label] + rng.normal(0, 12, size=(h, w, 3))
+    return np.clip(image, 0, 255).astype(np.uint8), label
+
+
+def make_generic(root, n: int = 6, splits: bool = True) -> str:
+    rng = np.random.default_rng(1)
+    os.makedirs(root / "images"), os.makedirs(root / "labels")
+    names = [f"scene_{i}" for i in range(n)]
+    for name in names:
+        image, label = _scene(rng)
+        Image.fromarray(image).save(root / "images" / f"{name}.png")
+        label[0, 0] = 255  # an ignored pixel
+        Image.fromarray(label).save(root / "labels" / f"{name}.png")
+    (root / "classes.txt").write_text("\n".join(CLASSES) + "\n")
+    if splits:
+        os.makedirs(root / "splits")
+        (root / "splits" / "train.txt").write_text("\n".join(names[:-2]) + "\n")
+        (root / "splits" / "val.txt").write_text("\n".join(names[-2:]) + "\n")
+    return str(root)
+
+
+def make_ade20k(root, n: int = 4) -> str:
+    rng = np.random.default_rng(2)
+    for split, count in (("training", n), ("validation", 2)):
+        os.makedirs(root / "images" / split), os.makedirs(root / "annotations" / split)
+        for i in range(count):
+            image, label = _scene(rng)
+            label = label.astype(np.uint8) * 7 + 1  # ADE classes 1, 8, 15 (0 = "other", ignored)
+            label[:2] = 0
+            Image.fromarray(image).save(root / "images" / split / f"ADE_{split}_{i:08d}.jpg")
+            Image.fromarray(label).save(root / "annotations" / split / f"ADE_{split}_{i:08d}.png")
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def arch_file(tmp_path_factory) -> str:
+    """A tiny ResNet DenseCLIP without dropout (so that runs compare exactly) and a small test scale."""
+    config = dataclasses.replace(
+        tiny_config("resnet"), head_dropout=0.0, decoder=dataclasses.replace(tiny_config().decoder, dropout=0.0),
+        test_scale=(128, 64), slide_crop=64, slide_stride=43,
+    )  # fmt: skip
+    path = tmp_path_factory.mktemp("arch") / "tiny.json"
+    path.write_text(json.dumps(config.to_dict()))
+    return str(path)
+
+
+def _config(arch_file: str, data: str, work_dir, **overrides) -> TrainConfig:
+    base = dict(arch=arch_file, data=data, layout="generic", work_dir=str(work_dir), iters=4, batch_size=2, accum=1,
+                crop=48, lr=1e-3, warmup_iters=2, img_scale=(96, 48), amp="none", num_workers=0, log_interval=1,
+                checkpoint_interval=2, eval_mode="whole", tensorboard=False)  # fmt: skip
+    return TrainConfig(**{**base, **overrides})
+
+
+def _metrics(work_dir) -> list[dict[str, str]]:
+    with open(os.path.join(work_dir, "metrics.csv"), newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _final(work_dir, iteration: int):
+    return load_checkpoint(os.path.join(work_dir, f"iter_{iteration}.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def generic(tmp_path_factory) -> str:
+    return make_generic(tmp_path_factory.mktemp("generic"))
+
+
+# ------------------------------------------------------------------------------------------------ the trainer
+
+
+@pytest.mark.slow
+def test_training_lowers_the_loss_and_freezes_the_text_encoder(arch_file, generic, tmp_path):
+    cfg = _config(arch_file, generic, tmp_path / "run", iters=60, checkpoint_interval=60, warmup_iters=0, lr=3e-3)
+    result = train(cfg)
+    rows = _metrics(tmp_path / "run")
+    assert [int(r["iter"]) for r in rows] == list(range(1, 61)) and {"loss", "lr"} <= set(rows[0])
+    losses = [float(r["loss"]) for r in rows]
+    assert np.mean(losses[-10:]) < 0.8 * np.mean(losses[:10]), losses
+    trained, initial = _final(tmp_path / "run", 60), build_model(cfg, CLASSES)
+    for name, tensor in initial.text_encoder.state_dict().items():
+        assert torch.equal(trained.text_encoder.state_dict()[name], tensor), name
+    assert not torch.equal(trained.contexts, initial.contexts)
+    assert not torch.equal(trained.gamma, initial.gamma)
+    # the decoder learns (behind gamma = 1e-4 some of its gradients start below float32's resolution of an update,
+    # e.g. the cross-attention queries', so not every tensor moves within 60 steps)
+    changed = [n for n, t in initial.context_decoder.state_dict().items()
+               if not torch.equal(trained.context_decoder.state_dict()[n], t)]  # fmt: skip
+    assert "out_proj.1.weight" in changed and len(changed) > len(initial.context_decoder.state_dict()) // 2
+    assert 0 <= result["eval"]["mIoU"] <= 1 and os.path.isfile(tmp_path / "run" / "eval.csv")
+    assert trained.class_names == CLASSES
+
+
+@pytest.mark.slow
+def test_resume_matches_training_straight_through(arch_file, generic, tmp_path):
+    """iter_2's state restores model, optimiser, schedule, random state and data position: the resumed run's
+    iteration 4 is bit-identical to the uninterrupted run's (dropout included: the tiny test model has none, so a
+    second, dropout-bearing run below checks the random state)."""
+    straight = _config(arch_file, generic, tmp_path / "a")
+    train(straight)
+    resumed = _config(arch_file, generic, tmp_path / "b")
+    train(resumed, resume=str(tmp_path / "a" / "iter_2.state.pt"))
+    a, b = _final(tmp_path / "a", 4).state_dict(), _final(tmp_path / "b", 4).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
+    assert [int(r["iter"]) for r in _metrics(tmp_path / "b")] == [3, 4]
+    assert _metrics(tmp_path / "a")[2:] == [{**r, "images_per_s": r2["images_per_s"], "seconds": r2["seconds"]}
+                                             for r, r2 in zip(_metrics(tmp_path / "b"), _metrics(tmp_path / "a")[2:])]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_resume_restores_the_random_state(generic, tmp_path):
+    """With dropout (the default decoder/head dropout 0.1) resuming still reproduces the run."""
+    arch = tiny_config("resnet")
+    path = tmp_path / "drop.json"
+    path.write_text(json.dumps(dataclasses.replace(arch, test_scale=(128, 64)).to_dict()))
+    train(_config(str(path), generic, tmp_path / "a"))
+    os.makedirs(tmp_path / "b")
+    for name in ("iter_2.safetensors", "iter_2.state.pt"):
+        (tmp_path / "b" / name).write_bytes((tmp_path / "a" / name).read_bytes())
+    (tmp_path / "b" / "latest.json").write_text(json.dumps({"iteration": 2, "model": "iter_2.safetensors",
+                                                           "state": "iter_2.state.pt"}))  # fmt: skip
+    train(_config(str(path), generic, tmp_path / "b"), resume="auto")
+    a, b = _final(tmp_path / "a", 4).state_dict(), _final(tmp_path / "b", 4).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _ddp_worker(rank: int, world: int, port: int, cfg_dict: dict) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))  # fmt: skip
+    torch.set_num_threads(1)
+    train(TrainConfig(**cfg_dict))
+
+
+@pytest.mark.slow
+def test_two_process_ddp_matches_one_process(arch_file, generic, tmp_path):
+    """torchrun-style DDP (gloo, CPU): 2 processes x 1 image == 1 process x 2 micro-batches of 1 image, the same
+    images in the same order. All runs use one thread: the tiny model's BatchNorms see 2x2 maps of one image, whose
+    gradients are ill-conditioned enough that a different summation order (thread count) shows up at 1e-1."""
+    import torch.multiprocessing as mp
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(_config(arch_file, generic, tmp_path / "single", accum=2, crop=64))  # BN needs > 1 value per channel
+    finally:
+        torch.set_num_threads(threads)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ddp = _config(arch_file, generic, tmp_path / "ddp", crop=64)
+    mp.start_processes(_ddp_worker, args=(2, port, dataclasses.asdict(ddp)), nprocs=2, start_method="spawn")
+    a, b = _final(tmp_path / "single", 4), _final(tmp_path / "ddp", 4)
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.allclose(p, q, rtol=1e-5, atol=1e-7), (name, (p - q).abs().max().item())
+    single_losses = [float(r["loss"]) for r in _metrics(tmp_path / "single")]
+    ddp_losses = [float(r["loss"]) for r in _metrics(tmp_path / "ddp")]  # the mean over both processes
+    assert np.allclose(single_losses, ddp_losses, rtol=1e-6), (single_losses, ddp_losses)
+
+
+@pytest.mark.slow
+def test_ade20k_layout_through_the_command_line(arch_file, tmp_path, capsys):
+    data = make_ade20k(tmp_path / "ade")
+    train_set = SegmentationData(data, "ade20k", "train")
+    assert train_set.class_names == list(ADE20K_CLASSES) and len(train_set) == 4
+    _, label = train_set.read(0)
+    assert set(np.unique(label)) <= {0, 7, 14, 255} and (label[:2] == 255).all()  # 0 ignored, k -> k - 1
+    work = tmp_path / "work"
+    assert main(["train", "--arch", arch_file, "--data", data, "--layout", "ade20k", "--init", "none", "--iters", "2",
+                 "--batch-size", "2", "--crop", "48", "--lr", "1e-3", "--seed", "3", "--device", "cpu",
+                 "--work-dir", str(work), "--num-workers", "0", "--amp", "none", "--log-interval", "1"]) == 0  # fmt: skip
+    assert "mIoU" in capsys.readouterr().out
+    assert [int(r["iter"]) for r in _metrics(work)] == [1, 2] and json.loads((work / "config.json").read_text())["seed"] == 3
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--checkpoint", str(work / "iter_2.safetensors"), "--data", data, "--layout", "ade20k",
+                 "--mode", "slide", "--scales", "0.75,1.0", "--flip", "--device", "cpu", "--out", str(out)]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert f"mIoU {100 * result['mIoU']:.2f}" in printed and result["images"] == 2 and result["flip"]
+    assert 0 <= result["aAcc"] <= 1 and len(result["per_class"]) == 150
+
+
+def test_gradient_checkpointing_keeps_loss_and_gradients(arch_file, generic):
+    cfg = _config(arch_file, generic, "unused")
+    x = torch.randn(2, 3, 48, 48)
+    label = torch.randint(0, 3, (2, 48, 48))
+    grads = []
+    for checkpointing in (False, True):
+        model = build_model(cfg, CLASSES).train()
+        freeze_text_encoder(model)
+        if checkpointing:
+            assert enable_gradient_checkpointing(model) > 0
+        out = model.forward_features(x)
+        loss = segmentation_loss(out["logits"], out["aux_logits"], label, cfg)["loss"]
+        loss.backward()
+        grads.append((loss.detach(), model.contexts.grad.clone(), model.backbone.conv1.weight.grad.clone()))
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+# ------------------------------------------------------------------------------------------------ recipe pieces
+
+
+def test_parameter_groups_and_schedule(arch_file, generic):
+    cfg = _config(arch_file, generic, "unused", lr=1e-4, iters=80_000, warmup_iters=1500, min_lr=1e-6)
+    model = build_model(cfg, CLASSES)
+    freeze_text_encoder(model)
+    groups = param_groups(model, cfg)
+    names = {n: g for g in groups for n in g["names"]}
+    assert not any(n.startswith("text_encoder.") for n in names)
+    assert {"contexts", "gamma"} <= set(names)
+    assert names["backbone.conv1.weight"]["lr"] == pytest.approx(1e-5)
+    assert names["decode_head.conv_seg.weight"]["lr"] == pytest.approx(1e-4)
+    norms = [n for n in names if ".bn" in n or "norm" in n or ".ln" in n]
+    assert norms and all(names[n]["weight_decay"] == 0 for n in norms)
+    assert names["decode_head.conv_seg.weight"]["weight_decay"] == 1e-4
+    assert learning_rate(1e-4, 0, cfg) == pytest.approx(1e-4 * 1e-6, rel=1e-3)  # warm-up starts at ratio x lr
+    assert learning_rate(1e-4, 1500, cfg) == pytest.approx((1e-4 - 1e-6) * (1 - 1500 / 80_000) ** 0.9 + 1e-6)
+    assert learning_rate(1e-4, 80_000, cfg) == pytest.approx(1e-6)
+    assert train_preset("ViT-B/16").crop == 640 and train_preset("RN50").batch_size == 32
+
+
+def test_metrics_on_hand_made_cases():
+    m = SegmentationMetrics(3)
+    label = np.array([[0, 0, 1, 1], [2, 2, 255, 255]])
+    pred = np.array([[0, 1, 1, 1], [2, 0, 2, 0]])
+    m.update(pred, label)
+    r = m.results(["a", "b", "c"])
+    # class 0: I=1, pred {0,0}, label {0,0}: union 1+... pred0 at (0,0),(1,1) -> 2; label0 2; I 1 -> U 3
+    assert r["per_class"]["a"]["IoU"] == pytest.approx(1 / 3)
+    assert r["per_class"]["b"]["IoU"] == pytest.approx(2 / 3)  # pred1 3 ... I 2, U 3
+    assert r["per_class"]["c"]["IoU"] == pytest.approx(1 / 2)  # pred2 1 (ignored pixel not counted), label2 2
+    assert r["aAcc"] == pytest.approx(4 / 6) and r["mIoU"] == pytest.approx((1 / 3 + 2 / 3 + 1 / 2) / 3)
+    perfect = SegmentationMetrics(4)
+    perfect.update(label, label)
+    r = perfect.results()
+    assert r["mIoU"] == 1.0 and r["aAcc"] == 1.0 and r["per_class"]["3"]["IoU"] is None  # absent class: NaN
+    with pytest.raises(ValueError, match="same shape"):
+        perfect.update(label[:1], label)
+
+
+def test_augmentation_pieces():
+    rng = np.random.default_rng(0)
+    rgb = rng.uniform(0, 255, size=(20, 20, 3))
+    assert np.allclose(_hsv_to_rgb(_rgb_to_hsv(rgb)), rgb, atol=1e-6)
+    image, label = _scene(rng, (30, 50))
+    x, y = train_transform(image, label.astype(np.int64), rng, crop=64, img_scale=(96, 48), ratio_range=(0.5, 2.0),
+                           cat_max_ratio=0.75)  # fmt: skip
+    assert x.shape == (3, 64, 64) and y.shape == (64, 64) and y.dtype == torch.long
+    valid = y != 255
+    assert set(y[valid].unique().tolist()) <= {0, 1, 2} and (x[:, ~valid] == 0).all()  # padding: 0 and 255
+    one_class = np.zeros((100, 100), dtype=np.int64)
+    one_class[:, 90:] = 1
+    top, left = random_crop_box(one_class, 40, 0.75, np.random.default_rng(0))
+    window = one_class[top : top + 40, left : left + 40]
+    assert 0 <= top <= 60 and 0 <= left <= 60 and window.shape == (40, 40)
+
+
+# ------------------------------------------------------------------------------------------------ bad data
+
+
+def test_bad_files_are_named(tmp_path):
+    data = make_generic(tmp_path / "g", n=3, splits=False)
+    (tmp_path / "g" / "images" / "scene_1.png").write_bytes(b"not a png")
+    ds = SegmentationData(data, "generic", "train")
+    assert len(ds) == 3 and ds.class_names == CLASSES
+    with pytest.raises(ValueError, match="scene_1.png: not a readable image"):
+        ds.read(1)
+    Image.fromarray(np.full((4, 4), 3, dtype=np.uint8)).save(tmp_path / "bad.png")
+    with pytest.raises(ValueError, match=r"bad.png: label value 3 is out of range for 3 classes \(valid: 0..2"):
+        read_label(str(tmp_path / "bad.png"), 3, False)
+    Image.fromarray(np.full((4, 4), 151, dtype=np.uint8)).save(tmp_path / "ade.png")
+    with pytest.raises(ValueError, match=r"ade.png: label value 151 is out of range for 150 classes \(valid: 1..150"):
+        read_label(str(tmp_path / "ade.png"), 150, True)
+    os.remove(tmp_path / "g" / "labels" / "scene_2.png")
+    with pytest.raises(ValueError, match="have no label file, e.g. .*scene_2.png"):
+        SegmentationData(data, "generic", "train")
+
+
+def test_config_files_and_errors(arch_file, generic, tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(f"preset: ViT-B/16\ndata: {generic}\nlayout: generic\niters: 10\n")
+    cfg = TrainConfig.load(str(path))
+    assert cfg.crop == 640 and cfg.iters == 10 and cfg.arch == "ViT-B/16"
+    path.write_text("itres: 10\n")
+    with pytest.raises(ValueError, match=r"unknown training config keys \['itres'\]"):
+        TrainConfig.load(str(path))
+    with pytest.raises(ValueError, match="batch_size 3 must be divisible by accum 2"):
+        _config(arch_file, generic, tmp_path, batch_size=3, accum=2).validate()
+    with pytest.raises(ValueError, match="data directory .* does not exist"):
+        _config(arch_file, str(tmp_path / "nowhere"), tmp_path).validate()
+    with pytest.raises(ValueError, match="arch must be one of"):
+        _config("RN42", generic, tmp_path).validate()
