@@ -55,6 +55,10 @@ echo "bench_e2e RN50 whole: exit $?" | tee -a "$OUT/tests_status.txt"
 python3 benchmarks/bench_export.py --archs RN50 --out "$OUT" --tag rn50 > "$OUT/bench_export.txt" 2>&1
 echo "bench_export RN50: exit $?" | tee -a "$OUT/tests_status.txt"
 
+# Training: one step of the official style against the trainer (RN50 512x512 batch 16).
+python3 benchmarks/bench_train.py --out "$OUT" --tag rn50_b16 > "$OUT/bench_train.txt" 2>&1
+echo "bench_train RN50: exit $?" | tee -a "$OUT/tests_status.txt"
+
 DENSECLIP_FAST_CMAKE_CUDA=1 python3 -m pytest -q -rs tests/ --ignore=tests/test_ops.py --ignore=tests/test_gpu.py \
   > "$OUT/tests_rest.log" 2>&1
 echo "other tests: exit $?" | tee -a "$OUT/tests_status.txt"

@@ -1,0 +1,164 @@
+"""One DenseCLIP training step: the official style against this trainer, same architecture, batch and loss.
+
+    python benchmarks/bench_train.py                  # GPU: RN50 512x512 batch 16; CPU: a small smoke run
+    python benchmarks/bench_train.py --arch RN50 --batch 16 --size 512 --contestants official-fp32 trainer-bf16
+
+Contestants (random weights; loss = CE(head) + 0.4 CE(score / tau), AdamW step included):
+  official-fp32     benchmarks/official (the official model code), float32 eager, the text encoder recomputed and
+                    differentiated every step (the official lr_mult=0 keeps its gradients and optimiser state),
+                    einsum + torch.cat for the score map
+  trainer-fp32      denseclip_fast.train's step: fused operators (their backward kernels), frozen text encoder
+  trainer-bf16      the same under bf16 autocast (the trainer's default)
+  trainer-bf16-ckpt the same with gradient checkpointing (memory for speed)
+Per contestant: images/s, ms per step (median), peak memory of a step. Writes JSON and markdown to
+benchmarks/results/ (train_<tag>.*) with the machine and versions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import denseclip_fast as dcf  # noqa: E402
+from benchmarks.common import environment, sync  # noqa: E402
+from benchmarks.official import OfficialDenseCLIP, official_config, randomize_  # noqa: E402
+from denseclip_fast.train import TrainConfig  # noqa: E402
+from denseclip_fast.train.loop import TrainStep, enable_gradient_checkpointing  # noqa: E402
+from denseclip_fast.train.optim import freeze_text_encoder, param_groups, segmentation_loss  # noqa: E402
+
+ALL = ("official-fp32", "trainer-fp32", "trainer-bf16", "trainer-bf16-ckpt")
+
+
+def official_step(arch: str, names: list[str], cfg: TrainConfig, device: torch.device) -> Callable:
+    torch.manual_seed(0)
+    model = randomize_(OfficialDenseCLIP(official_config(arch), names)).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    def step(x: torch.Tensor, label: torch.Tensor) -> float:
+        _, levels, score = model.after_extract_feat(model.backbone(x))
+        out = model.decode_head(model.neck(levels))
+        out = F.interpolate(out, size=x.shape[2:], mode="bilinear", align_corners=False)
+        loss = segmentation_loss(out, score / 0.07, label, cfg)["loss"]  # the official tau
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step
+
+
+def trainer_step(arch: str, names: list[str], cfg: TrainConfig, device: torch.device, bf16: bool, ckpt: bool) -> Callable:
+    torch.manual_seed(0)
+    model = randomize_(dcf.DenseCLIP.from_arch(arch, names))
+    freeze_text_encoder(model)
+    model.to(device).train()
+    if ckpt:
+        enable_gradient_checkpointing(model)
+    module = TrainStep(model)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    def step(x: torch.Tensor, label: torch.Tensor) -> float:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits, aux = module(x)
+        loss = segmentation_loss(logits, aux, label, cfg)["loss"]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step
+
+
+def measure(step: Callable, x: torch.Tensor, label: torch.Tensor, steps: int, device: torch.device) -> dict:
+    for _ in range(2):  # warm-up: allocator, cuDNN/Triton autotuning, optimiser state
+        step(x, label)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(steps):
+        sync(device)
+        start = time.perf_counter()
+        loss = step(x, label)
+        sync(device)
+        times.append(time.perf_counter() - start)
+    ms = 1e3 * statistics.median(times)
+    return {"ms_per_step": ms, "images_per_s": x.shape[0] / (ms / 1e3), "final_loss": loss,
+            "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}  # fmt: skip
+
+
+def table(env: dict, args: argparse.Namespace, rows: list[dict]) -> str:
+    lines = [
+        f"# One training step, {args.arch} {args.size}x{args.size}, batch {args.batch} ({env['date']})",
+        "",
+        f"{env['device']}; torch {env['torch']}, triton {env['triton']}. Random weights, {args.classes} classes, "
+        "AdamW step included; median of the timed steps after 2 warm-up steps.",
+        "",
+        "| contestant | ms / step | images/s | peak memory GB | x official |",
+        "|---|---|---|---|---|",
+    ]
+    base = next((r["images_per_s"] for r in rows if r["contestant"] == "official-fp32"), None)
+    for r in rows:
+        mem = "" if r["peak_memory_gb"] is None else f"{r['peak_memory_gb']:.1f}"
+        speedup = "" if base is None else f"{r['images_per_s'] / base:.2f}"
+        lines.append(f"| {r['contestant']} | {r['ms_per_step']:.1f} | {r['images_per_s']:.1f} | {mem} | {speedup} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--arch", default="RN50", choices=dcf.config.ARCHS)
+    parser.add_argument("--batch", type=int)
+    parser.add_argument("--size", type=int)
+    parser.add_argument("--classes", type=int, default=150)
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--contestants", nargs="+", choices=ALL)
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    parser.add_argument("--tag", help="file name tag (default: cpu_smoke, or the GPU's name)")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    args.batch = args.batch or (16 if gpu else 2)
+    args.size = args.size or (512 if gpu else 128)
+    args.steps = args.steps or (10 if gpu else 2)
+    args.contestants = args.contestants or (list(ALL) if gpu else ["official-fp32", "trainer-fp32"])
+    names = list(dcf.ADE20K_CLASSES[: args.classes])
+    cfg = TrainConfig()
+    torch.manual_seed(0)
+    x = torch.randn(args.batch, 3, args.size, args.size, device=device)
+    label = torch.randint(0, args.classes, (args.batch, args.size, args.size), device=device)
+    rows = []
+    for name in args.contestants:
+        if name == "official-fp32":
+            step = official_step(args.arch, names, cfg, device)
+        else:
+            step = trainer_step(args.arch, names, cfg, device, bf16="bf16" in name, ckpt=name.endswith("ckpt"))
+        rows.append({"contestant": name, **measure(step, x, label, args.steps, device)})
+        print(f"{name}: {rows[-1]['ms_per_step']:.1f} ms/step", flush=True)
+        del step
+        if gpu:
+            torch.cuda.empty_cache()
+    env = environment(device)
+    text = table(env, args, rows)
+    print(text)
+    os.makedirs(args.out, exist_ok=True)
+    tag = args.tag or ("cpu_smoke" if not gpu else env["device"].replace(" ", "_"))
+    with open(os.path.join(args.out, f"train_{tag}.json"), "w") as f:
+        json.dump({"environment": env, "args": vars(args), "rows": rows}, f, indent=2)
+    with open(os.path.join(args.out, f"train_{tag}.md"), "w") as f:
+        f.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
