@@ -311,6 +311,17 @@ def test_bad_files_are_named(tmp_path):
         SegmentationData(data, "generic", "train")
 
 
+@pytest.mark.slow
+def test_a_bad_label_stops_training_with_one_line_naming_it(arch_file, tmp_path, capsys):
+    data = make_generic(tmp_path / "g", n=2, splits=False)
+    Image.fromarray(np.full((40, 56), 7, dtype=np.uint8)).save(tmp_path / "g" / "labels" / "scene_1.png")
+    args = ["train", "--arch", arch_file, "--data", data, "--layout", "generic", "--iters", "2", "--batch-size", "2",
+            "--crop", "48", "--device", "cpu", "--work-dir", str(tmp_path / "w"), "--num-workers", "1", "--amp", "none"]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "scene_1.png: label value 7 is out of range for 3 classes" in err, err
+
+
 def test_config_files_and_errors(arch_file, generic, tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text(f"preset: ViT-B/16\ndata: {generic}\nlayout: generic\niters: 10\n")

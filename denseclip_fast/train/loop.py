@@ -96,6 +96,19 @@ def _distributed(cfg: TrainConfig) -> Iterator[tuple[int, int, torch.device]]:
             dist.destroy_process_group()
 
 
+def next_batch(batches: Iterator[Any]) -> Any:
+    """The next batch; a data error raised in a DataLoader worker comes back as the worker's own one-line message
+    (which names the file), not as the worker's traceback."""
+    try:
+        return next(batches)
+    except ValueError as exc:
+        text = str(exc)
+        if "DataLoader worker" not in text:
+            raise
+        last = [line for line in text.strip().splitlines() if line.strip()][-1]
+        raise ValueError(last.removeprefix("ValueError: ")) from None
+
+
 def build_model(cfg: TrainConfig, class_names: list[str]) -> DenseCLIP:
     torch.manual_seed(cfg.seed)
     model = DenseCLIP(cfg.model_config(), class_names)
@@ -225,7 +238,7 @@ class Trainer:
             lr = set_learning_rates(optimizer, it, cfg)
             totals = {"loss": 0.0, "loss_decode": 0.0, "loss_aux": 0.0}
             for m in range(cfg.accum):
-                images, labels = next(batches)
+                images, labels = next_batch(batches)
                 images = images.to(device, non_blocking=True)
                 labels = labels.to(device, non_blocking=True)
                 sync = m == cfg.accum - 1 or world == 1
