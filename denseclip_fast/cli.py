@@ -214,6 +214,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg.grad_checkpointing = True
     if args.sync_bn:
         cfg.sync_bn = True
+    if args.print_config:
+        print(json.dumps(cfg.to_dict(), indent=2))
+        return 0
     result = train(cfg, resume=args.resume)
     evaluation = result.get("eval")
     if evaluation:
@@ -309,6 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--grad-checkpointing", action="store_true")
     tr.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes (torchrun)")
     tr.add_argument("--resume", help="'auto' (the work dir's latest checkpoint) or an iter_N.state.pt file")
+    tr.add_argument("--print-config", action="store_true", help="print the resolved configuration as JSON and exit")
     tr.set_defaults(func=cmd_train)
 
     ev = sub.add_parser("eval", help="mIoU and aAcc of a checkpoint on a data set's validation split")

@@ -214,8 +214,11 @@ def test_ade20k_layout_through_the_command_line(arch_file, tmp_path, capsys):
     assert 0 <= result["aAcc"] <= 1 and len(result["per_class"]) == 150
 
 
-def test_gradient_checkpointing_keeps_loss_and_gradients(arch_file, generic):
-    cfg = _config(arch_file, generic, "unused")
+@pytest.mark.parametrize("kind", ["resnet", "vit"])
+def test_gradient_checkpointing_keeps_loss_and_gradients(kind, generic, tmp_path):
+    config = dataclasses.replace(tiny_config(kind), head_dropout=0.0, decoder=dataclasses.replace(tiny_config().decoder, dropout=0.0))
+    (tmp_path / "arch.json").write_text(json.dumps(config.to_dict()))
+    cfg = _config(str(tmp_path / "arch.json"), generic, "unused")
     x = torch.randn(2, 3, 48, 48)
     label = torch.randint(0, 3, (2, 48, 48))
     grads = []
@@ -322,11 +325,14 @@ def test_a_bad_label_stops_training_with_one_line_naming_it(arch_file, tmp_path,
     assert err.count("\n") == 1 and "scene_1.png: label value 7 is out of range for 3 classes" in err, err
 
 
-def test_config_files_and_errors(arch_file, generic, tmp_path):
+def test_config_files_and_errors(arch_file, generic, tmp_path, capsys):
     path = tmp_path / "run.yaml"
     path.write_text(f"preset: ViT-B/16\ndata: {generic}\nlayout: generic\niters: 10\n")
     cfg = TrainConfig.load(str(path))
     assert cfg.crop == 640 and cfg.iters == 10 and cfg.arch == "ViT-B/16"
+    assert main(["train", str(path), "--iters", "20", "--accum", "4", "--print-config"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["iters"] == 20 and printed["accum"] == 4 and printed["crop"] == 640 and printed["img_scale"] == [2048, 640]
     path.write_text("itres: 10\n")
     with pytest.raises(ValueError, match=r"unknown training config keys \['itres'\]"):
         TrainConfig.load(str(path))
