@@ -5,6 +5,8 @@
     logits = model(x)                                            # x: CLIP-normalised (B, 3, H, W)
     seg = dcf.Segmenter(model, device="cuda", dtype=torch.bfloat16, mode="slide")
     labels = seg.predict(images)                                 # uint8 images, the official test pipeline
+
+Deployment: ``denseclip_fast.export`` (ONNX, TensorRT, AOTInductor). Training: ``denseclip_fast.train``.
 """
 
 from .checkpoints import CheckpointError, load_checkpoint
