@@ -238,7 +238,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model = load_checkpoint(args.checkpoint, class_names=data.class_names)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
-    dtype = torch.bfloat16 if device.startswith("cuda") else None
+    dtype = torch.bfloat16 if args.bf16 else None  # float32 by default, as the official test
     result = evaluate(model, data, mode=args.mode, scales=scales, flip=args.flip, dtype=dtype, progress=True)
     result["checkpoint"] = args.checkpoint
     out = args.out or os.path.splitext(args.checkpoint)[0] + "_eval.json"
@@ -323,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--scales", default="1.0", help="comma-separated ratios of the test scale (multi-scale)")
     ev.add_argument("--flip", action="store_true", help="also evaluate the flipped image")
     ev.add_argument("--device")
+    ev.add_argument("--bf16", action="store_true", help="bfloat16 autocast (default: float32, as the official test)")
     ev.add_argument("--out", help="JSON file (default: CHECKPOINT_eval.json)")
     ev.set_defaults(func=cmd_eval)
     return parser

@@ -55,3 +55,17 @@ def test_averaging_and_chunking():
 def test_bad_window_arguments(crop, stride, match):
     with pytest.raises(ValueError, match=match):
         slide_windows(64, 64, crop, stride)
+
+
+def test_half_precision_windows_are_summed_in_float32():
+    """bfloat16 window logits (an engine in bfloat16, autocast) are accumulated and returned in float32: summing
+    overlapping windows in bfloat16 would round every partial sum to 8 bits of mantissa."""
+    x = torch.zeros(1, 3, 40, 70)
+    value = torch.tensor(1 / 3).to(torch.bfloat16)
+
+    def encode_decode(crops: torch.Tensor) -> torch.Tensor:
+        return torch.full((crops.shape[0], 2, *crops.shape[2:]), value.item(), dtype=torch.bfloat16)
+
+    out = slide_inference(encode_decode, x, crop=32, stride=7)
+    assert out.dtype == torch.float32
+    assert torch.allclose(out, torch.full_like(out, value.float().item()), rtol=0, atol=1e-6)

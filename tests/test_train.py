@@ -17,7 +17,14 @@ from denseclip_fast import load_checkpoint
 from denseclip_fast.class_names import ADE20K_CLASSES
 from denseclip_fast.cli import main
 from denseclip_fast.train import SegmentationData, SegmentationMetrics, TrainConfig, train, train_preset
-from denseclip_fast.train.data import _hsv_to_rgb, _rgb_to_hsv, random_crop_box, read_label, train_transform
+from denseclip_fast.train.data import (
+    _hsv_to_rgb,
+    _rgb_to_hsv,
+    photometric_distortion,
+    random_crop_box,
+    read_label,
+    train_transform,
+)
 from denseclip_fast.train.loop import build_model, enable_gradient_checkpointing
 from denseclip_fast.train.optim import freeze_text_encoder, learning_rate, param_groups, segmentation_loss
 
@@ -187,6 +194,8 @@ def test_two_process_ddp_matches_one_process(arch_file, generic, tmp_path):
     a, b = _final(tmp_path / "single", 4), _final(tmp_path / "ddp", 4)
     for (name, p), q in zip(a.named_parameters(), b.parameters()):
         assert torch.allclose(p, q, rtol=1e-5, atol=1e-7), (name, (p - q).abs().max().item())
+    state = torch.load(tmp_path / "ddp" / "iter_4.state.pt", weights_only=True)
+    assert len(state["rng"]) == 2 and not torch.equal(state["rng"][0]["cpu"], state["rng"][1]["cpu"])  # per process
     single_losses = [float(r["loss"]) for r in _metrics(tmp_path / "single")]
     ddp_losses = [float(r["loss"]) for r in _metrics(tmp_path / "ddp")]  # the mean over both processes
     assert np.allclose(single_losses, ddp_losses, rtol=1e-6), (single_losses, ddp_losses)
@@ -251,6 +260,9 @@ def test_parameter_groups_and_schedule(arch_file, generic):
     norms = [n for n in names if ".bn" in n or "norm" in n or ".ln" in n]
     assert norms and all(names[n]["weight_decay"] == 0 for n in norms)
     assert names["decode_head.conv_seg.weight"]["weight_decay"] == 1e-4
+    official = {n for g in param_groups(model, dataclasses.replace(cfg, norm_decay="official")) for n in g["names"]
+                if g["weight_decay"] == 0}  # fmt: skip
+    assert official and all(n.startswith("context_decoder.decoder.") and ".norm" in n for n in official)
     assert learning_rate(1e-4, 0, cfg) == pytest.approx(1e-4 * 1e-6, rel=1e-3)  # warm-up starts at ratio x lr
     assert learning_rate(1e-4, 1500, cfg) == pytest.approx((1e-4 - 1e-6) * (1 - 1500 / 80_000) ** 0.9 + 1e-6)
     assert learning_rate(1e-4, 80_000, cfg) == pytest.approx(1e-6)
@@ -280,6 +292,10 @@ def test_augmentation_pieces():
     rng = np.random.default_rng(0)
     rgb = rng.uniform(0, 255, size=(20, 20, 3))
     assert np.allclose(_hsv_to_rgb(_rgb_to_hsv(rgb)), rgb, atol=1e-6)
+    pixels = np.round(rgb)
+    for seed in range(20):  # mmseg quantises to uint8 after every step
+        out = photometric_distortion(pixels, np.random.default_rng(seed))
+        assert out.shape == pixels.shape and out.min() >= 0 and out.max() <= 255 and np.array_equal(out, np.round(out))
     image, label = _scene(rng, (30, 50))
     x, y = train_transform(image, label.astype(np.int64), rng, crop=64, img_scale=(96, 48), ratio_range=(0.5, 2.0),
                            cat_max_ratio=0.75)  # fmt: skip

@@ -46,7 +46,8 @@ def slide_inference(
     stride: int | tuple[int, int],
     windows_per_batch: int | None = None,
 ) -> torch.Tensor:
-    """x: (B, 3, H, W); ``encode_decode`` maps (N, 3, h, w) crops to (N, K, h, w) logits. Returns (B, K, H, W).
+    """x: (B, 3, H, W); ``encode_decode`` maps (N, 3, h, w) crops to (N, K, h, w) logits. Returns (B, K, H, W), in
+    the logits' dtype, or float32 when they are float16/bfloat16 (the window sums are accumulated in float32).
 
     ``windows_per_batch`` bounds how many windows (each B crops) go through one ``encode_decode`` call; None runs
     them all at once.
@@ -62,9 +63,10 @@ def slide_inference(
         group = windows[start : start + step]
         crops = torch.cat([x[:, :, y1:y2, x1:x2] for y1, y2, x1, x2 in group], dim=0)
         logits = encode_decode(crops).unflatten(0, (len(group), b))
-        if total is None:
-            total = logits.new_zeros((b, logits.shape[2], height, width))
-            count = count.to(logits.dtype)
+        if total is None:  # half-precision logits are summed in float32 (and returned so)
+            acc = torch.float32 if logits.dtype in (torch.float16, torch.bfloat16) else logits.dtype
+            total = logits.new_zeros((b, logits.shape[2], height, width), dtype=acc)
+            count = count.to(acc)
         for (y1, y2, x1, x2), window_logits in zip(group, logits):
             total[:, :, y1:y2, x1:x2] += window_logits
             count[:, :, y1:y2, x1:x2] += 1

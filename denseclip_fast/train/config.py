@@ -38,6 +38,7 @@ class TrainConfig:
     crop: int = 512
     lr: float = 1e-4
     weight_decay: float = 1e-4
+    norm_decay: str = "all"  # no weight decay on: "all" normalisation layers, or "official" (mmcv's name matching)
     backbone_lr_mult: float = 0.1
     warmup_iters: int = 1500
     warmup_ratio: float = 1e-6
@@ -82,6 +83,8 @@ class TrainConfig:
             raise ValueError(f"batch_size {self.batch_size} must be divisible by accum {self.accum}")
         if self.amp not in ("bf16", "fp16", "none"):
             raise ValueError(f"amp must be 'bf16', 'fp16' or 'none', got {self.amp!r}")
+        if self.norm_decay not in ("all", "official"):
+            raise ValueError(f"norm_decay must be 'all' or 'official', got {self.norm_decay!r}")
         if self.eval_mode not in ("whole", "slide"):
             raise ValueError(f"eval_mode must be 'whole' or 'slide', got {self.eval_mode!r}")
         if not self.lr > 0:

@@ -139,46 +139,65 @@ def _hsv_to_rgb(hsv: np.ndarray) -> np.ndarray:
     return out + m[..., None]
 
 
+def _convert(x: np.ndarray, alpha: float = 1.0, beta: float = 0.0) -> np.ndarray:
+    """mmseg's PhotoMetricDistortion.convert: x * alpha + beta, clipped to 0..255 and truncated to uint8 values."""
+    return np.floor(np.clip(x.astype(np.float32) * alpha + beta, 0, 255))
+
+
+def _to_hsv8(rgb: np.ndarray) -> np.ndarray:
+    """uint8-valued RGB -> OpenCV's 8-bit HSV (H 0..179, S and V 0..255, rounded)."""
+    return np.round(_rgb_to_hsv(rgb)) % np.array([180, 256, 256])
+
+
+def _from_hsv8(hsv: np.ndarray) -> np.ndarray:
+    return np.clip(np.round(_hsv_to_rgb(hsv)), 0, 255)
+
+
 def photometric_distortion(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """mmseg's PhotoMetricDistortion on float RGB 0..255: brightness +-32, contrast x[0.5, 1.5] (before or after
-    the colour changes), saturation x[0.5, 1.5], hue +-18 (of 180); each applied with probability 0.5."""
+    """mmseg's PhotoMetricDistortion on a uint8-valued RGB image (float array), with its uint8 quantisation after
+    every step: brightness +-32, contrast x[0.5, 1.5] (before or after the colour changes), saturation x[0.5, 1.5],
+    hue + [-18, 17] (of 180, numpy's exclusive upper bound); each applied with probability 0.5, draws in mmseg's
+    order. (mmseg works on BGR; the HSV of BGR data equals the HSV of the same pixels in RGB.)"""
     img = image.astype(np.float64)
     if rng.integers(2):
-        img = np.clip(img + rng.uniform(-32, 32), 0, 255)
+        img = _convert(img, beta=rng.uniform(-32, 32))
     contrast_first = bool(rng.integers(2))
 
     def contrast(x: np.ndarray) -> np.ndarray:
-        return np.clip(x * rng.uniform(0.5, 1.5), 0, 255) if rng.integers(2) else x
+        return _convert(x, alpha=rng.uniform(0.5, 1.5)) if rng.integers(2) else x
 
     if contrast_first:
         img = contrast(img)
-    img = np.round(img)
     if rng.integers(2):
-        hsv = _rgb_to_hsv(img)
-        hsv[..., 1] = np.clip(hsv[..., 1] * rng.uniform(0.5, 1.5), 0, 255)
-        img = _hsv_to_rgb(hsv)
+        hsv = _to_hsv8(img)
+        hsv[..., 1] = _convert(hsv[..., 1], alpha=rng.uniform(0.5, 1.5))
+        img = _from_hsv8(hsv)
     if rng.integers(2):
-        hsv = _rgb_to_hsv(img)
-        hsv[..., 0] = (np.round(hsv[..., 0]) + rng.integers(-18, 19)) % 180
-        img = _hsv_to_rgb(hsv)
+        hsv = _to_hsv8(img)
+        hsv[..., 0] = (hsv[..., 0] + rng.integers(-18, 18)) % 180
+        img = _from_hsv8(hsv)
     if not contrast_first:
         img = contrast(img)
-    return np.clip(np.round(img), 0, 255)
+    return img
 
 
 def random_crop_box(label: np.ndarray, crop: int, cat_max_ratio: float, rng: np.random.Generator) -> tuple[int, int]:
-    """Top-left corner of a crop whose most frequent (non-ignored) class covers less than ``cat_max_ratio`` (up to
-    10 tries, the last kept), as mmseg's RandomCrop."""
+    """Top-left corner of the crop, as mmseg's RandomCrop: a random box; while its most frequent (non-ignored)
+    class covers ``cat_max_ratio`` or more (or it holds one class), up to 10 times, a new box (the last one is not
+    checked)."""
     h, w = label.shape
-    for _ in range(10):
-        top = int(rng.integers(0, max(h - crop, 0) + 1))
-        left = int(rng.integers(0, max(w - crop, 0) + 1))
-        if cat_max_ratio >= 1:
-            break
-        window = label[top : top + crop, left : left + crop]
-        _, counts = np.unique(window[window != IGNORE], return_counts=True)
-        if len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio:
-            break
+
+    def draw() -> tuple[int, int]:
+        return int(rng.integers(0, max(h - crop, 0) + 1)), int(rng.integers(0, max(w - crop, 0) + 1))
+
+    top, left = draw()
+    if cat_max_ratio < 1:
+        for _ in range(10):
+            window = label[top : top + crop, left : left + crop]
+            _, counts = np.unique(window[window != IGNORE], return_counts=True)
+            if len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio:
+                break
+            top, left = draw()
     return top, left
 
 

@@ -47,6 +47,16 @@ class SegmentationMetrics:
         self.label_area += area_label
         self.union += area_pred + area_label - inter
 
+    def all_reduce(self) -> None:
+        """Sum the areas over the processes of the default process group (distributed evaluation)."""
+        import torch.distributed as dist
+
+        areas = torch.from_numpy(np.stack([self.intersect, self.union, self.pred_area, self.label_area]))
+        if dist.get_backend() == "nccl":
+            areas = areas.cuda()
+        dist.all_reduce(areas)
+        self.intersect, self.union, self.pred_area, self.label_area = (a for a in areas.cpu().numpy())
+
     def results(self, class_names: Sequence[str] | None = None) -> dict[str, Any]:
         with np.errstate(divide="ignore", invalid="ignore"):
             iou = self.intersect / self.union
@@ -100,8 +110,12 @@ def evaluate(
     dtype: torch.dtype | None = None,
     limit: int | None = None,
     progress: bool = False,
+    rank: int = 0,
+    world: int = 1,
 ) -> dict[str, Any]:
-    """Metrics of ``model`` (in eval mode while it runs) over ``data`` (a "val" SegmentationData)."""
+    """Metrics of ``model`` (in eval mode while it runs) over ``data`` (a "val" SegmentationData). With
+    ``world`` > 1 (an initialised process group) each process takes every world-th image and the areas are summed
+    over the processes; every process returns the same result."""
     if model.num_classes != len(data.class_names):
         raise ValueError(
             f"the model has {model.num_classes} classes but the data set has {len(data.class_names)} "
@@ -113,8 +127,8 @@ def evaluate(
     model.eval()
     metrics = SegmentationMetrics(model.num_classes)
     count = len(data) if limit is None else min(limit, len(data))
-    indices = range(count)
-    if progress:
+    indices = range(rank, count, world)
+    if progress and rank == 0:
         from tqdm import tqdm
 
         indices = tqdm(indices, desc="eval", unit="img")
@@ -125,6 +139,8 @@ def evaluate(
             metrics.update(pred.cpu().numpy(), label)
     finally:
         model.train(was_training)
+    if world > 1:
+        metrics.all_reduce()
     result = metrics.results(data.class_names)
     result |= {"images": count, "mode": mode, "scales": list(scales), "flip": flip}
     return result

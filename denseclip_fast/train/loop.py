@@ -23,6 +23,7 @@ import csv
 import functools
 import json
 import os
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -145,15 +146,29 @@ class Trainer:
             raise ValueError(f"resume file {self.resume!r} does not exist")
         return self.resume
 
-    def _save(self, model: DenseCLIP, optimizer: torch.optim.Optimizer, scaler: Any, iteration: int) -> None:
+    @staticmethod
+    def _rng_states(world: int, device: torch.device) -> list[dict[str, torch.Tensor]]:
+        """Every process's random state (dropout, drop path), gathered: [rank 0's, rank 1's, ...]."""
+        mine = {"cpu": torch.get_rng_state()}
+        if device.type == "cuda":
+            mine["cuda"] = torch.cuda.get_rng_state(device)
+        if world == 1:
+            return [mine]
+        states: list[Any] = [None] * world
+        dist.all_gather_object(states, mine)
+        return states
+
+    def _save(
+        self, model: DenseCLIP, optimizer: torch.optim.Optimizer, scaler: Any, iteration: int,
+        rng: list[dict[str, torch.Tensor]],
+    ) -> None:  # fmt: skip
         name = f"iter_{iteration}"
         model.save(self._path(f"{name}.safetensors"))
         state = {
             "iteration": iteration,
             "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict(),
-            "rng_cpu": torch.get_rng_state(),
-            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "rng": rng,
             "config": json.dumps(self.cfg.to_dict()),
         }
         torch.save(state, self._path(f"{name}.state.pt"))
@@ -166,16 +181,25 @@ class Trainer:
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(self._path(f"iter_{old}{suffix}"))
 
-    def _load(self, path: str, model: DenseCLIP, optimizer: torch.optim.Optimizer, scaler: Any) -> int:
+    def _load(
+        self, path: str, model: DenseCLIP, optimizer: torch.optim.Optimizer, scaler: Any, rank: int,
+        device: torch.device,
+    ) -> int:  # fmt: skip
         state = torch.load(path, map_location="cpu", weights_only=True)
         weights = path.removesuffix(".state.pt") + ".safetensors"
         loaded = load_checkpoint(weights, class_names=model.class_names)
         model.load_state_dict(loaded.state_dict())
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng_cpu"])
-        if state["rng_cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng_cuda"])
+        if rank >= len(state["rng"]):
+            raise ValueError(
+                f"{path} was saved by {len(state['rng'])} process(es); resuming with more would not reproduce the "
+                "run (start the others from it with a fresh work dir, or resume with the same number)"
+            )
+        mine = state["rng"][rank]
+        torch.set_rng_state(mine["cpu"])
+        if "cuda" in mine and device.type == "cuda":
+            torch.cuda.set_rng_state(mine["cuda"], device)
         return int(state["iteration"])
 
     # ------------------------------------------------------------------ the run
@@ -206,10 +230,15 @@ class Trainer:
             with open(self._path("config.json"), "w", encoding="utf-8") as f:
                 json.dump(cfg.to_dict(), f, indent=2)
         resume_path = self._find_resume()
-        start = self._load(resume_path, model, optimizer, scaler) if resume_path else 0
+        start = self._load(resume_path, model, optimizer, scaler, rank, device) if resume_path else 0
         if not resume_path:
             torch.manual_seed(cfg.seed + rank)  # dropout masks: distinct per process, reproducible
 
+        bn_images = micro * world if cfg.sync_bn and world > 1 else micro
+        if rank == 0 and bn_images < cfg.batch_size:
+            print(f"denseclip-fast train: BatchNorm statistics come from {bn_images} image(s) (the official recipe "
+                  f"synchronises them over its batch of 32 on 8 GPUs; --sync-bn does so under torchrun)",
+                  file=sys.stderr)  # fmt: skip
         step_module: nn.Module = TrainStep(model)
         if world > 1:
             if cfg.sync_bn:
@@ -272,8 +301,9 @@ class Trainer:
                             writer.add_scalar(f"train/{k}", row[k], done)
                 last = totals
             if done % cfg.checkpoint_interval == 0 or done == cfg.iters:
+                rng = self._rng_states(world, device)
                 if rank == 0:
-                    self._save(model, optimizer, scaler, done)
+                    self._save(model, optimizer, scaler, done, rng)
                 if world > 1:
                     dist.barrier()
             if cfg.eval_interval and done % cfg.eval_interval == 0 and done != cfg.iters:
@@ -288,12 +318,10 @@ class Trainer:
         return result
 
     def _evaluate(self, model: DenseCLIP, rank: int, world: int, iteration: int, writer: Any) -> dict[str, Any] | None:
-        """mIoU/aAcc on the val split (rank 0; the others wait)."""
-        result = None
+        """mIoU/aAcc on the val split in float32 (as the official test), the images shared by the processes."""
+        val = SegmentationData(self.cfg.data, self.cfg.layout, "val")
+        result = evaluate(model, val, mode=self.cfg.eval_mode, rank=rank, world=world, progress=True)
         if rank == 0:
-            val = SegmentationData(self.cfg.data, self.cfg.layout, "val")
-            dtype = torch.bfloat16 if self.cfg.amp == "bf16" and model.contexts.is_cuda else None
-            result = evaluate(model, val, mode=self.cfg.eval_mode, dtype=dtype)
             row = {"iter": iteration, "mIoU": result["mIoU"], "aAcc": result["aAcc"], "mAcc": result["mAcc"]}
             self._append_csv(self._path("eval.csv"), list(row), row)
             with open(self._path(f"eval_iter_{iteration}.json"), "w", encoding="utf-8") as f:
@@ -301,9 +329,7 @@ class Trainer:
             if writer is not None:
                 for k in ("mIoU", "aAcc"):
                     writer.add_scalar(f"val/{k}", row[k], iteration)
-        if world > 1:
-            dist.barrier()
-        return result
+        return result if rank == 0 else None
 
     @staticmethod
     def _append_csv(path: str, columns: list[str], row: dict[str, Any]) -> None:

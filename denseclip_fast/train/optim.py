@@ -2,8 +2,9 @@
 
 Parameter groups: the text encoder is frozen (``requires_grad=False``: no gradient, no optimiser state); the
 backbone learns at ``backbone_lr_mult`` x lr; normalisation layers (BatchNorm, LayerNorm, GroupNorm weights and
-biases) get no weight decay. (mmcv matched the substring "norm" in parameter names, which in the official model only
-reaches the context decoder's norm1..3; here every normalisation layer is exempt, as the recipe says.)
+biases) get no weight decay. (mmcv matched the substring "norm" in parameter names after the longer "backbone" key,
+which in the official model only reaches the context decoder's norm1..3: ``norm_decay="official"`` reproduces that;
+the default exempts every normalisation layer, as the recipe says.)
 
 Schedule (mmcv's PolyLrUpdaterHook with linear warm-up, per group): regular = (base - min_lr) * (1 - it / iters) **
 power + min_lr; during the first ``warmup_iters``: regular * (1 - (1 - it / warmup_iters) * (1 - warmup_ratio)).
@@ -37,7 +38,10 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
                 continue
             full = f"{module_name}.{name}" if module_name else name
             backbone = full.startswith("backbone.")
-            norm = isinstance(module, NORMS)
+            if cfg.norm_decay == "official":  # mmcv: custom keys longest first, first match wins; "norm" is a substring
+                norm = "norm" in full and not backbone
+            else:
+                norm = isinstance(module, NORMS)
             key = (backbone, norm)
             if key not in groups:
                 mult = cfg.backbone_lr_mult if backbone else 1.0
@@ -73,6 +77,7 @@ def segmentation_loss(
     logits: torch.Tensor, aux_logits: torch.Tensor, label: torch.Tensor, cfg: TrainConfig
 ) -> dict[str, torch.Tensor]:
     """``loss = CE(head logits) + aux_weight * CE(score / tau upsampled to the label)``; returns all three."""
+    logits, aux_logits = logits.float(), aux_logits.float()  # upsampled and scored in float32 under autocast too
     if logits.shape[-2:] != label.shape[-2:]:
         logits = F.interpolate(logits, size=label.shape[-2:], mode="bilinear", align_corners=False)
     aux = F.interpolate(aux_logits, size=label.shape[-2:], mode="bilinear", align_corners=False)
