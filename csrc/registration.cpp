@@ -149,4 +149,25 @@ TORCH_LIBRARY(denseclip_fast, m) {
         " -> (Tensor, Tensor, Tensor)");
 }
 
+namespace {
+// Under torch.autocast the operators keep their own precision (float32 accumulation, float32 log-sum-exp): autocast
+// must not reach the ATen calls inside the kernels (at::bmm would run in bfloat16). Inputs are not cast either; the
+// callers pass one dtype.
+void without_autocast(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  op.callBoxed(stack);
+}
+
+constexpr const char* kTensorOps[] = {"pixel_text_score", "pixel_text_score_backward", "score_concat",
+                                      "context_attention", "context_attention_backward"};
+}  // namespace
+
+TORCH_LIBRARY_IMPL(denseclip_fast, AutocastCPU, m) {
+  for (const char* name : kTensorOps) m.impl(name, torch::CppFunction::makeFromBoxedFunction<&without_autocast>());
+}
+
+TORCH_LIBRARY_IMPL(denseclip_fast, AutocastCUDA, m) {
+  for (const char* name : kTensorOps) m.impl(name, torch::CppFunction::makeFromBoxedFunction<&without_autocast>());
+}
+
 }  // namespace denseclip_fast

@@ -146,6 +146,27 @@ def test_layout_does_not_depend_on_the_batch_size(backend):
         _check_close(merged[:, 2:], expected, torch.float32)
 
 
+@pytest.mark.parametrize("backend", sorted({b for b, _ in BACKEND_DTYPES} - {"triton", "reference"}))
+def test_autocast_does_not_reach_inside_the_cpp_operators(backend):
+    """Under torch.autocast (bf16 training) the C++ operators compute exactly as without it: autocast must neither
+    cast their inputs nor turn their internal float32 GEMMs into bfloat16; the log-sum-exp stays float32."""
+    q, k, v = (torch.randn(2, 3, n, 16, device=DEVICE).to(torch.bfloat16) for n in (5, 7, 7))
+    visual = torch.randn(2, 24, 5, 6, device=DEVICE).to(torch.bfloat16)
+    text = torch.randn(2, 7, 24, device=DEVICE).to(torch.bfloat16)
+    results = []
+    for enabled in (False, True):
+        leaves = [_leaf(t) for t in (q, k, v, visual, text)]
+        with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=enabled):
+            out, lse = torch.ops.denseclip_fast.context_attention(*leaves[:3])
+            attn = ops.context_attention(*leaves[:3], backend=backend)
+            score = ops.pixel_text_score(leaves[3], leaves[4], 0.5, backend=backend)
+        assert lse.dtype == torch.float32
+        (attn.float().square().sum() + score.float().square().sum()).backward()
+        results.append([out, attn, score, *(t.grad for t in leaves)])
+    for without, within in zip(*results):
+        assert torch.equal(without, within)
+
+
 @pytest.mark.parametrize("backend", sorted({b for b, _ in BACKEND_DTYPES}))
 def test_size_one_dimensions_with_odd_strides(backend):
     """Contiguous tensors may carry any stride on a size-1 dimension; the kernels must not trust it."""

@@ -244,6 +244,20 @@ def test_gradient_checkpointing_keeps_loss_and_gradients(kind, generic, tmp_path
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
+def test_a_bf16_autocast_step(arch_file, generic):
+    """The trainer's default: forward under bf16 autocast through the fused operators, backward, finite gradients
+    (the C++ attention once received a bfloat16 log-sum-exp from autocast and refused it)."""
+    cfg = _config(arch_file, generic, "unused", amp="bf16")
+    model = build_model(cfg, CLASSES).train()
+    freeze_text_encoder(model)
+    x, label = torch.randn(2, 3, 32, 32), torch.randint(0, 3, (2, 32, 32))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model.forward_features(x)
+    assert out["logits"].dtype == torch.bfloat16
+    segmentation_loss(out["logits"], out["aux_logits"], label, cfg)["loss"].backward()
+    assert torch.isfinite(model.contexts.grad).all() and model.contexts.grad.abs().sum() > 0
+
+
 # ------------------------------------------------------------------------------------------------ recipe pieces
 
 
