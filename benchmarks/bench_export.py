@@ -56,7 +56,7 @@ def cpu_part(args: argparse.Namespace, workdir: str) -> list[dict]:
     for arch in args.archs:
         model = build(arch, args.classes)
         start = time.perf_counter()
-        path = to_onnx(model, os.path.join(workdir, "model.onnx"), image_size=args.size, max_batch=max(2, *args.batches))
+        path = to_onnx(model, os.path.join(workdir, "model.onnx"), image_size=args.size)
         export_s = time.perf_counter() - start
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         seg = dcf.Segmenter(model, device="cpu", dtype=torch.float32, mode="whole")

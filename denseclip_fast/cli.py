@@ -163,6 +163,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.format == "tensorrt":
         export.tensorrt._tensorrt()  # say so before any work when TensorRT is missing
         batch = _parse_batch(args.trt_batch)
+        if args.out.endswith(".onnx"):
+            raise ValueError("--out is the engine file for --format tensorrt (e.g. model.engine); the ONNX graph is "
+                             "written next to it with the .onnx suffix")  # fmt: skip
     model = load_checkpoint(args.checkpoint)
     if args.classes is not None:
         model.set_classes(_parse_classes(args.classes))
@@ -178,7 +181,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     dtype = getattr(torch, DTYPE_NAMES[args.dtype or "float32"])
     onnx_path = out if args.format == "onnx" else os.path.splitext(out)[0] + ".onnx"
     path = export.to_onnx(model, onnx_path, graph=args.graph, image_size=size, dtype=dtype, opset=args.opset,
-                          max_batch=args.max_batch, check_tensorrt=False)  # fmt: skip
+                          check_tensorrt=False)  # fmt: skip
     problems = export.tensorrt_problems(path)
     print(f"wrote {path} ({args.graph} graph, {dtype}, opset {args.opset}); TensorRT operator check: "
           + ("all nodes supported" if not problems else f"{len(problems)} problem(s): " + "; ".join(problems[:5])))  # fmt: skip
@@ -281,8 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--dtype", choices=sorted(DTYPE_NAMES),
                      help="onnx/tensorrt: float32 (default) or float16; aoti: default bfloat16 on CUDA, float32 on CPU")
     exp.add_argument("--classes", help="comma-separated names replacing the checkpoint's (same count)")
-    exp.add_argument("--max-batch", type=int, default=64, help="largest batch the graph accepts (default 64)")
-    exp.add_argument("--opset", type=int, default=18, help="ONNX opset, 17..20 (default 18)")
+    exp.add_argument("--max-batch", type=int, default=64, help="aoti: largest batch the package accepts (default 64)")
+    exp.add_argument("--opset", type=int, default=18, help="ONNX opset, 18..20 (default 18)")
     exp.add_argument("--verify", action="store_true", help="run the ONNX graph in ONNX Runtime against PyTorch")
     exp.add_argument("--device", help="aoti: cpu or cuda (default: cuda when available)")
     exp.add_argument("--trt-batch", default="1,1,16", help="tensorrt: MIN,OPT,MAX batch of the profile")

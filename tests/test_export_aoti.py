@@ -13,14 +13,17 @@ from denseclip_fast import DenseCLIP, Segmenter
 from denseclip_fast.export import load_aoti, to_aoti
 from denseclip_fast.preprocess import normalize
 
-from .conftest import NAMES, randomized, rel_err, tiny_config
+from .conftest import randomized, rel_err, tiny_config
 
 SIZE = (64, 96)
 
 
+CLASSES = ["wall", "café", "cat", "bed "]  # a non-ASCII name travels through the package metadata to C++
+
+
 @pytest.fixture(scope="module")
 def model() -> DenseCLIP:
-    return randomized(DenseCLIP(tiny_config("resnet"), NAMES)).eval()
+    return randomized(DenseCLIP(tiny_config("resnet"), CLASSES)).eval()
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +35,7 @@ def package(model, tmp_path_factory):
 @pytest.mark.slow
 def test_package_equals_the_model_at_every_batch(model, package):
     pkg = load_aoti(package)
-    assert pkg.image_size == SIZE and pkg.class_names == NAMES and pkg.dtype == torch.float32
+    assert pkg.image_size == SIZE and pkg.class_names == CLASSES and pkg.dtype == torch.float32
     assert pkg.metadata["arch"] == "custom" and pkg.max_batch == 4
     for batch in (1, 3):  # traced at 2: neither is the traced size, and 1 is where layouts are ambiguous
         x = torch.randn(batch, 3, *SIZE)
@@ -41,6 +44,12 @@ def test_package_equals_the_model_at_every_batch(model, package):
         out = pkg(x)
         assert out.shape == expected.shape and rel_err(out, expected) <= 1e-5, (batch, rel_err(out, expected))
         assert torch.equal(pkg.predict(x), out.argmax(dim=1))
+    # views are made dense first: the compiled code trusts the traced strides
+    big = torch.randn(2, 3, SIZE[0] + 5, SIZE[1] + 7)
+    crop = big[:, :, 2 : 2 + SIZE[0], 3 : 3 + SIZE[1]]
+    assert torch.equal(pkg(crop), pkg(crop.contiguous()))
+    one = torch.randn(1, 3, *SIZE)
+    assert torch.equal(pkg(one.expand(3, -1, -1, -1)), pkg(one.repeat(3, 1, 1, 1)))
 
 
 @pytest.mark.slow
@@ -52,6 +61,8 @@ def test_package_rejects_what_it_was_not_compiled_for(package, tmp_path):
         pkg(torch.randn(5, 3, *SIZE))
     with pytest.raises(ValueError, match="is not a file"):
         load_aoti(tmp_path / "missing.pt2")
+    with pytest.raises(ValueError, match="is a CPU package; device_index=0 applies to CUDA packages only"):
+        load_aoti(package, device_index=0)
 
 
 def test_to_aoti_argument_errors(model, tmp_path):
@@ -88,8 +99,8 @@ def test_cpp_runner_segments_an_image_without_python(cmake_build, model, package
     out = cmake_build.run("denseclip_fast_segment", str(package), str(tmp_path / "in.ppm"), str(tmp_path / "labels.pgm"),
                           "--logits", str(tmp_path / "logits.f32"))  # fmt: skip
     summary = json.loads(out)
-    assert summary["image"] == [50, 70] and summary["classes"] == len(NAMES)
-    assert {name for name, _ in summary["top"]} <= set(NAMES)
+    assert summary["image"] == [50, 70] and summary["classes"] == len(CLASSES)
+    assert {name for name, _ in summary["top"]} <= set(CLASSES)
 
     x = torch.from_numpy(image).permute(2, 0, 1)[None].float()
     x = normalize(F.interpolate(x, size=SIZE, mode="bilinear", align_corners=False))

@@ -12,7 +12,7 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-from denseclip_fast import DenseCLIP  # noqa: E402
+from denseclip_fast import ADE20K_CLASSES, DenseCLIP  # noqa: E402
 from denseclip_fast.export import read_metadata, supported_operators, tensorrt_problems, to_onnx  # noqa: E402
 from denseclip_fast.export.tensorrt import TensorRTUnavailable, build_tensorrt_engine  # noqa: E402
 from denseclip_fast.model.text import tokenize_class_names  # noqa: E402
@@ -102,13 +102,24 @@ def test_fused_operators_become_standard_onnx(tiny, tmp_path):
     assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) == 18
 
 
+def test_opset_20(tiny, tmp_path):
+    path = to_onnx(tiny, tmp_path / "m20.onnx", graph="text", opset=20)
+    model = onnx.load(str(path))
+    assert next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) == 20
+    assert tensorrt_problems(model) == []
+    tokens = tokenize_class_names(["sky"], 5)
+    out = torch.from_numpy(_session(path).run(None, {"class_tokens": tokens.numpy()})[0])
+    with torch.no_grad():
+        assert rel_err(out, tiny.text_features(["sky"])) <= 1e-5
+
+
 def test_text_graph_equals_set_classes(tiny, tmp_path):
     """The text graph maps class tokens to exactly what set_classes gives the model, for any number of names."""
     path = to_onnx(tiny, tmp_path / "text.onnx", graph="text")
     assert tensorrt_problems(path) == []
     session = _session(path)
     meta = read_metadata(path)
-    for names in (["sky", "a dog", "tree", "car", "road"], ["person"]):
+    for names in (["sky", "a dog", "tree", "car", "road"], ["person"], list(ADE20K_CLASSES[:70])):
         tokens = tokenize_class_names(names, int(meta["class_token_length"]))
         out = torch.from_numpy(session.run(None, {"class_tokens": tokens.numpy()})[0])
         assert out.shape == (len(names), tiny.config.embed_dim)
@@ -165,6 +176,31 @@ def test_tensorrt_check_finds_what_the_parser_rejects():
     for expected, model in cases.items():
         problems = tensorrt_problems(model)
         assert len(problems) == 1 and expected in problems[0], (expected, problems)
+    more = {
+        "input type UINT64": _graph([h.make_node("Add", ["x", "x"], ["y"])], [_tensor("x", onnx.TensorProto.UINT64)],
+                                    [_tensor("y", onnx.TensorProto.UINT64)]),
+        "only the first output": _graph(
+            [h.make_node("LayerNormalization", ["x", "s", "b"], ["y", "mean", "inv"], axis=-1)], [_tensor("x")],
+            [_tensor("y")], [onnx.numpy_helper.from_array(np.ones(8, np.float32), n) for n in ("s", "b")]),
+        "BitShift is not supported": _graph(
+            [h.make_node("If", ["c"], ["y"],
+                         then_branch=onnx.helper.make_graph([h.make_node("BitShift", ["u", "u"], ["z"], direction="LEFT")],
+                                                            "then", [], [_tensor("z", onnx.TensorProto.UINT8)]),
+                         else_branch=onnx.helper.make_graph([h.make_node("Identity", ["u"], ["z"])], "else", [],
+                                                            [_tensor("z", onnx.TensorProto.UINT8)]))],
+            [_tensor("c", onnx.TensorProto.BOOL, ()), _tensor("u", onnx.TensorProto.UINT8)],
+            [_tensor("y", onnx.TensorProto.UINT8)]),  # inside a subgraph
+    }  # fmt: skip
+    for expected, model in more.items():
+        problems = tensorrt_problems(model)
+        assert any(expected in p for p in problems), (expected, problems)
+    fine_too = _graph(
+        [h.make_node("Constant", [], ["axes0"], value=onnx.numpy_helper.from_array(np.array([1], np.int64))),
+         h.make_node("Identity", ["axes0"], ["axes"]), h.make_node("ReduceL2", ["x", "axes"], ["r"]),
+         h.make_node("Shape", ["x"], ["shape"]), h.make_node("ConstantOfShape", ["shape"], ["y"])],
+        [_tensor("x")], [_tensor("y"), _tensor("r")],
+    )  # fmt: skip
+    assert tensorrt_problems(fine_too) == []  # axes through Identity(Constant); ConstantOfShape takes an INT64 shape
     constant_axes = _graph(
         [h.make_node("ReduceL2", ["x", "axes"], ["y"])], [_tensor("x")], [_tensor("y")],
         [onnx.numpy_helper.from_array(np.array([1], np.int64), "axes")],
@@ -180,8 +216,8 @@ def test_unsupported_export_requests_say_what_is_wrong(tiny, tmp_path):
         to_onnx(tiny, tmp_path / "x.onnx", graph="video")
     with pytest.raises(ValueError, match="dtype must be torch.float32 or torch.float16 for ONNX, got torch.bfloat16"):
         to_onnx(tiny, tmp_path / "x.onnx", dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="opset must be in 17..20, got 13"):
-        to_onnx(tiny, tmp_path / "x.onnx", opset=13)
+    with pytest.raises(ValueError, match="opset must be in 18..20, got 17"):
+        to_onnx(tiny, tmp_path / "x.onnx", opset=17)
     with pytest.raises(ValueError, match="image_size must be at least 32"):
         to_onnx(tiny, tmp_path / "x.onnx", image_size=16)
     with pytest.raises(ValueError, match=r"image_size must be an int or \(H, W\)"):

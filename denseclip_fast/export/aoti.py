@@ -13,9 +13,10 @@ Facts the C++ runner needs (image size, mean/std, class names, device, dtype) ar
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,9 @@ def to_aoti(
         raise ValueError(f"model_or_segmenter must be a DenseCLIP model or a Segmenter, got {type(model_or_segmenter).__name__}")
     if not isinstance(max_batch, int) or max_batch < TRACE_BATCH:
         raise ValueError(f"max_batch must be an int >= {TRACE_BATCH}, got {max_batch!r}")
+    path = Path(path)
+    if path.suffix != ".pt2":
+        raise ValueError(f"path must end in .pt2 (AOTInductor packages are .pt2 archives), got {str(path)!r}")
     size = check_image_size(seg.model, image_size)
     module = ImageGraph(seg.model, seg._text.clone()).eval()
     example = torch.randn(TRACE_BATCH, 3, *size, device=seg.device).to(seg.dtype, memory_format=seg._layout())
@@ -76,17 +80,29 @@ def to_aoti(
         "denseclip_fast.dtype": DTYPE_NAMES[seg.dtype],
         "denseclip_fast.mean": json.dumps(CLIP_MEAN),
         "denseclip_fast.std": json.dumps(CLIP_STD),
-        "denseclip_fast.class_names": json.dumps(seg.class_names),
+        "denseclip_fast.class_names": json.dumps(seg.class_names, ensure_ascii=False),
     }
-    path = Path(path)
-    if path.suffix != ".pt2":
-        raise ValueError(f"path must end in .pt2 (AOTInductor packages are .pt2 archives), got {str(path)!r}")
     path.parent.mkdir(parents=True, exist_ok=True)
     with seg._math():
         torch._inductor.aoti_compile_and_package(
             program, package_path=str(path), inductor_configs={"aot_inductor.metadata": metadata}
         )
     return path
+
+
+@contextlib.contextmanager
+def _no_tf32(active: bool) -> Iterator[None]:
+    """float32 packages compute in IEEE float32, as the Segmenter: TF32 off while they run (C++ callers: set
+    ``at::globalContext().setAllowTF32CuDNN(false)`` and ``setAllowTF32CuBLAS(false)`` themselves)."""
+    if not active:
+        yield
+        return
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 class AOTIPackage:
@@ -99,7 +115,12 @@ class AOTIPackage:
         if not os.path.isfile(path):
             raise ValueError(f"path {path!r} is not a file")
         self.path = path
-        self._compiled = torch._inductor.aoti_load_package(path, device_index=device_index)
+        try:
+            self._compiled = torch._inductor.aoti_load_package(path, device_index=device_index)
+        except RuntimeError as exc:
+            if device_index >= 0 and "aoti_runner_cpu" in str(exc):
+                raise ValueError(f"{path} is a CPU package; device_index={device_index} applies to CUDA packages only") from None
+            raise
         meta = self._compiled.get_metadata()
         if "denseclip_fast.image_size" not in meta:
             raise ValueError(f"{path} is not a denseclip_fast package (no denseclip_fast metadata)")
@@ -117,8 +138,10 @@ class AOTIPackage:
         if not 1 <= x.shape[0] <= self.max_batch:
             raise ValueError(f"the batch must be 1..{self.max_batch} for this package, got {x.shape[0]}")
         layout = torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
-        x = x.to(self.device, self.dtype, memory_format=layout)
-        out: Any = self._compiled(x)
+        # the compiled code trusts the traced strides: a view (a crop, an expanded batch) must be made dense first
+        x = x.to(self.device, self.dtype).contiguous(memory_format=layout)
+        with _no_tf32(self.device.type == "cuda" and self.dtype == torch.float32):
+            out: Any = self._compiled(x)
         return out[0] if isinstance(out, (list, tuple)) else out
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:

@@ -26,10 +26,10 @@ import torch
 from .. import __version__
 from ..model import DenseCLIP
 from ..preprocess import CLIP_MEAN, CLIP_STD
-from .graphs import TRACE_BATCH, build_graph, check_image_size, example_inputs
+from .graphs import build_graph, check_image_size, example_inputs
 
 ONNX_DTYPES = (torch.float32, torch.float16)
-OPSETS = range(17, 21)  # LayerNormalization needs 17; TensorRT 10's parser reads up to 20
+OPSETS = range(18, 21)  # the translations use opset-18 forms (axes as inputs); TensorRT 10's parser reads up to 20
 NAMES = {
     "image": (["image"], ["logits"]),
     "image_with_text": (["image", "class_embeddings"], ["logits"]),
@@ -45,7 +45,6 @@ def to_onnx(
     image_size: int | Sequence[int] | None = None,
     dtype: torch.dtype = torch.float32,
     opset: int = 18,
-    max_batch: int = 1024,
     check_tensorrt: bool = True,
 ) -> Path:
     """Export ``model`` to an ONNX file at ``path``; returns the path.
@@ -57,8 +56,7 @@ def to_onnx(
         image_size: H and W of the image graphs (int or (H, W)); default the sliding-window crop (512, 640 for
             ViT-B/16), the size the network sees in the official slide inference.
         dtype: torch.float32 or torch.float16 (the fused operators and the CLIP LayerNorms compute in float32).
-        opset: ONNX opset, 17 to 20.
-        max_batch: the largest batch (class count for the text graph) the graph declares.
+        opset: ONNX opset, 18 to 20.
         check_tensorrt: warn (``UserWarning``) about any node outside TensorRT's supported-operator list.
     """
     if dtype not in ONNX_DTYPES:
@@ -68,14 +66,12 @@ def to_onnx(
         )
     if opset not in OPSETS:
         raise ValueError(f"opset must be in {OPSETS.start}..{OPSETS.stop - 1}, got {opset!r}")
-    if not isinstance(max_batch, int) or max_batch < TRACE_BATCH:
-        raise ValueError(f"max_batch must be an int >= {TRACE_BATCH}, got {max_batch!r}")
     device = torch.device("cpu")
     module, prepared = build_graph(model, graph, dtype, device)
     size = check_image_size(prepared, image_size)
     args = example_inputs(graph, prepared, size, dtype, device)
     input_names, output_names = NAMES[graph]
-    batch = torch.export.Dim("classes" if graph == "text" else "batch", min=1, max=max_batch)
+    batch = torch.export.Dim("classes" if graph == "text" else "batch", min=1)  # unbounded in the ONNX file
     dynamic = {"class_tokens": {0: batch}} if graph == "text" else {"image": {0: batch}}
     if graph == "image_with_text":
         dynamic["class_embeddings"] = None
@@ -102,6 +98,9 @@ def to_onnx(
         metadata["class_token_length"] = str(prepared.config.text.class_token_length)
     else:
         metadata |= {"image_size": json.dumps(list(size)), "mean": json.dumps(CLIP_MEAN), "std": json.dumps(CLIP_STD)}
+    exported_opset = program.model.opset_imports.get("", None)
+    if exported_opset != opset:
+        raise ValueError(f"the exporter wrote opset {exported_opset}, not the requested {opset}")
     program.model.metadata_props.update({f"denseclip_fast.{k}": v for k, v in metadata.items()})
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

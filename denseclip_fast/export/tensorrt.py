@@ -24,8 +24,9 @@ from typing import Any
 TABLE = Path(__file__).with_name("tensorrt_onnx_ops.json")
 
 # ONNX TensorProto element types -> the type names of the table
-ONNX_TYPES = {1: "FP32", 2: "UINT8", 3: "INT8", 6: "INT32", 7: "INT64", 9: "BOOL", 10: "FP16", 11: "DOUBLE",
-              16: "BF16"}  # fmt: skip
+ONNX_TYPES = {1: "FP32", 2: "UINT8", 3: "INT8", 4: "UINT16", 5: "INT16", 6: "INT32", 7: "INT64", 8: "STRING",
+              9: "BOOL", 10: "FP16", 11: "DOUBLE", 12: "UINT32", 13: "UINT64", 16: "BF16", 17: "FP8", 18: "FP8",
+              19: "FP8", 20: "FP8", 21: "UINT4", 22: "INT4"}  # fmt: skip
 RESIZE_MODES = {"nearest", "linear"}
 RESIZE_COORDINATES = {"half_pixel", "pytorch_half_pixel", "tf_half_pixel_for_nn", "asymmetric", "align_corners"}
 
@@ -81,10 +82,23 @@ def tensorrt_problems(model: Any) -> list[str]:
         graph = onnx.shape_inference.infer_shapes(model).graph
     except onnx.shape_inference.InferenceError:  # e.g. a custom-domain node without a schema: types stay unknown
         graph = model.graph
-    types = {v.name: v.type.tensor_type.elem_type for v in [*graph.value_info, *graph.input, *graph.output]}
+    _check_graph(graph, table, opset, problems, {}, set())
+    return problems
+
+
+def _check_graph(
+    graph: Any, table: dict[str, Any], opset: int, problems: list[str], outer_types: dict[str, int], outer_constants: set[str]
+) -> None:
+    """Check every node of ``graph`` (and of the subgraphs of If/Loop/Scan nodes) against the table."""
+    import onnx
+
+    types = dict(outer_types)
+    types |= {v.name: v.type.tensor_type.elem_type for v in [*graph.value_info, *graph.input, *graph.output]}
     types |= {t.name: t.data_type for t in graph.initializer}
-    constants = {t.name for t in graph.initializer}
-    constants |= {out for node in graph.node if node.op_type == "Constant" for out in node.output}
+    constants = set(outer_constants) | {t.name for t in graph.initializer}
+    for node in graph.node:  # topological order: constants propagate through Identity
+        if node.op_type == "Constant" or (node.op_type == "Identity" and node.input and node.input[0] in constants):
+            constants.update(node.output)
     for node in graph.node:
         where = f"{node.op_type} node {node.name!r}"
         if node.domain not in ("", "ai.onnx"):
@@ -94,6 +108,9 @@ def tensorrt_problems(model: Any) -> list[str]:
         if entry is None or not entry["supported"]:
             problems.append(f"{where}: {node.op_type} is not supported by TensorRT's ONNX parser")
             continue
+        for attribute in node.attribute:  # If/Loop/Scan bodies
+            if attribute.type == onnx.AttributeProto.GRAPH:
+                _check_graph(attribute.g, table, opset, problems, types, constants)
         if node.op_type == "Constant":
             kind = next(iter(a.name for a in node.attribute), "")
             if kind in ("sparse_value", "value_string", "value_strings"):
@@ -101,12 +118,16 @@ def tensorrt_problems(model: Any) -> list[str]:
             continue
         data = node.input[0] if node.input else ""
         dtype = ONNX_TYPES.get(types.get(data, 0))
+        if node.op_type == "ConstantOfShape":  # the table's types are those of the value, the input is a shape
+            dtype = None
         if data and dtype is not None and entry["types"] and dtype not in entry["types"]:
             problems.append(f"{where}: input type {dtype} is not one of {entry['types']}")
         if node.op_type == "Cast":
             to = next((a.i for a in node.attribute if a.name == "to"), 0)
             if ONNX_TYPES.get(to) not in entry["types"]:
                 problems.append(f"{where}: cast to {ONNX_TYPES.get(to, to)} is not one of {entry['types']}")
+        if node.op_type == "LayerNormalization" and any(node.output[1:]):
+            problems.append(f"{where}: only the first output (Y) is supported")
         for position in _must_be_initializers(node.op_type, entry.get("restrictions", ""), opset):
             if position < len(node.input) and node.input[position] and node.input[position] not in constants:
                 problems.append(f"{where}: input {position} ({node.input[position]!r}) must be an initializer")
@@ -121,7 +142,6 @@ def tensorrt_problems(model: Any) -> list[str]:
                 problems.append(f"{where}: antialiasing is unsupported")
             if attrs.get("keep_aspect_ratio_policy", "stretch") != "stretch":
                 problems.append(f"{where}: keep_aspect_ratio_policy must be 'stretch'")
-    return problems
 
 
 def _tensorrt() -> Any:
@@ -146,9 +166,13 @@ def build_tensorrt_engine(
 ) -> Path:
     """Build a serialized TensorRT engine from an exported ONNX graph; returns ``engine_path``.
 
+    Precision: a float16 graph (``to_onnx(dtype=torch.float16)``) is built strongly typed: TensorRT keeps the graph's
+    types, so the fused operators' normalisations and softmax stay in float32 as exported (``fp16``/``bf16`` are then
+    ignored). A float32 graph is built with the ``fp16``/``bf16`` flags (TensorRT picks per layer), with the
+    reductions and softmax held in float32 (a float16 sum of 1024 squared features overflows).
+
     Args:
-        fp16, bf16: allow TensorRT to run layers in float16 / bfloat16 (it picks per layer; a float16 graph runs
-            in float16 regardless).
+        fp16, bf16: for a float32 graph, allow float16 / bfloat16 layers.
         batch: (min, opt, max) of the dynamic first dimension (the batch, or the class count of the text graph):
             one optimisation profile covers it; the engine is tuned for ``opt``.
         workspace_gib: a limit on TensorRT's scratch memory (default: TensorRT's).
@@ -161,22 +185,45 @@ def build_tensorrt_engine(
         raise ValueError(f"onnx_path {str(onnx_path)!r} is not a file")
     if len(batch) != 3 or not all(isinstance(b, int) for b in batch) or not 1 <= batch[0] <= batch[1] <= batch[2]:
         raise ValueError(f"batch must be (min, opt, max) ints with 1 <= min <= opt <= max, got {tuple(batch)}")
+    if engine_path.resolve() == onnx_path.resolve():
+        raise ValueError("engine_path must differ from onnx_path")
     trt = _tensorrt()
+    from .onnx import read_metadata
+
+    half_graph = read_metadata(onnx_path).get("dtype") == "float16"
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)  # TensorRT 10: explicit batch is the only mode
+    flags = 0  # TensorRT 10: explicit batch is the only mode
+    if half_graph:
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
         raise ValueError(f"TensorRT's ONNX parser rejected {onnx_path}: " + "; ".join(errors))
     config = builder.create_builder_config()
-    if fp16:
-        config.set_flag(trt.BuilderFlag.FP16)
-    if bf16:
-        config.set_flag(trt.BuilderFlag.BF16)
+    if not half_graph and (fp16 or bf16):
+        for wanted, name in ((fp16, "FP16"), (bf16, "BF16")):
+            if wanted:
+                if not hasattr(trt.BuilderFlag, name):
+                    raise ValueError(
+                        f"this TensorRT has no BuilderFlag.{name} (weakly typed networks were removed): export a "
+                        "float16 graph (to_onnx(dtype=torch.float16)) and build it strongly typed"
+                    )
+                config.set_flag(getattr(trt.BuilderFlag, name))
+        config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
+        kept = {getattr(trt.LayerType, n) for n in ("REDUCE", "SOFTMAX", "NORMALIZATION") if hasattr(trt.LayerType, n)}
+        floats = {trt.float32, trt.float16, getattr(trt, "bfloat16", trt.float16)}
+        for i in range(network.num_layers):
+            layer = network.get_layer(i)
+            if layer.type in kept and layer.get_output(0).dtype in floats:
+                layer.precision = trt.float32
+                for j in range(layer.num_outputs):
+                    layer.set_output_type(j, trt.float32)
     if workspace_gib is not None:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
     profile = builder.create_optimization_profile()
+    dynamic = False
     for i in range(network.num_inputs):
         tensor = network.get_input(i)
         shape = list(tensor.shape)
@@ -185,7 +232,9 @@ def build_tensorrt_engine(
         if shape[0] < 0:
             low, opt, high = ([b, *shape[1:]] for b in batch)
             profile.set_shape(tensor.name, low, opt, high)
-    config.add_optimization_profile(profile)
+            dynamic = True
+    if dynamic:
+        config.add_optimization_profile(profile)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise ValueError(f"TensorRT could not build an engine from {onnx_path} (see its log above)")

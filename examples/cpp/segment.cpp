@@ -14,6 +14,7 @@
 #include <torch/torch.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cstdint>
 #include <fstream>
 #include <iostream>
@@ -81,7 +82,21 @@ std::vector<double> json_numbers(const std::string& text) {
   return out;
 }
 
-// The strings of a flat JSON array of strings (escapes \" \\ \/ \n \t and \uXXXX below 0x80 decoded).
+// Appends a Unicode code point as UTF-8.
+void append_utf8(std::string& out, unsigned code) {
+  if (code < 0x80) {
+    out += static_cast<char>(code);
+  } else if (code < 0x800) {
+    out += static_cast<char>(0xC0 | (code >> 6));
+    out += static_cast<char>(0x80 | (code & 0x3F));
+  } else {
+    out += static_cast<char>(0xE0 | (code >> 12));
+    out += static_cast<char>(0x80 | ((code >> 6) & 0x3F));
+    out += static_cast<char>(0x80 | (code & 0x3F));
+  }
+}
+
+// The strings of a flat JSON array of strings (JSON escapes decoded; \uXXXX to UTF-8, surrogate pairs excepted).
 std::vector<std::string> json_strings(const std::string& text) {
   std::vector<std::string> out;
   for (size_t i = 0; i < text.size(); ++i) {
@@ -95,11 +110,13 @@ std::vector<std::string> json_strings(const std::string& text) {
       const char e = text[++i];
       if (e == 'n') s += '\n';
       else if (e == 't') s += '\t';
+      else if (e == 'r') s += '\r';
+      else if (e == 'b') s += '\b';
+      else if (e == 'f') s += '\f';
       else if (e == 'u' && i + 4 < text.size()) {
-        const int code = std::stoi(text.substr(i + 1, 4), nullptr, 16);
-        s += code < 0x80 ? static_cast<char>(code) : '?';
+        append_utf8(s, static_cast<unsigned>(std::stoi(text.substr(i + 1, 4), nullptr, 16)));
         i += 4;
-      } else s += e;
+      } else s += e;  // \" \\ \/
     }
     out.push_back(s);
   }
