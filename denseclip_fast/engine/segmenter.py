@@ -41,6 +41,20 @@ Mode = Literal["whole", "slide"]
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+@contextlib.contextmanager
+def no_tf32(active: bool = True) -> Iterator[None]:
+    """TF32 off for cuDNN convolutions and cuBLAS matmuls while ``active`` code runs; the settings restored after."""
+    if not active:
+        yield
+        return
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 class Segmenter:
     """Serve segmentation with a DenseCLIP model.
 
@@ -97,19 +111,9 @@ class Segmenter:
         with torch.no_grad(), self._math(always=True):
             return self.model.text_features(names).to(self.dtype)
 
-    @contextlib.contextmanager
-    def _math(self, always: bool = False) -> Iterator[None]:
-        """float32 means float32: TF32 off for convolutions and matmuls while a float32 engine (or, with
-        ``always``, any engine) runs, the previous settings restored after."""
-        if (self.dtype != torch.float32 and not always) or self.device.type != "cuda":
-            yield
-            return
-        saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-        try:
-            yield
-        finally:
-            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+    def _math(self, always: bool = False) -> contextlib.AbstractContextManager[None]:
+        """float32 means float32: TF32 off while a float32 engine (or, with ``always``, any engine) runs on CUDA."""
+        return no_tf32((self.dtype == torch.float32 or always) and self.device.type == "cuda")
 
     # ------------------------------------------------------------------ the forward
 

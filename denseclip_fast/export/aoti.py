@@ -13,10 +13,9 @@ Facts the C++ runner needs (image size, mean/std, class names, device, dtype) ar
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ import torch
 
 from .. import __version__
 from ..engine import Segmenter
+from ..engine.segmenter import no_tf32
 from ..model import DenseCLIP
 from ..preprocess import CLIP_MEAN, CLIP_STD
 from .graphs import TRACE_BATCH, ImageGraph, check_image_size
@@ -90,21 +90,6 @@ def to_aoti(
     return path
 
 
-@contextlib.contextmanager
-def _no_tf32(active: bool) -> Iterator[None]:
-    """float32 packages compute in IEEE float32, as the Segmenter: TF32 off while they run (C++ callers: set
-    ``at::globalContext().setAllowTF32CuDNN(false)`` and ``setAllowTF32CuBLAS(false)`` themselves)."""
-    if not active:
-        yield
-        return
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
-
-
 class AOTIPackage:
     """A loaded AOTInductor package: ``pkg(x)`` -> logits (B, K, H, W) in the package's dtype, on its device."""
 
@@ -140,7 +125,9 @@ class AOTIPackage:
         layout = torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
         # the compiled code trusts the traced strides: a view (a crop, an expanded batch) must be made dense first
         x = x.to(self.device, self.dtype).contiguous(memory_format=layout)
-        with _no_tf32(self.device.type == "cuda" and self.dtype == torch.float32):
+        # float32 packages compute in IEEE float32, as the Segmenter (C++ callers: at::globalContext()
+        # .setAllowTF32CuDNN(false) and .setAllowTF32CuBLAS(false))
+        with no_tf32(self.device.type == "cuda" and self.dtype == torch.float32):
             out: Any = self._compiled(x)
         return out[0] if isinstance(out, (list, tuple)) else out
 
