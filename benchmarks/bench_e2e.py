@@ -19,7 +19,6 @@ fraction of 790 TFLOP/s (H200 bf16 dense). Writes JSON, markdown and a PNG bar c
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Callable
@@ -29,7 +28,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import denseclip_fast as dcf  # noqa: E402
-from benchmarks.common import environment, measure, rel_err  # noqa: E402
+from benchmarks.common import environment, measure, rel_err, write_results  # noqa: E402
 from benchmarks.official import OfficialDenseCLIP, official_config, randomize_  # noqa: E402
 
 PEAK_FLOPS = 790e12
@@ -203,13 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = run(args, device)
     text = table(env, rows, gpu, args.classes)
     print(text)
-    os.makedirs(args.out, exist_ok=True)
-    tag = args.tag or ("cpu_smoke" if not gpu else env["device"].replace(" ", "_"))
-    with open(os.path.join(args.out, f"e2e_{tag}.json"), "w") as f:
-        json.dump({"environment": env, "args": vars(args), "rows": rows}, f, indent=2)
-    with open(os.path.join(args.out, f"e2e_{tag}.md"), "w") as f:
-        f.write(text)
-    bar_chart(rows, os.path.join(args.out, f"e2e_{tag}.png"))
+    stem = write_results(args.out, "e2e", args.tag, env, {"args": vars(args), "rows": rows}, text)
+    bar_chart(rows, f"{stem}.png")
     return 0
 
 

@@ -18,7 +18,6 @@ benchmarks/results/ (export_<tag>.*) with the machine and versions.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -30,7 +29,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import denseclip_fast as dcf  # noqa: E402
-from benchmarks.common import environment, measure, rel_err  # noqa: E402
+from benchmarks.common import environment, measure, rel_err, write_results  # noqa: E402
 from benchmarks.official import randomize_  # noqa: E402
 
 
@@ -162,12 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             rows += gpu_part(args, workdir)
     text = table(env, rows)
     print(text)
-    os.makedirs(args.out, exist_ok=True)
-    tag = args.tag or ("cpu_smoke" if not gpu else env["device"].replace(" ", "_"))
-    with open(os.path.join(args.out, f"export_{tag}.json"), "w") as f:
-        json.dump({"environment": env, "args": vars(args), "rows": rows}, f, indent=2)
-    with open(os.path.join(args.out, f"export_{tag}.md"), "w") as f:
-        f.write(text)
+    write_results(args.out, "export", args.tag, env, {"args": vars(args), "rows": rows}, text)
     return 0
 
 

@@ -13,7 +13,6 @@ dense); "floor" is the larger of the two, "of floor" is floor / measured.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -26,6 +25,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import environment as common_environment  # noqa: E402
+from benchmarks.common import write_results  # noqa: E402
 from denseclip_fast import ops  # noqa: E402
 from denseclip_fast.ops import reference  # noqa: E402
 
@@ -213,12 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     env = environment(device)
     table = markdown(env, rows)
     print(table)
-    os.makedirs(args.out, exist_ok=True)
-    tag = "cpu_smoke" if device.type == "cpu" else env["device"].replace(" ", "_")
-    with open(os.path.join(args.out, f"ops_{tag}.json"), "w") as f:
-        json.dump({"environment": env, "rows": [r.summary() for r in rows]}, f, indent=2)
-    with open(os.path.join(args.out, f"ops_{tag}.md"), "w") as f:
-        f.write(table)
+    write_results(args.out, "ops", None, env, {"rows": [r.summary() for r in rows]}, table)
     return 0
 
 

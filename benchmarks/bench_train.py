@@ -17,11 +17,8 @@ benchmarks/results/ (train_<tag>.*) with the machine and versions.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
 import sys
-import time
 from collections.abc import Callable
 
 import torch
@@ -30,7 +27,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import denseclip_fast as dcf  # noqa: E402
-from benchmarks.common import environment, sync  # noqa: E402
+from benchmarks.common import environment, measure, write_results  # noqa: E402
 from benchmarks.official import OfficialDenseCLIP, official_config, randomize_  # noqa: E402
 from denseclip_fast.train import TrainConfig  # noqa: E402
 from denseclip_fast.train.loop import TrainStep, enable_gradient_checkpointing  # noqa: E402
@@ -79,21 +76,11 @@ def trainer_step(arch: str, names: list[str], cfg: TrainConfig, device: torch.de
     return step
 
 
-def measure(step: Callable, x: torch.Tensor, label: torch.Tensor, steps: int, device: torch.device) -> dict:
-    for _ in range(2):  # warm-up: allocator, cuDNN/Triton autotuning, optimiser state
-        step(x, label)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for _ in range(steps):
-        sync(device)
-        start = time.perf_counter()
-        loss = step(x, label)
-        sync(device)
-        times.append(time.perf_counter() - start)
-    ms = 1e3 * statistics.median(times)
-    return {"ms_per_step": ms, "images_per_s": x.shape[0] / (ms / 1e3), "final_loss": loss,
-            "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}  # fmt: skip
+def timed(step: Callable, x: torch.Tensor, label: torch.Tensor, steps: int, device: torch.device) -> dict:
+    """common.measure of one step (the first call and one warm-up untimed: allocator, autotuning, optimiser state)."""
+    r = measure(lambda t: torch.tensor(step(t, label)), x, steps, device, grad=True)
+    return {"ms_per_step": r["p50_ms"], "p90_ms": r["p90_ms"], "images_per_s": x.shape[0] / (r["p50_ms"] / 1e3),
+            "first_call_s": r["first_call_s"], "first_loss": r["logits"].item(), "peak_memory_gb": r["peak_memory_gb"]}  # fmt: skip
 
 
 def table(env: dict, args: argparse.Namespace, rows: list[dict]) -> str:
@@ -143,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             step = official_step(args.arch, names, cfg, device)
         else:
             step = trainer_step(args.arch, names, cfg, device, bf16="bf16" in name, ckpt=name.endswith("ckpt"))
-        rows.append({"contestant": name, **measure(step, x, label, args.steps, device)})
+        rows.append({"contestant": name, **timed(step, x, label, args.steps, device)})
         print(f"{name}: {rows[-1]['ms_per_step']:.1f} ms/step", flush=True)
         del step
         if gpu:
@@ -151,12 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     env = environment(device)
     text = table(env, args, rows)
     print(text)
-    os.makedirs(args.out, exist_ok=True)
-    tag = args.tag or ("cpu_smoke" if not gpu else env["device"].replace(" ", "_"))
-    with open(os.path.join(args.out, f"train_{tag}.json"), "w") as f:
-        json.dump({"environment": env, "args": vars(args), "rows": rows}, f, indent=2)
-    with open(os.path.join(args.out, f"train_{tag}.md"), "w") as f:
-        f.write(text)
+    write_results(args.out, "train", args.tag, env, {"args": vars(args), "rows": rows}, text)
     return 0
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime
+import json
+import os
 import platform
 import statistics
 import time
@@ -46,10 +48,13 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
-def measure(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, repeats: int, device: torch.device) -> dict:
+def measure(
+    fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, repeats: int, device: torch.device, grad: bool = False
+) -> dict:
     """The first call's time, then p50/p90/p99 of ``repeats`` timed calls after one warm-up, the peak CUDA memory
-    of the timed calls, and the first call's output as float32 on the CPU (``logits``)."""
-    with torch.no_grad():
+    of the timed calls, and the first call's output as float32 on the CPU (``logits``). Under ``torch.no_grad``
+    unless ``grad`` (a training step)."""
+    with torch.set_grad_enabled(grad):
         sync(device)
         start = time.perf_counter()
         out = fn(x)
@@ -75,3 +80,16 @@ def measure(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, repeats
         "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         "logits": out.float().cpu(),
     }
+
+
+def write_results(out_dir: str, prefix: str, tag: str | None, env: dict, data: dict, text: str) -> str:
+    """``<prefix>_<tag>.json`` ({"environment": env, **data}) and ``.md`` (``text``) in ``out_dir``; the tag defaults
+    to ``cpu_smoke`` on a CPU and to the GPU's name. Returns the path without the suffix (for further files)."""
+    os.makedirs(out_dir, exist_ok=True)
+    tag = tag or (env["device"].replace(" ", "_") if env["gpu"] else "cpu_smoke")
+    stem = os.path.join(out_dir, f"{prefix}_{tag}")
+    with open(f"{stem}.json", "w") as f:
+        json.dump({"environment": env, **data}, f, indent=2)
+    with open(f"{stem}.md", "w") as f:
+        f.write(text)
+    return stem
