@@ -57,6 +57,8 @@ def test_package_rejects_what_it_was_not_compiled_for(package, tmp_path):
     pkg = load_aoti(package)
     with pytest.raises(ValueError, match=r"x must be \(B, 3, 64, 96\), got \(1, 3, 64, 64\)"):
         pkg(torch.randn(1, 3, 64, 64))
+    with pytest.raises(ValueError, match="x must be a CLIP-normalised floating-point tensor, got dtype torch.uint8"):
+        pkg(torch.zeros(1, 3, *SIZE, dtype=torch.uint8))
     with pytest.raises(ValueError, match="the batch must be 1..4 for this package, got 5"):
         pkg(torch.randn(5, 3, *SIZE))
     with pytest.raises(ValueError, match="is not a file"):

@@ -120,6 +120,11 @@ class AOTIPackage:
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or tuple(x.shape[1:]) != (3, *self.image_size):
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"x must be (B, 3, {self.image_size[0]}, {self.image_size[1]}), got {got}")
+        if not x.is_floating_point():
+            raise ValueError(
+                f"x must be a CLIP-normalised floating-point tensor, got dtype {x.dtype} "
+                "(uint8 images go through denseclip_fast.preprocess first)"
+            )
         if not 1 <= x.shape[0] <= self.max_batch:
             raise ValueError(f"the batch must be 1..{self.max_batch} for this package, got {x.shape[0]}")
         layout = torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
