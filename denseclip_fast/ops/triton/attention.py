@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from ..backends import TRITON_HEAD_DIMS as HEAD_DIMS
-from .common import dot_in_f32
+from .common import dot_in_f32, launch
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -166,8 +166,6 @@ def _blocks(lq: int, lk: int, d: int) -> tuple[int, int]:
 
 
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    from torch.library import wrap_triton
-
     b, h, lq, d = q.shape
     lk = k.shape[2]
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
@@ -176,7 +174,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tupl
     if out.numel() == 0:
         return out, lse
     block_m, block_n = _blocks(lq, lk, d)
-    wrap_triton(_attn_fwd_kernel)[(triton.cdiv(lq, block_m), b * h)](
+    launch(_attn_fwd_kernel)[(triton.cdiv(lq, block_m), b * h)](
         q, k, v, out, lse, lq, lk, LOG2E / math.sqrt(d),
         D=d, BLOCK_M=block_m, BLOCK_N=block_n, DOT_F32=dot_in_f32(q.dtype),
     )  # fmt: skip
@@ -186,8 +184,6 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tupl
 def attention_backward(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    from torch.library import wrap_triton
-
     b, h, lq, d = q.shape
     lk = k.shape[2]
     if q.numel() == 0:
@@ -196,14 +192,14 @@ def attention_backward(
     lse = lse.contiguous()
     delta = torch.empty_like(lse)
     block_m, block_n = _blocks(lq, lk, d)
-    wrap_triton(_attn_bwd_delta_kernel)[(triton.cdiv(lq, block_m), b * h)](out, do, delta, lq, D=d, BLOCK_M=block_m)
+    launch(_attn_bwd_delta_kernel)[(triton.cdiv(lq, block_m), b * h)](out, do, delta, lq, D=d, BLOCK_M=block_m)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     f32 = dot_in_f32(q.dtype)
     scale = 1.0 / math.sqrt(d)
-    wrap_triton(_attn_bwd_dkdv_kernel)[(triton.cdiv(lk, block_n), b * h)](
+    launch(_attn_bwd_dkdv_kernel)[(triton.cdiv(lk, block_n), b * h)](
         q, k, v, do, lse, delta, dk, dv, lq, lk, scale, D=d, BLOCK_M=block_m, BLOCK_N=block_n, DOT_F32=f32
     )
-    wrap_triton(_attn_bwd_dq_kernel)[(triton.cdiv(lq, block_m), b * h)](
+    launch(_attn_bwd_dq_kernel)[(triton.cdiv(lq, block_m), b * h)](
         q, k, v, do, lse, delta, dq, lq, lk, scale, D=d, BLOCK_M=block_m, BLOCK_N=block_n, DOT_F32=f32
     )
     return dq, dk, dv

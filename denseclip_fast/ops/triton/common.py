@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 
@@ -11,3 +12,16 @@ def dot_in_f32(dtype: torch.dtype) -> bool:
     """Whether tl.dot must take float32 operands with IEEE products: for float32 inputs (TF32 would cost ~1e-3
     relative error), and for bfloat16 under Triton's interpreter, which mis-multiplies bfloat16."""
     return dtype == torch.float32 or (dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def launch(kernel: Any) -> Any:
+    """``wrap_triton(kernel)``, so that torch.compile, torch.export and AOTInductor see the kernel inside a
+    ``triton_op``. Under Triton's interpreter ``triton.jit`` gives an interpreted function, which torch <= 2.11's
+    wrap_triton rejects (newer torch accepts it); there the kernel is launched as it is."""
+    from torch.library import wrap_triton
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.jit import JITFunction
+
+    if isinstance(kernel, (JITFunction, Autotuner)) or os.environ.get("TRITON_INTERPRET") != "1":
+        return wrap_triton(kernel)
+    return kernel

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from ..library import score_memory_format
-from .common import dot_in_f32
+from .common import dot_in_f32, launch
 
 EPS = 1e-12
 
@@ -170,8 +170,6 @@ def _blocks(k: int) -> tuple[int, int, int]:
 
 def score_forward_into(out: torch.Tensor, visual: torch.Tensor, text: torch.Tensor, scale: float) -> None:
     """Write the scores into ``out``, a (B, K, H, W) tensor or view with out.stride(2) == W * out.stride(3)."""
-    from torch.library import wrap_triton
-
     if out.numel() == 0:
         return
     v, s_vb, s_vc, s_vp = _flat_visual(visual)
@@ -180,7 +178,7 @@ def score_forward_into(out: torch.Tensor, visual: torch.Tensor, text: torch.Tens
     k, p = t.shape[-2], h * w
     block_p, block_k, block_c = _blocks(k)
     grid = (triton.cdiv(p, block_p), triton.cdiv(k, block_k), b)
-    wrap_triton(_score_fwd_kernel)[grid](
+    launch(_score_fwd_kernel)[grid](
         v, t, out, c, p, k, s_vb, s_vc, s_vp, *_text_strides(t), out.stride(0), out.stride(1), out.stride(3),
         float(scale), EPS, BLOCK_P=block_p, BLOCK_K=block_k, BLOCK_C=block_c, DOT_F32=dot_in_f32(v.dtype),
     )  # fmt: skip
@@ -189,8 +187,6 @@ def score_forward_into(out: torch.Tensor, visual: torch.Tensor, text: torch.Tens
 def score_backward(
     grad: torch.Tensor, visual: torch.Tensor, text: torch.Tensor, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    from torch.library import wrap_triton
-
     if visual.numel() == 0:
         return torch.zeros_like(visual), torch.zeros_like(text)
     v, s_vb, s_vc, s_vp = _flat_visual(visual)
@@ -204,7 +200,7 @@ def score_backward(
     grad_visual = torch.empty_like(v)  # dense in v's layout, written with v's element strides
     inv = torch.empty((b, p), dtype=torch.float32, device=v.device)
     block_p, block_k = 32, min(64, max(16, triton.next_power_of_2(k)))
-    wrap_triton(_score_bwd_visual_kernel)[(triton.cdiv(p, block_p), b)](
+    launch(_score_bwd_visual_kernel)[(triton.cdiv(p, block_p), b)](
         v, t_hat, g, grad_visual, inv, c, p, k, s_vb, s_vc, s_vp, *_text_strides(t_hat),
         g.stride(0), g.stride(1), g.stride(3), float(scale), EPS,
         BLOCK_P=block_p, BLOCK_K=block_k, BLOCK_C=32, DOT_F32=v.dtype == torch.float32,
