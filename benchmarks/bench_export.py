@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import denseclip_fast as dcf  # noqa: E402
-from benchmarks.common import environment, measure, rel_err, write_results  # noqa: E402
+from benchmarks.common import Results, environment, failure, measure, rel_err  # noqa: E402
 from benchmarks.official import randomize_  # noqa: E402
 
 
@@ -45,12 +45,11 @@ def _row(arch: str, batch: int, size: int, name: str, r: dict, reference: torch.
                 rel_error_vs_fp32=rel_err(logits, reference) if reference is not None else None, **extra)  # fmt: skip
 
 
-def cpu_part(args: argparse.Namespace, workdir: str) -> list[dict]:
+def cpu_part(args: argparse.Namespace, workdir: str, results: Results) -> None:
     import onnxruntime as ort
 
     from denseclip_fast.export import to_onnx
 
-    rows = []
     cpu = torch.device("cpu")
     for arch in args.archs:
         model = build(arch, args.classes)
@@ -74,16 +73,14 @@ def cpu_part(args: argparse.Namespace, workdir: str) -> list[dict]:
                 if name == "torch-eager":
                     reference = r["logits"]
                 extra = {"export_s": export_s} if name == "onnxruntime" else {}
-                rows.append(_row(arch, batch, args.size, name, r, reference, **extra))
-                print(f"{arch} b{batch} {name}: p50 {rows[-1]['p50_ms']:.1f} ms", flush=True)
+                results.add(_row(arch, batch, args.size, name, r, reference, **extra))
+                print(f"{arch} b{batch} {name}: p50 {results.rows[-1]['p50_ms']:.1f} ms", flush=True)
         os.remove(path)
-    return rows
 
 
-def gpu_part(args: argparse.Namespace, workdir: str) -> list[dict]:
+def gpu_part(args: argparse.Namespace, workdir: str, results: Results) -> None:
     from denseclip_fast.export import load_aoti, to_aoti
 
-    rows = []
     device = torch.device("cuda")
     for arch in args.archs:
         model = build(arch, args.classes)
@@ -98,11 +95,11 @@ def gpu_part(args: argparse.Namespace, workdir: str) -> list[dict]:
                 reference = model(x)
             xd = x.to(device, torch.bfloat16, memory_format=torch.channels_last)
             r = measure(seg.logits, xd, args.repeats, device)
-            rows.append(_row(arch, batch, args.size, "engine-bf16", r, reference))
+            results.add(_row(arch, batch, args.size, "engine-bf16", r, reference))
             r = measure(lambda t: pkg(t).float(), xd, args.repeats, device)
-            rows.append(_row(arch, batch, args.size, "aoti-bf16", r, reference, compile_s=compile_s))
-            print(f"{arch} b{batch}: engine {rows[-2]['p50_ms']:.2f} ms, aoti {rows[-1]['p50_ms']:.2f} ms", flush=True)
-    return rows
+            results.add(_row(arch, batch, args.size, "aoti-bf16", r, reference, compile_s=compile_s))
+            engine, aoti = results.rows[-2]["p50_ms"], results.rows[-1]["p50_ms"]
+            print(f"{arch} b{batch}: engine {engine:.2f} ms, aoti {aoti:.2f} ms", flush=True)
 
 
 def table(env: dict, rows: list[dict]) -> str:
@@ -118,6 +115,9 @@ def table(env: dict, rows: list[dict]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['arch']} | | | {r['contestant']} | failed: {r['error'][:100]} | | | | | |")
+            continue
         made = r.get("export_s", r.get("compile_s"))
         err = r["rel_error_vs_fp32"]
         lines.append(
@@ -153,15 +153,17 @@ def main(argv: list[str] | None = None) -> int:
     env = environment(torch.device("cuda" if gpu else "cpu"))
     env |= {"cpu": environment(torch.device("cpu"))["device"], "gpu_name": env["device"] if gpu else None,
             "onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__}  # fmt: skip
-    rows: list[dict] = []
+    results = Results(args.out, "export", args.tag, env, {"args": vars(args)}, table)
     with tempfile.TemporaryDirectory() as workdir:
-        if "cpu" in args.parts:
-            rows += cpu_part(args, workdir)
-        if "gpu" in args.parts:
-            rows += gpu_part(args, workdir)
-    text = table(env, rows)
-    print(text)
-    write_results(args.out, "export", args.tag, env, {"args": vars(args), "rows": rows}, text)
+        for part, run_part in (("cpu", cpu_part), ("gpu", gpu_part)):
+            if part not in args.parts:
+                continue
+            try:
+                run_part(args, workdir, results)
+            except Exception as exc:  # the other part still runs; the failure is in the results
+                print(f"{part} part failed: {failure(exc)}", flush=True)
+                results.add({"arch": ",".join(args.archs), "contestant": f"{part} part", "error": failure(exc)})
+    print(results.render(results.env, results.rows))
     return 0
 
 

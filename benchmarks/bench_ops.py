@@ -24,8 +24,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.common import Results, failure, targets_markdown  # noqa: E402
 from benchmarks.common import environment as common_environment  # noqa: E402
-from benchmarks.common import write_results  # noqa: E402
 from denseclip_fast import ops  # noqa: E402
 from denseclip_fast.ops import reference  # noqa: E402
 
@@ -105,15 +105,11 @@ def bench_score(b: int, c: int, h: int, w: int, k: int, dtype: torch.dtype, devi
     s, p = dtype.itemsize, h * w
     fwd_bytes, fwd_flops = (b * c * p + k * c + b * k * p) * s, 2.0 * b * k * c * p
     shape = f"B{b} C{c} {h}x{w} K{k}"
-    rows = []
-    for name, fn in _contestants("score", device, dtype).items():
-        try:
-            fn(visual, text)
-        except Exception as exc:  # a contestant that cannot run this case is reported, not fatal
-            print(f"  skipped {name} on {shape}: {type(exc).__name__}: {str(exc)[:120]}")
-            continue
+
+    def one(name: str, fn: Callable) -> list[Row]:
+        fn(visual, text)
         t = _time(lambda: fn(visual, text), device)
-        rows.append(Row("pixel_text_score", shape, str(dtype)[6:], "forward", name, *t, fwd_bytes, fwd_flops))
+        rows = [Row("pixel_text_score", shape, str(dtype)[6:], "forward", name, *t, fwd_bytes, fwd_flops)]
         if backward:
             v, tx = visual.detach().requires_grad_(), text.detach().requires_grad_()
             out = fn(v, tx)
@@ -121,7 +117,9 @@ def bench_score(b: int, c: int, h: int, w: int, k: int, dtype: torch.dtype, devi
             t = _time(lambda: torch.autograd.grad(out, (v, tx), grad, retain_graph=True), device)
             bwd_bytes = (2 * b * c * p + b * k * p + 2 * k * c) * s  # read visual and grad, write grad_visual
             rows.append(Row("pixel_text_score", shape, str(dtype)[6:], "backward", name, *t, bwd_bytes, 2 * fwd_flops))
-    return rows
+        return rows
+
+    return _each_contestant(_contestants("score", device, dtype), one, shape)
 
 
 def bench_attention(b: int, heads: int, lq: int, lk: int, d: int, dtype: torch.dtype, device: torch.device,
@@ -131,15 +129,11 @@ def bench_attention(b: int, heads: int, lq: int, lk: int, d: int, dtype: torch.d
     s = dtype.itemsize
     fwd_bytes, fwd_flops = b * heads * (2 * lq + 2 * lk) * d * s, 4.0 * b * heads * lq * lk * d
     shape = f"B{b} H{heads} K{lq} x N{lk} D{d}"
-    rows = []
-    for name, fn in _contestants("attention", device, dtype, d).items():
-        try:
-            fn(q, k, v)
-        except Exception as exc:
-            print(f"  skipped {name} on {shape}: {type(exc).__name__}: {str(exc)[:120]}")
-            continue
+
+    def one(name: str, fn: Callable) -> list[Row]:
+        fn(q, k, v)
         t = _time(lambda: fn(q, k, v), device)
-        rows.append(Row("context_attention", shape, str(dtype)[6:], "forward", name, *t, fwd_bytes, fwd_flops))
+        rows = [Row("context_attention", shape, str(dtype)[6:], "forward", name, *t, fwd_bytes, fwd_flops)]
         if backward:
             qa, ka, va = (x.detach().requires_grad_() for x in (q, k, v))
             out = fn(qa, ka, va)
@@ -148,6 +142,19 @@ def bench_attention(b: int, heads: int, lq: int, lk: int, d: int, dtype: torch.d
             bwd_bytes = b * heads * (4 * lq + 4 * lk) * d * s
             rows.append(Row("context_attention", shape, str(dtype)[6:], "backward", name, *t, bwd_bytes,
                             2.5 * fwd_flops))  # fmt: skip
+        return rows
+
+    return _each_contestant(_contestants("attention", device, dtype, d), one, shape)
+
+
+def _each_contestant(fns: dict[str, Callable], one: Callable[[str, Callable], list[Row]], shape: str) -> list[Row]:
+    """``one(name, fn)`` for every contestant; one that cannot run this case is reported and skipped."""
+    rows = []
+    for name, fn in fns.items():
+        try:
+            rows += one(name, fn)
+        except Exception as exc:
+            print(f"  skipped {name} on {shape}: {failure(exc)}", flush=True)
     return rows
 
 
@@ -157,7 +164,7 @@ def environment(device: torch.device) -> dict:
     return env
 
 
-def markdown(env: dict, rows: list[Row]) -> str:
+def markdown(env: dict, rows: list[dict]) -> str:
     if env["gpu"]:
         how = ("Median of triton.testing.do_bench runs (L2 flushed between runs). Floor = max(bytes / 4.8 TB/s, "
                "FLOPs / 790 TFLOP/s), the H200's; 'of floor' = floor / median.")  # fmt: skip
@@ -173,13 +180,50 @@ def markdown(env: dict, rows: list[Row]) -> str:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
-        s = r.summary()
         lines.append(
-            f"| {r.op} | {r.shape} | {r.dtype} | {r.direction} | {r.contestant} | {r.median_ms:.4f} | "
-            f"{r.min_ms:.4f} | {s['achieved_tb_per_s']:.2f} | {s['achieved_tflop_per_s']:.1f} | "
-            f"{100 * s['fraction_of_floor']:.0f}% |"
+            f"| {r['op']} | {r['shape']} | {r['dtype']} | {r['direction']} | {r['contestant']} | "
+            f"{r['median_ms']:.4f} | {r['min_ms']:.4f} | {r['achieved_tb_per_s']:.2f} | "
+            f"{r['achieved_tflop_per_s']:.1f} | {100 * r['fraction_of_floor']:.0f}% |"
         )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + (targets_markdown(targets(rows)) if env["gpu"] else "")
+
+
+FUSED = ("cuda", "triton")
+
+
+def targets(rows: list[dict]) -> list[tuple[str, str, bool | None]]:
+    """The kernels issue's H200 targets against this run's rows (the best fused backend unless said otherwise)."""
+
+    def pick(op: str, shape: str, direction: str, names: tuple[str, ...], dtype: str = "bfloat16") -> dict | None:
+        found = [r for r in rows if (r["op"], r["shape"], r["dtype"], r["direction"]) == (op, shape, dtype, direction)
+                 and r["contestant"] in names]  # fmt: skip
+        return min(found, key=lambda r: r["median_ms"], default=None)
+
+    def at_most(label: str, r: dict | None, bound_ms: float) -> tuple[str, str, bool | None]:
+        if r is None:
+            return label, "-", None
+        return label, f"{r['median_ms'] * 1e3:.1f} us ({r['contestant']})", r["median_ms"] <= bound_ms
+
+    checks = [
+        at_most("score B32 C1024 128x128 K171 bf16 forward <= 0.33 ms",
+                pick("pixel_text_score", "B32 C1024 128x128 K171", "forward", FUSED), 0.33),
+        at_most("score B16 C1024 16x16 K150 bf16 forward <= 15 us",
+                pick("pixel_text_score", "B16 C1024 16x16 K150", "forward", FUSED), 0.015),
+    ]  # fmt: skip
+    for shape in sorted({r["shape"] for r in rows if r["op"] == "context_attention"}):
+        fused, sdpa = (pick("context_attention", shape, "forward", n) for n in (FUSED, ("sdpa",)))
+        if fused is None or sdpa is None:
+            checks.append((f"attention {shape} forward faster than SDPA", "-", None))
+            continue
+        measured = f"{fused['median_ms'] * 1e3:.1f} us ({fused['contestant']}) vs {sdpa['median_ms'] * 1e3:.1f} us"
+        checks.append((f"attention {shape} forward faster than SDPA", measured, fused["median_ms"] < sdpa["median_ms"]))
+    for bwd in (r for r in rows if r["direction"] == "backward" and r["contestant"] in FUSED):
+        fwd = pick(bwd["op"], bwd["shape"], "forward", (bwd["contestant"],), bwd["dtype"])
+        if fwd is not None:
+            ratio = bwd["median_ms"] / fwd["median_ms"]
+            checks.append((f"{bwd['op']} {bwd['shape']} {bwd['dtype']} {bwd['contestant']}: backward <= 2.5x forward",
+                           f"{ratio:.2f}x", ratio <= 2.5))  # fmt: skip
+    return checks
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -200,20 +244,25 @@ def main(argv: list[str] | None = None) -> int:
         score_shapes = [(16, 1024, 16, 16, 150), (8, 512, 40, 40, 150), (32, 1024, 128, 128, 171)]
         attention_shapes = [(16, 4, 150, 257, 64), (8, 4, 150, 1601, 64)]
     backward = not args.no_backward
-    rows: list[Row] = []
+    cases: list[tuple[str, Callable[[], list[Row]]]] = []
     for shape in score_shapes:
-        print(f"pixel_text_score {shape} {args.dtype}")
-        rows += bench_score(*shape, dtype, device, backward)
+        cases.append((f"pixel_text_score {shape} {args.dtype}",
+                      lambda s=shape: bench_score(*s, dtype, device, backward)))  # fmt: skip
     if not quick and dtype != torch.float32:
-        print("pixel_text_score (32, 1024, 128, 128, 171) fp32")
-        rows += bench_score(32, 1024, 128, 128, 171, torch.float32, device, False)
+        large = (32, 1024, 128, 128, 171)
+        cases.append((f"pixel_text_score {large} fp32", lambda: bench_score(*large, torch.float32, device, False)))
     for shape in attention_shapes:
-        print(f"context_attention {shape} {args.dtype}")
-        rows += bench_attention(*shape, dtype, device, backward)
-    env = environment(device)
-    table = markdown(env, rows)
-    print(table)
-    write_results(args.out, "ops", None, env, {"rows": [r.summary() for r in rows]}, table)
+        cases.append((f"context_attention {shape} {args.dtype}",
+                      lambda s=shape: bench_attention(*s, dtype, device, backward)))  # fmt: skip
+    results = Results(args.out, "ops", None, environment(device), {}, markdown)
+    for label, case in cases:  # results are rewritten after every case: a run cut short keeps what it measured
+        print(label, flush=True)
+        try:
+            for row in case():
+                results.add(row.summary())
+        except Exception as exc:  # one case that fails (out of memory, a compile error) must not hide the others
+            print(f"  failed: {failure(exc)}", flush=True)
+    print(results.render(results.env, results.rows))
     return 0
 
 

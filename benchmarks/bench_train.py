@@ -27,7 +27,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import denseclip_fast as dcf  # noqa: E402
-from benchmarks.common import environment, measure, write_results  # noqa: E402
+from benchmarks.common import Results, environment, failure, measure, targets_markdown  # noqa: E402
 from benchmarks.official import OfficialDenseCLIP, official_config, randomize_  # noqa: E402
 from denseclip_fast.train import TrainConfig  # noqa: E402
 from denseclip_fast.train.loop import TrainStep, enable_gradient_checkpointing  # noqa: E402
@@ -83,7 +83,7 @@ def timed(step: Callable, x: torch.Tensor, label: torch.Tensor, steps: int, devi
             "first_call_s": r["first_call_s"], "first_loss": r["logits"].item(), "peak_memory_gb": r["peak_memory_gb"]}  # fmt: skip
 
 
-def table(env: dict, args: argparse.Namespace, rows: list[dict]) -> str:
+def table(env: dict, rows: list[dict], args: argparse.Namespace) -> str:
     lines = [
         f"# One training step, {args.arch} {args.size}x{args.size}, batch {args.batch} ({env['date']})",
         "",
@@ -95,10 +95,22 @@ def table(env: dict, args: argparse.Namespace, rows: list[dict]) -> str:
     ]
     base = next((r["images_per_s"] for r in rows if r["contestant"] == "official-fp32"), None)
     for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['contestant']} | failed: {r['error'][:100]} | | | |")
+            continue
         mem = "" if r["peak_memory_gb"] is None else f"{r['peak_memory_gb']:.1f}"
         speedup = "" if base is None else f"{r['images_per_s'] / base:.2f}"
         lines.append(f"| {r['contestant']} | {r['ms_per_step']:.1f} | {r['images_per_s']:.1f} | {mem} | {speedup} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + (targets_markdown(targets(rows)) if env["gpu"] else "")
+
+
+def targets(rows: list[dict]) -> list[tuple[str, str, bool | None]]:
+    """The training issue's target: the trainer's bf16 step at least 3x the official-style step's images/s."""
+    ips = {r["contestant"]: r["images_per_s"] for r in rows if "error" not in r}
+    if "official-fp32" not in ips or "trainer-bf16" not in ips:
+        return [("trainer-bf16 >= 3x official-fp32 images/s", "-", None)]
+    ratio = ips["trainer-bf16"] / ips["official-fp32"]
+    return [("trainer-bf16 >= 3x official-fp32 images/s", f"{ratio:.2f}x", ratio >= 3.0)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,21 +136,23 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     x = torch.randn(args.batch, 3, args.size, args.size, device=device)
     label = torch.randint(0, args.classes, (args.batch, args.size, args.size), device=device)
-    rows = []
+    results = Results(args.out, "train", args.tag, environment(device), {"args": vars(args)},
+                      lambda env, rows: table(env, rows, args))  # fmt: skip
     for name in args.contestants:
-        if name == "official-fp32":
-            step = official_step(args.arch, names, cfg, device)
-        else:
-            step = trainer_step(args.arch, names, cfg, device, bf16="bf16" in name, ckpt=name.endswith("ckpt"))
-        rows.append({"contestant": name, **timed(step, x, label, args.steps, device)})
-        print(f"{name}: {rows[-1]['ms_per_step']:.1f} ms/step", flush=True)
-        del step
+        try:
+            if name == "official-fp32":
+                step = official_step(args.arch, names, cfg, device)
+            else:
+                step = trainer_step(args.arch, names, cfg, device, bf16="bf16" in name, ckpt=name.endswith("ckpt"))
+            results.add({"contestant": name, **timed(step, x, label, args.steps, device)})
+            print(f"{name}: {results.rows[-1]['ms_per_step']:.1f} ms/step", flush=True)
+        except Exception as exc:  # reported in the results; the other contestants still run
+            print(f"{name} failed: {failure(exc)}", flush=True)
+            results.add({"contestant": name, "error": failure(exc)})
+        step = None
         if gpu:
             torch.cuda.empty_cache()
-    env = environment(device)
-    text = table(env, args, rows)
-    print(text)
-    write_results(args.out, "train", args.tag, env, {"args": vars(args), "rows": rows}, text)
+    print(results.render(results.env, results.rows))
     return 0
 
 

@@ -82,6 +82,32 @@ def measure(
     }
 
 
+def failure(exc: BaseException) -> str:
+    """One line for a contestant that failed: reported in the results, never fatal to the others."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:300] if lines else ''}"
+
+
+class Results:
+    """The rows of one benchmark run, rewritten (JSON and markdown, through ``write_results``) after every row, so
+    a run cut short by a time limit still leaves everything it measured. ``render(env, rows)`` makes the markdown."""
+
+    def __init__(self, out_dir: str, prefix: str, tag: str | None, env: dict, meta: dict,
+                 render: Callable[[dict, list[dict]], str]) -> None:  # fmt: skip
+        self.out_dir, self.prefix, self.tag, self.env, self.meta, self.render = out_dir, prefix, tag, env, meta, render
+        self.rows: list[dict] = []
+        self.stem = ""
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        self.save()
+
+    def save(self) -> str:
+        self.stem = write_results(self.out_dir, self.prefix, self.tag, self.env, {**self.meta, "rows": self.rows},
+                                  self.render(self.env, self.rows))  # fmt: skip
+        return self.stem
+
+
 def write_results(out_dir: str, prefix: str, tag: str | None, env: dict, data: dict, text: str) -> str:
     """``<prefix>_<tag>.json`` ({"environment": env, **data}) and ``.md`` (``text``) in ``out_dir``; the tag defaults
     to ``cpu_smoke`` on a CPU and to the GPU's name. Returns the path without the suffix (for further files)."""
@@ -93,3 +119,13 @@ def write_results(out_dir: str, prefix: str, tag: str | None, env: dict, data: d
     with open(f"{stem}.md", "w") as f:
         f.write(text)
     return stem
+
+
+def targets_markdown(checks: list[tuple[str, str, bool | None]]) -> str:
+    """A "Targets" section: (target, what was measured, met?) per line; None = not measured in this run."""
+    if not checks:
+        return ""
+    lines = ["", "## Targets", "", "| target | measured | met |", "| --- | --- | --- |"]
+    for target, measured, ok in checks:
+        lines.append(f"| {target} | {measured} | {'not measured' if ok is None else 'yes' if ok else 'NO'} |")
+    return "\n".join(lines) + "\n"

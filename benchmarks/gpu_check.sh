@@ -13,10 +13,31 @@
 # The GPU machine receives a copy of the checkout, not ../shared: before the call, `make gpu-wheels` puts the wheels
 # it lacks (open_clip, ftfy, wcwidth from ../shared; onnxscript, onnx-ir from PyPI) into ./wheels (ignored by git);
 # carry that folder.
+#
+# Time: every step runs under what is left of DCF_BUDGET_S seconds (default 560: the device tool's 600 s per call,
+# less the start and the copy back). A step past it gets SIGINT (pytest prints its summary; the benchmarks have
+# already written every row they measured, they rewrite their results after each one); a step that would start with
+# under 45 s left is skipped. status.txt has each step's exit code and seconds.
 set -uo pipefail
 OUT=${1:?usage: bash benchmarks/gpu_check.sh OUT_DIR [STEP ...]}
 shift
 mkdir -p "$OUT"
+START=$(date +%s)
+BUDGET_S=${DCF_BUDGET_S:-560}
+
+timed() {  # timed NAME LOG COMMAND...: COMMAND > OUT/LOG under the time that is left
+  local name=$1 log=$2 left=$(( START + BUDGET_S - $(date +%s) ))
+  shift 2
+  if (( left < 45 )); then
+    echo "$name: skipped, ${left} s left of DCF_BUDGET_S=${BUDGET_S}" | tee -a "$OUT/status.txt"
+    return
+  fi
+  local begin=$(date +%s)
+  timeout --signal=INT --kill-after=15 $(( left - 15 )) "$@" > "$OUT/$log" 2>&1
+  local rc=$? note=""
+  (( rc == 124 )) && note=" (stopped: time budget)"
+  echo "$name: exit $rc in $(( $(date +%s) - begin )) s${note}" | tee -a "$OUT/status.txt"
+}
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1
 
@@ -40,53 +61,46 @@ PY
 cat "$OUT/env.json"
 
 build() {
-  local start=$(date +%s)
   TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} \
-    python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1
-  echo "build: exit $? in $(( $(date +%s) - start )) s" | tee -a "$OUT/status.txt"
+    timed build build.log python3 setup.py build_ext --inplace
 }
 
 gpu_tests() {  # the operators on CUDA (all backends) and the model, engine and AOTInductor package on CUDA
-  python3 -m pytest -q -rs tests/test_ops.py tests/test_gpu.py > "$OUT/tests_gpu.log" 2>&1
-  echo "GPU tests: exit $?" | tee -a "$OUT/status.txt"
-  tail -3 "$OUT/tests_gpu.log"
+  timed "GPU tests" tests_gpu.log python3 -m pytest -q -rs --durations=15 tests/test_ops.py tests/test_gpu.py
+  tail -3 "$OUT/tests_gpu.log" 2>/dev/null
 }
 
 ops() {
-  python3 benchmarks/bench_ops.py --dtype bf16 --out "$OUT" > "$OUT/bench_ops.txt" 2>&1
-  echo "bench_ops: exit $?" | tee -a "$OUT/status.txt"
+  timed bench_ops bench_ops.txt python3 benchmarks/bench_ops.py --dtype bf16 --out "$OUT"
 }
 
 e2e_rn50() {  # the engine issue's headline: RN50 512x512 batch 1 and 16
-  python3 benchmarks/bench_e2e.py --archs RN50 --modes whole --batches 1 16 --out "$OUT" --tag rn50_whole \
-    > "$OUT/bench_e2e_rn50_whole.txt" 2>&1
-  echo "bench_e2e RN50 whole: exit $?" | tee -a "$OUT/status.txt"
+  timed "bench_e2e RN50 whole" bench_e2e_rn50_whole.txt \
+    python3 benchmarks/bench_e2e.py --archs RN50 --modes whole --batches 1 16 --out "$OUT" --tag rn50_whole
 }
 
-export_bench() {  # the AOTInductor package against the engine on the GPU, ONNX Runtime on this machine's CPU cores
-  python3 benchmarks/bench_export.py --archs RN50 --out "$OUT" --tag rn50 > "$OUT/bench_export.txt" 2>&1
-  echo "bench_export RN50: exit $?" | tee -a "$OUT/status.txt"
+export_bench() {  # the AOTInductor package against the engine on the GPU (the ONNX Runtime part runs on CPU machines)
+  timed "bench_export RN50" bench_export.txt \
+    python3 benchmarks/bench_export.py --parts gpu --archs RN50 --out "$OUT" --tag rn50
 }
 
 train_bench() {  # one training step, official style against the trainer (RN50 512x512 batch 16)
-  python3 benchmarks/bench_train.py --out "$OUT" --tag rn50_b16 > "$OUT/bench_train.txt" 2>&1
-  echo "bench_train RN50: exit $?" | tee -a "$OUT/status.txt"
+  timed "bench_train RN50" bench_train.txt python3 benchmarks/bench_train.py --out "$OUT" --tag rn50_b16
 }
 
 rest() {  # the CPU suite on this machine's torch/triton, and CMake's CUDA build
-  DENSECLIP_FAST_CMAKE_CUDA=1 python3 -m pytest -q -rs tests/ --ignore=tests/test_ops.py --ignore=tests/test_gpu.py \
-    > "$OUT/tests_rest.log" 2>&1
-  echo "other tests: exit $?" | tee -a "$OUT/status.txt"
-  tail -3 "$OUT/tests_rest.log"
+  DENSECLIP_FAST_CMAKE_CUDA=1 timed "other tests" tests_rest.log \
+    python3 -m pytest -q -rs --durations=15 tests/ --ignore=tests/test_ops.py --ignore=tests/test_gpu.py
+  tail -3 "$OUT/tests_rest.log" 2>/dev/null
 }
 
 e2e_more() {  # slide mode and the other architectures
-  python3 benchmarks/bench_e2e.py --archs RN50 --modes slide --batches 1 --out "$OUT" --tag rn50_slide \
-    --contestants official official-bf16 engine-fp32 engine-bf16 > "$OUT/bench_e2e_rn50_slide.txt" 2>&1
-  echo "bench_e2e RN50 slide: exit $?" | tee -a "$OUT/status.txt"
-  python3 benchmarks/bench_e2e.py --archs RN101 ViT-B/16 --modes whole --batches 1 16 --out "$OUT" --tag others \
-    --contestants official official-bf16 engine-fp32 engine-bf16 > "$OUT/bench_e2e_others.txt" 2>&1
-  echo "bench_e2e RN101 ViT-B/16: exit $?" | tee -a "$OUT/status.txt"
+  timed "bench_e2e RN50 slide" bench_e2e_rn50_slide.txt \
+    python3 benchmarks/bench_e2e.py --archs RN50 --modes slide --batches 1 --out "$OUT" --tag rn50_slide \
+    --contestants official official-bf16 engine-fp32 engine-bf16
+  timed "bench_e2e RN101 ViT-B/16" bench_e2e_others.txt \
+    python3 benchmarks/bench_e2e.py --archs RN101 ViT-B/16 --modes whole --batches 1 16 --out "$OUT" --tag others \
+    --contestants official official-bf16 engine-fp32 engine-bf16
 }
 
 # Most valuable first, each step writing its files as it goes, so a run cut short still brings results back.

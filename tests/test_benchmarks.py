@@ -1,0 +1,75 @@
+"""The benchmark scripts' bookkeeping (not their timings): results rewritten after every row, failures reported,
+and the issues' targets judged from the rows."""
+
+from __future__ import annotations
+
+import json
+
+from benchmarks import bench_e2e, bench_ops, bench_train
+from benchmarks.common import Results, failure, targets_markdown
+
+
+def test_results_are_rewritten_after_every_row(tmp_path):
+    env = {"gpu": False, "device": "cpu"}
+    results = Results(str(tmp_path), "x", "t", env, {"args": {"a": 1}}, lambda e, rows: f"{len(rows)} rows\n")
+    results.add({"v": 1})
+    assert json.loads((tmp_path / "x_t.json").read_text())["rows"] == [{"v": 1}]
+    results.add({"v": 2})
+    data = json.loads((tmp_path / "x_t.json").read_text())
+    assert data["rows"] == [{"v": 1}, {"v": 2}] and data["args"] == {"a": 1} and data["environment"] == env
+    assert (tmp_path / "x_t.md").read_text() == "2 rows\n"
+
+
+def test_failure_is_one_line():
+    assert failure(RuntimeError("CUDA out of memory.\nTried to allocate 2 GiB")) == "RuntimeError: CUDA out of memory."
+    assert failure(KeyError()) == "KeyError: "
+
+
+def _op(op, shape, direction, contestant, ms, dtype="bfloat16"):
+    return {"op": op, "shape": shape, "dtype": dtype, "direction": direction, "contestant": contestant, "median_ms": ms}
+
+
+def _verdicts(checks):
+    return {target: ok for target, _, ok in checks}
+
+
+def test_operator_targets():
+    large, rn50 = "B32 C1024 128x128 K171", "B16 C1024 16x16 K150"
+    att = "B16 H4 K150 x N257 D64"
+    score, attention = "pixel_text_score", "context_attention"
+    rows = [_op(score, large, "forward", "eager", 2.0), _op(score, large, "forward", "cuda", 0.4),
+            _op(score, large, "forward", "triton", 0.3), _op(score, large, "backward", "triton", 0.9),
+            _op(score, rn50, "forward", "cuda", 0.02),
+            _op(attention, att, "forward", "sdpa", 0.05), _op(attention, att, "forward", "cuda", 0.04),
+            _op(attention, att, "backward", "cuda", 0.09)]  # fmt: skip
+    v = _verdicts(bench_ops.targets(rows))
+    assert v["score B32 C1024 128x128 K171 bf16 forward <= 0.33 ms"] is True  # the best fused backend counts
+    assert v["score B16 C1024 16x16 K150 bf16 forward <= 15 us"] is False
+    assert v[f"attention {att} forward faster than SDPA"] is True
+    assert v[f"pixel_text_score {large} bfloat16 triton: backward <= 2.5x forward"] is False  # 3.0x
+    assert v[f"context_attention {att} bfloat16 cuda: backward <= 2.5x forward"] is True
+    text = targets_markdown(bench_ops.targets(rows))
+    assert "| NO |" in text and "| yes |" in text
+
+
+def test_engine_targets():
+    def row(contestant, batch, p50, err):
+        return {"arch": "RN50", "mode": "whole", "shape": [batch, 3, 512, 512], "contestant": contestant,
+                "p50_ms": p50, "images_per_s": batch / (p50 / 1e3), "rel_error_vs_official": err}  # fmt: skip
+
+    rows = [row("engine-bf16", 1, 0.9, 1e-2), row("engine-bf16", 16, 6.0, 3e-2), row("engine-fp32", 1, 3.0, 2e-6)]
+    v = _verdicts(bench_e2e.targets(rows))
+    assert v["RN50 512x512 batch 1, engine-bf16: p50 <= 1.0 ms"] is True
+    assert v["RN50 512x512 batch 16, engine-bf16: >= 3000 images/s"] is False  # 2667 images/s
+    assert v["engine-fp32 logits within 0.0001 of official (every configuration)"] is True
+    assert v["engine-bf16 logits within 0.02 of official (every configuration)"] is False  # the worst one counts
+    missing = _verdicts(bench_e2e.targets([{"arch": "RN50", "contestant": "engine-bf16", "error": "OOM"}]))
+    assert set(missing.values()) == {None}
+
+
+def test_training_target():
+    rows = [{"contestant": "official-fp32", "images_per_s": 10.0}, {"contestant": "trainer-bf16", "images_per_s": 31.0}]
+    assert _verdicts(bench_train.targets(rows)) == {"trainer-bf16 >= 3x official-fp32 images/s": True}
+    rows[1]["images_per_s"] = 29.0
+    assert _verdicts(bench_train.targets(rows)) == {"trainer-bf16 >= 3x official-fp32 images/s": False}
+    assert _verdicts(bench_train.targets(rows[:1])) == {"trainer-bf16 >= 3x official-fp32 images/s": None}
