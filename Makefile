@@ -3,6 +3,8 @@
 #   make bench   set up .venv if needed, run the operator, end-to-end, export and training benchmarks
 #                (a small smoke grid on a CPU, the full grids on a GPU; results in benchmarks/results/)
 #   make gpu-wheels   the Python 3.12 wheels the GPU test machine lacks, into ./wheels (see benchmarks/gpu_check.sh)
+#   make test-gpu-torch   the suite on the CPU with the GPU machine's torch 2.11 / triton 3.6 (a copy of the tree in
+#                build/gpu-torch, its own venv; about 10 minutes and 5 GB): run it before a GPU session
 PYTHON_SYSTEM ?= python3
 VENV   := .venv
 PYTHON := $(VENV)/bin/python
@@ -12,7 +14,7 @@ CSRC   := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda
 export HF_HUB_OFFLINE := 1
 export MAX_JOBS ?= 2
 
-.PHONY: setup test bench gpu-wheels clean
+.PHONY: setup test bench gpu-wheels test-gpu-torch clean
 
 setup: $(VENV)/.ext
 
@@ -42,5 +44,16 @@ gpu-wheels: $(VENV)/.deps
 	cp $(SHARED_WHEELS)/*.whl wheels/
 	$(PIP) download --no-deps -d wheels onnxscript==0.7.2 onnx-ir==1.1.0
 
+# The extension is built in place, so the suite runs on a copy of the tree (tracked and untracked, not ignored files).
+GPU_TORCH_VENV := .venv-gpu-torch
+GPU_TORCH_TREE := build/gpu-torch
+test-gpu-torch:
+	test -x $(GPU_TORCH_VENV)/bin/python || $(PYTHON_SYSTEM) -m venv $(GPU_TORCH_VENV)
+	$(GPU_TORCH_VENV)/bin/pip -q --disable-pip-version-check install -r requirements-gpu-machine.lock
+	rm -rf $(GPU_TORCH_TREE) && mkdir -p $(GPU_TORCH_TREE)
+	git ls-files -z --cached --others --exclude-standard | xargs -0 cp --parents -t $(GPU_TORCH_TREE)
+	cd $(GPU_TORCH_TREE) && $(CURDIR)/$(GPU_TORCH_VENV)/bin/pip -q --disable-pip-version-check install \
+		--no-build-isolation --no-deps -e . && $(CURDIR)/$(GPU_TORCH_VENV)/bin/python -m pytest -q
+
 clean:
-	rm -rf $(VENV) build denseclip_fast/_C*.so *.egg-info
+	rm -rf $(VENV) $(GPU_TORCH_VENV) build denseclip_fast/_C*.so *.egg-info

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import socket
+import sys
 
 import numpy as np
 import pytest
@@ -131,6 +132,28 @@ def test_training_lowers_the_loss_and_freezes_the_text_encoder(arch_file, generi
     assert "out_proj.1.weight" in changed and len(changed) > len(initial.context_decoder.state_dict()) // 2
     assert 0 <= result["eval"]["mIoU"] <= 1 and os.path.isfile(tmp_path / "run" / "eval.csv")
     assert trained.class_names == CLASSES
+
+
+def test_tensorboard_events_match_the_csv(arch_file, generic, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    result = train(_config(arch_file, generic, tmp_path / "run", iters=3, checkpoint_interval=3, tensorboard=True))
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    assert {"train/loss", "train/lr", "val/mIoU", "val/aAcc"} <= set(events.Tags()["scalars"])
+    rows = _metrics(tmp_path / "run")
+    assert [e.step for e in events.Scalars("train/loss")] == [int(r["iter"]) for r in rows] == [1, 2, 3]
+    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx([float(r["loss"]) for r in rows], rel=1e-6)
+    (val,) = events.Scalars("val/mIoU")
+    assert val.step == 3 and val.value == pytest.approx(result["eval"]["mIoU"], rel=1e-6)
+
+
+def test_tensorboard_missing_is_said_not_silent(arch_file, generic, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as without the package
+    with pytest.warns(UserWarning, match="tensorboard package is not installed"):
+        train(_config(arch_file, generic, tmp_path / "run", iters=1, checkpoint_interval=1, tensorboard=True))
+    assert not os.path.exists(tmp_path / "run" / "tensorboard") and len(_metrics(tmp_path / "run")) == 1
 
 
 @pytest.mark.slow

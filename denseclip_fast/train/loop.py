@@ -25,6 +25,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -345,7 +346,9 @@ class Trainer:
             return None
         try:
             from torch.utils.tensorboard import SummaryWriter
-        except ImportError:  # the tensorboard package is optional
+        except ImportError:  # the tensorboard package is optional, but the user asked for its events
+            warnings.warn("tensorboard=True but the tensorboard package is not installed: metrics go to metrics.csv "
+                          "only (pip install tensorboard, or set tensorboard false)", stacklevel=2)  # fmt: skip
             return None
         return SummaryWriter(self._path("tensorboard"))
 
