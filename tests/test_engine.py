@@ -245,6 +245,33 @@ def test_segmenter_routes_every_forward_through_the_graph_cache(model):
     assert Segmenter(model, device="cpu", dtype=torch.float32).captured_graphs == 0  # no capture on CPU
 
 
+class StaticBufferCapture:
+    """Like a CUDA graph: every replay writes into the same output buffer."""
+
+    def __call__(self, fn, example, pool):
+        out = fn(example)
+
+        def replay(x):
+            out.copy_(fn(x))
+            return out
+
+        return replay
+
+
+@pytest.mark.parametrize("mode", ["whole", "slide"])
+def test_results_never_alias_a_replayed_buffer(model, mode):
+    seg = _engine(model, mode=mode)
+    seg._graphs = GraphCache(seg._forward, enabled=True, capture=StaticBufferCapture())
+    x, y = torch.randn(2, 3, 64, 64), torch.randn(2, 3, 64, 64)
+    first = seg.logits(x)
+    kept = first.clone()
+    second = seg.logits(y)
+    assert torch.equal(first, kept) and not torch.equal(first, second)
+    with torch.no_grad():
+        expected = model(x) if mode == "whole" else model.slide_inference(x, seg.crop, seg.stride)
+    assert rel_err(first, expected) < 1e-4
+
+
 @pytest.mark.slow
 def test_released_rn50_engine_equals_model():
     model = DenseCLIP.from_arch("RN50", ["sky", "road", "tree"]).eval()

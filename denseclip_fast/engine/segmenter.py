@@ -9,7 +9,8 @@ What happens once, at construction: a private copy of the model is put in eval m
 the convolutions, it is moved to the device and dtype (channels_last on CUDA), and the class embeddings of the
 vocabulary are computed in float32 and kept in a buffer. Per image only the image encoder, the context decoder, the
 fused score/concat operator, the FPN and the head run; on CUDA every (batch, size) is captured once into a CUDA
-graph and replayed. Slide mode evaluates all crops of a batch as one forward.
+graph and replayed; the head's logits are resized to the input size after the replay, in float32, straight into the
+returned tensor. Slide mode evaluates all crops of a batch as one forward.
 
 Threads: every public method takes one lock, so a Segmenter may be shared by threads, which then take turns; for
 parallel inference give each thread (or GPU) its own Segmenter.
@@ -118,19 +119,27 @@ class Segmenter:
     # ------------------------------------------------------------------ the forward
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        """CLIP-normalised (N, 3, h, w) in the engine's dtype -> logits (N, K, h, w): what the graphs capture."""
+        """CLIP-normalised (N, 3, h, w) in the engine's dtype -> the head's logits (N, K, h/4, w/4): what the graphs
+        capture. The resize to the input size runs after the replay (see _encode_decode)."""
         feats = self.model.backbone(x)
         text = self.model.context_prompt(feats, self._text)
-        return self.model.logits_and_score(feats, text, x.shape[2:])[0]
+        return self.model.logits_and_score(feats, text, None)[0]
+
+    def _encode_decode(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 3, h, w) -> (N, K, h, w) float32 logits in a new tensor. The bilinear resize to the input size runs
+        outside the captured graph, from the small logits cast to float32: the full-size logits are written once,
+        in float32 (no half-precision full-size copy written, read back and converted), they never alias the
+        graph's output buffer (which the next replay overwrites), and the resize is in float32 as the official
+        model's."""
+        small = self._graphs(x)
+        return F.interpolate(small.float(), size=x.shape[2:], mode="bilinear", align_corners=False)
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
         """Whole or slide logits (N, K, h, w) in float32 for a normalised batch on the device."""
         x = x.to(self.device, self.dtype, memory_format=self._layout())
         if self.mode == "slide":
-            out = slide_inference(self._graphs, x, self.crop, self.stride)
-        else:
-            out = self._graphs(x)
-        return out.to(torch.float32, copy=True)  # never the graph's output buffer, which the next replay reuses
+            return slide_inference(self._encode_decode, x, self.crop, self.stride)
+        return self._encode_decode(x)
 
     def _layout(self) -> torch.memory_format:
         return torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
@@ -140,26 +149,25 @@ class Segmenter:
         x = torch.stack(images).to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
         return normalize(resize_keep_ratio(x, self.model.config.test_scale))
 
-    def _each_group(self, batch: ImageBatch, fn: Any) -> list[torch.Tensor]:
-        """Apply ``fn(normalised batch) -> (N, C, h, w)`` per group of same-size images; returns per-image
-        (C, H, W) float32 tensors at each image's own size, in input order."""
+    def _each_group(self, batch: ImageBatch, fn: Any) -> torch.Tensor | list[torch.Tensor]:
+        """Apply ``fn(normalised batch) -> (N, C, h, w)`` per group of same-size images. A normalised float batch
+        gives fn's result as it is; uint8 images give float32 results at each image's own size, in input order:
+        one (B, C, H, W) tensor when all sizes agree, else a list of (C, H_i, W_i)."""
         if batch.normalized is not None:
-            return list(fn(batch.normalized))
+            return fn(batch.normalized)
         assert batch.raw is not None
         results: list[Any] = [None] * len(batch.raw)
         for group in batch.groups:
             height, width = batch.raw[group[0]].shape[:2]
             out = fn(self._prepare_raw([batch.raw[i] for i in group]))
             out = F.interpolate(out.float(), size=(height, width), mode="bilinear", align_corners=False)
+            if group == list(range(len(batch.raw))):  # one group in input order: no split and re-stack
+                return out
             for i, o in zip(group, out):
                 results[i] = o
+        if all(t.shape == results[0].shape for t in results):
+            return torch.stack(results)
         return results
-
-    @staticmethod
-    def _stack(per_image: list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
-        if all(t.shape == per_image[0].shape for t in per_image):
-            return torch.stack(per_image)
-        return per_image
 
     # ------------------------------------------------------------------ public API
 
@@ -168,7 +176,7 @@ class Segmenter:
         for uint8 images; a list of (K, H_i, W_i) when uint8 images differ in size."""
         batch = as_batch(images)
         with self._lock, torch.inference_mode(), self._math():
-            return self._stack(self._each_group(batch, self._run))
+            return self._each_group(batch, self._run)
 
     def predict(self, images: Any) -> torch.Tensor | list[torch.Tensor]:
         """(B, H, W) int64 label maps (a list when uint8 images differ in size)."""
@@ -197,7 +205,7 @@ class Segmenter:
                 s = ops.pixel_text_score(z, self.model.context_prompt(feats, text).to(z.dtype))
                 return F.interpolate(s.float(), size=x.shape[2:], mode="bilinear", align_corners=False)
 
-            return self._stack(self._each_group(batch, scores))
+            return self._each_group(batch, scores)
 
     def set_classes(self, names: Sequence[str]) -> None:
         """Reword the vocabulary (exactly K names, each at most 3 BPE tokens); the embeddings are recomputed once

@@ -148,9 +148,10 @@ class DenseCLIP(nn.Module):
         return text + self.gamma * self.context_decoder(text, visual_context)
 
     def logits_and_score(
-        self, feats: ImageFeatures, text: torch.Tensor, size: tuple[int, int]
+        self, feats: ImageFeatures, text: torch.Tensor, size: tuple[int, int] | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The score map concatenated to its pyramid level (one fused operator), FPN, head, resize to ``size``."""
+        """The score map concatenated to its pyramid level (one fused operator), FPN, head, resize to ``size``
+        (None: the head's own resolution, 1/4 of the image)."""
         levels = list(feats.levels)
         i = self.config.score_concat_index
         z = feats.local_feat
@@ -158,6 +159,8 @@ class DenseCLIP(nn.Module):
         score = merged[:, levels[i].shape[1] :]
         levels[i] = merged
         out = self.decode_head(self.neck(levels))
+        if size is None:
+            return out, score
         return F.interpolate(out, size=size, mode="bilinear", align_corners=False), score
 
     def forward_features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
