@@ -79,15 +79,27 @@ def contestant(name: str, model: dcf.DenseCLIP, official: OfficialDenseCLIP, dev
 
 
 def count_flops(model: dcf.DenseCLIP, x: torch.Tensor, mode: str, crop: int, stride: int) -> float:
-    """FLOPs of one image-dependent forward (the class embeddings are computed before counting)."""
+    """FLOPs of one image-dependent forward (the class embeddings are computed before counting), on the reference
+    backend: FlopCounterMode sees the C++ operators through their registered formulas (equal to the reference's
+    count, tests/test_ops.py) but not inside Triton operators, which it traces into their kernels."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    from denseclip_fast.ops.backends import ENV_VAR
+
     model = model.to(x.device)
-    with torch.no_grad():
-        model.class_embeddings()
-        with FlopCounterMode(display=False) as counter:
-            model(x) if mode == "whole" else model.slide_inference(x, crop, stride)
-    model.cpu()
+    saved = os.environ.get(ENV_VAR)
+    os.environ[ENV_VAR] = "reference"
+    try:
+        with torch.no_grad():
+            model.class_embeddings()
+            with FlopCounterMode(display=False) as counter:
+                model(x) if mode == "whole" else model.slide_inference(x, crop, stride)
+    finally:
+        if saved is None:
+            del os.environ[ENV_VAR]
+        else:
+            os.environ[ENV_VAR] = saved
+        model.cpu()
     return float(counter.get_total_flops())
 
 

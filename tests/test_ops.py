@@ -399,3 +399,29 @@ def test_the_raw_operators_check_their_inputs_too():
         lib.context_attention(torch.randn(1, 1, 2, 4), torch.randn(1, 1, 0, 4), torch.randn(1, 1, 0, 4))
     with pytest.raises(RuntimeError, match="pixel_text_score_backward: grad must be"):
         lib.pixel_text_score_backward(torch.randn(1, 2, 2, 2), torch.randn(1, 3, 2, 2), torch.randn(5, 3), 1.0)
+
+
+def test_flop_counter_counts_the_fused_operators_as_the_reference():
+    """FlopCounterMode sees the C++ operators (registered formulas), forward and backward, with the count of the
+    reference's aten decomposition; without the formulas a model's count would miss them."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    backend = "cuda" if DEVICE == "cuda" else "cpu"
+
+    def count(name: str) -> tuple[int, int]:
+        v, t = (torch.randn(*shape, device=DEVICE, requires_grad=True) for shape in ((2, 24, 5, 7), (3, 24)))
+        f = torch.randn(2, 6, 5, 7, device=DEVICE)
+        q, k = (torch.randn(1, 2, n, 32, device=DEVICE, requires_grad=True) for n in (5, 9))
+        with FlopCounterMode(display=False) as forward:
+            s = ops.pixel_text_score(v, t, backend=name)
+            c = ops.score_concat(f, v, t, backend=name)
+            a = ops.context_attention(q, k, k, backend=name)
+        with FlopCounterMode(display=False) as backward:
+            (s.sum() + c.sum() + a.sum()).backward()
+        return forward.get_total_flops(), backward.get_total_flops()
+
+    fused, ref = count(backend), count("reference")
+    score, attention = 2 * 2 * 3 * 24 * 35, 4 * 2 * 5 * 9 * 32
+    assert fused[0] == ref[0] == 2 * score + attention
+    # backward: two GEMMs per score operator (pixels and text), four products for the attention
+    assert fused[1] == ref[1] == 2 * (2 * score) + 2 * attention

@@ -137,6 +137,42 @@ def register_fakes(suffix: str = "") -> None:
     lib.register_fake(f"denseclip_fast::context_attention_backward{suffix}", _fake_attention_backward)
 
 
+def _score_flops(visual_shape: Any, text_shape: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    b, c, h, w = visual_shape
+    return 2 * b * text_shape[-2] * c * h * w  # the dot products (the normalisations are O(B C H W + K C))
+
+
+def _concat_flops(feature_shape: Any, visual_shape: Any, text_shape: Any, *args: Any, **kwargs: Any) -> int:
+    return _score_flops(visual_shape, text_shape)
+
+
+def _score_backward_flops(grad_shape: Any, visual_shape: Any, text_shape: Any, *args: Any, **kwargs: Any) -> int:
+    return 2 * _score_flops(visual_shape, text_shape)  # grad x text for the pixels, grad^T x visual for the text
+
+
+def _attention_flops(q_shape: Any, k_shape: Any, v_shape: Any, *args: Any, **kwargs: Any) -> int:
+    b, h, lq, d = q_shape
+    return 4 * b * h * lq * k_shape[2] * d  # Q K^T and P V, as torch counts scaled_dot_product_attention
+
+
+def _attention_backward_flops(grad_shape: Any, q_shape: Any, k_shape: Any, *args: Any, **kwargs: Any) -> int:
+    return 2 * _attention_flops(q_shape, k_shape, None)  # four products, as torch counts SDPA's backward
+
+
+def register_flop_formulas(suffix: str = "") -> None:
+    """FLOP formulas of ``denseclip_fast::<op><suffix>`` for torch.utils.flop_counter.FlopCounterMode (without
+    them a model's count would miss the score and the context decoder's attention). Model FLOPs, torch's
+    conventions: the backward's recomputation of the attention probabilities is not counted."""
+    from torch.utils.flop_counter import register_flop_formula
+
+    ops = torch.ops.denseclip_fast
+    for name, formula in (("pixel_text_score", _score_flops), ("score_concat", _concat_flops),
+                          ("pixel_text_score_backward", _score_backward_flops), ("context_attention", _attention_flops),
+                          ("context_attention_backward", _attention_backward_flops)):  # fmt: skip
+        register_flop_formula(getattr(ops, f"{name}{suffix}"))(formula)
+
+
 if extension_available():
     register_fakes()
     register_autograd()
+    register_flop_formulas()

@@ -19,7 +19,7 @@ if UNAVAILABLE is None:
     import torch
     from torch.library import triton_op
 
-    from ..library import empty_score, lse_dtype, register_autograd, register_fakes
+    from ..library import empty_score, lse_dtype, register_autograd, register_fakes, register_flop_formulas
     from . import attention, score
 
     @triton_op("denseclip_fast::pixel_text_score_triton", mutates_args=())
@@ -60,3 +60,4 @@ if UNAVAILABLE is None:
 
     register_fakes(suffix="_triton")
     register_autograd(suffix="_triton")
+    register_flop_formulas(suffix="_triton")
