@@ -22,7 +22,10 @@ def test_extension_loads_and_reports_its_build():
     cuda_expected = torch.version.cuda is not None and cuda_toolkit() is not None and os.environ.get("DENSECLIP_FAST_CUDA") != "0"
     assert (info["cuda"] is not None) == cuda_expected, info
     if info["cuda"] is not None:
-        assert info["cuda"]["archs"], info  # compiled for at least one GPU architecture
+        archs = info["cuda"]["archs"]  # compiled for at least one GPU architecture, as 10 * major + minor
+        assert archs and all(30 <= arch < 200 for arch in archs), info
+        if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
+            assert archs == [90], info  # setup.py's default without a GPU: sm_90
 
 
 def test_setup_decides_the_cuda_build():

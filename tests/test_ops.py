@@ -325,6 +325,26 @@ def test_forcing_a_backend(monkeypatch):
         ops.pixel_text_score(visual, text)
 
 
+@pytest.mark.skipif(not ops.extension_available() or ops.build_info()["cuda"] is None,
+                    reason="needs the extension's CUDA kernels")  # fmt: skip
+def test_a_gpu_the_cuda_kernels_were_not_built_for(monkeypatch):
+    """An sm_80 GPU with a build for sm_90: the cuda backend says so (and how to rebuild), auto takes another."""
+    monkeypatch.delenv("DENSECLIP_FAST_BACKEND", raising=False)
+    monkeypatch.setattr(ops.backends, "_memo", {})
+    built = ops.build_info()["cuda"]["archs"]
+    other = next(a for a in (80, 86, 89, 90, 100) if a not in built)
+    monkeypatch.setattr(ops.backends, "_device_arch", lambda device: other)
+    gpu = torch.device("cuda", 0)
+    why = ops.backends.unavailable_reason("cuda", "pixel_text_score", gpu, torch.float32)
+    assert why is not None and f"this GPU is sm_{other}" in why and f"TORCH_CUDA_ARCH_LIST={other // 10}." in why
+    with pytest.raises(RuntimeError, match=f"backend 'cuda' .* this GPU is sm_{other}"):
+        ops.backends.resolve("pixel_text_score", gpu, torch.float32, backend="cuda")
+    assert ops.backends.resolve("context_attention", gpu, torch.float32, head_dim=8) == "reference"
+    monkeypatch.setattr(ops.backends, "_memo", {})
+    monkeypatch.setattr(ops.backends, "_device_arch", lambda device: built[0])
+    assert ops.backends.unavailable_reason("cuda", "pixel_text_score", gpu, torch.float32) is None
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the errors of a machine without CUDA")
 def test_unavailable_backends_say_why():
     visual, text = torch.randn(1, 4, 2, 2), torch.randn(3, 4)

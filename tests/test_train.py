@@ -91,7 +91,7 @@ def arch_file(tmp_path_factory) -> str:
 def _config(arch_file: str, data: str, work_dir, **overrides) -> TrainConfig:
     base = dict(arch=arch_file, data=data, layout="generic", work_dir=str(work_dir), iters=4, batch_size=2, accum=1,
                 crop=48, lr=1e-3, warmup_iters=2, img_scale=(96, 48), amp="none", num_workers=0, log_interval=1,
-                checkpoint_interval=2, eval_mode="whole", tensorboard=False)  # fmt: skip
+                checkpoint_interval=2, eval_mode="whole", tensorboard=False, device="cpu")  # fmt: skip
     return TrainConfig(**{**base, **overrides})
 
 

@@ -33,6 +33,27 @@ def _cuda_kernels_built() -> bool:
     return _memo["cuda"]
 
 
+def _device_arch(device: torch.device) -> int:
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
+def _cuda_arch_mismatch(device: torch.device) -> str | None:
+    """Why the extension's CUDA kernels cannot run on this GPU (built for other architectures), else None; so the
+    user reads it here instead of "no kernel image is available" inside a kernel. Memoised per device; not
+    evaluated while torch.compile traces (the eager calls before have checked it)."""
+    key = ("arch", device.index)
+    if key not in _memo:
+        if torch.compiler.is_compiling():
+            return None
+        built, arch = build_info()["cuda"]["archs"], _device_arch(device)
+        _memo[key] = None if arch in built else (
+            f"the extension's CUDA kernels were built for {', '.join(f'sm_{a}' for a in built)} and this GPU is "
+            f"sm_{arch} (rebuild with TORCH_CUDA_ARCH_LIST={arch // 10}.{arch % 10})"
+        )  # fmt: skip
+    return _memo[key]
+
+
 def triton_available() -> str | None:
     """None when the Triton kernels can be used (importing them registers their operators), else why not."""
     if "triton" not in _memo:
@@ -64,6 +85,9 @@ def unavailable_reason(backend: str, op: str, device: torch.device, dtype: torch
             return "the extension denseclip_fast._C is not built (run make setup)"
         if not _cuda_kernels_built():
             return "the extension was built without CUDA (no toolkit at build time)"
+        mismatch = _cuda_arch_mismatch(device)
+        if mismatch is not None:
+            return mismatch
         if op == "context_attention" and head_dim > CUDA_MAX_HEAD_DIM:
             return f"the CUDA attention kernel supports head dims up to {CUDA_MAX_HEAD_DIM}, got {head_dim}"
         return None

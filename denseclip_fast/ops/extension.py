@@ -30,11 +30,15 @@ def extension_available() -> bool:
 
 
 def build_info() -> dict[str, Any]:
-    """How the extension was built: ``{'version', 'openmp', 'cuda': None | {'runtime', 'archs'}}``.
+    """How the extension was built: ``{'version', 'openmp', 'cuda': None | {'runtime', 'archs'}}``; ``archs`` are the
+    GPU architectures of its CUDA kernels as 10 * major + minor (90 for sm_90, an H100/H200).
 
     Raises RuntimeError (with the reason) when the extension is not built.
     """
     error = _load()
     if error is not None:
         raise RuntimeError(error)
-    return json.loads(torch.ops.denseclip_fast.build_info())
+    info = json.loads(torch.ops.denseclip_fast.build_info())
+    if info["cuda"] is not None:  # nvcc's __CUDA_ARCH_LIST__ counts in tens (900 for sm_90)
+        info["cuda"]["archs"] = [arch // 10 for arch in info["cuda"]["archs"]]
+    return info
