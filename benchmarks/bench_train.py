@@ -33,7 +33,7 @@ from denseclip_fast.train import TrainConfig  # noqa: E402
 from denseclip_fast.train.loop import TrainStep, enable_gradient_checkpointing  # noqa: E402
 from denseclip_fast.train.optim import freeze_text_encoder, param_groups, segmentation_loss  # noqa: E402
 
-ALL = ("official-fp32", "trainer-fp32", "trainer-bf16", "trainer-bf16-ckpt")
+ALL = ("trainer-bf16", "official-fp32", "trainer-fp32", "trainer-bf16-ckpt")  # the target's pair first
 
 
 def official_step(arch: str, names: list[str], cfg: TrainConfig, device: torch.device) -> Callable:
