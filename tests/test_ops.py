@@ -222,6 +222,24 @@ def test_context_attention_forward_and_backward(backend, dtype, shape):
         _check_close(actual, wanted, dtype, 4)
 
 
+def test_triton_attention_splits_a_batch_too_large_for_one_grid(monkeypatch):
+    """B x heads beyond CUDA's 65535 grid rows goes through several launches (the limit lowered to 2 here)."""
+    from denseclip_fast.ops.triton import attention
+
+    monkeypatch.setattr(attention, "MAX_GRID_Y", 2)
+    q, k, v = (torch.randn(5, 1, n, 16, dtype=torch.float64) for n in (9, 70, 70))
+    q64, k64, v64 = (_leaf(x) for x in (q, k, v))
+    expected = reference.attention(q64, k64, v64)
+    grad = torch.randn_like(expected)
+    expected.backward(grad)
+    qa, ka, va = (_leaf(x.to(DEVICE, torch.float32)) for x in (q, k, v))
+    out = ops.context_attention(qa, ka, va, backend="triton")
+    out.backward(grad.to(DEVICE, torch.float32))
+    _check_close(out, expected, torch.float32)
+    for actual, wanted in ((qa.grad, q64.grad), (ka.grad, k64.grad), (va.grad, v64.grad)):
+        _check_close(actual, wanted, torch.float32, 4)
+
+
 def test_reference_attention_is_sdpa():
     q, k, v = torch.randn(2, 4, 5, 8), torch.randn(2, 4, 9, 8), torch.randn(2, 4, 9, 8)
     assert torch.allclose(reference.attention(q, k, v), torch.nn.functional.scaled_dot_product_attention(q, k, v),

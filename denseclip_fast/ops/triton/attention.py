@@ -165,6 +165,15 @@ def _blocks(lq: int, lk: int, d: int) -> tuple[int, int]:
     return block_m, block_n
 
 
+MAX_GRID_Y = 65535  # CUDA's limit on a grid's second axis, which carries batch x heads
+
+
+def _bh_slices(bh: int) -> list[slice]:
+    """Pieces of the batch x heads axis that fit one launch's grid (one piece, all of it, in every realistic call:
+    65535 is 2047 images through the 32-head attention pool of RN50)."""
+    return [slice(start, min(start + MAX_GRID_Y, bh)) for start in range(0, bh, MAX_GRID_Y)]
+
+
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     b, h, lq, d = q.shape
     lk = k.shape[2]
@@ -174,10 +183,13 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tupl
     if out.numel() == 0:
         return out, lse
     block_m, block_n = _blocks(lq, lk, d)
-    launch(_attn_fwd_kernel)[(triton.cdiv(lq, block_m), b * h)](
-        q, k, v, out, lse, lq, lk, LOG2E / math.sqrt(d),
-        D=d, BLOCK_M=block_m, BLOCK_N=block_n, DOT_F32=dot_in_f32(q.dtype),
-    )  # fmt: skip
+    pieces = _bh_slices(b * h)
+    for p in pieces:  # views of (B*H, L, D) only when the grid needs more than one launch
+        qp, kp, vp, op, lp = (t.flatten(0, 1)[p] if len(pieces) > 1 else t for t in (q, k, v, out, lse))
+        launch(_attn_fwd_kernel)[(triton.cdiv(lq, block_m), p.stop - p.start)](
+            qp, kp, vp, op, lp, lq, lk, LOG2E / math.sqrt(d),
+            D=d, BLOCK_M=block_m, BLOCK_N=block_n, DOT_F32=dot_in_f32(q.dtype),
+        )  # fmt: skip
     return out, lse
 
 
@@ -192,14 +204,20 @@ def attention_backward(
     lse = lse.contiguous()
     delta = torch.empty_like(lse)
     block_m, block_n = _blocks(lq, lk, d)
-    launch(_attn_bwd_delta_kernel)[(triton.cdiv(lq, block_m), b * h)](out, do, delta, lq, D=d, BLOCK_M=block_m)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     f32 = dot_in_f32(q.dtype)
     scale = 1.0 / math.sqrt(d)
-    launch(_attn_bwd_dkdv_kernel)[(triton.cdiv(lk, block_n), b * h)](
-        q, k, v, do, lse, delta, dk, dv, lq, lk, scale, D=d, BLOCK_M=block_m, BLOCK_N=block_n, DOT_F32=f32
-    )
-    launch(_attn_bwd_dq_kernel)[(triton.cdiv(lq, block_m), b * h)](
-        q, k, v, do, lse, delta, dq, lq, lk, scale, D=d, BLOCK_M=block_m, BLOCK_N=block_n, DOT_F32=f32
-    )
+    pieces = _bh_slices(b * h)
+    for p in pieces:  # views of (B*H, L, D) only when the grid needs more than one launch
+        qp, kp, vp, op, dop, lp, dp, dqp, dkp, dvp = (
+            t.flatten(0, 1)[p] if len(pieces) > 1 else t for t in (q, k, v, out, do, lse, delta, dq, dk, dv)
+        )
+        n = p.stop - p.start
+        launch(_attn_bwd_delta_kernel)[(triton.cdiv(lq, block_m), n)](op, dop, dp, lq, D=d, BLOCK_M=block_m)
+        launch(_attn_bwd_dkdv_kernel)[(triton.cdiv(lk, block_n), n)](
+            qp, kp, vp, dop, lp, dp, dkp, dvp, lq, lk, scale, D=d, BLOCK_M=block_m, BLOCK_N=block_n, DOT_F32=f32
+        )
+        launch(_attn_bwd_dq_kernel)[(triton.cdiv(lq, block_m), n)](
+            qp, kp, vp, dop, lp, dp, dqp, lq, lk, scale, D=d, BLOCK_M=block_m, BLOCK_N=block_n, DOT_F32=f32
+        )
     return dq, dk, dv
