@@ -16,12 +16,13 @@ def dot_in_f32(dtype: torch.dtype) -> bool:
 
 def launch(kernel: Any) -> Any:
     """``wrap_triton(kernel)``, so that torch.compile, torch.export and AOTInductor see the kernel inside a
-    ``triton_op``. Under Triton's interpreter ``triton.jit`` gives an interpreted function, which torch <= 2.11's
-    wrap_triton rejects (newer torch accepts it); there the kernel is launched as it is."""
+    ``triton_op``. torch <= 2.11's wrap_triton rejects the functions of Triton's interpreter (newer torch takes
+    them); there, and only under the interpreter, the kernel is launched as it is."""
     from torch.library import wrap_triton
-    from triton.runtime.autotuner import Autotuner
-    from triton.runtime.jit import JITFunction
 
-    if isinstance(kernel, (JITFunction, Autotuner)) or os.environ.get("TRITON_INTERPRET") != "1":
+    try:
         return wrap_triton(kernel)
-    return kernel
+    except RuntimeError:
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            raise
+        return kernel
