@@ -93,7 +93,7 @@ def table(env: dict, rows: list[dict], args: argparse.Namespace) -> str:
         "| contestant | ms / step | images/s | peak memory GB | x official |",
         "|---|---|---|---|---|",
     ]
-    base = next((r["images_per_s"] for r in rows if r["contestant"] == "official-fp32"), None)
+    base = next((r["images_per_s"] for r in rows if r["contestant"] == "official-fp32" and "error" not in r), None)
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['contestant']} | failed: {r['error'][:100]} | | | |")

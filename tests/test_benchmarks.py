@@ -3,6 +3,7 @@ and the issues' targets judged from the rows."""
 
 from __future__ import annotations
 
+import argparse
 import json
 
 from benchmarks import bench_e2e, bench_ops, bench_train
@@ -73,3 +74,13 @@ def test_training_target():
     rows[1]["images_per_s"] = 29.0
     assert _verdicts(bench_train.targets(rows)) == {"trainer-bf16 >= 3x official-fp32 images/s": False}
     assert _verdicts(bench_train.targets(rows[:1])) == {"trainer-bf16 >= 3x official-fp32 images/s": None}
+
+
+def test_training_table_with_a_failed_baseline():
+    env = {"gpu": True, "date": "d", "device": "H200", "torch": "t", "triton": "t"}
+    args = argparse.Namespace(arch="RN50", size=512, batch=16, classes=150)
+    rows = [{"contestant": "official-fp32", "error": "OutOfMemoryError: CUDA out of memory."},
+            {"contestant": "trainer-bf16", "ms_per_step": 50.0, "images_per_s": 320.0, "peak_memory_gb": 20.0}]
+    text = bench_train.table(env, rows, args)
+    assert "| official-fp32 | failed: OutOfMemoryError" in text and "| trainer-bf16 | 50.0 | 320.0 | 20.0 |  |" in text
+    assert "| not measured |" in text  # the 3x target without its baseline
