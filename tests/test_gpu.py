@@ -11,6 +11,7 @@ import torch
 import denseclip_fast as dcf
 from benchmarks.official import OfficialDenseCLIP, official_config, save_mmcv_checkpoint
 from denseclip_fast import ops
+from denseclip_fast.engine.segmenter import no_tf32
 
 from .conftest import NAMES, official_cfg, randomized, rel_err, tiny_config
 
@@ -20,10 +21,8 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @pytest.fixture(autouse=True)
 def _no_tf32():
     """fp32 comparisons need true fp32 convolutions and matmuls (cuDNN defaults to TF32 convolutions)."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+    with no_tf32():
+        yield
 
 
 def test_extension_built_for_this_gpu():

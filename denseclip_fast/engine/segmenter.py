@@ -121,9 +121,7 @@ class Segmenter:
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         """CLIP-normalised (N, 3, h, w) in the engine's dtype -> the head's logits (N, K, h/4, w/4): what the graphs
         capture. The resize to the input size runs after the replay (see _encode_decode)."""
-        feats = self.model.backbone(x)
-        text = self.model.context_prompt(feats, self._text)
-        return self.model.logits_and_score(feats, text, None)[0]
+        return self.model.logits_for(x, self._text, None)
 
     def _encode_decode(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 3, h, w) -> (N, K, h, w) float32 logits in a new tensor. The bilinear resize to the input size runs

@@ -4,8 +4,9 @@
     ImageGraph(model, None)         (image, class embeddings (K, D)) -> logits: the vocabulary is an input
     TextGraph(model)                class tokens (K, L) int64 -> class embeddings (K, D), through the learned contexts
 
-Both image graphs are the engine's per-forward function (image encoder, context decoder, fused score/concat, FPN,
-head, resize to the input size) on a model prepared as the engine prepares it (BatchNorm folded, one dtype).
+Both image graphs are the engine's per-forward function (``DenseCLIP.logits_for``: image encoder, context decoder,
+fused score/concat, FPN, head), with the resize to the input size inside the graph, on a model prepared as the
+engine prepares it (BatchNorm folded, one dtype).
 """
 
 from __future__ import annotations
@@ -40,9 +41,7 @@ class ImageGraph(nn.Module):
     def forward(self, image: torch.Tensor, class_embeddings: torch.Tensor | None = None) -> torch.Tensor:
         text = class_embeddings if self.text_input else self.class_embeddings
         assert text is not None
-        feats = self.model.backbone(image)
-        prompted = self.model.context_prompt(feats, text)
-        return self.model.logits_and_score(feats, prompted, image.shape[2:])[0]
+        return self.model.logits_for(image, text, image.shape[2:])
 
 
 class TextGraph(nn.Module):

@@ -163,6 +163,13 @@ class DenseCLIP(nn.Module):
             return out, score
         return F.interpolate(out, size=size, mode="bilinear", align_corners=False), score
 
+    def logits_for(self, x: torch.Tensor, text: torch.Tensor, size: tuple[int, int] | None) -> torch.Tensor:
+        """Logits of images ``x`` already in the model's dtype and layout (not checked) for class embeddings ``text``
+        (K, D): image encoder, context prompting, score/concat, FPN, head, resize to ``size`` (None: 1/4 of the
+        image). The per-forward function of the engine and of the exported graphs."""
+        feats = self.backbone(x)
+        return self.logits_and_score(feats, self.context_prompt(feats, text), size)[0]
+
     def forward_features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Everything the whole-image forward computes: ``global_feat`` (B, D), ``local_feat`` (B, D, h, w),
         ``text_embeddings`` (B, K, D) after the context decoder, ``score_map`` (B, K, h, w) cosine,
