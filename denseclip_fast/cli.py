@@ -23,9 +23,13 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from .checkpoints import CheckpointError
 from .export.tensorrt import TensorRTUnavailable
+
+if TYPE_CHECKING:
+    import torch
 
 
 def _parse_classes(text: str) -> list[str]:
@@ -65,9 +69,23 @@ DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", 
                "float16": "float16", "fp16": "float16"}  # fmt: skip
 
 
+def _device(args: argparse.Namespace) -> str:
+    """--device, default CUDA when available."""
+    import torch
+
+    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _dtype(args: argparse.Namespace, device: str | None) -> torch.dtype:
+    """--dtype as a torch dtype; default bfloat16 on CUDA, float32 otherwise (``device`` None: float32)."""
+    import torch
+
+    default = "bfloat16" if device is not None and device.startswith("cuda") else "float32"
+    return getattr(torch, DTYPE_NAMES[args.dtype or default])
+
+
 def cmd_segment(args: argparse.Namespace) -> int:
     import numpy as np
-    import torch
     from PIL import Image
     from tqdm import tqdm
 
@@ -75,8 +93,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from .preprocess import load_image
     from .visualize import default_palette, overlay
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, DTYPE_NAMES[args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")])
+    device = _device(args)
+    dtype = _dtype(args, device)
     model = load_checkpoint(args.checkpoint)
     names = None
     if args.classes is not None:
@@ -171,14 +189,14 @@ def cmd_export(args: argparse.Namespace) -> int:
         model.set_classes(_parse_classes(args.classes))
     out = args.out
     if args.format == "aoti":
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = getattr(torch, DTYPE_NAMES[args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")])
+        device = _device(args)
+        dtype = _dtype(args, device)
         if args.graph != "image":
             raise ValueError("--format aoti compiles the image graph only (--graph image)")
         path = export.to_aoti(model, out, image_size=size, max_batch=args.max_batch, device=device, dtype=dtype)
         print(f"wrote {path} (AOTInductor, {device}, {dtype}, batch 1..{args.max_batch})")
         return 0
-    dtype = getattr(torch, DTYPE_NAMES[args.dtype or "float32"])
+    dtype = _dtype(args, None)
     onnx_path = out if args.format == "onnx" else os.path.splitext(out)[0] + ".onnx"
     path = export.to_onnx(model, onnx_path, graph=args.graph, image_size=size, dtype=dtype, opset=args.opset,
                           check_tensorrt=False)  # fmt: skip
@@ -239,7 +257,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ValueError(f"--scales must be comma-separated numbers, e.g. 0.5,0.75,1.0, got {args.scales!r}") from None
     data = SegmentationData(args.data, args.layout, "val")
     model = load_checkpoint(args.checkpoint, class_names=data.class_names)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = _device(args)
     model.to(device)
     dtype = torch.bfloat16 if args.bf16 else None  # float32 by default, as the official test
     result = evaluate(model, data, mode=args.mode, scales=scales, flip=args.flip, dtype=dtype, progress=True)
