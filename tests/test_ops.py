@@ -240,6 +240,54 @@ def test_triton_attention_splits_a_batch_too_large_for_one_grid(monkeypatch):
         _check_close(actual, wanted, torch.float32, 4)
 
 
+def test_triton_score_indexes_in_int64_past_int32_offsets(monkeypatch):
+    """An image whose element offsets pass int32 is indexed in int64 (decided from shapes and strides, checked here
+    on meta tensors); the int64 kernels, forced on a small input, give the same scores and gradients."""
+    from denseclip_fast.ops.triton import score
+
+    assert not score._wide(torch.empty(1, 512, 2048, 2048, device="meta"))  # 2**31 elements: offsets up to 2**31-1
+    big = torch.empty(1, 513, 2048, 2048, device="meta")
+    assert score._wide(big) and score._wide(big.contiguous(memory_format=torch.channels_last))
+    assert not score._wide(torch.empty(64, 256, 1024, 1024, device="meta"))  # 2**28 an image, 2**34 in all
+    assert score._wide(torch.empty(1, 3, 2**30, device="meta")[:, ::2, :4])  # 8 elements, strides past int32
+    monkeypatch.setattr(score, "WIDE_FROM", 1)
+    feature, visual = torch.randn(2, 3, 5, 7, dtype=torch.float64), _visual(2, 40, 5, 7, "channels_last", torch.float64)
+    text = torch.randn(2, 33, 40, dtype=torch.float64)
+    f64, v64, t64 = (_leaf(x) for x in (feature, visual.cpu(), text))
+    expected = reference.score_concat(f64, v64, t64, 2.0)
+    grad = torch.randn_like(expected)
+    expected.backward(grad)
+    f, v, t = (_leaf(x.to(DEVICE, torch.float32)) for x in (feature, visual, text))
+    out = ops.score_concat(f, v, t, 2.0, backend="triton")
+    out.backward(grad.to(DEVICE, torch.float32))
+    _check_close(out, expected, torch.float32)
+    for actual, wanted in ((f.grad, f64.grad), (v.grad, v64.grad), (t.grad, t64.grad)):
+        _check_close(actual, wanted, torch.float32, 2)
+
+
+def test_triton_attention_blocks_fit_the_gpu_shared_memory():
+    """float32 attention blocks shrink to the GPU's shared memory (tests/test_triton_aot.py compiles them); the
+    H200's blocks and every 16-bit kernel's stay the preferred ones."""
+    from denseclip_fast.ops.triton import attention
+
+    h200, a100, rtx4090 = 232448, 166912, 101376
+    for kind in attention.KINDS:
+        for d in attention.HEAD_DIMS:
+            preferred = attention._blocks(150, d, kind)
+            assert attention._blocks(150, d, kind, f32=True, smem=h200) == preferred
+            assert attention._blocks(150, d, kind, f32=False, smem=rtx4090) == preferred
+            assert attention._blocks(150, d, kind, f32=True, smem=None) == preferred  # CPU, interpreter
+            for smem in (a100, rtx4090, 65536):
+                bm, bn = attention._blocks(150, d, kind, f32=True, smem=smem)
+                assert attention.smem_estimate(kind, d, bm, bn) <= attention.SMEM_SHARE * smem, (kind, d, smem)
+                assert 16 <= bm <= preferred[0] and 16 <= bn <= preferred[1]
+    assert attention._blocks(150, 64, "dkdv", f32=True, smem=rtx4090) != attention._blocks(150, 64, "dkdv")
+    assert attention._blocks(150, 128, "dkdv", f32=True, smem=a100) != attention._blocks(150, 128, "dkdv")
+    assert attention._blocks(5, 64, "fwd") == (16, 64)  # few queries: a smaller query block
+    with pytest.raises(ValueError, match="kind must be one of"):
+        attention.smem_estimate("bwd", 64, 64, 64)
+
+
 def test_reference_attention_is_sdpa():
     q, k, v = torch.randn(2, 4, 5, 8), torch.randn(2, 4, 9, 8), torch.randn(2, 4, 9, 8)
     assert torch.allclose(reference.attention(q, k, v), torch.nn.functional.scaled_dot_product_attention(q, k, v),
@@ -361,6 +409,22 @@ def test_a_gpu_the_cuda_kernels_were_not_built_for(monkeypatch):
     monkeypatch.setattr(ops.backends, "_memo", {})
     monkeypatch.setattr(ops.backends, "_device_arch", lambda device: built[0])
     assert ops.backends.unavailable_reason("cuda", "pixel_text_score", gpu, torch.float32) is None
+
+
+def test_triton_needs_an_ampere_or_newer_gpu(monkeypatch):
+    """A Turing GPU (sm_75, a T4): the Triton kernels say why they cannot run it; Ampere and newer can."""
+    monkeypatch.delenv("DENSECLIP_FAST_BACKEND", raising=False)
+    monkeypatch.setattr(ops.backends, "_memo", {})
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    why = ops.backends.unavailable_reason("triton", "pixel_text_score", gpu, torch.float16)
+    assert why is not None and "sm_80 or newer" in why and "this GPU is sm_75" in why
+    with pytest.raises(RuntimeError, match="backend 'triton' .* this GPU is sm_75"):
+        ops.backends.resolve("pixel_text_score", gpu, torch.float16, backend="triton")
+    monkeypatch.setattr(ops.backends, "_memo", {})
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
+    if ops.backends.triton_available() is None:
+        assert ops.backends.unavailable_reason("triton", "pixel_text_score", gpu, torch.float16) is None
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the errors of a machine without CUDA")

@@ -2,7 +2,7 @@
 
 Backends: ``cuda`` (CUDA C++ kernels of the extension), ``triton`` (Triton kernels), ``cpu`` (C++ CPU kernels of the
 extension), ``reference`` (plain PyTorch, denseclip_fast/ops/reference.py). ``auto`` (the default) takes, for CUDA
-tensors, triton when it is installed and supports the dtype and shape, else cuda, else reference; for CPU tensors,
+tensors, triton when it is installed and supports the GPU (sm_80+), dtype and shape, else cuda, else reference; for CPU tensors,
 cpu when the extension is built, else reference.
 
 ``DENSECLIP_FAST_BACKEND=<name>`` or the ``backend=`` argument of an operator forces one; a forced backend that
@@ -21,6 +21,7 @@ from .extension import build_info, extension_available
 BACKENDS = ("cuda", "triton", "cpu", "reference")
 ENV_VAR = "DENSECLIP_FAST_BACKEND"
 TRITON_HEAD_DIMS = (16, 32, 64, 128)
+TRITON_MIN_ARCH = 80  # Ampere: what the Triton kernels are compiled and sized for (ops/triton/aot.py)
 CUDA_MAX_HEAD_DIM = 128  # csrc/cuda/attention.cu kMaxD
 
 
@@ -34,8 +35,12 @@ def _cuda_kernels_built() -> bool:
 
 
 def _device_arch(device: torch.device) -> int:
-    major, minor = torch.cuda.get_device_capability(device)
-    return 10 * major + minor
+    """The GPU's compute capability as an integer (90 = Hopper), memoised per device."""
+    key = ("cc", device.index)
+    if key not in _memo:
+        major, minor = torch.cuda.get_device_capability(device)
+        _memo[key] = 10 * major + minor
+    return _memo[key]
 
 
 def _cuda_arch_mismatch(device: torch.device) -> str | None:
@@ -97,6 +102,9 @@ def unavailable_reason(backend: str, op: str, device: torch.device, dtype: torch
             return why
         if device.type != "cuda" and not (device.type == "cpu" and _triton_interpreting()):
             return f"Triton kernels run CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), these are on {device}"
+        if device.type == "cuda" and not torch.compiler.is_compiling() and _device_arch(device) < TRITON_MIN_ARCH:
+            arch = _device_arch(device)
+            return f"the Triton kernels need sm_{TRITON_MIN_ARCH} or newer (bfloat16 tensor cores), this GPU is sm_{arch}"
         if dtype == torch.float64:
             return "the Triton kernels support float32, float16 and bfloat16, not float64"
         if op == "context_attention" and head_dim not in TRITON_HEAD_DIMS:

@@ -159,9 +159,48 @@ def _attn_bwd_dq_kernel(
     tl.store(dq_ptr + q_rows, dq.to(dq_ptr.dtype.element_ty), mask=mask_m[:, None])
 
 
-def _blocks(lq: int, lk: int, d: int) -> tuple[int, int]:
+KINDS = ("fwd", "dkdv", "dq")
+SMEM_SHARE = 0.95  # of a GPU's shared memory per block that a float32 kernel's estimate may take
+_smem_limits: dict[int, int] = {}
+
+
+def smem_estimate(kind: str, d: int, block_m: int, block_n: int) -> int:
+    """Shared memory in bytes of the float32 kernel ``kind`` at these blocks: an upper bound fitted to Triton
+    3.6-3.8's compiled kernels (the same for sm_80 to sm_90; at most 6% above them; tests/test_triton_aot.py
+    compiles and checks it). IEEE float32 dots stage float32 operand tiles in shared memory: ~4.25 words per
+    element of the two tiles the loop streams (K and V in fwd and dq, Q and dO in dkdv), one or two words per
+    element of the tile(s) held for the whole program, one per element of the score block. The 16-bit kernels
+    take at most 58 KB at the blocks _blocks chooses, which every GPU Triton supports (sm_80+) has."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    loop, held = (block_m, block_n) if kind == "dkdv" else (block_n, block_m)
+    return int(4 * (4.25 * d * loop + (1 if kind == "fwd" else 2) * d * held + block_m * block_n))
+
+
+def smem_limit(device: torch.device) -> int | None:
+    """The GPU's shared memory per block (opt-in maximum), None for CPU tensors (Triton's interpreter)."""
+    if device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _smem_limits:
+        _smem_limits[index] = torch.cuda.get_device_properties(index).shared_memory_per_block_optin
+    return _smem_limits[index]
+
+
+def _blocks(lq: int, d: int, kind: str = "fwd", f32: bool = False, smem: int | None = None) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) of kernel ``kind``: 64 queries (fewer when there are fewer), 64 keys (32 at D=128). A
+    float32 kernel whose estimate passes SMEM_SHARE of ``smem`` halves the block its loop streams, then the other,
+    down to 16: the fp32 backward at D=64 needs ~113 KB, more than the 99 KB of sm_86/sm_89 GPUs, and at D=128
+    ~170 KB, more than the A100's 163 KB."""
     block_m = 64 if lq > 32 else max(16, triton.next_power_of_2(lq))
     block_n = 64 if d <= 64 else 32
+    if f32 and smem is not None:
+        while smem_estimate(kind, d, block_m, block_n) > SMEM_SHARE * smem and max(block_m, block_n) > 16:
+            streamed_m = kind == "dkdv"
+            if (block_m if streamed_m else block_n) > 16:
+                block_m, block_n = (block_m // 2, block_n) if streamed_m else (block_m, block_n // 2)
+            else:
+                block_m, block_n = (block_m, block_n // 2) if streamed_m else (block_m // 2, block_n)
     return block_m, block_n
 
 
@@ -182,14 +221,14 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tupl
     lse = torch.empty((b, h, lq), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
-    block_m, block_n = _blocks(lq, lk, d)
+    f32 = dot_in_f32(q.dtype)
+    block_m, block_n = _blocks(lq, d, "fwd", f32, smem_limit(q.device))
     pieces = _bh_slices(b * h)
     for p in pieces:  # views of (B*H, L, D) only when the grid needs more than one launch
         qp, kp, vp, op, lp = (t.flatten(0, 1)[p] if len(pieces) > 1 else t for t in (q, k, v, out, lse))
         launch(_attn_fwd_kernel)[(triton.cdiv(lq, block_m), p.stop - p.start)](
-            qp, kp, vp, op, lp, lq, lk, LOG2E / math.sqrt(d),
-            D=d, BLOCK_M=block_m, BLOCK_N=block_n, DOT_F32=dot_in_f32(q.dtype),
-        )  # fmt: skip
+            qp, kp, vp, op, lp, lq, lk, LOG2E / math.sqrt(d), D=d, BLOCK_M=block_m, BLOCK_N=block_n, DOT_F32=f32
+        )
     return out, lse
 
 
@@ -203,9 +242,11 @@ def attention_backward(
     q, k, v, out, do = q.contiguous(), k.contiguous(), v.contiguous(), out.contiguous(), grad_out.contiguous()
     lse = lse.contiguous()
     delta = torch.empty_like(lse)
-    block_m, block_n = _blocks(lq, lk, d)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     f32 = dot_in_f32(q.dtype)
+    smem = smem_limit(q.device)
+    m_kv, n_kv = _blocks(lq, d, "dkdv", f32, smem)
+    m_q, n_q = _blocks(lq, d, "dq", f32, smem)
     scale = 1.0 / math.sqrt(d)
     pieces = _bh_slices(b * h)
     for p in pieces:  # views of (B*H, L, D) only when the grid needs more than one launch
@@ -213,11 +254,11 @@ def attention_backward(
             t.flatten(0, 1)[p] if len(pieces) > 1 else t for t in (q, k, v, out, do, lse, delta, dq, dk, dv)
         )
         n = p.stop - p.start
-        launch(_attn_bwd_delta_kernel)[(triton.cdiv(lq, block_m), n)](op, dop, dp, lq, D=d, BLOCK_M=block_m)
-        launch(_attn_bwd_dkdv_kernel)[(triton.cdiv(lk, block_n), n)](
-            qp, kp, vp, dop, lp, dp, dkp, dvp, lq, lk, scale, D=d, BLOCK_M=block_m, BLOCK_N=block_n, DOT_F32=f32
+        launch(_attn_bwd_delta_kernel)[(triton.cdiv(lq, m_q), n)](op, dop, dp, lq, D=d, BLOCK_M=m_q)
+        launch(_attn_bwd_dkdv_kernel)[(triton.cdiv(lk, n_kv), n)](
+            qp, kp, vp, dop, lp, dp, dkp, dvp, lq, lk, scale, D=d, BLOCK_M=m_kv, BLOCK_N=n_kv, DOT_F32=f32
         )
-        launch(_attn_bwd_dq_kernel)[(triton.cdiv(lq, block_m), n)](
-            qp, kp, vp, dop, lp, dp, dqp, lq, lk, scale, D=d, BLOCK_M=block_m, BLOCK_N=block_n, DOT_F32=f32
+        launch(_attn_bwd_dq_kernel)[(triton.cdiv(lq, m_q), n)](
+            qp, kp, vp, dop, lp, dp, dqp, lq, lk, scale, D=d, BLOCK_M=m_q, BLOCK_N=n_q, DOT_F32=f32
         )
     return dq, dk, dv

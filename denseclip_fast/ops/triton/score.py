@@ -29,6 +29,14 @@ EPS = 1e-12
 
 
 @triton.jit
+def _index(offs, WIDE: tl.constexpr):
+    """Element indices as int64 where a tensor's offsets within one image pass 2**31 (int32 otherwise: cheaper)."""
+    if WIDE:  # one return statement: Triton 3.6 rejects returns of different types even under a constexpr if
+        offs = offs.to(tl.int64)
+    return offs
+
+
+@triton.jit
 def _visual_tile(v_ptr, b, offs_c, offs_p, C, P, s_vb, s_vc, s_vp):
     """The (BLOCK_C, BLOCK_P) visual tile of image b, zeros past C and P, and its element offsets and mask."""
     ptr = b * s_vb + offs_c[:, None] * s_vc + offs_p[None, :] * s_vp
@@ -44,20 +52,20 @@ def _score_fwd_kernel(
     s_tb, s_tk, s_tc,
     s_ob, s_ok, s_op,
     scale, eps,
-    BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, DOT_F32: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, DOT_F32: tl.constexpr, WIDE: tl.constexpr,
 ):  # fmt: skip
     pid_p = tl.program_id(0)
     pid_k = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_p = _index(pid_p * BLOCK_P + tl.arange(0, BLOCK_P), WIDE)
+    offs_k = _index(pid_k * BLOCK_K + tl.arange(0, BLOCK_K), WIDE)
     mask_p = offs_p < P
     mask_k = offs_k < K
     acc = tl.zeros((BLOCK_K, BLOCK_P), dtype=tl.float32)
     v_sq = tl.zeros((BLOCK_P,), dtype=tl.float32)
     t_sq = tl.zeros((BLOCK_K,), dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
-        offs_c = c0 + tl.arange(0, BLOCK_C)
+        offs_c = _index(c0 + tl.arange(0, BLOCK_C), WIDE)
         mask_c = offs_c < C
         v, _, _ = _visual_tile(v_ptr, b, offs_c, offs_p, C, P, s_vb, s_vc, s_vp)
         t = tl.load(
@@ -85,12 +93,12 @@ def _score_fwd_kernel(
 def _grad_hat_tile(
     that_ptr, g_ptr, b, offs_c, mask_c, offs_p, mask_p, K,
     s_tb, s_tk, s_tc, s_gb, s_gk, s_gp, scale,
-    BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, DOT_F32: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, DOT_F32: tl.constexpr, WIDE: tl.constexpr,
 ):  # fmt: skip
     """g^ = scale * T^^T G on a (BLOCK_C, BLOCK_P) tile, summing over the classes in blocks of BLOCK_K."""
     gh = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
+        offs_k = _index(k0 + tl.arange(0, BLOCK_K), WIDE)
         mask_k = offs_k < K
         tt = tl.load(
             that_ptr + b * s_tb + offs_k[None, :] * s_tk + offs_c[:, None] * s_tc,
@@ -115,22 +123,22 @@ def _score_bwd_visual_kernel(
     s_tb, s_tk, s_tc,
     s_gb, s_gk, s_gp,
     scale, eps,
-    BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, DOT_F32: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, DOT_F32: tl.constexpr, WIDE: tl.constexpr,
 ):  # fmt: skip
     """grad_visual (same strides as visual) and 1 / max(|v|, eps) as (B, P) float32; that = normalised text."""
     pid_p = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_p = _index(pid_p * BLOCK_P + tl.arange(0, BLOCK_P), WIDE)
     mask_p = offs_p < P
     v_sq = tl.zeros((BLOCK_P,), dtype=tl.float32)
     v_dot_g = tl.zeros((BLOCK_P,), dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
-        offs_c = c0 + tl.arange(0, BLOCK_C)
+        offs_c = _index(c0 + tl.arange(0, BLOCK_C), WIDE)
         mask_c = offs_c < C
         v, _, _ = _visual_tile(v_ptr, b, offs_c, offs_p, C, P, s_vb, s_vc, s_vp)
         v = v.to(tl.float32)
         gh = _grad_hat_tile(that_ptr, g_ptr, b, offs_c, mask_c, offs_p, mask_p, K, s_tb, s_tk, s_tc, s_gb, s_gk,
-                            s_gp, scale, BLOCK_P, BLOCK_K, BLOCK_C, DOT_F32)  # fmt: skip
+                            s_gp, scale, BLOCK_P, BLOCK_K, BLOCK_C, DOT_F32, WIDE)  # fmt: skip
         v_sq += tl.sum(v * v, axis=0)
         v_dot_g += tl.sum(v * gh, axis=0)
     norm = tl.sqrt(v_sq)
@@ -138,12 +146,12 @@ def _score_bwd_visual_kernel(
     radial = tl.where(norm >= eps, v_dot_g * inv * inv, 0.0)  # <v^, g^> / |v| where the projection applies
     tl.store(inv_ptr + b * P + offs_p, inv, mask=mask_p)
     for c0 in range(0, C, BLOCK_C):
-        offs_c = c0 + tl.arange(0, BLOCK_C)
+        offs_c = _index(c0 + tl.arange(0, BLOCK_C), WIDE)
         mask_c = offs_c < C
         v, ptr, mask = _visual_tile(v_ptr, b, offs_c, offs_p, C, P, s_vb, s_vc, s_vp)
         v = v.to(tl.float32)
         gh = _grad_hat_tile(that_ptr, g_ptr, b, offs_c, mask_c, offs_p, mask_p, K, s_tb, s_tk, s_tc, s_gb, s_gk,
-                            s_gp, scale, BLOCK_P, BLOCK_K, BLOCK_C, DOT_F32)  # fmt: skip
+                            s_gp, scale, BLOCK_P, BLOCK_K, BLOCK_C, DOT_F32, WIDE)  # fmt: skip
         gv = (gh - v * radial[None, :]) * inv[None, :]
         tl.store(gv_ptr + ptr, gv.to(gv_ptr.dtype.element_ty), mask=mask)
 
@@ -160,6 +168,16 @@ def _flat_visual(visual: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
 
 def _text_strides(text: torch.Tensor) -> tuple[int, int, int]:
     return (text.stride(0), text.stride(1), text.stride(2)) if text.dim() == 3 else (0, text.stride(0), text.stride(1))
+
+
+WIDE_FROM = 2**31  # int32 indexing reaches offsets below this
+
+
+def _wide(*tensors: torch.Tensor) -> bool:
+    """Whether an element offset within one image (every dimension after the batch) of any of these tensors
+    reaches WIDE_FROM, so that the kernel must index in int64: C x H x W > 2**31 within one image (a 2048x2048 map
+    of more than 512 channels), never the model's own maps. The batch offset is always int64."""
+    return any(sum((n - 1) * st for n, st in zip(t.shape[1:], t.stride()[1:])) >= WIDE_FROM for t in tensors)
 
 
 def _blocks(k: int) -> tuple[int, int, int]:
@@ -181,6 +199,7 @@ def score_forward_into(out: torch.Tensor, visual: torch.Tensor, text: torch.Tens
     launch(_score_fwd_kernel)[grid](
         v, t, out, c, p, k, s_vb, s_vc, s_vp, *_text_strides(t), out.stride(0), out.stride(1), out.stride(3),
         float(scale), EPS, BLOCK_P=block_p, BLOCK_K=block_k, BLOCK_C=block_c, DOT_F32=dot_in_f32(v.dtype),
+        WIDE=_wide(v, t, out),
     )  # fmt: skip
 
 
@@ -203,7 +222,7 @@ def score_backward(
     launch(_score_bwd_visual_kernel)[(triton.cdiv(p, block_p), b)](
         v, t_hat, g, grad_visual, inv, c, p, k, s_vb, s_vc, s_vp, *_text_strides(t_hat),
         g.stride(0), g.stride(1), g.stride(3), float(scale), EPS,
-        BLOCK_P=block_p, BLOCK_K=block_k, BLOCK_C=32, DOT_F32=v.dtype == torch.float32,
+        BLOCK_P=block_p, BLOCK_K=block_k, BLOCK_C=32, DOT_F32=v.dtype == torch.float32, WIDE=_wide(v, t_hat, g),
     )  # fmt: skip
     # d/d t^: scale * sum_p G[b,k,p] v[b,:,p] / |v_p| (a batched matmul on the raw visual, float32 accumulation),
     # then the Jacobian of the text normalisation on the small (K, C) result.
