@@ -288,6 +288,27 @@ def test_triton_attention_blocks_fit_the_gpu_shared_memory():
         attention.smem_estimate("bwd", 64, 64, 64)
 
 
+@pytest.mark.parametrize("d", [64, 128])
+def test_triton_attention_at_the_blocks_of_a_smaller_gpu(monkeypatch, d):
+    """float32 forward and backward at the shrunk blocks of a 64 KB GPU (16 to 64 rows, unequal BLOCK_M and BLOCK_N,
+    fwd/dkdv/dq each their own) against the reference."""
+    from denseclip_fast.ops.triton import attention
+
+    monkeypatch.setattr(attention, "smem_limit", lambda device: 65536)
+    assert attention._blocks(40, d, "dkdv", True, 65536) != attention._blocks(40, d, "dkdv")
+    q, k, v = (torch.randn(1, 2, n, d, dtype=torch.float64) for n in (40, 70, 70))
+    q64, k64, v64 = (_leaf(x) for x in (q, k, v))
+    expected = reference.attention(q64, k64, v64)
+    grad = torch.randn_like(expected)
+    expected.backward(grad)
+    qa, ka, va = (_leaf(x.to(DEVICE, torch.float32)) for x in (q, k, v))
+    out = ops.context_attention(qa, ka, va, backend="triton")
+    out.backward(grad.to(DEVICE, torch.float32))
+    _check_close(out, expected, torch.float32)
+    for actual, wanted in ((qa.grad, q64.grad), (ka.grad, k64.grad), (va.grad, v64.grad)):
+        _check_close(actual, wanted, torch.float32, 4)
+
+
 def test_reference_attention_is_sdpa():
     q, k, v = torch.randn(2, 4, 5, 8), torch.randn(2, 4, 9, 8), torch.randn(2, 4, 9, 8)
     assert torch.allclose(reference.attention(q, k, v), torch.nn.functional.scaled_dot_product_attention(q, k, v),
@@ -418,9 +439,14 @@ def test_triton_needs_an_ampere_or_newer_gpu(monkeypatch):
     gpu = torch.device("cuda", 0)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
     why = ops.backends.unavailable_reason("triton", "pixel_text_score", gpu, torch.float16)
-    assert why is not None and "sm_80 or newer" in why and "this GPU is sm_75" in why
+    assert why is not None and "need sm_80+" in why and "this GPU is sm_75" in why
     with pytest.raises(RuntimeError, match="backend 'triton' .* this GPU is sm_75"):
         ops.backends.resolve("pixel_text_score", gpu, torch.float16, backend="triton")
+    # while torch.compile / torch.export trace, the eager call's answer holds (no device query in the trace)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert "this GPU is sm_75" in ops.backends.unavailable_reason("triton", "pixel_text_score", gpu, torch.float16)
+    assert ops.backends.resolve("pixel_text_score", gpu, torch.float16) != "triton"
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
     monkeypatch.setattr(ops.backends, "_memo", {})
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
     if ops.backends.triton_available() is None:

@@ -1,6 +1,6 @@
 """Every Triton kernel compiles ahead of time for Hopper (sm_90), and the float32 attention kernels for sm_80 and
-sm_86 at the (smaller) blocks the launchers choose for those GPUs' shared memory, no GPU needed. The compile step raises when
-a kernel needs more shared memory than the GPU has, or more than the estimate the launchers choose blocks from.
+sm_86 at the (smaller) blocks the launchers choose for those GPUs' shared memory, no GPU needed. The compile step
+raises when a kernel needs more shared memory than the GPU has, or more than the estimate the blocks come from.
 
 Runs in a subprocess without TRITON_INTERPRET: the interpreter replaces kernels at decoration time.
 """

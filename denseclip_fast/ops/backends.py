@@ -2,8 +2,8 @@
 
 Backends: ``cuda`` (CUDA C++ kernels of the extension), ``triton`` (Triton kernels), ``cpu`` (C++ CPU kernels of the
 extension), ``reference`` (plain PyTorch, denseclip_fast/ops/reference.py). ``auto`` (the default) takes, for CUDA
-tensors, triton when it is installed and supports the GPU (sm_80+), dtype and shape, else cuda, else reference; for CPU tensors,
-cpu when the extension is built, else reference.
+tensors, triton when it is installed and supports the GPU (sm_80+), dtype and shape, else cuda, else reference;
+for CPU tensors, cpu when the extension is built, else reference.
 
 ``DENSECLIP_FAST_BACKEND=<name>`` or the ``backend=`` argument of an operator forces one; a forced backend that
 cannot run the call raises RuntimeError saying why.
@@ -25,7 +25,7 @@ TRITON_MIN_ARCH = 80  # Ampere: what the Triton kernels are compiled and sized f
 CUDA_MAX_HEAD_DIM = 128  # csrc/cuda/attention.cu kMaxD
 
 
-_memo: dict[str, Any] = {}  # by hand rather than lru_cache: torch.compile traces plain dict lookups silently
+_memo: dict[Any, Any] = {}  # by hand rather than lru_cache: torch.compile traces plain dict lookups silently
 
 
 def _cuda_kernels_built() -> bool:
@@ -34,13 +34,16 @@ def _cuda_kernels_built() -> bool:
     return _memo["cuda"]
 
 
-def _device_arch(device: torch.device) -> int:
-    """The GPU's compute capability as an integer (90 = Hopper), memoised per device."""
-    key = ("cc", device.index)
-    if key not in _memo:
-        major, minor = torch.cuda.get_device_capability(device)
+def _device_arch(device: torch.device) -> int | None:
+    """The GPU's compute capability as an integer (90 = Hopper), memoised per device. While torch.compile or
+    torch.export traces, only the memo is read (None when no eager call has asked): the device query is left to
+    eager code."""
+    index = device.index if device.index is not None or torch.compiler.is_compiling() else torch.cuda.current_device()
+    key = ("cc", index)
+    if key not in _memo and not torch.compiler.is_compiling():
+        major, minor = torch.cuda.get_device_capability(index)
         _memo[key] = 10 * major + minor
-    return _memo[key]
+    return _memo.get(key)
 
 
 def _cuda_arch_mismatch(device: torch.device) -> str | None:
@@ -102,9 +105,9 @@ def unavailable_reason(backend: str, op: str, device: torch.device, dtype: torch
             return why
         if device.type != "cuda" and not (device.type == "cpu" and _triton_interpreting()):
             return f"Triton kernels run CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), these are on {device}"
-        if device.type == "cuda" and not torch.compiler.is_compiling() and _device_arch(device) < TRITON_MIN_ARCH:
-            arch = _device_arch(device)
-            return f"the Triton kernels need sm_{TRITON_MIN_ARCH} or newer (bfloat16 tensor cores), this GPU is sm_{arch}"
+        arch = _device_arch(device) if device.type == "cuda" else None
+        if arch is not None and arch < TRITON_MIN_ARCH:
+            return f"the Triton kernels need sm_{TRITON_MIN_ARCH}+ (bfloat16 tensor cores), this GPU is sm_{arch}"
         if dtype == torch.float64:
             return "the Triton kernels support float32, float16 and bfloat16, not float64"
         if op == "context_attention" and head_dim not in TRITON_HEAD_DIMS:
