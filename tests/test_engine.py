@@ -156,6 +156,14 @@ def test_bad_images(model, images, match):
         _engine(model).logits(images)
 
 
+def test_the_finite_check_can_be_turned_off(model):
+    """check_finite=False skips the NaN/Inf scan (and its GPU synchronisation): NaN input gives NaN logits."""
+    nan = torch.full((1, 3, 64, 64), float("nan"))
+    seg = Segmenter(model, device="cpu", dtype=torch.float32, check_finite=False)
+    assert torch.isnan(seg.logits(nan)).all()
+    assert torch.isnan(seg.open_vocab(nan, ["cat"])).all()
+
+
 def test_bad_vocabularies_and_settings(model):
     seg = _engine(model)
     with pytest.raises(ValueError, match="exactly 4 names"):

@@ -68,6 +68,9 @@ class Segmenter:
         crop, stride: the sliding window; default the architecture's (512/341, 640/426 for ViT-B/16).
         cuda_graphs: capture and replay CUDA graphs per input shape (CUDA only).
         max_graphs: how many input shapes keep a captured graph.
+        check_finite: reject float batches holding NaN or infinite values with a ValueError. On a GPU the check
+            waits for the batch to be ready (one synchronisation per call); a pipeline that vouches for its inputs
+            turns it off to keep the CPU ahead of the GPU.
     """
 
     def __init__(
@@ -80,6 +83,7 @@ class Segmenter:
         stride: int | None = None,
         cuda_graphs: bool = True,
         max_graphs: int = 16,
+        check_finite: bool = True,
     ) -> None:
         if not isinstance(model, DenseCLIP):
             raise ValueError(f"model must be a denseclip_fast.DenseCLIP, got {type(model).__name__}")
@@ -92,7 +96,7 @@ class Segmenter:
             raise ValueError("dtype=torch.float16 needs a CUDA device; use float32 or bfloat16 on CPU")
         if mode not in ("whole", "slide"):
             raise ValueError(f"mode must be 'whole' or 'slide', got {mode!r}")
-        self.dtype, self.mode = dtype, mode
+        self.dtype, self.mode, self.check_finite = dtype, mode, check_finite
         self.crop = model.config.slide_crop if crop is None else crop
         self.stride = model.config.slide_stride if stride is None else stride
         for name, value in (("crop", self.crop), ("stride", self.stride)):
@@ -172,7 +176,7 @@ class Segmenter:
     def logits(self, images: Any) -> torch.Tensor | list[torch.Tensor]:
         """(B, K, H, W) float32 logits, at the input size for a normalised float batch and at each image's own size
         for uint8 images; a list of (K, H_i, W_i) when uint8 images differ in size."""
-        batch = as_batch(images)
+        batch = as_batch(images, self.check_finite)
         with self._lock, torch.inference_mode(), self._math():
             return self._each_group(batch, self._run)
 
@@ -186,7 +190,7 @@ class Segmenter:
     def open_vocab(self, images: Any, names: Sequence[str]) -> torch.Tensor | list[torch.Tensor]:
         """(B, K', H, W) float32 pixel-text cosine scores of any ``names`` (context decoder applied), from the
         whole image's local embedding map, upsampled to the image. Each vocabulary's embeddings are cached."""
-        batch = as_batch(images)
+        batch = as_batch(images, self.check_finite)
         with self._lock, torch.inference_mode(), self._math():
             key = tuple(names) if not isinstance(names, str) else (names,)
             text = self._vocabularies.get(key)
