@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+from dataclasses import replace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -11,7 +14,8 @@ import torch.nn.functional as F
 
 from denseclip_fast import DenseCLIP, Segmenter
 from denseclip_fast.export import load_aoti, to_aoti
-from denseclip_fast.preprocess import normalize
+from denseclip_fast.model.slide import slide_inference
+from denseclip_fast.preprocess import normalize, prepare
 
 from .conftest import randomized, rel_err, tiny_config
 
@@ -21,9 +25,12 @@ SIZE = (64, 96)
 CLASSES = ["wall", "café", "cat", "bed "]  # a non-ASCII name travels through the package metadata to C++
 
 
+TEST_SCALE = (192, 96)  # a small keep-ratio test scale, so that the C++ runner's slide has a few windows
+
+
 @pytest.fixture(scope="module")
 def model() -> DenseCLIP:
-    return randomized(DenseCLIP(tiny_config("resnet"), CLASSES)).eval()
+    return randomized(DenseCLIP(replace(tiny_config("resnet"), test_scale=TEST_SCALE), CLASSES)).eval()
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +84,8 @@ def test_to_aoti_argument_errors(model, tmp_path):
         to_aoti(seg, tmp_path / "x.pt2", max_batch=1)
     with pytest.raises(ValueError, match=r"path must end in \.pt2"):
         to_aoti(seg, tmp_path / "x.so", image_size=SIZE)
+    with pytest.raises(ValueError, match=r"stride must be an int or \(int, int\) between 1 and the image size \(64, 9"):
+        to_aoti(seg, tmp_path / "x.pt2", image_size=SIZE, stride=(65, 10))
 
 
 def _write_ppm(path, image: np.ndarray) -> None:
@@ -92,24 +101,51 @@ def _read_pgm(path) -> np.ndarray:
     return np.frombuffer(rest, dtype=np.uint8).reshape(int(h), int(w))
 
 
-@pytest.mark.slow
-def test_cpp_runner_segments_an_image_without_python(cmake_build, model, package, tmp_path):
-    """examples/cpp/segment.cpp: the package's logits equal Python's on the same preprocessing, labels too."""
-    rng = np.random.default_rng(0)
-    image = rng.integers(0, 256, size=(50, 70, 3), dtype=np.uint8)
+def _cpp_segment(cmake_build, package, image: np.ndarray, tmp_path, *mode: str) -> tuple[dict, torch.Tensor, Any]:
+    """Run examples/cpp/segment.cpp on ``image``: its JSON summary, logits (1, K, H, W) and label map."""
     _write_ppm(tmp_path / "in.ppm", image)
     out = cmake_build.run("denseclip_fast_segment", str(package), str(tmp_path / "in.ppm"), str(tmp_path / "labels.pgm"),
-                          "--logits", str(tmp_path / "logits.f32"))  # fmt: skip
-    summary = json.loads(out)
-    assert summary["image"] == [50, 70] and summary["classes"] == len(CLASSES)
-    assert {name for name, _ in summary["top"]} <= set(CLASSES)
+                          "--logits", str(tmp_path / "logits.f32"), *mode)  # fmt: skip
+    logits = torch.from_numpy(np.fromfile(tmp_path / "logits.f32", dtype=np.float32))
+    return json.loads(out), logits.view(1, len(CLASSES), *image.shape[:2]), _read_pgm(tmp_path / "labels.pgm")
 
-    x = torch.from_numpy(image).permute(2, 0, 1)[None].float()
-    x = normalize(F.interpolate(x, size=SIZE, mode="bilinear", align_corners=False))
+
+@pytest.mark.slow
+def test_cpp_runner_slides_the_package_like_the_official_pipeline(cmake_build, model, package, tmp_path):
+    """examples/cpp/segment.cpp (default --mode slide): keep-ratio resize to the package's test scale, the package
+    slid over the image as the window with its stride, logits averaged and resized back: equal to the Python
+    pipeline (preprocess.prepare + slide_inference), labels too."""
+    image = np.random.default_rng(0).integers(0, 256, size=(50, 70, 3), dtype=np.uint8)
+    summary, logits, labels = _cpp_segment(cmake_build, package, image, tmp_path)
+    assert load_aoti(package).metadata["slide_stride"] == "[42, 64]"  # two thirds of the (64, 96) window
+    assert summary["image"] == [50, 70] and summary["mode"] == "slide" and summary["classes"] == len(CLASSES)
+    assert summary["resized"] == [96, 134]  # 50x70 scaled by min(192 / 70, 96 / 50): 2x2 overlapping windows
+    assert {name for name, _ in summary["top"]} <= set(CLASSES)
     with torch.no_grad():
-        expected = model(x)
-    logits = torch.from_numpy(np.fromfile(tmp_path / "logits.f32", dtype=np.float32)).view(expected.shape)
+        expected = slide_inference(model, prepare(image, TEST_SCALE), SIZE, (42, 64))
+    expected = F.interpolate(expected, size=(50, 70), mode="bilinear", align_corners=False)
     assert rel_err(logits, expected) <= 1e-5
-    full = F.interpolate(expected, size=(50, 70), mode="bilinear", align_corners=False)
-    labels = _read_pgm(tmp_path / "labels.pgm")
-    assert (labels == full.argmax(dim=1)[0].numpy()).mean() >= 0.999
+    assert (labels == expected.argmax(dim=1)[0].numpy()).mean() >= 0.999
+
+
+@pytest.mark.slow
+def test_cpp_runner_stretch_mode_and_a_too_narrow_image(cmake_build, model, package, tmp_path):
+    """--mode stretch resizes the image to the package size; an image that the test scale leaves smaller than the
+    window is refused in slide mode with a message that says what to do."""
+    image = np.random.default_rng(1).integers(0, 256, size=(50, 70, 3), dtype=np.uint8)
+    summary, logits, labels = _cpp_segment(cmake_build, package, image, tmp_path, "--mode", "stretch")
+    assert summary["mode"] == "stretch" and summary["resized"] == list(SIZE)
+    x = torch.from_numpy(image).permute(2, 0, 1)[None].float()
+    with torch.no_grad():
+        expected = model(normalize(F.interpolate(x, size=SIZE, mode="bilinear", align_corners=False)))
+    expected = F.interpolate(expected, size=(50, 70), mode="bilinear", align_corners=False)
+    assert rel_err(logits, expected) <= 1e-5
+    assert (labels == expected.argmax(dim=1)[0].numpy()).mean() >= 0.999
+
+    _write_ppm(tmp_path / "narrow.ppm", np.zeros((20, 200, 3), np.uint8))  # resized to 19x192: below 64 rows
+    runner = str(cmake_build.directory / "denseclip_fast_segment")
+    args = [runner, str(package), str(tmp_path / "narrow.ppm"), str(tmp_path / "x.pgm")]
+    result = subprocess.run(args, capture_output=True, text=True)
+    assert result.returncode == 1
+    assert "resized to the test scale is 19x192, smaller than the package's window 64x96" in result.stderr
+    assert "use --mode stretch" in result.stderr

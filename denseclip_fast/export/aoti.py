@@ -39,6 +39,7 @@ def to_aoti(
     max_batch: int = 64,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
+    stride: int | Sequence[int] | None = None,
 ) -> Path:
     """Compile the engine's forward into an AOTInductor package at ``path`` (``.pt2``); returns the path.
 
@@ -49,6 +50,10 @@ def to_aoti(
         max_batch: the largest batch the package accepts.
         device, dtype: for a DenseCLIP model only (default: CUDA when available, else CPU; bfloat16 on CUDA,
             float32 on CPU).
+        stride: the sliding window's stride, recorded in the package with the test scale for runners that slide
+            the package over an image (examples/cpp/segment.cpp) as the official test pipeline does, the package's
+            image size being the window; default the Segmenter's stride when image_size is its crop, else two
+            thirds of each side (the official 341 of 512, 426 of 640).
     """
     if isinstance(model_or_segmenter, Segmenter):
         if device is not None or dtype is not None:
@@ -66,6 +71,7 @@ def to_aoti(
     if path.suffix != ".pt2":
         raise ValueError(f"path must end in .pt2 (AOTInductor packages are .pt2 archives), got {str(path)!r}")
     size = check_image_size(seg.model, image_size)
+    window_stride = _window_stride(stride, size, seg)
     module = ImageGraph(seg.model, seg._text.clone()).eval()
     example = torch.randn(TRACE_BATCH, 3, *size, device=seg.device).to(seg.dtype, memory_format=seg._layout())
     batch = torch.export.Dim("batch", min=1, max=max_batch)
@@ -76,6 +82,8 @@ def to_aoti(
         "denseclip_fast.arch": seg.model.config.arch,
         "denseclip_fast.image_size": json.dumps(list(size)),
         "denseclip_fast.max_batch": str(max_batch),
+        "denseclip_fast.test_scale": json.dumps(list(seg.model.config.test_scale)),
+        "denseclip_fast.slide_stride": json.dumps(list(window_stride)),
         "denseclip_fast.device": seg.device.type,
         "denseclip_fast.dtype": DTYPE_NAMES[seg.dtype],
         "denseclip_fast.mean": json.dumps(CLIP_MEAN),
@@ -88,6 +96,19 @@ def to_aoti(
             program, package_path=str(path), inductor_configs={"aot_inductor.metadata": metadata}
         )
     return path
+
+
+def _window_stride(stride: int | Sequence[int] | None, size: tuple[int, int], seg: Segmenter) -> tuple[int, int]:
+    """The slide stride recorded in a package whose image size is ``size`` (see to_aoti)."""
+    if stride is None:
+        if size == (seg.crop, seg.crop):
+            return seg.stride, seg.stride
+        return max(1, 2 * size[0] // 3), max(1, 2 * size[1] // 3)
+    pair = (stride, stride) if isinstance(stride, int) else tuple(stride)
+    valid = len(pair) == 2 and all(type(v) is int and 1 <= v <= c for v, c in zip(pair, size))
+    if not valid:
+        raise ValueError(f"stride must be an int or (int, int) between 1 and the image size {size}, got {stride!r}")
+    return pair[0], pair[1]
 
 
 class AOTIPackage:

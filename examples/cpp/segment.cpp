@@ -1,12 +1,19 @@
 // Segments an image with an AOTInductor package written by denseclip_fast.export.to_aoti, without Python.
 //
-//   denseclip_fast_segment PACKAGE.pt2 IMAGE.ppm LABELS.pgm [--logits LOGITS.f32] [--device-index N]
+//   denseclip_fast_segment PACKAGE.pt2 IMAGE.ppm LABELS.pgm [--mode slide|stretch] [--logits LOGITS.f32]
+//                          [--device-index N]
 //
-// The image is a binary PPM (P6, 8-bit RGB; `convert photo.jpg photo.ppm` or PIL writes one). It is resized
-// (bilinear, stretched) to the package's input size, normalised with the mean/std stored in the package, run through
-// the package, and the logits are resized back to the image's size; the per-pixel argmax is written as a PGM
-// (8-bit up to 256 classes, else 16-bit). --logits also writes the package's raw output (1, K, H, W) as
-// little-endian float32. A JSON summary (size, classes, the most frequent labels) goes to stdout.
+// The image is a binary PPM (P6, 8-bit RGB; `convert photo.jpg photo.ppm` or PIL writes one).
+// --mode slide (the default; the official test pipeline, as the Python Segmenter in slide mode): the image is resized
+//   keeping its aspect ratio to fit the test scale stored in the package (mmcv's rescale_size; (2048, 512) for the
+//   ADE20K models; bilinear, rounded to 0..255 as a uint8 image), normalised with the package's mean/std, and the
+//   package, whose input size is the window, slides over it with the stored stride (mmseg's slide_inference: the
+//   last window of each row and column ends at the border; the windows go through the package in batches of at
+//   most its max_batch; overlapping logits are averaged).
+// --mode stretch: the image is resized (bilinear, stretched) to the package's input size and run once.
+// Either way the logits are resized back to the image's size (bilinear) and the per-pixel argmax is written as a PGM
+// (8-bit up to 256 classes, else 16-bit). --logits also writes those logits (1, K, H, W) at the image's size as
+// little-endian float32. A JSON summary (size, mode, classes, the most frequent labels) goes to stdout.
 //
 // The package calls denseclip_fast's C++ operators through PyTorch's dispatcher: this program links
 // libdenseclip_fast_ops (built by CMakeLists.txt), whose load registers them.
@@ -132,6 +139,35 @@ std::string json_escape(const std::string& s) {
   return out;
 }
 
+// mmcv's rescale_size with keep_ratio: the largest size with the image's aspect ratio whose long side fits
+// max(scale) and short side fits min(scale), rounded half up; (height, width).
+std::vector<int64_t> keep_ratio_size(int64_t height, int64_t width, const std::vector<double>& scale) {
+  const double long_edge = std::max(scale[0], scale[1]), short_edge = std::min(scale[0], scale[1]);
+  const double factor = std::min(long_edge / static_cast<double>(std::max(height, width)),
+                                 short_edge / static_cast<double>(std::min(height, width)));
+  return {static_cast<int64_t>(static_cast<double>(height) * factor + 0.5),
+          static_cast<int64_t>(static_cast<double>(width) * factor + 0.5)};
+}
+
+struct Window {
+  int64_t y1, y2, x1, x2;
+};
+
+// mmseg's slide_inference windows, rows then columns (denseclip_fast/model/slide.py).
+std::vector<Window> slide_windows(int64_t height, int64_t width, int64_t crop_h, int64_t crop_w, int64_t stride_h,
+                                  int64_t stride_w) {
+  const int64_t h_grids = std::max<int64_t>(height - crop_h + stride_h - 1, 0) / stride_h + 1;
+  const int64_t w_grids = std::max<int64_t>(width - crop_w + stride_w - 1, 0) / stride_w + 1;
+  std::vector<Window> windows;
+  for (int64_t hi = 0; hi < h_grids; ++hi) {
+    for (int64_t wi = 0; wi < w_grids; ++wi) {
+      const int64_t y2 = std::min(hi * stride_h + crop_h, height), x2 = std::min(wi * stride_w + crop_w, width);
+      windows.push_back({std::max<int64_t>(y2 - crop_h, 0), y2, std::max<int64_t>(x2 - crop_w, 0), x2});
+    }
+  }
+  return windows;
+}
+
 const std::string& meta(const std::unordered_map<std::string, std::string>& m, const std::string& key) {
   auto it = m.find("denseclip_fast." + key);
   if (it == m.end()) throw std::runtime_error("the package has no denseclip_fast." + key + " (not from to_aoti?)");
@@ -155,18 +191,46 @@ void write_pgm(const std::string& path, const at::Tensor& labels, int64_t num_cl
   }
 }
 
+namespace F = torch::nn::functional;
+
+at::Tensor bilinear(const at::Tensor& x, std::vector<int64_t> size) {
+  return F::interpolate(x, F::InterpolateFuncOptions().size(size).mode(torch::kBilinear).align_corners(false));
+}
+
+struct Package {
+  torch::inductor::AOTIModelPackageLoader& loader;
+  at::Device device;
+  at::ScalarType dtype;
+  bool cuda;
+  int64_t max_batch;
+
+  // (N, 3, h, w) normalised float32 on the CPU -> (N, K, h, w) float32 logits on the CPU, max_batch at a time.
+  at::Tensor run(const at::Tensor& x) {
+    std::vector<at::Tensor> outs;
+    for (int64_t start = 0; start < x.size(0); start += max_batch) {
+      const at::Tensor part = x.slice(0, start, std::min(start + max_batch, x.size(0)))
+                                  .to(device, dtype)
+                                  .contiguous(cuda ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+      outs.push_back(loader.run({part})[0].to(at::kCPU, at::kFloat));
+    }
+    return at::cat(outs, 0);
+  }
+};
+
 int run(int argc, char** argv) {
   std::vector<std::string> positional;
-  std::string logits_path;
+  std::string logits_path, mode = "slide";
   int device_index = -1;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
     if (arg == "--logits" && i + 1 < argc) logits_path = argv[++i];
     else if (arg == "--device-index" && i + 1 < argc) device_index = std::stoi(argv[++i]);
+    else if (arg == "--mode" && i + 1 < argc) mode = argv[++i];
     else positional.push_back(arg);
   }
-  if (positional.size() != 3) {
-    std::cerr << "usage: " << argv[0] << " PACKAGE.pt2 IMAGE.ppm LABELS.pgm [--logits LOGITS.f32] [--device-index N]\n";
+  if (positional.size() != 3 || (mode != "slide" && mode != "stretch")) {
+    std::cerr << "usage: " << argv[0]
+              << " PACKAGE.pt2 IMAGE.ppm LABELS.pgm [--mode slide|stretch] [--logits LOGITS.f32] [--device-index N]\n";
     return 2;
   }
   torch::NoGradGuard no_grad;
@@ -185,31 +249,64 @@ int run(int argc, char** argv) {
   const at::Device device = cuda ? at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(std::max(device_index, 0)))
                                  : at::Device(at::kCPU);
 
+  Package package{loader, device, dtype, cuda, std::stoll(meta(metadata, "max_batch"))};
+
   Image img = read_ppm(positional[1]);
   at::Tensor x = torch::from_blob(img.rgb.data(), {1, img.height, img.width, 3}, at::kByte)
                      .permute({0, 3, 1, 2})
                      .to(at::kFloat);
   const std::vector<int64_t> net_size = {static_cast<int64_t>(size[0]), static_cast<int64_t>(size[1])};
-  namespace F = torch::nn::functional;
-  x = F::interpolate(x, F::InterpolateFuncOptions().size(net_size).mode(torch::kBilinear).align_corners(false));
-  x = (x - torch::tensor(mean).to(at::kFloat).view({1, 3, 1, 1})) / torch::tensor(stddev).to(at::kFloat).view({1, 3, 1, 1});
-  x = x.to(device, dtype).contiguous(cuda ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
-
-  const at::Tensor logits = loader.run({x})[0].to(at::kCPU, at::kFloat).contiguous();  // (1, K, H, W)
-  const int64_t num_classes = logits.size(1);
+  const auto normalise = [&](const at::Tensor& t) {
+    return (t - torch::tensor(mean).to(at::kFloat).view({1, 3, 1, 1})) /
+           torch::tensor(stddev).to(at::kFloat).view({1, 3, 1, 1});
+  };
+  at::Tensor logits;  // (1, K, h, w) float32 on the CPU
+  std::vector<int64_t> scaled = net_size;
+  if (mode == "stretch") {
+    logits = package.run(normalise(bilinear(x, net_size)));
+  } else {
+    if (metadata.count("denseclip_fast.test_scale") == 0) {
+      throw std::runtime_error("the package has no test scale (written by an older to_aoti): use --mode stretch");
+    }
+    const std::vector<double> scale = json_numbers(meta(metadata, "test_scale"));
+    const std::vector<double> stride = json_numbers(meta(metadata, "slide_stride"));
+    if (scale.size() != 2 || stride.size() != 2) throw std::runtime_error("bad package metadata (test_scale, slide_stride)");
+    scaled = keep_ratio_size(img.height, img.width, scale);
+    if (scaled[0] < net_size[0] || scaled[1] < net_size[1]) {
+      throw std::runtime_error("the image resized to the test scale is " + std::to_string(scaled[0]) + "x" +
+                               std::to_string(scaled[1]) + ", smaller than the package's window " +
+                               std::to_string(net_size[0]) + "x" + std::to_string(net_size[1]) +
+                               " (its aspect ratio is too far from the test scale's): use --mode stretch");
+    }
+    x = normalise(bilinear(x, scaled).round().clamp(0, 255));
+    const auto windows = slide_windows(scaled[0], scaled[1], net_size[0], net_size[1],
+                                       static_cast<int64_t>(stride[0]), static_cast<int64_t>(stride[1]));
+    std::vector<at::Tensor> crops;
+    for (const Window& w : windows) crops.push_back(x.slice(2, w.y1, w.y2).slice(3, w.x1, w.x2));
+    const at::Tensor window_logits = package.run(at::cat(crops, 0));  // (windows, K, crop_h, crop_w)
+    at::Tensor total = torch::zeros({1, window_logits.size(1), scaled[0], scaled[1]}, at::kFloat);
+    at::Tensor count = torch::zeros({1, 1, scaled[0], scaled[1]}, at::kFloat);
+    for (size_t i = 0; i < windows.size(); ++i) {
+      const Window& w = windows[i];
+      total.slice(2, w.y1, w.y2).slice(3, w.x1, w.x2).add_(window_logits[static_cast<int64_t>(i)]);
+      count.slice(2, w.y1, w.y2).slice(3, w.x1, w.x2).add_(1);
+    }
+    logits = total / count;
+  }
+  const at::Tensor full = bilinear(logits, {img.height, img.width}).contiguous();  // (1, K, H, W)
+  const int64_t num_classes = full.size(1);
   if (!logits_path.empty()) {
     std::ofstream out(logits_path, std::ios::binary);
-    out.write(reinterpret_cast<const char*>(logits.data_ptr<float>()), static_cast<std::streamsize>(logits.numel() * 4));
+    out.write(reinterpret_cast<const char*>(full.data_ptr<float>()), static_cast<std::streamsize>(full.numel() * 4));
   }
-  const at::Tensor full = F::interpolate(
-      logits, F::InterpolateFuncOptions().size(std::vector<int64_t>{img.height, img.width}).mode(torch::kBilinear).align_corners(false));
   const at::Tensor labels = full.argmax(1)[0];  // (H, W) int64
   write_pgm(positional[2], labels, num_classes);
 
   const at::Tensor counts = torch::bincount(labels.flatten(), {}, num_classes);
   const at::Tensor order = counts.argsort(0, true);
-  std::cout << "{\"image\": [" << img.height << ", " << img.width << "], \"classes\": " << num_classes
-            << ", \"package_size\": [" << net_size[0] << ", " << net_size[1] << "], \"top\": [";
+  std::cout << "{\"image\": [" << img.height << ", " << img.width << "], \"mode\": \"" << mode
+            << "\", \"classes\": " << num_classes << ", \"package_size\": [" << net_size[0] << ", " << net_size[1]
+            << "], \"resized\": [" << scaled[0] << ", " << scaled[1] << "], \"top\": [";
   for (int64_t i = 0; i < std::min<int64_t>(5, num_classes); ++i) {
     const int64_t c = order[i].item<int64_t>();
     const double share = counts[c].item<double>() / static_cast<double>(labels.numel());
