@@ -3,8 +3,9 @@
 #   make bench   set up .venv if needed, run the operator, end-to-end, export and training benchmarks
 #                (a small smoke grid on a CPU, the full grids on a GPU; results in benchmarks/results/)
 #   make gpu-wheels   the Python 3.12 wheels the GPU test machine lacks, into ./wheels (see benchmarks/gpu_check.sh)
-#   make test-gpu-torch   the suite on the CPU with the GPU machine's torch 2.11 / triton 3.6 (a copy of the tree in
-#                build/gpu-torch, its own venv; about 10 minutes and 5 GB): run it before a GPU session
+#   make test-gpu-torch   a rehearsal of the GPU session on the CPU: benchmarks/gpu_check.sh's build, GPU-test
+#                and CPU-suite steps in a copy of the tree (build/gpu-torch) with the GPU machine's Python 3.12 (where
+#                installed) and packages (torch 2.11, triton 3.6); about 12 minutes and 5 GB: run it before a GPU session
 PYTHON_SYSTEM ?= python3
 VENV   := .venv
 PYTHON := $(VENV)/bin/python
@@ -44,16 +45,22 @@ gpu-wheels: $(VENV)/.deps
 	cp $(SHARED_WHEELS)/*.whl wheels/
 	$(PIP) download --no-deps -d wheels onnxscript==0.7.2 onnx-ir==1.1.0
 
-# The extension is built in place, so the suite runs on a copy of the tree (tracked and untracked, not ignored files).
-GPU_TORCH_VENV := .venv-gpu-torch
+# The GPU machine, rehearsed: its Python (3.12, e.g. from pyenv; else python3), only the packages it has
+# (requirements-gpu-machine.lock), a copy of the checkout (tracked and untracked, not ignored files) with ./wheels,
+# and the very script a GPU session runs. Fails unless every step exits 0.
+PYTHON_GPU ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) $(shell command -v python3.12) python3)
+GPU_TORCH_VENV := .venv-gpu-machine
 GPU_TORCH_TREE := build/gpu-torch
-test-gpu-torch:
-	test -x $(GPU_TORCH_VENV)/bin/python || $(PYTHON_SYSTEM) -m venv $(GPU_TORCH_VENV)
+test-gpu-torch: gpu-wheels
+	test -x $(GPU_TORCH_VENV)/bin/python || $(PYTHON_GPU) -m venv $(GPU_TORCH_VENV)
 	$(GPU_TORCH_VENV)/bin/pip -q --disable-pip-version-check install -r requirements-gpu-machine.lock
 	rm -rf $(GPU_TORCH_TREE) && mkdir -p $(GPU_TORCH_TREE)
 	git ls-files -z --cached --others --exclude-standard | xargs -0 cp --parents -t $(GPU_TORCH_TREE)
-	cd $(GPU_TORCH_TREE) && $(CURDIR)/$(GPU_TORCH_VENV)/bin/pip -q --disable-pip-version-check install \
-		--no-build-isolation --no-deps -e . && $(CURDIR)/$(GPU_TORCH_VENV)/bin/python -m pytest -q
+	cp -r wheels $(GPU_TORCH_TREE)/
+	cd $(GPU_TORCH_TREE) && PATH=$(CURDIR)/$(GPU_TORCH_VENV)/bin:$$PATH DCF_BUDGET_S=3600 DCF_SITE=$(CURDIR)/$(GPU_TORCH_TREE)/site \
+		bash benchmarks/gpu_check.sh out build gpu_tests rest
+	@echo "steps: $(CURDIR)/$(GPU_TORCH_TREE)/out/status.txt, logs beside it"
+	! grep -v ": exit 0 in" $(GPU_TORCH_TREE)/out/status.txt
 
 clean:
-	rm -rf $(VENV) $(GPU_TORCH_VENV) build denseclip_fast/_C*.so *.egg-info
+	rm -rf $(VENV) $(GPU_TORCH_VENV) .venv-gpu-torch build denseclip_fast/_C*.so *.egg-info

@@ -41,9 +41,10 @@ timed() {  # timed NAME LOG COMMAND...: COMMAND > OUT/LOG under the time that is
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1
 
+SITE=${DCF_SITE:-/tmp/dcf-site}  # where the carried wheels are installed
 if compgen -G "wheels/*.whl" > /dev/null; then
-  python3 -m pip install -q --no-index --no-deps --target /tmp/dcf-site wheels/*.whl > "$OUT/wheels.log" 2>&1
-  export PYTHONPATH=/tmp/dcf-site${PYTHONPATH:+:$PYTHONPATH}
+  python3 -m pip install -q --no-index --no-deps --upgrade --target "$SITE" wheels/*.whl > "$OUT/wheels.log" 2>&1
+  export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 
