@@ -58,9 +58,21 @@ test-gpu-torch: gpu-wheels
 	git ls-files -z --cached --others --exclude-standard | xargs -0 cp --parents -t $(GPU_TORCH_TREE)
 	cp -r wheels $(GPU_TORCH_TREE)/
 	cd $(GPU_TORCH_TREE) && PATH=$(CURDIR)/$(GPU_TORCH_VENV)/bin:$$PATH DCF_BUDGET_S=3600 DCF_SITE=$(CURDIR)/$(GPU_TORCH_TREE)/site \
-		bash benchmarks/gpu_check.sh out build gpu_tests rest
+		bash benchmarks/gpu_check.sh out build info gpu_tests rest
 	@echo "steps: $(CURDIR)/$(GPU_TORCH_TREE)/out/status.txt, logs beside it"
-	! grep -v ": exit 0 in" $(GPU_TORCH_TREE)/out/status.txt
+	! grep -v -e ": exit 0" $(GPU_TORCH_TREE)/out/status.txt
+	# the extension it built, with the hash of its sources, for the GPU session (gpu_check.sh uses it if it fits)
+	rm -rf wheels/prebuilt && mkdir -p wheels/prebuilt
+	cp $(GPU_TORCH_TREE)/denseclip_fast/_C*.so wheels/prebuilt/
+	cd $(GPU_TORCH_TREE) && bash -c 'source <(sed -n "/^sources_hash()/,/^}/p" benchmarks/gpu_check.sh) && sources_hash' \
+		> $(CURDIR)/wheels/prebuilt/SOURCES.sha256
+	# and a fresh copy takes it instead of building
+	rm -rf $(GPU_TORCH_TREE)-2 && mkdir -p $(GPU_TORCH_TREE)-2
+	git ls-files -z --cached --others --exclude-standard | xargs -0 cp --parents -t $(GPU_TORCH_TREE)-2
+	cp -r wheels $(GPU_TORCH_TREE)-2/
+	cd $(GPU_TORCH_TREE)-2 && PATH=$(CURDIR)/$(GPU_TORCH_VENV)/bin:$$PATH DCF_SITE=$(CURDIR)/$(GPU_TORCH_TREE)/site \
+		bash benchmarks/gpu_check.sh out info
+	grep -q "prebuilt extension: loaded" $(GPU_TORCH_TREE)-2/out/status.txt
 
 clean:
 	rm -rf $(VENV) $(GPU_TORCH_VENV) .venv-gpu-torch build denseclip_fast/_C*.so *.egg-info

@@ -5,14 +5,16 @@
 #
 #   bash benchmarks/gpu_check.sh OUT_DIR [STEP ...]
 #
-# STEP: build gpu_tests ops e2e_rn50 export_bench train_bench e2e_more rest (default: all, in that order). The
-# extension is built when it is missing (or with `build`); a warm machine keeps it, so a session can split the work
-# into two calls under the 10-minute limit of one, e.g. `... OUT gpu_tests ops e2e_rn50` then
-# `... OUT export_bench train_bench e2e_more rest`.
+# STEP: build info gpu_tests ops e2e_rn50 export_bench train_bench e2e_more rest (default: all but build, in that
+# order). The extension is built when it is missing and no prebuilt one fits (or with `build`); a warm machine
+# keeps it, so a session can split the work into two calls under the 10-minute limit of one, e.g.
+# `... OUT info gpu_tests ops e2e_rn50` then `... OUT export_bench train_bench e2e_more rest`.
 #
 # The GPU machine receives a copy of the checkout, not ../shared: before the call, `make gpu-wheels` puts the wheels
 # it lacks (open_clip, ftfy, wcwidth from ../shared; onnxscript, onnx-ir from PyPI) into ./wheels (ignored by git);
-# carry that folder.
+# carry that folder. `make test-gpu-torch` also leaves there the extension it built (wheels/prebuilt: Python 3.12,
+# torch 2.11, sm_90, with the hash of the sources it was built from). When its hash matches csrc/ and setup.py and it
+# loads, it is used instead of building (a minute or two of the GPU session); otherwise the extension is built.
 #
 # Time: every step runs under what is left of DCF_BUDGET_S seconds (default 560: the device tool's 600 s per call,
 # less the start and the copy back). A step past it gets SIGINT (pytest prints its summary; the benchmarks have
@@ -66,6 +68,42 @@ build() {
     timed build build.log python3 setup.py build_ext --inplace
 }
 
+sources_hash() {  # what the extension is built from
+  cat setup.py $(find csrc -type f | LC_ALL=C sort) | sha256sum | cut -d' ' -f1
+}
+
+use_prebuilt() {  # wheels/prebuilt's extension, when built from these sources and loadable here with CUDA kernels
+  [[ -f wheels/prebuilt/SOURCES.sha256 ]] || return 1
+  if [[ $(cat wheels/prebuilt/SOURCES.sha256) != "$(sources_hash)" ]]; then
+    echo "prebuilt extension: built from other sources, building" | tee -a "$OUT/status.txt"
+    return 1
+  fi
+  cp wheels/prebuilt/_C*.so denseclip_fast/
+  if python3 -c "from denseclip_fast.ops import build_info as b, extension_available as e; assert e() and b()['cuda']" \
+      > "$OUT/prebuilt.log" 2>&1; then
+    echo "prebuilt extension: loaded" | tee -a "$OUT/status.txt"
+    return 0
+  fi
+  rm -f denseclip_fast/_C*.so
+  echo "prebuilt extension: does not load here (prebuilt.log), building" | tee -a "$OUT/status.txt"
+  return 1
+}
+
+info() {  # the extension and the backend the operators choose here, per dtype
+  python3 - > "$OUT/info.txt" 2>&1 <<'PY'
+import torch
+from denseclip_fast import ops
+from denseclip_fast.ops import backends
+print("build_info:", ops.build_info())
+device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+for dtype in (torch.float32, torch.float16, torch.bfloat16):
+    print(device, dtype, "score:", backends.resolve("pixel_text_score", device, dtype),
+          "attention:", backends.resolve("context_attention", device, dtype, head_dim=64))
+PY
+  echo "info: exit $?" | tee -a "$OUT/status.txt"
+  cat "$OUT/info.txt"
+}
+
 gpu_tests() {  # the operators on CUDA (all backends) and the model, engine and AOTInductor package on CUDA
   # three pytest processes at once: most of their time is compiling (Triton kernels, AOTInductor) on 16 cores
   timed "GPU tests: Triton operators" tests_gpu_triton.log \
@@ -112,9 +150,11 @@ e2e_more() {  # slide mode and the other architectures
 }
 
 # Most valuable first, each step writing its files as it goes, so a run cut short still brings results back.
-ALL_STEPS="gpu_tests ops e2e_rn50 export_bench train_bench e2e_more rest"
+ALL_STEPS="info gpu_tests ops e2e_rn50 export_bench train_bench e2e_more rest"
 STEPS=${*:-$ALL_STEPS}
-if ! compgen -G "denseclip_fast/_C*.so" > /dev/null || [[ " $STEPS " == *" build "* ]]; then
+if [[ " $STEPS " == *" build "* ]]; then
+  build
+elif ! compgen -G "denseclip_fast/_C*.so" > /dev/null && ! use_prebuilt; then
   build
 fi
 for step in $STEPS; do
