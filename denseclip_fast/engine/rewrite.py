@@ -72,8 +72,8 @@ def fold_batchnorm(model: nn.Module) -> int:
 
 def prepare_for_inference(model: DenseCLIP, device: torch.device, dtype: torch.dtype) -> DenseCLIP:
     """A private copy of ``model`` for inference (the engine's and the exporters'): eval, no gradients, BatchNorm
-    folded, on ``device``; everything an image goes through in ``dtype`` (channels_last on CUDA), the text encoder
-    and the contexts kept in float32 for the class embeddings."""
+    folded, on ``device``; everything an image goes through in ``dtype`` (channels_last weights on CUDA), the text
+    encoder and the contexts kept in float32 for the class embeddings."""
     model = copy.deepcopy(model).eval().requires_grad_(False)
     fold_batchnorm(model)
     model.to(device)

@@ -73,7 +73,7 @@ def to_aoti(
     size = check_image_size(seg.model, image_size)
     window_stride = _window_stride(stride, size, seg)
     module = ImageGraph(seg.model, seg._text.clone()).eval()
-    example = torch.randn(TRACE_BATCH, 3, *size, device=seg.device).to(seg.dtype, memory_format=seg._layout())
+    example = torch.randn(TRACE_BATCH, 3, *size, device=seg.device).to(seg.dtype, memory_format=_layout(seg.device))
     batch = torch.export.Dim("batch", min=1, max=max_batch)
     with torch.no_grad(), seg._math():
         program = torch.export.export(module, (example,), dynamic_shapes={"image": {0: batch}})
@@ -96,6 +96,12 @@ def to_aoti(
             program, package_path=str(path), inductor_configs={"aot_inductor.metadata": metadata}
         )
     return path
+
+
+def _layout(device: torch.device) -> torch.memory_format:
+    """The memory format a package's input is traced in, and made before each call (the compiled code trusts the
+    traced strides): channels_last on CUDA, NCHW on CPU (examples/cpp/segment.cpp follows the same rule)."""
+    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
 
 
 def _window_stride(stride: int | Sequence[int] | None, size: tuple[int, int], seg: Segmenter) -> tuple[int, int]:
@@ -148,7 +154,7 @@ class AOTIPackage:
             )
         if not 1 <= x.shape[0] <= self.max_batch:
             raise ValueError(f"the batch must be 1..{self.max_batch} for this package, got {x.shape[0]}")
-        layout = torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
+        layout = _layout(self.device)
         # the compiled code trusts the traced strides: a view (a crop, an expanded batch) must be made dense first
         x = x.to(self.device, self.dtype).contiguous(memory_format=layout)
         # float32 packages compute in IEEE float32, as the Segmenter (C++ callers: at::globalContext()
