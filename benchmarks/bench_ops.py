@@ -1,7 +1,7 @@
 """Operator benchmark: each fused operator, forward and backward, per backend, against eager PyTorch and
 torch.compile of the reference.
 
-    python benchmarks/bench_ops.py [--out benchmarks/results] [--dtype bf16] [--quick]
+    python benchmarks/bench_ops.py [--out benchmarks/results] [--dtype bf16] [--quick] [--compile yes|no|only]
 
 On a GPU: the shapes of the issue (score at RN50/ADE, ViT-B and a large map; the context decoder's attention at
 K150 x N257 and K150 x N1601), timed with triton.testing.do_bench (L2 flushed between runs). On a CPU (or with
@@ -79,9 +79,11 @@ def _time(fn: Callable[[], object], device: torch.device) -> tuple[float, float,
     return statistics.median(times), min(times), max(times)
 
 
-def _contestants(op: str, device: torch.device, dtype: torch.dtype, head_dim: int = 0) -> dict[str, Callable]:
+def _contestants(op: str, device: torch.device, dtype: torch.dtype, head_dim: int = 0,
+                 compile_mode: str = "yes") -> dict[str, Callable]:  # fmt: skip
     """name -> function with the operator's signature: the fused backends first, torch.compile (slow to build)
-    last, so that a run stopped by a time budget has measured what matters most."""
+    last, so that a run stopped by a time budget has measured what matters most. ``compile_mode``: "yes" (every
+    contestant), "no" (no torch.compile), "only" (the eager baselines and torch.compile)."""
     op_name = "pixel_text_score" if op == "score" else "context_attention"
     if op == "score":
         fused = lambda backend: lambda v, t: ops.pixel_text_score(v, t, backend=backend)  # noqa: E731
@@ -93,14 +95,15 @@ def _contestants(op: str, device: torch.device, dtype: torch.dtype, head_dim: in
                      "sdpa": torch.nn.functional.scaled_dot_product_attention}  # fmt: skip
         compiled_ref = reference.attention
     fns = {backend: fused(backend) for backend in ("triton", "cuda", "cpu")
-           if ops.backends.unavailable_reason(backend, op_name, device, dtype, head_dim) is None}  # fmt: skip
+           if compile_mode != "only" and ops.backends.unavailable_reason(backend, op_name, device, dtype, head_dim) is None}
     fns |= baselines
-    if device.type == "cuda" or os.environ.get("BENCH_COMPILE") == "1":
+    if compile_mode != "no" and (device.type == "cuda" or os.environ.get("BENCH_COMPILE") == "1"):
         fns["torch.compile(reference)"] = torch.compile(compiled_ref, dynamic=False)
     return fns
 
 
-def bench_score(b: int, c: int, h: int, w: int, k: int, dtype: torch.dtype, device: torch.device, backward: bool):
+def bench_score(b: int, c: int, h: int, w: int, k: int, dtype: torch.dtype, device: torch.device, backward: bool,
+                compile_mode: str = "yes"):  # fmt: skip
     visual = torch.randn(b, c, h, w, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
     text = torch.randn(k, c, device=device, dtype=dtype)
     s, p = dtype.itemsize, h * w
@@ -120,11 +123,11 @@ def bench_score(b: int, c: int, h: int, w: int, k: int, dtype: torch.dtype, devi
             rows.append(Row("pixel_text_score", shape, str(dtype)[6:], "backward", name, *t, bwd_bytes, 2 * fwd_flops))
         return rows
 
-    return _each_contestant(_contestants("score", device, dtype), one, shape)
+    return _each_contestant(_contestants("score", device, dtype, compile_mode=compile_mode), one, shape)
 
 
 def bench_attention(b: int, heads: int, lq: int, lk: int, d: int, dtype: torch.dtype, device: torch.device,
-                    backward: bool):  # fmt: skip
+                    backward: bool, compile_mode: str = "yes"):  # fmt: skip
     q = torch.randn(b, heads, lq, d, device=device, dtype=dtype)
     k, v = (torch.randn(b, heads, lk, d, device=device, dtype=dtype) for _ in range(2))
     s = dtype.itemsize
@@ -145,7 +148,7 @@ def bench_attention(b: int, heads: int, lq: int, lk: int, d: int, dtype: torch.d
                             2.5 * fwd_flops))  # fmt: skip
         return rows
 
-    return _each_contestant(_contestants("attention", device, dtype, d), one, shape)
+    return _each_contestant(_contestants("attention", device, dtype, d, compile_mode), one, shape)
 
 
 def _each_contestant(fns: dict[str, Callable], one: Callable[[str, Callable], list[Row]], shape: str) -> list[Row]:
@@ -234,6 +237,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="small shapes (the default on CPU)")
     parser.add_argument("--no-backward", action="store_true")
+    parser.add_argument("--compile", choices=("yes", "no", "only"), default="yes",
+                        help="torch.compile of the reference (GPU; minutes to build): with the others (yes), left out "
+                             "(no), or only it and the eager baselines (only)")  # fmt: skip
+    parser.add_argument("--tag", help="file name tag (default: the GPU's name, or cpu_smoke)")
     args = parser.parse_args(argv)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     quick = args.quick or device.type == "cpu"
@@ -248,14 +255,14 @@ def main(argv: list[str] | None = None) -> int:
     cases: list[tuple[str, Callable[[], list[Row]]]] = []
     for shape in score_shapes:
         cases.append((f"pixel_text_score {shape} {args.dtype}",
-                      lambda s=shape: bench_score(*s, dtype, device, backward)))  # fmt: skip
+                      lambda s=shape: bench_score(*s, dtype, device, backward, args.compile)))  # fmt: skip
     for shape in attention_shapes:
         cases.append((f"context_attention {shape} {args.dtype}",
-                      lambda s=shape: bench_attention(*s, dtype, device, backward)))  # fmt: skip
+                      lambda s=shape: bench_attention(*s, dtype, device, backward, args.compile)))  # fmt: skip
     if not quick and dtype != torch.float32:  # the targets' cases first, this one last
         large = (32, 1024, 128, 128, 171)
-        cases.append((f"pixel_text_score {large} fp32", lambda: bench_score(*large, torch.float32, device, False)))
-    results = Results(args.out, "ops", None, environment(device), {}, markdown)
+        cases.append((f"pixel_text_score {large} fp32", lambda: bench_score(*large, torch.float32, device, False, args.compile)))
+    results = Results(args.out, "ops", args.tag, environment(device), {}, markdown)
     for label, case in cases:  # results are rewritten after every case: a run cut short keeps what it measured
         print(label, flush=True)
         try:

@@ -5,10 +5,10 @@
 #
 #   bash benchmarks/gpu_check.sh OUT_DIR [STEP ...]
 #
-# STEP: build info gpu_tests ops e2e_rn50 export_bench train_bench e2e_more rest (default: all but build, in that
-# order). The extension is built when it is missing and no prebuilt one fits (or with `build`); a warm machine
+# STEP: build info gpu_tests ops e2e_rn50 export_bench train_bench compile_baselines e2e_more rest (default: all but
+# build, in that order; each issue's targets first, torch.compile's minutes of compilation after them). The extension is built when it is missing and no prebuilt one fits (or with `build`); a warm machine
 # keeps it, so a session can split the work into two calls under the 10-minute limit of one, e.g.
-# `... OUT info gpu_tests ops e2e_rn50` then `... OUT export_bench train_bench e2e_more rest`.
+# `... OUT info gpu_tests ops e2e_rn50 export_bench train_bench` then `... OUT compile_baselines e2e_more rest`.
 #
 # The GPU machine receives a copy of the checkout, not ../shared: before the call, `make gpu-wheels` puts the wheels
 # it lacks (open_clip, ftfy, wcwidth from ../shared; onnxscript, onnx-ir from PyPI) into ./wheels (ignored by git);
@@ -116,13 +116,23 @@ gpu_tests() {  # the operators on CUDA (all backends) and the model, engine and 
   for log in tests_gpu_triton tests_gpu_ops tests_gpu_model; do tail -1 "$OUT/$log.log" 2>/dev/null; done
 }
 
-ops() {
-  timed bench_ops bench_ops.txt python3 benchmarks/bench_ops.py --dtype bf16 --out "$OUT"
+ops() {  # the fused operators against eager and SDPA: the kernels issue's targets (torch.compile: compile_baselines)
+  timed bench_ops bench_ops.txt python3 benchmarks/bench_ops.py --dtype bf16 --compile no --out "$OUT"
 }
 
-e2e_rn50() {  # the engine issue's headline: RN50 512x512 batch 1 and 16
+e2e_rn50() {  # the engine issue's headline: RN50 512x512 batch 1 and 16 (torch.compile: compile_baselines)
   timed "bench_e2e RN50 whole" bench_e2e_rn50_whole.txt \
-    python3 benchmarks/bench_e2e.py --archs RN50 --modes whole --batches 1 16 --out "$OUT" --tag rn50_whole
+    python3 benchmarks/bench_e2e.py --archs RN50 --modes whole --batches 1 16 --out "$OUT" --tag rn50_whole \
+    --contestants engine-bf16 engine-fp32 official official-bf16
+}
+
+compile_baselines() {  # torch.compile of the references and of the official model: minutes of compilation, so after
+  # every step that judges a target
+  timed "bench_ops torch.compile" bench_ops_compile.txt \
+    python3 benchmarks/bench_ops.py --dtype bf16 --compile only --out "$OUT" --tag compile
+  timed "bench_e2e RN50 whole torch.compile" bench_e2e_rn50_compile.txt \
+    python3 benchmarks/bench_e2e.py --archs RN50 --modes whole --batches 1 16 --out "$OUT" --tag rn50_compile \
+    --contestants compile-ro
 }
 
 export_bench() {  # the AOTInductor package against the engine on the GPU (the ONNX Runtime part runs on CPU machines)
@@ -150,7 +160,7 @@ e2e_more() {  # slide mode and the other architectures
 }
 
 # Most valuable first, each step writing its files as it goes, so a run cut short still brings results back.
-ALL_STEPS="info gpu_tests ops e2e_rn50 export_bench train_bench e2e_more rest"
+ALL_STEPS="info gpu_tests ops e2e_rn50 export_bench train_bench compile_baselines e2e_more rest"
 STEPS=${*:-$ALL_STEPS}
 if [[ " $STEPS " == *" build "* ]]; then
   build

@@ -34,6 +34,20 @@ def _verdicts(checks):
     return {target: ok for target, _, ok in checks}
 
 
+def test_operator_contestants_with_and_without_torch_compile(monkeypatch):
+    """--compile no leaves torch.compile out (a GPU session measures it last); --compile only keeps it and the eager
+    baselines, without the fused backends."""
+    import torch
+
+    monkeypatch.setenv("BENCH_COMPILE", "1")
+    cpu = torch.device("cpu")
+    every = set(bench_ops._contestants("attention", cpu, torch.float32, 64))
+    assert {"cpu", "sdpa", "eager einsum (official)", "torch.compile(reference)"} <= every
+    assert set(bench_ops._contestants("attention", cpu, torch.float32, 64, "no")) == every - {"torch.compile(reference)"}
+    only = set(bench_ops._contestants("score", cpu, torch.float32, compile_mode="only"))
+    assert only == {"eager", "torch.compile(reference)"}
+
+
 def test_operator_targets():
     large, rn50 = "B32 C1024 128x128 K171", "B16 C1024 16x16 K150"
     att = "B16 H4 K150 x N257 D64"
