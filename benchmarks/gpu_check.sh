@@ -105,15 +105,20 @@ PY
 }
 
 gpu_tests() {  # the operators on CUDA (all backends) and the model, engine and AOTInductor package on CUDA
-  # three pytest processes at once: most of their time is compiling (Triton kernels, AOTInductor) on 16 cores
-  timed "GPU tests: Triton operators" tests_gpu_triton.log \
-    python3 -m pytest -q -rs --durations=10 tests/test_ops.py -k triton &
+  # four pytest processes at once: most of their time is compiling (Triton kernels, one specialisation per dtype,
+  # block and argument divisibility; AOTInductor), one core each, on 16 cores
+  timed "GPU tests: Triton score operators" tests_gpu_triton_score.log \
+    python3 -m pytest -q -rs --durations=10 tests/test_ops.py -k "triton and (score or concat)" &
+  timed "GPU tests: Triton attention and other operator tests" tests_gpu_triton.log \
+    python3 -m pytest -q -rs --durations=10 tests/test_ops.py -k "triton and not (score or concat)" &
   timed "GPU tests: CUDA C++ and reference operators" tests_gpu_ops.log \
     python3 -m pytest -q -rs --durations=10 tests/test_ops.py -k "not triton" &
   timed "GPU tests: model, engine, AOTInductor, training" tests_gpu_model.log \
     python3 -m pytest -q -rs --durations=10 tests/test_gpu.py &
   wait
-  for log in tests_gpu_triton tests_gpu_ops tests_gpu_model; do tail -1 "$OUT/$log.log" 2>/dev/null; done
+  for log in tests_gpu_triton_score tests_gpu_triton tests_gpu_ops tests_gpu_model; do
+    tail -1 "$OUT/$log.log" 2>/dev/null
+  done
 }
 
 ops() {  # the fused operators against eager and SDPA: the kernels issue's targets (torch.compile: compile_baselines)
