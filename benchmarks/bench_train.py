@@ -7,7 +7,8 @@ Contestants (random weights; loss = CE(head) + 0.4 CE(score / tau), AdamW step i
   official-fp32     benchmarks/official (the official model code), float32 eager, the text encoder recomputed and
                     differentiated every step (the official lr_mult=0 keeps its gradients and optimiser state),
                     einsum + torch.cat for the score map
-  trainer-fp32      denseclip_fast.train's step: fused operators (their backward kernels), frozen text encoder
+  trainer-fp32      denseclip_fast.train's step: fused operators (their backward kernels), frozen text encoder,
+                    channels_last images and weights on CUDA
   trainer-bf16      the same under bf16 autocast (the trainer's default)
   trainer-bf16-ckpt the same with gradient checkpointing (memory for speed)
 Per contestant: images/s, ms per step (median), peak memory of a step. Writes JSON and markdown to
@@ -20,6 +21,7 @@ import argparse
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -30,8 +32,8 @@ import denseclip_fast as dcf  # noqa: E402
 from benchmarks.common import Results, environment, failure, measure, targets_markdown  # noqa: E402
 from benchmarks.official import OfficialDenseCLIP, official_config, randomize_  # noqa: E402
 from denseclip_fast.train import TrainConfig  # noqa: E402
-from denseclip_fast.train.loop import TrainStep, enable_gradient_checkpointing  # noqa: E402
-from denseclip_fast.train.optim import freeze_text_encoder, param_groups, segmentation_loss  # noqa: E402
+from denseclip_fast.train.loop import TrainStep, prepare_model, uses_channels_last  # noqa: E402
+from denseclip_fast.train.optim import param_groups, segmentation_loss  # noqa: E402
 
 ALL = ("trainer-bf16", "official-fp32", "trainer-fp32", "trainer-bf16-ckpt")  # the target's pair first
 
@@ -56,17 +58,15 @@ def official_step(arch: str, names: list[str], cfg: TrainConfig, device: torch.d
 
 def trainer_step(arch: str, names: list[str], cfg: TrainConfig, device: torch.device, bf16: bool, ckpt: bool) -> Callable:
     torch.manual_seed(0)
-    model = randomize_(dcf.DenseCLIP.from_arch(arch, names))
-    freeze_text_encoder(model)
-    model.to(device).train()
-    if ckpt:
-        enable_gradient_checkpointing(model)
+    cfg = replace(cfg, grad_checkpointing=ckpt)
+    model = prepare_model(randomize_(dcf.DenseCLIP.from_arch(arch, names)), cfg, device)  # as the trainer does
+    layout = torch.channels_last if uses_channels_last(cfg, device) else torch.contiguous_format
     module = TrainStep(model)
     optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     def step(x: torch.Tensor, label: torch.Tensor) -> float:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits, aux = module(x)
+            logits, aux = module(x.contiguous(memory_format=layout))  # the trainer's batches arrive so
         loss = segmentation_loss(logits, aux, label, cfg)["loss"]
         loss.backward()
         optimizer.step()

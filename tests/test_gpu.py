@@ -105,9 +105,11 @@ def test_aoti_package_on_cuda(tmp_path, monkeypatch, backend):
 @pytest.mark.parametrize("backend", [None, "cuda"])
 def test_bf16_training_step_on_cuda(monkeypatch, backend):
     """The trainer's step under bf16 autocast with the fused operators' backward (auto: Triton where it takes the
-    call, CUDA C++ elsewhere) against the same step on the reference backend."""
+    call, CUDA C++ elsewhere) against the same step on the reference backend; the model prepared as the trainer
+    does (channels_last on CUDA)."""
     from denseclip_fast.train import TrainConfig
-    from denseclip_fast.train.optim import freeze_text_encoder, segmentation_loss
+    from denseclip_fast.train.loop import prepare_model
+    from denseclip_fast.train.optim import segmentation_loss
 
     cfg = TrainConfig()
     torch.manual_seed(0)
@@ -119,11 +121,12 @@ def test_bf16_training_step_on_cuda(monkeypatch, backend):
             monkeypatch.delenv("DENSECLIP_FAST_BACKEND", raising=False)
         else:
             monkeypatch.setenv("DENSECLIP_FAST_BACKEND", name)
-        model = randomized(dcf.DenseCLIP(heads_of_16(tiny_config("resnet")), NAMES)).cuda().train()
-        freeze_text_encoder(model)
+        model = prepare_model(randomized(dcf.DenseCLIP(heads_of_16(tiny_config("resnet")), NAMES)), cfg,
+                              torch.device("cuda"))  # fmt: skip
+        assert model.backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last)
         torch.manual_seed(1)  # the same dropout masks
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = model.forward_features(x)
+            out = model.forward_features(x.contiguous(memory_format=torch.channels_last))
         segmentation_loss(out["logits"], out["aux_logits"], label, cfg)["loss"].backward()
         grads[name] = torch.cat([p.grad.flatten().float() for p in model.parameters() if p.grad is not None])
     assert torch.isfinite(grads[backend]).all()

@@ -26,7 +26,7 @@ from denseclip_fast.train.data import (
     read_label,
     train_transform,
 )
-from denseclip_fast.train.loop import build_model, enable_gradient_checkpointing
+from denseclip_fast.train.loop import build_model, enable_gradient_checkpointing, prepare_model, uses_channels_last
 from denseclip_fast.train.optim import freeze_text_encoder, learning_rate, param_groups, segmentation_loss
 
 from .conftest import tiny_config
@@ -170,6 +170,34 @@ def test_resume_matches_training_straight_through(arch_file, generic, tmp_path):
     assert [int(r["iter"]) for r in _metrics(tmp_path / "b")] == [3, 4]
     assert _metrics(tmp_path / "a")[2:] == [{**r, "images_per_s": r2["images_per_s"], "seconds": r2["seconds"]}
                                              for r, r2 in zip(_metrics(tmp_path / "b"), _metrics(tmp_path / "a")[2:])]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_channels_last_training_matches_nchw_and_resumes(arch_file, generic, tmp_path):
+    """channels_last (the default on CUDA, forced here on the CPU): the same losses and weights as NCHW up to
+    summation order, NHWC weights while training, and a resumed channels_last run bit-identical to one straight
+    through (the checkpoints hold plain tensors)."""
+    train(_config(arch_file, generic, tmp_path / "nchw", channels_last=False))
+    train(_config(arch_file, generic, tmp_path / "nhwc", channels_last=True))
+    losses = [[float(r["loss"]) for r in _metrics(tmp_path / run)] for run in ("nchw", "nhwc")]
+    assert len(losses[0]) == 4 and losses[1] == pytest.approx(losses[0], rel=1e-4)
+    a, b = _final(tmp_path / "nchw", 4).state_dict(), _final(tmp_path / "nhwc", 4).state_dict()
+    # over all tensors at once: Adam turns summation-order noise in near-zero gradients (biases of ~1e-11) into
+    # lr-sized steps, so single tiny tensors differ relatively much (2e-4 over all of them, observed)
+    keys = [k for k in a if a[k].is_floating_point()]
+    diff = sum((a[k].double() - b[k].double()).square().sum() for k in keys) ** 0.5
+    assert diff / sum(a[k].double().square().sum() for k in keys) ** 0.5 < 2e-3
+    train(_config(arch_file, generic, tmp_path / "resumed", channels_last=True),
+          resume=str(tmp_path / "nhwc" / "iter_2.state.pt"))  # fmt: skip
+    c = _final(tmp_path / "resumed", 4).state_dict()
+    assert all(torch.equal(b[k], c[k]) for k in b), [k for k in b if not torch.equal(b[k], c[k])][:5]
+    cfg = _config(arch_file, generic, tmp_path, channels_last=True)
+    model = prepare_model(build_model(cfg, CLASSES), cfg, torch.device("cpu"))
+    assert model.backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not uses_channels_last(TrainConfig(), torch.device("cpu"))
+    assert uses_channels_last(TrainConfig(), torch.device("cuda"))
+    with pytest.raises(ValueError, match="channels_last must be true, false or null"):
+        _config(arch_file, generic, tmp_path, channels_last="yes").validate()
 
 
 @pytest.mark.slow

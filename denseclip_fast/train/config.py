@@ -53,6 +53,7 @@ class TrainConfig:
     device: str = ""  # default: cuda when available
     amp: str = "bf16"  # autocast: "bf16", "fp16" (with a gradient scaler) or "none" (float32)
     grad_checkpointing: bool = False
+    channels_last: bool | None = None  # images and weights in NHWC; None: on CUDA (cuDNN's tensor-core layout) only
     sync_bn: bool = False
     num_workers: int = 4
     checkpoint_interval: int = 8000
@@ -85,6 +86,8 @@ class TrainConfig:
             raise ValueError(f"amp must be 'bf16', 'fp16' or 'none', got {self.amp!r}")
         if self.norm_decay not in ("all", "official"):
             raise ValueError(f"norm_decay must be 'all' or 'official', got {self.norm_decay!r}")
+        if self.channels_last not in (None, True, False):
+            raise ValueError(f"channels_last must be true, false or null (on CUDA only), got {self.channels_last!r}")
         if self.eval_mode not in ("whole", "slide"):
             raise ValueError(f"eval_mode must be 'whole' or 'slide', got {self.eval_mode!r}")
         if not self.lr > 0:

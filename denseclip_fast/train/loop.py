@@ -41,7 +41,25 @@ from .data import SegmentationData, TrainSampler
 from .evaluate import evaluate
 from .optim import freeze_text_encoder, param_groups, segmentation_loss, set_learning_rates
 
-METRIC_COLUMNS = ["iter", "loss", "loss_decode", "loss_aux", "lr", "images_per_s", "seconds"]
+LOSSES = ("loss", "loss_decode", "loss_aux")
+METRIC_COLUMNS = ["iter", *LOSSES, "lr", "images_per_s", "seconds"]
+
+
+def uses_channels_last(cfg: TrainConfig, device: torch.device) -> bool:
+    """Whether a run keeps its images and convolution weights in channels_last (cfg.channels_last; None: on CUDA)."""
+    return device.type == "cuda" if cfg.channels_last is None else bool(cfg.channels_last)
+
+
+def prepare_model(model: DenseCLIP, cfg: TrainConfig, device: torch.device) -> DenseCLIP:
+    """The model as a run trains it: text encoder frozen, on ``device``, in train mode, channels_last weights where
+    the run uses them (the parameters keep their names and values), gradient checkpointing if asked."""
+    freeze_text_encoder(model)
+    model.to(device).train()
+    if uses_channels_last(cfg, device):
+        model.to(memory_format=torch.channels_last)
+    if cfg.grad_checkpointing:
+        enable_gradient_checkpointing(model)
+    return model
 
 
 class TrainStep(nn.Module):
@@ -218,11 +236,8 @@ class Trainer:
             )
         micro = cfg.batch_size // (world * cfg.accum)
         data = SegmentationData(cfg.data, cfg.layout, "train", cfg)
-        model = build_model(cfg, data.class_names)
-        freeze_text_encoder(model)
-        model.to(device).train()
-        if cfg.grad_checkpointing:
-            enable_gradient_checkpointing(model)
+        model = prepare_model(build_model(cfg, data.class_names), cfg, device)
+        layout = torch.channels_last if uses_channels_last(cfg, device) else torch.contiguous_format
         groups = param_groups(model, cfg)
         optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
         scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
@@ -266,10 +281,10 @@ class Trainer:
         tic = time.perf_counter()
         for it in range(start, cfg.iters):
             lr = set_learning_rates(optimizer, it, cfg)
-            totals = {"loss": 0.0, "loss_decode": 0.0, "loss_aux": 0.0}
+            sums = torch.zeros(len(LOSSES), dtype=torch.float64, device=device)  # read once an iteration (one sync)
             for m in range(cfg.accum):
                 images, labels = next_batch(batches)
-                images = images.to(device, non_blocking=True)
+                images = images.to(device, non_blocking=True, memory_format=layout)
                 labels = labels.to(device, non_blocking=True)
                 sync = m == cfg.accum - 1 or world == 1
                 context = step_module.no_sync() if not sync else contextlib.nullcontext()  # type: ignore[operator]
@@ -278,12 +293,11 @@ class Trainer:
                         logits, aux = step_module(images)
                     losses = segmentation_loss(logits, aux, labels, cfg)
                     scaler.scale(losses["loss"] / cfg.accum).backward()
-                for k in totals:
-                    totals[k] += losses[k].item() / cfg.accum
+                sums += torch.stack([losses[k].detach() for k in LOSSES]).double() / cfg.accum
             if world > 1:  # log the global mean, not this process's
-                reduced = torch.tensor(list(totals.values()), dtype=torch.float64, device=device)
-                dist.all_reduce(reduced)
-                totals = dict(zip(totals, (reduced / world).tolist()))
+                dist.all_reduce(sums)
+                sums /= world
+            totals = dict(zip(LOSSES, sums.tolist()))
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
