@@ -94,8 +94,9 @@ def _contestants(op: str, device: torch.device, dtype: torch.dtype, head_dim: in
         baselines = {"eager einsum (official)": reference.attention,
                      "sdpa": torch.nn.functional.scaled_dot_product_attention}  # fmt: skip
         compiled_ref = reference.attention
-    fns = {backend: fused(backend) for backend in ("triton", "cuda", "cpu")
-           if compile_mode != "only" and ops.backends.unavailable_reason(backend, op_name, device, dtype, head_dim) is None}
+    runnable = [b for b in ("triton", "cuda", "cpu")
+                if ops.backends.unavailable_reason(b, op_name, device, dtype, head_dim) is None]  # fmt: skip
+    fns = {backend: fused(backend) for backend in runnable if compile_mode != "only"}
     fns |= baselines
     if compile_mode != "no" and (device.type == "cuda" or os.environ.get("BENCH_COMPILE") == "1"):
         fns["torch.compile(reference)"] = torch.compile(compiled_ref, dynamic=False)
@@ -261,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
                       lambda s=shape: bench_attention(*s, dtype, device, backward, args.compile)))  # fmt: skip
     if not quick and dtype != torch.float32:  # the targets' cases first, this one last
         large = (32, 1024, 128, 128, 171)
-        cases.append((f"pixel_text_score {large} fp32", lambda: bench_score(*large, torch.float32, device, False, args.compile)))
+        cases.append((f"pixel_text_score {large} fp32",
+                      lambda: bench_score(*large, torch.float32, device, False, args.compile)))  # fmt: skip
     results = Results(args.out, "ops", args.tag, environment(device), {}, markdown)
     for label, case in cases:  # results are rewritten after every case: a run cut short keeps what it measured
         print(label, flush=True)
