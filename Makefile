@@ -43,7 +43,7 @@ SHARED_WHEELS ?= ../shared/wheels/py312
 gpu-wheels: $(VENV)/.deps
 	mkdir -p wheels
 	cp $(SHARED_WHEELS)/*.whl wheels/
-	$(PIP) download --no-deps -d wheels onnxscript==0.7.2 onnx-ir==1.1.0
+	$(PIP) download --no-deps -d wheels onnxscript==0.7.2 onnx-ir==1.1.0 cmake==4.4.5
 
 # The GPU machine, rehearsed: its Python (3.12, e.g. from pyenv; else python3), only the packages it has
 # (requirements-gpu-machine.lock), a copy of the checkout (tracked and untracked, not ignored files) with ./wheels,

@@ -11,8 +11,8 @@
 # `... OUT info gpu_tests ops e2e_rn50 export_bench train_bench` then `... OUT compile_baselines e2e_more rest`.
 #
 # The GPU machine receives a copy of the checkout, not ../shared: before the call, `make gpu-wheels` puts the wheels
-# it lacks (open_clip, ftfy, wcwidth from ../shared; onnxscript, onnx-ir from PyPI) into ./wheels (ignored by git);
-# carry that folder. `make test-gpu-torch` also leaves there the extension it built (wheels/prebuilt: Python 3.12,
+# it lacks (open_clip, ftfy, wcwidth from ../shared; onnxscript, onnx-ir, cmake from PyPI) into ./wheels (ignored by
+# git); carry that folder. `make test-gpu-torch` also leaves there the extension it built (wheels/prebuilt: Python 3.12,
 # torch 2.11, sm_90, with the hash of the sources it was built from). When its hash matches csrc/ and setup.py and it
 # loads, it is used instead of building (a minute or two of the GPU session); otherwise the extension is built.
 #
@@ -46,7 +46,7 @@ export HF_HUB_OFFLINE=1
 SITE=${DCF_SITE:-/tmp/dcf-site}  # where the carried wheels are installed
 if compgen -G "wheels/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --upgrade --target "$SITE" wheels/*.whl > "$OUT/wheels.log" 2>&1
-  export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
+  export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH} PATH=$SITE/bin:$PATH  # cmake >= 3.26 for the C++ examples
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 

@@ -167,5 +167,5 @@ def cmake_build(tmp_path_factory: pytest.TempPathFactory) -> CMakeBuild:
     args.append(f"-DDENSECLIP_FAST_CUDA={'ON' if with_cuda else 'OFF'}")
     env = {**os.environ, "TORCH_CUDA_ARCH_LIST": "9.0"}
     run_checked(args, env)
-    run_checked([cmake, "--build", str(build), "-j", "2"], env)
+    run_checked([cmake, "--build", str(build), "-j", str(min(os.cpu_count() or 2, 16))], env)
     return CMakeBuild(build, with_cuda)
