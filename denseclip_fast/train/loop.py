@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import functools
+import gc
 import json
 import os
 import sys
@@ -109,10 +110,15 @@ def _distributed(cfg: TrainConfig) -> Iterator[tuple[int, int, torch.device]]:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         started = True
+    finished = False
     try:
         yield rank, world, device
+        finished = True
     finally:
         if started:
+            if finished:  # every rank done with its collectives before the group goes (after a failure it would hang)
+                dist.barrier()
+            gc.collect()  # DDP's reducer, kept by reference cycles, is freed while its process group still exists
             dist.destroy_process_group()
 
 
