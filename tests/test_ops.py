@@ -202,13 +202,9 @@ ATTENTION_SHAPES = [(1, 1, 1, 1, 32), (2, 3, 5, 70, 16), (1, 4, 33, 257, 64), (2
                      (1, 1, 9, 1100, 32)]  # the last: several 512-key blocks on the CPU backend
 
 
-@pytest.mark.parametrize("backend, dtype", BACKEND_DTYPES)
-@pytest.mark.parametrize("shape", ATTENTION_SHAPES)
-def test_context_attention_forward_and_backward(backend, dtype, shape):
-    b, h, lq, lk, d = shape
-    q, k, v = (torch.randn(b, h, n, d, dtype=torch.float64).to(DEVICE, dtype) for n in (lq, lk, lk))
-    if lq > 1:
-        q = q.transpose(1, 2).contiguous().transpose(1, 2)  # non-contiguous, as the decoder's head split makes it
+def _check_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -> None:
+    """context_attention on ``backend``, forward and backward, against SDPA in float64 on the same values."""
+    dtype = q.dtype
     q64, k64, v64 = (_leaf(x, torch.float64) for x in (q, k, v))
     expected = torch.nn.functional.scaled_dot_product_attention(q64, k64, v64)
     grad = torch.randn_like(expected)
@@ -222,22 +218,22 @@ def test_context_attention_forward_and_backward(backend, dtype, shape):
         _check_close(actual, wanted, dtype, 4)
 
 
+@pytest.mark.parametrize("backend, dtype", BACKEND_DTYPES)
+@pytest.mark.parametrize("shape", ATTENTION_SHAPES)
+def test_context_attention_forward_and_backward(backend, dtype, shape):
+    b, h, lq, lk, d = shape
+    q, k, v = (torch.randn(b, h, n, d, dtype=torch.float64).to(DEVICE, dtype) for n in (lq, lk, lk))
+    if lq > 1:
+        q = q.transpose(1, 2).contiguous().transpose(1, 2)  # non-contiguous, as the decoder's head split makes it
+    _check_attention(q, k, v, backend)
+
+
 def test_triton_attention_splits_a_batch_too_large_for_one_grid(monkeypatch):
     """B x heads beyond CUDA's 65535 grid rows goes through several launches (the limit lowered to 2 here)."""
     from denseclip_fast.ops.triton import attention
 
     monkeypatch.setattr(attention, "MAX_GRID_Y", 2)
-    q, k, v = (torch.randn(5, 1, n, 16, dtype=torch.float64) for n in (9, 70, 70))
-    q64, k64, v64 = (_leaf(x) for x in (q, k, v))
-    expected = reference.attention(q64, k64, v64)
-    grad = torch.randn_like(expected)
-    expected.backward(grad)
-    qa, ka, va = (_leaf(x.to(DEVICE, torch.float32)) for x in (q, k, v))
-    out = ops.context_attention(qa, ka, va, backend="triton")
-    out.backward(grad.to(DEVICE, torch.float32))
-    _check_close(out, expected, torch.float32)
-    for actual, wanted in ((qa.grad, q64.grad), (ka.grad, k64.grad), (va.grad, v64.grad)):
-        _check_close(actual, wanted, torch.float32, 4)
+    _check_attention(*(torch.randn(5, 1, n, 16, device=DEVICE) for n in (9, 70, 70)), "triton")
 
 
 def test_triton_score_indexes_in_int64_past_int32_offsets(monkeypatch):
@@ -296,17 +292,7 @@ def test_triton_attention_at_the_blocks_of_a_smaller_gpu(monkeypatch, d):
 
     monkeypatch.setattr(attention, "smem_limit", lambda device: 65536)
     assert attention._blocks(40, d, "dkdv", True, 65536) != attention._blocks(40, d, "dkdv")
-    q, k, v = (torch.randn(1, 2, n, d, dtype=torch.float64) for n in (40, 70, 70))
-    q64, k64, v64 = (_leaf(x) for x in (q, k, v))
-    expected = reference.attention(q64, k64, v64)
-    grad = torch.randn_like(expected)
-    expected.backward(grad)
-    qa, ka, va = (_leaf(x.to(DEVICE, torch.float32)) for x in (q, k, v))
-    out = ops.context_attention(qa, ka, va, backend="triton")
-    out.backward(grad.to(DEVICE, torch.float32))
-    _check_close(out, expected, torch.float32)
-    for actual, wanted in ((qa.grad, q64.grad), (ka.grad, k64.grad), (va.grad, v64.grad)):
-        _check_close(actual, wanted, torch.float32, 4)
+    _check_attention(*(torch.randn(1, 2, n, d, device=DEVICE) for n in (40, 70, 70)), "triton")
 
 
 def test_reference_attention_is_sdpa():
