@@ -22,6 +22,7 @@ from . import attention, score
 # Shared memory per block (opt-in maximum, bytes) by compute capability: A100, RTX 30xx/A10, RTX 40xx/L4, H100/H200
 SHARED_MEMORY = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 
+
 def _signature(fn: Any, pointers: dict[str, str], floats: tuple[str, ...], constexprs: dict[str, Any]) -> dict[str, str]:
     sig = {name: "i32" for name in fn.arg_names}
     sig.update(pointers)
@@ -70,8 +71,8 @@ def specializations(arch: int = 90) -> Iterator[tuple[str, Any, dict[str, str], 
     if arch != 90:
         for d in attention.HEAD_DIMS:
             for which in attention.KINDS:
-                blocks = (attention._blocks(150, d, which, True, SHARED_MEMORY[a]) for a in (arch, 90))
-                if next(blocks) != next(blocks):
+                here, on_h200 = (attention._blocks(150, d, which, True, SHARED_MEMORY[a]) for a in (arch, 90))
+                if here != on_h200:
                     yield _attention("fp32", d, which, arch)
         return
     for dt in ("bf16", "fp16", "fp32"):

@@ -174,10 +174,12 @@ WIDE_FROM = 2**31  # int32 indexing reaches offsets below this
 
 
 def _wide(*tensors: torch.Tensor) -> bool:
-    """Whether an element offset within one image (the dimensions after the first, the batch) of any of these
-    tensors reaches WIDE_FROM, so that the kernel must index in int64: C x H x W > 2**31 within one image (a
-    2048x2048 map of more than 512 channels), never the model's own maps. The batch offset is always int64."""
-    return any(sum((n - 1) * st for n, st in zip(t.shape[1:], t.stride()[1:])) >= WIDE_FROM for t in tensors)
+    """Whether an element offset within one image (the dimensions after the first, the batch; all of a 2-D tensor,
+    the text shared by the batch) of any of these tensors reaches WIDE_FROM, so that the kernel must index in int64:
+    C x H x W > 2**31 within one image (a 2048x2048 map of more than 512 channels), never the model's own maps. The
+    batch offset is always int64."""
+    per_image = (t[None] if t.dim() == 2 else t for t in tensors)
+    return any(sum((n - 1) * st for n, st in zip(t.shape[1:], t.stride()[1:])) >= WIDE_FROM for t in per_image)
 
 
 def _blocks(k: int) -> tuple[int, int, int]:
@@ -199,7 +201,7 @@ def score_forward_into(out: torch.Tensor, visual: torch.Tensor, text: torch.Tens
     launch(_score_fwd_kernel)[grid](
         v, t, out, c, p, k, s_vb, s_vc, s_vp, *_text_strides(t), out.stride(0), out.stride(1), out.stride(3),
         float(scale), EPS, BLOCK_P=block_p, BLOCK_K=block_k, BLOCK_C=block_c, DOT_F32=dot_in_f32(v.dtype),
-        WIDE=_wide(v, t if t.dim() == 3 else t[None], out),
+        WIDE=_wide(v, t, out),
     )  # fmt: skip
 
 
@@ -219,11 +221,10 @@ def score_backward(
     grad_visual = torch.empty_like(v)  # dense in v's layout, written with v's element strides
     inv = torch.empty((b, p), dtype=torch.float32, device=v.device)
     block_p, block_k = 32, min(64, max(16, triton.next_power_of_2(k)))
-    wide = _wide(v, t_hat if t_hat.dim() == 3 else t_hat[None], g)
     launch(_score_bwd_visual_kernel)[(triton.cdiv(p, block_p), b)](
         v, t_hat, g, grad_visual, inv, c, p, k, s_vb, s_vc, s_vp, *_text_strides(t_hat),
         g.stride(0), g.stride(1), g.stride(3), float(scale), EPS,
-        BLOCK_P=block_p, BLOCK_K=block_k, BLOCK_C=32, DOT_F32=v.dtype == torch.float32, WIDE=wide,
+        BLOCK_P=block_p, BLOCK_K=block_k, BLOCK_C=32, DOT_F32=v.dtype == torch.float32, WIDE=_wide(v, t_hat, g),
     )  # fmt: skip
     # d/d t^: scale * sum_p G[b,k,p] v[b,:,p] / |v_p| (a batched matmul on the raw visual, float32 accumulation),
     # then the Jacobian of the text normalisation on the small (K, C) result.
