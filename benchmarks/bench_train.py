@@ -32,7 +32,7 @@ import denseclip_fast as dcf  # noqa: E402
 from benchmarks.common import Results, environment, failure, measure, targets_markdown  # noqa: E402
 from benchmarks.official import OfficialDenseCLIP, official_config, randomize_  # noqa: E402
 from denseclip_fast.train import TrainConfig  # noqa: E402
-from denseclip_fast.train.loop import TrainStep, prepare_model, uses_channels_last  # noqa: E402
+from denseclip_fast.train.loop import TrainStep, memory_format, prepare_model  # noqa: E402
 from denseclip_fast.train.optim import param_groups, segmentation_loss  # noqa: E402
 
 ALL = ("trainer-bf16", "official-fp32", "trainer-fp32", "trainer-bf16-ckpt")  # the target's pair first
@@ -60,7 +60,7 @@ def trainer_step(arch: str, names: list[str], cfg: TrainConfig, device: torch.de
     torch.manual_seed(0)
     cfg = replace(cfg, grad_checkpointing=ckpt)
     model = prepare_model(randomize_(dcf.DenseCLIP.from_arch(arch, names)), cfg, device)  # as the trainer does
-    layout = torch.channels_last if uses_channels_last(cfg, device) else torch.contiguous_format
+    layout = memory_format(cfg, device)
     module = TrainStep(model)
     optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
 

@@ -26,7 +26,7 @@ from denseclip_fast.train.data import (
     read_label,
     train_transform,
 )
-from denseclip_fast.train.loop import build_model, enable_gradient_checkpointing, prepare_model, uses_channels_last
+from denseclip_fast.train.loop import build_model, enable_gradient_checkpointing, memory_format, prepare_model
 from denseclip_fast.train.optim import freeze_text_encoder, learning_rate, param_groups, segmentation_loss
 
 from .conftest import tiny_config
@@ -194,8 +194,8 @@ def test_channels_last_training_matches_nchw_and_resumes(arch_file, generic, tmp
     cfg = _config(arch_file, generic, tmp_path, channels_last=True)
     model = prepare_model(build_model(cfg, CLASSES), cfg, torch.device("cpu"))
     assert model.backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last)
-    assert not uses_channels_last(TrainConfig(), torch.device("cpu"))
-    assert uses_channels_last(TrainConfig(), torch.device("cuda"))
+    assert memory_format(TrainConfig(), torch.device("cpu")) == torch.contiguous_format
+    assert memory_format(TrainConfig(), torch.device("cuda")) == torch.channels_last
     with pytest.raises(ValueError, match="channels_last must be true, false or null"):
         _config(arch_file, generic, tmp_path, channels_last="yes").validate()
 

@@ -46,9 +46,11 @@ LOSSES = ("loss", "loss_decode", "loss_aux")
 METRIC_COLUMNS = ["iter", *LOSSES, "lr", "images_per_s", "seconds"]
 
 
-def uses_channels_last(cfg: TrainConfig, device: torch.device) -> bool:
-    """Whether a run keeps its images and convolution weights in channels_last (cfg.channels_last; None: on CUDA)."""
-    return device.type == "cuda" if cfg.channels_last is None else bool(cfg.channels_last)
+def memory_format(cfg: TrainConfig, device: torch.device) -> torch.memory_format:
+    """The layout of a run's images and convolution weights: channels_last where cfg.channels_last says (None: on
+    CUDA), else NCHW."""
+    nhwc = device.type == "cuda" if cfg.channels_last is None else bool(cfg.channels_last)
+    return torch.channels_last if nhwc else torch.contiguous_format
 
 
 def prepare_model(model: DenseCLIP, cfg: TrainConfig, device: torch.device) -> DenseCLIP:
@@ -56,7 +58,7 @@ def prepare_model(model: DenseCLIP, cfg: TrainConfig, device: torch.device) -> D
     the run uses them (the parameters keep their names and values), gradient checkpointing if asked."""
     freeze_text_encoder(model)
     model.to(device).train()
-    if uses_channels_last(cfg, device):
+    if memory_format(cfg, device) == torch.channels_last:
         model.to(memory_format=torch.channels_last)
     if cfg.grad_checkpointing:
         enable_gradient_checkpointing(model)
@@ -243,7 +245,7 @@ class Trainer:
         micro = cfg.batch_size // (world * cfg.accum)
         data = SegmentationData(cfg.data, cfg.layout, "train", cfg)
         model = prepare_model(build_model(cfg, data.class_names), cfg, device)
-        layout = torch.channels_last if uses_channels_last(cfg, device) else torch.contiguous_format
+        layout = memory_format(cfg, device)
         groups = param_groups(model, cfg)
         optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
         scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
