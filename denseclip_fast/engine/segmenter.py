@@ -8,11 +8,11 @@
 What happens once, at construction: a private copy of the model is put in eval mode, its BatchNorms are folded into
 the convolutions, it is moved to the device and dtype (channels_last weights on CUDA), and the class embeddings of
 the vocabulary are computed in float32 and kept in a buffer. Images go through in channels_last on every device
-(cuDNN's and oneDNN's fastest convolutions: on a 2-core CPU, RN50 at 512x512 takes 9% less time at batch 1 and
-20% less at batch 4 than with NCHW input). Per image only the image encoder, the context decoder, the
-fused score/concat operator, the FPN and the head run; on CUDA every (batch, size) is captured once into a CUDA
-graph and replayed; the head's logits are resized to the input size after the replay, in float32, straight into the
-returned tensor. Slide mode evaluates all crops of a batch as one forward.
+(cuDNN's and oneDNN's fastest convolutions; on a 2-core CPU the engine takes 13% / 25% less time than eager
+PyTorch at batch 1 / 4, benchmarks/results/export_cpu_2threads_512.md). Per image only the image encoder, the
+context decoder, the fused score/concat operator, the FPN and the head run; on CUDA every (batch, size) is captured
+once into a CUDA graph and replayed; the head's logits are resized to the input size after the replay, in float32,
+straight into the returned tensor. Slide mode evaluates all crops of a batch as one forward.
 
 Threads: every public method takes one lock, so a Segmenter may be shared by threads, which then take turns; for
 parallel inference give each thread (or GPU) its own Segmenter.
