@@ -51,27 +51,24 @@ gpu-wheels: $(VENV)/.deps
 PYTHON_GPU ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) $(shell command -v python3.12) python3)
 GPU_TORCH_VENV := .venv-gpu-machine
 GPU_TORCH_TREE := build/gpu-torch
+# $(call gpu_machine,DIR,STEPS): a fresh copy of the checkout and ./wheels in DIR, running gpu_check.sh STEPS there
+define gpu_machine
+	rm -rf $(1) && mkdir -p $(1)
+	git ls-files -z --cached --others --exclude-standard | xargs -0 cp --parents -t $(1)
+	cp -r wheels $(1)/
+	cd $(1) && PATH=$(CURDIR)/$(GPU_TORCH_VENV)/bin:$$PATH DCF_BUDGET_S=3600 DCF_SITE=$(CURDIR)/$(GPU_TORCH_TREE)/site \
+		bash benchmarks/gpu_check.sh out $(2)
+	@echo "steps: $(CURDIR)/$(1)/out/status.txt, logs beside it"
+	! grep -v -e ": exit 0" -e "prebuilt extension: loaded" $(1)/out/status.txt
+endef
 test-gpu-torch: gpu-wheels
 	test -x $(GPU_TORCH_VENV)/bin/python || $(PYTHON_GPU) -m venv $(GPU_TORCH_VENV)
 	$(GPU_TORCH_VENV)/bin/pip -q --disable-pip-version-check install -r requirements-gpu-machine.lock
-	rm -rf $(GPU_TORCH_TREE) && mkdir -p $(GPU_TORCH_TREE)
-	git ls-files -z --cached --others --exclude-standard | xargs -0 cp --parents -t $(GPU_TORCH_TREE)
-	cp -r wheels $(GPU_TORCH_TREE)/
-	cd $(GPU_TORCH_TREE) && PATH=$(CURDIR)/$(GPU_TORCH_VENV)/bin:$$PATH DCF_BUDGET_S=3600 DCF_SITE=$(CURDIR)/$(GPU_TORCH_TREE)/site \
-		bash benchmarks/gpu_check.sh out build info gpu_tests rest
-	@echo "steps: $(CURDIR)/$(GPU_TORCH_TREE)/out/status.txt, logs beside it"
-	! grep -v -e ": exit 0" $(GPU_TORCH_TREE)/out/status.txt
+	$(call gpu_machine,$(GPU_TORCH_TREE),build info gpu_tests rest save_prebuilt)
 	# the extension it built, with the hash of its sources, for the GPU session (gpu_check.sh uses it if it fits)
-	rm -rf wheels/prebuilt && mkdir -p wheels/prebuilt
-	cp $(GPU_TORCH_TREE)/denseclip_fast/_C*.so wheels/prebuilt/
-	cd $(GPU_TORCH_TREE) && bash -c 'source <(sed -n "/^sources_hash()/,/^}/p" benchmarks/gpu_check.sh) && sources_hash' \
-		> $(CURDIR)/wheels/prebuilt/SOURCES.sha256
+	rm -rf wheels/prebuilt && cp -r $(GPU_TORCH_TREE)/wheels/prebuilt wheels/
 	# and a fresh copy takes it instead of building
-	rm -rf $(GPU_TORCH_TREE)-2 && mkdir -p $(GPU_TORCH_TREE)-2
-	git ls-files -z --cached --others --exclude-standard | xargs -0 cp --parents -t $(GPU_TORCH_TREE)-2
-	cp -r wheels $(GPU_TORCH_TREE)-2/
-	cd $(GPU_TORCH_TREE)-2 && PATH=$(CURDIR)/$(GPU_TORCH_VENV)/bin:$$PATH DCF_SITE=$(CURDIR)/$(GPU_TORCH_TREE)/site \
-		bash benchmarks/gpu_check.sh out info
+	$(call gpu_machine,$(GPU_TORCH_TREE)-2,info)
 	grep -q "prebuilt extension: loaded" $(GPU_TORCH_TREE)-2/out/status.txt
 
 clean:

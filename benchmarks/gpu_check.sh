@@ -6,7 +6,8 @@
 #   bash benchmarks/gpu_check.sh OUT_DIR [STEP ...]
 #
 # STEP: build info gpu_tests ops e2e_rn50 export_bench train_bench compile_baselines e2e_more rest (default: all but
-# build, in that order; each issue's targets first, torch.compile's minutes of compilation after them). The extension is built when it is missing and no prebuilt one fits (or with `build`); a warm machine
+# build, in that order; each issue's targets first, torch.compile's minutes of compilation after them), and
+# save_prebuilt (what make test-gpu-torch leaves for the GPU session, below). The extension is built when it is missing and no prebuilt one fits (or with `build`); a warm machine
 # keeps it, so a session can split the work into two calls under the 10-minute limit of one, e.g.
 # `... OUT info gpu_tests ops e2e_rn50 export_bench train_bench` then `... OUT compile_baselines e2e_more rest`.
 #
@@ -87,6 +88,12 @@ use_prebuilt() {  # wheels/prebuilt's extension, when built from these sources a
   rm -f denseclip_fast/_C*.so
   echo "prebuilt extension: does not load here (prebuilt.log), building" | tee -a "$OUT/status.txt"
   return 1
+}
+
+save_prebuilt() {  # this extension and the hash of its sources into wheels/prebuilt, for use_prebuilt elsewhere
+  rm -rf wheels/prebuilt && mkdir -p wheels/prebuilt && cp denseclip_fast/_C*.so wheels/prebuilt/ \
+    && sources_hash > wheels/prebuilt/SOURCES.sha256
+  echo "save_prebuilt: exit $?" | tee -a "$OUT/status.txt"
 }
 
 info() {  # the extension and the backend the operators choose here, per dtype
@@ -174,6 +181,7 @@ elif ! compgen -G "denseclip_fast/_C*.so" > /dev/null && ! use_prebuilt; then
 fi
 for step in $STEPS; do
   [[ $step == build ]] && continue
-  [[ " $ALL_STEPS " == *" $step "* ]] || { echo "unknown step $step (steps: build $ALL_STEPS)"; exit 2; }
+  [[ " $ALL_STEPS save_prebuilt " == *" $step "* ]] \
+    || { echo "unknown step $step (steps: build $ALL_STEPS save_prebuilt)"; exit 2; }
   $step
 done
