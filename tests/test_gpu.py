@@ -31,6 +31,31 @@ def test_extension_built_for_this_gpu():
     assert 10 * major + minor in archs, f"built for {archs}, this GPU is sm_{major}{minor}"
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(2, 1024, 16, 16, 150), (2, 64, 40, 40, 171), (1, 40, 3, 5, 300), (3, 96, 7, 9, 64),
+                                   (1, 37, 5, 7, 1)])  # fmt: skip
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "misaligned"])
+def test_tensor_core_score_kernel(dtype, shape, layout):
+    """The cuda backend's tensor-core kernel (csrc/cuda/score_tc.cuh, sm_70+ float16, sm_80+ bfloat16) at the
+    model's shapes and at odd ones: 64- and 192-row class tiles, two class tiles, vector and element loads (a
+    tensor 2 bytes past alignment), shared and per-image text, and into score_concat's view."""
+    b, c, h, w, k = shape
+    visual = torch.randn(b, c, h, w, device="cuda", dtype=torch.float64)
+    if layout == "channels_last":
+        visual = visual.contiguous(memory_format=torch.channels_last)
+    text = torch.randn(b, k, c, device="cuda", dtype=torch.float64)
+    text = text if b % 2 else text[0]
+    v, t = visual.to(dtype), text.to(dtype)
+    if layout == "misaligned":
+        v = torch.empty(v.numel() + 1, device="cuda", dtype=dtype)[1:].view(v.shape).copy_(v)
+    expected = ops.reference.pixel_text_score(v.double(), t.double(), 0.7)
+    out = ops.pixel_text_score(v, t, 0.7, backend="cuda")
+    assert out.dtype == dtype and rel_err(out, expected) <= (2e-3 if dtype == torch.float16 else 2e-2)
+    feature = torch.randn(b, 5, h, w, device="cuda", dtype=dtype)
+    concat = ops.score_concat(feature, v, t, 0.7, backend="cuda")
+    assert torch.equal(concat[:, :5], feature) and torch.equal(concat[:, 5:], out)
+
+
 def heads_of_16(cfg: dcf.DenseCLIPConfig) -> dcf.DenseCLIPConfig:
     """The tiny config widened so that its attention heads have 16 channels (its own have 8), which the Triton
     attention kernel takes. Widths, not head counts: official checkpoints fix the heads (32 in the ResNet's pool,

@@ -1,21 +1,32 @@
-// CUDA kernel of pixel_text_score and score_concat (the backward, ATen on any device, is in csrc/score_backward.cpp).
+// CUDA kernels of pixel_text_score and score_concat (the backward, ATen on any device, is in csrc/score_backward.cpp).
 //
-// Forward (one fused kernel, any GPU): a block scores a tile of 64 classes x 64 pixels of one image. It loops over
-// the channels in chunks of 16, staging the visual tile (16 x 64) and the text tile (64 x 16) in shared memory in
-// the accumulation type; each of the 256 threads accumulates a 4 x 4 micro-tile of dot products, and the block
-// accumulates the squared norms of its 64 pixels and 64 classes along the way. The epilogue divides by
-// max(norm, eps) on both sides (F.normalize's clamp) and multiplies by scale. Visual is read once per class tile;
-// strides are arguments, so NCHW, NHWC and strided output views (score_concat) share the kernel. The products run on
-// the FMA units in float (double for float64): this kernel is the portable backend; the tensor-core path is the
-// Triton kernel (denseclip_fast/ops/triton/score.py), which ops.backends prefers on CUDA.
+// float16 (sm_70+) and bfloat16 (sm_80+): the tensor-core kernel of score_tc.cuh (WMMA fragments, float
+// accumulation; visual read once for up to 192 classes).
+//
+// float32, float64, and 16-bit types on older GPUs: the portable kernel below. A block scores a tile of 64 classes
+// x 64 pixels of one image. It loops over the channels in chunks of 16, staging the visual tile (16 x 64) and the
+// text tile (64 x 16) in shared memory in the accumulation type; each of the 256 threads accumulates a 4 x 4
+// micro-tile of dot products, and the block accumulates the squared norms of its 64 pixels and 64 classes along the
+// way. The epilogue divides by max(norm, eps) on both sides (F.normalize's clamp) and multiplies by scale. Visual is
+// read once per class tile. The products run on the FMA units in float (double for float64), so float32 keeps
+// float32 accuracy.
+//
+// Both kernels take strides as arguments, so NCHW, NHWC and strided output views (score_concat) share them.
+// ops.backends prefers the Triton kernels (denseclip_fast/ops/triton/score.py) on sm_80+ when Triton is installed.
 #include <ATen/ATen.h>
 #include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+
+#include <array>
+#include <atomic>
+#include <tuple>
 #include <torch/library.h>
 
 #include "../common.h"
+#include "score_tc.cuh"
 
 namespace denseclip_fast {
 namespace {
@@ -85,17 +96,63 @@ __global__ void score_forward_kernel(const scalar_t* __restrict__ v, const scala
   }
 }
 
+// The tensor-core kernel for T (__half or __nv_bfloat16), with the tile and load width of tc::choose_config.
+template <typename T>
+void launch_tensor_core(at::Tensor& out, const at::Tensor& v, const at::Tensor& t, const ScoreShape& s,
+                        const VisualStrides& vs, int64_t s_tb, double scale, cudaStream_t stream) {
+  const tc::Config cfg = tc::choose_config(s.C, s.P(), s.K, s.channels_last,
+                                           reinterpret_cast<std::uintptr_t>(v.data_ptr()),
+                                           reinterpret_cast<std::uintptr_t>(t.data_ptr()));
+  const dim3 grid((s.P() + tc::kTileP - 1) / tc::kTileP, (s.K + cfg.tile_k() - 1) / cfg.tile_k(), s.B);
+  TORCH_CHECK(grid.y <= 65535 && grid.z <= 65535, "pixel_text_score: too many classes or images for one launch");
+  const T* vp = reinterpret_cast<const T*>(v.data_ptr());
+  const T* tp = reinterpret_cast<const T*>(t.data_ptr());
+  T* op = reinterpret_cast<T*>(out.data_ptr());
+  const auto args = std::make_tuple(vp, tp, op, s.C, s.P(), s.K, vs.b, vs.c, vs.p, s_tb, s.C, out.stride(0),
+                                    out.stride(1), out.stride(3), static_cast<float>(scale));
+  tc::dispatch<T>(cfg, s.channels_last, [&](auto kernel) {
+    std::apply([&](auto... a) { kernel<<<grid, tc::kThreads, 0, stream>>>(a...); }, args);
+  });
+}
+
+// Whether this GPU has the tensor-core fragments of `dtype` (float16: sm_70+, bfloat16: sm_80+).
+bool tensor_cores_for(at::ScalarType dtype, const at::Device& device) {
+  if (dtype != at::kHalf && dtype != at::kBFloat16) return false;
+  static std::array<std::atomic<int>, 64> archs{};  // per device, as __CUDA_ARCH__ (0: not asked yet)
+  const int index = device.index();
+  TORCH_CHECK(index >= 0 && index < static_cast<int>(archs.size()), "pixel_text_score: CUDA device index ", index,
+              " out of range");
+  int arch = archs[index].load(std::memory_order_relaxed);
+  if (arch == 0) {
+    int major = 0, minor = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, index));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, index));
+    arch = 100 * major + 10 * minor;
+    archs[index].store(arch, std::memory_order_relaxed);
+  }
+  return arch >= (dtype == at::kHalf ? tc::kMinArch<__half> : tc::kMinArch<__nv_bfloat16>);
+}
+
 void score_forward_into(at::Tensor out, const at::Tensor& visual, const at::Tensor& text, const ScoreShape& s,
                         double scale) {
   if (out.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(visual.device());
   const at::Tensor v = visual.contiguous(s.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
   const at::Tensor t = text.contiguous();
-  const dim3 grid((s.P() + kTileP - 1) / kTileP, (s.K + kTileK - 1) / kTileK, s.B);
-  TORCH_CHECK(grid.y <= 65535 && grid.z <= 65535, "pixel_text_score: too many classes or images for one launch");
   const int64_t s_tb = s.text_batched ? s.K * s.C : 0;
   const VisualStrides vs = dense_visual_strides(s);
   auto stream = c10::cuda::getCurrentCUDAStream();
+  if (tensor_cores_for(v.scalar_type(), v.device())) {
+    if (v.scalar_type() == at::kHalf) {
+      launch_tensor_core<__half>(out, v, t, s, vs, s_tb, scale, stream);
+    } else {
+      launch_tensor_core<__nv_bfloat16>(out, v, t, s, vs, s_tb, scale, stream);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+  const dim3 grid((s.P() + kTileP - 1) / kTileP, (s.K + kTileK - 1) / kTileK, s.B);
+  TORCH_CHECK(grid.y <= 65535 && grid.z <= 65535, "pixel_text_score: too many classes or images for one launch");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "pixel_text_score_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
     score_forward_kernel<scalar_t, acc_t><<<grid, kThreads, 0, stream>>>(

@@ -1,0 +1,215 @@
+// Tensor-core forward of pixel_text_score for float16 (sm_70+) and bfloat16 (sm_80+), with the WMMA API
+// (mma.sync 16x16x16 fragments, float accumulation). Included by score.cu, which launches it, and by the CPU
+// emulation test (tests/cuda_emulation), which defines DCF_CUDA_EMULATION and runs it thread by thread on the host.
+//
+// A block of 8 warps scores all the classes of a class tile (64 or 192 rows: a tile covers K <= 192 in one, so
+// `visual` is read from memory once for the usual 150-171 classes) against 64 pixels of one image. It steps over
+// the channels 32 at a time:
+//   - it stages text (tile_k x 32, row-major) and visual (32 x 64: row-major [c][p] for NCHW, column-major [p][c]
+//     for NHWC, so that both are copied from global memory along their contiguous dimension) in shared memory,
+//     with 8 elements of padding per row (ldm stays a multiple of 8, every fragment starts 32-byte aligned);
+//   - one thread per pixel and per class adds the squares of its staged values to its norm (float);
+//   - each warp multiplies its (tile_k / 32) class fragments by its one pixel fragment, two k-steps of 16.
+// Epilogue per warp and fragment: the accumulator goes to a 16x16 float scratch in shared memory, and the warp's
+// lanes write scale * dot / (max(|t|, eps) * max(|v|, eps)) (F.normalize's clamp) to `out` by its strides.
+// Loads are 16-byte vectors (8 elements) when C (and for NCHW the pixel count) is a multiple of 8 and the tensors
+// are 16-byte aligned (kVec), else element by element; padding rows and columns are zero.
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+#ifndef DCF_CUDA_EMULATION
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
+#endif
+
+#ifdef __CUDA_ARCH__
+#define DCF_TC_ARCH __CUDA_ARCH__
+#else
+#define DCF_TC_ARCH 10000  // host pass of nvcc (the body is parsed, never run) and the CPU emulation
+#endif
+
+namespace denseclip_fast {
+namespace tc {
+
+constexpr int kFrag = 16;                    // m = n = k of a WMMA fragment
+constexpr int kWarps = 8, kThreads = 32 * kWarps;
+constexpr int kColFrags = 4, kTileP = kColFrags * kFrag;  // 64 pixels per block
+constexpr int kTileC = 32;                   // channels staged per step (two k-steps)
+constexpr int kPad = 8;                      // 16-bit elements of padding per staged row
+constexpr int kVecElems = 8;                 // one 16-byte load
+constexpr int kMaxRowFrags = 12;             // class tile of 192 rows
+
+// Compute capability (as __CUDA_ARCH__, 10 * (10 * major + minor)) a dtype's tensor-core fragments need.
+template <typename T>
+constexpr int kMinArch = 800;  // __nv_bfloat16
+template <>
+constexpr int kMinArch<__half> = 700;
+
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+template <typename T>
+struct alignas(16) Pack {
+  T v[kVecElems];
+};
+
+// How a call is launched: the class-tile height (row fragments, 4 or 12) and whether loads are vectors.
+struct Config {
+  int row_frags;
+  bool vec;
+  int tile_k() const { return row_frags * kFrag; }
+};
+
+// visual_ptr/text_ptr: the addresses the kernel reads (after .contiguous()); strides as in score.cu.
+inline Config choose_config(int64_t C, int64_t P, int64_t K, bool nhwc, std::uintptr_t visual_ptr,
+                            std::uintptr_t text_ptr) {
+  const bool aligned = visual_ptr % 16 == 0 && text_ptr % 16 == 0;
+  const bool vec = aligned && C % kVecElems == 0 && (nhwc || P % kVecElems == 0);
+  return Config{K <= 4 * kFrag ? 4 : kMaxRowFrags, vec};
+}
+
+// T: __half or __nv_bfloat16. kRowFrags: 4 or 12 (class tile 64 or 192). kNHWC: visual is channels-last
+// (s_vc == 1). kVec: 16-byte loads (see the file comment for when the launcher may choose it).
+template <typename T, int kRowFrags, bool kNHWC, bool kVec>
+__global__ void __launch_bounds__(kThreads)
+    score_forward_tc_kernel(const T* __restrict__ v, const T* __restrict__ t, T* __restrict__ out, int64_t C,
+                            int64_t P, int64_t K, int64_t s_vb, int64_t s_vc, int64_t s_vp, int64_t s_tb,
+                            int64_t s_tk, int64_t s_ob, int64_t s_ok, int64_t s_op, float scale) {
+  if constexpr (DCF_TC_ARCH >= kMinArch<T>) {
+    namespace wmma = nvcuda::wmma;
+    constexpr int kTileK = kRowFrags * kFrag;
+    constexpr int kFragsPerWarp = kRowFrags / 2;  // warps 0-3 and 4-7 share a pixel fragment, split the classes
+    constexpr int kLdT = kTileC + kPad;           // text tile row stride
+    constexpr int kLdV = kNHWC ? kTileC + kPad : kTileP + kPad;  // visual tile: [p][c] (NHWC) or [c][p]
+    constexpr int kVisualElems = kNHWC ? kTileP * kLdV : kTileC * kLdV;
+    static_assert(kThreads >= kTileP + kTileK, "one thread per pixel and per class accumulates the norms");
+    using BLayout = typename std::conditional<kNHWC, wmma::col_major, wmma::row_major>::type;
+
+    __shared__ __align__(32) T ts[kTileK * kLdT];
+    __shared__ __align__(32) T vs[kVisualElems];
+    __shared__ __align__(32) float scratch[kWarps][kFrag * kFrag];
+    __shared__ float v_sq[kTileP], t_sq[kTileK];
+
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const int64_t p0 = static_cast<int64_t>(blockIdx.x) * kTileP, k0 = static_cast<int64_t>(blockIdx.y) * kTileK;
+    const T* vb = v + static_cast<int64_t>(blockIdx.z) * s_vb;
+    const T* tb = t + static_cast<int64_t>(blockIdx.z) * s_tb;
+    const T zero = from_float<T>(0.0f);
+    auto v_at = [&](int c, int p) -> T& { return kNHWC ? vs[p * kLdV + c] : vs[c * kLdV + p]; };
+
+    if (tid < kTileP) v_sq[tid] = 0.0f;
+    else if (tid < kTileP + kTileK) t_sq[tid - kTileP] = 0.0f;
+    __syncthreads();  // the epilogue reads them from other threads, also when C == 0 skips the loop
+
+    const int col_frag = warp % kColFrags, first_row_frag = warp / kColFrags;
+    wmma::fragment<wmma::accumulator, kFrag, kFrag, kFrag, float> acc[kFragsPerWarp];
+    for (int r = 0; r < kFragsPerWarp; ++r) wmma::fill_fragment(acc[r], 0.0f);
+
+    for (int64_t c0 = 0; c0 < C; c0 += kTileC) {
+      if constexpr (kVec) {
+        Pack<T> zeros;
+        for (int e = 0; e < kVecElems; ++e) zeros.v[e] = zero;
+        constexpr int kVisualPacks = kTileC * kTileP / kVecElems;
+        for (int i = tid; i < kVisualPacks; i += kThreads) {
+          // NHWC: 4 packs of channels per pixel; NCHW: 8 packs of pixels per channel (C, P multiples of 8)
+          const int c = kNHWC ? (i % (kTileC / kVecElems)) * kVecElems : i / (kTileP / kVecElems);
+          const int p = kNHWC ? i / (kTileC / kVecElems) : (i % (kTileP / kVecElems)) * kVecElems;
+          const bool ok = c0 + c < C && p0 + p < P;
+          *reinterpret_cast<Pack<T>*>(&v_at(c, p)) =
+              ok ? *reinterpret_cast<const Pack<T>*>(vb + (c0 + c) * s_vc + (p0 + p) * s_vp) : zeros;
+        }
+        constexpr int kTextPacks = kTileK * kTileC / kVecElems;
+        for (int i = tid; i < kTextPacks; i += kThreads) {
+          const int k = i / (kTileC / kVecElems), c = (i % (kTileC / kVecElems)) * kVecElems;
+          const bool ok = k0 + k < K && c0 + c < C;
+          *reinterpret_cast<Pack<T>*>(&ts[k * kLdT + c]) =
+              ok ? *reinterpret_cast<const Pack<T>*>(tb + (k0 + k) * s_tk + c0 + c) : zeros;
+        }
+      } else {
+        for (int i = tid; i < kTileC * kTileP; i += kThreads) {  // consecutive threads along the contiguous dim
+          const int c = kNHWC ? i % kTileC : i / kTileP, p = kNHWC ? i / kTileC : i % kTileP;
+          const bool ok = c0 + c < C && p0 + p < P;
+          v_at(c, p) = ok ? vb[(c0 + c) * s_vc + (p0 + p) * s_vp] : zero;
+        }
+        for (int i = tid; i < kTileK * kTileC; i += kThreads) {
+          const int k = i / kTileC, c = i % kTileC;
+          const bool ok = k0 + k < K && c0 + c < C;
+          ts[k * kLdT + c] = ok ? tb[(k0 + k) * s_tk + c0 + c] : zero;
+        }
+      }
+      __syncthreads();
+      if (tid < kTileP) {
+        float ss = 0.0f;
+        for (int c = 0; c < kTileC; ++c) {
+          const float x = to_float(v_at(c, tid));
+          ss += x * x;
+        }
+        v_sq[tid] += ss;
+      } else if (tid < kTileP + kTileK) {
+        const int k = tid - kTileP;
+        float ss = 0.0f;
+        for (int c = 0; c < kTileC; ++c) {
+          const float x = to_float(ts[k * kLdT + c]);
+          ss += x * x;
+        }
+        t_sq[k] += ss;
+      }
+      for (int kk = 0; kk < kTileC; kk += kFrag) {
+        wmma::fragment<wmma::matrix_b, kFrag, kFrag, kFrag, T, BLayout> b_frag;
+        const int p = col_frag * kFrag;
+        wmma::load_matrix_sync(b_frag, kNHWC ? &vs[p * kLdV + kk] : &vs[kk * kLdV + p], kLdV);
+        for (int r = 0; r < kFragsPerWarp; ++r) {
+          wmma::fragment<wmma::matrix_a, kFrag, kFrag, kFrag, T, wmma::row_major> a_frag;
+          wmma::load_matrix_sync(a_frag, &ts[(first_row_frag + 2 * r) * kFrag * kLdT + kk], kLdT);
+          wmma::mma_sync(acc[r], a_frag, b_frag, acc[r]);
+        }
+      }
+      __syncthreads();
+    }
+
+    const float eps = 1e-12f;  // kNormEps, F.normalize's eps
+    float* sc = scratch[warp];
+    for (int r = 0; r < kFragsPerWarp; ++r) {
+      wmma::store_matrix_sync(sc, acc[r], kFrag, wmma::mem_row_major);
+      __syncwarp();
+      const int row0 = (first_row_frag + 2 * r) * kFrag, col0 = col_frag * kFrag;
+      for (int e = lane; e < kFrag * kFrag; e += 32) {
+        const int kr = row0 + e / kFrag, pc = col0 + e % kFrag;
+        const int64_t k = k0 + kr, p = p0 + pc;
+        if (k < K && p < P) {
+          const float denom = fmaxf(sqrtf(t_sq[kr]), eps) * fmaxf(sqrtf(v_sq[pc]), eps);
+          out[static_cast<int64_t>(blockIdx.z) * s_ob + k * s_ok + p * s_op] = from_float<T>(sc[e] * scale / denom);
+        }
+      }
+      __syncwarp();
+    }
+  }
+}
+
+// Calls launch(kernel) with the instantiation of score_forward_tc_kernel<T, ...> that cfg and the layout select.
+template <typename T, typename Launch>
+void dispatch(const Config& cfg, bool nhwc, Launch&& launch) {
+  const int which = (cfg.row_frags == 4 ? 0 : 4) + (nhwc ? 2 : 0) + (cfg.vec ? 1 : 0);
+  switch (which) {
+    case 0: launch(score_forward_tc_kernel<T, 4, false, false>); break;
+    case 1: launch(score_forward_tc_kernel<T, 4, false, true>); break;
+    case 2: launch(score_forward_tc_kernel<T, 4, true, false>); break;
+    case 3: launch(score_forward_tc_kernel<T, 4, true, true>); break;
+    case 4: launch(score_forward_tc_kernel<T, kMaxRowFrags, false, false>); break;
+    case 5: launch(score_forward_tc_kernel<T, kMaxRowFrags, false, true>); break;
+    case 6: launch(score_forward_tc_kernel<T, kMaxRowFrags, true, false>); break;
+    default: launch(score_forward_tc_kernel<T, kMaxRowFrags, true, true>); break;
+  }
+}
+
+}  // namespace tc
+}  // namespace denseclip_fast

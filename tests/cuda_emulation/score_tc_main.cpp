@@ -1,0 +1,114 @@
+// Runs the tensor-core pixel_text_score kernel (csrc/cuda/score_tc.cuh) under the CUDA emulation on one case and
+// prints what tests/test_cuda_emulation.py checks, as one line of key=value pairs:
+//   row_frags, vec       the configuration tc::choose_config picked (as the CUDA launcher does)
+//   rel_err              |out - ref| / |ref| over the scores, ref in double from the same 16-bit inputs
+//   zeros_exact          1 when the zero pixel and the zero class score exactly 0
+//   untouched            1 when no element outside the scores (the feature channels of the concat view, the
+//                        guard elements past the end) was written
+// Usage: score_tc_main DTYPE(half|bf16) B C H W K NHWC(0|1) BATCHED_TEXT(0|1) MISALIGN(0|1) EXTRA_CHANNELS SEED
+#include "cuda_emulation.h"
+
+#include "../../csrc/cuda/score_tc.cuh"
+
+#include <random>
+#include <string>
+
+namespace {
+
+template <typename T>
+T from_float_any(float x) {
+  if constexpr (std::is_same_v<T, __half>) return __float2half_rn(x);
+  else return __float2bfloat16_rn(x);
+}
+
+constexpr float kSentinel = 96.0f;  // exact in float16 and bfloat16; scores are at most |scale|
+constexpr int64_t kGuard = 64;  // elements after each buffer that must stay untouched
+
+template <typename T>
+int run(int64_t B, int64_t C, int64_t H, int64_t W, int64_t K, bool nhwc, bool batched, bool misalign,
+        int64_t extra, unsigned seed) {
+  namespace tc = denseclip_fast::tc;
+  const int64_t P = H * W;
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal;
+  // Values rounded to T once; the reference uses the rounded values in double.
+  std::vector<float> vval(B * C * P), tval((batched ? B : 1) * K * C);
+  for (auto& x : vval) x = to_float_any(from_float_any<T>(normal(rng)));
+  for (auto& x : tval) x = to_float_any(from_float_any<T>(normal(rng)));
+  for (int64_t c = 0; c < C; ++c) vval[c * P + P / 2] = 0.0f;  // image 0, pixel P/2: a zero vector
+  for (int64_t c = 0; c < C; ++c) tval[(K / 2) * C + c] = 0.0f;  // class K/2 (of the first text): zero
+
+  // Buffers; MISALIGN starts both inputs one element past a 16-byte boundary (no vector loads then).
+  const int64_t off = misalign ? 1 : 0;
+  std::vector<T> vbuf(off + B * C * P + kGuard), tbuf(off + tval.size() + kGuard);
+  const int64_t s_vb = C * P, s_vc = nhwc ? 1 : P, s_vp = nhwc ? C : 1;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t p = 0; p < P; ++p) vbuf[off + b * s_vb + c * s_vc + p * s_vp] = from_float_any<T>(vval[(b * C + c) * P + p]);
+  for (size_t i = 0; i < tval.size(); ++i) tbuf[off + i] = from_float_any<T>(tval[i]);
+  // Output: the score channels of a (B, EXTRA + K, H, W) tensor (score_concat's view), NCHW or NHWC like visual.
+  const int64_t CO = extra + K;
+  std::vector<T> obuf(B * CO * P + kGuard, from_float_any<T>(kSentinel));
+  const int64_t s_ob = CO * P, s_ok = nhwc ? 1 : P, s_op = nhwc ? CO : 1;
+  T* out = obuf.data() + extra * s_ok;
+
+  const T* v = vbuf.data() + off;
+  const T* t = tbuf.data() + off;
+  const tc::Config cfg = tc::choose_config(C, P, K, nhwc, reinterpret_cast<std::uintptr_t>(v),
+                                           reinterpret_cast<std::uintptr_t>(t));
+  const dim3 grid{static_cast<unsigned>((P + tc::kTileP - 1) / tc::kTileP),
+                  static_cast<unsigned>((K + cfg.tile_k() - 1) / cfg.tile_k()), static_cast<unsigned>(B)};
+  const float scale = 0.5f;
+  const int64_t s_tb = batched ? K * C : 0;
+  tc::dispatch<T>(cfg, nhwc, [&](auto kernel) {
+    emu::launch(grid, tc::kThreads, kernel, v, t, out, C, P, K, s_vb, s_vc, s_vp, s_tb, C, s_ob, s_ok, s_op, scale);
+  });
+
+  double err2 = 0, ref2 = 0;
+  bool zeros_exact = true, untouched = true;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t k = 0; k < K; ++k) {
+      const float* tk = tval.data() + (batched ? b * K : 0) * C + k * C;
+      double tn = 0;
+      for (int64_t c = 0; c < C; ++c) tn += double(tk[c]) * tk[c];
+      for (int64_t p = 0; p < P; ++p) {
+        double dot = 0, vn = 0;
+        for (int64_t c = 0; c < C; ++c) {
+          const double x = vval[(b * C + c) * P + p];
+          dot += x * tk[c];
+          vn += x * x;
+        }
+        const double ref = scale * dot / (std::max(std::sqrt(tn), 1e-12) * std::max(std::sqrt(vn), 1e-12));
+        const double got = to_float_any(out[b * s_ob + k * s_ok + p * s_op]);
+        err2 += (got - ref) * (got - ref);
+        ref2 += ref * ref;
+        const bool zero_pair = (b == 0 && p == P / 2) || (k == K / 2 && (b == 0 || !batched));
+        if (zero_pair && got != 0.0) zeros_exact = false;
+      }
+    }
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t c = 0; c < extra; ++c)
+      for (int64_t p = 0; p < P; ++p)
+        if (to_float_any(obuf[b * s_ob + c * s_ok + p * s_op]) != kSentinel) untouched = false;
+  for (int64_t i = B * CO * P; i < static_cast<int64_t>(obuf.size()); ++i)
+    if (to_float_any(obuf[i]) != kSentinel) untouched = false;
+  std::printf("row_frags=%d vec=%d rel_err=%.3e zeros_exact=%d untouched=%d\n", cfg.row_frags, cfg.vec ? 1 : 0,
+              std::sqrt(err2 / std::max(ref2, 1e-300)), zeros_exact ? 1 : 0, untouched ? 1 : 0);
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc != 12) {
+    std::fprintf(stderr, "usage: %s half|bf16 B C H W K NHWC BATCHED MISALIGN EXTRA SEED\n", argv[0]);
+    return 2;
+  }
+  const std::string dtype = argv[1];
+  int64_t a[10];
+  for (int i = 0; i < 10; ++i) a[i] = std::stoll(argv[2 + i]);
+  if (dtype == "half") return run<__half>(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9]);
+  if (dtype == "bf16") return run<__nv_bfloat16>(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9]);
+  std::fprintf(stderr, "dtype must be half or bf16, got %s\n", argv[1]);
+  return 2;
+}

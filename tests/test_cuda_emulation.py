@@ -1,0 +1,84 @@
+"""The tensor-core CUDA kernel of pixel_text_score (csrc/cuda/score_tc.cuh) run on the CPU, under the CUDA emulation
+of tests/cuda_emulation (host threads for GPU threads, barriers for __syncthreads/__syncwarp, whole-tile WMMA
+fragments that check pointer alignment and ldm), compiled with AddressSanitizer so that an access outside a buffer
+or a shared array aborts. It checks the tiling, bounds, layouts, load widths and epilogue against a float64 result
+without a GPU; tests/test_ops.py checks the kernel on a GPU (cuda backend, float16/bfloat16).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from .conftest import ROOT, run_checked
+
+TOL = {"half": 2e-3, "bf16": 2e-2}  # as tests/test_ops.py: float16, bfloat16
+# (dtype, B, C, H, W, K, nhwc, batched text, misaligned inputs, extra output channels (score_concat's view))
+CASES = [
+    ("half", 1, 1, 1, 1, 1, 0, 0, 0, 0),  # everything one
+    ("bf16", 2, 37, 5, 7, 150, 0, 1, 0, 0),  # odd C and P, one 192-row class tile, text per image
+    ("half", 2, 37, 5, 7, 150, 1, 0, 0, 3),  # the same NHWC, into a concat view
+    ("bf16", 1, 64, 8, 8, 200, 1, 0, 0, 2),  # two class tiles, vector loads (NHWC)
+    ("half", 2, 64, 4, 10, 64, 0, 0, 0, 0),  # K = 64: the small class tile; vector loads (NCHW, P % 8 == 0)
+    ("bf16", 2, 64, 4, 10, 65, 0, 1, 0, 5),  # K = 65: the large one
+    ("half", 1, 48, 9, 8, 20, 0, 0, 1, 0),  # vector-sized but misaligned: element loads
+    ("bf16", 1, 40, 3, 5, 30, 0, 0, 0, 1),  # C % 8 == 0 but P % 8 != 0 (NCHW): element loads
+    ("bf16", 1, 40, 3, 5, 30, 1, 0, 0, 1),  # the same NHWC: vector loads
+    ("half", 1, 96, 10, 13, 3, 1, 1, 0, 0),  # three pixel tiles, the last partial; C three channel steps
+    ("bf16", 2, 0, 3, 3, 5, 0, 0, 0, 0),  # C = 0: no channel step, every score 0
+]
+
+
+@pytest.fixture(scope="module")
+def score_tc_main(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        pytest.skip("no C++ compiler")
+    binary = tmp_path_factory.mktemp("cuda_emulation") / "score_tc_main"
+    source = os.path.join(ROOT, "tests", "cuda_emulation", "score_tc_main.cpp")
+    flags = ["-std=c++20", "-O1", "-g", "-pthread", "-fsanitize=address,undefined", "-fno-sanitize-recover=all"]
+    probe = subprocess.run([compiler, *flags, "-x", "c++", "-", "-o", os.devnull], input="int main() { _Float16 h = 1; return (int)h - 1; }",
+                           capture_output=True, text=True)  # fmt: skip
+    if probe.returncode != 0:
+        pytest.skip(f"{compiler} cannot build the emulation (C++20, _Float16, sanitizers): {probe.stderr[-300:]}")
+    run_checked([compiler, *flags, source, "-o", str(binary)])
+    return binary
+
+
+def _expected_config(c: int, h: int, w: int, k: int, nhwc: int, misalign: int) -> tuple[int, int]:
+    vec = not misalign and c % 8 == 0 and (nhwc or (h * w) % 8 == 0)
+    return (4 if k <= 64 else 12), int(vec)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
+def test_tensor_core_score_kernel_under_emulation(score_tc_main, case):
+    dtype, b, c, h, w, k, nhwc, batched, misalign, extra = case
+    out = run_checked([str(score_tc_main), *map(str, case), str(sum(case[1:]))]).split()
+    got = dict(item.split("=") for item in out)
+    assert (int(got["row_frags"]), int(got["vec"])) == _expected_config(c, h, w, k, nhwc, misalign), got
+    assert float(got["rel_err"]) <= TOL[dtype], got
+    assert got["zeros_exact"] == "1", "a zero pixel or class must score exactly 0"
+    assert got["untouched"] == "1", "the kernel wrote outside the score channels"
+
+
+def test_the_emulation_catches_a_misaligned_fragment(score_tc_main, tmp_path):
+    """The checks the tests rely on can fail: a WMMA load with a row stride that is not a multiple of 16 bytes
+    aborts (a kernel with kPad = 4 would do that)."""
+    source = tmp_path / "bad.cpp"
+    source.write_text(
+        '#include "cuda_emulation.h"\n'
+        "__global__ void k(const __half* p) {\n"
+        "  nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, __half, nvcuda::wmma::row_major> f;\n"
+        "  nvcuda::wmma::load_matrix_sync(f, p, 20);\n"
+        "}\n"
+        "int main() { alignas(32) static __half buf[16 * 20]; emu::launch(dim3{1, 1, 1}, 32, k, buf); }\n"
+    )
+    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    binary = tmp_path / "bad"
+    run_checked([compiler, "-std=c++20", "-pthread", f"-I{ROOT}/tests/cuda_emulation", str(source), "-o", str(binary)])
+    result = subprocess.run([str(binary)], capture_output=True, text=True)
+    assert result.returncode != 0 and "ldm 20 is not a multiple of 16 bytes" in result.stderr
