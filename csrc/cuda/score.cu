@@ -20,8 +20,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
 
-#include <array>
-#include <atomic>
+#include <map>
+#include <mutex>
 #include <tuple>
 #include <torch/library.h>
 
@@ -96,13 +96,50 @@ __global__ void score_forward_kernel(const scalar_t* __restrict__ v, const scala
   }
 }
 
+// What the tensor-core path needs to know of a GPU, queried once per device.
+struct TensorCoreGpu {
+  bool half = false, bf16 = false;  // the tensor-core kernel of that dtype runs there
+  int sm_count = 0;
+};
+
+// Whether the tensor-core kernel for T has its body on the current device (compute capability `arch`, as
+// __CUDA_ARCH__): the GPU has the fragments, and the code the driver picks (a cubin, or PTX it compiles) was built
+// for an architecture that has them (built for sm_75 only with +PTX, the bfloat16 kernel is empty).
+template <typename T>
+bool tensor_core_kernel_runs(int arch) {
+  if (arch < tc::kMinArch<T>) return false;
+  cudaFuncAttributes attr;
+  if (cudaFuncGetAttributes(&attr, tc::score_forward_tc_kernel<T, 4, false, false>) != cudaSuccess) {
+    (void)cudaGetLastError();  // no code for this GPU at all: the portable kernel's launch reports it
+    return false;
+  }
+  return attr.ptxVersion * 10 >= tc::kMinArch<T>;
+}
+
+const TensorCoreGpu& tensor_core_gpu(int index) {
+  static std::mutex mutex;
+  static std::map<int, TensorCoreGpu> gpus;
+  const std::lock_guard<std::mutex> lock(mutex);
+  auto found = gpus.find(index);
+  if (found != gpus.end()) return found->second;
+  int major = 0, minor = 0;
+  TensorCoreGpu gpu;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, index));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, index));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&gpu.sm_count, cudaDevAttrMultiProcessorCount, index));
+  const int arch = 100 * major + 10 * minor;
+  gpu.half = tensor_core_kernel_runs<__half>(arch);
+  gpu.bf16 = tensor_core_kernel_runs<__nv_bfloat16>(arch);
+  return gpus.emplace(index, gpu).first->second;
+}
+
 // The tensor-core kernel for T (__half or __nv_bfloat16), with the tile and load width of tc::choose_config.
 template <typename T>
 void launch_tensor_core(at::Tensor& out, const at::Tensor& v, const at::Tensor& t, const ScoreShape& s,
-                        const VisualStrides& vs, int64_t s_tb, double scale, cudaStream_t stream) {
-  const tc::Config cfg = tc::choose_config(s.C, s.P(), s.K, s.channels_last,
+                        const VisualStrides& vs, int64_t s_tb, double scale, int sm_count, cudaStream_t stream) {
+  const tc::Config cfg = tc::choose_config(s.B, s.C, s.P(), s.K, s.channels_last,
                                            reinterpret_cast<std::uintptr_t>(v.data_ptr()),
-                                           reinterpret_cast<std::uintptr_t>(t.data_ptr()));
+                                           reinterpret_cast<std::uintptr_t>(t.data_ptr()), sm_count);
   const dim3 grid((s.P() + tc::kTileP - 1) / tc::kTileP, (s.K + cfg.tile_k() - 1) / cfg.tile_k(), s.B);
   TORCH_CHECK(grid.y <= 65535 && grid.z <= 65535, "pixel_text_score: too many classes or images for one launch");
   const T* vp = reinterpret_cast<const T*>(v.data_ptr());
@@ -115,24 +152,6 @@ void launch_tensor_core(at::Tensor& out, const at::Tensor& v, const at::Tensor& 
   });
 }
 
-// Whether this GPU has the tensor-core fragments of `dtype` (float16: sm_70+, bfloat16: sm_80+).
-bool tensor_cores_for(at::ScalarType dtype, const at::Device& device) {
-  if (dtype != at::kHalf && dtype != at::kBFloat16) return false;
-  static std::array<std::atomic<int>, 64> archs{};  // per device, as __CUDA_ARCH__ (0: not asked yet)
-  const int index = device.index();
-  TORCH_CHECK(index >= 0 && index < static_cast<int>(archs.size()), "pixel_text_score: CUDA device index ", index,
-              " out of range");
-  int arch = archs[index].load(std::memory_order_relaxed);
-  if (arch == 0) {
-    int major = 0, minor = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, index));
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, index));
-    arch = 100 * major + 10 * minor;
-    archs[index].store(arch, std::memory_order_relaxed);
-  }
-  return arch >= (dtype == at::kHalf ? tc::kMinArch<__half> : tc::kMinArch<__nv_bfloat16>);
-}
-
 void score_forward_into(at::Tensor out, const at::Tensor& visual, const at::Tensor& text, const ScoreShape& s,
                         double scale) {
   if (out.numel() == 0) return;
@@ -142,14 +161,19 @@ void score_forward_into(at::Tensor out, const at::Tensor& visual, const at::Tens
   const int64_t s_tb = s.text_batched ? s.K * s.C : 0;
   const VisualStrides vs = dense_visual_strides(s);
   auto stream = c10::cuda::getCurrentCUDAStream();
-  if (tensor_cores_for(v.scalar_type(), v.device())) {
-    if (v.scalar_type() == at::kHalf) {
-      launch_tensor_core<__half>(out, v, t, s, vs, s_tb, scale, stream);
-    } else {
-      launch_tensor_core<__nv_bfloat16>(out, v, t, s, vs, s_tb, scale, stream);
+  const at::ScalarType dtype = v.scalar_type();
+  if (dtype == at::kHalf || dtype == at::kBFloat16) {
+    const TensorCoreGpu& gpu = tensor_core_gpu(v.device().index());
+    if (dtype == at::kHalf && gpu.half) {
+      launch_tensor_core<__half>(out, v, t, s, vs, s_tb, scale, gpu.sm_count, stream);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return;
+    if (dtype == at::kBFloat16 && gpu.bf16) {
+      launch_tensor_core<__nv_bfloat16>(out, v, t, s, vs, s_tb, scale, gpu.sm_count, stream);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
   }
   const dim3 grid((s.P() + kTileP - 1) / kTileP, (s.K + kTileK - 1) / kTileK, s.B);
   TORCH_CHECK(grid.y <= 65535 && grid.z <= 65535, "pixel_text_score: too many classes or images for one launch");

@@ -62,6 +62,21 @@ struct alignas(16) Pack {
   T v[kVecElems];
 };
 
+// The sum of squares of kTileC staged values starting at a 16-byte aligned `row` (in float), read as 16-byte
+// vectors: threads reading rows 80 bytes apart then hit distinct banks.
+template <typename T>
+__device__ __forceinline__ float row_sum_of_squares(const T* row) {
+  float ss = 0.0f;
+  for (int i = 0; i < kTileC; i += kVecElems) {
+    const Pack<T> pack = *reinterpret_cast<const Pack<T>*>(row + i);
+    for (int e = 0; e < kVecElems; ++e) {
+      const float x = to_float(pack.v[e]);
+      ss += x * x;
+    }
+  }
+  return ss;
+}
+
 // How a call is launched: the class-tile height (row fragments, 4 or 12) and whether loads are vectors.
 struct Config {
   int row_frags;
@@ -69,12 +84,17 @@ struct Config {
   int tile_k() const { return row_frags * kFrag; }
 };
 
-// visual_ptr/text_ptr: the addresses the kernel reads (after .contiguous()); strides as in score.cu.
-inline Config choose_config(int64_t C, int64_t P, int64_t K, bool nhwc, std::uintptr_t visual_ptr,
-                            std::uintptr_t text_ptr) {
+// visual_ptr/text_ptr: the addresses the kernel reads (after .contiguous()). The 192-row class tile reads visual
+// once for up to 192 classes; the 64-row one is taken for K <= 64, and also when the pixel tiles of the batch
+// (ceil(P / 64) * B blocks) would leave most of the GPU's `sm_count` multiprocessors idle (small maps: reading
+// visual three times costs less than an idle GPU).
+inline Config choose_config(int64_t B, int64_t C, int64_t P, int64_t K, bool nhwc, std::uintptr_t visual_ptr,
+                            std::uintptr_t text_ptr, int sm_count) {
   const bool aligned = visual_ptr % 16 == 0 && text_ptr % 16 == 0;
   const bool vec = aligned && C % kVecElems == 0 && (nhwc || P % kVecElems == 0);
-  return Config{K <= 4 * kFrag ? 4 : kMaxRowFrags, vec};
+  const int64_t pixel_blocks = (P + kTileP - 1) / kTileP * B;
+  const bool small = K <= 4 * kFrag || pixel_blocks < sm_count;
+  return Config{small ? 4 : kMaxRowFrags, vec};
 }
 
 // T: __half or __nv_bfloat16. kRowFrags: 4 or 12 (class tile 64 or 192). kNHWC: visual is channels-last
@@ -148,20 +168,18 @@ __global__ void __launch_bounds__(kThreads)
       }
       __syncthreads();
       if (tid < kTileP) {
-        float ss = 0.0f;
-        for (int c = 0; c < kTileC; ++c) {
-          const float x = to_float(v_at(c, tid));
-          ss += x * x;
+        if constexpr (kNHWC) {
+          v_sq[tid] += row_sum_of_squares(&vs[tid * kLdV]);
+        } else {  // a column of [c][p]: consecutive threads, consecutive addresses
+          float ss = 0.0f;
+          for (int c = 0; c < kTileC; ++c) {
+            const float x = to_float(vs[c * kLdV + tid]);
+            ss += x * x;
+          }
+          v_sq[tid] += ss;
         }
-        v_sq[tid] += ss;
       } else if (tid < kTileP + kTileK) {
-        const int k = tid - kTileP;
-        float ss = 0.0f;
-        for (int c = 0; c < kTileC; ++c) {
-          const float x = to_float(ts[k * kLdT + c]);
-          ss += x * x;
-        }
-        t_sq[k] += ss;
+        t_sq[tid - kTileP] += row_sum_of_squares(&ts[(tid - kTileP) * kLdT]);
       }
       for (int kk = 0; kk < kTileC; kk += kFrag) {
         wmma::fragment<wmma::matrix_b, kFrag, kFrag, kFrag, T, BLayout> b_frag;
@@ -178,12 +196,14 @@ __global__ void __launch_bounds__(kThreads)
 
     const float eps = 1e-12f;  // kNormEps, F.normalize's eps
     float* sc = scratch[warp];
+    // Consecutive lanes write consecutive output addresses: along the pixels for NCHW output (scratch row-major,
+    // a row per class), along the classes for NHWC (scratch column-major, a row per pixel).
     for (int r = 0; r < kFragsPerWarp; ++r) {
-      wmma::store_matrix_sync(sc, acc[r], kFrag, wmma::mem_row_major);
+      wmma::store_matrix_sync(sc, acc[r], kFrag, kNHWC ? wmma::mem_col_major : wmma::mem_row_major);
       __syncwarp();
       const int row0 = (first_row_frag + 2 * r) * kFrag, col0 = col_frag * kFrag;
       for (int e = lane; e < kFrag * kFrag; e += 32) {
-        const int kr = row0 + e / kFrag, pc = col0 + e % kFrag;
+        const int kr = row0 + (kNHWC ? e % kFrag : e / kFrag), pc = col0 + (kNHWC ? e / kFrag : e % kFrag);
         const int64_t k = k0 + kr, p = p0 + pc;
         if (k < K && p < P) {
           const float denom = fmaxf(sqrtf(t_sq[kr]), eps) * fmaxf(sqrtf(v_sq[pc]), eps);
@@ -192,6 +212,8 @@ __global__ void __launch_bounds__(kThreads)
       }
       __syncwarp();
     }
+  } else {
+    __trap();  // compiled for an older GPU than T needs; the launcher checks the kernel's PTX version first
   }
 }
 

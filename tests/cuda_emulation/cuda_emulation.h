@@ -77,6 +77,7 @@ void launch(dim3 grid, unsigned threads, Kernel kernel, Args... args) {
 
 inline void __syncthreads() { emu::block_barrier->arrive_and_wait(); }
 inline void __syncwarp() { emu::warp_barriers[emu::thread_idx.x / 32]->arrive_and_wait(); }
+[[noreturn]] inline void __trap() { emu::fail("__trap()"); }
 
 struct __half {
   _Float16 x;

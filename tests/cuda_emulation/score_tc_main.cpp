@@ -5,7 +5,8 @@
 //   zeros_exact          1 when the zero pixel and the zero class score exactly 0
 //   untouched            1 when no element outside the scores (the feature channels of the concat view, the
 //                        guard elements past the end) was written
-// Usage: score_tc_main DTYPE(half|bf16) B C H W K NHWC(0|1) BATCHED_TEXT(0|1) MISALIGN(0|1) EXTRA_CHANNELS SEED
+// Usage: score_tc_main DTYPE(half|bf16) B C H W K NHWC(0|1) BATCHED_TEXT(0|1) MISALIGN(0|1) EXTRA_CHANNELS SMS SEED
+// (SMS: the multiprocessor count tc::choose_config is told)
 #include "cuda_emulation.h"
 
 #include "../../csrc/cuda/score_tc.cuh"
@@ -26,7 +27,7 @@ constexpr int64_t kGuard = 64;  // elements after each buffer that must stay unt
 
 template <typename T>
 int run(int64_t B, int64_t C, int64_t H, int64_t W, int64_t K, bool nhwc, bool batched, bool misalign,
-        int64_t extra, unsigned seed) {
+        int64_t extra, int sms, unsigned seed) {
   namespace tc = denseclip_fast::tc;
   const int64_t P = H * W;
   std::mt19937 rng(seed);
@@ -54,8 +55,8 @@ int run(int64_t B, int64_t C, int64_t H, int64_t W, int64_t K, bool nhwc, bool b
 
   const T* v = vbuf.data() + off;
   const T* t = tbuf.data() + off;
-  const tc::Config cfg = tc::choose_config(C, P, K, nhwc, reinterpret_cast<std::uintptr_t>(v),
-                                           reinterpret_cast<std::uintptr_t>(t));
+  const tc::Config cfg = tc::choose_config(B, C, P, K, nhwc, reinterpret_cast<std::uintptr_t>(v),
+                                           reinterpret_cast<std::uintptr_t>(t), sms);
   const dim3 grid{static_cast<unsigned>((P + tc::kTileP - 1) / tc::kTileP),
                   static_cast<unsigned>((K + cfg.tile_k() - 1) / cfg.tile_k()), static_cast<unsigned>(B)};
   const float scale = 0.5f;
@@ -100,15 +101,15 @@ int run(int64_t B, int64_t C, int64_t H, int64_t W, int64_t K, bool nhwc, bool b
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc != 12) {
-    std::fprintf(stderr, "usage: %s half|bf16 B C H W K NHWC BATCHED MISALIGN EXTRA SEED\n", argv[0]);
+  if (argc != 13) {
+    std::fprintf(stderr, "usage: %s half|bf16 B C H W K NHWC BATCHED MISALIGN EXTRA SMS SEED\n", argv[0]);
     return 2;
   }
   const std::string dtype = argv[1];
-  int64_t a[10];
-  for (int i = 0; i < 10; ++i) a[i] = std::stoll(argv[2 + i]);
-  if (dtype == "half") return run<__half>(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9]);
-  if (dtype == "bf16") return run<__nv_bfloat16>(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9]);
+  int64_t a[11];
+  for (int i = 0; i < 11; ++i) a[i] = std::stoll(argv[2 + i]);
+  if (dtype == "half") return run<__half>(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9], a[10]);
+  if (dtype == "bf16") return run<__nv_bfloat16>(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9], a[10]);
   std::fprintf(stderr, "dtype must be half or bf16, got %s\n", argv[1]);
   return 2;
 }
