@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 
+#include <tuple>
 #include <utility>
 
 namespace denseclip_fast {
@@ -74,6 +75,19 @@ inline std::pair<at::Tensor, at::Tensor> normalize_along(const at::Tensor& x, in
   const at::Tensor clamped = at::linalg_vector_norm(x, 2, {dim}, /*keepdim=*/true).clamp_min(kNormEps);
   return {x / clamped, clamped};
 }
+
+// Backward of x / max(|x|, eps) along `dim`, for the gradient g_hat of the normalised tensor x_hat (x_clamped and
+// x_norm: the clamped and the plain norms, keepdim).
+inline at::Tensor normalize_backward(const at::Tensor& g_hat, const at::Tensor& x_hat, const at::Tensor& x_clamped,
+                                     const at::Tensor& x_norm, int64_t dim) {
+  const at::Tensor radial = (x_hat * g_hat).sum(dim, /*keepdim=*/true) * x_norm.ge(kNormEps);
+  return (g_hat - x_hat * radial) / x_clamped;
+}
+
+// pixel_text_score's backward in ATen calls, for CPU and CUDA tensors of every dtype (csrc/score_backward.cpp);
+// the CUDA registration (csrc/cuda/score.cu) takes tensor-core kernels where it can and this otherwise.
+std::tuple<at::Tensor, at::Tensor> score_backward_aten(const at::Tensor& grad, const at::Tensor& visual,
+                                                       const at::Tensor& text, double scale);
 
 // Shapes of a context_attention call: q (B, heads, Lq, D), k and v (B, heads, Lk, D).
 struct AttentionShape {

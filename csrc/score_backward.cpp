@@ -1,5 +1,5 @@
-// Backward of pixel_text_score, for CPU and CUDA tensors alike (ATen calls: batched GEMMs on BLAS or cuBLAS, and
-// elementwise work on the small and the pixel-sized results).
+// Backward of pixel_text_score in ATen calls (batched GEMMs on BLAS or cuBLAS, and elementwise work on the small and
+// the pixel-sized results): the CPU registration, and the CUDA one's fallback (csrc/cuda/score.cu).
 //
 // With v^ = v / max(|v|, eps), t^ = t / max(|t|, eps) and s = scale <t^, v^>:
 //   g^_v = scale * T^^T G                      (one batched GEMM, (C x K)(K x P) per image)
@@ -13,17 +13,9 @@
 #include "common.h"
 
 namespace denseclip_fast {
-namespace {
 
-// Backward of x / max(|x|, eps) along `dim`, for the gradient g_hat of the normalised tensor.
-at::Tensor normalize_backward(const at::Tensor& g_hat, const at::Tensor& x_hat, const at::Tensor& x_clamped,
-                              const at::Tensor& x_norm, int64_t dim) {
-  const at::Tensor radial = (x_hat * g_hat).sum(dim, /*keepdim=*/true) * x_norm.ge(kNormEps);
-  return (g_hat - x_hat * radial) / x_clamped;
-}
-
-std::tuple<at::Tensor, at::Tensor> pixel_text_score_backward(const at::Tensor& grad, const at::Tensor& visual,
-                                                             const at::Tensor& text, double scale) {
+std::tuple<at::Tensor, at::Tensor> score_backward_aten(const at::Tensor& grad, const at::Tensor& visual,
+                                                       const at::Tensor& text, double scale) {
   const ScoreShape s = check_score_inputs(visual, text, "pixel_text_score_backward");
   check_score_grad(grad, visual, s, "pixel_text_score_backward");
   if (visual.numel() == 0) return {at::zeros_like(visual), at::zeros_like(text)};
@@ -45,9 +37,6 @@ std::tuple<at::Tensor, at::Tensor> pixel_text_score_backward(const at::Tensor& g
           grad_text.to(text.scalar_type())};
 }
 
-}  // namespace
-
-TORCH_LIBRARY_IMPL(denseclip_fast, CPU, m) { m.impl("pixel_text_score_backward", &pixel_text_score_backward); }
-TORCH_LIBRARY_IMPL(denseclip_fast, CUDA, m) { m.impl("pixel_text_score_backward", &pixel_text_score_backward); }
+TORCH_LIBRARY_IMPL(denseclip_fast, CPU, m) { m.impl("pixel_text_score_backward", &score_backward_aten); }
 
 }  // namespace denseclip_fast

@@ -1,8 +1,9 @@
-"""The tensor-core CUDA kernel of pixel_text_score (csrc/cuda/score_tc.cuh) run on the CPU, under the CUDA emulation
-of tests/cuda_emulation (host threads for GPU threads, barriers for __syncthreads/__syncwarp, whole-tile WMMA
-fragments that check pointer alignment and ldm), compiled with AddressSanitizer so that an access outside a buffer
-or a shared array aborts. It checks the tiling, bounds, layouts, load widths and epilogue against a float64 result
-without a GPU; tests/test_ops.py checks the kernel on a GPU (cuda backend, float16/bfloat16).
+"""The tensor-core CUDA kernels of pixel_text_score (csrc/cuda/score_tc.cuh: forward, visual backward) run on the
+CPU, under the CUDA emulation of tests/cuda_emulation (host threads for GPU threads, barriers for
+__syncthreads/__syncwarp, whole-tile WMMA fragments that check pointer alignment and ldm), compiled with
+AddressSanitizer so that an access outside a buffer or a shared array aborts. They check the tiling, bounds,
+layouts, load widths and epilogues against float64 without a GPU; tests/test_ops.py and tests/test_gpu.py check the
+kernels on a GPU (cuda backend, float16/bfloat16).
 """
 
 from __future__ import annotations
@@ -35,13 +36,23 @@ CASES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def score_tc_main(tmp_path_factory: pytest.TempPathFactory) -> Path:
+# (dtype, B, C, H, W, K, nhwc, batched text) for the visual backward kernel
+BACKWARD_CASES = [
+    ("half", 1, 1, 1, 1, 1, 0, 0),  # everything one
+    ("bf16", 2, 37, 5, 7, 150, 0, 1),  # odd C and P, text per image
+    ("half", 2, 37, 5, 7, 150, 1, 0),  # NHWC; the zero pixel's gradient overflows float16 (must be inf)
+    ("bf16", 1, 64, 8, 8, 192, 1, 0),  # K at the kernel's limit
+    ("half", 2, 96, 10, 13, 17, 0, 1),  # three pixel tiles, the last partial; three channel steps
+    ("bf16", 2, 0, 3, 3, 5, 1, 0),  # C = 0
+]
+
+
+def _build(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if compiler is None:
         pytest.skip("no C++ compiler")
-    binary = tmp_path_factory.mktemp("cuda_emulation") / "score_tc_main"
-    source = os.path.join(ROOT, "tests", "cuda_emulation", "score_tc_main.cpp")
+    binary = tmp_path_factory.mktemp("cuda_emulation") / name
+    source = os.path.join(ROOT, "tests", "cuda_emulation", f"{name}.cpp")
     flags = ["-std=c++20", "-O1", "-g", "-pthread", "-fsanitize=address,undefined", "-fno-sanitize-recover=all"]
     probe_source = "int main() { _Float16 h = 1; return (int)h - 1; }"
     probe = subprocess.run([compiler, *flags, "-x", "c++", "-", "-o", os.devnull], input=probe_source,
@@ -50,6 +61,16 @@ def score_tc_main(tmp_path_factory: pytest.TempPathFactory) -> Path:
         pytest.skip(f"{compiler} cannot build the emulation (C++20, _Float16, sanitizers): {probe.stderr[-300:]}")
     run_checked([compiler, *flags, source, "-o", str(binary)])
     return binary
+
+
+@pytest.fixture(scope="module")
+def score_tc_main(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _build(tmp_path_factory, "score_tc_main")
+
+
+@pytest.fixture(scope="module")
+def score_tc_backward_main(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _build(tmp_path_factory, "score_tc_backward_main")
 
 
 def _expected_config(b: int, c: int, h: int, w: int, k: int, nhwc: int, misalign: int, sms: int) -> tuple[int, int]:
@@ -67,6 +88,17 @@ def test_tensor_core_score_kernel_under_emulation(score_tc_main, case):
     assert float(got["rel_err"]) <= TOL[dtype], got
     assert got["zeros_exact"] == "1", "a zero pixel or class must score exactly 0"
     assert got["untouched"] == "1", "the kernel wrote outside the score channels"
+
+
+@pytest.mark.parametrize("case", BACKWARD_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_tensor_core_score_backward_kernel_under_emulation(score_tc_backward_main, case):
+    dtype = case[0]
+    out = run_checked([str(score_tc_backward_main), *map(str, case), str(sum(case[1:]))]).split()
+    got = dict(item.split("=") for item in out)
+    assert float(got["rel_err"]) <= 2 * TOL[dtype], got  # gradients: 2x, as tests/test_ops.py
+    assert float(got["zero_rel_err"]) <= 2 * TOL[dtype], got  # the zero pixel: g^ / eps (F.normalize's clamp)
+    assert float(got["inv_rel_err"]) <= 1e-6, got
+    assert got["untouched"] == "1", "the kernel wrote past its outputs"
 
 
 def test_the_emulation_catches_a_misaligned_fragment(score_tc_main, tmp_path):

@@ -12,6 +12,7 @@ import denseclip_fast as dcf
 from benchmarks.official import OfficialDenseCLIP, official_config, save_mmcv_checkpoint
 from denseclip_fast import ops
 from denseclip_fast.engine.segmenter import no_tf32
+from denseclip_fast.ops.library import score_memory_format
 
 from .conftest import NAMES, official_cfg, randomized, rel_err, tiny_config
 
@@ -35,8 +36,9 @@ def test_extension_built_for_this_gpu():
 @pytest.mark.parametrize("shape", [(2, 1024, 16, 16, 150), (2, 64, 40, 40, 171), (1, 40, 3, 5, 300), (3, 96, 7, 9, 64),
                                    (1, 37, 5, 7, 1), (3, 64, 64, 64, 171)])  # fmt: skip
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "misaligned"])
-def test_tensor_core_score_kernel(dtype, shape, layout):
-    """The cuda backend's tensor-core kernel (csrc/cuda/score_tc.cuh, sm_70+ float16, sm_80+ bfloat16) at the
+def test_tensor_core_score_kernels(dtype, shape, layout):
+    """The cuda backend's tensor-core kernels (csrc/cuda/score_tc.cuh, sm_70+ float16, sm_80+ bfloat16; forward and
+    visual backward) at the
     model's shapes and at odd ones: 64- and 192-row class tiles, two class tiles, vector and element loads (a
     tensor 2 bytes past alignment), shared and per-image text, and into score_concat's view. On an H200 (132 SMs)
     the last shape is the one with enough pixel tiles for the 192-row class tile; the others take the 64-row one."""
@@ -49,11 +51,20 @@ def test_tensor_core_score_kernel(dtype, shape, layout):
     v, t = visual.to(dtype), text.to(dtype)
     if layout == "misaligned":
         v = torch.empty(v.numel() + 1, device="cuda", dtype=dtype)[1:].view(v.shape).copy_(v)
-    expected = ops.reference.pixel_text_score(v.double(), t.double(), 0.7)
+    tol = 2e-3 if dtype == torch.float16 else 2e-2
+    v64, t64 = v.double().requires_grad_(), t.double().requires_grad_()
+    expected = ops.reference.pixel_text_score(v64, t64, 0.7)
+    grad = torch.randn_like(expected)
+    expected.backward(grad)
+    v, t = v.detach().requires_grad_(), t.detach().requires_grad_()
     out = ops.pixel_text_score(v, t, 0.7, backend="cuda")
-    assert out.dtype == dtype and rel_err(out, expected) <= (2e-3 if dtype == torch.float16 else 2e-2)
+    out.backward(grad.to(dtype))  # the tensor-core visual backward up to 192 classes, ATen's past that
+    assert out.dtype == dtype and rel_err(out, expected) <= tol
+    assert rel_err(v.grad, v64.grad) <= 2 * tol and rel_err(t.grad, t64.grad) <= 2 * tol
+    assert v.grad.is_contiguous(memory_format=score_memory_format(v))
     feature = torch.randn(b, 5, h, w, device="cuda", dtype=dtype)
-    concat = ops.score_concat(feature, v, t, 0.7, backend="cuda")
+    with torch.no_grad():
+        concat = ops.score_concat(feature, v, t, 0.7, backend="cuda")
     assert torch.equal(concat[:, :5], feature) and torch.equal(concat[:, 5:], out)
 
 

@@ -1,7 +1,9 @@
-// CUDA kernels of pixel_text_score and score_concat (the backward, ATen on any device, is in csrc/score_backward.cpp).
+// CUDA kernels of pixel_text_score, score_concat and pixel_text_score_backward.
 //
-// float16 (sm_70+) and bfloat16 (sm_80+): the tensor-core kernel of score_tc.cuh (WMMA fragments, float
-// accumulation; visual read once for up to 192 classes).
+// float16 (sm_70+; sm_75+ with CUDA 13) and bfloat16 (sm_80+): the tensor-core kernels of score_tc.cuh (WMMA
+// fragments, float accumulation): the forward (visual read once for up to 192 classes) and the visual half of the
+// backward (up to 192 classes; the text half is a batched GEMM). Otherwise the backward is the ATen one of
+// csrc/score_backward.cpp.
 //
 // float32, float64, and 16-bit types on older GPUs: the portable kernel below. A block scores a tile of 64 classes
 // x 64 pixels of one image. It loops over the channels in chunks of 16, staging the visual tile (16 x 64) and the
@@ -186,6 +188,61 @@ void score_forward_into(at::Tensor out, const at::Tensor& visual, const at::Tens
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// The backward with the tensor-core visual kernel (float16/bfloat16 where the forward's tensor-core kernel runs, up
+// to tc::kMaxBwdK classes), else the ATen one. Text: the normalisation and its Jacobian in float32 on the small
+// (K, C) tensors; d/d t^ = scale * sum_p G[:, p] v_p^T / max(|v_p|, eps), one batched GEMM on the raw visual map
+// in its dtype (float32 accumulation), with the 1 / max(|v_p|, eps) the visual kernel wrote.
+std::tuple<at::Tensor, at::Tensor> pixel_text_score_backward_cuda(const at::Tensor& grad, const at::Tensor& visual,
+                                                                  const at::Tensor& text, double scale) {
+  const ScoreShape s = check_score_inputs(visual, text, "pixel_text_score_backward");
+  check_score_grad(grad, visual, s, "pixel_text_score_backward");
+  const at::ScalarType dtype = visual.scalar_type();
+  if (visual.numel() == 0 || s.K > tc::kMaxBwdK || (dtype != at::kHalf && dtype != at::kBFloat16)) {
+    return score_backward_aten(grad, visual, text, scale);
+  }
+  const c10::cuda::CUDAGuard guard(visual.device());
+  const TensorCoreGpu& gpu = tensor_core_gpu(visual.device().index());
+  if (!(dtype == at::kHalf ? gpu.half : gpu.bf16)) return score_backward_aten(grad, visual, text, scale);
+  TORCH_CHECK(s.B <= 65535, "pixel_text_score_backward: too many images for one launch");
+
+  const at::Tensor t32 = text.to(at::kFloat);
+  const at::Tensor t_norm = at::linalg_vector_norm(t32, 2, {-1}, /*keepdim=*/true);
+  const auto [t_hat32, t_clamped] = normalize_along(t32, -1);
+  const at::Tensor t_hat = t_hat32.to(dtype).contiguous();
+  const at::MemoryFormat layout = s.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const at::Tensor v = visual.contiguous(layout);
+  const at::Tensor g = grad.contiguous();  // (B, K, H, W) NCHW: the kernel reads G[b, k, p] at (b * K + k) * P + p
+  at::Tensor grad_visual = at::empty({s.B, s.C, s.H, s.W}, visual.options().memory_format(layout));
+  at::Tensor inv = at::empty({s.B, s.P()}, visual.options().dtype(at::kFloat));
+  const VisualStrides vs = dense_visual_strides(s);
+  const int64_t s_tb = s.text_batched ? s.K * s.C : 0;
+  const dim3 grid((s.P() + tc::kTileP - 1) / tc::kTileP, s.B);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  auto launch = [&](auto type_tag) {
+    using T = decltype(type_tag);
+    const auto args = std::make_tuple(reinterpret_cast<const T*>(v.data_ptr()),
+                                      reinterpret_cast<const T*>(t_hat.data_ptr()),
+                                      reinterpret_cast<const T*>(g.data_ptr()),
+                                      reinterpret_cast<T*>(grad_visual.data_ptr()), inv.data_ptr<float>(), s.C,
+                                      s.P(), s.K, vs.b, vs.c, vs.p, s_tb, static_cast<float>(scale));
+    auto kernel = s.channels_last ? tc::score_backward_visual_tc_kernel<T, true>
+                                  : tc::score_backward_visual_tc_kernel<T, false>;
+    std::apply([&](auto... a) { kernel<<<grid, tc::kThreads, 0, stream>>>(a...); }, args);
+  };
+  if (dtype == at::kHalf) {
+    launch(__half{});
+  } else {
+    launch(__nv_bfloat16{});
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+  const at::Tensor g_scaled = (g.view({s.B, s.K, s.P()}).to(at::kFloat) * inv.unsqueeze(1) * scale).to(dtype);
+  at::Tensor gt_hat = at::bmm(g_scaled, v.view({s.B, s.C, s.P()}).transpose(1, 2)).to(at::kFloat);  // (B, K, C)
+  if (!s.text_batched) gt_hat = gt_hat.sum(0);
+  const at::Tensor grad_text = normalize_backward(gt_hat, t_hat32, t_clamped, t_norm, -1);
+  return {grad_visual, grad_text.to(text.scalar_type())};
+}
+
 at::Tensor pixel_text_score_cuda(const at::Tensor& visual, const at::Tensor& text, double scale) {
   return score_with(visual, text, scale, score_forward_into);
 }
@@ -200,6 +257,7 @@ at::Tensor score_concat_cuda(const at::Tensor& feature, const at::Tensor& visual
 TORCH_LIBRARY_IMPL(denseclip_fast, CUDA, m) {
   m.impl("pixel_text_score", &pixel_text_score_cuda);
   m.impl("score_concat", &score_concat_cuda);
+  m.impl("pixel_text_score_backward", &pixel_text_score_backward_cuda);
 }
 
 }  // namespace denseclip_fast

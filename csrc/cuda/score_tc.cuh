@@ -1,10 +1,11 @@
-// Tensor-core forward of pixel_text_score for float16 (sm_70+) and bfloat16 (sm_80+), with the WMMA API
-// (mma.sync 16x16x16 fragments, float accumulation). Included by score.cu, which launches it, and by the CPU
-// emulation test (tests/cuda_emulation), which defines DCF_CUDA_EMULATION and runs it thread by thread on the host.
+// Tensor-core kernels of pixel_text_score (forward, and the visual half of the backward) for float16 (sm_70+) and
+// bfloat16 (sm_80+), with the WMMA API (mma.sync 16x16x16 fragments, float accumulation). Included by score.cu,
+// which launches them, and by the CPU emulation test (tests/cuda_emulation), which defines DCF_CUDA_EMULATION and
+// runs them thread by thread on the host.
 //
-// A block of 8 warps scores all the classes of a class tile (64 or 192 rows: a tile covers K <= 192 in one, so
-// `visual` is read from memory once for the usual 150-171 classes) against 64 pixels of one image. It steps over
-// the channels 32 at a time:
+// Forward: a block of 8 warps scores all the classes of a class tile (64 or 192 rows: a tile covers K <= 192 in
+// one, so `visual` is read from memory once for the usual 150-171 classes) against 64 pixels of one image. It steps
+// over the channels 32 at a time:
 //   - it stages text (tile_k x 32, row-major) and visual (32 x 64: row-major [c][p] for NCHW, column-major [p][c]
 //     for NHWC, so that both are copied from global memory along their contiguous dimension) in shared memory,
 //     with 8 elements of padding per row (ldm stays a multiple of 8, every fragment starts 32-byte aligned);
@@ -14,6 +15,7 @@
 // lanes write scale * dot / (max(|t|, eps) * max(|v|, eps)) (F.normalize's clamp) to `out` by its strides.
 // Loads are 16-byte vectors (8 elements) when C (and for NCHW the pixel count) is a multiple of 8 and the tensors
 // are 16-byte aligned (kVec), else element by element; padding rows and columns are zero.
+// Backward: see score_backward_visual_tc_kernel.
 #pragma once
 
 #include <cstdint>
@@ -211,6 +213,121 @@ __global__ void __launch_bounds__(kThreads)
         }
       }
       __syncwarp();
+    }
+  } else {
+    __trap();  // compiled for an older GPU than T needs; the launcher checks the kernel's PTX version first
+  }
+}
+
+// ------------------------------------------------------------------------------------------------ backward
+
+// The visual half of pixel_text_score's backward (the algorithm of the Triton kernel _score_bwd_visual_kernel).
+// With t^ the normalised text (K, C) and G = dL/dscore (K, P) per image:
+//   g^ = scale * t^^T G                     (C x P; recomputed, never stored)
+//   dv = (g^ - v * <v, g^> / max(|v|, eps)^2) / max(|v|, eps), the radial term only where |v| >= eps
+// A block takes 64 pixels of one image and keeps their G (K_pad x 64, K <= kMaxBwdK) in shared memory. It walks
+// the channels twice, 32 at a time: each step stages t^ (K_pad x 32), the 8 warps compute the 2 x 4 fragments of g^
+// (K_pad / 16 products each), store them to a float scratch that reuses the t^ buffer, and the threads combine
+// them with v read from global memory (4 threads per pixel, 8 channels each): pass 1 sums |v|^2 and <v, g^> per
+// pixel, pass 2 writes dv in visual's layout. inv = 1 / max(|v|, eps) goes to `inv` (B, P) for the text gradient.
+constexpr int kMaxBwdK = 192;
+constexpr int kBwdLdG = kTileP + kPad;    // G tile row stride (16-bit elements)
+constexpr int kBwdLdT = kTileC + kPad;    // t^ tile row stride
+constexpr int kBwdLdS = kTileP + 4;       // float scratch row stride (a multiple of 4 floats)
+constexpr int kBwdTBytes = kMaxBwdK * kBwdLdT * 2;
+static_assert(kTileC * kBwdLdS * 4 <= kBwdTBytes, "the g^ scratch fits in the t^ buffer it reuses");
+
+template <typename T, bool kNHWC>
+__global__ void __launch_bounds__(kThreads)
+    score_backward_visual_tc_kernel(const T* __restrict__ v, const T* __restrict__ t_hat, const T* __restrict__ g,
+                                    T* __restrict__ grad_v, float* __restrict__ inv_out, int64_t C, int64_t P,
+                                    int64_t K, int64_t s_vb, int64_t s_vc, int64_t s_vp, int64_t s_tb, float scale) {
+  if constexpr (DCF_TC_ARCH >= kMinArch<T>) {
+    namespace wmma = nvcuda::wmma;
+    __shared__ __align__(32) T gs[kMaxBwdK * kBwdLdG];
+    __shared__ __align__(32) unsigned char t_buf[kBwdTBytes];  // t^ tile, then the g^ scratch
+    __shared__ float partial[2][4][kTileP];                     // per pixel and channel quarter: |v|^2, <v, g^>
+    __shared__ float pixel_inv[kTileP], pixel_radial[kTileP];
+    T* ts = reinterpret_cast<T*>(t_buf);
+    float* scratch = reinterpret_cast<float*>(t_buf);
+
+    const int tid = threadIdx.x, warp = tid / 32;
+    const int64_t p0 = static_cast<int64_t>(blockIdx.x) * kTileP, b = blockIdx.y;
+    const int k_pad = static_cast<int>((K + kFrag - 1) / kFrag) * kFrag;
+    const T zero = from_float<T>(0.0f);
+    const T* vb = v + b * s_vb;
+    const T* tb = t_hat + b * s_tb;
+    const T* gb = g + b * K * P;
+    T* gvb = grad_v + b * s_vb;
+    // This thread's pixel and quarter of the 32 channels of a step: along the pixels for NCHW, along the channels
+    // (4 consecutive threads cover one pixel's 32) for NHWC, so that global accesses are coalesced.
+    const int my_p = kNHWC ? tid / 4 : tid % kTileP, my_q = kNHWC ? tid % 4 : tid / kTileP;
+    const int64_t p = p0 + my_p;
+
+    for (int i = tid; i < k_pad * kTileP; i += kThreads) {
+      const int k = i / kTileP, pp = i % kTileP;
+      gs[k * kBwdLdG + pp] = k < K && p0 + pp < P ? gb[k * P + p0 + pp] : zero;
+    }
+    const int row_frag = warp / kColFrags, col_frag = warp % kColFrags;
+    float v_sq = 0.0f, v_dot = 0.0f, inv = 0.0f, radial = 0.0f;
+
+    for (int pass = 0; pass < 2; ++pass) {
+      if (pass == 1) {  // the pixel totals, from the 4 quarters
+        partial[0][my_q][my_p] = v_sq;
+        partial[1][my_q][my_p] = v_dot;
+        __syncthreads();
+        if (tid < kTileP) {
+          float sq = 0.0f, dot = 0.0f;
+          for (int q = 0; q < 4; ++q) {
+            sq += partial[0][q][tid];
+            dot += partial[1][q][tid];
+          }
+          const float norm = sqrtf(sq), eps = 1e-12f;
+          const float pinv = 1.0f / fmaxf(norm, eps);
+          pixel_inv[tid] = pinv;
+          pixel_radial[tid] = norm >= eps ? dot * pinv * pinv : 0.0f;
+          if (p0 + tid < P) inv_out[b * P + p0 + tid] = pinv;
+        }
+        __syncthreads();
+        inv = pixel_inv[my_p];
+        radial = pixel_radial[my_p];
+      }
+      for (int64_t c0 = 0; c0 < C; c0 += kTileC) {
+        for (int i = tid; i < k_pad * kTileC; i += kThreads) {
+          const int k = i / kTileC, c = i % kTileC;
+          ts[k * kBwdLdT + c] = k < K && c0 + c < C ? tb[k * C + c0 + c] : zero;
+        }
+        __syncthreads();  // t^ staged (and, the first time, G)
+        wmma::fragment<wmma::accumulator, kFrag, kFrag, kFrag, float> acc;
+        wmma::fill_fragment(acc, 0.0f);
+        for (int k = 0; k < k_pad; k += kFrag) {
+          // A = t^^T (channels x classes): t^ is staged [k][c], so A is column-major
+          wmma::fragment<wmma::matrix_a, kFrag, kFrag, kFrag, T, wmma::col_major> a_frag;
+          wmma::fragment<wmma::matrix_b, kFrag, kFrag, kFrag, T, wmma::row_major> b_frag;
+          wmma::load_matrix_sync(a_frag, &ts[k * kBwdLdT + row_frag * kFrag], kBwdLdT);
+          wmma::load_matrix_sync(b_frag, &gs[k * kBwdLdG + col_frag * kFrag], kBwdLdG);
+          wmma::mma_sync(acc, a_frag, b_frag, acc);
+        }
+        __syncthreads();  // every warp is done with t^: its buffer becomes the scratch
+        wmma::store_matrix_sync(&scratch[row_frag * kFrag * kBwdLdS + col_frag * kFrag], acc, kBwdLdS,
+                                wmma::mem_row_major);
+        __syncthreads();
+        if (p < P) {
+          for (int e = 0; e < kTileC / 4; ++e) {
+            const int c = my_q * (kTileC / 4) + e;
+            if (c0 + c >= C) break;
+            const int64_t at = (c0 + c) * s_vc + p * s_vp;
+            const float x = to_float(vb[at]), gh = scratch[c * kBwdLdS + my_p] * scale;
+            if (pass == 0) {
+              v_sq += x * x;
+              v_dot += x * gh;
+            } else {
+              gvb[at] = from_float<T>((gh - x * radial) * inv);
+            }
+          }
+        }
+        __syncthreads();  // the scratch is read before the next step stages t^ over it
+      }
     }
   } else {
     __trap();  // compiled for an older GPU than T needs; the launcher checks the kernel's PTX version first

@@ -102,6 +102,11 @@ inline __nv_bfloat16 __float2bfloat16_rn(float f) {
 inline float to_float_any(float x) { return x; }
 inline float to_float_any(__half x) { return __half2float(x); }
 inline float to_float_any(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <typename T>
+T from_float_any(float x) {
+  if constexpr (std::is_same_v<T, __half>) return __float2half_rn(x);
+  else return __float2bfloat16_rn(x);
+}
 
 namespace nvcuda {
 namespace wmma {

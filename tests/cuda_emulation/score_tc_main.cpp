@@ -16,12 +16,6 @@
 
 namespace {
 
-template <typename T>
-T from_float_any(float x) {
-  if constexpr (std::is_same_v<T, __half>) return __float2half_rn(x);
-  else return __float2bfloat16_rn(x);
-}
-
 constexpr float kSentinel = 96.0f;  // exact in float16 and bfloat16; scores are at most |scale|
 constexpr int64_t kGuard = 64;  // elements after each buffer that must stay untouched
 

@@ -1,0 +1,121 @@
+// Runs the tensor-core visual backward of pixel_text_score (tc::score_backward_visual_tc_kernel in
+// csrc/cuda/score_tc.cuh) under the CUDA emulation on one case, against float64 from the same 16-bit inputs (the
+// normalised text t^ as the launcher passes it, rounded to the dtype), and prints one line of key=value pairs:
+//   rel_err        |dv - ref| / |ref| over the pixels with a nonzero vector
+//   zero_rel_err   the same over the zero pixel (image 0, pixel P/2), whose gradient is g^ / eps (where that
+//                  exceeds the dtype's range, as in float16, the kernel must write inf of the same sign)
+//   inv_rel_err    the 1 / max(|v|, eps) the kernel writes for the text gradient
+//   untouched      1 when nothing past the gradient and inv buffers was written
+// Usage: score_tc_backward_main DTYPE(half|bf16) B C H W K NHWC(0|1) BATCHED_TEXT(0|1) SEED
+#include "cuda_emulation.h"
+
+#include "../../csrc/cuda/score_tc.cuh"
+
+#include <random>
+#include <string>
+
+namespace {
+
+constexpr float kSentinel = 96.0f;
+template <typename T>
+constexpr double kMaxFinite = std::is_same_v<T, __half> ? 65504.0 : 3.3895313892515355e38;
+constexpr int64_t kGuard = 64;
+
+template <typename T>
+int run(int64_t B, int64_t C, int64_t H, int64_t W, int64_t K, bool nhwc, bool batched, unsigned seed) {
+  namespace tc = denseclip_fast::tc;
+  const int64_t P = H * W, KT = batched ? B : 1;
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal;
+  auto rounded = [&] { return to_float_any(from_float_any<T>(normal(rng))); };
+  std::vector<float> vval(B * C * P), that(KT * K * C), gval(B * K * P);
+  for (auto& x : vval) x = rounded();
+  for (auto& x : gval) x = rounded();
+  for (int64_t c = 0; c < C; ++c) vval[c * P + P / 2] = 0.0f;  // image 0, pixel P/2: a zero vector
+  for (int64_t r = 0; r < KT * K; ++r) {  // t^: unit rows (as float32 on the host), then rounded to T
+    std::vector<float> row(C);
+    double n2 = 0;
+    for (auto& x : row) {
+      x = normal(rng);
+      n2 += double(x) * x;
+    }
+    for (int64_t c = 0; c < C; ++c)
+      that[r * C + c] = to_float_any(from_float_any<T>(static_cast<float>(row[c] / std::max(std::sqrt(n2), 1e-12))));
+  }
+
+  const int64_t s_vb = C * P, s_vc = nhwc ? 1 : P, s_vp = nhwc ? C : 1;
+  std::vector<T> vbuf(B * C * P + kGuard), tbuf(that.size() + kGuard), gbuf(gval.size() + kGuard);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t p = 0; p < P; ++p) vbuf[b * s_vb + c * s_vc + p * s_vp] = from_float_any<T>(vval[(b * C + c) * P + p]);
+  for (size_t i = 0; i < that.size(); ++i) tbuf[i] = from_float_any<T>(that[i]);
+  for (size_t i = 0; i < gval.size(); ++i) gbuf[i] = from_float_any<T>(gval[i]);
+  std::vector<T> gv(B * C * P + kGuard, from_float_any<T>(kSentinel));
+  std::vector<float> inv(B * P + kGuard, kSentinel);
+
+  const float scale = 0.5f;
+  const dim3 grid{static_cast<unsigned>((P + tc::kTileP - 1) / tc::kTileP), static_cast<unsigned>(B), 1};
+  const int64_t s_tb = batched ? K * C : 0;
+  auto launch = [&](auto kernel) {
+    emu::launch(grid, tc::kThreads, kernel, static_cast<const T*>(vbuf.data()), static_cast<const T*>(tbuf.data()),
+                static_cast<const T*>(gbuf.data()), gv.data(), inv.data(), C, P, K, s_vb, s_vc, s_vp, s_tb, scale);
+  };
+  if (nhwc) launch(tc::score_backward_visual_tc_kernel<T, true>);
+  else launch(tc::score_backward_visual_tc_kernel<T, false>);
+
+  double err2 = 0, ref2 = 0, zerr2 = 0, zref2 = 0, ierr2 = 0, iref2 = 0;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t p = 0; p < P; ++p) {
+      std::vector<double> gh(C);
+      double n2 = 0, dot = 0;
+      for (int64_t c = 0; c < C; ++c) {
+        double sum = 0;
+        for (int64_t k = 0; k < K; ++k) sum += double(that[((batched ? b : 0) * K + k) * C + c]) * gval[(b * K + k) * P + p];
+        gh[c] = scale * sum;
+        const double x = vval[(b * C + c) * P + p];
+        n2 += x * x;
+        dot += x * gh[c];
+      }
+      const double norm = std::sqrt(n2), pinv = 1.0 / std::max(norm, 1e-12);
+      const double radial = norm >= 1e-12 ? dot * pinv * pinv : 0.0;
+      const bool zero = b == 0 && p == P / 2;
+      for (int64_t c = 0; c < C; ++c) {
+        const double ref = (gh[c] - vval[(b * C + c) * P + p] * radial) * pinv;
+        const double got = to_float_any(gv[b * s_vb + c * s_vc + p * s_vp]);
+        if (std::abs(ref) > kMaxFinite<T>) {  // float16 overflows on g^ / eps: the kernel must give inf, as a cast
+          if (got != std::copysign(INFINITY, ref)) zerr2 = INFINITY;
+          continue;
+        }
+        (zero ? zerr2 : err2) += (got - ref) * (got - ref);
+        (zero ? zref2 : ref2) += ref * ref;
+      }
+      const double got_inv = inv[b * P + p];
+      ierr2 += (got_inv - pinv) * (got_inv - pinv);
+      iref2 += pinv * pinv;
+    }
+  bool untouched = true;
+  for (size_t i = B * C * P; i < gv.size(); ++i)
+    if (to_float_any(gv[i]) != kSentinel) untouched = false;
+  for (size_t i = B * P; i < inv.size(); ++i)
+    if (inv[i] != kSentinel) untouched = false;
+  auto rel = [](double e2, double r2) { return std::sqrt(e2 / std::max(r2, 1e-300)); };
+  std::printf("rel_err=%.3e zero_rel_err=%.3e inv_rel_err=%.3e untouched=%d\n", rel(err2, ref2), rel(zerr2, zref2),
+              rel(ierr2, iref2), untouched ? 1 : 0);
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc != 10) {
+    std::fprintf(stderr, "usage: %s half|bf16 B C H W K NHWC BATCHED SEED\n", argv[0]);
+    return 2;
+  }
+  const std::string dtype = argv[1];
+  int64_t a[8];
+  for (int i = 0; i < 8; ++i) a[i] = std::stoll(argv[2 + i]);
+  if (dtype == "half") return run<__half>(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]);
+  if (dtype == "bf16") return run<__nv_bfloat16>(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]);
+  std::fprintf(stderr, "dtype must be half or bf16, got %s\n", argv[1]);
+  return 2;
+}
