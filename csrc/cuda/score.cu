@@ -158,7 +158,8 @@ void score_forward_into(at::Tensor out, const at::Tensor& visual, const at::Tens
                         double scale) {
   if (out.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(visual.device());
-  const at::Tensor v = visual.contiguous(s.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+  const at::MemoryFormat layout = s.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const at::Tensor v = visual.contiguous(layout);
   const at::Tensor t = text.contiguous();
   const int64_t s_tb = s.text_batched ? s.K * s.C : 0;
   const VisualStrides vs = dense_visual_strides(s);

@@ -47,7 +47,8 @@ int run(int64_t B, int64_t C, int64_t H, int64_t W, int64_t K, bool nhwc, bool b
   std::vector<T> vbuf(B * C * P + kGuard), tbuf(that.size() + kGuard), gbuf(gval.size() + kGuard);
   for (int64_t b = 0; b < B; ++b)
     for (int64_t c = 0; c < C; ++c)
-      for (int64_t p = 0; p < P; ++p) vbuf[b * s_vb + c * s_vc + p * s_vp] = from_float_any<T>(vval[(b * C + c) * P + p]);
+      for (int64_t p = 0; p < P; ++p)
+        vbuf[b * s_vb + c * s_vc + p * s_vp] = from_float_any<T>(vval[(b * C + c) * P + p]);
   for (size_t i = 0; i < that.size(); ++i) tbuf[i] = from_float_any<T>(that[i]);
   for (size_t i = 0; i < gval.size(); ++i) gbuf[i] = from_float_any<T>(gval[i]);
   std::vector<T> gv(B * C * P + kGuard, from_float_any<T>(kSentinel));
@@ -70,7 +71,8 @@ int run(int64_t B, int64_t C, int64_t H, int64_t W, int64_t K, bool nhwc, bool b
       double n2 = 0, dot = 0;
       for (int64_t c = 0; c < C; ++c) {
         double sum = 0;
-        for (int64_t k = 0; k < K; ++k) sum += double(that[((batched ? b : 0) * K + k) * C + c]) * gval[(b * K + k) * P + p];
+        for (int64_t k = 0; k < K; ++k)
+          sum += double(that[((batched ? b : 0) * K + k) * C + c]) * gval[(b * K + k) * P + p];
         gh[c] = scale * sum;
         const double x = vval[(b * C + c) * P + p];
         n2 += x * x;

@@ -39,7 +39,8 @@ int run(int64_t B, int64_t C, int64_t H, int64_t W, int64_t K, bool nhwc, bool b
   const int64_t s_vb = C * P, s_vc = nhwc ? 1 : P, s_vp = nhwc ? C : 1;
   for (int64_t b = 0; b < B; ++b)
     for (int64_t c = 0; c < C; ++c)
-      for (int64_t p = 0; p < P; ++p) vbuf[off + b * s_vb + c * s_vc + p * s_vp] = from_float_any<T>(vval[(b * C + c) * P + p]);
+      for (int64_t p = 0; p < P; ++p)
+        vbuf[off + b * s_vb + c * s_vc + p * s_vp] = from_float_any<T>(vval[(b * C + c) * P + p]);
   for (size_t i = 0; i < tval.size(); ++i) tbuf[off + i] = from_float_any<T>(tval[i]);
   // Output: the score channels of a (B, EXTRA + K, H, W) tensor (score_concat's view), NCHW or NHWC like visual.
   const int64_t CO = extra + K;
