@@ -41,7 +41,8 @@ BACKWARD_CASES = [
     ("half", 1, 1, 1, 1, 1, 0, 0),  # everything one
     ("bf16", 2, 37, 5, 7, 150, 0, 1),  # odd C and P, text per image
     ("half", 2, 37, 5, 7, 150, 1, 0),  # NHWC; the zero pixel's gradient overflows float16 (must be inf)
-    ("bf16", 1, 64, 8, 8, 192, 1, 0),  # K at the kernel's limit
+    ("bf16", 1, 64, 8, 8, 192, 1, 0),  # K at the kernel's limit; NHWC with C % 8 == 0: vector accesses
+    ("half", 2, 40, 9, 10, 33, 1, 1),  # vector accesses, the last channel step partial (8 of 32)
     ("half", 2, 96, 10, 13, 17, 0, 1),  # three pixel tiles, the last partial; three channel steps
     ("bf16", 2, 0, 3, 3, 5, 1, 0),  # C = 0
 ]
@@ -98,6 +99,7 @@ def test_tensor_core_score_backward_kernel_under_emulation(score_tc_backward_mai
     assert float(got["rel_err"]) <= 2 * TOL[dtype], got  # gradients: 2x, as tests/test_ops.py
     assert float(got["zero_rel_err"]) <= 2 * TOL[dtype], got  # the zero pixel: g^ / eps (F.normalize's clamp)
     assert float(got["inv_rel_err"]) <= 1e-6, got
+    assert got["vec"] == str(int(bool(case[6]) and case[2] % 8 == 0)), got
     assert got["untouched"] == "1", "the kernel wrote past its outputs"
 
 

@@ -120,6 +120,26 @@ def test_zero_vectors(backend):
     _check_close(t.grad, t64.grad, dtype, 2)
 
 
+@pytest.mark.parametrize("backend, dtype", [(b, d) for b, d in BACKEND_DTYPES if d in (torch.float16, torch.bfloat16)])
+def test_zero_pixel_in_16_bit(backend, dtype):
+    """A zero pixel's 1 / max(|v|, eps) = 1e12 must not reach the text gradient as inf * 0 = NaN: float16 cannot hold
+    G / max(|v|, eps) there (the text half of the kernels' backward scales G by it before a 16-bit GEMM). Its
+    own gradient, G^ / eps, overflows float16 as it does in any implementation; the other pixels' are checked."""
+    visual = _visual(2, 40, 3, 5, "channels_last", dtype)
+    visual[1, :, 2, 3] = 0
+    text = _text(2, 7, 40, False, dtype)
+    v64, t64 = _leaf(visual, torch.float64), _leaf(text, torch.float64)
+    grad = torch.randn(2, 7, 3, 5, dtype=torch.float64, device=DEVICE)
+    reference.pixel_text_score(v64, t64, 2.0).backward(grad)
+    v, t = _leaf(visual), _leaf(text)
+    ops.pixel_text_score(v, t, 2.0, backend=backend).backward(grad.to(dtype))
+    assert torch.isfinite(t.grad).all(), t.grad
+    _check_close(t.grad, t64.grad, dtype, 2)
+    nonzero = torch.ones(2, 1, 3, 5, dtype=torch.bool, device=DEVICE)
+    nonzero[1, :, 2, 3] = False
+    _check_close(v.grad.where(nonzero, 0), v64.grad.where(nonzero, 0), dtype, 2)
+
+
 @pytest.mark.parametrize("backend", sorted({b for b in dict(BACKEND_DTYPES) if b != "reference"}))
 def test_layout_does_not_depend_on_the_batch_size(backend):
     """The score map of the pool's pixel tokens (a channels_last view with a padded batch stride) is NHWC at every

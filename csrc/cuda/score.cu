@@ -22,6 +22,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
 
+#include <limits>
 #include <map>
 #include <mutex>
 #include <tuple>
@@ -226,8 +227,11 @@ std::tuple<at::Tensor, at::Tensor> pixel_text_score_backward_cuda(const at::Tens
                                       reinterpret_cast<const T*>(g.data_ptr()),
                                       reinterpret_cast<T*>(grad_visual.data_ptr()), inv.data_ptr<float>(), s.C,
                                       s.P(), s.K, vs.b, vs.c, vs.p, s_tb, static_cast<float>(scale));
-    auto kernel = s.channels_last ? tc::score_backward_visual_tc_kernel<T, true>
-                                  : tc::score_backward_visual_tc_kernel<T, false>;
+    const bool vec = tc::backward_vec(s.C, s.channels_last, reinterpret_cast<std::uintptr_t>(v.data_ptr()),
+                                      reinterpret_cast<std::uintptr_t>(grad_visual.data_ptr()));
+    auto kernel = !s.channels_last ? tc::score_backward_visual_tc_kernel<T, false, false>
+                  : vec            ? tc::score_backward_visual_tc_kernel<T, true, true>
+                                   : tc::score_backward_visual_tc_kernel<T, true, false>;
     std::apply([&](auto... a) { kernel<<<grid, tc::kThreads, 0, stream>>>(a...); }, args);
   };
   if (dtype == at::kHalf) {
@@ -237,7 +241,12 @@ std::tuple<at::Tensor, at::Tensor> pixel_text_score_backward_cuda(const at::Tens
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-  const at::Tensor g_scaled = (g.view({s.B, s.K, s.P()}).to(at::kFloat) * inv.unsqueeze(1) * scale).to(dtype);
+  // G / max(|v_p|, eps) clamped to the dtype's range: a zero pixel's 1 / eps = 1e12 overflows float16, and inf * 0
+  // in the GEMM would make the text gradient NaN (as the Triton backward, ops/triton/score.py).
+  const double limit = dtype == at::kHalf ? static_cast<double>(std::numeric_limits<c10::Half>::max())
+                                          : static_cast<double>(std::numeric_limits<c10::BFloat16>::max());
+  const at::Tensor g_scaled =
+      (g.view({s.B, s.K, s.P()}).to(at::kFloat) * inv.unsqueeze(1) * scale).clamp_(-limit, limit).to(dtype);
   at::Tensor gt_hat = at::bmm(g_scaled, v.view({s.B, s.C, s.P()}).transpose(1, 2)).to(at::kFloat);  // (B, K, C)
   if (!s.text_batched) gt_hat = gt_hat.sum(0);
   const at::Tensor grad_text = normalize_backward(gt_hat, t_hat32, t_clamped, t_norm, -1);

@@ -231,13 +231,19 @@ __global__ void __launch_bounds__(kThreads)
 // them with v read from global memory (4 threads per pixel, 8 channels each): pass 1 sums |v|^2 and <v, g^> per
 // pixel, pass 2 writes dv in visual's layout. inv = 1 / max(|v|, eps) goes to `inv` (B, P) for the text gradient.
 constexpr int kMaxBwdK = 192;
+
+// Whether the backward's visual accesses are 16-byte vectors: NHWC, C a multiple of 8, both tensors aligned.
+inline bool backward_vec(int64_t C, bool nhwc, std::uintptr_t visual_ptr, std::uintptr_t grad_ptr) {
+  return nhwc && C % kVecElems == 0 && visual_ptr % 16 == 0 && grad_ptr % 16 == 0;
+}
 constexpr int kBwdLdG = kTileP + kPad;    // G tile row stride (16-bit elements)
 constexpr int kBwdLdT = kTileC + kPad;    // t^ tile row stride
 constexpr int kBwdLdS = kTileP + 4;       // float scratch row stride (a multiple of 4 floats)
 constexpr int kBwdTBytes = kMaxBwdK * kBwdLdT * 2;
 static_assert(kTileC * kBwdLdS * 4 <= kBwdTBytes, "the g^ scratch fits in the t^ buffer it reuses");
 
-template <typename T, bool kNHWC>
+// kVec (NHWC only): a thread's 8 channels of a pixel are one 16-byte load and store (see backward_vec).
+template <typename T, bool kNHWC, bool kVec>
 __global__ void __launch_bounds__(kThreads)
     score_backward_visual_tc_kernel(const T* __restrict__ v, const T* __restrict__ t_hat, const T* __restrict__ g,
                                     T* __restrict__ grad_v, float* __restrict__ inv_out, int64_t C, int64_t P,
@@ -312,9 +318,27 @@ __global__ void __launch_bounds__(kThreads)
         wmma::store_matrix_sync(&scratch[row_frag * kFrag * kBwdLdS + col_frag * kFrag], acc, kBwdLdS,
                                 wmma::mem_row_major);
         __syncthreads();
-        if (p < P) {
-          for (int e = 0; e < kTileC / 4; ++e) {
-            const int c = my_q * (kTileC / 4) + e;
+        constexpr int kPerThread = kTileC / 4;
+        static_assert(!kVec || (kNHWC && kPerThread == kVecElems), "vector access: one pack of channels per thread");
+        if constexpr (kVec) {
+          if (p < P && c0 + my_q * kPerThread < C) {  // C % 8 == 0: the pack is in range or out of it whole
+            const int64_t at = p * s_vp + c0 + my_q * kPerThread;
+            const Pack<T> xs = *reinterpret_cast<const Pack<T>*>(vb + at);
+            Pack<T> dv;
+            for (int e = 0; e < kPerThread; ++e) {
+              const float x = to_float(xs.v[e]), gh = scratch[(my_q * kPerThread + e) * kBwdLdS + my_p] * scale;
+              if (pass == 0) {
+                v_sq += x * x;
+                v_dot += x * gh;
+              } else {
+                dv.v[e] = from_float<T>((gh - x * radial) * inv);
+              }
+            }
+            if (pass == 1) *reinterpret_cast<Pack<T>*>(gvb + at) = dv;
+          }
+        } else if (p < P) {
+          for (int e = 0; e < kPerThread; ++e) {
+            const int c = my_q * kPerThread + e;
             if (c0 + c >= C) break;
             const int64_t at = (c0 + c) * s_vc + p * s_vp;
             const float x = to_float(vb[at]), gh = scratch[c * kBwdLdS + my_p] * scale;

@@ -6,6 +6,7 @@
 //                  exceeds the dtype's range, as in float16, the kernel must write inf of the same sign)
 //   inv_rel_err    the 1 / max(|v|, eps) the kernel writes for the text gradient
 //   untouched      1 when nothing past the gradient and inv buffers was written
+//   vec            the access width tc::backward_vec chose (as the CUDA launcher does)
 // Usage: score_tc_backward_main DTYPE(half|bf16) B C H W K NHWC(0|1) BATCHED_TEXT(0|1) SEED
 #include "cuda_emulation.h"
 
@@ -61,8 +62,11 @@ int run(int64_t B, int64_t C, int64_t H, int64_t W, int64_t K, bool nhwc, bool b
     emu::launch(grid, tc::kThreads, kernel, static_cast<const T*>(vbuf.data()), static_cast<const T*>(tbuf.data()),
                 static_cast<const T*>(gbuf.data()), gv.data(), inv.data(), C, P, K, s_vb, s_vc, s_vp, s_tb, scale);
   };
-  if (nhwc) launch(tc::score_backward_visual_tc_kernel<T, true>);
-  else launch(tc::score_backward_visual_tc_kernel<T, false>);
+  const bool vec = tc::backward_vec(C, nhwc, reinterpret_cast<std::uintptr_t>(vbuf.data()),
+                                    reinterpret_cast<std::uintptr_t>(gv.data()));
+  if (!nhwc) launch(tc::score_backward_visual_tc_kernel<T, false, false>);
+  else if (vec) launch(tc::score_backward_visual_tc_kernel<T, true, true>);
+  else launch(tc::score_backward_visual_tc_kernel<T, true, false>);
 
   double err2 = 0, ref2 = 0, zerr2 = 0, zref2 = 0, ierr2 = 0, iref2 = 0;
   for (int64_t b = 0; b < B; ++b)
@@ -101,8 +105,8 @@ int run(int64_t B, int64_t C, int64_t H, int64_t W, int64_t K, bool nhwc, bool b
   for (size_t i = B * P; i < inv.size(); ++i)
     if (inv[i] != kSentinel) untouched = false;
   auto rel = [](double e2, double r2) { return std::sqrt(e2 / std::max(r2, 1e-300)); };
-  std::printf("rel_err=%.3e zero_rel_err=%.3e inv_rel_err=%.3e untouched=%d\n", rel(err2, ref2), rel(zerr2, zref2),
-              rel(ierr2, iref2), untouched ? 1 : 0);
+  std::printf("vec=%d rel_err=%.3e zero_rel_err=%.3e inv_rel_err=%.3e untouched=%d\n", vec ? 1 : 0,
+              rel(err2, ref2), rel(zerr2, zref2), rel(ierr2, iref2), untouched ? 1 : 0);
   return 0;
 }
 

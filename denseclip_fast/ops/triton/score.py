@@ -227,8 +227,11 @@ def score_backward(
         BLOCK_P=block_p, BLOCK_K=block_k, BLOCK_C=32, DOT_F32=v.dtype == torch.float32, WIDE=_wide(v, t_hat, g),
     )  # fmt: skip
     # d/d t^: scale * sum_p G[b,k,p] v[b,:,p] / |v_p| (a batched matmul on the raw visual, float32 accumulation),
-    # then the Jacobian of the text normalisation on the small (K, C) result.
-    g_scaled = (g.float().flatten(2) * inv.unsqueeze(1) * scale).to(v.dtype)  # (B, K, P)
+    # then the Jacobian of the text normalisation on the small (K, C) result. G / |v_p| is clamped to the dtype's
+    # range: a zero pixel's 1 / eps = 1e12 overflows float16, and inf * 0 would make the text gradient NaN (clamped,
+    # its term is exactly 0; only pixels with |v| below about |G| * scale / 65504 are affected otherwise).
+    limit = torch.finfo(v.dtype).max
+    g_scaled = (g.float().flatten(2) * inv.unsqueeze(1) * scale).clamp_(-limit, limit).to(v.dtype)  # (B, K, P)
     gt_hat = torch.bmm(g_scaled, v.flatten(2).transpose(1, 2)).float()  # (B, K, C)
     if text.dim() == 2:
         gt_hat = gt_hat.sum(0)
