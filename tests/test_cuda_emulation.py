@@ -1,9 +1,10 @@
-"""The tensor-core CUDA kernels of pixel_text_score (csrc/cuda/score_tc.cuh: forward, visual backward) run on the
-CPU, under the CUDA emulation of tests/cuda_emulation (host threads for GPU threads, barriers for
-__syncthreads/__syncwarp, whole-tile WMMA fragments that check pointer alignment and ldm), compiled with
-AddressSanitizer so that an access outside a buffer or a shared array aborts. They check the tiling, bounds,
-layouts, load widths and epilogues against float64 without a GPU; tests/test_ops.py and tests/test_gpu.py check the
-kernels on a GPU (cuda backend, float16/bfloat16).
+"""Every CUDA kernel of csrc/cuda run on the CPU, under the CUDA emulation of tests/cuda_emulation (host threads for
+GPU threads, barriers for __syncthreads/__syncwarp, warp shuffles through memory, whole-tile WMMA fragments that
+check pointer alignment and ldm), compiled with AddressSanitizer so that an access outside a buffer or a shared
+array aborts: the tensor-core score kernels (score_tc.cuh: forward, visual backward; float16 and bfloat16), the
+portable score forward (score_portable.cuh) and the attention kernels (attention_kernels.cuh: forward, dQ, dK/dV;
+float32 and float64). They check tiling, bounds, layouts, load widths and epilogues against float64 without a GPU;
+tests/test_ops.py and tests/test_gpu.py check the kernels on a GPU (cuda backend).
 """
 
 from __future__ import annotations
@@ -46,6 +47,25 @@ BACKWARD_CASES = [
     ("half", 2, 96, 10, 13, 17, 0, 1),  # three pixel tiles, the last partial; three channel steps
     ("bf16", 2, 0, 3, 3, 5, 1, 0),  # C = 0
 ]
+
+
+# The portable kernels (FMA units): (dtype, B, C, H, W, K, nhwc, batched text, extra output channels)
+PORTABLE_SCORE_CASES = [
+    ("float", 2, 37, 5, 7, 150, 0, 1, 0),  # odd C and P, three class tiles, text per image
+    ("double", 2, 33, 9, 13, 70, 1, 0, 3),  # NHWC into a concat view; two pixel tiles
+    ("float", 1, 1, 1, 1, 1, 0, 0, 0),  # everything one
+    ("float", 1, 16, 10, 13, 64, 0, 0, 0),  # K = one class tile exactly; C one channel step exactly
+]
+# (dtype, batch x heads, Lq, Lk, D)
+ATTENTION_CASES = [
+    ("float", 2, 9, 70, 64),  # Lk past two key tiles, Lq past one block of 8 query rows
+    ("double", 1, 17, 33, 128),  # float64 tiles of 16 keys; the largest head dim
+    ("float", 1, 1, 1, 1),  # one query, one key, D = 1
+    ("float", 3, 5, 40, 33),  # odd head dim (lanes past D idle)
+    ("double", 2, 8, 16, 16),  # tile multiples exactly
+    ("float", 1, 40, 20, 32),  # dK/dV walk two query tiles
+]
+PORTABLE_TOL = {"float": 1e-5, "double": 1e-10}  # as tests/test_ops.py: float32, float64
 
 
 def _build(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
@@ -101,6 +121,35 @@ def test_tensor_core_score_backward_kernel_under_emulation(score_tc_backward_mai
     assert float(got["inv_rel_err"]) <= 1e-6, got
     assert got["vec"] == str(int(bool(case[6]) and case[2] % 8 == 0)), got
     assert got["untouched"] == "1", "the kernel wrote past its outputs"
+
+
+@pytest.fixture(scope="module")
+def score_portable_main(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _build(tmp_path_factory, "score_portable_main")
+
+
+@pytest.fixture(scope="module")
+def attention_main(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _build(tmp_path_factory, "attention_main")
+
+
+@pytest.mark.parametrize("case", PORTABLE_SCORE_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_portable_score_kernel_under_emulation(score_portable_main, case):
+    out = run_checked([str(score_portable_main), *map(str, case), str(sum(case[1:]))]).split()
+    got = dict(item.split("=") for item in out)
+    assert float(got["rel_err"]) <= PORTABLE_TOL[case[0]], got
+    assert got["zeros_exact"] == "1" and got["untouched"] == "1", got
+
+
+@pytest.mark.parametrize("case", ATTENTION_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_attention_kernels_under_emulation(attention_main, case):
+    """Forward (out, lse), dQ and dK/dV of csrc/cuda/attention_kernels.cuh (warp shuffles emulated too)."""
+    out = run_checked([str(attention_main), *map(str, case), str(sum(case[1:]))]).split()
+    got = dict(item.split("=") for item in out)
+    tol = PORTABLE_TOL[case[0]]
+    assert all(float(got[name]) <= tol for name in ("out", "lse")), got
+    assert all(float(got[name]) <= 4 * tol for name in ("dq", "dk", "dv")), got  # gradients: 4x, as test_ops
+    assert got["untouched"] == "1", got
 
 
 def test_the_emulation_catches_a_misaligned_fragment(score_tc_main, tmp_path):

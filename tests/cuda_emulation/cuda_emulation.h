@@ -1,9 +1,10 @@
-// Just enough of CUDA to run a kernel of csrc/cuda on the host, so that CI (no GPU) checks the indexing, tiling,
-// bounds, synchronisation points and epilogue of the tensor-core kernels; the GPU tests check them on hardware.
+// Just enough of CUDA to run the kernels of csrc/cuda on the host, so that CI (no GPU) checks their indexing, tiling,
+// bounds, synchronisation points and epilogues; the GPU tests check them on hardware.
 //
 // A launch runs the blocks one after another; a block runs as blockDim.x host threads that meet at a
-// std::barrier in __syncthreads() and, per warp of 32, in __syncwarp(). __shared__ variables are function-level
-// statics: one copy, shared by the threads of the block running now.
+// std::barrier in __syncthreads() and, per warp of 32, in __syncwarp(); __shfl_xor_sync exchanges through memory
+// between two warp barriers. __shared__ variables are function-level statics: one copy, shared by the threads of
+// the block running now. Device math (exp, log, sqrt, max, fmaxf) is the host's.
 // nvcuda::wmma fragments hold their whole 16x16 tile in every lane (as float); loads and stores check what the
 // WMMA API requires (256-bit aligned pointers, ldm a multiple of 16 bytes) and abort with a message if not; a store
 // is written by lane 0 only, so a lane that reads it before __syncwarp() races, as on the GPU.
@@ -18,6 +19,8 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <math.h>  // the float and double overloads of exp, log, sqrt at global scope, as CUDA's device math
+#include <algorithm>
 #include <memory>
 #include <thread>
 #include <type_traits>
@@ -36,9 +39,10 @@ struct dim3 {
 
 namespace emu {
 inline thread_local dim3 thread_idx;
-inline dim3 block_idx;
+inline dim3 block_idx, block_dim;
 inline std::barrier<>* block_barrier = nullptr;
 inline std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;
+inline std::vector<double> shuffle_slots;  // one per thread: what it offers in __shfl_xor_sync
 
 [[noreturn]] inline void fail(const char* what) {
   std::fprintf(stderr, "cuda emulation: %s\n", what);
@@ -51,6 +55,8 @@ void launch(dim3 grid, unsigned threads, Kernel kernel, Args... args) {
   if (threads % 32 != 0) fail("launch: threads per block must be a multiple of 32 here");
   std::barrier<> block(threads);
   block_barrier = &block;
+  block_dim = dim3{threads, 1, 1};
+  shuffle_slots.assign(threads, 0.0);
   warp_barriers.clear();
   for (unsigned w = 0; w < threads / 32; ++w) warp_barriers.push_back(std::make_unique<std::barrier<>>(32));
   std::vector<std::thread> pool;
@@ -74,10 +80,26 @@ void launch(dim3 grid, unsigned threads, Kernel kernel, Args... args) {
 
 #define threadIdx (::emu::thread_idx)
 #define blockIdx (::emu::block_idx)
+#define blockDim (::emu::block_dim)
 
 inline void __syncthreads() { emu::block_barrier->arrive_and_wait(); }
 inline void __syncwarp() { emu::warp_barriers[emu::thread_idx.x / 32]->arrive_and_wait(); }
 [[noreturn]] inline void __trap() { emu::fail("__trap()"); }
+
+// The whole warp exchanges (every lane must call it, as the kernels here do with a full mask); float and double.
+template <typename T>
+T __shfl_xor_sync(unsigned mask, T value, int lane_mask) {
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>, "float and double are emulated");
+  if (mask != 0xffffffffu) emu::fail("__shfl_xor_sync: only the full-warp mask is emulated");
+  const unsigned t = emu::thread_idx.x, partner = (t & ~31u) | ((t % 32) ^ static_cast<unsigned>(lane_mask));
+  emu::shuffle_slots[t] = static_cast<double>(value);
+  __syncwarp();
+  const T got = static_cast<T>(emu::shuffle_slots[partner]);
+  __syncwarp();
+  return got;
+}
+
+using std::max;  // CUDA's device max(float, float) and max(double, double)
 
 struct __half {
   _Float16 x;
