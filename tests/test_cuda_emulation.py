@@ -12,16 +12,17 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 
 from .conftest import ROOT, run_checked
 
-TOL = {"half": 2e-3, "bf16": 2e-2}  # as tests/test_ops.py: float16, bfloat16
-# (dtype, B, C, H, W, K, nhwc, batched text, misaligned inputs, extra output channels (score_concat's view), the
-# multiprocessor count the launcher sees (0: the large class tile whenever K > 64))
-CASES = [
+TOL = {"half": 2e-3, "bf16": 2e-2, "float": 1e-5, "double": 1e-10}  # as tests/test_ops.py
+# Forward: (dtype, B, C, H, W, K, nhwc, batched text, misaligned inputs, extra output channels (score_concat's view),
+# the multiprocessor count the launcher sees (0: the large class tile whenever K > 64)). float16/bfloat16 run the
+# tensor-core kernel, float32/float64 the portable one.
+FORWARD_CASES = [
     ("half", 1, 1, 1, 1, 1, 0, 0, 0, 0, 0),  # everything one
     ("bf16", 2, 37, 5, 7, 150, 0, 1, 0, 0, 0),  # odd C and P, one 192-row class tile, text per image
     ("half", 2, 37, 5, 7, 150, 1, 0, 0, 3, 0),  # the same NHWC, into a concat view
@@ -34,10 +35,12 @@ CASES = [
     ("bf16", 1, 40, 3, 5, 30, 1, 0, 0, 1, 0),  # the same NHWC: vector loads
     ("half", 1, 96, 10, 13, 3, 1, 1, 0, 0, 0),  # three pixel tiles, the last partial; C three channel steps
     ("bf16", 2, 0, 3, 3, 5, 0, 0, 0, 0, 0),  # C = 0: no channel step, every score 0
+    ("float", 2, 37, 5, 7, 150, 0, 1, 0, 0, 0),  # portable: odd C and P, three class tiles, text per image
+    ("double", 2, 33, 9, 13, 70, 1, 0, 0, 3, 0),  # portable: NHWC into a concat view; two pixel tiles
+    ("float", 1, 1, 1, 1, 1, 0, 0, 0, 0, 0),  # portable: everything one
+    ("float", 1, 16, 10, 13, 64, 0, 0, 1, 0, 0),  # portable: K and C one tile exactly; misaligned inputs
 ]
-
-
-# (dtype, B, C, H, W, K, nhwc, batched text) for the visual backward kernel
+# Visual backward (tensor cores): (dtype, B, C, H, W, K, nhwc, batched text)
 BACKWARD_CASES = [
     ("half", 1, 1, 1, 1, 1, 0, 0),  # everything one
     ("bf16", 2, 37, 5, 7, 150, 0, 1),  # odd C and P, text per image
@@ -47,16 +50,7 @@ BACKWARD_CASES = [
     ("half", 2, 96, 10, 13, 17, 0, 1),  # three pixel tiles, the last partial; three channel steps
     ("bf16", 2, 0, 3, 3, 5, 1, 0),  # C = 0
 ]
-
-
-# The portable kernels (FMA units): (dtype, B, C, H, W, K, nhwc, batched text, extra output channels)
-PORTABLE_SCORE_CASES = [
-    ("float", 2, 37, 5, 7, 150, 0, 1, 0),  # odd C and P, three class tiles, text per image
-    ("double", 2, 33, 9, 13, 70, 1, 0, 3),  # NHWC into a concat view; two pixel tiles
-    ("float", 1, 1, 1, 1, 1, 0, 0, 0),  # everything one
-    ("float", 1, 16, 10, 13, 64, 0, 0, 0),  # K = one class tile exactly; C one channel step exactly
-]
-# (dtype, batch x heads, Lq, Lk, D)
+# Attention (portable): (dtype, batch x heads, Lq, Lk, D)
 ATTENTION_CASES = [
     ("float", 2, 9, 70, 64),  # Lk past two key tiles, Lq past one block of 8 query rows
     ("double", 1, 17, 33, 128),  # float64 tiles of 16 keys; the largest head dim
@@ -65,33 +59,36 @@ ATTENTION_CASES = [
     ("double", 2, 8, 16, 16),  # tile multiples exactly
     ("float", 1, 40, 20, 32),  # dK/dV walk two query tiles
 ]
-PORTABLE_TOL = {"float": 1e-5, "double": 1e-10}  # as tests/test_ops.py: float32, float64
+FLAGS = ["-std=c++20", "-O1", "-g", "-pthread", "-fsanitize=address,undefined", "-fno-sanitize-recover=all"]
 
 
-def _build(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
+def _compiler() -> str:
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if compiler is None:
         pytest.skip("no C++ compiler")
-    binary = tmp_path_factory.mktemp("cuda_emulation") / name
-    source = os.path.join(ROOT, "tests", "cuda_emulation", f"{name}.cpp")
-    flags = ["-std=c++20", "-O1", "-g", "-pthread", "-fsanitize=address,undefined", "-fno-sanitize-recover=all"]
-    probe_source = "int main() { _Float16 h = 1; return (int)h - 1; }"
-    probe = subprocess.run([compiler, *flags, "-x", "c++", "-", "-o", os.devnull], input=probe_source,
-                           capture_output=True, text=True)  # fmt: skip
+    probe = subprocess.run([compiler, *FLAGS, "-x", "c++", "-", "-o", os.devnull],
+                           input="int main() { _Float16 h = 1; return (int)h - 1; }", capture_output=True, text=True)
     if probe.returncode != 0:
         pytest.skip(f"{compiler} cannot build the emulation (C++20, _Float16, sanitizers): {probe.stderr[-300:]}")
-    run_checked([compiler, *flags, source, "-o", str(binary)])
-    return binary
+    return compiler
 
 
 @pytest.fixture(scope="module")
-def score_tc_main(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _build(tmp_path_factory, "score_tc_main")
+def emulated(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, tuple], dict[str, str]]:
+    """emulated(program, case): builds tests/cuda_emulation/PROGRAM.cpp once, runs it on the case (its seed the sum
+    of the case's numbers) and returns the key=value pairs it prints."""
+    compiler, built = _compiler(), {}
+    directory = tmp_path_factory.mktemp("cuda_emulation")
 
+    def run(program: str, case: tuple) -> dict[str, str]:
+        if program not in built:
+            built[program] = directory / program
+            source = os.path.join(ROOT, "tests", "cuda_emulation", f"{program}.cpp")
+            run_checked([compiler, *FLAGS, source, "-o", str(built[program])])
+        out = run_checked([str(built[program]), *map(str, case), str(sum(case[1:]))])
+        return dict(item.split("=") for item in out.split())
 
-@pytest.fixture(scope="module")
-def score_tc_backward_main(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _build(tmp_path_factory, "score_tc_backward_main")
+    return run
 
 
 def _expected_config(b: int, c: int, h: int, w: int, k: int, nhwc: int, misalign: int, sms: int) -> tuple[int, int]:
@@ -100,22 +97,21 @@ def _expected_config(b: int, c: int, h: int, w: int, k: int, nhwc: int, misalign
     return (4 if small else 12), int(vec)
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
-def test_tensor_core_score_kernel_under_emulation(score_tc_main, case):
+@pytest.mark.parametrize("case", FORWARD_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_score_forward_kernels_under_emulation(emulated, case):
     dtype, b, c, h, w, k, nhwc, batched, misalign, extra, sms = case
-    out = run_checked([str(score_tc_main), *map(str, case), str(sum(case[1:]))]).split()
-    got = dict(item.split("=") for item in out)
-    assert (int(got["row_frags"]), int(got["vec"])) == _expected_config(b, c, h, w, k, nhwc, misalign, sms), got
+    got = emulated("score_forward_main", case)
+    if dtype in ("half", "bf16"):  # the tensor-core kernel, in the configuration the launcher picks
+        assert (int(got["row_frags"]), int(got["vec"])) == _expected_config(b, c, h, w, k, nhwc, misalign, sms), got
     assert float(got["rel_err"]) <= TOL[dtype], got
     assert got["zeros_exact"] == "1", "a zero pixel or class must score exactly 0"
     assert got["untouched"] == "1", "the kernel wrote outside the score channels"
 
 
 @pytest.mark.parametrize("case", BACKWARD_CASES, ids=lambda c: "-".join(map(str, c)))
-def test_tensor_core_score_backward_kernel_under_emulation(score_tc_backward_main, case):
+def test_tensor_core_score_backward_kernel_under_emulation(emulated, case):
     dtype = case[0]
-    out = run_checked([str(score_tc_backward_main), *map(str, case), str(sum(case[1:]))]).split()
-    got = dict(item.split("=") for item in out)
+    got = emulated("score_tc_backward_main", case)
     assert float(got["rel_err"]) <= 2 * TOL[dtype], got  # gradients: 2x, as tests/test_ops.py
     assert float(got["zero_rel_err"]) <= 2 * TOL[dtype], got  # the zero pixel: g^ / eps (F.normalize's clamp)
     assert float(got["inv_rel_err"]) <= 1e-6, got
@@ -123,36 +119,17 @@ def test_tensor_core_score_backward_kernel_under_emulation(score_tc_backward_mai
     assert got["untouched"] == "1", "the kernel wrote past its outputs"
 
 
-@pytest.fixture(scope="module")
-def score_portable_main(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _build(tmp_path_factory, "score_portable_main")
-
-
-@pytest.fixture(scope="module")
-def attention_main(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _build(tmp_path_factory, "attention_main")
-
-
-@pytest.mark.parametrize("case", PORTABLE_SCORE_CASES, ids=lambda c: "-".join(map(str, c)))
-def test_portable_score_kernel_under_emulation(score_portable_main, case):
-    out = run_checked([str(score_portable_main), *map(str, case), str(sum(case[1:]))]).split()
-    got = dict(item.split("=") for item in out)
-    assert float(got["rel_err"]) <= PORTABLE_TOL[case[0]], got
-    assert got["zeros_exact"] == "1" and got["untouched"] == "1", got
-
-
 @pytest.mark.parametrize("case", ATTENTION_CASES, ids=lambda c: "-".join(map(str, c)))
-def test_attention_kernels_under_emulation(attention_main, case):
+def test_attention_kernels_under_emulation(emulated, case):
     """Forward (out, lse), dQ and dK/dV of csrc/cuda/attention_kernels.cuh (warp shuffles emulated too)."""
-    out = run_checked([str(attention_main), *map(str, case), str(sum(case[1:]))]).split()
-    got = dict(item.split("=") for item in out)
-    tol = PORTABLE_TOL[case[0]]
+    got = emulated("attention_main", case)
+    tol = TOL[case[0]]
     assert all(float(got[name]) <= tol for name in ("out", "lse")), got
     assert all(float(got[name]) <= 4 * tol for name in ("dq", "dk", "dv")), got  # gradients: 4x, as test_ops
     assert got["untouched"] == "1", got
 
 
-def test_the_emulation_catches_a_misaligned_fragment(score_tc_main, tmp_path):
+def test_the_emulation_catches_a_misaligned_fragment(tmp_path):
     """The checks the tests rely on can fail: a WMMA load with a row stride that is not a multiple of 16 bytes
     aborts (a kernel with kPad = 4 would do that)."""
     source = tmp_path / "bad.cpp"
@@ -164,8 +141,7 @@ def test_the_emulation_catches_a_misaligned_fragment(score_tc_main, tmp_path):
         "}\n"
         "int main() { alignas(32) static __half buf[16 * 20]; emu::launch(dim3{1, 1, 1}, 32, k, buf); }\n"
     )
-    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-    binary = tmp_path / "bad"
-    run_checked([compiler, "-std=c++20", "-pthread", f"-I{ROOT}/tests/cuda_emulation", str(source), "-o", str(binary)])
+    binary, include = tmp_path / "bad", f"-I{ROOT}/tests/cuda_emulation"
+    run_checked([_compiler(), "-std=c++20", "-pthread", include, str(source), "-o", str(binary)])
     result = subprocess.run([str(binary)], capture_output=True, text=True)
     assert result.returncode != 0 and "ldm 20 is not a multiple of 16 bytes" in result.stderr

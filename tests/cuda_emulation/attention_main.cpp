@@ -115,16 +115,12 @@ int run(int64_t BH, int64_t Lq, int64_t Lk, int D, unsigned seed) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc != 7) {
-    std::fprintf(stderr, "usage: %s float|double BH LQ LK D SEED\n", argv[0]);
-    return 2;
-  }
+  const std::vector<int64_t> a = emu::int_args(argc, argv, 2, 5, "float|double BH LQ LK D SEED");
   const std::string dtype = argv[1];
-  const int64_t bh = std::stoll(argv[2]), lq = std::stoll(argv[3]), lk = std::stoll(argv[4]);
-  const int d = std::stoi(argv[5]);
-  const unsigned seed = static_cast<unsigned>(std::stoul(argv[6]));
-  if (dtype == "float") return run<float>(bh, lq, lk, d, seed);
-  if (dtype == "double") return run<double>(bh, lq, lk, d, seed);
+  const int d = static_cast<int>(a[3]);
+  const unsigned seed = static_cast<unsigned>(a[4]);
+  if (dtype == "float") return run<float>(a[0], a[1], a[2], d, seed);
+  if (dtype == "double") return run<double>(a[0], a[1], a[2], d, seed);
   std::fprintf(stderr, "dtype must be float or double, got %s\n", argv[1]);
   return 2;
 }

@@ -22,6 +22,7 @@
 #include <math.h>  // the float and double overloads of exp, log, sqrt at global scope, as CUDA's device math
 #include <algorithm>
 #include <memory>
+#include <string>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -129,6 +130,19 @@ T from_float_any(float x) {
   if constexpr (std::is_same_v<T, __half>) return __float2half_rn(x);
   else return __float2bfloat16_rn(x);
 }
+
+namespace emu {
+// For the test programs: argv[first .. first + count) as integers, or the usage line and exit 2.
+inline std::vector<int64_t> int_args(int argc, char** argv, int first, int count, const char* usage) {
+  if (argc != first + count) {
+    std::fprintf(stderr, "usage: %s %s\n", argv[0], usage);
+    std::exit(2);
+  }
+  std::vector<int64_t> values;
+  for (int i = first; i < argc; ++i) values.push_back(std::stoll(argv[i]));
+  return values;
+}
+}  // namespace emu
 
 namespace nvcuda {
 namespace wmma {

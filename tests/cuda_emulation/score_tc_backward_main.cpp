@@ -113,13 +113,8 @@ int run(int64_t B, int64_t C, int64_t H, int64_t W, int64_t K, bool nhwc, bool b
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc != 10) {
-    std::fprintf(stderr, "usage: %s half|bf16 B C H W K NHWC BATCHED SEED\n", argv[0]);
-    return 2;
-  }
+  const std::vector<int64_t> a = emu::int_args(argc, argv, 2, 8, "half|bf16 B C H W K NHWC BATCHED SEED");
   const std::string dtype = argv[1];
-  int64_t a[8];
-  for (int i = 0; i < 8; ++i) a[i] = std::stoll(argv[2 + i]);
   if (dtype == "half") return run<__half>(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]);
   if (dtype == "bf16") return run<__nv_bfloat16>(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]);
   std::fprintf(stderr, "dtype must be half or bf16, got %s\n", argv[1]);
