@@ -72,6 +72,25 @@ const TensorCoreGpu& tensor_core_gpu(int index) {
   return gpus.emplace(index, gpu).first->second;
 }
 
+// The GPU's tensor-core facts when the dtype of `x` (a CUDA tensor on the current device) has a tensor-core kernel
+// there, else nullptr: the one decision the forward and the backward share.
+const TensorCoreGpu* tensor_cores_for(const at::Tensor& x) {
+  const at::ScalarType dtype = x.scalar_type();
+  if (dtype != at::kHalf && dtype != at::kBFloat16) return nullptr;
+  const TensorCoreGpu& gpu = tensor_core_gpu(x.device().index());
+  return (dtype == at::kHalf ? gpu.half : gpu.bf16) ? &gpu : nullptr;
+}
+
+// Calls f(T{}) with T the CUDA type of a 16-bit dtype (__half for float16, else __nv_bfloat16).
+template <typename F>
+void with_cuda_type(at::ScalarType dtype, F&& f) {
+  if (dtype == at::kHalf) {
+    f(__half{});
+  } else {
+    f(__nv_bfloat16{});
+  }
+}
+
 // The tensor-core kernel for T (__half or __nv_bfloat16), with the tile and load width of tc::choose_config.
 template <typename T>
 void launch_tensor_core(at::Tensor& out, const at::Tensor& v, const at::Tensor& t, const ScoreShape& s,
@@ -101,19 +120,12 @@ void score_forward_into(at::Tensor out, const at::Tensor& visual, const at::Tens
   const int64_t s_tb = s.text_batched ? s.K * s.C : 0;
   const VisualStrides vs = dense_visual_strides(s);
   auto stream = c10::cuda::getCurrentCUDAStream();
-  const at::ScalarType dtype = v.scalar_type();
-  if (dtype == at::kHalf || dtype == at::kBFloat16) {
-    const TensorCoreGpu& gpu = tensor_core_gpu(v.device().index());
-    if (dtype == at::kHalf && gpu.half) {
-      launch_tensor_core<__half>(out, v, t, s, vs, s_tb, scale, gpu.sm_count, stream);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      return;
-    }
-    if (dtype == at::kBFloat16 && gpu.bf16) {
-      launch_tensor_core<__nv_bfloat16>(out, v, t, s, vs, s_tb, scale, gpu.sm_count, stream);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      return;
-    }
+  if (const TensorCoreGpu* gpu = tensor_cores_for(v)) {
+    with_cuda_type(v.scalar_type(), [&](auto tag) {
+      launch_tensor_core<decltype(tag)>(out, v, t, s, vs, s_tb, scale, gpu->sm_count, stream);
+    });
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
   }
   namespace pt = portable;
   const dim3 grid((s.P() + pt::kTileP - 1) / pt::kTileP, (s.K + pt::kTileK - 1) / pt::kTileK, s.B);
@@ -136,12 +148,10 @@ std::tuple<at::Tensor, at::Tensor> pixel_text_score_backward_cuda(const at::Tens
   const ScoreShape s = check_score_inputs(visual, text, "pixel_text_score_backward");
   check_score_grad(grad, visual, s, "pixel_text_score_backward");
   const at::ScalarType dtype = visual.scalar_type();
-  if (visual.numel() == 0 || s.K > tc::kMaxBwdK || (dtype != at::kHalf && dtype != at::kBFloat16)) {
+  const c10::cuda::CUDAGuard guard(visual.device());
+  if (visual.numel() == 0 || s.K > tc::kMaxBwdK || tensor_cores_for(visual) == nullptr) {
     return score_backward_aten(grad, visual, text, scale);
   }
-  const c10::cuda::CUDAGuard guard(visual.device());
-  const TensorCoreGpu& gpu = tensor_core_gpu(visual.device().index());
-  if (!(dtype == at::kHalf ? gpu.half : gpu.bf16)) return score_backward_aten(grad, visual, text, scale);
   TORCH_CHECK(s.B <= 65535, "pixel_text_score_backward: too many images for one launch");
 
   const at::Tensor t32 = text.to(at::kFloat);
@@ -171,11 +181,7 @@ std::tuple<at::Tensor, at::Tensor> pixel_text_score_backward_cuda(const at::Tens
                                    : tc::score_backward_visual_tc_kernel<T, true, false>;
     std::apply([&](auto... a) { kernel<<<grid, tc::kThreads, 0, stream>>>(a...); }, args);
   };
-  if (dtype == at::kHalf) {
-    launch(__half{});
-  } else {
-    launch(__nv_bfloat16{});
-  }
+  with_cuda_type(dtype, launch);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   // G / max(|v_p|, eps) clamped to the dtype's range: a zero pixel's 1 / eps = 1e12 overflows float16, and inf * 0
