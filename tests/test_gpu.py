@@ -68,6 +68,32 @@ def test_tensor_core_score_kernels(dtype, shape, layout):
     assert torch.equal(concat[:, :5], feature) and torch.equal(concat[:, 5:], out)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(2, 4, 150, 257, 64), (1, 8, 150, 1601, 32), (2, 2, 171, 1601, 128),
+                                   (1, 3, 1, 1, 1), (2, 1, 65, 33, 33), (1, 2, 130, 4099, 96)])  # fmt: skip
+@pytest.mark.parametrize("misaligned", [False, True])
+def test_tensor_core_attention_forward(dtype, shape, misaligned):
+    """The cuda backend's tensor-core attention forward (csrc/cuda/attention_tc.cuh) at the context decoder's
+    shapes (K150 x N257 and N1601) and at odd ones (one token, odd and padded head dims, partial query blocks and
+    key tiles, thousands of keys), with vector and element loads; its log-sum-exp feeds the portable backward."""
+    b, heads, lq, lk, d = shape
+    q64, k64, v64 = (torch.randn(b, heads, n, d, device="cuda", dtype=torch.float64) for n in (lq, lk, lk))
+    q, k, v = (x.to(dtype) for x in (q64, k64, v64))
+    if misaligned:
+        k = torch.empty(k.numel() + 1, device="cuda", dtype=dtype)[1:].view(k.shape).copy_(k)
+    q64, k64, v64 = (x.double().requires_grad_() for x in (q, k, v))
+    expected = ops.reference.attention(q64, k64, v64)
+    grad = torch.randn_like(expected)
+    expected.backward(grad)
+    q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
+    out = ops.context_attention(q, k, v, backend="cuda")
+    out.backward(grad.to(dtype))
+    tol = 2e-3 if dtype == torch.float16 else 2e-2
+    assert out.dtype == dtype and rel_err(out, expected) <= tol
+    for got, want in ((q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad)):
+        assert rel_err(got, want) <= 4 * tol
+
+
 def heads_of_16(cfg: dcf.DenseCLIPConfig) -> dcf.DenseCLIPConfig:
     """The tiny config widened so that its attention heads have 16 channels (its own have 8), which the Triton
     attention kernel takes. Widths, not head counts: official checkpoints fix the heads (32 in the ResNet's pool,

@@ -1,15 +1,19 @@
 // CUDA kernels of context_attention and its backward (no mask, scale 1/sqrt(D), head dim up to 128).
 //
-// Forward, flash-style: a block of 8 warps serves 8 query rows of one (batch, head); keys and values stream through
-// shared memory in tiles of 32 rows (16 for float64), and each warp keeps its query row, running max, running sum
-// and output accumulator in registers (D / 32 values per lane), updating them key by key (online softmax): no
-// Lq x Lk matrix exists. Outputs O and the row log-sum-exp (float32, float64 for float64 inputs).
+// Forward, float16 (sm_70+; sm_75+ with CUDA 13) and bfloat16 (sm_80+): the tensor-core flash attention of
+// attention_tc.cuh (WMMA, float accumulation, online softmax, 64 queries per block, 32-key tiles).
 //
-// Backward, recomputing the probabilities from the saved log-sum-exp: delta_i = <dO_i, O_i> (ATen), then one kernel
-// with a warp per query row accumulates dQ over the keys, and one with a warp per key row accumulates dK and dV over
-// the queries. Dot products are warp reductions on the FMA units; this is the portable backend, the tensor-core path
-// being the Triton kernels (denseclip_fast/ops/triton/attention.py), which ops.backends prefers on CUDA. The kernels
-// are in attention_kernels.cuh, this file launches them.
+// Forward, float32, float64 and 16-bit types on older GPUs, flash-style on the FMA units: a block of 8 warps serves
+// 8 query rows of one (batch, head); keys and values stream through shared memory in tiles of 32 rows (16 for
+// float64), and each warp keeps its query row, running max, running sum and output accumulator in registers
+// (D / 32 values per lane), updating them key by key (online softmax): no Lq x Lk matrix exists. Both forwards
+// write O and the row log-sum-exp (float32, float64 for float64 inputs).
+//
+// Backward, every dtype, recomputing the probabilities from the saved log-sum-exp: delta_i = <dO_i, O_i> (ATen),
+// then one kernel with a warp per query row accumulates dQ over the keys, and one with a warp per key row
+// accumulates dK and dV over the queries. Dot products are warp reductions on the FMA units; this is the portable
+// backend, the tensor-core backward being the Triton kernels (denseclip_fast/ops/triton/attention.py), which
+// ops.backends prefers on CUDA. The portable kernels are in attention_kernels.cuh, this file launches them.
 #include <ATen/ATen.h>
 #include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
@@ -18,9 +22,13 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdint>
+#include <tuple>
 
 #include "../common.h"
 #include "attention_kernels.cuh"
+#include "attention_tc.cuh"
+#include "tensor_cores.h"
 
 namespace denseclip_fast {
 namespace {
@@ -44,8 +52,27 @@ std::tuple<at::Tensor, at::Tensor> context_attention_cuda(const at::Tensor& q, c
   at::Tensor out = at::empty_like(qc);
   at::Tensor lse = at::empty({s.B, s.heads, s.Lq}, q.options().dtype(lse_type(q)));
   if (out.numel() == 0) return {out, lse};
-  const dim3 grid(s.B * s.heads, (s.Lq + kWarps - 1) / kWarps);
   auto stream = c10::cuda::getCurrentCUDAStream();
+  if (tensor_cores_for(qc) != nullptr) {
+    namespace ta = tc::attention;
+    const dim3 grid(s.B * s.heads, (s.Lq + ta::kBlockM - 1) / ta::kBlockM);
+    const bool vec = ta::use_vec(s.D, reinterpret_cast<std::uintptr_t>(qc.data_ptr()),
+                                 reinterpret_cast<std::uintptr_t>(kc.data_ptr()),
+                                 reinterpret_cast<std::uintptr_t>(vc.data_ptr()));
+    with_cuda_type(q.scalar_type(), [&](auto tag) {
+      using T = decltype(tag);
+      const auto args = std::make_tuple(
+          reinterpret_cast<const T*>(qc.data_ptr()), reinterpret_cast<const T*>(kc.data_ptr()),
+          reinterpret_cast<const T*>(vc.data_ptr()), reinterpret_cast<T*>(out.data_ptr()), lse.data_ptr<float>(),
+          s.Lq, s.Lk, static_cast<int>(s.D), static_cast<float>(1.0 / std::sqrt(static_cast<double>(s.D))));
+      ta::dispatch<T>(s.D, vec, [&](auto kernel) {
+        std::apply([&](auto... a) { kernel<<<grid, ta::kThreads, 0, stream>>>(a...); }, args);
+      });
+    });
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return {out, lse};
+  }
+  const dim3 grid(s.B * s.heads, (s.Lq + kWarps - 1) / kWarps);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "context_attention_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
     attn::attention_forward_kernel<scalar_t, acc_t><<<grid, kWarps * 32, 0, stream>>>(

@@ -23,73 +23,17 @@
 #include <cuda_runtime.h>
 
 #include <limits>
-#include <map>
-#include <mutex>
 #include <tuple>
 #include <torch/library.h>
+#include <torch/version.h>
 
 #include "../common.h"
 #include "score_portable.cuh"
 #include "score_tc.cuh"
+#include "tensor_cores.h"
 
 namespace denseclip_fast {
 namespace {
-
-// What the tensor-core path needs to know of a GPU, queried once per device.
-struct TensorCoreGpu {
-  bool half = false, bf16 = false;  // the tensor-core kernel of that dtype runs there
-  int sm_count = 0;
-};
-
-// Whether the tensor-core kernel for T has its body on the current device (compute capability `arch`, as
-// __CUDA_ARCH__): the GPU has the fragments, and the code the driver picks (a cubin, or PTX it compiles) was built
-// for an architecture that has them (built for sm_75 only with +PTX, the bfloat16 kernel is empty).
-template <typename T>
-bool tensor_core_kernel_runs(int arch) {
-  if (arch < tc::kMinArch<T>) return false;
-  cudaFuncAttributes attr;
-  if (cudaFuncGetAttributes(&attr, tc::score_forward_tc_kernel<T, 4, false, false>) != cudaSuccess) {
-    (void)cudaGetLastError();  // no code for this GPU at all: the portable kernel's launch reports it
-    return false;
-  }
-  return attr.ptxVersion * 10 >= tc::kMinArch<T>;
-}
-
-const TensorCoreGpu& tensor_core_gpu(int index) {
-  static std::mutex mutex;
-  static std::map<int, TensorCoreGpu> gpus;
-  const std::lock_guard<std::mutex> lock(mutex);
-  auto found = gpus.find(index);
-  if (found != gpus.end()) return found->second;
-  int major = 0, minor = 0;
-  TensorCoreGpu gpu;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, index));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, index));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&gpu.sm_count, cudaDevAttrMultiProcessorCount, index));
-  const int arch = 100 * major + 10 * minor;
-  gpu.half = tensor_core_kernel_runs<__half>(arch);
-  gpu.bf16 = tensor_core_kernel_runs<__nv_bfloat16>(arch);
-  return gpus.emplace(index, gpu).first->second;
-}
-
-// The GPU's tensor-core facts when the dtype of `x` (a CUDA tensor on the current device) has a tensor-core kernel
-// there, else nullptr: the one decision the forward and the backward share.
-const TensorCoreGpu* tensor_cores_for(const at::Tensor& x) {
-  const at::ScalarType dtype = x.scalar_type();
-  if (dtype != at::kHalf && dtype != at::kBFloat16) return nullptr;
-  const TensorCoreGpu& gpu = tensor_core_gpu(x.device().index());
-  return (dtype == at::kHalf ? gpu.half : gpu.bf16) ? &gpu : nullptr;
-}
-
-// Calls f(T{}) with T the CUDA type of a 16-bit dtype (__half for float16, else __nv_bfloat16).
-template <typename F>
-void with_cuda_type(at::ScalarType dtype, F&& f) {
-  if (dtype == at::kHalf) {
-    f(__half{});
-  } else {
-    f(__nv_bfloat16{});
-  }
-}
 
 // The tensor-core kernel for T (__half or __nv_bfloat16), with the tile and load width of tc::choose_config.
 template <typename T>
@@ -139,10 +83,21 @@ void score_forward_into(at::Tensor out, const at::Tensor& visual, const at::Tens
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// a @ b (batched, 16-bit inputs) in float32: cuBLAS accumulates in float and, with the out_dtype overload, also
+// writes float, so the sum over the pixels cannot overflow float16's 65504 before the cast. The overload is in the
+// torch versions this project builds with (2.11, 2.14); an older torch rounds the product to the input dtype first.
+at::Tensor text_gradient_product(const at::Tensor& a, const at::Tensor& b) {
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 9)
+  return at::bmm(a, b, at::kFloat);
+#else
+  return at::bmm(a, b).to(at::kFloat);
+#endif
+}
+
 // The backward with the tensor-core visual kernel (float16/bfloat16 where the forward's tensor-core kernel runs, up
 // to tc::kMaxBwdK classes), else the ATen one. Text: the normalisation and its Jacobian in float32 on the small
 // (K, C) tensors; d/d t^ = scale * sum_p G[:, p] v_p^T / max(|v_p|, eps), one batched GEMM on the raw visual map
-// in its dtype (float32 accumulation), with the 1 / max(|v_p|, eps) the visual kernel wrote.
+// in its dtype (float32 accumulation and output), with the 1 / max(|v_p|, eps) the visual kernel wrote.
 std::tuple<at::Tensor, at::Tensor> pixel_text_score_backward_cuda(const at::Tensor& grad, const at::Tensor& visual,
                                                                   const at::Tensor& text, double scale) {
   const ScoreShape s = check_score_inputs(visual, text, "pixel_text_score_backward");
@@ -190,7 +145,7 @@ std::tuple<at::Tensor, at::Tensor> pixel_text_score_backward_cuda(const at::Tens
                                           : static_cast<double>(std::numeric_limits<c10::BFloat16>::max());
   const at::Tensor g_scaled =
       (g.view({s.B, s.K, s.P()}).to(at::kFloat) * inv.unsqueeze(1) * scale).clamp_(-limit, limit).to(dtype);
-  at::Tensor gt_hat = at::bmm(g_scaled, v.view({s.B, s.C, s.P()}).transpose(1, 2)).to(at::kFloat);  // (B, K, C)
+  at::Tensor gt_hat = text_gradient_product(g_scaled, v.view({s.B, s.C, s.P()}).transpose(1, 2));  // (B, K, C)
   if (!s.text_batched) gt_hat = gt_hat.sum(0);
   const at::Tensor grad_text = normalize_backward(gt_hat, t_hat32, t_clamped, t_norm, -1);
   return {grad_visual, grad_text.to(text.scalar_type())};

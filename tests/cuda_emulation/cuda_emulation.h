@@ -174,12 +174,19 @@ void check_access(const void* p, unsigned ldm, const char* op) {
 
 template <typename Use, int M, int N, int K, typename T, typename Layout>
 void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& f, const T* p, unsigned ldm) {
-  static_assert(!std::is_same_v<Use, accumulator>, "accumulator loads are not emulated");
+  static_assert(!std::is_same_v<Use, accumulator>, "an accumulator load takes a layout_t");
   check_access<T>(p, ldm, "load_matrix_sync");
   using F = fragment<Use, M, N, K, T, Layout>;
   for (int r = 0; r < F::rows; ++r)
     for (int c = 0; c < F::cols; ++c)
       f.x[r * F::cols + c] = to_float_any(std::is_same_v<Layout, row_major> ? p[r * ldm + c] : p[c * ldm + r]);
+}
+
+template <int M, int N, int K>
+void load_matrix_sync(fragment<accumulator, M, N, K, float>& f, const float* p, unsigned ldm, layout_t layout) {
+  check_access<float>(p, ldm, "load_matrix_sync");
+  for (int i = 0; i < M; ++i)
+    for (int j = 0; j < N; ++j) f.x[i * N + j] = layout == mem_row_major ? p[i * ldm + j] : p[j * ldm + i];
 }
 
 template <int M, int N, int K>
