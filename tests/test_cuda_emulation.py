@@ -2,10 +2,10 @@
 GPU threads, barriers for __syncthreads/__syncwarp, warp shuffles through memory, whole-tile WMMA fragments that
 check pointer alignment and ldm), compiled with AddressSanitizer so that an access outside a buffer or a shared
 array aborts: the tensor-core score kernels (score_tc.cuh: forward, visual backward; float16 and bfloat16), the
-portable score forward (score_portable.cuh), the tensor-core attention forward (attention_tc.cuh; float16 and
-bfloat16) and the portable attention kernels (attention_kernels.cuh: forward, dQ, dK/dV; float32 and float64).
-They check tiling, bounds, layouts, load widths and epilogues against float64 without a GPU; tests/test_ops.py and
-tests/test_gpu.py check the kernels on a GPU (cuda backend).
+portable score forward (score_portable.cuh), the tensor-core attention kernels (attention_tc.cuh: forward, dQ,
+dK/dV; float16 and bfloat16) and the portable attention kernels (attention_kernels.cuh: forward, dQ, dK/dV;
+float32 and float64). They check tiling, bounds, layouts, load widths and epilogues against float64 without a GPU;
+tests/test_ops.py and tests/test_gpu.py check the kernels on a GPU (cuda backend).
 """
 
 from __future__ import annotations
@@ -60,10 +60,10 @@ ATTENTION_CASES = [
     ("double", 2, 8, 16, 16),  # tile multiples exactly
     ("float", 1, 40, 20, 32),  # dK/dV walk two query tiles
 ]
-# Attention forward (tensor cores): (dtype, batch x heads, Lq, Lk, D, misaligned inputs)
+# Attention forward and backward (tensor cores): (dtype, batch x heads, Lq, Lk, D, misaligned inputs)
 ATTENTION_TC_CASES = [
     ("half", 2, 9, 70, 64, 0),  # three key tiles, the last partial; vector loads
-    ("bf16", 1, 70, 33, 128, 0),  # two query blocks, the second nearly empty; the largest head dim
+    ("bf16", 1, 70, 33, 128, 0),  # two query blocks, the second nearly empty; three query tiles; the largest D
     ("half", 1, 1, 1, 1, 0),  # one query, one key, D = 1 (padded to 32)
     ("bf16", 3, 5, 40, 33, 0),  # odd head dim: element loads, D padded to 64
     ("half", 1, 64, 32, 16, 1),  # one query block and one key tile exactly; misaligned: element loads
@@ -141,13 +141,15 @@ def test_attention_kernels_under_emulation(emulated, case):
 
 
 @pytest.mark.parametrize("case", ATTENTION_TC_CASES, ids=lambda c: "-".join(map(str, c)))
-def test_tensor_core_attention_forward_under_emulation(emulated, case):
-    """The WMMA flash-attention forward of csrc/cuda/attention_tc.cuh (online softmax across key tiles, the
-    accumulator rescale, masked key columns, padded head dims), in the instantiation the launcher picks."""
+def test_tensor_core_attention_kernels_under_emulation(emulated, case):
+    """The WMMA kernels of csrc/cuda/attention_tc.cuh in the instantiation the launcher picks: the flash forward
+    (online softmax across key tiles, the accumulator rescale, masked key columns, padded head dims), dQ (key tiles)
+    and dK/dV (blocks of 32 keys, query tiles) from the forward's log-sum-exp."""
     dtype, _, _, _, d, misalign = case
     got = emulated("attention_tc_main", case)
     assert float(got["out"]) <= TOL[dtype], got
     assert float(got["lse"]) <= 1e-5, got  # float arithmetic on the same rounded inputs: only P's rounding differs
+    assert all(float(got[name]) <= 4 * TOL[dtype] for name in ("dq", "dk", "dv")), got  # as test_ops
     assert got["d_frags"] == str(2 if d <= 32 else 4 if d <= 64 else 8), got
     assert got["vec"] == str(int(d % 8 == 0 and not misalign)), got
     assert got["untouched"] == "1", "the kernel wrote past its outputs"

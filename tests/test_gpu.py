@@ -72,10 +72,10 @@ def test_tensor_core_score_kernels(dtype, shape, layout):
 @pytest.mark.parametrize("shape", [(2, 4, 150, 257, 64), (1, 8, 150, 1601, 32), (2, 2, 171, 1601, 128),
                                    (1, 3, 1, 1, 1), (2, 1, 65, 33, 33), (1, 2, 130, 4099, 96)])  # fmt: skip
 @pytest.mark.parametrize("misaligned", [False, True])
-def test_tensor_core_attention_forward(dtype, shape, misaligned):
-    """The cuda backend's tensor-core attention forward (csrc/cuda/attention_tc.cuh) at the context decoder's
-    shapes (K150 x N257 and N1601) and at odd ones (one token, odd and padded head dims, partial query blocks and
-    key tiles, thousands of keys), with vector and element loads; its log-sum-exp feeds the portable backward."""
+def test_tensor_core_attention_kernels(dtype, shape, misaligned):
+    """The cuda backend's tensor-core attention kernels (csrc/cuda/attention_tc.cuh: forward, dQ, dK/dV) at the
+    context decoder's shapes (K150 x N257 and N1601) and at odd ones (one token, odd and padded head dims, partial
+    query blocks and key tiles, thousands of keys), with vector and element loads."""
     b, heads, lq, lk, d = shape
     q64, k64, v64 = (torch.randn(b, heads, n, d, device="cuda", dtype=torch.float64) for n in (lq, lk, lk))
     q, k, v = (x.to(dtype) for x in (q64, k64, v64))

@@ -1,19 +1,19 @@
 // CUDA kernels of context_attention and its backward (no mask, scale 1/sqrt(D), head dim up to 128).
 //
-// Forward, float16 (sm_70+; sm_75+ with CUDA 13) and bfloat16 (sm_80+): the tensor-core flash attention of
-// attention_tc.cuh (WMMA, float accumulation, online softmax, 64 queries per block, 32-key tiles).
+// float16 (sm_70+; sm_75+ with CUDA 13) and bfloat16 (sm_80+): the tensor-core kernels of attention_tc.cuh (WMMA,
+// float accumulation): flash attention forward (64 queries per block, 32-key tiles, online softmax) and the
+// FlashAttention-2 backward (a dQ kernel, a dK/dV kernel).
 //
-// Forward, float32, float64 and 16-bit types on older GPUs, flash-style on the FMA units: a block of 8 warps serves
-// 8 query rows of one (batch, head); keys and values stream through shared memory in tiles of 32 rows (16 for
-// float64), and each warp keeps its query row, running max, running sum and output accumulator in registers
-// (D / 32 values per lane), updating them key by key (online softmax): no Lq x Lk matrix exists. Both forwards
-// write O and the row log-sum-exp (float32, float64 for float64 inputs).
+// float32, float64, and 16-bit types on older GPUs, on the FMA units (attention_kernels.cuh). Forward, flash-style:
+// a block of 8 warps serves 8 query rows of one (batch, head); keys and values stream through shared memory in
+// tiles of 32 rows (16 for float64), and each warp keeps its query row, running max, running sum and output
+// accumulator in registers (D / 32 values per lane), updating them key by key (online softmax): no Lq x Lk matrix
+// exists. Backward, recomputing the probabilities from the saved log-sum-exp: one kernel with a warp per query
+// row accumulates dQ over the keys, and one with a warp per key row accumulates dK and dV over the queries.
 //
-// Backward, every dtype, recomputing the probabilities from the saved log-sum-exp: delta_i = <dO_i, O_i> (ATen),
-// then one kernel with a warp per query row accumulates dQ over the keys, and one with a warp per key row
-// accumulates dK and dV over the queries. Dot products are warp reductions on the FMA units; this is the portable
-// backend, the tensor-core backward being the Triton kernels (denseclip_fast/ops/triton/attention.py), which
-// ops.backends prefers on CUDA. The portable kernels are in attention_kernels.cuh, this file launches them.
+// Every forward writes O and the row log-sum-exp (float32, float64 for float64 inputs); every backward takes
+// delta_i = <dO_i, O_i> from ATen. ops.backends prefers the Triton kernels (denseclip_fast/ops/triton/attention.py)
+// on sm_80+ when Triton is installed.
 #include <ATen/ATen.h>
 #include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
@@ -61,12 +61,13 @@ std::tuple<at::Tensor, at::Tensor> context_attention_cuda(const at::Tensor& q, c
                                  reinterpret_cast<std::uintptr_t>(vc.data_ptr()));
     with_cuda_type(q.scalar_type(), [&](auto tag) {
       using T = decltype(tag);
+      const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(s.D)));
       const auto args = std::make_tuple(
           reinterpret_cast<const T*>(qc.data_ptr()), reinterpret_cast<const T*>(kc.data_ptr()),
           reinterpret_cast<const T*>(vc.data_ptr()), reinterpret_cast<T*>(out.data_ptr()), lse.data_ptr<float>(),
-          s.Lq, s.Lk, static_cast<int>(s.D), static_cast<float>(1.0 / std::sqrt(static_cast<double>(s.D))));
-      ta::dispatch<T>(s.D, vec, [&](auto kernel) {
-        std::apply([&](auto... a) { kernel<<<grid, ta::kThreads, 0, stream>>>(a...); }, args);
+          s.Lq, s.Lk, static_cast<int>(s.D), scale, vec);
+      ta::dispatch<T>(s.D, [&](auto kernels) {
+        std::apply([&](auto... a) { decltype(kernels)::forward<<<grid, ta::kThreads, 0, stream>>>(a...); }, args);
       });
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -95,6 +96,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> context_attention_backward_cuda(
   const at::Tensor delta = (g.to(lse_type(q)) * out.to(lse_type(q))).sum(-1).contiguous();
   at::Tensor dq = at::empty_like(qc), dk = at::empty_like(kc), dv = at::empty_like(vc);
   auto stream = c10::cuda::getCurrentCUDAStream();
+  if (tensor_cores_for(qc) != nullptr) {
+    namespace ta = tc::attention;
+    const dim3 grid_q(s.B * s.heads, (s.Lq + ta::kBlockM - 1) / ta::kBlockM);
+    const dim3 grid_k(s.B * s.heads, (s.Lk + ta::kKvWarps * ta::kWarpRows - 1) / (ta::kKvWarps * ta::kWarpRows));
+    const bool vec = ta::use_vec(s.D, reinterpret_cast<std::uintptr_t>(qc.data_ptr()),
+                                 reinterpret_cast<std::uintptr_t>(kc.data_ptr()),
+                                 reinterpret_cast<std::uintptr_t>(vc.data_ptr())) &&
+                     reinterpret_cast<std::uintptr_t>(g.data_ptr()) % 16 == 0;
+    with_cuda_type(q.scalar_type(), [&](auto tag) {
+      using T = decltype(tag);
+      auto ptr = [](const at::Tensor& x) { return reinterpret_cast<T*>(x.data_ptr()); };
+      const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(s.D)));
+      const int D = static_cast<int>(s.D);
+      ta::dispatch<T>(s.D, [&](auto kernels) {
+        using K = decltype(kernels);
+        K::dq<<<grid_q, ta::kThreads, 0, stream>>>(ptr(qc), ptr(kc), ptr(vc), ptr(g), lc.data_ptr<float>(),
+                                                    delta.data_ptr<float>(), ptr(dq), s.Lq, s.Lk, D, scale, vec);
+        K::dkdv<<<grid_k, ta::kKvThreads, 0, stream>>>(ptr(qc), ptr(kc), ptr(vc), ptr(g), lc.data_ptr<float>(),
+                                                        delta.data_ptr<float>(), ptr(dk), ptr(dv), s.Lq, s.Lk, D,
+                                                        scale, vec);
+      });
+    });
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return {dq, dk, dv};
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "context_attention_backward_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
     const acc_t scale = acc_t(1) / std::sqrt(acc_t(s.D));

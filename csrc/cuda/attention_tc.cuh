@@ -1,10 +1,11 @@
-// Tensor-core forward of context_attention for float16 (sm_70+) and bfloat16 (sm_80+): flash attention with the
-// WMMA API (16x16x16 fragments, float accumulation). Included by attention.cu, which launches it, and by the CPU
-// emulation test (tests/cuda_emulation), which runs it thread by thread on the host.
+// Tensor-core kernels of context_attention for float16 (sm_70+) and bfloat16 (sm_80+), forward and backward, with
+// the WMMA API (16x16x16 fragments, float accumulation). Included by attention.cu, which launches them, and by the
+// CPU emulation test (tests/cuda_emulation), which runs them thread by thread on the host.
 //
-// A block of 4 warps serves 64 query rows of one (batch, head), 16 rows a warp. The query tile is staged once in
-// shared memory and each warp keeps its 16 x D slice in registers as matrix_a fragments (D padded to 32, 64 or
-// 128 with zeros). Keys and values stream through shared memory 32 rows at a time; per key tile each warp
+// Forward, flash attention: a block of 4 warps serves 64 query rows of one (batch, head), 16 rows a warp. The
+// query tile is staged once in shared memory and each warp keeps its 16 x D slice in registers as matrix_a
+// fragments (D padded to 32, 64 or 128 with zeros). Keys and values stream through shared memory 32 rows at a
+// time; per key tile each warp
 //   1. computes S = Q K^T (16 x 32, float) on the tensor cores and stores it to its shared scratch;
 //   2. runs the online softmax, two lanes per query row (16 columns each, partners combined by one shuffle): the new
 //      running max m, P = exp(scale * S - m) (zero past Lk) written as T for the next product, the running sum l in
@@ -13,9 +14,14 @@
 //      scratch, whose rows the lanes scale: the WMMA accumulator layout is opaque), skipped when no max moved;
 //   4. accumulates O += P V on the tensor cores.
 // No Lq x Lk matrix exists. The epilogue writes O / l (through the scratch, coalesced along D) and the row
-// log-sum-exp m + log(l) in float, which the backward (attention.cu) reads as it reads the portable kernel's.
-// 32-key tiles keep the shared memory of a block at 31 KB for D = 128 (static, no opt-in); loads of K, V and Q are
-// 16-byte vectors when D is a multiple of 8 and the tensors are 16-byte aligned (kVec), else element by element.
+// log-sum-exp m + log(l) in float.
+// Backward (FlashAttention-2's split, P recomputed from that log-sum-exp, delta = rowsum(dO * O) from the
+// launcher): one kernel accumulates dQ per query block over the key tiles, one accumulates dK and dV per block of
+// 32 keys over the query tiles; see attention_dq_tc_kernel and attention_dkdv_tc_kernel.
+// Tiles of 32 keys (queries in dK/dV) keep every block's shared memory static (at most 44 KB, for D = 128); loads
+// are 16-byte vectors when D is a multiple of 8 and the tensors are 16-byte aligned (`vec`, a block-uniform
+// argument rather than a template parameter: one instantiation fewer per kernel keeps the build time down), else
+// element by element.
 #pragma once
 
 #include <cmath>
@@ -49,34 +55,56 @@ __device__ __forceinline__ float fast_exp(float x) {
 #endif
 }
 
-// Rows [r0, r0 + kRows) of a row-major (L, D) matrix into `dst` (row stride kLd), zeros past L and past D up to kDp.
-template <typename T, bool kVec, int kRows, int kDp, int kLd>
-__device__ __forceinline__ void stage_rows(T* dst, const T* src, int64_t r0, int64_t L, int D) {
-  if constexpr (kVec) {
+// Rows [r0, r0 + kRows) of a row-major (L, D) matrix into `dst` (row stride kLd), zeros past L and past D up to kDp;
+// by the kBlockThreads threads of the block.
+template <typename T, int kRows, int kDp, int kLd, int kBlockThreads = kThreads>
+__device__ __forceinline__ void stage_rows(T* dst, const T* src, int64_t r0, int64_t L, int D, bool vec) {
+  if (vec) {
     constexpr int kPacksPerRow = kDp / kVecElems;
     Pack<T> zeros;
     for (int e = 0; e < kVecElems; ++e) zeros.v[e] = from_float<T>(0.0f);
-    for (int i = threadIdx.x; i < kRows * kPacksPerRow; i += kThreads) {
+    for (int i = threadIdx.x; i < kRows * kPacksPerRow; i += kBlockThreads) {
       const int r = i / kPacksPerRow, c = (i % kPacksPerRow) * kVecElems;
       const bool ok = r0 + r < L && c < D;  // D % 8 == 0: a pack is wholly inside or wholly past D
       *reinterpret_cast<Pack<T>*>(dst + r * kLd + c) =
           ok ? *reinterpret_cast<const Pack<T>*>(src + (r0 + r) * D + c) : zeros;
     }
   } else {
-    for (int i = threadIdx.x; i < kRows * kDp; i += kThreads) {
+    for (int i = threadIdx.x; i < kRows * kDp; i += kBlockThreads) {
       const int r = i / kDp, c = i % kDp;
       dst[r * kLd + c] = r0 + r < L && c < D ? src[(r0 + r) * D + c] : from_float<T>(0.0f);
     }
   }
 }
 
-// T: __half or __nv_bfloat16. kDFrags: D padded to 16 * kDFrags (2, 4 or 8). kVec: 16-byte loads (use_vec).
+// Writes the warp's 16 x D accumulators (rows first_row.. of a row-major (L, D) matrix) to `dst`, each row r
+// multiplied by factor * (row_factor ? row_factor[r] : 1), through the warp's scratch two fragments at a time;
+// rows past L and columns past D are dropped. Coalesced along D.
+template <typename T, int kDFrags, typename FragAcc>
+__device__ __forceinline__ void write_rows(const FragAcc* acc, float* sw, const float* row_factor, float factor,
+                                           T* dst, int64_t first_row, int64_t L, int D) {
+  namespace wmma = nvcuda::wmma;
+  const int lane = threadIdx.x % 32;
+  for (int f = 0; f < kDFrags; f += 2) {
+    wmma::store_matrix_sync(sw, acc[f], kLdS, wmma::mem_row_major);
+    wmma::store_matrix_sync(sw + kFrag, acc[f + 1], kLdS, wmma::mem_row_major);
+    __syncwarp();
+    for (int i = lane; i < kFrag * 2 * kFrag; i += 32) {
+      const int r = i / 32, d = f * kFrag + i % 32;
+      const float x = sw[r * kLdS + i % 32] * factor * (row_factor != nullptr ? row_factor[r] : 1.0f);
+      if (first_row + r < L && d < D) dst[(first_row + r) * D + d] = from_float<T>(x);
+    }
+    __syncwarp();  // every lane has read the scratch before the next stores
+  }
+}
+
+// T: __half or __nv_bfloat16. kDFrags: D padded to 16 * kDFrags (2, 4 or 8). vec: 16-byte loads (use_vec).
 // Grid: (batch * heads, ceil(Lq / 64)); q, out (BH, Lq, D), k, v (BH, Lk, D) contiguous; lse (BH, Lq) float.
-template <typename T, int kDFrags, bool kVec>
+template <typename T, int kDFrags>
 __global__ void __launch_bounds__(kThreads)
     attention_forward_tc_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                                 T* __restrict__ out, float* __restrict__ lse, int64_t Lq, int64_t Lk, int D,
-                                float scale) {
+                                float scale, bool vec) {
   if constexpr (DCF_TC_ARCH >= kMinArch<T>) {
     namespace wmma = nvcuda::wmma;
     constexpr int kDp = kDFrags * kFrag, kLd = kDp + kPad;
@@ -100,7 +128,7 @@ __global__ void __launch_bounds__(kThreads)
     T* const pw = ps[warp];
     float* const fw = row_factor[warp];
 
-    stage_rows<T, kVec, kBlockM, kDp, kLd>(kv, q + bh * Lq * D, m0, Lq, D);
+    stage_rows<T, kBlockM, kDp, kLd>(kv, q + bh * Lq * D, m0, Lq, D, vec);
     __syncthreads();
     FragA qf[kDFrags];
     for (int f = 0; f < kDFrags; ++f) wmma::load_matrix_sync(qf[f], kv + warp * kWarpRows * kLd + f * kFrag, kLd);
@@ -127,8 +155,8 @@ __global__ void __launch_bounds__(kThreads)
     };
 
     for (int64_t j0 = 0; j0 < Lk; j0 += kBlockN) {
-      stage_rows<T, kVec, kBlockN, kDp, kLd>(ks, kb, j0, Lk, D);
-      stage_rows<T, kVec, kBlockN, kDp, kLd>(vs, vb, j0, Lk, D);
+      stage_rows<T, kBlockN, kDp, kLd>(ks, kb, j0, Lk, D, vec);
+      stage_rows<T, kBlockN, kDp, kLd>(vs, vb, j0, Lk, D, vec);
       __syncthreads();
 
       // 1. S = Q K^T: K^T's fragment (d, j) is ks[j][d], a column-major matrix_b.
@@ -195,32 +223,274 @@ __global__ void __launch_bounds__(kThreads)
       if (first_row + row < Lq) lse[bh * Lq + first_row + row] = m_i + logf(l_i);
     }
     __syncwarp();
-    T* const ob = out + bh * Lq * D;
-    for (int f = 0; f < kDFrags; f += 2) {
-      wmma::store_matrix_sync(sw, acc[f], kLdS, wmma::mem_row_major);
-      wmma::store_matrix_sync(sw + kFrag, acc[f + 1], kLdS, wmma::mem_row_major);
-      __syncwarp();
-      for (int i = lane; i < kWarpRows * 2 * kFrag; i += 32) {
-        const int r = i / 32, d = f * kFrag + i % 32;
-        if (first_row + r < Lq && d < D) ob[(first_row + r) * D + d] = from_float<T>(sw[r * kLdS + i % 32] * fw[r]);
-      }
-      __syncwarp();
-    }
+    write_rows<T, kDFrags>(acc, sw, fw, 1.0f, out + bh * Lq * D, first_row, Lq, D);
   } else {
     __trap();  // compiled for an older GPU than T needs; the launcher checks the PTX version first
   }
 }
 
-// Calls launch(kernel) with the instantiation for head dim D and the load width.
+// dQ, a block of 4 warps x 16 query rows as in the forward: Q and dO of the block's queries are staged (one after
+// the other) and kept as matrix_a fragments; per tile of 32 keys and values each warp computes S = Q K^T and
+// dP = dO V^T (16 x 32, float, through its scratch), its lanes form dS = P (dP - delta) * scale with
+// P = exp(scale * S - lse) from the forward's log-sum-exp (zero past Lk), written as T, and dQ += dS K.
+// Grid: (batch * heads, ceil(Lq / 64)); lse and delta (BH, Lq) float.
+template <typename T, int kDFrags>
+__global__ void __launch_bounds__(kThreads)
+    attention_dq_tc_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                           const T* __restrict__ dout, const float* __restrict__ lse,
+                           const float* __restrict__ delta, T* __restrict__ dq, int64_t Lq, int64_t Lk, int D,
+                           float scale, bool vec) {
+  if constexpr (DCF_TC_ARCH >= kMinArch<T>) {
+    namespace wmma = nvcuda::wmma;
+    constexpr int kDp = kDFrags * kFrag, kLd = kDp + kPad;
+    static_assert(kDFrags % 2 == 0, "accumulators pass through the 32-column scratch two at a time");
+    using FragA = wmma::fragment<wmma::matrix_a, kFrag, kFrag, kFrag, T, wmma::row_major>;
+    using FragBt = wmma::fragment<wmma::matrix_b, kFrag, kFrag, kFrag, T, wmma::col_major>;
+    using FragB = wmma::fragment<wmma::matrix_b, kFrag, kFrag, kFrag, T, wmma::row_major>;
+    using FragAcc = wmma::fragment<wmma::accumulator, kFrag, kFrag, kFrag, float>;
+
+    __shared__ __align__(32) T kv[2 * kBlockN * kLd];  // the query tile, then the dO tile, then keys and values
+    __shared__ __align__(32) float scratch[kWarps][kWarpRows * kLdS];
+    __shared__ __align__(32) T ps[kWarps][kWarpRows * kLdP];  // dS
+    T* const ks = kv;
+    T* const vs = kv + kBlockN * kLd;
+
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int64_t bh = blockIdx.x, m0 = static_cast<int64_t>(blockIdx.y) * kBlockM;
+    const int64_t first_row = m0 + warp * kWarpRows;
+    const T* kb = k + bh * Lk * D;
+    const T* vb = v + bh * Lk * D;
+    float* const sw = scratch[warp];
+    T* const pw = ps[warp];
+
+    FragA qf[kDFrags], gf[kDFrags];
+    stage_rows<T, kBlockM, kDp, kLd>(kv, q + bh * Lq * D, m0, Lq, D, vec);
+    __syncthreads();
+    for (int f = 0; f < kDFrags; ++f) wmma::load_matrix_sync(qf[f], kv + warp * kWarpRows * kLd + f * kFrag, kLd);
+    __syncthreads();
+    stage_rows<T, kBlockM, kDp, kLd>(kv, dout + bh * Lq * D, m0, Lq, D, vec);
+    __syncthreads();
+    for (int f = 0; f < kDFrags; ++f) wmma::load_matrix_sync(gf[f], kv + warp * kWarpRows * kLd + f * kFrag, kLd);
+    FragAcc acc[kDFrags];
+    for (int f = 0; f < kDFrags; ++f) wmma::fill_fragment(acc[f], 0.0f);
+    __syncthreads();
+
+    // Lanes 2r and 2r + 1 own query row r of the warp, columns [16 * half, 16 * half + 16) of a tile. Rows past
+    // Lq have zero Q and dO, so their dS is zero.
+    const int row = lane / 2, half = lane % 2;
+    const bool live = first_row + row < Lq;
+    const float l_row = live ? lse[bh * Lq + first_row + row] : 0.0f;
+    const float d_row = live ? delta[bh * Lq + first_row + row] : 0.0f;
+
+    for (int64_t j0 = 0; j0 < Lk; j0 += kBlockN) {
+      stage_rows<T, kBlockN, kDp, kLd>(ks, kb, j0, Lk, D, vec);
+      stage_rows<T, kBlockN, kDp, kLd>(vs, vb, j0, Lk, D, vec);
+      __syncthreads();
+      const int valid = static_cast<int>(Lk - j0 < kBlockN ? Lk - j0 : kBlockN);
+      float p[kFrag];
+
+      // S = Q K^T, then P in registers.
+      for (int u = 0; u < kBlockN / kFrag; ++u) {
+        FragAcc sf;
+        wmma::fill_fragment(sf, 0.0f);
+        for (int f = 0; f < kDFrags; ++f) {
+          FragBt kf;
+          wmma::load_matrix_sync(kf, ks + u * kFrag * kLd + f * kFrag, kLd);
+          wmma::mma_sync(sf, qf[f], kf, sf);
+        }
+        wmma::store_matrix_sync(sw + u * kFrag, sf, kLdS, wmma::mem_row_major);
+      }
+      __syncwarp();
+      for (int c = 0; c < kFrag; ++c) {
+        const int col = half * kFrag + c;
+        p[c] = col < valid ? fast_exp(sw[row * kLdS + col] * scale - l_row) : 0.0f;
+      }
+      __syncwarp();  // S is read: the scratch takes dP
+
+      // dP = dO V^T, then dS = P (dP - delta) * scale.
+      for (int u = 0; u < kBlockN / kFrag; ++u) {
+        FragAcc pf;
+        wmma::fill_fragment(pf, 0.0f);
+        for (int f = 0; f < kDFrags; ++f) {
+          FragBt vf;
+          wmma::load_matrix_sync(vf, vs + u * kFrag * kLd + f * kFrag, kLd);
+          wmma::mma_sync(pf, gf[f], vf, pf);
+        }
+        wmma::store_matrix_sync(sw + u * kFrag, pf, kLdS, wmma::mem_row_major);
+      }
+      __syncwarp();
+      for (int c = 0; c < kFrag; ++c) {
+        const int col = half * kFrag + c;
+        pw[row * kLdP + col] = from_float<T>(p[c] * (sw[row * kLdS + col] - d_row) * scale);
+      }
+      __syncwarp();
+
+      // dQ += dS K.
+      for (int kk = 0; kk < kBlockN / kFrag; ++kk) {
+        FragA dsf;
+        wmma::load_matrix_sync(dsf, pw + kk * kFrag, kLdP);
+        for (int f = 0; f < kDFrags; ++f) {
+          FragB kf;
+          wmma::load_matrix_sync(kf, ks + kk * kFrag * kLd + f * kFrag, kLd);
+          wmma::mma_sync(acc[f], dsf, kf, acc[f]);
+        }
+      }
+      __syncthreads();  // every warp is done with this tile (and its dS) before the next
+    }
+    write_rows<T, kDFrags>(acc, sw, nullptr, 1.0f, dq + bh * Lq * D, first_row, Lq, D);
+  } else {
+    __trap();
+  }
+}
+
+constexpr int kKvWarps = 2, kKvThreads = 32 * kKvWarps;  // dK/dV: 32 keys per block
+
+// dK and dV, a block of 2 warps x 16 key rows: the block's keys and values stay in shared memory; per tile of 32
+// queries (Q, dO, and their lse and delta staged) each warp computes S^T = K Q^T, P^T = exp(scale * S^T - lse)
+// (kept in registers and written as T; queries past Lq get lse = +inf, so P = 0), dP^T = V dO^T,
+// dS^T = P^T (dP^T - delta) * scale (written as T), then dV += P^T dO and dK += dS^T Q.
+// Grid: (batch * heads, ceil(Lk / 32)).
+template <typename T, int kDFrags>
+__global__ void __launch_bounds__(kKvThreads)
+    attention_dkdv_tc_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                             const T* __restrict__ dout, const float* __restrict__ lse,
+                             const float* __restrict__ delta, T* __restrict__ dk, T* __restrict__ dv, int64_t Lq,
+                             int64_t Lk, int D, float scale, bool vec) {
+  if constexpr (DCF_TC_ARCH >= kMinArch<T>) {
+    namespace wmma = nvcuda::wmma;
+    constexpr int kDp = kDFrags * kFrag, kLd = kDp + kPad;
+    constexpr int kKeys = kKvWarps * kWarpRows, kQueries = kBlockN;
+    static_assert(kDFrags % 2 == 0, "accumulators pass through the 32-column scratch two at a time");
+    static_assert(kQueries <= kKvThreads, "a thread per query stages lse and delta");
+    using FragA = wmma::fragment<wmma::matrix_a, kFrag, kFrag, kFrag, T, wmma::row_major>;
+    using FragBt = wmma::fragment<wmma::matrix_b, kFrag, kFrag, kFrag, T, wmma::col_major>;
+    using FragB = wmma::fragment<wmma::matrix_b, kFrag, kFrag, kFrag, T, wmma::row_major>;
+    using FragAcc = wmma::fragment<wmma::accumulator, kFrag, kFrag, kFrag, float>;
+
+    __shared__ __align__(32) T kvs[2 * kKeys * kLd];     // keys (rows 0-31), values (rows 32-63)
+    __shared__ __align__(32) T qgs[2 * kQueries * kLd];  // a query tile, its dO tile
+    __shared__ __align__(32) float scratch[kKvWarps][kWarpRows * kLdS];
+    __shared__ __align__(32) T pts[kKvWarps][kWarpRows * kLdP];  // P^T
+    __shared__ __align__(32) T dts[kKvWarps][kWarpRows * kLdP];  // dS^T
+    __shared__ float lse_s[kQueries], delta_s[kQueries];
+    T* const ks = kvs;
+    T* const vs = kvs + kKeys * kLd;
+    T* const qs = qgs;
+    T* const gs = qgs + kQueries * kLd;
+
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int64_t bh = blockIdx.x, n0 = static_cast<int64_t>(blockIdx.y) * kKeys;
+    const int64_t first_row = n0 + warp * kWarpRows;
+    const T* qb = q + bh * Lq * D;
+    const T* gb = dout + bh * Lq * D;
+    float* const sw = scratch[warp];
+    T* const pw = pts[warp];
+    T* const dw = dts[warp];
+    const T* const kw = ks + warp * kWarpRows * kLd;
+    const T* const vw = vs + warp * kWarpRows * kLd;
+
+    stage_rows<T, kKeys, kDp, kLd, kKvThreads>(ks, k + bh * Lk * D, n0, Lk, D, vec);
+    stage_rows<T, kKeys, kDp, kLd, kKvThreads>(vs, v + bh * Lk * D, n0, Lk, D, vec);
+    FragAcc dk_acc[kDFrags], dv_acc[kDFrags];
+    for (int f = 0; f < kDFrags; ++f) {
+      wmma::fill_fragment(dk_acc[f], 0.0f);
+      wmma::fill_fragment(dv_acc[f], 0.0f);
+    }
+    // Lanes 2r and 2r + 1 own key row r of the warp, query columns [16 * half, 16 * half + 16) of a tile.
+    const int row = lane / 2, half = lane % 2;
+
+    for (int64_t i0 = 0; i0 < Lq; i0 += kQueries) {
+      stage_rows<T, kQueries, kDp, kLd, kKvThreads>(qs, qb, i0, Lq, D, vec);
+      stage_rows<T, kQueries, kDp, kLd, kKvThreads>(gs, gb, i0, Lq, D, vec);
+      if (threadIdx.x < kQueries) {
+        const int64_t i = i0 + threadIdx.x;
+        lse_s[threadIdx.x] = i < Lq ? lse[bh * Lq + i] : INFINITY;
+        delta_s[threadIdx.x] = i < Lq ? delta[bh * Lq + i] : 0.0f;
+      }
+      __syncthreads();  // (the first time also the keys and values)
+      float p[kFrag];
+
+      // S^T = K Q^T, then P^T in registers and as T.
+      for (int u = 0; u < kQueries / kFrag; ++u) {
+        FragAcc sf;
+        wmma::fill_fragment(sf, 0.0f);
+        for (int f = 0; f < kDFrags; ++f) {
+          FragA kf;
+          FragBt qf;
+          wmma::load_matrix_sync(kf, kw + f * kFrag, kLd);
+          wmma::load_matrix_sync(qf, qs + u * kFrag * kLd + f * kFrag, kLd);
+          wmma::mma_sync(sf, kf, qf, sf);
+        }
+        wmma::store_matrix_sync(sw + u * kFrag, sf, kLdS, wmma::mem_row_major);
+      }
+      __syncwarp();
+      for (int c = 0; c < kFrag; ++c) {
+        const int col = half * kFrag + c;
+        p[c] = fast_exp(sw[row * kLdS + col] * scale - lse_s[col]);
+        pw[row * kLdP + col] = from_float<T>(p[c]);
+      }
+      __syncwarp();  // S^T is read: the scratch takes dP^T
+
+      // dP^T = V dO^T, then dS^T = P^T (dP^T - delta) * scale.
+      for (int u = 0; u < kQueries / kFrag; ++u) {
+        FragAcc pf;
+        wmma::fill_fragment(pf, 0.0f);
+        for (int f = 0; f < kDFrags; ++f) {
+          FragA vf;
+          FragBt gf;
+          wmma::load_matrix_sync(vf, vw + f * kFrag, kLd);
+          wmma::load_matrix_sync(gf, gs + u * kFrag * kLd + f * kFrag, kLd);
+          wmma::mma_sync(pf, vf, gf, pf);
+        }
+        wmma::store_matrix_sync(sw + u * kFrag, pf, kLdS, wmma::mem_row_major);
+      }
+      __syncwarp();
+      for (int c = 0; c < kFrag; ++c) {
+        const int col = half * kFrag + c;
+        dw[row * kLdP + col] = from_float<T>(p[c] * (sw[row * kLdS + col] - delta_s[col]) * scale);
+      }
+      __syncwarp();
+
+      // dV += P^T dO, dK += dS^T Q.
+      for (int kk = 0; kk < kQueries / kFrag; ++kk) {
+        FragA ptf, dtf;
+        wmma::load_matrix_sync(ptf, pw + kk * kFrag, kLdP);
+        wmma::load_matrix_sync(dtf, dw + kk * kFrag, kLdP);
+        for (int f = 0; f < kDFrags; ++f) {
+          FragB gf, qf;
+          wmma::load_matrix_sync(gf, gs + kk * kFrag * kLd + f * kFrag, kLd);
+          wmma::mma_sync(dv_acc[f], ptf, gf, dv_acc[f]);
+          wmma::load_matrix_sync(qf, qs + kk * kFrag * kLd + f * kFrag, kLd);
+          wmma::mma_sync(dk_acc[f], dtf, qf, dk_acc[f]);
+        }
+      }
+      __syncthreads();  // both warps are done with this query tile before the next
+    }
+    write_rows<T, kDFrags>(dk_acc, sw, nullptr, 1.0f, dk + bh * Lk * D, first_row, Lk, D);
+    write_rows<T, kDFrags>(dv_acc, sw, nullptr, 1.0f, dv + bh * Lk * D, first_row, Lk, D);
+  } else {
+    __trap();
+  }
+}
+
+// The kernels for one (T, head-dim fragments).
+template <typename T, int kDFrags>
+struct Kernels {
+  static constexpr auto forward = attention_forward_tc_kernel<T, kDFrags>;
+  static constexpr auto dq = attention_dq_tc_kernel<T, kDFrags>;
+  static constexpr auto dkdv = attention_dkdv_tc_kernel<T, kDFrags>;
+};
+
+// Calls launch(Kernels<T, ...>{}) with the instantiation for head dim D.
 template <typename T, typename Launch>
-void dispatch(int64_t D, bool vec, Launch&& launch) {
+void dispatch(int64_t D, Launch&& launch) {
   const int frags = d_frags(D);
   if (frags == 2) {
-    vec ? launch(attention_forward_tc_kernel<T, 2, true>) : launch(attention_forward_tc_kernel<T, 2, false>);
+    launch(Kernels<T, 2>{});
   } else if (frags == 4) {
-    vec ? launch(attention_forward_tc_kernel<T, 4, true>) : launch(attention_forward_tc_kernel<T, 4, false>);
+    launch(Kernels<T, 4>{});
   } else {
-    vec ? launch(attention_forward_tc_kernel<T, 8, true>) : launch(attention_forward_tc_kernel<T, 8, false>);
+    launch(Kernels<T, 8>{});
   }
 }
 
