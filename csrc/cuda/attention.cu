@@ -22,6 +22,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <limits>
 #include <cstdint>
 #include <tuple>
 
@@ -38,6 +39,8 @@ using attn::kWarps;
 
 void check_head_dim(const AttentionShape& s, const char* op) {
   TORCH_CHECK(s.D <= kMaxD, op, ": the CUDA kernel supports head dims up to ", kMaxD, ", got D=", s.D);
+  TORCH_CHECK(s.B * s.heads <= std::numeric_limits<int32_t>::max(), op,
+              ": batch x heads must fit one launch (< 2^31), got ", s.B, " x ", s.heads);
   TORCH_CHECK((s.Lq + kWarps - 1) / kWarps <= 65535 && (s.Lk + kWarps - 1) / kWarps <= 65535, op,
               ": sequences longer than ", 65535 * kWarps, " tokens need several launches, got Lq=", s.Lq,
               ", Lk=", s.Lk);

@@ -7,9 +7,9 @@
 // fragments (D padded to 32, 64 or 128 with zeros). Keys and values stream through shared memory 32 rows at a
 // time; per key tile each warp
 //   1. computes S = Q K^T (16 x 32, float) on the tensor cores and stores it to its shared scratch;
-//   2. runs the online softmax, two lanes per query row (16 columns each, partners combined by one shuffle): the new
-//      running max m, P = exp(scale * S - m) (zero past Lk) written as T for the next product, the running sum l in
-//      float, and the correction exp(m_old - m_new) per row;
+//   2. runs the online softmax, two lanes per query row (the even and the odd columns, partners combined by one
+//      shuffle): the new running max m, P = exp(scale * S - m) (zero past Lk) written as T for the next product,
+//      the running sum l in float, and the correction exp(m_old - m_new) per row;
 //   3. rescales its output accumulators by the corrections when a row's max moved (the fragments pass through the
 //      scratch, whose rows the lanes scale: the WMMA accumulator layout is opaque), skipped when no max moved;
 //   4. accumulates O += P V on the tensor cores.
@@ -136,8 +136,9 @@ __global__ void __launch_bounds__(kThreads)
     for (int f = 0; f < kDFrags; ++f) wmma::fill_fragment(acc[f], 0.0f);
     __syncthreads();  // every warp holds its queries before the keys overwrite them
 
-    // Lanes 2r and 2r + 1 own query row r of the warp, columns [16 * half, 16 * half + 16) of a tile.
-    const int row = lane / 2, half = lane % 2;
+    // Lanes 2r and 2r + 1 own query row r of the warp, the even and the odd columns of a tile (interleaved, the
+    // 32 lanes' scratch reads of one step hit 16 banks, two lanes each: 2-way conflicts, not the 4-way of halves).
+    const int row = lane / 2, odd = lane % 2;
     float m_i = -INFINITY, l_i = 0.0f;
 
     // Each lane scales row r of the warp's scratch-staged accumulators by fw[r]; two fragments per round trip.
@@ -174,26 +175,26 @@ __global__ void __launch_bounds__(kThreads)
 
       // 2. Online softmax of row `row`; key columns past Lk count as -inf.
       const int valid = static_cast<int>(Lk - j0 < kBlockN ? Lk - j0 : kBlockN);
-      const float* srow = sw + row * kLdS + half * kFrag;
+      const float* srow = sw + row * kLdS + odd;
       float tile_max = -INFINITY;
       for (int c = 0; c < kFrag; ++c) {
-        if (half * kFrag + c < valid) tile_max = fmaxf(tile_max, srow[c] * scale);
+        if (2 * c + odd < valid) tile_max = fmaxf(tile_max, srow[2 * c] * scale);
       }
       tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
       const float m_new = fmaxf(m_i, tile_max);  // finite: every tile holds at least one key
       const float correction = fast_exp(m_i - m_new);
       float sum = 0.0f;
-      T* prow = pw + row * kLdP + half * kFrag;
+      T* prow = pw + row * kLdP + odd;
       for (int c = 0; c < kFrag; ++c) {
-        const float p = half * kFrag + c < valid ? fast_exp(srow[c] * scale - m_new) : 0.0f;
-        prow[c] = from_float<T>(p);
+        const float p = 2 * c + odd < valid ? fast_exp(srow[2 * c] * scale - m_new) : 0.0f;
+        prow[2 * c] = from_float<T>(p);
         sum += p;
       }
       sum += __shfl_xor_sync(0xffffffffu, sum, 1);
       l_i = l_i * correction + sum;
       const bool moved = j0 > 0 && m_new > m_i;  // on the first tile the accumulators are still zero
       m_i = m_new;
-      if (half == 0) fw[row] = correction;
+      if (odd == 0) fw[row] = correction;
       float any_moved = moved ? 1.0f : 0.0f;
       for (int offset = 16; offset > 0; offset /= 2) {
         any_moved = fmaxf(any_moved, __shfl_xor_sync(0xffffffffu, any_moved, offset));
@@ -218,7 +219,7 @@ __global__ void __launch_bounds__(kThreads)
 
     // Epilogue: O / l and the log-sum-exp.
     const int64_t first_row = m0 + warp * kWarpRows;
-    if (half == 0) {
+    if (odd == 0) {
       fw[row] = 1.0f / l_i;
       if (first_row + row < Lq) lse[bh * Lq + first_row + row] = m_i + logf(l_i);
     }
@@ -275,9 +276,9 @@ __global__ void __launch_bounds__(kThreads)
     for (int f = 0; f < kDFrags; ++f) wmma::fill_fragment(acc[f], 0.0f);
     __syncthreads();
 
-    // Lanes 2r and 2r + 1 own query row r of the warp, columns [16 * half, 16 * half + 16) of a tile. Rows past
+    // Lanes 2r and 2r + 1 own query row r of the warp, the even and the odd columns of a tile. Rows past
     // Lq have zero Q and dO, so their dS is zero.
-    const int row = lane / 2, half = lane % 2;
+    const int row = lane / 2, odd = lane % 2;
     const bool live = first_row + row < Lq;
     const float l_row = live ? lse[bh * Lq + first_row + row] : 0.0f;
     const float d_row = live ? delta[bh * Lq + first_row + row] : 0.0f;
@@ -302,7 +303,7 @@ __global__ void __launch_bounds__(kThreads)
       }
       __syncwarp();
       for (int c = 0; c < kFrag; ++c) {
-        const int col = half * kFrag + c;
+        const int col = 2 * c + odd;
         p[c] = col < valid ? fast_exp(sw[row * kLdS + col] * scale - l_row) : 0.0f;
       }
       __syncwarp();  // S is read: the scratch takes dP
@@ -320,7 +321,7 @@ __global__ void __launch_bounds__(kThreads)
       }
       __syncwarp();
       for (int c = 0; c < kFrag; ++c) {
-        const int col = half * kFrag + c;
+        const int col = 2 * c + odd;
         pw[row * kLdP + col] = from_float<T>(p[c] * (sw[row * kLdS + col] - d_row) * scale);
       }
       __syncwarp();
@@ -396,8 +397,8 @@ __global__ void __launch_bounds__(kKvThreads)
       wmma::fill_fragment(dk_acc[f], 0.0f);
       wmma::fill_fragment(dv_acc[f], 0.0f);
     }
-    // Lanes 2r and 2r + 1 own key row r of the warp, query columns [16 * half, 16 * half + 16) of a tile.
-    const int row = lane / 2, half = lane % 2;
+    // Lanes 2r and 2r + 1 own key row r of the warp, the even and the odd query columns of a tile.
+    const int row = lane / 2, odd = lane % 2;
 
     for (int64_t i0 = 0; i0 < Lq; i0 += kQueries) {
       stage_rows<T, kQueries, kDp, kLd, kKvThreads>(qs, qb, i0, Lq, D, vec);
@@ -425,7 +426,7 @@ __global__ void __launch_bounds__(kKvThreads)
       }
       __syncwarp();
       for (int c = 0; c < kFrag; ++c) {
-        const int col = half * kFrag + c;
+        const int col = 2 * c + odd;
         p[c] = fast_exp(sw[row * kLdS + col] * scale - lse_s[col]);
         pw[row * kLdP + col] = from_float<T>(p[c]);
       }
@@ -446,7 +447,7 @@ __global__ void __launch_bounds__(kKvThreads)
       }
       __syncwarp();
       for (int c = 0; c < kFrag; ++c) {
-        const int col = half * kFrag + c;
+        const int col = 2 * c + odd;
         dw[row * kLdP + col] = from_float<T>(p[c] * (sw[row * kLdS + col] - delta_s[col]) * scale);
       }
       __syncwarp();
