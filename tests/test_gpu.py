@@ -122,6 +122,23 @@ def test_cuda_matches_official(tmp_path, monkeypatch, cfg, backend):
         assert rel_err(model.slide_inference(x, 96, 64), official.slide_inference(x, 96, 64)) < 1e-4
 
 
+def test_engine_rejects_non_finite_cuda_batches_after_the_forward():
+    """A CUDA batch's NaN/Inf scan is read after the forward is queued: the call still raises the ValueError, and
+    the engine (its captured graph included) keeps working afterwards."""
+    from denseclip_fast import DenseCLIP, Segmenter
+
+    model = randomized(DenseCLIP(heads_of_16(tiny_config("resnet")), NAMES)).eval()
+    seg = Segmenter(model, device="cuda", dtype=torch.float32)
+    x = torch.randn(1, 3, 64, 64, device="cuda")
+    expected = seg.logits(x)
+    bad = x.clone()
+    bad[0, 1, 5, 7] = float("inf")
+    for call in (seg.logits, lambda images: seg.open_vocab(images, ["cat"])):
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            call(bad)
+    assert torch.equal(seg.logits(x), expected) and seg.captured_graphs == 1
+
+
 @pytest.mark.parametrize("mode", ["whole", "slide"])
 def test_engine_on_cuda_matches_official(mode):
     """The engine on CUDA (CUDA graphs on): float32 within 1e-4 and bfloat16 within 2e-2 of the official model;

@@ -70,9 +70,10 @@ class Segmenter:
         crop, stride: the sliding window; default the architecture's (512/341, 640/426 for ViT-B/16).
         cuda_graphs: capture and replay CUDA graphs per input shape (CUDA only).
         max_graphs: how many input shapes keep a captured graph.
-        check_finite: reject float batches holding NaN or infinite values with a ValueError. On a GPU the check
-            waits for the batch to be ready (one synchronisation per call); a pipeline that vouches for its inputs
-            turns it off to keep the CPU ahead of the GPU.
+        check_finite: reject float batches holding NaN or infinite values with a ValueError. A batch on the CPU
+            is checked before the forward; a batch on a GPU is scanned on the GPU and its verdict read after the
+            forward is queued (one synchronisation per call, at its end, and no idle gap before the forward); a
+            pipeline that vouches for its inputs turns it off to keep the CPU ahead of the GPU.
     """
 
     def __init__(
@@ -175,12 +176,30 @@ class Segmenter:
 
     # ------------------------------------------------------------------ public API
 
+    def _batch(self, images: Any) -> tuple[ImageBatch, torch.Tensor | None]:
+        """``images`` checked (as_batch); for a float batch on a GPU with check_finite, the finiteness flag that
+        ``_finite_or_raise`` reads once the forward is queued (a CPU batch is checked here, before any work)."""
+        on_gpu = isinstance(images, torch.Tensor) and images.is_floating_point() and images.device.type != "cpu"
+        batch = as_batch(images, self.check_finite and not on_gpu)
+        if not (self.check_finite and on_gpu):
+            return batch, None
+        assert batch.normalized is not None
+        with torch.inference_mode():
+            return batch, torch.isfinite(batch.normalized).all()
+
+    @staticmethod
+    def _finite_or_raise(flag: torch.Tensor | None) -> None:
+        if flag is not None and not bool(flag):
+            raise ValueError("images contain NaN or infinite values")
+
     def logits(self, images: Any) -> torch.Tensor | list[torch.Tensor]:
         """(B, K, H, W) float32 logits, at the input size for a normalised float batch and at each image's own size
         for uint8 images; a list of (K, H_i, W_i) when uint8 images differ in size."""
-        batch = as_batch(images, self.check_finite)
+        batch, finite = self._batch(images)
         with self._lock, torch.inference_mode(), self._math():
-            return self._each_group(batch, self._run)
+            out = self._each_group(batch, self._run)
+        self._finite_or_raise(finite)
+        return out
 
     def predict(self, images: Any) -> torch.Tensor | list[torch.Tensor]:
         """(B, H, W) int64 label maps (a list when uint8 images differ in size)."""
@@ -192,7 +211,7 @@ class Segmenter:
     def open_vocab(self, images: Any, names: Sequence[str]) -> torch.Tensor | list[torch.Tensor]:
         """(B, K', H, W) float32 pixel-text cosine scores of any ``names`` (context decoder applied), from the
         whole image's local embedding map, upsampled to the image. Each vocabulary's embeddings are cached."""
-        batch = as_batch(images, self.check_finite)
+        batch, finite = self._batch(images)
         with self._lock, torch.inference_mode(), self._math():
             key = tuple(names) if not isinstance(names, str) else (names,)
             text = self._vocabularies.get(key)
@@ -209,7 +228,9 @@ class Segmenter:
                 s = ops.pixel_text_score(z, self.model.context_prompt(feats, text).to(z.dtype))
                 return F.interpolate(s.float(), size=x.shape[2:], mode="bilinear", align_corners=False)
 
-            return self._each_group(batch, scores)
+            out = self._each_group(batch, scores)
+        self._finite_or_raise(finite)
+        return out
 
     def set_classes(self, names: Sequence[str]) -> None:
         """Reword the vocabulary (exactly K names, each at most 3 BPE tokens); the embeddings are recomputed once
