@@ -38,7 +38,6 @@ constexpr int kWarpRows = kFrag, kBlockM = kWarps * kWarpRows;  // 64 query rows
 constexpr int kBlockN = 32;                                      // keys per tile
 constexpr int kLdS = kBlockN + 4;                                // float scratch row stride (144 bytes)
 constexpr int kLdP = kBlockN + kPad;                             // P row stride (80 bytes)
-constexpr int kMaxD = 128;
 
 // How many 16-wide fragments cover head dim D (the kernel is instantiated for 2, 4 and 8).
 inline int d_frags(int64_t D) { return D <= 32 ? 2 : D <= 64 ? 4 : 8; }
@@ -77,12 +76,12 @@ __device__ __forceinline__ void stage_rows(T* dst, const T* src, int64_t r0, int
   }
 }
 
-// Writes the warp's 16 x D accumulators (rows first_row.. of a row-major (L, D) matrix) to `dst`, each row r
-// multiplied by factor * (row_factor ? row_factor[r] : 1), through the warp's scratch two fragments at a time;
-// rows past L and columns past D are dropped. Coalesced along D.
+// Writes the warp's 16 x D accumulators (rows first_row.. of a row-major (L, D) matrix) to `dst`, row r multiplied
+// by row_factor[r] when row_factor is given, through the warp's scratch two fragments at a time; rows past L and
+// columns past D are dropped. Coalesced along D.
 template <typename T, int kDFrags, typename FragAcc>
-__device__ __forceinline__ void write_rows(const FragAcc* acc, float* sw, const float* row_factor, float factor,
-                                           T* dst, int64_t first_row, int64_t L, int D) {
+__device__ __forceinline__ void write_rows(const FragAcc* acc, float* sw, const float* row_factor, T* dst,
+                                           int64_t first_row, int64_t L, int D) {
   namespace wmma = nvcuda::wmma;
   const int lane = threadIdx.x % 32;
   for (int f = 0; f < kDFrags; f += 2) {
@@ -91,7 +90,7 @@ __device__ __forceinline__ void write_rows(const FragAcc* acc, float* sw, const 
     __syncwarp();
     for (int i = lane; i < kFrag * 2 * kFrag; i += 32) {
       const int r = i / 32, d = f * kFrag + i % 32;
-      const float x = sw[r * kLdS + i % 32] * factor * (row_factor != nullptr ? row_factor[r] : 1.0f);
+      const float x = sw[r * kLdS + i % 32] * (row_factor != nullptr ? row_factor[r] : 1.0f);
       if (first_row + r < L && d < D) dst[(first_row + r) * D + d] = from_float<T>(x);
     }
     __syncwarp();  // every lane has read the scratch before the next stores
@@ -224,7 +223,7 @@ __global__ void __launch_bounds__(kThreads)
       if (first_row + row < Lq) lse[bh * Lq + first_row + row] = m_i + logf(l_i);
     }
     __syncwarp();
-    write_rows<T, kDFrags>(acc, sw, fw, 1.0f, out + bh * Lq * D, first_row, Lq, D);
+    write_rows<T, kDFrags>(acc, sw, fw, out + bh * Lq * D, first_row, Lq, D);
   } else {
     __trap();  // compiled for an older GPU than T needs; the launcher checks the PTX version first
   }
@@ -338,7 +337,7 @@ __global__ void __launch_bounds__(kThreads)
       }
       __syncthreads();  // every warp is done with this tile (and its dS) before the next
     }
-    write_rows<T, kDFrags>(acc, sw, nullptr, 1.0f, dq + bh * Lq * D, first_row, Lq, D);
+    write_rows<T, kDFrags>(acc, sw, nullptr, dq + bh * Lq * D, first_row, Lq, D);
   } else {
     __trap();
   }
@@ -467,8 +466,8 @@ __global__ void __launch_bounds__(kKvThreads)
       }
       __syncthreads();  // both warps are done with this query tile before the next
     }
-    write_rows<T, kDFrags>(dk_acc, sw, nullptr, 1.0f, dk + bh * Lk * D, first_row, Lk, D);
-    write_rows<T, kDFrags>(dv_acc, sw, nullptr, 1.0f, dv + bh * Lk * D, first_row, Lk, D);
+    write_rows<T, kDFrags>(dk_acc, sw, nullptr, dk + bh * Lk * D, first_row, Lk, D);
+    write_rows<T, kDFrags>(dv_acc, sw, nullptr, dv + bh * Lk * D, first_row, Lk, D);
   } else {
     __trap();
   }
