@@ -76,13 +76,69 @@ __device__ __forceinline__ void stage_rows(T* dst, const T* src, int64_t r0, int
   }
 }
 
+namespace wmma = nvcuda::wmma;
+template <typename T>
+using FragA = wmma::fragment<wmma::matrix_a, kFrag, kFrag, kFrag, T, wmma::row_major>;
+template <typename T>
+using FragB = wmma::fragment<wmma::matrix_b, kFrag, kFrag, kFrag, T, wmma::row_major>;
+template <typename T>
+using FragBt = wmma::fragment<wmma::matrix_b, kFrag, kFrag, kFrag, T, wmma::col_major>;  // B^T of a row-major tile
+using FragAcc = wmma::fragment<wmma::accumulator, kFrag, kFrag, kFrag, float>;
+
+// out (16 x 32 float, row stride kLdS) = A B^T, on the tensor cores: A the warp's 16 x D rows (fragment f given by
+// a(f): held in registers, or loaded from shared memory), B the 32 rows of a staged tile (row stride kLd), read as
+// column-major matrix_b fragments. S = Q K^T, dP = dO V^T and their transposes.
+template <typename T, int kDFrags, int kLd, typename FragOfA>
+__device__ __forceinline__ void times_tile_transposed(FragOfA&& a, const T* b, float* out) {
+  for (int u = 0; u < kBlockN / kFrag; ++u) {
+    FragAcc acc;
+    wmma::fill_fragment(acc, 0.0f);
+    for (int f = 0; f < kDFrags; ++f) {
+      FragBt<T> bf;
+      wmma::load_matrix_sync(bf, b + u * kFrag * kLd + f * kFrag, kLd);
+      wmma::mma_sync(acc, a(f), bf, acc);
+    }
+    wmma::store_matrix_sync(out + u * kFrag, acc, kLdS, wmma::mem_row_major);
+  }
+}
+
+// a(f) for times_tile_transposed: A's fragments held in registers.
+template <typename T, int kN>
+__device__ __forceinline__ auto held(const FragA<T> (&frags)[kN]) {
+  return [&frags](int f) -> const FragA<T>& { return frags[f]; };
+}
+
+// a(f) for times_tile_transposed: A's 16 rows staged in shared memory (row stride kLd), a fragment loaded per use.
+template <typename T, int kLd>
+__device__ __forceinline__ auto staged(const T* rows) {
+  return [rows](int f) {
+    FragA<T> a;
+    wmma::load_matrix_sync(a, rows + f * kFrag, kLd);
+    return a;
+  };
+}
+
+// acc[f] += P B for every 16-column fragment f, on the tensor cores: P the warp's 16 x 32 tile (row stride kLdP),
+// B the 32 rows of a staged tile (row stride kLd). O += P V, dQ += dS K, dV += P^T dO, dK += dS^T Q.
+template <typename T, int kDFrags, int kLd>
+__device__ __forceinline__ void accumulate_times_tile(FragAcc* acc, const T* p, const T* b) {
+  for (int kk = 0; kk < kBlockN / kFrag; ++kk) {
+    FragA<T> pf;
+    wmma::load_matrix_sync(pf, p + kk * kFrag, kLdP);
+    for (int f = 0; f < kDFrags; ++f) {
+      FragB<T> bf;
+      wmma::load_matrix_sync(bf, b + kk * kFrag * kLd + f * kFrag, kLd);
+      wmma::mma_sync(acc[f], pf, bf, acc[f]);
+    }
+  }
+}
+
 // Writes the warp's 16 x D accumulators (rows first_row.. of a row-major (L, D) matrix) to `dst`, row r multiplied
 // by row_factor[r] when row_factor is given, through the warp's scratch two fragments at a time; rows past L and
 // columns past D are dropped. Coalesced along D.
-template <typename T, int kDFrags, typename FragAcc>
+template <typename T, int kDFrags>
 __device__ __forceinline__ void write_rows(const FragAcc* acc, float* sw, const float* row_factor, T* dst,
                                            int64_t first_row, int64_t L, int D) {
-  namespace wmma = nvcuda::wmma;
   const int lane = threadIdx.x % 32;
   for (int f = 0; f < kDFrags; f += 2) {
     wmma::store_matrix_sync(sw, acc[f], kLdS, wmma::mem_row_major);
@@ -105,12 +161,9 @@ __global__ void __launch_bounds__(kThreads)
                                 T* __restrict__ out, float* __restrict__ lse, int64_t Lq, int64_t Lk, int D,
                                 float scale, bool vec) {
   if constexpr (DCF_TC_ARCH >= kMinArch<T>) {
-    namespace wmma = nvcuda::wmma;
     constexpr int kDp = kDFrags * kFrag, kLd = kDp + kPad;
     static_assert(2 * kBlockN == kBlockM, "the key and value tiles together hold the query tile");
     static_assert(kDFrags % 2 == 0, "accumulators pass through the 32-column scratch two at a time");
-    using FragA = wmma::fragment<wmma::matrix_a, kFrag, kFrag, kFrag, T, wmma::row_major>;
-    using FragAcc = wmma::fragment<wmma::accumulator, kFrag, kFrag, kFrag, float>;
 
     __shared__ __align__(32) T kv[2 * kBlockN * kLd];  // the query tile first, then keys (rows 0-31) and values
     __shared__ __align__(32) float scratch[kWarps][kWarpRows * kLdS];
@@ -129,7 +182,7 @@ __global__ void __launch_bounds__(kThreads)
 
     stage_rows<T, kBlockM, kDp, kLd>(kv, q + bh * Lq * D, m0, Lq, D, vec);
     __syncthreads();
-    FragA qf[kDFrags];
+    FragA<T> qf[kDFrags];
     for (int f = 0; f < kDFrags; ++f) wmma::load_matrix_sync(qf[f], kv + warp * kWarpRows * kLd + f * kFrag, kLd);
     FragAcc acc[kDFrags];
     for (int f = 0; f < kDFrags; ++f) wmma::fill_fragment(acc[f], 0.0f);
@@ -159,17 +212,8 @@ __global__ void __launch_bounds__(kThreads)
       stage_rows<T, kBlockN, kDp, kLd>(vs, vb, j0, Lk, D, vec);
       __syncthreads();
 
-      // 1. S = Q K^T: K^T's fragment (d, j) is ks[j][d], a column-major matrix_b.
-      for (int u = 0; u < kBlockN / kFrag; ++u) {
-        FragAcc s;
-        wmma::fill_fragment(s, 0.0f);
-        for (int f = 0; f < kDFrags; ++f) {
-          wmma::fragment<wmma::matrix_b, kFrag, kFrag, kFrag, T, wmma::col_major> kf;
-          wmma::load_matrix_sync(kf, ks + u * kFrag * kLd + f * kFrag, kLd);
-          wmma::mma_sync(s, qf[f], kf, s);
-        }
-        wmma::store_matrix_sync(sw + u * kFrag, s, kLdS, wmma::mem_row_major);
-      }
+      // 1. S = Q K^T.
+      times_tile_transposed<T, kDFrags, kLd>(held(qf), ks, sw);
       __syncwarp();
 
       // 2. Online softmax of row `row`; key columns past Lk count as -inf.
@@ -204,15 +248,7 @@ __global__ void __launch_bounds__(kThreads)
       if (any_moved > 0.0f) scale_accumulators();
 
       // 4. O += P V.
-      for (int kk = 0; kk < kBlockN / kFrag; ++kk) {
-        FragA pf;
-        wmma::load_matrix_sync(pf, pw + kk * kFrag, kLdP);
-        for (int f = 0; f < kDFrags; ++f) {
-          wmma::fragment<wmma::matrix_b, kFrag, kFrag, kFrag, T, wmma::row_major> vf;
-          wmma::load_matrix_sync(vf, vs + kk * kFrag * kLd + f * kFrag, kLd);
-          wmma::mma_sync(acc[f], pf, vf, acc[f]);
-        }
-      }
+      accumulate_times_tile<T, kDFrags, kLd>(acc, pw, vs);
       __syncthreads();  // every warp is done with this tile's keys and values (and its own P) before the next
     }
 
@@ -241,13 +277,8 @@ __global__ void __launch_bounds__(kThreads)
                            const float* __restrict__ delta, T* __restrict__ dq, int64_t Lq, int64_t Lk, int D,
                            float scale, bool vec) {
   if constexpr (DCF_TC_ARCH >= kMinArch<T>) {
-    namespace wmma = nvcuda::wmma;
     constexpr int kDp = kDFrags * kFrag, kLd = kDp + kPad;
     static_assert(kDFrags % 2 == 0, "accumulators pass through the 32-column scratch two at a time");
-    using FragA = wmma::fragment<wmma::matrix_a, kFrag, kFrag, kFrag, T, wmma::row_major>;
-    using FragBt = wmma::fragment<wmma::matrix_b, kFrag, kFrag, kFrag, T, wmma::col_major>;
-    using FragB = wmma::fragment<wmma::matrix_b, kFrag, kFrag, kFrag, T, wmma::row_major>;
-    using FragAcc = wmma::fragment<wmma::accumulator, kFrag, kFrag, kFrag, float>;
 
     __shared__ __align__(32) T kv[2 * kBlockN * kLd];  // the query tile, then the dO tile, then keys and values
     __shared__ __align__(32) float scratch[kWarps][kWarpRows * kLdS];
@@ -263,7 +294,7 @@ __global__ void __launch_bounds__(kThreads)
     float* const sw = scratch[warp];
     T* const pw = ps[warp];
 
-    FragA qf[kDFrags], gf[kDFrags];
+    FragA<T> qf[kDFrags], gf[kDFrags];
     stage_rows<T, kBlockM, kDp, kLd>(kv, q + bh * Lq * D, m0, Lq, D, vec);
     __syncthreads();
     for (int f = 0; f < kDFrags; ++f) wmma::load_matrix_sync(qf[f], kv + warp * kWarpRows * kLd + f * kFrag, kLd);
@@ -290,16 +321,7 @@ __global__ void __launch_bounds__(kThreads)
       float p[kFrag];
 
       // S = Q K^T, then P in registers.
-      for (int u = 0; u < kBlockN / kFrag; ++u) {
-        FragAcc sf;
-        wmma::fill_fragment(sf, 0.0f);
-        for (int f = 0; f < kDFrags; ++f) {
-          FragBt kf;
-          wmma::load_matrix_sync(kf, ks + u * kFrag * kLd + f * kFrag, kLd);
-          wmma::mma_sync(sf, qf[f], kf, sf);
-        }
-        wmma::store_matrix_sync(sw + u * kFrag, sf, kLdS, wmma::mem_row_major);
-      }
+      times_tile_transposed<T, kDFrags, kLd>(held(qf), ks, sw);
       __syncwarp();
       for (int c = 0; c < kFrag; ++c) {
         const int col = 2 * c + odd;
@@ -308,16 +330,7 @@ __global__ void __launch_bounds__(kThreads)
       __syncwarp();  // S is read: the scratch takes dP
 
       // dP = dO V^T, then dS = P (dP - delta) * scale.
-      for (int u = 0; u < kBlockN / kFrag; ++u) {
-        FragAcc pf;
-        wmma::fill_fragment(pf, 0.0f);
-        for (int f = 0; f < kDFrags; ++f) {
-          FragBt vf;
-          wmma::load_matrix_sync(vf, vs + u * kFrag * kLd + f * kFrag, kLd);
-          wmma::mma_sync(pf, gf[f], vf, pf);
-        }
-        wmma::store_matrix_sync(sw + u * kFrag, pf, kLdS, wmma::mem_row_major);
-      }
+      times_tile_transposed<T, kDFrags, kLd>(held(gf), vs, sw);
       __syncwarp();
       for (int c = 0; c < kFrag; ++c) {
         const int col = 2 * c + odd;
@@ -326,15 +339,7 @@ __global__ void __launch_bounds__(kThreads)
       __syncwarp();
 
       // dQ += dS K.
-      for (int kk = 0; kk < kBlockN / kFrag; ++kk) {
-        FragA dsf;
-        wmma::load_matrix_sync(dsf, pw + kk * kFrag, kLdP);
-        for (int f = 0; f < kDFrags; ++f) {
-          FragB kf;
-          wmma::load_matrix_sync(kf, ks + kk * kFrag * kLd + f * kFrag, kLd);
-          wmma::mma_sync(acc[f], dsf, kf, acc[f]);
-        }
-      }
+      accumulate_times_tile<T, kDFrags, kLd>(acc, pw, ks);
       __syncthreads();  // every warp is done with this tile (and its dS) before the next
     }
     write_rows<T, kDFrags>(acc, sw, nullptr, dq + bh * Lq * D, first_row, Lq, D);
@@ -357,15 +362,11 @@ __global__ void __launch_bounds__(kKvThreads)
                              const float* __restrict__ delta, T* __restrict__ dk, T* __restrict__ dv, int64_t Lq,
                              int64_t Lk, int D, float scale, bool vec) {
   if constexpr (DCF_TC_ARCH >= kMinArch<T>) {
-    namespace wmma = nvcuda::wmma;
     constexpr int kDp = kDFrags * kFrag, kLd = kDp + kPad;
     constexpr int kKeys = kKvWarps * kWarpRows, kQueries = kBlockN;
     static_assert(kDFrags % 2 == 0, "accumulators pass through the 32-column scratch two at a time");
     static_assert(kQueries <= kKvThreads, "a thread per query stages lse and delta");
-    using FragA = wmma::fragment<wmma::matrix_a, kFrag, kFrag, kFrag, T, wmma::row_major>;
-    using FragBt = wmma::fragment<wmma::matrix_b, kFrag, kFrag, kFrag, T, wmma::col_major>;
-    using FragB = wmma::fragment<wmma::matrix_b, kFrag, kFrag, kFrag, T, wmma::row_major>;
-    using FragAcc = wmma::fragment<wmma::accumulator, kFrag, kFrag, kFrag, float>;
+    static_assert(kQueries == kBlockN, "query tiles go through the key-tile products");
 
     __shared__ __align__(32) T kvs[2 * kKeys * kLd];     // keys (rows 0-31), values (rows 32-63)
     __shared__ __align__(32) T qgs[2 * kQueries * kLd];  // a query tile, its dO tile
@@ -411,18 +412,7 @@ __global__ void __launch_bounds__(kKvThreads)
       float p[kFrag];
 
       // S^T = K Q^T, then P^T in registers and as T.
-      for (int u = 0; u < kQueries / kFrag; ++u) {
-        FragAcc sf;
-        wmma::fill_fragment(sf, 0.0f);
-        for (int f = 0; f < kDFrags; ++f) {
-          FragA kf;
-          FragBt qf;
-          wmma::load_matrix_sync(kf, kw + f * kFrag, kLd);
-          wmma::load_matrix_sync(qf, qs + u * kFrag * kLd + f * kFrag, kLd);
-          wmma::mma_sync(sf, kf, qf, sf);
-        }
-        wmma::store_matrix_sync(sw + u * kFrag, sf, kLdS, wmma::mem_row_major);
-      }
+      times_tile_transposed<T, kDFrags, kLd>(staged<T, kLd>(kw), qs, sw);  // K, V: no registers left for them
       __syncwarp();
       for (int c = 0; c < kFrag; ++c) {
         const int col = 2 * c + odd;
@@ -432,18 +422,7 @@ __global__ void __launch_bounds__(kKvThreads)
       __syncwarp();  // S^T is read: the scratch takes dP^T
 
       // dP^T = V dO^T, then dS^T = P^T (dP^T - delta) * scale.
-      for (int u = 0; u < kQueries / kFrag; ++u) {
-        FragAcc pf;
-        wmma::fill_fragment(pf, 0.0f);
-        for (int f = 0; f < kDFrags; ++f) {
-          FragA vf;
-          FragBt gf;
-          wmma::load_matrix_sync(vf, vw + f * kFrag, kLd);
-          wmma::load_matrix_sync(gf, gs + u * kFrag * kLd + f * kFrag, kLd);
-          wmma::mma_sync(pf, vf, gf, pf);
-        }
-        wmma::store_matrix_sync(sw + u * kFrag, pf, kLdS, wmma::mem_row_major);
-      }
+      times_tile_transposed<T, kDFrags, kLd>(staged<T, kLd>(vw), gs, sw);
       __syncwarp();
       for (int c = 0; c < kFrag; ++c) {
         const int col = 2 * c + odd;
@@ -452,18 +431,8 @@ __global__ void __launch_bounds__(kKvThreads)
       __syncwarp();
 
       // dV += P^T dO, dK += dS^T Q.
-      for (int kk = 0; kk < kQueries / kFrag; ++kk) {
-        FragA ptf, dtf;
-        wmma::load_matrix_sync(ptf, pw + kk * kFrag, kLdP);
-        wmma::load_matrix_sync(dtf, dw + kk * kFrag, kLdP);
-        for (int f = 0; f < kDFrags; ++f) {
-          FragB gf, qf;
-          wmma::load_matrix_sync(gf, gs + kk * kFrag * kLd + f * kFrag, kLd);
-          wmma::mma_sync(dv_acc[f], ptf, gf, dv_acc[f]);
-          wmma::load_matrix_sync(qf, qs + kk * kFrag * kLd + f * kFrag, kLd);
-          wmma::mma_sync(dk_acc[f], dtf, qf, dk_acc[f]);
-        }
-      }
+      accumulate_times_tile<T, kDFrags, kLd>(dv_acc, pw, gs);
+      accumulate_times_tile<T, kDFrags, kLd>(dk_acc, dw, qs);
       __syncthreads();  // both warps are done with this query tile before the next
     }
     write_rows<T, kDFrags>(dk_acc, sw, nullptr, dk + bh * Lk * D, first_row, Lk, D);
