@@ -1,10 +1,11 @@
 // Runs the CUDA kernels of context_attention (csrc/cuda/attention_kernels.cuh: forward, dQ, dK/dV) under the CUDA
-// emulation on one case, against float64, and prints one line of key=value pairs: the relative errors (see Err) of
-// out, lse, dq, dk, dv, and untouched=1 when nothing past the outputs was written.
+// emulation on one case, against float64 (attention_reference.h), and prints one line of key=value pairs: the
+// relative errors (see ref::Err) of out, lse, dq, dk, dv, and untouched=1 when nothing past the outputs was written.
 // Usage: attention_main DTYPE(float|double) BH LQ LK D SEED   (BH: batch x heads)
 #include "cuda_emulation.h"
 
 #include "../../csrc/cuda/attention_kernels.cuh"
+#include "attention_reference.h"
 
 #include <random>
 #include <string>
@@ -13,18 +14,6 @@ namespace {
 
 constexpr int64_t kGuard = 64;
 constexpr double kSentinel = 96.0;
-
-// |got - want| / max(|want|, sqrt(n)): relative, with a floor of 1 per element for results that are (nearly) zero,
-// such as dQ and dK with one key (as tests/test_ops.py).
-struct Err {
-  double e2 = 0, r2 = 0, n = 0;
-  void add(double got, double want) {
-    e2 += (got - want) * (got - want);
-    r2 += want * want;
-    n += 1;
-  }
-  double rel() const { return std::sqrt(e2) / std::max(std::sqrt(r2), std::sqrt(n)); }
-};
 
 template <typename T>
 int run(int64_t BH, int64_t Lq, int64_t Lk, int D, unsigned seed) {
@@ -46,69 +35,26 @@ int run(int64_t BH, int64_t Lq, int64_t Lk, int D, unsigned seed) {
   const dim3 grid_k{static_cast<unsigned>(BH), static_cast<unsigned>((Lk + at_::kWarps - 1) / at_::kWarps), 1};
   emu::launch(grid_q, threads, at_::attention_forward_kernel<T, T>, q.data(), k.data(), v.data(), out.data(),
               lse.data(), Lq, Lk, D, scale);
-
-  // float64 reference: P = softmax(scale Q K^T), O = P V, lse; dP = dO V^T, delta = rowsum(dO * O) (from the
-  // kernel's O, as the launcher computes it with ATen), dS = P (dP - delta), dQ = scale dS K, dK = scale dS^T Q,
-  // dV = P^T dO.
-  std::vector<T> delta(BH * Lq);
-  Err e_out, e_lse, e_dq, e_dk, e_dv;
-  std::vector<double> ref_dq(BH * Lq * D, 0), ref_dk(BH * Lk * D, 0), ref_dv(BH * Lk * D, 0);
-  for (int64_t b = 0; b < BH; ++b)
-    for (int64_t i = 0; i < Lq; ++i) {
-      const int64_t qi = (b * Lq + i) * D;
-      std::vector<double> s(Lk);
-      double m = -INFINITY;
-      for (int64_t j = 0; j < Lk; ++j) {
-        double dot = 0;
-        for (int d = 0; d < D; ++d) dot += double(q[qi + d]) * double(k[(b * Lk + j) * D + d]);
-        s[j] = dot / std::sqrt(static_cast<double>(D));
-        m = std::max(m, s[j]);
-      }
-      double l = 0;
-      for (double& x : s) l += (x = std::exp(x - m));
-      for (double& x : s) x /= l;  // P
-      e_lse.add(double(lse[b * Lq + i]), m + std::log(l));
-      double dl = 0;
-      for (int d = 0; d < D; ++d) {
-        double o = 0;
-        for (int64_t j = 0; j < Lk; ++j) o += s[j] * double(v[(b * Lk + j) * D + d]);
-        e_out.add(double(out[qi + d]), o);
-        dl += double(g[qi + d]) * double(out[qi + d]);
-      }
-      delta[b * Lq + i] = static_cast<T>(dl);
-      for (int64_t j = 0; j < Lk; ++j) {
-        double dp = 0;
-        for (int d = 0; d < D; ++d) dp += double(g[qi + d]) * double(v[(b * Lk + j) * D + d]);
-        const double ds = s[j] * (dp - double(delta[b * Lq + i]));
-        for (int d = 0; d < D; ++d) {
-          ref_dq[qi + d] += ds * double(k[(b * Lk + j) * D + d]) / std::sqrt(static_cast<double>(D));
-          ref_dk[(b * Lk + j) * D + d] += ds * double(q[qi + d]) / std::sqrt(static_cast<double>(D));
-          ref_dv[(b * Lk + j) * D + d] += s[j] * double(g[qi + d]);
-        }
-      }
-    }
+  std::vector<T> delta(BH * Lq);  // rowsum(dO * O) from the kernel's O, as the launcher computes it with ATen
+  for (int64_t i = 0; i < BH * Lq; ++i) {
+    double dl = 0;
+    for (int d = 0; d < D; ++d) dl += double(g[i * D + d]) * double(out[i * D + d]);
+    delta[i] = static_cast<T>(dl);
+  }
   emu::launch(grid_q, threads, at_::attention_dq_kernel<T, T>, q.data(), k.data(), v.data(), g.data(),
               static_cast<const T*>(lse.data()), static_cast<const T*>(delta.data()), dq.data(), Lq, Lk, D, scale);
   emu::launch(grid_k, threads, at_::attention_dkdv_kernel<T, T>, q.data(), k.data(), v.data(), g.data(),
               static_cast<const T*>(lse.data()), static_cast<const T*>(delta.data()), dk.data(), dv.data(), Lq, Lk,
               D, scale);
-  for (size_t i = 0; i < ref_dq.size(); ++i) e_dq.add(double(dq[i]), ref_dq[i]);
-  for (size_t i = 0; i < ref_dk.size(); ++i) {
-    e_dk.add(double(dk[i]), ref_dk[i]);
-    e_dv.add(double(dv[i]), ref_dv[i]);
-  }
-  bool untouched = true;
-  auto guarded = [&](const std::vector<T>& x, size_t n) {
-    for (size_t i = n; i < x.size(); ++i)
-      if (x[i] != static_cast<T>(kSentinel)) untouched = false;
-  };
-  guarded(out, BH * Lq * D);
-  guarded(dq, BH * Lq * D);
-  guarded(dk, BH * Lk * D);
-  guarded(dv, BH * Lk * D);
-  guarded(lse, BH * Lq);
-  std::printf("out=%.3e lse=%.3e dq=%.3e dk=%.3e dv=%.3e untouched=%d\n", e_out.rel(), e_lse.rel(), e_dq.rel(),
-              e_dk.rel(), e_dv.rel(), untouched ? 1 : 0);
+
+  // Errors with a floor of 1 per element (dQ and dK vanish with one key), as tests/test_ops.py.
+  const ref::Attention want = ref::attention(q.data(), k.data(), v.data(), g.data(), BH, Lq, Lk, D);
+  bool untouched = ref::untouched_past(lse, BH * Lq, kSentinel);
+  for (const auto* x : {&out, &dq}) untouched &= ref::untouched_past(*x, BH * Lq * D, kSentinel);
+  for (const auto* x : {&dk, &dv}) untouched &= ref::untouched_past(*x, BH * Lk * D, kSentinel);
+  std::printf("out=%.3e lse=%.3e dq=%.3e dk=%.3e dv=%.3e untouched=%d\n", ref::rel_err(out, want.out, 1.0),
+              ref::rel_err(lse, want.lse, 1.0), ref::rel_err(dq, want.dq, 1.0), ref::rel_err(dk, want.dk, 1.0),
+              ref::rel_err(dv, want.dv, 1.0), untouched ? 1 : 0);
   return 0;
 }
 

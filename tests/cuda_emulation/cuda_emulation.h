@@ -130,6 +130,17 @@ T from_float_any(float x) {
   if constexpr (std::is_same_v<T, __half>) return __float2half_rn(x);
   else return __float2bfloat16_rn(x);
 }
+// Any element type of the test programs (float, double, __half, __nv_bfloat16) from and to double.
+template <typename T>
+T from_double(double x) {
+  if constexpr (std::is_floating_point_v<T>) return static_cast<T>(x);
+  else return from_float_any<T>(static_cast<float>(x));
+}
+template <typename T>
+double as_double(T x) {
+  if constexpr (std::is_floating_point_v<T>) return x;
+  else return to_float_any(x);
+}
 
 namespace emu {
 // For the test programs: argv[first .. first + count) as integers, or the usage line and exit 2.

@@ -24,17 +24,6 @@ constexpr double kSentinel = 96.0;  // exact in every dtype; scores are at most 
 constexpr int64_t kGuard = 64;      // elements after each buffer that must stay untouched
 
 template <typename T>
-T from_double(double x) {
-  if constexpr (std::is_floating_point_v<T>) return static_cast<T>(x);
-  else return from_float_any<T>(static_cast<float>(x));
-}
-template <typename T>
-double as_double(T x) {
-  if constexpr (std::is_floating_point_v<T>) return x;
-  else return to_float_any(x);
-}
-
-template <typename T>
 int run(int64_t B, int64_t C, int64_t H, int64_t W, int64_t K, bool nhwc, bool batched, bool misalign,
         int64_t extra, int sms, unsigned seed) {
   namespace tc = denseclip_fast::tc;
