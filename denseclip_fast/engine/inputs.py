@@ -51,9 +51,9 @@ def _uint8_image(x: Any, where: str) -> torch.Tensor:
     return x
 
 
-def as_batch(images: Any, check_finite: bool = True) -> ImageBatch:
-    """Classify and check ``images``; raises ValueError naming what is wrong. ``check_finite`` looks for NaN and
-    infinite values in a float batch (one device synchronisation when it is on a GPU)."""
+def as_batch(images: Any) -> ImageBatch:
+    """Classify and check ``images``' types and shapes; raises ValueError naming what is wrong. (Their values, NaN
+    and infinities, are the Segmenter's check_finite: on a GPU it reads the verdict after the forward is queued.)"""
     if isinstance(images, torch.Tensor) and images.is_floating_point():
         x = images.unsqueeze(0) if images.dim() == 3 else images
         if x.dim() != 4 or x.shape[1] != 3:
@@ -62,8 +62,6 @@ def as_batch(images: Any, check_finite: bool = True) -> ImageBatch:
             raise ValueError("images is an empty batch (B=0)")
         if x.shape[2] == 0 or x.shape[3] == 0:
             raise ValueError(f"zero-size images {tuple(x.shape[2:])}")
-        if check_finite and not torch.isfinite(x).all():
-            raise ValueError("images contain NaN or infinite values")
         return ImageBatch(normalized=x)
     if isinstance(images, torch.Tensor) and images.dim() == 4:
         if images.shape[0] == 0:

@@ -177,15 +177,18 @@ class Segmenter:
     # ------------------------------------------------------------------ public API
 
     def _batch(self, images: Any) -> tuple[ImageBatch, torch.Tensor | None]:
-        """``images`` checked (as_batch); for a float batch on a GPU with check_finite, the finiteness flag that
-        ``_finite_or_raise`` reads once the forward is queued (a CPU batch is checked here, before any work)."""
-        on_gpu = isinstance(images, torch.Tensor) and images.is_floating_point() and images.device.type != "cpu"
-        batch = as_batch(images, self.check_finite and not on_gpu)
-        if not (self.check_finite and on_gpu):
+        """``images`` checked (as_batch) and, with check_finite, a float batch scanned for NaN and infinities: a CPU
+        batch is refused here, before any work; for a GPU batch the scan's flag is returned, for
+        ``_finite_or_raise`` to read once the forward is queued (no idle round trip before it)."""
+        batch = as_batch(images)
+        if not self.check_finite or batch.normalized is None:
             return batch, None
-        assert batch.normalized is not None
         with torch.inference_mode():
-            return batch, torch.isfinite(batch.normalized).all()
+            finite = torch.isfinite(batch.normalized).all()
+        if batch.normalized.device.type == "cpu":
+            self._finite_or_raise(finite)
+            return batch, None
+        return batch, finite
 
     @staticmethod
     def _finite_or_raise(flag: torch.Tensor | None) -> None:
