@@ -205,6 +205,19 @@ def score_forward_into(out: torch.Tensor, visual: torch.Tensor, text: torch.Tens
     )  # fmt: skip
 
 
+_BMM_OUT_DTYPE = hasattr(torch.ops.aten.bmm, "dtype")  # torch.bmm(a, b, out_dtype): cuBLAS writing float32
+
+
+def _bmm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b (batched) in float32. From 16-bit CUDA tensors cuBLAS writes float32 itself (bmm's out_dtype, CUDA
+    only), so a float16 sum over many pixels cannot overflow before the cast, as in csrc/cuda/score.cu; elsewhere
+    (Triton's interpreter on the CPU, a torch without the overload) the product is rounded to the input dtype
+    first."""
+    if a.is_cuda and a.dtype in (torch.float16, torch.bfloat16) and _BMM_OUT_DTYPE:
+        return torch.bmm(a, b, out_dtype=torch.float32)
+    return torch.bmm(a, b).float()
+
+
 def score_backward(
     grad: torch.Tensor, visual: torch.Tensor, text: torch.Tensor, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -226,13 +239,14 @@ def score_backward(
         g.stride(0), g.stride(1), g.stride(3), float(scale), EPS,
         BLOCK_P=block_p, BLOCK_K=block_k, BLOCK_C=32, DOT_F32=v.dtype == torch.float32, WIDE=_wide(v, t_hat, g),
     )  # fmt: skip
-    # d/d t^: scale * sum_p G[b,k,p] v[b,:,p] / |v_p| (a batched matmul on the raw visual, float32 accumulation),
-    # then the Jacobian of the text normalisation on the small (K, C) result. G / |v_p| is clamped to the dtype's
-    # range: a zero pixel's 1 / eps = 1e12 overflows float16, and inf * 0 would make the text gradient NaN (clamped,
-    # its term is exactly 0; only pixels with |v| below about |G| * scale / 65504 are affected otherwise).
+    # d/d t^: scale * sum_p G[b,k,p] v[b,:,p] / |v_p| (a batched matmul on the raw visual, float32 accumulation
+    # and, on CUDA, output), then the Jacobian of the text normalisation on the small (K, C) result. G / |v_p| is
+    # clamped to the dtype's range: a zero pixel's 1 / eps = 1e12 overflows float16, and inf * 0 would make the text
+    # gradient NaN (clamped, its term is exactly 0; only pixels with |v| below about |G| * scale / 65504 are affected
+    # otherwise).
     limit = torch.finfo(v.dtype).max
     g_scaled = (g.float().flatten(2) * inv.unsqueeze(1) * scale).clamp_(-limit, limit).to(v.dtype)  # (B, K, P)
-    gt_hat = torch.bmm(g_scaled, v.flatten(2).transpose(1, 2)).float()  # (B, K, C)
+    gt_hat = _bmm_float32(g_scaled, v.flatten(2).transpose(1, 2))  # (B, K, C)
     if text.dim() == 2:
         gt_hat = gt_hat.sum(0)
     radial = (t_hat * gt_hat).sum(-1, keepdim=True) * (t_norm >= EPS)
