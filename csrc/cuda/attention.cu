@@ -23,7 +23,6 @@
 
 #include <cmath>
 #include <limits>
-#include <cstdint>
 #include <tuple>
 
 #include "../common.h"
@@ -46,6 +45,15 @@ void check_head_dim(const AttentionShape& s, const char* op) {
               ", Lk=", s.Lk);
 }
 
+// The tensor-core kernels' 1 / sqrt(D), in float.
+float tc_scale(const AttentionShape& s) { return static_cast<float>(1.0 / std::sqrt(static_cast<double>(s.D))); }
+
+// A tensor's data as the CUDA type T of the tensor-core kernels (__half, __nv_bfloat16).
+template <typename T>
+T* data_as(const at::Tensor& x) {
+  return reinterpret_cast<T*>(x.data_ptr());
+}
+
 std::tuple<at::Tensor, at::Tensor> context_attention_cuda(const at::Tensor& q, const at::Tensor& k,
                                                           const at::Tensor& v) {
   const AttentionShape s = check_attention_inputs(q, k, v, "context_attention");
@@ -59,18 +67,13 @@ std::tuple<at::Tensor, at::Tensor> context_attention_cuda(const at::Tensor& q, c
   if (tensor_cores_for(qc) != nullptr) {
     namespace ta = tc::attention;
     const dim3 grid(s.B * s.heads, (s.Lq + ta::kBlockM - 1) / ta::kBlockM);
-    const bool vec = ta::use_vec(s.D, reinterpret_cast<std::uintptr_t>(qc.data_ptr()),
-                                 reinterpret_cast<std::uintptr_t>(kc.data_ptr()),
-                                 reinterpret_cast<std::uintptr_t>(vc.data_ptr()));
+    const bool vec = ta::use_vec(s.D, {qc.data_ptr(), kc.data_ptr(), vc.data_ptr()});
     with_cuda_type(q.scalar_type(), [&](auto tag) {
       using T = decltype(tag);
-      const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(s.D)));
-      const auto args = std::make_tuple(
-          reinterpret_cast<const T*>(qc.data_ptr()), reinterpret_cast<const T*>(kc.data_ptr()),
-          reinterpret_cast<const T*>(vc.data_ptr()), reinterpret_cast<T*>(out.data_ptr()), lse.data_ptr<float>(),
-          s.Lq, s.Lk, static_cast<int>(s.D), scale, vec);
       ta::dispatch<T>(s.D, [&](auto kernels) {
-        std::apply([&](auto... a) { decltype(kernels)::forward<<<grid, ta::kThreads, 0, stream>>>(a...); }, args);
+        decltype(kernels)::forward<<<grid, ta::kThreads, 0, stream>>>(
+            data_as<T>(qc), data_as<T>(kc), data_as<T>(vc), data_as<T>(out), lse.data_ptr<float>(), s.Lq, s.Lk,
+            static_cast<int>(s.D), tc_scale(s), vec);
       });
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -103,22 +106,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> context_attention_backward_cuda(
     namespace ta = tc::attention;
     const dim3 grid_q(s.B * s.heads, (s.Lq + ta::kBlockM - 1) / ta::kBlockM);
     const dim3 grid_k(s.B * s.heads, (s.Lk + ta::kKvWarps * ta::kWarpRows - 1) / (ta::kKvWarps * ta::kWarpRows));
-    const bool vec = ta::use_vec(s.D, reinterpret_cast<std::uintptr_t>(qc.data_ptr()),
-                                 reinterpret_cast<std::uintptr_t>(kc.data_ptr()),
-                                 reinterpret_cast<std::uintptr_t>(vc.data_ptr())) &&
-                     reinterpret_cast<std::uintptr_t>(g.data_ptr()) % 16 == 0;
+    const bool vec = ta::use_vec(s.D, {qc.data_ptr(), kc.data_ptr(), vc.data_ptr(), g.data_ptr()});
     with_cuda_type(q.scalar_type(), [&](auto tag) {
       using T = decltype(tag);
-      auto ptr = [](const at::Tensor& x) { return reinterpret_cast<T*>(x.data_ptr()); };
-      const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(s.D)));
+      const float* lp = lc.data_ptr<float>();
+      const float* dp = delta.data_ptr<float>();
       const int D = static_cast<int>(s.D);
       ta::dispatch<T>(s.D, [&](auto kernels) {
         using K = decltype(kernels);
-        K::dq<<<grid_q, ta::kThreads, 0, stream>>>(ptr(qc), ptr(kc), ptr(vc), ptr(g), lc.data_ptr<float>(),
-                                                    delta.data_ptr<float>(), ptr(dq), s.Lq, s.Lk, D, scale, vec);
-        K::dkdv<<<grid_k, ta::kKvThreads, 0, stream>>>(ptr(qc), ptr(kc), ptr(vc), ptr(g), lc.data_ptr<float>(),
-                                                        delta.data_ptr<float>(), ptr(dk), ptr(dv), s.Lq, s.Lk, D,
-                                                        scale, vec);
+        K::dq<<<grid_q, ta::kThreads, 0, stream>>>(data_as<T>(qc), data_as<T>(kc), data_as<T>(vc), data_as<T>(g), lp,
+                                                    dp, data_as<T>(dq), s.Lq, s.Lk, D, tc_scale(s), vec);
+        K::dkdv<<<grid_k, ta::kKvThreads, 0, stream>>>(data_as<T>(qc), data_as<T>(kc), data_as<T>(vc), data_as<T>(g),
+                                                        lp, dp, data_as<T>(dk), data_as<T>(dv), s.Lq, s.Lk, D,
+                                                        tc_scale(s), vec);
       });
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -24,8 +24,10 @@
 // element by element.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <initializer_list>
 
 #include "tc_common.cuh"
 
@@ -42,8 +44,11 @@ constexpr int kLdP = kBlockN + kPad;                             // P row stride
 // How many 16-wide fragments cover head dim D (the kernel is instantiated for 2, 4 and 8).
 inline int d_frags(int64_t D) { return D <= 32 ? 2 : D <= 64 ? 4 : 8; }
 
-inline bool use_vec(int64_t D, std::uintptr_t q, std::uintptr_t k, std::uintptr_t v) {
-  return D % kVecElems == 0 && q % 16 == 0 && k % 16 == 0 && v % 16 == 0;
+// 16-byte loads: D a multiple of 8 (every row starts 16-byte aligned) and every tensor the kernels read aligned.
+inline bool use_vec(int64_t D, std::initializer_list<const void*> tensors) {
+  return D % kVecElems == 0 && std::all_of(tensors.begin(), tensors.end(), [](const void* p) {
+           return reinterpret_cast<std::uintptr_t>(p) % 16 == 0;
+         });
 }
 
 __device__ __forceinline__ float fast_exp(float x) {

@@ -35,8 +35,7 @@ int run(int64_t BH, int64_t Lq, int64_t Lk, int D, bool misalign, unsigned seed)
   std::vector<float> lse(BH * Lq + kGuard, kSentinel);
   const T *qp = q.data() + off, *kp = k.data() + off, *vp = v.data() + off, *gp = g.data() + off;
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(D)));
-  const bool vec = ta::use_vec(D, reinterpret_cast<std::uintptr_t>(qp), reinterpret_cast<std::uintptr_t>(kp),
-                               reinterpret_cast<std::uintptr_t>(vp));
+  const bool vec = ta::use_vec(D, {qp, kp, vp, gp});  // as the backward's launcher (the forward's reads no dO)
   const dim3 grid{static_cast<unsigned>(BH), static_cast<unsigned>((Lq + ta::kBlockM - 1) / ta::kBlockM), 1};
   const int kv_rows = ta::kKvWarps * ta::kWarpRows;
   const dim3 grid_k{static_cast<unsigned>(BH), static_cast<unsigned>((Lk + kv_rows - 1) / kv_rows), 1};
