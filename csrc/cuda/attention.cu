@@ -48,12 +48,6 @@ void check_head_dim(const AttentionShape& s, const char* op) {
 // The tensor-core kernels' 1 / sqrt(D), in float.
 float tc_scale(const AttentionShape& s) { return static_cast<float>(1.0 / std::sqrt(static_cast<double>(s.D))); }
 
-// A tensor's data as the CUDA type T of the tensor-core kernels (__half, __nv_bfloat16).
-template <typename T>
-T* data_as(const at::Tensor& x) {
-  return reinterpret_cast<T*>(x.data_ptr());
-}
-
 std::tuple<at::Tensor, at::Tensor> context_attention_cuda(const at::Tensor& q, const at::Tensor& k,
                                                           const at::Tensor& v) {
   const AttentionShape s = check_attention_inputs(q, k, v, "context_attention");

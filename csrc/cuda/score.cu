@@ -44,13 +44,10 @@ void launch_tensor_core(at::Tensor& out, const at::Tensor& v, const at::Tensor& 
                                            reinterpret_cast<std::uintptr_t>(t.data_ptr()), sm_count);
   const dim3 grid((s.P() + tc::kTileP - 1) / tc::kTileP, (s.K + cfg.tile_k() - 1) / cfg.tile_k(), s.B);
   TORCH_CHECK(grid.y <= 65535 && grid.z <= 65535, "pixel_text_score: too many classes or images for one launch");
-  const T* vp = reinterpret_cast<const T*>(v.data_ptr());
-  const T* tp = reinterpret_cast<const T*>(t.data_ptr());
-  T* op = reinterpret_cast<T*>(out.data_ptr());
-  const auto args = std::make_tuple(vp, tp, op, s.C, s.P(), s.K, vs.b, vs.c, vs.p, s_tb, s.C, out.stride(0),
-                                    out.stride(1), out.stride(3), static_cast<float>(scale));
   tc::dispatch<T>(cfg, s.channels_last, [&](auto kernel) {
-    std::apply([&](auto... a) { kernel<<<grid, tc::kThreads, 0, stream>>>(a...); }, args);
+    kernel<<<grid, tc::kThreads, 0, stream>>>(data_as<T>(v), data_as<T>(t), data_as<T>(out), s.C, s.P(), s.K, vs.b,
+                                              vs.c, vs.p, s_tb, s.C, out.stride(0), out.stride(1), out.stride(3),
+                                              static_cast<float>(scale));
   });
 }
 
@@ -124,17 +121,14 @@ std::tuple<at::Tensor, at::Tensor> pixel_text_score_backward_cuda(const at::Tens
   auto stream = c10::cuda::getCurrentCUDAStream();
   auto launch = [&](auto type_tag) {
     using T = decltype(type_tag);
-    const auto args = std::make_tuple(reinterpret_cast<const T*>(v.data_ptr()),
-                                      reinterpret_cast<const T*>(t_hat.data_ptr()),
-                                      reinterpret_cast<const T*>(g.data_ptr()),
-                                      reinterpret_cast<T*>(grad_visual.data_ptr()), inv.data_ptr<float>(), s.C,
-                                      s.P(), s.K, vs.b, vs.c, vs.p, s_tb, static_cast<float>(scale));
     const bool vec = tc::backward_vec(s.C, s.channels_last, reinterpret_cast<std::uintptr_t>(v.data_ptr()),
                                       reinterpret_cast<std::uintptr_t>(grad_visual.data_ptr()));
     auto kernel = !s.channels_last ? tc::score_backward_visual_tc_kernel<T, false, false>
                   : vec            ? tc::score_backward_visual_tc_kernel<T, true, true>
                                    : tc::score_backward_visual_tc_kernel<T, true, false>;
-    std::apply([&](auto... a) { kernel<<<grid, tc::kThreads, 0, stream>>>(a...); }, args);
+    kernel<<<grid, tc::kThreads, 0, stream>>>(data_as<T>(v), data_as<T>(t_hat), data_as<T>(g), data_as<T>(grad_visual),
+                                              inv.data_ptr<float>(), s.C, s.P(), s.K, vs.b, vs.c, vs.p, s_tb,
+                                              static_cast<float>(scale));
   };
   with_cuda_type(dtype, launch);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -18,6 +18,12 @@ struct TensorCoreGpu {
 // there, else nullptr.
 const TensorCoreGpu* tensor_cores_for(const at::Tensor& x);
 
+// A tensor's data as the CUDA type T of the tensor-core kernels (__half, __nv_bfloat16).
+template <typename T>
+T* data_as(const at::Tensor& x) {
+  return reinterpret_cast<T*>(x.data_ptr());
+}
+
 // Calls f(T{}) with T the CUDA type of a 16-bit dtype (__half for float16, else __nv_bfloat16).
 template <typename F>
 void with_cuda_type(at::ScalarType dtype, F&& f) {
