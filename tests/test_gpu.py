@@ -32,6 +32,11 @@ def test_extension_built_for_this_gpu():
     assert 10 * major + minor in archs, f"built for {archs}, this GPU is sm_{major}{minor}"
 
 
+def _misaligned(x: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of ``x`` whose data starts one element past its allocation (not 16-byte aligned)."""
+    return torch.empty(x.numel() + 1, device=x.device, dtype=x.dtype)[1:].view(x.shape).copy_(x)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(2, 1024, 16, 16, 150), (2, 64, 40, 40, 171), (1, 40, 3, 5, 300), (3, 96, 7, 9, 64),
                                    (1, 37, 5, 7, 1), (3, 64, 64, 64, 171)])  # fmt: skip
@@ -50,7 +55,7 @@ def test_tensor_core_score_kernels(dtype, shape, layout):
     text = text if b % 2 else text[0]
     v, t = visual.to(dtype), text.to(dtype)
     if layout == "misaligned":
-        v = torch.empty(v.numel() + 1, device="cuda", dtype=dtype)[1:].view(v.shape).copy_(v)
+        v = _misaligned(v)
     tol = 2e-3 if dtype == torch.float16 else 2e-2
     v64, t64 = v.double().requires_grad_(), t.double().requires_grad_()
     expected = ops.reference.pixel_text_score(v64, t64, 0.7)
@@ -77,10 +82,9 @@ def test_tensor_core_attention_kernels(dtype, shape, misaligned):
     context decoder's shapes (K150 x N257 and N1601) and at odd ones (one token, odd and padded head dims, partial
     query blocks and key tiles, thousands of keys), with vector and element loads."""
     b, heads, lq, lk, d = shape
-    q64, k64, v64 = (torch.randn(b, heads, n, d, device="cuda", dtype=torch.float64) for n in (lq, lk, lk))
-    q, k, v = (x.to(dtype) for x in (q64, k64, v64))
+    q, k, v = (torch.randn(b, heads, n, d, device="cuda", dtype=dtype) for n in (lq, lk, lk))
     if misaligned:
-        k = torch.empty(k.numel() + 1, device="cuda", dtype=dtype)[1:].view(k.shape).copy_(k)
+        k = _misaligned(k)
     q64, k64, v64 = (x.double().requires_grad_() for x in (q, k, v))
     expected = ops.reference.attention(q64, k64, v64)
     grad = torch.randn_like(expected)
