@@ -1,8 +1,8 @@
 """The ``denseclip-fast`` command.
 
     denseclip-fast info CHECKPOINT [--json]
-    denseclip-fast segment --checkpoint C [--classes "a,b,c"] [--open-vocab] [--mode slide|whole]
-                           [--device cpu|cuda] [--dtype float32|bfloat16|float16] IMAGE... --out DIR
+    denseclip-fast segment --checkpoint C [--classes "a,b,c"] [--open-vocab] [--mode slide|whole] [--device cpu|cuda]
+                           [--dtype float32|bfloat16|float16] [--io-threads N] IMAGE|DIR... --out DIR
     denseclip-fast export --checkpoint C --format onnx|tensorrt|aoti --out PATH [--graph image|image_with_text|text]
                           [--image-size 512 | 512x1024] [--dtype ...] [--max-batch N] [--verify] [--classes "a,b"]
 
@@ -22,8 +22,9 @@ import argparse
 import json
 import os
 import sys
+from collections import deque
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .checkpoints import CheckpointError
 from .export.tensorrt import TensorRTUnavailable
@@ -84,16 +85,49 @@ def _dtype(args: argparse.Namespace, device: str | None) -> torch.dtype:
     return getattr(torch, DTYPE_NAMES[args.dtype or default])
 
 
-def cmd_segment(args: argparse.Namespace) -> int:
+def _output_stems(files: Sequence[str]) -> list[str]:
+    """NAME of each file's NAME_labels.png and NAME_overlay.png; two files with one NAME are refused before any
+    work (one would overwrite the other's results)."""
+    seen: dict[str, str] = {}
+    stems = []
+    for path in files:
+        stem = os.path.splitext(os.path.basename(path))[0]
+        if stem in seen:
+            raise ValueError(f"{seen[stem]} and {path} would both write {stem}_labels.png; rename one or segment "
+                             "them in separate runs")  # fmt: skip
+        seen[stem] = path
+        stems.append(stem)
+    return stems
+
+
+def _write_results(out: str, stem: str, image: Any, labels: Any, palette: Any, wide: bool) -> None:
+    """NAME_labels.png (class indices: 8-bit grey, 16-bit when ``wide``: past 256 classes) and NAME_overlay.png."""
     import numpy as np
     from PIL import Image
+
+    from .visualize import overlay
+
+    label_image = Image.fromarray(labels.astype(np.uint16 if wide else np.uint8))
+    label_image.save(os.path.join(out, f"{stem}_labels.png"))
+    Image.fromarray(overlay(image, labels, palette)).save(os.path.join(out, f"{stem}_overlay.png"))
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    from concurrent.futures import Future, ThreadPoolExecutor
+
     from tqdm import tqdm
 
     from . import Segmenter, load_checkpoint
-    from .preprocess import load_image
-    from .visualize import default_palette, overlay
+    from .preprocess import image_files, load_image
+    from .visualize import default_palette
 
+    if args.io_threads is not None and args.io_threads < 1:
+        raise ValueError(f"--io-threads must be >= 1, got {args.io_threads}")
+    files = image_files(args.images)
+    stems = _output_stems(files)
     device = _device(args)
+    # on a CPU the engine itself keeps every core busy: one worker overlaps the I/O without contending for them
+    workers = args.io_threads or (min(4, os.cpu_count() or 1) if device.startswith("cuda") else 1)
     dtype = _dtype(args, device)
     model = load_checkpoint(args.checkpoint)
     names = None
@@ -112,17 +146,28 @@ def cmd_segment(args: argparse.Namespace) -> int:
     k = len(names) if names is not None else model.num_classes
     palette = model.palette if (model.palette is not None and names is None) else default_palette(k)
     os.makedirs(args.out, exist_ok=True)
-    for path in tqdm(args.images, desc="segment", unit="img", disable=len(args.images) < 2):
-        image = load_image(path)
-        scores = seg.open_vocab(image, names) if names is not None else seg.logits(image)
-        labels = scores[0].argmax(dim=0).cpu().numpy()
-        stem = os.path.splitext(os.path.basename(path))[0]
-        if k <= 256:
-            Image.fromarray(labels.astype(np.uint8), mode="L").save(os.path.join(args.out, f"{stem}_labels.png"))
-        else:
-            Image.fromarray(labels.astype(np.uint16), mode="I;16").save(os.path.join(args.out, f"{stem}_labels.png"))
-        Image.fromarray(overlay(image, labels, palette)).save(os.path.join(args.out, f"{stem}_overlay.png"))
-    print(f"wrote {2 * len(args.images)} files to {args.out}")
+    # Decoding the next images and encoding the PNGs of the previous ones (Pillow and NumPy release the GIL) run in
+    # worker threads while the engine segments the current one; at most `workers` of each are in flight.
+    pool = ThreadPoolExecutor(max_workers=workers)
+    loads = deque(pool.submit(load_image, path) for path in files[:workers])
+    writes: deque[Future[None]] = deque()
+    try:
+        for i, stem in enumerate(tqdm(stems, desc="segment", unit="img", disable=len(files) < 2)):
+            image = loads.popleft().result()
+            if i + workers < len(files):
+                loads.append(pool.submit(load_image, files[i + workers]))
+            scores = seg.open_vocab(image, names) if names is not None else seg.logits(image)
+            labels = scores[0].argmax(dim=0).cpu().numpy()
+            writes.append(pool.submit(_write_results, args.out, stem, image, labels, palette, k > 256))
+            if len(writes) > workers:
+                writes.popleft().result()
+        while writes:
+            writes.popleft().result()
+    finally:  # after an error too, every image segmented so far is saved; the images read ahead are dropped
+        for load in loads:
+            load.cancel()
+        pool.shutdown(wait=True)
+    print(f"wrote {2 * len(files)} files to {args.out}")
     return 0
 
 
@@ -288,7 +333,10 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     seg.add_argument("--dtype", choices=sorted(DTYPE_NAMES), help="default: bfloat16 on CUDA, float32 on CPU")
     seg.add_argument("--out", required=True, help="output directory")
-    seg.add_argument("images", nargs="+", metavar="IMAGE")
+    seg.add_argument("--io-threads", type=int,
+                     help="threads decoding images and writing PNGs while the engine runs (default: 1 on CPU, "
+                          "where the engine uses every core; up to 4 with a GPU)")  # fmt: skip
+    seg.add_argument("images", nargs="+", metavar="IMAGE", help="image files, or directories of them (not recursive)")
     seg.set_defaults(func=cmd_segment)
 
     exp = sub.add_parser("export", help="write an ONNX graph, a TensorRT engine or an AOTInductor package")

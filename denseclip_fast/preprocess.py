@@ -34,6 +34,31 @@ def load_image(path: str | os.PathLike[str]) -> np.ndarray:
         raise ValueError(f"{path}: not a readable image ({exc})") from None
 
 
+IMAGE_EXTENSIONS = (".bmp", ".jpeg", ".jpg", ".png", ".ppm", ".tif", ".tiff", ".webp")
+
+
+def image_files(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
+    """The image files that ``paths`` name, in order: a file as it is, a directory as its files with an image
+    extension (IMAGE_EXTENSIONS, any case; not recursive), sorted by name. Raises ValueError naming a path that
+    does not exist or a directory without images."""
+    files: list[str] = []
+    for path in map(os.fspath, paths):
+        if os.path.isdir(path):
+            found = sorted(
+                os.path.join(path, name)
+                for name in os.listdir(path)
+                if name.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(path, name))
+            )
+            if not found:
+                raise ValueError(f"{path}: a directory without image files ({', '.join(IMAGE_EXTENSIONS)})")
+            files.extend(found)
+        elif os.path.exists(path):
+            files.append(path)
+        else:
+            raise ValueError(f"{path}: no such image file or directory")
+    return files
+
+
 def keep_ratio_size(height: int, width: int, scale: Sequence[int]) -> tuple[int, int]:
     """mmcv's ``rescale_size``: the largest size with the image's aspect ratio whose long side fits max(scale)
     and short side fits min(scale). Returns (new_height, new_width)."""

@@ -61,6 +61,52 @@ def test_segment_writes_labels_and_overlays(checkpoint, images, tmp_path, mode):
         assert overlay.size == source.size and overlay.mode == "RGB"
 
 
+def test_segment_takes_directories_and_any_io_threads(checkpoint, images, tmp_path):
+    folder = images[0].parent
+    (folder / "notes.txt").write_text("not an image")  # skipped: no image extension
+    base = ["segment", "--checkpoint", str(checkpoint), "--mode", "whole"]
+    assert main([*base, "--io-threads", "1", "--out", str(tmp_path / "files"), *map(str, images)]) == 0
+    assert main([*base, "--io-threads", "3", "--out", str(tmp_path / "dir"), str(folder)]) == 0
+    written = sorted(os.listdir(tmp_path / "files"))
+    assert written == ["a_labels.png", "a_overlay.png", "b_labels.png", "b_overlay.png"]
+    assert sorted(os.listdir(tmp_path / "dir")) == written
+    for name in written:  # each image's results, whichever thread wrote them
+        assert (tmp_path / "files" / name).read_bytes() == (tmp_path / "dir" / name).read_bytes()
+
+
+def test_segment_refuses_bad_image_lists_before_any_work(checkpoint, images, tmp_path, capsys):
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "a.jpg").write_bytes(images[0].read_bytes())
+    out = tmp_path / "out"
+    base = ["segment", "--checkpoint", str(checkpoint), "--out", str(out)]
+    assert main([*base, str(images[0]), str(other / "a.jpg")]) == 2
+    err = capsys.readouterr().err
+    assert f"{images[0]} and {other / 'a.jpg'} would both write a_labels.png" in err and err.count("\n") == 1
+    assert main([*base, str(tmp_path / "missing.png")]) == 2
+    assert "missing.png: no such image file or directory" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main([*base, str(tmp_path / "empty")]) == 2
+    assert "empty: a directory without image files" in capsys.readouterr().err
+    assert main([*base, "--io-threads", "0", str(images[0])]) == 2
+    assert "--io-threads must be >= 1, got 0" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_segment_names_an_unreadable_image(checkpoint, images, tmp_path, capsys):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for i in range(4):
+        (folder / f"{i}.png").write_bytes(images[0].read_bytes())
+    (folder / "2.png").write_bytes(b"not a png")
+    args = ["segment", "--checkpoint", str(checkpoint), "--mode", "whole", "--io-threads", "2", "--out",
+            str(tmp_path / "out"), str(folder)]  # fmt: skip
+    assert main(args) == 2
+    last = capsys.readouterr().err.rstrip("\n").split("\n")[-1]  # after the progress bar's line
+    assert last.startswith(f"denseclip-fast: error: {folder / '2.png'}: not a readable image")
+    assert (tmp_path / "out" / "1_overlay.png").exists()  # the images before it were written
+
+
 def test_segment_with_classes(checkpoint, images, tmp_path, capsys):
     out = tmp_path / "out"
     args = ["segment", "--checkpoint", str(checkpoint), "--out", str(out), str(images[0])]
