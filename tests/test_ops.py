@@ -310,7 +310,7 @@ def test_triton_attention_at_the_blocks_of_a_smaller_gpu(monkeypatch, d):
     fwd/dkdv/dq each their own) against the reference."""
     from denseclip_fast.ops.triton import attention
 
-    monkeypatch.setattr(attention, "smem_limit", lambda device: 65536)
+    monkeypatch.setattr(attention, "shared_memory_per_block", lambda device: 65536)
     assert attention._blocks(40, d, "dkdv", True, 65536) != attention._blocks(40, d, "dkdv")
     _check_attention(*(torch.randn(1, 2, n, d, device=DEVICE) for n in (40, 70, 70)), "triton")
 
@@ -457,6 +457,31 @@ def test_triton_needs_an_ampere_or_newer_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
     if ops.backends.triton_available() is None:
         assert ops.backends.unavailable_reason("triton", "pixel_text_score", gpu, torch.float16) is None
+
+
+def test_device_queries_are_memoised_and_left_out_of_traces(monkeypatch):
+    """The shared memory per block (the Triton attention's blocks depend on it) is asked once per GPU, never while
+    torch.compile traces, and is None for CPU tensors."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(ops.backends, "_memo", {})
+    asked = []
+
+    def properties(index):
+        asked.append(index)
+        return SimpleNamespace(shared_memory_per_block_optin=1000 + index)
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", properties)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert ops.backends.shared_memory_per_block(torch.device("cuda", 1)) is None and asked == []
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+    for _ in range(2):
+        assert ops.backends.shared_memory_per_block(torch.device("cuda", 1)) == 1001
+        assert ops.backends.shared_memory_per_block(torch.device("cuda", 2)) == 1002
+    assert asked == [1, 2]
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert ops.backends.shared_memory_per_block(torch.device("cuda", 1)) == 1001  # the eager answer holds
+    assert ops.backends.shared_memory_per_block(torch.device("cpu")) is None
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the errors of a machine without CUDA")

@@ -12,6 +12,7 @@ cannot run the call raises RuntimeError saying why.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -34,16 +35,32 @@ def _cuda_kernels_built() -> bool:
     return _memo["cuda"]
 
 
-def _device_arch(device: torch.device) -> int | None:
-    """The GPU's compute capability as an integer (90 = Hopper), memoised per device. While torch.compile or
-    torch.export traces, only the memo is read (None when no eager call has asked): the device query is left to
-    eager code."""
+def _per_device(device: torch.device, what: str, query: Callable[[int], Any]) -> Any:
+    """``query(index)`` of this CUDA device, memoised per (what, device). While torch.compile or torch.export
+    traces, only the memo is read (None when no eager call has asked): device queries are left to eager code."""
     index = device.index if device.index is not None or torch.compiler.is_compiling() else torch.cuda.current_device()
-    key = ("cc", index)
+    key = (what, index)
     if key not in _memo and not torch.compiler.is_compiling():
-        major, minor = torch.cuda.get_device_capability(index)
-        _memo[key] = 10 * major + minor
+        _memo[key] = query(index)
     return _memo.get(key)
+
+
+def _device_arch(device: torch.device) -> int | None:
+    """The GPU's compute capability as an integer (90 = Hopper), memoised per device (see _per_device)."""
+
+    def query(index: int) -> int:
+        major, minor = torch.cuda.get_device_capability(index)
+        return 10 * major + minor
+
+    return _per_device(device, "cc", query)
+
+
+def shared_memory_per_block(device: torch.device) -> int | None:
+    """The GPU's shared memory per block in bytes (the opt-in maximum), memoised per device; None for CPU tensors
+    (Triton's interpreter)."""
+    if device.type != "cuda":
+        return None
+    return _per_device(device, "smem", lambda i: torch.cuda.get_device_properties(i).shared_memory_per_block_optin)
 
 
 def _cuda_arch_mismatch(device: torch.device) -> str | None:

@@ -19,8 +19,10 @@ from triton.backends.compiler import GPUTarget
 
 from . import attention, score
 
-# Shared memory per block (opt-in maximum, bytes) by compute capability: A100, RTX 30xx/A10, RTX 40xx/L4, H100/H200
-SHARED_MEMORY = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+# Shared memory per block (opt-in maximum, bytes) by compute capability: A100, RTX 30xx/A10, Jetson Orin, RTX 40xx/L4,
+# H100/H200, B200, RTX 50xx. An arch whose float32 attention blocks equal sm_90's compiles nothing more.
+SHARED_MEMORY = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100: 232448,
+                 120: 101376}  # fmt: skip
 
 
 def _signature(fn: Any, pointers: dict[str, str], floats: tuple[str, ...], constexprs: dict[str, Any]) -> dict[str, str]:

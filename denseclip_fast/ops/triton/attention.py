@@ -19,8 +19,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ..backends import TRITON_HEAD_DIMS as HEAD_DIMS
+from ..backends import TRITON_HEAD_DIMS, shared_memory_per_block
 from .common import dot_in_f32, launch
+
+HEAD_DIMS = TRITON_HEAD_DIMS  # what the kernels are compiled for (aot.py) and tested at
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -161,7 +163,6 @@ def _attn_bwd_dq_kernel(
 
 KINDS = ("fwd", "dkdv", "dq")
 SMEM_SHARE = 0.95  # of a GPU's shared memory per block that a float32 kernel's estimate may take
-_smem_limits: dict[int, int] = {}
 
 
 def smem_estimate(kind: str, d: int, block_m: int, block_n: int) -> int:
@@ -175,16 +176,6 @@ def smem_estimate(kind: str, d: int, block_m: int, block_n: int) -> int:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     loop, held = (block_m, block_n) if kind == "dkdv" else (block_n, block_m)
     return int(4 * (4.25 * d * loop + (1 if kind == "fwd" else 2) * d * held + block_m * block_n))
-
-
-def smem_limit(device: torch.device) -> int | None:
-    """The GPU's shared memory per block (opt-in maximum), None for CPU tensors (Triton's interpreter)."""
-    if device.type != "cuda":
-        return None
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _smem_limits:
-        _smem_limits[index] = torch.cuda.get_device_properties(index).shared_memory_per_block_optin
-    return _smem_limits[index]
 
 
 def _blocks(lq: int, d: int, kind: str = "fwd", f32: bool = False, smem: int | None = None) -> tuple[int, int]:
@@ -222,7 +213,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tupl
     if out.numel() == 0:
         return out, lse
     f32 = dot_in_f32(q.dtype)
-    block_m, block_n = _blocks(lq, d, "fwd", f32, smem_limit(q.device))
+    block_m, block_n = _blocks(lq, d, "fwd", f32, shared_memory_per_block(q.device))
     pieces = _bh_slices(b * h)
     for p in pieces:  # views of (B*H, L, D) only when the grid needs more than one launch
         qp, kp, vp, op, lp = (t.flatten(0, 1)[p] if len(pieces) > 1 else t for t in (q, k, v, out, lse))
@@ -244,7 +235,7 @@ def attention_backward(
     delta = torch.empty_like(lse)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     f32 = dot_in_f32(q.dtype)
-    smem = smem_limit(q.device)
+    smem = shared_memory_per_block(q.device)
     m_kv, n_kv = _blocks(lq, d, "dkdv", f32, smem)
     m_q, n_q = _blocks(lq, d, "dq", f32, smem)
     scale = 1.0 / math.sqrt(d)
