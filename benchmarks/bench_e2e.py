@@ -119,7 +119,9 @@ def run(args: argparse.Namespace, device: torch.device, results: Results) -> Non
         size = args.size or (640 if arch == "ViT-B/16" else 512)
         for mode in args.modes:
             for batch in args.batches:
-                shape = (batch, 3, size, size) if mode == "whole" else (batch, 3, args.slide_height, 4 * args.slide_height)
+                shape = (
+                    (batch, 3, size, size) if mode == "whole" else (batch, 3, args.slide_height, 4 * args.slide_height)
+                )
                 crop = min(cfg.slide_crop, args.slide_height) if mode == "slide" else cfg.slide_crop
                 stride = cfg.slide_stride if crop == cfg.slide_crop else max(1, crop * 2 // 3)
                 x = torch.randn(shape, device=device)
@@ -237,7 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     args.archs = args.archs or (["RN50", "RN101", "ViT-B/16"] if gpu else ["RN50"])
     args.batches = args.batches or ([1, 16] if gpu else [1])
     args.modes = args.modes or (["whole", "slide"] if gpu else ["whole"])
-    args.contestants = args.contestants or ([c for c in ALL if c != "compile-ma"] if gpu else ["official", "engine-fp32"])
+    args.contestants = args.contestants or (
+        [c for c in ALL if c != "compile-ma"] if gpu else ["official", "engine-fp32"]
+    )
     args.repeats = args.repeats or (50 if gpu else 3)
     if not gpu:
         args.size = args.size or 256

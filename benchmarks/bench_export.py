@@ -111,7 +111,8 @@ def table(env: dict, rows: list[dict]) -> str:
         "Random weights, 150 classes, whole image, square inputs. Error: relative L2 of the logits against the float32"
         " model in PyTorch eager on the CPU.",
         "",
-        "| arch | size | batch | contestant | p50 ms | p90 ms | images/s | first call s | export/compile s | rel. error |",
+        "| arch | size | batch | contestant | p50 ms | p90 ms | images/s | first call s | export/compile s "
+        "| rel. error |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:

@@ -56,7 +56,9 @@ def official_step(arch: str, names: list[str], cfg: TrainConfig, device: torch.d
     return step
 
 
-def trainer_step(arch: str, names: list[str], cfg: TrainConfig, device: torch.device, bf16: bool, ckpt: bool) -> Callable:
+def trainer_step(
+    arch: str, names: list[str], cfg: TrainConfig, device: torch.device, bf16: bool, ckpt: bool
+) -> Callable:
     torch.manual_seed(0)
     cfg = replace(cfg, grad_checkpointing=ckpt)
     model = prepare_model(randomize_(dcf.DenseCLIP.from_arch(arch, names)), cfg, device)  # as the trainer does
@@ -80,7 +82,8 @@ def timed(step: Callable, x: torch.Tensor, label: torch.Tensor, steps: int, devi
     """common.measure of one step (the first call and one warm-up untimed: allocator, autotuning, optimiser state)."""
     r = measure(lambda t: torch.tensor(step(t, label)), x, steps, device, grad=True)
     return {"ms_per_step": r["p50_ms"], "p90_ms": r["p90_ms"], "images_per_s": x.shape[0] / (r["p50_ms"] / 1e3),
-            "first_call_s": r["first_call_s"], "first_loss": r["logits"].item(), "peak_memory_gb": r["peak_memory_gb"]}  # fmt: skip
+            "first_call_s": r["first_call_s"], "first_loss": r["logits"].item(),
+            "peak_memory_gb": r["peak_memory_gb"]}  # fmt: skip
 
 
 def table(env: dict, rows: list[dict], args: argparse.Namespace) -> str:

@@ -246,8 +246,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     path = export.to_onnx(model, onnx_path, graph=args.graph, image_size=size, dtype=dtype, opset=args.opset,
                           check_tensorrt=False)  # fmt: skip
     problems = export.tensorrt_problems(path)
-    print(f"wrote {path} ({args.graph} graph, {dtype}, opset {args.opset}); TensorRT operator check: "
-          + ("all nodes supported" if not problems else f"{len(problems)} problem(s): " + "; ".join(problems[:5])))  # fmt: skip
+    check = "all nodes supported" if not problems else f"{len(problems)} problem(s): " + "; ".join(problems[:5])
+    print(f"wrote {path} ({args.graph} graph, {dtype}, opset {args.opset}); TensorRT operator check: {check}")
     if args.verify:
         err = _verify_onnx(str(path), model, args.graph)
         print(f"ONNX Runtime vs PyTorch (float32): relative error {err:.2e}")
@@ -328,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--checkpoint", required=True)
     seg.add_argument("--classes", help='comma-separated names replacing the checkpoint\'s, e.g. "sky,road,tree"')
     seg.add_argument("--open-vocab", action="store_true",
-                     help="score --classes (any number) with the pixel-text map instead of the trained head")  # fmt: skip
+                     help="score --classes (any number) with the pixel-text map, not the trained head")  # fmt: skip
     seg.add_argument("--mode", choices=("slide", "whole"), default="slide")
     seg.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     seg.add_argument("--dtype", choices=sorted(DTYPE_NAMES), help="default: bfloat16 on CUDA, float32 on CPU")
@@ -360,7 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.set_defaults(func=cmd_export)
 
     tr = sub.add_parser("train", help="fine-tune DenseCLIP (options override the config file or the arch's preset)")
-    tr.add_argument("config", nargs="?", help="YAML or JSON file of TrainConfig fields ('preset: RN50' starts from one)")
+    tr.add_argument("config", nargs="?",
+                    help="YAML or JSON file of TrainConfig fields ('preset: RN50' starts from one)")  # fmt: skip
     tr.add_argument("--arch", help="RN50, RN101, ViT-B/16 (the official recipe), or an architecture JSON file")
     tr.add_argument("--data", help="the data set directory")
     tr.add_argument("--layout", choices=("ade20k", "generic"))

@@ -113,7 +113,9 @@ class DenseCLIPConfig:
                 f"got {self.text.context_length} - {self.text.n_ctx}"
             )
         if self.decoder.width % self.decoder.heads:
-            raise ValueError(f"decoder.width {self.decoder.width} is not divisible by decoder.heads {self.decoder.heads}")
+            raise ValueError(
+                f"decoder.width {self.decoder.width} is not divisible by decoder.heads {self.decoder.heads}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -156,7 +156,8 @@ def cmake_build(tmp_path_factory: pytest.TempPathFactory) -> CMakeBuild:
     toolkit = cuda_toolkit()
     # The CUDA sources are compiled by setup.py already (test_extension.py); compiling them a second time here
     # costs CI minutes, so CMake's CUDA path runs where DENSECLIP_FAST_CMAKE_CUDA=1 (benchmarks/gpu_check.sh).
-    with_cuda = torch.version.cuda is not None and toolkit is not None and os.environ.get("DENSECLIP_FAST_CMAKE_CUDA") == "1"
+    wanted = os.environ.get("DENSECLIP_FAST_CMAKE_CUDA") == "1"
+    with_cuda = torch.version.cuda is not None and toolkit is not None and wanted
     if torch.version.cuda is not None:
         if toolkit is None:
             pytest.skip("a CUDA build of torch needs a CUDA toolkit for find_package(Torch)")

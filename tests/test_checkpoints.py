@@ -107,7 +107,9 @@ def test_shape_mismatch_names_key_and_shapes(tmp_path, official_file):
     sd = dict(_state(official_file)["state_dict"])
     sd["context_decoder.decoder.0.mlp.0.bias"] = torch.zeros(7)
     path = _save_state(tmp_path, sd)
-    with pytest.raises(CheckpointError, match=r"context_decoder.decoder.0.mlp.0.bias: checkpoint \(7,\) vs model \(128,\)"):
+    with pytest.raises(
+        CheckpointError, match=r"context_decoder.decoder.0.mlp.0.bias: checkpoint \(7,\) vs model \(128,\)"
+    ):
         dcf.load_checkpoint(path, class_names=NAMES)
 
 

@@ -151,7 +151,8 @@ def test_export_onnx_with_verification(checkpoint, tmp_path, capsys):
     from denseclip_fast.export import read_metadata
 
     meta = read_metadata(out)
-    assert json.loads(meta["class_names"]) == ["sky", "dog", "tree", "road"] and json.loads(meta["image_size"]) == [64, 96]
+    assert json.loads(meta["class_names"]) == ["sky", "dog", "tree", "road"]
+    assert json.loads(meta["image_size"]) == [64, 96]
 
 
 def test_export_errors_are_one_line(checkpoint, tmp_path, capsys):
@@ -163,9 +164,11 @@ def test_export_errors_are_one_line(checkpoint, tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith("denseclip-fast: error: TensorRT is not installed") and err.count("\n") == 1
         assert not (tmp_path / "m.onnx").exists()  # said before any work
-    args = ["export", "--checkpoint", str(checkpoint), "--format", "aoti", "--graph", "text", "--out", str(tmp_path / "t.pt2")]
+    args = ["export", "--checkpoint", str(checkpoint), "--format", "aoti", "--graph", "text",
+            "--out", str(tmp_path / "t.pt2")]  # fmt: skip
     assert main(args) == 2
     assert "--format aoti compiles the image graph only" in capsys.readouterr().err
-    args = ["export", "--checkpoint", str(checkpoint), "--format", "onnx", "--image-size", "big", "--out", str(tmp_path / "x")]
+    args = ["export", "--checkpoint", str(checkpoint), "--format", "onnx", "--image-size", "big",
+            "--out", str(tmp_path / "x")]  # fmt: skip
     assert main(args) == 2
     assert "--image-size must be N or HxW" in capsys.readouterr().err

@@ -73,7 +73,9 @@ def test_init_copies_resizes_and_truncates(tmp_path, kind):
     init_from_clip(model, path)
     sd = clip.state_dict()
     assert torch.equal(model.text_encoder.positional_embedding, sd["positional_embedding"][:13])
-    assert torch.equal(model.text_encoder.transformer.resblocks[1].mlp.c_fc.weight, sd["transformer.resblocks.1.mlp.c_fc.weight"])
+    assert torch.equal(
+        model.text_encoder.transformer.resblocks[1].mlp.c_fc.weight, sd["transformer.resblocks.1.mlp.c_fc.weight"]
+    )
     assert torch.equal(model.text_encoder.text_projection, sd["text_projection"])
     assert torch.equal(model.backbone.conv1.weight, sd["visual.conv1.weight"])
     assert torch.equal(model.contexts, contexts)  # DenseCLIP's own parameters keep their initialisation

@@ -104,8 +104,8 @@ def _read_pgm(path) -> np.ndarray:
 def _cpp_segment(cmake_build, package, image: np.ndarray, tmp_path, *mode: str) -> tuple[dict, torch.Tensor, Any]:
     """Run examples/cpp/segment.cpp on ``image``: its JSON summary, logits (1, K, H, W) and label map."""
     _write_ppm(tmp_path / "in.ppm", image)
-    out = cmake_build.run("denseclip_fast_segment", str(package), str(tmp_path / "in.ppm"), str(tmp_path / "labels.pgm"),
-                          "--logits", str(tmp_path / "logits.f32"), *mode)  # fmt: skip
+    out = cmake_build.run("denseclip_fast_segment", str(package), str(tmp_path / "in.ppm"),
+                          str(tmp_path / "labels.pgm"), "--logits", str(tmp_path / "logits.f32"), *mode)  # fmt: skip
     logits = torch.from_numpy(np.fromfile(tmp_path / "logits.f32", dtype=np.float32))
     return json.loads(out), logits.view(1, len(CLASSES), *image.shape[:2]), _read_pgm(tmp_path / "labels.pgm")
 

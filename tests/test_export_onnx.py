@@ -167,8 +167,8 @@ def test_tensorrt_check_finds_what_the_parser_rejects():
             [h.make_node("Resize", ["x", "", "s"], ["y"], mode="cubic")], [_tensor("x")], [_tensor("y")],
             [onnx.numpy_helper.from_array(np.ones(4, np.float32), "s")]),
         "must be an initializer": _graph(
-            [h.make_node("ReduceL2", ["x", "axes"], ["y"])], [_tensor("x"), _tensor("axes", onnx.TensorProto.INT64, (1,))],
-            [_tensor("y")]),
+            [h.make_node("ReduceL2", ["x", "axes"], ["y"])],
+            [_tensor("x"), _tensor("axes", onnx.TensorProto.INT64, (1,))], [_tensor("y")]),
         "cast to DOUBLE": _graph([h.make_node("Cast", ["x"], ["y"], to=onnx.TensorProto.DOUBLE)], [_tensor("x")],
                                  [_tensor("y", onnx.TensorProto.DOUBLE)]),
         "opset 21": _graph([h.make_node("Relu", ["x"], ["y"])], [_tensor("x")], [_tensor("y")], opset=21),
@@ -184,8 +184,9 @@ def test_tensorrt_check_finds_what_the_parser_rejects():
             [_tensor("y")], [onnx.numpy_helper.from_array(np.ones(8, np.float32), n) for n in ("s", "b")]),
         "BitShift is not supported": _graph(
             [h.make_node("If", ["c"], ["y"],
-                         then_branch=onnx.helper.make_graph([h.make_node("BitShift", ["u", "u"], ["z"], direction="LEFT")],
-                                                            "then", [], [_tensor("z", onnx.TensorProto.UINT8)]),
+                         then_branch=onnx.helper.make_graph(
+                             [h.make_node("BitShift", ["u", "u"], ["z"], direction="LEFT")],
+                             "then", [], [_tensor("z", onnx.TensorProto.UINT8)]),
                          else_branch=onnx.helper.make_graph([h.make_node("Identity", ["u"], ["z"])], "else", [],
                                                             [_tensor("z", onnx.TensorProto.UINT8)]))],
             [_tensor("c", onnx.TensorProto.BOOL, ()), _tensor("u", onnx.TensorProto.UINT8)],
@@ -202,7 +203,9 @@ def test_tensorrt_check_finds_what_the_parser_rejects():
     )  # fmt: skip
     assert tensorrt_problems(fine_too) == []  # axes through Identity(Constant); ConstantOfShape takes an INT64 shape
     constant_axes = _graph(
-        [h.make_node("ReduceL2", ["x", "axes"], ["y"])], [_tensor("x")], [_tensor("y")],
+        [h.make_node("ReduceL2", ["x", "axes"], ["y"])],
+        [_tensor("x")],
+        [_tensor("y")],
         [onnx.numpy_helper.from_array(np.array([1], np.int64), "axes")],
     )
     assert tensorrt_problems(constant_axes) == []

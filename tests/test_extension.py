@@ -19,7 +19,9 @@ def test_extension_loads_and_reports_its_build():
     assert ops.extension_available()
     info = ops.build_info()
     assert info["version"] == dcf.__version__
-    cuda_expected = torch.version.cuda is not None and cuda_toolkit() is not None and os.environ.get("DENSECLIP_FAST_CUDA") != "0"
+    cuda_expected = (
+        torch.version.cuda is not None and cuda_toolkit() is not None and os.environ.get("DENSECLIP_FAST_CUDA") != "0"
+    )
     assert (info["cuda"] is not None) == cuda_expected, info
     if info["cuda"] is not None:
         archs = info["cuda"]["archs"]  # compiled for at least one GPU architecture, as 10 * major + minor

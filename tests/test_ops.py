@@ -542,7 +542,7 @@ def test_bad_attention_inputs(shapes, match):
     with pytest.raises(ValueError, match=match):
         ops.context_attention(*(torch.randn(s) for s in shapes))
     with pytest.raises(ValueError, match="q must be a float32"):
-        ops.context_attention(torch.ones(1, 1, 2, 4, dtype=torch.int32), torch.randn(1, 1, 2, 4), torch.randn(1, 1, 2, 4))
+        ops.context_attention(torch.ones(1, 1, 2, 4, dtype=torch.int32), *(torch.randn(1, 1, 2, 4) for _ in "kv"))
 
 
 def test_the_raw_operators_check_their_inputs_too():

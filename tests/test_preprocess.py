@@ -32,7 +32,9 @@ def test_prepare_resizes_rounds_and_normalises():
     assert torch.allclose(pixels, pixels.round(), atol=1e-3)  # a uint8 image after resizing, like OpenCV's
     same = prepare(np.zeros((512, 512, 3), np.uint8), (2048, 512))
     assert torch.allclose(same[0, :, 0, 0], -torch.tensor(CLIP_MEAN) / torch.tensor(CLIP_STD))
-    assert torch.allclose(normalize(torch.full((1, 3, 2, 2), 255.0))[0, 0, 0, 0], torch.tensor((255 - CLIP_MEAN[0]) / CLIP_STD[0]))
+    assert torch.allclose(
+        normalize(torch.full((1, 3, 2, 2), 255.0))[0, 0, 0, 0], torch.tensor((255 - CLIP_MEAN[0]) / CLIP_STD[0])
+    )
 
 
 @pytest.mark.parametrize(

@@ -168,8 +168,9 @@ def test_resume_matches_training_straight_through(arch_file, generic, tmp_path):
     a, b = _final(tmp_path / "a", 4).state_dict(), _final(tmp_path / "b", 4).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
     assert [int(r["iter"]) for r in _metrics(tmp_path / "b")] == [3, 4]
-    assert _metrics(tmp_path / "a")[2:] == [{**r, "images_per_s": r2["images_per_s"], "seconds": r2["seconds"]}
-                                             for r, r2 in zip(_metrics(tmp_path / "b"), _metrics(tmp_path / "a")[2:])]  # fmt: skip
+    resumed, straight = _metrics(tmp_path / "b"), _metrics(tmp_path / "a")[2:]
+    assert straight == [{**r, "images_per_s": r2["images_per_s"], "seconds": r2["seconds"]}
+                        for r, r2 in zip(resumed, straight)]  # fmt: skip
 
 
 @pytest.mark.slow
@@ -262,12 +263,15 @@ def test_ade20k_layout_through_the_command_line(arch_file, tmp_path, capsys):
     work = tmp_path / "work"
     assert main(["train", "--arch", arch_file, "--data", data, "--layout", "ade20k", "--init", "none", "--iters", "2",
                  "--batch-size", "2", "--crop", "48", "--lr", "1e-3", "--seed", "3", "--device", "cpu",
-                 "--work-dir", str(work), "--num-workers", "0", "--amp", "none", "--log-interval", "1"]) == 0  # fmt: skip
+                 "--work-dir", str(work), "--num-workers", "0", "--amp", "none",
+                 "--log-interval", "1"]) == 0  # fmt: skip
     assert "mIoU" in capsys.readouterr().out
-    assert [int(r["iter"]) for r in _metrics(work)] == [1, 2] and json.loads((work / "config.json").read_text())["seed"] == 3
+    assert [int(r["iter"]) for r in _metrics(work)] == [1, 2]
+    assert json.loads((work / "config.json").read_text())["seed"] == 3
     out = tmp_path / "eval.json"
     assert main(["eval", "--checkpoint", str(work / "iter_2.safetensors"), "--data", data, "--layout", "ade20k",
-                 "--mode", "slide", "--scales", "0.75,1.0", "--flip", "--device", "cpu", "--out", str(out)]) == 0  # fmt: skip
+                 "--mode", "slide", "--scales", "0.75,1.0", "--flip", "--device", "cpu",
+                 "--out", str(out)]) == 0  # fmt: skip
     printed = capsys.readouterr().out
     result = json.loads(out.read_text())
     assert f"mIoU {100 * result['mIoU']:.2f}" in printed and result["images"] == 2 and result["flip"]
@@ -276,7 +280,9 @@ def test_ade20k_layout_through_the_command_line(arch_file, tmp_path, capsys):
 
 @pytest.mark.parametrize("kind", ["resnet", "vit"])
 def test_gradient_checkpointing_keeps_loss_and_gradients(kind, generic, tmp_path):
-    config = dataclasses.replace(tiny_config(kind), head_dropout=0.0, decoder=dataclasses.replace(tiny_config().decoder, dropout=0.0))
+    config = dataclasses.replace(
+        tiny_config(kind), head_dropout=0.0, decoder=dataclasses.replace(tiny_config().decoder, dropout=0.0)
+    )
     (tmp_path / "arch.json").write_text(json.dumps(config.to_dict()))
     cfg = _config(str(tmp_path / "arch.json"), generic, "unused")
     x = torch.randn(2, 3, 48, 48)
@@ -400,7 +406,8 @@ def test_a_bad_label_stops_training_with_one_line_naming_it(arch_file, tmp_path,
     data = make_generic(tmp_path / "g", n=2, splits=False)
     Image.fromarray(np.full((40, 56), 7, dtype=np.uint8)).save(tmp_path / "g" / "labels" / "scene_1.png")
     args = ["train", "--arch", arch_file, "--data", data, "--layout", "generic", "--iters", "2", "--batch-size", "2",
-            "--crop", "48", "--device", "cpu", "--work-dir", str(tmp_path / "w"), "--num-workers", "1", "--amp", "none"]  # fmt: skip
+            "--crop", "48", "--device", "cpu", "--work-dir", str(tmp_path / "w"), "--num-workers", "1",
+            "--amp", "none"]  # fmt: skip
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "scene_1.png: label value 7 is out of range for 3 classes" in err, err
@@ -413,7 +420,7 @@ def test_config_files_and_errors(arch_file, generic, tmp_path, capsys):
     assert cfg.crop == 640 and cfg.iters == 10 and cfg.arch == "ViT-B/16"
     assert main(["train", str(path), "--iters", "20", "--accum", "4", "--print-config"]) == 0
     printed = json.loads(capsys.readouterr().out)
-    assert printed["iters"] == 20 and printed["accum"] == 4 and printed["crop"] == 640 and printed["img_scale"] == [2048, 640]
+    assert (printed["iters"], printed["accum"], printed["crop"], printed["img_scale"]) == (20, 4, 640, [2048, 640])
     path.write_text("itres: 10\n")
     with pytest.raises(ValueError, match=r"unknown training config keys \['itres'\]"):
         TrainConfig.load(str(path))

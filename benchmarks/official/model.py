@@ -172,7 +172,8 @@ class ResidualAttentionBlock(nn.Module):
         self.attn = nn.MultiheadAttention(d_model, n_head)
         self.ln_1 = LayerNorm(d_model)
         self.mlp = nn.Sequential(OrderedDict([
-            ("c_fc", nn.Linear(d_model, d_model * 4)), ("gelu", QuickGELU()), ("c_proj", nn.Linear(d_model * 4, d_model)),
+            ("c_fc", nn.Linear(d_model, d_model * 4)), ("gelu", QuickGELU()),
+            ("c_proj", nn.Linear(d_model * 4, d_model)),
         ]))  # fmt: skip
         self.ln_2 = LayerNorm(d_model)
         self.attn_mask = attn_mask

@@ -63,7 +63,9 @@ def fold_batchnorm(model: nn.Module) -> int:
             if not isinstance(bn, nn.BatchNorm2d):
                 continue
             if bn.training:
-                raise ValueError("fold_batchnorm needs the model in eval mode (BatchNorm uses batch statistics in train)")
+                raise ValueError(
+                    "fold_batchnorm needs the model in eval mode (BatchNorm uses batch statistics in train)"
+                )
             fold_bn_into(conv, bn)
             setattr(owner, bn_name, None if isinstance(owner, ConvModule) else nn.Identity())
             folded += 1

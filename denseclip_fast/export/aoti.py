@@ -64,7 +64,9 @@ def to_aoti(
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         seg = Segmenter(model_or_segmenter, device=device, dtype=dtype, cuda_graphs=False)
     else:
-        raise ValueError(f"model_or_segmenter must be a DenseCLIP model or a Segmenter, got {type(model_or_segmenter).__name__}")
+        raise ValueError(
+            f"model_or_segmenter must be a DenseCLIP model or a Segmenter, got {type(model_or_segmenter).__name__}"
+        )
     if not isinstance(max_batch, int) or max_batch < TRACE_BATCH:
         raise ValueError(f"max_batch must be an int >= {TRACE_BATCH}, got {max_batch!r}")
     path = Path(path)
@@ -131,12 +133,16 @@ class AOTIPackage:
             self._compiled = torch._inductor.aoti_load_package(path, device_index=device_index)
         except RuntimeError as exc:
             if device_index >= 0 and "aoti_runner_cpu" in str(exc):
-                raise ValueError(f"{path} is a CPU package; device_index={device_index} applies to CUDA packages only") from None
+                raise ValueError(
+                    f"{path} is a CPU package; device_index={device_index} applies to CUDA packages only"
+                ) from None
             raise
         meta = self._compiled.get_metadata()
         if "denseclip_fast.image_size" not in meta:
             raise ValueError(f"{path} is not a denseclip_fast package (no denseclip_fast metadata)")
-        self.metadata = {k.removeprefix("denseclip_fast."): v for k, v in meta.items() if k.startswith("denseclip_fast.")}
+        self.metadata = {
+            k.removeprefix("denseclip_fast."): v for k, v in meta.items() if k.startswith("denseclip_fast.")
+        }
         self.image_size: tuple[int, int] = tuple(json.loads(self.metadata["image_size"]))  # type: ignore[assignment]
         self.max_batch = int(self.metadata["max_batch"])
         self.class_names: list[str] = json.loads(self.metadata["class_names"])

@@ -87,7 +87,12 @@ def tensorrt_problems(model: Any) -> list[str]:
 
 
 def _check_graph(
-    graph: Any, table: dict[str, Any], opset: int, problems: list[str], outer_types: dict[str, int], outer_constants: set[str]
+    graph: Any,
+    table: dict[str, Any],
+    opset: int,
+    problems: list[str],
+    outer_types: dict[str, int],
+    outer_constants: set[str],
 ) -> None:
     """Check every node of ``graph`` (and of the subgraphs of If/Loop/Scan nodes) against the table."""
     import onnx

@@ -43,7 +43,9 @@ class FPN(nn.Module):
 
     def __init__(self, in_channels: Sequence[int], out_channels: int) -> None:
         super().__init__()
-        self.lateral_convs = nn.ModuleList([ConvModule(c, out_channels, 1, norm=False, relu=False) for c in in_channels])
+        self.lateral_convs = nn.ModuleList(
+            [ConvModule(c, out_channels, 1, norm=False, relu=False) for c in in_channels]
+        )
         self.fpn_convs = nn.ModuleList(
             [ConvModule(out_channels, out_channels, 3, norm=False, relu=False) for _ in in_channels]
         )

@@ -95,7 +95,9 @@ def _triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def unavailable_reason(backend: str, op: str, device: torch.device, dtype: torch.dtype, head_dim: int = 0) -> str | None:
+def unavailable_reason(
+    backend: str, op: str, device: torch.device, dtype: torch.dtype, head_dim: int = 0
+) -> str | None:
     """None when ``backend`` can run ``op`` on tensors of this device and dtype, else the reason."""
     if backend == "reference":
         return None

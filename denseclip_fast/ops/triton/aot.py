@@ -25,7 +25,9 @@ SHARED_MEMORY = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100
                  120: 101376}  # fmt: skip
 
 
-def _signature(fn: Any, pointers: dict[str, str], floats: tuple[str, ...], constexprs: dict[str, Any]) -> dict[str, str]:
+def _signature(
+    fn: Any, pointers: dict[str, str], floats: tuple[str, ...], constexprs: dict[str, Any]
+) -> dict[str, str]:
     sig = {name: "i32" for name in fn.arg_names}
     sig.update(pointers)
     sig.update({name: "fp32" for name in floats})
