@@ -103,12 +103,15 @@ def test_score_concat(backend, dtype, layout):
 
 @pytest.mark.parametrize("backend", sorted({b for b, _ in BACKEND_DTYPES}))
 def test_zero_vectors(backend):
-    """Zero pixels and zero classes score 0, and their gradients follow F.normalize's clamp (g / eps)."""
+    """Zero pixels and zero classes score 0, and their gradients follow F.normalize's clamp (g / eps), as do those
+    of vectors shorter than eps (no projection: the Jacobian of x / eps)."""
     dtype = torch.float32
     visual = _visual(2, 6, 3, 3, "contiguous", dtype)
     visual[0, :, 1, 1] = 0
+    visual[1, :, 2, 0] *= 1e-14
     text = _text(2, 4, 6, False, dtype)
     text[2] = 0
+    text[3] *= 1e-14
     v64, t64 = _leaf(visual, torch.float64), _leaf(text, torch.float64)
     grad = torch.randn(2, 4, 3, 3, dtype=torch.float64, device=DEVICE)
     reference.pixel_text_score(v64, t64).backward(grad)
@@ -116,6 +119,7 @@ def test_zero_vectors(backend):
     out = ops.pixel_text_score(v, t, backend=backend)
     out.backward(grad.float())
     assert torch.equal(out[0, :, 1, 1], torch.zeros(4, device=DEVICE)) and (out[:, 2] == 0).all()
+    _check_close(out, reference.pixel_text_score(v64, t64), dtype)
     _check_close(v.grad, v64.grad, dtype, 2)
     _check_close(t.grad, t64.grad, dtype, 2)
 

@@ -46,10 +46,21 @@ def _score(dt: str, k: int, wide: bool = False) -> tuple[str, Any, dict[str, str
 
 def _score_backward(dt: str, wide: bool = False) -> tuple[str, Any, dict[str, str], dict[str, Any]]:
     const = {"BLOCK_P": 32, "BLOCK_K": 64, "BLOCK_C": 32, "DOT_F32": dt == "fp32", "WIDE": wide}
-    ptrs = {"v_ptr": f"*{dt}", "that_ptr": "*fp32", "g_ptr": f"*{dt}", "gv_ptr": f"*{dt}", "inv_ptr": "*fp32"}
+    ptrs = {"v_ptr": f"*{dt}", "that_ptr": "*fp32", "g_ptr": f"*{dt}", "gv_ptr": f"*{dt}", "gs_ptr": f"*{dt}"}
     fn = score._score_bwd_visual_kernel
     label = f"score_bwd_visual {dt}{' int64' if wide else ''}"
-    return label, fn, _signature(fn, ptrs, ("scale", "eps"), const), const
+    return label, fn, _signature(fn, ptrs, ("scale", "eps", "limit"), const), const
+
+
+def _score_text(dt: str, which: str) -> tuple[str, Any, dict[str, str], dict[str, Any]]:
+    """The text kernels of the score backward: normalisation ("normalize") and its Jacobian ("grad")."""
+    const = dict(score.TEXT_BLOCKS)
+    if which == "normalize":
+        fn, ptrs = score._text_normalize_kernel, {"t_ptr": f"*{dt}", "that_ptr": "*fp32", "norm_ptr": "*fp32"}
+    else:
+        fn = score._text_grad_kernel
+        ptrs = {"gt_ptr": "*fp32", "that_ptr": "*fp32", "norm_ptr": "*fp32", "out_ptr": f"*{dt}"}
+    return f"score_text_{which} {dt}", fn, _signature(fn, ptrs, ("eps",), const), const
 
 
 def _attention(dt: str, d: int, which: str, arch: int = 90) -> tuple[str, Any, dict[str, str], dict[str, Any]]:
@@ -85,8 +96,11 @@ def specializations(arch: int = 90) -> Iterator[tuple[str, Any, dict[str, str], 
     yield _score("bf16", 100)  # a smaller class block, wider pixel block
     yield _score("bf16", 150, wide=True)  # int64 indexing (images past 2**31 elements)
     yield _score_backward("bf16", wide=True)
-    for dt in ("bf16", "fp32"):
+    for dt in ("bf16", "fp16", "fp32"):
         yield _score_backward(dt)
+        yield _score_text(dt, "normalize")
+        yield _score_text(dt, "grad")
+    for dt in ("bf16", "fp32"):
         for which in ("delta", "dkdv", "dq"):
             yield _attention(dt, 64, which)
     for d in attention.HEAD_DIMS:

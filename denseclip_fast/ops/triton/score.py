@@ -9,11 +9,14 @@ followed by the dot product. Memory traffic: visual is read once when BLOCK_K >=
 FLOPs = 2 B K C H W. Strides are arguments, so NCHW and NHWC visual (and any strided output view, which is how
 score_concat writes into its concatenated buffer) use the same kernel.
 
-Backward, one program per (batch, block of pixels): a first pass over C accumulates |v|^2 and <v, g^> where
-g^ = scale * T^T G (tensor cores), a second pass recomputes g^ and writes dv = (g^ - v^ <v^, g^>) / |v| (or g^ / eps
-below eps). The text gradient is a matmul of G / |v| with the raw visual (cuBLAS) followed by the text
-normalisation's Jacobian on the small K x C matrix. Traffic: visual read three times, dv written once;
-the text-side products run on TF32 tensor cores (IEEE float32 for float32 inputs).
+Backward, four launches: (1) the text normalised, t^ and |t| (float32, K x C: small); (2) one program per (batch,
+block of pixels): a first pass over C accumulates |v|^2 and <v, g^> where g^ = scale * T^^T G (tensor cores, in the
+input dtype: 16-bit operands for 16-bit inputs), then G * scale / |v| is written for the text half (K x P per
+image, in the input dtype), and a second pass recomputes g^ and writes dv = (g^ - v^ <v^, g^>) / |v| (or g^ / eps
+below eps); (3) the gradient with respect to t^, a batched GEMM of that scaled G with the raw visual (cuBLAS,
+float32 output); (4) the text normalisation's Jacobian on the K x C result, summed over the batch when the text is
+shared. Traffic: visual read three times (the second pass of (2) from L2 while a block's tile stays there, then by
+the GEMM), dv written once, G read three times and written once scaled; no pass of elementwise torch operations.
 """
 
 from __future__ import annotations
@@ -95,7 +98,9 @@ def _grad_hat_tile(
     s_tb, s_tk, s_tc, s_gb, s_gk, s_gp, scale,
     BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, DOT_F32: tl.constexpr, WIDE: tl.constexpr,
 ):  # fmt: skip
-    """g^ = scale * T^^T G on a (BLOCK_C, BLOCK_P) tile, summing over the classes in blocks of BLOCK_K."""
+    """g^ = scale * T^^T G on a (BLOCK_C, BLOCK_P) tile, summing over the classes in blocks of BLOCK_K. 16-bit
+    gradients meet the normalised text rounded to their dtype on the 16-bit tensor cores (float32 accumulation, as
+    the forward); float32 ones (and bfloat16 under the interpreter) multiply in IEEE float32."""
     gh = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = _index(k0 + tl.arange(0, BLOCK_K), WIDE)
@@ -107,25 +112,27 @@ def _grad_hat_tile(
         g = tl.load(
             g_ptr + b * s_gb + offs_k[:, None] * s_gk + offs_p[None, :] * s_gp,
             mask=mask_k[:, None] & mask_p[None, :], other=0.0,
-        ).to(tl.float32)  # (BLOCK_K, BLOCK_P)  # fmt: skip
+        )  # (BLOCK_K, BLOCK_P)  # fmt: skip
         if DOT_F32:
-            gh = tl.dot(tt, g, gh, input_precision="ieee")
+            gh = tl.dot(tt, g.to(tl.float32), gh, input_precision="ieee")
         else:
-            gh = tl.dot(tt, g, gh)  # TF32 tensor cores
+            gh = tl.dot(tt.to(g.dtype), g, gh)
     return gh * scale
 
 
 @triton.jit
 def _score_bwd_visual_kernel(
-    v_ptr, that_ptr, g_ptr, gv_ptr, inv_ptr,
+    v_ptr, that_ptr, g_ptr, gv_ptr, gs_ptr,
     C, P, K,
     s_vb, s_vc, s_vp,
     s_tb, s_tk, s_tc,
     s_gb, s_gk, s_gp,
-    scale, eps,
+    scale, eps, limit,
     BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, DOT_F32: tl.constexpr, WIDE: tl.constexpr,
 ):  # fmt: skip
-    """grad_visual (same strides as visual) and 1 / max(|v|, eps) as (B, P) float32; that = normalised text."""
+    """grad_visual (same strides as visual) and, for the text half, G * scale / max(|v|, eps) as a dense (B, K, P)
+    tensor in visual's dtype, clamped to +-limit (the dtype's largest value: a zero pixel's 1 / eps = 1e12 would
+    overflow float16 and make inf * 0 = NaN in the GEMM; clamped, its term is exactly 0). that = normalised text."""
     pid_p = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     offs_p = _index(pid_p * BLOCK_P + tl.arange(0, BLOCK_P), WIDE)
@@ -144,7 +151,13 @@ def _score_bwd_visual_kernel(
     norm = tl.sqrt(v_sq)
     inv = 1.0 / tl.maximum(norm, eps)
     radial = tl.where(norm >= eps, v_dot_g * inv * inv, 0.0)  # <v^, g^> / |v| where the projection applies
-    tl.store(inv_ptr + b * P + offs_p, inv, mask=mask_p)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = _index(k0 + tl.arange(0, BLOCK_K), WIDE)
+        mask = (offs_k[:, None] < K) & mask_p[None, :]
+        g = tl.load(g_ptr + b * s_gb + offs_k[:, None] * s_gk + offs_p[None, :] * s_gp, mask=mask, other=0.0)
+        gs = g.to(tl.float32) * (inv * scale)[None, :]
+        gs = tl.where(gs > limit, limit, tl.where(gs < -limit, -limit, gs))  # NaN stays NaN, as torch.clamp
+        tl.store(gs_ptr + b * K * P + offs_k[:, None] * P + offs_p[None, :], gs.to(gs_ptr.dtype.element_ty), mask=mask)
     for c0 in range(0, C, BLOCK_C):
         offs_c = _index(c0 + tl.arange(0, BLOCK_C), WIDE)
         mask_c = offs_c < C
@@ -154,6 +167,70 @@ def _score_bwd_visual_kernel(
                             s_gp, scale, BLOCK_P, BLOCK_K, BLOCK_C, DOT_F32, WIDE)  # fmt: skip
         gv = (gh - v * radial[None, :]) * inv[None, :]
         tl.store(gv_ptr + ptr, gv.to(gv_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _text_normalize_kernel(t_ptr, that_ptr, norm_ptr, R, C, eps, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Rows of the dense (R, C) text: t^ = t / max(|t|, eps) in float32, and |t|."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask_r = rows < R
+    base = rows.to(tl.int64) * C
+    sq = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        mask = mask_r[:, None] & (cols[None, :] < C)
+        t = tl.load(t_ptr + base[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        sq += tl.sum(t * t, axis=1)
+    norm = tl.sqrt(sq)
+    inv = 1.0 / tl.maximum(norm, eps)
+    tl.store(norm_ptr + rows, norm, mask=mask_r)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        mask = mask_r[:, None] & (cols[None, :] < C)
+        t = tl.load(t_ptr + base[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(that_ptr + base[:, None] + cols[None, :], t * inv[:, None], mask=mask)
+
+
+@triton.jit
+def _text_grad_kernel(
+    gt_ptr, that_ptr, norm_ptr, out_ptr, R, C, NB, plane, eps, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """grad_text (R, C) in out's dtype from g^_t, the gradient with respect to t^: gt is (NB, R, C) float32 (plane =
+    R * C elements apart), summed over NB (the batch, when the text is shared by it; NB = 1 otherwise); then the
+    Jacobian of the normalisation, (g^_t - t^ <t^, g^_t>) / |t| where |t| >= eps, g^_t / eps below (F.normalize's
+    clamp)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask_r = rows < R
+    base = rows.to(tl.int64) * C
+    dot = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        mask = mask_r[:, None] & (cols[None, :] < C)
+        offs = base[:, None] + cols[None, :]
+        g = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+        gp = gt_ptr + offs
+        for _ in range(0, NB):
+            g += tl.load(gp, mask=mask, other=0.0)
+            gp += plane
+        dot += tl.sum(g * tl.load(that_ptr + offs, mask=mask, other=0.0), axis=1)
+    norm = tl.load(norm_ptr + rows, mask=mask_r, other=1.0)
+    radial = tl.where(norm >= eps, dot, 0.0)
+    inv = 1.0 / tl.maximum(norm, eps)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        mask = mask_r[:, None] & (cols[None, :] < C)
+        offs = base[:, None] + cols[None, :]
+        g = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+        gp = gt_ptr + offs
+        for _ in range(0, NB):
+            g += tl.load(gp, mask=mask, other=0.0)
+            gp += plane
+        t_hat = tl.load(that_ptr + offs, mask=mask, other=0.0)
+        grad = (g - t_hat * radial[:, None]) * inv[:, None]
+        tl.store(out_ptr + offs, grad.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+TEXT_BLOCKS = {"BLOCK_R": 16, "BLOCK_C": 128}  # the text kernels' blocks (also aot.py's)
 
 
 def _flat_visual(visual: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
@@ -221,34 +298,35 @@ def _bmm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def score_backward(
     grad: torch.Tensor, visual: torch.Tensor, text: torch.Tensor, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_visual, grad_text) in four launches: the text normalised (t^, |t|), the visual kernel (grad_visual and
+    G * scale / |v| for the text half), one batched GEMM on the raw map (cuBLAS) and the text normalisation's
+    Jacobian (with the sum over the batch when the text is shared)."""
     if visual.numel() == 0:
         return torch.zeros_like(visual), torch.zeros_like(text)
     v, s_vb, s_vc, s_vp = _flat_visual(visual)
     b, c, h, w = v.shape
     p = h * w
-    t32 = text.float()
-    t_norm = t32.norm(dim=-1, keepdim=True)
-    t_hat = (t32 / t_norm.clamp_min(EPS)).contiguous()
+    t = text.contiguous()
+    k = t.shape[-2]
+    rows = t.numel() // c if c else 0
+    t_hat = torch.empty(t.shape, dtype=torch.float32, device=t.device)
+    t_norm = torch.empty(t.shape[:-1], dtype=torch.float32, device=t.device)
+    text_grid = (triton.cdiv(rows, TEXT_BLOCKS["BLOCK_R"]),)
+    launch(_text_normalize_kernel)[text_grid](t, t_hat, t_norm, rows, c, EPS, **TEXT_BLOCKS)
     g = grad.contiguous()
-    k = t_hat.shape[-2]
     grad_visual = torch.empty_like(v)  # dense in v's layout, written with v's element strides
-    inv = torch.empty((b, p), dtype=torch.float32, device=v.device)
+    g_scaled = torch.empty((b, k, p), dtype=v.dtype, device=v.device)
     block_p, block_k = 32, min(64, max(16, triton.next_power_of_2(k)))
     launch(_score_bwd_visual_kernel)[(triton.cdiv(p, block_p), b)](
-        v, t_hat, g, grad_visual, inv, c, p, k, s_vb, s_vc, s_vp, *_text_strides(t_hat),
-        g.stride(0), g.stride(1), g.stride(3), float(scale), EPS,
-        BLOCK_P=block_p, BLOCK_K=block_k, BLOCK_C=32, DOT_F32=v.dtype == torch.float32, WIDE=_wide(v, t_hat, g),
+        v, t_hat, g, grad_visual, g_scaled, c, p, k, s_vb, s_vc, s_vp, *_text_strides(t_hat),
+        g.stride(0), g.stride(1), g.stride(3), float(scale), EPS, torch.finfo(v.dtype).max,
+        BLOCK_P=block_p, BLOCK_K=block_k, BLOCK_C=32, DOT_F32=dot_in_f32(v.dtype), WIDE=_wide(v, t_hat, g),
     )  # fmt: skip
-    # d/d t^: scale * sum_p G[b,k,p] v[b,:,p] / |v_p| (a batched matmul on the raw visual, float32 accumulation
-    # and, on CUDA, output), then the Jacobian of the text normalisation on the small (K, C) result. G / |v_p| is
-    # clamped to the dtype's range: a zero pixel's 1 / eps = 1e12 overflows float16, and inf * 0 would make the text
-    # gradient NaN (clamped, its term is exactly 0; only pixels with |v| below about |G| * scale / 65504 are affected
-    # otherwise).
-    limit = torch.finfo(v.dtype).max
-    g_scaled = (g.float().flatten(2) * inv.unsqueeze(1) * scale).clamp_(-limit, limit).to(v.dtype)  # (B, K, P)
+    # d/d t^: scale * sum_p G[b,k,p] v[b,:,p] / |v_p|, a batched matmul on the raw visual (float32 accumulation
+    # and, on CUDA, output)
     gt_hat = _bmm_float32(g_scaled, v.flatten(2).transpose(1, 2))  # (B, K, C)
-    if text.dim() == 2:
-        gt_hat = gt_hat.sum(0)
-    radial = (t_hat * gt_hat).sum(-1, keepdim=True) * (t_norm >= EPS)
-    grad_text = (gt_hat - t_hat * radial) / t_norm.clamp_min(EPS)
-    return grad_visual, grad_text.to(text.dtype)
+    grad_text = torch.empty_like(t)
+    launch(_text_grad_kernel)[text_grid](
+        gt_hat, t_hat, t_norm, grad_text, rows, c, b if text.dim() == 2 else 1, rows * c, EPS, **TEXT_BLOCKS
+    )  # fmt: skip
+    return grad_visual, grad_text
