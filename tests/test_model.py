@@ -140,3 +140,33 @@ def test_from_arch_defaults_to_ade20k():
     assert model.neck.lateral_convs[3].conv.in_channels == 2048 + 150
     with pytest.raises(ValueError, match="arch must be one of"):
         DenseCLIP.from_arch("RN18")
+
+
+def test_vit_drop_path_is_per_token_as_the_official_code():
+    """The official ViT blocks run on (L, B, D) tokens and timm's drop_path draws along the first dimension: a
+    dropped branch is dropped for one token position in every image of the batch, and kept tokens are scaled by
+    1 / (1 - p). The identity in eval mode."""
+    import dataclasses
+
+    config = tiny_config("vit")
+    config = dataclasses.replace(config, vision=dataclasses.replace(config.vision, drop_path_rate=0.5))
+    block = DenseCLIP(config, NAMES).backbone.transformer.resblocks[-1]
+    drop = block.drop_path
+    assert (drop.p, drop.dim) == (0.5, 1)
+    x = torch.ones(3, 200, 8)
+    drop.train()
+    out = drop(x)
+    assert torch.equal(out[0], out[1]) and torch.equal(out[0], out[2])  # the same tokens in every image
+    assert torch.equal(out[0], out[0, :, :1].expand(200, 8))  # whole token vectors
+    assert set(out.unique().tolist()) == {0.0, 2.0}  # dropped, or kept and scaled
+    drop.eval()
+    assert torch.equal(drop(x), x)
+
+
+def test_conv_seg_keeps_pytorchs_default_initialisation(tiny):
+    """As in the official training, which never calls mmseg's init_weights (N(0, 0.01) there): kaiming-uniform
+    weights and uniform biases within 1 / sqrt(fan_in)."""
+    conv = tiny.decode_head.conv_seg
+    bound = conv.in_channels**-0.5
+    assert conv.weight.abs().max() <= bound and conv.weight.std() > 0.4 * bound  # uniform: std = bound / sqrt(3)
+    assert conv.bias.abs().max() <= bound and conv.bias.abs().max() > 0

@@ -26,7 +26,13 @@ from denseclip_fast.train.data import (
     read_label,
     train_transform,
 )
-from denseclip_fast.train.loop import build_model, enable_gradient_checkpointing, memory_format, prepare_model
+from denseclip_fast.train.loop import (
+    TrainStep,
+    build_model,
+    enable_gradient_checkpointing,
+    memory_format,
+    prepare_model,
+)
 from denseclip_fast.train.optim import freeze_text_encoder, learning_rate, param_groups, segmentation_loss
 
 from .conftest import tiny_config
@@ -181,7 +187,9 @@ def test_channels_last_training_matches_nchw_and_resumes(arch_file, generic, tmp
     train(_config(arch_file, generic, tmp_path / "nchw", channels_last=False))
     train(_config(arch_file, generic, tmp_path / "nhwc", channels_last=True))
     losses = [[float(r["loss"]) for r in _metrics(tmp_path / run)] for run in ("nchw", "nhwc")]
-    assert len(losses[0]) == 4 and losses[1] == pytest.approx(losses[0], rel=1e-4)
+    # summation-order noise, grown by three Adam steps (1.4e-4 at the fourth loss observed, with conv_seg at PyTorch's
+    # default initialisation)
+    assert len(losses[0]) == 4 and losses[1] == pytest.approx(losses[0], rel=5e-4)
     a, b = _final(tmp_path / "nchw", 4).state_dict(), _final(tmp_path / "nhwc", 4).state_dict()
     # over all tensors at once: Adam turns summation-order noise in near-zero gradients (biases of ~1e-11) into
     # lr-sized steps, so single tiny tensors differ relatively much (2e-4 over all of them, observed)
@@ -299,6 +307,20 @@ def test_gradient_checkpointing_keeps_loss_and_gradients(kind, generic, tmp_path
         grads.append((loss.detach(), model.contexts.grad.clone(), model.backbone.conv1.weight.grad.clone()))
     for a, b in zip(*grads):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_train_step_leaves_the_upsampling_to_the_float32_loss(arch_file, generic):
+    """TrainStep returns the head's logits at 1/4 of the input (the loss upsamples them in float32, as mmseg's
+    force_fp32 losses); in float32 its loss equals that of the model's full-size forward."""
+    cfg = _config(arch_file, generic, "unused")
+    model = build_model(cfg, CLASSES).eval()  # no dropout: both forwards see the same function
+    x, label = torch.randn(2, 3, 32, 48), torch.randint(0, 3, (2, 32, 48))
+    logits, aux = TrainStep(model)(x)
+    assert logits.shape == (2, len(CLASSES), 8, 12) and aux.shape[-2:] == model.extract(x).local_feat.shape[-2:]
+    out = model.forward_features(x)
+    ours, full = (segmentation_loss(a, b, label, cfg) for a, b in ((logits, aux), (out["logits"], out["aux_logits"])))
+    for name in ("loss", "loss_decode", "loss_aux"):
+        assert torch.allclose(ours[name], full[name], rtol=1e-6, atol=0), name
 
 
 def test_a_bf16_autocast_step(arch_file, generic):

@@ -92,9 +92,9 @@ class SemanticFPNHead(nn.Module):
                     blocks.append(Upsample2x())
             self.scale_heads.append(nn.Sequential(*blocks))
         self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
+        # PyTorch's default initialisation, not mmseg's N(0, 0.01): the official training script never calls the
+        # segmentor's init_weights (segmentation/train_denseclip.py initialises the backbone and text encoder only)
         self.conv_seg = nn.Conv2d(channels, num_classes, kernel_size=1)
-        nn.init.normal_(self.conv_seg.weight, std=0.01)
-        nn.init.zeros_(self.conv_seg.bias)
 
     def forward(self, levels: Sequence[torch.Tensor]) -> torch.Tensor:
         out = self.scale_heads[0](levels[0])

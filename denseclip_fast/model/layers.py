@@ -31,21 +31,24 @@ class QuickGELU(nn.Module):
 
 
 class DropPath(nn.Module):
-    """Stochastic depth per sample; the identity at inference."""
+    """Stochastic depth: the residual branch dropped with probability p independently along dimension ``dim`` (0:
+    per sample), scaled by 1 / (1 - p) where kept; the identity at inference."""
 
-    def __init__(self, p: float) -> None:
+    def __init__(self, p: float, dim: int = 0) -> None:
         super().__init__()
-        self.p = p
+        self.p, self.dim = p, dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
             return x
         keep = 1.0 - self.p
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        shape = [1] * x.ndim
+        shape[self.dim] = x.shape[self.dim]
+        mask = x.new_empty(shape).bernoulli_(keep)
         return x * mask / keep
 
     def extra_repr(self) -> str:
-        return f"p={self.p}"
+        return f"p={self.p}, dim={self.dim}"
 
 
 class MultiheadSelfAttention(nn.Module):
@@ -74,7 +77,7 @@ class MultiheadSelfAttention(nn.Module):
 class ResidualAttentionBlock(nn.Module):
     """Pre-norm CLIP block: x += attn(ln_1(x)); x += mlp(ln_2(x)), QuickGELU MLP of 4x width."""
 
-    def __init__(self, width: int, heads: int, drop_path: float = 0.0) -> None:
+    def __init__(self, width: int, heads: int, drop_path: float = 0.0, drop_path_dim: int = 0) -> None:
         super().__init__()
         self.attn = MultiheadSelfAttention(width, heads)
         self.ln_1 = LayerNormFp32(width)
@@ -84,7 +87,7 @@ class ResidualAttentionBlock(nn.Module):
             )
         )
         self.ln_2 = LayerNormFp32(width)
-        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.drop_path = DropPath(drop_path, drop_path_dim) if drop_path > 0.0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
         x = x + self.drop_path(self.attn(self.ln_1(x), causal=causal))
@@ -92,12 +95,15 @@ class ResidualAttentionBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    """A stack of :class:`ResidualAttentionBlock` (``resblocks.i``), drop-path rates rising linearly to the last."""
+    """A stack of :class:`ResidualAttentionBlock` (``resblocks.i``) on (B, L, D), drop-path rates rising linearly
+    to the last, drawn along ``drop_path_dim`` (see DropPath)."""
 
-    def __init__(self, width: int, layers: int, heads: int, drop_path_rate: float = 0.0) -> None:
+    def __init__(
+        self, width: int, layers: int, heads: int, drop_path_rate: float = 0.0, drop_path_dim: int = 0
+    ) -> None:
         super().__init__()
         rates = torch.linspace(0, drop_path_rate, layers).tolist() if layers > 0 else []
-        self.resblocks = nn.Sequential(*[ResidualAttentionBlock(width, heads, r) for r in rates])
+        self.resblocks = nn.Sequential(*[ResidualAttentionBlock(width, heads, r, drop_path_dim) for r in rates])
 
     def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
         for block in self.resblocks:

@@ -55,7 +55,10 @@ class CLIPViTBackbone(nn.Module):
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
         self.positional_embedding = nn.Parameter(scale * torch.randn(self.grid**2 + 1, width))
         self.ln_pre = LayerNormFp32(width)
-        self.transformer = Transformer(width, depth, cfg.heads, drop_path_rate=cfg.drop_path_rate)
+        # drop path per token position, shared by the batch: the official blocks run on (L, B, D) tokens and timm's
+        # drop_path draws its mask along the first dimension (segmentation/denseclip/models.py), so that is what
+        # the released ViT-B/16 models were trained with
+        self.transformer = Transformer(width, depth, cfg.heads, drop_path_rate=cfg.drop_path_rate, drop_path_dim=1)
         self.ln_post = LayerNormFp32(width)
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
         self.fpn1, self.fpn2, self.fpn3, self.fpn4 = _pyramid(width)

@@ -66,15 +66,19 @@ def prepare_model(model: DenseCLIP, cfg: TrainConfig, device: torch.device) -> D
 
 
 class TrainStep(nn.Module):
-    """What DDP wraps: images -> (head logits at the input size, score map / tau)."""
+    """What DDP wraps: images -> (head logits at the head's resolution, 1/4 of the input; score map / tau). The loss
+    upsamples both to the label in float32, as mmseg's ``force_fp32`` losses do: under bf16 autocast an upsampling
+    inside the model would round the full-size logits to bfloat16 first."""
 
     def __init__(self, model: DenseCLIP) -> None:
         super().__init__()
         self.model = model
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.model.forward_features(x)
-        return out["logits"], out["aux_logits"]
+        model = self.model
+        feats = model.extract(x)
+        logits, score = model.logits_and_score(feats, model.context_prompt(feats, model.class_embeddings()), None)
+        return logits, score / model.config.tau
 
 
 def _checkpointed(forward: Any, *args: Any, **kwargs: Any) -> Any:
