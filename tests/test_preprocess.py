@@ -59,6 +59,26 @@ def test_load_image_errors(tmp_path):
         load_image(bad)
 
 
+def test_load_image_reads_as_opencv_does(tmp_path):
+    """As mmcv's default loader (cv2.imdecode, IMREAD_COLOR): the EXIF orientation applied, 16-bit grey reduced to
+    its high byte, grey and RGBA made RGB."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, size=(20, 30, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: the stored rows are the picture's right edge; upright is 90 degrees clockwise
+    Image.fromarray(rgb).save(tmp_path / "rotated.png", exif=exif)
+    assert np.array_equal(load_image(tmp_path / "rotated.png"), np.rot90(rgb, k=-1))
+    deep = rng.integers(0, 65536, size=(7, 9), dtype=np.uint16)
+    Image.fromarray(deep).save(tmp_path / "deep.png")
+    assert np.array_equal(load_image(tmp_path / "deep.png"), np.repeat((deep >> 8).astype(np.uint8)[..., None], 3, 2))
+    Image.fromarray(rgb[..., 0]).save(tmp_path / "grey.png")
+    assert np.array_equal(load_image(tmp_path / "grey.png"), np.repeat(rgb[..., :1], 3, 2))
+    Image.fromarray(np.dstack([rgb, rgb[..., :1]])).save(tmp_path / "alpha.png")
+    assert np.array_equal(load_image(tmp_path / "alpha.png"), rgb)  # alpha dropped, not blended
+
+
 def test_palette_colorize_overlay():
     palette = default_palette(150)
     assert len(set(palette)) == 150
