@@ -22,7 +22,6 @@
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
 
-#include <limits>
 #include <tuple>
 #include <torch/library.h>
 #include <torch/version.h>
@@ -114,7 +113,8 @@ std::tuple<at::Tensor, at::Tensor> pixel_text_score_backward_cuda(const at::Tens
   const at::Tensor v = visual.contiguous(layout);
   const at::Tensor g = grad.contiguous();  // (B, K, H, W) NCHW: the kernel reads G[b, k, p] at (b * K + k) * P + p
   at::Tensor grad_visual = at::empty({s.B, s.C, s.H, s.W}, visual.options().memory_format(layout));
-  at::Tensor inv = at::empty({s.B, s.P()}, visual.options().dtype(at::kFloat));
+  // G * scale / max(|v|, eps) for the text half, written by the kernel (clamped to the dtype's range)
+  at::Tensor g_scaled = at::empty({s.B, s.K, s.P()}, visual.options());
   const VisualStrides vs = dense_visual_strides(s);
   const int64_t s_tb = s.text_batched ? s.K * s.C : 0;
   const dim3 grid((s.P() + tc::kTileP - 1) / tc::kTileP, s.B);
@@ -127,18 +127,12 @@ std::tuple<at::Tensor, at::Tensor> pixel_text_score_backward_cuda(const at::Tens
                   : vec            ? tc::score_backward_visual_tc_kernel<T, true, true>
                                    : tc::score_backward_visual_tc_kernel<T, true, false>;
     kernel<<<grid, tc::kThreads, 0, stream>>>(data_as<T>(v), data_as<T>(t_hat), data_as<T>(g), data_as<T>(grad_visual),
-                                              inv.data_ptr<float>(), s.C, s.P(), s.K, vs.b, vs.c, vs.p, s_tb,
+                                              data_as<T>(g_scaled), s.C, s.P(), s.K, vs.b, vs.c, vs.p, s_tb,
                                               static_cast<float>(scale));
   };
   with_cuda_type(dtype, launch);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-  // G / max(|v_p|, eps) clamped to the dtype's range: a zero pixel's 1 / eps = 1e12 overflows float16, and inf * 0
-  // in the GEMM would make the text gradient NaN (as the Triton backward, ops/triton/score.py).
-  const double limit = dtype == at::kHalf ? static_cast<double>(std::numeric_limits<c10::Half>::max())
-                                          : static_cast<double>(std::numeric_limits<c10::BFloat16>::max());
-  const at::Tensor g_scaled =
-      (g.view({s.B, s.K, s.P()}).to(at::kFloat) * inv.unsqueeze(1) * scale).clamp_(-limit, limit).to(dtype);
   at::Tensor gt_hat = text_gradient_product(g_scaled, v.view({s.B, s.C, s.P()}).transpose(1, 2));  // (B, K, C)
   if (!s.text_batched) gt_hat = gt_hat.sum(0);
   const at::Tensor grad_text = normalize_backward(gt_hat, t_hat32, t_clamped, t_norm, -1);

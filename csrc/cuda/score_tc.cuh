@@ -196,7 +196,9 @@ __global__ void __launch_bounds__(kThreads)
 // the channels twice, 32 at a time: each step stages t^ (K_pad x 32), the 8 warps compute the 2 x 4 fragments of g^
 // (K_pad / 16 products each), store them to a float scratch that reuses the t^ buffer, and the threads combine
 // them with v read from global memory (4 threads per pixel, 8 channels each): pass 1 sums |v|^2 and <v, g^> per
-// pixel, pass 2 writes dv in visual's layout. inv = 1 / max(|v|, eps) goes to `inv` (B, P) for the text gradient.
+// pixel, pass 2 writes dv in visual's layout. Between the passes the block writes, for the text gradient's GEMM,
+// G * scale / max(|v|, eps) as a dense (B, K, P) tensor in T, clamped to T's finite range (a zero pixel's 1 / eps =
+// 1e12 would overflow float16, and inf * 0 in the GEMM would make the text gradient NaN; NaN stays NaN).
 constexpr int kMaxBwdK = 192;
 
 // Whether the backward's visual accesses are 16-byte vectors: NHWC, C a multiple of 8, both tensors aligned.
@@ -213,7 +215,7 @@ static_assert(kTileC * kBwdLdS * 4 <= kBwdTBytes, "the g^ scratch fits in the t^
 template <typename T, bool kNHWC, bool kVec>
 __global__ void __launch_bounds__(kThreads)
     score_backward_visual_tc_kernel(const T* __restrict__ v, const T* __restrict__ t_hat, const T* __restrict__ g,
-                                    T* __restrict__ grad_v, float* __restrict__ inv_out, int64_t C, int64_t P,
+                                    T* __restrict__ grad_v, T* __restrict__ g_scaled, int64_t C, int64_t P,
                                     int64_t K, int64_t s_vb, int64_t s_vc, int64_t s_vp, int64_t s_tb, float scale) {
   if constexpr (DCF_TC_ARCH >= kMinArch<T>) {
     namespace wmma = nvcuda::wmma;
@@ -259,9 +261,14 @@ __global__ void __launch_bounds__(kThreads)
           const float pinv = 1.0f / fmaxf(norm, eps);
           pixel_inv[tid] = pinv;
           pixel_radial[tid] = norm >= eps ? dot * pinv * pinv : 0.0f;
-          if (p0 + tid < P) inv_out[b * P + p0 + tid] = pinv;
         }
         __syncthreads();
+        for (int i = tid; i < K * kTileP; i += kThreads) {  // coalesced along the pixels
+          const int k = i / kTileP, pp = i % kTileP;
+          if (p0 + pp >= P) continue;
+          const float x = to_float(gs[k * kBwdLdG + pp]) * pixel_inv[pp] * scale, lim = kMaxFinite<T>;
+          g_scaled[(b * K + k) * P + p0 + pp] = from_float<T>(x > lim ? lim : x < -lim ? -lim : x);
+        }
         inv = pixel_inv[my_p];
         radial = pixel_radial[my_p];
       }

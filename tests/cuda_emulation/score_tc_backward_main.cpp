@@ -4,14 +4,16 @@
 //   rel_err        |dv - ref| / |ref| over the pixels with a nonzero vector
 //   zero_rel_err   the same over the zero pixel (image 0, pixel P/2), whose gradient is g^ / eps (where that
 //                  exceeds the dtype's range, as in float16, the kernel must write inf of the same sign)
-//   inv_rel_err    the 1 / max(|v|, eps) the kernel writes for the text gradient
-//   untouched      1 when nothing past the gradient and inv buffers was written
+//   gs_rel_err     the G * scale / max(|v|, eps) the kernel writes for the text gradient, clamped to the dtype's
+//                  range (the zero pixel's 1 / eps saturates it in float16), against float64 rounded to the dtype
+//   untouched      1 when nothing past the two output buffers was written
 //   vec            the access width tc::backward_vec chose (as the CUDA launcher does)
 // Usage: score_tc_backward_main DTYPE(half|bf16) B C H W K NHWC(0|1) BATCHED_TEXT(0|1) SEED
 #include "cuda_emulation.h"
 
 #include "../../csrc/cuda/score_tc.cuh"
 
+#include <algorithm>
 #include <random>
 #include <string>
 
@@ -53,14 +55,14 @@ int run(int64_t B, int64_t C, int64_t H, int64_t W, int64_t K, bool nhwc, bool b
   for (size_t i = 0; i < that.size(); ++i) tbuf[i] = from_float_any<T>(that[i]);
   for (size_t i = 0; i < gval.size(); ++i) gbuf[i] = from_float_any<T>(gval[i]);
   std::vector<T> gv(B * C * P + kGuard, from_float_any<T>(kSentinel));
-  std::vector<float> inv(B * P + kGuard, kSentinel);
+  std::vector<T> gs(B * K * P + kGuard, from_float_any<T>(kSentinel));
 
   const float scale = 0.5f;
   const dim3 grid{static_cast<unsigned>((P + tc::kTileP - 1) / tc::kTileP), static_cast<unsigned>(B), 1};
   const int64_t s_tb = batched ? K * C : 0;
   auto launch = [&](auto kernel) {
     emu::launch(grid, tc::kThreads, kernel, static_cast<const T*>(vbuf.data()), static_cast<const T*>(tbuf.data()),
-                static_cast<const T*>(gbuf.data()), gv.data(), inv.data(), C, P, K, s_vb, s_vc, s_vp, s_tb, scale);
+                static_cast<const T*>(gbuf.data()), gv.data(), gs.data(), C, P, K, s_vb, s_vc, s_vp, s_tb, scale);
   };
   const bool vec = tc::backward_vec(C, nhwc, reinterpret_cast<std::uintptr_t>(vbuf.data()),
                                     reinterpret_cast<std::uintptr_t>(gv.data()));
@@ -95,17 +97,21 @@ int run(int64_t B, int64_t C, int64_t H, int64_t W, int64_t K, bool nhwc, bool b
         (zero ? zerr2 : err2) += (got - ref) * (got - ref);
         (zero ? zref2 : ref2) += ref * ref;
       }
-      const double got_inv = inv[b * P + p];
-      ierr2 += (got_inv - pinv) * (got_inv - pinv);
-      iref2 += pinv * pinv;
+      for (int64_t k = 0; k < K; ++k) {
+        const double want = std::clamp(gval[(b * K + k) * P + p] * pinv * scale, -kMaxFinite<T>, kMaxFinite<T>);
+        const double ref = to_float_any(from_float_any<T>(static_cast<float>(want)));  // what a correct kernel stores
+        const double got = to_float_any(gs[(b * K + k) * P + p]);
+        ierr2 += (got - ref) * (got - ref);
+        iref2 += ref * ref;
+      }
     }
   bool untouched = true;
   for (size_t i = B * C * P; i < gv.size(); ++i)
     if (to_float_any(gv[i]) != kSentinel) untouched = false;
-  for (size_t i = B * P; i < inv.size(); ++i)
-    if (inv[i] != kSentinel) untouched = false;
+  for (size_t i = B * K * P; i < gs.size(); ++i)
+    if (to_float_any(gs[i]) != kSentinel) untouched = false;
   auto rel = [](double e2, double r2) { return std::sqrt(e2 / std::max(r2, 1e-300)); };
-  std::printf("vec=%d rel_err=%.3e zero_rel_err=%.3e inv_rel_err=%.3e untouched=%d\n", vec ? 1 : 0,
+  std::printf("vec=%d rel_err=%.3e zero_rel_err=%.3e gs_rel_err=%.3e untouched=%d\n", vec ? 1 : 0,
               rel(err2, ref2), rel(zerr2, zref2), rel(ierr2, iref2), untouched ? 1 : 0);
   return 0;
 }
