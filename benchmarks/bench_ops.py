@@ -226,8 +226,10 @@ def targets(rows: list[dict]) -> list[tuple[str, str, bool | None]]:
         fwd = pick(bwd["op"], bwd["shape"], "forward", (bwd["contestant"],), bwd["dtype"])
         if fwd is not None:
             ratio = bwd["median_ms"] / fwd["median_ms"]
+            # how close each pass came to its own roofline floor says which one to look at when the ratio misses
+            floors = f"forward {fwd['fraction_of_floor']:.0%}, backward {bwd['fraction_of_floor']:.0%} of floor"
             checks.append((f"{bwd['op']} {bwd['shape']} {bwd['dtype']} {bwd['contestant']}: backward <= 2.5x forward",
-                           f"{ratio:.2f}x", ratio <= 2.5))  # fmt: skip
+                           f"{ratio:.2f}x ({floors})", ratio <= 2.5))  # fmt: skip
     return checks
 
 
