@@ -102,6 +102,30 @@ def test_score_concat(backend, dtype, layout):
 
 
 @pytest.mark.parametrize("backend", sorted({b for b, _ in BACKEND_DTYPES}))
+@pytest.mark.parametrize("grad_layout", ["channel slice", "channels_last", "padded rows", "W=1 transposed"])
+def test_score_backward_takes_any_gradient_layout(backend, grad_layout):
+    """The gradient arrives as a channel slice of score_concat's buffer, in NHWC (the layout of a channels_last
+    model's scores), with padded rows (unevenly spaced pixels: copied first), or with W = 1 and a stride on W that
+    is not the pixel stride."""
+    w = 1 if grad_layout == "W=1 transposed" else 6
+    visual, text = _visual(2, 20, 5, w, "contiguous", torch.float32), _text(2, 7, 20, False, torch.float32)
+    if grad_layout == "channel slice":
+        grad = torch.randn(2, 10, 5, w, device=DEVICE)[:, 3:]
+    elif grad_layout == "W=1 transposed":
+        grad = torch.randn(2, 7, 1, 5, device=DEVICE).transpose(2, 3)  # strides (35, 5, 1, 5)
+    elif grad_layout == "channels_last":
+        grad = torch.randn(2, 7, 5, w, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    else:
+        grad = torch.randn(2, 7, 5, w + 2, device=DEVICE)[..., :w]  # padded rows: not one pixel stride apart
+    v64, t64 = _leaf(visual, torch.float64), _leaf(text, torch.float64)
+    reference.pixel_text_score(v64, t64, 2.0).backward(grad.double())
+    v, t = _leaf(visual), _leaf(text)
+    ops.pixel_text_score(v, t, 2.0, backend=backend).backward(grad)  # autograd hands the layout on as it is
+    _check_close(v.grad, v64.grad, torch.float32, 2)
+    _check_close(t.grad, t64.grad, torch.float32, 2)
+
+
+@pytest.mark.parametrize("backend", sorted({b for b, _ in BACKEND_DTYPES}))
 def test_zero_vectors(backend):
     """Zero pixels and zero classes score 0, and their gradients follow F.normalize's clamp (g / eps), as do those
     of vectors shorter than eps (no projection: the Jacobian of x / eps)."""

@@ -243,6 +243,17 @@ def _flat_visual(visual: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
     return visual.contiguous(), c * h * w, h * w, 1
 
 
+def _pixel_strides(t: torch.Tensor) -> tuple[int, int, int] | None:
+    """(image, channel, pixel) element strides of a (B, K, H, W) tensor whose H x W pixels lie one pixel stride
+    apart in row-major order (NCHW, NHWC, or a channel slice of either, as score_concat's gradient), else None."""
+    _, _, h, w = t.shape
+    if w == 1:
+        return t.stride(0), t.stride(1), t.stride(2)
+    if h == 1 or t.stride(2) == w * t.stride(3):
+        return t.stride(0), t.stride(1), t.stride(3)
+    return None
+
+
 def _text_strides(text: torch.Tensor) -> tuple[int, int, int]:
     return (text.stride(0), text.stride(1), text.stride(2)) if text.dim() == 3 else (0, text.stride(0), text.stride(1))
 
@@ -313,13 +324,16 @@ def score_backward(
     t_norm = torch.empty(t.shape[:-1], dtype=torch.float32, device=t.device)
     text_grid = (triton.cdiv(rows, TEXT_BLOCKS["BLOCK_R"]),)
     launch(_text_normalize_kernel)[text_grid](t, t_hat, t_norm, rows, c, EPS, **TEXT_BLOCKS)
-    g = grad.contiguous()
+    g, g_strides = grad, _pixel_strides(grad)  # score_concat's channel slice and NHWC gradients are read in place
+    if g_strides is None:
+        g = grad.contiguous()
+        g_strides = (g.stride(0), g.stride(1), g.stride(3 if g.shape[3] > 1 else 2))
     grad_visual = torch.empty_like(v)  # dense in v's layout, written with v's element strides
     g_scaled = torch.empty((b, k, p), dtype=v.dtype, device=v.device)
     block_p, block_k = 32, min(64, max(16, triton.next_power_of_2(k)))
     launch(_score_bwd_visual_kernel)[(triton.cdiv(p, block_p), b)](
         v, t_hat, g, grad_visual, g_scaled, c, p, k, s_vb, s_vc, s_vp, *_text_strides(t_hat),
-        g.stride(0), g.stride(1), g.stride(3), float(scale), EPS, torch.finfo(v.dtype).max,
+        *g_strides, float(scale), EPS, torch.finfo(v.dtype).max,
         BLOCK_P=block_p, BLOCK_K=block_k, BLOCK_C=32, DOT_F32=dot_in_f32(v.dtype), WIDE=_wide(v, t_hat, g),
     )  # fmt: skip
     # d/d t^: scale * sum_p G[b,k,p] v[b,:,p] / |v_p|, a batched matmul on the raw visual (float32 accumulation
