@@ -1,7 +1,8 @@
 """Every CUDA kernel of csrc/cuda run on the CPU, under the CUDA emulation of tests/cuda_emulation (host threads for
 GPU threads, barriers for __syncthreads/__syncwarp, warp shuffles through memory, whole-tile WMMA fragments that
 check pointer alignment and ldm), compiled with AddressSanitizer so that an access outside a buffer or a shared
-array aborts: the tensor-core score kernels (score_tc.cuh: forward, visual backward; float16 and bfloat16), the
+array aborts: the tensor-core score kernels (score_tc.cuh: forward, visual backward; score_text.cuh: the text side
+of that backward; float16 and bfloat16), the
 portable score forward (score_portable.cuh), the tensor-core attention kernels (attention_tc.cuh: forward, dQ,
 dK/dV; float16 and bfloat16) and the portable attention kernels (attention_kernels.cuh: forward, dQ, dK/dV;
 float32 and float64). They check tiling, bounds, layouts, load widths and epilogues against float64 without a GPU;
@@ -50,6 +51,13 @@ BACKWARD_CASES = [
     ("half", 2, 40, 9, 10, 33, 1, 1),  # vector accesses, the last channel step partial (8 of 32)
     ("half", 2, 96, 10, 13, 17, 0, 1),  # three pixel tiles, the last partial; three channel steps
     ("bf16", 2, 0, 3, 3, 5, 1, 0),  # C = 0
+]
+# Text side of the tensor-core backward: (dtype, rows R (K, or B x K), C, NB (images summed: shared text))
+TEXT_CASES = [
+    ("half", 1, 1, 1),  # one row, one channel, and it is zero: g / eps overflows float16 (inf)
+    ("bf16", 20, 37, 1),  # odd C (lanes past C idle), rows past two blocks of 8 warps; a row shorter than eps
+    ("half", 150, 1024, 4),  # ADE20K's K x C with the batch sum of shared text
+    ("bf16", 9, 300, 3),  # one warp of the second block
 ]
 # Attention (portable): (dtype, batch x heads, Lq, Lk, D)
 ATTENTION_CASES = [
@@ -128,6 +136,16 @@ def test_tensor_core_score_backward_kernel_under_emulation(emulated, case):
     assert float(got["gs_rel_err"]) <= 1e-3, got  # float vs double before one rounding to the dtype: rare ulps
     assert got["vec"] == str(int(bool(case[6]) and case[2] % 8 == 0)), got
     assert got["untouched"] == "1", "the kernel wrote past its outputs"
+
+
+@pytest.mark.parametrize("case", TEXT_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_score_backward_text_kernels_under_emulation(emulated, case):
+    """csrc/cuda/score_text.cuh: the text normalised (|t|, t^ in float32 and in the dtype) and the normalisation's
+    Jacobian with the batch sum, F.normalize's clamp for a zero row and one shorter than eps."""
+    got = emulated("score_text_main", case)
+    assert float(got["norm"]) <= 1e-6 and float(got["that32"]) <= 1e-6, got
+    assert all(float(got[name]) <= TOL[case[0]] for name in ("that", "grad", "clamped")), got  # one rounding
+    assert got["untouched"] == "1", "the kernels wrote past their outputs"
 
 
 @pytest.mark.parametrize("case", ATTENTION_CASES, ids=lambda c: "-".join(map(str, c)))

@@ -29,6 +29,7 @@
 #include "../common.h"
 #include "score_portable.cuh"
 #include "score_tc.cuh"
+#include "score_text.cuh"
 #include "tensor_cores.h"
 
 namespace denseclip_fast {
@@ -91,9 +92,11 @@ at::Tensor text_gradient_product(const at::Tensor& a, const at::Tensor& b) {
 }
 
 // The backward with the tensor-core visual kernel (float16/bfloat16 where the forward's tensor-core kernel runs, up
-// to tc::kMaxBwdK classes), else the ATen one. Text: the normalisation and its Jacobian in float32 on the small
-// (K, C) tensors; d/d t^ = scale * sum_p G[:, p] v_p^T / max(|v_p|, eps), one batched GEMM on the raw visual map
-// in its dtype (float32 accumulation and output), with the 1 / max(|v_p|, eps) the visual kernel wrote.
+// to tc::kMaxBwdK classes), else the ATen one. Four launches, as the Triton backward: the text normalised
+// (score_text.cuh: t^ in float32 and in the dtype, |t|), the visual kernel (dv, and G * scale / max(|v_p|, eps)
+// for the text half), d/d t^ = scale * sum_p G[:, p] v_p^T / max(|v_p|, eps) as one batched GEMM on the raw visual
+// map in its dtype (float32 accumulation and output), and the text normalisation's Jacobian (score_text.cuh, with
+// the sum over the batch when the text is shared).
 std::tuple<at::Tensor, at::Tensor> pixel_text_score_backward_cuda(const at::Tensor& grad, const at::Tensor& visual,
                                                                   const at::Tensor& text, double scale) {
   const ScoreShape s = check_score_inputs(visual, text, "pixel_text_score_backward");
@@ -105,10 +108,12 @@ std::tuple<at::Tensor, at::Tensor> pixel_text_score_backward_cuda(const at::Tens
   }
   TORCH_CHECK(s.B <= 65535, "pixel_text_score_backward: too many images for one launch");
 
-  const at::Tensor t32 = text.to(at::kFloat);
-  const at::Tensor t_norm = at::linalg_vector_norm(t32, 2, {-1}, /*keepdim=*/true);
-  const auto [t_hat32, t_clamped] = normalize_along(t32, -1);
-  const at::Tensor t_hat = t_hat32.to(dtype).contiguous();
+  const at::Tensor t = text.contiguous();  // visual's dtype (check_score_inputs)
+  const int64_t rows = s.text_batched ? s.B * s.K : s.K;
+  const at::Tensor t_hat32 = at::empty(t.sizes(), t.options().dtype(at::kFloat));
+  const at::Tensor t_hat = at::empty_like(t);
+  const at::Tensor t_norm = at::empty({rows}, t.options().dtype(at::kFloat));
+  const dim3 text_grid((rows + text::kWarps - 1) / text::kWarps);
   const at::MemoryFormat layout = s.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   const at::Tensor v = visual.contiguous(layout);
   const at::Tensor g = grad.contiguous();  // (B, K, H, W) NCHW: the kernel reads G[b, k, p] at (b * K + k) * P + p
@@ -121,6 +126,9 @@ std::tuple<at::Tensor, at::Tensor> pixel_text_score_backward_cuda(const at::Tens
   auto stream = c10::cuda::getCurrentCUDAStream();
   auto launch = [&](auto type_tag) {
     using T = decltype(type_tag);
+    text::text_normalize_kernel<T><<<text_grid, text::kWarps * 32, 0, stream>>>(
+        data_as<T>(t), t_hat32.data_ptr<float>(), data_as<T>(t_hat), t_norm.data_ptr<float>(), rows, s.C);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
     const bool vec = tc::backward_vec(s.C, s.channels_last, reinterpret_cast<std::uintptr_t>(v.data_ptr()),
                                       reinterpret_cast<std::uintptr_t>(grad_visual.data_ptr()));
     auto kernel = !s.channels_last ? tc::score_backward_visual_tc_kernel<T, false, false>
@@ -133,10 +141,18 @@ std::tuple<at::Tensor, at::Tensor> pixel_text_score_backward_cuda(const at::Tens
   with_cuda_type(dtype, launch);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-  at::Tensor gt_hat = text_gradient_product(g_scaled, v.view({s.B, s.C, s.P()}).transpose(1, 2));  // (B, K, C)
-  if (!s.text_batched) gt_hat = gt_hat.sum(0);
-  const at::Tensor grad_text = normalize_backward(gt_hat, t_hat32, t_clamped, t_norm, -1);
-  return {grad_visual, grad_text.to(text.scalar_type())};
+  // (B, K, C) float32, dense: plane b at b * K * C, the layout text_grad_kernel sums over (shared text) or walks
+  const at::Tensor gt_hat =
+      text_gradient_product(g_scaled, v.view({s.B, s.C, s.P()}).transpose(1, 2)).contiguous();
+  at::Tensor grad_text = at::empty_like(t);
+  with_cuda_type(dtype, [&](auto type_tag) {
+    using T = decltype(type_tag);
+    text::text_grad_kernel<T><<<text_grid, text::kWarps * 32, 0, stream>>>(
+        gt_hat.data_ptr<float>(), t_hat32.data_ptr<float>(), t_norm.data_ptr<float>(), data_as<T>(grad_text), rows,
+        s.C, s.text_batched ? 1 : s.B);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {grad_visual, grad_text};
 }
 
 at::Tensor pixel_text_score_cuda(const at::Tensor& visual, const at::Tensor& text, double scale) {
