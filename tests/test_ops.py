@@ -104,9 +104,9 @@ def test_score_concat(backend, dtype, layout):
 @pytest.mark.parametrize("backend", sorted({b for b, _ in BACKEND_DTYPES}))
 @pytest.mark.parametrize("grad_layout", ["channel slice", "channels_last", "padded rows", "W=1 transposed"])
 def test_score_backward_takes_any_gradient_layout(backend, grad_layout):
-    """The gradient arrives as a channel slice of score_concat's buffer, in NHWC (the layout of a channels_last
-    model's scores), with padded rows (unevenly spaced pixels: copied first), or with W = 1 and a stride on W that
-    is not the pixel stride."""
+    """The gradient arrives as a channel slice of score_concat's buffer (read in place), in NHWC (the layout of a
+    channels_last model's scores), with padded rows, or with W = 1 and a stride on W that is not the pixel stride
+    (the last three copied to NCHW first)."""
     w = 1 if grad_layout == "W=1 transposed" else 6
     visual, text = _visual(2, 20, 5, w, "contiguous", torch.float32), _text(2, 7, 20, False, torch.float32)
     if grad_layout == "channel slice":
@@ -123,6 +123,28 @@ def test_score_backward_takes_any_gradient_layout(backend, grad_layout):
     ops.pixel_text_score(v, t, 2.0, backend=backend).backward(grad)  # autograd hands the layout on as it is
     _check_close(v.grad, v64.grad, torch.float32, 2)
     _check_close(t.grad, t64.grad, torch.float32, 2)
+
+
+@pytest.mark.parametrize("backend", sorted({b for b, _ in BACKEND_DTYPES}))
+def test_nan_spreads_as_in_the_reference(backend):
+    """A NaN in one channel of one pixel makes that pixel's scores and visual gradient NaN, and every text gradient
+    (a sum over the pixels), as F.normalize does: the kernels' max(|v|, eps) must keep NaN (compiled tl.maximum and
+    fmaxf would not), or the pixel's gradient comes out finite and about 1e12 times too large."""
+    visual, text = _visual(2, 6, 3, 3, "contiguous", torch.float32), _text(2, 4, 6, False, torch.float32)
+    visual[1, 2, 0, 1] = float("nan")
+    v64, t64 = _leaf(visual, torch.float64), _leaf(text, torch.float64)
+    expected = reference.pixel_text_score(v64, t64, 2.0)
+    grad = torch.randn_like(expected)
+    expected.backward(grad)
+    v, t = _leaf(visual), _leaf(text)
+    out = ops.pixel_text_score(v, t, 2.0, backend=backend)
+    out.backward(grad.float())
+    for actual, wanted in ((out, expected), (v.grad, v64.grad), (t.grad, t64.grad)):
+        assert torch.equal(actual.isnan(), wanted.isnan()), (actual, wanted)
+        assert wanted.isnan().any()
+        finite = ~wanted.isnan()
+        if finite.any():
+            _check_close(actual[finite], wanted[finite], torch.float32, 2)
 
 
 @pytest.mark.parametrize("backend", sorted({b for b, _ in BACKEND_DTYPES}))

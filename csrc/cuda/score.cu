@@ -96,7 +96,7 @@ at::Tensor text_gradient_product(const at::Tensor& a, const at::Tensor& b) {
 // (score_text.cuh: t^ in float32 and in the dtype, |t|), the visual kernel (dv, and G * scale / max(|v_p|, eps)
 // for the text half), d/d t^ = scale * sum_p G[:, p] v_p^T / max(|v_p|, eps) as one batched GEMM on the raw visual
 // map in its dtype (float32 accumulation and output), and the text normalisation's Jacobian (score_text.cuh, with
-// the sum over the batch when the text is shared).
+// an ATen sum over the batch first when the text is shared).
 std::tuple<at::Tensor, at::Tensor> pixel_text_score_backward_cuda(const at::Tensor& grad, const at::Tensor& visual,
                                                                   const at::Tensor& text, double scale) {
   const ScoreShape s = check_score_inputs(visual, text, "pixel_text_score_backward");
@@ -141,15 +141,14 @@ std::tuple<at::Tensor, at::Tensor> pixel_text_score_backward_cuda(const at::Tens
   with_cuda_type(dtype, launch);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-  // (B, K, C) float32, dense: plane b at b * K * C, the layout text_grad_kernel sums over (shared text) or walks
-  const at::Tensor gt_hat =
-      text_gradient_product(g_scaled, v.view({s.B, s.C, s.P()}).transpose(1, 2)).contiguous();
+  at::Tensor gt_hat = text_gradient_product(g_scaled, v.view({s.B, s.C, s.P()}).transpose(1, 2));  // (B, K, C)
+  gt_hat = (s.text_batched ? gt_hat : gt_hat.sum(0)).contiguous();  // one reduction over the GPU for shared text
   at::Tensor grad_text = at::empty_like(t);
   with_cuda_type(dtype, [&](auto type_tag) {
     using T = decltype(type_tag);
     text::text_grad_kernel<T><<<text_grid, text::kWarps * 32, 0, stream>>>(
         gt_hat.data_ptr<float>(), t_hat32.data_ptr<float>(), t_norm.data_ptr<float>(), data_as<T>(grad_text), rows,
-        s.C, s.text_batched ? 1 : s.B);
+        s.C);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {grad_visual, grad_text};

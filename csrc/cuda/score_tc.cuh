@@ -175,7 +175,7 @@ __global__ void __launch_bounds__(kThreads)
         const int kr = row0 + (kNHWC ? e % kFrag : e / kFrag), pc = col0 + (kNHWC ? e / kFrag : e % kFrag);
         const int64_t k = k0 + kr, p = p0 + pc;
         if (k < K && p < P) {
-          const float denom = fmaxf(sqrtf(t_sq[kr]), eps) * fmaxf(sqrtf(v_sq[pc]), eps);
+          const float denom = clamp_min(sqrtf(t_sq[kr]), eps) * clamp_min(sqrtf(v_sq[pc]), eps);
           out[static_cast<int64_t>(blockIdx.z) * s_ob + k * s_ok + p * s_op] = from_float<T>(sc[e] * scale / denom);
         }
       }
@@ -258,7 +258,7 @@ __global__ void __launch_bounds__(kThreads)
             dot += partial[1][q][tid];
           }
           const float norm = sqrtf(sq), eps = 1e-12f;
-          const float pinv = 1.0f / fmaxf(norm, eps);
+          const float pinv = 1.0f / clamp_min(norm, eps);
           pixel_inv[tid] = pinv;
           pixel_radial[tid] = norm >= eps ? dot * pinv * pinv : 0.0f;
         }

@@ -5,8 +5,9 @@
 //   text_normalize_kernel: t^ = t / max(|t|, eps) in float32 (for the Jacobian) and in T (for the tensor-core
 //                          kernel), and |t|.
 //   text_grad_kernel:      grad_t = (g - t^ <t^, g>) / |t| where |t| >= eps, g / eps below (F.normalize's clamp),
-//                          g = sum over nb < NB of gt[nb] (the batch, for text shared by it; NB = 1 otherwise), gt
-//                          (NB, R, C) float32 the gradient with respect to t^, written in T.
+//                          g (R, C) float32 the gradient with respect to t^ (already summed over the batch for
+//                          text shared by it), written in T.
+// max(|t|, eps) keeps NaN (tc::clamp_min), as torch's clamp_min.
 #pragma once
 
 #include <cstdint>
@@ -16,6 +17,7 @@
 namespace denseclip_fast {
 namespace text {
 
+using tc::clamp_min;
 using tc::from_float;
 using tc::to_float;
 
@@ -40,7 +42,7 @@ __global__ void __launch_bounds__(kWarps * 32)
     const float x = to_float(tr[c]);
     sq += x * x;
   }
-  const float n = sqrtf(warp_sum(sq)), inv = 1.0f / fmaxf(n, kEps);
+  const float n = sqrtf(warp_sum(sq)), inv = 1.0f / clamp_min(n, kEps);
   if (lane == 0) norm[row] = n;
   for (int64_t c = lane; c < C; c += 32) {
     const float x = to_float(tr[c]) * inv;
@@ -52,22 +54,17 @@ __global__ void __launch_bounds__(kWarps * 32)
 template <typename T>
 __global__ void __launch_bounds__(kWarps * 32)
     text_grad_kernel(const float* __restrict__ gt, const float* __restrict__ t_hat32, const float* __restrict__ norm,
-                     T* __restrict__ out, int64_t R, int64_t C, int64_t NB) {
+                     T* __restrict__ out, int64_t R, int64_t C) {
   const int lane = threadIdx.x % 32;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
   if (row >= R) return;
-  const int64_t plane = R * C;
-  auto summed = [&](int64_t c) {
-    float g = 0.0f;
-    for (int64_t nb = 0; nb < NB; ++nb) g += gt[nb * plane + row * C + c];
-    return g;
-  };
+  const float* g = gt + row * C;
+  const float* h = t_hat32 + row * C;
   float dot = 0.0f;
-  for (int64_t c = lane; c < C; c += 32) dot += summed(c) * t_hat32[row * C + c];
+  for (int64_t c = lane; c < C; c += 32) dot += g[c] * h[c];
   dot = warp_sum(dot);
-  const float n = norm[row], inv = 1.0f / fmaxf(n, kEps), radial = n >= kEps ? dot : 0.0f;
-  for (int64_t c = lane; c < C; c += 32)
-    out[row * C + c] = from_float<T>((summed(c) - t_hat32[row * C + c] * radial) * inv);
+  const float n = norm[row], inv = 1.0f / clamp_min(n, kEps), radial = n >= kEps ? dot : 0.0f;
+  for (int64_t c = lane; c < C; c += 32) out[row * C + c] = from_float<T>((g[c] - h[c] * radial) * inv);
 }
 
 }  // namespace text

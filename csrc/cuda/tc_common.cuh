@@ -38,6 +38,10 @@ __device__ __forceinline__ __half from_float<__half>(float x) { return __float2h
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
+// max(x, lo) that keeps NaN, as torch's clamp_min (fmaxf returns lo for a NaN x: a NaN pixel's 1 / max(|v|, eps)
+// would become 1e12 and its gradient finite).
+__device__ __forceinline__ float clamp_min(float x, float lo) { return x < lo ? lo : x; }
+
 // The largest finite value of a 16-bit type, as a float.
 template <typename T>
 constexpr float kMaxFinite = 3.3895313892515355e38f;  // __nv_bfloat16

@@ -6,6 +6,9 @@
 //                  exceeds the dtype's range, as in float16, the kernel must write inf of the same sign)
 //   gs_rel_err     the G * scale / max(|v|, eps) the kernel writes for the text gradient, clamped to the dtype's
 //                  range (the zero pixel's 1 / eps saturates it in float16), against float64 rounded to the dtype
+//   nan_ok         1 when the pixel holding a NaN (the last pixel of the last image, channel 0, where P > 1 and
+//                  C > 0) got NaN in every channel of dv and every class of the scaled G, as torch's clamp_min
+//                  keeps NaN (else 0); 1 where no NaN is planted
 //   untouched      1 when nothing past the two output buffers was written
 //   vec            the access width tc::backward_vec chose (as the CUDA launcher does)
 // Usage: score_tc_backward_main DTYPE(half|bf16) B C H W K NHWC(0|1) BATCHED_TEXT(0|1) SEED
@@ -35,6 +38,8 @@ int run(int64_t B, int64_t C, int64_t H, int64_t W, int64_t K, bool nhwc, bool b
   for (auto& x : vval) x = rounded();
   for (auto& x : gval) x = rounded();
   for (int64_t c = 0; c < C; ++c) vval[c * P + P / 2] = 0.0f;  // image 0, pixel P/2: a zero vector
+  const bool nan_planted = P > 1 && C > 0;  // the last pixel of the last image, channel 0 (never the zero pixel)
+  if (nan_planted) vval[((B - 1) * C + 0) * P + P - 1] = NAN;
   for (int64_t r = 0; r < KT * K; ++r) {  // t^: unit rows (as float32 on the host), then rounded to T
     std::vector<float> row(C);
     double n2 = 0;
@@ -71,8 +76,14 @@ int run(int64_t B, int64_t C, int64_t H, int64_t W, int64_t K, bool nhwc, bool b
   else launch(tc::score_backward_visual_tc_kernel<T, true, false>);
 
   double err2 = 0, ref2 = 0, zerr2 = 0, zref2 = 0, ierr2 = 0, iref2 = 0;
+  bool nan_ok = true;
   for (int64_t b = 0; b < B; ++b)
     for (int64_t p = 0; p < P; ++p) {
+      if (nan_planted && b == B - 1 && p == P - 1) {
+        for (int64_t c = 0; c < C; ++c) nan_ok &= std::isnan(to_float_any(gv[b * s_vb + c * s_vc + p * s_vp]));
+        for (int64_t k = 0; k < K; ++k) nan_ok &= std::isnan(to_float_any(gs[(b * K + k) * P + p]));
+        continue;
+      }
       std::vector<double> gh(C);
       double n2 = 0, dot = 0;
       for (int64_t c = 0; c < C; ++c) {
@@ -111,8 +122,8 @@ int run(int64_t B, int64_t C, int64_t H, int64_t W, int64_t K, bool nhwc, bool b
   for (size_t i = B * K * P; i < gs.size(); ++i)
     if (to_float_any(gs[i]) != kSentinel) untouched = false;
   auto rel = [](double e2, double r2) { return std::sqrt(e2 / std::max(r2, 1e-300)); };
-  std::printf("vec=%d rel_err=%.3e zero_rel_err=%.3e gs_rel_err=%.3e untouched=%d\n", vec ? 1 : 0,
-              rel(err2, ref2), rel(zerr2, zref2), rel(ierr2, iref2), untouched ? 1 : 0);
+  std::printf("vec=%d rel_err=%.3e zero_rel_err=%.3e gs_rel_err=%.3e nan_ok=%d untouched=%d\n", vec ? 1 : 0,
+              rel(err2, ref2), rel(zerr2, zref2), rel(ierr2, iref2), nan_ok ? 1 : 0, untouched ? 1 : 0);
   return 0;
 }
 

@@ -4,7 +4,7 @@
 //   norm        relative error of |t| per row
 //   that32      relative error of t^ in float32
 //   that        relative error of t^ in the dtype (what the tensor-core kernel reads)
-//   grad        relative error of grad_t (from a random float32 g^_t (NB, R, C), summed over NB), rows past 1
+//   grad        relative error of grad_t (from a random float32 g^_t (R, C), a sum of NB planes), rows past 1
 //   clamped     the same over rows 0 and 1 (g / eps; where that passes float16's range the kernel must give inf)
 //   untouched   1 when nothing past the four output buffers was written
 // Row 0 is zero and row 1 shorter than eps (when R > 1): both follow F.normalize's clamp (g / eps, no projection).
@@ -38,8 +38,9 @@ int run(int64_t R, int64_t C, int64_t NB, unsigned seed) {
       t[r * C + c] = from_float_any<T>(x);
       tval[r * C + c] = to_float_any(t[r * C + c]);
     }
-  std::vector<float> gt(NB * R * C);
-  for (auto& x : gt) x = normal(rng);
+  std::vector<float> gt(R * C, 0.0f);  // g^_t summed over NB planes (the launcher's ATen sum for shared text)
+  for (int64_t nb = 0; nb < NB; ++nb)
+    for (auto& x : gt) x += normal(rng);
   std::vector<float> that32(R * C + kGuard, kSentinel), norm(R + kGuard, kSentinel);
   std::vector<T> that(R * C + kGuard, from_float_any<T>(kSentinel)), out(R * C + kGuard, from_float_any<T>(kSentinel));
 
@@ -47,7 +48,7 @@ int run(int64_t R, int64_t C, int64_t NB, unsigned seed) {
   emu::launch(grid, text::kWarps * 32, text::text_normalize_kernel<T>, static_cast<const T*>(t.data()), that32.data(),
               that.data(), norm.data(), R, C);
   emu::launch(grid, text::kWarps * 32, text::text_grad_kernel<T>, static_cast<const float*>(gt.data()),
-              static_cast<const float*>(that32.data()), static_cast<const float*>(norm.data()), out.data(), R, C, NB);
+              static_cast<const float*>(that32.data()), static_cast<const float*>(norm.data()), out.data(), R, C);
 
   double n_e = 0, n_r = 0, h32_e = 0, h_e = 0, h_r = 0, g_e = 0, g_r = 0, c_e = 0, c_r = 0;
   for (int64_t r = 0; r < R; ++r) {
@@ -60,7 +61,7 @@ int run(int64_t R, int64_t C, int64_t NB, unsigned seed) {
     double dot = 0;
     for (int64_t c = 0; c < C; ++c) {
       hat[c] = tval[r * C + c] * inv;
-      for (int64_t nb = 0; nb < NB; ++nb) g[c] += gt[(nb * R + r) * C + c];
+      g[c] = gt[r * C + c];
       dot += hat[c] * g[c];
       h32_e += (that32[r * C + c] - hat[c]) * (that32[r * C + c] - hat[c]);
       const double h = to_float_any(that[r * C + c]);

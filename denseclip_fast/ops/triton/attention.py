@@ -29,24 +29,31 @@ LN2 = 0.6931471805599453
 
 
 @triton.jit
+def _rows(bh, offs, L, D: tl.constexpr):
+    """Flat offsets of rows offs of one (batch, head) of a contiguous (B*H, L, D) tensor. Computed apart from any
+    load: torch.compile's analysis of user kernels counts a tensor as written when a store goes through offsets a
+    helper returned together with a load of it (and would clone q, k, v, dO and lse before each backward)."""
+    return bh * L * D + offs[:, None] * D + tl.arange(0, D)[None, :]
+
+
+@triton.jit
 def _key_block(k_ptr, v_ptr, bh, offs_n, Lk, D: tl.constexpr):
-    """Rows offs_n of K and V of one (batch, head), zeros past Lk, and their flat offsets."""
-    rows = bh * Lk * D + offs_n[:, None] * D + tl.arange(0, D)[None, :]
+    """Rows offs_n of K and V of one (batch, head), zeros past Lk."""
+    rows = _rows(bh, offs_n, Lk, D)
     mask = offs_n[:, None] < Lk
-    return tl.load(k_ptr + rows, mask=mask, other=0.0), tl.load(v_ptr + rows, mask=mask, other=0.0), rows
+    return tl.load(k_ptr + rows, mask=mask, other=0.0), tl.load(v_ptr + rows, mask=mask, other=0.0)
 
 
 @triton.jit
 def _query_block(q_ptr, do_ptr, lse_ptr, delta_ptr, bh, offs_m, Lq, D: tl.constexpr):
-    """Rows offs_m of Q and dO of one (batch, head) with their log-sum-exp and delta, zeros past Lq, and the
-    flat offsets of the rows."""
-    rows = bh * Lq * D + offs_m[:, None] * D + tl.arange(0, D)[None, :]
+    """Rows offs_m of Q and dO of one (batch, head) with their log-sum-exp and delta, zeros past Lq."""
+    rows = _rows(bh, offs_m, Lq, D)
     mask = offs_m < Lq
     q = tl.load(q_ptr + rows, mask=mask[:, None], other=0.0)
     do = tl.load(do_ptr + rows, mask=mask[:, None], other=0.0)
     lse = tl.load(lse_ptr + bh * Lq + offs_m, mask=mask, other=0.0)
     delta = tl.load(delta_ptr + bh * Lq + offs_m, mask=mask, other=0.0)
-    return q, do, lse, delta, rows
+    return q, do, lse, delta
 
 
 @triton.jit
@@ -68,7 +75,7 @@ def _attn_fwd_kernel(
     for n0 in range(0, Lk, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < Lk
-        k, v, _ = _key_block(k_ptr, v_ptr, bh, offs_n, Lk, D)
+        k, v = _key_block(k_ptr, v_ptr, bh, offs_n, Lk, D)
         if DOT_F32:
             s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
         else:
@@ -119,13 +126,13 @@ def _attn_bwd_dkdv_kernel(
     bh = tl.program_id(1).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < Lk
-    k, v, kv_ptr = _key_block(k_ptr, v_ptr, bh, offs_n, Lk, D)
+    k, v = _key_block(k_ptr, v_ptr, bh, offs_n, Lk, D)
     dk = tl.zeros((BLOCK_N, D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, D), dtype=tl.float32)
     for m0 in range(0, Lq, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         mask_m = offs_m < Lq
-        q, do, lse, delta, _ = _query_block(q_ptr, do_ptr, lse_ptr, delta_ptr, bh, offs_m, Lq, D)
+        q, do, lse, delta = _query_block(q_ptr, do_ptr, lse_ptr, delta_ptr, bh, offs_m, Lq, D)
         s_t = _mm(k, tl.trans(q), DOT_F32) * sm_scale  # (BLOCK_N, BLOCK_M): S^T
         p_t = tl.exp(s_t - lse[None, :])
         p_t = tl.where(mask_m[None, :] & mask_n[:, None], p_t, 0.0)
@@ -133,8 +140,9 @@ def _attn_bwd_dkdv_kernel(
         dp_t = _mm(v, tl.trans(do), DOT_F32)  # (dO V^T)^T
         ds_t = p_t * (dp_t - delta[None, :]) * sm_scale
         dk += _mm(ds_t.to(q.dtype), q, DOT_F32)
-    tl.store(dk_ptr + kv_ptr, dk.to(dk_ptr.dtype.element_ty), mask=mask_n[:, None])
-    tl.store(dv_ptr + kv_ptr, dv.to(dv_ptr.dtype.element_ty), mask=mask_n[:, None])
+    kv_rows = _rows(bh, offs_n, Lk, D)
+    tl.store(dk_ptr + kv_rows, dk.to(dk_ptr.dtype.element_ty), mask=mask_n[:, None])
+    tl.store(dv_ptr + kv_rows, dv.to(dv_ptr.dtype.element_ty), mask=mask_n[:, None])
 
 
 @triton.jit
@@ -147,18 +155,18 @@ def _attn_bwd_dq_kernel(
     bh = tl.program_id(1).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < Lq
-    q, do, lse, delta, q_rows = _query_block(q_ptr, do_ptr, lse_ptr, delta_ptr, bh, offs_m, Lq, D)
+    q, do, lse, delta = _query_block(q_ptr, do_ptr, lse_ptr, delta_ptr, bh, offs_m, Lq, D)
     dq = tl.zeros((BLOCK_M, D), dtype=tl.float32)
     for n0 in range(0, Lk, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < Lk
-        k, v, _ = _key_block(k_ptr, v_ptr, bh, offs_n, Lk, D)
+        k, v = _key_block(k_ptr, v_ptr, bh, offs_n, Lk, D)
         s = _mm(q, tl.trans(k), DOT_F32) * sm_scale
         p = tl.where(mask_n[None, :], tl.exp(s - lse[:, None]), 0.0)
         dp = _mm(do, tl.trans(v), DOT_F32)
         ds = p * (dp - delta[:, None]) * sm_scale
         dq += _mm(ds.to(k.dtype), k, DOT_F32)
-    tl.store(dq_ptr + q_rows, dq.to(dq_ptr.dtype.element_ty), mask=mask_m[:, None])
+    tl.store(dq_ptr + _rows(bh, offs_m, Lq, D), dq.to(dq_ptr.dtype.element_ty), mask=mask_m[:, None])
 
 
 KINDS = ("fwd", "dkdv", "dq")

@@ -40,11 +40,25 @@ def _index(offs, WIDE: tl.constexpr):
 
 
 @triton.jit
+def _clamp_min(x, eps):
+    """max(x, eps) with NaN kept, as torch's clamp_min (compiled tl.maximum is PTX max.f32, which drops NaN: a NaN
+    pixel's 1 / max(|v|, eps) would become 1e12 and its gradient finite)."""
+    return tl.maximum(x, eps, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _visual_offsets(b, offs_c, offs_p, C, P, s_vb, s_vc, s_vp):
+    """Element offsets and mask of the (BLOCK_C, BLOCK_P) tile of image b in a tensor with visual's strides. Kept
+    apart from any pointer: torch.compile's analysis of user kernels counts a tensor as written when a store goes
+    through offsets a helper returned together with a load of it (and would clone visual before each backward)."""
+    return b * s_vb + offs_c[:, None] * s_vc + offs_p[None, :] * s_vp, (offs_c[:, None] < C) & (offs_p[None, :] < P)
+
+
+@triton.jit
 def _visual_tile(v_ptr, b, offs_c, offs_p, C, P, s_vb, s_vc, s_vp):
-    """The (BLOCK_C, BLOCK_P) visual tile of image b, zeros past C and P, and its element offsets and mask."""
-    ptr = b * s_vb + offs_c[:, None] * s_vc + offs_p[None, :] * s_vp
-    mask = (offs_c[:, None] < C) & (offs_p[None, :] < P)
-    return tl.load(v_ptr + ptr, mask=mask, other=0.0), ptr, mask
+    """The (BLOCK_C, BLOCK_P) visual tile of image b, zeros past C and P."""
+    ptr, mask = _visual_offsets(b, offs_c, offs_p, C, P, s_vb, s_vc, s_vp)
+    return tl.load(v_ptr + ptr, mask=mask, other=0.0)
 
 
 @triton.jit
@@ -70,7 +84,7 @@ def _score_fwd_kernel(
     for c0 in range(0, C, BLOCK_C):
         offs_c = _index(c0 + tl.arange(0, BLOCK_C), WIDE)
         mask_c = offs_c < C
-        v, _, _ = _visual_tile(v_ptr, b, offs_c, offs_p, C, P, s_vb, s_vc, s_vp)
+        v = _visual_tile(v_ptr, b, offs_c, offs_p, C, P, s_vb, s_vc, s_vp)
         t = tl.load(
             t_ptr + b * s_tb + offs_k[:, None] * s_tk + offs_c[None, :] * s_tc,
             mask=mask_k[:, None] & mask_c[None, :], other=0.0,
@@ -83,8 +97,8 @@ def _score_fwd_kernel(
             acc = tl.dot(tf, vf, acc, input_precision="ieee")
         else:
             acc = tl.dot(t, v, acc)
-    inv_v = 1.0 / tl.maximum(tl.sqrt(v_sq), eps)
-    inv_t = 1.0 / tl.maximum(tl.sqrt(t_sq), eps)
+    inv_v = 1.0 / _clamp_min(tl.sqrt(v_sq), eps)
+    inv_t = 1.0 / _clamp_min(tl.sqrt(t_sq), eps)
     out = acc * (inv_t * scale)[:, None] * inv_v[None, :]
     tl.store(
         out_ptr + b * s_ob + offs_k[:, None] * s_ok + offs_p[None, :] * s_op,
@@ -142,14 +156,14 @@ def _score_bwd_visual_kernel(
     for c0 in range(0, C, BLOCK_C):
         offs_c = _index(c0 + tl.arange(0, BLOCK_C), WIDE)
         mask_c = offs_c < C
-        v, _, _ = _visual_tile(v_ptr, b, offs_c, offs_p, C, P, s_vb, s_vc, s_vp)
+        v = _visual_tile(v_ptr, b, offs_c, offs_p, C, P, s_vb, s_vc, s_vp)
         v = v.to(tl.float32)
         gh = _grad_hat_tile(that_ptr, g_ptr, b, offs_c, mask_c, offs_p, mask_p, K, s_tb, s_tk, s_tc, s_gb, s_gk,
                             s_gp, scale, BLOCK_P, BLOCK_K, BLOCK_C, DOT_F32, WIDE)  # fmt: skip
         v_sq += tl.sum(v * v, axis=0)
         v_dot_g += tl.sum(v * gh, axis=0)
     norm = tl.sqrt(v_sq)
-    inv = 1.0 / tl.maximum(norm, eps)
+    inv = 1.0 / _clamp_min(norm, eps)
     radial = tl.where(norm >= eps, v_dot_g * inv * inv, 0.0)  # <v^, g^> / |v| where the projection applies
     for k0 in range(0, K, BLOCK_K):
         offs_k = _index(k0 + tl.arange(0, BLOCK_K), WIDE)
@@ -161,8 +175,8 @@ def _score_bwd_visual_kernel(
     for c0 in range(0, C, BLOCK_C):
         offs_c = _index(c0 + tl.arange(0, BLOCK_C), WIDE)
         mask_c = offs_c < C
-        v, ptr, mask = _visual_tile(v_ptr, b, offs_c, offs_p, C, P, s_vb, s_vc, s_vp)
-        v = v.to(tl.float32)
+        ptr, mask = _visual_offsets(b, offs_c, offs_p, C, P, s_vb, s_vc, s_vp)
+        v = tl.load(v_ptr + ptr, mask=mask, other=0.0).to(tl.float32)
         gh = _grad_hat_tile(that_ptr, g_ptr, b, offs_c, mask_c, offs_p, mask_p, K, s_tb, s_tk, s_tc, s_gb, s_gk,
                             s_gp, scale, BLOCK_P, BLOCK_K, BLOCK_C, DOT_F32, WIDE)  # fmt: skip
         gv = (gh - v * radial[None, :]) * inv[None, :]
@@ -182,7 +196,7 @@ def _text_normalize_kernel(t_ptr, that_ptr, norm_ptr, R, C, eps, BLOCK_R: tl.con
         t = tl.load(t_ptr + base[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         sq += tl.sum(t * t, axis=1)
     norm = tl.sqrt(sq)
-    inv = 1.0 / tl.maximum(norm, eps)
+    inv = 1.0 / _clamp_min(norm, eps)
     tl.store(norm_ptr + rows, norm, mask=mask_r)
     for c0 in range(0, C, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
@@ -192,13 +206,9 @@ def _text_normalize_kernel(t_ptr, that_ptr, norm_ptr, R, C, eps, BLOCK_R: tl.con
 
 
 @triton.jit
-def _text_grad_kernel(
-    gt_ptr, that_ptr, norm_ptr, out_ptr, R, C, NB, plane, eps, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-):  # fmt: skip
-    """grad_text (R, C) in out's dtype from g^_t, the gradient with respect to t^: gt is (NB, R, C) float32 (plane =
-    R * C elements apart), summed over NB (the batch, when the text is shared by it; NB = 1 otherwise); then the
-    Jacobian of the normalisation, (g^_t - t^ <t^, g^_t>) / |t| where |t| >= eps, g^_t / eps below (F.normalize's
-    clamp)."""
+def _text_grad_kernel(gt_ptr, that_ptr, norm_ptr, out_ptr, R, C, eps, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """grad_text (R, C) in out's dtype from g^_t (R, C) float32, the gradient with respect to t^: the Jacobian of the
+    normalisation, (g^_t - t^ <t^, g^_t>) / |t| where |t| >= eps, g^_t / eps below (F.normalize's clamp)."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     mask_r = rows < R
     base = rows.to(tl.int64) * C
@@ -207,30 +217,22 @@ def _text_grad_kernel(
         cols = c0 + tl.arange(0, BLOCK_C)
         mask = mask_r[:, None] & (cols[None, :] < C)
         offs = base[:, None] + cols[None, :]
-        g = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
-        gp = gt_ptr + offs
-        for _ in range(0, NB):
-            g += tl.load(gp, mask=mask, other=0.0)
-            gp += plane
+        g = tl.load(gt_ptr + offs, mask=mask, other=0.0)
         dot += tl.sum(g * tl.load(that_ptr + offs, mask=mask, other=0.0), axis=1)
     norm = tl.load(norm_ptr + rows, mask=mask_r, other=1.0)
     radial = tl.where(norm >= eps, dot, 0.0)
-    inv = 1.0 / tl.maximum(norm, eps)
+    inv = 1.0 / _clamp_min(norm, eps)
     for c0 in range(0, C, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         mask = mask_r[:, None] & (cols[None, :] < C)
         offs = base[:, None] + cols[None, :]
-        g = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
-        gp = gt_ptr + offs
-        for _ in range(0, NB):
-            g += tl.load(gp, mask=mask, other=0.0)
-            gp += plane
+        g = tl.load(gt_ptr + offs, mask=mask, other=0.0)
         t_hat = tl.load(that_ptr + offs, mask=mask, other=0.0)
         grad = (g - t_hat * radial[:, None]) * inv[:, None]
         tl.store(out_ptr + offs, grad.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-TEXT_BLOCKS = {"BLOCK_R": 16, "BLOCK_C": 128}  # the text kernels' blocks (also aot.py's)
+TEXT_BLOCKS = {"BLOCK_R": 4, "BLOCK_C": 256}  # the text kernels' blocks (also aot.py's): K / 4 programs
 
 
 def _flat_visual(visual: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
@@ -244,13 +246,12 @@ def _flat_visual(visual: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
 
 
 def _pixel_strides(t: torch.Tensor) -> tuple[int, int, int] | None:
-    """(image, channel, pixel) element strides of a (B, K, H, W) tensor whose H x W pixels lie one pixel stride
-    apart in row-major order (NCHW, NHWC, or a channel slice of either, as score_concat's gradient), else None."""
+    """(image, channel, 1) element strides of a (B, K, H, W) tensor whose H x W pixels are contiguous (NCHW, or a
+    channel slice of it, as score_concat's gradient), else None. NHWC gradients are copied rather than read in
+    place: with the pixels K elements apart, the tile loads of G (re-read for every 32 channels) would be scalar."""
     _, _, h, w = t.shape
-    if w == 1:
-        return t.stride(0), t.stride(1), t.stride(2)
-    if h == 1 or t.stride(2) == w * t.stride(3):
-        return t.stride(0), t.stride(1), t.stride(3)
+    if (w == 1 or t.stride(3) == 1) and (h == 1 or t.stride(2) == w):
+        return t.stride(0), t.stride(1), 1
     return None
 
 
@@ -309,9 +310,9 @@ def _bmm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def score_backward(
     grad: torch.Tensor, visual: torch.Tensor, text: torch.Tensor, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(grad_visual, grad_text) in four launches: the text normalised (t^, |t|), the visual kernel (grad_visual and
-    G * scale / |v| for the text half), one batched GEMM on the raw map (cuBLAS) and the text normalisation's
-    Jacobian (with the sum over the batch when the text is shared)."""
+    """(grad_visual, grad_text) in four launches (five for text shared by the batch): the text normalised (t^, |t|),
+    the visual kernel (grad_visual and G * scale / |v| for the text half), one batched GEMM on the raw map (cuBLAS),
+    (the sum over the batch,) and the text normalisation's Jacobian."""
     if visual.numel() == 0:
         return torch.zeros_like(visual), torch.zeros_like(text)
     v, s_vb, s_vc, s_vp = _flat_visual(visual)
@@ -324,23 +325,23 @@ def score_backward(
     t_norm = torch.empty(t.shape[:-1], dtype=torch.float32, device=t.device)
     text_grid = (triton.cdiv(rows, TEXT_BLOCKS["BLOCK_R"]),)
     launch(_text_normalize_kernel)[text_grid](t, t_hat, t_norm, rows, c, EPS, **TEXT_BLOCKS)
-    g, g_strides = grad, _pixel_strides(grad)  # score_concat's channel slice and NHWC gradients are read in place
+    g, g_strides = grad, _pixel_strides(grad)  # score_concat's (NCHW) channel slice is read in place
     if g_strides is None:
         g = grad.contiguous()
-        g_strides = (g.stride(0), g.stride(1), g.stride(3 if g.shape[3] > 1 else 2))
+        g_strides = (g.stride(0), g.stride(1), 1)
     grad_visual = torch.empty_like(v)  # dense in v's layout, written with v's element strides
     g_scaled = torch.empty((b, k, p), dtype=v.dtype, device=v.device)
     block_p, block_k = 32, min(64, max(16, triton.next_power_of_2(k)))
     launch(_score_bwd_visual_kernel)[(triton.cdiv(p, block_p), b)](
         v, t_hat, g, grad_visual, g_scaled, c, p, k, s_vb, s_vc, s_vp, *_text_strides(t_hat),
         *g_strides, float(scale), EPS, torch.finfo(v.dtype).max,
-        BLOCK_P=block_p, BLOCK_K=block_k, BLOCK_C=32, DOT_F32=dot_in_f32(v.dtype), WIDE=_wide(v, t_hat, g),
+        BLOCK_P=block_p, BLOCK_K=block_k, BLOCK_C=32, DOT_F32=dot_in_f32(v.dtype), WIDE=_wide(v, t_hat, g, g_scaled),
     )  # fmt: skip
     # d/d t^: scale * sum_p G[b,k,p] v[b,:,p] / |v_p|, a batched matmul on the raw visual (float32 accumulation
     # and, on CUDA, output)
     gt_hat = _bmm_float32(g_scaled, v.flatten(2).transpose(1, 2))  # (B, K, C)
+    if text.dim() == 2:
+        gt_hat = gt_hat.sum(0)  # one reduction over the whole GPU (a per-row sum in the kernel would run on K / 4)
     grad_text = torch.empty_like(t)
-    launch(_text_grad_kernel)[text_grid](
-        gt_hat, t_hat, t_norm, grad_text, rows, c, b if text.dim() == 2 else 1, rows * c, EPS, **TEXT_BLOCKS
-    )  # fmt: skip
+    launch(_text_grad_kernel)[text_grid](gt_hat, t_hat, t_norm, grad_text, rows, c, EPS, **TEXT_BLOCKS)
     return grad_visual, grad_text
