@@ -41,12 +41,17 @@ def _misaligned(x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("shape", [(2, 1024, 16, 16, 150), (2, 64, 40, 40, 171), (1, 40, 3, 5, 300), (3, 96, 7, 9, 64),
                                    (1, 37, 5, 7, 1), (3, 64, 64, 64, 171)])  # fmt: skip
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "misaligned"])
-def test_tensor_core_score_kernels(dtype, shape, layout):
-    """The cuda backend's tensor-core kernels (csrc/cuda/score_tc.cuh, sm_70+ float16, sm_80+ bfloat16; forward and
-    visual backward) at the
-    model's shapes and at odd ones: 64- and 192-row class tiles, two class tiles, vector and element loads (a
-    tensor 2 bytes past alignment), shared and per-image text, and into score_concat's view. On an H200 (132 SMs)
-    the last shape is the one with enough pixel tiles for the 192-row class tile; the others take the 64-row one."""
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_tensor_core_score_kernels(dtype, shape, layout, backend):
+    """The tensor-core score kernels of both fused backends (cuda: csrc/cuda/score_tc.cuh and score_text.cuh, sm_70+
+    float16, sm_80+ bfloat16; triton: 16-bit tensor-core products, which Triton's interpreter never runs) forward
+    and backward at the model's shapes and at odd ones: 64- and 192-row class tiles, two class tiles, vector and
+    element loads (a tensor 2 bytes past alignment), shared and per-image text, and into score_concat's view, whose
+    backward (the gradient a channel slice) must give the same gradients. On an H200 (132 SMs) the last shape is the
+    one with enough pixel tiles for the cuda 192-row class tile; the others take the 64-row one."""
+    if backend == "triton" and ops.backends.unavailable_reason("triton", "pixel_text_score", torch.device("cuda"),
+                                                              dtype) is not None:  # fmt: skip
+        pytest.skip("the Triton kernels cannot run here")
     b, c, h, w, k = shape
     visual = torch.randn(b, c, h, w, device="cuda", dtype=torch.float64)
     if layout == "channels_last":
@@ -62,15 +67,17 @@ def test_tensor_core_score_kernels(dtype, shape, layout):
     grad = torch.randn_like(expected)
     expected.backward(grad)
     v, t = v.detach().requires_grad_(), t.detach().requires_grad_()
-    out = ops.pixel_text_score(v, t, 0.7, backend="cuda")
-    out.backward(grad.to(dtype))  # the tensor-core visual backward up to 192 classes, ATen's past that
+    out = ops.pixel_text_score(v, t, 0.7, backend=backend)
+    out.backward(grad.to(dtype))  # cuda: the tensor-core visual backward up to 192 classes, ATen's past that
     assert out.dtype == dtype and rel_err(out, expected) <= tol
     assert rel_err(v.grad, v64.grad) <= 2 * tol and rel_err(t.grad, t64.grad) <= 2 * tol
     assert v.grad.is_contiguous(memory_format=score_memory_format(v))
     feature = torch.randn(b, 5, h, w, device="cuda", dtype=dtype)
-    with torch.no_grad():
-        concat = ops.score_concat(feature, v, t, 0.7, backend="cuda")
+    vc, tc = v.detach().requires_grad_(), t.detach().requires_grad_()
+    concat = ops.score_concat(feature, vc, tc, 0.7, backend=backend)
     assert torch.equal(concat[:, :5], feature) and torch.equal(concat[:, 5:], out)
+    concat.backward(torch.cat([torch.randn_like(feature), grad.to(dtype)], dim=1))
+    assert rel_err(vc.grad, v.grad) <= 1e-6 and rel_err(tc.grad, t.grad) <= 1e-6
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
