@@ -42,15 +42,16 @@ FORWARD_CASES = [
     ("float", 1, 1, 1, 1, 1, 0, 0, 0, 0, 0),  # portable: everything one
     ("float", 1, 16, 10, 13, 64, 0, 0, 1, 0, 0),  # portable: K and C one tile exactly; misaligned inputs
 ]
-# Visual backward (tensor cores): (dtype, B, C, H, W, K, nhwc, batched text)
+# Visual backward (tensor cores): (dtype, B, C, H, W, K, nhwc, batched text, X: G read as channels [X, X + K) of
+# a (B, X + K, H, W) gradient, as score_concat's)
 BACKWARD_CASES = [
-    ("half", 1, 1, 1, 1, 1, 0, 0),  # everything one
-    ("bf16", 2, 37, 5, 7, 150, 0, 1),  # odd C and P, text per image
-    ("half", 2, 37, 5, 7, 150, 1, 0),  # NHWC; the zero pixel's gradient overflows float16 (must be inf)
-    ("bf16", 1, 64, 8, 8, 192, 1, 0),  # K at the kernel's limit; NHWC with C % 8 == 0: vector accesses
-    ("half", 2, 40, 9, 10, 33, 1, 1),  # vector accesses, the last channel step partial (8 of 32)
-    ("half", 2, 96, 10, 13, 17, 0, 1),  # three pixel tiles, the last partial; three channel steps
-    ("bf16", 2, 0, 3, 3, 5, 1, 0),  # C = 0
+    ("half", 1, 1, 1, 1, 1, 0, 0, 0),  # everything one
+    ("bf16", 2, 37, 5, 7, 150, 0, 1, 3),  # odd C and P, text per image; G a slice
+    ("half", 2, 37, 5, 7, 150, 1, 0, 0),  # NHWC; the zero pixel's gradient overflows float16 (must be inf)
+    ("bf16", 1, 64, 8, 8, 192, 1, 0, 0),  # K at the kernel's limit; NHWC with C % 8 == 0: vector accesses
+    ("half", 2, 40, 9, 10, 33, 1, 1, 5),  # vector accesses, the last channel step partial (8 of 32); G a slice
+    ("half", 2, 96, 10, 13, 17, 0, 1, 0),  # three pixel tiles, the last partial; three channel steps
+    ("bf16", 2, 0, 3, 3, 5, 1, 0, 0),  # C = 0
 ]
 # Text side of the tensor-core backward: (dtype, rows R (K, or B x K), C, NB (planes summed into g^_t on the host))
 TEXT_CASES = [

@@ -116,7 +116,10 @@ std::tuple<at::Tensor, at::Tensor> pixel_text_score_backward_cuda(const at::Tens
   const dim3 text_grid((rows + text::kWarps - 1) / text::kWarps);
   const at::MemoryFormat layout = s.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   const at::Tensor v = visual.contiguous(layout);
-  const at::Tensor g = grad.contiguous();  // (B, K, H, W) NCHW: the kernel reads G[b, k, p] at (b * K + k) * P + p
+  // The kernel reads G[b, k, p] at b * s_gb + k * s_gk + p: contiguous pixels, as NCHW and score_concat's channel
+  // slice of an NCHW gradient (read in place); other layouts are copied to NCHW first.
+  const bool pixels_contiguous = (s.W == 1 || grad.stride(3) == 1) && (s.H == 1 || grad.stride(2) == s.W);
+  const at::Tensor g = pixels_contiguous ? grad : grad.contiguous();
   at::Tensor grad_visual = at::empty({s.B, s.C, s.H, s.W}, visual.options().memory_format(layout));
   // G * scale / max(|v|, eps) for the text half, written by the kernel (clamped to the dtype's range)
   at::Tensor g_scaled = at::empty({s.B, s.K, s.P()}, visual.options());
@@ -136,7 +139,7 @@ std::tuple<at::Tensor, at::Tensor> pixel_text_score_backward_cuda(const at::Tens
                                    : tc::score_backward_visual_tc_kernel<T, true, false>;
     kernel<<<grid, tc::kThreads, 0, stream>>>(data_as<T>(v), data_as<T>(t_hat), data_as<T>(g), data_as<T>(grad_visual),
                                               data_as<T>(g_scaled), s.C, s.P(), s.K, vs.b, vs.c, vs.p, s_tb,
-                                              static_cast<float>(scale));
+                                              g.stride(0), g.stride(1), static_cast<float>(scale));
   };
   with_cuda_type(dtype, launch);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

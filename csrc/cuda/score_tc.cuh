@@ -216,7 +216,8 @@ template <typename T, bool kNHWC, bool kVec>
 __global__ void __launch_bounds__(kThreads)
     score_backward_visual_tc_kernel(const T* __restrict__ v, const T* __restrict__ t_hat, const T* __restrict__ g,
                                     T* __restrict__ grad_v, T* __restrict__ g_scaled, int64_t C, int64_t P,
-                                    int64_t K, int64_t s_vb, int64_t s_vc, int64_t s_vp, int64_t s_tb, float scale) {
+                                    int64_t K, int64_t s_vb, int64_t s_vc, int64_t s_vp, int64_t s_tb, int64_t s_gb,
+                                    int64_t s_gk, float scale) {
   if constexpr (DCF_TC_ARCH >= kMinArch<T>) {
     namespace wmma = nvcuda::wmma;
     __shared__ __align__(32) T gs[kMaxBwdK * kBwdLdG];
@@ -232,7 +233,7 @@ __global__ void __launch_bounds__(kThreads)
     const T zero = from_float<T>(0.0f);
     const T* vb = v + b * s_vb;
     const T* tb = t_hat + b * s_tb;
-    const T* gb = g + b * K * P;
+    const T* gb = g + b * s_gb;  // G[b, k, p] at b * s_gb + k * s_gk + p: NCHW, or a channel slice of it
     T* gvb = grad_v + b * s_vb;
     // This thread's pixel and quarter of the 32 channels of a step: along the pixels for NCHW, along the channels
     // (4 consecutive threads cover one pixel's 32) for NHWC, so that global accesses are coalesced.
@@ -241,7 +242,7 @@ __global__ void __launch_bounds__(kThreads)
 
     for (int i = tid; i < k_pad * kTileP; i += kThreads) {
       const int k = i / kTileP, pp = i % kTileP;
-      gs[k * kBwdLdG + pp] = k < K && p0 + pp < P ? gb[k * P + p0 + pp] : zero;
+      gs[k * kBwdLdG + pp] = k < K && p0 + pp < P ? gb[k * s_gk + p0 + pp] : zero;
     }
     const int row_frag = warp / kColFrags, col_frag = warp % kColFrags;
     float v_sq = 0.0f, v_dot = 0.0f, inv = 0.0f, radial = 0.0f;

@@ -11,7 +11,8 @@
 //                  keeps NaN (else 0); 1 where no NaN is planted
 //   untouched      1 when nothing past the two output buffers was written
 //   vec            the access width tc::backward_vec chose (as the CUDA launcher does)
-// Usage: score_tc_backward_main DTYPE(half|bf16) B C H W K NHWC(0|1) BATCHED_TEXT(0|1) SEED
+// G is read as a channel slice: channels [X, X + K) of a (B, X + K, P) buffer (score_concat's gradient), X >= 0.
+// Usage: score_tc_backward_main DTYPE(half|bf16) B C H W K NHWC(0|1) BATCHED_TEXT(0|1) X SEED
 #include "cuda_emulation.h"
 
 #include "../../csrc/cuda/score_tc.cuh"
@@ -28,7 +29,7 @@ constexpr double kMaxFinite = std::is_same_v<T, __half> ? 65504.0 : 3.3895313892
 constexpr int64_t kGuard = 64;
 
 template <typename T>
-int run(int64_t B, int64_t C, int64_t H, int64_t W, int64_t K, bool nhwc, bool batched, unsigned seed) {
+int run(int64_t B, int64_t C, int64_t H, int64_t W, int64_t K, bool nhwc, bool batched, int64_t X, unsigned seed) {
   namespace tc = denseclip_fast::tc;
   const int64_t P = H * W, KT = batched ? B : 1;
   std::mt19937 rng(seed);
@@ -52,13 +53,16 @@ int run(int64_t B, int64_t C, int64_t H, int64_t W, int64_t K, bool nhwc, bool b
   }
 
   const int64_t s_vb = C * P, s_vc = nhwc ? 1 : P, s_vp = nhwc ? C : 1;
-  std::vector<T> vbuf(B * C * P + kGuard), tbuf(that.size() + kGuard), gbuf(gval.size() + kGuard);
+  std::vector<T> vbuf(B * C * P + kGuard), tbuf(that.size() + kGuard), gbuf(B * (X + K) * P + kGuard);
   for (int64_t b = 0; b < B; ++b)
     for (int64_t c = 0; c < C; ++c)
       for (int64_t p = 0; p < P; ++p)
         vbuf[b * s_vb + c * s_vc + p * s_vp] = from_float_any<T>(vval[(b * C + c) * P + p]);
   for (size_t i = 0; i < that.size(); ++i) tbuf[i] = from_float_any<T>(that[i]);
-  for (size_t i = 0; i < gval.size(); ++i) gbuf[i] = from_float_any<T>(gval[i]);
+  for (auto& x : gbuf) x = from_float_any<T>(kSentinel);  // the other channels of the buffer: never read
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t p = 0; p < P; ++p) gbuf[(b * (X + K) + X + k) * P + p] = from_float_any<T>(gval[(b * K + k) * P + p]);
   std::vector<T> gv(B * C * P + kGuard, from_float_any<T>(kSentinel));
   std::vector<T> gs(B * K * P + kGuard, from_float_any<T>(kSentinel));
 
@@ -67,7 +71,8 @@ int run(int64_t B, int64_t C, int64_t H, int64_t W, int64_t K, bool nhwc, bool b
   const int64_t s_tb = batched ? K * C : 0;
   auto launch = [&](auto kernel) {
     emu::launch(grid, tc::kThreads, kernel, static_cast<const T*>(vbuf.data()), static_cast<const T*>(tbuf.data()),
-                static_cast<const T*>(gbuf.data()), gv.data(), gs.data(), C, P, K, s_vb, s_vc, s_vp, s_tb, scale);
+                static_cast<const T*>(gbuf.data() + X * P), gv.data(), gs.data(), C, P, K, s_vb, s_vc, s_vp, s_tb,
+                (X + K) * P, P, scale);
   };
   const bool vec = tc::backward_vec(C, nhwc, reinterpret_cast<std::uintptr_t>(vbuf.data()),
                                     reinterpret_cast<std::uintptr_t>(gv.data()));
@@ -130,10 +135,10 @@ int run(int64_t B, int64_t C, int64_t H, int64_t W, int64_t K, bool nhwc, bool b
 }  // namespace
 
 int main(int argc, char** argv) {
-  const std::vector<int64_t> a = emu::int_args(argc, argv, 2, 8, "half|bf16 B C H W K NHWC BATCHED SEED");
+  const std::vector<int64_t> a = emu::int_args(argc, argv, 2, 9, "half|bf16 B C H W K NHWC BATCHED X SEED");
   const std::string dtype = argv[1];
-  if (dtype == "half") return run<__half>(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]);
-  if (dtype == "bf16") return run<__nv_bfloat16>(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]);
+  if (dtype == "half") return run<__half>(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8]);
+  if (dtype == "bf16") return run<__nv_bfloat16>(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8]);
   std::fprintf(stderr, "dtype must be half or bf16, got %s\n", argv[1]);
   return 2;
 }
