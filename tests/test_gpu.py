@@ -194,12 +194,14 @@ def test_aoti_package_on_cuda(tmp_path, monkeypatch, backend):
 
 
 @pytest.mark.parametrize("backend", [None, "cuda"])
-def test_bf16_training_step_on_cuda(monkeypatch, backend):
+@pytest.mark.parametrize("kind", ["resnet", "vit"])
+def test_bf16_training_step_on_cuda(monkeypatch, backend, kind):
     """The trainer's step under bf16 autocast with the fused operators' backward (auto: Triton where it takes the
     call, CUDA C++ elsewhere) against the same step on the reference backend; the model prepared as the trainer
-    does (channels_last on CUDA)."""
+    does (channels_last on CUDA) and run through the trainer's TrainStep. ViT too: CUDA autocast runs its score
+    level's GroupNorm in float32 (the CPU's does not), which the fused score_concat once refused."""
     from denseclip_fast.train import TrainConfig
-    from denseclip_fast.train.loop import prepare_model
+    from denseclip_fast.train.loop import TrainStep, prepare_model
     from denseclip_fast.train.optim import segmentation_loss
 
     cfg = TrainConfig()
@@ -212,13 +214,13 @@ def test_bf16_training_step_on_cuda(monkeypatch, backend):
             monkeypatch.delenv("DENSECLIP_FAST_BACKEND", raising=False)
         else:
             monkeypatch.setenv("DENSECLIP_FAST_BACKEND", name)
-        model = prepare_model(randomized(dcf.DenseCLIP(heads_of_16(tiny_config("resnet")), NAMES)), cfg,
+        model = prepare_model(randomized(dcf.DenseCLIP(heads_of_16(tiny_config(kind)), NAMES)), cfg,
                               torch.device("cuda"))  # fmt: skip
         assert model.backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last)
         torch.manual_seed(1)  # the same dropout masks
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = model.forward_features(x.contiguous(memory_format=torch.channels_last))
-        segmentation_loss(out["logits"], out["aux_logits"], label, cfg)["loss"].backward()
+            logits, aux = TrainStep(model)(x.contiguous(memory_format=torch.channels_last))
+        segmentation_loss(logits, aux, label, cfg)["loss"].backward()
         grads[name] = torch.cat([p.grad.flatten().float() for p in model.parameters() if p.grad is not None])
     assert torch.isfinite(grads[backend]).all()
     # bf16 noise alone: the same step on two CPU backends differs by 0.035-0.08 in these gradients (both are ~0.4

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -170,3 +172,19 @@ def test_conv_seg_keeps_pytorchs_default_initialisation(tiny):
     bound = conv.in_channels**-0.5
     assert conv.weight.abs().max() <= bound and conv.weight.std() > 0.4 * bound  # uniform: std = bound / sqrt(3)
     assert conv.bias.abs().max() <= bound and conv.bias.abs().max() > 0
+
+
+def test_score_concat_level_of_another_dtype():
+    """Under CUDA autocast ViT's score level (fpn3, a GroupNorm, which CUDA autocast runs in float32) is float32
+    while the local embedding map is bfloat16: the model casts the level to the map's dtype for the fused operator
+    (the CPU's autocast keeps GroupNorm in bfloat16, so the level is made float32 by hand here)."""
+    model = DenseCLIP(tiny_config("vit"), NAMES).to(torch.bfloat16).eval()
+    x = torch.randn(1, 3, 64, 64, dtype=torch.bfloat16)
+    feats = model.extract(x)
+    levels = list(feats.levels)
+    i = model.config.score_concat_index
+    levels[i] = levels[i].float()
+    text = model.context_prompt(feats, model.class_embeddings())
+    logits, _ = model.logits_and_score(dataclasses.replace(feats, levels=levels), text, None)
+    expected, _ = model.logits_and_score(feats, text, None)
+    assert logits.dtype == torch.bfloat16 and torch.allclose(logits, expected)

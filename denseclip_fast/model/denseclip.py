@@ -155,7 +155,9 @@ class DenseCLIP(nn.Module):
         levels = list(feats.levels)
         i = self.config.score_concat_index
         z = feats.local_feat
-        merged = ops.score_concat(levels[i], z, text.to(z.dtype))
+        # in z's dtype: under CUDA autocast ViT's level 2 (fpn3, a GroupNorm, which autocast runs in float32) is
+        # float32 while z is bfloat16, and the fused operator takes one dtype
+        merged = ops.score_concat(levels[i].to(z.dtype), z, text.to(z.dtype))
         score = merged[:, levels[i].shape[1] :]
         levels[i] = merged
         out = self.decode_head(self.neck(levels))
