@@ -219,7 +219,7 @@ def test_graph_cache_captures_each_shape_once_and_evicts():
     calls = []
     fn = lambda x: (calls.append(tuple(x.shape)), x * 2)[1]  # noqa: E731
     capture = FakeCapture()
-    cache = GraphCache(fn, enabled=True, capture=capture, max_graphs=2)
+    cache = GraphCache(fn, enabled=True, capture=capture, max_graphs=2, capture_after=1)
     a, b, c = torch.ones(1, 3), torch.ones(2, 3), torch.ones(3, 3)
     assert torch.equal(cache(a), a * 2) and torch.equal(cache(a), a * 2)
     cache(b)
@@ -237,12 +237,34 @@ def test_graph_cache_captures_each_shape_once_and_evicts():
     assert disabled.captures == 0
     with pytest.raises(ValueError, match="max_graphs must be >= 1"):
         GraphCache(fn, max_graphs=0)
+    with pytest.raises(ValueError, match="capture_after must be >= 1"):
+        GraphCache(fn, capture_after=0)
+
+
+def test_graph_cache_captures_a_shape_when_it_comes_back():
+    """The default: a shape's first call runs eagerly, its second is captured (and replayed from then on), so sizes
+    that never repeat cost no capture; the count of first sightings is bounded."""
+    calls = []
+    fn = lambda x: (calls.append(tuple(x.shape)), x * 2)[1]  # noqa: E731
+    capture = FakeCapture()
+    cache = GraphCache(fn, enabled=True, capture=capture, max_graphs=2)
+    a, b = torch.ones(1, 3), torch.ones(2, 3)
+    assert torch.equal(cache(a), a * 2) and capture.captured == [] and calls == [(1, 3)]
+    cache(b)
+    assert capture.captured == [] and cache.captures == 0
+    cache(a)
+    assert capture.captured == [(1, 3)] and cache.captures == 1
+    cache(a)
+    assert cache.captures == 1 and calls == [(1, 3), (2, 3), (1, 3), (1, 3)]  # replays call fn here (FakeCapture)
+    for n in range(3, 30):  # ever-new sizes: eager, never captured, and at most 4 x max_graphs remembered
+        cache(torch.ones(n, 3))
+    assert cache.captures == 1 and len(cache.sightings) == 8
 
 
 def test_segmenter_routes_every_forward_through_the_graph_cache(model):
     seg = _engine(model, mode="slide")
     capture = FakeCapture()
-    seg._graphs = GraphCache(seg._forward, enabled=True, capture=capture)
+    seg._graphs = GraphCache(seg._forward, enabled=True, capture=capture, capture_after=1)
     x = torch.randn(1, 3, 70, 100)
     first = seg.logits(x)
     assert torch.equal(seg.logits(x), first)

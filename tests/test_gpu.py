@@ -139,7 +139,7 @@ def test_engine_rejects_non_finite_cuda_batches_after_the_forward():
     from denseclip_fast import DenseCLIP, Segmenter
 
     model = randomized(DenseCLIP(heads_of_16(tiny_config("resnet")), NAMES)).eval()
-    seg = Segmenter(model, device="cuda", dtype=torch.float32)
+    seg = Segmenter(model, device="cuda", dtype=torch.float32, capture_after=1)
     x = torch.randn(1, 3, 64, 64, device="cuda")
     expected = seg.logits(x)
     bad = x.clone()
@@ -164,7 +164,7 @@ def test_engine_on_cuda_matches_official(mode):
     with torch.no_grad():
         reference = official(x) if mode == "whole" else official.slide_inference(x, 96, 64)
     for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 2e-2)):
-        seg = Segmenter(model, device="cuda", dtype=dtype, mode=mode, crop=96, stride=64)
+        seg = Segmenter(model, device="cuda", dtype=dtype, mode=mode, crop=96, stride=64, capture_after=1)
         first = seg.logits(x)
         assert rel_err(first, reference) < tol, (dtype, rel_err(first, reference))
         assert torch.equal(seg.logits(x), first) and seg.captured_graphs == 1  # replayed, not captured again
@@ -227,3 +227,23 @@ def test_bf16_training_step_on_cuda(monkeypatch, backend, kind):
     # from the float32 step: random weights, logits / 0.07); the operators' own backward is checked against float64
     # per dtype by test_ops.py, this test is about the step running under autocast with finite, matching gradients
     assert rel_err(grads[backend], grads["reference"]) <= 0.15
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_a_model_on_a_gpu_that_is_not_the_current_one():
+    """Triton launches on the current device, not on its arguments': the operators make the tensors' GPU current,
+    and the engine captures and replays its graphs on its own GPU, whichever is current at the call."""
+    from denseclip_fast import Segmenter
+
+    model = randomized(dcf.DenseCLIP(heads_of_16(tiny_config("resnet")), NAMES)).eval()
+    x = torch.randn(1, 3, 64, 64)
+    torch.cuda.set_device(0)
+    expected = Segmenter(model, device="cuda:0", dtype=torch.float32, cuda_graphs=False).logits(x.cuda(0))
+    seg = Segmenter(model, device="cuda:1", dtype=torch.float32, capture_after=1)
+    for _ in range(2):  # captured, then replayed
+        assert rel_err(seg.logits(x.cuda(1)).cuda(0), expected) <= 1e-5
+    assert seg.captured_graphs == 1 and torch.cuda.current_device() == 0
+    visual, text = torch.randn(2, 64, 8, 8, device="cuda:1"), torch.randn(5, 64, device="cuda:1")
+    for backend in ("triton", "cuda"):
+        out = ops.pixel_text_score(visual, text, backend=backend)
+        assert rel_err(out, ops.reference.pixel_text_score(visual, text)) <= 1e-5

@@ -532,6 +532,14 @@ def test_device_queries_are_memoised_and_left_out_of_traces(monkeypatch):
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     assert ops.backends.shared_memory_per_block(torch.device("cuda", 1)) == 1001  # the eager answer holds
     assert ops.backends.shared_memory_per_block(torch.device("cpu")) is None
+    # query_device (to_aoti calls it before tracing) leaves the answers a trace reads
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (8, 6))
+    assert ops.backends._device_arch(torch.device("cuda", 3)) is None  # tracing, nothing asked eagerly yet
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+    ops.backends.query_device(torch.device("cuda", 3))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert ops.backends._device_arch(torch.device("cuda", 3)) == 86
+    assert ops.backends.shared_memory_per_block(torch.device("cuda", 3)) == 1003
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the errors of a machine without CUDA")

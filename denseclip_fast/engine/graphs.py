@@ -12,6 +12,7 @@ The capture itself needs a GPU; the cache logic takes any ``capture`` callable, 
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -19,6 +20,11 @@ from typing import Any
 import torch
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
+
+# One capture at a time in the process, each on its own stream and in thread-local error mode: a capture in the
+# default global mode fails (and is invalidated) when any other thread allocates or synchronises meanwhile, and
+# torch.cuda.graph's shared default capture stream belongs to whichever GPU was current first.
+_CAPTURE_LOCK = threading.Lock()
 
 
 def signature(x: torch.Tensor) -> tuple[Any, ...]:
@@ -30,32 +36,39 @@ class CapturedForward:
     """One CUDA graph of ``fn`` for inputs like ``example``."""
 
     def __init__(self, fn: Forward, example: torch.Tensor, pool: Any = None, warmup: int = 2) -> None:
-        self.static_input = example.clone()
-        side = torch.cuda.Stream(device=example.device)
-        side.wait_stream(torch.cuda.current_stream(example.device))
-        with torch.cuda.stream(side):
-            for _ in range(warmup):
-                fn(self.static_input)
-        torch.cuda.current_stream(example.device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
-            self.static_output = fn(self.static_input)
+        self.device = example.device
+        with torch.cuda.device(self.device), _CAPTURE_LOCK:  # the example's GPU is current, whichever was before
+            self.static_input = example.clone()
+            side = torch.cuda.Stream(device=self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for _ in range(warmup):
+                    fn(self.static_input)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, pool=pool, stream=side, capture_error_mode="thread_local"):
+                self.static_output = fn(self.static_input)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """The output buffer, overwritten by the next replay: consume or clone it before calling again."""
-        self.static_input.copy_(x)
-        self.graph.replay()
+        with torch.cuda.device(self.device):  # replays go to the current stream of the graph's own GPU
+            self.static_input.copy_(x)
+            self.graph.replay()
         return self.static_output
 
 
 class GraphCache:
-    """``cache(x)`` runs ``fn(x)`` through the graph captured for x's signature (capturing it on first sight).
+    """``cache(x)`` runs ``fn(x)`` through the graph captured for x's signature, capturing it on the
+    ``capture_after``-th call with that signature (the calls before run ``fn`` eagerly).
 
     Args:
         fn: the forward to capture; it must be capturable (static shapes, no host synchronisation).
         enabled: False runs ``fn`` eagerly (the CPU path, or CUDA graphs switched off).
         capture: builds a replayable object from (fn, example, pool); CapturedForward on a GPU.
         max_graphs: how many signatures keep a graph; the least recently used is dropped beyond.
+        capture_after: a capture costs two warm-up forwards, the capture and a device synchronisation; a stream of
+            ever-new sizes (keep-ratio resized images in whole mode) would pay that on every call and reuse
+            nothing, so a signature is captured once it has come back (2, the default), or at once (1).
     """
 
     def __init__(
@@ -64,14 +77,18 @@ class GraphCache:
         enabled: bool = True,
         capture: Callable[[Forward, torch.Tensor, Any], Forward] | None = None,
         max_graphs: int = 16,
+        capture_after: int = 2,
     ) -> None:
         if max_graphs < 1:
             raise ValueError(f"max_graphs must be >= 1, got {max_graphs}")
+        if capture_after < 1:
+            raise ValueError(f"capture_after must be >= 1, got {capture_after}")
         self.fn = fn
         self.enabled = enabled
         self.capture = capture or (lambda f, x, pool: CapturedForward(f, x, pool))
-        self.max_graphs = max_graphs
+        self.max_graphs, self.capture_after = max_graphs, capture_after
         self.graphs: OrderedDict[tuple[Any, ...], Forward] = OrderedDict()
+        self.sightings: OrderedDict[tuple[Any, ...], int] = OrderedDict()  # eager calls of signatures not captured
         self.captures = 0
         self._pool: Any = None
 
@@ -81,6 +98,12 @@ class GraphCache:
         key = signature(x)
         graph = self.graphs.get(key)
         if graph is None:
+            seen = self.sightings.pop(key, 0) + 1
+            if seen < self.capture_after:
+                self.sightings[key] = seen
+                while len(self.sightings) > 4 * self.max_graphs:
+                    self.sightings.popitem(last=False)
+                return self.fn(x)
             if self._pool is None and x.is_cuda:
                 self._pool = torch.cuda.graph_pool_handle()
             graph = self.capture(self.fn, x, self._pool)
@@ -95,3 +118,4 @@ class GraphCache:
     def clear(self) -> None:
         """Drop every graph (after changing what the captured function reads other than in place)."""
         self.graphs.clear()
+        self.sightings.clear()

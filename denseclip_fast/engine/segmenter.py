@@ -70,6 +70,9 @@ class Segmenter:
         crop, stride: the sliding window; default the architecture's (512/341, 640/426 for ViT-B/16).
         cuda_graphs: capture and replay CUDA graphs per input shape (CUDA only).
         max_graphs: how many input shapes keep a captured graph.
+        capture_after: an input shape is captured on its capture_after-th call and replayed from then on; the calls
+            before run eagerly (default 2: a stream of ever-new sizes never pays for captures it cannot reuse; 1
+            captures at once).
         check_finite: reject float batches holding NaN or infinite values with a ValueError. A batch on the CPU
             is checked before the forward; a batch on a GPU is scanned on the GPU and its verdict read after the
             forward is queued (one synchronisation per call, at its end, and no idle gap before the forward); a
@@ -87,12 +90,15 @@ class Segmenter:
         cuda_graphs: bool = True,
         max_graphs: int = 16,
         check_finite: bool = True,
+        capture_after: int = 2,
     ) -> None:
         if not isinstance(model, DenseCLIP):
             raise ValueError(f"model must be a denseclip_fast.DenseCLIP, got {type(model).__name__}")
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device={device!r} but no CUDA GPU is available; use device='cpu'")
+        if self.device.type == "cuda" and self.device.index is None:  # the GPU current now, not at each call
+            self.device = torch.device("cuda", torch.cuda.current_device())
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {dtype}")
         if dtype == torch.float16 and self.device.type != "cuda":
@@ -110,7 +116,7 @@ class Segmenter:
         self._vocabularies: OrderedDict[tuple[str, ...], torch.Tensor] = OrderedDict()
         self._lock = threading.RLock()
         self._graphs = GraphCache(self._forward, enabled=cuda_graphs and self.device.type == "cuda",
-                                  max_graphs=max_graphs)  # fmt: skip
+                                  max_graphs=max_graphs, capture_after=capture_after)  # fmt: skip
 
     # ------------------------------------------------------------------ setup
 

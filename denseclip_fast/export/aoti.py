@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .. import __version__
+from .. import __version__, ops
 from ..engine import Segmenter
 from ..engine.segmenter import no_tf32
 from ..model import DenseCLIP
@@ -67,6 +67,7 @@ def to_aoti(
         raise ValueError(
             f"model_or_segmenter must be a DenseCLIP model or a Segmenter, got {type(model_or_segmenter).__name__}"
         )
+    ops.backends.query_device(seg.device)  # the trace below reads the backends' memo only
     if not isinstance(max_batch, int) or max_batch < TRACE_BATCH:
         raise ValueError(f"max_batch must be an int >= {TRACE_BATCH}, got {max_batch!r}")
     path = Path(path)

@@ -79,6 +79,19 @@ def _cuda_arch_mismatch(device: torch.device) -> str | None:
     return _memo[key]
 
 
+def query_device(device: torch.device) -> None:
+    """Ask now, eagerly, what the backends decide by for this GPU (its architecture, its shared memory, whether the
+    extension's kernels were built for it), so that a trace that follows (torch.export, AOTInductor) finds the
+    answers: while tracing only the memo is read, and an empty one would mean the defaults (e.g. the H200's float32
+    attention blocks, too large for sm_86 / sm_89)."""
+    if device.type != "cuda":
+        return
+    _device_arch(device)
+    shared_memory_per_block(device)
+    if _cuda_kernels_built():
+        _cuda_arch_mismatch(device)
+
+
 def triton_available() -> str | None:
     """None when the Triton kernels can be used (importing them registers their operators), else why not."""
     if "triton" not in _memo:

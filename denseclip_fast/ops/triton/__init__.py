@@ -21,18 +21,21 @@ if UNAVAILABLE is None:
 
     from ..library import empty_score, lse_dtype, register_autograd, register_fakes, register_flop_formulas
     from . import attention, score
+    from .common import on_device
 
     @triton_op("denseclip_fast::pixel_text_score_triton", mutates_args=())
     def pixel_text_score_triton(visual: torch.Tensor, text: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
         out = empty_score(visual, text.shape[-2])
-        score.score_forward_into(out, visual, text, scale)
+        with on_device(visual):
+            score.score_forward_into(out, visual, text, scale)
         return out
 
     @triton_op("denseclip_fast::pixel_text_score_backward_triton", mutates_args=())
     def pixel_text_score_backward_triton(
         grad: torch.Tensor, visual: torch.Tensor, text: torch.Tensor, scale: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return score.score_backward(grad, visual, text, scale)
+        with on_device(visual):
+            return score.score_backward(grad, visual, text, scale)
 
     @triton_op("denseclip_fast::score_concat_triton", mutates_args=())
     def score_concat_triton(
@@ -41,7 +44,8 @@ if UNAVAILABLE is None:
         cf = feature.shape[1]
         out = empty_score(visual, cf + text.shape[-2])
         out[:, :cf].copy_(feature)
-        score.score_forward_into(out[:, cf:], visual, text, scale)
+        with on_device(visual):
+            score.score_forward_into(out[:, cf:], visual, text, scale)
         return out
 
     @triton_op("denseclip_fast::context_attention_triton", mutates_args=())
@@ -49,14 +53,16 @@ if UNAVAILABLE is None:
         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         assert lse_dtype(q) == torch.float32, "the Triton kernels do not take float64"
-        return attention.attention_forward(q, k, v)
+        with on_device(q):
+            return attention.attention_forward(q, k, v)
 
     @triton_op("denseclip_fast::context_attention_backward_triton", mutates_args=())
     def context_attention_backward_triton(
         grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
         lse: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-        return attention.attention_backward(grad_out, q, k, v, out, lse)
+        with on_device(q):
+            return attention.attention_backward(grad_out, q, k, v, out, lse)
 
     register_fakes(suffix="_triton")
     register_autograd(suffix="_triton")

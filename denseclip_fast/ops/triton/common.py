@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -26,3 +27,10 @@ def launch(kernel: Any) -> Any:
         if os.environ.get("TRITON_INTERPRET") != "1":
             raise
         return kernel
+
+
+def on_device(t: torch.Tensor) -> contextlib.AbstractContextManager[Any]:
+    """Make t's GPU the current device for the launches in this block: Triton launches on the current device, not on
+    its arguments' (the C++ operators take a CUDAGuard), so a model on cuda:1 called while cuda:0 is current would
+    hand cuda:1 pointers to a kernel on cuda:0. A no-op for CPU tensors (the interpreter)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
