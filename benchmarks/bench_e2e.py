@@ -29,7 +29,15 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import denseclip_fast as dcf  # noqa: E402
-from benchmarks.common import Results, environment, failure, measure, rel_err, targets_markdown  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    Results,
+    environment,
+    failure,
+    free_gpu_memory,
+    measure,
+    rel_err,
+    targets_markdown,
+)
 from benchmarks.official import OfficialDenseCLIP, official_config, randomize_  # noqa: E402
 from denseclip_fast.engine.segmenter import no_tf32  # noqa: E402
 
@@ -130,6 +138,7 @@ def run(args: argparse.Namespace, device: torch.device, results: Results) -> Non
                 reference = official_fp32(official, x, mode, crop, stride)
                 for name in args.contestants:
                     print(f"{arch} {mode} {tuple(shape)} {name} ...", flush=True)
+                    free_gpu_memory(device)  # the previous contestant's (a Segmenter is freed only by a collection)
                     try:
                         r = measure(contestant(name, model, official, device, mode, crop, stride), x, args.repeats,
                                     device)  # fmt: skip
@@ -144,8 +153,6 @@ def run(args: argparse.Namespace, device: torch.device, results: Results) -> Non
                     r["fraction_of_peak_flops"] = flops / (r["p50_ms"] / 1e3) / PEAK_FLOPS
                     results.add(r)
                     bar_chart(results.rows, f"{results.stem}.png")
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
         del model, official
 
 

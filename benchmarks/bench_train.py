@@ -29,7 +29,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import denseclip_fast as dcf  # noqa: E402
-from benchmarks.common import Results, environment, failure, measure, targets_markdown  # noqa: E402
+from benchmarks.common import Results, environment, failure, free_gpu_memory, measure, targets_markdown  # noqa: E402
 from benchmarks.official import OfficialDenseCLIP, official_config, randomize_  # noqa: E402
 from denseclip_fast.train import TrainConfig  # noqa: E402
 from denseclip_fast.train.loop import TrainStep, memory_format, prepare_model  # noqa: E402
@@ -153,8 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name} failed: {failure(exc)}", flush=True)
             results.add({"contestant": name, "error": failure(exc)})
         step = None
-        if gpu:
-            torch.cuda.empty_cache()
+        free_gpu_memory(device)
     print(results.render(results.env, results.rows))
     return 0
 

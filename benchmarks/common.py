@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import datetime
+import gc
 import json
+import math
 import os
 import platform
 import statistics
@@ -51,18 +53,19 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def measure(
     fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, repeats: int, device: torch.device, grad: bool = False
 ) -> dict:
-    """The first call's time, then p50/p90/p99 of ``repeats`` timed calls after one warm-up, the peak CUDA memory
-    of the timed calls, and the first call's output as float32 on the CPU (``logits``). Under ``torch.no_grad``
-    unless ``grad`` (a training step)."""
+    """The first call's time, then p50/p90/p99 (nearest rank) of ``repeats`` timed calls after one warm-up, the peak
+    CUDA memory from the first call on (a captured graph's replays allocate nothing: its activations were allocated
+    at the capture, in the first call or the warm-up), and the first call's output as float32 on the CPU
+    (``logits``). Under ``torch.no_grad`` unless ``grad`` (a training step)."""
     with torch.set_grad_enabled(grad):
         sync(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
         out = fn(x)
         sync(device)
         first = time.perf_counter() - start
         fn(x)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
         times = []
         for _ in range(repeats):
             sync(device)
@@ -71,7 +74,7 @@ def measure(
             sync(device)
             times.append(time.perf_counter() - start)
     times.sort()
-    q = lambda f: times[min(len(times) - 1, int(f * len(times)))]  # noqa: E731
+    q = lambda f: times[max(0, math.ceil(f * len(times)) - 1)]  # noqa: E731  nearest rank
     return {
         "first_call_s": first,
         "p50_ms": 1e3 * statistics.median(times),
@@ -80,6 +83,14 @@ def measure(
         "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         "logits": out.float().cpu(),
     }
+
+
+def free_gpu_memory(device: torch.device) -> None:
+    """Give back what the previous contestant held before the next one is measured: a Segmenter lives in a
+    reference cycle (its graph cache holds its bound forward), so only a garbage collection frees it."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def failure(exc: BaseException) -> str:

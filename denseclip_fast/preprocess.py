@@ -91,10 +91,24 @@ def resize_keep_ratio(x: torch.Tensor, scale: Sequence[int]) -> torch.Tensor:
     return x.round().clamp(0, 255)
 
 
+_GPU_CONSTANTS: dict[tuple[torch.dtype, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _mean_std(dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """CLIP's mean and std as (1, 3, 1, 1) tensors; on a GPU made once per dtype and device, since building them
+    is a blocking host-to-device copy that would stall the engine's stream before every uint8 batch."""
+    make = lambda values: torch.tensor(values, dtype=dtype, device=device).view(1, 3, 1, 1)  # noqa: E731
+    if device.type != "cuda":
+        return make(CLIP_MEAN), make(CLIP_STD)
+    key = (dtype, device)
+    if key not in _GPU_CONSTANTS:
+        _GPU_CONSTANTS[key] = make(CLIP_MEAN), make(CLIP_STD)
+    return _GPU_CONSTANTS[key]
+
+
 def normalize(x: torch.Tensor) -> torch.Tensor:
     """(B, 3, H, W) float 0..255 RGB -> CLIP-normalised."""
-    mean = torch.tensor(CLIP_MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    mean, std = _mean_std(x.dtype, x.device)
     return (x - mean) / std
 
 

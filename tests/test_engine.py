@@ -311,3 +311,38 @@ def test_released_rn50_engine_equals_model():
         expected = model(x)
     assert rel_err(Segmenter(model, device="cpu", dtype=torch.float32).logits(x), expected) < 1e-4
     assert dcf.Segmenter is Segmenter
+
+
+def test_no_tf32_is_process_wide_and_restores_on_the_last_exit():
+    """The TF32 switches are process-wide: a block that ends while another (another thread's engine) is still
+    inside must not switch TF32 back on; the settings come back when the last one ends. With torch's newer
+    fp32_precision settings in use, the legacy allow_tf32 flags raise when read, so the engine must not read them."""
+    from denseclip_fast.engine import segmenter
+
+    saved = segmenter._tf32_settings()
+    off = ("ieee", "ieee") if segmenter._NEW_TF32_API else (False, False)
+    try:
+        on = ("tf32", "tf32") if segmenter._NEW_TF32_API else (True, True)
+        segmenter._set_tf32(on)  # a user who chose TF32 (through the newer settings where torch has them)
+        first, second = segmenter.no_tf32(), segmenter.no_tf32()
+        first.__enter__()
+        second.__enter__()
+        assert segmenter._tf32_settings() == off
+        first.__exit__(None, None, None)
+        assert segmenter._tf32_settings() == off  # the other block still runs in IEEE float32
+        second.__exit__(None, None, None)
+        assert segmenter._tf32_settings() == on
+        with segmenter.no_tf32(active=False):
+            assert segmenter._tf32_settings() == on
+    finally:
+        segmenter._set_tf32(saved)
+
+
+def test_a_callers_autocast_does_not_reach_the_engine(model):
+    """The engine computes in its own dtype: called inside the caller's bfloat16 autocast region, a float32 engine
+    gives its float32 logits."""
+    seg = _engine(model)
+    x = torch.randn(1, 3, 64, 64)
+    expected = seg.logits(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(seg.logits(x), expected)

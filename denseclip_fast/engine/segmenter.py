@@ -44,18 +44,47 @@ Mode = Literal["whole", "slide"]
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+_TF32_LOCK = threading.Lock()
+_tf32_holders = 0  # code inside no_tf32, in any thread: the settings are restored when the last one leaves
+_tf32_saved: Any = None
+# torch >= 2.9's fp32_precision settings: once a program uses them, reading the legacy allow_tf32 flags raises
+_NEW_TF32_API = hasattr(torch.backends.cuda.matmul, "fp32_precision") and hasattr(torch.backends.cudnn, "conv")
+
+
+def _tf32_settings() -> Any:
+    if _NEW_TF32_API:
+        return torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision
+    return torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+
+
+def _set_tf32(settings: Any) -> None:
+    if _NEW_TF32_API:
+        torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision = settings
+    else:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = settings
+
+
 @contextlib.contextmanager
 def no_tf32(active: bool = True) -> Iterator[None]:
-    """TF32 off for cuDNN convolutions and cuBLAS matmuls while ``active`` code runs; the settings restored after."""
+    """TF32 off for cuDNN convolutions and cuBLAS matmuls while ``active`` code runs; the settings restored when the
+    last such block in the process ends (they are process-wide: a thread leaving its block must not switch TF32
+    back on under another still inside one). Uses the fp32_precision settings where torch has them."""
+    global _tf32_holders, _tf32_saved
     if not active:
         yield
         return
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    with _TF32_LOCK:
+        if _tf32_holders == 0:
+            _tf32_saved = _tf32_settings()
+            _set_tf32(("ieee", "ieee") if _NEW_TF32_API else (False, False))
+        _tf32_holders += 1
     try:
         yield
     finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+        with _TF32_LOCK:
+            _tf32_holders -= 1
+            if _tf32_holders == 0:
+                _set_tf32(_tf32_saved)
 
 
 class Segmenter:
@@ -125,9 +154,14 @@ class Segmenter:
         with torch.no_grad(), self._math(always=True):
             return self.model.text_features(names).to(self.dtype)
 
-    def _math(self, always: bool = False) -> contextlib.AbstractContextManager[None]:
-        """float32 means float32: TF32 off while a float32 engine (or, with ``always``, any engine) runs on CUDA."""
-        return no_tf32((self.dtype == torch.float32 or always) and self.device.type == "cuda")
+    def _math(self, always: bool = False) -> contextlib.ExitStack:
+        """The engine's own arithmetic, whatever the caller's: float32 means float32 (TF32 off while a float32 engine,
+        or with ``always`` any engine, runs on CUDA), and a caller's autocast region does not reach the engine,
+        whose dtype is its own (and whose captured graphs would keep whatever autocast did at the capture)."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(no_tf32((self.dtype == torch.float32 or always) and self.device.type == "cuda"))
+        stack.enter_context(torch.autocast(self.device.type, enabled=False))
+        return stack
 
     # ------------------------------------------------------------------ the forward
 
