@@ -81,10 +81,28 @@ class TrainStep(nn.Module):
         return logits, score / model.config.tau
 
 
-def _checkpointed(forward: Any, *args: Any, **kwargs: Any) -> Any:
+@contextlib.contextmanager
+def _batchnorm_statistics_kept(module: nn.Module) -> Iterator[None]:
+    """The running statistics of module's BatchNorms left as they are (momentum 0, the batch count restored): the
+    recomputation of a checkpointed block in the backward pass runs it in training mode a second time."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    saved = [(m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone()) for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, (momentum, count) in zip(norms, saved):
+            m.momentum = momentum
+            if count is not None:
+                m.num_batches_tracked.copy_(count)
+
+
+def _checkpointed(forward: Any, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
     from torch.utils.checkpoint import checkpoint
 
-    return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    contexts = lambda: (contextlib.nullcontext(), _batchnorm_statistics_kept(module))  # noqa: E731
+    return checkpoint(forward, *args, use_reentrant=False, context_fn=contexts, **kwargs)
 
 
 def enable_gradient_checkpointing(model: DenseCLIP) -> int:
@@ -98,7 +116,7 @@ def enable_gradient_checkpointing(model: DenseCLIP) -> int:
         blocks += list(backbone.transformer.resblocks)
     blocks += list(model.text_encoder.transformer.resblocks)
     for block in blocks:
-        block.forward = functools.partial(_checkpointed, block.forward)  # type: ignore[method-assign]
+        block.forward = functools.partial(_checkpointed, block.forward, block)  # type: ignore[method-assign]
     return len(blocks)
 
 
