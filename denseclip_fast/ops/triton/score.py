@@ -9,14 +9,15 @@ followed by the dot product. Memory traffic: visual is read once when BLOCK_K >=
 FLOPs = 2 B K C H W. Strides are arguments, so NCHW and NHWC visual (and any strided output view, which is how
 score_concat writes into its concatenated buffer) use the same kernel.
 
-Backward, four launches: (1) the text normalised, t^ and |t| (float32, K x C: small); (2) one program per (batch,
-block of pixels): a first pass over C accumulates |v|^2 and <v, g^> where g^ = scale * T^^T G (tensor cores, in the
-input dtype: 16-bit operands for 16-bit inputs), then G * scale / |v| is written for the text half (K x P per
-image, in the input dtype), and a second pass recomputes g^ and writes dv = (g^ - v^ <v^, g^>) / |v| (or g^ / eps
-below eps); (3) the gradient with respect to t^, a batched GEMM of that scaled G with the raw visual (cuBLAS,
-float32 output); (4) the text normalisation's Jacobian on the K x C result, summed over the batch when the text is
-shared. Traffic: visual read three times (the second pass of (2) from L2 while a block's tile stays there, then by
-the GEMM), dv written once, G read three times and written once scaled; no pass of elementwise torch operations.
+Backward, four launches (five for text shared by the batch): (1) the text normalised, t^ and |t| (float32, K x C:
+small); (2) one program per (batch, block of pixels): a first pass over C accumulates |v|^2 and <v, g^> where g^ =
+scale * T^^T G (tensor cores, in the input dtype: 16-bit operands for 16-bit inputs), then G * scale / |v| is
+written for the text half (K x P per image, in the input dtype), and a second pass recomputes g^ and writes dv = (g^
+- v^ <v^, g^>) / |v| (or g^ / eps below eps); (3) the gradient with respect to t^, a batched GEMM of that scaled G
+with the raw visual (cuBLAS, float32 output), summed over the batch by ATen when the text is shared; (4) the text
+normalisation's Jacobian on the K x C result. Traffic: visual read three times (the second pass of (2) from L2 while
+a block's tile stays there, then by the GEMM), dv written once, G read three times and written once scaled; no pass
+of elementwise torch operations.
 """
 
 from __future__ import annotations
@@ -184,6 +185,14 @@ def _score_bwd_visual_kernel(
 
 
 @triton.jit
+def _row_tile(base, mask_r, c0, C, BLOCK_C: tl.constexpr):
+    """Element offsets and mask of columns c0 .. c0 + BLOCK_C of the rows at ``base`` (row * C) of a dense (R, C)
+    tensor, masked past the rows (mask_r) and past C."""
+    cols = c0 + tl.arange(0, BLOCK_C)
+    return base[:, None] + cols[None, :], mask_r[:, None] & (cols[None, :] < C)
+
+
+@triton.jit
 def _text_normalize_kernel(t_ptr, that_ptr, norm_ptr, R, C, eps, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """Rows of the dense (R, C) text: t^ = t / max(|t|, eps) in float32, and |t|."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -191,18 +200,16 @@ def _text_normalize_kernel(t_ptr, that_ptr, norm_ptr, R, C, eps, BLOCK_R: tl.con
     base = rows.to(tl.int64) * C
     sq = tl.zeros((BLOCK_R,), dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
-        mask = mask_r[:, None] & (cols[None, :] < C)
-        t = tl.load(t_ptr + base[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        offs, mask = _row_tile(base, mask_r, c0, C, BLOCK_C)
+        t = tl.load(t_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         sq += tl.sum(t * t, axis=1)
     norm = tl.sqrt(sq)
     inv = 1.0 / _clamp_min(norm, eps)
     tl.store(norm_ptr + rows, norm, mask=mask_r)
     for c0 in range(0, C, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
-        mask = mask_r[:, None] & (cols[None, :] < C)
-        t = tl.load(t_ptr + base[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        tl.store(that_ptr + base[:, None] + cols[None, :], t * inv[:, None], mask=mask)
+        offs, mask = _row_tile(base, mask_r, c0, C, BLOCK_C)
+        t = tl.load(t_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(that_ptr + offs, t * inv[:, None], mask=mask)
 
 
 @triton.jit
@@ -214,18 +221,14 @@ def _text_grad_kernel(gt_ptr, that_ptr, norm_ptr, out_ptr, R, C, eps, BLOCK_R: t
     base = rows.to(tl.int64) * C
     dot = tl.zeros((BLOCK_R,), dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
-        mask = mask_r[:, None] & (cols[None, :] < C)
-        offs = base[:, None] + cols[None, :]
+        offs, mask = _row_tile(base, mask_r, c0, C, BLOCK_C)
         g = tl.load(gt_ptr + offs, mask=mask, other=0.0)
         dot += tl.sum(g * tl.load(that_ptr + offs, mask=mask, other=0.0), axis=1)
     norm = tl.load(norm_ptr + rows, mask=mask_r, other=1.0)
     radial = tl.where(norm >= eps, dot, 0.0)
     inv = 1.0 / _clamp_min(norm, eps)
     for c0 in range(0, C, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
-        mask = mask_r[:, None] & (cols[None, :] < C)
-        offs = base[:, None] + cols[None, :]
+        offs, mask = _row_tile(base, mask_r, c0, C, BLOCK_C)
         g = tl.load(gt_ptr + offs, mask=mask, other=0.0)
         t_hat = tl.load(that_ptr + offs, mask=mask, other=0.0)
         grad = (g - t_hat * radial[:, None]) * inv[:, None]
