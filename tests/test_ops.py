@@ -59,6 +59,22 @@ def _text(b: int, k: int, c: int, batched: bool, dtype: torch.dtype) -> torch.Te
     return torch.randn(shape, dtype=torch.float64).to(DEVICE, dtype)
 
 
+def _score_with_reference(
+    visual: torch.Tensor, text: torch.Tensor, scale: float, backend: str, grad: torch.Tensor | None = None
+) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """pixel_text_score of ``backend`` and of the float64 reference, each forward and backward with one gradient
+    (random when None; the backend gets it in visual's dtype, its layout kept): (out, visual's and text's
+    gradients) for each."""
+    v64, t64 = _leaf(visual, torch.float64), _leaf(text, torch.float64)
+    expected = reference.pixel_text_score(v64, t64, scale)
+    grad = torch.randn_like(expected) if grad is None else grad
+    expected.backward(grad.double())
+    v, t = _leaf(visual), _leaf(text)
+    out = ops.pixel_text_score(v, t, scale, backend=backend)
+    out.backward(grad.to(visual.dtype))
+    return (out, v.grad, t.grad), (expected, v64.grad, t64.grad)
+
+
 @pytest.mark.parametrize("backend, dtype", BACKEND_DTYPES)
 @pytest.mark.parametrize("shape", SCORE_SHAPES)
 @pytest.mark.parametrize("batched", [False, True])
@@ -66,20 +82,14 @@ def test_pixel_text_score_forward_and_backward(backend, dtype, shape, batched):
     b, c, h, w, k = shape
     layout = LAYOUTS[(sum(shape) + batched) % 3]
     visual, text = _visual(b, c, h, w, layout, dtype), _text(b, k, c, batched, dtype)
-    v64, t64 = _leaf(visual, torch.float64), _leaf(text, torch.float64)
-    expected = reference.pixel_text_score(v64, t64, 0.5)
-    grad = torch.randn_like(expected)
-    expected.backward(grad)
-    v, t = _leaf(visual), _leaf(text)
-    out = ops.pixel_text_score(v, t, 0.5, backend=backend)
-    out.backward(grad.to(dtype))
+    (out, v_grad, t_grad), (expected, v64_grad, t64_grad) = _score_with_reference(visual, text, 0.5, backend)
     assert out.dtype == dtype and out.shape == (b, k, h, w)
     if backend != "reference":  # the kernels keep visual's layout (the reference only defines the values)
         nhwc = visual.is_contiguous(memory_format=torch.channels_last) and not visual.is_contiguous()
         assert out.is_contiguous(memory_format=torch.channels_last if nhwc else torch.contiguous_format)
     _check_close(out, expected, dtype)
-    _check_close(v.grad, v64.grad, dtype, 2)
-    _check_close(t.grad, t64.grad, dtype, 2)
+    _check_close(v_grad, v64_grad, dtype, 2)
+    _check_close(t_grad, t64_grad, dtype, 2)
 
 
 @pytest.mark.parametrize("backend, dtype", BACKEND_DTYPES)
@@ -117,12 +127,10 @@ def test_score_backward_takes_any_gradient_layout(backend, grad_layout):
         grad = torch.randn(2, 7, 5, w, device=DEVICE).contiguous(memory_format=torch.channels_last)
     else:
         grad = torch.randn(2, 7, 5, w + 2, device=DEVICE)[..., :w]  # padded rows: not one pixel stride apart
-    v64, t64 = _leaf(visual, torch.float64), _leaf(text, torch.float64)
-    reference.pixel_text_score(v64, t64, 2.0).backward(grad.double())
-    v, t = _leaf(visual), _leaf(text)
-    ops.pixel_text_score(v, t, 2.0, backend=backend).backward(grad)  # autograd hands the layout on as it is
-    _check_close(v.grad, v64.grad, torch.float32, 2)
-    _check_close(t.grad, t64.grad, torch.float32, 2)
+    # autograd hands the gradient's layout on to the backward as it is
+    (_, v_grad, t_grad), (_, v64_grad, t64_grad) = _score_with_reference(visual, text, 2.0, backend, grad)
+    _check_close(v_grad, v64_grad, torch.float32, 2)
+    _check_close(t_grad, t64_grad, torch.float32, 2)
 
 
 @pytest.mark.parametrize("backend", sorted({b for b, _ in BACKEND_DTYPES}))
@@ -132,14 +140,7 @@ def test_nan_spreads_as_in_the_reference(backend):
     fmaxf would not), or the pixel's gradient comes out finite and about 1e12 times too large."""
     visual, text = _visual(2, 6, 3, 3, "contiguous", torch.float32), _text(2, 4, 6, False, torch.float32)
     visual[1, 2, 0, 1] = float("nan")
-    v64, t64 = _leaf(visual, torch.float64), _leaf(text, torch.float64)
-    expected = reference.pixel_text_score(v64, t64, 2.0)
-    grad = torch.randn_like(expected)
-    expected.backward(grad)
-    v, t = _leaf(visual), _leaf(text)
-    out = ops.pixel_text_score(v, t, 2.0, backend=backend)
-    out.backward(grad.float())
-    for actual, wanted in ((out, expected), (v.grad, v64.grad), (t.grad, t64.grad)):
+    for actual, wanted in zip(*_score_with_reference(visual, text, 2.0, backend)):
         assert torch.equal(actual.isnan(), wanted.isnan()), (actual, wanted)
         assert wanted.isnan().any()
         finite = ~wanted.isnan()
@@ -158,16 +159,12 @@ def test_zero_vectors(backend):
     text = _text(2, 4, 6, False, dtype)
     text[2] = 0
     text[3] *= 1e-14
-    v64, t64 = _leaf(visual, torch.float64), _leaf(text, torch.float64)
     grad = torch.randn(2, 4, 3, 3, dtype=torch.float64, device=DEVICE)
-    reference.pixel_text_score(v64, t64).backward(grad)
-    v, t = _leaf(visual), _leaf(text)
-    out = ops.pixel_text_score(v, t, backend=backend)
-    out.backward(grad.float())
+    (out, v_grad, t_grad), (expected, v64_grad, t64_grad) = _score_with_reference(visual, text, 1.0, backend, grad)
     assert torch.equal(out[0, :, 1, 1], torch.zeros(4, device=DEVICE)) and (out[:, 2] == 0).all()
-    _check_close(out, reference.pixel_text_score(v64, t64), dtype)
-    _check_close(v.grad, v64.grad, dtype, 2)
-    _check_close(t.grad, t64.grad, dtype, 2)
+    _check_close(out, expected, dtype)
+    _check_close(v_grad, v64_grad, dtype, 2)
+    _check_close(t_grad, t64_grad, dtype, 2)
 
 
 @pytest.mark.parametrize("backend, dtype", [(b, d) for b, d in BACKEND_DTYPES if d in (torch.float16, torch.bfloat16)])
@@ -178,16 +175,13 @@ def test_zero_pixel_in_16_bit(backend, dtype):
     visual = _visual(2, 40, 3, 5, "channels_last", dtype)
     visual[1, :, 2, 3] = 0
     text = _text(2, 7, 40, False, dtype)
-    v64, t64 = _leaf(visual, torch.float64), _leaf(text, torch.float64)
     grad = torch.randn(2, 7, 3, 5, dtype=torch.float64, device=DEVICE)
-    reference.pixel_text_score(v64, t64, 2.0).backward(grad)
-    v, t = _leaf(visual), _leaf(text)
-    ops.pixel_text_score(v, t, 2.0, backend=backend).backward(grad.to(dtype))
-    assert torch.isfinite(t.grad).all(), t.grad
-    _check_close(t.grad, t64.grad, dtype, 2)
+    (_, v_grad, t_grad), (_, v64_grad, t64_grad) = _score_with_reference(visual, text, 2.0, backend, grad)
+    assert torch.isfinite(t_grad).all(), t_grad
+    _check_close(t_grad, t64_grad, dtype, 2)
     nonzero = torch.ones(2, 1, 3, 5, dtype=torch.bool, device=DEVICE)
     nonzero[1, :, 2, 3] = False
-    _check_close(v.grad.where(nonzero, 0), v64.grad.where(nonzero, 0), dtype, 2)
+    _check_close(v_grad.where(nonzero, 0), v64_grad.where(nonzero, 0), dtype, 2)
 
 
 @pytest.mark.parametrize("backend", sorted({b for b in dict(BACKEND_DTYPES) if b != "reference"}))
