@@ -1,11 +1,11 @@
 """The official test-time preprocessing, in plain torch: load, keep-ratio resize, CLIP normalisation.
 
 mmseg's test pipeline for DenseCLIP: ``Resize(img_scale=(2048, 512), keep_ratio=True)`` (640 for ViT-B/16), then
-``Normalize`` with CLIP's mean/std on 0..255 RGB. mmcv resizes uint8 images with OpenCV's bilinear filter; here
-the resize is ``F.interpolate(bilinear, align_corners=False, antialias=False)`` (the same sampling grid) followed by
-rounding to 0..255, which reproduces OpenCV's uint8 output up to its fixed-point rounding: at most one grey level
-apart, on about 12% of the pixels (measured against opencv-python 4.14; on random-weight models 99.998% (ResNets)
-and 99.8% (ViT-B/16) of the argmax labels agreed).
+``Normalize`` with CLIP's mean/std on 0..255 RGB. mmcv resizes uint8 images with OpenCV (``cv2.resize``, bilinear
+for images, nearest for label maps). :func:`resize_bilinear_uint8` and :func:`resize_nearest` compute what OpenCV
+computes, bit for bit, with torch operations on any device: OpenCV's sampling positions (in float32 from a
+float64 scale), its 11-bit fixed-point weights and its integer rounding of the two passes (tested against
+opencv-python 4.5.5, 4.14 and 5.0 on random sizes, up and down).
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 CLIP_MEAN = (0.48145466 * 255, 0.4578275 * 255, 0.40821073 * 255)
 CLIP_STD = (0.26862954 * 255, 0.26130258 * 255, 0.27577711 * 255)
@@ -84,11 +83,83 @@ def to_tensor(image: np.ndarray | torch.Tensor) -> torch.Tensor:
     return t.permute(2, 0, 1).unsqueeze(0).float()
 
 
+_COEF_BITS = 11  # OpenCV's INTER_RESIZE_COEF_BITS: bilinear weights are integers summing to about 2048
+
+
+def _source_positions(src: int, dst: int, device: torch.device) -> torch.Tensor:
+    """OpenCV's source coordinate of each output pixel, ``(float)((d + 0.5) * scale - 0.5)`` with the float64
+    scale ``1 / (dst / src)``, as float32."""
+    d = torch.arange(dst, dtype=torch.float64, device=device)
+    return ((d + 0.5) * (1.0 / (dst / src)) - 0.5).float()
+
+
+def _linear_taps(src: int, dst: int, device: torch.device, clamp_weight: bool) -> tuple[torch.Tensor, ...]:
+    """(first index, second index, first weight, second weight) per output pixel, as int32 / int64 tensors:
+    OpenCV's ``saturate_cast<short>((1 - f) * 2048)`` and ``(f * 2048)``, rounded half to even as cvRound. The
+    horizontal pass zeroes the fraction outside the image (``clamp_weight``); the vertical pass keeps it and
+    clamps only the row indices."""
+    pos = _source_positions(src, dst, device)
+    first = pos.floor()
+    frac = pos - first
+    first = first.long()
+    if clamp_weight:
+        outside = (first < 0) | (first >= src - 1)
+        frac = torch.where(outside, torch.zeros_like(frac), frac)
+        first = first.clamp(0, src - 1)
+    scale = float(1 << _COEF_BITS)
+    w0 = ((1.0 - frac) * scale).round().int()
+    w1 = (frac * scale).round().int()
+    return first.clamp(0, src - 1), (first + 1).clamp(0, src - 1), w0, w1
+
+
+def resize_bilinear_uint8(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """OpenCV's ``cv2.resize(INTER_LINEAR)`` of uint8 images, bit-exact: (B, C, H, W) uint8 values (a uint8 tensor,
+    or another dtype holding the integers 0..255) -> (B, C, *size) float32 holding the uint8 result, channels_last.
+
+    A horizontal pass weights two source columns (11-bit weights, int32 sums); a vertical pass combines two of
+    those rows as OpenCV's 8-bit ``VResizeLinear`` does: ``((b0 * (S0 >> 4)) >> 16) + ((b1 * (S1 >> 4)) >> 16) +
+    2 >> 2``. Any device. The work runs on the (B, H, W, C) layout, in place where it can: the column gathers
+    then copy C-pixel runs and the row gathers whole rows (free of a transpose for the permuted view of an
+    (H, W, 3) array)."""
+    if x.dim() != 4:
+        raise ValueError(f"x must be a (B, C, H, W) image batch, got shape {tuple(x.shape)}")
+    height, width = int(size[0]), int(size[1])
+    if height < 1 or width < 1:
+        raise ValueError(f"size must be positive (height, width), got {tuple(size)}")
+    if (height, width) == tuple(x.shape[2:]):
+        return x.float()  # cv2.resize copies an image of the same size
+    hwc = x.to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+    c0, c1, a0, a1 = _linear_taps(x.shape[3], width, x.device, clamp_weight=True)
+    rows = hwc.index_select(2, c0).to(torch.int32).mul_(a0.view(-1, 1))  # (B, H, width, C), up to 255 * 2048
+    rows.addcmul_(hwc.index_select(2, c1), a1.view(-1, 1)).bitwise_right_shift_(4)
+    r0, r1, b0, b1 = _linear_taps(x.shape[2], height, x.device, clamp_weight=False)
+    top = rows.index_select(1, r0).mul_(b0.view(-1, 1, 1)).bitwise_right_shift_(16)
+    bottom = rows.index_select(1, r1).mul_(b1.view(-1, 1, 1)).bitwise_right_shift_(16)
+    return top.add_(bottom).add_(2).bitwise_right_shift_(2).permute(0, 3, 1, 2).float()
+
+
+def resize_nearest(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """OpenCV's ``cv2.resize(INTER_NEAREST)``, as mmcv resizes label maps: output pixel d takes source pixel
+    ``min(floor(d * src / dst), src - 1)`` with the float64 scale ``1 / (dst / src)`` (torch's "nearest" uses a
+    float32 scale and picks another pixel for about one size pair in seven). x: (..., H, W), any dtype."""
+    if x.dim() < 2:
+        raise ValueError(f"x must have (H, W) as its last two dimensions, got shape {tuple(x.shape)}")
+    out = x
+    for dim, dst in ((-2, int(size[0])), (-1, int(size[1]))):
+        src = x.shape[dim]
+        if dst < 1:
+            raise ValueError(f"size must be positive (height, width), got {tuple(size)}")
+        if dst != src:
+            d = torch.arange(dst, dtype=torch.float64, device=x.device)
+            index = (d * (1.0 / (dst / src))).floor().long().clamp_(max=src - 1)
+            out = out.index_select(out.dim() + dim, index)
+    return out
+
+
 def resize_keep_ratio(x: torch.Tensor, scale: Sequence[int]) -> torch.Tensor:
-    """(B, 3, H, W) float 0..255 -> resized to :func:`keep_ratio_size`, rounded like a uint8 image."""
-    size = keep_ratio_size(x.shape[2], x.shape[3], scale)
-    x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-    return x.round().clamp(0, 255)
+    """(B, 3, H, W) uint8 values -> float32, resized to :func:`keep_ratio_size` as mmcv's ``imrescale`` (OpenCV
+    bilinear, uint8 result)."""
+    return resize_bilinear_uint8(x, keep_ratio_size(x.shape[2], x.shape[3], scale))
 
 
 _GPU_CONSTANTS: dict[tuple[torch.dtype, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}

@@ -72,14 +72,16 @@ def test_set_classes_equals_rebuilding(model):
 
 
 def _official_test_pipeline(model: DenseCLIP, image: np.ndarray, mode: str) -> torch.Tensor:
-    """The mmseg test pipeline written out in plain torch: keep-ratio resize to fit (2048, 512) with mmcv's
-    rounding, uint8 rounding of the resized pixels, CLIP normalisation, whole or slide, resize back."""
+    """The mmseg test pipeline written out with OpenCV and plain torch: keep-ratio resize to fit the test scale
+    with mmcv's rounding of the size (cv2.resize, bilinear, uint8 result, as mmcv's imrescale), CLIP normalisation,
+    whole or slide, resize back."""
+    cv2 = pytest.importorskip("cv2")
     h, w = image.shape[:2]
     long_edge, short_edge = max(model.config.test_scale), min(model.config.test_scale)
     factor = min(long_edge / max(h, w), short_edge / min(h, w))
     size = (int(h * factor + 0.5), int(w * factor + 0.5))
-    x = torch.from_numpy(image).permute(2, 0, 1)[None].float()
-    x = F.interpolate(x, size=size, mode="bilinear", align_corners=False).round().clamp(0, 255)
+    resized = cv2.resize(image, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
+    x = torch.from_numpy(resized).permute(2, 0, 1)[None].float()
     x = (x - CLIP_MEAN) / CLIP_STD
     with torch.no_grad():
         out = model(x) if mode == "whole" else model.slide_inference(x, crop=64, stride=40)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from denseclip_fast import DenseCLIP, Segmenter
 from denseclip_fast.export import load_aoti, to_aoti
 from denseclip_fast.model.slide import slide_inference
-from denseclip_fast.preprocess import normalize, prepare
+from denseclip_fast.preprocess import normalize, prepare, resize_bilinear_uint8
 
 from .conftest import randomized, rel_err, tiny_config
 
@@ -152,14 +152,14 @@ def test_cpp_runner_runs_a_bf16_cuda_package(cmake_build, tmp_path):
 
 @pytest.mark.slow
 def test_cpp_runner_stretch_mode_and_a_too_narrow_image(cmake_build, model, package, tmp_path):
-    """--mode stretch resizes the image to the package size; an image that the test scale leaves smaller than the
-    window is refused in slide mode with a message that says what to do."""
+    """--mode stretch resizes the image to the package size (OpenCV's bilinear, as the slide mode); an image that
+    the test scale leaves smaller than the window is refused in slide mode with a message that says what to do."""
     image = np.random.default_rng(1).integers(0, 256, size=(50, 70, 3), dtype=np.uint8)
     summary, logits, labels = _cpp_segment(cmake_build, package, image, tmp_path, "--mode", "stretch")
     assert summary["mode"] == "stretch" and summary["resized"] == list(SIZE)
-    x = torch.from_numpy(image).permute(2, 0, 1)[None].float()
+    x = torch.from_numpy(image).permute(2, 0, 1)[None]
     with torch.no_grad():
-        expected = model(normalize(F.interpolate(x, size=SIZE, mode="bilinear", align_corners=False)))
+        expected = model(normalize(resize_bilinear_uint8(x, SIZE)))
     expected = F.interpolate(expected, size=(50, 70), mode="bilinear", align_corners=False)
     assert rel_err(logits, expected) <= 1e-5
     assert (labels == expected.argmax(dim=1)[0].numpy()).mean() >= 0.999

@@ -6,7 +6,17 @@ import numpy as np
 import pytest
 import torch
 
-from denseclip_fast.preprocess import CLIP_MEAN, CLIP_STD, keep_ratio_size, load_image, normalize, prepare, to_tensor
+from denseclip_fast.preprocess import (
+    CLIP_MEAN,
+    CLIP_STD,
+    keep_ratio_size,
+    load_image,
+    normalize,
+    prepare,
+    resize_bilinear_uint8,
+    resize_nearest,
+    to_tensor,
+)
 from denseclip_fast.visualize import colorize, default_palette, overlay
 
 
@@ -93,3 +103,59 @@ def test_palette_colorize_overlay():
         colorize(np.array([[150]]), palette)
     with pytest.raises(ValueError, match="differ in size"):
         overlay(np.zeros((3, 3, 3), np.uint8), labels, palette)
+
+
+def _resize_cases(seed: int, count: int) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """(source, target) sizes: random ones up and down, and the special ones (same width or height, exactly half,
+    exactly double, one pixel)."""
+    rng = np.random.default_rng(seed)
+    cases = [((int(rng.integers(1, 120)), int(rng.integers(1, 120))),
+              (int(rng.integers(1, 240)), int(rng.integers(1, 240)))) for _ in range(count)]  # fmt: skip
+    return cases + [((64, 90), (64, 45)), ((64, 90), (37, 90)), ((64, 90), (32, 45)), ((33, 17), (66, 34)),
+                    ((1, 1), (5, 9)), ((5, 9), (1, 1)), ((3, 200), (1, 7)), ((512, 683), (683, 911))]  # fmt: skip
+
+
+def test_resize_bilinear_uint8_is_opencv_bit_for_bit():
+    """mmcv resizes with cv2.resize(INTER_LINEAR) on uint8 images: the same pixels, exactly, on random sizes."""
+    cv2 = pytest.importorskip("cv2")
+    rng = np.random.default_rng(1)
+    for (h, w), (th, tw) in _resize_cases(0, 60):
+        image = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+        expected = cv2.resize(image, (tw, th), interpolation=cv2.INTER_LINEAR).reshape(th, tw, 3)
+        x = torch.from_numpy(image).permute(2, 0, 1)[None]
+        out = resize_bilinear_uint8(x, (th, tw))
+        assert out.dtype == torch.float32 and out.shape == (1, 3, th, tw)
+        assert np.array_equal(out[0].permute(1, 2, 0).numpy(), expected.astype(np.float32)), ((h, w), (th, tw))
+        assert torch.equal(resize_bilinear_uint8(x.float(), (th, tw)), out)  # integer-valued floats: the same
+
+
+def test_resize_nearest_is_opencv_bit_for_bit():
+    """mmcv resizes label maps with cv2.resize(INTER_NEAREST) (torch's "nearest" picks other pixels for some size
+    pairs, as 255 ignored pixels or wrong classes along the picked rows)."""
+    cv2 = pytest.importorskip("cv2")
+    import torch.nn.functional as F
+
+    rng = np.random.default_rng(2)
+    torch_differs = 0
+    for (h, w), (th, tw) in _resize_cases(3, 200):
+        label = rng.integers(0, 256, size=(h, w), dtype=np.uint8)
+        expected = cv2.resize(label, (tw, th), interpolation=cv2.INTER_NEAREST).reshape(th, tw)
+        out = resize_nearest(torch.from_numpy(label), (th, tw))
+        assert out.dtype == torch.uint8 and np.array_equal(out.numpy(), expected), ((h, w), (th, tw))
+        plain = F.interpolate(torch.from_numpy(label)[None, None].float(), size=(th, tw), mode="nearest")
+        torch_differs += not np.array_equal(plain[0, 0].byte().numpy(), expected)
+    assert torch_differs > 0  # the cases include pairs where the float32 scale goes wrong
+
+
+@pytest.mark.parametrize(
+    "resize, x, size, match",
+    [
+        (resize_bilinear_uint8, torch.zeros(3, 4, 4), (2, 2), r"\(B, C, H, W\) image batch, got shape \(3, 4, 4\)"),
+        (resize_bilinear_uint8, torch.zeros(1, 3, 4, 4), (0, 2), r"size must be positive \(height, width\), got"),
+        (resize_nearest, torch.zeros(4), (2, 2), r"x must have \(H, W\) as its last two dimensions, got shape \(4,\)"),
+        (resize_nearest, torch.zeros(4, 4), (3, -1), r"size must be positive \(height, width\), got \(3, -1\)"),
+    ],
+)  # fmt: skip
+def test_resize_errors(resize, x, size, match):
+    with pytest.raises(ValueError, match=match):
+        resize(x, size)

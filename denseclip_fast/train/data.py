@@ -8,10 +8,11 @@ Layouts:
            line), optional DIR/splits/train.txt and DIR/splits/val.txt listing NAMEs (without them every image
            serves both).
 Training augmentation, as the official pipeline: keep-ratio resize to (2048, 512) x a ratio in [0.5, 2.0] (image
-bilinear, label nearest), random crop whose most frequent class covers < 75% (10 tries), horizontal flip (p 0.5),
-photometric distortion (brightness, contrast, saturation, hue, mmseg's order and ranges), CLIP normalisation, pad to
-the crop (image 0 after normalisation, label 255). Each sample's randomness is seeded by (seed, its position in the
-sample stream), so a run is reproducible whatever the worker count, and a resumed run sees the same data.
+bilinear, label nearest, both bit-exact with mmcv's OpenCV), random crop whose most frequent class covers < 75% (10
+tries), horizontal flip (p 0.5), photometric distortion (brightness, contrast, saturation, hue, mmseg's order and
+ranges), CLIP normalisation, pad to the crop (image 0 after normalisation, label 255). Each sample's randomness is
+seeded by (seed, its position in the sample stream), so a run is reproducible whatever the worker count, and a
+resumed run sees the same data.
 """
 
 from __future__ import annotations
@@ -22,11 +23,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler
 
 from ..class_names import ADE20K_CLASSES
-from ..preprocess import keep_ratio_size, load_image, normalize
+from ..preprocess import keep_ratio_size, load_image, normalize, resize_bilinear_uint8, resize_nearest
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 IGNORE = 255
@@ -214,10 +214,8 @@ def train_transform(
     ratio = rng.uniform(*ratio_range)
     scale = (int(img_scale[0] * ratio), int(img_scale[1] * ratio))
     size = keep_ratio_size(image.shape[0], image.shape[1], scale)
-    x = torch.from_numpy(image).permute(2, 0, 1)[None].float()
-    x = F.interpolate(x, size=size, mode="bilinear", align_corners=False).round().clamp(0, 255)
-    y = F.interpolate(torch.from_numpy(label)[None, None].float(), size=size, mode="nearest")[0, 0].long()
-    img, lab = x[0].permute(1, 2, 0).numpy(), y.numpy()
+    x = resize_bilinear_uint8(torch.from_numpy(image).permute(2, 0, 1)[None], size)
+    img, lab = x[0].permute(1, 2, 0).numpy(), resize_nearest(torch.from_numpy(label), size).numpy()
     top, left = random_crop_box(lab, crop, cat_max_ratio, rng)
     img, lab = img[top : top + crop, left : left + crop], lab[top : top + crop, left : left + crop]
     if rng.random() < 0.5:

@@ -6,11 +6,11 @@
 // The image is a binary PPM (P6, 8-bit RGB; `convert photo.jpg photo.ppm` or PIL writes one).
 // --mode slide (the default; the official test pipeline, as the Python Segmenter in slide mode): the image is resized
 //   keeping its aspect ratio to fit the test scale stored in the package (mmcv's rescale_size; (2048, 512) for the
-//   ADE20K models; bilinear, rounded to 0..255 as a uint8 image), normalised with the package's mean/std, and the
+//   ADE20K models; OpenCV's uint8 bilinear resize, bit for bit, as mmcv's imrescale), normalised with the package's mean/std, and the
 //   package, whose input size is the window, slides over it with the stored stride (mmseg's slide_inference: the
 //   last window of each row and column ends at the border; the windows go through the package in batches of at
 //   most its max_batch; overlapping logits are averaged).
-// --mode stretch: the image is resized (bilinear, stretched) to the package's input size and run once.
+// --mode stretch: the image is resized (the same bilinear, stretched) to the package's input size and run once.
 // Either way the logits are resized back to the image's size (bilinear) and the per-pixel argmax is written as a PGM
 // (8-bit up to 256 classes, else 16-bit). --logits also writes those logits (1, K, H, W) at the image's size as
 // little-endian float32. A JSON summary (size, mode, classes, the most frequent labels) goes to stdout.
@@ -22,6 +22,7 @@
 
 #include <algorithm>
 #include <cctype>
+#include <cmath>
 #include <cstdint>
 #include <fstream>
 #include <iostream>
@@ -149,6 +150,63 @@ std::vector<int64_t> keep_ratio_size(int64_t height, int64_t width, const std::v
           static_cast<int64_t>(static_cast<double>(width) * factor + 0.5)};
 }
 
+// One axis of OpenCV's uint8 INTER_LINEAR resize: per output pixel, two source indices and their 11-bit weights.
+// The source position is computed in float from the double scale 1 / (dst / src), weights are rounded half to
+// even (cvRound). The horizontal pass zeroes the fraction outside the image; the vertical one only clamps rows.
+struct Taps {
+  std::vector<int64_t> first, second;
+  std::vector<int32_t> w0, w1;
+};
+
+Taps linear_taps(int64_t src, int64_t dst, bool zero_outside) {
+  Taps t;
+  const double scale = 1.0 / (static_cast<double>(dst) / static_cast<double>(src));
+  for (int64_t d = 0; d < dst; ++d) {
+    const float pos = static_cast<float>((static_cast<double>(d) + 0.5) * scale - 0.5);
+    int64_t first = static_cast<int64_t>(std::floor(pos));
+    float frac = pos - static_cast<float>(first);
+    if (zero_outside && (first < 0 || first >= src - 1)) {
+      frac = 0.f;
+      first = std::clamp<int64_t>(first, 0, src - 1);
+    }
+    t.first.push_back(std::clamp<int64_t>(first, 0, src - 1));
+    t.second.push_back(std::clamp<int64_t>(first + 1, 0, src - 1));
+    t.w0.push_back(static_cast<int32_t>(std::nearbyint((1.f - frac) * 2048.f)));
+    t.w1.push_back(static_cast<int32_t>(std::nearbyint(frac * 2048.f)));
+  }
+  return t;
+}
+
+// cv2.resize(INTER_LINEAR) of the RGB image to (height, width), bit-exact (as denseclip_fast.preprocess.
+// resize_bilinear_uint8): (1, 3, height, width) float32 holding the uint8 result.
+at::Tensor resize_like_opencv(const Image& img, int64_t height, int64_t width) {
+  const Taps cols = linear_taps(img.width, width, true), rows = linear_taps(img.height, height, false);
+  std::vector<int32_t> horizontal(static_cast<size_t>(img.height * width * 3));  // (H, width, 3), <= 255 * 2048
+  for (int64_t y = 0; y < img.height; ++y) {
+    const uint8_t* line = img.rgb.data() + y * img.width * 3;
+    for (int64_t x = 0; x < width; ++x) {
+      for (int64_t c = 0; c < 3; ++c) {
+        horizontal[static_cast<size_t>((y * width + x) * 3 + c)] =
+            line[cols.first[x] * 3 + c] * cols.w0[x] + line[cols.second[x] * 3 + c] * cols.w1[x];
+      }
+    }
+  }
+  at::Tensor out = torch::empty({1, 3, height, width}, at::kFloat);
+  float* o = out.data_ptr<float>();
+  for (int64_t y = 0; y < height; ++y) {
+    const int32_t* top = horizontal.data() + rows.first[y] * width * 3;
+    const int32_t* bottom = horizontal.data() + rows.second[y] * width * 3;
+    for (int64_t x = 0; x < width; ++x) {
+      for (int64_t c = 0; c < 3; ++c) {
+        const int32_t v = (((rows.w0[y] * (top[x * 3 + c] >> 4)) >> 16) +
+                           ((rows.w1[y] * (bottom[x * 3 + c] >> 4)) >> 16) + 2) >> 2;
+        o[(c * height + y) * width + x] = static_cast<float>(std::clamp(v, 0, 255));
+      }
+    }
+  }
+  return out;
+}
+
 struct Window {
   int64_t y1, y2, x1, x2;
 };
@@ -252,9 +310,6 @@ int run(int argc, char** argv) {
   Package package{loader, device, dtype, cuda, std::stoll(meta(metadata, "max_batch"))};
 
   Image img = read_ppm(positional[1]);
-  at::Tensor x = torch::from_blob(img.rgb.data(), {1, img.height, img.width, 3}, at::kByte)
-                     .permute({0, 3, 1, 2})
-                     .to(at::kFloat);
   const std::vector<int64_t> net_size = {static_cast<int64_t>(size[0]), static_cast<int64_t>(size[1])};
   const auto normalise = [&](const at::Tensor& t) {
     return (t - torch::tensor(mean).to(at::kFloat).view({1, 3, 1, 1})) /
@@ -263,7 +318,7 @@ int run(int argc, char** argv) {
   at::Tensor logits;  // (1, K, h, w) float32 on the CPU
   std::vector<int64_t> scaled = net_size;
   if (mode == "stretch") {
-    logits = package.run(normalise(bilinear(x, net_size)));
+    logits = package.run(normalise(resize_like_opencv(img, net_size[0], net_size[1])));
   } else {
     if (metadata.count("denseclip_fast.test_scale") == 0) {
       throw std::runtime_error("the package has no test scale (written by an older to_aoti): use --mode stretch");
@@ -278,7 +333,7 @@ int run(int argc, char** argv) {
                                std::to_string(net_size[0]) + "x" + std::to_string(net_size[1]) +
                                " (its aspect ratio is too far from the test scale's): use --mode stretch");
     }
-    x = normalise(bilinear(x, scaled).round().clamp(0, 255));
+    const at::Tensor x = normalise(resize_like_opencv(img, scaled[0], scaled[1]));
     const auto windows = slide_windows(scaled[0], scaled[1], net_size[0], net_size[1],
                                        static_cast<int64_t>(stride[0]), static_cast<int64_t>(stride[1]));
     std::vector<at::Tensor> crops;
