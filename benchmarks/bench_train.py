@@ -11,6 +11,7 @@ Contestants (random weights; loss = CE(head) + 0.4 CE(score / tau), AdamW step i
                     channels_last images and weights on CUDA
   trainer-bf16      the same under bf16 autocast (the trainer's default)
   trainer-bf16-ckpt the same with gradient checkpointing (memory for speed)
+cuDNN benchmark mode is on for every contestant (mmseg's runtime default, and the trainer's).
 Per contestant: images/s, ms per step (median), peak memory of a step. Writes JSON and markdown to
 benchmarks/results/ (train_<tag>.*) with the machine and versions.
 """
@@ -33,7 +34,7 @@ from benchmarks.common import Results, environment, failure, free_gpu_memory, me
 from benchmarks.official import OfficialDenseCLIP, official_config, randomize_  # noqa: E402
 from denseclip_fast.train import TrainConfig  # noqa: E402
 from denseclip_fast.train.loop import TrainStep, memory_format, prepare_model  # noqa: E402
-from denseclip_fast.train.optim import param_groups, segmentation_loss  # noqa: E402
+from denseclip_fast.train.optim import make_optimizer, segmentation_loss  # noqa: E402
 
 ALL = ("trainer-bf16", "official-fp32", "trainer-fp32", "trainer-bf16-ckpt")  # the target's pair first
 
@@ -64,7 +65,7 @@ def trainer_step(
     model = prepare_model(randomize_(dcf.DenseCLIP.from_arch(arch, names)), cfg, device)  # as the trainer does
     layout = memory_format(cfg, device)
     module = TrainStep(model)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(model, cfg, device)  # as the trainer: fused AdamW on CUDA
 
     def step(x: torch.Tensor, label: torch.Tensor) -> float:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -139,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     x = torch.randn(args.batch, 3, args.size, args.size, device=device)
     label = torch.randint(0, args.classes, (args.batch, args.size, args.size), device=device)
+    torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
     results = Results(args.out, "train", args.tag, environment(device), {"args": vars(args)},
                       lambda env, rows: table(env, rows, args))  # fmt: skip
     for name in args.contestants:

@@ -261,8 +261,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 TRAIN_OPTIONS = {  # command-line option -> (TrainConfig field, type)
     "arch": str, "data": str, "layout": str, "init": str, "iters": int, "batch_size": int, "accum": int, "crop": int,
     "lr": float, "seed": int, "device": str, "work_dir": str, "num_workers": int, "checkpoint_interval": int,
-    "eval_interval": int, "log_interval": int, "amp": str,
+    "eval_interval": int, "log_interval": int, "amp": str, "ignore_index": int,
 }  # fmt: skip
+IGNORE_HELP = "label value of ignored pixels (default 255; with 256+ classes in 16-bit labels, e.g. 65535)"
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -300,7 +301,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         scales = [float(s) for s in args.scales.split(",")]
     except ValueError:
         raise ValueError(f"--scales must be comma-separated numbers, e.g. 0.5,0.75,1.0, got {args.scales!r}") from None
-    data = SegmentationData(args.data, args.layout, "val")
+    data = SegmentationData(args.data, args.layout, "val", ignore_index=args.ignore_index)
     model = load_checkpoint(args.checkpoint, class_names=data.class_names)
     device = _device(args)
     model.to(device)
@@ -379,6 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--eval-interval", dest="eval_interval", type=int)
     tr.add_argument("--log-interval", dest="log_interval", type=int)
     tr.add_argument("--amp", choices=("bf16", "fp16", "none"))
+    tr.add_argument("--ignore-index", dest="ignore_index", type=int, help=IGNORE_HELP)
     tr.add_argument("--grad-checkpointing", action="store_true")
     tr.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes (torchrun)")
     tr.add_argument("--resume", help="'auto' (the work dir's latest checkpoint) or an iter_N.state.pt file")
@@ -392,6 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--mode", choices=("whole", "slide"), default="slide")
     ev.add_argument("--scales", default="1.0", help="comma-separated ratios of the test scale (multi-scale)")
     ev.add_argument("--flip", action="store_true", help="also evaluate the flipped image")
+    ev.add_argument("--ignore-index", dest="ignore_index", type=int, default=255, help=IGNORE_HELP)
     ev.add_argument("--device")
     ev.add_argument("--bf16", action="store_true", help="bfloat16 autocast (default: float32, as the official test)")
     ev.add_argument("--out", help="JSON file (default: CHECKPOINT_eval.json)")

@@ -179,6 +179,46 @@ def test_resume_matches_training_straight_through(arch_file, generic, tmp_path):
                         for r, r2 in zip(resumed, straight)]  # fmt: skip
 
 
+def test_a_failed_save_leaves_the_previous_checkpoint_in_charge(arch_file, generic, tmp_path, monkeypatch):
+    """A crash while writing iter_4's state (here torch.save failing after writing) leaves no partial file and
+    latest.json pointing at iter_2, from which resume="auto" finishes the run (iter_4's model file, complete, is
+    written again); a failed model save leaves no file."""
+    real_save = torch.save
+    calls = []
+
+    def save_then_fail(obj, f, *args, **kwargs):
+        calls.append(f)
+        real_save(obj, f, *args, **kwargs)
+        if len(calls) == 2:
+            raise OSError("No space left on device")
+
+    monkeypatch.setattr(torch, "save", save_then_fail)
+    cfg = _config(arch_file, generic, tmp_path / "w")
+    with pytest.raises(OSError, match="No space left"):
+        train(cfg)
+    assert sorted(os.listdir(tmp_path / "w")) == ["config.json", "iter_2.safetensors", "iter_2.state.pt",
+                                                  "iter_4.safetensors", "latest.json", "metrics.csv"]  # fmt: skip
+    assert os.path.basename(calls[1]).startswith(".iter_4.state.pt.")  # written under a temporary name
+    with open(tmp_path / "w" / "latest.json") as f:
+        assert json.load(f)["iteration"] == 2
+    monkeypatch.setattr(torch, "save", real_save)
+    assert train(cfg, resume="auto")["iterations"] == 4
+    with open(tmp_path / "w" / "latest.json") as f:
+        assert json.load(f)["state"] == "iter_4.state.pt"
+
+    import safetensors.torch
+
+    def write_half(tensors, path, metadata=None):
+        open(path, "wb").write(b"half")
+        raise OSError("disk quota exceeded")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", write_half)
+    model = _final(tmp_path / "w", 4)
+    with pytest.raises(OSError, match="quota"):
+        model.save(tmp_path / "w" / "copy.safetensors")
+    assert not [n for n in os.listdir(tmp_path / "w") if "copy" in n]
+
+
 @pytest.mark.slow
 def test_channels_last_training_matches_nchw_and_resumes(arch_file, generic, tmp_path):
     """channels_last (the default on CUDA, forced here on the CPU): the same losses and weights as NCHW up to
@@ -423,6 +463,35 @@ def test_bad_files_are_named(tmp_path):
     os.remove(tmp_path / "g" / "labels" / "scene_2.png")
     with pytest.raises(ValueError, match="have no label file, e.g. .*scene_2.png"):
         SegmentationData(data, "generic", "train")
+
+
+def test_more_than_255_classes_with_16_bit_labels(tmp_path):
+    """With 256+ classes, 255 is a class: the default ignore value is refused with what to do, and another one
+    (65535 in 16-bit label PNGs) flows through the labels, the crop padding and the metrics."""
+    root = tmp_path / "wide"
+    os.makedirs(root / "images"), os.makedirs(root / "labels")
+    (root / "classes.txt").write_text("\n".join(f"class {i}" for i in range(300)) + "\n")
+    image, bands = _scene(np.random.default_rng(0), (30, 40))
+    label = np.array([255, 299, 7], dtype=np.uint16)[bands]
+    label[0, :5] = 65535
+    Image.fromarray(image).save(root / "images" / "a.png")
+    Image.fromarray(label).save(root / "labels" / "a.png")
+    with pytest.raises(ValueError, match=r"ignore_index 255 is a class index: the data set has 300 classes.*65535"):
+        SegmentationData(str(root), "generic", "val")
+    data = SegmentationData(str(root), "generic", "val", ignore_index=65535)
+    _, read, _ = data[0]
+    assert np.array_equal(read, label.astype(np.int64))
+    config = TrainConfig(crop=64, img_scale=(40, 30), ignore_index=65535)
+    train = SegmentationData(str(root), "generic", "train", config)
+    assert train.ignore_index == 65535
+    _, y = train[(0, 0)]
+    assert set(y.unique().tolist()) <= {7, 255, 299, 65535} and 255 in y
+    assert (y[-1] == 65535).all()  # at most 60 rows after the resize: the last rows are padding
+    metrics = SegmentationMetrics(300, data.ignore_index)
+    metrics.update(read, read)
+    result = metrics.results(data.class_names)
+    assert result["per_class"]["class 255"]["IoU"] == 1.0 and result["aAcc"] == 1.0
+    assert result["per_class"]["class 0"]["IoU"] is None  # absent from label and prediction
 
 
 @pytest.mark.slow

@@ -12,12 +12,14 @@ Every failure is a :class:`CheckpointError` whose message is one line: the file 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import re
 import struct
 import zipfile
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +44,21 @@ class WeightFile:
     obj: Any = None
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     metadata: dict[str, str] = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def replaced_atomically(path: str | os.PathLike[str]) -> Iterator[str]:
+    """A temporary path beside ``path`` to write to; when the block succeeds it replaces ``path`` in one step
+    (``os.replace``), so neither a reader nor a crash ever sees a half-written file; when it fails it is removed and
+    ``path`` is left as it was."""
+    path = os.fspath(path)
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.{os.getpid()}.partial")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
 
 
 def read_weight_file(path: str | os.PathLike[str]) -> WeightFile:

@@ -13,7 +13,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from ..config import DenseCLIPConfig
-from .io import CheckpointError
+from .io import CheckpointError, replaced_atomically
 
 if TYPE_CHECKING:
     from ..model import DenseCLIP
@@ -38,7 +38,8 @@ def save_native(model: DenseCLIP, path: str | os.PathLike[str]) -> None:
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         raise CheckpointError(path, f"cannot save: directory {parent} does not exist")
-    save_file(tensors, path, metadata=metadata)
+    with replaced_atomically(path) as partial:
+        save_file(tensors, partial, metadata=metadata)
 
 
 def is_native(metadata: dict[str, str]) -> bool:

@@ -45,7 +45,7 @@ class TrainConfig:
     poly_power: float = 0.9
     min_lr: float = 1e-6
     aux_weight: float = 0.4  # the identity head's cross-entropy of score / tau
-    ignore_index: int = 255
+    ignore_index: int = 255  # the label value of ignored pixels; >= the class count (16-bit labels: e.g. 65535)
     img_scale: tuple[int, int] = (2048, 512)
     ratio_range: tuple[float, float] = (0.5, 2.0)
     cat_max_ratio: float = 0.75
@@ -55,6 +55,7 @@ class TrainConfig:
     grad_checkpointing: bool = False
     channels_last: bool | None = None  # images and weights in NHWC; None: on CUDA (cuDNN's tensor-core layout) only
     sync_bn: bool = False
+    cudnn_benchmark: bool = True  # cuDNN times its convolution algorithms once per shape (mmseg's runtime default)
     num_workers: int = 4
     checkpoint_interval: int = 8000
     eval_interval: int = 0  # 0: evaluate only at the end

@@ -6,7 +6,8 @@ Layouts:
            "other" and ignored, classes shift down by one (mmseg's ``reduce_zero_label``); the 150 ADE20K classes.
   generic  DIR/images/NAME.jpg|png, DIR/labels/NAME.png (class indices, 255 ignored), DIR/classes.txt (one name a
            line), optional DIR/splits/train.txt and DIR/splits/val.txt listing NAMEs (without them every image
-           serves both).
+           serves both). With 256 classes or more, 255 is a class: the labels are 16-bit PNGs and the ignored
+           value is another one, ``ignore_index`` (e.g. 65535), which must lie outside 0..classes-1.
 Training augmentation, as the official pipeline: keep-ratio resize to (2048, 512) x a ratio in [0.5, 2.0] (image
 bilinear, label nearest, both bit-exact with mmcv's OpenCV), random crop whose most frequent class covers < 75% (10
 tries), horizontal flip (p 0.5), photometric distortion (brightness, contrast, saturation, hue, mmseg's order and
@@ -84,9 +85,9 @@ def find_samples(root: str, layout: str, split: str) -> tuple[list[Sample], list
     return [Sample(images[n], labels[n]) for n in names], classes
 
 
-def read_label(path: str, num_classes: int, reduce_zero_label: bool) -> np.ndarray:
-    """(H, W) int64 class indices, IGNORE for ignored pixels. ValueError naming the file for an unreadable file or
-    a class index out of range."""
+def read_label(path: str, num_classes: int, reduce_zero_label: bool, ignore_index: int = IGNORE) -> np.ndarray:
+    """(H, W) int64 class indices, ``ignore_index`` for ignored pixels. ValueError naming the file for an
+    unreadable file or a class index out of range."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -97,14 +98,14 @@ def read_label(path: str, num_classes: int, reduce_zero_label: bool) -> np.ndarr
     if label.ndim != 2:
         raise ValueError(f"{path}: a label must be a single-channel image of class indices, got shape {label.shape}")
     if reduce_zero_label:
-        label = np.where(label == 0, IGNORE + 1, label) - 1  # 0 -> 255, k -> k - 1
-    bad = (label != IGNORE) & ((label < 0) | (label >= num_classes))
+        label = np.where(label == 0, ignore_index + 1, label) - 1  # 0 -> ignored, k -> k - 1
+    bad = (label != ignore_index) & ((label < 0) | (label >= num_classes))
     if bad.any():
         value = int(label[bad][0]) + (1 if reduce_zero_label else 0)
         raise ValueError(
             f"{path}: label value {value} is out of range for {num_classes} classes "
             f"(valid: {'1..' + str(num_classes) if reduce_zero_label else '0..' + str(num_classes - 1)}, and "
-            f"{'0' if reduce_zero_label else str(IGNORE)} for ignored pixels)"
+            f"{'0' if reduce_zero_label else str(ignore_index)} for ignored pixels)"
         )
     return label
 
@@ -181,7 +182,9 @@ def photometric_distortion(image: np.ndarray, rng: np.random.Generator) -> np.nd
     return img
 
 
-def random_crop_box(label: np.ndarray, crop: int, cat_max_ratio: float, rng: np.random.Generator) -> tuple[int, int]:
+def random_crop_box(
+    label: np.ndarray, crop: int, cat_max_ratio: float, rng: np.random.Generator, ignore_index: int = IGNORE
+) -> tuple[int, int]:
     """Top-left corner of the crop, as mmseg's RandomCrop: a random box; while its most frequent (non-ignored)
     class covers ``cat_max_ratio`` or more (or it holds one class), up to 10 times, a new box (the last one is not
     checked)."""
@@ -194,7 +197,7 @@ def random_crop_box(label: np.ndarray, crop: int, cat_max_ratio: float, rng: np.
     if cat_max_ratio < 1:
         for _ in range(10):
             window = label[top : top + crop, left : left + crop]
-            _, counts = np.unique(window[window != IGNORE], return_counts=True)
+            _, counts = np.unique(window[window != ignore_index], return_counts=True)
             if len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio:
                 break
             top, left = draw()
@@ -209,21 +212,23 @@ def train_transform(
     img_scale: Sequence[int],
     ratio_range: Sequence[float],
     cat_max_ratio: float,
+    ignore_index: int = IGNORE,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 (H, W, 3) image and (H, W) label -> normalised (3, crop, crop) float32 and (crop, crop) int64."""
+    """uint8 (H, W, 3) image and (H, W) label -> normalised (3, crop, crop) float32 and (crop, crop) int64 (the
+    padding ``ignore_index``)."""
     ratio = rng.uniform(*ratio_range)
     scale = (int(img_scale[0] * ratio), int(img_scale[1] * ratio))
     size = keep_ratio_size(image.shape[0], image.shape[1], scale)
     x = resize_bilinear_uint8(torch.from_numpy(image).permute(2, 0, 1)[None], size)
     img, lab = x[0].permute(1, 2, 0).numpy(), resize_nearest(torch.from_numpy(label), size).numpy()
-    top, left = random_crop_box(lab, crop, cat_max_ratio, rng)
+    top, left = random_crop_box(lab, crop, cat_max_ratio, rng, ignore_index)
     img, lab = img[top : top + crop, left : left + crop], lab[top : top + crop, left : left + crop]
     if rng.random() < 0.5:
         img, lab = img[:, ::-1], lab[:, ::-1]
     img = photometric_distortion(img, rng)
     x = normalize(torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None].float())[0]
     out = torch.zeros(3, crop, crop)
-    out_label = torch.full((crop, crop), IGNORE, dtype=torch.long)
+    out_label = torch.full((crop, crop), ignore_index, dtype=torch.long)
     out[:, : x.shape[1], : x.shape[2]] = x
     out_label[: lab.shape[0], : lab.shape[1]] = torch.from_numpy(np.ascontiguousarray(lab))
     return out, out_label
@@ -234,12 +239,24 @@ def train_transform(
 
 class SegmentationData(Dataset):
     """Samples of one split. Training items are ``(index, position)`` pairs from :class:`TrainSampler` (the
-    position seeds the augmentation); evaluation items are plain indices -> (uint8 image, label, image path)."""
+    position seeds the augmentation); evaluation items are plain indices -> (uint8 image, label, image path).
+    ``ignore_index`` (default: the config's, else 255) marks ignored pixels in the labels it returns."""
 
-    def __init__(self, root: str, layout: str, split: str, config: object | None = None) -> None:
+    def __init__(
+        self, root: str, layout: str, split: str, config: object | None = None, ignore_index: int | None = None
+    ) -> None:
         self.samples, self.class_names = find_samples(root, layout, split)
         self.reduce_zero_label = layout == "ade20k"
         self.config = config
+        if ignore_index is None:
+            ignore_index = int(getattr(config, "ignore_index", IGNORE))
+        if 0 <= ignore_index < len(self.class_names):
+            raise ValueError(
+                f"ignore_index {ignore_index} is a class index: the data set has {len(self.class_names)} classes "
+                f"(0..{len(self.class_names) - 1}); with 256 classes or more, store 16-bit label PNGs and mark "
+                "ignored pixels with a value >= the class count, e.g. ignore_index 65535"
+            )
+        self.ignore_index = ignore_index
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -247,7 +264,7 @@ class SegmentationData(Dataset):
     def read(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         sample = self.samples[index]
         image = load_image(sample.image)
-        label = read_label(sample.label, len(self.class_names), self.reduce_zero_label)
+        label = read_label(sample.label, len(self.class_names), self.reduce_zero_label, self.ignore_index)
         if label.shape != image.shape[:2]:
             raise ValueError(f"{sample.label}: label size {label.shape} differs from its image's {image.shape[:2]}")
         return image, label
@@ -260,7 +277,7 @@ class SegmentationData(Dataset):
             image, label = self.read(index)
             rng = np.random.default_rng([cfg.seed, position])  # type: ignore[attr-defined]
             return train_transform(image, label, rng, cfg.crop, cfg.img_scale, cfg.ratio_range,  # type: ignore[attr-defined]
-                                   cfg.cat_max_ratio)  # type: ignore[attr-defined]  # fmt: skip
+                                   cfg.cat_max_ratio, self.ignore_index)  # type: ignore[attr-defined]  # fmt: skip
         image, label = self.read(item)
         return image, label, self.samples[item].image
 

@@ -125,7 +125,7 @@ def evaluate(
         raise ValueError(f"mode must be 'whole' or 'slide', got {mode!r}")
     was_training = model.training
     model.eval()
-    metrics = SegmentationMetrics(model.num_classes)
+    metrics = SegmentationMetrics(model.num_classes, data.ignore_index)
     count = len(data) if limit is None else min(limit, len(data))
     indices = range(rank, count, world)
     if progress and rank == 0:

@@ -12,6 +12,8 @@ Work dir: ``iter_<N>.safetensors`` (the model in the project's format: ``densecl
 ``iter_<N>.state.pt`` (optimiser, scaler, iteration, random state; tensors and plain data only, read with
 ``weights_only=True``), ``latest.json``, ``metrics.csv`` (iter, loss, loss_decode, loss_aux, lr, images_per_s,
 seconds), ``eval.csv`` and ``config.json``; TensorBoard events when the ``tensorboard`` package is installed.
+Checkpoint files and ``latest.json`` are written to a temporary name and renamed, so a run killed while saving
+leaves ``latest.json`` pointing at the previous, complete checkpoint.
 Resuming (``resume="auto"`` or a ``.state.pt`` path) restores the model, optimiser, schedule, scaler, iteration,
 random state and the position in the data stream, so it ends where an uninterrupted run ends.
 """
@@ -36,11 +38,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..checkpoints import load_checkpoint
+from ..checkpoints.io import replaced_atomically
 from ..model import DenseCLIP
 from .config import TrainConfig
 from .data import SegmentationData, TrainSampler
 from .evaluate import evaluate
-from .optim import freeze_text_encoder, param_groups, segmentation_loss, set_learning_rates
+from .optim import freeze_text_encoder, make_optimizer, segmentation_loss, set_learning_rates
 
 LOSSES = ("loss", "loss_decode", "loss_aux")
 METRIC_COLUMNS = ["iter", *LOSSES, "lr", "images_per_s", "seconds"]
@@ -118,6 +121,17 @@ def enable_gradient_checkpointing(model: DenseCLIP) -> int:
     for block in blocks:
         block.forward = functools.partial(_checkpointed, block.forward, block)  # type: ignore[method-assign]
     return len(blocks)
+
+
+@contextlib.contextmanager
+def _cudnn_benchmark(enabled: bool) -> Iterator[None]:
+    """``torch.backends.cudnn.benchmark`` set for the run and restored after it (a process-wide flag)."""
+    saved = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = saved
 
 
 @contextlib.contextmanager
@@ -220,8 +234,9 @@ class Trainer:
             "rng": rng,
             "config": json.dumps(self.cfg.to_dict()),
         }
-        torch.save(state, self._path(f"{name}.state.pt"))
-        with open(self._path("latest.json"), "w", encoding="utf-8") as f:
+        with replaced_atomically(self._path(f"{name}.state.pt")) as partial:
+            torch.save(state, partial)
+        with replaced_atomically(self._path("latest.json")) as partial, open(partial, "w", encoding="utf-8") as f:
             json.dump({"iteration": iteration, "model": f"{name}.safetensors", "state": f"{name}.state.pt"}, f)
         kept = sorted((int(n[5:-12]) for n in os.listdir(self.cfg.work_dir)
                        if n.startswith("iter_") and n.endswith(".safetensors")))  # fmt: skip
@@ -255,7 +270,7 @@ class Trainer:
 
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
-        with _distributed(cfg) as (rank, world, device):
+        with _distributed(cfg) as (rank, world, device), _cudnn_benchmark(cfg.cudnn_benchmark):
             return self._run(rank, world, device)
 
     def _run(self, rank: int, world: int, device: torch.device) -> dict[str, Any]:
@@ -268,8 +283,7 @@ class Trainer:
         data = SegmentationData(cfg.data, cfg.layout, "train", cfg)
         model = prepare_model(build_model(cfg, data.class_names), cfg, device)
         layout = memory_format(cfg, device)
-        groups = param_groups(model, cfg)
-        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        optimizer = make_optimizer(model, cfg, device)
         scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
         if rank == 0:
             os.makedirs(cfg.work_dir, exist_ok=True)
@@ -311,7 +325,7 @@ class Trainer:
         tic = time.perf_counter()
         for it in range(start, cfg.iters):
             lr = set_learning_rates(optimizer, it, cfg)
-            sums = torch.zeros(len(LOSSES), dtype=torch.float64, device=device)  # read once an iteration (one sync)
+            sums = torch.zeros(len(LOSSES), dtype=torch.float64, device=device)  # read at logging iterations only
             for m in range(cfg.accum):
                 images, labels = next_batch(batches)
                 images = images.to(device, non_blocking=True, memory_format=layout)
@@ -324,19 +338,21 @@ class Trainer:
                     losses = segmentation_loss(logits, aux, labels, cfg)
                     scaler.scale(losses["loss"] / cfg.accum).backward()
                 sums += torch.stack([losses[k].detach() for k in LOSSES]).double() / cfg.accum
-            if world > 1:  # log the global mean, not this process's
-                dist.all_reduce(sums)
-                sums /= world
-            totals = dict(zip(LOSSES, sums.tolist()))
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             done = it + 1
+            # the losses are read (a host sync) only when logged, so the host queues the next iteration meanwhile
+            log_now = done % cfg.log_interval == 0 or done == cfg.iters or done == start + 1
+            if log_now and world > 1:  # log the global mean, not this process's
+                dist.all_reduce(sums)
+                sums /= world
             if rank == 0:
                 assert progress is not None
                 progress.update(1)
-                progress.set_postfix(loss=f"{totals['loss']:.4f}", lr=f"{lr:.2e}")
-                if done % cfg.log_interval == 0 or done == cfg.iters or done == start + 1:
+                if log_now:
+                    totals = dict(zip(LOSSES, sums.tolist()))
+                    progress.set_postfix(loss=f"{totals['loss']:.4f}", lr=f"{lr:.2e}")
                     seconds = time.perf_counter() - tic
                     row = {"iter": done, **totals, "lr": lr, "images_per_s": cfg.batch_size * (done - start) / seconds,
                            "seconds": seconds}  # fmt: skip
@@ -344,7 +360,7 @@ class Trainer:
                     if writer is not None:
                         for k in ("loss", "loss_decode", "loss_aux", "lr"):
                             writer.add_scalar(f"train/{k}", row[k], done)
-                last = totals
+                    last = totals
             if done % cfg.checkpoint_interval == 0 or done == cfg.iters:
                 rng = self._rng_states(world, device)
                 if rank == 0:
@@ -364,7 +380,7 @@ class Trainer:
 
     def _evaluate(self, model: DenseCLIP, rank: int, world: int, iteration: int, writer: Any) -> dict[str, Any] | None:
         """mIoU/aAcc on the val split in float32 (as the official test), the images shared by the processes."""
-        val = SegmentationData(self.cfg.data, self.cfg.layout, "val")
+        val = SegmentationData(self.cfg.data, self.cfg.layout, "val", ignore_index=self.cfg.ignore_index)
         result = evaluate(model, val, mode=self.cfg.eval_mode, rank=rank, world=world, progress=True)
         if rank == 0:
             row = {"iter": iteration, "mIoU": result["mIoU"], "aAcc": result["aAcc"], "mAcc": result["mAcc"]}
