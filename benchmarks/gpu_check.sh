@@ -154,6 +154,8 @@ export_bench() {  # the AOTInductor package against the engine on the GPU (the O
 
 train_bench() {  # one training step, official style against the trainer (RN50 512x512 batch 16)
   timed "bench_train RN50" bench_train.txt python3 benchmarks/bench_train.py --out "$OUT" --tag rn50_b16
+  # can this machine's CPUs feed that step? (the DataLoader's samples/s per worker count)
+  timed "bench_data" bench_data.txt python3 benchmarks/bench_data.py --out "$OUT" --tag gpu_machine
 }
 
 rest() {  # the CPU suite on this machine's torch/triton, and CMake's CUDA build

@@ -112,9 +112,13 @@ def _linear_taps(src: int, dst: int, device: torch.device, clamp_weight: bool) -
     return first.clamp(0, src - 1), (first + 1).clamp(0, src - 1), w0, w1
 
 
-def resize_bilinear_uint8(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+def resize_bilinear_uint8(
+    x: torch.Tensor, size: Sequence[int], window: tuple[int, int, int, int] | None = None
+) -> torch.Tensor:
     """OpenCV's ``cv2.resize(INTER_LINEAR)`` of uint8 images, bit-exact: (B, C, H, W) uint8 values (a uint8 tensor,
     or another dtype holding the integers 0..255) -> (B, C, *size) float32 holding the uint8 result, channels_last.
+    ``window=(top, left, height, width)``: only that part of the resized image, computed alone (the same pixels as
+    slicing the whole result; the training crop).
 
     A horizontal pass weights two source columns (11-bit weights, int32 sums); a vertical pass combines two of
     those rows as OpenCV's 8-bit ``VResizeLinear`` does: ``((b0 * (S0 >> 4)) >> 16) + ((b1 * (S1 >> 4)) >> 16) +
@@ -126,16 +130,21 @@ def resize_bilinear_uint8(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     height, width = int(size[0]), int(size[1])
     if height < 1 or width < 1:
         raise ValueError(f"size must be positive (height, width), got {tuple(size)}")
+    top, left, out_h, out_w = window if window is not None else (0, 0, height, width)
+    if not (0 <= top and 0 <= left and 1 <= out_h and 1 <= out_w and top + out_h <= height and left + out_w <= width):
+        raise ValueError(f"window (top, left, height, width) must lie inside size {(height, width)}, got {window}")
     if (height, width) == tuple(x.shape[2:]):
-        return x.float()  # cv2.resize copies an image of the same size
-    hwc = x.to(torch.uint8).permute(0, 2, 3, 1).contiguous()
-    c0, c1, a0, a1 = _linear_taps(x.shape[3], width, x.device, clamp_weight=True)
-    rows = hwc.index_select(2, c0).to(torch.int32).mul_(a0.view(-1, 1))  # (B, H, width, C), up to 255 * 2048
+        return x[:, :, top : top + out_h, left : left + out_w].float()  # cv2.resize copies an image of the same size
+    c0, c1, a0, a1 = (t[left : left + out_w] for t in _linear_taps(x.shape[3], width, x.device, clamp_weight=True))
+    r0, r1, b0, b1 = (t[top : top + out_h] for t in _linear_taps(x.shape[2], height, x.device, clamp_weight=False))
+    # the source rows a window reads (the taps are monotonic; reading them syncs a GPU, so only for a window)
+    first, last = (int(r0[0]), int(r1[-1])) if window is not None else (0, x.shape[2] - 1)
+    hwc = x[:, :, first : last + 1].to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+    rows = hwc.index_select(2, c0).to(torch.int32).mul_(a0.view(-1, 1))  # (B, rows, out_w, C), up to 255 * 2048
     rows.addcmul_(hwc.index_select(2, c1), a1.view(-1, 1)).bitwise_right_shift_(4)
-    r0, r1, b0, b1 = _linear_taps(x.shape[2], height, x.device, clamp_weight=False)
-    top = rows.index_select(1, r0).mul_(b0.view(-1, 1, 1)).bitwise_right_shift_(16)
-    bottom = rows.index_select(1, r1).mul_(b1.view(-1, 1, 1)).bitwise_right_shift_(16)
-    return top.add_(bottom).add_(2).bitwise_right_shift_(2).permute(0, 3, 1, 2).float()
+    upper = rows.index_select(1, r0 - first).mul_(b0.view(-1, 1, 1)).bitwise_right_shift_(16)
+    lower = rows.index_select(1, r1 - first).mul_(b1.view(-1, 1, 1)).bitwise_right_shift_(16)
+    return upper.add_(lower).add_(2).bitwise_right_shift_(2).permute(0, 3, 1, 2).float()
 
 
 def resize_nearest(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:

@@ -105,3 +105,15 @@ def test_training_table_with_a_failed_baseline():
     text = bench_train.table(env, rows, args)
     assert "| official-fp32 | failed: OutOfMemoryError" in text and "| trainer-bf16 | 50.0 | 320.0 | 20.0 |  |" in text
     assert "| not measured |" in text  # the 3x target without its baseline
+
+
+def test_data_benchmark_reports_the_pipeline(tmp_path):
+    """bench_data on a tiny synthetic set: the one-process split and a row per worker count, in JSON and markdown."""
+    from benchmarks import bench_data
+
+    args = ["--images", "3", "--height", "40", "--width", "56", "--crop", "32", "--samples", "2", "--batch", "2",
+            "--batches", "1", "--workers", "0", "--out", str(tmp_path), "--tag", "t"]  # fmt: skip
+    assert bench_data.main(args) == 0
+    rows = json.loads((tmp_path / "data_t.json").read_text())["rows"]
+    assert rows[0]["sample_ms"] >= rows[0]["read_ms"] > 0 and rows[1]["workers"] == 0 and rows[1]["samples_per_s"] > 0
+    assert "| 0 |" in (tmp_path / "data_t.md").read_text()

@@ -129,6 +129,20 @@ def test_resize_bilinear_uint8_is_opencv_bit_for_bit():
         assert torch.equal(resize_bilinear_uint8(x.float(), (th, tw)), out)  # integer-valued floats: the same
 
 
+def test_resize_window_is_the_same_part_of_the_whole_resize():
+    """window=(top, left, h, w) computes only that part of the resized image: the pixels of the whole result."""
+    rng = np.random.default_rng(4)
+    for (h, w), (th, tw) in _resize_cases(5, 30):
+        x = torch.from_numpy(rng.integers(0, 256, size=(2, 3, h, w), dtype=np.uint8))
+        whole = resize_bilinear_uint8(x, (th, tw))
+        top, left = int(rng.integers(0, th)), int(rng.integers(0, tw))
+        wh, ww = int(rng.integers(1, th - top + 1)), int(rng.integers(1, tw - left + 1))
+        part = resize_bilinear_uint8(x, (th, tw), (top, left, wh, ww))
+        assert torch.equal(part, whole[:, :, top : top + wh, left : left + ww]), ((h, w), (th, tw))
+    with pytest.raises(ValueError, match=r"window \(top, left, height, width\) must lie inside size \(4, 4\)"):
+        resize_bilinear_uint8(x, (4, 4), (2, 0, 3, 1))
+
+
 def test_resize_nearest_is_opencv_bit_for_bit():
     """mmcv resizes label maps with cv2.resize(INTER_NEAREST) (torch's "nearest" picks other pixels for some size
     pairs, as 255 ignored pixels or wrong classes along the picked rows)."""

@@ -113,31 +113,8 @@ def read_label(path: str, num_classes: int, reduce_zero_label: bool, ignore_inde
 # ------------------------------------------------------------------------------------------------ augmentation
 
 
-def _rgb_to_hsv(rgb: np.ndarray) -> np.ndarray:
-    """float RGB 0..255 -> OpenCV 8-bit HSV scales: H 0..180, S and V 0..255."""
-    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
-    v = rgb.max(axis=-1)
-    c = v - rgb.min(axis=-1)
-    s = np.where(v > 0, c / np.maximum(v, 1e-12) * 255.0, 0.0)
-    safe = np.maximum(c, 1e-12)
-    h = np.where(v == r, (g - b) / safe, np.where(v == g, 2.0 + (b - r) / safe, 4.0 + (r - g) / safe))
-    h = np.where(c > 0, (h * 30.0) % 180.0, 0.0)
-    return np.stack([h, s, v], axis=-1)
-
-
-def _hsv_to_rgb(hsv: np.ndarray) -> np.ndarray:
-    h, s, v = hsv[..., 0] / 30.0, hsv[..., 1] / 255.0, hsv[..., 2]
-    c = v * s
-    x = c * (1 - np.abs(h % 2 - 1))
-    m = v - c
-    sector = np.floor(h).astype(np.int64) % 6
-    zeros = np.zeros_like(c)
-    table = [(c, x, zeros), (x, c, zeros), (zeros, c, x), (zeros, x, c), (x, zeros, c), (c, zeros, x)]
-    out = np.zeros(hsv.shape, dtype=np.float64)
-    for k, (r, g, b) in enumerate(table):
-        mask = sector == k
-        out[mask] = np.stack([r[mask], g[mask], b[mask]], axis=-1)
-    return out + m[..., None]
+# For each of R, G, B and each hue sector 0..5: which of (0, x, c) the channel takes before adding m.
+_SECTOR_PICK = np.array([[2, 1, 0, 0, 1, 2], [1, 2, 2, 1, 0, 0], [0, 0, 1, 2, 2, 1]], dtype=np.int8)
 
 
 def _convert(x: np.ndarray, alpha: float = 1.0, beta: float = 0.0) -> np.ndarray:
@@ -146,12 +123,45 @@ def _convert(x: np.ndarray, alpha: float = 1.0, beta: float = 0.0) -> np.ndarray
 
 
 def _to_hsv8(rgb: np.ndarray) -> np.ndarray:
-    """uint8-valued RGB -> OpenCV's 8-bit HSV (H 0..179, S and V 0..255, rounded)."""
-    return np.round(_rgb_to_hsv(rgb)) % np.array([180, 256, 256])
+    """uint8-valued RGB (float array) -> 8-bit HSV as OpenCV scales it (H 0..179, S and V 0..255), from the float64
+    hexcone formulas, rounded. (OpenCV's own 8-bit tables can differ by one level, and differ between its versions;
+    mmseg's draws are not ours anyway, so only the distribution is the official one.)"""
+    x = rgb.astype(np.float64, copy=False)
+    r, g, b = x[..., 0], x[..., 1], x[..., 2]
+    v = np.maximum(np.maximum(r, g), b)
+    c = v - np.minimum(np.minimum(r, g), b)
+    with np.errstate(divide="ignore", invalid="ignore"):  # c == 0 / v == 0: replaced by 0 below
+        h = np.where(v == r, (g - b) / c, np.where(v == g, 2.0 + (b - r) / c, 4.0 + (r - g) / c)) * 30.0
+        s = c / v * 255.0
+    out = np.empty(x.shape, np.float64)
+    hue = out[..., 0]
+    np.copyto(hue, np.where(c > 0, np.where(h < 0, h + 180.0, h), 0.0))
+    np.round(hue, out=hue)
+    hue[hue >= 180] -= 180
+    np.round(np.where(v > 0, s, 0.0), out=out[..., 1])
+    out[..., 2] = v
+    return out
 
 
 def _from_hsv8(hsv: np.ndarray) -> np.ndarray:
-    return np.clip(np.round(_hsv_to_rgb(hsv)), 0, 255)
+    """8-bit HSV (H 0..179) -> RGB, rounded and clipped to 0..255: per hue sector the channels take c = v s, x = c (1 -
+    |h mod 2 - 1|) or 0, plus m = v - c."""
+    x = hsv.astype(np.float64, copy=False)
+    h, s, v = x[..., 0] / 30.0, x[..., 1] / 255.0, x[..., 2]
+    sector = h.astype(np.int64)  # floor: h is in [0, 6)
+    c = v * s
+    between = c * (1 - np.abs(h - 2 * (sector >> 1) - 1))  # h - 2 floor(h / 2): h mod 2, exactly
+    m = v - c
+    out = np.empty(x.shape, np.float64)
+    for channel in range(3):
+        pick = _SECTOR_PICK[channel][sector]
+        o = out[..., channel]
+        o.fill(0.0)
+        np.copyto(o, between, where=pick == 1)
+        np.copyto(o, c, where=pick == 2)
+        o += m
+    np.round(out, out=out)
+    return np.clip(out, 0, 255, out=out)
 
 
 def photometric_distortion(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -197,7 +207,8 @@ def random_crop_box(
     if cat_max_ratio < 1:
         for _ in range(10):
             window = label[top : top + crop, left : left + crop]
-            _, counts = np.unique(window[window != ignore_index], return_counts=True)
+            counts = np.bincount(window[window != ignore_index])
+            counts = counts[counts > 0]  # the pixels of each class present (labels are 0..K-1)
             if len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio:
                 break
             top, left = draw()
@@ -219,10 +230,12 @@ def train_transform(
     ratio = rng.uniform(*ratio_range)
     scale = (int(img_scale[0] * ratio), int(img_scale[1] * ratio))
     size = keep_ratio_size(image.shape[0], image.shape[1], scale)
-    x = resize_bilinear_uint8(torch.from_numpy(image).permute(2, 0, 1)[None], size)
-    img, lab = x[0].permute(1, 2, 0).numpy(), resize_nearest(torch.from_numpy(label), size).numpy()
+    lab = resize_nearest(torch.from_numpy(label), size).numpy()
     top, left = random_crop_box(lab, crop, cat_max_ratio, rng, ignore_index)
-    img, lab = img[top : top + crop, left : left + crop], lab[top : top + crop, left : left + crop]
+    lab = lab[top : top + crop, left : left + crop]
+    window = (top, left, lab.shape[0], lab.shape[1])  # only the crop of the resized image is computed
+    img = resize_bilinear_uint8(torch.from_numpy(image).permute(2, 0, 1)[None], size, window)
+    img = img[0].permute(1, 2, 0).numpy()
     if rng.random() < 0.5:
         img, lab = img[:, ::-1], lab[:, ::-1]
     img = photometric_distortion(img, rng)
