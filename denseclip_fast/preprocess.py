@@ -141,7 +141,7 @@ def resize_bilinear_uint8(
     first, last = (int(r0[0]), int(r1[-1])) if window is not None else (0, x.shape[2] - 1)
     hwc = x[:, :, first : last + 1].to(torch.uint8).permute(0, 2, 3, 1).contiguous()
     rows = hwc.index_select(2, c0).to(torch.int32).mul_(a0.view(-1, 1))  # (B, rows, out_w, C), up to 255 * 2048
-    rows.addcmul_(hwc.index_select(2, c1), a1.view(-1, 1)).bitwise_right_shift_(4)
+    rows.addcmul_(hwc.index_select(2, c1).to(torch.int32), a1.view(-1, 1)).bitwise_right_shift_(4)
     upper = rows.index_select(1, r0 - first).mul_(b0.view(-1, 1, 1)).bitwise_right_shift_(16)
     lower = rows.index_select(1, r1 - first).mul_(b1.view(-1, 1, 1)).bitwise_right_shift_(16)
     return upper.add_(lower).add_(2).bitwise_right_shift_(2).permute(0, 3, 1, 2).float()

@@ -150,6 +150,28 @@ def test_engine_rejects_non_finite_cuda_batches_after_the_forward():
     assert torch.equal(seg.logits(x), expected) and seg.captured_graphs == 1
 
 
+def test_opencv_resizes_on_cuda_equal_the_cpu():
+    """The engine's uint8 preprocessing on the GPU: resize_bilinear_uint8 (whole and a window) and resize_nearest
+    give the CPU's pixels (which the CPU tests compare with OpenCV), and a uint8 batch through the engine's
+    keep-ratio resize on CUDA equals the CPU's."""
+    import numpy as np
+
+    from denseclip_fast.preprocess import normalize, resize_bilinear_uint8, resize_keep_ratio, resize_nearest
+
+    rng = np.random.default_rng(0)
+    for (h, w), (th, tw) in [((37, 61), (91, 150)), ((512, 683), (384, 512)), ((64, 90), (32, 45)), ((5, 3), (1, 1))]:
+        x = torch.from_numpy(rng.integers(0, 256, size=(2, 3, h, w), dtype=np.uint8))
+        assert torch.equal(resize_bilinear_uint8(x.cuda(), (th, tw)).cpu(), resize_bilinear_uint8(x, (th, tw)))
+        window = (th // 3, tw // 4, th - th // 3, tw // 2)
+        assert torch.equal(resize_bilinear_uint8(x.cuda(), (th, tw), window).cpu(),
+                           resize_bilinear_uint8(x, (th, tw), window))  # fmt: skip
+        assert torch.equal(resize_nearest(x[0, 0].cuda(), (th, tw)).cpu(), resize_nearest(x[0, 0], (th, tw)))
+    images = torch.from_numpy(rng.integers(0, 256, size=(2, 300, 420, 3), dtype=np.uint8)).permute(0, 3, 1, 2)
+    on_gpu, on_cpu = resize_keep_ratio(images.cuda(), (2048, 512)), resize_keep_ratio(images, (2048, 512))
+    assert on_gpu.shape == (2, 3, 512, 717) and torch.equal(on_gpu.cpu(), on_cpu)
+    assert torch.allclose(normalize(on_gpu).cpu(), normalize(on_cpu), rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("mode", ["whole", "slide"])
 def test_engine_on_cuda_matches_official(mode):
     """The engine on CUDA (CUDA graphs on): float32 within 1e-4 and bfloat16 within 2e-2 of the official model;

@@ -234,8 +234,8 @@ def train_transform(
     top, left = random_crop_box(lab, crop, cat_max_ratio, rng, ignore_index)
     lab = lab[top : top + crop, left : left + crop]
     window = (top, left, lab.shape[0], lab.shape[1])  # only the crop of the resized image is computed
-    img = resize_bilinear_uint8(torch.from_numpy(image).permute(2, 0, 1)[None], size, window)
-    img = img[0].permute(1, 2, 0).numpy()
+    resized = resize_bilinear_uint8(torch.from_numpy(image).permute(2, 0, 1)[None], size, window)
+    img = resized[0].permute(1, 2, 0).numpy()
     if rng.random() < 0.5:
         img, lab = img[:, ::-1], lab[:, ::-1]
     img = photometric_distortion(img, rng)
