@@ -15,6 +15,8 @@ capture included), the relative error of the logits against `official` run once 
 timed `official` keeps PyTorch's defaults, cuDNN TF32 on), and the FLOP rate: FLOPs of one image-dependent forward
 (text encoder excluded; counted once with torch.utils.flop_counter) per second, as a fraction of 790 TFLOP/s (H200
 bf16 dense). Writes JSON, markdown and a PNG bar chart to benchmarks/results/.
+--profile CONTESTANT... (default on a GPU: engine-bf16) adds where the time goes, by GPU kernel (torch.profiler), for
+those contestants; an engine is also profiled with its CUDA graphs off, whose kernels the profiler always sees.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ from benchmarks.common import (  # noqa: E402
     failure,
     free_gpu_memory,
     measure,
+    profile_kernels,
+    profile_markdown,
     rel_err,
     targets_markdown,
 )
@@ -56,7 +60,7 @@ def build(arch: str, classes: int, device: torch.device) -> tuple[dcf.DenseCLIP,
 
 
 def contestant(name: str, model: dcf.DenseCLIP, official: OfficialDenseCLIP, device: torch.device, mode: str,
-               crop: int, stride: int) -> Callable[[torch.Tensor], torch.Tensor]:  # fmt: skip
+               crop: int, stride: int, graphs: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:  # fmt: skip
     def run_official(net: Callable) -> Callable[[torch.Tensor], torch.Tensor]:
         if mode == "whole":
             return net
@@ -84,7 +88,8 @@ def contestant(name: str, model: dcf.DenseCLIP, official: OfficialDenseCLIP, dev
         return compiled_bf16
     dtype = torch.float32 if name == "engine-fp32" else torch.bfloat16
     # capture at the first call, so that the reported first-call time includes the capture
-    seg = dcf.Segmenter(model, device=device, dtype=dtype, mode=mode, crop=crop, stride=stride, capture_after=1)
+    seg = dcf.Segmenter(model, device=device, dtype=dtype, mode=mode, crop=crop, stride=stride, capture_after=1,
+                        cuda_graphs=graphs)  # fmt: skip
     return seg.logits
 
 
@@ -151,9 +156,44 @@ def run(args: argparse.Namespace, device: torch.device, results: Results) -> Non
                              images_per_s=batch / (r["p50_ms"] / 1e3),
                              rel_error_vs_official=rel_err(r.pop("logits"), reference))  # fmt: skip
                     r["fraction_of_peak_flops"] = flops / (r["p50_ms"] / 1e3) / PEAK_FLOPS
+                    if name in args.profile:
+                        try:
+                            r.update(where_the_time_goes(name, model, official, device, mode, crop, stride, x))
+                        except Exception as exc:  # the measurement stands without its profile
+                            r["profile_error"] = failure(exc)
                     results.add(r)
                     bar_chart(results.rows, f"{results.stem}.png")
         del model, official
+
+
+def where_the_time_goes(name: str, model: dcf.DenseCLIP, official: OfficialDenseCLIP, device: torch.device, mode: str,
+                        crop: int, stride: int, x: torch.Tensor) -> dict:  # fmt: skip
+    """{"profile": by kernel, as timed}, and for an engine on CUDA {"profile_no_graphs": the same engine with its
+    CUDA graphs off} (the kernels are the same; a graph replay may not be traced kernel by kernel)."""
+    fn = contestant(name, model, official, device, mode, crop, stride)
+    out = {"profile": profile_kernels(fn, x, device)}
+    del fn
+    if name.startswith("engine") and device.type == "cuda":
+        free_gpu_memory(device)
+        out["profile_no_graphs"] = profile_kernels(
+            contestant(name, model, official, device, mode, crop, stride, graphs=False), x, device
+        )
+    free_gpu_memory(device)
+    return out
+
+
+def profiles_markdown(rows: list[dict]) -> str:
+    """The "where the time goes" tables of the profiled rows."""
+    parts = []
+    for r in rows:
+        what = f"{r.get('contestant')}, {r.get('arch')} {r.get('mode')} {'x'.join(map(str, r.get('shape', [])))}"
+        if "profile" in r:
+            parts.append(profile_markdown(f"Where the time goes: {what}", r["profile"]))
+        if "profile_no_graphs" in r:
+            parts.append(profile_markdown(f"Where the time goes: {what}, CUDA graphs off", r["profile_no_graphs"]))
+        if "profile_error" in r:
+            parts.append(f"\n{what}: profiling failed: {r['profile_error']}\n")
+    return ("\n## Profiles\n" + "".join(parts)) if parts else ""
 
 
 def table(env: dict, rows: list[dict], classes: int) -> str:
@@ -176,7 +216,8 @@ def table(env: dict, rows: list[dict], classes: int) -> str:
         lines.append(f"| {r['arch']} | {r['mode']} | {shape} | {r['contestant']} | {r['p50_ms']:.2f} | "
                      f"{r['p90_ms']:.2f} | {r['p99_ms']:.2f} | {r['images_per_s']:.1f} | {r['first_call_s']:.1f} | "
                      f"{mem} | {err} | {100 * r['fraction_of_peak_flops']:.2f}% |")  # fmt: skip
-    return "\n".join(lines) + "\n" + (targets_markdown(targets(rows)) if env["gpu"] else "")
+    targets_part = targets_markdown(targets(rows)) if env["gpu"] else ""
+    return "\n".join(lines) + "\n" + targets_part + profiles_markdown(rows)
 
 
 def targets(rows: list[dict]) -> list[tuple[str, str, bool | None]]:
@@ -239,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slide-height", type=int, default=512, help="slide images are H x 4H")
     parser.add_argument("--classes", type=int, default=150)
     parser.add_argument("--repeats", type=int)
+    parser.add_argument("--profile", nargs="*", choices=ALL, help="contestants to profile by kernel (GPU default: "
+                        "engine-bf16; none on a CPU)")  # fmt: skip
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     parser.add_argument("--tag", help="file name tag (default: the device)")
     args = parser.parse_args(argv)
@@ -251,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         [c for c in ALL if c != "compile-ma"] if gpu else ["official", "engine-fp32"]
     )
     args.repeats = args.repeats or (50 if gpu else 3)
+    args.profile = args.profile if args.profile is not None else (["engine-bf16"] if gpu else [])
     if not gpu:
         args.size = args.size or 256
         args.slide_height = min(args.slide_height, 256)

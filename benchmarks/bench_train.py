@@ -12,8 +12,9 @@ Contestants (random weights; loss = CE(head) + 0.4 CE(score / tau), AdamW step i
   trainer-bf16      the same under bf16 autocast (the trainer's default)
   trainer-bf16-ckpt the same with gradient checkpointing (memory for speed)
 cuDNN benchmark mode is on for every contestant (mmseg's runtime default, and the trainer's).
-Per contestant: images/s, ms per step (median), peak memory of a step. Writes JSON and markdown to
-benchmarks/results/ (train_<tag>.*) with the machine and versions.
+Per contestant: images/s, ms per step (median), peak memory of a step. --profile CONTESTANT... (default on a GPU:
+official-fp32 and trainer-bf16) adds where a step's time goes, by GPU kernel (torch.profiler). Writes JSON and
+markdown to benchmarks/results/ (train_<tag>.*) with the machine and versions.
 """
 
 from __future__ import annotations
@@ -30,7 +31,16 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import denseclip_fast as dcf  # noqa: E402
-from benchmarks.common import Results, environment, failure, free_gpu_memory, measure, targets_markdown  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    Results,
+    environment,
+    failure,
+    free_gpu_memory,
+    measure,
+    profile_kernels,
+    profile_markdown,
+    targets_markdown,
+)
 from benchmarks.official import OfficialDenseCLIP, official_config, randomize_  # noqa: E402
 from denseclip_fast.train import TrainConfig  # noqa: E402
 from denseclip_fast.train.loop import TrainStep, memory_format, prepare_model  # noqa: E402
@@ -105,7 +115,10 @@ def table(env: dict, rows: list[dict], args: argparse.Namespace) -> str:
         mem = "" if r["peak_memory_gb"] is None else f"{r['peak_memory_gb']:.1f}"
         speedup = "" if base is None else f"{r['images_per_s'] / base:.2f}"
         lines.append(f"| {r['contestant']} | {r['ms_per_step']:.1f} | {r['images_per_s']:.1f} | {mem} | {speedup} |")
-    return "\n".join(lines) + "\n" + (targets_markdown(targets(rows)) if env["gpu"] else "")
+    profiles = "".join(profile_markdown(f"Where the time goes: {r['contestant']}", r["profile"])
+                       for r in rows if "profile" in r)  # fmt: skip
+    targets_part = targets_markdown(targets(rows)) if env["gpu"] else ""
+    return "\n".join(lines) + "\n" + targets_part + ("\n## Profiles\n" + profiles if profiles else "")
 
 
 def targets(rows: list[dict]) -> list[tuple[str, str, bool | None]]:
@@ -126,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--classes", type=int, default=150)
     parser.add_argument("--steps", type=int)
     parser.add_argument("--contestants", nargs="+", choices=ALL)
+    parser.add_argument("--profile", nargs="*", choices=ALL, help="contestants to profile by kernel")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     parser.add_argument("--tag", help="file name tag (default: cpu_smoke, or the GPU's name)")
     args = parser.parse_args(argv)
@@ -135,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     args.size = args.size or (512 if gpu else 128)
     args.steps = args.steps or (10 if gpu else 2)
     args.contestants = args.contestants or (list(ALL) if gpu else ["official-fp32", "trainer-fp32"])
+    args.profile = args.profile if args.profile is not None else (["official-fp32", "trainer-bf16"] if gpu else [])
     names = list(dcf.ADE20K_CLASSES[: args.classes])
     cfg = TrainConfig()
     torch.manual_seed(0)
@@ -149,7 +164,10 @@ def main(argv: list[str] | None = None) -> int:
                 step = official_step(args.arch, names, cfg, device)
             else:
                 step = trainer_step(args.arch, names, cfg, device, bf16="bf16" in name, ckpt=name.endswith("ckpt"))
-            results.add({"contestant": name, **timed(step, x, label, args.steps, device)})
+            row = {"contestant": name, **timed(step, x, label, args.steps, device)}
+            if name in args.profile:
+                row["profile"] = profile_kernels(lambda t: step(t, label), x, device, calls=2, grad=True)
+            results.add(row)
             print(f"{name}: {results.rows[-1]['ms_per_step']:.1f} ms/step", flush=True)
         except Exception as exc:  # reported in the results; the other contestants still run
             print(f"{name} failed: {failure(exc)}", flush=True)

@@ -85,6 +85,63 @@ def measure(
     }
 
 
+def profile_kernels(
+    fn: Callable[[torch.Tensor], object], x: torch.Tensor, device: torch.device, calls: int = 3, top: int = 15,
+    grad: bool = False,
+) -> dict:
+    """Where the time of one call goes, by kernel: torch.profiler over ``calls`` calls (after one untimed call).
+    On CUDA the GPU kernels (and copies) by their device time, on a CPU the operators by their self CPU time; per
+    call, the ``top`` largest and the rest summed. Returns {"unit", "total_us", "kernels": [{name, count, us,
+    share}]} (per call); an empty list when the profiler saw no kernel (e.g. a CUDA graph whose replays it does not
+    trace)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with torch.set_grad_enabled(grad):
+        fn(x)
+        sync(device)
+        with profile(activities=activities) as prof:
+            for _ in range(calls):
+                fn(x)
+            sync(device)
+    times: list[tuple[str, int, float]] = []
+    for e in prof.key_averages():
+        if cuda:
+            if e.device_type != DeviceType.CUDA:
+                continue
+            us = getattr(e, "self_device_time_total", None)
+            us = getattr(e, "self_cuda_time_total", 0.0) if us is None else us
+        else:
+            us = e.self_cpu_time_total
+        if us > 0:
+            times.append((e.key, e.count, us))
+    times.sort(key=lambda t: -t[2])
+    total = sum(us for _, _, us in times)
+    kernels = [{"name": name[:120], "count": count / calls, "us": us / calls, "share": us / total}
+               for name, count, us in times[:top]]  # fmt: skip
+    rest = times[top:]
+    if rest:
+        us = sum(t[2] for t in rest)
+        kernels.append({"name": f"({len(rest)} others)", "count": sum(t[1] for t in rest) / calls, "us": us / calls,
+                        "share": us / total})  # fmt: skip
+    return {"unit": "GPU kernel time" if cuda else "CPU self time", "total_us": total / calls, "kernels": kernels}
+
+
+def profile_markdown(title: str, profile: dict) -> str:
+    """A "where the time goes" table of :func:`profile_kernels`'s result."""
+    lines = ["", f"### {title}", ""]
+    if not profile["kernels"]:
+        return "\n".join([*lines, "The profiler recorded no kernels (a CUDA graph replay is not traced here).", ""])
+    lines += [f"{profile['unit']}, per call: {profile['total_us']:.0f} us.", "",
+              "| kernel / operator | per call | us | share |", "| --- | --- | --- | --- |"]  # fmt: skip
+    for k in profile["kernels"]:
+        name = k["name"].replace("|", "/")
+        lines.append(f"| `{name}` | {k['count']:g} | {k['us']:.1f} | {100 * k['share']:.1f}% |")
+    return "\n".join(lines) + "\n"
+
+
 def free_gpu_memory(device: torch.device) -> None:
     """Give back what the previous contestant held before the next one is measured: a Segmenter lives in a
     reference cycle (its graph cache holds its bound forward), so only a garbage collection frees it."""

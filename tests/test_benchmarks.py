@@ -117,3 +117,27 @@ def test_data_benchmark_reports_the_pipeline(tmp_path):
     rows = json.loads((tmp_path / "data_t.json").read_text())["rows"]
     assert rows[0]["sample_ms"] >= rows[0]["read_ms"] > 0 and rows[1]["workers"] == 0 and rows[1]["samples_per_s"] > 0
     assert "| 0 |" in (tmp_path / "data_t.md").read_text()
+
+
+def test_profiles_say_where_the_time_goes():
+    """profile_kernels: per-call times of the largest operators (CPU here, GPU kernels on CUDA) and the rest summed;
+    the markdown of the e2e and training benchmarks shows them, or says why there is none."""
+    import torch
+
+    from benchmarks.common import profile_kernels, profile_markdown
+
+    x = torch.randn(96, 96)
+    prof = profile_kernels(lambda t: (t @ t).relu().sum(), x, torch.device("cpu"), calls=2)
+    names = [k["name"] for k in prof["kernels"]]
+    assert prof["unit"] == "CPU self time" and prof["total_us"] > 0 and "aten::mm" in names
+    assert abs(sum(k["share"] for k in prof["kernels"]) - 1) < 1e-6
+    assert next(k for k in prof["kernels"] if k["name"] == "aten::mm")["count"] == 1  # per call, not per run
+    short = profile_kernels(lambda t: (t @ t).relu().sum(), x, torch.device("cpu"), calls=1, top=1)
+    assert len(short["kernels"]) == 2 and short["kernels"][1]["name"].endswith("others)")
+    assert "| `aten::mm` | 1 |" in profile_markdown("t", prof)
+    assert "recorded no kernels" in profile_markdown("t", {"unit": "GPU kernel time", "total_us": 0, "kernels": []})
+    row = {"contestant": "engine-bf16", "arch": "RN50", "mode": "whole", "shape": [1, 3, 64, 64], "profile": prof,
+           "profile_no_graphs": prof}  # fmt: skip
+    text = bench_e2e.profiles_markdown([row, {**row, "profile_error": "RuntimeError: x"}])
+    assert text.count("### Where the time goes: engine-bf16, RN50 whole 1x3x64x64") == 4 and "CUDA graphs off" in text
+    assert "profiling failed: RuntimeError: x" in text
