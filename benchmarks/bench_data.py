@@ -65,17 +65,21 @@ def per_sample(data: SegmentationData, count: int) -> dict:
 
 
 def loader_rate(data: SegmentationData, workers: int, batch: int, batches: int) -> dict:
-    """Samples/s of the trainer's DataLoader after its first batch (worker start-up excluded)."""
+    """Samples/s of the trainer's DataLoader in its steady state: the batches its workers start on together at
+    start-up (2 each, the prefetch) are taken untimed, then at least 2 per worker are timed, each one made while
+    the clock runs."""
     loader = DataLoader(data, batch_size=batch, sampler=TrainSampler(len(data), seed=0), num_workers=workers,
                         persistent_workers=workers > 0)  # fmt: skip
     it = iter(loader)
-    next(it)
+    for _ in range(max(1, 2 * workers)):
+        next(it)
+    timed = max(batches, 2 * workers)
     tic = time.perf_counter()
-    for _ in range(batches):
+    for _ in range(timed):
         next(it)
     seconds = time.perf_counter() - tic
     del it, loader
-    return {"workers": workers, "samples_per_s": batch * batches / seconds}
+    return {"workers": workers, "batches": timed, "samples_per_s": batch * timed / seconds}
 
 
 def table(env: dict, meta: dict, rows: list[dict]) -> str:
@@ -104,10 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--crop", type=int, default=512)
     parser.add_argument("--samples", type=int, default=24, help="samples timed in one process (default 24)")
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--batches", type=int, default=4, help="batches timed per worker count (default 4)")
+    parser.add_argument("--batches", type=int, default=4,
+                        help="batches timed per worker count (default 4; at least 2 per worker)")  # fmt: skip
     parser.add_argument("--workers", type=int, nargs="+", help="worker counts (default 1, 2, 4, ... up to the CPUs)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-    parser.add_argument("--tag", help="file name tag (default: cpu_smoke, or the GPU's name)")
+    parser.add_argument("--tag", help="file name tag (default: cpu_smoke)")
     args = parser.parse_args(argv)
     cpus = os.cpu_count() or 1
     args.workers = args.workers or [n for n in (1, 2, 4, 8, 16, 32) if n <= cpus]

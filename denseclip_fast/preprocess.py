@@ -116,7 +116,8 @@ def resize_bilinear_uint8(
     x: torch.Tensor, size: Sequence[int], window: tuple[int, int, int, int] | None = None
 ) -> torch.Tensor:
     """OpenCV's ``cv2.resize(INTER_LINEAR)`` of uint8 images, bit-exact: (B, C, H, W) uint8 values (a uint8 tensor,
-    or another dtype holding the integers 0..255) -> (B, C, *size) float32 holding the uint8 result, channels_last.
+    or another dtype, whose values are rounded and clipped to 0..255 first) -> (B, C, *size) float32 holding the
+    uint8 result (channels_last in memory when it resizes).
     ``window=(top, left, height, width)``: only that part of the resized image, computed alone (the same pixels as
     slicing the whole result; the training crop).
 
@@ -133,13 +134,15 @@ def resize_bilinear_uint8(
     top, left, out_h, out_w = window if window is not None else (0, 0, height, width)
     if not (0 <= top and 0 <= left and 1 <= out_h and 1 <= out_w and top + out_h <= height and left + out_w <= width):
         raise ValueError(f"window (top, left, height, width) must lie inside size {(height, width)}, got {window}")
+    if x.dtype != torch.uint8:
+        x = x.round().clamp(0, 255).to(torch.uint8) if x.is_floating_point() else x.clamp(0, 255).to(torch.uint8)
     if (height, width) == tuple(x.shape[2:]):
         return x[:, :, top : top + out_h, left : left + out_w].float()  # cv2.resize copies an image of the same size
     c0, c1, a0, a1 = (t[left : left + out_w] for t in _linear_taps(x.shape[3], width, x.device, clamp_weight=True))
     r0, r1, b0, b1 = (t[top : top + out_h] for t in _linear_taps(x.shape[2], height, x.device, clamp_weight=False))
     # the source rows a window reads (the taps are monotonic; reading them syncs a GPU, so only for a window)
     first, last = (int(r0[0]), int(r1[-1])) if window is not None else (0, x.shape[2] - 1)
-    hwc = x[:, :, first : last + 1].to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+    hwc = x[:, :, first : last + 1].permute(0, 2, 3, 1).contiguous()
     rows = hwc.index_select(2, c0).to(torch.int32).mul_(a0.view(-1, 1))  # (B, rows, out_w, C), up to 255 * 2048
     rows.addcmul_(hwc.index_select(2, c1).to(torch.int32), a1.view(-1, 1)).bitwise_right_shift_(4)
     upper = rows.index_select(1, r0 - first).mul_(b0.view(-1, 1, 1)).bitwise_right_shift_(16)

@@ -173,3 +173,13 @@ def test_resize_nearest_is_opencv_bit_for_bit():
 def test_resize_errors(resize, x, size, match):
     with pytest.raises(ValueError, match=match):
         resize(x, size)
+
+
+def test_resize_rounds_and_clips_other_dtypes_first():
+    """Non-uint8 input is rounded and clipped to 0..255 first, whether or not the size changes."""
+    x = torch.from_numpy(np.random.default_rng(6).integers(0, 256, size=(1, 3, 9, 14), dtype=np.uint8))
+    noisy = x.float() + torch.empty(x.shape).uniform_(-0.45, 0.45)
+    assert torch.equal(resize_bilinear_uint8(noisy, (5, 20)), resize_bilinear_uint8(x, (5, 20)))
+    assert torch.equal(resize_bilinear_uint8(noisy, (9, 14)), x.float())
+    wide = x.int() * 2 - 128  # -128..382
+    assert torch.equal(resize_bilinear_uint8(wide, (9, 14)), wide.clamp(0, 255).float())

@@ -30,6 +30,7 @@ from denseclip_fast.train.loop import (
     TrainStep,
     build_model,
     enable_gradient_checkpointing,
+    load_optimizer_state,
     memory_format,
     prepare_model,
 )
@@ -202,7 +203,9 @@ def test_a_failed_save_leaves_the_previous_checkpoint_in_charge(arch_file, gener
     with open(tmp_path / "w" / "latest.json") as f:
         assert json.load(f)["iteration"] == 2
     monkeypatch.setattr(torch, "save", real_save)
+    (tmp_path / "w" / ".iter_4.state.pt.999.0123abcd.partial").write_bytes(b"left by a killed run")
     assert train(cfg, resume="auto")["iterations"] == 4
+    assert not [n for n in os.listdir(tmp_path / "w") if n.endswith(".partial")]  # removed when the run started
     with open(tmp_path / "w" / "latest.json") as f:
         assert json.load(f)["state"] == "iter_4.state.pt"
 
@@ -217,6 +220,42 @@ def test_a_failed_save_leaves_the_previous_checkpoint_in_charge(arch_file, gener
     with pytest.raises(OSError, match="quota"):
         model.save(tmp_path / "w" / "copy.safetensors")
     assert not [n for n in os.listdir(tmp_path / "w") if "copy" in n]
+
+
+def test_resume_keeps_this_runs_optimizer_implementation():
+    """A saved optimizer state brings its moments, not its implementation flags: load_state_dict alone would make
+    a CUDA run's fused AdamW the saved (CPU, or older) one's."""
+    p = torch.nn.Parameter(torch.randn(3))
+    saved = torch.optim.AdamW([p], lr=0.1, foreach=True)
+    p.grad = torch.ones(3)
+    saved.step()
+    plain = torch.optim.AdamW([p], lr=0.1, foreach=False)
+    plain.load_state_dict(saved.state_dict())
+    assert plain.param_groups[0]["foreach"] is True  # what load_state_dict does on its own
+    mine = torch.optim.AdamW([p], lr=0.1, foreach=False)
+    load_optimizer_state(mine, saved.state_dict())
+    assert mine.param_groups[0]["foreach"] is False and mine.param_groups[0]["lr"] == 0.1
+    assert torch.equal(mine.state[p]["exp_avg"], saved.state[p]["exp_avg"])
+
+
+def test_a_non_finite_loss_stops_the_run_before_a_checkpoint(arch_file, generic, tmp_path, monkeypatch):
+    """A NaN loss (here from iteration 3 on) stops the run at the next iteration that reads the losses (logging or
+    saving: 4 here) with a FloatingPointError that names it, and no checkpoint is written from the spoilt weights."""
+    import denseclip_fast.train.loop as loop
+
+    real_loss, calls = loop.segmentation_loss, []
+
+    def spoilt(*args, **kwargs):
+        losses = real_loss(*args, **kwargs)
+        calls.append(1)
+        return {k: v * float("nan") for k, v in losses.items()} if len(calls) >= 3 else losses
+
+    monkeypatch.setattr(loop, "segmentation_loss", spoilt)
+    with pytest.raises(FloatingPointError, match=r"not finite at iteration 4 \(loss nan.*--resume auto"):
+        train(_config(arch_file, generic, tmp_path / "w", log_interval=10))
+    with open(tmp_path / "w" / "latest.json") as f:
+        assert json.load(f)["iteration"] == 2
+    assert not (tmp_path / "w" / "iter_4.safetensors").exists()
 
 
 @pytest.mark.slow

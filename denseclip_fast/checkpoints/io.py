@@ -17,6 +17,7 @@ import os
 import pickle
 import re
 import struct
+import uuid
 import zipfile
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -46,16 +47,30 @@ class WeightFile:
     metadata: dict[str, str] = field(default_factory=dict)
 
 
+PARTIAL_SUFFIX = ".partial"
+
+
 @contextlib.contextmanager
 def replaced_atomically(path: str | os.PathLike[str]) -> Iterator[str]:
-    """A temporary path beside ``path`` to write to; when the block succeeds it replaces ``path`` in one step
-    (``os.replace``), so neither a reader nor a crash ever sees a half-written file; when it fails it is removed and
-    ``path`` is left as it was."""
+    """A temporary path beside ``path`` to write to (``.NAME.<unique>.partial``). When the block succeeds the file is
+    flushed to disk (fsync) and replaces ``path`` in one step (``os.replace``; the directory entry is synced too),
+    so a reader, a killed process or a power loss sees the old file or the new one, never half of one; when the
+    block fails the temporary file is removed and ``path`` is left as it was. A process killed while writing leaves
+    its ``.partial`` file behind (the trainer removes those from its work dir when it starts)."""
     path = os.fspath(path)
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.{os.getpid()}.partial")
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}{PARTIAL_SUFFIX}")
     try:
         yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+        with contextlib.suppress(OSError):  # a directory cannot be opened for fsync everywhere
+            fd = os.open(folder, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)

@@ -11,9 +11,9 @@ Layouts:
 Training augmentation, as the official pipeline: keep-ratio resize to (2048, 512) x a ratio in [0.5, 2.0] (image
 bilinear, label nearest, both bit-exact with mmcv's OpenCV), random crop whose most frequent class covers < 75% (10
 tries), horizontal flip (p 0.5), photometric distortion (brightness, contrast, saturation, hue, mmseg's order and
-ranges), CLIP normalisation, pad to the crop (image 0 after normalisation, label 255). Each sample's randomness is
-seeded by (seed, its position in the sample stream), so a run is reproducible whatever the worker count, and a
-resumed run sees the same data.
+ranges), CLIP normalisation, pad to the crop (image 0 after normalisation, label ``ignore_index``, 255). Each
+sample's randomness is seeded by (seed, its position in the sample stream), so a run is reproducible whatever the
+worker count, and a resumed run sees the same data.
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ import csv
 import functools
 import gc
 import json
+import math
 import os
 import sys
 import time
@@ -38,7 +39,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..checkpoints import load_checkpoint
-from ..checkpoints.io import replaced_atomically
+from ..checkpoints.io import PARTIAL_SUFFIX, replaced_atomically
 from ..model import DenseCLIP
 from .config import TrainConfig
 from .data import SegmentationData, TrainSampler
@@ -160,6 +161,16 @@ def _distributed(cfg: TrainConfig) -> Iterator[tuple[int, int, torch.device]]:
             dist.destroy_process_group()
 
 
+def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
+    """``optimizer.load_state_dict(saved)`` keeping this run's implementation choices (``fused``, ``foreach``,
+    ...): load_state_dict would take them from the saved groups, so a state saved on a CPU, or before the fused
+    AdamW, would turn the CUDA run's fused optimizer off."""
+    own = {key: optimizer.defaults[key] for key in ("fused", "foreach", "capturable", "differentiable")
+           if key in optimizer.defaults}  # fmt: skip
+    groups = [{**group, **own} for group in saved["param_groups"]]
+    optimizer.load_state_dict({**saved, "param_groups": groups})
+
+
 def next_batch(batches: Iterator[Any]) -> Any:
     """The next batch; a data error raised in a DataLoader worker comes back as the worker's own one-line message
     (which names the file), not as the worker's traceback."""
@@ -253,7 +264,7 @@ class Trainer:
         weights = path.removesuffix(".state.pt") + ".safetensors"
         loaded = load_checkpoint(weights, class_names=model.class_names)
         model.load_state_dict(loaded.state_dict())
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(optimizer, state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         if rank >= len(state["rng"]):
             raise ValueError(
@@ -287,6 +298,9 @@ class Trainer:
         scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
         if rank == 0:
             os.makedirs(cfg.work_dir, exist_ok=True)
+            for name in os.listdir(cfg.work_dir):  # left by a run killed while it saved (replaced_atomically)
+                if name.startswith(".") and name.endswith(PARTIAL_SUFFIX):
+                    os.remove(self._path(name))
             with open(self._path("config.json"), "w", encoding="utf-8") as f:
                 json.dump(cfg.to_dict(), f, indent=2)
         resume_path = self._find_resume()
@@ -342,11 +356,14 @@ class Trainer:
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             done = it + 1
-            # the losses are read (a host sync) only when logged, so the host queues the next iteration meanwhile
+            # the losses are read (a host sync) only when logged or saved, so the host queues the next iteration
             log_now = done % cfg.log_interval == 0 or done == cfg.iters or done == start + 1
-            if log_now and world > 1:  # log the global mean, not this process's
+            save_now = done % cfg.checkpoint_interval == 0 or done == cfg.iters
+            if (log_now or save_now) and world > 1:  # log the global mean, not this process's
                 dist.all_reduce(sums)
                 sums /= world
+            if (log_now or save_now) and cfg.amp != "fp16":  # fp16: the scaler skips such steps by design
+                self._check_finite(sums, done)
             if rank == 0:
                 assert progress is not None
                 progress.update(1)
@@ -361,7 +378,7 @@ class Trainer:
                         for k in ("loss", "loss_decode", "loss_aux", "lr"):
                             writer.add_scalar(f"train/{k}", row[k], done)
                     last = totals
-            if done % cfg.checkpoint_interval == 0 or done == cfg.iters:
+            if save_now:
                 rng = self._rng_states(world, device)
                 if rank == 0:
                     self._save(model, optimizer, scaler, done, rng)
@@ -377,6 +394,19 @@ class Trainer:
         if writer is not None:
             writer.close()
         return result
+
+    @staticmethod
+    def _check_finite(sums: torch.Tensor, iteration: int) -> None:
+        """FloatingPointError when this iteration's losses (the same on every process) are NaN or infinite: the
+        step has already put the non-finite gradients into the weights, so no checkpoint is written from them."""
+        values = sums.tolist()
+        if all(map(math.isfinite, values)):
+            return
+        raise FloatingPointError(
+            f"the loss is not finite at iteration {iteration} ({', '.join(f'{k} {v}' for k, v in zip(LOSSES, values))})"
+            ": the weights are no longer usable and were not saved; resume from the last checkpoint "
+            "(--resume auto) with a lower learning rate (--lr), or check the data"
+        )
 
     def _evaluate(self, model: DenseCLIP, rank: int, world: int, iteration: int, writer: Any) -> dict[str, Any] | None:
         """mIoU/aAcc on the val split in float32 (as the official test), the images shared by the processes."""
