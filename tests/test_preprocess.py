@@ -183,3 +183,21 @@ def test_resize_rounds_and_clips_other_dtypes_first():
     assert torch.equal(resize_bilinear_uint8(noisy, (9, 14)), x.float())
     wide = x.int() * 2 - 128  # -128..382
     assert torch.equal(resize_bilinear_uint8(wide, (9, 14)), wide.clamp(0, 255).float())
+
+
+def test_load_image_equals_opencv_imread(tmp_path):
+    """mmcv loads with cv2 (imdecode, IMREAD_COLOR, BGR): the same pixels as load_image, for JPEGs of each chroma
+    subsampling and a 16-bit grey PNG."""
+    cv2 = pytest.importorskip("cv2")
+    from PIL import Image
+
+    rng = np.random.default_rng(7)
+    smooth = cv2.GaussianBlur(np.clip(rng.normal(128, 60, (123, 217, 3)), 0, 255).astype(np.uint8), (5, 5), 2)
+    for quality, subsampling in ((90, 0), (95, 1), (75, 2)):
+        path = tmp_path / f"q{quality}.jpg"
+        Image.fromarray(smooth).save(path, quality=quality, subsampling=subsampling)
+        expected = cv2.cvtColor(cv2.imread(str(path), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+        assert np.array_equal(load_image(path), expected), (quality, subsampling)
+    Image.fromarray(rng.integers(0, 65536, size=(20, 30)).astype(np.uint16)).save(tmp_path / "deep.png")
+    expected = cv2.cvtColor(cv2.imread(str(tmp_path / "deep.png"), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    assert np.array_equal(load_image(tmp_path / "deep.png"), expected)
