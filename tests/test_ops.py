@@ -292,6 +292,34 @@ def test_context_attention_forward_and_backward(backend, dtype, shape):
     _check_attention(q, k, v, backend)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "concat slice", "concat slice channels_last"])
+def test_triton_score_backward_with_and_without_the_forward_output(layout):
+    """Autograd hands the Triton backward the forward's output (score_map: the first pass over the visual map then
+    skips its product with the text); called without it, the backward computes that term itself. Both equal the
+    float64 reference, with the map in every layout it comes in (NCHW, NHWC, a channel slice of score_concat's
+    buffer in either), on an odd shape with a zero pixel."""
+    assert ops.backends.triton_available() is None
+    lib = torch.ops.denseclip_fast
+    visual = _visual(2, 37, 5, 3, "channels_last" if "channels_last" in layout else "contiguous", torch.float32)
+    visual[0, :, 1, 2] = 0
+    text = _text(2, 19, 37, False, torch.float32)
+    if layout.startswith("concat"):
+        feature = torch.randn(2, 6, 5, 3, device=DEVICE)
+        score_map = lib.score_concat_triton(feature, visual, text, 2.5)[:, 6:]
+    else:
+        score_map = lib.pixel_text_score_triton(visual, text, 2.5)
+    grad = torch.randn(2, 19, 5, 3, device=DEVICE)
+    v64, t64 = _leaf(visual, torch.float64), _leaf(text, torch.float64)
+    reference.pixel_text_score(v64, t64, 2.5).backward(grad.double())
+    with_map = lib.pixel_text_score_backward_triton(grad, visual, text, 2.5, score_map)
+    without = lib.pixel_text_score_backward_triton(grad, visual, text, 2.5)
+    for grad_visual, grad_text in (with_map, without):
+        _check_close(grad_visual, v64.grad, torch.float32, 2)
+        _check_close(grad_text, t64.grad, torch.float32, 2)
+    with pytest.raises(ValueError, match=r"score must be the forward's output, shape \(2, 19, 5, 3\)"):
+        lib.pixel_text_score_backward_triton(grad, visual, text, 2.5, score_map[:, :4])
+
+
 def test_triton_attention_splits_a_batch_too_large_for_one_grid(monkeypatch):
     """B x heads beyond CUDA's 65535 grid rows goes through several launches (the limit lowered to 2 here)."""
     from denseclip_fast.ops.triton import attention

@@ -53,7 +53,7 @@ def _fake_score(visual: torch.Tensor, text: torch.Tensor, scale: float = 1.0) ->
 
 
 def _fake_score_backward(
-    grad: torch.Tensor, visual: torch.Tensor, text: torch.Tensor, scale: float
+    grad: torch.Tensor, visual: torch.Tensor, text: torch.Tensor, scale: float, score_map: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     grad_visual = torch.empty_like(visual, memory_format=score_memory_format(visual))
     return grad_visual, torch.empty_like(text, memory_format=torch.contiguous_format)
@@ -81,30 +81,35 @@ def _fake_attention_backward(
 
 def register_autograd(suffix: str = "") -> None:
     """Autograd of ``denseclip_fast::{pixel_text_score, score_concat, context_attention}<suffix>``; the backward
-    runs the same backend's backward operators (``..._backward<suffix>``)."""
+    runs the same backend's backward operators (``..._backward<suffix>``). A score backward that takes the
+    forward's output (``score_map``, the Triton one) gets it: saved here, it is the tensor the next layer keeps
+    anyway (score_concat's buffer is the FPN convolution's input)."""
     ops = torch.ops.denseclip_fast
     score_backward = getattr(ops, f"pixel_text_score_backward{suffix}")
     attention_backward = getattr(ops, f"context_attention_backward{suffix}")
+    takes_score = any(a.name == "score_map" for a in score_backward.default._schema.arguments)
 
     def score_setup(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
         visual, text, scale = inputs
-        ctx.save_for_backward(visual, text)
+        ctx.save_for_backward(visual, text, output if takes_score else None)
         ctx.scale = scale
 
     def score_grads(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
-        visual, text = ctx.saved_tensors
-        grad_visual, grad_text = score_backward(grad, visual, text, ctx.scale)
+        visual, text, output = ctx.saved_tensors
+        extra = (output,) if takes_score else ()
+        grad_visual, grad_text = score_backward(grad, visual, text, ctx.scale, *extra)
         return grad_visual, grad_text, None
 
     def concat_setup(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
         feature, visual, text, scale = inputs
-        ctx.save_for_backward(visual, text)
+        ctx.save_for_backward(visual, text, output if takes_score else None)
         ctx.scale, ctx.feature_channels = scale, feature.shape[1]
 
     def concat_grads(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
-        visual, text = ctx.saved_tensors
+        visual, text, output = ctx.saved_tensors
         cf = ctx.feature_channels
-        grad_visual, grad_text = score_backward(grad[:, cf:], visual, text, ctx.scale)
+        extra = (output[:, cf:],) if takes_score else ()
+        grad_visual, grad_text = score_backward(grad[:, cf:], visual, text, ctx.scale, *extra)
         return grad[:, :cf], grad_visual, grad_text, None
 
     def attention_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]) -> None:

@@ -32,10 +32,11 @@ if UNAVAILABLE is None:
 
     @triton_op("denseclip_fast::pixel_text_score_backward_triton", mutates_args=())
     def pixel_text_score_backward_triton(
-        grad: torch.Tensor, visual: torch.Tensor, text: torch.Tensor, scale: float
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        grad: torch.Tensor, visual: torch.Tensor, text: torch.Tensor, scale: float,
+        score_map: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         with on_device(visual):
-            return score.score_backward(grad, visual, text, scale)
+            return score.score_backward(grad, visual, text, scale, score_map)
 
     @triton_op("denseclip_fast::score_concat_triton", mutates_args=())
     def score_concat_triton(

@@ -44,11 +44,15 @@ def _score(dt: str, k: int, wide: bool = False) -> tuple[str, Any, dict[str, str
     return label, fn, _signature(fn, ptrs, ("scale", "eps"), const), const
 
 
-def _score_backward(dt: str, wide: bool = False) -> tuple[str, Any, dict[str, str], dict[str, Any]]:
-    const = {"BLOCK_P": 32, "BLOCK_K": 64, "BLOCK_C": 32, "DOT_F32": dt == "fp32", "WIDE": wide}
-    ptrs = {"v_ptr": f"*{dt}", "that_ptr": "*fp32", "g_ptr": f"*{dt}", "gv_ptr": f"*{dt}", "gs_ptr": f"*{dt}"}
+def _score_backward(
+    dt: str, wide: bool = False, has_score: bool = True
+) -> tuple[str, Any, dict[str, str], dict[str, Any]]:
+    const = {"BLOCK_P": 32, "BLOCK_K": 64, "BLOCK_C": 32, "DOT_F32": dt == "fp32", "WIDE": wide,
+             "HAS_SCORE": has_score}  # fmt: skip
+    ptrs = {"v_ptr": f"*{dt}", "that_ptr": "*fp32", "g_ptr": f"*{dt}", "s_ptr": f"*{dt}", "gv_ptr": f"*{dt}",
+            "gs_ptr": f"*{dt}"}  # fmt: skip
     fn = score._score_bwd_visual_kernel
-    label = f"score_bwd_visual {dt}{' int64' if wide else ''}"
+    label = f"score_bwd_visual {dt}{' int64' if wide else ''}{'' if has_score else ' without score'}"
     return label, fn, _signature(fn, ptrs, ("scale", "eps", "limit"), const), const
 
 
@@ -96,6 +100,7 @@ def specializations(arch: int = 90) -> Iterator[tuple[str, Any, dict[str, str], 
     yield _score("bf16", 100)  # a smaller class block, wider pixel block
     yield _score("bf16", 150, wide=True)  # int64 indexing (images past 2**31 elements)
     yield _score_backward("bf16", wide=True)
+    yield _score_backward("bf16", has_score=False)  # a direct call of the backward operator without the output
     for dt in ("bf16", "fp16", "fp32"):
         yield _score_backward(dt)
         yield _score_text(dt, "normalize")

@@ -10,14 +10,15 @@ FLOPs = 2 B K C H W. Strides are arguments, so NCHW and NHWC visual (and any str
 score_concat writes into its concatenated buffer) use the same kernel.
 
 Backward, four launches (five for text shared by the batch): (1) the text normalised, t^ and |t| (float32, K x C:
-small); (2) one program per (batch, block of pixels): a first pass over C accumulates |v|^2 and <v, g^> where g^ =
-scale * T^^T G (tensor cores, in the input dtype: 16-bit operands for 16-bit inputs), then G * scale / |v| is
-written for the text half (K x P per image, in the input dtype), and a second pass recomputes g^ and writes dv = (g^
-- v^ <v^, g^>) / |v| (or g^ / eps below eps); (3) the gradient with respect to t^, a batched GEMM of that scaled G
+small); (2) one program per (batch, block of pixels): a first pass over C accumulates |v|^2; a pass over the classes
+writes G * scale / |v| for the text half (K x P per image, in the input dtype) and sums <v^, g^> = sum_k G S from the
+forward's output S, which autograd saves (without it, the first pass also computes g^ = scale * T^^T G to get <v, g^>);
+a second pass over C computes g^ (tensor cores, in the input dtype: 16-bit operands for 16-bit inputs) and writes dv =
+(g^ - v^ <v^, g^>) / |v| (or g^ / eps below eps); (3) the gradient with respect to t^, a batched GEMM of that scaled G
 with the raw visual (cuBLAS, float32 output), summed over the batch by ATen when the text is shared; (4) the text
-normalisation's Jacobian on the K x C result. Traffic: visual read three times (the second pass of (2) from L2 while
-a block's tile stays there, then by the GEMM), dv written once, G read three times and written once scaled; no pass
-of elementwise torch operations.
+normalisation's Jacobian on the K x C result. Traffic: visual read three times (the second pass of (2) from L2 while a
+block's tile stays there, then by the GEMM), dv written once, G read twice and written once scaled, S read once; no pass
+of elementwise torch operations. FLOPs: g^ once and the GEMM, twice the forward's.
 """
 
 from __future__ import annotations
@@ -137,17 +138,22 @@ def _grad_hat_tile(
 
 @triton.jit
 def _score_bwd_visual_kernel(
-    v_ptr, that_ptr, g_ptr, gv_ptr, gs_ptr,
+    v_ptr, that_ptr, g_ptr, s_ptr, gv_ptr, gs_ptr,
     C, P, K,
     s_vb, s_vc, s_vp,
     s_tb, s_tk, s_tc,
     s_gb, s_gk, s_gp,
+    s_sb, s_sk, s_sp,
     scale, eps, limit,
     BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, DOT_F32: tl.constexpr, WIDE: tl.constexpr,
+    HAS_SCORE: tl.constexpr,
 ):  # fmt: skip
     """grad_visual (same strides as visual) and, for the text half, G * scale / max(|v|, eps) as a dense (B, K, P)
     tensor in visual's dtype, clamped to +-limit (the dtype's largest value: a zero pixel's 1 / eps = 1e12 would
-    overflow float16 and make inf * 0 = NaN in the GEMM; clamped, its term is exactly 0). that = normalised text."""
+    overflow float16 and make inf * 0 = NaN in the GEMM; clamped, its term is exactly 0). that = normalised text.
+    HAS_SCORE: s_ptr is the forward's output S = scale <v^, t^>, so <v^, g^> = sum_k G S comes from the class loop
+    and the first pass over C only accumulates |v|^2 (no product with the text); else the first pass computes g^
+    too (s_ptr unused)."""
     pid_p = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     offs_p = _index(pid_p * BLOCK_P + tl.arange(0, BLOCK_P), WIDE)
@@ -159,20 +165,30 @@ def _score_bwd_visual_kernel(
         mask_c = offs_c < C
         v = _visual_tile(v_ptr, b, offs_c, offs_p, C, P, s_vb, s_vc, s_vp)
         v = v.to(tl.float32)
-        gh = _grad_hat_tile(that_ptr, g_ptr, b, offs_c, mask_c, offs_p, mask_p, K, s_tb, s_tk, s_tc, s_gb, s_gk,
-                            s_gp, scale, BLOCK_P, BLOCK_K, BLOCK_C, DOT_F32, WIDE)  # fmt: skip
         v_sq += tl.sum(v * v, axis=0)
-        v_dot_g += tl.sum(v * gh, axis=0)
+        if not HAS_SCORE:
+            gh = _grad_hat_tile(that_ptr, g_ptr, b, offs_c, mask_c, offs_p, mask_p, K, s_tb, s_tk, s_tc, s_gb, s_gk,
+                                s_gp, scale, BLOCK_P, BLOCK_K, BLOCK_C, DOT_F32, WIDE)  # fmt: skip
+            v_dot_g += tl.sum(v * gh, axis=0)
     norm = tl.sqrt(v_sq)
     inv = 1.0 / _clamp_min(norm, eps)
-    radial = tl.where(norm >= eps, v_dot_g * inv * inv, 0.0)  # <v^, g^> / |v| where the projection applies
+    g_dot_s = tl.zeros((BLOCK_P,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = _index(k0 + tl.arange(0, BLOCK_K), WIDE)
         mask = (offs_k[:, None] < K) & mask_p[None, :]
         g = tl.load(g_ptr + b * s_gb + offs_k[:, None] * s_gk + offs_p[None, :] * s_gp, mask=mask, other=0.0)
-        gs = g.to(tl.float32) * (inv * scale)[None, :]
+        g = g.to(tl.float32)
+        if HAS_SCORE:
+            s = tl.load(s_ptr + b * s_sb + offs_k[:, None] * s_sk + offs_p[None, :] * s_sp, mask=mask, other=0.0)
+            g_dot_s += tl.sum(g * s.to(tl.float32), axis=0)
+        gs = g * (inv * scale)[None, :]
         gs = tl.where(gs > limit, limit, tl.where(gs < -limit, -limit, gs))  # NaN stays NaN, as torch.clamp
         tl.store(gs_ptr + b * K * P + offs_k[:, None] * P + offs_p[None, :], gs.to(gs_ptr.dtype.element_ty), mask=mask)
+    # <v^, g^> / |v| where the projection applies: sum_k G S = <v^, g^> with the forward's S, else <v, g^> / |v|
+    if HAS_SCORE:
+        radial = tl.where(norm >= eps, g_dot_s * inv, 0.0)
+    else:
+        radial = tl.where(norm >= eps, v_dot_g * inv * inv, 0.0)
     for c0 in range(0, C, BLOCK_C):
         offs_c = _index(c0 + tl.arange(0, BLOCK_C), WIDE)
         mask_c = offs_c < C
@@ -310,12 +326,26 @@ def _bmm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.bmm(a, b).float()
 
 
+def _score_map(score: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """The forward's (B, K, H, W) output as the visual kernel reads it, with (batch, class, pixel) element strides:
+    in place whenever its pixels are evenly spaced (NCHW, NHWC, and score_concat's channel slice of either; it is
+    read once, so NHWC costs no scalar re-reads as G's would), else copied."""
+    if score.shape != like.shape:
+        raise ValueError(f"score must be the forward's output, shape {tuple(like.shape)}, got {tuple(score.shape)}")
+    _, _, h, w = score.shape
+    if not (h == 1 or w == 1 or score.stride(2) == w * score.stride(3)):
+        score = score.contiguous()
+    return score, (score.stride(0), score.stride(1), score.stride(3) if w > 1 else score.stride(2))
+
+
 def score_backward(
-    grad: torch.Tensor, visual: torch.Tensor, text: torch.Tensor, scale: float
+    grad: torch.Tensor, visual: torch.Tensor, text: torch.Tensor, scale: float, score: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad_visual, grad_text) in four launches (five for text shared by the batch): the text normalised (t^, |t|),
     the visual kernel (grad_visual and G * scale / |v| for the text half), one batched GEMM on the raw map (cuBLAS),
-    (the sum over the batch,) and the text normalisation's Jacobian."""
+    (the sum over the batch,) and the text normalisation's Jacobian. ``score``: the forward's output, which autograd
+    saves; with it the visual kernel's first pass skips its product with the text (a third of the backward's
+    FLOPs)."""
     if visual.numel() == 0:
         return torch.zeros_like(visual), torch.zeros_like(text)
     v, s_vb, s_vc, s_vp = _flat_visual(visual)
@@ -332,13 +362,15 @@ def score_backward(
     if g_strides is None:
         g = grad.contiguous()
         g_strides = (g.stride(0), g.stride(1), 1)
+    s, s_strides = _score_map(score, grad) if score is not None else (g, (0, 0, 0))  # (unread without a score)
     grad_visual = torch.empty_like(v)  # dense in v's layout, written with v's element strides
     g_scaled = torch.empty((b, k, p), dtype=v.dtype, device=v.device)
     block_p, block_k = 32, min(64, max(16, triton.next_power_of_2(k)))
     launch(_score_bwd_visual_kernel)[(triton.cdiv(p, block_p), b)](
-        v, t_hat, g, grad_visual, g_scaled, c, p, k, s_vb, s_vc, s_vp, *_text_strides(t_hat),
-        *g_strides, float(scale), EPS, torch.finfo(v.dtype).max,
-        BLOCK_P=block_p, BLOCK_K=block_k, BLOCK_C=32, DOT_F32=dot_in_f32(v.dtype), WIDE=_wide(v, t_hat, g, g_scaled),
+        v, t_hat, g, s, grad_visual, g_scaled, c, p, k, s_vb, s_vc, s_vp, *_text_strides(t_hat),
+        *g_strides, *s_strides, float(scale), EPS, torch.finfo(v.dtype).max,
+        BLOCK_P=block_p, BLOCK_K=block_k, BLOCK_C=32, DOT_F32=dot_in_f32(v.dtype),
+        WIDE=_wide(v, t_hat, g, g_scaled, s), HAS_SCORE=score is not None,
     )  # fmt: skip
     # d/d t^: scale * sum_p G[b,k,p] v[b,:,p] / |v_p|, a batched matmul on the raw visual (float32 accumulation
     # and, on CUDA, output)
