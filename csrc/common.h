@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 
+#include <optional>
 #include <tuple>
 #include <utility>
 
@@ -37,8 +38,9 @@ inline VisualStrides dense_visual_strides(const ScoreShape& s) {
 // torch.export/AOTInductor at batch B relies on the layout it saw when it runs at batch 1).
 at::MemoryFormat score_memory_format(const at::Tensor& visual);
 
-// grad of a score call must be (B, K, H, W) with visual's dtype and device.
-void check_score_grad(const at::Tensor& grad, const at::Tensor& visual, const ScoreShape& s, const char* op);
+// grad of a score call (or, named so, the saved score map) must be (B, K, H, W) with visual's dtype and device.
+void check_score_grad(const at::Tensor& grad, const at::Tensor& visual, const ScoreShape& s, const char* op,
+                      const char* name = "grad");
 
 // Checks feature (B, C_feat, H, W) against visual and returns the empty (B, C_feat + K, H, W) output of score_concat
 // in visual's memory format.
@@ -86,8 +88,10 @@ inline at::Tensor normalize_backward(const at::Tensor& g_hat, const at::Tensor& 
 
 // pixel_text_score's backward in ATen calls, for CPU and CUDA tensors of every dtype (csrc/score_backward.cpp);
 // the CUDA registration (csrc/cuda/score.cu) takes tensor-core kernels where it can and this otherwise.
+// score_map (the forward's output) is checked and otherwise not used: this backward computes <v^, g^> itself.
 std::tuple<at::Tensor, at::Tensor> score_backward_aten(const at::Tensor& grad, const at::Tensor& visual,
-                                                       const at::Tensor& text, double scale);
+                                                       const at::Tensor& text, double scale,
+                                                       const std::optional<at::Tensor>& score_map = std::nullopt);
 
 // Shapes of a context_attention call: q (B, heads, Lq, D), k and v (B, heads, Lk, D).
 struct AttentionShape {

@@ -82,12 +82,14 @@ at::MemoryFormat score_memory_format(const at::Tensor& visual) {
   return at::MemoryFormat::Contiguous;
 }
 
-void check_score_grad(const at::Tensor& grad, const at::Tensor& visual, const ScoreShape& s, const char* op) {
+void check_score_grad(const at::Tensor& grad, const at::Tensor& visual, const ScoreShape& s, const char* op,
+                      const char* name) {
   TORCH_CHECK(grad.dim() == 4 && grad.size(0) == s.B && grad.size(1) == s.K && grad.size(2) == s.H &&
                   grad.size(3) == s.W,
-              op, ": grad must be (B, K, H, W) = (", s.B, ", ", s.K, ", ", s.H, ", ", s.W, "), got ", grad.sizes());
-  TORCH_CHECK(grad.scalar_type() == visual.scalar_type() && grad.device() == visual.device(), op,
-              ": grad must match visual's dtype and device, got ", grad.scalar_type(), " on ", grad.device());
+              op, ": ", name, " must be (B, K, H, W) = (", s.B, ", ", s.K, ", ", s.H, ", ", s.W, "), got ",
+              grad.sizes());
+  TORCH_CHECK(grad.scalar_type() == visual.scalar_type() && grad.device() == visual.device(), op, ": ", name,
+              " must match visual's dtype and device, got ", grad.scalar_type(), " on ", grad.device());
 }
 
 at::Tensor empty_concat_output(const at::Tensor& feature, const at::Tensor& visual, const ScoreShape& s) {
@@ -140,7 +142,9 @@ TORCH_LIBRARY(denseclip_fast, m) {
   m.def("build_info() -> str", &build_info);
   // L2-normalise every pixel of visual and every row of text, dot products, times scale: (B, K, H, W).
   m.def("pixel_text_score(Tensor visual, Tensor text, float scale=1.0) -> Tensor");
-  m.def("pixel_text_score_backward(Tensor grad, Tensor visual, Tensor text, float scale) -> (Tensor, Tensor)");
+  // score_map: the forward's output, which autograd passes (the CUDA tensor-core kernel takes <v^, g^> from it)
+  m.def("pixel_text_score_backward(Tensor grad, Tensor visual, Tensor text, float scale, Tensor? score_map=None) -> "
+        "(Tensor, Tensor)");
   // cat([feature, pixel_text_score(visual, text, scale)], dim=1) without the intermediate score tensor.
   m.def("score_concat(Tensor feature, Tensor visual, Tensor text, float scale=1.0) -> Tensor");
   // softmax(q k^T / sqrt(D)) v and the row log-sum-exp (B, heads, Lq) in float32 (float64 for float64 inputs).

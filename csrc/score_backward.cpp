@@ -15,9 +15,11 @@
 namespace denseclip_fast {
 
 std::tuple<at::Tensor, at::Tensor> score_backward_aten(const at::Tensor& grad, const at::Tensor& visual,
-                                                       const at::Tensor& text, double scale) {
+                                                       const at::Tensor& text, double scale,
+                                                       const std::optional<at::Tensor>& score_map) {
   const ScoreShape s = check_score_inputs(visual, text, "pixel_text_score_backward");
   check_score_grad(grad, visual, s, "pixel_text_score_backward");
+  if (score_map) check_score_grad(*score_map, visual, s, "pixel_text_score_backward", "score_map");
   if (visual.numel() == 0) return {at::zeros_like(visual), at::zeros_like(text)};
   const at::ScalarType ct = compute_type(visual);
   const at::Tensor v = visual.to(ct).contiguous().view({s.B, s.C, s.P()});

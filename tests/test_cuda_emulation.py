@@ -43,15 +43,20 @@ FORWARD_CASES = [
     ("float", 1, 16, 10, 13, 64, 0, 0, 1, 0, 0),  # portable: K and C one tile exactly; misaligned inputs
 ]
 # Visual backward (tensor cores): (dtype, B, C, H, W, K, nhwc, batched text, X: G read as channels [X, X + K) of
-# a (B, X + K, H, W) gradient, as score_concat's)
+# a (B, X + K, H, W) gradient, as score_concat's, score map: 0 none (the kernel computes <v, g^>), 1 NCHW, 2 NHWC)
 BACKWARD_CASES = [
-    ("half", 1, 1, 1, 1, 1, 0, 0, 0),  # everything one
-    ("bf16", 2, 37, 5, 7, 150, 0, 1, 3),  # odd C and P, text per image; G a slice
-    ("half", 2, 37, 5, 7, 150, 1, 0, 0),  # NHWC; the zero pixel's gradient overflows float16 (must be inf)
-    ("bf16", 1, 64, 8, 8, 192, 1, 0, 0),  # K at the kernel's limit; NHWC with C % 8 == 0: vector accesses
-    ("half", 2, 40, 9, 10, 33, 1, 1, 5),  # vector accesses, the last channel step partial (8 of 32); G a slice
-    ("half", 2, 96, 10, 13, 17, 0, 1, 0),  # three pixel tiles, the last partial; three channel steps
-    ("bf16", 2, 0, 3, 3, 5, 1, 0, 0),  # C = 0
+    ("half", 1, 1, 1, 1, 1, 0, 0, 0, 0),  # everything one
+    ("half", 1, 1, 1, 1, 1, 0, 0, 0, 1),  # everything one, with the score map
+    ("bf16", 2, 37, 5, 7, 150, 0, 1, 3, 0),  # odd C and P, text per image; G a slice
+    ("bf16", 2, 37, 5, 7, 150, 0, 1, 3, 1),  # the same with the score map
+    ("half", 2, 37, 5, 7, 150, 1, 0, 0, 2),  # NHWC (and an NHWC map); the zero pixel's gradient overflows float16
+    ("half", 2, 37, 5, 7, 150, 1, 0, 0, 0),  # the same without the map
+    ("bf16", 1, 64, 8, 8, 192, 1, 0, 0, 2),  # K at the kernel's limit; NHWC with C % 8 == 0: vector accesses
+    ("half", 2, 40, 9, 10, 33, 1, 1, 5, 0),  # vector accesses, the last channel step partial (8 of 32); G a slice
+    ("half", 2, 40, 9, 10, 33, 1, 1, 5, 1),  # the same with an NCHW map (a channels_last model's slice is NHWC)
+    ("half", 2, 96, 10, 13, 17, 0, 1, 0, 1),  # three pixel tiles, the last partial; three channel steps
+    ("bf16", 2, 0, 3, 3, 5, 1, 0, 0, 0),  # C = 0
+    ("bf16", 2, 0, 3, 3, 5, 1, 0, 0, 2),  # C = 0 with a map (all zero)
 ]
 # Text side of the tensor-core backward: (dtype, rows R (K, or B x K), C, NB (planes summed into g^_t on the host))
 TEXT_CASES = [

@@ -638,6 +638,11 @@ def test_the_raw_operators_check_their_inputs_too():
         lib.context_attention(torch.randn(1, 1, 2, 4), torch.randn(1, 1, 0, 4), torch.randn(1, 1, 0, 4))
     with pytest.raises(RuntimeError, match="pixel_text_score_backward: grad must be"):
         lib.pixel_text_score_backward(torch.randn(1, 2, 2, 2), torch.randn(1, 3, 2, 2), torch.randn(5, 3), 1.0)
+    grad, visual, text = torch.randn(1, 5, 2, 2), torch.randn(1, 3, 2, 2), torch.randn(5, 3)
+    with pytest.raises(RuntimeError, match=r"pixel_text_score_backward: score_map must be \(B, K, H, W\) = \(1, 5"):
+        lib.pixel_text_score_backward(grad, visual, text, 1.0, torch.randn(1, 4, 2, 2))
+    with pytest.raises(RuntimeError, match="pixel_text_score_backward: score_map must match visual's dtype"):
+        lib.pixel_text_score_backward(grad, visual, text, 1.0, torch.randn(1, 5, 2, 2, dtype=torch.float64))
 
 
 def test_flop_counter_counts_the_fused_operators_as_the_reference():

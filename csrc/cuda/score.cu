@@ -96,11 +96,14 @@ at::Tensor text_gradient_product(const at::Tensor& a, const at::Tensor& b) {
 // (score_text.cuh: t^ in float32 and in the dtype, |t|), the visual kernel (dv, and G * scale / max(|v_p|, eps)
 // for the text half), d/d t^ = scale * sum_p G[:, p] v_p^T / max(|v_p|, eps) as one batched GEMM on the raw visual
 // map in its dtype (float32 accumulation and output), and the text normalisation's Jacobian (score_text.cuh, with
-// an ATen sum over the batch first when the text is shared).
+// an ATen sum over the batch first when the text is shared). score_map, the forward's output (which autograd
+// passes), spares the visual kernel's first pass its products with the text.
 std::tuple<at::Tensor, at::Tensor> pixel_text_score_backward_cuda(const at::Tensor& grad, const at::Tensor& visual,
-                                                                  const at::Tensor& text, double scale) {
+                                                                  const at::Tensor& text, double scale,
+                                                                  const std::optional<at::Tensor>& score_map) {
   const ScoreShape s = check_score_inputs(visual, text, "pixel_text_score_backward");
   check_score_grad(grad, visual, s, "pixel_text_score_backward");
+  if (score_map) check_score_grad(*score_map, visual, s, "pixel_text_score_backward", "score_map");
   const at::ScalarType dtype = visual.scalar_type();
   const c10::cuda::CUDAGuard guard(visual.device());
   if (visual.numel() == 0 || s.K > tc::kMaxBwdK || tensor_cores_for(visual) == nullptr) {
@@ -120,6 +123,17 @@ std::tuple<at::Tensor, at::Tensor> pixel_text_score_backward_cuda(const at::Tens
   // slice of an NCHW gradient (read in place); other layouts are copied to NCHW first.
   const bool pixels_contiguous = (s.W == 1 || grad.stride(3) == 1) && (s.H == 1 || grad.stride(2) == s.W);
   const at::Tensor g = pixels_contiguous ? grad : grad.contiguous();
+  // The score map is read once per pixel and class at S[b, k, p] = b * s_sb + k * s_sk + p * s_sp: in place when
+  // its pixels are evenly spaced (NCHW, NHWC, a channel slice of either), else copied.
+  at::Tensor score;
+  int64_t s_sb = 0, s_sk = 0, s_sp = 0;
+  if (score_map) {
+    const at::Tensor& m = *score_map;
+    score = s.H == 1 || s.W == 1 || m.stride(2) == s.W * m.stride(3) ? m : m.contiguous();
+    s_sb = score.stride(0);
+    s_sk = score.stride(1);
+    s_sp = s.W > 1 ? score.stride(3) : score.stride(2);
+  }
   at::Tensor grad_visual = at::empty({s.B, s.C, s.H, s.W}, visual.options().memory_format(layout));
   // G * scale / max(|v|, eps) for the text half, written by the kernel (clamped to the dtype's range)
   at::Tensor g_scaled = at::empty({s.B, s.K, s.P()}, visual.options());
@@ -139,7 +153,8 @@ std::tuple<at::Tensor, at::Tensor> pixel_text_score_backward_cuda(const at::Tens
                                    : tc::score_backward_visual_tc_kernel<T, true, false>;
     kernel<<<grid, tc::kThreads, 0, stream>>>(data_as<T>(v), data_as<T>(t_hat), data_as<T>(g), data_as<T>(grad_visual),
                                               data_as<T>(g_scaled), s.C, s.P(), s.K, vs.b, vs.c, vs.p, s_tb,
-                                              g.stride(0), g.stride(1), static_cast<float>(scale));
+                                              g.stride(0), g.stride(1), static_cast<float>(scale),
+                                              score.defined() ? data_as<T>(score) : nullptr, s_sb, s_sk, s_sp);
   };
   with_cuda_type(dtype, launch);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

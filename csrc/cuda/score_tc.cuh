@@ -196,7 +196,9 @@ __global__ void __launch_bounds__(kThreads)
 // the channels twice, 32 at a time: each step stages t^ (K_pad x 32), the 8 warps compute the 2 x 4 fragments of g^
 // (K_pad / 16 products each), store them to a float scratch that reuses the t^ buffer, and the threads combine
 // them with v read from global memory (4 threads per pixel, 8 channels each): pass 1 sums |v|^2 and <v, g^> per
-// pixel, pass 2 writes dv in visual's layout. Between the passes the block writes, for the text gradient's GEMM,
+// pixel, pass 2 writes dv in visual's layout. Given the forward's output S = scale <v^, t^> (s_map, not null),
+// pass 1 only sums |v|^2 (no t^ staging, no products) and <v^, g^> = sum_k G S comes from the G tile and S.
+// Both give the same dv up to rounding (S is in T). Between the passes the block writes, for the text gradient's GEMM,
 // G * scale / max(|v|, eps) as a dense (B, K, P) tensor in T, clamped to T's finite range (a zero pixel's 1 / eps =
 // 1e12 would overflow float16, and inf * 0 in the GEMM would make the text gradient NaN; NaN stays NaN).
 constexpr int kMaxBwdK = 192;
@@ -217,7 +219,8 @@ __global__ void __launch_bounds__(kThreads)
     score_backward_visual_tc_kernel(const T* __restrict__ v, const T* __restrict__ t_hat, const T* __restrict__ g,
                                     T* __restrict__ grad_v, T* __restrict__ g_scaled, int64_t C, int64_t P,
                                     int64_t K, int64_t s_vb, int64_t s_vc, int64_t s_vp, int64_t s_tb, int64_t s_gb,
-                                    int64_t s_gk, float scale) {
+                                    int64_t s_gk, float scale, const T* __restrict__ s_map, int64_t s_sb,
+                                    int64_t s_sk, int64_t s_sp) {
   if constexpr (DCF_TC_ARCH >= kMinArch<T>) {
     namespace wmma = nvcuda::wmma;
     __shared__ __align__(32) T gs[kMaxBwdK * kBwdLdG];
@@ -245,10 +248,22 @@ __global__ void __launch_bounds__(kThreads)
       gs[k * kBwdLdG + pp] = k < K && p0 + pp < P ? gb[k * s_gk + p0 + pp] : zero;
     }
     const int row_frag = warp / kColFrags, col_frag = warp % kColFrags;
+    const bool has_score = s_map != nullptr;  // the same for the whole grid: no divergence at the barriers
+    constexpr int kPerThread = kTileC / 4;
+    static_assert(!kVec || (kNHWC && kPerThread == kVecElems), "vector access: one pack of channels per thread");
     float v_sq = 0.0f, v_dot = 0.0f, inv = 0.0f, radial = 0.0f;
 
     for (int pass = 0; pass < 2; ++pass) {
       if (pass == 1) {  // the pixel totals, from the 4 quarters
+        if (has_score) {  // this thread's classes (every 4th) of sum_k G S = <v^, g^>
+          __syncthreads();  // G staged by every thread (the first pass had no barrier)
+          const T* sb = s_map + b * s_sb;
+          if (p < P) {
+            for (int k = my_q; k < K; k += 4) {
+              v_dot += to_float(gs[k * kBwdLdG + my_p]) * to_float(sb[k * s_sk + p * s_sp]);
+            }
+          }
+        }
         partial[0][my_q][my_p] = v_sq;
         partial[1][my_q][my_p] = v_dot;
         __syncthreads();
@@ -261,7 +276,7 @@ __global__ void __launch_bounds__(kThreads)
           const float norm = sqrtf(sq), eps = 1e-12f;
           const float pinv = 1.0f / clamp_min(norm, eps);
           pixel_inv[tid] = pinv;
-          pixel_radial[tid] = norm >= eps ? dot * pinv * pinv : 0.0f;
+          pixel_radial[tid] = norm >= eps ? (has_score ? dot * pinv : dot * pinv * pinv) : 0.0f;
         }
         __syncthreads();
         for (int i = tid; i < K * kTileP; i += kThreads) {  // coalesced along the pixels
@@ -274,6 +289,22 @@ __global__ void __launch_bounds__(kThreads)
         radial = pixel_radial[my_p];
       }
       for (int64_t c0 = 0; c0 < C; c0 += kTileC) {
+        if (pass == 0 && has_score) {  // |v|^2 alone: the same accesses as below, without g^
+          if constexpr (kVec) {
+            if (p < P && c0 + my_q * kPerThread < C) {
+              const Pack<T> xs = *reinterpret_cast<const Pack<T>*>(vb + p * s_vp + c0 + my_q * kPerThread);
+              for (int e = 0; e < kPerThread; ++e) v_sq += to_float(xs.v[e]) * to_float(xs.v[e]);
+            }
+          } else if (p < P) {
+            for (int e = 0; e < kPerThread; ++e) {
+              const int64_t c = c0 + my_q * kPerThread + e;
+              if (c >= C) break;
+              const float x = to_float(vb[c * s_vc + p * s_vp]);
+              v_sq += x * x;
+            }
+          }
+          continue;
+        }
         for (int i = tid; i < k_pad * kTileC; i += kThreads) {
           const int k = i / kTileC, c = i % kTileC;
           ts[k * kBwdLdT + c] = k < K && c0 + c < C ? tb[k * C + c0 + c] : zero;
@@ -293,8 +324,6 @@ __global__ void __launch_bounds__(kThreads)
         wmma::store_matrix_sync(&scratch[row_frag * kFrag * kBwdLdS + col_frag * kFrag], acc, kBwdLdS,
                                 wmma::mem_row_major);
         __syncthreads();
-        constexpr int kPerThread = kTileC / 4;
-        static_assert(!kVec || (kNHWC && kPerThread == kVecElems), "vector access: one pack of channels per thread");
         if constexpr (kVec) {
           if (p < P && c0 + my_q * kPerThread < C) {  // C % 8 == 0: the pack is in range or out of it whole
             const int64_t at = p * s_vp + c0 + my_q * kPerThread;

@@ -82,8 +82,9 @@ def _fake_attention_backward(
 def register_autograd(suffix: str = "") -> None:
     """Autograd of ``denseclip_fast::{pixel_text_score, score_concat, context_attention}<suffix>``; the backward
     runs the same backend's backward operators (``..._backward<suffix>``). A score backward that takes the
-    forward's output (``score_map``, the Triton one) gets it: saved here, it is the tensor the next layer keeps
-    anyway (score_concat's buffer is the FPN convolution's input)."""
+    forward's output (``score_map``: every backend's schema has it; the Triton and CUDA tensor-core kernels use it)
+    gets it: saved here, it is the tensor the next layer keeps anyway (score_concat's buffer is the FPN
+    convolution's input)."""
     ops = torch.ops.denseclip_fast
     score_backward = getattr(ops, f"pixel_text_score_backward{suffix}")
     attention_backward = getattr(ops, f"context_attention_backward{suffix}")

@@ -12,7 +12,9 @@
 //   untouched      1 when nothing past the two output buffers was written
 //   vec            the access width tc::backward_vec chose (as the CUDA launcher does)
 // G is read as a channel slice: channels [X, X + K) of a (B, X + K, P) buffer (score_concat's gradient), X >= 0.
-// Usage: score_tc_backward_main DTYPE(half|bf16) B C H W K NHWC(0|1) BATCHED_TEXT(0|1) X SEED
+// SCORE: 0 the kernel computes <v, g^> itself (no score map); 1 or 2 it gets the forward's output S = scale <v^, t^>
+// (from float64, rounded to the dtype; NaN at the NaN pixel, 0 at the zero pixel) in NCHW (1) or NHWC (2) layout.
+// Usage: score_tc_backward_main DTYPE(half|bf16) B C H W K NHWC(0|1) BATCHED_TEXT(0|1) X SCORE(0|1|2) SEED
 #include "cuda_emulation.h"
 
 #include "../../csrc/cuda/score_tc.cuh"
@@ -29,7 +31,8 @@ constexpr double kMaxFinite = std::is_same_v<T, __half> ? 65504.0 : 3.3895313892
 constexpr int64_t kGuard = 64;
 
 template <typename T>
-int run(int64_t B, int64_t C, int64_t H, int64_t W, int64_t K, bool nhwc, bool batched, int64_t X, unsigned seed) {
+int run(int64_t B, int64_t C, int64_t H, int64_t W, int64_t K, bool nhwc, bool batched, int64_t X, int score_mode,
+        unsigned seed) {
   namespace tc = denseclip_fast::tc;
   const int64_t P = H * W, KT = batched ? B : 1;
   std::mt19937 rng(seed);
@@ -63,16 +66,32 @@ int run(int64_t B, int64_t C, int64_t H, int64_t W, int64_t K, bool nhwc, bool b
   for (int64_t b = 0; b < B; ++b)
     for (int64_t k = 0; k < K; ++k)
       for (int64_t p = 0; p < P; ++p) gbuf[(b * (X + K) + X + k) * P + p] = from_float_any<T>(gval[(b * K + k) * P + p]);
+  const float scale = 0.5f;
+  // The forward's output, as the kernel may read it: S[b, k, p] at b * K * P + k * s_sk + p * s_sp
+  const int64_t s_sk = score_mode == 2 ? 1 : P, s_sp = score_mode == 2 ? K : 1;
+  std::vector<T> sbuf(B * K * P + kGuard, from_float_any<T>(kSentinel));
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t p = 0; p < P; ++p) {
+      double n2 = 0;
+      for (int64_t c = 0; c < C; ++c) n2 += double(vval[(b * C + c) * P + p]) * vval[(b * C + c) * P + p];
+      const double inv = 1.0 / std::max(std::sqrt(n2), 1e-12);
+      for (int64_t k = 0; k < K; ++k) {
+        double dot = 0;
+        for (int64_t c = 0; c < C; ++c) {
+          dot += double(that[((batched ? b : 0) * K + k) * C + c]) * vval[(b * C + c) * P + p];
+        }
+        sbuf[b * K * P + k * s_sk + p * s_sp] = from_float_any<T>(static_cast<float>(scale * dot * inv));
+      }
+    }
   std::vector<T> gv(B * C * P + kGuard, from_float_any<T>(kSentinel));
   std::vector<T> gs(B * K * P + kGuard, from_float_any<T>(kSentinel));
 
-  const float scale = 0.5f;
   const dim3 grid{static_cast<unsigned>((P + tc::kTileP - 1) / tc::kTileP), static_cast<unsigned>(B), 1};
   const int64_t s_tb = batched ? K * C : 0;
   auto launch = [&](auto kernel) {
     emu::launch(grid, tc::kThreads, kernel, static_cast<const T*>(vbuf.data()), static_cast<const T*>(tbuf.data()),
                 static_cast<const T*>(gbuf.data() + X * P), gv.data(), gs.data(), C, P, K, s_vb, s_vc, s_vp, s_tb,
-                (X + K) * P, P, scale);
+                (X + K) * P, P, scale, score_mode ? static_cast<const T*>(sbuf.data()) : nullptr, K * P, s_sk, s_sp);
   };
   const bool vec = tc::backward_vec(C, nhwc, reinterpret_cast<std::uintptr_t>(vbuf.data()),
                                     reinterpret_cast<std::uintptr_t>(gv.data()));
@@ -135,10 +154,10 @@ int run(int64_t B, int64_t C, int64_t H, int64_t W, int64_t K, bool nhwc, bool b
 }  // namespace
 
 int main(int argc, char** argv) {
-  const std::vector<int64_t> a = emu::int_args(argc, argv, 2, 9, "half|bf16 B C H W K NHWC BATCHED X SEED");
+  const std::vector<int64_t> a = emu::int_args(argc, argv, 2, 10, "half|bf16 B C H W K NHWC BATCHED X SCORE SEED");
   const std::string dtype = argv[1];
-  if (dtype == "half") return run<__half>(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8]);
-  if (dtype == "bf16") return run<__nv_bfloat16>(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8]);
+  if (dtype == "half") return run<__half>(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9]);
+  if (dtype == "bf16") return run<__nv_bfloat16>(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9]);
   std::fprintf(stderr, "dtype must be half or bf16, got %s\n", argv[1]);
   return 2;
 }
