@@ -43,10 +43,11 @@ FORWARD_CASES = [
     ("float", 1, 16, 10, 13, 64, 0, 0, 1, 0, 0),  # portable: K and C one tile exactly; misaligned inputs
 ]
 # Visual backward (tensor cores): (dtype, B, C, H, W, K, nhwc, batched text, X: G read as channels [X, X + K) of
-# a (B, X + K, H, W) gradient, as score_concat's, score map: 0 none (the kernel computes <v, g^>), 1 NCHW, 2 NHWC)
+# a (B, X + K, H, W) gradient, as score_concat's, score map: 0 none (the kernel computes <v, g^>), 1 NCHW, 2 NHWC;
+# a map is read as channels [X, X + K) of its buffer too)
 BACKWARD_CASES = [
     ("half", 1, 1, 1, 1, 1, 0, 0, 0, 0),  # everything one
-    ("half", 1, 1, 1, 1, 1, 0, 0, 0, 1),  # everything one, with the score map
+    ("half", 1, 3, 1, 3, 2, 0, 0, 0, 1),  # three pixels (a plain, the zero and the NaN one), two classes, a map
     ("bf16", 2, 37, 5, 7, 150, 0, 1, 3, 0),  # odd C and P, text per image; G a slice
     ("bf16", 2, 37, 5, 7, 150, 0, 1, 3, 1),  # the same with the score map
     ("half", 2, 37, 5, 7, 150, 1, 0, 0, 2),  # NHWC (and an NHWC map); the zero pixel's gradient overflows float16

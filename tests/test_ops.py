@@ -320,6 +320,23 @@ def test_triton_score_backward_with_and_without_the_forward_output(layout):
         lib.pixel_text_score_backward_triton(grad, visual, text, 2.5, score_map[:, :4])
 
 
+def test_the_output_may_change_in_place_only_where_the_backward_does_not_read_it():
+    """The Triton backward reads the forward's output (saved by autograd): changing it in place before the backward
+    is refused by autograd's version check, never silently wrong. The CPU kernel does not read it, so on a CPU
+    the C++ operator's output stays free to change."""
+    assert ops.backends.triton_available() is None
+    visual, text = _leaf(_visual(1, 8, 3, 3, "contiguous", torch.float32)), _leaf(_text(1, 4, 8, False, torch.float32))
+    if DEVICE == "cpu":
+        out = ops.pixel_text_score(visual, text, backend="cpu")
+        out.relu_()
+        out.sum().backward()
+        assert visual.grad is not None and text.grad is not None
+    out = ops.pixel_text_score(visual, text, backend="triton")
+    out.relu_()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+
+
 def test_triton_attention_splits_a_batch_too_large_for_one_grid(monkeypatch):
     """B x heads beyond CUDA's 65535 grid rows goes through several launches (the limit lowered to 2 here)."""
     from denseclip_fast.ops.triton import attention

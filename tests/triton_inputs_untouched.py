@@ -97,6 +97,10 @@ for dtype in (torch.float16, torch.float32):
         check(f"concat {tag}", lambda f, v, t: ops.score_concat_triton(f, v, t, 2.0), feature, v, t)
         check(f"score_backward {tag}", lambda g, v, t: ops.pixel_text_score_backward_triton(g[:, 3:], v, t, 2.0),
               full, v, t)  # fmt: skip
+        # as autograd calls it: with the forward's output, here a channel slice as score_concat's
+        check(f"score_backward with map {tag}",
+              lambda g, v, t, m: ops.pixel_text_score_backward_triton(g[:, 3:], v, t, 2.0, m[:, 3:]),
+              full, v, t, full.clone())  # fmt: skip
     q, k, val = (torch.randn(2, 4, n, 64, dtype=dtype) for n in (9, 33, 33))
     check(f"attention {dtype}", lambda q, k, val: ops.context_attention_triton(q, k, val)[0], q, k, val)
     out, lse = torch.randn(2, 4, 9, 64, dtype=dtype), torch.randn(2, 4, 9)

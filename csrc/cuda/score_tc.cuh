@@ -198,7 +198,7 @@ __global__ void __launch_bounds__(kThreads)
 // them with v read from global memory (4 threads per pixel, 8 channels each): pass 1 sums |v|^2 and <v, g^> per
 // pixel, pass 2 writes dv in visual's layout. Given the forward's output S = scale <v^, t^> (s_map, not null),
 // pass 1 only sums |v|^2 (no t^ staging, no products) and <v^, g^> = sum_k G S comes from the G tile and S.
-// Both give the same dv up to rounding (S is in T). Between the passes the block writes, for the text gradient's GEMM,
+// Both give dv; S's rounding to T adds an error to the radial term (in bfloat16 ~1e-3 of dv). Between the passes the block writes, for the text gradient's GEMM,
 // G * scale / max(|v|, eps) as a dense (B, K, P) tensor in T, clamped to T's finite range (a zero pixel's 1 / eps =
 // 1e12 would overflow float16, and inf * 0 in the GEMM would make the text gradient NaN; NaN stays NaN).
 constexpr int kMaxBwdK = 192;
@@ -309,7 +309,7 @@ __global__ void __launch_bounds__(kThreads)
           const int k = i / kTileC, c = i % kTileC;
           ts[k * kBwdLdT + c] = k < K && c0 + c < C ? tb[k * C + c0 + c] : zero;
         }
-        __syncthreads();  // t^ staged (and, the first time, G)
+        __syncthreads();  // t^ staged (and G, at the first step: without a map it is the first barrier)
         wmma::fragment<wmma::accumulator, kFrag, kFrag, kFrag, float> acc;
         wmma::fill_fragment(acc, 0.0f);
         for (int k = 0; k < k_pad; k += kFrag) {

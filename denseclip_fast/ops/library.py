@@ -81,36 +81,40 @@ def _fake_attention_backward(
 
 def register_autograd(suffix: str = "") -> None:
     """Autograd of ``denseclip_fast::{pixel_text_score, score_concat, context_attention}<suffix>``; the backward
-    runs the same backend's backward operators (``..._backward<suffix>``). A score backward that takes the
-    forward's output (``score_map``: every backend's schema has it; the Triton and CUDA tensor-core kernels use it)
-    gets it: saved here, it is the tensor the next layer keeps anyway (score_concat's buffer is the FPN
-    convolution's input)."""
+    runs the same backend's backward operators (``..._backward<suffix>``). The score backward gets the
+    forward's output (``score_map``, in every backend's schema) where a kernel uses it: the Triton backend's, and
+    the C++ operator's on CUDA (its tensor-core kernel; the CPU one computes the term itself and is not given it).
+    Saving it costs nothing where the next layer keeps it anyway (score_concat's buffer is the FPN convolution's
+    input), else a (B, K, H, W) tensor; and the output must then not be modified in place before the backward
+    (autograd's version check says so)."""
     ops = torch.ops.denseclip_fast
     score_backward = getattr(ops, f"pixel_text_score_backward{suffix}")
     attention_backward = getattr(ops, f"context_attention_backward{suffix}")
     takes_score = any(a.name == "score_map" for a in score_backward.default._schema.arguments)
 
+    def wants_map(visual: torch.Tensor) -> bool:
+        return takes_score and (suffix == "_triton" or visual.device.type == "cuda")
+
     def score_setup(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
         visual, text, scale = inputs
-        ctx.save_for_backward(visual, text, output if takes_score else None)
+        ctx.save_for_backward(visual, text, output if wants_map(visual) else None)
         ctx.scale = scale
 
     def score_grads(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
         visual, text, output = ctx.saved_tensors
-        extra = (output,) if takes_score else ()
-        grad_visual, grad_text = score_backward(grad, visual, text, ctx.scale, *extra)
+        grad_visual, grad_text = score_backward(grad, visual, text, ctx.scale, *((output,) if takes_score else ()))
         return grad_visual, grad_text, None
 
     def concat_setup(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
         feature, visual, text, scale = inputs
-        ctx.save_for_backward(visual, text, output if takes_score else None)
+        ctx.save_for_backward(visual, text, output if wants_map(visual) else None)
         ctx.scale, ctx.feature_channels = scale, feature.shape[1]
 
     def concat_grads(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
         visual, text, output = ctx.saved_tensors
         cf = ctx.feature_channels
-        extra = (output[:, cf:],) if takes_score else ()
-        grad_visual, grad_text = score_backward(grad[:, cf:], visual, text, ctx.scale, *extra)
+        score_map = () if not takes_score else (None if output is None else output[:, cf:],)
+        grad_visual, grad_text = score_backward(grad[:, cf:], visual, text, ctx.scale, *score_map)
         return grad[:, :cf], grad_visual, grad_text, None
 
     def attention_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]) -> None:

@@ -13,7 +13,8 @@
 //   vec            the access width tc::backward_vec chose (as the CUDA launcher does)
 // G is read as a channel slice: channels [X, X + K) of a (B, X + K, P) buffer (score_concat's gradient), X >= 0.
 // SCORE: 0 the kernel computes <v, g^> itself (no score map); 1 or 2 it gets the forward's output S = scale <v^, t^>
-// (from float64, rounded to the dtype; NaN at the NaN pixel, 0 at the zero pixel) in NCHW (1) or NHWC (2) layout.
+// (from float64, rounded to the dtype; NaN at the NaN pixel, 0 at the zero pixel) as channels [X, X + K) of a
+// (B, X + K, P) buffer, like G, in NCHW (1) or NHWC (2) layout.
 // Usage: score_tc_backward_main DTYPE(half|bf16) B C H W K NHWC(0|1) BATCHED_TEXT(0|1) X SCORE(0|1|2) SEED
 #include "cuda_emulation.h"
 
@@ -67,9 +68,10 @@ int run(int64_t B, int64_t C, int64_t H, int64_t W, int64_t K, bool nhwc, bool b
     for (int64_t k = 0; k < K; ++k)
       for (int64_t p = 0; p < P; ++p) gbuf[(b * (X + K) + X + k) * P + p] = from_float_any<T>(gval[(b * K + k) * P + p]);
   const float scale = 0.5f;
-  // The forward's output, as the kernel may read it: S[b, k, p] at b * K * P + k * s_sk + p * s_sp
-  const int64_t s_sk = score_mode == 2 ? 1 : P, s_sp = score_mode == 2 ? K : 1;
-  std::vector<T> sbuf(B * K * P + kGuard, from_float_any<T>(kSentinel));
+  // The forward's output, as the kernel may read it: S[b, k, p] at b * s_sb + (X + k) * s_sk + p * s_sp, the other
+  // channels of the buffer (sentinels) never read
+  const int64_t s_sb = (X + K) * P, s_sk = score_mode == 2 ? 1 : P, s_sp = score_mode == 2 ? X + K : 1;
+  std::vector<T> sbuf(B * (X + K) * P + kGuard, from_float_any<T>(kSentinel));
   for (int64_t b = 0; b < B; ++b)
     for (int64_t p = 0; p < P; ++p) {
       double n2 = 0;
@@ -80,7 +82,7 @@ int run(int64_t B, int64_t C, int64_t H, int64_t W, int64_t K, bool nhwc, bool b
         for (int64_t c = 0; c < C; ++c) {
           dot += double(that[((batched ? b : 0) * K + k) * C + c]) * vval[(b * C + c) * P + p];
         }
-        sbuf[b * K * P + k * s_sk + p * s_sp] = from_float_any<T>(static_cast<float>(scale * dot * inv));
+        sbuf[b * s_sb + (X + k) * s_sk + p * s_sp] = from_float_any<T>(static_cast<float>(scale * dot * inv));
       }
     }
   std::vector<T> gv(B * C * P + kGuard, from_float_any<T>(kSentinel));
@@ -91,7 +93,8 @@ int run(int64_t B, int64_t C, int64_t H, int64_t W, int64_t K, bool nhwc, bool b
   auto launch = [&](auto kernel) {
     emu::launch(grid, tc::kThreads, kernel, static_cast<const T*>(vbuf.data()), static_cast<const T*>(tbuf.data()),
                 static_cast<const T*>(gbuf.data() + X * P), gv.data(), gs.data(), C, P, K, s_vb, s_vc, s_vp, s_tb,
-                (X + K) * P, P, scale, score_mode ? static_cast<const T*>(sbuf.data()) : nullptr, K * P, s_sk, s_sp);
+                (X + K) * P, P, scale, score_mode ? static_cast<const T*>(sbuf.data() + X * s_sk) : nullptr, s_sb, s_sk,
+                s_sp);
   };
   const bool vec = tc::backward_vec(C, nhwc, reinterpret_cast<std::uintptr_t>(vbuf.data()),
                                     reinterpret_cast<std::uintptr_t>(gv.data()));
