@@ -318,6 +318,8 @@ def test_triton_score_backward_with_and_without_the_forward_output(layout):
         _check_close(grad_text, t64.grad, torch.float32, 2)
     with pytest.raises(ValueError, match=r"score must be the forward's output, shape \(2, 19, 5, 3\)"):
         lib.pixel_text_score_backward_triton(grad, visual, text, 2.5, score_map[:, :4])
+    with pytest.raises(ValueError, match=r"score must be the forward's output, torch.float32 on .*, got torch.float64"):
+        lib.pixel_text_score_backward_triton(grad, visual, text, 2.5, score_map.double())
 
 
 def test_the_output_may_change_in_place_only_where_the_backward_does_not_read_it():

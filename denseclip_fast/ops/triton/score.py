@@ -332,6 +332,9 @@ def _score_map(score: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, t
     read once, so NHWC costs no scalar re-reads as G's would), else copied."""
     if score.shape != like.shape:
         raise ValueError(f"score must be the forward's output, shape {tuple(like.shape)}, got {tuple(score.shape)}")
+    if score.dtype != like.dtype or score.device != like.device:
+        raise ValueError(f"score must be the forward's output, {like.dtype} on {like.device}, got {score.dtype} on "
+                         f"{score.device}")  # fmt: skip
     _, _, h, w = score.shape
     if not (h == 1 or w == 1 or score.stride(2) == w * score.stride(3)):
         score = score.contiguous()
