@@ -96,8 +96,8 @@ def _source_positions(src: int, dst: int, device: torch.device) -> torch.Tensor:
 def _linear_taps(src: int, dst: int, device: torch.device, clamp_weight: bool) -> tuple[torch.Tensor, ...]:
     """(first index, second index, first weight, second weight) per output pixel, as int32 / int64 tensors:
     OpenCV's ``saturate_cast<short>((1 - f) * 2048)`` and ``(f * 2048)``, rounded half to even as cvRound. The
-    horizontal pass zeroes the fraction outside the image (``clamp_weight``); the vertical pass keeps it and
-    clamps only the row indices."""
+    horizontal pass zeroes the fraction outside the image (``clamp_weight``: the second tap then weighs 0); the
+    vertical pass keeps it and clamps only the row indices."""
     pos = _source_positions(src, dst, device)
     first = pos.floor()
     frac = pos - first
@@ -105,7 +105,6 @@ def _linear_taps(src: int, dst: int, device: torch.device, clamp_weight: bool) -
     if clamp_weight:
         outside = (first < 0) | (first >= src - 1)
         frac = torch.where(outside, torch.zeros_like(frac), frac)
-        first = first.clamp(0, src - 1)
     scale = float(1 << _COEF_BITS)
     w0 = ((1.0 - frac) * scale).round().int()
     w1 = (frac * scale).round().int()

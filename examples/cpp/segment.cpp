@@ -165,10 +165,7 @@ Taps linear_taps(int64_t src, int64_t dst, bool zero_outside) {
     const float pos = static_cast<float>((static_cast<double>(d) + 0.5) * scale - 0.5);
     int64_t first = static_cast<int64_t>(std::floor(pos));
     float frac = pos - static_cast<float>(first);
-    if (zero_outside && (first < 0 || first >= src - 1)) {
-      frac = 0.f;
-      first = std::clamp<int64_t>(first, 0, src - 1);
-    }
+    if (zero_outside && (first < 0 || first >= src - 1)) frac = 0.f;  // the second tap then weighs 0
     t.first.push_back(std::clamp<int64_t>(first, 0, src - 1));
     t.second.push_back(std::clamp<int64_t>(first + 1, 0, src - 1));
     t.w0.push_back(static_cast<int32_t>(std::nearbyint((1.f - frac) * 2048.f)));
