@@ -359,16 +359,19 @@ class Trainer:
             # the losses are read (a host sync) only when logged or saved, so the host queues the next iteration
             log_now = done % cfg.log_interval == 0 or done == cfg.iters or done == start + 1
             save_now = done % cfg.checkpoint_interval == 0 or done == cfg.iters
-            if (log_now or save_now) and world > 1:  # log the global mean, not this process's
-                dist.all_reduce(sums)
-                sums /= world
-            if (log_now or save_now) and cfg.amp != "fp16":  # fp16: the scaler skips such steps by design
-                self._check_finite(sums, done)
+            values: list[float] = []
+            if log_now or save_now:
+                if world > 1:  # log the global mean, not this process's
+                    dist.all_reduce(sums)
+                    sums /= world
+                values = sums.tolist()
+                if cfg.amp != "fp16":  # fp16: the scaler skips such steps by design
+                    self._check_finite(values, done)
             if rank == 0:
                 assert progress is not None
                 progress.update(1)
                 if log_now:
-                    totals = dict(zip(LOSSES, sums.tolist()))
+                    totals = dict(zip(LOSSES, values))
                     progress.set_postfix(loss=f"{totals['loss']:.4f}", lr=f"{lr:.2e}")
                     seconds = time.perf_counter() - tic
                     row = {"iter": done, **totals, "lr": lr, "images_per_s": cfg.batch_size * (done - start) / seconds,
@@ -396,10 +399,9 @@ class Trainer:
         return result
 
     @staticmethod
-    def _check_finite(sums: torch.Tensor, iteration: int) -> None:
+    def _check_finite(values: list[float], iteration: int) -> None:
         """FloatingPointError when this iteration's losses (the same on every process) are NaN or infinite: the
         step has already put the non-finite gradients into the weights, so no checkpoint is written from them."""
-        values = sums.tolist()
         if all(map(math.isfinite, values)):
             return
         raise FloatingPointError(
