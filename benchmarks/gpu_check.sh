@@ -5,8 +5,8 @@
 #
 #   bash benchmarks/gpu_check.sh OUT_DIR [STEP ...]
 #
-# STEP: build info gpu_tests ops e2e_rn50 export_bench train_bench compile_baselines e2e_more rest (default: all but
-# build, in that order; each issue's targets first, torch.compile's minutes of compilation after them), and
+# STEP: build info gpu_tests ops e2e_rn50 export_bench train_bench compile_baselines tune_score e2e_more rest (default:
+# all but build, in that order; each issue's targets first, torch.compile's minutes of compilation after them), and
 # save_prebuilt (what make test-gpu-torch leaves for the GPU session, below). The extension is built when it is missing and no prebuilt one fits (or with `build`); a warm machine
 # keeps it, so a session can split the work into two calls under the 10-minute limit of one, e.g.
 # `... OUT info gpu_tests ops e2e_rn50 export_bench train_bench` then `... OUT compile_baselines e2e_more rest`.
@@ -164,6 +164,10 @@ rest() {  # the CPU suite on this machine's torch/triton, and CMake's CUDA build
   tail -3 "$OUT/tests_rest.log" 2>/dev/null
 }
 
+tune_score() {  # the Triton score kernels' blocks, warps and pixel splits (chosen without a GPU) timed against each other
+  timed "tune_score" tune_score.txt python3 benchmarks/tune_score.py --out "$OUT"
+}
+
 e2e_more() {  # slide mode and the other architectures
   timed "bench_e2e RN50 slide" bench_e2e_rn50_slide.txt \
     python3 benchmarks/bench_e2e.py --archs RN50 --modes slide --batches 1 --out "$OUT" --tag rn50_slide \
@@ -174,7 +178,7 @@ e2e_more() {  # slide mode and the other architectures
 }
 
 # Most valuable first, each step writing its files as it goes, so a run cut short still brings results back.
-ALL_STEPS="info gpu_tests ops e2e_rn50 export_bench train_bench compile_baselines e2e_more rest"
+ALL_STEPS="info gpu_tests ops e2e_rn50 export_bench train_bench compile_baselines tune_score e2e_more rest"
 STEPS=${*:-$ALL_STEPS}
 if [[ " $STEPS " == *" build "* ]]; then
   build

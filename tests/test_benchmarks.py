@@ -141,3 +141,32 @@ def test_profiles_say_where_the_time_goes():
     text = bench_e2e.profiles_markdown([row, {**row, "profile_error": "RuntimeError: x"}])
     assert text.count("### Where the time goes: engine-bf16, RN50 whole 1x3x64x64") == 4 and "CUDA graphs off" in text
     assert "profiling failed: RuntimeError: x" in text
+
+
+def test_score_tuning_sweep_tries_each_variant_and_restores_the_defaults(tmp_path, monkeypatch):
+    """benchmarks/tune_score.py under Triton's interpreter: each variant runs with its blocks (a block of 48
+    channels, not a power of two, fails and is reported, the sweep goes on), agrees with the default's results, and
+    the defaults are back afterwards."""
+    from benchmarks import tune_score
+    from denseclip_fast.ops import backends
+
+    if backends.triton_available() is not None:
+        import pytest
+
+        pytest.skip(backends.triton_available())
+    from denseclip_fast.ops.triton import score
+
+    before = (score._blocks, {k: dict(v) for k, v in score.FUSED_BLOCKS.items()}, score.BWD_WARPS)
+    monkeypatch.setattr(tune_score, "FORWARD", [(64, 64, 8), (64, 48, 8)])
+    monkeypatch.setattr(tune_score, "BACKWARD", [(32, 64, 8, 1), (16, 48, 8, 2)])
+    monkeypatch.setattr(tune_score, "QUICK_SHAPES", [(2, 40, 5, 7, 19)])
+    assert tune_score.main(["--quick", "--out", str(tmp_path), "--tag", "t"]) == 0
+    rows = json.loads((tmp_path / "tune_score_t.json").read_text())["rows"]
+    assert [(r["direction"], r["variant"]) for r in rows] == [
+        ("forward", "default"), ("backward", "default"), ("forward", "P64 C64 w8"), ("forward", "P64 C48 w8"),
+        ("backward", "P32 C64 w8 1/SM"), ("backward", "P16 C48 w8 2/SM")]  # fmt: skip
+    failed = {r["variant"] for r in rows if "error" in r}
+    assert failed == {"P64 C48 w8", "P16 C48 w8 2/SM"}, rows
+    assert all(r["rel_err_vs_default"] < 1e-5 for r in rows if "error" not in r)
+    assert (score._blocks, score.FUSED_BLOCKS, score.BWD_WARPS) == before
+    assert "P16 C48 w8 2/SM | failed" in (tmp_path / "tune_score_t.md").read_text()

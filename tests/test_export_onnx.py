@@ -245,3 +245,34 @@ def test_tensorrt_builder_without_tensorrt(tmp_path):
         build_tensorrt_engine(tmp_path / "missing.onnx", tmp_path / "m.engine")
     with pytest.raises(ValueError, match="batch must be"):
         build_tensorrt_engine(onnx_file, tmp_path / "m.engine", batch=(4, 1, 8))
+
+
+def test_the_triton_operators_translate_to_standard_onnx():
+    """A graph traced with the Triton backend (forced, or the default on a GPU) holds the Triton operators, whose
+    score forms also return the pixel norms (for their backward): the translation gives the same standard nodes and
+    values as for the C++ operators, the norms left out of the graph."""
+    from denseclip_fast import ops
+    from denseclip_fast.export.onnx_ops import translation_table
+
+    if ops.backends.triton_available() is not None:
+        pytest.skip(ops.backends.triton_available())
+
+    class Scores(torch.nn.Module):
+        def forward(self, feature, visual, text):
+            return (ops.score_concat(feature, visual, text, 2.0, backend="triton"),
+                    ops.pixel_text_score(visual, text, 0.5, backend="triton"))  # fmt: skip
+
+    args = (torch.randn(2, 3, 5, 7), torch.randn(2, 16, 5, 7), torch.randn(6, 16))
+    program = torch.onnx.export(Scores(), args, dynamo=True, custom_translation_table=translation_table(),
+                                opset_version=18)  # fmt: skip
+    graph = program.model_proto
+    assert {node.op_type for node in graph.graph.node} <= set(supported_operators()["operators"])
+    assert {node.domain for node in graph.graph.node} <= {"", "ai.onnx"}
+    assert len(graph.graph.output) == 2  # the norms are not outputs
+    session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    outputs = session.run(None, {i.name: a.numpy() for i, a in zip(graph.graph.input, args)})
+    with torch.no_grad():
+        expected = (ops.score_concat(*args, 2.0, backend="reference"),
+                    ops.pixel_text_score(*args[1:], 0.5, backend="reference"))  # fmt: skip
+    for actual, wanted in zip(outputs, expected):
+        assert rel_err(torch.from_numpy(actual), wanted) < 1e-6

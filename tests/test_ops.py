@@ -293,11 +293,12 @@ def test_context_attention_forward_and_backward(backend, dtype, shape):
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "concat slice", "concat slice channels_last"])
-def test_triton_score_backward_with_and_without_the_forward_output(layout):
-    """Autograd hands the Triton backward the forward's output (score_map: the first pass over the visual map then
-    skips its product with the text); called without it, the backward computes that term itself. Both equal the
-    float64 reference, with the map in every layout it comes in (NCHW, NHWC, a channel slice of score_concat's
-    buffer in either), on an odd shape with a zero pixel."""
+def test_triton_score_backward_with_and_without_the_forward_outputs(layout):
+    """The Triton score operators return the pixel norms |v| beside the map, and autograd hands both to the backward
+    (score_map: sum_k G S gives <v^, g^>; norm: |v| without a pass over the channels). Called without them (or with
+    the map alone), the backward runs the forward itself. All equal the float64 reference, with the map in every
+    layout it comes in (NCHW, NHWC, a channel slice of score_concat's buffer in either), on an odd shape with a zero
+    pixel; the norms equal |v|; wrong ones are refused."""
     assert ops.backends.triton_available() is None
     lib = torch.ops.denseclip_fast
     visual = _visual(2, 37, 5, 3, "channels_last" if "channels_last" in layout else "contiguous", torch.float32)
@@ -305,21 +306,55 @@ def test_triton_score_backward_with_and_without_the_forward_output(layout):
     text = _text(2, 19, 37, False, torch.float32)
     if layout.startswith("concat"):
         feature = torch.randn(2, 6, 5, 3, device=DEVICE)
-        score_map = lib.score_concat_triton(feature, visual, text, 2.5)[:, 6:]
+        score_map, norm = lib.score_concat_triton(feature, visual, text, 2.5)
+        score_map = score_map[:, 6:]
     else:
-        score_map = lib.pixel_text_score_triton(visual, text, 2.5)
+        score_map, norm = lib.pixel_text_score_triton(visual, text, 2.5)
+    torch.testing.assert_close(norm, torch.linalg.vector_norm(visual, dim=1), rtol=1e-6, atol=0)
+    assert norm.dtype == torch.float32 and norm[0, 1, 2] == 0
     grad = torch.randn(2, 19, 5, 3, device=DEVICE)
     v64, t64 = _leaf(visual, torch.float64), _leaf(text, torch.float64)
     reference.pixel_text_score(v64, t64, 2.5).backward(grad.double())
-    with_map = lib.pixel_text_score_backward_triton(grad, visual, text, 2.5, score_map)
-    without = lib.pixel_text_score_backward_triton(grad, visual, text, 2.5)
-    for grad_visual, grad_text in (with_map, without):
+    backward = lib.pixel_text_score_backward_triton
+    for grad_visual, grad_text in (backward(grad, visual, text, 2.5, score_map, norm),
+                                   backward(grad, visual, text, 2.5, score_map), backward(grad, visual, text, 2.5)):
         _check_close(grad_visual, v64.grad, torch.float32, 2)
         _check_close(grad_text, t64.grad, torch.float32, 2)
+    # a planted error: norms that are not |v| give another (wrong) gradient, so the kernel does read them
+    wrong, _ = backward(grad, visual, text, 2.5, score_map, norm * 2)
+    assert not torch.allclose(wrong, v64.grad.float(), rtol=1e-2, atol=1e-3)
     with pytest.raises(ValueError, match=r"score must be the forward's output, shape \(2, 19, 5, 3\)"):
-        lib.pixel_text_score_backward_triton(grad, visual, text, 2.5, score_map[:, :4])
+        backward(grad, visual, text, 2.5, score_map[:, :4])
     with pytest.raises(ValueError, match=r"score must be the forward's output, torch.float32 on .*, got torch.float64"):
-        lib.pixel_text_score_backward_triton(grad, visual, text, 2.5, score_map.double())
+        backward(grad, visual, text, 2.5, score_map.double())
+    with pytest.raises(ValueError, match=r"norm must be the forward's output, shape \(2, 5, 3\), got \(2, 15\)"):
+        backward(grad, visual, text, 2.5, score_map, norm.flatten(1))
+    with pytest.raises(ValueError, match=r"norm must be the forward's output, torch.float32 on .*, got torch.float64"):
+        backward(grad, visual, text, 2.5, score_map, norm.double())
+
+
+@pytest.mark.parametrize("text_batched", [False, True])
+@pytest.mark.parametrize("sms", [1, 3, 64])
+@pytest.mark.parametrize("k", [19, 150])
+def test_triton_score_backward_splits_the_pixels(monkeypatch, text_batched, sms, k):
+    """The fused backward splits each image's pixel tiles (or, for text shared by the batch, the tiles of the whole
+    batch: a split may straddle two images) into ranges, one program row each, and sums their text partials.
+    Every split count, including ranges that are empty at the end, gives the reference's gradients."""
+    from denseclip_fast.ops.triton import score as triton_score
+
+    monkeypatch.setattr(triton_score, "INTERPRETER_SMS", sms)
+    monkeypatch.setattr(triton_score, "MIN_PIXELS_PER_SPLIT", 1)
+    splits = []
+    real = triton_score._splits
+    monkeypatch.setattr(triton_score, "_splits", lambda *a: splits.append(real(*a)) or splits[-1])
+    visual = _visual(3, 70, 9, 7, "channels_last", torch.float32)
+    text = _text(3, k, 70, text_batched, torch.float32)
+    (out, v_grad, t_grad), (expected, v64_grad, t64_grad) = _score_with_reference(visual, text, 1.5, "triton")
+    _check_close(out, expected, torch.float32)
+    _check_close(v_grad, v64_grad, torch.float32, 2)
+    _check_close(t_grad, t64_grad, torch.float32, 2)
+    # more than one split where the 3 channel blocks (of 32, float32) x the grid's images are fewer than 2 per SM
+    assert len(splits) == 1 and (splits[0] > 1) == (2 * sms > 3 * (3 if text_batched else 1)), splits
 
 
 def test_the_output_may_change_in_place_only_where_the_backward_does_not_read_it():
@@ -373,24 +408,27 @@ def test_triton_score_indexes_in_int64_past_int32_offsets(monkeypatch):
 
 
 def test_triton_attention_blocks_fit_the_gpu_shared_memory():
-    """float32 attention blocks shrink to the GPU's shared memory (tests/test_triton_aot.py compiles them); the
-    H200's blocks and every 16-bit kernel's stay the preferred ones."""
+    """float32 attention takes smaller blocks than the 16-bit kernels (registers: tests/test_triton_aot.py checks
+    that no kernel spills), and shrinks them further to a GPU's shared memory; the H200 keeps them, and every
+    16-bit kernel keeps its blocks on every GPU."""
     from denseclip_fast.ops.triton import attention
 
     h200, a100, rtx4090 = 232448, 166912, 101376
     for kind in attention.KINDS:
         for d in attention.HEAD_DIMS:
-            preferred = attention._blocks(150, d, kind)
-            assert attention._blocks(150, d, kind, f32=True, smem=h200) == preferred
+            preferred, f32 = attention._blocks(150, d, kind), attention._blocks(150, d, kind, f32=True)
+            assert f32[0] <= preferred[0] and f32[1] == attention.F32_BLOCK_N <= preferred[1]
+            assert attention._blocks(150, d, kind, f32=True, smem=h200) == f32  # no shrinking on the H200
             assert attention._blocks(150, d, kind, f32=False, smem=rtx4090) == preferred
-            assert attention._blocks(150, d, kind, f32=True, smem=None) == preferred  # CPU, interpreter
             for smem in (a100, rtx4090, 65536):
                 bm, bn = attention._blocks(150, d, kind, f32=True, smem=smem)
                 assert attention.smem_estimate(kind, d, bm, bn) <= attention.SMEM_SHARE * smem, (kind, d, smem)
-                assert 16 <= bm <= preferred[0] and 16 <= bn <= preferred[1]
-    assert attention._blocks(150, 64, "dkdv", f32=True, smem=rtx4090) != attention._blocks(150, 64, "dkdv")
-    assert attention._blocks(150, 128, "dkdv", f32=True, smem=a100) != attention._blocks(150, 128, "dkdv")
+                assert 16 <= bm <= f32[0] and 16 <= bn <= f32[1]
+    assert attention._blocks(150, 128, "fwd", f32=True, smem=rtx4090) != attention._blocks(150, 128, "fwd", f32=True)
+    assert attention._blocks(150, 128, "dq", f32=True, smem=rtx4090) != attention._blocks(150, 128, "dq", f32=True)
     assert attention._blocks(5, 64, "fwd") == (16, 64)  # few queries: a smaller query block
+    assert [attention.num_warps(kind, False) for kind in attention.KINDS] == [4, 8, 8]
+    assert {attention.num_warps(kind, True) for kind in attention.KINDS} == {8}
     with pytest.raises(ValueError, match="kind must be one of"):
         attention.smem_estimate("bwd", 64, 64, 64)
 
@@ -402,7 +440,8 @@ def test_triton_attention_at_the_blocks_of_a_smaller_gpu(monkeypatch, d):
     from denseclip_fast.ops.triton import attention
 
     monkeypatch.setattr(attention, "shared_memory_per_block", lambda device: 65536)
-    assert attention._blocks(40, d, "dkdv", True, 65536) != attention._blocks(40, d, "dkdv")
+    assert any(attention._blocks(40, d, kind, True, 65536) != attention._blocks(40, d, kind, True)
+               for kind in attention.KINDS)  # fmt: skip
     _check_attention(*(torch.randn(1, 2, n, d, device=DEVICE) for n in (40, 70, 70)), "triton")
 
 

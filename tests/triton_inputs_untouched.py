@@ -95,12 +95,18 @@ for dtype in (torch.float16, torch.float32):
         tag = f"{dtype} {'nhwc' if layout == torch.channels_last else 'nchw'}"
         check(f"score {tag}", lambda v, t: ops.pixel_text_score_triton(v, t, 2.0), v, t)
         check(f"concat {tag}", lambda f, v, t: ops.score_concat_triton(f, v, t, 2.0), feature, v, t)
+        norm = torch.rand(2, 5, 6) + 0.5
         check(f"score_backward {tag}", lambda g, v, t: ops.pixel_text_score_backward_triton(g[:, 3:], v, t, 2.0),
               full, v, t)  # fmt: skip
-        # as autograd calls it: with the forward's output, here a channel slice as score_concat's
+        # as autograd calls it: with the forward's outputs, the map a channel slice as score_concat's, and the norms
         check(f"score_backward with map {tag}",
-              lambda g, v, t, m: ops.pixel_text_score_backward_triton(g[:, 3:], v, t, 2.0, m[:, 3:]),
-              full, v, t, full.clone())  # fmt: skip
+              lambda g, v, t, m, n: ops.pixel_text_score_backward_triton(g[:, 3:], v, t, 2.0, m[:, 3:], n),
+              full, v, t, full.clone(), norm)  # fmt: skip
+        wide_t = torch.randn(300, 40, dtype=dtype)  # past one class block: the unfused kernel and the text GEMM
+        check(f"score_backward unfused {tag}",
+              lambda g, v, t, m, n: ops.pixel_text_score_backward_triton(g, v, t, 2.0, m, n),
+              torch.randn(2, 300, 5, 6, dtype=dtype), v, wide_t, torch.randn(2, 300, 5, 6, dtype=dtype),
+              norm)  # fmt: skip
     q, k, val = (torch.randn(2, 4, n, 64, dtype=dtype) for n in (9, 33, 33))
     check(f"attention {dtype}", lambda q, k, val: ops.context_attention_triton(q, k, val)[0], q, k, val)
     out, lse = torch.randn(2, 4, 9, 64, dtype=dtype), torch.randn(2, 4, 9)

@@ -7,6 +7,7 @@ graph's dtype (a float16 sum of 1024 squares overflows), casting the result back
 
     pixel_text_score(v, t, s)    s * <v / max(|v|, eps), t / max(|t|, eps)> over C          -> (B, K, H, W)
     score_concat(f, v, t, s)     Concat([f, pixel_text_score(v, t, s)], axis=1)
+    (the Triton operators also return the pixel norms |v|, the backward's, unused in a graph)
     context_attention(q, k, v)   Softmax(q k^T / sqrt(D)) v, and the row log-sum-exp (the backward's, unused here)
 """
 
@@ -52,6 +53,18 @@ def score_concat(feature: Any, visual: Any, text: Any, scale: float = 1.0) -> An
     return op.Concat(feature, pixel_text_score(visual, text, scale), axis=1)
 
 
+def _pixel_norms(visual: Any) -> Any:
+    return op.ReduceL2(op.Cast(visual, to=FLOAT), _axes(1), keepdims=0)  # (B, H, W)
+
+
+def pixel_text_score_with_norm(visual: Any, text: Any, scale: float = 1.0) -> tuple[Any, Any]:
+    return pixel_text_score(visual, text, scale), _pixel_norms(visual)
+
+
+def score_concat_with_norm(feature: Any, visual: Any, text: Any, scale: float = 1.0) -> tuple[Any, Any]:
+    return score_concat(feature, visual, text, scale), _pixel_norms(visual)
+
+
 def context_attention(q: Any, k: Any, v: Any) -> tuple[Any, Any]:
     head_dim = q.shape[-1] if q.shape is not None else None
     if not isinstance(head_dim, int):
@@ -66,6 +79,7 @@ def context_attention(q: Any, k: Any, v: Any) -> tuple[Any, Any]:
 def translation_table() -> dict[Callable[..., Any], Callable[..., Any]]:
     """``{torch operator overload: translation}`` for every denseclip_fast operator that can appear in a graph."""
     from .. import ops
+    from ..ops.library import returns_norm
 
     lib = torch.ops.denseclip_fast
     table: dict[Callable[..., Any], Callable[..., Any]] = {}
@@ -73,7 +87,11 @@ def translation_table() -> dict[Callable[..., Any], Callable[..., Any]]:
     if ops.backends.triton_available() is None:
         suffixes.append("_triton")
     for suffix in suffixes:
-        table[getattr(lib, f"pixel_text_score{suffix}").default] = pixel_text_score
-        table[getattr(lib, f"score_concat{suffix}").default] = score_concat
+        with_norm = returns_norm(suffix)
+        score, concat = pixel_text_score, score_concat
+        if with_norm:
+            score, concat = pixel_text_score_with_norm, score_concat_with_norm
+        table[getattr(lib, f"pixel_text_score{suffix}").default] = score
+        table[getattr(lib, f"score_concat{suffix}").default] = concat
         table[getattr(lib, f"context_attention{suffix}").default] = context_attention
     return table

@@ -82,7 +82,7 @@ def pixel_text_score(
     if chosen == "reference":
         return reference.pixel_text_score(visual, text, scale)
     if chosen == "triton":
-        return torch.ops.denseclip_fast.pixel_text_score_triton(visual, text, float(scale))
+        return torch.ops.denseclip_fast.pixel_text_score_triton(visual, text, float(scale))[0]
     return torch.ops.denseclip_fast.pixel_text_score(visual, text, float(scale))
 
 
@@ -107,7 +107,7 @@ def score_concat(
     if chosen == "reference":
         return reference.score_concat(feature, visual, text, scale)
     if chosen == "triton":
-        return torch.ops.denseclip_fast.score_concat_triton(feature, visual, text, float(scale))
+        return torch.ops.denseclip_fast.score_concat_triton(feature, visual, text, float(scale))[0]
     return torch.ops.denseclip_fast.score_concat(feature, visual, text, float(scale))
 
 

@@ -52,15 +52,33 @@ def _fake_score(visual: torch.Tensor, text: torch.Tensor, scale: float = 1.0) ->
     return empty_score(visual, text.shape[-2])
 
 
-def _fake_score_backward(
-    grad: torch.Tensor, visual: torch.Tensor, text: torch.Tensor, scale: float, score_map: torch.Tensor | None = None
+def _fake_norm(visual: torch.Tensor) -> torch.Tensor:
+    b, _, h, w = visual.shape
+    return visual.new_empty((b, h, w), dtype=torch.float32)
+
+
+def _fake_score_with_norm(
+    visual: torch.Tensor, text: torch.Tensor, scale: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    return empty_score(visual, text.shape[-2]), _fake_norm(visual)
+
+
+def _fake_score_backward(
+    grad: torch.Tensor, visual: torch.Tensor, text: torch.Tensor, scale: float, score_map: torch.Tensor | None = None,
+    norm: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     grad_visual = torch.empty_like(visual, memory_format=score_memory_format(visual))
     return grad_visual, torch.empty_like(text, memory_format=torch.contiguous_format)
 
 
 def _fake_concat(feature: torch.Tensor, visual: torch.Tensor, text: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     return empty_score(visual, feature.shape[1] + text.shape[-2])
+
+
+def _fake_concat_with_norm(
+    feature: torch.Tensor, visual: torch.Tensor, text: torch.Tensor, scale: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _fake_concat(feature, visual, text, scale), _fake_norm(visual)
 
 
 def _fake_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,42 +97,62 @@ def _fake_attention_backward(
 # ------------------------------------------------------------------------------------------------ autograd
 
 
+def returns_norm(suffix: str) -> bool:
+    """Whether ``denseclip_fast::pixel_text_score<suffix>`` (and score_concat) also return the pixel norms |v|, a
+    (B, H, W) float32 tensor for the backward: the Triton operators do (their backward then reads the visual map
+    once), the C++ ones return the score alone."""
+    return len(getattr(torch.ops.denseclip_fast, f"pixel_text_score{suffix}").default._schema.returns) == 2
+
+
 def register_autograd(suffix: str = "") -> None:
     """Autograd of ``denseclip_fast::{pixel_text_score, score_concat, context_attention}<suffix>``; the backward
     runs the same backend's backward operators (``..._backward<suffix>``). The score backward gets the
     forward's output (``score_map``, in every backend's schema) where a kernel uses it: the Triton backend's, and
-    the C++ operator's on CUDA (its tensor-core kernel; the CPU one computes the term itself and is not given it).
-    Saving it costs nothing where the next layer keeps it anyway (score_concat's buffer is the FPN convolution's
-    input), else a (B, K, H, W) tensor; and the output must then not be modified in place before the backward
-    (autograd's version check says so)."""
+    the C++ operator's on CUDA (its tensor-core kernel; the CPU one computes the term itself and is not given it);
+    and, from the Triton operators, the pixel norms they return (:func:`returns_norm`; not differentiable, as the
+    attention's log-sum-exp). Saving the output costs nothing where the next layer keeps it anyway (score_concat's
+    buffer is the FPN convolution's input), else a (B, K, H, W) tensor; and the output must then not be modified
+    in place before the backward (autograd's version check says so)."""
     ops = torch.ops.denseclip_fast
     score_backward = getattr(ops, f"pixel_text_score_backward{suffix}")
     attention_backward = getattr(ops, f"context_attention_backward{suffix}")
     takes_score = any(a.name == "score_map" for a in score_backward.default._schema.arguments)
+    with_norm = returns_norm(suffix)
 
     def wants_map(visual: torch.Tensor) -> bool:
         return takes_score and (suffix == "_triton" or visual.device.type == "cuda")
 
-    def score_setup(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+    def save_score(ctx: Any, visual: torch.Tensor, text: torch.Tensor, output: Any) -> None:
+        out, norm = output if with_norm else (output, None)
+        if norm is not None:
+            ctx.mark_non_differentiable(norm)
+        ctx.save_for_backward(visual, text, out if wants_map(visual) else None, norm)
+
+    def run_backward(ctx: Any, grad: torch.Tensor, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The score backward on grad's (and the saved output's) channels from ``channels`` on."""
+        visual, text, out, norm = ctx.saved_tensors
+        extra: tuple[Any, ...] = ()
+        if takes_score:
+            extra = (None if out is None else out[:, channels:],) + ((norm,) if with_norm else ())
+        return score_backward(grad[:, channels:], visual, text, ctx.scale, *extra)
+
+    def score_setup(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
         visual, text, scale = inputs
-        ctx.save_for_backward(visual, text, output if wants_map(visual) else None)
+        save_score(ctx, visual, text, output)
         ctx.scale = scale
 
-    def score_grads(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
-        visual, text, output = ctx.saved_tensors
-        grad_visual, grad_text = score_backward(grad, visual, text, ctx.scale, *((output,) if takes_score else ()))
+    def score_grads(ctx: Any, grad: torch.Tensor, *_grad_norm: Any) -> tuple[Any, ...]:
+        grad_visual, grad_text = run_backward(ctx, grad, 0)
         return grad_visual, grad_text, None
 
-    def concat_setup(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+    def concat_setup(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
         feature, visual, text, scale = inputs
-        ctx.save_for_backward(visual, text, output if wants_map(visual) else None)
+        save_score(ctx, visual, text, output)
         ctx.scale, ctx.feature_channels = scale, feature.shape[1]
 
-    def concat_grads(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
-        visual, text, output = ctx.saved_tensors
+    def concat_grads(ctx: Any, grad: torch.Tensor, *_grad_norm: Any) -> tuple[Any, ...]:
         cf = ctx.feature_channels
-        score_map = () if not takes_score else (None if output is None else output[:, cf:],)
-        grad_visual, grad_text = score_backward(grad[:, cf:], visual, text, ctx.scale, *score_map)
+        grad_visual, grad_text = run_backward(ctx, grad, cf)
         return grad[:, :cf], grad_visual, grad_text, None
 
     def attention_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]) -> None:
@@ -140,9 +178,10 @@ def register_fakes(suffix: str = "") -> None:
     The Triton operators get them too, so that fake-tensor tracing never launches a kernel (under Triton's
     interpreter a launch on fake tensors fails)."""
     lib = torch.library
-    lib.register_fake(f"denseclip_fast::pixel_text_score{suffix}", _fake_score)
+    with_norm = returns_norm(suffix)
+    lib.register_fake(f"denseclip_fast::pixel_text_score{suffix}", _fake_score_with_norm if with_norm else _fake_score)
     lib.register_fake(f"denseclip_fast::pixel_text_score_backward{suffix}", _fake_score_backward)
-    lib.register_fake(f"denseclip_fast::score_concat{suffix}", _fake_concat)
+    lib.register_fake(f"denseclip_fast::score_concat{suffix}", _fake_concat_with_norm if with_norm else _fake_concat)
     lib.register_fake(f"denseclip_fast::context_attention{suffix}", _fake_attention)
     lib.register_fake(f"denseclip_fast::context_attention_backward{suffix}", _fake_attention_backward)
 

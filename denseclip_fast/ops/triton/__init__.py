@@ -23,31 +23,35 @@ if UNAVAILABLE is None:
     from . import attention, score
     from .common import on_device
 
+    # The score operators also return the pixel norms |v| ((B, H, W) float32, as the attention returns its
+    # log-sum-exp): autograd saves them, so that the backward reads the visual map once.
     @triton_op("denseclip_fast::pixel_text_score_triton", mutates_args=())
-    def pixel_text_score_triton(visual: torch.Tensor, text: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-        out = empty_score(visual, text.shape[-2])
+    def pixel_text_score_triton(
+        visual: torch.Tensor, text: torch.Tensor, scale: float = 1.0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        out, norm = empty_score(visual, text.shape[-2]), score.empty_norm(visual)
         with on_device(visual):
-            score.score_forward_into(out, visual, text, scale)
-        return out
+            score.score_forward_into(out, norm, visual, text, scale)
+        return out, norm
 
     @triton_op("denseclip_fast::pixel_text_score_backward_triton", mutates_args=())
     def pixel_text_score_backward_triton(
         grad: torch.Tensor, visual: torch.Tensor, text: torch.Tensor, scale: float,
-        score_map: torch.Tensor | None = None,
+        score_map: torch.Tensor | None = None, norm: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         with on_device(visual):
-            return score.score_backward(grad, visual, text, scale, score_map)
+            return score.score_backward(grad, visual, text, scale, score_map, norm)
 
     @triton_op("denseclip_fast::score_concat_triton", mutates_args=())
     def score_concat_triton(
         feature: torch.Tensor, visual: torch.Tensor, text: torch.Tensor, scale: float = 1.0
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         cf = feature.shape[1]
-        out = empty_score(visual, cf + text.shape[-2])
+        out, norm = empty_score(visual, cf + text.shape[-2]), score.empty_norm(visual)
         out[:, :cf].copy_(feature)
         with on_device(visual):
-            score.score_forward_into(out[:, cf:], visual, text, scale)
-        return out
+            score.score_forward_into(out[:, cf:], norm, visual, text, scale)
+        return out, norm
 
     @triton_op("denseclip_fast::context_attention_triton", mutates_args=())
     def context_attention_triton(

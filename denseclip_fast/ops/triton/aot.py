@@ -9,7 +9,12 @@ that needs more shared memory than the GPU has, fails CI on a machine with no GP
 from __future__ import annotations
 
 import argparse
+import os
+import re
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -25,6 +30,9 @@ SHARED_MEMORY = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100
                  120: 101376}  # fmt: skip
 
 
+Spec = tuple[str, Any, dict[str, str], dict[str, Any], dict[str, Any]]  # label, kernel, signature, constexprs, options
+
+
 def _signature(
     fn: Any, pointers: dict[str, str], floats: tuple[str, ...], constexprs: dict[str, Any]
 ) -> dict[str, str]:
@@ -35,28 +43,36 @@ def _signature(
     return sig
 
 
-def _score(dt: str, k: int, wide: bool = False) -> tuple[str, Any, dict[str, str], dict[str, Any]]:
-    block_p, block_k, block_c = score._blocks(k)
+def _score(dt: str, k: int, wide: bool = False) -> Spec:
+    block_p, block_k, block_c, warps = score._blocks(k)
     const = {"BLOCK_P": block_p, "BLOCK_K": block_k, "BLOCK_C": block_c, "DOT_F32": dt == "fp32", "WIDE": wide}
-    ptrs = {"v_ptr": f"*{dt}", "t_ptr": f"*{dt}", "out_ptr": f"*{dt}"}
+    ptrs = {"v_ptr": f"*{dt}", "t_ptr": f"*{dt}", "out_ptr": f"*{dt}", "n_ptr": "*fp32"}
     fn = score._score_fwd_kernel
     label = f"score_fwd {dt} K={k}{' int64' if wide else ''}"
-    return label, fn, _signature(fn, ptrs, ("scale", "eps"), const), const
+    return label, fn, _signature(fn, ptrs, ("scale", "eps"), const), const, {"num_warps": warps}
 
 
-def _score_backward(
-    dt: str, wide: bool = False, has_score: bool = True
-) -> tuple[str, Any, dict[str, str], dict[str, Any]]:
-    const = {"BLOCK_P": 32, "BLOCK_K": 64, "BLOCK_C": 32, "DOT_F32": dt == "fp32", "WIDE": wide,
-             "HAS_SCORE": has_score}  # fmt: skip
-    ptrs = {"v_ptr": f"*{dt}", "that_ptr": "*fp32", "g_ptr": f"*{dt}", "s_ptr": f"*{dt}", "gv_ptr": f"*{dt}",
-            "gs_ptr": f"*{dt}"}  # fmt: skip
-    fn = score._score_bwd_visual_kernel
-    label = f"score_bwd_visual {dt}{' int64' if wide else ''}{'' if has_score else ' without score'}"
-    return label, fn, _signature(fn, ptrs, ("scale", "eps", "limit"), const), const
+def _score_backward(dt: str, k: int = 150, wide: bool = False) -> Spec:
+    """The visual kernel of the score backward, with the blocks (and warps, in OPTIONS) score_backward launches."""
+    block_p, block_k, block_c, fused = score.bwd_blocks(k, dt == "fp32")
+    const = {"BLOCK_P": block_p, "BLOCK_K": block_k, "BLOCK_C": block_c, "DOT_F32": dt == "fp32", "WIDE": wide,
+             "FUSE_TEXT": fused}  # fmt: skip
+    ptrs = {"v_ptr": f"*{dt}", "that_ptr": "*fp32", "g_ptr": f"*{dt}", "n_ptr": "*fp32", "r_ptr": "*fp32",
+            "gv_ptr": f"*{dt}", "gt_ptr": "*fp32"}  # fmt: skip
+    fn = score._score_bwd_kernel
+    label = f"score_bwd {dt} K={k}{' int64' if wide else ''}"
+    return label, fn, _signature(fn, ptrs, ("scale", "eps", "limit"), const), const, {"num_warps": score.BWD_WARPS}
 
 
-def _score_text(dt: str, which: str) -> tuple[str, Any, dict[str, str], dict[str, Any]]:
+def _score_backward_pixels(dt: str, write_gs: bool) -> Spec:
+    const = {"BLOCK_P": 64, "BLOCK_K": 64, "WIDE": False, "WRITE_GS": write_gs}
+    ptrs = {"g_ptr": f"*{dt}", "s_ptr": f"*{dt}", "n_ptr": "*fp32", "r_ptr": "*fp32", "gs_ptr": f"*{dt}"}
+    fn = score._score_bwd_pixel_kernel
+    label = f"score_bwd_pixels {dt}{' with G/|v|' if write_gs else ''}"
+    return label, fn, _signature(fn, ptrs, ("scale", "eps", "limit"), const), const, {}
+
+
+def _score_text(dt: str, which: str) -> Spec:
     """The text kernels of the score backward: normalisation ("normalize") and its Jacobian ("grad")."""
     const = dict(score.TEXT_BLOCKS)
     if which == "normalize":
@@ -64,10 +80,10 @@ def _score_text(dt: str, which: str) -> tuple[str, Any, dict[str, str], dict[str
     else:
         fn = score._text_grad_kernel
         ptrs = {"gt_ptr": "*fp32", "that_ptr": "*fp32", "norm_ptr": "*fp32", "out_ptr": f"*{dt}"}
-    return f"score_text_{which} {dt}", fn, _signature(fn, ptrs, ("eps",), const), const
+    return f"score_text_{which} {dt}", fn, _signature(fn, ptrs, ("eps",), const), const, {}
 
 
-def _attention(dt: str, d: int, which: str, arch: int = 90) -> tuple[str, Any, dict[str, str], dict[str, Any]]:
+def _attention(dt: str, d: int, which: str, arch: int = 90) -> Spec:
     kind = "dq" if which == "delta" else which  # the delta kernel takes dq's query block
     block_m, block_n = attention._blocks(150, d, kind, dt == "fp32", SHARED_MEMORY[arch])
     fn = {"fwd": attention._attn_fwd_kernel, "delta": attention._attn_bwd_delta_kernel,
@@ -79,14 +95,16 @@ def _attention(dt: str, d: int, which: str, arch: int = 90) -> tuple[str, Any, d
     ptrs = {name: f"*{dt}" for name in fn.arg_names if name.endswith("_ptr")}
     ptrs.update({name: "*fp32" for name in ("lse_ptr", "delta_ptr") if name in fn.arg_names})
     floats = tuple(name for name in ("qk_scale", "sm_scale") if name in fn.arg_names)
-    return f"attn_{which} {dt} D={d}", fn, _signature(fn, ptrs, floats, const), const
+    options = {} if which == "delta" else {"num_warps": attention.num_warps(which, dt == "fp32")}
+    return f"attn_{which} {dt} D={d}", fn, _signature(fn, ptrs, floats, const), const, options
 
 
-def specializations(arch: int = 90) -> Iterator[tuple[str, Any, dict[str, str], dict[str, Any]]]:
-    """(label, kernel, signature, constexprs). For sm_90: every kernel, in each dtype at the decoder's shapes,
-    bfloat16 at every block size the launchers choose (K up to and past one class block, every head dim), float32
-    attention at every head dim. For other GPUs: the float32 attention kernels whose blocks, chosen for that GPU's
-    shared memory, differ from sm_90's (their shared memory does not depend on the architecture: FMA dots)."""
+def specializations(arch: int = 90) -> Iterator[Spec]:
+    """Spec tuples (label, kernel, signature, constexprs, compile options). For sm_90: every kernel, in each dtype
+    at the decoder's shapes, bfloat16 at every block size the launchers choose (K up to and past one class block,
+    every head dim; the score backward also in float32, whose blocks differ), float32 attention at every head dim.
+    For other GPUs: the float32 attention kernels whose blocks, chosen for that GPU's shared memory, differ from
+    sm_90's (their shared memory does not depend on the architecture: FMA dots)."""
     if arch != 90:
         for d in attention.HEAD_DIMS:
             for which in attention.KINDS:
@@ -97,12 +115,18 @@ def specializations(arch: int = 90) -> Iterator[tuple[str, Any, dict[str, str], 
     for dt in ("bf16", "fp16", "fp32"):
         yield _score(dt, 150)
         yield _attention(dt, 64, "fwd")
-    yield _score("bf16", 100)  # a smaller class block, wider pixel block
+    for k in (19, 100, 300):  # the other class blocks (32, 128; 256 and several blocks)
+        yield _score("bf16", k)
+        yield _score("fp32", k)
     yield _score("bf16", 150, wide=True)  # int64 indexing (images past 2**31 elements)
     yield _score_backward("bf16", wide=True)
-    yield _score_backward("bf16", has_score=False)  # a direct call of the backward operator without the output
+    for k in (10, 19, 59, 100, 300):  # every class block of the fused kernel (16 ... 256) and the unfused kernel
+        yield _score_backward("bf16", k)
+        yield _score_backward("fp32", k)
     for dt in ("bf16", "fp16", "fp32"):
         yield _score_backward(dt)
+        yield _score_backward_pixels(dt, write_gs=False)
+        yield _score_backward_pixels(dt, write_gs=True)
         yield _score_text(dt, "normalize")
         yield _score_text(dt, "grad")
     for dt in ("bf16", "fp32"):
@@ -119,15 +143,44 @@ def specializations(arch: int = 90) -> Iterator[tuple[str, Any, dict[str, str], 
                 yield _attention("fp32", d, which)
 
 
+def _ptxas(arch: int) -> str | None:
+    """The ptxas Triton compiles with (else one on PATH), or None."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        return str(get_ptxas(arch).path)
+    except (ImportError, AttributeError, RuntimeError):  # older Triton: no get_ptxas
+        return shutil.which("ptxas")
+
+
+def registers(ptx: str, arch: int) -> tuple[int, int] | None:
+    """(registers per thread, bytes of spill stores) of a kernel's PTX as ``ptxas -v`` reports them, or None where no
+    ptxas is found. Triton's compile runs ptxas too, but keeps these numbers only once a GPU loads the cubin."""
+    ptxas = _ptxas(arch)
+    target = re.search(r"^\.target\s+(sm_\w+)", ptx, re.MULTILINE)
+    if ptxas is None or target is None:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        result = subprocess.run([ptxas, "-v", f"--gpu-name={target.group(1)}", path, "-o", os.devnull],
+                                capture_output=True, text=True, check=True)  # fmt: skip
+    used = re.search(r"Used (\d+) registers", result.stderr)
+    spilled = re.search(r"(\d+) bytes spill stores", result.stderr)
+    return (int(used.group(1)) if used else 0), (int(spilled.group(1)) if spilled else 0)
+
+
 def compile_all(arch: int = 90) -> list[str]:
-    """Compile every specialization for sm_<arch>; returns one line per kernel. Raises on the first failure: a
-    kernel that does not build, that needs more shared memory than the GPU has, or (float32 attention) more than
-    attention.smem_estimate, from which the launchers choose their blocks."""
+    """Compile every specialization for sm_<arch>; returns one line per kernel (with ptxas's registers and spill
+    stores where a ptxas is found). Raises on the first failure: a kernel that does not build, that needs more shared
+    memory than the GPU has, or (float32 attention) more than attention.smem_estimate, from which the launchers
+    choose their blocks, or that spills registers."""
     target = GPUTarget("cuda", arch, 32)
     lines = []
-    for label, fn, sig, const in specializations(arch):
+    for label, fn, sig, const, options in specializations(arch):
         start = time.perf_counter()
-        kernel = triton.compile(triton.compiler.ASTSource(fn, sig, const), target=target)
+        kernel = triton.compile(triton.compiler.ASTSource(fn, sig, const), target=target, options=options)
         if not kernel.asm.get("cubin"):
             raise RuntimeError(f"{label}: no cubin produced")
         shared = kernel.metadata.shared
@@ -139,7 +192,11 @@ def compile_all(arch: int = 90) -> list[str]:
             bound = attention.smem_estimate(kind, const["D"], const["BLOCK_M"], const["BLOCK_N"])
             if shared > bound:
                 raise RuntimeError(f"{where}: {shared} B of shared memory, above attention.smem_estimate ({bound} B)")
-        lines.append(f"{label}: {1e3 * (time.perf_counter() - start):.0f} ms, {shared} B shared")
+        regs = registers(kernel.asm["ptx"], arch)
+        if regs is not None and regs[1]:
+            raise RuntimeError(f"{where}: spills {regs[1]} B of registers ({options or 'default options'})")
+        used = "" if regs is None else f", {regs[0]} registers, {regs[1]} B spilled"
+        lines.append(f"{label}: {1e3 * (time.perf_counter() - start):.0f} ms, {shared} B shared{used}")
     return lines
 
 

@@ -186,13 +186,27 @@ def smem_estimate(kind: str, d: int, block_m: int, block_n: int) -> int:
     return int(4 * (4.25 * d * loop + (1 if kind == "fwd" else 2) * d * held + block_m * block_n))
 
 
+F32_BLOCK_M = {"fwd": 64, "dq": 64, "dkdv": 32}  # float32 kernels (FMA dots): query rows per block ...
+F32_BLOCK_N = 32  # ... and keys; at F32 warps no register spills (ptxas, sm_90), where 64 x 64 spilled up to 32 KB
+
+
+def num_warps(kind: str, f32: bool) -> int:
+    """Warps per program of kernel ``kind``: 8 for the backward kernels and every float32 kernel (at 4 their
+    registers spilled, ptxas sm_90: 20 B for the 16-bit dkdv at D=64, kilobytes in float32), 4 for the 16-bit
+    forward."""
+    return 8 if f32 or kind != "fwd" else 4
+
+
 def _blocks(lq: int, d: int, kind: str = "fwd", f32: bool = False, smem: int | None = None) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_N) of kernel ``kind``: 64 queries (fewer when there are fewer), 64 keys (32 at D=128). A
-    float32 kernel whose estimate passes SMEM_SHARE of ``smem`` halves the block its loop streams, then the other,
-    down to 16: the fp32 backward at D=64 needs ~113 KB, more than the 99 KB of sm_86/sm_89 GPUs, and at D=128
-    ~170 KB, more than the A100's 163 KB."""
+    """(BLOCK_M, BLOCK_N) of kernel ``kind``: 64 queries (fewer when there are fewer), 64 keys (32 at D=128); in
+    float32, F32_BLOCK_M queries (16 for dkdv at D=128) and F32_BLOCK_N keys, so that the registers do not spill.
+    A float32 kernel whose estimate passes SMEM_SHARE of ``smem`` halves the block its loop streams, then the other,
+    down to 16: the fp32 forward and dq at D=128 need ~105 and ~137 KB, more than the 99 KB of sm_86/sm_89 GPUs."""
     block_m = 64 if lq > 32 else max(16, triton.next_power_of_2(lq))
     block_n = 64 if d <= 64 else 32
+    if f32:
+        block_m = min(block_m, 16 if kind == "dkdv" and d > 64 else F32_BLOCK_M[kind])
+        block_n = F32_BLOCK_N
     if f32 and smem is not None:
         while smem_estimate(kind, d, block_m, block_n) > SMEM_SHARE * smem and max(block_m, block_n) > 16:
             streamed_m = kind == "dkdv"
@@ -226,7 +240,8 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tupl
     for p in pieces:  # views of (B*H, L, D) only when the grid needs more than one launch
         qp, kp, vp, op, lp = (t.flatten(0, 1)[p] if len(pieces) > 1 else t for t in (q, k, v, out, lse))
         launch(_attn_fwd_kernel)[(triton.cdiv(lq, block_m), p.stop - p.start)](
-            qp, kp, vp, op, lp, lq, lk, LOG2E / math.sqrt(d), D=d, BLOCK_M=block_m, BLOCK_N=block_n, DOT_F32=f32
+            qp, kp, vp, op, lp, lq, lk, LOG2E / math.sqrt(d), D=d, BLOCK_M=block_m, BLOCK_N=block_n, DOT_F32=f32,
+            num_warps=num_warps("fwd", f32),
         )
     return out, lse
 
@@ -255,9 +270,11 @@ def attention_backward(
         n = p.stop - p.start
         launch(_attn_bwd_delta_kernel)[(triton.cdiv(lq, m_q), n)](op, dop, dp, lq, D=d, BLOCK_M=m_q)
         launch(_attn_bwd_dkdv_kernel)[(triton.cdiv(lk, n_kv), n)](
-            qp, kp, vp, dop, lp, dp, dkp, dvp, lq, lk, scale, D=d, BLOCK_M=m_kv, BLOCK_N=n_kv, DOT_F32=f32
+            qp, kp, vp, dop, lp, dp, dkp, dvp, lq, lk, scale, D=d, BLOCK_M=m_kv, BLOCK_N=n_kv, DOT_F32=f32,
+            num_warps=num_warps("dkdv", f32),
         )
         launch(_attn_bwd_dq_kernel)[(triton.cdiv(lq, m_q), n)](
-            qp, kp, vp, dop, lp, dp, dqp, lq, lk, scale, D=d, BLOCK_M=m_q, BLOCK_N=n_q, DOT_F32=f32
+            qp, kp, vp, dop, lp, dp, dqp, lq, lk, scale, D=d, BLOCK_M=m_q, BLOCK_N=n_q, DOT_F32=f32,
+            num_warps=num_warps("dq", f32),
         )
     return dq, dk, dv

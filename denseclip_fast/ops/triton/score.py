@@ -9,16 +9,21 @@ followed by the dot product. Memory traffic: visual is read once when BLOCK_K >=
 FLOPs = 2 B K C H W. Strides are arguments, so NCHW and NHWC visual (and any strided output view, which is how
 score_concat writes into its concatenated buffer) use the same kernel.
 
-Backward, four launches (five for text shared by the batch): (1) the text normalised, t^ and |t| (float32, K x C:
-small); (2) one program per (batch, block of pixels): a first pass over C accumulates |v|^2; a pass over the classes
-writes G * scale / |v| for the text half (K x P per image, in the input dtype) and sums <v^, g^> = sum_k G S from the
-forward's output S, which autograd saves (without it, the first pass also computes g^ = scale * T^^T G to get <v, g^>);
-a second pass over C computes g^ (tensor cores, in the input dtype: 16-bit operands for 16-bit inputs) and writes dv =
-(g^ - v^ <v^, g^>) / |v| (or g^ / eps below eps); (3) the gradient with respect to t^, a batched GEMM of that scaled G
-with the raw visual (cuBLAS, float32 output), summed over the batch by ATen when the text is shared; (4) the text
-normalisation's Jacobian on the K x C result. Traffic: visual read three times (the second pass of (2) from L2 while a
-block's tile stays there, then by the GEMM), dv written once, G read twice and written once scaled, S read once; no pass
-of elementwise torch operations. FLOPs: g^ once and the GEMM, twice the forward's.
+The forward also writes |v| per pixel ((B, H, W) float32, B x P x 4 bytes: as the attention's log-sum-exp, for the
+backward; the operators return it and autograd saves it with the score map S).
+
+Backward, five launches: (1) the text normalised, t^ and |t| (float32, K x C: small); (2) per pixel, the radial term
+r = <v^, g^> / |v| from <v^, g^> = sum_k G S (0 where |v| < eps, as F.normalize's clamp); (3) the visual kernel, one
+pass over the visual map: one program per (block of channels, range of pixel tiles, image) computes on each tile
+g^ = scale * T^^T G on the tensor cores and writes dv = (g^ - v r) / max(|v|, eps) -- with |v| saved, nothing
+needs all the channels of a pixel, so the channels split across programs -- and, up to FUSED_MAX_K classes, the
+text half on the same tiles: sum over its pixels of (G * scale / max(|v|, eps)) v^T, a (K, BLOCK_C) float32 partial
+per program; (4) the partials summed (over the splits, and over the batch when the text is shared: then one program
+row walks the whole batch); (5) the text normalisation's Jacobian on the K x C result. Past FUSED_MAX_K classes (2)
+also writes G * scale / |v| and (4) is a batched GEMM of it with the raw visual map (cuBLAS; the visual map read
+twice). Traffic: the visual map read once and dv written once, G and S read once from memory (G once more per
+channel block, from L2), partials of K x C floats per split. FLOPs: g^ and the text half, twice the forward's.
+A direct call without the forward's outputs runs the forward first.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..library import score_memory_format
+from ..library import empty_score, score_memory_format
 from .common import dot_in_f32, launch
 
 EPS = 1e-12
@@ -65,7 +70,7 @@ def _visual_tile(v_ptr, b, offs_c, offs_p, C, P, s_vb, s_vc, s_vp):
 
 @triton.jit
 def _score_fwd_kernel(
-    v_ptr, t_ptr, out_ptr,
+    v_ptr, t_ptr, out_ptr, n_ptr,
     C, P, K,
     s_vb, s_vc, s_vp,
     s_tb, s_tk, s_tc,
@@ -99,7 +104,10 @@ def _score_fwd_kernel(
             acc = tl.dot(tf, vf, acc, input_precision="ieee")
         else:
             acc = tl.dot(t, v, acc)
-    inv_v = 1.0 / _clamp_min(tl.sqrt(v_sq), eps)
+    norm = tl.sqrt(v_sq)
+    if pid_k == 0:  # |v| per pixel, the backward's (B, P) float32: written once whatever the number of class blocks
+        tl.store(n_ptr + b * P + offs_p, norm, mask=mask_p)
+    inv_v = 1.0 / _clamp_min(norm, eps)
     inv_t = 1.0 / _clamp_min(tl.sqrt(t_sq), eps)
     out = acc * (inv_t * scale)[:, None] * inv_v[None, :]
     tl.store(
@@ -137,40 +145,24 @@ def _grad_hat_tile(
 
 
 @triton.jit
-def _score_bwd_visual_kernel(
-    v_ptr, that_ptr, g_ptr, s_ptr, gv_ptr, gs_ptr,
-    C, P, K,
-    s_vb, s_vc, s_vp,
-    s_tb, s_tk, s_tc,
+def _score_bwd_pixel_kernel(
+    g_ptr, s_ptr, n_ptr, r_ptr, gs_ptr,
+    P, K,
     s_gb, s_gk, s_gp,
     s_sb, s_sk, s_sp,
     scale, eps, limit,
-    BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, DOT_F32: tl.constexpr, WIDE: tl.constexpr,
-    HAS_SCORE: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, WIDE: tl.constexpr, WRITE_GS: tl.constexpr,
 ):  # fmt: skip
-    """grad_visual (same strides as visual) and, for the text half, G * scale / max(|v|, eps) as a dense (B, K, P)
-    tensor in visual's dtype, clamped to +-limit (the dtype's largest value: a zero pixel's 1 / eps = 1e12 would
-    overflow float16 and make inf * 0 = NaN in the GEMM; clamped, its term is exactly 0). that = normalised text.
-    HAS_SCORE: s_ptr is the forward's output S = scale <v^, t^>, so <v^, g^> = sum_k G S comes from the class loop
-    and the first pass over C only accumulates |v|^2 (no product with the text); else the first pass computes g^
-    too (s_ptr unused)."""
+    """One program per (block of pixels, image): the radial term r = <v^, g^> / |v| (0 where |v| < eps, as
+    F.normalize's clamp), with <v^, g^> = sum_k G S from the forward's output S = scale <t^, v^> and |v| from the
+    forward (n_ptr, (B, P) float32). WRITE_GS: also G * scale / max(|v|, eps) as a dense (B, K, P) tensor in the
+    input dtype for the text half's GEMM, clamped to +-limit (the dtype's largest value: a zero pixel's 1 / eps =
+    1e12 would overflow float16 and make inf * 0 = NaN in the GEMM; clamped, its term is exactly 0)."""
     pid_p = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     offs_p = _index(pid_p * BLOCK_P + tl.arange(0, BLOCK_P), WIDE)
     mask_p = offs_p < P
-    v_sq = tl.zeros((BLOCK_P,), dtype=tl.float32)
-    v_dot_g = tl.zeros((BLOCK_P,), dtype=tl.float32)
-    for c0 in range(0, C, BLOCK_C):
-        offs_c = _index(c0 + tl.arange(0, BLOCK_C), WIDE)
-        mask_c = offs_c < C
-        v = _visual_tile(v_ptr, b, offs_c, offs_p, C, P, s_vb, s_vc, s_vp)
-        v = v.to(tl.float32)
-        v_sq += tl.sum(v * v, axis=0)
-        if not HAS_SCORE:
-            gh = _grad_hat_tile(that_ptr, g_ptr, b, offs_c, mask_c, offs_p, mask_p, K, s_tb, s_tk, s_tc, s_gb, s_gk,
-                                s_gp, scale, BLOCK_P, BLOCK_K, BLOCK_C, DOT_F32, WIDE)  # fmt: skip
-            v_dot_g += tl.sum(v * gh, axis=0)
-    norm = tl.sqrt(v_sq)
+    norm = tl.load(n_ptr + b * P + offs_p, mask=mask_p, other=1.0)
     inv = 1.0 / _clamp_min(norm, eps)
     g_dot_s = tl.zeros((BLOCK_P,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -178,26 +170,85 @@ def _score_bwd_visual_kernel(
         mask = (offs_k[:, None] < K) & mask_p[None, :]
         g = tl.load(g_ptr + b * s_gb + offs_k[:, None] * s_gk + offs_p[None, :] * s_gp, mask=mask, other=0.0)
         g = g.to(tl.float32)
-        if HAS_SCORE:
-            s = tl.load(s_ptr + b * s_sb + offs_k[:, None] * s_sk + offs_p[None, :] * s_sp, mask=mask, other=0.0)
-            g_dot_s += tl.sum(g * s.to(tl.float32), axis=0)
-        gs = g * (inv * scale)[None, :]
-        gs = tl.where(gs > limit, limit, tl.where(gs < -limit, -limit, gs))  # NaN stays NaN, as torch.clamp
-        tl.store(gs_ptr + b * K * P + offs_k[:, None] * P + offs_p[None, :], gs.to(gs_ptr.dtype.element_ty), mask=mask)
-    # <v^, g^> / |v| where the projection applies: sum_k G S = <v^, g^> with the forward's S, else <v, g^> / |v|
-    if HAS_SCORE:
-        radial = tl.where(norm >= eps, g_dot_s * inv, 0.0)
-    else:
-        radial = tl.where(norm >= eps, v_dot_g * inv * inv, 0.0)
-    for c0 in range(0, C, BLOCK_C):
-        offs_c = _index(c0 + tl.arange(0, BLOCK_C), WIDE)
-        mask_c = offs_c < C
+        s = tl.load(s_ptr + b * s_sb + offs_k[:, None] * s_sk + offs_p[None, :] * s_sp, mask=mask, other=0.0)
+        g_dot_s += tl.sum(g * s.to(tl.float32), axis=0)
+        if WRITE_GS:
+            gs = g * (inv * scale)[None, :]
+            gs = tl.where(gs > limit, limit, tl.where(gs < -limit, -limit, gs))  # NaN stays NaN, as torch.clamp
+            tl.store(gs_ptr + b * K * P + offs_k[:, None] * P + offs_p[None, :], gs.to(gs_ptr.dtype.element_ty),
+                     mask=mask)  # fmt: skip
+    tl.store(r_ptr + b * P + offs_p, tl.where(norm >= eps, g_dot_s * inv, 0.0), mask=mask_p)
+
+
+@triton.jit
+def _score_bwd_kernel(
+    v_ptr, that_ptr, g_ptr, n_ptr, r_ptr, gv_ptr, gt_ptr,
+    C, P, K, n_tiles, work, per_split,
+    s_vb, s_vc, s_vp,
+    s_tb, s_tk, s_tc,
+    s_gb, s_gk, s_gp,
+    scale, eps, limit,
+    BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, DOT_F32: tl.constexpr, WIDE: tl.constexpr,
+    FUSE_TEXT: tl.constexpr,
+):  # fmt: skip
+    """grad_visual, in one pass over the visual map: one program per (block of BLOCK_C channels, split, image of
+    the grid) walks the pixel tiles w = split * per_split ... (up to ``work``; tile w is pixels (w % n_tiles) *
+    BLOCK_P ... of image pid_b + w // n_tiles: the grid has one image per program row, or a single row walking the
+    whole batch when the text is shared). Per tile: g^ = scale * T^^T G on the tensor cores and dv = (g^ - v r) /
+    max(|v|, eps) with |v| from the forward and r from _score_bwd_pixel_kernel: no reduction over the channels, so
+    the channels split across programs.
+    FUSE_TEXT (all classes in one block, BLOCK_K >= K): the text half on the same tiles, sum over the program's
+    pixels of (G * scale / max(|v|, eps)) v^T, a (K, BLOCK_C) float32 partial written to gt_ptr at row
+    (pid_b * splits + split); the launcher sums the partials. Else the text half is a GEMM on the G * scale / |v|
+    that _score_bwd_pixel_kernel wrote."""
+    pid_c = tl.program_id(0)
+    split = tl.program_id(1)
+    pid_b = tl.program_id(2).to(tl.int64)
+    offs_c = _index(pid_c * BLOCK_C + tl.arange(0, BLOCK_C), WIDE)
+    mask_c = offs_c < C
+    if FUSE_TEXT:
+        offs_k = _index(tl.arange(0, BLOCK_K), WIDE)
+        mask_k = offs_k < K
+        tt = tl.load(
+            that_ptr + pid_b * s_tb + offs_k[None, :] * s_tk + offs_c[:, None] * s_tc,
+            mask=mask_c[:, None] & mask_k[None, :], other=0.0,
+        )  # (BLOCK_C, BLOCK_K) float32, for every tile: the text is per image of the grid or shared  # fmt: skip
+        if not DOT_F32:
+            tt = tt.to(g_ptr.dtype.element_ty)
+        acc_t = tl.zeros((BLOCK_K, BLOCK_C), dtype=tl.float32)
+    begin = split * per_split
+    end = tl.minimum(begin + per_split, work)
+    for w in range(begin, end):
+        b = pid_b + w // n_tiles
+        offs_p = _index((w % n_tiles) * BLOCK_P + tl.arange(0, BLOCK_P), WIDE)
+        mask_p = offs_p < P
+        norm = tl.load(n_ptr + b * P + offs_p, mask=mask_p, other=1.0)
+        inv = 1.0 / _clamp_min(norm, eps)
+        radial = tl.load(r_ptr + b * P + offs_p, mask=mask_p, other=0.0)
         ptr, mask = _visual_offsets(b, offs_c, offs_p, C, P, s_vb, s_vc, s_vp)
-        v = tl.load(v_ptr + ptr, mask=mask, other=0.0).to(tl.float32)
-        gh = _grad_hat_tile(that_ptr, g_ptr, b, offs_c, mask_c, offs_p, mask_p, K, s_tb, s_tk, s_tc, s_gb, s_gk,
-                            s_gp, scale, BLOCK_P, BLOCK_K, BLOCK_C, DOT_F32, WIDE)  # fmt: skip
-        gv = (gh - v * radial[None, :]) * inv[None, :]
+        v = tl.load(v_ptr + ptr, mask=mask, other=0.0)
+        if FUSE_TEXT:
+            g = tl.load(
+                g_ptr + b * s_gb + offs_k[:, None] * s_gk + offs_p[None, :] * s_gp,
+                mask=mask_k[:, None] & mask_p[None, :], other=0.0,
+            )  # (BLOCK_K, BLOCK_P)  # fmt: skip
+            gs = g.to(tl.float32) * (inv * scale)[None, :]
+            gs = tl.where(gs > limit, limit, tl.where(gs < -limit, -limit, gs))  # as in _score_bwd_pixel_kernel
+            if DOT_F32:
+                gh = tl.dot(tt, g.to(tl.float32), input_precision="ieee") * scale
+                acc_t = tl.dot(gs, tl.trans(v.to(tl.float32)), acc_t, input_precision="ieee")
+            else:
+                gh = tl.dot(tt, g) * scale
+                acc_t = tl.dot(gs.to(v.dtype), tl.trans(v), acc_t)
+        else:
+            gh = _grad_hat_tile(that_ptr, g_ptr, b, offs_c, mask_c, offs_p, mask_p, K, s_tb, s_tk, s_tc, s_gb, s_gk,
+                                s_gp, scale, BLOCK_P, BLOCK_K, BLOCK_C, DOT_F32, WIDE)  # fmt: skip
+        gv = (gh - v.to(tl.float32) * radial[None, :]) * inv[None, :]
         tl.store(gv_ptr + ptr, gv.to(gv_ptr.dtype.element_ty), mask=mask)
+    if FUSE_TEXT:
+        row = pid_b * tl.num_programs(1) + split
+        tl.store(gt_ptr + (row * K + offs_k[:, None]) * C + offs_c[None, :], acc_t,
+                 mask=mask_k[:, None] & mask_c[None, :])  # fmt: skip
 
 
 @triton.jit
@@ -290,26 +341,36 @@ def _wide(*tensors: torch.Tensor) -> bool:
     return any(sum((n - 1) * st for n, st in zip(t.shape[1:], t.stride()[1:])) >= WIDE_FROM for t in per_image)
 
 
-def _blocks(k: int) -> tuple[int, int, int]:
+def _blocks(k: int) -> tuple[int, int, int, int]:
+    """(BLOCK_P, BLOCK_K, BLOCK_C, num_warps) of the forward for k classes. Past 128 classes a block has 8 warps:
+    with 4, its (256 x BLOCK_P) float32 accumulator spilled registers (ptxas, sm_90)."""
     block_k = min(256, max(16, triton.next_power_of_2(k)))
-    block_p = 64 if block_k <= 128 else 32
-    return block_p, block_k, 32
+    return 64, block_k, 32, (8 if block_k > 128 else 4)
 
 
-def score_forward_into(out: torch.Tensor, visual: torch.Tensor, text: torch.Tensor, scale: float) -> None:
-    """Write the scores into ``out``, a (B, K, H, W) tensor or view with out.stride(2) == W * out.stride(3)."""
+def empty_norm(visual: torch.Tensor) -> torch.Tensor:
+    """The (B, H, W) float32 pixel norms |v| that the forward writes for the backward."""
+    b, _, h, w = visual.shape
+    return torch.empty((b, h, w), dtype=torch.float32, device=visual.device)
+
+
+def score_forward_into(
+    out: torch.Tensor, norm: torch.Tensor, visual: torch.Tensor, text: torch.Tensor, scale: float
+) -> None:
+    """Write the scores into ``out``, a (B, K, H, W) tensor or view with out.stride(2) == W * out.stride(3), and
+    the pixel norms |v| into ``norm`` (dense (B, H, W) float32, :func:`empty_norm`)."""
     if out.numel() == 0:
         return
     v, s_vb, s_vc, s_vp = _flat_visual(visual)
     t = text.contiguous()
     b, c, h, w = v.shape
     k, p = t.shape[-2], h * w
-    block_p, block_k, block_c = _blocks(k)
+    block_p, block_k, block_c, warps = _blocks(k)
     grid = (triton.cdiv(p, block_p), triton.cdiv(k, block_k), b)
     launch(_score_fwd_kernel)[grid](
-        v, t, out, c, p, k, s_vb, s_vc, s_vp, *_text_strides(t), out.stride(0), out.stride(1), out.stride(3),
+        v, t, out, norm, c, p, k, s_vb, s_vc, s_vp, *_text_strides(t), out.stride(0), out.stride(1), out.stride(3),
         float(scale), EPS, BLOCK_P=block_p, BLOCK_K=block_k, BLOCK_C=block_c, DOT_F32=dot_in_f32(v.dtype),
-        WIDE=_wide(v, t, out),
+        WIDE=_wide(v, t, out), num_warps=warps,
     )  # fmt: skip
 
 
@@ -326,36 +387,108 @@ def _bmm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.bmm(a, b).float()
 
 
-def _score_map(score: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
-    """The forward's (B, K, H, W) output as the visual kernel reads it, with (batch, class, pixel) element strides:
-    in place whenever its pixels are evenly spaced (NCHW, NHWC, and score_concat's channel slice of either; it is
-    read once, so NHWC costs no scalar re-reads as G's would), else copied."""
-    if score.shape != like.shape:
-        raise ValueError(f"score must be the forward's output, shape {tuple(like.shape)}, got {tuple(score.shape)}")
-    if score.dtype != like.dtype or score.device != like.device:
-        raise ValueError(f"score must be the forward's output, {like.dtype} on {like.device}, got {score.dtype} on "
-                         f"{score.device}")  # fmt: skip
+def _checked(
+    t: torch.Tensor, shape: tuple[int, ...] | torch.Size, like: torch.Tensor, name: str,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """``t``, one of the forward's outputs handed to the backward, after checking its shape, dtype and device."""
+    dtype = like.dtype if dtype is None else dtype
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must be the forward's output, shape {tuple(shape)}, got {tuple(t.shape)}")
+    if t.dtype != dtype or t.device != like.device:
+        raise ValueError(f"{name} must be the forward's output, {dtype} on {like.device}, got {t.dtype} on "
+                         f"{t.device}")  # fmt: skip
+    return t
+
+
+def _score_map(score: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """The forward's (B, K, H, W) output as the kernels read it, with (batch, class, pixel) element strides: in place
+    whenever its pixels are evenly spaced (NCHW, NHWC, and score_concat's channel slice of either; it is read once,
+    so NHWC costs no scalar re-reads as G's would), else copied."""
     _, _, h, w = score.shape
     if not (h == 1 or w == 1 or score.stride(2) == w * score.stride(3)):
         score = score.contiguous()
     return score, (score.stride(0), score.stride(1), score.stride(3) if w > 1 else score.stride(2))
 
 
+# The backward's visual kernel: (BLOCK_P, BLOCK_C) by class block (BLOCK_K) when it also computes the text half
+# (up to FUSED_MAX_K classes; the (BLOCK_K, BLOCK_C) float32 partial lives in registers), for 16-bit and for float32
+# inputs (FMA products, larger tiles in shared memory), and the unfused kernel's. All at BWD_WARPS warps: chosen so
+# that ptxas (sm_90) spills no register and the shared memory fits sm_86's 99 KB (tests/test_triton_aot.py checks
+# both). The split of the pixels: PROGRAMS_PER_SM programs per SM, each at least MIN_PIXELS_PER_SPLIT pixels long
+# (each split writes a K x C float32 partial). Tuning knobs, not measured on a GPU yet.
+FUSED_MAX_K = 256
+FUSED_BLOCKS = {
+    False: {16: (64, 64), 32: (64, 64), 64: (64, 64), 128: (32, 64), 256: (16, 64)},
+    True: {16: (32, 32), 32: (32, 32), 64: (32, 32), 128: (16, 32), 256: (16, 32)},
+}
+UNFUSED_BLOCKS = (64, 64, 64)  # BLOCK_P, BLOCK_K (a loop over the classes), BLOCK_C
+BWD_WARPS = 8
+PROGRAMS_PER_SM = 2
+MIN_PIXELS_PER_SPLIT = 256
+INTERPRETER_SMS = 4  # what "SM" means under Triton's interpreter (tests vary it to exercise the splits)
+
+
+def bwd_blocks(k: int, fp32: bool) -> tuple[int, int, int, bool]:
+    """(BLOCK_P, BLOCK_K, BLOCK_C, FUSE_TEXT) of the backward's visual kernel for k classes; fp32: float32 inputs
+    (DOT_F32)."""
+    if k <= FUSED_MAX_K:
+        block_k = max(16, triton.next_power_of_2(k))
+        block_p, block_c = FUSED_BLOCKS[fp32][block_k]
+        return block_p, block_k, block_c, True
+    block_p, block_k, block_c = UNFUSED_BLOCKS
+    return block_p, block_k, block_c, False
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return INTERPRETER_SMS
+
+
+def _splits(work: int, block_p: int, programs_per_split: int, device: torch.device, fused: bool) -> int:
+    """How many ranges of pixel tiles (of block_p pixels) the visual kernel's grid splits ``work`` tiles into.
+    Unfused, every tile is a program (no partial to write), up to the grid's 65535; fused, enough splits to fill
+    the GPU, each at least MIN_PIXELS_PER_SPLIT pixels long."""
+    if not fused:
+        return min(work, 65535)
+    wanted = triton.cdiv(PROGRAMS_PER_SM * _sm_count(device), programs_per_split)
+    return max(1, min(wanted, work * block_p // MIN_PIXELS_PER_SPLIT, 65535))
+
+
 def score_backward(
-    grad: torch.Tensor, visual: torch.Tensor, text: torch.Tensor, scale: float, score: torch.Tensor | None = None
+    grad: torch.Tensor,
+    visual: torch.Tensor,
+    text: torch.Tensor,
+    scale: float,
+    score: torch.Tensor | None = None,
+    norm: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(grad_visual, grad_text) in four launches (five for text shared by the batch): the text normalised (t^, |t|),
-    the visual kernel (grad_visual and G * scale / |v| for the text half), one batched GEMM on the raw map (cuBLAS),
-    (the sum over the batch,) and the text normalisation's Jacobian. ``score``: the forward's output, which autograd
-    saves; with it the visual kernel's first pass skips its product with the text (a third of the backward's
-    FLOPs)."""
+    """(grad_visual, grad_text). ``score`` and ``norm``: the forward's two outputs, which autograd saves (the
+    score map S and the pixel norms |v|); a direct call without them runs the forward first.
+
+    Launches: the text normalised (t^, |t|); per pixel, r = sum_k G S / |v| (and, past FUSED_MAX_K classes,
+    G * scale / |v| for the text GEMM); the visual kernel, one pass over the visual map writing dv and (up to
+    FUSED_MAX_K classes) the text half's partial sums; their sum (or the GEMM on the raw map); the text
+    normalisation's Jacobian."""
     if visual.numel() == 0:
         return torch.zeros_like(visual), torch.zeros_like(text)
+    if score is not None:
+        score = _checked(score, grad.shape, grad, "score")
+    if norm is not None:
+        b, _, h, w = visual.shape
+        norm = _checked(norm, (b, h, w), visual, "norm", torch.float32).contiguous()
+    if score is None or norm is None:
+        s_out, n_out = empty_score(visual, text.shape[-2]), empty_norm(visual)
+        score_forward_into(s_out, n_out, visual, text, scale)
+        score = s_out if score is None else score
+        norm = n_out if norm is None else norm
     v, s_vb, s_vc, s_vp = _flat_visual(visual)
     b, c, h, w = v.shape
     p = h * w
     t = text.contiguous()
     k = t.shape[-2]
+    shared = text.dim() == 2
     rows = t.numel() // c if c else 0
     t_hat = torch.empty(t.shape, dtype=torch.float32, device=t.device)
     t_norm = torch.empty(t.shape[:-1], dtype=torch.float32, device=t.device)
@@ -365,21 +498,40 @@ def score_backward(
     if g_strides is None:
         g = grad.contiguous()
         g_strides = (g.stride(0), g.stride(1), 1)
-    s, s_strides = _score_map(score, grad) if score is not None else (g, (0, 0, 0))  # (unread without a score)
-    grad_visual = torch.empty_like(v)  # dense in v's layout, written with v's element strides
-    g_scaled = torch.empty((b, k, p), dtype=v.dtype, device=v.device)
-    block_p, block_k = 32, min(64, max(16, triton.next_power_of_2(k)))
-    launch(_score_bwd_visual_kernel)[(triton.cdiv(p, block_p), b)](
-        v, t_hat, g, s, grad_visual, g_scaled, c, p, k, s_vb, s_vc, s_vp, *_text_strides(t_hat),
-        *g_strides, *s_strides, float(scale), EPS, torch.finfo(v.dtype).max,
-        BLOCK_P=block_p, BLOCK_K=block_k, BLOCK_C=32, DOT_F32=dot_in_f32(v.dtype),
-        WIDE=_wide(v, t_hat, g, g_scaled, s), HAS_SCORE=score is not None,
+    score, s_strides = _score_map(score)
+    dot_f32 = dot_in_f32(v.dtype)
+    block_p, block_k, block_c, fused = bwd_blocks(k, dot_f32)
+    limit = torch.finfo(v.dtype).max
+    wide = _wide(v, t_hat, g, score)
+    radial = torch.empty((b, p), dtype=torch.float32, device=v.device)
+    g_scaled = v.new_empty((0,) if fused else (b, k, p))
+    pixel_block_p, pixel_block_k = 64, min(64, max(16, triton.next_power_of_2(k)))
+    launch(_score_bwd_pixel_kernel)[(triton.cdiv(p, pixel_block_p), b)](
+        g, score, norm, radial, g_scaled, p, k, *g_strides, *s_strides, float(scale), EPS, limit,
+        BLOCK_P=pixel_block_p, BLOCK_K=pixel_block_k, WIDE=wide or _wide(g_scaled), WRITE_GS=not fused,
     )  # fmt: skip
-    # d/d t^: scale * sum_p G[b,k,p] v[b,:,p] / |v_p|, a batched matmul on the raw visual (float32 accumulation
-    # and, on CUDA, output)
-    gt_hat = _bmm_float32(g_scaled, v.flatten(2).transpose(1, 2))  # (B, K, C)
-    if text.dim() == 2:
-        gt_hat = gt_hat.sum(0)  # one reduction over the whole GPU (a per-row sum in the kernel would run on K / 4)
+    n_tiles = triton.cdiv(p, block_p)
+    c_blocks = triton.cdiv(c, block_c)
+    grid_b = 1 if fused and shared else b  # fused with shared text: one program row walks the whole batch
+    work = n_tiles * (b if grid_b == 1 else 1)
+    splits = _splits(work, block_p, c_blocks * grid_b, v.device, fused)
+    partial = torch.empty((grid_b * splits, k, c) if fused else (0,), dtype=torch.float32, device=v.device)
+    grad_visual = torch.empty_like(v)  # dense in v's layout, written with v's element strides
+    launch(_score_bwd_kernel)[(c_blocks, splits, grid_b)](
+        v, t_hat, g, norm, radial, grad_visual, partial, c, p, k, n_tiles, work, triton.cdiv(work, splits),
+        s_vb, s_vc, s_vp, *_text_strides(t_hat), *g_strides, float(scale), EPS, limit,
+        BLOCK_P=block_p, BLOCK_K=block_k, BLOCK_C=block_c, DOT_F32=dot_f32, WIDE=wide, FUSE_TEXT=fused,
+        num_warps=BWD_WARPS,
+    )  # fmt: skip
+    if fused:  # d/d t^ = the partials summed: over everything for shared text, per image otherwise
+        if shared:
+            gt_hat = partial.sum(0)
+        else:
+            gt_hat = partial if splits == 1 else partial.view(b, splits, k, c).sum(1)
+    else:  # scale * sum_p G[b,k,p] v[b,:,p] / |v_p|, a batched matmul on the raw visual (float32 accumulation)
+        gt_hat = _bmm_float32(g_scaled, v.flatten(2).transpose(1, 2))  # (B, K, C)
+        if shared:
+            gt_hat = gt_hat.sum(0)  # one reduction over the whole GPU (a per-row sum in a kernel would run on K / 4)
     grad_text = torch.empty_like(t)
-    launch(_text_grad_kernel)[text_grid](gt_hat, t_hat, t_norm, grad_text, rows, c, EPS, **TEXT_BLOCKS)
+    launch(_text_grad_kernel)[text_grid](gt_hat.contiguous(), t_hat, t_norm, grad_text, rows, c, EPS, **TEXT_BLOCKS)
     return grad_visual, grad_text

@@ -1,0 +1,182 @@
+"""Tuning sweep of the Triton score kernels (a benchmark for a GPU session, not part of `make bench`).
+
+    python benchmarks/tune_score.py [--out benchmarks/results] [--tag NAME] [--quick]
+
+The blocks in ops/triton/score.py were chosen without a GPU, from ptxas (no register spills) and a byte count. This
+times, at the kernels issue's score shapes in bfloat16 (shared text as in bench_ops, and per-image text as in the
+model), the forward at several (BLOCK_P, BLOCK_C, warps) and the backward (autograd, as bench_ops times it) at
+several fused-kernel (BLOCK_P, BLOCK_C), warps and pixel splits, each variant's scores and gradients compared with
+the default's. Writes JSON and markdown (fastest first per shape); a default changes only with a committed result.
+On a CPU (Triton's interpreter) --quick runs one tiny shape as a smoke test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.common import Results, failure, rel_err  # noqa: E402
+from benchmarks.common import environment as common_environment  # noqa: E402
+
+# (B, C, H, W, K): the kernels issue's large and RN50/ADE score shapes; the quick one for a CPU
+SHAPES = [(32, 1024, 128, 128, 171), (16, 1024, 16, 16, 150)]
+QUICK_SHAPES = [(2, 64, 8, 8, 19)]
+FORWARD = [(64, 32, 8), (32, 32, 8), (64, 64, 8), (128, 32, 8), (64, 32, 4)]  # BLOCK_P, BLOCK_C, warps
+BACKWARD = [(16, 64, 8, 2), (32, 64, 8, 2), (32, 32, 8, 2), (16, 128, 8, 2), (16, 64, 4, 2), (16, 64, 8, 1),
+            (16, 64, 8, 4)]  # fmt: skip  (BLOCK_P, BLOCK_C, warps, programs per SM) of the fused kernel
+
+
+@contextlib.contextmanager
+def forward_blocks(block_p: int, block_c: int, warps: int) -> Iterator[None]:
+    """The forward launched with these blocks (the class block as the launcher chooses it)."""
+    from denseclip_fast.ops.triton import score
+
+    default = score._blocks
+    score._blocks = lambda k: (block_p, default(k)[1], block_c, warps)
+    try:
+        yield
+    finally:
+        score._blocks = default
+
+
+@contextlib.contextmanager
+def backward_blocks(k: int, block_p: int, block_c: int, warps: int, per_sm: int) -> Iterator[None]:
+    """The fused backward launched with these blocks for k classes, these warps and programs per SM."""
+    from denseclip_fast.ops.triton import score
+    from denseclip_fast.ops.triton.common import dot_in_f32
+
+    f32 = dot_in_f32(torch.bfloat16)  # the float32 blocks under Triton's interpreter (bfloat16 products in float32)
+    _, block_k, _, fused = score.bwd_blocks(k, f32)
+    if not fused:
+        raise ValueError(f"K={k} is past the fused kernel's {score.FUSED_MAX_K} classes")
+    blocks = score.FUSED_BLOCKS[f32]
+    saved = blocks[block_k], score.BWD_WARPS, score.PROGRAMS_PER_SM
+    blocks[block_k], score.BWD_WARPS, score.PROGRAMS_PER_SM = (block_p, block_c), warps, per_sm
+    try:
+        yield
+    finally:
+        blocks[block_k], score.BWD_WARPS, score.PROGRAMS_PER_SM = saved
+
+
+def _time(fn: Callable[[], object], device: torch.device) -> tuple[float, float, float]:
+    if device.type == "cuda":
+        import triton.testing
+
+        times = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="all")
+    else:
+        fn()
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - start))
+    return statistics.median(times), min(times), max(times)
+
+
+def variants(k: int) -> list[tuple[str, str, Callable[[], contextlib.AbstractContextManager[Any]]]]:
+    """(direction, label, context) for each variant, the default of each direction first."""
+    out: list[tuple[str, str, Callable[[], contextlib.AbstractContextManager[Any]]]] = [
+        ("forward", "default", contextlib.nullcontext), ("backward", "default", contextlib.nullcontext)]  # fmt: skip
+    for bp, bc, w in FORWARD:
+        out.append(("forward", f"P{bp} C{bc} w{w}", lambda bp=bp, bc=bc, w=w: forward_blocks(bp, bc, w)))
+    for bp, bc, w, per_sm in BACKWARD:
+        out.append(("backward", f"P{bp} C{bc} w{w} {per_sm}/SM",
+                    lambda bp=bp, bc=bc, w=w, s=per_sm: backward_blocks(k, bp, bc, w, s)))  # fmt: skip
+    return out
+
+
+def run_shape(shape: tuple[int, ...], batched_text: bool, device: torch.device, results: Results) -> None:
+    from denseclip_fast import ops
+
+    b, c, h, w, k = shape
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    visual = torch.randn(b, c, h, w, generator=gen).to(device, torch.bfloat16)
+    visual = visual.contiguous(memory_format=torch.channels_last).requires_grad_()
+    text = torch.randn(*((b,) if batched_text else ()), k, c, generator=gen).to(device, torch.bfloat16)
+    text.requires_grad_()
+    grad = torch.randn(b, k, h, w, generator=gen).to(device, torch.bfloat16)
+    label = f"B{b} C{c} {h}x{w} K{k} {'per-image' if batched_text else 'shared'} text"
+
+    def forward() -> torch.Tensor:
+        return ops.pixel_text_score(visual, text, backend="triton")
+
+    expected: dict[str, Any] = {}
+    for direction, name, context in variants(k):
+        row: dict[str, Any] = {"shape": label, "direction": direction, "variant": name}
+        try:
+            with context():
+                out = forward()
+                if direction == "forward":
+                    row["median_ms"], row["min_ms"], row["max_ms"] = _time(forward, device)
+                    result: tuple[torch.Tensor, ...] = (out,)
+                else:
+                    result = torch.autograd.grad(out, (visual, text), grad, retain_graph=True)
+                    row["median_ms"], row["min_ms"], row["max_ms"] = _time(
+                        lambda: torch.autograd.grad(out, (visual, text), grad, retain_graph=True), device
+                    )
+            if name == "default":
+                expected[direction] = result
+            row["rel_err_vs_default"] = max(rel_err(a, e) for a, e in zip(result, expected[direction]))
+        except Exception as exc:  # a variant that fails (resources, compile) is reported, the sweep goes on
+            row["error"] = failure(exc)
+        print(row, flush=True)
+        results.add(row)
+
+
+def markdown(env: dict, rows: list[dict]) -> str:
+    lines = [f"# Score kernel tuning sweep: {env['device']}", "",
+             f"torch {env['torch']}, triton {env.get('triton')}; bfloat16; times in ms (median, min-max); the error "
+             "is the largest relative error of the variant's results against the default's.", ""]  # fmt: skip
+    for shape in dict.fromkeys(r["shape"] for r in rows):
+        for direction in ("forward", "backward"):
+            group = [r for r in rows if r["shape"] == shape and r["direction"] == direction]
+            if not group:
+                continue
+            lines += [f"## {shape}, {direction}", "", "| variant | median | min-max | error |",
+                      "| --- | --- | --- | --- |"]  # fmt: skip
+            for r in sorted(group, key=lambda r: r.get("median_ms", float("inf"))):
+                if "error" in r:
+                    lines.append(f"| {r['variant']} | failed: {r['error']} | | |")
+                else:
+                    lines.append(f"| {r['variant']} | {r['median_ms']:.4f} | {r['min_ms']:.4f}-{r['max_ms']:.4f} | "
+                                 f"{r['rel_err_vs_default']:.1e} |")  # fmt: skip
+            lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--tag", default=None)
+    parser.add_argument("--quick", action="store_true", help="one tiny shape, shared text (the default without a GPU)")
+    args = parser.parse_args(argv)
+    gpu = torch.cuda.is_available()
+    if not gpu:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before the Triton kernels are imported
+    device = torch.device("cuda" if gpu else "cpu")
+    from denseclip_fast import ops
+
+    if ops.backends.triton_available() is not None:
+        print(f"tune_score: {ops.backends.triton_available()}")
+        return 1
+    quick = args.quick or not gpu
+    results = Results(args.out, "tune_score", args.tag, common_environment(device), {"args": vars(args)}, markdown)
+    for shape in QUICK_SHAPES if quick else SHAPES:
+        for batched_text in (False,) if quick else (False, True):
+            run_shape(shape, batched_text, device, results)
+    print(f"wrote {results.save()}.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
