@@ -43,10 +43,12 @@ def forward_blocks(block_p: int, block_c: int, warps: int) -> Iterator[None]:
 
     default = score._blocks
     score._blocks = lambda k: (block_p, default(k)[1], block_c, warps)
+    score._forward_launch.cache_clear()  # launches are planned once per shape: plan them again
     try:
         yield
     finally:
         score._blocks = default
+        score._forward_launch.cache_clear()
 
 
 @contextlib.contextmanager

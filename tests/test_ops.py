@@ -357,6 +357,48 @@ def test_triton_score_backward_splits_the_pixels(monkeypatch, text_batched, sms,
     assert len(splits) == 1 and (splits[0] > 1) == (2 * sms > 3 * (3 if text_batched else 1)), splits
 
 
+def test_triton_eager_inference_skips_the_operator_dispatch_only_when_nothing_needs_it():
+    """Without a gradient to record and with nothing tracing, ops.* launch the Triton kernels directly (the custom
+    operator's dispatch costs more host time than the kernel at the model's shapes), with the same results; with
+    inputs that require grad, or under a dispatch mode (FlopCounterMode), they go through the operator (seen by the
+    profiler, which is no dispatch mode)."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.utils.flop_counter import FlopCounterMode
+
+    assert ops.backends.triton_available() is None
+    lib = torch.ops.denseclip_fast
+    visual = _visual(2, 33, 4, 5, "channels_last", torch.float32)
+    text, feature = _text(2, 7, 33, False, torch.float32), torch.randn(2, 3, 4, 5, device=DEVICE)
+    q, k, v = (torch.randn(1, 2, n, 16, device=DEVICE) for n in (5, 9, 9))
+    inputs = (visual, text, feature, q, k, v)
+    expected = (lib.pixel_text_score_triton(visual, text, 2.0)[0],
+                lib.score_concat_triton(feature, visual, text, 2.0)[0],
+                lib.context_attention_triton(q, k, v)[0])  # fmt: skip
+    names = ("pixel_text_score_triton", "score_concat_triton", "context_attention_triton")
+
+    def run(*args):
+        vi, ti, fi, qi, ki, vvi = args
+        return (ops.pixel_text_score(vi, ti, 2.0, backend="triton"),
+                ops.score_concat(fi, vi, ti, 2.0, backend="triton"),
+                ops.context_attention(qi, ki, vvi, backend="triton"))  # fmt: skip
+
+    def operators_called(*args, grad_mode=True):
+        with profile(activities=[ProfilerActivity.CPU]) as prof, torch.set_grad_enabled(grad_mode):
+            outs = run(*args)
+        for out, want in zip(outs, expected):
+            assert torch.equal(out.detach(), want)
+        return {name for name in names if any(e.name == f"denseclip_fast::{name}" for e in prof.events())}
+
+    assert operators_called(*inputs) == set()  # eager inference: launched directly
+    assert operators_called(*(_leaf(x) for x in inputs), grad_mode=False) == set()
+    assert operators_called(*(_leaf(x) for x in inputs)) == set(names)  # autograd needs the operator
+    with FlopCounterMode(display=False) as counter:
+        assert operators_called(*inputs) == set(names)
+    assert counter.get_total_flops() > 0
+    assert ops.eager_inference(visual) and not ops.eager_inference(_leaf(visual))
+    assert not ops.eager_inference(torch.nn.Parameter(visual, requires_grad=False))  # a subclass: the operator
+
+
 def test_the_output_may_change_in_place_only_where_the_backward_does_not_read_it():
     """The Triton backward reads the forward's output (saved by autograd): changing it in place before the backward
     is refused by autograd's version check, never silently wrong. The CPU kernel does not read it, so on a CPU

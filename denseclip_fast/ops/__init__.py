@@ -31,6 +31,24 @@ __all__ = [
 ]
 
 
+def eager_inference(*tensors: torch.Tensor) -> bool:
+    """Whether a Triton call may launch its kernels without going through its ``torch.library`` operator (whose
+    dispatch costs tens of microseconds of host time, more than the kernel at the model's shapes): no gradient to
+    record, plain tensors, and nothing tracing or intercepting (torch.compile, torch.export, fake tensors, dispatch
+    modes such as FlopCounterMode). The kernels and results are the same either way."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
+        return False
+    return all(type(t) is torch.Tensor for t in tensors)
+
+
+def _triton_kernels():  # type: ignore[no-untyped-def]
+    from . import triton as kernels  # imported by backends.resolve before any Triton call
+
+    return kernels
+
+
 def _describe(x: object) -> str:
     shape = getattr(x, "shape", None)
     return f"{type(x).__name__} of shape {tuple(shape)}" if shape is not None else type(x).__name__
@@ -82,6 +100,8 @@ def pixel_text_score(
     if chosen == "reference":
         return reference.pixel_text_score(visual, text, scale)
     if chosen == "triton":
+        if eager_inference(visual, text):
+            return _triton_kernels().score_forward(visual, text, float(scale))[0]
         return torch.ops.denseclip_fast.pixel_text_score_triton(visual, text, float(scale))[0]
     return torch.ops.denseclip_fast.pixel_text_score(visual, text, float(scale))
 
@@ -107,6 +127,8 @@ def score_concat(
     if chosen == "reference":
         return reference.score_concat(feature, visual, text, scale)
     if chosen == "triton":
+        if eager_inference(feature, visual, text):
+            return _triton_kernels().concat_forward(feature, visual, text, float(scale))[0]
         return torch.ops.denseclip_fast.score_concat_triton(feature, visual, text, float(scale))[0]
     return torch.ops.denseclip_fast.score_concat(feature, visual, text, float(scale))
 
@@ -143,5 +165,7 @@ def context_attention(
     if chosen == "reference":
         return reference.attention(q, k, v)
     if chosen == "triton":
+        if eager_inference(q, k, v):
+            return _triton_kernels().attention_forward(q, k, v)[0]
         return torch.ops.denseclip_fast.context_attention_triton(q, k, v)[0]
     return torch.ops.denseclip_fast.context_attention(q, k, v)[0]

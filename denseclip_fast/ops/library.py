@@ -6,6 +6,8 @@ Importing this module loads the extension; it is imported by :mod:`denseclip_fas
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -15,8 +17,16 @@ from .extension import extension_available
 OPS = ("pixel_text_score", "score_concat", "context_attention")
 
 
-def _image_strides_are(visual: torch.Tensor, expected: tuple[int, int, int]) -> bool:
-    return all(visual.shape[d] == 1 or visual.stride(d) == expected[d - 1] for d in (1, 2, 3))
+def _image_strides_are(shape: Sequence[Any], stride: Sequence[Any], expected: tuple[Any, Any, Any]) -> bool:
+    return all(shape[d] == 1 or stride[d] == expected[d - 1] for d in (1, 2, 3))
+
+
+def memory_format_of(shape: Sequence[Any], stride: Sequence[Any]) -> torch.memory_format:
+    """:func:`score_memory_format` from a 4-D tensor's sizes and strides."""
+    _, c, h, w = shape
+    if _image_strides_are(shape, stride, (1, w * c, c)) and not _image_strides_are(shape, stride, (h * w, w, 1)):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 def score_memory_format(visual: torch.Tensor) -> torch.memory_format:
@@ -27,10 +37,15 @@ def score_memory_format(visual: torch.Tensor) -> torch.memory_format:
     it saw, and must get the same layout when it runs at batch 1 (where any tensor's batch stride is arbitrary)."""
     if visual.dim() != 4:
         return torch.contiguous_format
-    _, c, h, w = visual.shape
-    if _image_strides_are(visual, (1, w * c, c)) and not _image_strides_are(visual, (h * w, w, 1)):
-        return torch.channels_last
-    return torch.contiguous_format
+    try:
+        return _memory_format_cached(tuple(visual.shape), visual.stride())
+    except TypeError:  # symbolic sizes (tracing with dynamic shapes) do not hash
+        return memory_format_of(visual.shape, visual.stride())
+
+
+@functools.lru_cache(maxsize=1024)
+def _memory_format_cached(shape: tuple[int, ...], stride: tuple[int, ...]) -> torch.memory_format:
+    return memory_format_of(shape, stride)  # a few microseconds of Python, once per size and strides
 
 
 def lse_dtype(q: torch.Tensor) -> torch.dtype:

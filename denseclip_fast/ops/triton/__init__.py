@@ -23,16 +23,36 @@ if UNAVAILABLE is None:
     from . import attention, score
     from .common import on_device
 
-    # The score operators also return the pixel norms |v| ((B, H, W) float32, as the attention returns its
-    # log-sum-exp): autograd saves them, so that the backward reads the visual map once.
-    @triton_op("denseclip_fast::pixel_text_score_triton", mutates_args=())
-    def pixel_text_score_triton(
-        visual: torch.Tensor, text: torch.Tensor, scale: float = 1.0
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    # The forwards as plain functions: the bodies of the operators below, and what ops.pixel_text_score & co. call
+    # directly in eager inference (no gradient to record, nothing tracing), skipping the operator's dispatch.
+    # The score forms also return the pixel norms |v| ((B, H, W) float32, as the attention returns its log-sum-exp):
+    # autograd saves them, so that the backward reads the visual map once.
+    def score_forward(visual: torch.Tensor, text: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         out, norm = empty_score(visual, text.shape[-2]), score.empty_norm(visual)
         with on_device(visual):
             score.score_forward_into(out, norm, visual, text, scale)
         return out, norm
+
+    def concat_forward(
+        feature: torch.Tensor, visual: torch.Tensor, text: torch.Tensor, scale: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        cf = feature.shape[1]
+        out, norm = empty_score(visual, cf + text.shape[-2]), score.empty_norm(visual)
+        out[:, :cf].copy_(feature)
+        with on_device(visual):
+            score.score_forward_into(out[:, cf:], norm, visual, text, scale)
+        return out, norm
+
+    def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        assert lse_dtype(q) == torch.float32, "the Triton kernels do not take float64"
+        with on_device(q):
+            return attention.attention_forward(q, k, v)
+
+    @triton_op("denseclip_fast::pixel_text_score_triton", mutates_args=())
+    def pixel_text_score_triton(
+        visual: torch.Tensor, text: torch.Tensor, scale: float = 1.0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return score_forward(visual, text, scale)
 
     @triton_op("denseclip_fast::pixel_text_score_backward_triton", mutates_args=())
     def pixel_text_score_backward_triton(
@@ -46,20 +66,13 @@ if UNAVAILABLE is None:
     def score_concat_triton(
         feature: torch.Tensor, visual: torch.Tensor, text: torch.Tensor, scale: float = 1.0
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        cf = feature.shape[1]
-        out, norm = empty_score(visual, cf + text.shape[-2]), score.empty_norm(visual)
-        out[:, :cf].copy_(feature)
-        with on_device(visual):
-            score.score_forward_into(out[:, cf:], norm, visual, text, scale)
-        return out, norm
+        return concat_forward(feature, visual, text, scale)
 
     @triton_op("denseclip_fast::context_attention_triton", mutates_args=())
     def context_attention_triton(
         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        assert lse_dtype(q) == torch.float32, "the Triton kernels do not take float64"
-        with on_device(q):
-            return attention.attention_forward(q, k, v)
+        return attention_forward(q, k, v)
 
     @triton_op("denseclip_fast::context_attention_backward_triton", mutates_args=())
     def context_attention_backward_triton(

@@ -28,11 +28,15 @@ A direct call without the forward's outputs runs the forward first.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
-from ..library import empty_score, score_memory_format
+from ..library import empty_score, memory_format_of, score_memory_format
 from .common import dot_in_f32, launch
 
 EPS = 1e-12
@@ -337,8 +341,13 @@ def _wide(*tensors: torch.Tensor) -> bool:
     the text shared by the batch) of any of these tensors reaches WIDE_FROM, so that the kernel must index in int64:
     C x H x W > 2**31 within one image (a 2048x2048 map of more than 512 channels), never the model's own maps. The
     batch offset is always int64."""
-    per_image = (t[None] if t.dim() == 2 else t for t in tensors)
-    return any(sum((n - 1) * st for n, st in zip(t.shape[1:], t.stride()[1:])) >= WIDE_FROM for t in per_image)
+    return _wide_of(*((t.shape, t.stride()) for t in tensors))
+
+
+def _wide_of(*sizes: tuple[Sequence[Any], Sequence[Any]]) -> bool:
+    """:func:`_wide` from (shape, stride) pairs."""
+    per_image = (((1, *shape), (0, *stride)) if len(shape) == 2 else (shape, stride) for shape, stride in sizes)
+    return any(sum((n - 1) * st for n, st in zip(shape[1:], stride[1:])) >= WIDE_FROM for shape, stride in per_image)
 
 
 def _blocks(k: int) -> tuple[int, int, int, int]:
@@ -354,6 +363,38 @@ def empty_norm(visual: torch.Tensor) -> torch.Tensor:
     return torch.empty((b, h, w), dtype=torch.float32, device=visual.device)
 
 
+class _ForwardLaunch(NamedTuple):
+    """What score_forward_into launches for given sizes, strides and dtype (everything but the pointers)."""
+
+    layout: torch.memory_format  # visual's, made contiguous in it
+    visual_strides: tuple[int, int, int]  # (image, channel, pixel) element strides once it is
+    grid: tuple[int, int, int]
+    constexprs: dict[str, Any]
+    warps: int
+
+
+@functools.lru_cache(maxsize=1024)
+def _forward_launch(
+    v_shape: tuple[int, ...], v_stride: tuple[int, ...], t_shape: tuple[int, ...], o_shape: tuple[int, ...],
+    o_stride: tuple[int, ...], dtype: torch.dtype,
+) -> _ForwardLaunch:  # fmt: skip
+    """The launch for these sizes and strides, computed once (a few microseconds of Python per call otherwise)."""
+    b, c, h, w = v_shape
+    k, p = t_shape[-2], h * w
+    if memory_format_of(v_shape, v_stride) == torch.channels_last:
+        layout, v_strides = torch.channels_last, (h * w * c, 1, c)
+    else:
+        layout, v_strides = torch.contiguous_format, (c * h * w, h * w, 1)
+    t_stride = (k * c, c, 1) if len(t_shape) == 3 else (c, 1)  # text.contiguous()
+    block_p, block_k, block_c, warps = _blocks(k)
+    wide = _wide_of((v_shape, (v_strides[0], v_strides[1], v_strides[2] * w, v_strides[2])), (t_shape, t_stride),
+                    (o_shape, o_stride))  # fmt: skip
+    constexprs = {"BLOCK_P": block_p, "BLOCK_K": block_k, "BLOCK_C": block_c, "DOT_F32": dot_in_f32(dtype),
+                  "WIDE": wide}  # fmt: skip
+    grid = (triton.cdiv(p, block_p), triton.cdiv(k, block_k), b)
+    return _ForwardLaunch(layout, v_strides, grid, constexprs, warps)
+
+
 def score_forward_into(
     out: torch.Tensor, norm: torch.Tensor, visual: torch.Tensor, text: torch.Tensor, scale: float
 ) -> None:
@@ -361,16 +402,17 @@ def score_forward_into(
     the pixel norms |v| into ``norm`` (dense (B, H, W) float32, :func:`empty_norm`)."""
     if out.numel() == 0:
         return
-    v, s_vb, s_vc, s_vp = _flat_visual(visual)
+    key = (tuple(visual.shape), visual.stride(), tuple(text.shape), tuple(out.shape), out.stride(), visual.dtype)
+    try:
+        plan = _forward_launch(*key)
+    except TypeError:  # symbolic sizes (torch.compile tracing with dynamic shapes) do not hash
+        plan = _forward_launch.__wrapped__(*key)
+    v = visual.contiguous(memory_format=plan.layout)
     t = text.contiguous()
     b, c, h, w = v.shape
-    k, p = t.shape[-2], h * w
-    block_p, block_k, block_c, warps = _blocks(k)
-    grid = (triton.cdiv(p, block_p), triton.cdiv(k, block_k), b)
-    launch(_score_fwd_kernel)[grid](
-        v, t, out, norm, c, p, k, s_vb, s_vc, s_vp, *_text_strides(t), out.stride(0), out.stride(1), out.stride(3),
-        float(scale), EPS, BLOCK_P=block_p, BLOCK_K=block_k, BLOCK_C=block_c, DOT_F32=dot_in_f32(v.dtype),
-        WIDE=_wide(v, t, out), num_warps=warps,
+    launch(_score_fwd_kernel)[plan.grid](
+        v, t, out, norm, c, h * w, t.shape[-2], *plan.visual_strides, *_text_strides(t), out.stride(0),
+        out.stride(1), out.stride(3), float(scale), EPS, **plan.constexprs, num_warps=plan.warps,
     )  # fmt: skip
 
 
