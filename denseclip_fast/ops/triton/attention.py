@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from ..backends import TRITON_HEAD_DIMS, shared_memory_per_block
-from .common import dot_in_f32, launch
+from .common import cdiv, dot_in_f32, launch, next_power_of_2
 
 HEAD_DIMS = TRITON_HEAD_DIMS  # what the kernels are compiled for (aot.py) and tested at
 
@@ -202,7 +202,7 @@ def _blocks(lq: int, d: int, kind: str = "fwd", f32: bool = False, smem: int | N
     float32, F32_BLOCK_M queries (16 for dkdv at D=128) and F32_BLOCK_N keys, so that the registers do not spill.
     A float32 kernel whose estimate passes SMEM_SHARE of ``smem`` halves the block its loop streams, then the other,
     down to 16: the fp32 forward and dq at D=128 need ~105 and ~137 KB, more than the 99 KB of sm_86/sm_89 GPUs."""
-    block_m = 64 if lq > 32 else max(16, triton.next_power_of_2(lq))
+    block_m = 64 if lq > 32 else max(16, next_power_of_2(lq))
     block_n = 64 if d <= 64 else 32
     if f32:
         block_m = min(block_m, 16 if kind == "dkdv" and d > 64 else F32_BLOCK_M[kind])
@@ -239,7 +239,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tupl
     pieces = _bh_slices(b * h)
     for p in pieces:  # views of (B*H, L, D) only when the grid needs more than one launch
         qp, kp, vp, op, lp = (t.flatten(0, 1)[p] if len(pieces) > 1 else t for t in (q, k, v, out, lse))
-        launch(_attn_fwd_kernel)[(triton.cdiv(lq, block_m), p.stop - p.start)](
+        launch(_attn_fwd_kernel)[(cdiv(lq, block_m), p.stop - p.start)](
             qp, kp, vp, op, lp, lq, lk, LOG2E / math.sqrt(d), D=d, BLOCK_M=block_m, BLOCK_N=block_n, DOT_F32=f32,
             num_warps=num_warps("fwd", f32),
         )
@@ -268,12 +268,12 @@ def attention_backward(
             t.flatten(0, 1)[p] if len(pieces) > 1 else t for t in (q, k, v, out, do, lse, delta, dq, dk, dv)
         )
         n = p.stop - p.start
-        launch(_attn_bwd_delta_kernel)[(triton.cdiv(lq, m_q), n)](op, dop, dp, lq, D=d, BLOCK_M=m_q)
-        launch(_attn_bwd_dkdv_kernel)[(triton.cdiv(lk, n_kv), n)](
+        launch(_attn_bwd_delta_kernel)[(cdiv(lq, m_q), n)](op, dop, dp, lq, D=d, BLOCK_M=m_q)
+        launch(_attn_bwd_dkdv_kernel)[(cdiv(lk, n_kv), n)](
             qp, kp, vp, dop, lp, dp, dkp, dvp, lq, lk, scale, D=d, BLOCK_M=m_kv, BLOCK_N=n_kv, DOT_F32=f32,
             num_warps=num_warps("dkdv", f32),
         )
-        launch(_attn_bwd_dq_kernel)[(triton.cdiv(lq, m_q), n)](
+        launch(_attn_bwd_dq_kernel)[(cdiv(lq, m_q), n)](
             qp, kp, vp, dop, lp, dp, dqp, lq, lk, scale, D=d, BLOCK_M=m_q, BLOCK_N=n_q, DOT_F32=f32,
             num_warps=num_warps("dq", f32),
         )

@@ -9,6 +9,22 @@ from typing import Any
 import torch
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for the launchers' grids. Not ``triton.cdiv``: a JIT-callable object there, about 2 us of host
+    time a call, and a launch takes several."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (n >= 1), as ``triton.next_power_of_2`` but a plain function (see cdiv)."""
+    if isinstance(n, int):
+        return 1 << (n - 1).bit_length()
+    n -= 1  # a symbolic size while torch.compile traces: the bit operations it supports
+    for shift in (1, 2, 4, 8, 16, 32):
+        n |= n >> shift
+    return n + 1
+
+
 def dot_in_f32(dtype: torch.dtype) -> bool:
     """Whether tl.dot must take float32 operands with IEEE products: for float32 inputs (TF32 would cost ~1e-3
     relative error), and for bfloat16 under Triton's interpreter, which mis-multiplies bfloat16."""

@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from ..library import empty_score, memory_format_of, score_memory_format
-from .common import dot_in_f32, launch
+from .common import cdiv, dot_in_f32, launch, next_power_of_2
 
 EPS = 1e-12
 
@@ -341,7 +341,16 @@ def _wide(*tensors: torch.Tensor) -> bool:
     the text shared by the batch) of any of these tensors reaches WIDE_FROM, so that the kernel must index in int64:
     C x H x W > 2**31 within one image (a 2048x2048 map of more than 512 channels), never the model's own maps. The
     batch offset is always int64."""
-    return _wide_of(*((t.shape, t.stride()) for t in tensors))
+    sizes = tuple((tuple(t.shape), t.stride()) for t in tensors)
+    try:
+        return _wide_cached(sizes)
+    except TypeError:  # symbolic sizes (tracing with dynamic shapes) do not hash
+        return _wide_of(*sizes)
+
+
+@functools.lru_cache(maxsize=1024)
+def _wide_cached(sizes: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...]) -> bool:
+    return _wide_of(*sizes)
 
 
 def _wide_of(*sizes: tuple[Sequence[Any], Sequence[Any]]) -> bool:
@@ -353,7 +362,7 @@ def _wide_of(*sizes: tuple[Sequence[Any], Sequence[Any]]) -> bool:
 def _blocks(k: int) -> tuple[int, int, int, int]:
     """(BLOCK_P, BLOCK_K, BLOCK_C, num_warps) of the forward for k classes. Past 128 classes a block has 8 warps:
     with 4, its (256 x BLOCK_P) float32 accumulator spilled registers (ptxas, sm_90)."""
-    block_k = min(256, max(16, triton.next_power_of_2(k)))
+    block_k = min(256, max(16, next_power_of_2(k)))
     return 64, block_k, 32, (8 if block_k > 128 else 4)
 
 
@@ -391,7 +400,7 @@ def _forward_launch(
                     (o_shape, o_stride))  # fmt: skip
     constexprs = {"BLOCK_P": block_p, "BLOCK_K": block_k, "BLOCK_C": block_c, "DOT_F32": dot_in_f32(dtype),
                   "WIDE": wide}  # fmt: skip
-    grid = (triton.cdiv(p, block_p), triton.cdiv(k, block_k), b)
+    grid = (cdiv(p, block_p), cdiv(k, block_k), b)
     return _ForwardLaunch(layout, v_strides, grid, constexprs, warps)
 
 
@@ -475,7 +484,7 @@ def bwd_blocks(k: int, fp32: bool) -> tuple[int, int, int, bool]:
     """(BLOCK_P, BLOCK_K, BLOCK_C, FUSE_TEXT) of the backward's visual kernel for k classes; fp32: float32 inputs
     (DOT_F32)."""
     if k <= FUSED_MAX_K:
-        block_k = max(16, triton.next_power_of_2(k))
+        block_k = max(16, next_power_of_2(k))
         block_p, block_c = FUSED_BLOCKS[fp32][block_k]
         return block_p, block_k, block_c, True
     block_p, block_k, block_c = UNFUSED_BLOCKS
@@ -494,7 +503,7 @@ def _splits(work: int, block_p: int, programs_per_split: int, device: torch.devi
     the GPU, each at least MIN_PIXELS_PER_SPLIT pixels long."""
     if not fused:
         return min(work, 65535)
-    wanted = triton.cdiv(PROGRAMS_PER_SM * _sm_count(device), programs_per_split)
+    wanted = cdiv(PROGRAMS_PER_SM * _sm_count(device), programs_per_split)
     return max(1, min(wanted, work * block_p // MIN_PIXELS_PER_SPLIT, 65535))
 
 
@@ -534,7 +543,7 @@ def score_backward(
     rows = t.numel() // c if c else 0
     t_hat = torch.empty(t.shape, dtype=torch.float32, device=t.device)
     t_norm = torch.empty(t.shape[:-1], dtype=torch.float32, device=t.device)
-    text_grid = (triton.cdiv(rows, TEXT_BLOCKS["BLOCK_R"]),)
+    text_grid = (cdiv(rows, TEXT_BLOCKS["BLOCK_R"]),)
     launch(_text_normalize_kernel)[text_grid](t, t_hat, t_norm, rows, c, EPS, **TEXT_BLOCKS)
     g, g_strides = grad, _pixel_strides(grad)  # score_concat's (NCHW) channel slice is read in place
     if g_strides is None:
@@ -547,20 +556,20 @@ def score_backward(
     wide = _wide(v, t_hat, g, score)
     radial = torch.empty((b, p), dtype=torch.float32, device=v.device)
     g_scaled = v.new_empty((0,) if fused else (b, k, p))
-    pixel_block_p, pixel_block_k = 64, min(64, max(16, triton.next_power_of_2(k)))
-    launch(_score_bwd_pixel_kernel)[(triton.cdiv(p, pixel_block_p), b)](
+    pixel_block_p, pixel_block_k = 64, min(64, max(16, next_power_of_2(k)))
+    launch(_score_bwd_pixel_kernel)[(cdiv(p, pixel_block_p), b)](
         g, score, norm, radial, g_scaled, p, k, *g_strides, *s_strides, float(scale), EPS, limit,
         BLOCK_P=pixel_block_p, BLOCK_K=pixel_block_k, WIDE=wide or _wide(g_scaled), WRITE_GS=not fused,
     )  # fmt: skip
-    n_tiles = triton.cdiv(p, block_p)
-    c_blocks = triton.cdiv(c, block_c)
+    n_tiles = cdiv(p, block_p)
+    c_blocks = cdiv(c, block_c)
     grid_b = 1 if fused and shared else b  # fused with shared text: one program row walks the whole batch
     work = n_tiles * (b if grid_b == 1 else 1)
     splits = _splits(work, block_p, c_blocks * grid_b, v.device, fused)
     partial = torch.empty((grid_b * splits, k, c) if fused else (0,), dtype=torch.float32, device=v.device)
     grad_visual = torch.empty_like(v)  # dense in v's layout, written with v's element strides
     launch(_score_bwd_kernel)[(c_blocks, splits, grid_b)](
-        v, t_hat, g, norm, radial, grad_visual, partial, c, p, k, n_tiles, work, triton.cdiv(work, splits),
+        v, t_hat, g, norm, radial, grad_visual, partial, c, p, k, n_tiles, work, cdiv(work, splits),
         s_vb, s_vc, s_vp, *_text_strides(t_hat), *g_strides, float(scale), EPS, limit,
         BLOCK_P=block_p, BLOCK_K=block_k, BLOCK_C=block_c, DOT_F32=dot_f32, WIDE=wide, FUSE_TEXT=fused,
         num_warps=BWD_WARPS,
