@@ -42,7 +42,7 @@ def forward_blocks(block_p: int, block_c: int, warps: int) -> Iterator[None]:
     from denseclip_fast.ops.triton import score
 
     default = score._blocks
-    score._blocks = lambda k: (block_p, default(k)[1], block_c, warps)
+    score._blocks = lambda k, fp32=False: (block_p, default(k, fp32)[1], block_c, warps)
     score._forward_launch.cache_clear()  # launches are planned once per shape: plan them again
     try:
         yield

@@ -331,6 +331,12 @@ def test_triton_score_backward_with_and_without_the_forward_outputs(layout):
         backward(grad, visual, text, 2.5, score_map, norm.flatten(1))
     with pytest.raises(ValueError, match=r"norm must be the forward's output, torch.float32 on .*, got torch.float64"):
         backward(grad, visual, text, 2.5, score_map, norm.double())
+    wrong_grad = r"grad must be the gradient of the \(B, K, H, W\) score, shape \(2, 19, 5, 3\), got \(2, 18, 5, 3\)"
+    with pytest.raises(ValueError, match=wrong_grad):
+        backward(grad[:, 1:], visual, text, 2.5, score_map, norm)
+    # no class: the raw operator (ops.* refuse K = 0) still gives the norms
+    _, norm0 = lib.pixel_text_score_triton(visual, text[:0], 2.5)
+    torch.testing.assert_close(norm0, torch.linalg.vector_norm(visual, dim=1))
 
 
 @pytest.mark.parametrize("text_batched", [False, True])

@@ -1,7 +1,7 @@
 """Every Triton kernel compiles ahead of time for Hopper (sm_90), and the float32 attention kernels for sm_80 and
 sm_86 at the (smaller) blocks the launchers choose for those GPUs' shared memory, no GPU needed. The compile step
 raises when a kernel needs more shared memory than the GPU has, or more than the estimate the blocks come from, or
-when ptxas reports spilled registers.
+when ptxas reports spilled registers on sm_90 (the others' are reported).
 
 Runs in a subprocess without TRITON_INTERPRET: the interpreter replaces kernels at decoration time.
 """
@@ -25,9 +25,10 @@ def test_triton_kernels_compile_for_sm90_and_fit_smaller_gpus():
     labels = {tuple(line.split(":")[0].split()[:2]) for line in lines}
     for kernel in ("score_fwd", "score_bwd", "score_bwd_pixels", "attn_fwd", "attn_delta", "attn_dkdv", "attn_dq"):
         assert ("sm_90", kernel) in labels, lines
-    # ptxas (Triton's own) reported every kernel's registers, and none spills (compile_all raises if one does): the
-    # blocks and warps the launchers choose are spill-free
-    assert all(" 0 B spilled" in line for line in lines), lines
+    # ptxas (Triton's own) reported every kernel's registers, and none spills on sm_90 (compile_all raises if one
+    # does): the blocks and warps the launchers choose are spill-free there
+    assert all(" registers, " in line for line in lines), lines
+    assert all(" 0 B spilled" in line for line in lines if line.startswith("sm_90")), lines
     # the blocks that differ from sm_90's: float32 forward and dq at D=128 on sm_86 (99 KB)
     assert {("sm_86", "attn_fwd"), ("sm_86", "attn_dq")} <= labels
 

@@ -63,6 +63,11 @@ def shared_memory_per_block(device: torch.device) -> int | None:
     return _per_device(device, "smem", lambda i: torch.cuda.get_device_properties(i).shared_memory_per_block_optin)
 
 
+def gpu_arch(device: torch.device) -> int | None:
+    """The GPU's compute capability as an integer (90 = Hopper), memoised; None for CPU tensors (the interpreter)."""
+    return _device_arch(device) if device.type == "cuda" else None
+
+
 def _cuda_arch_mismatch(device: torch.device) -> str | None:
     """Why the extension's CUDA kernels cannot run on this GPU (built for other architectures), else None; so the
     user reads it here instead of "no kernel image is available" inside a kernel. Memoised per device; not

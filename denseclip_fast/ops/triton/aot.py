@@ -44,7 +44,7 @@ def _signature(
 
 
 def _score(dt: str, k: int, wide: bool = False) -> Spec:
-    block_p, block_k, block_c, warps = score._blocks(k)
+    block_p, block_k, block_c, warps = score._blocks(k, dt == "fp32")
     const = {"BLOCK_P": block_p, "BLOCK_K": block_k, "BLOCK_C": block_c, "DOT_F32": dt == "fp32", "WIDE": wide}
     ptrs = {"v_ptr": f"*{dt}", "t_ptr": f"*{dt}", "out_ptr": f"*{dt}", "n_ptr": "*fp32"}
     fn = score._score_fwd_kernel
@@ -54,7 +54,7 @@ def _score(dt: str, k: int, wide: bool = False) -> Spec:
 
 def _score_backward(dt: str, k: int = 150, wide: bool = False) -> Spec:
     """The visual kernel of the score backward, with the blocks (and warps, in OPTIONS) score_backward launches."""
-    block_p, block_k, block_c, fused = score.bwd_blocks(k, dt == "fp32")
+    block_p, block_k, block_c, fused = score.bwd_blocks(k, dt == "fp32", wide)
     const = {"BLOCK_P": block_p, "BLOCK_K": block_k, "BLOCK_C": block_c, "DOT_F32": dt == "fp32", "WIDE": wide,
              "FUSE_TEXT": fused}  # fmt: skip
     ptrs = {"v_ptr": f"*{dt}", "that_ptr": "*fp32", "g_ptr": f"*{dt}", "n_ptr": "*fp32", "r_ptr": "*fp32",
@@ -65,7 +65,7 @@ def _score_backward(dt: str, k: int = 150, wide: bool = False) -> Spec:
 
 
 def _score_backward_pixels(dt: str, write_gs: bool) -> Spec:
-    const = {"BLOCK_P": 64, "BLOCK_K": 64, "WIDE": False, "WRITE_GS": write_gs}
+    const = {"BLOCK_P": score.PIXEL_BLOCKS[0], "BLOCK_K": score.PIXEL_BLOCKS[1], "WIDE": False, "WRITE_GS": write_gs}
     ptrs = {"g_ptr": f"*{dt}", "s_ptr": f"*{dt}", "n_ptr": "*fp32", "r_ptr": "*fp32", "gs_ptr": f"*{dt}"}
     fn = score._score_bwd_pixel_kernel
     label = f"score_bwd_pixels {dt}{' with G/|v|' if write_gs else ''}"
@@ -85,7 +85,7 @@ def _score_text(dt: str, which: str) -> Spec:
 
 def _attention(dt: str, d: int, which: str, arch: int = 90) -> Spec:
     kind = "dq" if which == "delta" else which  # the delta kernel takes dq's query block
-    block_m, block_n = attention._blocks(150, d, kind, dt == "fp32", SHARED_MEMORY[arch])
+    block_m, block_n = attention._blocks(150, d, kind, dt == "fp32", SHARED_MEMORY[arch], arch)
     fn = {"fwd": attention._attn_fwd_kernel, "delta": attention._attn_bwd_delta_kernel,
           "dkdv": attention._attn_bwd_dkdv_kernel, "dq": attention._attn_bwd_dq_kernel}[which]  # fmt: skip
     if which == "delta":
@@ -95,26 +95,14 @@ def _attention(dt: str, d: int, which: str, arch: int = 90) -> Spec:
     ptrs = {name: f"*{dt}" for name in fn.arg_names if name.endswith("_ptr")}
     ptrs.update({name: "*fp32" for name in ("lse_ptr", "delta_ptr") if name in fn.arg_names})
     floats = tuple(name for name in ("qk_scale", "sm_scale") if name in fn.arg_names)
-    options = {} if which == "delta" else {"num_warps": attention.num_warps(which, dt == "fp32")}
+    options = {} if which == "delta" else {"num_warps": attention.num_warps(which, dt == "fp32", d)}
     return f"attn_{which} {dt} D={d}", fn, _signature(fn, ptrs, floats, const), const, options
 
 
-def specializations(arch: int = 90) -> Iterator[Spec]:
-    """Spec tuples (label, kernel, signature, constexprs, compile options). For sm_90: every kernel, in each dtype
-    at the decoder's shapes, bfloat16 at every block size the launchers choose (K up to and past one class block,
-    every head dim; the score backward also in float32, whose blocks differ), float32 attention at every head dim.
-    For other GPUs: the float32 attention kernels whose blocks, chosen for that GPU's shared memory, differ from
-    sm_90's (their shared memory does not depend on the architecture: FMA dots)."""
-    if arch != 90:
-        for d in attention.HEAD_DIMS:
-            for which in attention.KINDS:
-                here, on_h200 = (attention._blocks(150, d, which, True, SHARED_MEMORY[a]) for a in (arch, 90))
-                if here != on_h200:
-                    yield _attention("fp32", d, which, arch)
-        return
+def _score_specializations() -> Iterator[Spec]:
+    """Every score kernel at every block size its launchers choose, for any GPU (the blocks do not depend on it)."""
     for dt in ("bf16", "fp16", "fp32"):
         yield _score(dt, 150)
-        yield _attention(dt, 64, "fwd")
     for k in (19, 100, 300):  # the other class blocks (32, 128; 256 and several blocks)
         yield _score("bf16", k)
         yield _score("fp32", k)
@@ -129,6 +117,22 @@ def specializations(arch: int = 90) -> Iterator[Spec]:
         yield _score_backward_pixels(dt, write_gs=True)
         yield _score_text(dt, "normalize")
         yield _score_text(dt, "grad")
+
+
+def specializations(arch: int = 90) -> Iterator[Spec]:
+    """Spec tuples (label, kernel, signature, constexprs, compile options). Every score kernel at every block size
+    its launchers choose (the same on every GPU). For sm_90: every attention kernel in each dtype at the decoder's
+    head dim, bfloat16 and float32 at every head dim. For other GPUs: bfloat16 and float32 attention at every head
+    dim, with the blocks chosen for that GPU (its shared memory, and the smaller blocks before Hopper)."""
+    yield from _score_specializations()
+    if arch != 90:  # every attention kernel at the blocks chosen for this GPU (16-bit: float16 compiles as bfloat16)
+        for dt in ("bf16", "fp32"):
+            for d in attention.HEAD_DIMS:
+                for which in attention.KINDS:
+                    yield _attention(dt, d, which, arch)
+        return
+    for dt in ("bf16", "fp16", "fp32"):
+        yield _attention(dt, 64, "fwd")
     for dt in ("bf16", "fp32"):
         for which in ("delta", "dkdv", "dq"):
             yield _attention(dt, 64, which)
@@ -175,7 +179,9 @@ def compile_all(arch: int = 90) -> list[str]:
     """Compile every specialization for sm_<arch>; returns one line per kernel (with ptxas's registers and spill
     stores where a ptxas is found). Raises on the first failure: a kernel that does not build, that needs more shared
     memory than the GPU has, or (float32 attention) more than attention.smem_estimate, from which the launchers
-    choose their blocks, or that spills registers."""
+    choose their blocks, or (sm_90, the GPU they are tuned for) that spills registers; other GPUs' spills are
+    reported (with Triton 3.8 there are none on sm_80 and sm_86; Triton 3.6 spills some 16-bit backward blocks
+    on sm_80)."""
     target = GPUTarget("cuda", arch, 32)
     lines = []
     for label, fn, sig, const, options in specializations(arch):
@@ -193,7 +199,7 @@ def compile_all(arch: int = 90) -> list[str]:
             if shared > bound:
                 raise RuntimeError(f"{where}: {shared} B of shared memory, above attention.smem_estimate ({bound} B)")
         regs = registers(kernel.asm["ptx"], arch)
-        if regs is not None and regs[1]:
+        if regs is not None and regs[1] and arch == 90:
             raise RuntimeError(f"{where}: spills {regs[1]} B of registers ({options or 'default options'})")
         used = "" if regs is None else f", {regs[0]} registers, {regs[1]} B spilled"
         lines.append(f"{label}: {1e3 * (time.perf_counter() - start):.0f} ms, {shared} B shared{used}")

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..backends import TRITON_HEAD_DIMS, shared_memory_per_block
+from ..backends import TRITON_HEAD_DIMS, gpu_arch, shared_memory_per_block
 from .common import cdiv, dot_in_f32, launch, next_power_of_2
 
 HEAD_DIMS = TRITON_HEAD_DIMS  # what the kernels are compiled for (aot.py) and tested at
@@ -190,16 +190,20 @@ F32_BLOCK_M = {"fwd": 64, "dq": 64, "dkdv": 32}  # float32 kernels (FMA dots): q
 F32_BLOCK_N = 32  # ... and keys; at F32 warps no register spills (ptxas, sm_90), where 64 x 64 spilled up to 32 KB
 
 
-def num_warps(kind: str, f32: bool) -> int:
-    """Warps per program of kernel ``kind``: 8 for the backward kernels and every float32 kernel (at 4 their
-    registers spilled, ptxas sm_90: 20 B for the 16-bit dkdv at D=64, kilobytes in float32), 4 for the 16-bit
-    forward."""
-    return 8 if f32 or kind != "fwd" else 4
+def num_warps(kind: str, f32: bool, d: int = 64) -> int:
+    """Warps per program of kernel ``kind``: 8 for the backward kernels, every float32 kernel and the forward at
+    D=128 (at 4 their registers spilled, ptxas sm_90: 20 B for the 16-bit dkdv at D=64, 48 B for the forward at
+    D=128 with Triton 3.6, kilobytes in float32), 4 for the other 16-bit forwards."""
+    return 8 if f32 or kind != "fwd" or d > 64 else 4
 
 
-def _blocks(lq: int, d: int, kind: str = "fwd", f32: bool = False, smem: int | None = None) -> tuple[int, int]:
+def _blocks(
+    lq: int, d: int, kind: str = "fwd", f32: bool = False, smem: int | None = None, arch: int | None = None
+) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_N) of kernel ``kind``: 64 queries (fewer when there are fewer), 64 keys (32 at D=128); in
     float32, F32_BLOCK_M queries (16 for dkdv at D=128) and F32_BLOCK_N keys, so that the registers do not spill.
+    Before Hopper (``arch`` < 90; None: the interpreter, sized as sm_90) the registers hold more of the products
+    (no wgmma): the 16-bit dkdv takes 32 keys, and the float32 forward and dq at D=128 32 queries.
     A float32 kernel whose estimate passes SMEM_SHARE of ``smem`` halves the block its loop streams, then the other,
     down to 16: the fp32 forward and dq at D=128 need ~105 and ~137 KB, more than the 99 KB of sm_86/sm_89 GPUs."""
     block_m = 64 if lq > 32 else max(16, next_power_of_2(lq))
@@ -207,6 +211,11 @@ def _blocks(lq: int, d: int, kind: str = "fwd", f32: bool = False, smem: int | N
     if f32:
         block_m = min(block_m, 16 if kind == "dkdv" and d > 64 else F32_BLOCK_M[kind])
         block_n = F32_BLOCK_N
+    if arch is not None and arch < 90:
+        if not f32 and kind == "dkdv":
+            block_m, block_n = (min(block_m, 32), 32) if d > 64 else (block_m, 32)
+        elif f32 and d > 64 and kind != "dkdv":
+            block_m = min(block_m, 32)
     if f32 and smem is not None:
         while smem_estimate(kind, d, block_m, block_n) > SMEM_SHARE * smem and max(block_m, block_n) > 16:
             streamed_m = kind == "dkdv"
@@ -235,13 +244,13 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tupl
     if out.numel() == 0:
         return out, lse
     f32 = dot_in_f32(q.dtype)
-    block_m, block_n = _blocks(lq, d, "fwd", f32, shared_memory_per_block(q.device))
+    block_m, block_n = _blocks(lq, d, "fwd", f32, shared_memory_per_block(q.device), gpu_arch(q.device))
     pieces = _bh_slices(b * h)
     for p in pieces:  # views of (B*H, L, D) only when the grid needs more than one launch
         qp, kp, vp, op, lp = (t.flatten(0, 1)[p] if len(pieces) > 1 else t for t in (q, k, v, out, lse))
         launch(_attn_fwd_kernel)[(cdiv(lq, block_m), p.stop - p.start)](
             qp, kp, vp, op, lp, lq, lk, LOG2E / math.sqrt(d), D=d, BLOCK_M=block_m, BLOCK_N=block_n, DOT_F32=f32,
-            num_warps=num_warps("fwd", f32),
+            num_warps=num_warps("fwd", f32, d),
         )
     return out, lse
 
@@ -258,9 +267,9 @@ def attention_backward(
     delta = torch.empty_like(lse)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     f32 = dot_in_f32(q.dtype)
-    smem = shared_memory_per_block(q.device)
-    m_kv, n_kv = _blocks(lq, d, "dkdv", f32, smem)
-    m_q, n_q = _blocks(lq, d, "dq", f32, smem)
+    smem, arch = shared_memory_per_block(q.device), gpu_arch(q.device)
+    m_kv, n_kv = _blocks(lq, d, "dkdv", f32, smem, arch)
+    m_q, n_q = _blocks(lq, d, "dq", f32, smem, arch)
     scale = 1.0 / math.sqrt(d)
     pieces = _bh_slices(b * h)
     for p in pieces:  # views of (B*H, L, D) only when the grid needs more than one launch

@@ -359,10 +359,13 @@ def _wide_of(*sizes: tuple[Sequence[Any], Sequence[Any]]) -> bool:
     return any(sum((n - 1) * st for n, st in zip(shape[1:], stride[1:])) >= WIDE_FROM for shape, stride in per_image)
 
 
-def _blocks(k: int) -> tuple[int, int, int, int]:
-    """(BLOCK_P, BLOCK_K, BLOCK_C, num_warps) of the forward for k classes. Past 128 classes a block has 8 warps:
-    with 4, its (256 x BLOCK_P) float32 accumulator spilled registers (ptxas, sm_90)."""
+def _blocks(k: int, fp32: bool = False) -> tuple[int, int, int, int]:
+    """(BLOCK_P, BLOCK_K, BLOCK_C, num_warps) of the forward for k classes; fp32: float32 products (DOT_F32). Past
+    128 classes a block has 8 warps (with 4, its (256 x BLOCK_P) float32 accumulator spilled registers), and the
+    float32 products take 16 channels a step at 8 warps (32 spilled on sm_80): no spill on sm_80, sm_86, sm_90."""
     block_k = min(256, max(16, next_power_of_2(k)))
+    if fp32:
+        return 64, block_k, 16, 8
     return 64, block_k, 32, (8 if block_k > 128 else 4)
 
 
@@ -395,7 +398,7 @@ def _forward_launch(
     else:
         layout, v_strides = torch.contiguous_format, (c * h * w, h * w, 1)
     t_stride = (k * c, c, 1) if len(t_shape) == 3 else (c, 1)  # text.contiguous()
-    block_p, block_k, block_c, warps = _blocks(k)
+    block_p, block_k, block_c, warps = _blocks(k, dot_in_f32(dtype))
     wide = _wide_of((v_shape, (v_strides[0], v_strides[1], v_strides[2] * w, v_strides[2])), (t_shape, t_stride),
                     (o_shape, o_stride))  # fmt: skip
     constexprs = {"BLOCK_P": block_p, "BLOCK_K": block_k, "BLOCK_C": block_c, "DOT_F32": dot_in_f32(dtype),
@@ -410,6 +413,8 @@ def score_forward_into(
     """Write the scores into ``out``, a (B, K, H, W) tensor or view with out.stride(2) == W * out.stride(3), and
     the pixel norms |v| into ``norm`` (dense (B, H, W) float32, :func:`empty_norm`)."""
     if out.numel() == 0:
+        if norm.numel():  # no class (K = 0, which ops.* refuse; the operators take it): the norms all the same
+            norm.copy_(torch.linalg.vector_norm(visual.float(), dim=1))
         return
     key = (tuple(visual.shape), visual.stride(), tuple(text.shape), tuple(out.shape), out.stride(), visual.dtype)
     try:
@@ -440,15 +445,15 @@ def _bmm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def _checked(
     t: torch.Tensor, shape: tuple[int, ...] | torch.Size, like: torch.Tensor, name: str,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | None = None, what: str = "the forward's output",
 ) -> torch.Tensor:  # fmt: skip
-    """``t``, one of the forward's outputs handed to the backward, after checking its shape, dtype and device."""
+    """``t``, a tensor the backward is handed (the forward's outputs, the gradient), after checking its shape,
+    dtype and device."""
     dtype = like.dtype if dtype is None else dtype
     if tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{name} must be the forward's output, shape {tuple(shape)}, got {tuple(t.shape)}")
+        raise ValueError(f"{name} must be {what}, shape {tuple(shape)}, got {tuple(t.shape)}")
     if t.dtype != dtype or t.device != like.device:
-        raise ValueError(f"{name} must be the forward's output, {dtype} on {like.device}, got {t.dtype} on "
-                         f"{t.device}")  # fmt: skip
+        raise ValueError(f"{name} must be {what}, {dtype} on {like.device}, got {t.dtype} on {t.device}")
     return t
 
 
@@ -465,28 +470,30 @@ def _score_map(score: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]
 # The backward's visual kernel: (BLOCK_P, BLOCK_C) by class block (BLOCK_K) when it also computes the text half
 # (up to FUSED_MAX_K classes; the (BLOCK_K, BLOCK_C) float32 partial lives in registers), for 16-bit and for float32
 # inputs (FMA products, larger tiles in shared memory), and the unfused kernel's. All at BWD_WARPS warps: chosen so
-# that ptxas (sm_90) spills no register and the shared memory fits sm_86's 99 KB (tests/test_triton_aot.py checks
-# both). The split of the pixels: PROGRAMS_PER_SM programs per SM, each at least MIN_PIXELS_PER_SPLIT pixels long
-# (each split writes a K x C float32 partial). Tuning knobs, not measured on a GPU yet.
+# that ptxas spills no register on sm_90 (Triton 3.6 and 3.8; on sm_80 and sm_86 with 3.8) and the shared memory
+# fits sm_86's 99 KB (tests/test_triton_aot.py checks both); the per-pixel kernel's PIXEL_BLOCKS (pixels, classes
+# a step) likewise. The split of the pixels: PROGRAMS_PER_SM programs per SM, each at least MIN_PIXELS_PER_SPLIT
+# pixels long (each split writes a K x C float32 partial). Tuning knobs, not measured on a GPU yet.
 FUSED_MAX_K = 256
 FUSED_BLOCKS = {
-    False: {16: (64, 64), 32: (64, 64), 64: (64, 64), 128: (32, 64), 256: (16, 64)},
-    True: {16: (32, 32), 32: (32, 32), 64: (32, 32), 128: (16, 32), 256: (16, 32)},
+    False: {16: (64, 64), 32: (64, 64), 64: (32, 64), 128: (16, 64), 256: (16, 64)},
+    True: {16: (32, 32), 32: (32, 32), 64: (32, 32), 128: (16, 16), 256: (16, 32)},
 }
-UNFUSED_BLOCKS = (64, 64, 64)  # BLOCK_P, BLOCK_K (a loop over the classes), BLOCK_C
+UNFUSED_BLOCKS = (64, 64, 32)  # BLOCK_P, BLOCK_K (a loop over the classes), BLOCK_C
+PIXEL_BLOCKS = (64, 32)  # BLOCK_P, BLOCK_K (at most) of _score_bwd_pixel_kernel, 4 warps
 BWD_WARPS = 8
 PROGRAMS_PER_SM = 2
 MIN_PIXELS_PER_SPLIT = 256
 INTERPRETER_SMS = 4  # what "SM" means under Triton's interpreter (tests vary it to exercise the splits)
 
 
-def bwd_blocks(k: int, fp32: bool) -> tuple[int, int, int, bool]:
+def bwd_blocks(k: int, fp32: bool, wide: bool = False) -> tuple[int, int, int, bool]:
     """(BLOCK_P, BLOCK_K, BLOCK_C, FUSE_TEXT) of the backward's visual kernel for k classes; fp32: float32 inputs
-    (DOT_F32)."""
+    (DOT_F32); wide: int64 indexing (its 64-channel blocks past 128 classes spilled with Triton 3.6: 32)."""
     if k <= FUSED_MAX_K:
         block_k = max(16, next_power_of_2(k))
         block_p, block_c = FUSED_BLOCKS[fp32][block_k]
-        return block_p, block_k, block_c, True
+        return block_p, block_k, (min(block_c, 32) if wide and block_k > 128 else block_c), True
     block_p, block_k, block_c = UNFUSED_BLOCKS
     return block_p, block_k, block_c, False
 
@@ -522,12 +529,13 @@ def score_backward(
     G * scale / |v| for the text GEMM); the visual kernel, one pass over the visual map writing dv and (up to
     FUSED_MAX_K classes) the text half's partial sums; their sum (or the GEMM on the raw map); the text
     normalisation's Jacobian."""
+    b, _, h, w = visual.shape
+    _checked(grad, (b, text.shape[-2], h, w), visual, "grad", what="the gradient of the (B, K, H, W) score")
     if visual.numel() == 0:
         return torch.zeros_like(visual), torch.zeros_like(text)
     if score is not None:
         score = _checked(score, grad.shape, grad, "score")
     if norm is not None:
-        b, _, h, w = visual.shape
         norm = _checked(norm, (b, h, w), visual, "norm", torch.float32).contiguous()
     if score is None or norm is None:
         s_out, n_out = empty_score(visual, text.shape[-2]), empty_norm(visual)
@@ -551,12 +559,12 @@ def score_backward(
         g_strides = (g.stride(0), g.stride(1), 1)
     score, s_strides = _score_map(score)
     dot_f32 = dot_in_f32(v.dtype)
-    block_p, block_k, block_c, fused = bwd_blocks(k, dot_f32)
-    limit = torch.finfo(v.dtype).max
     wide = _wide(v, t_hat, g, score)
+    block_p, block_k, block_c, fused = bwd_blocks(k, dot_f32, wide)
+    limit = torch.finfo(v.dtype).max
     radial = torch.empty((b, p), dtype=torch.float32, device=v.device)
     g_scaled = v.new_empty((0,) if fused else (b, k, p))
-    pixel_block_p, pixel_block_k = 64, min(64, max(16, next_power_of_2(k)))
+    pixel_block_p, pixel_block_k = PIXEL_BLOCKS[0], min(PIXEL_BLOCKS[1], max(16, next_power_of_2(k)))
     launch(_score_bwd_pixel_kernel)[(cdiv(p, pixel_block_p), b)](
         g, score, norm, radial, g_scaled, p, k, *g_strides, *s_strides, float(scale), EPS, limit,
         BLOCK_P=pixel_block_p, BLOCK_K=pixel_block_k, WIDE=wide or _wide(g_scaled), WRITE_GS=not fused,
