@@ -1,9 +1,10 @@
 """Ahead-of-time compilation of every Triton kernel for a GPU target, without a GPU.
 
-``python -m denseclip_fast.ops.triton.aot [--arch 90 86 80]`` compiles each kernel, for each dtype and the block
-sizes the launchers choose, to PTX and a cubin for those architectures, so that a kernel that does not build, or
-that needs more shared memory than the GPU has, fails CI on a machine with no GPU. It must run without
-``TRITON_INTERPRET`` (the interpreter replaces the kernels).
+``python -m denseclip_fast.ops.triton.aot [--arch 90 86 80] [--workers N]`` compiles each kernel, for each dtype
+and the block sizes the launchers choose, to PTX and a cubin for those architectures (in parallel processes), and
+reads its registers from ptxas, so that a kernel that does not build, that needs more shared memory than the GPU
+has, or that spills registers on sm_90 fails CI on a machine with no GPU. It must run without ``TRITON_INTERPRET``
+(the interpreter replaces the kernels).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 import triton
@@ -99,9 +101,11 @@ def _attention(dt: str, d: int, which: str, arch: int = 90) -> Spec:
     return f"attn_{which} {dt} D={d}", fn, _signature(fn, ptrs, floats, const), const, options
 
 
-def _score_specializations() -> Iterator[Spec]:
-    """Every score kernel at every block size its launchers choose, for any GPU (the blocks do not depend on it)."""
-    for dt in ("bf16", "fp16", "fp32"):
+def _score_specializations(arch: int) -> Iterator[Spec]:
+    """Every score kernel at every block size its launchers choose (the same on every GPU); float16, which compiles
+    as bfloat16, only for sm_90."""
+    dtypes = ("bf16", "fp16", "fp32") if arch == 90 else ("bf16", "fp32")
+    for dt in dtypes:
         yield _score(dt, 150)
     for k in (19, 100, 300):  # the other class blocks (32, 128; 256 and several blocks)
         yield _score("bf16", k)
@@ -111,7 +115,7 @@ def _score_specializations() -> Iterator[Spec]:
     for k in (10, 19, 59, 100, 300):  # every class block of the fused kernel (16 ... 256) and the unfused kernel
         yield _score_backward("bf16", k)
         yield _score_backward("fp32", k)
-    for dt in ("bf16", "fp16", "fp32"):
+    for dt in dtypes:
         yield _score_backward(dt)
         yield _score_backward_pixels(dt, write_gs=False)
         yield _score_backward_pixels(dt, write_gs=True)
@@ -121,10 +125,11 @@ def _score_specializations() -> Iterator[Spec]:
 
 def specializations(arch: int = 90) -> Iterator[Spec]:
     """Spec tuples (label, kernel, signature, constexprs, compile options). Every score kernel at every block size
-    its launchers choose (the same on every GPU). For sm_90: every attention kernel in each dtype at the decoder's
-    head dim, bfloat16 and float32 at every head dim. For other GPUs: bfloat16 and float32 attention at every head
-    dim, with the blocks chosen for that GPU (its shared memory, and the smaller blocks before Hopper)."""
-    yield from _score_specializations()
+    its launchers choose (the same on every GPU; float16 only for sm_90). For sm_90: every attention kernel in each
+    dtype at the decoder's head dim, bfloat16 and float32 at every head dim. For other GPUs: bfloat16 and float32
+    attention at every head dim, with the blocks chosen for that GPU (its shared memory, smaller blocks before
+    Hopper)."""
+    yield from _score_specializations(arch)
     if arch != 90:  # every attention kernel at the blocks chosen for this GPU (16-bit: float16 compiles as bfloat16)
         for dt in ("bf16", "fp32"):
             for d in attention.HEAD_DIMS:
@@ -175,46 +180,55 @@ def registers(ptx: str, arch: int) -> tuple[int, int] | None:
     return (int(used.group(1)) if used else 0), (int(spilled.group(1)) if spilled else 0)
 
 
-def compile_all(arch: int = 90) -> list[str]:
-    """Compile every specialization for sm_<arch>; returns one line per kernel (with ptxas's registers and spill
-    stores where a ptxas is found). Raises on the first failure: a kernel that does not build, that needs more shared
-    memory than the GPU has, or (float32 attention) more than attention.smem_estimate, from which the launchers
-    choose their blocks, or (sm_90, the GPU they are tuned for) that spills registers; other GPUs' spills are
-    reported (with Triton 3.8 there are none on sm_80 and sm_86; Triton 3.6 spills some 16-bit backward blocks
-    on sm_80)."""
-    target = GPUTarget("cuda", arch, 32)
-    lines = []
-    for label, fn, sig, const, options in specializations(arch):
-        start = time.perf_counter()
-        kernel = triton.compile(triton.compiler.ASTSource(fn, sig, const), target=target, options=options)
-        if not kernel.asm.get("cubin"):
-            raise RuntimeError(f"{label}: no cubin produced")
-        shared = kernel.metadata.shared
-        where = f"{label} (BLOCK_M={const.get('BLOCK_M')}, BLOCK_N={const.get('BLOCK_N')}) on sm_{arch}"
-        if shared > SHARED_MEMORY[arch]:
-            raise RuntimeError(f"{where}: {shared} B of shared memory, the GPU has {SHARED_MEMORY[arch]} B")
-        kind = label.split()[0].removeprefix("attn_")
-        if const.get("DOT_F32") and kind in attention.KINDS:
-            bound = attention.smem_estimate(kind, const["D"], const["BLOCK_M"], const["BLOCK_N"])
-            if shared > bound:
-                raise RuntimeError(f"{where}: {shared} B of shared memory, above attention.smem_estimate ({bound} B)")
-        regs = registers(kernel.asm["ptx"], arch)
-        if regs is not None and regs[1] and arch == 90:
-            raise RuntimeError(f"{where}: spills {regs[1]} B of registers ({options or 'default options'})")
-        used = "" if regs is None else f", {regs[0]} registers, {regs[1]} B spilled"
-        lines.append(f"{label}: {1e3 * (time.perf_counter() - start):.0f} ms, {shared} B shared{used}")
-    return lines
+def compile_one(arch: int, index: int) -> str:
+    """Compile specialization ``index`` of ``specializations(arch)`` for sm_<arch>; one line saying what it took
+    (with ptxas's registers and spill stores where a ptxas is found). Raises when the kernel does not build, needs
+    more shared memory than the GPU has, or (float32 attention) more than attention.smem_estimate, from which the
+    launchers choose their blocks, or (sm_90, the GPU they are tuned for) spills registers; other GPUs' spills are
+    reported (with Triton 3.8 there are none on sm_80 and sm_86; Triton 3.6 spills some 16-bit backward blocks on
+    sm_80)."""
+    label, fn, sig, const, options = list(specializations(arch))[index]
+    start = time.perf_counter()
+    kernel = triton.compile(triton.compiler.ASTSource(fn, sig, const), target=GPUTarget("cuda", arch, 32),
+                            options=options)  # fmt: skip
+    if not kernel.asm.get("cubin"):
+        raise RuntimeError(f"{label}: no cubin produced")
+    shared = kernel.metadata.shared
+    where = f"{label} (BLOCK_M={const.get('BLOCK_M')}, BLOCK_N={const.get('BLOCK_N')}) on sm_{arch}"
+    if shared > SHARED_MEMORY[arch]:
+        raise RuntimeError(f"{where}: {shared} B of shared memory, the GPU has {SHARED_MEMORY[arch]} B")
+    kind = label.split()[0].removeprefix("attn_")
+    if const.get("DOT_F32") and kind in attention.KINDS:
+        bound = attention.smem_estimate(kind, const["D"], const["BLOCK_M"], const["BLOCK_N"])
+        if shared > bound:
+            raise RuntimeError(f"{where}: {shared} B of shared memory, above attention.smem_estimate ({bound} B)")
+    regs = registers(kernel.asm["ptx"], arch)
+    if regs is not None and regs[1] and arch == 90:
+        raise RuntimeError(f"{where}: spills {regs[1]} B of registers ({options or 'default options'})")
+    used = "" if regs is None else f", {regs[0]} registers, {regs[1]} B spilled"
+    return f"sm_{arch} {label}: {1e3 * (time.perf_counter() - start):.0f} ms, {shared} B shared{used}"
+
+
+def compile_all(archs: list[int], workers: int | None = None) -> list[str]:
+    """:func:`compile_one` for every specialization of every arch, in ``workers`` processes (default: one per
+    CPU; the compiles are independent and each takes a core for up to a few seconds). Raises on the first failure."""
+    jobs = [(arch, index) for arch in archs for index in range(len(list(specializations(arch))))]
+    workers = workers or os.cpu_count() or 1
+    if workers == 1:
+        return [compile_one(arch, index) for arch, index in jobs]
+    with ProcessPoolExecutor(workers) as pool:
+        return list(pool.map(compile_one, *zip(*jobs)))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[90], choices=sorted(SHARED_MEMORY),
-                        help="compute capabilities as integers (90 = Hopper: every kernel; others: the float32 "
-                             "attention kernels, whose blocks depend on the shared memory)")  # fmt: skip
+                        help="compute capabilities as integers (90 = Hopper: every kernel in every dtype; others: "
+                             "bfloat16 and float32, at the blocks chosen for that GPU)")  # fmt: skip
+    parser.add_argument("--workers", type=int, default=None, help="compile processes (default: one per CPU)")
     args = parser.parse_args(argv)
-    for arch in args.arch:
-        for line in compile_all(arch):
-            print(f"sm_{arch} {line}")
+    for line in compile_all(args.arch, args.workers):
+        print(line)
     return 0
 
 
