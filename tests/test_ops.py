@@ -405,6 +405,26 @@ def test_triton_eager_inference_skips_the_operator_dispatch_only_when_nothing_ne
     assert not ops.eager_inference(torch.nn.Parameter(visual, requires_grad=False))  # a subclass: the operator
 
 
+def test_triton_score_autograd_saves_the_output_itself_and_the_norms():
+    """What the Triton score operators keep for the backward: visual, text, the output itself (score_concat's whole
+    buffer, which the next layer keeps anyway: no copy) and the (B, H, W) float32 norms; nothing of size B x K x H x W
+    besides."""
+    assert ops.backends.triton_available() is None
+    visual = _leaf(_visual(2, 33, 4, 5, "channels_last", torch.float32))
+    text = _leaf(_text(2, 7, 33, True, torch.float32))
+    feature = _leaf(torch.randn(2, 3, 4, 5, device=DEVICE))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = ops.score_concat(feature, visual, text, 2.0, backend="triton")
+    assert len(saved) == 4, [tuple(t.shape) for t in saved]
+    by_shape = {tuple(t.shape): t for t in saved}
+    assert by_shape[(2, 33, 4, 5)] is visual and by_shape[(2, 7, 33)] is text
+    assert by_shape[(2, 10, 4, 5)].data_ptr() == out.data_ptr()  # the output's own storage
+    norm = by_shape[(2, 4, 5)]
+    assert norm.dtype == torch.float32
+    torch.testing.assert_close(norm, torch.linalg.vector_norm(visual.detach(), dim=1))
+
+
 def test_the_output_may_change_in_place_only_where_the_backward_does_not_read_it():
     """The Triton backward reads the forward's output (saved by autograd): changing it in place before the backward
     is refused by autograd's version check, never silently wrong. The CPU kernel does not read it, so on a CPU
