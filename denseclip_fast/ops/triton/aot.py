@@ -55,7 +55,7 @@ def _score(dt: str, k: int, wide: bool = False) -> Spec:
 
 
 def _score_backward(dt: str, k: int = 150, wide: bool = False) -> Spec:
-    """The visual kernel of the score backward, with the blocks (and warps, in OPTIONS) score_backward launches."""
+    """The visual kernel of the score backward, with the blocks and warps score_backward launches."""
     block_p, block_k, block_c, fused = score.bwd_blocks(k, dt == "fp32", wide)
     const = {"BLOCK_P": block_p, "BLOCK_K": block_k, "BLOCK_C": block_c, "DOT_F32": dt == "fp32", "WIDE": wide,
              "FUSE_TEXT": fused}  # fmt: skip

@@ -309,14 +309,18 @@ def _text_grad_kernel(gt_ptr, that_ptr, norm_ptr, out_ptr, R, C, eps, BLOCK_R: t
 TEXT_BLOCKS = {"BLOCK_R": 4, "BLOCK_C": 256}  # the text kernels' blocks (also aot.py's): K / 4 programs
 
 
-def _flat_visual(visual: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
-    """visual made NCHW- or NHWC-contiguous, and its (b, c, pixel) element strides. The strides come from the
-    shape: a contiguous tensor may carry any stride on a size-1 dimension, so stride(3) is no pixel stride when
+def _dense_strides(shape: Sequence[int], layout: torch.memory_format) -> tuple[int, int, int]:
+    """The (image, channel, pixel) element strides of a (B, C, H, W) tensor contiguous in ``layout``. They come from
+    the shape: a contiguous tensor may carry any stride on a size-1 dimension, so stride(3) is no pixel stride when
     W == 1."""
-    b, c, h, w = visual.shape
-    if score_memory_format(visual) == torch.channels_last:
-        return visual.contiguous(memory_format=torch.channels_last), h * w * c, 1, c
-    return visual.contiguous(), c * h * w, h * w, 1
+    _, c, h, w = shape
+    return (h * w * c, 1, c) if layout == torch.channels_last else (c * h * w, h * w, 1)
+
+
+def _flat_visual(visual: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
+    """visual made NCHW- or NHWC-contiguous (its score layout), and its (b, c, pixel) element strides."""
+    layout = score_memory_format(visual)
+    return visual.contiguous(memory_format=layout), *_dense_strides(visual.shape, layout)
 
 
 def _pixel_strides(t: torch.Tensor) -> tuple[int, int, int] | None:
@@ -393,16 +397,14 @@ def _forward_launch(
     """The launch for these sizes and strides, computed once (a few microseconds of Python per call otherwise)."""
     b, c, h, w = v_shape
     k, p = t_shape[-2], h * w
-    if memory_format_of(v_shape, v_stride) == torch.channels_last:
-        layout, v_strides = torch.channels_last, (h * w * c, 1, c)
-    else:
-        layout, v_strides = torch.contiguous_format, (c * h * w, h * w, 1)
+    layout = memory_format_of(v_shape, v_stride)
+    v_strides = _dense_strides(v_shape, layout)
     t_stride = (k * c, c, 1) if len(t_shape) == 3 else (c, 1)  # text.contiguous()
-    block_p, block_k, block_c, warps = _blocks(k, dot_in_f32(dtype))
+    dot_f32 = dot_in_f32(dtype)
+    block_p, block_k, block_c, warps = _blocks(k, dot_f32)
     wide = _wide_of((v_shape, (v_strides[0], v_strides[1], v_strides[2] * w, v_strides[2])), (t_shape, t_stride),
                     (o_shape, o_stride))  # fmt: skip
-    constexprs = {"BLOCK_P": block_p, "BLOCK_K": block_k, "BLOCK_C": block_c, "DOT_F32": dot_in_f32(dtype),
-                  "WIDE": wide}  # fmt: skip
+    constexprs = {"BLOCK_P": block_p, "BLOCK_K": block_k, "BLOCK_C": block_c, "DOT_F32": dot_f32, "WIDE": wide}
     grid = (cdiv(p, block_p), cdiv(k, block_k), b)
     return _ForwardLaunch(layout, v_strides, grid, constexprs, warps)
 
