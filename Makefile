@@ -39,6 +39,7 @@ bench: setup
 	$(PYTHON) benchmarks/bench_export.py
 	$(PYTHON) benchmarks/bench_train.py
 	$(PYTHON) benchmarks/bench_data.py
+	$(PYTHON) benchmarks/bench_host.py
 
 SHARED_WHEELS ?= ../shared/wheels/py312
 gpu-wheels: $(VENV)/.deps

@@ -131,6 +131,8 @@ gpu_tests() {  # the operators on CUDA (all backends) and the model, engine and 
 
 ops() {  # the fused operators against eager and SDPA: the kernels issue's targets (torch.compile: compile_baselines)
   timed bench_ops bench_ops.txt python3 benchmarks/bench_ops.py --dtype bf16 --compile no --out "$OUT"
+  # the host time of the eager and autograd paths (launches stubbed), which the small shapes' timings include
+  timed bench_host bench_host.txt python3 benchmarks/bench_host.py --out "$OUT"
 }
 
 e2e_rn50() {  # the engine issue's headline: RN50 512x512 batch 1 and 16 (torch.compile: compile_baselines)

@@ -170,3 +170,26 @@ def test_score_tuning_sweep_tries_each_variant_and_restores_the_defaults(tmp_pat
     assert all(r["rel_err_vs_default"] < 1e-5 for r in rows if "error" not in r)
     assert (score._blocks, score.FUSED_BLOCKS, score.BWD_WARPS) == before
     assert "P16 C48 w8 2/SM | failed" in (tmp_path / "tune_score_t.md").read_text()
+
+
+def test_host_time_benchmark_measures_every_path_and_restores_the_launcher(tmp_path, monkeypatch):
+    """benchmarks/bench_host.py times each host path (no timing is asserted here) with the Triton launches stubbed
+    out, and puts the real launcher back."""
+    from benchmarks import bench_host
+    from denseclip_fast.ops import backends
+
+    if backends.triton_available() is not None:
+        import pytest
+
+        pytest.skip(backends.triton_available())
+    from denseclip_fast.ops.triton import score
+
+    launch = score.launch
+    monkeypatch.setattr(bench_host, "SECONDS", 0.01)
+    assert bench_host.main(["--out", str(tmp_path), "--tag", "t"]) == 0
+    rows = json.loads((tmp_path / "host_t.json").read_text())["rows"]
+    assert [r for r in rows if "error" in r] == []
+    paths = {r["path"] for r in rows}
+    assert paths >= {"pixel_text_score, eager (Triton)", "autograd.grad through the Triton operator"}
+    assert all(r["median_us"] > 0 for r in rows)
+    assert score.launch is launch
