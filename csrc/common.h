@@ -46,30 +46,43 @@ void check_score_grad(const at::Tensor& grad, const at::Tensor& visual, const Sc
 // in visual's memory format.
 at::Tensor empty_concat_output(const at::Tensor& feature, const at::Tensor& visual, const ScoreShape& s);
 
-// pixel_text_score and score_concat for a backend whose `into(out, visual, text, shape, scale)` writes the scores into
-// a (B, K, H, W) tensor or view (out.stride(2) == W * out.stride(3)): the allocation and the feature copy are the same
-// for every backend.
-template <typename Into>
-at::Tensor score_with(const at::Tensor& visual, const at::Tensor& text, double scale, Into into) {
-  const ScoreShape s = check_score_inputs(visual, text, "pixel_text_score");
-  at::Tensor out = at::empty({s.B, s.K, s.H, s.W}, visual.options().memory_format(score_memory_format(visual)));
-  into(out, visual, text, s, scale);
-  return out;
-}
-
-template <typename Into>
-at::Tensor score_concat_with(const at::Tensor& feature, const at::Tensor& visual, const at::Tensor& text,
-                             double scale, Into into) {
-  const ScoreShape s = check_score_inputs(visual, text, "score_concat");
-  at::Tensor out = empty_concat_output(feature, visual, s);
-  out.narrow(1, 0, feature.size(1)).copy_(feature);
-  into(out.narrow(1, feature.size(1), s.K), visual, text, s, scale);
-  return out;
-}
-
-// float32 for float16/bfloat16/float32 tensors, float64 for float64: the type the ATen-based parts compute in.
+// float32 for float16/bfloat16/float32 tensors, float64 for float64: the type the ATen-based parts compute in, and
+// the dtype of the pixel norms the score operators return.
 inline at::ScalarType compute_type(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// The second output of pixel_text_score and score_concat: the pixel norms |v| (unclamped), (B, H, W) contiguous in
+// compute_type(visual), for the backward (which then needs no pass over visual of its own to find them).
+inline at::Tensor empty_norm(const at::Tensor& visual, const ScoreShape& s) {
+  return at::empty({s.B, s.H, s.W}, visual.options().dtype(compute_type(visual)));
+}
+
+// norm, as the backward gets it, must be what the forward returned: (B, H, W) in compute_type(visual), visual's device.
+void check_score_norm(const at::Tensor& norm, const at::Tensor& visual, const ScoreShape& s, const char* op);
+
+// pixel_text_score and score_concat for a backend whose `into(out, norm, visual, text, shape, scale)` writes the
+// scores into a (B, K, H, W) tensor or view (out.stride(2) == W * out.stride(3)) and the pixel norms into norm:
+// the allocation and the feature copy are the same for every backend.
+template <typename Into>
+std::tuple<at::Tensor, at::Tensor> score_with(const at::Tensor& visual, const at::Tensor& text, double scale,
+                                              Into into) {
+  const ScoreShape s = check_score_inputs(visual, text, "pixel_text_score");
+  at::Tensor out = at::empty({s.B, s.K, s.H, s.W}, visual.options().memory_format(score_memory_format(visual)));
+  at::Tensor norm = empty_norm(visual, s);
+  into(out, norm, visual, text, s, scale);
+  return {out, norm};
+}
+
+template <typename Into>
+std::tuple<at::Tensor, at::Tensor> score_concat_with(const at::Tensor& feature, const at::Tensor& visual,
+                                                     const at::Tensor& text, double scale, Into into) {
+  const ScoreShape s = check_score_inputs(visual, text, "score_concat");
+  at::Tensor out = empty_concat_output(feature, visual, s);
+  at::Tensor norm = empty_norm(visual, s);
+  out.narrow(1, 0, feature.size(1)).copy_(feature);
+  into(out.narrow(1, feature.size(1), s.K), norm, visual, text, s, scale);
+  return {out, norm};
 }
 
 // x / max(|x|, eps) along `dim` (F.normalize), and the clamped norms (keepdim).
@@ -88,10 +101,12 @@ inline at::Tensor normalize_backward(const at::Tensor& g_hat, const at::Tensor& 
 
 // pixel_text_score's backward in ATen calls, for CPU and CUDA tensors of every dtype (csrc/score_backward.cpp);
 // the CUDA registration (csrc/cuda/score.cu) takes tensor-core kernels where it can and this otherwise.
-// score_map (the forward's output) is checked and otherwise not used: this backward computes <v^, g^> itself.
+// score_map (the forward's output) is checked and otherwise not used: this backward computes <v^, g^> itself;
+// norm (the forward's pixel norms), when given, spares it the pass over visual that finds them.
 std::tuple<at::Tensor, at::Tensor> score_backward_aten(const at::Tensor& grad, const at::Tensor& visual,
                                                        const at::Tensor& text, double scale,
-                                                       const std::optional<at::Tensor>& score_map = std::nullopt);
+                                                       const std::optional<at::Tensor>& score_map = std::nullopt,
+                                                       const std::optional<at::Tensor>& norm = std::nullopt);
 
 // Shapes of a context_attention call: q (B, heads, Lq, D), k and v (B, heads, Lk, D).
 struct AttentionShape {

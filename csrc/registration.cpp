@@ -92,6 +92,14 @@ void check_score_grad(const at::Tensor& grad, const at::Tensor& visual, const Sc
               " must match visual's dtype and device, got ", grad.scalar_type(), " on ", grad.device());
 }
 
+void check_score_norm(const at::Tensor& norm, const at::Tensor& visual, const ScoreShape& s, const char* op) {
+  TORCH_CHECK(norm.dim() == 3 && norm.size(0) == s.B && norm.size(1) == s.H && norm.size(2) == s.W &&
+                  norm.scalar_type() == compute_type(visual) && norm.device() == visual.device(),
+              op, ": norm must be (B, H, W) = (", s.B, ", ", s.H, ", ", s.W, ") ", compute_type(visual), " on ",
+              visual.device(), " (the forward's pixel norms), got ", norm.sizes(), " ", norm.scalar_type(), " on ",
+              norm.device());
+}
+
 at::Tensor empty_concat_output(const at::Tensor& feature, const at::Tensor& visual, const ScoreShape& s) {
   TORCH_CHECK(feature.dim() == 4 && feature.size(0) == s.B && feature.size(2) == s.H && feature.size(3) == s.W,
               "score_concat: feature must be (B, C_feat, H, W) with visual's B, H, W = (", s.B, ", ", s.H, ", ", s.W,
@@ -140,13 +148,16 @@ AttentionShape check_attention_backward_inputs(const at::Tensor& grad_out, const
 
 TORCH_LIBRARY(denseclip_fast, m) {
   m.def("build_info() -> str", &build_info);
-  // L2-normalise every pixel of visual and every row of text, dot products, times scale: (B, K, H, W).
-  m.def("pixel_text_score(Tensor visual, Tensor text, float scale=1.0) -> Tensor");
-  // score_map: the forward's output, which autograd passes (the CUDA tensor-core kernel takes <v^, g^> from it)
-  m.def("pixel_text_score_backward(Tensor grad, Tensor visual, Tensor text, float scale, Tensor? score_map=None) -> "
-        "(Tensor, Tensor)");
-  // cat([feature, pixel_text_score(visual, text, scale)], dim=1) without the intermediate score tensor.
-  m.def("score_concat(Tensor feature, Tensor visual, Tensor text, float scale=1.0) -> Tensor");
+  // L2-normalise every pixel of visual and every row of text, dot products, times scale: (B, K, H, W); and the
+  // pixel norms |v| (B, H, W) in float32 (float64 for float64 inputs), which the backward takes.
+  m.def("pixel_text_score(Tensor visual, Tensor text, float scale=1.0) -> (Tensor, Tensor)");
+  // score_map and norm: the forward's outputs, which autograd passes (the CUDA tensor-core kernels take <v^, g^>
+  // from the map, and with the norms read visual once)
+  m.def("pixel_text_score_backward(Tensor grad, Tensor visual, Tensor text, float scale, Tensor? score_map=None, "
+        "Tensor? norm=None) -> (Tensor, Tensor)");
+  // cat([feature, pixel_text_score(visual, text, scale)], dim=1) without the intermediate score tensor; and the
+  // pixel norms, as pixel_text_score.
+  m.def("score_concat(Tensor feature, Tensor visual, Tensor text, float scale=1.0) -> (Tensor, Tensor)");
   // softmax(q k^T / sqrt(D)) v and the row log-sum-exp (B, heads, Lq) in float32 (float64 for float64 inputs).
   m.def("context_attention(Tensor q, Tensor k, Tensor v) -> (Tensor, Tensor)");
   m.def("context_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse)"

@@ -7,6 +7,7 @@
 //                                               gradient passes at equality)
 //   g^_t = scale * sum_p (G / max(|v_p|, eps)) v_p^T   (one batched GEMM on the raw map, summed over the batch
 //                                               when the text is shared), then the same Jacobian for the rows of t.
+// |v| comes from the forward (norm) when autograd passes it, else from a pass over the map.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -16,10 +17,12 @@ namespace denseclip_fast {
 
 std::tuple<at::Tensor, at::Tensor> score_backward_aten(const at::Tensor& grad, const at::Tensor& visual,
                                                        const at::Tensor& text, double scale,
-                                                       const std::optional<at::Tensor>& score_map) {
+                                                       const std::optional<at::Tensor>& score_map,
+                                                       const std::optional<at::Tensor>& norm) {
   const ScoreShape s = check_score_inputs(visual, text, "pixel_text_score_backward");
   check_score_grad(grad, visual, s, "pixel_text_score_backward");
   if (score_map) check_score_grad(*score_map, visual, s, "pixel_text_score_backward", "score_map");
+  if (norm) check_score_norm(*norm, visual, s, "pixel_text_score_backward");
   if (visual.numel() == 0) return {at::zeros_like(visual), at::zeros_like(text)};
   const at::ScalarType ct = compute_type(visual);
   const at::Tensor v = visual.to(ct).contiguous().view({s.B, s.C, s.P()});
@@ -28,7 +31,8 @@ std::tuple<at::Tensor, at::Tensor> score_backward_aten(const at::Tensor& grad, c
   const at::Tensor t_norm = at::linalg_vector_norm(t, 2, {-1}, /*keepdim=*/true);
   const auto [t_hat, t_clamped] = normalize_along(t, -1);
   const at::Tensor t_b = s.text_batched ? t_hat : t_hat.unsqueeze(0).expand({s.B, s.K, s.C});
-  const at::Tensor v_norm = at::linalg_vector_norm(v, 2, {1}, /*keepdim=*/true);  // (B, 1, P)
+  const at::Tensor v_norm =  // (B, 1, P)
+      norm ? norm->reshape({s.B, 1, s.P()}) : at::linalg_vector_norm(v, 2, {1}, /*keepdim=*/true);
   const at::Tensor v_clamped = v_norm.clamp_min(kNormEps);
   const at::Tensor gv_hat = at::bmm(t_b.transpose(1, 2), g).mul_(scale);          // (B, C, P)
   const at::Tensor grad_visual = normalize_backward(gv_hat, v / v_clamped, v_clamped, v_norm, 1);

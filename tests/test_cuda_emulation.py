@@ -1,8 +1,8 @@
 """Every CUDA kernel of csrc/cuda run on the CPU, under the CUDA emulation of tests/cuda_emulation (host threads for
 GPU threads, barriers for __syncthreads/__syncwarp, warp shuffles through memory, whole-tile WMMA fragments that
 check pointer alignment and ldm), compiled with AddressSanitizer so that an access outside a buffer or a shared
-array aborts: the tensor-core score kernels (score_tc.cuh: forward, visual backward; score_text.cuh: the text side
-of that backward; float16 and bfloat16), the
+array aborts: the tensor-core score kernels (score_tc.cuh: forward, visual backward; score_backward_tc.cuh: the
+one-pass backward; score_text.cuh: the text side of the backwards; float16 and bfloat16), the
 portable score forward (score_portable.cuh), the tensor-core attention kernels (attention_tc.cuh: forward, dQ,
 dK/dV; float16 and bfloat16) and the portable attention kernels (attention_kernels.cuh: forward, dQ, dK/dV;
 float32 and float64). They check tiling, bounds, layouts, load widths and epilogues against float64 without a GPU;
@@ -12,6 +12,7 @@ tests/test_ops.py and tests/test_gpu.py check the kernels on a GPU (cuda backend
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Callable
@@ -58,6 +59,22 @@ BACKWARD_CASES = [
     ("half", 2, 96, 10, 13, 17, 0, 1, 0, 1),  # three pixel tiles, the last partial; three channel steps
     ("bf16", 2, 0, 3, 3, 5, 1, 0, 0, 0),  # C = 0
     ("bf16", 2, 0, 3, 3, 5, 1, 0, 0, 2),  # C = 0 with a map (all zero)
+]
+# One-pass backward (tensor cores, given the forward's score map and norms): (dtype, B, C, H, W, K, nhwc, batched
+# text, X: G and the map read as channels [X, X + K) of their buffers, map NHWC, splits forced (0: the plan's for a
+# 4-multiprocessor GPU), a NaN planted) and the number of splits expected
+ONEPASS_CASES = [
+    (("half", 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0), 1),  # everything one
+    (("half", 1, 3, 1, 3, 2, 0, 0, 0, 0, 0, 1), 1),  # three pixels: a plain one, the zero and the NaN one
+    (("bf16", 2, 37, 5, 7, 150, 0, 1, 3, 0, 0, 1), 1),  # odd C and P, text per image (the NaN reaches image 1's)
+    (("half", 2, 37, 5, 7, 150, 1, 0, 0, 1, 0, 0), 1),  # NHWC element accesses, an NHWC map; float16 overflow
+    (("bf16", 1, 64, 8, 8, 192, 1, 0, 0, 1, 0, 0), 1),  # K at the kernel's limit; vector accesses
+    (("half", 2, 40, 9, 10, 33, 1, 1, 5, 0, 3, 0), 3),  # 3 splits of an image's tiles; 40 of a block's 64 channels
+    (("bf16", 3, 96, 10, 13, 17, 0, 0, 0, 0, 4, 0), 4),  # shared text: 4 splits of 15 tiles straddle the images
+    (("bf16", 2, 130, 4, 20, 20, 1, 0, 2, 1, 0, 0), 1),  # three channel blocks, the last of 2 channels
+    (("half", 2, 130, 4, 20, 20, 0, 1, 0, 0, 0, 1), 1),  # the same NCHW, text per image, a NaN
+    (("bf16", 4, 16, 16, 16, 8, 0, 0, 0, 0, 0, 0), 4),  # the plan: 8 blocks wanted, 4 splits of 256 pixels allowed
+    (("half", 1, 8, 2, 3, 4, 1, 0, 0, 0, 9, 0), 1),  # 9 splits forced on one tile: one split, none empty
 ]
 # Text side of the tensor-core backward: (dtype, rows R (K, or B x K), C, NB (planes summed into g^_t on the host))
 TEXT_CASES = [
@@ -130,8 +147,9 @@ def test_score_forward_kernels_under_emulation(emulated, case):
     if dtype in ("half", "bf16"):  # the tensor-core kernel, in the configuration the launcher picks
         assert (int(got["row_frags"]), int(got["vec"])) == _expected_config(b, c, h, w, k, nhwc, misalign, sms), got
     assert float(got["rel_err"]) <= TOL[dtype], got
+    assert float(got["norm_err"]) <= (1e-12 if dtype == "double" else 1e-5), f"the pixel norms: {got}"
     assert got["zeros_exact"] == "1", "a zero pixel or class must score exactly 0"
-    assert got["untouched"] == "1", "the kernel wrote outside the score channels"
+    assert got["untouched"] == "1", "the kernel wrote outside the score channels and the norms"
 
 
 @pytest.mark.parametrize("case", BACKWARD_CASES, ids=lambda c: "-".join(map(str, c)))
@@ -144,6 +162,22 @@ def test_tensor_core_score_backward_kernel_under_emulation(emulated, case):
     assert got["nan_ok"] == "1", "a pixel holding a NaN must get NaN gradients (torch's clamp_min keeps NaN)"
     assert got["vec"] == str(int(bool(case[6]) and case[2] % 8 == 0)), got
     assert got["untouched"] == "1", "the kernel wrote past its outputs"
+
+
+@pytest.mark.parametrize("case, splits", ONEPASS_CASES, ids=["-".join(map(str, c)) for c, _ in ONEPASS_CASES])
+def test_one_pass_score_backward_kernels_under_emulation(emulated, case, splits):
+    """csrc/cuda/score_backward_tc.cuh: the pixel coefficients and the one-pass kernel (dv and the d t^ partials of
+    each split, summed as the launcher sums them), in the instantiation the launcher picks."""
+    dtype = case[0]
+    got = emulated("score_onepass_main", case)
+    assert float(got["rel_err"]) <= 2 * TOL[dtype], got  # gradients: 2x, as tests/test_ops.py
+    assert float(got["zero_rel_err"]) <= 2 * TOL[dtype], got  # the zero pixel: g^ / eps (F.normalize's clamp)
+    assert float(got["text_rel_err"]) <= 1e-6, got  # float accumulation of the same rounded products
+    assert got["nan_ok"] == "1", "a NaN pixel must give NaN gradients to itself and to the text it reaches"
+    assert got["vec"] == str(int(bool(case[6]) and case[2] % 8 == 0)), got
+    assert got["splits"] == str(splits), got
+    assert got["untouched"] == "1", "the kernel wrote past dv"
+    assert got["partial_written"] == "1", "every split must write its whole partial (the launcher sums them all)"
 
 
 @pytest.mark.parametrize("case", TEXT_CASES, ids=lambda c: "-".join(map(str, c)))
@@ -197,3 +231,36 @@ def test_the_emulation_catches_a_misaligned_fragment(tmp_path):
     run_checked([_compiler(), "-std=c++20", "-pthread", include, str(source), "-o", str(binary)])
     result = subprocess.run([str(binary)], capture_output=True, text=True)
     assert result.returncode != 0 and "ldm 20 is not a multiple of 16 bytes" in result.stderr
+
+
+def test_the_one_pass_kernel_fits_two_blocks_per_multiprocessor(tmp_path):
+    """csrc/cuda/score_backward_tc.cuh asks for two blocks per multiprocessor (__launch_bounds__(256, 2): at most 128
+    registers) with 48 KB of static shared memory or less: ptxas must fit every instantiation in that without
+    spilling a register on sm_90 or sm_80 (a spill would put local-memory traffic into a kernel that is meant to
+    read the visual map once)."""
+    from .conftest import cuda_toolkit
+
+    toolkit = cuda_toolkit()
+    if toolkit is None:
+        pytest.skip("no CUDA toolkit")
+    header = os.path.join(ROOT, "csrc", "cuda", "score_backward_tc.cuh")
+    kinds = [f"(void*)onepass::onepass_kernel<{t}, {nhwc}, {vec}>" for t in ("__half", "__nv_bfloat16")
+             for nhwc, vec in (("false", "false"), ("true", "false"), ("true", "true"))]  # fmt: skip
+    source = tmp_path / "onepass.cu"
+    table = ", ".join(kinds)
+    source.write_text(f'#include "{header}"\nusing namespace denseclip_fast;\nvoid* kernels[] = {{{table}}};\n')
+    for arch in (90, 80):
+        result = subprocess.run(
+            [os.path.join(toolkit, "bin", "nvcc"), "-std=c++17", "-c", str(source), "-o", str(tmp_path / "o.o"),
+             "-Xptxas", "-v", f"-gencode=arch=compute_{arch},code=sm_{arch}"],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-2000:]
+        report = result.stderr
+        assert report.count("Compiling entry function '_ZN14denseclip_fast7onepass14onepass_kernel") == 6, report
+        assert report.count(" 0 bytes spill stores, 0 bytes spill loads") >= 6, report
+        assert "spill stores" in report and not re.search(r"[1-9]\d* bytes spill stores", report), report
+        smem = [int(n) for n in re.findall(r"(\d+) bytes smem", report)]
+        assert smem and max(smem) <= 48 * 1024, report
+        registers = [int(n) for n in re.findall(r"Used (\d+) registers", report)]
+        assert registers and max(registers) <= 128, report

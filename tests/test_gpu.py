@@ -68,10 +68,13 @@ def test_tensor_core_score_kernels(dtype, shape, layout, backend):
     expected.backward(grad)
     v, t = v.detach().requires_grad_(), t.detach().requires_grad_()
     out = ops.pixel_text_score(v, t, 0.7, backend=backend)
-    out.backward(grad.to(dtype))  # cuda: the tensor-core visual backward up to 192 classes, ATen's past that
+    out.backward(grad.to(dtype))  # cuda: the one-pass tensor-core backward up to 192 classes, ATen's past that
     assert out.dtype == dtype and rel_err(out, expected) <= tol
     assert rel_err(v.grad, v64.grad) <= 2 * tol and rel_err(t.grad, t64.grad) <= 2 * tol
     assert v.grad.is_contiguous(memory_format=score_memory_format(v))
+    if backend == "cuda":  # without the forward's map and norms: the two-pass kernel (autograd took the one-pass one)
+        gv, gt = torch.ops.denseclip_fast.pixel_text_score_backward(grad.to(dtype), v.detach(), t.detach(), 0.7)
+        assert rel_err(gv, v64.grad) <= 2 * tol and rel_err(gt, t64.grad) <= 2 * tol
     feature = torch.randn(b, 5, h, w, device="cuda", dtype=dtype)
     vc, tc = v.detach().requires_grad_(), t.detach().requires_grad_()
     concat = ops.score_concat(feature, vc, tc, 0.7, backend=backend)

@@ -339,6 +339,45 @@ def test_triton_score_backward_with_and_without_the_forward_outputs(layout):
     torch.testing.assert_close(norm0, torch.linalg.vector_norm(visual, dim=1))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "concat"])
+def test_cpp_score_operators_return_the_norms_and_the_backward_takes_them(dtype, layout):
+    """The C++ score operators (CPU here; CUDA on a GPU, where bfloat16 autograd takes the one-pass tensor-core
+    backward) return |v| beside the map, in float32 (float64 for float64), and their backward reads the norms it is
+    given (a planted error changes the gradient) or finds them itself; all equal the float64 reference; wrong
+    norms are refused with a message that names them."""
+    if not ops.extension_available():
+        pytest.skip("the C++ extension is not built")
+    lib = torch.ops.denseclip_fast
+    visual = _visual(2, 37, 5, 3, "channels_last" if layout == "channels_last" else "contiguous", dtype)
+    visual[0, :, 1, 2] = 0
+    text = _text(2, 19, 37, False, dtype)
+    if layout == "concat":
+        feature = torch.randn(2, 6, 5, 3, device=DEVICE, dtype=dtype)
+        score_map, norm = lib.score_concat(feature, visual, text, 2.5)
+        score_map = score_map[:, 6:]
+    else:
+        score_map, norm = lib.pixel_text_score(visual, text, 2.5)
+    norm_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    assert norm.dtype == norm_dtype and norm.shape == (2, 5, 3) and norm[0, 1, 2] == 0
+    torch.testing.assert_close(norm, torch.linalg.vector_norm(visual.to(norm_dtype), dim=1), rtol=1e-6, atol=0)
+    grad = torch.randn(2, 19, 5, 3, device=DEVICE, dtype=dtype)
+    v64, t64 = _leaf(visual, torch.float64), _leaf(text, torch.float64)
+    reference.pixel_text_score(v64, t64, 2.5).backward(grad.double())
+    backward = lib.pixel_text_score_backward
+    for grad_visual, grad_text in (backward(grad, visual, text, 2.5, score_map, norm),
+                                   backward(grad, visual, text, 2.5, None, norm), backward(grad, visual, text, 2.5)):
+        _check_close(grad_visual, v64.grad, dtype, 2)
+        _check_close(grad_text, t64.grad, dtype, 2)
+    wrong, _ = backward(grad, visual, text, 2.5, score_map, norm * 2)
+    assert not torch.allclose(wrong.double(), v64.grad, rtol=5e-2, atol=1e-2)
+    with pytest.raises(RuntimeError, match=r"norm must be \(B, H, W\) = \(2, 5, 3\) .*, got \[2, 15\]"):
+        backward(grad, visual, text, 2.5, score_map, norm.flatten(1))
+    other = torch.float32 if dtype == torch.float64 else torch.float64
+    with pytest.raises(RuntimeError, match="the forward's pixel norms"):
+        backward(grad, visual, text, 2.5, score_map, norm.to(other))
+
+
 @pytest.mark.parametrize("text_batched", [False, True])
 @pytest.mark.parametrize("sms", [1, 3, 64])
 @pytest.mark.parametrize("k", [19, 150])

@@ -1,9 +1,10 @@
 // CUDA kernels of pixel_text_score, score_concat and pixel_text_score_backward.
 //
-// float16 (sm_70+; sm_75+ with CUDA 13) and bfloat16 (sm_80+): the tensor-core kernels of score_tc.cuh (WMMA
-// fragments, float accumulation): the forward (visual read once for up to 192 classes) and the visual half of the
-// backward (up to 192 classes; the text half is a batched GEMM). Otherwise the backward is the ATen one of
-// csrc/score_backward.cpp.
+// float16 (sm_70+; sm_75+ with CUDA 13) and bfloat16 (sm_80+): the tensor-core kernels (WMMA fragments, float
+// accumulation) of score_tc.cuh, the forward (visual read once for up to 192 classes; it also writes the pixel
+// norms), and of score_backward_tc.cuh, the one-pass backward for up to 192 classes when autograd passes the
+// forward's outputs (score_tc.cuh's two-kernel visual backward and a batched GEMM without them). Otherwise the
+// backward is the ATen one of csrc/score_backward.cpp.
 //
 // float32, float64, and 16-bit types on older GPUs: the portable kernel (score_portable.cuh). A block scores a tile
 // of 64 classes x 64 pixels of one image. It loops over the channels in chunks of 16, staging the visual tile
@@ -27,6 +28,7 @@
 #include <torch/version.h>
 
 #include "../common.h"
+#include "score_backward_tc.cuh"
 #include "score_portable.cuh"
 #include "score_tc.cuh"
 #include "score_text.cuh"
@@ -37,7 +39,7 @@ namespace {
 
 // The tensor-core kernel for T (__half or __nv_bfloat16), with the tile and load width of tc::choose_config.
 template <typename T>
-void launch_tensor_core(at::Tensor& out, const at::Tensor& v, const at::Tensor& t, const ScoreShape& s,
+void launch_tensor_core(at::Tensor& out, at::Tensor& norm, const at::Tensor& v, const at::Tensor& t, const ScoreShape& s,
                         const VisualStrides& vs, int64_t s_tb, double scale, int sm_count, cudaStream_t stream) {
   const tc::Config cfg = tc::choose_config(s.B, s.C, s.P(), s.K, s.channels_last,
                                            reinterpret_cast<std::uintptr_t>(v.data_ptr()),
@@ -45,14 +47,14 @@ void launch_tensor_core(at::Tensor& out, const at::Tensor& v, const at::Tensor& 
   const dim3 grid((s.P() + tc::kTileP - 1) / tc::kTileP, (s.K + cfg.tile_k() - 1) / cfg.tile_k(), s.B);
   TORCH_CHECK(grid.y <= 65535 && grid.z <= 65535, "pixel_text_score: too many classes or images for one launch");
   tc::dispatch<T>(cfg, s.channels_last, [&](auto kernel) {
-    kernel<<<grid, tc::kThreads, 0, stream>>>(data_as<T>(v), data_as<T>(t), data_as<T>(out), s.C, s.P(), s.K, vs.b,
-                                              vs.c, vs.p, s_tb, s.C, out.stride(0), out.stride(1), out.stride(3),
-                                              static_cast<float>(scale));
+    kernel<<<grid, tc::kThreads, 0, stream>>>(data_as<T>(v), data_as<T>(t), data_as<T>(out), norm.data_ptr<float>(),
+                                              s.C, s.P(), s.K, vs.b, vs.c, vs.p, s_tb, s.C, out.stride(0),
+                                              out.stride(1), out.stride(3), static_cast<float>(scale));
   });
 }
 
-void score_forward_into(at::Tensor out, const at::Tensor& visual, const at::Tensor& text, const ScoreShape& s,
-                        double scale) {
+void score_forward_into(at::Tensor out, at::Tensor norm, const at::Tensor& visual, const at::Tensor& text,
+                        const ScoreShape& s, double scale) {
   if (out.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(visual.device());
   const at::MemoryFormat layout = s.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
@@ -63,7 +65,7 @@ void score_forward_into(at::Tensor out, const at::Tensor& visual, const at::Tens
   auto stream = c10::cuda::getCurrentCUDAStream();
   if (const TensorCoreGpu* gpu = tensor_cores_for(v)) {
     with_cuda_type(v.scalar_type(), [&](auto tag) {
-      launch_tensor_core<decltype(tag)>(out, v, t, s, vs, s_tb, scale, gpu->sm_count, stream);
+      launch_tensor_core<decltype(tag)>(out, norm, v, t, s, vs, s_tb, scale, gpu->sm_count, stream);
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
@@ -74,8 +76,8 @@ void score_forward_into(at::Tensor out, const at::Tensor& visual, const at::Tens
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "pixel_text_score_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
     portable::score_forward_kernel<scalar_t, acc_t><<<grid, portable::kThreads, 0, stream>>>(
-        v.data_ptr<scalar_t>(), t.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), s.C, s.P(), s.K, vs.b, vs.c, vs.p,
-        s_tb, s.C, out.stride(0), out.stride(1), out.stride(3), static_cast<acc_t>(scale));
+        v.data_ptr<scalar_t>(), t.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), norm.data_ptr<acc_t>(), s.C, s.P(),
+        s.K, vs.b, vs.c, vs.p, s_tb, s.C, out.stride(0), out.stride(1), out.stride(3), static_cast<acc_t>(scale));
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -91,8 +93,51 @@ at::Tensor text_gradient_product(const at::Tensor& a, const at::Tensor& b) {
 #endif
 }
 
-// The backward with the tensor-core visual kernel (float16/bfloat16 where the forward's tensor-core kernel runs, up
-// to tc::kMaxBwdK classes), else the ATen one. Four launches, as the Triton backward: the text normalised
+// The one-pass backward's visual and text halves (score_backward_tc.cuh) when autograd passes the forward's
+// outputs: the pixel coefficients from G, the score map and the norms; then one kernel over the visual map that
+// writes dv and d/d t^ partials (per split of the pixel tiles), summed here; returns d/d t^ ((K, C), or (B, K, C)
+// for per-image text) in float32, dense. v, t_hat, g and the map as the two-pass kernel reads them.
+at::Tensor backward_onepass(const at::Tensor& v, const at::Tensor& t_hat, const at::Tensor& g, const at::Tensor& score,
+                            int64_t s_sb, int64_t s_sk, int64_t s_sp, const at::Tensor& norm, at::Tensor& grad_visual,
+                            const ScoreShape& s, const VisualStrides& vs, int64_t s_tb, double scale, int sm_count,
+                            cudaStream_t stream) {
+  namespace op = onepass;
+  TORCH_CHECK(s.K <= op::kMaxK, "pixel_text_score_backward: the one-pass kernel takes up to ", op::kMaxK,
+              " classes, got K=", s.K);
+  const at::Tensor coef = at::empty({2, s.B * s.P()}, norm.options());  // 1 / max(|v|, eps), then r
+  const op::Plan plan = op::plan(s.B, s.C, s.P(), s.K, s.text_batched, sm_count);
+  const at::Tensor partial = at::empty({plan.z, plan.splits, plan.k_pad, plan.c_pad()}, norm.options());
+  const bool vec = op::vec_access(s.C, s.channels_last, reinterpret_cast<std::uintptr_t>(v.data_ptr()),
+                                  reinterpret_cast<std::uintptr_t>(grad_visual.data_ptr()));
+  with_cuda_type(v.scalar_type(), [&](auto type_tag) {
+    using T = decltype(type_tag);
+    const int64_t pixels = s.B * s.P();
+    op::pixel_coef_kernel<T><<<(pixels + op::kCoefThreads - 1) / op::kCoefThreads, op::kCoefThreads, 0, stream>>>(
+        data_as<T>(g), data_as<T>(score), norm.data_ptr<float>(), coef.data_ptr<float>(), s.B, s.P(), s.K,
+        g.stride(0), g.stride(1), s_sb, s_sk, s_sp);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    auto kernel = !s.channels_last ? op::onepass_kernel<T, false, false>
+                  : vec            ? op::onepass_kernel<T, true, true>
+                                   : op::onepass_kernel<T, true, false>;
+    const dim3 grid(plan.c_blocks, plan.splits, plan.z);
+    kernel<<<grid, op::kThreads, 0, stream>>>(data_as<T>(v), data_as<T>(t_hat), data_as<T>(g),
+                                              coef.data_ptr<float>(), data_as<T>(grad_visual),
+                                              partial.data_ptr<float>(), s.B, s.C, s.P(), s.K, vs.b, vs.c, vs.p,
+                                              s_tb, g.stride(0), g.stride(1), plan.tiles_per_split,
+                                              static_cast<float>(scale));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  at::Tensor gt = (plan.splits > 1 ? partial.sum(1) : partial.select(1, 0)).narrow(1, 0, s.K).narrow(2, 0, s.C);
+  return (s.text_batched ? gt : gt.select(0, 0)).contiguous();
+}
+
+static_assert(onepass::kMaxK == tc::kMaxBwdK, "both tensor-core backwards take the same classes");
+
+// The backward with tensor-core kernels (float16/bfloat16 where the forward's tensor-core kernel runs, up to
+// tc::kMaxBwdK classes), else the ATen one. Given the forward's score map and norms (autograd passes them): the
+// one-pass backward (backward_onepass), which reads the visual map once, as the Triton backward; five or six
+// launches (text normalised, pixel coefficients, the one-pass kernel, the sum of its splits and a copy of the
+// partials' valid part, the text Jacobian). Otherwise four launches: the text normalised
 // (score_text.cuh: t^ in float32 and in the dtype, |t|), the visual kernel (dv, and G * scale / max(|v_p|, eps)
 // for the text half), d/d t^ = scale * sum_p G[:, p] v_p^T / max(|v_p|, eps) as one batched GEMM on the raw visual
 // map in its dtype (float32 accumulation and output), and the text normalisation's Jacobian (score_text.cuh, with
@@ -100,14 +145,16 @@ at::Tensor text_gradient_product(const at::Tensor& a, const at::Tensor& b) {
 // passes), spares the visual kernel's first pass its products with the text.
 std::tuple<at::Tensor, at::Tensor> pixel_text_score_backward_cuda(const at::Tensor& grad, const at::Tensor& visual,
                                                                   const at::Tensor& text, double scale,
-                                                                  const std::optional<at::Tensor>& score_map) {
+                                                                  const std::optional<at::Tensor>& score_map,
+                                                                  const std::optional<at::Tensor>& norm) {
   const ScoreShape s = check_score_inputs(visual, text, "pixel_text_score_backward");
   check_score_grad(grad, visual, s, "pixel_text_score_backward");
   if (score_map) check_score_grad(*score_map, visual, s, "pixel_text_score_backward", "score_map");
+  if (norm) check_score_norm(*norm, visual, s, "pixel_text_score_backward");
   const at::ScalarType dtype = visual.scalar_type();
   const c10::cuda::CUDAGuard guard(visual.device());
   if (visual.numel() == 0 || s.K > tc::kMaxBwdK || tensor_cores_for(visual) == nullptr) {
-    return score_backward_aten(grad, visual, text, scale);
+    return score_backward_aten(grad, visual, text, scale, std::nullopt, norm);
   }
   TORCH_CHECK(s.B <= 65535, "pixel_text_score_backward: too many images for one launch");
 
@@ -135,32 +182,39 @@ std::tuple<at::Tensor, at::Tensor> pixel_text_score_backward_cuda(const at::Tens
     s_sp = s.W > 1 ? score.stride(3) : score.stride(2);
   }
   at::Tensor grad_visual = at::empty({s.B, s.C, s.H, s.W}, visual.options().memory_format(layout));
-  // G * scale / max(|v|, eps) for the text half, written by the kernel (clamped to the dtype's range)
-  at::Tensor g_scaled = at::empty({s.B, s.K, s.P()}, visual.options());
   const VisualStrides vs = dense_visual_strides(s);
   const int64_t s_tb = s.text_batched ? s.K * s.C : 0;
-  const dim3 grid((s.P() + tc::kTileP - 1) / tc::kTileP, s.B);
   auto stream = c10::cuda::getCurrentCUDAStream();
-  auto launch = [&](auto type_tag) {
+  with_cuda_type(dtype, [&](auto type_tag) {
     using T = decltype(type_tag);
     text::text_normalize_kernel<T><<<text_grid, text::kWarps * 32, 0, stream>>>(
         data_as<T>(t), t_hat32.data_ptr<float>(), data_as<T>(t_hat), t_norm.data_ptr<float>(), rows, s.C);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    const bool vec = tc::backward_vec(s.C, s.channels_last, reinterpret_cast<std::uintptr_t>(v.data_ptr()),
-                                      reinterpret_cast<std::uintptr_t>(grad_visual.data_ptr()));
-    auto kernel = !s.channels_last ? tc::score_backward_visual_tc_kernel<T, false, false>
-                  : vec            ? tc::score_backward_visual_tc_kernel<T, true, true>
-                                   : tc::score_backward_visual_tc_kernel<T, true, false>;
-    kernel<<<grid, tc::kThreads, 0, stream>>>(data_as<T>(v), data_as<T>(t_hat), data_as<T>(g), data_as<T>(grad_visual),
-                                              data_as<T>(g_scaled), s.C, s.P(), s.K, vs.b, vs.c, vs.p, s_tb,
-                                              g.stride(0), g.stride(1), static_cast<float>(scale),
-                                              score.defined() ? data_as<T>(score) : nullptr, s_sb, s_sk, s_sp);
-  };
-  with_cuda_type(dtype, launch);
+  });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-
-  at::Tensor gt_hat = text_gradient_product(g_scaled, v.view({s.B, s.C, s.P()}).transpose(1, 2));  // (B, K, C)
-  gt_hat = (s.text_batched ? gt_hat : gt_hat.sum(0)).contiguous();  // one reduction over the GPU for shared text
+  at::Tensor gt_hat;  // d/d t^ (K, C) or (B, K, C), float32, dense
+  if (score.defined() && norm) {
+    gt_hat = backward_onepass(v, t_hat, g, score, s_sb, s_sk, s_sp, norm->contiguous(), grad_visual, s, vs, s_tb,
+                              scale, tensor_cores_for(visual)->sm_count, stream);
+  } else {
+    // G * scale / max(|v|, eps) for the text half, written by the kernel (clamped to the dtype's range)
+    at::Tensor g_scaled = at::empty({s.B, s.K, s.P()}, visual.options());
+    const dim3 grid((s.P() + tc::kTileP - 1) / tc::kTileP, s.B);
+    with_cuda_type(dtype, [&](auto type_tag) {
+      using T = decltype(type_tag);
+      const bool vec = tc::backward_vec(s.C, s.channels_last, reinterpret_cast<std::uintptr_t>(v.data_ptr()),
+                                        reinterpret_cast<std::uintptr_t>(grad_visual.data_ptr()));
+      auto kernel = !s.channels_last ? tc::score_backward_visual_tc_kernel<T, false, false>
+                    : vec            ? tc::score_backward_visual_tc_kernel<T, true, true>
+                                     : tc::score_backward_visual_tc_kernel<T, true, false>;
+      kernel<<<grid, tc::kThreads, 0, stream>>>(
+          data_as<T>(v), data_as<T>(t_hat), data_as<T>(g), data_as<T>(grad_visual), data_as<T>(g_scaled), s.C, s.P(),
+          s.K, vs.b, vs.c, vs.p, s_tb, g.stride(0), g.stride(1), static_cast<float>(scale),
+          score.defined() ? data_as<T>(score) : nullptr, s_sb, s_sk, s_sp);
+    });
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    gt_hat = text_gradient_product(g_scaled, v.view({s.B, s.C, s.P()}).transpose(1, 2));  // (B, K, C)
+    gt_hat = (s.text_batched ? gt_hat : gt_hat.sum(0)).contiguous();  // one reduction over the GPU for shared text
+  }
   at::Tensor grad_text = at::empty_like(t);
   with_cuda_type(dtype, [&](auto type_tag) {
     using T = decltype(type_tag);
@@ -172,12 +226,13 @@ std::tuple<at::Tensor, at::Tensor> pixel_text_score_backward_cuda(const at::Tens
   return {grad_visual, grad_text};
 }
 
-at::Tensor pixel_text_score_cuda(const at::Tensor& visual, const at::Tensor& text, double scale) {
+std::tuple<at::Tensor, at::Tensor> pixel_text_score_cuda(const at::Tensor& visual, const at::Tensor& text,
+                                                         double scale) {
   return score_with(visual, text, scale, score_forward_into);
 }
 
-at::Tensor score_concat_cuda(const at::Tensor& feature, const at::Tensor& visual, const at::Tensor& text,
-                            double scale) {
+std::tuple<at::Tensor, at::Tensor> score_concat_cuda(const at::Tensor& feature, const at::Tensor& visual,
+                                                     const at::Tensor& text, double scale) {
   return score_concat_with(feature, visual, text, scale, score_forward_into);
 }
 

@@ -13,7 +13,8 @@ constexpr int kTileK = 64, kTileP = 64, kTileC = 16, kThreads = 256;
 
 template <typename scalar_t, typename acc_t>
 __global__ void score_forward_kernel(const scalar_t* __restrict__ v, const scalar_t* __restrict__ t,
-                                     scalar_t* __restrict__ out, int64_t C, int64_t P, int64_t K, int64_t s_vb,
+                                     scalar_t* __restrict__ out, acc_t* __restrict__ norm, int64_t C, int64_t P,
+                                     int64_t K, int64_t s_vb,
                                      int64_t s_vc, int64_t s_vp, int64_t s_tb, int64_t s_tk, int64_t s_ob,
                                      int64_t s_ok, int64_t s_op, acc_t scale) {
   __shared__ acc_t vs[kTileC][kTileP];
@@ -62,6 +63,7 @@ __global__ void score_forward_kernel(const scalar_t* __restrict__ v, const scala
     __syncthreads();
   }
   const acc_t eps = static_cast<acc_t>(1e-12);  // kNormEps (common.h), F.normalize's eps
+  if (blockIdx.y == 0 && tid < kTileP && p0 + tid < P) norm[b * P + p0 + tid] = sqrt(v_sq[tid]);  // |v| (B, P)
   for (int i = 0; i < 4; ++i) {
     const int64_t k = k0 + tk + i;
     if (k >= K) continue;

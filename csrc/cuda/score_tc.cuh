@@ -70,9 +70,10 @@ inline Config choose_config(int64_t B, int64_t C, int64_t P, int64_t K, bool nhw
 // (s_vc == 1). kVec: 16-byte loads (see the file comment for when the launcher may choose it).
 template <typename T, int kRowFrags, bool kNHWC, bool kVec>
 __global__ void __launch_bounds__(kThreads)
-    score_forward_tc_kernel(const T* __restrict__ v, const T* __restrict__ t, T* __restrict__ out, int64_t C,
-                            int64_t P, int64_t K, int64_t s_vb, int64_t s_vc, int64_t s_vp, int64_t s_tb,
-                            int64_t s_tk, int64_t s_ob, int64_t s_ok, int64_t s_op, float scale) {
+    score_forward_tc_kernel(const T* __restrict__ v, const T* __restrict__ t, T* __restrict__ out,
+                            float* __restrict__ norm, int64_t C, int64_t P, int64_t K, int64_t s_vb, int64_t s_vc,
+                            int64_t s_vp, int64_t s_tb, int64_t s_tk, int64_t s_ob, int64_t s_ok, int64_t s_op,
+                            float scale) {
   if constexpr (DCF_TC_ARCH >= kMinArch<T>) {
     namespace wmma = nvcuda::wmma;
     constexpr int kTileK = kRowFrags * kFrag;
@@ -164,6 +165,9 @@ __global__ void __launch_bounds__(kThreads)
     }
 
     const float eps = 1e-12f;  // kNormEps, F.normalize's eps
+    if (blockIdx.y == 0 && tid < kTileP && p0 + tid < P) {  // the pixel norms (B, P), from the first class tile
+      norm[static_cast<int64_t>(blockIdx.z) * P + p0 + tid] = sqrtf(v_sq[tid]);
+    }
     float* sc = scratch[warp];
     // Consecutive lanes write consecutive output addresses: along the pixels for NCHW output (scratch row-major,
     // a row per class), along the classes for NHWC (scratch column-major, a row per pixel).

@@ -103,7 +103,7 @@ def pixel_text_score(
         if eager_inference(visual, text):
             return _triton_kernels().score_forward(visual, text, float(scale))[0]
         return torch.ops.denseclip_fast.pixel_text_score_triton(visual, text, float(scale))[0]
-    return torch.ops.denseclip_fast.pixel_text_score(visual, text, float(scale))
+    return torch.ops.denseclip_fast.pixel_text_score(visual, text, float(scale))[0]
 
 
 def score_concat(
@@ -130,7 +130,7 @@ def score_concat(
         if eager_inference(feature, visual, text):
             return _triton_kernels().concat_forward(feature, visual, text, float(scale))[0]
         return torch.ops.denseclip_fast.score_concat_triton(feature, visual, text, float(scale))[0]
-    return torch.ops.denseclip_fast.score_concat(feature, visual, text, float(scale))
+    return torch.ops.denseclip_fast.score_concat(feature, visual, text, float(scale))[0]
 
 
 def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:

@@ -69,7 +69,7 @@ def _fake_score(visual: torch.Tensor, text: torch.Tensor, scale: float = 1.0) ->
 
 def _fake_norm(visual: torch.Tensor) -> torch.Tensor:
     b, _, h, w = visual.shape
-    return visual.new_empty((b, h, w), dtype=torch.float32)
+    return visual.new_empty((b, h, w), dtype=lse_dtype(visual))
 
 
 def _fake_score_with_norm(
@@ -114,8 +114,9 @@ def _fake_attention_backward(
 
 def returns_norm(suffix: str) -> bool:
     """Whether ``denseclip_fast::pixel_text_score<suffix>`` (and score_concat) also return the pixel norms |v|, a
-    (B, H, W) float32 tensor for the backward: the Triton operators do (their backward then reads the visual map
-    once), the C++ ones return the score alone."""
+    (B, H, W) float32 tensor (float64 for float64 inputs) for the backward, which then need not find them in a pass
+    over the visual map: the C++ and the Triton operators do (a backend without them could return the score alone;
+    ``ops.*`` return the score)."""
     return len(getattr(torch.ops.denseclip_fast, f"pixel_text_score{suffix}").default._schema.returns) == 2
 
 
@@ -123,9 +124,9 @@ def register_autograd(suffix: str = "") -> None:
     """Autograd of ``denseclip_fast::{pixel_text_score, score_concat, context_attention}<suffix>``; the backward
     runs the same backend's backward operators (``..._backward<suffix>``). The score backward gets the
     forward's output (``score_map``, in every backend's schema) where a kernel uses it: the Triton backend's, and
-    the C++ operator's on CUDA (its tensor-core kernel; the CPU one computes the term itself and is not given it);
-    and, from the Triton operators, the pixel norms they return (:func:`returns_norm`; not differentiable, as the
-    attention's log-sum-exp). Saving the output costs nothing where the next layer keeps it anyway (score_concat's
+    the C++ operator's on CUDA (its tensor-core kernels; the CPU one computes the term itself and is not given it);
+    and the pixel norms the forward returns (:func:`returns_norm`; not differentiable, as the attention's
+    log-sum-exp). Saving the output costs nothing where the next layer keeps it anyway (score_concat's
     buffer is the FPN convolution's input), else a (B, K, H, W) tensor; and the output must then not be modified
     in place before the backward (autograd's version check says so)."""
     ops = torch.ops.denseclip_fast

@@ -30,7 +30,7 @@
 #define __global__
 #define __device__
 #define __forceinline__ inline
-#define __launch_bounds__(n)
+#define __launch_bounds__(...)
 #define __align__(n) __attribute__((aligned(n)))
 #define __shared__ static
 
@@ -40,7 +40,7 @@ struct dim3 {
 
 namespace emu {
 inline thread_local dim3 thread_idx;
-inline dim3 block_idx, block_dim;
+inline dim3 block_idx, block_dim, grid_dim;
 inline std::barrier<>* block_barrier = nullptr;
 inline std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;
 inline std::vector<double> shuffle_slots;  // one per thread: what it offers in __shfl_xor_sync
@@ -57,6 +57,7 @@ void launch(dim3 grid, unsigned threads, Kernel kernel, Args... args) {
   std::barrier<> block(threads);
   block_barrier = &block;
   block_dim = dim3{threads, 1, 1};
+  grid_dim = grid;
   shuffle_slots.assign(threads, 0.0);
   warp_barriers.clear();
   for (unsigned w = 0; w < threads / 32; ++w) warp_barriers.push_back(std::make_unique<std::barrier<>>(32));
@@ -82,6 +83,7 @@ void launch(dim3 grid, unsigned threads, Kernel kernel, Args... args) {
 #define threadIdx (::emu::thread_idx)
 #define blockIdx (::emu::block_idx)
 #define blockDim (::emu::block_dim)
+#define gridDim (::emu::grid_dim)
 
 inline void __syncthreads() { emu::block_barrier->arrive_and_wait(); }
 inline void __syncwarp() { emu::warp_barriers[emu::thread_idx.x / 32]->arrive_and_wait(); }

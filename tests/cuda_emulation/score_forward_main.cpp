@@ -5,8 +5,10 @@
 //   row_frags, vec       (tensor-core kernel only) the configuration tc::choose_config picked
 //   rel_err              |out - ref| / |ref| over the scores, ref in double from the same inputs (rounded to DTYPE)
 //   zeros_exact          1 when the zero pixel and the zero class score exactly 0
+//   norm_err             max |norm - |v|| / max(|v|, 1) over the pixels: the pixel norms (B, P) the kernel writes
+//                        (float, double for double), ref in double
 //   untouched            1 when no element outside the scores (the feature channels of the concat view, the
-//                        guard elements past the end) was written
+//                        guard elements past the end of the scores and of the norms) was written
 // Usage: score_forward_main DTYPE(half|bf16|float|double) B C H W K NHWC(0|1) BATCHED_TEXT(0|1) MISALIGN(0|1)
 //        EXTRA_CHANNELS SMS SEED
 // (MISALIGN: inputs one element past a 16-byte boundary; SMS: the multiprocessor count tc::choose_config is told)
@@ -52,6 +54,9 @@ int run(int64_t B, int64_t C, int64_t H, int64_t W, int64_t K, bool nhwc, bool b
   std::vector<T> obuf(B * CO * P + kGuard, from_double<T>(kSentinel));
   const int64_t s_ob = CO * P, s_ok = nhwc ? 1 : P, s_op = nhwc ? CO : 1;
   T* out = obuf.data() + extra * s_ok;
+  using N = std::conditional_t<std::is_same_v<T, double>, double, float>;  // the norms' type: the accumulation's
+  std::vector<N> nbuf(B * P + kGuard, static_cast<N>(kSentinel));
+  N* norm = nbuf.data();
 
   const T* v = vbuf.data() + off;
   const T* t = tbuf.data() + off;
@@ -64,19 +69,28 @@ int run(int64_t B, int64_t C, int64_t H, int64_t W, int64_t K, bool nhwc, bool b
     const dim3 grid{static_cast<unsigned>((P + tc::kTileP - 1) / tc::kTileP),
                     static_cast<unsigned>((K + cfg.tile_k() - 1) / cfg.tile_k()), static_cast<unsigned>(B)};
     tc::dispatch<T>(cfg, nhwc, [&](auto kernel) {
-      emu::launch(grid, tc::kThreads, kernel, v, t, out, C, P, K, s_vb, s_vc, s_vp, s_tb, C, s_ob, s_ok, s_op,
+      emu::launch(grid, tc::kThreads, kernel, v, t, out, norm, C, P, K, s_vb, s_vc, s_vp, s_tb, C, s_ob, s_ok, s_op,
                   static_cast<float>(scale));
     });
     config = "row_frags=" + std::to_string(cfg.row_frags) + " vec=" + std::to_string(cfg.vec ? 1 : 0) + " ";
   } else {
     const dim3 grid{static_cast<unsigned>((P + pt::kTileP - 1) / pt::kTileP),
                     static_cast<unsigned>((K + pt::kTileK - 1) / pt::kTileK), static_cast<unsigned>(B)};
-    emu::launch(grid, pt::kThreads, pt::score_forward_kernel<T, T>, v, t, out, C, P, K, s_vb, s_vc, s_vp, s_tb, C,
+    emu::launch(grid, pt::kThreads, pt::score_forward_kernel<T, T>, v, t, out, norm, C, P, K, s_vb, s_vc, s_vp, s_tb, C,
                 s_ob, s_ok, s_op, static_cast<T>(scale));
   }
 
-  double err2 = 0, ref2 = 0;
+  double err2 = 0, ref2 = 0, norm_err = 0;
   bool zeros_exact = true, untouched = true;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t p = 0; p < P; ++p) {
+      double vn = 0;
+      for (int64_t c = 0; c < C; ++c) vn += vval[(b * C + c) * P + p] * vval[(b * C + c) * P + p];
+      const double want = std::sqrt(vn);
+      norm_err = std::max(norm_err, std::abs(static_cast<double>(norm[b * P + p]) - want) / std::max(want, 1.0));
+    }
+  for (int64_t i = B * P; i < static_cast<int64_t>(nbuf.size()); ++i)
+    if (static_cast<double>(nbuf[i]) != kSentinel) untouched = false;
   for (int64_t b = 0; b < B; ++b)
     for (int64_t k = 0; k < K; ++k) {
       const double* tk = tval.data() + (batched ? b * K : 0) * C + k * C;
@@ -103,8 +117,8 @@ int run(int64_t B, int64_t C, int64_t H, int64_t W, int64_t K, bool nhwc, bool b
         if (as_double(obuf[b * s_ob + c * s_ok + p * s_op]) != kSentinel) untouched = false;
   for (int64_t i = B * CO * P; i < static_cast<int64_t>(obuf.size()); ++i)
     if (as_double(obuf[i]) != kSentinel) untouched = false;
-  std::printf("%srel_err=%.3e zeros_exact=%d untouched=%d\n", config.c_str(), std::sqrt(err2 / std::max(ref2, 1e-300)),
-              zeros_exact ? 1 : 0, untouched ? 1 : 0);
+  std::printf("%srel_err=%.3e norm_err=%.3e zeros_exact=%d untouched=%d\n", config.c_str(),
+              std::sqrt(err2 / std::max(ref2, 1e-300)), norm_err, zeros_exact ? 1 : 0, untouched ? 1 : 0);
   return 0;
 }
 
