@@ -2,12 +2,12 @@
 // csrc/score_backward.cpp).
 //
 // s[b,k,p] = scale * <t_k, v_p> / (max(|t_k|, eps) * max(|v_p|, eps)) equals F.normalize on both sides followed by
-// the dot product, so the visual map is never normalised in memory: the pixel norms come from one pass over it (and are returned, for the backward),
-// the product of the normalised text (K x C, small) with the raw visual map is one batched GEMM (BLAS, in the
-// layout the map already has: (K x C)(C x P) for NCHW, (P x C)(C x K) for NHWC, whose result is the NHWC output),
-// and the norms and scale are applied to the small K x P result while it is written into the output (or into the
-// score channels of score_concat's buffer). Computation in float32 (float64 for float64 inputs); ATen vectorises and
-// threads every step.
+// the dot product, so the visual map is never normalised in memory: the pixel norms come from one pass over it
+// (and are returned, for the backward), the product of the normalised text (K x C, small) with the raw visual map
+// is one batched GEMM (BLAS, in the layout the map already has: (K x C)(C x P) for NCHW, (P x C)(C x K) for NHWC,
+// whose result is the NHWC output), and the norms and scale are applied to the small K x P result while it is
+// written into the output (or into the score channels of score_concat's buffer). Computation in float32 (float64
+// for float64 inputs); ATen vectorises and threads every step.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 

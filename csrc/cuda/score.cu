@@ -39,8 +39,9 @@ namespace {
 
 // The tensor-core kernel for T (__half or __nv_bfloat16), with the tile and load width of tc::choose_config.
 template <typename T>
-void launch_tensor_core(at::Tensor& out, at::Tensor& norm, const at::Tensor& v, const at::Tensor& t, const ScoreShape& s,
-                        const VisualStrides& vs, int64_t s_tb, double scale, int sm_count, cudaStream_t stream) {
+void launch_tensor_core(at::Tensor& out, at::Tensor& norm, const at::Tensor& v, const at::Tensor& t,
+                        const ScoreShape& s, const VisualStrides& vs, int64_t s_tb, double scale, int sm_count,
+                        cudaStream_t stream) {
   const tc::Config cfg = tc::choose_config(s.B, s.C, s.P(), s.K, s.channels_last,
                                            reinterpret_cast<std::uintptr_t>(v.data_ptr()),
                                            reinterpret_cast<std::uintptr_t>(t.data_ptr()), sm_count);

@@ -24,6 +24,7 @@
 // sm_90 or sm_80).
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <type_traits>
 
@@ -63,7 +64,8 @@ struct Plan {
 };
 
 // Enough blocks for ~2 per multiprocessor (`sm_count`), each with at least kMinPixelsPerSplit pixels; no empty
-// split. force_splits > 0 (tests) asks for that many splits (still none empty).
+// split. force_splits > 0 (tests) asks for that many splits (still none empty). B, C, P >= 1 (the launcher takes
+// empty maps elsewhere).
 inline Plan plan(int64_t B, int64_t C, int64_t P, int64_t K, bool text_batched, int sm_count,
                  int64_t force_splits = 0) {
   Plan p{};
@@ -72,15 +74,11 @@ inline Plan plan(int64_t B, int64_t C, int64_t P, int64_t K, bool text_batched, 
   p.k_pad = (K + kFrag - 1) / kFrag * kFrag;
   const int64_t tiles = (P + kTileP - 1) / kTileP * (text_batched ? 1 : B);
   const int64_t per_block = p.c_blocks * p.z;
-  int64_t splits = force_splits > 0 ? force_splits : (2 * static_cast<int64_t>(sm_count) + per_block - 1) / per_block;
-  if (force_splits <= 0) {
-    const int64_t most = (tiles * kTileP + kMinPixelsPerSplit - 1) / kMinPixelsPerSplit;
-    splits = splits > most ? most : splits;
-  }
-  splits = splits < 1 ? 1 : splits > tiles ? (tiles < 1 ? 1 : tiles) : splits;
+  const int64_t wanted = (2 * static_cast<int64_t>(sm_count) + per_block - 1) / per_block;
+  const int64_t most = (tiles * kTileP + kMinPixelsPerSplit - 1) / kMinPixelsPerSplit;
+  const int64_t splits = std::clamp<int64_t>(force_splits > 0 ? force_splits : std::min(wanted, most), 1, tiles);
   p.tiles_per_split = (tiles + splits - 1) / splits;
-  p.splits = p.tiles_per_split > 0 ? (tiles + p.tiles_per_split - 1) / p.tiles_per_split : 1;
-  if (p.tiles_per_split == 0) p.tiles_per_split = 1;
+  p.splits = (tiles + p.tiles_per_split - 1) / p.tiles_per_split;
   return p;
 }
 

@@ -14,9 +14,8 @@ constexpr int kTileK = 64, kTileP = 64, kTileC = 16, kThreads = 256;
 template <typename scalar_t, typename acc_t>
 __global__ void score_forward_kernel(const scalar_t* __restrict__ v, const scalar_t* __restrict__ t,
                                      scalar_t* __restrict__ out, acc_t* __restrict__ norm, int64_t C, int64_t P,
-                                     int64_t K, int64_t s_vb,
-                                     int64_t s_vc, int64_t s_vp, int64_t s_tb, int64_t s_tk, int64_t s_ob,
-                                     int64_t s_ok, int64_t s_op, acc_t scale) {
+                                     int64_t K, int64_t s_vb, int64_t s_vc, int64_t s_vp, int64_t s_tb,
+                                     int64_t s_tk, int64_t s_ob, int64_t s_ok, int64_t s_op, acc_t scale) {
   __shared__ acc_t vs[kTileC][kTileP];
   __shared__ acc_t ts[kTileK][kTileC + 1];
   __shared__ acc_t v_sq[kTileP], t_sq[kTileK];
