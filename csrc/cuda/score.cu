@@ -23,7 +23,11 @@
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
+#include <map>
+#include <mutex>
 #include <tuple>
+#include <utility>
 #include <torch/library.h>
 #include <torch/version.h>
 
@@ -94,6 +98,22 @@ at::Tensor text_gradient_product(const at::Tensor& a, const at::Tensor& b) {
 #endif
 }
 
+// How many blocks of `kernel` (kThreads each, static shared memory only) a multiprocessor of `device` holds at
+// once, from the occupancy calculator, cached per kernel and device (the query costs microseconds; a backward
+// launches several kernels). Hopper and Ampere: 2 (the kernel's __launch_bounds__); Turing's 64 KB: 1.
+template <typename Kernel>
+int64_t blocks_per_multiprocessor(Kernel kernel, int threads, int device) {
+  static std::mutex mutex;
+  static std::map<std::pair<const void*, int>, int64_t> known;
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto key = std::make_pair(reinterpret_cast<const void*>(kernel), device);
+  auto found = known.find(key);
+  if (found != known.end()) return found->second;
+  int blocks = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, 0));
+  return known.emplace(key, std::max(blocks, 1)).first->second;
+}
+
 // The one-pass backward's visual and text halves (score_backward_tc.cuh) when autograd passes the forward's
 // outputs: the pixel coefficients from G, the score map and the norms; then one kernel over the visual map that
 // writes dv and d/d t^ partials (per split of the pixel tiles), summed here; returns d/d t^ ((K, C), or (B, K, C)
@@ -106,10 +126,9 @@ at::Tensor backward_onepass(const at::Tensor& v, const at::Tensor& t_hat, const 
   TORCH_CHECK(s.K <= op::kMaxK, "pixel_text_score_backward: the one-pass kernel takes up to ", op::kMaxK,
               " classes, got K=", s.K);
   const at::Tensor coef = at::empty({2, s.B * s.P()}, norm.options());  // 1 / max(|v|, eps), then r
-  const op::Plan plan = op::plan(s.B, s.C, s.P(), s.K, s.text_batched, sm_count);
-  const at::Tensor partial = at::empty({plan.z, plan.splits, plan.k_pad, plan.c_pad()}, norm.options());
   const bool vec = op::vec_access(s.C, s.channels_last, reinterpret_cast<std::uintptr_t>(v.data_ptr()),
                                   reinterpret_cast<std::uintptr_t>(grad_visual.data_ptr()));
+  at::Tensor partial;  // (z, splits, k_pad, c_pad): each split's d t^, summed below
   with_cuda_type(v.scalar_type(), [&](auto type_tag) {
     using T = decltype(type_tag);
     const int64_t pixels = s.B * s.P();
@@ -120,15 +139,19 @@ at::Tensor backward_onepass(const at::Tensor& v, const at::Tensor& t_hat, const 
     auto kernel = !s.channels_last ? op::onepass_kernel<T, false, false>
                   : vec            ? op::onepass_kernel<T, true, true>
                                    : op::onepass_kernel<T, true, false>;
+    const int64_t resident = sm_count * blocks_per_multiprocessor(kernel, op::kThreads, v.device().index());
+    const op::Plan plan = op::plan(s.B, s.C, s.P(), s.K, s.text_batched, resident);
+    partial = at::empty({plan.z, plan.splits, plan.k_pad, plan.c_pad()}, norm.options());
     const dim3 grid(plan.c_blocks, plan.splits, plan.z);
     kernel<<<grid, op::kThreads, 0, stream>>>(data_as<T>(v), data_as<T>(t_hat), data_as<T>(g),
                                               coef.data_ptr<float>(), data_as<T>(grad_visual),
                                               partial.data_ptr<float>(), s.B, s.C, s.P(), s.K, vs.b, vs.c, vs.p,
                                               s_tb, g.stride(0), g.stride(1), plan.tiles_per_split,
-                                              static_cast<float>(scale));
+                                              s.text_batched, static_cast<float>(scale));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  at::Tensor gt = (plan.splits > 1 ? partial.sum(1) : partial.select(1, 0)).narrow(1, 0, s.K).narrow(2, 0, s.C);
+  const int64_t splits = partial.size(1);
+  at::Tensor gt = (splits > 1 ? partial.sum(1) : partial.select(1, 0)).narrow(1, 0, s.K).narrow(2, 0, s.C);
   return (s.text_batched ? gt : gt.select(0, 0)).contiguous();
 }
 

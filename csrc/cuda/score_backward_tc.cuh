@@ -63,10 +63,11 @@ struct Plan {
   int64_t c_pad() const { return c_blocks * kTileC; }
 };
 
-// Enough blocks for ~2 per multiprocessor (`sm_count`), each with at least kMinPixelsPerSplit pixels; no empty
-// split. force_splits > 0 (tests) asks for that many splits (still none empty). B, C, P >= 1 (the launcher takes
-// empty maps elsewhere).
-inline Plan plan(int64_t B, int64_t C, int64_t P, int64_t K, bool text_batched, int sm_count,
+// Enough blocks to fill the GPU once (`resident_blocks`: multiprocessors x the kernel's blocks per multiprocessor,
+// which the launcher asks the occupancy calculator), each with at least kMinPixelsPerSplit pixels; no empty split.
+// force_splits > 0 (tests) asks for that many splits (still none empty). B, C, P >= 1 (the launcher takes empty
+// maps elsewhere).
+inline Plan plan(int64_t B, int64_t C, int64_t P, int64_t K, bool text_batched, int64_t resident_blocks,
                  int64_t force_splits = 0) {
   Plan p{};
   p.c_blocks = (C + kTileC - 1) / kTileC;
@@ -74,7 +75,7 @@ inline Plan plan(int64_t B, int64_t C, int64_t P, int64_t K, bool text_batched, 
   p.k_pad = (K + kFrag - 1) / kFrag * kFrag;
   const int64_t tiles = (P + kTileP - 1) / kTileP * (text_batched ? 1 : B);
   const int64_t per_block = p.c_blocks * p.z;
-  const int64_t wanted = (2 * static_cast<int64_t>(sm_count) + per_block - 1) / per_block;
+  const int64_t wanted = (std::max<int64_t>(resident_blocks, 1) + per_block - 1) / per_block;
   const int64_t most = (tiles * kTileP + kMinPixelsPerSplit - 1) / kMinPixelsPerSplit;
   const int64_t splits = std::clamp<int64_t>(force_splits > 0 ? force_splits : std::min(wanted, most), 1, tiles);
   p.tiles_per_split = (tiles + splits - 1) / splits;
@@ -108,13 +109,14 @@ __global__ void __launch_bounds__(kCoefThreads)
 
 // t_hat: (K, C) or, per image, (B, K, C) at z * s_tb, dense. g: as pixel_coef_kernel's. v and grad_v: visual's
 // dense layout (NCHW or NHWC strides s_vb, s_vc, s_vp). partial: (gridDim.z, gridDim.y, k_pad, c_pad) float32.
+// per_image: text per image, grid z = the image (plan's z = B); else shared text, z = 1, tiles numbered over B.
 // kVec (NHWC only): a thread's 8 channels of a pixel are one 16-byte load and store (see vec_access).
 template <typename T, bool kNHWC, bool kVec>
 __global__ void __launch_bounds__(kThreads, 2)
     onepass_kernel(const T* __restrict__ v, const T* __restrict__ t_hat, const T* __restrict__ g,
                    const float* __restrict__ coef, T* __restrict__ grad_v, float* __restrict__ partial, int64_t B,
                    int64_t C, int64_t P, int64_t K, int64_t s_vb, int64_t s_vc, int64_t s_vp, int64_t s_tb,
-                   int64_t s_gb, int64_t s_gk, int64_t tiles_per_split, float scale) {
+                   int64_t s_gb, int64_t s_gk, int64_t tiles_per_split, bool per_image, float scale) {
   if constexpr (DCF_TC_ARCH >= tc::kMinArch<T>) {
     namespace wmma = nvcuda::wmma;
     constexpr int kLdV = kNHWC ? kTileC + kPad : kTileP + kPad;  // visual tile: [p][c] (NHWC) or [c][p]
@@ -132,8 +134,6 @@ __global__ void __launch_bounds__(kThreads, 2)
     const int k_pad = static_cast<int>((K + kFrag - 1) / kFrag) * kFrag;
     const int text_frags = k_pad / kFrag * (kTileC / kFrag);
     const int64_t tiles_per_image = (P + kTileP - 1) / kTileP;
-    const bool per_image = gridDim.z > 1;  // per-image text (with B == 1 both readings agree); plan() gives shared
-                                           // text one z
     const int64_t tiles = per_image ? tiles_per_image : B * tiles_per_image;
     const int64_t first = static_cast<int64_t>(blockIdx.y) * tiles_per_split;
     const int64_t last = first + tiles_per_split < tiles ? first + tiles_per_split : tiles;

@@ -40,7 +40,7 @@ int run(int64_t B, int64_t C, int64_t H, int64_t W, int64_t K, bool nhwc, bool b
   emu::launch(dim3{static_cast<unsigned>((B * P + op::kCoefThreads - 1) / op::kCoefThreads), 1, 1}, op::kCoefThreads,
               op::pixel_coef_kernel<T>, cs.g_data(), cs.map_data(), static_cast<const float*>(cs.norm.data()),
               coef.data(), B, P, K, (X + K) * P, P, cs.s_sb, cs.s_sk, cs.s_sp);
-  const op::Plan plan = op::plan(B, C, P, K, batched, /*sm_count=*/4, force_splits);
+  const op::Plan plan = op::plan(B, C, P, K, batched, /*resident_blocks=*/8, force_splits);
   std::vector<T> gv(B * C * P + score_ref::kGuard, from_float_any<T>(kSentinel));
   // the partials, 256-bit aligned as cudaMalloc's memory (the WMMA stores check it)
   const size_t partial_size = plan.z * plan.splits * plan.k_pad * plan.c_pad();
@@ -54,7 +54,7 @@ int run(int64_t B, int64_t C, int64_t H, int64_t W, int64_t K, bool nhwc, bool b
     emu::launch(grid, op::kThreads, kernel, static_cast<const T*>(cs.vbuf.data()),
                 static_cast<const T*>(cs.tbuf.data()), cs.g_data(), static_cast<const float*>(coef.data()),
                 gv.data(), partial, B, C, P, K, cs.s_vb, cs.s_vc, cs.s_vp, cs.s_tb(), (X + K) * P, P,
-                plan.tiles_per_split, cs.scale);
+                plan.tiles_per_split, batched, cs.scale);
   };
   if (!nhwc) launch(op::onepass_kernel<T, false, false>);
   else if (vec) launch(op::onepass_kernel<T, true, true>);
