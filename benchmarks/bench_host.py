@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import Results, failure, sync  # noqa: E402
+from benchmarks.common import Results, failure, sync, triton_device  # noqa: E402
 from benchmarks.common import environment as common_environment  # noqa: E402
 
 CPU_SHAPE = (2, 64, 4, 4, 19)  # B, C, H, W, K
@@ -112,15 +112,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--tag", default=None)
     args = parser.parse_args(argv)
-    gpu = torch.cuda.is_available()
-    if not gpu:
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before the Triton kernels are imported
-    device = torch.device("cuda" if gpu else "cpu")
-    from denseclip_fast import ops
-
-    if ops.backends.triton_available() is not None:
-        print(f"bench_host: {ops.backends.triton_available()}")
+    device = triton_device("bench_host")
+    if device is None:
         return 1
+    gpu = device.type == "cuda"
     from denseclip_fast.ops.triton import score
 
     b, c, h, w, k = GPU_SHAPE if gpu else CPU_SHAPE

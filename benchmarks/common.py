@@ -39,6 +39,21 @@ def environment(device: torch.device) -> dict:
     return env
 
 
+def triton_device(script: str) -> torch.device | None:
+    """The device of a benchmark of the Triton kernels themselves: the GPU, else the CPU under Triton's interpreter
+    (switched on here, before the kernels are imported). None, after printing why, when Triton cannot run."""
+    gpu = torch.cuda.is_available()
+    if not gpu:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    from denseclip_fast import ops
+
+    why = ops.backends.triton_available()
+    if why is not None:
+        print(f"{script}: {why}")
+        return None
+    return torch.device("cuda" if gpu else "cpu")
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import Results, failure, rel_err  # noqa: E402
+from benchmarks.common import Results, failure, rel_err, triton_device  # noqa: E402
 from benchmarks.common import environment as common_environment  # noqa: E402
 
 # (B, C, H, W, K): the kernels issue's large and RN50/ADE score shapes; the quick one for a CPU
@@ -163,16 +163,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tag", default=None)
     parser.add_argument("--quick", action="store_true", help="one tiny shape, shared text (the default without a GPU)")
     args = parser.parse_args(argv)
-    gpu = torch.cuda.is_available()
-    if not gpu:
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before the Triton kernels are imported
-    device = torch.device("cuda" if gpu else "cpu")
-    from denseclip_fast import ops
-
-    if ops.backends.triton_available() is not None:
-        print(f"tune_score: {ops.backends.triton_available()}")
+    device = triton_device("tune_score")
+    if device is None:
         return 1
-    quick = args.quick or not gpu
+    quick = args.quick or device.type != "cuda"
     results = Results(args.out, "tune_score", args.tag, common_environment(device), {"args": vars(args)}, markdown)
     for shape in QUICK_SHAPES if quick else SHAPES:
         for batched_text in (False,) if quick else (False, True):
