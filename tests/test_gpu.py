@@ -203,6 +203,22 @@ def test_engine_on_cuda_matches_official(mode):
     assert rel_err(seg.logits(x), expected) < 1e-3
 
 
+def test_engine_uint8_images_on_cuda_match_the_cpu():
+    """uint8 host images go to the GPU from page-locked memory (asynchronous copy) and give the CPU engine's float32
+    logits; images already on the GPU are stacked there."""
+    from denseclip_fast import DenseCLIP, Segmenter
+    from denseclip_fast.engine.inputs import stacked_for
+
+    model = randomized(DenseCLIP(tiny_config("resnet"), NAMES)).eval()
+    images = [torch.randint(0, 256, (97, 131, 3), dtype=torch.uint8) for _ in range(2)]
+    staged = stacked_for(images, torch.device("cuda"))
+    assert staged.is_pinned() and torch.equal(staged, torch.stack(images))
+    assert stacked_for([im.cuda() for im in images], torch.device("cuda")).is_cuda
+    on_gpu = Segmenter(model, device="cuda", dtype=torch.float32).logits(images)
+    on_cpu = Segmenter(model, device="cpu", dtype=torch.float32).logits(images)
+    assert rel_err(on_gpu.cpu(), on_cpu) < 1e-4, rel_err(on_gpu.cpu(), on_cpu)
+
+
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_aoti_package_on_cuda(tmp_path, monkeypatch, backend):
     """An AOTInductor package of a CUDA Segmenter: the Triton kernels compiled into it (triton backend) or the CUDA

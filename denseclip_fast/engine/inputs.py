@@ -51,6 +51,17 @@ def _uint8_image(x: Any, where: str) -> torch.Tensor:
     return x
 
 
+def stacked_for(images: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """uint8 (H, W, 3) images of one size as one (B, H, W, 3) tensor to copy to ``device``: in page-locked memory
+    when host images go to a CUDA device, so that ``.to(device, non_blocking=True)`` is one asynchronous DMA (from
+    pageable memory the driver stages it through a bounce buffer and the host waits); PyTorch's caching host
+    allocator keeps the buffer until the copy is done."""
+    if device.type != "cuda" or any(image.device.type != "cpu" for image in images):
+        return torch.stack(images)
+    out = torch.empty((len(images), *images[0].shape), dtype=torch.uint8, pin_memory=True)
+    return torch.stack(images, out=out)
+
+
 def as_batch(images: Any) -> ImageBatch:
     """Classify and check ``images``' types and shapes; raises ValueError naming what is wrong. (Their values, NaN
     and infinities, are the Segmenter's check_finite: on a GPU it reads the verdict after the forward is queued.)"""

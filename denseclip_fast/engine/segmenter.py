@@ -37,7 +37,7 @@ from ..preprocess import normalize, resize_keep_ratio
 from ..visualize import default_palette
 from ..visualize import overlay as blend
 from .graphs import GraphCache
-from .inputs import ImageBatch, as_batch
+from .inputs import ImageBatch, as_batch, stacked_for
 from .rewrite import prepare_for_inference
 
 Mode = Literal["whole", "slide"]
@@ -191,7 +191,7 @@ class Segmenter:
 
     def _prepare_raw(self, images: list[torch.Tensor]) -> torch.Tensor:
         """uint8 (H, W, 3) images of one size -> the official test pipeline's normalised batch on the device."""
-        x = torch.stack(images).to(self.device, non_blocking=True).permute(0, 3, 1, 2)
+        x = stacked_for(images, self.device).to(self.device, non_blocking=True).permute(0, 3, 1, 2)
         return normalize(resize_keep_ratio(x, self.model.config.test_scale))
 
     def _each_group(self, batch: ImageBatch, fn: Any) -> torch.Tensor | list[torch.Tensor]:
