@@ -261,7 +261,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 TRAIN_OPTIONS = {  # command-line option -> (TrainConfig field, type)
     "arch": str, "data": str, "layout": str, "init": str, "iters": int, "batch_size": int, "accum": int, "crop": int,
     "lr": float, "seed": int, "device": str, "work_dir": str, "num_workers": int, "checkpoint_interval": int,
-    "eval_interval": int, "log_interval": int, "amp": str, "ignore_index": int,
+    "eval_interval": int, "log_interval": int, "amp": str, "ignore_index": int, "clip_activation": str,
 }  # fmt: skip
 IGNORE_HELP = "label value of ignored pixels (default 255; with 256+ classes in 16-bit labels, e.g. 65535)"
 
@@ -367,6 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--data", help="the data set directory")
     tr.add_argument("--layout", choices=("ade20k", "generic"))
     tr.add_argument("--init", help="CLIP weights (OpenAI .pt, state dict, open_clip) or 'none' for random")
+    tr.add_argument("--clip-activation", dest="clip_activation", choices=("quick_gelu", "gelu"),
+                    help="the activation the --init weights were trained with: quick_gelu (OpenAI CLIP, the "
+                         "presets' default) or gelu (most other open_clip weights, e.g. LAION's)")  # fmt: skip
     tr.add_argument("--iters", type=int)
     tr.add_argument("--batch-size", dest="batch_size", type=int, help="global batch per step (default 32)")
     tr.add_argument("--accum", type=int, help="micro-batches per step (gradient accumulation)")

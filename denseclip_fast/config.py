@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 ARCH_ALIASES = {"RN50": "RN50", "RN101": "RN101", "ViT-B/16": "ViT-B-16", "ViT-B-16": "ViT-B-16"}
 ARCHS = ("RN50", "RN101", "ViT-B/16")
+ACTIVATIONS = ("quick_gelu", "gelu")
 
 
 @dataclass(frozen=True)
@@ -101,10 +102,16 @@ class DenseCLIPConfig:
     slide_crop: int = 512
     slide_stride: int = 341
     test_scale: tuple[int, int] = (2048, 512)
+    # The MLP activation of the CLIP transformers (the text encoder's and the ViT's blocks): OpenAI CLIP's QuickGELU,
+    # x * sigmoid(1.702 x), which DenseCLIP and its released checkpoints use, or "gelu" (exact, erf), which most
+    # open_clip weights not from OpenAI were trained with (open_clip's model names without "-quickgelu").
+    activation: Literal["quick_gelu", "gelu"] = "quick_gelu"
 
     def __post_init__(self) -> None:
         if self.vision.kind not in ("resnet", "vit"):
             raise ValueError(f"vision.kind must be 'resnet' or 'vit', got {self.vision.kind!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         if not 0 <= self.score_concat_index <= 3:
             raise ValueError(f"score_concat_index must be in 0..3, got {self.score_concat_index}")
         if self.text.class_token_length < 3:

@@ -165,6 +165,9 @@ def test_native_round_trip(tmp_path, official_file):
     with safe_open(str(path), "pt") as f:
         assert f.metadata()["format"] == "denseclip_fast"
         assert set(f.keys()) == set(model.state_dict())
+    gelu = dcf.DenseCLIP(tiny_config("vit").replace(activation="gelu"), NAMES)
+    gelu.save(tmp_path / "gelu.safetensors")
+    assert dcf.load_checkpoint(tmp_path / "gelu.safetensors").config.activation == "gelu"  # kept with the weights
 
 
 def test_native_file_checks(tmp_path):

@@ -19,7 +19,7 @@ from denseclip_fast.checkpoints.clip import init_from_clip, read_clip_state_dict
 from .conftest import NAMES, rel_err, tiny_config
 
 
-def _open_clip(kind: str, image_size: int):
+def _open_clip(kind: str, image_size: int, quick_gelu: bool = True):
     from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 
     if kind == "resnet":
@@ -28,7 +28,7 @@ def _open_clip(kind: str, image_size: int):
         vision = CLIPVisionCfg(layers=12, width=64, head_width=64, patch_size=16, image_size=image_size)
     text = CLIPTextCfg(context_length=77, vocab_size=49408, width=64, heads=1, layers=2)
     torch.manual_seed(1)
-    model = CLIP(48, vision, text, quick_gelu=True).eval()  # OpenAI CLIP's activation, which DenseCLIP uses
+    model = CLIP(48, vision, text, quick_gelu=quick_gelu).eval()  # True: OpenAI CLIP's activation (DenseCLIP's)
     with torch.no_grad():  # non-trivial BN statistics so that the trunk comparison is meaningful
         for name, buf in model.named_buffers():
             if name.endswith("running_mean"):
@@ -107,19 +107,65 @@ def test_resnet_backbone_matches_open_clip(tmp_path):
     assert rel_err(feats.global_feat, pooled) < 1e-5
 
 
-def test_vit_backbone_matches_open_clip_with_single_class_embedding(tmp_path):
-    """With the official double class-embedding switched off, our ViT is CLIP's ViT; with it on, it is not."""
-    clip = _open_clip("vit", 64)
-    model = DenseCLIP(tiny_config("vit", input_resolution=64), NAMES).eval()
-    init_from_clip(model, _save(clip, tmp_path / "clip.pth", "plain"))
+@pytest.mark.parametrize("activation", ["quick_gelu", "gelu"])
+def test_vit_backbone_matches_open_clip_with_single_class_embedding(tmp_path, activation):
+    """With the official double class-embedding switched off, our ViT is CLIP's ViT; with it on, it is not. Both
+    activations: CLIP trained with GELU (open_clip's quick_gelu=False) needs activation="gelu", and QuickGELU
+    weights under GELU are another function."""
+    clip = _open_clip("vit", 64, quick_gelu=activation == "quick_gelu")
+    path = _save(clip, tmp_path / "clip.pth", "plain")
+    config = tiny_config("vit", input_resolution=64)
+    model = DenseCLIP(config.replace(activation=activation), NAMES).eval()
+    init_from_clip(model, path)
+    other = DenseCLIP(config.replace(activation="gelu" if activation == "quick_gelu" else "quick_gelu"), NAMES)
+    init_from_clip(other.eval(), path)
+    other.backbone.double_class_embedding = False
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         official_style = model.backbone(x).global_feat
         model.backbone.double_class_embedding = False
         single = model.backbone(x).global_feat
         pooled = clip.visual(x)
+        wrong_activation = other.backbone(x).global_feat
     assert rel_err(single, pooled) < 1e-5
     assert rel_err(official_style, pooled) > 1e-3
+    assert rel_err(wrong_activation, pooled) > 1e-3
+
+
+@pytest.mark.parametrize("activation", ["quick_gelu", "gelu"])
+def test_text_transformer_matches_open_clip(tmp_path, activation):
+    """The text encoder's causal transformer equals open_clip's on the first 13 positions, for both activations."""
+    clip = _open_clip("resnet", 64, quick_gelu=activation == "quick_gelu")
+    model = DenseCLIP(tiny_config("resnet").replace(activation=activation), NAMES).eval()
+    init_from_clip(model, _save(clip, tmp_path / "clip.pth", "plain"))
+    x = torch.randn(3, 13, 64)
+    with torch.no_grad():
+        ours = model.text_encoder.transformer(x, causal=True)
+        theirs = clip.transformer(x, attn_mask=clip.attn_mask[:13, :13])
+    assert rel_err(ours, theirs) < 1e-5
+
+
+def test_the_clip_activation_reaches_the_model_and_is_checked():
+    """from_clip and the training config take the activation (a typo is refused naming it); configs written
+    before it existed read as QuickGELU."""
+    from denseclip_fast.config import DenseCLIPConfig
+    from denseclip_fast.model.layers import QuickGELU
+    from denseclip_fast.train import TrainConfig
+
+    with pytest.raises(ValueError, match=r"activation must be one of \('quick_gelu', 'gelu'\), got 'relu'"):
+        DenseCLIP.from_clip("no-such-file.pt", "RN50", NAMES, activation="relu")  # type: ignore[arg-type]
+    config = tiny_config("vit")
+    legacy = config.to_dict()
+    del legacy["activation"]
+    assert DenseCLIPConfig.from_dict(legacy).activation == "quick_gelu"
+    gelu = DenseCLIP(config.replace(activation="gelu"), NAMES)
+    blocks = [*gelu.text_encoder.transformer.resblocks, *gelu.backbone.transformer.resblocks]
+    assert all(type(b.mlp.gelu) is torch.nn.GELU for b in blocks)
+    assert all(type(b.mlp.gelu) is QuickGELU for b in DenseCLIP(config, NAMES).text_encoder.transformer.resblocks)
+    assert TrainConfig(arch="RN50", clip_activation="gelu").model_config().activation == "gelu"
+    assert TrainConfig(arch="RN50").model_config().activation == "quick_gelu"
+    with pytest.raises(ValueError, match="clip_activation must be one of"):
+        TrainConfig(arch="RN50", clip_activation="GELU").model_config()
 
 
 @pytest.mark.slow

@@ -60,10 +60,11 @@ def test_released_architectures_match_pytorch_in_onnxruntime(arch, dtype, tmp_pa
         assert rel_err(out, expected) <= (1e-4 if dtype == torch.float32 else 2e-2), (batch, rel_err(out, expected))
 
 
-@pytest.mark.parametrize("kind", ["resnet", "vit"])
-def test_vocabulary_as_an_input(kind, tmp_path):
-    """image_with_text takes any vocabulary's class embeddings (K, D): a reworded model's logits, no re-export."""
-    model = randomized(DenseCLIP(tiny_config(kind), NAMES)).eval()
+@pytest.mark.parametrize("kind, activation", [("resnet", "quick_gelu"), ("vit", "quick_gelu"), ("vit", "gelu")])
+def test_vocabulary_as_an_input(kind, activation, tmp_path):
+    """image_with_text takes any vocabulary's class embeddings (K, D): a reworded model's logits, no re-export.
+    (A ViT with GELU, as from most open_clip weights: the activation exports too.)"""
+    model = randomized(DenseCLIP(tiny_config(kind).replace(activation=activation), NAMES)).eval()
     path = to_onnx(model, tmp_path / "t.onnx", graph="image_with_text", image_size=SIZE)
     assert [i.name for i in _session(path).get_inputs()] == ["image", "class_embeddings"]
     assert tensorrt_problems(path) == []

@@ -591,9 +591,11 @@ def test_config_files_and_errors(arch_file, generic, tmp_path, capsys):
     path.write_text(f"preset: ViT-B/16\ndata: {generic}\nlayout: generic\niters: 10\n")
     cfg = TrainConfig.load(str(path))
     assert cfg.crop == 640 and cfg.iters == 10 and cfg.arch == "ViT-B/16"
-    assert main(["train", str(path), "--iters", "20", "--accum", "4", "--print-config"]) == 0
+    assert main(["train", str(path), "--iters", "20", "--accum", "4", "--clip-activation", "gelu",
+                 "--print-config"]) == 0  # fmt: skip
     printed = json.loads(capsys.readouterr().out)
     assert (printed["iters"], printed["accum"], printed["crop"], printed["img_scale"]) == (20, 4, 640, [2048, 640])
+    assert printed["clip_activation"] == "gelu"
     path.write_text("itres: 10\n")
     with pytest.raises(ValueError, match=r"unknown training config keys \['itres'\]"):
         TrainConfig.load(str(path))

@@ -15,7 +15,7 @@ Submodule and parameter names are the official ones (``backbone``, ``text_encode
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +41,7 @@ MIN_IMAGE_SIDE = 32  # the stride-32 level must keep at least one pixel
 def build_backbone(config: DenseCLIPConfig) -> nn.Module:
     if config.vision.kind == "resnet":
         return CLIPResNetBackbone(config.vision, config.embed_dim)
-    return CLIPViTBackbone(config.vision, config.embed_dim)
+    return CLIPViTBackbone(config.vision, config.embed_dim, config.activation)
 
 
 class DenseCLIP(nn.Module):
@@ -60,7 +60,7 @@ class DenseCLIP(nn.Module):
         self._class_names = tuple(class_names)
         self.palette: list[tuple[int, int, int]] | None = None
         self.backbone = build_backbone(config)
-        self.text_encoder = ContextTextEncoder(config.text, d)
+        self.text_encoder = ContextTextEncoder(config.text, d, config.activation)
         self.context_decoder = ContextDecoder(config.decoder, d)
         in_channels = list(config.vision.level_channels)
         in_channels[config.score_concat_index] += k
@@ -83,12 +83,22 @@ class DenseCLIP(nn.Module):
         return cls(preset(arch), ADE20K_CLASSES if class_names is None else class_names)
 
     @classmethod
-    def from_clip(cls, clip_weights: str | PathLike[str], arch: str, class_names: Sequence[str]) -> DenseCLIP:
+    def from_clip(
+        cls,
+        clip_weights: str | PathLike[str],
+        arch: str,
+        class_names: Sequence[str],
+        activation: Literal["quick_gelu", "gelu"] = "quick_gelu",
+    ) -> DenseCLIP:
         """A model for training: backbone and text encoder from CLIP weights (an OpenAI TorchScript archive, a
-        plain CLIP state dict or an open_clip checkpoint), everything else freshly initialised."""
+        plain CLIP state dict or an open_clip checkpoint), everything else freshly initialised.
+
+        ``activation``: the one the CLIP weights were trained with, which no weight file records: "quick_gelu"
+        for OpenAI's CLIP (DenseCLIP's), "gelu" for most other open_clip weights (e.g. LAION's; open_clip names the
+        QuickGELU ones "...-quickgelu"). The wrong one gives a model that loads but computes another function."""
         from ..checkpoints.clip import init_from_clip
 
-        model = cls.from_arch(arch, class_names)
+        model = cls(preset(arch).replace(activation=activation), class_names)
         init_from_clip(model, clip_weights)
         return model
 

@@ -30,6 +30,15 @@ class QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
+def clip_activation(name: str) -> nn.Module:
+    """The MLP activation of a CLIP block by its config name (``DenseCLIPConfig.activation``)."""
+    if name == "quick_gelu":
+        return QuickGELU()
+    if name == "gelu":
+        return nn.GELU()
+    raise ValueError(f"activation must be 'quick_gelu' or 'gelu', got {name!r}")
+
+
 class DropPath(nn.Module):
     """Stochastic depth: the residual branch dropped with probability p independently along dimension ``dim`` (0:
     per sample), scaled by 1 / (1 - p) where kept; the identity at inference."""
@@ -75,15 +84,22 @@ class MultiheadSelfAttention(nn.Module):
 
 
 class ResidualAttentionBlock(nn.Module):
-    """Pre-norm CLIP block: x += attn(ln_1(x)); x += mlp(ln_2(x)), QuickGELU MLP of 4x width."""
+    """Pre-norm CLIP block: x += attn(ln_1(x)); x += mlp(ln_2(x)), an MLP of 4x width with QuickGELU (or GELU:
+    ``activation``, see clip_activation)."""
 
-    def __init__(self, width: int, heads: int, drop_path: float = 0.0, drop_path_dim: int = 0) -> None:
+    def __init__(
+        self, width: int, heads: int, drop_path: float = 0.0, drop_path_dim: int = 0, activation: str = "quick_gelu"
+    ) -> None:
         super().__init__()
         self.attn = MultiheadSelfAttention(width, heads)
         self.ln_1 = LayerNormFp32(width)
         self.mlp = nn.Sequential(
             OrderedDict(
-                [("c_fc", nn.Linear(width, width * 4)), ("gelu", QuickGELU()), ("c_proj", nn.Linear(width * 4, width))]
+                [
+                    ("c_fc", nn.Linear(width, width * 4)),
+                    ("gelu", clip_activation(activation)),
+                    ("c_proj", nn.Linear(width * 4, width)),
+                ]
             )
         )
         self.ln_2 = LayerNormFp32(width)
@@ -96,14 +112,22 @@ class ResidualAttentionBlock(nn.Module):
 
 class Transformer(nn.Module):
     """A stack of :class:`ResidualAttentionBlock` (``resblocks.i``) on (B, L, D), drop-path rates rising linearly
-    to the last, drawn along ``drop_path_dim`` (see DropPath)."""
+    to the last, drawn along ``drop_path_dim`` (see DropPath); ``activation`` of the MLPs (see clip_activation)."""
 
     def __init__(
-        self, width: int, layers: int, heads: int, drop_path_rate: float = 0.0, drop_path_dim: int = 0
+        self,
+        width: int,
+        layers: int,
+        heads: int,
+        drop_path_rate: float = 0.0,
+        drop_path_dim: int = 0,
+        activation: str = "quick_gelu",
     ) -> None:
         super().__init__()
         rates = torch.linspace(0, drop_path_rate, layers).tolist() if layers > 0 else []
-        self.resblocks = nn.Sequential(*[ResidualAttentionBlock(width, heads, r, drop_path_dim) for r in rates])
+        self.resblocks = nn.Sequential(
+            *[ResidualAttentionBlock(width, heads, r, drop_path_dim, activation) for r in rates]
+        )
 
     def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
         for block in self.resblocks:

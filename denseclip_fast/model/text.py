@@ -57,14 +57,15 @@ def tokenize_class_names(names: Sequence[str], length: int) -> torch.Tensor:
 
 
 class ContextTextEncoder(nn.Module):
-    """CLIP text transformer taking learned context vectors after SOT."""
+    """CLIP text transformer taking learned context vectors after SOT; ``activation`` of its MLPs (see
+    layers.clip_activation)."""
 
-    def __init__(self, cfg: TextConfig, embed_dim: int) -> None:
+    def __init__(self, cfg: TextConfig, embed_dim: int, activation: str = "quick_gelu") -> None:
         super().__init__()
         self.context_length = cfg.context_length
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
         self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.width))
-        self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads)
+        self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads, activation=activation)
         self.ln_final = LayerNormFp32(cfg.width)
         self.text_projection = nn.Parameter(torch.empty(cfg.width, embed_dim))
         nn.init.normal_(self.token_embedding.weight, std=0.02)

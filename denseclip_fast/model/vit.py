@@ -36,9 +36,10 @@ def _pyramid(width: int) -> tuple[nn.Module, nn.Module, nn.Module, nn.Module]:
 
 
 class CLIPViTBackbone(nn.Module):
-    """CLIP ViT trunk + pyramid adapters + dense projection; ``forward`` returns :class:`ImageFeatures`."""
+    """CLIP ViT trunk + pyramid adapters + dense projection; ``forward`` returns :class:`ImageFeatures`.
+    ``activation``: of the blocks' MLPs (see layers.clip_activation)."""
 
-    def __init__(self, cfg: VisionConfig, output_dim: int) -> None:
+    def __init__(self, cfg: VisionConfig, output_dim: int, activation: str = "quick_gelu") -> None:
         super().__init__()
         if cfg.kind != "vit" or len(cfg.layers) != 1:
             raise ValueError(f"CLIPViTBackbone needs kind='vit' and layers=(depth,), got {cfg.kind!r} {cfg.layers}")
@@ -58,7 +59,9 @@ class CLIPViTBackbone(nn.Module):
         # drop path per token position, shared by the batch: the official blocks run on (L, B, D) tokens and timm's
         # drop_path draws its mask along the first dimension (segmentation/denseclip/models.py), so that is what
         # the released ViT-B/16 models were trained with
-        self.transformer = Transformer(width, depth, cfg.heads, drop_path_rate=cfg.drop_path_rate, drop_path_dim=1)
+        self.transformer = Transformer(
+            width, depth, cfg.heads, drop_path_rate=cfg.drop_path_rate, drop_path_dim=1, activation=activation
+        )
         self.ln_post = LayerNormFp32(width)
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
         self.fpn1, self.fpn2, self.fpn3, self.fpn4 = _pyramid(width)

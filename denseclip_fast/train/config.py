@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import ARCHS, DenseCLIPConfig, canonical_arch, preset
+from ..config import ACTIVATIONS, ARCHS, DenseCLIPConfig, canonical_arch, preset
 
 LAYOUTS = ("ade20k", "generic")
 
@@ -31,6 +31,9 @@ class TrainConfig:
     data: str = ""
     layout: str = "ade20k"
     init: str = "none"
+    # the CLIP transformers' MLP activation (DenseCLIPConfig.activation), "" for the architecture's (presets:
+    # "quick_gelu", OpenAI CLIP's); "gelu" for open_clip weights trained with GELU (most non-OpenAI ones)
+    clip_activation: str = ""
     work_dir: str = "work_dirs/denseclip"
     iters: int = 80_000
     batch_size: int = 32  # global: per step, over all processes and accumulation micro-steps
@@ -97,11 +100,18 @@ class TrainConfig:
 
     def model_config(self) -> DenseCLIPConfig:
         if self.arch in ARCHS or self.arch in ("ViT-B-16",):
-            return preset(canonical_arch(self.arch))
-        if os.path.isfile(self.arch):
+            config = preset(canonical_arch(self.arch))
+        elif os.path.isfile(self.arch):
             with open(self.arch, encoding="utf-8") as f:
-                return DenseCLIPConfig.from_dict(json.load(f))
-        raise ValueError(f"arch must be one of {list(ARCHS)} or an architecture JSON file, got {self.arch!r}")
+                config = DenseCLIPConfig.from_dict(json.load(f))
+        else:
+            raise ValueError(f"arch must be one of {list(ARCHS)} or an architecture JSON file, got {self.arch!r}")
+        if self.clip_activation:
+            if self.clip_activation not in ACTIVATIONS:
+                raise ValueError(f"clip_activation must be one of {ACTIVATIONS} (or '' for the architecture's), "
+                                 f"got {self.clip_activation!r}")  # fmt: skip
+            config = config.replace(activation=self.clip_activation)
+        return config
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
