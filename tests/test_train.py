@@ -6,6 +6,7 @@ import csv
 import dataclasses
 import json
 import os
+import re
 import socket
 import sys
 
@@ -145,7 +146,7 @@ def test_tensorboard_events_match_the_csv(arch_file, generic, tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    result = train(_config(arch_file, generic, tmp_path / "run", iters=3, checkpoint_interval=3, tensorboard=True))
+    result = train(_config(arch_file, generic, tmp_path / "run", iters=3, checkpoint_interval=2, tensorboard=True))
     events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
     events.Reload()
     assert {"train/loss", "train/lr", "val/mIoU", "val/aAcc"} <= set(events.Tags()["scalars"])
@@ -154,6 +155,13 @@ def test_tensorboard_events_match_the_csv(arch_file, generic, tmp_path):
     assert [e.value for e in events.Scalars("train/loss")] == pytest.approx([float(r["loss"]) for r in rows], rel=1e-6)
     (val,) = events.Scalars("val/mIoU")
     assert val.step == 3 and val.value == pytest.approx(result["eval"]["mIoU"], rel=1e-6)
+    # resumed from iteration 2 (as after a kill): the interrupted run's events after it are purged, not doubled
+    train(_config(arch_file, generic, tmp_path / "run", iters=3, checkpoint_interval=2, tensorboard=True),
+          resume=str(tmp_path / "run" / "iter_2.state.pt"))  # fmt: skip
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3]
+    assert [int(r["iter"]) for r in _metrics(tmp_path / "run")] == [1, 2, 3]
 
 
 def test_tensorboard_missing_is_said_not_silent(arch_file, generic, tmp_path, monkeypatch):
@@ -206,6 +214,8 @@ def test_a_failed_save_leaves_the_previous_checkpoint_in_charge(arch_file, gener
     (tmp_path / "w" / ".iter_4.state.pt.999.0123abcd.partial").write_bytes(b"left by a killed run")
     assert train(cfg, resume="auto")["iterations"] == 4
     assert not [n for n in os.listdir(tmp_path / "w") if n.endswith(".partial")]  # removed when the run started
+    # iterations 3 and 4 were logged by both runs: the resumed run's rows replace the interrupted run's
+    assert [int(r["iter"]) for r in _metrics(tmp_path / "w")] == [1, 2, 3, 4]
     with open(tmp_path / "w" / "latest.json") as f:
         assert json.load(f)["state"] == "iter_4.state.pt"
 
@@ -347,16 +357,20 @@ def test_ade20k_layout_through_the_command_line(arch_file, tmp_path, capsys):
     assert train_set.class_names == list(ADE20K_CLASSES) and len(train_set) == 4
     _, label = train_set.read(0)
     assert set(np.unique(label)) <= {0, 7, 14, 255} and (label[:2] == 255).all()  # 0 ignored, k -> k - 1
-    work = tmp_path / "work"
-    assert main(["train", "--arch", arch_file, "--data", data, "--layout", "ade20k", "--init", "none", "--iters", "2",
-                 "--batch-size", "2", "--crop", "48", "--lr", "1e-3", "--seed", "3", "--device", "cpu",
-                 "--work-dir", str(work), "--num-workers", "0", "--amp", "none",
+    work, run_file = tmp_path / "work", tmp_path / "run.yaml"
+    run_file.write_text("warmup_iters: 0\ncheckpoint_interval: 30\nimg_scale: [96, 48]\ntensorboard: false\n")
+    assert main(["train", str(run_file), "--arch", arch_file, "--data", data, "--layout", "ade20k", "--init", "none",
+                 "--iters", "30", "--batch-size", "2", "--crop", "48", "--lr", "3e-3", "--seed", "3",
+                 "--device", "cpu", "--work-dir", str(work), "--num-workers", "0", "--amp", "none",
                  "--log-interval", "1"]) == 0  # fmt: skip
     assert "mIoU" in capsys.readouterr().out
-    assert [int(r["iter"]) for r in _metrics(work)] == [1, 2]
+    rows = _metrics(work)
+    assert [int(r["iter"]) for r in rows] == list(range(1, 31))
+    losses = [float(r["loss"]) for r in rows]
+    assert np.mean(losses[-8:]) < 0.8 * np.mean(losses[:8]), losses  # the ADE20K layout trains too
     assert json.loads((work / "config.json").read_text())["seed"] == 3
     out = tmp_path / "eval.json"
-    assert main(["eval", "--checkpoint", str(work / "iter_2.safetensors"), "--data", data, "--layout", "ade20k",
+    assert main(["eval", "--checkpoint", str(work / "iter_30.safetensors"), "--data", data, "--layout", "ade20k",
                  "--mode", "slide", "--scales", "0.75,1.0", "--flip", "--device", "cpu",
                  "--out", str(out)]) == 0  # fmt: skip
     printed = capsys.readouterr().out
@@ -605,3 +619,38 @@ def test_config_files_and_errors(arch_file, generic, tmp_path, capsys):
         _config(arch_file, str(tmp_path / "nowhere"), tmp_path).validate()
     with pytest.raises(ValueError, match="arch must be one of"):
         _config("RN42", generic, tmp_path).validate()
+    # YAML 1.1 reads 1e-4 (no dot) as a string, and 1 as an int: both are the numbers meant
+    path.write_text(f"preset: RN50\ndata: {generic}\nlr: 1e-4\nmin_lr: 1e-6\nweight_decay: 1\n")
+    cfg = TrainConfig.load(str(path))
+    assert (cfg.lr, cfg.min_lr, cfg.weight_decay) == (1e-4, 1e-6, 1.0) and type(cfg.weight_decay) is float
+    for text, message in (("lr: fast", "lr must be a number, got 'fast'"), ("iters: 1.5", "iters must be an int"),
+                          ("sync_bn: maybe", "sync_bn must be a bool"),
+                          ("img_scale: [512]", "img_scale must be a list"),
+                          ("channels_last: 2", "channels_last must be a bool or null, got 2")):  # fmt: skip
+        path.write_text(text + "\n")
+        with pytest.raises(ValueError, match=re.escape(message)):
+            TrainConfig.load(str(path))
+    # bad options are one line naming the option (exit 2), before any work
+    base = ["train", "--arch", arch_file, "--data", generic, "--layout", "generic", "--work-dir", str(tmp_path / "x")]
+    for extra, message in ((["--checkpoint-interval", "0"], "checkpoint_interval must be a positive int, got 0"),
+                           (["--log-interval", "0"], "log_interval must be a positive int, got 0"),
+                           (["--device", "gpu0"], "device must be a torch device such as 'cuda'")):  # fmt: skip
+        assert main(base + extra) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
+    assert not os.path.exists(tmp_path / "x" / "metrics.csv")
+
+
+def test_work_dirs_and_resume_refuse_what_would_lose_or_mix_runs(arch_file, generic, tmp_path):
+    """A fresh run in another run's work dir is refused (pruning by iteration number would delete its newest
+    checkpoints, its metrics would mix with theirs); --resume auto naming a deleted state, and resuming with another
+    batch size (the data order resumes by images seen), are errors that say what to do."""
+    cfg = _config(arch_file, generic, tmp_path / "w", iters=2, checkpoint_interval=1)
+    train(cfg)
+    with pytest.raises(ValueError, match=r"holds another run's checkpoints \(iter_1.safetensors, iter_2.safet"):
+        train(cfg)
+    with pytest.raises(ValueError, match=r"resume with --batch-size 2"):
+        train(_config(arch_file, generic, tmp_path / "w", iters=3, batch_size=4), resume="auto")
+    os.remove(tmp_path / "w" / "iter_2.state.pt")
+    with pytest.raises(ValueError, match=r"names .*iter_2.state.pt, which does not exist"):
+        train(cfg, resume="auto")

@@ -11,11 +11,16 @@ BatchNorm is plain unless SyncBatchNorm is asked for, anomaly detection is off.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
+
+import torch
 
 from ..config import ACTIVATIONS, ARCHS, DenseCLIPConfig, canonical_arch, preset
 
@@ -80,10 +85,20 @@ class TrainConfig:
             raise ValueError("data must name the dataset directory (--data DIR)")
         if not os.path.isdir(self.data):
             raise ValueError(f"data directory {self.data!r} does not exist")
-        for name in ("iters", "batch_size", "accum", "crop"):
+        for name in ("iters", "batch_size", "accum", "crop", "checkpoint_interval", "log_interval"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        for name in ("eval_interval", "num_workers", "max_checkpoints"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        if self.device:
+            try:
+                torch.device(self.device)
+            except RuntimeError:
+                raise ValueError(f"device must be a torch device such as 'cuda', 'cuda:1' or 'cpu' (or '' for cuda "
+                                 f"when available), got {self.device!r}") from None  # fmt: skip
         if self.batch_size % self.accum:
             raise ValueError(f"batch_size {self.batch_size} must be divisible by accum {self.accum}")
         if self.amp not in ("bf16", "fp16", "none"):
@@ -118,11 +133,15 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """Fields by name, each converted to its declared type where that loses nothing: YAML reads ``1e-4`` (no
+        dot) as a string and ``lr: 1`` as an int, which become floats; anything else of the wrong type is a
+        ValueError naming the field."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown training config keys {unknown}; known: {sorted(known)}")
-        return cls(**data)
+        hints = typing.get_type_hints(cls)
+        return cls(**{name: _typed(name, hints[name], value) for name, value in data.items()})
 
     @classmethod
     def load(cls, path: str) -> TrainConfig:
@@ -138,6 +157,37 @@ class TrainConfig:
             raise ValueError(f"{path}: a training config must be a mapping of fields, got {type(data).__name__}")
         base = train_preset(data.pop("preset")).to_dict() if "preset" in data else {}
         return cls.from_dict({**base, **data})
+
+
+def _typed(name: str, hint: Any, value: Any) -> Any:
+    """``value`` as the field ``name`` of type ``hint`` (TrainConfig's kinds: int, float, str, bool, ``X | None``,
+    ``tuple[X, ...]`` of fixed length, dict), or ValueError naming the field."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is dict:
+        if isinstance(value, dict):
+            return value
+        raise ValueError(f"{name} must be a mapping, got {value!r}")
+    if origin is tuple:
+        if isinstance(value, (list, tuple)) and len(value) == len(args):
+            return tuple(_typed(f"{name}[{i}]", a, v) for i, (a, v) in enumerate(zip(args, value)))
+        raise ValueError(f"{name} must be a list of {len(args)} values, got {value!r}")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (kind,) = [a for a in args if a is not type(None)]
+        try:
+            return _typed(name, kind, value)
+        except ValueError as exc:
+            raise ValueError(f"{exc}".replace(", got", " or null, got", 1)) from None
+    if hint is float and not isinstance(value, bool):
+        if isinstance(value, (int, float)):
+            return float(value)
+        with contextlib.suppress(ValueError, TypeError):
+            return float(value)  # "1e-4": YAML 1.1 floats need a dot
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if hint in (int, str, bool) and (not isinstance(value, hint) or (hint is int and isinstance(value, bool))):
+        raise ValueError(f"{name} must be {'an' if hint is int else 'a'} {hint.__name__}, got {value!r}")
+    return value
 
 
 def train_preset(arch: str) -> TrainConfig:

@@ -215,10 +215,42 @@ class Trainer:
             if not os.path.isfile(latest):
                 return None
             with open(latest, encoding="utf-8") as f:
-                return os.path.join(self.cfg.work_dir, json.load(f)["state"])
+                found = os.path.join(self.cfg.work_dir, json.load(f)["state"])
+            if not os.path.isfile(found):
+                raise ValueError(f"--resume auto: {latest} names {found}, which does not exist (deleted?); resume "
+                                 "from another iter_N.state.pt of the work dir with --resume FILE")  # fmt: skip
+            return found
         if not os.path.isfile(self.resume):
             raise ValueError(f"resume file {self.resume!r} does not exist")
         return self.resume
+
+    def _refuse_used_work_dir(self) -> None:
+        """A run that does not resume starts in a work dir without another run's checkpoints: it would mix its
+        metrics with theirs, and pruning to max_checkpoints (by iteration) would delete its own newest ones."""
+        if not os.path.isdir(self.cfg.work_dir):
+            return
+        used = sorted(n for n in os.listdir(self.cfg.work_dir)
+                      if n == "latest.json" or (n.startswith("iter_") and n.endswith(".safetensors")))  # fmt: skip
+        if used:
+            raise ValueError(
+                f"work_dir {self.cfg.work_dir!r} holds another run's checkpoints ({', '.join(used[:4])}"
+                f"{', ...' if len(used) > 4 else ''}): continue it with --resume auto, or start this run in a new "
+                "--work-dir (or delete those files)"
+            )
+
+    def _keep_rows_until(self, name: str, iteration: int) -> None:
+        """Drop the rows of a resumed run's CSV file logged after the checkpoint it resumes from (the interrupted
+        run wrote them; this run logs those iterations again)."""
+        path = self._path(name)
+        if not os.path.isfile(path):
+            return
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            columns, rows = reader.fieldnames or [], [r for r in reader if int(r["iter"]) <= iteration]
+        with replaced_atomically(path) as partial, open(partial, "w", newline="", encoding="utf-8") as f:
+            out = csv.DictWriter(f, fieldnames=columns)
+            out.writeheader()
+            out.writerows(rows)
 
     @staticmethod
     def _rng_states(world: int, device: torch.device) -> list[dict[str, torch.Tensor]]:
@@ -261,6 +293,13 @@ class Trainer:
         device: torch.device,
     ) -> int:  # fmt: skip
         state = torch.load(path, map_location="cpu", weights_only=True)
+        saved = json.loads(state["config"])
+        if saved.get("batch_size") != self.cfg.batch_size:
+            raise ValueError(
+                f"{path} was saved by a run with batch_size {saved.get('batch_size')}, this one has "
+                f"{self.cfg.batch_size}: the data order resumes by images seen, so resume with --batch-size "
+                f"{saved.get('batch_size')} (accum may differ)"
+            )
         weights = path.removesuffix(".state.pt") + ".safetensors"
         loaded = load_checkpoint(weights, class_names=model.class_names)
         model.load_state_dict(loaded.state_dict())
@@ -281,6 +320,8 @@ class Trainer:
 
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
+        if self._find_resume() is None:
+            self._refuse_used_work_dir()
         with _distributed(cfg) as (rank, world, device), _cudnn_benchmark(cfg.cudnn_benchmark):
             return self._run(rank, world, device)
 
@@ -307,6 +348,9 @@ class Trainer:
         start = self._load(resume_path, model, optimizer, scaler, rank, device) if resume_path else 0
         if not resume_path:
             torch.manual_seed(cfg.seed + rank)  # dropout masks: distinct per process, reproducible
+        elif rank == 0:
+            for name in ("metrics.csv", "eval.csv"):
+                self._keep_rows_until(name, start)
 
         bn_images = micro * world if cfg.sync_bn and world > 1 else micro
         if rank == 0 and bn_images < cfg.batch_size:
@@ -328,7 +372,7 @@ class Trainer:
         batches = iter(loader)
         autocast = torch.autocast(device.type, dtype=torch.bfloat16 if cfg.amp == "bf16" else torch.float16,
                                   enabled=cfg.amp != "none")  # fmt: skip
-        writer = self._tensorboard() if rank == 0 else None
+        writer = self._tensorboard(start) if rank == 0 else None
         progress = None
         if rank == 0:
             from tqdm import tqdm
@@ -433,7 +477,8 @@ class Trainer:
                 out.writeheader()
             out.writerow(row)
 
-    def _tensorboard(self) -> Any:
+    def _tensorboard(self, start: int) -> Any:
+        """A SummaryWriter; a resumed run first purges the events the interrupted run logged after ``start``."""
         if not self.cfg.tensorboard:
             return None
         try:
@@ -442,7 +487,8 @@ class Trainer:
             warnings.warn("tensorboard=True but the tensorboard package is not installed: metrics go to metrics.csv "
                           "only (pip install tensorboard, or set tensorboard false)", stacklevel=2)  # fmt: skip
             return None
-        return SummaryWriter(self._path("tensorboard"))
+        # steps are iterations done: the resumed run logs start + 1 first
+        return SummaryWriter(self._path("tensorboard"), purge_step=start + 1 if start else None)
 
 
 def train(cfg: TrainConfig, resume: str | None = None) -> dict[str, Any]:
