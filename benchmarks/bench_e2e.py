@@ -136,8 +136,9 @@ def run(args: argparse.Namespace, device: torch.device, results: Results) -> Non
                 shape = (
                     (batch, 3, size, size) if mode == "whole" else (batch, 3, args.slide_height, 4 * args.slide_height)
                 )
-                crop = min(cfg.slide_crop, args.slide_height) if mode == "slide" else cfg.slide_crop
-                stride = cfg.slide_stride if crop == cfg.slide_crop else max(1, crop * 2 // 3)
+                # the architecture's windows (640/426 for ViT-B/16), clamped to the image as mmseg's: on a 512-high
+                # image ViT-B/16 runs 512x640 windows
+                crop, stride = cfg.slide_crop, cfg.slide_stride
                 x = torch.randn(shape, device=device)
                 flops = count_flops(model, x, mode, crop, stride)
                 reference = official_fp32(official, x, mode, crop, stride)

@@ -151,6 +151,9 @@ def test_threads_take_turns(model):
         (torch.full((1, 3, 64, 64), float("nan")), "NaN or infinite"),
         (np.zeros((32, 32, 3), np.float32), "numpy images must be uint8"),
         ("image.png", "expected an image"),
+        (torch.randn(1, 3, 16, 64), r"at least 32x32 pixels, got \(16, 64\)"),
+        ([np.zeros((40, 40, 3), np.uint8), np.zeros((4, 1000, 3), np.uint8)],
+         r"images\[1\] of \(4, 1000\) pixels is resized to \(8, 2048\)"),
     ],
 )
 def test_bad_images(model, images, match):
@@ -174,6 +177,16 @@ def test_bad_vocabularies_and_settings(model):
         seg.set_classes(["sky", "road", "tree", "a very long class name"])
     with pytest.raises(ValueError, match="must not be empty"):
         seg.open_vocab(torch.randn(1, 3, 64, 64), [])
+    with pytest.raises(ValueError, match="class name 0 must be a string, got list"):
+        seg.open_vocab(torch.randn(1, 3, 64, 64), [["cat"]])
+    with pytest.raises(ValueError, match="sequence of strings, got str"):
+        seg.open_vocab(torch.randn(1, 3, 64, 64), "cat")
+    with pytest.raises(ValueError, match="crop must be a positive int, got True"):
+        Segmenter(model, device="cpu", crop=True)
+    with pytest.raises(ValueError, match="crop must be at least 32"):
+        Segmenter(model, device="cpu", mode="slide", crop=16, stride=8)
+    with pytest.raises(ValueError, match="stride must not exceed crop.*stride=100 and crop=64"):
+        Segmenter(model, device="cpu", mode="slide", crop=64, stride=100)
     with pytest.raises(ValueError, match="float16 needs a CUDA device"):
         Segmenter(model, device="cpu", dtype=torch.float16)
     with pytest.raises(ValueError, match="mode must be 'whole' or 'slide'"):

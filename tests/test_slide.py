@@ -51,7 +51,8 @@ def test_averaging_and_chunking():
 
 
 @pytest.mark.parametrize("crop, stride, match", [(0, 10, "crop must be"), (32, (1, 2, 3), "stride must be"),
-                                                 (32.5, 10, "crop must be")])  # fmt: skip
+                                                 (32.5, 10, "crop must be"),
+                                                 ((32, 64), (40, 40), r"exceed crop.*\(40, 40\)")])  # fmt: skip
 def test_bad_window_arguments(crop, stride, match):
     with pytest.raises(ValueError, match=match):
         slide_windows(64, 64, crop, stride)

@@ -32,8 +32,10 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..model import DenseCLIP
+from ..model.denseclip import MIN_IMAGE_SIDE
 from ..model.slide import slide_inference
-from ..preprocess import normalize, resize_keep_ratio
+from ..model.text import tokenize_class_names
+from ..preprocess import keep_ratio_size, normalize, resize_keep_ratio
 from ..visualize import default_palette
 from ..visualize import overlay as blend
 from .graphs import GraphCache
@@ -138,8 +140,14 @@ class Segmenter:
         self.crop = model.config.slide_crop if crop is None else crop
         self.stride = model.config.slide_stride if stride is None else stride
         for name, value in (("crop", self.crop), ("stride", self.stride)):
-            if not isinstance(value, int) or value < 1:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.crop < MIN_IMAGE_SIDE:
+            raise ValueError(f"crop must be at least {MIN_IMAGE_SIDE} (the stride-32 level keeps a pixel), "
+                             f"got {self.crop}")  # fmt: skip
+        if self.stride > self.crop:
+            raise ValueError(f"stride must not exceed crop (the windows would leave pixels out), got "
+                             f"stride={self.stride} and crop={self.crop}")  # fmt: skip
         self.model = prepare_for_inference(model, self.device, self.dtype)
         self._text = self._embed(self.model.class_names)  # the buffer the graphs read; refreshed in place
         self._vocabularies: OrderedDict[tuple[str, ...], torch.Tensor] = OrderedDict()
@@ -221,6 +229,7 @@ class Segmenter:
         batch is refused here, before any work; for a GPU batch the scan's flag is returned, for
         ``_finite_or_raise`` to read once the forward is queued (no idle round trip before it)."""
         batch = as_batch(images)
+        self._check_sizes(batch)
         if not self.check_finite or batch.normalized is None:
             return batch, None
         with torch.inference_mode():
@@ -229,6 +238,24 @@ class Segmenter:
             self._finite_or_raise(finite)
             return batch, None
         return batch, finite
+
+    def _check_sizes(self, batch: ImageBatch) -> None:
+        """Images the network can take: at least MIN_IMAGE_SIDE pixels a side as they enter it (uint8 images
+        after the keep-ratio resize to the test scale), so that the stride-32 level keeps a pixel."""
+        if batch.normalized is not None:
+            size = tuple(batch.normalized.shape[2:])
+            if min(size) < MIN_IMAGE_SIDE:
+                raise ValueError(f"images must be at least {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} pixels, got {size}")
+            return
+        assert batch.raw is not None
+        scale = self.model.config.test_scale
+        for i, image in enumerate(batch.raw):
+            resized = keep_ratio_size(int(image.shape[0]), int(image.shape[1]), scale)
+            if min(resized) < MIN_IMAGE_SIDE:
+                raise ValueError(
+                    f"images[{i}] of {tuple(image.shape[:2])} pixels is resized to {resized} to fit the test scale "
+                    f"{tuple(scale)}, under the network's {MIN_IMAGE_SIDE} pixels a side (too elongated)"
+                )
 
     @staticmethod
     def _finite_or_raise(flag: torch.Tensor | None) -> None:
@@ -254,9 +281,10 @@ class Segmenter:
     def open_vocab(self, images: Any, names: Sequence[str]) -> torch.Tensor | list[torch.Tensor]:
         """(B, K', H, W) float32 pixel-text cosine scores of any ``names`` (context decoder applied), from the
         whole image's local embedding map, upsampled to the image. Each vocabulary's embeddings are cached."""
+        tokenize_class_names(names, self.model.config.text.class_token_length)  # ValueError naming a bad name
         batch, finite = self._batch(images)
         with self._lock, torch.inference_mode(), self._math():
-            key = tuple(names) if not isinstance(names, str) else (names,)
+            key = tuple(names)
             text = self._vocabularies.get(key)
             if text is None:
                 text = self._embed(key)

@@ -25,9 +25,13 @@ def _pair(value: int | tuple[int, int], name: str) -> tuple[int, int]:
 def slide_windows(
     height: int, width: int, crop: int | tuple[int, int], stride: int | tuple[int, int]
 ) -> list[Window]:
-    """The windows mmseg visits, in its order (rows, then columns)."""
+    """The windows mmseg visits, in its order (rows, then columns). A stride longer than the crop is refused: the
+    windows would skip pixels (mmseg asserts that every pixel is covered; here they would be 0 / 0 = NaN)."""
     h_crop, w_crop = _pair(crop, "crop")
     h_stride, w_stride = _pair(stride, "stride")
+    if h_stride > h_crop or w_stride > w_crop:
+        raise ValueError(f"stride must not exceed crop (the windows would leave pixels out), got stride={stride!r} "
+                         f"and crop={crop!r}")  # fmt: skip
     h_grids = max(height - h_crop + h_stride - 1, 0) // h_stride + 1
     w_grids = max(width - w_crop + w_stride - 1, 0) // w_stride + 1
     windows = []
