@@ -3,9 +3,10 @@ torch.compile of the reference.
 
     python benchmarks/bench_ops.py [--out benchmarks/results] [--dtype bf16] [--quick] [--compile yes|no|only]
 
-On a GPU: the shapes of the issue (score at RN50/ADE, ViT-B and a large map; the context decoder's attention at
-K150 x N257 and K150 x N1601), timed with triton.testing.do_bench (L2 flushed between runs). On a CPU (or with
---quick) small shapes and the CPU contestants, as a smoke run. Prints a table and writes JSON and markdown with the
+On a GPU: the shapes of the issue (score at RN50/ADE, ViT-B and a large map; score_concat at RN50's and ViT-B's
+concatenated level; the context decoder's attention at K150 x N257 and K150 x N1601), timed with
+triton.testing.do_bench (L2 flushed between runs). On a CPU (or with --quick) small shapes and the CPU contestants,
+as a smoke run. Prints a table and writes JSON and markdown with the
 device name, torch and triton versions. Roofline: bytes moved / 4.8 TB/s and FLOPs / 790 TFLOP/s (H200 bf16
 dense); "floor" is the larger of the two, "of floor" is floor / measured.
 """
@@ -84,11 +85,15 @@ def _contestants(op: str, device: torch.device, dtype: torch.dtype, head_dim: in
     """name -> function with the operator's signature: the fused backends first, torch.compile (slow to build)
     last, so that a run stopped by a time budget has measured what matters most. ``compile_mode``: "yes" (every
     contestant), "no" (no torch.compile), "only" (the eager baselines and torch.compile)."""
-    op_name = "pixel_text_score" if op == "score" else "context_attention"
+    op_name = {"score": "pixel_text_score", "concat": "score_concat", "attention": "context_attention"}[op]
     if op == "score":
         fused = lambda backend: lambda v, t: ops.pixel_text_score(v, t, backend=backend)  # noqa: E731
         baselines: dict[str, Callable] = {"eager": reference.pixel_text_score}
         compiled_ref = reference.pixel_text_score
+    elif op == "concat":
+        fused = lambda backend: lambda f, v, t: ops.score_concat(f, v, t, backend=backend)  # noqa: E731
+        baselines = {"eager torch.cat (official)": reference.score_concat}
+        compiled_ref = reference.score_concat
     else:
         fused = lambda backend: lambda q, k, v: ops.context_attention(q, k, v, backend=backend)  # noqa: E731
         baselines = {"eager einsum (official)": reference.attention,
@@ -125,6 +130,35 @@ def bench_score(b: int, c: int, h: int, w: int, k: int, dtype: torch.dtype, devi
         return rows
 
     return _each_contestant(_contestants("score", device, dtype, compile_mode=compile_mode), one, shape)
+
+
+def bench_concat(b: int, cf: int, c: int, h: int, w: int, k: int, dtype: torch.dtype, device: torch.device,
+                 backward: bool, compile_mode: str = "yes"):  # fmt: skip
+    """score_concat, the form the model runs: the FPN level's feature (B, cf, H, W) and the score channels in one
+    (B, cf + K, H, W) buffer, against the official torch.cat of the feature and the score map."""
+    feature = torch.randn(b, cf, h, w, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    visual = torch.randn(b, c, h, w, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    text = torch.randn(k, c, device=device, dtype=dtype)
+    s, p = dtype.itemsize, h * w
+    # read feature, visual and text, write the concatenated buffer
+    fwd_bytes, fwd_flops = (2 * b * cf * p + b * c * p + k * c + b * k * p) * s, 2.0 * b * k * c * p
+    shape = f"B{b} Cf{cf} C{c} {h}x{w} K{k}"
+
+    def one(name: str, fn: Callable) -> list[Row]:
+        fn(feature, visual, text)
+        t = _time(lambda: fn(feature, visual, text), device)
+        rows = [Row("score_concat", shape, str(dtype)[6:], "forward", name, *t, fwd_bytes, fwd_flops)]
+        if backward:
+            f, v, tx = (x.detach().requires_grad_() for x in (feature, visual, text))
+            out = fn(f, v, tx)
+            grad = torch.randn_like(out)
+            t = _time(lambda: torch.autograd.grad(out, (f, v, tx), grad, retain_graph=True), device)
+            # the score part as pixel_text_score's backward; the feature's gradient is a view of grad
+            bwd_bytes = (2 * b * c * p + b * k * p + 2 * k * c) * s
+            rows.append(Row("score_concat", shape, str(dtype)[6:], "backward", name, *t, bwd_bytes, 2 * fwd_flops))
+        return rows
+
+    return _each_contestant(_contestants("concat", device, dtype, compile_mode=compile_mode), one, shape)
 
 
 def bench_attention(b: int, heads: int, lq: int, lk: int, d: int, dtype: torch.dtype, device: torch.device,
@@ -250,15 +284,21 @@ def main(argv: list[str] | None = None) -> int:
     if quick:
         dtype = torch.float32 if device.type == "cpu" else dtype
         score_shapes = [(2, 256, 16, 16, 150)]
+        concat_shapes = [(2, 64, 256, 16, 16, 150)]
         attention_shapes = [(2, 4, 150, 257, 64)]
     else:
         score_shapes = [(16, 1024, 16, 16, 150), (8, 512, 40, 40, 150), (32, 1024, 128, 128, 171)]
+        # the model's: RN50's stride-32 level (2048 channels) and ViT-B/16's (768) with their score maps
+        concat_shapes = [(16, 2048, 1024, 16, 16, 150), (8, 768, 512, 40, 40, 150)]
         attention_shapes = [(16, 4, 150, 257, 64), (8, 4, 150, 1601, 64)]
     backward = not args.no_backward
     cases: list[tuple[str, Callable[[], list[Row]]]] = []
     for shape in score_shapes:
         cases.append((f"pixel_text_score {shape} {args.dtype}",
                       lambda s=shape: bench_score(*s, dtype, device, backward, args.compile)))  # fmt: skip
+    for shape in concat_shapes:
+        cases.append((f"score_concat {shape} {args.dtype}",
+                      lambda s=shape: bench_concat(*s, dtype, device, backward, args.compile)))  # fmt: skip
     for shape in attention_shapes:
         cases.append((f"context_attention {shape} {args.dtype}",
                       lambda s=shape: bench_attention(*s, dtype, device, backward, args.compile)))  # fmt: skip

@@ -334,9 +334,9 @@ def test_triton_score_backward_with_and_without_the_forward_outputs(layout):
     wrong_grad = r"grad must be the gradient of the \(B, K, H, W\) score, shape \(2, 19, 5, 3\), got \(2, 18, 5, 3\)"
     with pytest.raises(ValueError, match=wrong_grad):
         backward(grad[:, 1:], visual, text, 2.5, score_map, norm)
-    # no class: the raw operator (ops.* refuse K = 0) still gives the norms
-    _, norm0 = lib.pixel_text_score_triton(visual, text[:0], 2.5)
-    torch.testing.assert_close(norm0, torch.linalg.vector_norm(visual, dim=1))
+    # no class: refused by the raw operator too, as by ops.* and the C++ operator
+    with pytest.raises(ValueError, match="at least one class embedding"):
+        lib.pixel_text_score_triton(visual, text[:0], 2.5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
@@ -651,8 +651,10 @@ def test_forcing_a_backend(monkeypatch):
     assert ops.backends.resolve("pixel_text_score", visual.device, visual.dtype) == "reference"
     assert ops.backends.resolve("pixel_text_score", visual.device, visual.dtype, backend="cpu") == "cpu"  # kwarg wins
     monkeypatch.setenv("DENSECLIP_FAST_BACKEND", "fastest")
-    with pytest.raises(ValueError, match=r"DENSECLIP_FAST_BACKEND'fastest' is not a backend"):
+    with pytest.raises(ValueError, match=r"DENSECLIP_FAST_BACKEND='fastest' is not a backend"):
         ops.pixel_text_score(visual, text)
+    monkeypatch.setenv("DENSECLIP_FAST_BACKEND", "")  # set but empty, as `export VAR=` leaves it: auto
+    assert ops.backends.resolve("pixel_text_score", visual.device, visual.dtype) == "cpu"
 
 
 @pytest.mark.skipif(not ops.extension_available() or ops.build_info()["cuda"] is None,
@@ -808,6 +810,50 @@ def test_the_raw_operators_check_their_inputs_too():
         lib.pixel_text_score_backward(grad, visual, text, 1.0, torch.randn(1, 4, 2, 2))
     with pytest.raises(RuntimeError, match="pixel_text_score_backward: score_map must match visual's dtype"):
         lib.pixel_text_score_backward(grad, visual, text, 1.0, torch.randn(1, 5, 2, 2, dtype=torch.float64))
+    # the fake kernels check as the kernels do: tracing with wrong shapes fails, not a graph that crashes later
+    with pytest.raises(ValueError, match="text has C=4 channels but visual has C=3"):
+        lib.pixel_text_score(torch.randn(1, 3, 2, 2, device="meta"), torch.randn(5, 4, device="meta"), 1.0)
+
+
+@pytest.mark.skipif(ops.backends.triton_available() is not None, reason="needs Triton")
+def test_the_triton_operators_check_their_inputs_too():
+    """torch.ops.denseclip_fast.*_triton called directly: the kernels index memory by the shapes, so a mismatch is a
+    ValueError naming the argument (it read past the text or returned junk), as are what the kernels do not take."""
+    lib = torch.ops.denseclip_fast
+    dev = DEVICE
+    visual, text, grad = torch.randn(3, 3, 2, 2, device=dev), torch.randn(5, 3, device=dev), torch.randn(3, 5, 2, 2)
+    cases = [
+        (lambda: lib.pixel_text_score_triton(visual, torch.randn(1, 5, 3, device=dev), 1.0),
+         "per-batch text has B=1 but visual has B=3"),
+        (lambda: lib.pixel_text_score_triton(torch.randn(1, 8, 2, 2, device=dev), text, 1.0),
+         "text has C=3 channels but visual has C=8"),
+        (lambda: lib.pixel_text_score_triton(visual.int(), text.int(), 1.0), "visual must be a float32"),
+        (lambda: lib.pixel_text_score_triton(visual.double(), text.double(), 1.0),
+         "pixel_text_score_triton: the Triton kernels take float32, float16 and bfloat16, not float64"),
+        (lambda: lib.score_concat_triton(torch.randn(3, 2, 2, 3, device=dev), visual, text, 1.0),
+         "must agree in B, H and W"),
+        (lambda: lib.pixel_text_score_backward_triton(grad[:, :4].to(dev), visual, text, 1.0),
+         r"grad must be the gradient of the \(B, K, H, W\) score, shape \(3, 5, 2, 2\)"),
+        (lambda: lib.pixel_text_score_backward_triton(grad.to(dev), visual, text, 1.0, None,
+                                                      torch.ones(3, 2, 2, device=dev, dtype=torch.float64)),
+         "norm must be"),
+        (lambda: lib.context_attention_triton(*(torch.randn(1, 1, n, 32, device=dev) for n in (3, 0, 0))),
+         "at least one token"),
+        (lambda: lib.context_attention_triton(torch.randn(1, 1, 3, 32, device=dev),
+                                              *(torch.randn(1, 1, 4, 16, device=dev) for _ in range(2))),
+         "must agree in B, heads and D"),
+        (lambda: lib.context_attention_triton(*(torch.randn(1, 1, 4, 24, device=dev) for _ in range(3))),
+         "context_attention_triton: the Triton attention kernel takes head dims"),
+    ]  # fmt: skip
+    for call, message in cases:
+        with pytest.raises(ValueError, match=message):
+            call()
+    q = torch.randn(1, 2, 3, 32, device=dev)
+    out, lse = lib.context_attention_triton(q, q, q)
+    with pytest.raises(ValueError, match="lse must be"):
+        lib.context_attention_backward_triton(out, q, q, q, out, lse[:, :1])
+    with pytest.raises(ValueError, match="grad_out must match q"):
+        lib.context_attention_backward_triton(out[:, :1], q, q, q, out, lse)
 
 
 def test_flop_counter_counts_the_fused_operators_as_the_reference():

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from . import backends, reference
+from .checks import check_attention_inputs, check_concat_feature, check_score_inputs
 from .extension import build_info, extension_available
 
 if extension_available():
@@ -49,39 +50,6 @@ def _triton_kernels():  # type: ignore[no-untyped-def]
     return kernels
 
 
-def _describe(x: object) -> str:
-    shape = getattr(x, "shape", None)
-    return f"{type(x).__name__} of shape {tuple(shape)}" if shape is not None else type(x).__name__
-
-
-def _check_float(name: str, t: torch.Tensor) -> None:
-    if not t.is_floating_point():
-        raise ValueError(f"{name} must be a float32, float64, float16 or bfloat16 tensor, got dtype {t.dtype}")
-
-
-def check_score_inputs(visual: torch.Tensor, text: torch.Tensor) -> None:
-    """ValueError naming the argument for anything the score operators cannot take."""
-    if not isinstance(visual, torch.Tensor) or visual.dim() != 4:
-        raise ValueError(f"visual must be a (B, C, H, W) tensor, got {_describe(visual)}")
-    if not isinstance(text, torch.Tensor) or text.dim() not in (2, 3):
-        raise ValueError(f"text must be a (K, C) or (B, K, C) tensor, got {_describe(text)}")
-    _check_float("visual", visual)
-    _check_float("text", text)
-    if visual.dtype != text.dtype:
-        raise ValueError(f"visual and text must have the same dtype, got {visual.dtype} and {text.dtype}")
-    if visual.device != text.device:
-        raise ValueError(f"visual and text must be on the same device, got {visual.device} and {text.device}")
-    if text.shape[-1] != visual.shape[1]:
-        raise ValueError(
-            f"text has C={text.shape[-1]} channels but visual has C={visual.shape[1]} "
-            f"(shapes {tuple(text.shape)} and {tuple(visual.shape)})"
-        )
-    if text.shape[-2] == 0:
-        raise ValueError("text must hold at least one class embedding (K >= 1), got K=0")
-    if text.dim() == 3 and text.shape[0] != visual.shape[0]:
-        raise ValueError(f"per-batch text has B={text.shape[0]} but visual has B={visual.shape[0]}")
-
-
 def pixel_text_score(
     visual: torch.Tensor, text: torch.Tensor, scale: float = 1.0, *, backend: str | None = None
 ) -> torch.Tensor:
@@ -112,17 +80,7 @@ def score_concat(
     """``torch.cat([feature, pixel_text_score(visual, text, scale)], dim=1)``: (B, C_feat + K, H, W), the score
     channels written straight into the output. ``feature`` is (B, C_feat, H, W) with visual's B, H, W and dtype."""
     check_score_inputs(visual, text)
-    if not isinstance(feature, torch.Tensor) or feature.dim() != 4:
-        raise ValueError(f"feature must be a (B, C_feat, H, W) tensor, got {_describe(feature)}")
-    if (feature.shape[0], *feature.shape[2:]) != (visual.shape[0], *visual.shape[2:]):
-        raise ValueError(
-            f"feature {tuple(feature.shape)} and visual {tuple(visual.shape)} must agree in B, H and W"
-        )
-    if feature.dtype != visual.dtype or feature.device != visual.device:
-        raise ValueError(
-            f"feature must match visual's dtype and device ({visual.dtype}, {visual.device}), "
-            f"got {feature.dtype} on {feature.device}"
-        )
+    check_concat_feature(feature, visual)
     chosen = backends.resolve("score_concat", visual.device, visual.dtype, backend)
     if chosen == "reference":
         return reference.score_concat(feature, visual, text, scale)
@@ -131,25 +89,6 @@ def score_concat(
             return _triton_kernels().concat_forward(feature, visual, text, float(scale))[0]
         return torch.ops.denseclip_fast.score_concat_triton(feature, visual, text, float(scale))[0]
     return torch.ops.denseclip_fast.score_concat(feature, visual, text, float(scale))[0]
-
-
-def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise ValueError(f"{name} must be a (B, heads, L, D) tensor, got {_describe(t)}")
-        _check_float(name, t)
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k and v must have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k and v must be on the same device, got {q.device}, {k.device}, {v.device}")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    if (q.shape[0], q.shape[1], q.shape[3]) != (k.shape[0], k.shape[1], k.shape[3]):
-        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in B, heads and D")
-    if k.shape[2] == 0:
-        raise ValueError("k and v must hold at least one token (Lk >= 1), got Lk=0")
-    if q.shape[3] == 0:
-        raise ValueError("the head dim D must be >= 1, got 0")
 
 
 def context_attention(

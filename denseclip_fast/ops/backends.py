@@ -155,14 +155,14 @@ def unavailable_reason(
 
 def resolve(op: str, device: torch.device, dtype: torch.dtype, backend: str | None = None, head_dim: int = 0) -> str:
     """The backend that runs this call (see the module docstring)."""
-    source = "backend=" if backend is not None else ENV_VAR
-    requested = backend if backend is not None else os.environ.get(ENV_VAR, "auto")
+    source = "backend=" if backend is not None else f"{ENV_VAR}="
+    requested = backend if backend is not None else (os.environ.get(ENV_VAR) or "auto")  # unset or empty: auto
     if requested not in BACKENDS + ("auto",):
         raise ValueError(f"{source}{requested!r} is not a backend; choose one of {BACKENDS} or 'auto'")
     if requested != "auto":
         why = unavailable_reason(requested, op, device, dtype, head_dim)
         if why is not None:
-            raise RuntimeError(f"{op}: backend {requested!r} (from {source}) cannot run this call: {why}")
+            raise RuntimeError(f"{op}: backend {requested!r} (from {source.rstrip('=')}) cannot run this call: {why}")
         return requested
     order = ("triton", "cuda", "reference") if device.type == "cuda" else ("cpu", "reference")
     return next(b for b in order if unavailable_reason(b, op, device, dtype, head_dim) is None)

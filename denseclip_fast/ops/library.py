@@ -12,6 +12,13 @@ from typing import Any
 
 import torch
 
+from .checks import (
+    check_attention_backward_inputs,
+    check_attention_inputs,
+    check_concat_feature,
+    check_score_backward_inputs,
+    check_score_inputs,
+)
 from .extension import extension_available
 
 OPS = ("pixel_text_score", "score_concat", "context_attention")
@@ -64,6 +71,7 @@ def empty_score(visual: torch.Tensor, channels: int) -> torch.Tensor:
 
 
 def _fake_score(visual: torch.Tensor, text: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    check_score_inputs(visual, text)
     return empty_score(visual, text.shape[-2])
 
 
@@ -75,18 +83,21 @@ def _fake_norm(visual: torch.Tensor) -> torch.Tensor:
 def _fake_score_with_norm(
     visual: torch.Tensor, text: torch.Tensor, scale: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return empty_score(visual, text.shape[-2]), _fake_norm(visual)
+    return _fake_score(visual, text, scale), _fake_norm(visual)
 
 
 def _fake_score_backward(
     grad: torch.Tensor, visual: torch.Tensor, text: torch.Tensor, scale: float, score_map: torch.Tensor | None = None,
     norm: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    check_score_backward_inputs(grad, visual, text, score_map, norm)
     grad_visual = torch.empty_like(visual, memory_format=score_memory_format(visual))
     return grad_visual, torch.empty_like(text, memory_format=torch.contiguous_format)
 
 
 def _fake_concat(feature: torch.Tensor, visual: torch.Tensor, text: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    check_score_inputs(visual, text)
+    check_concat_feature(feature, visual)
     return empty_score(visual, feature.shape[1] + text.shape[-2])
 
 
@@ -97,6 +108,7 @@ def _fake_concat_with_norm(
 
 
 def _fake_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    check_attention_inputs(q, k, v)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     return out, q.new_empty(q.shape[:3], dtype=lse_dtype(q))
 
@@ -104,6 +116,7 @@ def _fake_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[
 def _fake_attention_backward(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    check_attention_backward_inputs(grad_out, q, k, v, out, lse)
     fmt = torch.contiguous_format
     return (torch.empty_like(q, memory_format=fmt), torch.empty_like(k, memory_format=fmt),
             torch.empty_like(v, memory_format=fmt))  # fmt: skip

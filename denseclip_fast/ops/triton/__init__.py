@@ -19,12 +19,20 @@ if UNAVAILABLE is None:
     import torch
     from torch.library import triton_op
 
+    from ..checks import (
+        check_attention_backward_inputs,
+        check_attention_inputs,
+        check_concat_feature,
+        check_score_inputs,
+        check_triton,
+    )
     from ..library import empty_score, lse_dtype, register_autograd, register_fakes, register_flop_formulas
     from . import attention, score
     from .common import on_device
 
     # The forwards as plain functions: the bodies of the operators below, and what ops.pixel_text_score & co. call
-    # directly in eager inference (no gradient to record, nothing tracing), skipping the operator's dispatch.
+    # directly in eager inference (no gradient to record, nothing tracing), skipping the operator's dispatch. The
+    # operators check their arguments first (the wrappers have already: the kernels index memory by the shapes).
     # The score forms also return the pixel norms |v| ((B, H, W) float32, as the attention returns its log-sum-exp):
     # autograd saves them, so that the backward reads the visual map once.
     def score_forward(visual: torch.Tensor, text: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,6 +60,8 @@ if UNAVAILABLE is None:
     def pixel_text_score_triton(
         visual: torch.Tensor, text: torch.Tensor, scale: float = 1.0
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        check_score_inputs(visual, text)
+        check_triton("pixel_text_score", visual)
         return score_forward(visual, text, scale)
 
     @triton_op("denseclip_fast::pixel_text_score_backward_triton", mutates_args=())
@@ -59,6 +69,8 @@ if UNAVAILABLE is None:
         grad: torch.Tensor, visual: torch.Tensor, text: torch.Tensor, scale: float,
         score_map: torch.Tensor | None = None, norm: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        check_score_inputs(visual, text)  # grad, score_map and norm: score.score_backward checks them
+        check_triton("pixel_text_score", visual)
         with on_device(visual):
             return score.score_backward(grad, visual, text, scale, score_map, norm)
 
@@ -66,12 +78,17 @@ if UNAVAILABLE is None:
     def score_concat_triton(
         feature: torch.Tensor, visual: torch.Tensor, text: torch.Tensor, scale: float = 1.0
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        check_score_inputs(visual, text)
+        check_concat_feature(feature, visual)
+        check_triton("score_concat", visual)
         return concat_forward(feature, visual, text, scale)
 
     @triton_op("denseclip_fast::context_attention_triton", mutates_args=())
     def context_attention_triton(
         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        check_attention_inputs(q, k, v)
+        check_triton("context_attention", q, head_dim=q.shape[-1])
         return attention_forward(q, k, v)
 
     @triton_op("denseclip_fast::context_attention_backward_triton", mutates_args=())
@@ -79,6 +96,8 @@ if UNAVAILABLE is None:
         grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
         lse: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+        check_attention_backward_inputs(grad_out, q, k, v, out, lse)
+        check_triton("context_attention", q, head_dim=q.shape[-1])
         with on_device(q):
             return attention.attention_backward(grad_out, q, k, v, out, lse)
 

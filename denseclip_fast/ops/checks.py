@@ -1,0 +1,130 @@
+"""Argument checks of the operators, shared by the Python wrappers (``denseclip_fast.ops``), the Triton operators
+(``torch.ops.denseclip_fast.*_triton``, which callers may use directly and exported graphs contain) and the fake
+kernels (so that tracing with wrong shapes fails as running would). Each raises ValueError naming the argument,
+what it must be and what it is; the C++ operators check the same in csrc/registration.cpp (RuntimeError).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def describe(x: object) -> str:
+    shape = getattr(x, "shape", None)
+    return f"{type(x).__name__} of shape {tuple(shape)}" if shape is not None else type(x).__name__
+
+
+def check_float(name: str, t: torch.Tensor) -> None:
+    if not t.is_floating_point():
+        raise ValueError(f"{name} must be a float32, float64, float16 or bfloat16 tensor, got dtype {t.dtype}")
+
+
+def check_score_inputs(visual: torch.Tensor, text: torch.Tensor) -> None:
+    """visual (B, C, H, W) and text (K, C) or (B, K, C), K >= 1, of one float dtype and device."""
+    if not isinstance(visual, torch.Tensor) or visual.dim() != 4:
+        raise ValueError(f"visual must be a (B, C, H, W) tensor, got {describe(visual)}")
+    if not isinstance(text, torch.Tensor) or text.dim() not in (2, 3):
+        raise ValueError(f"text must be a (K, C) or (B, K, C) tensor, got {describe(text)}")
+    check_float("visual", visual)
+    check_float("text", text)
+    if visual.dtype != text.dtype:
+        raise ValueError(f"visual and text must have the same dtype, got {visual.dtype} and {text.dtype}")
+    if visual.device != text.device:
+        raise ValueError(f"visual and text must be on the same device, got {visual.device} and {text.device}")
+    if text.shape[-1] != visual.shape[1]:
+        raise ValueError(
+            f"text has C={text.shape[-1]} channels but visual has C={visual.shape[1]} "
+            f"(shapes {tuple(text.shape)} and {tuple(visual.shape)})"
+        )
+    if text.shape[-2] == 0:
+        raise ValueError("text must hold at least one class embedding (K >= 1), got K=0")
+    if text.dim() == 3 and text.shape[0] != visual.shape[0]:
+        raise ValueError(f"per-batch text has B={text.shape[0]} but visual has B={visual.shape[0]}")
+
+
+def check_concat_feature(feature: torch.Tensor, visual: torch.Tensor) -> None:
+    """score_concat's feature: (B, C_feat, H, W) with visual's B, H, W, dtype and device."""
+    if not isinstance(feature, torch.Tensor) or feature.dim() != 4:
+        raise ValueError(f"feature must be a (B, C_feat, H, W) tensor, got {describe(feature)}")
+    if (feature.shape[0], *feature.shape[2:]) != (visual.shape[0], *visual.shape[2:]):
+        raise ValueError(f"feature {tuple(feature.shape)} and visual {tuple(visual.shape)} must agree in B, H and W")
+    if feature.dtype != visual.dtype or feature.device != visual.device:
+        raise ValueError(
+            f"feature must match visual's dtype and device ({visual.dtype}, {visual.device}), "
+            f"got {feature.dtype} on {feature.device}"
+        )
+
+
+def check_score_backward_inputs(
+    grad: torch.Tensor, visual: torch.Tensor, text: torch.Tensor, score_map: torch.Tensor | None,
+    norm: torch.Tensor | None,
+) -> None:  # fmt: skip
+    """pixel_text_score_backward's: the forward's inputs, grad (and the forward's map) (B, K, H, W) in visual's
+    dtype and device, norm (B, H, W) in float32 (float64 for float64 visual)."""
+    check_score_inputs(visual, text)
+    b, _, h, w = visual.shape
+    expected = (b, text.shape[-2], h, w)
+    for name, t in (("grad", grad), ("score_map", score_map)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != expected:
+            raise ValueError(f"{name} must be (B, K, H, W) = {expected}, got {describe(t)}")
+        if t.dtype != visual.dtype or t.device != visual.device:
+            raise ValueError(f"{name} must match visual's dtype and device, got {t.dtype} on {t.device}")
+    if norm is not None:
+        dtype = torch.float64 if visual.dtype == torch.float64 else torch.float32
+        if (not isinstance(norm, torch.Tensor) or tuple(norm.shape) != (b, h, w) or norm.dtype != dtype
+                or norm.device != visual.device):  # fmt: skip
+            got = f"{describe(norm)} {getattr(norm, 'dtype', '')} on {getattr(norm, 'device', '')}"
+            raise ValueError(f"norm must be (B, H, W) = {(b, h, w)} {dtype} on {visual.device} (the forward's pixel "
+                             f"norms), got {got}")  # fmt: skip
+
+
+def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """q (B, heads, Lq, D), k and v (B, heads, Lk, D), Lk >= 1, D >= 1, of one float dtype and device."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a (B, heads, L, D) tensor, got {describe(t)}")
+        check_float(name, t)
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k and v must have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k and v must be on the same device, got {q.device}, {k.device}, {v.device}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if (q.shape[0], q.shape[1], q.shape[3]) != (k.shape[0], k.shape[1], k.shape[3]):
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in B, heads and D")
+    if k.shape[2] == 0:
+        raise ValueError("k and v must hold at least one token (Lk >= 1), got Lk=0")
+    if q.shape[3] == 0:
+        raise ValueError("the head dim D must be >= 1, got 0")
+
+
+def check_attention_backward_inputs(
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor
+) -> None:
+    """context_attention_backward's: the forward's inputs, grad_out and out like q, lse (B, heads, Lq) float32
+    (float64 for float64 q)."""
+    check_attention_inputs(q, k, v)
+    for name, t in (("grad_out", grad_out), ("out", out)):
+        if (not isinstance(t, torch.Tensor) or t.shape != q.shape or t.dtype != q.dtype
+                or t.device != q.device):  # fmt: skip
+            raise ValueError(f"{name} must match q ({tuple(q.shape)}, {q.dtype}, {q.device}), got {describe(t)} "
+                             f"{getattr(t, 'dtype', '')} on {getattr(t, 'device', '')}")  # fmt: skip
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if not isinstance(lse, torch.Tensor) or lse.shape != q.shape[:3] or lse.dtype != dtype or lse.device != q.device:
+        raise ValueError(f"lse must be (B, heads, Lq) = {tuple(q.shape[:3])} {dtype} on {q.device} (the forward's "
+                         f"log-sum-exp), got {describe(lse)} {getattr(lse, 'dtype', '')}")  # fmt: skip
+
+
+def check_triton(op: str, t: torch.Tensor, head_dim: int = 0) -> None:
+    """ValueError for what the Triton kernels do not take (float64; head dims other than the attention kernel's),
+    for their operators called directly (torch.ops.denseclip_fast.<op>_triton): an interpreter error or a compiler
+    message about block sizes would not say which argument is wrong. (The device is Triton's to refuse.)"""
+    from .backends import TRITON_HEAD_DIMS
+
+    if t.dtype == torch.float64:
+        raise ValueError(f"{op}_triton: the Triton kernels take float32, float16 and bfloat16, not float64")
+    if op == "context_attention" and head_dim not in TRITON_HEAD_DIMS:
+        raise ValueError(f"{op}_triton: the Triton attention kernel takes head dims {TRITON_HEAD_DIMS}, "
+                         f"got D={head_dim}")  # fmt: skip
