@@ -262,6 +262,7 @@ TRAIN_OPTIONS = {  # command-line option -> (TrainConfig field, type)
     "arch": str, "data": str, "layout": str, "init": str, "iters": int, "batch_size": int, "accum": int, "crop": int,
     "lr": float, "seed": int, "device": str, "work_dir": str, "num_workers": int, "checkpoint_interval": int,
     "eval_interval": int, "log_interval": int, "amp": str, "ignore_index": int, "clip_activation": str,
+    "grad_checkpointing": bool, "sync_bn": bool,
 }  # fmt: skip
 IGNORE_HELP = "label value of ignored pixels (default 255; with 256+ classes in 16-bit labels, e.g. 65535)"
 
@@ -277,10 +278,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None:
             setattr(cfg, name, value)
-    if args.grad_checkpointing:
-        cfg.grad_checkpointing = True
-    if args.sync_bn:
-        cfg.sync_bn = True
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
@@ -384,8 +381,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--log-interval", dest="log_interval", type=int)
     tr.add_argument("--amp", choices=("bf16", "fp16", "none"))
     tr.add_argument("--ignore-index", dest="ignore_index", type=int, help=IGNORE_HELP)
-    tr.add_argument("--grad-checkpointing", action="store_true")
-    tr.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes (torchrun)")
+    tr.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction,
+                    help="recompute activations in the backward (less memory); --no-... turns a config's off")
+    tr.add_argument("--sync-bn", action=argparse.BooleanOptionalAction,
+                    help="SyncBatchNorm across processes (torchrun); --no-sync-bn turns a config's off")
     tr.add_argument("--resume", help="'auto' (the work dir's latest checkpoint) or an iter_N.state.pt file")
     tr.add_argument("--print-config", action="store_true", help="print the resolved configuration as JSON and exit")
     tr.set_defaults(func=cmd_train)

@@ -610,6 +610,11 @@ def test_config_files_and_errors(arch_file, generic, tmp_path, capsys):
     printed = json.loads(capsys.readouterr().out)
     assert (printed["iters"], printed["accum"], printed["crop"], printed["img_scale"]) == (20, 4, 640, [2048, 640])
     assert printed["clip_activation"] == "gelu"
+    switches = tmp_path / "switches.yaml"
+    switches.write_text("sync_bn: true\ngrad_checkpointing: false\n")
+    assert main(["train", str(switches), "--no-sync-bn", "--grad-checkpointing", "--print-config"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert (printed["sync_bn"], printed["grad_checkpointing"]) == (False, True)  # the command line wins both ways
     path.write_text("itres: 10\n")
     with pytest.raises(ValueError, match=r"unknown training config keys \['itres'\]"):
         TrainConfig.load(str(path))
