@@ -292,6 +292,47 @@ def test_context_attention_forward_and_backward(backend, dtype, shape):
     _check_attention(q, k, v, backend)
 
 
+RANDOM_BACKENDS = sorted({b for b, _ in BACKEND_DTYPES} - {"reference"})
+
+
+@pytest.mark.parametrize("backend", RANDOM_BACKENDS)
+@pytest.mark.parametrize("seed", range(8))
+def test_random_shapes_against_the_reference(backend, seed):
+    """Shapes, layouts and dtypes drawn at random (seeded, so a failure reproduces): beside the hand-picked cases
+    above, sizes nobody chose, for the score, its concatenating form and the attention (k and v non-contiguous
+    views too)."""
+    rng = torch.Generator().manual_seed(1000 + seed)
+
+    def draw(lo: int, hi: int) -> int:
+        return int(torch.randint(lo, hi + 1, (1,), generator=rng))
+
+    dtypes = [d for b, d in BACKEND_DTYPES if b == backend]
+    for case in range(3):
+        dtype = dtypes[draw(0, len(dtypes) - 1)]
+        b, c, h, w, k = draw(1, 3), draw(1, 80), draw(1, 9), draw(1, 9), draw(1, 40)
+        layout, batched = LAYOUTS[draw(0, 2)], bool(draw(0, 1))
+        visual, text = _visual(b, c, h, w, layout, dtype), _text(b, k, c, batched, dtype)
+        what = f"case {case}: {dtype} B{b} C{c} {h}x{w} K{k} {layout} {'per-image' if batched else 'shared'} text"
+        (out, v_grad, t_grad), (expected, v64_grad, t64_grad) = _score_with_reference(visual, text, 1.5, backend)
+        for actual, wanted, factor in ((out, expected, 1), (v_grad, v64_grad, 2), (t_grad, t64_grad, 2)):
+            try:
+                _check_close(actual, wanted, dtype, factor)
+            except AssertionError as exc:
+                raise AssertionError(f"{what}: {exc}") from None
+        feature = torch.randn(b, draw(1, 12), h, w).to(DEVICE, dtype)
+        concat = ops.score_concat(feature, visual, text, 1.5, backend=backend)
+        assert torch.equal(concat[:, feature.shape[1]:], out.detach()), what  # the same kernel, into the buffer
+        d = (16, 32, 64, 128)[draw(0, 3)] if backend == "triton" else draw(1, 80)
+        heads, lq, lk = draw(1, 4), draw(1, 40), draw(1, 300)
+        q = torch.randn(b, lq, heads, d, dtype=torch.float64).to(DEVICE, dtype).transpose(1, 2)  # the head split
+        kv = torch.randn(b, lk, heads, 2 * d, dtype=torch.float64).to(DEVICE, dtype).transpose(1, 2)
+        k_view, v_view = kv[..., :d], kv[..., d:]  # slices of one projection: non-contiguous, offset
+        try:
+            _check_attention(q, k_view, v_view, backend)
+        except AssertionError as exc:
+            raise AssertionError(f"case {case}: attention {dtype} B{b} H{heads} {lq}x{lk} D{d}: {exc}") from None
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "concat slice", "concat slice channels_last"])
 def test_triton_score_backward_with_and_without_the_forward_outputs(layout):
     """The Triton score operators return the pixel norms |v| beside the map, and autograd hands both to the backward
