@@ -108,27 +108,38 @@ def _contestants(op: str, device: torch.device, dtype: torch.dtype, head_dim: in
     return fns
 
 
+def _timed(op: str, shape: str, dtype: torch.dtype, inputs: tuple[torch.Tensor, ...], device: torch.device,
+           backward: bool, forward_cost: tuple[float, float],
+           backward_cost: tuple[float, float]) -> Callable[[str, Callable], list[Row]]:  # fmt: skip
+    """``one(name, fn)`` for _each_contestant: ``fn(*inputs)`` timed, then (with ``backward``) the gradients to
+    every input; the costs are each pass's (bytes, FLOPs)."""
+    label = str(dtype)[6:]
+
+    def one(name: str, fn: Callable) -> list[Row]:
+        fn(*inputs)
+        t = _time(lambda: fn(*inputs), device)
+        rows = [Row(op, shape, label, "forward", name, *t, *forward_cost)]
+        if backward:
+            leaves = tuple(x.detach().requires_grad_() for x in inputs)
+            out = fn(*leaves)
+            grad = torch.randn_like(out)
+            t = _time(lambda: torch.autograd.grad(out, leaves, grad, retain_graph=True), device)
+            rows.append(Row(op, shape, label, "backward", name, *t, *backward_cost))
+        return rows
+
+    return one
+
+
 def bench_score(b: int, c: int, h: int, w: int, k: int, dtype: torch.dtype, device: torch.device, backward: bool,
                 compile_mode: str = "yes"):  # fmt: skip
     visual = torch.randn(b, c, h, w, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
     text = torch.randn(k, c, device=device, dtype=dtype)
     s, p = dtype.itemsize, h * w
     fwd_bytes, fwd_flops = (b * c * p + k * c + b * k * p) * s, 2.0 * b * k * c * p
+    bwd_bytes = (2 * b * c * p + b * k * p + 2 * k * c) * s  # read visual and grad, write grad_visual
     shape = f"B{b} C{c} {h}x{w} K{k}"
-
-    def one(name: str, fn: Callable) -> list[Row]:
-        fn(visual, text)
-        t = _time(lambda: fn(visual, text), device)
-        rows = [Row("pixel_text_score", shape, str(dtype)[6:], "forward", name, *t, fwd_bytes, fwd_flops)]
-        if backward:
-            v, tx = visual.detach().requires_grad_(), text.detach().requires_grad_()
-            out = fn(v, tx)
-            grad = torch.randn_like(out)
-            t = _time(lambda: torch.autograd.grad(out, (v, tx), grad, retain_graph=True), device)
-            bwd_bytes = (2 * b * c * p + b * k * p + 2 * k * c) * s  # read visual and grad, write grad_visual
-            rows.append(Row("pixel_text_score", shape, str(dtype)[6:], "backward", name, *t, bwd_bytes, 2 * fwd_flops))
-        return rows
-
+    one = _timed("pixel_text_score", shape, dtype, (visual, text), device, backward, (fwd_bytes, fwd_flops),
+                 (bwd_bytes, 2 * fwd_flops))  # fmt: skip
     return _each_contestant(_contestants("score", device, dtype, compile_mode=compile_mode), one, shape)
 
 
@@ -142,22 +153,11 @@ def bench_concat(b: int, cf: int, c: int, h: int, w: int, k: int, dtype: torch.d
     s, p = dtype.itemsize, h * w
     # read feature, visual and text, write the concatenated buffer
     fwd_bytes, fwd_flops = (2 * b * cf * p + b * c * p + k * c + b * k * p) * s, 2.0 * b * k * c * p
+    # the score part as pixel_text_score's backward; the feature's gradient is a view of grad
+    bwd_bytes = (2 * b * c * p + b * k * p + 2 * k * c) * s
     shape = f"B{b} Cf{cf} C{c} {h}x{w} K{k}"
-
-    def one(name: str, fn: Callable) -> list[Row]:
-        fn(feature, visual, text)
-        t = _time(lambda: fn(feature, visual, text), device)
-        rows = [Row("score_concat", shape, str(dtype)[6:], "forward", name, *t, fwd_bytes, fwd_flops)]
-        if backward:
-            f, v, tx = (x.detach().requires_grad_() for x in (feature, visual, text))
-            out = fn(f, v, tx)
-            grad = torch.randn_like(out)
-            t = _time(lambda: torch.autograd.grad(out, (f, v, tx), grad, retain_graph=True), device)
-            # the score part as pixel_text_score's backward; the feature's gradient is a view of grad
-            bwd_bytes = (2 * b * c * p + b * k * p + 2 * k * c) * s
-            rows.append(Row("score_concat", shape, str(dtype)[6:], "backward", name, *t, bwd_bytes, 2 * fwd_flops))
-        return rows
-
+    one = _timed("score_concat", shape, dtype, (feature, visual, text), device, backward, (fwd_bytes, fwd_flops),
+                 (bwd_bytes, 2 * fwd_flops))  # fmt: skip
     return _each_contestant(_contestants("concat", device, dtype, compile_mode=compile_mode), one, shape)
 
 
@@ -167,22 +167,10 @@ def bench_attention(b: int, heads: int, lq: int, lk: int, d: int, dtype: torch.d
     k, v = (torch.randn(b, heads, lk, d, device=device, dtype=dtype) for _ in range(2))
     s = dtype.itemsize
     fwd_bytes, fwd_flops = b * heads * (2 * lq + 2 * lk) * d * s, 4.0 * b * heads * lq * lk * d
+    bwd_bytes = b * heads * (4 * lq + 4 * lk) * d * s
     shape = f"B{b} H{heads} K{lq} x N{lk} D{d}"
-
-    def one(name: str, fn: Callable) -> list[Row]:
-        fn(q, k, v)
-        t = _time(lambda: fn(q, k, v), device)
-        rows = [Row("context_attention", shape, str(dtype)[6:], "forward", name, *t, fwd_bytes, fwd_flops)]
-        if backward:
-            qa, ka, va = (x.detach().requires_grad_() for x in (q, k, v))
-            out = fn(qa, ka, va)
-            grad = torch.randn_like(out)
-            t = _time(lambda: torch.autograd.grad(out, (qa, ka, va), grad, retain_graph=True), device)
-            bwd_bytes = b * heads * (4 * lq + 4 * lk) * d * s
-            rows.append(Row("context_attention", shape, str(dtype)[6:], "backward", name, *t, bwd_bytes,
-                            2.5 * fwd_flops))  # fmt: skip
-        return rows
-
+    one = _timed("context_attention", shape, dtype, (q, k, v), device, backward, (fwd_bytes, fwd_flops),
+                 (bwd_bytes, 2.5 * fwd_flops))  # fmt: skip
     return _each_contestant(_contestants("attention", device, dtype, d, compile_mode), one, shape)
 
 
