@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from .backends import TRITON_HEAD_DIMS
+
 
 def describe(x: object) -> str:
     shape = getattr(x, "shape", None)
@@ -55,6 +57,20 @@ def check_concat_feature(feature: torch.Tensor, visual: torch.Tensor) -> None:
         )
 
 
+def check_like(
+    t: object, shape: tuple[int, ...] | torch.Size, like: torch.Tensor, name: str, dtype: torch.dtype | None = None,
+    what: str = "the forward's output",
+) -> None:
+    """A tensor a backward is handed (the forward's outputs, the gradient): ``shape``, ``like``'s device and
+    ``dtype`` (default ``like``'s)."""
+    dtype = like.dtype if dtype is None else dtype
+    if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(shape):
+        got = tuple(t.shape) if isinstance(t, torch.Tensor) else describe(t)
+        raise ValueError(f"{name} must be {what}, shape {tuple(shape)}, got {got}")
+    if t.dtype != dtype or t.device != like.device:
+        raise ValueError(f"{name} must be {what}, {dtype} on {like.device}, got {t.dtype} on {t.device}")
+
+
 def check_score_backward_inputs(
     grad: torch.Tensor, visual: torch.Tensor, text: torch.Tensor, score_map: torch.Tensor | None,
     norm: torch.Tensor | None,
@@ -63,21 +79,12 @@ def check_score_backward_inputs(
     dtype and device, norm (B, H, W) in float32 (float64 for float64 visual)."""
     check_score_inputs(visual, text)
     b, _, h, w = visual.shape
-    expected = (b, text.shape[-2], h, w)
-    for name, t in (("grad", grad), ("score_map", score_map)):
-        if t is None:
-            continue
-        if not isinstance(t, torch.Tensor) or tuple(t.shape) != expected:
-            raise ValueError(f"{name} must be (B, K, H, W) = {expected}, got {describe(t)}")
-        if t.dtype != visual.dtype or t.device != visual.device:
-            raise ValueError(f"{name} must match visual's dtype and device, got {t.dtype} on {t.device}")
+    scores = (b, text.shape[-2], h, w)
+    check_like(grad, scores, visual, "grad", what="the gradient of the (B, K, H, W) score")
+    if score_map is not None:
+        check_like(score_map, scores, visual, "score_map")
     if norm is not None:
-        dtype = torch.float64 if visual.dtype == torch.float64 else torch.float32
-        if (not isinstance(norm, torch.Tensor) or tuple(norm.shape) != (b, h, w) or norm.dtype != dtype
-                or norm.device != visual.device):  # fmt: skip
-            got = f"{describe(norm)} {getattr(norm, 'dtype', '')} on {getattr(norm, 'device', '')}"
-            raise ValueError(f"norm must be (B, H, W) = {(b, h, w)} {dtype} on {visual.device} (the forward's pixel "
-                             f"norms), got {got}")  # fmt: skip
+        check_like(norm, (b, h, w), visual, "norm", torch.float64 if visual.dtype == torch.float64 else torch.float32)
 
 
 def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -121,8 +128,6 @@ def check_triton(op: str, t: torch.Tensor, head_dim: int = 0) -> None:
     """ValueError for what the Triton kernels do not take (float64; head dims other than the attention kernel's),
     for their operators called directly (torch.ops.denseclip_fast.<op>_triton): an interpreter error or a compiler
     message about block sizes would not say which argument is wrong. (The device is Triton's to refuse.)"""
-    from .backends import TRITON_HEAD_DIMS
-
     if t.dtype == torch.float64:
         raise ValueError(f"{op}_triton: the Triton kernels take float32, float16 and bfloat16, not float64")
     if op == "context_attention" and head_dim not in TRITON_HEAD_DIMS:

@@ -36,6 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..checks import check_like
 from ..library import empty_score, memory_format_of, score_memory_format
 from .common import cdiv, dot_in_f32, launch, next_power_of_2
 
@@ -445,20 +446,6 @@ def _bmm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.bmm(a, b).float()
 
 
-def _checked(
-    t: torch.Tensor, shape: tuple[int, ...] | torch.Size, like: torch.Tensor, name: str,
-    dtype: torch.dtype | None = None, what: str = "the forward's output",
-) -> torch.Tensor:  # fmt: skip
-    """``t``, a tensor the backward is handed (the forward's outputs, the gradient), after checking its shape,
-    dtype and device."""
-    dtype = like.dtype if dtype is None else dtype
-    if tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{name} must be {what}, shape {tuple(shape)}, got {tuple(t.shape)}")
-    if t.dtype != dtype or t.device != like.device:
-        raise ValueError(f"{name} must be {what}, {dtype} on {like.device}, got {t.dtype} on {t.device}")
-    return t
-
-
 def _score_map(score: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
     """The forward's (B, K, H, W) output as the kernels read it, with (batch, class, pixel) element strides: in place
     whenever its pixels are evenly spaced (NCHW, NHWC, and score_concat's channel slice of either; it is read once,
@@ -532,13 +519,14 @@ def score_backward(
     FUSED_MAX_K classes) the text half's partial sums; their sum (or the GEMM on the raw map); the text
     normalisation's Jacobian."""
     b, _, h, w = visual.shape
-    _checked(grad, (b, text.shape[-2], h, w), visual, "grad", what="the gradient of the (B, K, H, W) score")
+    check_like(grad, (b, text.shape[-2], h, w), visual, "grad", what="the gradient of the (B, K, H, W) score")
     if visual.numel() == 0:
         return torch.zeros_like(visual), torch.zeros_like(text)
     if score is not None:
-        score = _checked(score, grad.shape, grad, "score")
+        check_like(score, grad.shape, grad, "score")
     if norm is not None:
-        norm = _checked(norm, (b, h, w), visual, "norm", torch.float32).contiguous()
+        check_like(norm, (b, h, w), visual, "norm", torch.float32)
+        norm = norm.contiguous()
     if score is None or norm is None:
         s_out, n_out = empty_score(visual, text.shape[-2]), empty_norm(visual)
         score_forward_into(s_out, n_out, visual, text, scale)
