@@ -32,8 +32,8 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..model import DenseCLIP
-from ..model.denseclip import MIN_IMAGE_SIDE
-from ..model.slide import slide_inference
+from ..model.denseclip import MIN_IMAGE_SIDE, check_image_size
+from ..model.slide import slide_inference, window_sizes
 from ..model.text import tokenize_class_names
 from ..preprocess import keep_ratio_size, normalize, resize_keep_ratio
 from ..visualize import default_palette
@@ -145,9 +145,7 @@ class Segmenter:
         if self.crop < MIN_IMAGE_SIDE:
             raise ValueError(f"crop must be at least {MIN_IMAGE_SIDE} (the stride-32 level keeps a pixel), "
                              f"got {self.crop}")  # fmt: skip
-        if self.stride > self.crop:
-            raise ValueError(f"stride must not exceed crop (the windows would leave pixels out), got "
-                             f"stride={self.stride} and crop={self.crop}")  # fmt: skip
+        window_sizes(self.crop, self.stride)  # a stride past the crop: refused now, not at the first slide call
         self.model = prepare_for_inference(model, self.device, self.dtype)
         self._text = self._embed(self.model.class_names)  # the buffer the graphs read; refreshed in place
         self._vocabularies: OrderedDict[tuple[str, ...], torch.Tensor] = OrderedDict()
@@ -243,9 +241,7 @@ class Segmenter:
         """Images the network can take: at least MIN_IMAGE_SIDE pixels a side as they enter it (uint8 images
         after the keep-ratio resize to the test scale), so that the stride-32 level keeps a pixel."""
         if batch.normalized is not None:
-            size = tuple(batch.normalized.shape[2:])
-            if min(size) < MIN_IMAGE_SIDE:
-                raise ValueError(f"images must be at least {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} pixels, got {size}")
+            check_image_size(tuple(batch.normalized.shape[2:]), "images")
             return
         assert batch.raw is not None
         scale = self.model.config.test_scale

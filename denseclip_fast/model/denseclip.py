@@ -38,6 +38,12 @@ if TYPE_CHECKING:
 MIN_IMAGE_SIDE = 32  # the stride-32 level must keep at least one pixel
 
 
+def check_image_size(size: tuple[int, ...], name: str) -> None:
+    """ValueError unless an image of ``size`` (H, W) entering the network has MIN_IMAGE_SIDE pixels a side."""
+    if min(size) < MIN_IMAGE_SIDE:
+        raise ValueError(f"{name} must be at least {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} pixels, got {size}")
+
+
 def build_backbone(config: DenseCLIPConfig) -> nn.Module:
     if config.vision.kind == "resnet":
         return CLIPResNetBackbone(config.vision, config.embed_dim)
@@ -252,8 +258,7 @@ class DenseCLIP(nn.Module):
             )
         if x.shape[0] == 0:
             raise ValueError("x has an empty batch (B=0)")
-        if min(x.shape[2:]) < MIN_IMAGE_SIDE:
-            raise ValueError(f"x must be at least {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} pixels, got {tuple(x.shape[2:])}")
+        check_image_size(tuple(x.shape[2:]), "x")
         if x.device != self.contexts.device:
             raise ValueError(f"x is on {x.device} but the model is on {self.contexts.device}")
 

@@ -22,16 +22,23 @@ def _pair(value: int | tuple[int, int], name: str) -> tuple[int, int]:
     return pair  # type: ignore[return-value]
 
 
-def slide_windows(
-    height: int, width: int, crop: int | tuple[int, int], stride: int | tuple[int, int]
-) -> list[Window]:
-    """The windows mmseg visits, in its order (rows, then columns). A stride longer than the crop is refused: the
-    windows would skip pixels (mmseg asserts that every pixel is covered; here they would be 0 / 0 = NaN)."""
-    h_crop, w_crop = _pair(crop, "crop")
-    h_stride, w_stride = _pair(stride, "stride")
+def window_sizes(
+    crop: int | tuple[int, int], stride: int | tuple[int, int]
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(crop, stride) as (height, width) pairs, checked. A stride longer than the crop is refused: the windows
+    would skip pixels (mmseg asserts that every pixel is covered; here they would be 0 / 0 = NaN)."""
+    (h_crop, w_crop), (h_stride, w_stride) = _pair(crop, "crop"), _pair(stride, "stride")
     if h_stride > h_crop or w_stride > w_crop:
         raise ValueError(f"stride must not exceed crop (the windows would leave pixels out), got stride={stride!r} "
                          f"and crop={crop!r}")  # fmt: skip
+    return (h_crop, w_crop), (h_stride, w_stride)
+
+
+def slide_windows(
+    height: int, width: int, crop: int | tuple[int, int], stride: int | tuple[int, int]
+) -> list[Window]:
+    """The windows mmseg visits, in its order (rows, then columns); crop and stride as window_sizes takes them."""
+    (h_crop, w_crop), (h_stride, w_stride) = window_sizes(crop, stride)
     h_grids = max(height - h_crop + h_stride - 1, 0) // h_stride + 1
     w_grids = max(width - w_crop + w_stride - 1, 0) // w_stride + 1
     windows = []
