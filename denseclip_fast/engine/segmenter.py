@@ -34,7 +34,7 @@ from .. import ops
 from ..model import DenseCLIP
 from ..model.denseclip import MIN_IMAGE_SIDE, check_image_size
 from ..model.slide import slide_inference, window_sizes
-from ..model.text import tokenize_class_names
+from ..model.text import check_class_names
 from ..preprocess import keep_ratio_size, normalize, resize_keep_ratio
 from ..visualize import default_palette
 from ..visualize import overlay as blend
@@ -277,7 +277,7 @@ class Segmenter:
     def open_vocab(self, images: Any, names: Sequence[str]) -> torch.Tensor | list[torch.Tensor]:
         """(B, K', H, W) float32 pixel-text cosine scores of any ``names`` (context decoder applied), from the
         whole image's local embedding map, upsampled to the image. Each vocabulary's embeddings are cached."""
-        tokenize_class_names(names, self.model.config.text.class_token_length)  # ValueError naming a bad name
+        check_class_names(names)  # before the cache key is made of them; their tokens are checked on a miss
         batch, finite = self._batch(images)
         with self._lock, torch.inference_mode(), self._math():
             key = tuple(names)

@@ -29,21 +29,28 @@ def _bpe() -> Any:
     return SimpleTokenizer()
 
 
+def check_class_names(names: Sequence[str]) -> None:
+    """ValueError unless ``names`` is a non-empty sequence of strings (not a string itself), naming the first
+    entry that is not one. (Their BPE lengths are tokenize_class_names' to check.)"""
+    if isinstance(names, str) or not isinstance(names, Sequence):
+        raise ValueError(f"class names must be a sequence of strings, got {type(names).__name__}")
+    if len(names) == 0:
+        raise ValueError("class names must not be empty")
+    for i, name in enumerate(names):
+        if not isinstance(name, str):
+            raise ValueError(f"class name {i} must be a string, got {type(name).__name__}: {name!r}")
+
+
 def tokenize_class_names(names: Sequence[str], length: int) -> torch.Tensor:
     """Tokenise class names to (K, length) int64: SOT, BPE tokens, EOT, zero padding.
 
     Raises ValueError naming the offending entry for a non-string, a name with no tokens, or a name longer than
     ``length - 2`` BPE tokens.
     """
-    if isinstance(names, str) or not isinstance(names, Sequence):
-        raise ValueError(f"class names must be a sequence of strings, got {type(names).__name__}")
-    if len(names) == 0:
-        raise ValueError("class names must not be empty")
+    check_class_names(names)
     bpe = _bpe()
     out = torch.zeros(len(names), length, dtype=torch.long)
     for i, name in enumerate(names):
-        if not isinstance(name, str):
-            raise ValueError(f"class name {i} must be a string, got {type(name).__name__}: {name!r}")
         tokens = bpe.encode(name)
         if not tokens:
             raise ValueError(f"class name {i} ({name!r}) has no tokens")
