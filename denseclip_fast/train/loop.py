@@ -320,12 +320,13 @@ class Trainer:
 
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
-        if self._find_resume() is None:
+        resume_path = self._find_resume()
+        if resume_path is None:
             self._refuse_used_work_dir()
         with _distributed(cfg) as (rank, world, device), _cudnn_benchmark(cfg.cudnn_benchmark):
-            return self._run(rank, world, device)
+            return self._run(rank, world, device, resume_path)
 
-    def _run(self, rank: int, world: int, device: torch.device) -> dict[str, Any]:
+    def _run(self, rank: int, world: int, device: torch.device, resume_path: str | None) -> dict[str, Any]:
         cfg = self.cfg
         if cfg.batch_size % (world * cfg.accum):
             raise ValueError(
@@ -344,7 +345,6 @@ class Trainer:
                     os.remove(self._path(name))
             with open(self._path("config.json"), "w", encoding="utf-8") as f:
                 json.dump(cfg.to_dict(), f, indent=2)
-        resume_path = self._find_resume()
         start = self._load(resume_path, model, optimizer, scaler, rank, device) if resume_path else 0
         if not resume_path:
             torch.manual_seed(cfg.seed + rank)  # dropout masks: distinct per process, reproducible
