@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import ACTIVATIONS
+
 
 class LayerNormFp32(nn.LayerNorm):
     """CLIP's LayerNorm: computed in float32 whatever the input and weight dtypes, result cast back."""
@@ -36,7 +38,7 @@ def clip_activation(name: str) -> nn.Module:
         return QuickGELU()
     if name == "gelu":
         return nn.GELU()
-    raise ValueError(f"activation must be 'quick_gelu' or 'gelu', got {name!r}")
+    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {name!r}")
 
 
 class DropPath(nn.Module):
