@@ -419,6 +419,38 @@ def test_cpp_score_operators_return_the_norms_and_the_backward_takes_them(dtype,
         backward(grad, visual, text, 2.5, score_map, norm.to(other))
 
 
+@pytest.mark.parametrize("threads", [1, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "concat", "concat channels_last"])
+def test_cpu_score_tiles_cover_the_map_on_any_thread_count(threads, dtype, layout):
+    """The CPU score forward works in tiles of up to 512 pixels spread over the OpenMP threads (fewer pixels a tile
+    when there are more threads): a map of 2 x 1073 pixels (two full tiles and a partial one per image at one thread,
+    128-pixel tiles at eight) equals the float64 reference everywhere, norms included, also under inference mode,
+    whose output tensors the worker threads write into."""
+    if not ops.extension_available():
+        pytest.skip("the C++ extension is not built")
+    visual = torch.randn(2, 40, 37, 29, dtype=torch.float64)
+    if "channels_last" in layout:
+        visual = visual.contiguous(memory_format=torch.channels_last)
+    visual = visual.to(dtype)
+    text = torch.randn(2, 11, 40, dtype=torch.float64).to(dtype)  # per image
+    feature = torch.randn(2, 3, 37, 29, dtype=dtype)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            if "concat" in layout:
+                out, norm = torch.ops.denseclip_fast.score_concat(feature, visual, text, 3.0)
+                assert torch.equal(out[:, :3], feature)
+                out = out[:, 3:]
+            else:
+                out, norm = torch.ops.denseclip_fast.pixel_text_score(visual, text, 3.0)
+    finally:
+        torch.set_num_threads(before)
+    _check_close(out, reference.pixel_text_score(visual.double(), text.double(), 3.0), dtype)
+    torch.testing.assert_close(norm.double(), torch.linalg.vector_norm(visual.double(), dim=1), rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("text_batched", [False, True])
 @pytest.mark.parametrize("sms", [1, 3, 64])
 @pytest.mark.parametrize("k", [19, 150])
