@@ -196,7 +196,7 @@ def markdown(env: dict, rows: list[dict]) -> str:
         how = ("Median of triton.testing.do_bench runs (L2 flushed between runs). Floor = max(bytes / 4.8 TB/s, "
                "FLOPs / 790 TFLOP/s), the H200's; 'of floor' = floor / median.")  # fmt: skip
     else:
-        how = (f"CPU smoke run ({env['threads']} threads): median of perf_counter loops. The bandwidth, FLOP-rate "
+        how = (f"CPU run ({env['threads']} threads): median of perf_counter loops. The bandwidth, FLOP-rate "
                "and floor columns refer to an H200 and mean nothing here.")  # fmt: skip
     lines = [
         f"# Operator benchmark: {env['device']}",
@@ -258,19 +258,24 @@ def targets(rows: list[dict]) -> list[tuple[str, str, bool | None]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-    parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on a GPU, fp32 on the CPU")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true", help="small shapes (the default on CPU)")
+    parser.add_argument("--size", choices=("quick", "full"),
+                        help="quick: small shapes (the default on the CPU); full: the issue's shapes (the default on "
+                             "a GPU)")  # fmt: skip
+    parser.add_argument("--quick", action="store_true", help="the same as --size quick")
+    parser.add_argument("--max-batch", type=int, help="cap every shape's batch (for full shapes on a CPU)")
     parser.add_argument("--no-backward", action="store_true")
     parser.add_argument("--compile", choices=("yes", "no", "only"), default="yes",
                         help="torch.compile of the reference (GPU; minutes to build): with the others (yes), left out "
                              "(no), or only it and the eager baselines (only)")  # fmt: skip
     parser.add_argument("--tag", help="file name tag (default: the GPU's name, or cpu_smoke)")
     args = parser.parse_args(argv)
-    device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    quick = args.quick or device.type == "cpu"
+    device = torch.device(args.device)
+    dtype_name = args.dtype or ("fp32" if device.type == "cpu" else "bf16")
+    dtype = DTYPES[dtype_name]
+    quick = args.quick or args.size == "quick" or (args.size is None and device.type == "cpu")
     if quick:
-        dtype = torch.float32 if device.type == "cpu" else dtype
         score_shapes = [(2, 256, 16, 16, 150)]
         concat_shapes = [(2, 64, 256, 16, 16, 150)]
         attention_shapes = [(2, 4, 150, 257, 64)]
@@ -279,19 +284,26 @@ def main(argv: list[str] | None = None) -> int:
         # the model's: RN50's stride-32 level (2048 channels) and ViT-B/16's (768) with their score maps
         concat_shapes = [(16, 2048, 1024, 16, 16, 150), (8, 768, 512, 40, 40, 150)]
         attention_shapes = [(16, 4, 150, 257, 64), (8, 4, 150, 1601, 64)]
+    if args.max_batch is not None:
+        if args.max_batch < 1:
+            parser.error(f"--max-batch must be >= 1, got {args.max_batch}")
+        score_shapes, concat_shapes, attention_shapes = (
+            [(min(s[0], args.max_batch), *s[1:]) for s in shapes]
+            for shapes in (score_shapes, concat_shapes, attention_shapes)
+        )
     backward = not args.no_backward
     cases: list[tuple[str, Callable[[], list[Row]]]] = []
     for shape in score_shapes:
-        cases.append((f"pixel_text_score {shape} {args.dtype}",
+        cases.append((f"pixel_text_score {shape} {dtype_name}",
                       lambda s=shape: bench_score(*s, dtype, device, backward, args.compile)))  # fmt: skip
     for shape in concat_shapes:
-        cases.append((f"score_concat {shape} {args.dtype}",
+        cases.append((f"score_concat {shape} {dtype_name}",
                       lambda s=shape: bench_concat(*s, dtype, device, backward, args.compile)))  # fmt: skip
     for shape in attention_shapes:
-        cases.append((f"context_attention {shape} {args.dtype}",
+        cases.append((f"context_attention {shape} {dtype_name}",
                       lambda s=shape: bench_attention(*s, dtype, device, backward, args.compile)))  # fmt: skip
     if not quick and dtype != torch.float32:  # the targets' cases first, this one last
-        large = (32, 1024, 128, 128, 171)
+        large = (min(32, args.max_batch or 32), 1024, 128, 128, 171)
         cases.append((f"pixel_text_score {large} fp32",
                       lambda: bench_score(*large, torch.float32, device, False, args.compile)))  # fmt: skip
     results = Results(args.out, "ops", args.tag, environment(device), {}, markdown)
