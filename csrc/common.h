@@ -99,8 +99,9 @@ inline at::Tensor normalize_backward(const at::Tensor& g_hat, const at::Tensor& 
   return (g_hat - x_hat * radial) / x_clamped;
 }
 
-// pixel_text_score's backward in ATen calls, for CPU and CUDA tensors of every dtype (csrc/score_backward.cpp);
-// the CUDA registration (csrc/cuda/score.cu) takes tensor-core kernels where it can and this otherwise.
+// pixel_text_score's backward in ATen calls, for tensors of any device and dtype (csrc/score_backward.cpp): the CUDA
+// registration (csrc/cuda/score.cu) takes tensor-core kernels where it can and this otherwise (the CPU one is
+// csrc/cpu/score_backward.cpp).
 // score_map (the forward's output) is checked and otherwise not used: this backward computes <v^, g^> itself;
 // norm (the forward's pixel norms), when given, spares it the pass over visual that finds them.
 std::tuple<at::Tensor, at::Tensor> score_backward_aten(const at::Tensor& grad, const at::Tensor& visual,

@@ -1,5 +1,6 @@
-// Backward of pixel_text_score in ATen calls (batched GEMMs on BLAS or cuBLAS, and elementwise work on the small and
-// the pixel-sized results): the CPU registration, and the CUDA one's fallback (csrc/cuda/score.cu).
+// Backward of pixel_text_score in ATen calls (batched GEMMs on cuBLAS, and elementwise work on the small and the
+// pixel-sized results): the fallback of the CUDA registration (csrc/cuda/score.cu) where its kernels do not apply.
+// The CPU registration is the tiled one-pass backward in csrc/cpu/score_backward.cpp, of the same formulas.
 //
 // With v^ = v / max(|v|, eps), t^ = t / max(|t|, eps) and s = scale <t^, v^>:
 //   g^_v = scale * T^^T G                      (one batched GEMM, (C x K)(K x P) per image)
@@ -42,7 +43,5 @@ std::tuple<at::Tensor, at::Tensor> score_backward_aten(const at::Tensor& grad, c
   return {grad_visual.view({s.B, s.C, s.H, s.W}).to(visual.scalar_type()).contiguous(score_memory_format(visual)),
           grad_text.to(text.scalar_type())};
 }
-
-TORCH_LIBRARY_IMPL(denseclip_fast, CPU, m) { m.impl("pixel_text_score_backward", &score_backward_aten); }
 
 }  // namespace denseclip_fast

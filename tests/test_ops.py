@@ -423,31 +423,44 @@ def test_cpp_score_operators_return_the_norms_and_the_backward_takes_them(dtype,
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "concat", "concat channels_last"])
 def test_cpu_score_tiles_cover_the_map_on_any_thread_count(threads, dtype, layout):
-    """The CPU score forward works in tiles of up to 512 pixels spread over the OpenMP threads (fewer pixels a tile
-    when there are more threads): a map of 2 x 1073 pixels (two full tiles and a partial one per image at one thread,
-    128-pixel tiles at eight) equals the float64 reference everywhere, norms included, also under inference mode,
-    whose output tensors the worker threads write into."""
+    """The CPU score forward and backward work in tiles of up to 512 pixels spread over the OpenMP threads (fewer
+    pixels a tile when there are more threads): a map of 2 x 1073 pixels (two full tiles and a partial one per image
+    at one thread, 128-pixel tiles at eight) gives the float64 reference's scores, norms and gradients, with per-image
+    text (the concat cases) and shared text (the others, whose text gradient sums every thread's tiles), with and
+    without the forward's norms; the forward also under inference mode, whose output tensors the worker threads
+    write into."""
     if not ops.extension_available():
         pytest.skip("the C++ extension is not built")
+    lib = torch.ops.denseclip_fast
     visual = torch.randn(2, 40, 37, 29, dtype=torch.float64)
     if "channels_last" in layout:
         visual = visual.contiguous(memory_format=torch.channels_last)
     visual = visual.to(dtype)
-    text = torch.randn(2, 11, 40, dtype=torch.float64).to(dtype)  # per image
+    visual[1, :, 36, 28] = 0  # the last pixel of the last (partial) tile
+    text = torch.randn((2, 11, 40) if "concat" in layout else (11, 40), dtype=torch.float64).to(dtype)
     feature = torch.randn(2, 3, 37, 29, dtype=dtype)
+    grad = torch.randn(2, 11, 37, 29, dtype=dtype)
+    v64, t64 = _leaf(visual, torch.float64), _leaf(text, torch.float64)
+    expected = reference.pixel_text_score(v64, t64, 3.0)
+    expected.backward(grad.double())
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         with torch.inference_mode():
             if "concat" in layout:
-                out, norm = torch.ops.denseclip_fast.score_concat(feature, visual, text, 3.0)
+                out, norm = lib.score_concat(feature, visual, text, 3.0)
                 assert torch.equal(out[:, :3], feature)
                 out = out[:, 3:]
             else:
-                out, norm = torch.ops.denseclip_fast.pixel_text_score(visual, text, 3.0)
+                out, norm = lib.pixel_text_score(visual, text, 3.0)
+        grads = [lib.pixel_text_score_backward(grad, visual, text, 3.0, None, given) for given in (norm, None)]
     finally:
         torch.set_num_threads(before)
-    _check_close(out, reference.pixel_text_score(visual.double(), text.double(), 3.0), dtype)
+    _check_close(out, expected, dtype)
+    for grad_visual, grad_text in grads:
+        _check_close(grad_visual, v64.grad, dtype, 2)
+        _check_close(grad_text, t64.grad, dtype, 2)
+        assert grad_visual.is_contiguous(memory_format=torch.channels_last) == ("channels_last" in layout)
     torch.testing.assert_close(norm.double(), torch.linalg.vector_norm(visual.double(), dim=1), rtol=1e-6, atol=0)
 
 
