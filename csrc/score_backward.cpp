@@ -24,7 +24,9 @@ std::tuple<at::Tensor, at::Tensor> score_backward_aten(const at::Tensor& grad, c
   check_score_grad(grad, visual, s, "pixel_text_score_backward");
   if (score_map) check_score_grad(*score_map, visual, s, "pixel_text_score_backward", "score_map");
   if (norm) check_score_norm(*norm, visual, s, "pixel_text_score_backward");
-  if (visual.numel() == 0) return {at::zeros_like(visual), at::zeros_like(text)};
+  if (visual.numel() == 0) {  // in the layouts of the fake kernel (library.py), as the non-empty results
+    return {at::zeros_like(visual, score_memory_format(visual)), at::zeros_like(text, at::MemoryFormat::Contiguous)};
+  }
   const at::ScalarType ct = compute_type(visual);
   const at::Tensor v = visual.to(ct).contiguous().view({s.B, s.C, s.P()});
   const at::Tensor g = grad.to(ct).contiguous().view({s.B, s.K, s.P()});

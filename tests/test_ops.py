@@ -261,6 +261,22 @@ def test_empty_batch_and_empty_image(backend):
     assert torch.equal(k.grad, torch.zeros_like(k))
 
 
+def test_empty_backward_results_have_the_fake_kernels_layouts():
+    """With nothing to differentiate (B = 0), the C++ score backward still returns its results in the layouts its fake
+    kernel promises: grad_text contiguous even for a transposed text, grad_visual in visual's memory format."""
+    if not ops.extension_available():
+        pytest.skip("the C++ extension is not built")
+    visual = torch.randn(0, 6, 3, 4, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    text = torch.randn(6, 5, device=DEVICE).t()
+    grad = torch.randn(0, 5, 3, 4, device=DEVICE)
+    grad_visual, grad_text = torch.ops.denseclip_fast.pixel_text_score_backward(grad, visual, text, 1.0)
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+        fakes = torch.ops.denseclip_fast.pixel_text_score_backward(*(mode.from_tensor(x) for x in (grad, visual, text)),
+                                                                   1.0)  # fmt: skip
+    assert (grad_visual.stride(), grad_text.stride()) == tuple(f.stride() for f in fakes)
+    assert grad_text.is_contiguous() and torch.equal(grad_text, torch.zeros(5, 6, device=DEVICE))
+
+
 # (B, heads, Lq, Lk, D): one query, one key, odd lengths, several key blocks, every Triton head dim
 ATTENTION_SHAPES = [(1, 1, 1, 1, 32), (2, 3, 5, 70, 16), (1, 4, 33, 257, 64), (2, 1, 150, 65, 128), (1, 2, 7, 3, 32),
                      (1, 1, 9, 1100, 32)]  # the last: several 512-key blocks on the CPU backend
@@ -293,6 +309,24 @@ def test_context_attention_forward_and_backward(backend, dtype, shape):
 
 
 RANDOM_BACKENDS = sorted({b for b, _ in BACKEND_DTYPES} - {"reference"})
+
+
+@pytest.mark.parametrize("backend", sorted({b for b, _ in BACKEND_DTYPES}))
+def test_attention_takes_inputs_transposed_in_their_last_two_dimensions(backend):
+    """q, k and v whose last dimension is not the contiguous one (views transposed from (B, heads, D, L)): the CPU
+    backend's ATen flash kernel assumes unit stride there (a transposed q gave garbage until the operator made such
+    inputs contiguous), and so does its backward for `out`, which direct callers may pass in any layout."""
+    q, k, v = (torch.randn(2, 3, 16, n, device=DEVICE).transpose(-1, -2) for n in (5, 7, 7))
+    assert q.stride(-1) != 1
+    _check_attention(q, k, v, backend)
+    if backend not in ("cpu", "cuda"):
+        return
+    out, lse = torch.ops.denseclip_fast.context_attention(q, k, v)
+    grad = torch.randn_like(out)
+    backward = torch.ops.denseclip_fast.context_attention_backward
+    transposed_out = out.transpose(-1, -2).contiguous().transpose(-1, -2)
+    for expected, actual in zip(backward(grad, q, k, v, out, lse), backward(grad, q, k, v, transposed_out, lse)):
+        torch.testing.assert_close(actual, expected)
 
 
 @pytest.mark.parametrize("backend", RANDOM_BACKENDS)

@@ -16,13 +16,20 @@
 namespace denseclip_fast {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor> context_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+// ATen's kernel reads and writes every tensor as if its last dimension had stride 1 (the public
+// scaled_dot_product_attention makes sure of it before choosing this kernel; calling it directly, we must): a q
+// transposed in its last two dimensions gave garbage, and so did an `out` of that kind in the backward.
+at::Tensor unit_last_stride(const at::Tensor& x) { return x.stride(-1) == 1 ? x : x.contiguous(); }
+
+std::tuple<at::Tensor, at::Tensor> context_attention_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                         const at::Tensor& v) {
   const AttentionShape s = check_attention_inputs(q, k, v, "context_attention");
   if (s.B * s.heads * s.Lq == 0) {  // ATen's kernel divides by the number of query blocks (SIGFPE at Lq = 0)
     return {at::empty_like(q, at::MemoryFormat::Contiguous),
             at::empty({s.B, s.heads, s.Lq}, q.options().dtype(lse_type(q)))};
   }
-  const auto [out, lse] = at::_scaled_dot_product_flash_attention_for_cpu(q, k, v);
+  const auto [out, lse] =
+      at::_scaled_dot_product_flash_attention_for_cpu(unit_last_stride(q), unit_last_stride(k), unit_last_stride(v));
   return {out.contiguous(), lse.contiguous()};
 }
 
@@ -34,8 +41,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> context_attention_backward_cpu(
     return {at::empty_like(q, at::MemoryFormat::Contiguous), at::zeros_like(k, at::MemoryFormat::Contiguous),
             at::zeros_like(v, at::MemoryFormat::Contiguous)};
   }
-  const auto [dq, dk, dv] =
-      at::_scaled_dot_product_flash_attention_for_cpu_backward(grad_out, q, k, v, out, lse, 0.0, false);
+  const auto [dq, dk, dv] = at::_scaled_dot_product_flash_attention_for_cpu_backward(
+      unit_last_stride(grad_out), unit_last_stride(q), unit_last_stride(k), unit_last_stride(v), unit_last_stride(out),
+      lse.contiguous(), 0.0, false);
   return {dq.contiguous(), dk.contiguous(), dv.contiguous()};
 }
 

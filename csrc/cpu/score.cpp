@@ -35,7 +35,7 @@ class TileScorer {
  public:
   TileScorer(const at::Tensor& out, const at::Tensor& norm, const at::Tensor& visual, const at::Tensor& t_hat,
              const ScoreShape& s, double scale)
-      : s_(s), tiling_(s), out_(cpu_tiles::pixel_view(out, s.channels_last)),
+      : s_(s), tiling_(s, sizeof(A)), out_(cpu_tiles::pixel_view(out, s.channels_last)),
         visual_(cpu_tiles::pixels_of(visual, s.channels_last)), t_hat_(t_hat), scale_(static_cast<A>(scale)),
         norm_(norm.data_ptr<A>()) {}
 

@@ -38,7 +38,7 @@ class TileBackward {
  public:
   TileBackward(const at::Tensor& grad_visual, const at::Tensor& grad, const at::Tensor& visual,
                const at::Tensor& t_hat, const std::optional<at::Tensor>& norm, const ScoreShape& s, double scale)
-      : s_(s), tiling_(s), grad_visual_(cpu_tiles::pixel_view(grad_visual, s.channels_last)),
+      : s_(s), tiling_(s, sizeof(A)), grad_visual_(cpu_tiles::pixel_view(grad_visual, s.channels_last)),
         grad_(cpu_tiles::pixels_of(grad, s.channels_last)), visual_(cpu_tiles::pixels_of(visual, s.channels_last)),
         t_hat_(t_hat), scale_(static_cast<A>(scale)), norm_(norm ? norm->data_ptr<A>() : nullptr) {}
 
@@ -149,7 +149,9 @@ std::tuple<at::Tensor, at::Tensor> score_backward_cpu(const at::Tensor& grad, co
   if (score_map) check_score_grad(*score_map, visual, s, "pixel_text_score_backward", "score_map");
   if (norm) check_score_norm(*norm, visual, s, "pixel_text_score_backward");
   const at::MemoryFormat format = score_memory_format(visual);
-  if (visual.numel() == 0) return {at::zeros_like(visual, format), at::zeros_like(text)};
+  if (visual.numel() == 0) {  // in the layouts of the fake kernel (library.py), as the non-empty results
+    return {at::zeros_like(visual, format), at::zeros_like(text, at::MemoryFormat::Contiguous)};
+  }
   const at::ScalarType ct = compute_type(visual);
   const at::Tensor t = text.to(ct);
   const at::Tensor t_norm = at::linalg_vector_norm(t, 2, {-1}, /*keepdim=*/true);

@@ -14,7 +14,7 @@
 
 namespace denseclip_fast::cpu_tiles {
 
-constexpr int64_t kTileBytes = 512 * 1024;  // a tile of the map in float32: half of a 1 MB L2 cache
+constexpr int64_t kTileBytes = 512 * 1024;  // a tile of the map in the compute type: half of a 1 MB L2 cache
 constexpr int64_t kMinTile = 16, kMaxTile = 512;
 constexpr int64_t kLanes = 16;  // independent partial sums per pixel in the NHWC reductions: vectorisable as written
 
@@ -22,9 +22,11 @@ constexpr int64_t kLanes = 16;  // independent partial sums per pixel in the NHW
 struct Tiling {
   int64_t size, per_image, count;
 
-  // As many pixels a tile as fit kTileBytes, a multiple of kMinTile, fewer when that would leave threads idle.
-  explicit Tiling(const ScoreShape& s) {
-    size = std::clamp(kTileBytes / (4 * std::max<int64_t>(s.C, 1)) / kMinTile * kMinTile, kMinTile, kMaxTile);
+  // As many pixels a tile as fit kTileBytes in elements of `element_bytes` (the compute type's), a multiple of
+  // kMinTile, fewer when that would leave threads idle.
+  Tiling(const ScoreShape& s, int64_t element_bytes) {
+    size = std::clamp(kTileBytes / (element_bytes * std::max<int64_t>(s.C, 1)) / kMinTile * kMinTile, kMinTile,
+                      kMaxTile);
     const int64_t threads = at::get_num_threads();
     while (size > kMinTile && s.B * ((s.P() + size - 1) / size) < 2 * threads) {
       size = std::max(kMinTile, size / 2 / kMinTile * kMinTile);
