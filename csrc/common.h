@@ -38,10 +38,6 @@ inline VisualStrides dense_visual_strides(const ScoreShape& s) {
 // torch.export/AOTInductor at batch B relies on the layout it saw when it runs at batch 1).
 at::MemoryFormat score_memory_format(const at::Tensor& visual);
 
-// grad of a score call (or, named so, the saved score map) must be (B, K, H, W) with visual's dtype and device.
-void check_score_grad(const at::Tensor& grad, const at::Tensor& visual, const ScoreShape& s, const char* op,
-                      const char* name = "grad");
-
 // Checks feature (B, C_feat, H, W) against visual and returns the empty (B, C_feat + K, H, W) output of score_concat
 // in visual's memory format.
 at::Tensor empty_concat_output(const at::Tensor& feature, const at::Tensor& visual, const ScoreShape& s);
@@ -58,8 +54,18 @@ inline at::Tensor empty_norm(const at::Tensor& visual, const ScoreShape& s) {
   return at::empty({s.B, s.H, s.W}, visual.options().dtype(compute_type(visual)));
 }
 
-// norm, as the backward gets it, must be what the forward returned: (B, H, W) in compute_type(visual), visual's device.
-void check_score_norm(const at::Tensor& norm, const at::Tensor& visual, const ScoreShape& s, const char* op);
+// pixel_text_score_backward's arguments, checked as every backend checks them: visual and text as the forward's;
+// grad and score_map (the forward's output) (B, K, H, W) with visual's dtype and device; norm what the forward
+// returned, (B, H, W) in compute_type(visual) on visual's device.
+ScoreShape check_score_backward_inputs(const at::Tensor& grad, const at::Tensor& visual, const at::Tensor& text,
+                                       const std::optional<at::Tensor>& score_map,
+                                       const std::optional<at::Tensor>& norm);
+
+// The backward's results for an empty visual: zeros, in the layouts of the fake kernel (library.py) and of the
+// non-empty results (grad_visual in visual's memory format, grad_text contiguous).
+inline std::tuple<at::Tensor, at::Tensor> zero_score_gradients(const at::Tensor& visual, const at::Tensor& text) {
+  return {at::zeros_like(visual, score_memory_format(visual)), at::zeros_like(text, at::MemoryFormat::Contiguous)};
+}
 
 // pixel_text_score and score_concat for a backend whose `into(out, norm, visual, text, shape, scale)` writes the
 // scores into a (B, K, H, W) tensor or view (out.stride(2) == W * out.stride(3)) and the pixel norms into norm:

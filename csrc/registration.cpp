@@ -82,6 +82,8 @@ at::MemoryFormat score_memory_format(const at::Tensor& visual) {
   return at::MemoryFormat::Contiguous;
 }
 
+namespace {
+// grad of a score call (or, named so, the saved score map) must be (B, K, H, W) with visual's dtype and device.
 void check_score_grad(const at::Tensor& grad, const at::Tensor& visual, const ScoreShape& s, const char* op,
                       const char* name) {
   TORCH_CHECK(grad.dim() == 4 && grad.size(0) == s.B && grad.size(1) == s.K && grad.size(2) == s.H &&
@@ -92,12 +94,25 @@ void check_score_grad(const at::Tensor& grad, const at::Tensor& visual, const Sc
               " must match visual's dtype and device, got ", grad.scalar_type(), " on ", grad.device());
 }
 
+// norm, as the backward gets it, must be what the forward returned: (B, H, W) in compute_type(visual), visual's device.
 void check_score_norm(const at::Tensor& norm, const at::Tensor& visual, const ScoreShape& s, const char* op) {
   TORCH_CHECK(norm.dim() == 3 && norm.size(0) == s.B && norm.size(1) == s.H && norm.size(2) == s.W &&
                   norm.scalar_type() == compute_type(visual) && norm.device() == visual.device(),
               op, ": norm must be (B, H, W) = (", s.B, ", ", s.H, ", ", s.W, ") ", compute_type(visual), " on ",
               visual.device(), " (the forward's pixel norms), got ", norm.sizes(), " ", norm.scalar_type(), " on ",
               norm.device());
+}
+}  // namespace
+
+ScoreShape check_score_backward_inputs(const at::Tensor& grad, const at::Tensor& visual, const at::Tensor& text,
+                                       const std::optional<at::Tensor>& score_map,
+                                       const std::optional<at::Tensor>& norm) {
+  const char* op = "pixel_text_score_backward";
+  const ScoreShape s = check_score_inputs(visual, text, op);
+  check_score_grad(grad, visual, s, op, "grad");
+  if (score_map) check_score_grad(*score_map, visual, s, op, "score_map");
+  if (norm) check_score_norm(*norm, visual, s, op);
+  return s;
 }
 
 at::Tensor empty_concat_output(const at::Tensor& feature, const at::Tensor& visual, const ScoreShape& s) {

@@ -20,13 +20,8 @@ std::tuple<at::Tensor, at::Tensor> score_backward_aten(const at::Tensor& grad, c
                                                        const at::Tensor& text, double scale,
                                                        const std::optional<at::Tensor>& score_map,
                                                        const std::optional<at::Tensor>& norm) {
-  const ScoreShape s = check_score_inputs(visual, text, "pixel_text_score_backward");
-  check_score_grad(grad, visual, s, "pixel_text_score_backward");
-  if (score_map) check_score_grad(*score_map, visual, s, "pixel_text_score_backward", "score_map");
-  if (norm) check_score_norm(*norm, visual, s, "pixel_text_score_backward");
-  if (visual.numel() == 0) {  // in the layouts of the fake kernel (library.py), as the non-empty results
-    return {at::zeros_like(visual, score_memory_format(visual)), at::zeros_like(text, at::MemoryFormat::Contiguous)};
-  }
+  const ScoreShape s = check_score_backward_inputs(grad, visual, text, score_map, norm);
+  if (visual.numel() == 0) return zero_score_gradients(visual, text);
   const at::ScalarType ct = compute_type(visual);
   const at::Tensor v = visual.to(ct).contiguous().view({s.B, s.C, s.P()});
   const at::Tensor g = grad.to(ct).contiguous().view({s.B, s.K, s.P()});

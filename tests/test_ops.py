@@ -279,7 +279,7 @@ def test_empty_backward_results_have_the_fake_kernels_layouts():
 
 # (B, heads, Lq, Lk, D): one query, one key, odd lengths, several key blocks, every Triton head dim
 ATTENTION_SHAPES = [(1, 1, 1, 1, 32), (2, 3, 5, 70, 16), (1, 4, 33, 257, 64), (2, 1, 150, 65, 128), (1, 2, 7, 3, 32),
-                     (1, 1, 9, 1100, 32)]  # the last: several 512-key blocks on the CPU backend
+                     (1, 1, 9, 1100, 32)]  # the last: several key blocks of the CPU and Triton kernels
 
 
 def _check_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -> None:

@@ -144,14 +144,9 @@ std::tuple<at::Tensor, at::Tensor> score_backward_cpu(const at::Tensor& grad, co
                                                       const at::Tensor& text, double scale,
                                                       const std::optional<at::Tensor>& score_map,
                                                       const std::optional<at::Tensor>& norm) {
-  const ScoreShape s = check_score_inputs(visual, text, "pixel_text_score_backward");
-  check_score_grad(grad, visual, s, "pixel_text_score_backward");
-  if (score_map) check_score_grad(*score_map, visual, s, "pixel_text_score_backward", "score_map");
-  if (norm) check_score_norm(*norm, visual, s, "pixel_text_score_backward");
+  const ScoreShape s = check_score_backward_inputs(grad, visual, text, score_map, norm);
   const at::MemoryFormat format = score_memory_format(visual);
-  if (visual.numel() == 0) {  // in the layouts of the fake kernel (library.py), as the non-empty results
-    return {at::zeros_like(visual, format), at::zeros_like(text, at::MemoryFormat::Contiguous)};
-  }
+  if (visual.numel() == 0) return zero_score_gradients(visual, text);
   const at::ScalarType ct = compute_type(visual);
   const at::Tensor t = text.to(ct);
   const at::Tensor t_norm = at::linalg_vector_norm(t, 2, {-1}, /*keepdim=*/true);

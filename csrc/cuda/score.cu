@@ -171,10 +171,7 @@ std::tuple<at::Tensor, at::Tensor> pixel_text_score_backward_cuda(const at::Tens
                                                                   const at::Tensor& text, double scale,
                                                                   const std::optional<at::Tensor>& score_map,
                                                                   const std::optional<at::Tensor>& norm) {
-  const ScoreShape s = check_score_inputs(visual, text, "pixel_text_score_backward");
-  check_score_grad(grad, visual, s, "pixel_text_score_backward");
-  if (score_map) check_score_grad(*score_map, visual, s, "pixel_text_score_backward", "score_map");
-  if (norm) check_score_norm(*norm, visual, s, "pixel_text_score_backward");
+  const ScoreShape s = check_score_backward_inputs(grad, visual, text, score_map, norm);
   const at::ScalarType dtype = visual.scalar_type();
   const c10::cuda::CUDAGuard guard(visual.device());
   if (visual.numel() == 0 || s.K > tc::kMaxBwdK || tensor_cores_for(visual) == nullptr) {
