@@ -91,18 +91,23 @@ std::tuple<at::Tensor, at::Tensor> score_concat_with(const at::Tensor& feature, 
   return {out, norm};
 }
 
-// x / max(|x|, eps) along `dim` (F.normalize), and the clamped norms (keepdim).
-inline std::pair<at::Tensor, at::Tensor> normalize_along(const at::Tensor& x, int64_t dim) {
-  const at::Tensor clamped = at::linalg_vector_norm(x, 2, {dim}, /*keepdim=*/true).clamp_min(kNormEps);
-  return {x / clamped, clamped};
+// x / max(|x|, eps) along `dim` (F.normalize), with the plain and the clamped norms (keepdim) its backward needs.
+struct Normalized {
+  at::Tensor hat, norm, clamped;
+};
+
+// `norm`, when given, is |x| along `dim` (keepdim, or a view of the same numbers); else it is computed.
+inline Normalized normalize_along(const at::Tensor& x, int64_t dim, const std::optional<at::Tensor>& norm = {}) {
+  const at::Tensor n = norm ? *norm : at::linalg_vector_norm(x, 2, {dim}, /*keepdim=*/true);
+  const at::Tensor clamped = n.clamp_min(kNormEps);
+  return {x / clamped, n, clamped};
 }
 
-// Backward of x / max(|x|, eps) along `dim`, for the gradient g_hat of the normalised tensor x_hat (x_clamped and
-// x_norm: the clamped and the plain norms, keepdim).
-inline at::Tensor normalize_backward(const at::Tensor& g_hat, const at::Tensor& x_hat, const at::Tensor& x_clamped,
-                                     const at::Tensor& x_norm, int64_t dim) {
-  const at::Tensor radial = (x_hat * g_hat).sum(dim, /*keepdim=*/true) * x_norm.ge(kNormEps);
-  return (g_hat - x_hat * radial) / x_clamped;
+// Backward of x / max(|x|, eps) along `dim`, for the gradient g_hat of the normalised tensor x.hat. The gradient
+// passes the clamp at equality, as F.normalize's does.
+inline at::Tensor normalize_backward(const at::Tensor& g_hat, const Normalized& x, int64_t dim) {
+  const at::Tensor radial = (x.hat * g_hat).sum(dim, /*keepdim=*/true) * x.norm.ge(kNormEps);
+  return (g_hat - x.hat * radial) / x.clamped;
 }
 
 // pixel_text_score's backward in ATen calls, for tensors of any device and dtype (csrc/score_backward.cpp): the CUDA

@@ -498,6 +498,36 @@ def test_cpu_score_tiles_cover_the_map_on_any_thread_count(threads, dtype, layou
     torch.testing.assert_close(norm.double(), torch.linalg.vector_norm(visual.double(), dim=1), rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("text_batched", [False, True])
+def test_aten_score_backward_the_cuda_fallback(dtype, layout, text_batched):
+    """The CUDA registration's backward falls back to ATen calls (csrc/score_backward.cpp) for float32, for more
+    classes than its tensor-core kernels take and on GPUs without them: only a GPU reaches it through the operator,
+    so CI calls it through its test hook on CPU tensors. With and without the forward's norms, with a zero pixel, a
+    pixel shorter than eps (F.normalize's clamp) and a zero class, it gives the float64 reference's gradients, in
+    visual's layout."""
+    if not ops.extension_available():
+        pytest.skip("the C++ extension is not built")
+    visual = _visual(2, 24, 5, 7, layout, dtype)
+    visual[1, :, 4, 6] = 0
+    visual[0, :, 2, 3] *= 1e-14  # shorter than eps: the Jacobian of v / eps, no projection
+    text = _text(2, 9, 24, text_batched, dtype)
+    text[..., 3, :] = 0
+    grad = torch.randn(2, 9, 5, 7, dtype=dtype)
+    v64, t64 = _leaf(visual, torch.float64), _leaf(text, torch.float64)
+    reference.pixel_text_score(v64, t64, 2.5).backward(grad.double())
+    _, norm = torch.ops.denseclip_fast.pixel_text_score(visual, text, 2.5)
+    for given in (norm, None):
+        grad_visual, grad_text = torch.ops.denseclip_fast_testing.score_backward_aten(
+            grad, visual, text, 2.5, None, given
+        )
+        assert grad_visual.dtype == dtype and grad_text.dtype == dtype
+        assert grad_visual.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")
+        _check_close(grad_visual, v64.grad, dtype, 2)
+        _check_close(grad_text, t64.grad, dtype, 2)
+
+
 @pytest.mark.parametrize("text_batched", [False, True])
 @pytest.mark.parametrize("sms", [1, 3, 64])
 @pytest.mark.parametrize("k", [19, 150])

@@ -91,7 +91,7 @@ void score_forward_into(at::Tensor out, at::Tensor norm, const at::Tensor& visua
                         const ScoreShape& s, double scale) {
   if (out.numel() == 0) return;  // B or H * W is 0 (K >= 1), and so is norm
   const at::ScalarType ct = compute_type(visual);
-  const at::Tensor t_hat = normalize_along(text.to(ct), -1).first.contiguous();  // (K, C) or (B, K, C)
+  const at::Tensor t_hat = normalize_along(text.to(ct), -1).hat.contiguous();  // (K, C) or (B, K, C)
   const at::Tensor v =
       visual.contiguous(s.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
   AT_DISPATCH_FLOATING_TYPES(ct, "pixel_text_score_cpu", [&] {

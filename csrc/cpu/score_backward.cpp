@@ -149,9 +149,8 @@ std::tuple<at::Tensor, at::Tensor> score_backward_cpu(const at::Tensor& grad, co
   if (visual.numel() == 0) return zero_score_gradients(visual, text);
   const at::ScalarType ct = compute_type(visual);
   const at::Tensor t = text.to(ct);
-  const at::Tensor t_norm = at::linalg_vector_norm(t, 2, {-1}, /*keepdim=*/true);
-  const auto [t_hat, t_clamped] = normalize_along(t, -1);
-  const at::Tensor t_hat_rows = t_hat.contiguous();
+  const Normalized t_n = normalize_along(t, -1);
+  const at::Tensor t_hat_rows = t_n.hat.contiguous();
   const at::Tensor v = visual.contiguous(format);
   const std::optional<at::Tensor> n = norm ? std::optional<at::Tensor>(norm->contiguous()) : std::nullopt;
   at::Tensor grad_visual = at::empty_like(visual, format);
@@ -162,7 +161,7 @@ std::tuple<at::Tensor, at::Tensor> score_backward_cpu(const at::Tensor& grad, co
     text_sums = backward.text_sums();
   });
   if (!s.text_batched) text_sums = text_sums.squeeze(0);
-  const at::Tensor grad_text = normalize_backward(text_sums, t_hat, t_clamped, t_norm, -1);
+  const at::Tensor grad_text = normalize_backward(text_sums, t_n, -1);
   return {grad_visual, grad_text.to(text.scalar_type())};
 }
 
