@@ -38,7 +38,8 @@ std::string build_info() {
 }
 
 static void check_float(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", name,
+  const at::ScalarType st = t.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16, op, ": ", name,
               " must be float32, float64, float16 or bfloat16, got ", t.scalar_type());
 }
 

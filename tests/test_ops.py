@@ -9,6 +9,10 @@ for results that are exactly zero.
 
 from __future__ import annotations
 
+import math
+import re
+
+import numpy as np
 import pytest
 import torch
 
@@ -904,6 +908,8 @@ BAD_SCORE = [
     (torch.randn(1, 3, 2, 2), torch.randn(0, 3), ValueError, "K >= 1"),
     (torch.randn(2, 3, 2, 2), torch.randn(3, 5, 3), ValueError, "per-batch text has B=3 but visual has B=2"),
     (torch.ones(1, 3, 2, 2, dtype=torch.int64), torch.randn(5, 3), ValueError, "visual must be a float32"),
+    (torch.randn(1, 3, 2, 2).to(torch.float8_e4m3fn), torch.randn(5, 3).to(torch.float8_e4m3fn), ValueError,
+     "visual must be a float32, float64, float16 or bfloat16 tensor, got dtype torch.float8_e4m3fn"),
     (torch.randn(1, 3, 2, 2), torch.randn(5, 3, dtype=torch.float64), ValueError, "same dtype"),
     (torch.randn(1, 3, 2, 2), torch.randn(5, 3, device="meta"), ValueError, "same device"),
 ]
@@ -916,6 +922,35 @@ def test_bad_score_inputs(visual, text, error, match):
     with pytest.raises(error, match=match):
         ops.score_concat(torch.randn(visual.shape[0], 2, *visual.shape[2:]) if visual.dim() == 4 else visual,
                          visual, text)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "scale, match",
+    [
+        (torch.tensor(2.0, requires_grad=True), "scale must be a Python number, got a tensor"),
+        (torch.tensor(2.0), "scale must be a Python number, got a tensor"),
+        ("2", "scale must be a real number, got str '2'"),
+        (None, "scale must be a real number, got NoneType None"),
+        (True, "scale must be a real number, got bool True"),
+        (1j, "scale must be a real number, got complex"),
+        (float("nan"), "scale must be finite, got nan"),
+        (-math.inf, "scale must be finite, got -inf"),
+        (2**1100, "scale must be finite, got inf"),
+    ],
+    ids=["tensor_grad", "tensor", "str", "none", "bool", "complex", "nan", "-inf", "huge_int"],
+)
+def test_bad_scale(scale, match):
+    """A scale that float() would have coerced (a tensor, whose gradient would silently be lost; a string) or that
+    would make every score NaN/inf is refused on every backend; numpy and integer scales are real numbers."""
+    visual, text = torch.randn(1, 3, 2, 2, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
+    for backend in ("reference", None):
+        with pytest.raises(ValueError, match=re.escape(match)):
+            ops.pixel_text_score(visual, text, scale, backend=backend)
+        with pytest.raises(ValueError, match=re.escape(match)):
+            ops.score_concat(visual, visual, text, scale, backend=backend)
+    expected = reference.pixel_text_score(visual, text, 2.0)
+    for scale in (2, np.float32(2.0), np.int64(2)):
+        torch.testing.assert_close(ops.pixel_text_score(visual, text, scale), expected)
 
 
 def test_bad_concat_feature():
@@ -940,6 +975,8 @@ def test_bad_attention_inputs(shapes, match):
         ops.context_attention(*(torch.randn(s) for s in shapes))
     with pytest.raises(ValueError, match="q must be a float32"):
         ops.context_attention(torch.ones(1, 1, 2, 4, dtype=torch.int32), *(torch.randn(1, 1, 2, 4) for _ in "kv"))
+    with pytest.raises(ValueError, match="q must be a float32, float64, float16 or bfloat16 tensor, got dtype torch.f"):
+        ops.context_attention(*(torch.randn(1, 1, 2, 4).to(torch.float8_e5m2) for _ in "qkv"))
 
 
 def test_the_raw_operators_check_their_inputs_too():
@@ -949,6 +986,8 @@ def test_the_raw_operators_check_their_inputs_too():
         lib.pixel_text_score(torch.randn(1, 3, 2, 2), torch.randn(5, 4), 1.0)
     with pytest.raises(RuntimeError, match="pixel_text_score: visual must be float32, float64, float16 or bfloat16"):
         lib.pixel_text_score(torch.ones(1, 3, 2, 2, dtype=torch.int64), torch.ones(5, 3, dtype=torch.int64), 1.0)
+    with pytest.raises(RuntimeError, match="context_attention: q must be float32, float64, float16 or bfloat16"):
+        lib.context_attention(*(torch.randn(1, 1, 2, 4).to(torch.float8_e4m3fn) for _ in "qkv"))
     with pytest.raises(RuntimeError, match="score_concat: feature must be"):
         lib.score_concat(torch.randn(1, 2, 3, 3), torch.randn(1, 3, 2, 2), torch.randn(5, 3), 1.0)
     with pytest.raises(RuntimeError, match="context_attention: k and v must hold at least one token"):

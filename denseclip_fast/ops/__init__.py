@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from . import backends, reference
-from .checks import check_attention_inputs, check_concat_feature, check_score_inputs
+from .checks import check_attention_inputs, check_concat_feature, check_scale, check_score_inputs
 from .extension import build_info, extension_available
 
 if extension_available():
@@ -64,14 +64,15 @@ def pixel_text_score(
         ``F.normalize`` (eps 1e-12) does; accumulation in float32 (float64 for float64).
     """
     check_score_inputs(visual, text)
+    scale = check_scale(scale)
     chosen = backends.resolve("pixel_text_score", visual.device, visual.dtype, backend)
     if chosen == "reference":
         return reference.pixel_text_score(visual, text, scale)
     if chosen == "triton":
         if eager_inference(visual, text):
-            return _triton_kernels().score_forward(visual, text, float(scale))[0]
-        return torch.ops.denseclip_fast.pixel_text_score_triton(visual, text, float(scale))[0]
-    return torch.ops.denseclip_fast.pixel_text_score(visual, text, float(scale))[0]
+            return _triton_kernels().score_forward(visual, text, scale)[0]
+        return torch.ops.denseclip_fast.pixel_text_score_triton(visual, text, scale)[0]
+    return torch.ops.denseclip_fast.pixel_text_score(visual, text, scale)[0]
 
 
 def score_concat(
@@ -81,14 +82,15 @@ def score_concat(
     channels written straight into the output. ``feature`` is (B, C_feat, H, W) with visual's B, H, W and dtype."""
     check_score_inputs(visual, text)
     check_concat_feature(feature, visual)
+    scale = check_scale(scale)
     chosen = backends.resolve("score_concat", visual.device, visual.dtype, backend)
     if chosen == "reference":
         return reference.score_concat(feature, visual, text, scale)
     if chosen == "triton":
         if eager_inference(feature, visual, text):
-            return _triton_kernels().concat_forward(feature, visual, text, float(scale))[0]
-        return torch.ops.denseclip_fast.score_concat_triton(feature, visual, text, float(scale))[0]
-    return torch.ops.denseclip_fast.score_concat(feature, visual, text, float(scale))[0]
+            return _triton_kernels().concat_forward(feature, visual, text, scale)[0]
+        return torch.ops.denseclip_fast.score_concat_triton(feature, visual, text, scale)[0]
+    return torch.ops.denseclip_fast.score_concat(feature, visual, text, scale)[0]
 
 
 def context_attention(

@@ -6,6 +6,9 @@ what it must be and what it is; the C++ operators check the same in csrc/registr
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
 from .backends import TRITON_HEAD_DIMS
@@ -16,9 +19,31 @@ def describe(x: object) -> str:
     return f"{type(x).__name__} of shape {tuple(shape)}" if shape is not None else type(x).__name__
 
 
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
 def check_float(name: str, t: torch.Tensor) -> None:
-    if not t.is_floating_point():
+    if t.dtype not in FLOAT_DTYPES:  # not the float8 types either
         raise ValueError(f"{name} must be a float32, float64, float16 or bfloat16 tensor, got dtype {t.dtype}")
+
+
+def check_scale(scale: object) -> float:
+    """The score's scale as a float: a finite real number. A tensor is refused, not read with float(): a learned
+    scale would silently get no gradient (and a graph break under torch.compile); multiply the result instead."""
+    if isinstance(scale, torch.Tensor):
+        raise ValueError(
+            "scale must be a Python number, got a tensor: the operators take a constant scale (no gradient); for a "
+            "learned or tensor scale, multiply the result of scale=1 by it"
+        )
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise ValueError(f"scale must be a real number, got {type(scale).__name__} {scale!r}")
+    try:
+        value = float(scale)
+    except OverflowError:  # an int past float's range
+        value = math.inf
+    if not math.isfinite(value):
+        raise ValueError(f"scale must be finite, got {value}")
+    return value
 
 
 def check_score_inputs(visual: torch.Tensor, text: torch.Tensor) -> None:
