@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,20 +21,29 @@ CLIP_MEAN = (0.48145466 * 255, 0.4578275 * 255, 0.40821073 * 255)
 CLIP_STD = (0.26862954 * 255, 0.26130258 * 255, 0.27577711 * 255)
 
 
+def pil_to_rgb(img: Any, where: str) -> np.ndarray:
+    """A PIL image as (H, W, 3) uint8 RGB: Pillow's conversion, except a 16/32-bit integer grey image, reduced to its
+    high byte as OpenCV (mmcv's loader) reduces 16-bit images (Pillow alone would clip it to 255). A floating-point
+    image ("F") has no defined 0-255 range and is refused (Pillow would truncate it to mostly black)."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        grey = (np.asarray(img).astype(np.int64) >> 8).clip(0, 255).astype(np.uint8)
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    if img.mode == "F":
+        raise ValueError(f"{where}: a floating-point image (PIL mode F) has no defined 0-255 range; convert it to "
+                         "8-bit RGB first")  # fmt: skip
+    return np.asarray(img.convert("RGB")).copy()
+
+
 def load_image(path: str | os.PathLike[str]) -> np.ndarray:
     """An image file as (H, W, 3) uint8 RGB, as mmcv's default loader (OpenCV's imdecode) reads it: turned upright
-    by its EXIF orientation, and a 16-bit grey image reduced to its high byte (Pillow alone would clip it to 255).
-    Raises ValueError naming the file when it is not a readable image."""
+    by its EXIF orientation, and a 16-bit grey image reduced to its high byte (pil_to_rgb). Raises ValueError naming
+    the file when it is not a readable 8- or 16-bit image."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     path = os.fspath(path)
     try:
         with Image.open(path) as img:
-            img = ImageOps.exif_transpose(img)
-            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-                grey = (np.asarray(img).astype(np.int64) >> 8).clip(0, 255).astype(np.uint8)
-                return np.repeat(grey[:, :, None], 3, axis=2)
-            return np.asarray(img.convert("RGB")).copy()
+            return pil_to_rgb(ImageOps.exif_transpose(img), path)
     except FileNotFoundError:
         raise ValueError(f"{path}: no such image file") from None
     except (UnidentifiedImageError, OSError) as exc:

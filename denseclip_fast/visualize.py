@@ -30,6 +30,8 @@ def _hsv_to_rgb(h: float, s: float, v: float) -> tuple[int, int, int]:
 def colorize(labels: np.ndarray, palette: Palette) -> np.ndarray:
     """(H, W) integer labels -> (H, W, 3) uint8 colours. Labels outside the palette raise ValueError."""
     labels = np.asarray(labels)
+    if labels.dtype.kind not in "iu":
+        raise ValueError(f"labels must be integer class indices, got dtype {labels.dtype}")
     lut = np.asarray(palette, dtype=np.uint8).reshape(-1, 3)
     if labels.size and (labels.min() < 0 or labels.max() >= len(lut)):
         raise ValueError(f"labels range {labels.min()}..{labels.max()} exceeds the palette of {len(lut)} colours")

@@ -3,12 +3,14 @@ errors, the BatchNorm folding and the CUDA-graph cache logic (with the capture i
 
 from __future__ import annotations
 
+import re
 import threading
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 import denseclip_fast as dcf
 from denseclip_fast import DenseCLIP, Segmenter
@@ -127,6 +129,16 @@ def test_predict_overlay_and_open_vocab(model):
     assert seg.open_vocab(x, ["dog", "sky", "road", "grass", "car"]).shape == scores.shape  # cached vocabulary
 
 
+def test_16_bit_pil_images_keep_their_high_byte(model):
+    """A 16-bit grey PIL image is read as OpenCV (and load_image) reads the file: its high byte, not clipped to 255
+    by Pillow's RGB conversion."""
+    seg = _engine(model)
+    grey = np.full((40, 44), 40000, np.uint16)
+    grey[:, :20] = 2000
+    expected = seg.logits(np.repeat((grey >> 8).astype(np.uint8)[:, :, None], 3, axis=2))
+    assert torch.equal(seg.logits(Image.fromarray(grey)), expected)
+
+
 def test_threads_take_turns(model):
     seg = _engine(model)
     xs = [torch.randn(1, 3, 64, 64) for _ in range(4)]
@@ -154,6 +166,9 @@ def test_threads_take_turns(model):
         (torch.randn(1, 3, 16, 64), r"at least 32x32 pixels, got \(16, 64\)"),
         ([np.zeros((40, 40, 3), np.uint8), np.zeros((4, 1000, 3), np.uint8)],
          r"images\[1\] of \(4, 1000\) pixels is resized to \(8, 2048\)"),
+        (torch.randn(1, 3, 64, 64).to(torch.float8_e4m3fn), "float images must be torch.float32, .*got torch.float8"),
+        (torch.randn(3, 64, 64, dtype=torch.complex64), "images must be float .* or uint8, got dtype torch.complex64"),
+        (Image.fromarray(np.full((40, 40), 0.5, np.float32), mode="F"), "images: a floating-point image"),
     ],
 )
 def test_bad_images(model, images, match):
@@ -193,6 +208,24 @@ def test_bad_vocabularies_and_settings(model):
         Segmenter(model, device="cpu", mode="tiles")
     with pytest.raises(ValueError, match="must be a denseclip_fast.DenseCLIP"):
         Segmenter(torch.nn.Linear(2, 2), device="cpu")
+    with pytest.raises(ValueError, match="sequence of strings, got NoneType"):
+        seg.set_classes(None)
+    with pytest.raises(ValueError, match="sequence of strings, got generator"):
+        seg.set_classes(name for name in ["sky", "road", "tree", "car"])
+    with pytest.raises(ValueError, match=r"class name 2 \('sky'\) repeats class name 0"):
+        seg.set_classes(["sky", "road", "sky", "car"])
+    with pytest.raises(ValueError, match="holds CLIP's start or end-of-text token"):
+        seg.open_vocab(torch.randn(1, 3, 64, 64), ["<end_of_text> cat", "<end_of_text> dog"])
+    with pytest.raises(ValueError, match="labels must be integer class indices, got dtype float64"):
+        seg.overlay(np.zeros((4, 6, 3), np.uint8), np.full((4, 6), 1.7))
+    for device in ("gpu", "", None, "meta", torch.device("meta")):
+        with pytest.raises(ValueError, match=f"device must be 'cpu', 'cuda' .*got {re.escape(repr(device))}"):
+            Segmenter(model, device=device)
+    for name in ("cuda_graphs", "check_finite"):
+        with pytest.raises(ValueError, match=f"{name} must be True or False, got 'no'"):
+            Segmenter(model, device="cpu", **{name: "no"})
+    with pytest.raises(ValueError, match="max_graphs must be an int >= 1, got 'x'"):
+        Segmenter(model, device="cpu", max_graphs="x")
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA GPU is available"):
             Segmenter(model, device="cuda")
@@ -250,9 +283,9 @@ def test_graph_cache_captures_each_shape_once_and_evicts():
     disabled = GraphCache(fn, enabled=False, capture=capture)
     disabled(a)
     assert disabled.captures == 0
-    with pytest.raises(ValueError, match="max_graphs must be >= 1"):
+    with pytest.raises(ValueError, match="max_graphs must be an int >= 1"):
         GraphCache(fn, max_graphs=0)
-    with pytest.raises(ValueError, match="capture_after must be >= 1"):
+    with pytest.raises(ValueError, match="capture_after must be an int >= 1"):
         GraphCache(fn, capture_after=0)
 
 

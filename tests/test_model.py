@@ -73,7 +73,7 @@ def test_set_classes_equals_rebuilding(tiny):
 def test_set_classes_wrong_count_points_to_open_vocab(tiny):
     with pytest.raises(ValueError, match=r"exactly 4 names.*got 2 names.*open_vocab_scores"):
         tiny.set_classes(["sky", "road"])
-    with pytest.raises(ValueError, match="got a string"):
+    with pytest.raises(ValueError, match="class names must be a sequence of strings, got str"):
         tiny.set_classes("sky")
 
 

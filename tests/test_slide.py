@@ -48,6 +48,9 @@ def test_averaging_and_chunking():
     calls.clear()
     chunked = slide_inference(fake, x, crop=32, stride=20, windows_per_batch=2)
     assert torch.equal(chunked, out) and calls[0] == 4 and sum(calls) == 2 * n_windows
+    for bad in (0, 1.5, True, "2"):
+        with pytest.raises(ValueError, match=f"windows_per_batch must be an int >= 1 or None, got {bad!r}"):
+            slide_inference(fake, x, crop=32, stride=20, windows_per_batch=bad)
 
 
 @pytest.mark.parametrize("crop, stride, match", [(0, 10, "crop must be"), (32, (1, 2, 3), "stride must be"),

@@ -79,10 +79,11 @@ class GraphCache:
         max_graphs: int = 16,
         capture_after: int = 2,
     ) -> None:
-        if max_graphs < 1:
-            raise ValueError(f"max_graphs must be >= 1, got {max_graphs}")
-        if capture_after < 1:
-            raise ValueError(f"capture_after must be >= 1, got {capture_after}")
+        for name, value in (("max_graphs", max_graphs), ("capture_after", capture_after)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if not isinstance(enabled, bool):
+            raise ValueError(f"cuda_graphs must be True or False, got {enabled!r}")
         self.fn = fn
         self.enabled = enabled
         self.capture = capture or (lambda f, x, pool: CapturedForward(f, x, pool))

@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..preprocess import pil_to_rgb
+
 
 @dataclass
 class ImageBatch:
@@ -35,15 +37,33 @@ class ImageBatch:
         return len(self.raw) if self.raw is not None else int(self.normalized.shape[0])  # type: ignore[union-attr]
 
 
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def check_device(device: object, name: str = "device") -> torch.device:
+    """``device`` (a str or torch.device) as a torch.device of a kind the engine runs on (CPU or CUDA), or a
+    ValueError naming ``name``; whether a CUDA device is present is the caller's to check."""
+    try:
+        parsed = torch.device(device)  # type: ignore[call-overload]
+    except (RuntimeError, TypeError, ValueError):
+        parsed = None
+    if parsed is None or parsed.type not in ("cpu", "cuda"):
+        raise ValueError(f"{name} must be 'cpu', 'cuda' or 'cuda:N' (or such a torch.device), got {device!r}")
+    return parsed
+
+
 def _uint8_image(x: Any, where: str) -> torch.Tensor:
     if hasattr(x, "convert") and hasattr(x, "size"):  # a PIL image
-        x = np.asarray(x.convert("RGB"))
+        x = pil_to_rgb(x, where)
     if isinstance(x, np.ndarray):
         if x.dtype != np.uint8:
             raise ValueError(f"{where}: numpy images must be uint8 (H, W, 3), got dtype {x.dtype}")
         x = torch.from_numpy(np.ascontiguousarray(x) if x.flags.writeable else x.copy())
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"{where}: expected an image (tensor, numpy array or PIL image), got {type(x).__name__}")
+    if x.dtype != torch.uint8 and x.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{where}: images must be float ({', '.join(str(d) for d in FLOAT_DTYPES)}: CLIP-normalised) "
+                         f"or uint8, got dtype {x.dtype}")  # fmt: skip
     if x.dtype != torch.uint8 or x.dim() != 3 or x.shape[2] != 3:
         raise ValueError(f"{where}: expected a uint8 (H, W, 3) image, got shape {tuple(x.shape)} dtype {x.dtype}")
     if x.shape[0] == 0 or x.shape[1] == 0:
@@ -66,6 +86,8 @@ def as_batch(images: Any) -> ImageBatch:
     """Classify and check ``images``' types and shapes; raises ValueError naming what is wrong. (Their values, NaN
     and infinities, are the Segmenter's check_finite: on a GPU it reads the verdict after the forward is queued.)"""
     if isinstance(images, torch.Tensor) and images.is_floating_point():
+        if images.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"float images must be {', '.join(str(d) for d in FLOAT_DTYPES)}, got {images.dtype}")
         x = images.unsqueeze(0) if images.dim() == 3 else images
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"float images must be CLIP-normalised (B, 3, H, W), got shape {tuple(images.shape)}")

@@ -39,7 +39,7 @@ from ..preprocess import keep_ratio_size, normalize, resize_keep_ratio
 from ..visualize import default_palette
 from ..visualize import overlay as blend
 from .graphs import GraphCache
-from .inputs import ImageBatch, as_batch, stacked_for
+from .inputs import ImageBatch, as_batch, check_device, stacked_for
 from .rewrite import prepare_for_inference
 
 Mode = Literal["whole", "slide"]
@@ -125,7 +125,7 @@ class Segmenter:
     ) -> None:
         if not isinstance(model, DenseCLIP):
             raise ValueError(f"model must be a denseclip_fast.DenseCLIP, got {type(model).__name__}")
-        self.device = torch.device(device)
+        self.device = check_device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device={device!r} but no CUDA GPU is available; use device='cpu'")
         if self.device.type == "cuda" and self.device.index is None:  # the GPU current now, not at each call
@@ -136,6 +136,9 @@ class Segmenter:
             raise ValueError("dtype=torch.float16 needs a CUDA device; use float32 or bfloat16 on CPU")
         if mode not in ("whole", "slide"):
             raise ValueError(f"mode must be 'whole' or 'slide', got {mode!r}")
+        for name, flag in (("cuda_graphs", cuda_graphs), ("check_finite", check_finite)):
+            if not isinstance(flag, bool):  # a string such as "no" would be true
+                raise ValueError(f"{name} must be True or False, got {flag!r}")
         self.dtype, self.mode, self.check_finite = dtype, mode, check_finite
         self.crop = model.config.slide_crop if crop is None else crop
         self.stride = model.config.slide_stride if stride is None else stride

@@ -29,7 +29,7 @@ from .features import ImageFeatures
 from .heads import FPN, SemanticFPNHead
 from .resnet import CLIPResNetBackbone
 from .slide import slide_inference as _slide_inference
-from .text import ContextTextEncoder, tokenize_class_names
+from .text import ContextTextEncoder, check_class_names, tokenize_class_names
 from .vit import CLIPViTBackbone
 
 if TYPE_CHECKING:
@@ -120,12 +120,12 @@ class DenseCLIP(nn.Module):
 
     def set_classes(self, names: Sequence[str]) -> None:
         """Reword the vocabulary: exactly K names (the head has K outputs), re-tokenised, cache recomputed."""
-        if isinstance(names, str) or len(names) != self.num_classes:
-            got = "a string" if isinstance(names, str) else f"{len(names)} names"
+        if isinstance(names, Sequence) and not isinstance(names, str) and len(names) != self.num_classes:
             raise ValueError(
                 f"set_classes needs exactly {self.num_classes} names (the head has {self.num_classes} outputs), "
-                f"got {got}; use open_vocab_scores(x, names) to score any number of names"
+                f"got {len(names)} names; use open_vocab_scores(x, names) to score any number of names"
             )
+        check_class_names(names)
         tokens = tokenize_class_names(names, self.config.text.class_token_length)
         self.class_tokens = tokens.to(self.class_tokens.device)
         self._class_names = tuple(names)

@@ -30,21 +30,28 @@ def _bpe() -> Any:
 
 
 def check_class_names(names: Sequence[str]) -> None:
-    """ValueError unless ``names`` is a non-empty sequence of strings (not a string itself), naming the first
-    entry that is not one. (Their BPE lengths are tokenize_class_names' to check.)"""
+    """ValueError unless ``names`` is a non-empty sequence of distinct strings (not a string itself), naming the
+    first entry that is not one or repeats one (two classes of one name would be one class scored twice, and
+    which of them a pixel's argmax picks is arbitrary). (Their tokens are tokenize_class_names' to check.)"""
     if isinstance(names, str) or not isinstance(names, Sequence):
         raise ValueError(f"class names must be a sequence of strings, got {type(names).__name__}")
     if len(names) == 0:
         raise ValueError("class names must not be empty")
+    seen: dict[str, int] = {}
     for i, name in enumerate(names):
         if not isinstance(name, str):
             raise ValueError(f"class name {i} must be a string, got {type(name).__name__}: {name!r}")
+        if name in seen:
+            raise ValueError(f"class name {i} ({name!r}) repeats class name {seen[name]}; class names must differ")
+        seen[name] = i
 
 
 def tokenize_class_names(names: Sequence[str], length: int) -> torch.Tensor:
     """Tokenise class names to (K, length) int64: SOT, BPE tokens, EOT, zero padding.
 
-    Raises ValueError naming the offending entry for a non-string, a name with no tokens, or a name longer than
+    Raises ValueError naming the offending entry for a non-string, a repeated name, a name with no tokens, a name
+    holding CLIP's start or end token (the text "<start_of_text>" / "<end_of_text>", which the BPE keeps as those
+    tokens: the encoder would read the name's embedding at the wrong position), or a name longer than
     ``length - 2`` BPE tokens.
     """
     check_class_names(names)
@@ -54,6 +61,8 @@ def tokenize_class_names(names: Sequence[str], length: int) -> torch.Tensor:
         tokens = bpe.encode(name)
         if not tokens:
             raise ValueError(f"class name {i} ({name!r}) has no tokens")
+        if bpe.sot_token_id in tokens or bpe.eot_token_id in tokens:
+            raise ValueError(f"class name {i} ({name!r}) holds CLIP's start or end-of-text token")
         if len(tokens) > length - 2:
             raise ValueError(
                 f"class name {name!r} has {len(tokens)} BPE tokens; at most {length - 2} fit "
