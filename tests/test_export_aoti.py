@@ -80,8 +80,11 @@ def test_to_aoti_argument_errors(model, tmp_path):
         to_aoti(seg, tmp_path / "x.pt2", dtype=torch.float32)
     with pytest.raises(ValueError, match="must be a DenseCLIP model or a Segmenter"):
         to_aoti(torch.nn.Linear(2, 2), tmp_path / "x.pt2")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="max_batch must be an int >= 2"):
+    with pytest.raises(ValueError, match="max_batch must be an int >= 2, got 1 .*for batch 1, max_batch=2"):
         to_aoti(seg, tmp_path / "x.pt2", max_batch=1)
+    (tmp_path / "model.onnx").write_bytes(b"\x08\x07not a zip")
+    with pytest.raises(ValueError, match=r"model.onnx is not an AOTInductor package \(a \.pt2 zip archive"):
+        load_aoti(tmp_path / "model.onnx")
     with pytest.raises(ValueError, match=r"path must end in \.pt2"):
         to_aoti(seg, tmp_path / "x.so", image_size=SIZE)
     with pytest.raises(ValueError, match=r"stride must be an int or \(int, int\) between 1 and the image size \(64, 9"):
@@ -153,7 +156,8 @@ def test_cpp_runner_runs_a_bf16_cuda_package(cmake_build, tmp_path):
 @pytest.mark.slow
 def test_cpp_runner_stretch_mode_and_a_too_narrow_image(cmake_build, model, package, tmp_path):
     """--mode stretch resizes the image to the package size (OpenCV's bilinear, as the slide mode); an image that
-    the test scale leaves smaller than the window is refused in slide mode with a message that says what to do."""
+    the test scale leaves smaller than the window is refused in slide mode with a message that says what to do; a
+    file that is not a package gets PyTorch's message without the C++ backtrace."""
     image = np.random.default_rng(1).integers(0, 256, size=(50, 70, 3), dtype=np.uint8)
     summary, logits, labels = _cpp_segment(cmake_build, package, image, tmp_path, "--mode", "stretch")
     assert summary["mode"] == "stretch" and summary["resized"] == list(SIZE)
@@ -171,3 +175,7 @@ def test_cpp_runner_stretch_mode_and_a_too_narrow_image(cmake_build, model, pack
     assert result.returncode == 1
     assert "resized to the test scale is 19x192, smaller than the package's window 64x96" in result.stderr
     assert "use --mode stretch" in result.stderr
+    # a file that is no package: PyTorch's error message in one line, without its C++ backtrace
+    result = subprocess.run([runner, str(tmp_path / "narrow.ppm"), *args[2:]], capture_output=True, text=True)
+    assert result.returncode == 1 and result.stderr.startswith("denseclip_fast_segment: error: ")
+    assert "Exception raised from" not in result.stderr and len(result.stderr.splitlines()) <= 2, result.stderr

@@ -127,7 +127,7 @@ class Segmenter:
             raise ValueError(f"model must be a denseclip_fast.DenseCLIP, got {type(model).__name__}")
         self.device = check_device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device={device!r} but no CUDA GPU is available; use device='cpu'")
+            raise ValueError(f"device {str(self.device)!r} asked for, but no CUDA GPU is available; use device='cpu'")
         if self.device.type == "cuda" and self.device.index is None:  # the GPU current now, not at each call
             self.device = torch.device("cuda", torch.cuda.current_device())
         if dtype not in DTYPES:

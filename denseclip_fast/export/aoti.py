@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -69,7 +70,11 @@ def to_aoti(
         )
     ops.backends.query_device(seg.device)  # the trace below reads the backends' memo only
     if not isinstance(max_batch, int) or max_batch < TRACE_BATCH:
-        raise ValueError(f"max_batch must be an int >= {TRACE_BATCH}, got {max_batch!r}")
+        raise ValueError(
+            f"max_batch must be an int >= {TRACE_BATCH}, got {max_batch!r} (a package takes any batch from 1 to "
+            f"max_batch; torch.export traces the batch as dynamic from {TRACE_BATCH}: for batch 1, "
+            f"max_batch={TRACE_BATCH})"
+        )
     path = Path(path)
     if path.suffix != ".pt2":
         raise ValueError(f"path must end in .pt2 (AOTInductor packages are .pt2 archives), got {str(path)!r}")
@@ -137,7 +142,11 @@ class AOTIPackage:
                 raise ValueError(
                     f"{path} is a CPU package; device_index={device_index} applies to CUDA packages only"
                 ) from None
-            raise
+            if not zipfile.is_zipfile(path):
+                raise ValueError(
+                    f"{path} is not an AOTInductor package (a .pt2 zip archive written by to_aoti)"
+                ) from None
+            raise ValueError(f"{path}: the AOTInductor package could not be loaded: {exc}") from exc
         meta = self._compiled.get_metadata()
         if "denseclip_fast.image_size" not in meta:
             raise ValueError(f"{path} is not a denseclip_fast package (no denseclip_fast metadata)")

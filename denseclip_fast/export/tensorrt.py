@@ -155,7 +155,8 @@ def _tensorrt() -> Any:
     except ImportError:
         raise TensorRTUnavailable(
             "TensorRT is not installed: `pip install tensorrt` (NVIDIA's index) on a machine with an NVIDIA GPU; "
-            "the ONNX graph itself is ready (denseclip-fast export --format onnx)"
+            "without it, export the ONNX graph (denseclip-fast export --format onnx) and build the engine with "
+            "trtexec where TensorRT is"
         ) from None
     return tensorrt
 

@@ -375,6 +375,9 @@ int run(int argc, char** argv) {
 int main(int argc, char** argv) {
   try {
     return run(argc, argv);
+  } catch (const c10::Error& e) {  // PyTorch's errors: the message, not the C++ backtrace what() appends
+    std::cerr << "denseclip_fast_segment: error: " << e.what_without_backtrace() << std::endl;
+    return 1;
   } catch (const std::exception& e) {
     std::cerr << "denseclip_fast_segment: error: " << e.what() << std::endl;
     return 1;
