@@ -71,10 +71,15 @@ DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", 
 
 
 def _device(args: argparse.Namespace) -> str:
-    """--device, default CUDA when available."""
+    """--device, checked (a CPU or a CUDA GPU that is present: validation.check_device); default CUDA when
+    available."""
     import torch
 
-    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from .validation import check_device
+
+    if args.device is not None:
+        return str(check_device(args.device, "--device"))
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _dtype(args: argparse.Namespace, device: str | None) -> torch.dtype:
@@ -223,6 +228,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from . import export, load_checkpoint
 
     size = _parse_size(args.image_size) if args.image_size else None
+    device = _device(args)  # used by aoti; checked whenever given
     if args.format == "tensorrt":
         export.tensorrt._tensorrt()  # say so before any work when TensorRT is missing
         batch = _parse_batch(args.trt_batch)
@@ -234,7 +240,6 @@ def cmd_export(args: argparse.Namespace) -> int:
         model.set_classes(_parse_classes(args.classes))
     out = args.out
     if args.format == "aoti":
-        device = _device(args)
         dtype = _dtype(args, device)
         if args.graph != "image":
             raise ValueError("--format aoti compiles the image graph only (--graph image)")
@@ -269,7 +274,10 @@ IGNORE_HELP = "label value of ignored pixels (default 255; with 256+ classes in 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .train import TrainConfig, train, train_preset
+    from .validation import check_device
 
+    if args.device is not None:  # "" would be the config's "default device"; on the command line it is a mistake
+        check_device(args.device, "--device")
     if args.config:
         cfg = TrainConfig.load(args.config)
     else:
@@ -298,9 +306,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         scales = [float(s) for s in args.scales.split(",")]
     except ValueError:
         raise ValueError(f"--scales must be comma-separated numbers, e.g. 0.5,0.75,1.0, got {args.scales!r}") from None
+    device = _device(args)
     data = SegmentationData(args.data, args.layout, "val", ignore_index=args.ignore_index)
     model = load_checkpoint(args.checkpoint, class_names=data.class_names)
-    device = _device(args)
     model.to(device)
     dtype = torch.bfloat16 if args.bf16 else None  # float32 by default, as the official test
     result = evaluate(model, data, mode=args.mode, scales=scales, flip=args.flip, dtype=dtype, progress=True)

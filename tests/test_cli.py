@@ -172,3 +172,22 @@ def test_export_errors_are_one_line(checkpoint, tmp_path, capsys):
             "--out", str(tmp_path / "x")]  # fmt: skip
     assert main(args) == 2
     assert "--image-size must be N or HxW" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device, message", [("gpu", "must be a device such as 'cpu', 'cuda' or 'cuda:N', got 'gpu'"),
+                                             ("", "must be a device such as 'cpu', 'cuda' or 'cuda:N', got ''"),
+                                             ("meta", "must be a CPU or CUDA device"),
+                                             ("cuda:99", "is 'cuda:99' but ")])  # fmt: skip
+def test_bad_devices_are_one_line_naming_the_option(checkpoint, images, tmp_path, capsys, device, message):
+    """Every command checks --device the same way before any work: a string torch does not parse, an empty one
+    (not "the default"), a device type the engine does not run on, a GPU that is not there."""
+    commands = (["segment", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "seg"), str(images[0])],
+                ["eval", "--checkpoint", str(checkpoint), "--data", str(tmp_path), "--layout", "generic"],
+                ["train", "--data", str(tmp_path), "--layout", "generic", "--work-dir", str(tmp_path / "w")],
+                ["export", "--checkpoint", str(checkpoint), "--format", "onnx", "--out", str(tmp_path / "m.onnx")])
+    for command in commands:
+        assert main([*command, "--device", device]) == 2, command
+        err = capsys.readouterr().err
+        assert err == f"denseclip-fast: error: --device {message}" + err.split(message, 1)[1], command
+        assert err.count("\n") == 1, err
+    assert os.listdir(tmp_path) == []

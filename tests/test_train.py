@@ -624,6 +624,9 @@ def test_config_files_and_errors(arch_file, generic, tmp_path, capsys):
         _config(arch_file, str(tmp_path / "nowhere"), tmp_path).validate()
     with pytest.raises(ValueError, match="arch must be one of"):
         _config("RN42", generic, tmp_path).validate()
+    for device, message in (("meta", "device must be a CPU or CUDA device"), ("cuda:99", "device is 'cuda:99' but ")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            _config(arch_file, generic, tmp_path, device=device).validate()
     # YAML 1.1 reads 1e-4 (no dot) as a string, and 1 as an int: both are the numbers meant
     path.write_text(f"preset: RN50\ndata: {generic}\nlr: 1e-4\nmin_lr: 1e-6\nweight_decay: 1\n")
     cfg = TrainConfig.load(str(path))
@@ -639,7 +642,7 @@ def test_config_files_and_errors(arch_file, generic, tmp_path, capsys):
     base = ["train", "--arch", arch_file, "--data", generic, "--layout", "generic", "--work-dir", str(tmp_path / "x")]
     for extra, message in ((["--checkpoint-interval", "0"], "checkpoint_interval must be a positive int, got 0"),
                            (["--log-interval", "0"], "log_interval must be a positive int, got 0"),
-                           (["--device", "gpu0"], "device must be a torch device such as 'cuda'")):  # fmt: skip
+                           (["--device", "gpu0"], "--device must be a device such as 'cpu', 'cuda'")):  # fmt: skip
         assert main(base + extra) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err, err

@@ -20,9 +20,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from ..config import ACTIVATIONS, ARCHS, DenseCLIPConfig, canonical_arch, preset
+from ..validation import check_device
 
 LAYOUTS = ("ade20k", "generic")
 
@@ -58,7 +57,7 @@ class TrainConfig:
     ratio_range: tuple[float, float] = (0.5, 2.0)
     cat_max_ratio: float = 0.75
     seed: int = 0
-    device: str = ""  # default: cuda when available
+    device: str = ""  # "cpu", "cuda", "cuda:N"; "": cuda when available
     amp: str = "bf16"  # autocast: "bf16", "fp16" (with a gradient scaler) or "none" (float32)
     grad_checkpointing: bool = False
     channels_last: bool | None = None  # images and weights in NHWC; None: on CUDA (cuDNN's tensor-core layout) only
@@ -93,12 +92,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
-        if self.device:
-            try:
-                torch.device(self.device)
-            except RuntimeError:
-                raise ValueError(f"device must be a torch device such as 'cuda', 'cuda:1' or 'cpu' (or '' for cuda "
-                                 f"when available), got {self.device!r}") from None  # fmt: skip
+        if self.device:  # "": cuda when available
+            check_device(self.device, "device")
         if self.batch_size % self.accum:
             raise ValueError(f"batch_size {self.batch_size} must be divisible by accum {self.accum}")
         if self.amp not in ("bf16", "fp16", "none"):
