@@ -412,13 +412,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _os_error(exc: OSError) -> str:
+    """An OSError as one line naming its path(s): 'PATH: No such file or directory'."""
+    if exc.filename is None:
+        return str(exc)
+    paths = [exc.filename] if exc.filename2 is None else [exc.filename, exc.filename2]
+    names = " -> ".join(os.fsdecode(p) if isinstance(p, (str, bytes)) else str(p) for p in paths)
+    return f"{names}: {exc.strerror or exc}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command ``argv``; errors the user can fix (bad arguments and files, a file system refusing a path,
+    a training run whose loss or weights stop being finite) print one line and return 2."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (CheckpointError, ValueError, TensorRTUnavailable) as exc:
-        print(f"denseclip-fast: error: {exc}", file=sys.stderr)
-        return 2
+    except (CheckpointError, ValueError, TensorRTUnavailable, FloatingPointError) as exc:
+        message = str(exc)
+    except OSError as exc:  # FileNotFoundError, PermissionError, IsADirectoryError, a full disk ...
+        message = _os_error(exc)
+    print(f"denseclip-fast: error: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

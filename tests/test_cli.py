@@ -191,3 +191,20 @@ def test_bad_devices_are_one_line_naming_the_option(checkpoint, images, tmp_path
         assert err == f"denseclip-fast: error: --device {message}" + err.split(message, 1)[1], command
         assert err.count("\n") == 1, err
     assert os.listdir(tmp_path) == []
+
+
+def test_file_system_and_floating_point_errors_are_one_line(checkpoint, images, tmp_path, capsys, monkeypatch):
+    """An OSError (here a result file's path taken by a directory) names its path; a non-finite training run is
+    one line too, not a traceback."""
+    out = tmp_path / "out"
+    (out / "a_labels.png").mkdir(parents=True)
+    assert main(["segment", "--checkpoint", str(checkpoint), "--mode", "whole", "--out", str(out), str(images[0])]) == 2
+    err = capsys.readouterr().err
+    assert err == f"denseclip-fast: error: {out / 'a_labels.png'}: Is a directory\n"
+
+    def diverge(cfg, resume=None):
+        raise FloatingPointError("the loss is not finite at iteration 3")
+
+    monkeypatch.setattr("denseclip_fast.train.train", diverge)
+    assert main(["train", "--data", str(tmp_path), "--layout", "generic", "--work-dir", str(tmp_path / "w")]) == 2
+    assert capsys.readouterr().err == "denseclip-fast: error: the loss is not finite at iteration 3\n"
