@@ -124,12 +124,14 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
     from . import Segmenter, load_checkpoint
     from .preprocess import image_files, load_image
+    from .validation import check_writable_dir
     from .visualize import default_palette
 
     if args.io_threads is not None and args.io_threads < 1:
         raise ValueError(f"--io-threads must be >= 1, got {args.io_threads}")
     files = image_files(args.images)
     stems = _output_stems(files)
+    check_writable_dir(args.out, "--out")
     device = _device(args)
     # on a CPU the engine itself keeps every core busy: one worker overlaps the I/O without contending for them
     workers = args.io_threads or (min(4, os.cpu_count() or 1) if device.startswith("cuda") else 1)
@@ -226,8 +228,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     import torch
 
     from . import export, load_checkpoint
+    from .validation import check_writable_file
 
     size = _parse_size(args.image_size) if args.image_size else None
+    check_writable_file(args.out, "--out", create_parents=True)
     device = _device(args)  # used by aoti; checked whenever given
     if args.format == "tensorrt":
         export.tensorrt._tensorrt()  # say so before any work when TensorRT is missing
@@ -235,6 +239,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         if args.out.endswith(".onnx"):
             raise ValueError("--out is the engine file for --format tensorrt (e.g. model.engine); the ONNX graph is "
                              "written next to it with the .onnx suffix")  # fmt: skip
+        check_writable_file(os.path.splitext(args.out)[0] + ".onnx", "--out's ONNX graph", create_parents=True)
     model = load_checkpoint(args.checkpoint)
     if args.classes is not None:
         model.set_classes(_parse_classes(args.classes))
@@ -301,19 +306,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from . import load_checkpoint
     from .train import SegmentationData, evaluate
+    from .validation import check_writable_file
 
     try:
         scales = [float(s) for s in args.scales.split(",")]
     except ValueError:
         raise ValueError(f"--scales must be comma-separated numbers, e.g. 0.5,0.75,1.0, got {args.scales!r}") from None
     device = _device(args)
+    out = args.out or os.path.splitext(args.checkpoint)[0] + "_eval.json"
+    check_writable_file(out, "--out" if args.out else "--out (default: CHECKPOINT_eval.json)", create_parents=False)
     data = SegmentationData(args.data, args.layout, "val", ignore_index=args.ignore_index)
     model = load_checkpoint(args.checkpoint, class_names=data.class_names)
     model.to(device)
     dtype = torch.bfloat16 if args.bf16 else None  # float32 by default, as the official test
     result = evaluate(model, data, mode=args.mode, scales=scales, flip=args.flip, dtype=dtype, progress=True)
     result["checkpoint"] = args.checkpoint
-    out = args.out or os.path.splitext(args.checkpoint)[0] + "_eval.json"
     with open(out, "w", encoding="utf-8") as f:
         json.dump(result, f, indent=2)
     print(f"mIoU {100 * result['mIoU']:.2f}  aAcc {100 * result['aAcc']:.2f}  mAcc {100 * result['mAcc']:.2f}  "

@@ -70,6 +70,6 @@ def check_writable_file(path: str, name: str, create_parents: bool) -> None:
     base = _existing_ancestor(folder) if create_parents else folder
     if not os.path.isdir(base):
         what = "does not exist" if not os.path.lexists(base) else "is not a directory"
-        raise ValueError(f"{name} {path!r}: {base!r} {what}")
+        raise ValueError(f"{name} {path!r}: the directory {base!r} {what}")
     if not os.access(base, os.W_OK | os.X_OK):
         raise ValueError(f"{name} {path!r}: no permission to write in {base!r}")

@@ -208,3 +208,49 @@ def test_file_system_and_floating_point_errors_are_one_line(checkpoint, images, 
     monkeypatch.setattr("denseclip_fast.train.train", diverge)
     assert main(["train", "--data", str(tmp_path), "--layout", "generic", "--work-dir", str(tmp_path / "w")]) == 2
     assert capsys.readouterr().err == "denseclip-fast: error: the loss is not finite at iteration 3\n"
+
+
+def test_output_paths_are_checked_before_any_work(checkpoint, images, tmp_path, capsys):
+    """An output path that cannot be written (a file where a directory goes, a directory where a file goes, a
+    missing parent where none is created) is one line naming the option before any work, not an OSError after it."""
+    (tmp_path / "file").write_text("")
+    (tmp_path / "dir").mkdir()
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    (data / "labels").mkdir()
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(data / "images" / "x.png")
+    Image.fromarray(np.zeros((40, 40), np.uint8)).save(data / "labels" / "x.png")
+    (data / "classes.txt").write_text("\n".join(NAMES))
+    seg = ["segment", "--checkpoint", str(checkpoint), str(images[0]), "--out"]
+    exp = ["export", "--checkpoint", str(checkpoint), "--format", "onnx", "--out"]
+    ev = ["eval", "--checkpoint", str(checkpoint), "--data", str(data), "--layout", "generic", "--out"]
+    tr = ["train", "--data", str(data), "--layout", "generic", "--arch", "RN50", "--work-dir"]
+    for args, message in (
+        ([*seg, str(tmp_path / "file")], f"--out {str(tmp_path / 'file')!r} exists and is not a directory"),
+        ([*seg, str(tmp_path / "file" / "sub")], f"cannot be created: {str(tmp_path / 'file')!r} is not a"),
+        ([*exp, str(tmp_path / "dir")], f"--out {str(tmp_path / 'dir')!r} is a directory; expected the path of"),
+        ([*ev, str(tmp_path / "dir")], f"--out {str(tmp_path / 'dir')!r} is a directory"),
+        ([*ev, str(tmp_path / "missing" / "e.json")], f"the directory {str(tmp_path / 'missing')!r} does not exist"),
+        ([*tr, str(tmp_path / "file")], f"work_dir {str(tmp_path / 'file')!r} exists and is not a directory"),
+    ):
+        assert main(args) == 2, args
+        err = capsys.readouterr().err
+        assert err.startswith("denseclip-fast: error: ") and message in err and err.count("\n") == 1, (args, err)
+    assert sorted(os.listdir(tmp_path)) == ["data", "dir", "file"] and os.listdir(tmp_path / "dir") == []
+
+
+def test_bad_training_config_files_are_one_line(tmp_path, capsys):
+    (tmp_path / "dir.yaml").mkdir()
+    (tmp_path / "syntax.yaml").write_text("iters: [1, 2\n")
+    (tmp_path / "python.yaml").write_text('iters: !!python/object/apply:os.system ["echo hi"]\n')
+    (tmp_path / "broken.json").write_text('{"iters": ')
+    for name, message in (("missing.yaml", "missing.yaml' does not exist"),
+                          ("dir.yaml", "dir.yaml' is not a regular file"),
+                          ("syntax.yaml", "syntax.yaml' is not valid YAML: expected ',' or ']'"),
+                          ("python.yaml", "python.yaml' is not valid YAML: could not determine a constructor for the "
+                                          "tag 'tag:yaml.org,2002:python/object/apply:os.system' (line 1"),
+                          ("broken.json", "broken.json' is not valid JSON")):  # fmt: skip
+        assert main(["train", str(tmp_path / name), "--print-config"]) == 2, name
+        err = capsys.readouterr().err
+        assert err.startswith("denseclip-fast: error: training config ") and message in err, err
+        assert err.count("\n") == 1, err

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import ACTIVATIONS, ARCHS, DenseCLIPConfig, canonical_arch, preset
-from ..validation import check_device
+from ..validation import check_device, check_writable_dir
 
 LAYOUTS = ("ade20k", "generic")
 
@@ -94,6 +94,7 @@ class TrainConfig:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
         if self.device:  # "": cuda when available
             check_device(self.device, "device")
+        check_writable_dir(self.work_dir, "work_dir")
         if self.batch_size % self.accum:
             raise ValueError(f"batch_size {self.batch_size} must be divisible by accum {self.accum}")
         if self.amp not in ("bf16", "fp16", "none"):
@@ -140,18 +141,39 @@ class TrainConfig:
 
     @classmethod
     def load(cls, path: str) -> TrainConfig:
-        """A YAML (.yaml/.yml) or JSON file of TrainConfig fields; ``preset: RN50`` starts from a preset."""
-        with open(path, encoding="utf-8") as f:
-            if path.endswith((".yaml", ".yml")):
-                import yaml
-
-                data = yaml.safe_load(f) or {}
-            else:
-                data = json.load(f)
+        """A YAML (.yaml/.yml) or JSON file of TrainConfig fields; ``preset: RN50`` starts from a preset.
+        ValueError naming the file when it is missing, not a regular file, unreadable or not valid YAML/JSON
+        (YAML tags that would build Python objects are refused: the file is read with ``yaml.safe_load``)."""
+        if not os.path.isfile(path):
+            what = "does not exist" if not os.path.lexists(path) else "is not a regular file"
+            raise ValueError(f"training config {path!r} {what}")
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = _read_yaml(path, f) if path.endswith((".yaml", ".yml")) else json.load(f)
+        except OSError as exc:
+            raise ValueError(f"training config {path!r}: {exc.strerror or exc}") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"training config {path!r} is not UTF-8 text") from None
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"training config {path!r} is not valid JSON: {exc}") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path}: a training config must be a mapping of fields, got {type(data).__name__}")
         base = train_preset(data.pop("preset")).to_dict() if "preset" in data else {}
         return cls.from_dict({**base, **data})
+
+
+def _read_yaml(path: str, stream: typing.TextIO) -> Any:
+    """The document of a YAML file (None empty: {}), read with ``yaml.safe_load``; ValueError naming the file and
+    the line for a syntax error or a tag that would build a Python object."""
+    import yaml
+
+    try:
+        return yaml.safe_load(stream) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ValueError(f"training config {path!r} is not valid YAML: {problem}{where}") from None
 
 
 def _typed(name: str, hint: Any, value: Any) -> Any:
