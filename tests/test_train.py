@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import math
 import os
 import re
 import socket
@@ -266,6 +267,65 @@ def test_a_non_finite_loss_stops_the_run_before_a_checkpoint(arch_file, generic,
     with open(tmp_path / "w" / "latest.json") as f:
         assert json.load(f)["iteration"] == 2
     assert not (tmp_path / "w" / "iter_4.safetensors").exists()
+
+
+def test_non_finite_weights_stop_the_run_before_a_checkpoint(arch_file, generic, tmp_path, monkeypatch):
+    """An update that leaves an infinity in the weights though the loss before it was finite (here the last step's)
+    stops the run with a FloatingPointError naming the tensor, and no checkpoint is written from those weights."""
+    import denseclip_fast.train.loop as loop
+
+    real_optimizer = loop.make_optimizer
+
+    def spoilt_optimizer(model, cfg, device):
+        optimizer = real_optimizer(model, cfg, device)
+        step, calls = optimizer.step, []
+
+        def spoilt_step(*args, **kwargs):
+            out = step(*args, **kwargs)
+            calls.append(1)
+            if len(calls) == 4:
+                with torch.no_grad():
+                    model.gamma[0] = float("inf")
+            return out
+
+        optimizer.step = spoilt_step
+        return optimizer
+
+    monkeypatch.setattr(loop, "make_optimizer", spoilt_optimizer)
+    with pytest.raises(FloatingPointError, match=r"weights are not finite after iteration 4 \(1 tensor\(s\), e.g. gam"):
+        train(_config(arch_file, generic, tmp_path / "w"))
+    with open(tmp_path / "w" / "latest.json") as f:
+        assert json.load(f)["iteration"] == 2
+    assert not (tmp_path / "w" / "iter_4.safetensors").exists()
+
+
+def test_numbers_out_of_range_are_refused_naming_the_field(arch_file, generic, tmp_path, capsys):
+    for overrides, message in (
+        ({"lr": math.inf}, "lr must be a finite number > 0 and <= 1, got inf"),
+        ({"lr": math.nan}, "lr must be a finite number > 0 and <= 1, got nan"),
+        ({"lr": 0.0}, "lr must be a finite number > 0 and <= 1, got 0.0"),
+        ({"min_lr": -1e-6}, "min_lr must be a finite number >= 0 and <= 1, got -1e-06"),
+        ({"weight_decay": math.inf}, "weight_decay must be a finite number >= 0, got inf"),
+        ({"weight_decay": 1e5}, "weight_decay x lr must be <= 1, got 100000.0 x 0.001"),
+        ({"warmup_ratio": 2.0}, "warmup_ratio must be a finite number >= 0 and <= 1, got 2.0"),
+        ({"cat_max_ratio": -1.0}, "cat_max_ratio must be a finite number > 0 and <= 1, got -1.0"),
+        ({"warmup_iters": -5}, "warmup_iters must be an int >= 0, got -5"),
+        ({"seed": -5}, "seed must be an int in 0..4294967295, got -5"),
+        ({"ignore_index": -1}, "ignore_index must be a label value in 0..65535 (255 for 8-bit labels, e.g. 65535"),
+        ({"ratio_range": (2.0, 0.5)}, "ratio_range must be two finite numbers 0 < low <= high, got (2.0, 0.5)"),
+        ({"ratio_range": (0.001, 1.0)}, "ratio_range's low end 0.001 scales img_scale (96, 48) below a pixel"),
+        ({"img_scale": (0, 0)}, "img_scale must be two positive ints (long side, short side), got (0, 0)"),
+        ({"crop": 16}, "crop must be at least 32 (the stride-32 level keeps a pixel), got 16"),
+    ):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            _config(arch_file, generic, tmp_path / "w", **overrides).validate()
+    base = ["train", "--arch", arch_file, "--data", generic, "--layout", "generic", "--work-dir", str(tmp_path / "w")]
+    for extra, message in ((["--lr", "inf"], "lr must be a finite number > 0"), (["--seed", "-5"], "seed must be"),
+                           (["--ignore-index", "-1"], "ignore_index must be a label value")):  # fmt: skip
+        assert main(base + extra) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"denseclip-fast: error: {message}") and err.count("\n") == 1, err
+    assert not os.path.exists(tmp_path / "w")
 
 
 @pytest.mark.slow

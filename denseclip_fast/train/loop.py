@@ -425,7 +425,8 @@ class Trainer:
                         for k in ("loss", "loss_decode", "loss_aux", "lr"):
                             writer.add_scalar(f"train/{k}", row[k], done)
                     last = totals
-            if save_now:
+            if save_now:  # every run ends with one: its final weights are checked too
+                self._check_weights_finite(model, done)
                 rng = self._rng_states(world, device)
                 if rank == 0:
                     self._save(model, optimizer, scaler, done, rng)
@@ -452,6 +453,22 @@ class Trainer:
             f"the loss is not finite at iteration {iteration} ({', '.join(f'{k} {v}' for k, v in zip(LOSSES, values))})"
             ": the weights are no longer usable and were not saved; resume from the last checkpoint "
             "(--resume auto) with a lower learning rate (--lr), or check the data"
+        )
+
+    @staticmethod
+    def _check_weights_finite(model: DenseCLIP, iteration: int) -> None:
+        """FloatingPointError when a trained parameter or a floating buffer (BatchNorm statistics) holds NaN or an
+        infinity after ``iteration``, as an update too large for the weights' dtype leaves them though the loss
+        before it was finite; called before every checkpoint, so that none is written from such weights. The
+        processes hold the same weights, so all of them stop."""
+        tensors = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        tensors += [(n, b) for n, b in model.named_buffers() if b.is_floating_point()]
+        if bool(torch.stack([torch.isfinite(t).all() for _, t in tensors]).all()):
+            return
+        bad = [n for n, t in tensors if not bool(torch.isfinite(t).all())]
+        raise FloatingPointError(
+            f"the weights are not finite after iteration {iteration} ({len(bad)} tensor(s), e.g. {bad[0]}): they "
+            "were not saved; resume from the last checkpoint (--resume auto) with a lower learning rate (--lr)"
         )
 
     def _evaluate(self, model: DenseCLIP, rank: int, world: int, iteration: int, writer: Any) -> dict[str, Any] | None:
