@@ -179,16 +179,21 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
 
 def _parse_size(text: str) -> tuple[int, int]:
+    from .model.denseclip import MIN_IMAGE_SIDE
+
     parts = text.lower().split("x")
-    if len(parts) not in (1, 2) or not all(p.strip().isdigit() for p in parts):
+    # isdecimal, not isdigit: int() refuses digits such as "²"
+    if len(parts) not in (1, 2) or not all(p.strip().isdecimal() for p in parts):
         raise ValueError(f"--image-size must be N or HxW (e.g. 512 or 512x1024), got {text!r}")
     sizes = [int(p) for p in parts]
+    if min(sizes) < MIN_IMAGE_SIDE:
+        raise ValueError(f"--image-size must be at least {MIN_IMAGE_SIDE} on each side, got {text!r}")
     return (sizes[0], sizes[-1])
 
 
 def _parse_batch(text: str) -> tuple[int, int, int]:
     parts = text.split(",")
-    if len(parts) != 3 or not all(p.strip().isdigit() for p in parts):
+    if len(parts) != 3 or not all(p.strip().isdecimal() for p in parts):
         raise ValueError(f"--trt-batch must be MIN,OPT,MAX (e.g. 1,1,16), got {text!r}")
     low, opt, high = (int(p) for p in parts)
     return low, opt, high
@@ -306,17 +311,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from . import load_checkpoint
     from .train import SegmentationData, evaluate
+    from .train.data import check_ignore_index
+    from .train.evaluate import check_scales
     from .validation import check_writable_file
 
     try:
         scales = [float(s) for s in args.scales.split(",")]
     except ValueError:
         raise ValueError(f"--scales must be comma-separated numbers, e.g. 0.5,0.75,1.0, got {args.scales!r}") from None
+    check_ignore_index(args.ignore_index, "--ignore-index")
     device = _device(args)
     out = args.out or os.path.splitext(args.checkpoint)[0] + "_eval.json"
     check_writable_file(out, "--out" if args.out else "--out (default: CHECKPOINT_eval.json)", create_parents=False)
     data = SegmentationData(args.data, args.layout, "val", ignore_index=args.ignore_index)
     model = load_checkpoint(args.checkpoint, class_names=data.class_names)
+    check_scales(scales, model.config.test_scale, "--scales")
     model.to(device)
     dtype = torch.bfloat16 if args.bf16 else None  # float32 by default, as the official test
     result = evaluate(model, data, mode=args.mode, scales=scales, flip=args.flip, dtype=dtype, progress=True)

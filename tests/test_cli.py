@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from denseclip_fast import DenseCLIP
-from denseclip_fast.cli import main
+from denseclip_fast.cli import _parse_batch, main
 
 from .conftest import NAMES, tiny_config
 
@@ -210,17 +210,23 @@ def test_file_system_and_floating_point_errors_are_one_line(checkpoint, images, 
     assert capsys.readouterr().err == "denseclip-fast: error: the loss is not finite at iteration 3\n"
 
 
-def test_output_paths_are_checked_before_any_work(checkpoint, images, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A generic-layout data set of one 40x40 image for the checkpoint's classes."""
+    root = tmp_path_factory.mktemp("data")
+    (root / "images").mkdir()
+    (root / "labels").mkdir()
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(root / "images" / "x.png")
+    Image.fromarray(np.zeros((40, 40), np.uint8)).save(root / "labels" / "x.png")
+    (root / "classes.txt").write_text("\n".join(NAMES))
+    return root
+
+
+def test_output_paths_are_checked_before_any_work(checkpoint, images, data, tmp_path, capsys):
     """An output path that cannot be written (a file where a directory goes, a directory where a file goes, a
     missing parent where none is created) is one line naming the option before any work, not an OSError after it."""
     (tmp_path / "file").write_text("")
     (tmp_path / "dir").mkdir()
-    data = tmp_path / "data"
-    (data / "images").mkdir(parents=True)
-    (data / "labels").mkdir()
-    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(data / "images" / "x.png")
-    Image.fromarray(np.zeros((40, 40), np.uint8)).save(data / "labels" / "x.png")
-    (data / "classes.txt").write_text("\n".join(NAMES))
     seg = ["segment", "--checkpoint", str(checkpoint), str(images[0]), "--out"]
     exp = ["export", "--checkpoint", str(checkpoint), "--format", "onnx", "--out"]
     ev = ["eval", "--checkpoint", str(checkpoint), "--data", str(data), "--layout", "generic", "--out"]
@@ -236,7 +242,7 @@ def test_output_paths_are_checked_before_any_work(checkpoint, images, tmp_path, 
         assert main(args) == 2, args
         err = capsys.readouterr().err
         assert err.startswith("denseclip-fast: error: ") and message in err and err.count("\n") == 1, (args, err)
-    assert sorted(os.listdir(tmp_path)) == ["data", "dir", "file"] and os.listdir(tmp_path / "dir") == []
+    assert sorted(os.listdir(tmp_path)) == ["dir", "file"] and os.listdir(tmp_path / "dir") == []
 
 
 def test_bad_training_config_files_are_one_line(tmp_path, capsys):
@@ -254,3 +260,28 @@ def test_bad_training_config_files_are_one_line(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith("denseclip-fast: error: training config ") and message in err, err
         assert err.count("\n") == 1, err
+
+
+def test_bad_numbers_are_one_line_naming_the_option_before_any_work(checkpoint, data, tmp_path, capsys):
+    """--scales that no image could be evaluated at (not finite, not positive, or a test scale under the network's
+    32 pixels) and sizes int() refuses are refused before the evaluation or the export starts."""
+    ev = ["eval", "--checkpoint", str(checkpoint), "--data", str(data), "--layout", "generic",
+          "--out", str(tmp_path / "e.json")]  # fmt: skip
+    for scales, message in (("nan", "--scales must be finite ratios > 0 of the test scale, got nan"),
+                            ("1,inf", "--scales must be finite ratios > 0 of the test scale, got inf"),
+                            ("0", "--scales must be finite ratios > 0 of the test scale, got 0.0"),
+                            ("-1", "--scales must be finite ratios > 0 of the test scale, got -1.0"),
+                            ("0.001", "--scales: 0.001 x the test scale (2048, 512) leaves 0 pixels for the short "
+                                      "side, under the network's 32; use ratios >= 0.0625")):  # fmt: skip
+        assert main([*ev, "--scales", scales]) == 2, scales
+        assert capsys.readouterr().err == f"denseclip-fast: error: {message}\n"
+    assert main([*ev, "--ignore-index", "-1"]) == 2
+    assert capsys.readouterr().err.startswith("denseclip-fast: error: --ignore-index must be a label value in 0..65535")
+    exp = ["export", "--checkpoint", str(checkpoint), "--format", "onnx", "--out", str(tmp_path / "m.onnx")]
+    for size, message in (("\u00b2", "--image-size must be N or HxW"), ("16x64", "--image-size must be at least 32")):
+        assert main([*exp, "--image-size", size]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"denseclip-fast: error: {message}") and err.count("\n") == 1, err
+    with pytest.raises(ValueError, match="--trt-batch must be MIN,OPT,MAX"):  # said after TensorRT's presence
+        _parse_batch("1,\u00b2,4")
+    assert os.listdir(tmp_path) == []

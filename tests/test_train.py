@@ -19,7 +19,14 @@ from PIL import Image
 from denseclip_fast import load_checkpoint
 from denseclip_fast.class_names import ADE20K_CLASSES
 from denseclip_fast.cli import main
-from denseclip_fast.train import SegmentationData, SegmentationMetrics, TrainConfig, train, train_preset
+from denseclip_fast.train import (
+    SegmentationData,
+    SegmentationMetrics,
+    TrainConfig,
+    evaluate,
+    train,
+    train_preset,
+)
 from denseclip_fast.train.data import (
     _from_hsv8,
     _to_hsv8,
@@ -326,6 +333,12 @@ def test_numbers_out_of_range_are_refused_naming_the_field(arch_file, generic, t
         err = capsys.readouterr().err
         assert err.startswith(f"denseclip-fast: error: {message}") and err.count("\n") == 1, err
     assert not os.path.exists(tmp_path / "w")
+    model, val = build_model(_config(arch_file, generic, "x"), CLASSES), SegmentationData(generic, "generic", "val")
+    for scales, message in (((math.nan,), "scales must be finite ratios > 0 of the test scale, got nan"),
+                            ((1.0, 0.25), "scales: 0.25 x the test scale (128, 64) leaves 16 pixels for the short "
+                                          "side, under the network's 32; use ratios >= 0.5")):  # fmt: skip
+        with pytest.raises(ValueError, match=re.escape(message)):
+            evaluate(model, val, scales=scales)
 
 
 @pytest.mark.slow

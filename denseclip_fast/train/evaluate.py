@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..model import DenseCLIP
+from ..model.denseclip import MIN_IMAGE_SIDE
 from ..preprocess import normalize, resize_keep_ratio, to_tensor
 from .data import IGNORE, SegmentationData
 
@@ -73,6 +74,24 @@ class SegmentationMetrics:
         return out
 
 
+def check_scales(scales: Sequence[float], test_scale: Sequence[int], name: str = "scales") -> list[float]:
+    """``scales`` as a list of floats if each is a finite ratio > 0 at which the test scale keeps the network's
+    MIN_IMAGE_SIDE pixels on its short side (below it no image could be evaluated); ValueError naming ``name``."""
+    if isinstance(scales, str) or not isinstance(scales, Sequence) or len(scales) == 0:
+        raise ValueError(f"{name} must be a non-empty sequence of ratios of the test scale, e.g. (0.5, 1.0), got "
+                         f"{scales!r}")  # fmt: skip
+    short = min(test_scale)
+    for ratio in scales:
+        if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not math.isfinite(ratio) or ratio <= 0:
+            raise ValueError(f"{name} must be finite ratios > 0 of the test scale, got {ratio!r}")
+        if int(short * ratio) < MIN_IMAGE_SIDE:
+            raise ValueError(
+                f"{name}: {ratio} x the test scale {tuple(test_scale)} leaves {int(short * ratio)} pixels for the "
+                f"short side, under the network's {MIN_IMAGE_SIDE}; use ratios >= {MIN_IMAGE_SIDE / short:.4g}"
+            )
+    return [float(r) for r in scales]
+
+
 @torch.no_grad()
 def predict_probabilities(
     model: DenseCLIP,
@@ -123,6 +142,7 @@ def evaluate(
         )
     if mode not in ("whole", "slide"):
         raise ValueError(f"mode must be 'whole' or 'slide', got {mode!r}")
+    scales = check_scales(scales, model.config.test_scale)
     was_training = model.training
     model.eval()
     metrics = SegmentationMetrics(model.num_classes, data.ignore_index)
