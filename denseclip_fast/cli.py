@@ -123,6 +123,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from . import Segmenter, load_checkpoint
+    from .model.denseclip import check_test_image_size
     from .preprocess import image_files, load_image
     from .validation import check_writable_dir
     from .visualize import default_palette
@@ -163,6 +164,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
             image = loads.popleft().result()
             if i + workers < len(files):
                 loads.append(pool.submit(load_image, files[i + workers]))
+            check_test_image_size(image.shape[:2], model.config.test_scale, files[i])  # named by its file
             scores = seg.open_vocab(image, names) if names is not None else seg.logits(image)
             labels = scores[0].argmax(dim=0).cpu().numpy()
             writes.append(pool.submit(_write_results, args.out, stem, image, labels, palette, k > 256))

@@ -40,6 +40,23 @@ def load_image(path: str | os.PathLike[str]) -> np.ndarray:
         raise ValueError(f"{path}: not a readable image ({exc})") from None
 
 
+def image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
+    """(H, W) of an image file as :func:`load_image` returns it (EXIF orientation applied), from its header only,
+    without decoding the pixels. Raises ValueError naming the file when it is not a readable image."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = os.fspath(path)
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            transposed = img.getexif().get(0x0112) in (5, 6, 7, 8)  # the orientations that swap the sides
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such image file") from None
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ValueError(f"{path}: not a readable image ({exc})") from None
+    return (width, height) if transposed else (height, width)
+
+
 IMAGE_EXTENSIONS = (".bmp", ".jpeg", ".jpg", ".png", ".ppm", ".tif", ".tiff", ".webp")
 
 

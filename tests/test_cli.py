@@ -285,3 +285,25 @@ def test_bad_numbers_are_one_line_naming_the_option_before_any_work(checkpoint, 
     with pytest.raises(ValueError, match="--trt-batch must be MIN,OPT,MAX"):  # said after TensorRT's presence
         _parse_batch("1,\u00b2,4")
     assert os.listdir(tmp_path) == []
+
+
+def test_images_too_elongated_for_the_network_are_named_by_their_file(checkpoint, data, tmp_path, capsys):
+    """A 2x300 image is resized to fit the test scale (2048, 512) to 14x2048, under the network's 32 pixels: segment
+    and eval name its file (eval before the evaluation starts, from the headers)."""
+    thin = tmp_path / "thin.png"
+    Image.fromarray(np.zeros((2, 300, 3), np.uint8)).save(thin)
+    message = "of (2, 300) pixels is resized to (14, 2048) to fit the test scale (2048, 512), under the network's 32"
+    assert main(["segment", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "out"), str(thin)]) == 2
+    assert capsys.readouterr().err.startswith(f"denseclip-fast: error: {thin} {message}")
+    thin_data = tmp_path / "data"
+    for sub in ("images", "labels"):
+        (thin_data / sub).mkdir(parents=True)
+        (thin_data / sub / "a.png").write_bytes((data / sub / "x.png").read_bytes())
+    Image.fromarray(np.zeros((2, 300), np.uint8)).save(thin_data / "labels" / "b.png")
+    (thin_data / "images" / "b.png").write_bytes(thin.read_bytes())
+    (thin_data / "classes.txt").write_text("\n".join(NAMES))
+    out = tmp_path / "e.json"
+    args = ["eval", "--checkpoint", str(checkpoint), "--data", str(thin_data), "--layout", "generic", "--out", str(out)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err == f"denseclip-fast: error: {thin_data / 'images' / 'b.png'} {message} pixels a side (too elongated)\n"

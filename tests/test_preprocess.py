@@ -9,6 +9,7 @@ import torch
 from denseclip_fast.preprocess import (
     CLIP_MEAN,
     CLIP_STD,
+    image_size,
     keep_ratio_size,
     load_image,
     normalize,
@@ -87,6 +88,10 @@ def test_load_image_reads_as_opencv_does(tmp_path):
     assert np.array_equal(load_image(tmp_path / "grey.png"), np.repeat(rgb[..., :1], 3, 2))
     Image.fromarray(np.dstack([rgb, rgb[..., :1]])).save(tmp_path / "alpha.png")
     assert np.array_equal(load_image(tmp_path / "alpha.png"), rgb)  # alpha dropped, not blended
+    for name in ("rotated.png", "deep.png", "grey.png", "alpha.png"):  # image_size: load_image's, from the header
+        assert image_size(tmp_path / name) == load_image(tmp_path / name).shape[:2], name
+    with pytest.raises(ValueError, match="missing.png: no such image file"):
+        image_size(tmp_path / "missing.png")
 
 
 def test_palette_colorize_overlay():

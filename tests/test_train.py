@@ -632,6 +632,17 @@ def test_bad_files_are_named(tmp_path):
         SegmentationData(data, "generic", "train")
 
 
+def test_an_image_too_elongated_to_evaluate_stops_training_before_it_starts(arch_file, tmp_path):
+    """The final evaluation's images are checked (their headers) before the training: a 2x300 one, resized to fit
+    the test scale (128, 64) to 1x128, is named then, not after the whole run."""
+    data = make_generic(tmp_path / "g", n=3, splits=False)
+    Image.fromarray(np.zeros((2, 300, 3), np.uint8)).save(tmp_path / "g" / "images" / "scene_1.png")
+    Image.fromarray(np.zeros((2, 300), np.uint8)).save(tmp_path / "g" / "labels" / "scene_1.png")
+    with pytest.raises(ValueError, match=r"scene_1.png of \(2, 300\) pixels is resized to \(1, 128\) to fit"):
+        train(_config(arch_file, data, tmp_path / "w"))
+    assert not os.path.exists(tmp_path / "w")
+
+
 def test_more_than_255_classes_with_16_bit_labels(tmp_path):
     """With 256+ classes, 255 is a class: the default ignore value is refused with what to do, and another one
     (65535 in 16-bit label PNGs) flows through the labels, the crop padding and the metrics."""

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from ..model import DenseCLIP
-from ..model.denseclip import MIN_IMAGE_SIDE
-from ..preprocess import normalize, resize_keep_ratio, to_tensor
+from ..model.denseclip import MIN_IMAGE_SIDE, check_test_image_size
+from ..preprocess import image_size, normalize, resize_keep_ratio, to_tensor
 from .data import IGNORE, SegmentationData
 
 
@@ -92,6 +92,19 @@ def check_scales(scales: Sequence[float], test_scale: Sequence[int], name: str =
     return [float(r) for r in scales]
 
 
+def check_image_sizes(
+    data: SegmentationData, test_scale: Sequence[int], scales: Sequence[float], indices: Sequence[int] | None = None
+) -> None:
+    """ValueError naming the first image of ``data`` (of ``indices``, default all) that the network cannot take
+    at one of ``scales`` (too elongated: resized to fit the test scale, a side falls under MIN_IMAGE_SIDE), read
+    from the files' headers before any work."""
+    for i in range(len(data)) if indices is None else indices:
+        path = data.samples[i].image
+        size = image_size(path)
+        for ratio in scales:
+            check_test_image_size(size, [int(s * ratio) for s in test_scale], path)
+
+
 @torch.no_grad()
 def predict_probabilities(
     model: DenseCLIP,
@@ -143,11 +156,12 @@ def evaluate(
     if mode not in ("whole", "slide"):
         raise ValueError(f"mode must be 'whole' or 'slide', got {mode!r}")
     scales = check_scales(scales, model.config.test_scale)
+    count = len(data) if limit is None else min(limit, len(data))
+    indices = range(rank, count, world)
+    check_image_sizes(data, model.config.test_scale, scales, indices)
     was_training = model.training
     model.eval()
     metrics = SegmentationMetrics(model.num_classes, data.ignore_index)
-    count = len(data) if limit is None else min(limit, len(data))
-    indices = range(rank, count, world)
     if progress and rank == 0:
         from tqdm import tqdm
 

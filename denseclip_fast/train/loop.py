@@ -43,7 +43,7 @@ from ..checkpoints.io import PARTIAL_SUFFIX, replaced_atomically
 from ..model import DenseCLIP
 from .config import TrainConfig
 from .data import SegmentationData, TrainSampler
-from .evaluate import evaluate
+from .evaluate import check_image_sizes, evaluate
 from .optim import freeze_text_encoder, make_optimizer, segmentation_loss, set_learning_rates
 
 LOSSES = ("loss", "loss_decode", "loss_aux")
@@ -334,6 +334,9 @@ class Trainer:
             )
         micro = cfg.batch_size // (world * cfg.accum)
         data = SegmentationData(cfg.data, cfg.layout, "train", cfg)
+        # the evaluation's images (their headers), now rather than after the training; every process stops alike
+        val = SegmentationData(cfg.data, cfg.layout, "val", ignore_index=cfg.ignore_index)
+        check_image_sizes(val, cfg.model_config().test_scale, (1.0,))
         model = prepare_model(build_model(cfg, data.class_names), cfg, device)
         layout = memory_format(cfg, device)
         optimizer = make_optimizer(model, cfg, device)
