@@ -88,6 +88,10 @@ def test_segment_refuses_bad_image_lists_before_any_work(checkpoint, images, tmp
     (tmp_path / "empty").mkdir()
     assert main([*base, str(tmp_path / "empty")]) == 2
     assert "empty: a directory without image files" in capsys.readouterr().err
+    if hasattr(os, "mkfifo"):  # reading it would block until a writer comes
+        os.mkfifo(tmp_path / "pipe.png")
+        assert main([*base, str(tmp_path / "pipe.png")]) == 2
+        assert "pipe.png: not a regular file or a directory" in capsys.readouterr().err
     assert main([*base, "--io-threads", "0", str(images[0])]) == 2
     assert "--io-threads must be >= 1, got 0" in capsys.readouterr().err
     assert not out.exists()
