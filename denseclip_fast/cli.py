@@ -40,6 +40,23 @@ def _parse_classes(text: str) -> list[str]:
     return names
 
 
+def _classes_for(model: Any, text: str, count_hint: str | None) -> list[str]:
+    """--classes parsed and checked against the checkpoint before any work: every name within the text encoder's
+    BPE tokens, and, unless ``count_hint`` is None (any number of names), exactly the checkpoint's K names,
+    ``count_hint`` saying what to do otherwise on the command line."""
+    from .model.text import tokenize_class_names
+
+    names = _parse_classes(text)
+    try:
+        tokenize_class_names(names, model.config.text.class_token_length)
+    except ValueError as exc:
+        raise ValueError(f"--classes: {exc}") from None
+    if count_hint is not None and len(names) != model.num_classes:
+        raise ValueError(f"--classes needs exactly {model.num_classes} names (the checkpoint's head has "
+                         f"{model.num_classes} outputs), got {len(names)}; {count_hint}")  # fmt: skip
+    return names
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from . import load_checkpoint
 
@@ -140,14 +157,11 @@ def cmd_segment(args: argparse.Namespace) -> int:
     model = load_checkpoint(args.checkpoint)
     names = None
     if args.classes is not None:
-        classes = _parse_classes(args.classes)
         if args.open_vocab:
-            names = classes
+            names = _classes_for(model, args.classes, None)
         else:
-            try:
-                model.set_classes(classes)
-            except ValueError as exc:
-                raise ValueError(f"{exc} (on the command line: --open-vocab)") from None
+            model.set_classes(_classes_for(model, args.classes, "add --open-vocab to score any number of names "
+                                           "with the pixel-text map instead of the trained head"))  # fmt: skip
     elif args.open_vocab:
         raise ValueError("--open-vocab needs --classes")
     seg = Segmenter(model, device=device, dtype=dtype, mode=args.mode)
@@ -249,7 +263,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         check_writable_file(os.path.splitext(args.out)[0] + ".onnx", "--out's ONNX graph", create_parents=True)
     model = load_checkpoint(args.checkpoint)
     if args.classes is not None:
-        model.set_classes(_parse_classes(args.classes))
+        model.set_classes(_classes_for(model, args.classes, "the exported graphs keep the trained head (segment "
+                                       "--open-vocab scores any number of names)"))  # fmt: skip
     out = args.out
     if args.format == "aoti":
         dtype = _dtype(args, device)

@@ -122,6 +122,17 @@ def test_segment_with_classes(checkpoint, images, tmp_path, capsys):
     assert np.asarray(Image.open(out / "a_labels.png")).max() < 2
     assert main([*args, "--classes", "sky,,road"]) == 2
     assert "non-empty names" in capsys.readouterr().err
+    for extra in ([], ["--open-vocab"]):  # a name too long is about --classes, whether or not --open-vocab is given
+        assert main([*args, "--classes", "sky,road,tree,a very long name indeed", *extra]) == 2
+        err = capsys.readouterr().err
+        assert err == ("denseclip-fast: error: --classes: class name 'a very long name indeed' has 5 BPE tokens; at "
+                       "most 3 fit (context length 5 includes SOT and EOT)\n")  # fmt: skip
+    export = ["export", "--checkpoint", str(checkpoint), "--format", "onnx", "--out", str(tmp_path / "m.onnx")]
+    assert main([*export, "--classes", "sky,road"]) == 2
+    err = capsys.readouterr().err  # says what to do on the command line, not in Python
+    assert err.startswith("denseclip-fast: error: --classes needs exactly 4 names (the checkpoint's head has 4 outputs)"
+                          ", got 2") and "open_vocab_scores" not in err, err  # fmt: skip
+    assert not (tmp_path / "m.onnx").exists()
 
 
 def test_user_errors_are_one_line(tmp_path, capsys):
