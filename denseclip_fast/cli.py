@@ -338,11 +338,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ValueError(f"--scales must be comma-separated numbers, e.g. 0.5,0.75,1.0, got {args.scales!r}") from None
     check_ignore_index(args.ignore_index, "--ignore-index")
     device = _device(args)
-    out = args.out or os.path.splitext(args.checkpoint)[0] + "_eval.json"
-    check_writable_file(out, "--out" if args.out else "--out (default: CHECKPOINT_eval.json)", create_parents=False)
     data = SegmentationData(args.data, args.layout, "val", ignore_index=args.ignore_index)
     model = load_checkpoint(args.checkpoint, class_names=data.class_names)
     check_scales(scales, model.config.test_scale, "--scales")
+    out = args.out or os.path.splitext(args.checkpoint)[0] + "_eval.json"  # checked once the checkpoint was found
+    check_writable_file(out, "--out" if args.out else "--out (default: CHECKPOINT_eval.json)", create_parents=False)
     model.to(device)
     dtype = torch.bfloat16 if args.bf16 else None  # float32 by default, as the official test
     result = evaluate(model, data, mode=args.mode, scales=scales, flip=args.flip, dtype=dtype, progress=True)
