@@ -10,6 +10,7 @@ both), mIoU = nanmean(IoU), aAcc = correct pixels / labelled pixels.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -77,19 +78,23 @@ class SegmentationMetrics:
 def check_scales(scales: Sequence[float], test_scale: Sequence[int], name: str = "scales") -> list[float]:
     """``scales`` as a list of floats if each is a finite ratio > 0 at which the test scale keeps the network's
     MIN_IMAGE_SIDE pixels on its short side (below it no image could be evaluated); ValueError naming ``name``."""
-    if isinstance(scales, str) or not isinstance(scales, Sequence) or len(scales) == 0:
+    try:
+        ratios = [] if isinstance(scales, str) else list(scales)
+    except TypeError:
+        ratios = []
+    if not ratios:
         raise ValueError(f"{name} must be a non-empty sequence of ratios of the test scale, e.g. (0.5, 1.0), got "
                          f"{scales!r}")  # fmt: skip
     short = min(test_scale)
-    for ratio in scales:
-        if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not math.isfinite(ratio) or ratio <= 0:
+    for ratio in ratios:
+        if not isinstance(ratio, numbers.Real) or isinstance(ratio, bool) or not math.isfinite(ratio) or ratio <= 0:
             raise ValueError(f"{name} must be finite ratios > 0 of the test scale, got {ratio!r}")
         if int(short * ratio) < MIN_IMAGE_SIDE:
             raise ValueError(
                 f"{name}: {ratio} x the test scale {tuple(test_scale)} leaves {int(short * ratio)} pixels for the "
                 f"short side, under the network's {MIN_IMAGE_SIDE}; use ratios >= {MIN_IMAGE_SIDE / short:.4g}"
             )
-    return [float(r) for r in scales]
+    return [float(r) for r in ratios]
 
 
 def check_image_sizes(
