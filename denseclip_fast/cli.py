@@ -40,6 +40,23 @@ def _parse_classes(text: str) -> list[str]:
     return names
 
 
+def _classes_for(model: Any, text: str, count_hint: str | None) -> list[str]:
+    """--classes parsed and checked against the checkpoint before any work: every name within the text encoder's
+    BPE tokens, and, unless ``count_hint`` is None (any number of names), exactly the checkpoint's K names,
+    ``count_hint`` saying what to do otherwise on the command line."""
+    from .model.text import tokenize_class_names
+
+    names = _parse_classes(text)
+    try:
+        tokenize_class_names(names, model.config.text.class_token_length)
+    except ValueError as exc:
+        raise ValueError(f"--classes: {exc}") from None
+    if count_hint is not None and len(names) != model.num_classes:
+        raise ValueError(f"--classes needs exactly {model.num_classes} names (the checkpoint's head has "
+                         f"{model.num_classes} outputs), got {len(names)}; {count_hint}")  # fmt: skip
+    return names
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from . import load_checkpoint
 
@@ -71,10 +88,15 @@ DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", 
 
 
 def _device(args: argparse.Namespace) -> str:
-    """--device, default CUDA when available."""
+    """--device, checked (a CPU or a CUDA GPU that is present: validation.check_device); default CUDA when
+    available."""
     import torch
 
-    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from .validation import check_device
+
+    if args.device is not None:
+        return str(check_device(args.device, "--device"))
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _dtype(args: argparse.Namespace, device: str | None) -> torch.dtype:
@@ -118,13 +140,16 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from . import Segmenter, load_checkpoint
+    from .model.denseclip import check_test_image_size
     from .preprocess import image_files, load_image
+    from .validation import check_writable_dir
     from .visualize import default_palette
 
     if args.io_threads is not None and args.io_threads < 1:
         raise ValueError(f"--io-threads must be >= 1, got {args.io_threads}")
     files = image_files(args.images)
     stems = _output_stems(files)
+    check_writable_dir(args.out, "--out")
     device = _device(args)
     # on a CPU the engine itself keeps every core busy: one worker overlaps the I/O without contending for them
     workers = args.io_threads or (min(4, os.cpu_count() or 1) if device.startswith("cuda") else 1)
@@ -132,14 +157,11 @@ def cmd_segment(args: argparse.Namespace) -> int:
     model = load_checkpoint(args.checkpoint)
     names = None
     if args.classes is not None:
-        classes = _parse_classes(args.classes)
         if args.open_vocab:
-            names = classes
+            names = _classes_for(model, args.classes, None)
         else:
-            try:
-                model.set_classes(classes)
-            except ValueError as exc:
-                raise ValueError(f"{exc} (on the command line: --open-vocab)") from None
+            model.set_classes(_classes_for(model, args.classes, "add --open-vocab to score any number of names "
+                                           "with the pixel-text map instead of the trained head"))  # fmt: skip
     elif args.open_vocab:
         raise ValueError("--open-vocab needs --classes")
     seg = Segmenter(model, device=device, dtype=dtype, mode=args.mode)
@@ -156,6 +178,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
             image = loads.popleft().result()
             if i + workers < len(files):
                 loads.append(pool.submit(load_image, files[i + workers]))
+            check_test_image_size(image.shape[:2], model.config.test_scale, files[i])  # named by its file
             scores = seg.open_vocab(image, names) if names is not None else seg.logits(image)
             labels = scores[0].argmax(dim=0).cpu().numpy()
             writes.append(pool.submit(_write_results, args.out, stem, image, labels, palette, k > 256))
@@ -172,16 +195,21 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
 
 def _parse_size(text: str) -> tuple[int, int]:
+    from .model.denseclip import MIN_IMAGE_SIDE
+
     parts = text.lower().split("x")
-    if len(parts) not in (1, 2) or not all(p.strip().isdigit() for p in parts):
+    # isdecimal, not isdigit: int() refuses digits such as "²"
+    if len(parts) not in (1, 2) or not all(p.strip().isdecimal() for p in parts):
         raise ValueError(f"--image-size must be N or HxW (e.g. 512 or 512x1024), got {text!r}")
     sizes = [int(p) for p in parts]
+    if min(sizes) < MIN_IMAGE_SIDE:
+        raise ValueError(f"--image-size must be at least {MIN_IMAGE_SIDE} on each side, got {text!r}")
     return (sizes[0], sizes[-1])
 
 
 def _parse_batch(text: str) -> tuple[int, int, int]:
     parts = text.split(",")
-    if len(parts) != 3 or not all(p.strip().isdigit() for p in parts):
+    if len(parts) != 3 or not all(p.strip().isdecimal() for p in parts):
         raise ValueError(f"--trt-batch must be MIN,OPT,MAX (e.g. 1,1,16), got {text!r}")
     low, opt, high = (int(p) for p in parts)
     return low, opt, high
@@ -221,20 +249,24 @@ def cmd_export(args: argparse.Namespace) -> int:
     import torch
 
     from . import export, load_checkpoint
+    from .validation import check_writable_file
 
     size = _parse_size(args.image_size) if args.image_size else None
+    check_writable_file(args.out, "--out", create_parents=True)
+    device = _device(args)  # used by aoti; checked whenever given
     if args.format == "tensorrt":
         export.tensorrt._tensorrt()  # say so before any work when TensorRT is missing
         batch = _parse_batch(args.trt_batch)
         if args.out.endswith(".onnx"):
             raise ValueError("--out is the engine file for --format tensorrt (e.g. model.engine); the ONNX graph is "
                              "written next to it with the .onnx suffix")  # fmt: skip
+        check_writable_file(os.path.splitext(args.out)[0] + ".onnx", "--out's ONNX graph", create_parents=True)
     model = load_checkpoint(args.checkpoint)
     if args.classes is not None:
-        model.set_classes(_parse_classes(args.classes))
+        model.set_classes(_classes_for(model, args.classes, "the exported graphs keep the trained head (segment "
+                                       "--open-vocab scores any number of names)"))  # fmt: skip
     out = args.out
     if args.format == "aoti":
-        device = _device(args)
         dtype = _dtype(args, device)
         if args.graph != "image":
             raise ValueError("--format aoti compiles the image graph only (--graph image)")
@@ -269,7 +301,10 @@ IGNORE_HELP = "label value of ignored pixels (default 255; with 256+ classes in 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .train import TrainConfig, train, train_preset
+    from .validation import check_device
 
+    if args.device is not None:  # "" would be the config's "default device"; on the command line it is a mistake
+        check_device(args.device, "--device")
     if args.config:
         cfg = TrainConfig.load(args.config)
     else:
@@ -293,19 +328,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from . import load_checkpoint
     from .train import SegmentationData, evaluate
+    from .train.data import check_ignore_index
+    from .train.evaluate import check_scales
+    from .validation import check_writable_file
 
     try:
         scales = [float(s) for s in args.scales.split(",")]
     except ValueError:
         raise ValueError(f"--scales must be comma-separated numbers, e.g. 0.5,0.75,1.0, got {args.scales!r}") from None
+    check_ignore_index(args.ignore_index, "--ignore-index")
+    device = _device(args)
     data = SegmentationData(args.data, args.layout, "val", ignore_index=args.ignore_index)
     model = load_checkpoint(args.checkpoint, class_names=data.class_names)
-    device = _device(args)
+    check_scales(scales, model.config.test_scale, "--scales")
+    out = args.out or os.path.splitext(args.checkpoint)[0] + "_eval.json"  # checked once the checkpoint was found
+    check_writable_file(out, "--out" if args.out else "--out (default: CHECKPOINT_eval.json)", create_parents=False)
     model.to(device)
     dtype = torch.bfloat16 if args.bf16 else None  # float32 by default, as the official test
     result = evaluate(model, data, mode=args.mode, scales=scales, flip=args.flip, dtype=dtype, progress=True)
     result["checkpoint"] = args.checkpoint
-    out = args.out or os.path.splitext(args.checkpoint)[0] + "_eval.json"
     with open(out, "w", encoding="utf-8") as f:
         json.dump(result, f, indent=2)
     print(f"mIoU {100 * result['mIoU']:.2f}  aAcc {100 * result['aAcc']:.2f}  mAcc {100 * result['mAcc']:.2f}  "
@@ -404,13 +445,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _os_error(exc: OSError) -> str:
+    """An OSError as one line naming its path(s): 'PATH: No such file or directory'."""
+    if exc.filename is None:
+        return str(exc)
+    paths = [exc.filename] if exc.filename2 is None else [exc.filename, exc.filename2]
+    names = " -> ".join(os.fsdecode(p) if isinstance(p, (str, bytes)) else str(p) for p in paths)
+    return f"{names}: {exc.strerror or exc}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command ``argv``; errors the user can fix (bad arguments and files, a file system refusing a path,
+    a training run whose loss or weights stop being finite) print one line and return 2."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (CheckpointError, ValueError, TensorRTUnavailable) as exc:
-        print(f"denseclip-fast: error: {exc}", file=sys.stderr)
-        return 2
+    except (CheckpointError, ValueError, TensorRTUnavailable, FloatingPointError) as exc:
+        message = str(exc)
+    except OSError as exc:  # FileNotFoundError, PermissionError, IsADirectoryError, a full disk ...
+        message = _os_error(exc)
+    print(f"denseclip-fast: error: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

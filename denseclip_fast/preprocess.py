@@ -34,13 +34,21 @@ def pil_to_rgb(img: Any, where: str) -> np.ndarray:
     return np.asarray(img.convert("RGB")).copy()
 
 
+def _regular_or_missing(path: str) -> None:
+    """ValueError naming ``path`` when it exists but is not a regular file (a directory, a FIFO, a device)."""
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise ValueError(f"{path}: not a regular file (a directory, a FIFO, a socket or a device)")
+
+
 def load_image(path: str | os.PathLike[str]) -> np.ndarray:
     """An image file as (H, W, 3) uint8 RGB, as mmcv's default loader (OpenCV's imdecode) reads it: turned upright
     by its EXIF orientation, and a 16-bit grey image reduced to its high byte (pil_to_rgb). Raises ValueError naming
-    the file when it is not a readable 8- or 16-bit image."""
+    the file when it is not a readable 8- or 16-bit image (or not a regular file: reading a FIFO could block
+    forever)."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     path = os.fspath(path)
+    _regular_or_missing(path)
     try:
         with Image.open(path) as img:
             return pil_to_rgb(ImageOps.exif_transpose(img), path)
@@ -50,13 +58,35 @@ def load_image(path: str | os.PathLike[str]) -> np.ndarray:
         raise ValueError(f"{path}: not a readable image ({exc})") from None
 
 
+def image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
+    """(H, W) of an image file as :func:`load_image` returns it (EXIF orientation applied), from its header only,
+    without decoding the pixels. Raises ValueError naming the file when it is not a readable image."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = os.fspath(path)
+    _regular_or_missing(path)
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            transposed = img.getexif().get(0x0112) in (5, 6, 7, 8)  # the orientations that swap the sides
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such image file") from None
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ValueError(f"{path}: not a readable image ({exc})") from None
+    return (width, height) if transposed else (height, width)
+
+
 IMAGE_EXTENSIONS = (".bmp", ".jpeg", ".jpg", ".png", ".ppm", ".tif", ".tiff", ".webp")
 
 
-def image_files(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
-    """The image files that ``paths`` name, in order: a file as it is, a directory as its files with an image
-    extension (IMAGE_EXTENSIONS, any case; not recursive), sorted by name. Raises ValueError naming a path that
-    does not exist or a directory without images."""
+def image_files(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[str]:
+    """The image files that ``paths`` name, in order: a file as it is, a directory as its regular files with an
+    image extension (IMAGE_EXTENSIONS, any case; not recursive), sorted by name. A single str or PathLike is one
+    path (``image_files("photos")`` is ``image_files(["photos"])``, not a path per character). Raises ValueError
+    naming a path that does not exist, that is neither a regular file nor a directory (a FIFO or a device, which
+    reading could block on forever), or a directory without images."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
     files: list[str] = []
     for path in map(os.fspath, paths):
         if os.path.isdir(path):
@@ -68,8 +98,10 @@ def image_files(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
             if not found:
                 raise ValueError(f"{path}: a directory without image files ({', '.join(IMAGE_EXTENSIONS)})")
             files.extend(found)
-        elif os.path.exists(path):
+        elif os.path.isfile(path):
             files.append(path)
+        elif os.path.exists(path):
+            raise ValueError(f"{path}: not a regular file or a directory (a FIFO, a socket or a device)")
         else:
             raise ValueError(f"{path}: no such image file or directory")
     return files

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from denseclip_fast import DenseCLIP
-from denseclip_fast.cli import main
+from denseclip_fast.cli import _parse_batch, main
 
 from .conftest import NAMES, tiny_config
 
@@ -88,6 +88,10 @@ def test_segment_refuses_bad_image_lists_before_any_work(checkpoint, images, tmp
     (tmp_path / "empty").mkdir()
     assert main([*base, str(tmp_path / "empty")]) == 2
     assert "empty: a directory without image files" in capsys.readouterr().err
+    if hasattr(os, "mkfifo"):  # reading it would block until a writer comes
+        os.mkfifo(tmp_path / "pipe.png")
+        assert main([*base, str(tmp_path / "pipe.png")]) == 2
+        assert "pipe.png: not a regular file or a directory" in capsys.readouterr().err
     assert main([*base, "--io-threads", "0", str(images[0])]) == 2
     assert "--io-threads must be >= 1, got 0" in capsys.readouterr().err
     assert not out.exists()
@@ -118,6 +122,17 @@ def test_segment_with_classes(checkpoint, images, tmp_path, capsys):
     assert np.asarray(Image.open(out / "a_labels.png")).max() < 2
     assert main([*args, "--classes", "sky,,road"]) == 2
     assert "non-empty names" in capsys.readouterr().err
+    for extra in ([], ["--open-vocab"]):  # a name too long is about --classes, whether or not --open-vocab is given
+        assert main([*args, "--classes", "sky,road,tree,a very long name indeed", *extra]) == 2
+        err = capsys.readouterr().err
+        assert err == ("denseclip-fast: error: --classes: class name 'a very long name indeed' has 5 BPE tokens; at "
+                       "most 3 fit (context length 5 includes SOT and EOT)\n")  # fmt: skip
+    export = ["export", "--checkpoint", str(checkpoint), "--format", "onnx", "--out", str(tmp_path / "m.onnx")]
+    assert main([*export, "--classes", "sky,road"]) == 2
+    err = capsys.readouterr().err  # says what to do on the command line, not in Python
+    assert err.startswith("denseclip-fast: error: --classes needs exactly 4 names (the checkpoint's head has 4 outputs)"
+                          ", got 2") and "open_vocab_scores" not in err, err  # fmt: skip
+    assert not (tmp_path / "m.onnx").exists()
 
 
 def test_user_errors_are_one_line(tmp_path, capsys):
@@ -172,3 +187,138 @@ def test_export_errors_are_one_line(checkpoint, tmp_path, capsys):
             "--out", str(tmp_path / "x")]  # fmt: skip
     assert main(args) == 2
     assert "--image-size must be N or HxW" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device, message", [("gpu", "must be a device such as 'cpu', 'cuda' or 'cuda:N', got 'gpu'"),
+                                             ("", "must be a device such as 'cpu', 'cuda' or 'cuda:N', got ''"),
+                                             ("meta", "must be a CPU or CUDA device"),
+                                             ("cuda:99", "is 'cuda:99' but ")])  # fmt: skip
+def test_bad_devices_are_one_line_naming_the_option(checkpoint, images, tmp_path, capsys, device, message):
+    """Every command checks --device the same way before any work: a string torch does not parse, an empty one
+    (not "the default"), a device type the engine does not run on, a GPU that is not there."""
+    commands = (["segment", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "seg"), str(images[0])],
+                ["eval", "--checkpoint", str(checkpoint), "--data", str(tmp_path), "--layout", "generic"],
+                ["train", "--data", str(tmp_path), "--layout", "generic", "--work-dir", str(tmp_path / "w")],
+                ["export", "--checkpoint", str(checkpoint), "--format", "onnx", "--out", str(tmp_path / "m.onnx")])
+    for command in commands:
+        assert main([*command, "--device", device]) == 2, command
+        err = capsys.readouterr().err
+        assert err == f"denseclip-fast: error: --device {message}" + err.split(message, 1)[1], command
+        assert err.count("\n") == 1, err
+    assert os.listdir(tmp_path) == []
+
+
+def test_file_system_and_floating_point_errors_are_one_line(checkpoint, images, tmp_path, capsys, monkeypatch):
+    """An OSError (here a result file's path taken by a directory) names its path; a non-finite training run is
+    one line too, not a traceback."""
+    out = tmp_path / "out"
+    (out / "a_labels.png").mkdir(parents=True)
+    assert main(["segment", "--checkpoint", str(checkpoint), "--mode", "whole", "--out", str(out), str(images[0])]) == 2
+    err = capsys.readouterr().err
+    assert err == f"denseclip-fast: error: {out / 'a_labels.png'}: Is a directory\n"
+
+    def diverge(cfg, resume=None):
+        raise FloatingPointError("the loss is not finite at iteration 3")
+
+    monkeypatch.setattr("denseclip_fast.train.train", diverge)
+    assert main(["train", "--data", str(tmp_path), "--layout", "generic", "--work-dir", str(tmp_path / "w")]) == 2
+    assert capsys.readouterr().err == "denseclip-fast: error: the loss is not finite at iteration 3\n"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A generic-layout data set of one 40x40 image for the checkpoint's classes."""
+    root = tmp_path_factory.mktemp("data")
+    (root / "images").mkdir()
+    (root / "labels").mkdir()
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(root / "images" / "x.png")
+    Image.fromarray(np.zeros((40, 40), np.uint8)).save(root / "labels" / "x.png")
+    (root / "classes.txt").write_text("\n".join(NAMES))
+    return root
+
+
+def test_output_paths_are_checked_before_any_work(checkpoint, images, data, tmp_path, capsys):
+    """An output path that cannot be written (a file where a directory goes, a directory where a file goes, a
+    missing parent where none is created) is one line naming the option before any work, not an OSError after it."""
+    (tmp_path / "file").write_text("")
+    (tmp_path / "dir").mkdir()
+    seg = ["segment", "--checkpoint", str(checkpoint), str(images[0]), "--out"]
+    exp = ["export", "--checkpoint", str(checkpoint), "--format", "onnx", "--out"]
+    ev = ["eval", "--checkpoint", str(checkpoint), "--data", str(data), "--layout", "generic", "--out"]
+    tr = ["train", "--data", str(data), "--layout", "generic", "--arch", "RN50", "--work-dir"]
+    for args, message in (
+        ([*seg, str(tmp_path / "file")], f"--out {str(tmp_path / 'file')!r} exists and is not a directory"),
+        ([*seg, str(tmp_path / "file" / "sub")], f"cannot be created: {str(tmp_path / 'file')!r} is not a"),
+        ([*exp, str(tmp_path / "dir")], f"--out {str(tmp_path / 'dir')!r} is a directory; expected the path of"),
+        ([*ev, str(tmp_path / "dir")], f"--out {str(tmp_path / 'dir')!r} is a directory"),
+        ([*ev, str(tmp_path / "missing" / "e.json")], f"the directory {str(tmp_path / 'missing')!r} does not exist"),
+        ([*tr, str(tmp_path / "file")], f"work_dir {str(tmp_path / 'file')!r} exists and is not a directory"),
+    ):
+        assert main(args) == 2, args
+        err = capsys.readouterr().err
+        assert err.startswith("denseclip-fast: error: ") and message in err and err.count("\n") == 1, (args, err)
+    assert sorted(os.listdir(tmp_path)) == ["dir", "file"] and os.listdir(tmp_path / "dir") == []
+
+
+def test_bad_training_config_files_are_one_line(tmp_path, capsys):
+    (tmp_path / "dir.yaml").mkdir()
+    (tmp_path / "syntax.yaml").write_text("iters: [1, 2\n")
+    (tmp_path / "python.yaml").write_text('iters: !!python/object/apply:os.system ["echo hi"]\n')
+    (tmp_path / "broken.json").write_text('{"iters": ')
+    for name, message in (("missing.yaml", "missing.yaml' does not exist"),
+                          ("dir.yaml", "dir.yaml' is not a regular file"),
+                          ("syntax.yaml", "syntax.yaml' is not valid YAML: expected ',' or ']'"),
+                          ("python.yaml", "python.yaml' is not valid YAML: could not determine a constructor for the "
+                                          "tag 'tag:yaml.org,2002:python/object/apply:os.system' (line 1"),
+                          ("broken.json", "broken.json' is not valid JSON")):  # fmt: skip
+        assert main(["train", str(tmp_path / name), "--print-config"]) == 2, name
+        err = capsys.readouterr().err
+        assert err.startswith("denseclip-fast: error: training config ") and message in err, err
+        assert err.count("\n") == 1, err
+
+
+def test_bad_numbers_are_one_line_naming_the_option_before_any_work(checkpoint, data, tmp_path, capsys):
+    """--scales that no image could be evaluated at (not finite, not positive, or a test scale under the network's
+    32 pixels) and sizes int() refuses are refused before the evaluation or the export starts."""
+    ev = ["eval", "--checkpoint", str(checkpoint), "--data", str(data), "--layout", "generic",
+          "--out", str(tmp_path / "e.json")]  # fmt: skip
+    for scales, message in (("nan", "--scales must be finite ratios > 0 of the test scale, got nan"),
+                            ("1,inf", "--scales must be finite ratios > 0 of the test scale, got inf"),
+                            ("0", "--scales must be finite ratios > 0 of the test scale, got 0.0"),
+                            ("-1", "--scales must be finite ratios > 0 of the test scale, got -1.0"),
+                            ("0.001", "--scales: 0.001 x the test scale (2048, 512) leaves 0 pixels for the short "
+                                      "side, under the network's 32; use ratios >= 0.0625")):  # fmt: skip
+        assert main([*ev, "--scales", scales]) == 2, scales
+        assert capsys.readouterr().err == f"denseclip-fast: error: {message}\n"
+    assert main([*ev, "--ignore-index", "-1"]) == 2
+    assert capsys.readouterr().err.startswith("denseclip-fast: error: --ignore-index must be a label value in 0..65535")
+    exp = ["export", "--checkpoint", str(checkpoint), "--format", "onnx", "--out", str(tmp_path / "m.onnx")]
+    for size, message in (("\u00b2", "--image-size must be N or HxW"), ("16x64", "--image-size must be at least 32")):
+        assert main([*exp, "--image-size", size]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"denseclip-fast: error: {message}") and err.count("\n") == 1, err
+    with pytest.raises(ValueError, match="--trt-batch must be MIN,OPT,MAX"):  # said after TensorRT's presence
+        _parse_batch("1,\u00b2,4")
+    assert os.listdir(tmp_path) == []
+
+
+def test_images_too_elongated_for_the_network_are_named_by_their_file(checkpoint, data, tmp_path, capsys):
+    """A 2x300 image is resized to fit the test scale (2048, 512) to 14x2048, under the network's 32 pixels: segment
+    and eval name its file (eval before the evaluation starts, from the headers)."""
+    thin = tmp_path / "thin.png"
+    Image.fromarray(np.zeros((2, 300, 3), np.uint8)).save(thin)
+    message = "of (2, 300) pixels is resized to (14, 2048) to fit the test scale (2048, 512), under the network's 32"
+    assert main(["segment", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "out"), str(thin)]) == 2
+    assert capsys.readouterr().err.startswith(f"denseclip-fast: error: {thin} {message}")
+    thin_data = tmp_path / "data"
+    for sub in ("images", "labels"):
+        (thin_data / sub).mkdir(parents=True)
+        (thin_data / sub / "a.png").write_bytes((data / sub / "x.png").read_bytes())
+    Image.fromarray(np.zeros((2, 300), np.uint8)).save(thin_data / "labels" / "b.png")
+    (thin_data / "images" / "b.png").write_bytes(thin.read_bytes())
+    (thin_data / "classes.txt").write_text("\n".join(NAMES))
+    out = tmp_path / "e.json"
+    args = ["eval", "--checkpoint", str(checkpoint), "--data", str(thin_data), "--layout", "generic", "--out", str(out)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err == f"denseclip-fast: error: {thin_data / 'images' / 'b.png'} {message} pixels a side (too elongated)\n"

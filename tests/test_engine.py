@@ -219,7 +219,7 @@ def test_bad_vocabularies_and_settings(model):
     with pytest.raises(ValueError, match="labels must be integer class indices, got dtype float64"):
         seg.overlay(np.zeros((4, 6, 3), np.uint8), np.full((4, 6), 1.7))
     for device in ("gpu", "", None, "meta", torch.device("meta")):
-        with pytest.raises(ValueError, match=f"device must be 'cpu', 'cuda' .*got {re.escape(repr(device))}"):
+        with pytest.raises(ValueError, match=f"device must be a .*such as 'cpu'.*got {re.escape(repr(device))}"):
             Segmenter(model, device=device)
     for name in ("cuda_graphs", "check_finite"):
         with pytest.raises(ValueError, match=f"{name} must be True or False, got 'no'"):

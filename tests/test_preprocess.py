@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +11,8 @@ import torch
 from denseclip_fast.preprocess import (
     CLIP_MEAN,
     CLIP_STD,
+    image_files,
+    image_size,
     keep_ratio_size,
     load_image,
     normalize,
@@ -69,6 +73,24 @@ def test_load_image_errors(tmp_path):
         load_image(bad)
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
+def test_paths_that_are_not_regular_files_are_refused_not_read(tmp_path):
+    """A FIFO (reading it would block until a writer comes) is refused by name, among image_files' paths and by
+    load_image/image_size; in a directory image_files skips it. A bare path is one path, not one per character."""
+    from PIL import Image
+
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "a.png")
+    os.mkfifo(tmp_path / "pipe.png")
+    with pytest.raises(ValueError, match="pipe.png: not a regular file or a directory"):
+        image_files([tmp_path / "a.png", tmp_path / "pipe.png"])
+    for read in (load_image, image_size):
+        with pytest.raises(ValueError, match="pipe.png: not a regular file"):
+            read(tmp_path / "pipe.png")
+    assert image_files([tmp_path]) == [str(tmp_path / "a.png")]
+    assert image_files(str(tmp_path)) == image_files(tmp_path) == [str(tmp_path / "a.png")]
+    assert image_files(str(tmp_path / "a.png")) == [str(tmp_path / "a.png")]
+
+
 def test_load_image_reads_as_opencv_does(tmp_path):
     """As mmcv's default loader (cv2.imdecode, IMREAD_COLOR): the EXIF orientation applied, 16-bit grey reduced to
     its high byte, grey and RGBA made RGB."""
@@ -87,6 +109,10 @@ def test_load_image_reads_as_opencv_does(tmp_path):
     assert np.array_equal(load_image(tmp_path / "grey.png"), np.repeat(rgb[..., :1], 3, 2))
     Image.fromarray(np.dstack([rgb, rgb[..., :1]])).save(tmp_path / "alpha.png")
     assert np.array_equal(load_image(tmp_path / "alpha.png"), rgb)  # alpha dropped, not blended
+    for name in ("rotated.png", "deep.png", "grey.png", "alpha.png"):  # image_size: load_image's, from the header
+        assert image_size(tmp_path / name) == load_image(tmp_path / name).shape[:2], name
+    with pytest.raises(ValueError, match="missing.png: no such image file"):
+        image_size(tmp_path / "missing.png")
 
 
 def test_palette_colorize_overlay():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import math
 import os
 import re
 import socket
@@ -18,7 +19,14 @@ from PIL import Image
 from denseclip_fast import load_checkpoint
 from denseclip_fast.class_names import ADE20K_CLASSES
 from denseclip_fast.cli import main
-from denseclip_fast.train import SegmentationData, SegmentationMetrics, TrainConfig, train, train_preset
+from denseclip_fast.train import (
+    SegmentationData,
+    SegmentationMetrics,
+    TrainConfig,
+    evaluate,
+    train,
+    train_preset,
+)
 from denseclip_fast.train.data import (
     _from_hsv8,
     _to_hsv8,
@@ -266,6 +274,71 @@ def test_a_non_finite_loss_stops_the_run_before_a_checkpoint(arch_file, generic,
     with open(tmp_path / "w" / "latest.json") as f:
         assert json.load(f)["iteration"] == 2
     assert not (tmp_path / "w" / "iter_4.safetensors").exists()
+
+
+def test_non_finite_weights_stop_the_run_before_a_checkpoint(arch_file, generic, tmp_path, monkeypatch):
+    """An update that leaves an infinity in the weights though the loss before it was finite (here the last step's)
+    stops the run with a FloatingPointError naming the tensor, and no checkpoint is written from those weights."""
+    import denseclip_fast.train.loop as loop
+
+    real_optimizer = loop.make_optimizer
+
+    def spoilt_optimizer(model, cfg, device):
+        optimizer = real_optimizer(model, cfg, device)
+        step, calls = optimizer.step, []
+
+        def spoilt_step(*args, **kwargs):
+            out = step(*args, **kwargs)
+            calls.append(1)
+            if len(calls) == 4:
+                with torch.no_grad():
+                    model.gamma[0] = float("inf")
+            return out
+
+        optimizer.step = spoilt_step
+        return optimizer
+
+    monkeypatch.setattr(loop, "make_optimizer", spoilt_optimizer)
+    with pytest.raises(FloatingPointError, match=r"weights are not finite after iteration 4 \(1 tensor\(s\), e.g. gam"):
+        train(_config(arch_file, generic, tmp_path / "w"))
+    with open(tmp_path / "w" / "latest.json") as f:
+        assert json.load(f)["iteration"] == 2
+    assert not (tmp_path / "w" / "iter_4.safetensors").exists()
+
+
+def test_numbers_out_of_range_are_refused_naming_the_field(arch_file, generic, tmp_path, capsys):
+    for overrides, message in (
+        ({"lr": math.inf}, "lr must be a finite number > 0 and <= 1, got inf"),
+        ({"lr": math.nan}, "lr must be a finite number > 0 and <= 1, got nan"),
+        ({"lr": 0.0}, "lr must be a finite number > 0 and <= 1, got 0.0"),
+        ({"min_lr": -1e-6}, "min_lr must be a finite number >= 0 and <= 1, got -1e-06"),
+        ({"weight_decay": math.inf}, "weight_decay must be a finite number >= 0, got inf"),
+        ({"weight_decay": 1e5}, "weight_decay x lr must be <= 1, got 100000.0 x 0.001"),
+        ({"warmup_ratio": 2.0}, "warmup_ratio must be a finite number >= 0 and <= 1, got 2.0"),
+        ({"cat_max_ratio": -1.0}, "cat_max_ratio must be a finite number > 0 and <= 1, got -1.0"),
+        ({"warmup_iters": -5}, "warmup_iters must be an int >= 0, got -5"),
+        ({"seed": -5}, "seed must be an int in 0..4294967295, got -5"),
+        ({"ignore_index": -1}, "ignore_index must be a label value in 0..65535 (255 for 8-bit labels, e.g. 65535"),
+        ({"ratio_range": (2.0, 0.5)}, "ratio_range must be two finite numbers 0 < low <= high, got (2.0, 0.5)"),
+        ({"ratio_range": (0.001, 1.0)}, "ratio_range's low end 0.001 scales img_scale (96, 48) below a pixel"),
+        ({"img_scale": (0, 0)}, "img_scale must be two positive ints (long side, short side), got (0, 0)"),
+        ({"crop": 16}, "crop must be at least 32 (the stride-32 level keeps a pixel), got 16"),
+    ):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            _config(arch_file, generic, tmp_path / "w", **overrides).validate()
+    base = ["train", "--arch", arch_file, "--data", generic, "--layout", "generic", "--work-dir", str(tmp_path / "w")]
+    for extra, message in ((["--lr", "inf"], "lr must be a finite number > 0"), (["--seed", "-5"], "seed must be"),
+                           (["--ignore-index", "-1"], "ignore_index must be a label value")):  # fmt: skip
+        assert main(base + extra) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"denseclip-fast: error: {message}") and err.count("\n") == 1, err
+    assert not os.path.exists(tmp_path / "w")
+    model, val = build_model(_config(arch_file, generic, "x"), CLASSES), SegmentationData(generic, "generic", "val")
+    for scales, message in (((math.nan,), "scales must be finite ratios > 0 of the test scale, got nan"),
+                            ((1.0, 0.25), "scales: 0.25 x the test scale (128, 64) leaves 16 pixels for the short "
+                                          "side, under the network's 32; use ratios >= 0.5")):  # fmt: skip
+        with pytest.raises(ValueError, match=re.escape(message)):
+            evaluate(model, val, scales=scales)
 
 
 @pytest.mark.slow
@@ -559,6 +632,17 @@ def test_bad_files_are_named(tmp_path):
         SegmentationData(data, "generic", "train")
 
 
+def test_an_image_too_elongated_to_evaluate_stops_training_before_it_starts(arch_file, tmp_path):
+    """The final evaluation's images are checked (their headers) before the training: a 2x300 one, resized to fit
+    the test scale (128, 64) to 1x128, is named then, not after the whole run."""
+    data = make_generic(tmp_path / "g", n=3, splits=False)
+    Image.fromarray(np.zeros((2, 300, 3), np.uint8)).save(tmp_path / "g" / "images" / "scene_1.png")
+    Image.fromarray(np.zeros((2, 300), np.uint8)).save(tmp_path / "g" / "labels" / "scene_1.png")
+    with pytest.raises(ValueError, match=r"scene_1.png of \(2, 300\) pixels is resized to \(1, 128\) to fit"):
+        train(_config(arch_file, data, tmp_path / "w"))
+    assert not os.path.exists(tmp_path / "w")
+
+
 def test_more_than_255_classes_with_16_bit_labels(tmp_path):
     """With 256+ classes, 255 is a class: the default ignore value is refused with what to do, and another one
     (65535 in 16-bit label PNGs) flows through the labels, the crop padding and the metrics."""
@@ -624,6 +708,9 @@ def test_config_files_and_errors(arch_file, generic, tmp_path, capsys):
         _config(arch_file, str(tmp_path / "nowhere"), tmp_path).validate()
     with pytest.raises(ValueError, match="arch must be one of"):
         _config("RN42", generic, tmp_path).validate()
+    for device, message in (("meta", "device must be a CPU or CUDA device"), ("cuda:99", "device is 'cuda:99' but ")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            _config(arch_file, generic, tmp_path, device=device).validate()
     # YAML 1.1 reads 1e-4 (no dot) as a string, and 1 as an int: both are the numbers meant
     path.write_text(f"preset: RN50\ndata: {generic}\nlr: 1e-4\nmin_lr: 1e-6\nweight_decay: 1\n")
     cfg = TrainConfig.load(str(path))
@@ -639,7 +726,7 @@ def test_config_files_and_errors(arch_file, generic, tmp_path, capsys):
     base = ["train", "--arch", arch_file, "--data", generic, "--layout", "generic", "--work-dir", str(tmp_path / "x")]
     for extra, message in ((["--checkpoint-interval", "0"], "checkpoint_interval must be a positive int, got 0"),
                            (["--log-interval", "0"], "log_interval must be a positive int, got 0"),
-                           (["--device", "gpu0"], "device must be a torch device such as 'cuda'")):  # fmt: skip
+                           (["--device", "gpu0"], "--device must be a device such as 'cpu', 'cuda'")):  # fmt: skip
         assert main(base + extra) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err, err

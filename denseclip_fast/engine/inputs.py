@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..ops.checks import FLOAT_DTYPES
 from ..preprocess import pil_to_rgb
 
 
@@ -35,21 +36,6 @@ class ImageBatch:
 
     def __len__(self) -> int:
         return len(self.raw) if self.raw is not None else int(self.normalized.shape[0])  # type: ignore[union-attr]
-
-
-FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-
-
-def check_device(device: object, name: str = "device") -> torch.device:
-    """``device`` (a str or torch.device) as a torch.device of a kind the engine runs on (CPU or CUDA), or a
-    ValueError naming ``name``; whether a CUDA device is present is the caller's to check."""
-    try:
-        parsed = torch.device(device)  # type: ignore[call-overload]
-    except (RuntimeError, TypeError, ValueError):
-        parsed = None
-    if parsed is None or parsed.type not in ("cpu", "cuda"):
-        raise ValueError(f"{name} must be 'cpu', 'cuda' or 'cuda:N' (or such a torch.device), got {device!r}")
-    return parsed
 
 
 def _uint8_image(x: Any, where: str) -> torch.Tensor:

@@ -32,14 +32,15 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..model import DenseCLIP
-from ..model.denseclip import MIN_IMAGE_SIDE, check_image_size
+from ..model.denseclip import MIN_IMAGE_SIDE, check_image_size, check_test_image_size
 from ..model.slide import slide_inference, window_sizes
 from ..model.text import check_class_names
-from ..preprocess import keep_ratio_size, normalize, resize_keep_ratio
+from ..preprocess import normalize, resize_keep_ratio
+from ..validation import check_device
 from ..visualize import default_palette
 from ..visualize import overlay as blend
 from .graphs import GraphCache
-from .inputs import ImageBatch, as_batch, check_device, stacked_for
+from .inputs import ImageBatch, as_batch, stacked_for
 from .rewrite import prepare_for_inference
 
 Mode = Literal["whole", "slide"]
@@ -125,9 +126,7 @@ class Segmenter:
     ) -> None:
         if not isinstance(model, DenseCLIP):
             raise ValueError(f"model must be a denseclip_fast.DenseCLIP, got {type(model).__name__}")
-        self.device = check_device(device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {str(self.device)!r} asked for, but no CUDA GPU is available; use device='cpu'")
+        self.device = check_device(device, "device")  # a CPU, or a CUDA GPU that is present
         if self.device.type == "cuda" and self.device.index is None:  # the GPU current now, not at each call
             self.device = torch.device("cuda", torch.cuda.current_device())
         if dtype not in DTYPES:
@@ -247,14 +246,8 @@ class Segmenter:
             check_image_size(tuple(batch.normalized.shape[2:]), "images")
             return
         assert batch.raw is not None
-        scale = self.model.config.test_scale
         for i, image in enumerate(batch.raw):
-            resized = keep_ratio_size(int(image.shape[0]), int(image.shape[1]), scale)
-            if min(resized) < MIN_IMAGE_SIDE:
-                raise ValueError(
-                    f"images[{i}] of {tuple(image.shape[:2])} pixels is resized to {resized} to fit the test scale "
-                    f"{tuple(scale)}, under the network's {MIN_IMAGE_SIDE} pixels a side (too elongated)"
-                )
+            check_test_image_size(image.shape[:2], self.model.config.test_scale, f"images[{i}]")
 
     @staticmethod
     def _finite_or_raise(flag: torch.Tensor | None) -> None:

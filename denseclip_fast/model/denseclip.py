@@ -24,6 +24,7 @@ from torch import nn
 from .. import ops
 from ..class_names import ADE20K_CLASSES
 from ..config import DenseCLIPConfig, preset
+from ..preprocess import keep_ratio_size
 from .decoder import ContextDecoder
 from .features import ImageFeatures
 from .heads import FPN, SemanticFPNHead
@@ -42,6 +43,18 @@ def check_image_size(size: tuple[int, ...], name: str) -> None:
     """ValueError unless an image of ``size`` (H, W) entering the network has MIN_IMAGE_SIDE pixels a side."""
     if min(size) < MIN_IMAGE_SIDE:
         raise ValueError(f"{name} must be at least {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} pixels, got {size}")
+
+
+def check_test_image_size(size: Sequence[int], scale: Sequence[int], name: str) -> None:
+    """ValueError naming ``name`` (an image's file, or its place in a batch) unless an image of ``size`` (H, W),
+    resized with its aspect ratio to fit the test ``scale`` as the test pipeline does, keeps MIN_IMAGE_SIDE pixels
+    a side (keep_ratio_size enlarges small images, so only a too elongated one fails)."""
+    resized = keep_ratio_size(int(size[0]), int(size[1]), scale)
+    if min(resized) < MIN_IMAGE_SIDE:
+        raise ValueError(
+            f"{name} of {(int(size[0]), int(size[1]))} pixels is resized to {resized} to fit the test scale "
+            f"{tuple(scale)}, under the network's {MIN_IMAGE_SIDE} pixels a side (too elongated)"
+        )
 
 
 def build_backbone(config: DenseCLIPConfig) -> nn.Module:

@@ -14,17 +14,31 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from ..config import ACTIVATIONS, ARCHS, DenseCLIPConfig, canonical_arch, preset
+from ..model.denseclip import MIN_IMAGE_SIDE
+from ..validation import check_device, check_writable_dir
+from .data import check_ignore_index
 
 LAYOUTS = ("ade20k", "generic")
+MAX_SEED = 2**32 - 1
+# number fields: (name, lowest, highest, whether the lowest is excluded), finite; learning rates above 1 are refused
+# (AdamW's first step moves a weight by about lr x 10: larger ones overflow float32 weights)
+NUMBER_RANGES = (("lr", 0, 1, True), ("min_lr", 0, 1, False), ("weight_decay", 0, math.inf, False),
+                 ("backbone_lr_mult", 0, math.inf, False), ("warmup_ratio", 0, 1, False),
+                 ("poly_power", 0, math.inf, False), ("aux_weight", 0, math.inf, False),
+                 ("cat_max_ratio", 0, 1, True))  # fmt: skip
+
+
+def _finite(value: object) -> bool:
+    """A real number (not a bool), finite."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
@@ -56,9 +70,9 @@ class TrainConfig:
     ignore_index: int = 255  # the label value of ignored pixels; >= the class count (16-bit labels: e.g. 65535)
     img_scale: tuple[int, int] = (2048, 512)
     ratio_range: tuple[float, float] = (0.5, 2.0)
-    cat_max_ratio: float = 0.75
+    cat_max_ratio: float = 0.75  # 1: no check
     seed: int = 0
-    device: str = ""  # default: cuda when available
+    device: str = ""  # "cpu", "cuda", "cuda:N"; "": cuda when available
     amp: str = "bf16"  # autocast: "bf16", "fp16" (with a gradient scaler) or "none" (float32)
     grad_checkpointing: bool = False
     channels_last: bool | None = None  # images and weights in NHWC; None: on CUDA (cuDNN's tensor-core layout) only
@@ -89,16 +103,35 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        for name in ("eval_interval", "num_workers", "max_checkpoints"):
+        if self.crop < MIN_IMAGE_SIDE:
+            raise ValueError(f"crop must be at least {MIN_IMAGE_SIDE} (the stride-32 level keeps a pixel), got "
+                             f"{self.crop}")  # fmt: skip
+        for name in ("eval_interval", "num_workers", "max_checkpoints", "warmup_iters"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
-        if self.device:
-            try:
-                torch.device(self.device)
-            except RuntimeError:
-                raise ValueError(f"device must be a torch device such as 'cuda', 'cuda:1' or 'cpu' (or '' for cuda "
-                                 f"when available), got {self.device!r}") from None  # fmt: skip
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed must be an int in 0..{MAX_SEED}, got {self.seed!r}")
+        check_ignore_index(self.ignore_index)
+        for name, low, high, low_excluded in NUMBER_RANGES:
+            value = getattr(self, name)
+            if not _finite(value) or not (low < value if low_excluded else low <= value) or value > high:
+                limits = f"{'>' if low_excluded else '>='} {low}" + (f" and <= {high}" if high < math.inf else "")
+                raise ValueError(f"{name} must be a finite number {limits}, got {value!r}")
+        for name in ("backbone_lr_mult", "weight_decay"):  # the backbone's learning rate; AdamW's decay factor >= 0
+            if self.lr * getattr(self, name) > 1:
+                raise ValueError(f"{name} x lr must be <= 1, got {getattr(self, name)!r} x {self.lr!r}")
+        if len(self.img_scale) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0
+                                               for v in self.img_scale):  # fmt: skip
+            raise ValueError(f"img_scale must be two positive ints (long side, short side), got {self.img_scale!r}")
+        low, high = self.ratio_range if len(self.ratio_range) == 2 else (None, None)
+        if not (_finite(low) and _finite(high) and 0 < low <= high):
+            raise ValueError(f"ratio_range must be two finite numbers 0 < low <= high, got {self.ratio_range!r}")
+        if int(min(self.img_scale) * low) < 1:
+            raise ValueError(f"ratio_range's low end {low} scales img_scale {self.img_scale} below a pixel")
+        if self.device:  # "": cuda when available
+            check_device(self.device, "device")
+        check_writable_dir(self.work_dir, "work_dir")
         if self.batch_size % self.accum:
             raise ValueError(f"batch_size {self.batch_size} must be divisible by accum {self.accum}")
         if self.amp not in ("bf16", "fp16", "none"):
@@ -109,8 +142,6 @@ class TrainConfig:
             raise ValueError(f"channels_last must be true, false or null (on CUDA only), got {self.channels_last!r}")
         if self.eval_mode not in ("whole", "slide"):
             raise ValueError(f"eval_mode must be 'whole' or 'slide', got {self.eval_mode!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr!r}")
         self.model_config()
 
     def model_config(self) -> DenseCLIPConfig:
@@ -145,18 +176,39 @@ class TrainConfig:
 
     @classmethod
     def load(cls, path: str) -> TrainConfig:
-        """A YAML (.yaml/.yml) or JSON file of TrainConfig fields; ``preset: RN50`` starts from a preset."""
-        with open(path, encoding="utf-8") as f:
-            if path.endswith((".yaml", ".yml")):
-                import yaml
-
-                data = yaml.safe_load(f) or {}
-            else:
-                data = json.load(f)
+        """A YAML (.yaml/.yml) or JSON file of TrainConfig fields; ``preset: RN50`` starts from a preset.
+        ValueError naming the file when it is missing, not a regular file, unreadable or not valid YAML/JSON
+        (YAML tags that would build Python objects are refused: the file is read with ``yaml.safe_load``)."""
+        if not os.path.isfile(path):
+            what = "does not exist" if not os.path.lexists(path) else "is not a regular file"
+            raise ValueError(f"training config {path!r} {what}")
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = _read_yaml(path, f) if path.endswith((".yaml", ".yml")) else json.load(f)
+        except OSError as exc:
+            raise ValueError(f"training config {path!r}: {exc.strerror or exc}") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"training config {path!r} is not UTF-8 text") from None
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"training config {path!r} is not valid JSON: {exc}") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path}: a training config must be a mapping of fields, got {type(data).__name__}")
         base = train_preset(data.pop("preset")).to_dict() if "preset" in data else {}
         return cls.from_dict({**base, **data})
+
+
+def _read_yaml(path: str, stream: typing.TextIO) -> Any:
+    """The document of a YAML file (None empty: {}), read with ``yaml.safe_load``; ValueError naming the file and
+    the line for a syntax error or a tag that would build a Python object."""
+    import yaml
+
+    try:
+        return yaml.safe_load(stream) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ValueError(f"training config {path!r} is not valid YAML: {problem}{where}") from None
 
 
 def _typed(name: str, hint: Any, value: Any) -> Any:

@@ -18,6 +18,7 @@ worker count, and a resumed run sees the same data.
 
 from __future__ import annotations
 
+import numbers
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -31,6 +32,16 @@ from ..preprocess import keep_ratio_size, load_image, normalize, resize_bilinear
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 IGNORE = 255
+MAX_LABEL = 65535  # the largest value of a (16-bit) label PNG
+
+
+def check_ignore_index(value: object, name: str = "ignore_index") -> int:
+    """``value`` if it is a label PNG value, 0..65535 (255 in 8-bit labels; e.g. 65535 in 16-bit ones with 256
+    classes or more); ValueError naming ``name`` otherwise (a value no label holds would silently ignore nothing)."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or not 0 <= value <= MAX_LABEL:
+        raise ValueError(f"{name} must be a label value in 0..{MAX_LABEL} (255 for 8-bit labels, e.g. 65535 for "
+                         f"16-bit ones), got {value!r}")  # fmt: skip
+    return int(value)
 
 
 @dataclass(frozen=True)
@@ -262,7 +273,8 @@ class SegmentationData(Dataset):
         self.reduce_zero_label = layout == "ade20k"
         self.config = config
         if ignore_index is None:
-            ignore_index = int(getattr(config, "ignore_index", IGNORE))
+            ignore_index = getattr(config, "ignore_index", IGNORE)
+        ignore_index = check_ignore_index(ignore_index)
         if 0 <= ignore_index < len(self.class_names):
             raise ValueError(
                 f"ignore_index {ignore_index} is a class index: the data set has {len(self.class_names)} classes "

@@ -10,6 +10,7 @@ both), mIoU = nanmean(IoU), aAcc = correct pixels / labelled pixels.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from ..model import DenseCLIP
-from ..preprocess import normalize, resize_keep_ratio, to_tensor
+from ..model.denseclip import MIN_IMAGE_SIDE, check_test_image_size
+from ..preprocess import image_size, normalize, resize_keep_ratio, to_tensor
 from .data import IGNORE, SegmentationData
 
 
@@ -73,6 +75,41 @@ class SegmentationMetrics:
         return out
 
 
+def check_scales(scales: Sequence[float], test_scale: Sequence[int], name: str = "scales") -> list[float]:
+    """``scales`` as a list of floats if each is a finite ratio > 0 at which the test scale keeps the network's
+    MIN_IMAGE_SIDE pixels on its short side (below it no image could be evaluated); ValueError naming ``name``."""
+    try:
+        ratios = [] if isinstance(scales, str) else list(scales)
+    except TypeError:
+        ratios = []
+    if not ratios:
+        raise ValueError(f"{name} must be a non-empty sequence of ratios of the test scale, e.g. (0.5, 1.0), got "
+                         f"{scales!r}")  # fmt: skip
+    short = min(test_scale)
+    for ratio in ratios:
+        if not isinstance(ratio, numbers.Real) or isinstance(ratio, bool) or not math.isfinite(ratio) or ratio <= 0:
+            raise ValueError(f"{name} must be finite ratios > 0 of the test scale, got {ratio!r}")
+        if int(short * ratio) < MIN_IMAGE_SIDE:
+            raise ValueError(
+                f"{name}: {ratio} x the test scale {tuple(test_scale)} leaves {int(short * ratio)} pixels for the "
+                f"short side, under the network's {MIN_IMAGE_SIDE}; use ratios >= {MIN_IMAGE_SIDE / short:.4g}"
+            )
+    return [float(r) for r in ratios]
+
+
+def check_image_sizes(
+    data: SegmentationData, test_scale: Sequence[int], scales: Sequence[float], indices: Sequence[int] | None = None
+) -> None:
+    """ValueError naming the first image of ``data`` (of ``indices``, default all) that the network cannot take
+    at one of ``scales`` (too elongated: resized to fit the test scale, a side falls under MIN_IMAGE_SIDE), read
+    from the files' headers before any work."""
+    for i in range(len(data)) if indices is None else indices:
+        path = data.samples[i].image
+        size = image_size(path)
+        for ratio in scales:
+            check_test_image_size(size, [int(s * ratio) for s in test_scale], path)
+
+
 @torch.no_grad()
 def predict_probabilities(
     model: DenseCLIP,
@@ -123,11 +160,13 @@ def evaluate(
         )
     if mode not in ("whole", "slide"):
         raise ValueError(f"mode must be 'whole' or 'slide', got {mode!r}")
+    scales = check_scales(scales, model.config.test_scale)
+    count = len(data) if limit is None else min(limit, len(data))
+    indices = range(rank, count, world)
+    check_image_sizes(data, model.config.test_scale, scales, indices)
     was_training = model.training
     model.eval()
     metrics = SegmentationMetrics(model.num_classes, data.ignore_index)
-    count = len(data) if limit is None else min(limit, len(data))
-    indices = range(rank, count, world)
     if progress and rank == 0:
         from tqdm import tqdm
 

@@ -43,7 +43,7 @@ from ..checkpoints.io import PARTIAL_SUFFIX, replaced_atomically
 from ..model import DenseCLIP
 from .config import TrainConfig
 from .data import SegmentationData, TrainSampler
-from .evaluate import evaluate
+from .evaluate import check_image_sizes, evaluate
 from .optim import freeze_text_encoder, make_optimizer, segmentation_loss, set_learning_rates
 
 LOSSES = ("loss", "loss_decode", "loss_aux")
@@ -334,6 +334,9 @@ class Trainer:
             )
         micro = cfg.batch_size // (world * cfg.accum)
         data = SegmentationData(cfg.data, cfg.layout, "train", cfg)
+        # the evaluation's images (their headers), now rather than after the training; every process stops alike
+        val = SegmentationData(cfg.data, cfg.layout, "val", ignore_index=cfg.ignore_index)
+        check_image_sizes(val, cfg.model_config().test_scale, (1.0,))
         model = prepare_model(build_model(cfg, data.class_names), cfg, device)
         layout = memory_format(cfg, device)
         optimizer = make_optimizer(model, cfg, device)
@@ -425,7 +428,8 @@ class Trainer:
                         for k in ("loss", "loss_decode", "loss_aux", "lr"):
                             writer.add_scalar(f"train/{k}", row[k], done)
                     last = totals
-            if save_now:
+            if save_now:  # every run ends with one: its final weights are checked too
+                self._check_weights_finite(model, done)
                 rng = self._rng_states(world, device)
                 if rank == 0:
                     self._save(model, optimizer, scaler, done, rng)
@@ -452,6 +456,22 @@ class Trainer:
             f"the loss is not finite at iteration {iteration} ({', '.join(f'{k} {v}' for k, v in zip(LOSSES, values))})"
             ": the weights are no longer usable and were not saved; resume from the last checkpoint "
             "(--resume auto) with a lower learning rate (--lr), or check the data"
+        )
+
+    @staticmethod
+    def _check_weights_finite(model: DenseCLIP, iteration: int) -> None:
+        """FloatingPointError when a trained parameter or a floating buffer (BatchNorm statistics) holds NaN or an
+        infinity after ``iteration``, as an update too large for the weights' dtype leaves them though the loss
+        before it was finite; called before every checkpoint, so that none is written from such weights. The
+        processes hold the same weights, so all of them stop."""
+        tensors = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        tensors += [(n, b) for n, b in model.named_buffers() if b.is_floating_point()]
+        if bool(torch.stack([torch.isfinite(t).all() for _, t in tensors]).all()):
+            return
+        bad = [n for n, t in tensors if not bool(torch.isfinite(t).all())]
+        raise FloatingPointError(
+            f"the weights are not finite after iteration {iteration} ({len(bad)} tensor(s), e.g. {bad[0]}): they "
+            "were not saved; resume from the last checkpoint (--resume auto) with a lower learning rate (--lr)"
         )
 
     def _evaluate(self, model: DenseCLIP, rank: int, world: int, iteration: int, writer: Any) -> dict[str, Any] | None:

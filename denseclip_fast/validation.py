@@ -1,0 +1,79 @@
+"""Checks of user-given devices and output paths, shared by the command line and the trainer: each raises a
+ValueError that names the argument (``name``: an option such as ``--device`` or a config field such as
+``device``), says what it expects and what it got, before any work starts."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+DEVICE_EXAMPLES = "'cpu', 'cuda' or 'cuda:N'"
+
+
+def check_device(text: str | torch.device, name: str = "device") -> torch.device:
+    """The torch device ``text`` names (a str or a torch.device), if this machine can run on it: the CPU, or a CUDA
+    GPU that is present. ValueError naming ``name`` for an empty string, a string torch does not parse ("gpu"),
+    another device type ("meta", "mps": the engine and the trainer run on CPUs and CUDA GPUs), or a GPU that is not
+    there."""
+    if isinstance(text, torch.device):
+        device = text
+    elif not isinstance(text, str) or not text.strip():
+        raise ValueError(f"{name} must be a device such as {DEVICE_EXAMPLES}, got {text!r}")
+    else:
+        try:
+            device = torch.device(text)
+        except RuntimeError:
+            raise ValueError(f"{name} must be a device such as {DEVICE_EXAMPLES}, got {text!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{name} must be a CPU or CUDA device such as {DEVICE_EXAMPLES}, got {text!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{name} is {text!r} but no CUDA GPU is available; use {name} cpu")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"{name} is {text!r} but this machine has {count} CUDA GPU(s): cuda:0..cuda:{count - 1}")
+    return device
+
+
+def _existing_ancestor(path: str) -> str:
+    """``path`` or its nearest ancestor that exists (what makedirs would create the rest under)."""
+    current = os.path.abspath(path)
+    while not os.path.lexists(current):
+        parent = os.path.dirname(current)
+        if parent == current:
+            break
+        current = parent
+    return current
+
+
+def check_writable_dir(path: str, name: str) -> None:
+    """ValueError naming ``name`` unless ``path`` is a directory this process can write in, or one that makedirs
+    can create (its nearest existing ancestor is a writable directory)."""
+    if not path:
+        raise ValueError(f"{name} must name a directory, got {path!r}")
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise ValueError(f"{name} {path!r} exists and is not a directory")
+    base = _existing_ancestor(path)
+    if not os.path.isdir(base):
+        raise ValueError(f"{name} {path!r} cannot be created: {base!r} is not a directory")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise ValueError(f"{name} {path!r}: no permission to write in {base!r}")
+
+
+def check_writable_file(path: str, name: str, create_parents: bool) -> None:
+    """ValueError naming ``name`` unless a file can be written at ``path``: not a directory, and in a writable
+    directory (one that exists, or, with ``create_parents``, one that makedirs can create)."""
+    if not path:
+        raise ValueError(f"{name} must name a file, got {path!r}")
+    if os.path.isdir(path):
+        raise ValueError(f"{name} {path!r} is a directory; expected the path of the file to write")
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise ValueError(f"{name} {path!r}: no permission to overwrite it")
+    folder = os.path.dirname(os.path.abspath(path))
+    base = _existing_ancestor(folder) if create_parents else folder
+    if not os.path.isdir(base):
+        what = "does not exist" if not os.path.lexists(base) else "is not a directory"
+        raise ValueError(f"{name} {path!r}: the directory {base!r} {what}")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise ValueError(f"{name} {path!r}: no permission to write in {base!r}")
