@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from collections import deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -458,14 +459,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command ``argv``; errors the user can fix (bad arguments and files, a file system refusing a path,
     a training run whose loss or weights stop being finite) print one line and return 2."""
     args = build_parser().parse_args(argv)
+    saved_format = warnings.formatwarning
+    warnings.formatwarning = _one_line_warning  # not Python's file:line and source line under each warning
     try:
         return args.func(args)
     except (CheckpointError, ValueError, TensorRTUnavailable, FloatingPointError) as exc:
         message = str(exc)
     except OSError as exc:  # FileNotFoundError, PermissionError, IsADirectoryError, a full disk ...
         message = _os_error(exc)
+    finally:
+        warnings.formatwarning = saved_format
     print(f"denseclip-fast: error: {message}", file=sys.stderr)
     return 2
+
+
+def _one_line_warning(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> str:
+    return f"denseclip-fast: warning: {message}\n"
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from denseclip_fast import DenseCLIP
+from denseclip_fast import ADE20K_CLASSES, DenseCLIP
 from denseclip_fast.cli import _parse_batch, main
 
 from .conftest import NAMES, tiny_config
@@ -322,3 +322,21 @@ def test_images_too_elongated_for_the_network_are_named_by_their_file(checkpoint
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err == f"denseclip-fast: error: {thin_data / 'images' / 'b.png'} {message} pixels a side (too elongated)\n"
+
+
+def test_warnings_print_as_one_line(tmp_path):
+    """A warning (here: a 150-class checkpoint without class names, taken as ADE20K) prints as one
+    'denseclip-fast: warning:' line, not Python's file:line header over the source line that raised it."""
+    from benchmarks.official import OfficialDenseCLIP
+
+    from .conftest import official_cfg
+
+    path = tmp_path / "ade.pth"
+    torch.save(OfficialDenseCLIP(official_cfg(tiny_config("resnet")), list(ADE20K_CLASSES)).state_dict(), path)
+    code = "import sys; from denseclip_fast.cli import main; sys.exit(main(sys.argv[1:]))"
+    result = subprocess.run([sys.executable, "-c", code, "info", str(path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    warning = [line for line in result.stderr.splitlines() if "ADE20K" in line]
+    assert warning == [f"denseclip-fast: warning: {path}: no class names in the file (meta['CLASSES']); assuming the "
+                       "150 ADE20K classes. Pass class_names=[...] to choose."], result.stderr  # fmt: skip
+    assert "warnings.warn(" not in result.stderr
