@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import pickle
 import zipfile
@@ -184,6 +185,76 @@ def test_native_file_checks(tmp_path):
     truncated.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="corrupt or truncated safetensors file"):
         dcf.load_checkpoint(truncated)
+
+
+@pytest.fixture(scope="module")
+def native_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("native") / "native.safetensors"
+    model = DenseCLIP(tiny_config("resnet"), ["sky", "road", "car"])
+    model.palette = [(1, 2, 3), (4, 5, 6), (7, 8, 9)]
+    model.save(path)
+    return path
+
+
+def _native_with(tmp_path, native_file, name="edited.safetensors", **changes):
+    """A copy of ``native_file`` with metadata entries replaced (each value as written to the header)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(native_file), "pt") as f:
+        meta, sd = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    path = tmp_path / name
+    save_file(sd, str(path), metadata={**meta, **changes})
+    return path
+
+
+def _config_with(native_file, dotted: str, value):
+    from safetensors import safe_open
+
+    with safe_open(str(native_file), "pt") as f:
+        config = json.loads(f.metadata()["config"])
+    *parents, key = dotted.split(".")
+    part = config
+    for name in parents:
+        part = part[name]
+    part[key] = value
+    return json.dumps(config)
+
+
+@pytest.mark.parametrize(
+    "dotted, value, match",
+    [
+        ("decoder.heads", 0, "decoder.heads must be an int >= 1, got 0"),
+        ("text.heads", 0, "text.heads must be an int >= 1, got 0"),
+        ("vision.layers", 4, "vision.layers must be a list of 4 ints >= 1, got 4"),
+        ("vision.width", "8", "vision.width must be an int >= 1, got '8'"),
+        ("fpn_channels", -16, "fpn_channels must be an int >= 1, got -16"),
+        ("score_concat_index", 3.0, "score_concat_index must be an int >= 0, got 3.0"),
+        ("head_dropout", 2.0, r"head_dropout must be a number in \[0.0, 1.0\], got 2.0"),
+        ("tau", 0, r"tau must be a number in \(0.0, inf\), got 0"),
+        ("test_scale", "big", "test_scale must be a list of 2 ints >= 32 .*, got 'big'"),
+        ("test_scale", [0, 0], r"test_scale must be a list of 2 ints >= 32 .*, got \(0, 0\)"),
+        ("arch", "RN9000", r"arch must be one of \['RN50', 'RN101', 'ViT-B/16', 'custom'\], got 'RN9000'"),
+        ("text.vocab_size", 10, "text.vocab_size must be an int >= 49408"),
+    ],
+)
+def test_native_config_metadata_is_validated(tmp_path, native_file, dotted, value, match):
+    """A bad value in the saved architecture is a CheckpointError naming the file, the field and the value; before,
+    these were ZeroDivisionError, TypeError or RuntimeError deep in the model, or a model that loaded and failed
+    (or computed infinities) later."""
+    path = _native_with(tmp_path, native_file, config=_config_with(native_file, dotted, value))
+    with pytest.raises(CheckpointError, match=f"invalid architecture in the metadata 'config': {match}") as err:
+        dcf.load_checkpoint(path)
+    assert str(err.value).startswith(f"{path}: ")
+
+
+def test_official_tensors_implying_an_invalid_architecture(tmp_path, official_file):
+    """No text transformer blocks in the file: before, a text encoder of 0 layers loaded silently."""
+    sd = {k: v for k, v in _state(official_file)["state_dict"].items()
+          if not k.startswith("text_encoder.transformer.")}  # fmt: skip
+    with pytest.raises(CheckpointError, match="the tensors describe an invalid architecture: text.layers must be an "
+                                              "int >= 1, got 0"):  # fmt: skip
+        dcf.load_checkpoint(_save_state(tmp_path, sd), class_names=NAMES)
 
 
 # ------------------------------------------------------------------------------------------------ unsafe and broken

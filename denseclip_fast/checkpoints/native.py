@@ -47,14 +47,25 @@ def is_native(metadata: dict[str, str]) -> bool:
 
 
 def native_contents(metadata: dict[str, str], path: str) -> tuple[DenseCLIPConfig, list[str], Any]:
-    """(config, class names, palette or None) from a native file's metadata."""
+    """(config, class names, palette or None) from a native file's metadata. The config is checked (CheckpointError
+    naming the file, the key and what is wrong)."""
     version = metadata.get("format_version")
     if version != FORMAT_VERSION:
         raise CheckpointError(path, f"denseclip_fast format version {version!r} is not supported (expected 1)")
+    raw_config = _json(metadata, "config", path)
     try:
-        config = DenseCLIPConfig.from_dict(json.loads(metadata["config"]))
-        names = json.loads(metadata["class_names"])
-        palette = json.loads(metadata["palette"]) if "palette" in metadata else None
-    except (KeyError, json.JSONDecodeError, ValueError, TypeError) as exc:
-        raise CheckpointError(path, f"damaged denseclip_fast metadata ({type(exc).__name__}: {exc})") from None
+        config = DenseCLIPConfig.from_dict(raw_config)
+    except ValueError as exc:
+        raise CheckpointError(path, f"invalid architecture in the metadata 'config': {exc}") from None
+    names = _json(metadata, "class_names", path)
+    palette = _json(metadata, "palette", path) if "palette" in metadata else None
     return config, names, palette
+
+
+def _json(metadata: dict[str, str], key: str, path: str) -> Any:
+    if key not in metadata:
+        raise CheckpointError(path, f"damaged denseclip_fast metadata: no {key!r} entry")
+    try:
+        return json.loads(metadata[key])
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError; RecursionError: absurd nesting
+        raise CheckpointError(path, f"damaged denseclip_fast metadata: {key!r} is not valid JSON ({exc})") from None

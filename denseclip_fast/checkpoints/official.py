@@ -58,7 +58,17 @@ def _vision_config(sd: Mapping[str, torch.Tensor]) -> VisionConfig:
 
 
 def infer_config(sd: Mapping[str, torch.Tensor], path: str) -> tuple[DenseCLIPConfig, int]:
-    """The architecture and the number of classes K of an official-layout state dict."""
+    """The architecture and the number of classes K of an official-layout state dict. CheckpointError when the
+    tensors do not describe a valid one."""
+    try:
+        return _infer_config(sd, path)
+    except ValueError as exc:  # DenseCLIPConfig's checks: sizes the tensors imply that no model can have
+        if isinstance(exc, CheckpointError):
+            raise
+        raise CheckpointError(path, f"the tensors describe an invalid architecture: {exc}") from None
+
+
+def _infer_config(sd: Mapping[str, torch.Tensor], path: str) -> tuple[DenseCLIPConfig, int]:
     missing = [k for k in REQUIRED_KEYS if k not in sd]
     if "backbone.class_embedding" not in sd and "backbone.attnpool.positional_embedding" not in sd:
         missing.append("backbone.attnpool.positional_embedding or backbone.class_embedding")

@@ -23,7 +23,7 @@ from torch import nn
 
 from .. import ops
 from ..class_names import ADE20K_CLASSES
-from ..config import DenseCLIPConfig, preset
+from ..config import MIN_IMAGE_SIDE, DenseCLIPConfig, preset
 from .decoder import ContextDecoder
 from .features import ImageFeatures
 from .heads import FPN, SemanticFPNHead
@@ -34,9 +34,6 @@ from .vit import CLIPViTBackbone
 
 if TYPE_CHECKING:
     from os import PathLike
-
-MIN_IMAGE_SIDE = 32  # the stride-32 level must keep at least one pixel
-
 
 def check_image_size(size: tuple[int, ...], name: str) -> None:
     """ValueError unless an image of ``size`` (H, W) entering the network has MIN_IMAGE_SIDE pixels a side."""
