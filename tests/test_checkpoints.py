@@ -257,6 +257,45 @@ def test_official_tensors_implying_an_invalid_architecture(tmp_path, official_fi
         dcf.load_checkpoint(_save_state(tmp_path, sd), class_names=NAMES)
 
 
+@pytest.mark.parametrize("value", ["5", "null", '["sky", 3, "car"]', "[]", '"sky road car"'])
+def test_native_class_names_metadata_is_validated(tmp_path, native_file, value):
+    """Was a TypeError (len() of an int or None), or a string taken as its characters."""
+    path = _native_with(tmp_path, native_file, class_names=value)
+    with pytest.raises(CheckpointError, match="the metadata 'class_names' must be a non-empty JSON list of strings, "
+                                              "got "):  # fmt: skip
+        dcf.load_checkpoint(path)
+
+
+@pytest.mark.parametrize(
+    "palette",
+    ["[[Infinity, 0, 0], [0, 0, 0], [0, 0, 0]]", "[[1.5, 2, 3], [4, 5, 6], [7, 8, 9]]", "[[1, 2, 3], [4, 5, 6]]",
+     "[[true, 2, 3], [4, 5, 6], [7, 8, 9]]", '["abc", "def", "ghi"]', "7", "[[1, 2, 3], [4, 5, 6], [7, 8, 256]]"],
+)  # fmt: skip
+def test_malformed_palettes_are_dropped_with_a_warning(tmp_path, native_file, palette):
+    """A palette is cosmetic: a malformed one is dropped, with a warning naming the file. Infinity was an
+    OverflowError out of load_checkpoint; 1.5 was silently truncated to 1."""
+    path = _native_with(tmp_path, native_file, palette=palette)
+    with pytest.warns(UserWarning, match="ignoring the palette in the file: it is not 3 RGB triples of integers"):
+        assert dcf.load_checkpoint(path).palette is None
+    assert dcf.load_checkpoint(native_file).palette == [(1, 2, 3), (4, 5, 6), (7, 8, 9)]
+
+
+def test_class_names_stored_in_the_file_that_disagree_with_its_head(tmp_path, native_file, official_file):
+    """The caller passed no class_names: the message is about the file's names, not about a class_names argument."""
+    path = _native_with(tmp_path, native_file, class_names='["cat", "dog"]')
+    with pytest.raises(CheckpointError) as err:
+        dcf.load_checkpoint(path)
+    assert str(err.value) == (f"{path}: the file's class names (2) disagree with its head (3 outputs); "
+                              "pass class_names=[...] with 3 names")  # fmt: skip
+    assert dcf.load_checkpoint(path, class_names=["cat", "dog", "cow"]).class_names == ["cat", "dog", "cow"]
+    official = _save_state(tmp_path, _state(official_file)["state_dict"], meta={"CLASSES": ("cat", "dog")})
+    with pytest.raises(CheckpointError, match=r"the file's class names \(2\) disagree with its head \(4 outputs\)"):
+        dcf.load_checkpoint(official)
+    official = _save_state(tmp_path, _state(official_file)["state_dict"], meta={"CLASSES": 5})
+    with pytest.raises(CheckpointError, match=r"meta\['CLASSES'\] is not a list of strings, got int"):
+        dcf.load_checkpoint(official)
+
+
 # ------------------------------------------------------------------------------------------------ unsafe and broken
 
 

@@ -47,8 +47,8 @@ def is_native(metadata: dict[str, str]) -> bool:
 
 
 def native_contents(metadata: dict[str, str], path: str) -> tuple[DenseCLIPConfig, list[str], Any]:
-    """(config, class names, palette or None) from a native file's metadata. The config is checked (CheckpointError
-    naming the file, the key and what is wrong)."""
+    """(config, class names, palette or None) from a native file's metadata. The config and the names are checked
+    (CheckpointError naming the file, the key and what is wrong); the palette is load_checkpoint's to check."""
     version = metadata.get("format_version")
     if version != FORMAT_VERSION:
         raise CheckpointError(path, f"denseclip_fast format version {version!r} is not supported (expected 1)")
@@ -58,6 +58,10 @@ def native_contents(metadata: dict[str, str], path: str) -> tuple[DenseCLIPConfi
     except ValueError as exc:
         raise CheckpointError(path, f"invalid architecture in the metadata 'config': {exc}") from None
     names = _json(metadata, "class_names", path)
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise CheckpointError(
+            path, f"the metadata 'class_names' must be a non-empty JSON list of strings, got {_excerpt(names)}"
+        )
     palette = _json(metadata, "palette", path) if "palette" in metadata else None
     return config, names, palette
 
@@ -69,3 +73,8 @@ def _json(metadata: dict[str, str], key: str, path: str) -> Any:
         return json.loads(metadata[key])
     except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError; RecursionError: absurd nesting
         raise CheckpointError(path, f"damaged denseclip_fast metadata: {key!r} is not valid JSON ({exc})") from None
+
+
+def _excerpt(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
