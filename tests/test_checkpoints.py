@@ -6,6 +6,7 @@ import io
 import json
 import os
 import pickle
+import re
 import zipfile
 
 import pytest
@@ -294,6 +295,36 @@ def test_class_names_stored_in_the_file_that_disagree_with_its_head(tmp_path, na
     official = _save_state(tmp_path, _state(official_file)["state_dict"], meta={"CLASSES": 5})
     with pytest.raises(CheckpointError, match=r"meta\['CLASSES'\] is not a list of strings, got int"):
         dcf.load_checkpoint(official)
+
+
+@pytest.mark.parametrize(
+    "class_names, match",
+    [
+        ("abc", "class_names must be a list of strings, got str: 'abc'"),
+        (3, "class_names must be a list of strings, got int: 3"),
+        (["sky", None, "car"], "class_names\\[1\\] must be a string, got NoneType: None"),
+        ((b"sky", "road", "car"), "class_names\\[0\\] must be a string, got bytes: b'sky'"),
+    ],
+)
+def test_class_names_argument_is_checked(native_file, class_names, match):
+    """A str was run through list(): 'abc' loaded as the classes ['a', 'b', 'c']."""
+    with pytest.raises(ValueError, match=match):
+        dcf.load_checkpoint(native_file, class_names=class_names)
+    assert dcf.load_checkpoint(native_file, class_names=(n for n in "xyz")).class_names == ["x", "y", "z"]
+
+
+@pytest.mark.parametrize("path, shown", [(b"/some/file.pth", "bytes: b'/some/file.pth'"), (None, "NoneType: None"),
+                                         (3, "int: 3"), ("", "str: ''")])  # fmt: skip
+def test_path_argument_is_checked(path, shown):
+    """None was a TypeError from os.fspath; bytes a CheckpointError for b'/some/file.pth'."""
+    message = f"path must be a non-empty str or os.PathLike, got {shown}"
+    with pytest.raises(ValueError, match=re.escape(message)) as err:
+        dcf.load_checkpoint(path)
+    assert not isinstance(err.value, CheckpointError)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        DenseCLIP(tiny_config("resnet"), NAMES).save(path)
+    with pytest.raises(ValueError, match=re.escape(message.replace("path", "clip_weights"))):
+        DenseCLIP.from_clip(path, "RN50", NAMES)
 
 
 # ------------------------------------------------------------------------------------------------ unsafe and broken

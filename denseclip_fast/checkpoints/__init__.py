@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import operator
 import os
+import reprlib
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..class_names import ADE20K_CLASSES
-from .io import CheckpointError, WeightFile, read_weight_file
+from .io import CheckpointError, WeightFile, path_argument, read_weight_file
 from .native import is_native, native_contents
 from .official import check_arch, infer_config, key_listing, load_state_strict
 
@@ -40,11 +41,14 @@ def load_checkpoint(
 
     Raises:
         CheckpointError: unreadable, unsafe or inconsistent file (the message names the file and the reason).
-        ValueError: ``class_names`` of the wrong length or with a name longer than 3 BPE tokens.
+        ValueError: ``path`` not a str or os.PathLike; ``class_names`` not a list of strings, of the wrong length or
+            with a name longer than 3 BPE tokens.
     """
     from ..model import DenseCLIP  # noqa: F811  (the runtime import; the model package imports this one)
 
-    path = os.fspath(path)
+    path = path_argument(path)
+    if class_names is not None:
+        class_names = _class_names_argument(class_names)
     wf = read_weight_file(path)
     if wf.kind == "safetensors" and is_native(wf.metadata):
         config, file_names, palette = native_contents(wf.metadata, path)
@@ -70,6 +74,18 @@ def load_checkpoint(
     load_state_strict(model, sd, path)
     model.palette = _palette(palette, k, path)
     return model.eval()
+
+
+def _class_names_argument(class_names: Any) -> list[str]:
+    """``class_names`` as a list, or ValueError naming the argument: a string would be taken as its characters."""
+    if isinstance(class_names, (str, bytes)) or not isinstance(class_names, Iterable):
+        raise ValueError(f"class_names must be a list of strings, got {type(class_names).__name__}: "
+                         f"{reprlib.repr(class_names)}")  # fmt: skip
+    names = list(class_names)
+    for i, name in enumerate(names):
+        if not isinstance(name, str):
+            raise ValueError(f"class_names[{i}] must be a string, got {type(name).__name__}: {reprlib.repr(name)}")
+    return names
 
 
 def _official_state(wf: WeightFile, path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -76,9 +76,19 @@ def replaced_atomically(path: str | os.PathLike[str]) -> Iterator[str]:
             os.remove(tmp)
 
 
+def path_argument(value: Any, name: str = "path") -> str:
+    """``value`` (a str or an os.PathLike naming a str path) as a str, or ValueError naming the argument ``name``,
+    the accepted types and what came (bytes, None or a number would otherwise fail inside os or be echoed as b'...')."""
+    path = os.fspath(value) if isinstance(value, os.PathLike) else value
+    if not isinstance(path, str) or not path:
+        raise ValueError(f"{name} must be a non-empty str or os.PathLike, got {type(value).__name__}: {value!r}")
+    return path
+
+
 def read_weight_file(path: str | os.PathLike[str]) -> WeightFile:
-    """Open a checkpoint of any supported format, safely. Raises CheckpointError."""
-    path = os.fspath(path)
+    """Open a checkpoint of any supported format, safely. Raises CheckpointError (ValueError for a ``path`` that
+    is not a str or os.PathLike)."""
+    path = path_argument(path)
     if not os.path.exists(path):
         raise CheckpointError(path, "no such file")
     if not os.path.isfile(path):

@@ -13,7 +13,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from ..config import DenseCLIPConfig
-from .io import CheckpointError, replaced_atomically
+from .io import CheckpointError, path_argument, replaced_atomically
 
 if TYPE_CHECKING:
     from ..model import DenseCLIP
@@ -25,7 +25,7 @@ FORMAT_VERSION = "1"
 def save_native(model: DenseCLIP, path: str | os.PathLike[str]) -> None:
     from safetensors.torch import save_file
 
-    path = os.fspath(path)
+    path = path_argument(path)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     metadata = {
         "format": FORMAT,

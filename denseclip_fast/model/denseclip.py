@@ -100,7 +100,9 @@ class DenseCLIP(nn.Module):
         for OpenAI's CLIP (DenseCLIP's), "gelu" for most other open_clip weights (e.g. LAION's; open_clip names the
         QuickGELU ones "...-quickgelu"). The wrong one gives a model that loads but computes another function."""
         from ..checkpoints.clip import init_from_clip
+        from ..checkpoints.io import path_argument
 
+        clip_weights = path_argument(clip_weights, "clip_weights")
         model = cls(preset(arch).replace(activation=activation), class_names)
         init_from_clip(model, clip_weights)
         return model
