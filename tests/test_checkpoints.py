@@ -122,6 +122,59 @@ def test_non_tensor_entries_are_refused(tmp_path, official_file):
         dcf.load_checkpoint(_save_state(tmp_path, sd), class_names=NAMES)
 
 
+@pytest.mark.parametrize(
+    "key, tensor, message",
+    [
+        ("gamma", torch.tensor(1e-4), "gamma has shape (), expected (embed_dim,)"),
+        ("contexts", torch.zeros(8), "contexts has shape (8,), expected (1, n_ctx, text width)"),
+        ("text_encoder.positional_embedding", torch.zeros(13),
+         "text_encoder.positional_embedding has shape (13,), expected (context_length, text width)"),
+        ("decode_head.conv_seg.weight", torch.zeros(4),
+         "decode_head.conv_seg.weight has shape (4,), expected (K, head_channels, 1, 1)"),
+        ("decode_head.conv_seg.weight", torch.zeros(0, 16, 1, 1),
+         "decode_head.conv_seg.weight has shape (0, 16, 1, 1), expected (K, head_channels, 1, 1) with K >= 1"),
+        ("neck.lateral_convs.2.conv.weight", torch.zeros(16, 32),
+         "neck.lateral_convs.2.conv.weight has shape (16, 32), expected (fpn_channels, in_channels, 1, 1)"),
+        ("backbone.attnpool.positional_embedding", torch.zeros(0, 256),
+         "backbone.attnpool.positional_embedding has shape (0, 256), expected (1 + grid * grid, width * 32) "
+         "(e.g. 257 rows: 1 + 16 * 16)"),
+        ("backbone.attnpool.positional_embedding", torch.zeros(7, 256), "has shape (7, 256), expected (1 + grid"),
+        ("text_encoder.token_embedding.weight", torch.zeros(10, 64),
+         "text_encoder.token_embedding.weight has shape (10, 64), expected (49408 or more, text width): the "
+         "tokenizer's ids go up to 49407"),
+    ],
+)  # fmt: skip
+def test_official_tensors_of_the_wrong_shape_are_named(tmp_path, official_file, key, tensor, message):
+    """Were IndexError (gamma 0-d, contexts or the text positional embedding 1-D), an unpacking ValueError with no
+    context (a 1-D classifier), "isqrt() argument must be nonnegative" (an empty positional embedding), or a model
+    that loaded and failed with IndexError at its first forward (a 10-row token embedding)."""
+    sd = dict(_state(official_file)["state_dict"])
+    sd[key] = tensor
+    with pytest.raises(CheckpointError) as err:
+        dcf.load_checkpoint(_save_state(tmp_path, sd), class_names=NAMES)
+    assert message in str(err.value) and str(err.value).startswith(str(tmp_path))
+
+
+def test_vit_state_dict_without_positional_embedding(tmp_path):
+    sd = DenseCLIP(tiny_config("vit"), NAMES).state_dict()
+    del sd["backbone.positional_embedding"]
+    with pytest.raises(CheckpointError, match="not a DenseCLIP state dict: missing backbone.positional_embedding"):
+        dcf.load_checkpoint(_save_state(tmp_path, sd), class_names=NAMES)
+
+
+@pytest.mark.parametrize("pos", [torch.zeros(0, 256), torch.zeros(256), torch.zeros(11, 256)])
+def test_clip_positional_embedding_that_is_not_a_grid(tmp_path, pos):
+    """An empty CLIP positional embedding was "isqrt() argument must be nonnegative", a 1-D one an IndexError."""
+    from denseclip_fast.checkpoints.clip import init_from_clip
+
+    path = tmp_path / "clip.pth"
+    torch.save({"visual.conv1.weight": torch.zeros(1), "token_embedding.weight": torch.zeros(1),
+                "visual.attnpool.positional_embedding": pos}, path)  # fmt: skip
+    message = f"visual.attnpool.positional_embedding has shape {tuple(pos.shape)}, expected (1 + grid * grid, width)"
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        init_from_clip(DenseCLIP(tiny_config("resnet"), NAMES), path)
+
+
 def test_not_a_denseclip_state_dict(tmp_path):
     path = tmp_path / "other.pth"
     torch.save({"state_dict": {"fc.weight": torch.zeros(2, 2)}}, path)
