@@ -419,6 +419,74 @@ def test_torchscript_archive_with_code_is_never_run(tmp_path, monkeypatch):
     assert not (tmp_path / PWNED).exists()
 
 
+def _global(module: str, name: str) -> bytes:
+    return f"c{module}\n{name}\n".encode()  # the GLOBAL opcode
+
+
+def _pushed(obj) -> bytes:
+    return pickle.dumps(obj, protocol=2)[2:-1]  # the opcodes that push obj, without PROTO and STOP
+
+
+_NESTED = b"}" + b"X\x01\x00\x00\x00a}" * 20000 + b"s" * 20000  # {'a': {'a': ... 20000 deep}}, no recursion
+_CRAFTED = {
+    "bad_rebuild_arguments": _global("torch._utils", "_rebuild_tensor_v2") + _pushed(("a", 0, "b", "c")) + b"R",
+    "storage_called": _global("torch", "FloatStorage") + _pushed((1,)) + b"R",
+    "build_on_a_dtype": _global("torch", "FloatStorage") + _pushed({"x": 1}) + b"b",
+    "build_on_an_allowed_function": _global("torch.jit._pickle", "restore_type_tag")
+    + _pushed((None, {"__defaults__": (1, 2)})) + b"b",
+    "stack_underflow": b"s",
+}
+
+
+@pytest.mark.parametrize("case", sorted(_CRAFTED))
+def test_crafted_torchscript_pickles_are_checkpoint_errors(tmp_path, case):
+    """The restricted TorchScript reader let TypeError (bad arguments to an allowlisted function, a storage type
+    called), AttributeError (BUILD on a dtype) and IndexError out, and a BUILD on an allowlisted function set its
+    __defaults__ for the rest of the process. Each is now "not a valid checkpoint", and nothing is changed."""
+    from denseclip_fast.checkpoints import io as checkpoint_io
+
+    path = tmp_path / "crafted.pt"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("archive/data.pkl", b"\x80\x02" + _CRAFTED[case] + b".")
+        z.writestr("archive/constants.pkl", pickle.dumps((), protocol=2))
+        z.writestr("archive/code/__torch__.py", "")
+    with pytest.raises(CheckpointError, match="not a valid checkpoint: its TorchScript archive could not be decoded"):
+        dcf.load_checkpoint(path)
+    assert checkpoint_io._first.__defaults__ is None and checkpoint_io._rebuild_tensor.__defaults__ is None
+
+
+@pytest.mark.parametrize("case", ["bad_rebuild_arguments", "stack_underflow"])
+def test_crafted_torch_pickles_are_checkpoint_errors(tmp_path, case):
+    """torch.load(weights_only=True) lets AttributeError and IndexError out of a crafted zip; its UnpicklingError for
+    other objects advises weights_only=False, which the message must not repeat."""
+    buf = io.BytesIO()
+    torch.save({"gamma": torch.zeros(2)}, buf)
+    path = tmp_path / "crafted.pth"
+    with zipfile.ZipFile(buf) as src, zipfile.ZipFile(path, "w") as z:
+        for name in src.namelist():
+            z.writestr(name, b"\x80\x02" + _CRAFTED[case] + b"." if name.endswith("data.pkl") else src.read(name))
+    with pytest.raises(CheckpointError, match="not a valid checkpoint: it could not be read as a torch file"):
+        dcf.load_checkpoint(path)
+    with zipfile.ZipFile(buf) as src, zipfile.ZipFile(path, "w") as z:
+        for name in src.namelist():
+            z.writestr(name, b"\x80\x02}" + _pushed({"x": 1}) + b"b." if name.endswith("data.pkl") else src.read(name))
+    with pytest.raises(CheckpointError, match="not a valid checkpoint: it holds objects other than tensors") as err:
+        dcf.load_checkpoint(path)
+    assert "weights_only" not in str(err.value)
+
+
+def test_torchscript_nesting_and_cycles_are_read_without_recursion(tmp_path):
+    """20000 nested dicts were a RecursionError in _flatten (and a cycle would have been one too)."""
+    cyclic = b"}q\x00X\x01\x00\x00\x00ah\x00s"  # d = {}; d['a'] = d
+    for data in (_NESTED, cyclic):
+        path = tmp_path / "nested.pt"
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr("archive/data.pkl", b"\x80\x02" + data + b".")
+            z.writestr("archive/code/__torch__.py", "")
+        with pytest.raises(CheckpointError, match="the TorchScript archive holds no tensors"):
+            dcf.load_checkpoint(path)
+
+
 @pytest.mark.parametrize(
     "content, match",
     [
@@ -431,6 +499,17 @@ def test_non_checkpoints(tmp_path, content, match):
     path.write_bytes(content)
     with pytest.raises(CheckpointError, match=match):
         dcf.load_checkpoint(path)
+
+
+def test_safetensors_file_cut_inside_its_header(tmp_path, native_file):
+    """Was "not a checkpoint: unrecognised format" (the header length said more bytes than the file has)."""
+    data = native_file.read_bytes()
+    for size in (9, 60):
+        path = tmp_path / "cut.safetensors"
+        path.write_bytes(data[:size])
+        with pytest.raises(CheckpointError, match=rf"truncated or corrupt safetensors file: its header should be "
+                                                  rf"\d+ bytes but the file has {size} bytes in all"):  # fmt: skip
+            dcf.load_checkpoint(path)
 
 
 def test_truncated_files(tmp_path, official_file):
