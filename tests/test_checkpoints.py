@@ -380,6 +380,35 @@ def test_path_argument_is_checked(path, shown):
         DenseCLIP.from_clip(path, "RN50", NAMES)
 
 
+def test_save_errors_name_the_path(tmp_path, monkeypatch):
+    """A directory given as the path was an IsADirectoryError about a temporary name, a failed write a raw
+    SafetensorError: each is a CheckpointError naming the path (the command line prints it on one line), and a
+    failed write keeps the previous file."""
+    from safetensors import SafetensorError
+
+    model = DenseCLIP(tiny_config("resnet"), NAMES)
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(tmp_path))}: cannot save: it is a directory"):
+        model.save(tmp_path)
+    target = tmp_path / "model.safetensors"
+    model.save(target)
+    before = target.read_bytes()
+
+    def full_disk(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr("safetensors.torch.save_file", full_disk)
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(target))}: cannot save: Error while serializing: "
+                                              r"I/O error: No space left on device"):  # fmt: skip
+        model.save(target)
+    assert target.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["model.safetensors"]
+    monkeypatch.undo()
+    if os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        with pytest.raises(CheckpointError, match="cannot save: directory .*locked is not writable"):
+            model.save(locked / "model.safetensors")
+
+
 # ------------------------------------------------------------------------------------------------ unsafe and broken
 
 

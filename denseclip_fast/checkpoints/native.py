@@ -23,6 +23,9 @@ FORMAT_VERSION = "1"
 
 
 def save_native(model: DenseCLIP, path: str | os.PathLike[str]) -> None:
+    """Write ``model`` to ``path`` (replaced atomically). CheckpointError naming the path when it cannot be written:
+    a missing or unwritable directory, a directory at ``path``, a failed write (the old file is then kept)."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     path = path_argument(path)
@@ -38,8 +41,16 @@ def save_native(model: DenseCLIP, path: str | os.PathLike[str]) -> None:
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         raise CheckpointError(path, f"cannot save: directory {parent} does not exist")
-    with replaced_atomically(path) as partial:
-        save_file(tensors, partial, metadata=metadata)
+    if os.path.isdir(path):
+        raise CheckpointError(path, "cannot save: it is a directory (give a file name, e.g. model.safetensors)")
+    if not os.access(parent, os.W_OK):
+        raise CheckpointError(path, f"cannot save: directory {parent} is not writable")
+    try:
+        with replaced_atomically(path) as partial:
+            save_file(tensors, partial, metadata=metadata)
+    except (OSError, SafetensorError) as exc:  # e.g. a full disk, or permissions os.access cannot see
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise CheckpointError(path, f"cannot save: {reason}") from None
 
 
 def is_native(metadata: dict[str, str]) -> bool:
