@@ -334,6 +334,15 @@ def test_malformed_palettes_are_dropped_with_a_warning(tmp_path, native_file, pa
     assert dcf.load_checkpoint(native_file).palette == [(1, 2, 3), (4, 5, 6), (7, 8, 9)]
 
 
+def test_class_names_stored_in_the_file_that_the_tokenizer_refuses(tmp_path, native_file):
+    """Was the tokenizer's ValueError, which names neither the file nor where the names came from."""
+    path = _native_with(tmp_path, native_file, class_names='["sky", "", "car"]')
+    with pytest.raises(CheckpointError, match=r"the file's class names cannot be used: class name 1 \(''\) has no"):
+        dcf.load_checkpoint(path)
+    with pytest.raises(ValueError, match=r"^class name 1 \(''\) has no tokens"):
+        dcf.load_checkpoint(native_file, class_names=["sky", "", "car"])
+
+
 def test_class_names_stored_in_the_file_that_disagree_with_its_head(tmp_path, native_file, official_file):
     """The caller passed no class_names: the message is about the file's names, not about a class_names argument."""
     path = _native_with(tmp_path, native_file, class_names='["cat", "dog"]')

@@ -70,7 +70,12 @@ def load_checkpoint(
             path, f"the file's class names ({len(names)}) disagree with its head ({k} outputs); "
             f"pass class_names=[...] with {k} names"
         )  # fmt: skip
-    model = DenseCLIP(config, names)
+    try:
+        model = DenseCLIP(config, names)
+    except ValueError as exc:  # the tokenizer's checks (a name with no tokens, or too many)
+        if class_names is not None:
+            raise
+        raise CheckpointError(path, f"the file's class names cannot be used: {exc}") from None
     load_state_strict(model, sd, path)
     model.palette = _palette(palette, k, path)
     return model.eval()

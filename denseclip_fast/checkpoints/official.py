@@ -95,7 +95,8 @@ def infer_config(sd: Mapping[str, torch.Tensor], path: str) -> tuple[DenseCLIPCo
 def _infer_config(sd: Mapping[str, torch.Tensor], path: str) -> tuple[DenseCLIPConfig, int]:
     missing = [k for k in REQUIRED_KEYS if k not in sd]
     if "backbone.class_embedding" in sd:  # a ViT
-        missing += [] if "backbone.positional_embedding" in sd else ["backbone.positional_embedding"]
+        if "backbone.positional_embedding" not in sd:
+            missing.append("backbone.positional_embedding")
     elif "backbone.attnpool.positional_embedding" not in sd:
         missing.append("backbone.attnpool.positional_embedding or backbone.class_embedding")
     if missing:
