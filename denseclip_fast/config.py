@@ -243,7 +243,7 @@ def _int_tuple(name: str, value: Any, length: int, minimum: int = 1, why: str = 
     """``value`` (a tuple or list of ``length`` ints >= ``minimum``) as a tuple, or ValueError naming ``name``."""
     ok = isinstance(value, (tuple, list)) and len(value) == length
     if not ok or not all(isinstance(v, int) and not isinstance(v, bool) and v >= minimum for v in value):
-        ints = "an int" if length == 1 else f"{length} ints"
+        ints = "1 int" if length == 1 else f"{length} ints"
         raise ValueError(f"{name} must be a list of {ints} >= {minimum}{why}, got {value!r}")
     return tuple(value)
 

@@ -127,7 +127,7 @@ def test_vit_config_checks():
         dataclasses.replace(vit, out_indices=(3, 3, 7, 11))
     with pytest.raises(ValueError, match=r"got \[3, 5, 7, 12\]"):
         dataclasses.replace(vit, out_indices=(3, 5, 7, 12))
-    with pytest.raises(ValueError, match=r"vision.layers must be a list of an int >= 1, got \(6, 6\)"):
+    with pytest.raises(ValueError, match=r"vision.layers must be a list of 1 int >= 1, got \(6, 6\)"):
         dataclasses.replace(vit, layers=(6, 6))
     with pytest.raises(ValueError, match=r"vision.patch_size must be 16 for a ViT"):
         dataclasses.replace(vit, patch_size=14)
