@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Literal
 
 ARCH_ALIASES = {"RN50": "RN50", "RN101": "RN101", "ViT-B/16": "ViT-B-16", "ViT-B-16": "ViT-B-16"}
 ARCHS = ("RN50", "RN101", "ViT-B/16")
+CUSTOM_ARCH = "custom"  # the arch of any configuration that is not one of the released ones
 ACTIVATIONS = ("quick_gelu", "gelu")
+CLIP_VOCAB_SIZE = 49408  # CLIP's BPE vocabulary: the tokenizer's ids run to 49407 (EOT)
+MIN_IMAGE_SIDE = 32  # the stride-32 level must keep at least one pixel
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,42 @@ class VisionConfig:
     drop_path_rate: float = 0.0
     # The official ViT adds class_embedding to the class token and again to its positional embedding.
     double_class_embedding: bool = True
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("resnet", "vit"):
+            raise ValueError(f"vision.kind must be 'resnet' or 'vit', got {self.kind!r}")
+        _set_tuple(self, "layers", _int_tuple("vision.layers", self.layers, 4 if self.kind == "resnet" else 1))
+        _set_tuple(self, "out_indices", _int_tuple("vision.out_indices", self.out_indices, 4, minimum=0))
+        _check_int("vision.width", self.width)
+        _check_int("vision.heads", self.heads)
+        _check_int("vision.input_resolution", self.input_resolution)
+        _check_int("vision.patch_size", self.patch_size, minimum=0)
+        _check_number("vision.drop_path_rate", self.drop_path_rate, 0.0, 1.0, high_open=True)
+        if not isinstance(self.double_class_embedding, bool):
+            raise ValueError(
+                f"vision.double_class_embedding must be true or false, got {self.double_class_embedding!r}"
+            )
+        if self.kind == "resnet":
+            if self.width % 2:
+                raise ValueError(f"vision.width must be even for a ResNet (its stem halves it), got {self.width}")
+            if self.width * 32 % self.heads:
+                raise ValueError(f"vision.heads {self.heads} must divide the attention pool's width (vision.width x 32 "
+                                 f"= {self.width * 32})")  # fmt: skip
+        else:
+            if self.patch_size != 16:
+                raise ValueError(
+                    f"vision.patch_size must be 16 for a ViT (the official pyramid), got {self.patch_size}"
+                )
+            if self.width % self.heads:
+                raise ValueError(f"vision.width {self.width} is not divisible by vision.heads {self.heads}")
+            depth, taps = self.layers[0], self.out_indices
+            if list(taps) != sorted(set(taps)) or taps[-1] >= depth:
+                raise ValueError(f"vision.out_indices must be 4 increasing block indices below vision.layers[0] = "
+                                 f"{depth}, got {list(taps)}")  # fmt: skip
+        if self.grid < 1:
+            stride = 32 if self.kind == "resnet" else self.patch_size
+            raise ValueError(f"vision.input_resolution must be at least {stride} (one grid cell), got "
+                             f"{self.input_resolution}")  # fmt: skip
 
     @property
     def grid(self) -> int:
@@ -65,6 +105,21 @@ class TextConfig:
     heads: int = 8
     layers: int = 12
 
+    def __post_init__(self) -> None:
+        _check_int("text.context_length", self.context_length)
+        _check_int("text.n_ctx", self.n_ctx, minimum=0)
+        _check_int("text.vocab_size", self.vocab_size, minimum=CLIP_VOCAB_SIZE, why=" (the tokenizer's vocabulary)")
+        _check_int("text.width", self.width)
+        _check_int("text.heads", self.heads)
+        _check_int("text.layers", self.layers)
+        if self.width % self.heads:
+            raise ValueError(f"text.width {self.width} is not divisible by text.heads {self.heads}")
+        if self.class_token_length < 3:
+            raise ValueError(
+                f"text.context_length - text.n_ctx must be >= 3 (SOT, one name token, EOT), "
+                f"got {self.context_length} - {self.n_ctx}"
+            )
+
     @property
     def class_token_length(self) -> int:
         """Length of the tokenised class name, SOT and EOT included (the official ``context_length=5``)."""
@@ -83,6 +138,14 @@ class DecoderConfig:
     heads: int = 4
     layers: int = 3
     dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        _check_int("decoder.width", self.width)
+        _check_int("decoder.heads", self.heads)
+        _check_int("decoder.layers", self.layers)
+        _check_number("decoder.dropout", self.dropout, 0.0, 1.0)
+        if self.width % self.heads:
+            raise ValueError(f"decoder.width {self.width} is not divisible by decoder.heads {self.heads}")
 
 
 @dataclass(frozen=True)
@@ -108,28 +171,45 @@ class DenseCLIPConfig:
     activation: Literal["quick_gelu", "gelu"] = "quick_gelu"
 
     def __post_init__(self) -> None:
-        if self.vision.kind not in ("resnet", "vit"):
-            raise ValueError(f"vision.kind must be 'resnet' or 'vit', got {self.vision.kind!r}")
+        """Every field checked (type and range), so that a bad configuration is a ValueError naming the field and
+        the value here, not a TypeError or a division by zero inside the model, or a model that loads and computes
+        nonsense. The sub-configurations check themselves when built."""
+        if self.arch not in (*ARCHS, CUSTOM_ARCH):
+            raise ValueError(f"arch must be one of {[*ARCHS, CUSTOM_ARCH]}, got {self.arch!r}")
+        for name, sub_cls in (("vision", VisionConfig), ("text", TextConfig), ("decoder", DecoderConfig)):
+            if not isinstance(getattr(self, name), sub_cls):
+                raise ValueError(f"{name} must be a {sub_cls.__name__}, got {type(getattr(self, name)).__name__}")
+        kind = "vit" if self.arch == "ViT-B/16" else "resnet"
+        if self.arch != CUSTOM_ARCH and self.vision.kind != kind:
+            raise ValueError(f"arch {self.arch!r} has vision.kind {kind!r}, got {self.vision.kind!r}")
+        _check_int("embed_dim", self.embed_dim)
+        _check_int("fpn_channels", self.fpn_channels)
+        _check_int("head_channels", self.head_channels)
+        _check_number("head_dropout", self.head_dropout, 0.0, 1.0)
+        _check_int("score_concat_index", self.score_concat_index, minimum=0)
+        if self.score_concat_index > 3:
+            raise ValueError(f"score_concat_index must be in 0..3, got {self.score_concat_index}")
+        _check_number("tau", self.tau, 0.0, math.inf, low_open=True, high_open=True)
+        _check_int("slide_crop", self.slide_crop, minimum=MIN_IMAGE_SIDE, why=" (the stride-32 level keeps a pixel)")
+        _check_int("slide_stride", self.slide_stride)
+        if self.slide_stride > self.slide_crop:
+            raise ValueError(f"slide_stride must not exceed slide_crop {self.slide_crop} (the windows would leave "
+                             f"pixels out), got {self.slide_stride}")  # fmt: skip
+        scale = _int_tuple("test_scale", self.test_scale, 2, MIN_IMAGE_SIDE, " (an image's short side keeps a pixel "
+                           "at stride 32)")  # fmt: skip
+        _set_tuple(self, "test_scale", scale)
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
-        if not 0 <= self.score_concat_index <= 3:
-            raise ValueError(f"score_concat_index must be in 0..3, got {self.score_concat_index}")
-        if self.text.class_token_length < 3:
-            raise ValueError(
-                f"text.context_length - text.n_ctx must be >= 3 (SOT, one name token, EOT), "
-                f"got {self.text.context_length} - {self.text.n_ctx}"
-            )
-        if self.decoder.width % self.decoder.heads:
-            raise ValueError(
-                f"decoder.width {self.decoder.width} is not divisible by decoder.heads {self.decoder.heads}"
-            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DenseCLIPConfig:
-        """Inverse of :meth:`to_dict`; unknown keys are an error, so a typo never passes silently."""
+        """Inverse of :meth:`to_dict`; unknown or missing keys and bad values are a ValueError naming the field, so a
+        typo never passes silently."""
+        if not isinstance(data, dict):
+            raise ValueError(f"config: expected a JSON object, got {type(data).__name__}")
         data = dict(data)
         sub = {"vision": VisionConfig, "text": TextConfig, "decoder": DecoderConfig}
         for name, sub_cls in sub.items():
@@ -141,6 +221,38 @@ class DenseCLIPConfig:
         return dataclasses.replace(self, **changes)
 
 
+def _check_int(name: str, value: Any, minimum: int = 1, why: str = "") -> None:
+    """ValueError naming ``name`` unless ``value`` is an int (not a bool) >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}{why}, got {value!r}")
+
+
+def _check_number(
+    name: str, value: Any, low: float, high: float, low_open: bool = False, high_open: bool = False
+) -> None:
+    """ValueError naming ``name`` unless ``value`` is a finite real number (not a bool) in the interval given."""
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    above = is_number and (value > low if low_open else value >= low)
+    below = is_number and (value < high if high_open else value <= high)
+    if not (above and below):
+        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ValueError(f"{name} must be a number in {interval}, got {value!r}")
+
+
+def _int_tuple(name: str, value: Any, length: int, minimum: int = 1, why: str = "") -> tuple[int, ...]:
+    """``value`` (a tuple or list of ``length`` ints >= ``minimum``) as a tuple, or ValueError naming ``name``."""
+    ok = isinstance(value, (tuple, list)) and len(value) == length
+    if not ok or not all(isinstance(v, int) and not isinstance(v, bool) and v >= minimum for v in value):
+        ints = "1 int" if length == 1 else f"{length} ints"
+        raise ValueError(f"{name} must be a list of {ints} >= {minimum}{why}, got {value!r}")
+    return tuple(value)
+
+
+def _set_tuple(obj: Any, name: str, value: tuple[int, ...]) -> None:
+    """Store a list given for a tuple field as the tuple (the dataclasses are frozen), so configs compare equal."""
+    object.__setattr__(obj, name, value)
+
+
 def _build(cls: type, data: Any, where: str) -> Any:
     if not isinstance(data, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(data).__name__}")
@@ -148,6 +260,11 @@ def _build(cls: type, data: Any, where: str) -> Any:
     unknown = sorted(set(data) - set(known))
     if unknown:
         raise ValueError(f"{where}: unknown keys {unknown}; known keys are {sorted(known)}")
+    required = [name for name, f in known.items()
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]  # fmt: skip
+    missing = [name for name in required if name not in data]
+    if missing:
+        raise ValueError(f"{where}: missing keys {missing} (required: {required})")
     kwargs = {}
     for key, value in data.items():
         # JSON has no tuples: restore them for the tuple-typed fields so configs compare equal.

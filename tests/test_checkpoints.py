@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import pickle
+import re
 import zipfile
 
 import pytest
@@ -120,6 +122,59 @@ def test_non_tensor_entries_are_refused(tmp_path, official_file):
         dcf.load_checkpoint(_save_state(tmp_path, sd), class_names=NAMES)
 
 
+@pytest.mark.parametrize(
+    "key, tensor, message",
+    [
+        ("gamma", torch.tensor(1e-4), "gamma has shape (), expected (embed_dim,)"),
+        ("contexts", torch.zeros(8), "contexts has shape (8,), expected (1, n_ctx, text width)"),
+        ("text_encoder.positional_embedding", torch.zeros(13),
+         "text_encoder.positional_embedding has shape (13,), expected (context_length, text width)"),
+        ("decode_head.conv_seg.weight", torch.zeros(4),
+         "decode_head.conv_seg.weight has shape (4,), expected (K, head_channels, 1, 1)"),
+        ("decode_head.conv_seg.weight", torch.zeros(0, 16, 1, 1),
+         "decode_head.conv_seg.weight has shape (0, 16, 1, 1), expected (K, head_channels, 1, 1) with K >= 1"),
+        ("neck.lateral_convs.2.conv.weight", torch.zeros(16, 32),
+         "neck.lateral_convs.2.conv.weight has shape (16, 32), expected (fpn_channels, in_channels, 1, 1)"),
+        ("backbone.attnpool.positional_embedding", torch.zeros(0, 256),
+         "backbone.attnpool.positional_embedding has shape (0, 256), expected (1 + grid * grid, width * 32) "
+         "(e.g. 257 rows: 1 + 16 * 16)"),
+        ("backbone.attnpool.positional_embedding", torch.zeros(7, 256), "has shape (7, 256), expected (1 + grid"),
+        ("text_encoder.token_embedding.weight", torch.zeros(10, 64),
+         "text_encoder.token_embedding.weight has shape (10, 64), expected (49408 or more, text width): the "
+         "tokenizer's ids go up to 49407"),
+    ],
+)  # fmt: skip
+def test_official_tensors_of_the_wrong_shape_are_named(tmp_path, official_file, key, tensor, message):
+    """Were IndexError (gamma 0-d, contexts or the text positional embedding 1-D), an unpacking ValueError with no
+    context (a 1-D classifier), "isqrt() argument must be nonnegative" (an empty positional embedding), or a model
+    that loaded and failed with IndexError at its first forward (a 10-row token embedding)."""
+    sd = dict(_state(official_file)["state_dict"])
+    sd[key] = tensor
+    with pytest.raises(CheckpointError) as err:
+        dcf.load_checkpoint(_save_state(tmp_path, sd), class_names=NAMES)
+    assert message in str(err.value) and str(err.value).startswith(str(tmp_path))
+
+
+def test_vit_state_dict_without_positional_embedding(tmp_path):
+    sd = DenseCLIP(tiny_config("vit"), NAMES).state_dict()
+    del sd["backbone.positional_embedding"]
+    with pytest.raises(CheckpointError, match="not a DenseCLIP state dict: missing backbone.positional_embedding"):
+        dcf.load_checkpoint(_save_state(tmp_path, sd), class_names=NAMES)
+
+
+@pytest.mark.parametrize("pos", [torch.zeros(0, 256), torch.zeros(256), torch.zeros(11, 256)])
+def test_clip_positional_embedding_that_is_not_a_grid(tmp_path, pos):
+    """An empty CLIP positional embedding was "isqrt() argument must be nonnegative", a 1-D one an IndexError."""
+    from denseclip_fast.checkpoints.clip import init_from_clip
+
+    path = tmp_path / "clip.pth"
+    torch.save({"visual.conv1.weight": torch.zeros(1), "token_embedding.weight": torch.zeros(1),
+                "visual.attnpool.positional_embedding": pos}, path)  # fmt: skip
+    message = f"visual.attnpool.positional_embedding has shape {tuple(pos.shape)}, expected (1 + grid * grid, width)"
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        init_from_clip(DenseCLIP(tiny_config("resnet"), NAMES), path)
+
+
 def test_not_a_denseclip_state_dict(tmp_path):
     path = tmp_path / "other.pth"
     torch.save({"state_dict": {"fc.weight": torch.zeros(2, 2)}}, path)
@@ -186,6 +241,183 @@ def test_native_file_checks(tmp_path):
         dcf.load_checkpoint(truncated)
 
 
+@pytest.fixture(scope="module")
+def native_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("native") / "native.safetensors"
+    model = DenseCLIP(tiny_config("resnet"), ["sky", "road", "car"])
+    model.palette = [(1, 2, 3), (4, 5, 6), (7, 8, 9)]
+    model.save(path)
+    return path
+
+
+def _native_with(tmp_path, native_file, name="edited.safetensors", **changes):
+    """A copy of ``native_file`` with metadata entries replaced (each value as written to the header)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(native_file), "pt") as f:
+        meta, sd = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    path = tmp_path / name
+    save_file(sd, str(path), metadata={**meta, **changes})
+    return path
+
+
+def _config_with(native_file, dotted: str, value):
+    from safetensors import safe_open
+
+    with safe_open(str(native_file), "pt") as f:
+        config = json.loads(f.metadata()["config"])
+    *parents, key = dotted.split(".")
+    part = config
+    for name in parents:
+        part = part[name]
+    part[key] = value
+    return json.dumps(config)
+
+
+@pytest.mark.parametrize(
+    "dotted, value, match",
+    [
+        ("decoder.heads", 0, "decoder.heads must be an int >= 1, got 0"),
+        ("text.heads", 0, "text.heads must be an int >= 1, got 0"),
+        ("vision.layers", 4, "vision.layers must be a list of 4 ints >= 1, got 4"),
+        ("vision.width", "8", "vision.width must be an int >= 1, got '8'"),
+        ("fpn_channels", -16, "fpn_channels must be an int >= 1, got -16"),
+        ("score_concat_index", 3.0, "score_concat_index must be an int >= 0, got 3.0"),
+        ("head_dropout", 2.0, r"head_dropout must be a number in \[0.0, 1.0\], got 2.0"),
+        ("tau", 0, r"tau must be a number in \(0.0, inf\), got 0"),
+        ("test_scale", "big", "test_scale must be a list of 2 ints >= 32 .*, got 'big'"),
+        ("test_scale", [0, 0], r"test_scale must be a list of 2 ints >= 32 .*, got \(0, 0\)"),
+        ("arch", "RN9000", r"arch must be one of \['RN50', 'RN101', 'ViT-B/16', 'custom'\], got 'RN9000'"),
+        ("text.vocab_size", 10, "text.vocab_size must be an int >= 49408"),
+    ],
+)
+def test_native_config_metadata_is_validated(tmp_path, native_file, dotted, value, match):
+    """A bad value in the saved architecture is a CheckpointError naming the file, the field and the value; before,
+    these were ZeroDivisionError, TypeError or RuntimeError deep in the model, or a model that loaded and failed
+    (or computed infinities) later."""
+    path = _native_with(tmp_path, native_file, config=_config_with(native_file, dotted, value))
+    with pytest.raises(CheckpointError, match=f"invalid architecture in the metadata 'config': {match}") as err:
+        dcf.load_checkpoint(path)
+    assert str(err.value).startswith(f"{path}: ")
+
+
+def test_official_tensors_implying_an_invalid_architecture(tmp_path, official_file):
+    """No text transformer blocks in the file: before, a text encoder of 0 layers loaded silently."""
+    sd = {k: v for k, v in _state(official_file)["state_dict"].items()
+          if not k.startswith("text_encoder.transformer.")}  # fmt: skip
+    with pytest.raises(CheckpointError, match="the tensors describe an invalid architecture: text.layers must be an "
+                                              "int >= 1, got 0"):  # fmt: skip
+        dcf.load_checkpoint(_save_state(tmp_path, sd), class_names=NAMES)
+
+
+@pytest.mark.parametrize("value", ["5", "null", '["sky", 3, "car"]', "[]", '"sky road car"'])
+def test_native_class_names_metadata_is_validated(tmp_path, native_file, value):
+    """Was a TypeError (len() of an int or None), or a string taken as its characters."""
+    path = _native_with(tmp_path, native_file, class_names=value)
+    with pytest.raises(CheckpointError, match="the metadata 'class_names' must be a non-empty JSON list of strings, "
+                                              "got "):  # fmt: skip
+        dcf.load_checkpoint(path)
+
+
+@pytest.mark.parametrize(
+    "palette",
+    ["[[Infinity, 0, 0], [0, 0, 0], [0, 0, 0]]", "[[1.5, 2, 3], [4, 5, 6], [7, 8, 9]]", "[[1, 2, 3], [4, 5, 6]]",
+     "[[true, 2, 3], [4, 5, 6], [7, 8, 9]]", '["abc", "def", "ghi"]', "7", "[[1, 2, 3], [4, 5, 6], [7, 8, 256]]"],
+)  # fmt: skip
+def test_malformed_palettes_are_dropped_with_a_warning(tmp_path, native_file, palette):
+    """A palette is cosmetic: a malformed one is dropped, with a warning naming the file. Infinity was an
+    OverflowError out of load_checkpoint; 1.5 was silently truncated to 1."""
+    path = _native_with(tmp_path, native_file, palette=palette)
+    with pytest.warns(UserWarning, match="ignoring the palette in the file: it is not 3 RGB triples of integers"):
+        assert dcf.load_checkpoint(path).palette is None
+    assert dcf.load_checkpoint(native_file).palette == [(1, 2, 3), (4, 5, 6), (7, 8, 9)]
+
+
+def test_class_names_stored_in_the_file_that_the_tokenizer_refuses(tmp_path, native_file):
+    """Was the tokenizer's ValueError, which names neither the file nor where the names came from."""
+    path = _native_with(tmp_path, native_file, class_names='["sky", "", "car"]')
+    with pytest.raises(CheckpointError, match=r"the file's class names cannot be used: class name 1 \(''\) has no"):
+        dcf.load_checkpoint(path)
+    with pytest.raises(ValueError, match=r"^class name 1 \(''\) has no tokens"):
+        dcf.load_checkpoint(native_file, class_names=["sky", "", "car"])
+
+
+def test_class_names_stored_in_the_file_that_disagree_with_its_head(tmp_path, native_file, official_file):
+    """The caller passed no class_names: the message is about the file's names, not about a class_names argument."""
+    path = _native_with(tmp_path, native_file, class_names='["cat", "dog"]')
+    with pytest.raises(CheckpointError) as err:
+        dcf.load_checkpoint(path)
+    assert str(err.value) == (f"{path}: the file's class names (2) disagree with its head (3 outputs); "
+                              "pass class_names=[...] with 3 names")  # fmt: skip
+    assert dcf.load_checkpoint(path, class_names=["cat", "dog", "cow"]).class_names == ["cat", "dog", "cow"]
+    official = _save_state(tmp_path, _state(official_file)["state_dict"], meta={"CLASSES": ("cat", "dog")})
+    with pytest.raises(CheckpointError, match=r"the file's class names \(2\) disagree with its head \(4 outputs\)"):
+        dcf.load_checkpoint(official)
+    official = _save_state(tmp_path, _state(official_file)["state_dict"], meta={"CLASSES": 5})
+    with pytest.raises(CheckpointError, match=r"meta\['CLASSES'\] is not a list of strings, got int"):
+        dcf.load_checkpoint(official)
+
+
+@pytest.mark.parametrize(
+    "class_names, match",
+    [
+        ("abc", "class_names must be a list of strings, got str: 'abc'"),
+        (3, "class_names must be a list of strings, got int: 3"),
+        (["sky", None, "car"], "class_names\\[1\\] must be a string, got NoneType: None"),
+        ((b"sky", "road", "car"), "class_names\\[0\\] must be a string, got bytes: b'sky'"),
+    ],
+)
+def test_class_names_argument_is_checked(native_file, class_names, match):
+    """A str was run through list(): 'abc' loaded as the classes ['a', 'b', 'c']."""
+    with pytest.raises(ValueError, match=match):
+        dcf.load_checkpoint(native_file, class_names=class_names)
+    assert dcf.load_checkpoint(native_file, class_names=(n for n in "xyz")).class_names == ["x", "y", "z"]
+
+
+@pytest.mark.parametrize("path, shown", [(b"/some/file.pth", "bytes: b'/some/file.pth'"), (None, "NoneType: None"),
+                                         (3, "int: 3"), ("", "str: ''")])  # fmt: skip
+def test_path_argument_is_checked(path, shown):
+    """None was a TypeError from os.fspath; bytes a CheckpointError for b'/some/file.pth'."""
+    message = f"path must be a non-empty str or os.PathLike, got {shown}"
+    with pytest.raises(ValueError, match=re.escape(message)) as err:
+        dcf.load_checkpoint(path)
+    assert not isinstance(err.value, CheckpointError)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        DenseCLIP(tiny_config("resnet"), NAMES).save(path)
+    with pytest.raises(ValueError, match=re.escape(message.replace("path", "clip_weights"))):
+        DenseCLIP.from_clip(path, "RN50", NAMES)
+
+
+def test_save_errors_name_the_path(tmp_path, monkeypatch):
+    """A directory given as the path was an IsADirectoryError about a temporary name, a failed write a raw
+    SafetensorError: each is a CheckpointError naming the path (the command line prints it on one line), and a
+    failed write keeps the previous file."""
+    from safetensors import SafetensorError
+
+    model = DenseCLIP(tiny_config("resnet"), NAMES)
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(tmp_path))}: cannot save: it is a directory"):
+        model.save(tmp_path)
+    target = tmp_path / "model.safetensors"
+    model.save(target)
+    before = target.read_bytes()
+
+    def full_disk(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr("safetensors.torch.save_file", full_disk)
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(target))}: cannot save: Error while serializing: "
+                                              r"I/O error: No space left on device"):  # fmt: skip
+        model.save(target)
+    assert target.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["model.safetensors"]
+    monkeypatch.undo()
+    if os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        with pytest.raises(CheckpointError, match="cannot save: directory .*locked is not writable"):
+            model.save(locked / "model.safetensors")
+
+
 # ------------------------------------------------------------------------------------------------ unsafe and broken
 
 
@@ -225,6 +457,74 @@ def test_torchscript_archive_with_code_is_never_run(tmp_path, monkeypatch):
     assert not (tmp_path / PWNED).exists()
 
 
+def _global(module: str, name: str) -> bytes:
+    return f"c{module}\n{name}\n".encode()  # the GLOBAL opcode
+
+
+def _pushed(obj) -> bytes:
+    return pickle.dumps(obj, protocol=2)[2:-1]  # the opcodes that push obj, without PROTO and STOP
+
+
+_NESTED = b"}" + b"X\x01\x00\x00\x00a}" * 20000 + b"s" * 20000  # {'a': {'a': ... 20000 deep}}, no recursion
+_CRAFTED = {
+    "bad_rebuild_arguments": _global("torch._utils", "_rebuild_tensor_v2") + _pushed(("a", 0, "b", "c")) + b"R",
+    "storage_called": _global("torch", "FloatStorage") + _pushed((1,)) + b"R",
+    "build_on_a_dtype": _global("torch", "FloatStorage") + _pushed({"x": 1}) + b"b",
+    "build_on_an_allowed_function": _global("torch.jit._pickle", "restore_type_tag")
+    + _pushed((None, {"__defaults__": (1, 2)})) + b"b",
+    "stack_underflow": b"s",
+}
+
+
+@pytest.mark.parametrize("case", sorted(_CRAFTED))
+def test_crafted_torchscript_pickles_are_checkpoint_errors(tmp_path, case):
+    """The restricted TorchScript reader let TypeError (bad arguments to an allowlisted function, a storage type
+    called), AttributeError (BUILD on a dtype) and IndexError out, and a BUILD on an allowlisted function set its
+    __defaults__ for the rest of the process. Each is now "not a valid checkpoint", and nothing is changed."""
+    from denseclip_fast.checkpoints import io as checkpoint_io
+
+    path = tmp_path / "crafted.pt"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("archive/data.pkl", b"\x80\x02" + _CRAFTED[case] + b".")
+        z.writestr("archive/constants.pkl", pickle.dumps((), protocol=2))
+        z.writestr("archive/code/__torch__.py", "")
+    with pytest.raises(CheckpointError, match="not a valid checkpoint: its TorchScript archive could not be decoded"):
+        dcf.load_checkpoint(path)
+    assert checkpoint_io._first.__defaults__ is None and checkpoint_io._rebuild_tensor.__defaults__ is None
+
+
+@pytest.mark.parametrize("case", ["bad_rebuild_arguments", "stack_underflow"])
+def test_crafted_torch_pickles_are_checkpoint_errors(tmp_path, case):
+    """torch.load(weights_only=True) lets AttributeError and IndexError out of a crafted zip; its UnpicklingError for
+    other objects advises weights_only=False, which the message must not repeat."""
+    buf = io.BytesIO()
+    torch.save({"gamma": torch.zeros(2)}, buf)
+    path = tmp_path / "crafted.pth"
+    with zipfile.ZipFile(buf) as src, zipfile.ZipFile(path, "w") as z:
+        for name in src.namelist():
+            z.writestr(name, b"\x80\x02" + _CRAFTED[case] + b"." if name.endswith("data.pkl") else src.read(name))
+    with pytest.raises(CheckpointError, match="not a valid checkpoint: it could not be read as a torch file"):
+        dcf.load_checkpoint(path)
+    with zipfile.ZipFile(buf) as src, zipfile.ZipFile(path, "w") as z:
+        for name in src.namelist():
+            z.writestr(name, b"\x80\x02}" + _pushed({"x": 1}) + b"b." if name.endswith("data.pkl") else src.read(name))
+    with pytest.raises(CheckpointError, match="not a valid checkpoint: it holds objects other than tensors") as err:
+        dcf.load_checkpoint(path)
+    assert "weights_only" not in str(err.value)
+
+
+def test_torchscript_nesting_and_cycles_are_read_without_recursion(tmp_path):
+    """20000 nested dicts were a RecursionError in _flatten (and a cycle would have been one too)."""
+    cyclic = b"}q\x00X\x01\x00\x00\x00ah\x00s"  # d = {}; d['a'] = d
+    for data in (_NESTED, cyclic):
+        path = tmp_path / "nested.pt"
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr("archive/data.pkl", b"\x80\x02" + data + b".")
+            z.writestr("archive/code/__torch__.py", "")
+        with pytest.raises(CheckpointError, match="the TorchScript archive holds no tensors"):
+            dcf.load_checkpoint(path)
+
+
 @pytest.mark.parametrize(
     "content, match",
     [
@@ -237,6 +537,17 @@ def test_non_checkpoints(tmp_path, content, match):
     path.write_bytes(content)
     with pytest.raises(CheckpointError, match=match):
         dcf.load_checkpoint(path)
+
+
+def test_safetensors_file_cut_inside_its_header(tmp_path, native_file):
+    """Was "not a checkpoint: unrecognised format" (the header length said more bytes than the file has)."""
+    data = native_file.read_bytes()
+    for size in (9, 60):
+        path = tmp_path / "cut.safetensors"
+        path.write_bytes(data[:size])
+        with pytest.raises(CheckpointError, match=rf"truncated or corrupt safetensors file: its header should be "
+                                                  rf"\d+ bytes but the file has {size} bytes in all"):  # fmt: skip
+            dcf.load_checkpoint(path)
 
 
 def test_truncated_files(tmp_path, official_file):

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import re
+
 import pytest
 import torch
 
 import denseclip_fast as dcf
 from benchmarks.official.model import tokenize as official_tokenize
-from denseclip_fast.config import DenseCLIPConfig, canonical_arch, preset
+from denseclip_fast.config import DenseCLIPConfig, VisionConfig, canonical_arch, preset
 from denseclip_fast.model.text import tokenize_class_names
 
 
@@ -62,3 +66,103 @@ def test_config_errors_name_the_problem():
         preset("RN50").replace(score_concat_index=4)
     with pytest.raises(ValueError, match="arch must be one of"):
         preset("ViT-L/14")
+
+
+@pytest.mark.parametrize(
+    "section, key, value, match",
+    [
+        (None, "arch", "RN9000", r"arch must be one of \['RN50', 'RN101', 'ViT-B/16', 'custom'\], got 'RN9000'"),
+        (None, "arch", "ViT-B/16", r"arch 'ViT-B/16' has vision.kind 'vit', got 'resnet'"),
+        ("decoder", "heads", 0, r"decoder.heads must be an int >= 1, got 0"),
+        ("decoder", "heads", 3, r"decoder.width 256 is not divisible by decoder.heads 3"),
+        ("decoder", "dropout", -0.5, r"decoder.dropout must be a number in \[0.0, 1.0\], got -0.5"),
+        ("text", "heads", 0, r"text.heads must be an int >= 1, got 0"),
+        ("text", "heads", 7, r"text.width 512 is not divisible by text.heads 7"),
+        ("text", "vocab_size", 10, r"text.vocab_size must be an int >= 49408 \(the tokenizer's vocabulary\), got 10"),
+        ("text", "n_ctx", 11, r"text.context_length - text.n_ctx must be >= 3"),
+        ("vision", "layers", 4, r"vision.layers must be a list of 4 ints >= 1, got 4"),
+        ("vision", "layers", [3, 4, 6], r"vision.layers must be a list of 4 ints >= 1, got .3, 4, 6."),
+        ("vision", "width", "8", r"vision.width must be an int >= 1, got '8'"),
+        ("vision", "width", 63, r"vision.width must be even for a ResNet"),
+        ("vision", "heads", 3, r"vision.heads 3 must divide the attention pool's width"),
+        ("vision", "input_resolution", 16, r"vision.input_resolution must be at least 32 \(one grid cell\), got 16"),
+        ("vision", "drop_path_rate", 1.0, r"vision.drop_path_rate must be a number in \[0.0, 1.0\), got 1.0"),
+        ("vision", "double_class_embedding", "yes", r"vision.double_class_embedding must be true or false, got 'yes'"),
+        ("vision", "kind", "vgg", r"vision.kind must be 'resnet' or 'vit', got 'vgg'"),
+        (None, "embed_dim", True, r"embed_dim must be an int >= 1, got True"),
+        (None, "fpn_channels", -16, r"fpn_channels must be an int >= 1, got -16"),
+        (None, "head_channels", 2.5, r"head_channels must be an int >= 1, got 2.5"),
+        (None, "score_concat_index", 3.0, r"score_concat_index must be an int >= 0, got 3.0"),
+        (None, "head_dropout", 2.0, r"head_dropout must be a number in \[0.0, 1.0\], got 2.0"),
+        (None, "tau", 0, r"tau must be a number in \(0.0, inf\), got 0"),
+        (None, "tau", float("nan"), r"tau must be a number in \(0.0, inf\), got nan"),
+        (None, "tau", "0.07", r"tau must be a number in \(0.0, inf\), got '0.07'"),
+        (None, "slide_crop", 16, r"slide_crop must be an int >= 32 \(the stride-32 level keeps a pixel\), got 16"),
+        (None, "slide_stride", 600, r"slide_stride must not exceed slide_crop 512 .*, got 600"),
+        (None, "test_scale", "big", r"test_scale must be a list of 2 ints >= 32 .*, got 'big'"),
+        (None, "test_scale", [0, 0], r"test_scale must be a list of 2 ints >= 32 .*, got .0, 0."),
+        (None, "activation", "relu", r"activation must be one of \('quick_gelu', 'gelu'\), got 'relu'"),
+    ],
+)
+def test_every_config_field_is_checked_naming_field_and_value(section, key, value, match):
+    """A bad value is a ValueError naming the field and the value when the config is built (from JSON or
+    directly), not a TypeError, a division by zero or a negative dimension inside the model, nor a model that
+    builds and computes nonsense (tau 0: infinite logits)."""
+    data = preset("RN50").to_dict()
+    (data[section] if section else data)[key] = value
+    with pytest.raises(ValueError, match=match):
+        DenseCLIPConfig.from_dict(data)
+    with pytest.raises(ValueError, match=match):
+        if section is None:
+            dataclasses.replace(preset("RN50"), **{key: value})
+        else:
+            part = dataclasses.replace(getattr(preset("RN50"), section), **{key: value})
+            dataclasses.replace(preset("RN50"), **{section: part})
+
+
+def test_vit_config_checks():
+    vit = preset("ViT-B/16").vision
+    with pytest.raises(ValueError, match=r"vision.out_indices must be 4 increasing block indices below "
+                                         r"vision.layers\[0\] = 12, got \[3, 3, 7, 11\]"):  # fmt: skip
+        dataclasses.replace(vit, out_indices=(3, 3, 7, 11))
+    with pytest.raises(ValueError, match=r"got \[3, 5, 7, 12\]"):
+        dataclasses.replace(vit, out_indices=(3, 5, 7, 12))
+    with pytest.raises(ValueError, match=r"vision.layers must be a list of 1 int >= 1, got \(6, 6\)"):
+        dataclasses.replace(vit, layers=(6, 6))
+    with pytest.raises(ValueError, match=r"vision.patch_size must be 16 for a ViT"):
+        dataclasses.replace(vit, patch_size=14)
+    with pytest.raises(ValueError, match=r"vision.width 768 is not divisible by vision.heads 5"):
+        dataclasses.replace(vit, heads=5)
+
+
+def test_legitimate_configs_pass_and_lists_become_tuples():
+    from .conftest import tiny_config
+
+    for config in (*(preset(a) for a in dcf.config.ARCHS), tiny_config("resnet"), tiny_config("vit")):
+        assert DenseCLIPConfig.from_dict(config.to_dict()) == config
+    vision = preset("RN50").vision
+    as_lists = VisionConfig(kind="resnet", layers=[3, 4, 6, 3], width=64, heads=32, input_resolution=512)
+    assert as_lists == vision and isinstance(as_lists.layers, tuple)
+    assert preset("RN50").replace(test_scale=[1024, 256]).test_scale == (1024, 256)
+
+
+def test_config_json_with_missing_or_unknown_keys(tmp_path):
+    data = preset("RN50").to_dict()
+    del data["embed_dim"], data["vision"]["heads"]
+    with pytest.raises(ValueError, match=r"vision: missing keys \['heads'\] \(required: \['kind', 'layers'"):
+        DenseCLIPConfig.from_dict(data)
+    data["vision"]["heads"] = 32
+    with pytest.raises(ValueError, match=r"config: missing keys \['embed_dim'\] \(required: \['arch', 'embed_dim', "):
+        DenseCLIPConfig.from_dict(data)
+    with pytest.raises(ValueError, match=r"config: expected a JSON object, got list"):
+        DenseCLIPConfig.from_dict([["arch", "RN50"]])  # type: ignore[arg-type]
+    # the training command's --arch FILE: the file is named
+    from denseclip_fast.train import TrainConfig
+
+    path = tmp_path / "arch.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=rf"arch file {re.escape(str(path))}: config: missing keys \['embed_dim'\]"):
+        TrainConfig(arch=str(path)).model_config()
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match=rf"arch file {re.escape(str(path))}: Expecting property name"):
+        TrainConfig(arch=str(path)).model_config()

@@ -746,3 +746,46 @@ def test_work_dirs_and_resume_refuse_what_would_lose_or_mix_runs(arch_file, gene
     os.remove(tmp_path / "w" / "iter_2.state.pt")
     with pytest.raises(ValueError, match=r"names .*iter_2.state.pt, which does not exist"):
         train(cfg, resume="auto")
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("touch denseclip_fast_pwned_marker",))
+
+
+def test_resume_files_that_are_not_training_states_are_named(arch_file, generic, tmp_path, monkeypatch, capsys):
+    """--resume of a crafted zip surfaced torch's UnpicklingError, whose text advises loading with weights_only=False;
+    of a text file a KeyError: 101, of a model .safetensors a KeyError: 'config'. Each is now one line naming the file
+    and what a resume file is; nothing of the file runs."""
+    from denseclip_fast import CheckpointError, DenseCLIP
+    from denseclip_fast.train.loop import read_train_state
+
+    monkeypatch.chdir(tmp_path)
+    evil, text, model, partial = (tmp_path / n for n in ("evil.state.pt", "notes.txt", "m.safetensors", "p.state.pt"))
+    torch.save({"iteration": 2, "rng": [_Evil()]}, evil)
+    text.write_text("hello\n")
+    DenseCLIP(tiny_config("resnet"), ["sky", "road"]).save(model)
+    torch.save({"iteration": 2, "optimizer": {}, "scaler": {}, "rng": [{"cpu": torch.zeros(2)}], "config": "{"},
+               partial)  # fmt: skip
+    cases = ((evil, r"cannot resume from it \(refused: loading it would execute code \(it references posix.system"),
+             (text, r"cannot resume from it \(not a checkpoint: unrecognised format"),
+             (model, r"cannot resume from it: it is a .safetensors model file"),
+             (partial, r"cannot resume from it: missing or malformed entries config \(a JSON object\)"))  # fmt: skip
+    for path, match in cases:
+        with pytest.raises(CheckpointError, match=match) as err:
+            read_train_state(str(path))
+        message = str(err.value)
+        assert message.startswith(f"{path}: ") and message.endswith("--resume takes a training state file: the "
+                                                                    "iter_N.state.pt that train writes beside each "
+                                                                    "iter_N.safetensors")  # fmt: skip
+        assert "weights_only" not in message
+    base = ["train", "--arch", arch_file, "--data", generic, "--layout", "generic", "--device", "cpu",
+            "--work-dir", str(tmp_path / "w"), "--num-workers", "0"]  # fmt: skip
+    assert main([*base, "--resume", str(evil)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "evil.state.pt: cannot resume from it" in err and "weights_only" not in err
+    assert not (tmp_path / "denseclip_fast_pwned_marker").exists()
+    os.makedirs(tmp_path / "w", exist_ok=True)
+    (tmp_path / "w" / "latest.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"--resume auto: .*latest.json is damaged \(KeyError: 'state'\)"):
+        train(_config(arch_file, generic, tmp_path / "w"), resume="auto")

@@ -7,15 +7,17 @@ checkpoints) to initialise a model for training. Nothing is ever unpickled with 
 
 from __future__ import annotations
 
+import operator
 import os
+import reprlib
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..class_names import ADE20K_CLASSES
-from .io import CheckpointError, WeightFile, read_weight_file
+from .io import CheckpointError, WeightFile, path_argument, read_weight_file
 from .native import is_native, native_contents
 from .official import check_arch, infer_config, key_listing, load_state_strict
 
@@ -39,11 +41,14 @@ def load_checkpoint(
 
     Raises:
         CheckpointError: unreadable, unsafe or inconsistent file (the message names the file and the reason).
-        ValueError: ``class_names`` of the wrong length or with a name longer than 3 BPE tokens.
+        ValueError: ``path`` not a str or os.PathLike; ``class_names`` not a list of strings, of the wrong length or
+            with a name longer than 3 BPE tokens.
     """
     from ..model import DenseCLIP  # noqa: F811  (the runtime import; the model package imports this one)
 
-    path = os.fspath(path)
+    path = path_argument(path)
+    if class_names is not None:
+        class_names = _class_names_argument(class_names)
     wf = read_weight_file(path)
     if wf.kind == "safetensors" and is_native(wf.metadata):
         config, file_names, palette = native_contents(wf.metadata, path)
@@ -56,13 +61,36 @@ def load_checkpoint(
         palette = meta.get("PALETTE")
         file_names = _official_names(meta, k, path) if class_names is None else None
     names = list(class_names) if class_names is not None else file_names
-    k = sd["decode_head.conv_seg.weight"].shape[0] if "decode_head.conv_seg.weight" in sd else len(names)
-    if len(names) != k:
+    head = sd.get("decode_head.conv_seg.weight")
+    k = head.shape[0] if head is not None and head.dim() > 0 else len(names)  # else: load_state_strict reports it
+    if len(names) != k and class_names is not None:
         raise ValueError(f"class_names has {len(names)} names but the checkpoint's head has {k} outputs")
-    model = DenseCLIP(config, names)
+    if len(names) != k:
+        raise CheckpointError(
+            path, f"the file's class names ({len(names)}) disagree with its head ({k} outputs); "
+            f"pass class_names=[...] with {k} names"
+        )  # fmt: skip
+    try:
+        model = DenseCLIP(config, names)
+    except ValueError as exc:  # the tokenizer's checks (a name with no tokens, or too many)
+        if class_names is not None:
+            raise
+        raise CheckpointError(path, f"the file's class names cannot be used: {exc}") from None
     load_state_strict(model, sd, path)
     model.palette = _palette(palette, k, path)
     return model.eval()
+
+
+def _class_names_argument(class_names: Any) -> list[str]:
+    """``class_names`` as a list, or ValueError naming the argument: a string would be taken as its characters."""
+    if isinstance(class_names, (str, bytes)) or not isinstance(class_names, Iterable):
+        raise ValueError(f"class_names must be a list of strings, got {type(class_names).__name__}: "
+                         f"{reprlib.repr(class_names)}")  # fmt: skip
+    names = list(class_names)
+    for i, name in enumerate(names):
+        if not isinstance(name, str):
+            raise ValueError(f"class_names[{i}] must be a string, got {type(name).__name__}: {reprlib.repr(name)}")
+    return names
 
 
 def _official_state(wf: WeightFile, path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -96,8 +124,9 @@ def _official_state(wf: WeightFile, path: str) -> tuple[dict[str, torch.Tensor],
 def _official_names(meta: Mapping[str, Any], k: int, path: str) -> list[str]:
     classes = meta.get("CLASSES")
     if classes is not None:
-        if isinstance(classes, str) or not all(isinstance(c, str) for c in classes):
-            raise CheckpointError(path, "meta['CLASSES'] is not a list of strings")
+        listed = isinstance(classes, Iterable) and not isinstance(classes, str)
+        if not listed or not all(isinstance(c, str) for c in classes):
+            raise CheckpointError(path, f"meta['CLASSES'] is not a list of strings, got {type(classes).__name__}")
         return list(classes)
     if k == len(ADE20K_CLASSES):
         warnings.warn(
@@ -110,15 +139,31 @@ def _official_names(meta: Mapping[str, Any], k: int, path: str) -> list[str]:
 
 
 def _palette(palette: Any, k: int, path: str) -> list[tuple[int, int, int]] | None:
-    """A usable palette (K RGB triples of 0..255) or None; a malformed one is dropped with a warning."""
+    """A usable palette (K RGB triples of integers 0..255) or None; a malformed one (wrong count, floats, values
+    out of range, infinities, anything else) is dropped with a warning."""
     if palette is None:
         return None
+    colors = _rgb_triples(palette)
+    if colors is None or len(colors) != k:
+        warnings.warn(f"{path}: ignoring the palette in the file: it is not {k} RGB triples of integers in 0..255",
+                      stacklevel=3)  # fmt: skip
+        return None
+    return colors
+
+
+def _rgb_triples(palette: Any) -> list[tuple[int, int, int]] | None:
+    """``palette`` as RGB triples if it is an iterable of 3-value iterables of integers 0..255 (ints, numpy or 0-d
+    tensor integers; no bools, no floats, which int() would truncate), else None."""
+    colors = []
     try:
-        colors = [tuple(int(c) for c in rgb) for rgb in palette]
-        valid = len(colors) == k and all(len(c) == 3 and all(0 <= v <= 255 for v in c) for c in colors)
-    except (TypeError, ValueError):
-        valid = False
-    if not valid:
-        warnings.warn(f"{path}: ignoring the palette in the file: it is not {k} RGB triples in 0..255", stacklevel=3)
+        for rgb in palette:
+            values = list(rgb)
+            if len(values) != 3 or any(isinstance(v, bool) for v in values):
+                return None
+            channels = tuple(operator.index(v) for v in values)
+            if not all(0 <= v <= 255 for v in channels):
+                return None
+            colors.append(channels)
+    except TypeError:  # not iterable, or a value that is not an integer
         return None
     return colors  # type: ignore[return-value]

@@ -50,10 +50,12 @@ def read_clip_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor
     return sd
 
 
-def _grid(n_tokens: int, key: str, path: str) -> int:
-    grid = math.isqrt(n_tokens - 1)
-    if grid * grid != n_tokens - 1:
-        raise CheckpointError(path, f"{key} has {n_tokens} rows, not 1 + a square grid")
+def _grid(pos: torch.Tensor, key: str, path: str) -> int:
+    """The side of the square grid of a (1 + grid * grid, width) positional embedding, or CheckpointError."""
+    rows = pos.shape[0] if pos.dim() == 2 else 0
+    grid = math.isqrt(max(rows - 1, 0))
+    if grid == 0 or grid * grid != rows - 1:
+        raise CheckpointError(path, f"{key} has shape {tuple(pos.shape)}, expected (1 + grid * grid, width)")
     return grid
 
 
@@ -63,7 +65,7 @@ def _backbone_state(model: DenseCLIP, sd: Mapping[str, torch.Tensor], path: str)
     if pos_key in visual:
         pos = visual[pos_key].float()
         new_grid = model.config.vision.grid
-        old_grid = _grid(pos.shape[0], "visual." + pos_key, path)
+        old_grid = _grid(pos, "visual." + pos_key, path)
         if old_grid != new_grid:
             visual[pos_key] = resize_positional_grid(pos, old_grid, (new_grid, new_grid))
     return visual
@@ -71,7 +73,7 @@ def _backbone_state(model: DenseCLIP, sd: Mapping[str, torch.Tensor], path: str)
 
 def _text_state(model: DenseCLIP, sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     text = {k: v for k, v in sd.items() if k.startswith(TEXT_PREFIXES) or k in TEXT_KEYS}
-    if "positional_embedding" in text:
+    if "positional_embedding" in text and text["positional_embedding"].dim() > 0:  # else: a shape mismatch reported
         text["positional_embedding"] = text["positional_embedding"][: model.config.text.context_length]
     return text
 

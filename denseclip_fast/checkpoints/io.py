@@ -19,6 +19,7 @@ import re
 import struct
 import uuid
 import zipfile
+import zlib
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ class WeightFile:
 
 
 PARTIAL_SUFFIX = ".partial"
+SAFETENSORS_MAX_HEADER = 100_000_000  # the safetensors library refuses longer headers
 
 
 @contextlib.contextmanager
@@ -76,9 +78,19 @@ def replaced_atomically(path: str | os.PathLike[str]) -> Iterator[str]:
             os.remove(tmp)
 
 
+def path_argument(value: Any, name: str = "path") -> str:
+    """``value`` (a str or an os.PathLike naming a str path) as a str, or ValueError naming the argument ``name``,
+    the accepted types and what came (bytes, None or a number would otherwise fail inside os or be echoed as b'...')."""
+    path = os.fspath(value) if isinstance(value, os.PathLike) else value
+    if not isinstance(path, str) or not path:
+        raise ValueError(f"{name} must be a non-empty str or os.PathLike, got {type(value).__name__}: {value!r}")
+    return path
+
+
 def read_weight_file(path: str | os.PathLike[str]) -> WeightFile:
-    """Open a checkpoint of any supported format, safely. Raises CheckpointError."""
-    path = os.fspath(path)
+    """Open a checkpoint of any supported format, safely. Raises CheckpointError (ValueError for a ``path`` that
+    is not a str or os.PathLike)."""
+    path = path_argument(path)
     if not os.path.exists(path):
         raise CheckpointError(path, "no such file")
     if not os.path.isfile(path):
@@ -94,8 +106,13 @@ def read_weight_file(path: str | os.PathLike[str]) -> WeightFile:
         return WeightFile("torch", obj=_torch_load(path))
     if head[:1] == b"\x80":  # a pickle protocol marker: torch.save's legacy format
         return WeightFile("torch", obj=_torch_load(path))
-    if len(head) >= 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] < size:
-        return _read_safetensors(path)
+    if len(head) >= 9 and head[8:9] == b"{":  # safetensors: an 8-byte header length, then the JSON header
+        header = struct.unpack("<Q", head[:8])[0]
+        if 8 + header <= size:
+            return _read_safetensors(path)
+        if header <= SAFETENSORS_MAX_HEADER:
+            raise CheckpointError(path, f"truncated or corrupt safetensors file: its header should be {header} bytes "
+                                        f"but the file has {size} bytes in all")  # fmt: skip
     raise CheckpointError(
         path, f"not a checkpoint: unrecognised format (first bytes {head[:8]!r}); expected a torch .pth/.pt file, "
         "a TorchScript archive or a .safetensors file"
@@ -126,18 +143,26 @@ def _torch_load(path: str) -> Any:
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         found = re.search(r"GLOBAL ([\w.]+)", str(exc))
-        what = f"it references {found.group(1)}" if found else "it holds objects other than tensors and containers"
+        if not found:  # torch's message advises weights_only=False: only its own reason is kept
+            inner = re.search(r"WeightsUnpickler error:\s*(.*?)\s*(?:Check the documentation|$)", str(exc), re.DOTALL)
+            detail = f" ({_excerpt(inner.group(1))})" if inner else ""
+            raise CheckpointError(
+                path, f"not a valid checkpoint: it holds objects other than tensors and plain containers, or its "
+                f"pickle is malformed{detail}"
+            ) from None  # fmt: skip
         raise CheckpointError(
             path,
-            f"refused: loading it would execute code ({what}); only tensors and plain containers are read. "
-            "If you trust the file, re-save its state_dict with torch.save in a trusted environment.",
+            f"refused: loading it would execute code (it references {found.group(1)}); only tensors and plain "
+            "containers are read. If you trust the file, re-save its state_dict with torch.save in a trusted "
+            "environment.",
         ) from None
-    except (RuntimeError, EOFError, OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
+    except Exception as exc:  # any failure decoding an untrusted file (a crafted pickle: TypeError, IndexError ...)
         message = str(exc).split(".")[0] if str(exc) else type(exc).__name__
         if isinstance(exc, EOFError) or "central directory" in message or "failed reading" in message:
             reason = "truncated or corrupt (the archive ends early or its index is damaged)"
         else:
-            reason = f"could not be read as a torch checkpoint ({type(exc).__name__}: {message})"
+            reason = (f"not a valid checkpoint: it could not be read as a torch file ({type(exc).__name__}: "
+                      f"{_excerpt(message)})")  # fmt: skip
         raise CheckpointError(path, reason) from None
 
 
@@ -190,7 +215,29 @@ class _ScriptRecord:
 
 
 def _rebuild_tensor(storage: torch.Tensor, offset: int, size: Any, stride: Any, *_: Any) -> torch.Tensor:
+    if not (isinstance(storage, torch.Tensor) and isinstance(offset, int) and isinstance(size, (tuple, list))
+            and isinstance(stride, (tuple, list))):  # fmt: skip
+        raise pickle.UnpicklingError("a tensor rebuilt from arguments that are not (storage, offset, size, stride)")
     return torch.as_strided(storage, tuple(size), tuple(stride), offset)
+
+
+class _Allowed:
+    """An allowlisted function as the archive's pickle sees it: callable, and without state that a BUILD opcode
+    could set (on the function itself, BUILD could change its ``__defaults__`` for the rest of the process)."""
+
+    __slots__ = ("_function",)
+
+    def __init__(self, function: Any) -> None:
+        object.__setattr__(self, "_function", function)
+
+    def __call__(self, *args: Any) -> Any:
+        return self._function(*args)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise pickle.UnpicklingError(f"the archive sets attribute {name!r} of an allowlisted function")
+
+    def __setstate__(self, state: Any) -> None:
+        raise pickle.UnpicklingError("the archive sets the state of an allowlisted function")
 
 
 def _first(value: Any, *_: Any) -> Any:
@@ -202,15 +249,15 @@ def _as_list(items: Any, *_: Any) -> list[Any]:
 
 
 _SAFE_GLOBALS: dict[tuple[str, str], Any] = {
-    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
-    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
-    ("torch._utils", "_rebuild_parameter"): _first,
-    ("collections", "OrderedDict"): OrderedDict,
-    ("torch.jit._pickle", "restore_type_tag"): _first,
-    ("torch.jit._pickle", "build_intlist"): _as_list,
-    ("torch.jit._pickle", "build_doublelist"): _as_list,
-    ("torch.jit._pickle", "build_boollist"): _as_list,
-    ("torch.jit._pickle", "build_tensorlist"): _as_list,
+    ("torch._utils", "_rebuild_tensor_v2"): _Allowed(_rebuild_tensor),
+    ("torch._utils", "_rebuild_tensor"): _Allowed(_rebuild_tensor),
+    ("torch._utils", "_rebuild_parameter"): _Allowed(_first),
+    ("collections", "OrderedDict"): _Allowed(OrderedDict),
+    ("torch.jit._pickle", "restore_type_tag"): _Allowed(_first),
+    ("torch.jit._pickle", "build_intlist"): _Allowed(_as_list),
+    ("torch.jit._pickle", "build_doublelist"): _Allowed(_as_list),
+    ("torch.jit._pickle", "build_boollist"): _Allowed(_as_list),
+    ("torch.jit._pickle", "build_tensorlist"): _Allowed(_as_list),
 }
 
 
@@ -243,15 +290,32 @@ class _TorchScriptUnpickler(pickle.Unpickler):
         return self.storages[key]
 
 
-def _flatten(obj: Any, prefix: str, out: dict[str, torch.Tensor]) -> None:
-    if isinstance(obj, _ScriptRecord):
-        obj = obj.state
-    if isinstance(obj, dict):
-        for name, value in obj.items():
+def _flatten(root: Any) -> dict[str, torch.Tensor]:
+    """The tensors under ``root`` by dotted name, following records and dicts in order (depth first). Without
+    recursion and visiting each container once: a crafted archive may nest deeper than Python's recursion limit, or
+    hold a cycle."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+
+    def items(obj: Any) -> Iterator[tuple[Any, Any]]:
+        obj = obj.state if isinstance(obj, _ScriptRecord) else obj
+        if not isinstance(obj, dict) or id(obj) in seen:
+            return iter(())
+        seen.add(id(obj))
+        return iter(list(obj.items()))
+
+    stack = [("", items(root))]
+    while stack:
+        prefix, pending = stack[-1]
+        for name, value in pending:
             if isinstance(value, torch.Tensor):
                 out[prefix + str(name)] = value
             elif isinstance(value, (_ScriptRecord, dict)):
-                _flatten(value, f"{prefix}{name}.", out)
+                stack.append((f"{prefix}{name}.", items(value)))
+                break
+        else:
+            stack.pop()
+    return out
 
 
 def _read_torchscript(path: str) -> dict[str, torch.Tensor]:
@@ -265,12 +329,23 @@ def _read_torchscript(path: str) -> dict[str, torch.Tensor]:
             if byteorder in archive.namelist() and archive.read(byteorder).strip() != b"little":
                 raise CheckpointError(path, "big-endian TorchScript archives are not supported")
             root = _TorchScriptUnpickler(archive.read(data_pkl[0]), archive, prefix, path).load()
+            tensors = _flatten(root)
     except CheckpointError:
         raise
-    except (zipfile.BadZipFile, KeyError, EOFError, pickle.UnpicklingError, RuntimeError, ValueError) as exc:
-        raise CheckpointError(path, f"truncated or corrupt TorchScript archive ({type(exc).__name__}: {exc})") from None
-    tensors: dict[str, torch.Tensor] = {}
-    _flatten(root, "", tensors)
+    except (zipfile.BadZipFile, EOFError, zlib.error) as exc:
+        raise CheckpointError(path, f"truncated or corrupt TorchScript archive ({_excerpt(exc)})") from None
+    except Exception as exc:  # any other failure decoding the untrusted pickle: wrong argument types, a BUILD on an
+        # object without state, a bad storage reference, absurd sizes ... (no code of the file runs in any case)
+        raise CheckpointError(
+            path, f"not a valid checkpoint: its TorchScript archive could not be decoded ({type(exc).__name__}: "
+            f"{_excerpt(exc)})"
+        ) from None  # fmt: skip
     if not tensors:
         raise CheckpointError(path, "the TorchScript archive holds no tensors")
     return {k: v.clone() for k, v in tensors.items()}
+
+
+def _excerpt(value: Any, limit: int = 200) -> str:
+    """``str(value)`` on one line, cut to ``limit`` characters (a crafted file's error may quote anything)."""
+    text = " ".join(str(value).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -13,7 +13,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from ..config import DenseCLIPConfig
-from .io import CheckpointError, replaced_atomically
+from .io import CheckpointError, path_argument, replaced_atomically
 
 if TYPE_CHECKING:
     from ..model import DenseCLIP
@@ -23,9 +23,12 @@ FORMAT_VERSION = "1"
 
 
 def save_native(model: DenseCLIP, path: str | os.PathLike[str]) -> None:
+    """Write ``model`` to ``path`` (replaced atomically). CheckpointError naming the path when it cannot be written:
+    a missing or unwritable directory, a directory at ``path``, a failed write (the old file is then kept)."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    path = os.fspath(path)
+    path = path_argument(path)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     metadata = {
         "format": FORMAT,
@@ -38,8 +41,16 @@ def save_native(model: DenseCLIP, path: str | os.PathLike[str]) -> None:
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         raise CheckpointError(path, f"cannot save: directory {parent} does not exist")
-    with replaced_atomically(path) as partial:
-        save_file(tensors, partial, metadata=metadata)
+    if os.path.isdir(path):
+        raise CheckpointError(path, "cannot save: it is a directory (give a file name, e.g. model.safetensors)")
+    if not os.access(parent, os.W_OK):
+        raise CheckpointError(path, f"cannot save: directory {parent} is not writable")
+    try:
+        with replaced_atomically(path) as partial:
+            save_file(tensors, partial, metadata=metadata)
+    except (OSError, SafetensorError) as exc:  # e.g. a full disk, or permissions os.access cannot see
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise CheckpointError(path, f"cannot save: {reason}") from None
 
 
 def is_native(metadata: dict[str, str]) -> bool:
@@ -47,14 +58,34 @@ def is_native(metadata: dict[str, str]) -> bool:
 
 
 def native_contents(metadata: dict[str, str], path: str) -> tuple[DenseCLIPConfig, list[str], Any]:
-    """(config, class names, palette or None) from a native file's metadata."""
+    """(config, class names, palette or None) from a native file's metadata. The config and the names are checked
+    (CheckpointError naming the file, the key and what is wrong); the palette is load_checkpoint's to check."""
     version = metadata.get("format_version")
     if version != FORMAT_VERSION:
         raise CheckpointError(path, f"denseclip_fast format version {version!r} is not supported (expected 1)")
+    raw_config = _json(metadata, "config", path)
     try:
-        config = DenseCLIPConfig.from_dict(json.loads(metadata["config"]))
-        names = json.loads(metadata["class_names"])
-        palette = json.loads(metadata["palette"]) if "palette" in metadata else None
-    except (KeyError, json.JSONDecodeError, ValueError, TypeError) as exc:
-        raise CheckpointError(path, f"damaged denseclip_fast metadata ({type(exc).__name__}: {exc})") from None
+        config = DenseCLIPConfig.from_dict(raw_config)
+    except ValueError as exc:
+        raise CheckpointError(path, f"invalid architecture in the metadata 'config': {exc}") from None
+    names = _json(metadata, "class_names", path)
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise CheckpointError(
+            path, f"the metadata 'class_names' must be a non-empty JSON list of strings, got {_short_repr(names)}"
+        )
+    palette = _json(metadata, "palette", path) if "palette" in metadata else None
     return config, names, palette
+
+
+def _json(metadata: dict[str, str], key: str, path: str) -> Any:
+    if key not in metadata:
+        raise CheckpointError(path, f"damaged denseclip_fast metadata: no {key!r} entry")
+    try:
+        return json.loads(metadata[key])
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError; RecursionError: absurd nesting
+        raise CheckpointError(path, f"damaged denseclip_fast metadata: {key!r} is not valid JSON ({exc})") from None
+
+
+def _short_repr(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

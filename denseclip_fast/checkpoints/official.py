@@ -16,7 +16,15 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from ..config import DecoderConfig, DenseCLIPConfig, TextConfig, VisionConfig, canonical_arch, preset
+from ..config import (
+    CLIP_VOCAB_SIZE,
+    DecoderConfig,
+    DenseCLIPConfig,
+    TextConfig,
+    VisionConfig,
+    canonical_arch,
+    preset,
+)
 from .io import CheckpointError
 
 REQUIRED_KEYS = (
@@ -30,6 +38,22 @@ REQUIRED_KEYS = (
     "neck.lateral_convs.0.conv.weight",
     "decode_head.conv_seg.weight",
 )
+# The rank (and the shape, in words) of every tensor the architecture is read from: a tensor of another rank is a
+# CheckpointError naming it, not an IndexError or an unpacking error while the sizes are read.
+EXPECTED_SHAPES = {
+    "contexts": (3, "(1, n_ctx, text width)"),
+    "gamma": (1, "(embed_dim,)"),
+    "backbone.conv1.weight": (4, "(channels, 3, kernel, kernel)"),
+    "backbone.class_embedding": (1, "(width,)"),
+    "backbone.positional_embedding": (2, "(1 + grid * grid, width)"),
+    "backbone.attnpool.positional_embedding": (2, "(1 + grid * grid, width * 32)"),
+    "text_encoder.token_embedding.weight": (2, f"({CLIP_VOCAB_SIZE} or more, text width)"),
+    "text_encoder.positional_embedding": (2, "(context_length, text width)"),
+    "text_encoder.text_projection": (2, "(text width, embed_dim)"),
+    "context_decoder.text_proj.1.weight": (2, "(decoder width, embed_dim)"),
+    "decode_head.conv_seg.weight": (4, "(K, head_channels, 1, 1)"),
+    **{f"neck.lateral_convs.{i}.conv.weight": (4, "(fpn_channels, in_channels, 1, 1)") for i in range(4)},
+}
 OFFICIAL_DECODER_HEADS = 4  # ContextDecoder transformer_heads in every official config
 OFFICIAL_RESNET_POOL_HEADS = 32  # hard-coded in CLIPResNetWithAttention
 
@@ -58,12 +82,26 @@ def _vision_config(sd: Mapping[str, torch.Tensor]) -> VisionConfig:
 
 
 def infer_config(sd: Mapping[str, torch.Tensor], path: str) -> tuple[DenseCLIPConfig, int]:
-    """The architecture and the number of classes K of an official-layout state dict."""
+    """The architecture and the number of classes K of an official-layout state dict. CheckpointError when the
+    tensors do not describe a valid one."""
+    try:
+        return _infer_config(sd, path)
+    except ValueError as exc:  # DenseCLIPConfig's checks: sizes the tensors imply that no model can have
+        if isinstance(exc, CheckpointError):
+            raise
+        raise CheckpointError(path, f"the tensors describe an invalid architecture: {exc}") from None
+
+
+def _infer_config(sd: Mapping[str, torch.Tensor], path: str) -> tuple[DenseCLIPConfig, int]:
     missing = [k for k in REQUIRED_KEYS if k not in sd]
-    if "backbone.class_embedding" not in sd and "backbone.attnpool.positional_embedding" not in sd:
+    if "backbone.class_embedding" in sd:  # a ViT
+        if "backbone.positional_embedding" not in sd:
+            missing.append("backbone.positional_embedding")
+    elif "backbone.attnpool.positional_embedding" not in sd:
         missing.append("backbone.attnpool.positional_embedding or backbone.class_embedding")
     if missing:
         raise CheckpointError(path, f"not a DenseCLIP state dict: missing {', '.join(missing)}")
+    _check_shapes(sd, path)
     embed_dim = sd["gamma"].shape[0]
     pos = sd["text_encoder.positional_embedding"]
     text_width = pos.shape[1]
@@ -105,6 +143,30 @@ def infer_config(sd: Mapping[str, torch.Tensor], path: str) -> tuple[DenseCLIPCo
         test_scale=base.test_scale,
     )
     return _match_preset(candidate), k
+
+
+def _check_shapes(sd: Mapping[str, torch.Tensor], path: str) -> None:
+    """CheckpointError naming the key, the shape expected and the shape found for a tensor whose sizes cannot give
+    an architecture: a wrong rank, a positional embedding that is not 1 + a square grid, a vocabulary smaller than
+    the tokenizer's (the first forward would index past it), a head with no classes."""
+
+    def refuse(key: str, expected: str, why: str = "") -> None:
+        raise CheckpointError(path, f"{key} has shape {tuple(sd[key].shape)}, expected {expected}{why}")
+
+    for key, (rank, expected) in EXPECTED_SHAPES.items():
+        if key in sd and sd[key].dim() != rank:
+            refuse(key, expected)
+    for key in ("backbone.positional_embedding", "backbone.attnpool.positional_embedding"):
+        if key in sd:
+            rows = sd[key].shape[0]
+            grid = math.isqrt(max(rows - 1, 0))
+            if grid == 0 or grid * grid != rows - 1:
+                refuse(key, EXPECTED_SHAPES[key][1], " (e.g. 257 rows: 1 + 16 * 16)")
+    if sd["text_encoder.token_embedding.weight"].shape[0] < CLIP_VOCAB_SIZE:
+        refuse("text_encoder.token_embedding.weight", EXPECTED_SHAPES["text_encoder.token_embedding.weight"][1],
+               f": the tokenizer's ids go up to {CLIP_VOCAB_SIZE - 1}")  # fmt: skip
+    if sd["decode_head.conv_seg.weight"].shape[0] == 0:
+        refuse("decode_head.conv_seg.weight", EXPECTED_SHAPES["decode_head.conv_seg.weight"][1], " with K >= 1")
 
 
 def _shape_fields(cfg: DenseCLIPConfig) -> tuple[object, ...]:

@@ -23,7 +23,7 @@ from torch import nn
 
 from .. import ops
 from ..class_names import ADE20K_CLASSES
-from ..config import DenseCLIPConfig, preset
+from ..config import MIN_IMAGE_SIDE, DenseCLIPConfig, preset
 from ..preprocess import keep_ratio_size
 from .decoder import ContextDecoder
 from .features import ImageFeatures
@@ -35,9 +35,6 @@ from .vit import CLIPViTBackbone
 
 if TYPE_CHECKING:
     from os import PathLike
-
-MIN_IMAGE_SIDE = 32  # the stride-32 level must keep at least one pixel
-
 
 def check_image_size(size: tuple[int, ...], name: str) -> None:
     """ValueError unless an image of ``size`` (H, W) entering the network has MIN_IMAGE_SIDE pixels a side."""
@@ -116,7 +113,9 @@ class DenseCLIP(nn.Module):
         for OpenAI's CLIP (DenseCLIP's), "gelu" for most other open_clip weights (e.g. LAION's; open_clip names the
         QuickGELU ones "...-quickgelu"). The wrong one gives a model that loads but computes another function."""
         from ..checkpoints.clip import init_from_clip
+        from ..checkpoints.io import path_argument
 
+        clip_weights = path_argument(clip_weights, "clip_weights")
         model = cls(preset(arch).replace(activation=activation), class_names)
         init_from_clip(model, clip_weights)
         return model

@@ -148,8 +148,11 @@ class TrainConfig:
         if self.arch in ARCHS or self.arch in ("ViT-B-16",):
             config = preset(canonical_arch(self.arch))
         elif os.path.isfile(self.arch):
-            with open(self.arch, encoding="utf-8") as f:
-                config = DenseCLIPConfig.from_dict(json.load(f))
+            try:
+                with open(self.arch, encoding="utf-8") as f:
+                    config = DenseCLIPConfig.from_dict(json.load(f))
+            except ValueError as exc:  # not JSON (JSONDecodeError, UnicodeDecodeError), or not an architecture
+                raise ValueError(f"arch file {self.arch}: {exc}") from None
         else:
             raise ValueError(f"arch must be one of {list(ARCHS)} or an architecture JSON file, got {self.arch!r}")
         if self.clip_activation:

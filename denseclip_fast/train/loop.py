@@ -39,7 +39,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..checkpoints import load_checkpoint
-from ..checkpoints.io import PARTIAL_SUFFIX, replaced_atomically
+from ..checkpoints.io import PARTIAL_SUFFIX, CheckpointError, read_weight_file, replaced_atomically
 from ..model import DenseCLIP
 from .config import TrainConfig
 from .data import SegmentationData, TrainSampler
@@ -171,6 +171,44 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any]
     optimizer.load_state_dict({**saved, "param_groups": groups})
 
 
+RESUME_FILE = "a training state file: the iter_N.state.pt that train writes beside each iter_N.safetensors"
+STATE_ENTRIES: dict[str, type] = {"iteration": int, "optimizer": dict, "scaler": dict, "rng": list, "config": str}
+
+
+def read_train_state(path: str) -> dict[str, Any]:
+    """What an ``iter_N.state.pt`` holds, read as every weight file is (tensors and plain data only, no code run),
+    its entries checked. Anything else (another kind of file, a damaged or crafted one) is a CheckpointError naming
+    the file and what a resume file is; never torch's advice to load it with weights_only=False."""
+    try:
+        wf = read_weight_file(path)
+    except CheckpointError as exc:
+        raise CheckpointError(path, f"cannot resume from it ({exc.reason}); --resume takes {RESUME_FILE}") from None
+    if wf.kind != "torch":
+        found = "a .safetensors model file" if wf.kind == "safetensors" else "a TorchScript archive"
+        raise CheckpointError(path, f"cannot resume from it: it is {found}; --resume takes {RESUME_FILE}")
+    state = wf.obj
+    if not isinstance(state, dict):
+        raise CheckpointError(path, f"cannot resume from it: it holds a {type(state).__name__}; --resume takes "
+                                    f"{RESUME_FILE}")  # fmt: skip
+    bad = [f"{key} ({kind.__name__})" for key, kind in STATE_ENTRIES.items()
+           if not isinstance(state.get(key), kind) or isinstance(state.get(key), bool)]  # fmt: skip
+    if not bad and not isinstance(_json_or_none(state["config"]), dict):
+        bad.append("config (a JSON object)")
+    if not bad and not all(isinstance(r, dict) and isinstance(r.get("cpu"), torch.Tensor) for r in state["rng"]):
+        bad.append("rng (a list of {'cpu': tensor, ...})")
+    if bad:
+        raise CheckpointError(path, f"cannot resume from it: missing or malformed entries {', '.join(bad)}; "
+                                    f"--resume takes {RESUME_FILE}")  # fmt: skip
+    return state
+
+
+def _json_or_none(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+
+
 def next_batch(batches: Iterator[Any]) -> Any:
     """The next batch; a data error raised in a DataLoader worker comes back as the worker's own one-line message
     (which names the file), not as the worker's traceback."""
@@ -214,8 +252,12 @@ class Trainer:
             latest = self._path("latest.json")
             if not os.path.isfile(latest):
                 return None
-            with open(latest, encoding="utf-8") as f:
-                found = os.path.join(self.cfg.work_dir, json.load(f)["state"])
+            try:
+                with open(latest, encoding="utf-8") as f:
+                    found = os.path.join(self.cfg.work_dir, json.load(f)["state"])
+            except (ValueError, KeyError, TypeError) as exc:  # not JSON, no "state", not a file name
+                raise ValueError(f"--resume auto: {latest} is damaged ({type(exc).__name__}: {exc}); resume from an "
+                                 "iter_N.state.pt of the work dir with --resume FILE") from None  # fmt: skip
             if not os.path.isfile(found):
                 raise ValueError(f"--resume auto: {latest} names {found}, which does not exist (deleted?); resume "
                                  "from another iter_N.state.pt of the work dir with --resume FILE")  # fmt: skip
@@ -292,7 +334,7 @@ class Trainer:
         self, path: str, model: DenseCLIP, optimizer: torch.optim.Optimizer, scaler: Any, rank: int,
         device: torch.device,
     ) -> int:  # fmt: skip
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = read_train_state(path)
         saved = json.loads(state["config"])
         if saved.get("batch_size") != self.cfg.batch_size:
             raise ValueError(
