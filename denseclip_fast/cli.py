@@ -196,7 +196,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
 
 def _parse_size(text: str) -> tuple[int, int]:
-    from .model.denseclip import MIN_IMAGE_SIDE
+    from .config import MIN_IMAGE_SIDE
 
     parts = text.lower().split("x")
     # isdecimal, not isdigit: int() refuses digits such as "²"
@@ -301,6 +301,7 @@ IGNORE_HELP = "label value of ignored pixels (default 255; with 256+ classes in 
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from .config import ARCH_ALIASES
     from .train import TrainConfig, train, train_preset
     from .validation import check_device
 
@@ -309,7 +310,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.config:
         cfg = TrainConfig.load(args.config)
     else:
-        cfg = train_preset(args.arch) if args.arch in ("RN50", "RN101", "ViT-B/16", "ViT-B-16") else TrainConfig()
+        cfg = train_preset(args.arch) if args.arch in ARCH_ALIASES else TrainConfig()
     for name in TRAIN_OPTIONS:
         value = getattr(args, name)
         if value is not None:

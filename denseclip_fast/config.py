@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Literal
 
+from .validation import finite_real
+
 ARCH_ALIASES = {"RN50": "RN50", "RN101": "RN101", "ViT-B/16": "ViT-B-16", "ViT-B-16": "ViT-B-16"}
 ARCHS = ("RN50", "RN101", "ViT-B/16")
 CUSTOM_ARCH = "custom"  # the arch of any configuration that is not one of the released ones
@@ -174,13 +176,14 @@ class DenseCLIPConfig:
         """Every field checked (type and range), so that a bad configuration is a ValueError naming the field and
         the value here, not a TypeError or a division by zero inside the model, or a model that loads and computes
         nonsense. The sub-configurations check themselves when built."""
-        if self.arch not in (*ARCHS, CUSTOM_ARCH):
-            raise ValueError(f"arch must be one of {[*ARCHS, CUSTOM_ARCH]}, got {self.arch!r}")
+        if not isinstance(self.arch, str) or not self.arch:
+            raise ValueError(f"arch must be a non-empty name ({', '.join(ARCHS)}, {CUSTOM_ARCH!r} or your own), "
+                             f"got {self.arch!r}")  # fmt: skip
         for name, sub_cls in (("vision", VisionConfig), ("text", TextConfig), ("decoder", DecoderConfig)):
             if not isinstance(getattr(self, name), sub_cls):
                 raise ValueError(f"{name} must be a {sub_cls.__name__}, got {type(getattr(self, name)).__name__}")
-        kind = "vit" if self.arch == "ViT-B/16" else "resnet"
-        if self.arch != CUSTOM_ARCH and self.vision.kind != kind:
+        kind = "vit" if ARCH_ALIASES.get(self.arch) == "ViT-B-16" else "resnet"
+        if self.arch in ARCH_ALIASES and self.vision.kind != kind:  # a released name; any other is a free label
             raise ValueError(f"arch {self.arch!r} has vision.kind {kind!r}, got {self.vision.kind!r}")
         _check_int("embed_dim", self.embed_dim)
         _check_int("fpn_channels", self.fpn_channels)
@@ -231,7 +234,7 @@ def _check_number(
     name: str, value: Any, low: float, high: float, low_open: bool = False, high_open: bool = False
 ) -> None:
     """ValueError naming ``name`` unless ``value`` is a finite real number (not a bool) in the interval given."""
-    is_number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    is_number = isinstance(value, (int, float)) and finite_real(value) is not None
     above = is_number and (value > low if low_open else value >= low)
     below = is_number and (value < high if high_open else value <= high)
     if not (above and below):

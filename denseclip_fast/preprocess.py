@@ -21,11 +21,13 @@ CLIP_MEAN = (0.48145466 * 255, 0.4578275 * 255, 0.40821073 * 255)
 CLIP_STD = (0.26862954 * 255, 0.26130258 * 255, 0.27577711 * 255)
 
 
-def pil_to_rgb(img: Any, where: str) -> np.ndarray:
-    """A PIL image as (H, W, 3) uint8 RGB: Pillow's conversion, except a 16/32-bit integer grey image, reduced to its
-    high byte as OpenCV (mmcv's loader) reduces 16-bit images (Pillow alone would clip it to 255). A floating-point
-    image ("F") has no defined 0-255 range and is refused (Pillow would truncate it to mostly black)."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+def pil_to_rgb(img: Any, where: str, int32_is_16_bit: bool = False) -> np.ndarray:
+    """A PIL image as (H, W, 3) uint8 RGB: Pillow's conversion, except a 16-bit grey image ("I;16*"), reduced to its
+    high byte as OpenCV (mmcv's loader) reduces 16-bit images (Pillow alone would clip it to 255), and so is a
+    32-bit integer one ("I") with ``int32_is_16_bit`` (what older Pillows open a 16-bit PNG as; an "I" image made in
+    memory, e.g. from an int32 array of 0..255, keeps Pillow's conversion). A floating-point image ("F") has no
+    defined 0-255 range and is refused (Pillow would truncate it to mostly black)."""
+    if img.mode in ("I;16", "I;16B", "I;16L") or (img.mode == "I" and int32_is_16_bit):
         grey = (np.asarray(img).astype(np.int64) >> 8).clip(0, 255).astype(np.uint8)
         return np.repeat(grey[:, :, None], 3, axis=2)
     if img.mode == "F":
@@ -51,7 +53,7 @@ def load_image(path: str | os.PathLike[str]) -> np.ndarray:
     _regular_or_missing(path)
     try:
         with Image.open(path) as img:
-            return pil_to_rgb(ImageOps.exif_transpose(img), path)
+            return pil_to_rgb(ImageOps.exif_transpose(img), path, int32_is_16_bit=True)
     except FileNotFoundError:
         raise ValueError(f"{path}: no such image file") from None
     except (UnidentifiedImageError, OSError) as exc:
@@ -59,8 +61,10 @@ def load_image(path: str | os.PathLike[str]) -> np.ndarray:
 
 
 def image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
-    """(H, W) of an image file as :func:`load_image` returns it (EXIF orientation applied), from its header only,
-    without decoding the pixels. Raises ValueError naming the file when it is not a readable image."""
+    """(H, W) of an image file as stored, from its header only, without decoding the pixels: before its EXIF
+    orientation, which may swap the sides of what :func:`load_image` returns (reading the orientation would decode a
+    whole PNG; the size checks this serves give the same answer either way round). Raises ValueError naming the
+    file when it is not a readable image."""
     from PIL import Image, UnidentifiedImageError
 
     path = os.fspath(path)
@@ -68,12 +72,11 @@ def image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
     try:
         with Image.open(path) as img:
             width, height = img.size
-            transposed = img.getexif().get(0x0112) in (5, 6, 7, 8)  # the orientations that swap the sides
     except FileNotFoundError:
         raise ValueError(f"{path}: no such image file") from None
     except (UnidentifiedImageError, OSError) as exc:
         raise ValueError(f"{path}: not a readable image ({exc})") from None
-    return (width, height) if transposed else (height, width)
+    return height, width
 
 
 IMAGE_EXTENSIONS = (".bmp", ".jpeg", ".jpg", ".png", ".ppm", ".tif", ".tiff", ".webp")

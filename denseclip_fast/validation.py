@@ -4,11 +4,25 @@ ValueError that names the argument (``name``: an option such as ``--device`` or 
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 
 import torch
 
 DEVICE_EXAMPLES = "'cpu', 'cuda' or 'cuda:N'"
+
+
+def finite_real(value: object) -> float | None:
+    """``value`` as a float when it is a finite real number (an int, a float or a numpy scalar; not a bool), else
+    None. An int past float's range is not finite (float() would raise OverflowError, math.isfinite too)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    try:
+        result = float(value)
+    except (OverflowError, TypeError, ValueError):
+        return None
+    return result if math.isfinite(result) else None
 
 
 def check_device(text: str | torch.device, name: str = "device") -> torch.device:

@@ -288,7 +288,7 @@ def _config_with(native_file, dotted: str, value):
         ("tau", 0, r"tau must be a number in \(0.0, inf\), got 0"),
         ("test_scale", "big", "test_scale must be a list of 2 ints >= 32 .*, got 'big'"),
         ("test_scale", [0, 0], r"test_scale must be a list of 2 ints >= 32 .*, got \(0, 0\)"),
-        ("arch", "RN9000", r"arch must be one of \['RN50', 'RN101', 'ViT-B/16', 'custom'\], got 'RN9000'"),
+        ("arch", "", r"arch must be a non-empty name \(RN50, RN101, ViT-B/16, 'custom' or your own\), got ''"),
         ("text.vocab_size", 10, "text.vocab_size must be an int >= 49408"),
     ],
 )

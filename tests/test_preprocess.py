@@ -16,6 +16,7 @@ from denseclip_fast.preprocess import (
     keep_ratio_size,
     load_image,
     normalize,
+    pil_to_rgb,
     prepare,
     resize_bilinear_uint8,
     resize_nearest,
@@ -109,8 +110,14 @@ def test_load_image_reads_as_opencv_does(tmp_path):
     assert np.array_equal(load_image(tmp_path / "grey.png"), np.repeat(rgb[..., :1], 3, 2))
     Image.fromarray(np.dstack([rgb, rgb[..., :1]])).save(tmp_path / "alpha.png")
     assert np.array_equal(load_image(tmp_path / "alpha.png"), rgb)  # alpha dropped, not blended
-    for name in ("rotated.png", "deep.png", "grey.png", "alpha.png"):  # image_size: load_image's, from the header
+    for name in ("deep.png", "grey.png", "alpha.png"):  # image_size: load_image's, from the header
         assert image_size(tmp_path / name) == load_image(tmp_path / name).shape[:2], name
+    assert image_size(tmp_path / "rotated.png") == (20, 30)  # as stored: the EXIF orientation is not read
+    Image.fromarray(deep.astype(np.int32)).save(tmp_path / "deep32.tif")  # mode "I", as older Pillows read 16-bit PNGs
+    assert np.array_equal(load_image(tmp_path / "deep32.tif"), load_image(tmp_path / "deep.png"))
+    # made in memory (the Segmenter's PIL input), a 32-bit image keeps Pillow's values; a 16-bit one its high byte
+    assert (pil_to_rgb(Image.fromarray(np.full((2, 3), 200, np.int32)), "x") == 200).all()
+    assert (pil_to_rgb(Image.fromarray(np.full((2, 3), 40000, np.uint16)), "x") == 156).all()
     with pytest.raises(ValueError, match="missing.png: no such image file"):
         image_size(tmp_path / "missing.png")
 

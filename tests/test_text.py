@@ -14,6 +14,8 @@ from benchmarks.official.model import tokenize as official_tokenize
 from denseclip_fast.config import DenseCLIPConfig, VisionConfig, canonical_arch, preset
 from denseclip_fast.model.text import tokenize_class_names
 
+from .conftest import tiny_config
+
 
 def test_all_ade20k_names_fit_and_match_the_official_tokenizer():
     names = list(dcf.ADE20K_CLASSES)
@@ -71,7 +73,8 @@ def test_config_errors_name_the_problem():
 @pytest.mark.parametrize(
     "section, key, value, match",
     [
-        (None, "arch", "RN9000", r"arch must be one of \['RN50', 'RN101', 'ViT-B/16', 'custom'\], got 'RN9000'"),
+        (None, "arch", 7, r"arch must be a non-empty name \(RN50, .*got 7"),
+        (None, "arch", "ViT-B-16", r"arch 'ViT-B-16' has vision.kind 'vit', got 'resnet'"),
         (None, "arch", "ViT-B/16", r"arch 'ViT-B/16' has vision.kind 'vit', got 'resnet'"),
         ("decoder", "heads", 0, r"decoder.heads must be an int >= 1, got 0"),
         ("decoder", "heads", 3, r"decoder.width 256 is not divisible by decoder.heads 3"),
@@ -97,6 +100,7 @@ def test_config_errors_name_the_problem():
         (None, "tau", 0, r"tau must be a number in \(0.0, inf\), got 0"),
         (None, "tau", float("nan"), r"tau must be a number in \(0.0, inf\), got nan"),
         (None, "tau", "0.07", r"tau must be a number in \(0.0, inf\), got '0.07'"),
+        (None, "tau", 2**1100, r"tau must be a number in \(0.0, inf\), got 1\d+$"),  # past float: no OverflowError
         (None, "slide_crop", 16, r"slide_crop must be an int >= 32 \(the stride-32 level keeps a pixel\), got 16"),
         (None, "slide_stride", 600, r"slide_stride must not exceed slide_crop 512 .*, got 600"),
         (None, "test_scale", "big", r"test_scale must be a list of 2 ints >= 32 .*, got 'big'"),
@@ -120,6 +124,19 @@ def test_every_config_field_is_checked_naming_field_and_value(section, key, valu
             dataclasses.replace(preset("RN50"), **{section: part})
 
 
+def test_arch_is_a_free_label_except_the_released_names():
+    """Any non-empty arch name is the user's label (configs saved before names were checked, a custom JSON's own
+    name); a released name, or its file-name alias, must come with its vision kind."""
+    data = tiny_config("resnet").to_dict()
+    for name in ("my-tiny-rn", "RN50x4", "custom", "RN50"):
+        assert DenseCLIPConfig.from_dict({**data, "arch": name}).arch == name
+    vit = tiny_config("vit").to_dict()
+    for name in ("ViT-B-16", "ViT-B/16", "my-vit"):
+        assert DenseCLIPConfig.from_dict({**vit, "arch": name}).arch == name
+    with pytest.raises(ValueError, match="arch 'RN101' has vision.kind 'resnet', got 'vit'"):
+        DenseCLIPConfig.from_dict({**vit, "arch": "RN101"})
+
+
 def test_vit_config_checks():
     vit = preset("ViT-B/16").vision
     with pytest.raises(ValueError, match=r"vision.out_indices must be 4 increasing block indices below "
@@ -136,8 +153,6 @@ def test_vit_config_checks():
 
 
 def test_legitimate_configs_pass_and_lists_become_tuples():
-    from .conftest import tiny_config
-
     for config in (*(preset(a) for a in dcf.config.ARCHS), tiny_config("resnet"), tiny_config("vit")):
         assert DenseCLIPConfig.from_dict(config.to_dict()) == config
     vision = preset("RN50").vision

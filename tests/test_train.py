@@ -341,6 +341,18 @@ def test_numbers_out_of_range_are_refused_naming_the_field(arch_file, generic, t
             evaluate(model, val, scales=scales)
 
 
+def test_scales_advice_passes_and_ints_past_float_are_refused():
+    """The smallest ratio the message advises is rounded up, so following it works; an int too large for a float
+    is a ValueError, not an OverflowError from math.isfinite."""
+    from denseclip_fast.train.evaluate import check_scales
+
+    with pytest.raises(ValueError, match=r"leaves 31 pixels .* use ratios >= 0\.0534$"):
+        check_scales([0.05333], (2048, 600))
+    assert check_scales([0.0534], (2048, 600)) == [0.0534]
+    with pytest.raises(ValueError, match="scales must be finite ratios > 0 of the test scale, got 1"):
+        check_scales([2**1100], (2048, 600))
+
+
 @pytest.mark.slow
 def test_channels_last_training_matches_nchw_and_resumes(arch_file, generic, tmp_path):
     """channels_last (the default on CUDA, forced here on the CPU): the same losses and weights as NCHW up to

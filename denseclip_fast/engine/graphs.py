@@ -82,8 +82,6 @@ class GraphCache:
         for name, value in (("max_graphs", max_graphs), ("capture_after", capture_after)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        if not isinstance(enabled, bool):
-            raise ValueError(f"cuda_graphs must be True or False, got {enabled!r}")
         self.fn = fn
         self.enabled = enabled
         self.capture = capture or (lambda f, x, pool: CapturedForward(f, x, pool))

@@ -48,8 +48,8 @@ def _uint8_image(x: Any, where: str) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"{where}: expected an image (tensor, numpy array or PIL image), got {type(x).__name__}")
     if x.dtype != torch.uint8 and x.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"{where}: images must be float ({', '.join(str(d) for d in FLOAT_DTYPES)}: CLIP-normalised) "
-                         f"or uint8, got dtype {x.dtype}")  # fmt: skip
+        raise ValueError(f"{where}: expected uint8 images (or one float (B, 3, H, W) batch, CLIP-normalised), got "
+                         f"dtype {x.dtype}")  # fmt: skip
     if x.dtype != torch.uint8 or x.dim() != 3 or x.shape[2] != 3:
         raise ValueError(f"{where}: expected a uint8 (H, W, 3) image, got shape {tuple(x.shape)} dtype {x.dtype}")
     if x.shape[0] == 0 or x.shape[1] == 0:

@@ -31,8 +31,9 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
+from ..config import MIN_IMAGE_SIDE
 from ..model import DenseCLIP
-from ..model.denseclip import MIN_IMAGE_SIDE, check_image_size, check_test_image_size
+from ..model.denseclip import check_image_size, check_test_image_size
 from ..model.slide import slide_inference, window_sizes
 from ..model.text import check_class_names
 from ..preprocess import normalize, resize_keep_ratio
@@ -273,7 +274,7 @@ class Segmenter:
     def open_vocab(self, images: Any, names: Sequence[str]) -> torch.Tensor | list[torch.Tensor]:
         """(B, K', H, W) float32 pixel-text cosine scores of any ``names`` (context decoder applied), from the
         whole image's local embedding map, upsampled to the image. Each vocabulary's embeddings are cached."""
-        check_class_names(names)  # before the cache key is made of them; their tokens are checked on a miss
+        check_class_names(names, distinct=True)  # before the cache key is made of them; tokens checked on a miss
         batch, finite = self._batch(images)
         with self._lock, torch.inference_mode(), self._math():
             key = tuple(names)

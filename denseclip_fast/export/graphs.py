@@ -17,9 +17,9 @@ from typing import Literal
 import torch
 from torch import nn
 
+from ..config import MIN_IMAGE_SIDE
 from ..engine.rewrite import prepare_for_inference
 from ..model import DenseCLIP
-from ..model.denseclip import MIN_IMAGE_SIDE
 
 GraphKind = Literal["image", "image_with_text", "text"]
 GRAPHS: tuple[str, ...] = ("image", "image_with_text", "text")

@@ -239,7 +239,8 @@ class DenseCLIP(nn.Module):
         return _slide_inference(self.forward, x, crop, stride, windows_per_batch)
 
     def open_vocab_scores(self, x: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
-        """(B, K', h, w) pixel-text cosine maps for any names, with the context decoder applied."""
+        """(B, K', h, w) pixel-text cosine maps for any distinct names, with the context decoder applied."""
+        check_class_names(names, distinct=True)
         feats = self.extract(x)
         text = self.context_prompt(feats, self.text_features(names))
         return ops.pixel_text_score(feats.local_feat, text.to(feats.local_feat.dtype))

@@ -29,10 +29,12 @@ def _bpe() -> Any:
     return SimpleTokenizer()
 
 
-def check_class_names(names: Sequence[str]) -> None:
-    """ValueError unless ``names`` is a non-empty sequence of distinct strings (not a string itself), naming the
-    first entry that is not one or repeats one (two classes of one name would be one class scored twice, and
-    which of them a pixel's argmax picks is arbitrary). (Their tokens are tokenize_class_names' to check.)"""
+def check_class_names(names: Sequence[str], distinct: bool = False) -> None:
+    """ValueError unless ``names`` is a non-empty sequence of strings (not a string itself), naming the first entry
+    that is not one; with ``distinct`` (open-vocabulary scoring, where a name is all that tells two classes apart:
+    a repeated one is one class scored twice, and which of them a pixel's argmax picks is arbitrary) also the first
+    that repeats one. A trained head tells its classes apart by its weights, so its names may repeat. (Their tokens
+    are tokenize_class_names' to check.)"""
     if isinstance(names, str) or not isinstance(names, Sequence):
         raise ValueError(f"class names must be a sequence of strings, got {type(names).__name__}")
     if len(names) == 0:
@@ -41,7 +43,7 @@ def check_class_names(names: Sequence[str]) -> None:
     for i, name in enumerate(names):
         if not isinstance(name, str):
             raise ValueError(f"class name {i} must be a string, got {type(name).__name__}: {name!r}")
-        if name in seen:
+        if distinct and name in seen:
             raise ValueError(f"class name {i} ({name!r}) repeats class name {seen[name]}; class names must differ")
         seen[name] = i
 
@@ -49,7 +51,7 @@ def check_class_names(names: Sequence[str]) -> None:
 def tokenize_class_names(names: Sequence[str], length: int) -> torch.Tensor:
     """Tokenise class names to (K, length) int64: SOT, BPE tokens, EOT, zero padding.
 
-    Raises ValueError naming the offending entry for a non-string, a repeated name, a name with no tokens, a name
+    Raises ValueError naming the offending entry for a non-string, a name with no tokens, a name
     holding CLIP's start or end token (the text "<start_of_text>" / "<end_of_text>", which the BPE keeps as those
     tokens: the encoder would read the name's embedding at the wrong position), or a name longer than
     ``length - 2`` BPE tokens.

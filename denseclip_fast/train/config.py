@@ -21,9 +21,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import ACTIVATIONS, ARCHS, DenseCLIPConfig, canonical_arch, preset
-from ..model.denseclip import MIN_IMAGE_SIDE
-from ..validation import check_device, check_writable_dir
+from ..config import ACTIVATIONS, ARCH_ALIASES, ARCHS, MIN_IMAGE_SIDE, DenseCLIPConfig, canonical_arch, preset
+from ..validation import check_device, check_writable_dir, finite_real
 from .data import check_ignore_index
 
 LAYOUTS = ("ade20k", "generic")
@@ -38,7 +37,7 @@ NUMBER_RANGES = (("lr", 0, 1, True), ("min_lr", 0, 1, False), ("weight_decay", 0
 
 def _finite(value: object) -> bool:
     """A real number (not a bool), finite."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return isinstance(value, (int, float)) and finite_real(value) is not None
 
 
 @dataclass
@@ -145,7 +144,7 @@ class TrainConfig:
         self.model_config()
 
     def model_config(self) -> DenseCLIPConfig:
-        if self.arch in ARCHS or self.arch in ("ViT-B-16",):
+        if self.arch in ARCH_ALIASES:
             config = preset(canonical_arch(self.arch))
         elif os.path.isfile(self.arch):
             try:

@@ -10,7 +10,6 @@ both), mIoU = nanmean(IoU), aAcc = correct pixels / labelled pixels.
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,9 +17,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..config import MIN_IMAGE_SIDE
 from ..model import DenseCLIP
-from ..model.denseclip import MIN_IMAGE_SIDE, check_test_image_size
+from ..model.denseclip import check_test_image_size
 from ..preprocess import image_size, normalize, resize_keep_ratio, to_tensor
+from ..validation import finite_real
 from .data import IGNORE, SegmentationData
 
 
@@ -87,12 +88,14 @@ def check_scales(scales: Sequence[float], test_scale: Sequence[int], name: str =
                          f"{scales!r}")  # fmt: skip
     short = min(test_scale)
     for ratio in ratios:
-        if not isinstance(ratio, numbers.Real) or isinstance(ratio, bool) or not math.isfinite(ratio) or ratio <= 0:
+        value = finite_real(ratio)
+        if value is None or value <= 0:
             raise ValueError(f"{name} must be finite ratios > 0 of the test scale, got {ratio!r}")
-        if int(short * ratio) < MIN_IMAGE_SIDE:
+        if int(short * value) < MIN_IMAGE_SIDE:
+            lowest = math.ceil(MIN_IMAGE_SIDE / short * 1e4) / 1e4  # rounded up: the advice must pass
             raise ValueError(
-                f"{name}: {ratio} x the test scale {tuple(test_scale)} leaves {int(short * ratio)} pixels for the "
-                f"short side, under the network's {MIN_IMAGE_SIDE}; use ratios >= {MIN_IMAGE_SIDE / short:.4g}"
+                f"{name}: {ratio} x the test scale {tuple(test_scale)} leaves {int(short * value)} pixels for the "
+                f"short side, under the network's {MIN_IMAGE_SIDE}; use ratios >= {lowest:g}"
             )
     return [float(r) for r in ratios]
 

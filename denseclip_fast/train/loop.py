@@ -505,15 +505,20 @@ class Trainer:
         """FloatingPointError when a trained parameter or a floating buffer (BatchNorm statistics) holds NaN or an
         infinity after ``iteration``, as an update too large for the weights' dtype leaves them though the loss
         before it was finite; called before every checkpoint, so that none is written from such weights. The
-        processes hold the same weights, so all of them stop."""
+        verdict is agreed by all processes (without SyncBN each has its own BatchNorm statistics): all of them stop,
+        none is left waiting in a collective the others never reach."""
         tensors = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         tensors += [(n, b) for n, b in model.named_buffers() if b.is_floating_point()]
-        if bool(torch.stack([torch.isfinite(t).all() for _, t in tensors]).all()):
+        finite = torch.stack([torch.isfinite(t).all() for _, t in tensors]).all().to(torch.int32)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if bool(finite):
             return
         bad = [n for n, t in tensors if not bool(torch.isfinite(t).all())]
+        where = f"{len(bad)} tensor(s), e.g. {bad[0]}" if bad else "in another process"
         raise FloatingPointError(
-            f"the weights are not finite after iteration {iteration} ({len(bad)} tensor(s), e.g. {bad[0]}): they "
-            "were not saved; resume from the last checkpoint (--resume auto) with a lower learning rate (--lr)"
+            f"the weights are not finite after iteration {iteration} ({where}): they were not saved; resume from "
+            "the last checkpoint (--resume auto) with a lower learning rate (--lr)"
         )
 
     def _evaluate(self, model: DenseCLIP, rank: int, world: int, iteration: int, writer: Any) -> dict[str, Any] | None:
