@@ -7,6 +7,7 @@ import json
 import os
 import pickle
 import re
+import struct
 import zipfile
 
 import pytest
@@ -576,3 +577,92 @@ def test_clip_weights_are_pointed_to_from_clip(tmp_path):
     torch.save({"visual.conv1.weight": torch.zeros(1), "token_embedding.weight": torch.zeros(1)}, path)
     with pytest.raises(CheckpointError, match="CLIP weights, not a DenseCLIP checkpoint; use DenseCLIP.from_clip"):
         dcf.load_checkpoint(path)
+
+
+# ------------------------------------------------------------------------------------------------ resource limits
+# Small crafted files that made the reader allocate hundreds of megabytes or more. Each is now refused (or read)
+# without that: the sizes are such that the old code would have allocated >= 256 MB or failed with a raw error.
+
+
+def _str(text: str) -> bytes:
+    data = text.encode()
+    return b"X" + struct.pack("<I", len(data)) + data  # BINUNICODE
+
+
+def _int(n: int) -> bytes:
+    return b"J" + struct.pack("<i", n)  # BININT
+
+
+def _tup(*parts: bytes) -> bytes:
+    return b"(" + b"".join(parts) + b"t"  # MARK ... TUPLE
+
+
+def _put(i: int) -> bytes:
+    return b"r" + struct.pack("<I", i) + b"0"  # LONG_BINPUT, POP: memo slot i holds the top of the stack
+
+
+def _get(i: int) -> bytes:
+    return b"j" + struct.pack("<I", i)  # LONG_BINGET
+
+
+def _ts_storage(key: str) -> bytes:
+    return _tup(_str("storage"), _global("torch", "FloatStorage"), _str(key), _str("cpu"), _int(1)) + b"Q"
+
+
+def _ts_arguments(key: str, size, stride, offset: int = 0) -> bytes:
+    """The arguments of _rebuild_tensor_v2 as torch.jit.save writes them: (storage, offset, size, stride, False,
+    OrderedDict())."""
+    hooks = _global("collections", "OrderedDict") + b")R"
+    return _tup(_ts_storage(key), _int(offset), _tup(*map(_int, size)), _tup(*map(_int, stride)), b"\x89", hooks)
+
+
+def _ts_tensor(key: str, size, stride, offset: int = 0) -> bytes:
+    return _global("torch._utils", "_rebuild_tensor_v2") + _ts_arguments(key, size, stride, offset) + b"R"
+
+
+def _ts_archive(path, body: bytes, data: dict[str, bytes] | None = None, compressed: str = ""):
+    """A TorchScript archive: data.pkl holding ``body``, data/<key> holding each storage; the entry named
+    ``compressed`` deflated."""
+    entries = {"archive/data.pkl": b"\x80\x02" + body + b".", "archive/constants.pkl": b"\x80\x02).",
+               **{f"archive/data/{k}": v for k, v in (data or {}).items()}}  # fmt: skip
+    with zipfile.ZipFile(path, "w") as z:
+        for name, content in entries.items():
+            z.writestr(name, content, zipfile.ZIP_DEFLATED if name == compressed else zipfile.ZIP_STORED)
+    return path
+
+
+def _read(path):
+    from denseclip_fast.checkpoints.io import read_weight_file
+
+    return read_weight_file(path)
+
+
+@pytest.mark.parametrize("entry", ["archive/data/0", "archive/data.pkl"])
+def test_compressed_zip_entries_are_refused(tmp_path, entry):
+    """A deflated entry was inflated by archive.read (then copied): a 408 KB file took ~800 MB. torch.save and
+    torch.jit.save store their records uncompressed; here 1 MiB of zeros, deflated to ~1 KB, is refused by name."""
+    body = b"}" + _str("w") + _ts_tensor("0", (4,), (1,)) + b"s"
+    path = _ts_archive(tmp_path / "zipped.pt", body, {"0": bytes(2**20)}, compressed=entry)
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(path))}: refused: its zip entry '{entry}' is "
+                                              "compressed, which torch.save and torch.jit.save never do"):  # fmt: skip
+        _read(path)
+    buf = io.BytesIO()
+    torch.save({"w": torch.zeros(2**18)}, buf)
+    torch_file = tmp_path / "zipped.pth"
+    with zipfile.ZipFile(buf) as src, zipfile.ZipFile(torch_file, "w", zipfile.ZIP_DEFLATED) as z:
+        for name in src.namelist():
+            z.writestr(name, src.read(name))
+    with pytest.raises(CheckpointError, match="refused: its zip entry 'archive/data.pkl' is compressed"):
+        _read(torch_file)  # torch.load would inflate it too
+
+
+def test_zip_entry_declaring_more_bytes_than_the_file_has(tmp_path):
+    path = _ts_archive(tmp_path / "sizes.pt", b"}" + _str("w") + _ts_tensor("0", (4,), (1,)) + b"s", {"0": bytes(16)})
+    data = bytearray(path.read_bytes())
+    records = [m.start() for m in re.finditer(b"PK\x01\x02", bytes(data))]  # the central directory's
+    record = next(r for r in records if data[r + 46 : r + 60] == b"archive/data/0")
+    data[record + 24 : record + 28] = struct.pack("<I", 2**31)  # its uncompressed size
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=rf"truncated or corrupt: its zip entry 'archive/data/0' declares "
+                                              rf"{2**31} bytes but the file has {len(data)} bytes in all"):  # fmt: skip
+        _read(path)

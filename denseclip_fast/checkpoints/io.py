@@ -101,8 +101,11 @@ def read_weight_file(path: str | os.PathLike[str]) -> WeightFile:
     with open(path, "rb") as f:
         head = f.read(16)
     if head[:4] == b"PK\x03\x04":
-        if _is_torchscript(path):
-            return WeightFile("torchscript", tensors=_read_torchscript(path))
+        entries = _zip_entries(path)
+        if entries is not None and _is_torchscript(entries):
+            return WeightFile("torchscript", tensors=_read_torchscript(path, size))
+        for entry in entries or ():  # torch.save writes every entry stored; torch.load would inflate any other
+            _check_stored(entry, path, size)
         return WeightFile("torch", obj=_torch_load(path))
     if head[:1] == b"\x80":  # a pickle protocol marker: torch.save's legacy format
         return WeightFile("torch", obj=_torch_load(path))
@@ -166,6 +169,27 @@ def _torch_load(path: str) -> Any:
         raise CheckpointError(path, reason) from None
 
 
+def _zip_entries(path: str) -> list[zipfile.ZipInfo] | None:
+    """The entries of a zip file, or None when it cannot be opened as one (torch.load then reports the damage)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return z.infolist()
+    except (zipfile.BadZipFile, OSError):
+        return None
+
+
+def _check_stored(entry: zipfile.ZipInfo, path: str, size: int) -> None:
+    """CheckpointError unless ``entry`` is stored uncompressed and declares no more bytes than the whole file has:
+    torch.save and torch.jit.save write their records so, and inflating a compressed one could make gigabytes out
+    of a few kilobytes (a zip bomb)."""
+    if entry.compress_type != zipfile.ZIP_STORED:
+        raise CheckpointError(path, f"refused: its zip entry {entry.filename!r} is compressed, which torch.save and "
+                                    "torch.jit.save never do (a compressed entry may inflate to any size)")  # fmt: skip
+    if max(entry.file_size, entry.compress_size) > size:
+        raise CheckpointError(path, f"truncated or corrupt: its zip entry {entry.filename!r} declares "
+                                    f"{entry.file_size} bytes but the file has {size} bytes in all")  # fmt: skip
+
+
 def _read_safetensors(path: str) -> WeightFile:
     from safetensors import safe_open
 
@@ -181,13 +205,8 @@ def _read_safetensors(path: str) -> WeightFile:
 # ---------------------------------------------------------------------------------------------- TorchScript
 
 
-def _is_torchscript(path: str) -> bool:
-    try:
-        with zipfile.ZipFile(path) as z:
-            names = z.namelist()
-    except (zipfile.BadZipFile, OSError):
-        return False  # let torch.load report the damage
-    return any(n.endswith("/constants.pkl") or "/code/" in n for n in names)
+def _is_torchscript(entries: list[zipfile.ZipInfo]) -> bool:
+    return any(e.filename.endswith("/constants.pkl") or "/code/" in e.filename for e in entries)
 
 
 _STORAGE_DTYPES = {
@@ -262,11 +281,11 @@ _SAFE_GLOBALS: dict[tuple[str, str], Any] = {
 
 
 class _TorchScriptUnpickler(pickle.Unpickler):
-    def __init__(self, data: bytes, archive: zipfile.ZipFile, prefix: str, path: str) -> None:
+    def __init__(self, data: bytes, archive: zipfile.ZipFile, prefix: str, path: str, size: int) -> None:
         import io
 
         super().__init__(io.BytesIO(data))
-        self.archive, self.prefix, self.path = archive, prefix, path
+        self.archive, self.prefix, self.path, self.size = archive, prefix, path, size
         self.storages: dict[str, torch.Tensor] = {}
 
     def find_class(self, module: str, name: str) -> Any:
@@ -280,14 +299,20 @@ class _TorchScriptUnpickler(pickle.Unpickler):
 
     def persistent_load(self, pid: Any) -> torch.Tensor:
         if not (isinstance(pid, tuple) and len(pid) >= 3 and pid[0] == "storage"):
-            raise CheckpointError(self.path, f"unsupported TorchScript storage reference {pid!r}")
+            raise CheckpointError(self.path, f"unsupported TorchScript storage reference {_excerpt(repr(pid))}")
         dtype, key = pid[1], str(pid[2])
         if not isinstance(dtype, torch.dtype):
             raise CheckpointError(self.path, f"unsupported storage type in TorchScript archive: {dtype!r}")
         if key not in self.storages:
-            raw = bytearray(self.archive.read(f"{self.prefix}data/{key}"))
+            raw = bytearray(_read_entry(self.archive, f"{self.prefix}data/{key}", self.path, self.size))
             self.storages[key] = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
         return self.storages[key]
+
+
+def _read_entry(archive: zipfile.ZipFile, name: str, path: str, size: int) -> bytes:
+    entry = archive.getinfo(name)
+    _check_stored(entry, path, size)
+    return archive.read(entry)
 
 
 def _flatten(root: Any) -> dict[str, torch.Tensor]:
@@ -318,7 +343,7 @@ def _flatten(root: Any) -> dict[str, torch.Tensor]:
     return out
 
 
-def _read_torchscript(path: str) -> dict[str, torch.Tensor]:
+def _read_torchscript(path: str, size: int) -> dict[str, torch.Tensor]:
     try:
         with zipfile.ZipFile(path) as archive:
             data_pkl = [n for n in archive.namelist() if n.endswith("data.pkl") and n.count("/") == 1]
@@ -326,10 +351,10 @@ def _read_torchscript(path: str) -> dict[str, torch.Tensor]:
                 raise CheckpointError(path, "TorchScript archive without data.pkl")
             prefix = data_pkl[0][: -len("data.pkl")]
             byteorder = f"{prefix}byteorder"
-            if byteorder in archive.namelist() and archive.read(byteorder).strip() != b"little":
+            if byteorder in archive.namelist() and _read_entry(archive, byteorder, path, size).strip() != b"little":
                 raise CheckpointError(path, "big-endian TorchScript archives are not supported")
-            root = _TorchScriptUnpickler(archive.read(data_pkl[0]), archive, prefix, path).load()
-            tensors = _flatten(root)
+            data = _read_entry(archive, data_pkl[0], path, size)
+            tensors = _flatten(_TorchScriptUnpickler(data, archive, prefix, path, size).load())
     except CheckpointError:
         raise
     except (zipfile.BadZipFile, EOFError, zlib.error) as exc:
