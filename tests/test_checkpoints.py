@@ -8,6 +8,8 @@ import os
 import pickle
 import re
 import struct
+import time
+import warnings
 import zipfile
 
 import pytest
@@ -666,3 +668,87 @@ def test_zip_entry_declaring_more_bytes_than_the_file_has(tmp_path):
     with pytest.raises(CheckpointError, match=rf"truncated or corrupt: its zip entry 'archive/data/0' declares "
                                               rf"{2**31} bytes but the file has {len(data)} bytes in all"):  # fmt: skip
         _read(path)
+
+
+@pytest.mark.parametrize(
+    "size, stride",
+    [((2**14, 2**14), (0, 0)), ((2**20, 2**20), (0, 0)), ((2**13, 2**13), (1, 1)), ((2**14 + 1,), (1,))],
+)
+def test_torchscript_views_with_more_elements_than_their_storage_are_refused(tmp_path, size, stride):
+    """A 64 KiB storage viewed as (16384, 16384) with zero strides: the copy of every tensor that the reader makes
+    allocated 1 GiB (a 751-byte file allocated 768 MB); as (2**20, 2**20), that copy raised a raw RuntimeError (it
+    was outside the try). No saved weight has more elements than its storage, whatever the strides."""
+    path = _ts_archive(tmp_path / "view.pt", b"}" + _str("w") + _ts_tensor("0", size, stride) + b"s",
+                       {"0": bytes(4 * 2**14)})  # fmt: skip
+    start = time.perf_counter()
+    with pytest.raises(CheckpointError, match=rf"could not be decoded \(UnpicklingError: a tensor of shape "
+                                              rf"{re.escape(str(size))} views a storage of 16384 elements: an expanded "
+                                              "or overlapping view"):  # fmt: skip
+        _read(path)
+    assert time.perf_counter() - start < 5
+
+
+def test_torchscript_views_within_their_storage_are_read_as_copies(tmp_path):
+    body = (b"}(" + _str("t") + _ts_tensor("0", (2, 2), (1, 2)) + _str("s") + _ts_tensor("0", (2,), (2,), 1)
+            + _str("z") + _ts_tensor("0", (2, 2), (0, 1)) + b"u")  # fmt: skip
+    tensors = _read(_ts_archive(tmp_path / "views.pt", body, {"0": struct.pack("<4f", 0, 1, 2, 3)})).tensors
+    assert tensors["t"].tolist() == [[0, 2], [1, 3]] and tensors["s"].tolist() == [1, 3]
+    assert tensors["z"].tolist() == [[0, 1], [0, 1]]
+    assert len({t.untyped_storage().data_ptr() for t in tensors.values()}) == 3  # each its own copy
+
+
+def test_torchscript_views_sharing_a_storage_are_bounded_and_tied_tensors_copied_once(tmp_path):
+    """1100 views of one 256 KiB storage, each within it: each was copied, 275 MB from a 280 KB file. Views may add
+    up to twice the storages' bytes (+16 MiB); one tensor under two names (tied weights) is one copy."""
+    views = (_global("torch._utils", "_rebuild_tensor_v2") + _put(0) + _ts_arguments("0", (2**16,), (1,)) + _put(1)
+             + b"}(" + b"".join(_str(f"w{i}") + _get(0) + _get(1) + b"R" for i in range(1100)) + b"u")  # fmt: skip
+    path = _ts_archive(tmp_path / "views.pt", views, {"0": bytes(2**18)})
+    with pytest.raises(CheckpointError, match=r"refused: its tensors view the same storages over and over "
+                                              r"\(288358400 bytes of tensors over 262144 bytes of data\)"):  # fmt: skip
+        _read(path)
+    tied = b"}" + _str("a") + _ts_tensor("0", (4,), (1,)) + b"r\x02\x00\x00\x00s" + _str("b") + _get(2) + b"s"
+    tensors = _read(_ts_archive(tmp_path / "tied.pt", tied, {"0": struct.pack("<4f", 0, 1, 2, 3)})).tensors
+    assert tensors["a"] is tensors["b"] and tensors["a"].tolist() == [0, 1, 2, 3]
+
+
+def _expanded():
+    return torch.zeros(1, 64).expand(2**22, -1)  # 256 bytes of storage, 1 GiB as a tensor
+
+
+def _sparse():
+    no_values = torch.zeros(2, 0, dtype=torch.long), torch.zeros(0)
+    return torch.sparse_coo_tensor(*no_values, (2**22, 64), check_invariants=False)
+
+
+@pytest.mark.parametrize(
+    "tensor, match",
+    [
+        (_expanded, r"the tensor under 'text_encoder.token_embedding.weight' has shape \(4194304, 64\) \(268435456 "
+                    r"elements\) but its storage holds 64: an expanded or overlapping view"),
+        (lambda: torch.empty(2**22, 64, device="meta"),
+         "the tensor under 'text_encoder.token_embedding.weight' is a torch.strided tensor on meta; only dense CPU "
+         "tensors are read"),
+        (_sparse, "the tensor under 'text_encoder.token_embedding.weight' is a torch.sparse_coo tensor on cpu"),
+    ],
+)  # fmt: skip
+def test_official_tensors_that_hold_no_data_are_refused(tmp_path, official_file, tensor, match):
+    """An official file's shapes give the architecture: a token embedding of 2**22 rows that the file does not hold
+    (a zero-stride view of 256 bytes, a meta tensor, an empty sparse one) built a 1 GiB model (or worse) before any
+    check. torch.load(weights_only=True) accepts all three."""
+    sd = dict(_state(official_file)["state_dict"])
+    sd["text_encoder.token_embedding.weight"] = tensor()
+    path = _save_state(tmp_path, sd, meta={"CLASSES": NAMES})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.load validating the sparse tensor
+        with pytest.raises(CheckpointError, match=rf"^{re.escape(str(path))}: refused: {match}"):
+            dcf.load_checkpoint(path)
+
+
+def test_torch_file_views_sharing_a_storage_are_bounded(tmp_path):
+    base = torch.zeros(2**16)
+    path = tmp_path / "views.pth"
+    torch.save({f"w{i}": base[:] for i in range(1100)}, path)
+    with pytest.raises(CheckpointError, match="refused: its tensors view the same storages over and over"):
+        _read(path)
+    torch.save({"a": base, "b": base[: 2**15], "c": base[2**15 :]}, path)  # tied and sliced: read
+    assert set(_read(path).obj) == {"a", "b", "c"}

@@ -13,6 +13,7 @@ Every failure is a :class:`CheckpointError` whose message is one line: the file 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import pickle
 import re
@@ -50,6 +51,9 @@ class WeightFile:
 
 PARTIAL_SUFFIX = ".partial"
 SAFETENSORS_MAX_HEADER = 100_000_000  # the safetensors library refuses longer headers
+# Tensors sharing storages (tied weights, slices) may add up to more bytes than the file holds, but not without bound:
+# at most twice the storages' bytes plus this.
+SHARED_VIEW_SLACK = 16 * 2**20
 
 
 @contextlib.contextmanager
@@ -106,9 +110,9 @@ def read_weight_file(path: str | os.PathLike[str]) -> WeightFile:
             return WeightFile("torchscript", tensors=_read_torchscript(path, size))
         for entry in entries or ():  # torch.save writes every entry stored; torch.load would inflate any other
             _check_stored(entry, path, size)
-        return WeightFile("torch", obj=_torch_load(path))
+        return WeightFile("torch", obj=_checked_views(_torch_load(path), path))
     if head[:1] == b"\x80":  # a pickle protocol marker: torch.save's legacy format
-        return WeightFile("torch", obj=_torch_load(path))
+        return WeightFile("torch", obj=_checked_views(_torch_load(path), path))
     if len(head) >= 9 and head[8:9] == b"{":  # safetensors: an 8-byte header length, then the JSON header
         header = struct.unpack("<Q", head[:8])[0]
         if 8 + header <= size:
@@ -190,6 +194,54 @@ def _check_stored(entry: zipfile.ZipInfo, path: str, size: int) -> None:
                                     f"{entry.file_size} bytes but the file has {size} bytes in all")  # fmt: skip
 
 
+def _checked_views(obj: Any, path: str) -> Any:
+    """``obj`` (what torch.load returned) once every tensor in it passed :func:`_check_views`."""
+    found: list[tuple[Any, torch.Tensor]] = []
+    seen: set[int] = set()
+    stack: list[tuple[Any, Any]] = [(None, obj)]
+    while stack:  # every container once (the pickle may share them), without recursion
+        key, item = stack.pop()
+        if isinstance(item, torch.Tensor):
+            found.append((key, item))
+        elif isinstance(item, (dict, list, tuple, set, frozenset)) and id(item) not in seen:
+            seen.add(id(item))
+            if isinstance(item, dict):
+                stack.extend((k, k) for k in item)
+                stack.extend(item.items())
+            else:
+                stack.extend((key, v) for v in item)
+    _check_views(found, path)
+    return obj
+
+
+def _check_views(tensors: list[tuple[Any, torch.Tensor]], path: str) -> None:
+    """CheckpointError unless every (key, tensor) is a dense CPU tensor with no more elements than its storage holds
+    (a saved weight never has more; an expanded or overlapping view of a few bytes may have billions, which a copy
+    or the model built from its shape would allocate), and the distinct tensors together take at most twice the
+    bytes of the storages they view (plus SHARED_VIEW_SLACK)."""
+    distinct = {id(t): (key, t) for key, t in tensors}
+    storages: dict[int, int] = {}
+    total = 0
+    for key, t in distinct.values():
+        where = f"the tensor under {_excerpt(repr(key), 80)}" if key is not None else "a tensor"
+        if t.layout != torch.strided or t.device.type != "cpu":
+            raise CheckpointError(path, f"refused: {where} is a {t.layout} tensor on {t.device}; only dense CPU "
+                                        "tensors are read")  # fmt: skip
+        storage = t.untyped_storage()
+        nbytes = t.numel() * t.element_size()
+        if nbytes > storage.nbytes():
+            raise CheckpointError(
+                path, f"refused: {where} has shape {tuple(t.shape)} ({t.numel()} elements) but its storage holds "
+                f"{storage.nbytes() // t.element_size()}: an expanded or overlapping view, which no saved weight is"
+            )  # fmt: skip
+        storages[storage.data_ptr()] = storage.nbytes()
+        total += nbytes
+    held = sum(storages.values())
+    if total > 2 * held + SHARED_VIEW_SLACK:
+        raise CheckpointError(path, f"refused: its tensors view the same storages over and over ({total} bytes of "
+                                    f"tensors over {held} bytes of data)")  # fmt: skip
+
+
 def _read_safetensors(path: str) -> WeightFile:
     from safetensors import safe_open
 
@@ -235,8 +287,13 @@ class _ScriptRecord:
 
 def _rebuild_tensor(storage: torch.Tensor, offset: int, size: Any, stride: Any, *_: Any) -> torch.Tensor:
     if not (isinstance(storage, torch.Tensor) and isinstance(offset, int) and isinstance(size, (tuple, list))
-            and isinstance(stride, (tuple, list))):  # fmt: skip
+            and isinstance(stride, (tuple, list)) and all(isinstance(n, int) for n in (*size, *stride))):  # fmt: skip
         raise pickle.UnpicklingError("a tensor rebuilt from arguments that are not (storage, offset, size, stride)")
+    if math.prod(size) > storage.numel():  # as_strided checks the bounds, not the count (zero strides ...)
+        raise pickle.UnpicklingError(
+            f"a tensor of shape {_excerpt(tuple(size), 80)} views a storage of {storage.numel()} elements: an "
+            "expanded or overlapping view, which no saved weight is"
+        )
     return torch.as_strided(storage, tuple(size), tuple(stride), offset)
 
 
@@ -355,6 +412,14 @@ def _read_torchscript(path: str, size: int) -> dict[str, torch.Tensor]:
                 raise CheckpointError(path, "big-endian TorchScript archives are not supported")
             data = _read_entry(archive, data_pkl[0], path, size)
             tensors = _flatten(_TorchScriptUnpickler(data, archive, prefix, path, size).load())
+        if not tensors:
+            raise CheckpointError(path, "the TorchScript archive holds no tensors")
+        _check_views(list(tensors.items()), path)
+        copies: dict[int, torch.Tensor] = {}  # one copy of a tensor found under several names (tied weights)
+        for t in tensors.values():
+            if id(t) not in copies:
+                copies[id(t)] = t.clone()
+        return {name: copies[id(t)] for name, t in tensors.items()}
     except CheckpointError:
         raise
     except (zipfile.BadZipFile, EOFError, zlib.error) as exc:
@@ -365,9 +430,6 @@ def _read_torchscript(path: str, size: int) -> dict[str, torch.Tensor]:
             path, f"not a valid checkpoint: its TorchScript archive could not be decoded ({type(exc).__name__}: "
             f"{_excerpt(exc)})"
         ) from None  # fmt: skip
-    if not tensors:
-        raise CheckpointError(path, "the TorchScript archive holds no tensors")
-    return {k: v.clone() for k, v in tensors.items()}
 
 
 def _excerpt(value: Any, limit: int = 200) -> str:
