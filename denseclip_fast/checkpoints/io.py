@@ -320,15 +320,27 @@ def _first(value: Any, *_: Any) -> Any:
     return value
 
 
-def _as_list(items: Any, *_: Any) -> list[Any]:
-    return list(items)
+def _as_list(items: Any, *_: Any) -> list[Any] | tuple[Any, ...]:
+    """torch.jit._pickle.build_*list: the list itself, as torch's own returns it. Never a copy: the pickle may pass
+    the same long list (from its memo) to thousands of calls."""
+    if not isinstance(items, (list, tuple)):
+        raise pickle.UnpicklingError(f"a TorchScript list built from a {type(items).__name__}")
+    return items
+
+
+def _empty_ordered_dict(*args: Any) -> OrderedDict[Any, Any]:
+    """collections.OrderedDict as the archives call it (with no argument, for a tensor's backward hooks); with an
+    argument it would copy a mapping the pickle may pass again and again."""
+    if args:
+        raise pickle.UnpicklingError("collections.OrderedDict called with arguments")
+    return OrderedDict()
 
 
 _SAFE_GLOBALS: dict[tuple[str, str], Any] = {
     ("torch._utils", "_rebuild_tensor_v2"): _Allowed(_rebuild_tensor),
     ("torch._utils", "_rebuild_tensor"): _Allowed(_rebuild_tensor),
     ("torch._utils", "_rebuild_parameter"): _Allowed(_first),
-    ("collections", "OrderedDict"): _Allowed(OrderedDict),
+    ("collections", "OrderedDict"): _Allowed(_empty_ordered_dict),
     ("torch.jit._pickle", "restore_type_tag"): _Allowed(_first),
     ("torch.jit._pickle", "build_intlist"): _Allowed(_as_list),
     ("torch.jit._pickle", "build_doublelist"): _Allowed(_as_list),
