@@ -518,14 +518,16 @@ def test_crafted_torch_pickles_are_checkpoint_errors(tmp_path, case):
 
 
 def test_torchscript_nesting_and_cycles_are_read_without_recursion(tmp_path):
-    """20000 nested dicts were a RecursionError in _flatten (and a cycle would have been one too)."""
+    """20000 nested dicts were a RecursionError in _flatten (and a cycle would have been one too); the nesting is now
+    refused past 256 levels, without recursion either."""
     cyclic = b"}q\x00X\x01\x00\x00\x00ah\x00s"  # d = {}; d['a'] = d
-    for data in (_NESTED, cyclic):
+    for data, match in ((_NESTED, "refused: the TorchScript archive nests containers more than 256 deep"),
+                        (cyclic, "the TorchScript archive holds no tensors")):  # fmt: skip
         path = tmp_path / "nested.pt"
         with zipfile.ZipFile(path, "w") as z:
             z.writestr("archive/data.pkl", b"\x80\x02" + data + b".")
             z.writestr("archive/code/__torch__.py", "")
-        with pytest.raises(CheckpointError, match="the TorchScript archive holds no tensors"):
+        with pytest.raises(CheckpointError, match=match):
             dcf.load_checkpoint(path)
 
 
@@ -781,3 +783,77 @@ def test_lists_and_mappings_from_the_memo_are_not_copied(tmp_path):
     copied += _tup(b"}") + b"Rs"
     with pytest.raises(CheckpointError, match=r"UnpicklingError: collections.OrderedDict called with arguments"):
         _read(_ts_archive(tmp_path / "ordered.pt", copied, {"0": bytes(4)}))
+
+
+class _TiedModule(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(3, 4)
+        self.norm = torch.nn.BatchNorm1d(4)
+        self.tied = self.linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.tied(self.linear(x)[:, :3]))
+
+
+def test_real_torchscript_archive_with_a_tied_submodule(tmp_path):
+    """A torch.jit.save archive passes every limit (its code entries are compressed; the reader never reads them),
+    and a submodule under two names keeps both: the `seen` set skipped every container met before, not only cycles."""
+    module = _TiedModule()
+    path = tmp_path / "tied.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.script(module).save(str(path))
+    with zipfile.ZipFile(path) as z:
+        assert any(e.compress_type != zipfile.ZIP_STORED for e in z.infolist())
+    tensors = _read(path).tensors
+    expected = module.state_dict()
+    assert set(tensors) == set(expected) and {"linear.weight", "tied.weight"} <= set(tensors)
+    assert all(torch.equal(tensors[k], v) for k, v in expected.items())
+    assert tensors["tied.weight"] is tensors["linear.weight"]
+
+
+def _nested(depth: int, key_length: int) -> bytes:
+    """depth dicts, each {'t': tensor, KEY: the next one}, KEY a memoized string of key_length characters."""
+    body = _ts_tensor("0", (1,), (1,)) + _put(0) + _str("k" * key_length) + _put(1)
+    body += (b"}" + _str("t") + _get(0) + b"s" + _get(1)) * depth
+    return body + b"}" + b"s" * depth
+
+
+@pytest.mark.parametrize(
+    "depth, key_length, match",
+    [
+        (3500, 50, "archive nests containers more than 256 deep"),
+        (200, 2**16, "archive's names add up to more than 16000000 characters"),
+    ],
+)
+def test_deep_torchscript_names_are_bounded(tmp_path, depth, key_length, match):
+    """The dotted names grow with the depth, so their total length with its square: 3500 levels of a 50-character
+    key were ~300 MB of names from a 70 KB file (depth 8000, 3.7 GB), 200 levels of a 64 Ki-character key 1.3 G
+    characters. The nesting (256) and the characters of all names (16 M) are capped."""
+    path = _ts_archive(tmp_path / "deep.pt", _nested(depth, key_length), {"0": bytes(4)})
+    start = time.perf_counter()
+    with pytest.raises(CheckpointError, match=f"refused: the TorchScript {match}"):
+        _read(path)
+    assert time.perf_counter() - start < 5
+    assert len(_read(_ts_archive(tmp_path / "ok.pt", _nested(200, 10), {"0": bytes(4)})).tensors) == 200
+
+
+def _shared_chain(depth: int) -> bytes:
+    """depth dicts, each {'a': next, 'b': next} (the same next one): 2**depth paths to the innermost {'w': tensor}."""
+    body = b"}" + _str("w") + _ts_tensor("0", (1,), (1,)) + b"s" + _put(0)
+    for i in range(depth):
+        body += b"}" + _str("a") + _get(i) + b"s" + _str("b") + _get(i) + b"s" + _put(i + 1)
+    return body + _get(depth)
+
+
+def test_containers_shared_along_many_paths_are_bounded(tmp_path, monkeypatch):
+    """Every path to a shared container gives a name (tied submodules), so the entries visited are capped: 2**40
+    paths here (the cap is lowered to keep the test fast)."""
+    from denseclip_fast.checkpoints import io as checkpoint_io
+
+    small = _read(_ts_archive(tmp_path / "dag.pt", _shared_chain(3), {"0": bytes(4)})).tensors
+    assert sorted(small) == [f"{x}.{y}.{z}.w" for x in "ab" for y in "ab" for z in "ab"]
+    monkeypatch.setattr(checkpoint_io, "MAX_ENTRIES", 1000)
+    with pytest.raises(CheckpointError, match="has more than 1000 entries to read"):
+        _read(_ts_archive(tmp_path / "dag.pt", _shared_chain(40), {"0": bytes(4)}))

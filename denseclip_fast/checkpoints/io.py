@@ -51,6 +51,11 @@ class WeightFile:
 
 PARTIAL_SUFFIX = ".partial"
 SAFETENSORS_MAX_HEADER = 100_000_000  # the safetensors library refuses longer headers
+# Limits on what a file may make the reader do, far above any real checkpoint (an OpenAI CLIP archive nests ~10 deep,
+# holds a few thousand entries and names of ~60 characters), so that a small crafted file cannot take gigabytes.
+MAX_NESTING = 256  # containers inside containers in a TorchScript archive
+MAX_ENTRIES = 1_000_000  # container entries visited while naming a TorchScript archive's tensors
+MAX_NAME_CHARS = 16_000_000  # characters of all the dotted names (and their prefixes) built for those tensors
 # Tensors sharing storages (tied weights, slices) may add up to more bytes than the file holds, but not without bound:
 # at most twice the storages' bytes plus this.
 SHARED_VIEW_SLACK = 16 * 2**20
@@ -384,31 +389,57 @@ def _read_entry(archive: zipfile.ZipFile, name: str, path: str, size: int) -> by
     return archive.read(entry)
 
 
-def _flatten(root: Any) -> dict[str, torch.Tensor]:
+def _flatten(root: Any, path: str) -> dict[str, torch.Tensor]:
     """The tensors under ``root`` by dotted name, following records and dicts in order (depth first). Without
-    recursion and visiting each container once: a crafted archive may nest deeper than Python's recursion limit, or
-    hold a cycle."""
+    recursion, and within MAX_NESTING levels, MAX_ENTRIES entries and MAX_NAME_CHARS characters of names (a
+    CheckpointError past them): a crafted archive may nest deeper than Python's recursion limit, build names whose
+    total length grows with the square of the depth, or share containers so that the paths to them multiply. A
+    container shared by several parents (tied submodules) gets every name; one inside itself (a cycle) is skipped.
+    Entries under keys other than str, int, float or bool are skipped."""
     out: dict[str, torch.Tensor] = {}
-    seen: set[int] = set()
 
-    def items(obj: Any) -> Iterator[tuple[Any, Any]]:
+    def contents(obj: Any) -> dict[Any, Any] | None:
         obj = obj.state if isinstance(obj, _ScriptRecord) else obj
-        if not isinstance(obj, dict) or id(obj) in seen:
-            return iter(())
-        seen.add(id(obj))
-        return iter(list(obj.items()))
+        return obj if isinstance(obj, dict) else None
 
-    stack = [("", items(root))]
+    top = contents(root)
+    if top is None:
+        return out
+    entries, chars = len(top), 0
+    on_path = {id(top)}  # the containers being read, from the root down: one of them again is a cycle
+    stack: list[tuple[str, dict[Any, Any], Iterator[tuple[Any, Any]]]] = [("", top, iter(top.items()))]
     while stack:
-        prefix, pending = stack[-1]
-        for name, value in pending:
-            if isinstance(value, torch.Tensor):
-                out[prefix + str(name)] = value
-            elif isinstance(value, (_ScriptRecord, dict)):
-                stack.append((f"{prefix}{name}.", items(value)))
-                break
+        prefix, current, pending = stack[-1]
+        for key, value in pending:
+            if not isinstance(key, (str, int, float)):
+                continue
+            child = None
+            if not isinstance(value, torch.Tensor):
+                child = contents(value)
+                if child is None or id(child) in on_path:  # not a container, or a cycle
+                    continue
+            text = str(key)
+            chars += len(prefix) + len(text) + 1  # counted before the name is built
+            if chars > MAX_NAME_CHARS:
+                raise CheckpointError(path, f"refused: the TorchScript archive's names add up to more than "
+                                            f"{MAX_NAME_CHARS} characters")  # fmt: skip
+            name = prefix + text
+            if child is None:
+                out[name] = value
+                continue
+            if len(stack) >= MAX_NESTING:
+                raise CheckpointError(path, f"refused: the TorchScript archive nests containers more than "
+                                            f"{MAX_NESTING} deep")  # fmt: skip
+            entries += len(child)
+            if entries > MAX_ENTRIES:
+                raise CheckpointError(path, f"refused: the TorchScript archive has more than {MAX_ENTRIES} entries to "
+                                            "read (containers shared along many paths?)")  # fmt: skip
+            on_path.add(id(child))
+            stack.append((name + ".", child, iter(child.items())))
+            break
         else:
             stack.pop()
+            on_path.discard(id(current))
     return out
 
 
@@ -423,7 +454,7 @@ def _read_torchscript(path: str, size: int) -> dict[str, torch.Tensor]:
             if byteorder in archive.namelist() and _read_entry(archive, byteorder, path, size).strip() != b"little":
                 raise CheckpointError(path, "big-endian TorchScript archives are not supported")
             data = _read_entry(archive, data_pkl[0], path, size)
-            tensors = _flatten(_TorchScriptUnpickler(data, archive, prefix, path, size).load())
+            tensors = _flatten(_TorchScriptUnpickler(data, archive, prefix, path, size).load(), path)
         if not tensors:
             raise CheckpointError(path, "the TorchScript archive holds no tensors")
         _check_views(list(tensors.items()), path)
