@@ -857,3 +857,37 @@ def test_containers_shared_along_many_paths_are_bounded(tmp_path, monkeypatch):
     monkeypatch.setattr(checkpoint_io, "MAX_ENTRIES", 1000)
     with pytest.raises(CheckpointError, match="has more than 1000 entries to read"):
         _read(_ts_archive(tmp_path / "dag.pt", _shared_chain(40), {"0": bytes(4)}))
+
+
+def test_running_out_of_memory_is_not_called_an_invalid_file(tmp_path, official_file, monkeypatch):
+    """A MemoryError (or torch's allocator failing) on a valid file read as "not a valid checkpoint"."""
+    from denseclip_fast.checkpoints import io as checkpoint_io
+
+    allocator = RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+                             "memory: you tried to allocate 64 bytes. Error code 12 (Cannot allocate memory)")
+    for exc in (MemoryError(), allocator):
+
+        def fail(*args, exc=exc, **kwargs):
+            raise exc
+
+        monkeypatch.setattr(torch, "load", fail)
+        with pytest.raises(MemoryError, match=rf"^{re.escape(str(official_file))}: not enough memory to read it"):
+            dcf.load_checkpoint(official_file)
+        monkeypatch.setattr(checkpoint_io, "_flatten", fail)
+        path = _ts_archive(tmp_path / "oom.pt", b"}" + _str("w") + _ts_tensor("0", (1,), (1,)) + b"s", {"0": bytes(4)})
+        with pytest.raises(MemoryError, match=rf"^{re.escape(str(path))}: not enough memory to read it"):
+            _read(path)
+
+
+def test_legacy_torch_file_declaring_a_huge_storage(tmp_path):
+    """A legacy (non-zip) torch file declares its storages' sizes, which torch.load allocates before reading them:
+    an allocation larger than the whole file is the file's fault, not a lack of memory."""
+    buf = io.BytesIO()
+    torch.save({"w": torch.zeros(4)}, buf, _use_new_zipfile_serialization=False)
+    data = buf.getvalue()
+    numel = data.index(b"K\x04", data.index(b"cpu"))  # ('storage', FloatStorage, key, 'cpu', 4)
+    path = tmp_path / "legacy.pth"
+    path.write_bytes(data[:numel] + b"\x8a\x08" + (2**50).to_bytes(8, "little") + data[numel + 2 :])  # LONG1 2**50
+    with pytest.raises(CheckpointError, match=rf"not a valid checkpoint: reading it asks for {4 * 2**50} bytes of "
+                                              rf"memory at once, more than the whole file \({len(data) + 8} bytes\)"):
+        _read(path)

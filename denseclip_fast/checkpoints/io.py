@@ -7,7 +7,14 @@
   no ``__setstate__`` of the archive and no global outside a short allowlist is ever run.
 * safetensors files are read with the safetensors library (no pickle at all).
 
-Every failure is a :class:`CheckpointError` whose message is one line: the file and the reason.
+What a small crafted file can make the reader allocate is bounded too: zip entries must be stored uncompressed (as
+torch.save and torch.jit.save write them: no zip bombs), no tensor may have more elements than its storage (an
+expanded view) nor tensors sharing storages add up to much more than the file holds, no allowlisted function copies
+what the pickle hands it (its memo can pass one long list to thousands of calls), and naming a TorchScript archive's
+tensors is capped in depth, entries and characters.
+
+Every failure is a :class:`CheckpointError` whose message is one line: the file and the reason. Running out of
+memory on a valid file is a MemoryError naming the file, not "not a valid checkpoint".
 """
 
 from __future__ import annotations
@@ -115,9 +122,9 @@ def read_weight_file(path: str | os.PathLike[str]) -> WeightFile:
             return WeightFile("torchscript", tensors=_read_torchscript(path, size))
         for entry in entries or ():  # torch.save writes every entry stored; torch.load would inflate any other
             _check_stored(entry, path, size)
-        return WeightFile("torch", obj=_checked_views(_torch_load(path), path))
+        return WeightFile("torch", obj=_checked_views(_torch_load(path, size), path))
     if head[:1] == b"\x80":  # a pickle protocol marker: torch.save's legacy format
-        return WeightFile("torch", obj=_checked_views(_torch_load(path), path))
+        return WeightFile("torch", obj=_checked_views(_torch_load(path, size), path))
     if len(head) >= 9 and head[8:9] == b"{":  # safetensors: an 8-byte header length, then the JSON header
         header = struct.unpack("<Q", head[:8])[0]
         if 8 + header <= size:
@@ -149,7 +156,7 @@ def _numpy_safe_globals() -> list[Any]:
     return items
 
 
-def _torch_load(path: str) -> Any:
+def _torch_load(path: str, size: int) -> Any:
     try:
         with torch.serialization.safe_globals(_numpy_safe_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -169,6 +176,8 @@ def _torch_load(path: str) -> Any:
             "environment.",
         ) from None
     except Exception as exc:  # any failure decoding an untrusted file (a crafted pickle: TypeError, IndexError ...)
+        if (oom := _out_of_memory(exc, path, size)) is not None:
+            raise oom from None
         message = str(exc).split(".")[0] if str(exc) else type(exc).__name__
         if isinstance(exc, EOFError) or "central directory" in message or "failed reading" in message:
             reason = "truncated or corrupt (the archive ends early or its index is damaged)"
@@ -176,6 +185,25 @@ def _torch_load(path: str) -> Any:
             reason = (f"not a valid checkpoint: it could not be read as a torch file ({type(exc).__name__}: "
                       f"{_excerpt(message)})")  # fmt: skip
         raise CheckpointError(path, reason) from None
+
+
+_OUT_OF_MEMORY = ("can't allocate memory", "not enough memory", "out of memory")
+
+
+def _out_of_memory(exc: BaseException, path: str, size: int) -> Exception | None:
+    """When ``exc`` is running out of memory (a MemoryError, or torch's allocator failing: a RuntimeError
+    "DefaultCPUAllocator: can't allocate memory"): a MemoryError naming the file, as that says nothing about the
+    file and must not read as "not a valid checkpoint"; but a CheckpointError when a single allocation was larger
+    than the whole file, which no valid file asks for (a legacy torch file declares its storages' sizes). Else
+    None."""
+    allocator = isinstance(exc, RuntimeError) and any(m in str(exc) for m in _OUT_OF_MEMORY)
+    if not (isinstance(exc, MemoryError) or allocator):
+        return None
+    asked = re.search(r"allocate (\d+) bytes", str(exc))
+    if asked and int(asked.group(1)) > size:
+        return CheckpointError(path, f"not a valid checkpoint: reading it asks for {asked.group(1)} bytes of memory at "
+                                     f"once, more than the whole file ({size} bytes)")  # fmt: skip
+    return MemoryError(f"{path}: not enough memory to read it ({_excerpt(exc) or type(exc).__name__})")
 
 
 def _zip_entries(path: str) -> list[zipfile.ZipInfo] | None:
@@ -469,6 +497,8 @@ def _read_torchscript(path: str, size: int) -> dict[str, torch.Tensor]:
         raise CheckpointError(path, f"truncated or corrupt TorchScript archive ({_excerpt(exc)})") from None
     except Exception as exc:  # any other failure decoding the untrusted pickle: wrong argument types, a BUILD on an
         # object without state, a bad storage reference, absurd sizes ... (no code of the file runs in any case)
+        if (oom := _out_of_memory(exc, path, size)) is not None:
+            raise oom from None
         raise CheckpointError(
             path, f"not a valid checkpoint: its TorchScript archive could not be decoded ({type(exc).__name__}: "
             f"{_excerpt(exc)})"
