@@ -891,3 +891,70 @@ def test_legacy_torch_file_declaring_a_huge_storage(tmp_path):
     with pytest.raises(CheckpointError, match=rf"not a valid checkpoint: reading it asks for {4 * 2**50} bytes of "
                                               rf"memory at once, more than the whole file \({len(data) + 8} bytes\)"):
         _read(path)
+
+
+# ---- sizes read from a file are checked before the model is built
+
+
+@pytest.mark.parametrize(
+    "dotted, value, match",
+    [
+        ("text.width", 2**17, r"shape mismatch \(30\): contexts: checkpoint \(1, 8, 64\) vs model \(1, 8, 131072\)"),
+        ("text.layers", 3000, r"the architecture has 3006 blocks \(vision.layers \[1, 1, 1, 1\], text.layers 3000, "
+                              r"decoder.layers 2\); more than the 512 read \(the released models have 27 to 48\)"),
+        ("text.layers", 3, r"missing keys \(12\): text_encoder.transformer.resblocks.2.attn.in_proj_bias"),
+        ("fpn_channels", 2**20, r"shape mismatch \(\d+\): .* vs model \(1048576, "),
+    ],
+)  # fmt: skip
+def test_native_config_sizes_are_checked_before_building(tmp_path, native_file, dotted, value, match):
+    """A text width of 2**17 built a 26 GB token embedding (a raw RuntimeError where memory ran out) before the
+    mismatch with the file's tensors was found, 3000 text layers took seconds and gigabytes. The model is now built
+    on the meta device and compared with the file first; the number of blocks is bounded before that."""
+    path = _native_with(tmp_path, native_file, config=_config_with(native_file, dotted, value))
+    start = time.perf_counter()
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(path))}: {match}"):
+        dcf.load_checkpoint(path)
+    assert time.perf_counter() - start < 5
+
+
+def _meta_model(config, names):
+    from denseclip_fast.checkpoints import _LinspaceOnCPU
+
+    with torch.device("meta"), _LinspaceOnCPU():
+        return DenseCLIP(config, names)
+
+
+@pytest.mark.parametrize("arch", ["RN50", "RN101", "ViT-B/16", "tiny-resnet", "tiny-vit"])
+def test_meta_build_of_every_architecture(arch):
+    """The check before building works for every architecture: the meta model holds no data, and its state dict
+    has the real model's names and shapes (compared for the tiny configs here; the presets in the slow test)."""
+    from denseclip_fast.checkpoints import _check_model_fits
+
+    config = tiny_config(arch[5:]) if arch.startswith("tiny") else dcf.preset(arch)
+    names = NAMES if arch.startswith("tiny") else list(dcf.ADE20K_CLASSES)
+    skeleton = _meta_model(config, names)
+    sd = skeleton.state_dict()
+    assert all(t.is_meta for t in (*skeleton.parameters(), *skeleton.buffers()))
+    _check_model_fits(config, names, sd, "x.pth")
+    if arch.startswith("tiny"):
+        real = DenseCLIP(config, names).state_dict()
+        assert {k: v.shape for k, v in sd.items()} == {k: v.shape for k, v in real.items()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["RN50", "RN101", "ViT-B/16"])
+def test_meta_build_of_presets_matches_the_real_model(arch):
+    sd = _meta_model(dcf.preset(arch), dcf.ADE20K_CLASSES).state_dict()
+    real = DenseCLIP.from_arch(arch).state_dict()
+    assert {k: v.shape for k, v in sd.items()} == {k: v.shape for k, v in real.items()}
+
+
+def test_model_elements_beyond_the_files_are_bounded(native_file, monkeypatch):
+    """What the model holds besides the file's tensors (the class tokens, K x name length, both from the file) is
+    bounded too; shown with the bound lowered to 10 elements (the 3 names of 5 tokens here take 15)."""
+    from denseclip_fast import checkpoints
+
+    monkeypatch.setattr(checkpoints, "MAX_EXTRA_ELEMENTS", 10)
+    with pytest.raises(CheckpointError, match=r"the model it describes has 15 elements besides the file's tensors "
+                                              r"\(more than 10: 3 class names of 5 tokens\?\)"):  # fmt: skip
+        dcf.load_checkpoint(native_file)
