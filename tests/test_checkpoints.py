@@ -7,6 +7,10 @@ import json
 import os
 import pickle
 import re
+import struct
+import time
+import tracemalloc
+import warnings
 import zipfile
 
 import pytest
@@ -514,14 +518,16 @@ def test_crafted_torch_pickles_are_checkpoint_errors(tmp_path, case):
 
 
 def test_torchscript_nesting_and_cycles_are_read_without_recursion(tmp_path):
-    """20000 nested dicts were a RecursionError in _flatten (and a cycle would have been one too)."""
+    """20000 nested dicts were a RecursionError in _flatten (and a cycle would have been one too); the nesting is now
+    refused past 256 levels, without recursion either."""
     cyclic = b"}q\x00X\x01\x00\x00\x00ah\x00s"  # d = {}; d['a'] = d
-    for data in (_NESTED, cyclic):
+    for data, match in ((_NESTED, "refused: the TorchScript archive nests containers more than 256 deep"),
+                        (cyclic, "the TorchScript archive holds no tensors")):  # fmt: skip
         path = tmp_path / "nested.pt"
         with zipfile.ZipFile(path, "w") as z:
             z.writestr("archive/data.pkl", b"\x80\x02" + data + b".")
             z.writestr("archive/code/__torch__.py", "")
-        with pytest.raises(CheckpointError, match="the TorchScript archive holds no tensors"):
+        with pytest.raises(CheckpointError, match=match):
             dcf.load_checkpoint(path)
 
 
@@ -576,3 +582,379 @@ def test_clip_weights_are_pointed_to_from_clip(tmp_path):
     torch.save({"visual.conv1.weight": torch.zeros(1), "token_embedding.weight": torch.zeros(1)}, path)
     with pytest.raises(CheckpointError, match="CLIP weights, not a DenseCLIP checkpoint; use DenseCLIP.from_clip"):
         dcf.load_checkpoint(path)
+
+
+# ------------------------------------------------------------------------------------------------ resource limits
+# Small crafted files that made the reader allocate hundreds of megabytes or more. Each is now refused (or read)
+# without that: the sizes are such that the old code would have allocated >= 256 MB or failed with a raw error.
+
+
+def _str(text: str) -> bytes:
+    data = text.encode()
+    return b"X" + struct.pack("<I", len(data)) + data  # BINUNICODE
+
+
+def _int(n: int) -> bytes:
+    return b"J" + struct.pack("<i", n)  # BININT
+
+
+def _tup(*parts: bytes) -> bytes:
+    return b"(" + b"".join(parts) + b"t"  # MARK ... TUPLE
+
+
+def _put(i: int) -> bytes:
+    return b"r" + struct.pack("<I", i) + b"0"  # LONG_BINPUT, POP: memo slot i holds the top of the stack
+
+
+def _get(i: int) -> bytes:
+    return b"j" + struct.pack("<I", i)  # LONG_BINGET
+
+
+def _ts_storage(key: str) -> bytes:
+    return _tup(_str("storage"), _global("torch", "FloatStorage"), _str(key), _str("cpu"), _int(1)) + b"Q"
+
+
+def _ts_arguments(key: str, size, stride, offset: int = 0) -> bytes:
+    """The arguments of _rebuild_tensor_v2 as torch.jit.save writes them: (storage, offset, size, stride, False,
+    OrderedDict())."""
+    hooks = _global("collections", "OrderedDict") + b")R"
+    return _tup(_ts_storage(key), _int(offset), _tup(*map(_int, size)), _tup(*map(_int, stride)), b"\x89", hooks)
+
+
+def _ts_tensor(key: str, size, stride, offset: int = 0) -> bytes:
+    return _global("torch._utils", "_rebuild_tensor_v2") + _ts_arguments(key, size, stride, offset) + b"R"
+
+
+def _ts_archive(path, body: bytes, data: dict[str, bytes] | None = None, compressed: str = ""):
+    """A TorchScript archive: data.pkl holding ``body``, data/<key> holding each storage; the entry named
+    ``compressed`` deflated."""
+    entries = {"archive/data.pkl": b"\x80\x02" + body + b".", "archive/constants.pkl": b"\x80\x02).",
+               **{f"archive/data/{k}": v for k, v in (data or {}).items()}}  # fmt: skip
+    with zipfile.ZipFile(path, "w") as z:
+        for name, content in entries.items():
+            z.writestr(name, content, zipfile.ZIP_DEFLATED if name == compressed else zipfile.ZIP_STORED)
+    return path
+
+
+def _read(path):
+    from denseclip_fast.checkpoints.io import read_weight_file
+
+    return read_weight_file(path)
+
+
+@pytest.mark.parametrize("entry", ["archive/data/0", "archive/data.pkl"])
+def test_compressed_zip_entries_are_refused(tmp_path, entry):
+    """A deflated entry was inflated by archive.read (then copied): a 408 KB file took ~800 MB. torch.save and
+    torch.jit.save store their records uncompressed; here 1 MiB of zeros, deflated to ~1 KB, is refused by name."""
+    body = b"}" + _str("w") + _ts_tensor("0", (4,), (1,)) + b"s"
+    path = _ts_archive(tmp_path / "zipped.pt", body, {"0": bytes(2**20)}, compressed=entry)
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(path))}: refused: its zip entry '{entry}' is "
+                                              "compressed, which torch.save and torch.jit.save never do"):  # fmt: skip
+        _read(path)
+    buf = io.BytesIO()
+    torch.save({"w": torch.zeros(2**18)}, buf)
+    torch_file = tmp_path / "zipped.pth"
+    with zipfile.ZipFile(buf) as src, zipfile.ZipFile(torch_file, "w", zipfile.ZIP_DEFLATED) as z:
+        for name in src.namelist():
+            z.writestr(name, src.read(name))
+    with pytest.raises(CheckpointError, match="refused: its zip entry 'archive/data.pkl' is compressed"):
+        _read(torch_file)  # torch.load would inflate it too
+
+
+def test_zip_entry_declaring_more_bytes_than_the_file_has(tmp_path):
+    path = _ts_archive(tmp_path / "sizes.pt", b"}" + _str("w") + _ts_tensor("0", (4,), (1,)) + b"s", {"0": bytes(16)})
+    data = bytearray(path.read_bytes())
+    records = [m.start() for m in re.finditer(b"PK\x01\x02", bytes(data))]  # the central directory's
+    record = next(r for r in records if data[r + 46 : r + 60] == b"archive/data/0")
+    data[record + 24 : record + 28] = struct.pack("<I", 2**31)  # its uncompressed size
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=rf"truncated or corrupt: its zip entry 'archive/data/0' declares "
+                                              rf"{2**31} bytes but the file has {len(data)} bytes in all"):  # fmt: skip
+        _read(path)
+
+
+@pytest.mark.parametrize(
+    "size, stride",
+    [((2**14, 2**14), (0, 0)), ((2**20, 2**20), (0, 0)), ((2**13, 2**13), (1, 1)), ((2**14 + 1,), (1,))],
+)
+def test_torchscript_views_with_more_elements_than_their_storage_are_refused(tmp_path, size, stride):
+    """A 64 KiB storage viewed as (16384, 16384) with zero strides: the copy of every tensor that the reader makes
+    allocated 1 GiB (a 751-byte file allocated 768 MB); as (2**20, 2**20), that copy raised a raw RuntimeError (it
+    was outside the try). No saved weight has more elements than its storage, whatever the strides."""
+    path = _ts_archive(tmp_path / "view.pt", b"}" + _str("w") + _ts_tensor("0", size, stride) + b"s",
+                       {"0": bytes(4 * 2**14)})  # fmt: skip
+    start = time.perf_counter()
+    with pytest.raises(CheckpointError, match=rf"could not be decoded \(UnpicklingError: a tensor of shape "
+                                              rf"{re.escape(str(size))} views a storage of 16384 elements: an expanded "
+                                              "or overlapping view"):  # fmt: skip
+        _read(path)
+    assert time.perf_counter() - start < 5
+
+
+def test_torchscript_views_within_their_storage_are_read_as_copies(tmp_path):
+    body = (b"}(" + _str("t") + _ts_tensor("0", (2, 2), (1, 2)) + _str("s") + _ts_tensor("0", (2,), (2,), 1)
+            + _str("z") + _ts_tensor("0", (2, 2), (0, 1)) + b"u")  # fmt: skip
+    tensors = _read(_ts_archive(tmp_path / "views.pt", body, {"0": struct.pack("<4f", 0, 1, 2, 3)})).tensors
+    assert tensors["t"].tolist() == [[0, 2], [1, 3]] and tensors["s"].tolist() == [1, 3]
+    assert tensors["z"].tolist() == [[0, 1], [0, 1]]
+    assert len({t.untyped_storage().data_ptr() for t in tensors.values()}) == 3  # each its own copy
+
+
+def test_torchscript_views_sharing_a_storage_are_bounded_and_tied_tensors_copied_once(tmp_path):
+    """1100 views of one 256 KiB storage, each within it: each was copied, 275 MB from a 280 KB file. Views may add
+    up to twice the storages' bytes (+16 MiB); one tensor under two names (tied weights) is one copy."""
+    views = (_global("torch._utils", "_rebuild_tensor_v2") + _put(0) + _ts_arguments("0", (2**16,), (1,)) + _put(1)
+             + b"}(" + b"".join(_str(f"w{i}") + _get(0) + _get(1) + b"R" for i in range(1100)) + b"u")  # fmt: skip
+    path = _ts_archive(tmp_path / "views.pt", views, {"0": bytes(2**18)})
+    with pytest.raises(CheckpointError, match=r"refused: its tensors view the same storages over and over "
+                                              r"\(288358400 bytes of tensors over 262144 bytes of data\)"):  # fmt: skip
+        _read(path)
+    tied = b"}" + _str("a") + _ts_tensor("0", (4,), (1,)) + b"r\x02\x00\x00\x00s" + _str("b") + _get(2) + b"s"
+    tensors = _read(_ts_archive(tmp_path / "tied.pt", tied, {"0": struct.pack("<4f", 0, 1, 2, 3)})).tensors
+    assert tensors["a"] is tensors["b"] and tensors["a"].tolist() == [0, 1, 2, 3]
+
+
+def _expanded():
+    return torch.zeros(1, 64).expand(2**22, -1)  # 256 bytes of storage, 1 GiB as a tensor
+
+
+def _sparse():
+    no_values = torch.zeros(2, 0, dtype=torch.long), torch.zeros(0)
+    return torch.sparse_coo_tensor(*no_values, (2**22, 64), check_invariants=False)
+
+
+@pytest.mark.parametrize(
+    "tensor, match",
+    [
+        (_expanded, r"the tensor under 'text_encoder.token_embedding.weight' has shape \(4194304, 64\) \(268435456 "
+                    r"elements\) but its storage holds 64: an expanded or overlapping view"),
+        (lambda: torch.empty(2**22, 64, device="meta"),
+         "the tensor under 'text_encoder.token_embedding.weight' is a torch.strided tensor on meta; only dense CPU "
+         "tensors are read"),
+        (_sparse, "the tensor under 'text_encoder.token_embedding.weight' is a torch.sparse_coo tensor on cpu"),
+    ],
+)  # fmt: skip
+def test_official_tensors_that_hold_no_data_are_refused(tmp_path, official_file, tensor, match):
+    """An official file's shapes give the architecture: a token embedding of 2**22 rows that the file does not hold
+    (a zero-stride view of 256 bytes, a meta tensor, an empty sparse one) built a 1 GiB model (or worse) before any
+    check. torch.load(weights_only=True) accepts all three."""
+    sd = dict(_state(official_file)["state_dict"])
+    sd["text_encoder.token_embedding.weight"] = tensor()
+    path = _save_state(tmp_path, sd, meta={"CLASSES": NAMES})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.load validating the sparse tensor
+        with pytest.raises(CheckpointError, match=rf"^{re.escape(str(path))}: refused: {match}"):
+            dcf.load_checkpoint(path)
+
+
+def test_torch_file_views_sharing_a_storage_are_bounded(tmp_path):
+    base = torch.zeros(2**16)
+    path = tmp_path / "views.pth"
+    torch.save({f"w{i}": base[:] for i in range(1100)}, path)
+    with pytest.raises(CheckpointError, match="refused: its tensors view the same storages over and over"):
+        _read(path)
+    torch.save({"a": base, "b": base[: 2**15], "c": base[2**15 :]}, path)  # tied and sliced: read
+    assert set(_read(path).obj) == {"a", "b", "c"}
+
+
+def test_lists_and_mappings_from_the_memo_are_not_copied(tmp_path):
+    """build_intlist called 400 times on one memoized 100000-int list: each call copied it (320 MB of lists from a
+    200 KB file; quadratic in the file size). The list is now returned as it is (torch's own build_intlist does
+    so); OrderedDict, which copied its argument, may only be called without one, as the archives do."""
+    from denseclip_fast.checkpoints.io import _as_list
+
+    items = b"](" + b"K\x07" * 100_000 + b"e" + _put(0)
+    build = _global("torch.jit._pickle", "build_intlist") + _put(1)
+    calls = b"](" + (_get(1) + _tup(_get(0)) + b"R") * 400 + b"e"
+    body = items + build + b"}" + _str("w") + _ts_tensor("0", (1,), (1,)) + b"s" + _str("junk") + calls + b"s"
+    path = _ts_archive(tmp_path / "lists.pt", body, {"0": bytes(4)})
+    tracemalloc.start()
+    try:
+        assert list(_read(path).tensors) == ["w"]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 32 * 2**20, peak
+    listed = [1, 2]
+    assert _as_list(listed) is listed
+    with pytest.raises(pickle.UnpicklingError, match="a TorchScript list built from a dict"):
+        _as_list({"a": 1})
+    copied = b"}" + _str("w") + _ts_tensor("0", (1,), (1,)) + b"s" + _str("o") + _global("collections", "OrderedDict")
+    copied += _tup(b"}") + b"Rs"
+    with pytest.raises(CheckpointError, match=r"UnpicklingError: collections.OrderedDict called with arguments"):
+        _read(_ts_archive(tmp_path / "ordered.pt", copied, {"0": bytes(4)}))
+
+
+class _TiedModule(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(3, 4)
+        self.norm = torch.nn.BatchNorm1d(4)
+        self.tied = self.linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.tied(self.linear(x)[:, :3]))
+
+
+def test_real_torchscript_archive_with_a_tied_submodule(tmp_path):
+    """A torch.jit.save archive passes every limit (its code entries are compressed; the reader never reads them),
+    and a submodule under two names keeps both: the `seen` set skipped every container met before, not only cycles."""
+    module = _TiedModule()
+    path = tmp_path / "tied.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.script(module).save(str(path))
+    with zipfile.ZipFile(path) as z:
+        assert any(e.compress_type != zipfile.ZIP_STORED for e in z.infolist())
+    tensors = _read(path).tensors
+    expected = module.state_dict()
+    assert set(tensors) == set(expected) and {"linear.weight", "tied.weight"} <= set(tensors)
+    assert all(torch.equal(tensors[k], v) for k, v in expected.items())
+    assert tensors["tied.weight"] is tensors["linear.weight"]
+
+
+def _nested(depth: int, key_length: int) -> bytes:
+    """depth dicts, each {'t': tensor, KEY: the next one}, KEY a memoized string of key_length characters."""
+    body = _ts_tensor("0", (1,), (1,)) + _put(0) + _str("k" * key_length) + _put(1)
+    body += (b"}" + _str("t") + _get(0) + b"s" + _get(1)) * depth
+    return body + b"}" + b"s" * depth
+
+
+@pytest.mark.parametrize(
+    "depth, key_length, match",
+    [
+        (3500, 50, "archive nests containers more than 256 deep"),
+        (200, 2**16, "archive's names add up to more than 16000000 characters"),
+    ],
+)
+def test_deep_torchscript_names_are_bounded(tmp_path, depth, key_length, match):
+    """The dotted names grow with the depth, so their total length with its square: 3500 levels of a 50-character
+    key were ~300 MB of names from a 70 KB file (depth 8000, 3.7 GB), 200 levels of a 64 Ki-character key 1.3 G
+    characters. The nesting (256) and the characters of all names (16 M) are capped."""
+    path = _ts_archive(tmp_path / "deep.pt", _nested(depth, key_length), {"0": bytes(4)})
+    start = time.perf_counter()
+    with pytest.raises(CheckpointError, match=f"refused: the TorchScript {match}"):
+        _read(path)
+    assert time.perf_counter() - start < 5
+    assert len(_read(_ts_archive(tmp_path / "ok.pt", _nested(200, 10), {"0": bytes(4)})).tensors) == 200
+
+
+def _shared_chain(depth: int) -> bytes:
+    """depth dicts, each {'a': next, 'b': next} (the same next one): 2**depth paths to the innermost {'w': tensor}."""
+    body = b"}" + _str("w") + _ts_tensor("0", (1,), (1,)) + b"s" + _put(0)
+    for i in range(depth):
+        body += b"}" + _str("a") + _get(i) + b"s" + _str("b") + _get(i) + b"s" + _put(i + 1)
+    return body + _get(depth)
+
+
+def test_containers_shared_along_many_paths_are_bounded(tmp_path, monkeypatch):
+    """Every path to a shared container gives a name (tied submodules), so the entries visited are capped: 2**40
+    paths here (the cap is lowered to keep the test fast)."""
+    from denseclip_fast.checkpoints import io as checkpoint_io
+
+    small = _read(_ts_archive(tmp_path / "dag.pt", _shared_chain(3), {"0": bytes(4)})).tensors
+    assert sorted(small) == [f"{x}.{y}.{z}.w" for x in "ab" for y in "ab" for z in "ab"]
+    monkeypatch.setattr(checkpoint_io, "MAX_ENTRIES", 1000)
+    with pytest.raises(CheckpointError, match="has more than 1000 entries to read"):
+        _read(_ts_archive(tmp_path / "dag.pt", _shared_chain(40), {"0": bytes(4)}))
+
+
+def test_running_out_of_memory_is_not_called_an_invalid_file(tmp_path, official_file, monkeypatch):
+    """A MemoryError (or torch's allocator failing) on a valid file read as "not a valid checkpoint"."""
+    from denseclip_fast.checkpoints import io as checkpoint_io
+
+    allocator = RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+                             "memory: you tried to allocate 64 bytes. Error code 12 (Cannot allocate memory)")
+    for exc in (MemoryError(), allocator):
+
+        def fail(*args, exc=exc, **kwargs):
+            raise exc
+
+        monkeypatch.setattr(torch, "load", fail)
+        with pytest.raises(MemoryError, match=rf"^{re.escape(str(official_file))}: not enough memory to read it"):
+            dcf.load_checkpoint(official_file)
+        monkeypatch.setattr(checkpoint_io, "_flatten", fail)
+        path = _ts_archive(tmp_path / "oom.pt", b"}" + _str("w") + _ts_tensor("0", (1,), (1,)) + b"s", {"0": bytes(4)})
+        with pytest.raises(MemoryError, match=rf"^{re.escape(str(path))}: not enough memory to read it"):
+            _read(path)
+
+
+def test_legacy_torch_file_declaring_a_huge_storage(tmp_path):
+    """A legacy (non-zip) torch file declares its storages' sizes, which torch.load allocates before reading them:
+    an allocation larger than the whole file is the file's fault, not a lack of memory."""
+    buf = io.BytesIO()
+    torch.save({"w": torch.zeros(4)}, buf, _use_new_zipfile_serialization=False)
+    data = buf.getvalue()
+    numel = data.index(b"K\x04", data.index(b"cpu"))  # ('storage', FloatStorage, key, 'cpu', 4)
+    path = tmp_path / "legacy.pth"
+    path.write_bytes(data[:numel] + b"\x8a\x08" + (2**50).to_bytes(8, "little") + data[numel + 2 :])  # LONG1 2**50
+    with pytest.raises(CheckpointError, match=rf"not a valid checkpoint: reading it asks for {4 * 2**50} bytes of "
+                                              rf"memory at once, more than the whole file \({len(data) + 8} bytes\)"):
+        _read(path)
+
+
+# ---- sizes read from a file are checked before the model is built
+
+
+@pytest.mark.parametrize(
+    "dotted, value, match",
+    [
+        ("text.width", 2**17, r"shape mismatch \(30\): contexts: checkpoint \(1, 8, 64\) vs model \(1, 8, 131072\)"),
+        ("text.layers", 3000, r"the architecture has 3006 blocks \(vision.layers \[1, 1, 1, 1\], text.layers 3000, "
+                              r"decoder.layers 2\); more than the 512 read \(the released models have 27 to 48\)"),
+        ("text.layers", 3, r"missing keys \(12\): text_encoder.transformer.resblocks.2.attn.in_proj_bias"),
+        ("fpn_channels", 2**20, r"shape mismatch \(\d+\): .* vs model \(1048576, "),
+    ],
+)  # fmt: skip
+def test_native_config_sizes_are_checked_before_building(tmp_path, native_file, dotted, value, match):
+    """A text width of 2**17 built a 26 GB token embedding (a raw RuntimeError where memory ran out) before the
+    mismatch with the file's tensors was found, 3000 text layers took seconds and gigabytes. The model is now built
+    on the meta device and compared with the file first; the number of blocks is bounded before that."""
+    path = _native_with(tmp_path, native_file, config=_config_with(native_file, dotted, value))
+    start = time.perf_counter()
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(path))}: {match}"):
+        dcf.load_checkpoint(path)
+    assert time.perf_counter() - start < 5
+
+
+def _meta_model(config, names):
+    from denseclip_fast.checkpoints import _LinspaceOnCPU
+
+    with torch.device("meta"), _LinspaceOnCPU():
+        return DenseCLIP(config, names)
+
+
+@pytest.mark.parametrize("arch", ["RN50", "RN101", "ViT-B/16", "tiny-resnet", "tiny-vit"])
+def test_meta_build_of_every_architecture(arch):
+    """The check before building works for every architecture: the meta model holds no data, and its state dict
+    has the real model's names and shapes (compared for the tiny configs here; the presets in the slow test)."""
+    from denseclip_fast.checkpoints import _check_model_fits
+
+    config = tiny_config(arch[5:]) if arch.startswith("tiny") else dcf.preset(arch)
+    names = NAMES if arch.startswith("tiny") else list(dcf.ADE20K_CLASSES)
+    skeleton = _meta_model(config, names)
+    sd = skeleton.state_dict()
+    assert all(t.is_meta for t in (*skeleton.parameters(), *skeleton.buffers()))
+    _check_model_fits(config, names, sd, "x.pth")
+    if arch.startswith("tiny"):
+        real = DenseCLIP(config, names).state_dict()
+        assert {k: v.shape for k, v in sd.items()} == {k: v.shape for k, v in real.items()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["RN50", "RN101", "ViT-B/16"])
+def test_meta_build_of_presets_matches_the_real_model(arch):
+    sd = _meta_model(dcf.preset(arch), dcf.ADE20K_CLASSES).state_dict()
+    real = DenseCLIP.from_arch(arch).state_dict()
+    assert {k: v.shape for k, v in sd.items()} == {k: v.shape for k, v in real.items()}
+
+
+def test_model_elements_beyond_the_files_are_bounded(native_file, monkeypatch):
+    """What the model holds besides the file's tensors (the class tokens, K x name length, both from the file) is
+    bounded too; shown with the bound lowered to 10 elements (the 3 names of 5 tokens here take 15)."""
+    from denseclip_fast import checkpoints
+
+    monkeypatch.setattr(checkpoints, "MAX_EXTRA_ELEMENTS", 10)
+    with pytest.raises(CheckpointError, match=r"the model it describes has 15 elements besides the file's tensors "
+                                              r"\(more than 10: 3 class names of 5 tokens\?\)"):  # fmt: skip
+        dcf.load_checkpoint(native_file)

@@ -15,13 +15,15 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from ..class_names import ADE20K_CLASSES
 from .io import CheckpointError, WeightFile, path_argument, read_weight_file
 from .native import is_native, native_contents
-from .official import check_arch, infer_config, key_listing, load_state_strict
+from .official import check_arch, infer_config, key_listing, load_state_strict, state_problems
 
 if TYPE_CHECKING:
+    from ..config import DenseCLIPConfig
     from ..model import DenseCLIP
 
 __all__ = ["CheckpointError", "load_checkpoint"]
@@ -71,14 +73,57 @@ def load_checkpoint(
             f"pass class_names=[...] with {k} names"
         )  # fmt: skip
     try:
-        model = DenseCLIP(config, names)
+        _check_model_fits(config, names, sd, path)
     except ValueError as exc:  # the tokenizer's checks (a name with no tokens, or too many)
-        if class_names is not None:
+        if class_names is not None or isinstance(exc, CheckpointError):
             raise
         raise CheckpointError(path, f"the file's class names cannot be used: {exc}") from None
+    model = DenseCLIP(config, names)
     load_state_strict(model, sd, path)
     model.palette = _palette(palette, k, path)
     return model.eval()
+
+
+MAX_BLOCKS = 512  # residual / transformer blocks of all the stacks; the released models have 27 to 48
+MAX_EXTRA_ELEMENTS = 2**24  # elements of the model that the file does not hold (the class tokens: K x name length)
+
+
+class _LinspaceOnCPU(TorchFunctionMode):
+    """torch.linspace on the CPU when no device is given, inside ``torch.device("meta")``: the model turns one into
+    drop-path rates with ``.tolist()``, which a meta tensor (no data) cannot do. Its size is a layer count."""
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func is torch.linspace and kwargs.get("device") is None:
+            kwargs = {**kwargs, "device": "cpu"}
+        return func(*args, **kwargs)
+
+
+def _check_model_fits(config: DenseCLIPConfig, names: list[str], sd: Mapping[str, torch.Tensor], path: str) -> None:
+    """CheckpointError naming the file unless the model that ``config`` describes has exactly the file's tensors,
+    checked on a model built on the meta device (no memory for weights): sizes read from a file (a text width of
+    2**17 in a native file's config, a huge expanded tensor in an official one) must not allocate gigabytes, or fail
+    with a raw RuntimeError, before the mismatch is reported. The block count is bounded first: a meta model still
+    takes ~0.1 MB and ~1 ms a block. ValueError from the tokenizer for class names it refuses."""
+    from ..model import DenseCLIP
+
+    blocks = sum(config.vision.layers) + config.text.layers + config.decoder.layers
+    if blocks > MAX_BLOCKS:
+        raise CheckpointError(
+            path, f"the architecture has {blocks} blocks (vision.layers {list(config.vision.layers)}, text.layers "
+            f"{config.text.layers}, decoder.layers {config.decoder.layers}); more than the {MAX_BLOCKS} read (the "
+            "released models have 27 to 48)"
+        )  # fmt: skip
+    with torch.device("meta"), _LinspaceOnCPU():
+        skeleton = DenseCLIP(config, names)
+    problems = state_problems(skeleton.state_dict(), sd)
+    if problems:
+        raise CheckpointError(path, "; ".join(problems))
+    extra = sum(t.numel() for t in (*skeleton.parameters(), *skeleton.buffers())) - sum(t.numel() for t in sd.values())
+    if extra > MAX_EXTRA_ELEMENTS:
+        raise CheckpointError(path, f"the model it describes has {extra} elements besides the file's tensors (more "
+                                    f"than {MAX_EXTRA_ELEMENTS}: {len(names)} class names of "
+                                    f"{config.text.class_token_length} tokens?)")  # fmt: skip
 
 
 def _class_names_argument(class_names: Any) -> list[str]:

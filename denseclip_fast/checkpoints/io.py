@@ -7,12 +7,20 @@
   no ``__setstate__`` of the archive and no global outside a short allowlist is ever run.
 * safetensors files are read with the safetensors library (no pickle at all).
 
-Every failure is a :class:`CheckpointError` whose message is one line: the file and the reason.
+What a small crafted file can make the reader allocate is bounded too: zip entries must be stored uncompressed (as
+torch.save and torch.jit.save write them: no zip bombs), no tensor may have more elements than its storage (an
+expanded view) nor tensors sharing storages add up to much more than the file holds, no allowlisted function copies
+what the pickle hands it (its memo can pass one long list to thousands of calls), and naming a TorchScript archive's
+tensors is capped in depth, entries and characters.
+
+Every failure is a :class:`CheckpointError` whose message is one line: the file and the reason. Running out of
+memory on a valid file is a MemoryError naming the file, not "not a valid checkpoint".
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import pickle
 import re
@@ -50,6 +58,14 @@ class WeightFile:
 
 PARTIAL_SUFFIX = ".partial"
 SAFETENSORS_MAX_HEADER = 100_000_000  # the safetensors library refuses longer headers
+# Limits on what a file may make the reader do, far above any real checkpoint (an OpenAI CLIP archive nests ~10 deep,
+# holds a few thousand entries and names of ~60 characters), so that a small crafted file cannot take gigabytes.
+MAX_NESTING = 256  # containers inside containers in a TorchScript archive
+MAX_ENTRIES = 1_000_000  # container entries visited while naming a TorchScript archive's tensors
+MAX_NAME_CHARS = 16_000_000  # characters of all the dotted names (and their prefixes) built for those tensors
+# Tensors sharing storages (tied weights, slices) may add up to more bytes than the file holds, but not without bound:
+# at most twice the storages' bytes plus this.
+SHARED_VIEW_SLACK = 16 * 2**20
 
 
 @contextlib.contextmanager
@@ -101,11 +117,14 @@ def read_weight_file(path: str | os.PathLike[str]) -> WeightFile:
     with open(path, "rb") as f:
         head = f.read(16)
     if head[:4] == b"PK\x03\x04":
-        if _is_torchscript(path):
-            return WeightFile("torchscript", tensors=_read_torchscript(path))
-        return WeightFile("torch", obj=_torch_load(path))
+        entries = _zip_entries(path)
+        if entries is not None and _is_torchscript(entries):
+            return WeightFile("torchscript", tensors=_read_torchscript(path, size))
+        for entry in entries or ():  # torch.save writes every entry stored; torch.load would inflate any other
+            _check_stored(entry, path, size)
+        return WeightFile("torch", obj=_checked_views(_torch_load(path, size), path))
     if head[:1] == b"\x80":  # a pickle protocol marker: torch.save's legacy format
-        return WeightFile("torch", obj=_torch_load(path))
+        return WeightFile("torch", obj=_checked_views(_torch_load(path, size), path))
     if len(head) >= 9 and head[8:9] == b"{":  # safetensors: an 8-byte header length, then the JSON header
         header = struct.unpack("<Q", head[:8])[0]
         if 8 + header <= size:
@@ -137,7 +156,7 @@ def _numpy_safe_globals() -> list[Any]:
     return items
 
 
-def _torch_load(path: str) -> Any:
+def _torch_load(path: str, size: int) -> Any:
     try:
         with torch.serialization.safe_globals(_numpy_safe_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -157,6 +176,8 @@ def _torch_load(path: str) -> Any:
             "environment.",
         ) from None
     except Exception as exc:  # any failure decoding an untrusted file (a crafted pickle: TypeError, IndexError ...)
+        if (oom := _out_of_memory(exc, path, size)) is not None:
+            raise oom from None
         message = str(exc).split(".")[0] if str(exc) else type(exc).__name__
         if isinstance(exc, EOFError) or "central directory" in message or "failed reading" in message:
             reason = "truncated or corrupt (the archive ends early or its index is damaged)"
@@ -164,6 +185,94 @@ def _torch_load(path: str) -> Any:
             reason = (f"not a valid checkpoint: it could not be read as a torch file ({type(exc).__name__}: "
                       f"{_excerpt(message)})")  # fmt: skip
         raise CheckpointError(path, reason) from None
+
+
+_OUT_OF_MEMORY = ("can't allocate memory", "not enough memory", "out of memory")
+
+
+def _out_of_memory(exc: BaseException, path: str, size: int) -> Exception | None:
+    """When ``exc`` is running out of memory (a MemoryError, or torch's allocator failing: a RuntimeError
+    "DefaultCPUAllocator: can't allocate memory"): a MemoryError naming the file, as that says nothing about the
+    file and must not read as "not a valid checkpoint"; but a CheckpointError when a single allocation was larger
+    than the whole file, which no valid file asks for (a legacy torch file declares its storages' sizes). Else
+    None."""
+    allocator = isinstance(exc, RuntimeError) and any(m in str(exc) for m in _OUT_OF_MEMORY)
+    if not (isinstance(exc, MemoryError) or allocator):
+        return None
+    asked = re.search(r"allocate (\d+) bytes", str(exc))
+    if asked and int(asked.group(1)) > size:
+        return CheckpointError(path, f"not a valid checkpoint: reading it asks for {asked.group(1)} bytes of memory at "
+                                     f"once, more than the whole file ({size} bytes)")  # fmt: skip
+    return MemoryError(f"{path}: not enough memory to read it ({_excerpt(exc) or type(exc).__name__})")
+
+
+def _zip_entries(path: str) -> list[zipfile.ZipInfo] | None:
+    """The entries of a zip file, or None when it cannot be opened as one (torch.load then reports the damage)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return z.infolist()
+    except (zipfile.BadZipFile, OSError):
+        return None
+
+
+def _check_stored(entry: zipfile.ZipInfo, path: str, size: int) -> None:
+    """CheckpointError unless ``entry`` is stored uncompressed and declares no more bytes than the whole file has:
+    torch.save and torch.jit.save write their records so, and inflating a compressed one could make gigabytes out
+    of a few kilobytes (a zip bomb)."""
+    if entry.compress_type != zipfile.ZIP_STORED:
+        raise CheckpointError(path, f"refused: its zip entry {entry.filename!r} is compressed, which torch.save and "
+                                    "torch.jit.save never do (a compressed entry may inflate to any size)")  # fmt: skip
+    if max(entry.file_size, entry.compress_size) > size:
+        raise CheckpointError(path, f"truncated or corrupt: its zip entry {entry.filename!r} declares "
+                                    f"{entry.file_size} bytes but the file has {size} bytes in all")  # fmt: skip
+
+
+def _checked_views(obj: Any, path: str) -> Any:
+    """``obj`` (what torch.load returned) once every tensor in it passed :func:`_check_views`."""
+    found: list[tuple[Any, torch.Tensor]] = []
+    seen: set[int] = set()
+    stack: list[tuple[Any, Any]] = [(None, obj)]
+    while stack:  # every container once (the pickle may share them), without recursion
+        key, item = stack.pop()
+        if isinstance(item, torch.Tensor):
+            found.append((key, item))
+        elif isinstance(item, (dict, list, tuple, set, frozenset)) and id(item) not in seen:
+            seen.add(id(item))
+            if isinstance(item, dict):
+                stack.extend((k, k) for k in item)
+                stack.extend(item.items())
+            else:
+                stack.extend((key, v) for v in item)
+    _check_views(found, path)
+    return obj
+
+
+def _check_views(tensors: list[tuple[Any, torch.Tensor]], path: str) -> None:
+    """CheckpointError unless every (key, tensor) is a dense CPU tensor with no more elements than its storage holds
+    (a saved weight never has more; an expanded or overlapping view of a few bytes may have billions, which a copy
+    or the model built from its shape would allocate), and the distinct tensors together take at most twice the
+    bytes of the storages they view (plus SHARED_VIEW_SLACK)."""
+    distinct = {id(t): (key, t) for key, t in tensors}
+    storages: dict[int, int] = {}
+    total = 0
+    for key, t in distinct.values():
+        where = f"the tensor under {_excerpt(repr(key), 80)}" if key is not None else "a tensor"
+        if t.layout != torch.strided or t.device.type != "cpu":
+            raise CheckpointError(path, f"refused: {where} is a {t.layout} tensor on {t.device}; only dense CPU "
+                                        "tensors are read")  # fmt: skip
+        storage = t.untyped_storage()
+        nbytes = t.numel() * t.element_size()
+        if nbytes > storage.nbytes():
+            raise CheckpointError(
+                path, f"refused: {where} has shape {tuple(t.shape)} ({t.numel()} elements) but its storage holds "
+                f"{storage.nbytes() // t.element_size()}: an expanded or overlapping view, which no saved weight is"
+            )  # fmt: skip
+        storages[storage.data_ptr()] = storage.nbytes()
+        total += nbytes
+    held = sum(storages.values())
+    if total > 2 * held + SHARED_VIEW_SLACK:
+        raise CheckpointError(path, f"refused: its tensors view the same storages over and over ({total} bytes of "
+                                    f"tensors over {held} bytes of data)")  # fmt: skip
 
 
 def _read_safetensors(path: str) -> WeightFile:
@@ -181,13 +290,8 @@ def _read_safetensors(path: str) -> WeightFile:
 # ---------------------------------------------------------------------------------------------- TorchScript
 
 
-def _is_torchscript(path: str) -> bool:
-    try:
-        with zipfile.ZipFile(path) as z:
-            names = z.namelist()
-    except (zipfile.BadZipFile, OSError):
-        return False  # let torch.load report the damage
-    return any(n.endswith("/constants.pkl") or "/code/" in n for n in names)
+def _is_torchscript(entries: list[zipfile.ZipInfo]) -> bool:
+    return any(e.filename.endswith("/constants.pkl") or "/code/" in e.filename for e in entries)
 
 
 _STORAGE_DTYPES = {
@@ -216,8 +320,13 @@ class _ScriptRecord:
 
 def _rebuild_tensor(storage: torch.Tensor, offset: int, size: Any, stride: Any, *_: Any) -> torch.Tensor:
     if not (isinstance(storage, torch.Tensor) and isinstance(offset, int) and isinstance(size, (tuple, list))
-            and isinstance(stride, (tuple, list))):  # fmt: skip
+            and isinstance(stride, (tuple, list)) and all(isinstance(n, int) for n in (*size, *stride))):  # fmt: skip
         raise pickle.UnpicklingError("a tensor rebuilt from arguments that are not (storage, offset, size, stride)")
+    if math.prod(size) > storage.numel():  # as_strided checks the bounds, not the count (zero strides ...)
+        raise pickle.UnpicklingError(
+            f"a tensor of shape {_excerpt(tuple(size), 80)} views a storage of {storage.numel()} elements: an "
+            "expanded or overlapping view, which no saved weight is"
+        )
     return torch.as_strided(storage, tuple(size), tuple(stride), offset)
 
 
@@ -244,15 +353,27 @@ def _first(value: Any, *_: Any) -> Any:
     return value
 
 
-def _as_list(items: Any, *_: Any) -> list[Any]:
-    return list(items)
+def _as_list(items: Any, *_: Any) -> list[Any] | tuple[Any, ...]:
+    """torch.jit._pickle.build_*list: the list itself, as torch's own returns it. Never a copy: the pickle may pass
+    the same long list (from its memo) to thousands of calls."""
+    if not isinstance(items, (list, tuple)):
+        raise pickle.UnpicklingError(f"a TorchScript list built from a {type(items).__name__}")
+    return items
+
+
+def _empty_ordered_dict(*args: Any) -> OrderedDict[Any, Any]:
+    """collections.OrderedDict as the archives call it (with no argument, for a tensor's backward hooks); with an
+    argument it would copy a mapping the pickle may pass again and again."""
+    if args:
+        raise pickle.UnpicklingError("collections.OrderedDict called with arguments")
+    return OrderedDict()
 
 
 _SAFE_GLOBALS: dict[tuple[str, str], Any] = {
     ("torch._utils", "_rebuild_tensor_v2"): _Allowed(_rebuild_tensor),
     ("torch._utils", "_rebuild_tensor"): _Allowed(_rebuild_tensor),
     ("torch._utils", "_rebuild_parameter"): _Allowed(_first),
-    ("collections", "OrderedDict"): _Allowed(OrderedDict),
+    ("collections", "OrderedDict"): _Allowed(_empty_ordered_dict),
     ("torch.jit._pickle", "restore_type_tag"): _Allowed(_first),
     ("torch.jit._pickle", "build_intlist"): _Allowed(_as_list),
     ("torch.jit._pickle", "build_doublelist"): _Allowed(_as_list),
@@ -262,11 +383,11 @@ _SAFE_GLOBALS: dict[tuple[str, str], Any] = {
 
 
 class _TorchScriptUnpickler(pickle.Unpickler):
-    def __init__(self, data: bytes, archive: zipfile.ZipFile, prefix: str, path: str) -> None:
+    def __init__(self, data: bytes, archive: zipfile.ZipFile, prefix: str, path: str, size: int) -> None:
         import io
 
         super().__init__(io.BytesIO(data))
-        self.archive, self.prefix, self.path = archive, prefix, path
+        self.archive, self.prefix, self.path, self.size = archive, prefix, path, size
         self.storages: dict[str, torch.Tensor] = {}
 
     def find_class(self, module: str, name: str) -> Any:
@@ -280,45 +401,77 @@ class _TorchScriptUnpickler(pickle.Unpickler):
 
     def persistent_load(self, pid: Any) -> torch.Tensor:
         if not (isinstance(pid, tuple) and len(pid) >= 3 and pid[0] == "storage"):
-            raise CheckpointError(self.path, f"unsupported TorchScript storage reference {pid!r}")
+            raise CheckpointError(self.path, f"unsupported TorchScript storage reference {_excerpt(repr(pid))}")
         dtype, key = pid[1], str(pid[2])
         if not isinstance(dtype, torch.dtype):
             raise CheckpointError(self.path, f"unsupported storage type in TorchScript archive: {dtype!r}")
         if key not in self.storages:
-            raw = bytearray(self.archive.read(f"{self.prefix}data/{key}"))
+            raw = bytearray(_read_entry(self.archive, f"{self.prefix}data/{key}", self.path, self.size))
             self.storages[key] = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
         return self.storages[key]
 
 
-def _flatten(root: Any) -> dict[str, torch.Tensor]:
+def _read_entry(archive: zipfile.ZipFile, name: str, path: str, size: int) -> bytes:
+    entry = archive.getinfo(name)
+    _check_stored(entry, path, size)
+    return archive.read(entry)
+
+
+def _flatten(root: Any, path: str) -> dict[str, torch.Tensor]:
     """The tensors under ``root`` by dotted name, following records and dicts in order (depth first). Without
-    recursion and visiting each container once: a crafted archive may nest deeper than Python's recursion limit, or
-    hold a cycle."""
+    recursion, and within MAX_NESTING levels, MAX_ENTRIES entries and MAX_NAME_CHARS characters of names (a
+    CheckpointError past them): a crafted archive may nest deeper than Python's recursion limit, build names whose
+    total length grows with the square of the depth, or share containers so that the paths to them multiply. A
+    container shared by several parents (tied submodules) gets every name; one inside itself (a cycle) is skipped.
+    Entries under keys other than str, int, float or bool are skipped."""
     out: dict[str, torch.Tensor] = {}
-    seen: set[int] = set()
 
-    def items(obj: Any) -> Iterator[tuple[Any, Any]]:
+    def contents(obj: Any) -> dict[Any, Any] | None:
         obj = obj.state if isinstance(obj, _ScriptRecord) else obj
-        if not isinstance(obj, dict) or id(obj) in seen:
-            return iter(())
-        seen.add(id(obj))
-        return iter(list(obj.items()))
+        return obj if isinstance(obj, dict) else None
 
-    stack = [("", items(root))]
+    top = contents(root)
+    if top is None:
+        return out
+    entries, chars = len(top), 0
+    on_path = {id(top)}  # the containers being read, from the root down: one of them again is a cycle
+    stack: list[tuple[str, dict[Any, Any], Iterator[tuple[Any, Any]]]] = [("", top, iter(top.items()))]
     while stack:
-        prefix, pending = stack[-1]
-        for name, value in pending:
-            if isinstance(value, torch.Tensor):
-                out[prefix + str(name)] = value
-            elif isinstance(value, (_ScriptRecord, dict)):
-                stack.append((f"{prefix}{name}.", items(value)))
-                break
+        prefix, current, pending = stack[-1]
+        for key, value in pending:
+            if not isinstance(key, (str, int, float)):
+                continue
+            child = None
+            if not isinstance(value, torch.Tensor):
+                child = contents(value)
+                if child is None or id(child) in on_path:  # not a container, or a cycle
+                    continue
+            text = str(key)
+            chars += len(prefix) + len(text) + 1  # counted before the name is built
+            if chars > MAX_NAME_CHARS:
+                raise CheckpointError(path, f"refused: the TorchScript archive's names add up to more than "
+                                            f"{MAX_NAME_CHARS} characters")  # fmt: skip
+            name = prefix + text
+            if child is None:
+                out[name] = value
+                continue
+            if len(stack) >= MAX_NESTING:
+                raise CheckpointError(path, f"refused: the TorchScript archive nests containers more than "
+                                            f"{MAX_NESTING} deep")  # fmt: skip
+            entries += len(child)
+            if entries > MAX_ENTRIES:
+                raise CheckpointError(path, f"refused: the TorchScript archive has more than {MAX_ENTRIES} entries to "
+                                            "read (containers shared along many paths?)")  # fmt: skip
+            on_path.add(id(child))
+            stack.append((name + ".", child, iter(child.items())))
+            break
         else:
             stack.pop()
+            on_path.discard(id(current))
     return out
 
 
-def _read_torchscript(path: str) -> dict[str, torch.Tensor]:
+def _read_torchscript(path: str, size: int) -> dict[str, torch.Tensor]:
     try:
         with zipfile.ZipFile(path) as archive:
             data_pkl = [n for n in archive.namelist() if n.endswith("data.pkl") and n.count("/") == 1]
@@ -326,23 +479,30 @@ def _read_torchscript(path: str) -> dict[str, torch.Tensor]:
                 raise CheckpointError(path, "TorchScript archive without data.pkl")
             prefix = data_pkl[0][: -len("data.pkl")]
             byteorder = f"{prefix}byteorder"
-            if byteorder in archive.namelist() and archive.read(byteorder).strip() != b"little":
+            if byteorder in archive.namelist() and _read_entry(archive, byteorder, path, size).strip() != b"little":
                 raise CheckpointError(path, "big-endian TorchScript archives are not supported")
-            root = _TorchScriptUnpickler(archive.read(data_pkl[0]), archive, prefix, path).load()
-            tensors = _flatten(root)
+            data = _read_entry(archive, data_pkl[0], path, size)
+            tensors = _flatten(_TorchScriptUnpickler(data, archive, prefix, path, size).load(), path)
+        if not tensors:
+            raise CheckpointError(path, "the TorchScript archive holds no tensors")
+        _check_views(list(tensors.items()), path)
+        copies: dict[int, torch.Tensor] = {}  # one copy of a tensor found under several names (tied weights)
+        for t in tensors.values():
+            if id(t) not in copies:
+                copies[id(t)] = t.clone()
+        return {name: copies[id(t)] for name, t in tensors.items()}
     except CheckpointError:
         raise
     except (zipfile.BadZipFile, EOFError, zlib.error) as exc:
         raise CheckpointError(path, f"truncated or corrupt TorchScript archive ({_excerpt(exc)})") from None
     except Exception as exc:  # any other failure decoding the untrusted pickle: wrong argument types, a BUILD on an
         # object without state, a bad storage reference, absurd sizes ... (no code of the file runs in any case)
+        if (oom := _out_of_memory(exc, path, size)) is not None:
+            raise oom from None
         raise CheckpointError(
             path, f"not a valid checkpoint: its TorchScript archive could not be decoded ({type(exc).__name__}: "
             f"{_excerpt(exc)})"
         ) from None  # fmt: skip
-    if not tensors:
-        raise CheckpointError(path, "the TorchScript archive holds no tensors")
-    return {k: v.clone() for k, v in tensors.items()}
 
 
 def _excerpt(value: Any, limit: int = 200) -> str:
