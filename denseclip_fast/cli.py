@@ -466,6 +466,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except (CheckpointError, ValueError, TensorRTUnavailable, FloatingPointError) as exc:
         message = str(exc)
+    except MemoryError as exc:  # e.g. a weight file too large for this machine (its reader names the file)
+        message = str(exc) or "out of memory"
     except OSError as exc:  # FileNotFoundError, PermissionError, IsADirectoryError, a full disk ...
         message = _os_error(exc)
     finally:

@@ -340,3 +340,15 @@ def test_warnings_print_as_one_line(tmp_path):
     assert warning == [f"denseclip-fast: warning: {path}: no class names in the file (meta['CLASSES']); assuming the "
                        "150 ADE20K classes. Pass class_names=[...] to choose."], result.stderr  # fmt: skip
     assert "warnings.warn(" not in result.stderr
+
+
+def test_out_of_memory_is_one_line(checkpoint, monkeypatch, capsys):
+    """A weight file too large for the machine (its reader raises MemoryError naming it) is one line, exit 2."""
+    import denseclip_fast
+
+    def too_big(path, *args, **kwargs):
+        raise MemoryError(f"{path}: not enough memory to read it")
+
+    monkeypatch.setattr(denseclip_fast, "load_checkpoint", too_big)
+    assert main(["info", str(checkpoint)]) == 2
+    assert capsys.readouterr().err == f"denseclip-fast: error: {checkpoint}: not enough memory to read it\n"

@@ -15,7 +15,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch.overrides import TorchFunctionMode
 
 from ..class_names import ADE20K_CLASSES
 from .io import CheckpointError, WeightFile, path_argument, read_weight_file
@@ -88,17 +87,6 @@ MAX_BLOCKS = 512  # residual / transformer blocks of all the stacks; the release
 MAX_EXTRA_ELEMENTS = 2**24  # elements of the model that the file does not hold (the class tokens: K x name length)
 
 
-class _LinspaceOnCPU(TorchFunctionMode):
-    """torch.linspace on the CPU when no device is given, inside ``torch.device("meta")``: the model turns one into
-    drop-path rates with ``.tolist()``, which a meta tensor (no data) cannot do. Its size is a layer count."""
-
-    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        kwargs = kwargs or {}
-        if func is torch.linspace and kwargs.get("device") is None:
-            kwargs = {**kwargs, "device": "cpu"}
-        return func(*args, **kwargs)
-
-
 def _check_model_fits(config: DenseCLIPConfig, names: list[str], sd: Mapping[str, torch.Tensor], path: str) -> None:
     """CheckpointError naming the file unless the model that ``config`` describes has exactly the file's tensors,
     checked on a model built on the meta device (no memory for weights): sizes read from a file (a text width of
@@ -114,7 +102,7 @@ def _check_model_fits(config: DenseCLIPConfig, names: list[str], sd: Mapping[str
             f"{config.text.layers}, decoder.layers {config.decoder.layers}); more than the {MAX_BLOCKS} read (the "
             "released models have 27 to 48)"
         )  # fmt: skip
-    with torch.device("meta"), _LinspaceOnCPU():
+    with torch.device("meta"):
         skeleton = DenseCLIP(config, names)
     problems = state_problems(skeleton.state_dict(), sd)
     if problems:

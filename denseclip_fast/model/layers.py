@@ -126,7 +126,7 @@ class Transformer(nn.Module):
         activation: str = "quick_gelu",
     ) -> None:
         super().__init__()
-        rates = torch.linspace(0, drop_path_rate, layers).tolist() if layers > 0 else []
+        rates = torch.linspace(0, drop_path_rate, layers, device="cpu").tolist() if layers > 0 else []
         self.resblocks = nn.Sequential(
             *[ResidualAttentionBlock(width, heads, r, drop_path_dim, activation) for r in rates]
         )
