@@ -164,7 +164,7 @@ def _torch_load(path: str, size: int) -> Any:
         found = re.search(r"GLOBAL ([\w.]+)", str(exc))
         if not found:  # torch's message advises weights_only=False: only its own reason is kept
             inner = re.search(r"WeightsUnpickler error:\s*(.*?)\s*(?:Check the documentation|$)", str(exc), re.DOTALL)
-            detail = f" ({_excerpt(inner.group(1))})" if inner else ""
+            detail = f" ({excerpt(inner.group(1))})" if inner else ""
             raise CheckpointError(
                 path, f"not a valid checkpoint: it holds objects other than tensors and plain containers, or its "
                 f"pickle is malformed{detail}"
@@ -183,7 +183,7 @@ def _torch_load(path: str, size: int) -> Any:
             reason = "truncated or corrupt (the archive ends early or its index is damaged)"
         else:
             reason = (f"not a valid checkpoint: it could not be read as a torch file ({type(exc).__name__}: "
-                      f"{_excerpt(message)})")  # fmt: skip
+                      f"{excerpt(message)})")  # fmt: skip
         raise CheckpointError(path, reason) from None
 
 
@@ -203,7 +203,7 @@ def _out_of_memory(exc: BaseException, path: str, size: int) -> Exception | None
     if asked and int(asked.group(1)) > size:
         return CheckpointError(path, f"not a valid checkpoint: reading it asks for {asked.group(1)} bytes of memory at "
                                      f"once, more than the whole file ({size} bytes)")  # fmt: skip
-    return MemoryError(f"{path}: not enough memory to read it ({_excerpt(exc) or type(exc).__name__})")
+    return MemoryError(f"{path}: not enough memory to read it ({excerpt(exc) or type(exc).__name__})")
 
 
 def _zip_entries(path: str) -> list[zipfile.ZipInfo] | None:
@@ -256,7 +256,7 @@ def _check_views(tensors: list[tuple[Any, torch.Tensor]], path: str) -> None:
     storages: dict[int, int] = {}
     total = 0
     for key, t in distinct.values():
-        where = f"the tensor under {_excerpt(repr(key), 80)}" if key is not None else "a tensor"
+        where = f"the tensor under {excerpt(repr(key), 80)}" if key is not None else "a tensor"
         if t.layout != torch.strided or t.device.type != "cpu":
             raise CheckpointError(path, f"refused: {where} is a {t.layout} tensor on {t.device}; only dense CPU "
                                         "tensors are read")  # fmt: skip
@@ -324,7 +324,7 @@ def _rebuild_tensor(storage: torch.Tensor, offset: int, size: Any, stride: Any, 
         raise pickle.UnpicklingError("a tensor rebuilt from arguments that are not (storage, offset, size, stride)")
     if math.prod(size) > storage.numel():  # as_strided checks the bounds, not the count (zero strides ...)
         raise pickle.UnpicklingError(
-            f"a tensor of shape {_excerpt(tuple(size), 80)} views a storage of {storage.numel()} elements: an "
+            f"a tensor of shape {excerpt(tuple(size), 80)} views a storage of {storage.numel()} elements: an "
             "expanded or overlapping view, which no saved weight is"
         )
     return torch.as_strided(storage, tuple(size), tuple(stride), offset)
@@ -401,7 +401,7 @@ class _TorchScriptUnpickler(pickle.Unpickler):
 
     def persistent_load(self, pid: Any) -> torch.Tensor:
         if not (isinstance(pid, tuple) and len(pid) >= 3 and pid[0] == "storage"):
-            raise CheckpointError(self.path, f"unsupported TorchScript storage reference {_excerpt(repr(pid))}")
+            raise CheckpointError(self.path, f"unsupported TorchScript storage reference {excerpt(repr(pid))}")
         dtype, key = pid[1], str(pid[2])
         if not isinstance(dtype, torch.dtype):
             raise CheckpointError(self.path, f"unsupported storage type in TorchScript archive: {dtype!r}")
@@ -494,18 +494,18 @@ def _read_torchscript(path: str, size: int) -> dict[str, torch.Tensor]:
     except CheckpointError:
         raise
     except (zipfile.BadZipFile, EOFError, zlib.error) as exc:
-        raise CheckpointError(path, f"truncated or corrupt TorchScript archive ({_excerpt(exc)})") from None
+        raise CheckpointError(path, f"truncated or corrupt TorchScript archive ({excerpt(exc)})") from None
     except Exception as exc:  # any other failure decoding the untrusted pickle: wrong argument types, a BUILD on an
         # object without state, a bad storage reference, absurd sizes ... (no code of the file runs in any case)
         if (oom := _out_of_memory(exc, path, size)) is not None:
             raise oom from None
         raise CheckpointError(
             path, f"not a valid checkpoint: its TorchScript archive could not be decoded ({type(exc).__name__}: "
-            f"{_excerpt(exc)})"
+            f"{excerpt(exc)})"
         ) from None  # fmt: skip
 
 
-def _excerpt(value: Any, limit: int = 200) -> str:
+def excerpt(value: Any, limit: int = 200) -> str:
     """``str(value)`` on one line, cut to ``limit`` characters (a crafted file's error may quote anything)."""
     text = " ".join(str(value).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -13,7 +13,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from ..config import DenseCLIPConfig
-from .io import CheckpointError, path_argument, replaced_atomically
+from .io import CheckpointError, excerpt, path_argument, replaced_atomically
 
 if TYPE_CHECKING:
     from ..model import DenseCLIP
@@ -71,7 +71,7 @@ def native_contents(metadata: dict[str, str], path: str) -> tuple[DenseCLIPConfi
     names = _json(metadata, "class_names", path)
     if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
         raise CheckpointError(
-            path, f"the metadata 'class_names' must be a non-empty JSON list of strings, got {_short_repr(names)}"
+            path, f"the metadata 'class_names' must be a non-empty JSON list of strings, got {excerpt(repr(names), 80)}"
         )
     palette = _json(metadata, "palette", path) if "palette" in metadata else None
     return config, names, palette
@@ -84,8 +84,3 @@ def _json(metadata: dict[str, str], key: str, path: str) -> Any:
         return json.loads(metadata[key])
     except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError; RecursionError: absurd nesting
         raise CheckpointError(path, f"damaged denseclip_fast metadata: {key!r} is not valid JSON ({exc})") from None
-
-
-def _short_repr(value: Any, limit: int = 80) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
