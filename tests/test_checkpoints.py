@@ -370,10 +370,13 @@ def test_class_names_stored_in_the_file_that_disagree_with_its_head(tmp_path, na
         (3, "class_names must be a list of strings, got int: 3"),
         (["sky", None, "car"], "class_names\\[1\\] must be a string, got NoneType: None"),
         ((b"sky", "road", "car"), "class_names\\[0\\] must be a string, got bytes: b'sky'"),
+        ({"sky", "road", "car"}, "class_names must be in the order of the head's outputs .*got set"),
+        ({"sky": 0, "road": 1, "car": 2}, "class_names must be in the order of the head's outputs .*got dict"),
     ],
 )
 def test_class_names_argument_is_checked(native_file, class_names, match):
-    """A str was run through list(): 'abc' loaded as the classes ['a', 'b', 'c']."""
+    """A str was run through list(): 'abc' loaded as the classes ['a', 'b', 'c']; a set's order is arbitrary (the
+    names would silently land on the wrong outputs) and a dict's meaning is ambiguous."""
     with pytest.raises(ValueError, match=match):
         dcf.load_checkpoint(native_file, class_names=class_names)
     assert dcf.load_checkpoint(native_file, class_names=(n for n in "xyz")).class_names == ["x", "y", "z"]

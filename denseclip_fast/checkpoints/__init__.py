@@ -12,6 +12,7 @@ import os
 import reprlib
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -115,10 +116,14 @@ def _check_model_fits(config: DenseCLIPConfig, names: list[str], sd: Mapping[str
 
 
 def _class_names_argument(class_names: Any) -> list[str]:
-    """``class_names`` as a list, or ValueError naming the argument: a string would be taken as its characters."""
+    """``class_names`` as a list, or ValueError naming the argument: a string would be taken as its characters, a
+    set in an arbitrary order."""
     if isinstance(class_names, (str, bytes)) or not isinstance(class_names, Iterable):
         raise ValueError(f"class_names must be a list of strings, got {type(class_names).__name__}: "
                          f"{reprlib.repr(class_names)}")  # fmt: skip
+    if isinstance(class_names, (AbstractSet, Mapping)):  # a set's order is arbitrary: names on the wrong outputs
+        raise ValueError(f"class_names must be in the order of the head's outputs (a list or tuple), got "
+                         f"{type(class_names).__name__}")  # fmt: skip
     names = list(class_names)
     for i, name in enumerate(names):
         if not isinstance(name, str):
