@@ -13,7 +13,6 @@ Accepted files: OpenAI's TorchScript archives (``RN50.pt`` ...), plain CLIP stat
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
@@ -22,7 +21,7 @@ import torch
 
 from ..model.resnet import resize_positional_grid
 from .io import CheckpointError, read_weight_file
-from .official import key_listing, state_problems
+from .official import key_listing, square_grid, state_problems
 
 if TYPE_CHECKING:
     from ..model import DenseCLIP
@@ -52,9 +51,8 @@ def read_clip_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor
 
 def _grid(pos: torch.Tensor, key: str, path: str) -> int:
     """The side of the square grid of a (1 + grid * grid, width) positional embedding, or CheckpointError."""
-    rows = pos.shape[0] if pos.dim() == 2 else 0
-    grid = math.isqrt(max(rows - 1, 0))
-    if grid == 0 or grid * grid != rows - 1:
+    grid = square_grid(pos.shape[0]) if pos.dim() == 2 else 0
+    if not grid:
         raise CheckpointError(path, f"{key} has shape {tuple(pos.shape)}, expected (1 + grid * grid, width)")
     return grid
 

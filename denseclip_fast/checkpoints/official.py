@@ -58,6 +58,13 @@ OFFICIAL_DECODER_HEADS = 4  # ContextDecoder transformer_heads in every official
 OFFICIAL_RESNET_POOL_HEADS = 32  # hard-coded in CLIPResNetWithAttention
 
 
+def square_grid(rows: int) -> int:
+    """The side g of a positional embedding's grid when it has ``rows`` = 1 + g * g rows (the class token and the
+    grid), g >= 1; else 0."""
+    grid = math.isqrt(max(rows - 1, 0))
+    return grid if grid > 0 and grid * grid == rows - 1 else 0
+
+
 def _count(sd: Mapping[str, torch.Tensor], pattern: str) -> int:
     regex = re.compile(pattern)
     return len({m.group(1) for k in sd if (m := regex.match(k))})
@@ -157,11 +164,8 @@ def _check_shapes(sd: Mapping[str, torch.Tensor], path: str) -> None:
         if key in sd and sd[key].dim() != rank:
             refuse(key, expected)
     for key in ("backbone.positional_embedding", "backbone.attnpool.positional_embedding"):
-        if key in sd:
-            rows = sd[key].shape[0]
-            grid = math.isqrt(max(rows - 1, 0))
-            if grid == 0 or grid * grid != rows - 1:
-                refuse(key, EXPECTED_SHAPES[key][1], " (e.g. 257 rows: 1 + 16 * 16)")
+        if key in sd and not square_grid(sd[key].shape[0]):
+            refuse(key, EXPECTED_SHAPES[key][1], " (e.g. 257 rows: 1 + 16 * 16)")
     if sd["text_encoder.token_embedding.weight"].shape[0] < CLIP_VOCAB_SIZE:
         refuse("text_encoder.token_embedding.weight", EXPECTED_SHAPES["text_encoder.token_embedding.weight"][1],
                f": the tokenizer's ids go up to {CLIP_VOCAB_SIZE - 1}")  # fmt: skip
