@@ -10,8 +10,9 @@ opencv-python 4.5.5, 4.14 and 5.0 on random sizes, up and down).
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -36,10 +37,22 @@ def pil_to_rgb(img: Any, where: str, int32_is_16_bit: bool = False) -> np.ndarra
     return np.asarray(img.convert("RGB")).copy()
 
 
-def _regular_or_missing(path: str) -> None:
-    """ValueError naming ``path`` when it exists but is not a regular file (a directory, a FIFO, a device)."""
+@contextlib.contextmanager
+def _opened_image(path: str) -> Iterator[Any]:
+    """The PIL image at ``path``, open while the block runs; ValueError naming the file when it is missing, not a
+    regular file (a directory, or a FIFO whose reading could block forever), or not readable (also while the block
+    decodes it)."""
+    from PIL import Image, UnidentifiedImageError
+
     if os.path.exists(path) and not os.path.isfile(path):
         raise ValueError(f"{path}: not a regular file (a directory, a FIFO, a socket or a device)")
+    try:
+        with Image.open(path) as img:
+            yield img
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such image file") from None
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ValueError(f"{path}: not a readable image ({exc})") from None
 
 
 def load_image(path: str | os.PathLike[str]) -> np.ndarray:
@@ -47,17 +60,11 @@ def load_image(path: str | os.PathLike[str]) -> np.ndarray:
     by its EXIF orientation, and a 16-bit grey image reduced to its high byte (pil_to_rgb). Raises ValueError naming
     the file when it is not a readable 8- or 16-bit image (or not a regular file: reading a FIFO could block
     forever)."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import ImageOps
 
     path = os.fspath(path)
-    _regular_or_missing(path)
-    try:
-        with Image.open(path) as img:
-            return pil_to_rgb(ImageOps.exif_transpose(img), path, int32_is_16_bit=True)
-    except FileNotFoundError:
-        raise ValueError(f"{path}: no such image file") from None
-    except (UnidentifiedImageError, OSError) as exc:
-        raise ValueError(f"{path}: not a readable image ({exc})") from None
+    with _opened_image(path) as img:
+        return pil_to_rgb(ImageOps.exif_transpose(img), path, int32_is_16_bit=True)
 
 
 def image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
@@ -65,17 +72,9 @@ def image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
     orientation, which may swap the sides of what :func:`load_image` returns (reading the orientation would decode a
     whole PNG; the size checks this serves give the same answer either way round). Raises ValueError naming the
     file when it is not a readable image."""
-    from PIL import Image, UnidentifiedImageError
-
     path = os.fspath(path)
-    _regular_or_missing(path)
-    try:
-        with Image.open(path) as img:
-            width, height = img.size
-    except FileNotFoundError:
-        raise ValueError(f"{path}: no such image file") from None
-    except (UnidentifiedImageError, OSError) as exc:
-        raise ValueError(f"{path}: not a readable image ({exc})") from None
+    with _opened_image(path) as img:
+        width, height = img.size
     return height, width
 
 
