@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Literal
 
-from .validation import finite_real
+from .validation import check_int, finite_real
 
 ARCH_ALIASES = {"RN50": "RN50", "RN101": "RN101", "ViT-B/16": "ViT-B-16", "ViT-B-16": "ViT-B-16"}
 ARCHS = ("RN50", "RN101", "ViT-B/16")
@@ -51,10 +51,10 @@ class VisionConfig:
             raise ValueError(f"vision.kind must be 'resnet' or 'vit', got {self.kind!r}")
         _set_tuple(self, "layers", _int_tuple("vision.layers", self.layers, 4 if self.kind == "resnet" else 1))
         _set_tuple(self, "out_indices", _int_tuple("vision.out_indices", self.out_indices, 4, minimum=0))
-        _check_int("vision.width", self.width)
-        _check_int("vision.heads", self.heads)
-        _check_int("vision.input_resolution", self.input_resolution)
-        _check_int("vision.patch_size", self.patch_size, minimum=0)
+        check_int("vision.width", self.width)
+        check_int("vision.heads", self.heads)
+        check_int("vision.input_resolution", self.input_resolution)
+        check_int("vision.patch_size", self.patch_size, minimum=0)
         _check_number("vision.drop_path_rate", self.drop_path_rate, 0.0, 1.0, high_open=True)
         if not isinstance(self.double_class_embedding, bool):
             raise ValueError(
@@ -108,12 +108,12 @@ class TextConfig:
     layers: int = 12
 
     def __post_init__(self) -> None:
-        _check_int("text.context_length", self.context_length)
-        _check_int("text.n_ctx", self.n_ctx, minimum=0)
-        _check_int("text.vocab_size", self.vocab_size, minimum=CLIP_VOCAB_SIZE, why=" (the tokenizer's vocabulary)")
-        _check_int("text.width", self.width)
-        _check_int("text.heads", self.heads)
-        _check_int("text.layers", self.layers)
+        check_int("text.context_length", self.context_length)
+        check_int("text.n_ctx", self.n_ctx, minimum=0)
+        check_int("text.vocab_size", self.vocab_size, minimum=CLIP_VOCAB_SIZE, why=" (the tokenizer's vocabulary)")
+        check_int("text.width", self.width)
+        check_int("text.heads", self.heads)
+        check_int("text.layers", self.layers)
         if self.width % self.heads:
             raise ValueError(f"text.width {self.width} is not divisible by text.heads {self.heads}")
         if self.class_token_length < 3:
@@ -142,9 +142,9 @@ class DecoderConfig:
     dropout: float = 0.1
 
     def __post_init__(self) -> None:
-        _check_int("decoder.width", self.width)
-        _check_int("decoder.heads", self.heads)
-        _check_int("decoder.layers", self.layers)
+        check_int("decoder.width", self.width)
+        check_int("decoder.heads", self.heads)
+        check_int("decoder.layers", self.layers)
         _check_number("decoder.dropout", self.dropout, 0.0, 1.0)
         if self.width % self.heads:
             raise ValueError(f"decoder.width {self.width} is not divisible by decoder.heads {self.heads}")
@@ -185,16 +185,16 @@ class DenseCLIPConfig:
         kind = "vit" if ARCH_ALIASES.get(self.arch) == "ViT-B-16" else "resnet"
         if self.arch in ARCH_ALIASES and self.vision.kind != kind:  # a released name; any other is a free label
             raise ValueError(f"arch {self.arch!r} has vision.kind {kind!r}, got {self.vision.kind!r}")
-        _check_int("embed_dim", self.embed_dim)
-        _check_int("fpn_channels", self.fpn_channels)
-        _check_int("head_channels", self.head_channels)
+        check_int("embed_dim", self.embed_dim)
+        check_int("fpn_channels", self.fpn_channels)
+        check_int("head_channels", self.head_channels)
         _check_number("head_dropout", self.head_dropout, 0.0, 1.0)
-        _check_int("score_concat_index", self.score_concat_index, minimum=0)
+        check_int("score_concat_index", self.score_concat_index, minimum=0)
         if self.score_concat_index > 3:
             raise ValueError(f"score_concat_index must be in 0..3, got {self.score_concat_index}")
         _check_number("tau", self.tau, 0.0, math.inf, low_open=True, high_open=True)
-        _check_int("slide_crop", self.slide_crop, minimum=MIN_IMAGE_SIDE, why=" (the stride-32 level keeps a pixel)")
-        _check_int("slide_stride", self.slide_stride)
+        check_int("slide_crop", self.slide_crop, minimum=MIN_IMAGE_SIDE, why=" (the stride-32 level keeps a pixel)")
+        check_int("slide_stride", self.slide_stride)
         if self.slide_stride > self.slide_crop:
             raise ValueError(f"slide_stride must not exceed slide_crop {self.slide_crop} (the windows would leave "
                              f"pixels out), got {self.slide_stride}")  # fmt: skip
@@ -222,12 +222,6 @@ class DenseCLIPConfig:
 
     def replace(self, **changes: Any) -> DenseCLIPConfig:
         return dataclasses.replace(self, **changes)
-
-
-def _check_int(name: str, value: Any, minimum: int = 1, why: str = "") -> None:
-    """ValueError naming ``name`` unless ``value`` is an int (not a bool) >= ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}{why}, got {value!r}")
 
 
 def _check_number(

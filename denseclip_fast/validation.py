@@ -25,6 +25,13 @@ def finite_real(value: object) -> float | None:
     return result if math.isfinite(result) else None
 
 
+def check_int(name: str, value: object, minimum: int = 1, why: str = "") -> None:
+    """ValueError naming ``name`` unless ``value`` is an int (not a bool) >= ``minimum``; ``why`` follows the bound
+    in the message."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}{why}, got {value!r}")
+
+
 def check_device(text: str | torch.device, name: str = "device") -> torch.device:
     """The torch device ``text`` names (a str or a torch.device), if this machine can run on it: the CPU, or a CUDA
     GPU that is present. ValueError naming ``name`` for an empty string, a string torch does not parse ("gpu"),

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from ..validation import check_int
+
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
 # One capture at a time in the process, each on its own stream and in thread-local error mode: a capture in the
@@ -79,9 +81,8 @@ class GraphCache:
         max_graphs: int = 16,
         capture_after: int = 2,
     ) -> None:
-        for name, value in (("max_graphs", max_graphs), ("capture_after", capture_after)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        check_int("max_graphs", max_graphs)
+        check_int("capture_after", capture_after)
         self.fn = fn
         self.enabled = enabled
         self.capture = capture or (lambda f, x, pool: CapturedForward(f, x, pool))

@@ -12,6 +12,8 @@ from collections.abc import Callable
 
 import torch
 
+from ..validation import check_int
+
 Window = tuple[int, int, int, int]  # y1, y2, x1, x2
 
 
@@ -66,8 +68,7 @@ def slide_inference(
     b, _, height, width = x.shape
     windows = slide_windows(height, width, crop, stride)
     step = len(windows) if windows_per_batch is None else windows_per_batch
-    if not isinstance(step, int) or isinstance(step, bool) or step < 1:
-        raise ValueError(f"windows_per_batch must be an int >= 1 or None, got {windows_per_batch!r}")
+    check_int("windows_per_batch", step, why=" or None")
     total: torch.Tensor | None = None
     count = x.new_zeros((1, 1, height, width))
     for start in range(0, len(windows), step):
