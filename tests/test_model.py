@@ -188,3 +188,18 @@ def test_score_concat_level_of_another_dtype():
     logits, _ = model.logits_and_score(dataclasses.replace(feats, levels=levels), text, None)
     expected, _ = model.logits_and_score(feats, text, None)
     assert logits.dtype == torch.bfloat16 and torch.allclose(logits, expected)
+
+
+@pytest.mark.parametrize("kind", ["resnet", "vit"])
+def test_gradients_have_their_parameters_layout(kind):
+    """DDP's gradient buckets are views in each parameter's layout: a gradient of another layout is copied every
+    step (and DDP warns "Grad strides do not match bucket view strides"). The score/concat level, whose feature is
+    NCHW in an NCHW model, must not come out channels_last because the dense embedding map z has NHWC strides."""
+    model = DenseCLIP(tiny_config(kind), NAMES).train()
+    model(torch.randn(2, 3, 64, 64)).square().mean().backward()
+    mismatched = [
+        name
+        for name, p in model.named_parameters()
+        if p.grad is not None and p.dim() == 4 and p.grad.stride() != p.stride()
+    ]
+    assert mismatched == []

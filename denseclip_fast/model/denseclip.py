@@ -24,6 +24,7 @@ from torch import nn
 from .. import ops
 from ..class_names import ADE20K_CLASSES
 from ..config import MIN_IMAGE_SIDE, DenseCLIPConfig, preset
+from ..ops.library import score_memory_format
 from ..preprocess import keep_ratio_size
 from .decoder import ContextDecoder
 from .features import ImageFeatures
@@ -185,7 +186,15 @@ class DenseCLIP(nn.Module):
         z = feats.local_feat
         # in z's dtype: under CUDA autocast ViT's level 2 (fpn3, a GroupNorm, which autocast runs in float32) is
         # float32 while z is bfloat16, and the fused operator takes one dtype
-        merged = ops.score_concat(levels[i].to(z.dtype), z, text.to(z.dtype))
+        feature = levels[i].to(z.dtype)
+        # and in the feature's layout, which the output takes from z: z has NHWC strides (a view of the tokens), so
+        # in an NCHW model the FPN's lateral conv would get an NHWC input, its weight gradient NHWC strides, and DDP
+        # would copy that gradient into its NCHW bucket every step. Copying z (D channels) is cheaper than copying
+        # the output (C_feat + K channels); in a channels_last model (the engine on CUDA) nothing is copied
+        layout = score_memory_format(feature)
+        if score_memory_format(z) != layout:
+            z = z.contiguous(memory_format=layout)
+        merged = ops.score_concat(feature, z, text.to(z.dtype))
         score = merged[:, levels[i].shape[1] :]
         levels[i] = merged
         out = self.decode_head(self.neck(levels))
