@@ -196,9 +196,10 @@ def test_bad_vocabularies_and_settings(model):
         seg.open_vocab(torch.randn(1, 3, 64, 64), [["cat"]])
     with pytest.raises(ValueError, match="sequence of strings, got str"):
         seg.open_vocab(torch.randn(1, 3, 64, 64), "cat")
-    with pytest.raises(ValueError, match="crop must be a positive int, got True"):
+    message = "crop must be an int >= 32 (the stride-32 level keeps a pixel), got True"
+    with pytest.raises(ValueError, match=re.escape(message)):
         Segmenter(model, device="cpu", crop=True)
-    with pytest.raises(ValueError, match="crop must be at least 32"):
+    with pytest.raises(ValueError, match="crop must be an int >= 32"):
         Segmenter(model, device="cpu", mode="slide", crop=16, stride=8)
     with pytest.raises(ValueError, match="stride must not exceed crop.*stride=100 and crop=64"):
         Segmenter(model, device="cpu", mode="slide", crop=64, stride=100)

@@ -322,7 +322,9 @@ def test_numbers_out_of_range_are_refused_naming_the_field(arch_file, generic, t
         ({"ratio_range": (2.0, 0.5)}, "ratio_range must be two finite numbers 0 < low <= high, got (2.0, 0.5)"),
         ({"ratio_range": (0.001, 1.0)}, "ratio_range's low end 0.001 scales img_scale (96, 48) below a pixel"),
         ({"img_scale": (0, 0)}, "img_scale must be two positive ints (long side, short side), got (0, 0)"),
-        ({"crop": 16}, "crop must be at least 32 (the stride-32 level keeps a pixel), got 16"),
+        ({"crop": 16}, "crop must be an int >= 32 (the stride-32 level keeps a pixel), got 16"),
+        ({"iters": True}, "iters must be an int >= 1, got True"),
+        ({"num_workers": False}, "num_workers must be an int >= 0, got False"),
     ):
         with pytest.raises(ValueError, match=re.escape(message)):
             _config(arch_file, generic, tmp_path / "w", **overrides).validate()
@@ -736,8 +738,8 @@ def test_config_files_and_errors(arch_file, generic, tmp_path, capsys):
             TrainConfig.load(str(path))
     # bad options are one line naming the option (exit 2), before any work
     base = ["train", "--arch", arch_file, "--data", generic, "--layout", "generic", "--work-dir", str(tmp_path / "x")]
-    for extra, message in ((["--checkpoint-interval", "0"], "checkpoint_interval must be a positive int, got 0"),
-                           (["--log-interval", "0"], "log_interval must be a positive int, got 0"),
+    for extra, message in ((["--checkpoint-interval", "0"], "checkpoint_interval must be an int >= 1, got 0"),
+                           (["--log-interval", "0"], "log_interval must be an int >= 1, got 0"),
                            (["--device", "gpu0"], "--device must be a device such as 'cpu', 'cuda'")):  # fmt: skip
         assert main(base + extra) == 2
         err = capsys.readouterr().err

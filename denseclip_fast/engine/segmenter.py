@@ -37,7 +37,7 @@ from ..model.denseclip import check_image_size, check_test_image_size
 from ..model.slide import slide_inference, window_sizes
 from ..model.text import check_class_names
 from ..preprocess import normalize, resize_keep_ratio
-from ..validation import check_device
+from ..validation import check_device, check_int
 from ..visualize import default_palette
 from ..visualize import overlay as blend
 from .graphs import GraphCache
@@ -142,12 +142,8 @@ class Segmenter:
         self.dtype, self.mode, self.check_finite = dtype, mode, check_finite
         self.crop = model.config.slide_crop if crop is None else crop
         self.stride = model.config.slide_stride if stride is None else stride
-        for name, value in (("crop", self.crop), ("stride", self.stride)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if self.crop < MIN_IMAGE_SIDE:
-            raise ValueError(f"crop must be at least {MIN_IMAGE_SIDE} (the stride-32 level keeps a pixel), "
-                             f"got {self.crop}")  # fmt: skip
+        check_int("crop", self.crop, MIN_IMAGE_SIDE, " (the stride-32 level keeps a pixel)")
+        check_int("stride", self.stride)
         window_sizes(self.crop, self.stride)  # a stride past the crop: refused now, not at the first slide call
         self.model = prepare_for_inference(model, self.device, self.dtype)
         self._text = self._embed(self.model.class_names)  # the buffer the graphs read; refreshed in place

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import ACTIVATIONS, ARCH_ALIASES, ARCHS, MIN_IMAGE_SIDE, DenseCLIPConfig, canonical_arch, preset
-from ..validation import check_device, check_writable_dir, finite_real
+from ..validation import check_device, check_int, check_writable_dir, finite_real
 from .data import check_ignore_index
 
 LAYOUTS = ("ade20k", "generic")
@@ -98,17 +98,11 @@ class TrainConfig:
             raise ValueError("data must name the dataset directory (--data DIR)")
         if not os.path.isdir(self.data):
             raise ValueError(f"data directory {self.data!r} does not exist")
-        for name in ("iters", "batch_size", "accum", "crop", "checkpoint_interval", "log_interval"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if self.crop < MIN_IMAGE_SIDE:
-            raise ValueError(f"crop must be at least {MIN_IMAGE_SIDE} (the stride-32 level keeps a pixel), got "
-                             f"{self.crop}")  # fmt: skip
+        for name in ("iters", "batch_size", "accum", "checkpoint_interval", "log_interval"):
+            check_int(name, getattr(self, name))
+        check_int("crop", self.crop, MIN_IMAGE_SIDE, " (the stride-32 level keeps a pixel)")
         for name in ("eval_interval", "num_workers", "max_checkpoints", "warmup_iters"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+            check_int(name, getattr(self, name), 0)
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed <= MAX_SEED:
             raise ValueError(f"seed must be an int in 0..{MAX_SEED}, got {self.seed!r}")
         check_ignore_index(self.ignore_index)
