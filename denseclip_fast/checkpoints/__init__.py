@@ -138,9 +138,9 @@ def _official_state(wf: WeightFile, path: str) -> tuple[dict[str, torch.Tensor],
             "use DenseCLIP.from_clip(path, arch, class_names) to initialise a model from CLIP weights"
         )  # fmt: skip
     obj = wf.tensors if wf.kind == "safetensors" else wf.obj
-    meta: dict[str, Any] = {}
+    meta: Any = None  # anything but a mapping is no meta; never tested for truth (a tensor or an array raises)
     if isinstance(obj, Mapping) and "state_dict" in obj:
-        meta = obj.get("meta") or {}
+        meta = obj.get("meta")
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping) or not obj:
         raise CheckpointError(
