@@ -52,6 +52,7 @@ def load_checkpoint(
     if class_names is not None:
         class_names = _class_names_argument(class_names)
     wf = read_weight_file(path)
+    file_names: list[str] | None  # None only when class_names are given
     if wf.kind == "safetensors" and is_native(wf.metadata):
         config, file_names, palette = native_contents(wf.metadata, path)
         check_arch(config, arch, path)
@@ -63,6 +64,7 @@ def load_checkpoint(
         palette = meta.get("PALETTE")
         file_names = _official_names(meta, k, path) if class_names is None else None
     names = list(class_names) if class_names is not None else file_names
+    assert names is not None
     head = sd.get("decode_head.conv_seg.weight")
     k = head.shape[0] if head is not None and head.dim() > 0 else len(names)  # else: load_state_strict reports it
     if len(names) != k and class_names is not None:

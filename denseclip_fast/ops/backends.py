@@ -77,6 +77,7 @@ def _cuda_arch_mismatch(device: torch.device) -> str | None:
         if torch.compiler.is_compiling():
             return None
         built, arch = build_info()["cuda"]["archs"], _device_arch(device)
+        assert arch is not None  # not compiling, so _per_device queried the device
         _memo[key] = None if arch in built else (
             f"the extension's CUDA kernels were built for {', '.join(f'sm_{a}' for a in built)} and this GPU is "
             f"sm_{arch} (rebuild with TORCH_CUDA_ARCH_LIST={arch // 10}.{arch % 10})"
