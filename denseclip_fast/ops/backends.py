@@ -60,7 +60,12 @@ def shared_memory_per_block(device: torch.device) -> int | None:
     (Triton's interpreter)."""
     if device.type != "cuda":
         return None
-    return _per_device(device, "smem", lambda i: torch.cuda.get_device_properties(i).shared_memory_per_block_optin)
+
+    def query(index: int) -> int:
+        # torch's _CudaDeviceProperties stub lacks this field, which torch 2.11 and 2.14 have at runtime
+        return torch.cuda.get_device_properties(index).shared_memory_per_block_optin  # type: ignore[attr-defined]
+
+    return _per_device(device, "smem", query)
 
 
 def gpu_arch(device: torch.device) -> int | None:
