@@ -294,7 +294,7 @@ class SegmentationData(Dataset):
             raise ValueError(f"{sample.label}: label size {label.shape} differs from its image's {image.shape[:2]}")
         return image, label
 
-    def __getitem__(self, item: int | tuple[int, int]):  # type: ignore[override]
+    def __getitem__(self, item: int | tuple[int, int]):
         if isinstance(item, tuple):
             index, position = item
             cfg = self.config

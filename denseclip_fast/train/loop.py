@@ -122,7 +122,7 @@ def enable_gradient_checkpointing(model: DenseCLIP) -> int:
         blocks += list(transformer.resblocks)
     blocks += list(model.text_encoder.transformer.resblocks)
     for block in blocks:
-        block.forward = functools.partial(_checkpointed, block.forward, block)  # type: ignore[method-assign]
+        block.forward = functools.partial(_checkpointed, block.forward, block)
     return len(blocks)
 
 
