@@ -90,7 +90,7 @@ def image_files(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     files: list[str] = []
-    for path in map(os.fspath, paths):
+    for path in (os.fspath(p) for p in paths):
         if os.path.isdir(path):
             found = sorted(
                 os.path.join(path, name)

@@ -70,6 +70,19 @@ def test_numpy_values_in_meta_are_read(tmp_path, official_file):
     assert dcf.load_checkpoint(path).palette == [tuple(map(int, c)) for c in palette]
 
 
+@pytest.mark.parametrize("kind", ["tensor", "array"])
+def test_meta_that_is_a_tensor_or_an_array_is_ignored(tmp_path, official_file, kind):
+    """A meta that is not a dict is ignored, as it always was for a string or a list; one holding several values was
+    tested for truth and raised RuntimeError (a tensor) or ValueError (a numpy array) instead."""
+    import numpy as np
+
+    sd = _state(official_file)["state_dict"]
+    path = _save_state(tmp_path, sd, meta=torch.zeros(2) if kind == "tensor" else np.zeros(2))
+    assert dcf.load_checkpoint(path, class_names=NAMES).class_names == NAMES
+    with pytest.raises(CheckpointError, match="names no classes and its head has 4 outputs: pass class_names"):
+        dcf.load_checkpoint(path)
+
+
 def test_class_names_argument_overrides_meta(official_file):
     model = dcf.load_checkpoint(official_file, class_names=["a", "b", "c", "d"])
     assert model.class_names == ["a", "b", "c", "d"]

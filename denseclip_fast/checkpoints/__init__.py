@@ -52,6 +52,7 @@ def load_checkpoint(
     if class_names is not None:
         class_names = _class_names_argument(class_names)
     wf = read_weight_file(path)
+    file_names: list[str] | None  # None only when class_names are given
     if wf.kind == "safetensors" and is_native(wf.metadata):
         config, file_names, palette = native_contents(wf.metadata, path)
         check_arch(config, arch, path)
@@ -63,6 +64,7 @@ def load_checkpoint(
         palette = meta.get("PALETTE")
         file_names = _official_names(meta, k, path) if class_names is None else None
     names = list(class_names) if class_names is not None else file_names
+    assert names is not None
     head = sd.get("decode_head.conv_seg.weight")
     k = head.shape[0] if head is not None and head.dim() > 0 else len(names)  # else: load_state_strict reports it
     if len(names) != k and class_names is not None:
@@ -138,9 +140,9 @@ def _official_state(wf: WeightFile, path: str) -> tuple[dict[str, torch.Tensor],
             "use DenseCLIP.from_clip(path, arch, class_names) to initialise a model from CLIP weights"
         )  # fmt: skip
     obj = wf.tensors if wf.kind == "safetensors" else wf.obj
-    meta: dict[str, Any] = {}
+    meta: Any = None  # anything but a mapping is no meta; never tested for truth (a tensor or an array raises)
     if isinstance(obj, Mapping) and "state_dict" in obj:
-        meta = obj.get("meta") or {}
+        meta = obj.get("meta")
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping) or not obj:
         raise CheckpointError(

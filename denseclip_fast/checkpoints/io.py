@@ -335,6 +335,7 @@ class _Allowed:
     could set (on the function itself, BUILD could change its ``__defaults__`` for the rest of the process)."""
 
     __slots__ = ("_function",)
+    _function: Any
 
     def __init__(self, function: Any) -> None:
         object.__setattr__(self, "_function", function)

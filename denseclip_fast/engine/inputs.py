@@ -29,7 +29,7 @@ class ImageBatch:
     @property
     def groups(self) -> list[list[int]]:
         assert self.raw is not None
-        by_size: dict[tuple[int, int], list[int]] = {}
+        by_size: dict[tuple[int, ...], list[int]] = {}
         for i, image in enumerate(self.raw):
             by_size.setdefault(tuple(image.shape[:2]), []).append(i)
         return list(by_size.values())

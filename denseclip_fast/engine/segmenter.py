@@ -51,19 +51,20 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TF32_LOCK = threading.Lock()
 _tf32_holders = 0  # code inside no_tf32, in any thread: the settings are restored when the last one leaves
 _tf32_saved: Any = None
-# torch >= 2.9's fp32_precision settings: once a program uses them, reading the legacy allow_tf32 flags raises
+# torch >= 2.9's fp32_precision settings: once a program uses them, reading the legacy allow_tf32 flags raises.
+# torch's stubs lack torch.backends.cudnn.conv (a runtime attribute of the cudnn module): hence the ignores below
 _NEW_TF32_API = hasattr(torch.backends.cuda.matmul, "fp32_precision") and hasattr(torch.backends.cudnn, "conv")
 
 
 def _tf32_settings() -> Any:
     if _NEW_TF32_API:
-        return torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision
+        return torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision  # type: ignore[attr-defined]
     return torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
 
 
 def _set_tf32(settings: Any) -> None:
     if _NEW_TF32_API:
-        torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision = settings
+        torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision = settings  # type: ignore[attr-defined]
     else:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = settings
 

@@ -153,7 +153,7 @@ class AOTIPackage:
         self.metadata = {
             k.removeprefix("denseclip_fast."): v for k, v in meta.items() if k.startswith("denseclip_fast.")
         }
-        self.image_size: tuple[int, int] = tuple(json.loads(self.metadata["image_size"]))  # type: ignore[assignment]
+        self.image_size: tuple[int, int] = tuple(json.loads(self.metadata["image_size"]))
         self.max_batch = int(self.metadata["max_batch"])
         self.class_names: list[str] = json.loads(self.metadata["class_names"])
         self.dtype: torch.dtype = getattr(torch, self.metadata["dtype"])

@@ -31,6 +31,8 @@ TRACE_BATCH = 2
 class ImageGraph(nn.Module):
     """Normalised images -> logits. ``embeddings`` (K, D) are baked in as a buffer; None makes them an input."""
 
+    class_embeddings: torch.Tensor  # the buffer, registered only when the embeddings are baked in
+
     def __init__(self, model: DenseCLIP, embeddings: torch.Tensor | None) -> None:
         super().__init__()
         self.model = model

@@ -72,7 +72,9 @@ def to_onnx(
     args = example_inputs(graph, prepared, size, dtype, device)
     input_names, output_names = NAMES[graph]
     batch = torch.export.Dim("classes" if graph == "text" else "batch", min=1)  # unbounded in the ONNX file
-    dynamic = {"class_tokens": {0: batch}} if graph == "text" else {"image": {0: batch}}
+    dynamic: dict[str, dict[int, torch.export.Dim] | None] = (
+        {"class_tokens": {0: batch}} if graph == "text" else {"image": {0: batch}}
+    )
     if graph == "image_with_text":
         dynamic["class_embeddings"] = None
 
@@ -85,6 +87,7 @@ def to_onnx(
             module, args, dynamo=True, custom_translation_table=translation_table(), opset_version=opset,
             input_names=input_names, output_names=output_names, dynamic_shapes=dynamic, verbose=False,
         )  # fmt: skip
+    assert program is not None  # None only from the legacy exporter (dynamo=False)
     metadata = {
         "version": __version__,
         "graph": graph,

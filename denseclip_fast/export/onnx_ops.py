@@ -21,6 +21,8 @@ from onnxscript import opset18 as op
 
 EPS = 1e-12  # F.normalize's, as in ops/reference.py
 FLOAT = 1  # onnx.TensorProto.FLOAT
+# The type-var ignores below: onnxscript types op.Cast's result as a union of ONNX tensor types (its ``to`` is an
+# int), and the constrained type variables of ReduceL2, MatMul and Transpose take one of those types, not a union
 
 
 def _axes(*axes: int) -> Any:
@@ -54,7 +56,7 @@ def score_concat(feature: Any, visual: Any, text: Any, scale: float = 1.0) -> An
 
 
 def _pixel_norms(visual: Any) -> Any:
-    return op.ReduceL2(op.Cast(visual, to=FLOAT), _axes(1), keepdims=0)  # (B, H, W)
+    return op.ReduceL2(op.Cast(visual, to=FLOAT), _axes(1), keepdims=0)  # type: ignore[type-var]  # (B, H, W)
 
 
 def pixel_text_score_with_norm(visual: Any, text: Any, scale: float = 1.0) -> tuple[Any, Any]:
@@ -70,7 +72,8 @@ def context_attention(q: Any, k: Any, v: Any) -> tuple[Any, Any]:
     if not isinstance(head_dim, int):
         raise ValueError(f"context_attention exports with a static head dimension, got q of shape {q.shape}")
     qf, kf, vf = (op.Cast(t, to=FLOAT) for t in (q, k, v))
-    logits = op.Mul(op.MatMul(qf, op.Transpose(kf, perm=[0, 1, 3, 2])), _scalar(head_dim**-0.5))  # (B, h, Lq, Lk)
+    # logits (B, h, Lq, Lk)
+    logits = op.Mul(op.MatMul(qf, op.Transpose(kf, perm=[0, 1, 3, 2])), _scalar(head_dim**-0.5))  # type: ignore[type-var]
     out = op.MatMul(op.Softmax(logits, axis=-1), vf)
     lse = op.ReduceLogSumExp(logits, _axes(-1), keepdims=0)
     return op.CastLike(out, q), lse

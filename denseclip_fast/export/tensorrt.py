@@ -151,7 +151,7 @@ def _check_graph(
 
 def _tensorrt() -> Any:
     try:
-        import tensorrt  # type: ignore[import-not-found]
+        import tensorrt
     except ImportError:
         raise TensorRTUnavailable(
             "TensorRT is not installed: `pip install tensorrt` (NVIDIA's index) on a machine with an NVIDIA GPU; "

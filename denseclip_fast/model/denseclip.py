@@ -69,6 +69,8 @@ class DenseCLIP(nn.Module):
         class_names: the K class names; K fixes the score channels and the classifier.
     """
 
+    class_tokens: torch.Tensor  # a buffer (register_buffer in __init__), declared for the type checker
+
     def __init__(self, config: DenseCLIPConfig, class_names: Sequence[str]) -> None:
         super().__init__()
         tokens = tokenize_class_names(class_names, config.text.class_token_length)
@@ -177,7 +179,7 @@ class DenseCLIP(nn.Module):
         return text + self.gamma * self.context_decoder(text, visual_context)
 
     def logits_and_score(
-        self, feats: ImageFeatures, text: torch.Tensor, size: tuple[int, int] | None
+        self, feats: ImageFeatures, text: torch.Tensor, size: Sequence[int] | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The score map concatenated to its pyramid level (one fused operator), FPN, head, resize to ``size``
         (None: the head's own resolution, 1/4 of the image)."""
@@ -202,7 +204,7 @@ class DenseCLIP(nn.Module):
             return out, score
         return F.interpolate(out, size=size, mode="bilinear", align_corners=False), score
 
-    def logits_for(self, x: torch.Tensor, text: torch.Tensor, size: tuple[int, int] | None) -> torch.Tensor:
+    def logits_for(self, x: torch.Tensor, text: torch.Tensor, size: Sequence[int] | None) -> torch.Tensor:
         """Logits of images ``x`` already in the model's dtype and layout (not checked) for class embeddings ``text``
         (K, D): image encoder, context prompting, score/concat, FPN, head, resize to ``size`` (None: 1/4 of the
         image). The per-forward function of the engine and of the exported graphs."""

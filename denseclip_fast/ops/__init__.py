@@ -44,7 +44,7 @@ def eager_inference(*tensors: torch.Tensor) -> bool:
     return all(type(t) is torch.Tensor for t in tensors)
 
 
-def _triton_kernels():  # type: ignore[no-untyped-def]
+def _triton_kernels():
     from . import triton as kernels  # imported by backends.resolve before any Triton call
 
     return kernels

@@ -60,7 +60,12 @@ def shared_memory_per_block(device: torch.device) -> int | None:
     (Triton's interpreter)."""
     if device.type != "cuda":
         return None
-    return _per_device(device, "smem", lambda i: torch.cuda.get_device_properties(i).shared_memory_per_block_optin)
+
+    def query(index: int) -> int:
+        # torch's _CudaDeviceProperties stub lacks this field, which torch 2.11 and 2.14 have at runtime
+        return torch.cuda.get_device_properties(index).shared_memory_per_block_optin  # type: ignore[attr-defined]
+
+    return _per_device(device, "smem", query)
 
 
 def gpu_arch(device: torch.device) -> int | None:
@@ -77,6 +82,7 @@ def _cuda_arch_mismatch(device: torch.device) -> str | None:
         if torch.compiler.is_compiling():
             return None
         built, arch = build_info()["cuda"]["archs"], _device_arch(device)
+        assert arch is not None  # not compiling, so _per_device queried the device
         _memo[key] = None if arch in built else (
             f"the extension's CUDA kernels were built for {', '.join(f'sm_{a}' for a in built)} and this GPU is "
             f"sm_{arch} (rebuild with TORCH_CUDA_ARCH_LIST={arch // 10}.{arch % 10})"

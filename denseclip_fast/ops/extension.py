@@ -16,7 +16,8 @@ def _load() -> str | None:
     global _load_error
     if _load_error is _UNSET:
         try:
-            from .. import _C  # noqa: F401  (importing registers the operators)
+            # importing registers the operators; the compiled module has no stub, hence the ignore
+            from .. import _C  # type: ignore[attr-defined]  # noqa: F401
 
             _load_error = None
         except ImportError as exc:

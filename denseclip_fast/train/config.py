@@ -29,10 +29,12 @@ LAYOUTS = ("ade20k", "generic")
 MAX_SEED = 2**32 - 1
 # number fields: (name, lowest, highest, whether the lowest is excluded), finite; learning rates above 1 are refused
 # (AdamW's first step moves a weight by about lr x 10: larger ones overflow float32 weights)
-NUMBER_RANGES = (("lr", 0, 1, True), ("min_lr", 0, 1, False), ("weight_decay", 0, math.inf, False),
-                 ("backbone_lr_mult", 0, math.inf, False), ("warmup_ratio", 0, 1, False),
-                 ("poly_power", 0, math.inf, False), ("aux_weight", 0, math.inf, False),
-                 ("cat_max_ratio", 0, 1, True))  # fmt: skip
+NUMBER_RANGES: tuple[tuple[str, float, float, bool], ...] = (
+    ("lr", 0, 1, True), ("min_lr", 0, 1, False), ("weight_decay", 0, math.inf, False),
+    ("backbone_lr_mult", 0, math.inf, False), ("warmup_ratio", 0, 1, False),
+    ("poly_power", 0, math.inf, False), ("aux_weight", 0, math.inf, False),
+    ("cat_max_ratio", 0, 1, True),
+)  # fmt: skip
 
 
 def _finite(value: object) -> bool:

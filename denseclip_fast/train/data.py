@@ -38,7 +38,7 @@ MAX_LABEL = 65535  # the largest value of a (16-bit) label PNG
 def check_ignore_index(value: object, name: str = "ignore_index") -> int:
     """``value`` if it is a label PNG value, 0..65535 (255 in 8-bit labels; e.g. 65535 in 16-bit ones with 256
     classes or more); ValueError naming ``name`` otherwise (a value no label holds would silently ignore nothing)."""
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or not 0 <= value <= MAX_LABEL:
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or not 0 <= int(value) <= MAX_LABEL:
         raise ValueError(f"{name} must be a label value in 0..{MAX_LABEL} (255 for 8-bit labels, e.g. 65535 for "
                          f"16-bit ones), got {value!r}")  # fmt: skip
     return int(value)
@@ -232,7 +232,7 @@ def train_transform(
     rng: np.random.Generator,
     crop: int,
     img_scale: Sequence[int],
-    ratio_range: Sequence[float],
+    ratio_range: tuple[float, float],
     cat_max_ratio: float,
     ignore_index: int = IGNORE,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -294,7 +294,7 @@ class SegmentationData(Dataset):
             raise ValueError(f"{sample.label}: label size {label.shape} differs from its image's {image.shape[:2]}")
         return image, label
 
-    def __getitem__(self, item: int | tuple[int, int]):  # type: ignore[override]
+    def __getitem__(self, item: int | tuple[int, int]):
         if isinstance(item, tuple):
             index, position = item
             cfg = self.config

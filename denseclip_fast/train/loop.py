@@ -98,7 +98,8 @@ def _batchnorm_statistics_kept(module: nn.Module) -> Iterator[None]:
     finally:
         for m, (momentum, count) in zip(norms, saved):
             m.momentum = momentum
-            if count is not None:
+            if count is not None:  # saved from the buffer, so the BatchNorm has one
+                assert m.num_batches_tracked is not None
                 m.num_batches_tracked.copy_(count)
 
 
@@ -117,10 +118,11 @@ def enable_gradient_checkpointing(model: DenseCLIP) -> int:
     if hasattr(backbone, "layer1"):
         blocks += [getattr(backbone, f"layer{i}") for i in range(1, 5)]
     if hasattr(backbone, "transformer"):
-        blocks += list(backbone.transformer.resblocks)
+        transformer: Any = backbone.transformer  # the ViT backbone's (backbone is typed as a plain nn.Module)
+        blocks += list(transformer.resblocks)
     blocks += list(model.text_encoder.transformer.resblocks)
     for block in blocks:
-        block.forward = functools.partial(_checkpointed, block.forward, block)  # type: ignore[method-assign]
+        block.forward = functools.partial(_checkpointed, block.forward, block)
     return len(blocks)
 
 
@@ -507,7 +509,7 @@ class Trainer:
         before it was finite; called before every checkpoint, so that none is written from such weights. The
         verdict is agreed by all processes (without SyncBN each has its own BatchNorm statistics): all of them stop,
         none is left waiting in a collective the others never reach."""
-        tensors = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        tensors: list[tuple[str, torch.Tensor]] = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         tensors += [(n, b) for n, b in model.named_buffers() if b.is_floating_point()]
         finite = torch.stack([torch.isfinite(t).all() for _, t in tensors]).all().to(torch.int32)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
