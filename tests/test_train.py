@@ -639,11 +639,21 @@ def test_bad_files_are_named(tmp_path):
     with pytest.raises(ValueError, match=r"bad.png: label value 3 is out of range for 3 classes \(valid: 0..2"):
         read_label(str(tmp_path / "bad.png"), 3, False)
     Image.fromarray(np.full((4, 4), 151, dtype=np.uint8)).save(tmp_path / "ade.png")
-    with pytest.raises(ValueError, match=r"ade.png: label value 151 is out of range for 150 classes \(valid: 1..150"):
+    with pytest.raises(ValueError, match=re.escape("ade.png: label value 151 is out of range for 150 classes (valid: "
+                                                   "1..150, and 0 and 255 for ignored pixels)")):  # fmt: skip
         read_label(str(tmp_path / "ade.png"), 150, True)
     os.remove(tmp_path / "g" / "labels" / "scene_2.png")
     with pytest.raises(ValueError, match="have no label file, e.g. .*scene_2.png"):
         SegmentationData(data, "generic", "train")
+
+
+def test_reduce_zero_label_as_mmseg(tmp_path):
+    """ADE20K labels: 0 is ignored and k becomes k - 1; a pixel already holding the ignore value stays ignored
+    (mmseg: 0 -> 255, minus 1, 254 -> 255), also with a 16-bit ignore value."""
+    Image.fromarray(np.array([[0, 1, 150, 255]], dtype=np.uint8)).save(tmp_path / "ade.png")
+    assert read_label(str(tmp_path / "ade.png"), 150, True).tolist() == [[255, 0, 149, 255]]
+    Image.fromarray(np.array([[0, 65535, 300, 1]], dtype=np.uint16)).save(tmp_path / "ade16.png")
+    assert read_label(str(tmp_path / "ade16.png"), 400, True, 65535).tolist() == [[65535, 65535, 299, 0]]
 
 
 def test_an_image_too_elongated_to_evaluate_stops_training_before_it_starts(arch_file, tmp_path):

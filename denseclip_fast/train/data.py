@@ -98,7 +98,8 @@ def find_samples(root: str, layout: str, split: str) -> tuple[list[Sample], list
 
 def read_label(path: str, num_classes: int, reduce_zero_label: bool, ignore_index: int = IGNORE) -> np.ndarray:
     """(H, W) int64 class indices, ``ignore_index`` for ignored pixels. ValueError naming the file for an
-    unreadable file or a class index out of range."""
+    unreadable file or a class index out of range. ``reduce_zero_label`` as mmseg's: 0 and ``ignore_index`` are
+    ignored, every other value k becomes class k - 1."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -109,14 +110,15 @@ def read_label(path: str, num_classes: int, reduce_zero_label: bool, ignore_inde
     if label.ndim != 2:
         raise ValueError(f"{path}: a label must be a single-channel image of class indices, got shape {label.shape}")
     if reduce_zero_label:
-        label = np.where(label == 0, ignore_index + 1, label) - 1  # 0 -> ignored, k -> k - 1
+        # 0 -> ignored, k -> k - 1; ignored stays ignored (mmseg: 0 -> 255, minus 1, 254 -> 255)
+        label = np.where((label == 0) | (label == ignore_index), ignore_index + 1, label) - 1
     bad = (label != ignore_index) & ((label < 0) | (label >= num_classes))
     if bad.any():
         value = int(label[bad][0]) + (1 if reduce_zero_label else 0)
         raise ValueError(
             f"{path}: label value {value} is out of range for {num_classes} classes "
             f"(valid: {'1..' + str(num_classes) if reduce_zero_label else '0..' + str(num_classes - 1)}, and "
-            f"{'0' if reduce_zero_label else str(ignore_index)} for ignored pixels)"
+            f"{'0 and ' if reduce_zero_label else ''}{ignore_index} for ignored pixels)"
         )
     return label
 
