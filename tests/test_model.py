@@ -203,3 +203,24 @@ def test_gradients_have_their_parameters_layout(kind):
         if p.grad is not None and p.dim() == 4 and p.grad.stride() != p.stride()
     ]
     assert mismatched == []
+
+
+@pytest.mark.parametrize("kind", ["resnet", "vit"])
+def test_score_concat_output_in_the_lateral_convs_layout(kind):
+    """The fused level comes out in the layout of the conv that reads it, whatever the feature's: a channels_last
+    model (the engine on CUDA) gets NHWC even from an NCHW feature (CUDA's GroupNorm, ViT's level 2, returns NCHW),
+    an NCHW model gets NCHW from z's NHWC strides; and the logits do not change."""
+    model = DenseCLIP(tiny_config(kind), NAMES).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            model.to(memory_format=fmt)
+            feats = model.extract(x)
+            i = model.config.score_concat_index
+            feats.levels[i] = feats.levels[i].contiguous()  # NCHW, as CUDA's GroupNorm leaves it
+            text = model.context_prompt(feats, model.class_embeddings())
+            logits, score = model.logits_and_score(feats, text, x.shape[2:])
+            channels_innermost = score.stride(1) == 1 and score.stride(-1) != 1  # score: a slice of the level
+            assert channels_innermost == (fmt == torch.channels_last) and score.shape[1] == len(NAMES)
+            torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-5)

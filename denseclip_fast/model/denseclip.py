@@ -189,11 +189,12 @@ class DenseCLIP(nn.Module):
         # in z's dtype: under CUDA autocast ViT's level 2 (fpn3, a GroupNorm, which autocast runs in float32) is
         # float32 while z is bfloat16, and the fused operator takes one dtype
         feature = levels[i].to(z.dtype)
-        # and in the feature's layout, which the output takes from z: z has NHWC strides (a view of the tokens), so
-        # in an NCHW model the FPN's lateral conv would get an NHWC input, its weight gradient NHWC strides, and DDP
-        # would copy that gradient into its NCHW bucket every step. Copying z (D channels) is cheaper than copying
-        # the output (C_feat + K channels); in a channels_last model (the engine on CUDA) nothing is copied
-        layout = score_memory_format(feature)
+        # and the output, whose layout the operator takes from z, in the layout of the conv that reads it: z has
+        # NHWC strides (a view of the tokens), so in an NCHW model the FPN's lateral conv would get an NHWC input,
+        # its weight gradient NHWC strides, and DDP would copy that gradient into its NCHW bucket every step. Copying
+        # z (D channels) is cheaper than converting the output (C_feat + K channels); in a channels_last model (the
+        # engine on CUDA) nothing is copied, whatever the feature's layout (CUDA's GroupNorm, ViT's level 2, is NCHW)
+        layout = self.neck.input_format(i)
         if score_memory_format(z) != layout:
             z = z.contiguous(memory_format=layout)
         merged = ops.score_concat(feature, z, text.to(z.dtype))

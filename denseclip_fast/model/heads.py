@@ -10,6 +10,7 @@ summed (each resized bilinearly to the stride-4 size), then dropout and a 1x1 cl
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Sequence
 
 import torch
@@ -49,6 +50,12 @@ class FPN(nn.Module):
         self.fpn_convs = nn.ModuleList(
             [ConvModule(out_channels, out_channels, 3, norm=False, relu=False) for _ in in_channels]
         )
+
+    def input_format(self, level: int) -> torch.memory_format:
+        """The layout the lateral conv of ``level`` runs in: channels_last when its weight is stored so (input
+        channels innermost), read from the strides, since a 1x1 kernel's sizes fit both layouts."""
+        weight = typing.cast(ConvModule, self.lateral_convs[level]).conv.weight
+        return torch.channels_last if weight.stride(1) == 1 and weight.stride(-1) != 1 else torch.contiguous_format
 
     def forward(self, levels: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         if len(levels) != len(self.lateral_convs):
