@@ -615,8 +615,8 @@ def main(argv: list[str] | None = None) -> int:
             "opencv": cv2.__version__}  # fmt: skip
     seconds: dict[str, float] = {}
     gains: dict[str, float] = {}
-    meta = {"args": {"archs": args.archs, "e2e_archs": sorted(e2e)}, "rel_tol": REL_TOL, "argmax_tol": ARGMAX_TOL,
-            "seconds": seconds, "score_channel_gain": gains}  # fmt: skip
+    meta = {"args": {"archs": args.archs, "e2e_archs": [a for a in args.archs if a in e2e]}, "rel_tol": REL_TOL,
+            "argmax_tol": ARGMAX_TOL, "seconds": seconds, "score_channel_gain": gains}  # fmt: skip
     results = Results(args.out, "upstream_parity", args.tag, env, meta, lambda e, rows: table(e, rows, seconds, gains))
     with tempfile.TemporaryDirectory() as workdir:
         for arch in args.archs:
