@@ -193,3 +193,24 @@ def test_host_time_benchmark_measures_every_path_and_restores_the_launcher(tmp_p
     assert paths >= {"pixel_text_score, eager (Triton)", "autograd.grad through the Triton operator"}
     assert all(r["median_us"] > 0 for r in rows)
     assert score.launch is launch
+
+
+def test_upstream_parity_names_a_missing_checkout(tmp_path, capsys):
+    """benchmarks/upstream_parity.py needs a checkout of raoyongming/DenseCLIP (which CI does not have, so the check
+    itself is not run here): a directory without segmentation/denseclip/models.py, or no directory at all, exits 2
+    with one line naming --upstream and what it expected, before anything is built or written."""
+    from benchmarks import upstream_parity
+
+    (tmp_path / "segmentation" / "configs").mkdir(parents=True)
+    out = tmp_path / "out"
+    for upstream in (tmp_path, tmp_path / "nowhere"):
+        assert upstream_parity.main(["--upstream", str(upstream), "--archs", "RN50", "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("upstream_parity.py: error: --upstream ")
+        assert "raoyongming/DenseCLIP" in err and "segmentation/denseclip/models.py" in err
+    (tmp_path / "segmentation" / "denseclip").mkdir()
+    (tmp_path / "segmentation" / "denseclip" / "models.py").write_text("")  # the rest of the checkout missing
+    assert upstream_parity.main(["--upstream", str(tmp_path), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--upstream" in err and "bpe_simple_vocab_16e6.txt.gz" in err
+    assert not out.exists()
