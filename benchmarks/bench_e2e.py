@@ -42,7 +42,7 @@ from benchmarks.common import (  # noqa: E402
     rel_err,
     targets_markdown,
 )
-from benchmarks.official import OfficialDenseCLIP, official_config, randomize_  # noqa: E402
+from benchmarks.official import OfficialDenseCLIP, official_config, randomize_, weigh_score_channels_  # noqa: E402
 from denseclip_fast.engine.segmenter import no_tf32  # noqa: E402
 
 PEAK_FLOPS = 790e12
@@ -54,6 +54,7 @@ def build(arch: str, classes: int, device: torch.device) -> tuple[dcf.DenseCLIP,
     names = list(dcf.ADE20K_CLASSES[:classes])
     torch.manual_seed(0)
     official = randomize_(OfficialDenseCLIP(official_config(arch), names)).eval()
+    weigh_score_channels_(official)  # so that the logits' error vs the official model sees the text path too
     model = dcf.DenseCLIP.from_arch(arch, names).eval()
     model.load_state_dict(official.state_dict())
     return model, official.to(device)

@@ -79,7 +79,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import denseclip_fast as dcf  # noqa: E402
 from benchmarks.common import Results, environment  # noqa: E402
-from benchmarks.official.model import FPN, FPNHead, randomize_  # noqa: E402
+from benchmarks.official.model import FPN, FPNHead, randomize_, score_channel_gain  # noqa: E402
 
 # Tolerances, float32 on the CPU. Measured (benchmarks/results/upstream_parity_cpu.md): relative errors of exactly 0
 # for the levels, features and text before the decoder (the same operations in the same order); 3e-7 to 2.4e-6 for
@@ -368,7 +368,7 @@ def weigh_score_channels(up: nn.Module) -> float:
     outs = up.extract_feat(torch.randn(1, 3, 224, 224))
     _, _, score = up.after_extract_feat(outs)
     visual = outs[idx]
-    gain = (visual.std() * visual.shape[1] ** 0.5 / (score.std() * score.shape[1] ** 0.5)).item()
+    gain = score_channel_gain(visual, score)
     up.neck.lateral_convs[idx].conv.weight[:, visual.shape[1]:] *= gain
     return gain
 

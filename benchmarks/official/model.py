@@ -529,6 +529,38 @@ def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
+def score_channel_gain(level: torch.Tensor, score: torch.Tensor) -> float:
+    """The factor on the FPN lateral conv's weights for the K score channels that gives them the same share of the
+    conv's output variance as the level's C channels (for weights of one scale: std x sqrt(channels) each)."""
+    return (level.std() * level.shape[1] ** 0.5 / (score.std() * score.shape[1] ** 0.5)).item()
+
+
+@torch.no_grad()
+def weigh_score_channels_(model: nn.Module, size: int = 224, seed: int = 0) -> float:
+    """Make the logits of a randomised model depend on the text path; returns the gain applied.
+
+    Random weights leave the score map (cosines of about 0.03, K channels) without influence next to the feature
+    level it is concatenated to (values of about 1, 768-2048 channels): with RN50's widths, changing the class
+    embeddings moves the logits by a few 1e-6 of their scale, which no logit tolerance sees (found by
+    upstream_parity.py). The FPN lateral conv's weights on the score channels are scaled by
+    :func:`score_channel_gain`, measured on one random ``size`` x ``size`` image. Works on the oracle
+    (OfficialDenseCLIP) and on ``denseclip_fast.DenseCLIP``, whose lateral convs have the same names."""
+    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(seed))
+    was_training = model.training
+    model.eval()  # BN statistics untouched
+    if isinstance(model, OfficialDenseCLIP):
+        index = model.score_concat_index
+        feats = model.backbone(x)
+        level, score = feats[index], model.after_extract_feat(feats)[2]
+    else:  # denseclip_fast.DenseCLIP
+        index = model.config.score_concat_index
+        level, score = model.extract(x).levels[index], model.forward_features(x)["score_map"]
+    model.train(was_training)
+    gain = score_channel_gain(level, score)
+    model.neck.lateral_convs[index].conv.weight[:, level.shape[1] :] *= gain
+    return gain
+
+
 def save_mmcv_checkpoint(model: OfficialDenseCLIP, path: str, classes: list[str],
                          palette: list[list[int]] | None = None) -> None:  # fmt: skip
     """Write what mmcv's ``save_checkpoint`` writes: ``{'meta': {...}, 'state_dict': OrderedDict}``."""
