@@ -316,6 +316,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if value is not None:
             setattr(cfg, name, value)
     if args.print_config:
+        cfg.apply_arch_defaults()  # the sizes the run would use
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
     result = train(cfg, resume=args.resume)

@@ -541,7 +541,36 @@ def test_parameter_groups_and_schedule(arch_file, generic):
     assert learning_rate(1e-4, 0, cfg) == pytest.approx(1e-4 * 1e-6, rel=1e-3)  # warm-up starts at ratio x lr
     assert learning_rate(1e-4, 1500, cfg) == pytest.approx((1e-4 - 1e-6) * (1 - 1500 / 80_000) ** 0.9 + 1e-6)
     assert learning_rate(1e-4, 80_000, cfg) == pytest.approx(1e-6)
-    assert train_preset("ViT-B/16").crop == 640 and train_preset("RN50").batch_size == 32
+    assert train_preset("RN50").batch_size == 32
+
+
+@pytest.mark.parametrize("how", ["preset", "constructor", "file", "file_and_option", "preset_file_and_option"])
+def test_crop_and_scale_follow_the_architecture_unless_given(how, tmp_path, capsys):
+    """ViT-B/16 trains at 640 / (2048, 640), the ResNets at 512 / (2048, 512), however the arch was chosen: a
+    config made for one arch and switched to ViT-B/16 (--arch over a file) used to keep 512 / (2048, 512) silently.
+    A crop or scale that was given stays."""
+    path = tmp_path / "run.yaml"
+    if how == "preset":
+        cfg = train_preset("ViT-B/16")
+    elif how == "constructor":
+        cfg = TrainConfig(arch="ViT-B/16")
+    else:
+        path.write_text(("preset: RN50\n" if how.startswith("preset") else "") + ("" if "option" in how else
+                        "arch: ViT-B/16\n") + "iters: 10\n")  # fmt: skip
+        argv = ["train", str(path), "--print-config"] + (["--arch", "ViT-B/16"] if "option" in how else [])
+        assert main(argv) == 0
+        printed = json.loads(capsys.readouterr().out)
+        assert (printed["arch"], printed["crop"], printed["img_scale"]) == ("ViT-B/16", 640, [2048, 640])
+        cfg = TrainConfig.load(str(path))
+        cfg.arch = "ViT-B/16"
+    cfg.apply_arch_defaults()
+    assert (cfg.crop, cfg.img_scale) == (640, (2048, 640))
+    cfg.arch = "RN50"  # filled sizes are kept, as given ones
+    cfg.apply_arch_defaults()
+    assert (cfg.crop, cfg.img_scale) == (640, (2048, 640))
+    rn = TrainConfig(arch="RN101", crop=480)
+    rn.apply_arch_defaults()
+    assert (rn.crop, rn.img_scale) == (480, (2048, 512))
 
 
 def test_metrics_on_hand_made_cases():
@@ -712,7 +741,9 @@ def test_config_files_and_errors(arch_file, generic, tmp_path, capsys):
     path = tmp_path / "run.yaml"
     path.write_text(f"preset: ViT-B/16\ndata: {generic}\nlayout: generic\niters: 10\n")
     cfg = TrainConfig.load(str(path))
-    assert cfg.crop == 640 and cfg.iters == 10 and cfg.arch == "ViT-B/16"
+    assert cfg.crop is None and cfg.iters == 10 and cfg.arch == "ViT-B/16"  # the arch's crop, when the run starts
+    cfg.apply_arch_defaults()
+    assert cfg.crop == 640
     assert main(["train", str(path), "--iters", "20", "--accum", "4", "--clip-activation", "gelu",
                  "--print-config"]) == 0  # fmt: skip
     printed = json.loads(capsys.readouterr().out)

@@ -58,7 +58,7 @@ class TrainConfig:
     iters: int = 80_000
     batch_size: int = 32  # global: per step, over all processes and accumulation micro-steps
     accum: int = 1
-    crop: int = 512
+    crop: int | None = None  # None: the architecture's slide window (512; 640 for ViT-B/16), see apply_arch_defaults
     lr: float = 1e-4
     weight_decay: float = 1e-4
     norm_decay: str = "all"  # no weight decay on: "all" normalisation layers, or "official" (mmcv's name matching)
@@ -69,7 +69,7 @@ class TrainConfig:
     min_lr: float = 1e-6
     aux_weight: float = 0.4  # the identity head's cross-entropy of score / tau
     ignore_index: int = 255  # the label value of ignored pixels; >= the class count (16-bit labels: e.g. 65535)
-    img_scale: tuple[int, int] = (2048, 512)
+    img_scale: tuple[int, int] | None = None  # None: the architecture's test scale ((2048, 512); ViT-B/16 (2048, 640))
     ratio_range: tuple[float, float] = (0.5, 2.0)
     cat_max_ratio: float = 0.75  # 1: no check
     seed: int = 0
@@ -89,11 +89,27 @@ class TrainConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.img_scale = tuple(self.img_scale)  # type: ignore[assignment]
+        if self.img_scale is not None:
+            self.img_scale = tuple(self.img_scale)  # type: ignore[assignment]
         self.ratio_range = tuple(self.ratio_range)  # type: ignore[assignment]
 
+    def apply_arch_defaults(self) -> None:
+        """Fill ``crop`` and ``img_scale`` left None with the architecture's slide window and test scale, which the
+        official recipes train at: 512 and (2048, 512) for the ResNets, 640 and (2048, 640) for ViT-B/16. They are
+        filled when a run starts (:meth:`validate`), so that an ``arch`` set after the config was made (``--arch``
+        over a config file) brings its own sizes; a size that was given stays."""
+        if self.crop is None or self.img_scale is None:
+            arch = self.model_config()
+            if self.crop is None:
+                self.crop = arch.slide_crop
+            if self.img_scale is None:
+                self.img_scale = (arch.test_scale[0], arch.test_scale[1])
+
     def validate(self) -> None:
-        """ValueError naming the field for anything a run cannot start with."""
+        """ValueError naming the field for anything a run cannot start with; fills the architecture's defaults
+        first (:meth:`apply_arch_defaults`)."""
+        self.apply_arch_defaults()
+        assert self.crop is not None and self.img_scale is not None
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
         if not self.data:
@@ -241,8 +257,7 @@ def _typed(name: str, hint: Any, value: Any) -> Any:
 
 
 def train_preset(arch: str) -> TrainConfig:
-    """The official ADE20K recipe for ``arch`` (RN50, RN101: crop 512; ViT-B/16: crop 640, scale 2048x640)."""
-    arch = canonical_arch(arch)
-    if arch == "ViT-B/16":
-        return TrainConfig(arch=arch, crop=640, img_scale=(2048, 640))
-    return TrainConfig(arch=arch)
+    """The official ADE20K recipe for ``arch``: the defaults. Its crop and image scale are left to the architecture
+    (filled when the run starts: RN50, RN101 crop 512, scale 2048x512; ViT-B/16 crop 640, scale 2048x640), so that
+    they follow an ``arch`` changed later (``preset: RN50`` in a file, ``--arch ViT-B/16`` on the command line)."""
+    return TrainConfig(arch=canonical_arch(arch))
