@@ -573,6 +573,13 @@ def test_crop_and_scale_follow_the_architecture_unless_given(how, tmp_path, caps
     assert (rn.crop, rn.img_scale) == (480, (2048, 512))
 
 
+def test_training_data_fills_the_architectures_sizes(generic):
+    """A TrainConfig used before a run has filled its sizes (bench_data, a user's own loader) still gives crops."""
+    cfg = TrainConfig(crop=48)
+    x, y = SegmentationData(generic, "generic", "train", cfg)[(0, 0)]
+    assert x.shape == (3, 48, 48) and y.shape == (48, 48) and cfg.img_scale == (2048, 512)
+
+
 def test_metrics_on_hand_made_cases():
     m = SegmentationMetrics(3)
     label = np.array([[0, 0, 1, 1], [2, 2, 255, 255]])

@@ -22,6 +22,7 @@ import numbers
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -29,6 +30,9 @@ from torch.utils.data import Dataset, Sampler
 
 from ..class_names import ADE20K_CLASSES
 from ..preprocess import keep_ratio_size, load_image, normalize, resize_bilinear_uint8, resize_nearest
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 IGNORE = 255
@@ -269,10 +273,12 @@ class SegmentationData(Dataset):
     ``ignore_index`` (default: the config's, else 255) marks ignored pixels in the labels it returns."""
 
     def __init__(
-        self, root: str, layout: str, split: str, config: object | None = None, ignore_index: int | None = None
+        self, root: str, layout: str, split: str, config: TrainConfig | None = None, ignore_index: int | None = None
     ) -> None:
         self.samples, self.class_names = find_samples(root, layout, split)
         self.reduce_zero_label = layout == "ade20k"
+        if config is not None:
+            config.apply_arch_defaults()  # the crop and image scale, when left to the architecture
         self.config = config
         if ignore_index is None:
             ignore_index = getattr(config, "ignore_index", IGNORE)
@@ -302,9 +308,10 @@ class SegmentationData(Dataset):
             cfg = self.config
             assert cfg is not None, "training items need the TrainConfig"
             image, label = self.read(index)
-            rng = np.random.default_rng([cfg.seed, position])  # type: ignore[attr-defined]
-            return train_transform(image, label, rng, cfg.crop, cfg.img_scale, cfg.ratio_range,  # type: ignore[attr-defined]
-                                   cfg.cat_max_ratio, self.ignore_index)  # type: ignore[attr-defined]  # fmt: skip
+            assert cfg.crop is not None and cfg.img_scale is not None  # filled in __init__
+            rng = np.random.default_rng([cfg.seed, position])
+            return train_transform(image, label, rng, cfg.crop, cfg.img_scale, cfg.ratio_range, cfg.cat_max_ratio,
+                                   self.ignore_index)  # fmt: skip
         image, label = self.read(item)
         return image, label, self.samples[item].image
 
