@@ -207,20 +207,26 @@ def test_gradients_have_their_parameters_layout(kind):
 
 @pytest.mark.parametrize("kind", ["resnet", "vit"])
 def test_score_concat_output_in_the_lateral_convs_layout(kind):
-    """The fused level comes out in the layout of the conv that reads it, whatever the feature's: a channels_last
-    model (the engine on CUDA) gets NHWC even from an NCHW feature (CUDA's GroupNorm, ViT's level 2, returns NCHW),
-    an NCHW model gets NCHW from z's NHWC strides; and the logits do not change."""
+    """The fused level comes out in the layout its lateral conv runs in (channels_last when the conv's weight or the
+    feature is), whatever z's: NHWC in a channels_last model even from an NCHW feature (CUDA's GroupNorm, ViT's level
+    2, returns NCHW), NHWC from an NHWC feature in an NCHW model (the CPU engine's channels_last images), NCHW from
+    an NCHW feature in an NCHW model (training); and the logits do not change. The layout is the fused operators'
+    (the reference is torch.cat, whose layout is its own)."""
+    if dcf.ops.backends.resolve("score_concat", torch.device("cpu"), torch.float32, None) == "reference":
+        pytest.skip("the reference backend's torch.cat chooses its own layout")
     model = DenseCLIP(tiny_config(kind), NAMES).eval()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         expected = model(x)
-        for fmt in (torch.contiguous_format, torch.channels_last):
-            model.to(memory_format=fmt)
+        for weights, level, fused in ((torch.contiguous_format, torch.contiguous_format, torch.contiguous_format),
+                                      (torch.contiguous_format, torch.channels_last, torch.channels_last),
+                                      (torch.channels_last, torch.contiguous_format, torch.channels_last)):  # fmt: skip
+            model.to(memory_format=weights)
             feats = model.extract(x)
             i = model.config.score_concat_index
-            feats.levels[i] = feats.levels[i].contiguous()  # NCHW, as CUDA's GroupNorm leaves it
+            feats.levels[i] = feats.levels[i].contiguous(memory_format=level)
             text = model.context_prompt(feats, model.class_embeddings())
             logits, score = model.logits_and_score(feats, text, x.shape[2:])
             channels_innermost = score.stride(1) == 1 and score.stride(-1) != 1  # score: a slice of the level
-            assert channels_innermost == (fmt == torch.channels_last) and score.shape[1] == len(NAMES)
+            assert channels_innermost == (fused == torch.channels_last) and score.shape[1] == len(NAMES)
             torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-5)

@@ -24,7 +24,7 @@ from torch import nn
 from .. import ops
 from ..class_names import ADE20K_CLASSES
 from ..config import MIN_IMAGE_SIDE, DenseCLIPConfig, preset
-from ..ops.library import score_memory_format
+from ..ops.library import memory_format_of
 from ..preprocess import keep_ratio_size
 from .decoder import ContextDecoder
 from .features import ImageFeatures
@@ -189,13 +189,18 @@ class DenseCLIP(nn.Module):
         # in z's dtype: under CUDA autocast ViT's level 2 (fpn3, a GroupNorm, which autocast runs in float32) is
         # float32 while z is bfloat16, and the fused operator takes one dtype
         feature = levels[i].to(z.dtype)
-        # and the output, whose layout the operator takes from z, in the layout of the conv that reads it: z has
-        # NHWC strides (a view of the tokens), so in an NCHW model the FPN's lateral conv would get an NHWC input,
-        # its weight gradient NHWC strides, and DDP would copy that gradient into its NCHW bucket every step. Copying
-        # z (D channels) is cheaper than converting the output (C_feat + K channels); in a channels_last model (the
-        # engine on CUDA) nothing is copied, whatever the feature's layout (CUDA's GroupNorm, ViT's level 2, is NCHW)
-        layout = self.neck.input_format(i)
-        if score_memory_format(z) != layout:
+        # and the output, whose layout the operator takes from z, in the layout its lateral conv runs in: z has NHWC
+        # strides (a view of the tokens), so in an NCHW model (training) the conv would get an NHWC input and its
+        # weight gradient NHWC strides, which DDP copies into its NCHW bucket every step. channels_last when the
+        # conv's weight is (the engine on CUDA: also for ViT's level 2, which CUDA's GroupNorm returns NCHW) or the
+        # feature is (the CPU engine's channels_last images), else NCHW. Copying z (D channels) is cheaper than
+        # converting the output (C_feat + K channels). memory_format_of, not the memoised score_memory_format,
+        # which torch.compile warns about when it traces this
+        if self.neck.lateral_channels_last(i):
+            layout = torch.channels_last
+        else:
+            layout = memory_format_of(feature.shape, feature.stride())
+        if memory_format_of(z.shape, z.stride()) != layout:
             z = z.contiguous(memory_format=layout)
         merged = ops.score_concat(feature, z, text.to(z.dtype))
         score = merged[:, levels[i].shape[1] :]

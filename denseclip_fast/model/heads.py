@@ -51,11 +51,12 @@ class FPN(nn.Module):
             [ConvModule(out_channels, out_channels, 3, norm=False, relu=False) for _ in in_channels]
         )
 
-    def input_format(self, level: int) -> torch.memory_format:
-        """The layout the lateral conv of ``level`` runs in: channels_last when its weight is stored so (input
-        channels innermost), read from the strides, since a 1x1 kernel's sizes fit both layouts."""
+    def lateral_channels_last(self, level: int) -> bool:
+        """Whether the lateral conv of ``level`` has a channels_last weight (input channels innermost; read from the
+        strides, since a 1x1 kernel's sizes fit both layouts). PyTorch runs a convolution channels_last when its
+        weight or its input is."""
         weight = typing.cast(ConvModule, self.lateral_convs[level]).conv.weight
-        return torch.channels_last if weight.stride(1) == 1 and weight.stride(-1) != 1 else torch.contiguous_format
+        return weight.stride(1) == 1 and weight.stride(-1) != 1
 
     def forward(self, levels: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         if len(levels) != len(self.lateral_convs):
