@@ -172,6 +172,25 @@ def test_tensorboard_events_match_the_csv(arch_file, generic, tmp_path):
     assert [int(r["iter"]) for r in _metrics(tmp_path / "run")] == [1, 2, 3]
 
 
+@pytest.mark.slow
+def test_resume_keeps_the_saved_sizes_left_to_the_architecture(arch_file, generic, tmp_path):
+    """A run resumed with crop / img_scale left to the architecture goes on at the sizes it was saved with (they may
+    have been set otherwise: another version, a preset of another arch), bit-identical to the run straight through;
+    a size given explicitly is used as given."""
+    train(_config(arch_file, generic, tmp_path / "a"))  # crop 48, img_scale (96, 48); the arch's are 64, (128, 64)
+    left = _config(arch_file, generic, tmp_path / "b", crop=None, img_scale=None)
+    train(left, resume=str(tmp_path / "a" / "iter_2.state.pt"))
+    assert (left.crop, left.img_scale) == (None, None)  # the caller's config is not filled in
+    saved = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert (saved["crop"], saved["img_scale"]) == (48, [96, 48])
+    a, b = _final(tmp_path / "a", 4).state_dict(), _final(tmp_path / "b", 4).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    train(_config(arch_file, generic, tmp_path / "c", crop=64, img_scale=None),
+          resume=str(tmp_path / "a" / "iter_2.state.pt"))  # fmt: skip
+    saved = json.loads((tmp_path / "c" / "config.json").read_text())
+    assert (saved["crop"], saved["img_scale"]) == (64, [96, 48])
+
+
 def test_tensorboard_missing_is_said_not_silent(arch_file, generic, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as without the package
     with pytest.warns(UserWarning, match="tensorboard package is not installed"):
@@ -574,10 +593,13 @@ def test_crop_and_scale_follow_the_architecture_unless_given(how, tmp_path, caps
 
 
 def test_training_data_fills_the_architectures_sizes(generic):
-    """A TrainConfig used before a run has filled its sizes (bench_data, a user's own loader) still gives crops."""
+    """A TrainConfig whose sizes a run has not filled (bench_data, a user's own loader) still gives crops; the
+    caller's config keeps its unset sizes (it may change its arch later)."""
     cfg = TrainConfig(crop=48)
-    x, y = SegmentationData(generic, "generic", "train", cfg)[(0, 0)]
-    assert x.shape == (3, 48, 48) and y.shape == (48, 48) and cfg.img_scale == (2048, 512)
+    data = SegmentationData(generic, "generic", "train", cfg)
+    x, y = data[(0, 0)]
+    assert x.shape == (3, 48, 48) and y.shape == (48, 48)
+    assert data.config is not None and data.config.img_scale == (2048, 512) and cfg.img_scale is None
 
 
 def test_metrics_on_hand_made_cases():
@@ -690,6 +712,14 @@ def test_reduce_zero_label_as_mmseg(tmp_path):
     assert read_label(str(tmp_path / "ade.png"), 150, True).tolist() == [[255, 0, 149, 255]]
     Image.fromarray(np.array([[0, 65535, 300, 1]], dtype=np.uint16)).save(tmp_path / "ade16.png")
     assert read_label(str(tmp_path / "ade16.png"), 400, True, 65535).tolist() == [[65535, 65535, 299, 0]]
+    # an ignore value that is a class's value (value 150 is class 149 of 150) is that class, not ignored
+    Image.fromarray(np.array([[0, 1, 150]], dtype=np.uint8)).save(tmp_path / "last.png")
+    assert read_label(str(tmp_path / "last.png"), 150, True, 150).tolist() == [[150, 0, 149]]
+    # the value after the ignore value is out of range, not ignored (it became the ignore value after the shift)
+    Image.fromarray(np.array([[0, 256]], dtype=np.uint16)).save(tmp_path / "past.png")
+    with pytest.raises(ValueError, match=re.escape("label value 256 is out of range for 150 classes (valid: 1..150, "
+                                                   "and 0 and 255 for ignored pixels)")):  # fmt: skip
+        read_label(str(tmp_path / "past.png"), 150, True, 255)
 
 
 def test_an_image_too_elongated_to_evaluate_stops_training_before_it_starts(arch_file, tmp_path):

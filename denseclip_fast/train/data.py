@@ -18,6 +18,7 @@ worker count, and a resumed run sees the same data.
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 import os
 from collections.abc import Iterator, Sequence
@@ -113,17 +114,24 @@ def read_label(path: str, num_classes: int, reduce_zero_label: bool, ignore_inde
         raise ValueError(f"{path}: not a readable label image ({exc})") from None
     if label.ndim != 2:
         raise ValueError(f"{path}: a label must be a single-channel image of class indices, got shape {label.shape}")
-    if reduce_zero_label:
-        # 0 -> ignored, k -> k - 1; ignored stays ignored (mmseg: 0 -> 255, minus 1, 254 -> 255)
-        label = np.where((label == 0) | (label == ignore_index), ignore_index + 1, label) - 1
-    bad = (label != ignore_index) & ((label < 0) | (label >= num_classes))
+    ignored = label == ignore_index
+    if reduce_zero_label:  # mmseg's: 0 -> 255, minus 1, 254 -> 255
+        # 0 is ignored and k becomes class k - 1; the ignore value stays ignored unless it is a class's value
+        # (ignore_index <= num_classes: value ignore_index is class ignore_index - 1)
+        ignored = (label == 0) | (ignored & (ignore_index > num_classes))
+        label = label - 1
+    bad = ~ignored & ((label < 0) | (label >= num_classes))
     if bad.any():
         value = int(label[bad][0]) + (1 if reduce_zero_label else 0)
+        valid = f"1..{num_classes}" if reduce_zero_label else f"0..{num_classes - 1}"
+        skipped = ("0 and " if reduce_zero_label else "") + str(ignore_index)
+        if reduce_zero_label and ignore_index <= num_classes:
+            skipped = "0"
         raise ValueError(
-            f"{path}: label value {value} is out of range for {num_classes} classes "
-            f"(valid: {'1..' + str(num_classes) if reduce_zero_label else '0..' + str(num_classes - 1)}, and "
-            f"{'0 and ' if reduce_zero_label else ''}{ignore_index} for ignored pixels)"
+            f"{path}: label value {value} is out of range for {num_classes} classes (valid: {valid}, and {skipped} "
+            "for ignored pixels)"
         )
+    label[ignored] = ignore_index
     return label
 
 
@@ -277,8 +285,9 @@ class SegmentationData(Dataset):
     ) -> None:
         self.samples, self.class_names = find_samples(root, layout, split)
         self.reduce_zero_label = layout == "ade20k"
-        if config is not None:
-            config.apply_arch_defaults()  # the crop and image scale, when left to the architecture
+        if config is not None and (config.crop is None or config.img_scale is None):
+            config = dataclasses.replace(config)  # a copy with the architecture's crop and image scale
+            config.apply_arch_defaults()
         self.config = config
         if ignore_index is None:
             ignore_index = getattr(config, "ignore_index", IGNORE)

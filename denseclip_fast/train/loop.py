@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import functools
 import gc
 import json
@@ -238,9 +239,13 @@ class Trainer:
     """Holds one run's state; :meth:`run` trains to ``cfg.iters``."""
 
     def __init__(self, cfg: TrainConfig, resume: str | None = None) -> None:
+        cfg = dataclasses.replace(cfg)  # validate() fills the sizes left to the architecture: in a copy, so that the
+        # caller's config keeps following its arch (a sweep that changes arch and trains again)
+        self.sizes_left_to_arch = [name for name in ("crop", "img_scale") if getattr(cfg, name) is None]
         cfg.validate()
         self.cfg = cfg
         self.resume = resume
+        self._state: dict[str, Any] | None = None  # the resume file, read once
 
     # ------------------------------------------------------------------ files
 
@@ -336,7 +341,7 @@ class Trainer:
         self, path: str, model: DenseCLIP, optimizer: torch.optim.Optimizer, scaler: Any, rank: int,
         device: torch.device,
     ) -> int:  # fmt: skip
-        state = read_train_state(path)
+        state = self._state if self._state is not None else read_train_state(path)
         saved = json.loads(state["config"])
         if saved.get("batch_size") != self.cfg.batch_size:
             raise ValueError(
@@ -362,11 +367,27 @@ class Trainer:
 
     # ------------------------------------------------------------------ the run
 
+    def _keep_saved_sizes(self, path: str) -> None:
+        """A resumed run goes on at the crop and image scale it was saved with where this config leaves them to the
+        architecture: the saved run may have been configured otherwise (an older version filled them differently,
+        a config file named a preset of another arch). Sizes given explicitly stay as given."""
+        self._state = read_train_state(path)
+        saved = json.loads(self._state["config"])
+        for name in self.sizes_left_to_arch:
+            value = saved.get(name)
+            if name == "img_scale" and isinstance(value, list):
+                value = tuple(value)
+            if value is not None and value != getattr(self.cfg, name):
+                setattr(self.cfg, name, value)
+                self.cfg.validate()
+
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
         resume_path = self._find_resume()
         if resume_path is None:
             self._refuse_used_work_dir()
+        else:
+            self._keep_saved_sizes(resume_path)
         with _distributed(cfg) as (rank, world, device), _cudnn_benchmark(cfg.cudnn_benchmark):
             return self._run(rank, world, device, resume_path)
 
