@@ -414,7 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--iters", type=int)
     tr.add_argument("--batch-size", dest="batch_size", type=int, help="global batch per step (default 32)")
     tr.add_argument("--accum", type=int, help="micro-batches per step (gradient accumulation)")
-    tr.add_argument("--crop", type=int)
+    tr.add_argument("--crop", type=int, help="training crop side (default: the architecture's, 512; 640 for ViT-B/16)")
     tr.add_argument("--lr", type=float)
     tr.add_argument("--seed", type=int)
     tr.add_argument("--device")
