@@ -373,21 +373,18 @@ class Trainer:
         a config file named a preset of another arch). Sizes given explicitly stay as given."""
         self._state = read_train_state(path)
         saved = json.loads(self._state["config"])
-        for name in self.sizes_left_to_arch:
-            value = saved.get(name)
-            if name == "img_scale" and isinstance(value, list):
-                value = tuple(value)
-            if value is not None and value != getattr(self.cfg, name):
-                setattr(self.cfg, name, value)
-                self.cfg.validate()
+        kept = {name: saved[name] for name in self.sizes_left_to_arch if saved.get(name) is not None}
+        if kept:
+            self.cfg = dataclasses.replace(self.cfg, **kept)  # __post_init__: a JSON list becomes the tuple
+            self.cfg.validate()
 
     def run(self) -> dict[str, Any]:
-        cfg = self.cfg
         resume_path = self._find_resume()
         if resume_path is None:
             self._refuse_used_work_dir()
         else:
             self._keep_saved_sizes(resume_path)
+        cfg = self.cfg
         with _distributed(cfg) as (rank, world, device), _cudnn_benchmark(cfg.cudnn_benchmark):
             return self._run(rank, world, device, resume_path)
 
