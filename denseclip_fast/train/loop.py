@@ -397,7 +397,7 @@ class Trainer:
         micro = cfg.batch_size // (world * cfg.accum)
         data = SegmentationData(cfg.data, cfg.layout, "train", cfg)
         # the evaluation's images (their headers), now rather than after the training; every process stops alike
-        val = SegmentationData(cfg.data, cfg.layout, "val", ignore_index=cfg.ignore_index)
+        val = SegmentationData(cfg.data, cfg.layout, "val", ignore_index=cfg.ignore_index)  # kept for _evaluate
         check_image_sizes(val, cfg.model_config().test_scale, (1.0,))
         model = prepare_model(build_model(cfg, data.class_names), cfg, device)
         layout = memory_format(cfg, device)
@@ -498,12 +498,12 @@ class Trainer:
                 if world > 1:
                     dist.barrier()
             if cfg.eval_interval and done % cfg.eval_interval == 0 and done != cfg.iters:
-                self._evaluate(model, rank, world, done, writer)
+                self._evaluate(model, val, rank, world, done, writer)
         if progress is not None:
             progress.close()
         result: dict[str, Any] = {"iterations": cfg.iters, "last": last}
         if cfg.iters > start or not os.path.isfile(self._path("eval.csv")):
-            result["eval"] = self._evaluate(model, rank, world, cfg.iters, writer)
+            result["eval"] = self._evaluate(model, val, rank, world, cfg.iters, writer)
         if writer is not None:
             writer.close()
         return result
@@ -541,9 +541,10 @@ class Trainer:
             "the last checkpoint (--resume auto) with a lower learning rate (--lr)"
         )
 
-    def _evaluate(self, model: DenseCLIP, rank: int, world: int, iteration: int, writer: Any) -> dict[str, Any] | None:
+    def _evaluate(
+        self, model: DenseCLIP, val: SegmentationData, rank: int, world: int, iteration: int, writer: Any
+    ) -> dict[str, Any] | None:
         """mIoU/aAcc on the val split in float32 (as the official test), the images shared by the processes."""
-        val = SegmentationData(self.cfg.data, self.cfg.layout, "val", ignore_index=self.cfg.ignore_index)
         result = evaluate(model, val, mode=self.cfg.eval_mode, rank=rank, world=world, progress=True)
         if rank == 0:
             row = {"iter": iteration, "mIoU": result["mIoU"], "aAcc": result["aAcc"], "mAcc": result["mAcc"]}
