@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Literal
 
-from .validation import check_int, finite_real
+from .validation import check_int, is_finite_number
 
 ARCH_ALIASES = {"RN50": "RN50", "RN101": "RN101", "ViT-B/16": "ViT-B-16", "ViT-B-16": "ViT-B-16"}
 ARCHS = ("RN50", "RN101", "ViT-B/16")
@@ -228,7 +228,7 @@ def _check_number(
     name: str, value: Any, low: float, high: float, low_open: bool = False, high_open: bool = False
 ) -> None:
     """ValueError naming ``name`` unless ``value`` is a finite real number (not a bool) in the interval given."""
-    is_number = isinstance(value, (int, float)) and finite_real(value) is not None
+    is_number = is_finite_number(value)
     above = is_number and (value > low if low_open else value >= low)
     below = is_number and (value < high if high_open else value <= high)
     if not (above and below):

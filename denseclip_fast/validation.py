@@ -25,6 +25,12 @@ def finite_real(value: object) -> float | None:
     return result if math.isfinite(result) else None
 
 
+def is_finite_number(value: object) -> bool:
+    """Whether ``value`` is a plain int or float (not a bool, not a numpy scalar), finite: what a config file or a
+    keyword argument gives for a number field."""
+    return isinstance(value, (int, float)) and finite_real(value) is not None
+
+
 def check_int(name: str, value: object, minimum: int = 1, why: str = "") -> None:
     """ValueError naming ``name`` unless ``value`` is an int (not a bool) >= ``minimum``; ``why`` follows the bound
     in the message."""

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import ACTIVATIONS, ARCH_ALIASES, ARCHS, MIN_IMAGE_SIDE, DenseCLIPConfig, canonical_arch, preset
-from ..validation import check_device, check_int, check_writable_dir, finite_real
+from ..validation import check_device, check_int, check_writable_dir, is_finite_number
 from .data import check_ignore_index
 
 LAYOUTS = ("ade20k", "generic")
@@ -35,11 +35,6 @@ NUMBER_RANGES: tuple[tuple[str, float, float, bool], ...] = (
     ("poly_power", 0, math.inf, False), ("aux_weight", 0, math.inf, False),
     ("cat_max_ratio", 0, 1, True),
 )  # fmt: skip
-
-
-def _finite(value: object) -> bool:
-    """A real number (not a bool), finite."""
-    return isinstance(value, (int, float)) and finite_real(value) is not None
 
 
 @dataclass
@@ -126,7 +121,7 @@ class TrainConfig:
         check_ignore_index(self.ignore_index)
         for name, low, high, low_excluded in NUMBER_RANGES:
             value = getattr(self, name)
-            if not _finite(value) or not (low < value if low_excluded else low <= value) or value > high:
+            if not is_finite_number(value) or not (low < value if low_excluded else low <= value) or value > high:
                 limits = f"{'>' if low_excluded else '>='} {low}" + (f" and <= {high}" if high < math.inf else "")
                 raise ValueError(f"{name} must be a finite number {limits}, got {value!r}")
         for name in ("backbone_lr_mult", "weight_decay"):  # the backbone's learning rate; AdamW's decay factor >= 0
@@ -136,7 +131,7 @@ class TrainConfig:
                                                for v in self.img_scale):  # fmt: skip
             raise ValueError(f"img_scale must be two positive ints (long side, short side), got {self.img_scale!r}")
         low, high = self.ratio_range if len(self.ratio_range) == 2 else (None, None)
-        if not (_finite(low) and _finite(high) and 0 < low <= high):
+        if not (is_finite_number(low) and is_finite_number(high) and 0 < low <= high):
             raise ValueError(f"ratio_range must be two finite numbers 0 < low <= high, got {self.ratio_range!r}")
         if int(min(self.img_scale) * low) < 1:
             raise ValueError(f"ratio_range's low end {low} scales img_scale {self.img_scale} below a pixel")
