@@ -115,18 +115,18 @@ def read_label(path: str, num_classes: int, reduce_zero_label: bool, ignore_inde
     if label.ndim != 2:
         raise ValueError(f"{path}: a label must be a single-channel image of class indices, got shape {label.shape}")
     ignored = label == ignore_index
+    skipped = str(ignore_index)  # the values ignored, for the message
     if reduce_zero_label:  # mmseg's: 0 -> 255, minus 1, 254 -> 255
         # 0 is ignored and k becomes class k - 1; the ignore value stays ignored unless it is a class's value
         # (ignore_index <= num_classes: value ignore_index is class ignore_index - 1)
-        ignored = (label == 0) | (ignored & (ignore_index > num_classes))
+        keeps_ignore = ignore_index > num_classes
+        ignored = (label == 0) | (ignored & keeps_ignore)
+        skipped = f"0 and {ignore_index}" if keeps_ignore else "0"
         label = label - 1
     bad = ~ignored & ((label < 0) | (label >= num_classes))
     if bad.any():
         value = int(label[bad][0]) + (1 if reduce_zero_label else 0)
         valid = f"1..{num_classes}" if reduce_zero_label else f"0..{num_classes - 1}"
-        skipped = ("0 and " if reduce_zero_label else "") + str(ignore_index)
-        if reduce_zero_label and ignore_index <= num_classes:
-            skipped = "0"
         raise ValueError(
             f"{path}: label value {value} is out of range for {num_classes} classes (valid: {valid}, and {skipped} "
             "for ignored pixels)"
