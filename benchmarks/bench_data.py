@@ -36,7 +36,8 @@ from denseclip_fast.train.data import TrainSampler  # noqa: E402
 def make_dataset(root: str, images: int, size: tuple[int, int], classes: int) -> None:
     """``images`` JPEGs (noise over smooth colour regions) with labels of 32x32-pixel blocks of random classes."""
     rng = np.random.default_rng(0)
-    os.makedirs(os.path.join(root, "images")), os.makedirs(os.path.join(root, "labels"))
+    os.makedirs(os.path.join(root, "images"))
+    os.makedirs(os.path.join(root, "labels"))
     h, w = size
     for i in range(images):
         blocks = rng.integers(0, classes, size=(-(-h // 32), -(-w // 32)))

@@ -25,6 +25,7 @@ import argparse
 import os
 import sys
 from collections.abc import Callable
+from typing import cast
 
 import torch
 
@@ -43,7 +44,7 @@ from benchmarks.common import (  # noqa: E402
     targets_markdown,
 )
 from benchmarks.official import OfficialDenseCLIP, official_config, randomize_, weigh_score_channels_  # noqa: E402
-from denseclip_fast.engine.segmenter import no_tf32  # noqa: E402
+from denseclip_fast.engine.segmenter import Mode, no_tf32  # noqa: E402
 
 PEAK_FLOPS = 790e12
 # The engine first and the slow compiles last, so that a run stopped by a time budget has measured what matters most.
@@ -60,7 +61,7 @@ def build(arch: str, classes: int, device: torch.device) -> tuple[dcf.DenseCLIP,
     return model, official.to(device)
 
 
-def contestant(name: str, model: dcf.DenseCLIP, official: OfficialDenseCLIP, device: torch.device, mode: str,
+def contestant(name: str, model: dcf.DenseCLIP, official: OfficialDenseCLIP, device: torch.device, mode: Mode,
                crop: int, stride: int, graphs: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:  # fmt: skip
     def run_official(net: Callable) -> Callable[[torch.Tensor], torch.Tensor]:
         if mode == "whole":
@@ -91,7 +92,7 @@ def contestant(name: str, model: dcf.DenseCLIP, official: OfficialDenseCLIP, dev
     # capture at the first call, so that the reported first-call time includes the capture
     seg = dcf.Segmenter(model, device=device, dtype=dtype, mode=mode, crop=crop, stride=stride, capture_after=1,
                         cuda_graphs=graphs)  # fmt: skip
-    return seg.logits
+    return cast(Callable[[torch.Tensor], torch.Tensor], seg.logits)  # a float batch in: one tensor out
 
 
 def count_flops(model: dcf.DenseCLIP, x: torch.Tensor, mode: str, crop: int, stride: int) -> float:
@@ -168,7 +169,7 @@ def run(args: argparse.Namespace, device: torch.device, results: Results) -> Non
         del model, official
 
 
-def where_the_time_goes(name: str, model: dcf.DenseCLIP, official: OfficialDenseCLIP, device: torch.device, mode: str,
+def where_the_time_goes(name: str, model: dcf.DenseCLIP, official: OfficialDenseCLIP, device: torch.device, mode: Mode,
                         crop: int, stride: int, x: torch.Tensor) -> dict:  # fmt: skip
     """{"profile": by kernel, as timed}, and for an engine on CUDA {"profile_no_graphs": the same engine with its
     CUDA graphs off} (the kernels are the same; a graph replay may not be traced kernel by kernel)."""

@@ -47,7 +47,7 @@ def host_us(fn: Callable[[], object], device: torch.device) -> tuple[float, floa
     for _ in range(20):
         fn()
     sync(device)
-    per_call = []
+    per_call: list[float] = []
     deadline = time.perf_counter() + SECONDS
     while len(per_call) < 5 or time.perf_counter() < deadline:
         start = time.perf_counter()

@@ -14,6 +14,7 @@ dense); "floor" is the larger of the two, "of floor" is floor / measured.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -86,6 +87,8 @@ def _contestants(op: str, device: torch.device, dtype: torch.dtype, head_dim: in
     last, so that a run stopped by a time budget has measured what matters most. ``compile_mode``: "yes" (every
     contestant), "no" (no torch.compile), "only" (the eager baselines and torch.compile)."""
     op_name = {"score": "pixel_text_score", "concat": "score_concat", "attention": "context_attention"}[op]
+    fused: Callable[[str], Callable]  # backend -> the fused operator on it
+    compiled_ref: Callable
     if op == "score":
         fused = lambda backend: lambda v, t: ops.pixel_text_score(v, t, backend=backend)  # noqa: E731
         baselines: dict[str, Callable] = {"eager": reference.pixel_text_score}
@@ -293,15 +296,16 @@ def main(argv: list[str] | None = None) -> int:
         )
     backward = not args.no_backward
     cases: list[tuple[str, Callable[[], list[Row]]]] = []
+    shape: tuple[int, ...]  # (B, C, H, W, K) and the like: each operator's own length
     for shape in score_shapes:
         cases.append((f"pixel_text_score {shape} {dtype_name}",
-                      lambda s=shape: bench_score(*s, dtype, device, backward, args.compile)))  # fmt: skip
+                      functools.partial(bench_score, *shape, dtype, device, backward, args.compile)))  # fmt: skip
     for shape in concat_shapes:
         cases.append((f"score_concat {shape} {dtype_name}",
-                      lambda s=shape: bench_concat(*s, dtype, device, backward, args.compile)))  # fmt: skip
+                      functools.partial(bench_concat, *shape, dtype, device, backward, args.compile)))  # fmt: skip
     for shape in attention_shapes:
         cases.append((f"context_attention {shape} {dtype_name}",
-                      lambda s=shape: bench_attention(*s, dtype, device, backward, args.compile)))  # fmt: skip
+                      functools.partial(bench_attention, *shape, dtype, device, backward, args.compile)))  # fmt: skip
     if not quick and dtype != torch.float32:  # the targets' cases first, this one last
         large = (min(32, args.max_batch or 32), 1024, 128, 128, 171)
         cases.append((f"pixel_text_score {large} fp32",

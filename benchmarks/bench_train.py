@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:  # reported in the results; the other contestants still run
             print(f"{name} failed: {failure(exc)}", flush=True)
             results.add({"contestant": name, "error": failure(exc)})
-        step = None
+        step = None  # type: ignore[assignment]  # drops the model; as Callable | None, the lambda's step(...) would not check
         free_gpu_memory(device)
     print(results.render(results.env, results.rows))
     return 0

@@ -126,8 +126,8 @@ def profile_kernels(
         if cuda:
             if e.device_type != DeviceType.CUDA:
                 continue
-            us = getattr(e, "self_device_time_total", None)
-            us = getattr(e, "self_cuda_time_total", 0.0) if us is None else us
+            device_us = getattr(e, "self_device_time_total", None)
+            us = getattr(e, "self_cuda_time_total", 0.0) if device_us is None else device_us
         else:
             us = e.self_cpu_time_total
         if us > 0:

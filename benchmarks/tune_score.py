@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import statistics
 import sys
@@ -91,10 +92,10 @@ def variants(k: int) -> list[tuple[str, str, Callable[[], contextlib.AbstractCon
     out: list[tuple[str, str, Callable[[], contextlib.AbstractContextManager[Any]]]] = [
         ("forward", "default", contextlib.nullcontext), ("backward", "default", contextlib.nullcontext)]  # fmt: skip
     for bp, bc, w in FORWARD:
-        out.append(("forward", f"P{bp} C{bc} w{w}", lambda bp=bp, bc=bc, w=w: forward_blocks(bp, bc, w)))
+        out.append(("forward", f"P{bp} C{bc} w{w}", functools.partial(forward_blocks, bp, bc, w)))
     for bp, bc, w, per_sm in BACKWARD:
         out.append(("backward", f"P{bp} C{bc} w{w} {per_sm}/SM",
-                    lambda bp=bp, bc=bc, w=w, s=per_sm: backward_blocks(k, bp, bc, w, s)))  # fmt: skip
+                    functools.partial(backward_blocks, k, bp, bc, w, per_sm)))  # fmt: skip
     return out
 
 

@@ -68,7 +68,7 @@ import types
 from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -315,6 +315,10 @@ def pipeline_values(cfg: dict[str, Any]) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------------------------- the models
 
+# Upstream's segmentor (the DenseCLIP nn.Module of its denseclip.py): its classes come from code executed out of the
+# checkout at run time (load_upstream), so nothing here knows their attributes' types.
+Upstream = Any
+
 
 class _FPNHead(FPNHead):
     """benchmarks/official's FPNHead with what mmseg's BaseDecodeHead gives DenseCLIP (forward_test, the flags)."""
@@ -342,7 +346,7 @@ def build_head(cfg: dict[str, Any]) -> nn.Module:
     return _FPNHead(cfg)
 
 
-def build_upstream(up: types.SimpleNamespace, cfg: dict[str, Any], names: list[str]) -> nn.Module:
+def build_upstream(up: types.SimpleNamespace, cfg: dict[str, Any], names: list[str]) -> Upstream:
     """Upstream's DenseCLIP built as mmseg's builder would from the config (identity_head, training only and without
     weights, left out), with random weights, in eval mode."""
     model = dict(cfg["model"])
@@ -360,7 +364,7 @@ def build_upstream(up: types.SimpleNamespace, cfg: dict[str, Any], names: list[s
     return randomize_(segmentor, seed=1).eval()
 
 
-def weigh_score_channels(up: nn.Module) -> float:
+def weigh_score_channels(up: Upstream) -> float:
     """Make the logits depend on the text path. Random weights leave the score map (cosines of about 0.03 in K
     channels) without influence next to the visual channels it is concatenated with (about 1, in 768-2048 channels):
     a 1% change of gamma * decoder(...) in upstream's code moved the RN50 logits by 2e-6 of their scale, which no
@@ -403,7 +407,7 @@ def compare(arch: str, check: str, ours: torch.Tensor, ref: torch.Tensor, argmax
     return row
 
 
-def compare_config(arch: str, model: dcf.DenseCLIP, up: nn.Module, pipeline: dict[str, Any]) -> dict[str, Any]:
+def compare_config(arch: str, model: dcf.DenseCLIP, up: Upstream, pipeline: dict[str, Any]) -> dict[str, Any]:
     """The package's config against upstream's built segmentor and test pipeline, for the values that the tensors of
     a checkpoint cannot tell."""
     c, backbone = model.config, up.backbone
@@ -429,7 +433,7 @@ def compare_config(arch: str, model: dcf.DenseCLIP, up: nn.Module, pipeline: dic
             "mismatches": wrong, "ok": not wrong}  # fmt: skip
 
 
-def whole_checks(arch: str, up: nn.Module, model: dcf.DenseCLIP) -> list[dict[str, Any]]:
+def whole_checks(arch: str, up: Upstream, model: dcf.DenseCLIP) -> list[dict[str, Any]]:
     """Features, class embeddings, score map and logits of one whole image of an odd size."""
     x = torch.randn(1, 3, *WHOLE[arch])
     outs = up.extract_feat(x)
@@ -448,7 +452,7 @@ def whole_checks(arch: str, up: nn.Module, model: dcf.DenseCLIP) -> list[dict[st
     return rows
 
 
-def slide_check(arch: str, up: nn.Module, model: dcf.DenseCLIP) -> dict[str, Any]:
+def slide_check(arch: str, up: Upstream, model: dcf.DenseCLIP) -> dict[str, Any]:
     """Slide inference with the configs' crop and stride (upstream's test_cfg, the package's own config), logits
     rescaled to an original size."""
     x = torch.randn(1, 3, *SLIDE[arch])
@@ -481,8 +485,9 @@ def preprocess(bgr: np.ndarray, pipeline: dict[str, Any]) -> torch.Tensor:
     scale = min(long_edge / max(h, w), short_edge / min(h, w))
     size = (int(w * float(scale) + 0.5), int(h * float(scale) + 0.5))
     img = cv2.resize(bgr, size, interpolation=cv2.INTER_LINEAR).astype(np.float32)
-    mean = np.float64(np.array(pipeline["mean"], dtype=np.float32).reshape(1, -1))
-    stdinv = 1 / np.float64(np.array(pipeline["std"], dtype=np.float32).reshape(1, -1))
+    # np.float64 of a (1, 3) array is a float64 array (numpy's stubs say a scalar), as mmcv.imnormalize_ makes them
+    mean = cast(np.ndarray, np.float64(np.array(pipeline["mean"], dtype=np.float32).reshape(1, -1)))
+    stdinv = 1 / cast(np.ndarray, np.float64(np.array(pipeline["std"], dtype=np.float32).reshape(1, -1)))
     if pipeline["to_rgb"]:
         cv2.cvtColor(img, cv2.COLOR_BGR2RGB, img)
     cv2.subtract(img, mean, img)
@@ -490,7 +495,7 @@ def preprocess(bgr: np.ndarray, pipeline: dict[str, Any]) -> torch.Tensor:
     return torch.from_numpy(img.transpose(2, 0, 1).copy())[None]
 
 
-def e2e_checks(arch: str, up: nn.Module, model: dcf.DenseCLIP, pipeline: dict[str, Any]) -> list[dict[str, Any]]:
+def e2e_checks(arch: str, up: Upstream, model: dcf.DenseCLIP, pipeline: dict[str, Any]) -> list[dict[str, Any]]:
     """uint8 image -> logits and probabilities at the image's size: upstream's slide_inference / inference on the
     mmcv-style preprocessed image against the engine and the evaluation's predict_probabilities."""
     from denseclip_fast.train.evaluate import predict_probabilities
@@ -504,6 +509,7 @@ def e2e_checks(arch: str, up: nn.Module, model: dcf.DenseCLIP, pipeline: dict[st
     rgb = np.ascontiguousarray(bgr[:, :, ::-1])
     seg = dcf.Segmenter(model, device="cpu", dtype=torch.float32, mode="slide")
     logits = seg.logits([rgb])
+    assert isinstance(logits, torch.Tensor)  # one image: one tensor, not a list
     probs = predict_probabilities(model, rgb, "slide")[None]
     label = f"uint8 {h}x{w} -> {x.shape[2]}x{x.shape[3]}"
     prob_tol = REL_TOL * ref_logits.abs().max().item() / 2 / ref_probs.abs().max().item()  # see REL_TOL

@@ -1,6 +1,7 @@
 """The code passes ruff with the rules pyproject.toml selects (pyflakes, lines of at most 120 characters, import
 order), so that an unused import, an undefined name or an over-long line fails CI rather than review; and the package
-type-checks with mypy as pyproject.toml configures it (a wrong type or a stale ``# type: ignore`` fails too)."""
+and benchmarks/ type-check with mypy as pyproject.toml configures it (a wrong type or a stale ``# type: ignore`` fails
+too)."""
 
 from __future__ import annotations
 

@@ -13,12 +13,17 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:  # weigh_score_channels_ also takes the package's model: for the annotation only, no code shared
+    from denseclip_fast import DenseCLIP
+
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 # ----------------------------------------------------------------------------------------------- configs
 
@@ -144,7 +149,7 @@ class CLIPResNetWithAttention(nn.Module):
         for conv, bn in [(self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)]:
             x = self.relu(bn(conv(x)))
         x = self.avgpool(x)
-        outs = []
+        outs: list[Any] = []
         for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
             x = layer(x)
             outs.append(x)
@@ -228,7 +233,7 @@ class CLIPVisionTransformer(nn.Module):
         spatial_pos = F.interpolate(grid, size=(H, W), mode="bilinear").reshape(1, C, H * W).permute(0, 2, 1)
         x = x + torch.cat([cls_pos.reshape(1, 1, C), spatial_pos], dim=1)
         x = self.ln_pre(x).permute(1, 0, 2)
-        features = []
+        features: list[Any] = []
         for i, blk in enumerate(self.transformer.resblocks):
             x = blk(x)
             if i in self.out_indices:
@@ -418,6 +423,7 @@ class OfficialDenseCLIP(nn.Module):
     def __init__(self, cfg: dict[str, Any], class_names: list[str], context_length: int = 5) -> None:
         super().__init__()
         b = dict(cfg["backbone"])
+        self.backbone: CLIPResNetWithAttention | CLIPVisionTransformer
         if b.pop("type") == "resnet":
             self.backbone = CLIPResNetWithAttention(**b)
             levels = [b["width"] * m for m in (4, 8, 16, 32)]
@@ -500,7 +506,7 @@ def tokenize(texts: list[str], context_length: int) -> torch.Tensor:
     return result
 
 
-def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
+def randomize_(model: ModuleT, seed: int = 0) -> ModuleT:
     """Give every parameter and BN statistic random, well-scaled values.
 
     Fresh BN statistics are 0/1 and the official gamma of 1e-4 would hide the context decoder below any
@@ -536,7 +542,7 @@ def score_channel_gain(level: torch.Tensor, score: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def weigh_score_channels_(model: nn.Module, size: int = 224, seed: int = 0) -> float:
+def weigh_score_channels_(model: OfficialDenseCLIP | DenseCLIP, size: int = 224, seed: int = 0) -> float:
     """Make the logits of a randomised model depend on the text path; returns the gain applied.
 
     Random weights leave the score map (cosines of about 0.03, K channels) without influence next to the feature
@@ -557,7 +563,7 @@ def weigh_score_channels_(model: nn.Module, size: int = 224, seed: int = 0) -> f
         level, score = model.extract(x).levels[index], model.forward_features(x)["score_map"]
     model.train(was_training)
     gain = score_channel_gain(level, score)
-    model.neck.lateral_convs[index].conv.weight[:, level.shape[1] :] *= gain
+    cast(nn.Conv2d, model.neck.lateral_convs[index].conv).weight[:, level.shape[1] :] *= gain
     return gain
 
 
