@@ -7,8 +7,9 @@
 #
 # STEP: build info gpu_tests ops e2e_rn50 export_bench train_bench compile_baselines tune_score e2e_more rest (default:
 # all but build, in that order; each issue's targets first, torch.compile's minutes of compilation after them), and
-# save_prebuilt (what make test-gpu-torch leaves for the GPU session, below). The extension is built when it is missing and no prebuilt one fits (or with `build`); a warm machine
-# keeps it, so a session can split the work into two calls under the 10-minute limit of one, e.g.
+# save_prebuilt (what make test-gpu-torch leaves for the GPU session, below). The extension is built when it is
+# missing and no prebuilt one fits (or with `build`); a warm machine keeps it, so a session can split the work into
+# two calls under the 10-minute limit of one, e.g.
 # `... OUT info gpu_tests ops e2e_rn50 export_bench train_bench` then
 # `... OUT compile_baselines tune_score e2e_more rest`.
 #
