@@ -716,6 +716,37 @@ def test_torchscript_views_within_their_storage_are_read_as_copies(tmp_path):
     assert len({t.untyped_storage().data_ptr() for t in tensors.values()}) == 3  # each its own copy
 
 
+def test_torchscript_weights_are_read_without_a_second_copy(tmp_path, monkeypatch):
+    """Each storage entry was read as bytes, copied into a bytearray, and every tensor cloned: three times a CLIP
+    file's size at the peak. Now an entry is read into its bytearray in chunks and a tensor that alone covers its
+    storage (CLIP's weights) is kept as read; views that share a storage are still copied."""
+    made: list[int] = []
+    frombuffer = torch.frombuffer
+
+    def recording(*args, **kwargs):
+        t = frombuffer(*args, **kwargs)
+        made.append(t.data_ptr())
+        return t
+
+    monkeypatch.setattr(torch, "frombuffer", recording)
+    big = 2**22  # 16 MiB of float32
+    body = (b"}(" + _str("w") + _ts_tensor("0", (big,), (1,)) + _str("a") + _ts_tensor("1", (2,), (1,))
+            + _str("b") + _ts_tensor("1", (2,), (1,), 2) + b"u")  # fmt: skip
+    data = {"0": struct.pack(f"<{big}f", *range(big)), "1": struct.pack("<4f", 5, 6, 7, 8)}
+    path = _ts_archive(tmp_path / "weights.pt", body, data)
+    del data
+    tracemalloc.start()
+    try:
+        tensors = _read(path).tensors
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1.5 * 4 * big, peak  # was 2x (bytes, then the bytearray), before the clone
+    assert tensors["w"].data_ptr() in made and tensors["w"][-1].item() == big - 1  # the storage itself, not a copy
+    assert tensors["a"].tolist() == [5, 6] and tensors["b"].tolist() == [7, 8]
+    assert tensors["a"].data_ptr() not in made and tensors["b"].data_ptr() not in made  # views: copies
+
+
 def test_torchscript_views_sharing_a_storage_are_bounded_and_tied_tensors_copied_once(tmp_path):
     """1100 views of one 256 KiB storage, each within it: each was copied, 275 MB from a 280 KB file. Views may add
     up to twice the storages' bytes (+16 MiB); one tensor under two names (tied weights) is one copy."""

@@ -407,7 +407,7 @@ class _TorchScriptUnpickler(pickle.Unpickler):
         if not isinstance(dtype, torch.dtype):
             raise CheckpointError(self.path, f"unsupported storage type in TorchScript archive: {dtype!r}")
         if key not in self.storages:
-            raw = bytearray(_read_entry(self.archive, f"{self.prefix}data/{key}", self.path, self.size))
+            raw = _read_entry_into(self.archive, f"{self.prefix}data/{key}", self.path, self.size)
             self.storages[key] = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
         return self.storages[key]
 
@@ -416,6 +416,25 @@ def _read_entry(archive: zipfile.ZipFile, name: str, path: str, size: int) -> by
     entry = archive.getinfo(name)
     _check_stored(entry, path, size)
     return archive.read(entry)
+
+
+def _read_entry_into(archive: zipfile.ZipFile, name: str, path: str, size: int, chunk: int = 1 << 20) -> bytearray:
+    """The entry's bytes in a bytearray of its declared size, filled chunk by chunk (no second copy of a large
+    weight); the last read checks the entry's CRC. A short entry is zipfile.BadZipFile (reported as corrupt)."""
+    entry = archive.getinfo(name)
+    _check_stored(entry, path, size)
+    out = bytearray(entry.file_size)
+    view, done = memoryview(out), 0
+    with archive.open(entry) as stream:
+        while done < len(out):
+            data = stream.read(min(chunk, len(out) - done))
+            if not data:
+                raise zipfile.BadZipFile(f"entry {name!r} ends after {done} of its {len(out)} bytes")
+            view[done : done + len(data)] = data
+            done += len(data)
+        if stream.read(1):  # zipfile stops at the declared size; reading to the end checks the CRC
+            raise zipfile.BadZipFile(f"entry {name!r} holds more than its {len(out)} bytes")
+    return out
 
 
 def _flatten(root: Any, path: str) -> dict[str, torch.Tensor]:
@@ -487,11 +506,7 @@ def _read_torchscript(path: str, size: int) -> dict[str, torch.Tensor]:
         if not tensors:
             raise CheckpointError(path, "the TorchScript archive holds no tensors")
         _check_views(list(tensors.items()), path)
-        copies: dict[int, torch.Tensor] = {}  # one copy of a tensor found under several names (tied weights)
-        for t in tensors.values():
-            if id(t) not in copies:
-                copies[id(t)] = t.clone()
-        return {name: copies[id(t)] for name, t in tensors.items()}
+        return _own_storages(tensors)
     except CheckpointError:
         raise
     except (zipfile.BadZipFile, EOFError, zlib.error) as exc:
@@ -504,6 +519,23 @@ def _read_torchscript(path: str, size: int) -> dict[str, torch.Tensor]:
             path, f"not a valid checkpoint: its TorchScript archive could not be decoded ({type(exc).__name__}: "
             f"{excerpt(exc)})"
         ) from None  # fmt: skip
+
+
+def _own_storages(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` with no two distinct tensors sharing memory: a tensor that is the only one on its storage and
+    covers it exactly (CLIP's weights: one storage each) is kept as it is, any other view is copied, so the peak stays
+    near the file's size instead of twice it. A tensor found under several names (tied weights) stays one tensor."""
+    users: dict[int, set[int]] = {}
+    for t in tensors.values():
+        users.setdefault(t.untyped_storage().data_ptr(), set()).add(id(t))
+    owned: dict[int, torch.Tensor] = {}
+    for t in tensors.values():
+        if id(t) in owned:
+            continue
+        storage = t.untyped_storage()
+        whole = t.storage_offset() == 0 and t.is_contiguous() and t.numel() * t.element_size() == storage.nbytes()
+        owned[id(t)] = t if whole and len(users[storage.data_ptr()]) == 1 else t.clone()
+    return {name: owned[id(t)] for name, t in tensors.items()}
 
 
 def excerpt(value: Any, limit: int = 200) -> str:
