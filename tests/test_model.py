@@ -108,6 +108,30 @@ def test_class_embeddings_cached_and_invalidated(tiny):
     assert torch.allclose(model.class_embeddings(), tiny.class_embeddings())
 
 
+def test_embeddings_cached_in_inference_mode_serve_a_later_backward(tiny):
+    """Embeddings cached under torch.inference_mode are inference tensors; reused outside it, a forward that
+    autograd records (a gradient to the input: saliency, attacks) failed with 'Inference tensors cannot be saved
+    for backward'. They are recomputed there, and reused while inference mode lasts."""
+    model = DenseCLIP(tiny.config, NAMES).eval()
+    model.load_state_dict(tiny.state_dict())
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        model(x)
+        cached = model.class_embeddings()
+        assert model.class_embeddings() is cached
+    leaf = x.clone().requires_grad_()
+    model(leaf).square().mean().backward()
+    fresh = DenseCLIP(tiny.config, NAMES).eval()
+    fresh.load_state_dict(tiny.state_dict())
+    expected = x.clone().requires_grad_()
+    fresh(expected).square().mean().backward()
+    torch.testing.assert_close(leaf.grad, expected.grad)
+    normal = model.class_embeddings()
+    assert not normal.is_inference()
+    with torch.inference_mode():
+        assert model.class_embeddings() is normal  # a normal tensor serves inference mode as it is
+
+
 def test_training_mode_reaches_the_contexts(tiny):
     model = DenseCLIP(tiny.config, NAMES)
     model.load_state_dict(tiny.state_dict())

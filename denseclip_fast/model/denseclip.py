@@ -154,12 +154,18 @@ class DenseCLIP(nn.Module):
     def class_embeddings(self) -> torch.Tensor:
         """(K, D) embeddings of the current vocabulary. In eval mode they are computed once and cached (detached)
         until the vocabulary, the contexts or the text encoder's weights change; in train mode they are computed on
-        every call so that gradients reach the contexts."""
+        every call so that gradients reach the contexts.
+
+        A change is seen through the tensors' version counters, which every in-place operation on a parameter (an
+        optimiser step, ``load_state_dict``, ``copy_`` under ``no_grad``) bumps; an edit through ``.data`` bypasses
+        them, so after one call ``set_classes(model.class_names)`` (which drops the cache). Embeddings cached under
+        ``torch.inference_mode`` are recomputed outside it, where autograd may need to save them."""
         if self.training:
             return self.text_encoder(self.class_tokens, self.contexts)
         params = [self.contexts, self.class_tokens, *self.text_encoder.parameters()]
         key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
-        if self._text_cache is None or self._text_cache[0] != key:
+        cache = self._text_cache
+        if cache is None or cache[0] != key or (cache[1].is_inference() and not torch.is_inference_mode_enabled()):
             with torch.no_grad():
                 self._text_cache = (key, self.text_encoder(self.class_tokens, self.contexts))
         return self._text_cache[1]
