@@ -76,7 +76,9 @@ def prepare_for_inference(model: DenseCLIP, device: torch.device, dtype: torch.d
     """A private copy of ``model`` for inference (the engine's and the exporters'): eval, no gradients, BatchNorm
     folded, on ``device``; everything an image goes through in ``dtype`` (channels_last weights on CUDA), the text
     encoder and the contexts kept in float32 for the class embeddings."""
-    model = copy.deepcopy(model).eval().requires_grad_(False)
+    # float32 first, whatever the model's dtype: the folded weights are rounded once, to ``dtype``, and the text
+    # encoder computes in float32 (a half-precision model's folded weights were rounded to its dtype, then cast)
+    model = copy.deepcopy(model).float().eval().requires_grad_(False)
     fold_batchnorm(model)
     model.to(device)
     for name, child in model.named_children():
