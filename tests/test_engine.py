@@ -238,7 +238,13 @@ def test_bad_vocabularies_and_settings(model):
         seg.open_vocab(torch.randn(1, 3, 64, 64), ["sky", "road", "sky"])
     with pytest.raises(ValueError, match=r"class name 1 \('sky'\) repeats class name 0"):
         model.open_vocab_scores(torch.randn(1, 3, 64, 64), ["sky", "sky"])
-    seg.set_classes(["sky", "road", "sky", "car"])  # a trained head's classes may share a name
+    # names that differ as strings but tokenise alike (the BPE lowercases, collapses whitespace) are one class too
+    with pytest.raises(ValueError, match=r"class name 2 \('Sky '\) has the same BPE tokens as class name 0 \('sky'\)"):
+        seg.open_vocab(torch.randn(1, 3, 64, 64), ["sky", "road", "Sky "])
+    with pytest.raises(ValueError, match=r"class name 1 \('SKY'\) has the same BPE tokens as class name 0"):
+        model.open_vocab_scores(torch.randn(1, 3, 64, 64), ["sky", "SKY"])
+    seg.set_classes(["sky", "road", "Sky", "car"])  # a trained head's classes may share a name, or its tokens
+    seg.set_classes(["sky", "road", "sky", "car"])
     assert seg.class_names == ["sky", "road", "sky", "car"]
     with pytest.raises(ValueError, match="holds CLIP's start or end-of-text token"):
         seg.open_vocab(torch.randn(1, 3, 64, 64), ["<end_of_text> cat", "<end_of_text> dog"])

@@ -155,10 +155,11 @@ class Segmenter:
 
     # ------------------------------------------------------------------ setup
 
-    def _embed(self, names: Sequence[str]) -> torch.Tensor:
-        """(K, D) class embeddings of ``names`` computed in float32, returned in the engine's dtype."""
+    def _embed(self, names: Sequence[str], distinct: bool = False) -> torch.Tensor:
+        """(K, D) class embeddings of ``names`` computed in float32, returned in the engine's dtype; ``distinct``:
+        names that tokenise alike are refused (open vocabulary)."""
         with torch.no_grad(), self._math(always=True):
-            return self.model.text_features(names).to(self.dtype)
+            return self.model.text_features(names, distinct).to(self.dtype)
 
     def _math(self, always: bool = False) -> contextlib.ExitStack:
         """The engine's own arithmetic, whatever the caller's: float32 means float32 (TF32 off while a float32 engine,
@@ -277,7 +278,7 @@ class Segmenter:
             key = tuple(names)
             text = self._vocabularies.get(key)
             if text is None:
-                text = self._embed(key)
+                text = self._embed(key, distinct=True)
                 self._vocabularies[key] = text
                 while len(self._vocabularies) > 8:
                     self._vocabularies.popitem(last=False)

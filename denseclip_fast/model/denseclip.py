@@ -146,9 +146,10 @@ class DenseCLIP(nn.Module):
         self._class_names = tuple(names)
         self._text_cache = None
 
-    def text_features(self, names: Sequence[str]) -> torch.Tensor:
-        """(K', D) class embeddings of any names through the learned contexts (before the context decoder)."""
-        tokens = tokenize_class_names(names, self.config.text.class_token_length)
+    def text_features(self, names: Sequence[str], distinct: bool = False) -> torch.Tensor:
+        """(K', D) class embeddings of any names through the learned contexts (before the context decoder); with
+        ``distinct`` (open vocabulary) names that tokenise alike are a ValueError."""
+        tokens = tokenize_class_names(names, self.config.text.class_token_length, distinct)
         return self.text_encoder(tokens.to(self.contexts.device), self.contexts)
 
     def class_embeddings(self) -> torch.Tensor:
@@ -167,8 +168,8 @@ class DenseCLIP(nn.Module):
         cache = self._text_cache
         if cache is None or cache[0] != key or (cache[1].is_inference() and not torch.is_inference_mode_enabled()):
             with torch.no_grad():
-                self._text_cache = (key, self.text_encoder(self.class_tokens, self.contexts))
-        return self._text_cache[1]
+                cache = self._text_cache = (key, self.text_encoder(self.class_tokens, self.contexts))
+        return cache[1]
 
     # ------------------------------------------------------------------ inference
 
@@ -264,8 +265,9 @@ class DenseCLIP(nn.Module):
     def open_vocab_scores(self, x: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
         """(B, K', h, w) pixel-text cosine maps for any distinct names, with the context decoder applied."""
         check_class_names(names, distinct=True)
+        text = self.text_features(names, distinct=True)  # before the image encoder: a refused vocabulary costs nothing
         feats = self.extract(x)
-        text = self.context_prompt(feats, self.text_features(names))
+        text = self.context_prompt(feats, text)
         return ops.pixel_text_score(feats.local_feat, text.to(feats.local_feat.dtype))
 
     # ------------------------------------------------------------------ utilities

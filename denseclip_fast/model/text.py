@@ -48,17 +48,19 @@ def check_class_names(names: Sequence[str], distinct: bool = False) -> None:
         seen[name] = i
 
 
-def tokenize_class_names(names: Sequence[str], length: int) -> torch.Tensor:
+def tokenize_class_names(names: Sequence[str], length: int, distinct: bool = False) -> torch.Tensor:
     """Tokenise class names to (K, length) int64: SOT, BPE tokens, EOT, zero padding.
 
     Raises ValueError naming the offending entry for a non-string, a name with no tokens, a name
     holding CLIP's start or end token (the text "<start_of_text>" / "<end_of_text>", which the BPE keeps as those
     tokens: the encoder would read the name's embedding at the wrong position), or a name longer than
-    ``length - 2`` BPE tokens.
+    ``length - 2`` BPE tokens; with ``distinct`` (see check_class_names) also for a name whose tokens repeat an
+    earlier name's: the BPE lowercases and collapses whitespace, so "Cat" and "cat " are one class scored twice.
     """
-    check_class_names(names)
+    check_class_names(names, distinct)
     bpe = _bpe()
     out = torch.zeros(len(names), length, dtype=torch.long)
+    seen: dict[tuple[int, ...], int] = {}
     for i, name in enumerate(names):
         tokens = bpe.encode(name)
         if not tokens:
@@ -70,6 +72,13 @@ def tokenize_class_names(names: Sequence[str], length: int) -> torch.Tensor:
                 f"class name {name!r} has {len(tokens)} BPE tokens; at most {length - 2} fit "
                 f"(context length {length} includes SOT and EOT)"
             )
+        if distinct and tuple(tokens) in seen:
+            j = seen[tuple(tokens)]
+            raise ValueError(
+                f"class name {i} ({name!r}) has the same BPE tokens as class name {j} ({names[j]!r}): CLIP's "
+                "tokenizer lowercases and collapses whitespace; class names must differ"
+            )
+        seen[tuple(tokens)] = i
         out[i, : len(tokens) + 2] = torch.tensor([bpe.sot_token_id, *tokens, bpe.eot_token_id])
     return out
 
