@@ -264,7 +264,7 @@ def test_the_triton_operators_translate_to_standard_onnx():
                     ops.pixel_text_score(visual, text, 0.5, backend="triton"))  # fmt: skip
 
     args = (torch.randn(2, 3, 5, 7), torch.randn(2, 16, 5, 7), torch.randn(6, 16))
-    program = torch.onnx.export(Scores(), args, dynamo=True, custom_translation_table=translation_table(),
+    program = torch.onnx.export(Scores().eval(), args, dynamo=True, custom_translation_table=translation_table(),
                                 opset_version=18)  # fmt: skip
     graph = program.model_proto
     assert {node.op_type for node in graph.graph.node} <= set(supported_operators()["operators"])
