@@ -621,6 +621,20 @@ def test_metrics_on_hand_made_cases():
         perfect.update(label[:1], label)
 
 
+def test_repeated_class_names_keep_one_entry_each():
+    """A trained head's names may repeat (a classes.txt of wall, wall, cat, bed): keyed by name, the second wall's
+    IoU would replace the first's. Each repeated name is keyed with its class index; unique names stay as they are."""
+    m = SegmentationMetrics(4)
+    m.update(np.array([[0, 1, 1, 2, 3]]), np.array([[0, 0, 1, 2, 3]]))
+    r = m.results(["wall", "wall", "cat", "bed"])
+    assert list(r["per_class"]) == ["wall [0]", "wall [1]", "cat", "bed"]
+    assert r["per_class"]["wall [0]"]["IoU"] == 0.5 and r["per_class"]["wall [1]"]["IoU"] == 0.5
+    # a key made so would equal another class's name: every class is keyed with its index
+    assert list(m.results(["a", "a", "a [1]", "b"])["per_class"]) == ["a [0]", "a [1]", "a [1] [2]", "b [3]"]
+    with pytest.raises(ValueError, match="class_names has 3 names but the metrics have 4 classes"):
+        m.results(["a", "b", "c"])
+
+
 def _hsv8_reference(rgb: np.ndarray) -> np.ndarray:
     """The textbook hexcone RGB -> HSV in float64, on OpenCV's 8-bit scales (H 0..179), rounded."""
     r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]

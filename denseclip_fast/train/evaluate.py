@@ -10,6 +10,7 @@ both), mIoU = nanmean(IoU), aAcc = correct pixels / labelled pixels.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -61,6 +62,11 @@ class SegmentationMetrics:
         self.intersect, self.union, self.pred_area, self.label_area = (a for a in areas.cpu().numpy())
 
     def results(self, class_names: Sequence[str] | None = None) -> dict[str, Any]:
+        """mIoU, mAcc, aAcc and ``per_class``: {key: {"IoU", "Acc"}} in class order (None for NaN), keyed as
+        per_class_keys words ``class_names`` (default: the class indices)."""
+        if class_names is not None and len(class_names) != self.num_classes:
+            raise ValueError(f"class_names has {len(class_names)} names but the metrics have {self.num_classes} "
+                             "classes")  # fmt: skip
         with np.errstate(divide="ignore", invalid="ignore"):
             iou = self.intersect / self.union
             acc = self.intersect / self.label_area
@@ -72,8 +78,19 @@ class SegmentationMetrics:
         }
         names = list(class_names) if class_names is not None else [str(i) for i in range(self.num_classes)]
         out["per_class"] = {n: {"IoU": None if math.isnan(i) else float(i), "Acc": None if math.isnan(a) else float(a)}
-                            for n, i, a in zip(names, iou, acc)}  # fmt: skip
+                            for n, i, a in zip(per_class_keys(names), iou, acc)}  # fmt: skip
         return out
+
+
+def per_class_keys(names: Sequence[str]) -> list[str]:
+    """One distinct key per class for the ``per_class`` results: its name, or "NAME [i]" (i: its class index) for a
+    name that several classes share (a trained head's names may repeat; keyed by name, one class's entry would
+    replace the other's). Should a key made so equal another class's name, every class gets its index."""
+    counts = Counter(names)
+    keys = [name if counts[name] == 1 else f"{name} [{i}]" for i, name in enumerate(names)]
+    if len(set(keys)) < len(keys):  # e.g. classes "a", "a" and "a [1]"; keys ending in " [i]" all differ
+        keys = [f"{name} [{i}]" for i, name in enumerate(names)]
+    return keys
 
 
 def check_scales(scales: Sequence[float], test_scale: Sequence[int], name: str = "scales") -> list[float]:
