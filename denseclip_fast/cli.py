@@ -27,7 +27,7 @@ from collections import deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from .checkpoints import CheckpointError
+from .checkpoints import CheckpointError, ClassCountError
 from .export.tensorrt import TensorRTUnavailable
 
 if TYPE_CHECKING:
@@ -342,7 +342,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     check_ignore_index(args.ignore_index, "--ignore-index")
     device = _device(args)
     data = SegmentationData(args.data, args.layout, "val", ignore_index=args.ignore_index)
-    model = load_checkpoint(args.checkpoint, class_names=data.class_names)
+    # the data set's names replace the checkpoint's saved wording, as the official test takes its config's names
+    names = data.class_names
+    if args.layout == "ade20k":
+        source = f"--layout ade20k's class list (the {len(names)} ADE20K classes)"
+    else:
+        source = f"the data set's class list {os.path.join(args.data, 'classes.txt')}"
+    try:
+        model = load_checkpoint(args.checkpoint, class_names=names)
+    except ClassCountError as exc:
+        raise ValueError(f"{source} has {exc.given} names but the checkpoint {args.checkpoint} has {exc.outputs} "
+                         "classes (its head's outputs); eval needs a data set of the checkpoint's classes, in its "
+                         "order") from None  # fmt: skip
+    except CheckpointError:
+        raise
+    except ValueError as exc:  # a name the checkpoint's text encoder cannot take
+        raise ValueError(f"{source}: {exc}") from None
     check_scales(scales, model.config.test_scale, "--scales")
     out = args.out or os.path.splitext(args.checkpoint)[0] + "_eval.json"  # checked once the checkpoint was found
     check_writable_file(out, "--out" if args.out else "--out (default: CHECKPOINT_eval.json)", create_parents=False)
@@ -433,9 +448,15 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--print-config", action="store_true", help="print the resolved configuration as JSON and exit")
     tr.set_defaults(func=cmd_train)
 
-    ev = sub.add_parser("eval", help="mIoU and aAcc of a checkpoint on a data set's validation split")
+    ev = sub.add_parser(
+        "eval", help="mIoU and aAcc of a checkpoint on a data set's validation split",
+        description="mIoU and aAcc of a checkpoint on a data set's validation split. The model is loaded with the "
+                    "data set's class names (its classes.txt, or the 150 ADE20K names for --layout ade20k) in place "
+                    "of the checkpoint's saved ones, as the official test uses its config's names: the checkpoint's "
+                    "head must have that many outputs, in the data set's class order.",
+    )  # fmt: skip
     ev.add_argument("--checkpoint", required=True)
-    ev.add_argument("--data", required=True)
+    ev.add_argument("--data", required=True, help="the data set directory; its class list names the classes")
     ev.add_argument("--layout", choices=("ade20k", "generic"), required=True)
     ev.add_argument("--mode", choices=("whole", "slide"), default="slide")
     ev.add_argument("--scales", default="1.0", help="comma-separated ratios of the test scale (multi-scale)")

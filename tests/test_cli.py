@@ -237,6 +237,50 @@ def data(tmp_path_factory):
     return root
 
 
+def _copy_data(data, root, classes):
+    """The ``data`` fixture's image and label under ``root``, with ``classes`` as its classes.txt."""
+    for sub in ("images", "labels"):
+        (root / sub).mkdir(parents=True)
+        (root / sub / "x.png").write_bytes((data / sub / "x.png").read_bytes())
+    (root / "classes.txt").write_text("\n".join(classes))
+    return root
+
+
+def test_eval_says_where_its_class_names_come_from(checkpoint, data, tmp_path, capsys):
+    """eval loads the checkpoint with the data set's class names: a class list that does not fit the checkpoint is
+    named (classes.txt, or the ADE20K layout's list), with what the checkpoint has; repeated names keep one entry
+    each in the JSON."""
+    base = ["eval", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "e.json")]
+    ev = [*base, "--layout", "generic", "--data"]
+    five = _copy_data(data, tmp_path / "five", [*NAMES, "dog"])
+    assert main([*ev, str(five)]) == 2
+    assert capsys.readouterr().err == (
+        f"denseclip-fast: error: the data set's class list {five / 'classes.txt'} has 5 names but the checkpoint "
+        f"{checkpoint} has 4 classes (its head's outputs); eval needs a data set of the checkpoint's classes, in its "
+        "order\n"
+    )
+    long = _copy_data(data, tmp_path / "long", ["sky", "road", "tree", "a very long name indeed"])
+    assert main([*ev, str(long)]) == 2
+    assert capsys.readouterr().err == (
+        f"denseclip-fast: error: the data set's class list {long / 'classes.txt'}: class name 'a very long name "
+        "indeed' has 5 BPE tokens; at most 3 fit (context length 5 includes SOT and EOT)\n"
+    )
+    ade = tmp_path / "ade"
+    for sub, source in (("images", "images"), ("annotations", "labels")):
+        (ade / sub / "validation").mkdir(parents=True)
+        (ade / sub / "validation" / "x.png").write_bytes((data / source / "x.png").read_bytes())
+    assert main([*base, "--layout", "ade20k", "--data", str(ade)]) == 2
+    assert capsys.readouterr().err.startswith(
+        "denseclip-fast: error: --layout ade20k's class list (the 150 ADE20K classes) has 150 names but the "
+        f"checkpoint {checkpoint} has 4 classes"
+    )
+    assert not (tmp_path / "e.json").exists()
+    repeated = _copy_data(data, tmp_path / "repeated", ["wall", "wall", "cat", "bed"])
+    assert main([*ev, str(repeated), "--mode", "whole", "--device", "cpu"]) == 0
+    per_class = json.loads((tmp_path / "e.json").read_text())["per_class"]
+    assert list(per_class) == ["wall [0]", "wall [1]", "cat", "bed"]
+
+
 def test_output_paths_are_checked_before_any_work(checkpoint, images, data, tmp_path, capsys):
     """An output path that cannot be written (a file where a directory goes, a directory where a file goes, a
     missing parent where none is created) is one line naming the option before any work, not an OSError after it."""

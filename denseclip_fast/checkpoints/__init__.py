@@ -26,7 +26,16 @@ if TYPE_CHECKING:
     from ..config import DenseCLIPConfig
     from ..model import DenseCLIP
 
-__all__ = ["CheckpointError", "load_checkpoint"]
+__all__ = ["CheckpointError", "ClassCountError", "load_checkpoint"]
+
+
+class ClassCountError(ValueError):
+    """``class_names`` of another length than the checkpoint's head has outputs (``given`` names, ``outputs``); a
+    ValueError the command line rewords for where its names came from."""
+
+    def __init__(self, given: int, outputs: int) -> None:
+        self.given, self.outputs = given, outputs
+        super().__init__(f"class_names has {given} names but the checkpoint's head has {outputs} outputs")
 
 
 def load_checkpoint(
@@ -43,8 +52,8 @@ def load_checkpoint(
 
     Raises:
         CheckpointError: unreadable, unsafe or inconsistent file (the message names the file and the reason).
-        ValueError: ``path`` not a str or os.PathLike; ``class_names`` not a list of strings, of the wrong length or
-            with a name longer than 3 BPE tokens.
+        ValueError: ``path`` not a str or os.PathLike; ``class_names`` not a list of strings, of the wrong length
+            (ClassCountError) or with a name longer than 3 BPE tokens.
     """
     from ..model import DenseCLIP  # noqa: F811  (the runtime import; the model package imports this one)
 
@@ -68,7 +77,7 @@ def load_checkpoint(
     head = sd.get("decode_head.conv_seg.weight")
     k = head.shape[0] if head is not None and head.dim() > 0 else len(names)  # else: load_state_strict reports it
     if len(names) != k and class_names is not None:
-        raise ValueError(f"class_names has {len(names)} names but the checkpoint's head has {k} outputs")
+        raise ClassCountError(len(names), k)
     if len(names) != k:
         raise CheckpointError(
             path, f"the file's class names ({len(names)}) disagree with its head ({k} outputs); "
