@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .validation import finite_real
+
 Palette = Sequence[Sequence[int]]
 
 
@@ -39,11 +41,13 @@ def colorize(labels: np.ndarray, palette: Palette) -> np.ndarray:
 
 
 def overlay(image: np.ndarray, labels: np.ndarray, palette: Palette, alpha: float = 0.5) -> np.ndarray:
-    """Blend the colourised labels over an (H, W, 3) uint8 image; ``alpha`` is the weight of the colours."""
+    """Blend the colourised labels over an (H, W, 3) uint8 image; ``alpha`` is the weight of the colours, a real
+    number in [0, 1] (ValueError otherwise)."""
+    weight = finite_real(alpha)
+    if weight is None or not 0.0 <= weight <= 1.0:
+        raise ValueError(f"alpha must be a real number in [0, 1], got {type(alpha).__name__} {alpha!r}")
     image = np.asarray(image)
     if image.shape[:2] != np.asarray(labels).shape:
         raise ValueError(f"image {image.shape[:2]} and labels {np.asarray(labels).shape} differ in size")
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    blended = (1 - alpha) * image.astype(np.float32) + alpha * colorize(labels, palette).astype(np.float32)
+    blended = (1 - weight) * image.astype(np.float32) + weight * colorize(labels, palette).astype(np.float32)
     return np.clip(blended + 0.5, 0, 255).astype(np.uint8)

@@ -250,6 +250,11 @@ def test_bad_vocabularies_and_settings(model):
         seg.open_vocab(torch.randn(1, 3, 64, 64), ["<end_of_text> cat", "<end_of_text> dog"])
     with pytest.raises(ValueError, match="labels must be integer class indices, got dtype float64"):
         seg.overlay(np.zeros((4, 6, 3), np.uint8), np.full((4, 6), 1.7))
+    image, labels = np.zeros((4, 6, 3), np.uint8), np.zeros((4, 6), np.int64)
+    for alpha, shown in (("0.5", "str '0.5'"), (float("nan"), "float nan"), (1.5, "float 1.5"), (True, "bool True")):
+        with pytest.raises(ValueError, match=re.escape(f"alpha must be a real number in [0, 1], got {shown}")):
+            seg.overlay(image, labels, alpha=alpha)
+    assert seg.overlay(image, labels, alpha=np.float32(0.0)).max() == 0  # a numpy number is a real number too
     for device in ("gpu", "", None, "meta", torch.device("meta")):
         with pytest.raises(ValueError, match=f"device must be a .*such as 'cpu'.*got {re.escape(repr(device))}"):
             Segmenter(model, device=device)
