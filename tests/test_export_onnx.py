@@ -230,6 +230,18 @@ def test_unsupported_export_requests_say_what_is_wrong(tiny, tmp_path):
         to_onnx(torch.nn.Linear(2, 2), tmp_path / "x.onnx")  # type: ignore[arg-type]
 
 
+def test_files_that_are_not_onnx_models_are_named(tmp_path):
+    """protobuf reads most other files as a bare DecodeError, and an empty one as an empty model."""
+    (tmp_path / "notes.txt").write_text("some text, not a graph")
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    for name in ("notes.txt", "empty.onnx"):
+        path = str(tmp_path / name)
+        with pytest.raises(ValueError, match=f"model {path!r} is not an ONNX model"):
+            tensorrt_problems(path)
+        with pytest.raises(ValueError, match=f"path {path!r} is not an ONNX model"):
+            read_metadata(path)
+
+
 def test_tensorrt_builder_without_tensorrt(tmp_path):
     pytest.importorskip("denseclip_fast")
     try:

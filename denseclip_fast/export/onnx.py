@@ -20,10 +20,12 @@ import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from .. import __version__
+from ..checkpoints.io import path_argument
 from ..model import DenseCLIP
 from ..preprocess import CLIP_MEAN, CLIP_STD
 from .graphs import build_graph, check_image_size, example_inputs
@@ -122,8 +124,23 @@ def to_onnx(
 
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
     """The ``denseclip_fast.*`` metadata of an exported ONNX file (without the prefix)."""
-    import onnx
-
-    model = onnx.load(os.fspath(path), load_external_data=False)
+    model = load_onnx(path)
     prefix = "denseclip_fast."
     return {p.key.removeprefix(prefix): p.value for p in model.metadata_props if p.key.startswith(prefix)}
+
+
+def load_onnx(path: str | os.PathLike[str], name: str = "path") -> Any:
+    """The ``onnx.ModelProto`` in the file ``path``, without external data; ValueError naming ``name`` and the path
+    for a file that is not an ONNX model (protobuf raises a bare DecodeError for most, and reads an empty file, or
+    bytes that happen to parse, as a model without a graph or an IR version)."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    text = path_argument(path, name)
+    try:
+        model = onnx.load(text, load_external_data=False)
+    except DecodeError:
+        model = None
+    if model is None or not model.ir_version or not model.HasField("graph"):
+        raise ValueError(f"{name} {text!r} is not an ONNX model (not a serialized onnx.ModelProto)")
+    return model

@@ -21,6 +21,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .onnx import load_onnx, read_metadata
+
 TABLE = Path(__file__).with_name("tensorrt_onnx_ops.json")
 
 # ONNX TensorProto element types -> the type names of the table
@@ -65,12 +67,13 @@ def _must_be_initializers(op_type: str, restriction: str, opset: int) -> list[in
 def tensorrt_problems(model: Any) -> list[str]:
     """Every reason TensorRT's ONNX parser (per the table) would reject the graph; empty when it is all supported.
 
-    ``model``: an ``onnx.ModelProto`` or a path. Types come from ONNX shape inference.
+    ``model``: an ``onnx.ModelProto`` or a path (ValueError if its file is not an ONNX model). Types come from ONNX
+    shape inference.
     """
     import onnx
 
     if not isinstance(model, onnx.ModelProto):
-        model = onnx.load(os.fspath(model), load_external_data=False)
+        model = load_onnx(model, "model")
     table = supported_operators()
     low, high = table["opset_range"]
     problems: list[str] = []
@@ -194,8 +197,6 @@ def build_tensorrt_engine(
     if engine_path.resolve() == onnx_path.resolve():
         raise ValueError("engine_path must differ from onnx_path")
     trt = _tensorrt()
-    from .onnx import read_metadata
-
     half_graph = read_metadata(onnx_path).get("dtype") == "float16"
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
