@@ -100,7 +100,7 @@ def check_writable_file(path: str, name: str, create_parents: bool) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     base = _existing_ancestor(folder) if create_parents else folder
     if not os.path.isdir(base):
-        what = "does not exist" if not os.path.lexists(base) else "is not a directory"
-        raise ValueError(f"{name} {path!r}: the directory {base!r} {what}")
+        what = f"the directory {base!r} does not exist" if not os.path.lexists(base) else f"{base!r} is not a directory"
+        raise ValueError(f"{name} {path!r}: {what}")
     if not os.access(base, os.W_OK | os.X_OK):
         raise ValueError(f"{name} {path!r}: no permission to write in {base!r}")

@@ -87,6 +87,11 @@ def test_to_aoti_argument_errors(model, tmp_path):
         load_aoti(tmp_path / "model.onnx")
     with pytest.raises(ValueError, match=r"path must end in \.pt2"):
         to_aoti(seg, tmp_path / "x.so", image_size=SIZE)
+    (tmp_path / "dir.pt2").mkdir()  # checked before the compilation (a minute), not when the package is written
+    with pytest.raises(ValueError, match=f"path {str(tmp_path / 'dir.pt2')!r} is a directory"):
+        to_aoti(model, tmp_path / "dir.pt2", device="cpu")
+    with pytest.raises(ValueError, match=f"{str(tmp_path / 'model.onnx')!r} is not a directory"):
+        to_aoti(seg, tmp_path / "model.onnx" / "x.pt2")
     with pytest.raises(ValueError, match=r"stride must be an int or \(int, int\) between 1 and the image size \(64, 9"):
         to_aoti(seg, tmp_path / "x.pt2", image_size=SIZE, stride=(65, 10))
 

@@ -230,6 +230,27 @@ def test_unsupported_export_requests_say_what_is_wrong(tiny, tmp_path):
         to_onnx(torch.nn.Linear(2, 2), tmp_path / "x.onnx")  # type: ignore[arg-type]
 
 
+def test_output_paths_are_checked_before_the_trace(tiny, tmp_path, monkeypatch):
+    """A path where no file can be written (a directory, a parent that is a file) is a ValueError naming the
+    argument before the trace (seconds to minutes), not an OSError after it."""
+
+    def no_trace(*args, **kwargs):
+        raise AssertionError("traced before the path was checked")
+
+    monkeypatch.setattr(torch.onnx, "export", no_trace)
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match=f"path {str(tmp_path / 'dir')!r} is a directory; expected the path of the"):
+        to_onnx(tiny, tmp_path / "dir")
+    with pytest.raises(ValueError, match=f"x.onnx': {str(tmp_path / 'file')!r} is not a directory"):
+        to_onnx(tiny, tmp_path / "file" / "x.onnx")
+    with pytest.raises(ValueError, match="path must be a non-empty str or os.PathLike, got NoneType"):
+        to_onnx(tiny, None)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=f"engine_path {str(tmp_path / 'dir')!r} is a directory"):
+        build_tensorrt_engine(tmp_path / "file", tmp_path / "dir")  # said before TensorRT is looked for
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir", "file"]
+
+
 def test_files_that_are_not_onnx_models_are_named(tmp_path):
     """protobuf reads most other files as a bare DecodeError, and an empty one as an empty model."""
     (tmp_path / "notes.txt").write_text("some text, not a graph")

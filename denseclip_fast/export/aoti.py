@@ -27,7 +27,7 @@ from ..engine import Segmenter
 from ..engine.segmenter import no_tf32
 from ..model import DenseCLIP
 from ..preprocess import CLIP_MEAN, CLIP_STD
-from .graphs import TRACE_BATCH, ImageGraph, check_image_size
+from .graphs import TRACE_BATCH, ImageGraph, check_image_size, output_path
 
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
@@ -56,6 +56,9 @@ def to_aoti(
             image size being the window; default the Segmenter's stride when image_size is its crop, else two
             thirds of each side (the official 341 of 512, 426 of 640).
     """
+    path = output_path(path)  # before the Segmenter's preparation and the compilation
+    if path.suffix != ".pt2":
+        raise ValueError(f"path must end in .pt2 (AOTInductor packages are .pt2 archives), got {str(path)!r}")
     if isinstance(model_or_segmenter, Segmenter):
         if device is not None or dtype is not None:
             raise ValueError("device and dtype come from the Segmenter; pass a DenseCLIP model to choose them")
@@ -75,9 +78,6 @@ def to_aoti(
             f"max_batch; torch.export traces the batch as dynamic from {TRACE_BATCH}: for batch 1, "
             f"max_batch={TRACE_BATCH})"
         )
-    path = Path(path)
-    if path.suffix != ".pt2":
-        raise ValueError(f"path must end in .pt2 (AOTInductor packages are .pt2 archives), got {str(path)!r}")
     size = check_image_size(seg.model, image_size)
     window_stride = _window_stride(stride, size, seg)
     module = ImageGraph(seg.model, seg._text.clone()).eval()

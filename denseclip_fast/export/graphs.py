@@ -11,15 +11,19 @@ engine prepares it (BatchNorm folded, one dtype).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Literal
 
 import torch
 from torch import nn
 
+from ..checkpoints.io import path_argument
 from ..config import MIN_IMAGE_SIDE
 from ..engine.rewrite import prepare_for_inference
 from ..model import DenseCLIP
+from ..validation import check_writable_file
 
 GraphKind = Literal["image", "image_with_text", "text"]
 GRAPHS: tuple[str, ...] = ("image", "image_with_text", "text")
@@ -69,6 +73,15 @@ def check_image_size(model: DenseCLIP, image_size: int | Sequence[int] | None) -
     if min(size) < MIN_IMAGE_SIDE:
         raise ValueError(f"image_size must be at least {MIN_IMAGE_SIDE} on each side, got {size}")
     return size[0], size[1]
+
+
+def output_path(path: str | os.PathLike[str], name: str = "path") -> Path:
+    """``path`` as a Path if an exporter can write its file there: not a directory, in a directory that exists or
+    that makedirs can create (validation.check_writable_file); ValueError naming ``name`` otherwise. The exporters
+    check it first: their file is written after a trace or a build of seconds to minutes."""
+    text = path_argument(path, name)
+    check_writable_file(text, name, create_parents=True)
+    return Path(text)
 
 
 def build_graph(

@@ -28,7 +28,7 @@ from .. import __version__
 from ..checkpoints.io import path_argument
 from ..model import DenseCLIP
 from ..preprocess import CLIP_MEAN, CLIP_STD
-from .graphs import build_graph, check_image_size, example_inputs
+from .graphs import build_graph, check_image_size, example_inputs, output_path
 
 ONNX_DTYPES = (torch.float32, torch.float16)
 OPSETS = range(18, 21)  # the translations use opset-18 forms (axes as inputs); TensorRT 10's parser reads up to 20
@@ -68,6 +68,7 @@ def to_onnx(
         )
     if opset not in OPSETS:
         raise ValueError(f"opset must be in {OPSETS.start}..{OPSETS.stop - 1}, got {opset!r}")
+    path = output_path(path)
     device = torch.device("cpu")
     module, prepared = build_graph(model, graph, dtype, device)
     size = check_image_size(prepared, image_size)
@@ -107,7 +108,6 @@ def to_onnx(
     if exported_opset != opset:
         raise ValueError(f"the exporter wrote opset {exported_opset}, not the requested {opset}")
     program.model.metadata_props.update({f"denseclip_fast.{k}": v for k, v in metadata.items()})
-    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     program.save(str(path))
     if check_tensorrt:

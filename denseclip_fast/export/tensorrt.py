@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .graphs import output_path
 from .onnx import load_onnx, read_metadata
 
 TABLE = Path(__file__).with_name("tensorrt_onnx_ops.json")
@@ -189,9 +190,10 @@ def build_tensorrt_engine(
         TensorRTUnavailable without the ``tensorrt`` package; ValueError for bad arguments or a graph TensorRT's
         parser rejects (its errors listed).
     """
-    onnx_path, engine_path = Path(onnx_path), Path(engine_path)
+    onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
         raise ValueError(f"onnx_path {str(onnx_path)!r} is not a file")
+    engine_path = output_path(engine_path, "engine_path")
     if len(batch) != 3 or not all(isinstance(b, int) for b in batch) or not 1 <= batch[0] <= batch[1] <= batch[2]:
         raise ValueError(f"batch must be (min, opt, max) ints with 1 <= min <= opt <= max, got {tuple(batch)}")
     if engine_path.resolve() == onnx_path.resolve():
