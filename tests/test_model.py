@@ -166,6 +166,11 @@ def test_from_arch_defaults_to_ade20k():
     assert model.neck.lateral_convs[3].conv.in_channels == 2048 + 150
     with pytest.raises(ValueError, match="arch must be one of"):
         DenseCLIP.from_arch("RN18")
+    with pytest.raises(TypeError, match=r"config must be a DenseCLIPConfig, got str: 'RN50'; for a released "
+                                        r"architecture by name use DenseCLIP\.from_arch\('RN50', class_names=\.\.\.\)"):
+        DenseCLIP("RN50", ["a"])  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"got NoneType: None; .* DenseCLIP\.from_arch\('RN50', class_names="):
+        DenseCLIP(None, ["a"])  # type: ignore[arg-type]
 
 
 def test_vit_drop_path_is_per_token_as_the_official_code():

@@ -14,6 +14,7 @@ Submodule and parameter names are the official ones (``backbone``, ``text_encode
 
 from __future__ import annotations
 
+import reprlib
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -72,6 +73,12 @@ class DenseCLIP(nn.Module):
     class_tokens: torch.Tensor  # a buffer (register_buffer in __init__), declared for the type checker
 
     def __init__(self, config: DenseCLIPConfig, class_names: Sequence[str]) -> None:
+        if not isinstance(config, DenseCLIPConfig):  # e.g. an arch name, which from_arch takes
+            arch = config if isinstance(config, str) else "RN50"
+            raise TypeError(
+                f"config must be a DenseCLIPConfig, got {type(config).__name__}: {reprlib.repr(config)}; for a "
+                f"released architecture by name use DenseCLIP.from_arch({arch!r}, class_names=...)"
+            )
         super().__init__()
         tokens = tokenize_class_names(class_names, config.text.class_token_length)
         k, d = len(class_names), config.embed_dim
