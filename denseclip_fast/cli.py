@@ -34,20 +34,27 @@ if TYPE_CHECKING:
     import torch
 
 
-def _parse_classes(text: str) -> list[str]:
+def _parse_classes(text: str, distinct: bool = False) -> list[str]:
+    """--classes as names, checked before the checkpoint is loaded: non-empty, and with ``distinct`` (open
+    vocabulary, where a name is all that tells two classes apart) different, as the engine requires."""
+    from .model.text import check_class_names
+
     names = [n.strip() for n in text.split(",")]
     if not names or any(not n for n in names):
         raise ValueError(f"--classes must be a comma-separated list of non-empty names, got {text!r}")
+    try:
+        check_class_names(names, distinct=distinct)
+    except ValueError as exc:
+        raise ValueError(f"--classes: {exc}") from None
     return names
 
 
-def _classes_for(model: Any, text: str, count_hint: str | None) -> list[str]:
-    """--classes parsed and checked against the checkpoint before any work: every name within the text encoder's
+def _classes_for(model: Any, names: list[str], count_hint: str | None) -> list[str]:
+    """--classes' ``names`` checked against the checkpoint before any work: every name within the text encoder's
     BPE tokens, and, unless ``count_hint`` is None (any number of names), exactly the checkpoint's K names,
     ``count_hint`` saying what to do otherwise on the command line."""
     from .model.text import tokenize_class_names
 
-    names = _parse_classes(text)
     try:
         tokenize_class_names(names, model.config.text.class_token_length)
     except ValueError as exc:
@@ -101,11 +108,23 @@ def _device(args: argparse.Namespace) -> str:
 
 
 def _dtype(args: argparse.Namespace, device: str | None) -> torch.dtype:
-    """--dtype as a torch dtype; default bfloat16 on CUDA, float32 otherwise (``device`` None: float32)."""
+    """--dtype as a torch dtype, checked against ``device`` (the engine's) before any work: float16 needs CUDA.
+    Default bfloat16 on CUDA, float32 otherwise. ``device`` None: the dtype of export's ONNX graph, float32 (the
+    default) or float16."""
     import torch
 
-    default = "bfloat16" if device is not None and device.startswith("cuda") else "float32"
-    return getattr(torch, DTYPE_NAMES[args.dtype or default])
+    name = DTYPE_NAMES[args.dtype] if args.dtype else None
+    if device is None:
+        if name == "bfloat16":
+            raise ValueError(f"--dtype {args.dtype} is not an ONNX graph dtype: --format {args.format} takes --dtype "
+                             "float32 or float16 (for bfloat16 TensorRT layers: --format tensorrt --bf16, which "
+                             "builds from the float32 graph)")  # fmt: skip
+        return getattr(torch, name or "float32")
+    if name == "float16" and not device.startswith("cuda"):
+        given = f"got --device {args.device}" if args.device is not None else "and this machine has no CUDA GPU"
+        raise ValueError(f"--dtype {args.dtype} needs --device cuda, {given}; on the CPU use --dtype float32 or "
+                         "bfloat16")  # fmt: skip
+    return getattr(torch, name or ("bfloat16" if device.startswith("cuda") else "float32"))
 
 
 def _output_stems(files: Sequence[str]) -> list[str]:
@@ -155,16 +174,17 @@ def cmd_segment(args: argparse.Namespace) -> int:
     # on a CPU the engine itself keeps every core busy: one worker overlaps the I/O without contending for them
     workers = args.io_threads or (min(4, os.cpu_count() or 1) if device.startswith("cuda") else 1)
     dtype = _dtype(args, device)
+    if args.open_vocab and args.classes is None:
+        raise ValueError("--open-vocab needs --classes")
+    given = _parse_classes(args.classes, distinct=args.open_vocab) if args.classes is not None else None
     model = load_checkpoint(args.checkpoint)
     names = None
-    if args.classes is not None:
+    if given is not None:
         if args.open_vocab:
-            names = _classes_for(model, args.classes, None)
+            names = _classes_for(model, given, None)
         else:
-            model.set_classes(_classes_for(model, args.classes, "add --open-vocab to score any number of names "
-                                           "with the pixel-text map instead of the trained head"))  # fmt: skip
-    elif args.open_vocab:
-        raise ValueError("--open-vocab needs --classes")
+            model.set_classes(_classes_for(model, given, "add --open-vocab to score any number of names with the "
+                                                         "pixel-text map instead of the trained head"))  # fmt: skip
     seg = Segmenter(model, device=device, dtype=dtype, mode=args.mode)
     k = len(names) if names is not None else model.num_classes
     palette = model.palette if (model.palette is not None and names is None) else default_palette(k)
@@ -255,6 +275,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     size = _parse_size(args.image_size) if args.image_size else None
     check_writable_file(args.out, "--out", create_parents=True)
     device = _device(args)  # used by aoti; checked whenever given
+    dtype = _dtype(args, device if args.format == "aoti" else None)
+    if args.format == "aoti" and args.graph != "image":
+        raise ValueError("--format aoti compiles the image graph only (--graph image)")
+    for flag in ("fp16", "bf16"):  # unused by the other formats: refused, not ignored
+        if getattr(args, flag) and args.format != "tensorrt":
+            raise ValueError(f"--{flag} applies to --format tensorrt (the engine's layer precisions); --format "
+                             f"{args.format} takes --dtype")  # fmt: skip
+    names = _parse_classes(args.classes) if args.classes is not None else None
     if args.format == "tensorrt":
         export.tensorrt._tensorrt()  # say so before any work when TensorRT is missing
         batch = _parse_batch(args.trt_batch)
@@ -263,18 +291,14 @@ def cmd_export(args: argparse.Namespace) -> int:
                              "written next to it with the .onnx suffix")  # fmt: skip
         check_writable_file(os.path.splitext(args.out)[0] + ".onnx", "--out's ONNX graph", create_parents=True)
     model = load_checkpoint(args.checkpoint)
-    if args.classes is not None:
-        model.set_classes(_classes_for(model, args.classes, "the exported graphs keep the trained head (segment "
-                                       "--open-vocab scores any number of names)"))  # fmt: skip
+    if names is not None:
+        model.set_classes(_classes_for(model, names, "the exported graphs keep the trained head (segment "
+                                                     "--open-vocab scores any number of names)"))  # fmt: skip
     out = args.out
     if args.format == "aoti":
-        dtype = _dtype(args, device)
-        if args.graph != "image":
-            raise ValueError("--format aoti compiles the image graph only (--graph image)")
         path = export.to_aoti(model, out, image_size=size, max_batch=args.max_batch, device=device, dtype=dtype)
         print(f"wrote {path} (AOTInductor, {device}, {dtype}, batch 1..{args.max_batch})")
         return 0
-    dtype = _dtype(args, None)
     onnx_path = out if args.format == "onnx" else os.path.splitext(out)[0] + ".onnx"
     path = export.to_onnx(model, onnx_path, graph=args.graph, image_size=size, dtype=dtype, opset=args.opset,
                           check_tensorrt=False)  # fmt: skip

@@ -119,6 +119,7 @@ def test_segment_with_classes(checkpoint, images, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "exactly 4 names" in err and "--open-vocab" in err
     assert main([*args, "--classes", "sky,road", "--open-vocab"]) == 0
+    assert main([*args, "--classes", "sky,road,sky,grass"]) == 0  # a trained head's names may repeat
     assert np.asarray(Image.open(out / "a_labels.png")).max() < 2
     assert main([*args, "--classes", "sky,,road"]) == 2
     assert "non-empty names" in capsys.readouterr().err
@@ -187,6 +188,50 @@ def test_export_errors_are_one_line(checkpoint, tmp_path, capsys):
             "--out", str(tmp_path / "x")]  # fmt: skip
     assert main(args) == 2
     assert "--image-size must be N or HxW" in capsys.readouterr().err
+
+
+def test_option_combinations_are_refused_naming_the_options_before_any_work(checkpoint, images, tmp_path, capsys,
+                                                                           monkeypatch):
+    """Options that cannot go together are said in the options' words before the checkpoint is loaded: float16
+    needs CUDA, ONNX graphs are float32 or float16, --fp16/--bf16 are TensorRT's, aoti compiles the image graph,
+    open-vocabulary names must differ (a trained head's may repeat)."""
+    import denseclip_fast
+
+    def no_load(path, *args, **kwargs):
+        raise AssertionError("the checkpoint was loaded before the options were checked")
+
+    monkeypatch.setattr(denseclip_fast, "load_checkpoint", no_load)
+    seg = ["segment", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "seg"), str(images[0])]
+    exp = ["export", "--checkpoint", str(checkpoint)]
+    cases = [
+        ([*seg, "--dtype", "float16", "--device", "cpu"],
+         "--dtype float16 needs --device cuda, got --device cpu; on the CPU use --dtype float32 or bfloat16"),
+        ([*exp, "--format", "aoti", "--out", str(tmp_path / "m.pt2"), "--dtype", "fp16", "--device", "cpu"],
+         "--dtype fp16 needs --device cuda, got --device cpu"),
+        ([*exp, "--format", "onnx", "--out", str(tmp_path / "m.onnx"), "--dtype", "bfloat16"],
+         "--dtype bfloat16 is not an ONNX graph dtype: --format onnx takes --dtype float32 or float16 (for bfloat16 "
+         "TensorRT layers: --format tensorrt --bf16, which builds from the float32 graph)"),
+        ([*exp, "--format", "tensorrt", "--out", str(tmp_path / "m.engine"), "--dtype", "bf16"],  # before TensorRT
+         "--dtype bf16 is not an ONNX graph dtype: --format tensorrt takes --dtype float32 or float16"),
+        ([*exp, "--format", "onnx", "--out", str(tmp_path / "m.onnx"), "--fp16"],
+         "--fp16 applies to --format tensorrt (the engine's layer precisions); --format onnx takes --dtype"),
+        ([*exp, "--format", "aoti", "--out", str(tmp_path / "m.pt2"), "--bf16"], "--bf16 applies to --format tensorrt"),
+        ([*exp, "--format", "aoti", "--out", str(tmp_path / "m.pt2"), "--graph", "text"],
+         "--format aoti compiles the image graph only (--graph image)"),
+        ([*exp, "--format", "onnx", "--out", str(tmp_path / "m.onnx"), "--classes", "sky,,road"],
+         "--classes must be a comma-separated list of non-empty names, got 'sky,,road'"),
+        ([*seg, "--open-vocab", "--classes", "cat,dog,cat"],
+         "--classes: class name 2 ('cat') repeats class name 0; class names must differ"),
+        ([*seg, "--open-vocab"], "--open-vocab needs --classes"),
+    ]  # fmt: skip
+    if not torch.cuda.is_available():  # the default device is the CPU
+        message = "--dtype float16 needs --device cuda, and this machine has no CUDA GPU; on the CPU use --dtype"
+        cases.append(([*seg, "--dtype", "float16"], message))
+    for args, message in cases:
+        assert main(args) == 2, args
+        err = capsys.readouterr().err
+        assert err.startswith(f"denseclip-fast: error: {message}") and err.count("\n") == 1, (args, err)
+    assert os.listdir(tmp_path) == []
 
 
 @pytest.mark.parametrize("device, message", [("gpu", "must be a device such as 'cpu', 'cuda' or 'cuda:N', got 'gpu'"),
