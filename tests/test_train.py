@@ -576,7 +576,8 @@ def test_crop_and_scale_follow_the_architecture_unless_given(how, tmp_path, caps
     else:
         path.write_text(("preset: RN50\n" if how.startswith("preset") else "") + ("" if "option" in how else
                         "arch: ViT-B/16\n") + "iters: 10\n")  # fmt: skip
-        argv = ["train", str(path), "--print-config"] + (["--arch", "ViT-B/16"] if "option" in how else [])
+        argv = ["train", str(path), "--print-config", "--data", str(tmp_path)]  # the config train checks: with data
+        argv += ["--arch", "ViT-B/16"] if "option" in how else []
         assert main(argv) == 0
         printed = json.loads(capsys.readouterr().out)
         assert (printed["arch"], printed["crop"], printed["img_scale"]) == ("ViT-B/16", 640, [2048, 640])
@@ -802,7 +803,8 @@ def test_config_files_and_errors(arch_file, generic, tmp_path, capsys):
     assert printed["clip_activation"] == "gelu"
     switches = tmp_path / "switches.yaml"
     switches.write_text("sync_bn: true\ngrad_checkpointing: false\n")
-    assert main(["train", str(switches), "--no-sync-bn", "--grad-checkpointing", "--print-config"]) == 0
+    assert main(["train", str(switches), "--no-sync-bn", "--grad-checkpointing", "--data", generic,
+                 "--print-config"]) == 0  # fmt: skip
     printed = json.loads(capsys.readouterr().out)
     assert (printed["sync_bn"], printed["grad_checkpointing"]) == (False, True)  # the command line wins both ways
     path.write_text("itres: 10\n")
@@ -828,14 +830,20 @@ def test_config_files_and_errors(arch_file, generic, tmp_path, capsys):
         path.write_text(text + "\n")
         with pytest.raises(ValueError, match=re.escape(message)):
             TrainConfig.load(str(path))
-    # bad options are one line naming the option (exit 2), before any work
+    # bad options are one line naming the option (exit 2), before any work; --print-config refuses them the same
+    # way rather than print a config train would refuse
     base = ["train", "--arch", arch_file, "--data", generic, "--layout", "generic", "--work-dir", str(tmp_path / "x")]
     for extra, message in ((["--checkpoint-interval", "0"], "checkpoint_interval must be an int >= 1, got 0"),
                            (["--log-interval", "0"], "log_interval must be an int >= 1, got 0"),
+                           (["--iters", "0"], "iters must be an int >= 1, got 0"),
+                           (["--lr", "-1"], "lr must be a finite number > 0 and <= 1, got -1.0"),
                            (["--device", "gpu0"], "--device must be a device such as 'cpu', 'cuda'")):  # fmt: skip
-        assert main(base + extra) == 2
-        err = capsys.readouterr().err
-        assert err.count("\n") == 1 and message in err, err
+        for printing in ([], ["--print-config"]):
+            assert main(base + extra + printing) == 2, (extra, printing)
+            out, err = capsys.readouterr()
+            assert out == "" and err.count("\n") == 1 and message in err, (extra, printing, err)
+    assert main(["train", "--arch", "RN50", "--print-config"]) == 2  # train would refuse it too
+    assert capsys.readouterr().err == "denseclip-fast: error: data must name the dataset directory (--data DIR)\n"
     assert not os.path.exists(tmp_path / "x" / "metrics.csv")
 
 
