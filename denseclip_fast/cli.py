@@ -340,8 +340,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         if value is not None:
             setattr(cfg, name, value)
     if args.print_config:
-        # what train runs first (it fills the sizes the run would use): a config it would refuse is not printed
-        cfg.validate()
+        # what train runs first (it fills the sizes the run would use): a config it would refuse is not printed,
+        # but one without --data is (a template to fill in)
+        cfg.validate(require_data=False)
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
     result = train(cfg, resume=args.resume)
@@ -471,7 +472,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="SyncBatchNorm across processes (torchrun); --no-sync-bn turns a config's off")
     tr.add_argument("--resume", help="'auto' (the work dir's latest checkpoint) or an iter_N.state.pt file")
     tr.add_argument("--print-config", action="store_true",
-                    help="check the resolved configuration as train would, print it as JSON and exit")  # fmt: skip
+                    help="check the resolved configuration as train would (--data may be left out), print it "
+                         "as JSON and exit")  # fmt: skip
     tr.set_defaults(func=cmd_train)
 
     ev = sub.add_parser(

@@ -842,8 +842,11 @@ def test_config_files_and_errors(arch_file, generic, tmp_path, capsys):
             assert main(base + extra + printing) == 2, (extra, printing)
             out, err = capsys.readouterr()
             assert out == "" and err.count("\n") == 1 and message in err, (extra, printing, err)
-    assert main(["train", "--arch", "RN50", "--print-config"]) == 2  # train would refuse it too
-    assert capsys.readouterr().err == "denseclip-fast: error: data must name the dataset directory (--data DIR)\n"
+    assert main(["train", "--arch", "RN50", "--print-config"]) == 0  # without --data: a template to fill in
+    assert json.loads(capsys.readouterr().out)["data"] in (None, "")
+    absent = str(tmp_path / "absent")
+    assert main(["train", "--arch", "RN50", "--data", absent, "--print-config"]) == 2  # a --data given is checked
+    assert capsys.readouterr().err == f"denseclip-fast: error: data directory {absent!r} does not exist\n"
     assert not os.path.exists(tmp_path / "x" / "metrics.csv")
 
 

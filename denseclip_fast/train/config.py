@@ -100,16 +100,17 @@ class TrainConfig:
             if self.img_scale is None:
                 self.img_scale = (arch.test_scale[0], arch.test_scale[1])
 
-    def validate(self) -> None:
+    def validate(self, require_data: bool = True) -> None:
         """ValueError naming the field for anything a run cannot start with; fills the architecture's defaults
-        first (:meth:`apply_arch_defaults`)."""
+        first (:meth:`apply_arch_defaults`). ``require_data=False`` lets ``data`` be unset (a template config:
+        ``train --print-config`` without ``--data``); a ``data`` given must still be a directory."""
         self.apply_arch_defaults()
         assert self.crop is not None and self.img_scale is not None
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
-        if not self.data:
+        if not self.data and require_data:
             raise ValueError("data must name the dataset directory (--data DIR)")
-        if not os.path.isdir(self.data):
+        if self.data and not os.path.isdir(self.data):
             raise ValueError(f"data directory {self.data!r} does not exist")
         for name in ("iters", "batch_size", "accum", "checkpoint_interval", "log_interval"):
             check_int(name, getattr(self, name))
