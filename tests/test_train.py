@@ -720,6 +720,16 @@ def test_bad_files_are_named(tmp_path):
         SegmentationData(data, "generic", "train")
 
 
+def test_a_byte_order_mark_is_not_part_of_the_first_name(tmp_path):
+    """classes.txt and the split files saved with a UTF-8 BOM (as Windows editors may) read as without one."""
+    data = make_generic(tmp_path / "g")
+    (tmp_path / "g" / "classes.txt").write_text("\ufeff" + "\n".join(CLASSES) + "\n", encoding="utf-8")
+    (tmp_path / "g" / "splits" / "val.txt").write_text("\ufeffscene_4\nscene_5\n", encoding="utf-8")
+    ds = SegmentationData(data, "generic", "val")
+    assert ds.class_names == CLASSES
+    assert [os.path.basename(s.image) for s in ds.samples] == ["scene_4.png", "scene_5.png"]
+
+
 def test_reduce_zero_label_as_mmseg(tmp_path):
     """ADE20K labels: 0 is ignored and k becomes k - 1; a pixel already holding the ignore value stays ignored
     (mmseg: 0 -> 255, minus 1, 254 -> 255), also with a 16-bit ignore value."""

@@ -78,13 +78,13 @@ def find_samples(root: str, layout: str, split: str) -> tuple[list[Sample], list
         classes_file = os.path.join(root, "classes.txt")
         if not os.path.isfile(classes_file):
             raise ValueError(f"{classes_file} is missing (one class name a line)")
-        with open(classes_file, encoding="utf-8") as f:
+        with open(classes_file, encoding="utf-8-sig") as f:  # -sig: a BOM (Windows' Notepad) is not a character
             classes = [line.strip() for line in f if line.strip()]
         if not classes:
             raise ValueError(f"{classes_file} lists no class names")
         split_file = os.path.join(root, "splits", f"{split}.txt")
         if os.path.isfile(split_file):
-            with open(split_file, encoding="utf-8") as f:
+            with open(split_file, encoding="utf-8-sig") as f:
                 names = [line.strip() for line in f if line.strip()]
             missing = [n for n in names if n not in images]
             if missing:
