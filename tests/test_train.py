@@ -8,6 +8,7 @@ import json
 import math
 import os
 import re
+import shutil
 import socket
 import sys
 
@@ -718,6 +719,25 @@ def test_bad_files_are_named(tmp_path):
     os.remove(tmp_path / "g" / "labels" / "scene_2.png")
     with pytest.raises(ValueError, match="have no label file, e.g. .*scene_2.png"):
         SegmentationData(data, "generic", "train")
+
+
+@pytest.mark.parametrize("kept, renamed", [("train.txt", None), ("val.txt", None), ("train.txt", "validation.txt")])
+def test_one_split_file_alone_is_refused_not_filled_with_every_image(tmp_path, kept, renamed):
+    """A split file without its partner (or with a misnamed one) is refused for both splits: the missing split
+    would be every image, so validation images were trained on. Without splits/, every image serves both."""
+    data = make_generic(tmp_path / "g")
+    splits = tmp_path / "g" / "splits"
+    missing = "val.txt" if kept == "train.txt" else "train.txt"
+    if renamed:
+        os.rename(splits / missing, splits / renamed)
+    else:
+        os.remove(splits / missing)
+    for split in ("train", "val"):
+        with pytest.raises(ValueError, match=rf"splits.{missing} is missing \(.*splits holds .*{kept}.*\): give "
+                                             r"both split files, train.txt and val.txt, or neither"):  # fmt: skip
+            SegmentationData(data, "generic", split)
+    shutil.rmtree(splits)
+    assert len(SegmentationData(data, "generic", "train")) == len(SegmentationData(data, "generic", "val")) == 6
 
 
 def test_a_byte_order_mark_is_not_part_of_the_first_name(tmp_path):

@@ -5,9 +5,10 @@ Layouts:
   ade20k   DIR/images/{training,validation}/*.jpg, DIR/annotations/{training,validation}/*.png; label 0 is
            "other" and ignored, classes shift down by one (mmseg's ``reduce_zero_label``); the 150 ADE20K classes.
   generic  DIR/images/NAME.jpg|png, DIR/labels/NAME.png (class indices, 255 ignored), DIR/classes.txt (one name a
-           line), optional DIR/splits/train.txt and DIR/splits/val.txt listing NAMEs (without them every image
-           serves both). With 256 classes or more, 255 is a class: the labels are 16-bit PNGs and the ignored
-           value is another one, ``ignore_index`` (e.g. 65535), which must lie outside 0..classes-1.
+           line), optional DIR/splits/train.txt and DIR/splits/val.txt listing NAMEs, both or neither (without
+           splits/ every image serves both; a splits/ without one of them is refused: that split would be every
+           image, the other's included). With 256 classes or more, 255 is a class: the labels are 16-bit PNGs and
+           the ignored value is another one, ``ignore_index`` (e.g. 65535), which must lie outside 0..classes-1.
 Training augmentation, as the official pipeline: keep-ratio resize to (2048, 512) x a ratio in [0.5, 2.0] (image
 bilinear, label nearest, both bit-exact with mmcv's OpenCV), random crop whose most frequent class covers < 75% (10
 tries), horizontal flip (p 0.5), photometric distortion (brightness, contrast, saturation, hue, mmseg's order and
@@ -82,8 +83,17 @@ def find_samples(root: str, layout: str, split: str) -> tuple[list[Sample], list
             classes = [line.strip() for line in f if line.strip()]
         if not classes:
             raise ValueError(f"{classes_file} lists no class names")
-        split_file = os.path.join(root, "splits", f"{split}.txt")
-        if os.path.isfile(split_file):
+        splits = os.path.join(root, "splits")
+        held = sorted(f for f in os.listdir(splits) if not f.startswith(".")) if os.path.isdir(splits) else []
+        lacking = [f for f in ("train.txt", "val.txt") if f not in held]
+        if held and lacking:  # the missing split would be every image: validation images trained on, silently
+            raise ValueError(
+                f"{' and '.join(os.path.join(splits, f) for f in lacking)} {'is' if len(lacking) == 1 else 'are'} "
+                f"missing ({splits} holds {', '.join(held)}): give both split files, train.txt and val.txt, or "
+                "neither (without splits/ every image serves both)"
+            )
+        split_file = os.path.join(splits, f"{split}.txt")
+        if held:
             with open(split_file, encoding="utf-8-sig") as f:
                 names = [line.strip() for line in f if line.strip()]
             missing = [n for n in names if n not in images]
