@@ -740,6 +740,20 @@ def test_one_split_file_alone_is_refused_not_filled_with_every_image(tmp_path, k
     assert len(SegmentationData(data, "generic", "train")) == len(SegmentationData(data, "generic", "val")) == 6
 
 
+@pytest.mark.parametrize("folder, first, second", [("images", "scene_0.jpg", "scene_0.png"),
+                                                   ("labels", "scene_0.PNG", "scene_0.png")])  # fmt: skip
+def test_two_files_of_one_name_are_refused_naming_both(tmp_path, folder, first, second):
+    """An image saved as both .jpg and .png, or a label as .png and .PNG: which one a sample takes is not guessed
+    (the later file in sorted order won, silently)."""
+    data = make_generic(tmp_path / "g", n=2, splits=False)
+    shutil.copy(tmp_path / "g" / folder / "scene_0.png", tmp_path / "g" / folder / first)
+    if len(os.listdir(tmp_path / "g" / folder)) == 2:
+        pytest.skip("a case-insensitive file system: scene_0.PNG is scene_0.png")
+    with pytest.raises(ValueError, match=rf"{folder}.{first} and .*{folder}.{second} have the same NAME 'scene_0': "
+                                         "keep one file per name"):  # fmt: skip
+        SegmentationData(data, "generic", "val")
+
+
 def test_a_byte_order_mark_is_not_part_of_the_first_name(tmp_path):
     """classes.txt and the split files saved with a UTF-8 BOM (as Windows editors may) read as without one."""
     data = make_generic(tmp_path / "g")

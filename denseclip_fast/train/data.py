@@ -57,10 +57,19 @@ class Sample:
 
 
 def _names_in(folder: str, suffixes: Sequence[str]) -> dict[str, str]:
+    """NAME -> path of the files in ``folder`` with one of ``suffixes`` (any case); two files of one NAME (a.jpg and
+    a.png, a.png and a.PNG) are refused: which one a sample takes would be a guess."""
     if not os.path.isdir(folder):
         raise ValueError(f"{folder} does not exist (see the data layout in denseclip_fast.train.data)")
-    return {os.path.splitext(f)[0]: os.path.join(folder, f) for f in sorted(os.listdir(folder))
-            if f.lower().endswith(tuple(suffixes))}  # fmt: skip
+    paths: dict[str, str] = {}
+    for file in sorted(os.listdir(folder)):
+        if file.lower().endswith(tuple(suffixes)):
+            name, path = os.path.splitext(file)[0], os.path.join(folder, file)
+            if name in paths:
+                raise ValueError(f"{paths[name]} and {path} have the same NAME {name!r}: keep one file per name "
+                                 "(remove or rename the other)")  # fmt: skip
+            paths[name] = path
+    return paths
 
 
 def find_samples(root: str, layout: str, split: str) -> tuple[list[Sample], list[str]]:
