@@ -754,6 +754,34 @@ def test_two_files_of_one_name_are_refused_naming_both(tmp_path, folder, first, 
         SegmentationData(data, "generic", "val")
 
 
+def test_images_of_other_extensions_are_named_with_the_accepted_ones(tmp_path):
+    """A folder of .tif images (or labels) is said to hold none of the accepted extensions, with what was skipped."""
+    data = make_generic(tmp_path / "g", n=2)
+    for name in ("scene_0", "scene_1"):
+        os.rename(tmp_path / "g" / "images" / f"{name}.png", tmp_path / "g" / "images" / f"{name}.tif")
+    shutil.rmtree(tmp_path / "g" / "splits")
+    with pytest.raises(ValueError, match=r"no val images found in .*images \(generic layout: images are \.jpg, "
+                                         r"\.jpeg or \.png files, any letter case; 2 file\(s\) of other extensions "
+                                         r"skipped, e.g. scene_0.tif\)$"):  # fmt: skip
+        SegmentationData(data, "generic", "val")
+    os.makedirs(tmp_path / "g" / "splits")
+    (tmp_path / "g" / "splits" / "train.txt").write_text("scene_0\n")
+    (tmp_path / "g" / "splits" / "val.txt").write_text("\n")
+    with pytest.raises(ValueError, match=r"val.txt lists no names \(one image NAME a line\)"):
+        SegmentationData(data, "generic", "val")
+    with pytest.raises(ValueError, match=r"train.txt lists 1 name\(s\) without an image, e.g. 'scene_0' \(images "
+                                         r"in .*images are \.jpg, .*, .*skipped, e.g. scene_0.tif\)"):  # fmt: skip
+        SegmentationData(data, "generic", "train")
+    ade = make_ade20k(tmp_path / "ade")
+    labels = tmp_path / "ade" / "annotations" / "validation"
+    for name in os.listdir(labels):
+        os.rename(labels / name, labels / name.replace(".png", ".bmp"))
+    with pytest.raises(ValueError, match=r"2 image\(s\) in .* have no label file, e.g. .*00000000.jpg \(labels in "
+                                         r".*validation are NAME.png files, any letter case; 2 file\(s\) of other "
+                                         r"extensions skipped, e.g. ADE_validation_00000000.bmp\)"):  # fmt: skip
+        SegmentationData(ade, "ade20k", "val")
+
+
 def test_a_byte_order_mark_is_not_part_of_the_first_name(tmp_path):
     """classes.txt and the split files saved with a UTF-8 BOM (as Windows editors may) read as without one."""
     data = make_generic(tmp_path / "g")

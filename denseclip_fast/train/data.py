@@ -72,19 +72,27 @@ def _names_in(folder: str, suffixes: Sequence[str]) -> dict[str, str]:
     return paths
 
 
+def _accepted(folder: str, suffixes: Sequence[str]) -> str:
+    """For an error message: the files ``folder`` may hold and, if it holds others, how many were skipped."""
+    kinds = " or ".join([", ".join(suffixes[:-1]), suffixes[-1]] if len(suffixes) > 1 else suffixes)
+    others = sorted(f for f in os.listdir(folder) if not f.startswith(".") and not f.lower().endswith(tuple(suffixes)))
+    skipped = f"; {len(others)} file(s) of other extensions skipped, e.g. {others[0]}" if others else ""
+    return f"{kinds} files, any letter case{skipped}"
+
+
 def find_samples(root: str, layout: str, split: str) -> tuple[list[Sample], list[str]]:
     """The (image, label) pairs of ``split`` ("train" or "val") and the class names."""
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     if layout == "ade20k":
         sub = "training" if split == "train" else "validation"
-        images = _names_in(os.path.join(root, "images", sub), IMAGE_SUFFIXES)
-        labels = _names_in(os.path.join(root, "annotations", sub), (".png",))
+        image_dir, label_dir = os.path.join(root, "images", sub), os.path.join(root, "annotations", sub)
+        images, labels = _names_in(image_dir, IMAGE_SUFFIXES), _names_in(label_dir, (".png",))
         names = list(images)
         classes = list(ADE20K_CLASSES)
     elif layout == "generic":
-        images = _names_in(os.path.join(root, "images"), IMAGE_SUFFIXES)
-        labels = _names_in(os.path.join(root, "labels"), (".png",))
+        image_dir, label_dir = os.path.join(root, "images"), os.path.join(root, "labels")
+        images, labels = _names_in(image_dir, IMAGE_SUFFIXES), _names_in(label_dir, (".png",))
         classes_file = os.path.join(root, "classes.txt")
         if not os.path.isfile(classes_file):
             raise ValueError(f"{classes_file} is missing (one class name a line)")
@@ -105,18 +113,23 @@ def find_samples(root: str, layout: str, split: str) -> tuple[list[Sample], list
         if held:
             with open(split_file, encoding="utf-8-sig") as f:
                 names = [line.strip() for line in f if line.strip()]
+            if not names:
+                raise ValueError(f"{split_file} lists no names (one image NAME a line)")
             missing = [n for n in names if n not in images]
             if missing:
-                raise ValueError(f"{split_file} lists {len(missing)} name(s) without an image, e.g. {missing[0]!r}")
+                raise ValueError(f"{split_file} lists {len(missing)} name(s) without an image, e.g. {missing[0]!r} "
+                                 f"(images in {image_dir} are {_accepted(image_dir, IMAGE_SUFFIXES)})")  # fmt: skip
         else:
             names = list(images)
     else:
         raise ValueError(f"layout must be 'ade20k' or 'generic', got {layout!r}")
     unlabeled = [n for n in names if n not in labels]
     if unlabeled:
-        raise ValueError(f"{len(unlabeled)} image(s) in {root} have no label file, e.g. {images[unlabeled[0]]}")
+        raise ValueError(f"{len(unlabeled)} image(s) in {root} have no label file, e.g. {images[unlabeled[0]]} "
+                         f"(labels in {label_dir} are NAME{_accepted(label_dir, ('.png',))})")  # fmt: skip
     if not names:
-        raise ValueError(f"no {split} images found in {root} ({layout} layout)")
+        raise ValueError(f"no {split} images found in {image_dir} ({layout} layout: images are "
+                         f"{_accepted(image_dir, IMAGE_SUFFIXES)})")  # fmt: skip
     return [Sample(images[n], labels[n]) for n in names], classes
 
 
