@@ -67,15 +67,41 @@ def load_image(path: str | os.PathLike[str]) -> np.ndarray:
         return pil_to_rgb(ImageOps.exif_transpose(img), path, int32_is_16_bit=True)
 
 
-def image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
-    """(H, W) of an image file as stored, from its header only, without decoding the pixels: before its EXIF
-    orientation, which may swap the sides of what :func:`load_image` returns (reading the orientation would decode a
-    whole PNG; the size checks this serves give the same answer either way round). Raises ValueError naming the
-    file when it is not a readable image."""
+# EXIF orientations that swap an image's height and width (transpose, quarter turns, transverse)
+TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
+
+
+def _orientation(img: Any, header_only: bool) -> int:
+    from PIL import ExifTags, Image
+
+    if header_only:
+        exif = Image.Image.getexif(img)  # the base class's: a PNG's own getexif decodes the pixels first
+    else:
+        img.load()  # as ImageOps.exif_transpose: a PNG's eXIf chunk may follow its pixels
+        exif = img.getexif()
+    value = exif.get(ExifTags.Base.Orientation, 1)
+    return int(value) if value in range(1, 9) else 1  # exif_transpose leaves the image as stored for others
+
+
+def exif_orientation(path: str | os.PathLike[str], header_only: bool = False) -> int:
+    """The EXIF orientation (1..8, 1: as stored) by which :func:`load_image` turns an image file. ``header_only``:
+    from what the file holds before its pixels, without decoding them (a PNG's eXIf chunk after its pixels, rare,
+    is then not seen). Raises ValueError naming the file when it is not a readable image."""
+    path = os.fspath(path)
+    with _opened_image(path) as img:
+        return _orientation(img, header_only)
+
+
+def image_size(path: str | os.PathLike[str], upright: bool = False) -> tuple[int, int]:
+    """(H, W) of an image file from its header only, without decoding the pixels: as stored, before its EXIF
+    orientation (the test-size checks give the same answer either way round), or with ``upright`` as
+    :func:`load_image` returns it, the sides swapped by an orientation in the header (``exif_orientation(path,
+    header_only=True)``). Raises ValueError naming the file when it is not a readable image."""
     path = os.fspath(path)
     with _opened_image(path) as img:
         width, height = img.size
-    return height, width
+        turned = upright and _orientation(img, header_only=True) in TRANSPOSING_ORIENTATIONS
+    return (width, height) if turned else (height, width)
 
 
 IMAGE_EXTENSIONS = (".bmp", ".jpeg", ".jpg", ".png", ".ppm", ".tif", ".tiff", ".webp")

@@ -11,6 +11,7 @@ import torch
 from denseclip_fast.preprocess import (
     CLIP_MEAN,
     CLIP_STD,
+    exif_orientation,
     image_files,
     image_size,
     keep_ratio_size,
@@ -113,6 +114,12 @@ def test_load_image_reads_as_opencv_does(tmp_path):
     for name in ("deep.png", "grey.png", "alpha.png"):  # image_size: load_image's, from the header
         assert image_size(tmp_path / name) == load_image(tmp_path / name).shape[:2], name
     assert image_size(tmp_path / "rotated.png") == (20, 30)  # as stored: the EXIF orientation is not read
+    assert image_size(tmp_path / "rotated.png", upright=True) == (30, 20)  # as load_image returns it
+    Image.fromarray(rgb).save(tmp_path / "rotated.jpg", exif=exif)
+    assert image_size(tmp_path / "rotated.jpg", upright=True) == load_image(tmp_path / "rotated.jpg").shape[:2]
+    for name in ("rotated.png", "rotated.jpg", "deep.png"):  # from the header alone too (before a PNG's pixels)
+        assert exif_orientation(tmp_path / name) == exif_orientation(tmp_path / name, header_only=True)
+        assert exif_orientation(tmp_path / name) == (1 if name == "deep.png" else 6)
     Image.fromarray(deep.astype(np.int32)).save(tmp_path / "deep32.tif")  # mode "I", as older Pillows read 16-bit PNGs
     assert np.array_equal(load_image(tmp_path / "deep32.tif"), load_image(tmp_path / "deep.png"))
     # made in memory (the Segmenter's PIL input), a 32-bit image keeps Pillow's values; a 16-bit one its high byte

@@ -782,6 +782,38 @@ def test_images_of_other_extensions_are_named_with_the_accepted_ones(tmp_path):
         SegmentationData(ade, "ade20k", "val")
 
 
+def _with_orientation(path, orientation: int) -> None:
+    """Rewrites the image at ``path`` (its pixels as they are) with an EXIF orientation tag."""
+    with Image.open(path) as img:
+        img.load()
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        img.save(path, exif=exif.tobytes())
+
+
+def test_a_label_of_an_image_that_exif_turns_says_so(tmp_path):
+    """As mmcv, the image is turned upright by its EXIF orientation and the label read as stored: a label of the
+    stored 40x56 pixels differs from the turned 56x40 image, and the message says why. A label of the upright size
+    is read, and an orientation that keeps the sides (3: half a turn) passes as before."""
+    data = make_generic(tmp_path / "g", n=3, splits=False)
+    images, labels = tmp_path / "g" / "images", tmp_path / "g" / "labels"
+    _with_orientation(images / "scene_0.png", 6)
+    _with_orientation(images / "scene_1.png", 8)
+    with Image.open(labels / "scene_1.png") as label:
+        label.transpose(Image.Transpose.ROTATE_90).save(labels / "scene_1.png")
+    _with_orientation(images / "scene_2.png", 3)
+    ds = SegmentationData(data, "generic", "val")
+    with pytest.raises(ValueError, match=re.escape("scene_0.png: label size (40, 56) differs from its image's (56, "
+                                                   "40), which its EXIF orientation (6) turns from the stored (40, "
+                                                   "56); the label is read as stored, as mmseg does")):  # fmt: skip
+        ds.read(0)
+    assert ds.read(1)[0].shape == (56, 40, 3) and ds.read(1)[1].shape == (56, 40)
+    assert ds.read(2)[0].shape == (40, 56, 3)
+    Image.fromarray(np.zeros((40, 50), np.uint8)).save(labels / "scene_2.png")
+    with pytest.raises(ValueError, match=r"scene_2.png: label size \(40, 50\) differs from its image's \(40, 56\)$"):
+        ds.read(2)
+
+
 def test_a_byte_order_mark_is_not_part_of_the_first_name(tmp_path):
     """classes.txt and the split files saved with a UTF-8 BOM (as Windows editors may) read as without one."""
     data = make_generic(tmp_path / "g")

@@ -31,7 +31,15 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from ..class_names import ADE20K_CLASSES
-from ..preprocess import keep_ratio_size, load_image, normalize, resize_bilinear_uint8, resize_nearest
+from ..preprocess import (
+    TRANSPOSING_ORIENTATIONS,
+    exif_orientation,
+    keep_ratio_size,
+    load_image,
+    normalize,
+    resize_bilinear_uint8,
+    resize_nearest,
+)
 
 if TYPE_CHECKING:
     from .config import TrainConfig
@@ -131,6 +139,18 @@ def find_samples(root: str, layout: str, split: str) -> tuple[list[Sample], list
         raise ValueError(f"no {split} images found in {image_dir} ({layout} layout: images are "
                          f"{_accepted(image_dir, IMAGE_SUFFIXES)})")  # fmt: skip
     return [Sample(images[n], labels[n]) for n in names], classes
+
+
+def _label_size_error(sample: Sample, label_size: Sequence[int], image_size: Sequence[int]) -> ValueError:
+    """The error for a label whose size differs from its image's, as :func:`load_image` returns the image: turned
+    upright by its EXIF orientation (as mmcv's loader), while the label is read as stored (as mmseg's)."""
+    message = f"{sample.label}: label size {tuple(label_size)} differs from its image's {tuple(image_size)}"
+    orientation = exif_orientation(sample.image)
+    if orientation in TRANSPOSING_ORIENTATIONS:
+        stored = tuple(image_size)[::-1]
+        message += (f", which its EXIF orientation ({orientation}) turns from the stored {stored}; the label is read "
+                    "as stored, as mmseg does (store the image upright, or turn the label likewise)")  # fmt: skip
+    return ValueError(message)
 
 
 def read_label(path: str, num_classes: int, reduce_zero_label: bool, ignore_index: int = IGNORE) -> np.ndarray:
@@ -340,7 +360,7 @@ class SegmentationData(Dataset):
         image = load_image(sample.image)
         label = read_label(sample.label, len(self.class_names), self.reduce_zero_label, self.ignore_index)
         if label.shape != image.shape[:2]:
-            raise ValueError(f"{sample.label}: label size {label.shape} differs from its image's {image.shape[:2]}")
+            raise _label_size_error(sample, label.shape, image.shape[:2])
         return image, label
 
     def __getitem__(self, item: int | tuple[int, int]):
