@@ -51,7 +51,7 @@ def _opened_image(path: str) -> Iterator[Any]:
             yield img
     except FileNotFoundError:
         raise ValueError(f"{path}: no such image file") from None
-    except (UnidentifiedImageError, OSError) as exc:
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:  # SyntaxError: Pillow's for a malformed block
         raise ValueError(f"{path}: not a readable image ({exc})") from None
 
 

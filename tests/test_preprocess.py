@@ -127,6 +127,10 @@ def test_load_image_reads_as_opencv_does(tmp_path):
     assert (pil_to_rgb(Image.fromarray(np.full((2, 3), 40000, np.uint16)), "x") == 156).all()
     with pytest.raises(ValueError, match="missing.png: no such image file"):
         image_size(tmp_path / "missing.png")
+    Image.fromarray(rgb).save(tmp_path / "bad_exif.png", exif=b"Exif\x00\x00not a TIFF block")  # Pillow: SyntaxError
+    for read in (load_image, exif_orientation, lambda path: image_size(path, upright=True)):
+        with pytest.raises(ValueError, match=r"bad_exif.png: not a readable image \(not a TIFF file"):
+            read(tmp_path / "bad_exif.png")
 
 
 def test_palette_colorize_overlay():
