@@ -20,6 +20,7 @@ from PIL import Image
 from denseclip_fast import CheckpointError, load_checkpoint
 from denseclip_fast.class_names import ADE20K_CLASSES
 from denseclip_fast.cli import main
+from denseclip_fast.preprocess import image_size
 from denseclip_fast.train import (
     SegmentationData,
     SegmentationMetrics,
@@ -850,6 +851,53 @@ def test_an_image_too_elongated_to_evaluate_stops_training_before_it_starts(arch
     with pytest.raises(ValueError, match=r"scene_1.png of \(2, 300\) pixels is resized to \(1, 128\) to fit"):
         train(_config(arch_file, data, tmp_path / "w"))
     assert not os.path.exists(tmp_path / "w")
+
+
+@pytest.mark.parametrize("bad", ["scene_1", "scene_5"])  # a training label, a validation one
+def test_a_label_of_another_size_stops_training_before_it_starts(arch_file, tmp_path, bad):
+    """Each split's label sizes are compared with their images' from the headers before the training, with the
+    reader's message: a validation label was found at the first evaluation (after the whole run), a training one
+    when a DataLoader worker read it."""
+    data = make_generic(tmp_path / "g")
+    Image.fromarray(np.zeros((40, 50), np.uint8)).save(tmp_path / "g" / "labels" / f"{bad}.png")
+    with pytest.raises(ValueError, match=rf"{bad}.png: label size \(40, 50\) differs from its image's \(40, 56\)$"):
+        train(_config(arch_file, data, tmp_path / "w"))
+    assert not os.path.exists(tmp_path / "w")
+
+
+def _exif_after_the_pixels(path) -> None:
+    """Moves a PNG's eXIf chunk after its pixel data, where Pillow finds it only by decoding the image."""
+    data = open(path, "rb").read()
+    chunks, pos = [], 8
+    while pos < len(data):
+        end = pos + 12 + int.from_bytes(data[pos : pos + 4], "big")
+        chunks.append(data[pos:end])
+        pos = end
+    exif = [c for c in chunks if c[4:8] == b"eXIf"]
+    rest = [c for c in chunks if c[4:8] != b"eXIf"]
+    assert len(exif) == 1 and rest[-1][4:8] == b"IEND"
+    open(path, "wb").write(data[:8] + b"".join(rest[:-1] + exif + rest[-1:]))
+
+
+def test_label_sizes_from_the_headers_follow_the_exif_orientation(tmp_path):
+    """The up-front check sizes an image as load_image turns it: a label of the upright size passes, also when the
+    orientation follows a PNG's pixels (the header alone does not show it); one of the stored size is refused with
+    the reader's message."""
+    data = make_generic(tmp_path / "g", n=3, splits=False)
+    images, labels = tmp_path / "g" / "images", tmp_path / "g" / "labels"
+    for name in ("scene_0", "scene_1", "scene_2"):
+        _with_orientation(images / f"{name}.png", 6)
+    for name in ("scene_0", "scene_1"):  # labelled upright
+        with Image.open(labels / f"{name}.png") as label:
+            label.transpose(Image.Transpose.ROTATE_270).save(labels / f"{name}.png")
+    _exif_after_the_pixels(images / "scene_1.png")
+    assert image_size(images / "scene_1.png", upright=True) == (40, 56)  # the header: no orientation
+    ds = SegmentationData(data, "generic", "val")
+    ds.check_label_sizes([0, 1])
+    assert [ds.read(i)[1].shape for i in (0, 1)] == [(56, 40)] * 2
+    with pytest.raises(ValueError, match=r"scene_2.png: label size \(40, 56\) differs from its image's \(56, 40\), "
+                                         r"which its EXIF orientation \(6\) turns"):  # fmt: skip
+        ds.check_label_sizes()
 
 
 def test_more_than_255_classes_with_16_bit_labels(tmp_path):

@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import numbers
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -34,6 +34,7 @@ from ..class_names import ADE20K_CLASSES
 from ..preprocess import (
     TRANSPOSING_ORIENTATIONS,
     exif_orientation,
+    image_size,
     keep_ratio_size,
     load_image,
     normalize,
@@ -362,6 +363,22 @@ class SegmentationData(Dataset):
         if label.shape != image.shape[:2]:
             raise _label_size_error(sample, label.shape, image.shape[:2])
         return image, label
+
+    def check_label_sizes(self, indices: Iterable[int] | None = None) -> None:
+        """The reader's ValueError for the first sample (of ``indices``, default all) whose label's size differs
+        from its image's, from the files' headers (no pixels decoded): before a run, rather than when the sample is
+        first read, which for the evaluation may be after the whole training. Label values are left to the reader
+        (scanning ADE20K's 20k labels up front would take about a minute; the headers take a second)."""
+        for i in range(len(self)) if indices is None else indices:
+            sample = self.samples[i]
+            label_size = image_size(sample.label)
+            if label_size != image_size(sample.image, upright=True):
+                # the exact size load_image returns: an EXIF orientation after a PNG's pixels is not in its header
+                size = image_size(sample.image)
+                if exif_orientation(sample.image) in TRANSPOSING_ORIENTATIONS:
+                    size = size[::-1]
+                if label_size != size:
+                    raise _label_size_error(sample, label_size, size)
 
     def __getitem__(self, item: int | tuple[int, int]):
         if isinstance(item, tuple):

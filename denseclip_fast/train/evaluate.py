@@ -121,13 +121,15 @@ def check_image_sizes(
     data: SegmentationData, test_scale: Sequence[int], scales: Sequence[float], indices: Sequence[int] | None = None
 ) -> None:
     """ValueError naming the first image of ``data`` (of ``indices``, default all) that the network cannot take
-    at one of ``scales`` (too elongated: resized to fit the test scale, a side falls under MIN_IMAGE_SIDE), read
-    from the files' headers before any work."""
+    at one of ``scales`` (too elongated: resized to fit the test scale, a side falls under MIN_IMAGE_SIDE), or
+    whose label's size differs from its own (SegmentationData.check_label_sizes), read from the files' headers
+    before any work."""
     for i in range(len(data)) if indices is None else indices:
         path = data.samples[i].image
         size = image_size(path)
         for ratio in scales:
             check_test_image_size(size, [int(s * ratio) for s in test_scale], path)
+    data.check_label_sizes(indices)
 
 
 @torch.no_grad()

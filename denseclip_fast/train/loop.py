@@ -399,6 +399,7 @@ class Trainer:
         # the evaluation's images (their headers), now rather than after the training; every process stops alike
         val = SegmentationData(cfg.data, cfg.layout, "val", ignore_index=cfg.ignore_index)  # kept for _evaluate
         check_image_sizes(val, cfg.model_config().test_scale, (1.0,))
+        data.check_label_sizes()  # as check_image_sizes does for val: now, not in a DataLoader worker hours in
         model = prepare_model(build_model(cfg, data.class_names), cfg, device)
         layout = memory_format(cfg, device)
         optimizer = make_optimizer(model, cfg, device)
