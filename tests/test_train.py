@@ -620,6 +620,12 @@ def test_metrics_on_hand_made_cases():
     perfect.update(label, label)
     r = perfect.results()
     assert r["mIoU"] == 1.0 and r["aAcc"] == 1.0 and r["per_class"]["3"]["IoU"] is None  # absent class: NaN
+    # Acc is null for any class absent from the labels, IoU only when absent from the predictions too (README)
+    predicted = SegmentationMetrics(4)
+    predicted.update(np.where(label == 2, 3, label), label)  # class 3 predicted, never labelled
+    r = predicted.results()
+    assert r["per_class"]["3"] == {"IoU": 0.0, "Acc": None} and r["per_class"]["2"] == {"IoU": 0.0, "Acc": 0.0}
+    assert r["mAcc"] == pytest.approx(2 / 3) and r["mIoU"] == pytest.approx(2 / 4)
     with pytest.raises(ValueError, match="same shape"):
         perfect.update(label[:1], label)
 
