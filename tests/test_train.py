@@ -1023,6 +1023,22 @@ def test_work_dirs_and_resume_refuse_what_would_lose_or_mix_runs(arch_file, gene
         train(cfg, resume="auto")
 
 
+def test_a_refused_resume_leaves_the_work_dir_as_it_was(arch_file, generic, tmp_path):
+    """The resume checks come before anything is written: a refused resume (here with another batch size) rewrote
+    config.json, which then described a run that never trained, and created a new work dir it never used."""
+    train(_config(arch_file, generic, tmp_path / "w", iters=2, checkpoint_interval=2))
+    (tmp_path / "w" / ".iter_4.state.pt.9.0123abcd.partial").write_bytes(b"left by a killed run")
+    files = lambda: {n: (tmp_path / "w" / n).read_bytes() for n in os.listdir(tmp_path / "w")}  # noqa: E731
+    before = files()
+    with pytest.raises(ValueError, match=r"resume with --batch-size 2"):
+        train(_config(arch_file, generic, tmp_path / "w", iters=4, batch_size=4), resume="auto")
+    assert files() == before
+    with pytest.raises(ValueError, match=r"resume with --batch-size 2"):
+        train(_config(arch_file, generic, tmp_path / "new", batch_size=4), 
+              resume=str(tmp_path / "w" / "iter_2.state.pt"))  # fmt: skip
+    assert not os.path.exists(tmp_path / "new")
+
+
 class _Evil:
     def __reduce__(self):
         return (os.system, ("touch denseclip_fast_pwned_marker",))

@@ -404,14 +404,14 @@ class Trainer:
         layout = memory_format(cfg, device)
         optimizer = make_optimizer(model, cfg, device)
         scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
-        if rank == 0:
+        start = self._load(resume_path, model, optimizer, scaler, rank, device) if resume_path else 0
+        if rank == 0:  # only once the resume is accepted: a refused one leaves the work dir as it was
             os.makedirs(cfg.work_dir, exist_ok=True)
             for name in os.listdir(cfg.work_dir):  # left by a run killed while it saved (replaced_atomically)
                 if name.startswith(".") and name.endswith(PARTIAL_SUFFIX):
                     os.remove(self._path(name))
             with open(self._path("config.json"), "w", encoding="utf-8") as f:
                 json.dump(cfg.to_dict(), f, indent=2)
-        start = self._load(resume_path, model, optimizer, scaler, rank, device) if resume_path else 0
         if not resume_path:
             torch.manual_seed(cfg.seed + rank)  # dropout masks: distinct per process, reproducible
         elif rank == 0:
