@@ -1039,6 +1039,41 @@ def test_a_refused_resume_leaves_the_work_dir_as_it_was(arch_file, generic, tmp_
     assert not os.path.exists(tmp_path / "new")
 
 
+def test_resume_with_another_architecture_norm_decay_or_classes_is_one_line(arch_file, generic, tmp_path, capsys):
+    """Resuming with weights of other shapes (another fpn_channels in the arch file) was load_state_dict's
+    RuntimeError traceback, with another norm_decay torch's bare 'loaded state dict has a different number of
+    parameter groups', with another class count 'class_names has 4 names but the checkpoint's head has 3 outputs':
+    each is now one line naming the state file, the saved and the given setting, before anything is written."""
+    train(_config(arch_file, generic, tmp_path / "a", iters=2, checkpoint_interval=2))
+    state = str(tmp_path / "a" / "iter_2.state.pt")
+    wide = tmp_path / "wide.json"
+    wide.write_text(json.dumps({**json.loads(open(arch_file).read()), "fpn_channels": 32}))
+    four = make_generic(tmp_path / "four", n=4)
+    (tmp_path / "four" / "classes.txt").write_text("\n".join([*CLASSES, "tree"]) + "\n")
+    wide_arch = rf"arch '{re.escape(arch_file)}' \(fpn_channels 16\), this one has '{re.escape(str(wide))}' "
+    cases = ((dict(arch=str(wide)), wide_arch + r"\(fpn_channels 32\): .* new --work-dir"),
+             (dict(norm_decay="official"), r"norm_decay 'all', this one has 'official': .*with norm_decay 'all'"),
+             (dict(data=four), r"3 classes, this one's data set \(.*four\) has 4: resume with the saved"))  # fmt: skip
+    for change, message in cases:
+        with pytest.raises(ValueError, match=rf"^{re.escape(state)} was saved by a run with {message}"):
+            train(dataclasses.replace(_config(arch_file, generic, tmp_path / "b"), **change), resume=state)
+        assert not os.path.exists(tmp_path / "b"), change
+    capsys.readouterr()
+    assert main(["train", "--arch", str(wide), "--data", generic, "--layout", "generic", "--batch-size", "2",
+                 "--device", "cpu", "--work-dir", str(tmp_path / "b"), "--resume", state]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "(fpn_channels 16), this one has" in err, err
+    # a state saved before norm_decay existed: what its optimizer groups hold is compared
+    old = torch.load(state, weights_only=True)
+    old["config"] = json.dumps({k: v for k, v in json.loads(old["config"]).items() if k != "norm_decay"})
+    torch.save(old, tmp_path / "a" / "iter_2.state.pt")
+    with pytest.raises(CheckpointError, match=r"iter_2.state.pt: cannot resume from it: its optimizer state does not "
+                                              r"fit this run's parameters: 4 parameter groups were saved, this run "
+                                              r"has 3"):  # fmt: skip
+        train(_config(arch_file, generic, tmp_path / "b", norm_decay="official"), resume=state)
+    assert not os.path.exists(tmp_path / "b")
+
+
 class _Evil:
     def __reduce__(self):
         return (os.system, ("touch denseclip_fast_pwned_marker",))

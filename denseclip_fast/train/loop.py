@@ -39,8 +39,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..checkpoints import load_checkpoint
+from ..checkpoints import ClassCountError, load_checkpoint
 from ..checkpoints.io import PARTIAL_SUFFIX, CheckpointError, read_weight_file, replaced_atomically
+from ..checkpoints.native import is_native, native_contents
+from ..config import DenseCLIPConfig
 from ..model import DenseCLIP
 from .config import TrainConfig
 from .data import SegmentationData, TrainSampler
@@ -167,11 +169,61 @@ def _distributed(cfg: TrainConfig) -> Iterator[tuple[int, int, torch.device]]:
 def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
     """``optimizer.load_state_dict(saved)`` keeping this run's implementation choices (``fused``, ``foreach``,
     ...): load_state_dict would take them from the saved groups, so a state saved on a CPU, or before the fused
-    AdamW, would turn the CUDA run's fused optimizer off."""
+    AdamW, would turn the CUDA run's fused optimizer off. ValueError saying how when the saved groups hold other
+    parameters than this optimizer's (load_state_dict's own error names neither group nor parameter)."""
+    difference = _group_difference(saved["param_groups"], optimizer.param_groups)
+    if difference:
+        raise ValueError(f"its optimizer state does not fit this run's parameters: {difference}")
     own = {key: optimizer.defaults[key] for key in ("fused", "foreach", "capturable", "differentiable")
            if key in optimizer.defaults}  # fmt: skip
     groups = [{**group, **own} for group in saved["param_groups"]]
     optimizer.load_state_dict({**saved, "param_groups": groups})
+
+
+def _group_difference(saved: list[dict[str, Any]], mine: list[dict[str, Any]]) -> str:
+    """How saved parameter groups differ from this optimizer's in what they hold ("" when they do not): the number
+    of groups, of parameters in a group, or their names (param_groups' ``names``, where both have them)."""
+    if len(saved) != len(mine):
+        return f"{len(saved)} parameter groups were saved, this run has {len(mine)}"
+    for i, (theirs, own) in enumerate(zip(saved, mine)):
+        names, own_names = theirs.get("names"), own.get("names")
+        sizes = (f"parameter group {i} was saved with {len(theirs['params'])} parameters, this run's has "
+                 f"{len(own['params'])}")  # fmt: skip
+        if names is not None and own_names is not None and names != own_names:
+            only = [n for n in names if n not in own_names] or [n for n in own_names if n not in names]
+            return f"{sizes} ({f'e.g. {only[0]} is in only one of them' if only else 'in another order'})"
+        if len(theirs["params"]) != len(own["params"]):
+            return sizes
+    return ""
+
+
+def _saved_architecture(weights: str) -> DenseCLIPConfig | None:
+    """The architecture in the metadata of a model file written by train (its tensors are not read); None when
+    the file cannot be opened as safetensors or is not in this project's format: loading it says why."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(weights, framework="pt", device="cpu") as f:
+            metadata = dict(f.metadata() or {})
+    except Exception:  # missing, truncated, another format: load_checkpoint names the file and the reason
+        return None
+    return native_contents(metadata, weights)[0] if is_native(metadata) else None
+
+
+def _architecture_difference(saved: DenseCLIPConfig, mine: DenseCLIPConfig, limit: int = 3) -> tuple[str, str]:
+    """The fields in which two architectures differ, as ("fpn_channels 16", "fpn_channels 32"); at most ``limit``."""
+    a, b = _flat(saved.to_dict()), _flat(mine.to_dict())
+    keys = [k for k in a if a[k] != b.get(k)] + [k for k in b if k not in a]
+    more = ", ..." if len(keys) > limit else ""
+    listed = [", ".join(f"{k} {d.get(k)!r}" for k in keys[:limit]) + more for d in (a, b)]
+    return listed[0], listed[1]
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
 
 
 RESUME_FILE = "a training state file: the iter_N.state.pt that train writes beside each iter_N.safetensors"
@@ -342,17 +394,19 @@ class Trainer:
         device: torch.device,
     ) -> int:  # fmt: skip
         state = self._state if self._state is not None else read_train_state(path)
-        saved = json.loads(state["config"])
-        if saved.get("batch_size") != self.cfg.batch_size:
-            raise ValueError(
-                f"{path} was saved by a run with batch_size {saved.get('batch_size')}, this one has "
-                f"{self.cfg.batch_size}: the data order resumes by images seen, so resume with --batch-size "
-                f"{saved.get('batch_size')} (accum may differ)"
-            )
         weights = path.removesuffix(".state.pt") + ".safetensors"
-        loaded = load_checkpoint(weights, class_names=model.class_names)
+        try:
+            loaded = load_checkpoint(weights, class_names=model.class_names)
+        except ClassCountError as exc:
+            raise ValueError(
+                f"{path} was saved by a run with {exc.outputs} classes, this one's data set ({self.cfg.data}) has "
+                f"{exc.given}: resume with the saved run's data set, or start this run in a new --work-dir"
+            ) from None
         model.load_state_dict(loaded.state_dict())
-        load_optimizer_state(optimizer, state["optimizer"])
+        try:
+            load_optimizer_state(optimizer, state["optimizer"])
+        except ValueError as exc:  # what _refuse_other_settings cannot see, e.g. a state older than norm_decay
+            raise CheckpointError(path, f"cannot resume from it: {exc}") from None
         scaler.load_state_dict(state["scaler"])
         if rank >= len(state["rng"]):
             raise ValueError(
@@ -378,12 +432,43 @@ class Trainer:
             self.cfg = dataclasses.replace(self.cfg, **kept)  # __post_init__: a JSON list becomes the tuple
             self.cfg.validate()
 
+    def _refuse_other_settings(self, path: str) -> None:
+        """A resume whose settings the saved state cannot go on with is refused naming the file, the saved and the
+        given value and what to do, before any work: another batch size (the data order resumes by images seen),
+        another architecture (the saved weights are its shapes and function) or norm_decay (it decides which
+        parameters share an optimizer group)."""
+        assert self._state is not None
+        saved, cfg = json.loads(self._state["config"]), self.cfg
+        if saved.get("batch_size") != cfg.batch_size:
+            raise ValueError(
+                f"{path} was saved by a run with batch_size {saved.get('batch_size')}, this one has "
+                f"{cfg.batch_size}: the data order resumes by images seen, so resume with --batch-size "
+                f"{saved.get('batch_size')} (accum may differ)"
+            )
+        weights = path.removesuffix(".state.pt") + ".safetensors"
+        arch, mine = _saved_architecture(weights), cfg.model_config()
+        if arch is not None and arch != mine:
+            theirs, ours = _architecture_difference(arch, mine)
+            raise ValueError(
+                f"{path} was saved by a run with arch {saved.get('arch')!r} ({theirs}), this one has {cfg.arch!r} "
+                f"({ours}): its weights ({os.path.basename(weights)}) and optimizer state are that architecture's; "
+                "resume with the saved run's --arch (and --clip-activation), or start this run in a new --work-dir"
+            )
+        if "norm_decay" in saved and saved["norm_decay"] != cfg.norm_decay:  # older states: the group check in _load
+            raise ValueError(
+                f"{path} was saved by a run with norm_decay {saved['norm_decay']!r}, this one has "
+                f"{cfg.norm_decay!r}: it decides which parameters share an optimizer group, so the saved optimizer "
+                f"state fits only the saved one; resume with norm_decay {saved['norm_decay']!r}, or start this run "
+                "in a new --work-dir"
+            )
+
     def run(self) -> dict[str, Any]:
         resume_path = self._find_resume()
         if resume_path is None:
             self._refuse_used_work_dir()
         else:
             self._keep_saved_sizes(resume_path)
+            self._refuse_other_settings(resume_path)
         cfg = self.cfg
         with _distributed(cfg) as (rank, world, device), _cudnn_benchmark(cfg.cudnn_benchmark):
             return self._run(rank, world, device, resume_path)
