@@ -45,7 +45,13 @@ from denseclip_fast.train.loop import (
     memory_format,
     prepare_model,
 )
-from denseclip_fast.train.optim import freeze_text_encoder, learning_rate, param_groups, segmentation_loss
+from denseclip_fast.train.optim import (
+    freeze_text_encoder,
+    learning_rate,
+    param_groups,
+    segmentation_loss,
+    set_learning_rates,
+)
 
 from .conftest import tiny_config
 
@@ -215,6 +221,34 @@ def test_resume_matches_training_straight_through(arch_file, generic, tmp_path):
     resumed, straight = _metrics(tmp_path / "b"), _metrics(tmp_path / "a")[2:]
     assert straight == [{**r, "images_per_s": r2["images_per_s"], "seconds": r2["seconds"]}
                         for r, r2 in zip(resumed, straight)]  # fmt: skip
+
+
+def test_a_resume_with_another_lr_uses_it_and_logs_the_optimizers(arch_file, generic, tmp_path, monkeypatch, capsys):
+    """Resumed with another lr, weight_decay and backbone_lr_mult, the optimizer went on with the saved ones (its
+    groups' initial_lr and weight_decay came from the state) while metrics.csv, TensorBoard and config.json showed
+    the new ones. This run's settings now apply from the iteration resumed at, as the schedule's other fields do
+    (so "resume with a lower --lr" after a non-finite loss does what it says), the change is said on stderr, and the
+    logged lr is read from the optimizer."""
+    train(_config(arch_file, generic, tmp_path / "a", iters=2, checkpoint_interval=2))
+    used = []
+
+    def spy(optimizer, iteration, cfg):
+        lr = set_learning_rates(optimizer, iteration, cfg)
+        used.append((lr, [(g["lr"], g["initial_lr"], g["weight_decay"]) for g in optimizer.param_groups]))
+        return lr
+
+    monkeypatch.setattr("denseclip_fast.train.loop.set_learning_rates", spy)
+    capsys.readouterr()
+    cfg = _config(arch_file, generic, tmp_path / "b", lr=5e-4, weight_decay=1e-2, backbone_lr_mult=0.5)
+    train(cfg, resume=str(tmp_path / "a" / "iter_2.state.pt"))
+    assert len(used) == 2
+    for it, (logged, groups) in zip((2, 3), used):
+        assert {g[1:] for g in groups} == {(5e-4, 1e-2), (5e-4, 0.0), (2.5e-4, 1e-2), (2.5e-4, 0.0)}
+        assert logged == groups[0][0] == learning_rate(5e-4, it, cfg) and all(g[0] > 0 for g in groups)
+    assert ("iter_2.state.pt with lr 0.0005 (the saved run had 0.001), weight_decay 0.01 (the saved run had 0.0001), "
+            "backbone_lr_mult 0.5 (the saved run had 0.1), iters 4 (the saved run had 2): the optimizer and the "
+            "schedule go on with these values from iteration 2") in capsys.readouterr().err  # fmt: skip
+    assert [float(r["lr"]) for r in _metrics(tmp_path / "b")] == [lr for lr, _ in used]
 
 
 def test_a_failed_save_leaves_the_previous_checkpoint_in_charge(arch_file, generic, tmp_path, monkeypatch):

@@ -15,7 +15,9 @@ seconds), ``eval.csv`` and ``config.json``; TensorBoard events when the ``tensor
 Checkpoint files and ``latest.json`` are written to a temporary name and renamed, so a run killed while saving
 leaves ``latest.json`` pointing at the previous, complete checkpoint.
 Resuming (``resume="auto"`` or a ``.state.pt`` path) restores the model, optimiser, schedule, scaler, iteration,
-random state and the position in the data stream, so it ends where an uninterrupted run ends.
+random state and the position in the data stream, so it ends where an uninterrupted run ends. The optimiser's
+settings and the schedule are this run's config's: a changed lr, weight decay, backbone lr multiplier or schedule
+field applies from the iteration resumed at (said on stderr).
 """
 
 from __future__ import annotations
@@ -167,16 +169,18 @@ def _distributed(cfg: TrainConfig) -> Iterator[tuple[int, int, torch.device]]:
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
-    """``optimizer.load_state_dict(saved)`` keeping this run's implementation choices (``fused``, ``foreach``,
-    ...): load_state_dict would take them from the saved groups, so a state saved on a CPU, or before the fused
-    AdamW, would turn the CUDA run's fused optimizer off. ValueError saying how when the saved groups hold other
-    parameters than this optimizer's (load_state_dict's own error names neither group nor parameter)."""
+    """``optimizer.load_state_dict(saved)`` for the saved moments and step counts, keeping this optimizer's group
+    settings, which load_state_dict would take from the saved groups: its hyperparameters (``initial_lr``,
+    ``weight_decay``, ...: this run's config, as the schedule's other fields are; the saved ones would be applied
+    while every log showed the config's) and its implementation choices (``fused``, ``foreach``, ...: a state saved
+    on a CPU, or before the fused AdamW, would turn the CUDA run's fused optimizer off). ValueError saying how when
+    the saved groups hold other parameters than this optimizer's (load_state_dict's own error names neither group
+    nor parameter)."""
     difference = _group_difference(saved["param_groups"], optimizer.param_groups)
     if difference:
         raise ValueError(f"its optimizer state does not fit this run's parameters: {difference}")
-    own = {key: optimizer.defaults[key] for key in ("fused", "foreach", "capturable", "differentiable")
-           if key in optimizer.defaults}  # fmt: skip
-    groups = [{**group, **own} for group in saved["param_groups"]]
+    groups = [{**group, **{k: v for k, v in own.items() if k != "params"}}
+              for group, own in zip(saved["param_groups"], optimizer.param_groups)]  # fmt: skip
     optimizer.load_state_dict({**saved, "param_groups": groups})
 
 
@@ -226,6 +230,10 @@ def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+# what a resumed run takes from its own config though the saved run had other values (said on stderr): the
+# optimizer's settings and the schedule, from the iteration it resumes at (e.g. a lower lr after a non-finite loss)
+RESUME_FOLLOWS = ("lr", "weight_decay", "backbone_lr_mult", "iters", "warmup_iters", "warmup_ratio", "min_lr",
+                  "poly_power")  # fmt: skip
 RESUME_FILE = "a training state file: the iter_N.state.pt that train writes beside each iter_N.safetensors"
 STATE_ENTRIES: dict[str, type] = {"iteration": int, "optimizer": dict, "scaler": dict, "rng": list, "config": str}
 
@@ -298,6 +306,7 @@ class Trainer:
         self.cfg = cfg
         self.resume = resume
         self._state: dict[str, Any] | None = None  # the resume file, read once
+        self._changed: list[str] = []  # RESUME_FOLLOWS settings that differ from the saved run's, said when resuming
 
     # ------------------------------------------------------------------ files
 
@@ -405,7 +414,7 @@ class Trainer:
         model.load_state_dict(loaded.state_dict())
         try:
             load_optimizer_state(optimizer, state["optimizer"])
-        except ValueError as exc:  # what _refuse_other_settings cannot see, e.g. a state older than norm_decay
+        except ValueError as exc:  # what _check_settings cannot see, e.g. a state older than norm_decay
             raise CheckpointError(path, f"cannot resume from it: {exc}") from None
         scaler.load_state_dict(state["scaler"])
         if rank >= len(state["rng"]):
@@ -432,11 +441,11 @@ class Trainer:
             self.cfg = dataclasses.replace(self.cfg, **kept)  # __post_init__: a JSON list becomes the tuple
             self.cfg.validate()
 
-    def _refuse_other_settings(self, path: str) -> None:
+    def _check_settings(self, path: str) -> None:
         """A resume whose settings the saved state cannot go on with is refused naming the file, the saved and the
         given value and what to do, before any work: another batch size (the data order resumes by images seen),
         another architecture (the saved weights are its shapes and function) or norm_decay (it decides which
-        parameters share an optimizer group)."""
+        parameters share an optimizer group). The RESUME_FOLLOWS settings that differ are noted, to be said."""
         assert self._state is not None
         saved, cfg = json.loads(self._state["config"]), self.cfg
         if saved.get("batch_size") != cfg.batch_size:
@@ -461,6 +470,8 @@ class Trainer:
                 f"state fits only the saved one; resume with norm_decay {saved['norm_decay']!r}, or start this run "
                 "in a new --work-dir"
             )
+        self._changed = [f"{name} {getattr(cfg, name)!r} (the saved run had {saved[name]!r})"
+                         for name in RESUME_FOLLOWS if name in saved and saved[name] != getattr(cfg, name)]  # fmt: skip
 
     def run(self) -> dict[str, Any]:
         resume_path = self._find_resume()
@@ -468,7 +479,7 @@ class Trainer:
             self._refuse_used_work_dir()
         else:
             self._keep_saved_sizes(resume_path)
-            self._refuse_other_settings(resume_path)
+            self._check_settings(resume_path)
         cfg = self.cfg
         with _distributed(cfg) as (rank, world, device), _cudnn_benchmark(cfg.cudnn_benchmark):
             return self._run(rank, world, device, resume_path)
@@ -502,6 +513,10 @@ class Trainer:
         elif rank == 0:
             for name in ("metrics.csv", "eval.csv"):
                 self._keep_rows_until(name, start)
+            if self._changed:
+                print(f"denseclip-fast train: resuming from {resume_path} with {', '.join(self._changed)}: the "
+                      f"optimizer and the schedule go on with these values from iteration {start}",
+                      file=sys.stderr)  # fmt: skip
 
         bn_images = micro * world if cfg.sync_bn and world > 1 else micro
         if rank == 0 and bn_images < cfg.batch_size:

@@ -69,10 +69,12 @@ def learning_rate(base: float, iteration: int, cfg: TrainConfig) -> float:
 
 
 def set_learning_rates(optimizer: torch.optim.Optimizer, iteration: int, cfg: TrainConfig) -> float:
-    """Apply the schedule for ``iteration``; returns the unscaled (head) learning rate."""
+    """Apply the schedule for ``iteration``; returns the unscaled (head) learning rate, as the optimizer has it:
+    the first group's (param_groups puts the groups outside the backbone first), so that what is logged is what
+    the optimizer uses, whatever set its ``initial_lr``."""
     for group in optimizer.param_groups:
         group["lr"] = learning_rate(group["initial_lr"], iteration, cfg)
-    return learning_rate(cfg.lr, iteration, cfg)
+    return float(optimizer.param_groups[0]["lr"])
 
 
 def _mean_cross_entropy(logits: torch.Tensor, label: torch.Tensor, ignore_index: int) -> torch.Tensor:
