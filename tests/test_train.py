@@ -1057,6 +1057,29 @@ def test_work_dirs_and_resume_refuse_what_would_lose_or_mix_runs(arch_file, gene
         train(cfg, resume="auto")
 
 
+def test_resume_auto_without_latest_json_says_what_it_found(arch_file, generic, tmp_path):
+    """--resume auto in a work dir with checkpoints but no latest.json (a run killed during its first save, a
+    deleted file) advised "continue it with --resume auto", what had just been done. It now says that no resumable
+    state was found, which files are there, and the newest state that --resume FILE takes (which works)."""
+    cfg = _config(arch_file, generic, tmp_path / "w", iters=2, checkpoint_interval=1)
+    train(cfg)
+    os.remove(tmp_path / "w" / "latest.json")
+    state = str(tmp_path / "w" / "iter_2.state.pt")
+    found = r"--resume auto: work_dir .* has no latest.json, so no resumable state was found, but it holds checkpoint "
+    with pytest.raises(ValueError, match=found + r"files \(iter_1.safetensors, iter_1.state.pt, iter_2.safetensors, "
+                       rf"iter_2.state.pt\): name the newest state explicitly with --resume {re.escape(state)}, or "
+                       r"start this run in a new --work-dir \(or delete those files\)$") as err:  # fmt: skip
+        train(cfg, resume="auto")
+    assert "continue it with --resume auto" not in str(err.value)
+    assert train(dataclasses.replace(cfg, iters=3), resume=state)["iterations"] == 3
+    for name in ("latest.json", "iter_1.state.pt", "iter_2.state.pt", "iter_3.state.pt"):
+        os.remove(tmp_path / "w" / name)
+    with pytest.raises(ValueError, match=found + r"files \(iter_1.safetensors, iter_2.safetensors, iter_3.safetensors"
+                       r"\): none is an iter_N.state.pt beside its iter_N.safetensors, so none can be resumed: start "
+                       r"this run in a new --work-dir"):  # fmt: skip
+        train(cfg, resume="auto")
+
+
 def test_a_refused_resume_leaves_the_work_dir_as_it_was(arch_file, generic, tmp_path):
     """The resume checks come before anything is written: a refused resume (here with another batch size) rewrote
     config.json, which then described a run that never trained, and created a new work dir it never used."""

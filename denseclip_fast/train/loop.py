@@ -285,6 +285,12 @@ def next_batch(batches: Iterator[Any]) -> Any:
         raise ValueError(last.removeprefix("ValueError: ")) from None
 
 
+def _iteration(name: str) -> int:
+    """N of a work dir's ``iter_N.*`` file name (-1 when N is not a number)."""
+    number = name.removeprefix("iter_").split(".", 1)[0]
+    return int(number) if number.isdigit() else -1
+
+
 def build_model(cfg: TrainConfig, class_names: list[str]) -> DenseCLIP:
     torch.manual_seed(cfg.seed)
     model = DenseCLIP(cfg.model_config(), class_names)
@@ -336,11 +342,26 @@ class Trainer:
 
     def _refuse_used_work_dir(self) -> None:
         """A run that does not resume starts in a work dir without another run's checkpoints: it would mix its
-        metrics with theirs, and pruning to max_checkpoints (by iteration) would delete its own newest ones."""
+        metrics with theirs, and pruning to max_checkpoints (by iteration) would delete its own newest ones. Under
+        --resume auto such files without latest.json (a run killed during its first save, a deleted file) are
+        named, with the newest state that --resume FILE can take."""
         if not os.path.isdir(self.cfg.work_dir):
             return
-        used = sorted(n for n in os.listdir(self.cfg.work_dir)
+        names = os.listdir(self.cfg.work_dir)
+        used = sorted(n for n in names
                       if n == "latest.json" or (n.startswith("iter_") and n.endswith(".safetensors")))  # fmt: skip
+        if used and self.resume == "auto":  # _find_resume found no latest.json
+            files = sorted((n for n in names if n.startswith("iter_") and n.endswith((".safetensors", ".state.pt"))),
+                           key=lambda n: (_iteration(n), n))  # fmt: skip
+            states = [n for n in files if n.endswith(".state.pt") and n.replace(".state.pt", ".safetensors") in files]
+            advice = (f"name the newest state explicitly with --resume {self._path(states[-1])}, or start"
+                      if states else "none is an iter_N.state.pt beside its iter_N.safetensors, so none can be "
+                      "resumed: start")  # fmt: skip
+            raise ValueError(
+                f"--resume auto: work_dir {self.cfg.work_dir!r} has no latest.json, so no resumable state was found, "
+                f"but it holds checkpoint files ({', '.join(files[:8])}{', ...' if len(files) > 8 else ''}): "
+                f"{advice} this run in a new --work-dir (or delete those files)"
+            )
         if used:
             raise ValueError(
                 f"work_dir {self.cfg.work_dir!r} holds another run's checkpoints ({', '.join(used[:4])}"
