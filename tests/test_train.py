@@ -1042,6 +1042,24 @@ def test_config_files_and_errors(arch_file, generic, tmp_path, capsys):
     assert not os.path.exists(tmp_path / "x" / "metrics.csv")
 
 
+def test_extra_is_notes_kept_with_the_run_and_must_be_json(generic, tmp_path, capsys):
+    """extra is free-form notes: read by nothing, printed and saved with the config (config.json, the states). A
+    value JSON cannot hold (YAML reads 2024-01-01 as a date) is refused naming extra, before any work; it was a
+    TypeError traceback when the config was printed or config.json written."""
+    path = tmp_path / "run.yaml"
+    base = f"preset: RN50\ndata: {generic}\nlayout: generic\nwork_dir: {tmp_path / 'w'}\n"
+    path.write_text(base + "extra: {note: lr sweep, when: '2024-01-01'}\n")
+    assert main(["train", str(path), "--print-config"]) == 0
+    assert json.loads(capsys.readouterr().out)["extra"] == {"note": "lr sweep", "when": "2024-01-01"}
+    path.write_text(base + "extra: {when: 2024-01-01}\n")
+    assert main(["train", str(path), "--print-config"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == ("denseclip-fast: error: extra (notes saved in config.json) must hold JSON values "
+                                 "(strings, numbers, true/false, null, lists, mappings; quote a YAML date): Object of "
+                                 "type date is not JSON serializable\n")  # fmt: skip
+    assert not os.path.exists(tmp_path / "w")
+
+
 def test_work_dirs_and_resume_refuse_what_would_lose_or_mix_runs(arch_file, generic, tmp_path):
     """A fresh run in another run's work dir is refused (pruning by iteration number would delete its newest
     checkpoints, its metrics would mix with theirs); --resume auto naming a deleted state, and resuming with another

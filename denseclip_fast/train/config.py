@@ -40,7 +40,8 @@ NUMBER_RANGES: tuple[tuple[str, float, float, bool], ...] = (
 @dataclass
 class TrainConfig:
     """Every knob of a training run. ``arch`` is a released architecture or a path to an architecture JSON file
-    (``DenseCLIPConfig.to_dict()``); ``init`` is CLIP weights for ``DenseCLIP.from_clip`` or ``"none"``."""
+    (``DenseCLIPConfig.to_dict()``); ``init`` is CLIP weights for ``DenseCLIP.from_clip`` or ``"none"``; ``extra``
+    is free-form notes, not a knob."""
 
     arch: str = "RN50"
     data: str = ""
@@ -81,6 +82,8 @@ class TrainConfig:
     eval_mode: str = "slide"
     max_checkpoints: int = 3
     tensorboard: bool = True
+    # free-form notes kept with the run (config.json, each state's config; what a YAML comment cannot be), never
+    # read by the trainer: a knob is a field above, and an unknown one is refused
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -149,6 +152,11 @@ class TrainConfig:
             raise ValueError(f"channels_last must be true, false or null (on CUDA only), got {self.channels_last!r}")
         if self.eval_mode not in ("whole", "slide"):
             raise ValueError(f"eval_mode must be 'whole' or 'slide', got {self.eval_mode!r}")
+        try:  # it is written to config.json and into every state (YAML reads 2024-01-01 as a date)
+            json.dumps(self.extra)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"extra (notes saved in config.json) must hold JSON values (strings, numbers, true/false, "
+                             f"null, lists, mappings; quote a YAML date): {exc}") from None  # fmt: skip
         self.model_config()
 
     def model_config(self) -> DenseCLIPConfig:
