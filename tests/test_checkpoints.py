@@ -242,6 +242,27 @@ def test_native_round_trip(tmp_path, official_file):
     assert dcf.load_checkpoint(tmp_path / "gelu.safetensors").config.activation == "gelu"  # kept with the weights
 
 
+@pytest.mark.parametrize("suffix", [".safetensors", ".bin"])
+def test_a_safetensors_header_length_starting_with_0x80_is_not_a_pickle(tmp_path, suffix):
+    """A safetensors file begins with its header's length (8 bytes, little-endian, a multiple of 8): one length in
+    32 has 0x80 as its first byte, which was taken for a legacy torch.save pickle. Named .safetensors, torch.load
+    then read the bare tensors and load_checkpoint treated the file as an official one (config, class names and
+    palette replaced by guesses: a different model, silently); under another name it was 'not a valid checkpoint'."""
+    model = DenseCLIP(tiny_config("vit").replace(activation="gelu"), ["sky", "road", "tree", "car"])
+    model.palette = [(1, 2, 3), (4, 5, 6), (7, 8, 9), (10, 11, 12)]
+    for pad in range(0, 264, 8):  # 8 more bytes of header each: every length modulo 256 within 32 saves
+        model.set_classes(["sky", "road", "tree" + " " * pad, "car"])
+        path = tmp_path / f"model{suffix}"
+        model.save(path)
+        if path.read_bytes()[0] == 0x80:
+            break
+    else:
+        pytest.fail("no header length ending in 0x80 found")
+    loaded = dcf.load_checkpoint(path)
+    assert loaded.config == model.config and loaded.config.activation == "gelu"
+    assert loaded.class_names == model.class_names and loaded.palette == model.palette
+
+
 def test_native_file_checks(tmp_path):
     model = DenseCLIP(tiny_config("vit"), ["sky", "road"])
     path = tmp_path / "vit.safetensors"

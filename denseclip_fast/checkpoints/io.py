@@ -123,15 +123,18 @@ def read_weight_file(path: str | os.PathLike[str]) -> WeightFile:
         for entry in entries or ():  # torch.save writes every entry stored; torch.load would inflate any other
             _check_stored(entry, path, size)
         return WeightFile("torch", obj=_checked_views(_torch_load(path, size), path))
-    if head[:1] == b"\x80":  # a pickle protocol marker: torch.save's legacy format
-        return WeightFile("torch", obj=_checked_views(_torch_load(path, size), path))
-    if len(head) >= 9 and head[8:9] == b"{":  # safetensors: an 8-byte header length, then the JSON header
+    # safetensors: an 8-byte little-endian header length, then the JSON header. Tested before the pickle marker: the
+    # length's first byte is 0x80 for one header length in 32 (they are multiples of 8), and torch.save's legacy
+    # files, which begin with 0x80, never have "{" at byte 8 (their magic number's bytes are there)
+    if len(head) >= 9 and head[8:9] == b"{":
         header = struct.unpack("<Q", head[:8])[0]
         if 8 + header <= size:
             return _read_safetensors(path)
         if header <= SAFETENSORS_MAX_HEADER:
             raise CheckpointError(path, f"truncated or corrupt safetensors file: its header should be {header} bytes "
                                         f"but the file has {size} bytes in all")  # fmt: skip
+    if head[:1] == b"\x80":  # a pickle protocol marker: torch.save's legacy format
+        return WeightFile("torch", obj=_checked_views(_torch_load(path, size), path))
     raise CheckpointError(
         path, f"not a checkpoint: unrecognised format (first bytes {head[:8]!r}); expected a torch .pth/.pt file, "
         "a TorchScript archive or a .safetensors file"
