@@ -58,10 +58,12 @@ define gpu_machine
 	rm -rf $(1) && mkdir -p $(1)
 	git ls-files -z --cached --others --exclude-standard | xargs -0 cp --parents -t $(1)
 	cp -r wheels $(1)/
-	cd $(1) && PATH=$(CURDIR)/$(GPU_TORCH_VENV)/bin:$$PATH DCF_BUDGET_S=3600 DCF_SITE=$(CURDIR)/$(GPU_TORCH_TREE)/site \
-		bash benchmarks/gpu_check.sh out $(2)
-	@echo "steps: $(CURDIR)/$(1)/out/status.txt, logs beside it"
+	cd $(1) && PATH=$(CURDIR)/$(GPU_TORCH_VENV)/bin:$$PATH DCF_BUDGET_S=3600 DCF_TESTS_S=3600 DCF_WORK=work \
+		DCF_SITE=$(CURDIR)/$(GPU_TORCH_TREE)/site bash benchmarks/gpu_check.sh out $(2)
+	@echo "steps: $(CURDIR)/$(1)/out/status.txt, logs in $(CURDIR)/$(1)/work"
 	! grep -v -e ": exit 0" -e "prebuilt extension: loaded" $(1)/out/status.txt
+	# what the device tool brings back: at most 8 files; the packed work folder holds every log
+	test $$(ls $(1)/out | wc -l) -le 8 && tar tzf $(1)/out/gpu_check.tar.gz | grep -q status.txt
 endef
 test-gpu-torch: gpu-wheels
 	test -x $(GPU_TORCH_VENV)/bin/python || $(PYTHON_GPU) -m venv $(GPU_TORCH_VENV)

@@ -1,17 +1,23 @@
 #!/usr/bin/env bash
-# One call on the lent GPU machine: install the carried wheels, build the extension, run the test suite (GPU tests
-# included) and the benchmarks (operators, then end to end), and write everything to OUT_DIR. Copy the JSON and
-# markdown results into benchmarks/results/ and commit them.
+# One call on the lent GPU machine: install the carried wheels, build the extension, run the GPU tests and the
+# benchmarks, and bring everything back packed. Unpack it into benchmarks/results/gpu/ (or copy what matters into
+# benchmarks/results/) and commit it with the GPU name and versions (env.json).
 #
 #   bash benchmarks/gpu_check.sh OUT_DIR [STEP ...]
 #
-# STEP: build info gpu_tests ops e2e_rn50 export_bench train_bench compile_baselines tune_score e2e_more rest (default:
-# all but build, in that order; each issue's targets first, torch.compile's minutes of compilation after them), and
+# What comes back: the device tool returns at most 8 files from $OUT (16 MiB each), and a run writes about 30 (logs,
+# JSON, markdown, PNG). So every step writes into a work folder (DCF_WORK, default /tmp/dcf-gpu-check, kept across
+# the calls of one warm machine) and after each step the whole folder is packed into OUT_DIR/gpu_check.tar.gz, next to
+# copies of status.txt and env.json: three files, rewritten after every step, so a call cut short still returns what
+# it finished.
+#
+# STEP: build info gpu_tests ops e2e_rn50 train_bench compile_baselines export_bench tune_score e2e_more rest
+# (default: all but build, in that order: the GPU tests (at most DCF_TESTS_S seconds, default 180), then each issue's
+# targets (operators, end to end, training), then torch.compile's minutes of compilation, then the rest), and
 # save_prebuilt (what make test-gpu-torch leaves for the GPU session, below). The extension is built when it is
-# missing and no prebuilt one fits (or with `build`); a warm machine keeps it, so a session can split the work into
-# two calls under the 10-minute limit of one, e.g.
-# `... OUT info gpu_tests ops e2e_rn50 export_bench train_bench` then
-# `... OUT compile_baselines tune_score e2e_more rest`.
+# missing and no prebuilt one fits (or with `build`); a warm machine keeps it. With the 15 minutes of device time of
+# a session (the machine's start included) plan one full call, `bash benchmarks/gpu_check.sh $OUT` with timeout_s
+# 600, and, if minutes are left, a short second one for what the first had no time for.
 #
 # The GPU machine receives a copy of the checkout, not ../shared: before the call, `make gpu-wheels` puts the wheels
 # it lacks (open_clip, ftfy, wcwidth from ../shared; onnxscript, onnx-ir, cmake from PyPI) into ./wheels (ignored by
@@ -24,23 +30,38 @@
 # already written every row they measured, they rewrite their results after each one); a step that would start with
 # under 45 s left is skipped. status.txt has each step's exit code and seconds.
 set -uo pipefail
-OUT=${1:?usage: bash benchmarks/gpu_check.sh OUT_DIR [STEP ...]}
+PACK=${1:?usage: bash benchmarks/gpu_check.sh OUT_DIR [STEP ...]}
 shift
-mkdir -p "$OUT"
+OUT=${DCF_WORK:-/tmp/dcf-gpu-check}  # where every step writes; packed into PACK after each step
+mkdir -p "$PACK" "$OUT"
+PACK=$(cd "$PACK" && pwd) OUT=$(cd "$OUT" && pwd)
 START=$(date +%s)
 BUDGET_S=${DCF_BUDGET_S:-560}
+TESTS_S=${DCF_TESTS_S:-180}
 
-timed() {  # timed NAME LOG COMMAND...: COMMAND > OUT/LOG under the time that is left
+pack() {  # the work folder into PACK/gpu_check.tar.gz (replaced whole) and status.txt beside it
+  [[ $PACK == "$OUT" ]] && return
+  tar czf "$PACK/gpu_check.tar.gz.part" -C "$OUT" . && mv -f "$PACK/gpu_check.tar.gz.part" "$PACK/gpu_check.tar.gz"
+  local f
+  for f in status.txt env.json; do
+    [[ -f $OUT/$f ]] && cp -f "$OUT/$f" "$PACK/$f"
+  done
+  return 0
+}
+
+timed() {  # timed NAME LOG COMMAND...: COMMAND > OUT/LOG under the time that is left (and STEP_CAP_S, when set)
   local name=$1 log=$2 left=$(( START + BUDGET_S - $(date +%s) ))
   shift 2
   if (( left < 45 )); then
     echo "$name: skipped, ${left} s left of DCF_BUDGET_S=${BUDGET_S}" | tee -a "$OUT/status.txt"
     return
   fi
+  local limit=$(( left - 15 )) cap=${STEP_CAP_S:-0}
+  (( cap > 0 && cap < limit )) && limit=$cap
   local begin=$(date +%s)
-  timeout --signal=INT --kill-after=15 $(( left - 15 )) "$@" > "$OUT/$log" 2>&1
+  timeout --signal=INT --kill-after=15 "$limit" "$@" > "$OUT/$log" 2>&1
   local rc=$? note=""
-  (( rc == 124 )) && note=" (stopped: time budget)"
+  (( rc == 124 )) && note=" (stopped: time limit of ${limit} s)"
   echo "$name: exit $rc in $(( $(date +%s) - begin )) s${note}" | tee -a "$OUT/status.txt"
 }
 cd "$(dirname "$0")/.."
@@ -115,7 +136,9 @@ PY
 
 gpu_tests() {  # the operators on CUDA (all backends) and the model, engine and AOTInductor package on CUDA
   # four pytest processes at once: most of their time is compiling (Triton kernels, one specialisation per dtype,
-  # block and argument divisibility; AOTInductor), one core each, on 16 cores
+  # block and argument divisibility; AOTInductor), one core each, on 16 cores; at most TESTS_S seconds, so that the
+  # benchmarks after them keep their time (a test cut short is reported by pytest's summary as it stops)
+  local STEP_CAP_S=$TESTS_S
   timed "GPU tests: Triton score operators" tests_gpu_triton_score.log \
     python3 -m pytest -q -rs --durations=10 tests/test_ops.py -k "triton and (score or concat)" &
   timed "GPU tests: Triton attention and other operator tests" tests_gpu_triton.log \
@@ -142,13 +165,13 @@ e2e_rn50() {  # the engine issue's headline: RN50 512x512 batch 1 and 16 (torch.
     --contestants engine-bf16 engine-fp32 official official-bf16
 }
 
-compile_baselines() {  # torch.compile of the references and of the official model: minutes of compilation, so after
-  # every step that judges a target
-  timed "bench_ops torch.compile" bench_ops_compile.txt \
-    python3 benchmarks/bench_ops.py --dtype bf16 --compile only --out "$OUT" --tag compile
+compile_baselines() {  # torch.compile of the official model and of the operator references: minutes of compilation,
+  # so after every step that judges a target; the end-to-end one first (the engine issue's strongest baseline)
   timed "bench_e2e RN50 whole torch.compile" bench_e2e_rn50_compile.txt \
     python3 benchmarks/bench_e2e.py --archs RN50 --modes whole --batches 1 16 --out "$OUT" --tag rn50_compile \
     --contestants compile-ro
+  timed "bench_ops torch.compile" bench_ops_compile.txt \
+    python3 benchmarks/bench_ops.py --dtype bf16 --compile only --out "$OUT" --tag compile
 }
 
 export_bench() {  # the AOTInductor package against the engine on the GPU (the ONNX Runtime part runs on CPU machines)
@@ -182,16 +205,20 @@ e2e_more() {  # slide mode and the other architectures
 }
 
 # Most valuable first, each step writing its files as it goes, so a run cut short still brings results back.
-ALL_STEPS="info gpu_tests ops e2e_rn50 export_bench train_bench compile_baselines tune_score e2e_more rest"
+ALL_STEPS="info gpu_tests ops e2e_rn50 train_bench compile_baselines export_bench tune_score e2e_more rest"
 STEPS=${*:-$ALL_STEPS}
+for step in $STEPS; do
+  [[ " build $ALL_STEPS save_prebuilt " == *" $step "* ]] \
+    || { echo "unknown step $step (steps: build $ALL_STEPS save_prebuilt)"; exit 2; }
+done
 if [[ " $STEPS " == *" build "* ]]; then
   build
 elif ! compgen -G "denseclip_fast/_C*.so" > /dev/null && ! use_prebuilt; then
   build
 fi
+pack
 for step in $STEPS; do
   [[ $step == build ]] && continue
-  [[ " $ALL_STEPS save_prebuilt " == *" $step "* ]] \
-    || { echo "unknown step $step (steps: build $ALL_STEPS save_prebuilt)"; exit 2; }
   $step
+  pack
 done
