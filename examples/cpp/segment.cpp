@@ -15,8 +15,11 @@
 // (8-bit up to 256 classes, else 16-bit). --logits also writes those logits (1, K, H, W) at the image's size as
 // little-endian float32. A JSON summary (size, mode, classes, the most frequent labels) goes to stdout.
 //
+// A float32 CUDA package runs with TF32 off (cuDNN and cuBLAS), as from Python (load_aoti) and the Segmenter.
+//
 // The package calls denseclip_fast's C++ operators through PyTorch's dispatcher: this program links
 // libdenseclip_fast_ops (built by CMakeLists.txt), whose load registers them.
+#include <ATen/Context.h>
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>
 #include <torch/torch.h>
 
@@ -303,6 +306,14 @@ int run(int argc, char** argv) {
                                                           : at::kFloat;
   const at::Device device = cuda ? at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(std::max(device_index, 0)))
                                  : at::Device(at::kCPU);
+  if (cuda && dtype == at::kFloat) {
+    // A float32 package computes in IEEE float32, as the Segmenter and load_aoti (Python's no_tf32) do: libtorch's
+    // default lets cuDNN convolutions use TF32 (about 1e-3 off). These setters exist in every libtorch the project
+    // supports; in those with the fp32_precision settings (2.9 on) they set those too (not TF32 for cuDNN, ieee for
+    // cuBLAS matmuls), so readings through either API agree.
+    at::globalContext().setAllowTF32CuDNN(false);
+    at::globalContext().setAllowTF32CuBLAS(false);
+  }
 
   Package package{loader, device, dtype, cuda, std::stoll(meta(metadata, "max_batch"))};
 
