@@ -266,26 +266,64 @@ def _verify_onnx(path: str, model: object, graph: str) -> float:
     return ((out_t - expected.double()).norm() / expected.double().norm()).item()
 
 
+def _check_export_options(args: argparse.Namespace, dtype: torch.dtype) -> None:
+    """export's options that do not apply to --format or --graph are refused, not ignored, before the checkpoint
+    is loaded."""
+    import torch
+
+    fmt = args.format
+    if fmt == "aoti" and args.graph != "image":
+        raise ValueError("--format aoti compiles the image graph only (--graph image)")
+    for flag in ("fp16", "bf16"):  # unused by the other formats: refused, not ignored
+        if getattr(args, flag) and fmt != "tensorrt":
+            raise ValueError(f"--{flag} applies to --format tensorrt (the engine's layer precisions); --format "
+                             f"{fmt} takes --dtype")  # fmt: skip
+    if fmt == "aoti":
+        for given, option, what in ((args.verify, "--verify", "runs the ONNX graph in ONNX Runtime against PyTorch"),
+                                    (args.opset is not None, "--opset", "the ONNX graph's opset")):  # fmt: skip
+            if given:
+                raise ValueError(f"{option} applies to --format onnx and tensorrt ({what}); --format aoti writes no "
+                                 "ONNX graph")  # fmt: skip
+    else:
+        if args.max_batch is not None:
+            takes = "--trt-batch MIN,OPT,MAX" if fmt == "tensorrt" else "any batch (the ONNX graph's is dynamic)"
+            raise ValueError(f"--max-batch applies to --format aoti (the package's largest batch); --format {fmt} "
+                             f"takes {takes}")  # fmt: skip
+        if args.device is not None:
+            raise ValueError(f"--device applies to --format aoti (the package's device); --format {fmt} exports the "
+                             "ONNX graph on the CPU")  # fmt: skip
+    if args.trt_batch is not None and fmt != "tensorrt":
+        takes = "--max-batch" if fmt == "aoti" else "any batch (the ONNX graph's is dynamic)"
+        raise ValueError(f"--trt-batch applies to --format tensorrt (the engine's batch profile); --format {fmt} "
+                         f"takes {takes}")  # fmt: skip
+    if args.image_size is not None and args.graph == "text":
+        raise ValueError("--image-size applies to the image graphs (--graph image or image_with_text); --graph text "
+                         "maps class tokens to class embeddings")  # fmt: skip
+    if args.bf16 and dtype == torch.float16:  # --format tensorrt (checked above)
+        raise ValueError(f"--bf16 applies to a float32 graph (--dtype float32, the default): a --dtype {args.dtype} "
+                         "graph is built strongly typed, in the precisions it was exported with")  # fmt: skip
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     import torch
 
     from . import export, load_checkpoint
+    from .export.aoti import DEFAULT_MAX_BATCH
+    from .export.onnx import DEFAULT_OPSET
+    from .export.tensorrt import DEFAULT_BATCH
     from .validation import check_writable_file
 
     size = _parse_size(args.image_size) if args.image_size else None
     check_writable_file(args.out, "--out", create_parents=True)
-    device = _device(args)  # used by aoti; checked whenever given
+    device = _device(args)  # checked whenever given (and refused outside --format aoti)
     dtype = _dtype(args, device if args.format == "aoti" else None)
-    if args.format == "aoti" and args.graph != "image":
-        raise ValueError("--format aoti compiles the image graph only (--graph image)")
-    for flag in ("fp16", "bf16"):  # unused by the other formats: refused, not ignored
-        if getattr(args, flag) and args.format != "tensorrt":
-            raise ValueError(f"--{flag} applies to --format tensorrt (the engine's layer precisions); --format "
-                             f"{args.format} takes --dtype")  # fmt: skip
+    _check_export_options(args, dtype)
+    max_batch = DEFAULT_MAX_BATCH if args.max_batch is None else args.max_batch
+    opset = DEFAULT_OPSET if args.opset is None else args.opset
     names = _parse_classes(args.classes) if args.classes is not None else None
     if args.format == "tensorrt":
         export.tensorrt._tensorrt()  # say so before any work when TensorRT is missing
-        batch = _parse_batch(args.trt_batch)
+        batch = DEFAULT_BATCH if args.trt_batch is None else _parse_batch(args.trt_batch)
         if args.out.endswith(".onnx"):
             raise ValueError("--out is the engine file for --format tensorrt (e.g. model.engine); the ONNX graph is "
                              "written next to it with the .onnx suffix")  # fmt: skip
@@ -296,15 +334,15 @@ def cmd_export(args: argparse.Namespace) -> int:
                                                      "--open-vocab scores any number of names)"))  # fmt: skip
     out = args.out
     if args.format == "aoti":
-        path = export.to_aoti(model, out, image_size=size, max_batch=args.max_batch, device=device, dtype=dtype)
-        print(f"wrote {path} (AOTInductor, {device}, {dtype}, batch 1..{args.max_batch})")
+        path = export.to_aoti(model, out, image_size=size, max_batch=max_batch, device=device, dtype=dtype)
+        print(f"wrote {path} (AOTInductor, {device}, {dtype}, batch 1..{max_batch})")
         return 0
     onnx_path = out if args.format == "onnx" else os.path.splitext(out)[0] + ".onnx"
-    path = export.to_onnx(model, onnx_path, graph=args.graph, image_size=size, dtype=dtype, opset=args.opset,
+    path = export.to_onnx(model, onnx_path, graph=args.graph, image_size=size, dtype=dtype, opset=opset,
                           check_tensorrt=False)  # fmt: skip
     problems = export.tensorrt_problems(path)
     check = "all nodes supported" if not problems else f"{len(problems)} problem(s): " + "; ".join(problems[:5])
-    print(f"wrote {path} ({args.graph} graph, {dtype}, opset {args.opset}); TensorRT operator check: {check}")
+    print(f"wrote {path} ({args.graph} graph, {dtype}, opset {opset}); TensorRT operator check: {check}")
     if args.verify:
         err = _verify_onnx(str(path), model, args.graph)
         print(f"ONNX Runtime vs PyTorch (float32): relative error {err:.2e}")
@@ -399,6 +437,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .export.aoti import DEFAULT_MAX_BATCH
+    from .export.onnx import DEFAULT_OPSET, OPSETS
+    from .export.tensorrt import DEFAULT_BATCH
+
     parser = argparse.ArgumentParser(prog="denseclip-fast", description="DenseCLIP semantic segmentation")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -429,17 +471,21 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--graph", choices=("image", "image_with_text", "text"), default="image",
                      help="image: vocabulary baked in; image_with_text: class embeddings as an input; text: "
                           "class tokens -> class embeddings")  # fmt: skip
-    exp.add_argument("--image-size", help="N or HxW (default: the sliding-window crop, 512 or 640)")
+    exp.add_argument("--image-size", help="image graphs: N or HxW (default: the sliding-window crop, 512 or 640)")
     exp.add_argument("--dtype", choices=sorted(DTYPE_NAMES),
                      help="onnx/tensorrt: float32 (default) or float16; aoti: default bfloat16 on CUDA, float32 on CPU")
     exp.add_argument("--classes", help="comma-separated names replacing the checkpoint's (same count)")
-    exp.add_argument("--max-batch", type=int, default=64, help="aoti: largest batch the package accepts (default 64)")
-    exp.add_argument("--opset", type=int, default=18, help="ONNX opset, 18..20 (default 18)")
-    exp.add_argument("--verify", action="store_true", help="run the ONNX graph in ONNX Runtime against PyTorch")
+    exp.add_argument("--max-batch", type=int,
+                     help=f"aoti: largest batch the package accepts (default {DEFAULT_MAX_BATCH})")  # fmt: skip
+    exp.add_argument("--opset", type=int, help=f"onnx/tensorrt: ONNX opset, {OPSETS.start}..{OPSETS.stop - 1} "
+                                               f"(default {DEFAULT_OPSET})")  # fmt: skip
+    exp.add_argument("--verify", action="store_true",
+                     help="onnx/tensorrt: run the ONNX graph in ONNX Runtime against PyTorch")  # fmt: skip
     exp.add_argument("--device", help="aoti: cpu or cuda (default: cuda when available)")
-    exp.add_argument("--trt-batch", default="1,1,16", help="tensorrt: MIN,OPT,MAX batch of the profile")
+    exp.add_argument("--trt-batch", help="tensorrt: MIN,OPT,MAX batch of the profile (default "
+                                         f"{','.join(map(str, DEFAULT_BATCH))})")  # fmt: skip
     exp.add_argument("--fp16", action="store_true", help="tensorrt: allow float16 layers")
-    exp.add_argument("--bf16", action="store_true", help="tensorrt: allow bfloat16 layers")
+    exp.add_argument("--bf16", action="store_true", help="tensorrt: allow bfloat16 layers (of a float32 graph)")
     exp.set_defaults(func=cmd_export)
 
     tr = sub.add_parser("train", help="fine-tune DenseCLIP (options override the config file or the arch's preset)")

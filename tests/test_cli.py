@@ -224,6 +224,30 @@ def test_option_combinations_are_refused_naming_the_options_before_any_work(chec
          "--classes: class name 2 ('cat') repeats class name 0; class names must differ"),
         ([*seg, "--open-vocab"], "--open-vocab needs --classes"),
     ]  # fmt: skip
+    onnx, trt, aoti = ([*exp, "--format", f, "--out", str(tmp_path / f"m.{suffix}")]
+                       for f, suffix in (("onnx", "onnx"), ("tensorrt", "engine"), ("aoti", "pt2")))  # fmt: skip
+    cases += [  # options that do not apply to the format or the graph: refused, not ignored (before TensorRT's check)
+        ([*aoti, "--verify"], "--verify applies to --format onnx and tensorrt (runs the ONNX graph in ONNX Runtime "
+                              "against PyTorch); --format aoti writes no ONNX graph"),
+        ([*aoti, "--opset", "18"], "--opset applies to --format onnx and tensorrt (the ONNX graph's opset); --format "
+                                   "aoti writes no ONNX graph"),
+        ([*aoti, "--trt-batch", "1,1,4"], "--trt-batch applies to --format tensorrt (the engine's batch profile); "
+                                          "--format aoti takes --max-batch"),
+        ([*onnx, "--max-batch", "8"], "--max-batch applies to --format aoti (the package's largest batch); --format "
+                                      "onnx takes any batch (the ONNX graph's is dynamic)"),
+        ([*trt, "--max-batch", "8"], "--max-batch applies to --format aoti (the package's largest batch); --format "
+                                     "tensorrt takes --trt-batch MIN,OPT,MAX"),
+        ([*onnx, "--trt-batch", "1,1,4"], "--trt-batch applies to --format tensorrt (the engine's batch profile); "
+                                          "--format onnx takes any batch"),
+        ([*onnx, "--device", "cpu"], "--device applies to --format aoti (the package's device); --format onnx "
+                                     "exports the ONNX graph on the CPU"),
+        ([*onnx, "--graph", "text", "--image-size", "64"],
+         "--image-size applies to the image graphs (--graph image or image_with_text); --graph text maps class "
+         "tokens to class embeddings"),
+        ([*trt, "--dtype", "fp16", "--bf16"], "--bf16 applies to a float32 graph (--dtype float32, the default): a "
+                                              "--dtype fp16 graph is built strongly typed, in the precisions it was "
+                                              "exported with"),
+    ]  # fmt: skip
     if not torch.cuda.is_available():  # the default device is the CPU
         message = "--dtype float16 needs --device cuda, and this machine has no CUDA GPU; on the CPU use --dtype"
         cases.append(([*seg, "--dtype", "float16"], message))

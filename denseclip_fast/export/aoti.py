@@ -30,6 +30,8 @@ from ..preprocess import CLIP_MEAN, CLIP_STD
 from .graphs import TRACE_BATCH, ImageGraph, check_image_size, output_path
 
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+PACKAGE_SUFFIX = ".pt2"  # what aoti_compile_and_package writes: a zip archive
+DEFAULT_MAX_BATCH = 64
 
 
 def to_aoti(
@@ -37,7 +39,7 @@ def to_aoti(
     path: str | os.PathLike[str],
     *,
     image_size: int | Sequence[int] | None = None,
-    max_batch: int = 64,
+    max_batch: int = DEFAULT_MAX_BATCH,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     stride: int | Sequence[int] | None = None,
@@ -57,8 +59,10 @@ def to_aoti(
             thirds of each side (the official 341 of 512, 426 of 640).
     """
     path = output_path(path)  # before the Segmenter's preparation and the compilation
-    if path.suffix != ".pt2":
-        raise ValueError(f"path must end in .pt2 (AOTInductor packages are .pt2 archives), got {str(path)!r}")
+    if path.suffix != PACKAGE_SUFFIX:
+        raise ValueError(
+            f"path must end in {PACKAGE_SUFFIX} (AOTInductor packages are {PACKAGE_SUFFIX} archives), got {str(path)!r}"
+        )
     if isinstance(model_or_segmenter, Segmenter):
         if device is not None or dtype is not None:
             raise ValueError("device and dtype come from the Segmenter; pass a DenseCLIP model to choose them")

@@ -31,6 +31,7 @@ from ..preprocess import CLIP_MEAN, CLIP_STD
 from .graphs import build_graph, check_image_size, example_inputs, output_path
 
 ONNX_DTYPES = (torch.float32, torch.float16)
+DEFAULT_OPSET = 18
 OPSETS = range(18, 21)  # the translations use opset-18 forms (axes as inputs); TensorRT 10's parser reads up to 20
 NAMES = {
     "image": (["image"], ["logits"]),
@@ -46,7 +47,7 @@ def to_onnx(
     graph: str = "image",
     image_size: int | Sequence[int] | None = None,
     dtype: torch.dtype = torch.float32,
-    opset: int = 18,
+    opset: int = DEFAULT_OPSET,
     check_tensorrt: bool = True,
 ) -> Path:
     """Export ``model`` to an ONNX file at ``path``; returns the path.

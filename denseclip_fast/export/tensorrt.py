@@ -32,6 +32,7 @@ ONNX_TYPES = {1: "FP32", 2: "UINT8", 3: "INT8", 4: "UINT16", 5: "INT16", 6: "INT
               19: "FP8", 20: "FP8", 21: "UINT4", 22: "INT4"}  # fmt: skip
 RESIZE_MODES = {"nearest", "linear"}
 RESIZE_COORDINATES = {"half_pixel", "pytorch_half_pixel", "tf_half_pixel_for_nn", "asymmetric", "align_corners"}
+DEFAULT_BATCH = (1, 1, 16)  # (min, opt, max) of the optimisation profile
 
 
 class TensorRTUnavailable(RuntimeError):
@@ -171,7 +172,7 @@ def build_tensorrt_engine(
     fp16: bool = True,
     *,
     bf16: bool = False,
-    batch: Sequence[int] = (1, 1, 16),
+    batch: Sequence[int] = DEFAULT_BATCH,
     workspace_gib: float | None = None,
 ) -> Path:
     """Build a serialized TensorRT engine from an exported ONNX graph; returns ``engine_path``.
