@@ -267,9 +267,13 @@ def _verify_onnx(path: str, model: object, graph: str) -> float:
 
 
 def _check_export_options(args: argparse.Namespace, dtype: torch.dtype) -> None:
-    """export's options that do not apply to --format or --graph are refused, not ignored, before the checkpoint
-    is loaded."""
+    """export's options that do not apply to --format or --graph are refused, not ignored, and its numbers are
+    checked against the exporters' limits, in the options' words, before the checkpoint is loaded."""
     import torch
+
+    from .export.aoti import PACKAGE_SUFFIX
+    from .export.graphs import TRACE_BATCH
+    from .export.onnx import OPSETS
 
     fmt = args.format
     if fmt == "aoti" and args.graph != "image":
@@ -302,6 +306,15 @@ def _check_export_options(args: argparse.Namespace, dtype: torch.dtype) -> None:
     if args.bf16 and dtype == torch.float16:  # --format tensorrt (checked above)
         raise ValueError(f"--bf16 applies to a float32 graph (--dtype float32, the default): a --dtype {args.dtype} "
                          "graph is built strongly typed, in the precisions it was exported with")  # fmt: skip
+    if fmt == "aoti" and not args.out.endswith(PACKAGE_SUFFIX):
+        raise ValueError(f"--out must end in {PACKAGE_SUFFIX} for --format aoti (AOTInductor packages are "
+                         f"{PACKAGE_SUFFIX} archives), got {args.out!r}")  # fmt: skip
+    if args.max_batch is not None and args.max_batch < TRACE_BATCH:
+        raise ValueError(f"--max-batch must be >= {TRACE_BATCH}, got {args.max_batch} (a package takes any batch "
+                         f"from 1 to --max-batch; torch.export traces the batch as dynamic from {TRACE_BATCH}: for "
+                         f"batch 1, --max-batch {TRACE_BATCH})")  # fmt: skip
+    if args.opset is not None and args.opset not in OPSETS:
+        raise ValueError(f"--opset must be in {OPSETS.start}..{OPSETS.stop - 1}, got {args.opset}")
 
 
 def cmd_export(args: argparse.Namespace) -> int:

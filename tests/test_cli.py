@@ -390,6 +390,32 @@ def test_bad_training_config_files_are_one_line(tmp_path, capsys):
         assert err.count("\n") == 1, err
 
 
+def test_export_limits_are_said_in_the_options_words_before_loading(checkpoint, tmp_path, capsys, monkeypatch):
+    """The exporters' limits (a .pt2 package, a batch range traced from 2, ONNX opsets 18..20) are checked by the
+    command with the options' names, before the checkpoint is loaded, not by the library after it (which names its
+    own arguments: path, max_batch, opset)."""
+    import denseclip_fast
+
+    def no_load(path, *args, **kwargs):
+        raise AssertionError("the checkpoint was loaded before the options were checked")
+
+    monkeypatch.setattr(denseclip_fast, "load_checkpoint", no_load)
+    exp = ["export", "--checkpoint", str(checkpoint), "--format"]
+    out = str(tmp_path / "m.onnx")
+    for args, message in (
+        ([*exp, "aoti", "--out", out], f"--out must end in .pt2 for --format aoti (AOTInductor packages are .pt2 "
+                                       f"archives), got {out!r}"),
+        ([*exp, "aoti", "--out", str(tmp_path / "m.pt2"), "--max-batch", "1"],
+         "--max-batch must be >= 2, got 1 (a package takes any batch from 1 to --max-batch; torch.export traces the "
+         "batch as dynamic from 2: for batch 1, --max-batch 2)"),
+        ([*exp, "onnx", "--out", out, "--opset", "17"], "--opset must be in 18..20, got 17"),
+        ([*exp, "tensorrt", "--out", str(tmp_path / "m.engine"), "--opset", "21"], "--opset must be in 18..20, got 21"),
+    ):  # fmt: skip
+        assert main(args) == 2, args
+        assert capsys.readouterr().err == f"denseclip-fast: error: {message}\n", args
+    assert os.listdir(tmp_path) == []
+
+
 def test_bad_numbers_are_one_line_naming_the_option_before_any_work(checkpoint, data, tmp_path, capsys):
     """--scales that no image could be evaluated at (not finite, not positive, or a test scale under the network's
     32 pixels) and sizes int() refuses are refused before the evaluation or the export starts."""
