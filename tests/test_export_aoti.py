@@ -85,6 +85,13 @@ def test_to_aoti_argument_errors(model, tmp_path):
     (tmp_path / "model.onnx").write_bytes(b"\x08\x07not a zip")
     with pytest.raises(ValueError, match=r"model.onnx is not an AOTInductor package \(a \.pt2 zip archive"):
         load_aoti(tmp_path / "model.onnx")
+    torch.save({"w": torch.zeros(2)}, tmp_path / "weights.pth")  # a zip archive too, without torch's file listing
+    with pytest.raises(ValueError) as info:
+        load_aoti(tmp_path / "weights.pth")
+    message = str(info.value)
+    assert message.startswith(f"{tmp_path / 'weights.pth'} is not an AOTInductor package (a .pt2 zip archive "
+                              "written by to_aoti): ")  # fmt: skip
+    assert "\n" not in message and "data.pkl" not in message and len(message) < 300, message
     with pytest.raises(ValueError, match=r"path must end in \.pt2"):
         to_aoti(seg, tmp_path / "x.so", image_size=SIZE)
     (tmp_path / "dir.pt2").mkdir()  # checked before the compilation (a minute), not when the package is written

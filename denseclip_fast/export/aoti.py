@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from .. import __version__, ops
+from ..checkpoints.io import excerpt
 from ..engine import Segmenter
 from ..engine.segmenter import no_tf32
 from ..model import DenseCLIP
@@ -129,6 +130,19 @@ def _window_stride(stride: int | Sequence[int] | None, size: tuple[int, int], se
     return pair[0], pair[1]
 
 
+def _holds_compiled_model(path: str) -> bool:
+    """Whether the zip archive at ``path`` has an AOTInductor directory (``data/aotinductor/``) in it."""
+    try:
+        from torch.export.pt2_archive.constants import AOTINDUCTOR_DIR
+    except ImportError:  # an older torch: the same layout
+        AOTINDUCTOR_DIR = "data/aotinductor/"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(f"/{AOTINDUCTOR_DIR}" in f"/{name}" for name in archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
 class AOTIPackage:
     """A loaded AOTInductor package: ``pkg(x)`` -> logits (B, K, H, W) in the package's dtype, on its device."""
 
@@ -150,7 +164,12 @@ class AOTIPackage:
                 raise ValueError(
                     f"{path} is not an AOTInductor package (a .pt2 zip archive written by to_aoti)"
                 ) from None
-            raise ValueError(f"{path}: the AOTInductor package could not be loaded: {exc}") from exc
+            reason = excerpt(str(exc).strip().split("\n", 1)[0], 160)  # torch's lists the archive's files below it
+            if not _holds_compiled_model(path):  # another zip: a torch.save file (.pth), an ONNX Runtime bundle ...
+                raise ValueError(
+                    f"{path} is not an AOTInductor package (a .pt2 zip archive written by to_aoti): {reason}"
+                ) from None
+            raise ValueError(f"{path}: the AOTInductor package could not be loaded: {reason}") from exc
         meta = self._compiled.get_metadata()
         if "denseclip_fast.image_size" not in meta:
             raise ValueError(f"{path} is not a denseclip_fast package (no denseclip_fast metadata)")
