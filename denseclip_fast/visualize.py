@@ -2,13 +2,47 @@
 
 from __future__ import annotations
 
+import operator
+import reprlib
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 from .validation import finite_real
 
 Palette = Sequence[Sequence[int]]
+
+
+def rgb_triples(palette: Any) -> list[tuple[int, int, int]] | None:
+    """``palette`` as RGB triples of Python ints if it is an iterable of 3-value iterables of integers 0..255 (ints,
+    numpy or 0-d tensor integers; no bools, no floats, which int() would truncate), else None."""
+    colors = []
+    try:
+        for rgb in palette:
+            values = list(rgb)
+            if len(values) != 3 or any(isinstance(v, bool) for v in values):
+                return None
+            channels = tuple(operator.index(v) for v in values)
+            if not all(0 <= v <= 255 for v in channels):
+                return None
+            colors.append(channels)
+    except TypeError:  # not iterable, or a value that is not an integer
+        return None
+    return colors  # type: ignore[return-value]
+
+
+def check_palette(palette: Any, num_classes: int, name: str = "palette") -> list[tuple[int, int, int]] | None:
+    """``palette`` (None, or one colour per class) as a list of K (r, g, b) tuples of Python ints; ValueError
+    naming ``name`` otherwise."""
+    if palette is None:
+        return None
+    colors = rgb_triples(palette)
+    if colors is None or len(colors) != num_classes:
+        got = f"{len(colors)} colours" if colors is not None else reprlib.repr(palette)
+        raise ValueError(f"{name} must be None or {num_classes} (r, g, b) triples of integers in 0..255 (one per "
+                         f"class), got {got}")  # fmt: skip
+    return colors
 
 
 def default_palette(num_classes: int) -> list[tuple[int, int, int]]:

@@ -13,6 +13,7 @@ import tracemalloc
 import warnings
 import zipfile
 
+import numpy as np
 import pytest
 import torch
 
@@ -277,6 +278,31 @@ def test_native_file_checks(tmp_path):
     truncated.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="corrupt or truncated safetensors file"):
         dcf.load_checkpoint(truncated)
+
+
+def test_palettes_are_checked_when_set_and_numpy_ones_save(tmp_path):
+    """model.palette takes None or K (r, g, b) integers 0..255, numpy's too (kept as Python ints, so that save can
+    write them as JSON: a numpy array was a TypeError 'Object of type int64 is not JSON serializable' at save);
+    anything else is a ValueError naming palette, what it must be and what came."""
+    model = DenseCLIP(tiny_config("resnet"), ["sky", "road", "car"])
+    model.palette = np.array([[1, 2, 3], [4, 5, 6], [7, 8, 255]], dtype=np.int64)
+    assert model.palette == [(1, 2, 3), (4, 5, 6), (7, 8, 255)] and type(model.palette[0][0]) is int
+    model.save(tmp_path / "numpy.safetensors")
+    assert dcf.load_checkpoint(tmp_path / "numpy.safetensors").palette == [(1, 2, 3), (4, 5, 6), (7, 8, 255)]
+    model.palette = [(np.uint8(9), 8, 7), [6, 5, np.int32(4)], (3, 2, 1)]
+    assert model.palette == [(9, 8, 7), (6, 5, 4), (3, 2, 1)]
+    model.palette = None
+    assert model.palette is None
+    expected = "palette must be None or 3 (r, g, b) triples of integers in 0..255 (one per class), got "
+    for palette, got in (([(1, 2, 3), (4, 5, 6)], "2 colours"),
+                         ([(1, 2, 3), (4, 5, 6), (7, 8, 256)], "[(1, 2, 3), (4, 5, 6), (7, 8, 256)]"),
+                         ([(1, 2, 3), (4, 5, 6), (7.0, 8, 9)], "[(1, 2, 3), (4, 5, 6), (7.0, 8, 9)]"),
+                         ([(1, 2, 3), (4, 5, 6), (True, 8, 9)], "[(1, 2, 3), (4, 5, 6), (True, 8, 9)]"),
+                         ([(1, 2), (4, 5), (7, 8)], "[(1, 2), (4, 5), (7, 8)]"), ("red", "'red'")):  # fmt: skip
+        with pytest.raises(ValueError) as info:
+            model.palette = palette
+        assert str(info.value) == expected + got
+    assert model.palette is None  # a refused palette leaves the last one
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ checkpoints) to initialise a model for training. Nothing is ever unpickled with 
 
 from __future__ import annotations
 
-import operator
 import os
 import reprlib
 import warnings
@@ -18,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..class_names import ADE20K_CLASSES
+from ..visualize import rgb_triples
 from .io import CheckpointError, WeightFile, path_argument, read_weight_file
 from .native import is_native, native_contents
 from .official import check_arch, infer_config, key_listing, load_state_strict, state_problems
@@ -192,27 +192,9 @@ def _palette(palette: Any, k: int, path: str) -> list[tuple[int, int, int]] | No
     out of range, infinities, anything else) is dropped with a warning."""
     if palette is None:
         return None
-    colors = _rgb_triples(palette)
+    colors = rgb_triples(palette)
     if colors is None or len(colors) != k:
         warnings.warn(f"{path}: ignoring the palette in the file: it is not {k} RGB triples of integers in 0..255",
                       stacklevel=3)  # fmt: skip
         return None
     return colors
-
-
-def _rgb_triples(palette: Any) -> list[tuple[int, int, int]] | None:
-    """``palette`` as RGB triples if it is an iterable of 3-value iterables of integers 0..255 (ints, numpy or 0-d
-    tensor integers; no bools, no floats, which int() would truncate), else None."""
-    colors = []
-    try:
-        for rgb in palette:
-            values = list(rgb)
-            if len(values) != 3 or any(isinstance(v, bool) for v in values):
-                return None
-            channels = tuple(operator.index(v) for v in values)
-            if not all(0 <= v <= 255 for v in channels):
-                return None
-            colors.append(channels)
-    except TypeError:  # not iterable, or a value that is not an integer
-        return None
-    return colors  # type: ignore[return-value]

@@ -27,6 +27,7 @@ from ..class_names import ADE20K_CLASSES
 from ..config import MIN_IMAGE_SIDE, DenseCLIPConfig, preset
 from ..ops.library import memory_format_of
 from ..preprocess import keep_ratio_size
+from ..visualize import check_palette
 from .decoder import ContextDecoder
 from .features import ImageFeatures
 from .heads import FPN, SemanticFPNHead
@@ -84,7 +85,7 @@ class DenseCLIP(nn.Module):
         k, d = len(class_names), config.embed_dim
         self.config = config
         self._class_names = tuple(class_names)
-        self.palette: list[tuple[int, int, int]] | None = None
+        self._palette: list[tuple[int, int, int]] | None = None
         self.backbone = build_backbone(config)
         self.text_encoder = ContextTextEncoder(config.text, d, config.activation)
         self.context_decoder = ContextDecoder(config.decoder, d)
@@ -139,6 +140,17 @@ class DenseCLIP(nn.Module):
     @property
     def num_classes(self) -> int:
         return len(self._class_names)
+
+    @property
+    def palette(self) -> list[tuple[int, int, int]] | None:
+        """The classes' overlay colours, K (r, g, b) tuples (a checkpoint's PALETTE), or None (a generated palette is
+        used). Set it to None or K triples of integers 0..255 (numpy's too, stored as Python ints, as save writes
+        them); anything else is a ValueError naming palette."""
+        return self._palette
+
+    @palette.setter
+    def palette(self, value: Any) -> None:
+        self._palette = check_palette(value, self.num_classes)
 
     def set_classes(self, names: Sequence[str]) -> None:
         """Reword the vocabulary: exactly K names (the head has K outputs), re-tokenised, cache recomputed."""
