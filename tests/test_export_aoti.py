@@ -103,6 +103,22 @@ def test_to_aoti_argument_errors(model, tmp_path):
         to_aoti(seg, tmp_path / "x.pt2", image_size=SIZE, stride=(65, 10))
 
 
+def test_a_segmenters_window_is_the_default_package_size(model, tmp_path, monkeypatch):
+    """to_aoti(segmenter) without image_size compiles the Segmenter's window (its crop, and its stride in the
+    metadata), not the model's default crop (512 here): the package then slides as the Segmenter it was made from.
+    The compilation is replaced by a stub that keeps what it was given (torch.export still traces)."""
+    given: dict[str, Any] = {}
+
+    def compile_stub(program, package_path, inductor_configs):
+        given.update(inductor_configs["aot_inductor.metadata"], shape=program.example_inputs[0][0].shape)
+        return package_path
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", compile_stub)
+    to_aoti(Segmenter(model, device="cpu", dtype=torch.float32, crop=64, stride=40), tmp_path / "seg.pt2")
+    assert json.loads(given["denseclip_fast.image_size"]) == [64, 64] and tuple(given["shape"][2:]) == (64, 64)
+    assert json.loads(given["denseclip_fast.slide_stride"]) == [40, 40]
+
+
 def _write_ppm(path, image: np.ndarray) -> None:
     h, w, _ = image.shape
     with open(path, "wb") as f:

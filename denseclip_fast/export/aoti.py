@@ -50,7 +50,8 @@ def to_aoti(
     Args:
         model_or_segmenter: a Segmenter (its prepared model, device, dtype and vocabulary are used) or a DenseCLIP
             model (prepared here as a Segmenter would be, on ``device`` in ``dtype``).
-        image_size: H and W (int or (H, W)); default the sliding-window crop (512, 640 for ViT-B/16).
+        image_size: H and W (int or (H, W)); default the Segmenter's sliding-window crop (for a DenseCLIP model
+            the architecture's: 512, 640 for ViT-B/16).
         max_batch: the largest batch the package accepts.
         device, dtype: for a DenseCLIP model only (default: CUDA when available, else CPU; bfloat16 on CUDA,
             float32 on CPU).
@@ -83,7 +84,9 @@ def to_aoti(
             f"max_batch; torch.export traces the batch as dynamic from {TRACE_BATCH}: for batch 1, "
             f"max_batch={TRACE_BATCH})"
         )
-    size = check_image_size(seg.model, image_size)
+    # default: the Segmenter's window (a DenseCLIP model's Segmenter has the model's), so that the package slides as
+    # the Segmenter it was made from
+    size = check_image_size(seg.model, seg.crop if image_size is None else image_size)
     window_stride = _window_stride(stride, size, seg)
     module = ImageGraph(seg.model, seg._text.clone()).eval()
     example = torch.randn(TRACE_BATCH, 3, *size, device=seg.device).to(seg.dtype, memory_format=_layout(seg.device))
