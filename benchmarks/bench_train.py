@@ -89,12 +89,19 @@ def trainer_step(
     return step
 
 
-def timed(step: Callable, x: torch.Tensor, label: torch.Tensor, steps: int, device: torch.device) -> dict:
-    """common.measure of one step (the first call and one warm-up untimed: allocator, autotuning, optimiser state)."""
-    r = measure(lambda t: torch.tensor(step(t, label)), x, steps, device, grad=True)
-    return {"ms_per_step": r["p50_ms"], "p90_ms": r["p90_ms"], "images_per_s": x.shape[0] / (r["p50_ms"] / 1e3),
-            "first_call_s": r["first_call_s"], "first_loss": r["logits"].item(),
-            "peak_memory_gb": r["peak_memory_gb"]}  # fmt: skip
+# Timed steps when --steps is not given on a GPU: as many as fill STEPS_BUDGET_S, MIN_STEPS to MAX_STEPS.
+STEPS_BUDGET_S, MIN_STEPS, MAX_STEPS = 3.0, 10, 200
+
+
+def timed(step: Callable, x: torch.Tensor, label: torch.Tensor, steps: int | None, device: torch.device) -> dict:
+    """common.measure of one step (the first call and one warm-up untimed: allocator, autotuning, optimiser state);
+    ``steps`` timed steps, or with None as many as fill STEPS_BUDGET_S (MIN_STEPS to MAX_STEPS). p90_ms is None
+    with fewer than 10 timed steps (it would be their maximum)."""
+    r = measure(lambda t: torch.tensor(step(t, label)), x, steps, device, grad=True, budget_s=STEPS_BUDGET_S,
+                min_repeats=MIN_STEPS, max_repeats=MAX_STEPS)  # fmt: skip
+    return {"ms_per_step": r["p50_ms"], "p90_ms": r["p90_ms"], "max_ms": r["max_ms"], "timed_steps": r["samples"],
+            "images_per_s": x.shape[0] / (r["p50_ms"] / 1e3), "first_call_s": r["first_call_s"],
+            "first_loss": r["logits"].item(), "peak_memory_gb": r["peak_memory_gb"]}  # fmt: skip
 
 
 def table(env: dict, rows: list[dict], args: argparse.Namespace) -> str:
@@ -137,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int)
     parser.add_argument("--size", type=int)
     parser.add_argument("--classes", type=int, default=150)
-    parser.add_argument("--steps", type=int)
+    parser.add_argument("--steps", type=int, help="timed steps per contestant (default on a GPU: as many as fill "
+                        f"{STEPS_BUDGET_S:g} s, {MIN_STEPS} to {MAX_STEPS}; 2 on a CPU)")  # fmt: skip
     parser.add_argument("--contestants", nargs="+", choices=ALL)
     parser.add_argument("--profile", nargs="*", choices=ALL, help="contestants to profile by kernel")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
@@ -147,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     gpu = device.type == "cuda"
     args.batch = args.batch or (16 if gpu else 2)
     args.size = args.size or (512 if gpu else 128)
-    args.steps = args.steps or (10 if gpu else 2)
+    if args.steps is None and not gpu:  # a GPU run times as many steps as fill STEPS_BUDGET_S
+        args.steps = 2
     args.contestants = args.contestants or (list(ALL) if gpu else ["official-fp32", "trainer-fp32"])
     args.profile = args.profile if args.profile is not None else (["official-fp32", "trainer-bf16"] if gpu else [])
     names = list(dcf.ADE20K_CLASSES[: args.classes])

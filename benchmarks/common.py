@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import gc
 import json
@@ -9,8 +10,10 @@ import math
 import os
 import platform
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -39,6 +42,43 @@ def environment(device: torch.device) -> dict:
     return env
 
 
+def tf32_settings() -> dict[str, str]:
+    """What float32 convolutions (cuDNN) and matrix multiplications (cuBLAS) compute in on CUDA under the process's
+    current settings: {"cudnn_conv": "tf32" | "ieee", "cuda_matmul": "tf32" | "ieee"} (PyTorch's defaults: TF32
+    convolutions, IEEE matmuls). torch >= 2.9 has fp32_precision settings, read here: once a program has used them,
+    reading the legacy allow_tf32 flags can raise (see denseclip_fast.engine.segmenter._tf32_settings); an
+    operator's "none" takes its backend's setting, then the generic torch.backends.fp32_precision, and "none"
+    throughout is IEEE. Older torch: the allow_tf32 flags."""
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision") and hasattr(cudnn, "conv"):
+
+        def effective(*levels: object) -> str:
+            value = next((v for v in map(str, levels) if v != "none"), "ieee")
+            return "tf32" if value == "tf32" else "ieee"
+
+        generic = getattr(torch.backends, "fp32_precision", "none")
+        conv = effective(cudnn.conv.fp32_precision, getattr(cudnn, "fp32_precision", "none"), generic)
+        return {"cudnn_conv": conv, "cuda_matmul": effective(matmul.fp32_precision, generic)}
+    legacy = lambda allowed: "tf32" if allowed else "ieee"  # noqa: E731
+    return {"cudnn_conv": legacy(cudnn.allow_tf32), "cuda_matmul": legacy(matmul.allow_tf32)}
+
+
+def math_settings() -> dict:
+    """The process-wide settings that change what a float32 CUDA contestant computes or which algorithms cuDNN
+    picks, for a benchmark's environment block: {"tf32": :func:`tf32_settings`, "cudnn_benchmark": bool}. Read when
+    the run starts: contestants that switch TF32 off (denseclip_fast's float32 engine) do so only inside their
+    calls."""
+    return {"tf32": tf32_settings(), "cudnn_benchmark": bool(torch.backends.cudnn.benchmark)}
+
+
+def tf32_label(settings: dict[str, str]) -> str:
+    """"TF32 convolutions" and the like, for a float32 contestant at the given :func:`tf32_settings`."""
+    conv, matmul = settings["cudnn_conv"], settings["cuda_matmul"]
+    if conv == matmul:
+        return f"{conv.upper()} convolutions and matmuls"
+    return f"{conv.upper()} convolutions, {matmul.upper()} matmuls"
+
+
 def triton_device(script: str) -> torch.device | None:
     """The device of a benchmark of the Triton kernels themselves: the GPU, else the CPU under Triton's interpreter
     (switched on here, before the kernels are imported). None, after printing why, when Triton cannot run."""
@@ -65,13 +105,50 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
+# Timed calls when the caller gives no count (a GPU run): as many as fill BUDGET_S, at least MIN_REPEATS and at most
+# MAX_REPEATS, so that a 1 ms call gets the 100+ samples a p99 needs and a 100 ms call does not take minutes.
+BUDGET_S = 2.5
+MIN_REPEATS = 20
+MAX_REPEATS = 2000
+
+
+def nearest_rank(times: list[float], q: float) -> float | None:
+    """The ``q`` quantile of the sorted ``times`` by nearest rank; None when that rank is the last (too few samples
+    for the quantile: with fewer than 100 samples a "p99" is the maximum, with fewer than 10 a "p90")."""
+    rank = max(1, math.ceil(q * len(times)))
+    return None if rank >= len(times) else times[rank - 1]
+
+
+def tail_cell(row: dict, key: str, digits: int = 2) -> str:
+    """A markdown cell for ``row[key]`` (a "p90_ms"/"p99_ms" of :func:`measure`): the value, or "max X" where too few
+    calls were timed for that percentile (its value is None and the row's maximum is shown instead)."""
+    value = row.get(key)
+    if value is not None:
+        return f"{value:.{digits}f}"
+    return f"max {row['max_ms']:.{digits}f}" if row.get("max_ms") is not None else "-"
+
+
 def measure(
-    fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, repeats: int, device: torch.device, grad: bool = False
-) -> dict:
-    """The first call's time, then p50/p90/p99 (nearest rank) of ``repeats`` timed calls after one warm-up, the peak
-    CUDA memory from the first call on (a captured graph's replays allocate nothing: its activations were allocated
-    at the capture, in the first call or the warm-up), and the first call's output as float32 on the CPU
-    (``logits``). Under ``torch.no_grad`` unless ``grad`` (a training step)."""
+    fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, repeats: int | None, device: torch.device,
+    grad: bool = False, budget_s: float = BUDGET_S, min_repeats: int = MIN_REPEATS, max_repeats: int = MAX_REPEATS,
+) -> dict:  # fmt: skip
+    """Time ``fn(x)``: the first call's time, then after one untimed warm-up call the timed calls: ``repeats`` of
+    them, or with ``repeats`` None as many as fill ``budget_s`` seconds (at least ``min_repeats``, at most
+    ``max_repeats``). Returns first_call_s; p50_ms, p90_ms, p99_ms by nearest rank (p90/p99 None when too few calls
+    were timed for them: see :func:`nearest_rank`), max_ms and samples (the number of timed calls);
+    peak_memory_gb; and ``logits``, the first call's output as float32 on the CPU. Under ``torch.no_grad`` unless
+    ``grad`` (a training step).
+
+    The first output is copied to the CPU right after the first call, before any other call, and not kept: a
+    function compiled with CUDA graphs (torch.compile's "reduce-overhead"/"max-autotune", an engine's captured
+    graph) may overwrite or free an earlier call's output in a later call, and holding it would also add its memory
+    to the timed calls'. The copy is made in the output's own dtype and cast on the CPU (no GPU allocation).
+
+    peak_memory_gb (CUDA only): the allocator's peak from just before the first call to the end, so everything the
+    GPU holds when the measurement starts (the contestant's weights, the input batch, and whatever else the caller
+    left there: keep other contestants off the GPU) plus what the calls allocate: compilation, autotuning and
+    CUDA-graph capture in the first calls, activations, outputs (a captured graph's replays allocate nothing: its
+    memory was allocated at the capture)."""
     with torch.set_grad_enabled(grad):
         sync(device)
         if device.type == "cuda":
@@ -80,23 +157,33 @@ def measure(
         out = fn(x)
         sync(device)
         first = time.perf_counter() - start
+        logits = out.detach().to("cpu", copy=True).float()  # a copy (also on a CPU) before the next call
+        del out
         fn(x)
-        times = []
-        for _ in range(repeats):
+        times: list[float] = []
+
+        def more() -> bool:
+            if repeats is not None:
+                return len(times) < repeats
+            return len(times) < min_repeats or (sum(times) < budget_s and len(times) < max_repeats)
+
+        while more():
             sync(device)
             start = time.perf_counter()
             fn(x)
             sync(device)
             times.append(time.perf_counter() - start)
     times.sort()
-    q = lambda f: times[max(0, math.ceil(f * len(times)) - 1)]  # noqa: E731  nearest rank
+    ms = lambda t: None if t is None else 1e3 * t  # noqa: E731
     return {
         "first_call_s": first,
         "p50_ms": 1e3 * statistics.median(times),
-        "p90_ms": 1e3 * q(0.9),
-        "p99_ms": 1e3 * q(0.99),
+        "p90_ms": ms(nearest_rank(times, 0.9)),
+        "p99_ms": ms(nearest_rank(times, 0.99)),
+        "max_ms": 1e3 * times[-1],
+        "samples": len(times),
         "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-        "logits": out.float().cpu(),
+        "logits": logits,
     }
 
 
@@ -193,15 +280,30 @@ class Results:
 
 def write_results(out_dir: str, prefix: str, tag: str | None, env: dict, data: dict, text: str) -> str:
     """``<prefix>_<tag>.json`` ({"environment": env, **data}) and ``.md`` (``text``) in ``out_dir``; the tag defaults
-    to ``cpu_smoke`` on a CPU and to the GPU's name. Returns the path without the suffix (for further files)."""
+    to ``cpu_smoke`` on a CPU and to the GPU's name. Each file is replaced whole (:func:`atomic_write`), so a run
+    stopped while writing leaves the previous version. Returns the path without the suffix (for further files)."""
     os.makedirs(out_dir, exist_ok=True)
     tag = tag or (env["device"].replace(" ", "_") if env["gpu"] else "cpu_smoke")
     stem = os.path.join(out_dir, f"{prefix}_{tag}")
-    with open(f"{stem}.json", "w") as f:
-        json.dump({"environment": env, **data}, f, indent=2)
-    with open(f"{stem}.md", "w") as f:
-        f.write(text)
+    atomic_write(f"{stem}.json", lambda f: json.dump({"environment": env, **data}, f, indent=2))
+    atomic_write(f"{stem}.md", lambda f: f.write(text))
     return stem
+
+
+def atomic_write(path: str, write: Callable[[Any], object], binary: bool = False) -> None:
+    """``write(file)`` into a temporary file beside ``path``, then renamed over it (os.replace, atomic on POSIX): a
+    reader, or a run interrupted mid-write (a time budget's SIGINT), sees the old file or the new one, never half of
+    one. The temporary file is removed if ``write`` fails."""
+    directory, name = os.path.split(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def targets_markdown(checks: list[tuple[str, str, bool | None]]) -> str:

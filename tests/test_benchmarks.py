@@ -7,7 +7,7 @@ import argparse
 import json
 
 from benchmarks import bench_e2e, bench_ops, bench_train
-from benchmarks.common import Results, failure, targets_markdown
+from benchmarks.common import Results, failure, measure, nearest_rank, tail_cell, targets_markdown
 
 
 def test_results_are_rewritten_after_every_row(tmp_path):
@@ -19,6 +19,74 @@ def test_results_are_rewritten_after_every_row(tmp_path):
     data = json.loads((tmp_path / "x_t.json").read_text())
     assert data["rows"] == [{"v": 1}, {"v": 2}] and data["args"] == {"a": 1} and data["environment"] == env
     assert (tmp_path / "x_t.md").read_text() == "2 rows\n"
+
+
+def test_results_are_replaced_whole(tmp_path, monkeypatch):
+    """A write that fails halfway (a SIGINT from a time budget) leaves the previous files as they were and no
+    temporary file behind."""
+    import pytest
+
+    results = Results(str(tmp_path), "x", "t", {"gpu": False, "device": "cpu"}, {}, lambda e, rows: f"{rows}\n")
+    results.add({"v": 1})
+    before = {p.name: p.read_text() for p in tmp_path.iterdir()}
+    assert sorted(before) == ["x_t.json", "x_t.md"]
+
+    def interrupted(obj, f, **kwargs):
+        f.write('{"environment": {"gpu": fa')
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(json, "dump", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        results.add({"v": 2})
+    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == before
+
+
+def test_measure_keeps_the_first_output_before_a_later_call_overwrites_it():
+    """A function that returns the same buffer each call and changes it in place (as a CUDA graph's replay or
+    torch.compile's CUDA graph trees do to an earlier output): measure's logits are the first call's values."""
+    import torch
+
+    buffer = torch.zeros(2, 3)
+    calls = []
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        buffer.fill_(len(calls))
+        return buffer
+
+    r = measure(fn, torch.zeros(1), 4, torch.device("cpu"))
+    assert len(calls) == 1 + 1 + 4  # first, warm-up, timed
+    assert torch.equal(r["logits"], torch.ones(2, 3)) and r["logits"].dtype == torch.float32
+    assert r["samples"] == 4 and r["max_ms"] >= r["p50_ms"] and r["peak_memory_gb"] is None
+    bf16 = measure(lambda x: x.to(torch.bfloat16), torch.full((2,), 1.5), 1, torch.device("cpu"))
+    assert bf16["logits"].dtype == torch.float32 and bf16["logits"].tolist() == [1.5, 1.5]
+
+
+def test_measure_times_as_many_calls_as_fill_its_budget():
+    """Without a count: at least min_repeats, then calls until budget_s of timed calls or max_repeats."""
+    import time
+
+    import torch
+
+    cpu = torch.device("cpu")
+    fast = measure(lambda x: x + 1, torch.zeros(1), None, cpu, budget_s=0.02, min_repeats=5, max_repeats=40)
+    assert fast["samples"] == 40  # microseconds a call: the ceiling
+    slow = measure(lambda x: time.sleep(0.004) or x, torch.zeros(1), None, cpu, budget_s=0.03, min_repeats=3,
+                   max_repeats=1000)  # fmt: skip
+    assert 3 <= slow["samples"] <= 9  # ~0.03 s / 4+ ms
+    floor = measure(lambda x: time.sleep(0.004) or x, torch.zeros(1), None, cpu, budget_s=0.001, min_repeats=3)
+    assert floor["samples"] == 3
+
+
+def test_percentiles_need_enough_samples():
+    """Nearest rank: a p99 of fewer than 100 samples, or a p90 of fewer than 10, would be the maximum: None, and
+    the markdown says "max"."""
+    times = [float(i) for i in range(1, 101)]
+    assert nearest_rank(times, 0.99) == 99.0 and nearest_rank(times, 0.9) == 90.0
+    assert nearest_rank(times[:99], 0.99) is None and nearest_rank(times[:99], 0.9) == 90.0
+    assert nearest_rank(times[:10], 0.9) == 9.0 and nearest_rank(times[:9], 0.9) is None
+    assert tail_cell({"p99_ms": 1.234, "max_ms": 2.0}, "p99_ms") == "1.23"
+    assert tail_cell({"p99_ms": None, "max_ms": 2.0}, "p99_ms") == "max 2.00"
 
 
 def test_failure_is_one_line():
