@@ -184,9 +184,11 @@ class ResidualAttentionBlock(nn.Module):
         self.attn_mask = attn_mask
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mask = self.attn_mask.to(dtype=x.dtype, device=x.device) if self.attn_mask is not None else None
+        # as upstream's ResidualAttentionBlock.attention: the mask is moved to the input's device and dtype once and
+        # kept there (an attribute, not a buffer: Module.to leaves it; the next call moves it if it must)
+        self.attn_mask = self.attn_mask.to(dtype=x.dtype, device=x.device) if self.attn_mask is not None else None
         y = self.ln_1(x)
-        x = x + self.attn(y, y, y, need_weights=False, attn_mask=mask)[0]
+        x = x + self.attn(y, y, y, need_weights=False, attn_mask=self.attn_mask)[0]
         return x + self.mlp(self.ln_2(x))
 
 
