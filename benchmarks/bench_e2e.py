@@ -4,17 +4,29 @@
     python benchmarks/bench_e2e.py --archs RN50 --batches 1 16 --modes whole --contestants official engine-bf16
 
 Contestants (random weights, BN statistics and gamma randomised so every stage matters):
-  official            benchmarks/official (the official model code without mmseg): text encoder every call, fp32
+  official            benchmarks/official (the official model code without mmseg): text encoder every call, float32
+                      at PyTorch's defaults, as users of the official code run it (on CUDA: TF32 cuDNN convolutions,
+                      IEEE matmuls; the engine's float32 is IEEE throughout, so engine-fp32's speedup is conservative)
   official-bf16       the same under bf16 autocast
-  compile-ro          torch.compile(official, mode="reduce-overhead") under bf16 autocast
-  compile-ma          torch.compile(official, mode="max-autotune") under bf16 autocast (opt in: long compile)
-  engine-fp32         denseclip_fast.Segmenter, float32 (TF32 off), CUDA graphs on CUDA
+  compile-ro          torch.compile(official, mode="reduce-overhead", dynamic=False) under bf16 autocast: plain
+                      reduce-overhead (CUDA graphs), without inductor freezing, as the design's anchor table defines it
+  compile-ma          torch.compile(official, mode="max-autotune", dynamic=False) under bf16 autocast, no freezing
+                      (opt in: long compile)
+  engine-fp32         denseclip_fast.Segmenter, float32 in IEEE (TF32 off inside its calls), CUDA graphs on CUDA
   engine-bf16         the same in bfloat16
-Per contestant: p50/p90/p99 latency, images/s, peak memory of the timed calls, the first call's time (compile or
-capture included), the relative error of the logits against `official` run once in strict float32 (TF32 off; the
-timed `official` keeps PyTorch's defaults, cuDNN TF32 on), and the FLOP rate: FLOPs of one image-dependent forward
-(text encoder excluded; counted once with torch.utils.flop_counter) per second, as a fraction of 790 TFLOP/s (H200
-bf16 dense). Writes JSON, markdown and a PNG bar chart to benchmarks/results/.
+On CUDA, cuDNN benchmark mode is on for every contestant (mmseg's default runtime has cudnn_benchmark=True, so
+upstream's test runs with it); the environment block records it and the TF32 settings, each row its precision.
+Each torch.compile contestant starts from torch._dynamo.reset() and compiles for static shapes (dynamic=False): a
+second batch size is compiled afresh, not recompiled with a symbolic batch dimension.
+Per contestant: p50/p90/p99 latency by nearest rank (on a GPU as many timed calls as fill 2.5 s, 20 to 2000; "max"
+where too few for the percentile), images/s, peak memory (the contestant's own: its weights, the input batch and
+what its calls allocate from the first on, compilation and CUDA-graph capture included; the official model is moved
+off the GPU while the engine runs), the first call's time (compile or capture included), the relative error of the
+logits against `official` run once in strict float32 (TF32 off), and the image path's FLOP rate: FLOPs of one
+image-dependent forward (counted once with torch.utils.flop_counter) per p50, as a fraction of 790 TFLOP/s (the
+engine issue's H200 bf16 dense figure). The text encoder is not in that count: the official contestants run it on
+every call too (its FLOPs per call are in their rows, text_encoder_flops), the engine once per vocabulary. Writes
+JSON, markdown and a PNG bar chart to benchmarks/results/.
 --profile CONTESTANT... (default on a GPU: engine-bf16) adds where the time goes, by GPU kernel (torch.profiler), for
 those contestants; an engine is also profiled with its CUDA graphs off, whose kernels the profiler always sees.
 """
@@ -37,20 +49,23 @@ from benchmarks.common import (  # noqa: E402
     MAX_REPEATS,
     MIN_REPEATS,
     Results,
+    atomic_write,
     environment,
     failure,
     free_gpu_memory,
+    math_settings,
     measure,
     profile_kernels,
     profile_markdown,
     rel_err,
     tail_cell,
     targets_markdown,
+    tf32_label,
 )
 from benchmarks.official import OfficialDenseCLIP, official_config, randomize_, weigh_score_channels_  # noqa: E402
 from denseclip_fast.engine.segmenter import Mode, no_tf32  # noqa: E402
 
-PEAK_FLOPS = 790e12
+PEAK_FLOPS = 790e12  # the engine issue's H200 bf16 dense tensor-core figure: a fixed yardstick for every row
 # The engine first and the slow compiles last, so that a run stopped by a time budget has measured what matters most.
 ALL = ("engine-bf16", "engine-fp32", "official", "official-bf16", "compile-ro", "compile-ma")
 
@@ -62,7 +77,27 @@ def build(arch: str, classes: int, device: torch.device) -> tuple[dcf.DenseCLIP,
     weigh_score_channels_(official)  # so that the logits' error vs the official model sees the text path too
     model = dcf.DenseCLIP.from_arch(arch, names).eval()
     model.load_state_dict(official.state_dict())
-    return model, official.to(device)
+    return model, official  # both on the CPU: run() puts the official model on the device only while it is measured
+
+
+def runs_official(name: str) -> bool:
+    """Whether a contestant runs the official model's own weights (which must then be on the device)."""
+    return name.startswith(("official", "compile"))
+
+
+def precision(name: str, device: torch.device, tf32: dict[str, str]) -> str:
+    """What a contestant computes in, for its row; ``tf32``: the run's :func:`benchmarks.common.tf32_settings`."""
+    if name == "official":
+        return f"fp32, PyTorch defaults: {tf32_label(tf32)}" if device.type == "cuda" else "fp32"
+    if name == "engine-fp32":
+        return "fp32, IEEE (TF32 off)"
+    if name == "engine-bf16":
+        return "bf16"
+    if name == "compile-ro":
+        return "bf16 autocast, reduce-overhead (CUDA graphs), no freezing"
+    if name == "compile-ma":
+        return "bf16 autocast, max-autotune, no freezing"
+    return "bf16 autocast"
 
 
 def contestant(name: str, model: dcf.DenseCLIP, official: OfficialDenseCLIP, device: torch.device, mode: Mode,
@@ -85,7 +120,11 @@ def contestant(name: str, model: dcf.DenseCLIP, official: OfficialDenseCLIP, dev
         return bf16
     if name in ("compile-ro", "compile-ma"):
         target = official.encode_decode if mode == "whole" else (lambda x: official.slide_inference(x, crop, stride))
-        compiled = torch.compile(target, mode="reduce-overhead" if name == "compile-ro" else "max-autotune")
+        # dynamo's cache is per code object: without a reset, the second batch size would be recompiled with a
+        # symbolic batch dimension (a weaker baseline); static shapes, as bench_ops' torch.compile
+        torch._dynamo.reset()
+        compiled = torch.compile(target, mode="reduce-overhead" if name == "compile-ro" else "max-autotune",
+                                 dynamic=False)  # fmt: skip
 
         def compiled_bf16(x: torch.Tensor) -> torch.Tensor:
             with autocast():
@@ -124,6 +163,22 @@ def count_flops(model: dcf.DenseCLIP, x: torch.Tensor, mode: str, crop: int, str
     return float(counter.get_total_flops())
 
 
+def text_encoder_flops(official: OfficialDenseCLIP, device: torch.device) -> float:
+    """FLOPs of one run of the official text encoder (the K class prompts with the learned contexts), which the
+    official model repeats in every encode_decode (so once per window in slide mode); counted on ``device``."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        official.text_encoder(official.texts.to(device), official.contexts)
+    return float(counter.get_total_flops())
+
+
+def windows(height: int, width: int, crop: int, stride: int) -> int:
+    """How many windows the official slide_inference runs on an image of this size."""
+    grids = lambda side: max(side - crop + stride - 1, 0) // stride + 1  # noqa: E731
+    return grids(height) * grids(width)
+
+
 def official_fp32(official: OfficialDenseCLIP, x: torch.Tensor, mode: str, crop: int, stride: int) -> torch.Tensor:
     """The fidelity reference: the official forward in strict float32 (cuDNN's TF32 convolutions, on by default in
     PyTorch and so in the timed `official` contestant, cost ~1e-3 relative error), on the CPU."""
@@ -133,10 +188,12 @@ def official_fp32(official: OfficialDenseCLIP, x: torch.Tensor, mode: str, crop:
 
 
 def run(args: argparse.Namespace, device: torch.device, results: Results) -> None:
+    tf32 = results.env["tf32"]
     for arch in args.archs:
         model, official = build(arch, args.classes, device)
         cfg = model.config
         size = args.size or (640 if arch == "ViT-B/16" else 512)
+        text_flops = text_encoder_flops(official.to(device), device)
         for mode in args.modes:
             for batch in args.batches:
                 shape = (
@@ -147,41 +204,62 @@ def run(args: argparse.Namespace, device: torch.device, results: Results) -> Non
                 crop, stride = cfg.slide_crop, cfg.slide_stride
                 x = torch.randn(shape, device=device)
                 flops = count_flops(model, x, mode, crop, stride)
-                reference = official_fp32(official, x, mode, crop, stride)
+                reference = official_fp32(official.to(device), x, mode, crop, stride)
+                calls = 1 if mode == "whole" else windows(shape[2], shape[3], crop, stride)
                 for name in args.contestants:
                     print(f"{arch} {mode} {tuple(shape)} {name} ...", flush=True)
+                    # each row's peak memory is its contestant's own: the official weights are on the device only
+                    # while a contestant that runs them is measured
+                    official.to(device if runs_official(name) else "cpu")
                     free_gpu_memory(device)  # the previous contestant's (a Segmenter is freed only by a collection)
+                    row = {"arch": arch, "mode": mode, "shape": list(shape), "contestant": name,
+                           "precision": precision(name, device, tf32)}  # fmt: skip
                     try:
-                        r = measure(contestant(name, model, official, device, mode, crop, stride), x, args.repeats,
-                                    device)  # fmt: skip
+                        r = measure_contestant(name, args, model, official, device, mode, crop, stride, x)
                     except Exception as exc:  # report and go on: one failing contestant must not hide the rest
                         print(f"  failed: {failure(exc)}", flush=True)
-                        results.add({"arch": arch, "mode": mode, "shape": list(shape), "contestant": name,
-                                     "error": failure(exc)})  # fmt: skip
+                        results.add({**row, "error": failure(exc)})
                         continue
-                    r.update(arch=arch, mode=mode, shape=list(shape), contestant=name, flops=flops,
-                             images_per_s=batch / (r["p50_ms"] / 1e3),
+                    finally:
+                        release(device)
+                    r.update(row, image_path_flops=flops, images_per_s=batch / (r["p50_ms"] / 1e3),
                              rel_error_vs_official=rel_err(r.pop("logits"), reference))  # fmt: skip
-                    r["fraction_of_peak_flops"] = flops / (r["p50_ms"] / 1e3) / PEAK_FLOPS
-                    if name in args.profile:
-                        try:
-                            r.update(where_the_time_goes(name, model, official, device, mode, crop, stride, x))
-                        except Exception as exc:  # the measurement stands without its profile
-                            r["profile_error"] = failure(exc)
+                    r["image_path_fraction_of_peak"] = flops / (r["p50_ms"] / 1e3) / PEAK_FLOPS
+                    if runs_official(name):
+                        r["text_encoder_flops"] = text_flops * calls
                     results.add(r)
                     bar_chart(results.rows, f"{results.stem}.png")
         del model, official
 
 
-def where_the_time_goes(name: str, model: dcf.DenseCLIP, official: OfficialDenseCLIP, device: torch.device, mode: Mode,
-                        crop: int, stride: int, x: torch.Tensor) -> dict:  # fmt: skip
-    """{"profile": by kernel, as timed}, and for an engine on CUDA {"profile_no_graphs": the same engine with its
-    CUDA graphs off} (the kernels are the same; a graph replay may not be traced kernel by kernel)."""
+def measure_contestant(name: str, args: argparse.Namespace, model: dcf.DenseCLIP, official: OfficialDenseCLIP,
+                       device: torch.device, mode: Mode, crop: int, stride: int, x: torch.Tensor) -> dict:  # fmt: skip
+    """common.measure of one contestant, built here and dropped on return, with its profile if asked for."""
     fn = contestant(name, model, official, device, mode, crop, stride)
+    r = measure(fn, x, args.repeats, device)
+    if name in args.profile:
+        try:
+            r.update(where_the_time_goes(name, fn, model, official, device, mode, crop, stride, x))
+        except Exception as exc:  # the measurement stands without its profile
+            r["profile_error"] = failure(exc)
+    return r
+
+
+def release(device: torch.device) -> None:
+    """Free what the contestant just measured held: torch.compile's compiled code and CUDA graph trees (their
+    memory pool) go with torch._dynamo.reset(), a Segmenter with a garbage collection."""
+    torch._dynamo.reset()
+    free_gpu_memory(device)
+
+
+def where_the_time_goes(name: str, fn: Callable[[torch.Tensor], torch.Tensor], model: dcf.DenseCLIP,
+                        official: OfficialDenseCLIP, device: torch.device, mode: Mode, crop: int, stride: int,
+                        x: torch.Tensor) -> dict:  # fmt: skip
+    """{"profile": ``fn`` (the contestant as measured, not built again: a compile would recompile) by kernel}, and
+    for an engine on CUDA {"profile_no_graphs": the same engine with its CUDA graphs off} (the kernels are the same;
+    a graph replay may not be traced kernel by kernel)."""
     out = {"profile": profile_kernels(fn, x, device)}
-    del fn
     if name.startswith("engine") and device.type == "cuda":
-        free_gpu_memory(device)
         out["profile_no_graphs"] = profile_kernels(
             contestant(name, model, official, device, mode, crop, stride, graphs=False), x, device
         )
@@ -204,26 +282,36 @@ def profiles_markdown(rows: list[dict]) -> str:
 
 
 def table(env: dict, rows: list[dict], classes: int) -> str:
-    note = ("FLOP rate = FLOPs of one image-dependent forward / p50, against the H200's 790 TFLOP/s." if env["gpu"] else
-            "A CPU smoke run: the FLOP-rate column refers to an H200 and means nothing here.")  # fmt: skip
+    if env["gpu"]:
+        note = ("Image-path FLOP rate = FLOPs of one image-dependent forward (the text encoder, which the official "
+                "contestants also run every call, not counted: see text_encoder_flops in the JSON) / p50, against "
+                "the H200's 790 TFLOP/s (bf16 dense, the engine issue's figure).")  # fmt: skip
+    else:
+        note = "A CPU smoke run: the image-path FLOP-rate column refers to an H200 and means nothing here."
+    settings = ""
+    if env["gpu"] and "tf32" in env:
+        settings = (f" cuDNN benchmark mode {'on' if env.get('cudnn_benchmark') else 'off'}; float32 settings of the "
+                    f"run (the official contestant's): {tf32_label(env['tf32'])}.")  # fmt: skip
     lines = [f"# End-to-end benchmark: {env['device']}", "",
              f"{env['date']}, torch {env['torch']}, triton {env['triton']}, {env['threads']} CPU threads. "
-             f"Random weights, K = {classes} ADE20K names. {note}", "",
-             "| arch | mode | input | contestant | p50 ms | p90 ms | p99 ms | img/s | first call s | peak GB | "
-             "rel. error | of 790 TFLOP/s |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+             f"Random weights, K = {classes} ADE20K names.{settings} {note}", "",
+             "p90/p99: nearest rank over the timed calls (calls); \"max\" where too few calls for that percentile. "
+             "Peak GB: the contestant's own (its weights, the input batch, and what its calls allocate from the "
+             "first on).", "",
+             "| arch | mode | input | contestant | precision | p50 ms | p90 ms | p99 ms | calls | img/s | first call s "
+             "| peak GB | rel. error | image path, of 790 TFLOP/s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for r in rows:
         shape = "x".join(str(s) for s in r["shape"])
+        head = f"| {r['arch']} | {r['mode']} | {shape} | {r['contestant']} | {r.get('precision', '')} |"
         if "error" in r:
-            lines.append(f"| {r['arch']} | {r['mode']} | {shape} | {r['contestant']} | failed: {r['error'][:80]} "
-                         "| | | | | | | |")  # fmt: skip
+            lines.append(f"{head} failed: {r['error'][:80]} | | | | | | | | |")
             continue
         mem = f"{r['peak_memory_gb']:.2f}" if r["peak_memory_gb"] is not None else "-"
         err = f"{r['rel_error_vs_official']:.1e}" if r["rel_error_vs_official"] is not None else "-"
-        lines.append(f"| {r['arch']} | {r['mode']} | {shape} | {r['contestant']} | {r['p50_ms']:.2f} | "
-                     f"{tail_cell(r, 'p90_ms')} | {tail_cell(r, 'p99_ms')} | {r['images_per_s']:.1f} | "
-                     f"{r['first_call_s']:.1f} | "
-                     f"{mem} | {err} | {100 * r['fraction_of_peak_flops']:.2f}% |")  # fmt: skip
+        lines.append(f"{head} {r['p50_ms']:.2f} | {tail_cell(r, 'p90_ms')} | {tail_cell(r, 'p99_ms')} | "
+                     f"{r.get('samples', '')} | {r['images_per_s']:.1f} | {r['first_call_s']:.1f} | {mem} | {err} | "
+                     f"{100 * r['image_path_fraction_of_peak']:.2f}% |")  # fmt: skip
     targets_part = targets_markdown(targets(rows)) if env["gpu"] else ""
     return "\n".join(lines) + "\n" + targets_part + profiles_markdown(rows)
 
@@ -274,7 +362,7 @@ def bar_chart(rows: list[dict], path: str) -> None:
         length = max(1, int((width - label_w - 90) * r["images_per_s"] / top))
         draw.rectangle([label_w, y, label_w + length, y + bar_h], fill=colors.get(r["contestant"], (0, 0, 0)))
         draw.text((label_w + length + 6, y + 5), f"{r['images_per_s']:.1f}", fill="black")
-    img.save(path)
+    atomic_write(path, lambda f: img.save(f, format="PNG"), binary=True)  # a run stopped mid-write keeps the last
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -308,7 +396,10 @@ def main(argv: list[str] | None = None) -> int:
     if not gpu:
         args.size = args.size or 256
         args.slide_height = min(args.slide_height, 256)
-    results = Results(args.out, "e2e", args.tag, environment(device), {"args": vars(args)},
+    if gpu:  # mmseg's default runtime (cudnn_benchmark=True), under which upstream's test runs: for every contestant
+        torch.backends.cudnn.benchmark = True
+    env = environment(device) | math_settings()  # TF32 as the official contestant runs (PyTorch's defaults)
+    results = Results(args.out, "e2e", args.tag, env, {"args": vars(args)},
                       lambda env, rows: table(env, rows, args.classes))  # fmt: skip
     run(args, device, results)
     print(results.render(results.env, results.rows))

@@ -157,6 +157,35 @@ def test_engine_targets():
     assert set(missing.values()) == {None}
 
 
+def test_engine_table_labels_precision_tails_and_image_path_flops():
+    """bench_e2e's rows say what each contestant computes in (the official one at PyTorch's TF32 defaults on CUDA),
+    p90/p99 read "max" where too few calls were timed, and the FLOP-rate column is the image path's."""
+    import torch
+
+    from benchmarks.common import tf32_settings
+
+    cuda = torch.device("cuda")
+    defaults = {"cudnn_conv": "tf32", "cuda_matmul": "ieee"}
+    assert bench_e2e.precision("official", cuda, defaults) == "fp32, PyTorch defaults: TF32 convolutions, IEEE matmuls"
+    assert bench_e2e.precision("official", torch.device("cpu"), defaults) == "fp32"
+    assert bench_e2e.precision("engine-fp32", cuda, defaults) == "fp32, IEEE (TF32 off)"
+    assert "no freezing" in bench_e2e.precision("compile-ro", cuda, defaults)
+    assert [bench_e2e.runs_official(n) for n in bench_e2e.ALL] == [False, False, True, True, True, True]
+    assert set(tf32_settings().values()) <= {"tf32", "ieee"}
+    row = {"arch": "RN50", "mode": "whole", "shape": [1, 3, 512, 512], "contestant": "official",
+           "precision": bench_e2e.precision("official", cuda, defaults), "p50_ms": 10.0, "p90_ms": 11.0,
+           "p99_ms": None, "max_ms": 12.5, "samples": 40, "images_per_s": 100.0, "first_call_s": 1.0,
+           "peak_memory_gb": 1.5, "rel_error_vs_official": 1e-3, "image_path_fraction_of_peak": 0.01}  # fmt: skip
+    env = {"gpu": True, "device": "H200", "date": "d", "torch": "t", "triton": "t", "threads": 16, "tf32": defaults,
+           "cudnn_benchmark": True}  # fmt: skip
+    text = bench_e2e.table(env, [row, {**row, "contestant": "engine-bf16", "error": "OOM"}], 150)
+    label = "fp32, PyTorch defaults: TF32 convolutions, IEEE matmuls"
+    assert f"| official | {label} | 10.00 | 11.00 | max 12.50 | 40 |" in text
+    assert "image path, of 790 TFLOP/s" in text and "cuDNN benchmark mode on" in text
+    assert f"| engine-bf16 | {label} | failed: OOM |" in text
+    assert bench_e2e.windows(512, 2048, 512, 341) == 6 and bench_e2e.windows(256, 256, 512, 341) == 1
+
+
 def test_training_target():
     rows = [{"contestant": "official-fp32", "images_per_s": 10.0}, {"contestant": "trainer-bf16", "images_per_s": 31.0}]
     assert _verdicts(bench_train.targets(rows)) == {"trainer-bf16 >= 3x official-fp32 images/s": True}
