@@ -10,9 +10,13 @@ CPU part (ONNX Runtime's CPU provider, all graph optimisations, default threads)
 GPU part:
   engine-bf16         Segmenter on CUDA, bfloat16, CUDA graphs
   aoti-bf16           the AOTInductor package of that Segmenter (denseclip_fast.export.to_aoti), from Python
-Per row: p50/p90/p99 latency, images/s, the first call's time, the relative error of the logits against the float32
-model (torch-eager on the CPU), and for the artefacts the export/compile time. Writes JSON and markdown to
-benchmarks/results/ (export_<tag>.*) with the machine and versions.
+Per row: p50/p90/p99 latency by nearest rank (with a GPU as many timed calls as fill 2.5 s, 20 to 2000; 3 without;
+p90/p99 read "max" where too few calls were timed for them), images/s, the first call's time, the relative error of
+the logits against the float32 model (torch-eager on the CPU), the peak CUDA memory of the GPU rows (the engine's
+rows are measured before the package is loaded, the package's after the Segmenter is dropped), and for the artefacts
+the export/compile time. cuDNN benchmark mode is on for the GPU part (as bench_e2e); the environment block records
+it and the TF32 settings. Writes JSON and markdown to benchmarks/results/ (export_<tag>.*) with the machine and
+versions.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ from benchmarks.common import (  # noqa: E402
     Results,
     environment,
     failure,
+    free_gpu_memory,
+    math_settings,
     measure,
     rel_err,
     tail_cell,
@@ -93,28 +99,42 @@ def cpu_part(args: argparse.Namespace, workdir: str, results: Results) -> None:
 
 
 def gpu_part(args: argparse.Namespace, workdir: str, results: Results) -> None:
+    """The engine's rows, then (the Segmenter dropped) the package's: each row's peak memory is its contestant's own.
+    The package is timed alone, its output as it returns it (full-size logits in bfloat16, where the engine returns
+    float32: its resize runs in float32); measure casts its copy of the first output to float32 for the error
+    column."""
     from denseclip_fast.export import load_aoti, to_aoti
 
     device = torch.device("cuda")
     for arch in args.archs:
         model = build(arch, args.classes)
+        inputs = []
+        for batch in args.batches:
+            x = torch.randn(batch, 3, args.size, args.size)
+            with torch.no_grad():
+                inputs.append((batch, x, model(x)))
         seg = dcf.Segmenter(model, device=device, dtype=torch.bfloat16, mode="whole")
         seg_logits = cast(Callable[[torch.Tensor], torch.Tensor], seg.logits)  # a float batch in: one tensor out
         start = time.perf_counter()
         path = to_aoti(seg, os.path.join(workdir, "model.pt2"), image_size=args.size, max_batch=max(2, *args.batches))
         compile_s = time.perf_counter() - start
-        pkg = load_aoti(path)
-        for batch in args.batches:
-            x = torch.randn(batch, 3, args.size, args.size)
-            with torch.no_grad():
-                reference = model(x)
+        engine_ms = {}
+        for batch, x, reference in inputs:
             xd = x.to(device, torch.bfloat16, memory_format=torch.channels_last)
-            r = measure(seg_logits, xd, args.repeats, device)
-            results.add(_row(arch, batch, args.size, "engine-bf16", r, reference))
-            r = measure(lambda t: pkg(t).float(), xd, args.repeats, device)
+            results.add(_row(arch, batch, args.size, "engine-bf16", measure(seg_logits, xd, args.repeats, device),
+                             reference))  # fmt: skip
+            engine_ms[batch] = results.rows[-1]["p50_ms"]
+        del seg, seg_logits
+        free_gpu_memory(device)
+        pkg = load_aoti(path)
+        for batch, x, reference in inputs:
+            xd = x.to(device, torch.bfloat16, memory_format=torch.channels_last)
+            r = measure(pkg, xd, args.repeats, device)
             results.add(_row(arch, batch, args.size, "aoti-bf16", r, reference, compile_s=compile_s))
-            engine, aoti = results.rows[-2]["p50_ms"], results.rows[-1]["p50_ms"]
-            print(f"{arch} b{batch}: engine {engine:.2f} ms, aoti {aoti:.2f} ms", flush=True)
+            print(f"{arch} b{batch}: engine {engine_ms[batch]:.2f} ms, aoti {results.rows[-1]['p50_ms']:.2f} ms",
+                  flush=True)  # fmt: skip
+        del pkg
+        free_gpu_memory(device)
 
 
 def table(env: dict, rows: list[dict]) -> str:
@@ -124,7 +144,9 @@ def table(env: dict, rows: list[dict]) -> str:
         "",
         f"CPU: {env['cpu']} ({env['threads']} threads); GPU: {env['gpu_name'] or 'none'}; {versions}.",
         "Random weights, 150 classes, whole image, square inputs. Error: relative L2 of the logits against the float32"
-        " model in PyTorch eager on the CPU.",
+        " model in PyTorch eager on the CPU. p90: nearest rank over the timed calls, \"max\" where too few."
+        + (f" GPU part with cuDNN benchmark mode {'on' if env.get('cudnn_benchmark') else 'off'}." if env["gpu_name"]
+           else ""),  # fmt: skip
         "",
         "| arch | size | batch | contestant | p50 ms | p90 ms | images/s | first call s | export/compile s "
         "| rel. error |",
@@ -169,7 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     import onnx
     import onnxruntime
 
-    env = environment(torch.device("cuda" if gpu else "cpu"))
+    if "gpu" in args.parts:  # as bench_e2e: cuDNN picks its convolution algorithms by timing them (mmseg's default)
+        torch.backends.cudnn.benchmark = True
+    env = environment(torch.device("cuda" if gpu else "cpu")) | math_settings()
     env |= {"cpu": environment(torch.device("cpu"))["device"], "gpu_name": env["device"] if gpu else None,
             "onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__}  # fmt: skip
     results = Results(args.out, "export", args.tag, env, {"args": vars(args)}, table)
