@@ -11,7 +11,9 @@ Contestants (random weights; loss = CE(head) + 0.4 CE(score / tau), AdamW step i
                     channels_last images and weights on CUDA
   trainer-bf16      the same under bf16 autocast (the trainer's default)
   trainer-bf16-ckpt the same with gradient checkpointing (memory for speed)
-cuDNN benchmark mode is on for every contestant (mmseg's runtime default, and the trainer's).
+cuDNN benchmark mode is on for every contestant (mmseg's runtime default, and the trainer's). The float32 contestants
+both run at PyTorch's TF32 defaults (on CUDA: TF32 convolutions, IEEE matmuls), recorded in the environment block.
+Without --steps a GPU run times as many steps as fill 3 s (10 to 200); the JSON's p90_ms is None with fewer than 10.
 Per contestant: images/s, ms per step (median), peak memory of a step. --profile CONTESTANT... (default on a GPU:
 official-fp32 and trainer-bf16) adds where a step's time goes, by GPU kernel (torch.profiler). Writes JSON and
 markdown to benchmarks/results/ (train_<tag>.*) with the machine and versions.
@@ -36,10 +38,12 @@ from benchmarks.common import (  # noqa: E402
     environment,
     failure,
     free_gpu_memory,
+    math_settings,
     measure,
     profile_kernels,
     profile_markdown,
     targets_markdown,
+    tf32_label,
 )
 from benchmarks.official import OfficialDenseCLIP, official_config, randomize_  # noqa: E402
 from denseclip_fast.train import TrainConfig  # noqa: E402
@@ -109,7 +113,9 @@ def table(env: dict, rows: list[dict], args: argparse.Namespace) -> str:
         f"# One training step, {args.arch} {args.size}x{args.size}, batch {args.batch} ({env['date']})",
         "",
         f"{env['device']}; torch {env['torch']}, triton {env['triton']}. Random weights, {args.classes} classes, "
-        "AdamW step included; median of the timed steps after 2 warm-up steps.",
+        "AdamW step included; median of the timed steps after 2 warm-up steps."
+        + (f" float32 at {tf32_label(env['tf32'])}; cuDNN benchmark mode "
+           f"{'on' if env.get('cudnn_benchmark') else 'off'}." if env["gpu"] and "tf32" in env else ""),  # fmt: skip
         "",
         "| contestant | ms / step | images/s | peak memory GB | x official |",
         "|---|---|---|---|---|",
@@ -165,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     x = torch.randn(args.batch, 3, args.size, args.size, device=device)
     label = torch.randint(0, args.classes, (args.batch, args.size, args.size), device=device)
     torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
-    results = Results(args.out, "train", args.tag, environment(device), {"args": vars(args)},
+    env = environment(device) | math_settings()  # the float32 steps (official and trainer) run at these TF32 settings
+    results = Results(args.out, "train", args.tag, env, {"args": vars(args)},
                       lambda env, rows: table(env, rows, args))  # fmt: skip
     for name in args.contestants:
         try:
