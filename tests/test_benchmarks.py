@@ -103,6 +103,10 @@ def _verdicts(checks):
     return {target: ok for target, _, ok in checks}
 
 
+def _checks(rows):
+    return {target: (measured, ok) for target, measured, ok in bench_ops.targets(rows)}
+
+
 def test_operator_contestants_with_and_without_torch_compile(monkeypatch):
     """--compile no leaves torch.compile out (a GPU session measures it last); --compile only keeps it and the eager
     baselines, without the fused backends."""
@@ -140,6 +144,64 @@ def test_operator_targets():
     assert measured[f"{score} {large} bfloat16 triton: backward <= 2.5x forward"] == (
         "3.00x (forward 87%, backward 54% of floor)"
     )
+
+
+def test_operator_floor_uses_the_dtypes_compute_peak():
+    """float32 kernels compute in IEEE float32 (no tensor cores): their floor is FLOPs / 67 TFLOP/s, the 16-bit
+    ones' FLOPs / 790 TFLOP/s."""
+    row = lambda dtype, flops: bench_ops.Row("op", "s", dtype, "forward", "triton", 1.0, 1.0, 1.0, 0.0, flops)  # noqa: E731
+    assert abs(row("float32", 67e9).floor_ms - 1.0) < 1e-9
+    assert abs(row("bfloat16", 790e9).floor_ms - 1.0) < 1e-9 and abs(row("float16", 790e9).floor_ms - 1.0) < 1e-9
+    assert row("float32", 67e9).summary()["fraction_of_floor"] == 1.0
+
+
+def test_official_concat_baseline_gets_nchw_inputs():
+    """score_concat's official eager row runs on NCHW inputs (the official model's layout), the other eager row and
+    the fused backends on the channels_last ones; every row records the engine's backend."""
+    import torch
+
+    cpu = torch.device("cpu")
+    names = set(bench_ops._contestants("concat", cpu, torch.float32, compile_mode="no"))
+    assert {bench_ops.CONCAT_OFFICIAL, bench_ops.CONCAT_CHANNELS_LAST} <= names
+    feature = torch.randn(1, 4, 3, 3).contiguous(memory_format=torch.channels_last)
+    visual = torch.randn(1, 5, 3, 3).contiguous(memory_format=torch.channels_last)
+    text = torch.randn(2, 5)
+    nchw = (feature.contiguous(), visual.contiguous(), text)
+    seen = {}
+
+    def record(name):
+        def fn(f, v, t):
+            seen[name] = (f.is_contiguous(), v.is_contiguous())
+            return torch.cat([f, torch.einsum("bchw,kc->bkhw", v, t)], dim=1)
+
+        return fn
+
+    one = bench_ops._timed("score_concat", "s", torch.float32, (feature, visual, text), cpu, True, (1.0, 1.0),
+                           (1.0, 1.0), {bench_ops.CONCAT_OFFICIAL: nchw})  # fmt: skip
+    rows = one(bench_ops.CONCAT_OFFICIAL, record("official")) + one("cpu", record("fused"))
+    assert seen == {"official": (True, True), "fused": (False, False)}
+    engine = bench_ops.engine_backend("score_concat", cpu, torch.float32)
+    assert engine in ("cpu", "reference") and all(r.engine_backend == engine for r in rows)
+    assert f"score_concat float32: {engine}" in bench_ops.markdown(
+        {"gpu": False, "device": "cpu", "date": "d", "torch": "t", "triton": "t", "threads": 2},
+        [r.summary() for r in rows])  # fmt: skip
+
+
+def test_operator_targets_judge_the_engines_backend():
+    """Where the rows say which backend the engine resolves, that one is judged, with the best fused beside it."""
+    large = "B32 C1024 128x128 K171"
+    rows = [{**_op("pixel_text_score", large, "forward", "cuda", 0.30), "engine_backend": "triton"},
+            {**_op("pixel_text_score", large, "forward", "triton", 0.40), "engine_backend": "triton"},
+            {**_op("pixel_text_score", large, "backward", "triton", 0.80), "engine_backend": "triton"}]  # fmt: skip
+    checks = _checks(rows)
+    measured, ok = checks["score B32 C1024 128x128 K171 bf16 forward <= 0.33 ms"]
+    assert ok is False and measured == "400.0 us (triton, the engine's choice); best fused 300.0 us (cuda)"
+    assert checks[f"pixel_text_score {large} bfloat16 triton: backward <= 2.5x forward"][0].endswith(
+        "; the engine's choice)"
+    )
+    rows[1]["contestant"] = "eager"  # the engine's choice not measured: the best fused, said so
+    measured, ok = _checks(rows)["score B32 C1024 128x128 K171 bf16 forward <= 0.33 ms"]
+    assert ok is True and "best fused; the engine's choice, triton, not measured" in measured
 
 
 def test_engine_targets():
