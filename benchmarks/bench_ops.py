@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import Results, failure, targets_markdown  # noqa: E402
+from benchmarks.common import Results, failure, math_settings, targets_markdown  # noqa: E402
 from benchmarks.common import environment as common_environment  # noqa: E402
 from denseclip_fast import ops  # noqa: E402
 from denseclip_fast.ops import reference  # noqa: E402
@@ -225,7 +225,7 @@ def _each_contestant(fns: dict[str, Callable], one: Callable[[str, Callable], li
 
 
 def environment(device: torch.device) -> dict:
-    env = common_environment(device)
+    env = common_environment(device) | math_settings()  # the float32 baselines' matmuls: IEEE unless TF32 is set
     env["extension"] = ops.build_info() if ops.extension_available() else None
     return env
 
