@@ -299,6 +299,9 @@ def atomic_write(path: str, write: Callable[[Any], object], binary: bool = False
     try:
         with os.fdopen(fd, "wb" if binary else "w") as f:
             write(f)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's files are owner-only; a result file is as open() would make it
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -25,6 +25,7 @@ import sys
 import warnings
 from collections import deque
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .checkpoints import CheckpointError, ClassCountError
@@ -37,13 +38,15 @@ if TYPE_CHECKING:
 def _parse_classes(text: str, distinct: bool = False) -> list[str]:
     """--classes as names, checked before the checkpoint is loaded: non-empty, and with ``distinct`` (open
     vocabulary, where a name is all that tells two classes apart) different, as the engine requires."""
-    from .model.text import check_class_names
+    from .model.text import check_class_names, check_distinct_tokens
 
     names = [n.strip() for n in text.split(",")]
     if not names or any(not n for n in names):
         raise ValueError(f"--classes must be a comma-separated list of non-empty names, got {text!r}")
     try:
         check_class_names(names, distinct=distinct)
+        if distinct:
+            check_distinct_tokens(names)  # "Cat" and "cat" too, as the engine refuses them
     except ValueError as exc:
         raise ValueError(f"--classes: {exc}") from None
     return names
@@ -306,7 +309,7 @@ def _check_export_options(args: argparse.Namespace, dtype: torch.dtype) -> None:
     if args.bf16 and dtype == torch.float16:  # --format tensorrt (checked above)
         raise ValueError(f"--bf16 applies to a float32 graph (--dtype float32, the default): a --dtype {args.dtype} "
                          "graph is built strongly typed, in the precisions it was exported with")  # fmt: skip
-    if fmt == "aoti" and not args.out.endswith(PACKAGE_SUFFIX):
+    if fmt == "aoti" and Path(args.out).suffix != PACKAGE_SUFFIX:  # to_aoti's own test (".pt2" alone has none)
         raise ValueError(f"--out must end in {PACKAGE_SUFFIX} for --format aoti (AOTInductor packages are "
                          f"{PACKAGE_SUFFIX} archives), got {args.out!r}")  # fmt: skip
     if args.max_batch is not None and args.max_batch < TRACE_BATCH:
@@ -328,8 +331,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     size = _parse_size(args.image_size) if args.image_size else None
     check_writable_file(args.out, "--out", create_parents=True)
-    device = _device(args)  # checked whenever given (and refused outside --format aoti)
-    dtype = _dtype(args, device if args.format == "aoti" else None)
+    # the package's device; for the ONNX formats a --device given is refused by _check_export_options (not checked
+    # first, which would advise another --device)
+    device = _device(args) if args.format == "aoti" else None
+    dtype = _dtype(args, device)
     _check_export_options(args, dtype)
     max_batch = DEFAULT_MAX_BATCH if args.max_batch is None else args.max_batch
     opset = DEFAULT_OPSET if args.opset is None else args.opset
@@ -393,7 +398,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.print_config:
         # what train runs first (it fills the sizes the run would use): a config it would refuse is not printed,
         # but one without --data is (a template to fill in)
-        cfg.validate(require_data=False)
+        cfg.validate(template=True)
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
     result = train(cfg, resume=args.resume)

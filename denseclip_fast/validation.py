@@ -38,11 +38,11 @@ def check_int(name: str, value: object, minimum: int = 1, why: str = "") -> None
         raise ValueError(f"{name} must be an int >= {minimum}{why}, got {value!r}")
 
 
-def check_device(text: str | torch.device, name: str = "device") -> torch.device:
+def check_device(text: str | torch.device, name: str = "device", present: bool = True) -> torch.device:
     """The torch device ``text`` names (a str or a torch.device), if this machine can run on it: the CPU, or a CUDA
     GPU that is present. ValueError naming ``name`` for an empty string, a string torch does not parse ("gpu"),
-    another device type ("meta", "mps": the engine and the trainer run on CPUs and CUDA GPUs), or a GPU that is not
-    there."""
+    another device type ("meta", "mps": the engine and the trainer run on CPUs and CUDA GPUs), or (unless
+    ``present`` is False: a device named for another machine) a GPU that is not there."""
     if isinstance(text, torch.device):
         device = text
     elif not isinstance(text, str) or not text.strip():
@@ -54,7 +54,7 @@ def check_device(text: str | torch.device, name: str = "device") -> torch.device
             raise ValueError(f"{name} must be a device such as {DEVICE_EXAMPLES}, got {text!r}") from None
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"{name} must be a CPU or CUDA device such as {DEVICE_EXAMPLES}, got {text!r}")
-    if device.type == "cuda":
+    if device.type == "cuda" and present:
         if not torch.cuda.is_available():
             raise ValueError(f"{name} is {text!r} but no CUDA GPU is available; use {name} cpu")
         count = torch.cuda.device_count()

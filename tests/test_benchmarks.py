@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 from benchmarks import bench_e2e, bench_ops, bench_train
 from benchmarks.common import Results, failure, measure, nearest_rank, tail_cell, targets_markdown
@@ -30,6 +31,10 @@ def test_results_are_replaced_whole(tmp_path, monkeypatch):
     results.add({"v": 1})
     before = {p.name: p.read_text() for p in tmp_path.iterdir()}
     assert sorted(before) == ["x_t.json", "x_t.md"]
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for p in tmp_path.iterdir():  # as open() makes them (the temporary file's were owner-only: 0600)
+        assert p.stat().st_mode & 0o777 == 0o666 & ~umask, (p.name, oct(p.stat().st_mode))
 
     def interrupted(obj, f, **kwargs):
         f.write('{"environment": {"gpu": fa')

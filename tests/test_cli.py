@@ -222,6 +222,8 @@ def test_option_combinations_are_refused_naming_the_options_before_any_work(chec
          "--classes must be a comma-separated list of non-empty names, got 'sky,,road'"),
         ([*seg, "--open-vocab", "--classes", "cat,dog,cat"],
          "--classes: class name 2 ('cat') repeats class name 0; class names must differ"),
+        ([*seg, "--open-vocab", "--classes", "Cat,dog,cat"],  # alike as tokens: refused before loading too
+         "--classes: class name 2 ('cat') has the same BPE tokens as class name 0 ('Cat')"),
         ([*seg, "--open-vocab"], "--open-vocab needs --classes"),
     ]  # fmt: skip
     onnx, trt, aoti = ([*exp, "--format", f, "--out", str(tmp_path / f"m.{suffix}")]
@@ -241,6 +243,7 @@ def test_option_combinations_are_refused_naming_the_options_before_any_work(chec
                                           "--format onnx takes any batch"),
         ([*onnx, "--device", "cpu"], "--device applies to --format aoti (the package's device); --format onnx "
                                      "exports the ONNX graph on the CPU"),
+        ([*onnx, "--device", "cuda:7"], "--device applies to --format aoti"),  # refused, not checked against the GPUs
         ([*onnx, "--graph", "text", "--image-size", "64"],
          "--image-size applies to the image graphs (--graph image or image_with_text); --graph text maps class "
          "tokens to class embeddings"),
@@ -268,7 +271,7 @@ def test_bad_devices_are_one_line_naming_the_option(checkpoint, images, tmp_path
     commands = (["segment", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "seg"), str(images[0])],
                 ["eval", "--checkpoint", str(checkpoint), "--data", str(tmp_path), "--layout", "generic"],
                 ["train", "--data", str(tmp_path), "--layout", "generic", "--work-dir", str(tmp_path / "w")],
-                ["export", "--checkpoint", str(checkpoint), "--format", "onnx", "--out", str(tmp_path / "m.onnx")])
+                ["export", "--checkpoint", str(checkpoint), "--format", "aoti", "--out", str(tmp_path / "m.pt2")])
     for command in commands:
         assert main([*command, "--device", device]) == 2, command
         err = capsys.readouterr().err
@@ -401,13 +404,15 @@ def test_export_limits_are_said_in_the_options_words_before_loading(checkpoint, 
 
     monkeypatch.setattr(denseclip_fast, "load_checkpoint", no_load)
     exp = ["export", "--checkpoint", str(checkpoint), "--format"]
-    out = str(tmp_path / "m.onnx")
+    out, bare = str(tmp_path / "m.onnx"), str(tmp_path / ".pt2")
     for args, message in (
         ([*exp, "aoti", "--out", out], f"--out must end in .pt2 for --format aoti (AOTInductor packages are .pt2 "
                                        f"archives), got {out!r}"),
         ([*exp, "aoti", "--out", str(tmp_path / "m.pt2"), "--max-batch", "1"],
          "--max-batch must be >= 2, got 1 (a package takes any batch from 1 to --max-batch; torch.export traces the "
          "batch as dynamic from 2: for batch 1, --max-batch 2)"),
+        ([*exp, "aoti", "--out", bare], f"--out must end in .pt2 for --format aoti (AOTInductor packages are .pt2 "
+                                        f"archives), got {bare!r}"),  # a name that is only the suffix has none
         ([*exp, "onnx", "--out", out, "--opset", "17"], "--opset must be in 18..20, got 17"),
         ([*exp, "tensorrt", "--out", str(tmp_path / "m.engine"), "--opset", "21"], "--opset must be in 18..20, got 21"),
     ):  # fmt: skip

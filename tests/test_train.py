@@ -1036,6 +1036,14 @@ def test_config_files_and_errors(arch_file, generic, tmp_path, capsys):
             assert out == "" and err.count("\n") == 1 and message in err, (extra, printing, err)
     assert main(["train", "--arch", "RN50", "--print-config"]) == 0  # without --data: a template to fill in
     assert json.loads(capsys.readouterr().out)["data"] in (None, "")
+    elsewhere = tmp_path / "elsewhere.yaml"  # a config for another machine: its GPU and work dir are not checked here
+    (tmp_path / "a_file").write_text("")
+    elsewhere.write_text(f"device: cuda:3\nwork_dir: {tmp_path / 'a_file' / 'run'}\n")
+    assert main(["train", str(elsewhere), "--print-config"]) == 0, capsys.readouterr().err
+    assert json.loads(capsys.readouterr().out)["device"] == "cuda:3"
+    elsewhere.write_text("device: gpu0\n")  # but what no machine takes is refused
+    assert main(["train", str(elsewhere), "--print-config"]) == 2
+    assert "device must be a device such as" in capsys.readouterr().err
     absent = str(tmp_path / "absent")
     assert main(["train", "--arch", "RN50", "--data", absent, "--print-config"]) == 2  # a --data given is checked
     assert capsys.readouterr().err == f"denseclip-fast: error: data directory {absent!r} does not exist\n"

@@ -48,6 +48,23 @@ def check_class_names(names: Sequence[str], distinct: bool = False) -> None:
         seen[name] = i
 
 
+def check_distinct_tokens(names: Sequence[str]) -> None:
+    """ValueError naming the first of ``names`` (strings) whose BPE tokens repeat an earlier name's: the BPE
+    lowercases and collapses whitespace, so "Cat" and "cat " are one class to the text encoder (open vocabulary,
+    where a name is all that tells two classes apart, refuses them as check_class_names refuses repeated strings)."""
+    bpe = _bpe()
+    seen: dict[tuple[int, ...], int] = {}
+    for i, name in enumerate(names):
+        tokens = tuple(bpe.encode(name))
+        if tokens in seen:
+            j = seen[tokens]
+            raise ValueError(
+                f"class name {i} ({name!r}) has the same BPE tokens as class name {j} ({names[j]!r}): CLIP's "
+                "tokenizer lowercases and collapses whitespace; class names must differ"
+            )
+        seen[tokens] = i
+
+
 def tokenize_class_names(names: Sequence[str], length: int, distinct: bool = False) -> torch.Tensor:
     """Tokenise class names to (K, length) int64: SOT, BPE tokens, EOT, zero padding.
 
@@ -60,7 +77,6 @@ def tokenize_class_names(names: Sequence[str], length: int, distinct: bool = Fal
     check_class_names(names, distinct)
     bpe = _bpe()
     out = torch.zeros(len(names), length, dtype=torch.long)
-    seen: dict[tuple[int, ...], int] = {}
     for i, name in enumerate(names):
         tokens = bpe.encode(name)
         if not tokens:
@@ -72,14 +88,9 @@ def tokenize_class_names(names: Sequence[str], length: int, distinct: bool = Fal
                 f"class name {name!r} has {len(tokens)} BPE tokens; at most {length - 2} fit "
                 f"(context length {length} includes SOT and EOT)"
             )
-        if distinct and tuple(tokens) in seen:
-            j = seen[tuple(tokens)]
-            raise ValueError(
-                f"class name {i} ({name!r}) has the same BPE tokens as class name {j} ({names[j]!r}): CLIP's "
-                "tokenizer lowercases and collapses whitespace; class names must differ"
-            )
-        seen[tuple(tokens)] = i
         out[i, : len(tokens) + 2] = torch.tensor([bpe.sot_token_id, *tokens, bpe.eot_token_id])
+    if distinct:  # after each name's own checks, which name the offending entry first
+        check_distinct_tokens(names)
     return out
 
 

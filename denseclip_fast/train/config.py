@@ -103,15 +103,17 @@ class TrainConfig:
             if self.img_scale is None:
                 self.img_scale = (arch.test_scale[0], arch.test_scale[1])
 
-    def validate(self, require_data: bool = True) -> None:
+    def validate(self, template: bool = False) -> None:
         """ValueError naming the field for anything a run cannot start with; fills the architecture's defaults
-        first (:meth:`apply_arch_defaults`). ``require_data=False`` lets ``data`` be unset (a template config:
-        ``train --print-config`` without ``--data``); a ``data`` given must still be a directory."""
+        first (:meth:`apply_arch_defaults`). ``template`` (``train --print-config``: a config to print, perhaps to
+        run elsewhere) lets ``data`` be unset and checks no more of this machine than what is given exists: a
+        ``data`` given must be a directory, but a CUDA ``device`` need not be present here and ``work_dir`` need not
+        be writable here."""
         self.apply_arch_defaults()
         assert self.crop is not None and self.img_scale is not None
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
-        if not self.data and require_data:
+        if not self.data and not template:
             raise ValueError("data must name the dataset directory (--data DIR)")
         if self.data and not os.path.isdir(self.data):
             raise ValueError(f"data directory {self.data!r} does not exist")
@@ -140,8 +142,9 @@ class TrainConfig:
         if int(min(self.img_scale) * low) < 1:
             raise ValueError(f"ratio_range's low end {low} scales img_scale {self.img_scale} below a pixel")
         if self.device:  # "": cuda when available
-            check_device(self.device, "device")
-        check_writable_dir(self.work_dir, "work_dir")
+            check_device(self.device, "device", present=not template)
+        if not template:
+            check_writable_dir(self.work_dir, "work_dir")
         if self.batch_size % self.accum:
             raise ValueError(f"batch_size {self.batch_size} must be divisible by accum {self.accum}")
         if self.amp not in ("bf16", "fp16", "none"):

@@ -124,7 +124,8 @@ def check_image_sizes(
     at one of ``scales`` (too elongated: resized to fit the test scale, a side falls under MIN_IMAGE_SIDE), or
     whose label's size differs from its own (SegmentationData.check_label_sizes), read from the files' headers
     before any work."""
-    for i in range(len(data)) if indices is None else indices:
+    indices = range(len(data)) if indices is None else list(indices)  # read twice: here and by check_label_sizes
+    for i in indices:
         path = data.samples[i].image
         size = image_size(path)
         for ratio in scales:
