@@ -12,6 +12,12 @@ namespace denseclip_fast {
 
 constexpr double kNormEps = 1e-12;  // torch.nn.functional.normalize's eps
 
+// Held by the backward kernels, whose operators have no autograd formula: the ATen calls inside them (normalising
+// the text, matrix products into preallocated outputs) run below autograd, also on at::parallel_for's threads. Under
+// autograd (torch.autograd.grad(..., create_graph=True) with a text that requires grad) they recorded a graph, and
+// the out= products failed ("functions with out=... arguments don't support automatic differentiation").
+using BelowAutograd = at::AutoDispatchBelowADInplaceOrView;
+
 // The shapes of a pixel_text_score call. visual (B, C, H, W); text (K, C) shared or (B, K, C) per batch.
 struct ScoreShape {
   int64_t B, C, H, W, K;

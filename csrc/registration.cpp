@@ -4,6 +4,7 @@
 //
 // This file is shared by the Python extension (setup.py -> denseclip_fast._C) and the plain C++ library built by
 // CMakeLists.txt, so it must not include Python headers.
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 #include <string>
@@ -199,6 +200,15 @@ TORCH_LIBRARY_IMPL(denseclip_fast, AutocastCPU, m) {
 
 TORCH_LIBRARY_IMPL(denseclip_fast, AutocastCUDA, m) {
   for (const char* name : kTensorOps) m.impl(name, torch::CppFunction::makeFromBoxedFunction<&without_autocast>());
+}
+
+// The backward operators have no derivative: a second derivative through them (a gradient penalty, a Hessian) is
+// an error naming the operator, not torch's default of a warning and a silently wrong (missing) term. The forward
+// operators' autograd is registered in Python (denseclip_fast/ops/library.py).
+TORCH_LIBRARY_IMPL(denseclip_fast, Autograd, m) {
+  for (const char* name : {"pixel_text_score_backward", "context_attention_backward"}) {
+    m.impl(name, torch::autograd::autogradNotImplementedFallback());
+  }
 }
 
 }  // namespace denseclip_fast

@@ -20,6 +20,7 @@ std::tuple<at::Tensor, at::Tensor> score_backward_aten(const at::Tensor& grad, c
                                                        const at::Tensor& text, double scale,
                                                        const std::optional<at::Tensor>& score_map,
                                                        const std::optional<at::Tensor>& norm) {
+  const BelowAutograd below_autograd;
   const ScoreShape s = check_score_backward_inputs(grad, visual, text, score_map, norm);
   if (visual.numel() == 0) return zero_score_gradients(visual, text);
   const at::ScalarType ct = compute_type(visual);

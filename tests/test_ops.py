@@ -728,6 +728,29 @@ def test_gradcheck_cpu_kernels_float64():
     assert torch.autograd.gradcheck(lambda q, k, v: ops.context_attention(q, k, v, backend=backend), (q, k, vv))
 
 
+def test_create_graph_gives_the_first_derivatives_and_a_second_is_an_error():
+    """torch.autograd.grad(..., create_graph=True) (gradient penalties, Hessian-vector code) with a text that
+    requires grad: the C++ backward kernels ran their ATen calls under autograd, and the out= matrix products failed
+    ('functions with out=... arguments don't support automatic differentiation'). Now the first derivatives equal
+    those without create_graph, and differentiating them again is an error naming the backward operator (not
+    torch's default: a warning and a missing term)."""
+    backend = "cuda" if DEVICE == "cuda" else "cpu"
+    v = torch.randn(2, 5, 3, 4, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    t = torch.randn(3, 5, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    q, k, vv = (torch.randn(1, 2, n, 32, device=DEVICE, requires_grad=True) for n in (3, 5, 5))
+    cases = ((lambda: ops.pixel_text_score(v, t, 1.5, backend=backend), (v, t), "pixel_text_score_backward"),
+             (lambda: ops.context_attention(q, k, vv, backend=backend), (q, k, vv), "context_attention_backward"))
+    for forward, inputs, name in cases:  # fmt: skip
+        out = forward()
+        weight = torch.randn_like(out)
+        expected = torch.autograd.grad((out * weight).sum(), inputs)
+        grads = torch.autograd.grad((forward() * weight).sum(), inputs, create_graph=True)
+        for got, want in zip(grads, expected):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+        with pytest.raises(RuntimeError, match=f"derivative for denseclip_fast::{name} is not implemented"):
+            sum(g.square().sum() for g in grads).backward()
+
+
 def _opcheck_cases(suffix: str, dtype: torch.dtype):
     lib = torch.ops.denseclip_fast
     v = torch.randn(2, 6, 3, 4, dtype=dtype, device=DEVICE)
@@ -777,6 +800,18 @@ def test_compile_fullgraph_and_export_trace_the_operators():
 
 
 @pytest.mark.slow
+def test_compile_fullgraph_takes_a_scale_that_changes_between_calls():
+    """torch.compile traces a float argument whose value changed since the last call as a symbolic float, on which
+    check_scale's math.isfinite broke the graph (fullgraph: an error; dynamic=True: at the first call)."""
+    v, t = torch.randn(1, 4, 2, 3, device=DEVICE), torch.randn(3, 4, device=DEVICE)
+    for dynamic in (None, True):
+        compiled = torch.compile(lambda v, t, s: ops.pixel_text_score(v, t, s) + ops.score_concat(v, v, t, s)[:, 4:],
+                                 fullgraph=True, backend="aot_eager", dynamic=dynamic)  # fmt: skip
+        for scale in (0.5, 2.0, 3.0):
+            expected = 2 * ops.pixel_text_score(v, t, scale, backend="reference")
+            torch.testing.assert_close(compiled(v, t, scale), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_inductor_compiles_the_cpu_operators():
     def f(visual, text, q, k, v):
         return ops.pixel_text_score(visual.relu(), text) * 2, ops.context_attention(q, k, v) + 1

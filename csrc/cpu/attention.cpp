@@ -36,6 +36,7 @@ std::tuple<at::Tensor, at::Tensor> context_attention_cpu(const at::Tensor& q, co
 std::tuple<at::Tensor, at::Tensor, at::Tensor> context_attention_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse) {
+  const BelowAutograd below_autograd;
   const AttentionShape s = check_attention_backward_inputs(grad_out, q, k, v, out, lse);
   if (s.B * s.heads * s.Lq == 0) {  // no query: nothing reaches k and v (and ATen's kernel would divide by zero)
     return {at::empty_like(q, at::MemoryFormat::Contiguous), at::zeros_like(k, at::MemoryFormat::Contiguous),

@@ -144,6 +144,7 @@ std::tuple<at::Tensor, at::Tensor> score_backward_cpu(const at::Tensor& grad, co
                                                       const at::Tensor& text, double scale,
                                                       const std::optional<at::Tensor>& score_map,
                                                       const std::optional<at::Tensor>& norm) {
+  const BelowAutograd below_autograd;
   const ScoreShape s = check_score_backward_inputs(grad, visual, text, score_map, norm);
   const at::MemoryFormat format = score_memory_format(visual);
   if (visual.numel() == 0) return zero_score_gradients(visual, text);

@@ -87,6 +87,7 @@ std::tuple<at::Tensor, at::Tensor> context_attention_cuda(const at::Tensor& q, c
 std::tuple<at::Tensor, at::Tensor, at::Tensor> context_attention_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse) {
+  const BelowAutograd below_autograd;
   const AttentionShape s = check_attention_backward_inputs(grad_out, q, k, v, out, lse);
   check_head_dim(s, "context_attention_backward");
   if (q.numel() == 0) return {at::zeros_like(q), at::zeros_like(k), at::zeros_like(v)};

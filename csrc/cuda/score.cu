@@ -171,6 +171,7 @@ std::tuple<at::Tensor, at::Tensor> pixel_text_score_backward_cuda(const at::Tens
                                                                   const at::Tensor& text, double scale,
                                                                   const std::optional<at::Tensor>& score_map,
                                                                   const std::optional<at::Tensor>& norm) {
+  const BelowAutograd below_autograd;
   const ScoreShape s = check_score_backward_inputs(grad, visual, text, score_map, norm);
   const at::ScalarType dtype = visual.scalar_type();
   const c10::cuda::CUDAGuard guard(visual.device());

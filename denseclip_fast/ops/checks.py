@@ -41,7 +41,9 @@ def check_scale(scale: object) -> float:
         value = float(scale)
     except OverflowError:  # an int past float's range
         value = math.inf
-    if not math.isfinite(value):
+    # comparisons, not math.isfinite: torch.compile traces a float argument whose value changes between calls as a
+    # symbolic float, which comparisons take (as guards) and math.isfinite does not
+    if value != value or abs(value) == math.inf:
         raise ValueError(f"scale must be finite, got {value}")
     return value
 
