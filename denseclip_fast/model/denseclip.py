@@ -283,8 +283,9 @@ class DenseCLIP(nn.Module):
 
     def open_vocab_scores(self, x: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
         """(B, K', h, w) pixel-text cosine maps for any distinct names, with the context decoder applied."""
-        check_class_names(names, distinct=True)
-        text = self.text_features(names, distinct=True)  # before the image encoder: a refused vocabulary costs nothing
+        # the names checked (check_class_names, then their tokens) before the image encoder: a refused vocabulary
+        # costs nothing
+        text = self.text_features(names, distinct=True)
         feats = self.extract(x)
         text = self.context_prompt(feats, text)
         return ops.pixel_text_score(feats.local_feat, text.to(feats.local_feat.dtype))

@@ -48,14 +48,17 @@ def check_class_names(names: Sequence[str], distinct: bool = False) -> None:
         seen[name] = i
 
 
-def check_distinct_tokens(names: Sequence[str]) -> None:
+def check_distinct_tokens(names: Sequence[str], encoded: Sequence[Sequence[int]] | None = None) -> None:
     """ValueError naming the first of ``names`` (strings) whose BPE tokens repeat an earlier name's: the BPE
     lowercases and collapses whitespace, so "Cat" and "cat " are one class to the text encoder (open vocabulary,
-    where a name is all that tells two classes apart, refuses them as check_class_names refuses repeated strings)."""
-    bpe = _bpe()
+    where a name is all that tells two classes apart, refuses them as check_class_names refuses repeated strings).
+    ``encoded``: the names' BPE tokens when the caller has them (else they are encoded here)."""
+    if encoded is None:
+        bpe = _bpe()
+        encoded = [bpe.encode(name) for name in names]
     seen: dict[tuple[int, ...], int] = {}
-    for i, name in enumerate(names):
-        tokens = tuple(bpe.encode(name))
+    for i, (name, name_tokens) in enumerate(zip(names, encoded)):
+        tokens = tuple(name_tokens)
         if tokens in seen:
             j = seen[tokens]
             raise ValueError(
@@ -77,8 +80,10 @@ def tokenize_class_names(names: Sequence[str], length: int, distinct: bool = Fal
     check_class_names(names, distinct)
     bpe = _bpe()
     out = torch.zeros(len(names), length, dtype=torch.long)
+    encoded = []
     for i, name in enumerate(names):
         tokens = bpe.encode(name)
+        encoded.append(tokens)
         if not tokens:
             raise ValueError(f"class name {i} ({name!r}) has no tokens")
         if bpe.sot_token_id in tokens or bpe.eot_token_id in tokens:
@@ -90,7 +95,7 @@ def tokenize_class_names(names: Sequence[str], length: int, distinct: bool = Fal
             )
         out[i, : len(tokens) + 2] = torch.tensor([bpe.sot_token_id, *tokens, bpe.eot_token_id])
     if distinct:  # after each name's own checks, which name the offending entry first
-        check_distinct_tokens(names)
+        check_distinct_tokens(names, encoded)
     return out
 
 

@@ -142,11 +142,15 @@ def find_samples(root: str, layout: str, split: str) -> tuple[list[Sample], list
     return [Sample(images[n], labels[n]) for n in names], classes
 
 
-def _label_size_error(sample: Sample, label_size: Sequence[int], image_size: Sequence[int]) -> ValueError:
+def _label_size_error(
+    sample: Sample, label_size: Sequence[int], image_size: Sequence[int], orientation: int | None = None
+) -> ValueError:
     """The error for a label whose size differs from its image's, as :func:`load_image` returns the image: turned
-    upright by its EXIF orientation (as mmcv's loader), while the label is read as stored (as mmseg's)."""
+    upright by its EXIF orientation (as mmcv's loader; read here unless given), while the label is read as stored
+    (as mmseg's)."""
     message = f"{sample.label}: label size {tuple(label_size)} differs from its image's {tuple(image_size)}"
-    orientation = exif_orientation(sample.image)
+    if orientation is None:
+        orientation = exif_orientation(sample.image)
     if orientation in TRANSPOSING_ORIENTATIONS:
         stored = tuple(image_size)[::-1]
         message += (f", which its EXIF orientation ({orientation}) turns from the stored {stored}; the label is read "
@@ -374,11 +378,11 @@ class SegmentationData(Dataset):
             label_size = image_size(sample.label)
             if label_size != image_size(sample.image, upright=True):
                 # the exact size load_image returns: an EXIF orientation after a PNG's pixels is not in its header
-                size = image_size(sample.image)
-                if exif_orientation(sample.image) in TRANSPOSING_ORIENTATIONS:
+                size, orientation = image_size(sample.image), exif_orientation(sample.image)
+                if orientation in TRANSPOSING_ORIENTATIONS:
                     size = size[::-1]
                 if label_size != size:
-                    raise _label_size_error(sample, label_size, size)
+                    raise _label_size_error(sample, label_size, size, orientation)
 
     def __getitem__(self, item: int | tuple[int, int]):
         if isinstance(item, tuple):

@@ -285,6 +285,11 @@ def next_batch(batches: Iterator[Any]) -> Any:
         raise ValueError(last.removeprefix("ValueError: ")) from None
 
 
+def _weights_beside(state: str) -> str:
+    """The iter_N.safetensors (path or name) that train writes beside the training state iter_N.state.pt."""
+    return state.removesuffix(".state.pt") + ".safetensors"
+
+
 def _iteration(name: str) -> int:
     """N of a work dir's ``iter_N.*`` file name (-1 when N is not a number)."""
     number = name.removeprefix("iter_").split(".", 1)[0]
@@ -353,7 +358,7 @@ class Trainer:
         if used and self.resume == "auto":  # _find_resume found no latest.json
             files = sorted((n for n in names if n.startswith("iter_") and n.endswith((".safetensors", ".state.pt"))),
                            key=lambda n: (_iteration(n), n))  # fmt: skip
-            states = [n for n in files if n.endswith(".state.pt") and n.replace(".state.pt", ".safetensors") in files]
+            states = [n for n in files if n.endswith(".state.pt") and _weights_beside(n) in files]
             advice = (f"name the newest state explicitly with --resume {self._path(states[-1])}, or start"
                       if states else "none is an iter_N.state.pt beside its iter_N.safetensors, so none can be "
                       "resumed: start")  # fmt: skip
@@ -424,7 +429,7 @@ class Trainer:
         device: torch.device,
     ) -> int:  # fmt: skip
         state = self._state if self._state is not None else read_train_state(path)
-        weights = path.removesuffix(".state.pt") + ".safetensors"
+        weights = _weights_beside(path)
         try:
             loaded = load_checkpoint(weights, class_names=model.class_names)
         except ClassCountError as exc:
@@ -475,7 +480,7 @@ class Trainer:
                 f"{cfg.batch_size}: the data order resumes by images seen, so resume with --batch-size "
                 f"{saved.get('batch_size')} (accum may differ)"
             )
-        weights = path.removesuffix(".state.pt") + ".safetensors"
+        weights = _weights_beside(path)
         arch, mine = _saved_architecture(weights), cfg.model_config()
         if arch is not None and arch != mine:
             theirs, ours = _architecture_difference(arch, mine)
