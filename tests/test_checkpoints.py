@@ -485,6 +485,30 @@ def test_save_errors_name_the_path(tmp_path, monkeypatch):
             model.save(locked / "model.safetensors")
 
 
+def test_saved_files_get_the_permissions_open_would_give(tmp_path):
+    """safetensors writes owner-only files (0600), so a checkpoint saved on a shared machine could not be loaded by
+    the other users of its group: a new file gets 0666 less the umask, a replaced one keeps its mode."""
+    from denseclip_fast.checkpoints.io import replaced_atomically
+
+    model = DenseCLIP(tiny_config("resnet"), NAMES)
+    umask = os.umask(0o027)
+    try:
+        model.save(tmp_path / "new.safetensors")
+        assert (tmp_path / "new.safetensors").stat().st_mode & 0o777 == 0o640
+        kept = tmp_path / "kept.safetensors"
+        kept.write_bytes(b"")
+        kept.chmod(0o604)
+        model.save(kept)
+        assert kept.stat().st_mode & 0o777 == 0o604
+        with replaced_atomically(tmp_path / "notes.json") as partial:
+            with open(partial, "w") as f:
+                f.write("{}")
+            os.chmod(partial, 0o600)  # as a library writing through mkstemp leaves it
+        assert (tmp_path / "notes.json").stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(umask)
+
+
 # ------------------------------------------------------------------------------------------------ unsafe and broken
 
 

@@ -24,6 +24,7 @@ import math
 import os
 import pickle
 import re
+import stat
 import struct
 import uuid
 import zipfile
@@ -68,13 +69,37 @@ MAX_NAME_CHARS = 16_000_000  # characters of all the dotted names (and their pre
 SHARED_VIEW_SLACK = 16 * 2**20
 
 
+def _mode_for(path: str) -> int:
+    """Permission bits for a file written at ``path``: those of the file there, else 0666 less the umask."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    """The process's umask: from /proc on Linux; elsewhere by setting it and back (a moment in which another
+    thread's new file would get the wrong mode, hence not first)."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    umask = os.umask(0o077)
+    os.umask(umask)
+    return umask
+
+
 @contextlib.contextmanager
 def replaced_atomically(path: str | os.PathLike[str]) -> Iterator[str]:
     """A temporary path beside ``path`` to write to (``.NAME.<unique>.partial``). When the block succeeds the file is
     flushed to disk (fsync) and replaces ``path`` in one step (``os.replace``; the directory entry is synced too),
     so a reader, a killed process or a power loss sees the old file or the new one, never half of one; when the
     block fails the temporary file is removed and ``path`` is left as it was. A process killed while writing leaves
-    its ``.partial`` file behind (the trainer removes those from its work dir when it starts)."""
+    its ``.partial`` file behind (the trainer removes those from its work dir when it starts).
+
+    The new file gets the permissions ``open(path, "w")`` would leave: the replaced file's, else those the umask
+    allows (safetensors writes owner-only files, which other users of a shared machine could not load)."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}{PARTIAL_SUFFIX}")
@@ -82,6 +107,7 @@ def replaced_atomically(path: str | os.PathLike[str]) -> Iterator[str]:
         yield tmp
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, _mode_for(path))
         os.replace(tmp, path)
         with contextlib.suppress(OSError):  # a directory cannot be opened for fsync everywhere
             fd = os.open(folder, os.O_RDONLY)
