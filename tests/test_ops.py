@@ -333,6 +333,26 @@ def test_attention_takes_inputs_transposed_in_their_last_two_dimensions(backend)
         torch.testing.assert_close(actual, expected)
 
 
+# The ends of the attention's specified range (any K from 1 to 2048 queries, any N from 1 to 65536 keys, head dims
+# 32/64/128): one query over 65536 keys, 2048 queries over one key or three; on a GPU also 2048 x 65536 (on the CPU
+# that takes a minute: its kernel is tested there at smaller sizes)
+ATTENTION_EXTREMES = [(1, 1, 1, 65536, 32), (1, 2, 2048, 1, 128), (1, 1, 2048, 3, 64)]
+if DEVICE == "cuda":
+    ATTENTION_EXTREMES += [(1, 1, 2048, 65536, 128), (2, 2, 2048, 65536, 32)]
+
+
+@pytest.mark.parametrize("backend, dtype", [(DEVICE, torch.float32), (DEVICE, torch.bfloat16),
+                                            ("triton", torch.float16)])  # fmt: skip
+@pytest.mark.parametrize("shape", ATTENTION_EXTREMES, ids=lambda s: "x".join(map(str, s)))
+def test_context_attention_at_the_ends_of_its_range(backend, dtype, shape):
+    b, h, lq, lk, d = shape
+    if backend == "triton" and DEVICE == "cpu" and lk > 4096:
+        pytest.skip("Triton's interpreter takes 20 s over 65536 keys; its key loop is tested at 1100 keys")
+    gen = torch.Generator().manual_seed(lq + lk + d)
+    q, k, v = (torch.randn(b, h, n, d, generator=gen, dtype=torch.float64).to(DEVICE, dtype) for n in (lq, lk, lk))
+    _check_attention(q, k, v, backend)
+
+
 @pytest.mark.parametrize("backend", RANDOM_BACKENDS)
 @pytest.mark.parametrize("seed", range(8))
 def test_random_shapes_against_the_reference(backend, seed):
