@@ -386,7 +386,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .validation import check_device
 
     if args.device is not None:  # "" would be the config's "default device"; on the command line it is a mistake
-        check_device(args.device, "--device")
+        # a config printed for another machine may name its GPU (the spelling is still checked)
+        check_device(args.device, "--device", present=not args.print_config)
     if args.config:
         cfg = TrainConfig.load(args.config)
     else:

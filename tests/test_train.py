@@ -1041,6 +1041,11 @@ def test_config_files_and_errors(arch_file, generic, tmp_path, capsys):
     elsewhere.write_text(f"device: cuda:3\nwork_dir: {tmp_path / 'a_file' / 'run'}\n")
     assert main(["train", str(elsewhere), "--print-config"]) == 0, capsys.readouterr().err
     assert json.loads(capsys.readouterr().out)["device"] == "cuda:3"
+    if not torch.cuda.is_available():  # the same GPU given as --device (train itself refuses it, above: gpu0)
+        assert main(["train", "--arch", "RN50", "--device", "cuda:3", "--print-config"]) == 0, capsys.readouterr().err
+        assert json.loads(capsys.readouterr().out)["device"] == "cuda:3"
+        assert main(["train", "--arch", "RN50", "--device", "cuda:3", "--data", generic]) == 2
+        assert "no CUDA GPU is available" in capsys.readouterr().err
     elsewhere.write_text("device: gpu0\n")  # but what no machine takes is refused
     assert main(["train", str(elsewhere), "--print-config"]) == 2
     assert "device must be a device such as" in capsys.readouterr().err
