@@ -203,8 +203,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
             if i + workers < len(files):
                 loads.append(pool.submit(load_image, files[i + workers]))
             check_test_image_size(image.shape[:2], model.config.test_scale, files[i])  # named by its file
-            scores = seg.open_vocab(image, names) if names is not None else seg.logits(image)
-            labels = scores[0].argmax(dim=0).cpu().numpy()
+            labels = seg.predict(image, names)[0].cpu().numpy()  # names None: the trained head's classes
             writes.append(pool.submit(_write_results, args.out, stem, image, labels, palette, k > 256))
             if len(writes) > workers:
                 writes.popleft().result()

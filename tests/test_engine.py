@@ -150,6 +150,59 @@ def test_predict_overlay_and_open_vocab(model):
     assert seg.open_vocab(x, ["dog", "sky", "road", "grass", "car"]).shape == scores.shape  # cached vocabulary
 
 
+@pytest.mark.parametrize("mode", ["whole", "slide"])
+def test_predict_resizes_a_few_classes_at_a_time_and_equals_the_argmax(model, mode, monkeypatch):
+    """predict's labels at each uint8 image's own size are made a chunk of classes at a time (a 12-megapixel photo's
+    150 full-size score maps took 7.2 GB before the argmax): equal to logits().argmax pixel for pixel (images of two
+    sizes, one chunk per class up to all classes at once; open vocabulary too), and no resize output holds more
+    than a chunk."""
+    from denseclip_fast.engine import segmenter
+
+    seg = _engine(model, mode=mode)
+    rng = np.random.default_rng(3)
+    images = [rng.integers(0, 256, size=size, dtype=np.uint8) for size in ((70, 90, 3), (45, 101, 3), (70, 90, 3))]
+    names = ["dog", "sky", "road", "grass", "car", "tree", "person"]
+    expected = [t.argmax(dim=0) for t in seg.logits(images)]
+    expected_vocab = [t.argmax(dim=0) for t in seg.open_vocab(images, names)]
+    largest = []
+    interpolate = F.interpolate
+
+    def recorded(x, *args, **kwargs):
+        out = interpolate(x, *args, **kwargs)
+        if out.shape[-2:] in ((70, 90), (45, 101)):  # to an image's own size (not the network's resizes)
+            largest.append(out.numel())
+        return out
+
+    monkeypatch.setattr(segmenter.F, "interpolate", recorded)
+    for classes_at_once in (1, 2, 3, 7):
+        monkeypatch.setattr(segmenter, "LABEL_CHUNK", classes_at_once * 2 * 70 * 90)  # the two 70x90 images
+        largest.clear()
+        got = seg.predict(images)
+        assert all(torch.equal(g, e) for g, e in zip(got, expected)), classes_at_once
+        assert [g.shape for g in got] == [(70, 90), (45, 101), (70, 90)] and got[0].dtype == torch.int64
+        assert max(largest) == min(classes_at_once, 4) * 2 * 70 * 90, (classes_at_once, largest)
+        got = seg.predict(images, names)
+        assert all(torch.equal(g, e) for g, e in zip(got, expected_vocab)), classes_at_once
+    x = torch.randn(1, 3, 64, 80)  # a normalised batch: the argmax at its own size
+    assert torch.equal(seg.predict(x), seg.logits(x).argmax(dim=1))
+
+
+def test_labels_break_ties_and_nans_as_argmax(monkeypatch):
+    """labels (predict's chunked argmax) against argmax on crafted scores: a tie across chunks keeps the first class,
+    a NaN wins (the first NaN), whatever the chunk."""
+    from denseclip_fast.engine import segmenter
+
+    scores = torch.randn(2, 9, 5, 6)
+    scores[:, 6] = scores[:, 2]  # ties in another chunk
+    scores[:, 4] = scores[:, 2]
+    scores[0, 7, 1, 2] = float("nan")
+    scores[1, 3, 0, 0] = scores[1, 8, 0, 0] = float("nan")
+    expected = segmenter.resized(scores, (11, 13)).argmax(dim=1)
+    for step in (1, 2, 4, 9):
+        monkeypatch.setattr(segmenter, "LABEL_CHUNK", step * 2 * 11 * 13)
+        assert torch.equal(segmenter.labels(scores, (11, 13)), expected), step
+
+
 def test_16_bit_pil_images_keep_their_high_byte(model):
     """A 16-bit grey PIL image is read as OpenCV (and load_image) reads the file: its high byte, not clipped to 255
     by Pillow's RGB conversion."""

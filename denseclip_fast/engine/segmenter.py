@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -46,6 +46,41 @@ from .rewrite import prepare_for_inference
 
 Mode = Literal["whole", "slide"]
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+Finish = Callable[[torch.Tensor, Any], torch.Tensor]  # (N, C, h, w) float32 scores, (H, W) or None -> a result
+
+# predict's scores at an image's own size are made this many values at a time (256 MiB of float32): 150 classes of
+# a 12-megapixel photo would take 7.2 GB at once
+LABEL_CHUNK = 1 << 26
+
+
+def resized(scores: torch.Tensor, size: Any) -> torch.Tensor:
+    """(N, C, h, w) scores -> float32 (N, C, H, W) at ``size`` (bilinear, as mmseg's resize), in NCHW; None: as
+    they are. NCHW so that every class plane is resized alike, however many are resized together (a channels_last
+    resize computes a chunk of classes with other vector and scalar steps): see labels."""
+    scores = scores.to(torch.float32, memory_format=torch.contiguous_format)
+    if size is None:
+        return scores
+    return F.interpolate(scores, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def labels(scores: torch.Tensor, size: Any) -> torch.Tensor:
+    """``resized(scores, size).argmax(dim=1)`` (int64 (N, H, W)), equal to it pixel for pixel (the first class of a
+    tie; a NaN wins, as in argmax), with at most about LABEL_CHUNK resized values held at a time: the classes are
+    resized a chunk at a time and the best so far kept. Exact because an NCHW resize treats each class plane alike
+    whatever the chunk."""
+    if size is None:
+        return scores.argmax(dim=1)
+    n, k = scores.shape[:2]
+    step = max(1, LABEL_CHUNK // max(1, n * size[0] * size[1]))
+    if step >= k:
+        return resized(scores, size).argmax(dim=1)
+    best, index = resized(scores[:, :step], size).max(dim=1)
+    for first in range(step, k, step):
+        values, i = resized(scores[:, first : first + step], size).max(dim=1)
+        better = (values > best) | (values.isnan() & ~best.isnan())  # strictly: a tie keeps the earlier class
+        best = torch.where(better, values, best)
+        index = torch.where(better, i + first, index)
+    return index
 
 
 _TF32_LOCK = threading.Lock()
@@ -184,7 +219,7 @@ class Segmenter:
         graph's output buffer (which the next replay overwrites), and the resize is in float32 as the official
         model's."""
         small = self._graphs(x)
-        return F.interpolate(small.float(), size=x.shape[2:], mode="bilinear", align_corners=False)
+        return resized(small, x.shape[2:])
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
         """Whole or slide logits (N, K, h, w) in float32 for a normalised batch on the device."""
@@ -201,18 +236,18 @@ class Segmenter:
         x = stacked_for(images, self.device).to(self.device, non_blocking=True).permute(0, 3, 1, 2)
         return normalize(resize_keep_ratio(x, self.model.config.test_scale))
 
-    def _each_group(self, batch: ImageBatch, fn: Any) -> torch.Tensor | list[torch.Tensor]:
-        """Apply ``fn(normalised batch) -> (N, C, h, w)`` per group of same-size images. A normalised float batch
-        gives fn's result as it is; uint8 images give float32 results at each image's own size, in input order:
-        one (B, C, H, W) tensor when all sizes agree, else a list of (C, H_i, W_i)."""
+    def _each_group(self, batch: ImageBatch, fn: Any, finish: Finish = resized) -> torch.Tensor | list[torch.Tensor]:
+        """Apply ``fn(normalised batch) -> (N, C, h, w)`` float32 per group of same-size images, then
+        ``finish(result, size)``: ``resized`` (the scores), or ``labels`` (their argmax over C). A normalised float
+        batch is finished at its own size (size None); uint8 images at each image's own size, in input order: one
+        (B, ...) tensor when all sizes agree, else a list of one tensor per image."""
         if batch.normalized is not None:
-            return fn(batch.normalized)
+            return finish(fn(batch.normalized), None)
         assert batch.raw is not None
         results: list[Any] = [None] * len(batch.raw)
         for group in batch.groups:
             height, width = batch.raw[group[0]].shape[:2]
-            out = fn(self._prepare_raw([batch.raw[i] for i in group]))
-            out = F.interpolate(out.float(), size=(height, width), mode="bilinear", align_corners=False)
+            out = finish(fn(self._prepare_raw([batch.raw[i] for i in group])), (height, width))
             if group == list(range(len(batch.raw))):  # one group in input order: no split and re-stack
                 return out
             for i, o in zip(group, out):
@@ -262,16 +297,25 @@ class Segmenter:
         self._finite_or_raise(finite)
         return out
 
-    def predict(self, images: Any) -> torch.Tensor | list[torch.Tensor]:
-        """(B, H, W) int64 label maps (a list when uint8 images differ in size)."""
-        logits = self.logits(images)
-        if isinstance(logits, list):
-            return [t.argmax(dim=0) for t in logits]
-        return logits.argmax(dim=1)
+    def predict(self, images: Any, names: Sequence[str] | None = None) -> torch.Tensor | list[torch.Tensor]:
+        """(B, H, W) int64 label maps (a list when uint8 images differ in size): the argmax of :meth:`logits`, or
+        with ``names`` of :meth:`open_vocab`, equal to it pixel for pixel (ties to the first class). For uint8
+        images the scores at each image's own size are never held for all classes at once: they are made a few
+        classes at a time (LABEL_CHUNK values), as a photo's full-size scores would take gigabytes."""
+        if names is not None:
+            return self._open_vocab(images, names, labels)
+        batch, finite = self._batch(images)
+        with self._lock, torch.inference_mode(), self._math():
+            out = self._each_group(batch, self._run, labels)
+        self._finite_or_raise(finite)
+        return out
 
     def open_vocab(self, images: Any, names: Sequence[str]) -> torch.Tensor | list[torch.Tensor]:
         """(B, K', H, W) float32 pixel-text cosine scores of any ``names`` (context decoder applied), from the
         whole image's local embedding map, upsampled to the image. Each vocabulary's embeddings are cached."""
+        return self._open_vocab(images, names, resized)
+
+    def _open_vocab(self, images: Any, names: Sequence[str], finish: Finish) -> torch.Tensor | list[torch.Tensor]:
         check_class_names(names, distinct=True)  # before the cache key is made of them; tokens checked on a miss
         batch, finite = self._batch(images)
         with self._lock, torch.inference_mode(), self._math():
@@ -288,9 +332,9 @@ class Segmenter:
                 feats = self.model.backbone(x)
                 z = feats.local_feat
                 s = ops.pixel_text_score(z, self.model.context_prompt(feats, text).to(z.dtype))
-                return F.interpolate(s.float(), size=x.shape[2:], mode="bilinear", align_corners=False)
+                return resized(s, x.shape[2:])
 
-            out = self._each_group(batch, scores)
+            out = self._each_group(batch, scores, finish)
         self._finite_or_raise(finite)
         return out
 
