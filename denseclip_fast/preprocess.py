@@ -51,6 +51,9 @@ def _opened_image(path: str) -> Iterator[Any]:
             yield img
     except FileNotFoundError:
         raise ValueError(f"{path}: no such image file") from None
+    except Image.DecompressionBombError as exc:  # Pillow's guard against a small file of a huge image: kept
+        raise ValueError(f"{path}: {exc} Raise PIL.Image.MAX_IMAGE_PIXELS (None: no limit) to read it if you trust "
+                         "it") from None  # fmt: skip
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:  # SyntaxError: Pillow's for a malformed block
         raise ValueError(f"{path}: not a readable image ({exc})") from None
 

@@ -75,6 +75,20 @@ def test_load_image_errors(tmp_path):
         load_image(bad)
 
 
+def test_decompression_bombs_are_refused_naming_the_file(tmp_path, monkeypatch):
+    """Pillow refuses an image of more than twice MAX_IMAGE_PIXELS (a small file that would decode to gigabytes):
+    kept, but as the one-line ValueError naming the file and the remedy (was a DecompressionBombError traceback
+    in segment and in train's header check)."""
+    from PIL import Image
+
+    path = tmp_path / "huge.png"
+    Image.new("RGB", (100, 60)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)
+    for read in (load_image, image_size):
+        with pytest.raises(ValueError, match=r"huge.png: Image size \(6000 pixels\) exceeds limit.*MAX_IMAGE_PIXELS"):
+            read(path)
+
+
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
 def test_paths_that_are_not_regular_files_are_refused_not_read(tmp_path):
     """A FIFO (reading it would block until a writer comes) is refused by name, among image_files' paths and by
