@@ -21,15 +21,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 import warnings
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .checkpoints import CheckpointError, ClassCountError
 from .export.tensorrt import TensorRTUnavailable
+from .ops.backends import BackendUnavailable
 
 if TYPE_CHECKING:
     import torch
@@ -576,18 +579,48 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     saved_format = warnings.formatwarning
     warnings.formatwarning = _one_line_warning  # not Python's file:line and source line under each warning
+    restore_sigterm = _sigterm_interrupts()
     try:
         return args.func(args)
-    except (CheckpointError, ValueError, TensorRTUnavailable, FloatingPointError) as exc:
+    except (CheckpointError, ValueError, TensorRTUnavailable, FloatingPointError, BackendUnavailable) as exc:
         message = str(exc)
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (a scheduler's): one line, not a traceback
+        terminated = isinstance(exc, Terminated)
+        train = args.command == "train"
+        hint = " (--resume auto continues it from its last checkpoint, if it saved one)" if train else ""
+        print(f"denseclip-fast: {'terminated' if terminated else 'interrupted'}{hint}", file=sys.stderr)
+        return 128 + (signal.SIGTERM if terminated else signal.SIGINT)  # as a shell reports a process so killed
     except MemoryError as exc:  # e.g. a weight file too large for this machine (its reader names the file)
         message = str(exc) or "out of memory"
     except OSError as exc:  # FileNotFoundError, PermissionError, IsADirectoryError, a full disk ...
         message = _os_error(exc)
     finally:
         warnings.formatwarning = saved_format
+        restore_sigterm()
     print(f"denseclip-fast: error: {message}", file=sys.stderr)
     return 2
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread as Ctrl-C is, so that the command unwinds (files closed, DataLoader
+    workers stopped, partial files removed) and prints one line."""
+
+
+def _sigterm_interrupts() -> Callable[[], None]:
+    """Make SIGTERM raise Terminated while a command runs (main thread only: elsewhere signals cannot be handled);
+    returns what restores the previous handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def terminate(signum: int, frame: Any) -> None:
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+
+    def restore() -> None:
+        signal.signal(signal.SIGTERM, previous)
+
+    return restore
 
 
 def _one_line_warning(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> str:

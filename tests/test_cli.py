@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -496,3 +497,44 @@ def test_out_of_memory_is_one_line(checkpoint, monkeypatch, capsys):
     monkeypatch.setattr(denseclip_fast, "load_checkpoint", too_big)
     assert main(["info", str(checkpoint)]) == 2
     assert capsys.readouterr().err == f"denseclip-fast: error: {checkpoint}: not enough memory to read it\n"
+
+
+def test_interrupts_and_sigterm_are_one_line(checkpoint, monkeypatch, capsys):
+    """Ctrl-C and SIGTERM (a scheduler's) end a command with one line and the exit code a shell gives a process so
+    killed (130, 143), not a traceback; a train run is told how to continue. The SIGTERM handler is the command's
+    only: the previous one is back afterwards."""
+    import signal
+
+    from denseclip_fast import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_info", interrupted)
+    assert main(["info", str(checkpoint)]) == 130
+    assert capsys.readouterr().err == "denseclip-fast: interrupted\n"
+    monkeypatch.setattr("denseclip_fast.train.train", lambda cfg, resume=None: interrupted(None))
+    assert main(["train", "--data", str(checkpoint.parent), "--work-dir", str(checkpoint.parent / "w")]) == 130
+    assert capsys.readouterr().err == ("denseclip-fast: interrupted (--resume auto continues it from its last "
+                                       "checkpoint, if it saved one)\n")  # fmt: skip
+
+    def terminated(args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises in this thread at once
+        return 0
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(cli, "cmd_info", terminated)
+    assert main(["info", str(checkpoint)]) == 143
+    assert capsys.readouterr().err == "denseclip-fast: terminated\n"
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_forced_backend_that_cannot_run_is_one_line(checkpoint, images, tmp_path, capsys, monkeypatch):
+    """DENSECLIP_FAST_BACKEND naming a backend this machine cannot run (cuda without a GPU) is one line naming it
+    and why (exit 2), not a RuntimeError traceback."""
+    monkeypatch.setenv("DENSECLIP_FAST_BACKEND", "cuda" if not torch.cuda.is_available() else "cpu")
+    assert main(["segment", "--checkpoint", str(checkpoint), "--out", str(tmp_path), str(images[0])]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("denseclip-fast: error: ") and err.count("\n") == 1
+    assert "(from DENSECLIP_FAST_BACKEND) cannot run this call" in err

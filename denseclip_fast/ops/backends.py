@@ -6,7 +6,7 @@ tensors, triton when it is installed and supports the GPU (sm_80+), dtype and sh
 for CPU tensors, cpu when the extension is built, else reference.
 
 ``DENSECLIP_FAST_BACKEND=<name>`` or the ``backend=`` argument of an operator forces one; a forced backend that
-cannot run the call raises RuntimeError saying why.
+cannot run the call raises BackendUnavailable (a RuntimeError) saying why.
 """
 
 from __future__ import annotations
@@ -159,6 +159,10 @@ def unavailable_reason(
     raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS} or 'auto'")
 
 
+class BackendUnavailable(RuntimeError):
+    """A forced backend (``backend=`` or DENSECLIP_FAST_BACKEND) that cannot run the call; the message says why."""
+
+
 def resolve(op: str, device: torch.device, dtype: torch.dtype, backend: str | None = None, head_dim: int = 0) -> str:
     """The backend that runs this call (see the module docstring)."""
     source = "backend=" if backend is not None else f"{ENV_VAR}="
@@ -168,7 +172,8 @@ def resolve(op: str, device: torch.device, dtype: torch.dtype, backend: str | No
     if requested != "auto":
         why = unavailable_reason(requested, op, device, dtype, head_dim)
         if why is not None:
-            raise RuntimeError(f"{op}: backend {requested!r} (from {source.rstrip('=')}) cannot run this call: {why}")
+            raise BackendUnavailable(f"{op}: backend {requested!r} (from {source.rstrip('=')}) cannot run this call: "
+                                     f"{why}")  # fmt: skip
         return requested
     order = ("triton", "cuda", "reference") if device.type == "cuda" else ("cpu", "reference")
     return next(b for b in order if unavailable_reason(b, op, device, dtype, head_dim) is None)
