@@ -19,6 +19,7 @@ Errors the user can fix (a bad file, a wrong class list) are printed as one line
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -156,8 +157,25 @@ def _write_results(out: str, stem: str, image: Any, labels: Any, palette: Any, w
     from .visualize import overlay
 
     label_image = Image.fromarray(labels.astype(np.uint16 if wide else np.uint8))
-    label_image.save(os.path.join(out, f"{stem}_labels.png"))
-    Image.fromarray(overlay(image, labels, palette)).save(os.path.join(out, f"{stem}_overlay.png"))
+    _write_whole(os.path.join(out, f"{stem}_labels.png"), lambda path: label_image.save(path, format="PNG"))
+    picture = Image.fromarray(overlay(image, labels, palette))
+    _write_whole(os.path.join(out, f"{stem}_overlay.png"), lambda path: picture.save(path, format="PNG"))
+
+
+def _write_whole(path: str, write: Callable[[str], object]) -> None:
+    """``write(temporary path)`` beside ``path``, then renamed over it: a command killed (or a disk full) while it
+    writes never leaves a truncated file under the final name, and a file being replaced is whole until then. Not
+    synced to disk (a checkpoint is, checkpoints.io.replaced_atomically): these are results a rerun remakes."""
+    folder, name = os.path.split(path)
+    tmp = os.path.join(folder, f".{name}.{os.getpid()}.{threading.get_ident()}.partial")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as exc:  # named by the file the user asked for, not the temporary one
+        raise OSError(exc.errno, exc.strerror, path) from None
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
@@ -450,8 +468,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     dtype = torch.bfloat16 if args.bf16 else None  # float32 by default, as the official test
     result = evaluate(model, data, mode=args.mode, scales=scales, flip=args.flip, dtype=dtype, progress=True)
     result["checkpoint"] = args.checkpoint
-    with open(out, "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=2)
+
+    def write(path: str) -> None:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=2)
+
+    _write_whole(out, write)
     print(f"mIoU {100 * result['mIoU']:.2f}  aAcc {100 * result['aAcc']:.2f}  mAcc {100 * result['mAcc']:.2f}  "
           f"({result['images']} images, {args.mode}; written to {out})")  # fmt: skip
     return 0

@@ -538,3 +538,44 @@ def test_a_forced_backend_that_cannot_run_is_one_line(checkpoint, images, tmp_pa
     err = capsys.readouterr().err
     assert err.startswith("denseclip-fast: error: ") and err.count("\n") == 1
     assert "(from DENSECLIP_FAST_BACKEND) cannot run this call" in err
+
+
+def test_results_are_written_whole_or_not_at_all(checkpoint, images, data, tmp_path, capsys, monkeypatch):
+    """segment's PNGs and eval's JSON are written under a temporary name and renamed: a write that fails midway
+    (a full disk; or a kill) leaves the previous file whole and no partial file, and the error names the file
+    asked for. Before, a killed segment left truncated PNGs under their final names and a full disk emptied
+    eval's JSON."""
+    from PIL import Image as PILImage
+
+    out = tmp_path / "out"
+    args = ["segment", "--checkpoint", str(checkpoint), "--mode", "whole", "--out", str(out), str(images[0])]
+    assert main(args) == 0
+    capsys.readouterr()
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    save = PILImage.Image.save
+
+    def full_disk(self, fp, *a, **kw):
+        with open(fp, "wb") as f:
+            f.write(b"\x89PNG half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(PILImage.Image, "save", full_disk)
+    assert main(args) == 2
+    assert capsys.readouterr().err == f"denseclip-fast: error: {out / 'a_labels.png'}: No space left on device\n"
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing else there: no partial file
+    monkeypatch.setattr(PILImage.Image, "save", save)
+
+    result = tmp_path / "e.json"
+    ev = ["eval", "--checkpoint", str(checkpoint), "--out", str(result), "--layout", "generic", "--data", str(data)]
+    assert main(ev) == 0
+    capsys.readouterr()
+    written = result.read_bytes()
+
+    def half_dump(obj, f, **kw):
+        f.write('{"mIoU": ')
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(json, "dump", half_dump)
+    assert main(ev) == 2
+    assert capsys.readouterr().err.endswith(f"\ndenseclip-fast: error: {result}: No space left on device\n")
+    assert result.read_bytes() == written and sorted(os.listdir(tmp_path)) == ["e.json", "out"]
