@@ -149,6 +149,24 @@ def _output_stems(files: Sequence[str]) -> list[str]:
     return stems
 
 
+def _check_apart(out: str, given: Sequence[str], files: Sequence[str], stems: Sequence[str]) -> None:
+    """Refuse an --out that is an input folder (the next run over it would take NAME_labels.png and
+    NAME_overlay.png for images, and their results for more) or results that would overwrite an input image."""
+    where = os.path.realpath(out)
+    for path in given:
+        if os.path.isdir(path) and os.path.realpath(path) == where:
+            raise ValueError(f"--out {out} is the input folder {path}: a later run over it would segment the "
+                             "results (NAME_labels.png, NAME_overlay.png) as images; write them to another "
+                             "folder")  # fmt: skip
+    inputs = {os.path.realpath(f): f for f in files}
+    for stem in stems:
+        for kind in ("labels", "overlay"):
+            result = os.path.join(out, f"{stem}_{kind}.png")
+            taken = inputs.get(os.path.realpath(result))
+            if taken is not None:
+                raise ValueError(f"the result {result} would overwrite the input image {taken}; choose another --out")
+
+
 def _write_results(out: str, stem: str, image: Any, labels: Any, palette: Any, wide: bool) -> None:
     """NAME_labels.png (class indices: 8-bit grey, 16-bit when ``wide``: past 256 classes) and NAME_overlay.png."""
     import numpy as np
@@ -193,6 +211,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         raise ValueError(f"--io-threads must be >= 1, got {args.io_threads}")
     files = image_files(args.images)
     stems = _output_stems(files)
+    _check_apart(args.out, args.images, files, stems)
     check_writable_dir(args.out, "--out")
     device = _device(args)
     # on a CPU the engine itself keeps every core busy: one worker overlaps the I/O without contending for them

@@ -96,6 +96,16 @@ def test_segment_refuses_bad_image_lists_before_any_work(checkpoint, images, tmp
     assert main([*base, "--io-threads", "0", str(images[0])]) == 2
     assert "--io-threads must be >= 1, got 0" in capsys.readouterr().err
     assert not out.exists()
+    # results into the folder of the images: a later run over it would take them for images (4 -> 12 -> 28 files)
+    assert main(["segment", "--checkpoint", str(checkpoint), "--out", str(other / "."), str(other)]) == 2
+    assert f"--out {other / '.'} is the input folder {other}: a later run" in capsys.readouterr().err
+    (other / "b_labels.png").write_bytes(images[0].read_bytes())  # an image the result of b.png would overwrite
+    (tmp_path / "b.png").write_bytes(images[0].read_bytes())
+    assert main(["segment", "--checkpoint", str(checkpoint), "--out", str(other), str(other / "b_labels.png"),
+                 str(tmp_path / "b.png")]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert f"the result {other / 'b_labels.png'} would overwrite the input image {other / 'b_labels.png'}" in err
+    assert sorted(os.listdir(other)) == ["a.jpg", "b_labels.png"]
 
 
 def test_segment_names_an_unreadable_image(checkpoint, images, tmp_path, capsys):
