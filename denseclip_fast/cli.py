@@ -441,6 +441,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg.validate(template=True)
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
+    if cfg.init == "none" and args.resume is None:
+        warnings.warn("training from random weights (init: none): DenseCLIP fine-tunes CLIP, so a real run starts "
+                      "from CLIP weights (--init PATH)", stacklevel=1)  # fmt: skip
     result = train(cfg, resume=args.resume)
     evaluation = result.get("eval")
     if evaluation:
@@ -556,7 +559,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--arch", help="RN50, RN101, ViT-B/16 (the official recipe), or an architecture JSON file")
     tr.add_argument("--data", help="the data set directory")
     tr.add_argument("--layout", choices=("ade20k", "generic"))
-    tr.add_argument("--init", help="CLIP weights (OpenAI .pt, state dict, open_clip) or 'none' for random")
+    tr.add_argument("--init", help="CLIP weights (OpenAI .pt, state dict, open_clip) to start from, or 'none' "
+                                   "(the default without a config: random weights, for tests; DenseCLIP "
+                                   "fine-tunes CLIP)")  # fmt: skip
     tr.add_argument("--clip-activation", dest="clip_activation", choices=("quick_gelu", "gelu"),
                     help="the activation the --init weights were trained with: quick_gelu (OpenAI CLIP, the "
                          "presets' default) or gelu (most other open_clip weights, e.g. LAION's)")  # fmt: skip

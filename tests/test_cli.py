@@ -589,3 +589,17 @@ def test_results_are_written_whole_or_not_at_all(checkpoint, images, data, tmp_p
     assert main(ev) == 2
     assert capsys.readouterr().err.endswith(f"\ndenseclip-fast: error: {result}: No space left on device\n")
     assert result.read_bytes() == written and sorted(os.listdir(tmp_path)) == ["e.json", "out"]
+
+
+def test_training_from_random_weights_is_warned(tmp_path, monkeypatch):
+    """init none (the default without a config) trains from random weights, which no real run wants (DenseCLIP
+    fine-tunes CLIP): said in a warning; not when resuming (the weights come from the checkpoint)."""
+    import warnings
+
+    monkeypatch.setattr("denseclip_fast.train.train", lambda cfg, resume=None: {"iters": 0})
+    args = ["train", "--data", str(tmp_path), "--work-dir", str(tmp_path / "w")]
+    with pytest.warns(UserWarning, match=r"training from random weights \(init: none\)"):
+        main(args)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        main([*args, "--resume", "auto"])
