@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 
 import numpy as np
 import pytest
@@ -13,7 +15,9 @@ ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 from denseclip_fast import ADE20K_CLASSES, DenseCLIP  # noqa: E402
+from denseclip_fast.export import onnx as onnx_export  # noqa: E402
 from denseclip_fast.export import read_metadata, supported_operators, tensorrt_problems, to_onnx  # noqa: E402
+from denseclip_fast.export.onnx import save_onnx  # noqa: E402
 from denseclip_fast.export.tensorrt import TensorRTUnavailable, build_tensorrt_engine  # noqa: E402
 from denseclip_fast.model.text import tokenize_class_names  # noqa: E402
 
@@ -249,6 +253,93 @@ def test_output_paths_are_checked_before_the_trace(tiny, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=f"engine_path {str(tmp_path / 'dir')!r} is a directory"):
         build_tensorrt_engine(tmp_path / "file", tmp_path / "dir")  # said before TensorRT is looked for
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dir", "file"]
+
+
+def _full_disk(monkeypatch) -> None:
+    """The disk fills up while a graph is written: onnx.save (which onnx_ir's save, torch's too, ends with, after
+    any weights file) writes half of the graph and raises ENOSPC, as a write to a full disk does."""
+
+    def save(proto, path, *args, **kwargs):
+        data = proto.SerializeToString()
+        with open(path, "wb") as f:
+            f.write(data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(onnx, "save", save)
+
+
+def test_a_failed_write_keeps_the_previous_graph(tiny, tmp_path, monkeypatch):
+    """A full disk while to_onnx writes: the graph at the path is kept as it was, no partial file is left and the
+    error names the path. (It was written in place: the previous graph was left truncated, and the error was a bare
+    "[Errno 28] No space left on device".)"""
+    from denseclip_fast.cli import _os_error
+
+    path = tmp_path / "prev.onnx"
+    onnx.save(_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], [_tensor("x")], [_tensor("y")]), path)
+    before = path.read_bytes()
+    _full_disk(monkeypatch)
+    with pytest.raises(OSError) as info:
+        to_onnx(tiny, path, image_size=SIZE)
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(path)
+    assert _os_error(info.value) == f"{path}: cannot write the ONNX graph: No space left on device"
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["prev.onnx"]
+
+
+def _weighted(value: float):
+    """A small onnx_ir model whose one initializer (512 bytes, all ``value``) is above onnx_ir's 256-byte threshold
+    for external data."""
+    from onnxscript import ir
+
+    h = onnx.helper
+    weight = onnx.numpy_helper.from_array(np.full((1, 128), value, dtype=np.float32), "w")
+    proto = _graph([h.make_node("Add", ["x", "w"], ["y"])], [_tensor("x", shape=(1, 128))],
+                   [_tensor("y", shape=(1, 128))], [weight])  # fmt: skip
+    return ir.serde.deserialize_model(proto)
+
+
+def _weight_read(path) -> float:
+    """The initializer's value as the graph at ``path`` refers to it (from its weights file, if it has one)."""
+    (weight,) = onnx.load(str(path)).graph.initializer
+    return float(onnx.numpy_helper.to_array(weight)[0, 0])
+
+
+def test_weights_beside_the_graph_are_replaced_with_it(tmp_path, monkeypatch):
+    """Weights above EXTERNAL_DATA_THRESHOLD (1.5 GiB: custom architectures) go to a file beside the graph, named
+    anew each time, so that the graph there keeps its own weights until the new graph replaces it: a failed write
+    leaves both as they were; a successful one removes the replaced graph's weights file (also ONNXProgram.save's
+    NAME.data), never a file named otherwise, which other graphs may share."""
+    from onnxscript import ir
+
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 0)
+    path = tmp_path / "m.onnx"
+
+    def data_files() -> list[str]:
+        return sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".data"))
+
+    save_onnx(_weighted(1.0), path)
+    (first,) = data_files()
+    assert first.startswith("m.onnx.") and _weight_read(path) == 1.0
+    assert onnx.load(str(path), load_external_data=False).graph.initializer[0].external_data[0].value == first
+    save_onnx(_weighted(2.0), path)
+    (second,) = data_files()
+    assert second != first and _weight_read(path) == 2.0
+    with monkeypatch.context() as patch:
+        _full_disk(patch)
+        with pytest.raises(OSError, match="cannot write the ONNX graph: No space left on device"):
+            save_onnx(_weighted(3.0), path)
+    assert data_files() == [second] and _weight_read(path) == 2.0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", second]
+    # a graph whose weights ONNXProgram.save wrote (NAME.data), then one sharing a file named otherwise
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 2**40)
+    for location, kept in (("m.onnx.data", []), ("shared.data", ["shared.data"])):
+        for name in data_files():
+            os.remove(tmp_path / name)
+        proto = ir.serde.serialize_model(_weighted(3.0))
+        onnx.save(proto, str(path), save_as_external_data=True, location=location, size_threshold=0)
+        assert data_files() == [location] and _weight_read(path) == 3.0
+        save_onnx(_weighted(4.0), path)  # below the threshold: one file
+        assert data_files() == kept and _weight_read(path) == 4.0
 
 
 def test_files_that_are_not_onnx_models_are_named(tmp_path):

@@ -17,8 +17,9 @@ import contextlib
 import io
 import json
 import os
+import uuid
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from .. import __version__
 from ..checkpoints.io import path_argument
 from ..model import DenseCLIP
 from ..preprocess import CLIP_MEAN, CLIP_STD
-from .graphs import build_graph, check_image_size, example_inputs, output_path
+from .graphs import build_graph, check_image_size, example_inputs, output_path, written_atomically
 
 ONNX_DTYPES = (torch.float32, torch.float16)
 DEFAULT_OPSET = 18
@@ -38,6 +39,10 @@ NAMES = {
     "image_with_text": (["image", "class_embeddings"], ["logits"]),
     "text": (["class_tokens"], ["class_embeddings"]),
 }
+# Weights above this go to a file beside the graph, as torch.onnx's ONNXProgram.save puts them (a protobuf message
+# holds 2 GiB at most, the graph included). The released architectures are far below it (ViT-B/16: about 0.5 GB in
+# float32); a custom configuration may not be.
+EXTERNAL_DATA_THRESHOLD = 1536 * 2**20
 
 
 def to_onnx(
@@ -109,8 +114,7 @@ def to_onnx(
     if exported_opset != opset:
         raise ValueError(f"the exporter wrote opset {exported_opset}, not the requested {opset}")
     program.model.metadata_props.update({f"denseclip_fast.{k}": v for k, v in metadata.items()})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    program.save(str(path))
+    save_onnx(program.model, path)
     if check_tensorrt:
         from .tensorrt import tensorrt_problems
 
@@ -121,6 +125,80 @@ def to_onnx(
                 stacklevel=2,
             )
     return path
+
+
+def save_onnx(model: Any, path: Path) -> None:
+    """Write the ONNX graph ``model`` (an onnx_ir Model, as torch.onnx.export makes it) to ``path``, so that a
+    failure (a full disk ...) leaves the file at ``path``, and the weights file it refers to, as they were: an
+    OSError naming ``path`` (checkpoints.io.replaced_atomically).
+
+    Weights larger than EXTERNAL_DATA_THRESHOLD go to a file beside the graph, which refers to it by name. The name
+    is a new one each time (``NAME.<unique>.data``): the previous graph keeps its own weights file until the new
+    graph replaces it, in one step, and that file is then removed. (ONNXProgram.save would rewrite ``NAME.data``
+    under the previous graph, and its graph, written under a temporary name, would refer to a temporary name.)"""
+    from onnxscript import ir
+
+    previous = _data_files(path)
+    data = f"{path.name}.{uuid.uuid4().hex[:8]}.data" if _weight_bytes(model) > EXTERNAL_DATA_THRESHOLD else None
+    try:
+        with written_atomically(path, "the ONNX graph") as partial:
+            # the weights go to ``data`` beside ``partial``, hence beside ``path``; format: not guessed from the
+            # temporary file's suffix
+            ir.save(model, partial, format="protobuf", external_data=data)
+    except BaseException:
+        if data is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path.parent / data)
+        raise
+    for name in previous:  # the replaced graph's weights, which no graph refers to now
+        try:
+            os.remove(path.parent / name)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:  # the new graph is in place: an orphan left is said, not an error
+            warnings.warn(f"{path.parent / name}: the replaced graph's weights file could not be removed "
+                          f"({exc.strerror or exc})", stacklevel=3)  # fmt: skip
+
+
+def _weight_bytes(model: Any) -> int:
+    """The bytes of the initializers of an onnx_ir Model, its subgraphs' included."""
+    values = [v.const_value for graph in model.graphs() for v in graph.initializers.values()]
+    return sum(value.nbytes for value in values if value is not None)
+
+
+def _data_files(path: Path) -> set[str]:
+    """The names of the weights files beside ``path`` that the ONNX graph at ``path`` refers to and that are named
+    after it (``NAME.data``, as ONNXProgram.save names them, and ``NAME.<unique>.data``, as save_onnx does): those
+    that replacing the graph leaves to no graph. Other names may be shared with other graphs: not listed. The graph
+    is read only when such a file is there (reading a graph can take seconds)."""
+    prefix = f"{path.name}."
+    with contextlib.suppress(OSError):
+        named = {n for n in os.listdir(path.parent) if n.startswith(prefix) and n.endswith(".data")}
+        if named and path.is_file():
+            try:
+                graph = load_onnx(path).graph
+            except ValueError:  # not an ONNX graph: it refers to nothing
+                return set()
+            return {location for t in _initializers(graph) if (location := _location(t)) in named}
+    return set()
+
+
+def _initializers(graph: Any) -> Iterator[Any]:
+    """The initializers (onnx.TensorProto) of an onnx.GraphProto and of its nodes' subgraphs (If, Loop, Scan)."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attribute in node.attribute:
+            for sub in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
+                yield from _initializers(sub)
+
+
+def _location(tensor: Any) -> str | None:
+    """The file an externally stored onnx.TensorProto's data is in (relative to its graph), else None."""
+    import onnx
+
+    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        return None
+    return next((entry.value for entry in tensor.external_data if entry.key == "location"), None)
 
 
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
