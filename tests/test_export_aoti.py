@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import errno
+import io
 import json
+import os
 import subprocess
+import zipfile
 from dataclasses import replace
 from typing import Any
 
@@ -103,17 +107,58 @@ def test_to_aoti_argument_errors(model, tmp_path):
         to_aoti(seg, tmp_path / "x.pt2", image_size=SIZE, stride=(65, 10))
 
 
-def test_a_segmenters_window_is_the_default_package_size(model, tmp_path, monkeypatch):
-    """to_aoti(segmenter) without image_size compiles the Segmenter's window (its crop, and its stride in the
-    metadata), not the model's default crop (512 here): the package then slides as the Segmenter it was made from.
-    The compilation is replaced by a stub that keeps what it was given (torch.export still traces)."""
+def _stub_compilation(monkeypatch) -> dict[str, Any]:
+    """aoti_compile_and_package replaced by a stub that writes a small zip archive where a package would go and
+    keeps what it was given (metadata, traced shape) in the dict returned."""
     given: dict[str, Any] = {}
 
     def compile_stub(program, package_path, inductor_configs):
         given.update(inductor_configs["aot_inductor.metadata"], shape=program.example_inputs[0][0].shape)
+        with zipfile.ZipFile(package_path, "w") as archive:
+            archive.writestr("package/data/aotinductor/model/model.so", b"compiled code")
         return package_path
 
     monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", compile_stub)
+    return given
+
+
+class _FullDisk(io.FileIO):
+    """A file on a disk that fills up: a write stores half of its bytes, then raises ENOSPC."""
+
+    def write(self, data) -> int:
+        super().write(bytes(data)[: len(bytes(data)) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_a_failed_write_keeps_the_previous_package(model, tmp_path, monkeypatch):
+    """A full disk while the package is written: the package at the path is kept as it was, no partial file is
+    left, and the error names the path. (torch wrote it in place: the process aborted, SIGABRT with a C++ trace, and
+    the previous package was left a file that is not a zip archive.) The compilation is stubbed; the write is
+    to_aoti's own (export.graphs.write_file, the TensorRT engine's too)."""
+    from denseclip_fast.cli import _os_error
+    from denseclip_fast.export import graphs
+
+    path = tmp_path / "prev.pt2"
+    path.write_bytes(b"the previous package")
+    _stub_compilation(monkeypatch)
+    monkeypatch.setattr(graphs, "open", _FullDisk, raising=False)
+    with pytest.raises(OSError) as info:
+        to_aoti(model, path, image_size=SIZE, max_batch=2, device="cpu")
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(path)
+    assert _os_error(info.value) == f"{path}: cannot write the AOTInductor package: No space left on device"
+    assert path.read_bytes() == b"the previous package"
+    assert [p.name for p in tmp_path.iterdir()] == ["prev.pt2"]
+    monkeypatch.delattr(graphs, "open")
+    to_aoti(model, path, image_size=SIZE, max_batch=2, device="cpu")  # the disk has room again
+    assert zipfile.ZipFile(path).namelist() == ["package/data/aotinductor/model/model.so"]
+    assert [p.name for p in tmp_path.iterdir()] == ["prev.pt2"]
+
+
+def test_a_segmenters_window_is_the_default_package_size(model, tmp_path, monkeypatch):
+    """to_aoti(segmenter) without image_size compiles the Segmenter's window (its crop, and its stride in the
+    metadata), not the model's default crop (512 here): the package then slides as the Segmenter it was made from.
+    The compilation is replaced by a stub that keeps what it was given (torch.export still traces)."""
+    given = _stub_compilation(monkeypatch)
     to_aoti(Segmenter(model, device="cpu", dtype=torch.float32, crop=64, stride=40), tmp_path / "seg.pt2")
     assert json.loads(given["denseclip_fast.image_size"]) == [64, 64] and tuple(given["shape"][2:]) == (64, 64)
     assert json.loads(given["denseclip_fast.slide_stride"]) == [40, 40]

@@ -13,6 +13,7 @@ Facts the C++ runner needs (image size, mean/std, class names, device, dtype) ar
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import zipfile
@@ -28,7 +29,7 @@ from ..engine import Segmenter
 from ..engine.segmenter import no_tf32
 from ..model import DenseCLIP
 from ..preprocess import CLIP_MEAN, CLIP_STD
-from .graphs import TRACE_BATCH, ImageGraph, check_image_size, output_path
+from .graphs import TRACE_BATCH, ImageGraph, check_image_size, output_path, write_file
 
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 PACKAGE_SUFFIX = ".pt2"  # what aoti_compile_and_package writes: a zip archive
@@ -106,11 +107,20 @@ def to_aoti(
         "denseclip_fast.std": json.dumps(CLIP_STD),
         "denseclip_fast.class_names": json.dumps(seg.class_names, ensure_ascii=False),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
+    # Packaged in memory, then written by write_file (replaced atomically): torch's zip writer, given a path, writes
+    # it in place, and when a write fails (a full disk) its destructor, finishing the archive, fails again and
+    # aborts the process (std::terminate), the file there left half written. Into a buffer it cannot fail so, and
+    # the write to disk is Python's: an OSError naming the path, the previous package kept. The buffer holds the
+    # package once (about the weights), as torch's writer holds each file it adds.
+    package = io.BytesIO()
     with seg._math():
         torch._inductor.aoti_compile_and_package(
-            program, package_path=str(path), inductor_configs={"aot_inductor.metadata": metadata}
+            program, package_path=package, inductor_configs={"aot_inductor.metadata": metadata}
         )
+    if not zipfile.is_zipfile(package):  # a torch that took the buffer but wrote elsewhere: said, not written
+        raise RuntimeError(f"{path}: aoti_compile_and_package left no package in the buffer it was given")
+    with package.getbuffer() as data:
+        write_file(path, data, "the AOTInductor package")
     return path
 
 
