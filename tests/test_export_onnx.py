@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
+import sys
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -370,6 +373,41 @@ def test_tensorrt_builder_without_tensorrt(tmp_path):
         build_tensorrt_engine(tmp_path / "missing.onnx", tmp_path / "m.engine")
     with pytest.raises(ValueError, match="batch must be"):
         build_tensorrt_engine(onnx_file, tmp_path / "m.engine", batch=(4, 1, 8))
+
+
+class _FullDisk(io.FileIO):
+    """A file on a disk that fills up: a write stores half of its bytes, then raises ENOSPC."""
+
+    def write(self, data) -> int:
+        super().write(bytes(data)[: len(bytes(data)) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_a_failed_engine_write_keeps_the_previous_engine(tmp_path, monkeypatch):
+    """build_tensorrt_engine writes the engine through export.graphs.write_file (replaced atomically): a full disk
+    keeps the engine at the path as it was and names the path. (It wrote in place with Path.write_bytes.) TensorRT
+    cannot be installed here: a stand-in module whose builder returns a fake serialized engine (bytes; TensorRT's
+    IHostMemory is a buffer too)."""
+    from denseclip_fast.export import graphs
+
+    trt = mock.MagicMock()
+    network = trt.Builder.return_value.create_network.return_value
+    network.num_layers = network.num_inputs = 0
+    trt.Builder.return_value.build_serialized_network.return_value = b"serialized engine " * 100
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    graph, engine = tmp_path / "m.onnx", tmp_path / "m.engine"
+    onnx.save(_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], [_tensor("x")], [_tensor("y")]), graph)
+    engine.write_bytes(b"the previous engine")
+    with monkeypatch.context() as patch:
+        patch.setattr(graphs, "open", _FullDisk, raising=False)
+        with pytest.raises(OSError) as info:
+            build_tensorrt_engine(graph, engine)
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(engine)
+    assert "cannot write the TensorRT engine: No space left on device" in str(info.value)
+    assert engine.read_bytes() == b"the previous engine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.engine", "m.onnx"]
+    assert build_tensorrt_engine(graph, engine) == engine  # the disk has room again
+    assert engine.read_bytes() == b"serialized engine " * 100
 
 
 def test_the_triton_operators_translate_to_standard_onnx():

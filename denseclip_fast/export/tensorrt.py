@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .graphs import output_path
+from .graphs import output_path, write_file
 from .onnx import load_onnx, read_metadata
 
 TABLE = Path(__file__).with_name("tensorrt_onnx_ops.json")
@@ -189,7 +189,8 @@ def build_tensorrt_engine(
         workspace_gib: a limit on TensorRT's scratch memory (default: TensorRT's).
     Raises:
         TensorRTUnavailable without the ``tensorrt`` package; ValueError for bad arguments or a graph TensorRT's
-        parser rejects (its errors listed).
+        parser rejects (its errors listed); OSError naming ``engine_path`` when the engine cannot be written (a
+        full disk ...: the file there is kept as it was).
     """
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
@@ -248,6 +249,7 @@ def build_tensorrt_engine(
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise ValueError(f"TensorRT could not build an engine from {onnx_path} (see its log above)")
-    engine_path.parent.mkdir(parents=True, exist_ok=True)
-    engine_path.write_bytes(bytes(serialized))
+    # replaced atomically: a failed write (a full disk) keeps the previous engine, an OSError naming engine_path.
+    # The IHostMemory is written through its buffer, not copied to bytes first (engines run to gigabytes)
+    write_file(engine_path, memoryview(serialized), "the TensorRT engine")
     return engine_path
