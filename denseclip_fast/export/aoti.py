@@ -46,7 +46,9 @@ def to_aoti(
     dtype: torch.dtype | None = None,
     stride: int | Sequence[int] | None = None,
 ) -> Path:
-    """Compile the engine's forward into an AOTInductor package at ``path`` (``.pt2``); returns the path.
+    """Compile the engine's forward into an AOTInductor package at ``path`` (``.pt2``); returns the path. The file
+    is replaced in one step: a failed write (a full disk ...) leaves the file at ``path`` as it was and raises an
+    OSError naming ``path``.
 
     Args:
         model_or_segmenter: a Segmenter (its prepared model, device, dtype and vocabulary are used) or a DenseCLIP

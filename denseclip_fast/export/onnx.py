@@ -55,7 +55,9 @@ def to_onnx(
     opset: int = DEFAULT_OPSET,
     check_tensorrt: bool = True,
 ) -> Path:
-    """Export ``model`` to an ONNX file at ``path``; returns the path.
+    """Export ``model`` to an ONNX file at ``path``; returns the path. The file is replaced in one step: a failed
+    write (a full disk ...) leaves the file at ``path`` as it was and raises an OSError naming ``path``. Weights above
+    EXTERNAL_DATA_THRESHOLD (custom architectures only) go to ``NAME.<unique>.data`` beside it (see save_onnx).
 
     Args:
         model: a DenseCLIP model (left untouched: a prepared copy is exported, BatchNorm folded).
