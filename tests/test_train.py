@@ -1203,3 +1203,40 @@ def test_resume_files_that_are_not_training_states_are_named(arch_file, generic,
     (tmp_path / "w" / "latest.json").write_text("{}")
     with pytest.raises(ValueError, match=r"--resume auto: .*latest.json is damaged \(KeyError: 'state'\)"):
         train(_config(arch_file, generic, tmp_path / "w"), resume="auto")
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [({"RANK": "1"}, "RANK='1' is set but WORLD_SIZE is not: set both (as torchrun does) or neither"),
+     ({"RANK": "2", "WORLD_SIZE": "2"}, "RANK='2' must be below WORLD_SIZE='2' (ranks are 0..WORLD_SIZE-1)"),
+     ({"WORLD_SIZE": "0"}, "WORLD_SIZE='0' must be at least 1 (the number of processes)"),
+     ({"WORLD_SIZE": "abc"}, "WORLD_SIZE='abc' must be a non-negative integer"),
+     ({"RANK": "-1", "WORLD_SIZE": "2"}, "RANK='-1' must be a non-negative integer"),
+     ({"LOCAL_RANK": "x"}, "LOCAL_RANK='x' must be a non-negative integer"),
+     ({"WORLD_SIZE": "2"}, "WORLD_SIZE='2' is set but RANK is not")],
+)  # fmt: skip
+def test_torchrun_variables_are_checked_naming_the_variable(arch_file, generic, tmp_path, monkeypatch, capsys, env,
+                                                            message):  # fmt: skip
+    """RANK=1 without WORLD_SIZE ran the whole run as rank 1, which saves nothing (exit 0, an empty work dir);
+    RANK >= WORLD_SIZE was an IndexError traceback in the sampler, WORLD_SIZE=0 a ZeroDivisionError, and a value that
+    is not a number "invalid literal for int()" naming no variable. Each is one line naming the variable and its
+    value, before any work."""
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=re.escape(f"environment variable {message}")):
+        train(_config(arch_file, generic, tmp_path / "w"))
+    assert main(["train", "--arch", arch_file, "--data", generic, "--layout", "generic", "--device", "cpu",
+                 "--work-dir", str(tmp_path / "w")]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"denseclip-fast: error: environment variable {message}"), err
+    assert not os.path.exists(tmp_path / "w")
+
+
+def test_torchrun_variables_that_are_consistent_are_read():
+    from denseclip_fast.train.loop import launch_environment
+
+    assert launch_environment({}) == (0, 1, 0)
+    assert launch_environment({"WORLD_SIZE": "1"}) == (0, 1, 0)
+    assert launch_environment({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}) == (3, 4, 1)

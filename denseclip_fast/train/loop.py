@@ -33,7 +33,7 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -142,12 +142,40 @@ def _cudnn_benchmark(enabled: bool) -> Iterator[None]:
         torch.backends.cudnn.benchmark = saved
 
 
+def launch_environment(environ: Mapping[str, str] = os.environ) -> tuple[int, int, int]:
+    """(rank, world, local rank) from torchrun's RANK, WORLD_SIZE and LOCAL_RANK; (0, 1, 0) where unset. Each must
+    be a non-negative integer, WORLD_SIZE at least 1 and RANK below it, and RANK comes with WORLD_SIZE: a ValueError
+    names the variable and its value otherwise. Unchecked, RANK=1 alone ran a whole run as a non-zero rank, which
+    saves nothing, and RANK >= WORLD_SIZE or WORLD_SIZE=0 failed deep in the sampler or the batch split."""
+    values: dict[str, int] = {}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        text = environ.get(name)
+        if text is None:
+            continue
+        if not (text.strip().isascii() and text.strip().isdigit()):  # int() would also take "+1", "1_0", "١"
+            raise ValueError(f"environment variable {name}={text!r} must be a non-negative integer (set by torchrun; "
+                             "unset it for a run in one process)")  # fmt: skip
+        values[name] = int(text)
+    if values.get("WORLD_SIZE") == 0:
+        raise ValueError("environment variable WORLD_SIZE='0' must be at least 1 (the number of processes)")
+    if "RANK" in values and "WORLD_SIZE" not in values:
+        raise ValueError(f"environment variable RANK={environ['RANK']!r} is set but WORLD_SIZE is not: set both (as "
+                         "torchrun does) or neither (a run in one process)")  # fmt: skip
+    world = values.get("WORLD_SIZE", 1)
+    if world > 1 and "RANK" not in values:
+        raise ValueError(f"environment variable WORLD_SIZE={environ['WORLD_SIZE']!r} is set but RANK is not: set both "
+                         "(as torchrun does) or neither (a run in one process)")  # fmt: skip
+    rank = values.get("RANK", 0)
+    if rank >= world:
+        raise ValueError(f"environment variable RANK={environ['RANK']!r} must be below WORLD_SIZE="
+                         f"{environ['WORLD_SIZE']!r} (ranks are 0..WORLD_SIZE-1)")  # fmt: skip
+    return rank, world, values.get("LOCAL_RANK", 0)
+
+
 @contextlib.contextmanager
 def _distributed(cfg: TrainConfig) -> Iterator[tuple[int, int, torch.device]]:
     """(rank, world, device); a process group when launched by torchrun (WORLD_SIZE > 1)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
+    rank, world, local = launch_environment()
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         device = torch.device("cuda", local if world > 1 else (device.index or 0))
@@ -500,6 +528,7 @@ class Trainer:
                          for name in RESUME_FOLLOWS if name in saved and saved[name] != getattr(cfg, name)]  # fmt: skip
 
     def run(self) -> dict[str, Any]:
+        launch_environment()  # checked before any other work (_distributed reads it again)
         resume_path = self._find_resume()
         if resume_path is None:
             self._refuse_used_work_dir()
