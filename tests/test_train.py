@@ -25,6 +25,7 @@ from denseclip_fast.train import (
     SegmentationData,
     SegmentationMetrics,
     TrainConfig,
+    Trainer,
     evaluate,
     train,
     train_preset,
@@ -268,7 +269,7 @@ def test_a_failed_save_leaves_the_previous_checkpoint_in_charge(arch_file, gener
     cfg = _config(arch_file, generic, tmp_path / "w")
     with pytest.raises(OSError, match="No space left"):
         train(cfg)
-    assert sorted(os.listdir(tmp_path / "w")) == ["config.json", "iter_2.safetensors", "iter_2.state.pt",
+    assert sorted(os.listdir(tmp_path / "w")) == [".lock", "config.json", "iter_2.safetensors", "iter_2.state.pt",
                                                   "iter_4.safetensors", "latest.json", "metrics.csv"]  # fmt: skip
     assert os.path.basename(calls[1]).startswith(".iter_4.state.pt.")  # written under a temporary name
     with open(tmp_path / "w" / "latest.json") as f:
@@ -1240,3 +1241,55 @@ def test_torchrun_variables_that_are_consistent_are_read():
     assert launch_environment({}) == (0, 1, 0)
     assert launch_environment({"WORLD_SIZE": "1"}) == (0, 1, 0)
     assert launch_environment({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}) == (3, 4, 1)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="no fcntl: no work dir lock")
+def test_a_work_dir_in_use_by_another_run_is_refused(arch_file, generic, tmp_path, monkeypatch):
+    """Two runs in one work dir at once interleaved metrics.csv and overwrote each other's checkpoints, and each
+    start deleted every .partial file (maybe the other's checkpoint being saved). Rank 0 now holds a flock on
+    .lock for the whole run, taken before anything is written or removed; a second run is one line naming the work
+    dir and the holder's PID. The lock is released when train returns or raises (here a held lock stands for the
+    other process: flock locks of two open() calls exclude each other in one process too)."""
+    import fcntl
+
+    work = tmp_path / "w"
+    cfg = _config(arch_file, generic, work, iters=2, checkpoint_interval=1)
+    os.makedirs(work)
+    partial = work / ".iter_2.state.pt.9.0123abcd.partial"
+    partial.write_bytes(b"another run's checkpoint, being saved")
+    with open(work / ".lock", "w") as other:
+        fcntl.flock(other, fcntl.LOCK_EX)
+        other.write("4242\n")
+        other.flush()
+        with pytest.raises(ValueError, match=rf"^work dir {re.escape(repr(str(work)))} is in use by another run "
+                                             r"\(PID 4242\): wait for it to end, or start this run in another "
+                                             r"--work-dir$"):  # fmt: skip
+            train(cfg)
+    assert sorted(os.listdir(work)) == [".iter_2.state.pt.9.0123abcd.partial", ".lock"]
+
+    def free() -> bool:
+        with open(work / ".lock") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            return True
+
+    held = []
+    real_save = Trainer._save
+
+    def save(self, *args):  # the lock is held while the run saves
+        held.append(not free() and (work / ".lock").read_text() == f"{os.getpid()}\n")
+        real_save(self, *args)
+
+    monkeypatch.setattr(Trainer, "_save", save)
+    train(cfg)
+    assert held == [True, True] and free() and not partial.exists()
+    monkeypatch.setattr(Trainer, "_save", lambda *args: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        train(dataclasses.replace(cfg, iters=3), resume="auto")
+    assert free()
+    monkeypatch.setattr(Trainer, "_save", real_save)
+    monkeypatch.setattr(fcntl, "flock", lambda *args: (_ for _ in ()).throw(OSError(37, "No locks available")))
+    with pytest.warns(UserWarning, match=r"cannot lock .*\.lock \(No locks available\): nothing keeps another run"):
+        train(dataclasses.replace(cfg, iters=3), resume="auto")  # a file system without flock: the run goes on

@@ -11,7 +11,8 @@ frozen but runs every step, since the learned contexts go through it.
 Work dir: ``iter_<N>.safetensors`` (the model in the project's format: ``denseclip_fast.load_checkpoint`` reads it),
 ``iter_<N>.state.pt`` (optimiser, scaler, iteration, random state; tensors and plain data only, read with
 ``weights_only=True``), ``latest.json``, ``metrics.csv`` (iter, loss, loss_decode, loss_aux, lr, images_per_s,
-seconds), ``eval.csv`` and ``config.json``; TensorBoard events when the ``tensorboard`` package is installed.
+seconds), ``eval.csv`` and ``config.json``; TensorBoard events when the ``tensorboard`` package is installed;
+``.lock``, which a run holds (flock) while it runs, so that a second run in the same work dir is refused.
 Checkpoint files and ``latest.json`` are written to a temporary name and renamed, so a run killed while saving
 leaves ``latest.json`` pointing at the previous, complete checkpoint.
 Resuming (``resume="auto"`` or a ``.state.pt`` path) restores the model, optimiser, schedule, scaler, iteration,
@@ -194,6 +195,50 @@ def _distributed(cfg: TrainConfig) -> Iterator[tuple[int, int, torch.device]]:
                 dist.barrier()
             gc.collect()  # DDP's reducer, kept by reference cycles, is freed while its process group still exists
             dist.destroy_process_group()
+
+
+LOCK_FILE = ".lock"  # in the work dir, holding the PID of the run that holds it
+
+
+@contextlib.contextmanager
+def work_dir_lock(work_dir: str) -> Iterator[None]:
+    """An exclusive ``flock`` on ``work_dir``/.lock for as long as the context lasts, the file holding this
+    process's PID: two runs in one work dir at once interleaved metrics.csv, overwrote each other's checkpoints and
+    deleted each other's ``.partial`` files. ValueError naming the work dir and the holder's PID when another run
+    holds it. The kernel drops the lock when its process ends, however it ends, so a killed run leaves no stale lock;
+    the file stays (removing it would let a third run lock a new file while the second still holds the removed one).
+    No locking on Windows (no fcntl), nor, with a warning, on a file system that refuses flock."""
+    if sys.platform == "win32":
+        yield
+        return
+    import fcntl
+
+    path = os.path.join(work_dir, LOCK_FILE)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            locked = True
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()  # empty while the holder is writing it
+            pid = f" (PID {holder})" if holder.isdigit() else ""
+            raise ValueError(f"work dir {work_dir!r} is in use by another run{pid}: wait for it to end, or start this "
+                             "run in another --work-dir") from None  # fmt: skip
+        except OSError as exc:  # e.g. ENOLCK, EOPNOTSUPP: some network and FUSE file systems
+            warnings.warn(f"cannot lock {path} ({exc.strerror or exc}): nothing keeps another run from using this "
+                          "work dir at the same time", stacklevel=3)  # fmt: skip
+            locked = False
+        if locked:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            yield
+        finally:
+            if locked:
+                os.ftruncate(fd, 0)  # no PID of a run that has ended
+                fcntl.flock(fd, fcntl.LOCK_UN)  # explicitly: forked DataLoader workers share this descriptor
+    finally:
+        os.close(fd)
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
@@ -536,10 +581,16 @@ class Trainer:
             self._keep_saved_sizes(resume_path)
             self._check_settings(resume_path)
         cfg = self.cfg
-        with _distributed(cfg) as (rank, world, device), _cudnn_benchmark(cfg.cudnn_benchmark):
-            return self._run(rank, world, device, resume_path)
+        with (
+            _distributed(cfg) as (rank, world, device),
+            _cudnn_benchmark(cfg.cudnn_benchmark),
+            contextlib.ExitStack() as held,  # the work dir's lock, released however the run ends
+        ):
+            return self._run(rank, world, device, resume_path, held)
 
-    def _run(self, rank: int, world: int, device: torch.device, resume_path: str | None) -> dict[str, Any]:
+    def _run(
+        self, rank: int, world: int, device: torch.device, resume_path: str | None, held: contextlib.ExitStack
+    ) -> dict[str, Any]:
         cfg = self.cfg
         if cfg.batch_size % (world * cfg.accum):
             raise ValueError(
@@ -558,6 +609,7 @@ class Trainer:
         start = self._load(resume_path, model, optimizer, scaler, rank, device) if resume_path else 0
         if rank == 0:  # only once the resume is accepted: a refused one leaves the work dir as it was
             os.makedirs(cfg.work_dir, exist_ok=True)
+            held.enter_context(work_dir_lock(cfg.work_dir))  # before anything is written or removed
             for name in os.listdir(cfg.work_dir):  # left by a run killed while it saved (replaced_atomically)
                 if name.startswith(".") and name.endswith(PARTIAL_SUFFIX):
                     os.remove(self._path(name))
