@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -1293,3 +1294,69 @@ def test_a_work_dir_in_use_by_another_run_is_refused(arch_file, generic, tmp_pat
     monkeypatch.setattr(fcntl, "flock", lambda *args: (_ for _ in ()).throw(OSError(37, "No locks available")))
     with pytest.warns(UserWarning, match=r"cannot lock .*\.lock \(No locks available\): nothing keeps another run"):
         train(dataclasses.replace(cfg, iters=3), resume="auto")  # a file system without flock: the run goes on
+
+
+class _Killed(Exception):
+    """Stands for a kill at a save: the files written until then stay as a killed run leaves them."""
+
+
+def _killed_at_save(monkeypatch, iteration: int) -> None:
+    """Trainer._save saves as usual until ``iteration``, where the run stops (before writing anything of it)."""
+    real_save = Trainer._save
+
+    def save(self, model, optimizer, scaler, done, rng):
+        if done == iteration:
+            raise _Killed(done)
+        real_save(self, model, optimizer, scaler, done, rng)
+
+    monkeypatch.setattr(Trainer, "_save", save)
+
+
+def test_a_fresh_run_starts_over_the_logs_of_a_run_killed_before_its_first_checkpoint(arch_file, generic, tmp_path,
+                                                                                      monkeypatch, capsys):  # fmt: skip
+    """A run killed before its first checkpoint left metrics.csv, eval.csv, eval_iter_N.json and TensorBoard events;
+    a fresh run in that work dir (allowed: nothing there can be resumed) appended to them, so metrics.csv went
+    1, 2, 1, 2, 3, 4. It now removes them first and says so in one line."""
+    cfg = _config(arch_file, generic, tmp_path / "w", eval_interval=1, tensorboard=importlib.util.find_spec(
+        "tensorboard") is not None)  # fmt: skip
+    _killed_at_save(monkeypatch, 2)
+    with pytest.raises(_Killed):
+        train(cfg)
+    left = sorted(os.listdir(tmp_path / "w"))
+    assert [n for n in left if n != "tensorboard"] == [".lock", "config.json", "eval.csv", "eval_iter_1.json",
+                                                       "metrics.csv"]  # fmt: skip
+    monkeypatch.undo()
+    capsys.readouterr()
+    train(dataclasses.replace(cfg, eval_interval=3))
+    err = capsys.readouterr().err
+    said = [line for line in err.replace("\r", "\n").splitlines() if "held logs" in line]
+    assert len(said) == 1 and said[0].startswith(
+        f"denseclip-fast train: work dir {str(tmp_path / 'w')!r} held logs but no checkpoint (a run stopped before its "
+        "first save?): removed metrics.csv, eval.csv, eval_iter_1.json"
+        f"{', tensorboard/events.out.tfevents.' if cfg.tensorboard else ';'}"), said  # fmt: skip
+    assert said[0].endswith("; this run starts the logs over")
+    assert [int(r["iter"]) for r in _metrics(tmp_path / "w")] == [1, 2, 3, 4]
+    with open(tmp_path / "w" / "eval.csv", newline="") as f:
+        assert [int(r["iter"]) for r in csv.DictReader(f)] == [3, 4]
+    assert not os.path.exists(tmp_path / "w" / "eval_iter_1.json")
+    if cfg.tensorboard:
+        assert len(os.listdir(tmp_path / "w" / "tensorboard")) == 1
+
+
+def test_a_resume_keeps_the_logs_up_to_its_checkpoint_only(arch_file, generic, tmp_path, monkeypatch):
+    """The rows that a killed run logged after its last checkpoint are dropped when it is resumed: the resumed run
+    logs those iterations again, each once. Its eval_iter_N.json after the checkpoint go too (they evaluated weights
+    that were never saved); they stayed, though a resume with another eval_interval would not write them again."""
+    cfg = _config(arch_file, generic, tmp_path / "w", eval_interval=1)
+    _killed_at_save(monkeypatch, 4)
+    with pytest.raises(_Killed):
+        train(cfg)
+    assert [int(r["iter"]) for r in _metrics(tmp_path / "w")] == [1, 2, 3, 4]
+    assert os.path.exists(tmp_path / "w" / "eval_iter_3.json")
+    monkeypatch.undo()
+    train(dataclasses.replace(cfg, eval_interval=0), resume="auto")
+    assert [int(r["iter"]) for r in _metrics(tmp_path / "w")] == [1, 2, 3, 4]
+    with open(tmp_path / "w" / "eval.csv", newline="") as f:
+        assert [int(r["iter"]) for r in csv.DictReader(f)] == [1, 2, 4]
+    assert sorted(n for n in os.listdir(tmp_path / "w") if n.startswith("eval_iter_")) == [
+        f"eval_iter_{i}.json" for i in (1, 2, 4)]  # fmt: skip

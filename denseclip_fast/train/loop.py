@@ -31,10 +31,11 @@ import gc
 import json
 import math
 import os
+import re
 import sys
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -447,6 +448,30 @@ class Trainer:
                 "--work-dir (or delete those files)"
             )
 
+    def _eval_files(self, which: Callable[[int], bool]) -> list[str]:
+        """The work dir's eval_iter_N.json files whose N ``which`` takes."""
+        names = [(re.fullmatch(r"eval_iter_(\d+)\.json", n), n) for n in os.listdir(self.cfg.work_dir)]
+        return sorted(n for match, n in names if match and which(int(match[1])))
+
+    def _start_logs_over(self) -> None:
+        """Remove the logs that a run killed before its first checkpoint left (metrics.csv, eval.csv,
+        eval_iter_N.json, TensorBoard events), saying so on stderr in one line: _refuse_used_work_dir lets a fresh
+        run start in such a work dir (there is nothing to resume), whose metrics.csv then went 1, 2, 3, 1, 2, ... and
+        TensorBoard drew both runs' curves over each other."""
+        old = [n for n in ("metrics.csv", "eval.csv") if os.path.isfile(self._path(n))]
+        old += self._eval_files(lambda iteration: True)
+        events = self._path("tensorboard")
+        if os.path.isdir(events):
+            old += [os.path.join("tensorboard", n) for n in sorted(os.listdir(events))
+                    if n.startswith("events.out.tfevents.")]  # fmt: skip
+        if not old:
+            return
+        for name in old:
+            os.remove(self._path(name))
+        shown = ", ".join(old[:4]) + (f" and {len(old) - 4} more" if len(old) > 4 else "")
+        print(f"denseclip-fast train: work dir {self.cfg.work_dir!r} held logs but no checkpoint (a run stopped before "
+              f"its first save?): removed {shown}; this run starts the logs over", file=sys.stderr)  # fmt: skip
+
     def _keep_rows_until(self, name: str, iteration: int) -> None:
         """Drop the rows of a resumed run's CSV file logged after the checkpoint it resumes from (the interrupted
         run wrote them; this run logs those iterations again)."""
@@ -617,9 +642,13 @@ class Trainer:
                 json.dump(cfg.to_dict(), f, indent=2)
         if not resume_path:
             torch.manual_seed(cfg.seed + rank)  # dropout masks: distinct per process, reproducible
+            if rank == 0:
+                self._start_logs_over()
         elif rank == 0:
             for name in ("metrics.csv", "eval.csv"):
                 self._keep_rows_until(name, start)
+            for name in self._eval_files(lambda iteration: iteration > start):  # of weights that were never saved
+                os.remove(self._path(name))
             if self._changed:
                 print(f"denseclip-fast train: resuming from {resume_path} with {', '.join(self._changed)}: the "
                       f"optimizer and the schedule go on with these values from iteration {start}",
