@@ -1081,7 +1081,9 @@ def test_work_dirs_and_resume_refuse_what_would_lose_or_mix_runs(arch_file, gene
     batch size (the data order resumes by images seen), are errors that say what to do."""
     cfg = _config(arch_file, generic, tmp_path / "w", iters=2, checkpoint_interval=1)
     train(cfg)
-    with pytest.raises(ValueError, match=r"holds another run's checkpoints \(iter_1.safetensors, iter_2.safet"):
+    with pytest.raises(ValueError, match=r"already holds checkpoints \(iter_1.safetensors, iter_1.state.pt, iter_2.s"
+                                         r"afetensors, iter_2.state.pt, latest.json\): continue their run with "
+                                         r"--resume auto, or start"):  # fmt: skip
         train(cfg)
     with pytest.raises(ValueError, match=r"resume with --batch-size 2"):
         train(_config(arch_file, generic, tmp_path / "w", iters=3, batch_size=4), resume="auto")
@@ -1093,7 +1095,8 @@ def test_work_dirs_and_resume_refuse_what_would_lose_or_mix_runs(arch_file, gene
 def test_resume_auto_without_latest_json_says_what_it_found(arch_file, generic, tmp_path):
     """--resume auto in a work dir with checkpoints but no latest.json (a run killed during its first save, a
     deleted file) advised "continue it with --resume auto", what had just been done. It now says that no resumable
-    state was found, which files are there, and the newest state that --resume FILE takes (which works)."""
+    state was found, which files are there, and the newest state that --resume FILE takes (which works); a fresh
+    start gives the same advice, and where no state can be resumed says so rather than advise --resume auto."""
     cfg = _config(arch_file, generic, tmp_path / "w", iters=2, checkpoint_interval=1)
     train(cfg)
     os.remove(tmp_path / "w" / "latest.json")
@@ -1104,6 +1107,9 @@ def test_resume_auto_without_latest_json_says_what_it_found(arch_file, generic, 
                        r"start this run in a new --work-dir \(or delete those files\)$") as err:  # fmt: skip
         train(cfg, resume="auto")
     assert "continue it with --resume auto" not in str(err.value)
+    advised = r"already holds checkpoints \(.*iter_2.state.pt\) but no latest.json: continue their run with --resume "
+    with pytest.raises(ValueError, match=advised + rf"{re.escape(state)}, or start"):
+        train(cfg)  # a fresh start gives the same advice
     assert train(dataclasses.replace(cfg, iters=3), resume=state)["iterations"] == 3
     for name in ("latest.json", "iter_1.state.pt", "iter_2.state.pt", "iter_3.state.pt"):
         os.remove(tmp_path / "w" / name)
@@ -1111,6 +1117,15 @@ def test_resume_auto_without_latest_json_says_what_it_found(arch_file, generic, 
                        r"\): none is an iter_N.state.pt beside its iter_N.safetensors, so none can be resumed: start "
                        r"this run in a new --work-dir"):  # fmt: skip
         train(cfg, resume="auto")
+    # a fresh start into it (e.g. the same command again after a run killed during its first save) was told "holds
+    # another run's checkpoints: continue it with --resume auto", which then said that none can be resumed
+    with pytest.raises(ValueError, match=r"work_dir .* holds checkpoint files that cannot be resumed \(iter_1.safetens"
+                                         r"ors, iter_2.safetensors, iter_3.safetensors: no iter_N.state.pt beside an "
+                                         r"iter_N.safetensors, as a run stopped during its first save leaves\): delete "
+                                         r"them \(a model file may be worth keeping elsewhere\), or start this run in "
+                                         r"a new --work-dir$") as err:  # fmt: skip
+        train(cfg)
+    assert "--resume" not in str(err.value) and "another run" not in str(err.value)
 
 
 def test_a_refused_resume_leaves_the_work_dir_as_it_was(arch_file, generic, tmp_path):

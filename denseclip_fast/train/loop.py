@@ -420,33 +420,45 @@ class Trainer:
         return self.resume
 
     def _refuse_used_work_dir(self) -> None:
-        """A run that does not resume starts in a work dir without another run's checkpoints: it would mix its
-        metrics with theirs, and pruning to max_checkpoints (by iteration) would delete its own newest ones. Under
-        --resume auto such files without latest.json (a run killed during its first save, a deleted file) are
-        named, with the newest state that --resume FILE can take."""
+        """A run that does not resume starts in a work dir without checkpoints: it would mix its metrics with theirs,
+        and pruning to max_checkpoints (by iteration) would delete its own newest ones. The refusal says what can be
+        done with them: continue their run with --resume auto (latest.json), or with --resume FILE naming the newest
+        state beside its weights when there is no latest.json (a run killed during its first save, a deleted file),
+        or, when no iter_N.state.pt has its iter_N.safetensors beside it, that none can be resumed (--resume auto
+        says the same): advising --resume auto there sent the user round in a circle."""
         if not os.path.isdir(self.cfg.work_dir):
             return
         names = os.listdir(self.cfg.work_dir)
-        used = sorted(n for n in names
-                      if n == "latest.json" or (n.startswith("iter_") and n.endswith(".safetensors")))  # fmt: skip
-        if used and self.resume == "auto":  # _find_resume found no latest.json
-            files = sorted((n for n in names if n.startswith("iter_") and n.endswith((".safetensors", ".state.pt"))),
-                           key=lambda n: (_iteration(n), n))  # fmt: skip
-            states = [n for n in files if n.endswith(".state.pt") and _weights_beside(n) in files]
+        files = sorted((n for n in names if n.startswith("iter_") and n.endswith((".safetensors", ".state.pt"))),
+                       key=lambda n: (_iteration(n), n))  # fmt: skip
+        latest = "latest.json" in names
+        if not latest and not any(n.endswith(".safetensors") for n in files):
+            return
+        states = [n for n in files if n.endswith(".state.pt") and _weights_beside(n) in files]
+        work, listed = self.cfg.work_dir, ", ".join(files[:8]) + (", ..." if len(files) > 8 else "")
+        if self.resume == "auto":  # _find_resume found no latest.json
             advice = (f"name the newest state explicitly with --resume {self._path(states[-1])}, or start"
                       if states else "none is an iter_N.state.pt beside its iter_N.safetensors, so none can be "
                       "resumed: start")  # fmt: skip
             raise ValueError(
-                f"--resume auto: work_dir {self.cfg.work_dir!r} has no latest.json, so no resumable state was found, "
-                f"but it holds checkpoint files ({', '.join(files[:8])}{', ...' if len(files) > 8 else ''}): "
-                f"{advice} this run in a new --work-dir (or delete those files)"
+                f"--resume auto: work_dir {work!r} has no latest.json, so no resumable state was found, but it holds "
+                f"checkpoint files ({listed}): {advice} this run in a new --work-dir (or delete those files)"
             )
-        if used:
+        if latest:
             raise ValueError(
-                f"work_dir {self.cfg.work_dir!r} holds another run's checkpoints ({', '.join(used[:4])}"
-                f"{', ...' if len(used) > 4 else ''}): continue it with --resume auto, or start this run in a new "
-                "--work-dir (or delete those files)"
+                f"work_dir {work!r} already holds checkpoints ({listed + ', ' if files else ''}latest.json): continue "
+                "their run with --resume auto, or start this run in a new --work-dir (or delete those files)"
             )
+        if states:
+            raise ValueError(
+                f"work_dir {work!r} already holds checkpoints ({listed}) but no latest.json: continue their run with "
+                f"--resume {self._path(states[-1])}, or start this run in a new --work-dir (or delete those files)"
+            )
+        raise ValueError(
+            f"work_dir {work!r} holds checkpoint files that cannot be resumed ({listed}: no iter_N.state.pt beside an "
+            "iter_N.safetensors, as a run stopped during its first save leaves): delete them (a model file may be "
+            "worth keeping elsewhere), or start this run in a new --work-dir"
+        )
 
     def _eval_files(self, which: Callable[[int], bool]) -> list[str]:
         """The work dir's eval_iter_N.json files whose N ``which`` takes."""
