@@ -1375,3 +1375,39 @@ def test_a_resume_keeps_the_logs_up_to_its_checkpoint_only(arch_file, generic, t
         assert [int(r["iter"]) for r in csv.DictReader(f)] == [1, 2, 4]
     assert sorted(n for n in os.listdir(tmp_path / "w") if n.startswith("eval_iter_")) == [
         f"eval_iter_{i}.json" for i in (1, 2, 4)]  # fmt: skip
+
+
+def test_resuming_a_complete_run_says_so_and_a_smaller_iters_is_refused(arch_file, generic, tmp_path, capsys):
+    """--resume auto on a run that had reached its iterations printed nothing and exited 0; with a smaller --iters it
+    said "resuming" and rewrote config.json with it. It now says in one line that the run is complete, writes
+    nothing and returns (the CLI prints) the run's final evaluation; a smaller iters is refused (a run cannot go
+    back); a run stopped before its final evaluation gets it (once in eval.csv), config.json left as it was."""
+    work = tmp_path / "w"
+    cfg = _config(arch_file, generic, work, iters=2, checkpoint_interval=2)
+    first = train(cfg)
+    files = lambda: {n: (work / n).read_bytes() for n in os.listdir(work) if n != "tensorboard"}  # noqa: E731
+    before = files()
+    capsys.readouterr()
+    result = train(dataclasses.replace(cfg, lr=5e-4), resume="auto")
+    err = capsys.readouterr().err
+    assert err == (f"denseclip-fast train: the run in work dir {str(work)!r} is already complete at iteration 2 "
+                   f"({work / 'iter_2.state.pt'}; its final evaluation is eval_iter_2.json): nothing to train; give "
+                   "--iters above 2 to train on\n")  # fmt: skip
+    assert result == {"iterations": 2, "last": {}, "eval": first["eval"]} and files() == before
+    base = ["train", "--arch", arch_file, "--data", generic, "--layout", "generic", "--device", "cpu",
+            "--batch-size", "2", "--work-dir", str(work), "--resume", "auto"]  # fmt: skip
+    assert main([*base, "--iters", "2"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("mIoU ") and err.count("\n") == 1 and "already complete at iteration 2" in err
+    assert main([*base, "--iters", "1"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == (f"denseclip-fast: error: {work / 'iter_2.state.pt'} is at iteration 2, past this "
+                                 "run's iters 1: a run cannot go back; resume with --iters 2 or more, or evaluate "
+                                 f"{work / 'iter_2.safetensors'} with eval\n")  # fmt: skip
+    assert files() == before
+    os.remove(work / "eval_iter_2.json")  # stopped after its final eval.csv row, before the JSON
+    train(dataclasses.replace(cfg, lr=5e-4), resume="auto")
+    assert "already trained to iteration 2 (" in capsys.readouterr().err
+    with open(work / "eval.csv", newline="") as f:
+        assert [int(r["iter"]) for r in csv.DictReader(f)] == [2]
+    assert os.path.exists(work / "eval_iter_2.json") and files()["config.json"] == before["config.json"]

@@ -610,13 +610,16 @@ class Trainer:
                          for name in RESUME_FOLLOWS if name in saved and saved[name] != getattr(cfg, name)]  # fmt: skip
 
     def run(self) -> dict[str, Any]:
-        launch_environment()  # checked before any other work (_distributed reads it again)
+        rank = launch_environment()[0]  # checked before any other work (_distributed reads it again)
         resume_path = self._find_resume()
         if resume_path is None:
             self._refuse_used_work_dir()
         else:
             self._keep_saved_sizes(resume_path)
             self._check_settings(resume_path)
+            finished = self._already_finished(resume_path, rank)
+            if finished is not None:
+                return finished
         cfg = self.cfg
         with (
             _distributed(cfg) as (rank, world, device),
@@ -624,6 +627,37 @@ class Trainer:
             contextlib.ExitStack() as held,  # the work dir's lock, released however the run ends
         ):
             return self._run(rank, world, device, resume_path, held)
+
+    def _already_finished(self, path: str, rank: int) -> dict[str, Any] | None:
+        """What resuming from ``path`` returns when its run has reached cfg.iters and has its final evaluation
+        (eval_iter_N.json in the work dir): that evaluation, with one line on stderr saying that the run is complete;
+        nothing is trained or written (it said nothing and exited 0, and a smaller iters rewrote config.json as if
+        the run had been shortened). None when there is training or the final evaluation left. A cfg.iters below
+        the saved iteration is a ValueError: a run cannot go back to fewer iterations."""
+        assert self._state is not None
+        saved, iters = int(self._state["iteration"]), self.cfg.iters
+        if saved > iters:
+            raise ValueError(
+                f"{path} is at iteration {saved}, past this run's iters {iters}: a run cannot go back; resume with "
+                f"--iters {saved} or more, or evaluate {_weights_beside(path)} with eval"
+            )
+        evaluation = self._saved_evaluation(saved) if saved == iters else None
+        if evaluation is None:
+            return None
+        if rank == 0:
+            print(f"denseclip-fast train: the run in work dir {self.cfg.work_dir!r} is already complete at iteration "
+                  f"{saved} ({path}; its final evaluation is eval_iter_{saved}.json): nothing to train; give --iters "
+                  f"above {saved} to train on", file=sys.stderr)  # fmt: skip
+        return {"iterations": saved, "last": {}, "eval": evaluation if rank == 0 else None}
+
+    def _saved_evaluation(self, iteration: int) -> dict[str, Any] | None:
+        """The work dir's eval_iter_<iteration>.json; None when it is missing or unreadable (then it is run again)."""
+        try:
+            with open(self._path(f"eval_iter_{iteration}.json"), encoding="utf-8") as f:
+                evaluation = json.load(f)
+        except (OSError, ValueError):
+            return None
+        return evaluation if isinstance(evaluation, dict) and "mIoU" in evaluation else None
 
     def _run(
         self, rank: int, world: int, device: torch.device, resume_path: str | None, held: contextlib.ExitStack
@@ -644,30 +678,36 @@ class Trainer:
         optimizer = make_optimizer(model, cfg, device)
         scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
         start = self._load(resume_path, model, optimizer, scaler, rank, device) if resume_path else 0
+        complete = start == cfg.iters  # resumed at its end (_already_finished): only the final evaluation is left
         if rank == 0:  # only once the resume is accepted: a refused one leaves the work dir as it was
             os.makedirs(cfg.work_dir, exist_ok=True)
             held.enter_context(work_dir_lock(cfg.work_dir))  # before anything is written or removed
             for name in os.listdir(cfg.work_dir):  # left by a run killed while it saved (replaced_atomically)
                 if name.startswith(".") and name.endswith(PARTIAL_SUFFIX):
                     os.remove(self._path(name))
-            with open(self._path("config.json"), "w", encoding="utf-8") as f:
-                json.dump(cfg.to_dict(), f, indent=2)
+            if not complete:  # the saved run's settings stay in it
+                with open(self._path("config.json"), "w", encoding="utf-8") as f:
+                    json.dump(cfg.to_dict(), f, indent=2)
         if not resume_path:
             torch.manual_seed(cfg.seed + rank)  # dropout masks: distinct per process, reproducible
             if rank == 0:
                 self._start_logs_over()
         elif rank == 0:
-            for name in ("metrics.csv", "eval.csv"):
-                self._keep_rows_until(name, start)
+            self._keep_rows_until("metrics.csv", start)
+            self._keep_rows_until("eval.csv", start - 1 if complete else start)  # a final row without its JSON
             for name in self._eval_files(lambda iteration: iteration > start):  # of weights that were never saved
                 os.remove(self._path(name))
-            if self._changed:
+            if complete:
+                print(f"denseclip-fast train: the run in work dir {cfg.work_dir!r} is already trained to iteration "
+                      f"{start} ({resume_path}) but its final evaluation is missing: running it",
+                      file=sys.stderr)  # fmt: skip
+            elif self._changed:
                 print(f"denseclip-fast train: resuming from {resume_path} with {', '.join(self._changed)}: the "
                       f"optimizer and the schedule go on with these values from iteration {start}",
                       file=sys.stderr)  # fmt: skip
 
         bn_images = micro * world if cfg.sync_bn and world > 1 else micro
-        if rank == 0 and bn_images < cfg.batch_size:
+        if rank == 0 and bn_images < cfg.batch_size and not complete:
             print(f"denseclip-fast train: BatchNorm statistics come from {bn_images} image(s) (the official recipe "
                   f"synchronises them over its batch of 32 on 8 GPUs; --sync-bn does so under torchrun)",
                   file=sys.stderr)  # fmt: skip
@@ -751,8 +791,7 @@ class Trainer:
         if progress is not None:
             progress.close()
         result: dict[str, Any] = {"iterations": cfg.iters, "last": last}
-        if cfg.iters > start or not os.path.isfile(self._path("eval.csv")):
-            result["eval"] = self._evaluate(model, val, rank, world, cfg.iters, writer)
+        result["eval"] = self._evaluate(model, val, rank, world, cfg.iters, writer)
         if writer is not None:
             writer.close()
         return result
@@ -830,5 +869,11 @@ class Trainer:
 
 def train(cfg: TrainConfig, resume: str | None = None) -> dict[str, Any]:
     """Train with ``cfg`` (see :class:`TrainConfig`); ``resume``: None, "auto" (the work dir's latest) or a
-    ``iter_<N>.state.pt`` path. Returns the last losses and the final evaluation."""
+    ``iter_<N>.state.pt`` path. Returns the last losses and the final evaluation.
+
+    Resuming a run that has already reached ``cfg.iters`` trains nothing: it says so on stderr in one line and
+    returns the run's final evaluation (eval_iter_N.json), or runs that evaluation where the run stopped before it;
+    config.json is left as the run wrote it. A ``cfg.iters`` below the saved iteration is a ValueError (a run cannot
+    go back; a smaller ``iters`` is not taken to mean "stop here"): resume with as many iterations or more, or
+    evaluate the checkpoint with ``eval``."""
     return Trainer(cfg, resume).run()
