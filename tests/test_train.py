@@ -979,8 +979,29 @@ def test_a_bad_label_stops_training_with_one_line_naming_it(arch_file, tmp_path,
             "--crop", "48", "--device", "cpu", "--work-dir", str(tmp_path / "w"), "--num-workers", "1",
             "--amp", "none"]  # fmt: skip
     assert main(args) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "scene_1.png: label value 7 is out of range for 3 classes" in err, err
+    _assert_error_on_its_own_line(capsys.readouterr().err, "scene_1.png: label value 7 is out of range for 3 classes")
+
+
+def _assert_error_on_its_own_line(err: str, message: str) -> None:
+    """err ends with the error, one line of its own, after the progress bars (tqdm writes \r, then \n on close): the
+    error was printed glued to the progress bar's line, and the bar printed again after it when it was collected."""
+    lines = err.split("\n")
+    assert lines[-1] == "" and lines[-2].startswith("denseclip-fast: error: ") and message in lines[-2], err
+    assert "\r" not in lines[-2] and err.count("denseclip-fast: error") == 1, err
+
+
+@pytest.mark.slow
+def test_an_error_in_the_final_evaluation_starts_on_its_own_line(arch_file, tmp_path, capsys):
+    """As an error in the training loop (above): the evaluation's bar is closed by the generator tqdm iterates with,
+    as the error leaves the loop, and the training's bar before the evaluation starts."""
+    data = make_generic(tmp_path / "g", n=4)  # scene_2 and scene_3 are the val split
+    path = tmp_path / "g" / "images" / "scene_3.png"
+    path.write_bytes(path.read_bytes()[:200])  # its header (the size checks) is whole, its pixels are not
+    args = ["train", "--arch", arch_file, "--data", data, "--layout", "generic", "--iters", "1", "--batch-size", "2",
+            "--crop", "48", "--device", "cpu", "--work-dir", str(tmp_path / "w"), "--num-workers", "0",
+            "--amp", "none"]  # fmt: skip
+    assert main(args) == 2
+    _assert_error_on_its_own_line(capsys.readouterr().err, "scene_3.png: not a readable image")
 
 
 def test_config_files_and_errors(arch_file, generic, tmp_path, capsys):

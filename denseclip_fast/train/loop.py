@@ -732,6 +732,9 @@ class Trainer:
             from tqdm import tqdm
 
             progress = tqdm(total=cfg.iters, initial=start, desc="train", unit="it", dynamic_ncols=True)
+            # closed however the run ends: an error (a truncated image, a bad label) was printed glued to the bar's
+            # line, and the bar printed again after it when it was collected
+            held.callback(progress.close)
         metrics_file = self._path("metrics.csv")
         last: dict[str, float] = {}
         tic = time.perf_counter()
