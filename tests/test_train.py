@@ -1432,3 +1432,28 @@ def test_resuming_a_complete_run_says_so_and_a_smaller_iters_is_refused(arch_fil
     with open(work / "eval.csv", newline="") as f:
         assert [int(r["iter"]) for r in csv.DictReader(f)] == [2]
     assert os.path.exists(work / "eval_iter_2.json") and files()["config.json"] == before["config.json"]
+
+
+def test_a_file_where_a_directory_belongs_and_back_is_named_as_such(arch_file, generic, tmp_path, capsys):
+    """--data naming a file, a data set whose images/ is a file, and --resume naming a directory each said that the
+    path "does not exist"; it does: each now says what it is."""
+    from denseclip_fast.train.data import find_samples
+
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(ValueError, match=rf"^data directory {re.escape(repr(str(tmp_path / 'afile')))} is not a "
+                                         r"directory$"):  # fmt: skip
+        _config(arch_file, str(tmp_path / "afile"), tmp_path / "w").validate()
+    with pytest.raises(ValueError, match=r"^data directory .*afile' is not a directory$"):
+        find_samples(str(tmp_path / "afile"), "generic", "val")  # eval --data: "afile/images does not exist"
+    shutil.copytree(generic, tmp_path / "data")
+    shutil.rmtree(tmp_path / "data" / "images")
+    (tmp_path / "data" / "images").write_text("")
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(tmp_path / 'data' / 'images'))} is not a directory \(see "
+                                         r"the data layout"):  # fmt: skip
+        find_samples(str(tmp_path / "data"), "generic", "train")
+    assert main(["train", "--arch", arch_file, "--data", generic, "--layout", "generic", "--device", "cpu",
+                 "--work-dir", str(tmp_path / "w"), "--resume", str(tmp_path)]) == 2  # fmt: skip
+    assert capsys.readouterr().err == (f"denseclip-fast: error: resume file {str(tmp_path)!r} is a directory: --resume "
+                                       "takes a training state file: the iter_N.state.pt that train writes beside "
+                                       "each iter_N.safetensors, or 'auto'\n")  # fmt: skip
+    assert not os.path.exists(tmp_path / "w")

@@ -23,7 +23,7 @@ from typing import Any
 
 from ..config import ACTIVATIONS, ARCH_ALIASES, ARCHS, MIN_IMAGE_SIDE, DenseCLIPConfig, canonical_arch, preset
 from ..validation import check_device, check_int, check_writable_dir, is_finite_number
-from .data import check_ignore_index
+from .data import check_ignore_index, not_a_directory
 
 LAYOUTS = ("ade20k", "generic")
 MAX_SEED = 2**32 - 1
@@ -116,7 +116,7 @@ class TrainConfig:
         if not self.data and not template:
             raise ValueError("data must name the dataset directory (--data DIR)")
         if self.data and not os.path.isdir(self.data):
-            raise ValueError(f"data directory {self.data!r} does not exist")
+            raise ValueError(f"data directory {self.data!r} {not_a_directory(self.data)}")
         for name in ("iters", "batch_size", "accum", "checkpoint_interval", "log_interval"):
             check_int(name, getattr(self, name))
         check_int("crop", self.crop, MIN_IMAGE_SIDE, " (the stride-32 level keeps a pixel)")

@@ -59,6 +59,12 @@ def check_ignore_index(value: object, name: str = "ignore_index") -> int:
     return int(value)
 
 
+def not_a_directory(path: str) -> str:
+    """What is wrong with ``path``, which is not a directory: "does not exist", or, when it exists (a file), "is not
+    a directory" (saying "does not exist" of a file sent users looking for a path that was there)."""
+    return "is not a directory" if os.path.exists(path) else "does not exist"
+
+
 @dataclass(frozen=True)
 class Sample:
     image: str
@@ -69,7 +75,7 @@ def _names_in(folder: str, suffixes: Sequence[str]) -> dict[str, str]:
     """NAME -> path of the files in ``folder`` with one of ``suffixes`` (any case); two files of one NAME (a.jpg and
     a.png, a.png and a.PNG) are refused: which one a sample takes would be a guess."""
     if not os.path.isdir(folder):
-        raise ValueError(f"{folder} does not exist (see the data layout in denseclip_fast.train.data)")
+        raise ValueError(f"{folder} {not_a_directory(folder)} (see the data layout in denseclip_fast.train.data)")
     paths: dict[str, str] = {}
     for file in sorted(os.listdir(folder)):
         if file.lower().endswith(tuple(suffixes)):
@@ -93,6 +99,8 @@ def find_samples(root: str, layout: str, split: str) -> tuple[list[Sample], list
     """The (image, label) pairs of ``split`` ("train" or "val") and the class names."""
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    if not os.path.isdir(root):  # eval --data FILE said "FILE/images does not exist"
+        raise ValueError(f"data directory {root!r} {not_a_directory(root)}")
     if layout == "ade20k":
         sub = "training" if split == "train" else "validation"
         image_dir, label_dir = os.path.join(root, "images", sub), os.path.join(root, "annotations", sub)

@@ -415,6 +415,8 @@ class Trainer:
                 raise ValueError(f"--resume auto: {latest} names {found}, which does not exist (deleted?); resume "
                                  "from another iter_N.state.pt of the work dir with --resume FILE")  # fmt: skip
             return found
+        if os.path.isdir(self.resume):  # not "does not exist": it does, as a directory
+            raise ValueError(f"resume file {self.resume!r} is a directory: --resume takes {RESUME_FILE}, or 'auto'")
         if not os.path.isfile(self.resume):
             raise ValueError(f"resume file {self.resume!r} does not exist")
         return self.resume
