@@ -1457,3 +1457,20 @@ def test_a_file_where_a_directory_belongs_and_back_is_named_as_such(arch_file, g
                                        "takes a training state file: the iter_N.state.pt that train writes beside "
                                        "each iter_N.safetensors, or 'auto'\n")  # fmt: skip
     assert not os.path.exists(tmp_path / "w")
+
+
+def test_a_fresh_run_checks_the_work_dir_again_once_it_holds_it(arch_file, generic, tmp_path, monkeypatch):
+    """The work dir is checked for checkpoints before the run builds its model and data, and taken (locked) after:
+    a run that held it meanwhile may have saved some, which the fresh run would then prune and mix with its own."""
+    work = tmp_path / "w"
+    real_build = build_model
+
+    def build_while_another_run_saves(cfg, class_names):
+        os.makedirs(work, exist_ok=True)
+        (work / "iter_5.safetensors").write_bytes(b"")
+        return real_build(cfg, class_names)
+
+    monkeypatch.setattr("denseclip_fast.train.loop.build_model", build_while_another_run_saves)
+    with pytest.raises(ValueError, match=r"holds checkpoint files that cannot be resumed \(iter_5.safetensors"):
+        train(_config(arch_file, generic, work))
+    assert sorted(os.listdir(work)) == [".lock", "iter_5.safetensors"]

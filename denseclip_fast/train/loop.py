@@ -684,6 +684,8 @@ class Trainer:
         if rank == 0:  # only once the resume is accepted: a refused one leaves the work dir as it was
             os.makedirs(cfg.work_dir, exist_ok=True)
             held.enter_context(work_dir_lock(cfg.work_dir))  # before anything is written or removed
+            if not resume_path:  # again, locked: a run that held the work dir meanwhile may have saved checkpoints
+                self._refuse_used_work_dir()
             for name in os.listdir(cfg.work_dir):  # left by a run killed while it saved (replaced_atomically)
                 if name.startswith(".") and name.endswith(PARTIAL_SUFFIX):
                     os.remove(self._path(name))
