@@ -37,6 +37,12 @@ def pil_to_rgb(img: Any, where: str, int32_is_16_bit: bool = False) -> np.ndarra
     return np.asarray(img.convert("RGB")).copy()
 
 
+def too_large(path: str, exc: Exception) -> ValueError:
+    """Pillow's DecompressionBombError (an image past twice PIL.Image.MAX_IMAGE_PIXELS: a small file that would
+    decode to gigabytes) as a ValueError naming the file and how to lift the guard, which is kept."""
+    return ValueError(f"{path}: {exc} Raise PIL.Image.MAX_IMAGE_PIXELS (None: no limit) to read it if you trust it")
+
+
 @contextlib.contextmanager
 def _opened_image(path: str) -> Iterator[Any]:
     """The PIL image at ``path``, open while the block runs; ValueError naming the file when it is missing, not a
@@ -51,9 +57,8 @@ def _opened_image(path: str) -> Iterator[Any]:
             yield img
     except FileNotFoundError:
         raise ValueError(f"{path}: no such image file") from None
-    except Image.DecompressionBombError as exc:  # Pillow's guard against a small file of a huge image: kept
-        raise ValueError(f"{path}: {exc} Raise PIL.Image.MAX_IMAGE_PIXELS (None: no limit) to read it if you trust "
-                         "it") from None  # fmt: skip
+    except Image.DecompressionBombError as exc:
+        raise too_large(path, exc) from None
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:  # SyntaxError: Pillow's for a malformed block
         raise ValueError(f"{path}: not a readable image ({exc})") from None
 

@@ -84,6 +84,11 @@ def test_decompression_bombs_are_refused_naming_the_file(tmp_path, monkeypatch):
     path = tmp_path / "huge.png"
     Image.new("RGB", (100, 60)).save(path)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)
+    from denseclip_fast.train.data import read_label
+
+    Image.new("L", (100, 60)).save(tmp_path / "label.png")
+    with pytest.raises(ValueError, match=r"label.png: Image size \(6000 pixels\) exceeds limit"):
+        read_label(str(tmp_path / "label.png"), 3, False)
     for read in (load_image, image_size):
         with pytest.raises(ValueError, match=r"huge.png: Image size \(6000 pixels\) exceeds limit.*MAX_IMAGE_PIXELS"):
             read(path)

@@ -40,6 +40,7 @@ from ..preprocess import (
     normalize,
     resize_bilinear_uint8,
     resize_nearest,
+    too_large,
 )
 
 if TYPE_CHECKING:
@@ -175,7 +176,9 @@ def read_label(path: str, num_classes: int, reduce_zero_label: bool, ignore_inde
     try:
         with Image.open(path) as img:
             label = np.asarray(img).astype(np.int64)
-    except (UnidentifiedImageError, OSError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise too_large(path, exc) from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:  # SyntaxError: Pillow's for a malformed block
         raise ValueError(f"{path}: not a readable label image ({exc})") from None
     if label.ndim != 2:
         raise ValueError(f"{path}: a label must be a single-channel image of class indices, got shape {label.shape}")
