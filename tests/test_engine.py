@@ -187,6 +187,32 @@ def test_predict_resizes_a_few_classes_at_a_time_and_equals_the_argmax(model, mo
     assert torch.equal(seg.predict(x), seg.logits(x).argmax(dim=1))
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_predict_equals_the_argmax_on_exact_ties_whatever_the_threads(model, threads, monkeypatch):
+    """Two classes whose logits are equal (the head's rows 0 and 3 made the same): predict labels every such pixel
+    0, as argmax does, with chunks of 3 classes on one thread too (ATen's CPU resize of 3 channels on one thread
+    took its channels_last kernel, whose sums differ by 1e-7 from the full resize's: 18% of pixels came out 3)."""
+    from denseclip_fast.engine import segmenter
+
+    tied = copy.deepcopy(model)
+    with torch.no_grad():
+        tied.decode_head.conv_seg.weight[3] = tied.decode_head.conv_seg.weight[0]
+        tied.decode_head.conv_seg.bias[3] = tied.decode_head.conv_seg.bias[0]
+    seg = _engine(tied, mode="whole")
+    image = np.random.default_rng(4).integers(0, 256, size=(200, 300, 3), dtype=np.uint8)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        logits = seg.logits(image)
+        assert torch.equal(logits[:, 3], logits[:, 0])
+        expected = logits.argmax(dim=1)
+        monkeypatch.setattr(segmenter, "LABEL_CHUNK", 3 * 200 * 300)  # chunks of 3 classes, the last of 1
+        assert torch.equal(seg.predict(image), expected)
+    finally:
+        torch.set_num_threads(saved)
+    assert (expected == 0).any() and not (expected == 3).any()
+
+
 def test_labels_break_ties_and_nans_as_argmax(monkeypatch):
     """labels (predict's chunked argmax) against argmax on crafted scores: a tie across chunks keeps the first class,
     a NaN wins (the first NaN), whatever the chunk."""

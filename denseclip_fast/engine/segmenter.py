@@ -55,18 +55,23 @@ LABEL_CHUNK = 1 << 26
 
 def resized(scores: torch.Tensor, size: Any) -> torch.Tensor:
     """(N, C, h, w) scores -> float32 (N, C, H, W) at ``size`` (bilinear, as mmseg's resize), in NCHW; None: as
-    they are. NCHW so that every class plane is resized alike, however many are resized together (a channels_last
-    resize computes a chunk of classes with other vector and scalar steps): see labels."""
+    they are. Each class plane is resized as an image of its own ((N*C, 1, h, w)), so that it comes out the same
+    however many planes are resized together (see labels): ATen's CPU resize of several channels picks its kernel,
+    whose additions differ in order (1e-7), by the channel count and the thread count (its channels_last kernel for
+    3 channels on one thread), and a channels_last input computes a chunk's channels in other vector and scalar
+    steps than the whole."""
     scores = scores.to(torch.float32, memory_format=torch.contiguous_format)
     if size is None:
         return scores
-    return F.interpolate(scores, size=tuple(size), mode="bilinear", align_corners=False)
+    n, c, h, w = scores.shape
+    planes = F.interpolate(scores.reshape(n * c, 1, h, w), size=tuple(size), mode="bilinear", align_corners=False)
+    return planes.view(n, c, *planes.shape[2:])
 
 
 def labels(scores: torch.Tensor, size: Any) -> torch.Tensor:
     """``resized(scores, size).argmax(dim=1)`` (int64 (N, H, W)), equal to it pixel for pixel (the first class of a
     tie; a NaN wins, as in argmax), with at most about LABEL_CHUNK resized values held at a time: the classes are
-    resized a chunk at a time and the best so far kept. Exact because an NCHW resize treats each class plane alike
+    resized a chunk at a time and the best so far kept. Exact because resized treats each class plane alike
     whatever the chunk."""
     if size is None:
         return scores.argmax(dim=1)
