@@ -619,52 +619,79 @@ def _os_error(exc: OSError) -> str:
     return f"{names}: {exc.strerror or exc}"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, die_by_signal: bool = False) -> int:
     """Run the command ``argv``; errors the user can fix (bad arguments and files, a file system refusing a path,
-    a training run whose loss or weights stop being finite) print one line and return 2."""
+    a training run whose loss or weights stop being finite) print one line and return 2. Ctrl-C and SIGTERM print
+    one line and return 130 / 143, or with ``die_by_signal`` (the console script) end the process by that signal,
+    as an uncaught Ctrl-C does: a shell loop over the command stops on Ctrl-C only when the command died of SIGINT,
+    and a supervisor tells a stop (killed by SIGTERM) from a failure (exit 143)."""
     args = build_parser().parse_args(argv)
     saved_format = warnings.formatwarning
     warnings.formatwarning = _one_line_warning  # not Python's file:line and source line under each warning
-    restore_sigterm = _sigterm_interrupts()
+    restore_signals = _sigterm_interrupts()
+    interrupted: int | None = None  # the signal
     try:
         return args.func(args)
     except (CheckpointError, ValueError, TensorRTUnavailable, FloatingPointError, BackendUnavailable) as exc:
         message = str(exc)
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (a scheduler's): one line, not a traceback
-        terminated = isinstance(exc, Terminated)
+        interrupted = signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT
         train = args.command == "train"
         hint = " (--resume auto continues it from its last checkpoint, if it saved one)" if train else ""
-        print(f"denseclip-fast: {'terminated' if terminated else 'interrupted'}{hint}", file=sys.stderr)
-        return 128 + (signal.SIGTERM if terminated else signal.SIGINT)  # as a shell reports a process so killed
+        print(f"denseclip-fast: {'terminated' if interrupted == signal.SIGTERM else 'interrupted'}{hint}",
+              file=sys.stderr)  # fmt: skip
     except MemoryError as exc:  # e.g. a weight file too large for this machine (its reader names the file)
         message = str(exc) or "out of memory"
     except OSError as exc:  # FileNotFoundError, PermissionError, IsADirectoryError, a full disk ...
         message = _os_error(exc)
     finally:
         warnings.formatwarning = saved_format
-        restore_sigterm()
+        restore_signals()
+    if interrupted is not None:  # the exception and the frames it held (open files, loaders) are gone now
+        if die_by_signal and sys.platform != "win32":
+            sys.stderr.flush()
+            signal.signal(interrupted, signal.SIG_DFL)
+            os.kill(os.getpid(), interrupted)
+        return 128 + interrupted  # as a shell reports a process so killed
     print(f"denseclip-fast: error: {message}", file=sys.stderr)
     return 2
 
 
+def run() -> None:
+    """The ``denseclip-fast`` console script: :func:`main`, whose interrupts end the process by their signal."""
+    sys.exit(main(die_by_signal=True))
+
+
 class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised in the main thread as Ctrl-C is, so that the command unwinds (files closed, DataLoader
-    workers stopped, partial files removed) and prints one line."""
+    """SIGTERM, raised in the main thread as Ctrl-C is, so that the command unwinds (files closed, partial files
+    removed) and prints one line."""
 
 
 def _sigterm_interrupts() -> Callable[[], None]:
-    """Make SIGTERM raise Terminated while a command runs (main thread only: elsewhere signals cannot be handled);
-    returns what restores the previous handler."""
-    if threading.current_thread() is not threading.main_thread():
+    """Make SIGTERM raise Terminated while a command runs; returns what restores the previous handlers. Not in a
+    thread other than the main one (signals cannot be handled there), not over a SIGTERM handler set outside Python
+    or one that ignores it (as Python leaves an ignored SIGINT), and not in a process torchrun started: its agent
+    ends the ranks with SIGTERM, and a rank blocked in a C++ collective would never run a Python handler (it would
+    wait for the SIGKILL 30 s later)."""
+    previous = signal.getsignal(signal.SIGTERM)
+    if (threading.current_thread() is not threading.main_thread() or previous in (None, signal.SIG_IGN)
+            or "TORCHELASTIC_RUN_ID" in os.environ):  # fmt: skip
         return lambda: None
+    saved_sigchld: list[Any] = []
 
     def terminate(signum: int, frame: Any) -> None:
+        if hasattr(signal, "SIGCHLD") and not saved_sigchld:
+            # a SIGTERM to the process group ends the DataLoader workers too, and torch's SIGCHLD handler would
+            # raise 'DataLoader worker (pid N) is killed by signal' over this one line as they go
+            saved_sigchld.append(signal.signal(signal.SIGCHLD, signal.SIG_DFL))
         raise Terminated()
 
-    previous = signal.signal(signal.SIGTERM, terminate)
+    signal.signal(signal.SIGTERM, terminate)
 
     def restore() -> None:
         signal.signal(signal.SIGTERM, previous)
+        if saved_sigchld and saved_sigchld[0] is not None:
+            signal.signal(signal.SIGCHLD, saved_sigchld[0])
 
     return restore
 
@@ -674,4 +701,4 @@ def _one_line_warning(message: Warning | str, category: type[Warning], *_: Any, 
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

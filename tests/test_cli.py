@@ -16,7 +16,7 @@ from PIL import Image
 from denseclip_fast import ADE20K_CLASSES, DenseCLIP
 from denseclip_fast.cli import _parse_batch, main
 
-from .conftest import NAMES, tiny_config
+from .conftest import NAMES, ROOT, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -603,3 +603,35 @@ def test_training_from_random_weights_is_warned(tmp_path, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         main([*args, "--resume", "auto"])
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_the_console_script_dies_by_the_signal_that_interrupted_it(tmp_path):
+    """The console script ends by the signal itself after its one line, as an uncaught Ctrl-C does, so that a shell
+    loop over it stops on Ctrl-C and a supervisor sees a stop (killed by SIGTERM), not exit 130/143; an ignored
+    SIGTERM (inherited SIG_IGN) stays ignored."""
+    import signal
+
+    program = """
+import os, signal, sys, time
+from denseclip_fast import cli
+def interrupted(args):
+    raise KeyboardInterrupt
+def terminated(args):
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.5)
+    print("survived")
+    return 0
+cli.cmd_info = {"int": interrupted, "term": terminated}[sys.argv[1]]
+if sys.argv[2] == "ignore":
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+sys.argv[1:] = ["info", "checkpoint"]
+cli.run()
+"""
+    for case, ignore, code, err in (("int", "", -signal.SIGINT, "denseclip-fast: interrupted\n"),
+                                    ("term", "", -signal.SIGTERM, "denseclip-fast: terminated\n"),
+                                    ("term", "ignore", 0, "")):  # fmt: skip
+        done = subprocess.run([sys.executable, "-c", program, case, ignore or "-"], capture_output=True, text=True,
+                              cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)  # fmt: skip
+        assert (done.returncode, done.stderr) == (code, err), (case, ignore, done.stderr)
+        assert ("survived" in done.stdout) == (code == 0)
