@@ -19,7 +19,6 @@ Errors the user can fix (a bad file, a wrong class list) are printed as one line
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import signal
@@ -32,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .checkpoints import CheckpointError, ClassCountError
+from .checkpoints.io import written_atomically
 from .export.tensorrt import TensorRTUnavailable
 from .ops.backends import BackendUnavailable
 
@@ -175,25 +175,19 @@ def _write_results(out: str, stem: str, image: Any, labels: Any, palette: Any, w
     from .visualize import overlay
 
     label_image = Image.fromarray(labels.astype(np.uint16 if wide else np.uint8))
-    _write_whole(os.path.join(out, f"{stem}_labels.png"), lambda path: label_image.save(path, format="PNG"))
+    _write_whole(os.path.join(out, f"{stem}_labels.png"), lambda path: label_image.save(path, format="PNG"),
+                 "the label map")
     picture = Image.fromarray(overlay(image, labels, palette))
-    _write_whole(os.path.join(out, f"{stem}_overlay.png"), lambda path: picture.save(path, format="PNG"))
+    _write_whole(os.path.join(out, f"{stem}_overlay.png"), lambda path: picture.save(path, format="PNG"),
+                 "the overlay")
 
 
-def _write_whole(path: str, write: Callable[[str], object]) -> None:
-    """``write(temporary path)`` beside ``path``, then renamed over it: a command killed (or a disk full) while it
-    writes never leaves a truncated file under the final name, and a file being replaced is whole until then. Not
-    synced to disk (a checkpoint is, checkpoints.io.replaced_atomically): these are results a rerun remakes."""
-    folder, name = os.path.split(path)
-    tmp = os.path.join(folder, f".{name}.{os.getpid()}.{threading.get_ident()}.partial")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except OSError as exc:  # named by the file the user asked for, not the temporary one
-        raise OSError(exc.errno, exc.strerror, path) from None
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
+def _write_whole(path: str, write: Callable[[str], object], what: str) -> None:
+    """``write(temporary path)`` beside ``path``, then renamed over it (checkpoints.io.written_atomically, not synced
+    to disk: results a rerun remakes): a command killed (or a disk full) while it writes never leaves a truncated
+    file under the final name, and a file being replaced is whole until then. An OSError names ``path``."""
+    with written_atomically(path, what, durable=False) as partial:
+        write(partial)
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
@@ -495,7 +489,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         with open(path, "w", encoding="utf-8") as f:
             json.dump(result, f, indent=2)
 
-    _write_whole(out, write)
+    _write_whole(out, write, "the evaluation results")
     print(f"mIoU {100 * result['mIoU']:.2f}  aAcc {100 * result['aAcc']:.2f}  mAcc {100 * result['mAcc']:.2f}  "
           f"({result['images']} images, {args.mode}; written to {out})")  # fmt: skip
     return 0

@@ -509,6 +509,35 @@ def test_saved_files_get_the_permissions_open_would_give(tmp_path):
         os.umask(umask)
 
 
+def test_files_are_replaced_as_open_would_write_them(tmp_path):
+    """replaced_atomically keeps a symlink and replaces its target (os.replace on the link put a file in its stead,
+    and the target was never updated), writes a path that is not a regular file in place (replacing /dev/null, as
+    root may, would put a file there), and written_atomically names the path and what was written, also for an
+    OSError without errno (Pillow's 'encoder error -2': was '[Errno None] None')."""
+    from denseclip_fast.checkpoints.io import replaced_atomically, written_atomically
+
+    (tmp_path / "run5.json").write_text("old")
+    os.symlink("run5.json", tmp_path / "latest.json")
+    with replaced_atomically(tmp_path / "latest.json") as partial:
+        with open(partial, "w") as f:
+            f.write("new")
+    assert os.readlink(tmp_path / "latest.json") == "run5.json" and (tmp_path / "run5.json").read_text() == "new"
+    with replaced_atomically(os.devnull) as partial:
+        assert partial == os.devnull
+        with open(partial, "w") as f:
+            f.write("into the void")
+    assert not os.path.isfile(os.devnull)
+    from denseclip_fast.cli import _os_error  # how the command line prints an OSError
+
+    encoder, full = "encoder error -2 when writing image file", "No space left on device"
+    for error, message in ((OSError(encoder), encoder), (OSError(28, full), full)):
+        with pytest.raises(OSError) as info:
+            with written_atomically(tmp_path / "x.png", "the overlay"):
+                raise error
+        assert _os_error(info.value) == f"{tmp_path / 'x.png'}: cannot write the overlay: {message}"
+    assert sorted(os.listdir(tmp_path)) == ["latest.json", "run5.json"]
+
+
 # ------------------------------------------------------------------------------------------------ unsafe and broken
 
 

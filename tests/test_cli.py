@@ -571,7 +571,8 @@ def test_results_are_written_whole_or_not_at_all(checkpoint, images, data, tmp_p
 
     monkeypatch.setattr(PILImage.Image, "save", full_disk)
     assert main(args) == 2
-    assert capsys.readouterr().err == f"denseclip-fast: error: {out / 'a_labels.png'}: No space left on device\n"
+    assert capsys.readouterr().err == (f"denseclip-fast: error: {out / 'a_labels.png'}: cannot write the label map: "
+                                       "No space left on device\n")  # fmt: skip
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing else there: no partial file
     monkeypatch.setattr(PILImage.Image, "save", save)
 
@@ -587,7 +588,8 @@ def test_results_are_written_whole_or_not_at_all(checkpoint, images, data, tmp_p
 
     monkeypatch.setattr(json, "dump", half_dump)
     assert main(ev) == 2
-    assert capsys.readouterr().err.endswith(f"\ndenseclip-fast: error: {result}: No space left on device\n")
+    assert capsys.readouterr().err.endswith(f"\ndenseclip-fast: error: {result}: cannot write the evaluation results: "
+                                            "No space left on device\n")  # fmt: skip
     assert result.read_bytes() == written and sorted(os.listdir(tmp_path)) == ["e.json", "out"]
 
 

@@ -91,33 +91,60 @@ def _umask() -> int:
 
 
 @contextlib.contextmanager
-def replaced_atomically(path: str | os.PathLike[str]) -> Iterator[str]:
-    """A temporary path beside ``path`` to write to (``.NAME.<unique>.partial``). When the block succeeds the file is
-    flushed to disk (fsync) and replaces ``path`` in one step (``os.replace``; the directory entry is synced too),
-    so a reader, a killed process or a power loss sees the old file or the new one, never half of one; when the
-    block fails the temporary file is removed and ``path`` is left as it was. A process killed while writing leaves
-    its ``.partial`` file behind (the trainer removes those from its work dir when it starts).
+def replaced_atomically(path: str | os.PathLike[str], durable: bool = True) -> Iterator[str]:
+    """A temporary path beside ``path`` to write to (``.NAME.<unique>.partial``). When the block succeeds the file
+    replaces ``path`` in one step (``os.replace``), so a reader or a killed process sees the old file or the new one,
+    never half of one; with ``durable`` it is flushed to disk first (fsync, the directory entry too), so that a power
+    loss does not either. When the block fails the temporary file is removed and ``path`` is left as it was. A
+    process killed while writing leaves its ``.partial`` file behind (the trainer removes those from its work dir
+    when it starts).
 
-    The new file gets the permissions ``open(path, "w")`` would leave: the replaced file's, else those the umask
-    allows (safetensors writes owner-only files, which other users of a shared machine could not load)."""
+    As ``open(path, "w")`` would: a symlink at ``path`` is kept and its target replaced; something there that is not
+    a regular file (/dev/null, a FIFO) is written to itself, in place (replacing it would put a file in its stead);
+    the new file gets the replaced file's permissions, else those the umask allows (safetensors writes owner-only
+    files, which other users of a shared machine could not load)."""
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}{PARTIAL_SUFFIX}")
+    if os.path.exists(path) and not os.path.isfile(path):
+        yield path
+        return
+    target = os.path.realpath(path)
+    folder = os.path.dirname(target)
+    tmp = os.path.join(folder, f".{os.path.basename(target)}.{os.getpid()}.{uuid.uuid4().hex[:8]}{PARTIAL_SUFFIX}")
     try:
         yield tmp
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, _mode_for(path))
-        os.replace(tmp, path)
-        with contextlib.suppress(OSError):  # a directory cannot be opened for fsync everywhere
-            fd = os.open(folder, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        if durable:
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        os.chmod(tmp, _mode_for(target))
+        os.replace(tmp, target)
+        if durable:
+            with contextlib.suppress(OSError):  # a directory cannot be opened for fsync everywhere
+                fd = os.open(folder, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
+
+
+@contextlib.contextmanager
+def written_atomically(path: str | os.PathLike[str], what: str, durable: bool = True) -> Iterator[str]:
+    """:func:`replaced_atomically` for a file the user named: its folder is made, and an OSError of the block or of
+    the replacement is raised again naming ``path`` and ``what`` (e.g. "the ONNX graph"): the original names the
+    temporary file, which is gone, or no file at all (a full disk is a bare "[Errno 28] No space left on device"),
+    its errno and so its type (PermissionError ...) kept."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    try:
+        with replaced_atomically(path, durable) as partial:
+            yield partial
+    except OSError as exc:
+        reason = f"cannot write {what}: {exc.strerror or exc}"
+        if exc.errno is None:
+            raise OSError(f"{path}: {reason}") from None
+        raise OSError(exc.errno, reason, path) from None
 
 
 def path_argument(value: Any, name: str = "path") -> str:

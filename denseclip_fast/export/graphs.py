@@ -11,16 +11,15 @@ engine prepares it (BatchNorm folded, one dtype).
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
 import torch
 from torch import nn
 
-from ..checkpoints.io import path_argument, replaced_atomically
+from ..checkpoints.io import path_argument, written_atomically
 from ..config import MIN_IMAGE_SIDE
 from ..engine.rewrite import prepare_for_inference
 from ..model import DenseCLIP
@@ -83,24 +82,6 @@ def output_path(path: str | os.PathLike[str], name: str = "path") -> Path:
     text = path_argument(path, name)
     check_writable_file(text, name, create_parents=True)
     return Path(text)
-
-
-@contextlib.contextmanager
-def written_atomically(path: Path, what: str) -> Iterator[str]:
-    """A temporary path to write ``what`` (e.g. "the ONNX graph") to, that replaces ``path`` when the block succeeds
-    (checkpoints.io.replaced_atomically: a failure, a full disk say, leaves the file at ``path`` as it was). An
-    OSError of the block or of the replacement is raised again naming ``path`` and ``what`` (the original names the
-    temporary file, which is gone, or no file at all: a full disk is a bare "[Errno 28] No space left on device"),
-    with its errno and so its type (PermissionError ...) kept."""
-    path.parent.mkdir(parents=True, exist_ok=True)  # output_path checked that it can be made
-    try:
-        with replaced_atomically(path) as partial:
-            yield partial
-    except OSError as exc:
-        reason = f"cannot write {what}: {exc.strerror or exc}"
-        if exc.errno is None:
-            raise OSError(f"{path}: {reason}") from None
-        raise OSError(exc.errno, reason, str(path)) from None
 
 
 def write_file(path: Path, data: bytes | memoryview, what: str) -> None:

@@ -26,10 +26,10 @@ from typing import Any
 import torch
 
 from .. import __version__
-from ..checkpoints.io import path_argument
+from ..checkpoints.io import path_argument, written_atomically
 from ..model import DenseCLIP
 from ..preprocess import CLIP_MEAN, CLIP_STD
-from .graphs import build_graph, check_image_size, example_inputs, output_path, written_atomically
+from .graphs import build_graph, check_image_size, example_inputs, output_path
 
 ONNX_DTYPES = (torch.float32, torch.float16)
 DEFAULT_OPSET = 18
