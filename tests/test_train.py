@@ -10,7 +10,9 @@ import math
 import os
 import re
 import shutil
+import signal
 import socket
+import subprocess
 import sys
 
 import numpy as np
@@ -46,6 +48,7 @@ from denseclip_fast.train.loop import (
     load_optimizer_state,
     memory_format,
     prepare_model,
+    work_dir_lock,
 )
 from denseclip_fast.train.optim import (
     freeze_text_encoder,
@@ -55,7 +58,7 @@ from denseclip_fast.train.optim import (
     set_learning_rates,
 )
 
-from .conftest import tiny_config
+from .conftest import ROOT, tiny_config
 
 CLASSES = ["sky", "grass", "road"]
 COLOURS = np.array([[70, 130, 230], [40, 180, 60], [120, 120, 120]], dtype=np.float64)
@@ -1330,6 +1333,30 @@ def test_a_work_dir_in_use_by_another_run_is_refused(arch_file, generic, tmp_pat
     monkeypatch.setattr(fcntl, "flock", lambda *args: (_ for _ in ()).throw(OSError(37, "No locks available")))
     with pytest.warns(UserWarning, match=r"cannot lock .*\.lock \(No locks available\): nothing keeps another run"):
         train(dataclasses.replace(cfg, iters=3), resume="auto")  # a file system without flock: the run goes on
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="forked DataLoader workers")
+def test_a_killed_runs_lock_is_not_kept_by_its_dataloader_workers(tmp_path):
+    """The flock belongs to the open file, which forked DataLoader workers share: a run killed outright (SIGKILL,
+    the OOM killer) kept its work dir locked until its workers noticed (5 s), and a supervisor's immediate
+    --resume auto was refused. The workers close their copy as they start (the loader's worker_init_fn). Here a
+    process takes the lock, forks a 'worker' that runs that function and lives on, and is killed: the lock is free
+    at once."""
+    program = f"""
+import os, signal, time
+from denseclip_fast.train.loop import work_dir_lock
+with work_dir_lock({str(tmp_path)!r}) as worker_init:
+    if os.fork() == 0:
+        worker_init(0)
+        time.sleep(20)
+        os._exit(0)
+    time.sleep(0.5)
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+    run = subprocess.run([sys.executable, "-c", program], env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
+    assert run.returncode == -signal.SIGKILL
+    with work_dir_lock(str(tmp_path)) as worker_init:  # a ValueError 'in use by another run' without the fix
+        assert worker_init is not None
 
 
 class _Killed(Exception):

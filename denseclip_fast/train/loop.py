@@ -202,15 +202,19 @@ LOCK_FILE = ".lock"  # in the work dir, holding the PID of the run that holds it
 
 
 @contextlib.contextmanager
-def work_dir_lock(work_dir: str) -> Iterator[None]:
+def work_dir_lock(work_dir: str) -> Iterator[Callable[[int], None] | None]:
     """An exclusive ``flock`` on ``work_dir``/.lock for as long as the context lasts, the file holding this
     process's PID: two runs in one work dir at once interleaved metrics.csv, overwrote each other's checkpoints and
     deleted each other's ``.partial`` files. ValueError naming the work dir and the holder's PID when another run
     holds it. The kernel drops the lock when its process ends, however it ends, so a killed run leaves no stale lock;
     the file stays (removing it would let a third run lock a new file while the second still holds the removed one).
-    No locking on Windows (no fcntl), nor, with a warning, on a file system that refuses flock."""
+    No locking on Windows (no fcntl), nor, with a warning, on a file system that refuses flock.
+
+    Yields the ``worker_init_fn`` for DataLoaders made meanwhile (None when nothing is locked): the flock belongs to
+    the open file, which forked workers share, so a run killed outright (SIGKILL, the OOM killer) kept its work dir
+    locked until its workers noticed, 5 s later; each worker closes its copy as it starts."""
     if sys.platform == "win32":
-        yield
+        yield None
         return
     import fcntl
 
@@ -233,13 +237,22 @@ def work_dir_lock(work_dir: str) -> Iterator[None]:
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         try:
-            yield
+            yield functools.partial(_close_copy, fd, os.fstat(fd)) if locked else None
         finally:
             if locked:
                 os.ftruncate(fd, 0)  # no PID of a run that has ended
                 fcntl.flock(fd, fcntl.LOCK_UN)  # explicitly: forked DataLoader workers share this descriptor
     finally:
         os.close(fd)
+
+
+def _close_copy(fd: int, opened: os.stat_result, worker_id: int) -> None:
+    """A DataLoader worker's copy of the work-dir lock's descriptor, closed; only if ``fd`` is that file here (a
+    worker started by spawn or forkserver inherits no descriptors: the number may be another file's)."""
+    with contextlib.suppress(OSError):
+        here = os.fstat(fd)
+        if (here.st_dev, here.st_ino) == (opened.st_dev, opened.st_ino):
+            os.close(fd)
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
@@ -681,9 +694,10 @@ class Trainer:
         scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
         start = self._load(resume_path, model, optimizer, scaler, rank, device) if resume_path else 0
         complete = start == cfg.iters  # resumed at its end (_already_finished): only the final evaluation is left
+        worker_init: Callable[[int], None] | None = None
         if rank == 0:  # only once the resume is accepted: a refused one leaves the work dir as it was
             os.makedirs(cfg.work_dir, exist_ok=True)
-            held.enter_context(work_dir_lock(cfg.work_dir))  # before anything is written or removed
+            worker_init = held.enter_context(work_dir_lock(cfg.work_dir))  # before anything is written or removed
             if not resume_path:  # again, locked: a run that held the work dir meanwhile may have saved checkpoints
                 self._refuse_used_work_dir()
             for name in os.listdir(cfg.work_dir):  # left by a run killed while it saved (replaced_atomically)
@@ -726,7 +740,7 @@ class Trainer:
         # a different point of the run than an uninterrupted one)
         loader = DataLoader(data, batch_size=micro, sampler=sampler, num_workers=cfg.num_workers,
                             pin_memory=device.type == "cuda", persistent_workers=cfg.num_workers > 0,
-                            generator=torch.Generator().manual_seed(cfg.seed))  # fmt: skip
+                            generator=torch.Generator().manual_seed(cfg.seed), worker_init_fn=worker_init)  # fmt: skip
         batches = iter(loader)
         autocast = torch.autocast(device.type, dtype=torch.bfloat16 if cfg.amp == "bf16" else torch.float16,
                                   enabled=cfg.amp != "none")  # fmt: skip
