@@ -1379,7 +1379,8 @@ def test_a_fresh_run_starts_over_the_logs_of_a_run_killed_before_its_first_check
                                                                                       monkeypatch, capsys):  # fmt: skip
     """A run killed before its first checkpoint left metrics.csv, eval.csv, eval_iter_N.json and TensorBoard events;
     a fresh run in that work dir (allowed: nothing there can be resumed) appended to them, so metrics.csv went
-    1, 2, 1, 2, 3, 4. It now removes them first and says so in one line."""
+    1, 2, 1, 2, 3, 4. It now moves them into previous_logs_1/ (they may be a finished run's whose checkpoints were
+    deleted) and says so in one line."""
     cfg = _config(arch_file, generic, tmp_path / "w", eval_interval=1, tensorboard=importlib.util.find_spec(
         "tensorboard") is not None)  # fmt: skip
     _killed_at_save(monkeypatch, 2)
@@ -1395,9 +1396,11 @@ def test_a_fresh_run_starts_over_the_logs_of_a_run_killed_before_its_first_check
     said = [line for line in err.replace("\r", "\n").splitlines() if "held logs" in line]
     assert len(said) == 1 and said[0].startswith(
         f"denseclip-fast train: work dir {str(tmp_path / 'w')!r} held logs but no checkpoint (a run stopped before its "
-        "first save?): removed metrics.csv, eval.csv, eval_iter_1.json"
-        f"{', tensorboard/events.out.tfevents.' if cfg.tensorboard else ';'}"), said  # fmt: skip
-    assert said[0].endswith("; this run starts the logs over")
+        "first save, or checkpoints deleted): moved metrics.csv, eval.csv, eval_iter_1.json"
+        f"{', tensorboard/events.out.tfevents.' if cfg.tensorboard else ' to previous_logs_1/'}"), said  # fmt: skip
+    assert said[0].endswith(" to previous_logs_1/; this run starts the logs over")
+    aside = tmp_path / "w" / "previous_logs_1"
+    assert [int(r["iter"]) for r in _metrics(aside)] == [1, 2] and (aside / "eval_iter_1.json").is_file()
     assert [int(r["iter"]) for r in _metrics(tmp_path / "w")] == [1, 2, 3, 4]
     with open(tmp_path / "w" / "eval.csv", newline="") as f:
         assert [int(r["iter"]) for r in csv.DictReader(f)] == [3, 4]

@@ -481,10 +481,11 @@ class Trainer:
         return sorted(n for match, n in names if match and which(int(match[1])))
 
     def _start_logs_over(self) -> None:
-        """Remove the logs that a run killed before its first checkpoint left (metrics.csv, eval.csv,
-        eval_iter_N.json, TensorBoard events), saying so on stderr in one line: _refuse_used_work_dir lets a fresh
-        run start in such a work dir (there is nothing to resume), whose metrics.csv then went 1, 2, 3, 1, 2, ... and
-        TensorBoard drew both runs' curves over each other."""
+        """Move the logs that a run without checkpoints left (metrics.csv, eval.csv, eval_iter_N.json, TensorBoard
+        events) into ``previous_logs_<n>/`` of the work dir, saying so on stderr in one line: _refuse_used_work_dir
+        lets a fresh run start in such a work dir (there is nothing to resume), whose metrics.csv then went
+        1, 2, 3, 1, 2, ... and TensorBoard drew both runs' curves over each other. Moved, not removed: they may be a
+        finished run's whose checkpoints were deleted to save space."""
         old = [n for n in ("metrics.csv", "eval.csv") if os.path.isfile(self._path(n))]
         old += self._eval_files(lambda iteration: True)
         events = self._path("tensorboard")
@@ -493,11 +494,17 @@ class Trainer:
                     if n.startswith("events.out.tfevents.")]  # fmt: skip
         if not old:
             return
+        number = 1
+        while os.path.exists(self._path(f"previous_logs_{number}")):
+            number += 1
+        aside = f"previous_logs_{number}"
         for name in old:
-            os.remove(self._path(name))
+            os.makedirs(os.path.dirname(self._path(os.path.join(aside, name))), exist_ok=True)
+            os.replace(self._path(name), self._path(os.path.join(aside, name)))
         shown = ", ".join(old[:4]) + (f" and {len(old) - 4} more" if len(old) > 4 else "")
         print(f"denseclip-fast train: work dir {self.cfg.work_dir!r} held logs but no checkpoint (a run stopped before "
-              f"its first save?): removed {shown}; this run starts the logs over", file=sys.stderr)  # fmt: skip
+              f"its first save, or checkpoints deleted): moved {shown} to {aside}/; this run starts the logs over",
+              file=sys.stderr)  # fmt: skip
 
     def _keep_rows_until(self, name: str, iteration: int) -> None:
         """Drop the rows of a resumed run's CSV file logged after the checkpoint it resumes from (the interrupted
