@@ -1335,6 +1335,33 @@ def test_a_work_dir_in_use_by_another_run_is_refused(arch_file, generic, tmp_pat
         train(dataclasses.replace(cfg, iters=3), resume="auto")  # a file system without flock: the run goes on
 
 
+def test_resume_auto_is_refused_when_the_work_dir_moved_on_before_it_held_it(arch_file, generic, tmp_path,
+                                                                              monkeypatch):  # fmt: skip
+    """--resume auto picks its state from latest.json before it holds the work dir's lock; if another run saved a
+    newer checkpoint meanwhile, this run would resume the older one and prune that run's logs. Checked again under
+    the lock: refused, nothing written."""
+    work = tmp_path / "w"
+    cfg = _config(arch_file, generic, work, iters=2, checkpoint_interval=1)
+    train(cfg)
+    with open(work / "latest.json") as f:
+        latest = json.load(f)
+    assert latest["state"] == "iter_2.state.pt"
+    real_load = Trainer._load
+
+    def load(self, *args, **kwargs):  # another run saves iter_3 while this one loads iter_2
+        shutil.copy(work / "iter_2.state.pt", work / "iter_3.state.pt")
+        with open(work / "latest.json", "w") as f:
+            json.dump({**latest, "state": "iter_3.state.pt"}, f)
+        return real_load(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "_load", load)
+    before = (work / "metrics.csv").read_bytes()
+    moved = r"--resume auto: work dir .* moved on while this run started \(latest.json named .*iter_2.state.pt, now "
+    with pytest.raises(ValueError, match=moved + r".*iter_3.state.pt: another run\?\)"):
+        train(dataclasses.replace(cfg, iters=4), resume="auto")
+    assert (work / "metrics.csv").read_bytes() == before
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="forked DataLoader workers")
 def test_a_killed_runs_lock_is_not_kept_by_its_dataloader_workers(tmp_path):
     """The flock belongs to the open file, which forked DataLoader workers share: a run killed outright (SIGKILL,

@@ -707,6 +707,11 @@ class Trainer:
             worker_init = held.enter_context(work_dir_lock(cfg.work_dir))  # before anything is written or removed
             if not resume_path:  # again, locked: a run that held the work dir meanwhile may have saved checkpoints
                 self._refuse_used_work_dir()
+            elif self.resume == "auto" and self._find_resume() != resume_path:  # or moved latest.json on
+                raise ValueError(
+                    f"--resume auto: work dir {cfg.work_dir!r} moved on while this run started (latest.json named "
+                    f"{resume_path}, now {self._find_resume()}: another run?); nothing was written, start it again"
+                )
             for name in os.listdir(cfg.work_dir):  # left by a run killed while it saved (replaced_atomically)
                 if name.startswith(".") and name.endswith(PARTIAL_SUFFIX):
                     os.remove(self._path(name))
