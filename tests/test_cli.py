@@ -298,7 +298,7 @@ def test_file_system_and_floating_point_errors_are_one_line(checkpoint, images, 
     (out / "a_labels.png").mkdir(parents=True)
     assert main(["segment", "--checkpoint", str(checkpoint), "--mode", "whole", "--out", str(out), str(images[0])]) == 2
     err = capsys.readouterr().err
-    assert err == f"denseclip-fast: error: {out / 'a_labels.png'}: Is a directory\n"
+    assert err == f"denseclip-fast: error: {out / 'a_labels.png'}: cannot write the label map: Is a directory\n"
 
     def diverge(cfg, resume=None):
         raise FloatingPointError("the loss is not finite at iteration 3")
