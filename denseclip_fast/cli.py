@@ -19,6 +19,7 @@ Errors the user can fix (a bad file, a wrong class list) are printed as one line
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -643,17 +644,33 @@ def main(argv: Sequence[str] | None = None, die_by_signal: bool = False) -> int:
         restore_signals()
     if interrupted is not None:  # the exception and the frames it held (open files, loaders) are gone now
         if die_by_signal and sys.platform != "win32":
-            sys.stderr.flush()
-            signal.signal(interrupted, signal.SIG_DFL)
-            os.kill(os.getpid(), interrupted)
-        return 128 + interrupted  # as a shell reports a process so killed
+            _die_by(interrupted)
+        return 128 + interrupted  # as a shell reports a process so killed (or where the signal cannot kill)
     print(f"denseclip-fast: error: {message}", file=sys.stderr)
     return 2
+
+
+def _die_by(sig: int) -> None:
+    """End the process by ``sig`` as CPython ends on an uncaught Ctrl-C: the output flushed and the atexit handlers
+    run first (multiprocessing's, for one), then the signal with its default action. Returns where it does not
+    kill (PID 1 in a container ignores it)."""
+    import atexit
+
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):  # a closed pipe
+            stream.flush()
+    signal.signal(sig, signal.SIG_DFL)
+    os.kill(os.getpid(), sig)
 
 
 def run() -> None:
     """The ``denseclip-fast`` console script: :func:`main`, whose interrupts end the process by their signal."""
     sys.exit(main(die_by_signal=True))
+
+
+def _ignore_signal(signum: int, frame: Any) -> None:
+    """A Python signal handler that does nothing."""
 
 
 class Terminated(KeyboardInterrupt):
@@ -676,8 +693,11 @@ def _sigterm_interrupts() -> Callable[[], None]:
     def terminate(signum: int, frame: Any) -> None:
         if hasattr(signal, "SIGCHLD") and not saved_sigchld:
             # a SIGTERM to the process group ends the DataLoader workers too, and torch's SIGCHLD handler would
-            # raise 'DataLoader worker (pid N) is killed by signal' over this one line as they go
-            saved_sigchld.append(signal.signal(signal.SIGCHLD, signal.SIG_DFL))
+            # raise 'DataLoader worker (pid N) is killed by signal' over this one line as they go. A Python handler
+            # that does nothing, not SIG_DFL: a SIGCHLD already pending when this runs (both arrive during one C
+            # call, and CPython runs SIGTERM's handler first) is then an OSError 'Signal 17 ignored due to race
+            # condition' instead
+            saved_sigchld.append(signal.signal(signal.SIGCHLD, _ignore_signal))
         raise Terminated()
 
     signal.signal(signal.SIGTERM, terminate)
