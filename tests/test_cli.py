@@ -575,6 +575,10 @@ def test_results_are_written_whole_or_not_at_all(checkpoint, images, data, tmp_p
                                        "No space left on device\n")  # fmt: skip
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing else there: no partial file
     monkeypatch.setattr(PILImage.Image, "save", save)
+    (out / "a_labels.png").chmod(0o604)  # a replaced result keeps its mode, as open() would leave it
+    assert main(args) == 0
+    assert (out / "a_labels.png").stat().st_mode & 0o777 == 0o604
+    capsys.readouterr()
 
     result = tmp_path / "e.json"
     ev = ["eval", "--checkpoint", str(checkpoint), "--out", str(result), "--layout", "generic", "--data", str(data)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import importlib.util
 import json
 import math
@@ -1375,7 +1376,7 @@ from denseclip_fast.train.loop import work_dir_lock
 with work_dir_lock({str(tmp_path)!r}) as worker_init:
     if os.fork() == 0:
         worker_init(0)
-        time.sleep(20)
+        time.sleep(3)
         os._exit(0)
     time.sleep(0.5)
     os.kill(os.getpid(), signal.SIGKILL)
@@ -1384,6 +1385,22 @@ with work_dir_lock({str(tmp_path)!r}) as worker_init:
     assert run.returncode == -signal.SIGKILL
     with work_dir_lock(str(tmp_path)) as worker_init:  # a ValueError 'in use by another run' without the fix
         assert worker_init is not None
+
+
+def test_the_training_loader_closes_the_lock_in_its_workers(arch_file, generic, tmp_path, monkeypatch):
+    """The training DataLoader gets the lock's worker_init_fn (the test above checks what it does)."""
+    from denseclip_fast.train import loop
+
+    given = []
+
+    class Loader(loop.DataLoader):  # type: ignore[misc]
+        def __init__(self, *args, **kwargs):
+            given.append(kwargs.get("worker_init_fn"))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "DataLoader", Loader)
+    train(_config(arch_file, generic, tmp_path / "w", iters=1))
+    assert len(given) == 1 and isinstance(given[0], functools.partial) and given[0].func is loop._close_copy
 
 
 class _Killed(Exception):
@@ -1428,12 +1445,34 @@ def test_a_fresh_run_starts_over_the_logs_of_a_run_killed_before_its_first_check
     assert said[0].endswith(" to previous_logs_1/; this run starts the logs over")
     aside = tmp_path / "w" / "previous_logs_1"
     assert [int(r["iter"]) for r in _metrics(aside)] == [1, 2] and (aside / "eval_iter_1.json").is_file()
+    with open(aside / "config.json") as f:  # the settings of those logs, not the new run's
+        assert json.load(f)["eval_interval"] == 1
     assert [int(r["iter"]) for r in _metrics(tmp_path / "w")] == [1, 2, 3, 4]
     with open(tmp_path / "w" / "eval.csv", newline="") as f:
         assert [int(r["iter"]) for r in csv.DictReader(f)] == [3, 4]
     assert not os.path.exists(tmp_path / "w" / "eval_iter_1.json")
     if cfg.tensorboard:
         assert len(os.listdir(tmp_path / "w" / "tensorboard")) == 1
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="a second file system")
+def test_old_logs_are_moved_aside_across_file_systems(arch_file, generic, tmp_path, capsys):
+    """tensorboard/ may be a link to a folder on another file system (a shared log folder), where os.replace cannot
+    move its events: the move failed halfway, and every later fresh run failed the same way."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as elsewhere:
+        if os.stat(elsewhere).st_dev == os.stat(tmp_path).st_dev:
+            pytest.skip("/dev/shm is on the work dir's file system here")
+        work = tmp_path / "w"
+        work.mkdir()
+        (work / "metrics.csv").write_text("iter,loss\n1,2.0\n")
+        os.symlink(elsewhere, work / "tensorboard")
+        (work / "tensorboard" / "events.out.tfevents.1.host").write_bytes(b"events")
+        Trainer(_config(arch_file, generic, work))._start_logs_over()
+        assert sorted(os.listdir(work / "previous_logs_1")) == ["metrics.csv", "tensorboard"]
+        assert (work / "previous_logs_1" / "tensorboard" / "events.out.tfevents.1.host").read_bytes() == b"events"
+        assert os.listdir(elsewhere) == [] and not (work / "metrics.csv").exists()
 
 
 def test_a_resume_keeps_the_logs_up_to_its_checkpoint_only(arch_file, generic, tmp_path, monkeypatch):

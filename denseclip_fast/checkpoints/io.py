@@ -102,7 +102,8 @@ def replaced_atomically(path: str | os.PathLike[str], durable: bool = True) -> I
     As ``open(path, "w")`` would: a symlink at ``path`` is kept and its target replaced; something there that is not
     a regular file (/dev/null, a FIFO) is written to itself, in place (replacing it would put a file in its stead);
     the new file gets the replaced file's permissions, else those the umask allows (safetensors writes owner-only
-    files, which other users of a shared machine could not load)."""
+    files, which other users of a shared machine could not load). Unlike open(): the folder must be writable (the
+    temporary file is made there), a hard link's other names keep the old contents, and the owner is the writer."""
     path = os.fspath(path)
     if os.path.exists(path) and not os.path.isfile(path):
         yield path
@@ -136,8 +137,8 @@ def written_atomically(path: str | os.PathLike[str], what: str, durable: bool = 
     temporary file, which is gone, or no file at all (a full disk is a bare "[Errno 28] No space left on device"),
     its errno and so its type (PermissionError ...) kept."""
     path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with replaced_atomically(path, durable) as partial:
             yield partial
     except OSError as exc:

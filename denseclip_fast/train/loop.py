@@ -32,6 +32,7 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
 import time
 import warnings
@@ -482,9 +483,10 @@ class Trainer:
 
     def _start_logs_over(self) -> None:
         """Move the logs that a run without checkpoints left (metrics.csv, eval.csv, eval_iter_N.json, TensorBoard
-        events) into ``previous_logs_<n>/`` of the work dir, saying so on stderr in one line: _refuse_used_work_dir
-        lets a fresh run start in such a work dir (there is nothing to resume), whose metrics.csv then went
-        1, 2, 3, 1, 2, ... and TensorBoard drew both runs' curves over each other. Moved, not removed: they may be a
+        events, and the config.json they were made with) into ``previous_logs_<n>/`` of the work dir, saying so on
+        stderr in one line: _refuse_used_work_dir lets a fresh run start in such a work dir (there is nothing to
+        resume), whose metrics.csv then went 1, 2, 3, 1, 2, ... and TensorBoard drew both runs' curves over each
+        other. Moved, not removed: they may be a
         finished run's whose checkpoints were deleted to save space."""
         old = [n for n in ("metrics.csv", "eval.csv") if os.path.isfile(self._path(n))]
         old += self._eval_files(lambda iteration: True)
@@ -494,13 +496,16 @@ class Trainer:
                     if n.startswith("events.out.tfevents.")]  # fmt: skip
         if not old:
             return
+        if os.path.isfile(self._path("config.json")):  # the settings those logs were made with
+            old.append("config.json")
         number = 1
         while os.path.exists(self._path(f"previous_logs_{number}")):
             number += 1
         aside = f"previous_logs_{number}"
         for name in old:
             os.makedirs(os.path.dirname(self._path(os.path.join(aside, name))), exist_ok=True)
-            os.replace(self._path(name), self._path(os.path.join(aside, name)))
+            # shutil.move: tensorboard/ may be a link to another file system, where os.replace cannot go
+            shutil.move(self._path(name), self._path(os.path.join(aside, name)))
         shown = ", ".join(old[:4]) + (f" and {len(old) - 4} more" if len(old) > 4 else "")
         print(f"denseclip-fast train: work dir {self.cfg.work_dir!r} held logs but no checkpoint (a run stopped before "
               f"its first save, or checkpoints deleted): moved {shown} to {aside}/; this run starts the logs over",
@@ -707,21 +712,21 @@ class Trainer:
             worker_init = held.enter_context(work_dir_lock(cfg.work_dir))  # before anything is written or removed
             if not resume_path:  # again, locked: a run that held the work dir meanwhile may have saved checkpoints
                 self._refuse_used_work_dir()
-            elif self.resume == "auto" and self._find_resume() != resume_path:  # or moved latest.json on
+            elif self.resume == "auto" and (now := self._find_resume()) != resume_path:  # or moved latest.json on
                 raise ValueError(
                     f"--resume auto: work dir {cfg.work_dir!r} moved on while this run started (latest.json named "
-                    f"{resume_path}, now {self._find_resume()}: another run?); nothing was written, start it again"
+                    f"{resume_path}, now {now}: another run?); nothing was written, start it again"
                 )
             for name in os.listdir(cfg.work_dir):  # left by a run killed while it saved (replaced_atomically)
                 if name.startswith(".") and name.endswith(PARTIAL_SUFFIX):
                     os.remove(self._path(name))
+            if not resume_path:  # before config.json is written: the old run's goes with its logs
+                self._start_logs_over()
             if not complete:  # the saved run's settings stay in it
                 with open(self._path("config.json"), "w", encoding="utf-8") as f:
                     json.dump(cfg.to_dict(), f, indent=2)
         if not resume_path:
             torch.manual_seed(cfg.seed + rank)  # dropout masks: distinct per process, reproducible
-            if rank == 0:
-                self._start_logs_over()
         elif rank == 0:
             self._keep_rows_until("metrics.csv", start)
             self._keep_rows_until("eval.csv", start - 1 if complete else start)  # a final row without its JSON
