@@ -241,7 +241,7 @@ class Segmenter:
         x = stacked_for(images, self.device).to(self.device, non_blocking=True).permute(0, 3, 1, 2)
         return normalize(resize_keep_ratio(x, self.model.config.test_scale))
 
-    def _each_group(self, batch: ImageBatch, fn: Any, finish: Finish = resized) -> torch.Tensor | list[torch.Tensor]:
+    def _each_group(self, batch: ImageBatch, fn: Any, finish: Finish) -> torch.Tensor | list[torch.Tensor]:
         """Apply ``fn(normalised batch) -> (N, C, h, w)`` float32 per group of same-size images, then
         ``finish(result, size)``: ``resized`` (the scores), or ``labels`` (their argmax over C). A normalised float
         batch is finished at its own size (size None); uint8 images at each image's own size, in input order: one
@@ -296,11 +296,7 @@ class Segmenter:
     def logits(self, images: Any) -> torch.Tensor | list[torch.Tensor]:
         """(B, K, H, W) float32 logits, at the input size for a normalised float batch and at each image's own size
         for uint8 images; a list of (K, H_i, W_i) when uint8 images differ in size."""
-        batch, finite = self._batch(images)
-        with self._lock, torch.inference_mode(), self._math():
-            out = self._each_group(batch, self._run)
-        self._finite_or_raise(finite)
-        return out
+        return self._trained_head(images, resized)
 
     def predict(self, images: Any, names: Sequence[str] | None = None) -> torch.Tensor | list[torch.Tensor]:
         """(B, H, W) int64 label maps (a list when uint8 images differ in size): the argmax of :meth:`logits`, or
@@ -309,9 +305,13 @@ class Segmenter:
         classes at a time (LABEL_CHUNK values), as a photo's full-size scores would take gigabytes."""
         if names is not None:
             return self._open_vocab(images, names, labels)
+        return self._trained_head(images, labels)
+
+    def _trained_head(self, images: Any, finish: Finish) -> torch.Tensor | list[torch.Tensor]:
+        """The trained head's logits of ``images``, finished by ``finish`` (see _each_group)."""
         batch, finite = self._batch(images)
         with self._lock, torch.inference_mode(), self._math():
-            out = self._each_group(batch, self._run, labels)
+            out = self._each_group(batch, self._run, finish)
         self._finite_or_raise(finite)
         return out
 

@@ -486,8 +486,7 @@ class Trainer:
         events, and the config.json they were made with) into ``previous_logs_<n>/`` of the work dir, saying so on
         stderr in one line: _refuse_used_work_dir lets a fresh run start in such a work dir (there is nothing to
         resume), whose metrics.csv then went 1, 2, 3, 1, 2, ... and TensorBoard drew both runs' curves over each
-        other. Moved, not removed: they may be a
-        finished run's whose checkpoints were deleted to save space."""
+        other. Moved, not removed: they may be a finished run's whose checkpoints were deleted to save space."""
         old = [n for n in ("metrics.csv", "eval.csv") if os.path.isfile(self._path(n))]
         old += self._eval_files(lambda iteration: True)
         events = self._path("tensorboard")
