@@ -8,6 +8,7 @@ DenseCLIP state dicts load unchanged. Tensors are batch-first (B, L, D); the off
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -73,13 +74,15 @@ class MultiheadSelfAttention(nn.Module):
         self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
         self.out_proj = nn.Linear(width, width)
+        # the in-projection's F.linear; the CPU engine's copy computes it with oneDNN (engine/cpu_linear.py)
+        self.linear: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor] = F.linear
         nn.init.xavier_uniform_(self.in_proj_weight)
         nn.init.zeros_(self.out_proj.bias)
 
     def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
         """x: (B, L, D) -> (B, L, D)."""
         b, n, d = x.shape
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        qkv = self.linear(x, self.in_proj_weight, self.in_proj_bias)
         q, k, v = qkv.view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
         return self.out_proj(out.transpose(1, 2).reshape(b, n, d))

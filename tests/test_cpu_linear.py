@@ -1,0 +1,134 @@
+"""The CPU engine's linear layers through oneDNN (denseclip_fast/engine/cpu_linear.py): the same function as
+F.linear, taken only for plain CPU float32 tensors without gradients, and only in the image path of the Segmenter's
+own copy of the model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from denseclip_fast import DenseCLIP, Segmenter
+from denseclip_fast.engine import cpu_linear
+from denseclip_fast.engine.cpu_linear import OneDNNLinear, onednn_linear, onednn_linear_usable, use_onednn_linears
+from denseclip_fast.engine.rewrite import prepare_for_inference
+from denseclip_fast.model.layers import MultiheadSelfAttention
+
+from .conftest import NAMES, randomized, rel_err, tiny_config
+
+pytestmark = pytest.mark.skipif(not onednn_linear_usable(), reason="this PyTorch has no usable oneDNN linear")
+
+
+def _ops_run(fn) -> set[str]:
+    """The names of the operators ``fn()`` runs (torch.profiler)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {event.name for event in prof.events()}
+
+
+@pytest.mark.parametrize(
+    "x_shape, out, bias",
+    [((1, 1), 1, True), ((7, 13), 5, True), ((3, 65, 33), 70, False), ((2, 3, 4, 17), 9, True), ((257, 64), 192, True)],
+)
+def test_equals_f_linear_through_onednn(x_shape, out, bias):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(x_shape, generator=g)
+    w = torch.randn(out, x_shape[-1], generator=g)
+    b = torch.randn(out, generator=g) if bias else None
+    with torch.inference_mode():
+        y = onednn_linear(x, w, b)
+        assert "mkldnn::_linear_pointwise" in _ops_run(lambda: onednn_linear(x, w, b))
+    assert y.shape == F.linear(x, w, b).shape and y.dtype == torch.float32
+    torch.testing.assert_close(y, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+
+
+def test_non_contiguous_inputs():
+    x = torch.randn(40, 24).t()  # (24, 40), strides (1, 24)
+    w, b = torch.randn(8, 40), torch.randn(8)
+    torch.testing.assert_close(onednn_linear(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    x3 = torch.randn(5, 6, 40)[:, ::2]
+    torch.testing.assert_close(onednn_linear(x3, w, b), F.linear(x3, w, b), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["float64", "bfloat16", "one-dimensional", "empty", "grad"],
+)
+def test_everything_else_takes_f_linear(case):
+    """Other dtypes, a 1-D or empty input, and a call that needs gradients give exactly F.linear (with autograd)."""
+    x, w, b = torch.randn(6, 10), torch.randn(4, 10), torch.randn(4)
+    if case in ("float64", "bfloat16"):
+        x, w, b = (t.to(getattr(torch, case)) for t in (x, w, b))
+    elif case == "one-dimensional":
+        x = x[0]
+    elif case == "empty":
+        x = x[:0]
+    elif case == "grad":
+        x.requires_grad_(True)
+    y = onednn_linear(x, w, b)
+    assert "mkldnn::_linear_pointwise" not in _ops_run(lambda: onednn_linear(x, w, b))
+    assert torch.equal(y, F.linear(x, w, b))
+    if case == "grad":
+        y.sum().backward()
+        assert x.grad is not None and torch.equal(x.grad, w.sum(0).expand_as(x))
+
+
+def test_traced_graphs_keep_aten_linear():
+    """torch.export (and so to_aoti of a CPU float32 Segmenter) sees F.linear, not oneDNN's private operator."""
+    layer = OneDNNLinear(nn.Linear(10, 4)).eval()
+    program = torch.export.export(layer, (torch.randn(3, 10),))
+    targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+    assert not any("mkldnn" in t for t in targets), targets
+    assert any("linear" in t for t in targets), targets
+
+
+@pytest.fixture(scope="module", params=["resnet", "vit"])
+def model(request) -> DenseCLIP:
+    torch.manual_seed(0)
+    return randomized(DenseCLIP(tiny_config(request.param), NAMES)).eval()
+
+
+def test_the_image_path_is_rewritten_and_the_text_encoder_is_not(model):
+    seg = Segmenter(model, device="cpu", dtype=torch.float32)
+    rewritten = seg.model
+    text = set(rewritten.text_encoder.modules())
+    image_linears = [m for m in rewritten.modules() if m not in text and isinstance(m, (nn.Linear, OneDNNLinear))]
+    assert image_linears and all(isinstance(m, OneDNNLinear) for m in image_linears)
+    assert all(type(m) is nn.Linear for m in text if isinstance(m, (nn.Linear, OneDNNLinear)))
+    for m in rewritten.modules():
+        if isinstance(m, MultiheadSelfAttention):
+            assert m.linear is (F.linear if m in text else onednn_linear)
+    # the same parameters under the same names: nothing copied, the state dict as without the rewrite
+    plain = prepare_for_inference(model, torch.device("cpu"), torch.float32).state_dict()
+    state = rewritten.state_dict()
+    assert state.keys() == plain.keys() and all(torch.equal(state[k], plain[k]) for k in plain)
+
+def test_the_rewritten_model_computes_the_same(model):
+    seg = Segmenter(model, device="cpu", dtype=torch.float32)
+    before = seg.logits(x := torch.randn(1, 3, 64, 96))
+    assert use_onednn_linears(seg.model) == 0  # done once, at construction
+    with torch.no_grad():
+        expected = model(x)
+    assert rel_err(before, expected) < 1e-5
+    assert torch.equal(seg.logits(x), before)
+
+
+def test_bfloat16_and_unusable_onednn_leave_the_model_alone(model, monkeypatch):
+    bf16 = Segmenter(model, device="cpu", dtype=torch.bfloat16)
+    assert not any(isinstance(m, OneDNNLinear) for m in bf16.model.modules())
+    monkeypatch.setattr(cpu_linear, "onednn_linear_usable", lambda: False)
+    fp32 = Segmenter(model, device="cpu", dtype=torch.float32)
+    assert not any(isinstance(m, OneDNNLinear) for m in fp32.model.modules())
+    assert use_onednn_linears(fp32.model) == 0
+
+
+def test_usable_is_false_without_onednn(monkeypatch):
+    onednn_linear_usable.cache_clear()
+    try:
+        monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+        assert onednn_linear_usable() is False
+    finally:
+        onednn_linear_usable.cache_clear()
+        monkeypatch.undo()
+    assert onednn_linear_usable() is True
