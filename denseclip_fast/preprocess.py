@@ -120,17 +120,17 @@ def image_files(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
     image extension (IMAGE_EXTENSIONS, any case; not recursive), sorted by name. A single str or PathLike is one
     path (``image_files("photos")`` is ``image_files(["photos"])``, not a path per character). Raises ValueError
     naming a path that does not exist, that is neither a regular file nor a directory (a FIFO or a device, which
-    reading could block on forever), or a directory without images."""
+    reading could block on forever), a broken symbolic link (given, or in a directory with an image extension: an
+    image that would be silently left out), or a directory without images."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     files: list[str] = []
     for path in (os.fspath(p) for p in paths):
         if os.path.isdir(path):
-            found = sorted(
-                os.path.join(path, name)
-                for name in os.listdir(path)
-                if name.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(path, name))
-            )
+            named = sorted(os.path.join(path, n) for n in os.listdir(path) if n.lower().endswith(IMAGE_EXTENSIONS))
+            for entry in named:
+                _refuse_broken_link(entry)
+            found = [entry for entry in named if os.path.isfile(entry)]
             if not found:
                 raise ValueError(f"{path}: a directory without image files ({', '.join(IMAGE_EXTENSIONS)})")
             files.extend(found)
@@ -139,8 +139,16 @@ def image_files(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
         elif os.path.exists(path):
             raise ValueError(f"{path}: not a regular file or a directory (a FIFO, a socket or a device)")
         else:
+            _refuse_broken_link(path)
             raise ValueError(f"{path}: no such image file or directory")
     return files
+
+
+def _refuse_broken_link(path: str) -> None:
+    """ValueError naming ``path`` when it is a symbolic link whose target is missing: an image meant to be there
+    (a folder's other entries that are not regular files, FIFOs or folders, are no images and are skipped)."""
+    if os.path.islink(path) and not os.path.exists(path):
+        raise ValueError(f"{path}: a broken symbolic link (to {os.readlink(path)}); restore its target or remove it")
 
 
 def keep_ratio_size(height: int, width: int, scale: Sequence[int]) -> tuple[int, int]:

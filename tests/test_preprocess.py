@@ -112,6 +112,23 @@ def test_paths_that_are_not_regular_files_are_refused_not_read(tmp_path):
     assert image_files(str(tmp_path / "a.png")) == [str(tmp_path / "a.png")]
 
 
+def test_broken_links_are_named_not_skipped(tmp_path):
+    """A symbolic link to a missing image, in a listed folder or given, is refused by name before any work (it was
+    left out silently); a link to an image is listed as the image."""
+    from PIL import Image
+
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "a.png")
+    os.symlink(tmp_path / "a.png", tmp_path / "b.png")
+    assert image_files(tmp_path) == [str(tmp_path / "a.png"), str(tmp_path / "b.png")]
+    os.symlink(tmp_path / "gone.jpg", tmp_path / "c.jpg")
+    for given in (tmp_path, tmp_path / "c.jpg"):
+        with pytest.raises(ValueError, match=r"c.jpg: a broken symbolic link \(to .*gone.jpg\)"):
+            image_files(given)
+    os.symlink(tmp_path / "gone", tmp_path / "notes.txt")  # no image extension: not an image, not listed
+    os.remove(tmp_path / "c.jpg")
+    assert image_files(tmp_path) == [str(tmp_path / "a.png"), str(tmp_path / "b.png")]
+
+
 def test_load_image_reads_as_opencv_does(tmp_path):
     """As mmcv's default loader (cv2.imdecode, IMREAD_COLOR): the EXIF orientation applied, 16-bit grey reduced to
     its high byte, grey and RGBA made RGB."""
