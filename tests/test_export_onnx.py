@@ -345,6 +345,31 @@ def test_weights_beside_the_graph_are_replaced_with_it(tmp_path, monkeypatch):
         assert data_files() == kept and _weight_read(path) == 4.0
 
 
+def test_a_symlinked_graph_has_its_weights_beside_its_target(tmp_path, monkeypatch):
+    """Through a symlink the graph it points to is replaced: the weights file goes beside that graph, and the replaced
+    graph's weights file there is removed, also after a failed write (they were looked for beside the link). ONNX
+    looks for weights files beside the path it is given: such a graph is read by its target's path."""
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 0)
+    (tmp_path / "models").mkdir()
+    (tmp_path / "links").mkdir()
+    target, link = tmp_path / "models" / "m.onnx", tmp_path / "links" / "current.onnx"
+
+    def files(folder: str) -> list[str]:
+        return sorted(p.name for p in (tmp_path / folder).iterdir())
+
+    save_onnx(_weighted(1.0), target)
+    os.symlink(target, link)
+    for value in (2.0, 3.0):
+        save_onnx(_weighted(value), link)
+        assert link.is_symlink() and _weight_read(target) == value
+        assert files("links") == ["current.onnx"] and len(files("models")) == 2
+    with monkeypatch.context() as patch:
+        _full_disk(patch)
+        with pytest.raises(OSError, match="cannot write the ONNX graph"):
+            save_onnx(_weighted(4.0), link)
+    assert files("links") == ["current.onnx"] and len(files("models")) == 2 and _weight_read(target) == 3.0
+
+
 def test_files_that_are_not_onnx_models_are_named(tmp_path):
     """protobuf reads most other files as a bare DecodeError, and an empty one as an empty model."""
     (tmp_path / "notes.txt").write_text("some text, not a graph")

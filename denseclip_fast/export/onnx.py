@@ -137,9 +137,13 @@ def save_onnx(model: Any, path: Path) -> None:
     Weights larger than EXTERNAL_DATA_THRESHOLD go to a file beside the graph, which refers to it by name. The name
     is a new one each time (``NAME.<unique>.data``): the previous graph keeps its own weights file until the new
     graph replaces it, in one step, and that file is then removed. (ONNXProgram.save would rewrite ``NAME.data``
-    under the previous graph, and its graph, written under a temporary name, would refer to a temporary name.)"""
+    under the previous graph, and its graph, written under a temporary name, would refer to a temporary name.) A
+    symlink at ``path`` is kept: the graph it points to is replaced, with its weights files beside it (ONNX looks for
+    them beside the path it is given: such a graph is read by its target's path)."""
     from onnxscript import ir
 
+    # a symlink's target is what is replaced (replaced_atomically): its weights files are beside it, named after it
+    path = Path(os.path.realpath(path))
     previous = _data_files(path)
     data = f"{path.name}.{uuid.uuid4().hex[:8]}.data" if _weight_bytes(model) > EXTERNAL_DATA_THRESHOLD else None
     try:
