@@ -4,6 +4,9 @@ own copy of the model."""
 
 from __future__ import annotations
 
+import platform
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,7 +20,7 @@ from denseclip_fast.model.layers import MultiheadSelfAttention
 
 from .conftest import NAMES, randomized, rel_err, tiny_config
 
-pytestmark = pytest.mark.skipif(not onednn_linear_usable(), reason="this PyTorch has no usable oneDNN linear")
+needs_onednn = pytest.mark.skipif(not onednn_linear_usable(), reason="this PyTorch has no usable oneDNN linear")
 
 
 def _ops_run(fn) -> set[str]:
@@ -27,6 +30,7 @@ def _ops_run(fn) -> set[str]:
     return {event.name for event in prof.events()}
 
 
+@needs_onednn
 @pytest.mark.parametrize(
     "x_shape, out, bias",
     [((1, 1), 1, True), ((7, 13), 5, True), ((3, 65, 33), 70, False), ((2, 3, 4, 17), 9, True), ((257, 64), 192, True)],
@@ -43,6 +47,7 @@ def test_equals_f_linear_through_onednn(x_shape, out, bias):
     torch.testing.assert_close(y, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
 
 
+@needs_onednn
 def test_non_contiguous_inputs():
     x = torch.randn(40, 24).t()  # (24, 40), strides (1, 24)
     w, b = torch.randn(8, 40), torch.randn(8)
@@ -74,13 +79,91 @@ def test_everything_else_takes_f_linear(case):
         assert x.grad is not None and torch.equal(x.grad, w.sum(0).expand_as(x))
 
 
-def test_traced_graphs_keep_aten_linear():
-    """torch.export (and so to_aoti of a CPU float32 Segmenter) sees F.linear, not oneDNN's private operator."""
-    layer = OneDNNLinear(nn.Linear(10, 4)).eval()
-    program = torch.export.export(layer, (torch.randn(3, 10),))
-    targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
-    assert not any("mkldnn" in t for t in targets), targets
-    assert any("linear" in t for t in targets), targets
+@pytest.mark.skipif(
+    platform.machine().lower() not in ("x86_64", "amd64") or not torch.backends.mkldnn.is_available(),
+    reason="oneDNN's linear operator is checked where PyTorch builds it (x86-64)",
+)
+def test_the_operator_is_usable_here():
+    """A PyTorch whose private operator moved or changed would switch the rewrite off silently: it fails here."""
+    assert onednn_linear_usable()
+
+
+def test_the_probe_says_no_for_an_operator_that_fails_or_disagrees(monkeypatch):
+    def raises(*args):
+        raise TypeError("_linear_pointwise() got an unexpected argument")
+
+    def disagrees(x, w, b, *args):
+        return F.linear(x, w, b) + 1
+
+    for fake in (raises, disagrees):
+        onednn_linear_usable.cache_clear()
+        monkeypatch.setattr(cpu_linear, "_operator", lambda fake=fake: fake)
+        assert onednn_linear_usable() is False
+    onednn_linear_usable.cache_clear()
+
+
+def test_the_probe_ignores_the_default_dtype_and_device():
+    onednn_linear_usable.cache_clear()
+    saved = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(torch.float64)
+        with torch.device("meta"):
+            usable = onednn_linear_usable()
+    finally:
+        torch.set_default_dtype(saved)
+        onednn_linear_usable.cache_clear()
+    assert usable is onednn_linear_usable()
+
+
+@pytest.mark.parametrize("bias", ["strided", "expanded", "0-d", "(1, 5)", "(1,)"])
+def test_biases_f_linear_would_broadcast_take_f_linear(bias):
+    """oneDNN reads a bias as a dense (out,) vector: a strided or broadcast one gave wrong sums; these take F.linear."""
+    x, w = torch.randn(7, 13), torch.randn(5, 13)
+    b = {
+        "strided": torch.randn(10)[::2], "expanded": torch.randn(1).expand(5), "0-d": torch.tensor(2.0),
+        "(1, 5)": torch.randn(1, 5), "(1,)": torch.randn(1),
+    }[bias]  # fmt: skip
+    with torch.inference_mode():
+        assert "mkldnn::_linear_pointwise" not in _ops_run(lambda: onednn_linear(x, w, b))
+        assert torch.equal(onednn_linear(x, w, b), F.linear(x, w, b))
+
+
+def test_shape_errors_are_f_linears():
+    with pytest.raises(RuntimeError, match="cannot be multiplied"):
+        onednn_linear(torch.randn(3, 4), torch.randn(5, 6))
+
+
+@needs_onednn
+def test_what_records_the_call_sees_f_linear():
+    """FlopCounterMode counts the linear layers, make_fx and torch.jit.trace record aten's linear, and oneDNN switched
+    off by PyTorch's own flag is not called."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x, w, b = torch.randn(6, 10), torch.randn(4, 10), torch.randn(4)
+    with torch.no_grad():
+        with FlopCounterMode(display=False) as counter:
+            onednn_linear(x, w, b)
+        assert counter.get_total_flops() == 2 * 6 * 10 * 4
+        graph = make_fx(onednn_linear)(x, w, b).graph
+        assert not any("mkldnn" in str(node.target) for node in graph.nodes)
+        traced = torch.jit.trace(lambda t: onednn_linear(t, w, b), (x,))
+        torch.testing.assert_close(traced(x), F.linear(x, w, b))
+        with warnings.catch_warnings(), torch.backends.mkldnn.flags(enabled=False):
+            warnings.simplefilter("ignore")  # the flags' note on TF32 for Intel GPUs
+            assert "mkldnn::_linear_pointwise" not in _ops_run(lambda: onednn_linear(x, w, b))
+
+
+def test_forward_mode_ad_sees_f_linear():
+    import torch.autograd.forward_ad as fwAD
+
+    x, w, b, dx = torch.randn(6, 10), torch.randn(4, 10), torch.randn(4), torch.randn(6, 10)
+    with torch.no_grad():
+        _, tangent = torch.func.jvp(lambda t: onednn_linear(t, w, b), (x,), (dx,))
+        torch.testing.assert_close(tangent, F.linear(dx, w))
+        with fwAD.dual_level():
+            out = onednn_linear(fwAD.make_dual(x, dx), w, b)
+            torch.testing.assert_close(fwAD.unpack_dual(out).tangent, F.linear(dx, w))
 
 
 @pytest.fixture(scope="module", params=["resnet", "vit"])
@@ -89,6 +172,7 @@ def model(request) -> DenseCLIP:
     return randomized(DenseCLIP(tiny_config(request.param), NAMES)).eval()
 
 
+@needs_onednn
 def test_the_image_path_is_rewritten_and_the_text_encoder_is_not(model):
     seg = Segmenter(model, device="cpu", dtype=torch.float32)
     rewritten = seg.model
@@ -104,6 +188,8 @@ def test_the_image_path_is_rewritten_and_the_text_encoder_is_not(model):
     state = rewritten.state_dict()
     assert state.keys() == plain.keys() and all(torch.equal(state[k], plain[k]) for k in plain)
 
+
+@needs_onednn
 def test_the_rewritten_model_computes_the_same(model):
     seg = Segmenter(model, device="cpu", dtype=torch.float32)
     before = seg.logits(x := torch.randn(1, 3, 64, 96))
@@ -112,6 +198,22 @@ def test_the_rewritten_model_computes_the_same(model):
         expected = model(x)
     assert rel_err(before, expected) < 1e-5
     assert torch.equal(seg.logits(x), before)
+
+
+@needs_onednn
+def test_the_engines_traced_graph_keeps_aten_linear(model):
+    """to_aoti of a CPU float32 Segmenter traces ImageGraph(seg.model) under no_grad, the parameters frozen: the
+    graph has aten's linear, not oneDNN's private operator, and computes the same."""
+    from denseclip_fast.export.graphs import ImageGraph
+
+    seg = Segmenter(model, device="cpu", dtype=torch.float32)
+    module = ImageGraph(seg.model, seg._text.clone()).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        program = torch.export.export(module, (x,))
+        targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+        assert not any("mkldnn" in t for t in targets) and any("linear" in t for t in targets), targets
+        assert rel_err(program.module()(x), module(x)) < 1e-5
 
 
 def test_bfloat16_and_unusable_onednn_leave_the_model_alone(model, monkeypatch):

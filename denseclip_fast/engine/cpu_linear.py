@@ -1,23 +1,26 @@
 """The CPU engine's linear layers through oneDNN instead of the BLAS GEMM.
 
-PyTorch computes a float32 ``nn.Linear`` on a CPU with its BLAS (MKL in the official wheels); oneDNN, which PyTorch
-also ships (``torch.ops.mkldnn._linear_pointwise``, the operator torch.compile's CPU backend calls), was faster on
-the AMD CPU measured and takes the plain float32 weight, so no second copy is kept (not measured on an Intel CPU,
-where MKL is at its best). The ViT-B/16 image encoder is mostly such GEMMs: on 2 threads of an AMD EPYC (AVX-512)
-the engine's ViT-B/16 forward at 512x512 went from 1662 to 1222 ms, eager PyTorch 1638 / 1652 ms in the same runs
-(benchmarks/results/export_cpu_2threads_512_b1_before_cfbcab5.md, export_cpu_2threads_512_b1.md); RN50, whose
-linear layers are few, stayed within that shared machine's noise. Same float32 arithmetic, another summation order
-(about 1e-6 relative).
+PyTorch computes a float32 ``nn.Linear`` on a CPU with its BLAS (MKL in the official wheels). oneDNN, which PyTorch
+also ships (``torch.ops.mkldnn._linear_pointwise``, which torch.compile's CPU backend calls in some cases), was the
+faster of the two on the AMD CPU measured, and takes the plain float32 weight, so no second copy is kept (not
+measured on an Intel CPU, where MKL is at its best). The ViT-B/16 image encoder is mostly such GEMMs: on 2 threads of
+an AMD EPYC (AVX-512) the engine's ViT-B/16 forward at 512x512 went from 1662 to 1222 ms, eager PyTorch 1638 / 1652
+ms in the same runs (benchmarks/results/export_cpu_2threads_512_b1_before_59e7a9a.md, export_cpu_2threads_512_b1.md);
+RN50, whose linear layers are few, stayed within that shared machine's noise. Same float32 arithmetic, another
+summation order (about 1e-6 relative).
 
-The operator is private to PyTorch: it is probed once (present, and equal to F.linear on a small case), and a
-PyTorch without it, a tensor that is not a plain CPU float32 tensor (a traced one: torch.compile, torch.export), or
-a call that needs gradients takes F.linear as before. Only the Segmenter's own copy of the model is rewritten (its
-image path; the text encoder runs once per vocabulary), never the exporters' graphs.
+The operator is private to PyTorch: it is probed once (present, and equal to F.linear on a small case). A PyTorch
+without it, a tensor that is not a plain CPU float32 tensor, a bias F.linear would broadcast, a call that needs
+gradients or that something records (torch.compile, torch.export, a dispatch mode such as FlopCounterMode,
+torch.jit.trace, torch.func), or oneDNN switched off (``torch.backends.mkldnn.flags(enabled=False)``) takes F.linear
+as before. Only the Segmenter's own copy of the model is rewritten (its image path; the text encoder runs once per
+vocabulary), never the exporters' graphs.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,39 +30,62 @@ from ..model import DenseCLIP
 from ..model.layers import MultiheadSelfAttention
 
 
+def _operator() -> Any:
+    return torch.ops.mkldnn._linear_pointwise
+
+
 @functools.cache
 def onednn_linear_usable() -> bool:
-    """Whether this PyTorch has oneDNN's linear operator and it agrees with F.linear (probed once)."""
+    """Whether this PyTorch has oneDNN's linear operator and it agrees with F.linear on a small case (probed once,
+    on float32 CPU tensors whatever the default dtype and device)."""
     try:
         if not torch.backends.mkldnn.is_available():
             return False
-        x, w, b = (torch.randn(shape, generator=torch.Generator().manual_seed(0)) for shape in ((3, 5), (4, 5), (4,)))
-        y = torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+        x, w, b = (torch.linspace(-1, 1, n, dtype=torch.float32, device="cpu") for n in (15, 20, 4))
+        x, w = x.view(3, 5), w.view(4, 5)
+        y = _operator()(x, w, b, "none", [], "")
         return bool(y.shape == (3, 4) and torch.allclose(y, F.linear(x, w, b), rtol=1e-5, atol=1e-6))
     except Exception:  # an operator missing, renamed or with another signature: the BLAS path stays
         return False
 
 
-def _plain_cpu_float32(t: torch.Tensor | None) -> bool:
-    # type(...) is torch.Tensor: not a traced (fake, functional) tensor nor a subclass with its own dispatch
-    plain = type(t) in (torch.Tensor, nn.Parameter)
-    return t is None or (plain and t.device.type == "cpu" and t.dtype == torch.float32)
+def _plain_cpu_float32(t: torch.Tensor) -> bool:
+    # not a traced (fake, functional) tensor nor a subclass with its own dispatch
+    return type(t) in (torch.Tensor, nn.Parameter) and t.device.type == "cpu" and t.dtype == torch.float32
+
+
+def _intercepted() -> bool:
+    """Something records or transforms the call: torch.compile or torch.export, a dispatch mode (FlopCounterMode,
+    make_fx), torch.jit.trace, a torch.func transform, forward-mode AD."""
+    return (
+        torch.compiler.is_compiling()
+        or torch._C._len_torch_dispatch_stack() > 0
+        or torch.jit.is_tracing()
+        or torch._C._functorch.peek_interpreter_stack() is not None
+        or torch.autograd.forward_ad._current_level >= 0
+    )
+
+
+def _takes_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+        return False
+    if _intercepted() or not torch.backends.mkldnn.enabled:  # first: a tracer is not asked about shapes
+        return False
+    if not all(_plain_cpu_float32(t) for t in (x, weight) + ((bias,) if bias is not None else ())):
+        return False
+    shapes_fit = x.dim() >= 2 and x.numel() > 0 and weight.dim() == 2 and x.shape[-1] == weight.shape[1]
+    if not shapes_fit or not (bias is None or (bias.shape == weight.shape[:1] and bias.is_contiguous())):
+        return False  # F.linear's broadcasting, or its error message
+    return onednn_linear_usable()
 
 
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` (x (..., in), weight (out, in), bias (out,)), through oneDNN for plain CPU
-    float32 tensors that need no gradient; F.linear otherwise."""
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
-    if (
-        needs_grad
-        or x.dim() < 2
-        or x.numel() == 0
-        or not all(_plain_cpu_float32(t) for t in (x, weight, bias))
-        or torch.compiler.is_compiling()
-        or not onednn_linear_usable()
-    ):
+    float32 tensors that need no gradient, nothing recording the call, and oneDNN enabled
+    (``torch.backends.mkldnn.flags(enabled=False)`` turns it off); F.linear otherwise."""
+    if not _takes_onednn(x, weight, bias):
         return F.linear(x, weight, bias)
-    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
+    return _operator()(x.contiguous(), weight, bias, "none", [], "")
 
 
 class OneDNNLinear(nn.Module):
