@@ -285,7 +285,9 @@ def _verify_onnx(path: str, model: object, graph: str) -> float:
 
     meta = read_metadata(path)
     dtype = getattr(torch, meta["dtype"])
-    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    # by its target's path: ONNX Runtime looks for a graph's weights file beside the path given, and save_onnx puts
+    # it beside the graph a symlink points to
+    session = ort.InferenceSession(os.path.realpath(path), providers=["CPUExecutionProvider"])
     with torch.no_grad():
         if graph == "text":
             names = model.class_names  # type: ignore[attr-defined]

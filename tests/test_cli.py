@@ -182,6 +182,27 @@ def test_export_onnx_with_verification(checkpoint, tmp_path, capsys):
     assert json.loads(meta["image_size"]) == [64, 96]
 
 
+def test_export_verifies_a_symlinked_graph_with_its_weights_file(checkpoint, tmp_path, capsys, monkeypatch):
+    """--out a symlink, the weights in a file of their own (graphs past 1.5 GiB): the graph the link points to is
+    replaced with its weights file beside it, and --verify reads it there (ONNX Runtime looks for the weights beside
+    the path it is given, so the link's path failed)."""
+    pytest.importorskip("onnxruntime")
+    from denseclip_fast.export import onnx as onnx_export
+
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 0)
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "tiny.onnx").write_bytes(b"")
+    link = tmp_path / "current.onnx"
+    os.symlink(tmp_path / "models" / "tiny.onnx", link)
+    args = ["export", "--checkpoint", str(checkpoint), "--format", "onnx", "--out", str(link), "--image-size", "64",
+            "--verify"]  # fmt: skip
+    assert main(args) == 0
+    assert float(capsys.readouterr().out.split("relative error ")[1].split()[0]) <= 1e-4
+    assert link.is_symlink() and sorted(p.name for p in tmp_path.iterdir()) == ["current.onnx", "models"]
+    (weights,) = [p.name for p in (tmp_path / "models").iterdir() if p.name.endswith(".data")]
+    assert weights.startswith("tiny.onnx.")
+
+
 def test_export_errors_are_one_line(checkpoint, tmp_path, capsys):
     try:
         import tensorrt  # type: ignore[import-not-found]  # noqa: F401

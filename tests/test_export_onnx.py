@@ -365,8 +365,9 @@ def test_a_symlinked_graph_has_its_weights_beside_its_target(tmp_path, monkeypat
         assert files("links") == ["current.onnx"] and len(files("models")) == 2
     with monkeypatch.context() as patch:
         _full_disk(patch)
-        with pytest.raises(OSError, match="cannot write the ONNX graph"):
+        with pytest.raises(OSError, match="cannot write the ONNX graph") as failure:
             save_onnx(_weighted(4.0), link)
+    assert failure.value.filename == str(link)  # the path as given
     assert files("links") == ["current.onnx"] and len(files("models")) == 2 and _weight_read(target) == 3.0
 
 

@@ -143,26 +143,26 @@ def save_onnx(model: Any, path: Path) -> None:
     from onnxscript import ir
 
     # a symlink's target is what is replaced (replaced_atomically): its weights files are beside it, named after it
-    path = Path(os.path.realpath(path))
-    previous = _data_files(path)
-    data = f"{path.name}.{uuid.uuid4().hex[:8]}.data" if _weight_bytes(model) > EXTERNAL_DATA_THRESHOLD else None
+    target = Path(os.path.realpath(path))
+    previous = _data_files(target)
+    data = f"{target.name}.{uuid.uuid4().hex[:8]}.data" if _weight_bytes(model) > EXTERNAL_DATA_THRESHOLD else None
     try:
         with written_atomically(path, "the ONNX graph") as partial:
-            # the weights go to ``data`` beside ``partial``, hence beside ``path``; format: not guessed from the
+            # the weights go to ``data`` beside ``partial``, hence beside ``target``; format: not guessed from the
             # temporary file's suffix
             ir.save(model, partial, format="protobuf", external_data=data)
     except BaseException:
         if data is not None:
             with contextlib.suppress(FileNotFoundError):
-                os.remove(path.parent / data)
+                os.remove(target.parent / data)
         raise
     for name in previous:  # the replaced graph's weights, which no graph refers to now
         try:
-            os.remove(path.parent / name)
+            os.remove(target.parent / name)
         except FileNotFoundError:
             pass
         except OSError as exc:  # the new graph is in place: an orphan left is said, not an error
-            warnings.warn(f"{path.parent / name}: the replaced graph's weights file could not be removed "
+            warnings.warn(f"{target.parent / name}: the replaced graph's weights file could not be removed "
                           f"({exc.strerror or exc})", stacklevel=3)  # fmt: skip
 
 

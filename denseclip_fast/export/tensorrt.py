@@ -209,7 +209,9 @@ def build_tensorrt_engine(
         flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
+    # by its target's path: a graph's weights file is looked for beside the path given (save_onnx puts it beside
+    # the graph a symlink points to)
+    if not parser.parse_from_file(os.path.realpath(onnx_path)):
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
         raise ValueError(f"TensorRT's ONNX parser rejected {onnx_path}: " + "; ".join(errors))
     config = builder.create_builder_config()
