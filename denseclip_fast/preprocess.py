@@ -145,10 +145,12 @@ def image_files(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
 
 
 def _refuse_broken_link(path: str) -> None:
-    """ValueError naming ``path`` when it is a symbolic link whose target is missing: an image meant to be there
+    """ValueError naming ``path`` when it is a symbolic link whose target cannot be reached: an image meant to be there
     (a folder's other entries that are not regular files, FIFOs or folders, are no images and are skipped)."""
     if os.path.islink(path) and not os.path.exists(path):
-        raise ValueError(f"{path}: a broken symbolic link (to {os.readlink(path)}); restore its target or remove it")
+        target = os.readlink(path)
+        raise ValueError(f"{path}: a symbolic link whose target cannot be reached ({target}: missing, a loop, or in "
+                         "a folder without search permission); restore its target or remove it")  # fmt: skip
 
 
 def keep_ratio_size(height: int, width: int, scale: Sequence[int]) -> tuple[int, int]:
