@@ -203,6 +203,31 @@ def test_conv_seg_keeps_pytorchs_default_initialisation(tiny):
     assert conv.bias.abs().max() <= bound and conv.bias.abs().max() > 0
 
 
+@pytest.mark.parametrize("size", [(8, 12), (7, 10)])
+def test_semantic_fpn_head_resizes_only_what_needs_it(size):
+    """mmseg resizes every scale head's output to the stride-4 size; the head skips the resize where the sizes
+    already agree (the identity) and gives bit for bit the sums of resizing all of them, also where they differ
+    (stride-4 sides not divisible by 8)."""
+    import torch.nn.functional as F
+
+    from denseclip_fast.model.heads import SemanticFPNHead
+
+    torch.manual_seed(0)
+    head = SemanticFPNHead(6, 5, 3).eval()
+    h, w = size
+    levels = [torch.randn(2, 6, -(-h // 2**i), -(-w // 2**i)) for i in range(4)]
+
+    def resize_all(levels: list[torch.Tensor]) -> torch.Tensor:
+        out = head.scale_heads[0](levels[0])
+        for scale_head, x in zip(head.scale_heads[1:], levels[1:]):
+            out = out + F.interpolate(scale_head(x), size=out.shape[2:], mode="bilinear", align_corners=False)
+        return head.conv_seg(head.dropout(out))
+
+    with torch.no_grad():
+        assert torch.equal(head(levels), resize_all(levels))
+        assert head(levels).shape == (2, 3, h, w)
+
+
 def test_score_concat_level_of_another_dtype():
     """Under CUDA autocast ViT's score level (fpn3, a GroupNorm, which CUDA autocast runs in float32) is float32
     while the local embedding map is bfloat16: the model casts the level to the map's dtype for the fused operator

@@ -107,5 +107,11 @@ class SemanticFPNHead(nn.Module):
     def forward(self, levels: Sequence[torch.Tensor]) -> torch.Tensor:
         out = self.scale_heads[0](levels[0])
         for head, x in zip(self.scale_heads[1:], levels[1:]):
-            out = out + F.interpolate(head(x), size=out.shape[2:], mode="bilinear", align_corners=False)
+            y = head(x)
+            # mmseg resizes every scale head's output to the stride-4 size; when it has that size already (sides
+            # divisible by 32) the bilinear resize is the identity (weights 1 and 0), so it is skipped: the same
+            # sums without a copy of the map per level
+            if y.shape[2:] != out.shape[2:]:
+                y = F.interpolate(y, size=out.shape[2:], mode="bilinear", align_corners=False)
+            out = out + y
         return self.conv_seg(self.dropout(out))
