@@ -359,6 +359,38 @@ def test_host_time_benchmark_measures_every_path_and_restores_the_launcher(tmp_p
     assert score.launch is launch
 
 
+def test_cpu_linear_benchmark_times_both_paths_and_restores_the_probe(tmp_path, monkeypatch):
+    """benchmarks/bench_cpu_linear.py times construction, set_classes and logits with the BLAS and with oneDNN (no
+    timing is asserted here), the logits of both agree, and the oneDNN probe is the real one afterwards."""
+    import torch
+
+    from benchmarks import bench_cpu_linear
+    from denseclip_fast import DenseCLIP
+    from denseclip_fast.engine import cpu_linear
+
+    from .conftest import randomized, tiny_config
+
+    def tiny(arch: str, names: list[str]) -> DenseCLIP:
+        torch.manual_seed(0)
+        return randomized(DenseCLIP(tiny_config("vit" if arch.startswith("ViT") else "resnet"), names)).eval()
+
+    probe = cpu_linear.onednn_linear_usable
+    monkeypatch.setattr(bench_cpu_linear, "build", tiny)
+    args = ["--archs", "RN50", "ViT-B/16", "--size", "64", "--repeats", "1", "--out", str(tmp_path), "--tag", "t"]
+    assert bench_cpu_linear.main(args) == 0
+    assert cpu_linear.onednn_linear_usable is probe
+    if not probe():
+        return  # nothing compared, nothing written
+    rows = json.loads((tmp_path / "cpu_linear_t.json").read_text())["rows"]
+    assert {(r["arch"], r["what"], r["path"]) for r in rows} == {
+        (arch, what, path) for arch in ("RN50", "ViT-B/16") for what in ("Segmenter(...)", "set_classes(150)", "logits")
+        for path in ("blas", "onednn")
+    }  # fmt: skip
+    errors = [r["rel_error_vs_blas"] for r in rows if r["rel_error_vs_blas"] is not None]
+    assert len(errors) == 2 and all(e < 1e-5 for e in errors)
+    assert "| ViT-B/16 | 64 | logits |" in (tmp_path / "cpu_linear_t.md").read_text()
+
+
 def test_upstream_parity_names_a_missing_checkout(tmp_path, capsys):
     """benchmarks/upstream_parity.py needs a checkout of raoyongming/DenseCLIP (which CI does not have, so the check
     itself is not run here): a directory without segmentation/denseclip/models.py, or no directory at all, exits 2

@@ -173,20 +173,32 @@ def model(request) -> DenseCLIP:
 
 
 @needs_onednn
-def test_the_image_path_is_rewritten_and_the_text_encoder_is_not(model):
+def test_every_linear_layer_is_rewritten_over_the_same_parameters(model):
     seg = Segmenter(model, device="cpu", dtype=torch.float32)
     rewritten = seg.model
-    text = set(rewritten.text_encoder.modules())
-    image_linears = [m for m in rewritten.modules() if m not in text and isinstance(m, (nn.Linear, OneDNNLinear))]
-    assert image_linears and all(isinstance(m, OneDNNLinear) for m in image_linears)
-    assert all(type(m) is nn.Linear for m in text if isinstance(m, (nn.Linear, OneDNNLinear)))
-    for m in rewritten.modules():
-        if isinstance(m, MultiheadSelfAttention):
-            assert m.linear is (F.linear if m in text else onednn_linear)
+    assert not any(type(m) is nn.Linear for m in rewritten.modules())
+    assert any(isinstance(m, OneDNNLinear) for m in rewritten.text_encoder.modules())
+    attentions = [m for m in rewritten.modules() if isinstance(m, MultiheadSelfAttention)]
+    assert attentions and all(m.linear is onednn_linear for m in attentions)
     # the same parameters under the same names: nothing copied, the state dict as without the rewrite
     plain = prepare_for_inference(model, torch.device("cpu"), torch.float32).state_dict()
     state = rewritten.state_dict()
     assert state.keys() == plain.keys() and all(torch.equal(state[k], plain[k]) for k in plain)
+
+
+@needs_onednn
+def test_the_vocabulary_goes_through_onednn_in_every_dtype(model):
+    """The text encoder computes in float32 in any engine: its layers take oneDNN also in a bfloat16 engine, whose
+    image path keeps F.linear (oneDNN's operator is not called per image)."""
+    for dtype in (torch.float32, torch.bfloat16):
+        seg = Segmenter(model, device="cpu", dtype=dtype)
+        assert "mkldnn::_linear_pointwise" in _ops_run(lambda seg=seg: seg.set_classes(NAMES[::-1]))
+        per_image = _ops_run(lambda seg=seg: seg.logits(torch.randn(1, 3, 64, 64)))
+        assert ("mkldnn::_linear_pointwise" in per_image) is (dtype == torch.float32)
+        plain = prepare_for_inference(model, torch.device("cpu"), torch.float32)
+        with torch.no_grad():
+            expected = plain.text_features(NAMES[::-1])
+        torch.testing.assert_close(seg.model.text_features(NAMES[::-1]), expected, rtol=1e-5, atol=1e-6)
 
 
 @needs_onednn
@@ -216,13 +228,11 @@ def test_the_engines_traced_graph_keeps_aten_linear(model):
         assert rel_err(program.module()(x), module(x)) < 1e-5
 
 
-def test_bfloat16_and_unusable_onednn_leave_the_model_alone(model, monkeypatch):
-    bf16 = Segmenter(model, device="cpu", dtype=torch.bfloat16)
-    assert not any(isinstance(m, OneDNNLinear) for m in bf16.model.modules())
+def test_an_unusable_onednn_leaves_the_model_alone(model, monkeypatch):
     monkeypatch.setattr(cpu_linear, "onednn_linear_usable", lambda: False)
-    fp32 = Segmenter(model, device="cpu", dtype=torch.float32)
-    assert not any(isinstance(m, OneDNNLinear) for m in fp32.model.modules())
-    assert use_onednn_linears(fp32.model) == 0
+    seg = Segmenter(model, device="cpu", dtype=torch.float32)
+    assert not any(isinstance(m, OneDNNLinear) for m in seg.model.modules())
+    assert use_onednn_linears(seg.model) == 0
 
 
 def test_usable_is_false_without_onednn(monkeypatch):

@@ -16,6 +16,7 @@ from PIL import Image
 import denseclip_fast as dcf
 from denseclip_fast import DenseCLIP, Segmenter
 from denseclip_fast.engine import GraphCache, fold_batchnorm
+from denseclip_fast.engine.cpu_linear import use_onednn_linears
 
 from .conftest import NAMES, randomized, rel_err, tiny_config
 
@@ -58,12 +59,15 @@ def test_a_half_precision_model_gets_float32_class_embeddings(model):
     same (bfloat16-rounded) weights, and so do a float32 engine's logits; the image path runs in the engine's dtype."""
     half = copy.deepcopy(model).bfloat16()
     rounded = copy.deepcopy(half).float()
+    same_math = copy.deepcopy(rounded)  # its linear layers through oneDNN, as the CPU engine's: the same sums
+    use_onednn_linears(same_math)
     x = torch.randn(1, 3, 64, 64)
     for dtype in (torch.float32, torch.bfloat16):
         seg = _engine(half, dtype=dtype, mode="whole")
         assert {p.dtype for p in seg.model.text_encoder.parameters()} == {torch.float32}
         assert seg.model.contexts.dtype == torch.float32
-        expected = rounded.text_features(seg.class_names).to(dtype)
+        with torch.no_grad():
+            expected = same_math.text_features(seg.class_names).to(dtype)
         torch.testing.assert_close(seg._text, expected, rtol=0, atol=0)
         assert {p.dtype for p in seg.model.backbone.parameters()} == {dtype}
     with torch.no_grad():

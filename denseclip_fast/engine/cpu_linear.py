@@ -6,15 +6,18 @@ faster of the two on the AMD CPU measured, and takes the plain float32 weight, s
 measured on an Intel CPU, where MKL is at its best). The ViT-B/16 image encoder is mostly such GEMMs: on 2 threads of
 an AMD EPYC (AVX-512) the engine's ViT-B/16 forward at 512x512 went from 1662 to 1222 ms, eager PyTorch 1638 / 1652
 ms in the same runs (benchmarks/results/export_cpu_2threads_512_b1_before_59e7a9a.md, export_cpu_2threads_512_b1.md);
-RN50, whose linear layers are few, stayed within that shared machine's noise. Same float32 arithmetic, another
-summation order (about 1e-6 relative).
+RN50, whose linear layers are few, stayed within that shared machine's noise. The text encoder (run for each
+vocabulary) is such GEMMs too: benchmarks/bench_cpu_linear.py times both libraries in one process
+(results/cpu_linear_cpu_2threads_512.md: set_classes with 150 names in 0.52x / 0.70x the time for ViT-B/16 / RN50).
+Same float32 arithmetic, another summation order (about 1e-6 relative).
 
 The operator is private to PyTorch: it is probed once (present, and equal to F.linear on a small case). A PyTorch
 without it, a tensor that is not a plain CPU float32 tensor, a bias F.linear would broadcast, a call that needs
 gradients or that something records (torch.compile, torch.export, a dispatch mode such as FlopCounterMode,
 torch.jit.trace, torch.func), or oneDNN switched off (``torch.backends.mkldnn.flags(enabled=False)``) takes F.linear
-as before. Only the Segmenter's own copy of the model is rewritten (its image path; the text encoder runs once per
-vocabulary), never the exporters' graphs.
+as before. Only the Segmenter's own copy of the model is rewritten, on a CPU: its image path in a float32 engine
+and its text encoder (float32 in any engine; it runs at construction and for each new vocabulary), never the
+exporters' graphs.
 """
 
 from __future__ import annotations
@@ -106,15 +109,15 @@ class OneDNNLinear(nn.Module):
 
 
 def use_onednn_linears(model: DenseCLIP) -> int:
-    """Compute the linear layers of ``model``'s image path (everything but the text encoder) with oneDNN, in place:
-    each ``nn.Linear`` becomes a :class:`OneDNNLinear` over the same parameters and each self-attention's
-    in-projection calls :func:`onednn_linear`. Returns how many were rewritten (a second call: none); 0 when
-    oneDNN's operator is not usable here (the model is then left as it was)."""
+    """Compute the linear layers of ``model`` with oneDNN, in place: each ``nn.Linear`` becomes a
+    :class:`OneDNNLinear` over the same parameters and each self-attention's in-projection calls
+    :func:`onednn_linear` (the image path, and the text encoder, which computes in float32 whatever the engine's
+    dtype; layers of another dtype keep taking F.linear). Returns how many were rewritten (a second call: none); 0
+    when oneDNN's operator is not usable here (the model is then left as it was)."""
     if not onednn_linear_usable():
         return 0
-    text = set(model.text_encoder.modules())
     rewritten = 0
-    for module in [m for m in model.modules() if m not in text]:
+    for module in list(model.modules()):
         if isinstance(module, MultiheadSelfAttention) and module.linear is not onednn_linear:
             module.linear = onednn_linear
             rewritten += 1

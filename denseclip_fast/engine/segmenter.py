@@ -7,13 +7,14 @@
 
 What happens once, at construction: a private copy of the model is put in eval mode, its BatchNorms are folded into
 the convolutions, it is moved to the device and dtype (channels_last weights on CUDA), and the class embeddings of
-the vocabulary are computed in float32 and kept in a buffer; on a CPU in float32 the image path's linear layers run
-through oneDNN instead of the BLAS (cpu_linear.py). Images go through in channels_last on every device
-(cuDNN's and oneDNN's fastest convolutions; on a 2-core CPU the engine takes 13% / 25% less time than eager
-PyTorch at batch 1 / 4, benchmarks/results/export_cpu_2threads_512.md). Per image only the image encoder, the
-context decoder, the fused score/concat operator, the FPN and the head run; on CUDA every (batch, size) is captured
-once into a CUDA graph and replayed; the head's logits are resized to the input size after the replay, in float32,
-straight into the returned tensor. Slide mode evaluates all crops of a batch as one forward.
+the vocabulary are computed in float32 and kept in a buffer; on a CPU the float32 linear layers (the image path's in
+a float32 engine, the text encoder's always) run through oneDNN instead of the BLAS (cpu_linear.py). Images go
+through in channels_last on every device (cuDNN's and oneDNN's fastest convolutions; on a 2-core CPU the engine
+takes 13% / 25% less time than eager PyTorch at batch 1 / 4, benchmarks/results/export_cpu_2threads_512.md). Per
+image only the image encoder, the context decoder, the fused score/concat operator, the FPN and the head run; on
+CUDA every (batch, size) is captured once into a CUDA graph and replayed; the head's logits are resized to the input
+size after the replay, in float32, straight into the returned tensor. Slide mode evaluates all crops of a batch as
+one forward.
 
 Threads: every public method takes one lock, so a Segmenter may be shared by threads, which then take turns; for
 parallel inference give each thread (or GPU) its own Segmenter.
@@ -189,7 +190,7 @@ class Segmenter:
         check_int("stride", self.stride)
         window_sizes(self.crop, self.stride)  # a stride past the crop: refused now, not at the first slide call
         self.model = prepare_for_inference(model, self.device, self.dtype)
-        if self.device.type == "cpu" and self.dtype == torch.float32:  # the case measured (cpu_linear.py)
+        if self.device.type == "cpu":  # float32 layers through oneDNN (cpu_linear.py), the text encoder's always
             use_onednn_linears(self.model)
         self._text = self._embed(self.model.class_names)  # the buffer the graphs read; refreshed in place
         self._vocabularies: OrderedDict[tuple[str, ...], torch.Tensor] = OrderedDict()

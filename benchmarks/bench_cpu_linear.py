@@ -1,0 +1,140 @@
+"""The CPU engine's linear layers, oneDNN against the BLAS, in one process (a benchmark).
+
+    python benchmarks/bench_cpu_linear.py                       # RN50 and ViT-B/16 at 224, 3 repeats
+    python benchmarks/bench_cpu_linear.py --size 512 --repeats 5
+
+The CPU Segmenter computes its float32 linear layers with oneDNN (denseclip_fast/engine/cpu_linear.py). This times,
+per architecture, what a user waits for with each library: building a Segmenter (float32, 150 ADE20K classes: the
+copy, the BatchNorm folding and the text encoder for the vocabulary), ``set_classes`` with the 150 names reversed
+(the text encoder alone), and ``logits`` of one random image (the image path). "blas" is the same code with the
+oneDNN probe answering no (every layer takes F.linear, as before the rewrite); the two alternate call by call, so
+that the machine's drift reaches both alike. Random weights. Writes JSON and markdown (cpu_linear_<tag>.*).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import cast
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import denseclip_fast as dcf  # noqa: E402
+from benchmarks.common import Results, environment  # noqa: E402
+from benchmarks.official import randomize_  # noqa: E402
+from denseclip_fast.engine import cpu_linear  # noqa: E402
+
+PATHS = ("blas", "onednn")
+
+
+@contextlib.contextmanager
+def linear_path(name: str) -> Iterator[None]:
+    """Every linear layer through F.linear ("blas": the probe answers no, at construction and at each call) or
+    through oneDNN where the engine takes it ("onednn")."""
+    if name == "onednn":
+        yield
+        return
+    probe = cpu_linear.onednn_linear_usable
+    cpu_linear.onednn_linear_usable = lambda: False  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        cpu_linear.onednn_linear_usable = probe
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
+def build(arch: str, names: list[str]) -> dcf.DenseCLIP:
+    torch.manual_seed(0)
+    return randomize_(dcf.DenseCLIP.from_arch(arch, names)).eval()
+
+
+def run_arch(arch: str, size: int, repeats: int) -> list[dict]:
+    names = list(dcf.ADE20K_CLASSES[:150])
+    model = build(arch, names)
+    image = torch.randn(1, 3, size, size)
+    engines: dict[str, dcf.Segmenter] = {}
+    times: dict[tuple[str, str], list[float]] = {}
+    for i in range(repeats + 1):  # the first round warms up, untimed
+        for path in PATHS:
+            with linear_path(path):
+                build_ms = _timed(lambda: engines.__setitem__(path, dcf.Segmenter(model, device="cpu",
+                                                                                  dtype=torch.float32)))  # fmt: skip
+                seg = engines[path]
+                vocab_ms = _timed(lambda: seg.set_classes(names[::-1]))
+                image_ms = _timed(lambda: seg.logits(image))
+            if i:
+                for what, ms in (("Segmenter(...)", build_ms), ("set_classes(150)", vocab_ms), ("logits", image_ms)):
+                    times.setdefault((what, path), []).append(ms)
+    with linear_path("blas"):
+        reference = cast(torch.Tensor, engines["blas"].logits(image))  # a float batch in: one tensor out
+    error = float((cast(torch.Tensor, engines["onednn"].logits(image)) - reference).norm() / reference.norm())
+    rows = []
+    for (what, path), samples in times.items():
+        rows.append({"arch": arch, "size": size, "what": what, "path": path, "median_ms": statistics.median(samples),
+                     "min_ms": min(samples), "repeats": len(samples),
+                     "rel_error_vs_blas": error if what == "logits" and path == "onednn" else None})  # fmt: skip
+    return rows
+
+
+def table(env: dict, rows: list[dict]) -> str:
+    lines = [
+        f"# CPU engine: oneDNN vs BLAS linear layers ({env['date']})",
+        "",
+        f"CPU: {env['device']} ({env['threads']} threads); torch {env['torch']}; float32, 150 classes, random "
+        "weights, batch 1, square images. blas: every linear layer through F.linear (before the rewrite); onednn: "
+        "the engine as shipped. The two alternate call by call. Error: relative L2 of the onednn logits against "
+        "blas.",
+        "",
+        "| arch | size | call | blas median ms | onednn median ms | onednn / blas | blas min | onednn min | error |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    by_key = {(r["arch"], r["size"], r["what"], r["path"]): r for r in rows}
+    for arch, size, what in dict.fromkeys((r["arch"], r["size"], r["what"]) for r in rows):
+        blas, onednn = by_key.get((arch, size, what, "blas")), by_key.get((arch, size, what, "onednn"))
+        if blas is None or onednn is None:
+            continue
+        error = onednn["rel_error_vs_blas"]
+        lines.append(
+            f"| {arch} | {size} | {what} | {blas['median_ms']:.1f} | {onednn['median_ms']:.1f} | "
+            f"{onednn['median_ms'] / blas['median_ms']:.2f} | {blas['min_ms']:.1f} | {onednn['min_ms']:.1f} | "
+            f"{'' if error is None else f'{error:.1e}'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--archs", nargs="+", choices=dcf.config.ARCHS, default=["RN50", "ViT-B/16"])
+    parser.add_argument("--size", type=int, default=224, help="square image side (default 224)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds after one untimed (default 3)")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    parser.add_argument("--tag", help="file name tag (default: cpu_smoke)")
+    args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error(f"--repeats must be >= 1, got {args.repeats}")
+    if not cpu_linear.onednn_linear_usable():
+        print("oneDNN's linear operator is not usable in this PyTorch: the engine uses the BLAS; nothing to compare")
+        return 0
+    results = Results(args.out, "cpu_linear", args.tag, environment(torch.device("cpu")), {"args": vars(args)}, table)
+    for arch in args.archs:
+        for row in run_arch(arch, args.size, args.repeats):
+            results.add(row)
+        print(f"{arch}: done", flush=True)
+    print(results.render(results.env, results.rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
