@@ -6,9 +6,11 @@
 The CPU Segmenter computes its float32 linear layers with oneDNN (denseclip_fast/engine/cpu_linear.py). This times,
 per architecture, what a user waits for with each library: building a Segmenter (float32, 150 ADE20K classes: the
 copy, the BatchNorm folding and the text encoder for the vocabulary), ``set_classes`` with the 150 names reversed
-(the text encoder alone), and ``logits`` of one random image (the image path). "blas" is the same code with the
-oneDNN probe answering no (every layer takes F.linear, as before the rewrite); the two alternate call by call, so
-that the machine's drift reaches both alike. Random weights. Writes JSON and markdown (cpu_linear_<tag>.*).
+(the text encoder alone: the same one in RN50 and ViT-B/16, and in a bfloat16 engine, whose text encoder computes
+in float32), and ``logits`` of one random image (the image path). "blas" is the same code with the oneDNN probe
+answering no: every layer takes F.linear, as the engine did before commits 59e7a9a (image path) and 3667aec (text
+encoder). The two paths take turns, which one goes first alternating from round to round, so that the machine's
+drift reaches both alike. Random weights. Writes JSON and markdown (cpu_linear_<tag>.*).
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ def run_arch(arch: str, size: int, repeats: int) -> list[dict]:
     engines: dict[str, dcf.Segmenter] = {}
     times: dict[tuple[str, str], list[float]] = {}
     for i in range(repeats + 1):  # the first round warms up, untimed
-        for path in PATHS:
+        for path in PATHS if i % 2 else PATHS[::-1]:
             with linear_path(path):
                 build_ms = _timed(lambda: engines.__setitem__(path, dcf.Segmenter(model, device="cpu",
                                                                                   dtype=torch.float32)))  # fmt: skip
@@ -93,9 +95,10 @@ def table(env: dict, rows: list[dict]) -> str:
         f"# CPU engine: oneDNN vs BLAS linear layers ({env['date']})",
         "",
         f"CPU: {env['device']} ({env['threads']} threads); torch {env['torch']}; float32, 150 classes, random "
-        "weights, batch 1, square images. blas: every linear layer through F.linear (before the rewrite); onednn: "
-        "the engine as shipped. The two alternate call by call. Error: relative L2 of the onednn logits against "
-        "blas.",
+        "weights, batch 1, square images. blas: every linear layer through F.linear (the engine before commits "
+        "59e7a9a and 3667aec); onednn: the engine as shipped. The paths take turns, which goes first alternating by "
+        "round. set_classes runs the text encoder alone, the same in both architectures. Error: relative L2 of the "
+        "onednn logits against blas.",
         "",
         "| arch | size | call | blas median ms | onednn median ms | onednn / blas | blas min | onednn min | error |",
         "|---|---|---|---|---|---|---|---|---|",

@@ -195,6 +195,9 @@ def test_the_vocabulary_goes_through_onednn_in_every_dtype(model):
         assert "mkldnn::_linear_pointwise" in _ops_run(lambda seg=seg: seg.set_classes(NAMES[::-1]))
         per_image = _ops_run(lambda seg=seg: seg.logits(torch.randn(1, 3, 64, 64)))
         assert ("mkldnn::_linear_pointwise" in per_image) is (dtype == torch.float32)
+        text = set(seg.model.text_encoder.modules())
+        image_layers = [m for m in seg.model.modules() if m not in text and isinstance(m, (nn.Linear, OneDNNLinear))]
+        assert image_layers and all(isinstance(m, OneDNNLinear) is (dtype == torch.float32) for m in image_layers)
         plain = prepare_for_inference(model, torch.device("cpu"), torch.float32)
         with torch.no_grad():
             expected = plain.text_features(NAMES[::-1])

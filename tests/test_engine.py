@@ -56,7 +56,8 @@ def test_a_half_precision_model_gets_float32_class_embeddings(model):
     """The engine works in float32 before it casts, whatever the model's dtype: from a bfloat16 model the text
     encoder and contexts stayed bfloat16 (0.65% off the embeddings, 0.1% off the logits of a float32 engine) and
     BatchNorm was folded into bfloat16 weights (rounded twice). The embeddings now equal a float32 model's with the
-    same (bfloat16-rounded) weights, and so do a float32 engine's logits; the image path runs in the engine's dtype."""
+    same (bfloat16-rounded) weights and its linear layers through oneDNN as the CPU engine's (the same sums), a
+    float32 engine's logits are close to the float32 model's; the image path runs in the engine's dtype."""
     half = copy.deepcopy(model).bfloat16()
     rounded = copy.deepcopy(half).float()
     same_math = copy.deepcopy(rounded)  # its linear layers through oneDNN, as the CPU engine's: the same sums

@@ -206,8 +206,8 @@ def test_conv_seg_keeps_pytorchs_default_initialisation(tiny):
 @pytest.mark.parametrize("size", [(8, 12), (7, 10)])
 def test_semantic_fpn_head_resizes_only_what_needs_it(size):
     """mmseg resizes every scale head's output to the stride-4 size; the head skips the resize where the sizes
-    already agree (the identity) and gives bit for bit the sums of resizing all of them, also where they differ
-    (stride-4 sides not divisible by 8)."""
+    already agree (the identity) and gives bit for bit the sums of resizing all of them for finite maps, also where
+    they differ (stride-4 sides not divisible by 8)."""
     import torch.nn.functional as F
 
     from denseclip_fast.model.heads import SemanticFPNHead

@@ -7,9 +7,10 @@ measured on an Intel CPU, where MKL is at its best). The ViT-B/16 image encoder 
 an AMD EPYC (AVX-512) the engine's ViT-B/16 forward at 512x512 went from 1662 to 1222 ms, eager PyTorch 1638 / 1652
 ms in the same runs (benchmarks/results/export_cpu_2threads_512_b1_before_59e7a9a.md, export_cpu_2threads_512_b1.md);
 RN50, whose linear layers are few, stayed within that shared machine's noise. The text encoder (run for each
-vocabulary) is such GEMMs too: benchmarks/bench_cpu_linear.py times both libraries in one process
-(results/cpu_linear_cpu_2threads_512.md: set_classes with 150 names in 0.52x / 0.70x the time for ViT-B/16 / RN50).
-Same float32 arithmetic, another summation order (about 1e-6 relative).
+vocabulary) is such GEMMs too: benchmarks/bench_cpu_linear.py times both libraries in one process, taking turns
+(results/cpu_linear_cpu_2threads_512.md and cpu_linear_cpu_smoke.md: set_classes with 150 names in 0.59-0.71x the
+time, ViT-B/16 logits in 0.66-0.71x, RN50 logits in 0.91-0.96x). Same float32 arithmetic, another summation order
+(about 1e-6 relative).
 
 The operator is private to PyTorch: it is probed once (present, and equal to F.linear on a small case). A PyTorch
 without it, a tensor that is not a plain CPU float32 tensor, a bias F.linear would broadcast, a call that needs
@@ -109,20 +110,21 @@ class OneDNNLinear(nn.Module):
 
 
 def use_onednn_linears(model: DenseCLIP) -> int:
-    """Compute the linear layers of ``model`` with oneDNN, in place: each ``nn.Linear`` becomes a
-    :class:`OneDNNLinear` over the same parameters and each self-attention's in-projection calls
-    :func:`onednn_linear` (the image path, and the text encoder, which computes in float32 whatever the engine's
-    dtype; layers of another dtype keep taking F.linear). Returns how many were rewritten (a second call: none); 0
-    when oneDNN's operator is not usable here (the model is then left as it was)."""
+    """Compute the float32 linear layers of ``model`` with oneDNN, in place: each float32 ``nn.Linear`` becomes a
+    :class:`OneDNNLinear` over the same parameters and each float32 self-attention's in-projection calls
+    :func:`onednn_linear` (in a float32 engine every layer; in a bfloat16 one the text encoder's, which computes in
+    float32). Returns how many were rewritten (a second call: none); 0 when oneDNN's operator is not usable here (the
+    model is then left as it was)."""
     if not onednn_linear_usable():
         return 0
     rewritten = 0
     for module in list(model.modules()):
         if isinstance(module, MultiheadSelfAttention) and module.linear is not onednn_linear:
-            module.linear = onednn_linear
-            rewritten += 1
+            if module.in_proj_weight.dtype == torch.float32:
+                module.linear = onednn_linear
+                rewritten += 1
         for name, child in list(module.named_children()):
-            if type(child) is nn.Linear:
+            if type(child) is nn.Linear and child.weight.dtype == torch.float32:
                 setattr(module, name, OneDNNLinear(child))
                 rewritten += 1
     return rewritten

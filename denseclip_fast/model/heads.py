@@ -110,7 +110,8 @@ class SemanticFPNHead(nn.Module):
             y = head(x)
             # mmseg resizes every scale head's output to the stride-4 size; when it has that size already (sides
             # divisible by 32) the bilinear resize is the identity (weights 1 and 0), so it is skipped: the same
-            # sums without a copy of the map per level
+            # sums for finite maps without a copy of the map per level (ATen's CPU resize turned an inf into NaN,
+            # its CUDA resize copies)
             if y.shape[2:] != out.shape[2:]:
                 y = F.interpolate(y, size=out.shape[2:], mode="bilinear", align_corners=False)
             out = out + y
