@@ -194,6 +194,7 @@ def _write_whole(path: str, write: Callable[[str], object], what: str) -> None:
 def cmd_segment(args: argparse.Namespace) -> int:
     from concurrent.futures import Future, ThreadPoolExecutor
 
+    from PIL import Image
     from tqdm import tqdm
 
     from . import Segmenter, load_checkpoint
@@ -229,27 +230,43 @@ def cmd_segment(args: argparse.Namespace) -> int:
     os.makedirs(args.out, exist_ok=True)
     # Decoding the next images and encoding the PNGs of the previous ones (Pillow and NumPy release the GIL) run in
     # worker threads while the engine segments the current one; at most `workers` of each are in flight.
-    pool = ThreadPoolExecutor(max_workers=workers)
-    loads = deque(pool.submit(load_image, path) for path in files[:workers])
-    writes: deque[Future[None]] = deque()
-    try:
-        for i, stem in enumerate(tqdm(stems, desc="segment", unit="img", disable=len(files) < 2)):
-            image = loads.popleft().result()
-            if i + workers < len(files):
-                loads.append(pool.submit(load_image, files[i + workers]))
-            check_test_image_size(image.shape[:2], model.config.test_scale, files[i])  # named by its file
-            labels = seg.predict(image, names)[0].cpu().numpy()  # names None: the trained head's classes
-            writes.append(pool.submit(_write_results, args.out, stem, image, labels, palette, k > 256))
-            if len(writes) > workers:
+    with warnings.catch_warnings():
+        # Pillow's warning for an image past PIL.Image.MAX_IMAGE_PIXELS does not name the file (nor could a filter
+        # of the worker threads' warnings tell which): _warn_if_huge says it, naming it
+        warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+        pool = ThreadPoolExecutor(max_workers=workers)
+        loads = deque(pool.submit(load_image, path) for path in files[:workers])
+        writes: deque[Future[None]] = deque()
+        try:
+            for i, stem in enumerate(tqdm(stems, desc="segment", unit="img", disable=len(files) < 2)):
+                image = loads.popleft().result()
+                if i + workers < len(files):
+                    loads.append(pool.submit(load_image, files[i + workers]))
+                _warn_if_huge(files[i], image.shape[:2])
+                check_test_image_size(image.shape[:2], model.config.test_scale, files[i])  # named by its file
+                labels = seg.predict(image, names)[0].cpu().numpy()  # names None: the trained head's classes
+                writes.append(pool.submit(_write_results, args.out, stem, image, labels, palette, k > 256))
+                if len(writes) > workers:
+                    writes.popleft().result()
+            while writes:
                 writes.popleft().result()
-        while writes:
-            writes.popleft().result()
-    finally:  # after an error too, every image segmented so far is saved; the images read ahead are dropped
-        for load in loads:
-            load.cancel()
-        pool.shutdown(wait=True)
+        finally:  # after an error too, every image segmented so far is saved; the images read ahead are dropped
+            for load in loads:
+                load.cancel()
+            pool.shutdown(wait=True)
     print(f"wrote {2 * len(files)} files to {args.out}")
     return 0
+
+
+def _warn_if_huge(path: str, size: tuple[int, int]) -> None:
+    """Pillow's decompression-bomb warning (an image past PIL.Image.MAX_IMAGE_PIXELS, up to twice which Pillow reads
+    it), naming the file."""
+    from PIL import Image
+
+    pixels, limit = size[0] * size[1], Image.MAX_IMAGE_PIXELS
+    if limit is not None and pixels > limit:
+        warnings.warn(f"{path}: {pixels} pixels, more than PIL.Image.MAX_IMAGE_PIXELS ({limit}): segmented as a "
+                      "trusted image (Pillow refuses past twice the limit)", stacklevel=2)  # fmt: skip
 
 
 def _parse_size(text: str) -> tuple[int, int]:

@@ -122,6 +122,27 @@ def test_segment_names_an_unreadable_image(checkpoint, images, tmp_path, capsys)
     assert (tmp_path / "out" / "1_overlay.png").exists()  # the images before it were written
 
 
+def test_segment_names_an_image_past_pillows_pixel_limit(checkpoint, images, tmp_path, monkeypatch):
+    """An image past PIL.Image.MAX_IMAGE_PIXELS (up to twice which Pillow reads it) is segmented with one warning
+    naming it, not Pillow's, which names no file; the warnings filter is as it was afterwards."""
+    import warnings
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 48 * 64 - 1)  # a.png (48x64) is past it, b.jpg (37x51) not
+    args = ["segment", "--checkpoint", str(checkpoint), "--mode", "whole", "--io-threads", "2", "--out",
+            str(tmp_path / "out"), *map(str, images)]  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        filters = list(warnings.filters)
+        assert main(args) == 0
+        assert warnings.filters == filters
+    said = [str(w.message) for w in caught]
+    assert [m for m in said if "pixels" in m] == [
+        f"{images[0]}: 3072 pixels, more than PIL.Image.MAX_IMAGE_PIXELS (3071): segmented as a trusted image "
+        "(Pillow refuses past twice the limit)"
+    ]
+    assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
+
+
 def test_segment_with_classes(checkpoint, images, tmp_path, capsys):
     out = tmp_path / "out"
     args = ["segment", "--checkpoint", str(checkpoint), "--out", str(out), str(images[0])]
