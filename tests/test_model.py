@@ -228,6 +228,36 @@ def test_semantic_fpn_head_resizes_only_what_needs_it(size):
         assert head(levels).shape == (2, 3, h, w)
 
 
+@pytest.mark.parametrize("inplanes, stride", [(16, 1), (8, 1), (8, 2)])  # shortcut: the input, or downsampled
+def test_bottleneck_adds_its_shortcut_in_place_with_the_same_results(inplanes, stride):
+    """The residual sum is made in place (no block-sized tensor more per block); outputs and every gradient are
+    bit for bit those of the out-of-place sum, in training mode (BatchNorm on batch statistics)."""
+    import copy
+
+    from denseclip_fast.model.resnet import Bottleneck
+
+    torch.manual_seed(0)
+    block = Bottleneck(inplanes, 4, stride).train()
+    twin = copy.deepcopy(block)
+    x = torch.randn(2, inplanes, 6, 10, requires_grad=True)
+    x_twin = x.detach().clone().requires_grad_(True)
+
+    def out_of_place(m: Bottleneck, t: torch.Tensor) -> torch.Tensor:
+        out = m.relu(m.bn1(m.conv1(t)))
+        out = m.relu(m.bn2(m.conv2(out)))
+        out = m.bn3(m.conv3(m.avgpool(out)))
+        return torch.relu(out + (t if m.downsample is None else m.downsample(t)))
+
+    y, y_twin = block(x), out_of_place(twin, x_twin)
+    assert torch.equal(y, y_twin)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_twin.backward(g)
+    assert torch.equal(x.grad, x_twin.grad)
+    for (name, p), p_twin in zip(block.named_parameters(), twin.parameters()):
+        assert torch.equal(p.grad, p_twin.grad), name
+
+
 def test_score_concat_level_of_another_dtype():
     """Under CUDA autocast ViT's score level (fpn3, a GroupNorm, which CUDA autocast runs in float32) is float32
     while the local embedding map is bfloat16: the model casts the level to the map's dtype for the fused operator

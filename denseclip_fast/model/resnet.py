@@ -53,7 +53,12 @@ class Bottleneck(nn.Module):
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(self.avgpool(out)))
         identity = x if self.downsample is None else self.downsample(x)
-        return self.relu(out + identity)
+        if out.dtype != identity.dtype:  # the sum in the promoted dtype (under autocast, say), as out + identity
+            return self.relu(out + identity)
+        # in place, as torchvision's Bottleneck: no new block-sized tensor per block (the conv and BatchNorm before
+        # keep their inputs for backward, not their outputs)
+        out += identity
+        return self.relu(out)
 
 
 def resize_positional_grid(pos: torch.Tensor, grid: int, size: tuple[int, int]) -> torch.Tensor:
