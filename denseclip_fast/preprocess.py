@@ -128,9 +128,12 @@ def image_files(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
     for path in (os.fspath(p) for p in paths):
         if os.path.isdir(path):
             named = sorted(os.path.join(path, n) for n in os.listdir(path) if n.lower().endswith(IMAGE_EXTENSIONS))
+            found = []
             for entry in named:
-                _refuse_broken_link(entry)
-            found = [entry for entry in named if os.path.isfile(entry)]
+                if os.path.isfile(entry):
+                    found.append(entry)
+                else:  # only what is not a readable file can be a broken link: one lookup per image, not three
+                    _refuse_broken_link(entry)
             if not found:
                 raise ValueError(f"{path}: a directory without image files ({', '.join(IMAGE_EXTENSIONS)})")
             files.extend(found)
