@@ -297,14 +297,12 @@ def _verify_onnx(path: str, model: object, graph: str) -> float:
     import onnxruntime as ort
     import torch
 
-    from .export import read_metadata
+    from .export import graph_file, read_metadata
     from .model.text import tokenize_class_names
 
     meta = read_metadata(path)
     dtype = getattr(torch, meta["dtype"])
-    # by its target's path: ONNX Runtime looks for a graph's weights file beside the path given, and save_onnx puts
-    # it beside the graph a symlink points to
-    session = ort.InferenceSession(os.path.realpath(path), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(graph_file(path), providers=["CPUExecutionProvider"])
     with torch.no_grad():
         if graph == "text":
             names = model.class_names  # type: ignore[attr-defined]

@@ -18,8 +18,8 @@ ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 from denseclip_fast import ADE20K_CLASSES, DenseCLIP  # noqa: E402
+from denseclip_fast.export import graph_file, read_metadata, supported_operators, tensorrt_problems, to_onnx  # noqa: E402
 from denseclip_fast.export import onnx as onnx_export  # noqa: E402
-from denseclip_fast.export import read_metadata, supported_operators, tensorrt_problems, to_onnx  # noqa: E402
 from denseclip_fast.export.onnx import save_onnx  # noqa: E402
 from denseclip_fast.export.tensorrt import TensorRTUnavailable, build_tensorrt_engine  # noqa: E402
 from denseclip_fast.model.text import tokenize_class_names  # noqa: E402
@@ -369,6 +369,10 @@ def test_a_symlinked_graph_has_its_weights_beside_its_target(tmp_path, monkeypat
             save_onnx(_weighted(4.0), link)
     assert failure.value.filename == str(link)  # the path as given
     assert files("links") == ["current.onnx"] and len(files("models")) == 2 and _weight_read(target) == 3.0
+    with pytest.raises(Exception, match=r"\.data"):  # by the link's path the weights file is looked for in links/
+        _weight_read(link)
+    assert graph_file(link) == str(target) and _weight_read(graph_file(link)) == 3.0
+    assert graph_file(target) == str(target)
 
 
 def test_files_that_are_not_onnx_models_are_named(tmp_path):

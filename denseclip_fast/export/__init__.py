@@ -1,6 +1,7 @@
 """Deployment: ONNX (for TensorRT and ONNX Runtime), TensorRT engines, AOTInductor packages.
 
     to_onnx(model, path, graph="image" | "image_with_text" | "text", image_size=None, dtype=torch.float32)
+    graph_file(onnx_path)                              the path to open a graph by (a symlink's target, weights beside)
     tensorrt_problems(onnx_path)                       [] when every node is in TensorRT's ONNX operator list
     build_tensorrt_engine(onnx_path, engine_path, fp16=True, batch=(1, 1, 16))    needs the tensorrt package
     to_aoti(model_or_segmenter, path, image_size=None)  a .pt2 package; load_aoti(path) runs it from Python
@@ -11,7 +12,7 @@ when used.
 
 from .aoti import AOTIPackage, load_aoti, to_aoti
 from .graphs import GRAPHS
-from .onnx import read_metadata, to_onnx
+from .onnx import graph_file, read_metadata, to_onnx
 from .tensorrt import TensorRTUnavailable, build_tensorrt_engine, supported_operators, tensorrt_problems
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "AOTIPackage",
     "TensorRTUnavailable",
     "build_tensorrt_engine",
+    "graph_file",
     "load_aoti",
     "read_metadata",
     "supported_operators",

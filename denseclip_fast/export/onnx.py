@@ -207,6 +207,13 @@ def _location(tensor: Any) -> str | None:
     return next((entry.value for entry in tensor.external_data if entry.key == "location"), None)
 
 
+def graph_file(path: str | os.PathLike[str]) -> str:
+    """The path to open the ONNX graph at ``path`` by, with its weights: its target's, where ``path`` is a symbolic
+    link. ONNX Runtime, TensorRT's parser and ``onnx.load`` look for a graph's external weights file beside the path
+    they are given, and ``to_onnx`` through a symlink writes the graph and its weights file where the link points."""
+    return os.path.realpath(path)
+
+
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
     """The ``denseclip_fast.*`` metadata of an exported ONNX file (without the prefix)."""
     model = load_onnx(path)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .graphs import output_path, write_file
-from .onnx import load_onnx, read_metadata
+from .onnx import graph_file, load_onnx, read_metadata
 
 TABLE = Path(__file__).with_name("tensorrt_onnx_ops.json")
 
@@ -209,9 +209,7 @@ def build_tensorrt_engine(
         flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
-    # by its target's path: a graph's weights file is looked for beside the path given (save_onnx puts it beside
-    # the graph a symlink points to)
-    if not parser.parse_from_file(os.path.realpath(onnx_path)):
+    if not parser.parse_from_file(graph_file(onnx_path)):
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
         raise ValueError(f"TensorRT's ONNX parser rejected {onnx_path}: " + "; ".join(errors))
     config = builder.create_builder_config()
