@@ -9,11 +9,17 @@
 Deployment: ``denseclip_fast.export`` (ONNX, TensorRT, AOTInductor). Training: ``denseclip_fast.train``.
 """
 
-from .checkpoints import CheckpointError, load_checkpoint
-from .class_names import ADE20K_CLASSES
-from .config import DenseCLIPConfig, preset
-from .engine import Segmenter
-from .model import DenseCLIP
+import torch
+
+from .requirements import check_torch_version
+
+check_torch_version(torch.__version__)  # before the modules that need a newer torch fail less clearly
+
+from .checkpoints import CheckpointError, load_checkpoint  # noqa: E402
+from .class_names import ADE20K_CLASSES  # noqa: E402
+from .config import DenseCLIPConfig, preset  # noqa: E402
+from .engine import Segmenter  # noqa: E402
+from .model import DenseCLIP  # noqa: E402
 
 __version__ = "0.1.0"
 

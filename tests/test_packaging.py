@@ -4,12 +4,16 @@ package with its data files."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import tarfile
+import tomllib
 from pathlib import Path
 
 import pytest
+
+from denseclip_fast.requirements import MIN_TORCH, check_torch_version
 
 from .conftest import ROOT
 
@@ -43,3 +47,34 @@ def test_sdist_holds_every_build_input(tmp_path):
     assert any(name.endswith(".h") for name in needed) and "denseclip_fast/configs/RN50.json" in needed
     missing = sorted(needed - names)
     assert not missing, f"the sdist lacks {missing}"
+
+
+@pytest.mark.parametrize("version", ["2.11.0", "2.11.0+cu130", "2.11.0a0+git1234abc", "2.12.0.dev20260101+cpu",
+                                     "2.14.1+cu130", "3.0.0", "custom-build"])  # fmt: skip
+def test_torch_releases_from_the_floor_on_are_accepted(version):
+    check_torch_version(version)
+
+
+@pytest.mark.parametrize("version", ["2.10.1+cu128", "2.9.1", "2.4.1+cu121", "1.13.1"])
+def test_older_torch_is_refused_at_import_naming_both_versions(version):
+    floor = re.escape(".".join(map(str, MIN_TORCH)))
+    expected = rf"needs torch >= {floor}, and this environment has torch {re.escape(version)}: upgrade it"
+    with pytest.raises(ImportError, match=expected + rf" \(pip install 'torch>={floor}'"):
+        check_torch_version(version)
+
+
+def test_the_import_check_runs_before_anything_else_is_imported():
+    """A fresh interpreter whose torch reports 2.10: importing the package fails with the version message, not with
+    whatever a newer-torch feature raises further in."""
+    code = ("import torch; torch.__version__ = '2.10.0'\n"
+            "try:\n    import denseclip_fast\nexcept ImportError as exc:\n    print(exc)\n")  # fmt: skip
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert "needs torch >= " in result.stdout and "has torch 2.10.0" in result.stdout, result
+
+
+def test_pyproject_asks_pip_for_the_torch_the_import_check_accepts():
+    with open(Path(ROOT) / "pyproject.toml", "rb") as f:
+        project = tomllib.load(f)
+    floor = ".".join(map(str, MIN_TORCH))
+    assert f"torch>={floor}" in project["project"]["dependencies"]
+    assert f"torch>={floor}" in project["build-system"]["requires"]

@@ -1,0 +1,30 @@
+"""The oldest PyTorch this package runs on, checked when it is imported.
+
+pyproject.toml asks pip for the same release (a test keeps the two equal), but a torch installed around pip (``pip
+install --no-deps``, a conda environment, a source build) reaches the import anyway, and older releases fail far from
+the cause: torch 2.4 cannot read checkpoints safely (no ``torch.serialization.safe_globals``) and has no
+``torch.library.triton_op``; with torch 2.6 the CPU engine and training run, but ONNX export fails on the dynamic
+batch, ``aoti_load_package`` has no ``device_index`` and its Triton (3.2) does not compile a score kernel; torch
+2.9's ONNX exporter cannot export a ViT with a dynamic batch. 2.11 is the oldest release the whole test suite passes
+with (the GPU test machine's, ``make test-gpu-torch``). Measured on 2026-12-01 with the CPU test suite.
+"""
+
+from __future__ import annotations
+
+import re
+
+MIN_TORCH = (2, 11)
+
+
+def check_torch_version(version: str) -> None:
+    """ImportError naming ``version`` (``torch.__version__``) and the oldest release accepted when it is older.
+    Pre-releases and local builds of an accepted release pass ("2.11.0a0+git...", "2.12.0.dev20260101+cpu")."""
+    found = re.match(r"(\d+)\.(\d+)", version)
+    if found is None:  # not a release number: a custom build; nothing to compare
+        return
+    if (int(found[1]), int(found[2])) < MIN_TORCH:
+        floor = ".".join(map(str, MIN_TORCH))
+        raise ImportError(
+            f"denseclip_fast needs torch >= {floor}, and this environment has torch {version}: upgrade it "
+            f"(pip install 'torch>={floor}', with the torchvision built for it)"
+        )
