@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from .checkpoints import CheckpointError, ClassCountError
 from .checkpoints.io import written_atomically
+from .export.onnx import ONNXExportUnavailable
 from .export.tensorrt import TensorRTUnavailable
 from .ops.backends import BackendUnavailable
 
@@ -390,6 +391,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     max_batch = DEFAULT_MAX_BATCH if args.max_batch is None else args.max_batch
     opset = DEFAULT_OPSET if args.opset is None else args.opset
     names = _parse_classes(args.classes) if args.classes is not None else None
+    if args.format != "aoti":
+        export.onnx.check_onnx_export()  # before any work
     if args.format == "tensorrt":
         export.tensorrt._tensorrt()  # say so before any work when TensorRT is missing
         batch = DEFAULT_BATCH if args.trt_batch is None else _parse_batch(args.trt_batch)
@@ -644,7 +647,8 @@ def main(argv: Sequence[str] | None = None, die_by_signal: bool = False) -> int:
     interrupted: int | None = None  # the signal
     try:
         return args.func(args)
-    except (CheckpointError, ValueError, TensorRTUnavailable, FloatingPointError, BackendUnavailable) as exc:
+    except (CheckpointError, ValueError, TensorRTUnavailable, ONNXExportUnavailable, FloatingPointError,
+            BackendUnavailable) as exc:  # fmt: skip
         message = str(exc)
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (a scheduler's): one line, not a traceback
         interrupted = signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT

@@ -243,6 +243,31 @@ def test_export_errors_are_one_line(checkpoint, tmp_path, capsys):
     assert "--image-size must be N or HxW" in capsys.readouterr().err
 
 
+def test_export_without_a_usable_onnxscript_says_what_to_install_before_loading(checkpoint, tmp_path, capsys,
+                                                                                 monkeypatch):
+    """onnxscript missing or older than 0.7 (whose passes fail inside torch.onnx): one line for the ONNX-based
+    formats, before the checkpoint is loaded; --format aoti does not need it."""
+    import denseclip_fast
+    from denseclip_fast.export import onnx as onnx_export
+
+    def no_load(path, *args, **kwargs):
+        raise AssertionError("the checkpoint was loaded before onnxscript was checked")
+
+    monkeypatch.setattr(denseclip_fast, "load_checkpoint", no_load)
+    for installed, says in (("0.6.2", "and this environment has 0.6.2"), (None, "needs onnxscript, not installed")):
+        monkeypatch.setattr(onnx_export, "_installed", lambda name, v=installed: v if name == "onnxscript" else "1.23")
+        for fmt, out in (("onnx", "m.onnx"), ("tensorrt", "m.engine")):
+            args = ["export", "--checkpoint", str(checkpoint), "--format", fmt, "--out", str(tmp_path / out)]
+            assert main(args) == 2
+            err = capsys.readouterr().err
+            assert err.startswith("denseclip-fast: error: ONNX export needs onnxscript") and says in err, err
+            assert "pip install 'denseclip_fast[export]'" in err and err.count("\n") == 1
+    args = ["export", "--checkpoint", str(checkpoint), "--format", "aoti", "--out", str(tmp_path / "m.pt2")]
+    with pytest.raises(AssertionError, match="the checkpoint was loaded"):  # past the check: aoti needs no onnx
+        main(args)
+    assert os.listdir(tmp_path) == []
+
+
 def test_option_combinations_are_refused_naming_the_options_before_any_work(checkpoint, images, tmp_path, capsys,
                                                                            monkeypatch):
     """Options that cannot go together are said in the options' words before the checkpoint is loaded: float16

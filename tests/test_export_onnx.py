@@ -6,6 +6,7 @@ import errno
 import io
 import json
 import os
+import re
 import sys
 from unittest import mock
 
@@ -18,7 +19,15 @@ ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 from denseclip_fast import ADE20K_CLASSES, DenseCLIP  # noqa: E402
-from denseclip_fast.export import graph_file, read_metadata, supported_operators, tensorrt_problems, to_onnx  # noqa: E402
+from denseclip_fast.export import (  # noqa: E402
+    ONNXExportUnavailable,
+    check_onnx_export,
+    graph_file,
+    read_metadata,
+    supported_operators,
+    tensorrt_problems,
+    to_onnx,
+)
 from denseclip_fast.export import onnx as onnx_export  # noqa: E402
 from denseclip_fast.export.onnx import save_onnx  # noqa: E402
 from denseclip_fast.export.tensorrt import TensorRTUnavailable, build_tensorrt_engine  # noqa: E402
@@ -373,6 +382,26 @@ def test_a_symlinked_graph_has_its_weights_beside_its_target(tmp_path, monkeypat
         _weight_read(link)
     assert graph_file(link) == str(target) and _weight_read(graph_file(link)) == 3.0
     assert graph_file(target) == str(target)
+
+
+@pytest.mark.parametrize("versions", [{"onnx": "1.17.0", "onnxscript": "0.7.0"}, {"onnx": "1.23.1", "onnxscript":
+                                      "0.10.1"}, {"onnx": "1.23.1", "onnxscript": "1.0.0.dev0"}])  # fmt: skip
+def test_onnxscript_from_0_7_exports(versions):
+    check_onnx_export(versions)
+
+
+@pytest.mark.parametrize("versions, says", [
+    ({"onnx": "1.23.1", "onnxscript": "0.6.2"}, "needs onnxscript >= 0.7, and this environment has 0.6.2: pip"),
+    ({"onnx": "1.23.1", "onnxscript": None}, "needs onnxscript, not installed here: pip"),
+    ({"onnx": None, "onnxscript": None}, "needs onnx and onnxscript, not installed here: pip"),
+])  # fmt: skip
+def test_a_missing_or_old_onnxscript_is_named_with_what_to_install(versions, says, monkeypatch, tmp_path):
+    with pytest.raises(ONNXExportUnavailable, match=re.escape(says)):
+        check_onnx_export(versions)
+    monkeypatch.setattr(onnx_export, "_installed", lambda name: versions[name])
+    with pytest.raises(ImportError, match=re.escape(says)):  # to_onnx checks before any work
+        to_onnx(DenseCLIP(tiny_config(), NAMES), tmp_path / "m.onnx")
+    assert os.listdir(tmp_path) == []
 
 
 def test_files_that_are_not_onnx_models_are_named(tmp_path):

@@ -12,14 +12,16 @@ when used.
 
 from .aoti import AOTIPackage, load_aoti, to_aoti
 from .graphs import GRAPHS
-from .onnx import graph_file, read_metadata, to_onnx
+from .onnx import ONNXExportUnavailable, check_onnx_export, graph_file, read_metadata, to_onnx
 from .tensorrt import TensorRTUnavailable, build_tensorrt_engine, supported_operators, tensorrt_problems
 
 __all__ = [
     "GRAPHS",
     "AOTIPackage",
+    "ONNXExportUnavailable",
     "TensorRTUnavailable",
     "build_tensorrt_engine",
+    "check_onnx_export",
     "graph_file",
     "load_aoti",
     "read_metadata",

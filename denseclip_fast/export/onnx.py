@@ -14,9 +14,11 @@ TensorRT's supported-operator list (:mod:`.tensorrt`) as it is written.
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import io
 import json
 import os
+import re
 import uuid
 import warnings
 from collections.abc import Iterator, Sequence
@@ -43,6 +45,37 @@ NAMES = {
 # holds 2 GiB at most, the graph included). The released architectures are far below it (ViT-B/16: about 0.5 GB in
 # float32); a custom configuration may not be.
 EXTERNAL_DATA_THRESHOLD = 1536 * 2**20
+
+
+MIN_ONNXSCRIPT = (0, 7)  # pyproject.toml's export extra: 0.6.0 failed the export tests, 0.7.0 passed them
+
+
+class ONNXExportUnavailable(ImportError):
+    """onnx or onnxscript is missing, or onnxscript is older than MIN_ONNXSCRIPT."""
+
+
+def check_onnx_export(versions: dict[str, str | None] | None = None) -> None:
+    """ONNXExportUnavailable naming what is missing or too old, and what to install, where torch.onnx cannot export
+    (an older onnxscript fails inside it with its own pass errors, a missing one with a bare ModuleNotFoundError).
+    ``versions``: {"onnx": ..., "onnxscript": ...} as installed (None: not installed); default: this environment's."""
+    if versions is None:
+        versions = {name: _installed(name) for name in ("onnx", "onnxscript")}
+    floor = ".".join(map(str, MIN_ONNXSCRIPT))
+    hint = f"pip install 'denseclip_fast[export]' (onnx, onnxscript >= {floor}, onnxruntime)"
+    missing = [name for name, version in versions.items() if version is None]
+    if missing:
+        raise ONNXExportUnavailable(f"ONNX export needs {' and '.join(missing)}, not installed here: {hint}")
+    found = re.match(r"(\d+)\.(\d+)", versions["onnxscript"] or "")
+    if found is not None and (int(found[1]), int(found[2])) < MIN_ONNXSCRIPT:
+        raise ONNXExportUnavailable(f"ONNX export needs onnxscript >= {floor}, and this environment has "
+                                    f"{versions['onnxscript']}: {hint}")  # fmt: skip
+
+
+def _installed(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def to_onnx(
@@ -76,6 +109,7 @@ def to_onnx(
         )
     if opset not in OPSETS:
         raise ValueError(f"opset must be in {OPSETS.start}..{OPSETS.stop - 1}, got {opset!r}")
+    check_onnx_export()
     path = output_path(path)
     device = torch.device("cpu")
     module, prepared = build_graph(model, graph, dtype, device)
