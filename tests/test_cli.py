@@ -160,12 +160,13 @@ def test_segment_with_classes(checkpoint, images, tmp_path, capsys):
         err = capsys.readouterr().err
         assert err == ("denseclip-fast: error: --classes: class name 'a very long name indeed' has 5 BPE tokens; at "
                        "most 3 fit (context length 5 includes SOT and EOT)\n")  # fmt: skip
-    export = ["export", "--checkpoint", str(checkpoint), "--format", "onnx", "--out", str(tmp_path / "m.onnx")]
+    # (aoti: an ONNX format would stop earlier where onnxscript is not installed)
+    export = ["export", "--checkpoint", str(checkpoint), "--format", "aoti", "--out", str(tmp_path / "m.pt2")]
     assert main([*export, "--classes", "sky,road"]) == 2
     err = capsys.readouterr().err  # says what to do on the command line, not in Python
     assert err.startswith("denseclip-fast: error: --classes needs exactly 4 names (the checkpoint's head has 4 outputs)"
                           ", got 2") and "open_vocab_scores" not in err, err  # fmt: skip
-    assert not (tmp_path / "m.onnx").exists()
+    assert not (tmp_path / "m.pt2").exists()
 
 
 def test_user_errors_are_one_line(tmp_path, capsys):
@@ -249,11 +250,13 @@ def test_export_without_a_usable_onnxscript_says_what_to_install_before_loading(
     formats, before the checkpoint is loaded; --format aoti does not need it."""
     import denseclip_fast
     from denseclip_fast.export import onnx as onnx_export
+    from denseclip_fast.export import tensorrt as tensorrt_export
 
     def no_load(path, *args, **kwargs):
         raise AssertionError("the checkpoint was loaded before onnxscript was checked")
 
     monkeypatch.setattr(denseclip_fast, "load_checkpoint", no_load)
+    monkeypatch.setattr(tensorrt_export, "_tensorrt", lambda: None)  # as if installed: its own check comes first
     for installed, says in (("0.6.2", "and this environment has 0.6.2"), (None, "needs onnxscript, not installed")):
         monkeypatch.setattr(onnx_export, "_installed", lambda name, v=installed: v if name == "onnxscript" else "1.23")
         for fmt, out in (("onnx", "m.onnx"), ("tensorrt", "m.engine")):
