@@ -399,7 +399,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                              "written next to it with the .onnx suffix")  # fmt: skip
         check_writable_file(os.path.splitext(args.out)[0] + ".onnx", "--out's ONNX graph", create_parents=True)
     if args.format != "aoti":
-        export.onnx.check_onnx_export()  # before any work (after TensorRT's, the larger install)
+        export.onnx.check_onnx_export(runtime=args.verify)  # before any work (after TensorRT's, the larger install)
     model = load_checkpoint(args.checkpoint)
     if names is not None:
         model.set_classes(_classes_for(model, names, "the exported graphs keep the trained head (segment "

@@ -265,6 +265,12 @@ def test_export_without_a_usable_onnxscript_says_what_to_install_before_loading(
             err = capsys.readouterr().err
             assert err.startswith("denseclip-fast: error: ONNX export needs onnxscript") and says in err, err
             assert "pip install 'denseclip_fast[export]'" in err and err.count("\n") == 1
+    monkeypatch.setattr(onnx_export, "_installed", lambda name: None if name == "onnxruntime" else "1.0")
+    args = ["export", "--checkpoint", str(checkpoint), "--format", "onnx", "--out", str(tmp_path / "m.onnx")]
+    assert main([*args, "--verify"]) == 2
+    assert "ONNX export and --verify need onnxruntime, not installed here" in capsys.readouterr().err
+    with pytest.raises(AssertionError, match="the checkpoint was loaded"):  # without --verify: no onnxruntime needed
+        main(args)
     args = ["export", "--checkpoint", str(checkpoint), "--format", "aoti", "--out", str(tmp_path / "m.pt2")]
     with pytest.raises(AssertionError, match="the checkpoint was loaded"):  # past the check: aoti needs no onnx
         main(args)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
+import importlib.util
 import io
 import json
 import os
@@ -54,28 +55,34 @@ class ONNXExportUnavailable(ImportError):
     """onnx or onnxscript is missing, or onnxscript is older than MIN_ONNXSCRIPT."""
 
 
-def check_onnx_export(versions: dict[str, str | None] | None = None) -> None:
+def check_onnx_export(versions: dict[str, str | None] | None = None, runtime: bool = False) -> None:
     """ONNXExportUnavailable naming what is missing or too old, and what to install, where torch.onnx cannot export
     (an older onnxscript fails inside it with its own pass errors, a missing one with a bare ModuleNotFoundError).
-    ``versions``: {"onnx": ..., "onnxscript": ...} as installed (None: not installed); default: this environment's."""
+    ``versions``: {"onnx": ..., "onnxscript": ...[, "onnxruntime": ...]} as installed (None: not installed, "":
+    importable but of unknown version, which is accepted); default: this environment's, onnxruntime's too with
+    ``runtime`` (export --verify runs the graph in it)."""
     if versions is None:
-        versions = {name: _installed(name) for name in ("onnx", "onnxscript")}
+        names = ("onnx", "onnxscript", "onnxruntime") if runtime else ("onnx", "onnxscript")
+        versions = {name: _installed(name) for name in names}
     floor = ".".join(map(str, MIN_ONNXSCRIPT))
     hint = f"pip install 'denseclip_fast[export]' (onnx, onnxscript >= {floor}, onnxruntime)"
     missing = [name for name, version in versions.items() if version is None]
     if missing:
-        raise ONNXExportUnavailable(f"ONNX export needs {' and '.join(missing)}, not installed here: {hint}")
+        needs = "ONNX export and --verify need" if "onnxruntime" in versions else "ONNX export needs"
+        raise ONNXExportUnavailable(f"{needs} {' and '.join(missing)}, not installed here: {hint}")
     found = re.match(r"(\d+)\.(\d+)", versions["onnxscript"] or "")
     if found is not None and (int(found[1]), int(found[2])) < MIN_ONNXSCRIPT:
         raise ONNXExportUnavailable(f"ONNX export needs onnxscript >= {floor}, and this environment has "
                                     f"{versions['onnxscript']}: {hint}")  # fmt: skip
 
 
-def _installed(distribution: str) -> str | None:
+def _installed(module: str) -> str | None:
+    """The version of the distribution named as ``module`` (onnx, onnxscript, onnxruntime); "" for a module that
+    imports without one (a source checkout on PYTHONPATH), None where there is none."""
     try:
-        return importlib.metadata.version(distribution)
+        return importlib.metadata.version(module)
     except importlib.metadata.PackageNotFoundError:
-        return None
+        return "" if importlib.util.find_spec(module) is not None else None
 
 
 def to_onnx(
