@@ -391,6 +391,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     max_batch = DEFAULT_MAX_BATCH if args.max_batch is None else args.max_batch
     opset = DEFAULT_OPSET if args.opset is None else args.opset
     names = _parse_classes(args.classes) if args.classes is not None else None
+    if args.format != "aoti":  # before any work, and before TensorRT's check, whose advice (--format onnx) needs it
+        export.onnx.check_onnx_export(runtime=args.verify)
     if args.format == "tensorrt":
         export.tensorrt._tensorrt()  # say so before any work when TensorRT is missing
         batch = DEFAULT_BATCH if args.trt_batch is None else _parse_batch(args.trt_batch)
@@ -398,8 +400,6 @@ def cmd_export(args: argparse.Namespace) -> int:
             raise ValueError("--out is the engine file for --format tensorrt (e.g. model.engine); the ONNX graph is "
                              "written next to it with the .onnx suffix")  # fmt: skip
         check_writable_file(os.path.splitext(args.out)[0] + ".onnx", "--out's ONNX graph", create_parents=True)
-    if args.format != "aoti":
-        export.onnx.check_onnx_export(runtime=args.verify)  # before any work (after TensorRT's, the larger install)
     model = load_checkpoint(args.checkpoint)
     if names is not None:
         model.set_classes(_classes_for(model, names, "the exported graphs keep the trained head (segment "

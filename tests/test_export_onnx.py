@@ -20,8 +20,6 @@ pytest.importorskip("onnxscript")
 
 from denseclip_fast import ADE20K_CLASSES, DenseCLIP  # noqa: E402
 from denseclip_fast.export import (  # noqa: E402
-    ONNXExportUnavailable,
-    check_onnx_export,
     graph_file,
     read_metadata,
     supported_operators,
@@ -384,40 +382,12 @@ def test_a_symlinked_graph_has_its_weights_beside_its_target(tmp_path, monkeypat
     assert graph_file(target) == str(target)
 
 
-@pytest.mark.parametrize("versions", [{"onnx": "1.17.0", "onnxscript": "0.7.0"}, {"onnx": "1.23.1", "onnxscript":
-                                      "0.10.1"}, {"onnx": "1.23.1", "onnxscript": "1.0.0.dev0"}])  # fmt: skip
-def test_onnxscript_from_0_7_exports(versions):
-    check_onnx_export(versions)
-
-
-@pytest.mark.parametrize("versions, says", [
-    ({"onnx": "1.23.1", "onnxscript": "0.6.2"}, "needs onnxscript >= 0.7, and this environment has 0.6.2: pip"),
-    ({"onnx": "1.23.1", "onnxscript": None}, "needs onnxscript, not installed here: pip"),
-    ({"onnx": None, "onnxscript": None}, "needs onnx and onnxscript, not installed here: pip"),
-    ({"onnx": "1.23.1", "onnxscript": "0.7.2", "onnxruntime": None}, "ONNX export and --verify need onnxruntime, not "
-                                                                      "installed here: pip"),
-])  # fmt: skip
-def test_a_missing_or_old_onnxscript_is_named_with_what_to_install(versions, says, monkeypatch, tmp_path):
-    with pytest.raises(ONNXExportUnavailable, match=re.escape(says)):
-        check_onnx_export(versions)
-    if "onnxruntime" not in versions:  # (to_onnx itself does not need it)
-        monkeypatch.setattr(onnx_export, "_installed", lambda name: versions[name])
-        with pytest.raises(ImportError, match=re.escape(says)):  # to_onnx checks before any work
-            to_onnx(DenseCLIP(tiny_config(), NAMES), tmp_path / "m.onnx")
+def test_to_onnx_checks_onnxscript_before_any_work(monkeypatch, tmp_path):
+    """(check_onnx_export itself: tests/test_packaging.py, which runs without the export extra)"""
+    monkeypatch.setattr(onnx_export, "_installed", lambda name: "0.6.2" if name == "onnxscript" else "1.23.1")
+    with pytest.raises(ImportError, match=re.escape("needs onnxscript >= 0.7, and this environment has 0.6.2: pip")):
+        to_onnx(DenseCLIP(tiny_config(), NAMES), tmp_path / "m.onnx")
     assert os.listdir(tmp_path) == []
-
-
-def test_a_module_without_distribution_metadata_counts_as_installed(monkeypatch):
-    """An onnxscript importable from a source checkout on PYTHONPATH has no metadata: accepted, version unknown."""
-    assert onnx_export._installed("onnx") == onnx.__version__
-    assert onnx_export._installed("no_such_module_here") is None
-    monkeypatch.setattr(onnx_export.importlib.metadata, "version", _no_metadata)
-    assert onnx_export._installed("onnx") == ""
-    check_onnx_export({"onnx": "", "onnxscript": ""})
-
-
-def _no_metadata(name: str) -> str:
-    raise onnx_export.importlib.metadata.PackageNotFoundError(name)
 
 
 def test_files_that_are_not_onnx_models_are_named(tmp_path):

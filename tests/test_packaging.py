@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from denseclip_fast.export import onnx as onnx_export
+from denseclip_fast.export.onnx import ONNXExportUnavailable, check_onnx_export
 from denseclip_fast.requirements import MIN_TORCH, check_torch_version
 
 from .conftest import ROOT
@@ -65,11 +67,14 @@ def test_older_torch_is_refused_at_import_naming_both_versions(version):
 
 def test_the_import_check_runs_before_anything_else_is_imported():
     """A fresh interpreter whose torch reports 2.10: importing the package fails with the version message, not with
-    whatever a newer-torch feature raises further in."""
-    code = ("import torch; torch.__version__ = '2.10.0'\n"
-            "try:\n    import denseclip_fast\nexcept ImportError as exc:\n    print(exc)\n")  # fmt: skip
+    whatever a newer-torch feature raises further in, and before any other module of the package is imported."""
+    code = ("import sys, torch; torch.__version__ = '2.10.0'\n"
+            "try:\n    import denseclip_fast\nexcept ImportError as exc:\n    print(exc)\n"
+            "print(sorted(m for m in sys.modules if m.startswith('denseclip_fast.')))\n")  # fmt: skip
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
-    assert "needs torch >= " in result.stdout and "has torch 2.10.0" in result.stdout, result
+    message, imported = result.stdout.splitlines()
+    assert "needs torch >= " in message and "has torch 2.10.0" in message, result
+    assert imported == "['denseclip_fast.requirements']", result
 
 
 def test_pyproject_asks_pip_for_the_torch_the_import_check_accepts():
@@ -78,3 +83,54 @@ def test_pyproject_asks_pip_for_the_torch_the_import_check_accepts():
     floor = ".".join(map(str, MIN_TORCH))
     assert f"torch>={floor}" in project["project"]["dependencies"]
     assert f"torch>={floor}" in project["build-system"]["requires"]
+
+
+@pytest.mark.parametrize("versions", [{"onnx": "1.17.0", "onnxscript": "0.7.0"}, {"onnx": "1.23.1", "onnxscript":
+                                      "0.10.1"}, {"onnx": "1.23.1", "onnxscript": "1.0.0.dev0"},
+                                      {"onnx": "", "onnxscript": "", "onnxruntime": ""}])  # fmt: skip
+def test_onnxscript_from_0_7_exports(versions):
+    check_onnx_export(versions)
+
+
+@pytest.mark.parametrize("versions, says", [
+    ({"onnx": "1.23.1", "onnxscript": "0.6.2"}, "ONNX export needs onnxscript >= 0.7, and this environment has 0.6.2"),
+    ({"onnx": "1.23.1", "onnxscript": None}, "ONNX export needs onnxscript, not installed here"),
+    ({"onnx": None, "onnxscript": None}, "ONNX export needs onnx and onnxscript, not installed here"),
+    ({"onnx": "1.23.1", "onnxscript": "0.7.2", "onnxruntime": None}, "--verify needs onnxruntime, not installed here"),
+    ({"onnx": "1.23.1", "onnxscript": None, "onnxruntime": None},
+     "ONNX export and --verify need onnxscript and onnxruntime, not installed here"),
+])  # fmt: skip
+def test_a_missing_or_old_onnxscript_is_named_with_what_to_install(versions, says):
+    with pytest.raises(ONNXExportUnavailable, match="^" + re.escape(says + ": pip install 'denseclip_fast[export]' "
+                                                                  "(onnx >= 1.17, onnxscript >= 0.7, onnxruntime >= "
+                                                                  "1.20)") + "$"):  # fmt: skip
+        check_onnx_export(versions)
+
+
+def test_an_installed_module_that_does_not_import_is_named(monkeypatch):
+    """Installed (metadata found) but broken (a missing shared library): said before the export, not after it."""
+    monkeypatch.setattr(onnx_export, "_installed", lambda name: "1.30.0" if name == "onnxruntime" else "")
+
+    def import_module(name):
+        if name == "onnxruntime":
+            raise ImportError("libonnxruntime_providers_cuda.so: cannot open shared object file")
+
+    monkeypatch.setattr(onnx_export.importlib, "import_module", import_module)
+    with pytest.raises(ONNXExportUnavailable, match=re.escape("--verify needs onnxruntime, which is installed "
+                                                              "(1.30.0) but does not import: libonnxruntime_providers"
+                                                              "_cuda.so: cannot open shared object file; reinstall "
+                                                              "it: pip install")):  # fmt: skip
+        check_onnx_export(runtime=True)
+    check_onnx_export(runtime=False)  # export alone does not need onnxruntime
+
+
+def test_a_module_without_distribution_metadata_counts_as_installed(monkeypatch):
+    """A module importable from a source checkout on PYTHONPATH has no metadata: installed, version unknown."""
+    assert onnx_export._installed("pytest") == pytest.__version__
+    assert onnx_export._installed("no_such_module_here") is None
+
+    def no_metadata(name: str) -> str:
+        raise onnx_export.importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(onnx_export.importlib.metadata, "version", no_metadata)
+    assert onnx_export._installed("pytest") == ""

@@ -49,31 +49,48 @@ EXTERNAL_DATA_THRESHOLD = 1536 * 2**20
 
 
 MIN_ONNXSCRIPT = (0, 7)  # pyproject.toml's export extra: 0.6.0 failed the export tests, 0.7.0 passed them
+EXPORT_EXTRA = "pip install 'denseclip_fast[export]' (onnx >= 1.17, onnxscript >= 0.7, onnxruntime >= 1.20)"
 
 
 class ONNXExportUnavailable(ImportError):
-    """onnx or onnxscript is missing, or onnxscript is older than MIN_ONNXSCRIPT."""
+    """onnx or onnxscript (with export --verify, onnxruntime) is missing or does not import, or onnxscript is older
+    than MIN_ONNXSCRIPT."""
 
 
 def check_onnx_export(versions: dict[str, str | None] | None = None, runtime: bool = False) -> None:
-    """ONNXExportUnavailable naming what is missing or too old, and what to install, where torch.onnx cannot export
-    (an older onnxscript fails inside it with its own pass errors, a missing one with a bare ModuleNotFoundError).
+    """ONNXExportUnavailable naming what is missing, too old or broken, and what to install, where torch.onnx cannot
+    export: an older onnxscript fails inside it with its own pass errors, a missing one with a bare
+    ModuleNotFoundError. Only onnxscript's version is compared (onnx and onnxruntime older than the extra's floors
+    were not tried, so they are not refused); ``runtime`` adds onnxruntime, which export --verify runs the graph in.
+
     ``versions``: {"onnx": ..., "onnxscript": ...[, "onnxruntime": ...]} as installed (None: not installed, "":
-    importable but of unknown version, which is accepted); default: this environment's, onnxruntime's too with
-    ``runtime`` (export --verify runs the graph in it)."""
+    importable but of unknown version, which is accepted). Default: this environment's, each module then imported
+    too (it is about to be), so that an installed one that does not import (a missing shared library, a mismatched
+    dependency) is named here rather than after the export."""
+    probe = versions is None
     if versions is None:
-        names = ("onnx", "onnxscript", "onnxruntime") if runtime else ("onnx", "onnxscript")
-        versions = {name: _installed(name) for name in names}
-    floor = ".".join(map(str, MIN_ONNXSCRIPT))
-    hint = f"pip install 'denseclip_fast[export]' (onnx, onnxscript >= {floor}, onnxruntime)"
+        versions = {name: _installed(name) for name in ("onnx", "onnxscript", "onnxruntime")[: 3 if runtime else 2]}
     missing = [name for name, version in versions.items() if version is None]
     if missing:
-        needs = "ONNX export and --verify need" if "onnxruntime" in versions else "ONNX export needs"
-        raise ONNXExportUnavailable(f"{needs} {' and '.join(missing)}, not installed here: {hint}")
-    found = re.match(r"(\d+)\.(\d+)", versions["onnxscript"] or "")
+        raise ONNXExportUnavailable(f"{_who_needs(missing)} {' and '.join(missing)}, not installed here: "
+                                    f"{EXPORT_EXTRA}")  # fmt: skip
+    found = re.match(r"(\d+)\.(\d+)", versions.get("onnxscript") or "")
     if found is not None and (int(found[1]), int(found[2])) < MIN_ONNXSCRIPT:
-        raise ONNXExportUnavailable(f"ONNX export needs onnxscript >= {floor}, and this environment has "
-                                    f"{versions['onnxscript']}: {hint}")  # fmt: skip
+        raise ONNXExportUnavailable(f"ONNX export needs onnxscript >= {'.'.join(map(str, MIN_ONNXSCRIPT))}, and "
+                                    f"this environment has {versions['onnxscript']}: {EXPORT_EXTRA}")  # fmt: skip
+    for name in versions if probe else ():
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            version = versions[name] or "version unknown"
+            raise ONNXExportUnavailable(f"{_who_needs([name])} {name}, which is installed ({version}) but does not "
+                                        f"import: {exc}; reinstall it: {EXPORT_EXTRA}") from exc  # fmt: skip
+
+
+def _who_needs(names: list[str]) -> str:
+    """The subject of a message about ``names``: onnxruntime is for export --verify only."""
+    verify, export = "onnxruntime" in names, any(name != "onnxruntime" for name in names)
+    return "ONNX export and --verify need" if verify and export else "--verify needs" if verify else "ONNX export needs"
 
 
 def _installed(module: str) -> str | None:
