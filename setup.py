@@ -42,10 +42,25 @@ def cuda_build_wanted(torch_cuda: str | None, cuda_home: str | None, flag: str |
     return available and flag != "0"
 
 
+def _check_torch(version: str) -> None:
+    """SystemExit with the package's own message (denseclip_fast/requirements.py, read by path: the package itself
+    imports torch and would refuse it the same way) for a torch the package would refuse at import, before a build
+    against it."""
+    import runpy
+
+    check = runpy.run_path(os.path.join(ROOT, "denseclip_fast", "requirements.py"))["check_torch_version"]
+    try:
+        check(version)
+    except ImportError as exc:
+        raise SystemExit(f"cannot build denseclip_fast: {exc}") from None
+
+
 def _extensions() -> tuple[list, dict]:
     _default_cuda_home()
     import torch
     from torch.utils import cpp_extension
+
+    _check_torch(torch.__version__)
 
     with_cuda = cuda_build_wanted(torch.version.cuda, cpp_extension.CUDA_HOME, os.environ.get("DENSECLIP_FAST_CUDA"))
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))

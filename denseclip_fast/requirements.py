@@ -5,8 +5,8 @@ install --no-deps``, a conda environment, a source build) reaches the import any
 the cause: torch 2.4 cannot read checkpoints safely (no ``torch.serialization.safe_globals``) and has no
 ``torch.library.triton_op``; with torch 2.6 the CPU engine and training run, but ONNX export fails on the dynamic
 batch, ``aoti_load_package`` has no ``device_index`` and its Triton (3.2) does not compile a score kernel; torch
-2.9's ONNX exporter cannot export a ViT with a dynamic batch. 2.11 is the oldest release the whole test suite passes
-with (the GPU test machine's, ``make test-gpu-torch``). Measured on 2026-12-01 with the CPU test suite.
+2.9's ONNX exporter cannot export a ViT with a dynamic batch. 2.11 is the oldest release tried that passes the CPU
+test suite (the GPU test machine's, ``make test-gpu-torch``). Measured on 2026-12-01.
 """
 
 from __future__ import annotations

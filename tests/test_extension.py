@@ -42,6 +42,14 @@ def test_setup_decides_the_cuda_build():
         wanted("13.0", "/x", "yes")
 
 
+def test_setup_refuses_to_build_against_a_torch_the_package_refuses():
+    check = runpy.run_path(os.path.join(ROOT, "setup.py"), run_name="not_main")["_check_torch"]
+    check(torch.__version__)
+    with pytest.raises(SystemExit, match=r"^cannot build denseclip_fast: denseclip_fast needs torch >= \S+, and this "
+                                         r"environment has torch 2\.4\.1\+cu121: upgrade it"):  # fmt: skip
+        check("2.4.1+cu121")
+
+
 @pytest.mark.slow
 def test_cmake_builds_the_library_for_cpp_consumers(cmake_build):
     info = json.loads(cmake_build.run("denseclip_fast_info"))
