@@ -62,8 +62,9 @@ def shared_memory_per_block(device: torch.device) -> int | None:
         return None
 
     def query(index: int) -> int:
-        # torch's _CudaDeviceProperties stub lacks this field, which torch 2.11 and 2.14 have at runtime
-        return torch.cuda.get_device_properties(index).shared_memory_per_block_optin  # type: ignore[attr-defined]
+        # read by name: torch's _CudaDeviceProperties stub has this field from 2.15 on, and torch 2.11 to 2.14 have
+        # it at runtime only (an ignore comment for the older stubs fails mypy with the newer)
+        return int(getattr(torch.cuda.get_device_properties(index), "shared_memory_per_block_optin"))
 
     return _per_device(device, "smem", query)
 
