@@ -51,13 +51,13 @@ def test_sdist_holds_every_build_input(tmp_path):
     assert not missing, f"the sdist lacks {missing}"
 
 
-@pytest.mark.parametrize("version", ["2.11.0", "2.11.0+cu130", "2.11.0a0+git1234abc", "2.12.0.dev20260101+cpu",
+@pytest.mark.parametrize("version", ["2.10.0", "2.11.0+cu130", "2.10.0a0+git1234abc", "2.12.0.dev20260101+cpu",
                                      "2.14.1+cu130", "3.0.0", "custom-build"])  # fmt: skip
 def test_torch_releases_from_the_floor_on_are_accepted(version):
     check_torch_version(version)
 
 
-@pytest.mark.parametrize("version", ["2.10.1+cu128", "2.9.1", "2.4.1+cu121", "1.13.1"])
+@pytest.mark.parametrize("version", ["2.9.1+cu128", "2.6.0", "2.4.1+cu121", "1.13.1"])
 def test_older_torch_is_refused_at_import_naming_both_versions(version):
     floor = re.escape(".".join(map(str, MIN_TORCH)))
     expected = rf"needs torch >= {floor}, and this environment has torch {re.escape(version)}: upgrade it"
@@ -66,14 +66,14 @@ def test_older_torch_is_refused_at_import_naming_both_versions(version):
 
 
 def test_the_import_check_runs_before_anything_else_is_imported():
-    """A fresh interpreter whose torch reports 2.10: importing the package fails with the version message, not with
+    """A fresh interpreter whose torch reports 2.9: importing the package fails with the version message, not with
     whatever a newer-torch feature raises further in, and before any other module of the package is imported."""
-    code = ("import sys, torch; torch.__version__ = '2.10.0'\n"
+    code = ("import sys, torch; torch.__version__ = '2.9.0'\n"
             "try:\n    import denseclip_fast\nexcept ImportError as exc:\n    print(exc)\n"
             "print(sorted(m for m in sys.modules if m.startswith('denseclip_fast.')))\n")  # fmt: skip
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     message, imported = result.stdout.splitlines()
-    assert "needs torch >= " in message and "has torch 2.10.0" in message, result
+    assert "needs torch >= " in message and "has torch 2.9.0" in message, result
     assert imported == "['denseclip_fast.requirements']", result
 
 
