@@ -1438,10 +1438,11 @@ def test_a_fresh_run_starts_over_the_logs_of_a_run_killed_before_its_first_check
     train(dataclasses.replace(cfg, eval_interval=3))
     err = capsys.readouterr().err
     said = [line for line in err.replace("\r", "\n").splitlines() if "held logs" in line]
+    # (config.json last: after the events with TensorBoard, in "and 1 more")
+    fourth = "tensorboard/events.out.tfevents." if cfg.tensorboard else "config.json to previous_logs_1/"
     assert len(said) == 1 and said[0].startswith(
         f"denseclip-fast train: work dir {str(tmp_path / 'w')!r} held logs but no checkpoint (a run stopped before its "
-        "first save, or checkpoints deleted): moved metrics.csv, eval.csv, eval_iter_1.json"
-        f"{', tensorboard/events.out.tfevents.' if cfg.tensorboard else ' to previous_logs_1/'}"), said  # fmt: skip
+        f"first save, or checkpoints deleted): moved metrics.csv, eval.csv, eval_iter_1.json, {fourth}"), said
     assert said[0].endswith(" to previous_logs_1/; this run starts the logs over")
     aside = tmp_path / "w" / "previous_logs_1"
     assert [int(r["iter"]) for r in _metrics(aside)] == [1, 2] and (aside / "eval_iter_1.json").is_file()
