@@ -17,14 +17,23 @@ import re
 MIN_TORCH = (2, 10)
 
 
-def check_torch_version(version: str) -> None:
-    """ImportError naming ``version`` (``torch.__version__``) and the oldest release accepted when it is older.
-    Pre-releases and local builds of an accepted release pass ("2.11.0a0+git...", "2.12.0.dev20260101+cpu")."""
+def release_below(version: str, floor: tuple[int, int]) -> bool:
+    """Whether ``version``'s major.minor is below ``floor`` (pre-releases and local builds count as their release:
+    "2.11.0a0+git...", "2.12.0.dev20260101+cpu"); False for a version that is no release number (a custom build:
+    nothing to compare)."""
     found = re.match(r"(\d+)\.(\d+)", version)
-    if found is None:  # not a release number: a custom build; nothing to compare
-        return
-    if (int(found[1]), int(found[2])) < MIN_TORCH:
-        floor = ".".join(map(str, MIN_TORCH))
+    return found is not None and (int(found[1]), int(found[2])) < floor
+
+
+def dotted(release: tuple[int, int]) -> str:
+    return ".".join(map(str, release))
+
+
+def check_torch_version(version: str) -> None:
+    """ImportError naming ``version`` (``torch.__version__``) and the oldest release accepted when it is older
+    (:func:`release_below`)."""
+    if release_below(version, MIN_TORCH):
+        floor = dotted(MIN_TORCH)
         raise ImportError(
             f"denseclip_fast needs torch >= {floor}, and this environment has torch {version}: upgrade it "
             f"(pip install 'torch>={floor}', with the torchvision built for it)"

@@ -380,6 +380,8 @@ def test_a_symlinked_graph_has_its_weights_beside_its_target(tmp_path, monkeypat
         _weight_read(link)
     assert graph_file(link) == str(target) and _weight_read(graph_file(link)) == 3.0
     assert graph_file(target) == str(target)
+    with pytest.raises(ValueError, match=r"^path must be a non-empty str or os.PathLike, got NoneType: None$"):
+        graph_file(None)
 
 
 def test_to_onnx_checks_onnxscript_before_any_work(monkeypatch, tmp_path):

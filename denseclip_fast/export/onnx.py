@@ -19,7 +19,6 @@ import importlib.util
 import io
 import json
 import os
-import re
 import uuid
 import warnings
 from collections.abc import Iterator, Sequence
@@ -32,6 +31,7 @@ from .. import __version__
 from ..checkpoints.io import path_argument, written_atomically
 from ..model import DenseCLIP
 from ..preprocess import CLIP_MEAN, CLIP_STD
+from ..requirements import dotted, release_below
 from .graphs import build_graph, check_image_size, example_inputs, output_path
 
 ONNX_DTYPES = (torch.float32, torch.float16)
@@ -74,10 +74,9 @@ def check_onnx_export(versions: dict[str, str | None] | None = None, runtime: bo
     if missing:
         raise ONNXExportUnavailable(f"{_who_needs(missing)} {' and '.join(missing)}, not installed here: "
                                     f"{EXPORT_EXTRA}")  # fmt: skip
-    found = re.match(r"(\d+)\.(\d+)", versions.get("onnxscript") or "")
-    if found is not None and (int(found[1]), int(found[2])) < MIN_ONNXSCRIPT:
-        raise ONNXExportUnavailable(f"ONNX export needs onnxscript >= {'.'.join(map(str, MIN_ONNXSCRIPT))}, and "
-                                    f"this environment has {versions['onnxscript']}: {EXPORT_EXTRA}")  # fmt: skip
+    if release_below(versions.get("onnxscript") or "", MIN_ONNXSCRIPT):
+        raise ONNXExportUnavailable(f"ONNX export needs onnxscript >= {dotted(MIN_ONNXSCRIPT)}, and this environment "
+                                    f"has {versions['onnxscript']}: {EXPORT_EXTRA}")  # fmt: skip
     for name in versions if probe else ():
         try:
             importlib.import_module(name)
@@ -268,8 +267,9 @@ def _location(tensor: Any) -> str | None:
 def graph_file(path: str | os.PathLike[str]) -> str:
     """The path to open the ONNX graph at ``path`` by, with its weights: its target's, where ``path`` is a symbolic
     link. ONNX Runtime, TensorRT's parser and ``onnx.load`` look for a graph's external weights file beside the path
-    they are given, and ``to_onnx`` through a symlink writes the graph and its weights file where the link points."""
-    return os.path.realpath(path)
+    they are given, and ``to_onnx`` through a symlink writes the graph and its weights file where the link points.
+    ValueError naming ``path`` for what is no path (path_argument)."""
+    return os.path.realpath(path_argument(path))
 
 
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
