@@ -45,22 +45,18 @@ def environment(device: torch.device) -> dict:
 def tf32_settings() -> dict[str, str]:
     """What float32 convolutions (cuDNN) and matrix multiplications (cuBLAS) compute in on CUDA under the process's
     current settings: {"cudnn_conv": "tf32" | "ieee", "cuda_matmul": "tf32" | "ieee"} (PyTorch's defaults: TF32
-    convolutions, IEEE matmuls). torch >= 2.9 has fp32_precision settings, read here: once a program has used them,
-    reading the legacy allow_tf32 flags can raise (see denseclip_fast.engine.segmenter._tf32_settings); an
-    operator's "none" takes its backend's setting, then the generic torch.backends.fp32_precision, and "none"
-    throughout is IEEE. Older torch: the allow_tf32 flags."""
+    convolutions, IEEE matmuls). Read from the fp32_precision settings: once a program has used them, reading the
+    legacy allow_tf32 flags can raise (see denseclip_fast.engine.segmenter._tf32_settings); an operator's "none"
+    takes its backend's setting, then the generic torch.backends.fp32_precision, and "none" throughout is IEEE."""
     cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
-    if hasattr(matmul, "fp32_precision") and hasattr(cudnn, "conv"):
+    generic = torch.backends.fp32_precision  # type: ignore[attr-defined]
 
-        def effective(*levels: object) -> str:
-            value = next((v for v in map(str, levels) if v != "none"), "ieee")
-            return "tf32" if value == "tf32" else "ieee"
+    def effective(*levels: object) -> str:
+        value = next((v for v in map(str, levels) if v != "none"), "ieee")
+        return "tf32" if value == "tf32" else "ieee"
 
-        generic = getattr(torch.backends, "fp32_precision", "none")
-        conv = effective(cudnn.conv.fp32_precision, getattr(cudnn, "fp32_precision", "none"), generic)
-        return {"cudnn_conv": conv, "cuda_matmul": effective(matmul.fp32_precision, generic)}
-    legacy = lambda allowed: "tf32" if allowed else "ieee"  # noqa: E731
-    return {"cudnn_conv": legacy(cudnn.allow_tf32), "cuda_matmul": legacy(matmul.allow_tf32)}
+    conv = effective(cudnn.conv.fp32_precision, cudnn.fp32_precision, generic)  # type: ignore[attr-defined]
+    return {"cudnn_conv": conv, "cuda_matmul": effective(matmul.fp32_precision, generic)}
 
 
 def math_settings() -> dict:

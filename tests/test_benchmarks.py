@@ -224,6 +224,33 @@ def test_engine_targets():
     assert set(missing.values()) == {None}
 
 
+def test_tf32_settings_resolve_none_through_the_backend_and_generic_settings():
+    """An operator's "none" takes its backend's fp32_precision, then torch.backends.fp32_precision; "none"
+    throughout is IEEE. Read through the fp32_precision settings only (the legacy flags raise once these are set)."""
+    import torch
+
+    from benchmarks.common import tf32_settings
+
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = (torch.backends.fp32_precision, cudnn.fp32_precision, cudnn.conv.fp32_precision, matmul.fp32_precision)
+
+    def put(generic: str, backend: str, conv: str, mm: str) -> None:
+        torch.backends.fp32_precision = generic
+        cudnn.fp32_precision, cudnn.conv.fp32_precision, matmul.fp32_precision = backend, conv, mm
+
+    try:
+        put("none", "none", "none", "none")
+        assert tf32_settings() == {"cudnn_conv": "ieee", "cuda_matmul": "ieee"}
+        put("tf32", "none", "none", "none")
+        assert tf32_settings() == {"cudnn_conv": "tf32", "cuda_matmul": "tf32"}
+        put("tf32", "ieee", "none", "ieee")  # the backend's setting comes before the generic one
+        assert tf32_settings() == {"cudnn_conv": "ieee", "cuda_matmul": "ieee"}
+        put("ieee", "ieee", "tf32", "none")  # the operator's own before both
+        assert tf32_settings() == {"cudnn_conv": "tf32", "cuda_matmul": "ieee"}
+    finally:
+        put(*saved)
+
+
 def test_engine_table_labels_precision_tails_and_image_path_flops():
     """bench_e2e's rows say what each contestant computes in (the official one at PyTorch's TF32 defaults on CUDA),
     p90/p99 read "max" where too few calls were timed, and the FLOP-rate column is the image path's."""

@@ -484,15 +484,15 @@ def test_released_rn50_engine_equals_model():
 
 def test_no_tf32_is_process_wide_and_restores_on_the_last_exit():
     """The TF32 switches are process-wide: a block that ends while another (another thread's engine) is still
-    inside must not switch TF32 back on; the settings come back when the last one ends. With torch's newer
+    inside must not switch TF32 back on; the settings come back when the last one ends. With torch's
     fp32_precision settings in use, the legacy allow_tf32 flags raise when read, so the engine must not read them."""
     from denseclip_fast.engine import segmenter
 
     saved = segmenter._tf32_settings()
-    off = ("ieee", "ieee") if segmenter._NEW_TF32_API else (False, False)
+    off = ("ieee", "ieee")
     try:
-        on = ("tf32", "tf32") if segmenter._NEW_TF32_API else (True, True)
-        segmenter._set_tf32(on)  # a user who chose TF32 (through the newer settings where torch has them)
+        on = ("tf32", "tf32")
+        segmenter._set_tf32(on)  # a user who chose TF32 through the fp32_precision settings
         first, second = segmenter.no_tf32(), segmenter.no_tf32()
         first.__enter__()
         second.__enter__()

@@ -93,30 +93,23 @@ def labels(scores: torch.Tensor, size: Any) -> torch.Tensor:
 
 _TF32_LOCK = threading.Lock()
 _tf32_holders = 0  # code inside no_tf32, in any thread: the settings are restored when the last one leaves
-_tf32_saved: Any = None
-# torch >= 2.9's fp32_precision settings: once a program uses them, reading the legacy allow_tf32 flags raises.
-# torch's stubs lack torch.backends.cudnn.conv (a runtime attribute of the cudnn module): hence the ignores below
-_NEW_TF32_API = hasattr(torch.backends.cuda.matmul, "fp32_precision") and hasattr(torch.backends.cudnn, "conv")
+_tf32_saved: tuple[str, str] = ("", "")  # read when the first holder enters
+# The fp32_precision settings (torch >= 2.9, below the floor in requirements.py): once a program uses them, reading
+# the legacy allow_tf32 flags raises. torch's stubs lack torch.backends.cudnn.conv (a runtime attribute of the cudnn
+# module): hence the ignores below
+def _tf32_settings() -> tuple[str, str]:
+    return torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision  # type: ignore[attr-defined]
 
 
-def _tf32_settings() -> Any:
-    if _NEW_TF32_API:
-        return torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision  # type: ignore[attr-defined]
-    return torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-
-
-def _set_tf32(settings: Any) -> None:
-    if _NEW_TF32_API:
-        torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision = settings  # type: ignore[attr-defined]
-    else:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = settings
+def _set_tf32(settings: tuple[str, str]) -> None:
+    torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision = settings  # type: ignore[attr-defined]
 
 
 @contextlib.contextmanager
 def no_tf32(active: bool = True) -> Iterator[None]:
     """TF32 off for cuDNN convolutions and cuBLAS matmuls while ``active`` code runs; the settings restored when the
     last such block in the process ends (they are process-wide: a thread leaving its block must not switch TF32
-    back on under another still inside one). Uses the fp32_precision settings where torch has them."""
+    back on under another still inside one). Through the fp32_precision settings."""
     global _tf32_holders, _tf32_saved
     if not active:
         yield
@@ -124,7 +117,7 @@ def no_tf32(active: bool = True) -> Iterator[None]:
     with _TF32_LOCK:
         if _tf32_holders == 0:
             _tf32_saved = _tf32_settings()
-            _set_tf32(("ieee", "ieee") if _NEW_TF32_API else (False, False))
+            _set_tf32(("ieee", "ieee"))
         _tf32_holders += 1
     try:
         yield

@@ -147,10 +147,8 @@ def _window_stride(stride: int | Sequence[int] | None, size: tuple[int, int], se
 
 def _holds_compiled_model(path: str) -> bool:
     """Whether the zip archive at ``path`` has an AOTInductor directory (``data/aotinductor/``) in it."""
-    try:
-        from torch.export.pt2_archive.constants import AOTINDUCTOR_DIR
-    except ImportError:  # an older torch: the same layout
-        AOTINDUCTOR_DIR = "data/aotinductor/"
+    from torch.export.pt2_archive.constants import AOTINDUCTOR_DIR
+
     try:
         with zipfile.ZipFile(path) as archive:
             return any(f"/{AOTINDUCTOR_DIR}" in f"/{name}" for name in archive.namelist())

@@ -433,15 +433,11 @@ def score_forward_into(
     )  # fmt: skip
 
 
-_BMM_OUT_DTYPE = hasattr(torch.ops.aten.bmm, "dtype")  # torch.bmm(a, b, out_dtype): cuBLAS writing float32
-
-
 def _bmm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b (batched) in float32. From 16-bit CUDA tensors cuBLAS writes float32 itself (bmm's out_dtype, CUDA
     only), so a float16 sum over many pixels cannot overflow before the cast, as in csrc/cuda/score.cu; elsewhere
-    (Triton's interpreter on the CPU, a torch without the overload) the product is rounded to the input dtype
-    first."""
-    if a.is_cuda and a.dtype in (torch.float16, torch.bfloat16) and _BMM_OUT_DTYPE:
+    (Triton's interpreter on the CPU) the product is rounded to the input dtype first."""
+    if a.is_cuda and a.dtype in (torch.float16, torch.bfloat16):
         return torch.bmm(a, b, out_dtype=torch.float32)
     return torch.bmm(a, b).float()
 
