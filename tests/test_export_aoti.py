@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import errno
+import gc
 import io
 import json
 import os
 import subprocess
+import tempfile
 import zipfile
 from dataclasses import replace
 from typing import Any
@@ -74,8 +76,64 @@ def test_package_rejects_what_it_was_not_compiled_for(package, tmp_path):
         pkg(torch.randn(4, 3, *SIZE))
     with pytest.raises(ValueError, match="is not a file"):
         load_aoti(tmp_path / "missing.pt2")
+
+
+def _with_metadata(package: Any, path: Any, **changes: str | None) -> Any:
+    """A copy of ``package`` with its compiled-in metadata changed (None: the key removed), for example to name
+    another device as a CUDA package's does."""
+    with zipfile.ZipFile(package) as src, zipfile.ZipFile(path, "w") as dst:
+        for name in src.namelist():
+            data = src.read(name)
+            if name.endswith("_metadata.json"):
+                meta = json.loads(data)
+                assert meta["AOTI_DEVICE_KEY"] == meta["denseclip_fast.device"] == "cpu", meta
+                meta.update({key: value for key, value in changes.items() if value is not None})
+                for key in [key for key, value in changes.items() if value is None]:
+                    del meta[key]
+                data = json.dumps(meta).encode()
+            dst.writestr(name, data)
+    return path
+
+
+@pytest.mark.slow
+def test_refused_loads_leave_no_extracted_copy_behind(package, tmp_path, monkeypatch):
+    """torch's loader extracts a package into TMPDIR before it can fail, and leaves the copy there when it does (the
+    compiled library and its weights, each time): what the archive's metadata tells (a CPU package given a GPU, a
+    CUDA package without CUDA or on a GPU that is not there, another zip) is refused before torch's loader runs."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # Python's cached answer, for anything that asks it meanwhile
+
+    def extracted() -> list[str]:
+        return sorted(p.name for p in scratch.iterdir() if p.name.startswith("aotinductor_"))
+
+    cuda = _with_metadata(package, tmp_path / "cuda.pt2", AOTI_DEVICE_KEY="cuda", **{"denseclip_fast.device": "cuda"})
+    foreign = _with_metadata(package, tmp_path / "foreign.pt2", **{"denseclip_fast.image_size": None})
+    torch.save({"w": torch.zeros(2)}, tmp_path / "weights.pth")
+    with pytest.raises(ValueError, match=r"foreign.pt2 is not a denseclip_fast package \(no denseclip_fast metadata"):
+        load_aoti(foreign)
     with pytest.raises(ValueError, match="is a CPU package; device_index=0 applies to CUDA packages only"):
         load_aoti(package, device_index=0)
+    with pytest.raises(ValueError, match=r"is not an AOTInductor package .*: it holds no compiled model"):
+        load_aoti(tmp_path / "weights.pth")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"cuda.pt2 is a CUDA package and this process has no CUDA device"):
+            load_aoti(cuda)
+    with monkeypatch.context() as gpus:
+        gpus.setattr(torch.cuda, "is_available", lambda: True)
+        gpus.setattr(torch.cuda, "device_count", lambda: 2)
+        with pytest.raises(ValueError, match=r"device_index 2 is out of range: this process sees 2 CUDA device"):
+            load_aoti(cuda, device_index=2)
+    for wrong in ("0", True, -2, 1.0):
+        with pytest.raises(ValueError, match=r"device_index must be -1 \(the package's own device\) or a CUDA "):
+            load_aoti(package, device_index=wrong)  # type: ignore[arg-type]
+    assert extracted() == []
+    pkg = load_aoti(package)  # the control: a load extracts there, and torch removes the copy with the package
+    assert len(extracted()) == 1 and pkg.max_batch == 3
+    del pkg
+    gc.collect()
+    assert extracted() == []
 
 
 def test_to_aoti_argument_errors(model, tmp_path):

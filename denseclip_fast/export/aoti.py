@@ -145,15 +145,53 @@ def _window_stride(stride: int | Sequence[int] | None, size: tuple[int, int], se
     return pair[0], pair[1]
 
 
-def _holds_compiled_model(path: str) -> bool:
-    """Whether the zip archive at ``path`` has an AOTInductor directory (``data/aotinductor/``) in it."""
+def _compiled_metadata(path: str) -> dict[str, Any] | None:
+    """The metadata compiled into the package at ``path`` (its ``data/aotinductor/model/*_metadata.json``), read from
+    the archive without extracting it; {} for a compiled model without it; None when ``path`` holds no compiled
+    model (not a zip archive, or another zip: a torch.save file (.pth), an ONNX Runtime bundle ...). torch's loader
+    extracts the whole package into a temporary directory first, and leaves that behind when the load then fails:
+    what can be refused from the archive is refused before it runs."""
     from torch.export.pt2_archive.constants import AOTINDUCTOR_DIR
 
+    model_dir = f"/{AOTINDUCTOR_DIR}model/"
     try:
         with zipfile.ZipFile(path) as archive:
-            return any(f"/{AOTINDUCTOR_DIR}" in f"/{name}" for name in archive.namelist())
-    except (OSError, zipfile.BadZipFile):
-        return False
+            names = [name for name in archive.namelist() if model_dir in f"/{name}"]
+            for name in names:
+                if name.endswith("_metadata.json"):
+                    meta = json.loads(archive.read(name))
+                    return meta if isinstance(meta, dict) else {}
+    except (OSError, zipfile.BadZipFile, ValueError):  # ValueError: not JSON, or not UTF-8
+        return None
+    return {} if names else None
+
+
+def _check_loadable(path: str, device_index: int) -> None:
+    """Refuse, from the archive's metadata, what torch's loader would refuse only after extracting it."""
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path} is not an AOTInductor package (a .pt2 zip archive written by to_aoti)")
+    meta = _compiled_metadata(path)
+    if meta is None:
+        raise ValueError(
+            f"{path} is not an AOTInductor package (a .pt2 zip archive written by to_aoti): it holds no compiled "
+            "model (data/aotinductor/model/)"
+        )
+    if "denseclip_fast.image_size" not in meta:
+        raise ValueError(f"{path} is not a denseclip_fast package (no denseclip_fast metadata)")
+    device = str(meta.get("AOTI_DEVICE_KEY", meta.get("denseclip_fast.device", "")))
+    if device == "cpu" and device_index >= 0:
+        raise ValueError(f"{path} is a CPU package; device_index={device_index} applies to CUDA packages only")
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"{path} is a CUDA package and this process has no CUDA device (torch.cuda.is_available() is "
+                "False): write a CPU package (to_aoti of a CPU model or Segmenter) to run it here"
+            )
+        if device_index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device_index {device_index} is out of range: this process sees {torch.cuda.device_count()} CUDA "
+                "device(s)"
+            )
 
 
 class AOTIPackage:
@@ -165,27 +203,18 @@ class AOTIPackage:
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise ValueError(f"path {path!r} is not a file")
+        if type(device_index) is not int or device_index < -1:
+            raise ValueError(
+                f"device_index must be -1 (the package's own device) or a CUDA device index >= 0, got {device_index!r}"
+            )
         self.path = path
+        _check_loadable(path, device_index)
         try:
             self._compiled = torch._inductor.aoti_load_package(path, device_index=device_index)
-        except RuntimeError as exc:
-            if device_index >= 0 and "aoti_runner_cpu" in str(exc):
-                raise ValueError(
-                    f"{path} is a CPU package; device_index={device_index} applies to CUDA packages only"
-                ) from None
-            if not zipfile.is_zipfile(path):
-                raise ValueError(
-                    f"{path} is not an AOTInductor package (a .pt2 zip archive written by to_aoti)"
-                ) from None
+        except RuntimeError as exc:  # a corrupt or foreign library: torch leaves its extracted copy in the temp dir
             reason = excerpt(str(exc).strip().split("\n", 1)[0], 160)  # torch's lists the archive's files below it
-            if not _holds_compiled_model(path):  # another zip: a torch.save file (.pth), an ONNX Runtime bundle ...
-                raise ValueError(
-                    f"{path} is not an AOTInductor package (a .pt2 zip archive written by to_aoti): {reason}"
-                ) from None
             raise ValueError(f"{path}: the AOTInductor package could not be loaded: {reason}") from exc
         meta = self._compiled.get_metadata()
-        if "denseclip_fast.image_size" not in meta:
-            raise ValueError(f"{path} is not a denseclip_fast package (no denseclip_fast metadata)")
         self.metadata = {
             k.removeprefix("denseclip_fast."): v for k, v in meta.items() if k.startswith("denseclip_fast.")
         }
