@@ -507,6 +507,24 @@ def test_no_tf32_is_process_wide_and_restores_on_the_last_exit():
         segmenter._set_tf32(saved)
 
 
+def test_results_are_ordinary_tensors(model):
+    """What the engine returns can be edited in place and used in autograd, as any tensor: not inference tensors
+    (torch.inference_mode's, which refuse both with a RuntimeError outside it)."""
+    seg = _engine(model)
+    images = torch.randint(0, 256, (1, 40, 56, 3), dtype=torch.uint8)
+    logits, labels = seg.logits(images), seg.predict(images)
+    scores, open_labels = seg.open_vocab(images, ["cat", "dog"]), seg.predict(images, ["cat", "dog"])
+    for out in (logits, labels, scores, open_labels):
+        assert isinstance(out, torch.Tensor) and not out.is_inference() and not out.requires_grad
+    labels[labels == 0] = 1  # in place
+    before = logits.clone()
+    logits.add_(1.0)
+    weight = torch.ones(1, requires_grad=True)
+    (scores * weight).sum().backward()  # saved for backward
+    assert weight.grad is not None and torch.allclose(weight.grad, scores.sum().reshape(1))
+    assert torch.equal(seg.logits(images), before)  # and the edit reached no buffer the engine reuses
+
+
 def test_a_callers_autocast_does_not_reach_the_engine(model):
     """The engine computes in its own dtype: called inside the caller's bfloat16 autocast region, a float32 engine
     gives its float32 logits."""

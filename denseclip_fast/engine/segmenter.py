@@ -269,7 +269,7 @@ class Segmenter:
         self._check_sizes(batch)
         if not self.check_finite or batch.normalized is None:
             return batch, None
-        with torch.inference_mode():
+        with torch.no_grad():
             finite = torch.isfinite(batch.normalized).all()
         if batch.normalized.device.type == "cpu":
             self._finite_or_raise(finite)
@@ -308,7 +308,7 @@ class Segmenter:
     def _trained_head(self, images: Any, finish: Finish) -> torch.Tensor | list[torch.Tensor]:
         """The trained head's logits of ``images``, finished by ``finish`` (see _each_group)."""
         batch, finite = self._batch(images)
-        with self._lock, torch.inference_mode(), self._math():
+        with self._lock, torch.no_grad(), self._math():
             out = self._each_group(batch, self._run, finish)
         self._finite_or_raise(finite)
         return out
@@ -321,7 +321,7 @@ class Segmenter:
     def _open_vocab(self, images: Any, names: Sequence[str], finish: Finish) -> torch.Tensor | list[torch.Tensor]:
         check_class_names(names, distinct=True)  # before the cache key is made of them; tokens checked on a miss
         batch, finite = self._batch(images)
-        with self._lock, torch.inference_mode(), self._math():
+        with self._lock, torch.no_grad(), self._math():
             key = tuple(names)
             text = self._vocabularies.get(key)
             if text is None:
