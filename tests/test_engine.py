@@ -17,6 +17,7 @@ import denseclip_fast as dcf
 from denseclip_fast import DenseCLIP, Segmenter
 from denseclip_fast.engine import GraphCache, fold_batchnorm
 from denseclip_fast.engine.cpu_linear import use_onednn_linears
+from denseclip_fast.visualize import default_palette
 
 from .conftest import NAMES, randomized, rel_err, tiny_config
 
@@ -153,6 +154,20 @@ def test_predict_overlay_and_open_vocab(model):
     expected = F.interpolate(expected, size=(64, 96), mode="bilinear", align_corners=False)
     assert rel_err(scores, expected) < 1e-4
     assert seg.open_vocab(x, ["dog", "sky", "road", "grass", "car"]).shape == scores.shape  # cached vocabulary
+    # open-vocabulary labels go past the head's 4 classes: overlay takes the names (a palette of that many colours)
+    names = ["dog", "sky", "road", "grass", "car", "tree"]
+    open_labels = torch.full((40, 52), 5, dtype=torch.int64)
+    open_labels[:, :20] = 0
+    with pytest.raises(ValueError, match=r"labels go up to 5, past this segmenter's 4 classes: for the labels of "
+                                         r"predict\(images, names\), give overlay the same names"):  # fmt: skip
+        seg.overlay(image, open_labels)
+    colours = default_palette(len(names))
+    solid = seg.overlay(image, open_labels, alpha=1.0, names=names)
+    assert (solid[:, :20] == colours[0]).all() and (solid[:, 20:] == colours[5]).all()
+    with pytest.raises(ValueError, match="labels range 0..5 exceeds the palette of 5 colours"):
+        seg.overlay(image, open_labels, names=names[:5])
+    with pytest.raises(ValueError, match="class names must be a sequence of strings, got str"):
+        seg.overlay(image, open_labels, names="dog")
 
 
 @pytest.mark.parametrize("mode", ["whole", "slide"])

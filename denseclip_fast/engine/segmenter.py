@@ -352,13 +352,26 @@ class Segmenter:
     def class_names(self) -> list[str]:
         return self.model.class_names
 
-    def overlay(self, image: Any, labels: torch.Tensor | np.ndarray, alpha: float = 0.5) -> np.ndarray:
-        """Colour the label map over a uint8 (H, W, 3) image: the checkpoint's palette, else a generated one."""
+    def overlay(
+        self, image: Any, labels: torch.Tensor | np.ndarray, alpha: float = 0.5, names: Sequence[str] | None = None
+    ) -> np.ndarray:
+        """Colour the label map over a uint8 (H, W, 3) image: the trained head's labels in the checkpoint's palette
+        (else a generated one); with ``names``, the labels of ``predict(images, names)`` in a generated palette of
+        ``len(names)`` colours (the command line's open-vocabulary overlays)."""
         img = as_batch(image).raw
         if img is None or len(img) != 1:
             raise ValueError("overlay takes one uint8 (H, W, 3) image")
         labels = labels.cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
-        palette = self.model.palette or default_palette(self.model.num_classes)
+        if names is None:
+            palette = self.model.palette or default_palette(self.model.num_classes)
+            if labels.dtype.kind in "iu" and labels.size and labels.max() >= len(palette):
+                raise ValueError(
+                    f"labels go up to {labels.max()}, past this segmenter's {len(palette)} classes: for the labels "
+                    "of predict(images, names), give overlay the same names"
+                )
+        else:
+            check_class_names(names)
+            palette = default_palette(len(names))
         return blend(img[0].numpy(), labels, palette, alpha)
 
     @property
