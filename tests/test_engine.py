@@ -17,6 +17,7 @@ import denseclip_fast as dcf
 from denseclip_fast import DenseCLIP, Segmenter
 from denseclip_fast.engine import GraphCache, fold_batchnorm
 from denseclip_fast.engine.cpu_linear import use_onednn_linears
+from denseclip_fast.preprocess import load_image
 from denseclip_fast.visualize import default_palette
 
 from .conftest import NAMES, randomized, rel_err, tiny_config
@@ -249,14 +250,22 @@ def test_labels_break_ties_and_nans_as_argmax(monkeypatch):
         assert torch.equal(segmenter.labels(scores, (11, 13)), expected), step
 
 
-def test_16_bit_pil_images_keep_their_high_byte(model):
+def test_16_bit_pil_images_keep_their_high_byte(model, tmp_path):
     """A 16-bit grey PIL image is read as OpenCV (and load_image) reads the file: its high byte, not clipped to 255
-    by Pillow's RGB conversion."""
+    by Pillow's RGB conversion; also one Pillow opens from a file as a 32-bit integer image (mode "I": a 16-bit PGM
+    with Pillow 13, a 16-bit PNG with older Pillows)."""
     seg = _engine(model)
     grey = np.full((40, 44), 40000, np.uint16)
     grey[:, :20] = 2000
     expected = seg.logits(np.repeat((grey >> 8).astype(np.uint8)[:, :, None], 3, axis=2))
     assert torch.equal(seg.logits(Image.fromarray(grey)), expected)
+    Image.fromarray(grey).save(tmp_path / "grey16.pgm")
+    Image.fromarray(grey.astype(np.int32)).save(tmp_path / "grey32.tif")  # mode "I" whichever Pillow
+    for name in ("grey16.pgm", "grey32.tif"):
+        with Image.open(tmp_path / name) as opened:
+            assert opened.mode in ("I", "I;16", "I;16B"), (name, opened.mode)
+            assert torch.equal(seg.logits(opened), expected), name
+        assert torch.equal(seg.logits(load_image(tmp_path / name)), expected), name
 
 
 def test_threads_take_turns(model):

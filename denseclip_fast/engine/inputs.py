@@ -40,7 +40,9 @@ class ImageBatch:
 
 def _uint8_image(x: Any, where: str) -> torch.Tensor:
     if hasattr(x, "convert") and hasattr(x, "size"):  # a PIL image
-        x = pil_to_rgb(x, where)
+        # opened from a file (format set), a 32-bit integer image is one of 16 bits (Pillow 13 opens a 16-bit PGM,
+        # older Pillows a 16-bit PNG, as "I"), as load_image reads it; made in memory, Pillow's conversion
+        x = pil_to_rgb(x, where, int32_is_16_bit=getattr(x, "format", None) is not None)
     if isinstance(x, np.ndarray):
         if x.dtype != np.uint8:
             raise ValueError(f"{where}: numpy images must be uint8 (H, W, 3), got dtype {x.dtype}")
