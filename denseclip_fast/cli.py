@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .checkpoints import CheckpointError, ClassCountError
-from .checkpoints.io import written_atomically
+from .checkpoints.io import excerpt, out_of_memory, written_atomically
 from .export.onnx import ONNXExportUnavailable
 from .export.tensorrt import TensorRTUnavailable
 from .ops.backends import BackendUnavailable
@@ -271,15 +271,15 @@ def _warn_if_huge(path: str, size: tuple[int, int]) -> None:
 
 
 def _parse_size(text: str) -> tuple[int, int]:
-    from .config import MIN_IMAGE_SIDE
+    from .config import MAX_EXPORT_SIDE, MIN_IMAGE_SIDE
 
     parts = text.lower().split("x")
     # isdecimal, not isdigit: int() refuses digits such as "²"
     if len(parts) not in (1, 2) or not all(p.strip().isdecimal() for p in parts):
         raise ValueError(f"--image-size must be N or HxW (e.g. 512 or 512x1024), got {text!r}")
     sizes = [int(p) for p in parts]
-    if min(sizes) < MIN_IMAGE_SIDE:
-        raise ValueError(f"--image-size must be at least {MIN_IMAGE_SIDE} on each side, got {text!r}")
+    if min(sizes) < MIN_IMAGE_SIDE or max(sizes) > MAX_EXPORT_SIDE:
+        raise ValueError(f"--image-size must be {MIN_IMAGE_SIDE} to {MAX_EXPORT_SIDE} on each side, got {text!r}")
     return (sizes[0], sizes[-1])
 
 
@@ -658,6 +658,10 @@ def main(argv: Sequence[str] | None = None, die_by_signal: bool = False) -> int:
               file=sys.stderr)  # fmt: skip
     except MemoryError as exc:  # e.g. a weight file too large for this machine (its reader names the file)
         message = str(exc) or "out of memory"
+    except RuntimeError as exc:  # torch's allocators: "can't allocate memory", "CUDA out of memory"
+        if not out_of_memory(exc):
+            raise
+        message = f"out of memory: {excerpt(exc)}"
     except OSError as exc:  # FileNotFoundError, PermissionError, IsADirectoryError, a full disk ...
         message = _os_error(exc)
     finally:

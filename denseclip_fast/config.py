@@ -22,6 +22,8 @@ CUSTOM_ARCH = "custom"  # the arch of any configuration that is not one of the r
 ACTIVATIONS = ("quick_gelu", "gelu")
 CLIP_VOCAB_SIZE = 49408  # CLIP's BPE vocabulary: the tokenizer's ids run to 49407 (EOT)
 MIN_IMAGE_SIDE = 32  # the stride-32 level must keep at least one pixel
+# an exported graph's fixed image size, at most: its output alone (150 float32 score maps of 8192 x 8192) is 40 GB
+MAX_EXPORT_SIDE = 8192
 
 
 @dataclass(frozen=True)

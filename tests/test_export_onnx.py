@@ -236,8 +236,10 @@ def test_unsupported_export_requests_say_what_is_wrong(tiny, tmp_path):
         to_onnx(tiny, tmp_path / "x.onnx", dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="opset must be in 18..20, got 17"):
         to_onnx(tiny, tmp_path / "x.onnx", opset=17)
-    with pytest.raises(ValueError, match="image_size must be at least 32"):
+    with pytest.raises(ValueError, match=r"image_size must be 32 to 8192 on each side, got \(16, 16\)"):
         to_onnx(tiny, tmp_path / "x.onnx", image_size=16)
+    with pytest.raises(ValueError, match=r"image_size must be 32 to 8192 on each side, got \(64, 99999999\)"):
+        to_onnx(tiny, tmp_path / "x.onnx", image_size=(64, 99999999))
     with pytest.raises(ValueError, match=r"image_size must be an int or \(H, W\)"):
         to_onnx(tiny, tmp_path / "x.onnx", image_size=(64, 64, 3))
     with pytest.raises(ValueError, match="model must be a denseclip_fast.DenseCLIP"):

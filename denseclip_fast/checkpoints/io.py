@@ -247,14 +247,20 @@ def _torch_load(path: str, size: int) -> Any:
 _OUT_OF_MEMORY = ("can't allocate memory", "not enough memory", "out of memory")
 
 
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is running out of memory: a MemoryError, or torch's allocators failing (a RuntimeError:
+    "DefaultCPUAllocator: can't allocate memory", torch.OutOfMemoryError's "CUDA out of memory")."""
+    allocator = isinstance(exc, RuntimeError) and any(m in str(exc) for m in _OUT_OF_MEMORY)
+    return isinstance(exc, MemoryError) or allocator
+
+
 def _out_of_memory(exc: BaseException, path: str, size: int) -> Exception | None:
     """When ``exc`` is running out of memory (a MemoryError, or torch's allocator failing: a RuntimeError
     "DefaultCPUAllocator: can't allocate memory"): a MemoryError naming the file, as that says nothing about the
     file and must not read as "not a valid checkpoint"; but a CheckpointError when a single allocation was larger
     than the whole file, which no valid file asks for (a legacy torch file declares its storages' sizes). Else
     None."""
-    allocator = isinstance(exc, RuntimeError) and any(m in str(exc) for m in _OUT_OF_MEMORY)
-    if not (isinstance(exc, MemoryError) or allocator):
+    if not out_of_memory(exc):
         return None
     asked = re.search(r"allocate (\d+) bytes", str(exc))
     if asked and int(asked.group(1)) > size:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..checkpoints.io import path_argument, written_atomically
-from ..config import MIN_IMAGE_SIDE
+from ..config import MAX_EXPORT_SIDE, MIN_IMAGE_SIDE
 from ..engine.rewrite import prepare_for_inference
 from ..model import DenseCLIP
 from ..validation import check_writable_file
@@ -70,8 +70,8 @@ def check_image_size(model: DenseCLIP, image_size: int | Sequence[int] | None) -
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     if len(size) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) for s in size):
         raise ValueError(f"image_size must be an int or (H, W) ints, got {image_size!r}")
-    if min(size) < MIN_IMAGE_SIDE:
-        raise ValueError(f"image_size must be at least {MIN_IMAGE_SIDE} on each side, got {size}")
+    if min(size) < MIN_IMAGE_SIDE or max(size) > MAX_EXPORT_SIDE:
+        raise ValueError(f"image_size must be {MIN_IMAGE_SIDE} to {MAX_EXPORT_SIDE} on each side, got {size}")
     return size[0], size[1]
 
 
