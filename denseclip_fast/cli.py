@@ -74,16 +74,35 @@ def _classes_for(model: Any, names: list[str], count_hint: str | None) -> list[s
     return names
 
 
-def cmd_info(args: argparse.Namespace) -> int:
-    from . import load_checkpoint
+UNNAMED = "class"  # what a file that names no classes calls them where their names play no part
 
-    model = load_checkpoint(args.checkpoint)
+
+def _load_model(path: str, unnamed: str) -> Any:
+    """load_checkpoint(path) for a command. A file that names no classes (a bare state dict whose head has other
+    than ADE20K's 150 outputs) is loaded with its K classes called UNNAMED when ``unnamed`` is "" (info; --classes
+    names them next; open-vocabulary scoring, where the head's names play no part); else the error says to give
+    their names with --classes, ``unnamed`` saying why they are needed."""
+    from . import load_checkpoint
+    from .checkpoints import UnnamedClassesError
+
+    try:
+        return load_checkpoint(path)
+    except UnnamedClassesError as exc:
+        if unnamed:
+            raise ValueError(f"{path}: the file names no classes and its head has {exc.outputs} outputs: give their "
+                             f"{exc.outputs} names with --classes ({unnamed})") from None  # fmt: skip
+        return load_checkpoint(path, class_names=[UNNAMED] * exc.outputs)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    model = _load_model(args.checkpoint, "")
+    named = model.class_names != [UNNAMED] * model.num_classes
     counts = model.parameter_counts()
     info = {
         "checkpoint": args.checkpoint,
         "arch": model.config.arch,
         "num_classes": model.num_classes,
-        "classes": model.class_names,
+        "classes": model.class_names if named else None,
         "parameters": counts["total"],
         "parameters_without_text_encoder": counts["without_text_encoder"],
         "config": model.config.to_dict(),
@@ -92,6 +111,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=2))
         return 0
     shown = ", ".join(model.class_names[:10]) + (" ..." if model.num_classes > 10 else "")
+    shown = shown if named else "(the file names none)"
     print(f"checkpoint   {args.checkpoint}")
     print(f"arch         {model.config.arch}")
     print(f"classes      {model.num_classes}: {shown}")
@@ -198,7 +218,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from PIL import Image
     from tqdm import tqdm
 
-    from . import Segmenter, load_checkpoint
+    from . import Segmenter
     from .model.denseclip import check_test_image_size
     from .preprocess import image_files, load_image
     from .validation import check_writable_dir
@@ -217,7 +237,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     if args.open_vocab and args.classes is None:
         raise ValueError("--open-vocab needs --classes")
     given = _parse_classes(args.classes, distinct=args.open_vocab) if args.classes is not None else None
-    model = load_checkpoint(args.checkpoint)
+    model = _load_model(args.checkpoint, "" if given is not None else "the labels and overlays are the trained head's")
     names = None
     if given is not None:
         if args.open_vocab:
@@ -375,7 +395,7 @@ def _check_export_options(args: argparse.Namespace, dtype: torch.dtype) -> None:
 def cmd_export(args: argparse.Namespace) -> int:
     import torch
 
-    from . import export, load_checkpoint
+    from . import export
     from .export.aoti import DEFAULT_MAX_BATCH
     from .export.onnx import DEFAULT_OPSET
     from .export.tensorrt import DEFAULT_BATCH
@@ -400,7 +420,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             raise ValueError("--out is the engine file for --format tensorrt (e.g. model.engine); the ONNX graph is "
                              "written next to it with the .onnx suffix")  # fmt: skip
         check_writable_file(os.path.splitext(args.out)[0] + ".onnx", "--out's ONNX graph", create_parents=True)
-    model = load_checkpoint(args.checkpoint)
+    model = _load_model(args.checkpoint, "" if names is not None else "the exported graphs carry them")
     if names is not None:
         model.set_classes(_classes_for(model, names, "the exported graphs keep the trained head (segment "
                                                      "--open-vocab scores any number of names)"))  # fmt: skip

@@ -579,6 +579,35 @@ def test_warnings_print_as_one_line(tmp_path):
     assert "warnings.warn(" not in result.stderr
 
 
+def test_a_file_that_names_no_classes_takes_them_from_classes(images, tmp_path, capsys):
+    """A bare state dict whose head is not ADE20K's names no classes: info says so, --classes names them (segment,
+    export), open-vocabulary scoring needs none of them, and without --classes the error says to give them."""
+    bare = tmp_path / "bare.pth"
+    torch.manual_seed(0)
+    torch.save(DenseCLIP(tiny_config("resnet"), NAMES).state_dict(), bare)
+    assert main(["info", str(bare)]) == 0
+    assert "classes      4: (the file names none)" in capsys.readouterr().out
+    assert main(["info", "--json", str(bare)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["num_classes"] == 4 and info["classes"] is None
+    seg = ["segment", "--checkpoint", str(bare), "--device", "cpu", str(images[0])]
+    assert main([*seg, "--out", str(tmp_path / "none")]) == 2
+    assert capsys.readouterr().err == (f"denseclip-fast: error: {bare}: the file names no classes and its head has 4 "
+                                       "outputs: give their 4 names with --classes (the labels and overlays are the "
+                                       "trained head's)\n")  # fmt: skip
+    assert not (tmp_path / "none").exists()
+    assert main([*seg, "--classes", "sky,road,cat,bed", "--out", str(tmp_path / "named")]) == 0
+    assert main([*seg, "--classes", "sky,road", "--out", str(tmp_path / "few")]) == 2
+    assert "--classes needs exactly 4 names (the checkpoint's head has 4 outputs), got 2" in capsys.readouterr().err
+    assert main([*seg, "--open-vocab", "--classes", "sky,road", "--out", str(tmp_path / "open")]) == 0
+    assert sorted(os.listdir(tmp_path / "open")) == ["a_labels.png", "a_overlay.png"]
+    labels = np.asarray(Image.open(tmp_path / "named" / "a_labels.png"))
+    assert labels.shape == (48, 64) and labels.max() < 4
+    onnx = ["export", "--checkpoint", str(bare), "--format", "onnx", "--out", str(tmp_path / "m.onnx")]
+    assert main(onnx) == 2
+    assert "give their 4 names with --classes (the exported graphs carry them)" in capsys.readouterr().err
+
+
 def test_out_of_memory_is_one_line(checkpoint, monkeypatch, capsys):
     """A weight file too large for the machine (its reader raises MemoryError naming it) is one line, exit 2."""
     import denseclip_fast

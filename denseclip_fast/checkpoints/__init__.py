@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from ..config import DenseCLIPConfig
     from ..model import DenseCLIP
 
-__all__ = ["CheckpointError", "ClassCountError", "load_checkpoint"]
+__all__ = ["CheckpointError", "ClassCountError", "UnnamedClassesError", "load_checkpoint"]
 
 
 class ClassCountError(ValueError):
@@ -36,6 +36,15 @@ class ClassCountError(ValueError):
     def __init__(self, given: int, outputs: int) -> None:
         self.given, self.outputs = given, outputs
         super().__init__(f"class_names has {given} names but the checkpoint's head has {outputs} outputs")
+
+
+class UnnamedClassesError(CheckpointError):
+    """A file that names no classes, whose head has ``outputs`` of them (other than ADE20K's 150): load_checkpoint
+    needs ``class_names``."""
+
+    def __init__(self, path: str, outputs: int) -> None:
+        self.outputs = outputs
+        super().__init__(path, f"the file names no classes and its head has {outputs} outputs: pass class_names=[...]")
 
 
 def load_checkpoint(
@@ -51,7 +60,8 @@ def load_checkpoint(
             else the 150 ADE20K classes when K is 150.
 
     Raises:
-        CheckpointError: unreadable, unsafe or inconsistent file (the message names the file and the reason).
+        CheckpointError: unreadable, unsafe or inconsistent file (the message names the file and the reason);
+            UnnamedClassesError when the file names no classes and ``class_names`` is None (unless K is 150).
         ValueError: ``path`` not a str or os.PathLike; ``class_names`` not a list of strings, of the wrong length
             (ClassCountError) or with a name longer than 3 BPE tokens.
     """
@@ -184,7 +194,7 @@ def _official_names(meta: Mapping[str, Any], k: int, path: str) -> list[str]:
             stacklevel=3,
         )
         return list(ADE20K_CLASSES)
-    raise CheckpointError(path, f"the file names no classes and its head has {k} outputs: pass class_names=[...]")
+    raise UnnamedClassesError(path, k)
 
 
 def _palette(palette: Any, k: int, path: str) -> list[tuple[int, int, int]] | None:
