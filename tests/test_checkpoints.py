@@ -686,6 +686,26 @@ def test_truncated_files(tmp_path, official_file):
         assert "\n" not in str(err.value)
 
 
+def test_damage_inside_a_tensor_is_refused_by_the_archives_crc(tmp_path, official_file):
+    """torch.load does not check a zip entry's CRC-32: bytes damaged inside a tensor's data loaded as wrong weights.
+    The reader checks every entry first and names the damaged one."""
+    state = torch.load(official_file, weights_only=True)
+    name = "decode_head.conv_seg.weight"
+    head = state["state_dict"][name]
+    state["state_dict"][name] = torch.arange(1000.0, 1000.0 + head.numel()).reshape(head.shape)
+    intact = tmp_path / "intact.pth"
+    torch.save(state, intact)
+    data = bytearray(intact.read_bytes())
+    at = data.find(struct.pack("<4f", 1000.0, 1001.0, 1002.0, 1003.0))
+    assert at > 0 and data.find(struct.pack("<4f", 1000.0, 1001.0, 1002.0, 1003.0), at + 1) == -1
+    data[at + 4 : at + 8] = struct.pack("<f", 7.0)  # the head's second weight, 1001, now reads 7
+    damaged = tmp_path / "damaged.pth"
+    damaged.write_bytes(bytes(data))
+    assert dcf.load_checkpoint(intact).state_dict()[name].flatten()[1] == 1001.0
+    with pytest.raises(CheckpointError, match=r"damaged.pth: corrupt: its entry '.*/data/\d+' fails the CRC-32 check"):
+        dcf.load_checkpoint(damaged)
+
+
 def test_missing_file_and_directory(tmp_path):
     with pytest.raises(CheckpointError, match="nope.pth: no such file"):
         dcf.load_checkpoint(tmp_path / "nope.pth")

@@ -1,7 +1,8 @@
 """Reading weight files without ever executing code from them.
 
 * torch files (zip or legacy pickle) go through ``torch.load(weights_only=True)``: tensors, plain containers and
-  numpy arrays/scalars (mmcv's ``meta`` may hold them) only.
+  numpy arrays/scalars (mmcv's ``meta`` may hold them) only; a zip file's entries are checked against their CRC-32s
+  first (torch.load does not check them).
 * TorchScript archives (OpenAI's CLIP ``.pt`` files) are read by :class:`_TorchScriptUnpickler`, which rebuilds
   tensors from the archive's storages and turns every scripted module into a plain record. No TorchScript code,
   no ``__setstate__`` of the archive and no global outside a short allowlist is ever run.
@@ -176,6 +177,8 @@ def read_weight_file(path: str | os.PathLike[str]) -> WeightFile:
             return WeightFile("torchscript", tensors=_read_torchscript(path, size))
         for entry in entries or ():  # torch.save writes every entry stored; torch.load would inflate any other
             _check_stored(entry, path, size)
+        if entries is not None:
+            _check_crcs(path)
         return WeightFile("torch", obj=_checked_views(_torch_load(path, size), path))
     # safetensors: an 8-byte little-endian header length, then the JSON header. Tested before the pickle marker: the
     # length's first byte is 0x80 for one header length in 32 (they are multiples of 8), and torch.save's legacy
@@ -288,6 +291,20 @@ def _check_stored(entry: zipfile.ZipInfo, path: str, size: int) -> None:
     if max(entry.file_size, entry.compress_size) > size:
         raise CheckpointError(path, f"truncated or corrupt: its zip entry {entry.filename!r} declares "
                                     f"{entry.file_size} bytes but the file has {size} bytes in all")  # fmt: skip
+
+
+def _check_crcs(path: str) -> None:
+    """CheckpointError naming the first entry of a torch zip file whose bytes fail the CRC-32 the archive stores for
+    it: torch.load does not check them, so damage inside a tensor's data (a failing disk, a copy that went wrong)
+    loaded as wrong weights. One read of the file, whose entries are stored (a fraction of a second per 100 MB)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (OSError, zipfile.BadZipFile, EOFError):  # torch.load reports the damage
+        return
+    if bad is not None:
+        raise CheckpointError(path, f"corrupt: its entry {bad!r} fails the CRC-32 check the archive stores for it (the "
+                                    "file was damaged after it was written); copy or download it again")  # fmt: skip
 
 
 def _checked_views(obj: Any, path: str) -> Any:
