@@ -706,6 +706,31 @@ def test_damage_inside_a_tensor_is_refused_by_the_archives_crc(tmp_path, officia
         dcf.load_checkpoint(damaged)
 
 
+def test_weights_that_load_state_dict_would_cast_or_copy_without_a_word_are_refused(tmp_path, official_file):
+    """Integer, boolean or complex tensors where the model has floating-point weights (load_state_dict casts them),
+    and NaN or infinite weights (which segment as all one class): a CheckpointError naming the tensors. float16
+    weights and a float num_batches_tracked load."""
+    state = torch.load(official_file, weights_only=True)
+    sd = state["state_dict"]
+    head, gamma = "decode_head.conv_seg.weight", "gamma"
+    edits = {
+        "ints": ({head: sd[head].to(torch.int8)}, rf"not floating point \(1\): {head}: checkpoint torch.int8 vs "
+                                                   r"model torch.float32"),
+        "bools": ({head: sd[head] > 0, gamma: sd[gamma].to(torch.complex64)}, r"not floating point \(2\): "),
+        "nan": ({head: sd[head].clone().index_fill_(0, torch.tensor([1]), float("nan"))},
+                rf"NaN or infinite values \(1\): {head}$"),
+        "inf": ({gamma: torch.full_like(sd[gamma], float("inf"))}, rf"NaN or infinite values \(1\): {gamma}$"),
+    }
+    for name, (changes, message) in edits.items():
+        path = _save_state(tmp_path, {**sd, **changes}, meta=state["meta"], name=f"{name}.pth")
+        with pytest.raises(CheckpointError, match=message):
+            dcf.load_checkpoint(path)
+    bn = next(k for k in sd if k.endswith("num_batches_tracked"))
+    fine = {k: (v.half() if v.is_floating_point() else v.float() if k == bn else v) for k, v in sd.items()}
+    model = dcf.load_checkpoint(_save_state(tmp_path, fine, meta=state["meta"], name="fine.pth"))
+    assert torch.equal(model.state_dict()[head], sd[head].half().float())
+
+
 def test_missing_file_and_directory(tmp_path):
     with pytest.raises(CheckpointError, match="nope.pth: no such file"):
         dcf.load_checkpoint(tmp_path / "nope.pth")

@@ -199,18 +199,21 @@ def key_listing(keys: list[str], limit: int = 20) -> str:
 
 
 def state_problems(
-    expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor], label: str = "", optional: str = ""
+    expected: Mapping[str, torch.Tensor],
+    given: Mapping[str, torch.Tensor],
+    label: str = "",
+    optional: str = "",
+    values: bool = True,
 ) -> list[str]:
     """What keeps ``given`` from loading into a module whose state dict is ``expected``: missing keys (except those
-    starting with ``optional``), unexpected keys and shape mismatches, each as one readable phrase. ``label`` is
-    prepended to the key names in the messages."""
+    starting with ``optional``), unexpected keys and shape mismatches, and with ``values`` what load_state_dict
+    would cast or copy without a word: integer, boolean or complex tensors for floating-point weights, and NaN or
+    infinite values; each as one readable phrase. ``label`` is prepended to the key names in the messages."""
     missing = sorted(k for k in expected if k not in given and not (optional and k.startswith(optional)))
     unexpected = sorted(k for k in given if k not in expected)
-    mismatched = [
-        f"{label}{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
-        for k, v in given.items()
-        if k in expected and tuple(v.shape) != tuple(expected[k].shape)
-    ]
+    shared = [(k, v, expected[k]) for k, v in given.items() if k in expected]
+    mismatched = [f"{label}{k}: checkpoint {tuple(v.shape)} vs model {tuple(e.shape)}"
+                  for k, v, e in shared if tuple(v.shape) != tuple(e.shape)]  # fmt: skip
     problems = []
     if missing:
         problems.append(f"missing keys ({len(missing)}): {key_listing([label + k for k in missing])}")
@@ -218,13 +221,23 @@ def state_problems(
         problems.append(f"unexpected keys ({len(unexpected)}): {key_listing([label + k for k in unexpected])}")
     if mismatched:
         problems.append(f"shape mismatch ({len(mismatched)}): {key_listing(mismatched, 10)}")
+    if not values:
+        return problems
+    kinds = [f"{label}{k}: checkpoint {v.dtype} vs model {e.dtype}"
+             for k, v, e in shared if e.is_floating_point() and not v.is_floating_point()]  # fmt: skip
+    if kinds:
+        problems.append(f"not floating point ({len(kinds)}): {key_listing(kinds, 10)}")
+    broken = [label + k for k, v, _ in shared
+              if v.is_floating_point() and not v.is_meta and not bool(torch.isfinite(v).all())]  # fmt: skip
+    if broken:
+        problems.append(f"NaN or infinite values ({len(broken)}): {key_listing(broken)}")
     return problems
 
 
 def load_state_strict(model: nn.Module, sd: Mapping[str, torch.Tensor], path: str) -> None:
     """Load every tensor of ``sd`` into ``model``: any missing or unexpected key, or any shape mismatch, is a
-    CheckpointError that lists them."""
-    problems = state_problems(model.state_dict(), sd)
+    CheckpointError that lists them. The values are not checked again (load_checkpoint's _check_model_fits did)."""
+    problems = state_problems(model.state_dict(), sd, values=False)
     if problems:
         raise CheckpointError(path, "; ".join(problems))
     model.load_state_dict(dict(sd), strict=True)
