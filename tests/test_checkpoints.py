@@ -241,6 +241,11 @@ def test_native_round_trip(tmp_path, official_file):
     gelu = dcf.DenseCLIP(tiny_config("vit").replace(activation="gelu"), NAMES)
     gelu.save(tmp_path / "gelu.safetensors")
     assert dcf.load_checkpoint(tmp_path / "gelu.safetensors").config.activation == "gelu"  # kept with the weights
+    # a file name of bytes that are not UTF-8 (Linux allows any): safetensors opens only UTF-8 paths, so such a file
+    # loaded as "corrupt or truncated"
+    odd = tmp_path / os.fsdecode(b"model_\xff.safetensors")
+    model.save(odd)
+    assert torch.equal(dcf.load_checkpoint(odd)(x), loaded(x))
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".bin"])

@@ -358,12 +358,21 @@ def _check_views(tensors: list[tuple[Any, torch.Tensor]], path: str) -> None:
 def _read_safetensors(path: str) -> WeightFile:
     from safetensors import safe_open
 
-    try:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            metadata = dict(f.metadata() or {})
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
-    except Exception as exc:  # safetensors raises its own SafetensorError / OSError variants
-        raise CheckpointError(path, f"corrupt or truncated safetensors file ({exc})") from None
+    with contextlib.ExitStack() as stack:
+        opened = path
+        try:
+            path.encode("utf-8")
+        except UnicodeEncodeError:  # a name of bytes that are not UTF-8: safetensors takes only UTF-8 paths
+            descriptor = stack.enter_context(open(path, "rb")).fileno()
+            opened = f"/proc/self/fd/{descriptor}"  # the open file, by a path safetensors can take (Linux)
+            if not os.path.exists(opened):
+                raise CheckpointError(path, "the safetensors library opens only UTF-8 file names; rename the file")
+        try:
+            with safe_open(opened, framework="pt", device="cpu") as f:
+                metadata = dict(f.metadata() or {})
+                tensors = {name: f.get_tensor(name) for name in f.keys()}
+        except Exception as exc:  # safetensors raises its own SafetensorError / OSError variants
+            raise CheckpointError(path, f"corrupt or truncated safetensors file ({exc})") from None
     return WeightFile("safetensors", tensors=tensors, metadata=metadata)
 
 
