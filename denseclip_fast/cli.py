@@ -311,6 +311,10 @@ def _parse_batch(text: str) -> tuple[int, int, int]:
     return low, opt, high
 
 
+# --verify's bound on the relative error of the graph in ONNX Runtime against the float32 model (as the export tests)
+VERIFY_TOLERANCE = {"float32": 1e-4, "float16": 2e-2}
+
+
 def _verify_onnx(path: str, model: object, graph: str) -> float:
     """Relative error of the ONNX graph in ONNX Runtime against the float32 PyTorch model on a random input."""
     import json as _json
@@ -438,6 +442,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.verify:
         err = _verify_onnx(str(path), model, args.graph)
         print(f"ONNX Runtime vs PyTorch (float32): relative error {err:.2e}")
+        tolerance = VERIFY_TOLERANCE[str(dtype).removeprefix("torch.")]
+        if not err <= tolerance:  # NaN too
+            raise ValueError(f"--verify: the graph's output is off by a relative error of {err:.2e}, more than the "
+                             f"{tolerance:.0e} a {str(dtype).removeprefix('torch.')} graph stays within: {path} does "
+                             "not compute what the checkpoint does (a bug: please report it)")  # fmt: skip
     if args.format == "tensorrt":
         engine = export.build_tensorrt_engine(path, out, fp16=args.fp16 or dtype == torch.float16, bf16=args.bf16,
                                               batch=batch)  # fmt: skip

@@ -188,7 +188,7 @@ def test_console_script_is_installed():
     assert "segment" in result.stdout and "info" in result.stdout
 
 
-def test_export_onnx_with_verification(checkpoint, tmp_path, capsys):
+def test_export_onnx_with_verification(checkpoint, tmp_path, capsys, monkeypatch):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
     out = tmp_path / "tiny.onnx"
@@ -204,6 +204,15 @@ def test_export_onnx_with_verification(checkpoint, tmp_path, capsys):
     meta = read_metadata(out)
     assert json.loads(meta["class_names"]) == ["sky", "dog", "tree", "road"]
     assert json.loads(meta["image_size"]) == [64, 96]
+    from denseclip_fast import cli
+
+    for off in (3e-4, float("nan")):  # a graph that does not compute what the model does fails the command
+        monkeypatch.setattr(cli, "_verify_onnx", lambda *args, off=off: off)
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert err == (f"denseclip-fast: error: --verify: the graph's output is off by a relative error of {off:.2e}, "
+                       f"more than the 1e-04 a float32 graph stays within: {out} does not compute what the checkpoint "
+                       "does (a bug: please report it)\n")  # fmt: skip
 
 
 def test_export_verifies_a_symlinked_graph_with_its_weights_file(checkpoint, tmp_path, capsys, monkeypatch):
