@@ -685,6 +685,10 @@ def main(argv: Sequence[str] | None = None, die_by_signal: bool = False) -> int:
         hint = " (--resume auto continues it from its last checkpoint, if it saved one)" if train else ""
         print(f"denseclip-fast: {'terminated' if interrupted == signal.SIGTERM else 'interrupted'}{hint}",
               file=sys.stderr)  # fmt: skip
+    except BrokenPipeError:  # the reader of stdout went away (info --json | head -1): quietly, as a C tool dies
+        with contextlib.suppress(OSError, ValueError):  # no second error when the interpreter flushes stdout at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        interrupted = signal.SIGPIPE
     except MemoryError as exc:  # e.g. a weight file too large for this machine (its reader names the file)
         message = str(exc) or "out of memory"
     except RuntimeError as exc:  # torch's allocators: "can't allocate memory", "CUDA out of memory"

@@ -617,6 +617,29 @@ def test_a_file_that_names_no_classes_takes_them_from_classes(images, tmp_path, 
     assert "give their 4 names with --classes (the exported graphs carry them)" in capsys.readouterr().err
 
 
+def test_a_reader_that_goes_away_ends_the_command_quietly(checkpoint, monkeypatch, capsys):
+    """info --json | head -1: the command dies by SIGPIPE without a word, as a C tool does (it printed "error: [Errno
+    32] Broken pipe" and exited 2); main() returns 141 (128 + SIGPIPE)."""
+    import signal
+
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first write
+    try:
+        command = [sys.executable, "-c", "from denseclip_fast.cli import run; run()", "info", "--json", str(checkpoint)]
+        done = subprocess.run(command, stdout=write, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write)
+    assert done.returncode == -signal.SIGPIPE and done.stderr == "", (done.returncode, done.stderr)
+    from denseclip_fast import cli
+
+    def broken(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(cli, "cmd_info", broken)  # the parser takes the command's function when it is built
+    assert main(["info", str(checkpoint)]) == 128 + signal.SIGPIPE
+    assert capsys.readouterr().err == ""
+
+
 def test_out_of_memory_is_one_line(checkpoint, monkeypatch, capsys):
     """A weight file too large for the machine (its reader raises MemoryError naming it) is one line, exit 2."""
     import denseclip_fast
