@@ -136,6 +136,11 @@ def _device(args: argparse.Namespace) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    """"float32" for torch.float32: the options' spelling."""
+    return str(dtype).removeprefix("torch.")
+
+
 def _dtype(args: argparse.Namespace, device: str | None) -> torch.dtype:
     """--dtype as a torch dtype, checked against ``device`` (the engine's) before any work: float16 needs CUDA.
     Default bfloat16 on CUDA, float32 otherwise. ``device`` None: the dtype of export's ONNX graph, float32 (the
@@ -431,21 +436,21 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = args.out
     if args.format == "aoti":
         path = export.to_aoti(model, out, image_size=size, max_batch=max_batch, device=device, dtype=dtype)
-        print(f"wrote {path} (AOTInductor, {device}, {dtype}, batch 1..{max_batch})")
+        print(f"wrote {path} (AOTInductor, {device}, {_dtype_name(dtype)}, batch 1..{max_batch})")
         return 0
     onnx_path = out if args.format == "onnx" else os.path.splitext(out)[0] + ".onnx"
     path = export.to_onnx(model, onnx_path, graph=args.graph, image_size=size, dtype=dtype, opset=opset,
                           check_tensorrt=False)  # fmt: skip
     problems = export.tensorrt_problems(path)
     check = "all nodes supported" if not problems else f"{len(problems)} problem(s): " + "; ".join(problems[:5])
-    print(f"wrote {path} ({args.graph} graph, {dtype}, opset {opset}); TensorRT operator check: {check}")
+    print(f"wrote {path} ({args.graph} graph, {_dtype_name(dtype)}, opset {opset}); TensorRT operator check: {check}")
     if args.verify:
         err = _verify_onnx(str(path), model, args.graph)
         print(f"ONNX Runtime vs PyTorch (float32): relative error {err:.2e}")
-        tolerance = VERIFY_TOLERANCE[str(dtype).removeprefix("torch.")]
+        tolerance = VERIFY_TOLERANCE[_dtype_name(dtype)]
         if not err <= tolerance:  # NaN too
             raise ValueError(f"--verify: the graph's output is off by a relative error of {err:.2e}, more than the "
-                             f"{tolerance:.0e} a {str(dtype).removeprefix('torch.')} graph stays within: {path} does "
+                             f"{tolerance:.0e} a {_dtype_name(dtype)} graph stays within: {path} does "
                              "not compute what the checkpoint does (a bug: please report it)")  # fmt: skip
     if args.format == "tensorrt":
         engine = export.build_tensorrt_engine(path, out, fp16=args.fp16 or dtype == torch.float16, bf16=args.bf16,

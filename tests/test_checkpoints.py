@@ -201,6 +201,9 @@ def test_not_a_denseclip_state_dict(tmp_path):
     torch.save([1, 2, 3], path)
     with pytest.raises(CheckpointError, match="expected a state dict .* found list"):
         dcf.load_checkpoint(path)
+    torch.save({"state_dict": {}}, path)
+    with pytest.raises(CheckpointError, match=r"expected a state dict .* found an empty dict$"):
+        dcf.load_checkpoint(path)
 
 
 @pytest.mark.slow

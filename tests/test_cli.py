@@ -196,7 +196,7 @@ def test_export_onnx_with_verification(checkpoint, tmp_path, capsys, monkeypatch
             "--classes", "sky,dog,tree,road", "--verify"]  # fmt: skip
     assert main(args) == 0
     printed = capsys.readouterr().out
-    assert "TensorRT operator check: all nodes supported" in printed
+    assert f"wrote {out} (image graph, float32, opset 18); TensorRT operator check: all nodes supported" in printed
     err = float(printed.split("relative error ")[1].split()[0])
     assert err <= 1e-4
     from denseclip_fast.export import read_metadata

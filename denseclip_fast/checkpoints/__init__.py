@@ -164,9 +164,8 @@ def _official_state(wf: WeightFile, path: str) -> tuple[dict[str, torch.Tensor],
         meta = obj.get("meta")
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping) or not obj:
-        raise CheckpointError(
-            path, f"not a checkpoint: expected a state dict or {{'state_dict': ...}}, found {type(obj).__name__}"
-        )
+        found = f"an empty {type(obj).__name__}" if isinstance(obj, Mapping) else type(obj).__name__
+        raise CheckpointError(path, f"not a checkpoint: expected a state dict or {{'state_dict': ...}}, found {found}")
     sd = {str(k): v for k, v in obj.items()}
     if all(k.startswith("module.") for k in sd):  # saved from a DistributedDataParallel wrapper
         sd = {k[len("module."):]: v for k, v in sd.items()}
