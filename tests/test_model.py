@@ -98,14 +98,69 @@ def test_open_vocab_and_text_features(tiny):
 
 def test_class_embeddings_cached_and_invalidated(tiny):
     model = DenseCLIP(tiny.config, NAMES).eval()
-    first = model.class_embeddings()
-    assert model.class_embeddings() is first  # cached
+    first = model._class_embeddings()
+    assert model._class_embeddings() is first  # cached
+    given = model.class_embeddings()
+    assert given is not first and torch.equal(given, first)  # the caller's own copy
+    given.mul_(0.0)  # so an in-place edit of it (a normalisation) reaches no later forward
+    assert model._class_embeddings() is first and not torch.equal(first, given)
     with torch.no_grad():
         model.contexts.add_(1.0)  # in-place change: the cache must notice
-    second = model.class_embeddings()
+    second = model._class_embeddings()
     assert second is not first and not torch.allclose(first, second)
     model.load_state_dict(tiny.state_dict())
     assert torch.allclose(model.class_embeddings(), tiny.class_embeddings())
+
+
+def _text_path(model: DenseCLIP) -> torch.Tensor:
+    with torch.no_grad():
+        return model.text_encoder(model.class_tokens, model.contexts)
+
+
+def test_a_fused_optimizers_steps_are_not_missed_by_the_cache(tiny):
+    """A fused optimizer's step (AdamW(fused=True), the trainer's on CUDA) changes the weights without bumping
+    their version counters: an evaluation between training steps scored every later evaluation with the
+    embeddings cached at the first. A switch of mode drops the cache."""
+    model = DenseCLIP(tiny.config, NAMES)
+    model.load_state_dict(tiny.state_dict())
+    optimizer = torch.optim.AdamW([model.contexts], lr=0.1, fused=True)
+    model.eval()
+    before = model.class_embeddings()
+    model.train()
+    model(torch.randn(1, 3, 64, 64)).square().mean().backward()
+    versions = model.contexts._version
+    optimizer.step()
+    assert model.contexts._version == versions  # what the cache cannot see (else this test tests nothing)
+    model.eval()
+    after = model.class_embeddings()
+    assert not torch.allclose(after, before) and torch.equal(after, _text_path(model))
+
+
+def test_embeddings_are_cached_per_autocast_state(tiny):
+    """Embeddings cached in a bfloat16 autocast region are not those of a float32 forward after it (which then
+    depended on what ran before)."""
+    model = DenseCLIP(tiny.config, NAMES).eval()
+    model.load_state_dict(tiny.state_dict())
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(x)
+            assert model._class_embeddings().dtype == torch.bfloat16
+        assert model._class_embeddings().dtype == torch.float32
+        assert torch.equal(model.forward_features(x)["text_embeddings"], tiny.forward_features(x)["text_embeddings"])
+
+
+def test_an_eval_model_compiles_without_graph_breaks(tiny):
+    """torch.compile(fullgraph=True) of an eval model: the cache's key reads data pointers, which a compiled graph
+    cannot compare; inside one the embeddings are computed, not cached."""
+    model = DenseCLIP(tiny.config, NAMES).eval()
+    model.load_state_dict(tiny.state_dict())
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)  # the cache filled eagerly first: the compiled call must not read it
+        compiled = torch.compile(model, backend="eager", fullgraph=True)
+        torch.testing.assert_close(compiled(x), expected)
+        torch.testing.assert_close(compiled(x), expected)
 
 
 def test_embeddings_cached_in_inference_mode_serve_a_later_backward(tiny):
@@ -117,8 +172,8 @@ def test_embeddings_cached_in_inference_mode_serve_a_later_backward(tiny):
     x = torch.randn(1, 3, 64, 64)
     with torch.inference_mode():
         model(x)
-        cached = model.class_embeddings()
-        assert model.class_embeddings() is cached
+        cached = model._class_embeddings()
+        assert model._class_embeddings() is cached
     leaf = x.clone().requires_grad_()
     model(leaf).square().mean().backward()
     fresh = DenseCLIP(tiny.config, NAMES).eval()
@@ -126,10 +181,10 @@ def test_embeddings_cached_in_inference_mode_serve_a_later_backward(tiny):
     expected = x.clone().requires_grad_()
     fresh(expected).square().mean().backward()
     torch.testing.assert_close(leaf.grad, expected.grad)
-    normal = model.class_embeddings()
+    normal = model._class_embeddings()
     assert not normal.is_inference()
     with torch.inference_mode():
-        assert model.class_embeddings() is normal  # a normal tensor serves inference mode as it is
+        assert model._class_embeddings() is normal  # a normal tensor serves inference mode as it is
 
 
 def test_training_mode_reaches_the_contexts(tiny):

@@ -174,21 +174,41 @@ class DenseCLIP(nn.Module):
     def class_embeddings(self) -> torch.Tensor:
         """(K, D) embeddings of the current vocabulary. In eval mode they are computed once and cached (detached)
         until the vocabulary, the contexts or the text encoder's weights change; in train mode they are computed on
-        every call so that gradients reach the contexts.
+        every call so that gradients reach the contexts. What is returned is the caller's own (a copy of the cache).
 
-        A change is seen through the tensors' version counters, which every in-place operation on a parameter (an
-        optimiser step, ``load_state_dict``, ``copy_`` under ``no_grad``) bumps; an edit through ``.data`` bypasses
-        them, so after one call ``set_classes(model.class_names)`` (which drops the cache). Embeddings cached under
-        ``torch.inference_mode`` are recomputed outside it, where autograd may need to save them."""
+        A change is seen through the tensors' version counters, which an in-place operation on a parameter (an
+        optimiser step, ``load_state_dict``, ``copy_`` under ``no_grad``) bumps, and a switch of mode
+        (``train()``/``eval()``) drops the cache: a fused optimizer's step (``AdamW(fused=True)``, the trainer's
+        on CUDA) bumps no version counter, nor does an edit through ``.data``; after one in eval mode call
+        ``set_classes(model.class_names)``. Embeddings are cached per autocast state (cached under bfloat16
+        autocast, they are not those of a float32 forward), and ones cached under ``torch.inference_mode`` are
+        recomputed outside it, where autograd may need to save them."""
+        embeddings = self._class_embeddings()
+        return embeddings if self.training else embeddings.clone()
+
+    def _class_embeddings(self) -> torch.Tensor:
+        """:meth:`class_embeddings` without the copy, for the forward, which does not write to it."""
         if self.training:
             return self.text_encoder(self.class_tokens, self.contexts)
+        if torch.compiler.is_compiling():  # no cache inside a compiled graph (its key reads data pointers)
+            with torch.no_grad():
+                return self.text_encoder(self.class_tokens, self.contexts)
         params = [self.contexts, self.class_tokens, *self.text_encoder.parameters()]
-        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+        device = self.contexts.device.type
+        autocast = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        key = (autocast if torch.amp.is_autocast_available(device) else None,
+               *((p.data_ptr(), p._version, p.dtype, p.device) for p in params))  # fmt: skip
         cache = self._text_cache
         if cache is None or cache[0] != key or (cache[1].is_inference() and not torch.is_inference_mode_enabled()):
             with torch.no_grad():
                 cache = self._text_cache = (key, self.text_encoder(self.class_tokens, self.contexts))
         return cache[1]
+
+    def train(self, mode: bool = True) -> DenseCLIP:
+        """nn.Module.train; a switch of mode also drops the cached class embeddings (see :meth:`class_embeddings`):
+        an evaluation between training steps of a fused optimizer must not reuse embeddings cached before them."""
+        self._text_cache = None
+        return super().train(mode)
 
     # ------------------------------------------------------------------ inference
 
@@ -248,7 +268,7 @@ class DenseCLIP(nn.Module):
         ``text_embeddings`` (B, K, D) after the context decoder, ``score_map`` (B, K, h, w) cosine,
         ``aux_logits`` = score_map / tau (the identity head), ``logits`` (B, K, H, W)."""
         feats = self.extract(x)
-        text = self.context_prompt(feats, self.class_embeddings())
+        text = self.context_prompt(feats, self._class_embeddings())
         logits, score = self.logits_and_score(feats, text, x.shape[2:])
         return {
             "global_feat": feats.global_feat,
@@ -262,7 +282,7 @@ class DenseCLIP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Whole-image inference: CLIP-normalised x (B, 3, H, W) float -> logits (B, K, H, W)."""
         feats = self.extract(x)
-        text = self.context_prompt(feats, self.class_embeddings())
+        text = self.context_prompt(feats, self._class_embeddings())
         return self.logits_and_score(feats, text, x.shape[2:])[0]
 
     def slide_inference(
