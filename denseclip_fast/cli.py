@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import signal
 import sys
@@ -506,7 +507,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from . import load_checkpoint
     from .train import SegmentationData, evaluate
     from .train.data import check_ignore_index
-    from .train.evaluate import check_scales
+    from .train.evaluate import check_scales, results_json
     from .validation import check_writable_file
 
     try:
@@ -542,9 +543,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     def write(path: str) -> None:
         with open(path, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=2)
+            f.write(results_json(result))
 
     _write_whole(out, write, "the evaluation results")
+    if math.isnan(result["aAcc"]):
+        print(f"denseclip-fast eval: the {len(data)} image(s) have no labelled pixel (every label is the ignore index "
+              f"{args.ignore_index}): no metric is defined, they are written as null", file=sys.stderr)  # fmt: skip
     print(f"mIoU {100 * result['mIoU']:.2f}  aAcc {100 * result['aAcc']:.2f}  mAcc {100 * result['mAcc']:.2f}  "
           f"({result['images']} images, {args.mode}; written to {out})")  # fmt: skip
     return 0

@@ -588,6 +588,20 @@ def test_warnings_print_as_one_line(tmp_path):
     assert "warnings.warn(" not in result.stderr
 
 
+def test_eval_of_a_split_without_labelled_pixels_writes_valid_json(checkpoint, data, tmp_path, capsys):
+    """Every label ignored: no metric is defined. The JSON says null (a bare NaN is not JSON: strict readers refused
+    the file) and stderr says why."""
+    root = tmp_path / "unlabelled"
+    _copy_data(data, root, NAMES)
+    Image.fromarray(np.full((40, 40), 255, np.uint8)).save(root / "labels" / "x.png")
+    out = tmp_path / "e.json"
+    args = ["eval", "--checkpoint", str(checkpoint), "--data", str(root), "--layout", "generic", "--out", str(out)]
+    assert main(args) == 0
+    assert "have no labelled pixel (every label is the ignore index 255): no metric is defined" in capsys.readouterr().err
+    result = json.loads(out.read_text(), parse_constant=lambda name: pytest.fail(f"{name} in the JSON"))
+    assert result["mIoU"] is None and result["aAcc"] is None and result["mAcc"] is None and result["images"] == 1
+
+
 def test_a_file_that_names_no_classes_takes_them_from_classes(images, tmp_path, capsys):
     """A bare state dict whose head is not ADE20K's names no classes: info says so, --classes names them (segment,
     export), open-vocabulary scoring needs none of them, and without --classes the error says to give them."""

@@ -1117,6 +1117,38 @@ def test_work_dirs_and_resume_refuse_what_would_lose_or_mix_runs(arch_file, gene
         train(cfg, resume="auto")
 
 
+@pytest.mark.slow
+def test_another_work_dirs_state_resumes_into_an_empty_work_dir_only(arch_file, generic, tmp_path):
+    """--resume FILE of another work dir into one that holds a run: refused before anything is written (its logs
+    were cut at FILE's iteration, its eval files removed, and its later checkpoints pruned the new run's own as soon
+    as it saved); into a work dir without checkpoints the run goes on there."""
+    one = _config(arch_file, generic, tmp_path / "one", iters=2, checkpoint_interval=1)
+    two = _config(arch_file, generic, tmp_path / "two", iters=4, checkpoint_interval=1)
+    train(one)
+    train(two)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "two").iterdir() if p.is_file()}
+    state = str(tmp_path / "one" / "iter_1.state.pt")
+    with pytest.raises(ValueError, match=rf"--resume {re.escape(state)} is a state of another work dir "
+                                         rf"\({re.escape(str(tmp_path / 'one'))}\), and work_dir .*two' holds another "
+                                         r"run's checkpoints"):  # fmt: skip
+        train(dataclasses.replace(two, iters=3), resume=state)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "two").iterdir() if p.is_file()} == before
+    fork = dataclasses.replace(one, work_dir=str(tmp_path / "fork"), iters=3)
+    train(fork, resume=state)  # a work dir without checkpoints: the run goes on there, from iteration 1
+    assert [row["iter"] for row in _metrics(tmp_path / "fork")] == ["2", "3"]
+    assert os.path.isfile(tmp_path / "fork" / "iter_3.safetensors")
+
+
+@pytest.mark.slow
+def test_a_resume_may_switch_to_fp16(arch_file, generic, tmp_path):
+    """A run saved without fp16 has an empty gradient scaler state, which GradScaler.load_state_dict refuses with a
+    RuntimeError: resumed with amp fp16, the scaler starts afresh."""
+    cfg = _config(arch_file, generic, tmp_path / "w", iters=2, checkpoint_interval=1)
+    train(cfg)
+    train(dataclasses.replace(cfg, iters=3, amp="fp16"), resume="auto")
+    assert [row["iter"] for row in _metrics(tmp_path / "w")] == ["1", "2", "3"]
+
+
 def test_resume_auto_without_latest_json_says_what_it_found(arch_file, generic, tmp_path):
     """--resume auto in a work dir with checkpoints but no latest.json (a run killed during its first save, a
     deleted file) advised "continue it with --resume auto", what had just been done. It now says that no resumable

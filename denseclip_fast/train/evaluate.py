@@ -9,6 +9,7 @@ both), mIoU = nanmean(IoU), aAcc = correct pixels / labelled pixels.
 
 from __future__ import annotations
 
+import json
 import math
 from collections import Counter
 from collections.abc import Sequence
@@ -80,6 +81,13 @@ class SegmentationMetrics:
         out["per_class"] = {n: {"IoU": None if math.isnan(i) else float(i), "Acc": None if math.isnan(a) else float(a)}
                             for n, i, a in zip(per_class_keys(names), iou, acc)}  # fmt: skip
         return out
+
+
+def results_json(result: dict[str, Any]) -> str:
+    """The results as JSON text, a NaN metric (a split without one labelled pixel: every label ignored) written as
+    ``null``, as ``per_class`` writes them: a bare NaN is not JSON, and strict readers refused the file."""
+    clean = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in result.items()}
+    return json.dumps(clean, indent=2, allow_nan=False)
 
 
 def per_class_keys(names: Sequence[str]) -> list[str]:

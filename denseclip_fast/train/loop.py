@@ -51,7 +51,7 @@ from ..config import DenseCLIPConfig
 from ..model import DenseCLIP
 from .config import TrainConfig
 from .data import SegmentationData, TrainSampler
-from .evaluate import check_image_sizes, evaluate
+from .evaluate import check_image_sizes, evaluate, results_json
 from .optim import freeze_text_encoder, make_optimizer, segmentation_loss, set_learning_rates
 
 LOSSES = ("loss", "loss_decode", "loss_aux")
@@ -435,6 +435,27 @@ class Trainer:
             raise ValueError(f"resume file {self.resume!r} does not exist")
         return self.resume
 
+    def _holds_checkpoints(self) -> bool:
+        """Whether the work dir holds a run's checkpoints: a latest.json, or an iter_N.safetensors."""
+        if not os.path.isdir(self.cfg.work_dir):
+            return False
+        names = os.listdir(self.cfg.work_dir)
+        return "latest.json" in names or any(n.startswith("iter_") and n.endswith(".safetensors") for n in names)
+
+    def _refuse_another_runs_state(self, path: str) -> None:
+        """--resume FILE of another work dir goes on with that run here: into a work dir without checkpoints (a run
+        continued elsewhere, e.g. with more iterations) it may; into one holding a run's checkpoints it is refused,
+        as a fresh run there is: that run's logs would be cut at FILE's iteration and its later checkpoints, newer
+        by iteration, would prune this run's as soon as it saved (latest.json then naming a deleted file)."""
+        folder = os.path.dirname(os.path.abspath(path))
+        if not self._holds_checkpoints() or os.path.samefile(folder, self.cfg.work_dir):
+            return
+        raise ValueError(
+            f"--resume {path} is a state of another work dir ({folder}), and work_dir {self.cfg.work_dir!r} holds "
+            f"another run's checkpoints, which resuming there would overwrite and prune: resume with --work-dir "
+            f"{folder}, or in a new --work-dir"
+        )
+
     def _refuse_used_work_dir(self) -> None:
         """A run that does not resume starts in a work dir without checkpoints: it would mix its metrics with theirs,
         and pruning to max_checkpoints (by iteration) would delete its own newest ones. The refusal says what can be
@@ -442,14 +463,12 @@ class Trainer:
         state beside its weights when there is no latest.json (a run killed during its first save, a deleted file),
         or, when no iter_N.state.pt has its iter_N.safetensors beside it, that none can be resumed (--resume auto
         says the same): advising --resume auto there sent the user round in a circle."""
-        if not os.path.isdir(self.cfg.work_dir):
+        if not self._holds_checkpoints():
             return
         names = os.listdir(self.cfg.work_dir)
         files = sorted((n for n in names if n.startswith("iter_") and n.endswith((".safetensors", ".state.pt"))),
                        key=lambda n: (_iteration(n), n))  # fmt: skip
         latest = "latest.json" in names
-        if not latest and not any(n.endswith(".safetensors") for n in files):
-            return
         states = [n for n in files if n.endswith(".state.pt") and _weights_beside(n) in files]
         work, listed = self.cfg.work_dir, ", ".join(files[:8]) + (", ..." if len(files) > 8 else "")
         if self.resume == "auto":  # _find_resume found no latest.json
@@ -578,7 +597,8 @@ class Trainer:
             load_optimizer_state(optimizer, state["optimizer"])
         except ValueError as exc:  # what _check_settings cannot see, e.g. a state older than norm_decay
             raise CheckpointError(path, f"cannot resume from it: {exc}") from None
-        scaler.load_state_dict(state["scaler"])
+        if state["scaler"] or not scaler.is_enabled():  # a run saved without fp16 has no scale: this one starts one
+            scaler.load_state_dict(state["scaler"])
         if rank >= len(state["rng"]):
             raise ValueError(
                 f"{path} was saved by {len(state['rng'])} process(es); resuming with more would not reproduce the "
@@ -641,6 +661,8 @@ class Trainer:
         if resume_path is None:
             self._refuse_used_work_dir()
         else:
+            if self.resume != "auto":
+                self._refuse_another_runs_state(resume_path)
             self._keep_saved_sizes(resume_path)
             self._check_settings(resume_path)
             finished = self._already_finished(resume_path, rank)
@@ -875,7 +897,7 @@ class Trainer:
             row = {"iter": iteration, "mIoU": result["mIoU"], "aAcc": result["aAcc"], "mAcc": result["mAcc"]}
             self._append_csv(self._path("eval.csv"), list(row), row)
             with open(self._path(f"eval_iter_{iteration}.json"), "w", encoding="utf-8") as f:
-                json.dump(result, f, indent=2)
+                f.write(results_json(result))
             if writer is not None:
                 for k in ("mIoU", "aAcc"):
                     writer.add_scalar(f"val/{k}", row[k], iteration)
