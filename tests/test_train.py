@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -402,6 +403,20 @@ def test_numbers_out_of_range_are_refused_naming_the_field(arch_file, generic, t
                                           "side, under the network's 32; use ratios >= 0.5")):  # fmt: skip
         with pytest.raises(ValueError, match=re.escape(message)):
             evaluate(model, val, scales=scales)
+
+
+def test_paths_and_numpy_integers_in_the_python_config_become_what_config_json_holds(arch_file, generic, tmp_path):
+    """A pathlib.Path for data, work_dir or arch, and a numpy integer for ignore_index, passed validate() and then
+    failed writing config.json mid-run (its work dir locked, config.json cut short); they are the str and int they
+    stand for. Other types are refused naming the field."""
+    cfg = _config(arch_file, Path(generic), tmp_path / "w", arch=Path(arch_file), ignore_index=np.int64(255), iters=1)
+    cfg.validate()
+    assert (cfg.data, cfg.work_dir, cfg.arch) == (generic, str(tmp_path / "w"), arch_file)
+    assert type(cfg.ignore_index) is int and cfg.ignore_index == 255
+    train(cfg)
+    assert json.loads((tmp_path / "w" / "config.json").read_text())["data"] == generic
+    with pytest.raises(ValueError, match=r"work_dir must be a str \(or a path\), got int: 3"):
+        dataclasses.replace(cfg, work_dir=3).validate()
 
 
 def test_scales_advice_passes_and_ints_past_float_are_refused():
@@ -869,6 +884,13 @@ def test_a_byte_order_mark_is_not_part_of_the_first_name(tmp_path):
     ds = SegmentationData(data, "generic", "val")
     assert ds.class_names == CLASSES
     assert [os.path.basename(s.image) for s in ds.samples] == ["scene_4.png", "scene_5.png"]
+    for name in ("classes.txt", os.path.join("splits", "val.txt")):  # Latin-1, not UTF-8: the file is named
+        path = tmp_path / "g" / name
+        saved = path.read_bytes()
+        path.write_bytes("caf\u00e9\n".encode("latin-1") + saved.removeprefix(b"\xef\xbb\xbf"))
+        with pytest.raises(ValueError, match=rf"^{re.escape(str(path))} is not UTF-8 text \(byte 3: invalid "):
+            SegmentationData(data, "generic", "val")
+        path.write_bytes(saved)
 
 
 def test_reduce_zero_label_as_mmseg(tmp_path):

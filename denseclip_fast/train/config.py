@@ -109,6 +109,12 @@ class TrainConfig:
         run elsewhere) lets ``data`` be unset and checks no more of this machine than what is given exists: a
         ``data`` given must be a directory, but a CUDA ``device`` need not be present here and ``work_dir`` need not
         be writable here."""
+        for name in ("arch", "data", "init", "work_dir"):  # a pathlib.Path is a path: kept as the str it stands for
+            value = getattr(self, name)
+            if isinstance(value, os.PathLike):
+                setattr(self, name, os.fspath(value))
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be a str (or a path), got {type(value).__name__}: {value!r}")
         self.apply_arch_defaults()
         assert self.crop is not None and self.img_scale is not None
         if self.layout not in LAYOUTS:
@@ -124,7 +130,7 @@ class TrainConfig:
             check_int(name, getattr(self, name), 0)
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed <= MAX_SEED:
             raise ValueError(f"seed must be an int in 0..{MAX_SEED}, got {self.seed!r}")
-        check_ignore_index(self.ignore_index)
+        self.ignore_index = check_ignore_index(self.ignore_index)  # a numpy integer: the int config.json can hold
         for name, low, high, low_excluded in NUMBER_RANGES:
             value = getattr(self, name)
             if not is_finite_number(value) or not (low < value if low_excluded else low <= value) or value > high:

@@ -96,6 +96,16 @@ def _accepted(folder: str, suffixes: Sequence[str]) -> str:
     return f"{kinds} files, any letter case{skipped}"
 
 
+def _text_lines(path: str) -> list[str]:
+    """The non-blank lines of a UTF-8 text file (classes.txt, a split file), stripped; a BOM (Windows' Notepad) is
+    not a character. ValueError naming the file when it is not UTF-8 text."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            return [line.strip() for line in f if line.strip()]
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path} is not UTF-8 text (byte {exc.start}: {exc.reason}); save it as UTF-8") from None
+
+
 def find_samples(root: str, layout: str, split: str) -> tuple[list[Sample], list[str]]:
     """The (image, label) pairs of ``split`` ("train" or "val") and the class names."""
     if split not in ("train", "val"):
@@ -114,8 +124,7 @@ def find_samples(root: str, layout: str, split: str) -> tuple[list[Sample], list
         classes_file = os.path.join(root, "classes.txt")
         if not os.path.isfile(classes_file):
             raise ValueError(f"{classes_file} is missing (one class name a line)")
-        with open(classes_file, encoding="utf-8-sig") as f:  # -sig: a BOM (Windows' Notepad) is not a character
-            classes = [line.strip() for line in f if line.strip()]
+        classes = _text_lines(classes_file)
         if not classes:
             raise ValueError(f"{classes_file} lists no class names")
         splits = os.path.join(root, "splits")
@@ -129,8 +138,7 @@ def find_samples(root: str, layout: str, split: str) -> tuple[list[Sample], list
             )
         split_file = os.path.join(splits, f"{split}.txt")
         if held:
-            with open(split_file, encoding="utf-8-sig") as f:
-                names = [line.strip() for line in f if line.strip()]
+            names = _text_lines(split_file)
             if not names:
                 raise ValueError(f"{split_file} lists no names (one image NAME a line)")
             missing = [n for n in names if n not in images]
