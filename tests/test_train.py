@@ -419,6 +419,16 @@ def test_paths_and_numpy_integers_in_the_python_config_become_what_config_json_h
         dataclasses.replace(cfg, work_dir=3).validate()
 
 
+def test_one_value_per_batchnorm_channel_names_the_options(arch_file, generic, tmp_path):
+    """A crop that leaves one pixel at the 1/32 level with one image per step: BatchNorm's error named no option."""
+    cfg = _config(arch_file, generic, tmp_path / "w", crop=48, batch_size=2, accum=2, iters=1)
+    with pytest.raises(ValueError, match=r"^crop 48 leaves one pixel at the network's 1/32 level, where BatchNorm "
+                                         r"sees 1 image\(s\) per step \(batch_size 2 over 1 process\(es\) x accum 2\)"
+                                         r".*use --crop 64 or more, or more images per step$"):  # fmt: skip
+        train(cfg)
+    train(dataclasses.replace(cfg, crop=64))  # the same step with two pixels a side there
+
+
 def test_scales_advice_passes_and_ints_past_float_are_refused():
     """The smallest ratio the message advises is rounded up, so following it works; an int too large for a float
     is a ValueError, not an OverflowError from math.isfinite."""

@@ -176,6 +176,22 @@ def launch_environment(environ: Mapping[str, str] = os.environ) -> tuple[int, in
 
 
 @contextlib.contextmanager
+def _batchnorm_advice(cfg: TrainConfig, images: int, world: int) -> Iterator[None]:
+    """BatchNorm's error for a layer that sees one value per channel (a crop that leaves one pixel at the network's
+    1/32 level, with one image per step) as a ValueError that names the options to change."""
+    try:
+        yield
+    except ValueError as exc:
+        if "Expected more than 1 value per channel" not in str(exc):
+            raise
+        raise ValueError(
+            f"crop {cfg.crop} leaves one pixel at the network's 1/32 level, where BatchNorm sees {images} image(s) "
+            f"per step (batch_size {cfg.batch_size} over {world} process(es) x accum {cfg.accum}): one value per "
+            "channel, which it cannot normalise; use --crop 64 or more, or more images per step"
+        ) from None
+
+
+@contextlib.contextmanager
 def _distributed(cfg: TrainConfig) -> Iterator[tuple[int, int, torch.device]]:
     """(rank, world, device); a process group when launched by torchrun (WORLD_SIZE > 1)."""
     rank, world, local = launch_environment()
@@ -716,6 +732,7 @@ class Trainer:
                 f"batch_size {cfg.batch_size} must be divisible by processes x accum = {world} x {cfg.accum}"
             )
         micro = cfg.batch_size // (world * cfg.accum)
+        bn_images = micro * world if cfg.sync_bn and world > 1 else micro
         data = SegmentationData(cfg.data, cfg.layout, "train", cfg)
         # the evaluation's images (their headers), now rather than after the training; every process stops alike
         val = SegmentationData(cfg.data, cfg.layout, "val", ignore_index=cfg.ignore_index)  # kept for _evaluate
@@ -762,7 +779,6 @@ class Trainer:
                       f"optimizer and the schedule go on with these values from iteration {start}",
                       file=sys.stderr)  # fmt: skip
 
-        bn_images = micro * world if cfg.sync_bn and world > 1 else micro
         if rank == 0 and bn_images < cfg.batch_size and not complete:
             print(f"denseclip-fast train: BatchNorm statistics come from {bn_images} image(s) (the official recipe "
                   f"synchronises them over its batch of 32 on 8 GPUs; --sync-bn does so under torchrun)",
@@ -804,7 +820,7 @@ class Trainer:
                 sync = m == cfg.accum - 1 or world == 1
                 context = step_module.no_sync() if not sync else contextlib.nullcontext()  # type: ignore[operator]
                 with context:
-                    with autocast:
+                    with autocast, _batchnorm_advice(cfg, bn_images, world):
                         logits, aux = step_module(images)
                     losses = segmentation_loss(logits, aux, labels, cfg)
                     scaler.scale(losses["loss"] / cfg.accum).backward()
