@@ -117,8 +117,9 @@ IMAGE_EXTENSIONS = (".bmp", ".jpeg", ".jpg", ".png", ".ppm", ".tif", ".tiff", ".
 
 def image_files(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[str]:
     """The image files that ``paths`` name, in order: a file as it is, a directory as its regular files with an
-    image extension (IMAGE_EXTENSIONS, any case; not recursive), sorted by name. A single str or PathLike is one
-    path (``image_files("photos")`` is ``image_files(["photos"])``, not a path per character). Raises ValueError
+    image extension (IMAGE_EXTENSIONS, any case; not recursive; hidden ones, such as macOS's ._NAME.jpg resource
+    forks, left out), sorted by name. A single str or PathLike is one path (``image_files("photos")`` is
+    ``image_files(["photos"])``, not a path per character). Raises ValueError
     naming a path that does not exist, that is neither a regular file nor a directory (a FIFO or a device, which
     reading could block on forever), a broken symbolic link (given, or in a directory with an image extension: an
     image that would be silently left out), or a directory without images."""
@@ -127,7 +128,8 @@ def image_files(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
     files: list[str] = []
     for path in (os.fspath(p) for p in paths):
         if os.path.isdir(path):
-            named = sorted(os.path.join(path, n) for n in os.listdir(path) if n.lower().endswith(IMAGE_EXTENSIONS))
+            named = sorted(os.path.join(path, n) for n in os.listdir(path)
+                           if n.lower().endswith(IMAGE_EXTENSIONS) and not n.startswith("."))  # fmt: skip
             found = []
             for entry in named:
                 if os.path.isfile(entry):

@@ -112,6 +112,17 @@ def test_paths_that_are_not_regular_files_are_refused_not_read(tmp_path):
     assert image_files(str(tmp_path / "a.png")) == [str(tmp_path / "a.png")]
 
 
+def test_hidden_files_in_a_folder_are_left_out(tmp_path):
+    """macOS's ._NAME.jpg resource forks (and other hidden files) in a folder of images are no images: segment
+    stopped at the first one; given by name, a hidden file is read as any file."""
+    from PIL import Image
+
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "a.jpg")
+    (tmp_path / "._a.jpg").write_bytes(b"\x00\x05\x16\x07" + bytes(60))  # AppleDouble's magic number
+    assert image_files(tmp_path) == [str(tmp_path / "a.jpg")]
+    assert image_files([tmp_path / "._a.jpg"]) == [str(tmp_path / "._a.jpg")]
+
+
 def test_broken_links_are_named_not_skipped(tmp_path):
     """A symbolic link to a missing image, in a listed folder or given, is refused by name before any work (it was
     left out silently); a link to an image is listed as the image."""

@@ -903,6 +903,22 @@ def test_a_byte_order_mark_is_not_part_of_the_first_name(tmp_path):
         path.write_bytes(saved)
 
 
+def test_hidden_files_are_no_samples(tmp_path):
+    """macOS's ._NAME.png resource forks beside the images and labels (a data set copied from a Mac to a FAT or
+    network drive) were taken for samples and refused the whole data set."""
+    data = make_generic(tmp_path / "g", splits=False)  # every image a sample
+
+    def names() -> list[tuple[str, str]]:
+        samples = SegmentationData(data, "generic", "train").samples
+        return [(os.path.basename(s.image), os.path.basename(s.label)) for s in samples]
+
+    expected = names()
+    for folder in ("images", "labels"):
+        (tmp_path / "g" / folder / "._scene_4.png").write_bytes(b"\x00\x05\x16\x07" + bytes(60))
+    (tmp_path / "g" / "images" / "._scene_5.png").write_bytes(b"\x00\x05\x16\x07" + bytes(60))  # an image alone
+    assert names() == expected and len(expected) == 6
+
+
 def test_reduce_zero_label_as_mmseg(tmp_path):
     """ADE20K labels: 0 is ignored and k becomes k - 1; a pixel already holding the ignore value stays ignored
     (mmseg: 0 -> 255, minus 1, 254 -> 255), also with a 16-bit ignore value."""

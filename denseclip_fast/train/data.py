@@ -73,13 +73,14 @@ class Sample:
 
 
 def _names_in(folder: str, suffixes: Sequence[str]) -> dict[str, str]:
-    """NAME -> path of the files in ``folder`` with one of ``suffixes`` (any case); two files of one NAME (a.jpg and
-    a.png, a.png and a.PNG) are refused: which one a sample takes would be a guess."""
+    """NAME -> path of the files in ``folder`` with one of ``suffixes`` (any case), hidden ones (a name starting with
+    a dot: macOS's ._NAME.png resource forks) left out; two files of one NAME (a.jpg and a.png, a.png and a.PNG)
+    are refused: which one a sample takes would be a guess."""
     if not os.path.isdir(folder):
         raise ValueError(f"{folder} {not_a_directory(folder)} (see the data layout in denseclip_fast.train.data)")
     paths: dict[str, str] = {}
     for file in sorted(os.listdir(folder)):
-        if file.lower().endswith(tuple(suffixes)):
+        if file.lower().endswith(tuple(suffixes)) and not file.startswith("."):
             name, path = os.path.splitext(file)[0], os.path.join(folder, file)
             if name in paths:
                 raise ValueError(f"{paths[name]} and {path} have the same NAME {name!r}: keep one file per name "
