@@ -6,6 +6,7 @@ import csv
 import dataclasses
 import functools
 import importlib.util
+import io
 import json
 import math
 import os
@@ -427,6 +428,25 @@ def test_one_value_per_batchnorm_channel_names_the_options(arch_file, generic, t
                                          r".*use --crop 64 or more, or more images per step$"):  # fmt: skip
         train(cfg)
     train(dataclasses.replace(cfg, crop=64))  # the same step with two pixels a side there
+
+
+def test_the_sampler_deals_every_image_to_the_ranks_and_pads_any_size():
+    """Each epoch is a permutation dealt round-robin, padded (with its first images) to a multiple of the processes;
+    with more processes than twice the images the padding ran out (IndexError). Resuming skips what was seen."""
+    from itertools import islice
+
+    from denseclip_fast.train.data import TrainSampler
+
+    for size, world in ((6, 1), (6, 4), (1, 4), (2, 7), (5, 5)):
+        per_rank = -(-size // world)
+        streams = [list(islice(TrainSampler(size, 3, rank, world), max(2 * per_rank, 7))) for rank in range(world)]
+        for epoch in range(2):
+            dealt = [index for stream in streams for index, _ in stream[epoch * per_rank : (epoch + 1) * per_rank]]
+            assert len(dealt) == per_rank * world and set(dealt) == set(range(size)), (size, world, dealt)
+        positions = sorted(position for stream in streams for _, position in stream[: 2 * per_rank])
+        assert positions == list(range(2 * per_rank * world))
+        for rank in range(world):  # a resume after k samples of this rank's stream goes on where it was
+            assert list(islice(TrainSampler(size, 3, rank, world, start=3), 4)) == streams[rank][3:7]
 
 
 def test_scales_advice_passes_and_ints_past_float_are_refused():
@@ -1077,6 +1097,19 @@ def test_config_files_and_errors(arch_file, generic, tmp_path, capsys):
     path.write_text("itres: 10\n")
     with pytest.raises(ValueError, match=r"unknown training config keys \['itres'\]"):
         TrainConfig.load(str(path))
+    path.write_text("iters: 10\nlr: 0.1\niters: 20\n")  # the last value won without a word
+    with pytest.raises(ValueError, match=r"is not valid YAML: the key 'iters' is given twice \(line 3, column 1\)"):
+        TrainConfig.load(str(path))
+    from denseclip_fast.train.config import _read_yaml
+
+    merged = _read_yaml("x.yaml", io.StringIO("base: &b {lr: 0.5, iters: 7}\nrun:\n  <<: *b\n  lr: 0.25\n"))
+    assert merged["run"] == {"lr": 0.25, "iters": 7}  # a merged key may be overridden: no key given twice
+    upper = tmp_path / "RUN.YAML"  # read as JSON before
+    upper.write_text("iters: 12\n")
+    assert TrainConfig.load(str(upper)).iters == 12
+    upper.write_text("preset: RN99\n")
+    with pytest.raises(ValueError, match=rf"training config {re.escape(repr(str(upper)))}: preset: arch must be one"):
+        TrainConfig.load(str(upper))
     with pytest.raises(ValueError, match="batch_size 3 must be divisible by accum 2"):
         _config(arch_file, generic, tmp_path, batch_size=3, accum=2).validate()
     with pytest.raises(ValueError, match="data directory .* does not exist"):

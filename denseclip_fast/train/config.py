@@ -211,7 +211,7 @@ class TrainConfig:
             raise ValueError(f"training config {path!r} {what}")
         try:
             with open(path, encoding="utf-8") as f:
-                data = _read_yaml(path, f) if path.endswith((".yaml", ".yml")) else json.load(f)
+                data = _read_yaml(path, f) if path.lower().endswith((".yaml", ".yml")) else json.load(f)
         except OSError as exc:
             raise ValueError(f"training config {path!r}: {exc.strerror or exc}") from None
         except UnicodeDecodeError:
@@ -220,17 +220,35 @@ class TrainConfig:
             raise ValueError(f"training config {path!r} is not valid JSON: {exc}") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path}: a training config must be a mapping of fields, got {type(data).__name__}")
-        base = train_preset(data.pop("preset")).to_dict() if "preset" in data else {}
+        try:
+            base = train_preset(data.pop("preset")).to_dict() if "preset" in data else {}
+        except ValueError as exc:
+            raise ValueError(f"training config {path!r}: preset: {exc}") from None
         return cls.from_dict({**base, **data})
 
 
 def _read_yaml(path: str, stream: typing.TextIO) -> Any:
-    """The document of a YAML file (None empty: {}), read with ``yaml.safe_load``; ValueError naming the file and
-    the line for a syntax error or a tag that would build a Python object."""
+    """The document of a YAML file (None empty: {}), read as ``yaml.safe_load`` reads it; ValueError naming the file
+    and the line for a syntax error, a tag that would build a Python object, or a key given twice."""
     import yaml
 
+    class Loader(yaml.SafeLoader):
+        """safe_load's, refusing a key given twice in a mapping (which took the last value without a word)."""
+
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            seen: set[Any] = set()
+            for key_node, _ in node.value:  # as written: before merge keys (<<: *base) bring theirs in
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is given twice",
+                                                            key_node.start_mark)  # fmt: skip
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
     try:
-        return yaml.safe_load(stream) or {}
+        return yaml.load(stream, Loader=Loader) or {}  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""

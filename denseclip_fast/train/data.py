@@ -432,7 +432,7 @@ class TrainSampler(Sampler):
         while True:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             order = torch.randperm(self.size, generator=g).tolist()
-            order += order[: per_rank * self.world - self.size]
+            order = (order * -(-per_rank * self.world // self.size))[: per_rank * self.world]  # padded by repeating
             mine = order[self.rank :: self.world]
             for i in range(skip, per_rank):
                 yield mine[i], ((epoch * per_rank + i) * self.world + self.rank)
