@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -94,6 +95,14 @@ def test_open_vocab_and_text_features(tiny):
     assert torch.allclose(same, feats["score_map"], atol=1e-6)
     assert torch.allclose(text, tiny.class_embeddings(), atol=1e-6)
     assert tiny.text_features(["dog"]).shape == (1, 48)
+
+
+def test_a_slide_window_smaller_than_the_network_takes_names_the_crop(tiny):
+    """A crop under 32 pixels a side: each window was refused as "x must be at least 32x32", naming the image."""
+    for crop in (20, (64, 20)):
+        message = rf"^crop must be at least 32 pixels a side .*got {re.escape(repr(crop))}$"
+        with pytest.raises(ValueError, match=message):
+            tiny.slide_inference(torch.randn(1, 3, 64, 64), crop=crop, stride=10)
 
 
 def test_class_embeddings_cached_and_invalidated(tiny):

@@ -33,6 +33,7 @@ from .features import ImageFeatures
 from .heads import FPN, SemanticFPNHead
 from .resnet import CLIPResNetBackbone
 from .slide import slide_inference as _slide_inference
+from .slide import window_sizes
 from .text import ContextTextEncoder, check_class_names, tokenize_class_names
 from .vit import CLIPViTBackbone
 
@@ -299,6 +300,9 @@ class DenseCLIP(nn.Module):
         self._check_images(x)
         crop = self.config.slide_crop if crop is None else crop
         stride = self.config.slide_stride if stride is None else stride
+        if min(window_sizes(crop, stride)[0]) < MIN_IMAGE_SIDE:  # else each window would be refused as "x"
+            raise ValueError(f"crop must be at least {MIN_IMAGE_SIDE} pixels a side (the stride-32 level keeps a "
+                             f"pixel), got {crop!r}")  # fmt: skip
         return _slide_inference(self.forward, x, crop, stride, windows_per_batch)
 
     def open_vocab_scores(self, x: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
