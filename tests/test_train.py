@@ -1220,6 +1220,17 @@ def test_another_work_dirs_state_resumes_into_an_empty_work_dir_only(arch_file, 
     assert os.path.isfile(tmp_path / "fork" / "iter_3.safetensors")
 
 
+def test_a_training_state_given_as_a_model_points_to_the_weights_beside_it(arch_file, generic, tmp_path):
+    """load_checkpoint (eval --checkpoint, segment ...) of an iter_N.state.pt listed its entries as 'not tensors'."""
+    train(_config(arch_file, generic, tmp_path / "w", iters=1, checkpoint_interval=1))
+    state = tmp_path / "w" / "iter_1.state.pt"
+    weights = re.escape(str(tmp_path / "w" / "iter_1.safetensors"))
+    with pytest.raises(CheckpointError, match=r"iter_1.state.pt: a training state \(iteration, optimizer, random "
+                                              r"state\), not a model: the model is the weights file saved beside it, "
+                                              rf"{weights}$"):  # fmt: skip
+        load_checkpoint(state)
+
+
 @pytest.mark.slow
 def test_a_resume_may_switch_to_fp16(arch_file, generic, tmp_path):
     """A run saved without fp16 has an empty gradient scaler state, which GradScaler.load_state_dict refuses with a
