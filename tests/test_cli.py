@@ -758,11 +758,11 @@ def test_results_are_written_whole_or_not_at_all(checkpoint, images, data, tmp_p
     capsys.readouterr()
     written = result.read_bytes()
 
-    def half_dump(obj, f, **kw):
-        f.write('{"mIoU": ')
+    def full_disk_json(result):  # called with the temporary file open (created, empty), as a full disk fails
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(json, "dump", half_dump)
+    evaluation = importlib.import_module("denseclip_fast.train.evaluate")  # the module, not the function
+    monkeypatch.setattr(evaluation, "results_json", full_disk_json)
     assert main(ev) == 2
     assert capsys.readouterr().err.endswith(f"\ndenseclip-fast: error: {result}: cannot write the evaluation results: "
                                             "No space left on device\n")  # fmt: skip
