@@ -62,7 +62,7 @@ define gpu_machine
 	cd $(1) && PATH=$(CURDIR)/$(GPU_TORCH_VENV)/bin:$$PATH DCF_BUDGET_S=3600 DCF_TESTS_S=3600 DCF_WORK=work \
 		DCF_SITE=$(CURDIR)/$(GPU_TORCH_TREE)/site bash benchmarks/gpu_check.sh out $(2)
 	@echo "steps: $(CURDIR)/$(1)/out/status.txt, logs in $(CURDIR)/$(1)/work"
-	! grep -v -e ": exit 0" -e "prebuilt extension: loaded" $(1)/out/status.txt
+	! grep -v -e ": exit 0" -e "prebuilt extension: loaded" -e "^== call at " $(1)/out/status.txt
 	# what the device tool brings back: at most 8 files; the packed work folder holds every log
 	test $$(ls $(1)/out | wc -l) -le 8 && tar tzf $(1)/out/gpu_check.tar.gz | grep -q status.txt
 endef
@@ -77,4 +77,4 @@ test-gpu-torch: gpu-wheels
 	grep -q "prebuilt extension: loaded" $(GPU_TORCH_TREE)-2/out/status.txt
 
 clean:
-	rm -rf $(VENV) $(GPU_TORCH_VENV) .venv-gpu-torch build denseclip_fast/_C*.so *.egg-info
+	rm -rf $(VENV) $(GPU_TORCH_VENV) .venv-gpu-torch build denseclip_fast/_C*.so denseclip_fast/_C.sources.sha256 *.egg-info

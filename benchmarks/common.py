@@ -5,11 +5,13 @@ from __future__ import annotations
 import contextlib
 import datetime
 import gc
+import hashlib
 import json
 import math
 import os
 import platform
 import statistics
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -27,12 +29,52 @@ def cpu_name() -> str:
         return platform.processor() or platform.machine()
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def code_hash() -> str:
+    """sha256 (first 16 hex digits) of what a result depends on: setup.py, csrc/, denseclip_fast/ and benchmarks/
+    (their .py, C++ and CUDA files), so that a result ties to the code that made it where the machine has no git
+    history (the GPU machine gets a copy of the checkout): recompute it at a commit to match."""
+    digest = hashlib.sha256()
+    files = [os.path.join(ROOT, "setup.py")]
+    for top in ("csrc", "denseclip_fast", "benchmarks"):
+        for folder, dirs, names in os.walk(os.path.join(ROOT, top)):
+            dirs[:] = sorted(d for d in dirs if d != "__pycache__")
+            files += [os.path.join(folder, n) for n in names if n.endswith((".py", ".cpp", ".h", ".cu", ".cuh"))]
+    for path in sorted(files, key=lambda p: os.path.relpath(p, ROOT)):
+        digest.update(os.path.relpath(path, ROOT).encode() + b"\0")
+        with open(path, "rb") as f:
+            digest.update(f.read() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def git_commit() -> str | None:
+    """The checkout's commit (with "+dirty" when files differ from it), or None without git history."""
+    try:
+        run = lambda *a: subprocess.run(["git", "-C", ROOT, *a], capture_output=True, text=True, timeout=10)  # noqa: E731
+        head = run("rev-parse", "HEAD")
+        if head.returncode:
+            return None
+        dirty = run("status", "--porcelain", "--untracked-files=no").stdout.strip()
+        return head.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def environment(device: torch.device) -> dict:
-    """Date, versions and the machine, recorded with every result."""
-    env = {"date": datetime.date.today().isoformat(), "torch": torch.__version__, "python": platform.python_version(),
-           "gpu": device.type == "cuda",
+    """Date and time, versions, the code (code_hash, git_commit) and the machine, recorded with every result. A
+    GPU's multiprocessor count and memory tell a MIG slice or another variant from the full GPU its name says."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    env = {"date": now.date().isoformat(), "time_utc": now.strftime("%H:%M:%S"), "torch": torch.__version__,
+           "python": platform.python_version(), "gpu": device.type == "cuda",
            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
-           "threads": torch.get_num_threads()}  # fmt: skip
+           "threads": torch.get_num_threads(), "code": code_hash(), "commit": git_commit()}  # fmt: skip
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env["gpu_properties"] = {"multiprocessors": props.multi_processor_count,
+                                 "memory_gib": round(props.total_memory / 2**30, 1),
+                                 "capability": f"{props.major}.{props.minor}", "cuda": torch.version.cuda}  # fmt: skip
     try:
         import triton
 

@@ -61,7 +61,7 @@ timed() {  # timed NAME LOG COMMAND...: COMMAND > OUT/LOG under the time that is
   local begin=$(date +%s)
   timeout --signal=INT --kill-after=15 "$limit" "$@" > "$OUT/$log" 2>&1
   local rc=$? note=""
-  (( rc == 124 )) && note=" (stopped: time limit of ${limit} s)"
+  (( rc == 124 || rc == 137 )) && note=" (stopped: time limit of ${limit} s)"
   echo "$name: exit $rc in $(( $(date +%s) - begin )) s${note}" | tee -a "$OUT/status.txt"
 }
 cd "$(dirname "$0")/.."
@@ -76,8 +76,9 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 
 python3 - > "$OUT/env.json" <<'PY'
 import json, platform, torch
+from benchmarks.common import code_hash
 info = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "code": code_hash()}
 try:
     import triton
     info["triton"] = triton.__version__
@@ -87,9 +88,16 @@ print(json.dumps(info, indent=2))
 PY
 cat "$OUT/env.json"
 
-build() {
+build() {  # the extension, stamped with the hash of its sources (a warm machine keeps it for the next call)
+  rm -f denseclip_fast/_C*.so "$STAMP"
   TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} \
     timed build build.log python3 setup.py build_ext --inplace
+  compgen -G "denseclip_fast/_C*.so" > /dev/null && sources_hash > "$STAMP"
+}
+
+STAMP=denseclip_fast/_C.sources.sha256
+ext_current() {  # an extension here built from these sources: a warm machine keeps the last call's, maybe stale
+  compgen -G "denseclip_fast/_C*.so" > /dev/null && [[ -f $STAMP && $(cat "$STAMP") == "$(sources_hash)" ]]
 }
 
 sources_hash() {  # what the extension is built from
@@ -102,9 +110,11 @@ use_prebuilt() {  # wheels/prebuilt's extension, when built from these sources a
     echo "prebuilt extension: built from other sources, building" | tee -a "$OUT/status.txt"
     return 1
   fi
+  rm -f denseclip_fast/_C*.so "$STAMP"
   cp wheels/prebuilt/_C*.so denseclip_fast/
   if python3 -c "from denseclip_fast.ops import build_info as b, extension_available as e; assert e() and b()['cuda']" \
       > "$OUT/prebuilt.log" 2>&1; then
+    cp wheels/prebuilt/SOURCES.sha256 "$STAMP"
     echo "prebuilt extension: loaded" | tee -a "$OUT/status.txt"
     return 0
   fi
@@ -211,9 +221,14 @@ for step in $STEPS; do
   [[ " build $ALL_STEPS save_prebuilt " == *" $step "* ]] \
     || { echo "unknown step $step (steps: build $ALL_STEPS save_prebuilt)"; exit 2; }
 done
+# a warm machine keeps the work folder: each call's lines begin with its time and code (results carry both too)
+echo "== call at $(date -u +%FT%TZ), code $(python3 -c 'from benchmarks.common import code_hash; print(code_hash())' \
+  2>/dev/null || echo unknown), steps: $STEPS" | tee -a "$OUT/status.txt"
 if [[ " $STEPS " == *" build "* ]]; then
   build
-elif ! compgen -G "denseclip_fast/_C*.so" > /dev/null && ! use_prebuilt; then
+elif ext_current; then
+  echo "extension: built from these sources by an earlier call" | tee -a "$OUT/status.txt"
+elif ! use_prebuilt; then
   build
 fi
 pack

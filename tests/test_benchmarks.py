@@ -224,6 +224,30 @@ def test_engine_targets():
     assert set(missing.values()) == {None}
 
 
+def test_results_name_the_code_that_made_them(tmp_path, monkeypatch):
+    """Every result's environment has a hash of setup.py, csrc/, denseclip_fast/ and benchmarks/ (the GPU machine
+    has no git history): it changes with any of their sources, not with caches or other files."""
+    import torch
+
+    from benchmarks import common
+
+    for name in ("setup.py", "csrc/cuda/a.cu", "denseclip_fast/x.py", "benchmarks/y.py", "README.md"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(name)
+    monkeypatch.setattr(common, "ROOT", str(tmp_path))
+    first = common.code_hash()
+    assert len(first) == 16 and int(first, 16) >= 0
+    (tmp_path / "README.md").write_text("other words")
+    (tmp_path / "denseclip_fast" / "__pycache__").mkdir()
+    (tmp_path / "denseclip_fast" / "__pycache__" / "x.cpython-311.pyc").write_bytes(b"cache")
+    assert common.code_hash() == first
+    (tmp_path / "csrc" / "cuda" / "a.cu").write_text("a change")
+    assert common.code_hash() != first
+    monkeypatch.undo()
+    env = common.environment(torch.device("cpu"))
+    assert env["code"] == common.code_hash() and env["time_utc"].count(":") == 2
+
+
 def test_tf32_settings_resolve_none_through_the_backend_and_generic_settings():
     """An operator's "none" takes its backend's fp32_precision, then torch.backends.fp32_precision; "none"
     throughout is IEEE. Read through the fp32_precision settings only (the legacy flags raise once these are set)."""
