@@ -19,14 +19,15 @@ upstream's test runs with it); the environment block records it and the TF32 set
 Each torch.compile contestant starts from torch._dynamo.reset() and compiles for static shapes (dynamic=False): a
 second batch size is compiled afresh, not recompiled with a symbolic batch dimension.
 Per contestant: p50/p90/p99 latency by nearest rank (on a GPU as many timed calls as fill 2.5 s, 20 to 2000; "max"
-where too few for the percentile), images/s, peak memory (the contestant's own: its weights, the input batch and
-what its calls allocate from the first on, compilation and CUDA-graph capture included; the official model is moved
-off the GPU while the engine runs), the first call's time (compile or capture included), the relative error of the
-logits against `official` run once in strict float32 (TF32 off), and the image path's FLOP rate: FLOPs of one
-image-dependent forward (counted once with torch.utils.flop_counter) per p50, as a fraction of 790 TFLOP/s (the
-engine issue's H200 bf16 dense figure). The text encoder is not in that count: the official contestants run it on
-every call too (its FLOPs per call are in their rows, text_encoder_flops), the engine once per vocabulary. Writes
-JSON, markdown and a PNG bar chart to benchmarks/results/.
+where too few for the percentile), images/s, peak memory in GiB (the contestant's own over the timed calls: its
+weights, the input batch, captured graphs and what a call allocates; beside it the first two calls', which compile,
+autotune and capture; the official model is moved off the GPU while the engine runs), the first call's time
+(compile or capture included), the relative error of the logits against `official` run once in strict float32 (TF32
+off), and the image path's FLOP rate: FLOPs of one image-dependent forward (counted once with
+torch.utils.flop_counter) per p50, as a fraction of 790 TFLOP/s (the engine issue's H200 bf16 dense figure). The
+text encoder is not in that count: the official contestants run it on every call too (its FLOPs per call are in
+their rows, text_encoder_flops), the engine once per vocabulary. Writes JSON, markdown and a PNG bar chart to
+benchmarks/results/.
 --profile CONTESTANT... (default on a GPU: engine-bf16) adds where the time goes, by GPU kernel (torch.profiler), for
 those contestants; an engine is also profiled with its CUDA graphs off, whose kernels the profiler always sees.
 """
@@ -296,10 +297,11 @@ def table(env: dict, rows: list[dict], classes: int) -> str:
              f"{env['date']}, torch {env['torch']}, triton {env['triton']}, {env['threads']} CPU threads. "
              f"Random weights, K = {classes} ADE20K names.{settings} {note}", "",
              "p90/p99: nearest rank over the timed calls (calls); \"max\" where too few calls for that percentile. "
-             "Peak GB: the contestant's own (its weights, the input batch, and what its calls allocate from the "
-             "first on).", "",
+             "Peak GiB: the contestant's own over the timed calls (its weights, the input batch, captured graphs, "
+             "and what a call allocates); in brackets over the first two calls, which also compile, autotune, "
+             "search cuDNN's algorithms and capture.", "",
              "| arch | mode | input | contestant | precision | p50 ms | p90 ms | p99 ms | calls | img/s | first call s "
-             "| peak GB | rel. error | image path, of 790 TFLOP/s |",
+             "| peak GiB | rel. error | image path, of 790 TFLOP/s |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for r in rows:
         shape = "x".join(str(s) for s in r["shape"])
@@ -307,7 +309,8 @@ def table(env: dict, rows: list[dict], classes: int) -> str:
         if "error" in r:
             lines.append(f"{head} failed: {r['error'][:80]} | | | | | | | | |")
             continue
-        mem = f"{r['peak_memory_gb']:.2f}" if r["peak_memory_gb"] is not None else "-"
+        mem = (f"{r['peak_memory_gib']:.2f} ({r['first_calls_peak_memory_gib']:.2f})"
+               if r["peak_memory_gib"] is not None else "-")  # fmt: skip
         err = f"{r['rel_error_vs_official']:.1e}" if r["rel_error_vs_official"] is not None else "-"
         lines.append(f"{head} {r['p50_ms']:.2f} | {tail_cell(r, 'p90_ms')} | {tail_cell(r, 'p99_ms')} | "
                      f"{r.get('samples', '')} | {r['images_per_s']:.1f} | {r['first_call_s']:.1f} | {mem} | {err} | "

@@ -174,19 +174,20 @@ def measure(
     them, or with ``repeats`` None as many as fill ``budget_s`` seconds (at least ``min_repeats``, at most
     ``max_repeats``). Returns first_call_s; p50_ms, p90_ms, p99_ms by nearest rank (p90/p99 None when too few calls
     were timed for them: see :func:`nearest_rank`), max_ms and samples (the number of timed calls);
-    peak_memory_gb; and ``logits``, the first call's output as float32 on the CPU. Under ``torch.no_grad`` unless
-    ``grad`` (a training step).
+    peak_memory_gib and first_calls_peak_memory_gib; and ``logits``, the first call's output as float32 on the CPU.
+    Under ``torch.no_grad`` unless ``grad`` (a training step).
 
     The first output is copied to the CPU right after the first call, before any other call, and not kept: a
     function compiled with CUDA graphs (torch.compile's "reduce-overhead"/"max-autotune", an engine's captured
     graph) may overwrite or free an earlier call's output in a later call, and holding it would also add its memory
     to the timed calls'. The copy is made in the output's own dtype and cast on the CPU (no GPU allocation).
 
-    peak_memory_gb (CUDA only): the allocator's peak from just before the first call to the end, so everything the
-    GPU holds when the measurement starts (the contestant's weights, the input batch, and whatever else the caller
-    left there: keep other contestants off the GPU) plus what the calls allocate: compilation, autotuning and
-    CUDA-graph capture in the first calls, activations, outputs (a captured graph's replays allocate nothing: its
-    memory was allocated at the capture)."""
+    peak_memory_gib (CUDA only, GiB): the allocator's peak over the timed calls: everything the GPU holds when they
+    start (the contestant's weights, the input batch, captured graphs' pools, optimiser state, and whatever else
+    the caller left there: keep other contestants off the GPU) plus what a call allocates (activations, outputs; a
+    captured graph's replay allocates nothing). first_calls_peak_memory_gib: the peak over the first call and the
+    warm-up call before them, which compilation, autotuning, cuDNN's algorithm search and CUDA-graph capture raise:
+    a one-off cost, reported beside the steady one."""
     with torch.set_grad_enabled(grad):
         sync(device)
         if device.type == "cuda":
@@ -198,6 +199,11 @@ def measure(
         logits = out.detach().to("cpu", copy=True).float()  # a copy (also on a CPU) before the next call
         del out
         fn(x)
+        first_peak = None
+        if device.type == "cuda":
+            sync(device)
+            first_peak = torch.cuda.max_memory_allocated(device) / 2**30
+            torch.cuda.reset_peak_memory_stats(device)  # from here: what the GPU holds, and a call's own
         times: list[float] = []
 
         def more() -> bool:
@@ -220,7 +226,8 @@ def measure(
         "p99_ms": ms(nearest_rank(times, 0.99)),
         "max_ms": 1e3 * times[-1],
         "samples": len(times),
-        "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "first_calls_peak_memory_gib": first_peak,
         "logits": logits,
     }
 

@@ -62,7 +62,8 @@ def test_measure_keeps_the_first_output_before_a_later_call_overwrites_it():
     r = measure(fn, torch.zeros(1), 4, torch.device("cpu"))
     assert len(calls) == 1 + 1 + 4  # first, warm-up, timed
     assert torch.equal(r["logits"], torch.ones(2, 3)) and r["logits"].dtype == torch.float32
-    assert r["samples"] == 4 and r["max_ms"] >= r["p50_ms"] and r["peak_memory_gb"] is None
+    assert r["samples"] == 4 and r["max_ms"] >= r["p50_ms"] and r["peak_memory_gib"] is None
+    assert r["first_calls_peak_memory_gib"] is None
     bf16 = measure(lambda x: x.to(torch.bfloat16), torch.full((2,), 1.5), 1, torch.device("cpu"))
     assert bf16["logits"].dtype == torch.float32 and bf16["logits"].tolist() == [1.5, 1.5]
 
@@ -293,12 +294,13 @@ def test_engine_table_labels_precision_tails_and_image_path_flops():
     row = {"arch": "RN50", "mode": "whole", "shape": [1, 3, 512, 512], "contestant": "official",
            "precision": bench_e2e.precision("official", cuda, defaults), "p50_ms": 10.0, "p90_ms": 11.0,
            "p99_ms": None, "max_ms": 12.5, "samples": 40, "images_per_s": 100.0, "first_call_s": 1.0,
-           "peak_memory_gb": 1.5, "rel_error_vs_official": 1e-3, "image_path_fraction_of_peak": 0.01}  # fmt: skip
+           "peak_memory_gib": 1.5, "first_calls_peak_memory_gib": 2.25, "rel_error_vs_official": 1e-3,
+           "image_path_fraction_of_peak": 0.01}  # fmt: skip
     env = {"gpu": True, "device": "H200", "date": "d", "torch": "t", "triton": "t", "threads": 16, "tf32": defaults,
            "cudnn_benchmark": True}  # fmt: skip
     text = bench_e2e.table(env, [row, {**row, "contestant": "engine-bf16", "error": "OOM"}], 150)
     label = "fp32, PyTorch defaults: TF32 convolutions, IEEE matmuls"
-    assert f"| official | {label} | 10.00 | 11.00 | max 12.50 | 40 |" in text
+    assert f"| official | {label} | 10.00 | 11.00 | max 12.50 | 40 | 100.0 | 1.0 | 1.50 (2.25) | 1.0e-03 |" in text
     assert "image path, of 790 TFLOP/s" in text and "cuDNN benchmark mode on" in text
     assert f"| engine-bf16 | {label} | failed: OOM |" in text
     assert bench_e2e.windows(512, 2048, 512, 341) == 6 and bench_e2e.windows(256, 256, 512, 341) == 1
@@ -316,9 +318,11 @@ def test_training_table_with_a_failed_baseline():
     env = {"gpu": True, "date": "d", "device": "H200", "torch": "t", "triton": "t"}
     args = argparse.Namespace(arch="RN50", size=512, batch=16, classes=150)
     rows = [{"contestant": "official-fp32", "error": "OutOfMemoryError: CUDA out of memory."},
-            {"contestant": "trainer-bf16", "ms_per_step": 50.0, "images_per_s": 320.0, "peak_memory_gb": 20.0}]
+            {"contestant": "trainer-bf16", "ms_per_step": 50.0, "images_per_s": 320.0, "peak_memory_gib": 20.0,
+             "first_calls_peak_memory_gib": 24.5}]
     text = bench_train.table(env, rows, args)
-    assert "| official-fp32 | failed: OutOfMemoryError" in text and "| trainer-bf16 | 50.0 | 320.0 | 20.0 |  |" in text
+    assert "| official-fp32 | failed: OutOfMemoryError" in text
+    assert "| trainer-bf16 | 50.0 | 320.0 | 20.0 (24.5) |  |" in text
     assert "| not measured |" in text  # the 3x target without its baseline
 
 
