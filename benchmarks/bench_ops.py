@@ -213,6 +213,10 @@ def bench_attention(b: int, heads: int, lq: int, lk: int, d: int, dtype: torch.d
     return _each_contestant(_contestants("attention", device, dtype, d, compile_mode), one, shape)
 
 
+# what a run could not measure, in its results (JSON and markdown) as well as on stdout: {"what", "error"}
+NOT_MEASURED: list[dict[str, str]] = []
+
+
 def _each_contestant(fns: dict[str, Callable], one: Callable[[str, Callable], list[Row]], shape: str) -> list[Row]:
     """``one(name, fn)`` for every contestant; one that cannot run this case is reported and skipped."""
     rows = []
@@ -220,6 +224,7 @@ def _each_contestant(fns: dict[str, Callable], one: Callable[[str, Callable], li
         try:
             rows += one(name, fn)
         except Exception as exc:
+            NOT_MEASURED.append({"what": f"{name} on {shape}", "error": failure(exc)})
             print(f"  skipped {name} on {shape}: {failure(exc)}", flush=True)
     return rows
 
@@ -232,9 +237,11 @@ def environment(device: torch.device) -> dict:
 
 def markdown(env: dict, rows: list[dict]) -> str:
     if env["gpu"]:
-        how = ("Median of triton.testing.do_bench runs (L2 flushed between runs). Floor = max(bytes / 4.8 TB/s, "
-               "FLOPs / the dtype's peak: 790 TFLOP/s for bf16/fp16, 67 TFLOP/s for float32 (IEEE, no tensor "
-               "cores)), the H200's; 'of floor' = floor / median.")  # fmt: skip
+        how = ("triton.testing.do_bench: each call's device time between CUDA events, the L2 cache flushed (a 256 MB "
+               "write) before each, so a launch overhead shorter than that write is hidden: small shapes' times are "
+               "their kernels' (as in the engine's CUDA-graph replays), not a host-bound loop's. Floor = max(bytes / "
+               "4.8 TB/s, FLOPs / the dtype's peak: 790 TFLOP/s for bf16/fp16, 67 TFLOP/s for float32 (IEEE, no "
+               "tensor cores)), the H200's; 'of floor' = floor / median.")  # fmt: skip
     else:
         how = (f"CPU run ({env['threads']} threads): median of perf_counter loops. The bandwidth, FLOP-rate "
                "and floor columns refer to an H200 and mean nothing here.")  # fmt: skip
@@ -243,15 +250,17 @@ def markdown(env: dict, rows: list[dict]) -> str:
         "",
         f"{env['date']}, torch {env['torch']}, triton {env['triton']}. {how}",
         "",
-        "| op | shape | dtype | pass | contestant | median ms | min ms | TB/s | TFLOP/s | of floor |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| op | shape | dtype | pass | contestant | median ms | min ms | max ms | TB/s | TFLOP/s | of floor |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         lines.append(
             f"| {r['op']} | {r['shape']} | {r['dtype']} | {r['direction']} | {r['contestant']} | "
-            f"{r['median_ms']:.4f} | {r['min_ms']:.4f} | {r['achieved_tb_per_s']:.2f} | "
+            f"{r['median_ms']:.4f} | {r['min_ms']:.4f} | {r['max_ms']:.4f} | {r['achieved_tb_per_s']:.2f} | "
             f"{r['achieved_tflop_per_s']:.1f} | {100 * r['fraction_of_floor']:.0f}% |"
         )
+    if NOT_MEASURED:
+        lines += ["", "Not measured: " + "; ".join(f"{m['what']} ({m['error'][:160]})" for m in NOT_MEASURED) + "."]
     choices = engine_choices(rows)
     if choices:
         listed = "; ".join(f"{op} {dtype}: {backend}" for (op, dtype), backend in choices.items())
@@ -374,14 +383,17 @@ def main(argv: list[str] | None = None) -> int:
         large = (min(32, args.max_batch or 32), 1024, 128, 128, 171)
         cases.append((f"pixel_text_score {large} fp32",
                       lambda: bench_score(*large, torch.float32, device, False, args.compile)))  # fmt: skip
-    results = Results(args.out, "ops", args.tag, environment(device), {}, markdown)
+    results = Results(args.out, "ops", args.tag, environment(device), {"args": vars(args),
+                                                                         "not_measured": NOT_MEASURED}, markdown)
     for label, case in cases:  # results are rewritten after every case: a run cut short keeps what it measured
         print(label, flush=True)
         try:
             for row in case():
                 results.add(row.summary())
         except Exception as exc:  # one case that fails (out of memory, a compile error) must not hide the others
+            NOT_MEASURED.append({"what": label, "error": failure(exc)})
             print(f"  failed: {failure(exc)}", flush=True)
+        results.save()  # what this case could not measure, too
     print(results.render(results.env, results.rows))
     return 0
 
