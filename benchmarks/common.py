@@ -138,7 +138,10 @@ def sync(device: torch.device) -> None:
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """||a - b|| / ||b|| in float64."""
+    """||a - b|| / ||b|| in float64, of tensors of one shape (broadcasting would compare what the contestants do not
+    compute alike: a ValueError)."""
+    if a.shape != b.shape:
+        raise ValueError(f"the outputs compared differ in shape: {tuple(a.shape)} and {tuple(b.shape)}")
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm()).item()
 

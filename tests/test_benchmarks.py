@@ -225,6 +225,18 @@ def test_engine_targets():
     assert set(missing.values()) == {None}
 
 
+def test_relative_errors_compare_outputs_of_one_shape():
+    import pytest
+    import torch
+
+    from benchmarks.common import rel_err
+
+    assert rel_err(torch.tensor([3.0, 4.0]), torch.tensor([3.0, 4.0])) == 0.0
+    assert abs(rel_err(torch.tensor([3.0, 5.0]), torch.tensor([3.0, 4.0])) - 0.2) < 1e-12
+    with pytest.raises(ValueError, match=r"differ in shape: \(1, 2\) and \(2,\)"):
+        rel_err(torch.ones(1, 2), torch.ones(2))  # broadcast, it was a number
+
+
 def test_results_name_the_code_that_made_them(tmp_path, monkeypatch):
     """Every result's environment has a hash of setup.py, csrc/, denseclip_fast/ and benchmarks/ (the GPU machine
     has no git history): it changes with any of their sources, not with caches or other files."""
