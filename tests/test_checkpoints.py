@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import os
@@ -281,6 +282,9 @@ def test_native_file_checks(tmp_path):
         dcf.load_checkpoint(path, arch="ViT-B/16")
     with pytest.raises(CheckpointError, match="cannot save: directory .* does not exist"):
         model.save(tmp_path / "missing_dir" / "x.safetensors")
+    with pytest.raises(CheckpointError, match=r"cannot save: the model is on the meta device \(shapes without data\)"):
+        copy.deepcopy(model).to("meta").save(tmp_path / "meta.safetensors")
+    assert not (tmp_path / "meta.safetensors").exists()
     data = path.read_bytes()
     truncated = tmp_path / "truncated.safetensors"
     truncated.write_bytes(data[: len(data) // 2])

@@ -351,6 +351,8 @@ def test_bad_vocabularies_and_settings(model):
         seg.open_vocab(torch.randn(1, 3, 64, 64), ["sky", "road", "Sky "])
     with pytest.raises(ValueError, match=r"class name 1 \('SKY'\) has the same BPE tokens as class name 0"):
         model.open_vocab_scores(torch.randn(1, 3, 64, 64), ["sky", "SKY"])
+    with pytest.raises(ValueError, match=r"class name 1 \('&'\) .* \('&amp;'\): CLIP's tokenizer unescapes HTML"):
+        model.open_vocab_scores(torch.randn(1, 3, 64, 64), ["&amp;", "&"])
     seg.set_classes(["sky", "road", "Sky", "car"])  # a trained head's classes may share a name, or its tokens
     seg.set_classes(["sky", "road", "sky", "car"])
     assert seg.class_names == ["sky", "road", "sky", "car"]

@@ -29,7 +29,11 @@ def save_native(model: DenseCLIP, path: str | os.PathLike[str]) -> None:
     from safetensors.torch import save_file
 
     path = path_argument(path)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    state = model.state_dict()
+    if any(v.is_meta for v in state.values()):  # no data to write: torch's NotImplementedError from the copy
+        raise CheckpointError(path, "cannot save: the model is on the meta device (shapes without data); load or "
+                                    "initialise its weights first")  # fmt: skip
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     metadata = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,

@@ -63,7 +63,7 @@ def check_distinct_tokens(names: Sequence[str], encoded: Sequence[Sequence[int]]
             j = seen[tokens]
             raise ValueError(
                 f"class name {i} ({name!r}) has the same BPE tokens as class name {j} ({names[j]!r}): CLIP's "
-                "tokenizer lowercases and collapses whitespace; class names must differ"
+                "tokenizer unescapes HTML (&amp; is &), lowercases and collapses whitespace; class names must differ"
             )
         seen[tokens] = i
 
