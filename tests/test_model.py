@@ -157,6 +157,8 @@ def test_embeddings_are_cached_per_autocast_state(tiny):
             assert model._class_embeddings().dtype == torch.bfloat16
         assert model._class_embeddings().dtype == torch.float32
         assert torch.equal(model.forward_features(x)["text_embeddings"], tiny.forward_features(x)["text_embeddings"])
+        meta = model.to("meta")  # a device without autocast: its state is not asked for (that raised)
+        assert meta(torch.randn(1, 3, 64, 64, device="meta")).shape == (1, 4, 64, 64)
 
 
 def test_an_eval_model_compiles_without_graph_breaks(tiny):

@@ -196,9 +196,10 @@ class DenseCLIP(nn.Module):
                 return self.text_encoder(self.class_tokens, self.contexts)
         params = [self.contexts, self.class_tokens, *self.text_encoder.parameters()]
         device = self.contexts.device.type
-        autocast = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
-        key = (autocast if torch.amp.is_autocast_available(device) else None,
-               *((p.data_ptr(), p._version, p.dtype, p.device) for p in params))  # fmt: skip
+        autocast = None  # a device without autocast (meta): asking it for its state raises
+        if torch.amp.is_autocast_available(device):
+            autocast = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        key = (autocast, *((p.data_ptr(), p._version, p.dtype, p.device) for p in params))
         cache = self._text_cache
         if cache is None or cache[0] != key or (cache[1].is_inference() and not torch.is_inference_mode_enabled()):
             with torch.no_grad():
