@@ -78,26 +78,25 @@ def _classes_for(model: Any, names: list[str], count_hint: str | None) -> list[s
 UNNAMED = "class"  # what a file that names no classes calls them where their names play no part
 
 
-def _load_model(path: str, unnamed: str) -> Any:
-    """load_checkpoint(path) for a command. A file that names no classes (a bare state dict whose head has other
-    than ADE20K's 150 outputs) is loaded with its K classes called UNNAMED when ``unnamed`` is "" (info; --classes
-    names them next; open-vocabulary scoring, where the head's names play no part); else the error says to give
-    their names with --classes, ``unnamed`` saying why they are needed."""
+def _load_model(path: str, unnamed: str) -> tuple[Any, bool]:
+    """load_checkpoint(path) for a command, and whether the file names its classes. A file that names none (a bare
+    state dict whose head has other than ADE20K's 150 outputs) is loaded with its K classes called UNNAMED when
+    ``unnamed`` is "" (info; --classes names them next; open-vocabulary scoring, where the head's names play no
+    part); else the error says to give their names with --classes, ``unnamed`` saying why they are needed."""
     from . import load_checkpoint
     from .checkpoints import UnnamedClassesError
 
     try:
-        return load_checkpoint(path)
+        return load_checkpoint(path), True
     except UnnamedClassesError as exc:
         if unnamed:
             raise ValueError(f"{path}: the file names no classes and its head has {exc.outputs} outputs: give their "
                              f"{exc.outputs} names with --classes ({unnamed})") from None  # fmt: skip
-        return load_checkpoint(path, class_names=[UNNAMED] * exc.outputs)
+        return load_checkpoint(path, class_names=[UNNAMED] * exc.outputs), False
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    model = _load_model(args.checkpoint, "")
-    named = model.class_names != [UNNAMED] * model.num_classes
+    model, named = _load_model(args.checkpoint, "")
     counts = model.parameter_counts()
     info = {
         "checkpoint": args.checkpoint,
@@ -243,7 +242,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
     if args.open_vocab and args.classes is None:
         raise ValueError("--open-vocab needs --classes")
     given = _parse_classes(args.classes, distinct=args.open_vocab) if args.classes is not None else None
-    model = _load_model(args.checkpoint, "" if given is not None else "the labels and overlays are the trained head's")
+    why = "" if given is not None else "the labels and overlays are the trained head's"
+    model = _load_model(args.checkpoint, why)[0]
     names = None
     if given is not None:
         if args.open_vocab:
@@ -430,7 +430,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             raise ValueError("--out is the engine file for --format tensorrt (e.g. model.engine); the ONNX graph is "
                              "written next to it with the .onnx suffix")  # fmt: skip
         check_writable_file(os.path.splitext(args.out)[0] + ".onnx", "--out's ONNX graph", create_parents=True)
-    model = _load_model(args.checkpoint, "" if names is not None else "the exported graphs carry them")
+    model = _load_model(args.checkpoint, "" if names is not None else "the exported graphs carry them")[0]
     if names is not None:
         model.set_classes(_classes_for(model, names, "the exported graphs keep the trained head (segment "
                                                      "--open-vocab scores any number of names)"))  # fmt: skip
