@@ -105,6 +105,7 @@ def test_a_slide_window_smaller_than_the_network_takes_names_the_crop(tiny):
             tiny.slide_inference(torch.randn(1, 3, 64, 64), crop=crop, stride=10)
 
 
+@torch.no_grad()
 def test_class_embeddings_cached_and_invalidated(tiny):
     model = DenseCLIP(tiny.config, NAMES).eval()
     first = model._class_embeddings()
@@ -113,12 +114,33 @@ def test_class_embeddings_cached_and_invalidated(tiny):
     assert given is not first and torch.equal(given, first)  # the caller's own copy
     given.mul_(0.0)  # so an in-place edit of it (a normalisation) reaches no later forward
     assert model._class_embeddings() is first and not torch.equal(first, given)
-    with torch.no_grad():
-        model.contexts.add_(1.0)  # in-place change: the cache must notice
+    model.contexts.add_(1.0)  # in-place change: the cache must notice
     second = model._class_embeddings()
     assert second is not first and not torch.allclose(first, second)
     model.load_state_dict(tiny.state_dict())
     assert torch.allclose(model.class_embeddings(), tiny.class_embeddings())
+
+
+def test_an_eval_model_passes_gradients_to_the_contexts(tiny):
+    """Fine-tuning in eval mode (BatchNorm statistics frozen): the official model's contexts get their gradient.
+    Embeddings cached detached (by an inference call before, here) left contexts.grad None, with no word; the
+    cache serves only calls that record no gradient, and one of frozen contexts and text encoder."""
+    x = torch.randn(1, 3, 64, 64)
+    grads = []
+    for warm in (False, True):
+        model = DenseCLIP(tiny.config, NAMES).eval()
+        model.load_state_dict(tiny.state_dict())
+        if warm:
+            with torch.no_grad():
+                model(x)  # fills the cache
+        model(x).square().mean().backward()
+        assert model.contexts.grad is not None and model.contexts.grad.abs().sum() > 0
+        grads.append(model.contexts.grad)
+        with torch.no_grad():
+            assert not model._class_embeddings().requires_grad
+        model.requires_grad_(False)  # frozen: nothing to record, the cache serves the call
+        assert model._class_embeddings() is model._class_embeddings()
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
 
 
 def _text_path(model: DenseCLIP) -> torch.Tensor:
@@ -192,7 +214,8 @@ def test_embeddings_cached_in_inference_mode_serve_a_later_backward(tiny):
     expected = x.clone().requires_grad_()
     fresh(expected).square().mean().backward()
     torch.testing.assert_close(leaf.grad, expected.grad)
-    normal = model._class_embeddings()
+    with torch.no_grad():
+        normal = model._class_embeddings()
     assert not normal.is_inference()
     with torch.inference_mode():
         assert model._class_embeddings() is normal  # a normal tensor serves inference mode as it is

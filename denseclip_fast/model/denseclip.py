@@ -173,9 +173,12 @@ class DenseCLIP(nn.Module):
         return self.text_encoder(tokens.to(self.contexts.device), self.contexts)
 
     def class_embeddings(self) -> torch.Tensor:
-        """(K, D) embeddings of the current vocabulary. In eval mode they are computed once and cached (detached)
-        until the vocabulary, the contexts or the text encoder's weights change; in train mode they are computed on
-        every call so that gradients reach the contexts. What is returned is the caller's own (a copy of the cache).
+        """(K, D) embeddings of the current vocabulary. In eval mode without gradients (``torch.no_grad``,
+        ``torch.inference_mode``, or frozen contexts and text encoder) they are computed once and cached until the
+        vocabulary, the contexts or the text encoder's weights change; in train mode, and in eval mode where autograd
+        would record a gradient to the contexts or the text encoder (fine-tuning with frozen BatchNorm statistics),
+        they are computed on every call, as the official model does, so that gradients reach them. What is returned
+        is the caller's own (a copy of the cache).
 
         A change is seen through the tensors' version counters, which an in-place operation on a parameter (an
         optimiser step, ``load_state_dict``, ``copy_`` under ``no_grad``) bumps, and a switch of mode
@@ -189,12 +192,14 @@ class DenseCLIP(nn.Module):
 
     def _class_embeddings(self) -> torch.Tensor:
         """:meth:`class_embeddings` without the copy, for the forward, which does not write to it."""
-        if self.training:
-            return self.text_encoder(self.class_tokens, self.contexts)
-        if torch.compiler.is_compiling():  # no cache inside a compiled graph (its key reads data pointers)
-            with torch.no_grad():
-                return self.text_encoder(self.class_tokens, self.contexts)
         params = [self.contexts, self.class_tokens, *self.text_encoder.parameters()]
+        if (
+            self.training
+            # a cache would be detached: an eval-mode fine-tuning step lost its gradients to the contexts
+            or (torch.is_grad_enabled() and any(p.requires_grad for p in params))
+            or torch.compiler.is_compiling()  # no cache inside a compiled graph (its key reads data pointers)
+        ):
+            return self.text_encoder(self.class_tokens, self.contexts)
         device = self.contexts.device.type
         autocast = None  # a device without autocast (meta): asking it for its state raises
         if torch.amp.is_autocast_available(device):
