@@ -650,6 +650,23 @@ def test_parameter_groups_and_schedule(arch_file, generic):
     assert train_preset("RN50").batch_size == 32
 
 
+def test_a_group_under_min_lr_never_rises_above_its_base(arch_file, generic):
+    """mmcv's poly schedule raises a group whose base is under min_lr up to min_lr: the official recipe's lr_mult 0
+    moved its "frozen" text encoder so, and backbone_lr_mult 0 here moved the backbone. The floor is the smaller of
+    min_lr and the base."""
+    cfg = _config(arch_file, generic, "unused", lr=1e-4, iters=1000, warmup_iters=10, min_lr=1e-6,
+                  backbone_lr_mult=0.0)  # fmt: skip
+    model = build_model(cfg, CLASSES)
+    freeze_text_encoder(model)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr)
+    for iteration in (0, 5, 10, 500, 999, 1000):
+        set_learning_rates(optimizer, iteration, cfg)
+        rates = {g["names"][0].startswith("backbone."): g["lr"] for g in optimizer.param_groups}
+        assert rates[True] == 0.0 and rates[False] > 0
+    small = 5e-7  # a base under min_lr: decays towards itself, i.e. stays at it after the warm-up
+    assert learning_rate(small, 500, cfg) == pytest.approx(small) and learning_rate(small, 1000, cfg) == small
+
+
 @pytest.mark.parametrize("how", ["preset", "constructor", "file", "file_and_option", "preset_file_and_option"])
 def test_crop_and_scale_follow_the_architecture_unless_given(how, tmp_path, capsys):
     """ViT-B/16 trains at 640 / (2048, 640), the ResNets at 512 / (2048, 512), however the arch was chosen: a

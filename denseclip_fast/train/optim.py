@@ -8,6 +8,10 @@ the default exempts every normalisation layer, as the recipe says.)
 
 Schedule (mmcv's PolyLrUpdaterHook with linear warm-up, per group): regular = (base - min_lr) * (1 - it / iters) **
 power + min_lr; during the first ``warmup_iters``: regular * (1 - (1 - it / warmup_iters) * (1 - warmup_ratio)).
+One difference: a group whose base is under ``min_lr`` decays to its base, not up to ``min_lr`` (the floor is
+``min(min_lr, base)``). mmcv raised such a group's rate from its base to ``min_lr``: that is how the official recipe's
+lr_mult 0 still moved its "frozen" text encoder, and how ``backbone_lr_mult: 0`` here moved the backbone. Groups
+whose base is at least ``min_lr`` (the official recipe's) follow mmcv exactly.
 """
 
 from __future__ import annotations
@@ -61,7 +65,8 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
 
 def learning_rate(base: float, iteration: int, cfg: TrainConfig) -> float:
     """The learning rate of a group with initial lr ``base`` at ``iteration`` (0-based)."""
-    regular = (base - cfg.min_lr) * (1 - iteration / cfg.iters) ** cfg.poly_power + cfg.min_lr
+    floor = min(cfg.min_lr, base)  # never above the group's base: lr_mult 0 stays 0 (see the module's docstring)
+    regular = (base - floor) * (1 - iteration / cfg.iters) ** cfg.poly_power + floor
     if iteration < cfg.warmup_iters:
         k = (1 - iteration / cfg.warmup_iters) * (1 - cfg.warmup_ratio)
         return regular * (1 - k)
