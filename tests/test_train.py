@@ -1345,6 +1345,29 @@ def test_resume_with_another_architecture_norm_decay_or_classes_is_one_line(arch
     assert not os.path.exists(tmp_path / "b")
 
 
+def test_a_resume_with_reordered_classes_is_refused_and_renamed_ones_said(arch_file, generic, tmp_path, capsys):
+    """A data set whose classes.txt lists the saved run's classes in another order resumed without a word: the head's
+    outputs and the labels swapped meanings. It is refused; a renamed class (a reworded prompt) goes on, said."""
+    train(_config(arch_file, generic, tmp_path / "a", iters=2, checkpoint_interval=2))
+    state = str(tmp_path / "a" / "iter_2.state.pt")
+    reordered = make_generic(tmp_path / "reordered")
+    (tmp_path / "reordered" / "classes.txt").write_text("\n".join([CLASSES[1], CLASSES[0], *CLASSES[2:]]) + "\n")
+    message = (rf"^{re.escape(state)} was saved by a run whose classes are in another order than this data set's "
+               rf"\(.*reordered\): class 0 was {CLASSES[0]!r} and is {CLASSES[1]!r}; .* new --work-dir$")  # fmt: skip
+    with pytest.raises(ValueError, match=message):
+        train(_config(arch_file, reordered, tmp_path / "b"), resume=state)
+    assert not os.path.exists(tmp_path / "b")
+    renamed = make_generic(tmp_path / "renamed")
+    names = [*CLASSES[:-1], "meadow"]
+    (tmp_path / "renamed" / "classes.txt").write_text("\n".join(names) + "\n")
+    capsys.readouterr()
+    train(_config(arch_file, renamed, tmp_path / "c"), resume=state)
+    err = capsys.readouterr().err
+    assert f"with class names other than the saved run's ({len(CLASSES) - 1}: {CLASSES[-1]!r} -> 'meadow')" \
+        in err, err
+    assert _final(tmp_path / "c", 4).class_names == names
+
+
 class _Evil:
     def __reduce__(self):
         return (os.system, ("touch denseclip_fast_pwned_marker",))

@@ -305,9 +305,10 @@ def _group_difference(saved: list[dict[str, Any]], mine: list[dict[str, Any]]) -
     return ""
 
 
-def _saved_architecture(weights: str) -> DenseCLIPConfig | None:
-    """The architecture in the metadata of a model file written by train (its tensors are not read); None when
-    the file cannot be opened as safetensors or is not in this project's format: loading it says why."""
+def _saved_contents(weights: str) -> tuple[DenseCLIPConfig, list[str]] | None:
+    """The architecture and class names in the metadata of a model file written by train (its tensors are not
+    read); None when the file cannot be opened as safetensors or is not in this project's format: loading it says
+    why."""
     from safetensors import safe_open
 
     try:
@@ -315,7 +316,27 @@ def _saved_architecture(weights: str) -> DenseCLIPConfig | None:
             metadata = dict(f.metadata() or {})
     except Exception:  # missing, truncated, another format: load_checkpoint names the file and the reason
         return None
-    return native_contents(metadata, weights)[0] if is_native(metadata) else None
+    return native_contents(metadata, weights)[:2] if is_native(metadata) else None
+
+
+def _check_class_names(path: str, saved: list[str], mine: list[str], data: str, rank: int) -> None:
+    """A resume whose data set lists the saved run's classes in another order is refused: the head's outputs and
+    the labels would swap meanings. Other renames (a prompt reworded) go on, said on stderr: the outputs keep their
+    positions, and the text encoder embeds the new names."""
+    if saved == mine:
+        return
+    if sorted(saved) == sorted(mine):
+        moved = next(i for i, (a, b) in enumerate(zip(saved, mine)) if a != b)
+        raise ValueError(
+            f"{path} was saved by a run whose classes are in another order than this data set's ({data}): class "
+            f"{moved} was {saved[moved]!r} and is {mine[moved]!r}; the head's outputs and the labels would swap "
+            "meanings: resume with the saved run's classes.txt order, or start this run in a new --work-dir"
+        )
+    if rank == 0:
+        renamed = [f"{i}: {a!r} -> {b!r}" for i, (a, b) in enumerate(zip(saved, mine)) if a != b]
+        listed = ", ".join(renamed[:5]) + (f", ... ({len(renamed)} in all)" if len(renamed) > 5 else "")
+        print(f"denseclip-fast train: resuming from {path} with class names other than the saved run's ({listed}): "
+              "each output keeps its position, and the new names are embedded from now on", file=sys.stderr)
 
 
 def _architecture_difference(saved: DenseCLIPConfig, mine: DenseCLIPConfig, limit: int = 3) -> tuple[str, str]:
@@ -608,6 +629,9 @@ class Trainer:
                 f"{path} was saved by a run with {exc.outputs} classes, this one's data set ({self.cfg.data}) has "
                 f"{exc.given}: resume with the saved run's data set, or start this run in a new --work-dir"
             ) from None
+        saved = _saved_contents(weights)
+        if saved is not None:
+            _check_class_names(path, saved[1], list(model.class_names), self.cfg.data, rank)
         model.load_state_dict(loaded.state_dict())
         try:
             load_optimizer_state(optimizer, state["optimizer"])
@@ -653,7 +677,8 @@ class Trainer:
                 f"{saved.get('batch_size')} (accum may differ)"
             )
         weights = _weights_beside(path)
-        arch, mine = _saved_architecture(weights), cfg.model_config()
+        contents, mine = _saved_contents(weights), cfg.model_config()
+        arch = contents[0] if contents is not None else None
         if arch is not None and arch != mine:
             theirs, ours = _architecture_difference(arch, mine)
             raise ValueError(
