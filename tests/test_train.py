@@ -863,6 +863,17 @@ def test_two_files_of_one_name_are_refused_naming_both(tmp_path, folder, first, 
         SegmentationData(data, "generic", "val")
 
 
+def test_a_val_split_listing_an_image_twice_is_refused(tmp_path):
+    """val.txt naming an image twice counted it twice in mIoU and aAcc; train.txt may repeat one (oversampling)."""
+    data = make_generic(tmp_path / "g", n=4)
+    (tmp_path / "g" / "splits" / "val.txt").write_text("scene_3\nscene_2\nscene_3\n")
+    (tmp_path / "g" / "splits" / "train.txt").write_text("scene_0\nscene_1\nscene_0\n")
+    with pytest.raises(ValueError, match=r"val.txt lists 1 name\(s\) more than once, e.g. 'scene_3': an evaluation "
+                                         r"would count each of them as often; list every image once$"):  # fmt: skip
+        SegmentationData(data, "generic", "val")
+    assert len(SegmentationData(data, "generic", "train", TrainConfig(crop=48, img_scale=(96, 48)))) == 3
+
+
 def test_images_of_other_extensions_are_named_with_the_accepted_ones(tmp_path):
     """A folder of .tif images (or labels) is said to hold none of the accepted extensions, with what was skipped."""
     data = make_generic(tmp_path / "g", n=2)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import numbers
 import os
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -142,6 +143,10 @@ def find_samples(root: str, layout: str, split: str) -> tuple[list[Sample], list
             names = _text_lines(split_file)
             if not names:
                 raise ValueError(f"{split_file} lists no names (one image NAME a line)")
+            repeated = sorted(n for n, count in Counter(names).items() if count > 1) if split == "val" else []
+            if repeated:  # an evaluation would count each twice (a train split may repeat a name to oversample it)
+                raise ValueError(f"{split_file} lists {len(repeated)} name(s) more than once, e.g. {repeated[0]!r}: "
+                                 "an evaluation would count each of them as often; list every image once")  # fmt: skip
             missing = [n for n in names if n not in images]
             if missing:
                 raise ValueError(f"{split_file} lists {len(missing)} name(s) without an image, e.g. {missing[0]!r} "
