@@ -101,6 +101,31 @@ def test_set_classes_equals_rebuilding(model):
     assert rel_err(before, seg.logits(x)) > 1e-3
 
 
+def test_a_segmenter_built_under_inference_mode_changes_its_classes(model):
+    """Built under torch.inference_mode, the embeddings buffer is an inference tensor: set_classes wrote the new
+    vocabulary into it and then raised 'Inplace update to inference tensor outside InferenceMode'."""
+    names = ["sky", "road", "person", "tree"]
+    rebuilt = DenseCLIP(model.config, names).eval()
+    rebuilt.load_state_dict(model.state_dict())
+    with torch.inference_mode():
+        seg = _engine(model)
+    seg.set_classes(names)
+    x = torch.randn(1, 3, 64, 64)
+    assert seg.class_names == names and torch.equal(seg.logits(x), _engine(rebuilt).logits(x))
+
+
+def test_values_past_the_engines_dtype_are_refused(model):
+    """1e39 is finite in a float64 batch but infinite once cast to the engine's float32 (and 7e4 in a float16
+    engine's): the logits came back NaN without a word, while the same batch in float32 was refused."""
+    x = torch.randn(1, 3, 64, 64, dtype=torch.float64)
+    assert torch.isfinite(_engine(model).logits(x)).all()
+    x[0, 1, 5, 7] = -1e39
+    with pytest.raises(ValueError, match=r"^images contain NaN or infinite values, or values past float32's range "
+                                         r"\(±3.40282e\+38\)$"):  # fmt: skip
+        _engine(model).logits(x)
+    assert torch.isnan(_engine(model, check_finite=False).logits(x)).any()  # what the check keeps out
+
+
 def _official_test_pipeline(model: DenseCLIP, image: np.ndarray, mode: str) -> torch.Tensor:
     """The mmseg test pipeline written out with OpenCV and plain torch: keep-ratio resize to fit the test scale
     with mmcv's rounding of the size (cv2.resize, bilinear, uint8 result, as mmcv's imrescale), CLIP normalisation,

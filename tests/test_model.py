@@ -196,6 +196,18 @@ def test_an_eval_model_compiles_without_graph_breaks(tiny):
         torch.testing.assert_close(compiled(x), expected)
 
 
+def test_a_model_made_under_inference_mode_runs_there(tiny):
+    """Weights made under torch.inference_mode are inference tensors, which keep no version counter: the cache's
+    key raised 'Inference tensors do not track version counter' on the first forward."""
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        model = DenseCLIP(tiny.config, NAMES).eval()
+        model.load_state_dict(tiny.state_dict())
+        torch.testing.assert_close(model(x), tiny(x))
+        model.contexts.add_(1.0)  # in place, no version to see it by: the embeddings are not cached
+        torch.testing.assert_close(model.class_embeddings(), model.text_features(NAMES))
+
+
 def test_embeddings_cached_in_inference_mode_serve_a_later_backward(tiny):
     """Embeddings cached under torch.inference_mode are inference tensors; reused outside it, a forward that
     autograd records (a gradient to the input: saliency, attacks) failed with 'Inference tensors cannot be saved

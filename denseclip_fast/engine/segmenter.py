@@ -143,7 +143,8 @@ class Segmenter:
         capture_after: an input shape is captured on its capture_after-th call and replayed from then on; the calls
             before run eagerly (default 2: a stream of ever-new sizes never pays for captures it cannot reuse; 1
             captures at once).
-        check_finite: reject float batches holding NaN or infinite values with a ValueError. A batch on the CPU
+        check_finite: reject float batches holding NaN or infinite values, or values past ``dtype``'s range
+            (which the cast to it would make infinite), with a ValueError. A batch on the CPU
             is checked before the forward; a batch on a GPU is scanned on the GPU and its verdict read after the
             forward is queued (one synchronisation per call, at its end, and no idle gap before the forward); a
             pipeline that vouches for its inputs turns it off to keep the CPU ahead of the GPU.
@@ -269,9 +270,16 @@ class Segmenter:
         self._check_sizes(batch)
         if not self.check_finite or batch.normalized is None:
             return batch, None
+        x = batch.normalized
         with torch.no_grad():
-            finite = torch.isfinite(batch.normalized).all()
-        if batch.normalized.device.type == "cpu":
+            # one reduction (aminmax passes NaN on); values past the engine dtype's range (1e39 in a float64 batch,
+            # 7e4 for float16) would turn infinite in the cast to it, and the logits NaN
+            low, high = torch.aminmax(x)
+            finite = torch.isfinite(low) & torch.isfinite(high)
+            limit = torch.finfo(self.dtype).max
+            if limit < torch.finfo(x.dtype).max:
+                finite &= (low >= -limit) & (high <= limit)
+        if x.device.type == "cpu":
             self._finite_or_raise(finite)
             return batch, None
         return batch, finite
@@ -286,10 +294,10 @@ class Segmenter:
         for i, image in enumerate(batch.raw):
             check_test_image_size(image.shape[:2], self.model.config.test_scale, f"images[{i}]")
 
-    @staticmethod
-    def _finite_or_raise(flag: torch.Tensor | None) -> None:
+    def _finite_or_raise(self, flag: torch.Tensor | None) -> None:
         if flag is not None and not bool(flag):
-            raise ValueError("images contain NaN or infinite values")
+            name, limit = str(self.dtype).removeprefix("torch."), torch.finfo(self.dtype).max
+            raise ValueError(f"images contain NaN or infinite values, or values past {name}'s range (±{limit:.6g})")
 
     def logits(self, images: Any) -> torch.Tensor | list[torch.Tensor]:
         """(B, K, H, W) float32 logits, at the input size for a normalised float batch and at each image's own size
@@ -346,7 +354,10 @@ class Segmenter:
         and written into the buffer the captured graphs read."""
         with self._lock:
             self.model.set_classes(names)
-            self._text.copy_(self._embed(self.model.class_names))
+            # into the buffer the graphs read; made under torch.inference_mode (a Segmenter built there), it takes
+            # in-place writes only in inference mode (it raised after the vocabulary had changed)
+            with torch.inference_mode(self._text.is_inference()):
+                self._text.copy_(self._embed(self.model.class_names))
 
     @property
     def class_names(self) -> list[str]:

@@ -186,7 +186,8 @@ class DenseCLIP(nn.Module):
         on CUDA) bumps no version counter, nor does an edit through ``.data``; after one in eval mode call
         ``set_classes(model.class_names)``. Embeddings are cached per autocast state (cached under bfloat16
         autocast, they are not those of a float32 forward), and ones cached under ``torch.inference_mode`` are
-        recomputed outside it, where autograd may need to save them."""
+        recomputed outside it, where autograd may need to save them. A model whose weights were made under
+        ``torch.inference_mode`` (inference tensors, which keep no version counter) computes them on every call."""
         embeddings = self._class_embeddings()
         return embeddings if self.training else embeddings.clone()
 
@@ -198,6 +199,7 @@ class DenseCLIP(nn.Module):
             # a cache would be detached: an eval-mode fine-tuning step lost its gradients to the contexts
             or (torch.is_grad_enabled() and any(p.requires_grad for p in params))
             or torch.compiler.is_compiling()  # no cache inside a compiled graph (its key reads data pointers)
+            or any(p.is_inference() for p in params)  # made under inference_mode: no version counter to key on
         ):
             return self.text_encoder(self.class_tokens, self.contexts)
         device = self.contexts.device.type
