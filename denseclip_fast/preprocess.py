@@ -82,7 +82,7 @@ TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
 def _orientation(img: Any, header_only: bool) -> int:
     from PIL import ExifTags, Image
 
-    if header_only:
+    if header_only or img.format == "TIFF":  # Pillow turns a TIFF as it loads it, and drops its tag then
         exif = Image.Image.getexif(img)  # the base class's: a PNG's own getexif decodes the pixels first
     else:
         img.load()  # as ImageOps.exif_transpose: a PNG's eXIf chunk may follow its pixels
@@ -108,7 +108,9 @@ def image_size(path: str | os.PathLike[str], upright: bool = False) -> tuple[int
     path = os.fspath(path)
     with _opened_image(path) as img:
         width, height = img.size
-        turned = upright and _orientation(img, header_only=True) in TRANSPOSING_ORIENTATIONS
+        transposing = _orientation(img, header_only=True) in TRANSPOSING_ORIENTATIONS
+        # Pillow gives a TIFF's size upright already (it turns the pixels as it loads them), other formats' as stored
+        turned = transposing and (upright != (img.format == "TIFF"))
     return (width, height) if turned else (height, width)
 
 

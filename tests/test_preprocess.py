@@ -164,7 +164,13 @@ def test_load_image_reads_as_opencv_does(tmp_path):
     assert image_size(tmp_path / "rotated.png", upright=True) == (30, 20)  # as load_image returns it
     Image.fromarray(rgb).save(tmp_path / "rotated.jpg", exif=exif)
     assert image_size(tmp_path / "rotated.jpg", upright=True) == load_image(tmp_path / "rotated.jpg").shape[:2]
-    for name in ("rotated.png", "rotated.jpg", "deep.png"):  # from the header alone too (before a PNG's pixels)
+    # a TIFF: Pillow gives its size upright and turns its pixels as it loads them, dropping the tag (image_size
+    # swapped the sides a second time, and exif_orientation said 1, so a label stored as the image was passed)
+    for name in ("rotated.tif", "rotated.webp"):
+        Image.fromarray(rgb).save(tmp_path / name, exif=exif, lossless=True)  # (lossless: a WebP option)
+        assert np.array_equal(load_image(tmp_path / name), np.rot90(rgb, k=-1)), name
+        assert image_size(tmp_path / name) == (20, 30) and image_size(tmp_path / name, upright=True) == (30, 20), name
+    for name in ("rotated.png", "rotated.jpg", "rotated.tif", "rotated.webp", "deep.png"):  # the header alone too
         assert exif_orientation(tmp_path / name) == exif_orientation(tmp_path / name, header_only=True)
         assert exif_orientation(tmp_path / name) == (1 if name == "deep.png" else 6)
     Image.fromarray(deep.astype(np.int32)).save(tmp_path / "deep32.tif")  # mode "I", as older Pillows read 16-bit PNGs
