@@ -421,6 +421,26 @@ def test_batchnorm_folding_keeps_the_function():
         fold_batchnorm(folded.train())
 
 
+@pytest.mark.parametrize("groups", [1, 2, 4])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_folding_grouped_and_transposed_convolutions(groups, transposed):
+    """fold_batchnorm on any module's conv-BN pairs: a grouped ConvTranspose2d (weight (in, out / groups, k, k))
+    raised a size mismatch; with and without bias, an affine-free BatchNorm and its own eps."""
+    torch.manual_seed(groups)
+    kind = torch.nn.ConvTranspose2d if transposed else torch.nn.Conv2d
+    for bias, affine in ((False, True), (True, False)):
+        conv = kind(8, 12, 3, stride=2, groups=groups, bias=bias)
+        bn = torch.nn.BatchNorm2d(12, eps=1e-3, affine=affine)
+        randomized(bn)
+        bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2)
+        net = torch.nn.Sequential(conv, bn).eval()
+        x = torch.randn(2, 8, 9, 7)
+        with torch.no_grad():
+            expected = net(x)
+            assert fold_batchnorm(net) == 1 and isinstance(net[1], torch.nn.Identity)
+            assert rel_err(net(x), expected) < 1e-5
+
+
 # ------------------------------------------------------------------------------------------------ graph cache
 
 

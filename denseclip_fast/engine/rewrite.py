@@ -29,10 +29,11 @@ def fold_bn_into(conv: nn.Conv2d | nn.ConvTranspose2d, bn: nn.BatchNorm2d) -> No
         bn.running_var.float() + bn.eps
     )
     shift = bn.bias.float() if bn.affine else torch.zeros_like(factor)
-    out_dim = 1 if isinstance(conv, nn.ConvTranspose2d) else 0
-    shape = [1] * conv.weight.dim()
-    shape[out_dim] = -1
-    weight = conv.weight.float() * factor.view(shape)
+    if isinstance(conv, nn.ConvTranspose2d):  # (in, out / groups, kh, kw): output channel g * out / groups + j
+        grouped = conv.weight.float().unflatten(0, (conv.groups, -1))  # (groups, in / groups, out / groups, kh, kw)
+        weight = (grouped * factor.view(conv.groups, 1, -1, 1, 1)).flatten(0, 1)
+    else:  # (out, in / groups, kh, kw)
+        weight = conv.weight.float() * factor.view(-1, 1, 1, 1)
     bias = conv.bias.float() if conv.bias is not None else torch.zeros_like(factor)
     bias = (bias - bn.running_mean.float()) * factor + shift
     conv.weight.copy_(weight.to(conv.weight.dtype))
