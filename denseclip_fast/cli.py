@@ -314,6 +314,8 @@ def _parse_batch(text: str) -> tuple[int, int, int]:
     if len(parts) != 3 or not all(p.strip().isdecimal() for p in parts):
         raise ValueError(f"--trt-batch must be MIN,OPT,MAX (e.g. 1,1,16), got {text!r}")
     low, opt, high = (int(p) for p in parts)
+    if not 1 <= low <= opt <= high:  # before the export, not after it (the ONNX graph written, the build refused)
+        raise ValueError(f"--trt-batch must be MIN,OPT,MAX with 1 <= MIN <= OPT <= MAX, got {text!r}")
     return low, opt, high
 
 
@@ -408,7 +410,6 @@ def cmd_export(args: argparse.Namespace) -> int:
     from . import export
     from .export.aoti import DEFAULT_MAX_BATCH
     from .export.onnx import DEFAULT_OPSET
-    from .export.tensorrt import DEFAULT_BATCH
     from .validation import check_writable_file
 
     size = _parse_size(args.image_size) if args.image_size else None
@@ -425,7 +426,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         export.onnx.check_onnx_export(runtime=args.verify)
     if args.format == "tensorrt":
         export.tensorrt._tensorrt()  # say so before any work when TensorRT is missing
-        batch = DEFAULT_BATCH if args.trt_batch is None else _parse_batch(args.trt_batch)
+        batch = None if args.trt_batch is None else _parse_batch(args.trt_batch)  # None: the graph's default
         if args.out.endswith(".onnx"):
             raise ValueError("--out is the engine file for --format tensorrt (e.g. model.engine); the ONNX graph is "
                              "written next to it with the .onnx suffix")  # fmt: skip
@@ -601,7 +602,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="onnx/tensorrt: run the ONNX graph in ONNX Runtime against PyTorch")  # fmt: skip
     exp.add_argument("--device", help="aoti: cpu or cuda (default: cuda when available)")
     exp.add_argument("--trt-batch", help="tensorrt: MIN,OPT,MAX batch of the profile (default "
-                                         f"{','.join(map(str, DEFAULT_BATCH))})")  # fmt: skip
+                                         f"{','.join(map(str, DEFAULT_BATCH))}; for --graph text, the class count: "
+                                         "1,K,max(K,16) for the K classes exported)")  # fmt: skip
     exp.add_argument("--fp16", action="store_true", help="tensorrt: allow float16 layers")
     exp.add_argument("--bf16", action="store_true", help="tensorrt: allow bfloat16 layers (of a float32 graph)")
     exp.set_defaults(func=cmd_export)

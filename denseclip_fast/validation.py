@@ -95,6 +95,9 @@ def check_writable_file(path: str, name: str, create_parents: bool) -> None:
         raise ValueError(f"{name} must name a file, got {path!r}")
     if os.path.isdir(path):
         raise ValueError(f"{name} {path!r} is a directory; expected the path of the file to write")
+    if path.endswith((os.sep, "/")):  # abspath (and Path) drop the separator: "new/" was written as a file "new"
+        raise ValueError(f"{name} {path!r} ends in a path separator, as a directory's path; expected the path of the "
+                         "file to write")  # fmt: skip
     if os.path.exists(path) and not os.access(path, os.W_OK):
         raise ValueError(f"{name} {path!r}: no permission to overwrite it")
     folder = os.path.dirname(os.path.abspath(path))

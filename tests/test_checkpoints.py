@@ -490,6 +490,10 @@ def test_save_errors_name_the_path(tmp_path, monkeypatch):
         model.save(target)
     assert target.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["model.safetensors"]
     monkeypatch.undo()
+    for given in ("new/", "model.safetensors/"):  # written as a file "new", or over model.safetensors
+        with pytest.raises(CheckpointError, match=rf"{re.escape(given)}: cannot save: the path ends in a separator"):
+            model.save(f"{tmp_path}/{given}")
+    assert target.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["model.safetensors"]
     if os.geteuid() != 0:  # root writes anywhere
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o500)

@@ -258,6 +258,24 @@ def test_export_errors_are_one_line(checkpoint, tmp_path, capsys):
     assert "--image-size must be N or HxW" in capsys.readouterr().err
 
 
+def test_export_paths_and_profiles_are_checked_before_any_work(checkpoint, tmp_path, capsys, monkeypatch):
+    """--trt-batch 4,1,2 was refused by the TensorRT build, naming "batch", after the ONNX graph had been exported
+    and written; --out ending in a separator wrote a file of the folder's name. Both are one line, before work."""
+    from unittest import mock
+
+    monkeypatch.setitem(sys.modules, "tensorrt", mock.MagicMock())  # TensorRT is looked for first
+    trt = ["export", "--checkpoint", str(checkpoint), "--format", "tensorrt", "--out", str(tmp_path / "m.engine")]
+    for batch in ("4,1,2", "0,1,1"):
+        assert main([*trt, "--trt-batch", batch]) == 2
+        err = capsys.readouterr().err
+        assert err == f"denseclip-fast: error: --trt-batch must be MIN,OPT,MAX with 1 <= MIN <= OPT <= MAX, got " \
+                      f"'{batch}'\n", err
+    for out in ("new/", "m.onnx/"):
+        assert main(["export", "--checkpoint", str(checkpoint), "--format", "onnx", "--out", f"{tmp_path}/{out}"]) == 2
+        assert f"--out '{tmp_path}/{out}' ends in a path separator" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
+
+
 def test_export_without_a_usable_onnxscript_says_what_to_install_before_loading(checkpoint, tmp_path, capsys,
                                                                                  monkeypatch):
     """onnxscript missing or older than 0.7 (whose passes fail inside torch.onnx): one line for the ONNX-based

@@ -169,6 +169,10 @@ def _tensor(name: str, elem=onnx.TensorProto.FLOAT, shape=(1, 3, 8, 8)):
     return onnx.helper.make_tensor_value_info(name, elem, list(shape))
 
 
+def _relu_graph():
+    return _graph([onnx.helper.make_node("Relu", ["x"], ["y"])], [_tensor("x")], [_tensor("y")])
+
+
 def test_tensorrt_check_finds_what_the_parser_rejects():
     h = onnx.helper
     fine = _graph([h.make_node("Relu", ["x"], ["y"])], [_tensor("x")], [_tensor("y")])
@@ -287,7 +291,7 @@ def test_a_failed_write_keeps_the_previous_graph(tiny, tmp_path, monkeypatch):
     from denseclip_fast.cli import _os_error
 
     path = tmp_path / "prev.onnx"
-    onnx.save(_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], [_tensor("x")], [_tensor("y")]), path)
+    onnx.save(_relu_graph(), path)
     before = path.read_bytes()
     _full_disk(monkeypatch)
     with pytest.raises(OSError) as info:
@@ -415,13 +419,86 @@ def test_tensorrt_builder_without_tensorrt(tmp_path):
     except ImportError:
         pass
     onnx_file = tmp_path / "m.onnx"
-    onnx.save(_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], [_tensor("x")], [_tensor("y")]), onnx_file)
+    onnx.save(_relu_graph(), onnx_file)
     with pytest.raises(TensorRTUnavailable, match="TensorRT is not installed"):
         build_tensorrt_engine(onnx_file, tmp_path / "m.engine")
     with pytest.raises(ValueError, match="is not a file"):
         build_tensorrt_engine(tmp_path / "missing.onnx", tmp_path / "m.engine")
     with pytest.raises(ValueError, match="batch must be"):
         build_tensorrt_engine(onnx_file, tmp_path / "m.engine", batch=(4, 1, 8))
+
+
+def _stand_in_tensorrt(monkeypatch, inputs=()):
+    """A tensorrt module whose network has ``inputs`` ((name, shape) pairs) and whose builder returns bytes."""
+    trt = mock.MagicMock()
+    network = trt.Builder.return_value.create_network.return_value
+    network.num_layers, network.num_inputs = 0, len(inputs)
+    tensors = [mock.Mock(shape=shape) for _, shape in inputs]
+    for tensor, (name, _) in zip(tensors, inputs):
+        tensor.name = name  # (Mock's own name argument names the mock)
+    network.get_input.side_effect = tensors
+    trt.Builder.return_value.build_serialized_network.return_value = b"engine"
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    return trt
+
+
+def test_the_text_graphs_default_profile_covers_its_vocabulary(tmp_path, monkeypatch):
+    """The text graph's dynamic dimension is the class count: the default profile (1, 1, 16) stopped an engine built
+    for a 150-class checkpoint at 16 of its own names. It is (1, K, max(K, 16)) now; the image graphs keep
+    (1, 1, 16), and a profile given is checked (type and order) before TensorRT is looked for."""
+    graph = _relu_graph()
+    for kind, classes, expected in (("text", 150, (1, 150, 150)), ("text", 4, (1, 4, 16)), ("image", 150, (1, 1, 16))):
+        graph.metadata_props.clear()
+        onnx.helper.set_model_props(graph, {"denseclip_fast.graph": kind,
+                                            "denseclip_fast.class_names": json.dumps(["c"] * classes)})  # fmt: skip
+        onnx.save(graph, tmp_path / "m.onnx")
+        shape = [-1, 5] if kind == "text" else [-1, 3, 64, 64]
+        trt = _stand_in_tensorrt(monkeypatch, [("x", shape)])
+        build_tensorrt_engine(tmp_path / "m.onnx", tmp_path / "m.engine")
+        profile = trt.Builder.return_value.create_optimization_profile.return_value
+        profile.set_shape.assert_called_once_with("x", *([b, *shape[1:]] for b in expected))
+    for batch in (5, (4, 1, 8), (1.0, 2, 3), (1, 2), (0, 1, 1)):
+        with pytest.raises(ValueError, match=rf"^batch must be \(min, opt, max\) ints .*got {re.escape(repr(batch))}$"):
+            build_tensorrt_engine(tmp_path / "m.onnx", tmp_path / "m.engine", batch=batch)
+    for workspace in (-1, 0, float("nan"), "2"):
+        with pytest.raises(ValueError, match=r"^workspace_gib must be a positive number of GiB"):
+            build_tensorrt_engine(tmp_path / "m.onnx", tmp_path / "m.engine", workspace_gib=workspace)
+
+
+def test_a_tensorrt_that_does_not_import_is_not_called_missing(tmp_path, monkeypatch):
+    """An installed tensorrt whose libraries do not load (libnvinfer missing or of another version) was reported as
+    'TensorRT is not installed: pip install tensorrt'; the import's own error is said now."""
+    package = tmp_path / "site" / "tensorrt"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("raise ImportError('libnvinfer.so.10: cannot open shared object file')\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.delitem(sys.modules, "tensorrt", raising=False)
+    onnx.save(_relu_graph(), tmp_path / "m.onnx")
+    message = (r"^TensorRT is installed but does not import \(ImportError: libnvinfer.so.10: cannot open shared "
+               r"object file\): check that its libraries")  # fmt: skip
+    with pytest.raises(TensorRTUnavailable, match=message):
+        build_tensorrt_engine(tmp_path / "m.onnx", tmp_path / "m.engine")
+
+
+def test_onnx_export_arguments_it_cannot_use_are_refused(tiny, tmp_path):
+    """image_size with the text graph was accepted and ignored (a bad one refused, for an option that does nothing);
+    a float image_size was a bare TypeError; a path ending in a separator was written as a file of the folder's name
+    ("new/" as "new", "m.onnx/" over m.onnx); a device or FIFO at the path put the weights file beside it, in /dev,
+    and failed reading the graph back."""
+    with pytest.raises(ValueError, match=r"^image_size applies to the image graphs .*got image_size=\(64, 96\)$"):
+        to_onnx(tiny, tmp_path / "t.onnx", graph="text", image_size=(64, 96))
+    with pytest.raises(ValueError, match=r"^image_size must be an int or \(H, W\) ints, got 64.0$"):
+        to_onnx(tiny, tmp_path / "m.onnx", image_size=64.0)
+    (tmp_path / "m.onnx").write_bytes(b"kept")
+    for out in ("new/", "m.onnx/"):
+        with pytest.raises(ValueError, match=rf"^path '.*{re.escape(out)}' ends in a path separator"):
+            to_onnx(tiny, f"{tmp_path}/{out}", graph="text")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match=r"^path '.*fifo' is not a regular file: an ONNX graph is written as a file"):
+        to_onnx(tiny, fifo, graph="text")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo", "m.onnx"]
+    assert (tmp_path / "m.onnx").read_bytes() == b"kept"
 
 
 class _FullDisk(io.FileIO):
@@ -439,13 +516,10 @@ def test_a_failed_engine_write_keeps_the_previous_engine(tmp_path, monkeypatch):
     IHostMemory is a buffer too)."""
     from denseclip_fast.export import graphs
 
-    trt = mock.MagicMock()
-    network = trt.Builder.return_value.create_network.return_value
-    network.num_layers = network.num_inputs = 0
+    trt = _stand_in_tensorrt(monkeypatch)
     trt.Builder.return_value.build_serialized_network.return_value = b"serialized engine " * 100
-    monkeypatch.setitem(sys.modules, "tensorrt", trt)
     graph, engine = tmp_path / "m.onnx", tmp_path / "m.engine"
-    onnx.save(_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], [_tensor("x")], [_tensor("y")]), graph)
+    onnx.save(_relu_graph(), graph)
     engine.write_bytes(b"the previous engine")
     with monkeypatch.context() as patch:
         patch.setattr(graphs, "open", _FullDisk, raising=False)

@@ -29,6 +29,8 @@ def save_native(model: DenseCLIP, path: str | os.PathLike[str]) -> None:
     from safetensors.torch import save_file
 
     path = path_argument(path)
+    if path.endswith((os.sep, "/")):  # realpath drops it: "new/" was written as a file "new"
+        raise CheckpointError(path, "cannot save: the path ends in a separator, as a directory's; name the file")
     state = model.state_dict()
     if any(v.is_meta for v in state.values()):  # no data to write: torch's NotImplementedError from the copy
         raise CheckpointError(path, "cannot save: the model is on the meta device (shapes without data); load or "

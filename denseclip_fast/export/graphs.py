@@ -67,7 +67,10 @@ def check_image_size(model: DenseCLIP, image_size: int | Sequence[int] | None) -
     size the network sees in the official slide inference)."""
     if image_size is None:
         return model.config.slide_crop, model.config.slide_crop
-    size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    try:
+        size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    except TypeError:  # a float, ...: not iterable
+        size = ()
     if len(size) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) for s in size):
         raise ValueError(f"image_size must be an int or (H, W) ints, got {image_size!r}")
     if min(size) < MIN_IMAGE_SIDE or max(size) > MAX_EXPORT_SIDE:

@@ -7,8 +7,9 @@
 The batch (the class count for the text graph) is dynamic; H and W are fixed at export. Inputs and outputs are in
 the graph's dtype (float32 or float16); the image is CLIP-normalised RGB (``denseclip_fast.preprocess.normalize``);
 class tokens come from ``denseclip_fast.model.text.tokenize_class_names``. Every graph carries its facts (arch,
-class names, size, dtype, mean/std) as ONNX metadata properties under ``denseclip_fast.*``, and is checked against
-TensorRT's supported-operator list (:mod:`.tensorrt`) as it is written.
+class names, size, dtype, mean/std of RGB pixels on the 0-255 scale) as ONNX metadata properties under
+``denseclip_fast.*``, and is checked against TensorRT's supported-operator list (:mod:`.tensorrt`) as it is
+written.
 """
 
 from __future__ import annotations
@@ -132,8 +133,14 @@ def to_onnx(
         )
     if opset not in OPSETS:
         raise ValueError(f"opset must be in {OPSETS.start}..{OPSETS.stop - 1}, got {opset!r}")
+    if graph == "text" and image_size is not None:  # else accepted and ignored
+        raise ValueError(f"image_size applies to the image graphs ('image', 'image_with_text'); the text graph maps "
+                         f"class tokens to class embeddings, got image_size={image_size!r}")  # fmt: skip
     check_onnx_export()
     path = output_path(path)
+    if path.exists() and not path.is_file():  # /dev/null, a FIFO: its weights would go beside it, in /dev
+        raise ValueError(f"path {str(path)!r} is not a regular file: an ONNX graph is written as a file (its weights "
+                         "to a file beside it when large) and read back to check it")  # fmt: skip
     device = torch.device("cpu")
     module, prepared = build_graph(model, graph, dtype, device)
     size = check_image_size(prepared, image_size)

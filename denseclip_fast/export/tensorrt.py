@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import re
 from collections.abc import Sequence
@@ -155,9 +156,16 @@ def _check_graph(
 
 
 def _tensorrt() -> Any:
+    import importlib.util
+
     try:
         import tensorrt
-    except ImportError:
+    except ImportError as exc:
+        if importlib.util.find_spec("tensorrt") is not None:  # there, but it does not import (a missing libnvinfer)
+            raise TensorRTUnavailable(
+                f"TensorRT is installed but does not import ({type(exc).__name__}: {exc}): check that its libraries "
+                "(libnvinfer) match the installed tensorrt package and can be found"
+            ) from None
         raise TensorRTUnavailable(
             "TensorRT is not installed: `pip install tensorrt` (NVIDIA's index) on a machine with an NVIDIA GPU; "
             "without it, export the ONNX graph (denseclip-fast export --format onnx) and build the engine with "
@@ -166,13 +174,33 @@ def _tensorrt() -> Any:
     return tensorrt
 
 
+def default_batch(graph: str, classes: int) -> tuple[int, int, int]:
+    """The (min, opt, max) profile a build gets when none is given: DEFAULT_BATCH for the image graphs, and for the
+    text graph (whose first dimension is the class count) one tuned for the ``classes`` of the exported vocabulary,
+    up to at least 16 (DEFAULT_BATCH stopped a 150-class checkpoint's own vocabulary at 16)."""
+    classes = max(classes, 1)
+    return DEFAULT_BATCH if graph != "text" else (1, classes, max(classes, DEFAULT_BATCH[2]))
+
+
+def check_batch(batch: Any, name: str = "batch") -> tuple[int, int, int]:
+    """``batch`` as (min, opt, max) ints with 1 <= min <= opt <= max; ValueError naming ``name`` otherwise."""
+    try:
+        values = tuple(batch)
+    except TypeError:  # an int, ...
+        values = ()
+    if len(values) != 3 or not all(isinstance(b, int) and not isinstance(b, bool) for b in values) \
+            or not 1 <= values[0] <= values[1] <= values[2]:  # fmt: skip
+        raise ValueError(f"{name} must be (min, opt, max) ints with 1 <= min <= opt <= max, got {batch!r}")
+    return values
+
+
 def build_tensorrt_engine(
     onnx_path: str | os.PathLike[str],
     engine_path: str | os.PathLike[str],
     fp16: bool = True,
     *,
     bf16: bool = False,
-    batch: Sequence[int] = DEFAULT_BATCH,
+    batch: Sequence[int] | None = None,
     workspace_gib: float | None = None,
 ) -> Path:
     """Build a serialized TensorRT engine from an exported ONNX graph; returns ``engine_path``.
@@ -185,7 +213,8 @@ def build_tensorrt_engine(
     Args:
         fp16, bf16: for a float32 graph, allow float16 / bfloat16 layers.
         batch: (min, opt, max) of the dynamic first dimension (the batch, or the class count of the text graph):
-            one optimisation profile covers it; the engine is tuned for ``opt``.
+            one optimisation profile covers it; the engine is tuned for ``opt``. Default: DEFAULT_BATCH, (1, 1, 16),
+            for the image graphs; (1, K, max(K, 16)) for the text graph of a K-class vocabulary.
         workspace_gib: a limit on TensorRT's scratch memory (default: TensorRT's).
     Raises:
         TensorRTUnavailable without the ``tensorrt`` package; ValueError for bad arguments or a graph TensorRT's
@@ -196,12 +225,17 @@ def build_tensorrt_engine(
     if not onnx_path.is_file():
         raise ValueError(f"onnx_path {str(onnx_path)!r} is not a file")
     engine_path = output_path(engine_path, "engine_path")
-    if len(batch) != 3 or not all(isinstance(b, int) for b in batch) or not 1 <= batch[0] <= batch[1] <= batch[2]:
-        raise ValueError(f"batch must be (min, opt, max) ints with 1 <= min <= opt <= max, got {tuple(batch)}")
+    if batch is not None:
+        batch = check_batch(batch)
+    if workspace_gib is not None and not (isinstance(workspace_gib, (int, float)) and 0 < workspace_gib < math.inf):
+        raise ValueError(f"workspace_gib must be a positive number of GiB (or None: TensorRT's), got {workspace_gib!r}")
     if engine_path.resolve() == onnx_path.resolve():
         raise ValueError("engine_path must differ from onnx_path")
     trt = _tensorrt()
-    half_graph = read_metadata(onnx_path).get("dtype") == "float16"
+    metadata = read_metadata(onnx_path)
+    if batch is None:
+        batch = default_batch(metadata.get("graph", "image"), len(json.loads(metadata.get("class_names", "[]"))))
+    half_graph = metadata.get("dtype") == "float16"
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     flags = 0  # TensorRT 10: explicit batch is the only mode
