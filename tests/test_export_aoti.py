@@ -63,6 +63,29 @@ def test_package_equals_the_model_at_every_batch(model, package):
     assert torch.equal(pkg(one.expand(3, -1, -1, -1)), pkg(one.repeat(3, 1, 1, 1)))
 
 
+def test_a_half_precision_package_computes_the_segmenters_float32_logits(model, tmp_path, monkeypatch):
+    """What to_aoti compiles for a bfloat16 engine: the head's logits resized in float32, as the Segmenter's, equal
+    to them. It resized in bfloat16 (3e-3 off the Segmenter, the logits bfloat16-quantised at full size, and the C++
+    runner averaged those over its windows). The module is taken where torch.export gets it; nothing compiles."""
+    traced = []
+
+    class Traced(Exception):
+        pass
+
+    def export(module, args, **kwargs):
+        traced.append(module)
+        raise Traced
+
+    monkeypatch.setattr(torch.export, "export", export)
+    seg = Segmenter(model, device="cpu", dtype=torch.bfloat16)
+    with pytest.raises(Traced):
+        to_aoti(seg, tmp_path / "bf16.pt2", image_size=SIZE)
+    x = torch.randn(2, 3, *SIZE)
+    with torch.no_grad():
+        out = traced[0](x.to(torch.bfloat16, memory_format=torch.channels_last))
+    assert out.dtype == torch.float32 and torch.equal(out, seg.logits(x))
+
+
 @pytest.mark.slow
 def test_package_rejects_what_it_was_not_compiled_for(package, tmp_path):
     pkg = load_aoti(package)
@@ -309,3 +332,17 @@ def test_cpp_runner_stretch_mode_and_a_too_narrow_image(cmake_build, model, pack
     result = subprocess.run([runner, str(tmp_path / "narrow.ppm"), *args[2:]], capture_output=True, text=True)
     assert result.returncode == 1 and result.stderr.startswith("denseclip_fast_segment: error: ")
     assert "Exception raised from" not in result.stderr and len(result.stderr.splitlines()) <= 2, result.stderr
+    # a --device-index that is no number (std::stoi's bare "stoi"), or given for a CPU package; a full disk (a
+    # truncated label map and exit 0)
+    _write_ppm(tmp_path / "fine.ppm", np.zeros((50, 70, 3), np.uint8))
+    fine = [runner, str(package), str(tmp_path / "fine.ppm")]
+    for extra, says in (
+        ([str(tmp_path / "x.pgm"), "--device-index", "one"], "--device-index must be an integer, got 'one'"),
+        ([str(tmp_path / "x.pgm"), "--device-index", "0"], "--device-index 0: "),
+        (["/dev/full"], "cannot write /dev/full (a full disk?)"),
+        ([str(tmp_path / "x.pgm"), "--logits", "/dev/full"], "cannot write /dev/full (a full disk?)"),
+    ):  # fmt: skip
+        result = subprocess.run([*fine, *extra], capture_output=True, text=True)
+        assert result.returncode == 1 and result.stderr.startswith(f"denseclip_fast_segment: error: {says}")
+        ending = " (a CPU package takes no --device-index)\n" if "device-index 0" in says else f"{says}\n"
+        assert result.stderr.endswith(ending) and result.stderr.count("\n") == 1, result.stderr

@@ -4,7 +4,8 @@
     pkg = load_aoti("rn50.pt2"); logits = pkg(x)                  x: CLIP-normalised (B, 3, H, W), B <= max_batch
 
 The package computes what ``Segmenter`` computes per forward (BatchNorm folded, the vocabulary's class embeddings
-baked in, the engine's device and dtype) at one image size and any batch up to ``max_batch``. The fused operators
+baked in, the engine's device and dtype, the logits resized in float32 and returned so) at one image size and any
+batch up to ``max_batch``. The fused operators
 are inside: on CUDA the Triton kernels (``torch.library.triton_op``) are compiled into the package; the C++ and
 CUDA C++ operators are called through PyTorch's dispatcher, so the process that runs the package must have loaded
 them (``import denseclip_fast`` in Python; link ``libdenseclip_fast_ops`` in C++, see examples/cpp/segment.cpp).
@@ -91,7 +92,7 @@ def to_aoti(
     # the Segmenter it was made from
     size = check_image_size(seg.model, seg.crop if image_size is None else image_size)
     window_stride = _window_stride(stride, size, seg)
-    module = ImageGraph(seg.model, seg._text.clone()).eval()
+    module = ImageGraph(seg.model, seg._text.clone(), float32_logits=True).eval()
     example = torch.randn(TRACE_BATCH, 3, *size, device=seg.device).to(seg.dtype, memory_format=_layout(seg.device))
     batch = torch.export.Dim("batch", min=1, max=max_batch)
     with torch.no_grad(), seg._math():
@@ -195,7 +196,8 @@ def _check_loadable(path: str, device_index: int) -> None:
 
 
 class AOTIPackage:
-    """A loaded AOTInductor package: ``pkg(x)`` -> logits (B, K, H, W) in the package's dtype, on its device."""
+    """A loaded AOTInductor package: ``pkg(x)`` -> float32 logits (B, K, H, W) on its device (the package's dtype is
+    the one it computes in; as the Segmenter, it resizes the head's logits in float32)."""
 
     def __init__(self, path: str | os.PathLike[str], device_index: int = -1) -> None:
         from .. import ops  # noqa: F401  (registers the C++ operators the package calls)

@@ -6,7 +6,9 @@
 
 Both image graphs are the engine's per-forward function (``DenseCLIP.logits_for``: image encoder, context decoder,
 fused score/concat, FPN, head), with the resize to the input size inside the graph, on a model prepared as the
-engine prepares it (BatchNorm folded, one dtype).
+engine prepares it (BatchNorm folded, one dtype). The ONNX graphs resize in their dtype and return it; with
+``float32_logits`` (the AOTInductor package) the head's logits are resized in float32 and returned so, as the
+Segmenter does.
 """
 
 from __future__ import annotations
@@ -37,16 +39,21 @@ class ImageGraph(nn.Module):
 
     class_embeddings: torch.Tensor  # the buffer, registered only when the embeddings are baked in
 
-    def __init__(self, model: DenseCLIP, embeddings: torch.Tensor | None) -> None:
+    def __init__(self, model: DenseCLIP, embeddings: torch.Tensor | None, float32_logits: bool = False) -> None:
         super().__init__()
         self.model = model
         self.text_input = embeddings is None
+        self.float32_logits = float32_logits
         if embeddings is not None:
             self.register_buffer("class_embeddings", embeddings)
 
     def forward(self, image: torch.Tensor, class_embeddings: torch.Tensor | None = None) -> torch.Tensor:
         text = class_embeddings if self.text_input else self.class_embeddings
         assert text is not None
+        if self.float32_logits:  # the Segmenter's: the 1/4-size logits cast to float32, then resized
+            from ..engine.segmenter import resized
+
+            return resized(self.model.logits_for(image, text, None), image.shape[2:])
         return self.model.logits_for(image, text, image.shape[2:])
 
 

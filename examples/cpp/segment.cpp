@@ -29,6 +29,7 @@
 #include <cstdint>
 #include <fstream>
 #include <iostream>
+#include <memory>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -137,10 +138,38 @@ std::vector<std::string> json_strings(const std::string& text) {
 std::string json_escape(const std::string& s) {
   std::string out;
   for (char c : s) {
-    if (c == '"' || c == '\\') out += '\\';
-    out += c;
+    if (c == '"' || c == '\\') {
+      out += '\\';
+      out += c;
+    } else if (static_cast<unsigned char>(c) < 0x20) {  // control characters (a tab, a newline) as \u00XX
+      static const char hex[] = "0123456789abcdef";
+      out += "\\u00";
+      out += hex[(c >> 4) & 0xf];
+      out += hex[c & 0xf];
+    } else {
+      out += c;
+    }
   }
   return out;
+}
+
+// A file written through ``out``, closed and checked: a full disk (or a failed write) is an error naming it, not a
+// truncated file and exit 0.
+void finish_file(std::ofstream& out, const std::string& path) {
+  out.close();
+  if (!out) throw std::runtime_error("cannot write " + path + " (a full disk?)");
+}
+
+int parse_int(const std::string& text, const std::string& option) {
+  size_t used = 0;
+  int value = 0;
+  try {
+    value = std::stoi(text, &used);
+  } catch (const std::exception&) {
+    used = 0;
+  }
+  if (used == 0 || used != text.size()) throw std::runtime_error(option + " must be an integer, got '" + text + "'");
+  return value;
 }
 
 // mmcv's rescale_size with keep_ratio: the largest size with the image's aspect ratio whose long side fits
@@ -247,6 +276,7 @@ void write_pgm(const std::string& path, const at::Tensor& labels, int64_t num_cl
       out.put(static_cast<char>(static_cast<uint8_t>(data[i])));
     }
   }
+  finish_file(out, path);
 }
 
 namespace F = torch::nn::functional;
@@ -282,7 +312,7 @@ int run(int argc, char** argv) {
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
     if (arg == "--logits" && i + 1 < argc) logits_path = argv[++i];
-    else if (arg == "--device-index" && i + 1 < argc) device_index = std::stoi(argv[++i]);
+    else if (arg == "--device-index" && i + 1 < argc) device_index = parse_int(argv[++i], "--device-index");
     else if (arg == "--mode" && i + 1 < argc) mode = argv[++i];
     else positional.push_back(arg);
   }
@@ -292,7 +322,15 @@ int run(int argc, char** argv) {
     return 2;
   }
   torch::NoGradGuard no_grad;
-  torch::inductor::AOTIModelPackageLoader loader(positional[0], "model", false, 1, device_index);
+  std::unique_ptr<torch::inductor::AOTIModelPackageLoader> made;
+  try {
+    made = std::make_unique<torch::inductor::AOTIModelPackageLoader>(positional[0], "model", false, 1, device_index);
+  } catch (const c10::Error& e) {  // a CPU package given a device index: "Incorrect device passed to aoti_runner_cpu"
+    if (device_index < 0) throw;
+    throw std::runtime_error("--device-index " + std::to_string(device_index) + ": " + e.what_without_backtrace() +
+                             " (a CPU package takes no --device-index)");
+  }
+  torch::inductor::AOTIModelPackageLoader& loader = *made;
   const auto metadata = loader.get_metadata();
   const std::vector<double> size = json_numbers(meta(metadata, "image_size"));
   const std::vector<double> mean = json_numbers(meta(metadata, "mean"));
@@ -301,6 +339,9 @@ int run(int argc, char** argv) {
   const std::string& dtype_name = meta(metadata, "dtype");
   const bool cuda = meta(metadata, "device") == "cuda";
   if (size.size() != 2 || mean.size() != 3 || stddev.size() != 3) throw std::runtime_error("bad package metadata");
+  if (!cuda && device_index >= 0) {  // as load_aoti: a CPU package has no device to choose
+    throw std::runtime_error("--device-index applies to a CUDA package; " + positional[0] + " is for the CPU");
+  }
   const at::ScalarType dtype = dtype_name == "float16"    ? at::kHalf
                                : dtype_name == "bfloat16" ? at::kBFloat16
                                                           : at::kFloat;
@@ -360,7 +401,9 @@ int run(int argc, char** argv) {
   const int64_t num_classes = full.size(1);
   if (!logits_path.empty()) {
     std::ofstream out(logits_path, std::ios::binary);
+    if (!out) throw std::runtime_error("cannot write " + logits_path);
     out.write(reinterpret_cast<const char*>(full.data_ptr<float>()), static_cast<std::streamsize>(full.numel() * 4));
+    finish_file(out, logits_path);
   }
   const at::Tensor labels = full.argmax(1)[0];  // (H, W) int64
   write_pgm(positional[2], labels, num_classes);
