@@ -63,15 +63,14 @@ def _score_backward(dt: str, k: int = 150, wide: bool = False) -> Spec:
             "gv_ptr": f"*{dt}", "gt_ptr": "*fp32"}  # fmt: skip
     fn = score._score_bwd_kernel
     label = f"score_bwd {dt} K={k}{' int64' if wide else ''}"
-    return label, fn, _signature(fn, ptrs, ("scale", "eps", "limit"), const), const, {"num_warps": score.BWD_WARPS}
+    return label, fn, _signature(fn, ptrs, ("scale", "eps"), const), const, {"num_warps": score.BWD_WARPS}
 
 
-def _score_backward_pixels(dt: str, write_gs: bool) -> Spec:
-    const = {"BLOCK_P": score.PIXEL_BLOCKS[0], "BLOCK_K": score.PIXEL_BLOCKS[1], "WIDE": False, "WRITE_GS": write_gs}
-    ptrs = {"g_ptr": f"*{dt}", "s_ptr": f"*{dt}", "n_ptr": "*fp32", "r_ptr": "*fp32", "gs_ptr": f"*{dt}"}
+def _score_backward_pixels(dt: str) -> Spec:
+    const = {"BLOCK_P": score.PIXEL_BLOCKS[0], "BLOCK_K": score.PIXEL_BLOCKS[1], "WIDE": False}
+    ptrs = {"g_ptr": f"*{dt}", "s_ptr": f"*{dt}", "n_ptr": "*fp32", "r_ptr": "*fp32"}
     fn = score._score_bwd_pixel_kernel
-    label = f"score_bwd_pixels {dt}{' with G/|v|' if write_gs else ''}"
-    return label, fn, _signature(fn, ptrs, ("scale", "eps", "limit"), const), const, {}
+    return f"score_bwd_pixels {dt}", fn, _signature(fn, ptrs, ("eps",), const), const, {}
 
 
 def _score_text(dt: str, which: str) -> Spec:
@@ -117,8 +116,7 @@ def _score_specializations(arch: int) -> Iterator[Spec]:
         yield _score_backward("fp32", k)
     for dt in dtypes:
         yield _score_backward(dt)
-        yield _score_backward_pixels(dt, write_gs=False)
-        yield _score_backward_pixels(dt, write_gs=True)
+        yield _score_backward_pixels(dt)
         yield _score_text(dt, "normalize")
         yield _score_text(dt, "grad")
 

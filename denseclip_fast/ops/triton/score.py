@@ -151,18 +151,16 @@ def _grad_hat_tile(
 
 @triton.jit
 def _score_bwd_pixel_kernel(
-    g_ptr, s_ptr, n_ptr, r_ptr, gs_ptr,
+    g_ptr, s_ptr, n_ptr, r_ptr,
     P, K,
     s_gb, s_gk, s_gp,
     s_sb, s_sk, s_sp,
-    scale, eps, limit,
-    BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, WIDE: tl.constexpr, WRITE_GS: tl.constexpr,
+    eps,
+    BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, WIDE: tl.constexpr,
 ):  # fmt: skip
     """One program per (block of pixels, image): the radial term r = <v^, g^> / |v| (0 where |v| < eps, as
     F.normalize's clamp), with <v^, g^> = sum_k G S from the forward's output S = scale <t^, v^> and |v| from the
-    forward (n_ptr, (B, P) float32). WRITE_GS: also G * scale / max(|v|, eps) as a dense (B, K, P) tensor in the
-    input dtype for the text half's GEMM, clamped to +-limit (the dtype's largest value: a zero pixel's 1 / eps =
-    1e12 would overflow float16 and make inf * 0 = NaN in the GEMM; clamped, its term is exactly 0)."""
+    forward (n_ptr, (B, P) float32)."""
     pid_p = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     offs_p = _index(pid_p * BLOCK_P + tl.arange(0, BLOCK_P), WIDE)
@@ -174,14 +172,8 @@ def _score_bwd_pixel_kernel(
         offs_k = _index(k0 + tl.arange(0, BLOCK_K), WIDE)
         mask = (offs_k[:, None] < K) & mask_p[None, :]
         g = tl.load(g_ptr + b * s_gb + offs_k[:, None] * s_gk + offs_p[None, :] * s_gp, mask=mask, other=0.0)
-        g = g.to(tl.float32)
         s = tl.load(s_ptr + b * s_sb + offs_k[:, None] * s_sk + offs_p[None, :] * s_sp, mask=mask, other=0.0)
-        g_dot_s += tl.sum(g * s.to(tl.float32), axis=0)
-        if WRITE_GS:
-            gs = g * (inv * scale)[None, :]
-            gs = tl.where(gs > limit, limit, tl.where(gs < -limit, -limit, gs))  # NaN stays NaN, as torch.clamp
-            tl.store(gs_ptr + b * K * P + offs_k[:, None] * P + offs_p[None, :], gs.to(gs_ptr.dtype.element_ty),
-                     mask=mask)  # fmt: skip
+        g_dot_s += tl.sum(g.to(tl.float32) * s.to(tl.float32), axis=0)
     tl.store(r_ptr + b * P + offs_p, tl.where(norm >= eps, g_dot_s * inv, 0.0), mask=mask_p)
 
 
@@ -192,7 +184,7 @@ def _score_bwd_kernel(
     s_vb, s_vc, s_vp,
     s_tb, s_tk, s_tc,
     s_gb, s_gk, s_gp,
-    scale, eps, limit,
+    scale, eps,
     BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, DOT_F32: tl.constexpr, WIDE: tl.constexpr,
     FUSE_TEXT: tl.constexpr,
 ):  # fmt: skip
@@ -202,10 +194,12 @@ def _score_bwd_kernel(
     whole batch when the text is shared). Per tile: g^ = scale * T^^T G on the tensor cores and dv = (g^ - v r) /
     max(|v|, eps) with |v| from the forward and r from _score_bwd_pixel_kernel: no reduction over the channels, so
     the channels split across programs.
-    FUSE_TEXT (all classes in one block, BLOCK_K >= K): the text half on the same tiles, sum over the program's
-    pixels of (G * scale / max(|v|, eps)) v^T, a (K, BLOCK_C) float32 partial written to gt_ptr at row
-    (pid_b * splits + split); the launcher sums the partials. Else the text half is a GEMM on the G * scale / |v|
-    that _score_bwd_pixel_kernel wrote."""
+    FUSE_TEXT (all classes in one block, BLOCK_K >= K): the text half on the same tiles, scale x the sum over the
+    program's pixels of G v^^T (v^ = v / max(|v|, eps), F.normalize's, each element in [-1, 1]), a (K, BLOCK_C)
+    float32 partial written to gt_ptr at row (pid_b * splits + split); the launcher sums the partials. (G * scale /
+    |v| as an operand instead overflowed float16 past 65504, at |v| < 1.5e-5 or a scale of 100 at |v| ~ 1e-3, and
+    lost digits below its normal range: the text gradient was up to 70% off.) Else the launcher computes the text
+    half (a GEMM)."""
     pid_c = tl.program_id(0)
     split = tl.program_id(1)
     pid_b = tl.program_id(2).to(tl.int64)
@@ -237,22 +231,24 @@ def _score_bwd_kernel(
                 g_ptr + b * s_gb + offs_k[:, None] * s_gk + offs_p[None, :] * s_gp,
                 mask=mask_k[:, None] & mask_p[None, :], other=0.0,
             )  # (BLOCK_K, BLOCK_P)  # fmt: skip
-            gs = g.to(tl.float32) * (inv * scale)[None, :]
-            gs = tl.where(gs > limit, limit, tl.where(gs < -limit, -limit, gs))  # as in _score_bwd_pixel_kernel
             if DOT_F32:
                 gh = tl.dot(tt, g.to(tl.float32), input_precision="ieee") * scale
-                acc_t = tl.dot(gs, tl.trans(v.to(tl.float32)), acc_t, input_precision="ieee")
             else:
                 gh = tl.dot(tt, g) * scale
-                acc_t = tl.dot(gs.to(v.dtype), tl.trans(v), acc_t)
         else:
             gh = _grad_hat_tile(that_ptr, g_ptr, b, offs_c, mask_c, offs_p, mask_p, K, s_tb, s_tk, s_tc, s_gb, s_gk,
                                 s_gp, scale, BLOCK_P, BLOCK_K, BLOCK_C, DOT_F32, WIDE)  # fmt: skip
         gv = (gh - v.to(tl.float32) * radial[None, :]) * inv[None, :]
         tl.store(gv_ptr + ptr, gv.to(gv_ptr.dtype.element_ty), mask=mask)
+        if FUSE_TEXT:  # after dv (gh no longer live): the text half on the same tile
+            v_hat = v.to(tl.float32) * inv[None, :]  # zeros past P (v 0 there)
+            if DOT_F32:
+                acc_t = tl.dot(g.to(tl.float32), tl.trans(v_hat), acc_t, input_precision="ieee")
+            else:
+                acc_t = tl.dot(g, tl.trans(v_hat.to(v.dtype)), acc_t)
     if FUSE_TEXT:
         row = pid_b * tl.num_programs(1) + split
-        tl.store(gt_ptr + (row * K + offs_k[:, None]) * C + offs_c[None, :], acc_t,
+        tl.store(gt_ptr + (row * K + offs_k[:, None]) * C + offs_c[None, :], acc_t * scale,
                  mask=mask_k[:, None] & mask_c[None, :])  # fmt: skip
 
 
@@ -433,6 +429,17 @@ def score_forward_into(
     )  # fmt: skip
 
 
+def _normalized_map(v: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """(B, P, C) v^ = v / max(|v|, eps) in v's dtype (each element in [-1, 1]: no float16 overflow), from the
+    forward's norms; made an image at a time, so that the float32 product is one image's."""
+    b, c, h, w = v.shape
+    out = torch.empty((b, h * w, c), dtype=v.dtype, device=v.device)
+    inv = 1.0 / norm.view(b, 1, h, w).clamp_min(EPS)
+    for i in range(b):
+        out[i] = (v[i].float() * inv[i]).flatten(1).transpose(0, 1)
+    return out
+
+
 def _bmm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b (batched) in float32. From 16-bit CUDA tensors cuBLAS writes float32 itself (bmm's out_dtype, CUDA
     only), so a float16 sum over many pixels cannot overflow before the cast, as in csrc/cuda/score.cu; elsewhere
@@ -510,10 +517,9 @@ def score_backward(
     """(grad_visual, grad_text). ``score`` and ``norm``: the forward's two outputs, which autograd saves (the
     score map S and the pixel norms |v|); a direct call without them runs the forward first.
 
-    Launches: the text normalised (t^, |t|); per pixel, r = sum_k G S / |v| (and, past FUSED_MAX_K classes,
-    G * scale / |v| for the text GEMM); the visual kernel, one pass over the visual map writing dv and (up to
-    FUSED_MAX_K classes) the text half's partial sums; their sum (or the GEMM on the raw map); the text
-    normalisation's Jacobian."""
+    Launches: the text normalised (t^, |t|); per pixel, r = sum_k G S / |v|; the visual kernel, one pass over the
+    visual map writing dv and (up to FUSED_MAX_K classes) the text half's partial sums; their sum (past FUSED_MAX_K
+    classes, a GEMM of G and the normalised map instead); the text normalisation's Jacobian."""
     b, _, h, w = visual.shape
     check_like(grad, (b, text.shape[-2], h, w), visual, "grad", what="the gradient of the (B, K, H, W) score")
     if visual.numel() == 0:
@@ -547,13 +553,11 @@ def score_backward(
     dot_f32 = dot_in_f32(v.dtype)
     wide = _wide(v, t_hat, g, score)
     block_p, block_k, block_c, fused = bwd_blocks(k, dot_f32, wide)
-    limit = torch.finfo(v.dtype).max
     radial = torch.empty((b, p), dtype=torch.float32, device=v.device)
-    g_scaled = v.new_empty((0,) if fused else (b, k, p))
     pixel_block_p, pixel_block_k = PIXEL_BLOCKS[0], min(PIXEL_BLOCKS[1], max(16, next_power_of_2(k)))
     launch(_score_bwd_pixel_kernel)[(cdiv(p, pixel_block_p), b)](
-        g, score, norm, radial, g_scaled, p, k, *g_strides, *s_strides, float(scale), EPS, limit,
-        BLOCK_P=pixel_block_p, BLOCK_K=pixel_block_k, WIDE=wide or _wide(g_scaled), WRITE_GS=not fused,
+        g, score, norm, radial, p, k, *g_strides, *s_strides, EPS,
+        BLOCK_P=pixel_block_p, BLOCK_K=pixel_block_k, WIDE=wide,
     )  # fmt: skip
     n_tiles = cdiv(p, block_p)
     c_blocks = cdiv(c, block_c)
@@ -564,7 +568,7 @@ def score_backward(
     grad_visual = torch.empty_like(v)  # dense in v's layout, written with v's element strides
     launch(_score_bwd_kernel)[(c_blocks, splits, grid_b)](
         v, t_hat, g, norm, radial, grad_visual, partial, c, p, k, n_tiles, work, cdiv(work, splits),
-        s_vb, s_vc, s_vp, *_text_strides(t_hat), *g_strides, float(scale), EPS, limit,
+        s_vb, s_vc, s_vp, *_text_strides(t_hat), *g_strides, float(scale), EPS,
         BLOCK_P=block_p, BLOCK_K=block_k, BLOCK_C=block_c, DOT_F32=dot_f32, WIDE=wide, FUSE_TEXT=fused,
         num_warps=BWD_WARPS,
     )  # fmt: skip
@@ -573,8 +577,8 @@ def score_backward(
             gt_hat = partial.sum(0)
         else:
             gt_hat = partial if splits == 1 else partial.view(b, splits, k, c).sum(1)
-    else:  # scale * sum_p G[b,k,p] v[b,:,p] / |v_p|, a batched matmul on the raw visual (float32 accumulation)
-        gt_hat = _bmm_float32(g_scaled, v.flatten(2).transpose(1, 2))  # (B, K, C)
+    else:  # scale * sum_p G[b,k,p] v^[b,:,p], a batched matmul on the normalised map (float32 accumulation)
+        gt_hat = _bmm_float32(grad.reshape(b, k, p), _normalized_map(v, norm)) * scale  # (B, K, C)
         if shared:
             gt_hat = gt_hat.sum(0)  # one reduction over the whole GPU (a per-row sum in a kernel would run on K / 4)
     grad_text = torch.empty_like(t)
