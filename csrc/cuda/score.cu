@@ -152,7 +152,7 @@ at::Tensor backward_onepass(const at::Tensor& v, const at::Tensor& t_hat, const 
   });
   const int64_t splits = partial.size(1);
   at::Tensor gt = (splits > 1 ? partial.sum(1) : partial.select(1, 0)).narrow(1, 0, s.K).narrow(2, 0, s.C);
-  return (s.text_batched ? gt : gt.select(0, 0)).contiguous();
+  return (s.text_batched ? gt : gt.select(0, 0)).mul(scale).contiguous();  // the partials are sum_p G v^^T
 }
 
 static_assert(onepass::kMaxK == tc::kMaxBwdK, "both tensor-core backwards take the same classes");
@@ -162,9 +162,9 @@ static_assert(onepass::kMaxK == tc::kMaxBwdK, "both tensor-core backwards take t
 // one-pass backward (backward_onepass), which reads the visual map once, as the Triton backward; five or six
 // launches (text normalised, pixel coefficients, the one-pass kernel, the sum of its splits and a copy of the
 // partials' valid part, the text Jacobian). Otherwise four launches: the text normalised
-// (score_text.cuh: t^ in float32 and in the dtype, |t|), the visual kernel (dv, and G * scale / max(|v_p|, eps)
-// for the text half), d/d t^ = scale * sum_p G[:, p] v_p^T / max(|v_p|, eps) as one batched GEMM on the raw visual
-// map in its dtype (float32 accumulation and output), and the text normalisation's Jacobian (score_text.cuh, with
+// (score_text.cuh: t^ in float32 and in the dtype, |t|), the visual kernel (dv, and 1 / max(|v_p|, eps) for the
+// text half), d/d t^ = scale * sum_p G[:, p] v^_p^T as one batched GEMM on the normalised visual map in its dtype
+// (float32 accumulation and output), and the text normalisation's Jacobian (score_text.cuh, with
 // an ATen sum over the batch first when the text is shared). score_map, the forward's output (which autograd
 // passes), spares the visual kernel's first pass its products with the text.
 std::tuple<at::Tensor, at::Tensor> pixel_text_score_backward_cuda(const at::Tensor& grad, const at::Tensor& visual,
@@ -218,8 +218,8 @@ std::tuple<at::Tensor, at::Tensor> pixel_text_score_backward_cuda(const at::Tens
     gt_hat = backward_onepass(v, t_hat, g, score, s_sb, s_sk, s_sp, norm->contiguous(), grad_visual, s, vs, s_tb,
                               scale, tensor_cores_for(visual)->sm_count, stream);
   } else {
-    // G * scale / max(|v|, eps) for the text half, written by the kernel (clamped to the dtype's range)
-    at::Tensor g_scaled = at::empty({s.B, s.K, s.P()}, visual.options());
+    // 1 / max(|v|, eps) per pixel for the text half, written by the kernel
+    at::Tensor inv = at::empty({s.B, s.P()}, visual.options().dtype(at::kFloat));
     const dim3 grid((s.P() + tc::kTileP - 1) / tc::kTileP, s.B);
     with_cuda_type(dtype, [&](auto type_tag) {
       using T = decltype(type_tag);
@@ -229,12 +229,14 @@ std::tuple<at::Tensor, at::Tensor> pixel_text_score_backward_cuda(const at::Tens
                     : vec            ? tc::score_backward_visual_tc_kernel<T, true, true>
                                      : tc::score_backward_visual_tc_kernel<T, true, false>;
       kernel<<<grid, tc::kThreads, 0, stream>>>(
-          data_as<T>(v), data_as<T>(t_hat), data_as<T>(g), data_as<T>(grad_visual), data_as<T>(g_scaled), s.C, s.P(),
+          data_as<T>(v), data_as<T>(t_hat), data_as<T>(g), data_as<T>(grad_visual), inv.data_ptr<float>(), s.C, s.P(),
           s.K, vs.b, vs.c, vs.p, s_tb, g.stride(0), g.stride(1), static_cast<float>(scale),
           score.defined() ? data_as<T>(score) : nullptr, s_sb, s_sk, s_sp);
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    gt_hat = text_gradient_product(g_scaled, v.view({s.B, s.C, s.P()}).transpose(1, 2));  // (B, K, C)
+    // scale * G v^^T with v^ = v / max(|v|, eps) in the dtype (elements in [-1, 1]), float32 accumulation
+    const at::Tensor v_hat = (v.view({s.B, s.C, s.P()}).to(at::kFloat) * inv.unsqueeze(1)).to(dtype);
+    gt_hat = text_gradient_product(g.reshape({s.B, s.K, s.P()}), v_hat.transpose(1, 2)).mul_(scale);  // (B, K, C)
     gt_hat = (s.text_batched ? gt_hat : gt_hat.sum(0)).contiguous();  // one reduction over the GPU for shared text
   }
   at::Tensor grad_text = at::empty_like(t);

@@ -6,18 +6,19 @@
 // With t^ the normalised text (K, C), G = dL/dS (K, P) per image, inv = 1 / max(|v|, eps) and
 // <v^, g^> = sum_k G S (g^ = scale t^^T G, the gradient with respect to v^):
 //   dv   = (g^ - v * r) * inv,  r = <v^, g^> * inv where |v| >= eps, else 0    (F.normalize's backward)
-//   d t^ = sum_p (G * scale * inv) v_p^T                                          (then the text Jacobian)
+//   d t^ = scale * sum_p G v^_p^T,  v^ = v * inv                                 (then the text Jacobian)
 // No step needs all the channels of a pixel, so one pass over the map does both halves:
 //   pixel_coef_kernel: per pixel, inv and r (one read of G and S).
 //   onepass_kernel:    a block owns 64 channels (grid.x) of a range of 32-pixel tiles (grid.y: a split of the
 //                      image's tiles, or of the whole batch's when the text is shared; grid.z: the image for
 //                      per-image text). It stages its t^ (K_pad x 64) once; per tile it stages G (K_pad x 32) and
 //                      the visual tile (64 x 32, read once from global memory), computes g^ (64 x 32) on tensor
-//                      cores, turns the G tile into G * scale * inv (clamped to T's range, as the two-pass
-//                      kernel's), accumulates d t^ (K_pad x 64, float, in WMMA fragments: 6 per warp) from it and
-//                      the visual tile, and writes dv. At the end it stores its d t^ partial to
-//                      partial[z][split] (K_pad x c_pad float32); the launcher sums the splits and applies the
-//                      text Jacobian (score_text.cuh).
+//                      cores (the visual tile staged as v^ = v * inv, each element in [-1, 1]; dv takes the raw
+//                      elements), accumulates G v^^T (K_pad x 64, float,
+//                      in WMMA fragments: 6 per warp), and writes dv. At the end it stores its partial to
+//                      partial[z][split] (K_pad x c_pad float32); the launcher sums the splits, multiplies by
+//                      scale and applies the text Jacobian (score_text.cuh). (The tile G * scale * inv in T
+//                      instead overflowed float16 past 65504 at tiny norms or large scales, and was clamped.)
 // Bytes: visual read once, dv written once, G and S read once (and G again from L2 per channel block), against
 // three reads of visual in the two-pass backward (score_tc.cuh). Static shared memory: 48,384 bytes at K <= 192;
 // at most 128 registers a thread (__launch_bounds__(256, 2): two blocks per multiprocessor; nvcc 13 spills none on
@@ -36,7 +37,6 @@ namespace onepass {
 using tc::clamp_min;
 using tc::from_float;
 using tc::kFrag;
-using tc::kMaxFinite;
 using tc::kPad;
 using tc::kVecElems;
 using tc::Pack;
@@ -46,7 +46,7 @@ constexpr int kMaxK = 192;                  // class rows of the staged tiles (k
 constexpr int kTileP = 32, kTileC = 64;     // pixels per tile, channels per block
 constexpr int kWarps = 8, kThreads = 32 * kWarps;
 constexpr int kLdT = kTileC + kPad;         // t^ tile [k][c]
-constexpr int kLdG = kTileP + kPad;         // G tile [k][p] (then G * scale * inv)
+constexpr int kLdG = kTileP + kPad;         // G tile [k][p]
 constexpr int kLdS = kTileP + 4;            // g^ scratch [c][p] (NCHW), float (over the G tile's bytes)
 constexpr int kLdSN = kTileC + 4;           // g^ scratch [p][c] (NHWC: a pixel's 8 threads read along c)
 constexpr int kTextFrags = (kMaxK / kFrag) * (kTileC / kFrag) / kWarps;  // d t^ fragments per warp
@@ -158,7 +158,9 @@ __global__ void __launch_bounds__(kThreads, 2)
     for (int64_t tile = first; tile < last; ++tile) {
       const int64_t b = per_image ? z : tile / tiles_per_image, p0 = tile % tiles_per_image * kTileP;
       const T* gb = g + b * s_gb;
-      // 1. stage G, the pixel coefficients and the visual tile (which step 5 reads again for dv)
+      // 1. stage G, the pixel coefficients and the normalised visual tile v^ = v * inv (a zero pixel's 0 * 1e12 is
+      //    0, pixels past P are 0; NaN stays NaN): every element in [-1, 1], so that no float16 product in step 4
+      //    overflows
       for (int i = tid; i < k_pad * kTileP; i += kThreads) {
         const int k = i / kTileP, pp = i % kTileP;
         gs[k * kLdG + pp] = k < K && p0 + pp < P ? gb[k * s_gk + p0 + pp] : zero;
@@ -170,17 +172,24 @@ __global__ void __launch_bounds__(kThreads, 2)
       }
       const int64_t p = p0 + my_p;
       const int64_t at = b * s_vb + p * s_vp + (c0 + my_c) * s_vc;  // this thread's first element of visual and dv
+      const float my_inv = p < P ? coef[b * P + p] : 0.0f;
+      // The raw elements are needed again for dv (step 5): kept in registers as one pack (vector accesses), read
+      // again from global memory (an L2 hit) by the element-wise variants, whose registers would spill.
+      Pack<T> mine;
       if constexpr (kVec) {
-        Pack<T> xs;
+        Pack<T> hat;
         if (p < P && c0 + my_c < C) {  // C % 8 == 0: a pack is in range or out of it whole
-          xs = *reinterpret_cast<const Pack<T>*>(v + at);
+          mine = *reinterpret_cast<const Pack<T>*>(v + at);
         } else {
-          for (int e = 0; e < kVecElems; ++e) xs.v[e] = zero;
+          for (int e = 0; e < kVecElems; ++e) mine.v[e] = zero;
         }
-        *reinterpret_cast<Pack<T>*>(&v_at(my_c, my_p)) = xs;
+        for (int e = 0; e < kVecElems; ++e) hat.v[e] = from_float<T>(to_float(mine.v[e]) * my_inv);
+        *reinterpret_cast<Pack<T>*>(&v_at(my_c, my_p)) = hat;
       } else {
         const int valid = p < P ? static_cast<int>(C - c0 - my_c) : 0;  // channels of this thread in range
-        for (int e = 0; e < kVecElems; ++e) v_at(my_c + e, my_p) = e < valid ? v[at + e * s_vc] : zero;
+        for (int e = 0; e < kVecElems; ++e) {
+          v_at(my_c + e, my_p) = e < valid ? from_float<T>(to_float(v[at + e * s_vc]) * my_inv) : zero;
+        }
       }
       __syncthreads();
       // 2. g^ = t^^T G (64 channels x 32 pixels), one fragment per warp; A = t^^T is column-major in ts [k][c]
@@ -194,16 +203,8 @@ __global__ void __launch_bounds__(kThreads, 2)
         wmma::load_matrix_sync(b_frag, &gs[k * kLdG + gh_col * kFrag], kLdG);
         wmma::mma_sync(acc_g, a_frag, b_frag, acc_g);
       }
-      __syncthreads();  // every warp has read G
-      // 3. the G tile becomes G * scale * inv, clamped to T's finite range (a zero pixel's 1 / eps would overflow
-      //    float16, and inf * 0 would make d t^ NaN; NaN stays NaN)
-      for (int i = tid; i < k_pad * kTileP; i += kThreads) {
-        const int k = i / kTileP, pp = i % kTileP;
-        const float y = to_float(gs[k * kLdG + pp]) * scale * inv_s[pp], lim = kMaxFinite<T>;
-        gs[k * kLdG + pp] = from_float<T>(y > lim ? lim : y < -lim ? -lim : y);
-      }
-      __syncthreads();
-      // 4. d t^ += (G * scale * inv) V^T: (K_pad x 32)(32 x 64); V^T is column-major in [c][p], row-major in [p][c]
+      // 3. (G stays as staged: d t^ takes v^, scaled once by the launcher)
+      // 4. d t^ += G V^^T: (K_pad x 32)(32 x 64); V^^T is column-major in [c][p], row-major in [p][c]
       using VLayout = typename std::conditional<kNHWC, wmma::row_major, wmma::col_major>::type;
 #pragma unroll
       for (int j = 0; j < kTextFrags; ++j) {
@@ -227,22 +228,21 @@ __global__ void __launch_bounds__(kThreads, 2)
         wmma::store_matrix_sync(&scratch[gh_row * kFrag * kLdS + gh_col * kFrag], acc_g, kLdS, wmma::mem_row_major);
       }
       __syncthreads();
-      // 5. dv = (g^ - v r) inv, in visual's layout
-      //    (v from the visual tile: the thread's own elements, staged in step 1)
+      // 5. dv = (g^ - v r) inv, in visual's layout (v: the thread's own raw elements, see step 1)
       const float inv = inv_s[my_p], rad = rad_s[my_p];
-      auto dv_at = [&](int e) {
+      auto dv_at = [&](int e, T x) {
         const float gh = (kNHWC ? scratch[my_p * kLdSN + my_c + e] : scratch[(my_c + e) * kLdS + my_p]) * scale;
-        return from_float<T>((gh - to_float(v_at(my_c + e, my_p)) * rad) * inv);
+        return from_float<T>((gh - to_float(x) * rad) * inv);
       };
       if constexpr (kVec) {
         if (p < P && c0 + my_c < C) {
           Pack<T> dv;
-          for (int e = 0; e < kVecElems; ++e) dv.v[e] = dv_at(e);
+          for (int e = 0; e < kVecElems; ++e) dv.v[e] = dv_at(e, mine.v[e]);
           *reinterpret_cast<Pack<T>*>(grad_v + at) = dv;
         }
       } else {
         const int valid = p < P ? static_cast<int>(C - c0 - my_c) : 0;
-        for (int e = 0; e < kVecElems && e < valid; ++e) grad_v[at + e * s_vc] = dv_at(e);
+        for (int e = 0; e < kVecElems && e < valid; ++e) grad_v[at + e * s_vc] = dv_at(e, v[at + e * s_vc]);
       }
       __syncthreads();  // the scratch, the visual tile and the coefficients are read before the next tile's
     }

@@ -202,9 +202,9 @@ __global__ void __launch_bounds__(kThreads)
 // them with v read from global memory (4 threads per pixel, 8 channels each): pass 1 sums |v|^2 and <v, g^> per
 // pixel, pass 2 writes dv in visual's layout. Given the forward's output S = scale <v^, t^> (s_map, not null),
 // pass 1 only sums |v|^2 (no t^ staging, no products) and <v^, g^> = sum_k G S comes from the G tile and S.
-// Both give dv; S's rounding to T adds an error to the radial term (in bfloat16 ~1e-3 of dv). Between the passes the block writes, for the text gradient's GEMM,
-// G * scale / max(|v|, eps) as a dense (B, K, P) tensor in T, clamped to T's finite range (a zero pixel's 1 / eps =
-// 1e12 would overflow float16, and inf * 0 in the GEMM would make the text gradient NaN; NaN stays NaN).
+// Both give dv; S's rounding to T adds an error to the radial term (in bfloat16 ~1e-3 of dv). Between the passes the
+// block writes each pixel's 1 / max(|v|, eps) (float32, (B, P); NaN stays NaN), from which the launcher makes v^ for
+// the text gradient's GEMM (G v^^T: no float16 overflow, where G * scale / |v| in T overflowed at tiny norms).
 constexpr int kMaxBwdK = 192;
 
 // Whether the backward's visual accesses are 16-byte vectors: NHWC, C a multiple of 8, both tensors aligned.
@@ -221,7 +221,7 @@ static_assert(kTileC * kBwdLdS * 4 <= kBwdTBytes, "the g^ scratch fits in the t^
 template <typename T, bool kNHWC, bool kVec>
 __global__ void __launch_bounds__(kThreads)
     score_backward_visual_tc_kernel(const T* __restrict__ v, const T* __restrict__ t_hat, const T* __restrict__ g,
-                                    T* __restrict__ grad_v, T* __restrict__ g_scaled, int64_t C, int64_t P,
+                                    T* __restrict__ grad_v, float* __restrict__ inv_out, int64_t C, int64_t P,
                                     int64_t K, int64_t s_vb, int64_t s_vc, int64_t s_vp, int64_t s_tb, int64_t s_gb,
                                     int64_t s_gk, float scale, const T* __restrict__ s_map, int64_t s_sb,
                                     int64_t s_sk, int64_t s_sp) {
@@ -281,14 +281,9 @@ __global__ void __launch_bounds__(kThreads)
           const float pinv = 1.0f / clamp_min(norm, eps);
           pixel_inv[tid] = pinv;
           pixel_radial[tid] = norm >= eps ? (has_score ? dot * pinv : dot * pinv * pinv) : 0.0f;
+          if (p0 + tid < P) inv_out[b * P + p0 + tid] = pinv;
         }
         __syncthreads();
-        for (int i = tid; i < K * kTileP; i += kThreads) {  // coalesced along the pixels
-          const int k = i / kTileP, pp = i % kTileP;
-          if (p0 + pp >= P) continue;
-          const float x = to_float(gs[k * kBwdLdG + pp]) * pixel_inv[pp] * scale, lim = kMaxFinite<T>;
-          g_scaled[(b * K + k) * P + p0 + pp] = from_float<T>(x > lim ? lim : x < -lim ? -lim : x);
-        }
         inv = pixel_inv[my_p];
         radial = pixel_radial[my_p];
       }

@@ -42,12 +42,6 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { re
 // would become 1e12 and its gradient finite).
 __device__ __forceinline__ float clamp_min(float x, float lo) { return x < lo ? lo : x; }
 
-// The largest finite value of a 16-bit type, as a float.
-template <typename T>
-constexpr float kMaxFinite = 3.3895313892515355e38f;  // __nv_bfloat16
-template <>
-constexpr float kMaxFinite<__half> = 65504.0f;
-
 template <typename T>
 struct alignas(16) Pack {
   T v[kVecElems];

@@ -7,10 +7,9 @@
 //   rel_err          |dv - ref| / |ref| over the pixels with a nonzero vector (and no NaN)
 //   zero_rel_err     the same over the zero pixel (image 0, pixel P/2), whose gradient is g^ / eps (where that
 //                    exceeds the dtype's range, as in float16, the kernel must write inf of the same sign)
-//   text_rel_err     d t^ = sum_p (G * scale / max(|v|, eps)) v_p^T (before the text Jacobian), ref with G * scale /
-//                    max(|v|, eps) in float, clamped to the dtype's range and rounded to it (what the kernel
-//                    multiplies);
-//                    over the texts no NaN reaches
+//   text_rel_err     d t^ = scale * sum_p G v^_p^T (before the text Jacobian; the launcher's scale applied to the
+//                    summed partials), ref with v^ = v / max(|v|, eps) in float, rounded to the dtype (what the
+//                    kernel multiplies); over the texts no NaN reaches
 //   nan_ok           with NAN=1 (a NaN in channel 0 of the last pixel of the last image): every channel of that
 //                    pixel's dv is NaN, and so is every element of the d t^ it reaches (its image's text, or the
 //                    shared text); 1 where no NaN is planted
@@ -69,15 +68,18 @@ int run(int64_t B, int64_t C, int64_t H, int64_t W, int64_t K, bool nhwc, bool b
       for (int64_t k = 0; k < K; ++k)
         for (int64_t c = 0; c < C; ++c)
           dth[(z * K + k) * C + c] += partial[((z * plan.splits + s) * plan.k_pad + k) * plan.c_pad() + c];
-  // its reference: sum over the pixels of (G * scale * inv, in float as the kernel, clamped and rounded to T) v^T
+  for (double& x : dth) x *= cs.scale;  // as the launcher, after the sum
+  // its reference: scale * sum over the pixels of G (v * inv, in float as the kernel, rounded to T)^T
   std::vector<double> tref(KT * K * C, 0.0);
   for (int64_t b = 0; b < B; ++b)
     for (int64_t p = 0; p < P; ++p) {
       if (cs.is_nan_pixel(b, p)) continue;
-      const float inv = 1.0f / std::max(cs.norm[b * P + p], 1e-12f), lim = score_ref::kMaxFinite<T>;
-      for (int64_t k = 0; k < K; ++k) {
-        const double gs = to_float_any(from_float_any<T>(std::clamp(cs.g(b, k, p) * cs.scale * inv, -lim, lim)));
-        for (int64_t c = 0; c < C; ++c) tref[((batched ? b : 0) * K + k) * C + c] += gs * cs.v(b, c, p);
+      const float inv = 1.0f / std::max(cs.norm[b * P + p], 1e-12f);
+      for (int64_t c = 0; c < C; ++c) {
+        const double v_hat = to_float_any(from_float_any<T>(static_cast<float>(cs.v(b, c, p)) * inv));
+        for (int64_t k = 0; k < K; ++k) {
+          tref[((batched ? b : 0) * K + k) * C + c] += static_cast<double>(cs.g(b, k, p)) * cs.scale * v_hat;
+        }
       }
     }
   const score_ref::DvErrors dv = score_ref::dv_errors(cs, gv);
