@@ -134,6 +134,34 @@ def test_score_concat(backend, dtype, layout):
         _check_close(actual, wanted, dtype, 2)
 
 
+@pytest.mark.parametrize("backend", sorted({b for b, _ in BACKEND_DTYPES} - {"reference"}))
+def test_score_concat_of_a_frozen_visual_and_text_runs_no_score_backward(backend):
+    """Only the feature wants a gradient (a frozen backbone and contexts): its gradient is the first channels of
+    grad, and the score backward, which cost 14x torch.cat's backward, is not run."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Calls(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.names: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    feature = torch.randn(2, 9, 5, 6, device=DEVICE, requires_grad=True)
+    visual, text = torch.randn(2, 24, 5, 6, device=DEVICE), torch.randn(7, 24, device=DEVICE)
+    out = ops.score_concat(feature, visual, text, 2.0, backend=backend)
+    grad = torch.randn_like(out)
+    with Calls() as calls:
+        out.backward(grad)
+    assert torch.equal(feature.grad, grad[:, :9])
+    assert not any("score_backward" in name for name in calls.names), calls.names
+    text.requires_grad_()  # and with one of them wanting it, the score backward runs
+    ops.score_concat(feature, visual, text, 2.0, backend=backend).backward(grad)
+    assert text.grad is not None and text.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("backend", sorted({b for b, _ in BACKEND_DTYPES}))
 @pytest.mark.parametrize("grad_layout", ["channel slice", "channels_last", "padded rows", "W=1 transposed"])
 def test_score_backward_takes_any_gradient_layout(backend, grad_layout):

@@ -181,6 +181,8 @@ def register_autograd(suffix: str = "") -> None:
 
     def concat_grads(ctx: Any, grad: torch.Tensor, *_grad_norm: Any) -> tuple[Any, ...]:
         cf = ctx.feature_channels
+        if not any(ctx.needs_input_grad[1:3]):  # the feature alone wants one: no score backward
+            return grad[:, :cf], None, None, None
         grad_visual, grad_text = run_backward(ctx, grad, cf)
         return grad[:, :cf], grad_visual, grad_text, None
 
