@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import re
 import threading
+import warnings
 
 import numpy as np
 import pytest
@@ -499,6 +500,34 @@ def test_graph_cache_captures_a_shape_when_it_comes_back():
     for n in range(3, 30):  # ever-new sizes: eager, never captured, and at most 4 x max_graphs remembered
         cache(torch.ones(n, 3))
     assert cache.captures == 1 and len(cache.sightings) == 8
+
+
+def test_a_failed_capture_runs_that_shape_eagerly_and_says_so_once():
+    """A capture that raised (out of memory during the capture, an operation a graph cannot hold) raised from the
+    engine's call, and was tried again on every later call of that shape. It is said once; the shape runs eagerly."""
+    attempts = []
+
+    def failing(fn, example, pool):
+        attempts.append(tuple(example.shape))
+        if example.shape[0] == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore text")
+        return lambda x: fn(x)
+
+    cache = GraphCache(lambda x: x * 2, enabled=True, capture=failing, capture_after=1)
+    a, b = torch.ones(1, 3), torch.ones(2, 3)
+    with pytest.warns(RuntimeWarning, match=r"^capturing a CUDA graph for inputs of shape \(2, 3\) \(torch.float32\) "
+                                            r"failed, so that shape runs eagerly from now on: OutOfMemoryError: CUDA "
+                                            r"out of memory. Tried to allocate 2.00 GiB$"):  # fmt: skip
+        assert torch.equal(cache(b), b * 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once
+        for _ in range(3):
+            assert torch.equal(cache(b), b * 2) and torch.equal(cache(a), a * 2)
+    assert attempts == [(2, 3), (1, 3)] and cache.captures == 1
+    cache.clear()  # tried again after a clear (memory freed, the model changed)
+    with pytest.warns(RuntimeWarning):
+        cache(b)
+    assert attempts[-1] == (2, 3)
 
 
 def test_segmenter_routes_every_forward_through_the_graph_cache(model):

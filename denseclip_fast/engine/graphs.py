@@ -13,6 +13,7 @@ The capture itself needs a GPU; the cache logic takes any ``capture`` callable, 
 from __future__ import annotations
 
 import threading
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -71,6 +72,10 @@ class GraphCache:
         capture_after: a capture costs two warm-up forwards, the capture and a device synchronisation; a stream of
             ever-new sizes (keep-ratio resized images in whole mode) would pay that on every call and reuse
             nothing, so a signature is captured once it has come back (2, the default), or at once (1).
+
+    A capture that fails (a RuntimeError: out of memory, an operation a graph cannot hold) is said once in a
+    RuntimeWarning, and that signature runs eagerly from then on (until :meth:`clear`): the call, and the
+    engine, go on working instead of raising, and of trying again every call.
     """
 
     def __init__(
@@ -90,6 +95,7 @@ class GraphCache:
         self.graphs: OrderedDict[tuple[Any, ...], Forward] = OrderedDict()
         self.sightings: OrderedDict[tuple[Any, ...], int] = OrderedDict()  # eager calls of signatures not captured
         self.captures = 0
+        self.failed: OrderedDict[tuple[Any, ...], None] = OrderedDict()  # signatures whose capture failed: eager
         self._pool: Any = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -98,6 +104,8 @@ class GraphCache:
         key = signature(x)
         graph = self.graphs.get(key)
         if graph is None:
+            if key in self.failed:
+                return self.fn(x)
             seen = self.sightings.pop(key, 0) + 1
             if seen < self.capture_after:
                 self.sightings[key] = seen
@@ -106,7 +114,19 @@ class GraphCache:
                 return self.fn(x)
             if self._pool is None and x.is_cuda:
                 self._pool = torch.cuda.graph_pool_handle()
-            graph = self.capture(self.fn, x, self._pool)
+            try:
+                graph = self.capture(self.fn, x, self._pool)
+            except RuntimeError as exc:
+                self.failed[key] = None
+                while len(self.failed) > 4 * self.max_graphs:
+                    self.failed.popitem(last=False)
+                warnings.warn(
+                    f"capturing a CUDA graph for inputs of shape {tuple(x.shape)} ({x.dtype}) failed, so that shape "
+                    f"runs eagerly from now on: {type(exc).__name__}: {str(exc).strip().splitlines()[0]}",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                return self.fn(x)
             self.captures += 1
             self.graphs[key] = graph
             while len(self.graphs) > self.max_graphs:
@@ -119,3 +139,4 @@ class GraphCache:
         """Drop every graph (after changing what the captured function reads other than in place)."""
         self.graphs.clear()
         self.sightings.clear()
+        self.failed.clear()
