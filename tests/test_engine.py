@@ -502,6 +502,39 @@ def test_graph_cache_captures_a_shape_when_it_comes_back():
     assert cache.captures == 1 and len(cache.sightings) == 8
 
 
+def test_calls_on_cuda_queue_their_work_after_the_previous_calls(model, monkeypatch):
+    """The lock orders the host side only: threads on streams of their own could run two calls on the GPU at once
+    (one replay overwriting the static buffers another still reads). Each call's stream waits for an event recorded
+    after the previous call's work, and records its own. Stand-ins for the stream and the events on CPU."""
+    log = []
+
+    class Stream:
+        def __init__(self, name):
+            self.name = name
+
+        def wait_event(self, event):
+            log.append((self.name, "waits for", event.recorded_on))
+
+    class Event:
+        def __init__(self):
+            self.recorded_on = None
+
+        def record(self, stream):
+            self.recorded_on = stream.name
+            log.append((stream.name, "records"))
+
+    seg = _engine(model)
+    seg.device = torch.device("cuda")  # only _turn reads it here
+    streams = iter([Stream("first"), Stream("second"), Stream("third")])
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: next(streams))
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    for _ in range(3):
+        with seg._turn():
+            log.append("work")
+    assert log == ["work", ("first", "records"), ("second", "waits for", "first"), "work", ("second", "records"),
+                   ("third", "waits for", "second"), "work", ("third", "records")]  # fmt: skip
+
+
 def test_a_failed_capture_runs_that_shape_eagerly_and_says_so_once():
     """A capture that raised (out of memory during the capture, an operation a graph cannot hold) raised from the
     engine's call, and was tried again on every later call of that shape. It is said once; the shape runs eagerly."""

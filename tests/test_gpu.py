@@ -153,6 +153,37 @@ def test_engine_rejects_non_finite_cuda_batches_after_the_forward():
     assert torch.equal(seg.logits(x), expected) and seg.captured_graphs == 1
 
 
+def test_threads_on_their_own_streams_share_a_segmenter():
+    """Threads that take turns with the lock but queue their work on streams of their own: each call's GPU work
+    follows the previous call's (an event), so no replay overwrites the static buffers another call still reads.
+    check_finite=False: no synchronisation at the end of a call hides a race."""
+    import threading
+
+    from denseclip_fast import DenseCLIP, Segmenter
+
+    model = randomized(DenseCLIP(heads_of_16(tiny_config("resnet")), NAMES)).eval()
+    seg = Segmenter(model, device="cuda", dtype=torch.float32, capture_after=1, check_finite=False)
+    xs = [torch.randn(2, 3, 96, 128, device="cuda") for _ in range(4)]
+    expected = [seg.logits(x).clone() for x in xs]
+    torch.cuda.synchronize()
+    results: list = [None] * 4
+
+    def work(i: int) -> None:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.default_stream())
+        with torch.cuda.stream(stream):
+            outs = [seg.logits(xs[i]) for _ in range(20)]
+            results[i] = outs
+        stream.synchronize()
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(torch.equal(out, expected[i]) for i in range(4) for out in results[i])
+
+
 def test_opencv_resizes_on_cuda_equal_the_cpu():
     """The engine's uint8 preprocessing on the GPU: resize_bilinear_uint8 (whole and a window) and resize_nearest
     give the CPU's pixels (which the CPU tests compare with OpenCV), and a uint8 batch through the engine's

@@ -189,6 +189,7 @@ class Segmenter:
         self._text = self._embed(self.model.class_names)  # the buffer the graphs read; refreshed in place
         self._vocabularies: OrderedDict[tuple[str, ...], torch.Tensor] = OrderedDict()
         self._lock = threading.RLock()
+        self._done: Any = None  # a CUDA event recorded after the last call's GPU work (see _turn)
         self._graphs = GraphCache(self._forward, enabled=cuda_graphs and self.device.type == "cuda",
                                   max_graphs=max_graphs, capture_after=capture_after)  # fmt: skip
 
@@ -208,6 +209,25 @@ class Segmenter:
         stack.enter_context(no_tf32((self.dtype == torch.float32 or always) and self.device.type == "cuda"))
         stack.enter_context(torch.autocast(self.device.type, enabled=False))
         return stack
+
+    @contextlib.contextmanager
+    def _turn(self) -> Iterator[None]:
+        """Entered with the lock held: on CUDA, this call's GPU work is queued after the previous call's, on whatever
+        streams the calling threads use (the lock orders the host side only). The graphs' static input and output
+        buffers, their shared memory pool and the embeddings buffer are then never used by two calls at once on
+        the GPU. An event, not a synchronisation: the host goes on."""
+        if self.device.type != "cuda":
+            yield
+            return
+        stream = torch.cuda.current_stream(self.device)
+        if self._done is not None:
+            stream.wait_event(self._done)
+        try:
+            yield
+        finally:
+            done = torch.cuda.Event()
+            done.record(stream)
+            self._done = done
 
     # ------------------------------------------------------------------ the forward
 
@@ -316,7 +336,7 @@ class Segmenter:
     def _trained_head(self, images: Any, finish: Finish) -> torch.Tensor | list[torch.Tensor]:
         """The trained head's logits of ``images``, finished by ``finish`` (see _each_group)."""
         batch, finite = self._batch(images)
-        with self._lock, torch.no_grad(), self._math():
+        with self._lock, self._turn(), torch.no_grad(), self._math():
             out = self._each_group(batch, self._run, finish)
         self._finite_or_raise(finite)
         return out
@@ -329,7 +349,7 @@ class Segmenter:
     def _open_vocab(self, images: Any, names: Sequence[str], finish: Finish) -> torch.Tensor | list[torch.Tensor]:
         check_class_names(names, distinct=True)  # before the cache key is made of them; tokens checked on a miss
         batch, finite = self._batch(images)
-        with self._lock, torch.no_grad(), self._math():
+        with self._lock, self._turn(), torch.no_grad(), self._math():
             key = tuple(names)
             text = self._vocabularies.get(key)
             if text is None:
@@ -352,7 +372,7 @@ class Segmenter:
     def set_classes(self, names: Sequence[str]) -> None:
         """Reword the vocabulary (exactly K names, each at most 3 BPE tokens); the embeddings are recomputed once
         and written into the buffer the captured graphs read."""
-        with self._lock:
+        with self._lock, self._turn():
             self.model.set_classes(names)
             # into the buffer the graphs read; made under torch.inference_mode (a Segmenter built there), it takes
             # in-place writes only in inference mode (it raised after the vocabulary had changed)
