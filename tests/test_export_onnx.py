@@ -460,7 +460,7 @@ def test_the_text_graphs_default_profile_covers_its_vocabulary(tmp_path, monkeyp
     for batch in (5, (4, 1, 8), (1.0, 2, 3), (1, 2), (0, 1, 1)):
         with pytest.raises(ValueError, match=rf"^batch must be \(min, opt, max\) ints .*got {re.escape(repr(batch))}$"):
             build_tensorrt_engine(tmp_path / "m.onnx", tmp_path / "m.engine", batch=batch)
-    for workspace in (-1, 0, float("nan"), "2"):
+    for workspace in (-1, 0, float("nan"), "2", True):
         with pytest.raises(ValueError, match=r"^workspace_gib must be a positive number of GiB"):
             build_tensorrt_engine(tmp_path / "m.onnx", tmp_path / "m.engine", workspace_gib=workspace)
 

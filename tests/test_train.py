@@ -1364,10 +1364,15 @@ def test_a_resume_with_reordered_classes_is_refused_and_renamed_ones_said(arch_f
     reordered = make_generic(tmp_path / "reordered")
     (tmp_path / "reordered" / "classes.txt").write_text("\n".join([CLASSES[1], CLASSES[0], *CLASSES[2:]]) + "\n")
     message = (rf"^{re.escape(state)} was saved by a run whose classes are in another order than this data set's "
-               rf"\(.*reordered\): class 0 was {CLASSES[0]!r} and is {CLASSES[1]!r}; .* new --work-dir$")  # fmt: skip
+               rf"\(.*reordered\): class 0 was {CLASSES[0]!r} and is {CLASSES[1]!r}, the saved run's class 1; .* new "
+               r"--work-dir$")  # fmt: skip
     with pytest.raises(ValueError, match=message):
         train(_config(arch_file, reordered, tmp_path / "b"), resume=state)
     assert not os.path.exists(tmp_path / "b")
+    # swapped and another renamed: still a reorder (sorted names differ, which let it through)
+    (tmp_path / "reordered" / "classes.txt").write_text("\n".join([CLASSES[1], CLASSES[0], "meadow"]) + "\n")
+    with pytest.raises(ValueError, match=message):
+        train(_config(arch_file, reordered, tmp_path / "b"), resume=state)
     renamed = make_generic(tmp_path / "renamed")
     names = [*CLASSES[:-1], "meadow"]
     (tmp_path / "renamed" / "classes.txt").write_text("\n".join(names) + "\n")

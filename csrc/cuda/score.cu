@@ -234,8 +234,11 @@ std::tuple<at::Tensor, at::Tensor> pixel_text_score_backward_cuda(const at::Tens
           score.defined() ? data_as<T>(score) : nullptr, s_sb, s_sk, s_sp);
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    // scale * G v^^T with v^ = v / max(|v|, eps) in the dtype (elements in [-1, 1]), float32 accumulation
-    const at::Tensor v_hat = (v.view({s.B, s.C, s.P()}).to(at::kFloat) * inv.unsqueeze(1)).to(dtype);
+    // scale * G v^^T with v^ = v / max(|v|, eps) in the dtype (elements in [-1, 1]), float32 accumulation; v^
+    // made an image at a time, so that the float32 product is one image's
+    const at::Tensor flat = v.view({s.B, s.C, s.P()});
+    at::Tensor v_hat = at::empty_like(flat);
+    for (int64_t b = 0; b < s.B; ++b) v_hat[b].copy_(flat[b].to(at::kFloat) * inv[b].unsqueeze(0));
     gt_hat = text_gradient_product(g.reshape({s.B, s.K, s.P()}), v_hat.transpose(1, 2)).mul_(scale);  // (B, K, C)
     gt_hat = (s.text_batched ? gt_hat : gt_hat.sum(0)).contiguous();  // one reduction over the GPU for shared text
   }

@@ -227,7 +227,8 @@ def build_tensorrt_engine(
     engine_path = output_path(engine_path, "engine_path")
     if batch is not None:
         batch = check_batch(batch)
-    if workspace_gib is not None and not (isinstance(workspace_gib, (int, float)) and 0 < workspace_gib < math.inf):
+    if workspace_gib is not None and (isinstance(workspace_gib, bool) or not (
+            isinstance(workspace_gib, (int, float)) and 0 < workspace_gib < math.inf)):  # fmt: skip
         raise ValueError(f"workspace_gib must be a positive number of GiB (or None: TensorRT's), got {workspace_gib!r}")
     if engine_path.resolve() == onnx_path.resolve():
         raise ValueError("engine_path must differ from onnx_path")

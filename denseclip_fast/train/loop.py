@@ -320,17 +320,20 @@ def _saved_contents(weights: str) -> tuple[DenseCLIPConfig, list[str]] | None:
 
 
 def _check_class_names(path: str, saved: list[str], mine: list[str], data: str, rank: int) -> None:
-    """A resume whose data set lists the saved run's classes in another order is refused: the head's outputs and
-    the labels would swap meanings. Other renames (a prompt reworded) go on, said on stderr: the outputs keep their
-    positions, and the text encoder embeds the new names."""
+    """A resume whose data set names a class with a name the saved run gave another position is refused (classes
+    in another order, with or without renames): the head's outputs and the labels would swap meanings. Other
+    renames (a prompt reworded) go on, said on stderr: the outputs keep their positions, and the text encoder
+    embeds the new names."""
     if saved == mine:
         return
-    if sorted(saved) == sorted(mine):
-        moved = next(i for i, (a, b) in enumerate(zip(saved, mine)) if a != b)
+    known = set(saved)
+    moved = next((i for i, (a, b) in enumerate(zip(saved, mine)) if a != b and b in known), None)
+    if moved is not None:
         raise ValueError(
             f"{path} was saved by a run whose classes are in another order than this data set's ({data}): class "
-            f"{moved} was {saved[moved]!r} and is {mine[moved]!r}; the head's outputs and the labels would swap "
-            "meanings: resume with the saved run's classes.txt order, or start this run in a new --work-dir"
+            f"{moved} was {saved[moved]!r} and is {mine[moved]!r}, the saved run's class {saved.index(mine[moved])}; "
+            "the head's outputs and the labels would swap meanings: resume with the saved run's classes.txt order, "
+            "or start this run in a new --work-dir"
         )
     if rank == 0:
         renamed = [f"{i}: {a!r} -> {b!r}" for i, (a, b) in enumerate(zip(saved, mine)) if a != b]

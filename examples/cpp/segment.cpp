@@ -326,8 +326,9 @@ int run(int argc, char** argv) {
   try {
     made = std::make_unique<torch::inductor::AOTIModelPackageLoader>(positional[0], "model", false, 1, device_index);
   } catch (const c10::Error& e) {  // a CPU package given a device index: "Incorrect device passed to aoti_runner_cpu"
-    if (device_index < 0) throw;
-    throw std::runtime_error("--device-index " + std::to_string(device_index) + ": " + e.what_without_backtrace() +
+    const std::string message = e.what_without_backtrace();
+    if (device_index < 0 || message.find("aoti_runner_cpu") == std::string::npos) throw;
+    throw std::runtime_error("--device-index " + std::to_string(device_index) + ": " + message +
                              " (a CPU package takes no --device-index)");
   }
   torch::inductor::AOTIModelPackageLoader& loader = *made;
@@ -421,6 +422,7 @@ int run(int argc, char** argv) {
               << "\", " << share << "]";
   }
   std::cout << "]}" << std::endl;
+  if (!std::cout) throw std::runtime_error("cannot write the summary to stdout");
   return 0;
 }
 

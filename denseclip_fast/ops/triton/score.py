@@ -17,12 +17,13 @@ r = <v^, g^> / |v| from <v^, g^> = sum_k G S (0 where |v| < eps, as F.normalize'
 pass over the visual map: one program per (block of channels, range of pixel tiles, image) computes on each tile
 g^ = scale * T^^T G on the tensor cores and writes dv = (g^ - v r) / max(|v|, eps) -- with |v| saved, nothing
 needs all the channels of a pixel, so the channels split across programs -- and, up to FUSED_MAX_K classes, the
-text half on the same tiles: sum over its pixels of (G * scale / max(|v|, eps)) v^T, a (K, BLOCK_C) float32 partial
-per program; (4) the partials summed (over the splits, and over the batch when the text is shared: then one program
-row walks the whole batch); (5) the text normalisation's Jacobian on the K x C result. Past FUSED_MAX_K classes (2)
-also writes G * scale / |v| and (4) is a batched GEMM of it with the raw visual map (cuBLAS; the visual map read
-twice). Traffic: the visual map read once and dv written once, G and S read once from memory (G once more per
-channel block, from L2), partials of K x C floats per split. FLOPs: g^ and the text half, twice the forward's.
+text half on the same tiles: scale x the sum over its pixels of G v^^T (v^ = v / max(|v|, eps), each element in
+[-1, 1], so that no float16 operand overflows), a (K, BLOCK_C) float32 partial per program; (4) the partials summed
+(over the splits, and over the batch when the text is shared: then one program row walks the whole batch); (5) the
+text normalisation's Jacobian on the K x C result. Past FUSED_MAX_K classes (4) is a batched GEMM of G with the
+normalised map, made an image at a time (cuBLAS; the visual map read twice). Traffic: the visual map read once and
+dv written once, G and S read once from memory (G once more per channel block, from L2), partials of K x C floats
+per split. FLOPs: g^ and the text half, twice the forward's.
 A direct call without the forward's outputs runs the forward first.
 """
 
