@@ -746,52 +746,29 @@ def test_repeated_class_names_keep_one_entry_each():
         m.results(["a", "b", "c"])
 
 
-def _hsv8_reference(rgb: np.ndarray) -> np.ndarray:
-    """The textbook hexcone RGB -> HSV in float64, on OpenCV's 8-bit scales (H 0..179), rounded."""
-    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
-    v = rgb.max(axis=-1)
-    c = v - rgb.min(axis=-1)
-    s = np.where(v > 0, c / np.maximum(v, 1e-12) * 255.0, 0.0)
-    safe = np.maximum(c, 1e-12)
-    h = np.where(v == r, (g - b) / safe, np.where(v == g, 2.0 + (b - r) / safe, 4.0 + (r - g) / safe))
-    h = np.where(c > 0, (h * 30.0) % 180.0, 0.0)
-    return np.round(np.stack([h, s, v], axis=-1)) % np.array([180, 256, 256])
-
-
-def _rgb8_reference(hsv: np.ndarray) -> np.ndarray:
-    """The textbook sector table HSV -> RGB in float64 (H 0..179 of OpenCV's 8-bit scale), rounded, clipped."""
-    h, s, v = hsv[..., 0] / 30.0, hsv[..., 1] / 255.0, hsv[..., 2]
-    c = v * s
-    x = c * (1 - np.abs(h % 2 - 1))
-    sector = np.floor(h).astype(np.int64) % 6
-    zeros = np.zeros_like(c)
-    table = [(c, x, zeros), (x, c, zeros), (zeros, c, x), (zeros, x, c), (x, zeros, c), (c, zeros, x)]
-    out = np.zeros(hsv.shape, dtype=np.float64)
-    for k, (r, g, b) in enumerate(table):
-        mask = sector == k
-        out[mask] = np.stack([r[mask], g[mask], b[mask]], axis=-1)
-    return np.clip(np.round(out + (v - c)[..., None]), 0, 255)
-
-
 @pytest.mark.slow
-def test_hsv_conversions_equal_the_textbook_formulas_on_every_value():
-    """The vectorised 8-bit HSV conversions of the photometric distortion against the plain formulas, on all 2^24
-    RGB colours and all 180 x 256 x 256 HSV triples."""
-    rest = np.stack(np.meshgrid(np.arange(256.0), np.arange(256.0), indexing="ij"), axis=-1).reshape(256, 256, 2)
-    for first in np.arange(0.0, 256.0, 32.0):  # 32 x 256 x 256 at a time: about 100 MB a chunk
-        chunk = np.concatenate([np.broadcast_to((first + np.arange(32.0))[:, None, None, None], (32, 256, 256, 1)),
+def test_hsv_conversions_equal_opencvs_on_every_value():
+    """The 8-bit HSV conversions of the photometric distortion equal cv2.cvtColor's (mmseg's) on all 2^24 RGB
+    colours and all 180 x 256 x 256 HSV triples, in rows of 256 pixels (OpenCV's vector code). They were the textbook
+    float64 formulas rounded to nearest: RGB -> HSV differed on 365,213 colours (RGB (0, 1, 4) has H 112.5, which
+    OpenCV rounds up), HSV -> RGB on 74% of the triples (OpenCV's vector code truncates)."""
+    cv2 = pytest.importorskip("cv2")
+    rest = np.stack(np.meshgrid(np.arange(256), np.arange(256), indexing="ij"), axis=-1).reshape(256, 256, 2)
+    for first in range(0, 256, 32):  # 32 x 256 x 256 at a time
+        chunk = np.concatenate([np.broadcast_to((first + np.arange(32))[:, None, None, None], (32, 256, 256, 1)),
                                 np.broadcast_to(rest, (32, 256, 256, 2))], axis=-1).reshape(-1, 256, 3)  # fmt: skip
-        assert np.array_equal(_to_hsv8(chunk), _hsv8_reference(chunk)), first
+        chunk = chunk.astype(np.uint8)
+        assert np.array_equal(_to_hsv8(chunk.astype(np.float64)), cv2.cvtColor(chunk, cv2.COLOR_RGB2HSV)), first
         if first < 180:
-            hsv = chunk[: min(32, 180 - int(first)) * 256]
-            assert np.array_equal(_from_hsv8(hsv), _rgb8_reference(hsv)), first
+            hsv = chunk[: min(32, 180 - first) * 256]
+            assert np.array_equal(_from_hsv8(hsv.astype(np.float64)), cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)), first
 
 
 def test_augmentation_pieces():
     rng = np.random.default_rng(0)
     rgb = rng.uniform(0, 255, size=(20, 20, 3))
     pixels = np.round(rgb)
-    assert np.abs(_from_hsv8(_to_hsv8(pixels)) - pixels).max() <= 4  # a round trip through 8-bit HSV
+    assert np.abs(_from_hsv8(_to_hsv8(pixels)) - pixels).max() <= 5  # a round trip through 8-bit HSV (truncating)
     for seed in range(20):  # mmseg quantises to uint8 after every step
         out = photometric_distortion(pixels, np.random.default_rng(seed))
         assert out.shape == pixels.shape and out.min() >= 0 and out.max() <= 255 and np.array_equal(out, np.round(out))

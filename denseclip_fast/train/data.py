@@ -220,8 +220,15 @@ def read_label(path: str, num_classes: int, reduce_zero_label: bool, ignore_inde
 # ------------------------------------------------------------------------------------------------ augmentation
 
 
-# For each of R, G, B and each hue sector 0..5: which of (0, x, c) the channel takes before adding m.
-_SECTOR_PICK = np.array([[2, 1, 0, 0, 1, 2], [1, 2, 2, 1, 0, 0], [0, 0, 1, 2, 2, 1]], dtype=np.int8)
+# OpenCV's 8-bit RGB -> HSV (RGB2HSV_b): fixed-point reciprocals with 12 fractional bits, rounded half up
+_HSV_SHIFT = 12
+_RECIPROCAL_OF = np.arange(256, dtype=np.float64)
+with np.errstate(divide="ignore"):
+    _SAT_DIV = np.where(_RECIPROCAL_OF > 0, np.rint((255 << _HSV_SHIFT) / _RECIPROCAL_OF), 0).astype(np.int64)
+    _HUE_DIV = np.where(_RECIPROCAL_OF > 0, np.rint((180 << _HSV_SHIFT) / (6 * _RECIPROCAL_OF)), 0).astype(np.int64)
+# For each hue sector 0..5 of OpenCV's HSV -> RGB: which of its table (v, v (1 - s), v (1 - s f), v (1 - s (1 - f)))
+# B, G and R take
+_SECTOR_TAB = np.array([[1, 3, 0], [1, 0, 2], [3, 0, 1], [0, 2, 1], [0, 1, 3], [2, 1, 0]], dtype=np.int64)
 
 
 def _convert(x: np.ndarray, alpha: float = 1.0, beta: float = 0.0) -> np.ndarray:
@@ -230,45 +237,39 @@ def _convert(x: np.ndarray, alpha: float = 1.0, beta: float = 0.0) -> np.ndarray
 
 
 def _to_hsv8(rgb: np.ndarray) -> np.ndarray:
-    """uint8-valued RGB (float array) -> 8-bit HSV as OpenCV scales it (H 0..179, S and V 0..255), from the float64
-    hexcone formulas, rounded. (OpenCV's own 8-bit tables can differ by one level, and differ between its versions;
-    mmseg's draws are not ours anyway, so only the distribution is the official one.)"""
-    x = rgb.astype(np.float64, copy=False)
+    """uint8-valued RGB (float array) -> 8-bit HSV as cv2.cvtColor computes it (H 0..179, S and V 0..255): OpenCV's
+    integer algorithm, equal to opencv-python 4.5.5 (the official code's era) and 4.14 on all 2^24 colours."""
+    x = rgb.astype(np.int64)
     r, g, b = x[..., 0], x[..., 1], x[..., 2]
     v = np.maximum(np.maximum(r, g), b)
-    c = v - np.minimum(np.minimum(r, g), b)
-    with np.errstate(divide="ignore", invalid="ignore"):  # c == 0 / v == 0: replaced by 0 below
-        h = np.where(v == r, (g - b) / c, np.where(v == g, 2.0 + (b - r) / c, 4.0 + (r - g) / c)) * 30.0
-        s = c / v * 255.0
-    out = np.empty(x.shape, np.float64)
-    hue = out[..., 0]
-    np.copyto(hue, np.where(c > 0, np.where(h < 0, h + 180.0, h), 0.0))
-    np.round(hue, out=hue)
-    hue[hue >= 180] -= 180
-    np.round(np.where(v > 0, s, 0.0), out=out[..., 1])
-    out[..., 2] = v
-    return out
+    diff = v - np.minimum(np.minimum(r, g), b)
+    half = 1 << (_HSV_SHIFT - 1)
+    s = (diff * _SAT_DIV[v] + half) >> _HSV_SHIFT
+    h = np.where(v == r, g - b, np.where(v == g, b - r + 2 * diff, r - g + 4 * diff))
+    h = (h * _HUE_DIV[diff] + half) >> _HSV_SHIFT  # an arithmetic shift: floor for negative h, as OpenCV's
+    h += np.where(h < 0, 180, 0)
+    return np.stack([h, s, v], axis=-1).astype(np.float64)
 
 
 def _from_hsv8(hsv: np.ndarray) -> np.ndarray:
-    """8-bit HSV (H 0..179) -> RGB, rounded and clipped to 0..255: per hue sector the channels take c = v s, x = c (1 -
-    |h mod 2 - 1|) or 0, plus m = v - c."""
-    x = hsv.astype(np.float64, copy=False)
-    h, s, v = x[..., 0] / 30.0, x[..., 1] / 255.0, x[..., 2]
-    sector = h.astype(np.int64)  # floor: h is in [0, 6)
-    c = v * s
-    between = c * (1 - np.abs(h - 2 * (sector >> 1) - 1))  # h - 2 floor(h / 2): h mod 2, exactly
-    m = v - c
-    out = np.empty(x.shape, np.float64)
-    for channel in range(3):
-        pick = _SECTOR_PICK[channel][sector]
-        o = out[..., channel]
-        o.fill(0.0)
-        np.copyto(o, between, where=pick == 1)
-        np.copyto(o, c, where=pick == 2)
-        o += m
-    np.round(out, out=out)
-    return np.clip(out, 0, 255, out=out)
+    """8-bit HSV (H 0..179) -> RGB as cv2.cvtColor's vector code computes it: float32 with v = V / 255, s = S / 255,
+    the sector and fraction of H * 6/180, the sector's table entries (1 - s f rounded once: a fused multiply-add) and
+    x * 255 truncated. Equal to opencv-python 4.5.5 and 4.14 on all 180 x 256 x 256 values in rows that the vector
+    code takes whole (a 512- or 640-pixel crop's); OpenCV's scalar code, which takes the last few pixels of a row
+    whose width is no multiple of its vector width, rounds to nearest instead (one level on some of those)."""
+    f32 = np.float32
+    h = hsv[..., 0].astype(f32) * f32(6.0 / 180.0)
+    s = hsv[..., 1].astype(f32) * f32(1.0 / 255.0)
+    v = hsv[..., 2].astype(f32) * f32(1.0 / 255.0)
+    sector = np.floor(h)
+    frac = h - sector
+
+    def one_minus(a: np.ndarray, b: np.ndarray) -> np.ndarray:  # 1 - a b, rounded once (a fused multiply-add)
+        return (1.0 - a.astype(np.float64) * b.astype(np.float64)).astype(f32)
+
+    table = np.stack([v, v * (f32(1.0) - s), v * one_minus(s, frac), v * one_minus(s, f32(1.0) - frac)], axis=-1)
+    bgr = np.take_along_axis(table, _SECTOR_TAB[sector.astype(np.int64) % 6], axis=-1)
+    return np.clip(np.floor(bgr * f32(255.0)), 0, 255)[..., ::-1].astype(np.float64)
 
 
 def photometric_distortion(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
