@@ -1019,6 +1019,22 @@ def test_label_sizes_from_the_headers_follow_the_exif_orientation(tmp_path):
         ds.check_label_sizes()
 
 
+def test_a_training_image_too_thin_for_the_resize_is_named_before_the_run(tmp_path):
+    """A 1 x 300 strip, resized to fit (96, 48) x 0.5: 0 rows. It failed in a DataLoader worker at whatever iteration
+    drew that ratio, with 'size must be positive' and no file name; the up-front check names it."""
+    data = make_generic(tmp_path / "g", n=3, splits=False)
+    Image.fromarray(np.zeros((1, 300, 3), np.uint8)).save(tmp_path / "g" / "images" / "scene_1.png")
+    Image.fromarray(np.zeros((1, 300), np.uint8)).save(tmp_path / "g" / "labels" / "scene_1.png")
+    cfg = TrainConfig(crop=48, img_scale=(96, 48), ratio_range=(0.5, 2.0))
+    ds = SegmentationData(data, "generic", "train", cfg)
+    with pytest.raises(ValueError, match=r"scene_1.png: a 1x300 image, resized for training at the low end of "
+                                         r"ratio_range \(0.5 x img_scale \(96, 48\)\), is 0x48 pixels, a side of "
+                                         r"none: crop or drop it, or raise ratio_range's low end$"):  # fmt: skip
+        ds.check_label_sizes()
+    ds.check_label_sizes([0])
+    SegmentationData(data, "generic", "val").check_label_sizes()  # evaluation does not resize so
+
+
 def test_more_than_255_classes_with_16_bit_labels(tmp_path):
     """With 256+ classes, 255 is a class: the default ignore value is refused with what to do, and another one
     (65535 in 16-bit label PNGs) flows through the labels, the crop padding and the metrics."""

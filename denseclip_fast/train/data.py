@@ -409,6 +409,21 @@ class SegmentationData(Dataset):
                     size = size[::-1]
                 if label_size != size:
                     raise _label_size_error(sample, label_size, size, orientation)
+            self._check_training_size(sample, label_size)
+
+    def _check_training_size(self, sample: Sample, size: tuple[int, int]) -> None:
+        """A training image that the keep-ratio resize at the low end of ratio_range leaves without a pixel on a side
+        (a 1 x 2100 strip) failed in a DataLoader worker, at whatever iteration drew that ratio, without its name."""
+        cfg = self.config
+        if cfg is None or cfg.img_scale is None:
+            return
+        low = cfg.ratio_range[0]
+        scale = (int(cfg.img_scale[0] * low), int(cfg.img_scale[1] * low))
+        resized = keep_ratio_size(size[0], size[1], scale)
+        if min(resized) < 1:
+            raise ValueError(f"{sample.image}: a {size[0]}x{size[1]} image, resized for training at the low end of "
+                             f"ratio_range ({low} x img_scale {tuple(cfg.img_scale)}), is {resized[0]}x{resized[1]} "
+                             "pixels, a side of none: crop or drop it, or raise ratio_range's low end")  # fmt: skip
 
     def __getitem__(self, item: int | tuple[int, int]):
         if isinstance(item, tuple):
