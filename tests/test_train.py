@@ -746,6 +746,30 @@ def test_repeated_class_names_keep_one_entry_each():
         m.results(["a", "b", "c"])
 
 
+def test_a_distributed_evaluation_error_reaches_every_process(arch_file, tmp_path, monkeypatch):
+    """A bad label read by one process raised there while the others waited in the metrics' all_reduce (until the
+    collective timed out). The failure is summed in that collective: the process that read it raises its error, the
+    others a RuntimeError saying so. Two processes simulated: the collective adds the other process's areas and flag."""
+    import torch.distributed as dist
+
+    data = make_generic(tmp_path / "g", n=2, splits=False)
+    model = build_model(_config(arch_file, data, "x"), CLASSES)
+    other_failed = []
+    monkeypatch.setattr(dist, "get_backend", lambda: "gloo")
+    monkeypatch.setattr(dist, "all_reduce", lambda t: t[-1:].add_(int(bool(other_failed))))
+    val = SegmentationData(data, "generic", "val")
+    assert evaluate(model, val, rank=0, world=2)["images"] == 2  # fine everywhere: a result
+    other_failed.append(True)
+    with pytest.raises(RuntimeError, match=r"^the evaluation failed in 1 other process\(es\)"):
+        evaluate(model, val, rank=0, world=2)
+    Image.fromarray(np.full((40, 56), 7, dtype=np.uint8)).save(tmp_path / "g" / "labels" / "scene_0.png")
+    calls = []
+    monkeypatch.setattr(dist, "all_reduce", lambda t: calls.append(int(t[-1])))
+    with pytest.raises(ValueError, match="scene_0.png: label value 7 is out of range"):
+        evaluate(model, SegmentationData(data, "generic", "val"), rank=0, world=2)
+    assert calls == [1]  # its failure was told to the others before it raised
+
+
 @pytest.mark.slow
 def test_hsv_conversions_equal_opencvs_on_every_value():
     """The 8-bit HSV conversions of the photometric distortion equal cv2.cvtColor's (mmseg's) on all 2^24 RGB

@@ -27,6 +27,10 @@ from ..validation import finite_real
 from .data import IGNORE, SegmentationData
 
 
+def _host_array(x: np.ndarray | torch.Tensor) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
 class SegmentationMetrics:
     """Accumulates intersection/union/prediction/label areas per class."""
 
@@ -38,7 +42,8 @@ class SegmentationMetrics:
         self.label_area = np.zeros(num_classes, dtype=np.int64)
 
     def update(self, pred: np.ndarray | torch.Tensor, label: np.ndarray | torch.Tensor) -> None:
-        pred, label = np.asarray(pred).astype(np.int64), np.asarray(label).astype(np.int64)
+        """Add one image's (or batch's) areas; tensors may be on any device."""
+        pred, label = (_host_array(x).astype(np.int64) for x in (pred, label))
         if pred.shape != label.shape:
             raise ValueError(f"prediction {pred.shape} and label {label.shape} must have the same shape")
         keep = label != self.ignore_index
@@ -52,15 +57,20 @@ class SegmentationMetrics:
         self.label_area += area_label
         self.union += area_pred + area_label - inter
 
-    def all_reduce(self) -> None:
-        """Sum the areas over the processes of the default process group (distributed evaluation)."""
+    def all_reduce(self, failed: bool = False) -> int:
+        """Sum the areas over the processes of the default process group (distributed evaluation); ``failed``: this
+        process's evaluation raised (its areas are incomplete). Returns how many processes failed, summed in the same
+        collective, so that one process's error reaches the others instead of leaving them waiting."""
         import torch.distributed as dist
 
-        areas = torch.from_numpy(np.stack([self.intersect, self.union, self.pred_area, self.label_area]))
+        areas = np.stack([self.intersect, self.union, self.pred_area, self.label_area]).reshape(-1)
+        flat = torch.from_numpy(np.append(areas, np.int64(failed)))
         if dist.get_backend() == "nccl":
-            areas = areas.cuda()
-        dist.all_reduce(areas)
-        self.intersect, self.union, self.pred_area, self.label_area = (a for a in areas.cpu().numpy())
+            flat = flat.cuda()
+        dist.all_reduce(flat)
+        summed = flat.cpu().numpy()
+        self.intersect, self.union, self.pred_area, self.label_area = summed[:-1].reshape(4, self.num_classes)
+        return int(summed[-1])
 
     def results(self, class_names: Sequence[str] | None = None) -> dict[str, Any]:
         """mIoU, mAcc, aAcc and ``per_class``: {key: {"IoU", "Acc"}} in class order (None for NaN), keyed as
@@ -202,15 +212,25 @@ def evaluate(
         from tqdm import tqdm
 
         indices = tqdm(indices, desc="eval", unit="img")
+    error: Exception | None = None
     try:
         for i in indices:
             image, label, _ = data[i]
             pred = predict_probabilities(model, image, mode, scales, flip, dtype).argmax(dim=0)
             metrics.update(pred.cpu().numpy(), label)
+    except (ValueError, OSError) as exc:  # a bad file, read by this process alone: the others must hear of it
+        if world == 1:
+            raise
+        error = exc
     finally:
         model.train(was_training)
     if world > 1:
-        metrics.all_reduce()
+        failed = metrics.all_reduce(failed=error is not None)
+        if error is not None:
+            raise error
+        if failed:
+            raise RuntimeError(f"the evaluation failed in {failed} other process(es) (a file they read: see their "
+                               "error); this one's images were fine")  # fmt: skip
     result = metrics.results(data.class_names)
     result |= {"images": count, "mode": mode, "scales": list(scales), "flip": flip}
     return result
