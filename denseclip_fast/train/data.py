@@ -224,8 +224,8 @@ def read_label(path: str, num_classes: int, reduce_zero_label: bool, ignore_inde
 _HSV_SHIFT = 12
 _RECIPROCAL_OF = np.arange(256, dtype=np.float64)
 with np.errstate(divide="ignore"):
-    _SAT_DIV = np.where(_RECIPROCAL_OF > 0, np.rint((255 << _HSV_SHIFT) / _RECIPROCAL_OF), 0).astype(np.int64)
-    _HUE_DIV = np.where(_RECIPROCAL_OF > 0, np.rint((180 << _HSV_SHIFT) / (6 * _RECIPROCAL_OF)), 0).astype(np.int64)
+    _SAT_DIV = np.where(_RECIPROCAL_OF > 0, np.rint((255 << _HSV_SHIFT) / _RECIPROCAL_OF), 0).astype(np.int32)
+    _HUE_DIV = np.where(_RECIPROCAL_OF > 0, np.rint((180 << _HSV_SHIFT) / (6 * _RECIPROCAL_OF)), 0).astype(np.int32)
 # For each hue sector 0..5 of OpenCV's HSV -> RGB: which of its table (v, v (1 - s), v (1 - s f), v (1 - s (1 - f)))
 # B, G and R take
 _SECTOR_TAB = np.array([[1, 3, 0], [1, 0, 2], [3, 0, 1], [0, 2, 1], [0, 1, 3], [2, 1, 0]], dtype=np.int64)
@@ -239,7 +239,7 @@ def _convert(x: np.ndarray, alpha: float = 1.0, beta: float = 0.0) -> np.ndarray
 def _to_hsv8(rgb: np.ndarray) -> np.ndarray:
     """uint8-valued RGB (float array) -> 8-bit HSV as cv2.cvtColor computes it (H 0..179, S and V 0..255): OpenCV's
     integer algorithm, equal to opencv-python 4.5.5 (the official code's era) and 4.14 on all 2^24 colours."""
-    x = rgb.astype(np.int64)
+    x = rgb.astype(np.int32)  # products below 2^31: diff * sdiv <= 255 x 1044480, |h| * hdiv <= 1275 x 122880
     r, g, b = x[..., 0], x[..., 1], x[..., 2]
     v = np.maximum(np.maximum(r, g), b)
     diff = v - np.minimum(np.minimum(r, g), b)
@@ -263,13 +263,18 @@ def _from_hsv8(hsv: np.ndarray) -> np.ndarray:
     v = hsv[..., 2].astype(f32) * f32(1.0 / 255.0)
     sector = np.floor(h)
     frac = h - sector
-
-    def one_minus(a: np.ndarray, b: np.ndarray) -> np.ndarray:  # 1 - a b, rounded once (a fused multiply-add)
-        return (1.0 - a.astype(np.float64) * b.astype(np.float64)).astype(f32)
-
-    table = np.stack([v, v * (f32(1.0) - s), v * one_minus(s, frac), v * one_minus(s, f32(1.0) - frac)], axis=-1)
-    bgr = np.take_along_axis(table, _SECTOR_TAB[sector.astype(np.int64) % 6], axis=-1)
-    return np.clip(np.floor(bgr * f32(255.0)), 0, 255)[..., ::-1].astype(np.float64)
+    s64 = s.astype(np.float64)  # a float32 product is exact in float64: 1 - s f rounded once, as a fused multiply-add
+    table = np.stack([v, v * (f32(1.0) - s), v * (1.0 - s64 * frac).astype(f32),
+                      v * (1.0 - s64 * (f32(1.0) - frac)).astype(f32)]).reshape(4, -1)  # fmt: skip
+    table *= f32(255.0)
+    np.floor(table, out=table)
+    np.clip(table, 0, 255, out=table)
+    n = table.shape[1]
+    picks = _SECTOR_TAB[sector.astype(np.int64).reshape(-1) % 6] * n + np.arange(n)[:, None]  # (n, 3) flat indices
+    out = np.empty(hsv.shape, np.float64)
+    for channel in range(3):  # R, G, B: OpenCV's B, G, R reversed
+        out[..., channel] = np.take(table, picks[:, 2 - channel]).reshape(hsv.shape[:-1])
+    return out
 
 
 def photometric_distortion(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
