@@ -164,6 +164,11 @@ def test_to_aoti_argument_errors(model, tmp_path):
         to_aoti(torch.nn.Linear(2, 2), tmp_path / "x.pt2")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="max_batch must be an int >= 2, got 1 .*for batch 1, max_batch=2"):
         to_aoti(seg, tmp_path / "x.pt2", max_batch=1)
+    heads = max(seg.model.config.vision.heads, seg.model.config.decoder.heads)  # images x heads: one grid axis
+    most = 65535 // heads
+    message = rf"^max_batch must be <= {most} for this architecture, got {most + 1} \(the fused attention runs images"
+    with pytest.raises(ValueError, match=message):
+        to_aoti(seg, tmp_path / "x.pt2", max_batch=most + 1)
     (tmp_path / "model.onnx").write_bytes(b"\x08\x07not a zip")
     with pytest.raises(ValueError, match=r"model.onnx is not an AOTInductor package \(a \.pt2 zip archive"):
         load_aoti(tmp_path / "model.onnx")

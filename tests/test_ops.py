@@ -134,6 +134,23 @@ def test_score_concat(backend, dtype, layout):
         _check_close(actual, wanted, dtype, 2)
 
 
+def test_the_triton_attention_takes_a_symbolic_batch_without_specialising_it():
+    """AOTInductor compiles the Triton operator's body for a dynamic batch: range() over the symbolic batch x heads
+    specialised the package to the traced batch (Eq(s0*h, 8)), which then returned a batch-2 result for any batch
+    (a helper's reproduction with a stand-in operator on the CPU). A symbolic size is one piece, with no guard."""
+    pytest.importorskip("triton")
+    from torch._dynamo.source import ConstantSource
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
+
+    from denseclip_fast.ops.triton.attention import _bh_slices
+
+    env = ShapeEnv()
+    b = env.create_symintnode(env.create_symbol(3, ConstantSource("b"), dynamic_dim=DimDynamic.DYNAMIC), hint=3)
+    (piece,) = _bh_slices(b * 4)
+    assert piece.start == 0 and piece.stop is not None and not env.guards
+    assert _bh_slices(12) == [slice(0, 12)] and len(_bh_slices(70000)) == 2
+
+
 @pytest.mark.parametrize("backend", sorted({b for b, _ in BACKEND_DTYPES} - {"reference"}))
 def test_score_concat_of_a_frozen_visual_and_text_runs_no_score_backward(backend):
     """Only the feature wants a gradient (a frozen backbone and contexts): its gradient is the first channels of

@@ -229,9 +229,13 @@ def _blocks(
 MAX_GRID_Y = 65535  # CUDA's limit on a grid's second axis, which carries batch x heads
 
 
-def _bh_slices(bh: int) -> list[slice]:
+def _bh_slices(bh: int | torch.SymInt) -> list[slice]:
     """Pieces of the batch x heads axis that fit one launch's grid (one piece, all of it, in every realistic call:
-    65535 is 2047 images through the 32-head attention pool of RN50)."""
+    65535 is 2047 images through the 32-head attention pool of RN50). A symbolic size (AOTInductor compiling the
+    operator for a dynamic batch) is one piece: range() over it specialised the package to the traced batch (2),
+    which then returned a batch-2 result for any batch; to_aoti keeps its max_batch within the grid instead."""
+    if not isinstance(bh, int):
+        return [slice(0, bh)]
     return [slice(start, min(start + MAX_GRID_Y, bh)) for start in range(0, bh, MAX_GRID_Y)]
 
 
