@@ -145,9 +145,11 @@ PY
 }
 
 gpu_tests() {  # the operators on CUDA (all backends) and the model, engine and AOTInductor package on CUDA
-  # four pytest processes at once: most of their time is compiling (Triton kernels, one specialisation per dtype,
+  # five pytest processes at once: most of their time is compiling (Triton kernels, one specialisation per dtype,
   # block and argument divisibility; AOTInductor), one core each, on 16 cores; at most TESTS_S seconds, so that the
-  # benchmarks after them keep their time (a test cut short is reported by pytest's summary as it stops)
+  # benchmarks after them keep their time (a test cut short is reported by pytest's summary as it stops). The model,
+  # engine, AOTInductor and training tests have a process of their own: behind test_gpu.py's 96 kernel tests (many
+  # Triton compiles) they would likely not be reached in TESTS_S
   local STEP_CAP_S=$TESTS_S
   timed "GPU tests: Triton score operators" tests_gpu_triton_score.log \
     python3 -m pytest -q -rs --durations=10 tests/test_ops.py -k "triton and (score or concat)" &
@@ -155,10 +157,12 @@ gpu_tests() {  # the operators on CUDA (all backends) and the model, engine and 
     python3 -m pytest -q -rs --durations=10 tests/test_ops.py -k "triton and not (score or concat)" &
   timed "GPU tests: CUDA C++ and reference operators" tests_gpu_ops.log \
     python3 -m pytest -q -rs --durations=10 tests/test_ops.py -k "not triton" &
+  timed "GPU tests: tensor-core kernels" tests_gpu_kernels.log \
+    python3 -m pytest -q -rs --durations=10 tests/test_gpu.py -k "tensor_core" &
   timed "GPU tests: model, engine, AOTInductor, training" tests_gpu_model.log \
-    python3 -m pytest -q -rs --durations=10 tests/test_gpu.py &
+    python3 -m pytest -q -rs --durations=10 tests/test_gpu.py -k "not tensor_core" &
   wait
-  for log in tests_gpu_triton_score tests_gpu_triton tests_gpu_ops tests_gpu_model; do
+  for log in tests_gpu_triton_score tests_gpu_triton tests_gpu_ops tests_gpu_kernels tests_gpu_model; do
     tail -1 "$OUT/$log.log" 2>/dev/null
   done
 }
