@@ -125,7 +125,10 @@ def _contestants(op: str, device: torch.device, dtype: torch.dtype, head_dim: in
     fns = {backend: fused(backend) for backend in runnable if compile_mode != "only"}
     fns |= baselines
     if compile_mode != "no" and (device.type == "cuda" or os.environ.get("BENCH_COMPILE") == "1"):
-        # default mode: no CUDA graphs, so _timed's forward output stays valid through its timed backward calls
+        # default mode: no CUDA graphs, so _timed's forward output stays valid through its timed backward calls.
+        # Dynamo's cache of the reference function is shared by every case (keyed on its code): reset, so that
+        # the cases do not add up to its recompile limit (8), past which it would run eagerly under this label
+        torch._dynamo.reset()
         fns["torch.compile(reference)"] = torch.compile(compiled_ref, dynamic=False)
     return fns
 
