@@ -322,27 +322,29 @@ int run(int argc, char** argv) {
     return 2;
   }
   torch::NoGradGuard no_grad;
-  std::unique_ptr<torch::inductor::AOTIModelPackageLoader> made;
-  try {
-    made = std::make_unique<torch::inductor::AOTIModelPackageLoader>(positional[0], "model", false, 1, device_index);
-  } catch (const c10::Error& e) {  // a CPU package given a device index: "Incorrect device passed to aoti_runner_cpu"
-    const std::string message = e.what_without_backtrace();
-    if (device_index < 0 || message.find("aoti_runner_cpu") == std::string::npos) throw;
-    throw std::runtime_error("--device-index " + std::to_string(device_index) + ": " + message +
-                             " (a CPU package takes no --device-index)");
+  // Loaded on its default device first, to read the metadata: a CPU package given a device index made libtorch's
+  // loader throw from its constructor, which then left its extracted copy of the package in the temp folder.
+  // A CUDA package with --device-index is loaded again onto that GPU.
+  auto load = [&](int index) {
+    return std::make_unique<torch::inductor::AOTIModelPackageLoader>(positional[0], "model", false, 1, index);
+  };
+  std::unique_ptr<torch::inductor::AOTIModelPackageLoader> made = load(-1);
+  const auto metadata = made->get_metadata();
+  const bool cuda = meta(metadata, "device") == "cuda";
+  if (device_index >= 0) {
+    if (!cuda) {  // as load_aoti: a CPU package has no device to choose
+      throw std::runtime_error("--device-index applies to a CUDA package; " + positional[0] + " is for the CPU");
+    }
+    made.reset();
+    made = load(device_index);
   }
   torch::inductor::AOTIModelPackageLoader& loader = *made;
-  const auto metadata = loader.get_metadata();
   const std::vector<double> size = json_numbers(meta(metadata, "image_size"));
   const std::vector<double> mean = json_numbers(meta(metadata, "mean"));
   const std::vector<double> stddev = json_numbers(meta(metadata, "std"));
   const std::vector<std::string> names = json_strings(meta(metadata, "class_names"));
   const std::string& dtype_name = meta(metadata, "dtype");
-  const bool cuda = meta(metadata, "device") == "cuda";
   if (size.size() != 2 || mean.size() != 3 || stddev.size() != 3) throw std::runtime_error("bad package metadata");
-  if (!cuda && device_index >= 0) {  // as load_aoti: a CPU package has no device to choose
-    throw std::runtime_error("--device-index applies to a CUDA package; " + positional[0] + " is for the CPU");
-  }
   const at::ScalarType dtype = dtype_name == "float16"    ? at::kHalf
                                : dtype_name == "bfloat16" ? at::kBFloat16
                                                           : at::kFloat;
