@@ -29,7 +29,9 @@ text encoder is not in that count: the official contestants run it on every call
 their rows, text_encoder_flops), the engine once per vocabulary. Writes JSON, markdown and a PNG bar chart to
 benchmarks/results/.
 --profile CONTESTANT... (default on a GPU: engine-bf16) adds where the time goes, by GPU kernel (torch.profiler), for
-those contestants; an engine is also profiled with its CUDA graphs off, whose kernels the profiler always sees.
+those contestants; an engine is also profiled with its CUDA graphs off, whose kernels the profiler always sees. The
+profiles are taken after every row is measured (the profiler's hooks may slow what runs after it), each contestant
+built again.
 """
 
 from __future__ import annotations
@@ -190,6 +192,7 @@ def official_fp32(official: OfficialDenseCLIP, x: torch.Tensor, mode: str, crop:
 
 def run(args: argparse.Namespace, device: torch.device, results: Results) -> None:
     tf32 = results.env["tf32"]
+    profiled: list[tuple[dict, str, Mode, tuple[int, ...], str]] = []  # (row, arch, mode, shape, contestant)
     for arch in args.archs:
         model, official = build(arch, args.classes, device)
         cfg = model.config
@@ -230,20 +233,41 @@ def run(args: argparse.Namespace, device: torch.device, results: Results) -> Non
                         r["text_encoder_flops"] = text_flops * calls
                     results.add(r)
                     bar_chart(results.rows, f"{results.stem}.png")
+                    if name in args.profile:
+                        profiled.append((r, arch, mode, tuple(shape), name))
+        del model, official
+    profile_after_measuring(args, profiled, device, results)
+
+
+def profile_after_measuring(args: argparse.Namespace, profiled: list[tuple[dict, str, Mode, tuple[int, ...], str]],
+                            device: torch.device, results: Results) -> None:  # fmt: skip
+    """Where the time goes, for the rows of the contestants asked for, once every row is measured: torch.profiler
+    (CUPTI on a GPU) may leave its hooks behind and slow the launches of whatever is timed after it. Each contestant is
+    built again (an engine runs the same kernels; a compiled one compiles again) on an input of the row's shape."""
+    for arch in dict.fromkeys(entry[1] for entry in profiled):
+        model, official = build(arch, args.classes, device)
+        crop, stride = model.config.slide_crop, model.config.slide_stride
+        for row, _, mode, shape, name in (entry for entry in profiled if entry[1] == arch):
+            print(f"{arch} {mode} {shape} {name}: profiling ...", flush=True)
+            official.to(device if runs_official(name) else "cpu")
+            try:
+                x = torch.randn(shape, device=device)
+                fn = contestant(name, model, official, device, mode, crop, stride)
+                row.update(where_the_time_goes(name, fn, model, official, device, mode, crop, stride, x))
+            except Exception as exc:  # the measurement stands without its profile
+                row["profile_error"] = failure(exc)
+            finally:
+                release(device)
+            results.save()
         del model, official
 
 
 def measure_contestant(name: str, args: argparse.Namespace, model: dcf.DenseCLIP, official: OfficialDenseCLIP,
                        device: torch.device, mode: Mode, crop: int, stride: int, x: torch.Tensor) -> dict:  # fmt: skip
-    """common.measure of one contestant, built here and dropped on return, with its profile if asked for."""
+    """common.measure of one contestant, built here and dropped on return (its profile, if asked for, is taken
+    after every measurement: profile_after_measuring)."""
     fn = contestant(name, model, official, device, mode, crop, stride)
-    r = measure(fn, x, args.repeats, device)
-    if name in args.profile:
-        try:
-            r.update(where_the_time_goes(name, fn, model, official, device, mode, crop, stride, x))
-        except Exception as exc:  # the measurement stands without its profile
-            r["profile_error"] = failure(exc)
-    return r
+    return measure(fn, x, args.repeats, device)
 
 
 def release(device: torch.device) -> None:
@@ -256,7 +280,7 @@ def release(device: torch.device) -> None:
 def where_the_time_goes(name: str, fn: Callable[[torch.Tensor], torch.Tensor], model: dcf.DenseCLIP,
                         official: OfficialDenseCLIP, device: torch.device, mode: Mode, crop: int, stride: int,
                         x: torch.Tensor) -> dict:  # fmt: skip
-    """{"profile": ``fn`` (the contestant as measured, not built again: a compile would recompile) by kernel}, and
+    """{"profile": ``fn`` (the contestant, built again after the measurements) by kernel}, and
     for an engine on CUDA {"profile_no_graphs": the same engine with its CUDA graphs off} (the kernels are the same;
     a graph replay may not be traced kernel by kernel)."""
     out = {"profile": profile_kernels(fn, x, device)}

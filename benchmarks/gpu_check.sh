@@ -173,9 +173,8 @@ ops() {  # the fused operators against eager and SDPA: the kernels issue's targe
   timed bench_host bench_host.txt python3 benchmarks/bench_host.py --out "$OUT"
 }
 
-e2e_rn50() {  # the engine issue's headline: RN50 512x512 batch 1 and 16 (torch.compile: compile_baselines);
-  # engine-bf16, which is profiled (torch.profiler), measured last in each batch's group: the profiler's CUPTI
-  # hooks may stay behind and slow the launches of what is measured after it
+e2e_rn50() {  # the engine issue's headline: RN50 512x512 batch 1 and 16 (torch.compile: compile_baselines); the
+  # profile of engine-bf16 (torch.profiler) is taken after every row is measured (bench_e2e.profile_after_measuring)
   timed "bench_e2e RN50 whole" bench_e2e_rn50_whole.txt \
     python3 benchmarks/bench_e2e.py --archs RN50 --modes whole --batches 1 16 --out "$OUT" --tag rn50_whole \
     --contestants official official-bf16 engine-fp32 engine-bf16
