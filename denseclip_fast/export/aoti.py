@@ -29,12 +29,10 @@ from ..checkpoints.io import excerpt
 from ..engine import Segmenter
 from ..engine.segmenter import no_tf32
 from ..model import DenseCLIP
+from ..ops.backends import MAX_GRID_Y
 from ..preprocess import CLIP_MEAN, CLIP_STD
 from .graphs import TRACE_BATCH, ImageGraph, check_image_size, output_path, write_file
 
-# CUDA's limit on a grid's second axis, which the fused attention's launches give images x heads
-# (ops/triton/attention.py MAX_GRID_Y): eager calls split a larger axis into launches, a compiled package cannot
-MAX_GRID_ROWS = 65535
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 PACKAGE_SUFFIX = ".pt2"  # what aoti_compile_and_package writes: a zip archive
 DEFAULT_MAX_BATCH = 64
@@ -93,10 +91,11 @@ def to_aoti(
         )
     config = seg.model.config
     heads = max(config.vision.heads, config.decoder.heads)
-    if max_batch * heads > MAX_GRID_ROWS:
+    # the fused attention's grid axis of images x heads: eager calls split a larger one into launches, a package not
+    if max_batch * heads > MAX_GRID_Y:
         raise ValueError(
-            f"max_batch must be <= {MAX_GRID_ROWS // heads} for this architecture, got {max_batch} (the fused "
-            f"attention runs images x {heads} heads on one grid axis of at most {MAX_GRID_ROWS} rows, which a package "
+            f"max_batch must be <= {MAX_GRID_Y // heads} for this architecture, got {max_batch} (the fused "
+            f"attention runs images x {heads} heads on one grid axis of at most {MAX_GRID_Y} rows, which a package "
             "cannot split as eager calls do)"
         )
     # default: the Segmenter's window (a DenseCLIP model's Segmenter has the model's), so that the package slides as

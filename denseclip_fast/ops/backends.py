@@ -24,6 +24,7 @@ ENV_VAR = "DENSECLIP_FAST_BACKEND"
 TRITON_HEAD_DIMS = (16, 32, 64, 128)
 TRITON_MIN_ARCH = 80  # Ampere: what the Triton kernels are compiled and sized for (ops/triton/aot.py)
 CUDA_MAX_HEAD_DIM = 128  # csrc/cuda/attention.cu kMaxD
+MAX_GRID_Y = 65535  # CUDA's limit on a grid's second axis, which the Triton attention's launches give batch x heads
 
 
 _memo: dict[Any, Any] = {}  # by hand rather than lru_cache: torch.compile traces plain dict lookups silently

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..backends import TRITON_HEAD_DIMS, gpu_arch, shared_memory_per_block
+from ..backends import MAX_GRID_Y, TRITON_HEAD_DIMS, gpu_arch, shared_memory_per_block
 from .common import cdiv, dot_in_f32, launch, next_power_of_2
 
 HEAD_DIMS = TRITON_HEAD_DIMS  # what the kernels are compiled for (aot.py) and tested at
@@ -224,9 +224,6 @@ def _blocks(
             else:
                 block_m, block_n = (block_m, block_n // 2) if streamed_m else (block_m // 2, block_n)
     return block_m, block_n
-
-
-MAX_GRID_Y = 65535  # CUDA's limit on a grid's second axis, which carries batch x heads
 
 
 def _bh_slices(bh: int | torch.SymInt) -> list[slice]:
