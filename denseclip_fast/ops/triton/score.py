@@ -579,7 +579,7 @@ def score_backward(
         else:
             gt_hat = partial if splits == 1 else partial.view(b, splits, k, c).sum(1)
     else:  # scale * sum_p G[b,k,p] v^[b,:,p], a batched matmul on the normalised map (float32 accumulation)
-        gt_hat = _bmm_float32(grad.reshape(b, k, p), _normalized_map(v, norm)) * scale  # (B, K, C)
+        gt_hat = _bmm_float32(g.reshape(b, k, p), _normalized_map(v, norm)) * scale  # (B, K, C)
         if shared:
             gt_hat = gt_hat.sum(0)  # one reduction over the whole GPU (a per-row sum in a kernel would run on K / 4)
     grad_text = torch.empty_like(t)
