@@ -193,12 +193,12 @@ class DenseCLIP(nn.Module):
 
     def _class_embeddings(self) -> torch.Tensor:
         """:meth:`class_embeddings` without the copy, for the forward, which does not write to it."""
+        if self.training or torch.compiler.is_compiling():  # no cache inside a compiled graph (its key reads pointers)
+            return self.text_encoder(self.class_tokens, self.contexts)
         params = [self.contexts, self.class_tokens, *self.text_encoder.parameters()]
         if (
-            self.training
             # a cache would be detached: an eval-mode fine-tuning step lost its gradients to the contexts
-            or (torch.is_grad_enabled() and any(p.requires_grad for p in params))
-            or torch.compiler.is_compiling()  # no cache inside a compiled graph (its key reads data pointers)
+            (torch.is_grad_enabled() and any(p.requires_grad for p in params))
             or any(p.is_inference() for p in params)  # made under inference_mode: no version counter to key on
         ):
             return self.text_encoder(self.class_tokens, self.contexts)
