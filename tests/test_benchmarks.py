@@ -226,6 +226,8 @@ def test_engine_targets():
 
 
 def test_relative_errors_compare_outputs_of_one_shape():
+    import math
+
     import pytest
     import torch
 
@@ -235,6 +237,13 @@ def test_relative_errors_compare_outputs_of_one_shape():
     assert abs(rel_err(torch.tensor([3.0, 5.0]), torch.tensor([3.0, 4.0])) - 0.2) < 1e-12
     with pytest.raises(ValueError, match=r"differ in shape: \(1, 2\) and \(2,\)"):
         rel_err(torch.ones(1, 2), torch.ones(2))  # broadcast, it was a number
+    # summed a chunk at a time (7 does not divide 5 x 6 x 11) as over the whole, in float64, for any layout
+    a, b = torch.randn(5, 6, 11), torch.randn(5, 11, 6).transpose(1, 2)
+    whole = ((a.double() - b.double()).norm() / b.double().norm()).item()
+    assert abs(rel_err(a, b, chunk=7) - whole) <= 1e-12 * whole
+    assert abs(rel_err(a.half(), b.bfloat16(), chunk=7) - rel_err(a.half(), b.bfloat16())) <= 1e-12
+    assert rel_err(torch.ones(3), torch.zeros(3)) == float("inf")
+    assert math.isnan(rel_err(torch.zeros(3), torch.zeros(3)))
 
 
 def test_results_name_the_code_that_made_them(tmp_path, monkeypatch):
