@@ -59,6 +59,7 @@ from denseclip_fast.train.optim import (
     param_groups,
     segmentation_loss,
     set_learning_rates,
+    short_run_warning,
 )
 
 from .conftest import ROOT, tiny_config
@@ -665,6 +666,23 @@ def test_a_group_under_min_lr_never_rises_above_its_base(arch_file, generic):
         assert rates[True] == 0.0 and rates[False] > 0
     small = 5e-7  # a base under min_lr: decays towards itself, i.e. stays at it after the warm-up
     assert learning_rate(small, 500, cfg) == pytest.approx(small) and learning_rate(small, 1000, cfg) == small
+
+
+def test_a_warm_up_that_keeps_the_rate_low_is_said(arch_file, generic, tmp_path, capsys):
+    """A preset's 1500 warm-up iterations with --iters 200: the rate peaks at 4% of lr (poly decays it before the
+    warm-up ends). The run says so on stderr; a run whose rate reaches half of lr says nothing."""
+    long = _config(arch_file, generic, "unused", lr=1e-4, iters=200, warmup_iters=1500, min_lr=1e-6)
+    peak = max(learning_rate(1e-4, it, long) for it in range(200))
+    assert peak < 0.05e-4
+    assert f"peaks at 4% of lr ({peak:.3g})" in short_run_warning(long)
+    assert short_run_warning(dataclasses.replace(long, iters=80_000)) is None  # the recipe: 98%
+    assert short_run_warning(dataclasses.replace(long, warmup_iters=0)) is None
+    assert short_run_warning(dataclasses.replace(long, iters=1500)) is not None  # 27%
+    assert short_run_warning(dataclasses.replace(long, iters=3000, warmup_iters=1500)) is None
+    train(_config(arch_file, generic, tmp_path / "run", iters=1, warmup_iters=5, checkpoint_interval=1))
+    assert "warning: with warmup_iters 5 and iters 1 the learning rate peaks at 0% of lr" in capsys.readouterr().err
+    train(_config(arch_file, generic, tmp_path / "other", iters=1, warmup_iters=0, checkpoint_interval=1))
+    assert "warning" not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("how", ["preset", "constructor", "file", "file_and_option", "preset_file_and_option"])

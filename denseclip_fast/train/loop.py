@@ -52,7 +52,7 @@ from ..model import DenseCLIP
 from .config import TrainConfig
 from .data import SegmentationData, TrainSampler
 from .evaluate import check_image_sizes, evaluate, results_json
-from .optim import freeze_text_encoder, make_optimizer, segmentation_loss, set_learning_rates
+from .optim import freeze_text_encoder, make_optimizer, segmentation_loss, set_learning_rates, short_run_warning
 
 LOSSES = ("loss", "loss_decode", "loss_aux")
 METRIC_COLUMNS = ["iter", *LOSSES, "lr", "images_per_s", "seconds"]
@@ -713,6 +713,9 @@ class Trainer:
             if finished is not None:
                 return finished
         cfg = self.cfg
+        short = short_run_warning(cfg)
+        if short is not None and rank == 0:
+            print(f"warning: {short}", file=sys.stderr)
         with (
             _distributed(cfg) as (rank, world, device),
             _cudnn_benchmark(cfg.cudnn_benchmark),
