@@ -465,7 +465,7 @@ TRAIN_OPTIONS = {  # command-line option -> (TrainConfig field, type)
     "arch": str, "data": str, "layout": str, "init": str, "iters": int, "batch_size": int, "accum": int, "crop": int,
     "lr": float, "seed": int, "device": str, "work_dir": str, "num_workers": int, "checkpoint_interval": int,
     "eval_interval": int, "log_interval": int, "amp": str, "ignore_index": int, "clip_activation": str,
-    "grad_checkpointing": bool, "sync_bn": bool,
+    "grad_checkpointing": bool, "sync_bn": bool, "warmup_iters": int,
 }  # fmt: skip
 IGNORE_HELP = "label value of ignored pixels (default 255; with 256+ classes in 16-bit labels, e.g. 65535)"
 
@@ -625,6 +625,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--accum", type=int, help="micro-batches per step (gradient accumulation)")
     tr.add_argument("--crop", type=int, help="training crop side (default: the architecture's, 512; 640 for ViT-B/16)")
     tr.add_argument("--lr", type=float)
+    tr.add_argument("--warmup-iters", dest="warmup_iters", type=int,
+                    help="linear warm-up iterations (default 1500, the recipe's; 0 for none)")  # fmt: skip
     tr.add_argument("--seed", type=int)
     tr.add_argument("--device")
     tr.add_argument("--work-dir", dest="work_dir")

@@ -680,7 +680,9 @@ def test_a_warm_up_that_keeps_the_rate_low_is_said(arch_file, generic, tmp_path,
     assert short_run_warning(dataclasses.replace(long, iters=1500)) is not None  # 27%
     assert short_run_warning(dataclasses.replace(long, iters=3000, warmup_iters=1500)) is None
     train(_config(arch_file, generic, tmp_path / "run", iters=1, warmup_iters=5, checkpoint_interval=1))
-    assert "warning: with warmup_iters 5 and iters 1 the learning rate peaks at 0% of lr" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "warning: with warmup_iters 5 and iters 1 the learning rate peaks at 0% of lr" in err
+    assert "(--warmup-iters N, or warmup_iters in the config file; 0 for none)" in err
     train(_config(arch_file, generic, tmp_path / "other", iters=1, warmup_iters=0, checkpoint_interval=1))
     assert "warning" not in capsys.readouterr().err
 
@@ -1147,9 +1149,10 @@ def test_config_files_and_errors(arch_file, generic, tmp_path, capsys):
     cfg.apply_arch_defaults()
     assert cfg.crop == 640
     assert main(["train", str(path), "--iters", "20", "--accum", "4", "--clip-activation", "gelu",
-                 "--print-config"]) == 0  # fmt: skip
+                 "--warmup-iters", "0", "--print-config"]) == 0  # fmt: skip
     printed = json.loads(capsys.readouterr().out)
     assert (printed["iters"], printed["accum"], printed["crop"], printed["img_scale"]) == (20, 4, 640, [2048, 640])
+    assert printed["warmup_iters"] == 0  # the preset's 1500, overridden
     assert printed["clip_activation"] == "gelu"
     switches = tmp_path / "switches.yaml"
     switches.write_text("sync_bn: true\ngrad_checkpointing: false\n")

@@ -74,7 +74,7 @@ def learning_rate(base: float, iteration: int, cfg: TrainConfig) -> float:
 
 
 def short_run_warning(cfg: TrainConfig, below: float = 0.5) -> str | None:
-    """A warning when the linear warm-up (``cfg.warmup_iters``, 1500 in the presets, settable in a config file) is
+    """A warning when the linear warm-up (``cfg.warmup_iters``, 1500 in the presets; ``--warmup-iters``) is
     so long against ``cfg.iters`` that the learning rate never reaches ``below`` x ``lr``: a ``--iters 200`` run on
     a preset peaks at 4% of it, one of 1500 iterations at 27% (80k, the recipe: 98%). None otherwise."""
     # the rate rises during the warm-up and only decays after it: its peak is at or before warmup_iters
@@ -83,7 +83,7 @@ def short_run_warning(cfg: TrainConfig, below: float = 0.5) -> str | None:
         return None
     return (f"with warmup_iters {cfg.warmup_iters} and iters {cfg.iters} the learning rate peaks at "
             f"{peak / cfg.lr:.0%} of lr ({peak:.3g}): the linear warm-up meets the poly decay; for a short run set "
-            "warmup_iters lower in a config file (e.g. warmup_iters: 0)")  # fmt: skip
+            "a shorter warm-up (--warmup-iters N, or warmup_iters in the config file; 0 for none)")  # fmt: skip
 
 
 def set_learning_rates(optimizer: torch.optim.Optimizer, iteration: int, cfg: TrainConfig) -> float:
