@@ -143,11 +143,14 @@ def test_the_triton_attention_takes_a_symbolic_batch_without_specialising_it():
     from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
 
     from denseclip_fast.ops.triton.attention import _bh_slices
+    from denseclip_fast.ops.triton.score import _batch_pieces
 
     env = ShapeEnv()
     b = env.create_symintnode(env.create_symbol(3, ConstantSource("b"), dynamic_dim=DimDynamic.DYNAMIC), hint=3)
     (piece,) = _bh_slices(b * 4)
     assert piece.start == 0 and piece.stop is not None and not env.guards
+    (piece,) = _batch_pieces(b)  # the score kernels' batch, likewise
+    assert piece.start == 0 and piece.stop is b and not env.guards
     assert _bh_slices(12) == [slice(0, 12)] and len(_bh_slices(70000)) == 2
 
 
@@ -343,6 +346,28 @@ def test_empty_backward_results_have_the_fake_kernels_layouts():
                                                                    1.0)  # fmt: skip
     assert (grad_visual.stride(), grad_text.stride()) == tuple(f.stride() for f in fakes)
     assert grad_text.is_contiguous() and torch.equal(grad_text, torch.zeros(5, 6, device=DEVICE))
+
+
+def test_empty_triton_backward_results_have_the_fake_kernels_layouts():
+    """The Triton backwards with nothing to differentiate (B = 0; Lq = 0 with keys) return zeros in the layouts
+    their fake kernels promise, as the C++ ones: the score's grad_text (5, 6) contiguous for a transposed text,
+    grad_visual in visual's score layout; the attention's dq, dk, dv contiguous for a transposed k and v."""
+    assert ops.backends.triton_available() is None
+    lib = torch.ops.denseclip_fast
+    visual = torch.randn(0, 6, 4, 3, device=DEVICE).transpose(2, 3)  # neither NCHW nor NHWC: made NCHW
+    text = torch.randn(6, 5, device=DEVICE).t()
+    grad = torch.randn(0, 5, 3, 4, device=DEVICE)
+    q = torch.randn(1, 2, 0, 16, device=DEVICE)
+    k, v = (torch.randn(1, 2, 16, 7, device=DEVICE).transpose(2, 3) for _ in range(2))
+    out, lse = torch.empty(1, 2, 0, 16, device=DEVICE), torch.empty(1, 2, 0, device=DEVICE)
+    calls = ((lib.pixel_text_score_backward_triton, (grad, visual, text, 1.0)),
+             (lib.context_attention_backward_triton, (out, q, k, v, out, lse)))  # fmt: skip
+    for op, args in calls:
+        real = op(*args)
+        with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+            fakes = op(*(mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in args))
+        assert [r.stride() for r in real] == [f.stride() for f in fakes], op
+        assert all(not r.any() for r in real)
 
 
 # (B, heads, Lq, Lk, D): one query, one key, odd lengths, several key blocks, every Triton head dim
@@ -725,6 +750,41 @@ def test_triton_attention_splits_a_batch_too_large_for_one_grid(monkeypatch):
 
     monkeypatch.setattr(attention, "MAX_GRID_Y", 2)
     _check_attention(*(torch.randn(5, 1, n, 16, device=DEVICE) for n in (9, 70, 70)), "triton")
+
+
+@pytest.mark.parametrize("text_batched", [False, True])
+@pytest.mark.parametrize("k", [7, 300])  # the fused backward and the GEMM one (past 256 classes)
+def test_triton_score_splits_a_batch_too_large_for_one_grid(monkeypatch, text_batched, k):
+    """More images than CUDA's 65535 grid rows (e.g. (N, C, 1, 1) region embeddings) run in pieces (the limit
+    lowered to 2 here, 5 images in 3 pieces): the forward and the backward as in one launch, score_concat too, with
+    and without the forward's outputs given to the backward."""
+    from denseclip_fast.ops.triton import score
+
+    visual = _visual(5, 24, 3, 5, "channels_last", torch.float32)
+    text = _text(5, k, 24, text_batched, torch.float32)
+    feature = torch.randn(5, 2, 3, 5, device=DEVICE)
+
+    def run():
+        v, t, f = _leaf(visual), _leaf(text), _leaf(feature)
+        out = ops.score_concat(f, v, t, 1.5, backend="triton")
+        out.backward(grad)
+        direct = torch.ops.denseclip_fast.pixel_text_score_backward_triton(grad[:, 2:], visual, text, 1.5)
+        return out.detach(), f.grad, v.grad, t.grad, *direct
+
+    grad = torch.randn(5, 2 + k, 3, 5, device=DEVICE)
+    whole = run()
+    launches = []
+    real = score.score_forward_into
+    monkeypatch.setattr(score, "MAX_BATCH", 2)
+    monkeypatch.setattr(score, "score_forward_into", lambda *a: launches.append(a[2].shape[0]) or real(*a))
+    pieces = run()
+    assert launches.count(2) >= 2 and launches.count(1) >= 1, launches
+    for got, want in zip(pieces[:3], whole[:3]):  # the forward, feature and pixel gradients: the same per image
+        assert torch.equal(got, want)
+    _check_close(pieces[2], pieces[4], torch.float32)  # the direct backward, which runs the forward itself
+    for got, want in ((pieces[3], whole[3]), (pieces[5], whole[5]), (pieces[3], pieces[5])):  # summed in another order
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert pieces[2].is_contiguous(memory_format=torch.channels_last)
 
 
 def test_triton_score_indexes_in_int64_past_int32_offsets(monkeypatch):

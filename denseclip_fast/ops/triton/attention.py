@@ -261,8 +261,10 @@ def attention_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     b, h, lq, d = q.shape
     lk = k.shape[2]
-    if q.numel() == 0:
-        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    if q.numel() == 0:  # the fake kernel's layouts (k and v need not be empty)
+        fmt = torch.contiguous_format
+        return (torch.zeros_like(q, memory_format=fmt), torch.zeros_like(k, memory_format=fmt),
+                torch.zeros_like(v, memory_format=fmt))  # fmt: skip
     q, k, v, out, do = q.contiguous(), k.contiguous(), v.contiguous(), out.contiguous(), grad_out.contiguous()
     lse = lse.contiguous()
     delta = torch.empty_like(lse)

@@ -37,9 +37,14 @@ import torch
 import triton
 import triton.language as tl
 
+from ..backends import MAX_GRID_Y
 from ..checks import check_like
 from ..library import empty_score, memory_format_of, score_memory_format
 from .common import cdiv, dot_in_f32, launch, next_power_of_2
+
+# Images per launch: the kernels' grids give the batch their second or third axis, which CUDA caps at 65535 (an
+# operator call with more, e.g. (N, C, 1, 1) region embeddings, runs in pieces of this many images).
+MAX_BATCH = MAX_GRID_Y
 
 EPS = 1e-12
 
@@ -407,6 +412,15 @@ def _forward_launch(
     return _ForwardLaunch(layout, v_strides, grid, constexprs, warps)
 
 
+def _batch_pieces(b: int | torch.SymInt) -> list[slice]:
+    """The batch in pieces of at most MAX_BATCH images (one piece in every realistic call). A symbolic batch
+    (torch.compile or AOTInductor tracing a dynamic batch) is one piece, as the attention's (a range over it would
+    specialise the trace to the batch traced)."""
+    if not isinstance(b, int):
+        return [slice(0, b)]
+    return [slice(start, min(start + MAX_BATCH, b)) for start in range(0, b, MAX_BATCH)] or [slice(0, 0)]
+
+
 def score_forward_into(
     out: torch.Tensor, norm: torch.Tensor, visual: torch.Tensor, text: torch.Tensor, scale: float
 ) -> None:
@@ -415,6 +429,11 @@ def score_forward_into(
     if out.numel() == 0:
         if norm.numel():  # no class (K = 0, which ops.* refuse; the operators take it): the norms all the same
             norm.copy_(torch.linalg.vector_norm(visual.float(), dim=1))
+        return
+    pieces = _batch_pieces(visual.shape[0])
+    if len(pieces) > 1:
+        for i in pieces:
+            score_forward_into(out[i], norm[i], visual[i], text if text.dim() == 2 else text[i], scale)
         return
     key = (tuple(visual.shape), visual.stride(), tuple(text.shape), tuple(out.shape), out.stride(), visual.dtype)
     try:
@@ -523,13 +542,23 @@ def score_backward(
     classes, a GEMM of G and the normalised map instead); the text normalisation's Jacobian."""
     b, _, h, w = visual.shape
     check_like(grad, (b, text.shape[-2], h, w), visual, "grad", what="the gradient of the (B, K, H, W) score")
-    if visual.numel() == 0:
-        return torch.zeros_like(visual), torch.zeros_like(text)
+    if visual.numel() == 0:  # the fake kernel's layouts
+        return (torch.zeros_like(visual, memory_format=score_memory_format(visual)),
+                torch.zeros_like(text, memory_format=torch.contiguous_format))  # fmt: skip
     if score is not None:
         check_like(score, grad.shape, grad, "score")
     if norm is not None:
         check_like(norm, (b, h, w), visual, "norm", torch.float32)
         norm = norm.contiguous()
+    pieces = _batch_pieces(b)
+    if len(pieces) > 1:
+        shared = text.dim() == 2
+        parts = [score_backward(grad[i], visual[i], text if shared else text[i], scale,
+                                None if score is None else score[i], None if norm is None else norm[i])
+                 for i in pieces]  # fmt: skip
+        grad_visual = torch.cat([gv for gv, _ in parts]).contiguous(memory_format=score_memory_format(visual))
+        texts = [gt for _, gt in parts]
+        return grad_visual, (torch.stack(texts).float().sum(0).to(text.dtype) if shared else torch.cat(texts))
     if score is None or norm is None:
         s_out, n_out = empty_score(visual, text.shape[-2]), empty_norm(visual)
         score_forward_into(s_out, n_out, visual, text, scale)
