@@ -48,11 +48,38 @@ def test_fp32_engine_equals_the_model(model):
 
 
 def test_bf16_engine_is_close(model):
+    """Within 2e-2 of the float32 model, on a model whose logits depend on the text path (random weights leave the
+    score channels without influence: with the contexts redrawn the logits moved by 1.3e-2, with gamma 0 by 1e-3,
+    both within the tolerance); here those changes move them by > 10 x 2e-2, so a bf16 engine that skipped the
+    context decoder or mis-embedded the classes fails."""
+    from benchmarks.official.model import weigh_score_channels_
+
+    model = copy.deepcopy(model)
+    weigh_score_channels_(model, size=64)
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         expected = model(x)
+        for change in (lambda m: m.gamma.zero_(), lambda m: m.contexts.normal_()):
+            changed = copy.deepcopy(model)
+            change(changed)
+            assert rel_err(changed(x), expected) > 0.1
     out = _engine(model, dtype=torch.bfloat16).logits(x)
     assert out.dtype == torch.float32 and rel_err(out, expected) < 2e-2
+
+
+def test_bf16_engine_resizes_its_logits_in_float32(model):
+    """The head's bfloat16 logits are cast to float32 before the bilinear resize to the input size (as the official
+    model's, and as the AOTInductor packages'); a resize in bfloat16 rounds the full-size logits (3e-3)."""
+    seg = _engine(model, dtype=torch.bfloat16)
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad(), seg._math():
+        small = seg._forward(x.to(torch.bfloat16, memory_format=torch.channels_last))
+    assert small.dtype == torch.bfloat16 and small.shape[2:] == (16, 24)
+    by_hand = F.interpolate(small.float(), size=(64, 96), mode="bilinear", align_corners=False)
+    in_bf16 = F.interpolate(small, size=(64, 96), mode="bilinear", align_corners=False).float()
+    out = seg.logits(x)
+    torch.testing.assert_close(out, by_hand, rtol=1e-6, atol=1e-6)
+    assert rel_err(in_bf16, by_hand) > 1e-3
 
 
 def test_a_half_precision_model_gets_float32_class_embeddings(model):
