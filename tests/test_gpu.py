@@ -208,11 +208,15 @@ def test_opencv_resizes_on_cuda_equal_the_cpu():
 
 @pytest.mark.parametrize("mode", ["whole", "slide"])
 def test_engine_on_cuda_matches_official(mode):
-    """The engine on CUDA (CUDA graphs on): float32 within 1e-4 and bfloat16 within 2e-2 of the official model;
-    one graph per input shape; set_classes reaches the captured graphs."""
+    """The engine on CUDA (CUDA graphs on): float32 within 1e-4 and bfloat16 within 2e-2 of the official model,
+    whose score channels are weighed so that its logits depend on the text path (with RN50's random weights alone
+    they moved by a few 1e-6 when the classes changed); one graph per input shape; set_classes reaches the captured
+    graphs."""
+    from benchmarks.official import weigh_score_channels_
     from denseclip_fast import DenseCLIP, Segmenter
 
     official = randomized(OfficialDenseCLIP(official_config("RN50"), NAMES)).eval()
+    weigh_score_channels_(official)
     model = DenseCLIP.from_arch("RN50", NAMES).eval()
     model.load_state_dict(official.state_dict())
     official = official.cuda()
@@ -265,6 +269,9 @@ def test_aoti_package_on_cuda(tmp_path, monkeypatch, backend):
         assert rel_err(pkg(x).float(), seg.logits(x)) <= 1e-5
 
 
+GRADIENT_GROUPS = ("contexts", "gamma", "context_decoder.", "backbone.", "neck.", "decode_head.")
+
+
 @pytest.mark.parametrize("backend", [None, "cuda"])
 @pytest.mark.parametrize("kind", ["resnet", "vit"])
 def test_bf16_training_step_on_cuda(monkeypatch, backend, kind):
@@ -293,12 +300,18 @@ def test_bf16_training_step_on_cuda(monkeypatch, backend, kind):
         with torch.autocast("cuda", dtype=torch.bfloat16):
             logits, aux = TrainStep(model)(x.contiguous(memory_format=torch.channels_last))
         segmentation_loss(logits, aux, label, cfg)["loss"].backward()
-        grads[name] = torch.cat([p.grad.flatten().float() for p in model.parameters() if p.grad is not None])
-    assert torch.isfinite(grads[backend]).all()
-    # bf16 noise alone: the same step on two CPU backends differs by 0.035-0.08 in these gradients (both are ~0.4
-    # from the float32 step: random weights, logits / 0.07); the operators' own backward is checked against float64
-    # per dtype by test_ops.py, this test is about the step running under autocast with finite, matching gradients
-    assert rel_err(grads[backend], grads["reference"]) <= 0.15
+        named = dict(model.named_parameters())
+        grads[name] = {group: torch.cat([p.grad.flatten().double() for n, p in named.items()
+                                         if n.startswith(group) and p.grad is not None])
+                       for group in GRADIENT_GROUPS}  # fmt: skip
+    # bf16 noise alone: the same step on two CPU backends differs by 0.01-0.05 per learning part (each is 0.02-0.5
+    # from the float32 step: random weights, logits / 0.07); a part whose gradient went missing is 1 off. The
+    # operators' own backward is checked against float64 per dtype by test_ops.py; this test is about the step
+    # running under autocast with finite gradients in every part, matching the reference backend's
+    for group in GRADIENT_GROUPS:
+        fused, reference = grads[backend][group], grads["reference"][group]
+        assert torch.isfinite(fused).all() and reference.norm() > 0, group
+        assert rel_err(fused, reference) <= 0.2, (group, rel_err(fused, reference))
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
