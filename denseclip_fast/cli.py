@@ -78,16 +78,27 @@ def _classes_for(model: Any, names: list[str], count_hint: str | None) -> list[s
 UNNAMED = "class"  # what a file that names no classes calls them where their names play no part
 
 
-def _load_model(path: str, unnamed: str) -> tuple[Any, bool]:
+def _load_model(path: str, unnamed: str, renamed: bool = False) -> tuple[Any, bool]:
     """load_checkpoint(path) for a command, and whether the file names its classes. A file that names none (a bare
     state dict whose head has other than ADE20K's 150 outputs) is loaded with its K classes called UNNAMED when
     ``unnamed`` is "" (info; --classes names them next; open-vocabulary scoring, where the head's names play no
-    part); else the error says to give their names with --classes, ``unnamed`` saying why they are needed."""
+    part); else the error says to give their names with --classes, ``unnamed`` saying why they are needed. A file
+    with 150 unnamed outputs gets ADE20K's names with a warning that points at --classes, or none when ``renamed``
+    (--classes gave the names, or the head's names play no part)."""
     from . import load_checkpoint
-    from .checkpoints import UnnamedClassesError
+    from .checkpoints import AssumedADE20KClasses, UnnamedClassesError
 
     try:
-        return load_checkpoint(path), True
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", AssumedADE20KClasses)  # the others as the caller's filters say
+            model = load_checkpoint(path)
+        for w in caught:
+            if not issubclass(w.category, AssumedADE20KClasses):
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+            elif not renamed:
+                warnings.warn(f"{path}: no class names in the file (meta['CLASSES']); assuming the 150 ADE20K "
+                              "classes (--classes names them)", stacklevel=1)  # fmt: skip
+        return model, True
     except UnnamedClassesError as exc:
         if unnamed:
             raise ValueError(f"{path}: the file names no classes and its head has {exc.outputs} outputs: give their "
@@ -243,7 +254,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         raise ValueError("--open-vocab needs --classes")
     given = _parse_classes(args.classes, distinct=args.open_vocab) if args.classes is not None else None
     why = "" if given is not None else "the labels and overlays are the trained head's"
-    model = _load_model(args.checkpoint, why)[0]
+    model = _load_model(args.checkpoint, why, renamed=given is not None)[0]
     names = None
     if given is not None:
         if args.open_vocab:
@@ -431,7 +442,8 @@ def cmd_export(args: argparse.Namespace) -> int:
             raise ValueError("--out is the engine file for --format tensorrt (e.g. model.engine); the ONNX graph is "
                              "written next to it with the .onnx suffix")  # fmt: skip
         check_writable_file(os.path.splitext(args.out)[0] + ".onnx", "--out's ONNX graph", create_parents=True)
-    model = _load_model(args.checkpoint, "" if names is not None else "the exported graphs carry them")[0]
+    model = _load_model(args.checkpoint, "" if names is not None else "the exported graphs carry them",
+                        renamed=names is not None)[0]  # fmt: skip
     if names is not None:
         model.set_classes(_classes_for(model, names, "the exported graphs keep the trained head (segment "
                                                      "--open-vocab scores any number of names)"))  # fmt: skip

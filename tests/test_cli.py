@@ -602,8 +602,17 @@ def test_warnings_print_as_one_line(tmp_path):
     assert result.returncode == 0, result.stderr
     warning = [line for line in result.stderr.splitlines() if "ADE20K" in line]
     assert warning == [f"denseclip-fast: warning: {path}: no class names in the file (meta['CLASSES']); assuming the "
-                       "150 ADE20K classes. Pass class_names=[...] to choose."], result.stderr  # fmt: skip
+                       "150 ADE20K classes (--classes names them)"], result.stderr  # fmt: skip
     assert "warnings.warn(" not in result.stderr
+    # names given with --classes: nothing assumed, nothing said (the Python API's hint, class_names=, was printed)
+    image = tmp_path / "a.png"
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(image)
+    names = ",".join(a + b for a in "bcdfghklmp" for b in "abcdefghijklmnopqrstuvwxyz")[: 150 * 3 - 1]  # 150 names
+    for command in (["segment", "--out", str(tmp_path / "out"), str(image)], ["export", "--format", "onnx", "--out",
+                                                                              str(tmp_path / "m.onnx")]):  # fmt: skip
+        args = [command[0], "--checkpoint", str(path), "--classes", names, *command[1:]]
+        result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+        assert result.returncode == 0 and "ADE20K" not in result.stderr, result.stderr
 
 
 def test_eval_of_a_split_without_labelled_pixels_writes_valid_json(checkpoint, data, tmp_path, capsys):

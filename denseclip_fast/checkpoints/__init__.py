@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from ..config import DenseCLIPConfig
     from ..model import DenseCLIP
 
-__all__ = ["CheckpointError", "ClassCountError", "UnnamedClassesError", "load_checkpoint"]
+__all__ = ["AssumedADE20KClasses", "CheckpointError", "ClassCountError", "UnnamedClassesError", "load_checkpoint"]
 
 
 class ClassCountError(ValueError):
@@ -36,6 +36,10 @@ class ClassCountError(ValueError):
     def __init__(self, given: int, outputs: int) -> None:
         self.given, self.outputs = given, outputs
         super().__init__(f"class_names has {given} names but the checkpoint's head has {outputs} outputs")
+
+
+class AssumedADE20KClasses(UserWarning):
+    """A file that names no classes, whose head has 150 outputs, was given ADE20K's 150 names (class_names=None)."""
 
 
 class UnnamedClassesError(CheckpointError):
@@ -194,6 +198,7 @@ def _official_names(meta: Mapping[str, Any], k: int, path: str) -> list[str]:
         warnings.warn(
             f"{path}: no class names in the file (meta['CLASSES']); assuming the 150 ADE20K classes. "
             "Pass class_names=[...] to choose.",
+            AssumedADE20KClasses,
             stacklevel=3,
         )
         return list(ADE20K_CLASSES)
