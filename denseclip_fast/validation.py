@@ -38,6 +38,15 @@ def check_int(name: str, value: object, minimum: int = 1, why: str = "") -> None
         raise ValueError(f"{name} must be an int >= {minimum}{why}, got {value!r}")
 
 
+def given_dtype(dtype: object) -> str:
+    """A wrong ``dtype`` argument as an error message shows it: a string (the command line's names) is said to be
+    one, with the torch.dtype to pass instead ("float32" printed bare read as one of the allowed values)."""
+    if isinstance(dtype, str):
+        hint = f"torch.{dtype}" if isinstance(getattr(torch, dtype, None), torch.dtype) else "a torch.dtype"
+        return f"the string {dtype!r} (pass {hint})"
+    return repr(dtype) if not isinstance(dtype, torch.dtype) else str(dtype)
+
+
 def check_device(text: str | torch.device, name: str = "device", present: bool = True) -> torch.device:
     """The torch device ``text`` names (a str or a torch.device), if this machine can run on it: the CPU, or a CUDA
     GPU that is present. ValueError naming ``name`` for an empty string, a string torch does not parse ("gpu"),

@@ -387,6 +387,12 @@ def test_bad_vocabularies_and_settings(model):
         Segmenter(model, device="cpu", mode="slide", crop=64, stride=100)
     with pytest.raises(ValueError, match="float16 needs a CUDA device"):
         Segmenter(model, device="cpu", dtype=torch.float16)
+    with pytest.raises(ValueError, match=re.escape("got the string 'float32' (pass torch.float32)")):
+        Segmenter(model, device="cpu", dtype="float32")  # printed bare, it read as one of the allowed values
+    with pytest.raises(ValueError, match=re.escape("got the string 'fp32' (pass a torch.dtype)")):
+        Segmenter(model, device="cpu", dtype="fp32")
+    with pytest.raises(ValueError, match=re.escape("got torch.float64")):
+        Segmenter(model, device="cpu", dtype=torch.float64)
     with pytest.raises(ValueError, match="mode must be 'whole' or 'slide'"):
         Segmenter(model, device="cpu", mode="tiles")
     with pytest.raises(ValueError, match="must be a denseclip_fast.DenseCLIP"):

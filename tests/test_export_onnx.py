@@ -238,6 +238,8 @@ def test_unsupported_export_requests_say_what_is_wrong(tiny, tmp_path):
         to_onnx(tiny, tmp_path / "x.onnx", graph="video")
     with pytest.raises(ValueError, match="dtype must be torch.float32 or torch.float16 for ONNX, got torch.bfloat16"):
         to_onnx(tiny, tmp_path / "x.onnx", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"got the string 'float16' \(pass torch.float16\)$"):  # no bfloat16 hint
+        to_onnx(tiny, tmp_path / "x.onnx", dtype="float16")
     with pytest.raises(ValueError, match="opset must be in 18..20, got 17"):
         to_onnx(tiny, tmp_path / "x.onnx", opset=17)
     with pytest.raises(ValueError, match=r"image_size must be 32 to 8192 on each side, got \(16, 16\)"):

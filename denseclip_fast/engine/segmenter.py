@@ -39,7 +39,7 @@ from ..model.denseclip import check_image_size, check_test_image_size
 from ..model.slide import slide_inference, window_sizes
 from ..model.text import check_class_names
 from ..preprocess import normalize, resize_keep_ratio
-from ..validation import check_device, check_int
+from ..validation import check_device, check_int, given_dtype
 from ..visualize import default_palette
 from ..visualize import overlay as blend
 from .cpu_linear import use_onednn_linears
@@ -169,7 +169,7 @@ class Segmenter:
         if self.device.type == "cuda" and self.device.index is None:  # the GPU current now, not at each call
             self.device = torch.device("cuda", torch.cuda.current_device())
         if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES}, got {dtype}")
+            raise ValueError(f"dtype must be one of {DTYPES}, got {given_dtype(dtype)}")
         if dtype == torch.float16 and self.device.type != "cuda":
             raise ValueError("dtype=torch.float16 needs a CUDA device; use float32 or bfloat16 on CPU")
         if mode not in ("whole", "slide"):

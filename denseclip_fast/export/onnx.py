@@ -33,6 +33,7 @@ from ..checkpoints.io import path_argument, written_atomically
 from ..model import DenseCLIP
 from ..preprocess import CLIP_MEAN, CLIP_STD
 from ..requirements import dotted, release_below
+from ..validation import given_dtype
 from .graphs import build_graph, check_image_size, example_inputs, output_path
 
 ONNX_DTYPES = (torch.float32, torch.float16)
@@ -127,10 +128,9 @@ def to_onnx(
         check_tensorrt: warn (``UserWarning``) about any node outside TensorRT's supported-operator list.
     """
     if dtype not in ONNX_DTYPES:
-        raise ValueError(
-            f"dtype must be torch.float32 or torch.float16 for ONNX, got {dtype} (for bfloat16, build a TensorRT "
-            "engine with bf16=True from the float32 graph)"
-        )
+        hint = " (for bfloat16, build a TensorRT engine with bf16=True from the float32 graph)"
+        raise ValueError(f"dtype must be torch.float32 or torch.float16 for ONNX, got {given_dtype(dtype)}"
+                         f"{hint if dtype == torch.bfloat16 else ''}")  # fmt: skip
     if opset not in OPSETS:
         raise ValueError(f"opset must be in {OPSETS.start}..{OPSETS.stop - 1}, got {opset!r}")
     if graph == "text" and image_size is not None:  # else accepted and ignored
