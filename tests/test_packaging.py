@@ -85,6 +85,40 @@ def test_pyproject_asks_pip_for_the_torch_the_import_check_accepts():
     assert f"torch>={floor}" in project["build-system"]["requires"]
 
 
+# modules the package imports without declaring their distribution, and why that is right
+UNDECLARED = {
+    "triton": "ships with the CUDA builds of torch; imported under try (the Triton backend)",
+    "protobuf": "onnx's own dependency, used with it (the export extra declares onnx)",
+}
+NOT_INSTALLED_HERE = {"tensorrt": "tensorrt"}  # module -> distribution, for the tensorrt extra
+
+
+def test_every_third_party_import_is_a_declared_dependency():
+    """Every package the code imports (YAML configs need PyYAML, which arrived only through open_clip's
+    huggingface_hub) is in pyproject's dependencies or an extra, save the UNDECLARED ones, each with its reason."""
+    import ast
+    import importlib.metadata
+
+    with open(Path(ROOT) / "pyproject.toml", "rb") as f:
+        project = tomllib.load(f)["project"]
+    requirements = project["dependencies"] + [r for extra in project["optional-dependencies"].values() for r in extra]
+    normal = lambda name: re.sub(r"[-_.]+", "-", name).lower()  # noqa: E731
+    declared = {normal(re.match(r"[A-Za-z0-9_.-]+", r).group()) for r in requirements}
+    modules = set()
+    for path in (Path(ROOT) / "denseclip_fast").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                modules |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                modules.add(node.module.split(".")[0])
+    third_party = sorted(m for m in modules if m not in sys.stdlib_module_names and m != "denseclip_fast")
+    assert {"torch", "numpy", "PIL", "yaml"} <= set(third_party)
+    distributions = importlib.metadata.packages_distributions()
+    for module in third_party:
+        names = distributions.get(module) or [NOT_INSTALLED_HERE[module]]
+        assert any(normal(n) in declared or normal(n) in UNDECLARED for n in names), (module, names)
+
+
 @pytest.mark.parametrize("versions", [{"onnx": "1.17.0", "onnxscript": "0.7.0"}, {"onnx": "1.23.1", "onnxscript":
                                       "0.10.1"}, {"onnx": "1.23.1", "onnxscript": "1.0.0.dev0"},
                                       {"onnx": "", "onnxscript": "", "onnxruntime": ""}])  # fmt: skip
