@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import importlib.util
 import json
 import os
@@ -61,6 +63,50 @@ def test_segment_writes_labels_and_overlays(checkpoint, images, tmp_path, mode):
         overlay = Image.open(out / f"{stem}_overlay.png")
         assert labels.shape == (source.height, source.width) and labels.max() < 4
         assert overlay.size == source.size and overlay.mode == "RGB"
+
+
+@pytest.fixture(scope="module")
+def varied(tmp_path_factory):
+    """(checkpoint path, model): random well-scaled weights whose labels depend on the text path (score channels
+    weighed as the benchmarks do), with 64-pixel slide windows on a 128 x 64 test scale, so that whole and slide
+    differ on the small test images."""
+    from benchmarks.official import weigh_score_channels_
+
+    from .conftest import randomized
+
+    torch.manual_seed(0)
+    config = dataclasses.replace(tiny_config("resnet"), test_scale=(128, 64), slide_crop=64, slide_stride=43)
+    model = randomized(DenseCLIP(config, NAMES)).eval()
+    weigh_score_channels_(model, size=64)
+    path = tmp_path_factory.mktemp("varied") / "varied.safetensors"
+    model.save(path)
+    return path, model
+
+
+def test_segment_labels_are_the_engines(varied, images, tmp_path):
+    """The label PNGs are the engine's predict in the mode asked (whole and slide differ here), with --classes'
+    names in place of the checkpoint's (they change almost every label)."""
+    from denseclip_fast import Segmenter
+    from denseclip_fast.preprocess import load_image
+
+    path, model = varied
+    written = {}
+    for mode, classes in (("whole", None), ("slide", None), ("slide", "sky,road,tree,grass")):
+        out = tmp_path / f"{mode}{classes is not None}"
+        extra = ["--classes", classes] if classes else []
+        assert main(["segment", "--checkpoint", str(path), "--mode", mode, "--out", str(out), *extra,
+                     *map(str, images)]) == 0  # fmt: skip
+        named = copy.deepcopy(model)
+        if classes:
+            named.set_classes(classes.split(","))
+        seg = Segmenter(named, device="cpu", dtype=torch.float32, mode=mode)
+        for image in images:
+            labels = np.asarray(Image.open(out / f"{image.stem}_labels.png"))
+            assert np.array_equal(labels, seg.predict(load_image(str(image)))[0].numpy()), (mode, classes, image)
+            written[mode, classes, image.stem] = labels
+    assert any(not np.array_equal(written["whole", None, i.stem], written["slide", None, i.stem]) for i in images)
+    assert all(not np.array_equal(written["slide", None, i.stem], written["slide", "sky,road,tree,grass", i.stem])
+               for i in images)  # fmt: skip
 
 
 def test_segment_takes_directories_and_any_io_threads(checkpoint, images, tmp_path):
