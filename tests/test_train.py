@@ -462,6 +462,34 @@ def test_scales_advice_passes_and_ints_past_float_are_refused():
         check_scales([2**1100], (2048, 600))
 
 
+def test_flip_and_scales_average_the_probabilities_they_name():
+    """Evaluation's test-time augmentation: with flip, the mean of the image's probabilities and those of its mirror
+    image mirrored back; with several scales, the mean of each scale's (which differ: each scale is its own). On a
+    model whose outputs vary over the image (a flipped prediction not mirrored back is 0.04 off)."""
+    from benchmarks.official import weigh_score_channels_
+    from denseclip_fast import DenseCLIP
+    from denseclip_fast.train.evaluate import predict_probabilities
+
+    from .conftest import NAMES, randomized
+
+    torch.manual_seed(0)
+    config = dataclasses.replace(tiny_config("resnet"), test_scale=(128, 64), slide_crop=64, slide_stride=43)
+    model = randomized(DenseCLIP(config, NAMES)).eval()
+    weigh_score_channels_(model, size=64)
+    image = np.random.default_rng(0).integers(0, 256, size=(37, 51, 3), dtype=np.uint8)
+    with torch.no_grad():
+        plain = predict_probabilities(model, image)
+        mirrored = predict_probabilities(model, np.ascontiguousarray(image[:, ::-1])).flip(-1)
+        assert (plain - mirrored).abs().max() > 0.02  # the model is not symmetric: the check below can fail
+        torch.testing.assert_close(predict_probabilities(model, image, flip=True), (plain + mirrored) / 2,
+                                   rtol=0, atol=1e-6)  # fmt: skip
+        half, whole = (predict_probabilities(model, image, mode="whole", scales=(r,)) for r in (0.5, 1.0))
+        assert (half - whole).abs().max() > 0.02
+        torch.testing.assert_close(predict_probabilities(model, image, mode="whole", scales=(0.5, 1.0)),
+                                   (half + whole) / 2, rtol=0, atol=1e-6)  # fmt: skip
+        assert torch.allclose(plain.sum(0), torch.ones(37, 51))
+
+
 @pytest.mark.slow
 def test_channels_last_training_matches_nchw_and_resumes(arch_file, generic, tmp_path):
     """channels_last (the default on CUDA, forced here on the CPU): the same losses and weights as NCHW up to
