@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import re
 import threading
+import time
 import warnings
 
 import numpy as np
@@ -321,10 +322,29 @@ def test_16_bit_pil_images_keep_their_high_byte(model, tmp_path):
         assert torch.equal(seg.logits(load_image(tmp_path / name)), expected), name
 
 
-def test_threads_take_turns(model):
+def test_threads_take_turns(model, monkeypatch):
+    """Threads sharing a Segmenter run its forwards one at a time (the lock: on CUDA the graphs' static buffers are
+    shared), each getting its own input's logits. On a CPU the results would agree without the lock too, so the
+    forward counts the calls inside it at once (each lingers 20 ms)."""
     seg = _engine(model)
     xs = [torch.randn(1, 3, 64, 64) for _ in range(4)]
     expected = [seg.logits(x) for x in xs]
+    inside, most, count = 0, 0, threading.Lock()
+    forward = seg.model.logits_for
+
+    def lingering(*args, **kwargs):
+        nonlocal inside, most
+        with count:
+            inside += 1
+            most = max(most, inside)
+        try:
+            time.sleep(0.02)
+            return forward(*args, **kwargs)
+        finally:
+            with count:
+                inside -= 1
+
+    monkeypatch.setattr(seg.model, "logits_for", lingering)
     results: dict[int, torch.Tensor] = {}
     threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, seg.logits(xs[i]))) for i in range(4)]
     for t in threads:
@@ -332,6 +352,7 @@ def test_threads_take_turns(model):
     for t in threads:
         t.join()
     assert all(torch.equal(results[i], expected[i]) for i in range(4))
+    assert most == 1
 
 
 @pytest.mark.parametrize(
