@@ -564,3 +564,41 @@ def test_the_triton_operators_translate_to_standard_onnx():
                     ops.pixel_text_score(*args[1:], 0.5, backend="reference"))  # fmt: skip
     for actual, wanted in zip(outputs, expected):
         assert rel_err(torch.from_numpy(actual), wanted) < 1e-6
+
+
+def test_float16_graphs_compute_the_fused_operators_in_float32():
+    """A float16 graph's fused operators compute in float32, as the kernels do: 1024 channels of about 10 sum to
+    1e5 squares, and queries and keys of about 32 over 64 channels have products near 65536, past float16's 65504.
+    The scores and the attention come out finite and as the float64 reference says, to float16's precision."""
+    from denseclip_fast import ops
+    from denseclip_fast.export.onnx_ops import translation_table
+
+    backend = "cpu" if ops.extension_available() else "triton"
+    if backend == "triton" and ops.backends.triton_available() is not None:
+        pytest.skip("neither the C++ extension nor Triton: no fused operator to trace")
+
+    class Fused(torch.nn.Module):
+        def forward(self, visual, text, q, k, v):
+            return (ops.pixel_text_score(visual, text, 3.0, backend=backend),
+                    ops.context_attention(q, k, v, backend=backend))  # fmt: skip
+
+    gen = torch.Generator().manual_seed(0)
+    visual = 10 * torch.randn(2, 1024, 3, 5, generator=gen, dtype=torch.float64)
+    text = 10 * torch.randn(7, 1024, generator=gen, dtype=torch.float64)
+    q, k = (32 + torch.randn(1, 2, n, 64, generator=gen, dtype=torch.float64) for n in (5, 9))
+    v = torch.randn(1, 2, 9, 64, generator=gen, dtype=torch.float64)
+    args = tuple(a.half() for a in (visual, text, q, k, v))
+    assert torch.isinf((visual.half().float() ** 2).sum(1).half()).all()  # the sums float16 cannot hold
+    assert torch.isinf((q.half().float() @ k.half().float().transpose(2, 3)).half()).any()
+    program = torch.onnx.export(Fused().eval(), args, dynamo=True, custom_translation_table=translation_table(),
+                                opset_version=18)  # fmt: skip
+    graph = program.model_proto
+    session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    scores, attended = session.run(None, {i.name: a.numpy() for i, a in zip(graph.graph.input, args)})
+    assert scores.dtype == attended.dtype == np.float16
+    rounded = [a.double() for a in args]  # the float16 inputs, exactly
+    expected = (ops.reference.pixel_text_score(*rounded[:2], 3.0),
+                torch.nn.functional.scaled_dot_product_attention(*rounded[2:]))  # fmt: skip
+    for actual, wanted in zip((scores, attended), expected):
+        actual = torch.from_numpy(actual)
+        assert torch.isfinite(actual).all() and rel_err(actual, wanted) < 2e-3, rel_err(actual, wanted)
