@@ -668,12 +668,16 @@ def test_torchscript_nesting_and_cycles_are_read_without_recursion(tmp_path):
     [
         (b"", "the file is empty"),
         (b"hello, this is text\n", "not a checkpoint: unrecognised format"),
+        (b"\x08\n\x12\x07pytorch\x1a\x052.14", r"this looks like an ONNX graph \(export --format onnx\), not a"),
     ],
 )
 def test_non_checkpoints(tmp_path, content, match):
     path = tmp_path / "file.pth"
     path.write_bytes(content)
     with pytest.raises(CheckpointError, match=match):
+        dcf.load_checkpoint(path)
+    path = path.rename(tmp_path / "file.onnx")  # an ONNX graph by name, whatever its first bytes say
+    with pytest.raises(CheckpointError, match="the file is empty" if not content else "looks like an ONNX graph"):
         dcf.load_checkpoint(path)
 
 

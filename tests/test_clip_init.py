@@ -187,6 +187,12 @@ def test_mismatched_clip_weights_are_refused(tmp_path):
     torch.save({"model": torch.zeros(3)}, junk)
     with pytest.raises(CheckpointError, match="not CLIP weights"):
         read_clip_state_dict(junk)
+    denseclip = tmp_path / "denseclip.safetensors"  # a DenseCLIP checkpoint given where CLIP weights go (--init)
+    DenseCLIP(tiny_config("resnet"), NAMES).save(denseclip)
+    torch.save({"state_dict": DenseCLIP(tiny_config("resnet"), NAMES).state_dict()}, tmp_path / "mmcv.pth")
+    for path in (denseclip, tmp_path / "mmcv.pth"):
+        with pytest.raises(CheckpointError, match="this is a DenseCLIP checkpoint, not CLIP weights"):
+            read_clip_state_dict(path)
     sd = _open_clip("resnet", 64).state_dict()
     sd["visual.extra.weight"] = torch.zeros(1)
     torch.save(sd, junk)

@@ -89,6 +89,15 @@ def test_a_half_precision_package_computes_the_segmenters_float32_logits(model, 
 
 
 @pytest.mark.slow
+def test_a_package_given_as_a_checkpoint_is_named(package):
+    """A .pt2 where a checkpoint goes (info, segment --checkpoint) is said to be a package, with what to do: it was
+    "could not be read as a torch file (RuntimeError: PytorchStreamReader failed locating file data)"."""
+    import denseclip_fast as dcf
+
+    with pytest.raises(dcf.CheckpointError, match="this is an AOTInductor package .*, not a checkpoint: run it with"):
+        dcf.load_checkpoint(package)
+
+
 def test_package_rejects_what_it_was_not_compiled_for(package, tmp_path):
     pkg = load_aoti(package)
     with pytest.raises(ValueError, match=r"x must be \(B, 3, 64, 96\), got \(1, 3, 64, 64\)"):

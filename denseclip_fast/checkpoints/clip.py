@@ -21,6 +21,7 @@ import torch
 
 from ..model.resnet import resize_positional_grid
 from .io import CheckpointError, read_weight_file
+from .native import is_native
 from .official import key_listing, square_grid, state_problems
 
 if TYPE_CHECKING:
@@ -45,6 +46,10 @@ def read_clip_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor
     if sd and all(k.startswith("module.") for k in sd):
         sd = {k[len("module."):]: v for k, v in sd.items()}
     if "visual.conv1.weight" not in sd or "token_embedding.weight" not in sd:
+        if is_native(wf.metadata or {}) or any(k.startswith(("backbone.", "text_encoder.")) for k in sd):
+            raise CheckpointError(path, "this is a DenseCLIP checkpoint, not CLIP weights (OpenAI .pt, open_clip), "
+                                        "which a fine-tuning run starts from; to go on with a run, resume it "
+                                        "(--resume)")  # fmt: skip
         raise CheckpointError(path, "not CLIP weights: no 'visual.conv1.weight' or 'token_embedding.weight'")
     return sd
 

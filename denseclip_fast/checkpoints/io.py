@@ -173,6 +173,10 @@ def read_weight_file(path: str | os.PathLike[str]) -> WeightFile:
         head = f.read(16)
     if head[:4] == b"PK\x03\x04":
         entries = _zip_entries(path)
+        if entries is not None and any("/data/aotinductor/" in f"/{e.filename}" for e in entries):
+            raise CheckpointError(path, "this is an AOTInductor package (export --format aoti, to_aoti), not a "
+                                        "checkpoint: run it with denseclip_fast.export.load_aoti or the C++ runner, or "
+                                        "give the checkpoint it was exported from")  # fmt: skip
         if entries is not None and _is_torchscript(entries):
             return WeightFile("torchscript", tensors=_read_torchscript(path, size))
         for entry in entries or ():  # torch.save writes every entry stored; torch.load would inflate any other
@@ -192,6 +196,12 @@ def read_weight_file(path: str | os.PathLike[str]) -> WeightFile:
                                         f"but the file has {size} bytes in all")  # fmt: skip
     if head[:1] == b"\x80":  # a pickle protocol marker: torch.save's legacy format
         return WeightFile("torch", obj=_checked_views(_torch_load(path, size), path))
+    if head[:1] == b"\x08" and head[2:3] == b"\x12" or path.lower().endswith(".onnx"):  # ModelProto's ir_version,
+        # then its producer_name: what every ONNX exporter writes first
+        raise CheckpointError(
+            path, "this looks like an ONNX graph (export --format onnx), not a checkpoint: run it with ONNX Runtime "
+            "or TensorRT, or give the checkpoint it was exported from"
+        )
     raise CheckpointError(
         path, f"not a checkpoint: unrecognised format (first bytes {head[:8]!r}); expected a torch .pth/.pt file, "
         "a TorchScript archive or a .safetensors file"
