@@ -681,6 +681,19 @@ def test_non_checkpoints(tmp_path, content, match):
         dcf.load_checkpoint(path)
 
 
+@pytest.mark.parametrize("zip_format", [True, False])
+def test_a_torch_file_of_pickle_protocol_4_is_named_as_such(tmp_path, zip_format):
+    """torch's safe loader cannot read protocol 4's framing: the file is said to be of that protocol, with what to do
+    (it read as holding "objects other than tensors ... or its pickle is malformed (Unsupported operand 149)"), and
+    torch's warning asking to file an issue is not passed on."""
+    path = tmp_path / "p4.pth"
+    torch.save({"w": torch.zeros(2)}, path, pickle_protocol=4, _use_new_zipfile_serialization=zip_format)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(CheckpointError, match=r"written with pickle protocol 4 or later \(torch.save's pickle_pro"):
+            dcf.load_checkpoint(path)
+
+
 def test_safetensors_file_cut_inside_its_header(tmp_path, native_file):
     """Was "not a checkpoint: unrecognised format" (the header length said more bytes than the file has)."""
     data = native_file.read_bytes()

@@ -28,6 +28,7 @@ import re
 import stat
 import struct
 import uuid
+import warnings
 import zipfile
 import zlib
 from collections import OrderedDict
@@ -226,12 +227,23 @@ def _numpy_safe_globals() -> list[Any]:
     return items
 
 
+FRAME = pickle.FRAME[0]  # protocol 4's framing opcode (149), which torch's weights-only unpickler does not take
+
+
 def _torch_load(path: str, size: int) -> Any:
     try:
-        with torch.serialization.safe_globals(_numpy_safe_globals()):
+        with torch.serialization.safe_globals(_numpy_safe_globals()), warnings.catch_warnings():
+            # its advice to file an issue for a pickle protocol past 2; what fails is said below
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        if not found and f"Unsupported operand {FRAME}" in str(exc):
+            raise CheckpointError(
+                path, "not readable safely: a torch file written with pickle protocol 4 or later (torch.save's "
+                "pickle_protocol), whose framing torch's safe loader does not read; if you trust the file, re-save "
+                "it with torch.save's default protocol in a trusted environment"
+            ) from None
         if not found:  # torch's message advises weights_only=False: only its own reason is kept
             inner = re.search(r"WeightsUnpickler error:\s*(.*?)\s*(?:Check the documentation|$)", str(exc), re.DOTALL)
             detail = f" ({excerpt(inner.group(1))})" if inner else ""
