@@ -179,6 +179,8 @@ def _output_stems(files: Sequence[str]) -> list[str]:
     stems = []
     for path in files:
         stem = os.path.splitext(os.path.basename(path))[0]
+        if stem in seen and os.path.realpath(seen[stem]) == os.path.realpath(path):
+            raise ValueError(f"{path} is given twice")
         if stem in seen:
             raise ValueError(f"{seen[stem]} and {path} would both write {stem}_labels.png; rename one or segment "
                              "them in separate runs")  # fmt: skip
@@ -500,11 +502,14 @@ def cmd_train(args: argparse.Namespace) -> int:
             setattr(cfg, name, value)
     if args.print_config:
         # what train runs first (it fills the sizes the run would use): a config it would refuse is not printed,
-        # but one without --data is (a template to fill in)
+        # but one without --data is (a template to fill in); torchrun's variables are checked as train checks them
+        from .train.loop import launch_environment
+
+        launch_environment()
         cfg.validate(template=True)
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
-    if cfg.init == "none" and args.resume is None:
+    if cfg.init == "none" and args.resume is None and os.environ.get("RANK", "0") in ("", "0"):  # once, on rank 0
         warnings.warn("training from random weights (init: none): DenseCLIP fine-tunes CLIP, so a real run starts "
                       "from CLIP weights (--init PATH)", stacklevel=1)  # fmt: skip
     result = train(cfg, resume=args.resume)

@@ -131,6 +131,9 @@ def test_segment_refuses_bad_image_lists_before_any_work(checkpoint, images, tmp
     assert main([*base, str(images[0]), str(other / "a.jpg")]) == 2
     err = capsys.readouterr().err
     assert f"{images[0]} and {other / 'a.jpg'} would both write a_labels.png" in err and err.count("\n") == 1
+    again = images[0].parent / ".." / images[0].parent.name / "a.png"  # the same file by another path
+    assert main([*base, str(images[0]), str(again)]) == 2
+    assert capsys.readouterr().err == f"denseclip-fast: error: {again} is given twice\n"
     assert main([*base, str(tmp_path / "missing.png")]) == 2
     assert "missing.png: no such image file or directory" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
@@ -854,6 +857,9 @@ def test_training_from_random_weights_is_warned(tmp_path, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         main([*args, "--resume", "auto"])
+        monkeypatch.setenv("RANK", "1")  # torchrun's other processes: said once, by rank 0
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        main(args)
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")

@@ -1538,6 +1538,8 @@ def test_torchrun_variables_are_checked_naming_the_variable(arch_file, generic, 
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"denseclip-fast: error: environment variable {message}"), err
     assert not os.path.exists(tmp_path / "w")
+    assert main(["train", "--arch", arch_file, "--print-config"]) == 2  # it prints only what train would start
+    assert capsys.readouterr().err.startswith(f"denseclip-fast: error: environment variable {message}")
 
 
 def test_torchrun_variables_that_are_consistent_are_read():
@@ -1809,8 +1811,8 @@ def test_a_file_where_a_directory_belongs_and_back_is_named_as_such(arch_file, g
     shutil.copytree(generic, tmp_path / "data")
     shutil.rmtree(tmp_path / "data" / "images")
     (tmp_path / "data" / "images").write_text("")
-    with pytest.raises(ValueError, match=rf"^{re.escape(str(tmp_path / 'data' / 'images'))} is not a directory \(see "
-                                         r"the data layout"):  # fmt: skip
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(tmp_path / 'data' / 'images'))} is not a directory \(the "
+                                         r"layouts: README.md, Training, Data\)$"):  # fmt: skip
         find_samples(str(tmp_path / "data"), "generic", "train")
     assert main(["train", "--arch", arch_file, "--data", generic, "--layout", "generic", "--device", "cpu",
                  "--work-dir", str(tmp_path / "w"), "--resume", str(tmp_path)]) == 2  # fmt: skip

@@ -166,7 +166,7 @@ def read_weight_file(path: str | os.PathLike[str]) -> WeightFile:
     if not os.path.exists(path):
         raise CheckpointError(path, "no such file")
     if not os.path.isfile(path):
-        raise CheckpointError(path, "not a file")
+        raise CheckpointError(path, "a directory, not a checkpoint file" if os.path.isdir(path) else "not a file")
     size = os.path.getsize(path)
     if size == 0:
         raise CheckpointError(path, "the file is empty")

@@ -78,7 +78,7 @@ def _names_in(folder: str, suffixes: Sequence[str]) -> dict[str, str]:
     a dot: macOS's ._NAME.png resource forks) left out; two files of one NAME (a.jpg and a.png, a.png and a.PNG)
     are refused: which one a sample takes would be a guess."""
     if not os.path.isdir(folder):
-        raise ValueError(f"{folder} {not_a_directory(folder)} (see the data layout in denseclip_fast.train.data)")
+        raise ValueError(f"{folder} {not_a_directory(folder)} (the layouts: README.md, Training, Data)")
     paths: dict[str, str] = {}
     for file in sorted(os.listdir(folder)):
         if file.lower().endswith(tuple(suffixes)) and not file.startswith("."):
