@@ -498,9 +498,9 @@ def test_channels_last_training_matches_nchw_and_resumes(arch_file, generic, tmp
     train(_config(arch_file, generic, tmp_path / "nchw", channels_last=False))
     train(_config(arch_file, generic, tmp_path / "nhwc", channels_last=True))
     losses = [[float(r["loss"]) for r in _metrics(tmp_path / run)] for run in ("nchw", "nhwc")]
-    # summation-order noise, grown by three Adam steps (1.4e-4 at the fourth loss observed, with conv_seg at PyTorch's
-    # default initialisation)
-    assert len(losses[0]) == 4 and losses[1] == pytest.approx(losses[0], rel=5e-4)
+    # summation-order noise, grown by three Adam steps (at the fourth loss 1.4e-4 observed with torch 2.14, 8.9e-4
+    # with torch 2.11, the GPU machine's; conv_seg at PyTorch's default initialisation)
+    assert len(losses[0]) == 4 and losses[1] == pytest.approx(losses[0], rel=2e-3)
     a, b = _final(tmp_path / "nchw", 4).state_dict(), _final(tmp_path / "nhwc", 4).state_dict()
     # over all tensors at once: Adam turns summation-order noise in near-zero gradients (biases of ~1e-11) into
     # lr-sized steps, so single tiny tensors differ relatively much (2e-4 over all of them, observed)
