@@ -830,7 +830,7 @@ def test_triton_attention_blocks_fit_the_gpu_shared_memory():
     for kind in attention.KINDS:
         for d in attention.HEAD_DIMS:
             preferred, f32 = attention._blocks(150, d, kind), attention._blocks(150, d, kind, f32=True)
-            assert f32[0] <= preferred[0] and f32[1] == attention.F32_BLOCK_N <= preferred[1]
+            assert f32[0] <= preferred[0] and f32[1] <= attention.F32_BLOCK_N <= preferred[1]
             assert attention._blocks(150, d, kind, f32=True, smem=h200) == f32  # no shrinking on the H200
             assert attention._blocks(150, d, kind, f32=False, smem=rtx4090) == preferred
             for smem in (a100, rtx4090, 65536):
@@ -838,7 +838,8 @@ def test_triton_attention_blocks_fit_the_gpu_shared_memory():
                 assert attention.smem_estimate(kind, d, bm, bn) <= attention.SMEM_SHARE * smem, (kind, d, smem)
                 assert 16 <= bm <= f32[0] and 16 <= bn <= f32[1]
     assert attention._blocks(150, 128, "fwd", f32=True, smem=rtx4090) != attention._blocks(150, 128, "fwd", f32=True)
-    assert attention._blocks(150, 128, "dq", f32=True, smem=rtx4090) != attention._blocks(150, 128, "dq", f32=True)
+    assert attention._blocks(150, 128, "dq", f32=True, smem=rtx4090) == attention._blocks(150, 128, "dq", f32=True)
+    assert attention._blocks(150, 128, "dq", f32=True) == (32, 16)  # 68 KB: fits every GPU as it is
     assert attention._blocks(5, 64, "fwd") == (16, 64)  # few queries: a smaller query block
     assert [attention.num_warps(kind, False) for kind in attention.KINDS] == [4, 8, 8]
     assert {attention.num_warps(kind, True) for kind in attention.KINDS} == {8}
@@ -848,12 +849,12 @@ def test_triton_attention_blocks_fit_the_gpu_shared_memory():
 
 @pytest.mark.parametrize("d", [64, 128])
 def test_triton_attention_at_the_blocks_of_a_smaller_gpu(monkeypatch, d):
-    """float32 forward and backward at the shrunk blocks of a 64 KB GPU (16 to 64 rows, unequal BLOCK_M and BLOCK_N,
+    """float32 forward and backward at the shrunk blocks of a 48 KB GPU (16 to 64 rows, unequal BLOCK_M and BLOCK_N,
     fwd/dkdv/dq each their own) against the reference."""
     from denseclip_fast.ops.triton import attention
 
-    monkeypatch.setattr(attention, "shared_memory_per_block", lambda device: 65536)
-    assert any(attention._blocks(40, d, kind, True, 65536) != attention._blocks(40, d, kind, True)
+    monkeypatch.setattr(attention, "shared_memory_per_block", lambda device: 49152)
+    assert any(attention._blocks(40, d, kind, True, 49152) != attention._blocks(40, d, kind, True)
                for kind in attention.KINDS)  # fmt: skip
     _check_attention(*(torch.randn(1, 2, n, d, device=DEVICE) for n in (40, 70, 70)), "triton")
 

@@ -29,8 +29,53 @@ def test_triton_kernels_compile_for_sm90_and_fit_smaller_gpus():
     # does): the blocks and warps the launchers choose are spill-free there
     assert all(" registers, " in line for line in lines), lines
     assert all(" 0 B spilled" in line for line in lines if line.startswith("sm_90")), lines
+    # also as Triton's JIT compiles the launches (unit strides constexpr, aligned pointers and ints divisible by 16)
+    jit = {tuple(line.split(":")[0].split()[:2]) for line in lines if " jit" in line.split(":")[0]}
+    for kernel in ("score_fwd", "score_bwd", "score_bwd_pixels", "attn_fwd", "attn_delta", "attn_dkdv", "attn_dq"):
+        assert ("sm_90", kernel) in jit, lines
+    assert {("sm_86", kernel) for kernel in ("score_fwd", "score_bwd", "attn_fwd", "attn_dkdv", "attn_dq")} <= jit
     # the blocks that differ from sm_90's: float32 forward and dq at D=128 on sm_86 (99 KB)
     assert {("sm_86", "attn_fwd"), ("sm_86", "attn_dq")} <= labels
+
+
+# Compares aot.jit_specialize with what Triton's JIT binds for the same launch arguments (tensors as CPU tensors).
+_JIT_RULES = """
+import torch
+from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import CUDABackend
+from triton.runtime.jit import create_function_from_signature
+
+from denseclip_fast.ops.triton import aot
+
+backend = CUDABackend(GPUTarget("cuda", 90, 32))
+dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+calls = []
+jit_specialize = aot.jit_specialize
+aot.jit_specialize = lambda fn, args, const: calls.append((fn, args, const)) or jit_specialize(fn, args, const)
+specs = [aot._jit_score("bf16", 150, "nhwc"), aot._jit_score_backward("fp32", 150, "nchw"),
+         aot._jit_score_backward("bf16", 300, "nhwc"), aot._jit_score_backward_pixels("fp16", "nhwc"),
+         aot._jit_score_text("bf16", "grad"), aot._jit_attention("fp32", 64, "dkdv", 150, 1601)]
+for (label, _, sig, const, options, attrs), (fn, args, constexprs) in zip(specs, calls):
+    real = {name: torch.empty(8, dtype=dtypes[a[1:]]) if isinstance(a, str) else a for name, a in args.items()}
+    bound, specialization, opts = create_function_from_signature(fn.signature, fn.params, backend)(
+        **real, **constexprs, **options)
+    _, jit_sig, jit_const, jit_attrs = fn._pack_args(backend, {**constexprs, **options}, bound, specialization, opts)
+    assert jit_sig == sig, (label, jit_sig, sig)
+    assert {fn.arg_names[i]: v for (i,), v in jit_const.items()} == const, (label, jit_const, const)
+    assert {k: v for k, v in jit_attrs.items() if v} == attrs, (label, jit_attrs, attrs)
+    print(label, "as the JIT")
+"""
+
+
+def test_aot_specializes_as_triton_jit():
+    """aot.jit_specialize builds the signature, constexprs and attributes that Triton's JIT builds at a launch with
+    the same arguments (an int equal to 1 a constexpr, tt.divisibility=16 on aligned pointers and multiples of 16)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", _JIT_RULES], capture_output=True, text=True, env=env)
+    if result.returncode != 0 and result.stderr.strip().splitlines()[-1].startswith(("ImportError", "AttributeError")):
+        pytest.skip("this Triton binds launch arguments otherwise (no create_function_from_signature or _pack_args)")
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.count(" as the JIT") == 6, result.stdout
 
 
 def test_torch_compile_never_copies_an_operator_input():

@@ -186,8 +186,10 @@ def smem_estimate(kind: str, d: int, block_m: int, block_n: int) -> int:
     return int(4 * (4.25 * d * loop + (1 if kind == "fwd" else 2) * d * held + block_m * block_n))
 
 
-F32_BLOCK_M = {"fwd": 64, "dq": 64, "dkdv": 32}  # float32 kernels (FMA dots): query rows per block ...
-F32_BLOCK_N = 32  # ... and keys; at F32 warps no register spills (ptxas, sm_90), where 64 x 64 spilled up to 32 KB
+F32_BLOCK_M = {"fwd": 64, "dq": 32, "dkdv": 32}  # float32 kernels (FMA dots): query rows per block ...
+F32_BLOCK_N = 32  # ... and keys (16 for dkdv at D=128: with 32, as the JIT compiles it, 16 B spilled on sm_90); at
+# F32 warps no register spills (ptxas, sm_90, Triton 3.6 and 3.8), where 64 x 64 spilled up to 32 KB (dq at 64
+# queries, as the JIT compiles it, 20 B with Triton 3.6)
 
 
 def num_warps(kind: str, f32: bool, d: int = 64) -> int:
@@ -201,7 +203,8 @@ def _blocks(
     lq: int, d: int, kind: str = "fwd", f32: bool = False, smem: int | None = None, arch: int | None = None
 ) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_N) of kernel ``kind``: 64 queries (fewer when there are fewer), 64 keys (32 at D=128); in
-    float32, F32_BLOCK_M queries (16 for dkdv at D=128) and F32_BLOCK_N keys, so that the registers do not spill.
+    float32, F32_BLOCK_M queries and F32_BLOCK_N keys (16 and 16 for dkdv at D=128, 16 keys for dq there), so that
+    the registers do not spill (ptxas on sm_90 with Triton 3.6 and 3.8, as the JIT compiles the model's launches).
     Before Hopper (``arch`` < 90; None: the interpreter, sized as sm_90) the registers hold more of the products
     (no wgmma): the 16-bit dkdv takes 32 keys, and the float32 forward and dq at D=128 32 queries.
     A float32 kernel whose estimate passes SMEM_SHARE of ``smem`` halves the block its loop streams, then the other,
@@ -210,7 +213,7 @@ def _blocks(
     block_n = 64 if d <= 64 else 32
     if f32:
         block_m = min(block_m, 16 if kind == "dkdv" and d > 64 else F32_BLOCK_M[kind])
-        block_n = F32_BLOCK_N
+        block_n = 16 if kind in ("dkdv", "dq") and d > 64 else F32_BLOCK_N
     if arch is not None and arch < 90:
         if not f32 and kind == "dkdv":
             block_m, block_n = (min(block_m, 32), 32) if d > 64 else (block_m, 32)

@@ -483,15 +483,18 @@ def _score_map(score: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]
 # (up to FUSED_MAX_K classes; the (BLOCK_K, BLOCK_C) float32 partial lives in registers), for 16-bit and for float32
 # inputs (FMA products, larger tiles in shared memory), and the unfused kernel's. All at BWD_WARPS warps: chosen so
 # that ptxas spills no register on sm_90 (Triton 3.6 and 3.8; on sm_80 and sm_86 with 3.8) and the shared memory
-# fits sm_86's 99 KB (tests/test_triton_aot.py checks both); the per-pixel kernel's PIXEL_BLOCKS (pixels, classes
-# a step) likewise. The split of the pixels: PROGRAMS_PER_SM programs per SM, each at least MIN_PIXELS_PER_SPLIT
-# pixels long (each split writes a K x C float32 partial). Tuning knobs, not measured on a GPU yet. (The text half
-# as G v^ (v / |v|, a second operand) made Triton 3.6 spill at 129-256 classes: 160 B in 16 bit at 64 channels,
-# 24 B in float32 at 32, and 8 B in float32 at 33-64 classes with 32 pixels; hence 32, 16 and 16 there.)
+# fits sm_86's 99 KB (tests/test_triton_aot.py checks both, with generic int32 arguments and as Triton's JIT
+# specialises the launches: unit strides constexpr, aligned pointers); the per-pixel kernel's PIXEL_BLOCKS (pixels,
+# classes a step) likewise. The split of the pixels: PROGRAMS_PER_SM programs per SM, each at least
+# MIN_PIXELS_PER_SPLIT pixels long (each split writes a K x C float32 partial). Tuning knobs, not measured on a GPU
+# yet. (The text half as G v^ (v / |v|, a second operand) made Triton 3.6 spill at 129-256 classes: 160 B in 16 bit
+# at 64 channels, 24 B in float32 at 32, and 8 B in float32 at 33-64 classes with 32 pixels; hence 32, 16 and 16
+# there. As the JIT compiles it, float32 at up to 32 classes spilled 4 B on sm_90 with 32 pixels (NCHW; 17-32
+# classes with Triton 3.8, 1-16 with 3.6): 16.)
 FUSED_MAX_K = 256
 FUSED_BLOCKS = {
     False: {16: (64, 64), 32: (64, 64), 64: (32, 64), 128: (16, 64), 256: (16, 32)},
-    True: {16: (32, 32), 32: (32, 32), 64: (16, 32), 128: (16, 16), 256: (16, 16)},
+    True: {16: (16, 32), 32: (16, 32), 64: (16, 32), 128: (16, 16), 256: (16, 16)},
 }
 UNFUSED_BLOCKS = (64, 64, 32)  # BLOCK_P, BLOCK_K (a loop over the classes), BLOCK_C
 PIXEL_BLOCKS = (64, 32)  # BLOCK_P, BLOCK_K (at most) of _score_bwd_pixel_kernel, 4 warps
