@@ -78,26 +78,25 @@ def _classes_for(model: Any, names: list[str], count_hint: str | None) -> list[s
 UNNAMED = "class"  # what a file that names no classes calls them where their names play no part
 
 
-def _load_model(path: str, unnamed: str, renamed: bool = False) -> tuple[Any, bool]:
+def _load_model(path: str, unnamed: str, renamed: bool = False, hint: str = "--classes names them") -> tuple[Any, bool]:
     """load_checkpoint(path) for a command, and whether the file names its classes. A file that names none (a bare
     state dict whose head has other than ADE20K's 150 outputs) is loaded with its K classes called UNNAMED when
     ``unnamed`` is "" (info; --classes names them next; open-vocabulary scoring, where the head's names play no
     part); else the error says to give their names with --classes, ``unnamed`` saying why they are needed. A file
-    with 150 unnamed outputs gets ADE20K's names with a warning that points at --classes, or none when ``renamed``
-    (--classes gave the names, or the head's names play no part)."""
+    with 150 unnamed outputs gets ADE20K's names with a warning (an AssumedADE20KClasses, which the caller's filters
+    may silence) saying ``hint``, or none when ``renamed`` (--classes gave the names, or they play no part)."""
     from . import load_checkpoint
     from .checkpoints import AssumedADE20KClasses, UnnamedClassesError
 
     try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", AssumedADE20KClasses)  # the others as the caller's filters say
+        with warnings.catch_warnings(record=True) as caught:  # recorded as the caller's filters say
             model = load_checkpoint(path)
         for w in caught:
             if not issubclass(w.category, AssumedADE20KClasses):
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
             elif not renamed:
                 warnings.warn(f"{path}: no class names in the file (meta['CLASSES']); assuming the 150 ADE20K "
-                              "classes (--classes names them)", stacklevel=1)  # fmt: skip
+                              f"classes ({hint})", AssumedADE20KClasses, stacklevel=1)  # fmt: skip
         return model, True
     except UnnamedClassesError as exc:
         if unnamed:
@@ -107,7 +106,7 @@ def _load_model(path: str, unnamed: str, renamed: bool = False) -> tuple[Any, bo
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    model, named = _load_model(args.checkpoint, "")
+    model, named = _load_model(args.checkpoint, "", hint="segment and export name them with --classes")
     counts = model.parameter_counts()
     info = {
         "checkpoint": args.checkpoint,
@@ -487,6 +486,7 @@ IGNORE_HELP = "label value of ignored pixels (default 255; with 256+ classes in 
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import ARCH_ALIASES
     from .train import TrainConfig, train, train_preset
+    from .train.loop import launch_environment
     from .validation import check_device
 
     if args.device is not None:  # "" would be the config's "default device"; on the command line it is a mistake
@@ -503,13 +503,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.print_config:
         # what train runs first (it fills the sizes the run would use): a config it would refuse is not printed,
         # but one without --data is (a template to fill in); torchrun's variables are checked as train checks them
-        from .train.loop import launch_environment
-
         launch_environment()
         cfg.validate(template=True)
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
-    if cfg.init == "none" and args.resume is None and os.environ.get("RANK", "0") in ("", "0"):  # once, on rank 0
+    if cfg.init == "none" and args.resume is None and launch_environment()[0] == 0:  # once, on rank 0
         warnings.warn("training from random weights (init: none): DenseCLIP fine-tunes CLIP, so a real run starts "
                       "from CLIP weights (--init PATH)", stacklevel=1)  # fmt: skip
     result = train(cfg, resume=args.resume)

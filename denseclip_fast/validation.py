@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+from collections.abc import Sequence
 
 import torch
 
@@ -38,13 +39,14 @@ def check_int(name: str, value: object, minimum: int = 1, why: str = "") -> None
         raise ValueError(f"{name} must be an int >= {minimum}{why}, got {value!r}")
 
 
-def given_dtype(dtype: object) -> str:
+def given_dtype(dtype: object, allowed: Sequence[torch.dtype]) -> str:
     """A wrong ``dtype`` argument as an error message shows it: a string (the command line's names) is said to be
-    one, with the torch.dtype to pass instead ("float32" printed bare read as one of the allowed values)."""
+    one ("float32" printed bare read as one of the allowed values), with the torch.dtype to pass when it names one
+    of ``allowed``."""
     if isinstance(dtype, str):
-        hint = f"torch.{dtype}" if isinstance(getattr(torch, dtype, None), torch.dtype) else "a torch.dtype"
-        return f"the string {dtype!r} (pass {hint})"
-    return repr(dtype) if not isinstance(dtype, torch.dtype) else str(dtype)
+        named = getattr(torch, dtype, None)
+        return f"the string {dtype!r}" + (f" (pass torch.{dtype})" if named in allowed else "")
+    return str(dtype) if isinstance(dtype, torch.dtype) else repr(dtype)
 
 
 def check_device(text: str | torch.device, name: str = "device", present: bool = True) -> torch.device:

@@ -410,8 +410,10 @@ def test_bad_vocabularies_and_settings(model):
         Segmenter(model, device="cpu", dtype=torch.float16)
     with pytest.raises(ValueError, match=re.escape("got the string 'float32' (pass torch.float32)")):
         Segmenter(model, device="cpu", dtype="float32")  # printed bare, it read as one of the allowed values
-    with pytest.raises(ValueError, match=re.escape("got the string 'fp32' (pass a torch.dtype)")):
+    with pytest.raises(ValueError, match=re.escape("got the string 'fp32'")):
         Segmenter(model, device="cpu", dtype="fp32")
+    with pytest.raises(ValueError, match=re.escape("got the string 'float64'") + "$"):  # nothing to pass instead
+        Segmenter(model, device="cpu", dtype="float64")
     with pytest.raises(ValueError, match=re.escape("got torch.float64")):
         Segmenter(model, device="cpu", dtype=torch.float64)
     with pytest.raises(ValueError, match="mode must be 'whole' or 'slide'"):

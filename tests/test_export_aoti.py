@@ -98,6 +98,7 @@ def test_a_package_given_as_a_checkpoint_is_named(package):
         dcf.load_checkpoint(package)
 
 
+@pytest.mark.slow
 def test_package_rejects_what_it_was_not_compiled_for(package, tmp_path):
     pkg = load_aoti(package)
     with pytest.raises(ValueError, match=r"x must be \(B, 3, 64, 96\), got \(1, 3, 64, 64\)"):

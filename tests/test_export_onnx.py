@@ -240,6 +240,8 @@ def test_unsupported_export_requests_say_what_is_wrong(tiny, tmp_path):
         to_onnx(tiny, tmp_path / "x.onnx", dtype=torch.bfloat16)
     with pytest.raises(ValueError, match=r"got the string 'float16' \(pass torch.float16\)$"):  # no bfloat16 hint
         to_onnx(tiny, tmp_path / "x.onnx", dtype="float16")
+    with pytest.raises(ValueError, match=r"got the string 'bfloat16' \(for bfloat16, build a TensorRT engine"):
+        to_onnx(tiny, tmp_path / "x.onnx", dtype="bfloat16")  # no "pass torch.bfloat16": it is refused too
     with pytest.raises(ValueError, match="opset must be in 18..20, got 17"):
         to_onnx(tiny, tmp_path / "x.onnx", opset=17)
     with pytest.raises(ValueError, match=r"image_size must be 32 to 8192 on each side, got \(16, 16\)"):

@@ -90,7 +90,9 @@ UNDECLARED = {
     "triton": "ships with the CUDA builds of torch; imported under try (the Triton backend)",
     "protobuf": "onnx's own dependency, used with it (the export extra declares onnx)",
 }
-NOT_INSTALLED_HERE = {"tensorrt": "tensorrt"}  # module -> distribution, for the tensorrt extra
+# module -> distribution where the module is not installed (the extras, triton with CPU-only torch) or its name
+# differs from its distribution's
+DISTRIBUTIONS = {"PIL": "pillow", "yaml": "pyyaml", "open_clip": "open_clip_torch", "google": "protobuf"}
 
 
 def test_every_third_party_import_is_a_declared_dependency():
@@ -115,7 +117,7 @@ def test_every_third_party_import_is_a_declared_dependency():
     assert {"torch", "numpy", "PIL", "yaml"} <= set(third_party)
     distributions = importlib.metadata.packages_distributions()
     for module in third_party:
-        names = distributions.get(module) or [NOT_INSTALLED_HERE[module]]
+        names = distributions.get(module) or [DISTRIBUTIONS.get(module, module)]
         assert any(normal(n) in declared or normal(n) in UNDECLARED for n in names), (module, names)
 
 

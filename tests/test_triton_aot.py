@@ -34,7 +34,10 @@ def test_triton_kernels_compile_for_sm90_and_fit_smaller_gpus():
     for kernel in ("score_fwd", "score_bwd", "score_bwd_pixels", "attn_fwd", "attn_delta", "attn_dkdv", "attn_dq"):
         assert ("sm_90", kernel) in jit, lines
     assert {("sm_86", kernel) for kernel in ("score_fwd", "score_bwd", "attn_fwd", "attn_dkdv", "attn_dq")} <= jit
-    # the blocks that differ from sm_90's: float32 forward and dq at D=128 on sm_86 (99 KB)
+    # the blocks that differ from sm_90's: float32 forward at D=128 on sm_86 (99 KB), compiled there at them
+    from denseclip_fast.ops.triton import attention
+
+    assert attention._blocks(150, 128, "fwd", True, 101376, 86) != attention._blocks(150, 128, "fwd", True, 232448, 90)
     assert {("sm_86", "attn_fwd"), ("sm_86", "attn_dq")} <= labels
 
 

@@ -169,7 +169,7 @@ class Segmenter:
         if self.device.type == "cuda" and self.device.index is None:  # the GPU current now, not at each call
             self.device = torch.device("cuda", torch.cuda.current_device())
         if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES}, got {given_dtype(dtype)}")
+            raise ValueError(f"dtype must be one of {DTYPES}, got {given_dtype(dtype, DTYPES)}")
         if dtype == torch.float16 and self.device.type != "cuda":
             raise ValueError("dtype=torch.float16 needs a CUDA device; use float32 or bfloat16 on CPU")
         if mode not in ("whole", "slide"):

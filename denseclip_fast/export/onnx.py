@@ -129,8 +129,9 @@ def to_onnx(
     """
     if dtype not in ONNX_DTYPES:
         hint = " (for bfloat16, build a TensorRT engine with bf16=True from the float32 graph)"
-        raise ValueError(f"dtype must be torch.float32 or torch.float16 for ONNX, got {given_dtype(dtype)}"
-                         f"{hint if dtype == torch.bfloat16 else ''}")  # fmt: skip
+        bf16 = dtype in (torch.bfloat16, "bfloat16", "bf16")
+        raise ValueError(f"dtype must be torch.float32 or torch.float16 for ONNX, got "
+                         f"{given_dtype(dtype, ONNX_DTYPES)}{hint if bf16 else ''}")  # fmt: skip
     if opset not in OPSETS:
         raise ValueError(f"opset must be in {OPSETS.start}..{OPSETS.stop - 1}, got {opset!r}")
     if graph == "text" and image_size is not None:  # else accepted and ignored

@@ -208,7 +208,8 @@ def _blocks(
     Before Hopper (``arch`` < 90; None: the interpreter, sized as sm_90) the registers hold more of the products
     (no wgmma): the 16-bit dkdv takes 32 keys, and the float32 forward and dq at D=128 32 queries.
     A float32 kernel whose estimate passes SMEM_SHARE of ``smem`` halves the block its loop streams, then the other,
-    down to 16: the fp32 forward and dq at D=128 need ~105 and ~137 KB, more than the 99 KB of sm_86/sm_89 GPUs."""
+    down to 16: the fp32 forward at D=128 needs ~108 KB, more than the 99 KB of sm_86/sm_89 GPUs (dq there, at 32 x
+    16, ~68 KB)."""
     block_m = 64 if lq > 32 else max(16, next_power_of_2(lq))
     block_n = 64 if d <= 64 else 32
     if f32:
