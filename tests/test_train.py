@@ -490,6 +490,24 @@ def test_flip_and_scales_average_the_probabilities_they_name():
         assert torch.allclose(plain.sum(0), torch.ones(37, 51))
 
 
+def test_channels_last_gives_the_gradients_of_nchw(arch_file, generic, tmp_path):
+    """One training step's gradients with channels_last images and weights equal NCHW's up to summation order
+    (5.5e-5 over all of them observed, torch 2.11 and 2.14): what the trajectories below differ by is Adam
+    amplifying that noise in near-zero gradients, not another function."""
+    x, label = torch.randn(2, 3, 48, 48), torch.randint(0, 3, (2, 48, 48))
+    grads = []
+    for channels_last in (False, True):
+        cfg = _config(arch_file, generic, tmp_path, channels_last=channels_last)
+        model = prepare_model(build_model(cfg, CLASSES), cfg, torch.device("cpu")).train()
+        logits, aux = TrainStep(model)(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
+        segmentation_loss(logits, aux, label, cfg)["loss"].backward()
+        grads.append({n: p.grad.double() for n, p in model.named_parameters() if p.grad is not None})
+    nchw, nhwc = grads
+    assert nchw.keys() == nhwc.keys() and len(nchw) > 50
+    diff = sum((nchw[k] - nhwc[k]).square().sum() for k in nchw) ** 0.5
+    assert diff / sum(g.square().sum() for g in nchw.values()) ** 0.5 < 1e-3
+
+
 @pytest.mark.slow
 def test_channels_last_training_matches_nchw_and_resumes(arch_file, generic, tmp_path):
     """channels_last (the default on CUDA, forced here on the CPU): the same losses and weights as NCHW up to
@@ -502,11 +520,13 @@ def test_channels_last_training_matches_nchw_and_resumes(arch_file, generic, tmp
     # with torch 2.11, the GPU machine's; conv_seg at PyTorch's default initialisation)
     assert len(losses[0]) == 4 and losses[1] == pytest.approx(losses[0], rel=2e-3)
     a, b = _final(tmp_path / "nchw", 4).state_dict(), _final(tmp_path / "nhwc", 4).state_dict()
-    # over all tensors at once: Adam turns summation-order noise in near-zero gradients (biases of ~1e-11) into
-    # lr-sized steps, so single tiny tensors differ relatively much (2e-4 over all of them, observed)
+    # over all tensors at once: Adam turns summation-order noise in near-zero gradients (biases of ~1e-11, the
+    # context decoder's q/k projections at 1e-15) into lr-sized steps, so single tiny tensors differ relatively much
+    # (2e-4 over all of them observed with torch 2.14, 3.2e-3 with torch 2.11, whose CPU convolutions take other
+    # paths per layout; the gradients of one step agree to 6e-5 with either: the test below)
     keys = [k for k in a if a[k].is_floating_point()]
     diff = sum((a[k].double() - b[k].double()).square().sum() for k in keys) ** 0.5
-    assert diff / sum(a[k].double().square().sum() for k in keys) ** 0.5 < 2e-3
+    assert diff / sum(a[k].double().square().sum() for k in keys) ** 0.5 < 1e-2
     train(_config(arch_file, generic, tmp_path / "resumed", channels_last=True),
           resume=str(tmp_path / "nhwc" / "iter_2.state.pt"))  # fmt: skip
     c = _final(tmp_path / "resumed", 4).state_dict()
