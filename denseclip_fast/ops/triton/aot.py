@@ -176,19 +176,15 @@ def _jit_score_backward(dt: str, k: int, layout: str) -> Spec:
     label, fn, _, const, options, _ = _score_backward(dt, k)
     (h, w), c, b = MODEL_HW, MODEL_C, MODEL_BATCH
     p, block_p, fused = h * w, const["BLOCK_P"], const["FUSE_TEXT"]
-    n_tiles = -(-p // block_p)
+    n_tiles = score.cdiv(p, block_p)
     grid_b = 1 if fused else b  # the text shared: one program row walks the batch
     work = n_tiles * (b if grid_b == 1 else 1)
-    if fused:  # score._splits on MODEL_SMS SMs
-        wanted = -(-score.PROGRAMS_PER_SM * MODEL_SMS // (-(-c // const["BLOCK_C"]) * grid_b))
-        splits = max(1, min(wanted, work * block_p // score.MIN_PIXELS_PER_SPLIT, 65535))
-    else:
-        splits = min(work, 65535)
+    splits = score._splits(work, block_p, score.cdiv(c, const["BLOCK_C"]) * grid_b, MODEL_SMS, fused)
     args = {"v_ptr": f"*{dt}", "that_ptr": "*fp32", "g_ptr": f"*{dt}", "n_ptr": "*fp32", "r_ptr": "*fp32",
             "gv_ptr": f"*{dt}", "gt_ptr": "*fp32", "C": c, "P": p, "K": k, "n_tiles": n_tiles, "work": work,
-            "per_split": -(-work // splits), **dict(zip(("s_vb", "s_vc", "s_vp"), _strides(c, layout))), "s_tb": 0,
-            "s_tk": c, "s_tc": 1, **dict(zip(("s_gb", "s_gk", "s_gp"), _strides(k, "nchw"))), "scale": 1.0,
-            "eps": score.EPS}  # fmt: skip
+            "per_split": score.cdiv(work, splits), **dict(zip(("s_vb", "s_vc", "s_vp"), _strides(c, layout))),
+            "s_tb": 0, "s_tk": c, "s_tc": 1, **dict(zip(("s_gb", "s_gk", "s_gp"), _strides(k, "nchw"))),
+            "scale": 1.0, "eps": score.EPS}  # fmt: skip
     sig, const, attrs = jit_specialize(fn, args, const)
     return f"{label} jit-{layout}", fn, sig, const, options, attrs
 

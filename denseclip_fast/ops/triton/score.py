@@ -521,13 +521,13 @@ def _sm_count(device: torch.device) -> int:
     return INTERPRETER_SMS
 
 
-def _splits(work: int, block_p: int, programs_per_split: int, device: torch.device, fused: bool) -> int:
-    """How many ranges of pixel tiles (of block_p pixels) the visual kernel's grid splits ``work`` tiles into.
-    Unfused, every tile is a program (no partial to write), up to the grid's 65535; fused, enough splits to fill
-    the GPU, each at least MIN_PIXELS_PER_SPLIT pixels long."""
+def _splits(work: int, block_p: int, programs_per_split: int, sms: int, fused: bool) -> int:
+    """How many ranges of pixel tiles (of block_p pixels) the visual kernel's grid splits ``work`` tiles into on a
+    GPU of ``sms`` multiprocessors (:func:`_sm_count`). Unfused, every tile is a program (no partial to write), up
+    to the grid's 65535; fused, enough splits to fill the GPU, each at least MIN_PIXELS_PER_SPLIT pixels long."""
     if not fused:
         return min(work, 65535)
-    wanted = cdiv(PROGRAMS_PER_SM * _sm_count(device), programs_per_split)
+    wanted = cdiv(PROGRAMS_PER_SM * sms, programs_per_split)
     return max(1, min(wanted, work * block_p // MIN_PIXELS_PER_SPLIT, 65535))
 
 
@@ -598,7 +598,7 @@ def score_backward(
     c_blocks = cdiv(c, block_c)
     grid_b = 1 if fused and shared else b  # fused with shared text: one program row walks the whole batch
     work = n_tiles * (b if grid_b == 1 else 1)
-    splits = _splits(work, block_p, c_blocks * grid_b, v.device, fused)
+    splits = _splits(work, block_p, c_blocks * grid_b, _sm_count(v.device), fused)
     partial = torch.empty((grid_b * splits, k, c) if fused else (0,), dtype=torch.float32, device=v.device)
     grad_visual = torch.empty_like(v)  # dense in v's layout, written with v's element strides
     launch(_score_bwd_kernel)[(c_blocks, splits, grid_b)](
