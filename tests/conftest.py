@@ -11,6 +11,7 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import dataclasses  # noqa: E402
 import glob  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
@@ -89,6 +90,32 @@ def randomized(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     from benchmarks.official import randomize_
 
     return randomize_(model, seed)
+
+
+# the learning parts of a DenseCLIP, by parameter-name prefix (the text encoder is frozen)
+LEARNING_PARTS = ("contexts", "gamma", "context_decoder.", "backbone.", "neck.", "decode_head.")
+
+
+def gradients_by_part(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """{part: its parameters' gradients flattened into one float64 vector} for each of LEARNING_PARTS, so that a part
+    whose gradient goes missing shows (over all gradients at once, the contexts' are a few percent)."""
+    named = list(model.named_parameters())
+    return {part: torch.cat([p.grad.flatten().double() for n, p in named if n.startswith(part) and p.grad is not None])
+            for part in LEARNING_PARTS}  # fmt: skip
+
+
+def text_dependent_model(kind: str = "resnet") -> torch.nn.Module:
+    """A tiny DenseCLIP in eval mode with random well-scaled weights whose outputs depend on the text path (score
+    channels weighed as the benchmarks do: with random weights alone the context decoder barely moves the logits),
+    with 64-pixel slide windows on a 128 x 64 test scale, so that whole and slide differ on small images."""
+    from benchmarks.official import weigh_score_channels_
+    from denseclip_fast import DenseCLIP
+
+    torch.manual_seed(0)
+    config = dataclasses.replace(tiny_config(kind), test_scale=(128, 64), slide_crop=64, slide_stride=43)
+    model = randomized(DenseCLIP(config, NAMES)).eval()
+    weigh_score_channels_(model, size=64)
+    return model
 
 
 @pytest.fixture(autouse=True)

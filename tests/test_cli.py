@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 import importlib.util
 import json
 import os
@@ -67,17 +66,11 @@ def test_segment_writes_labels_and_overlays(checkpoint, images, tmp_path, mode):
 
 @pytest.fixture(scope="module")
 def varied(tmp_path_factory):
-    """(checkpoint path, model): random well-scaled weights whose labels depend on the text path (score channels
-    weighed as the benchmarks do), with 64-pixel slide windows on a 128 x 64 test scale, so that whole and slide
-    differ on the small test images."""
-    from benchmarks.official import weigh_score_channels_
+    """(checkpoint path, model): conftest.text_dependent_model, whose labels depend on the text path and differ
+    between whole and slide on the small test images."""
+    from .conftest import text_dependent_model
 
-    from .conftest import randomized
-
-    torch.manual_seed(0)
-    config = dataclasses.replace(tiny_config("resnet"), test_scale=(128, 64), slide_crop=64, slide_stride=43)
-    model = randomized(DenseCLIP(config, NAMES)).eval()
-    weigh_score_channels_(model, size=64)
+    model = text_dependent_model()
     path = tmp_path_factory.mktemp("varied") / "varied.safetensors"
     model.save(path)
     return path, model

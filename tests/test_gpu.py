@@ -14,7 +14,7 @@ from denseclip_fast import ops
 from denseclip_fast.engine.segmenter import no_tf32
 from denseclip_fast.ops.library import score_memory_format
 
-from .conftest import NAMES, official_cfg, randomized, rel_err, tiny_config
+from .conftest import LEARNING_PARTS, NAMES, gradients_by_part, official_cfg, randomized, rel_err, tiny_config
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -269,9 +269,6 @@ def test_aoti_package_on_cuda(tmp_path, monkeypatch, backend):
         assert rel_err(pkg(x).float(), seg.logits(x)) <= 1e-5
 
 
-GRADIENT_GROUPS = ("contexts", "gamma", "context_decoder.", "backbone.", "neck.", "decode_head.")
-
-
 @pytest.mark.parametrize("backend", [None, "cuda"])
 @pytest.mark.parametrize("kind", ["resnet", "vit"])
 def test_bf16_training_step_on_cuda(monkeypatch, backend, kind):
@@ -300,15 +297,12 @@ def test_bf16_training_step_on_cuda(monkeypatch, backend, kind):
         with torch.autocast("cuda", dtype=torch.bfloat16):
             logits, aux = TrainStep(model)(x.contiguous(memory_format=torch.channels_last))
         segmentation_loss(logits, aux, label, cfg)["loss"].backward()
-        named = dict(model.named_parameters())
-        grads[name] = {group: torch.cat([p.grad.flatten().double() for n, p in named.items()
-                                         if n.startswith(group) and p.grad is not None])
-                       for group in GRADIENT_GROUPS}  # fmt: skip
+        grads[name] = gradients_by_part(model)
     # bf16 noise alone: the same step on two CPU backends differs by 0.01-0.05 per learning part (each is 0.02-0.5
     # from the float32 step: random weights, logits / 0.07); a part whose gradient went missing is 1 off. The
     # operators' own backward is checked against float64 per dtype by test_ops.py; this test is about the step
     # running under autocast with finite gradients in every part, matching the reference backend's
-    for group in GRADIENT_GROUPS:
+    for group in LEARNING_PARTS:
         fused, reference = grads[backend][group], grads["reference"][group]
         assert torch.isfinite(fused).all() and reference.norm() > 0, group
         assert rel_err(fused, reference) <= 0.2, (group, rel_err(fused, reference))

@@ -62,7 +62,7 @@ from denseclip_fast.train.optim import (
     short_run_warning,
 )
 
-from .conftest import ROOT, tiny_config
+from .conftest import LEARNING_PARTS, ROOT, gradients_by_part, text_dependent_model, tiny_config
 
 CLASSES = ["sky", "grass", "road"]
 COLOURS = np.array([[70, 130, 230], [40, 180, 60], [120, 120, 120]], dtype=np.float64)
@@ -466,16 +466,9 @@ def test_flip_and_scales_average_the_probabilities_they_name():
     """Evaluation's test-time augmentation: with flip, the mean of the image's probabilities and those of its mirror
     image mirrored back; with several scales, the mean of each scale's (which differ: each scale is its own). On a
     model whose outputs vary over the image (a flipped prediction not mirrored back is 0.04 off)."""
-    from benchmarks.official import weigh_score_channels_
-    from denseclip_fast import DenseCLIP
     from denseclip_fast.train.evaluate import predict_probabilities
 
-    from .conftest import NAMES, randomized
-
-    torch.manual_seed(0)
-    config = dataclasses.replace(tiny_config("resnet"), test_scale=(128, 64), slide_crop=64, slide_stride=43)
-    model = randomized(DenseCLIP(config, NAMES)).eval()
-    weigh_score_channels_(model, size=64)
+    model = text_dependent_model()
     image = np.random.default_rng(0).integers(0, 256, size=(37, 51, 3), dtype=np.uint8)
     with torch.no_grad():
         plain = predict_probabilities(model, image)
@@ -660,9 +653,6 @@ def test_train_step_leaves_the_upsampling_to_the_float32_loss(arch_file, generic
         assert torch.allclose(ours[name], full[name], rtol=1e-6, atol=0), name
 
 
-GRADIENT_GROUPS = ("contexts", "gamma", "context_decoder.", "backbone.", "neck.", "decode_head.")
-
-
 def test_a_bf16_autocast_step(arch_file, generic, monkeypatch):
     """The trainer's default: forward under bf16 autocast through the fused operators, backward, finite gradients
     (the C++ attention once received a bfloat16 log-sum-exp from autocast and refused it), each learning part's
@@ -681,12 +671,9 @@ def test_a_bf16_autocast_step(arch_file, generic, monkeypatch):
             out = model.forward_features(x)
         assert out["logits"].dtype == torch.bfloat16
         segmentation_loss(out["logits"], out["aux_logits"], label, cfg)["loss"].backward()
-        named = dict(model.named_parameters())
-        assert all(named[n].grad is None for n in named if n.startswith("text_encoder."))
-        grads[backend] = {group: torch.cat([p.grad.flatten().double() for n, p in named.items()
-                                            if n.startswith(group) and p.grad is not None])
-                          for group in GRADIENT_GROUPS}  # fmt: skip
-    for group in GRADIENT_GROUPS:
+        assert all(p.grad is None for n, p in model.named_parameters() if n.startswith("text_encoder."))
+        grads[backend] = gradients_by_part(model)
+    for group in LEARNING_PARTS:
         fused, reference = grads["cpu"][group], grads["reference"][group]
         assert torch.isfinite(fused).all() and reference.norm() > 0, group
         assert (fused - reference).norm() <= 0.15 * reference.norm(), group
