@@ -362,6 +362,7 @@ def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 # optimizer's settings and the schedule, from the iteration it resumes at (e.g. a lower lr after a non-finite loss)
 RESUME_FOLLOWS = ("lr", "weight_decay", "backbone_lr_mult", "iters", "warmup_iters", "warmup_ratio", "min_lr",
                   "poly_power")  # fmt: skip
+SCHEDULE = ("lr", "iters", "warmup_iters", "warmup_ratio", "min_lr", "poly_power")  # what learning_rate reads
 RESUME_FILE = "a training state file: the iter_N.state.pt that train writes beside each iter_N.safetensors"
 STATE_ENTRIES: dict[str, type] = {"iteration": int, "optimizer": dict, "scaler": dict, "rng": list, "config": str}
 
@@ -713,8 +714,8 @@ class Trainer:
             if finished is not None:
                 return finished
         cfg = self.cfg
-        short = short_run_warning(cfg)
-        if short is not None and rank == 0:
+        short = short_run_warning(cfg) if resume_path is None or self._schedule_changed() else None
+        if short is not None and rank == 0:  # said when the run starts, again on resuming only if its schedule changed
             print(f"warning: {short}", file=sys.stderr)
         with (
             _distributed(cfg) as (rank, world, device),
@@ -722,6 +723,12 @@ class Trainer:
             contextlib.ExitStack() as held,  # the work dir's lock, released however the run ends
         ):
             return self._run(rank, world, device, resume_path, held)
+
+    def _schedule_changed(self) -> bool:
+        """Whether this run's learning-rate schedule differs from the resumed state's run (its settings)."""
+        assert self._state is not None
+        saved = json.loads(self._state["config"])
+        return any(saved.get(name) != getattr(self.cfg, name) for name in SCHEDULE)
 
     def _already_finished(self, path: str, rank: int) -> dict[str, Any] | None:
         """What resuming from ``path`` returns when its run has reached cfg.iters and has its final evaluation
