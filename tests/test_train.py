@@ -26,7 +26,7 @@ from PIL import Image
 from denseclip_fast import CheckpointError, load_checkpoint
 from denseclip_fast.class_names import ADE20K_CLASSES
 from denseclip_fast.cli import main
-from denseclip_fast.preprocess import image_size
+from denseclip_fast.preprocess import CLIP_MEAN, CLIP_STD, image_size
 from denseclip_fast.train import (
     SegmentationData,
     SegmentationMetrics,
@@ -866,6 +866,102 @@ def test_hsv_conversions_equal_opencvs_on_every_value():
         if first < 180:
             hsv = chunk[: min(32, 180 - first) * 256]
             assert np.array_equal(_from_hsv8(hsv.astype(np.float64)), cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)), first
+
+
+class _Recorded:
+    """A numpy Generator that records each draw (method, arguments, value), for a replay in another order."""
+
+    def __init__(self, seed: int) -> None:
+        self.rng, self.draws = np.random.default_rng(seed), []
+
+    def __getattr__(self, method: str):
+        def draw(*args):
+            value = getattr(self.rng, method)(*args)
+            self.draws.append((method, args, value))
+            return value
+
+        return draw
+
+
+def _mmseg_sample(rgb, label, draws, crop, img_scale, cat_max_ratio=0.75):
+    """mmseg 0.x's training pipeline (Resize ratio_range (0.5, 2), RandomCrop, RandomFlip, PhotoMetricDistortion,
+    Normalize, Pad) in OpenCV on BGR uint8 as mmcv computes it, each random draw taken from ``draws`` in mmseg's
+    order and with mmseg's range (checked)."""
+    cv2 = pytest.importorskip("cv2")
+
+    def take(method, *args):
+        got, given, value = draws.pop(0)
+        assert (got, tuple(given)) == (method, args)
+        return value
+
+    img, seg = np.ascontiguousarray(rgb[..., ::-1]), label.astype(np.uint8)
+    ratio = take("uniform", 0.5, 2.0)
+    scale = (int(img_scale[0] * ratio), int(img_scale[1] * ratio))
+    h, w = img.shape[:2]
+    f = min(max(scale) / max(h, w), min(scale) / min(h, w))  # mmcv.rescale_size
+    size = (int(w * f + 0.5), int(h * f + 0.5))
+    img = cv2.resize(img, size, interpolation=cv2.INTER_LINEAR)
+    seg = cv2.resize(seg, size, interpolation=cv2.INTER_NEAREST)
+
+    def box():
+        top = take("integers", 0, max(seg.shape[0] - crop, 0) + 1)
+        left = take("integers", 0, max(seg.shape[1] - crop, 0) + 1)
+        return top, left
+
+    top, left = box()
+    for _ in range(10):
+        names, counts = np.unique(seg[top : top + crop, left : left + crop], return_counts=True)
+        counts = counts[names != 255]
+        if len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio:
+            break
+        top, left = box()
+    img, seg = img[top : top + crop, left : left + crop], seg[top : top + crop, left : left + crop]
+    if take("random") < 0.5:
+        img, seg = img[:, ::-1], seg[:, ::-1]
+
+    def convert(x, alpha=1.0, beta=0.0):
+        return np.clip(x.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
+
+    if take("integers", 2):
+        img = convert(img, beta=take("uniform", -32, 32))
+    mode = take("integers", 2)
+
+    def contrast(x):
+        return convert(x, alpha=take("uniform", 0.5, 1.5)) if take("integers", 2) else x
+
+    img = contrast(img) if mode == 1 else img
+    if take("integers", 2):
+        hsv = cv2.cvtColor(np.ascontiguousarray(img), cv2.COLOR_BGR2HSV)
+        hsv[..., 1] = convert(hsv[..., 1], alpha=take("uniform", 0.5, 1.5))
+        img = cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)
+    if take("integers", 2):
+        hsv = cv2.cvtColor(np.ascontiguousarray(img), cv2.COLOR_BGR2HSV)
+        hsv[..., 0] = (hsv[..., 0].astype(int) + take("integers", -18, 18)) % 180
+        img = cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)
+    img = contrast(img) if mode == 0 else img
+    assert draws == []  # every draw of ours is one of mmseg's
+    mean, std = np.array(CLIP_MEAN, np.float32), np.array(CLIP_STD, np.float32)  # of 0..255 values
+    x = (img[..., ::-1].astype(np.float32) - mean) / std  # Normalize(to_rgb=True)
+    out, out_label = np.zeros((crop, crop, 3), np.float32), np.full((crop, crop), 255, np.uint8)
+    out[: x.shape[0], : x.shape[1]], out_label[: seg.shape[0], : seg.shape[1]] = x, seg
+    return out.transpose(2, 0, 1), out_label
+
+
+def test_a_training_sample_is_mmsegs_given_the_same_draws():
+    """train_transform against mmseg's pipeline written in OpenCV (``_mmseg_sample``) fed with the draws it made:
+    the same label and, to float32 rounding, the same image, on random sizes and seeds. The crops here are whole
+    64-pixel rows (OpenCV's HSV -> RGB rounds otherwise on a row's tail: README, Training)."""
+    rng = np.random.default_rng(3)
+    for seed in range(12):
+        h, w = (int(n) for n in rng.integers(33, 160, size=2))
+        image, label = _scene(rng, (h, w))
+        label = np.where(rng.random(label.shape) < 0.02, 255, label)
+        recorded = _Recorded(seed)
+        x, y = train_transform(image, label.astype(np.int64), recorded, crop=64, img_scale=(512, 128),
+                               ratio_range=(0.5, 2.0), cat_max_ratio=0.75)  # fmt: skip
+        ref_x, ref_y = _mmseg_sample(image, label, list(recorded.draws), 64, (512, 128))
+        assert np.array_equal(y.numpy(), ref_y.astype(np.int64)), (seed, h, w)
+        assert np.abs(x.numpy() - ref_x).max() < 1e-5, (seed, h, w)
 
 
 def test_augmentation_pieces():

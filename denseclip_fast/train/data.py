@@ -254,9 +254,9 @@ def _to_hsv8(rgb: np.ndarray) -> np.ndarray:
 def _from_hsv8(hsv: np.ndarray) -> np.ndarray:
     """8-bit HSV (H 0..179) -> RGB as cv2.cvtColor's vector code computes it: float32 with v = V / 255, s = S / 255,
     the sector and fraction of H * 6/180, the sector's table entries (1 - s f rounded once: a fused multiply-add) and
-    x * 255 truncated. Equal to opencv-python 4.5.5 and 4.14 on all 180 x 256 x 256 values in rows that the vector
-    code takes whole (a 512- or 640-pixel crop's); OpenCV's scalar code, which takes the last few pixels of a row
-    whose width is no multiple of its vector width, rounds to nearest instead (one level on some of those)."""
+    x * 255 truncated. Equal to opencv-python 4.5.5 and 4.14 on all 180 x 256 x 256 values in the pixels the vector
+    code takes; OpenCV's scalar code, which takes the rest of each row (width mod a CPU-dependent block of 16 to 64
+    pixels: all of a row narrower than that), rounds to nearest instead (one level on about 3 in 4 of those)."""
     f32 = np.float32
     h = hsv[..., 0].astype(f32) * f32(6.0 / 180.0)
     s = hsv[..., 1].astype(f32) * f32(1.0 / 255.0)
