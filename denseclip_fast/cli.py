@@ -422,10 +422,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     from . import export
     from .export.aoti import DEFAULT_MAX_BATCH
     from .export.onnx import DEFAULT_OPSET
-    from .validation import check_writable_file
+    from .validation import check_not_an_input, check_writable_file
 
     size = _parse_size(args.image_size) if args.image_size else None
     check_writable_file(args.out, "--out", create_parents=True)
+    check_not_an_input(args.out, "--out", {"--checkpoint": args.checkpoint})
     # the package's device; for the ONNX formats a --device given is refused by _check_export_options (not checked
     # first, which would advise another --device)
     device = _device(args) if args.format == "aoti" else None
@@ -442,7 +443,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         if args.out.endswith(".onnx"):
             raise ValueError("--out is the engine file for --format tensorrt (e.g. model.engine); the ONNX graph is "
                              "written next to it with the .onnx suffix")  # fmt: skip
-        check_writable_file(os.path.splitext(args.out)[0] + ".onnx", "--out's ONNX graph", create_parents=True)
+        graph = os.path.splitext(args.out)[0] + ".onnx"
+        check_writable_file(graph, "--out's ONNX graph", create_parents=True)
+        check_not_an_input(graph, "--out's ONNX graph", {"--checkpoint": args.checkpoint})
     model = _load_model(args.checkpoint, "" if names is not None else "the exported graphs carry them",
                         renamed=names is not None)[0]  # fmt: skip
     if names is not None:
@@ -524,7 +527,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .train import SegmentationData, evaluate
     from .train.data import check_ignore_index
     from .train.evaluate import check_scales, results_json
-    from .validation import check_writable_file
+    from .validation import check_not_an_input, check_writable_file
 
     try:
         scales = [float(s) for s in args.scales.split(",")]
@@ -552,6 +555,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     check_scales(scales, model.config.test_scale, "--scales")
     out = args.out or os.path.splitext(args.checkpoint)[0] + "_eval.json"  # checked once the checkpoint was found
     check_writable_file(out, "--out" if args.out else "--out (default: CHECKPOINT_eval.json)", create_parents=False)
+    check_not_an_input(out, "--out", {"--checkpoint": args.checkpoint})
     model.to(device)
     dtype = torch.bfloat16 if args.bf16 else None  # float32 by default, as the official test
     result = evaluate(model, data, mode=args.mode, scales=scales, flip=args.flip, dtype=dtype, progress=True)

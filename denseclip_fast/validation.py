@@ -99,6 +99,18 @@ def check_writable_dir(path: str, name: str) -> None:
         raise ValueError(f"{name} {path!r}: no permission to write in {base!r}")
 
 
+def check_not_an_input(path: str, name: str, inputs: dict[str, str]) -> None:
+    """ValueError naming ``name`` when the file to write at ``path`` is one of ``inputs`` (argument name -> path):
+    the same path, through a link, or a hard link to it. Writing there would replace the input."""
+    for what, given in inputs.items():
+        same = os.path.realpath(path) == os.path.realpath(given)
+        if not same and os.path.exists(path) and os.path.exists(given):
+            same = os.path.samefile(path, given)
+        if same:
+            raise ValueError(f"{name} {path!r} is the {what} file {given!r}: writing it would replace that file; "
+                             "choose another path")  # fmt: skip
+
+
 def check_writable_file(path: str, name: str, create_parents: bool) -> None:
     """ValueError naming ``name`` unless a file can be written at ``path``: not a directory, and in a writable
     directory (one that exists, or, with ``create_parents``, one that makedirs can create)."""

@@ -6,6 +6,7 @@ import copy
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -319,6 +320,32 @@ def test_export_paths_and_profiles_are_checked_before_any_work(checkpoint, tmp_p
         assert main(["export", "--checkpoint", str(checkpoint), "--format", "onnx", "--out", f"{tmp_path}/{out}"]) == 2
         assert f"--out '{tmp_path}/{out}' ends in a path separator" in capsys.readouterr().err
     assert os.listdir(tmp_path) == []
+
+
+def test_an_output_that_is_the_checkpoint_is_refused(checkpoint, data, tmp_path, capsys, monkeypatch):
+    """export --out (or the ONNX graph beside a TensorRT engine) and eval --out naming the --checkpoint file, itself,
+    through a symbolic link or a hard link, replaced the checkpoint with the graph or the JSON and exited 0 (a
+    review's finding). Refused in one line, the checkpoint untouched."""
+    from unittest import mock
+
+    monkeypatch.setitem(sys.modules, "tensorrt", mock.MagicMock())  # TensorRT is looked for first
+    own = tmp_path / "own.onnx"  # a checkpoint may have any name
+    shutil.copy(checkpoint, own)
+    before = own.read_bytes()
+    os.symlink(own, tmp_path / "link")
+    os.link(own, tmp_path / "hard")
+    export = ["export", "--checkpoint", str(own), "--image-size", "32"]
+    cases = [([*export, "--format", "onnx", "--out", str(out)], out, "--out")
+             for out in (own, tmp_path / "link", tmp_path / "hard")]  # fmt: skip
+    cases.append(([*export, "--format", "tensorrt", "--out", str(tmp_path / "own.engine")], own, "--out's ONNX graph"))
+    evaluate = ["eval", "--checkpoint", str(own), "--data", str(data), "--layout", "generic"]
+    cases.append(([*evaluate, "--out", str(tmp_path / "link")], tmp_path / "link", "--out"))
+    for argv, out, name in cases:
+        assert main(argv) == 2, argv
+        assert capsys.readouterr().err == (f"denseclip-fast: error: {name} {str(out)!r} is the --checkpoint file "
+                                           f"{str(own)!r}: writing it would replace that file; choose another "
+                                           "path\n")  # fmt: skip
+    assert own.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["hard", "link", "own.onnx"]
 
 
 def test_export_without_a_usable_onnxscript_says_what_to_install_before_loading(checkpoint, tmp_path, capsys,
