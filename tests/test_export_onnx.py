@@ -469,6 +469,52 @@ def test_the_text_graphs_default_profile_covers_its_vocabulary(tmp_path, monkeyp
             build_tensorrt_engine(tmp_path / "m.onnx", tmp_path / "m.engine", workspace_gib=workspace)
 
 
+def test_a_weakly_typed_build_pins_the_reductions_and_the_squares_they_take(tmp_path, monkeypatch):
+    """A float32 graph built with fp16: reductions, softmax and normalisations are pinned to float32, and so is the
+    elementwise square that onnx-tensorrt makes of a ReduceL2 (x * x -> Reduce SUM -> sqrt), which overflowed
+    float16 past 256 (a review's finding: the score became 0). Other layers, and integer reductions, are left to
+    TensorRT. A stand-in network: TensorRT cannot be installed here."""
+    from types import SimpleNamespace
+
+    trt = _stand_in_tensorrt(monkeypatch)
+    kinds = SimpleNamespace(ELEMENTWISE="elementwise", REDUCE="reduce", SOFTMAX="softmax", UNARY="unary",
+                            NORMALIZATION="normalization", MATRIX_MULTIPLY="matmul", SHUFFLE="shuffle")  # fmt: skip
+    trt.LayerType, trt.float32, trt.float16, trt.int32, trt.bfloat16 = kinds, "f32", "f16", "i32", "bf16"
+
+    class Layer:
+        def __init__(self, kind, inputs, dtype="f32"):
+            self.type, self.inputs = kind, inputs
+            self.outputs = [SimpleNamespace(name=f"t{len(layers)}", dtype=dtype)]
+            self.num_inputs, self.num_outputs, self.precision, self.set_to = len(inputs), 1, None, {}
+
+        def get_input(self, j):
+            return self.inputs[j]
+
+        def get_output(self, j):
+            return self.outputs[j]
+
+        def set_output_type(self, j, dtype):
+            self.set_to[j] = dtype
+
+    x = SimpleNamespace(name="image", dtype="f32")
+    layers = []
+    for kind, inputs, dtype in (("elementwise", [x, x], "f32"), ("reduce", [0], "f32"), ("unary", [1], "f32"),
+                                ("matmul", [x, x], "f32"), ("elementwise", [3], "f32"), ("softmax", [4], "f32"),
+                                ("elementwise", [2, 5], "f32"), ("normalization", [6], "f32"),
+                                ("shuffle", [x], "i32"), ("reduce", [8], "i32")):  # fmt: skip
+        layers.append(Layer(kind, [t if not isinstance(t, int) else layers[t].outputs[0] for t in inputs], dtype))
+    network = trt.Builder.return_value.create_network.return_value
+    network.num_layers, network.get_layer.side_effect = len(layers), lambda i: layers[i]
+    onnx.save(_relu_graph(), tmp_path / "m.onnx")
+    build_tensorrt_engine(tmp_path / "m.onnx", tmp_path / "m.engine", fp16=True)
+    pinned = [i for i, layer in enumerate(layers) if layer.precision == "f32"]
+    assert pinned == [0, 1, 5, 7]  # the square, its reduction, the softmax, the normalisation
+    assert all(layers[i].set_to == {0: "f32"} for i in pinned)
+    assert all(layer.set_to == {} for i, layer in enumerate(layers) if i not in pinned)
+    trt.Builder.return_value.create_builder_config.return_value.set_flag.assert_any_call(
+        trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
+
+
 def test_a_tensorrt_that_does_not_import_is_not_called_missing(tmp_path, monkeypatch):
     """An installed tensorrt whose libraries do not load (libnvinfer missing or of another version) was reported as
     'TensorRT is not installed: pip install tensorrt'; the import's own error is said now."""

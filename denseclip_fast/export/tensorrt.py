@@ -194,6 +194,34 @@ def check_batch(batch: Any, name: str = "batch") -> tuple[int, int, int]:
     return values
 
 
+def float32_layers(network: Any, trt: Any) -> list[Any]:
+    """The layers of a weakly typed network (a float32 graph built with the fp16 / bf16 flags) to pin to float32:
+    reductions, softmax and normalisations, and the elementwise layers whose outputs a reduction takes (the square
+    that onnx-tensorrt makes of an L2 norm's ReduceL2: in float16 it overflows for an element past 256). Not the
+    attention's q k^T MatMul before a softmax (float16 past a logit of 65504; pinning it would put every transformer
+    layer's attention product in float32): a float16 graph, built strongly typed, computes the fused operators'
+    products in float32 as it was exported."""
+    kept = {getattr(trt.LayerType, n) for n in ("REDUCE", "SOFTMAX", "NORMALIZATION") if hasattr(trt.LayerType, n)}
+    floats = {trt.float32, trt.float16, getattr(trt, "bfloat16", trt.float16)}
+    layers = [network.get_layer(i) for i in range(network.num_layers)]
+    producer = {}  # output tensor name -> its layer
+    for layer in layers:
+        for j in range(layer.num_outputs):
+            producer[layer.get_output(j).name] = layer
+    pinned: dict[int, Any] = {}
+    for layer in layers:
+        if layer.type not in kept or layer.get_output(0).dtype not in floats:
+            continue
+        pinned[id(layer)] = layer
+        if layer.type == trt.LayerType.REDUCE:
+            for j in range(layer.num_inputs):
+                tensor = layer.get_input(j)
+                source = producer.get(tensor.name) if tensor is not None else None
+                if source is not None and source.type == trt.LayerType.ELEMENTWISE and tensor.dtype in floats:
+                    pinned[id(source)] = source
+    return [layer for layer in layers if id(layer) in pinned]  # in the network's order
+
+
 def build_tensorrt_engine(
     onnx_path: str | os.PathLike[str],
     engine_path: str | os.PathLike[str],
@@ -258,14 +286,10 @@ def build_tensorrt_engine(
                     )
                 config.set_flag(getattr(trt.BuilderFlag, name))
         config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
-        kept = {getattr(trt.LayerType, n) for n in ("REDUCE", "SOFTMAX", "NORMALIZATION") if hasattr(trt.LayerType, n)}
-        floats = {trt.float32, trt.float16, getattr(trt, "bfloat16", trt.float16)}
-        for i in range(network.num_layers):
-            layer = network.get_layer(i)
-            if layer.type in kept and layer.get_output(0).dtype in floats:
-                layer.precision = trt.float32
-                for j in range(layer.num_outputs):
-                    layer.set_output_type(j, trt.float32)
+        for layer in float32_layers(network, trt):
+            layer.precision = trt.float32
+            for j in range(layer.num_outputs):
+                layer.set_output_type(j, trt.float32)
     if workspace_gib is not None:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
     profile = builder.create_optimization_profile()
