@@ -23,6 +23,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -713,10 +714,6 @@ def main(argv: Sequence[str] | None = None, die_by_signal: bool = False) -> int:
         message = str(exc)
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (a scheduler's): one line, not a traceback
         interrupted = signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT
-        train = args.command == "train"
-        hint = " (--resume auto continues it from its last checkpoint, if it saved one)" if train else ""
-        print(f"denseclip-fast: {'terminated' if interrupted == signal.SIGTERM else 'interrupted'}{hint}",
-              file=sys.stderr)  # fmt: skip
     except BrokenPipeError:  # the reader of stdout went away (info --json | head -1): quietly, as a C tool dies
         with contextlib.suppress(OSError, ValueError):  # no second error when the interpreter flushes stdout at exit
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -724,14 +721,22 @@ def main(argv: Sequence[str] | None = None, die_by_signal: bool = False) -> int:
     except MemoryError as exc:  # e.g. a weight file too large for this machine (its reader names the file)
         message = str(exc) or "out of memory"
     except RuntimeError as exc:  # torch's allocators: "can't allocate memory", "CUDA out of memory"
-        if not out_of_memory(exc):
+        if _worker_terminated(exc):  # a SIGTERM to the process group: a worker's end was handled before it
+            interrupted = signal.SIGTERM
+        elif not out_of_memory(exc):
             raise
-        message = f"out of memory: {excerpt(exc)}"
+        else:
+            message = f"out of memory: {excerpt(exc)}"
     except OSError as exc:  # FileNotFoundError, PermissionError, IsADirectoryError, a full disk ...
         message = _os_error(exc)
     finally:
         warnings.formatwarning = saved_format
-        restore_signals()
+        restore_signals(dying=die_by_signal and interrupted is not None)
+    if interrupted in (signal.SIGTERM, signal.SIGINT):
+        train = args.command == "train"
+        hint = " (--resume auto continues it from its last checkpoint, if it saved one)" if train else ""
+        print(f"denseclip-fast: {'terminated' if interrupted == signal.SIGTERM else 'interrupted'}{hint}",
+              file=sys.stderr)  # fmt: skip
     if interrupted is not None:  # the exception and the frames it held (open files, loaders) are gone now
         if die_by_signal and sys.platform != "win32":
             _die_by(interrupted)
@@ -763,13 +768,23 @@ def _ignore_signal(signum: int, frame: Any) -> None:
     """A Python signal handler that does nothing."""
 
 
+def _worker_terminated(exc: RuntimeError) -> bool:
+    """Whether ``exc`` is torch's DataLoader SIGCHLD handler saying that a worker was ended by SIGTERM: with a
+    SIGTERM to the process group (Slurm's scancel, systemd's stop), a worker's end can be handled first, during the
+    first lines of the SIGTERM handler or before the SIGTERM reaches this process."""
+    name = re.escape(signal.strsignal(signal.SIGTERM) or "Terminated")
+    pattern = rf"DataLoader worker \(pid\(?s?\)? [\d, ]+\) is killed by signal: {name}\."
+    return re.match(pattern, str(exc)) is not None
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised in the main thread as Ctrl-C is, so that the command unwinds (files closed, partial files
     removed) and prints one line."""
 
 
-def _sigterm_interrupts() -> Callable[[], None]:
-    """Make SIGTERM raise Terminated while a command runs; returns what restores the previous handlers. Not in a
+def _sigterm_interrupts() -> Callable[..., None]:
+    """Make SIGTERM raise Terminated while a command runs; returns what restores the previous handlers (with
+    ``dying=True``, for a process about to end by a signal, SIGCHLD's stays one that does nothing). Not in a
     thread other than the main one (signals cannot be handled there), not over a SIGTERM handler set outside Python
     or one that ignores it (as Python leaves an ignored SIGINT), and not in a process torchrun started: its agent
     ends the ranks with SIGTERM, and a rank blocked in a C++ collective would never run a Python handler (it would
@@ -777,24 +792,28 @@ def _sigterm_interrupts() -> Callable[[], None]:
     previous = signal.getsignal(signal.SIGTERM)
     if (threading.current_thread() is not threading.main_thread() or previous in (None, signal.SIG_IGN)
             or "TORCHELASTIC_RUN_ID" in os.environ):  # fmt: skip
-        return lambda: None
+        return lambda dying=False: None
     saved_sigchld: list[Any] = []
 
     def terminate(signum: int, frame: Any) -> None:
-        if hasattr(signal, "SIGCHLD") and not saved_sigchld:
-            # a SIGTERM to the process group ends the DataLoader workers too, and torch's SIGCHLD handler would
-            # raise 'DataLoader worker (pid N) is killed by signal' over this one line as they go. A Python handler
-            # that does nothing, not SIG_DFL: a SIGCHLD already pending when this runs (both arrive during one C
-            # call, and CPython runs SIGTERM's handler first) is then an OSError 'Signal 17 ignored due to race
-            # condition' instead
-            saved_sigchld.append(signal.signal(signal.SIGCHLD, _ignore_signal))
-        raise Terminated()
+        try:
+            if hasattr(signal, "SIGCHLD") and not saved_sigchld:
+                # a SIGTERM to the process group ends the DataLoader workers too, and torch's SIGCHLD handler would
+                # raise 'DataLoader worker (pid N) is killed by signal' over this one line as they go. A Python
+                # handler that does nothing, not SIG_DFL: a SIGCHLD already pending when this runs (both arrive
+                # during one C call, and CPython runs SIGTERM's handler first) is then an OSError 'Signal 17 ignored
+                # due to race condition' instead
+                saved_sigchld.append(signal.signal(signal.SIGCHLD, _ignore_signal))
+        finally:  # a worker's end arriving during these lines runs torch's handler here, first: Terminated all the same
+            raise Terminated()
 
     signal.signal(signal.SIGTERM, terminate)
 
-    def restore() -> None:
+    def restore(dying: bool = False) -> None:
         signal.signal(signal.SIGTERM, previous)
-        if saved_sigchld and saved_sigchld[0] is not None:
+        if dying and hasattr(signal, "SIGCHLD"):  # workers still ending must not raise over the line said
+            signal.signal(signal.SIGCHLD, _ignore_signal)
+        elif saved_sigchld and saved_sigchld[0] is not None:
             signal.signal(signal.SIGCHLD, saved_sigchld[0])
 
     return restore
