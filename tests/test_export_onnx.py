@@ -511,8 +511,15 @@ def test_a_weakly_typed_build_pins_the_reductions_and_the_squares_they_take(tmp_
     assert pinned == [0, 1, 5, 7]  # the square, its reduction, the softmax, the normalisation
     assert all(layers[i].set_to == {0: "f32"} for i in pinned)
     assert all(layer.set_to == {} for i, layer in enumerate(layers) if i not in pinned)
-    trt.Builder.return_value.create_builder_config.return_value.set_flag.assert_any_call(
-        trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
+    config = trt.Builder.return_value.create_builder_config.return_value
+    config.set_flag.assert_any_call(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
+    config.set_flag.assert_any_call(trt.BuilderFlag.FP16)
+    config.reset_mock()
+    for layer in layers:
+        layer.precision, layer.set_to = None, {}
+    build_tensorrt_engine(tmp_path / "m.onnx", tmp_path / "m.engine")  # by default, as the CLI: float32 layers
+    config.set_flag.assert_not_called()
+    assert all(layer.precision is None and layer.set_to == {} for layer in layers)
 
 
 def test_a_tensorrt_that_does_not_import_is_not_called_missing(tmp_path, monkeypatch):

@@ -225,7 +225,7 @@ def float32_layers(network: Any, trt: Any) -> list[Any]:
 def build_tensorrt_engine(
     onnx_path: str | os.PathLike[str],
     engine_path: str | os.PathLike[str],
-    fp16: bool = True,
+    fp16: bool = False,
     *,
     bf16: bool = False,
     batch: Sequence[int] | None = None,
@@ -235,11 +235,12 @@ def build_tensorrt_engine(
 
     Precision: a float16 graph (``to_onnx(dtype=torch.float16)``) is built strongly typed: TensorRT keeps the graph's
     types, so the fused operators' normalisations and softmax stay in float32 as exported (``fp16``/``bf16`` are then
-    ignored). A float32 graph is built with the ``fp16``/``bf16`` flags (TensorRT picks per layer), with the
-    reductions and softmax held in float32 (a float16 sum of 1024 squared features overflows).
+    ignored). A float32 graph is built in float32, or with the ``fp16``/``bf16`` flags (TensorRT picks per layer)
+    with the layers of :func:`float32_layers` held in float32 (a float16 sum of 1024 squared features overflows).
 
     Args:
-        fp16, bf16: for a float32 graph, allow float16 / bfloat16 layers.
+        fp16, bf16: for a float32 graph, allow float16 / bfloat16 layers (default: neither, as the CLI's
+            ``--format tensorrt`` without ``--fp16``: the engine computes what the float32 graph does).
         batch: (min, opt, max) of the dynamic first dimension (the batch, or the class count of the text graph):
             one optimisation profile covers it; the engine is tuned for ``opt``. Default: DEFAULT_BATCH, (1, 1, 16),
             for the image graphs; (1, K, max(K, 16)) for the text graph of a K-class vocabulary.
