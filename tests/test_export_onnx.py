@@ -27,6 +27,7 @@ from denseclip_fast.export import (  # noqa: E402
     to_onnx,
 )
 from denseclip_fast.export import onnx as onnx_export  # noqa: E402
+from denseclip_fast.export.graphs import check_image_size  # noqa: E402
 from denseclip_fast.export.onnx import save_onnx  # noqa: E402
 from denseclip_fast.export.tensorrt import TensorRTUnavailable, build_tensorrt_engine  # noqa: E402
 from denseclip_fast.model.text import tokenize_class_names  # noqa: E402
@@ -250,6 +251,11 @@ def test_unsupported_export_requests_say_what_is_wrong(tiny, tmp_path):
         to_onnx(tiny, tmp_path / "x.onnx", image_size=(64, 99999999))
     with pytest.raises(ValueError, match=r"image_size must be an int or \(H, W\)"):
         to_onnx(tiny, tmp_path / "x.onnx", image_size=(64, 64, 3))
+    with pytest.raises(ValueError, match=r"image_size must be an int or \(H, W\) ints, got \(True, 64\)"):
+        to_onnx(tiny, tmp_path / "x.onnx", image_size=(True, 64))
+    # NumPy's ints (an image's shape[:2]) are ints: as plain ints, not refused as "not ints"
+    assert check_image_size(tiny, np.array([40, 56])[::-1]) == check_image_size(tiny, (56, 40)) == (56, 40)
+    assert type(check_image_size(tiny, np.int64(48))[0]) is int
     with pytest.raises(ValueError, match="model must be a denseclip_fast.DenseCLIP"):
         to_onnx(torch.nn.Linear(2, 2), tmp_path / "x.onnx")  # type: ignore[arg-type]
 

@@ -13,6 +13,7 @@ Segmenter does.
 
 from __future__ import annotations
 
+import numbers
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -74,12 +75,13 @@ def check_image_size(model: DenseCLIP, image_size: int | Sequence[int] | None) -
     size the network sees in the official slide inference)."""
     if image_size is None:
         return model.config.slide_crop, model.config.slide_crop
-    try:
-        size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    try:  # ints of any kind (a NumPy shape's, e.g.), not bools
+        size = (image_size, image_size) if isinstance(image_size, numbers.Integral) else tuple(image_size)  # type: ignore[arg-type]
     except TypeError:  # a float, ...: not iterable
         size = ()
-    if len(size) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) for s in size):
+    if len(size) != 2 or not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) for s in size):
         raise ValueError(f"image_size must be an int or (H, W) ints, got {image_size!r}")
+    size = (int(size[0]), int(size[1]))
     if min(size) < MIN_IMAGE_SIDE or max(size) > MAX_EXPORT_SIDE:
         raise ValueError(f"image_size must be {MIN_IMAGE_SIDE} to {MAX_EXPORT_SIDE} on each side, got {size}")
     return size[0], size[1]
