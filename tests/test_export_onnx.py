@@ -27,7 +27,7 @@ from denseclip_fast.export import (  # noqa: E402
     to_onnx,
 )
 from denseclip_fast.export import onnx as onnx_export  # noqa: E402
-from denseclip_fast.export.graphs import check_image_size  # noqa: E402
+from denseclip_fast.export.graphs import check_image_size, default_window_stride  # noqa: E402
 from denseclip_fast.export.onnx import save_onnx  # noqa: E402
 from denseclip_fast.export.tensorrt import TensorRTUnavailable, build_tensorrt_engine  # noqa: E402
 from denseclip_fast.model.text import tokenize_class_names  # noqa: E402
@@ -106,6 +106,37 @@ def test_float16_graph_and_dynamic_batch(tiny, tmp_path):
     meta = read_metadata(path)
     assert meta["dtype"] == "float16" and json.loads(meta["image_size"]) == list(SIZE)
     assert json.loads(meta["class_names"]) == NAMES and meta["graph"] == "image"
+
+
+def test_the_official_slide_pipeline_around_an_image_graph_from_its_metadata(tmp_path):
+    """README's recipe for the official test pipeline around an image graph, from the graph's metadata alone
+    (test_scale, image_size, slide_stride, mean / std): keep-ratio resize of a uint8 image, CLIP normalisation, the
+    sliding windows, logits resized back, equal to the Segmenter's slide mode. test_scale and slide_stride were only
+    inside the config entry; a graph of another size records two thirds of it as its stride (as to_aoti)."""
+    import torch.nn.functional as F
+
+    from denseclip_fast import Segmenter
+    from denseclip_fast.model.slide import slide_inference
+    from denseclip_fast.preprocess import resize_keep_ratio
+
+    from .conftest import text_dependent_model
+
+    model = text_dependent_model("resnet")
+    meta = read_metadata(to_onnx(model, tmp_path / "m.onnx"))
+    crop, stride = model.config.slide_crop, model.config.slide_stride
+    assert json.loads(meta["test_scale"]) == list(model.config.test_scale)
+    assert json.loads(meta["image_size"]) == [crop, crop] and json.loads(meta["slide_stride"]) == [stride, stride]
+    session = _session(tmp_path / "m.onnx")
+    image = np.random.default_rng(0).integers(0, 256, size=(97, 131, 3), dtype=np.uint8)
+    mean, std = (torch.tensor(json.loads(meta[k])).view(1, 3, 1, 1) for k in ("mean", "std"))
+    resized = resize_keep_ratio(torch.from_numpy(image).permute(2, 0, 1)[None], json.loads(meta["test_scale"]))
+    x = (resized.float() - mean) / std
+    windows = slide_inference(lambda w: _logits(session, w, torch.float32), x, json.loads(meta["image_size"]),
+                              json.loads(meta["slide_stride"]))  # fmt: skip
+    logits = F.interpolate(windows, size=image.shape[:2], mode="bilinear", align_corners=False)
+    expected = Segmenter(model, device="cpu", dtype=torch.float32, mode="slide").logits(image)
+    assert rel_err(logits, expected.reshape(logits.shape)) <= 1e-5
+    assert default_window_stride((96, 48), crop, stride) == (64, 32)  # another graph size: two thirds of it
 
 
 def test_fused_operators_become_standard_onnx(tiny, tmp_path):

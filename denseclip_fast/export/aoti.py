@@ -31,7 +31,7 @@ from ..engine.segmenter import no_tf32
 from ..model import DenseCLIP
 from ..ops.backends import MAX_GRID_Y
 from ..preprocess import CLIP_MEAN, CLIP_STD
-from .graphs import TRACE_BATCH, ImageGraph, check_image_size, output_path, write_file
+from .graphs import TRACE_BATCH, ImageGraph, check_image_size, default_window_stride, output_path, write_file
 
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 PACKAGE_SUFFIX = ".pt2"  # what aoti_compile_and_package writes: a zip archive
@@ -146,9 +146,7 @@ def _layout(device: torch.device) -> torch.memory_format:
 def _window_stride(stride: int | Sequence[int] | None, size: tuple[int, int], seg: Segmenter) -> tuple[int, int]:
     """The slide stride recorded in a package whose image size is ``size`` (see to_aoti)."""
     if stride is None:
-        if size == (seg.crop, seg.crop):
-            return seg.stride, seg.stride
-        return max(1, 2 * size[0] // 3), max(1, 2 * size[1] // 3)
+        return default_window_stride(size, seg.crop, seg.stride)
     pair = (stride, stride) if isinstance(stride, int) else tuple(stride)
     valid = len(pair) == 2 and all(type(v) is int and 1 <= v <= c for v, c in zip(pair, size))
     if not valid:

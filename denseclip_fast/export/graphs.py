@@ -87,6 +87,14 @@ def check_image_size(model: DenseCLIP, image_size: int | Sequence[int] | None) -
     return size[0], size[1]
 
 
+def default_window_stride(size: tuple[int, int], crop: int, stride: int) -> tuple[int, int]:
+    """The slide stride recorded with a graph or package of ``size`` (H, W): the model's (or Segmenter's) ``stride``
+    for its ``crop`` x ``crop`` window, two thirds of the window otherwise (the official configs' 341 of 512)."""
+    if size == (crop, crop):
+        return stride, stride
+    return max(1, 2 * size[0] // 3), max(1, 2 * size[1] // 3)
+
+
 def output_path(path: str | os.PathLike[str], name: str = "path") -> Path:
     """``path`` as a Path if an exporter can write its file there: not a directory, in a directory that exists or
     that makedirs can create (validation.check_writable_file); ValueError naming ``name`` otherwise. The exporters

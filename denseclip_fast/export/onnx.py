@@ -34,7 +34,7 @@ from ..model import DenseCLIP
 from ..preprocess import CLIP_MEAN, CLIP_STD
 from ..requirements import dotted, release_below
 from ..validation import given_dtype
-from .graphs import build_graph, check_image_size, example_inputs, output_path
+from .graphs import build_graph, check_image_size, default_window_stride, example_inputs, output_path
 
 ONNX_DTYPES = (torch.float32, torch.float16)
 DEFAULT_OPSET = 18
@@ -176,7 +176,10 @@ def to_onnx(
     if graph == "text":
         metadata["class_token_length"] = str(prepared.config.text.class_token_length)
     else:
-        metadata |= {"image_size": json.dumps(list(size)), "mean": json.dumps(CLIP_MEAN), "std": json.dumps(CLIP_STD)}
+        config = prepared.config
+        stride = default_window_stride(size, config.slide_crop, config.slide_stride)
+        metadata |= {"image_size": json.dumps(list(size)), "mean": json.dumps(CLIP_MEAN), "std": json.dumps(CLIP_STD),
+                     "test_scale": json.dumps(list(config.test_scale)), "slide_stride": json.dumps(list(stride))}
     exported_opset = program.model.opset_imports.get("", None)
     if exported_opset != opset:
         raise ValueError(f"the exporter wrote opset {exported_opset}, not the requested {opset}")
