@@ -12,6 +12,7 @@ import tempfile
 import zipfile
 from dataclasses import replace
 from typing import Any
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 
 from denseclip_fast import DenseCLIP, Segmenter
 from denseclip_fast.export import load_aoti, to_aoti
+from denseclip_fast.export.aoti import check_grid
 from denseclip_fast.model.slide import slide_inference
 from denseclip_fast.preprocess import normalize, prepare, resize_bilinear_uint8
 
@@ -178,8 +180,19 @@ def test_to_aoti_argument_errors(model, tmp_path):
         to_aoti(seg, tmp_path / "x.pt2", max_batch=1)
     heads = max(seg.model.config.vision.heads, seg.model.config.decoder.heads)  # images x heads: one grid axis
     most = 65535 // heads
-    message = rf"^max_batch must be <= {most} for this architecture, got {most + 1} \(the fused attention runs images"
+    message = rf"^max_batch must be <= {most} for this architecture on CUDA, got {most + 1} \(the fused attention"
     with pytest.raises(ValueError, match=message):
+        check_grid(most + 1, seg.model.config, torch.device("cuda"))
+    check_grid(most, seg.model.config, torch.device("cuda"))
+    check_grid(most + 1, seg.model.config, torch.device("cpu"))  # the CPU operators have no grid: was refused
+
+    class Traced(Exception):
+        pass
+
+    def export(*args, **kwargs):
+        raise Traced
+
+    with mock.patch.object(torch.export, "export", export), pytest.raises(Traced):  # checked, on to the trace
         to_aoti(seg, tmp_path / "x.pt2", max_batch=most + 1)
     (tmp_path / "model.onnx").write_bytes(b"\x08\x07not a zip")
     with pytest.raises(ValueError, match=r"model.onnx is not an AOTInductor package \(a \.pt2 zip archive"):

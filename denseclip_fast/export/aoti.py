@@ -26,6 +26,7 @@ import torch
 
 from .. import __version__, ops
 from ..checkpoints.io import excerpt
+from ..config import DenseCLIPConfig
 from ..engine import Segmenter
 from ..engine.segmenter import no_tf32
 from ..model import DenseCLIP
@@ -89,15 +90,7 @@ def to_aoti(
             f"max_batch; torch.export traces the batch as dynamic from {TRACE_BATCH}: for batch 1, "
             f"max_batch={TRACE_BATCH})"
         )
-    config = seg.model.config
-    heads = max(config.vision.heads, config.decoder.heads)
-    # the fused attention's grid axis of images x heads: eager calls split a larger one into launches, a package not
-    if max_batch * heads > MAX_GRID_Y:
-        raise ValueError(
-            f"max_batch must be <= {MAX_GRID_Y // heads} for this architecture, got {max_batch} (the fused "
-            f"attention runs images x {heads} heads on one grid axis of at most {MAX_GRID_Y} rows, which a package "
-            "cannot split as eager calls do)"
-        )
+    check_grid(max_batch, seg.model.config, seg.device)
     # default: the Segmenter's window (a DenseCLIP model's Segmenter has the model's), so that the package slides as
     # the Segmenter it was made from
     size = check_image_size(seg.model, seg.crop if image_size is None else image_size)
@@ -141,6 +134,18 @@ def _layout(device: torch.device) -> torch.memory_format:
     """The memory format a package's input is traced in, and made before each call (the compiled code trusts the
     traced strides): channels_last on CUDA, NCHW on CPU (examples/cpp/segment.cpp follows the same rule)."""
     return torch.channels_last if device.type == "cuda" else torch.contiguous_format
+
+
+def check_grid(max_batch: int, config: DenseCLIPConfig, device: torch.device) -> None:
+    """A CUDA package's largest batch times the attention heads fits the fused attention's grid axis (eager calls
+    split a larger one into launches, a package cannot); the CPU operators have no such limit."""
+    heads = max(config.vision.heads, config.decoder.heads)
+    if device.type == "cuda" and max_batch * heads > MAX_GRID_Y:
+        raise ValueError(
+            f"max_batch must be <= {MAX_GRID_Y // heads} for this architecture on CUDA, got {max_batch} (the fused "
+            f"attention runs images x {heads} heads on one grid axis of at most {MAX_GRID_Y} rows, which a package "
+            "cannot split as eager calls do)"
+        )
 
 
 def _window_stride(stride: int | Sequence[int] | None, size: tuple[int, int], seg: Segmenter) -> tuple[int, int]:
