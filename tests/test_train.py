@@ -551,9 +551,20 @@ def test_resume_restores_the_random_state(generic, tmp_path):
 
 
 def _ddp_worker(rank: int, world: int, port: int, cfg_dict: dict) -> None:
+    """One torchrun-style process; it saves the model's buffers as each evaluation sees them (evaluated_N.pt)."""
+    from denseclip_fast.train import loop
+
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))  # fmt: skip
     torch.set_num_threads(1)
+    real = loop.evaluate
+
+    def evaluate(model, *args, **kwargs):
+        seen = {k: v.clone() for k, v in model.named_buffers()}
+        torch.save(seen, os.path.join(cfg_dict["work_dir"], f"evaluated_{rank}.pt"))
+        return real(model, *args, **kwargs)
+
+    loop.evaluate = evaluate
     train(TrainConfig(**cfg_dict))
 
 
@@ -583,6 +594,12 @@ def test_two_process_ddp_matches_one_process(arch_file, generic, tmp_path):
     single_losses = [float(r["loss"]) for r in _metrics(tmp_path / "single")]
     ddp_losses = [float(r["loss"]) for r in _metrics(tmp_path / "ddp")]  # the mean over both processes
     assert np.allclose(single_losses, ddp_losses, rtol=1e-6), (single_losses, ddp_losses)
+    # the evaluation, its images shared by the processes, is the saved model's: each process evaluated with rank
+    # 0's BatchNorm statistics, the saved ones (process 1's had moved with its own last batch, a review's finding)
+    seen = [torch.load(tmp_path / "ddp" / f"evaluated_{rank}.pt", weights_only=True) for rank in (0, 1)]
+    assert seen[0].keys() == seen[1].keys() and any("running_mean" in k for k in seen[0])
+    for name, buffer in b.named_buffers():
+        assert torch.equal(seen[0][name], buffer) and torch.equal(seen[1][name], buffer), name
 
 
 @pytest.mark.slow

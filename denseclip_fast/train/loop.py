@@ -945,7 +945,12 @@ class Trainer:
     def _evaluate(
         self, model: DenseCLIP, val: SegmentationData, rank: int, world: int, iteration: int, writer: Any
     ) -> dict[str, Any] | None:
-        """mIoU/aAcc on the val split in float32 (as the official test), the images shared by the processes."""
+        """mIoU/aAcc on the val split in float32 (as the official test), the images shared by the processes, each
+        with rank 0's buffers: the saved model's. (Without SyncBatchNorm each process's BatchNorm statistics have
+        moved with its own last batch since DDP copied rank 0's before that forward.)"""
+        if world > 1:
+            for buffer in model.buffers():
+                dist.broadcast(buffer, 0)
         result = evaluate(model, val, mode=self.cfg.eval_mode, rank=rank, world=world, progress=True)
         if rank == 0:
             row = {"iter": iteration, "mIoU": result["mIoU"], "aAcc": result["aAcc"], "mAcc": result["mAcc"]}
