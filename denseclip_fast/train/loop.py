@@ -362,7 +362,7 @@ def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 # optimizer's settings and the schedule, from the iteration it resumes at (e.g. a lower lr after a non-finite loss)
 RESUME_FOLLOWS = ("lr", "weight_decay", "backbone_lr_mult", "iters", "warmup_iters", "warmup_ratio", "min_lr",
                   "poly_power")  # fmt: skip
-SCHEDULE = ("lr", "iters", "warmup_iters", "warmup_ratio", "min_lr", "poly_power")  # what learning_rate reads
+SCHEDULE = ("lr", "iters", "warmup_iters", "warmup_ratio", "min_lr", "poly_power")  # of those, learning_rate's
 RESUME_FILE = "a training state file: the iter_N.state.pt that train writes beside each iter_N.safetensors"
 STATE_ENTRIES: dict[str, type] = {"iteration": int, "optimizer": dict, "scaler": dict, "rng": list, "config": str}
 
@@ -446,7 +446,7 @@ class Trainer:
         self.cfg = cfg
         self.resume = resume
         self._state: dict[str, Any] | None = None  # the resume file, read once
-        self._changed: list[str] = []  # RESUME_FOLLOWS settings that differ from the saved run's, said when resuming
+        self._changed: dict[str, str] = {}  # RESUME_FOLLOWS settings that differ from the saved run's: what to say
 
     # ------------------------------------------------------------------ files
 
@@ -697,8 +697,8 @@ class Trainer:
                 f"state fits only the saved one; resume with norm_decay {saved['norm_decay']!r}, or start this run "
                 "in a new --work-dir"
             )
-        self._changed = [f"{name} {getattr(cfg, name)!r} (the saved run had {saved[name]!r})"
-                         for name in RESUME_FOLLOWS if name in saved and saved[name] != getattr(cfg, name)]  # fmt: skip
+        self._changed = {name: f"{name} {getattr(cfg, name)!r} (the saved run had {saved[name]!r})"
+                         for name in RESUME_FOLLOWS if name in saved and saved[name] != getattr(cfg, name)}  # fmt: skip
 
     def run(self) -> dict[str, Any]:
         rank = launch_environment()[0]  # checked before any other work (_distributed reads it again)
@@ -725,10 +725,8 @@ class Trainer:
             return self._run(rank, world, device, resume_path, held)
 
     def _schedule_changed(self) -> bool:
-        """Whether this run's learning-rate schedule differs from the resumed state's run (its settings)."""
-        assert self._state is not None
-        saved = json.loads(self._state["config"])
-        return any(saved.get(name) != getattr(self.cfg, name) for name in SCHEDULE)
+        """Whether this run's learning-rate schedule differs from the resumed state's run (_check_settings's)."""
+        return any(name in self._changed for name in SCHEDULE)
 
     def _already_finished(self, path: str, rank: int) -> dict[str, Any] | None:
         """What resuming from ``path`` returns when its run has reached cfg.iters and has its final evaluation
@@ -813,8 +811,9 @@ class Trainer:
                       f"{start} ({resume_path}) but its final evaluation is missing: running it",
                       file=sys.stderr)  # fmt: skip
             elif self._changed:
-                print(f"denseclip-fast train: resuming from {resume_path} with {', '.join(self._changed)}: the "
-                      f"optimizer and the schedule go on with these values from iteration {start}",
+                changed = ", ".join(self._changed.values())
+                print(f"denseclip-fast train: resuming from {resume_path} with {changed}: the optimizer and the "
+                      f"schedule go on with these values from iteration {start}",
                       file=sys.stderr)  # fmt: skip
 
         if rank == 0 and bn_images < cfg.batch_size and not complete:
