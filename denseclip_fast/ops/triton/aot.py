@@ -176,10 +176,7 @@ def _jit_score_backward(dt: str, k: int, layout: str) -> Spec:
     label, fn, _, const, options, _ = _score_backward(dt, k)
     (h, w), c, b = MODEL_HW, MODEL_C, MODEL_BATCH
     p, block_p, fused = h * w, const["BLOCK_P"], const["FUSE_TEXT"]
-    n_tiles = score.cdiv(p, block_p)
-    grid_b = 1 if fused else b  # the text shared: one program row walks the batch
-    work = n_tiles * (b if grid_b == 1 else 1)
-    splits = score._splits(work, block_p, score.cdiv(c, const["BLOCK_C"]) * grid_b, MODEL_SMS, fused)
+    n_tiles, _, _, work, splits = score._visual_grid(b, p, c, block_p, const["BLOCK_C"], fused, True, MODEL_SMS)
     args = {"v_ptr": f"*{dt}", "that_ptr": "*fp32", "g_ptr": f"*{dt}", "n_ptr": "*fp32", "r_ptr": "*fp32",
             "gv_ptr": f"*{dt}", "gt_ptr": "*fp32", "C": c, "P": p, "K": k, "n_tiles": n_tiles, "work": work,
             "per_split": score.cdiv(work, splits), **dict(zip(("s_vb", "s_vc", "s_vp"), _strides(c, layout))),

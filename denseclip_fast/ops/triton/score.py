@@ -531,6 +531,19 @@ def _splits(work: int, block_p: int, programs_per_split: int, sms: int, fused: b
     return max(1, min(wanted, work * block_p // MIN_PIXELS_PER_SPLIT, 65535))
 
 
+def _visual_grid(
+    b: int, p: int, c: int, block_p: int, block_c: int, fused: bool, shared: bool, sms: int
+) -> tuple[int, int, int, int, int]:
+    """(n_tiles, c_blocks, grid_b, work, splits) of the visual kernel's launch, its grid (c_blocks, splits, grid_b):
+    fused with the text shared, one program row walks the whole batch (grid_b 1, work the batch's tiles); otherwise
+    a row per image, each over its own n_tiles."""
+    n_tiles = cdiv(p, block_p)
+    c_blocks = cdiv(c, block_c)
+    grid_b = 1 if fused and shared else b
+    work = n_tiles * (b if grid_b == 1 else 1)
+    return n_tiles, c_blocks, grid_b, work, _splits(work, block_p, c_blocks * grid_b, sms, fused)
+
+
 def score_backward(
     grad: torch.Tensor,
     visual: torch.Tensor,
@@ -594,11 +607,8 @@ def score_backward(
         g, score, norm, radial, p, k, *g_strides, *s_strides, EPS,
         BLOCK_P=pixel_block_p, BLOCK_K=pixel_block_k, WIDE=wide,
     )  # fmt: skip
-    n_tiles = cdiv(p, block_p)
-    c_blocks = cdiv(c, block_c)
-    grid_b = 1 if fused and shared else b  # fused with shared text: one program row walks the whole batch
-    work = n_tiles * (b if grid_b == 1 else 1)
-    splits = _splits(work, block_p, c_blocks * grid_b, _sm_count(v.device), fused)
+    n_tiles, c_blocks, grid_b, work, splits = _visual_grid(b, p, c, block_p, block_c, fused, shared,
+                                                           _sm_count(v.device))  # fmt: skip
     partial = torch.empty((grid_b * splits, k, c) if fused else (0,), dtype=torch.float32, device=v.device)
     grad_visual = torch.empty_like(v)  # dense in v's layout, written with v's element strides
     launch(_score_bwd_kernel)[(c_blocks, splits, grid_b)](
