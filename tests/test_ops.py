@@ -1014,9 +1014,27 @@ def test_a_gpu_the_cuda_kernels_were_not_built_for(monkeypatch):
     with pytest.raises(RuntimeError, match=f"backend 'cuda' .* this GPU is sm_{other}"):
         ops.backends.resolve("pixel_text_score", gpu, torch.float32, backend="cuda")
     assert ops.backends.resolve("context_attention", gpu, torch.float32, head_dim=8) == "reference"
+    # while torch.compile traces, the eager call's answer holds
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert f"this GPU is sm_{other}" in ops.backends.unavailable_reason("cuda", "pixel_text_score", gpu, torch.float32)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
     monkeypatch.setattr(ops.backends, "_memo", {})
     monkeypatch.setattr(ops.backends, "_device_arch", lambda device: built[0])
     assert ops.backends.unavailable_reason("cuda", "pixel_text_score", gpu, torch.float32) is None
+
+
+@pytest.mark.parametrize("gpu_arch, runs", [(80, True), (86, True), (89, True), (90, False), (75, False), (100, False)])
+def test_a_build_runs_on_the_minor_versions_above_it(monkeypatch, gpu_arch, runs):
+    """CUDA's binary compatibility: a build for sm_80 runs on sm_86 and sm_89 GPUs (an A10, an L4), not on sm_90 (no
+    PTX is relied on) nor on an older GPU; the cuda backend accepts or refuses accordingly."""
+    monkeypatch.setattr(ops.backends, "_memo", {})
+    monkeypatch.setattr(ops.backends, "build_info", lambda: {"cuda": {"archs": [80]}})
+    monkeypatch.setattr(ops.backends, "extension_available", lambda: True)
+    monkeypatch.setattr(ops.backends, "_device_arch", lambda device: gpu_arch)
+    why = ops.backends.unavailable_reason("cuda", "pixel_text_score", torch.device("cuda", 0), torch.float32)
+    assert (why is None) == runs, why
+    if not runs:
+        assert f"built for sm_80 and this GPU is sm_{gpu_arch}" in why
 
 
 def test_triton_needs_an_ampere_or_newer_gpu(monkeypatch):

@@ -75,17 +75,24 @@ def gpu_arch(device: torch.device) -> int | None:
     return _device_arch(device) if device.type == "cuda" else None
 
 
+def runs_cubin_of(built: list[int], arch: int) -> bool:
+    """Whether a GPU of compute capability ``arch`` runs the machine code of a build for ``built`` (10 * major +
+    minor): a cubin for sm_XY runs on sm_XZ with Z >= Y (CUDA's binary compatibility: an sm_80 build runs on an
+    sm_86 or sm_89 GPU), never across major versions."""
+    return any(b // 10 == arch // 10 and b <= arch for b in built)
+
+
 def _cuda_arch_mismatch(device: torch.device) -> str | None:
     """Why the extension's CUDA kernels cannot run on this GPU (built for other architectures), else None; so the
     user reads it here instead of "no kernel image is available" inside a kernel. Memoised per device; not
     evaluated while torch.compile traces (the eager calls before have checked it)."""
-    key = ("arch", device.index)
+    if torch.compiler.is_compiling():
+        return _memo.get(("arch", device.index))
+    key = ("arch", device.index if device.index is not None else torch.cuda.current_device())
     if key not in _memo:
-        if torch.compiler.is_compiling():
-            return None
         built, arch = build_info()["cuda"]["archs"], _device_arch(device)
         assert arch is not None  # not compiling, so _per_device queried the device
-        _memo[key] = None if arch in built else (
+        _memo[key] = None if runs_cubin_of(built, arch) else (
             f"the extension's CUDA kernels were built for {', '.join(f'sm_{a}' for a in built)} and this GPU is "
             f"sm_{arch} (rebuild with TORCH_CUDA_ARCH_LIST={arch // 10}.{arch % 10})"
         )  # fmt: skip
