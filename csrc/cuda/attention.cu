@@ -111,6 +111,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> context_attention_backward_cuda(
         using K = decltype(kernels);
         K::dq<<<grid_q, ta::kThreads, 0, stream>>>(data_as<T>(qc), data_as<T>(kc), data_as<T>(vc), data_as<T>(g), lp,
                                                     dp, data_as<T>(dq), s.Lq, s.Lk, D, tc_scale(s), vec);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
         K::dkdv<<<grid_k, ta::kKvThreads, 0, stream>>>(data_as<T>(qc), data_as<T>(kc), data_as<T>(vc), data_as<T>(g),
                                                         lp, dp, data_as<T>(dk), data_as<T>(dv), s.Lq, s.Lk, D,
                                                         tc_scale(s), vec);
@@ -127,6 +128,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> context_attention_backward_cuda(
         qc.data_ptr<scalar_t>(), kc.data_ptr<scalar_t>(), vc.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(),
         lc.data_ptr<acc_t>(), delta.data_ptr<acc_t>(), dq.data_ptr<scalar_t>(), s.Lq, s.Lk, static_cast<int>(s.D),
         scale);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
     attn::attention_dkdv_kernel<scalar_t, acc_t><<<grid_k, kWarps * 32, 0, stream>>>(
         qc.data_ptr<scalar_t>(), kc.data_ptr<scalar_t>(), vc.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(),
         lc.data_ptr<acc_t>(), delta.data_ptr<acc_t>(), dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(), s.Lq, s.Lk,

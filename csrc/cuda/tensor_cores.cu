@@ -4,6 +4,8 @@
 #include <c10/cuda/CUDAException.h>
 #include <cuda_runtime.h>
 
+#include <cstdlib>
+#include <cstring>
 #include <map>
 #include <mutex>
 
@@ -52,11 +54,20 @@ const TensorCoreGpu& tensor_core_gpu(int index) {
   return gpus.emplace(index, gpu).first->second;
 }
 
+// DENSECLIP_FAST_CUDA_TENSOR_CORES=0: the portable kernels for float16 and bfloat16 too, the path of a GPU without
+// tensor-core kernels for the dtype (bfloat16 on a T4, a build without code for the GPU's tensor cores), so that a
+// GPU that has them can test it. Read at every call (a getenv, against a launch's microseconds): a test switches
+// it with os.environ, which sets the process environment.
+bool tensor_cores_disabled() {
+  const char* value = std::getenv("DENSECLIP_FAST_CUDA_TENSOR_CORES");
+  return value != nullptr && std::strcmp(value, "0") == 0;
+}
+
 }  // namespace
 
 const TensorCoreGpu* tensor_cores_for(const at::Tensor& x) {
   const at::ScalarType dtype = x.scalar_type();
-  if (dtype != at::kHalf && dtype != at::kBFloat16) return nullptr;
+  if ((dtype != at::kHalf && dtype != at::kBFloat16) || tensor_cores_disabled()) return nullptr;
   const TensorCoreGpu& gpu = tensor_core_gpu(x.device().index());
   return (dtype == at::kHalf ? gpu.half : gpu.bf16) ? &gpu : nullptr;
 }

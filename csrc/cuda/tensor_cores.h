@@ -15,7 +15,7 @@ struct TensorCoreGpu {
 };
 
 // The GPU's tensor-core facts when the dtype of `x` (a CUDA tensor on the current device) has tensor-core kernels
-// there, else nullptr.
+// there, else nullptr (also for every dtype when DENSECLIP_FAST_CUDA_TENSOR_CORES=0: the portable kernels).
 const TensorCoreGpu* tensor_cores_for(const at::Tensor& x);
 
 // A tensor's data as the CUDA type T of the tensor-core kernels (__half, __nv_bfloat16).
