@@ -554,6 +554,35 @@ def test_files_are_replaced_as_open_would_write_them(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["latest.json", "run5.json"]
 
 
+def test_a_model_saved_to_a_fifo_is_written_into_it(tmp_path):
+    """DenseCLIP.save to a path that is not a regular file (here a FIFO, read by a thread; /dev/null alike) writes
+    the checkpoint into it: safetensors' save_file writes a file of its own and renames it over the path, which put
+    a regular file in the FIFO's (or, as root, /dev/null's) stead and left the reader waiting."""
+    import stat
+    import threading
+
+    from safetensors.torch import load
+
+    model = DenseCLIP(tiny_config(), NAMES).eval()
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    received: list[bytes] = []
+
+    def read() -> None:
+        with open(fifo, "rb") as f:
+            received.append(f.read())
+
+    reader = threading.Thread(target=read, daemon=True)  # blocks in open() until a writer opens the FIFO
+    reader.start()
+    model.save(fifo)
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode), "the FIFO was replaced by a file"
+    reader.join(timeout=30)
+    assert received, "nothing was written into the FIFO"
+    tensors = load(received[0])
+    assert tensors.keys() == model.state_dict().keys()
+    assert all(torch.equal(tensors[k], v) for k, v in model.state_dict().items())
+
+
 # ------------------------------------------------------------------------------------------------ unsafe and broken
 
 

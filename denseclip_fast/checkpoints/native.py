@@ -26,7 +26,7 @@ def save_native(model: DenseCLIP, path: str | os.PathLike[str]) -> None:
     """Write ``model`` to ``path`` (replaced atomically). CheckpointError naming the path when it cannot be written:
     a missing or unwritable directory, a directory at ``path``, a failed write (the old file is then kept)."""
     from safetensors import SafetensorError
-    from safetensors.torch import save_file
+    from safetensors.torch import save, save_file
 
     path = path_argument(path)
     if path.endswith((os.sep, "/")):  # realpath drops it: "new/" was written as a file "new"
@@ -53,7 +53,11 @@ def save_native(model: DenseCLIP, path: str | os.PathLike[str]) -> None:
         raise CheckpointError(path, f"cannot save: directory {parent} is not writable")
     try:
         with replaced_atomically(path) as partial:
-            save_file(tensors, partial, metadata=metadata)
+            if partial == path:  # not a regular file (/dev/null, a FIFO): written in place, where save_file would
+                with open(partial, "wb") as f:  # write a file of its own and rename it over the path
+                    f.write(save(tensors, metadata=metadata))
+            else:
+                save_file(tensors, partial, metadata=metadata)
     except (OSError, SafetensorError) as exc:  # e.g. a full disk, or permissions os.access cannot see
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise CheckpointError(path, f"cannot save: {reason}") from None
