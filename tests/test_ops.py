@@ -429,6 +429,35 @@ def test_attention_takes_inputs_transposed_in_their_last_two_dimensions(backend)
         torch.testing.assert_close(actual, expected)
 
 
+@pytest.mark.parametrize("backend", sorted({b for b, _ in BACKEND_DTYPES}))
+@pytest.mark.parametrize("where", ["one query element", "a query row", "one key element", "every key",
+                                   "one value element", "a query element inf"])  # fmt: skip
+def test_attention_nan_spreads_as_in_the_reference(backend, where):
+    """Non-finite inputs give NaN (and Inf) exactly where softmax(q k^T / sqrt(D)) v and its gradients do: ATen's CPU
+    flash kernel, which the cpu backend calls, gave a query row with a NaN (or a head whose keys are all NaN) the
+    output 0 and finite gradients, as torch's own CPU scaled_dot_product_attention does."""
+    q, k, v = (torch.randn(2, 2, n, 16, dtype=torch.float64) for n in (5, 7, 7))
+    target, index, value = {
+        "one query element": (q, (1, 0, 3, 2), math.nan), "a query row": (q, (0, 1, 2), math.nan),
+        "one key element": (k, (1, 1, 4, 0), math.nan), "every key": (k, (0, 1), math.nan),
+        "one value element": (v, (0, 0, 6, 5), math.nan), "a query element inf": (q, (1, 1, 0, 9), math.inf),
+    }[where]  # fmt: skip
+    target[index] = value
+    grad = torch.randn(2, 2, 5, 16, dtype=torch.float64)
+    results = {}
+    for name in ("reference", backend):
+        leaves = [x.to(DEVICE, torch.float32).requires_grad_() for x in (q, k, v)]
+        out = ops.context_attention(*leaves, backend=name)
+        out.backward(grad.to(DEVICE, torch.float32))
+        results[name] = [out] + [x.grad for x in leaves]
+    assert not results["reference"][0].isfinite().all()
+    for actual, wanted in zip(results[backend], results["reference"]):
+        assert torch.equal(actual.isnan(), wanted.isnan()) and torch.equal(actual.isinf(), wanted.isinf()), where
+        finite = wanted.isfinite()
+        if finite.any():
+            _check_close(actual[finite], wanted[finite], torch.float32, 4)
+
+
 # The ends of the attention's specified range (any K from 1 to 2048 queries, any N from 1 to 65536 keys, head dims
 # 32/64/128): one query over 65536 keys, 2048 queries over one key or three; on a GPU also 2048 x 65536 (on the CPU
 # that takes a minute: its kernel is tested there at smaller sizes)

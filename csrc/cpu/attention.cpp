@@ -11,6 +11,8 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <limits>
+
 #include "../common.h"
 
 namespace denseclip_fast {
@@ -28,9 +30,21 @@ std::tuple<at::Tensor, at::Tensor> context_attention_cpu(const at::Tensor& q, co
     return {at::empty_like(q, at::MemoryFormat::Contiguous),
             at::empty({s.B, s.heads, s.Lq}, q.options().dtype(lse_type(q)))};
   }
-  const auto [out, lse] =
+  auto [out, lse] =
       at::_scaled_dot_product_flash_attention_for_cpu(unit_last_stride(q), unit_last_stride(k), unit_last_stride(v));
-  return {out.contiguous(), lse.contiguous()};
+  out = out.contiguous();
+  lse = lse.contiguous();
+  // ATen's kernel gives a query row whose scores are all NaN (a NaN in the query, or keys all NaN) the output 0 (its
+  // row maximum skips NaN scores), where softmax(q k^T) v, the reference, gives NaN: any NaN in a query makes its
+  // row NaN here, any in the keys every row of that head (as one NaN score does in the reference), with their
+  // log-sum-exp, so that the backward gives NaN gradients as the reference's does (checks of q and k, cheap beside
+  // the products)
+  const at::Tensor nan_rows = at::isnan(q).any(-1).logical_or_(at::isnan(k).any(-1).any(-1, true));
+  if (nan_rows.any().item<bool>()) {
+    out.masked_fill_(nan_rows.unsqueeze(-1), std::numeric_limits<double>::quiet_NaN());
+    lse.masked_fill_(nan_rows, std::numeric_limits<double>::quiet_NaN());
+  }
+  return {out, lse};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> context_attention_backward_cpu(
