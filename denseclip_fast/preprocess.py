@@ -262,9 +262,19 @@ def resize_nearest(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return out
 
 
+def _check_rgb_batch(x: Any, what: str) -> None:
+    """ValueError unless ``x`` is a (B, 3, H, W) tensor (an (H, W, 3) image or a 4-channel batch would otherwise be
+    taken as channels and broadcast into a wrong result)."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != 3:
+        got = f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"x must be a (B, 3, H, W) batch of {what} (to_tensor makes one of (H, W, 3) images), "
+                         f"got {got}")  # fmt: skip
+
+
 def resize_keep_ratio(x: torch.Tensor, scale: Sequence[int]) -> torch.Tensor:
     """(B, 3, H, W) uint8 values -> float32, resized to :func:`keep_ratio_size` as mmcv's ``imrescale`` (OpenCV
     bilinear, uint8 result)."""
+    _check_rgb_batch(x, "RGB values 0..255")
     return resize_bilinear_uint8(x, keep_ratio_size(x.shape[2], x.shape[3], scale))
 
 
@@ -284,7 +294,11 @@ def _mean_std(dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, t
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) float 0..255 RGB -> CLIP-normalised."""
+    """(B, 3, H, W) 0..255 RGB -> CLIP-normalised, in x's floating dtype (float32 for an integer batch: uint8
+    arithmetic would truncate CLIP's mean and std and wrap below zero)."""
+    _check_rgb_batch(x, "RGB values 0..255")
+    if not x.is_floating_point():
+        x = x.float()
     mean, std = _mean_std(x.dtype, x.device)
     return (x - mean) / std
 

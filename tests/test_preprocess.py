@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from denseclip_fast.preprocess import (
     pil_to_rgb,
     prepare,
     resize_bilinear_uint8,
+    resize_keep_ratio,
     resize_nearest,
     to_tensor,
 )
@@ -51,6 +53,27 @@ def test_prepare_resizes_rounds_and_normalises():
     assert torch.allclose(
         normalize(torch.full((1, 3, 2, 2), 255.0))[0, 0, 0, 0], torch.tensor((255 - CLIP_MEAN[0]) / CLIP_STD[0])
     )
+
+
+def test_normalize_and_resize_keep_ratio_take_rgb_batches_only():
+    """Integer batches are normalised in float32 (uint8 arithmetic truncated CLIP's mean and std and wrapped below
+    zero: up to 3.9 off); an (H, W, 3) image, a 1- or 4-channel batch are refused, naming x, where they were
+    broadcast or resized as channels into a wrong result."""
+    pixels = torch.randint(0, 256, (2, 3, 5, 7), dtype=torch.uint8)
+    expected = normalize(pixels.double())
+    for dtype in (torch.uint8, torch.int64):
+        got = normalize(pixels.to(dtype))
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=1e-6)
+    assert normalize(pixels.half()).dtype == torch.float16
+    for bad in (torch.zeros(1, 1, 8, 8), torch.zeros(1, 4, 8, 8), torch.zeros(64, 80, 3), torch.zeros(1, 64, 80, 3)):
+        shape = re.escape(str(tuple(bad.shape)))
+        with pytest.raises(ValueError, match=rf"x must be a \(B, 3, H, W\) batch .*got shape {shape}"):
+            normalize(bad)
+        with pytest.raises(ValueError, match=r"x must be a \(B, 3, H, W\) batch"):
+            resize_keep_ratio(bad.to(torch.uint8), (128, 64))
+    with pytest.raises(ValueError, match="got ndarray"):
+        normalize(np.zeros((1, 3, 2, 2), np.float32))
 
 
 @pytest.mark.parametrize(
