@@ -19,6 +19,7 @@ import importlib.metadata
 import importlib.util
 import io
 import json
+import numbers
 import os
 import uuid
 import warnings
@@ -132,8 +133,10 @@ def to_onnx(
         bf16 = dtype in (torch.bfloat16, "bfloat16", "bf16")
         raise ValueError(f"dtype must be torch.float32 or torch.float16 for ONNX, got "
                          f"{given_dtype(dtype, ONNX_DTYPES)}{hint if bf16 else ''}")  # fmt: skip
-    if opset not in OPSETS:
-        raise ValueError(f"opset must be in {OPSETS.start}..{OPSETS.stop - 1}, got {opset!r}")
+    # an int: 18.0 is "in" the range, and the exporter given it failed, and failed every later export of the process
+    if not isinstance(opset, numbers.Integral) or isinstance(opset, bool) or opset not in OPSETS:
+        raise ValueError(f"opset must be an int in {OPSETS.start}..{OPSETS.stop - 1}, got {opset!r}")
+    opset = int(opset)
     if graph == "text" and image_size is not None:  # else accepted and ignored
         raise ValueError(f"image_size applies to the image graphs ('image', 'image_with_text'); the text graph maps "
                          f"class tokens to class embeddings, got image_size={image_size!r}")  # fmt: skip
