@@ -254,7 +254,13 @@ def cmd_segment(args: argparse.Namespace) -> int:
     dtype = _dtype(args, device)
     if args.open_vocab and args.classes is None:
         raise ValueError("--open-vocab needs --classes")
+    if args.open_vocab and args.mode is not None:  # refused rather than ignored, as export's options
+        raise ValueError(f"--mode applies to the trained head's labels; --open-vocab scores the whole image with the "
+                         f"pixel-text map, got --mode {args.mode}")  # fmt: skip
     given = _parse_classes(args.classes, distinct=args.open_vocab) if args.classes is not None else None
+    if given is not None and len(given) > 65536:  # the label PNGs would wrap the indices past 16 bits
+        raise ValueError(f"--classes: {len(given)} names; NAME_labels.png holds class indices in 16 bits, so at most "
+                         "65536 names")  # fmt: skip
     why = "" if given is not None else "the labels and overlays are the trained head's"
     model = _load_model(args.checkpoint, why, renamed=given is not None)[0]
     names = None
@@ -264,7 +270,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         else:
             model.set_classes(_classes_for(model, given, "add --open-vocab to score any number of names with the "
                                                          "pixel-text map instead of the trained head"))  # fmt: skip
-    seg = Segmenter(model, device=device, dtype=dtype, mode=args.mode)
+    seg = Segmenter(model, device=device, dtype=dtype, mode=args.mode or "slide")
     k = len(names) if names is not None else model.num_classes
     palette = model.palette if (model.palette is not None and names is None) else default_palette(k)
     os.makedirs(args.out, exist_ok=True)
@@ -593,7 +599,9 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--classes", help='comma-separated names replacing the checkpoint\'s, e.g. "sky,road,tree"')
     seg.add_argument("--open-vocab", action="store_true",
                      help="score --classes (any number) with the pixel-text map, not the trained head")  # fmt: skip
-    seg.add_argument("--mode", choices=("slide", "whole"), default="slide")
+    seg.add_argument("--mode", choices=("slide", "whole"),
+                     help="inference of the trained head's labels: sliding windows (default) or the whole image; "
+                          "not with --open-vocab, which scores the whole image")  # fmt: skip
     seg.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     seg.add_argument("--dtype", choices=sorted(DTYPE_NAMES), help="default: bfloat16 on CUDA, float32 on CPU")
     seg.add_argument("--out", required=True, help="output directory")
@@ -676,7 +684,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--checkpoint", required=True)
     ev.add_argument("--data", required=True, help="the data set directory; its class list names the classes")
     ev.add_argument("--layout", choices=("ade20k", "generic"), required=True)
-    ev.add_argument("--mode", choices=("whole", "slide"), default="slide")
+    ev.add_argument("--mode", choices=("whole", "slide"), default="slide", help="default: slide")
     ev.add_argument("--scales", default="1.0", help="comma-separated ratios of the test scale (multi-scale)")
     ev.add_argument("--flip", action="store_true", help="also evaluate the flipped image")
     ev.add_argument("--ignore-index", dest="ignore_index", type=int, default=255, help=IGNORE_HELP)

@@ -416,6 +416,11 @@ def test_option_combinations_are_refused_naming_the_options_before_any_work(chec
         ([*seg, "--open-vocab", "--classes", "Cat,dog,cat"],  # alike as tokens: refused before loading too
          "--classes: class name 2 ('cat') has the same BPE tokens as class name 0 ('Cat')"),
         ([*seg, "--open-vocab"], "--open-vocab needs --classes"),
+        ([*seg, "--open-vocab", "--classes", "sky,road", "--mode", "whole"],
+         "--mode applies to the trained head's labels; --open-vocab scores the whole image with the pixel-text map, "
+         "got --mode whole"),
+        ([*seg, "--open-vocab", "--classes", ",".join(f"c{i}" for i in range(65537))],  # 16-bit label PNGs
+         "--classes: 65537 names; NAME_labels.png holds class indices in 16 bits, so at most 65536 names"),
     ]  # fmt: skip
     onnx, trt, aoti = ([*exp, "--format", f, "--out", str(tmp_path / f"m.{suffix}")]
                        for f, suffix in (("onnx", "onnx"), ("tensorrt", "engine"), ("aoti", "pt2")))  # fmt: skip
