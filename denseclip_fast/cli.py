@@ -534,7 +534,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .train import SegmentationData, evaluate
     from .train.data import check_ignore_index
     from .train.evaluate import check_scales, results_json
-    from .validation import check_not_an_input, check_writable_file
+    from .validation import check_not_an_input, check_not_in_folder, check_writable_file
 
     try:
         scales = [float(s) for s in args.scales.split(",")]
@@ -563,6 +563,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     out = args.out or os.path.splitext(args.checkpoint)[0] + "_eval.json"  # checked once the checkpoint was found
     check_writable_file(out, "--out" if args.out else "--out (default: CHECKPOINT_eval.json)", create_parents=False)
     check_not_an_input(out, "--out", {"--checkpoint": args.checkpoint})
+    check_not_in_folder(out, "--out", args.data, "the data set --data")
     model.to(device)
     dtype = torch.bfloat16 if args.bf16 else None  # float32 by default, as the official test
     result = evaluate(model, data, mode=args.mode, scales=scales, flip=args.flip, dtype=dtype, progress=True)

@@ -111,6 +111,18 @@ def check_not_an_input(path: str, name: str, inputs: dict[str, str]) -> None:
                              "choose another path")  # fmt: skip
 
 
+def check_not_in_folder(path: str, name: str, folder: str, folder_name: str) -> None:
+    """ValueError naming ``name`` when ``path`` is an existing file inside ``folder`` (an input folder, such as a
+    data set, named ``folder_name``), through links too: writing it would replace one of that folder's files (the
+    next run over the folder reads what was written)."""
+    if not os.path.lexists(path):
+        return
+    real, root = os.path.realpath(path), os.path.realpath(folder)
+    if real != root and os.path.commonpath([real, root]) == root:
+        raise ValueError(f"{name} {path!r} is a file of {folder_name} {folder!r}: writing it would replace it; "
+                         "choose another path")  # fmt: skip
+
+
 def check_writable_file(path: str, name: str, create_parents: bool) -> None:
     """ValueError naming ``name`` unless a file can be written at ``path``: not a directory, and in a writable
     directory (one that exists, or, with ``create_parents``, one that makedirs can create)."""

@@ -348,6 +348,24 @@ def test_an_output_that_is_the_checkpoint_is_refused(checkpoint, data, tmp_path,
     assert own.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["hard", "link", "own.onnx"]
 
 
+def test_eval_out_that_is_a_file_of_the_data_set_is_refused(checkpoint, data, tmp_path, capsys):
+    """eval --out naming a file of --data (classes.txt, a label, through a link too) replaced it with the JSON, exit
+    0, and the next run read the JSON as class names (a review's finding). Refused, the file untouched; a new file
+    in the data set's folder is not a data set file and is written."""
+    classes = os.path.join(data, "classes.txt")
+    before = open(classes, "rb").read()
+    os.symlink(classes, tmp_path / "to_classes")
+    evaluate = ["eval", "--checkpoint", str(checkpoint), "--data", str(data), "--layout", "generic"]
+    for out in (classes, str(tmp_path / "to_classes")):
+        assert main([*evaluate, "--out", out]) == 2
+        assert capsys.readouterr().err == (f"denseclip-fast: error: --out {out!r} is a file of the data set --data "
+                                           f"{str(data)!r}: writing it would replace it; choose another path\n")
+    assert open(classes, "rb").read() == before
+    from denseclip_fast.validation import check_not_in_folder
+
+    check_not_in_folder(os.path.join(data, "new.json"), "--out", str(data), "the data set --data")  # not there yet
+
+
 def test_export_without_a_usable_onnxscript_says_what_to_install_before_loading(checkpoint, tmp_path, capsys,
                                                                                  monkeypatch):
     """onnxscript missing or older than 0.7 (whose passes fail inside torch.onnx): one line for the ONNX-based
