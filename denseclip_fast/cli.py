@@ -493,6 +493,24 @@ TRAIN_OPTIONS = {  # command-line option -> (TrainConfig field, type)
 IGNORE_HELP = "label value of ignored pixels (default 255; with 256+ classes in 16-bit labels, e.g. 65535)"
 
 
+def _resumed_runs_config(args: argparse.Namespace) -> str | None:
+    """For a --resume without a CONFIG: the config.json of the run it continues (--work-dir's, else the folder of
+    the --resume state's, else the default work dir's for --resume auto), which the options given override; None
+    when there is none."""
+    from .train import TrainConfig
+
+    folders = [args.work_dir] if args.work_dir else []
+    if args.resume != "auto":
+        folders.append(os.path.dirname(os.path.abspath(args.resume)))
+    elif not args.work_dir:
+        folders.append(TrainConfig().work_dir)
+    for folder in folders:
+        path = os.path.join(folder, "config.json")
+        if os.path.isfile(path):
+            return path
+    return None
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import ARCH_ALIASES
     from .train import TrainConfig, train, train_preset
@@ -502,8 +520,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.device is not None:  # "" would be the config's "default device"; on the command line it is a mistake
         # a config printed for another machine may name its GPU (the spelling is still checked)
         check_device(args.device, "--device", present=not args.print_config)
-    if args.config:
-        cfg = TrainConfig.load(args.config)
+    saved = _resumed_runs_config(args) if not args.config and args.resume is not None else None
+    if args.config or saved:
+        cfg = TrainConfig.load(args.config or saved)
     else:
         cfg = train_preset(args.arch) if args.arch in ARCH_ALIASES else TrainConfig()
     for name in TRAIN_OPTIONS:
@@ -669,7 +688,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="recompute activations in the backward (less memory); --no-... turns a config's off")
     tr.add_argument("--sync-bn", action=argparse.BooleanOptionalAction,
                     help="SyncBatchNorm across processes (torchrun); --no-sync-bn turns a config's off")
-    tr.add_argument("--resume", help="'auto' (the work dir's latest checkpoint) or an iter_N.state.pt file")
+    tr.add_argument("--resume",
+                    help="'auto' (the work dir's latest checkpoint) or an iter_N.state.pt file; without CONFIG the "
+                         "run's settings are read from its config.json (the work dir's), options override "
+                         "them")  # fmt: skip
     tr.add_argument("--print-config", action="store_true",
                     help="check the resolved configuration as train would (--data may be left out), print it "
                          "as JSON and exit")  # fmt: skip

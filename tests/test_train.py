@@ -421,6 +421,29 @@ def test_paths_and_numpy_integers_in_the_python_config_become_what_config_json_h
         dataclasses.replace(cfg, work_dir=3).validate()
 
 
+def test_a_resume_on_the_command_line_needs_only_the_work_dir(arch_file, generic, tmp_path, monkeypatch, capsys):
+    """train --work-dir W --resume auto, from another directory, continues the run with its own settings (config.json,
+    whose paths are absolute): without them it said "data must name the dataset directory", then "saved by a run
+    with batch_size 2, this one has 32", and the relative --data of the first run was not found from elsewhere.
+    Options given still override the saved ones (--iters)."""
+    work, run_file = tmp_path / "work", tmp_path / "run.yaml"
+    run_file.write_text("warmup_iters: 0\ncheckpoint_interval: 2\nimg_scale: [96, 48]\ntensorboard: false\n"
+                        "eval_mode: whole\n")  # fmt: skip
+    monkeypatch.chdir(os.path.dirname(generic))
+    assert main(["train", str(run_file), "--arch", arch_file, "--data", os.path.basename(generic), "--layout",
+                 "generic", "--iters", "2", "--batch-size", "2", "--crop", "48", "--device", "cpu", "--work-dir",
+                 str(work), "--num-workers", "0", "--amp", "none", "--log-interval", "1"]) == 0  # fmt: skip
+    saved = json.loads((work / "config.json").read_text())
+    assert saved["data"] == generic and saved["work_dir"] == str(work) and saved["arch"] == arch_file
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
+    assert main(["train", "--work-dir", str(work), "--resume", "auto", "--iters", "4"]) == 0, capsys.readouterr().err
+    assert [int(r["iter"]) for r in _metrics(work)] == [1, 2, 3, 4]
+    assert os.path.exists(work / "iter_4.safetensors") and os.listdir(elsewhere) == []
+
+
 def test_one_value_per_batchnorm_channel_names_the_options(arch_file, generic, tmp_path):
     """A crop that leaves one pixel at the 1/32 level with one image per step: BatchNorm's error named no option."""
     cfg = _config(arch_file, generic, tmp_path / "w", crop=48, batch_size=2, accum=2, iters=1)

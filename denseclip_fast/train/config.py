@@ -186,8 +186,18 @@ class TrainConfig:
             config = config.replace(activation=self.clip_activation)
         return config
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    def to_dict(self, absolute_paths: bool = False) -> dict[str, Any]:
+        """The fields; with ``absolute_paths`` the paths among them (data, init, work_dir, an architecture file) made
+        absolute, as a run's config.json keeps them, so that a resume from another directory finds them."""
+        fields = dataclasses.asdict(self)
+        if absolute_paths:
+            for name in ("data", "work_dir"):
+                fields[name] = os.path.abspath(fields[name]) if fields[name] else fields[name]
+            if fields["init"] not in ("", "none"):
+                fields["init"] = os.path.abspath(fields["init"])
+            if fields["arch"] not in ARCH_ALIASES and os.path.isfile(fields["arch"]):
+                fields["arch"] = os.path.abspath(fields["arch"])
+        return fields
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:

@@ -798,7 +798,7 @@ class Trainer:
                 self._start_logs_over()
             if not complete:  # the saved run's settings stay in it
                 with open(self._path("config.json"), "w", encoding="utf-8") as f:
-                    json.dump(cfg.to_dict(), f, indent=2)
+                    json.dump(cfg.to_dict(absolute_paths=True), f, indent=2)
         if not resume_path:
             torch.manual_seed(cfg.seed + rank)  # dropout masks: distinct per process, reproducible
         elif rank == 0:
