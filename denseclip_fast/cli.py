@@ -520,9 +520,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.device is not None:  # "" would be the config's "default device"; on the command line it is a mistake
         # a config printed for another machine may name its GPU (the spelling is still checked)
         check_device(args.device, "--device", present=not args.print_config)
-    saved = _resumed_runs_config(args) if not args.config and args.resume is not None else None
-    if args.config or saved:
-        cfg = TrainConfig.load(args.config or saved)
+    source = args.config or (_resumed_runs_config(args) if args.resume is not None else None)
+    if source:
+        cfg = TrainConfig.load(source)
     else:
         cfg = train_preset(args.arch) if args.arch in ARCH_ALIASES else TrainConfig()
     for name in TRAIN_OPTIONS:
