@@ -656,7 +656,11 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--bf16", action="store_true", help="tensorrt: allow bfloat16 layers (of a float32 graph)")
     exp.set_defaults(func=cmd_export)
 
-    tr = sub.add_parser("train", help="fine-tune DenseCLIP (options override the config file or the arch's preset)")
+    tr = sub.add_parser(
+        "train", help="fine-tune DenseCLIP (options override the config file or the arch's preset)",
+        description="Fine-tune DenseCLIP. The options override CONFIG (or, with --resume, the run's config.json), else "
+                    "the --arch preset (the official recipe); the defaults said below are the presets'.",
+    )  # fmt: skip
     tr.add_argument("config", nargs="?",
                     help="YAML or JSON file of TrainConfig fields ('preset: RN50' starts from one)")  # fmt: skip
     tr.add_argument("--arch", help="RN50, RN101, ViT-B/16 (the official recipe), or an architecture JSON file")
@@ -668,21 +672,22 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--clip-activation", dest="clip_activation", choices=("quick_gelu", "gelu"),
                     help="the activation the --init weights were trained with: quick_gelu (OpenAI CLIP, the "
                          "presets' default) or gelu (most other open_clip weights, e.g. LAION's)")  # fmt: skip
-    tr.add_argument("--iters", type=int)
+    tr.add_argument("--iters", type=int, help="iterations (steps) of the run (default 80000)")
     tr.add_argument("--batch-size", dest="batch_size", type=int, help="global batch per step (default 32)")
-    tr.add_argument("--accum", type=int, help="micro-batches per step (gradient accumulation)")
+    tr.add_argument("--accum", type=int, help="micro-batches per step (gradient accumulation; default 1)")
     tr.add_argument("--crop", type=int, help="training crop side (default: the architecture's, 512; 640 for ViT-B/16)")
-    tr.add_argument("--lr", type=float)
+    tr.add_argument("--lr", type=float, help="AdamW learning rate (default 1e-4; the backbone x0.1)")
     tr.add_argument("--warmup-iters", dest="warmup_iters", type=int,
                     help="linear warm-up iterations (default 1500, the recipe's; 0 for none)")  # fmt: skip
-    tr.add_argument("--seed", type=int)
+    tr.add_argument("--seed", type=int, help="default 0")
     tr.add_argument("--device")
-    tr.add_argument("--work-dir", dest="work_dir")
-    tr.add_argument("--num-workers", dest="num_workers", type=int)
-    tr.add_argument("--checkpoint-interval", dest="checkpoint_interval", type=int)
-    tr.add_argument("--eval-interval", dest="eval_interval", type=int)
-    tr.add_argument("--log-interval", dest="log_interval", type=int)
-    tr.add_argument("--amp", choices=("bf16", "fp16", "none"))
+    tr.add_argument("--work-dir", dest="work_dir", help="default work_dirs/denseclip")
+    tr.add_argument("--num-workers", dest="num_workers", type=int, help="DataLoader workers per process (default 4)")
+    tr.add_argument("--checkpoint-interval", dest="checkpoint_interval", type=int, help="default 8000")
+    tr.add_argument("--eval-interval", dest="eval_interval", type=int,
+                    help="default 0: validation at the end only")  # fmt: skip
+    tr.add_argument("--log-interval", dest="log_interval", type=int, help="metrics.csv rows every N steps (default 50)")
+    tr.add_argument("--amp", choices=("bf16", "fp16", "none"), help="autocast dtype (default bf16; none: float32)")
     tr.add_argument("--ignore-index", dest="ignore_index", type=int, help=IGNORE_HELP)
     tr.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction,
                     help="recompute activations in the backward (less memory); --no-... turns a config's off")
@@ -708,7 +713,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", required=True, help="the data set directory; its class list names the classes")
     ev.add_argument("--layout", choices=("ade20k", "generic"), required=True)
     ev.add_argument("--mode", choices=("whole", "slide"), default="slide", help="default: slide")
-    ev.add_argument("--scales", default="1.0", help="comma-separated ratios of the test scale (multi-scale)")
+    ev.add_argument("--scales", default="1.0",
+                    help="comma-separated ratios of the test scale (multi-scale; default 1.0)")  # fmt: skip
     ev.add_argument("--flip", action="store_true", help="also evaluate the flipped image")
     ev.add_argument("--ignore-index", dest="ignore_index", type=int, default=255, help=IGNORE_HELP)
     ev.add_argument("--device")
