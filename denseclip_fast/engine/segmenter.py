@@ -50,6 +50,9 @@ from .rewrite import prepare_for_inference
 Mode = Literal["whole", "slide"]
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 Finish = Callable[[torch.Tensor, Any], torch.Tensor]  # (N, C, h, w) float32 scores, (H, W) or None -> a result
+# the largest magnitude a float batch may hold (check_finite): below every engine dtype's range (float16: 65504) and
+# far above a CLIP-normalised image's -1.8..2.2 (or 0..255 pixels normalised twice over)
+MAX_INPUT = 1e4
 
 # predict's scores at an image's own size are made this many values at a time (256 MiB of float32): 150 classes of
 # a 12-megapixel photo would take 7.2 GB at once
@@ -143,11 +146,12 @@ class Segmenter:
         capture_after: an input shape is captured on its capture_after-th call and replayed from then on; the calls
             before run eagerly (default 2: a stream of ever-new sizes never pays for captures it cannot reuse; 1
             captures at once).
-        check_finite: reject float batches holding NaN or infinite values, or values past ``dtype``'s range
-            (which the cast to it would make infinite), with a ValueError. A batch on the CPU
-            is checked before the forward; a batch on a GPU is scanned on the GPU and its verdict read after the
-            forward is queued (one synchronisation per call, at its end, and no idle gap before the forward); a
-            pipeline that vouches for its inputs turns it off to keep the CPU ahead of the GPU.
+        check_finite: reject float batches holding NaN or infinite values, or values past ±MAX_INPUT (1e4; a
+            CLIP-normalised image lies within -1.8..2.2: 1e39 in a float64 batch turned infinite in the cast to
+            float32, 7e4 in float16, and 1e20 overflowed inside the network, the logits NaN), with a ValueError. A
+            batch on the CPU is checked before the forward; a batch on a GPU is scanned on the GPU and its verdict
+            read after the forward is queued (one synchronisation per call, at its end, and no idle gap before the
+            forward); a pipeline that vouches for its inputs turns it off to keep the CPU ahead of the GPU.
     """
 
     def __init__(
@@ -292,13 +296,9 @@ class Segmenter:
             return batch, None
         x = batch.normalized
         with torch.no_grad():
-            # one reduction (aminmax passes NaN on); values past the engine dtype's range (1e39 in a float64 batch,
-            # 7e4 for float16) would turn infinite in the cast to it, and the logits NaN
+            # one reduction (aminmax passes NaN on, and the comparisons refuse it)
             low, high = torch.aminmax(x)
-            finite = torch.isfinite(low) & torch.isfinite(high)
-            limit = torch.finfo(self.dtype).max
-            if limit < torch.finfo(x.dtype).max:
-                finite &= (low >= -limit) & (high <= limit)
+            finite = (low >= -MAX_INPUT) & (high <= MAX_INPUT)
         if x.device.type == "cpu":
             self._finite_or_raise(finite)
             return batch, None
@@ -316,8 +316,9 @@ class Segmenter:
 
     def _finite_or_raise(self, flag: torch.Tensor | None) -> None:
         if flag is not None and not bool(flag):
-            name, limit = str(self.dtype).removeprefix("torch."), torch.finfo(self.dtype).max
-            raise ValueError(f"images contain NaN or infinite values, or values past {name}'s range (±{limit:.6g})")
+            raise ValueError(f"images contain NaN or infinite values, or values past ±{MAX_INPUT:g}: a float batch "
+                             "is CLIP-normalised (0..255 RGB through preprocess.normalize lies within "
+                             "-1.8..2.2)")  # fmt: skip
 
     def logits(self, images: Any) -> torch.Tensor | list[torch.Tensor]:
         """(B, K, H, W) float32 logits, at the input size for a normalised float batch and at each image's own size
