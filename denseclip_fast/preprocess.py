@@ -70,7 +70,9 @@ def load_image(path: str | os.PathLike[str]) -> np.ndarray:
     forever)."""
     from PIL import ImageOps
 
-    path = os.fspath(path)
+    from .checkpoints.io import path_argument
+
+    path = path_argument(path)
     with _opened_image(path) as img:
         return pil_to_rgb(ImageOps.exif_transpose(img), path, int32_is_16_bit=True)
 
@@ -163,6 +165,8 @@ def _refuse_broken_link(path: str) -> None:
 def keep_ratio_size(height: int, width: int, scale: Sequence[int]) -> tuple[int, int]:
     """mmcv's ``rescale_size``: the largest size with the image's aspect ratio whose long side fits max(scale)
     and short side fits min(scale). Returns (new_height, new_width)."""
+    if height < 1 or width < 1:
+        raise ValueError(f"the image size must be at least 1 x 1, got {height} x {width}")
     long_edge, short_edge = max(scale), min(scale)
     factor = min(long_edge / max(height, width), short_edge / min(height, width))
     return int(height * factor + 0.5), int(width * factor + 0.5)

@@ -213,6 +213,14 @@ def test_to_aoti_argument_errors(model, tmp_path):
         to_aoti(seg, tmp_path / "model.onnx" / "x.pt2")
     with pytest.raises(ValueError, match=r"stride must be an int or \(int, int\) between 1 and the image size \(64, 9"):
         to_aoti(seg, tmp_path / "x.pt2", image_size=SIZE, stride=(65, 10))
+    with pytest.raises(ValueError, match=r"stride must be an int or \(int, int\) .*got 32.0"):  # was a TypeError
+        to_aoti(seg, tmp_path / "x.pt2", image_size=SIZE, stride=32.0)
+    for device in ("gpu", ""):  # torch's bare RuntimeError listing 20 device types; "" meant the default
+        with pytest.raises(ValueError, match=f"device must be a device such as 'cpu', .*got {device!r}"):
+            to_aoti(model, tmp_path / "x.pt2", device=device)
+    for path in (None, b"x.pt2"):  # torch's TypeError
+        with pytest.raises(ValueError, match="path must be a non-empty str or os.PathLike"):
+            load_aoti(path)  # type: ignore[arg-type]
 
 
 def _stub_compilation(monkeypatch) -> dict[str, Any]:

@@ -274,6 +274,8 @@ def test_unsupported_export_requests_say_what_is_wrong(tiny, tmp_path):
         to_onnx(tiny, tmp_path / "x.onnx", dtype="float16")
     with pytest.raises(ValueError, match=r"got the string 'bfloat16' \(for bfloat16, build a TensorRT engine"):
         to_onnx(tiny, tmp_path / "x.onnx", dtype="bfloat16")  # no "pass torch.bfloat16": it is refused too
+    with pytest.raises(ValueError, match="check_tensorrt must be True or False, got 'no'"):  # "no" was true
+        to_onnx(tiny, tmp_path / "x.onnx", check_tensorrt="no")  # type: ignore[arg-type]
     for opset in (17, 18.0, True, "18"):  # 18.0 passed the range check and broke the exporter for the process
         with pytest.raises(ValueError, match=f"opset must be an int in 18..20, got {opset!r}"):
             to_onnx(tiny, tmp_path / "x.onnx", opset=opset)
@@ -450,6 +452,12 @@ def test_files_that_are_not_onnx_models_are_named(tmp_path):
             tensorrt_problems(path)
         with pytest.raises(ValueError, match=f"path {path!r} is not an ONNX model"):
             read_metadata(path)
+    # a folder or a missing file: was a bare IsADirectoryError / FileNotFoundError
+    with pytest.raises(ValueError, match=f"path {str(tmp_path)!r} is not a regular file; expected an ONNX file"):
+        read_metadata(tmp_path)
+    missing = str(tmp_path / "missing.onnx")
+    with pytest.raises(ValueError, match=f"model {missing!r} does not exist; expected an ONNX file"):
+        tensorrt_problems(missing)
 
 
 def test_tensorrt_builder_without_tensorrt(tmp_path):

@@ -55,6 +55,15 @@ def test_prepare_resizes_rounds_and_normalises():
     )
 
 
+def test_sizes_and_paths_that_are_not_images_are_named():
+    """keep_ratio_size of an empty image divided by zero; load_image(None) was os's TypeError."""
+    with pytest.raises(ValueError, match="the image size must be at least 1 x 1, got 0 x 5"):
+        keep_ratio_size(0, 5, (2048, 512))
+    for path in (None, b"x.png", ""):
+        with pytest.raises(ValueError, match="path must be a non-empty str or os.PathLike"):
+            load_image(path)  # type: ignore[arg-type]
+
+
 def test_normalize_and_resize_keep_ratio_take_rgb_batches_only():
     """Integer batches are normalised in float32 (uint8 arithmetic truncated CLIP's mean and std and wrapped below
     zero: up to 3.9 off); an (H, W, 3) image, a 1- or 4-channel batch are refused, naming x, where they were

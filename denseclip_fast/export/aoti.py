@@ -25,13 +25,14 @@ from typing import Any
 import torch
 
 from .. import __version__, ops
-from ..checkpoints.io import excerpt
+from ..checkpoints.io import excerpt, path_argument
 from ..config import DenseCLIPConfig
 from ..engine import Segmenter
 from ..engine.segmenter import no_tf32
 from ..model import DenseCLIP
 from ..ops.backends import MAX_GRID_Y
 from ..preprocess import CLIP_MEAN, CLIP_STD
+from ..validation import check_device
 from .graphs import TRACE_BATCH, ImageGraph, check_image_size, default_window_stride, output_path, write_file
 
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -76,7 +77,8 @@ def to_aoti(
             raise ValueError("device and dtype come from the Segmenter; pass a DenseCLIP model to choose them")
         seg = model_or_segmenter
     elif isinstance(model_or_segmenter, DenseCLIP):
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = check_device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available()
+                                                                               else "cpu")  # fmt: skip
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         seg = Segmenter(model_or_segmenter, device=device, dtype=dtype, cuda_graphs=False)
     else:
@@ -152,7 +154,7 @@ def _window_stride(stride: int | Sequence[int] | None, size: tuple[int, int], se
     """The slide stride recorded in a package whose image size is ``size`` (see to_aoti)."""
     if stride is None:
         return default_window_stride(size, seg.crop, seg.stride)
-    pair = (stride, stride) if isinstance(stride, int) else tuple(stride)
+    pair = (stride, stride) if isinstance(stride, int) else tuple(stride) if isinstance(stride, Sequence) else ()
     valid = len(pair) == 2 and all(type(v) is int and 1 <= v <= c for v, c in zip(pair, size))
     if not valid:
         raise ValueError(f"stride must be an int or (int, int) between 1 and the image size {size}, got {stride!r}")
@@ -215,7 +217,7 @@ class AOTIPackage:
     def __init__(self, path: str | os.PathLike[str], device_index: int = -1) -> None:
         from .. import ops  # noqa: F401  (registers the C++ operators the package calls)
 
-        path = os.fspath(path)
+        path = path_argument(path)
         if not os.path.isfile(path):
             raise ValueError(f"path {path!r} is not a file")
         if type(device_index) is not int or device_index < -1:

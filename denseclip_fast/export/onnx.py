@@ -133,6 +133,8 @@ def to_onnx(
         bf16 = dtype in (torch.bfloat16, "bfloat16", "bf16")
         raise ValueError(f"dtype must be torch.float32 or torch.float16 for ONNX, got "
                          f"{given_dtype(dtype, ONNX_DTYPES)}{hint if bf16 else ''}")  # fmt: skip
+    if not isinstance(check_tensorrt, bool):  # "no" would be true
+        raise ValueError(f"check_tensorrt must be True or False, got {check_tensorrt!r}")
     # an int: 18.0 is "in" the range, and the exporter given it failed, and failed every later export of the process
     if not isinstance(opset, numbers.Integral) or isinstance(opset, bool) or opset not in OPSETS:
         raise ValueError(f"opset must be an int in {OPSETS.start}..{OPSETS.stop - 1}, got {opset!r}")
@@ -301,6 +303,9 @@ def load_onnx(path: str | os.PathLike[str], name: str = "path") -> Any:
     from google.protobuf.message import DecodeError
 
     text = path_argument(path, name)
+    if not os.path.isfile(text):
+        what = "does not exist" if not os.path.lexists(text) else "is not a regular file"
+        raise ValueError(f"{name} {text!r} {what}; expected an ONNX file")
     try:
         model = onnx.load(text, load_external_data=False)
     except DecodeError:
