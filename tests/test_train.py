@@ -402,7 +402,10 @@ def test_numbers_out_of_range_are_refused_naming_the_field(arch_file, generic, t
     model, val = build_model(_config(arch_file, generic, "x"), CLASSES), SegmentationData(generic, "generic", "val")
     for scales, message in (((math.nan,), "scales must be finite ratios > 0 of the test scale, got nan"),
                             ((1.0, 0.25), "scales: 0.25 x the test scale (128, 64) leaves 16 pixels for the short "
-                                          "side, under the network's 32; use ratios >= 0.5")):  # fmt: skip
+                                          "side, under the network's 32; use ratios >= 0.5"),
+                            ((1e9,), "scales: 1000000000.0 x the test scale (128, 64) makes its long side 1.28e+11 "
+                                     "pixels, over 8192 (the scores of every class at that size would not fit in "
+                                     "memory); use ratios <= 64")):  # fmt: skip
         with pytest.raises(ValueError, match=re.escape(message)):
             evaluate(model, val, scales=scales)
 

@@ -111,6 +111,11 @@ def per_class_keys(names: Sequence[str]) -> list[str]:
     return keys
 
 
+# the longest side a scaled test scale may have (the official multi-scale test goes to 1.75 x 2048 = 3584): 150
+# float32 score maps of 8192 x 2048 are 10 GB; 1e9 ran into an allocation of hundreds of gigabytes
+MAX_SCALED_SIDE = 8192
+
+
 def check_scales(scales: Sequence[float], test_scale: Sequence[int], name: str = "scales") -> list[float]:
     """``scales`` as a list of floats if each is a finite ratio > 0 at which the test scale keeps the network's
     MIN_IMAGE_SIDE pixels on its short side (below it no image could be evaluated); ValueError naming ``name``."""
@@ -131,6 +136,13 @@ def check_scales(scales: Sequence[float], test_scale: Sequence[int], name: str =
             raise ValueError(
                 f"{name}: {ratio} x the test scale {tuple(test_scale)} leaves {int(short * value)} pixels for the "
                 f"short side, under the network's {MIN_IMAGE_SIDE}; use ratios >= {lowest:g}"
+            )
+        if max(test_scale) * value > MAX_SCALED_SIDE:
+            highest = math.floor(MAX_SCALED_SIDE / max(test_scale) * 1e4) / 1e4
+            raise ValueError(
+                f"{name}: {ratio} x the test scale {tuple(test_scale)} makes its long side {max(test_scale) * value:g} "
+                f"pixels, over {MAX_SCALED_SIDE} (the scores of every class at that size would not fit in memory); "
+                f"use ratios <= {highest:g}"
             )
     return [float(r) for r in ratios]
 
