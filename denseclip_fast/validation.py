@@ -65,6 +65,8 @@ def check_device(text: str | torch.device, name: str = "device", present: bool =
             raise ValueError(f"{name} must be a device such as {DEVICE_EXAMPLES}, got {text!r}") from None
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"{name} must be a CPU or CUDA device such as {DEVICE_EXAMPLES}, got {text!r}")
+    if device.type == "cpu" and device.index not in (None, 0):  # torch parses "cpu:7" and runs on the CPU
+        raise ValueError(f"{name} {text!r}: the CPU is one device, 'cpu' (the engine uses its cores together)")
     if device.type == "cuda" and present:
         if not torch.cuda.is_available():
             raise ValueError(f"{name} is {text!r} but no CUDA GPU is available; use {name} cpu")

@@ -478,7 +478,8 @@ def test_option_combinations_are_refused_naming_the_options_before_any_work(chec
 @pytest.mark.parametrize("device, message", [("gpu", "must be a device such as 'cpu', 'cuda' or 'cuda:N', got 'gpu'"),
                                              ("", "must be a device such as 'cpu', 'cuda' or 'cuda:N', got ''"),
                                              ("meta", "must be a CPU or CUDA device"),
-                                             ("cuda:99", "is 'cuda:99' but ")])  # fmt: skip
+                                             ("cuda:99", "is 'cuda:99' but "),
+                                             ("cpu:7", "'cpu:7': the CPU is one device, 'cpu'")])  # fmt: skip
 def test_bad_devices_are_one_line_naming_the_option(checkpoint, images, tmp_path, capsys, device, message):
     """Every command checks --device the same way before any work: a string torch does not parse, an empty one
     (not "the default"), a device type the engine does not run on, a GPU that is not there."""
