@@ -389,9 +389,14 @@ def test_numbers_out_of_range_are_refused_naming_the_field(arch_file, generic, t
         ({"crop": 16}, "crop must be an int >= 32 (the stride-32 level keeps a pixel), got 16"),
         ({"iters": True}, "iters must be an int >= 1, got True"),
         ({"num_workers": False}, "num_workers must be an int >= 0, got False"),
+        ({"init": ""}, "init (--init) must be a CLIP weight file or 'none'; '' is empty"),  # was path_argument's
+        ({"init": str(tmp_path / "RN50.pt")}, f"init (--init) must be a CLIP weight file or 'none'; "
+                                              f"{str(tmp_path / 'RN50.pt')!r} does not exist"),
     ):
         with pytest.raises(ValueError, match=re.escape(message)):
             _config(arch_file, generic, tmp_path / "w", **overrides).validate()
+    with pytest.raises(ValueError, match="RN50.pt' does not exist"):  # print-config checks a file given, as data
+        _config(arch_file, generic, tmp_path / "w", init=str(tmp_path / "RN50.pt")).validate(template=True)
     base = ["train", "--arch", arch_file, "--data", generic, "--layout", "generic", "--work-dir", str(tmp_path / "w")]
     for extra, message in ((["--lr", "inf"], "lr must be a finite number > 0"), (["--seed", "-5"], "seed must be"),
                            (["--ignore-index", "-1"], "ignore_index must be a label value")):  # fmt: skip

@@ -123,6 +123,10 @@ class TrainConfig:
             raise ValueError("data must name the dataset directory (--data DIR)")
         if self.data and not os.path.isdir(self.data):
             raise ValueError(f"data directory {self.data!r} {not_a_directory(self.data)}")
+        if self.init != "none" and not os.path.isfile(self.init):  # as data: a file given must be there
+            what = "is empty" if not self.init else "does not exist" if not os.path.lexists(self.init) else (
+                "is not a regular file")  # fmt: skip
+            raise ValueError(f"init (--init) must be a CLIP weight file or 'none'; {self.init!r} {what}")
         for name in ("iters", "batch_size", "accum", "checkpoint_interval", "log_interval"):
             check_int(name, getattr(self, name))
         check_int("crop", self.crop, MIN_IMAGE_SIDE, " (the stride-32 level keeps a pixel)")
