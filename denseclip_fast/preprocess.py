@@ -28,13 +28,16 @@ def pil_to_rgb(img: Any, where: str, int32_is_16_bit: bool = False) -> np.ndarra
     32-bit integer one ("I") with ``int32_is_16_bit`` (what older Pillows open a 16-bit PNG as; an "I" image made in
     memory, e.g. from an int32 array of 0..255, keeps Pillow's conversion). A floating-point image ("F") has no
     defined 0-255 range and is refused (Pillow would truncate it to mostly black)."""
-    if img.mode in ("I;16", "I;16B", "I;16L") or (img.mode == "I" and int32_is_16_bit):
-        grey = (np.asarray(img).astype(np.int64) >> 8).clip(0, 255).astype(np.uint8)
-        return np.repeat(grey[:, :, None], 3, axis=2)
     if img.mode == "F":
         raise ValueError(f"{where}: a floating-point image (PIL mode F) has no defined 0-255 range; convert it to "
                          "8-bit RGB first")  # fmt: skip
-    return np.asarray(img.convert("RGB")).copy()
+    try:  # decoding happens here for a lazily opened image: a truncated file, a closed image, a mode without RGB
+        if img.mode in ("I;16", "I;16B", "I;16L") or (img.mode == "I" and int32_is_16_bit):
+            grey = (np.asarray(img).astype(np.int64) >> 8).clip(0, 255).astype(np.uint8)
+            return np.repeat(grey[:, :, None], 3, axis=2)
+        return np.asarray(img.convert("RGB")).copy()
+    except (OSError, ValueError, SyntaxError) as exc:  # SyntaxError: Pillow's for a malformed block
+        raise ValueError(f"{where}: the PIL image (mode {img.mode}) cannot be read as RGB: {exc}") from None
 
 
 def too_large(path: str, exc: Exception) -> ValueError:

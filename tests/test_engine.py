@@ -377,11 +377,31 @@ def test_threads_take_turns(model, monkeypatch):
         (torch.randn(1, 3, 64, 64).to(torch.float8_e4m3fn), "float images must be torch.float32, .*got torch.float8"),
         (torch.randn(3, 64, 64, dtype=torch.complex64), r"expected uint8 images .*got dtype torch.complex64"),
         (Image.fromarray(np.full((40, 40), 0.5, np.float32), mode="F"), "images: a floating-point image"),
+        # were torch's, numpy's or Pillow's own errors, or named the wrong thing (a bad-input review)
+        (torch.randn(1, 3, 64, 64, device="meta"), "images must be a dense .*got a meta tensor"),
+        (torch.randn(1, 3, 64, 64).to_sparse(), "images must be a dense .*got layout torch.sparse_coo"),
+        ([torch.zeros(40, 40, 3, dtype=torch.uint8, device="meta")], r"images\[0\] must be a dense .*meta tensor"),
+        (np.array(3, np.uint8), r"uint8 \(H, W, 3\) image, got shape \(\)"),  # was "(1,)"
+        (np.zeros((0, 40, 40, 3), np.uint8), "empty batch"),  # was "empty list"
+        (Image.new("La", (40, 40)), r"images: the PIL image \(mode La\) cannot be read as RGB"),
     ],
 )
 def test_bad_images(model, images, match):
     with pytest.raises(ValueError, match=match):
         _engine(model).logits(images)
+
+
+def test_pil_images_that_cannot_be_decoded_are_named(model, tmp_path):
+    """A lazily opened, truncated file and a closed image: Pillow's OSError / ValueError without a name before."""
+    path = tmp_path / "cut.png"
+    Image.fromarray(np.full((64, 64, 3), 100, np.uint8)).save(path)
+    path.write_bytes(path.read_bytes()[:60])
+    closed = Image.open(tmp_path / "cut.png")
+    for images, reason in (([Image.new("RGB", (40, 40)), Image.open(path)], "images\\[1\\]"), (closed, "images")):
+        if images is closed:
+            closed.close()
+        with pytest.raises(ValueError, match=rf"^{reason}: the PIL image \(mode RGB\) cannot be read as RGB: "):
+            _engine(model).logits(images)
 
 
 def test_the_finite_check_can_be_turned_off(model):

@@ -46,9 +46,11 @@ def _uint8_image(x: Any, where: str) -> torch.Tensor:
     if isinstance(x, np.ndarray):
         if x.dtype != np.uint8:
             raise ValueError(f"{where}: numpy images must be uint8 (H, W, 3), got dtype {x.dtype}")
-        x = torch.from_numpy(np.ascontiguousarray(x) if x.flags.writeable else x.copy())
+        # (ascontiguousarray would make a 0-d array 1-d, and the error below report shape (1,))
+        x = torch.from_numpy(x if x.flags.writeable and x.flags.c_contiguous else x.copy(order="C"))
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"{where}: expected an image (tensor, numpy array or PIL image), got {type(x).__name__}")
+    _check_dense(x, where)
     if x.dtype != torch.uint8 and x.dtype not in FLOAT_DTYPES:
         raise ValueError(f"{where}: expected uint8 images (or one float (B, 3, H, W) batch, CLIP-normalised), got "
                          f"dtype {x.dtype}")  # fmt: skip
@@ -70,9 +72,19 @@ def stacked_for(images: list[torch.Tensor], device: torch.device) -> torch.Tenso
     return torch.stack(images, out=out)
 
 
+def _check_dense(x: torch.Tensor, where: str) -> None:
+    """ValueError naming ``where`` for a tensor without data in memory the pipeline can read: a meta tensor (shapes
+    only), a sparse or nested one."""
+    if x.is_meta or x.layout != torch.strided or x.is_nested:
+        what = "a meta tensor (no data)" if x.is_meta else "a nested tensor" if x.is_nested else f"layout {x.layout}"
+        raise ValueError(f"{where} must be a dense (strided) tensor with data, got {what}")
+
+
 def as_batch(images: Any) -> ImageBatch:
     """Classify and check ``images``' types and shapes; raises ValueError naming what is wrong. (Their values, NaN
     and infinities, are the Segmenter's check_finite: on a GPU it reads the verdict after the forward is queued.)"""
+    if isinstance(images, torch.Tensor):
+        _check_dense(images, "images")
     if isinstance(images, torch.Tensor) and images.is_floating_point():
         if images.dtype not in FLOAT_DTYPES:
             raise ValueError(f"float images must be {', '.join(str(d) for d in FLOAT_DTYPES)}, got {images.dtype}")
@@ -89,6 +101,8 @@ def as_batch(images: Any) -> ImageBatch:
             raise ValueError("images is an empty batch (B=0)")
         return ImageBatch(raw=[_uint8_image(img, f"images[{i}]") for i, img in enumerate(images)])
     if isinstance(images, np.ndarray) and images.ndim == 4:
+        if images.shape[0] == 0:
+            raise ValueError("images is an empty batch (B=0)")
         return as_batch(list(images))
     if isinstance(images, Sequence) and not isinstance(images, (str, bytes)):
         if len(images) == 0:
