@@ -458,6 +458,16 @@ def test_attention_nan_spreads_as_in_the_reference(backend, where):
             _check_close(actual[finite], wanted[finite], torch.float32, 4)
 
 
+def test_triton_attention_refuses_sequences_past_its_int32_offsets():
+    """L x D of one head past 2^31 - 1 (16.7M tokens at D=128, far past the operator's 65536 keys) would overflow
+    the Triton kernels' int32 row offsets: refused, naming the backends that take it (expanded tensors: no memory)."""
+    assert ops.backends.triton_available() is None
+    q = torch.zeros(1, 1, 1, 128, device=DEVICE).expand(1, 1, 1, 128)
+    k = torch.zeros(1, 1, 1, 128, device=DEVICE).expand(1, 1, 2**24, 128)
+    with pytest.raises(ValueError, match="sequences of 16777216 tokens x head dim 128 pass the kernels' int32"):
+        ops.context_attention(q, k, k, backend="triton")
+
+
 # The ends of the attention's specified range (any K from 1 to 2048 queries, any N from 1 to 65536 keys, head dims
 # 32/64/128): one query over 65536 keys, 2048 queries over one key or three; on a GPU also 2048 x 65536 (on the CPU
 # that takes a minute: its kernel is tested there at smaller sizes)

@@ -240,9 +240,22 @@ def _bh_slices(bh: int | torch.SymInt) -> list[slice]:
     return [slice(start, min(start + MAX_GRID_Y, bh)) for start in range(0, bh, MAX_GRID_Y)]
 
 
+MAX_ROW_ELEMENTS = 2**31 - 1  # L x D of one (batch, head): the kernels' row offsets (offs * D) are int32
+
+
+def check_lengths(lq: int, lk: int, d: int) -> None:
+    """ValueError when a sequence's L x D would overflow the kernels' int32 row offsets (16.7M tokens at D=128;
+    the operator's range is 65536 keys)."""
+    if max(lq, lk) * d > MAX_ROW_ELEMENTS:
+        raise ValueError(f"context_attention (triton): sequences of {max(lq, lk)} tokens x head dim {d} pass the "
+                         f"kernels' int32 offsets ({MAX_ROW_ELEMENTS} elements a head); the cuda or reference backend "
+                         "takes them")  # fmt: skip
+
+
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     b, h, lq, d = q.shape
     lk = k.shape[2]
+    check_lengths(lq, lk, d)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     out = torch.empty_like(q)
     lse = torch.empty((b, h, lq), dtype=torch.float32, device=q.device)
@@ -265,6 +278,7 @@ def attention_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     b, h, lq, d = q.shape
     lk = k.shape[2]
+    check_lengths(lq, lk, d)
     if q.numel() == 0:  # the fake kernel's layouts (k and v need not be empty)
         fmt = torch.contiguous_format
         return (torch.zeros_like(q, memory_format=fmt), torch.zeros_like(k, memory_format=fmt),
