@@ -45,6 +45,7 @@ bench: setup
 SHARED_WHEELS ?= ../shared/wheels/py312
 gpu-wheels: $(VENV)/.deps
 	mkdir -p wheels
+	rm -f wheels/*.whl  # two versions of one wheel would fail gpu_check.sh's single pip install
 	cp $(SHARED_WHEELS)/*.whl wheels/
 	$(PIP) download --no-deps -d wheels onnxscript==0.7.2 onnx-ir==1.1.0 cmake==4.4.5
 

@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     parser.add_argument("--tag", help="file name tag (default: cpu_smoke)")
     args = parser.parse_args(argv)
-    cpus = os.cpu_count() or 1
+    cpus = len(os.sched_getaffinity(0))  # this process's CPUs: in a container os.cpu_count() may be the host's
     args.workers = args.workers or [n for n in (1, 2, 4, 8, 16, 32) if n <= cpus]
     meta = {"args": vars(args)}
     env = environment(torch.device("cpu"))  # a CPU benchmark wherever it runs: the machine is the CPU

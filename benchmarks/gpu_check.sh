@@ -70,9 +70,15 @@ export HF_HUB_OFFLINE=1
 SITE=${DCF_SITE:-/tmp/dcf-site}  # where the carried wheels are installed
 if compgen -G "wheels/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --upgrade --target "$SITE" wheels/*.whl > "$OUT/wheels.log" 2>&1
+  echo "wheels: exit $? ($(compgen -G 'wheels/*.whl' | wc -l) wheels, wheels.log)" | tee -a "$OUT/status.txt"
   export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH} PATH=$SITE/bin:$PATH  # cmake >= 3.26 for the C++ examples
+else
+  echo "wheels: none carried (make gpu-wheels, then carry [\"wheels\"]): open_clip and the ONNX tools are missing" \
+    | tee -a "$OUT/status.txt"
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+python3 -c "import open_clip, ftfy" > /dev/null 2>&1 \
+  || echo "WARNING: open_clip / ftfy do not import: the model tests and benchmarks will fail" | tee -a "$OUT/status.txt"
 
 python3 - > "$OUT/env.json" <<'PY'
 import json, platform, torch
@@ -90,7 +96,8 @@ cat "$OUT/env.json"
 
 build() {  # the extension, stamped with the hash of its sources (a warm machine keeps it for the next call)
   rm -f denseclip_fast/_C*.so "$STAMP"
-  TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} \
+  # sm_90 only, whatever the machine's environment sets (some CUDA images list eight architectures: 8x the build)
+  TORCH_CUDA_ARCH_LIST=${DCF_CUDA_ARCHS:-9.0} MAX_JOBS=${MAX_JOBS:-16} \
     timed build build.log python3 setup.py build_ext --inplace
   compgen -G "denseclip_fast/_C*.so" > /dev/null && sources_hash > "$STAMP"
 }
@@ -150,17 +157,20 @@ gpu_tests() {  # the operators on CUDA (all backends) and the model, engine and 
   # benchmarks after them keep their time (a test cut short is reported by pytest's summary as it stops). The model,
   # engine, AOTInductor and training tests have a process of their own: behind test_gpu.py's 96 kernel tests (many
   # Triton compiles) they would likely not be reached in TESTS_S
-  local STEP_CAP_S=$TESTS_S
+  # (3 CPU threads each: five processes of torch's default 16 threads would contend for the 16 cores; no pytest
+  # cache: five processes would write it at once)
+  local STEP_CAP_S=$TESTS_S kernels="tensor_core or portable or called_directly"
+  local -a pytest=(env OMP_NUM_THREADS=3 python3 -m pytest -q -rs --durations=10 -p no:cacheprovider)
   timed "GPU tests: Triton score operators" tests_gpu_triton_score.log \
-    python3 -m pytest -q -rs --durations=10 tests/test_ops.py -k "triton and (score or concat)" &
+    "${pytest[@]}" tests/test_ops.py -k "triton and (score or concat)" &
   timed "GPU tests: Triton attention and other operator tests" tests_gpu_triton.log \
-    python3 -m pytest -q -rs --durations=10 tests/test_ops.py -k "triton and not (score or concat)" &
+    "${pytest[@]}" tests/test_ops.py -k "triton and not (score or concat)" &
   timed "GPU tests: CUDA C++ and reference operators" tests_gpu_ops.log \
-    python3 -m pytest -q -rs --durations=10 tests/test_ops.py -k "not triton" &
-  timed "GPU tests: tensor-core kernels" tests_gpu_kernels.log \
-    python3 -m pytest -q -rs --durations=10 tests/test_gpu.py -k "tensor_core" &
+    "${pytest[@]}" tests/test_ops.py -k "not triton" &
+  timed "GPU tests: CUDA kernels (tensor-core and portable)" tests_gpu_kernels.log \
+    "${pytest[@]}" tests/test_gpu.py -k "$kernels" &
   timed "GPU tests: model, engine, AOTInductor, training" tests_gpu_model.log \
-    python3 -m pytest -q -rs --durations=10 tests/test_gpu.py -k "not tensor_core" &
+    "${pytest[@]}" tests/test_gpu.py -k "not ($kernels)" &
   wait
   for log in tests_gpu_triton_score tests_gpu_triton tests_gpu_ops tests_gpu_kernels tests_gpu_model; do
     tail -1 "$OUT/$log.log" 2>/dev/null

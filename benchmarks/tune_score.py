@@ -32,7 +32,8 @@ from benchmarks.common import environment as common_environment  # noqa: E402
 # (B, C, H, W, K): the kernels issue's large and RN50/ADE score shapes; the quick one for a CPU
 SHAPES = [(32, 1024, 128, 128, 171), (16, 1024, 16, 16, 150)]
 QUICK_SHAPES = [(2, 64, 8, 8, 19)]
-# Variants besides the defaults (K > 128: forward (64, 32, 8), backward (16, 64, 8, 2)):
+# Variants besides the defaults (K > 128 in 16 bit: forward (64, 32, 8), backward BLOCK_P 16 and BLOCK_C 32, as
+# score.bwd_blocks gives them; the sweep times the defaults themselves too):
 FORWARD = [(32, 32, 8), (64, 64, 8), (128, 32, 8), (64, 16, 8), (64, 32, 4)]  # BLOCK_P, BLOCK_C, warps
 BACKWARD = [(32, 64, 8, 2), (16, 32, 8, 2), (32, 32, 8, 2), (16, 128, 8, 2), (16, 64, 4, 2), (16, 64, 8, 1),
             (16, 64, 8, 4)]  # fmt: skip  (BLOCK_P, BLOCK_C, warps, programs per SM) of the fused kernel

@@ -41,7 +41,7 @@ def _check_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     key) is compared with a floor of one tolerance per element instead: what is left there is rounding noise, whose
     size is the summed terms', not the result's. (A floor for every result let a bfloat16 gradient be several times
     its own size off: keys past the first block with dk = dv = 0 passed.)"""
-    actual, expected = actual.double(), expected.double()
+    actual, expected = actual.double(), expected.double().to(actual.device)  # a CPU float64 result for a GPU's
     err, size = (actual - expected).norm().item(), expected.norm().item()
     floor = expected.numel() ** 0.5
     bound = factor * TOL[dtype] * (floor if size <= 1e-9 * floor else size)
@@ -110,7 +110,7 @@ def test_score_text_gradient_at_extreme_pixel_norms(backend, dtype, norm, scale,
     visual = _visual(2, 16, 3, 4, "contiguous", torch.float64)
     visual = visual / visual.norm(dim=1, keepdim=True) * norm
     text = _text(2, k, 16, False, torch.float64)
-    grad = torch.randn(2, k, 3, 4, dtype=torch.float64) * grad_size
+    grad = torch.randn(2, k, 3, 4, dtype=torch.float64, device=DEVICE) * grad_size
     (out, v_grad, t_grad), (expected, v64_grad, t64_grad) = _score_with_reference(
         visual.to(dtype), text.to(dtype), scale, backend, grad
     )
@@ -675,7 +675,7 @@ def test_aten_score_backward_the_cuda_fallback(dtype, layout, text_batched):
     visual[0, :, 2, 3] *= 1e-14  # shorter than eps: the Jacobian of v / eps, no projection
     text = _text(2, 9, 24, text_batched, dtype)
     text[..., 3, :] = 0
-    grad = torch.randn(2, 9, 5, 7, dtype=dtype)
+    grad = torch.randn(2, 9, 5, 7, dtype=dtype, device=DEVICE)
     v64, t64 = _leaf(visual, torch.float64), _leaf(text, torch.float64)
     reference.pixel_text_score(v64, t64, 2.5).backward(grad.double())
     _, norm = torch.ops.denseclip_fast.pixel_text_score(visual, text, 2.5)
