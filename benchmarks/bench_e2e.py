@@ -267,7 +267,11 @@ def measure_contestant(name: str, args: argparse.Namespace, model: dcf.DenseCLIP
     """common.measure of one contestant, built here and dropped on return (its profile, if asked for, is taken
     after every measurement: profile_after_measuring)."""
     fn = contestant(name, model, official, device, mode, crop, stride)
-    return measure(fn, x, args.repeats, device)
+    row = measure(fn, x, args.repeats, device)
+    engine = getattr(fn, "__self__", None)
+    if isinstance(engine, dcf.Segmenter) and device.type == "cuda":  # a failed capture warns and runs eagerly
+        row["cuda_graphs_captured"] = engine.captured_graphs
+    return row
 
 
 def release(device: torch.device) -> None:
