@@ -113,6 +113,12 @@ def check_not_an_input(path: str, name: str, inputs: dict[str, str]) -> None:
                              "choose another path")  # fmt: skip
 
 
+def not_a_file(path: str) -> str:
+    """What is wrong with ``path``, which is not a regular file: "does not exist", or, when something is there (a
+    directory, a FIFO, a broken link's name), "is not a regular file"."""
+    return "does not exist" if not os.path.lexists(path) else "is not a regular file"
+
+
 def check_not_in_folder(path: str, name: str, folder: str, folder_name: str) -> None:
     """ValueError naming ``name`` when ``path`` is an existing file inside ``folder`` (an input folder, such as a
     data set, named ``folder_name``), through links too: writing it would replace one of that folder's files (the

@@ -34,7 +34,7 @@ from ..checkpoints.io import path_argument, written_atomically
 from ..model import DenseCLIP
 from ..preprocess import CLIP_MEAN, CLIP_STD
 from ..requirements import dotted, release_below
-from ..validation import given_dtype
+from ..validation import given_dtype, not_a_file
 from .graphs import build_graph, check_image_size, default_window_stride, example_inputs, output_path
 
 ONNX_DTYPES = (torch.float32, torch.float16)
@@ -304,8 +304,7 @@ def load_onnx(path: str | os.PathLike[str], name: str = "path") -> Any:
 
     text = path_argument(path, name)
     if not os.path.isfile(text):
-        what = "does not exist" if not os.path.lexists(text) else "is not a regular file"
-        raise ValueError(f"{name} {text!r} {what}; expected an ONNX file")
+        raise ValueError(f"{name} {text!r} {not_a_file(text)}; expected an ONNX file")
     try:
         model = onnx.load(text, load_external_data=False)
     except DecodeError:

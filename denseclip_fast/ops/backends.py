@@ -84,8 +84,8 @@ def runs_cubin_of(built: list[int], arch: int) -> bool:
 
 def _cuda_arch_mismatch(device: torch.device) -> str | None:
     """Why the extension's CUDA kernels cannot run on this GPU (built for other architectures), else None; so the
-    user reads it here instead of "no kernel image is available" inside a kernel. Memoised per device; not
-    evaluated while torch.compile traces (the eager calls before have checked it)."""
+    user reads it here instead of "no kernel image is available" inside a kernel. Memoised per device; while
+    torch.compile traces only the memo is read, as _per_device does (the eager calls before have checked it)."""
     if torch.compiler.is_compiling():
         return _memo.get(("arch", device.index))
     key = ("arch", device.index if device.index is not None else torch.cuda.current_device())

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import ACTIVATIONS, ARCH_ALIASES, ARCHS, MIN_IMAGE_SIDE, DenseCLIPConfig, canonical_arch, preset
-from ..validation import check_device, check_int, check_writable_dir, is_finite_number
+from ..validation import check_device, check_int, check_writable_dir, is_finite_number, not_a_file
 from .data import check_ignore_index, not_a_directory
 
 LAYOUTS = ("ade20k", "generic")
@@ -124,8 +124,7 @@ class TrainConfig:
         if self.data and not os.path.isdir(self.data):
             raise ValueError(f"data directory {self.data!r} {not_a_directory(self.data)}")
         if self.init != "none" and not os.path.isfile(self.init):  # as data: a file given must be there
-            what = "is empty" if not self.init else "does not exist" if not os.path.lexists(self.init) else (
-                "is not a regular file")  # fmt: skip
+            what = not_a_file(self.init) if self.init else "is empty"
             raise ValueError(f"init (--init) must be a CLIP weight file or 'none'; {self.init!r} {what}")
         for name in ("iters", "batch_size", "accum", "checkpoint_interval", "log_interval"):
             check_int(name, getattr(self, name))
@@ -221,8 +220,7 @@ class TrainConfig:
         ValueError naming the file when it is missing, not a regular file, unreadable or not valid YAML/JSON
         (YAML tags that would build Python objects are refused: the file is read with ``yaml.safe_load``)."""
         if not os.path.isfile(path):
-            what = "does not exist" if not os.path.lexists(path) else "is not a regular file"
-            raise ValueError(f"training config {path!r} {what}")
+            raise ValueError(f"training config {path!r} {not_a_file(path)}")
         try:
             with open(path, encoding="utf-8") as f:
                 data = _read_yaml(path, f) if path.lower().endswith((".yaml", ".yml")) else json.load(f)
