@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -884,6 +885,7 @@ def test_triton_attention_blocks_fit_the_gpu_shared_memory():
     assert attention._blocks(5, 64, "fwd") == (16, 64)  # few queries: a smaller query block
     assert [attention.num_warps(kind, False) for kind in attention.KINDS] == [4, 8, 8]
     assert {attention.num_warps(kind, True) for kind in attention.KINDS} == {8}
+    assert attention.num_warps("dq", True, 64, 16) == 4 and attention.num_warps("dq", False, 64, 16) == 8
     with pytest.raises(ValueError, match="kind must be one of"):
         attention.smem_estimate("bwd", 64, 64, 64)
 
@@ -1099,9 +1101,10 @@ def test_triton_needs_an_ampere_or_newer_gpu(monkeypatch):
         assert ops.backends.unavailable_reason("triton", "pixel_text_score", gpu, torch.float16) is None
 
 
-def test_device_queries_are_memoised_and_left_out_of_traces(monkeypatch):
-    """The shared memory per block (the Triton attention's blocks depend on it) is asked once per GPU, never while
-    torch.compile traces, and is None for CPU tensors."""
+def test_device_queries_are_memoised_and_asked_by_traces(monkeypatch):
+    """The shared memory per block (the Triton attention's blocks depend on it) and the compute capability are asked
+    once per GPU, None for CPU tensors; a trace asks them too (the first call of a process may be a compiled one),
+    and where a trace of fake CUDA tensors finds no GPU the answer is None, not kept."""
     from types import SimpleNamespace
 
     monkeypatch.setattr(ops.backends, "_memo", {})
@@ -1113,23 +1116,61 @@ def test_device_queries_are_memoised_and_left_out_of_traces(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "get_device_properties", properties)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert ops.backends.shared_memory_per_block(torch.device("cuda", 1)) is None and asked == []
+    assert ops.backends.shared_memory_per_block(torch.device("cuda", 1)) == 1001 and asked == [1]
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
     for _ in range(2):
         assert ops.backends.shared_memory_per_block(torch.device("cuda", 1)) == 1001
         assert ops.backends.shared_memory_per_block(torch.device("cuda", 2)) == 1002
     assert asked == [1, 2]
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert ops.backends.shared_memory_per_block(torch.device("cuda", 1)) == 1001  # the eager answer holds
     assert ops.backends.shared_memory_per_block(torch.device("cpu")) is None
-    # query_device (to_aoti calls it before tracing) leaves the answers a trace reads
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (8, 6))
-    assert ops.backends._device_arch(torch.device("cuda", 3)) is None  # tracing, nothing asked eagerly yet
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
-    ops.backends.query_device(torch.device("cuda", 3))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 2)
+    assert ops.backends.shared_memory_per_block(torch.device("cuda")) == 1002 and asked == [1, 2]
+
+    def no_gpu(index=None):
+        raise AssertionError("Torch not compiled with CUDA enabled")
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", no_gpu)
+    with pytest.raises(AssertionError, match="not compiled with CUDA"):  # eager: the error as torch gives it
+        ops.backends.gpu_arch(torch.device("cuda", 3))
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert ops.backends._device_arch(torch.device("cuda", 3)) == 86
-    assert ops.backends.shared_memory_per_block(torch.device("cuda", 3)) == 1003
+    assert ops.backends.gpu_arch(torch.device("cuda", 3)) is None
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (8, 6))
+    assert ops.backends.gpu_arch(torch.device("cuda", 3)) == 86  # the None was not kept
+
+
+def test_a_compiled_first_call_chooses_its_backend_for_the_gpu(monkeypatch):
+    """torch.compile(fullgraph=True) of code whose first call in the process is the compiled one: the backend choice
+    and the Triton attention's blocks come from the GPU, asked while Dynamo traces (a constant in the graph), not
+    from the defaults of an H200 (a T4 then chose Triton, an sm_86 GPU took blocks larger than its shared memory)."""
+    from types import SimpleNamespace
+
+    from denseclip_fast.ops.triton import attention
+
+    monkeypatch.delenv("DENSECLIP_FAST_BACKEND", raising=False)
+    monkeypatch.setattr(ops.backends, "_memo", {})
+    capability = {1: (7, 5), 2: (8, 6)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capability[index])
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda index: SimpleNamespace(shared_memory_per_block_optin=101376))  # fmt: skip
+
+    def compiled(index: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        gpu = torch.device("cuda", index)
+
+        def choice(x: torch.Tensor) -> torch.Tensor:
+            triton = ops.backends.resolve("context_attention", gpu, torch.float32, head_dim=128) == "triton"
+            smem, arch = ops.backends.shared_memory_per_block(gpu), ops.backends.gpu_arch(gpu)
+            block_m, block_n = attention._blocks(256, 128, "fwd", True, smem, arch)
+            return x + (1000 if triton else 0) + 10 * block_m + block_n
+
+        torch._dynamo.reset()  # a new trace, not a recompile of choice's code with its closure's int made dynamic
+        return torch.compile(choice, fullgraph=True, backend="eager")
+
+    assert compiled(1)(torch.zeros(1)).item() == 10 * 32 + 32  # sm_75: no Triton; sm_86 blocks
+    triton = ops.backends.triton_available() is None
+    fwd = attention._blocks(256, 128, "fwd", True, 101376, 86)
+    assert fwd != attention._blocks(256, 128, "fwd", True)  # the defaults (an H200's), ~108 KB: more than 99 KB
+    assert compiled(2)(torch.zeros(1)).item() == (1000 if triton else 0) + 10 * fwd[0] + fwd[1]
+    assert ops.backends._memo[("cc", 1)] == 75 and ops.backends._memo[("smem", 2)] == 101376
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the errors of a machine without CUDA")

@@ -85,7 +85,7 @@ def to_aoti(
         raise ValueError(
             f"model_or_segmenter must be a DenseCLIP model or a Segmenter, got {type(model_or_segmenter).__name__}"
         )
-    ops.backends.query_device(seg.device)  # the trace below reads the backends' memo only
+    ops.backends.query_device(seg.device)  # a bad device fails here, not deep in the trace below
     if not isinstance(max_batch, int) or max_batch < TRACE_BATCH:
         raise ValueError(
             f"max_batch must be an int >= {TRACE_BATCH}, got {max_batch!r} (a package takes any batch from 1 to "

@@ -12,7 +12,6 @@ cannot run the call raises BackendUnavailable (a RuntimeError) saying why.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -27,47 +26,67 @@ CUDA_MAX_HEAD_DIM = 128  # csrc/cuda/attention.cu kMaxD
 MAX_GRID_Y = 65535  # CUDA's limit on a grid's second axis, which the Triton attention's launches give batch x heads
 
 
-_memo: dict[Any, Any] = {}  # by hand rather than lru_cache: torch.compile traces plain dict lookups silently
+_memo: dict[Any, Any] = {}  # read and written only by the functions marked assume_constant_result below
 
 
+@torch.compiler.assume_constant_result  # a constant for torch.compile / torch.export, as _asked
 def _cuda_kernels_built() -> bool:
     if "cuda" not in _memo:
         _memo["cuda"] = extension_available() and build_info()["cuda"] is not None
     return _memo["cuda"]
 
 
-def _per_device(device: torch.device, what: str, query: Callable[[int], Any]) -> Any:
-    """``query(index)`` of this CUDA device, memoised per (what, device). While torch.compile or torch.export
-    traces, only the memo is read (None when no eager call has asked): device queries are left to eager code."""
-    index = device.index if device.index is not None or torch.compiler.is_compiling() else torch.cuda.current_device()
-    key = (what, index)
-    if key not in _memo and not torch.compiler.is_compiling():
-        _memo[key] = query(index)
-    return _memo.get(key)
+def _query(what: str, index: int) -> Any:
+    """The answer to ``what`` about CUDA device ``index``: "cc" its compute capability as an integer (90 = Hopper),
+    "smem" its shared memory per block in bytes (the opt-in maximum), "arch" why the extension's CUDA kernels cannot
+    run on it (built for other architectures) or None."""
+    if what == "cc":
+        major, minor = torch.cuda.get_device_capability(index)
+        return 10 * major + minor
+    if what == "smem":
+        # read by name: torch's _CudaDeviceProperties stub has this field from 2.15 on, and torch 2.11 to 2.14 have
+        # it at runtime only (an ignore comment for the older stubs fails mypy with the newer)
+        return int(getattr(torch.cuda.get_device_properties(index), "shared_memory_per_block_optin"))
+    built, arch = build_info()["cuda"]["archs"], _device_arch(torch.device("cuda", index))
+    if arch is None:  # a trace without a GPU (see _asked): no answer to keep
+        raise RuntimeError("no CUDA device to ask")
+    if runs_cubin_of(built, arch):
+        return None
+    return (f"the extension's CUDA kernels were built for {', '.join(f'sm_{a}' for a in built)} and this GPU is "
+            f"sm_{arch} (rebuild with TORCH_CUDA_ARCH_LIST={arch // 10}.{arch % 10})")  # fmt: skip
+
+
+@torch.compiler.assume_constant_result
+def _asked(what: str, index: int) -> Any:
+    """_query(what, index), memoised per (what, device); ``index`` -1 is the current device. torch.compile and
+    torch.export call this while they trace and take the answer as a constant (``assume_constant_result``), so that
+    a compiled or exported model chooses its backend and sizes its kernels for the GPU it is traced on, also when no
+    eager call asked first. None, not memoised, where a trace of fake CUDA tensors finds no GPU to ask."""
+    try:
+        index = torch.cuda.current_device() if index < 0 else index
+        key = (what, index)
+        if key not in _memo:
+            _memo[key] = _query(what, index)
+    except (RuntimeError, AssertionError):  # torch without CUDA raises AssertionError, no driver RuntimeError
+        if torch.compiler.is_compiling():
+            return None
+        raise
+    return _memo[key]
+
+
+def _index(device: torch.device) -> int:
+    return -1 if device.index is None else device.index
 
 
 def _device_arch(device: torch.device) -> int | None:
-    """The GPU's compute capability as an integer (90 = Hopper), memoised per device (see _per_device)."""
-
-    def query(index: int) -> int:
-        major, minor = torch.cuda.get_device_capability(index)
-        return 10 * major + minor
-
-    return _per_device(device, "cc", query)
+    """The GPU's compute capability as an integer (90 = Hopper), memoised per device (see _asked)."""
+    return _asked("cc", _index(device))
 
 
 def shared_memory_per_block(device: torch.device) -> int | None:
     """The GPU's shared memory per block in bytes (the opt-in maximum), memoised per device; None for CPU tensors
     (Triton's interpreter)."""
-    if device.type != "cuda":
-        return None
-
-    def query(index: int) -> int:
-        # read by name: torch's _CudaDeviceProperties stub has this field from 2.15 on, and torch 2.11 to 2.14 have
-        # it at runtime only (an ignore comment for the older stubs fails mypy with the newer)
-        return int(getattr(torch.cuda.get_device_properties(index), "shared_memory_per_block_optin"))
-
-    return _per_device(device, "smem", query)
+    return _asked("smem", _index(device)) if device.type == "cuda" else None
 
 
 def gpu_arch(device: torch.device) -> int | None:
@@ -84,26 +103,14 @@ def runs_cubin_of(built: list[int], arch: int) -> bool:
 
 def _cuda_arch_mismatch(device: torch.device) -> str | None:
     """Why the extension's CUDA kernels cannot run on this GPU (built for other architectures), else None; so the
-    user reads it here instead of "no kernel image is available" inside a kernel. Memoised per device; while
-    torch.compile traces only the memo is read, as _per_device does (the eager calls before have checked it)."""
-    if torch.compiler.is_compiling():
-        return _memo.get(("arch", device.index))
-    key = ("arch", device.index if device.index is not None else torch.cuda.current_device())
-    if key not in _memo:
-        built, arch = build_info()["cuda"]["archs"], _device_arch(device)
-        assert arch is not None  # not compiling, so _per_device queried the device
-        _memo[key] = None if runs_cubin_of(built, arch) else (
-            f"the extension's CUDA kernels were built for {', '.join(f'sm_{a}' for a in built)} and this GPU is "
-            f"sm_{arch} (rebuild with TORCH_CUDA_ARCH_LIST={arch // 10}.{arch % 10})"
-        )  # fmt: skip
-    return _memo[key]
+    user reads it here instead of "no kernel image is available" inside a kernel. Memoised per device (_asked)."""
+    return _asked("arch", _index(device))
 
 
 def query_device(device: torch.device) -> None:
     """Ask now, eagerly, what the backends decide by for this GPU (its architecture, its shared memory, whether the
-    extension's kernels were built for it), so that a trace that follows (torch.export, AOTInductor) finds the
-    answers: while tracing only the memo is read, and an empty one would mean the defaults (e.g. the H200's float32
-    attention blocks, too large for sm_86 / sm_89)."""
+    extension's kernels were built for it). A trace asks by itself (_asked); this makes a query's failure (a device
+    index that does not exist) an eager error before a long export rather than one inside its trace."""
     if device.type != "cuda":
         return
     _device_arch(device)
@@ -112,7 +119,8 @@ def query_device(device: torch.device) -> None:
         _cuda_arch_mismatch(device)
 
 
-def triton_available() -> str | None:
+@torch.compiler.assume_constant_result  # as _cuda_kernels_built: no write to _memo in a trace (Dynamo would replay
+def triton_available() -> str | None:  # its writes over the dict, dropping what _asked kept meanwhile)
     """None when the Triton kernels can be used (importing them registers their operators), else why not."""
     if "triton" not in _memo:
         try:
