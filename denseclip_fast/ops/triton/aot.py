@@ -126,9 +126,11 @@ def _score_text(dt: str, which: str) -> Spec:
     return f"score_text_{which} {dt}", fn, _signature(fn, ptrs, ("eps",), const), const, {}, {}
 
 
-def _attention(dt: str, d: int, which: str, arch: int = 90) -> Spec:
+def _attention(dt: str, d: int, which: str, arch: int = 90, lq: int = 150) -> Spec:
+    """An attention kernel with the blocks its launcher chooses for ``lq`` queries (64 a block from 33 on; 16 or 32
+    for fewer: a decoder's self-attention over a small vocabulary)."""
     kind = "dq" if which == "delta" else which  # the delta kernel takes dq's query block
-    block_m, block_n = attention._blocks(150, d, kind, dt == "fp32", SHARED_MEMORY[arch], arch)
+    block_m, block_n = attention._blocks(lq, d, kind, dt == "fp32", SHARED_MEMORY[arch], arch)
     fn = {"fwd": attention._attn_fwd_kernel, "delta": attention._attn_bwd_delta_kernel,
           "dkdv": attention._attn_bwd_dkdv_kernel, "dq": attention._attn_bwd_dq_kernel}[which]  # fmt: skip
     if which == "delta":
@@ -138,8 +140,9 @@ def _attention(dt: str, d: int, which: str, arch: int = 90) -> Spec:
     ptrs = {name: f"*{dt}" for name in fn.arg_names if name.endswith("_ptr")}
     ptrs.update({name: "*fp32" for name in ("lse_ptr", "delta_ptr") if name in fn.arg_names})
     floats = tuple(name for name in ("qk_scale", "sm_scale") if name in fn.arg_names)
-    options = {} if which == "delta" else {"num_warps": attention.num_warps(which, dt == "fp32", d)}
-    return f"attn_{which} {dt} D={d}", fn, _signature(fn, ptrs, floats, const), const, options, {}
+    options = {} if which == "delta" else {"num_warps": attention.num_warps(which, dt == "fp32", d, block_m)}
+    label = f"attn_{which} {dt} D={d}{'' if lq > 32 else f' BLOCK_M={block_m}'}"
+    return label, fn, _signature(fn, ptrs, floats, const), const, options, {}
 
 
 # The launches the JIT compiles for the model (jit_specialize): RN50/RN101's 1024 channels (ViT-B-16's 512
@@ -151,6 +154,9 @@ def _attention(dt: str, d: int, which: str, arch: int = 90) -> Spec:
 MODEL_C, MODEL_HW, MODEL_BATCH, MODEL_SMS = 1024, (40, 40), 2, 132
 LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
 ATTENTION_LENGTHS = ((150, 1601), (256, 256))  # (Lq, Lk)
+SMALL_QUERIES = (10, 19)  # a decoder over 10 or 19 classes (Cityscapes): query blocks of 16 and 32
+SCORE_CLASSES = (10, 19, 59, 100, 300)  # with 150 every class block of the forward (16, 32, 64, 128, 256; 300:
+# several blocks) and of the backward (its fused kernel's and the unfused)
 
 
 def _strides(c: int, layout: str) -> tuple[int, int, int]:
@@ -207,7 +213,7 @@ def _jit_score_text(dt: str, which: str, k: int = 150) -> Spec:
 
 def _jit_attention(dt: str, d: int, which: str, lq: int, lk: int, arch: int = 90) -> Spec:
     """attention_forward's or attention_backward's launch on contiguous q, k, v of lq queries and lk keys."""
-    label, fn, sig, const, options, _ = _attention(dt, d, which, arch)
+    label, fn, sig, const, options, _ = _attention(dt, d, which, arch, lq)
     args: dict[str, Any] = {name: sig[name] for name in fn.arg_names if name.endswith("_ptr")}
     args.update({"Lq": lq, "Lk": lk, "qk_scale": 0.18, "sm_scale": 0.125})
     sig, const, attrs = jit_specialize(fn, {name: args[name] for name in fn.arg_names if name not in const}, const)
@@ -220,12 +226,12 @@ def _score_specializations(arch: int) -> Iterator[Spec]:
     dtypes = ("bf16", "fp16", "fp32") if arch == 90 else ("bf16", "fp32")
     for dt in dtypes:
         yield _score(dt, 150)
-    for k in (19, 100, 300):  # the other class blocks (32, 128; 256 and several blocks)
+    for k in SCORE_CLASSES:  # the other class blocks
         yield _score("bf16", k)
         yield _score("fp32", k)
     yield _score("bf16", 150, wide=True)  # int64 indexing (images past 2**31 elements)
     yield _score_backward("bf16", wide=True)
-    for k in (10, 19, 59, 100, 300):  # every class block of the fused kernel (16 ... 256) and the unfused kernel
+    for k in SCORE_CLASSES:
         yield _score_backward("bf16", k)
         yield _score_backward("fp32", k)
     for dt in dtypes:
@@ -268,9 +274,8 @@ def _jit_specializations(arch: int) -> Iterator[Spec]:
     dtypes = ("bf16", "fp16", "fp32") if arch == 90 else ("bf16", "fp32")
     for dt in dtypes:
         for layout in LAYOUTS:
-            for k in (19, 100, 150, 300) if dt != "fp16" else (150,):
+            for k in (*SCORE_CLASSES, 150) if dt != "fp16" else (150,):
                 yield _jit_score(dt, k, layout)
-            for k in (10, 19, 59, 100, 150, 300) if dt != "fp16" else (150,):
                 yield _jit_score_backward(dt, k, layout)
             yield _jit_score_backward_pixels(dt, layout)
         yield _jit_score_text(dt, "normalize")
@@ -278,6 +283,18 @@ def _jit_specializations(arch: int) -> Iterator[Spec]:
     for dt, d, which in _attention_kernels(arch):
         for lq, lk in ATTENTION_LENGTHS:
             yield _jit_attention(dt, d, which, lq, lk, arch)
+    for dt, d, which in _small_query_kernels(arch):
+        for lq in SMALL_QUERIES:
+            yield _jit_attention(dt, d, which, lq, 1601, arch)
+
+
+def _small_query_kernels(arch: int) -> Iterator[tuple[str, int, str]]:
+    """(dtype, head dim, kernel) compiled also at the query blocks of SMALL_QUERIES: on sm_90 every kernel in
+    bfloat16 and float32 at the decoder's head dim (other GPUs' blocks for so few queries are sm_90's or smaller)."""
+    if arch == 90:
+        for dt in ("bf16", "fp32"):
+            for which in ("fwd", "delta", "dkdv", "dq"):
+                yield dt, 64, which
 
 
 def specializations(arch: int = 90) -> Iterator[Spec]:
@@ -291,6 +308,9 @@ def specializations(arch: int = 90) -> Iterator[Spec]:
     yield from _score_specializations(arch)
     for dt, d, which in _attention_kernels(arch):
         yield _attention(dt, d, which, arch)
+    for dt, d, which in _small_query_kernels(arch):
+        for lq in SMALL_QUERIES:
+            yield _attention(dt, d, which, arch, lq)
     yield from _jit_specializations(arch)
 
 

@@ -192,10 +192,13 @@ F32_BLOCK_N = 32  # ... and keys (16 for dkdv at D=128: with 32, as the JIT comp
 # queries, as the JIT compiles it, 20 B with Triton 3.6)
 
 
-def num_warps(kind: str, f32: bool, d: int = 64) -> int:
+def num_warps(kind: str, f32: bool, d: int = 64, block_m: int = 64) -> int:
     """Warps per program of kernel ``kind``: 8 for the backward kernels, every float32 kernel and the forward at
     D=128 (at 4 their registers spilled, ptxas sm_90: 20 B for the 16-bit dkdv at D=64, 48 B for the forward at
-    D=128 with Triton 3.6, kilobytes in float32), 4 for the other 16-bit forwards."""
+    D=128 with Triton 3.6, kilobytes in float32), 4 for the other 16-bit forwards and for the float32 dq of a
+    16-query block (at 8, 8 B spilled in its generic compile for sm_90 with Triton 3.8)."""
+    if f32 and kind == "dq" and block_m <= 16:
+        return 4
     return 8 if f32 or kind != "fwd" or d > 64 else 4
 
 
@@ -305,6 +308,6 @@ def attention_backward(
         )
         launch(_attn_bwd_dq_kernel)[(cdiv(lq, m_q), n)](
             qp, kp, vp, dop, lp, dp, dqp, lq, lk, scale, D=d, BLOCK_M=m_q, BLOCK_N=n_q, DOT_F32=f32,
-            num_warps=num_warps("dq", f32),
+            num_warps=num_warps("dq", f32, d, m_q),
         )
     return dq, dk, dv
