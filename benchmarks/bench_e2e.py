@@ -9,7 +9,10 @@ Contestants (random weights, BN statistics and gamma randomised so every stage m
                       IEEE matmuls; the engine's float32 is IEEE throughout, so engine-fp32's speedup is conservative)
   official-bf16       the same under bf16 autocast
   compile-ro          torch.compile(official, mode="reduce-overhead", dynamic=False) under bf16 autocast: plain
-                      reduce-overhead (CUDA graphs), without inductor freezing, as the design's anchor table defines it
+                      reduce-overhead (CUDA graphs), without inductor freezing, as the design's anchor table defines it;
+                      the class prompts' token ids moved to the GPU once (upstream keeps them on the CPU and copies
+                      them every call: a CPU tensor in the graph makes inductor skip its CUDA graphs). The row
+                      records cudagraph_skips, inductor's count of graphs it ran without CUDA graphs
   compile-ma          torch.compile(official, mode="max-autotune", dynamic=False) under bf16 autocast, no freezing
                       (opt in: long compile)
   engine-fp32         denseclip_fast.Segmenter, float32 in IEEE (TF32 off inside its calls), CUDA graphs on CUDA
@@ -111,6 +114,9 @@ def contestant(name: str, model: dcf.DenseCLIP, official: OfficialDenseCLIP, dev
         return lambda x: official.slide_inference(x, crop, stride)
 
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16)  # noqa: E731
+    # the token ids: on the CPU as upstream's tokenize leaves them (official.to() does not move a plain attribute),
+    # on the device for the compiled contestants (see the module docstring)
+    official.texts = official.texts.to(device if name.startswith("compile") else "cpu")
     if name == "official":
         return run_official(official)
     if name == "official-bf16":
@@ -266,8 +272,13 @@ def measure_contestant(name: str, args: argparse.Namespace, model: dcf.DenseCLIP
                        device: torch.device, mode: Mode, crop: int, stride: int, x: torch.Tensor) -> dict:  # fmt: skip
     """common.measure of one contestant, built here and dropped on return (its profile, if asked for, is taken
     after every measurement: profile_after_measuring)."""
+    from torch._dynamo.utils import counters
+
+    skips = counters["inductor"]["cudagraph_skips"]
     fn = contestant(name, model, official, device, mode, crop, stride)
     row = measure(fn, x, args.repeats, device)
+    if name == "compile-ro" and device.type == "cuda":  # reduce-overhead without its CUDA graphs says so
+        row["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"] - skips
     engine = getattr(fn, "__self__", None)
     if isinstance(engine, dcf.Segmenter) and device.type == "cuda":  # a failed capture warns and runs eagerly
         row["cuda_graphs_captured"] = engine.captured_graphs
@@ -310,6 +321,15 @@ def profiles_markdown(rows: list[dict]) -> str:
     return ("\n## Profiles\n" + "".join(parts)) if parts else ""
 
 
+def graphs_note(row: dict) -> str:
+    """What the precision cell adds when a contestant meant to replay CUDA graphs ran (partly) without them."""
+    if row.get("cudagraph_skips"):
+        return f"; CUDA graphs skipped for {row['cudagraph_skips']} graph(s)"
+    if row.get("cuda_graphs_captured") == 0:
+        return "; no CUDA graph captured (ran eagerly)"
+    return ""
+
+
 def table(env: dict, rows: list[dict], classes: int) -> str:
     if env["gpu"]:
         note = ("Image-path FLOP rate = FLOPs of one image-dependent forward (the text encoder, which the official "
@@ -333,7 +353,7 @@ def table(env: dict, rows: list[dict], classes: int) -> str:
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for r in rows:
         shape = "x".join(str(s) for s in r["shape"])
-        head = f"| {r['arch']} | {r['mode']} | {shape} | {r['contestant']} | {r.get('precision', '')} |"
+        head = f"| {r['arch']} | {r['mode']} | {shape} | {r['contestant']} | {r.get('precision', '')}{graphs_note(r)} |"
         if "error" in r:
             lines.append(f"{head} failed: {r['error'][:80]} | | | | | | | | |")
             continue

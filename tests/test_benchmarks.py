@@ -324,6 +324,13 @@ def test_engine_table_labels_precision_tails_and_image_path_flops():
     assert f"| official | {label} | 10.00 | 11.00 | max 12.50 | 40 | 100.0 | 1.0 | 1.50 (2.25) | 1.0e-03 |" in text
     assert "image path, of 790 TFLOP/s" in text and "cuDNN benchmark mode on" in text
     assert f"| engine-bf16 | {label} | failed: OOM |" in text
+    # a contestant meant to replay CUDA graphs that ran without them says so beside its precision
+    ro = {**row, "contestant": "compile-ro", "precision": "ro", "cudagraph_skips": 2}
+    eager = {**row, "contestant": "engine-bf16", "precision": "bf16", "cuda_graphs_captured": 0}
+    text = bench_e2e.table(env, [ro, eager, {**eager, "cuda_graphs_captured": 1}], 150)
+    assert "| compile-ro | ro; CUDA graphs skipped for 2 graph(s) | 10.00 |" in text
+    assert "| engine-bf16 | bf16; no CUDA graph captured (ran eagerly) | 10.00 |" in text
+    assert "| engine-bf16 | bf16 | 10.00 |" in text
     assert bench_e2e.windows(512, 2048, 512, 341) == 6 and bench_e2e.windows(256, 256, 512, 341) == 1
 
 
