@@ -658,6 +658,51 @@ def test_segmenter_routes_every_forward_through_the_graph_cache(model):
     assert Segmenter(model, device="cpu", dtype=torch.float32).captured_graphs == 0  # no capture on CPU
 
 
+@pytest.mark.parametrize("mode", ["whole", "slide"])
+def test_warmup_captures_the_shapes_a_size_will_run(model, mode):
+    """warmup((h, w), batch) leaves captured the graphs that calls with images of that size then replay (raw uint8
+    images: the shape after the keep-ratio resize; slide: the batched crops), after capture_after calls."""
+    seg = _engine(model, mode=mode)
+    eager: list[tuple[int, ...]] = []
+    captured: list[tuple[int, ...]] = []
+    forward = seg._forward
+
+    def capture(fn, example, pool):
+        captured.append(tuple(example.shape))
+        return forward  # a replay: not through the eager path below
+
+    seg._graphs = GraphCache(lambda x: eager.append(tuple(x.shape)) or forward(x), enabled=True, capture=capture,
+                             capture_after=3)  # fmt: skip
+    seg.warmup((50, 60), batch=2)  # uint8: resized to fit the tiny config's test scale
+    assert len(captured) == 1 and eager == captured * 2  # two eager calls of the shape, then its capture
+    seg.logits(torch.randint(0, 256, (2, 50, 60, 3), dtype=torch.uint8))
+    assert len(captured) == 1 and len(eager) == 2  # replayed
+    seg.warmup((64, 64), raw=False)
+    assert captured[-1] == (1, 3, 64, 64) and len(eager) == 4  # one 64 x 64 window in slide mode
+    seg.logits(torch.randn(1, 3, 64, 64))
+    assert len(captured) == 2 and len(eager) == 4
+    cpu = _engine(model, mode=mode)  # no CUDA graphs (a CPU engine): one call does it
+    cpu._graphs.fn = lambda x: eager.append(tuple(x.shape)) or forward(x)
+    cpu.warmup((64, 64), raw=False)
+    assert len(eager) == 5
+
+
+def test_warmup_refuses_what_logits_would(model):
+    seg = _engine(model)
+    for size, match in [((64,), r"size must be \(height, width\)"), ("64x64", "size must be"),
+                        ((0, 64), r"size\[0\] \(height\) must be an int >= 1"),
+                        ((64, 64.0), r"size\[1\] \(width\) must be an int"),
+                        ((1, 4000), "too elongated")]:  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            seg.warmup(size)
+    with pytest.raises(ValueError, match="size must be at least"):
+        seg.warmup((8, 64), raw=False)
+    with pytest.raises(ValueError, match="batch must be an int >= 1, got 0"):
+        seg.warmup((64, 64), batch=0)
+    with pytest.raises(ValueError, match="raw must be True or False"):
+        seg.warmup((64, 64), raw="no")
+
+
 class StaticBufferCapture:
     """Like a CUDA graph: every replay writes into the same output buffer."""
 

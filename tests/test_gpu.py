@@ -355,9 +355,13 @@ def test_engine_uint8_images_on_cuda_match_the_cpu():
     staged = stacked_for(images, torch.device("cuda"))
     assert staged.is_pinned() and torch.equal(staged, torch.stack(images))
     assert stacked_for([im.cuda() for im in images], torch.device("cuda")).is_cuda
-    on_gpu = Segmenter(model, device="cuda", dtype=torch.float32).logits(images)
+    seg = Segmenter(model, device="cuda", dtype=torch.float32)
+    seg.warmup((97, 131), batch=2)  # a blank batch of that size: the graph the images below replay
+    assert seg.captured_graphs == 1
+    on_gpu = seg.logits(images)
     on_cpu = Segmenter(model, device="cpu", dtype=torch.float32).logits(images)
     assert rel_err(on_gpu.cpu(), on_cpu) < 1e-4, rel_err(on_gpu.cpu(), on_cpu)
+    assert seg.captured_graphs == 1  # replayed, not captured again
 
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])

@@ -406,6 +406,35 @@ class Segmenter:
             palette = default_palette(len(names))
         return blend(img[0].numpy(), labels, palette, alpha)
 
+    def warmup(self, size: Sequence[int], batch: int = 1, raw: bool = True) -> None:
+        """Pay now, on a blank batch, what the first call with images of this size would pay: the Triton kernels'
+        compilation for the shapes it launches, cuDNN's algorithm search and (on CUDA with cuda_graphs) the CUDA
+        graph's capture, which needs ``capture_after`` calls of a shape. A server calls it for each (size, batch)
+        it will be sent before it takes requests; later calls of that shape replay the graph.
+
+        Args:
+            size: (height, width) of the images as they will be passed: uint8 images before the test pipeline's
+                keep-ratio resize (``raw=True``), or an already normalised float batch (``raw=False``).
+            batch: how many images a call will hold.
+            raw: uint8 images (the resize and normalisation run too) or a normalised float batch.
+        """
+        if isinstance(size, (str, bytes)) or not isinstance(size, Sequence) or len(size) != 2:
+            raise ValueError(f"size must be (height, width), got {size!r}")
+        for name, side in zip(("size[0] (height)", "size[1] (width)"), size):
+            check_int(name, side)
+        check_int("batch", batch)
+        if not isinstance(raw, bool):
+            raise ValueError(f"raw must be True or False, got {raw!r}")
+        height, width = size
+        if raw:
+            check_test_image_size((height, width), self.model.config.test_scale, "size")
+            images = torch.zeros((batch, height, width, 3), dtype=torch.uint8, device=self.device)
+        else:
+            check_image_size((height, width), "size")
+            images = torch.zeros((batch, 3, height, width), dtype=self.dtype, device=self.device)
+        for _ in range(self._graphs.capture_after if self._graphs.enabled else 1):
+            self.logits(images)
+
     @property
     def captured_graphs(self) -> int:
         """How many input shapes have been captured into CUDA graphs so far."""
