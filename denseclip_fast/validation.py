@@ -39,6 +39,16 @@ def check_int(name: str, value: object, minimum: int = 1, why: str = "") -> None
         raise ValueError(f"{name} must be an int >= {minimum}{why}, got {value!r}")
 
 
+def as_int(name: str, value: object, minimum: int = 1, why: str = "") -> int:
+    """:func:`check_int` for an argument of the Python API, where a numpy integer (a size computed with numpy) is
+    an int too: ``value`` as a plain int. Config fields stay plain ints (check_int): they are written as JSON."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        value = int(value)
+    check_int(name, value, minimum, why)
+    assert isinstance(value, int)
+    return value
+
+
 def given_dtype(dtype: object, allowed: Sequence[torch.dtype]) -> str:
     """A wrong ``dtype`` argument as an error message shows it: a string (the command line's names) is said to be
     one ("float32" printed bare read as one of the allowed values), with the torch.dtype to pass when it names one

@@ -429,6 +429,14 @@ def test_bad_vocabularies_and_settings(model):
         Segmenter(model, device="cpu", crop=True)
     with pytest.raises(ValueError, match="crop must be an int >= 32"):
         Segmenter(model, device="cpu", mode="slide", crop=16, stride=8)
+    with pytest.raises(ValueError, match="stride must be an int >= 1, got (np.)?True"):  # np.bool_ is no int
+        Segmenter(model, device="cpu", stride=np.bool_(True))
+    with pytest.raises(ValueError, match="capture_after must be an int >= 1, got 2.0"):
+        Segmenter(model, device="cpu", capture_after=2.0)
+    sized = Segmenter(model, device="cpu", mode="slide", crop=np.int64(64), stride=np.int32(40),
+                      capture_after=np.int64(1))  # numpy's integers are ints: taken as plain ints  # fmt: skip
+    assert (type(sized.crop), type(sized.stride), type(sized._graphs.capture_after)) == (int, int, int)
+    sized.warmup((np.int64(64), np.uint16(70)), batch=np.int8(1))
     with pytest.raises(ValueError, match="stride must not exceed crop.*stride=100 and crop=64"):
         Segmenter(model, device="cpu", mode="slide", crop=64, stride=100)
     with pytest.raises(ValueError, match="float16 needs a CUDA device"):

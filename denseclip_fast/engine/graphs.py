@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ..validation import check_int
+from ..validation import as_int
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
@@ -86,12 +86,10 @@ class GraphCache:
         max_graphs: int = 16,
         capture_after: int = 2,
     ) -> None:
-        check_int("max_graphs", max_graphs)
-        check_int("capture_after", capture_after)
         self.fn = fn
         self.enabled = enabled
         self.capture = capture or (lambda f, x, pool: CapturedForward(f, x, pool))
-        self.max_graphs, self.capture_after = max_graphs, capture_after
+        self.max_graphs, self.capture_after = as_int("max_graphs", max_graphs), as_int("capture_after", capture_after)
         self.graphs: OrderedDict[tuple[Any, ...], Forward] = OrderedDict()
         self.sightings: OrderedDict[tuple[Any, ...], int] = OrderedDict()  # eager calls of signatures not captured
         self.captures = 0

@@ -39,7 +39,7 @@ from ..model.denseclip import check_image_size, check_test_image_size
 from ..model.slide import slide_inference, window_sizes
 from ..model.text import check_class_names
 from ..preprocess import normalize, resize_keep_ratio
-from ..validation import check_device, check_int, given_dtype
+from ..validation import as_int, check_device, given_dtype
 from ..visualize import default_palette
 from ..visualize import overlay as blend
 from .cpu_linear import use_onednn_linears
@@ -182,10 +182,9 @@ class Segmenter:
             if not isinstance(flag, bool):  # a string such as "no" would be true
                 raise ValueError(f"{name} must be True or False, got {flag!r}")
         self.dtype, self.mode, self.check_finite = dtype, mode, check_finite
-        self.crop = model.config.slide_crop if crop is None else crop
-        self.stride = model.config.slide_stride if stride is None else stride
-        check_int("crop", self.crop, MIN_IMAGE_SIDE, " (the stride-32 level keeps a pixel)")
-        check_int("stride", self.stride)
+        self.crop = as_int("crop", model.config.slide_crop if crop is None else crop, MIN_IMAGE_SIDE,
+                           " (the stride-32 level keeps a pixel)")  # fmt: skip
+        self.stride = as_int("stride", model.config.slide_stride if stride is None else stride)
         window_sizes(self.crop, self.stride)  # a stride past the crop: refused now, not at the first slide call
         self.model = prepare_for_inference(model, self.device, self.dtype)
         if self.device.type == "cpu":  # float32 layers through oneDNN (cpu_linear.py), the text encoder's always
@@ -420,12 +419,10 @@ class Segmenter:
         """
         if isinstance(size, (str, bytes)) or not isinstance(size, Sequence) or len(size) != 2:
             raise ValueError(f"size must be (height, width), got {size!r}")
-        for name, side in zip(("size[0] (height)", "size[1] (width)"), size):
-            check_int(name, side)
-        check_int("batch", batch)
+        height, width = (as_int(name, side) for name, side in zip(("size[0] (height)", "size[1] (width)"), size))
+        batch = as_int("batch", batch)
         if not isinstance(raw, bool):
             raise ValueError(f"raw must be True or False, got {raw!r}")
-        height, width = size
         if raw:
             check_test_image_size((height, width), self.model.config.test_scale, "size")
             images = torch.zeros((batch, height, width, 3), dtype=torch.uint8, device=self.device)
