@@ -1934,7 +1934,7 @@ def test_resuming_a_complete_run_says_so_and_a_smaller_iters_is_refused(arch_fil
     err = capsys.readouterr().err
     assert err == (f"denseclip-fast train: the run in work dir {str(work)!r} is already complete at iteration 2 "
                    f"({work / 'iter_2.state.pt'}; its final evaluation is eval_iter_2.json): nothing to train; give "
-                   "--iters above 2 to train on\n")  # fmt: skip
+                   "iters above 2 (--iters) to train on\n")  # fmt: skip
     assert result == {"iterations": 2, "last": {}, "eval": first["eval"]} and files() == before
     base = ["train", "--arch", arch_file, "--data", generic, "--layout", "generic", "--device", "cpu",
             "--batch-size", "2", "--work-dir", str(work), "--resume", "auto"]  # fmt: skip
@@ -1944,7 +1944,7 @@ def test_resuming_a_complete_run_says_so_and_a_smaller_iters_is_refused(arch_fil
     assert main([*base, "--iters", "1"]) == 2
     out, err = capsys.readouterr()
     assert out == "" and err == (f"denseclip-fast: error: {work / 'iter_2.state.pt'} is at iteration 2, past this "
-                                 "run's iters 1: a run cannot go back; resume with --iters 2 or more, or evaluate "
+                                 "run's iters 1: a run cannot go back; resume with iters 2 or more (--iters), or evaluate "
                                  f"{work / 'iter_2.safetensors'} with eval\n")  # fmt: skip
     assert files() == before
     os.remove(work / "eval_iter_2.json")  # stopped after its final eval.csv row, before the JSON

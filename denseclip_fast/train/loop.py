@@ -739,15 +739,15 @@ class Trainer:
         if saved > iters:
             raise ValueError(
                 f"{path} is at iteration {saved}, past this run's iters {iters}: a run cannot go back; resume with "
-                f"--iters {saved} or more, or evaluate {_weights_beside(path)} with eval"
+                f"iters {saved} or more (--iters), or evaluate {_weights_beside(path)} with eval"
             )
         evaluation = self._saved_evaluation(saved) if saved == iters else None
         if evaluation is None:
             return None
         if rank == 0:
             print(f"denseclip-fast train: the run in work dir {self.cfg.work_dir!r} is already complete at iteration "
-                  f"{saved} ({path}; its final evaluation is eval_iter_{saved}.json): nothing to train; give --iters "
-                  f"above {saved} to train on", file=sys.stderr)  # fmt: skip
+                  f"{saved} ({path}; its final evaluation is eval_iter_{saved}.json): nothing to train; give iters "
+                  f"above {saved} (--iters) to train on", file=sys.stderr)  # fmt: skip
         return {"iterations": saved, "last": {}, "eval": evaluation if rank == 0 else None}
 
     def _saved_evaluation(self, iteration: int) -> dict[str, Any] | None:
