@@ -667,7 +667,7 @@ def test_segmenter_routes_every_forward_through_the_graph_cache(model):
 
 
 @pytest.mark.parametrize("mode", ["whole", "slide"])
-def test_warmup_captures_the_shapes_a_size_will_run(model, mode):
+def test_warmup_captures_the_shapes_a_size_will_run(model, mode, monkeypatch):
     """warmup((h, w), batch) leaves captured the graphs that calls with images of that size then replay (raw uint8
     images: the shape after the keep-ratio resize; slide: the batched crops), after capture_after calls."""
     seg = _engine(model, mode=mode)
@@ -681,8 +681,15 @@ def test_warmup_captures_the_shapes_a_size_will_run(model, mode):
 
     seg._graphs = GraphCache(lambda x: eager.append(tuple(x.shape)) or forward(x), enabled=True, capture=capture,
                              capture_after=3)  # fmt: skip
+    from denseclip_fast.engine import segmenter
+
+    sizes = []
+    resized = segmenter.resized
+    monkeypatch.setattr(segmenter, "resized", lambda scores, size: sizes.append(size) or resized(scores, size))
     seg.warmup((50, 60), batch=2)  # uint8: resized to fit the tiny config's test scale
     assert len(captured) == 1 and eager == captured * 2  # two eager calls of the shape, then its capture
+    # the scores stay at the network's size: never resized to the images' (a photo's would take gigabytes)
+    assert sizes and all(tuple(size) == eager[0][2:] for size in sizes), (sizes, eager)
     seg.logits(torch.randint(0, 256, (2, 50, 60, 3), dtype=torch.uint8))
     assert len(captured) == 1 and len(eager) == 2  # replayed
     seg.warmup((64, 64), raw=False)

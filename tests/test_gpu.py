@@ -362,6 +362,11 @@ def test_engine_uint8_images_on_cuda_match_the_cpu():
     on_cpu = Segmenter(model, device="cpu", dtype=torch.float32).logits(images)
     assert rel_err(on_gpu.cpu(), on_cpu) < 1e-4, rel_err(on_gpu.cpu(), on_cpu)
     assert seg.captured_graphs == 1  # replayed, not captured again
+    with torch.inference_mode():  # a start-up warm-up under inference mode; the calls after it are outside
+        seg.warmup((64, 80), batch=2)
+    assert seg.captured_graphs == 2
+    again = seg.logits([im[:64, :80] for im in images])  # replayed: its input buffer is an inference tensor
+    assert seg.captured_graphs == 2 and again.shape == (2, len(NAMES), 64, 80)
 
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])

@@ -1944,8 +1944,8 @@ def test_resuming_a_complete_run_says_so_and_a_smaller_iters_is_refused(arch_fil
     assert main([*base, "--iters", "1"]) == 2
     out, err = capsys.readouterr()
     assert out == "" and err == (f"denseclip-fast: error: {work / 'iter_2.state.pt'} is at iteration 2, past this "
-                                 "run's iters 1: a run cannot go back; resume with iters 2 or more (--iters), or evaluate "
-                                 f"{work / 'iter_2.safetensors'} with eval\n")  # fmt: skip
+                                 "run's iters 1: a run cannot go back; resume with iters 2 or more (--iters), or "
+                                 f"evaluate {work / 'iter_2.safetensors'} with eval\n")  # fmt: skip
     assert files() == before
     os.remove(work / "eval_iter_2.json")  # stopped after its final eval.csv row, before the JSON
     train(dataclasses.replace(cfg, lr=5e-4), resume="auto")

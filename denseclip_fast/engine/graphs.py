@@ -55,7 +55,10 @@ class CapturedForward:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """The output buffer, overwritten by the next replay: consume or clone it before calling again."""
         with torch.cuda.device(self.device):  # replays go to the current stream of the graph's own GPU
-            self.static_input.copy_(x)
+            # a graph captured under torch.inference_mode (a warm-up at start-up, say) has an inference tensor for
+            # its input buffer, which a call outside inference mode (another thread's) may only write inside it
+            with torch.inference_mode(self.static_input.is_inference()):
+                self.static_input.copy_(x)
             self.graph.replay()
         return self.static_output
 

@@ -74,6 +74,11 @@ def resized(scores: torch.Tensor, size: Any) -> torch.Tensor:
     return planes.view(n, c, *planes.shape[2:])
 
 
+def _as_computed(scores: torch.Tensor, size: Any) -> torch.Tensor:
+    """A finish (see Segmenter._each_group) that keeps the network's output at its own size (warmup's)."""
+    return scores
+
+
 def labels(scores: torch.Tensor, size: Any) -> torch.Tensor:
     """``resized(scores, size).argmax(dim=1)`` (int64 (N, H, W)), equal to it pixel for pixel (the first class of a
     tie; a NaN wins, as in argmax), with at most about LABEL_CHUNK resized values held at a time: the classes are
@@ -406,10 +411,11 @@ class Segmenter:
         return blend(img[0].numpy(), labels, palette, alpha)
 
     def warmup(self, size: Sequence[int], batch: int = 1, raw: bool = True) -> None:
-        """Pay now, on a blank batch, what the first call with images of this size would pay: the Triton kernels'
-        compilation for the shapes it launches, cuDNN's algorithm search and (on CUDA with cuda_graphs) the CUDA
-        graph's capture, which needs ``capture_after`` calls of a shape. A server calls it for each (size, batch)
-        it will be sent before it takes requests; later calls of that shape replay the graph.
+        """Pay now, on a blank batch, what the first calls of logits or predict with images of this size would
+        pay: the Triton kernels' compilation for the shapes the network launches, cuDNN's algorithm search and (on
+        CUDA with cuda_graphs) the CUDA graph's capture, which needs ``capture_after`` calls of a shape. A server
+        calls it for each (size, batch) it will be sent before it takes requests; later calls of that shape replay
+        the graph (while at most ``max_graphs`` shapes are kept; open_vocab's scores are not warmed).
 
         Args:
             size: (height, width) of the images as they will be passed: uint8 images before the test pipeline's
@@ -423,14 +429,16 @@ class Segmenter:
         batch = as_int("batch", batch)
         if not isinstance(raw, bool):
             raise ValueError(f"raw must be True or False, got {raw!r}")
-        if raw:
+        if raw:  # host images, as numpy arrays and PIL images come (staged in page-locked memory on CUDA)
             check_test_image_size((height, width), self.model.config.test_scale, "size")
-            images = torch.zeros((batch, height, width, 3), dtype=torch.uint8, device=self.device)
+            images = torch.zeros((batch, height, width, 3), dtype=torch.uint8)
         else:
             check_image_size((height, width), "size")
             images = torch.zeros((batch, 3, height, width), dtype=self.dtype, device=self.device)
         for _ in range(self._graphs.capture_after if self._graphs.enabled else 1):
-            self.logits(images)
+            # the network's output as it is: not resized to the images' size (a photo's full-size float32 scores
+            # for all classes would take gigabytes, which predict never holds)
+            self._trained_head(images, _as_computed)
 
     @property
     def captured_graphs(self) -> int:
