@@ -1126,16 +1126,31 @@ def test_device_queries_are_memoised_and_asked_by_traces(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 2)
     assert ops.backends.shared_memory_per_block(torch.device("cuda")) == 1002 and asked == [1, 2]
 
-    def no_gpu(index=None):
-        raise AssertionError("Torch not compiled with CUDA enabled")
+    def failing(index=None):
+        raise RuntimeError("CUDA error: invalid device ordinal")
 
-    monkeypatch.setattr(torch.cuda, "get_device_capability", no_gpu)
-    with pytest.raises(AssertionError, match="not compiled with CUDA"):  # eager: the error as torch gives it
+    monkeypatch.setattr(torch.cuda, "get_device_capability", failing)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(RuntimeError, match="invalid device ordinal"):  # a machine with a GPU: the error as it is
         ops.backends.gpu_arch(torch.device("cuda", 3))
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert ops.backends.gpu_arch(torch.device("cuda", 3)) is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert ops.backends.gpu_arch(torch.device("cuda", 3)) is None  # none to ask (fake CUDA tensors traced)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (8, 6))
     assert ops.backends.gpu_arch(torch.device("cuda", 3)) == 86  # the None was not kept
+
+
+def test_trace_time_constants_are_marked_as_torch_marks_them():
+    """ops.backends marks its device queries for Dynamo by hand (torch's decorator imports torch._dynamo): the
+    marking must be the one torch.compiler.assume_constant_result makes, or traces would read them as code."""
+
+    def probe() -> None:
+        pass
+
+    marked = torch.compiler.assume_constant_result(probe)
+    flags = {name: value for name, value in vars(marked).items()}
+    assert flags and all(getattr(ops.backends._asked, name, None) == value for name, value in flags.items())
+    for fn in (ops.backends._cuda_kernels_built, ops.backends.triton_available):
+        assert all(getattr(fn, name, None) == value for name, value in flags.items())
 
 
 def test_a_compiled_first_call_chooses_its_backend_for_the_gpu(monkeypatch):

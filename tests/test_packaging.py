@@ -77,6 +77,14 @@ def test_the_import_check_runs_before_anything_else_is_imported():
     assert imported == "['denseclip_fast.requirements']", result
 
 
+def test_importing_the_package_leaves_the_compiler_unimported():
+    """`import denseclip_fast` (every command's start) does not import torch._dynamo, a second of its own: the
+    backends mark their trace-time constants by hand (ops.backends.constant_while_tracing)."""
+    code = "import sys, denseclip_fast\nprint(sorted(m for m in sys.modules if m.startswith('torch._dynamo')))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]", result
+
+
 def test_pyproject_asks_pip_for_the_torch_the_import_check_accepts():
     with open(Path(ROOT) / "pyproject.toml", "rb") as f:
         project = tomllib.load(f)

@@ -12,7 +12,8 @@ cannot run the call raises BackendUnavailable (a RuntimeError) saying why.
 from __future__ import annotations
 
 import os
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 
@@ -26,10 +27,21 @@ CUDA_MAX_HEAD_DIM = 128  # csrc/cuda/attention.cu kMaxD
 MAX_GRID_Y = 65535  # CUDA's limit on a grid's second axis, which the Triton attention's launches give batch x heads
 
 
-_memo: dict[Any, Any] = {}  # read and written only by the functions marked assume_constant_result below
+_memo: dict[Any, Any] = {}  # read and written only by the functions marked constant_while_tracing below
+
+_Fn = TypeVar("_Fn", bound=Callable[..., Any])
 
 
-@torch.compiler.assume_constant_result  # a constant for torch.compile / torch.export, as _asked
+def constant_while_tracing(fn: _Fn) -> _Fn:
+    """``torch.compiler.assume_constant_result``: torch.compile (Dynamo) and torch.export call ``fn`` while they
+    trace, with constant arguments, and take its answer as a constant of the graph. The marking by hand, as torch
+    does it (tests/test_ops.py checks that they agree): torch's decorator imports torch._dynamo, a second at import
+    time of every command, and is untyped."""
+    fn._dynamo_marked_constant = True  # type: ignore[attr-defined]
+    return fn
+
+
+@constant_while_tracing  # as _asked
 def _cuda_kernels_built() -> bool:
     if "cuda" not in _memo:
         _memo["cuda"] = extension_available() and build_info()["cuda"] is not None
@@ -56,19 +68,20 @@ def _query(what: str, index: int) -> Any:
             f"sm_{arch} (rebuild with TORCH_CUDA_ARCH_LIST={arch // 10}.{arch % 10})")  # fmt: skip
 
 
-@torch.compiler.assume_constant_result
+@constant_while_tracing
 def _asked(what: str, index: int) -> Any:
     """_query(what, index), memoised per (what, device); ``index`` -1 is the current device. torch.compile and
-    torch.export call this while they trace and take the answer as a constant (``assume_constant_result``), so that
-    a compiled or exported model chooses its backend and sizes its kernels for the GPU it is traced on, also when no
-    eager call asked first. None, not memoised, where a trace of fake CUDA tensors finds no GPU to ask."""
+    torch.export call this while they trace and take the answer as a constant (constant_while_tracing), so that a
+    compiled or exported model chooses its backend and sizes its kernels for the GPU it is traced on, also when no
+    eager call asked first. None, not memoised, where there is no GPU to ask (fake CUDA tensors traced on a machine
+    without one); on a machine with a GPU a failing query raises."""
     try:
         index = torch.cuda.current_device() if index < 0 else index
         key = (what, index)
         if key not in _memo:
             _memo[key] = _query(what, index)
     except (RuntimeError, AssertionError):  # torch without CUDA raises AssertionError, no driver RuntimeError
-        if torch.compiler.is_compiling():
+        if not torch.cuda.is_available():
             return None
         raise
     return _memo[key]
@@ -119,8 +132,8 @@ def query_device(device: torch.device) -> None:
         _cuda_arch_mismatch(device)
 
 
-@torch.compiler.assume_constant_result  # as _cuda_kernels_built: no write to _memo in a trace (Dynamo would replay
-def triton_available() -> str | None:  # its writes over the dict, dropping what _asked kept meanwhile)
+@constant_while_tracing  # as _cuda_kernels_built: no write to _memo in a trace (Dynamo would replay its writes
+def triton_available() -> str | None:  # over the dict, dropping what _asked kept meanwhile)
     """None when the Triton kernels can be used (importing them registers their operators), else why not."""
     if "triton" not in _memo:
         try:

@@ -9,6 +9,7 @@ import torch
 
 _UNSET = object()
 _load_error: Any = _UNSET  # memoised by hand: torch.compile traces through plain globals without warnings
+_build_info_json: str | None = None
 
 
 def _load() -> str | None:
@@ -36,10 +37,13 @@ def build_info() -> dict[str, Any]:
 
     Raises RuntimeError (with the reason) when the extension is not built.
     """
+    global _build_info_json
     error = _load()
     if error is not None:
         raise RuntimeError(error)
-    info = json.loads(torch.ops.denseclip_fast.build_info())
+    if _build_info_json is None:  # asked once: a call inside a non-strict torch.export would be a node of its graph
+        _build_info_json = str(torch.ops.denseclip_fast.build_info())
+    info = json.loads(_build_info_json)  # a new dict each call: callers may change theirs
     if info["cuda"] is not None:  # nvcc's __CUDA_ARCH_LIST__ counts in tens (900 for sm_90)
         info["cuda"]["archs"] = [arch // 10 for arch in info["cuda"]["archs"]]
     return info

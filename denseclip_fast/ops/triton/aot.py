@@ -154,7 +154,8 @@ def _attention(dt: str, d: int, which: str, arch: int = 90, lq: int = 150) -> Sp
 MODEL_C, MODEL_HW, MODEL_BATCH, MODEL_SMS = 1024, (40, 40), 2, 132
 LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
 ATTENTION_LENGTHS = ((150, 1601), (256, 256))  # (Lq, Lk)
-SMALL_QUERIES = (10, 19)  # a decoder over 10 or 19 classes (Cityscapes): query blocks of 16 and 32
+SMALL_QUERIES = (10, 19)  # a decoder over 10 or 19 classes (Cityscapes): query blocks of 16 and 32 (where the
+# kernel's block is not smaller anyway, e.g. float32 dq's 32: those compiles are the 150 queries', dropped as such)
 SCORE_CLASSES = (10, 19, 59, 100, 300)  # with 150 every class block of the forward (16, 32, 64, 128, 256; 300:
 # several blocks) and of the backward (its fused kernel's and the unfused)
 
@@ -298,6 +299,18 @@ def _small_query_kernels(arch: int) -> Iterator[tuple[str, int, str]]:
 
 
 def specializations(arch: int = 90) -> Iterator[Spec]:
+    """_specializations without repeats: a spec compiling what an earlier one compiles (same kernel, signature,
+    constexprs, options and attributes; e.g. a float32 dq at 19 queries takes the block of 150) is left out."""
+    seen = set()
+    for spec in _specializations(arch):
+        _, fn, sig, const, options, attrs = spec
+        key = (fn, *(tuple(sorted((str(k), repr(v)) for k, v in d.items())) for d in (sig, const, options, attrs)))
+        if key not in seen:
+            seen.add(key)
+            yield spec
+
+
+def _specializations(arch: int) -> Iterator[Spec]:
     """Spec tuples (label, kernel, signature, constexprs, compile options, attributes). Generic: every int argument
     i32, nothing known of its value or of a pointer's alignment. Every score kernel at every block size its
     launchers choose (the same on every GPU; float16 only for sm_90), every attention kernel of _attention_kernels

@@ -271,7 +271,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tupl
         qp, kp, vp, op, lp = (t.flatten(0, 1)[p] if len(pieces) > 1 else t for t in (q, k, v, out, lse))
         launch(_attn_fwd_kernel)[(cdiv(lq, block_m), p.stop - p.start)](
             qp, kp, vp, op, lp, lq, lk, LOG2E / math.sqrt(d), D=d, BLOCK_M=block_m, BLOCK_N=block_n, DOT_F32=f32,
-            num_warps=num_warps("fwd", f32, d),
+            num_warps=num_warps("fwd", f32, d, block_m),
         )
     return out, lse
 
@@ -304,7 +304,7 @@ def attention_backward(
         launch(_attn_bwd_delta_kernel)[(cdiv(lq, m_q), n)](op, dop, dp, lq, D=d, BLOCK_M=m_q)
         launch(_attn_bwd_dkdv_kernel)[(cdiv(lk, n_kv), n)](
             qp, kp, vp, dop, lp, dp, dkp, dvp, lq, lk, scale, D=d, BLOCK_M=m_kv, BLOCK_N=n_kv, DOT_F32=f32,
-            num_warps=num_warps("dkdv", f32),
+            num_warps=num_warps("dkdv", f32, d, m_kv),
         )
         launch(_attn_bwd_dq_kernel)[(cdiv(lq, m_q), n)](
             qp, kp, vp, dop, lp, dp, dqp, lq, lk, scale, D=d, BLOCK_M=m_q, BLOCK_N=n_q, DOT_F32=f32,
