@@ -9,12 +9,12 @@ Contestants (random weights, BN statistics and gamma randomised so every stage m
                       IEEE matmuls; the engine's float32 is IEEE throughout, so engine-fp32's speedup is conservative)
   official-bf16       the same under bf16 autocast
   compile-ro          torch.compile(official, mode="reduce-overhead", dynamic=False) under bf16 autocast: plain
-                      reduce-overhead (CUDA graphs), without inductor freezing, as the design's anchor table defines it;
-                      the class prompts' token ids moved to the GPU once (upstream keeps them on the CPU and copies
-                      them every call: a CPU tensor in the graph makes inductor skip its CUDA graphs). The row
-                      records cudagraph_skips, inductor's count of graphs it ran without CUDA graphs
+                      reduce-overhead (CUDA graphs), without inductor freezing, as the design's anchor table defines it
   compile-ma          torch.compile(official, mode="max-autotune", dynamic=False) under bf16 autocast, no freezing
-                      (opt in: long compile)
+                      (opt in: long compile; CUDA graphs too)
+                      Both with the class prompts' token ids moved to the GPU once (upstream keeps them on the CPU and
+                      copies them every call: a CPU tensor in the graph makes inductor skip its CUDA graphs); their
+                      rows record cudagraph_skips, inductor's counter of skipped CUDA-graph runs (0: none skipped)
   engine-fp32         denseclip_fast.Segmenter, float32 in IEEE (TF32 off inside its calls), CUDA graphs on CUDA
   engine-bf16         the same in bfloat16
 On CUDA, cuDNN benchmark mode is on for every contestant (mmseg's default runtime has cudnn_benchmark=True, so
@@ -277,7 +277,7 @@ def measure_contestant(name: str, args: argparse.Namespace, model: dcf.DenseCLIP
     skips = counters["inductor"]["cudagraph_skips"]
     fn = contestant(name, model, official, device, mode, crop, stride)
     row = measure(fn, x, args.repeats, device)
-    if name == "compile-ro" and device.type == "cuda":  # reduce-overhead without its CUDA graphs says so
+    if name.startswith("compile") and device.type == "cuda":  # a compile without its CUDA graphs says so
         row["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"] - skips
     engine = getattr(fn, "__self__", None)
     if isinstance(engine, dcf.Segmenter) and device.type == "cuda":  # a failed capture warns and runs eagerly
@@ -324,7 +324,7 @@ def profiles_markdown(rows: list[dict]) -> str:
 def graphs_note(row: dict) -> str:
     """What the precision cell adds when a contestant meant to replay CUDA graphs ran (partly) without them."""
     if row.get("cudagraph_skips"):
-        return f"; CUDA graphs skipped for {row['cudagraph_skips']} graph(s)"
+        return f"; CUDA graphs skipped (cudagraph_skips={row['cudagraph_skips']})"
     if row.get("cuda_graphs_captured") == 0:
         return "; no CUDA graph captured (ran eagerly)"
     return ""

@@ -328,7 +328,7 @@ def test_engine_table_labels_precision_tails_and_image_path_flops():
     ro = {**row, "contestant": "compile-ro", "precision": "ro", "cudagraph_skips": 2}
     eager = {**row, "contestant": "engine-bf16", "precision": "bf16", "cuda_graphs_captured": 0}
     text = bench_e2e.table(env, [ro, eager, {**eager, "cuda_graphs_captured": 1}], 150)
-    assert "| compile-ro | ro; CUDA graphs skipped for 2 graph(s) | 10.00 |" in text
+    assert "| compile-ro | ro; CUDA graphs skipped (cudagraph_skips=2) | 10.00 |" in text
     assert "| engine-bf16 | bf16; no CUDA graph captured (ran eagerly) | 10.00 |" in text
     assert "| engine-bf16 | bf16 | 10.00 |" in text
     assert bench_e2e.windows(512, 2048, 512, 341) == 6 and bench_e2e.windows(256, 256, 512, 341) == 1
