@@ -885,7 +885,7 @@ def test_triton_attention_blocks_fit_the_gpu_shared_memory():
     assert attention._blocks(5, 64, "fwd") == (16, 64)  # few queries: a smaller query block
     assert [attention.num_warps(kind, False) for kind in attention.KINDS] == [4, 8, 8]
     assert {attention.num_warps(kind, True) for kind in attention.KINDS} == {8}
-    assert attention.num_warps("dq", True, 64, 16) == 4 and attention.num_warps("dq", False, 64, 16) == 8
+    assert attention._blocks(10, 64, "dq", f32=True) == (16, 16) and attention._blocks(10, 64, "dq") == (16, 64)
     with pytest.raises(ValueError, match="kind must be one of"):
         attention.smem_estimate("bwd", 64, 64, 64)
 

@@ -140,7 +140,7 @@ def _attention(dt: str, d: int, which: str, arch: int = 90, lq: int = 150) -> Sp
     ptrs = {name: f"*{dt}" for name in fn.arg_names if name.endswith("_ptr")}
     ptrs.update({name: "*fp32" for name in ("lse_ptr", "delta_ptr") if name in fn.arg_names})
     floats = tuple(name for name in ("qk_scale", "sm_scale") if name in fn.arg_names)
-    options = {} if which == "delta" else {"num_warps": attention.num_warps(which, dt == "fp32", d, block_m)}
+    options = {} if which == "delta" else {"num_warps": attention.num_warps(which, dt == "fp32", d)}
     label = f"attn_{which} {dt} D={d}{'' if lq > 32 else f' BLOCK_M={block_m}'}"
     return label, fn, _signature(fn, ptrs, floats, const), const, options, {}
 

@@ -192,13 +192,10 @@ F32_BLOCK_N = 32  # ... and keys (16 for dkdv at D=128: with 32, as the JIT comp
 # queries, as the JIT compiles it, 20 B with Triton 3.6)
 
 
-def num_warps(kind: str, f32: bool, d: int = 64, block_m: int = 64) -> int:
+def num_warps(kind: str, f32: bool, d: int = 64) -> int:
     """Warps per program of kernel ``kind``: 8 for the backward kernels, every float32 kernel and the forward at
     D=128 (at 4 their registers spilled, ptxas sm_90: 20 B for the 16-bit dkdv at D=64, 48 B for the forward at
-    D=128 with Triton 3.6, kilobytes in float32), 4 for the other 16-bit forwards and for the float32 dq of a
-    16-query block (at 8, 8 B spilled in its generic compile for sm_90 with Triton 3.8)."""
-    if f32 and kind == "dq" and block_m <= 16:
-        return 4
+    D=128 with Triton 3.6, kilobytes in float32), 4 for the other 16-bit forwards."""
     return 8 if f32 or kind != "fwd" or d > 64 else 4
 
 
@@ -206,8 +203,9 @@ def _blocks(
     lq: int, d: int, kind: str = "fwd", f32: bool = False, smem: int | None = None, arch: int | None = None
 ) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_N) of kernel ``kind``: 64 queries (fewer when there are fewer), 64 keys (32 at D=128); in
-    float32, F32_BLOCK_M queries and F32_BLOCK_N keys (16 and 16 for dkdv at D=128, 16 keys for dq there), so that
-    the registers do not spill (ptxas on sm_90 with Triton 3.6 and 3.8, as the JIT compiles the model's launches).
+    float32, F32_BLOCK_M queries and F32_BLOCK_N keys (16 and 16 for dkdv at D=128, 16 keys for dq there and for a
+    dq of 16 queries: with 32 keys its generic compile spilled 8 B, at 4 warps with Triton 3.6, at 8 with 3.8), so
+    that the registers do not spill (ptxas on sm_90 with Triton 3.6 and 3.8, as the JIT compiles the model's launches).
     Before Hopper (``arch`` < 90; None: the interpreter, sized as sm_90) the registers hold more of the products
     (no wgmma): the 16-bit dkdv takes 32 keys, and the float32 forward and dq at D=128 32 queries.
     A float32 kernel whose estimate passes SMEM_SHARE of ``smem`` halves the block its loop streams, then the other,
@@ -217,7 +215,8 @@ def _blocks(
     block_n = 64 if d <= 64 else 32
     if f32:
         block_m = min(block_m, 16 if kind == "dkdv" and d > 64 else F32_BLOCK_M[kind])
-        block_n = 16 if kind in ("dkdv", "dq") and d > 64 else F32_BLOCK_N
+        narrow = kind in ("dkdv", "dq") and d > 64 or kind == "dq" and block_m <= 16
+        block_n = 16 if narrow else F32_BLOCK_N
     if arch is not None and arch < 90:
         if not f32 and kind == "dkdv":
             block_m, block_n = (min(block_m, 32), 32) if d > 64 else (block_m, 32)
@@ -271,7 +270,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tupl
         qp, kp, vp, op, lp = (t.flatten(0, 1)[p] if len(pieces) > 1 else t for t in (q, k, v, out, lse))
         launch(_attn_fwd_kernel)[(cdiv(lq, block_m), p.stop - p.start)](
             qp, kp, vp, op, lp, lq, lk, LOG2E / math.sqrt(d), D=d, BLOCK_M=block_m, BLOCK_N=block_n, DOT_F32=f32,
-            num_warps=num_warps("fwd", f32, d, block_m),
+            num_warps=num_warps("fwd", f32, d),
         )
     return out, lse
 
@@ -304,10 +303,10 @@ def attention_backward(
         launch(_attn_bwd_delta_kernel)[(cdiv(lq, m_q), n)](op, dop, dp, lq, D=d, BLOCK_M=m_q)
         launch(_attn_bwd_dkdv_kernel)[(cdiv(lk, n_kv), n)](
             qp, kp, vp, dop, lp, dp, dkp, dvp, lq, lk, scale, D=d, BLOCK_M=m_kv, BLOCK_N=n_kv, DOT_F32=f32,
-            num_warps=num_warps("dkdv", f32, d, m_kv),
+            num_warps=num_warps("dkdv", f32, d),
         )
         launch(_attn_bwd_dq_kernel)[(cdiv(lq, m_q), n)](
             qp, kp, vp, dop, lp, dp, dqp, lq, lk, scale, D=d, BLOCK_M=m_q, BLOCK_N=n_q, DOT_F32=f32,
-            num_warps=num_warps("dq", f32, d, m_q),
+            num_warps=num_warps("dq", f32, d),
         )
     return dq, dk, dv
