@@ -41,7 +41,11 @@ class CapturedForward:
     def __init__(self, fn: Forward, example: torch.Tensor, pool: Any = None, warmup: int = 2) -> None:
         self.device = example.device
         with torch.cuda.device(self.device), _CAPTURE_LOCK:  # the example's GPU is current, whichever was before
-            self.static_input = example.clone()
+            # never an inference tensor, also when captured under torch.inference_mode (a warm-up at start-up, say):
+            # later calls outside inference mode (another thread's) write it in place, which an inference tensor
+            # refuses; a normal tensor takes the copy in and out of inference mode
+            with torch.inference_mode(False):
+                self.static_input = example.clone()
             side = torch.cuda.Stream(device=self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
@@ -55,10 +59,7 @@ class CapturedForward:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """The output buffer, overwritten by the next replay: consume or clone it before calling again."""
         with torch.cuda.device(self.device):  # replays go to the current stream of the graph's own GPU
-            # a graph captured under torch.inference_mode (a warm-up at start-up, say) has an inference tensor for
-            # its input buffer, which a call outside inference mode (another thread's) may only write inside it
-            with torch.inference_mode(self.static_input.is_inference()):
-                self.static_input.copy_(x)
+            self.static_input.copy_(x)
             self.graph.replay()
         return self.static_output
 
