@@ -39,6 +39,12 @@ def check_int(name: str, value: object, minimum: int = 1, why: str = "") -> None
         raise ValueError(f"{name} must be an int >= {minimum}{why}, got {value!r}")
 
 
+def check_bool(name: str, value: object) -> None:
+    """ValueError naming ``name`` unless ``value`` is True or False (a string such as "no" would be true)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
 def as_int(name: str, value: object, minimum: int = 1, why: str = "") -> int:
     """:func:`check_int` for an argument of the Python API, where a numpy integer (a size computed with numpy) is
     an int too: ``value`` as a plain int. Config fields stay plain ints (check_int): they are written as JSON."""

@@ -39,7 +39,7 @@ from ..model.denseclip import check_image_size, check_test_image_size
 from ..model.slide import slide_inference, window_sizes
 from ..model.text import check_class_names
 from ..preprocess import normalize, resize_keep_ratio
-from ..validation import as_int, check_device, given_dtype
+from ..validation import as_int, check_bool, check_device, given_dtype
 from ..visualize import default_palette
 from ..visualize import overlay as blend
 from .cpu_linear import use_onednn_linears
@@ -183,9 +183,8 @@ class Segmenter:
             raise ValueError("dtype=torch.float16 needs a CUDA device; use float32 or bfloat16 on CPU")
         if mode not in ("whole", "slide"):
             raise ValueError(f"mode must be 'whole' or 'slide', got {mode!r}")
-        for name, flag in (("cuda_graphs", cuda_graphs), ("check_finite", check_finite)):
-            if not isinstance(flag, bool):  # a string such as "no" would be true
-                raise ValueError(f"{name} must be True or False, got {flag!r}")
+        check_bool("cuda_graphs", cuda_graphs)
+        check_bool("check_finite", check_finite)
         self.dtype, self.mode, self.check_finite = dtype, mode, check_finite
         self.crop = as_int("crop", model.config.slide_crop if crop is None else crop, MIN_IMAGE_SIDE,
                            " (the stride-32 level keeps a pixel)")  # fmt: skip
@@ -427,8 +426,7 @@ class Segmenter:
             raise ValueError(f"size must be (height, width), got {size!r}")
         height, width = (as_int(name, side) for name, side in zip(("size[0] (height)", "size[1] (width)"), size))
         batch = as_int("batch", batch)
-        if not isinstance(raw, bool):
-            raise ValueError(f"raw must be True or False, got {raw!r}")
+        check_bool("raw", raw)
         if raw:  # host images, as numpy arrays and PIL images come (staged in page-locked memory on CUDA)
             check_test_image_size((height, width), self.model.config.test_scale, "size")
             images = torch.zeros((batch, height, width, 3), dtype=torch.uint8)

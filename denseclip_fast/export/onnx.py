@@ -34,7 +34,7 @@ from ..checkpoints.io import path_argument, written_atomically
 from ..model import DenseCLIP
 from ..preprocess import CLIP_MEAN, CLIP_STD
 from ..requirements import dotted, release_below
-from ..validation import given_dtype, not_a_file
+from ..validation import check_bool, given_dtype, not_a_file
 from .graphs import build_graph, check_image_size, default_window_stride, example_inputs, output_path
 
 ONNX_DTYPES = (torch.float32, torch.float16)
@@ -133,8 +133,7 @@ def to_onnx(
         bf16 = dtype in (torch.bfloat16, "bfloat16", "bf16")
         raise ValueError(f"dtype must be torch.float32 or torch.float16 for ONNX, got "
                          f"{given_dtype(dtype, ONNX_DTYPES)}{hint if bf16 else ''}")  # fmt: skip
-    if not isinstance(check_tensorrt, bool):  # "no" would be true
-        raise ValueError(f"check_tensorrt must be True or False, got {check_tensorrt!r}")
+    check_bool("check_tensorrt", check_tensorrt)
     # an int: 18.0 is "in" the range, and the exporter given it failed, and failed every later export of the process
     if not isinstance(opset, numbers.Integral) or isinstance(opset, bool) or opset not in OPSETS:
         raise ValueError(f"opset must be an int in {OPSETS.start}..{OPSETS.stop - 1}, got {opset!r}")
