@@ -109,8 +109,10 @@ def test_package_rejects_what_it_was_not_compiled_for(package, tmp_path):
         pkg(torch.zeros(1, 3, *SIZE, dtype=torch.uint8))
     with pytest.raises(ValueError, match="the batch must be 1..3 for this package, got 4"):
         pkg(torch.randn(4, 3, *SIZE))
-    with pytest.raises(ValueError, match="is not a file"):
+    with pytest.raises(ValueError, match=r"path '.*missing.pt2' does not exist; expected an AOTInductor package"):
         load_aoti(tmp_path / "missing.pt2")
+    with pytest.raises(ValueError, match="path '.*' is not a regular file; expected an AOTInductor package"):
+        load_aoti(tmp_path)
 
 
 def _with_metadata(package: Any, path: Any, **changes: str | None) -> Any:

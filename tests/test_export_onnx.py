@@ -472,8 +472,10 @@ def test_tensorrt_builder_without_tensorrt(tmp_path):
     onnx.save(_relu_graph(), onnx_file)
     with pytest.raises(TensorRTUnavailable, match="TensorRT is not installed"):
         build_tensorrt_engine(onnx_file, tmp_path / "m.engine")
-    with pytest.raises(ValueError, match="is not a file"):
+    with pytest.raises(ValueError, match="onnx_path '.*missing.onnx' does not exist; expected an ONNX file"):
         build_tensorrt_engine(tmp_path / "missing.onnx", tmp_path / "m.engine")
+    with pytest.raises(ValueError, match="onnx_path '.*' is not a regular file; expected an ONNX file"):
+        build_tensorrt_engine(tmp_path, tmp_path / "m.engine")
     with pytest.raises(ValueError, match="batch must be"):
         build_tensorrt_engine(onnx_file, tmp_path / "m.engine", batch=(4, 1, 8))
 

@@ -32,7 +32,7 @@ from ..engine.segmenter import no_tf32
 from ..model import DenseCLIP
 from ..ops.backends import MAX_GRID_Y
 from ..preprocess import CLIP_MEAN, CLIP_STD
-from ..validation import check_device
+from ..validation import check_device, not_a_file
 from .graphs import TRACE_BATCH, ImageGraph, check_image_size, default_window_stride, output_path, write_file
 
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -219,7 +219,7 @@ class AOTIPackage:
 
         path = path_argument(path)
         if not os.path.isfile(path):
-            raise ValueError(f"path {path!r} is not a file")
+            raise ValueError(f"path {path!r} {not_a_file(path)}; expected an AOTInductor package (.pt2)")
         if type(device_index) is not int or device_index < -1:
             raise ValueError(
                 f"device_index must be -1 (the package's own device) or a CUDA device index >= 0, got {device_index!r}"

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..validation import not_a_file
 from .graphs import output_path, write_file
 from .onnx import graph_file, load_onnx, read_metadata
 
@@ -252,7 +253,7 @@ def build_tensorrt_engine(
     """
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
-        raise ValueError(f"onnx_path {str(onnx_path)!r} is not a file")
+        raise ValueError(f"onnx_path {str(onnx_path)!r} {not_a_file(str(onnx_path))}; expected an ONNX file")
     engine_path = output_path(engine_path, "engine_path")
     if batch is not None:
         batch = check_batch(batch)
