@@ -702,6 +702,35 @@ def test_warmup_captures_the_shapes_a_size_will_run(model, mode, monkeypatch):
     assert len(eager) == 5
 
 
+def test_warmup_with_names_warms_the_open_vocabulary(model, monkeypatch):
+    """warmup(size, names=...) computes and caches that vocabulary's embeddings by one open-vocabulary forward of the
+    size (not through the trained head's graphs), so that open_vocab and predict with those names embed nothing."""
+    seg = _engine(model)
+    trained: list[tuple[int, ...]] = []
+    forward = seg._forward
+    seg._graphs.fn = lambda x: trained.append(tuple(x.shape)) or forward(x)
+    embedded: list[tuple[str, ...]] = []
+    embed = seg._embed
+    monkeypatch.setattr(seg, "_embed", lambda names, distinct=False: embedded.append(tuple(names)) or
+                        embed(names, distinct))  # fmt: skip
+    backbone_inputs: list[tuple[int, ...]] = []
+    hook = seg.model.backbone.register_forward_pre_hook(lambda _, args: backbone_inputs.append(tuple(args[0].shape)))
+    names = ["sky", "road", "a tree"]
+    seg.warmup((50, 60), batch=2, names=names)
+    assert embedded == [tuple(names)] and trained == []
+    assert len(backbone_inputs) == 1 and backbone_inputs[0][0] == 2  # one forward of the batch
+    images = torch.randint(0, 256, (2, 50, 60, 3), dtype=torch.uint8)
+    scores = seg.open_vocab(images, names)
+    seg.predict(images, names)
+    assert embedded == [tuple(names)] and scores.shape == (2, 3, 50, 60)
+    assert backbone_inputs[1] == backbone_inputs[0]  # the warmed shape is the one the call ran
+    hook.remove()
+    with pytest.raises(ValueError, match="names"):
+        seg.warmup((64, 64), names=[])
+    with pytest.raises(ValueError, match="names"):
+        seg.warmup((64, 64), names=["sky", "sky"])
+
+
 def test_warmup_refuses_what_logits_would(model):
     seg = _engine(model)
     for size, match in [((64,), r"size must be \(height, width\)"), ("64x64", "size must be"),

@@ -409,18 +409,25 @@ class Segmenter:
             palette = default_palette(len(names))
         return blend(img[0].numpy(), labels, palette, alpha)
 
-    def warmup(self, size: Sequence[int], batch: int = 1, raw: bool = True) -> None:
+    def warmup(
+        self, size: Sequence[int], batch: int = 1, raw: bool = True, names: Sequence[str] | None = None
+    ) -> None:
         """Pay now, on a blank batch, what the first calls of logits or predict with images of this size would
         pay: the Triton kernels' compilation for the shapes the network launches, cuDNN's algorithm search and (on
         CUDA with cuda_graphs) the CUDA graph's capture, which needs ``capture_after`` calls of a shape. A server
         calls it for each (size, batch) it will be sent before it takes requests; later calls of that shape replay
-        the graph (while at most ``max_graphs`` shapes are kept; open_vocab's scores are not warmed).
+        the graph (while at most ``max_graphs`` shapes are kept). With ``names``, the open vocabulary is warmed
+        instead: what ``open_vocab(images, names)`` and ``predict(images, names)`` would pay first (the names'
+        embeddings, computed once and cached, and the kernels for their class count; it runs eagerly, with no
+        graph to capture), one call.
 
         Args:
             size: (height, width) of the images as they will be passed: uint8 images before the test pipeline's
                 keep-ratio resize (``raw=True``), or an already normalised float batch (``raw=False``).
             batch: how many images a call will hold.
             raw: uint8 images (the resize and normalisation run too) or a normalised float batch.
+            names: a vocabulary of open_vocab to warm (checked as open_vocab checks it), instead of the trained
+                head.
         """
         if isinstance(size, (str, bytes)) or not isinstance(size, Sequence) or len(size) != 2:
             raise ValueError(f"size must be (height, width), got {size!r}")
@@ -433,6 +440,9 @@ class Segmenter:
         else:
             check_image_size((height, width), "size")
             images = torch.zeros((batch, 3, height, width), dtype=self.dtype, device=self.device)
+        if names is not None:
+            self._open_vocab(images, names, _as_computed)
+            return
         for _ in range(self._graphs.capture_after if self._graphs.enabled else 1):
             # the network's output as it is: not resized to the images' size (a photo's full-size float32 scores
             # for all classes would take gigabytes, which predict never holds)
