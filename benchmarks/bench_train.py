@@ -48,8 +48,8 @@ from benchmarks.common import (  # noqa: E402
 )
 from benchmarks.official import OfficialDenseCLIP, official_config, randomize_  # noqa: E402
 from denseclip_fast.train import TrainConfig  # noqa: E402
-from denseclip_fast.train.loop import TrainStep, memory_format, prepare_model  # noqa: E402
 from denseclip_fast.train.optim import make_optimizer, segmentation_loss  # noqa: E402
+from denseclip_fast.train.step import TrainStep, memory_format, prepare_model  # noqa: E402
 
 ALL = ("trainer-bf16", "official-fp32", "trainer-fp32", "trainer-bf16-ckpt")  # the target's pair first
 

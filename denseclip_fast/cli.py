@@ -514,7 +514,7 @@ def _resumed_runs_config(args: argparse.Namespace) -> str | None:
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import ARCH_ALIASES
     from .train import TrainConfig, train, train_preset
-    from .train.loop import launch_environment
+    from .train.launch import launch_environment
     from .validation import check_device
 
     if args.device is not None:  # "" would be the config's "default device"; on the command line it is a mistake

@@ -392,8 +392,8 @@ def test_bf16_training_step_on_cuda(monkeypatch, backend, kind):
     does (channels_last on CUDA) and run through the trainer's TrainStep. ViT too: CUDA autocast runs its score
     level's GroupNorm in float32 (the CPU's does not), which the fused score_concat once refused."""
     from denseclip_fast.train import TrainConfig
-    from denseclip_fast.train.loop import TrainStep, prepare_model
     from denseclip_fast.train.optim import segmentation_loss
+    from denseclip_fast.train.step import TrainStep, prepare_model
 
     cfg = TrainConfig()
     torch.manual_seed(0)

@@ -44,15 +44,7 @@ from denseclip_fast.train.data import (
     read_label,
     train_transform,
 )
-from denseclip_fast.train.loop import (
-    TrainStep,
-    build_model,
-    enable_gradient_checkpointing,
-    load_optimizer_state,
-    memory_format,
-    prepare_model,
-    work_dir_lock,
-)
+from denseclip_fast.train.loop import build_model
 from denseclip_fast.train.optim import (
     freeze_text_encoder,
     learning_rate,
@@ -61,6 +53,9 @@ from denseclip_fast.train.optim import (
     set_learning_rates,
     short_run_warning,
 )
+from denseclip_fast.train.state import load_optimizer_state
+from denseclip_fast.train.step import TrainStep, enable_gradient_checkpointing, memory_format, prepare_model
+from denseclip_fast.train.workdir import work_dir_lock
 
 from .conftest import LEARNING_PARTS, ROOT, gradients_by_part, text_dependent_model, tiny_config
 
@@ -1636,7 +1631,7 @@ def test_resume_files_that_are_not_training_states_are_named(arch_file, generic,
     of a text file a KeyError: 101, of a model .safetensors a KeyError: 'config'. Each is now one line naming the file
     and what a resume file is; nothing of the file runs."""
     from denseclip_fast import DenseCLIP
-    from denseclip_fast.train.loop import read_train_state
+    from denseclip_fast.train.state import read_train_state
 
     monkeypatch.chdir(tmp_path)
     evil, text, model, partial = (tmp_path / n for n in ("evil.state.pt", "notes.txt", "m.safetensors", "p.state.pt"))
@@ -1701,7 +1696,7 @@ def test_torchrun_variables_are_checked_naming_the_variable(arch_file, generic, 
 
 
 def test_torchrun_variables_that_are_consistent_are_read():
-    from denseclip_fast.train.loop import launch_environment
+    from denseclip_fast.train.launch import launch_environment
 
     assert launch_environment({}) == (0, 1, 0)
     assert launch_environment({"WORLD_SIZE": "1"}) == (0, 1, 0)
@@ -1796,7 +1791,7 @@ def test_a_killed_runs_lock_is_not_kept_by_its_dataloader_workers(tmp_path):
     at once."""
     program = f"""
 import os, signal, time
-from denseclip_fast.train.loop import work_dir_lock
+from denseclip_fast.train.workdir import work_dir_lock
 with work_dir_lock({str(tmp_path)!r}) as worker_init:
     if os.fork() == 0:
         worker_init(0)
@@ -1813,7 +1808,7 @@ with work_dir_lock({str(tmp_path)!r}) as worker_init:
 
 def test_the_training_loader_closes_the_lock_in_its_workers(arch_file, generic, tmp_path, monkeypatch):
     """The training DataLoader gets the lock's worker_init_fn (the test above checks what it does)."""
-    from denseclip_fast.train import loop
+    from denseclip_fast.train import loop, workdir
 
     given = []
 
@@ -1824,7 +1819,7 @@ def test_the_training_loader_closes_the_lock_in_its_workers(arch_file, generic, 
 
     monkeypatch.setattr(loop, "DataLoader", Loader)
     train(_config(arch_file, generic, tmp_path / "w", iters=1))
-    assert len(given) == 1 and isinstance(given[0], functools.partial) and given[0].func is loop._close_copy
+    assert len(given) == 1 and isinstance(given[0], functools.partial) and given[0].func is workdir._close_copy
 
 
 class _Killed(Exception):

@@ -5,7 +5,9 @@
     train(cfg)                                          # or: denseclip-fast train --arch RN50 --data ... --accum 4
 
 Modules: config.py (TrainConfig, the official recipes), data.py (layouts, augmentation, sampler), optim.py
-(parameter groups, schedule, loss), loop.py (the trainer), evaluate.py (mIoU, aAcc).
+(parameter groups, schedule, loss), step.py (the model as it trains, the module DDP wraps), loop.py (the trainer),
+launch.py (torchrun's environment, process group), state.py (the saved training state a resume reads), workdir.py
+(the work dir's lock), evaluate.py (mIoU, aAcc).
 """
 
 from .config import TrainConfig, train_preset

@@ -26,8 +26,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
-import functools
-import gc
 import json
 import math
 import os
@@ -36,7 +34,7 @@ import shutil
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -45,360 +43,30 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..checkpoints import ClassCountError, load_checkpoint
-from ..checkpoints.io import PARTIAL_SUFFIX, CheckpointError, read_weight_file, replaced_atomically
-from ..checkpoints.native import is_native, native_contents
-from ..config import DenseCLIPConfig
+from ..checkpoints.io import PARTIAL_SUFFIX, CheckpointError, replaced_atomically
 from ..model import DenseCLIP
 from .config import TrainConfig
 from .data import SegmentationData, TrainSampler
 from .evaluate import check_image_sizes, evaluate, results_json
-from .optim import freeze_text_encoder, make_optimizer, segmentation_loss, set_learning_rates, short_run_warning
+from .launch import cudnn_benchmark, distributed, launch_environment
+from .optim import make_optimizer, segmentation_loss, set_learning_rates, short_run_warning
+from .state import (
+    RESUME_FILE,
+    RESUME_FOLLOWS,
+    SCHEDULE,
+    architecture_difference,
+    check_class_names,
+    iteration_of,
+    load_optimizer_state,
+    read_train_state,
+    saved_contents,
+    weights_beside,
+)
+from .step import TrainStep, batchnorm_advice, memory_format, prepare_model
+from .workdir import work_dir_lock
 
 LOSSES = ("loss", "loss_decode", "loss_aux")
 METRIC_COLUMNS = ["iter", *LOSSES, "lr", "images_per_s", "seconds"]
-
-
-def memory_format(cfg: TrainConfig, device: torch.device) -> torch.memory_format:
-    """The layout of a run's images and convolution weights: channels_last where cfg.channels_last says (None: on
-    CUDA), else NCHW."""
-    nhwc = device.type == "cuda" if cfg.channels_last is None else bool(cfg.channels_last)
-    return torch.channels_last if nhwc else torch.contiguous_format
-
-
-def prepare_model(model: DenseCLIP, cfg: TrainConfig, device: torch.device) -> DenseCLIP:
-    """The model as a run trains it: text encoder frozen, on ``device``, in train mode, channels_last weights where
-    the run uses them (the parameters keep their names and values), gradient checkpointing if asked."""
-    freeze_text_encoder(model)
-    model.to(device).train()
-    if memory_format(cfg, device) == torch.channels_last:
-        model.to(memory_format=torch.channels_last)
-    if cfg.grad_checkpointing:
-        enable_gradient_checkpointing(model)
-    return model
-
-
-class TrainStep(nn.Module):
-    """What DDP wraps: images -> (head logits at the head's resolution, 1/4 of the input; score map / tau). The loss
-    upsamples both to the label in float32, as mmseg's ``force_fp32`` losses do: under bf16 autocast an upsampling
-    inside the model would round the full-size logits to bfloat16 first."""
-
-    def __init__(self, model: DenseCLIP) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        model = self.model
-        feats = model.extract(x)
-        logits, score = model.logits_and_score(feats, model.context_prompt(feats, model.class_embeddings()), None)
-        return logits, score / model.config.tau
-
-
-@contextlib.contextmanager
-def _batchnorm_statistics_kept(module: nn.Module) -> Iterator[None]:
-    """The running statistics of module's BatchNorms left as they are (momentum 0, the batch count restored): the
-    recomputation of a checkpointed block in the backward pass runs it in training mode a second time."""
-    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    saved = [(m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone()) for m in norms]
-    for m in norms:
-        m.momentum = 0.0
-    try:
-        yield
-    finally:
-        for m, (momentum, count) in zip(norms, saved):
-            m.momentum = momentum
-            if count is not None:  # saved from the buffer, so the BatchNorm has one
-                assert m.num_batches_tracked is not None
-                m.num_batches_tracked.copy_(count)
-
-
-def _checkpointed(forward: Any, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    from torch.utils.checkpoint import checkpoint
-
-    contexts = lambda: (contextlib.nullcontext(), _batchnorm_statistics_kept(module))  # noqa: E731
-    return checkpoint(forward, *args, use_reentrant=False, context_fn=contexts, **kwargs)
-
-
-def enable_gradient_checkpointing(model: DenseCLIP) -> int:
-    """Recompute the activations of every backbone stage / transformer block in the backward pass (the parameter
-    names do not change). Returns how many modules were wrapped."""
-    blocks: list[nn.Module] = []
-    backbone = model.backbone
-    if hasattr(backbone, "layer1"):
-        blocks += [getattr(backbone, f"layer{i}") for i in range(1, 5)]
-    if hasattr(backbone, "transformer"):
-        transformer: Any = backbone.transformer  # the ViT backbone's (backbone is typed as a plain nn.Module)
-        blocks += list(transformer.resblocks)
-    blocks += list(model.text_encoder.transformer.resblocks)
-    for block in blocks:
-        block.forward = functools.partial(_checkpointed, block.forward, block)
-    return len(blocks)
-
-
-@contextlib.contextmanager
-def _cudnn_benchmark(enabled: bool) -> Iterator[None]:
-    """``torch.backends.cudnn.benchmark`` set for the run and restored after it (a process-wide flag)."""
-    saved = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = enabled
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.benchmark = saved
-
-
-def launch_environment(environ: Mapping[str, str] = os.environ) -> tuple[int, int, int]:
-    """(rank, world, local rank) from torchrun's RANK, WORLD_SIZE and LOCAL_RANK; (0, 1, 0) where unset. Each must
-    be a non-negative integer, WORLD_SIZE at least 1 and RANK below it, and RANK comes with WORLD_SIZE: a ValueError
-    names the variable and its value otherwise. Unchecked, RANK=1 alone ran a whole run as a non-zero rank, which
-    saves nothing, and RANK >= WORLD_SIZE or WORLD_SIZE=0 failed deep in the sampler or the batch split."""
-    values: dict[str, int] = {}
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        text = environ.get(name)
-        if text is None:
-            continue
-        if not (text.strip().isascii() and text.strip().isdigit()):  # int() would also take "+1", "1_0", "١"
-            raise ValueError(f"environment variable {name}={text!r} must be a non-negative integer (set by torchrun; "
-                             "unset it for a run in one process)")  # fmt: skip
-        values[name] = int(text)
-    if values.get("WORLD_SIZE") == 0:
-        raise ValueError("environment variable WORLD_SIZE='0' must be at least 1 (the number of processes)")
-    if "RANK" in values and "WORLD_SIZE" not in values:
-        raise ValueError(f"environment variable RANK={environ['RANK']!r} is set but WORLD_SIZE is not: set both (as "
-                         "torchrun does) or neither (a run in one process)")  # fmt: skip
-    world = values.get("WORLD_SIZE", 1)
-    if world > 1 and "RANK" not in values:
-        raise ValueError(f"environment variable WORLD_SIZE={environ['WORLD_SIZE']!r} is set but RANK is not: set both "
-                         "(as torchrun does) or neither (a run in one process)")  # fmt: skip
-    rank = values.get("RANK", 0)
-    if rank >= world:
-        raise ValueError(f"environment variable RANK={environ['RANK']!r} must be below WORLD_SIZE="
-                         f"{environ['WORLD_SIZE']!r} (ranks are 0..WORLD_SIZE-1)")  # fmt: skip
-    return rank, world, values.get("LOCAL_RANK", 0)
-
-
-@contextlib.contextmanager
-def _batchnorm_advice(cfg: TrainConfig, images: int, world: int) -> Iterator[None]:
-    """BatchNorm's error for a layer that sees one value per channel (a crop that leaves one pixel at the network's
-    1/32 level, with one image per step) as a ValueError that names the options to change."""
-    try:
-        yield
-    except ValueError as exc:
-        if "Expected more than 1 value per channel" not in str(exc):
-            raise
-        raise ValueError(
-            f"crop {cfg.crop} leaves one pixel at the network's 1/32 level, where BatchNorm sees {images} image(s) "
-            f"per step (batch_size {cfg.batch_size} over {world} process(es) x accum {cfg.accum}): one value per "
-            "channel, which it cannot normalise; use --crop 64 or more, or more images per step"
-        ) from None
-
-
-@contextlib.contextmanager
-def _distributed(cfg: TrainConfig) -> Iterator[tuple[int, int, torch.device]]:
-    """(rank, world, device); a process group when launched by torchrun (WORLD_SIZE > 1)."""
-    rank, world, local = launch_environment()
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda":
-        device = torch.device("cuda", local if world > 1 else (device.index or 0))
-        torch.cuda.set_device(device)
-    started = False
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        started = True
-    finished = False
-    try:
-        yield rank, world, device
-        finished = True
-    finally:
-        if started:
-            if finished:  # every rank done with its collectives before the group goes (after a failure it would hang)
-                dist.barrier()
-            gc.collect()  # DDP's reducer, kept by reference cycles, is freed while its process group still exists
-            dist.destroy_process_group()
-
-
-LOCK_FILE = ".lock"  # in the work dir, holding the PID of the run that holds it
-
-
-@contextlib.contextmanager
-def work_dir_lock(work_dir: str) -> Iterator[Callable[[int], None] | None]:
-    """An exclusive ``flock`` on ``work_dir``/.lock for as long as the context lasts, the file holding this
-    process's PID: two runs in one work dir at once interleaved metrics.csv, overwrote each other's checkpoints and
-    deleted each other's ``.partial`` files. ValueError naming the work dir and the holder's PID when another run
-    holds it. The kernel drops the lock when its process ends, however it ends, so a killed run leaves no stale lock;
-    the file stays (removing it would let a third run lock a new file while the second still holds the removed one).
-    No locking on Windows (no fcntl), nor, with a warning, on a file system that refuses flock.
-
-    Yields the ``worker_init_fn`` for DataLoaders made meanwhile (None when nothing is locked): the flock belongs to
-    the open file, which forked workers share, so a run killed outright (SIGKILL, the OOM killer) kept its work dir
-    locked until its workers noticed, 5 s later; each worker closes its copy as it starts."""
-    if sys.platform == "win32":
-        yield None
-        return
-    import fcntl
-
-    path = os.path.join(work_dir, LOCK_FILE)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            locked = True
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()  # empty while the holder is writing it
-            pid = f" (PID {holder})" if holder.isdigit() else ""
-            raise ValueError(f"work dir {work_dir!r} is in use by another run{pid}: wait for it to end, or start this "
-                             "run in another --work-dir") from None  # fmt: skip
-        except OSError as exc:  # e.g. ENOLCK, EOPNOTSUPP: some network and FUSE file systems
-            warnings.warn(f"cannot lock {path} ({exc.strerror or exc}): nothing keeps another run from using this "
-                          "work dir at the same time", stacklevel=3)  # fmt: skip
-            locked = False
-        if locked:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        try:
-            yield functools.partial(_close_copy, fd, os.fstat(fd)) if locked else None
-        finally:
-            if locked:
-                os.ftruncate(fd, 0)  # no PID of a run that has ended
-                fcntl.flock(fd, fcntl.LOCK_UN)  # explicitly: forked DataLoader workers share this descriptor
-    finally:
-        os.close(fd)
-
-
-def _close_copy(fd: int, opened: os.stat_result, worker_id: int) -> None:
-    """A DataLoader worker's copy of the work-dir lock's descriptor, closed; only if ``fd`` is that file here (a
-    worker started by spawn or forkserver inherits no descriptors: the number may be another file's)."""
-    with contextlib.suppress(OSError):
-        here = os.fstat(fd)
-        if (here.st_dev, here.st_ino) == (opened.st_dev, opened.st_ino):
-            os.close(fd)
-
-
-def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
-    """``optimizer.load_state_dict(saved)`` for the saved moments and step counts, keeping this optimizer's group
-    settings, which load_state_dict would take from the saved groups: its hyperparameters (``initial_lr``,
-    ``weight_decay``, ...: this run's config, as the schedule's other fields are; the saved ones would be applied
-    while every log showed the config's) and its implementation choices (``fused``, ``foreach``, ...: a state saved
-    on a CPU, or before the fused AdamW, would turn the CUDA run's fused optimizer off). ValueError saying how when
-    the saved groups hold other parameters than this optimizer's (load_state_dict's own error names neither group
-    nor parameter)."""
-    difference = _group_difference(saved["param_groups"], optimizer.param_groups)
-    if difference:
-        raise ValueError(f"its optimizer state does not fit this run's parameters: {difference}")
-    groups = [{**group, **{k: v for k, v in own.items() if k != "params"}}
-              for group, own in zip(saved["param_groups"], optimizer.param_groups)]  # fmt: skip
-    optimizer.load_state_dict({**saved, "param_groups": groups})
-
-
-def _group_difference(saved: list[dict[str, Any]], mine: list[dict[str, Any]]) -> str:
-    """How saved parameter groups differ from this optimizer's in what they hold ("" when they do not): the number
-    of groups, of parameters in a group, or their names (param_groups' ``names``, where both have them)."""
-    if len(saved) != len(mine):
-        return f"{len(saved)} parameter groups were saved, this run has {len(mine)}"
-    for i, (theirs, own) in enumerate(zip(saved, mine)):
-        names, own_names = theirs.get("names"), own.get("names")
-        sizes = (f"parameter group {i} was saved with {len(theirs['params'])} parameters, this run's has "
-                 f"{len(own['params'])}")  # fmt: skip
-        if names is not None and own_names is not None and names != own_names:
-            only = [n for n in names if n not in own_names] or [n for n in own_names if n not in names]
-            return f"{sizes} ({f'e.g. {only[0]} is in only one of them' if only else 'in another order'})"
-        if len(theirs["params"]) != len(own["params"]):
-            return sizes
-    return ""
-
-
-def _saved_contents(weights: str) -> tuple[DenseCLIPConfig, list[str]] | None:
-    """The architecture and class names in the metadata of a model file written by train (its tensors are not
-    read); None when the file cannot be opened as safetensors or is not in this project's format: loading it says
-    why."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(weights, framework="pt", device="cpu") as f:
-            metadata = dict(f.metadata() or {})
-    except Exception:  # missing, truncated, another format: load_checkpoint names the file and the reason
-        return None
-    return native_contents(metadata, weights)[:2] if is_native(metadata) else None
-
-
-def _check_class_names(path: str, saved: list[str], mine: list[str], data: str, rank: int) -> None:
-    """A resume whose data set names a class with a name the saved run gave another position is refused (classes
-    in another order, with or without renames): the head's outputs and the labels would swap meanings. Other
-    renames (a prompt reworded) go on, said on stderr: the outputs keep their positions, and the text encoder
-    embeds the new names."""
-    if saved == mine:
-        return
-    known = set(saved)
-    moved = next((i for i, (a, b) in enumerate(zip(saved, mine)) if a != b and b in known), None)
-    if moved is not None:
-        raise ValueError(
-            f"{path} was saved by a run whose classes are in another order than this data set's ({data}): class "
-            f"{moved} was {saved[moved]!r} and is {mine[moved]!r}, the saved run's class {saved.index(mine[moved])}; "
-            "the head's outputs and the labels would swap meanings: resume with the saved run's classes.txt order, "
-            "or start this run in a new --work-dir"
-        )
-    if rank == 0:
-        renamed = [f"{i}: {a!r} -> {b!r}" for i, (a, b) in enumerate(zip(saved, mine)) if a != b]
-        listed = ", ".join(renamed[:5]) + (f", ... ({len(renamed)} in all)" if len(renamed) > 5 else "")
-        print(f"denseclip-fast train: resuming from {path} with class names other than the saved run's ({listed}): "
-              "each output keeps its position, and the new names are embedded from now on", file=sys.stderr)
-
-
-def _architecture_difference(saved: DenseCLIPConfig, mine: DenseCLIPConfig, limit: int = 3) -> tuple[str, str]:
-    """The fields in which two architectures differ, as ("fpn_channels 16", "fpn_channels 32"); at most ``limit``."""
-    a, b = _flat(saved.to_dict()), _flat(mine.to_dict())
-    keys = [k for k in a if a[k] != b.get(k)] + [k for k in b if k not in a]
-    more = ", ..." if len(keys) > limit else ""
-    listed = [", ".join(f"{k} {d.get(k)!r}" for k in keys[:limit]) + more for d in (a, b)]
-    return listed[0], listed[1]
-
-
-def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
-    return out
-
-
-# what a resumed run takes from its own config though the saved run had other values (said on stderr): the
-# optimizer's settings and the schedule, from the iteration it resumes at (e.g. a lower lr after a non-finite loss)
-RESUME_FOLLOWS = ("lr", "weight_decay", "backbone_lr_mult", "iters", "warmup_iters", "warmup_ratio", "min_lr",
-                  "poly_power")  # fmt: skip
-SCHEDULE = ("lr", "iters", "warmup_iters", "warmup_ratio", "min_lr", "poly_power")  # of those, learning_rate's
-RESUME_FILE = "a training state file: the iter_N.state.pt that train writes beside each iter_N.safetensors"
-STATE_ENTRIES: dict[str, type] = {"iteration": int, "optimizer": dict, "scaler": dict, "rng": list, "config": str}
-
-
-def read_train_state(path: str) -> dict[str, Any]:
-    """What an ``iter_N.state.pt`` holds, read as every weight file is (tensors and plain data only, no code run),
-    its entries checked. Anything else (another kind of file, a damaged or crafted one) is a CheckpointError naming
-    the file and what a resume file is; never torch's advice to load it with weights_only=False."""
-    try:
-        wf = read_weight_file(path)
-    except CheckpointError as exc:
-        raise CheckpointError(path, f"cannot resume from it ({exc.reason}); --resume takes {RESUME_FILE}") from None
-    if wf.kind != "torch":
-        found = "a .safetensors model file" if wf.kind == "safetensors" else "a TorchScript archive"
-        raise CheckpointError(path, f"cannot resume from it: it is {found}; --resume takes {RESUME_FILE}")
-    state = wf.obj
-    if not isinstance(state, dict):
-        raise CheckpointError(path, f"cannot resume from it: it holds a {type(state).__name__}; --resume takes "
-                                    f"{RESUME_FILE}")  # fmt: skip
-    bad = [f"{key} ({kind.__name__})" for key, kind in STATE_ENTRIES.items()
-           if not isinstance(state.get(key), kind) or isinstance(state.get(key), bool)]  # fmt: skip
-    if not bad and not isinstance(_json_or_none(state["config"]), dict):
-        bad.append("config (a JSON object)")
-    if not bad and not all(isinstance(r, dict) and isinstance(r.get("cpu"), torch.Tensor) for r in state["rng"]):
-        bad.append("rng (a list of {'cpu': tensor, ...})")
-    if bad:
-        raise CheckpointError(path, f"cannot resume from it: missing or malformed entries {', '.join(bad)}; "
-                                    f"--resume takes {RESUME_FILE}")  # fmt: skip
-    return state
-
-
-def _json_or_none(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except (ValueError, RecursionError):
-        return None
 
 
 def next_batch(batches: Iterator[Any]) -> Any:
@@ -412,17 +80,6 @@ def next_batch(batches: Iterator[Any]) -> Any:
             raise
         last = [line for line in text.strip().splitlines() if line.strip()][-1]
         raise ValueError(last.removeprefix("ValueError: ")) from None
-
-
-def _weights_beside(state: str) -> str:
-    """The iter_N.safetensors (path or name) that train writes beside the training state iter_N.state.pt."""
-    return state.removesuffix(".state.pt") + ".safetensors"
-
-
-def _iteration(name: str) -> int:
-    """N of a work dir's ``iter_N.*`` file name (-1 when N is not a number)."""
-    number = name.removeprefix("iter_").split(".", 1)[0]
-    return int(number) if number.isdigit() else -1
 
 
 def build_model(cfg: TrainConfig, class_names: list[str]) -> DenseCLIP:
@@ -508,9 +165,9 @@ class Trainer:
             return
         names = os.listdir(self.cfg.work_dir)
         files = sorted((n for n in names if n.startswith("iter_") and n.endswith((".safetensors", ".state.pt"))),
-                       key=lambda n: (_iteration(n), n))  # fmt: skip
+                       key=lambda n: (iteration_of(n), n))  # fmt: skip
         latest = "latest.json" in names
-        states = [n for n in files if n.endswith(".state.pt") and _weights_beside(n) in files]
+        states = [n for n in files if n.endswith(".state.pt") and weights_beside(n) in files]
         work, listed = self.cfg.work_dir, ", ".join(files[:8]) + (", ..." if len(files) > 8 else "")
         if self.resume == "auto":  # _find_resume found no latest.json
             advice = (f"name the newest state explicitly with --resume {self._path(states[-1])}, or start"
@@ -625,7 +282,7 @@ class Trainer:
         device: torch.device,
     ) -> int:  # fmt: skip
         state = self._state if self._state is not None else read_train_state(path)
-        weights = _weights_beside(path)
+        weights = weights_beside(path)
         try:
             loaded = load_checkpoint(weights, class_names=model.class_names)
         except ClassCountError as exc:
@@ -633,9 +290,9 @@ class Trainer:
                 f"{path} was saved by a run with {exc.outputs} classes, this one's data set ({self.cfg.data}) has "
                 f"{exc.given}: resume with the saved run's data set, or start this run in a new --work-dir"
             ) from None
-        saved = _saved_contents(weights)
+        saved = saved_contents(weights)
         if saved is not None:
-            _check_class_names(path, saved[1], list(model.class_names), self.cfg.data, rank)
+            check_class_names(path, saved[1], list(model.class_names), self.cfg.data, rank)
         model.load_state_dict(loaded.state_dict())
         try:
             load_optimizer_state(optimizer, state["optimizer"])
@@ -680,11 +337,11 @@ class Trainer:
                 f"{cfg.batch_size}: the data order resumes by images seen, so resume with --batch-size "
                 f"{saved.get('batch_size')} (accum may differ)"
             )
-        weights = _weights_beside(path)
-        contents, mine = _saved_contents(weights), cfg.model_config()
+        weights = weights_beside(path)
+        contents, mine = saved_contents(weights), cfg.model_config()
         arch = contents[0] if contents is not None else None
         if arch is not None and arch != mine:
-            theirs, ours = _architecture_difference(arch, mine)
+            theirs, ours = architecture_difference(arch, mine)
             raise ValueError(
                 f"{path} was saved by a run with arch {saved.get('arch')!r} ({theirs}), this one has {cfg.arch!r} "
                 f"({ours}): its weights ({os.path.basename(weights)}) and optimizer state are that architecture's; "
@@ -701,7 +358,7 @@ class Trainer:
                          for name in RESUME_FOLLOWS if name in saved and saved[name] != getattr(cfg, name)}  # fmt: skip
 
     def run(self) -> dict[str, Any]:
-        rank = launch_environment()[0]  # checked before any other work (_distributed reads it again)
+        rank = launch_environment()[0]  # checked before any other work (distributed reads it again)
         resume_path = self._find_resume()
         if resume_path is None:
             self._refuse_used_work_dir()
@@ -718,8 +375,8 @@ class Trainer:
         if short is not None and rank == 0:  # said when the run starts, again on resuming only if its schedule changed
             print(f"warning: {short}", file=sys.stderr)
         with (
-            _distributed(cfg) as (rank, world, device),
-            _cudnn_benchmark(cfg.cudnn_benchmark),
+            distributed(cfg) as (rank, world, device),
+            cudnn_benchmark(cfg.cudnn_benchmark),
             contextlib.ExitStack() as held,  # the work dir's lock, released however the run ends
         ):
             return self._run(rank, world, device, resume_path, held)
@@ -739,7 +396,7 @@ class Trainer:
         if saved > iters:
             raise ValueError(
                 f"{path} is at iteration {saved}, past this run's iters {iters}: a run cannot go back; resume with "
-                f"iters {saved} or more (--iters), or evaluate {_weights_beside(path)} with eval"
+                f"iters {saved} or more (--iters), or evaluate {weights_beside(path)} with eval"
             )
         evaluation = self._saved_evaluation(saved) if saved == iters else None
         if evaluation is None:
@@ -857,7 +514,7 @@ class Trainer:
                 sync = m == cfg.accum - 1 or world == 1
                 context = step_module.no_sync() if not sync else contextlib.nullcontext()  # type: ignore[operator]
                 with context:
-                    with autocast, _batchnorm_advice(cfg, bn_images, world):
+                    with autocast, batchnorm_advice(cfg, bn_images, world):
                         logits, aux = step_module(images)
                     losses = segmentation_loss(logits, aux, labels, cfg)
                     scaler.scale(losses["loss"] / cfg.accum).backward()
