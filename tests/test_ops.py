@@ -1372,3 +1372,71 @@ def test_flop_counter_counts_the_fused_operators_as_the_reference():
     assert fused[0] == ref[0] == 2 * score + attention
     # backward: two GEMMs per score operator (pixels and text), four products for the attention
     assert fused[1] == ref[1] == 2 * (2 * score) + 2 * attention
+
+
+def _three_ops(backend: str) -> list[tuple[str, Callable[..., torch.Tensor], tuple[torch.Tensor, ...]]]:
+    """(name, f(*inputs) through ``backend``, float32 inputs) of each operator: odd sizes, text shared and per image."""
+    visual = _visual(2, 13, 3, 5, "channels_last", torch.float32)
+    text, text_b = _text(2, 4, 13, False, torch.float32), _text(2, 4, 13, True, torch.float32)
+    feature = torch.randn(2, 3, 3, 5, device=DEVICE)
+    q, k, v = (torch.randn(2, 2, n, 16, device=DEVICE) for n in (3, 7, 7))
+    return [
+        ("pixel_text_score", lambda a, b: ops.pixel_text_score(a, b, 2.0, backend=backend), (visual, text)),
+        ("pixel_text_score", lambda a, b: ops.pixel_text_score(a, b, 2.0, backend=backend), (visual, text_b)),
+        ("score_concat", lambda f, a, b: ops.score_concat(f, a, b, 0.5, backend=backend), (feature, visual, text)),
+        ("context_attention", lambda a, b, c: ops.context_attention(a, b, c, backend=backend), (q, k, v)),
+    ]
+
+
+@pytest.mark.parametrize("backend", sorted({b for b, _ in BACKEND_DTYPES}))
+def test_forward_mode_ad_and_torch_func_transforms_give_the_references_derivatives(backend):
+    """The fused operators' autograd is reverse mode: under forward-mode AD torch gave their outputs no tangent
+    (zero from torch.func.jvp, None from forward_ad), and torch.func.grad / vjp refused them. There, each call
+    runs the reference: tangents, gradients and vmap equal the float64 reference's."""
+    import torch.autograd.forward_ad as forward_ad
+    import torch.func as tf
+
+    for name, fn, inputs in _three_ops(backend):
+        tangents = tuple(torch.randn_like(x) for x in inputs)
+        wide = tuple(x.double() for x in inputs)
+        ref = getattr(reference, "attention" if name == "context_attention" else name)
+        ref_fn = (lambda *a: ref(*a, 0.5)) if name == "score_concat" else (
+            (lambda *a: ref(*a, 2.0)) if name == "pixel_text_score" else ref)  # fmt: skip
+        _, expected = tf.jvp(ref_fn, wide, tuple(t.double() for t in tangents))
+        assert expected.abs().max() > 0.1
+        _, tangent = tf.jvp(fn, inputs, tangents)
+        _check_close(tangent, expected, torch.float32)
+        with forward_ad.dual_level():
+            dual = fn(*(forward_ad.make_dual(x, t) for x, t in zip(inputs, tangents)))
+            tangent = forward_ad.unpack_dual(dual).tangent
+        assert tangent is not None, name
+        _check_close(tangent, expected, torch.float32)
+        cotangent = torch.randn_like(expected)
+        _, pull = tf.vjp(ref_fn, *wide)
+        _, pull_fused = tf.vjp(fn, *inputs)
+        for got, want in zip(pull_fused(cotangent.float()), pull(cotangent)):
+            _check_close(got, want, torch.float32)
+        batched = tuple(torch.stack([x, 2 * x]) for x in inputs)
+        _check_close(tf.vmap(fn)(*batched)[1], ref_fn(*(2 * x for x in wide)), torch.float32)
+
+
+def test_calls_outside_transforms_keep_the_fused_operators(monkeypatch):
+    """The reference runs under a transform only: not in an open dual level whose inputs carry no tangent, and not
+    for plain calls."""
+    import torch.autograd.forward_ad as forward_ad
+
+    backend = "cuda" if DEVICE == "cuda" else "cpu"
+    called: list[str] = []
+    for name in ("pixel_text_score", "score_concat", "attention"):
+        real = getattr(reference, name)
+        monkeypatch.setattr(reference, name, lambda *a, _real=real, _name=name: called.append(_name) or _real(*a))
+    for _, fn, inputs in _three_ops(backend):
+        fn(*inputs)
+        fn(*(_leaf(x) for x in inputs)).sum().backward()
+        with forward_ad.dual_level():
+            fn(*inputs)
+    assert called == []
+    with forward_ad.dual_level():
+        _, fn, inputs = _three_ops(backend)[0]
+        fn(forward_ad.make_dual(inputs[0], torch.randn_like(inputs[0])), inputs[1])
+    assert called == ["pixel_text_score"]

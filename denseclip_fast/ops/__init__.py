@@ -8,11 +8,16 @@ Each runs on one backend (``cuda``, ``triton``, ``cpu``, ``reference``; see :mod
 from the device, the dtype and ``DENSECLIP_FAST_BACKEND`` or the ``backend=`` argument. All are differentiable. The
 C++/CUDA and Triton implementations are ``torch.ops.denseclip_fast.*`` operators (with fake kernels and autograd),
 so ``torch.compile(fullgraph=True)`` and ``torch.export`` trace through them. ``reference.py`` is the specification.
+Their autograd is reverse mode (backward kernels): under forward-mode AD (``torch.autograd.forward_ad``) and inside
+``torch.func`` transforms (``jvp``, ``grad``, ``vmap``, ``jacrev`` ...) a call runs the reference, whichever backend
+was asked for, since torch gave the fused operators' outputs no tangent there (silently zero) and refused them in
+``torch.func``.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 
 from . import backends, reference
 from .checks import check_attention_inputs, check_concat_feature, check_scale, check_score_inputs
@@ -44,6 +49,16 @@ def eager_inference(*tensors: torch.Tensor) -> bool:
     return all(type(t) is torch.Tensor for t in tensors)
 
 
+def differentiated_by_transform(*tensors: torch.Tensor) -> bool:
+    """Whether this call is inside a ``torch.func`` transform, or under forward-mode AD with a tangent on one of
+    ``tensors``: then the reference computes it (see the module's docstring). Never while torch.compile traces."""
+    if torch.compiler.is_compiling():
+        return False
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return True
+    return forward_ad._current_level >= 0 and any(forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+
+
 def _triton_kernels():
     from . import triton as kernels  # imported by backends.resolve before any Triton call
 
@@ -66,7 +81,7 @@ def pixel_text_score(
     check_score_inputs(visual, text)
     scale = check_scale(scale)
     chosen = backends.resolve("pixel_text_score", visual.device, visual.dtype, backend)
-    if chosen == "reference":
+    if chosen == "reference" or differentiated_by_transform(visual, text):
         return reference.pixel_text_score(visual, text, scale)
     if chosen == "triton":
         if eager_inference(visual, text):
@@ -84,7 +99,7 @@ def score_concat(
     check_concat_feature(feature, visual)
     scale = check_scale(scale)
     chosen = backends.resolve("score_concat", visual.device, visual.dtype, backend)
-    if chosen == "reference":
+    if chosen == "reference" or differentiated_by_transform(feature, visual, text):
         return reference.score_concat(feature, visual, text, scale)
     if chosen == "triton":
         if eager_inference(feature, visual, text):
@@ -103,7 +118,7 @@ def context_attention(
     """
     check_attention_inputs(q, k, v)
     chosen = backends.resolve("context_attention", q.device, q.dtype, backend, head_dim=q.shape[-1])
-    if chosen == "reference":
+    if chosen == "reference" or differentiated_by_transform(q, k, v):
         return reference.attention(q, k, v)
     if chosen == "triton":
         if eager_inference(q, k, v):
