@@ -11,6 +11,7 @@ opencv-python 4.5.5, 4.14 and 5.0 on random sizes, up and down).
 from __future__ import annotations
 
 import contextlib
+import numbers
 import os
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -23,16 +24,17 @@ CLIP_STD = (0.26862954 * 255, 0.26130258 * 255, 0.27577711 * 255)
 
 
 def pil_to_rgb(img: Any, where: str, int32_is_16_bit: bool = False) -> np.ndarray:
-    """A PIL image as (H, W, 3) uint8 RGB: Pillow's conversion, except a 16-bit grey image ("I;16*"), reduced to its
-    high byte as OpenCV (mmcv's loader) reduces 16-bit images (Pillow alone would clip it to 255), and so is a
-    32-bit integer one ("I") with ``int32_is_16_bit`` (what older Pillows open a 16-bit PNG as; an "I" image made in
-    memory, e.g. from an int32 array of 0..255, keeps Pillow's conversion). A floating-point image ("F") has no
-    defined 0-255 range and is refused (Pillow would truncate it to mostly black)."""
+    """A PIL image as (H, W, 3) uint8 RGB: Pillow's conversion, except a 16-bit grey image ("I;16", "I;16L",
+    "I;16B", "I;16N": any byte order), reduced to its high byte as OpenCV (mmcv's loader) reduces 16-bit images
+    (Pillow alone would clip it to 255), and so is a 32-bit integer one ("I") with ``int32_is_16_bit`` (what older
+    Pillows open a 16-bit PNG as; an "I" image made in memory, e.g. from an int32 array of 0..255, keeps Pillow's
+    conversion). A floating-point image ("F") has no defined 0-255 range and is refused (Pillow would truncate it to
+    mostly black)."""
     if img.mode == "F":
         raise ValueError(f"{where}: a floating-point image (PIL mode F) has no defined 0-255 range; convert it to "
                          "8-bit RGB first")  # fmt: skip
     try:  # decoding happens here for a lazily opened image: a truncated file, a closed image, a mode without RGB
-        if img.mode in ("I;16", "I;16B", "I;16L") or (img.mode == "I" and int32_is_16_bit):
+        if img.mode in ("I;16", "I;16B", "I;16L", "I;16N") or (img.mode == "I" and int32_is_16_bit):
             grey = (np.asarray(img).astype(np.int64) >> 8).clip(0, 255).astype(np.uint8)
             return np.repeat(grey[:, :, None], 3, axis=2)
         return np.asarray(img.convert("RGB")).copy()
@@ -132,6 +134,10 @@ def image_files(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
     image that would be silently left out), or a directory without images."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
+    bad = [paths] if isinstance(paths, bytes) else [p for p in paths if not isinstance(p, (str, os.PathLike))]
+    if bad:
+        raise ValueError(f"paths must be a path (str or os.PathLike) or a sequence of them, as load_image takes, got "
+                         f"{type(bad[0]).__name__} {bad[0]!r}")  # fmt: skip
     files: list[str] = []
     for path in (os.fspath(p) for p in paths):
         if os.path.isdir(path):
@@ -165,12 +171,23 @@ def _refuse_broken_link(path: str) -> None:
                          "a folder without search permission); restore its target or remove it")  # fmt: skip
 
 
+def _scale_sides(scale: Any) -> tuple[int, int]:
+    """``scale`` as (long side, short side) after checking it is two ints >= 1 (in either order, as mmseg's
+    img_scale); ValueError naming it otherwise (one number was taken for both sides, 512.5 or inf as a size)."""
+    sides = tuple(scale) if isinstance(scale, (Sequence, np.ndarray)) and not isinstance(scale, (str, bytes)) else ()
+    if len(sides) != 2 or not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) and s >= 1
+                                  for s in sides):  # fmt: skip
+        raise ValueError(f"scale must be two ints >= 1 (the long and the short side to fit, as mmseg's img_scale "
+                         f"(2048, 512)), got {scale!r}")  # fmt: skip
+    return int(max(sides)), int(min(sides))
+
+
 def keep_ratio_size(height: int, width: int, scale: Sequence[int]) -> tuple[int, int]:
     """mmcv's ``rescale_size``: the largest size with the image's aspect ratio whose long side fits max(scale)
     and short side fits min(scale). Returns (new_height, new_width)."""
+    long_edge, short_edge = _scale_sides(scale)
     if height < 1 or width < 1:
         raise ValueError(f"the image size must be at least 1 x 1, got {height} x {width}")
-    long_edge, short_edge = max(scale), min(scale)
     factor = min(long_edge / max(height, width), short_edge / min(height, width))
     return int(height * factor + 0.5), int(width * factor + 0.5)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 
@@ -62,6 +63,24 @@ def test_sizes_and_paths_that_are_not_images_are_named():
     for path in (None, b"x.png", ""):
         with pytest.raises(ValueError, match="path must be a non-empty str or os.PathLike"):
             load_image(path)  # type: ignore[arg-type]
+    for paths, shown in [(b"photos", "bytes b'photos'"), (["a.png", 3], "int 3"), ([None], "NoneType None")]:
+        with pytest.raises(ValueError, match=re.escape(f"paths must be a path (str or os.PathLike) or a sequence of "
+                                                       f"them, as load_image takes, got {shown}")):  # fmt: skip
+            image_files(paths)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("scale", [(512,), 512, "ab", (512.5, 100), (math.inf, 512), (math.nan, 512), (-5, 512),
+                                   (0, 512), (True, 512), (2048, 512, 1)])  # fmt: skip
+def test_a_scale_other_than_two_positive_ints_is_refused_by_name(scale):
+    """(512,) was taken for both sides, 512.5 and inf as sizes; (-5, 512) was refused as a size of (-4, -5), "ab"
+    and NaN with Python's TypeError or ValueError."""
+    image = np.zeros((40, 60, 3), np.uint8)
+    for call in (lambda: keep_ratio_size(40, 60, scale), lambda: prepare(image, scale),
+                 lambda: resize_keep_ratio(torch.from_numpy(image).permute(2, 0, 1)[None], scale)):  # fmt: skip
+        with pytest.raises(ValueError, match=re.escape(f"scale must be two ints >= 1 (the long and the short side "
+                                                       f"to fit, as mmseg's img_scale (2048, 512)), got {scale!r}")):
+            call()
+    assert keep_ratio_size(40, 60, np.array([512, 2048])) == keep_ratio_size(40, 60, [2048, 512]) == (512, 768)
 
 
 def test_normalize_and_resize_keep_ratio_take_rgb_batches_only():
