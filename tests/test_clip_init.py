@@ -185,7 +185,10 @@ def test_mismatched_clip_weights_are_refused(tmp_path):
         init_from_clip(DenseCLIP(tiny_config("resnet"), NAMES), vit_clip)
     junk = tmp_path / "junk.pth"
     torch.save({"model": torch.zeros(3)}, junk)
-    with pytest.raises(CheckpointError, match="not CLIP weights"):
+    with pytest.raises(CheckpointError, match="not CLIP weights: no 'visual.conv1.weight' or 'token_embedding.weight'"):
+        read_clip_state_dict(junk)
+    torch.save({"visual.conv1.weight": torch.zeros(1)}, junk)  # the image encoder alone: what is missing is named
+    with pytest.raises(CheckpointError, match="not CLIP weights: no 'token_embedding.weight' \\(a CLIP state dict"):
         read_clip_state_dict(junk)
     denseclip = tmp_path / "denseclip.safetensors"  # a DenseCLIP checkpoint given where CLIP weights go (--init)
     DenseCLIP(tiny_config("resnet"), NAMES).save(denseclip)

@@ -50,7 +50,9 @@ def read_clip_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor
             raise CheckpointError(path, "this is a DenseCLIP checkpoint, not CLIP weights (OpenAI .pt, open_clip), "
                                         "which a fine-tuning run starts from; to go on with a run, resume it "
                                         "(--resume)")  # fmt: skip
-        raise CheckpointError(path, "not CLIP weights: no 'visual.conv1.weight' or 'token_embedding.weight'")
+        missing = " or ".join(repr(k) for k in ("visual.conv1.weight", "token_embedding.weight") if k not in sd)
+        raise CheckpointError(path, f"not CLIP weights: no {missing} (a CLIP state dict holds both the image and the "
+                                    "text encoder)")  # fmt: skip
     return sd
 
 
