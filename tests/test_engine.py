@@ -19,7 +19,7 @@ import denseclip_fast as dcf
 from denseclip_fast import DenseCLIP, Segmenter
 from denseclip_fast.engine import GraphCache, fold_batchnorm
 from denseclip_fast.engine.cpu_linear import use_onednn_linears
-from denseclip_fast.preprocess import load_image
+from denseclip_fast.preprocess import load_image, normalize
 from denseclip_fast.visualize import default_palette
 
 from .conftest import NAMES, randomized, rel_err, tiny_config
@@ -46,6 +46,22 @@ def test_fp32_engine_equals_the_model(model):
         whole, slide = model(x), model.slide_inference(x, crop=64, stride=40)
     assert rel_err(_engine(model, mode="whole").logits(x), whole) < 1e-4
     assert rel_err(_engine(model, mode="slide").logits(x), slide) < 1e-4
+
+
+def test_slide_windows_per_batch_bounds_each_forward_and_keeps_the_logits(model):
+    """windows_per_batch: a forward takes at most that many windows of the batch (here 2 images x 2 windows of 4);
+    the logits are the default's (all windows at once)."""
+    x = torch.randn(2, 3, 70, 100)
+    expected = _engine(model, mode="slide").logits(x)
+    seg = _engine(model, mode="slide", windows_per_batch=3)
+    batches: list[int] = []
+    forward = seg._graphs.fn
+    seg._graphs.fn = lambda crops: batches.append(crops.shape[0]) or forward(crops)
+    assert rel_err(seg.logits(x), expected) < 1e-6  # the same windows' sums (a batch size may change the rounding)
+    assert batches == [6, 2]  # 4 windows: 3, then 1, each for both images
+    for bad in (0, 2.0, True):
+        with pytest.raises(ValueError, match="windows_per_batch must be an int >= 1 or None"):
+            _engine(model, mode="slide", windows_per_batch=bad)
 
 
 def test_bf16_engine_is_close(model):
@@ -143,21 +159,32 @@ def test_a_segmenter_built_under_inference_mode_changes_its_classes(model):
     assert seg.class_names == names and torch.equal(seg.logits(x), _engine(rebuilt).logits(x))
 
 
-@pytest.mark.parametrize("dtype, value", [(torch.float64, -1e39), (torch.float32, 1e20), (torch.float32, 10001.0)])
+@pytest.mark.parametrize("dtype, value", [(torch.float64, -1e39), (torch.float32, 1e20), (torch.float32, 16.5),
+                                          (torch.float32, -17.0)])  # fmt: skip
 def test_values_past_what_a_normalised_image_holds_are_refused(model, dtype, value):
     """1e39 is finite in a float64 batch but infinite once cast to the engine's float32 (and 7e4 in a float16
     engine's), and 1e20 is finite in float32 but overflows inside the network (a batch of such values: NaN logits,
     predict class 0 everywhere; one such pixel: logits of 1e17): without a word. A float batch is CLIP-normalised,
-    so anything past ±1e4 is refused."""
+    so anything past ±16 is refused: a batch of 0..255 pixels that was not normalised too."""
     x = torch.randn(1, 3, 64, 64, dtype=dtype)
-    x[0, 0, 0, 0] = 10000.0  # the largest magnitude taken
+    x[0, 0, 0, 0], x[0, 2, 1, 1] = 16.0, -16.0  # the largest magnitudes taken
     assert torch.isfinite(_engine(model).logits(x)).all()
     x[0, 1, 5, 7] = value
-    with pytest.raises(ValueError, match=r"^images contain NaN or infinite values, or values past ±10000: a float "
-                                         r"batch is CLIP-normalised"):  # fmt: skip
+    with pytest.raises(ValueError, match=r"^images contain NaN or infinite values, or values past ±16: a float "
+                                         r"batch is CLIP-normalised .*pass 0..255 pixels as uint8 images"):  # fmt: skip
         _engine(model).logits(x)
     if dtype == torch.float64:
         assert torch.isnan(_engine(model, check_finite=False).logits(x)).any()  # what the check keeps out
+
+
+def test_a_float_batch_of_pixels_not_normalised_is_refused(model):
+    """The commonest mistake: 0..255 pixels as a float tensor, not normalised. It ran, and its logits meant nothing."""
+    pixels = torch.randint(0, 256, (1, 64, 64, 3), dtype=torch.uint8)
+    seg = _engine(model)
+    with pytest.raises(ValueError, match="pass 0..255 pixels as uint8 images, which the engine normalises"):
+        seg.logits(pixels.permute(0, 3, 1, 2).float())
+    assert seg.logits(pixels).shape == (1, len(seg.class_names), 64, 64)  # as uint8
+    assert seg.logits(normalize(pixels.permute(0, 3, 1, 2).float())).shape == (1, len(seg.class_names), 64, 64)
 
 
 def _official_test_pipeline(model: DenseCLIP, image: np.ndarray, mode: str) -> torch.Tensor:
@@ -318,6 +345,8 @@ def test_16_bit_pil_images_keep_their_high_byte(model, tmp_path):
     grey[:, :20] = 2000
     expected = seg.logits(np.repeat((grey >> 8).astype(np.uint8)[:, :, None], 3, axis=2))
     assert torch.equal(seg.logits(Image.fromarray(grey)), expected)
+    for mode, data in [("I;16L", grey.astype("<u2")), ("I;16B", grey.astype(">u2")), ("I;16N", grey)]:
+        assert torch.equal(seg.logits(Image.frombytes(mode, (44, 40), data.tobytes())), expected), mode
     Image.fromarray(grey).save(tmp_path / "grey16.pgm")
     Image.fromarray(grey.astype(np.int32)).save(tmp_path / "grey32.tif")  # mode "I" whichever Pillow
     for name in ("grey16.pgm", "grey32.tif"):
@@ -745,6 +774,24 @@ def test_warmup_refuses_what_logits_would(model):
         seg.warmup((64, 64), batch=0)
     with pytest.raises(ValueError, match="raw must be True or False"):
         seg.warmup((64, 64), raw="no")
+    seg.warmup(np.array([64, 80]), raw=False)  # an image's shape[:2] from numpy, or a tensor's
+    seg.warmup(torch.tensor([64, 80]), raw=False)
+    with pytest.raises(ValueError, match=r"size must be \(height, width\)"):
+        seg.warmup(np.array([64, 80, 3]))
+
+
+def test_a_model_or_labels_without_values_are_refused(model):
+    """A model built on the meta device (weights not loaded) and meta or sparse labels met torch's own errors
+    ("Cannot copy out of meta tensor")."""
+    with torch.device("meta"):
+        empty = DenseCLIP(model.config, model.class_names)
+    with pytest.raises(ValueError, match=r"model's weights are on the meta device \(built without values\)"):
+        Segmenter(empty, device="cpu", dtype=torch.float32)
+    seg, image = _engine(model), np.zeros((8, 10, 3), np.uint8)
+    for labels, kind in [(torch.zeros(8, 10, dtype=torch.long, device="meta"), "meta"),
+                         (torch.zeros(8, 10, dtype=torch.long).to_sparse(), "sparse")]:  # fmt: skip
+        with pytest.raises(ValueError, match=f"labels must be a dense tensor with values, got a {kind} tensor"):
+            seg.overlay(image, labels)
 
 
 class StaticBufferCapture:

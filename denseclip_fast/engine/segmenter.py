@@ -23,6 +23,7 @@ parallel inference give each thread (or GPU) its own Segmenter.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
@@ -50,9 +51,11 @@ from .rewrite import prepare_for_inference
 Mode = Literal["whole", "slide"]
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 Finish = Callable[[torch.Tensor, Any], torch.Tensor]  # (N, C, h, w) float32 scores, (H, W) or None -> a result
-# the largest magnitude a float batch may hold (check_finite): below every engine dtype's range (float16: 65504) and
-# far above a CLIP-normalised image's -1.8..2.2 (or 0..255 pixels normalised twice over)
-MAX_INPUT = 1e4
+# the largest magnitude a float batch may hold (check_finite): far above a CLIP-normalised image's -1.8..2.2 (or an
+# ImageNet-normalised one's -2.2..2.7, or a standard normal batch's: past 16 once in 1e57 values) and below what a
+# batch of 0..255 pixels not normalised holds (the commonest mistake, which ran and gave confident nonsense), and far
+# below every engine dtype's range (float16: 65504)
+MAX_INPUT = 16.0
 
 # predict's scores at an image's own size are made this many values at a time (256 MiB of float32): 150 classes of
 # a 12-megapixel photo would take 7.2 GB at once
@@ -151,12 +154,17 @@ class Segmenter:
         capture_after: an input shape is captured on its capture_after-th call and replayed from then on; the calls
             before run eagerly (default 2: a stream of ever-new sizes never pays for captures it cannot reuse; 1
             captures at once).
-        check_finite: reject float batches holding NaN or infinite values, or values past ±MAX_INPUT (1e4; a
-            CLIP-normalised image lies within -1.8..2.2: 1e39 in a float64 batch turned infinite in the cast to
-            float32, 7e4 in float16, and 1e20 overflowed inside the network, the logits NaN), with a ValueError. A
+        check_finite: reject float batches holding NaN or infinite values, or values past ±MAX_INPUT (16; a
+            CLIP-normalised image lies within -1.8..2.2, a batch of 0..255 pixels that was not normalised reaches
+            past it; 1e39 in a float64 batch turned infinite in the cast to float32, 7e4 in float16, and 1e20
+            overflowed inside the network, the logits NaN), with a ValueError. A
             batch on the CPU is checked before the forward; a batch on a GPU is scanned on the GPU and its verdict
             read after the forward is queued (one synchronisation per call, at its end, and no idle gap before the
             forward); a pipeline that vouches for its inputs turns it off to keep the CPU ahead of the GPU.
+        windows_per_batch: slide mode: at most this many windows (each holding one crop per image of the batch) go
+            through one forward; None (the default): all of them at once, fastest, with memory growing with the
+            window count (a small stride on a large image makes thousands). The logits are the same either way (to
+            rounding: a convolution's kernel may depend on the batch size).
     """
 
     def __init__(
@@ -171,9 +179,13 @@ class Segmenter:
         max_graphs: int = 16,
         check_finite: bool = True,
         capture_after: int = 2,
+        windows_per_batch: int | None = None,
     ) -> None:
         if not isinstance(model, DenseCLIP):
             raise ValueError(f"model must be a denseclip_fast.DenseCLIP, got {type(model).__name__}")
+        if any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers())):
+            raise ValueError("model's weights are on the meta device (built without values): load them first, e.g. "
+                             "denseclip_fast.load_checkpoint(path)")  # fmt: skip
         self.device = check_device(device, "device")  # a CPU, or a CUDA GPU that is present
         if self.device.type == "cuda" and self.device.index is None:  # the GPU current now, not at each call
             self.device = torch.device("cuda", torch.cuda.current_device())
@@ -190,6 +202,8 @@ class Segmenter:
                            " (the stride-32 level keeps a pixel)")  # fmt: skip
         self.stride = as_int("stride", model.config.slide_stride if stride is None else stride)
         window_sizes(self.crop, self.stride)  # a stride past the crop: refused now, not at the first slide call
+        self.windows_per_batch = None if windows_per_batch is None else as_int(
+            "windows_per_batch", windows_per_batch, why=" or None")  # fmt: skip
         self.model = prepare_for_inference(model, self.device, self.dtype)
         if self.device.type == "cpu":  # float32 layers through oneDNN (cpu_linear.py), the text encoder's always
             use_onednn_linears(self.model)
@@ -256,7 +270,7 @@ class Segmenter:
         """Whole or slide logits (N, K, h, w) in float32 for a normalised batch on the device."""
         x = x.to(self.device, self.dtype, memory_format=self._layout())
         if self.mode == "slide":
-            return slide_inference(self._encode_decode, x, self.crop, self.stride)
+            return slide_inference(self._encode_decode, x, self.crop, self.stride, self.windows_per_batch)
         return self._encode_decode(x)
 
     def _layout(self) -> torch.memory_format:
@@ -320,8 +334,9 @@ class Segmenter:
     def _finite_or_raise(self, flag: torch.Tensor | None) -> None:
         if flag is not None and not bool(flag):
             raise ValueError(f"images contain NaN or infinite values, or values past ±{MAX_INPUT:g}: a float batch "
-                             "is CLIP-normalised (0..255 RGB through preprocess.normalize lies within "
-                             "-1.8..2.2)")  # fmt: skip
+                             "is CLIP-normalised (0..255 RGB through preprocess.normalize lies within -1.8..2.2); "
+                             "pass 0..255 pixels as uint8 images, which the engine normalises, or through "
+                             "preprocess.normalize (Segmenter(check_finite=False) turns this check off)")  # fmt: skip
 
     def logits(self, images: Any) -> torch.Tensor | list[torch.Tensor]:
         """(B, K, H, W) float32 logits, at the input size for a normalised float batch and at each image's own size
@@ -396,6 +411,9 @@ class Segmenter:
         img = as_batch(image).raw
         if img is None or len(img) != 1:
             raise ValueError("overlay takes one uint8 (H, W, 3) image")
+        if isinstance(labels, torch.Tensor) and (labels.is_meta or labels.layout != torch.strided):
+            kind = "meta" if labels.is_meta else "sparse"
+            raise ValueError(f"labels must be a dense tensor with values, got a {kind} tensor")
         labels = labels.cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
         if names is None:
             palette = self.model.palette or default_palette(self.model.num_classes)
@@ -429,6 +447,8 @@ class Segmenter:
             names: a vocabulary of open_vocab to warm (checked as open_vocab checks it), instead of the trained
                 head.
         """
+        if isinstance(size, (np.ndarray, torch.Tensor)) and size.ndim == 1:  # e.g. an image's shape[:2] from numpy
+            size = size.tolist()
         if isinstance(size, (str, bytes)) or not isinstance(size, Sequence) or len(size) != 2:
             raise ValueError(f"size must be (height, width), got {size!r}")
         height, width = (as_int(name, side) for name, side in zip(("size[0] (height)", "size[1] (width)"), size))
