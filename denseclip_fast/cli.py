@@ -377,7 +377,7 @@ def _check_export_options(args: argparse.Namespace, dtype: torch.dtype) -> None:
     checked against the exporters' limits, in the options' words, before the checkpoint is loaded."""
     import torch
 
-    from .export.aoti import PACKAGE_SUFFIX
+    from .export.aoti import MAX_BATCH, PACKAGE_SUFFIX
     from .export.graphs import TRACE_BATCH
     from .export.onnx import OPSETS
 
@@ -415,10 +415,10 @@ def _check_export_options(args: argparse.Namespace, dtype: torch.dtype) -> None:
     if fmt == "aoti" and Path(args.out).suffix != PACKAGE_SUFFIX:  # to_aoti's own test (".pt2" alone has none)
         raise ValueError(f"--out must end in {PACKAGE_SUFFIX} for --format aoti (AOTInductor packages are "
                          f"{PACKAGE_SUFFIX} archives), got {args.out!r}")  # fmt: skip
-    if args.max_batch is not None and args.max_batch < TRACE_BATCH:
-        raise ValueError(f"--max-batch must be >= {TRACE_BATCH}, got {args.max_batch} (a package takes any batch "
-                         f"from 1 to --max-batch; torch.export traces the batch as dynamic from {TRACE_BATCH}: for "
-                         f"batch 1, --max-batch {TRACE_BATCH})")  # fmt: skip
+    if args.max_batch is not None and not TRACE_BATCH <= args.max_batch <= MAX_BATCH:
+        raise ValueError(f"--max-batch must be >= {TRACE_BATCH} and <= {MAX_BATCH}, got {args.max_batch} (a package "
+                         f"takes any batch from 1 to --max-batch; torch.export traces the batch as dynamic from "
+                         f"{TRACE_BATCH}: for batch 1, --max-batch {TRACE_BATCH})")  # fmt: skip
     if args.opset is not None and args.opset not in OPSETS:
         raise ValueError(f"--opset must be in {OPSETS.start}..{OPSETS.stop - 1}, got {args.opset}")
 

@@ -624,8 +624,11 @@ def test_export_limits_are_said_in_the_options_words_before_loading(checkpoint, 
         ([*exp, "aoti", "--out", out], f"--out must end in .pt2 for --format aoti (AOTInductor packages are .pt2 "
                                        f"archives), got {out!r}"),
         ([*exp, "aoti", "--out", str(tmp_path / "m.pt2"), "--max-batch", "1"],
-         "--max-batch must be >= 2, got 1 (a package takes any batch from 1 to --max-batch; torch.export traces the "
-         "batch as dynamic from 2: for batch 1, --max-batch 2)"),
+         "--max-batch must be >= 2 and <= 65536, got 1 (a package takes any batch from 1 to --max-batch; "
+         "torch.export traces the batch as dynamic from 2: for batch 1, --max-batch 2)"),
+        ([*exp, "aoti", "--out", str(tmp_path / "m.pt2"), "--max-batch", "9999999999999999999999"],
+         "--max-batch must be >= 2 and <= 65536, got 9999999999999999999999 (a package takes any batch from 1 to "
+         "--max-batch; torch.export traces the batch as dynamic from 2: for batch 1, --max-batch 2)"),
         ([*exp, "aoti", "--out", bare], f"--out must end in .pt2 for --format aoti (AOTInductor packages are .pt2 "
                                         f"archives), got {bare!r}"),  # a name that is only the suffix has none
         ([*exp, "onnx", "--out", out, "--opset", "17"], "--opset must be in 18..20, got 17"),

@@ -178,8 +178,11 @@ def test_to_aoti_argument_errors(model, tmp_path):
         to_aoti(seg, tmp_path / "x.pt2", dtype=torch.float32)
     with pytest.raises(ValueError, match="must be a DenseCLIP model or a Segmenter"):
         to_aoti(torch.nn.Linear(2, 2), tmp_path / "x.pt2")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="max_batch must be an int >= 2, got 1 .*for batch 1, max_batch=2"):
+    with pytest.raises(ValueError, match="max_batch must be an int >= 2 and <= 65536, got 1 .*for batch 1, max_batch="):
         to_aoti(seg, tmp_path / "x.pt2", max_batch=1)
+    for bad in (10**22, True, 4.0):
+        with pytest.raises(ValueError, match=f"max_batch must be an int >= 2 and <= 65536, got {bad!r}"):
+            to_aoti(seg, tmp_path / "x.pt2", max_batch=bad)
     heads = max(seg.model.config.vision.heads, seg.model.config.decoder.heads)  # images x heads: one grid axis
     most = 65535 // heads
     message = rf"^max_batch must be <= {most} for this architecture on CUDA, got {most + 1} \(the fused attention"

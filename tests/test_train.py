@@ -380,8 +380,12 @@ def test_numbers_out_of_range_are_refused_naming_the_field(arch_file, generic, t
         ({"ignore_index": -1}, "ignore_index must be a label value in 0..65535 (255 for 8-bit labels, e.g. 65535"),
         ({"ratio_range": (2.0, 0.5)}, "ratio_range must be two finite numbers 0 < low <= high, got (2.0, 0.5)"),
         ({"ratio_range": (0.001, 1.0)}, "ratio_range's low end 0.001 scales img_scale (96, 48) below a pixel"),
-        ({"img_scale": (0, 0)}, "img_scale must be two positive ints (long side, short side), got (0, 0)"),
+        ({"img_scale": (0, 0)}, "img_scale must be two positive ints (long side, short side) of at most 8192, got "
+                                "(0, 0)"),
+        ({"img_scale": (10**22, 512)}, "img_scale must be two positive ints"),
         ({"crop": 16}, "crop must be an int >= 32 (the stride-32 level keeps a pixel), got 16"),
+        ({"crop": 10**22}, "crop must be at most 8192, got 10000000000000000000000"),  # a traceback in a step
+        ({"batch_size": 10**22}, "batch_size must be at most 65536, got 10000000000000000000000"),
         ({"iters": True}, "iters must be an int >= 1, got True"),
         ({"num_workers": False}, "num_workers must be an int >= 0, got False"),
         ({"init": ""}, "init (--init) must be a CLIP weight file or 'none'; '' is empty"),  # was path_argument's
@@ -394,7 +398,8 @@ def test_numbers_out_of_range_are_refused_naming_the_field(arch_file, generic, t
         _config(arch_file, generic, tmp_path / "w", init=str(tmp_path / "RN50.pt")).validate(template=True)
     base = ["train", "--arch", arch_file, "--data", generic, "--layout", "generic", "--work-dir", str(tmp_path / "w")]
     for extra, message in ((["--lr", "inf"], "lr must be a finite number > 0"), (["--seed", "-5"], "seed must be"),
-                           (["--ignore-index", "-1"], "ignore_index must be a label value")):  # fmt: skip
+                           (["--ignore-index", "-1"], "ignore_index must be a label value"),
+                           (["--crop", "9999999999999999999999"], "crop must be at most 8192")):  # fmt: skip
         assert main(base + extra) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"denseclip-fast: error: {message}") and err.count("\n") == 1, err
@@ -1169,6 +1174,20 @@ def test_a_byte_order_mark_is_not_part_of_the_first_name(tmp_path):
         with pytest.raises(ValueError, match=rf"^{re.escape(str(path))} is not UTF-8 text \(byte 3: invalid "):
             SegmentationData(data, "generic", "val")
         path.write_bytes(saved)
+
+
+def test_a_blank_line_between_class_names_is_refused_by_its_line(tmp_path):
+    """A blank line inside classes.txt was dropped, so every class after it took the index before its own (mmseg
+    counts the line); trailing blank lines and surrounding spaces are no class."""
+    data = make_generic(tmp_path / "g")
+    classes = tmp_path / "g" / "classes.txt"
+    classes.write_text(f"  {CLASSES[0]}\n{CLASSES[1]} \n" + "\n".join(CLASSES[2:]) + "\n\n \n")
+    assert SegmentationData(data, "generic", "val").class_names == CLASSES
+    classes.write_text(f"{CLASSES[0]}\n\n" + "\n".join(CLASSES[1:]) + "\n")
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(classes))} line 2 is blank: a class's index is its line's "
+                                         r"position \(0 for the first\), so the classes after it would be counted "
+                                         "one off"):  # fmt: skip
+        SegmentationData(data, "generic", "val")
 
 
 def test_hidden_files_are_no_samples(tmp_path):

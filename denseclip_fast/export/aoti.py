@@ -38,6 +38,7 @@ from .graphs import TRACE_BATCH, ImageGraph, check_image_size, default_window_st
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 PACKAGE_SUFFIX = ".pt2"  # what aoti_compile_and_package writes: a zip archive
 DEFAULT_MAX_BATCH = 64
+MAX_BATCH = 65536  # a sanity bound (1e22 compiled, and was written into the metadata the C++ runner reads as int64)
 
 
 def to_aoti(
@@ -86,9 +87,10 @@ def to_aoti(
             f"model_or_segmenter must be a DenseCLIP model or a Segmenter, got {type(model_or_segmenter).__name__}"
         )
     ops.backends.query_device(seg.device)  # a bad device fails here, not deep in the trace below
-    if not isinstance(max_batch, int) or max_batch < TRACE_BATCH:
+    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or not TRACE_BATCH <= max_batch <= MAX_BATCH:
         raise ValueError(
-            f"max_batch must be an int >= {TRACE_BATCH}, got {max_batch!r} (a package takes any batch from 1 to "
+            f"max_batch must be an int >= {TRACE_BATCH} and <= {MAX_BATCH}, got {max_batch!r} (a package takes any "
+            "batch from 1 to "
             f"max_batch; torch.export traces the batch as dynamic from {TRACE_BATCH}: for batch 1, "
             f"max_batch={TRACE_BATCH})"
         )

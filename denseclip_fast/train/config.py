@@ -27,6 +27,10 @@ from .data import check_ignore_index, not_a_directory
 
 LAYOUTS = ("ade20k", "generic")
 MAX_SEED = 2**32 - 1
+# sanity bounds, checked before any work: a crop of 1e22 pixels ended in a traceback from torch.zeros in a training
+# step, a batch of 1e22 images in itertools' message; 8192 is the largest side evaluation resizes to
+MAX_CROP = 8192
+MAX_BATCH = 65536
 # number fields: (name, lowest, highest, whether the lowest is excluded), finite; learning rates above 1 are refused
 # (AdamW's first step moves a weight by about lr x 10: larger ones overflow float32 weights)
 NUMBER_RANGES: tuple[tuple[str, float, float, bool], ...] = (
@@ -129,6 +133,9 @@ class TrainConfig:
         for name in ("iters", "batch_size", "accum", "checkpoint_interval", "log_interval"):
             check_int(name, getattr(self, name))
         check_int("crop", self.crop, MIN_IMAGE_SIDE, " (the stride-32 level keeps a pixel)")
+        for name, most in (("crop", MAX_CROP), ("batch_size", MAX_BATCH)):
+            if getattr(self, name) > most:
+                raise ValueError(f"{name} must be at most {most}, got {getattr(self, name)!r}")
         for name in ("eval_interval", "num_workers", "max_checkpoints", "warmup_iters"):
             check_int(name, getattr(self, name), 0)
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed <= MAX_SEED:
@@ -142,9 +149,10 @@ class TrainConfig:
         for name in ("backbone_lr_mult", "weight_decay"):  # the backbone's learning rate; AdamW's decay factor >= 0
             if self.lr * getattr(self, name) > 1:
                 raise ValueError(f"{name} x lr must be <= 1, got {getattr(self, name)!r} x {self.lr!r}")
-        if len(self.img_scale) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0
+        if len(self.img_scale) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_CROP
                                                for v in self.img_scale):  # fmt: skip
-            raise ValueError(f"img_scale must be two positive ints (long side, short side), got {self.img_scale!r}")
+            raise ValueError(f"img_scale must be two positive ints (long side, short side) of at most {MAX_CROP}, got "
+                             f"{self.img_scale!r}")  # fmt: skip
         low, high = self.ratio_range if len(self.ratio_range) == 2 else (None, None)
         if not (is_finite_number(low) and is_finite_number(high) and 0 < low <= high):
             raise ValueError(f"ratio_range must be two finite numbers 0 < low <= high, got {self.ratio_range!r}")

@@ -98,14 +98,22 @@ def _accepted(folder: str, suffixes: Sequence[str]) -> str:
     return f"{kinds} files, any letter case{skipped}"
 
 
-def _text_lines(path: str) -> list[str]:
+def _text_lines(path: str, blank_inside: bool = True) -> list[str]:
     """The non-blank lines of a UTF-8 text file (classes.txt, a split file), stripped; a BOM (Windows' Notepad) is
-    not a character. ValueError naming the file when it is not UTF-8 text."""
+    not a character. ValueError naming the file when it is not UTF-8 text, or, without ``blank_inside``, when a
+    blank line comes before the last non-blank one (classes.txt: a line's position is its class index)."""
     try:
         with open(path, encoding="utf-8-sig") as f:
-            return [line.strip() for line in f if line.strip()]
+            lines = [line.strip() for line in f]
     except UnicodeDecodeError as exc:
         raise ValueError(f"{path} is not UTF-8 text (byte {exc.start}: {exc.reason}); save it as UTF-8") from None
+    while lines and not lines[-1]:
+        lines.pop()
+    if not blank_inside and "" in lines:
+        raise ValueError(f"{path} line {lines.index('') + 1} is blank: a class's index is its line's position (0 "
+                         "for the first), so the classes after it would be counted one off; remove it, or name the "
+                         "class of that index")  # fmt: skip
+    return [line for line in lines if line]
 
 
 def find_samples(root: str, layout: str, split: str) -> tuple[list[Sample], list[str]]:
@@ -126,7 +134,7 @@ def find_samples(root: str, layout: str, split: str) -> tuple[list[Sample], list
         classes_file = os.path.join(root, "classes.txt")
         if not os.path.isfile(classes_file):
             raise ValueError(f"{classes_file} is missing (one class name a line)")
-        classes = _text_lines(classes_file)
+        classes = _text_lines(classes_file, blank_inside=False)
         if not classes:
             raise ValueError(f"{classes_file} lists no class names")
         splits = os.path.join(root, "splits")
