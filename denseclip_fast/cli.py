@@ -81,13 +81,14 @@ UNNAMED = "class"  # what a file that names no classes calls them where their na
 
 def _load_model(path: str, unnamed: str, renamed: bool = False, hint: str = "--classes names them") -> tuple[Any, bool]:
     """load_checkpoint(path) for a command, and whether the file names its classes. A file that names none (a bare
-    state dict whose head has other than ADE20K's 150 outputs) is loaded with its K classes called UNNAMED when
-    ``unnamed`` is "" (info; --classes names them next; open-vocabulary scoring, where the head's names play no
-    part); else the error says to give their names with --classes, ``unnamed`` saying why they are needed. A file
-    with 150 unnamed outputs gets ADE20K's names with a warning (an AssumedADE20KClasses, which the caller's filters
-    may silence) saying ``hint``, or none when ``renamed`` (--classes gave the names, or they play no part)."""
+    state dict whose head has other than ADE20K's 150 outputs), or names that disagree with its head, is loaded with
+    its K classes called UNNAMED when ``unnamed`` is "" (info; --classes names them next; open-vocabulary scoring,
+    where the head's names play no part); else the error says to give their names with --classes, ``unnamed`` saying
+    why they are needed. A file with 150 unnamed outputs gets ADE20K's names with a warning (an
+    AssumedADE20KClasses, which the caller's filters may silence) saying ``hint``, or none when ``renamed``
+    (--classes gave the names, or they play no part)."""
     from . import load_checkpoint
-    from .checkpoints import AssumedADE20KClasses, UnnamedClassesError
+    from .checkpoints import AssumedADE20KClasses, MismatchedClassNamesError, UnnamedClassesError
 
     try:
         with warnings.catch_warnings(record=True) as caught:  # recorded as the caller's filters say
@@ -99,10 +100,12 @@ def _load_model(path: str, unnamed: str, renamed: bool = False, hint: str = "--c
                 warnings.warn(f"{path}: no class names in the file (meta['CLASSES']); assuming the 150 ADE20K "
                               f"classes ({hint})", AssumedADE20KClasses, stacklevel=1)  # fmt: skip
         return model, True
-    except UnnamedClassesError as exc:
+    except UnnamedClassesError as exc:  # or names that disagree with the head (MismatchedClassNamesError)
         if unnamed:
-            raise ValueError(f"{path}: the file names no classes and its head has {exc.outputs} outputs: give their "
-                             f"{exc.outputs} names with --classes ({unnamed})") from None  # fmt: skip
+            what = ("the file names no classes" if not isinstance(exc, MismatchedClassNamesError) else
+                    f"the file's {exc.names} class names disagree with its head")  # fmt: skip
+            raise ValueError(f"{path}: {what}; its head has {exc.outputs} outputs: give their {exc.outputs} names "
+                             f"with --classes ({unnamed})") from None  # fmt: skip
         return load_checkpoint(path, class_names=[UNNAMED] * exc.outputs), False
 
 
@@ -122,7 +125,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=2))
         return 0
     shown = ", ".join(model.class_names[:10]) + (" ..." if model.num_classes > 10 else "")
-    shown = shown if named else "(the file names none)"
+    shown = shown if named else "(the file names none that fit its head)"
     print(f"checkpoint   {args.checkpoint}")
     print(f"arch         {model.config.arch}")
     print(f"classes      {model.num_classes}: {shown}")

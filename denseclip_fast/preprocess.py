@@ -175,7 +175,7 @@ def _scale_sides(scale: Any) -> tuple[int, int]:
     """``scale`` as (long side, short side) after checking it is two ints >= 1 (in either order, as mmseg's
     img_scale); ValueError naming it otherwise (one number was taken for both sides, 512.5 or inf as a size)."""
     sides = tuple(scale) if isinstance(scale, (Sequence, np.ndarray)) and not isinstance(scale, (str, bytes)) else ()
-    if len(sides) != 2 or not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) and s >= 1
+    if len(sides) != 2 or not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) and int(s) >= 1
                                   for s in sides):  # fmt: skip
         raise ValueError(f"scale must be two ints >= 1 (the long and the short side to fit, as mmseg's img_scale "
                          f"(2048, 512)), got {scale!r}")  # fmt: skip

@@ -426,6 +426,8 @@ def test_class_names_stored_in_the_file_that_disagree_with_its_head(tmp_path, na
         dcf.load_checkpoint(path)
     assert str(err.value) == (f"{path}: the file's class names (2) disagree with its head (3 outputs); "
                               "pass class_names=[...] with 3 names")  # fmt: skip
+    assert isinstance(err.value, dcf.checkpoints.MismatchedClassNamesError)  # the CLI's --classes names them
+    assert (err.value.names, err.value.outputs) == (2, 3)
     assert dcf.load_checkpoint(path, class_names=["cat", "dog", "cow"]).class_names == ["cat", "dog", "cow"]
     official = _save_state(tmp_path, _state(official_file)["state_dict"], meta={"CLASSES": ("cat", "dog")})
     with pytest.raises(CheckpointError, match=r"the file's class names \(2\) disagree with its head \(4 outputs\)"):

@@ -741,13 +741,13 @@ def test_a_file_that_names_no_classes_takes_them_from_classes(images, tmp_path, 
     torch.manual_seed(0)
     torch.save(DenseCLIP(tiny_config("resnet"), NAMES).state_dict(), bare)
     assert main(["info", str(bare)]) == 0
-    assert "classes      4: (the file names none)" in capsys.readouterr().out
+    assert "classes      4: (the file names none that fit its head)" in capsys.readouterr().out
     assert main(["info", "--json", str(bare)]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["num_classes"] == 4 and info["classes"] is None
     seg = ["segment", "--checkpoint", str(bare), "--device", "cpu", str(images[0])]
     assert main([*seg, "--out", str(tmp_path / "none")]) == 2
-    assert capsys.readouterr().err == (f"denseclip-fast: error: {bare}: the file names no classes and its head has 4 "
+    assert capsys.readouterr().err == (f"denseclip-fast: error: {bare}: the file names no classes; its head has 4 "
                                        "outputs: give their 4 names with --classes (the labels and overlays are the "
                                        "trained head's)\n")  # fmt: skip
     assert not (tmp_path / "none").exists()
@@ -761,6 +761,26 @@ def test_a_file_that_names_no_classes_takes_them_from_classes(images, tmp_path, 
     onnx = ["export", "--checkpoint", str(bare), "--format", "onnx", "--out", str(tmp_path / "m.onnx")]
     assert main(onnx) == 2
     assert "give their 4 names with --classes (the exported graphs carry them)" in capsys.readouterr().err
+
+
+def test_a_file_whose_names_disagree_with_its_head_takes_them_from_classes(images, tmp_path, capsys):
+    """A file naming 2 classes for a 4-output head: --classes gives the 4 names (segment and export said to pass
+    class_names=[...], a Python argument, though eval took the file), open-vocabulary scoring needs none, info shows
+    the head's count, and without --classes the error says what is wrong and what to give."""
+    mixed = tmp_path / "mixed.pth"
+    torch.save({"state_dict": DenseCLIP(tiny_config("resnet"), NAMES).state_dict(), "meta": {"CLASSES": ["a", "b"]}},
+               mixed)  # fmt: skip
+    assert main(["info", str(mixed)]) == 0
+    assert "classes      4: (the file names none that fit its head)" in capsys.readouterr().out
+    seg = ["segment", "--checkpoint", str(mixed), "--device", "cpu", str(images[0])]
+    assert main([*seg, "--out", str(tmp_path / "none")]) == 2
+    assert capsys.readouterr().err == (f"denseclip-fast: error: {mixed}: the file's 2 class names disagree with its "
+                                       "head; its head has 4 outputs: give their 4 names with --classes (the labels "
+                                       "and overlays are the trained head's)\n")  # fmt: skip
+    assert main([*seg, "--classes", "sky,road,cat,bed", "--out", str(tmp_path / "named")]) == 0
+    assert main([*seg, "--open-vocab", "--classes", "sky,road", "--out", str(tmp_path / "open")]) == 0
+    assert main([*seg, "--classes", "sky,road", "--out", str(tmp_path / "few")]) == 2
+    assert "--classes needs exactly 4 names (the checkpoint's head has 4 outputs), got 2" in capsys.readouterr().err
 
 
 def test_a_reader_that_goes_away_ends_the_command_quietly(checkpoint, monkeypatch, capsys):

@@ -26,7 +26,14 @@ if TYPE_CHECKING:
     from ..config import DenseCLIPConfig
     from ..model import DenseCLIP
 
-__all__ = ["AssumedADE20KClasses", "CheckpointError", "ClassCountError", "UnnamedClassesError", "load_checkpoint"]
+__all__ = [
+    "AssumedADE20KClasses",
+    "CheckpointError",
+    "ClassCountError",
+    "MismatchedClassNamesError",
+    "UnnamedClassesError",
+    "load_checkpoint",
+]
 
 
 class ClassCountError(ValueError):
@@ -49,6 +56,16 @@ class UnnamedClassesError(CheckpointError):
     def __init__(self, path: str, outputs: int) -> None:
         self.outputs = outputs
         super().__init__(path, f"the file names no classes and its head has {outputs} outputs: pass class_names=[...]")
+
+
+class MismatchedClassNamesError(UnnamedClassesError):
+    """A file whose class names (``names`` of them) disagree with its head's ``outputs``: as a file that names none,
+    load_checkpoint needs ``class_names``."""
+
+    def __init__(self, path: str, names: int, outputs: int) -> None:
+        self.names, self.outputs = names, outputs
+        CheckpointError.__init__(self, path, f"the file's class names ({names}) disagree with its head ({outputs} "
+                                             f"outputs); pass class_names=[...] with {outputs} names")  # fmt: skip
 
 
 def load_checkpoint(
@@ -93,10 +110,7 @@ def load_checkpoint(
     if len(names) != k and class_names is not None:
         raise ClassCountError(len(names), k)
     if len(names) != k:
-        raise CheckpointError(
-            path, f"the file's class names ({len(names)}) disagree with its head ({k} outputs); "
-            f"pass class_names=[...] with {k} names"
-        )  # fmt: skip
+        raise MismatchedClassNamesError(path, len(names), k)
     try:
         _check_model_fits(config, names, sd, path)
     except ValueError as exc:  # the tokenizer's checks (a name with no tokens, or too many)
