@@ -499,7 +499,8 @@ IGNORE_HELP = "label value of ignored pixels (default 255; with 256+ classes in 
 def _resumed_runs_config(args: argparse.Namespace) -> str | None:
     """For a --resume without a CONFIG: the config.json of the run it continues (--work-dir's, else the folder of
     the --resume state's, else the default work dir's for --resume auto), which the options given override; None
-    when there is none."""
+    when there is none and --data is given (the options say the rest). Without --data either, a ValueError says
+    where no run was found (a mistyped --work-dir was told that data must name a directory)."""
     from .train import TrainConfig
 
     folders = [args.work_dir] if args.work_dir else []
@@ -511,6 +512,11 @@ def _resumed_runs_config(args: argparse.Namespace) -> str | None:
         path = os.path.join(folder, "config.json")
         if os.path.isfile(path):
             return path
+    if args.data is None:
+        where = " or ".join(repr(f) for f in folders)
+        raise ValueError(f"--resume {args.resume}: no run's config.json in {where} (a run writes it into its work "
+                         "dir when it starts): give the run's --work-dir, or its CONFIG file, or --data and the "
+                         "other settings")  # fmt: skip
     return None
 
 
@@ -748,6 +754,9 @@ def main(argv: Sequence[str] | None = None, die_by_signal: bool = False) -> int:
     restore_signals = _sigterm_interrupts()
     interrupted: int | None = None  # the signal
     try:
+        if getattr(args, "checkpoint", None) == "":  # load_checkpoint's message named its own argument, "path"
+            raise ValueError(f"{'CHECKPOINT' if args.command == 'info' else '--checkpoint'} must name a weight "
+                             "file, got ''")  # fmt: skip
         return args.func(args)
     except (CheckpointError, ValueError, TensorRTUnavailable, ONNXExportUnavailable, FloatingPointError,
             BackendUnavailable) as exc:  # fmt: skip

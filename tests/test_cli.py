@@ -763,6 +763,14 @@ def test_a_file_that_names_no_classes_takes_them_from_classes(images, tmp_path, 
     assert "give their 4 names with --classes (the exported graphs carry them)" in capsys.readouterr().err
 
 
+def test_an_empty_checkpoint_path_is_named_by_its_option(capsys):
+    for args, option in ((["info", ""], "CHECKPOINT"), (["segment", "--checkpoint", "", "--out", "o", "x.png"],
+                         "--checkpoint"), (["eval", "--checkpoint", "", "--data", "d", "--layout", "generic"],
+                         "--checkpoint")):  # fmt: skip
+        assert main(args) == 2
+        assert capsys.readouterr().err == f"denseclip-fast: error: {option} must name a weight file, got ''\n"
+
+
 def test_a_file_whose_names_disagree_with_its_head_takes_them_from_classes(images, tmp_path, capsys):
     """A file naming 2 classes for a 4-output head: --classes gives the 4 names (segment and export said to pass
     class_names=[...], a Python argument, though eval took the file), open-vocabulary scoring needs none, info shows

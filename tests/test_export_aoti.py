@@ -8,6 +8,7 @@ import io
 import json
 import os
 import subprocess
+import sys
 import tempfile
 import zipfile
 from dataclasses import replace
@@ -391,3 +392,17 @@ def test_cpp_runner_stretch_mode_and_a_too_narrow_image(cmake_build, model, pack
         assert result.stderr == f"denseclip_fast_segment: error: {says}\n" and result.returncode == 1, result.stderr
         # the refused device index left libtorch's extracted copy of the package behind, a temp folder per run
         assert set(glob.glob(os.path.join(tempfile.gettempdir(), "aotinductor_*"))) <= leftovers, extra
+
+
+def test_a_cpu_export_imports_the_compiler_driver_without_its_cuda_warning():
+    """torch.utils.cpp_extension warns at import on a machine with a CUDA toolkit and no GPU ("No CUDA runtime is
+    found"), which every CPU package export printed; to_aoti imports it with that logger quiet, its level kept."""
+    quiet = ("import logging; from denseclip_fast.export.aoti import import_cpp_extension_quietly as q; q(); "
+             "assert logging.getLogger('torch.utils.cpp_extension').level == logging.NOTSET")  # fmt: skip
+    plain = "import denseclip_fast, torch.utils.cpp_extension"
+    said = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+            for code in (quiet, plain)]  # fmt: skip
+    assert said[0].returncode == 0, said[0].stderr
+    assert "No CUDA runtime" not in said[0].stderr
+    if "No CUDA runtime" not in said[1].stderr:
+        pytest.skip("torch says nothing here either (no CUDA toolkit, or a GPU)")

@@ -450,6 +450,14 @@ def test_a_resume_on_the_command_line_needs_only_the_work_dir(arch_file, generic
     assert main(["train", "--work-dir", str(work), "--resume", "auto", "--iters", "4"]) == 0, capsys.readouterr().err
     assert [int(r["iter"]) for r in _metrics(work)] == [1, 2, 3, 4]
     assert os.path.exists(work / "iter_4.safetensors") and os.listdir(elsewhere) == []
+    typo = str(tmp_path / "wrok")  # a mistyped work dir: no run there (it was told that data must name a directory)
+    capsys.readouterr()
+    assert main(["train", "--work-dir", typo, "--resume", "auto"]) == 2
+    assert capsys.readouterr().err == (f"denseclip-fast: error: --resume auto: no run's config.json in {typo!r} (a run "
+                                       "writes it into its work dir when it starts): give the run's --work-dir, or "
+                                       "its CONFIG file, or --data and the other settings\n")  # fmt: skip
+    assert main(["train", "--work-dir", "", "--print-config"]) == 2  # a template's work dir may be elsewhere, not ''
+    assert capsys.readouterr().err == "denseclip-fast: error: work_dir must name a directory, got ''\n"
 
 
 def test_one_value_per_batchnorm_channel_names_the_options(arch_file, generic, tmp_path):

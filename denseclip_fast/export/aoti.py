@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
+import sys
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -123,6 +125,8 @@ def to_aoti(
     # the write to disk is Python's: an OSError naming the path, the previous package kept. The buffer holds the
     # package once (about the weights), as torch's writer holds each file it adds.
     package = io.BytesIO()
+    if seg.device.type == "cpu":
+        import_cpp_extension_quietly()
     with seg._math():
         torch._inductor.aoti_compile_and_package(
             program, package_path=package, inductor_configs={"aot_inductor.metadata": metadata}
@@ -138,6 +142,21 @@ def _layout(device: torch.device) -> torch.memory_format:
     """The memory format a package's input is traced in, and made before each call (the compiled code trusts the
     traced strides): channels_last on CUDA, NCHW on CPU (examples/cpp/segment.cpp follows the same rule)."""
     return torch.channels_last if device.type == "cuda" else torch.contiguous_format
+
+
+def import_cpp_extension_quietly() -> None:
+    """Import torch.utils.cpp_extension (Inductor's compiler driver) without its import-time warning "No CUDA
+    runtime is found, using CUDA_HOME=..." (on a machine with a CUDA toolkit and no GPU), which a CPU package's
+    export printed among its own lines though it concerns no CUDA build; the logger's level is restored."""
+    if "torch.utils.cpp_extension" in sys.modules:
+        return
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    saved = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        import torch.utils.cpp_extension  # noqa: F401
+    finally:
+        logger.setLevel(saved)
 
 
 def check_grid(max_batch: int, config: DenseCLIPConfig, device: torch.device) -> None:

@@ -162,6 +162,8 @@ class TrainConfig:
             check_device(self.device, "device", present=not template)
         if not template:
             check_writable_dir(self.work_dir, "work_dir")
+        elif not self.work_dir:  # a template's may be another machine's, but never none
+            raise ValueError("work_dir must name a directory, got ''")
         if self.batch_size % self.accum:
             raise ValueError(f"batch_size {self.batch_size} must be divisible by accum {self.accum}")
         if self.amp not in ("bf16", "fp16", "none"):
