@@ -1468,9 +1468,27 @@ def test_extra_is_notes_kept_with_the_run_and_must_be_json(generic, tmp_path, ca
     assert main(["train", str(path), "--print-config"]) == 2
     out, err = capsys.readouterr()
     assert out == "" and err == ("denseclip-fast: error: extra (notes saved in config.json) must hold JSON values "
-                                 "(strings, numbers, true/false, null, lists, mappings; quote a YAML date): Object of "
-                                 "type date is not JSON serializable\n")  # fmt: skip
+                                 "(strings, finite numbers, true/false, null, lists, mappings; quote a YAML date): "
+                                 "Object of type date is not JSON serializable\n")  # fmt: skip
+    path.write_text(base + "extra: {loss: .nan}\n")  # config.json held NaN, which JSON readers other than Python refuse
+    assert main(["train", str(path), "--print-config"]) == 2
+    assert "finite numbers" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "w")
+
+
+def test_a_yaml_config_whose_aliases_expand_past_a_bound_is_refused_naming_the_file(tmp_path, capsys):
+    """Nine lines of aliases of aliases hold 1e9 values: printing the config or writing config.json spelled them out
+    until memory ran out, with no word of the file. Aliases within the bound (merge keys) still work."""
+    lines = ["extra:", "  a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"  a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]
+    path = tmp_path / "bomb.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    assert main(["train", str(path), "--print-config"]) == 2
+    assert capsys.readouterr().err == (f"denseclip-fast: error: training config {str(path)!r} holds more than 100000 "
+                                       "values once its YAML aliases are expanded (aliases of aliases multiply)\n")
+    path.write_text("\n".join(lines[:5]) + "\n")  # about 12,000 values: fine
+    assert main(["train", str(path), "--print-config"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["extra"]["a3"][9][9]) == 10
 
 
 def test_work_dirs_and_resume_refuse_what_would_lose_or_mix_runs(arch_file, generic, tmp_path):

@@ -31,6 +31,9 @@ MAX_SEED = 2**32 - 1
 # step, a batch of 1e22 images in itertools' message; 8192 is the largest side evaluation resizes to
 MAX_CROP = 8192
 MAX_BATCH = 65536
+# values in a YAML config counted with its aliases expanded: a few lines of aliases of aliases hold 1e9 of them,
+# which printing the config or writing config.json would spell out until memory ran out
+MAX_CONFIG_VALUES = 100_000
 # number fields: (name, lowest, highest, whether the lowest is excluded), finite; learning rates above 1 are refused
 # (AdamW's first step moves a weight by about lr x 10: larger ones overflow float32 weights)
 NUMBER_RANGES: tuple[tuple[str, float, float, bool], ...] = (
@@ -175,10 +178,10 @@ class TrainConfig:
         if self.eval_mode not in ("whole", "slide"):
             raise ValueError(f"eval_mode must be 'whole' or 'slide', got {self.eval_mode!r}")
         try:  # it is written to config.json and into every state (YAML reads 2024-01-01 as a date)
-            json.dumps(self.extra)
+            json.dumps(self.extra, allow_nan=False)  # NaN and Infinity are not JSON: other readers refuse them
         except (TypeError, ValueError) as exc:
-            raise ValueError(f"extra (notes saved in config.json) must hold JSON values (strings, numbers, true/false, "
-                             f"null, lists, mappings; quote a YAML date): {exc}") from None  # fmt: skip
+            raise ValueError(f"extra (notes saved in config.json) must hold JSON values (strings, finite numbers, "
+                             f"true/false, null, lists, mappings; quote a YAML date): {exc}") from None  # fmt: skip
         self.model_config()
 
     def model_config(self) -> DenseCLIPConfig:
@@ -270,12 +273,33 @@ def _read_yaml(path: str, stream: typing.TextIO) -> Any:
             return super().construct_mapping(node, deep=deep)
 
     try:
-        return yaml.load(stream, Loader=Loader) or {}  # noqa: S506 (a SafeLoader)
+        data = yaml.load(stream, Loader=Loader) or {}  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ValueError(f"training config {path!r} is not valid YAML: {problem}{where}") from None
+    if _more_values_than(data, MAX_CONFIG_VALUES):  # aliases share what they repeat until it is copied or printed
+        raise ValueError(f"training config {path!r} holds more than {MAX_CONFIG_VALUES} values once its YAML aliases "
+                         f"are expanded (aliases of aliases multiply)")  # fmt: skip
+    return data
+
+
+def _more_values_than(data: Any, limit: int) -> bool:
+    """Whether ``data`` (lists and mappings of scalars, maybe one object many times) holds more than ``limit``
+    values counted as printing it would meet them; it stops counting there."""
+    pending, count = [data], 0
+    while pending:
+        value = pending.pop()
+        count += 1
+        if count > limit:
+            return True
+        if isinstance(value, dict):
+            pending.extend(value.keys())
+            pending.extend(value.values())
+        elif isinstance(value, (list, tuple)):
+            pending.extend(value)
+    return False
 
 
 def _typed(name: str, hint: Any, value: Any) -> Any:
