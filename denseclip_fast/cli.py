@@ -42,6 +42,8 @@ from .ops.backends import BackendUnavailable
 if TYPE_CHECKING:
     import torch
 
+    from .engine import Segmenter
+
 
 def _parse_classes(text: str, distinct: bool = False) -> list[str]:
     """--classes as names, checked before the checkpoint is loaded: non-empty, and with ``distinct`` (open
@@ -234,14 +236,8 @@ def _write_whole(path: str, write: Callable[[str], object], what: str) -> None:
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
-    from concurrent.futures import Future, ThreadPoolExecutor
-
-    from PIL import Image
-    from tqdm import tqdm
-
     from . import Segmenter
-    from .model.denseclip import check_test_image_size
-    from .preprocess import image_files, load_image
+    from .preprocess import image_files
     from .validation import check_writable_dir
     from .visualize import default_palette
 
@@ -276,7 +272,45 @@ def cmd_segment(args: argparse.Namespace) -> int:
     seg = Segmenter(model, device=device, dtype=dtype, mode=args.mode or "slide")
     k = len(names) if names is not None else model.num_classes
     palette = model.palette if (model.palette is not None and names is None) else default_palette(k)
+    created = _missing_dirs(args.out)
     os.makedirs(args.out, exist_ok=True)
+    try:
+        _segment_files(args, seg, files, stems, names, palette, k, workers)
+    except BaseException:  # a run that wrote nothing leaves no empty --out behind (an interrupted one neither)
+        for folder in created:  # deepest first; one that holds something stays, with the folders above it
+            try:
+                os.rmdir(folder)
+            except OSError:
+                break
+        raise
+    print(f"wrote {2 * len(files)} files to {args.out}")
+    return 0
+
+
+def _missing_dirs(path: str) -> list[str]:
+    """The folders ``os.makedirs(path)`` would create, deepest first."""
+    missing = []
+    path = os.path.abspath(path)
+    while not os.path.lexists(path):
+        missing.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return missing
+
+
+def _segment_files(args: argparse.Namespace, seg: Segmenter, files: list[str], stems: list[str],
+                   names: list[str] | None, palette: Any, k: int, workers: int) -> None:  # fmt: skip
+    """The labels and overlay of every file, written to ``args.out`` as they come."""
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    from PIL import Image
+    from tqdm import tqdm
+
+    from .model.denseclip import check_test_image_size
+    from .preprocess import load_image
+
     # Decoding the next images and encoding the PNGs of the previous ones (Pillow and NumPy release the GIL) run in
     # worker threads while the engine segments the current one; at most `workers` of each are in flight.
     with warnings.catch_warnings():
@@ -292,7 +326,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
                 if i + workers < len(files):
                     loads.append(pool.submit(load_image, files[i + workers]))
                 _warn_if_huge(files[i], image.shape[:2])
-                check_test_image_size(image.shape[:2], model.config.test_scale, files[i])  # named by its file
+                check_test_image_size(image.shape[:2], seg.model.config.test_scale, files[i])  # named by its file
                 labels = seg.predict(image, names)[0].cpu().numpy()  # names None: the trained head's classes
                 writes.append(pool.submit(_write_results, args.out, stem, image, labels, palette, k > 256))
                 if len(writes) > workers:
@@ -303,8 +337,6 @@ def cmd_segment(args: argparse.Namespace) -> int:
             for load in loads:
                 load.cancel()
             pool.shutdown(wait=True)
-    print(f"wrote {2 * len(files)} files to {args.out}")
-    return 0
 
 
 def _warn_if_huge(path: str, size: tuple[int, int]) -> None:

@@ -164,6 +164,13 @@ def test_segment_names_an_unreadable_image(checkpoint, images, tmp_path, capsys)
     last = capsys.readouterr().err.rstrip("\n").split("\n")[-1]  # after the progress bar's line
     assert last.startswith(f"denseclip-fast: error: {folder / '2.png'}: not a readable image")
     assert (tmp_path / "out" / "1_overlay.png").exists()  # the images before it were written
+    # a run that wrote nothing removes the --out folders it made (an empty one was left), not one that was there
+    out = tmp_path / "new" / "out"
+    args = ["segment", "--checkpoint", str(checkpoint), "--out", str(out), str(folder / "2.png")]
+    assert main(args) == 2 and "not a readable image" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+    out.mkdir(parents=True)
+    assert main(args) == 2 and out.is_dir()
 
 
 def test_segment_names_an_image_past_pillows_pixel_limit(checkpoint, images, tmp_path, monkeypatch):
