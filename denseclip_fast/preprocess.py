@@ -48,6 +48,15 @@ def too_large(path: str, exc: Exception) -> ValueError:
     return ValueError(f"{path}: {exc} Raise PIL.Image.MAX_IMAGE_PIXELS (None: no limit) to read it if you trust it")
 
 
+def _missing(path: str, what: str) -> ValueError:
+    """The error for a ``path`` that names nothing; a file named with a trailing '/' (which the system reads as a
+    directory that is not there) is told so."""
+    bare = path.rstrip("/" + os.sep)
+    if bare and bare != path and os.path.isfile(bare):
+        return ValueError(f"{path}: a file named as a directory (a trailing '/'); pass {bare}")
+    return ValueError(f"{path}: {what}")
+
+
 @contextlib.contextmanager
 def _opened_image(path: str) -> Iterator[Any]:
     """The PIL image at ``path``, open while the block runs; ValueError naming the file when it is missing, not a
@@ -60,8 +69,8 @@ def _opened_image(path: str) -> Iterator[Any]:
     try:
         with Image.open(path) as img:
             yield img
-    except FileNotFoundError:
-        raise ValueError(f"{path}: no such image file") from None
+    except (FileNotFoundError, NotADirectoryError):
+        raise _missing(path, "no such image file") from None
     except Image.DecompressionBombError as exc:
         raise too_large(path, exc) from None
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:  # SyntaxError: Pillow's for a malformed block
@@ -158,7 +167,7 @@ def image_files(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
             raise ValueError(f"{path}: not a regular file or a directory (a FIFO, a socket or a device)")
         else:
             _refuse_broken_link(path)
-            raise ValueError(f"{path}: no such image file or directory")
+            raise _missing(path, "no such image file or directory")
     return files
 
 

@@ -124,6 +124,12 @@ def test_load_image_errors(tmp_path):
     bad.write_bytes(b"not an image")
     with pytest.raises(ValueError, match="bad.png: not a readable image"):
         load_image(bad)
+    # a file named with a trailing '/' is told so (it was "no such image file", or "not a readable image (Not a
+    # directory)" when read)
+    message = re.escape(f"{bad}/: a file named as a directory (a trailing '/'); pass {bad}")
+    for read in (load_image, image_files):
+        with pytest.raises(ValueError, match=message):
+            read(f"{bad}/")
 
 
 def test_decompression_bombs_are_refused_naming_the_file(tmp_path, monkeypatch):
