@@ -54,7 +54,14 @@ from denseclip_fast.train.optim import (
     short_run_warning,
 )
 from denseclip_fast.train.state import load_optimizer_state
-from denseclip_fast.train.step import TrainStep, enable_gradient_checkpointing, memory_format, prepare_model
+from denseclip_fast.train.step import (
+    TrainStep,
+    batchnorm_images,
+    batchnorm_note,
+    enable_gradient_checkpointing,
+    memory_format,
+    prepare_model,
+)
 from denseclip_fast.train.workdir import work_dir_lock
 
 from .conftest import LEARNING_PARTS, ROOT, gradients_by_part, text_dependent_model, tiny_config
@@ -468,6 +475,22 @@ def test_one_value_per_batchnorm_channel_names_the_options(arch_file, generic, t
                                          r".*use --crop 64 or more, or more images per step$"):  # fmt: skip
         train(cfg)
     train(dataclasses.replace(cfg, crop=64))  # the same step with two pixels a side there
+
+
+def test_what_a_run_says_of_its_batchnorm_statistics(arch_file, generic):
+    """A step whose BatchNorm sees fewer images than the batch says so and how to change it; --sync-bn in one
+    process, where it does nothing, is told (it was ignored without a word)."""
+    cfg = _config(arch_file, generic, "unused", batch_size=8, accum=2)
+    assert batchnorm_images(cfg, 1) == 4 and "come from 4 image(s)" in batchnorm_note(cfg, 1)
+    assert "--sync-bn does so under torchrun" in batchnorm_note(cfg, 1)
+    assert "--sync-bn does so across these processes" in batchnorm_note(cfg, 2)
+    synced = dataclasses.replace(cfg, sync_bn=True)
+    assert batchnorm_images(synced, 2) == 4 and "each of accum 2 forwards is synchronised across the 2 processes" \
+        in batchnorm_note(synced, 2)  # fmt: skip
+    assert batchnorm_note(dataclasses.replace(synced, accum=1), 2) is None  # 4 x 2 processes: the batch of 8
+    assert batchnorm_note(dataclasses.replace(cfg, accum=1), 1) is None
+    alone = batchnorm_note(dataclasses.replace(synced, accum=1), 1)
+    assert alone.startswith("--sync-bn synchronises BatchNorm across torchrun's processes and does nothing in one")
 
 
 def test_the_sampler_deals_every_image_to_the_ranks_and_pads_any_size():

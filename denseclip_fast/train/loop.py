@@ -62,7 +62,7 @@ from .state import (
     saved_contents,
     weights_beside,
 )
-from .step import TrainStep, batchnorm_advice, memory_format, prepare_model
+from .step import TrainStep, batchnorm_advice, batchnorm_images, batchnorm_note, memory_format, prepare_model
 from .workdir import work_dir_lock
 
 LOSSES = ("loss", "loss_decode", "loss_aux")
@@ -425,7 +425,7 @@ class Trainer:
                 f"batch_size {cfg.batch_size} must be divisible by processes x accum = {world} x {cfg.accum}"
             )
         micro = cfg.batch_size // (world * cfg.accum)
-        bn_images = micro * world if cfg.sync_bn and world > 1 else micro
+        bn_images = batchnorm_images(cfg, world)
         data = SegmentationData(cfg.data, cfg.layout, "train", cfg)
         # the evaluation's images (their headers), now rather than after the training; every process stops alike
         val = SegmentationData(cfg.data, cfg.layout, "val", ignore_index=cfg.ignore_index)  # kept for _evaluate
@@ -473,10 +473,8 @@ class Trainer:
                       f"schedule go on with these values from iteration {start}",
                       file=sys.stderr)  # fmt: skip
 
-        if rank == 0 and bn_images < cfg.batch_size and not complete:
-            print(f"denseclip-fast train: BatchNorm statistics come from {bn_images} image(s) (the official recipe "
-                  f"synchronises them over its batch of 32 on 8 GPUs; --sync-bn does so under torchrun)",
-                  file=sys.stderr)  # fmt: skip
+        if rank == 0 and not complete and (note := batchnorm_note(cfg, world)):
+            print(f"denseclip-fast train: {note}", file=sys.stderr)
         step_module: nn.Module = TrainStep(model)
         if world > 1:
             if cfg.sync_bn:

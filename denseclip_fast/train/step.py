@@ -92,6 +92,30 @@ def enable_gradient_checkpointing(model: DenseCLIP) -> int:
     return len(blocks)
 
 
+def batchnorm_images(cfg: TrainConfig, world: int) -> int:
+    """How many images a BatchNorm layer's statistics come from in one step of ``world`` processes."""
+    micro = cfg.batch_size // (world * cfg.accum)
+    return micro * world if cfg.sync_bn and world > 1 else micro
+
+
+def batchnorm_note(cfg: TrainConfig, world: int) -> str | None:
+    """What a run says when its BatchNorm statistics come from fewer images than its batch (the official recipe
+    synchronises them over the batch of 32), or when --sync-bn can do nothing (one process); None otherwise."""
+    images = batchnorm_images(cfg, world)
+    if cfg.sync_bn and world == 1:
+        return (f"--sync-bn synchronises BatchNorm across torchrun's processes and does nothing in one process: its "
+                f"statistics come from the {images} image(s) of each forward (batch_size {cfg.batch_size} / accum "
+                f"{cfg.accum})")  # fmt: skip
+    if images >= cfg.batch_size:
+        return None
+    if cfg.sync_bn:  # across world > 1 processes: accumulation splits each step into forwards
+        how = f"here each of accum {cfg.accum} forwards is synchronised across the {world} processes"
+    else:
+        how = "--sync-bn does so across these processes" if world > 1 else "--sync-bn does so under torchrun"
+    return (f"BatchNorm statistics come from {images} image(s) (the official recipe synchronises them over its batch "
+            f"of 32 on 8 GPUs; {how})")  # fmt: skip
+
+
 @contextlib.contextmanager
 def batchnorm_advice(cfg: TrainConfig, images: int, world: int) -> Iterator[None]:
     """BatchNorm's error for a layer that sees one value per channel (a crop that leaves one pixel at the network's
