@@ -467,14 +467,23 @@ def test_a_resume_on_the_command_line_needs_only_the_work_dir(arch_file, generic
     assert capsys.readouterr().err == "denseclip-fast: error: work_dir must name a directory, got ''\n"
 
 
-def test_one_value_per_batchnorm_channel_names_the_options(arch_file, generic, tmp_path):
-    """A crop that leaves one pixel at the 1/32 level with one image per step: BatchNorm's error named no option."""
-    cfg = _config(arch_file, generic, tmp_path / "w", crop=48, batch_size=2, accum=2, iters=1)
+def test_one_value_per_batchnorm_channel_names_the_options(arch_file, generic, tmp_path, capsys):
+    """A crop that leaves one pixel at the 1/32 level with one image per step: BatchNorm's error named no option.
+    The run that failed at its first step logged nothing: the next run in its work dir starts without moving its
+    empty TensorBoard events and config.json to previous_logs_1/ (it said it had moved a run's logs)."""
+    tensorboard = importlib.util.find_spec("tensorboard") is not None
+    cfg = _config(arch_file, generic, tmp_path / "w", crop=48, batch_size=2, accum=2, iters=1, tensorboard=tensorboard)
     with pytest.raises(ValueError, match=r"^crop 48 leaves one pixel at the network's 1/32 level, where BatchNorm "
                                          r"sees 1 image\(s\) per step \(batch_size 2 over 1 process\(es\) x accum 2\)"
                                          r".*use --crop 64 or more, or more images per step$"):  # fmt: skip
         train(cfg)
+    capsys.readouterr()
     train(dataclasses.replace(cfg, crop=64))  # the same step with two pixels a side there
+    assert "held logs" not in capsys.readouterr().err and not (tmp_path / "w" / "previous_logs_1").exists()
+    with open(tmp_path / "w" / "config.json") as f:
+        assert json.load(f)["crop"] == 64
+    if tensorboard:
+        assert len(os.listdir(tmp_path / "w" / "tensorboard")) == 1
 
 
 def test_what_a_run_says_of_its_batchnorm_statistics(arch_file, generic):

@@ -208,8 +208,13 @@ class Trainer:
         old += self._eval_files(lambda iteration: True)
         events = self._path("tensorboard")
         if os.path.isdir(events):
-            old += [os.path.join("tensorboard", n) for n in sorted(os.listdir(events))
-                    if n.startswith("events.out.tfevents.")]  # fmt: skip
+            for name in sorted(os.listdir(events)):
+                if not name.startswith("events.out.tfevents."):
+                    continue
+                if _holds_events(os.path.join(events, name)):
+                    old.append(os.path.join("tensorboard", name))
+                else:  # a run that failed before its first logged step (its config.json is replaced below)
+                    os.remove(os.path.join(events, name))
         if not old:
             return
         if os.path.isfile(self._path("config.json")):  # the settings those logs were made with
@@ -637,6 +642,18 @@ class Trainer:
             return None
         # steps are iterations done: the resumed run logs start + 1 first
         return SummaryWriter(self._path("tensorboard"), purge_step=start + 1 if start else None)
+
+
+def _holds_events(path: str) -> bool:
+    """Whether a TensorBoard events file holds more than the record every new file starts with (its version): a
+    TFRecord file is records of an 8-byte length, a 4-byte CRC, the data and a 4-byte CRC. An unreadable or
+    malformed file counts as holding events (it is kept)."""
+    try:
+        with open(path, "rb") as f:
+            head, size = f.read(8), os.fstat(f.fileno()).st_size
+    except OSError:
+        return True
+    return size > 0 and (len(head) < 8 or size != 16 + int.from_bytes(head, "little"))
 
 
 def train(cfg: TrainConfig, resume: str | None = None) -> dict[str, Any]:
