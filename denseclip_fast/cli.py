@@ -774,6 +774,34 @@ def _os_error(exc: OSError) -> str:
     return f"{names}: {exc.strerror or exc}"
 
 
+STDOUT = "standard output"  # the file name of an OSError from writing to it
+
+
+class _NamedStdout:
+    """sys.stdout, whose failed writes (a full disk, /dev/full) are OSErrors naming it: main's message said only
+    '[Errno 28] No space left on device'."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return int(self._stream.write(text))
+        except OSError as exc:
+            exc.filename = exc.filename or STDOUT
+            raise
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except OSError as exc:
+            exc.filename = exc.filename or STDOUT
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
 def main(argv: Sequence[str] | None = None, die_by_signal: bool = False) -> int:
     """Run the command ``argv``; errors the user can fix (bad arguments and files, a file system refusing a path,
     a training run whose loss or weights stop being finite) print one line and return 2. Ctrl-C and SIGTERM print
@@ -785,11 +813,14 @@ def main(argv: Sequence[str] | None = None, die_by_signal: bool = False) -> int:
     warnings.formatwarning = _one_line_warning  # not Python's file:line and source line under each warning
     restore_signals = _sigterm_interrupts()
     interrupted: int | None = None  # the signal
+    saved_stdout, sys.stdout = sys.stdout, _NamedStdout(sys.stdout)
     try:
         if getattr(args, "checkpoint", None) == "":  # load_checkpoint's message named its own argument, "path"
             raise ValueError(f"{'CHECKPOINT' if args.command == 'info' else '--checkpoint'} must name a weight "
                              "file, got ''")  # fmt: skip
-        return args.func(args)
+        code = int(args.func(args))
+        sys.stdout.flush()  # here, where a failing write is reported, not at the interpreter's exit
+        return code
     except (CheckpointError, ValueError, TensorRTUnavailable, ONNXExportUnavailable, FloatingPointError,
             BackendUnavailable) as exc:  # fmt: skip
         message = str(exc)
@@ -810,7 +841,11 @@ def main(argv: Sequence[str] | None = None, die_by_signal: bool = False) -> int:
             message = f"out of memory: {excerpt(exc)}"
     except OSError as exc:  # FileNotFoundError, PermissionError, IsADirectoryError, a full disk ...
         message = _os_error(exc)
+        if exc.filename == STDOUT:  # what it still buffers would fail again at the interpreter's exit
+            with contextlib.suppress(OSError, ValueError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     finally:
+        sys.stdout = saved_stdout
         warnings.formatwarning = saved_format
         restore_signals(dying=die_by_signal and interrupted is not None)
     if interrupted in (signal.SIGTERM, signal.SIGINT):

@@ -821,6 +821,20 @@ def test_a_reader_that_goes_away_ends_the_command_quietly(checkpoint, monkeypatc
     assert capsys.readouterr().err == ""
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="a device whose writes fail")
+@pytest.mark.parametrize("command", [["train", "--arch", "RN50", "--print-config"], ["info", "CHECKPOINT"]])
+def test_a_failed_write_to_standard_output_is_named(checkpoint, command):
+    """A full disk under `> out.json` (here /dev/full): the error said '[Errno 28] No space left on device', naming
+    nothing, or, for an output short enough to be written when the interpreter flushed it at exit, nothing at all
+    (exit 120). Every failed write to standard output is one line naming it, exit 2."""
+    command = [str(checkpoint) if part == "CHECKPOINT" else part for part in command]
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([sys.executable, "-m", "denseclip_fast.cli", *command], stdout=full,
+                              stderr=subprocess.PIPE, text=True, timeout=120)  # fmt: skip
+    assert done.stderr == "denseclip-fast: error: standard output: No space left on device\n"
+    assert done.returncode == 2
+
+
 def test_out_of_memory_is_one_line(checkpoint, monkeypatch, capsys):
     """A weight file too large for the machine (its reader raises MemoryError naming it) is one line, exit 2."""
     import denseclip_fast
