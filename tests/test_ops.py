@@ -432,16 +432,21 @@ def test_attention_takes_inputs_transposed_in_their_last_two_dimensions(backend)
 
 @pytest.mark.parametrize("backend", sorted({b for b, _ in BACKEND_DTYPES}))
 @pytest.mark.parametrize("where", ["one query element", "a query row", "one key element", "every key",
-                                   "one value element", "a query element inf"])  # fmt: skip
+                                   "one value element", "a query element inf", "a query element -inf",
+                                   "one key element inf", "a key dimension -inf", "a key dimension inf"])  # fmt: skip
 def test_attention_nan_spreads_as_in_the_reference(backend, where):
     """Non-finite inputs give NaN (and Inf) exactly where softmax(q k^T / sqrt(D)) v and its gradients do: ATen's CPU
     flash kernel, which the cpu backend calls, gave a query row with a NaN (or a head whose keys are all NaN) the
-    output 0 and finite gradients, as torch's own CPU scaled_dot_product_attention does."""
+    output 0 and finite gradients, as torch's own CPU scaled_dot_product_attention does, and so it did to a row whose
+    scores are all -inf (a key dimension of -inf: the reference's, and the official decoder's, softmax is NaN)."""
     q, k, v = (torch.randn(2, 2, n, 16, dtype=torch.float64) for n in (5, 7, 7))
     target, index, value = {
         "one query element": (q, (1, 0, 3, 2), math.nan), "a query row": (q, (0, 1, 2), math.nan),
         "one key element": (k, (1, 1, 4, 0), math.nan), "every key": (k, (0, 1), math.nan),
         "one value element": (v, (0, 0, 6, 5), math.nan), "a query element inf": (q, (1, 1, 0, 9), math.inf),
+        "a query element -inf": (q, (1, 1, 0, 9), -math.inf), "one key element inf": (k, (1, 1, 4, 0), math.inf),
+        "a key dimension -inf": (k, (0, 1, slice(None), 3), -math.inf),
+        "a key dimension inf": (k, (0, 1, slice(None), 3), math.inf),
     }[where]  # fmt: skip
     target[index] = value
     grad = torch.randn(2, 2, 5, 16, dtype=torch.float64)

@@ -11,6 +11,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <limits>
 
 #include "../common.h"
@@ -30,21 +31,22 @@ std::tuple<at::Tensor, at::Tensor> context_attention_cpu(const at::Tensor& q, co
     return {at::empty_like(q, at::MemoryFormat::Contiguous),
             at::empty({s.B, s.heads, s.Lq}, q.options().dtype(lse_type(q)))};
   }
+  // ATen's kernel gives a query row whose scores are all NaN or all -inf the output 0 (its row maximum skips NaN,
+  // and it guards a row maximum of -inf), where softmax(q k^T) v, the reference and the official decoder, gives NaN.
+  // A q or k holding a NaN or an infinity (checks cheap beside the products) is computed as the reference writes
+  // it, in the accumulation type; the log-sum-exp of a row whose softmax is NaN is NaN, so that ATen's backward,
+  // which recomputes the probabilities from it, gives NaN gradients where the reference's are.
+  if (!at::isfinite(q).all().item<bool>() || !at::isfinite(k).all().item<bool>()) {
+    const at::ScalarType acc = lse_type(q);
+    const at::Tensor scores = at::matmul(q.to(acc), k.to(acc).transpose(-2, -1)).mul_(1.0 / std::sqrt(double(s.D)));
+    const at::Tensor probabilities = at::softmax(scores, -1);
+    at::Tensor lse = at::logsumexp(scores, -1);
+    lse.masked_fill_(at::isnan(probabilities).any(-1), std::numeric_limits<double>::quiet_NaN());
+    return {at::matmul(probabilities, v.to(acc)).to(q.scalar_type()).contiguous(), lse.contiguous()};
+  }
   auto [out, lse] =
       at::_scaled_dot_product_flash_attention_for_cpu(unit_last_stride(q), unit_last_stride(k), unit_last_stride(v));
-  out = out.contiguous();
-  lse = lse.contiguous();
-  // ATen's kernel gives a query row whose scores are all NaN (a NaN in the query, or keys all NaN) the output 0 (its
-  // row maximum skips NaN scores), where softmax(q k^T) v, the reference, gives NaN: any NaN in a query makes its
-  // row NaN here, any in the keys every row of that head (as one NaN score does in the reference), with their
-  // log-sum-exp, so that the backward gives NaN gradients as the reference's does (checks of q and k, cheap beside
-  // the products)
-  const at::Tensor nan_rows = at::isnan(q).any(-1).logical_or_(at::isnan(k).any(-1).any(-1, true));
-  if (nan_rows.any().item<bool>()) {
-    out.masked_fill_(nan_rows.unsqueeze(-1), std::numeric_limits<double>::quiet_NaN());
-    lse.masked_fill_(nan_rows, std::numeric_limits<double>::quiet_NaN());
-  }
-  return {out, lse};
+  return {out.contiguous(), lse.contiguous()};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> context_attention_backward_cpu(
