@@ -148,9 +148,8 @@ def check_not_in_folder(path: str, name: str, folder: str, folder_name: str) -> 
 
 
 def check_writable_file(path: str, name: str, create_parents: bool) -> None:
-    """ValueError naming ``name`` unless a file can be written at ``path``: not a directory (nor a FIFO or a device,
-    which the write, a file renamed over it, would replace or block on), and in a writable directory (one that
-    exists, or, with ``create_parents``, one that makedirs can create)."""
+    """ValueError naming ``name`` unless a file can be written at ``path``: not a directory, and in a writable
+    directory (one that exists, or, with ``create_parents``, one that makedirs can create)."""
     if not path:
         raise ValueError(f"{name} must name a file, got {path!r}")
     if os.path.isdir(path):
@@ -158,9 +157,6 @@ def check_writable_file(path: str, name: str, create_parents: bool) -> None:
     if path.endswith((os.sep, "/")):  # abspath (and Path) drop the separator: "new/" was written as a file "new"
         raise ValueError(f"{name} {path!r} ends in a path separator, as a directory's path; expected the path of the "
                          "file to write")  # fmt: skip
-    if os.path.exists(path) and not os.path.isfile(path):  # written beside it and renamed over it: never a device
-        raise ValueError(f"{name} {path!r} is not a regular file (a FIFO, a socket or a device); expected the path of "
-                         "the file to write")  # fmt: skip
     if os.path.exists(path) and not os.access(path, os.W_OK):
         raise ValueError(f"{name} {path!r}: no permission to overwrite it")
     folder = os.path.dirname(os.path.abspath(path))

@@ -142,7 +142,10 @@ def to_onnx(
         raise ValueError(f"image_size applies to the image graphs ('image', 'image_with_text'); the text graph maps "
                          f"class tokens to class embeddings, got image_size={image_size!r}")  # fmt: skip
     check_onnx_export()
-    path = output_path(path)  # not /dev/null or a FIFO: its weights would go beside it, in /dev
+    path = output_path(path)
+    if path.exists() and not path.is_file():  # /dev/null, a FIFO: its weights would go beside it, in /dev
+        raise ValueError(f"path {str(path)!r} is not a regular file: an ONNX graph is written as a file (its weights "
+                         "to a file beside it when large) and read back to check it")  # fmt: skip
     device = torch.device("cpu")
     module, prepared = build_graph(model, graph, dtype, device)
     size = check_image_size(prepared, image_size)
