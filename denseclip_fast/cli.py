@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .checkpoints import CheckpointError, ClassCountError
-from .checkpoints.io import excerpt, out_of_memory, written_atomically
+from .checkpoints.io import excerpt, missing_folders, out_of_memory, remove_empty_folders, written_atomically
 from .export.onnx import ONNXExportUnavailable
 from .export.tensorrt import TensorRTUnavailable
 from .ops.backends import BackendUnavailable
@@ -272,32 +272,15 @@ def cmd_segment(args: argparse.Namespace) -> int:
     seg = Segmenter(model, device=device, dtype=dtype, mode=args.mode or "slide")
     k = len(names) if names is not None else model.num_classes
     palette = model.palette if (model.palette is not None and names is None) else default_palette(k)
-    created = _missing_dirs(args.out)
+    made = missing_folders(args.out)
     os.makedirs(args.out, exist_ok=True)
     try:
         _segment_files(args, seg, files, stems, names, palette, k, workers)
     except BaseException:  # a run that wrote nothing leaves no empty --out behind (an interrupted one neither)
-        for folder in created:  # deepest first; one that holds something stays, with the folders above it
-            try:
-                os.rmdir(folder)
-            except OSError:
-                break
+        remove_empty_folders(made)
         raise
     print(f"wrote {2 * len(files)} files to {args.out}")
     return 0
-
-
-def _missing_dirs(path: str) -> list[str]:
-    """The folders ``os.makedirs(path)`` would create, deepest first."""
-    missing = []
-    path = os.path.abspath(path)
-    while not os.path.lexists(path):
-        missing.append(path)
-        parent = os.path.dirname(path)
-        if parent == path:
-            break
-        path = parent
-    return missing
 
 
 def _segment_files(args: argparse.Namespace, seg: Segmenter, files: list[str], stems: list[str],
@@ -385,6 +368,7 @@ def _verify_onnx(path: str, model: object, graph: str) -> float:
     import torch
 
     from .export import graph_file, read_metadata
+    from .export.graphs import random_input
     from .model.text import tokenize_class_names
 
     meta = read_metadata(path)
@@ -397,7 +381,7 @@ def _verify_onnx(path: str, model: object, graph: str) -> float:
             expected = model.text_features(names)  # type: ignore[attr-defined]
             out = session.run(None, {"class_tokens": tokens.numpy()})[0]
         else:
-            x = torch.randn(2, 3, *_json.loads(meta["image_size"]))
+            x = random_input((2, 3, *_json.loads(meta["image_size"])), torch.float32, "cpu")
             expected = model(x)  # type: ignore[operator]
             feed = {"image": x.to(dtype).numpy()}
             if graph == "image_with_text":

@@ -149,7 +149,8 @@ def check_not_in_folder(path: str, name: str, folder: str, folder_name: str) -> 
 
 def check_writable_file(path: str, name: str, create_parents: bool) -> None:
     """ValueError naming ``name`` unless a file can be written at ``path``: not a directory, and in a writable
-    directory (one that exists, or, with ``create_parents``, one that makedirs can create)."""
+    directory (one that exists, or, with ``create_parents``, one that makedirs can create); for a symbolic link, the
+    directory of its target (checkpoints.io.replaced_atomically writes there, keeping the link)."""
     if not path:
         raise ValueError(f"{name} must name a file, got {path!r}")
     if os.path.isdir(path):
@@ -159,10 +160,13 @@ def check_writable_file(path: str, name: str, create_parents: bool) -> None:
                          "file to write")  # fmt: skip
     if os.path.exists(path) and not os.access(path, os.W_OK):
         raise ValueError(f"{name} {path!r}: no permission to overwrite it")
-    folder = os.path.dirname(os.path.abspath(path))
+    shown, folder = repr(path), os.path.dirname(os.path.abspath(path))
+    if os.path.islink(path):  # the file is written where the link points (the link is kept), in a folder not made
+        target = os.path.realpath(path)
+        shown, folder, create_parents = f"{path!r} (a link to {target!r})", os.path.dirname(target), False
     base = _existing_ancestor(folder) if create_parents else folder
     if not os.path.isdir(base):
         what = f"the directory {base!r} does not exist" if not os.path.lexists(base) else f"{base!r} is not a directory"
-        raise ValueError(f"{name} {path!r}: {what}")
+        raise ValueError(f"{name} {shown}: {what}")
     if not os.access(base, os.W_OK | os.X_OK):
-        raise ValueError(f"{name} {path!r}: no permission to write in {base!r}")
+        raise ValueError(f"{name} {shown}: no permission to write in {base!r}")

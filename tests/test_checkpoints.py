@@ -554,6 +554,17 @@ def test_files_are_replaced_as_open_would_write_them(tmp_path):
                 raise error
         assert _os_error(info.value) == f"{tmp_path / 'x.png'}: cannot write the overlay: {message}"
     assert sorted(os.listdir(tmp_path)) == ["latest.json", "run5.json"]
+    # the folders it made for a write that failed are removed (they stayed, empty), up to one that holds something
+    for error in (OSError(28, full), KeyboardInterrupt()):
+        with pytest.raises(type(error)):
+            with written_atomically(tmp_path / "new" / "a" / "b" / "m.onnx", "the ONNX graph"):
+                raise error
+        assert sorted(os.listdir(tmp_path)) == ["latest.json", "run5.json"]
+    with pytest.raises(OSError):
+        with written_atomically(tmp_path / "new" / "a" / "m.onnx", "the ONNX graph"):
+            (tmp_path / "new" / "kept.txt").write_text("another writer's")
+            raise OSError(28, full)
+    assert os.listdir(tmp_path / "new") == ["kept.txt"]
 
 
 def test_a_model_saved_to_a_fifo_is_written_into_it(tmp_path):

@@ -7,6 +7,7 @@ import glob
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -200,6 +201,18 @@ def test_to_aoti_argument_errors(model, tmp_path):
 
     with mock.patch.object(torch.export, "export", export), pytest.raises(Traced):  # checked, on to the trace
         to_aoti(seg, tmp_path / "x.pt2", max_batch=most + 1)
+    # numpy integers are ints, as for image_size (they were refused); the trace's input leaves the caller's random
+    # numbers as they were
+    torch.manual_seed(3)
+    state = torch.get_rng_state()
+    with mock.patch.object(torch.export, "export", export), pytest.raises(Traced):
+        to_aoti(seg, tmp_path / "x.pt2", max_batch=np.int64(4), image_size=SIZE, stride=(np.int64(32), 40))
+    assert torch.equal(torch.get_rng_state(), state)
+    link = tmp_path / "link.pt2"  # written where the link points: a folder that is not there is said now, not
+    link.symlink_to(tmp_path / "missing" / "x.pt2")  # after the compilation
+    with pytest.raises(ValueError, match=rf"^path {re.escape(repr(str(link)))} \(a link to .*missing/x.pt2'\): the "
+                                         rf"directory {re.escape(repr(str(tmp_path / 'missing')))} does not exist$"):
+        to_aoti(seg, link, image_size=SIZE)
     (tmp_path / "model.onnx").write_bytes(b"\x08\x07not a zip")
     with pytest.raises(ValueError, match=r"model.onnx is not an AOTInductor package \(a \.pt2 zip archive"):
         load_aoti(tmp_path / "model.onnx")
@@ -394,15 +407,19 @@ def test_cpp_runner_stretch_mode_and_a_too_narrow_image(cmake_build, model, pack
         assert set(glob.glob(os.path.join(tempfile.gettempdir(), "aotinductor_*"))) <= leftovers, extra
 
 
-def test_a_cpu_export_imports_the_compiler_driver_without_its_cuda_warning():
+@pytest.mark.slow
+def test_a_cpu_export_imports_the_compiler_driver_without_its_cuda_warning(package):
     """torch.utils.cpp_extension warns at import on a machine with a CUDA toolkit and no GPU ("No CUDA runtime is
-    found"), which every CPU package export printed; to_aoti imports it with that logger quiet, its level kept."""
+    found"), which every CPU package export printed, and every load; to_aoti and load_aoti import it with that
+    logger quiet, its level kept."""
     quiet = ("import logging; from denseclip_fast.export.aoti import import_cpp_extension_quietly as q; q(); "
              "assert logging.getLogger('torch.utils.cpp_extension').level == logging.NOTSET")  # fmt: skip
+    loads = f"from denseclip_fast.export import load_aoti; load_aoti({str(package)!r})"
     plain = "import denseclip_fast, torch.utils.cpp_extension"
     said = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-            for code in (quiet, plain)]  # fmt: skip
-    assert said[0].returncode == 0, said[0].stderr
-    assert "No CUDA runtime" not in said[0].stderr
-    if "No CUDA runtime" not in said[1].stderr:
+            for code in (quiet, loads, plain)]  # fmt: skip
+    for run in said[:2]:
+        assert run.returncode == 0, run.stderr
+        assert "No CUDA runtime" not in run.stderr
+    if "No CUDA runtime" not in said[2].stderr:
         pytest.skip("torch says nothing here either (no CUDA toolkit, or a GPU)")

@@ -515,6 +515,14 @@ def test_the_text_graphs_default_profile_covers_its_vocabulary(tmp_path, monkeyp
     for workspace in (-1, 0, float("nan"), "2", True):
         with pytest.raises(ValueError, match=r"^workspace_gib must be a positive number of GiB"):
             build_tensorrt_engine(tmp_path / "m.onnx", tmp_path / "m.engine", workspace_gib=workspace)
+    # the paths and switches are checked as the other exporters' (None was a TypeError, '' read as the folder '.',
+    # fp16="no" turned float16 on)
+    for path in (None, b"m.onnx", 3, ""):
+        with pytest.raises(ValueError, match=r"^onnx_path must be a non-empty str or os.PathLike, got "):
+            build_tensorrt_engine(path, tmp_path / "m.engine")  # type: ignore[arg-type]
+    for switch in ("fp16", "bf16"):
+        with pytest.raises(ValueError, match=rf"^{switch} must be True or False, got 'no'$"):
+            build_tensorrt_engine(tmp_path / "m.onnx", tmp_path / "m.engine", **{switch: "no"})  # type: ignore[arg-type]
 
 
 def test_a_weakly_typed_build_pins_the_reductions_and_the_squares_they_take(tmp_path, monkeypatch):
@@ -603,6 +611,11 @@ def test_onnx_export_arguments_it_cannot_use_are_refused(tiny, tmp_path):
     with pytest.raises(ValueError, match=r"^path '.*fifo' is not a regular file: an ONNX graph is written as a file"):
         to_onnx(tiny, fifo, graph="text")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo", "m.onnx"]
+    # an image graph's trace input leaves the caller's random numbers as they were (torch.randn drew from them)
+    torch.manual_seed(5)
+    state = torch.get_rng_state()
+    to_onnx(tiny, tmp_path / "image.onnx", image_size=64)
+    assert torch.equal(torch.get_rng_state(), state)
     assert (tmp_path / "m.onnx").read_bytes() == b"kept"
 
 

@@ -139,15 +139,41 @@ def written_atomically(path: str | os.PathLike[str], what: str, durable: bool = 
     temporary file, which is gone, or no file at all (a full disk is a bare "[Errno 28] No space left on device"),
     its errno and so its type (PermissionError ...) kept."""
     path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    made = missing_folders(folder)
     try:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        os.makedirs(folder, exist_ok=True)
         with replaced_atomically(path, durable) as partial:
             yield partial
-    except OSError as exc:
+    except BaseException as exc:  # a write that failed (or was interrupted) leaves no empty folders it made
+        remove_empty_folders(made)
+        if not isinstance(exc, OSError):
+            raise
         reason = f"cannot write {what}: {exc.strerror or exc}"
         if exc.errno is None:
             raise OSError(f"{path}: {reason}") from None
         raise OSError(exc.errno, reason, path) from None
+
+
+def missing_folders(folder: str) -> list[str]:
+    """The folders ``os.makedirs(folder)`` would create, deepest first."""
+    missing: list[str] = []
+    folder = os.path.abspath(folder)
+    while not os.path.lexists(folder) and os.path.dirname(folder) != folder:
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    return missing
+
+
+def remove_empty_folders(folders: list[str]) -> None:
+    """Remove ``folders`` (deepest first, as missing_folders lists them) up to the first that holds something."""
+    for folder in folders:
+        try:
+            os.rmdir(folder)
+        except FileNotFoundError:
+            continue
+        except OSError:
+            break
 
 
 def path_argument(value: Any, name: str = "path") -> str:

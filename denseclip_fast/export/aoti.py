@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import numbers
 import os
 import sys
 import zipfile
@@ -35,7 +36,15 @@ from ..model import DenseCLIP
 from ..ops.backends import MAX_GRID_Y
 from ..preprocess import CLIP_MEAN, CLIP_STD
 from ..validation import check_device, not_a_file
-from .graphs import TRACE_BATCH, ImageGraph, check_image_size, default_window_stride, output_path, write_file
+from .graphs import (
+    TRACE_BATCH,
+    ImageGraph,
+    check_image_size,
+    default_window_stride,
+    output_path,
+    random_input,
+    write_file,
+)
 
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 PACKAGE_SUFFIX = ".pt2"  # what aoti_compile_and_package writes: a zip archive
@@ -89,6 +98,8 @@ def to_aoti(
             f"model_or_segmenter must be a DenseCLIP model or a Segmenter, got {type(model_or_segmenter).__name__}"
         )
     ops.backends.query_device(seg.device)  # a bad device fails here, not deep in the trace below
+    if isinstance(max_batch, numbers.Integral) and not isinstance(max_batch, bool):
+        max_batch = int(max_batch)  # a numpy integer: a plain int, as the image size's
     if isinstance(max_batch, bool) or not isinstance(max_batch, int) or not TRACE_BATCH <= max_batch <= MAX_BATCH:
         raise ValueError(
             f"max_batch must be an int >= {TRACE_BATCH} and <= {MAX_BATCH}, got {max_batch!r} (a package takes any "
@@ -102,7 +113,7 @@ def to_aoti(
     size = check_image_size(seg.model, seg.crop if image_size is None else image_size)
     window_stride = _window_stride(stride, size, seg)
     module = ImageGraph(seg.model, seg._text.clone(), float32_logits=True).eval()
-    example = torch.randn(TRACE_BATCH, 3, *size, device=seg.device).to(seg.dtype, memory_format=_layout(seg.device))
+    example = random_input((TRACE_BATCH, 3, *size), seg.dtype, seg.device).contiguous(memory_format=_layout(seg.device))
     batch = torch.export.Dim("batch", min=1, max=max_batch)
     with torch.no_grad(), seg._math():
         program = torch.export.export(module, (example,), dynamic_shapes={"image": {0: batch}})
@@ -175,9 +186,10 @@ def _window_stride(stride: int | Sequence[int] | None, size: tuple[int, int], se
     """The slide stride recorded in a package whose image size is ``size`` (see to_aoti)."""
     if stride is None:
         return default_window_stride(size, seg.crop, seg.stride)
-    pair = (stride, stride) if isinstance(stride, int) else tuple(stride) if isinstance(stride, Sequence) else ()
-    valid = len(pair) == 2 and all(type(v) is int and 1 <= v <= c for v, c in zip(pair, size))
-    if not valid:
+    items = list(stride) if isinstance(stride, Sequence) else [stride, stride]
+    # ints of any kind (a numpy shape's), as plain ints; not bools
+    pair = [int(v) for v in items if isinstance(v, numbers.Integral) and not isinstance(v, bool)]
+    if len(items) != 2 or len(pair) != 2 or not all(1 <= v <= c for v, c in zip(pair, size)):
         raise ValueError(f"stride must be an int or (int, int) between 1 and the image size {size}, got {stride!r}")
     return pair[0], pair[1]
 
@@ -247,6 +259,7 @@ class AOTIPackage:
             )
         self.path = path
         _check_loadable(path, device_index)
+        import_cpp_extension_quietly()  # the loader imports it: its CUDA_HOME line printed on every CPU load
         try:
             self._compiled = torch._inductor.aoti_load_package(path, device_index=device_index)
         except RuntimeError as exc:  # a corrupt or foreign library: torch leaves its extracted copy in the temp dir

@@ -135,10 +135,16 @@ def example_inputs(
     if graph == "text":
         tokens = prepared.class_tokens.to(device)
         return (tokens.repeat(TRACE_BATCH, 1) if tokens.shape[0] < TRACE_BATCH else tokens,)
-    image = torch.randn(TRACE_BATCH, 3, *size, dtype=dtype, device=device)
+    image = random_input((TRACE_BATCH, 3, *size), dtype, device)
     if device.type == "cuda":
         image = image.contiguous(memory_format=torch.channels_last)
     if graph == "image_with_text":
-        text = torch.randn(prepared.num_classes, prepared.config.embed_dim, dtype=dtype, device=device)
-        return image, text
+        return image, random_input((prepared.num_classes, prepared.config.embed_dim), dtype, device)
     return (image,)
+
+
+def random_input(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """Standard normal values of ``shape`` from a generator of their own: an export leaves the caller's random
+    numbers (torch.manual_seed's sequence) as they were."""
+    values = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    return values.to(device=device, dtype=dtype)
