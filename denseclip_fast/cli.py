@@ -27,6 +27,7 @@ import re
 import signal
 import sys
 import threading
+import typing
 import warnings
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -626,12 +627,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser whose errors (an unknown option, a missing argument, an invalid choice) are one line, as
+    the commands' own, with where to read the options instead of the whole usage block."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        commands = [a for a in self._actions if isinstance(a, argparse._SubParsersAction)]
+        if commands and message.endswith("required: command"):  # no command given
+            message = f"a command is needed: one of {', '.join(commands[0].choices)}"
+        self.exit(2, f"{self.prog}: error: {message} ({self.prog} --help lists the options)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .export.aoti import DEFAULT_MAX_BATCH
     from .export.onnx import DEFAULT_OPSET, OPSETS
     from .export.tensorrt import DEFAULT_BATCH
 
-    parser = argparse.ArgumentParser(prog="denseclip-fast", description="DenseCLIP semantic segmentation")
+    parser = _Parser(prog="denseclip-fast", description="DenseCLIP semantic segmentation")
     sub = parser.add_subparsers(dest="command", required=True)
 
     info = sub.add_parser("info", help="architecture, classes and parameter counts of a checkpoint")

@@ -835,6 +835,27 @@ def test_a_failed_write_to_standard_output_is_named(checkpoint, command):
     assert done.returncode == 2
 
 
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["export", "--format", "xyz"], "denseclip-fast export: error: argument --format: invalid choice: 'xyz' "
+                                        "(choose from 'onnx', 'tensorrt', 'aoti') (denseclip-fast export --help"),
+        (["segment", "x.png"], "denseclip-fast segment: error: the following arguments are required: --checkpoint, "
+                               "--out (denseclip-fast segment --help lists the options)"),
+        (["train", "--iters", "abc"], "denseclip-fast train: error: argument --iters: invalid int value: 'abc' "),
+        ([], "denseclip-fast: error: a command is needed: one of info, segment, export, train, eval (denseclip-fast "
+             "--help lists the options)"),
+    ],
+)  # fmt: skip
+def test_a_bad_option_is_one_line(argv, said, capsys):
+    """argparse's errors printed its usage block (up to 9 lines) before the message; README promises one line naming
+    the option, as the commands' own errors are."""
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.startswith(said) and err.count("\n") == 1, err
+
+
 def test_out_of_memory_is_one_line(checkpoint, monkeypatch, capsys):
     """A weight file too large for the machine (its reader raises MemoryError naming it) is one line, exit 2."""
     import denseclip_fast
