@@ -19,6 +19,7 @@ import denseclip_fast as dcf
 from denseclip_fast import DenseCLIP, Segmenter
 from denseclip_fast.engine import GraphCache, fold_batchnorm
 from denseclip_fast.engine.cpu_linear import use_onednn_linears
+from denseclip_fast.engine.segmenter import MAX_VOCABULARIES
 from denseclip_fast.preprocess import load_image, normalize
 from denseclip_fast.visualize import default_palette
 
@@ -241,6 +242,15 @@ def test_predict_overlay_and_open_vocab(model):
     expected = F.interpolate(expected, size=(64, 96), mode="bilinear", align_corners=False)
     assert rel_err(scores, expected) < 1e-4
     assert seg.open_vocab(x, ["dog", "sky", "road", "grass", "car"]).shape == scores.shape  # cached vocabulary
+    # the least recently used vocabulary is dropped first: one used between new ones stays (the oldest went)
+    embedded = []
+    embed = seg._embed
+    seg._embed = lambda names, **kwargs: embedded.append(names) or embed(names, **kwargs)  # type: ignore[method-assign]
+    small = x[:1, :, :32, :32]
+    for i in range(MAX_VOCABULARIES + 2):
+        seg.open_vocab(small, [f"thing {i}"])
+        seg.open_vocab(small, ["dog", "sky", "road", "grass", "car"])
+    assert embedded == [(f"thing {i}",) for i in range(MAX_VOCABULARIES + 2)]
     # open-vocabulary labels go past the head's 4 classes: overlay takes the names (a palette of that many colours)
     names = ["dog", "sky", "road", "grass", "car", "tree"]
     open_labels = torch.full((40, 52), 5, dtype=torch.int64)

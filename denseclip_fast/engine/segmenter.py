@@ -61,6 +61,9 @@ MAX_INPUT = 16.0
 # a 12-megapixel photo would take 7.2 GB at once
 LABEL_CHUNK = 1 << 26
 
+# open_vocab keeps the class embeddings of this many vocabularies, the least recently used dropped first
+MAX_VOCABULARIES = 8
+
 
 def resized(scores: torch.Tensor, size: Any) -> torch.Tensor:
     """(N, C, h, w) scores -> float32 (N, C, H, W) at ``size`` (bilinear, as mmseg's resize), in NCHW; None: as
@@ -374,8 +377,9 @@ class Segmenter:
             if text is None:
                 text = self._embed(key, distinct=True)
                 self._vocabularies[key] = text
-                while len(self._vocabularies) > 8:
+                while len(self._vocabularies) > MAX_VOCABULARIES:
                     self._vocabularies.popitem(last=False)
+            self._vocabularies.move_to_end(key)  # the least recently used goes first (the oldest went, used or not)
 
             def scores(x: torch.Tensor) -> torch.Tensor:
                 x = x.to(self.device, self.dtype, memory_format=self._layout())
