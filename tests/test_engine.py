@@ -478,6 +478,13 @@ def test_bad_vocabularies_and_settings(model):
     sized.warmup((np.int64(64), np.uint16(70)), batch=np.int8(1))
     with pytest.raises(ValueError, match="stride must not exceed crop.*stride=100 and crop=64"):
         Segmenter(model, device="cpu", mode="slide", crop=64, stride=100)
+    # a crop without a stride slides by two thirds of it (the architecture's stride was kept: past a smaller crop,
+    # refused for a stride not given; barely overlapping a larger one); the architecture's crop keeps its stride
+    config = model.config
+    assert Segmenter(model, device="cpu").stride == config.slide_stride
+    assert Segmenter(model, device="cpu", crop=config.slide_crop).stride == config.slide_stride
+    for crop in (32, config.slide_stride - 1, 4 * config.slide_crop):
+        assert Segmenter(model, device="cpu", crop=crop).stride == 2 * crop // 3
     with pytest.raises(ValueError, match="float16 needs a CUDA device"):
         Segmenter(model, device="cpu", dtype=torch.float16)
     with pytest.raises(ValueError, match=re.escape("got the string 'float32' (pass torch.float32)")):

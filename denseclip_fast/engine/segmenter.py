@@ -151,7 +151,8 @@ class Segmenter:
         dtype: float32 (true float32 math: TF32 is switched off inside the engine), float16 or bfloat16 (the
             CLIP LayerNorms still compute in float32). float16 needs CUDA.
         mode: "whole" (one forward per image) or "slide" (mmseg's sliding window, crops batched).
-        crop, stride: the sliding window; default the architecture's (512/341, 640/426 for ViT-B/16).
+        crop, stride: the sliding window; default the architecture's (512/341, 640/426 for ViT-B/16); a ``crop``
+            given without ``stride`` slides by two thirds of it (as 341 of 512).
         cuda_graphs: capture and replay CUDA graphs per input shape (CUDA only).
         max_graphs: how many input shapes keep a captured graph.
         capture_after: an input shape is captured on its capture_after-th call and replayed from then on; the calls
@@ -203,7 +204,10 @@ class Segmenter:
         self.dtype, self.mode, self.check_finite = dtype, mode, check_finite
         self.crop = as_int("crop", model.config.slide_crop if crop is None else crop, MIN_IMAGE_SIDE,
                            " (the stride-32 level keeps a pixel)")  # fmt: skip
-        self.stride = as_int("stride", model.config.slide_stride if stride is None else stride)
+        if stride is None:  # another window without a stride: two thirds of it, as the official 341 of 512 (and
+            # the exporters' default); the architecture's kept a stride that could exceed the crop, or barely overlap
+            stride = model.config.slide_stride if self.crop == model.config.slide_crop else max(1, 2 * self.crop // 3)
+        self.stride = as_int("stride", stride)
         window_sizes(self.crop, self.stride)  # a stride past the crop: refused now, not at the first slide call
         self.windows_per_batch = None if windows_per_batch is None else as_int(
             "windows_per_batch", windows_per_batch, why=" or None")  # fmt: skip
