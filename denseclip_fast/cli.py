@@ -809,13 +809,16 @@ def main(argv: Sequence[str] | None = None, die_by_signal: bool = False) -> int:
     warnings.formatwarning = _one_line_warning  # not Python's file:line and source line under each warning
     restore_signals = _sigterm_interrupts()
     interrupted: int | None = None  # the signal
-    saved_stdout, sys.stdout = sys.stdout, _NamedStdout(sys.stdout)
+    saved_stdout = sys.stdout
+    if saved_stdout is not None:  # None: started with standard output closed (print writes nothing)
+        sys.stdout = _NamedStdout(saved_stdout)
     try:
         if getattr(args, "checkpoint", None) == "":  # load_checkpoint's message named its own argument, "path"
             raise ValueError(f"{'CHECKPOINT' if args.command == 'info' else '--checkpoint'} must name a weight "
                              "file, got ''")  # fmt: skip
         code = int(args.func(args))
-        sys.stdout.flush()  # here, where a failing write is reported, not at the interpreter's exit
+        if sys.stdout is not None:  # flushed here, where a failing write is reported, not at the interpreter's exit
+            sys.stdout.flush()
         return code
     except (CheckpointError, ValueError, TensorRTUnavailable, ONNXExportUnavailable, FloatingPointError,
             BackendUnavailable) as exc:  # fmt: skip

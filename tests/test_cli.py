@@ -856,6 +856,14 @@ def test_a_bad_option_is_one_line(argv, said, capsys):
     assert info.value.code == 2 and err.startswith(said) and err.count("\n") == 1, err
 
 
+def test_a_command_started_with_standard_output_closed_runs(checkpoint):
+    """`denseclip-fast info C >&-`: Python's sys.stdout is None and print writes nothing; main's naming of stdout's
+    errors must not make that an AttributeError."""
+    done = subprocess.run([sys.executable, "-m", "denseclip_fast.cli", "info", str(checkpoint)], stdout=None,
+                          stderr=subprocess.PIPE, text=True, timeout=120, preexec_fn=lambda: os.close(1))  # fmt: skip
+    assert (done.returncode, done.stderr) == (0, "")
+
+
 def test_out_of_memory_is_one_line(checkpoint, monkeypatch, capsys):
     """A weight file too large for the machine (its reader raises MemoryError naming it) is one line, exit 2."""
     import denseclip_fast
