@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .checkpoints import CheckpointError, ClassCountError
-from .checkpoints.io import excerpt, missing_folders, out_of_memory, remove_empty_folders, written_atomically
+from .checkpoints.io import excerpt, made_folder, out_of_memory, written_atomically
 from .export.onnx import ONNXExportUnavailable
 from .export.tensorrt import TensorRTUnavailable
 from .ops.backends import BackendUnavailable
@@ -273,13 +273,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
     seg = Segmenter(model, device=device, dtype=dtype, mode=args.mode or "slide")
     k = len(names) if names is not None else model.num_classes
     palette = model.palette if (model.palette is not None and names is None) else default_palette(k)
-    made = missing_folders(args.out)
-    os.makedirs(args.out, exist_ok=True)
-    try:
+    with made_folder(args.out):  # a run that wrote nothing leaves no empty --out behind (an interrupted one neither)
         _segment_files(args, seg, files, stems, names, palette, k, workers)
-    except BaseException:  # a run that wrote nothing leaves no empty --out behind (an interrupted one neither)
-        remove_empty_folders(made)
-        raise
     print(f"wrote {2 * len(files)} files to {args.out}")
     return 0
 

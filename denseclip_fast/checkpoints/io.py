@@ -139,41 +139,37 @@ def written_atomically(path: str | os.PathLike[str], what: str, durable: bool = 
     temporary file, which is gone, or no file at all (a full disk is a bare "[Errno 28] No space left on device"),
     its errno and so its type (PermissionError ...) kept."""
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    made = missing_folders(folder)
     try:
-        os.makedirs(folder, exist_ok=True)
-        with replaced_atomically(path, durable) as partial:
+        with made_folder(os.path.dirname(os.path.abspath(path))), replaced_atomically(path, durable) as partial:
             yield partial
-    except BaseException as exc:  # a write that failed (or was interrupted) leaves no empty folders it made
-        remove_empty_folders(made)
-        if not isinstance(exc, OSError):
-            raise
+    except OSError as exc:
         reason = f"cannot write {what}: {exc.strerror or exc}"
         if exc.errno is None:
             raise OSError(f"{path}: {reason}") from None
         raise OSError(exc.errno, reason, path) from None
 
 
-def missing_folders(folder: str) -> list[str]:
-    """The folders ``os.makedirs(folder)`` would create, deepest first."""
-    missing: list[str] = []
-    folder = os.path.abspath(folder)
-    while not os.path.lexists(folder) and os.path.dirname(folder) != folder:
-        missing.append(folder)
-        folder = os.path.dirname(folder)
-    return missing
-
-
-def remove_empty_folders(folders: list[str]) -> None:
-    """Remove ``folders`` (deepest first, as missing_folders lists them) up to the first that holds something."""
-    for folder in folders:
-        try:
-            os.rmdir(folder)
-        except FileNotFoundError:
-            continue
-        except OSError:
-            break
+@contextlib.contextmanager
+def made_folder(folder: str) -> Iterator[None]:
+    """``os.makedirs(folder)`` for the block; when the block fails (or is interrupted), the folders it made are
+    removed again, deepest first, up to the first that holds something: a write that failed left them, empty."""
+    made: list[str] = []
+    missing = os.path.abspath(folder)
+    while not os.path.lexists(missing) and os.path.dirname(missing) != missing:
+        made.append(missing)
+        missing = os.path.dirname(missing)
+    os.makedirs(folder, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        for path in made:
+            try:
+                os.rmdir(path)
+            except FileNotFoundError:
+                continue
+            except OSError:
+                break
+        raise
 
 
 def path_argument(value: Any, name: str = "path") -> str:

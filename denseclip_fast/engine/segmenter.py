@@ -37,7 +37,7 @@ from .. import ops
 from ..config import MIN_IMAGE_SIDE
 from ..model import DenseCLIP
 from ..model.denseclip import check_image_size, check_test_image_size
-from ..model.slide import slide_inference, window_sizes
+from ..model.slide import slide_inference, two_thirds_stride, window_sizes
 from ..model.text import check_class_names
 from ..preprocess import normalize, resize_keep_ratio
 from ..validation import as_int, check_bool, check_device, given_dtype
@@ -204,9 +204,9 @@ class Segmenter:
         self.dtype, self.mode, self.check_finite = dtype, mode, check_finite
         self.crop = as_int("crop", model.config.slide_crop if crop is None else crop, MIN_IMAGE_SIDE,
                            " (the stride-32 level keeps a pixel)")  # fmt: skip
-        if stride is None:  # another window without a stride: two thirds of it, as the official 341 of 512 (and
-            # the exporters' default); the architecture's kept a stride that could exceed the crop, or barely overlap
-            stride = model.config.slide_stride if self.crop == model.config.slide_crop else max(1, 2 * self.crop // 3)
+        if stride is None:  # another window without a stride: two thirds of it, as the exporters' default; the
+            # architecture's kept a stride that could exceed the crop, or barely overlap
+            stride = model.config.slide_stride if self.crop == model.config.slide_crop else two_thirds_stride(self.crop)
         self.stride = as_int("stride", stride)
         window_sizes(self.crop, self.stride)  # a stride past the crop: refused now, not at the first slide call
         self.windows_per_batch = None if windows_per_batch is None else as_int(

@@ -26,6 +26,7 @@ from ..checkpoints.io import path_argument, written_atomically
 from ..config import MAX_EXPORT_SIDE, MIN_IMAGE_SIDE
 from ..engine.rewrite import prepare_for_inference
 from ..model import DenseCLIP
+from ..model.slide import two_thirds_stride
 from ..validation import check_writable_file
 
 GraphKind = Literal["image", "image_with_text", "text"]
@@ -92,7 +93,7 @@ def default_window_stride(size: tuple[int, int], crop: int, stride: int) -> tupl
     for its ``crop`` x ``crop`` window, two thirds of the window otherwise (the official configs' 341 of 512)."""
     if size == (crop, crop):
         return stride, stride
-    return max(1, 2 * size[0] // 3), max(1, 2 * size[1] // 3)
+    return two_thirds_stride(size[0]), two_thirds_stride(size[1])
 
 
 def output_path(path: str | os.PathLike[str], name: str = "path") -> Path:
