@@ -464,6 +464,29 @@ def test_attention_nan_spreads_as_in_the_reference(backend, where):
             _check_close(actual[finite], wanted[finite], torch.float32, 4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_cpu_attention_finds_a_non_finite_query_element_anywhere(dtype, value, layout):
+    """The cpu backend looks for a NaN or an infinity in q and k (by exponent bits, in chunks of 65536 elements over
+    the threads) before choosing ATen's kernel: one in the very last element of a q of several chunks, in every dtype
+    and layout, still makes that query row's output NaN as in the reference (ATen's kernel gives a row of NaN
+    scores, or of -inf ones, the output 0)."""
+    q, k, v = (torch.randn(1, 2, n, 64, dtype=torch.float64) for n in (600, 9, 9))
+    k[..., -1] = 1.0  # the last dimension's scores are q's last element: +-inf or NaN, so the softmax is NaN
+    q[0, 1, -1, -1] = value
+    q = q.to(dtype)
+    if layout == "transposed":
+        q = q.transpose(-1, -2).contiguous().transpose(-1, -2)
+    k, v = k.to(dtype), v.to(dtype)
+    assert q.numel() > 65536 and (layout == "contiguous") == q.is_contiguous()
+    out = ops.context_attention(q, k, v, backend="cpu")
+    wanted = ops.context_attention(q, k, v, backend="reference")
+    assert torch.equal(out.isnan(), wanted.isnan()) and wanted[0, 1, -1].isnan().all()
+    finite = wanted.isfinite()
+    _check_close(out[finite], wanted[finite], dtype)
+
+
 def test_triton_attention_refuses_sequences_past_its_int32_offsets():
     """L x D of one head past 2^31 - 1 (16.7M tokens at D=128, far past the operator's 65536 keys) would overflow
     the Triton kernels' int32 row offsets: refused, naming the backends that take it (expanded tensors: no memory)."""
