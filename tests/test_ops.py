@@ -466,20 +466,24 @@ def test_attention_nan_spreads_as_in_the_reference(backend, where):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
-@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "gapped"])
 def test_cpu_attention_finds_a_non_finite_query_element_anywhere(dtype, value, layout):
     """The cpu backend looks for a NaN or an infinity in q and k (by exponent bits, in chunks of 65536 elements over
-    the threads) before choosing ATen's kernel: one in the very last element of a q of several chunks, in every dtype
-    and layout, still makes that query row's output NaN as in the reference (ATen's kernel gives a row of NaN
-    scores, or of -inf ones, the output 0)."""
+    the threads; a dense tensor in memory order, as the decoder's transposed views, others copied first) before
+    choosing ATen's kernel: one in the very last element of a q of several chunks, in every dtype and layout, still
+    makes that query row's output NaN as in the reference (ATen's kernel gives a row of NaN scores, or of -inf ones,
+    the output 0)."""
     q, k, v = (torch.randn(1, 2, n, 64, dtype=torch.float64) for n in (600, 9, 9))
     k[..., -1] = 1.0  # the last dimension's scores are q's last element: +-inf or NaN, so the softmax is NaN
     q[0, 1, -1, -1] = value
     q = q.to(dtype)
-    if layout == "transposed":
-        q = q.transpose(-1, -2).contiguous().transpose(-1, -2)
+    if layout == "transposed":  # as the decoder's: (B, L, heads, D) memory viewed as (B, heads, L, D)
+        q = q.transpose(1, 2).contiguous().transpose(1, 2)
+    elif layout == "gapped":  # every other element of a larger tensor: not dense
+        q = torch.zeros(*q.shape[:-1], 2 * q.shape[-1], dtype=dtype)[..., ::2].copy_(q)
     k, v = k.to(dtype), v.to(dtype)
     assert q.numel() > 65536 and (layout == "contiguous") == q.is_contiguous()
+    assert (layout == "gapped") == (q.stride(-1) == 2)
     out = ops.context_attention(q, k, v, backend="cpu")
     wanted = ops.context_attention(q, k, v, backend="reference")
     assert torch.equal(out.isnan(), wanted.isnan()) and wanted[0, 1, -1].isnan().all()
