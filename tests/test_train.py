@@ -322,6 +322,30 @@ def test_resume_keeps_this_runs_optimizer_implementation():
     assert torch.equal(mine.state[p]["exp_avg"], saved.state[p]["exp_avg"])
 
 
+def test_the_cpu_optimizer_is_the_multi_tensor_adamw_with_the_defaults_numbers(arch_file, generic):
+    """On the CPU make_optimizer takes AdamW's multi-tensor implementation (torch's CPU default is a loop over the
+    parameters reading each step count back to the host); a few steps of both give the same weights, bit for bit."""
+    from denseclip_fast.train.optim import make_optimizer
+
+    cfg = _config(arch_file, generic, "unused", lr=1e-3, iters=10, warmup_iters=0)
+    models = [build_model(cfg, CLASSES) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    optimizers = [make_optimizer(models[0], cfg, torch.device("cpu")),
+                  torch.optim.AdamW(param_groups(models[1], cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)]  # fmt: skip
+    assert optimizers[0].param_groups[0]["foreach"] is True and not optimizers[1].param_groups[0]["foreach"]
+    before = [p.detach().clone() for p in models[0].parameters()]
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        grads = [torch.randn(p.shape, generator=generator) for p in models[0].parameters()]
+        for model, optimizer in zip(models, optimizers):
+            for p, g in zip(model.parameters(), grads):
+                p.grad = g.clone() if p.requires_grad else None
+            optimizer.step()
+    assert all(torch.equal(a, b) for a, b in zip(models[0].parameters(), models[1].parameters()))
+    assert sum(not torch.equal(a, b) for a, b in zip(models[0].parameters(), before)) == len(
+        [p for group in optimizers[0].param_groups for p in group["params"]])  # every trained tensor moved
+
+
 def test_a_non_finite_loss_stops_the_run_before_a_checkpoint(arch_file, generic, tmp_path, monkeypatch):
     """A NaN loss (here from iteration 3 on) stops the run at the next iteration that reads the losses (logging or
     saving: 4 here) with a FloatingPointError that names it, and no checkpoint is written from the spoilt weights."""
