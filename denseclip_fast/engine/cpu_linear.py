@@ -2,8 +2,9 @@
 
 PyTorch computes a float32 ``nn.Linear`` on a CPU with its BLAS (MKL in the official wheels). oneDNN, which PyTorch
 also ships (``torch.ops.mkldnn._linear_pointwise``, which torch.compile's CPU backend calls in some cases), was the
-faster of the two on the AMD CPU measured, and takes the plain float32 weight, so no second copy is kept (not
-measured on an Intel CPU, where MKL is at its best). The ViT-B/16 image encoder is mostly such GEMMs: on 2 threads of
+faster of the two on the AMD CPU measured, and takes the plain float32 weight, so no second copy is kept (on an
+Intel Xeon, where MKL is at its best, neither was faster beyond that VM's noise:
+results/cpu_linear_cpu_2threads_xeon_512.md). The ViT-B/16 image encoder is mostly such GEMMs: on 2 threads of
 an AMD EPYC (AVX-512) the engine's ViT-B/16 forward at 512x512 went from 1662 to 1222 ms, eager PyTorch 1638 / 1652
 ms in the same runs (benchmarks/results/export_cpu_2threads_512_b1_before_59e7a9a.md, export_cpu_2threads_512_b1.md);
 RN50, whose linear layers are few, stayed within that shared machine's noise. The text encoder (run for each
