@@ -330,8 +330,8 @@ def test_the_cpu_optimizer_is_the_multi_tensor_adamw_with_the_defaults_numbers(a
     cfg = _config(arch_file, generic, "unused", lr=1e-3, iters=10, warmup_iters=0)
     models = [build_model(cfg, CLASSES) for _ in range(2)]
     models[1].load_state_dict(models[0].state_dict())
-    optimizers = [make_optimizer(models[0], cfg, torch.device("cpu")),
-                  torch.optim.AdamW(param_groups(models[1], cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)]  # fmt: skip
+    default = torch.optim.AdamW(param_groups(models[1], cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizers = [make_optimizer(models[0], cfg, torch.device("cpu")), default]
     assert optimizers[0].param_groups[0]["foreach"] is True and not optimizers[1].param_groups[0]["foreach"]
     before = [p.detach().clone() for p in models[0].parameters()]
     generator = torch.Generator().manual_seed(0)
