@@ -1,6 +1,6 @@
 """The CPU engine's linear layers, oneDNN against the BLAS, in one process (a benchmark).
 
-    python benchmarks/bench_cpu_linear.py                       # RN50 and ViT-B/16 at 224, 3 repeats
+    python benchmarks/bench_cpu_linear.py                       # RN50 and ViT-B/16 at 224, 2 repeats
     python benchmarks/bench_cpu_linear.py --size 512 --repeats 5
 
 The CPU Segmenter computes its float32 linear layers with oneDNN (denseclip_fast/engine/cpu_linear.py). This times,
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--archs", nargs="+", choices=dcf.config.ARCHS, default=["RN50", "ViT-B/16"])
     parser.add_argument("--size", type=int, default=224, help="square image side (default 224)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed rounds after one untimed (default 3)")
+    parser.add_argument("--repeats", type=int, default=2, help="timed rounds after one untimed (default 2)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     parser.add_argument("--tag", help="file name tag (default: cpu_smoke)")
     args = parser.parse_args(argv)
