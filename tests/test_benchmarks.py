@@ -525,3 +525,23 @@ def test_weighed_score_channels_make_the_logits_see_the_text_path():
         assert gain > 10 and text_sensitivity(official, x) > 10 * before, (kind, gain, before)
         assert abs(weigh_score_channels_(ours, size=64) / gain - 1) < 1e-4
         torch.testing.assert_close(ours.state_dict(), official.state_dict())  # the same weights, weighed alike
+
+
+def test_startup_benchmark_times_each_stage_in_fresh_processes(tmp_path, monkeypatch):
+    """benchmarks/bench_startup.py writes a checkpoint per format and times a fresh process's stages up to the first
+    logits (no timing is asserted here); the child processes use this checkout's package."""
+    from benchmarks import bench_startup
+    from denseclip_fast import ADE20K_CLASSES, DenseCLIP
+
+    from .conftest import randomized, tiny_config
+
+    monkeypatch.setattr(bench_startup, "build", lambda arch: randomized(DenseCLIP(tiny_config(), ADE20K_CLASSES)))
+    args = ["--formats", "pth", "safetensors", "--size", "64", "--repeats", "1", "--out", str(tmp_path), "--tag", "t"]
+    assert bench_startup.main(args) == 0
+    rows = json.loads((tmp_path / "startup_t.json").read_text())["rows"]
+    assert [(r["arch"], r["format"], r["processes"]) for r in rows] == [("RN50", "pth", 1), ("RN50", "safetensors", 1)]
+    for r in rows:
+        assert list(r["stages_s"]) == list(bench_startup.STAGES) and all(s > 0 for s in r["stages_s"].values())
+        assert abs(sum(r["stages_s"].values()) - r["total_s"]) < 1e-9 and r["process_wall_s"][0] >= r["total_s"]
+    assert "| RN50 | safetensors | cpu, float32 | 64x64 |" in (tmp_path / "startup_t.md").read_text()
+
