@@ -9,6 +9,8 @@ import os
 import pickle
 import re
 import struct
+import subprocess
+import sys
 import time
 import tracemalloc
 import warnings
@@ -250,6 +252,58 @@ def test_native_round_trip(tmp_path, official_file):
     odd = tmp_path / os.fsdecode(b"model_\xff.safetensors")
     model.save(odd)
     assert torch.equal(dcf.load_checkpoint(odd)(x), loaded(x))
+
+
+@pytest.mark.parametrize("kind", ["resnet", "vit"])
+def test_a_loaded_model_holds_the_files_tensors_and_remade_class_tokens(tmp_path, kind):
+    """load_checkpoint skips the random initialisation (the model's memory is left uninitialised and every tensor of
+    the file copied in) and remakes the class tokens, the one tensor a file does not hold: in both formats every
+    parameter and buffer of the loaded model equals the saved one's, on the CPU, in float32, learnable as before;
+    and the model has no other non-persistent buffer, which a load would leave as garbage."""
+    model = randomized(DenseCLIP(tiny_config(kind), NAMES)).eval()
+    native = tmp_path / "model.safetensors"
+    model.save(native)
+    official = _save_state(tmp_path, model.state_dict(), meta={"CLASSES": tuple(NAMES)})
+    expected = dict(model.named_parameters()) | dict(model.named_buffers())
+    for path in (native, official):
+        loaded = dcf.load_checkpoint(path)
+        got = dict(loaded.named_parameters()) | dict(loaded.named_buffers())
+        assert got.keys() == expected.keys()
+        for name, want in expected.items():
+            assert torch.equal(got[name], want) and got[name].dtype == want.dtype, (path.name, name)
+            assert got[name].device.type == "cpu" and got[name].requires_grad == want.requires_grad, (path.name, name)
+    names = ["sky", "road", "tree", "car"]
+    renamed = dcf.load_checkpoint(native, class_names=names)
+    assert torch.equal(renamed.class_tokens, DenseCLIP(tiny_config(kind), names).class_tokens)
+    transient = set()
+    for prefix, module in model.named_modules():
+        transient |= {f"{prefix}.{name}".lstrip(".") for name in module._non_persistent_buffers_set}
+    assert transient == {"class_tokens"}
+
+
+def test_a_fresh_process_loads_and_segments_without_torchs_compiler_or_open_clips_models(tmp_path):
+    """What start-up costs (benchmarks/bench_startup.py): load_checkpoint builds its skeleton on the meta device,
+    where normal_, an out-of-place op with a Python number and to_empty run Python decompositions that import
+    torch._dynamo or sympy (seconds of a fresh process), and tokenising through open_clip's package imports its
+    models. Loading both formats of both kinds of model, building a Segmenter and segmenting an image, a fresh process
+    imports none of them."""
+    paths = []
+    for kind in ("resnet", "vit"):
+        model = DenseCLIP(tiny_config(kind), NAMES)
+        model.save(tmp_path / f"{kind}.safetensors")
+        paths += [str(tmp_path / f"{kind}.safetensors"), str(_save_state(tmp_path, model.state_dict(),
+                                                                           {"CLASSES": tuple(NAMES)}, f"{kind}.pth"))]
+    code = (
+        "import json, sys, torch, denseclip_fast as dcf\n"
+        "for path in sys.argv[1:]:\n"
+        "    seg = dcf.Segmenter(dcf.load_checkpoint(path), device='cpu', dtype=torch.float32)\n"
+        "    seg.logits(torch.randn(1, 3, 64, 64))\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('open_clip', 'timm', 'sympy')\n"
+        "                        or m.startswith(('torch._dynamo', 'torch._inductor')))))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code, *paths], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == []
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".bin"])
@@ -806,6 +860,28 @@ def test_weights_that_load_state_dict_would_cast_or_copy_without_a_word_are_refu
     assert torch.equal(model.state_dict()[head], sd[head].half().float())
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_the_finite_check_of_checkpoint_tensors_finds_every_nan_and_infinity(dtype):
+    """all_finite (one aminmax) agrees with isfinite().all() for a NaN or an infinity at the start, in the middle and
+    at the end of a tensor whose length is no multiple of a vector width, in a transposed one, in 0-d tensors, and
+    for an empty tensor (which aminmax alone refuses)."""
+    from denseclip_fast.checkpoints.official import all_finite
+
+    for n in (1, 2, 31, 1027):
+        for position in sorted({0, n // 2, n - 1}):
+            for value in (float("nan"), float("inf"), float("-inf")):
+                t = torch.randn(n, dtype=torch.float64).to(dtype)
+                assert all_finite(t)
+                t[position] = value
+                assert not all_finite(t), (n, position, value)
+    square = torch.randn(33, 17, dtype=torch.float64).to(dtype).t()
+    assert all_finite(square)
+    square[16, 32] = float("nan")
+    assert not all_finite(square)
+    assert all_finite(torch.tensor(1.0, dtype=dtype)) and not all_finite(torch.tensor(float("-inf"), dtype=dtype))
+    assert all_finite(torch.empty(0, 3, dtype=dtype))
+
+
 def test_missing_file_and_directory(tmp_path):
     with pytest.raises(CheckpointError, match="nope.pth: no such file"):
         dcf.load_checkpoint(tmp_path / "nope.pth")
@@ -1193,14 +1269,14 @@ def _meta_model(config, names):
 def test_meta_build_of_every_architecture(arch):
     """The check before building works for every architecture: the meta model holds no data, and its state dict
     has the real model's names and shapes (compared for the tiny configs here; the presets in the slow test)."""
-    from denseclip_fast.checkpoints import _check_model_fits
+    from denseclip_fast.checkpoints import _model_skeleton
 
     config = tiny_config(arch[5:]) if arch.startswith("tiny") else dcf.preset(arch)
     names = NAMES if arch.startswith("tiny") else list(dcf.ADE20K_CLASSES)
     skeleton = _meta_model(config, names)
     sd = skeleton.state_dict()
     assert all(t.is_meta for t in (*skeleton.parameters(), *skeleton.buffers()))
-    _check_model_fits(config, names, sd, "x.pth")
+    assert _model_skeleton(config, names, sd, "x.pth").state_dict().keys() == sd.keys()
     if arch.startswith("tiny"):
         real = DenseCLIP(config, names).state_dict()
         assert {k: v.shape for k, v in sd.items()} == {k: v.shape for k, v in real.items()}

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -25,6 +27,61 @@ def test_all_ade20k_names_fit_and_match_the_official_tokenizer():
     assert (tokens[:, 0] == 49406).all() and (tokens == 49407).sum() == 150  # one SOT and one EOT each
     lengths = (tokens != 0).sum(dim=1) - 2
     assert lengths.min() >= 1 and lengths.max() == 3  # 'chest of drawers' uses all three
+
+
+def test_names_are_tokenised_without_importing_open_clips_package():
+    """The tokenizer module is run on its own, not through open_clip's package (whose __init__ imports its models:
+    timm, torchvision...): in a fresh process the package stays unimported and the tokens are the official ones."""
+    code = (
+        "import json, sys, denseclip_fast as dcf\n"
+        "from denseclip_fast.model.text import _bpe, tokenize_class_names\n"
+        "tokens = tokenize_class_names(list(dcf.ADE20K_CLASSES), 5)\n"
+        "print(json.dumps({'tokens': tokens.tolist(), 'module': type(_bpe()).__module__,\n"
+        "                  'imported': sorted(m for m in sys.modules if m.split('.')[0] in ('open_clip', 'timm'))}))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["module"] == "denseclip_fast._open_clip_tokenizer" and report["imported"] == []
+    assert report["tokens"] == official_tokenize(list(dcf.ADE20K_CLASSES), 5).tolist()
+
+
+def test_the_tokenizer_falls_back_to_open_clips_package(monkeypatch):
+    """Where open_clip's tokenizer module cannot run alone (a relative import in some version), the package import
+    gives it."""
+    from denseclip_fast.model import text
+
+    def relative_import(package: str, file_name: str) -> None:
+        raise ImportError("attempted relative import with no known parent package")
+
+    monkeypatch.delitem(sys.modules, "open_clip.tokenizer", raising=False)
+    monkeypatch.setattr(text, "_module_from_file", relative_import)
+    module = text._tokenizer_module()
+    assert module.__name__ == "open_clip.tokenizer"
+    assert module.SimpleTokenizer().encode("chest of drawers") == text._bpe().encode("chest of drawers")
+
+
+def test_a_module_file_runs_without_its_package(tmp_path, monkeypatch):
+    """_module_from_file runs one file of a package without the package's __init__, and gives ImportError (leaving no
+    half-made module behind) for a file with a relative import, a missing file and a missing package."""
+    from denseclip_fast.model.text import _module_from_file
+
+    package = tmp_path / "dcf_probe_package"
+    package.mkdir()
+    (package / "__init__.py").write_text("raise RuntimeError('the package __init__ ran')\n")
+    (package / "alone.py").write_text("VALUE = 41 + 1\n")
+    (package / "relative.py").write_text("from . import alone\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert _module_from_file("dcf_probe_package", "alone.py").VALUE == 42
+    assert "dcf_probe_package" not in sys.modules
+    with pytest.raises(ImportError):
+        _module_from_file("dcf_probe_package", "relative.py")
+    assert "denseclip_fast._dcf_probe_package_relative" not in sys.modules
+    with pytest.raises(ImportError, match="no missing.py in package dcf_probe_package"):
+        _module_from_file("dcf_probe_package", "missing.py")
+    with pytest.raises(ImportError, match="no tokenizer.py in package dcf_no_such_package"):
+        _module_from_file("dcf_no_such_package", "tokenizer.py")
+    monkeypatch.delitem(sys.modules, "denseclip_fast._dcf_probe_package_alone")
 
 
 def test_padding_and_cleaning():

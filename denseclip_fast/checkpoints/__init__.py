@@ -86,8 +86,6 @@ def load_checkpoint(
         ValueError: ``path`` not a str or os.PathLike; ``class_names`` not a list of strings, of the wrong length
             (ClassCountError) or with a name longer than 3 BPE tokens.
     """
-    from ..model import DenseCLIP  # noqa: F811  (the runtime import; the model package imports this one)
-
     path = path_argument(path)
     if class_names is not None:
         class_names = _class_names_argument(class_names)
@@ -112,12 +110,18 @@ def load_checkpoint(
     if len(names) != k:
         raise MismatchedClassNamesError(path, len(names), k)
     try:
-        _check_model_fits(config, names, sd, path)
+        skeleton = _model_skeleton(config, names, sd, path)
     except ValueError as exc:  # the tokenizer's checks (a name with no tokens, or too many)
         if class_names is not None or isinstance(exc, CheckpointError):
             raise
         raise CheckpointError(path, f"the file's class names cannot be used: {exc}") from None
-    model = DenseCLIP(config, names)
+    # Memory for the skeleton's tensors, left uninitialised: the file overwrites every parameter and persistent
+    # buffer (load_state_strict refuses a missing key), so the random initialisation that DenseCLIP(config, names)
+    # performs would be thrown away (most of the time of a load). The one non-persistent buffer, the class tokens,
+    # is made again from the names. Not to_empty(): its empty_like of a meta tensor runs a Python decomposition whose
+    # first use imports sympy (a fresh process's start-up, as layers.init_ says of normal_).
+    model = skeleton._apply(lambda t: torch.empty(t.shape, dtype=t.dtype))
+    model.set_classes(names)
     load_state_strict(model, sd, path)
     model.palette = _palette(palette, k, path)
     return model.eval()
@@ -127,12 +131,14 @@ MAX_BLOCKS = 512  # residual / transformer blocks of all the stacks; the release
 MAX_EXTRA_ELEMENTS = 2**24  # elements of the model that the file does not hold (the class tokens: K x name length)
 
 
-def _check_model_fits(config: DenseCLIPConfig, names: list[str], sd: Mapping[str, torch.Tensor], path: str) -> None:
-    """CheckpointError naming the file unless the model that ``config`` describes has exactly the file's tensors,
-    checked on a model built on the meta device (no memory for weights): sizes read from a file (a text width of
-    2**17 in a native file's config, a huge expanded tensor in an official one) must not allocate gigabytes, or fail
-    with a raw RuntimeError, before the mismatch is reported. The block count is bounded first: a meta model still
-    takes ~0.1 MB and ~1 ms a block. ValueError from the tokenizer for class names it refuses."""
+def _model_skeleton(
+    config: DenseCLIPConfig, names: list[str], sd: Mapping[str, torch.Tensor], path: str
+) -> DenseCLIP:
+    """The model that ``config`` describes, built on the meta device (no memory for weights, no initialisation), once
+    checked to hold exactly the file's tensors; else CheckpointError naming the file. Sizes read from a file (a text
+    width of 2**17 in a native file's config, a huge expanded tensor in an official one) must not allocate gigabytes,
+    or fail with a raw RuntimeError, before the mismatch is reported. The block count is bounded first: a meta model
+    still takes ~0.1 MB and ~1 ms a block. ValueError from the tokenizer for class names it refuses."""
     from ..model import DenseCLIP
 
     blocks = sum(config.vision.layers) + config.text.layers + config.decoder.layers
@@ -152,6 +158,7 @@ def _check_model_fits(config: DenseCLIPConfig, names: list[str], sd: Mapping[str
         raise CheckpointError(path, f"the model it describes has {extra} elements besides the file's tensors (more "
                                     f"than {MAX_EXTRA_ELEMENTS}: {len(names)} class names of "
                                     f"{config.text.class_token_length} tokens?)")  # fmt: skip
+    return skeleton
 
 
 def _class_names_argument(class_names: Any) -> list[str]:

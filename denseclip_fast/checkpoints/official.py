@@ -198,6 +198,15 @@ def key_listing(keys: list[str], limit: int = 20) -> str:
     return shown + (f" ... and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN or infinity in ``t`` (floating point): its minimum and maximum in one read (aminmax propagates NaN,
+    and an infinity is one of them), where ``isfinite(t).all()`` also writes and reads a boolean tensor as large."""
+    if t.numel() == 0:
+        return True  # aminmax refuses an empty tensor
+    low, high = torch.aminmax(t)
+    return bool(torch.isfinite(low) & torch.isfinite(high))
+
+
 def state_problems(
     expected: Mapping[str, torch.Tensor],
     given: Mapping[str, torch.Tensor],
@@ -227,8 +236,7 @@ def state_problems(
              for k, v, e in shared if e.is_floating_point() and not v.is_floating_point()]  # fmt: skip
     if kinds:
         problems.append(f"not floating point ({len(kinds)}): {key_listing(kinds, 10)}")
-    broken = [label + k for k, v, _ in shared
-              if v.is_floating_point() and not v.is_meta and not bool(torch.isfinite(v).all())]  # fmt: skip
+    broken = [label + k for k, v, _ in shared if v.is_floating_point() and not v.is_meta and not all_finite(v)]
     if broken:
         problems.append(f"NaN or infinite values ({len(broken)}): {key_listing(broken)}")
     return problems
@@ -236,7 +244,7 @@ def state_problems(
 
 def load_state_strict(model: nn.Module, sd: Mapping[str, torch.Tensor], path: str) -> None:
     """Load every tensor of ``sd`` into ``model``: any missing or unexpected key, or any shape mismatch, is a
-    CheckpointError that lists them. The values are not checked again (load_checkpoint's _check_model_fits did)."""
+    CheckpointError that lists them. The values are not checked again (load_checkpoint's _model_skeleton did)."""
     problems = state_problems(model.state_dict(), sd, values=False)
     if problems:
         raise CheckpointError(path, "; ".join(problems))

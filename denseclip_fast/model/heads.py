@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .layers import init_
+
 
 class ConvModule(nn.Module):
     """conv (+ BN) (+ ReLU) with mmcv's attribute names ``conv`` and ``bn``. The conv has a bias iff there is no BN."""
@@ -26,7 +28,7 @@ class ConvModule(nn.Module):
         self.conv = nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=not norm)
         self.bn = nn.BatchNorm2d(cout) if norm else None
         self.act = nn.ReLU(inplace=True) if relu else None
-        nn.init.kaiming_normal_(self.conv.weight, mode="fan_out", nonlinearity="relu")
+        init_(nn.init.kaiming_normal_, self.conv.weight, mode="fan_out", nonlinearity="relu")
         if self.conv.bias is not None:
             nn.init.zeros_(self.conv.bias)
 

@@ -17,6 +17,15 @@ from torch import nn
 from ..config import ACTIVATIONS
 
 
+def init_(init: Callable[..., object], tensor: torch.Tensor, **kwargs: object) -> None:
+    """``init(tensor, **kwargs)``, an ``nn.init`` function, except on the meta device, where a model has shapes and no
+    values: load_checkpoint builds one there to check a file against it, and PyTorch's meta ``normal_`` (like an
+    out-of-place product of a meta tensor and a Python number, which the models' constructors therefore compute in
+    place) runs a Python decomposition whose first use imports torch._dynamo, seconds of a fresh process's start."""
+    if not tensor.is_meta:
+        init(tensor, **kwargs)
+
+
 class LayerNormFp32(nn.LayerNorm):
     """CLIP's LayerNorm: computed in float32 whatever the input and weight dtypes, result cast back."""
 

@@ -21,6 +21,7 @@ from torch import nn
 from .. import ops
 from ..config import VisionConfig
 from .features import ImageFeatures
+from .layers import init_
 
 
 class Bottleneck(nn.Module):
@@ -83,7 +84,8 @@ class DenseAttentionPool(nn.Module):
             raise ValueError(f"attention pool width {embed_dim} is not divisible by heads {heads}")
         self.grid = grid
         self.heads = heads
-        self.positional_embedding = nn.Parameter(torch.randn(grid * grid + 1, embed_dim) / embed_dim**0.5)
+        self.positional_embedding = nn.Parameter(torch.empty(grid * grid + 1, embed_dim))
+        init_(nn.init.normal_, self.positional_embedding, std=embed_dim**-0.5)
         self.k_proj = nn.Linear(embed_dim, embed_dim)
         self.q_proj = nn.Linear(embed_dim, embed_dim)
         self.v_proj = nn.Linear(embed_dim, embed_dim)

@@ -11,22 +11,61 @@ weights and the names, never on the image: callers cache it.
 from __future__ import annotations
 
 import functools
+import importlib.util
+import os
+import sys
 from collections.abc import Sequence
+from types import ModuleType
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..config import TextConfig
-from .layers import LayerNormFp32, Transformer
+from .layers import LayerNormFp32, Transformer, init_
 
 
 @functools.lru_cache(maxsize=1)
 def _bpe() -> Any:
-    # open_clip's package import is slow (it pulls timm and torchvision); pay it only when names are tokenised.
-    from open_clip.tokenizer import SimpleTokenizer
+    """open_clip's SimpleTokenizer: CLIP's BPE and the vocabulary bundled with open_clip, made on first use."""
+    return _tokenizer_module().SimpleTokenizer()
 
-    return SimpleTokenizer()
+
+def _tokenizer_module() -> ModuleType:
+    """open_clip's tokenizer module. Importing it the usual way first runs open_clip's package ``__init__``, which
+    imports its models (timm, torchvision, ...: about 2.5 s on a 2-core machine, where the tokenizer module alone
+    takes 0.3 s), so the module file is run on its own, under a private name. The package import is the fallback
+    where it is already imported, or where an open_clip's tokenizer module cannot run alone (a relative import)."""
+    imported = sys.modules.get("open_clip.tokenizer")
+    if imported is not None:
+        return imported
+    try:
+        return _module_from_file("open_clip", "tokenizer.py")
+    except ImportError:
+        from open_clip import tokenizer
+
+        return tokenizer
+
+
+def _module_from_file(package: str, file_name: str) -> ModuleType:
+    """Run ``file_name`` of the installed ``package`` as a module of its own (the package's ``__init__`` not run);
+    ImportError when the package or the file is not found, or when the file imports relatively."""
+    spec = importlib.util.find_spec(package)  # a top-level package's spec: found, not imported
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    path = os.path.join(locations[0], file_name) if locations else ""
+    if not os.path.isfile(path):
+        raise ImportError(f"no {file_name} in package {package}")
+    file_spec = importlib.util.spec_from_file_location(f"denseclip_fast._{package}_{file_name[:-3]}", path)
+    if file_spec is None or file_spec.loader is None:
+        raise ImportError(f"{path} cannot be loaded as a module")
+    module = importlib.util.module_from_spec(file_spec)
+    sys.modules[file_spec.name] = module  # as an import would (dataclasses and pickle look a class's module up)
+    try:
+        file_spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[file_spec.name]
+        raise
+    return module
 
 
 def check_class_names(names: Sequence[str], distinct: bool = False) -> None:
@@ -106,14 +145,15 @@ class ContextTextEncoder(nn.Module):
     def __init__(self, cfg: TextConfig, embed_dim: int, activation: str = "quick_gelu") -> None:
         super().__init__()
         self.context_length = cfg.context_length
-        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
+        # from a tensor, as nn.Embedding(vocab, width) would draw N(0, 1) values (meta: see init_) to be replaced
+        self.token_embedding = nn.Embedding.from_pretrained(torch.empty(cfg.vocab_size, cfg.width), freeze=False)
         self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.width))
         self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads, activation=activation)
         self.ln_final = LayerNormFp32(cfg.width)
         self.text_projection = nn.Parameter(torch.empty(cfg.width, embed_dim))
-        nn.init.normal_(self.token_embedding.weight, std=0.02)
-        nn.init.normal_(self.positional_embedding, std=0.01)
-        nn.init.normal_(self.text_projection, std=cfg.width**-0.5)
+        init_(nn.init.normal_, self.token_embedding.weight, std=0.02)
+        init_(nn.init.normal_, self.positional_embedding, std=0.01)
+        init_(nn.init.normal_, self.text_projection, std=cfg.width**-0.5)
 
     def forward(self, tokens: torch.Tensor, contexts: torch.Tensor) -> torch.Tensor:
         """tokens: (K, L) int64 class tokens from :func:`tokenize_class_names`; contexts: (1, n_ctx, width).

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..config import VisionConfig
 from .features import ImageFeatures
-from .layers import LayerNormFp32, Transformer
+from .layers import LayerNormFp32, Transformer, init_
 from .resnet import resize_positional_grid
 
 
@@ -53,8 +53,8 @@ class CLIPViTBackbone(nn.Module):
         self.double_class_embedding = cfg.double_class_embedding
         scale = width**-0.5
         self.conv1 = nn.Conv2d(3, width, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False)
-        self.class_embedding = nn.Parameter(scale * torch.randn(width))
-        self.positional_embedding = nn.Parameter(scale * torch.randn(self.grid**2 + 1, width))
+        self.class_embedding = nn.Parameter(torch.empty(width))
+        self.positional_embedding = nn.Parameter(torch.empty(self.grid**2 + 1, width))
         self.ln_pre = LayerNormFp32(width)
         # drop path per token position, shared by the batch: the official blocks run on (L, B, D) tokens and timm's
         # drop_path draws its mask along the first dimension (segmentation/denseclip/models.py), so that is what
@@ -63,7 +63,9 @@ class CLIPViTBackbone(nn.Module):
             width, depth, cfg.heads, drop_path_rate=cfg.drop_path_rate, drop_path_dim=1, activation=activation
         )
         self.ln_post = LayerNormFp32(width)
-        self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
+        self.proj = nn.Parameter(torch.empty(width, output_dim))
+        for p in (self.class_embedding, self.positional_embedding, self.proj):
+            init_(nn.init.normal_, p, std=scale)
         self.fpn1, self.fpn2, self.fpn3, self.fpn4 = _pyramid(width)
 
     def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
