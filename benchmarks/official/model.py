@@ -495,10 +495,11 @@ class OfficialDenseCLIP(nn.Module):
 
 
 def tokenize(texts: list[str], context_length: int) -> torch.Tensor:
-    """The official ``tokenize``: [SOT, BPE, EOT] zero-padded, RuntimeError when too long."""
-    from open_clip.tokenizer import SimpleTokenizer
+    """The official ``tokenize``: [SOT, BPE, EOT] zero-padded, RuntimeError when too long. open_clip's SimpleTokenizer,
+    its module loaded as denseclip_fast loads it (importing open_clip's package, its models, would cost seconds)."""
+    from denseclip_fast.model.text import _tokenizer_module
 
-    tok = SimpleTokenizer()
+    tok = _tokenizer_module().SimpleTokenizer()
     all_tokens = [[tok.sot_token_id] + tok.encode(t) + [tok.eot_token_id] for t in texts]
     result = torch.zeros(len(all_tokens), context_length, dtype=torch.long)
     for i, tokens in enumerate(all_tokens):
