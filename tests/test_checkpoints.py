@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+import math
 import os
 import pickle
 import re
@@ -858,27 +859,39 @@ def test_weights_that_load_state_dict_would_cast_or_copy_without_a_word_are_refu
     fine = {k: (v.half() if v.is_floating_point() else v.float() if k == bn else v) for k, v in sd.items()}
     model = dcf.load_checkpoint(_save_state(tmp_path, fine, meta=state["meta"], name="fine.pth"))
     assert torch.equal(model.state_dict()[head], sd[head].half().float())
+    for dtype in FLOAT8:  # float8 weights load (as float32); aminmax has no float8 kernel
+        path = _save_state(tmp_path, {**sd, head: sd[head].to(dtype)}, meta=state["meta"], name="float8.pth")
+        assert torch.equal(dcf.load_checkpoint(path).state_dict()[head], sd[head].to(dtype).float())
+    if hasattr(torch, "float4_e2m1fn_x2"):  # floating point that torch cannot convert: refused, not a raw error
+        packed = torch.empty(sd[gamma].shape, dtype=torch.float4_e2m1fn_x2)
+        path = _save_state(tmp_path, {**sd, gamma: packed}, meta=state["meta"], name="float4.pth")
+        with pytest.raises(CheckpointError, match=rf"packed floating point, not convertible to float32 \(1\): {gamma}"):
+            dcf.load_checkpoint(path)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+FLOAT8 = [getattr(torch, name) for name in ("float8_e5m2", "float8_e4m3fn", "float8_e8m0fnu") if hasattr(torch, name)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64, *FLOAT8])
 def test_the_finite_check_of_checkpoint_tensors_finds_every_nan_and_infinity(dtype):
-    """all_finite (one aminmax) agrees with isfinite().all() for a NaN or an infinity at the start, in the middle and
-    at the end of a tensor whose length is no multiple of a vector width, in a transposed one, in 0-d tensors, and
-    for an empty tensor (which aminmax alone refuses)."""
+    """all_finite (one aminmax; float8, which aminmax lacks, through float32) finds a NaN or an infinity (where the
+    dtype stores it) at the start, in the middle and at the end of a tensor whose length is no multiple of
+    a vector width, in a transposed one, in 0-d tensors; an empty tensor (which aminmax refuses) is finite."""
     from denseclip_fast.checkpoints.official import all_finite
 
     for n in (1, 2, 31, 1027):
         for position in sorted({0, n // 2, n - 1}):
             for value in (float("nan"), float("inf"), float("-inf")):
-                t = torch.randn(n, dtype=torch.float64).to(dtype)
+                t = (torch.rand(n, dtype=torch.float64) + 0.5).to(dtype)  # positive: float8_e8m0fnu has no sign
                 assert all_finite(t)
-                t[position] = value
-                assert not all_finite(t), (n, position, value)
-    square = torch.randn(33, 17, dtype=torch.float64).to(dtype).t()
+                t[position] = value  # float8_e4m3fn saturates an infinity to 448
+                stored = t.to(torch.float64)[position].item()
+                assert all_finite(t) == math.isfinite(stored) and (value == value or stored != stored), (n, position)
+    square = (torch.rand(33, 17, dtype=torch.float64) + 0.5).to(dtype).t()
     assert all_finite(square)
     square[16, 32] = float("nan")
     assert not all_finite(square)
-    assert all_finite(torch.tensor(1.0, dtype=dtype)) and not all_finite(torch.tensor(float("-inf"), dtype=dtype))
+    assert all_finite(torch.tensor(1.0, dtype=dtype)) and not all_finite(torch.tensor(float("nan"), dtype=dtype))
     assert all_finite(torch.empty(0, 3, dtype=dtype))
 
 

@@ -7,6 +7,7 @@ import json
 import re
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -42,7 +43,7 @@ def test_names_are_tokenised_without_importing_open_clips_package():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report["module"] == "denseclip_fast._open_clip_tokenizer" and report["imported"] == []
+    assert report["module"] == "_denseclip_fast_open_clip_tokenizer" and report["imported"] == []
     assert report["tokens"] == official_tokenize(list(dcf.ADE20K_CLASSES), 5).tolist()
 
 
@@ -56,32 +57,42 @@ def test_the_tokenizer_falls_back_to_open_clips_package(monkeypatch):
 
     monkeypatch.delitem(sys.modules, "open_clip.tokenizer", raising=False)
     monkeypatch.setattr(text, "_module_from_file", relative_import)
-    module = text._tokenizer_module()
+    text._tokenizer_module.cache_clear()
+    try:
+        module = text._tokenizer_module()
+    finally:
+        text._tokenizer_module.cache_clear()
     assert module.__name__ == "open_clip.tokenizer"
     assert module.SimpleTokenizer().encode("chest of drawers") == text._bpe().encode("chest of drawers")
 
 
 def test_a_module_file_runs_without_its_package(tmp_path, monkeypatch):
     """_module_from_file runs one file of a package without the package's __init__, and gives ImportError (leaving no
-    half-made module behind) for a file with a relative import, a missing file and a missing package."""
+    half-made module behind) for a file with a relative import (even of a name that denseclip_fast has), a missing
+    file and a missing package, or one in sys.modules without a spec."""
     from denseclip_fast.model.text import _module_from_file
 
     package = tmp_path / "dcf_probe_package"
     package.mkdir()
     (package / "__init__.py").write_text("raise RuntimeError('the package __init__ ran')\n")
     (package / "alone.py").write_text("VALUE = 41 + 1\n")
-    (package / "relative.py").write_text("from . import alone\n")
+    (package / "relative.py").write_text("from . import config\n")  # a name denseclip_fast has too
     monkeypatch.syspath_prepend(str(tmp_path))
     assert _module_from_file("dcf_probe_package", "alone.py").VALUE == 42
     assert "dcf_probe_package" not in sys.modules
     with pytest.raises(ImportError):
         _module_from_file("dcf_probe_package", "relative.py")
-    assert "denseclip_fast._dcf_probe_package_relative" not in sys.modules
+    assert "_denseclip_fast_dcf_probe_package_relative" not in sys.modules
     with pytest.raises(ImportError, match="no missing.py in package dcf_probe_package"):
         _module_from_file("dcf_probe_package", "missing.py")
     with pytest.raises(ImportError, match="no tokenizer.py in package dcf_no_such_package"):
         _module_from_file("dcf_no_such_package", "tokenizer.py")
-    monkeypatch.delitem(sys.modules, "denseclip_fast._dcf_probe_package_alone")
+    stub = types.ModuleType("dcf_stub_package")
+    stub.__spec__ = None
+    monkeypatch.setitem(sys.modules, "dcf_stub_package", stub)
+    with pytest.raises(ImportError, match="no spec for package dcf_stub_package"):
+        _module_from_file("dcf_stub_package", "tokenizer.py")
+    monkeypatch.delitem(sys.modules, "_denseclip_fast_dcf_probe_package_alone")
 
 
 def test_padding_and_cleaning():

@@ -198,11 +198,17 @@ def key_listing(keys: list[str], limit: int = 20) -> str:
     return shown + (f" ... and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
+# Floating-point dtypes without a conversion to float32 (copy_ has no kernel: load_state_dict would fail on them)
+PACKED_FLOATS = tuple(d for d in (getattr(torch, "float4_e2m1fn_x2", None),) if d is not None)
+
+
 def all_finite(t: torch.Tensor) -> bool:
     """No NaN or infinity in ``t`` (floating point): its minimum and maximum in one read (aminmax propagates NaN,
     and an infinity is one of them), where ``isfinite(t).all()`` also writes and reads a boolean tensor as large."""
     if t.numel() == 0:
         return True  # aminmax refuses an empty tensor
+    if t.element_size() < 2:  # float8: aminmax has no kernel for it; float32 holds each of its values
+        t = t.to(torch.float32)
     low, high = torch.aminmax(t)
     return bool(torch.isfinite(low) & torch.isfinite(high))
 
@@ -236,7 +242,11 @@ def state_problems(
              for k, v, e in shared if e.is_floating_point() and not v.is_floating_point()]  # fmt: skip
     if kinds:
         problems.append(f"not floating point ({len(kinds)}): {key_listing(kinds, 10)}")
-    broken = [label + k for k, v, _ in shared if v.is_floating_point() and not v.is_meta and not all_finite(v)]
+    packed = [f"{label}{k}: {v.dtype}" for k, v, e in shared if e.is_floating_point() and v.dtype in PACKED_FLOATS]
+    if packed:
+        problems.append(f"packed floating point, not convertible to float32 ({len(packed)}): {key_listing(packed, 10)}")
+    readable = [(k, v) for k, v, _ in shared if v.is_floating_point() and v.dtype not in PACKED_FLOATS]
+    broken = [label + k for k, v in readable if not v.is_meta and not all_finite(v)]
     if broken:
         problems.append(f"NaN or infinite values ({len(broken)}): {key_listing(broken)}")
     return problems

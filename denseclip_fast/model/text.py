@@ -31,11 +31,13 @@ def _bpe() -> Any:
     return _tokenizer_module().SimpleTokenizer()
 
 
+@functools.lru_cache(maxsize=1)
 def _tokenizer_module() -> ModuleType:
     """open_clip's tokenizer module. Importing it the usual way first runs open_clip's package ``__init__``, which
-    imports its models (timm, torchvision, ...: about 2.5 s on a 2-core machine, where the tokenizer module alone
-    takes 0.3 s), so the module file is run on its own, under a private name. The package import is the fallback
-    where it is already imported, or where an open_clip's tokenizer module cannot run alone (a relative import)."""
+    imports its models (timm, torchvision and through them torch._dynamo: seconds of a fresh process's start-up, see
+    benchmarks/bench_startup.py), so the module file is run on its own, under a private name. The package import is
+    the fallback where it is already imported, or where an open_clip's tokenizer module cannot run alone (a relative
+    import). Objects of the private module do not pickle into another process (none of the package's need to)."""
     imported = sys.modules.get("open_clip.tokenizer")
     if imported is not None:
         return imported
@@ -48,14 +50,18 @@ def _tokenizer_module() -> ModuleType:
 
 
 def _module_from_file(package: str, file_name: str) -> ModuleType:
-    """Run ``file_name`` of the installed ``package`` as a module of its own (the package's ``__init__`` not run);
-    ImportError when the package or the file is not found, or when the file imports relatively."""
-    spec = importlib.util.find_spec(package)  # a top-level package's spec: found, not imported
+    """Run ``file_name`` of the installed ``package`` as a module of its own, a top-level one named
+    ``_denseclip_fast_<package>_<name>`` (the package's ``__init__`` not run); ImportError when the package or the file
+    is not found, or when the file imports relatively (a top-level module has no package to import from)."""
+    try:
+        spec = importlib.util.find_spec(package)  # a top-level package's spec: found, not imported
+    except ValueError as exc:  # a module in sys.modules without a __spec__ (a stub)
+        raise ImportError(f"no spec for package {package}: {exc}") from None
     locations = list(spec.submodule_search_locations or []) if spec is not None else []
     path = os.path.join(locations[0], file_name) if locations else ""
     if not os.path.isfile(path):
         raise ImportError(f"no {file_name} in package {package}")
-    file_spec = importlib.util.spec_from_file_location(f"denseclip_fast._{package}_{file_name[:-3]}", path)
+    file_spec = importlib.util.spec_from_file_location(f"_denseclip_fast_{package}_{file_name[:-3]}", path)
     if file_spec is None or file_spec.loader is None:
         raise ImportError(f"{path} cannot be loaded as a module")
     module = importlib.util.module_from_spec(file_spec)
