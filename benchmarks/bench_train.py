@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int)
     parser.add_argument("--classes", type=int, default=150)
     parser.add_argument("--steps", type=int, help="timed steps per contestant (default on a GPU: as many as fill "
-                        f"{STEPS_BUDGET_S:g} s, {MIN_STEPS} to {MAX_STEPS}; 2 on a CPU)")  # fmt: skip
+                        f"{STEPS_BUDGET_S:g} s, {MIN_STEPS} to {MAX_STEPS}; 1 on a CPU)")  # fmt: skip
     parser.add_argument("--contestants", nargs="+", choices=ALL)
     parser.add_argument("--profile", nargs="*", choices=ALL, help="contestants to profile by kernel")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     args.batch = args.batch or (16 if gpu else 2)
     args.size = args.size or (512 if gpu else 128)
     if args.steps is None and not gpu:  # a GPU run times as many steps as fill STEPS_BUDGET_S
-        args.steps = 2
+        args.steps = 1
     args.contestants = args.contestants or (list(ALL) if gpu else ["official-fp32", "trainer-fp32"])
     args.profile = args.profile if args.profile is not None else (["official-fp32", "trainer-bf16"] if gpu else [])
     names = list(dcf.ADE20K_CLASSES[: args.classes])
