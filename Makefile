@@ -42,7 +42,7 @@ bench: setup
 	$(PYTHON) benchmarks/bench_data.py
 	$(PYTHON) benchmarks/bench_host.py
 	$(PYTHON) benchmarks/bench_cpu_linear.py
-	$(PYTHON) benchmarks/bench_startup.py
+	$(PYTHON) benchmarks/bench_startup.py --repeats 2  # the smoke: 2 fresh processes (3 by default)
 
 SHARED_WHEELS ?= ../shared/wheels/py312
 gpu-wheels: $(VENV)/.deps
