@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import denseclip_fast as dcf  # noqa: E402
 from benchmarks.common import ROOT, Results, environment  # noqa: E402
-from benchmarks.official import randomize_  # noqa: E402
+from benchmarks.official import randomize_, save_mmcv_checkpoint  # noqa: E402
 
 STAGES = ("python + import torch", "import denseclip_fast", "load_checkpoint", "Segmenter(...)", "first logits")
 
@@ -74,7 +74,7 @@ def write_checkpoints(arch: str, formats: list[str], folder: str) -> dict[str, s
         if fmt == "safetensors":
             model.save(path)
         else:  # what mmcv's save_checkpoint writes for the released weights
-            torch.save({"meta": {"CLASSES": tuple(model.class_names)}, "state_dict": model.state_dict()}, path)
+            save_mmcv_checkpoint(model, path, model.class_names)
         paths[fmt] = path
     return paths
 

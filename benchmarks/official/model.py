@@ -570,9 +570,10 @@ def weigh_score_channels_(model: OfficialDenseCLIP | DenseCLIP, size: int = 224,
     return gain
 
 
-def save_mmcv_checkpoint(model: OfficialDenseCLIP, path: str, classes: list[str],
+def save_mmcv_checkpoint(model: nn.Module, path: str, classes: list[str],
                          palette: list[list[int]] | None = None) -> None:  # fmt: skip
-    """Write what mmcv's ``save_checkpoint`` writes: ``{'meta': {...}, 'state_dict': OrderedDict}``."""
+    """Write what mmcv's ``save_checkpoint`` writes: ``{'meta': {...}, 'state_dict': OrderedDict}``. ``model``: an
+    OfficialDenseCLIP, or a denseclip_fast DenseCLIP (the same state-dict keys)."""
     meta: dict[str, Any] = {"mmcv_version": "1.4.0", "time": "Thu Jan  1 00:00:00 2022", "CLASSES": tuple(classes)}
     if palette is not None:
         meta["PALETTE"] = palette
