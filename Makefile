@@ -43,6 +43,7 @@ bench: setup
 	$(PYTHON) benchmarks/bench_host.py
 	$(PYTHON) benchmarks/bench_cpu_linear.py
 	$(PYTHON) benchmarks/bench_startup.py --repeats 2  # the smoke: 2 fresh processes (3 by default)
+	$(PYTHON) benchmarks/bench_text.py --vocabularies ade20k --modes embed --repeats 2  # the smoke
 
 SHARED_WHEELS ?= ../shared/wheels/py312
 gpu-wheels: $(VENV)/.deps

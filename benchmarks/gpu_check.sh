@@ -206,6 +206,8 @@ export_bench() {  # the AOTInductor package against the engine on the GPU (the O
 
 train_bench() {  # one training step, official style against the trainer (RN50 512x512 batch 16)
   timed "bench_train RN50" bench_train.txt python3 benchmarks/bench_train.py --out "$OUT" --tag rn50_b16
+  # the text encoder's part of that step (and of set_classes): its shared start against every prompt run whole
+  timed "bench_text" bench_text.txt python3 benchmarks/bench_text.py --device cuda --repeats 30 --out "$OUT"
   # can this machine's CPUs feed that step? (the DataLoader's samples/s per worker count)
   timed "bench_data" bench_data.txt python3 benchmarks/bench_data.py --out "$OUT" --tag gpu_machine
 }

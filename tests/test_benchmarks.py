@@ -474,6 +474,28 @@ def test_cpu_linear_benchmark_times_both_paths_and_restores_the_probe(tmp_path, 
     assert "| ViT-B/16 | 64 | logits |" in (tmp_path / "cpu_linear_t.md").read_text()
 
 
+def test_text_benchmark_times_both_paths_and_compares_them(tmp_path, monkeypatch):
+    """benchmarks/bench_text.py times the shared start and the whole prompts on each vocabulary and mode (no timing
+    asserted here), and their embeddings and gradients agree."""
+    from benchmarks import bench_text
+    from denseclip_fast import ADE20K_CLASSES, DenseCLIP
+
+    from .conftest import randomized, tiny_config
+
+    monkeypatch.setattr(bench_text.dcf.DenseCLIP, "from_arch", lambda arch: DenseCLIP(tiny_config(), ADE20K_CLASSES))
+    monkeypatch.setattr(bench_text, "randomize_", randomized)
+    assert bench_text.main(["--repeats", "1", "--out", str(tmp_path), "--tag", "t"]) == 0
+    rows = json.loads((tmp_path / "text_encoder_t.json").read_text())["rows"]
+    assert [(r["vocabulary"], r["classes"], r["span"], r["mode"]) for r in rows] == [
+        ("ade20k", 150, 5, "embed"), ("ade20k", 150, 5, "train"), ("one-token", 119, 3, "embed"),
+        ("one-token", 119, 3, "train"),
+    ]  # fmt: skip
+    assert all(r["rel_error"] < 1e-5 and r["whole_median_ms"] > 0 < r["shared_median_ms"] for r in rows)
+    assert [r["grad_rel_error"] is None for r in rows] == [True, False, True, False]
+    assert all(r["grad_rel_error"] < 1e-4 for r in rows if r["grad_rel_error"] is not None)
+    assert "| cpu | float32 | one-token | 119 | 3 | train |" in (tmp_path / "text_encoder_t.md").read_text()
+
+
 def test_upstream_parity_names_a_missing_checkout(tmp_path, capsys):
     """benchmarks/upstream_parity.py needs a checkout of raoyongming/DenseCLIP (which CI does not have, so the check
     itself is not run here): a directory without segmentation/denseclip/models.py, or no directory at all, exits 2

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..model import DenseCLIP
-from ..model.layers import MultiheadSelfAttention
+from ..model.layers import MultiheadSelfAttention, intercepted
 
 
 def _operator() -> Any:
@@ -59,22 +59,10 @@ def _plain_cpu_float32(t: torch.Tensor) -> bool:
     return type(t) in (torch.Tensor, nn.Parameter) and t.device.type == "cpu" and t.dtype == torch.float32
 
 
-def _intercepted() -> bool:
-    """Something records or transforms the call: torch.compile or torch.export, a dispatch mode (FlopCounterMode,
-    make_fx), torch.jit.trace, a torch.func transform, forward-mode AD."""
-    return (
-        torch.compiler.is_compiling()
-        or torch._C._len_torch_dispatch_stack() > 0
-        or torch.jit.is_tracing()
-        or torch._C._functorch.peek_interpreter_stack() is not None
-        or torch.autograd.forward_ad._current_level >= 0
-    )
-
-
 def _takes_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
         return False
-    if _intercepted() or not torch.backends.mkldnn.enabled:  # first: a tracer is not asked about shapes
+    if intercepted() or not torch.backends.mkldnn.enabled:  # first: a tracer is not asked about shapes
         return False
     if not all(_plain_cpu_float32(t) for t in (x, weight) + ((bias,) if bias is not None else ())):
         return False

@@ -34,7 +34,7 @@ from .heads import FPN, SemanticFPNHead
 from .resnet import CLIPResNetBackbone
 from .slide import slide_inference as _slide_inference
 from .slide import window_sizes
-from .text import ContextTextEncoder, check_class_names, tokenize_class_names
+from .text import ContextTextEncoder, check_class_names, token_span, tokenize_class_names
 from .vit import CLIPViTBackbone
 
 if TYPE_CHECKING:
@@ -73,6 +73,7 @@ class DenseCLIP(nn.Module):
     """
 
     class_tokens: torch.Tensor  # a buffer (register_buffer in __init__), declared for the type checker
+    _class_span: int | None  # text.token_span(class_tokens), kept with them (set_classes is their only writer)
 
     def __init__(self, config: DenseCLIPConfig, class_names: Sequence[str]) -> None:
         if not isinstance(config, DenseCLIPConfig):  # e.g. an arch name, which from_arch takes
@@ -98,6 +99,7 @@ class DenseCLIP(nn.Module):
         nn.init.trunc_normal_(self.contexts)
         self.gamma = nn.Parameter(torch.full((d,), 1e-4))
         self.register_buffer("class_tokens", tokens, persistent=False)
+        self._class_span = token_span(tokens)  # read here, on the host: never a GPU synchronisation in a forward
         self._text_cache: tuple[tuple[Any, ...], torch.Tensor] | None = None
 
     # ------------------------------------------------------------------ construction
@@ -163,6 +165,7 @@ class DenseCLIP(nn.Module):
         check_class_names(names)
         tokens = tokenize_class_names(names, self.config.text.class_token_length)
         self.class_tokens = tokens.to(self.class_tokens.device)
+        self._class_span = token_span(tokens)
         self._class_names = tuple(names)
         self._text_cache = None
 
@@ -170,7 +173,7 @@ class DenseCLIP(nn.Module):
         """(K', D) class embeddings of any names through the learned contexts (before the context decoder); with
         ``distinct`` (open vocabulary) names that tokenise alike are a ValueError."""
         tokens = tokenize_class_names(names, self.config.text.class_token_length, distinct)
-        return self.text_encoder(tokens.to(self.contexts.device), self.contexts)
+        return self.text_encoder(tokens.to(self.contexts.device), self.contexts, token_span(tokens))
 
     def class_embeddings(self) -> torch.Tensor:
         """(K, D) embeddings of the current vocabulary. In eval mode without gradients (``torch.no_grad``,
@@ -194,14 +197,14 @@ class DenseCLIP(nn.Module):
     def _class_embeddings(self) -> torch.Tensor:
         """:meth:`class_embeddings` without the copy, for the forward, which does not write to it."""
         if self.training or torch.compiler.is_compiling():  # no cache inside a compiled graph (its key reads pointers)
-            return self.text_encoder(self.class_tokens, self.contexts)
+            return self._encode_classes()
         params = [self.contexts, self.class_tokens, *self.text_encoder.parameters()]
         if (
             # a cache would be detached: an eval-mode fine-tuning step lost its gradients to the contexts
             (torch.is_grad_enabled() and any(p.requires_grad for p in params))
             or any(p.is_inference() for p in params)  # made under inference_mode: no version counter to key on
         ):
-            return self.text_encoder(self.class_tokens, self.contexts)
+            return self._encode_classes()
         device = self.contexts.device.type
         autocast = None  # a device without autocast (meta): asking it for its state raises
         if torch.amp.is_autocast_available(device):
@@ -210,8 +213,11 @@ class DenseCLIP(nn.Module):
         cache = self._text_cache
         if cache is None or cache[0] != key or (cache[1].is_inference() and not torch.is_inference_mode_enabled()):
             with torch.no_grad():
-                cache = self._text_cache = (key, self.text_encoder(self.class_tokens, self.contexts))
+                cache = self._text_cache = (key, self._encode_classes())
         return cache[1]
+
+    def _encode_classes(self) -> torch.Tensor:
+        return self.text_encoder(self.class_tokens, self.contexts, self._class_span)
 
     def train(self, mode: bool = True) -> DenseCLIP:
         """nn.Module.train; a switch of mode also drops the cached class embeddings (see :meth:`class_embeddings`):

@@ -26,6 +26,19 @@ def init_(init: Callable[..., object], tensor: torch.Tensor, **kwargs: object) -
         init(tensor, **kwargs)
 
 
+def intercepted() -> bool:
+    """Something records or transforms the call: torch.compile or torch.export, a dispatch mode (FlopCounterMode,
+    make_fx), torch.jit.trace, a torch.func transform, forward-mode AD. Code that picks a path by reading its
+    inputs' values or by the kind of tensor they are then takes the plain one."""
+    return (
+        torch.compiler.is_compiling()
+        or torch._C._len_torch_dispatch_stack() > 0
+        or torch.jit.is_tracing()
+        or torch._C._functorch.peek_interpreter_stack() is not None
+        or torch.autograd.forward_ad._current_level >= 0
+    )
+
+
 class LayerNormFp32(nn.LayerNorm):
     """CLIP's LayerNorm: computed in float32 whatever the input and weight dtypes, result cast back."""
 

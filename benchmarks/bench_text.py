@@ -1,0 +1,160 @@
+"""The text encoder's shared start against every prompt run whole, in one process (a benchmark).
+
+    python benchmarks/bench_text.py                                  # CPU float32, ADE20K's names, 3 rounds
+    python benchmarks/bench_text.py --device cuda --repeats 50       # float32 and bfloat16 autocast
+
+The context text encoder (denseclip_fast/model/text.py) computes the prompts' shared start (SOT and the 8 learned
+contexts) once and then each class's positions up to the vocabulary's last EOT; the official encoder runs all 13
+positions of every prompt. This times both on the same random-weight RN50 text encoder, for what a user waits for:
+``embed``, the class embeddings of a vocabulary without gradients (a Segmenter's construction, set_classes, a new
+open vocabulary), and ``train``, the forward and the backward to the contexts with the encoder frozen (every
+training step runs it). Vocabularies: ``ade20k``, its 150 names (1 to 3 BPE tokens: the last EOT at position 4 of
+the 5 name tokens), and ``one-token``, its 119 names of one token (span 3). The two paths take turns, which one goes
+first alternating from round to round, after one untimed round. Error: relative L2 of the shared start's embeddings
+(and, for train, of the contexts' gradient) against the whole prompts'. Writes JSON and markdown
+(text_encoder_<tag>.*).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import denseclip_fast as dcf  # noqa: E402
+from benchmarks.common import Results, environment, rel_err, sync  # noqa: E402
+from benchmarks.official import randomize_  # noqa: E402
+from denseclip_fast.model.text import _bpe, token_span, tokenize_class_names  # noqa: E402
+
+PATHS = ("whole", "shared")
+MODES = ("embed", "train")
+VOCABULARIES = ("ade20k", "one-token")
+
+
+def vocabulary(name: str) -> list[str]:
+    names = list(dcf.ADE20K_CLASSES[:150])
+    if name == "one-token":
+        bpe = _bpe()
+        names = [n for n in names if len(bpe.encode(n)) == 1]
+    return names
+
+
+def step(
+    model: dcf.DenseCLIP, tokens: torch.Tensor, span: int | None, path: str, mode: str
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The class embeddings of ``tokens`` by ``path`` (the shared start given the span, as DenseCLIP gives it: no
+    read of the tokens per call); with mode train also the contexts' gradient of their sum
+    weighted by a fixed pattern (a loss that reaches every embedding)."""
+    enc = model.text_encoder
+    with torch.set_grad_enabled(mode == "train"):
+        contexts = model.contexts
+        if path == "whole":
+            out = enc._whole_prompts(tokens, contexts)
+        else:
+            out = enc(tokens, contexts, span)
+        if mode == "embed":
+            return out, None
+        weights = torch.linspace(-1, 1, out.numel(), device=out.device).view_as(out)
+        (grad,) = torch.autograd.grad((out.float() * weights).sum(), contexts)
+        return out.detach(), grad
+
+
+def run_case(model: dcf.DenseCLIP, device: torch.device, dtype: str, vocab: str, mode: str, repeats: int) -> dict:
+    names = vocabulary(vocab)
+    tokens = tokenize_class_names(names, model.config.text.class_token_length)
+    span = token_span(tokens)
+    tokens = tokens.to(device)
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16"
+                else contextlib.nullcontext())  # fmt: skip
+    times: dict[str, list[float]] = {p: [] for p in PATHS}
+    outputs: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+
+    def timed(path: str) -> float:
+        sync(device)
+        start = time.perf_counter()
+        with autocast:
+            outputs[path] = step(model, tokens, span, path, mode)
+        sync(device)
+        return (time.perf_counter() - start) * 1e3
+
+    for i in range(repeats + 1):  # the first round warms up, untimed
+        for path in PATHS if i % 2 else PATHS[::-1]:
+            ms = timed(path)
+            if i:
+                times[path].append(ms)
+    (shared, shared_grad), (whole, whole_grad) = outputs["shared"], outputs["whole"]
+    grad_error = None if shared_grad is None or whole_grad is None else rel_err(shared_grad, whole_grad)
+    row = {"device": device.type, "dtype": dtype, "vocabulary": vocab, "classes": len(names), "span": span,
+           "mode": mode, "repeats": repeats, "rel_error": rel_err(shared.float(), whole.float()),
+           "grad_rel_error": grad_error}  # fmt: skip
+    for path in PATHS:
+        row[f"{path}_median_ms"] = statistics.median(times[path])
+        row[f"{path}_min_ms"] = min(times[path])
+    return row
+
+
+def table(env: dict, rows: list[dict]) -> str:
+    versions = f"torch {env['torch']}" + (f", triton {env['triton']}" if env.get("gpu") else "")
+    lines = [
+        f"# Text encoder: shared start vs every prompt whole ({env['date']})",
+        "",
+        f"{env['device']} ({env['threads']} CPU threads); {versions}; commit {env['commit']}. The RN50 text encoder "
+        "(12 layers, width 512, 8 contexts), random weights. embed: class embeddings without gradients (a "
+        "Segmenter's construction, set_classes, a new open vocabulary); train: forward and backward to the "
+        "contexts (every training step). span: the positions of the class tokens computed (of 5). The paths take "
+        "turns; milliseconds. Error: relative L2 of the shared start's embeddings (grad: of the contexts' "
+        "gradient) against the whole prompts'.",
+        "",
+        "| device | dtype | vocabulary | K | span | mode | whole median | shared median | whole / shared | whole min "
+        "| shared min | error | grad error |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        grad = "" if r["grad_rel_error"] is None else f"{r['grad_rel_error']:.1e}"
+        lines.append(
+            f"| {r['device']} | {r['dtype']} | {r['vocabulary']} | {r['classes']} | {r['span']} | {r['mode']} | "
+            f"{r['whole_median_ms']:.2f} | {r['shared_median_ms']:.2f} | "
+            f"{r['whole_median_ms'] / r['shared_median_ms']:.2f}x | {r['whole_min_ms']:.2f} | "
+            f"{r['shared_min_ms']:.2f} | {r['rel_error']:.1e} | {grad} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", help="cpu (float32) or cuda (float32 and bfloat16 autocast)")
+    parser.add_argument("--vocabularies", nargs="+", choices=VOCABULARIES, default=list(VOCABULARIES))
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds after one untimed (default 3)")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    parser.add_argument("--tag", help="file name tag (default: cpu_smoke, or the GPU's name)")
+    args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error(f"--repeats must be >= 1, got {args.repeats}")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA GPU here")
+    torch.manual_seed(0)
+    model = randomize_(dcf.DenseCLIP.from_arch("RN50")).eval().requires_grad_(False).to(device)
+    model.contexts.requires_grad_(True)  # the trainer's: the encoder frozen, the contexts learning
+    results = Results(args.out, "text_encoder", args.tag, environment(device), {"args": vars(args)}, table)
+    dtypes = ["float32", "bfloat16"] if device.type == "cuda" else ["float32"]
+    run: Callable[[str, str, str], dict] = lambda d, v, m: run_case(model, device, d, v, m, args.repeats)  # noqa: E731
+    for dtype in dtypes:
+        for vocab in args.vocabularies:
+            for mode in args.modes:
+                results.add(run(dtype, vocab, mode))
+    print(results.render(results.env, results.rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,214 @@
+"""The context text encoder's shared start (text.py): SOT and the contexts computed once for all prompts, each class
+only up to the vocabulary's last EOT. Checked against every prompt run whole (the official computation), values and
+gradients, on prompts of every length, and the cases that must run whole."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from denseclip_fast import DenseCLIP
+from denseclip_fast.config import TextConfig
+from denseclip_fast.model import text
+from denseclip_fast.model.layers import DropPath, LayerNormFp32
+from denseclip_fast.model.text import ContextTextEncoder, token_span
+
+from .conftest import NAMES, tiny_config
+
+SOT, EOT = 49406, 49407  # CLIP's: EOT is the vocabulary's largest id
+
+
+def encoder(heads: int = 2, n_ctx: int = 4, length: int = 7, dtype: torch.dtype = torch.float64) -> tuple:
+    """A random encoder of 2 layers (width 32) and its random contexts (1, n_ctx, 32). In float64 its LayerNorms
+    compute in float64 (CLIP's compute in float32 whatever the dtype, which would leave float32's rounding in
+    every comparison and fail gradcheck)."""
+    cfg = TextConfig(context_length=n_ctx + length, n_ctx=n_ctx, width=32, heads=heads, layers=2)
+    enc = ContextTextEncoder(cfg, embed_dim=24).to(dtype)
+    if dtype == torch.float64:
+        for module in list(enc.modules()):
+            for name, child in list(module.named_children()):
+                if isinstance(child, LayerNormFp32):
+                    plain = nn.LayerNorm(32, dtype=dtype)
+                    plain.load_state_dict(child.state_dict())
+                    setattr(module, name, plain)
+        assert not any(isinstance(m, LayerNormFp32) for m in enc.modules())
+    return enc, torch.randn(1, n_ctx, 32, dtype=dtype)
+
+
+def prompts(name_lengths: list[int], length: int) -> torch.Tensor:
+    """(K, length) tokens: SOT, random name ids, EOT, zero padding, as tokenize_class_names lays them out."""
+    tokens = torch.zeros(len(name_lengths), length, dtype=torch.long)
+    for i, n in enumerate(name_lengths):
+        tokens[i, : n + 2] = torch.tensor([SOT, *torch.randint(1, SOT, (n,)).tolist(), EOT])
+    return tokens
+
+
+def whole(enc: ContextTextEncoder, tokens: torch.Tensor, contexts: torch.Tensor) -> torch.Tensor:
+    return enc._whole_prompts(tokens, contexts)
+
+
+@pytest.fixture
+def no_whole(monkeypatch):
+    """The whole-prompt path made to fail: a call that passes took the shared start."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("ran every prompt whole")
+
+    monkeypatch.setattr(ContextTextEncoder, "_whole_prompts", refuse)
+
+
+@pytest.mark.parametrize(
+    "name_lengths, heads, n_ctx",
+    [
+        ([1], 1, 4),  # K = 1
+        ([5], 2, 4),  # one prompt filling the context length: EOT at the last position
+        ([1, 1, 1], 4, 1),  # every EOT at position 2: the span is 3 of 7
+        ([3, 1, 5, 2, 2, 4, 1], 2, 4),
+        ([2] * 9 + [0], 2, 8),  # an empty name: EOT right after SOT (span 2 for it)
+    ],
+)
+def test_shared_start_equals_every_prompt_run_whole(name_lengths, heads, n_ctx):
+    torch.manual_seed(sum(name_lengths) + heads)
+    enc, contexts = encoder(heads, n_ctx)
+    tokens = prompts(name_lengths, length=7)
+    assert token_span(tokens) == max(name_lengths) + 2
+    expected = whole(enc, tokens, contexts)
+    got = enc(tokens, contexts)
+    assert got.shape == (len(name_lengths), 24)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    # what was computed is the shared path's (the whole path would agree with itself)
+    calls = []
+    original = text.shared_start_block
+    text.shared_start_block = lambda *a: calls.append(1) or original(*a)  # type: ignore[assignment]
+    try:
+        enc(tokens, contexts)
+    finally:
+        text.shared_start_block = original
+    assert len(calls) == 2  # one per layer
+
+
+def test_gradients_equal_those_of_the_whole_prompts():
+    torch.manual_seed(1)
+    enc, contexts = encoder(heads=2, n_ctx=4)
+    contexts.requires_grad_(True)
+    tokens = prompts([1, 4, 2, 3, 1], length=7)
+    weights = (torch.randn(5, 24, dtype=torch.float64),)
+
+    def grads(fn):
+        enc.zero_grad(set_to_none=True)
+        contexts.grad = None
+        (fn(enc, tokens, contexts) * weights[0]).sum().backward()
+        named = {name: p.grad.clone() for name, p in enc.named_parameters() if p.grad is not None}
+        return contexts.grad.clone(), named
+
+    shared_ctx, shared = grads(lambda e, t, c: e(t, c))
+    whole_ctx, whole_grads = grads(whole)
+    torch.testing.assert_close(shared_ctx, whole_ctx, rtol=1e-10, atol=1e-12)
+    assert shared.keys() == whole_grads.keys()
+    assert {"positional_embedding", "token_embedding.weight", "text_projection"} <= shared.keys()
+    for name in shared:
+        torch.testing.assert_close(shared[name], whole_grads[name], rtol=1e-10, atol=1e-12, msg=name)
+    # the position after the last EOT (token 6, the prompt's 10) receives no gradient, the last EOT's does
+    assert shared["positional_embedding"][10].abs().max() == 0 < shared["positional_embedding"][9].abs().max()
+
+
+def test_gradcheck_through_the_shared_start():
+    torch.manual_seed(2)
+    enc, contexts = encoder(heads=2, n_ctx=2, length=5)
+    enc.requires_grad_(False)
+    tokens = prompts([2, 1, 3], length=5)
+    contexts.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda c: enc(tokens, c), (contexts,))
+
+
+def test_float32_and_bfloat16_autocast_stay_close_to_the_whole_prompts():
+    torch.manual_seed(3)
+    enc, contexts = encoder(heads=4, n_ctx=8, length=5, dtype=torch.float32)
+    tokens = prompts([1, 3, 2, 3, 1, 2], length=5)
+    with torch.no_grad():
+        torch.testing.assert_close(enc(tokens, contexts), whole(enc, tokens, contexts), rtol=1e-5, atol=1e-5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got, expected = enc(tokens, contexts), whole(enc, tokens, contexts)
+    assert got.dtype == expected.dtype
+    torch.testing.assert_close(got.float(), expected.float(), rtol=3e-2, atol=3e-2)
+
+
+def test_token_span():
+    tokens = prompts([2, 1, 3], length=7)
+    assert token_span(tokens) == 5  # the last EOT at position 4
+    assert token_span(prompts([5], length=7)) == 7
+    different_start = tokens.clone()
+    different_start[1, 0] = 5
+    assert token_span(different_start) is None
+    eot_first = tokens.clone()
+    eot_first[2] = 0  # an all-zero row: its argmax (the encoder's EOT) is position 0, inside the shared start
+    assert token_span(eot_first) is None
+    assert token_span(tokens.to("meta")) is None
+    assert token_span(tokens[0]) is None  # not (K, L)
+    assert token_span(tokens[:0]) is None
+
+
+def test_prompts_that_do_not_share_their_start_run_whole(monkeypatch):
+    torch.manual_seed(4)
+    enc, contexts = encoder()
+    tokens = prompts([1, 2, 3], length=7)
+    tokens[1, 0] = 7
+    expected = whole(enc, tokens, contexts)
+    monkeypatch.setattr(text, "shared_start_block", None)  # would fail if called
+    torch.testing.assert_close(enc(tokens, contexts), expected, rtol=0, atol=0)
+
+
+def test_a_block_with_drop_path_runs_the_prompts_whole(monkeypatch):
+    torch.manual_seed(5)
+    enc, contexts = encoder()
+    tokens = prompts([1, 2], length=7)
+    enc.transformer.resblocks[1].drop_path = DropPath(0.0)  # not an Identity: per-prompt rows, not the shared ones
+    monkeypatch.setattr(text, "shared_start_block", None)
+    torch.testing.assert_close(enc(tokens, contexts), whole(enc, tokens, contexts), rtol=0, atol=0)
+
+
+def test_span_argument_is_checked():
+    enc, contexts = encoder(length=7)
+    tokens = prompts([1, 2], length=7)
+    for span in (1, 8):
+        with pytest.raises(ValueError, match=rf"span must be 2 to 7 \(the tokens' length\), got {span}"):
+            enc(tokens, contexts, span)
+
+
+def test_a_traced_call_runs_whole_unless_given_the_span():
+    """A dispatch mode (as torch.compile, torch.export and the ONNX exporter trace) cannot read the tokens: the
+    prompts run whole, unless the caller passes the span, which DenseCLIP does (read when its names were set). The
+    FLOP count shows the work saved."""
+    torch.manual_seed(6)
+    enc, contexts = encoder(heads=2, n_ctx=8, length=5, dtype=torch.float32)
+    tokens = prompts([1, 2, 1, 3, 1, 2, 1, 1], length=5)
+    flops = {}
+    for name, span in (("traced", None), ("given", token_span(tokens))):
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            enc(tokens, contexts, span)
+        flops[name] = counter.get_total_flops()
+    # every prompt whole: 8 prompts of 13 positions; shared: 9 positions once and 4 per prompt (linear layers)
+    assert flops["given"] < 0.45 * flops["traced"]
+
+
+def test_denseclip_passes_the_span_read_when_its_names_were_set(monkeypatch):
+    """Training runs the text encoder on every step: its span comes from set_classes, never from a read of the
+    tokens (on a GPU, a synchronisation per step)."""
+    torch.manual_seed(7)
+    model = DenseCLIP(tiny_config("resnet"), NAMES)
+    assert model._class_span == token_span(model.class_tokens)
+    model.set_classes(list(reversed(NAMES)))
+    assert model._class_span == token_span(model.class_tokens)
+    expected = model.text_encoder._whole_prompts(model.class_tokens, model.contexts)
+
+    def refuse(tokens):
+        raise AssertionError("read the tokens")
+
+    monkeypatch.setattr(text, "token_span", refuse)
+    model.train()
+    got = model.class_embeddings()
+    assert got.requires_grad
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert model.text_features(["sky", "a road"]).shape == (2, model.config.embed_dim)  # tokenised: span passed
