@@ -11,8 +11,8 @@ The attention is causal, so the first ``1 + n_ctx`` positions (SOT and the conte
 the same values in every prompt at every layer, and no position before a prompt's EOT reads one after it. The
 encoder therefore computes that shared start once, as one sequence, and for each class only its name's positions up
 to the vocabulary's last EOT: 4 of the 13 positions for ADE20K's names, 2 for names of one token. On 2 CPU threads
-the 150 ADE20K embeddings took 0.23 s instead of 0.68 s, and the training step's forward and backward to the
-contexts 0.48 s instead of 1.40 s (benchmarks/bench_text.py, results/text_encoder_cpu_2threads.md). The same
+the 150 ADE20K embeddings took 0.23 s instead of 0.79 s, and the training step's forward and backward to the
+contexts 0.47 s instead of 1.35 s (benchmarks/bench_text.py, results/text_encoder_cpu_2threads.md). The same
 arithmetic (to rounding: other batch sizes in the matrix products). Prompts that do not share their first token run
 whole, as does a call that torch.compile, torch.export or a dispatch mode traces without being given the span (it
 cannot read the tokens; DenseCLIP gives it, read when its names were set: see token_span).
