@@ -424,6 +424,29 @@ def test_bf16_training_step_on_cuda(monkeypatch, backend, kind):
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_text_encoder_shared_start_on_cuda(dtype):
+    """The text encoder's shared start (its attention through SDPA with a boolean mask, which CUDA runs in other
+    kernels than the CPU's) against every prompt run whole: the 150 ADE20K embeddings at the released width, and the
+    contexts' gradient (a training step's text part); float32 with TF32 off, bfloat16 under autocast."""
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(tiny_config(), text=dcf.config.preset("RN50").text, embed_dim=1024)
+    model = randomized(dcf.DenseCLIP(cfg, dcf.ADE20K_CLASSES)).cuda().requires_grad_(False)
+    model.contexts.requires_grad_(True)
+    enc, tokens = model.text_encoder, model.class_tokens
+    results = {}
+    for path in ("shared", "whole"):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            out = enc(tokens, model.contexts, model._class_span) if path == "shared" else enc._whole_prompts(
+                tokens, model.contexts)  # fmt: skip
+        (grad,) = torch.autograd.grad((out.float() * torch.linspace(-1, 1, out.numel(), device="cuda").view_as(out))
+                                      .sum(), model.contexts)  # fmt: skip
+        results[path] = out.float(), grad
+    tolerance = 1e-5 if dtype == torch.float32 else 3e-2
+    assert rel_err(results["shared"][0], results["whole"][0]) < tolerance
+    assert rel_err(results["shared"][1], results["whole"][1]) < 10 * tolerance
+
+
 def test_a_model_on_a_gpu_that_is_not_the_current_one():
     """Triton launches on the current device, not on its arguments': the operators make the tensors' GPU current,
     and the engine captures and replays its graphs on its own GPU, whichever is current at the call."""
