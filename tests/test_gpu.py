@@ -437,7 +437,7 @@ def test_text_encoder_shared_start_on_cuda(dtype):
     results = {}
     for path in ("shared", "whole"):
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-            out = enc(tokens, model.contexts, model._class_span) if path == "shared" else enc._whole_prompts(
+            out = enc(tokens, model.contexts, model._class_tokens_span()) if path == "shared" else enc._whole_prompts(
                 tokens, model.contexts)  # fmt: skip
         (grad,) = torch.autograd.grad((out.float() * torch.linspace(-1, 1, out.numel(), device="cuda").view_as(out))
                                       .sum(), model.contexts)  # fmt: skip

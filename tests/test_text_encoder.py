@@ -4,6 +4,8 @@ gradients, on prompts of every length, and the cases that must run whole."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from torch import nn
@@ -49,14 +51,18 @@ def whole(enc: ContextTextEncoder, tokens: torch.Tensor, contexts: torch.Tensor)
     return enc._whole_prompts(tokens, contexts)
 
 
-@pytest.fixture
-def no_whole(monkeypatch):
-    """The whole-prompt path made to fail: a call that passes took the shared start."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("ran every prompt whole")
-
-    monkeypatch.setattr(ContextTextEncoder, "_whole_prompts", refuse)
+def shared_calls(enc: ContextTextEncoder, fn) -> list:
+    """Run ``fn()`` and return the ``shared`` argument of every attention call of ``enc``'s blocks (None: the
+    whole prompts), seen by forward pre-hooks (which the shared start goes through, as checkpoint wrappers do)."""
+    seen: list = []
+    hooks = [block.attn.register_forward_pre_hook(lambda m, a, kw: seen.append(kw.get("shared")), with_kwargs=True)
+             for block in enc.transformer.resblocks]  # fmt: skip
+    try:
+        fn()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return seen
 
 
 @pytest.mark.parametrize(
@@ -78,15 +84,8 @@ def test_shared_start_equals_every_prompt_run_whole(name_lengths, heads, n_ctx):
     got = enc(tokens, contexts)
     assert got.shape == (len(name_lengths), 24)
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
-    # what was computed is the shared path's (the whole path would agree with itself)
-    calls = []
-    original = text.shared_start_block
-    text.shared_start_block = lambda *a: calls.append(1) or original(*a)  # type: ignore[assignment]
-    try:
-        enc(tokens, contexts)
-    finally:
-        text.shared_start_block = original
-    assert len(calls) == 2  # one per layer
+    # what was computed is the shared path's (the whole path would agree with itself): P = 1 + n_ctx, K prompts
+    assert shared_calls(enc, lambda: enc(tokens, contexts)) == [(1 + n_ctx, len(name_lengths))] * 2  # per layer
 
 
 def test_gradients_equal_those_of_the_whole_prompts():
@@ -150,23 +149,40 @@ def test_token_span():
     assert token_span(tokens[:0]) is None
 
 
-def test_prompts_that_do_not_share_their_start_run_whole(monkeypatch):
+def test_prompts_that_do_not_share_their_start_run_whole():
     torch.manual_seed(4)
     enc, contexts = encoder()
     tokens = prompts([1, 2, 3], length=7)
     tokens[1, 0] = 7
     expected = whole(enc, tokens, contexts)
-    monkeypatch.setattr(text, "shared_start_block", None)  # would fail if called
-    torch.testing.assert_close(enc(tokens, contexts), expected, rtol=0, atol=0)
+    assert shared_calls(enc, lambda: torch.testing.assert_close(enc(tokens, contexts), expected, rtol=0, atol=0)) == [
+        None, None]  # fmt: skip
 
 
-def test_a_block_with_drop_path_runs_the_prompts_whole(monkeypatch):
+def test_a_block_with_drop_path_runs_the_prompts_whole():
     torch.manual_seed(5)
     enc, contexts = encoder()
     tokens = prompts([1, 2], length=7)
     enc.transformer.resblocks[1].drop_path = DropPath(0.0)  # not an Identity: per-prompt rows, not the shared ones
-    monkeypatch.setattr(text, "shared_start_block", None)
-    torch.testing.assert_close(enc(tokens, contexts), whole(enc, tokens, contexts), rtol=0, atol=0)
+    expected = whole(enc, tokens, contexts)
+    assert shared_calls(enc, lambda: torch.testing.assert_close(enc(tokens, contexts), expected, rtol=0, atol=0)) == [
+        None, None]  # fmt: skip
+    with pytest.raises(ValueError, match="drop path cannot take shared-start rows"):
+        enc.transformer(torch.zeros(9, 32, dtype=torch.float64), causal=True, shared=(5, 2))
+
+
+def test_per_class_contexts_run_whole_as_before():
+    """Contexts of one batch per class ((K, n_ctx, W), CoOp's class-specific variant) are expanded per prompt as
+    before; another batch size is still refused."""
+    torch.manual_seed(8)
+    enc, _ = encoder(n_ctx=4)
+    tokens = prompts([1, 2, 3], length=7)
+    contexts = torch.randn(3, 4, 32, dtype=torch.float64)
+    expected = whole(enc, tokens, contexts)
+    assert shared_calls(enc, lambda: torch.testing.assert_close(enc(tokens, contexts), expected, rtol=0, atol=0)) == [
+        None, None]  # fmt: skip
+    with pytest.raises(RuntimeError):
+        enc(tokens, contexts[:2])
 
 
 def test_span_argument_is_checked():
@@ -198,9 +214,9 @@ def test_denseclip_passes_the_span_read_when_its_names_were_set(monkeypatch):
     tokens (on a GPU, a synchronisation per step)."""
     torch.manual_seed(7)
     model = DenseCLIP(tiny_config("resnet"), NAMES)
-    assert model._class_span == token_span(model.class_tokens)
+    assert model._class_span is not None and model._class_span[2] == token_span(model.class_tokens)
     model.set_classes(list(reversed(NAMES)))
-    assert model._class_span == token_span(model.class_tokens)
+    assert model._class_span[0] is model.class_tokens and model._class_span[2] == token_span(model.class_tokens)
     expected = model.text_encoder._whole_prompts(model.class_tokens, model.contexts)
 
     def refuse(tokens):
@@ -212,3 +228,66 @@ def test_denseclip_passes_the_span_read_when_its_names_were_set(monkeypatch):
     assert got.requires_grad
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     assert model.text_features(["sky", "a road"]).shape == (2, model.config.embed_dim)  # tokenised: span passed
+
+
+def test_class_tokens_changed_without_set_classes_are_read_again():
+    """The span kept with the class tokens is the tensor's: class tokens assigned, edited in place, substituted by
+    torch.func.functional_call are read again (once), never encoded with a stale span; a model
+    pickled before the span was kept computes it."""
+    torch.manual_seed(9)
+    model = DenseCLIP(tiny_config("resnet"), NAMES).eval()
+    enc, length = model.text_encoder, model.config.text.class_token_length
+
+    def check(expected_tokens: torch.Tensor) -> None:
+        expected = enc._whole_prompts(expected_tokens, model.contexts)
+        with torch.no_grad():
+            got = model._encode_classes()
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+    longer = prompts([3] * len(NAMES), length)  # every EOT later than the names' (span 5, was less)
+    model.class_tokens = longer.clone()
+    check(longer)
+    with torch.no_grad():
+        model.class_tokens.copy_(prompts([1] * len(NAMES), length))  # in place: the version counter moves
+    check(model.class_tokens.clone())
+    other_start = longer.clone()
+    other_start[1, 0] = 5  # prompts that no longer share their start: whole
+    model.class_tokens.copy_(other_start)
+    check(other_start)
+    model.set_classes(NAMES)
+    substituted = prompts([3] * len(NAMES), length)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        got = torch.func.functional_call(model, {"class_tokens": substituted}, (x,))
+        model.class_tokens = substituted
+        expected = model(x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    model.set_classes(NAMES)
+    del model._class_span  # as a model pickled before the span was kept
+    check(model.class_tokens.clone())
+
+
+def test_gradient_checkpointing_reaches_the_text_blocks_on_the_shared_start():
+    """The trainer's gradient checkpointing wraps each text block's forward: the shared start calls the blocks
+    through it (before, it bypassed them and kept every block's activations)."""
+    from denseclip_fast.train import step
+
+    torch.manual_seed(10)
+    model = DenseCLIP(tiny_config("resnet"), NAMES).train()
+    expected = model.class_embeddings()
+    step.enable_gradient_checkpointing(model)
+    calls: list = []
+    original = step._checkpointed
+
+    def counted(forward, module, *args, **kwargs):
+        if module in list(model.text_encoder.transformer.resblocks):
+            calls.append(kwargs.get("shared"))
+        return original(forward, module, *args, **kwargs)
+
+    for block in model.text_encoder.transformer.resblocks:
+        block.forward = functools.partial(counted, block.forward.args[0], block)
+    got = model.class_embeddings()
+    got.sum().backward()
+    assert calls == [(1 + model.config.text.n_ctx, len(NAMES))] * model.config.text.layers
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert model.contexts.grad is not None and model.contexts.grad.abs().sum() > 0

@@ -31,6 +31,7 @@ from ..visualize import check_palette
 from .decoder import ContextDecoder
 from .features import ImageFeatures
 from .heads import FPN, SemanticFPNHead
+from .layers import intercepted
 from .resnet import CLIPResNetBackbone
 from .slide import slide_inference as _slide_inference
 from .slide import window_sizes
@@ -73,7 +74,8 @@ class DenseCLIP(nn.Module):
     """
 
     class_tokens: torch.Tensor  # a buffer (register_buffer in __init__), declared for the type checker
-    _class_span: int | None  # text.token_span(class_tokens), kept with them (set_classes is their only writer)
+    # (class_tokens, its version, text.token_span of it): the span read on the host when the names were set
+    _class_span: tuple[torch.Tensor, int | None, int | None] | None
 
     def __init__(self, config: DenseCLIPConfig, class_names: Sequence[str]) -> None:
         if not isinstance(config, DenseCLIPConfig):  # e.g. an arch name, which from_arch takes
@@ -99,7 +101,7 @@ class DenseCLIP(nn.Module):
         nn.init.trunc_normal_(self.contexts)
         self.gamma = nn.Parameter(torch.full((d,), 1e-4))
         self.register_buffer("class_tokens", tokens, persistent=False)
-        self._class_span = token_span(tokens)  # read here, on the host: never a GPU synchronisation in a forward
+        self._keep_class_span(token_span(tokens))  # read here, on the host: no GPU synchronisation in a forward
         self._text_cache: tuple[tuple[Any, ...], torch.Tensor] | None = None
 
     # ------------------------------------------------------------------ construction
@@ -165,7 +167,7 @@ class DenseCLIP(nn.Module):
         check_class_names(names)
         tokens = tokenize_class_names(names, self.config.text.class_token_length)
         self.class_tokens = tokens.to(self.class_tokens.device)
-        self._class_span = token_span(tokens)
+        self._keep_class_span(token_span(tokens))
         self._class_names = tuple(names)
         self._text_cache = None
 
@@ -217,7 +219,29 @@ class DenseCLIP(nn.Module):
         return cache[1]
 
     def _encode_classes(self) -> torch.Tensor:
-        return self.text_encoder(self.class_tokens, self.contexts, self._class_span)
+        return self.text_encoder(self.class_tokens, self.contexts, self._class_tokens_span())
+
+    def _keep_class_span(self, span: int | None) -> None:
+        tokens = self.class_tokens
+        self._class_span = (tokens, None if tokens.is_inference() else tokens._version, span)
+
+    def _class_tokens_span(self) -> int | None:
+        """``token_span(class_tokens)`` for the text encoder: the one read when the names were set while the class
+        tokens are that tensor, unedited; class tokens replaced or edited in place since (an assignment, ``copy_``,
+        ``model.to(device)``, ``torch.func.functional_call``) are read again, once (on a GPU, one synchronisation).
+        None (the encoder decides: every prompt whole when traced) inside a torch.compile'd graph unless they are
+        the same tensor, and for what cannot be read (meta, fake or traced tensors)."""
+        tokens = self.class_tokens
+        saved = getattr(self, "_class_span", None)  # a model pickled before the span was kept has none
+        same = saved is not None and saved[0] is tokens
+        if torch.compiler.is_compiling():
+            return saved[2] if same and saved is not None else None
+        if same and saved is not None and saved[1] == (None if tokens.is_inference() else tokens._version):
+            return saved[2]
+        if intercepted() or tokens.is_meta or type(tokens) is not torch.Tensor:
+            return None
+        self._keep_class_span(token_span(tokens))
+        return self._class_span[2] if self._class_span is not None else None
 
     def train(self, mode: bool = True) -> DenseCLIP:
         """nn.Module.train; a switch of mode also drops the cached class embeddings (see :meth:`class_embeddings`):

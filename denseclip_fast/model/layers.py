@@ -85,6 +85,13 @@ class DropPath(nn.Module):
         return f"p={self.p}, dim={self.dim}"
 
 
+# (P, K): a causal transformer's input laid out as (P + K * S, D) rows, the first P positions shared by K sequences of
+# P + S positions (the text encoder's prompts: SOT and the contexts), then each sequence's S positions of its own.
+# Causal attention leaves the shared positions the same in every sequence, so they are computed once; every other
+# layer works on rows alone.
+SharedStart = tuple[int, int]
+
+
 class MultiheadSelfAttention(nn.Module):
     """Self-attention with ``nn.MultiheadAttention``'s parameter layout (packed q/k/v in-projection)."""
 
@@ -101,13 +108,32 @@ class MultiheadSelfAttention(nn.Module):
         nn.init.xavier_uniform_(self.in_proj_weight)
         nn.init.zeros_(self.out_proj.bias)
 
-    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
-        """x: (B, L, D) -> (B, L, D)."""
+    def forward(self, x: torch.Tensor, causal: bool = False, shared: SharedStart | None = None) -> torch.Tensor:
+        """x: (B, L, D) -> (B, L, D); with ``shared`` (causal only) rows laid out as SharedStart says."""
+        if shared is not None:
+            return self._shared_start(x, *shared)
         b, n, d = x.shape
         qkv = self.linear(x, self.in_proj_weight, self.in_proj_bias)
         q, k, v = qkv.view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
         return self.out_proj(out.transpose(1, 2).reshape(b, n, d))
+
+    def _shared_start(self, x: torch.Tensor, p: int, k: int) -> torch.Tensor:
+        """Causal attention over (P + K * S, D) rows (see SharedStart): the start attends causally to itself; a
+        sequence's position i of its S attends to the whole start and to its own positions up to i, the start's keys
+        and values shared by the K sequences (expanded before the concatenation, not computed per sequence)."""
+        d = x.shape[-1]
+        heads, s = self.heads, (x.shape[0] - p) // k
+        qkv = self.linear(x, self.in_proj_weight, self.in_proj_bias)
+        q_p, k_p, v_p = qkv[:p].view(1, p, 3, heads, d // heads).permute(2, 0, 3, 1, 4).unbind(0)
+        q_s, k_s, v_s = qkv[p:].view(k, s, 3, heads, d // heads).permute(2, 0, 3, 1, 4).unbind(0)
+        out_p = F.scaled_dot_product_attention(q_p, k_p, v_p, is_causal=True)  # (1, heads, P, d)
+        keys = torch.cat([k_p.expand(k, -1, -1, -1), k_s], dim=2)  # (K, heads, P + S, d)
+        values = torch.cat([v_p.expand(k, -1, -1, -1), v_s], dim=2)
+        allowed = torch.ones(s, p + s, dtype=torch.bool, device=x.device).tril(p)  # position i: keys 0 .. P + i
+        out_s = F.scaled_dot_product_attention(q_s, keys, values, attn_mask=allowed)  # (K, heads, S, d)
+        out = torch.cat([out_p.transpose(1, 2).reshape(p, d), out_s.transpose(1, 2).reshape(k * s, d)])
+        return self.out_proj(out)
 
 
 class ResidualAttentionBlock(nn.Module):
@@ -132,8 +158,10 @@ class ResidualAttentionBlock(nn.Module):
         self.ln_2 = LayerNormFp32(width)
         self.drop_path = DropPath(drop_path, drop_path_dim) if drop_path > 0.0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
-        x = x + self.drop_path(self.attn(self.ln_1(x), causal=causal))
+    def forward(self, x: torch.Tensor, causal: bool = False, shared: SharedStart | None = None) -> torch.Tensor:
+        if shared is not None and not isinstance(self.drop_path, nn.Identity):
+            raise ValueError("a block with drop path cannot take shared-start rows: it drops whole sequences")
+        x = x + self.drop_path(self.attn(self.ln_1(x), causal=causal, shared=shared))
         return x + self.drop_path(self.mlp(self.ln_2(x)))
 
 
@@ -156,7 +184,8 @@ class Transformer(nn.Module):
             *[ResidualAttentionBlock(width, heads, r, drop_path_dim, activation) for r in rates]
         )
 
-    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, causal: bool = False, shared: SharedStart | None = None) -> torch.Tensor:
+        """x: (B, L, D), or with ``shared`` (causal only) rows laid out as SharedStart says."""
         for block in self.resblocks:
-            x = block(x, causal=causal)
+            x = block(x, causal=causal, shared=shared) if shared is not None else block(x, causal=causal)
         return x

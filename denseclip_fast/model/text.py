@@ -29,7 +29,6 @@ from types import ModuleType
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import TextConfig
@@ -174,7 +173,8 @@ class ContextTextEncoder(nn.Module):
 
     def forward(self, tokens: torch.Tensor, contexts: torch.Tensor, span: int | None = None) -> torch.Tensor:
         """tokens: (K, L) int64 class tokens from :func:`tokenize_class_names`; contexts: (1, n_ctx, width); span:
-        ``token_span(tokens)`` when the caller has it (read from the tokens otherwise: on a GPU, a synchronisation).
+        ``token_span(tokens)`` when the caller has it, read on the host beforehand (otherwise it is read from the
+        tokens here: on a GPU, a synchronisation); any other value gives wrong embeddings.
 
         Returns (K, embed_dim) class embeddings in the joint space.
         """
@@ -186,7 +186,8 @@ class ContextTextEncoder(nn.Module):
             )
         if span is None and type(tokens) is torch.Tensor and not tokens.is_meta and not intercepted():
             span = token_span(tokens)
-        if span is None or not all(isinstance(b.drop_path, nn.Identity) for b in self._blocks()):
+        drop_path = not all(isinstance(b.drop_path, nn.Identity) for b in self._blocks())
+        if span is None or contexts.shape[0] != 1 or drop_path:  # per-class contexts (K, n_ctx, W): whole, as before
             return self._whole_prompts(tokens, contexts)
         if not 2 <= span <= n_tok:
             raise ValueError(f"span must be 2 to {n_tok} (the tokens' length), got {span}")
@@ -207,17 +208,15 @@ class ContextTextEncoder(nn.Module):
 
     def _shared_start(self, tokens: torch.Tensor, contexts: torch.Tensor, span: int) -> torch.Tensor:
         """The prompts' shared start (SOT and the contexts: P positions) computed once, then each class's positions 1
-        to span - 1 of its tokens (S per class) attending to it. The P + K * S positions go through the LayerNorms
-        and linear layers as one (P + K * S, W) matrix; only the attention sees prompts (shared_start_block)."""
+        to span - 1 of its tokens (S per class) attending to it: P + K * S rows through the transformer (see
+        layers.SharedStart)."""
         k, n_ctx = tokens.shape[0], contexts.shape[1]
         p, s = 1 + n_ctx, span - 1
         x_tok = self.token_embedding(tokens[:, :span])  # (K, span, W)
         position = self.positional_embedding.to(x_tok.dtype)
         start = torch.cat([x_tok[0, :1], contexts[0].to(x_tok.dtype)]) + position[:p]  # (P, W)
         names = x_tok[:, 1:] + position[p : p + s]  # (K, S, W)
-        x = torch.cat([start, names.flatten(0, 1)])
-        for block in self._blocks():
-            x = shared_start_block(block, x, p, k)
+        x = self.transformer(torch.cat([start, names.flatten(0, 1)]), causal=True, shared=(p, k))
         eot = tokens.argmax(dim=-1) - 1  # the EOT's place among the S
         x = x[p:].view(k, s, -1)[torch.arange(k, device=x.device), eot]
         return self.ln_final(x) @ self.text_projection
@@ -236,24 +235,3 @@ def token_span(tokens: torch.Tensor) -> int | None:
     if not bool((host[:, 0] == host[0, 0]).all()) or int(eot.min()) < 1:
         return None
     return int(eot.max()) + 1
-
-
-def shared_start_block(block: ResidualAttentionBlock, x: torch.Tensor, p: int, k: int) -> torch.Tensor:
-    """A causal CLIP block on (P + K * S, W) rows: a start of P positions shared by K prompts of P + S positions,
-    then each prompt's S positions of its own. The start attends causally to itself; a prompt's position i (of the
-    S) attends to the whole start and to its own positions up to i, the values of the start as keys and values
-    being shared (expanded, not copied per prompt before the concatenation)."""
-    attn = block.attn
-    w = x.shape[-1]
-    heads, s = attn.heads, (x.shape[0] - p) // k
-    qkv = attn.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)
-    q_p, k_p, v_p = qkv[:p].view(1, p, 3, heads, w // heads).permute(2, 0, 3, 1, 4).unbind(0)
-    q_s, k_s, v_s = qkv[p:].view(k, s, 3, heads, w // heads).permute(2, 0, 3, 1, 4).unbind(0)
-    out_p = F.scaled_dot_product_attention(q_p, k_p, v_p, is_causal=True)  # (1, heads, P, d)
-    keys = torch.cat([k_p.expand(k, -1, -1, -1), k_s], dim=2)  # (K, heads, P + S, d)
-    values = torch.cat([v_p.expand(k, -1, -1, -1), v_s], dim=2)
-    allowed = torch.ones(s, p + s, dtype=torch.bool, device=x.device).tril(p)  # position i: keys 0 .. P + i
-    out_s = F.scaled_dot_product_attention(q_s, keys, values, attn_mask=allowed)  # (K, heads, S, d)
-    out = torch.cat([out_p.transpose(1, 2).reshape(p, w), out_s.transpose(1, 2).reshape(k * s, w)])
-    x = x + attn.out_proj(out)
-    return x + block.mlp(block.ln_2(x))
