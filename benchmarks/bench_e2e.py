@@ -341,7 +341,8 @@ def table(env: dict, rows: list[dict], classes: int) -> str:
     if env["gpu"] and "tf32" in env:
         settings = (f" cuDNN benchmark mode {'on' if env.get('cudnn_benchmark') else 'off'}; float32 settings of the "
                     f"run (the official contestant's): {tf32_label(env['tf32'])}.")  # fmt: skip
-    lines = [f"# End-to-end benchmark: {env['device']}", "",
+    features = "" if env["gpu"] or not env.get("cpu_features") else f" ({', '.join(env['cpu_features'])})"
+    lines = [f"# End-to-end benchmark: {env['device']}{features}", "",
              f"{env['date']}, torch {env['torch']}, triton {env['triton']}, {env['threads']} CPU threads. "
              f"Random weights, K = {classes} ADE20K names.{settings} {note}", "",
              "p90/p99: nearest rank over the timed calls (calls); \"max\" where too few calls for that percentile. "

@@ -29,6 +29,22 @@ def cpu_name() -> str:
         return platform.processor() or platform.machine()
 
 
+# The CPU's instruction sets that decide which float32 and bfloat16 kernels oneDNN and ATen run: a bfloat16 engine on
+# a VM's Xeon with AMX took a third of the float32 one's time, on another VM's Xeon (its flags not recorded) twice
+# as long (results/e2e_cpu_2threads_bf16_amx.md, e2e_cpu_2threads_bf16.md). Recorded with every result.
+CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
+
+
+def cpu_features() -> list[str] | None:
+    """Which of CPU_FEATURES /proc/cpuinfo's flags list, in that order; None where it cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next(line.split(":", 1)[1].split() for line in f if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return None
+    return [feature for feature in CPU_FEATURES if feature in flags]
+
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -64,12 +80,14 @@ def git_commit() -> str | None:
 
 def environment(device: torch.device) -> dict:
     """Date and time, versions, the code (code_hash, git_commit) and the machine, recorded with every result. A
-    GPU's multiprocessor count and memory tell a MIG slice or another variant from the full GPU its name says."""
+    GPU's multiprocessor count and memory tell a MIG slice or another variant from the full GPU its name says; the
+    CPU's instruction sets (cpu_features) tell apart CPUs that share a name (a VM's "Intel(R) Xeon(R) Processor")."""
     now = datetime.datetime.now(datetime.timezone.utc)
     env = {"date": now.date().isoformat(), "time_utc": now.strftime("%H:%M:%S"), "torch": torch.__version__,
            "python": platform.python_version(), "gpu": device.type == "cuda",
            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
-           "threads": torch.get_num_threads(), "code": code_hash(), "commit": git_commit()}  # fmt: skip
+           "threads": torch.get_num_threads(), "cpu_features": cpu_features(), "code": code_hash(),
+           "commit": git_commit()}  # fmt: skip
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         env["gpu_properties"] = {"multiprocessors": props.multi_processor_count,

@@ -270,6 +270,25 @@ def test_results_name_the_code_that_made_them(tmp_path, monkeypatch):
     assert env["code"] == common.code_hash() and env["time_utc"].count(":") == 2
 
 
+def test_environment_names_the_cpus_instruction_sets(monkeypatch, tmp_path):
+    """Results record the CPU's AVX/AMX flags (a bfloat16 engine's speed depends on them), read from /proc/cpuinfo."""
+    import builtins
+
+    import torch
+
+    from benchmarks import common
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu sse avx2 amx_bf16 avx512f amx_tile\n")
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda f, *a, **k: real_open(cpuinfo if f == "/proc/cpuinfo" else f, *a, **k))
+    assert common.cpu_features() == ["avx2", "avx512f", "amx_tile", "amx_bf16"]  # CPU_FEATURES' order
+    env = common.environment(torch.device("cpu"))
+    assert env["cpu_features"] == ["avx2", "avx512f", "amx_tile", "amx_bf16"] and env["device"] == "Some CPU"
+    cpuinfo.write_text("processor\t: 0\n")
+    assert common.cpu_features() is None
+
+
 def test_tf32_settings_resolve_none_through_the_backend_and_generic_settings():
     """An operator's "none" takes its backend's fp32_precision, then torch.backends.fp32_precision; "none"
     throughout is IEEE. Read through the fp32_precision settings only (the legacy flags raise once these are set)."""
