@@ -655,7 +655,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="inference of the trained head's labels: sliding windows (default) or the whole image; "
                           "not with --open-vocab, which scores the whole image")  # fmt: skip
     seg.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    seg.add_argument("--dtype", choices=sorted(DTYPE_NAMES), help="default: bfloat16 on CUDA, float32 on CPU")
+    seg.add_argument("--dtype", choices=sorted(DTYPE_NAMES),
+                     help="default: bfloat16 on CUDA, float32 on CPU (bfloat16 is faster on a CPU with AMX)")
     seg.add_argument("--out", required=True, help="output directory")
     seg.add_argument("--io-threads", type=int,
                      help="threads decoding images and writing PNGs while the engine runs (default: 1 on CPU, "
