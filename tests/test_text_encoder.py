@@ -20,6 +20,7 @@ from denseclip_fast.model.text import ContextTextEncoder, token_span
 from .conftest import NAMES, tiny_config
 
 SOT, EOT = 49406, 49407  # CLIP's: EOT is the vocabulary's largest id
+ONE_TOKEN = ["wall", "cat", "bed", "sky"]  # names of one BPE token: span 3, so that 3-token prompts need more
 
 
 def encoder(heads: int = 2, n_ctx: int = 4, length: int = 7, dtype: torch.dtype = torch.float64) -> tuple:
@@ -235,8 +236,9 @@ def test_class_tokens_changed_without_set_classes_are_read_again():
     torch.func.functional_call are read again (once), never encoded with a stale span; a model
     pickled before the span was kept computes it."""
     torch.manual_seed(9)
-    model = DenseCLIP(tiny_config("resnet"), NAMES).eval()
+    model = DenseCLIP(tiny_config("resnet"), ONE_TOKEN).eval()
     enc, length = model.text_encoder, model.config.text.class_token_length
+    assert model._class_tokens_span() == 3
 
     def check(expected_tokens: torch.Tensor) -> None:
         expected = enc._whole_prompts(expected_tokens, model.contexts)
@@ -244,25 +246,25 @@ def test_class_tokens_changed_without_set_classes_are_read_again():
             got = model._encode_classes()
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
-    longer = prompts([3] * len(NAMES), length)  # every EOT later than the names' (span 5, was less)
+    longer = prompts([3] * len(ONE_TOKEN), length)  # every EOT later than the names' (span 5, was 3)
     model.class_tokens = longer.clone()
     check(longer)
     with torch.no_grad():
-        model.class_tokens.copy_(prompts([1] * len(NAMES), length))  # in place: the version counter moves
+        model.class_tokens.copy_(prompts([1] * len(ONE_TOKEN), length))  # in place: the version counter moves
     check(model.class_tokens.clone())
     other_start = longer.clone()
     other_start[1, 0] = 5  # prompts that no longer share their start: whole
     model.class_tokens.copy_(other_start)
     check(other_start)
-    model.set_classes(NAMES)
-    substituted = prompts([3] * len(NAMES), length)
+    model.set_classes(ONE_TOKEN)
+    substituted = prompts([3] * len(ONE_TOKEN), length)
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         got = torch.func.functional_call(model, {"class_tokens": substituted}, (x,))
         model.class_tokens = substituted
         expected = model(x)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    model.set_classes(NAMES)
+    model.set_classes(ONE_TOKEN)
     del model._class_span  # as a model pickled before the span was kept
     check(model.class_tokens.clone())
 
@@ -291,3 +293,30 @@ def test_gradient_checkpointing_reaches_the_text_blocks_on_the_shared_start():
     assert calls == [(1 + model.config.text.n_ctx, len(NAMES))] * model.config.text.layers
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     assert model.contexts.grad is not None and model.contexts.grad.abs().sum() > 0
+
+
+def test_the_span_follows_the_class_tokens_through_to_and_inference_mode(monkeypatch):
+    """model.to (nn.Module._apply) copies the class tokens: their span goes with the copy, unread (a model moved to a
+    GPU and compiled at once shares its prompts' start); class tokens made under torch.inference_mode (no version
+    counter) and edited there in place are read again."""
+    from denseclip_fast.model import denseclip
+
+    torch.manual_seed(11)
+    model = DenseCLIP(tiny_config("resnet"), NAMES).eval()
+    span = model._class_tokens_span()
+
+    def refuse(tokens):
+        raise AssertionError("read the tokens")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(denseclip, "token_span", refuse)
+        model._apply(lambda t: t.clone())  # as model.to("cuda") does to every tensor
+        assert model._class_span is not None and model._class_span[0] is model.class_tokens
+        assert model._class_tokens_span() == span
+    with torch.inference_mode():
+        made = DenseCLIP(tiny_config("resnet"), ONE_TOKEN).eval()
+        assert made._class_tokens_span() == 3
+        longer = prompts([3] * len(ONE_TOKEN), model.config.text.class_token_length)
+        made.class_tokens.copy_(longer)  # an inference tensor: no version counter to see this by
+        expected = made.text_encoder._whole_prompts(longer, made.contexts)
+        torch.testing.assert_close(made._encode_classes(), expected, rtol=1e-5, atol=1e-6)

@@ -65,6 +65,11 @@ def build_backbone(config: DenseCLIPConfig) -> nn.Module:
     return CLIPViTBackbone(config.vision, config.embed_dim, config.activation)
 
 
+def _version(tensor: torch.Tensor) -> int | None:
+    """The tensor's version counter (in-place operations bump it); None for an inference tensor, which keeps none."""
+    return None if tensor.is_inference() else tensor._version
+
+
 class DenseCLIP(nn.Module):
     """A DenseCLIP segmentor with the semantics of the official ``DenseCLIP`` (mmseg) model.
 
@@ -222,26 +227,47 @@ class DenseCLIP(nn.Module):
         return self.text_encoder(self.class_tokens, self.contexts, self._class_tokens_span())
 
     def _keep_class_span(self, span: int | None) -> None:
-        tokens = self.class_tokens
-        self._class_span = (tokens, None if tokens.is_inference() else tokens._version, span)
+        self._class_span = (self.class_tokens, _version(self.class_tokens), span)
+
+    def _span_kept_for(self, tokens: torch.Tensor) -> int | None | bool:
+        """The span kept for ``tokens`` (this tensor, unedited since: an inference tensor, which keeps no version
+        counter, never counts as unedited), else False."""
+        saved = getattr(self, "_class_span", None)  # a model pickled before the span was kept has none
+        if saved is None or saved[0] is not tokens or saved[1] is None or saved[1] != _version(tokens):
+            return False
+        return saved[2]
 
     def _class_tokens_span(self) -> int | None:
-        """``token_span(class_tokens)`` for the text encoder: the one read when the names were set while the class
-        tokens are that tensor, unedited; class tokens replaced or edited in place since (an assignment, ``copy_``,
-        ``model.to(device)``, ``torch.func.functional_call``) are read again, once (on a GPU, one synchronisation).
-        None (the encoder decides: every prompt whole when traced) inside a torch.compile'd graph unless they are
-        the same tensor, and for what cannot be read (meta, fake or traced tensors)."""
+        """``token_span(class_tokens)`` for the text encoder: the one read when the names were set, while the class
+        tokens are that tensor (or its copy by ``model.to``, see _apply) unedited. Class tokens replaced or edited in
+        place since (an assignment, ``copy_``, ``torch.func.functional_call``) are read again, once (on a GPU, one
+        synchronisation); inference tensors, which keep no version counter, at every call (such a model computes
+        its class embeddings at every call anyway). Inside a torch.compile'd graph the span kept for that tensor is
+        used as it is (a compiled graph sees no version counter: there change the vocabulary with set_classes, not
+        by editing the class tokens in place), or None (every prompt whole) for another tensor; None too for what
+        cannot be read (meta, fake or traced tensors)."""
         tokens = self.class_tokens
         saved = getattr(self, "_class_span", None)  # a model pickled before the span was kept has none
-        same = saved is not None and saved[0] is tokens
         if torch.compiler.is_compiling():
-            return saved[2] if same and saved is not None else None
-        if same and saved is not None and saved[1] == (None if tokens.is_inference() else tokens._version):
-            return saved[2]
+            return saved[2] if saved is not None and saved[0] is tokens else None
+        kept = self._span_kept_for(tokens)
+        if kept is not False:
+            return kept
         if intercepted() or tokens.is_meta or type(tokens) is not torch.Tensor:
             return None
         self._keep_class_span(token_span(tokens))
         return self._class_span[2] if self._class_span is not None else None
+
+    def _apply(self, fn: Any, recurse: bool = True) -> DenseCLIP:
+        """nn.Module._apply (``to``, ``cuda``, ``float`` ...), keeping the class tokens' span with their copy: a model
+        moved to a GPU and compiled before any eager call still shares its prompts' start (there the span cannot be
+        read)."""
+        tokens = self.class_tokens
+        kept = self._span_kept_for(tokens)
+        super()._apply(fn, recurse)
+        if kept is not False and self.class_tokens is not tokens:
+            self._keep_class_span(kept)
+        return self
 
     def train(self, mode: bool = True) -> DenseCLIP:
         """nn.Module.train; a switch of mode also drops the cached class embeddings (see :meth:`class_embeddings`):
