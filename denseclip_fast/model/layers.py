@@ -87,8 +87,8 @@ class DropPath(nn.Module):
 
 # (P, K): a causal transformer's input laid out as (P + K * S, D) rows, the first P positions shared by K sequences of
 # P + S positions (the text encoder's prompts: SOT and the contexts), then each sequence's S positions of its own.
-# Causal attention leaves the shared positions the same in every sequence, so their projections, LayerNorms and MLPs
-# are computed once, on rows; only the attention sees the sequences.
+# Causal attention leaves the shared positions the same in every sequence, so they are computed once; only the
+# attention sees the sequences, every other layer works on rows.
 SharedStart = tuple[int, int]
 
 
@@ -119,17 +119,24 @@ class MultiheadSelfAttention(nn.Module):
         return self.out_proj(out.transpose(1, 2).reshape(b, n, d))
 
     def _shared_start(self, x: torch.Tensor, p: int, k: int) -> torch.Tensor:
-        """Causal attention over (P + K * S, D) rows (see SharedStart): each sequence attends as a whole (its P + S
-        positions, the start's queries, keys and values expanded to it), in one causal SDPA call; the start's rows
-        are taken from the first sequence. The projections, where the work is, run on the rows once."""
+        """Causal attention over (P + K * S, D) rows (see SharedStart): the start attends causally to itself; a
+        sequence's position i of its S attends to the whole start and to its own positions up to i (a boolean mask:
+        on CUDA the memory-efficient SDPA kernel, not flash), the start's keys and values shared by the K sequences
+        (expanded before the concatenation, not computed per sequence). Running each sequence whole in one causal
+        call instead (the start's queries expanded too) took up to 20% longer in training on a CPU (bench_text.py,
+        measured, not committed)."""
         d = x.shape[-1]
         heads, s = self.heads, (x.shape[0] - p) // k
         qkv = self.linear(x, self.in_proj_weight, self.in_proj_bias)
-        start = qkv[:p].view(1, p, 3, heads, d // heads).expand(k, -1, -1, -1, -1)
-        own = qkv[p:].view(k, s, 3, heads, d // heads)
-        q, key, value = torch.cat([start, own], dim=1).permute(2, 0, 3, 1, 4).unbind(0)  # (K, heads, P + S, d)
-        out = F.scaled_dot_product_attention(q, key, value, is_causal=True).transpose(1, 2)  # (K, P + S, heads, d)
-        return self.out_proj(torch.cat([out[0, :p].reshape(p, d), out[:, p:].reshape(k * s, d)]))
+        q_p, k_p, v_p = qkv[:p].view(1, p, 3, heads, d // heads).permute(2, 0, 3, 1, 4).unbind(0)
+        q_s, k_s, v_s = qkv[p:].view(k, s, 3, heads, d // heads).permute(2, 0, 3, 1, 4).unbind(0)
+        out_p = F.scaled_dot_product_attention(q_p, k_p, v_p, is_causal=True)  # (1, heads, P, d)
+        keys = torch.cat([k_p.expand(k, -1, -1, -1), k_s], dim=2)  # (K, heads, P + S, d)
+        values = torch.cat([v_p.expand(k, -1, -1, -1), v_s], dim=2)
+        allowed = torch.ones(s, p + s, dtype=torch.bool, device=x.device).tril(p)  # position i: keys 0 .. P + i
+        out_s = F.scaled_dot_product_attention(q_s, keys, values, attn_mask=allowed)  # (K, heads, S, d)
+        out = torch.cat([out_p.transpose(1, 2).reshape(p, d), out_s.transpose(1, 2).reshape(k * s, d)])
+        return self.out_proj(out)
 
 
 class ResidualAttentionBlock(nn.Module):
