@@ -222,13 +222,16 @@ tune_score() {  # the Triton score kernels' blocks, warps and pixel splits (chos
   timed "tune_score" tune_score.txt python3 benchmarks/tune_score.py --out "$OUT"
 }
 
-e2e_more() {  # slide mode and the other architectures
+e2e_more() {  # slide mode, the other architectures, and start-up on the GPU
   timed "bench_e2e RN50 slide" bench_e2e_rn50_slide.txt \
     python3 benchmarks/bench_e2e.py --archs RN50 --modes slide --batches 1 --out "$OUT" --tag rn50_slide \
     --contestants official official-bf16 engine-fp32 engine-bf16
   timed "bench_e2e RN101 ViT-B/16" bench_e2e_others.txt \
     python3 benchmarks/bench_e2e.py --archs RN101 ViT-B/16 --modes whole --batches 1 16 --out "$OUT" --tag others \
     --contestants official official-bf16 engine-fp32 engine-bf16
+  # a fresh process to its first segmentation on the GPU (CUDA's start, the load, the Segmenter, the first call)
+  timed "bench_startup cuda" bench_startup.txt \
+    python3 benchmarks/bench_startup.py --device cuda --formats pth safetensors --size 512 --repeats 2 --out "$OUT"
 }
 
 # Most valuable first, each step writing its files as it goes, so a run cut short still brings results back.
