@@ -320,3 +320,45 @@ def test_the_span_follows_the_class_tokens_through_to_and_inference_mode(monkeyp
         made.class_tokens.copy_(longer)  # an inference tensor: no version counter to see this by
         expected = made.text_encoder._whole_prompts(longer, made.contexts)
         torch.testing.assert_close(made._encode_classes(), expected, rtol=1e-5, atol=1e-6)
+
+
+def replica(module: torch.nn.Module) -> torch.nn.Module:
+    """What nn.DataParallel makes of ``module`` for a second device at every forward (torch/nn/parallel/replicate.py):
+    shallow copies of every submodule, whose buffers are new copies (the broadcast), parameters set as attributes."""
+    replicas = {}
+    for mod in module.modules():
+        r = mod._replicate_for_data_parallel()
+        for key, buf in mod._buffers.items():
+            if buf is not None:
+                r._buffers[key] = buf.detach().clone()
+        replicas[mod] = r
+    for mod, r in replicas.items():
+        for name, child in mod._modules.items():
+            if child is not None:
+                r._modules[name] = replicas[child]
+        for name, param in mod._parameters.items():
+            if param is not None:
+                object.__setattr__(r, name, param)
+    return replicas[module]
+
+
+def test_a_dataparallel_replica_takes_its_modules_span(monkeypatch):
+    """A replica's class tokens are a copy of its module's, made at every forward: it takes the module's span
+    unread (a read per step and device would synchronise each GPU), and reads its tokens when the module's were
+    edited in place since the span was kept."""
+    from denseclip_fast.model import denseclip
+
+    torch.manual_seed(12)
+    model = DenseCLIP(tiny_config("resnet"), ONE_TOKEN).train()
+    reads: list = []
+    monkeypatch.setattr(denseclip, "token_span", lambda t: reads.append(1) or token_span(t))
+    for _ in range(3):
+        assert replica(model)._class_tokens_span() == 3
+    assert reads == []
+    longer = prompts([3] * len(ONE_TOKEN), model.config.text.class_token_length)
+    with torch.no_grad():
+        model.class_tokens.copy_(longer)
+    copy = replica(model)
+    expected = copy.text_encoder._whole_prompts(longer, copy.contexts)
+    torch.testing.assert_close(copy.class_embeddings(), expected, rtol=1e-5, atol=1e-6)
+    assert copy._class_tokens_span() == 5 and len(reads) == 1

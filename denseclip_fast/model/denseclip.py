@@ -242,10 +242,10 @@ class DenseCLIP(nn.Module):
         tokens are that tensor (or its copy by ``model.to``, see _apply) unedited. Class tokens replaced or edited in
         place since (an assignment, ``copy_``, ``torch.func.functional_call``) are read again, once (on a GPU, one
         synchronisation); inference tensors, which keep no version counter, at every call (such a model computes
-        its class embeddings at every call anyway). Inside a torch.compile'd graph the span kept for that tensor is
-        used as it is (a compiled graph sees no version counter: there change the vocabulary with set_classes, not
-        by editing the class tokens in place), or None (every prompt whole) for another tensor; None too for what
-        cannot be read (meta, fake or traced tensors)."""
+        its class embeddings at every call anyway); an nn.DataParallel replica takes its module's. Inside a
+        torch.compile'd graph the span kept for that tensor is used as it is (a compiled graph sees no version
+        counter: there change the vocabulary with set_classes, not by editing the class tokens in place), or None
+        (every prompt whole) for another tensor; None too for what cannot be read (meta, fake or traced tensors)."""
         tokens = self.class_tokens
         saved = getattr(self, "_class_span", None)  # a model pickled before the span was kept has none
         if torch.compiler.is_compiling():
@@ -253,6 +253,12 @@ class DenseCLIP(nn.Module):
         kept = self._span_kept_for(tokens)
         if kept is not False:
             return kept
+        if getattr(self, "_is_replica", False) and saved is not None and saved[0].shape == tokens.shape:
+            # an nn.DataParallel replica (made anew at every forward): its class tokens are a copy of the module's,
+            # whose span it shares while the module's tokens are unedited (else it reads them, as the module would)
+            kept = self._span_kept_for(saved[0])
+            if kept is not False:
+                return kept
         if intercepted() or tokens.is_meta or type(tokens) is not torch.Tensor:
             return None
         self._keep_class_span(token_span(tokens))
