@@ -23,7 +23,6 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Callable
 
 import torch
 
@@ -147,11 +146,10 @@ def main(argv: list[str] | None = None) -> int:
     model.contexts.requires_grad_(True)  # the trainer's: the encoder frozen, the contexts learning
     results = Results(args.out, "text_encoder", args.tag, environment(device), {"args": vars(args)}, table)
     dtypes = ["float32", "bfloat16"] if device.type == "cuda" else ["float32"]
-    run: Callable[[str, str, str], dict] = lambda d, v, m: run_case(model, device, d, v, m, args.repeats)  # noqa: E731
     for dtype in dtypes:
         for vocab in args.vocabularies:
             for mode in args.modes:
-                results.add(run(dtype, vocab, mode))
+                results.add(run_case(model, device, dtype, vocab, mode, args.repeats))
     print(results.render(results.env, results.rows))
     return 0
 

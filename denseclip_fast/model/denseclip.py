@@ -31,11 +31,10 @@ from ..visualize import check_palette
 from .decoder import ContextDecoder
 from .features import ImageFeatures
 from .heads import FPN, SemanticFPNHead
-from .layers import intercepted
 from .resnet import CLIPResNetBackbone
 from .slide import slide_inference as _slide_inference
 from .slide import window_sizes
-from .text import ContextTextEncoder, check_class_names, token_span, tokenize_class_names
+from .text import ContextTextEncoder, check_class_names, readable, token_span, tokenize_class_names
 from .vit import CLIPViTBackbone
 
 if TYPE_CHECKING:
@@ -259,7 +258,7 @@ class DenseCLIP(nn.Module):
             kept = self._span_kept_for(saved[0])
             if kept is not False:
                 return kept
-        if intercepted() or tokens.is_meta or type(tokens) is not torch.Tensor:
+        if not readable(tokens):
             return None
         self._keep_class_span(token_span(tokens))
         return self._class_span[2] if self._class_span is not None else None

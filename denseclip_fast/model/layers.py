@@ -190,5 +190,5 @@ class Transformer(nn.Module):
     def forward(self, x: torch.Tensor, causal: bool = False, shared: SharedStart | None = None) -> torch.Tensor:
         """x: (B, L, D), or with ``shared`` (causal only) rows laid out as SharedStart says."""
         for block in self.resblocks:
-            x = block(x, causal=causal, shared=shared) if shared is not None else block(x, causal=causal)
+            x = block(x, causal=causal, shared=shared)
         return x

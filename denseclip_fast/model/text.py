@@ -184,7 +184,7 @@ class ContextTextEncoder(nn.Module):
             raise ValueError(
                 f"tokens ({n_tok}) + contexts ({n_ctx}) must fill the context length {self.context_length}"
             )
-        if span is None and type(tokens) is torch.Tensor and not tokens.is_meta and not intercepted():
+        if span is None and readable(tokens):
             span = token_span(tokens)
         drop_path = not all(isinstance(b.drop_path, nn.Identity) for b in self._blocks())
         if span is None or contexts.shape[0] != 1 or drop_path:  # per-class contexts (K, n_ctx, W): whole, as before
@@ -220,6 +220,12 @@ class ContextTextEncoder(nn.Module):
         eot = tokens.argmax(dim=-1) - 1  # the EOT's place among the S
         x = x[p:].view(k, s, -1)[torch.arange(k, device=x.device), eot]
         return self.ln_final(x) @ self.text_projection
+
+
+def readable(tokens: torch.Tensor) -> bool:
+    """Whether token_span can read ``tokens``: a plain tensor with values (not meta, not a traced or fake one), in a
+    call that nothing records or transforms (layers.intercepted)."""
+    return type(tokens) is torch.Tensor and not tokens.is_meta and not intercepted()
 
 
 def token_span(tokens: torch.Tensor) -> int | None:
