@@ -123,8 +123,9 @@ class MultiheadSelfAttention(nn.Module):
         sequence's position i of its S attends to the whole start and to its own positions up to i (a boolean mask:
         on CUDA the memory-efficient SDPA kernel, not flash), the start's keys and values shared by the K sequences
         (expanded before the concatenation, not computed per sequence). Running each sequence whole in one causal
-        call instead (the start's queries expanded too) took up to 20% longer in training on a CPU (bench_text.py,
-        measured, not committed)."""
+        call instead (the start's queries expanded too; commit 92864c4) took longer on 2 CPU threads: training's text
+        part 544 ms against 474 ms, 150 embeddings 241 against 230 ms (bench_text.py:
+        results/text_encoder_cpu_2threads_causal_92864c4.md against text_encoder_cpu_2threads.md)."""
         d = x.shape[-1]
         heads, s = self.heads, (x.shape[0] - p) // k
         qkv = self.linear(x, self.in_proj_weight, self.in_proj_bias)
