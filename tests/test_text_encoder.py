@@ -5,6 +5,7 @@ gradients, on prompts of every length, and the cases that must run whole."""
 from __future__ import annotations
 
 import functools
+import re
 
 import pytest
 import torch
@@ -192,6 +193,26 @@ def test_span_argument_is_checked():
     for span in (1, 8):
         with pytest.raises(ValueError, match=rf"span must be 2 to 7 \(the tokens' length\), got {span}"):
             enc(tokens, contexts, span)
+    for span in (3.0, "3", True):
+        with pytest.raises(ValueError, match=rf"span must be an int, 2 to 7 \(the tokens' length\), got "
+                                             rf"{type(span).__name__} {re.escape(repr(span))}"):  # fmt: skip
+            enc(tokens, contexts, span)
+
+
+def test_the_shared_layout_is_checked():
+    """Rows that P and K do not lay out (P + K * S, S >= 1), or a shared start without causal attention (the start
+    would read the sequences' positions), are ValueErrors naming shared, not a reshape's RuntimeError or a silently
+    causal result."""
+    enc, _ = encoder()
+    x = torch.zeros(10, 32, dtype=torch.float64)
+    for shared in ((5, 3), (-1, 1), (4, 0), (9, 2)):
+        with pytest.raises(ValueError, match=re.escape(f"shared=(P, K) = {shared} needs (P + K * S, D) rows")):
+            enc.transformer(x, causal=True, shared=shared)
+    with pytest.raises(ValueError, match=re.escape("needs (P + K * S, D) rows")):
+        enc.transformer(x.view(1, 10, 32), causal=True, shared=(5, 1))
+    with pytest.raises(ValueError, match="shared .* needs causal=True"):
+        enc.transformer(x, causal=False, shared=(5, 1))
+    assert enc.transformer(x, causal=True, shared=(5, 1)).shape == (10, 32)
 
 
 def test_a_traced_call_runs_whole_unless_given_the_span():

@@ -111,6 +111,9 @@ class MultiheadSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, causal: bool = False, shared: SharedStart | None = None) -> torch.Tensor:
         """x: (B, L, D) -> (B, L, D); with ``shared`` (causal only) rows laid out as SharedStart says."""
         if shared is not None:
+            if not causal:
+                raise ValueError("shared (a start shared by the sequences) needs causal=True: otherwise the start "
+                                 "reads each sequence's positions and is no longer shared")  # fmt: skip
             return self._shared_start(x, *shared)
         b, n, d = x.shape
         qkv = self.linear(x, self.in_proj_weight, self.in_proj_bias)
@@ -126,6 +129,9 @@ class MultiheadSelfAttention(nn.Module):
         call instead (the start's queries expanded too; commit 92864c4) took longer on 2 CPU threads: training's text
         part 544 ms against 474 ms, 150 embeddings 241 against 230 ms (bench_text.py:
         results/text_encoder_cpu_2threads_causal_92864c4.md against text_encoder_cpu_2threads.md)."""
+        if x.dim() != 2 or p < 0 or k < 1 or x.shape[0] - p < k or (x.shape[0] - p) % k:
+            raise ValueError(f"shared=(P, K) = ({p}, {k}) needs (P + K * S, D) rows, S >= 1: got x of shape "
+                             f"{tuple(x.shape)}")  # fmt: skip
         d = x.shape[-1]
         heads, s = self.heads, (x.shape[0] - p) // k
         qkv = self.linear(x, self.in_proj_weight, self.in_proj_bias)

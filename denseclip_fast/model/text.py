@@ -189,6 +189,9 @@ class ContextTextEncoder(nn.Module):
         drop_path = not all(isinstance(b.drop_path, nn.Identity) for b in self._blocks())
         if span is None or contexts.shape[0] != 1 or drop_path:  # per-class contexts (K, n_ctx, W): whole, as before
             return self._whole_prompts(tokens, contexts)
+        if not isinstance(span, int) or isinstance(span, bool):
+            raise ValueError(f"span must be an int, 2 to {n_tok} (the tokens' length), got {type(span).__name__} "
+                             f"{span!r}")  # fmt: skip
         if not 2 <= span <= n_tok:
             raise ValueError(f"span must be 2 to {n_tok} (the tokens' length), got {span}")
         return self._shared_start(tokens, contexts, span)
