@@ -2,27 +2,35 @@
 
     python benchmarks/bench_text.py                                  # CPU float32, ADE20K's names, 3 rounds
     python benchmarks/bench_text.py --device cuda --repeats 50       # float32 and bfloat16 autocast
+    python benchmarks/bench_text.py --modes onnx                     # the exported ONNX text graph, ONNX Runtime
 
 The context text encoder (denseclip_fast/model/text.py) computes the prompts' shared start (SOT and the 8 learned
 contexts) once and then each class's positions up to the vocabulary's last EOT; the official encoder runs all 13
 positions of every prompt. This times both on the same random-weight RN50 text encoder, for what a user waits for:
 ``embed``, the class embeddings of a vocabulary without gradients (a Segmenter's construction, set_classes, a new
-open vocabulary), and ``train``, the forward and the backward to the contexts with the encoder frozen (every
-training step runs it). Vocabularies: ``ade20k``, its 150 names (1 to 3 BPE tokens: the last EOT at position 4 of
-the 5 name tokens), and ``one-token``, its 119 names of one token (span 3). The two paths take turns, which one goes
-first alternating from round to round, after one untimed round. Error: relative L2 of the shared start's embeddings
-(and, for train, of the contexts' gradient) against the whole prompts'. Writes JSON and markdown
-(text_encoder_<tag>.*).
+open vocabulary), ``train``, the forward and the backward to the contexts with the encoder frozen (every training
+step runs it), and ``onnx`` (not by default; ONNX Runtime's CPU provider, whatever --device says), the class
+embeddings from the ONNX text graph that ``to_onnx(graph="text")`` writes (the shared start over all 5 name
+positions: a graph cannot read the tokens) against the same graph exported with every prompt whole. Vocabularies:
+``ade20k``, its 150 names (1 to 3 BPE tokens: the last EOT at position 4 of the 5 name tokens), and ``one-token``,
+its 119 names of one token (span 3). The two paths take turns, which one goes first alternating from round to round,
+after one untimed round. Error: relative L2 of the shared start's embeddings (and, for train, of the contexts'
+gradient) against the whole prompts'. Writes JSON and markdown (text_encoder_<tag>.*).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import statistics
 import sys
+import tempfile
 import time
+from collections.abc import Callable
+from typing import Any
+from unittest import mock
 
 import torch
 
@@ -34,7 +42,7 @@ from benchmarks.official import randomize_  # noqa: E402
 from denseclip_fast.model.text import _bpe, token_span, tokenize_class_names  # noqa: E402
 
 PATHS = ("whole", "shared")
-MODES = ("embed", "train")
+MODES = ("embed", "train", "onnx")
 VOCABULARIES = ("ade20k", "one-token")
 
 
@@ -66,10 +74,38 @@ def step(
         return out.detach(), grad
 
 
-def run_case(model: dcf.DenseCLIP, device: torch.device, dtype: str, vocab: str, mode: str, repeats: int) -> dict:
+def onnx_graphs(model: dcf.DenseCLIP, workdir: str) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """The ONNX text graph of ``model`` in ONNX Runtime (CPU provider, default threads), per path: ``shared`` as
+    to_onnx writes it, ``whole`` exported with TextGraph running every prompt whole (as before the shared start)."""
+    import onnxruntime as ort
+
+    from denseclip_fast.export import to_onnx
+    from denseclip_fast.export.graphs import TextGraph
+
+    def whole(graph: TextGraph, class_tokens: torch.Tensor) -> torch.Tensor:
+        return graph.text_encoder._whole_prompts(class_tokens, graph.contexts)
+
+    graphs: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
+    for path in PATHS:
+        with mock.patch.object(TextGraph, "forward", whole) if path == "whole" else contextlib.nullcontext():
+            file = to_onnx(model, os.path.join(workdir, f"text_{path}.onnx"), graph="text")
+        session = ort.InferenceSession(str(file), providers=["CPUExecutionProvider"])
+        graphs[path] = functools.partial(_run_session, session)
+    return graphs
+
+
+def _run_session(session: Any, tokens: torch.Tensor) -> torch.Tensor:
+    return torch.from_numpy(session.run(None, {"class_tokens": tokens.numpy()})[0])
+
+
+def run_case(model: dcf.DenseCLIP, device: torch.device, dtype: str, vocab: str, mode: str, repeats: int,
+             onnx: dict[str, Callable[[torch.Tensor], torch.Tensor]] | None = None) -> dict:  # fmt: skip
     names = vocabulary(vocab)
     tokens = tokenize_class_names(names, model.config.text.class_token_length)
     span = token_span(tokens)
+    if mode == "onnx":
+        assert onnx is not None
+        device, span = torch.device("cpu"), tokens.shape[1]  # the graph computes all positions after the start
     tokens = tokens.to(device)
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16"
                 else contextlib.nullcontext())  # fmt: skip
@@ -80,7 +116,7 @@ def run_case(model: dcf.DenseCLIP, device: torch.device, dtype: str, vocab: str,
         sync(device)
         start = time.perf_counter()
         with autocast:
-            outputs[path] = step(model, tokens, span, path, mode)
+            outputs[path] = (onnx[path](tokens), None) if onnx is not None else step(model, tokens, span, path, mode)
         sync(device)
         return (time.perf_counter() - start) * 1e3
 
@@ -91,9 +127,9 @@ def run_case(model: dcf.DenseCLIP, device: torch.device, dtype: str, vocab: str,
                 times[path].append(ms)
     (shared, shared_grad), (whole, whole_grad) = outputs["shared"], outputs["whole"]
     grad_error = None if shared_grad is None or whole_grad is None else rel_err(shared_grad, whole_grad)
-    row = {"device": device.type, "dtype": dtype, "vocabulary": vocab, "classes": len(names), "span": span,
-           "mode": mode, "repeats": repeats, "rel_error": rel_err(shared.float(), whole.float()),
-           "grad_rel_error": grad_error}  # fmt: skip
+    row = {"device": "cpu (onnxruntime)" if onnx is not None else device.type, "dtype": dtype, "vocabulary": vocab,
+           "classes": len(names), "span": span, "mode": mode, "repeats": repeats,
+           "rel_error": rel_err(shared.float(), whole.float()), "grad_rel_error": grad_error}  # fmt: skip
     for path in PATHS:
         row[f"{path}_median_ms"] = statistics.median(times[path])
         row[f"{path}_min_ms"] = min(times[path])
@@ -102,13 +138,15 @@ def run_case(model: dcf.DenseCLIP, device: torch.device, dtype: str, vocab: str,
 
 def table(env: dict, rows: list[dict]) -> str:
     versions = f"torch {env['torch']}" + (f", triton {env['triton']}" if env.get("gpu") else "")
+    versions += f", onnxruntime {env['onnxruntime']}" if env.get("onnxruntime") else ""
     lines = [
         f"# Text encoder: shared start vs every prompt whole ({env['date']})",
         "",
         f"{env['device']} ({env['threads']} CPU threads); {versions}; commit {env['commit']}. The RN50 text encoder "
         "(12 layers, width 512, 8 contexts), random weights. embed: class embeddings without gradients (a "
         "Segmenter's construction, set_classes, a new open vocabulary); train: forward and backward to the "
-        "contexts (every training step). span: the positions of the class tokens computed (of 5). The paths take "
+        "contexts (every training step); onnx: the ONNX text graph in ONNX Runtime (whole: exported with every "
+        "prompt whole). span: the positions of the class tokens computed (of 5). The paths take "
         "turns; milliseconds. Error: relative L2 of the shared start's embeddings (grad: of the contexts' "
         "gradient) against the whole prompts'.",
         "",
@@ -131,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", help="cpu (float32) or cuda (float32 and bfloat16 autocast)")
     parser.add_argument("--vocabularies", nargs="+", choices=VOCABULARIES, default=list(VOCABULARIES))
-    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=["embed", "train"])
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds after one untimed (default 3)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     parser.add_argument("--tag", help="file name tag (default: cpu_smoke, or the GPU's name)")
@@ -145,11 +183,21 @@ def main(argv: list[str] | None = None) -> int:
     model = randomize_(dcf.DenseCLIP.from_arch("RN50")).eval().requires_grad_(False).to(device)
     model.contexts.requires_grad_(True)  # the trainer's: the encoder frozen, the contexts learning
     results = Results(args.out, "text_encoder", args.tag, environment(device), {"args": vars(args)}, table)
+    if "onnx" in args.modes:
+        import onnxruntime
+
+        results.env["onnxruntime"] = onnxruntime.__version__
     dtypes = ["float32", "bfloat16"] if device.type == "cuda" else ["float32"]
-    for dtype in dtypes:
-        for vocab in args.vocabularies:
-            for mode in args.modes:
-                results.add(run_case(model, device, dtype, vocab, mode, args.repeats))
+    with tempfile.TemporaryDirectory() as workdir:
+        onnx = onnx_graphs(model.cpu(), workdir) if "onnx" in args.modes else None
+        model.to(device)
+        for dtype in dtypes:
+            for vocab in args.vocabularies:
+                for mode in args.modes:
+                    if mode == "onnx" and dtype != "float32":
+                        continue  # the float32 graph
+                    results.add(run_case(model, device, dtype, vocab, mode, args.repeats,
+                                         onnx if mode == "onnx" else None))  # fmt: skip
     print(results.render(results.env, results.rows))
     return 0
 

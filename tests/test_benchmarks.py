@@ -7,6 +7,8 @@ import argparse
 import json
 import os
 
+import pytest
+
 from benchmarks import bench_e2e, bench_ops, bench_train
 from benchmarks.common import Results, failure, measure, nearest_rank, tail_cell, targets_markdown
 
@@ -513,6 +515,29 @@ def test_text_benchmark_times_both_paths_and_compares_them(tmp_path, monkeypatch
     assert [r["grad_rel_error"] is None for r in rows] == [True, False, True, False]
     assert all(r["grad_rel_error"] < 1e-4 for r in rows if r["grad_rel_error"] is not None)
     assert "| cpu | float32 | one-token | 119 | 3 | train |" in (tmp_path / "text_encoder_t.md").read_text()
+
+
+def test_text_benchmark_onnx_mode_compares_the_exported_graphs(tmp_path, monkeypatch):
+    """--modes onnx times the ONNX text graph as to_onnx writes it against the same graph exported with every prompt
+    whole, in ONNX Runtime; both give the class embeddings (error between them small)."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from benchmarks import bench_text
+    from denseclip_fast import ADE20K_CLASSES, DenseCLIP
+
+    from .conftest import randomized, tiny_config
+
+    monkeypatch.setattr(bench_text.dcf.DenseCLIP, "from_arch", lambda arch: DenseCLIP(tiny_config(), ADE20K_CLASSES))
+    monkeypatch.setattr(bench_text, "randomize_", randomized)
+    args = ["--modes", "onnx", "--vocabularies", "one-token", "--repeats", "1", "--out", str(tmp_path), "--tag", "t"]
+    assert bench_text.main(args) == 0
+    data = json.loads((tmp_path / "text_encoder_t.json").read_text())
+    (row,) = data["rows"]
+    assert (row["device"], row["classes"], row["span"], row["mode"]) == ("cpu (onnxruntime)", 119, 5, "onnx")
+    assert row["rel_error"] < 1e-5 and row["whole_median_ms"] > 0 < row["shared_median_ms"]
+    assert data["environment"]["onnxruntime"]
+    table = (tmp_path / "text_encoder_t.md").read_text()
+    assert "| cpu (onnxruntime) | float32 | one-token | 119 | 5 | onnx |" in table and "onnxruntime 1." in table
 
 
 def test_upstream_parity_names_a_missing_checkout(tmp_path, capsys):
