@@ -181,6 +181,18 @@ def test_text_graph_equals_set_classes(tiny, tmp_path):
     assert rel_err(out, expected) <= 1e-5
 
 
+def test_text_graph_computes_the_shared_start_once(tiny, tmp_path):
+    """The exported text graph lays the prompts out as the shared start's P rows plus (L - 1) rows per class (the
+    shapes ONNX records for the transformer's activations), never a (K, L + n_ctx) prompt per class."""
+    model = onnx.load(str(to_onnx(tiny, tmp_path / "text.onnx", graph="text")))
+    text = tiny.config.text
+    p, s = 1 + text.n_ctx, text.class_token_length - 1
+    shapes = [[d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in model.graph.value_info]
+    rows = f"{s}*classes + {p}"
+    assert [rows, 4 * text.width] in shapes  # an MLP's hidden activations, P + K * S rows
+    assert ["classes", text.context_length, text.width] not in shapes  # no whole prompt
+
+
 # ------------------------------------------------------------------------------------------------ TensorRT list
 
 

@@ -60,7 +60,12 @@ class ImageGraph(nn.Module):
 
 
 class TextGraph(nn.Module):
-    """Class tokens (K, L) from :func:`denseclip_fast.model.text.tokenize_class_names` -> class embeddings (K, D)."""
+    """Class tokens (K, L) from :func:`denseclip_fast.model.text.tokenize_class_names` -> class embeddings (K, D).
+
+    The graph computes the prompts' shared start (SOT and the learned contexts) once and then all L - 1 later
+    positions of every class (P + K * (L - 1) rows, not K * (L + n_ctx): ContextTextEncoder's shared start with the
+    span fixed at L, since an exported graph cannot read the tokens to shorten it). Exact for tokens as
+    tokenize_class_names makes them: every row starts with SOT and ends its name with EOT after it."""
 
     def __init__(self, model: DenseCLIP, dtype: torch.dtype) -> None:
         super().__init__()
@@ -68,7 +73,7 @@ class TextGraph(nn.Module):
         self.contexts = nn.Parameter(model.contexts.detach().to(dtype), requires_grad=False)
 
     def forward(self, class_tokens: torch.Tensor) -> torch.Tensor:
-        return self.text_encoder(class_tokens, self.contexts)
+        return self.text_encoder(class_tokens, self.contexts, span=class_tokens.shape[1])
 
 
 def check_image_size(model: DenseCLIP, image_size: int | Sequence[int] | None) -> tuple[int, int]:
