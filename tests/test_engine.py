@@ -4,6 +4,7 @@ errors, the BatchNorm folding and the CUDA-graph cache logic (with the capture i
 from __future__ import annotations
 
 import copy
+import pickle
 import re
 import threading
 import time
@@ -130,6 +131,18 @@ def test_engine_leaves_the_users_model_alone(model):
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+
+
+def test_a_segmenter_refuses_pickle_and_copy_saying_what_to_send(model):
+    """pickle (multiprocessing, Ray) and deepcopy get a TypeError naming the Segmenter and the alternative, not the
+    lock's "cannot pickle '_thread.RLock' object"; the model it was built from pickles and builds an equal one."""
+    seg = _engine(model)
+    for attempt in (lambda: pickle.dumps(seg), lambda: copy.deepcopy(seg), lambda: copy.copy(seg)):
+        with pytest.raises(TypeError, match=r"^a Segmenter cannot be pickled or copied: .* Send the DenseCLIP model"):
+            attempt()
+    again = _engine(pickle.loads(pickle.dumps(model)))
+    x = torch.randn(1, 3, 64, 64)
+    assert torch.equal(again.logits(x), seg.logits(x))
 
 
 def test_set_classes_equals_rebuilding(model):

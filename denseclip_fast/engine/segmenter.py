@@ -27,7 +27,7 @@ import itertools
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 import numpy as np
 import torch
@@ -220,6 +220,13 @@ class Segmenter:
         self._done: Any = None  # a CUDA event recorded after the last call's GPU work (see _turn)
         self._graphs = GraphCache(self._forward, enabled=cuda_graphs and self.device.type == "cuda",
                                   max_graphs=max_graphs, capture_after=capture_after)  # fmt: skip
+
+    def __reduce__(self) -> NoReturn:
+        """Refused with a TypeError that says what to send instead: pickle (multiprocessing, Ray, copy.deepcopy)
+        would otherwise fail on the lock with a message naming no Segmenter."""
+        raise TypeError("a Segmenter cannot be pickled or copied: it holds device state (a lock; on CUDA its "
+                        "captured graphs, their buffers and events). Send the DenseCLIP model it was built from "
+                        "(it pickles; or DenseCLIP.save and load_checkpoint) and build a Segmenter in each process")
 
     # ------------------------------------------------------------------ setup
 
