@@ -127,6 +127,29 @@ def test_missing_and_unexpected_keys_are_listed(tmp_path, official_file):
     assert message.startswith(str(path)) and "\n" not in message
 
 
+def test_a_file_without_batchnorm_counters_loads_with_them_at_zero(tmp_path, official_file):
+    """num_batches_tracked (integer buffers that converters drop) may be missing, every one or some: they load as
+    0 and the model computes what the full file's does; any other missing buffer is still refused."""
+    state = _state(official_file)
+    sd = dict(state["state_dict"])
+    counters = [k for k in sd if k.endswith(".num_batches_tracked")]
+    assert len(counters) > 10
+    full = dcf.load_checkpoint(_save_state(tmp_path, sd, meta=state["meta"], name="full.pth"))
+    x = torch.randn(1, 3, 64, 64)
+    for dropped in (counters, counters[::3]):
+        path = _save_state(tmp_path, {k: v for k, v in sd.items() if k not in dropped}, meta=state["meta"],
+                           name="pruned.pth")  # fmt: skip
+        model = dcf.load_checkpoint(path)
+        loaded = model.state_dict()
+        assert all(loaded[k].dtype == torch.long and int(loaded[k]) == 0 for k in dropped)
+        assert all(torch.equal(loaded[k], sd[k]) for k in counters if k not in dropped)
+        with torch.no_grad():
+            assert torch.equal(model(x), full(x))
+    del sd[counters[0]], sd["decode_head.scale_heads.1.0.bn.running_var"]
+    with pytest.raises(CheckpointError, match=r"missing keys \(1\): decode_head.scale_heads.1.0.bn.running_var$"):
+        dcf.load_checkpoint(_save_state(tmp_path, sd, meta=state["meta"], name="no_var.pth"))
+
+
 def test_shape_mismatch_names_key_and_shapes(tmp_path, official_file):
     sd = dict(_state(official_file)["state_dict"])
     sd["context_decoder.decoder.0.mlp.0.bias"] = torch.zeros(7)
@@ -1289,7 +1312,8 @@ def test_meta_build_of_every_architecture(arch):
     skeleton = _meta_model(config, names)
     sd = skeleton.state_dict()
     assert all(t.is_meta for t in (*skeleton.parameters(), *skeleton.buffers()))
-    assert _model_skeleton(config, names, sd, "x.pth").state_dict().keys() == sd.keys()
+    built, given = _model_skeleton(config, names, sd, "x.pth")
+    assert built.state_dict().keys() == sd.keys() and given is sd  # nothing filled in
     if arch.startswith("tiny"):
         real = DenseCLIP(config, names).state_dict()
         assert {k: v.shape for k, v in sd.items()} == {k: v.shape for k, v in real.items()}

@@ -110,7 +110,7 @@ def load_checkpoint(
     if len(names) != k:
         raise MismatchedClassNamesError(path, len(names), k)
     try:
-        skeleton = _model_skeleton(config, names, sd, path)
+        skeleton, sd = _model_skeleton(config, names, sd, path)
     except ValueError as exc:  # the tokenizer's checks (a name with no tokens, or too many)
         if class_names is not None or isinstance(exc, CheckpointError):
             raise
@@ -133,9 +133,12 @@ MAX_EXTRA_ELEMENTS = 2**24  # elements of the model that the file does not hold 
 
 def _model_skeleton(
     config: DenseCLIPConfig, names: list[str], sd: Mapping[str, torch.Tensor], path: str
-) -> DenseCLIP:
+) -> tuple[DenseCLIP, Mapping[str, torch.Tensor]]:
     """The model that ``config`` describes, built on the meta device (no memory for weights, no initialisation), once
-    checked to hold exactly the file's tensors; else CheckpointError naming the file. Sizes read from a file (a text
+    checked to hold exactly the file's tensors, and those tensors with any BatchNorm ``num_batches_tracked`` counter
+    the file lacks as 0 (converters and pruned state dicts drop the integer buffers; PyTorch itself so fills a
+    pre-1.0 checkpoint's: with a momentum, as every BatchNorm here has, the counter changes no output); else
+    CheckpointError naming the file. Sizes read from a file (a text
     width of 2**17 in a native file's config, a huge expanded tensor in an official one) must not allocate gigabytes,
     or fail with a raw RuntimeError, before the mismatch is reported. The block count is bounded first: a meta model
     still takes ~0.1 MB and ~1 ms a block. ValueError from the tokenizer for class names it refuses."""
@@ -150,7 +153,11 @@ def _model_skeleton(
         )  # fmt: skip
     with torch.device("meta"):
         skeleton = DenseCLIP(config, names)
-    problems = state_problems(skeleton.state_dict(), sd)
+    expected = skeleton.state_dict()
+    counters = [k for k in expected if k.endswith(".num_batches_tracked") and k not in sd]
+    if counters:
+        sd = {**sd, **{k: torch.zeros((), dtype=torch.long) for k in counters}}
+    problems = state_problems(expected, sd)
     if problems:
         raise CheckpointError(path, "; ".join(problems))
     extra = sum(t.numel() for t in (*skeleton.parameters(), *skeleton.buffers())) - sum(t.numel() for t in sd.values())
@@ -158,7 +165,7 @@ def _model_skeleton(
         raise CheckpointError(path, f"the model it describes has {extra} elements besides the file's tensors (more "
                                     f"than {MAX_EXTRA_ELEMENTS}: {len(names)} class names of "
                                     f"{config.text.class_token_length} tokens?)")  # fmt: skip
-    return skeleton
+    return skeleton, sd
 
 
 def _class_names_argument(class_names: Any) -> list[str]:
