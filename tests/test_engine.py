@@ -295,15 +295,15 @@ def test_predict_resizes_a_few_classes_at_a_time_and_equals_the_argmax(model, mo
     expected = [t.argmax(dim=0) for t in seg.logits(images)]
     expected_vocab = [t.argmax(dim=0) for t in seg.open_vocab(images, names)]
     largest = []
-    interpolate = F.interpolate
+    resize = segmenter.resized
 
-    def recorded(x, *args, **kwargs):
-        out = interpolate(x, *args, **kwargs)
-        if out.shape[-2:] in ((70, 90), (45, 101)):  # to an image's own size (not the network's resizes)
-            largest.append(out.numel())
-        return out
+    def recorded(scores, size, out=None):
+        resized = resize(scores, size, out)
+        if resized.shape[-2:] in ((70, 90), (45, 101)):  # to an image's own size (not the network's resizes)
+            largest.append(resized.numel() if out is None else out.numel())
+        return resized
 
-    monkeypatch.setattr(segmenter.F, "interpolate", recorded)
+    monkeypatch.setattr(segmenter, "resized", recorded)
     for classes_at_once in (1, 2, 3, 7):
         monkeypatch.setattr(segmenter, "LABEL_CHUNK", classes_at_once * 2 * 70 * 90)  # the two 70x90 images
         largest.clear()
@@ -341,6 +341,21 @@ def test_predict_equals_the_argmax_on_exact_ties_whatever_the_threads(model, thr
     finally:
         torch.set_num_threads(saved)
     assert (expected == 0).any() and not (expected == 3).any()
+
+
+def test_label_chunks_hold_enough_classes_within_the_memory_bound():
+    """label_step on a CPU: all classes when they fit the cached size, else as many as it holds but at least
+    LABEL_CLASSES; on a GPU all; never more than LABEL_CHUNK values nor fewer than one class."""
+    from denseclip_fast.engine.segmenter import LABEL_CACHED, LABEL_CHUNK, LABEL_CLASSES, label_step
+
+    assert LABEL_CLASSES * 512 * 512 <= LABEL_CACHED < 150 * 512 * 512 <= LABEL_CHUNK
+    assert label_step(1, 150, (64, 64)) == 150 and label_step(1, 7, (512, 512)) == 7
+    assert label_step(1, 150, (256, 256)) == LABEL_CACHED // (256 * 256) > LABEL_CLASSES
+    assert label_step(1, 150, (512, 512)) == LABEL_CLASSES == label_step(4, 150, (512, 512))
+    assert label_step(1, 150, (4000, 3000)) == LABEL_CHUNK // (4000 * 3000) < LABEL_CLASSES
+    assert label_step(16, 150, (8000, 8000)) == 1
+    assert label_step(1, 150, (512, 512), cpu=False) == 150  # a GPU: one chunk while within LABEL_CHUNK
+    assert label_step(1, 150, (4000, 3000), cpu=False) == LABEL_CHUNK // (4000 * 3000)
 
 
 def test_labels_break_ties_and_nans_as_argmax(monkeypatch):

@@ -31,7 +31,6 @@ from typing import Any, Literal, NoReturn
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .. import ops
 from ..config import MIN_IMAGE_SIDE
@@ -57,27 +56,37 @@ Finish = Callable[[torch.Tensor, Any], torch.Tensor]  # (N, C, h, w) float32 sco
 # below every engine dtype's range (float16: 65504)
 MAX_INPUT = 16.0
 
-# predict's scores at an image's own size are made this many values at a time (256 MiB of float32): 150 classes of
-# a 12-megapixel photo would take 7.2 GB at once
+# predict's scores at an image's own size are made this many values at a time at most (256 MiB of float32): 150
+# classes of a 12-megapixel photo would take 7.2 GB at once
 LABEL_CHUNK = 1 << 26
+# ... on a CPU in chunks of at most this many values (16 MiB) when they still hold LABEL_CLASSES classes (or all):
+# a buffer that small is reused by the C allocator from call to call, a larger one is mapped afresh and its pages
+# faulted in (for 150 classes at 512x512, half the time of their resize); each chunk costs passes over the label map
+LABEL_CACHED = 1 << 22
+LABEL_CLASSES = 16
 
 # open_vocab keeps the class embeddings of this many vocabularies, the least recently used dropped first
 MAX_VOCABULARIES = 8
 
 
-def resized(scores: torch.Tensor, size: Any) -> torch.Tensor:
-    """(N, C, h, w) scores -> float32 (N, C, H, W) at ``size`` (bilinear, as mmseg's resize), in NCHW; None: as
-    they are. Each class plane is resized as an image of its own ((N*C, 1, h, w)), so that it comes out the same
-    however many planes are resized together (see labels): ATen's CPU resize of several channels picks its kernel,
-    whose additions differ in order (1e-7), by the channel count and the thread count (its channels_last kernel for
-    3 channels on one thread), and a channels_last input computes a chunk's channels in other vector and scalar
-    steps than the whole."""
+def resized(scores: torch.Tensor, size: Any, out: torch.Tensor | None = None) -> torch.Tensor:
+    """(N, C, h, w) scores -> float32 (N, C, H, W) at ``size`` (bilinear, as mmseg's resize), in NCHW (into ``out``,
+    of N*C*H*W float32 values, when given); None: as they are. Each class plane is resized as an image of its own
+    ((N*C, 1, h, w)), so that it comes out the same however many planes are resized together (see labels): ATen's
+    CPU resize of several channels picks its kernel, whose additions differ in order (1e-7), by the channel count and
+    the thread count (its channels_last kernel for 3 channels on one thread), and a channels_last input computes a
+    chunk's channels in other vector and scalar steps than the whole."""
     scores = scores.to(torch.float32, memory_format=torch.contiguous_format)
     if size is None:
         return scores
     n, c, h, w = scores.shape
-    planes = F.interpolate(scores.reshape(n * c, 1, h, w), size=tuple(size), mode="bilinear", align_corners=False)
-    return planes.view(n, c, *planes.shape[2:])
+    height, width = int(size[0]), int(size[1])
+    if out is None:
+        out = torch.empty(n * c, 1, height, width, dtype=torch.float32, device=scores.device)
+    # F.interpolate(size=...)'s kernel (the scales from the sizes), writing into ``out``
+    torch.ops.aten.upsample_bilinear2d.out(scores.reshape(n * c, 1, h, w), [height, width], False, None, None,
+                                           out=out.view(n * c, 1, height, width))  # fmt: skip
+    return out.view(n, c, height, width)
 
 
 def _as_computed(scores: torch.Tensor, size: Any) -> torch.Tensor:
@@ -85,23 +94,39 @@ def _as_computed(scores: torch.Tensor, size: Any) -> torch.Tensor:
     return scores
 
 
+def label_step(batch: int, classes: int, size: tuple[int, int], cpu: bool = True) -> int:
+    """How many classes labels resizes at a time for ``batch`` images of ``size``: on a CPU all when they fit
+    LABEL_CACHED values, else as many as LABEL_CACHED holds if that is LABEL_CLASSES or more, else LABEL_CLASSES; on
+    a GPU (whose allocator keeps its memory) all; never more than LABEL_CHUNK values (and at least one class)."""
+    plane = max(1, batch * size[0] * size[1])
+    step = max(LABEL_CACHED // plane, LABEL_CLASSES) if cpu else classes
+    return max(1, min(classes, step, LABEL_CHUNK // plane))
+
+
 def labels(scores: torch.Tensor, size: Any) -> torch.Tensor:
     """``resized(scores, size).argmax(dim=1)`` (int64 (N, H, W)), equal to it pixel for pixel (the first class of a
-    tie; a NaN wins, as in argmax), with at most about LABEL_CHUNK resized values held at a time: the classes are
-    resized a chunk at a time and the best so far kept. Exact because resized treats each class plane alike
-    whatever the chunk."""
+    tie; a NaN wins, as in argmax), with a chunk of classes (label_step) resized at a time into one buffer and the
+    best so far kept in place: no allocation per chunk. Exact because resized treats each class plane alike whatever
+    the chunk. Faster than that argmax even in one chunk: ATen's max over the classes took half its time."""
     if size is None:
         return scores.argmax(dim=1)
     n, k = scores.shape[:2]
-    step = max(1, LABEL_CHUNK // max(1, n * size[0] * size[1]))
+    size = (int(size[0]), int(size[1]))
+    step = label_step(n, k, size, scores.device.type == "cpu")
+    chunk = torch.empty(n * step * size[0] * size[1], dtype=torch.float32, device=scores.device)
+    best, index = resized(scores[:, :step], size, chunk).max(dim=1)
     if step >= k:
-        return resized(scores, size).argmax(dim=1)
-    best, index = resized(scores[:, :step], size).max(dim=1)
+        return index
+    values, i = torch.empty_like(best), torch.empty_like(index)
+    better, known = torch.empty_like(best, dtype=torch.bool), torch.empty_like(best, dtype=torch.bool)
     for first in range(step, k, step):
-        values, i = resized(scores[:, first : first + step], size).max(dim=1)
-        better = (values > best) | (values.isnan() & ~best.isnan())  # strictly: a tie keeps the earlier class
-        best = torch.where(better, values, best)
-        index = torch.where(better, i + first, index)
+        part = resized(scores[:, first : first + step], size, chunk[: n * min(step, k - first) * size[0] * size[1]])
+        torch.max(part, dim=1, out=(values, i))
+        # better: not (values <= best), unless best is NaN: values above best, or a NaN after a number (a tie
+        # keeps the earlier class, and the first NaN stays)
+        torch.le(values, best, out=better).logical_not_().logical_and_(torch.eq(best, best, out=known))
+        torch.where(better, values, best, out=best)
+        torch.where(better, i.add_(first), index, out=index)
     return index
 
 
