@@ -540,6 +540,29 @@ def test_text_benchmark_onnx_mode_compares_the_exported_graphs(tmp_path, monkeyp
     assert "| cpu (onnxruntime) | float32 | one-token | 119 | 5 | onnx |" in table and "onnxruntime 1." in table
 
 
+def test_label_benchmark_times_each_contestant_and_checks_their_labels(tmp_path, monkeypatch):
+    """benchmarks/bench_labels.py times labels() against the argmax and the chunking before it on small cases made
+    to take several chunks (no timing asserted); a contestant whose labels differ fails the run."""
+    from benchmarks import bench_labels
+    from denseclip_fast.engine import segmenter
+
+    monkeypatch.setattr(bench_labels, "CASES", {"small": ((9, 11), (37, 45)), "wide": ((5, 17), (20, 70))})
+    monkeypatch.setattr(bench_labels, "CHUNK_BEFORE", 3 * 37 * 45)
+    monkeypatch.setattr(segmenter, "LABEL_CACHED", 4 * 37 * 45)
+    monkeypatch.setattr(segmenter, "LABEL_CLASSES", 2)
+    args = ["--classes", "10", "--repeats", "1", "--out", str(tmp_path), "--tag", "t"]
+    assert bench_labels.main(args) == 0
+    rows = json.loads((tmp_path / "labels_t.json").read_text())["rows"]
+    assert [(r["case"], r["scores"], r["size"]) for r in rows] == [
+        ("small", [1, 10, 9, 11], [37, 45]), ("wide", [1, 10, 5, 17], [20, 70])
+    ]  # fmt: skip
+    assert all(r[f"{n}_median_ms"] > 0 for r in rows for n in bench_labels.CONTESTANTS)
+    assert "| small | 1x10x9x11 | 37x45 |" in (tmp_path / "labels_t.md").read_text()
+    monkeypatch.setitem(bench_labels.CONTESTANTS, "labels", lambda s, size: segmenter.labels(s, size).flip(-1))
+    with pytest.raises(AssertionError, match=r"labels's labels differ from the argmax's \(small\)"):
+        bench_labels.main(args)
+
+
 def test_upstream_parity_names_a_missing_checkout(tmp_path, capsys):
     """benchmarks/upstream_parity.py needs a checkout of raoyongming/DenseCLIP (which CI does not have, so the check
     itself is not run here): a directory without segmentation/denseclip/models.py, or no directory at all, exits 2
