@@ -283,10 +283,12 @@ def test_predict_overlay_and_open_vocab(model):
 @pytest.mark.parametrize("mode", ["whole", "slide"])
 def test_predict_resizes_a_few_classes_at_a_time_and_equals_the_argmax(model, mode, monkeypatch):
     """predict's labels at each uint8 image's own size are made a chunk of classes at a time (a 12-megapixel photo's
-    150 full-size score maps took 7.2 GB before the argmax): equal to logits().argmax pixel for pixel (images of two
-    sizes, one chunk per class up to all classes at once; open vocabulary too), and no resize output holds more
-    than a chunk."""
+    150 full-size score maps took 7.2 GB before the argmax), each chunk through every resize (whole mode: to the
+    test scale, then to the image's size; slide: the latter) into buffers of LABEL_CHUNK values in all: equal to
+    logits().argmax pixel for pixel (images of two sizes, one chunk per class up to all classes at once; open
+    vocabulary too), and no resize of a chunk's holds more; a normalised batch too."""
     from denseclip_fast.engine import segmenter
+    from denseclip_fast.preprocess import keep_ratio_size
 
     seg = _engine(model, mode=mode)
     rng = np.random.default_rng(3)
@@ -294,26 +296,31 @@ def test_predict_resizes_a_few_classes_at_a_time_and_equals_the_argmax(model, mo
     names = ["dog", "sky", "road", "grass", "car", "tree", "person"]
     expected = [t.argmax(dim=0) for t in seg.logits(images)]
     expected_vocab = [t.argmax(dim=0) for t in seg.open_vocab(images, names)]
-    largest = []
+    buffers: list[tuple[int, ...]] = []  # the shapes resized into a chunk's buffer
     resize = segmenter.resized
 
     def recorded(scores, size, out=None):
-        resized = resize(scores, size, out)
-        if resized.shape[-2:] in ((70, 90), (45, 101)):  # to an image's own size (not the network's resizes)
-            largest.append(resized.numel() if out is None else out.numel())
-        return resized
+        result = resize(scores, size, out)
+        if out is not None:
+            buffers.append(tuple(result.shape))
+        return result
 
     monkeypatch.setattr(segmenter, "resized", recorded)
+    sizes = [(70, 90)] if mode == "slide" else [keep_ratio_size(70, 90, model.config.test_scale), (70, 90)]
+    plane = 2 * sum(h * w for h, w in sizes)  # a class of the two 70x90 images through every resize
     for classes_at_once in (1, 2, 3, 7):
-        monkeypatch.setattr(segmenter, "LABEL_CHUNK", classes_at_once * 2 * 70 * 90)  # the two 70x90 images
-        largest.clear()
+        monkeypatch.setattr(segmenter, "LABEL_CHUNK", classes_at_once * plane)
+        buffers.clear()
         got = seg.predict(images)
         assert all(torch.equal(g, e) for g, e in zip(got, expected)), classes_at_once
         assert [g.shape for g in got] == [(70, 90), (45, 101), (70, 90)] and got[0].dtype == torch.int64
-        assert max(largest) == min(classes_at_once, 4) * 2 * 70 * 90, (classes_at_once, largest)
+        step = min(classes_at_once, 4)
+        assert {b for b in buffers if b[0] == 2} == {(2, c, *size) for size in sizes for c in {step, 4 % step or step}}
         got = seg.predict(images, names)
         assert all(torch.equal(g, e) for g, e in zip(got, expected_vocab)), classes_at_once
     x = torch.randn(1, 3, 64, 80)  # a normalised batch: the argmax at its own size
+    assert torch.equal(seg.predict(x), seg.logits(x).argmax(dim=1))
+    monkeypatch.setattr(segmenter, "LABEL_CHUNK", 64 * 80)  # one class at a time
     assert torch.equal(seg.predict(x), seg.logits(x).argmax(dim=1))
 
 
@@ -356,6 +363,71 @@ def test_label_chunks_hold_enough_classes_within_the_memory_bound():
     assert label_step(16, 150, (8000, 8000)) == 1
     assert label_step(1, 150, (512, 512), cpu=False) == 150  # a GPU: one chunk while within LABEL_CHUNK
     assert label_step(1, 150, (4000, 3000), cpu=False) == LABEL_CHUNK // (4000 * 3000)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_aten_resizes_finite_values_to_their_own_size_unchanged(threads):
+    """What unchanged_by_resize relies on: ATen's bilinear resize of (N, 1, H, W) planes to (H, W) returns finite
+    values bit for bit (negative zeros and values near the float32 limit too), whatever the shape and threads; an
+    infinity comes back NaN (so the skip needs all values finite)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        generator = torch.Generator().manual_seed(5)
+        for shape in [(1, 1, 1, 1), (3, 1, 1, 7), (4, 1, 37, 129), (2, 1, 64, 683), (6, 1, 3, 1000)]:
+            x = torch.randn(shape, generator=generator)
+            x.view(-1)[::7] = -0.0
+            x.view(-1)[::11] = 3e38
+            y = F.interpolate(x, size=shape[2:], mode="bilinear", align_corners=False)
+            assert torch.equal(y, x) and torch.equal(y.signbit(), x.signbit()), shape
+        x = torch.randn(1, 1, 4, 5, generator=generator)
+        x[0, 0, 2, 3] = float("inf")
+        y = F.interpolate(x, size=(4, 5), mode="bilinear", align_corners=False)
+        assert y[0, 0, 2, 3].isnan() and y.isnan().sum() == 1
+    finally:
+        torch.set_num_threads(saved)
+
+
+def test_a_resize_to_the_same_size_is_skipped_only_where_it_changes_nothing(model, monkeypatch):
+    """resized_through and labels skip a resize of CPU scores to their own size when all are finite (a uint8 image
+    of the test scale's size: its logits are resized to its own size after the network), with the same result
+    as ATen's; with an infinity among them the resize runs and turns it into NaN, as the official model's."""
+    from denseclip_fast.engine import segmenter
+
+    def reference(scores, *sizes):
+        out = scores.float()
+        for size in sizes:
+            out = F.interpolate(out, size=size, mode="bilinear", align_corners=False)
+        return out
+
+    small = torch.randn(2, 5, 9, 11, generator=torch.Generator().manual_seed(6))
+    for dtype in (torch.float32, torch.bfloat16):
+        for sizes in [((36, 44), (36, 44)), ((36, 44), (36, 44), (20, 30)), ((9, 11),)]:
+            scores = small.to(dtype)
+            expected = reference(scores, *sizes)
+            assert torch.equal(segmenter.resized_through(scores, *sizes), expected), (dtype, sizes)
+            assert torch.equal(segmenter.labels(scores, *sizes), expected.argmax(dim=1)), (dtype, sizes)
+    broken = small.clone()
+    broken[1, 2, 4, 5] = float("inf")
+    expected = reference(broken, (36, 44), (36, 44))
+    assert reference(broken, (36, 44)).isinf().any() and expected.isnan().any()  # spread, then NaN
+    torch.testing.assert_close(segmenter.resized_through(broken, (36, 44), (36, 44)), expected, rtol=0, atol=0,
+                               equal_nan=True)  # fmt: skip
+    assert torch.equal(segmenter.labels(broken, (36, 44), (36, 44)), expected.argmax(dim=1))
+
+    from denseclip_fast.preprocess import keep_ratio_size
+
+    seg = _engine(model)
+    short = min(model.config.test_scale)
+    size = (short, short * 5 // 4)  # (512, 640), ViT-B/16's (640, 800): the keep-ratio resize leaves it as it is
+    assert keep_ratio_size(*size, model.config.test_scale) == size
+    image = np.random.default_rng(7).integers(0, 256, size=(*size, 3), dtype=np.uint8)
+    sizes: list[tuple[int, int]] = []
+    resize = segmenter.resized
+    monkeypatch.setattr(segmenter, "resized", lambda scores, s, out=None: sizes.append(s) or resize(scores, s, out))
+    logits, labels = seg.logits(image), seg.predict(image)
+    assert [tuple(s) for s in sizes if s is not None] == [size] * 2  # the network's output's, not again
+    assert logits.shape == (1, 4, *size) and torch.equal(labels, logits.argmax(dim=1))
 
 
 def test_labels_break_ties_and_nans_as_argmax(monkeypatch):
@@ -759,11 +831,17 @@ def test_warmup_captures_the_shapes_a_size_will_run(model, mode, monkeypatch):
 
     sizes = []
     resized = segmenter.resized
-    monkeypatch.setattr(segmenter, "resized", lambda scores, size: sizes.append(size) or resized(scores, size))
+    monkeypatch.setattr(segmenter, "resized", lambda scores, size, out=None: sizes.append((size, out is not None))
+                        or resized(scores, size, out))  # fmt: skip
     seg.warmup((50, 60), batch=2)  # uint8: resized to fit the tiny config's test scale
     assert len(captured) == 1 and eager == captured * 2  # two eager calls of the shape, then its capture
-    # the scores stay at the network's size: never resized to the images' (a photo's would take gigabytes)
-    assert sizes and all(tuple(size) == eager[0][2:] for size in sizes), (sizes, eager)
+    # the scores go where predict's go: a chunk of classes at a time, into its buffers (never all the classes'
+    # full-size scores: a photo's would take gigabytes), to the network's input size, then to the images'
+    resizes = [(tuple(size), into) for size, into in sizes if size is not None]
+    if mode == "whole":
+        assert resizes == [(eager[0][2:], True), ((50, 60), True)] * 3, (resizes, eager)
+    else:  # each batch of windows to the crop (at once, as logits), the accumulated scores to the images' size
+        assert resizes[-1] == ((50, 60), True) and all(into for size, into in resizes if size == (50, 60))
     seg.logits(torch.randint(0, 256, (2, 50, 60, 3), dtype=torch.uint8))
     assert len(captured) == 1 and len(eager) == 2  # replayed
     seg.warmup((64, 64), raw=False)

@@ -49,7 +49,11 @@ from .rewrite import prepare_for_inference
 
 Mode = Literal["whole", "slide"]
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-Finish = Callable[[torch.Tensor, Any], torch.Tensor]  # (N, C, h, w) float32 scores, (H, W) or None -> a result
+Size = tuple[int, int]
+# (N, C, h, w) scores and the (H, W) resizes they still take, in turn -> a result (see Segmenter._each_group)
+Finish = Callable[..., torch.Tensor]
+# (N, C, h, w) scores of a normalised batch and the resizes they take to its size (none: at its size already)
+Pending = tuple[torch.Tensor, tuple[Size, ...]]
 # the largest magnitude a float batch may hold (check_finite): far above a CLIP-normalised image's -1.8..2.2 (or an
 # ImageNet-normalised one's -2.2..2.7, or a standard normal batch's: past 16 once in 1e57 values) and below what a
 # batch of 0..255 pixels not normalised holds (the commonest mistake, which ran and gave confident nonsense), and far
@@ -89,39 +93,66 @@ def resized(scores: torch.Tensor, size: Any, out: torch.Tensor | None = None) ->
     return out.view(n, c, height, width)
 
 
-def _as_computed(scores: torch.Tensor, size: Any) -> torch.Tensor:
-    """A finish (see Segmenter._each_group) that keeps the network's output at its own size (warmup's)."""
+def unchanged_by_resize(scores: torch.Tensor, size: Size) -> bool:
+    """Whether resizing ``scores`` to ``size`` would give them back as they are, bit for bit, so that it can be
+    skipped: on a CPU, to their own size, all finite. ATen's bilinear resize to the same size returns finite values
+    unchanged (negative zeros too: test_engine checks it) and turns an infinity into NaN. A photo of the test
+    scale's size (ADE20K's 683x512 images at (2048, 512)) is resized to its own size after the network; that took
+    longer than the resize before it (one reduction, no copy, instead)."""
+    if scores.device.type != "cpu" or tuple(scores.shape[2:]) != tuple(size):
+        return False
+    low, high = torch.aminmax(scores)  # NaN passes on: not finite
+    return bool(low.isfinite() & high.isfinite())
+
+
+def resized_through(scores: torch.Tensor, *sizes: Size) -> torch.Tensor:
+    """A finish (see Segmenter._each_group): ``scores`` resized to each of ``sizes`` in turn, float32 NCHW (as
+    they are, in float32 NCHW, with no size; a resize that would change nothing skipped: unchanged_by_resize)."""
+    scores = resized(scores, None)
+    for size in sizes:
+        if not unchanged_by_resize(scores, size):
+            scores = resized(scores, size)
     return scores
 
 
-def label_step(batch: int, classes: int, size: tuple[int, int], cpu: bool = True) -> int:
-    """How many classes labels resizes at a time for ``batch`` images of ``size``: on a CPU all when they fit
-    LABEL_CACHED values, else as many as LABEL_CACHED holds if that is LABEL_CLASSES or more, else LABEL_CLASSES; on
-    a GPU (whose allocator keeps its memory) all; never more than LABEL_CHUNK values (and at least one class)."""
+def label_step(batch: int, classes: int, size: Size, cpu: bool = True) -> int:
+    """How many classes labels resizes at a time for ``batch`` images whose planes (of all the resizes a class
+    goes through) hold ``size[0] * size[1]`` values: on a CPU all when they fit LABEL_CACHED values, else as many
+    as LABEL_CACHED holds if that is LABEL_CLASSES or more, else LABEL_CLASSES; on a GPU (whose allocator keeps its
+    memory) all; never more than LABEL_CHUNK values (and at least one class)."""
     plane = max(1, batch * size[0] * size[1])
     step = max(LABEL_CACHED // plane, LABEL_CLASSES) if cpu else classes
     return max(1, min(classes, step, LABEL_CHUNK // plane))
 
 
-def labels(scores: torch.Tensor, size: Any) -> torch.Tensor:
-    """``resized(scores, size).argmax(dim=1)`` (int64 (N, H, W)), equal to it pixel for pixel (the first class of a
-    tie; a NaN wins, as in argmax), with a chunk of classes (label_step) resized at a time into one buffer and the
-    best so far kept in place: no allocation per chunk. Exact because resized treats each class plane alike whatever
-    the chunk. Faster than that argmax even in one chunk: ATen's max over the classes took half its time."""
-    if size is None:
-        return scores.argmax(dim=1)
+def labels(scores: torch.Tensor, *sizes: Size) -> torch.Tensor:
+    """``resized_through(scores, *sizes).argmax(dim=1)`` (int64 (N, H, W)), equal to it pixel for pixel (the first
+    class of a tie; a NaN wins, as in argmax): a chunk of classes (label_step) at a time goes through the resizes,
+    each into a buffer of its own reused by every chunk, and the best so far is kept in place (no allocation per
+    chunk, and no full-size scores of all classes: a photo's would take gigabytes). Exact because resized treats
+    each class plane alike whatever the chunk. Through ATen's max over the classes, which took half the time of
+    its argmax (with the same ties and NaNs)."""
+    if not sizes:
+        return resized(scores, None).max(dim=1).indices
     n, k = scores.shape[:2]
-    size = (int(size[0]), int(size[1]))
-    step = label_step(n, k, size, scores.device.type == "cpu")
-    chunk = torch.empty(n * step * size[0] * size[1], dtype=torch.float32, device=scores.device)
-    best, index = resized(scores[:, :step], size, chunk).max(dim=1)
+    sizes = tuple((int(h), int(w)) for h, w in sizes)
+    step = label_step(n, k, (1, sum(h * w for h, w in sizes)), scores.device.type == "cpu")
+    buffers = [torch.empty(n * step * h * w, dtype=torch.float32, device=scores.device) for h, w in sizes]
+
+    def chunk(first: int) -> torch.Tensor:
+        part = resized(scores[:, first : first + step], None)
+        for (h, w), buffer in zip(sizes, buffers):
+            if not unchanged_by_resize(part, (h, w)):
+                part = resized(part, (h, w), buffer[: part.shape[0] * part.shape[1] * h * w])
+        return part
+
+    best, index = chunk(0).max(dim=1)
     if step >= k:
         return index
     values, i = torch.empty_like(best), torch.empty_like(index)
     better, known = torch.empty_like(best, dtype=torch.bool), torch.empty_like(best, dtype=torch.bool)
     for first in range(step, k, step):
-        part = resized(scores[:, first : first + step], size, chunk[: n * min(step, k - first) * size[0] * size[1]])
-        torch.max(part, dim=1, out=(values, i))
+        torch.max(chunk(first), dim=1, out=(values, i))
         # better: not (values <= best), unless best is NaN: values above best, or a NaN after a number (a tie
         # keeps the earlier class, and the first NaN stays)
         torch.le(values, best, out=better).logical_not_().logical_and_(torch.eq(best, best, out=known))
@@ -293,24 +324,26 @@ class Segmenter:
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         """CLIP-normalised (N, 3, h, w) in the engine's dtype -> the head's logits (N, K, h/4, w/4): what the graphs
-        capture. The resize to the input size runs after the replay (see _encode_decode)."""
+        capture. The resize to the input size runs after the replay (see _run and _encode_decode)."""
         return self.model.logits_for(x, self._text, None)
 
     def _encode_decode(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, 3, h, w) -> (N, K, h, w) float32 logits in a new tensor. The bilinear resize to the input size runs
-        outside the captured graph, from the small logits cast to float32: the full-size logits are written once,
-        in float32 (no half-precision full-size copy written, read back and converted), they never alias the
-        graph's output buffer (which the next replay overwrites), and the resize is in float32 as the official
-        model's."""
+        """(N, 3, h, w) -> (N, K, h, w) float32 logits in a new tensor (slide mode's windows; whole mode leaves the
+        resize to its finish: see _run). The bilinear resize to the input size runs outside the captured graph,
+        from the small logits cast to float32: the full-size logits are written once, in float32 (no half-precision
+        full-size copy written, read back and converted), they never alias the graph's output buffer (which the
+        next replay overwrites), and the resize is in float32 as the official model's."""
         small = self._graphs(x)
         return resized(small, x.shape[2:])
 
-    def _run(self, x: torch.Tensor) -> torch.Tensor:
-        """Whole or slide logits (N, K, h, w) in float32 for a normalised batch on the device."""
+    def _run(self, x: torch.Tensor) -> Pending:
+        """Whole or slide logits for a normalised batch on the device, with the resize to its size still to make
+        (whole: the head's output, (N, K, h/4, w/4), in the graph's output buffer, to be read before the next
+        replay; slide: float32 (N, K, h, w), nothing to make)."""
         x = x.to(self.device, self.dtype, memory_format=self._layout())
         if self.mode == "slide":
-            return slide_inference(self._encode_decode, x, self.crop, self.stride, self.windows_per_batch)
-        return self._encode_decode(x)
+            return slide_inference(self._encode_decode, x, self.crop, self.stride, self.windows_per_batch), ()
+        return self._graphs(x), ((x.shape[2], x.shape[3]),)
 
     def _layout(self) -> torch.memory_format:
         return torch.channels_last
@@ -320,18 +353,23 @@ class Segmenter:
         x = stacked_for(images, self.device).to(self.device, non_blocking=True).permute(0, 3, 1, 2)
         return normalize(resize_keep_ratio(x, self.model.config.test_scale))
 
-    def _each_group(self, batch: ImageBatch, fn: Any, finish: Finish) -> torch.Tensor | list[torch.Tensor]:
-        """Apply ``fn(normalised batch) -> (N, C, h, w)`` float32 per group of same-size images, then
-        ``finish(result, size)``: ``resized`` (the scores), or ``labels`` (their argmax over C). A normalised float
-        batch is finished at its own size (size None); uint8 images at each image's own size, in input order: one
+    def _each_group(
+        self, batch: ImageBatch, fn: Callable[[torch.Tensor], Pending], finish: Finish
+    ) -> torch.Tensor | list[torch.Tensor]:
+        """Apply ``fn(normalised batch) -> (scores (N, C, h, w), resizes to the batch's size)`` per group of
+        same-size images, then ``finish(scores, *resizes)``: ``resized_through`` (the scores), or ``labels`` (their
+        argmax over C, which never holds all the classes' resized scores). A normalised float batch is finished at
+        its own size; uint8 images at each image's own size (one more resize, as mmseg's), in input order: one
         (B, ...) tensor when all sizes agree, else a list of one tensor per image."""
         if batch.normalized is not None:
-            return finish(fn(batch.normalized), None)
+            scores, pending = fn(batch.normalized)
+            return finish(scores, *pending)
         assert batch.raw is not None
         results: list[Any] = [None] * len(batch.raw)
         for group in batch.groups:
             height, width = batch.raw[group[0]].shape[:2]
-            out = finish(fn(self._prepare_raw([batch.raw[i] for i in group])), (height, width))
+            scores, pending = fn(self._prepare_raw([batch.raw[i] for i in group]))
+            out = finish(scores, *pending, (height, width))
             if group == list(range(len(batch.raw))):  # one group in input order: no split and re-stack
                 return out
             for i, o in zip(group, out):
@@ -380,7 +418,7 @@ class Segmenter:
     def logits(self, images: Any) -> torch.Tensor | list[torch.Tensor]:
         """(B, K, H, W) float32 logits, at the input size for a normalised float batch and at each image's own size
         for uint8 images; a list of (K, H_i, W_i) when uint8 images differ in size."""
-        return self._trained_head(images, resized)
+        return self._trained_head(images, resized_through)
 
     def predict(self, images: Any, names: Sequence[str] | None = None) -> torch.Tensor | list[torch.Tensor]:
         """(B, H, W) int64 label maps (a list when uint8 images differ in size): the argmax of :meth:`logits`, or
@@ -402,7 +440,7 @@ class Segmenter:
     def open_vocab(self, images: Any, names: Sequence[str]) -> torch.Tensor | list[torch.Tensor]:
         """(B, K', H, W) float32 pixel-text cosine scores of any ``names`` (context decoder applied), from the
         whole image's local embedding map, upsampled to the image. Each vocabulary's embeddings are cached."""
-        return self._open_vocab(images, names, resized)
+        return self._open_vocab(images, names, resized_through)
 
     def _open_vocab(self, images: Any, names: Sequence[str], finish: Finish) -> torch.Tensor | list[torch.Tensor]:
         check_class_names(names, distinct=True)  # before the cache key is made of them; tokens checked on a miss
@@ -417,12 +455,12 @@ class Segmenter:
                     self._vocabularies.popitem(last=False)
             self._vocabularies.move_to_end(key)  # the least recently used goes first (the oldest went, used or not)
 
-            def scores(x: torch.Tensor) -> torch.Tensor:
+            def scores(x: torch.Tensor) -> Pending:
                 x = x.to(self.device, self.dtype, memory_format=self._layout())
                 feats = self.model.backbone(x)
                 z = feats.local_feat
                 s = ops.pixel_text_score(z, self.model.context_prompt(feats, text).to(z.dtype))
-                return resized(s, x.shape[2:])
+                return s, ((x.shape[2], x.shape[3]),)
 
             out = self._each_group(batch, scores, finish)
         self._finite_or_raise(finite)
@@ -500,13 +538,13 @@ class Segmenter:
         else:
             check_image_size((height, width), "size")
             images = torch.zeros((batch, 3, height, width), dtype=self.dtype, device=self.device)
+        # finished as predict finishes: its resizes a chunk of classes at a time (a photo's full-size float32 scores
+        # for all classes would take gigabytes, which predict never holds), its buffers' first allocation paid
         if names is not None:
-            self._open_vocab(images, names, _as_computed)
+            self._open_vocab(images, names, labels)
             return
         for _ in range(self._graphs.capture_after if self._graphs.enabled else 1):
-            # the network's output as it is: not resized to the images' size (a photo's full-size float32 scores
-            # for all classes would take gigabytes, which predict never holds)
-            self._trained_head(images, _as_computed)
+            self._trained_head(images, labels)
 
     @property
     def captured_graphs(self) -> int:
