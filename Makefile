@@ -1,7 +1,7 @@
 # Two commands do everything on a fresh machine:
 #   make test    set up .venv if needed, build the extension, run the whole test suite
 #   make bench   set up .venv if needed, run the operator, end-to-end, export, training, data, host, CPU-linear,
-#                start-up, text-encoder and label-map benchmarks
+#                start-up, text-encoder, label-map and predict benchmarks
 #                (a small smoke grid on a CPU, the full grids on a GPU; results in benchmarks/results/)
 #   make gpu-wheels   the Python 3.12 wheels the GPU test machine lacks, into ./wheels (see benchmarks/gpu_check.sh)
 #   make test-gpu-torch   a rehearsal of the GPU session on the CPU: benchmarks/gpu_check.sh's build, GPU-test
@@ -45,6 +45,7 @@ bench: setup
 	$(PYTHON) benchmarks/bench_startup.py --repeats 2  # the smoke: 2 fresh processes (3 by default)
 	$(PYTHON) benchmarks/bench_text.py --vocabularies ade20k --modes embed --repeats 2  # the smoke
 	$(PYTHON) benchmarks/bench_labels.py --cases 512 --repeats 2  # the smoke
+	$(PYTHON) benchmarks/bench_predict.py --dtypes float32 --inputs ade --repeats 1  # the smoke
 
 SHARED_WHEELS ?= ../shared/wheels/py312
 gpu-wheels: $(VENV)/.deps

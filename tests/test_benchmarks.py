@@ -563,6 +563,30 @@ def test_label_benchmark_times_each_contestant_and_checks_their_labels(tmp_path,
         bench_labels.main(args)
 
 
+def test_predict_benchmark_times_logits_and_predict_on_images(tmp_path, monkeypatch):
+    """benchmarks/bench_predict.py runs logits and predict on uint8 images and a float batch per dtype (no timing
+    asserted), and fails a run whose labels are not the logits' argmax."""
+    from benchmarks import bench_predict
+    from denseclip_fast import ADE20K_CLASSES, DenseCLIP, Segmenter
+
+    from .conftest import randomized, tiny_config
+
+    monkeypatch.setattr(bench_predict.dcf.DenseCLIP, "from_arch", lambda arch: DenseCLIP(tiny_config(), ADE20K_CLASSES))
+    monkeypatch.setattr(bench_predict, "randomize_", randomized)
+    monkeypatch.setattr(bench_predict, "INPUTS", {"ade": (64, 85), "photo": (96, 128), "float": (64, 64)})
+    args = ["--repeats", "1", "--out", str(tmp_path), "--tag", "t"]
+    assert bench_predict.main(args) == 0
+    rows = json.loads((tmp_path / "predict_t.json").read_text())["rows"]
+    assert [(r["dtype"], r["input"]) for r in rows] == [
+        (d, i) for d in ("float32", "bfloat16") for i in ("ade", "photo", "float")
+    ]  # fmt: skip
+    assert all(r[f"{c}_median_ms"] > 0 for r in rows for c in bench_predict.CALLS)
+    assert "| RN50 | bfloat16 | photo | 128x96 |" in (tmp_path / "predict_t.md").read_text()
+    monkeypatch.setattr(Segmenter, "predict", lambda self, images: self.logits(images).argmin(dim=1))
+    with pytest.raises(AssertionError, match="RN50 float32 ade: predict's labels differ from the logits' argmax"):
+        bench_predict.main([*args, "--dtypes", "float32", "--inputs", "ade"])
+
+
 def test_upstream_parity_names_a_missing_checkout(tmp_path, capsys):
     """benchmarks/upstream_parity.py needs a checkout of raoyongming/DenseCLIP (which CI does not have, so the check
     itself is not run here): a directory without segmentation/denseclip/models.py, or no directory at all, exits 2

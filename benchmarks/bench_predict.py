@@ -1,0 +1,119 @@
+"""Images in, logits or label maps out: Segmenter.logits and .predict end to end on uint8 images (a benchmark).
+
+    python benchmarks/bench_predict.py                                   # CPU, RN50, float32 and bfloat16
+    python benchmarks/bench_predict.py --device cuda --repeats 50        # bfloat16
+
+bench_e2e.py times the network on normalised batches; this times what the command line and most callers run: uint8
+RGB images through the official test pipeline (keep-ratio resize to the test scale, CLIP normalisation), the
+network, the logits' resize to the network's input and then to the image's own size, and for predict the argmax.
+Inputs: ``ade`` a 683x512 image (ADE20K's usual size, which the test scale (2048, 512) leaves as it is), ``photo`` a
+2048x1536 one (resized to 683x512 and back), ``float`` a normalised 512x512 batch. Batch 1, random weights and
+pixels, 150 classes, whole mode; logits and predict take turns after one untimed round. Every predict's labels
+must equal the argmax of the same round's logits. Writes JSON and markdown (predict_<tag>.*).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import denseclip_fast as dcf  # noqa: E402
+from benchmarks.common import Results, environment, sync  # noqa: E402
+from benchmarks.official import randomize_  # noqa: E402
+
+INPUTS = {"ade": (512, 683), "photo": (1536, 2048), "float": (512, 512)}
+CALLS = ("logits", "predict")
+
+
+def make_input(name: str) -> np.ndarray | torch.Tensor:
+    height, width = INPUTS[name]
+    if name == "float":
+        return torch.randn(1, 3, height, width, generator=torch.Generator().manual_seed(0))
+    return np.random.default_rng(0).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+
+
+def run_case(seg: dcf.Segmenter, arch: str, dtype: str, name: str, repeats: int) -> dict:
+    image = make_input(name)
+    device = seg.device
+    times: dict[str, list[float]] = {call: [] for call in CALLS}
+    for i in range(repeats + 1):  # the first round warms up, untimed
+        out = {}
+        for call in CALLS if i % 2 else CALLS[::-1]:
+            sync(device)
+            start = time.perf_counter()
+            out[call] = getattr(seg, call)(image)
+            sync(device)
+            if i:
+                times[call].append((time.perf_counter() - start) * 1e3)
+        if not torch.equal(out["predict"], out["logits"].argmax(dim=1)):
+            raise AssertionError(f"{arch} {dtype} {name}: predict's labels differ from the logits' argmax")
+        del out
+    row: dict = {"arch": arch, "dtype": dtype, "input": name, "size": list(INPUTS[name]), "repeats": repeats}
+    for call in CALLS:
+        row[f"{call}_median_ms"] = statistics.median(times[call])
+        row[f"{call}_min_ms"] = min(times[call])
+    return row
+
+
+def table(env: dict, rows: list[dict]) -> str:
+    versions = f"torch {env['torch']}" + (f", triton {env['triton']}" if env.get("gpu") else "")
+    lines = [
+        f"# Segmenter end to end on images: logits and predict ({env['date']})",
+        "",
+        f"{env['device']} ({env['threads']} CPU threads); {versions}; commit {env['commit']}. Random weights, 150 "
+        "classes, whole mode, batch 1; uint8 images through the official test pipeline (ade: 683x512, left as it "
+        "is by the test scale; photo: 2048x1536) or a normalised float batch (float: 512x512). Medians (min) in ms; "
+        "predict's labels equal the logits' argmax in every round.",
+        "",
+        "| arch | dtype | input | size | logits | predict |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        cells = " | ".join(f"{r[f'{c}_median_ms']:.1f} ({r[f'{c}_min_ms']:.1f})" for c in CALLS)
+        lines.append(f"| {r['arch']} | {r['dtype']} | {r['input']} | {r['size'][1]}x{r['size'][0]} | {cells} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--archs", nargs="+", choices=dcf.config.ARCHS, default=["RN50"])
+    parser.add_argument("--dtypes", nargs="+", choices=("float32", "bfloat16", "float16"),
+                        help="default: float32 and bfloat16 on a CPU, bfloat16 on a GPU")  # fmt: skip
+    parser.add_argument("--inputs", nargs="+", choices=list(INPUTS), default=list(INPUTS))
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds after one untimed (default 5)")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    parser.add_argument("--tag", help="file name tag (default: cpu_smoke, or the GPU's name)")
+    args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error(f"--repeats must be >= 1, got {args.repeats}")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA GPU here")
+    dtypes = args.dtypes or (["bfloat16"] if device.type == "cuda" else ["float32", "bfloat16"])
+    results = Results(args.out, "predict", args.tag, environment(device), {"args": vars(args)}, table)
+    for arch in args.archs:
+        torch.manual_seed(0)
+        model = randomize_(dcf.DenseCLIP.from_arch(arch)).eval()
+        for dtype in dtypes:
+            seg = dcf.Segmenter(model, device=device, dtype=getattr(torch, dtype), mode="whole")
+            for name in args.inputs:
+                results.add(run_case(seg, arch, dtype, name, args.repeats))
+                r = results.rows[-1]
+                print(f"{arch} {dtype} {name}: logits {r['logits_median_ms']:.1f} ms, predict "
+                      f"{r['predict_median_ms']:.1f} ms", flush=True)  # fmt: skip
+            del seg
+    print(results.render(results.env, results.rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
