@@ -17,17 +17,17 @@ Writes JSON and markdown (labels_<tag>.*).
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
-import time
 from collections.abc import Callable
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import Results, environment, sync  # noqa: E402
+from benchmarks.common import Results, environment, take_turns  # noqa: E402
 from denseclip_fast.engine.segmenter import labels, resized  # noqa: E402
 
 CHUNK_BEFORE = 1 << 26  # values: the chunk labels used before
@@ -61,21 +61,16 @@ CONTESTANTS: dict[str, Callable[[torch.Tensor, tuple[int, int]], torch.Tensor]] 
 def run_case(case: str, classes: int, batch: int, device: torch.device, repeats: int) -> dict:
     (h, w), size = CASES[case]
     scores = torch.randn(batch, classes, h, w, generator=torch.Generator().manual_seed(0)).to(device)
-    times: dict[str, list[float]] = {name: [] for name in CONTESTANTS}
-    out: dict[str, torch.Tensor] = {}
-    names = list(CONTESTANTS)
-    for i in range(repeats + 1):  # the first round warms up, untimed
-        for name in names if i % 2 else names[::-1]:
-            sync(device)
-            start = time.perf_counter()
-            out[name] = CONTESTANTS[name](scores, size)
-            sync(device)
-            if i:
-                times[name].append((time.perf_counter() - start) * 1e3)
+
+    def check(out: dict[str, torch.Tensor]) -> None:
+        for name, labels_ in out.items():
+            if not torch.equal(labels_, out["argmax"]):
+                raise AssertionError(f"{name}'s labels differ from the argmax's ({case})")
+
+    calls = {name: functools.partial(fn, scores, size) for name, fn in CONTESTANTS.items()}
+    times, _ = take_turns(calls, repeats, device, check)
     row: dict = {"case": case, "scores": [batch, classes, h, w], "size": list(size), "repeats": repeats}
-    for name in names:
-        if not torch.equal(out[name], out["argmax"]):
-            raise AssertionError(f"{name}'s labels differ from the argmax's ({case})")
+    for name in CONTESTANTS:
         row[f"{name}_median_ms"] = statistics.median(times[name])
         row[f"{name}_min_ms"] = min(times[name])
     return row

@@ -15,10 +15,10 @@ must equal the argmax of the same round's logits. Writes JSON and markdown (pred
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
-import time
 
 import numpy as np
 import torch
@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import denseclip_fast as dcf  # noqa: E402
-from benchmarks.common import Results, environment, sync  # noqa: E402
+from benchmarks.common import Results, environment, take_turns  # noqa: E402
 from benchmarks.official import randomize_  # noqa: E402
 
 INPUTS = {"ade": (512, 683), "photo": (1536, 2048), "float": (512, 512)}
@@ -42,20 +42,13 @@ def make_input(name: str) -> np.ndarray | torch.Tensor:
 
 def run_case(seg: dcf.Segmenter, arch: str, dtype: str, name: str, repeats: int) -> dict:
     image = make_input(name)
-    device = seg.device
-    times: dict[str, list[float]] = {call: [] for call in CALLS}
-    for i in range(repeats + 1):  # the first round warms up, untimed
-        out = {}
-        for call in CALLS if i % 2 else CALLS[::-1]:
-            sync(device)
-            start = time.perf_counter()
-            out[call] = getattr(seg, call)(image)
-            sync(device)
-            if i:
-                times[call].append((time.perf_counter() - start) * 1e3)
+
+    def check(out: dict[str, torch.Tensor]) -> None:
         if not torch.equal(out["predict"], out["logits"].argmax(dim=1)):
             raise AssertionError(f"{arch} {dtype} {name}: predict's labels differ from the logits' argmax")
-        del out
+
+    calls = {call: functools.partial(getattr(seg, call), image) for call in CALLS}
+    times, _ = take_turns(calls, repeats, seg.device, check)
     row: dict = {"arch": arch, "dtype": dtype, "input": name, "size": list(INPUTS[name]), "repeats": repeats}
     for call in CALLS:
         row[f"{call}_median_ms"] = statistics.median(times[call])

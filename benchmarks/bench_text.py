@@ -27,7 +27,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from typing import Any
 from unittest import mock
@@ -37,7 +36,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import denseclip_fast as dcf  # noqa: E402
-from benchmarks.common import Results, environment, rel_err, sync  # noqa: E402
+from benchmarks.common import Results, environment, rel_err, take_turns  # noqa: E402
 from benchmarks.official import randomize_  # noqa: E402
 from denseclip_fast.model.text import _bpe, token_span, tokenize_class_names  # noqa: E402
 
@@ -109,22 +108,12 @@ def run_case(model: dcf.DenseCLIP, device: torch.device, dtype: str, vocab: str,
     tokens = tokens.to(device)
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16"
                 else contextlib.nullcontext())  # fmt: skip
-    times: dict[str, list[float]] = {p: [] for p in PATHS}
-    outputs: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
-    def timed(path: str) -> float:
-        sync(device)
-        start = time.perf_counter()
+    def call(path: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         with autocast:
-            outputs[path] = (onnx[path](tokens), None) if onnx is not None else step(model, tokens, span, path, mode)
-        sync(device)
-        return (time.perf_counter() - start) * 1e3
+            return (onnx[path](tokens), None) if onnx is not None else step(model, tokens, span, path, mode)
 
-    for i in range(repeats + 1):  # the first round warms up, untimed
-        for path in PATHS if i % 2 else PATHS[::-1]:
-            ms = timed(path)
-            if i:
-                times[path].append(ms)
+    times, outputs = take_turns({path: functools.partial(call, path) for path in PATHS}, repeats, device)
     (shared, shared_grad), (whole, whole_grad) = outputs["shared"], outputs["whole"]
     grad_error = None if shared_grad is None or whole_grad is None else rel_err(shared_grad, whole_grad)
     row = {"device": "cpu (onnxruntime)" if onnx is not None else device.type, "dtype": dtype, "vocabulary": vocab,

@@ -14,7 +14,7 @@ import statistics
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -153,6 +153,30 @@ def triton_device(script: str) -> torch.device | None:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def take_turns(
+    calls: Mapping[str, Callable[[], Any]], repeats: int, device: torch.device,
+    check: Callable[[dict[str, Any]], None] | None = None,
+) -> tuple[dict[str, list[float]], dict[str, Any]]:  # fmt: skip
+    """Time each of ``calls`` (no arguments) in rounds: one untimed round, then ``repeats`` timed ones, every call
+    once a round, the order reversed from round to round (so that none always runs after the same one). Returns
+    each call's times in milliseconds and the last round's outputs; ``check(outputs)`` runs after every round (a
+    round's outputs compared, before the next round replaces them)."""
+    names = list(calls)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    outputs: dict[str, Any] = {}
+    for i in range(repeats + 1):
+        for name in names if i % 2 else names[::-1]:
+            sync(device)
+            start = time.perf_counter()
+            outputs[name] = calls[name]()
+            sync(device)
+            if i:
+                times[name].append((time.perf_counter() - start) * 1e3)
+        if check is not None:
+            check(outputs)
+    return times, outputs
 
 
 REL_ERR_CHUNK = 1 << 24  # elements cast to float64 at a time by rel_err
