@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import statistics
 import sys
 from collections.abc import Callable
 
@@ -27,7 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import Results, environment, take_turns  # noqa: E402
+from benchmarks.common import Results, environment, take_turns, turn_arguments, turn_device, turn_fields  # noqa: E402
 from denseclip_fast.engine.segmenter import labels, resized  # noqa: E402
 
 CHUNK_BEFORE = 1 << 26  # values: the chunk labels used before
@@ -69,11 +68,8 @@ def run_case(case: str, classes: int, batch: int, device: torch.device, repeats:
 
     calls = {name: functools.partial(fn, scores, size) for name, fn in CONTESTANTS.items()}
     times, _ = take_turns(calls, repeats, device, check)
-    row: dict = {"case": case, "scores": [batch, classes, h, w], "size": list(size), "repeats": repeats}
-    for name in CONTESTANTS:
-        row[f"{name}_median_ms"] = statistics.median(times[name])
-        row[f"{name}_min_ms"] = min(times[name])
-    return row
+    return {"case": case, "scores": [batch, classes, h, w], "size": list(size), "repeats": repeats,
+            **turn_fields(times)}  # fmt: skip
 
 
 def table(env: dict, rows: list[dict]) -> str:
@@ -97,20 +93,14 @@ def table(env: dict, rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu")
     parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
     parser.add_argument("--classes", type=int, default=150)
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=5, help="timed rounds after one untimed (default 5)")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-    parser.add_argument("--tag", help="file name tag (default: cpu_smoke, or the GPU's name)")
+    turn_arguments(parser, repeats=5)
     args = parser.parse_args(argv)
-    if args.repeats < 1 or args.classes < 1 or args.batch < 1:
-        parser.error(f"--repeats, --classes and --batch must be >= 1, got {args.repeats}, {args.classes}, "
-                     f"{args.batch}")  # fmt: skip
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA GPU here")
+    if args.classes < 1 or args.batch < 1:
+        parser.error(f"--classes and --batch must be >= 1, got {args.classes}, {args.batch}")
+    device = turn_device(parser, args)
     results = Results(args.out, "labels", args.tag, environment(device), {"args": vars(args)}, table)
     for case in args.cases:
         results.add(run_case(case, args.classes, args.batch, device, args.repeats))

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import statistics
 import sys
 
 import numpy as np
@@ -26,7 +25,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import denseclip_fast as dcf  # noqa: E402
-from benchmarks.common import Results, environment, take_turns  # noqa: E402
+from benchmarks.common import Results, environment, take_turns, turn_arguments, turn_device, turn_fields  # noqa: E402
 from benchmarks.official import randomize_  # noqa: E402
 
 INPUTS = {"ade": (512, 683), "photo": (1536, 2048), "float": (512, 512)}
@@ -49,11 +48,8 @@ def run_case(seg: dcf.Segmenter, arch: str, dtype: str, name: str, repeats: int)
 
     calls = {call: functools.partial(getattr(seg, call), image) for call in CALLS}
     times, _ = take_turns(calls, repeats, seg.device, check)
-    row: dict = {"arch": arch, "dtype": dtype, "input": name, "size": list(INPUTS[name]), "repeats": repeats}
-    for call in CALLS:
-        row[f"{call}_median_ms"] = statistics.median(times[call])
-        row[f"{call}_min_ms"] = min(times[call])
-    return row
+    return {"arch": arch, "dtype": dtype, "input": name, "size": list(INPUTS[name]), "repeats": repeats,
+            **turn_fields(times)}  # fmt: skip
 
 
 def table(env: dict, rows: list[dict]) -> str:
@@ -77,20 +73,13 @@ def table(env: dict, rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu")
     parser.add_argument("--archs", nargs="+", choices=dcf.config.ARCHS, default=["RN50"])
     parser.add_argument("--dtypes", nargs="+", choices=("float32", "bfloat16", "float16"),
                         help="default: float32 and bfloat16 on a CPU, bfloat16 on a GPU")  # fmt: skip
     parser.add_argument("--inputs", nargs="+", choices=list(INPUTS), default=list(INPUTS))
-    parser.add_argument("--repeats", type=int, default=5, help="timed rounds after one untimed (default 5)")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-    parser.add_argument("--tag", help="file name tag (default: cpu_smoke, or the GPU's name)")
+    turn_arguments(parser, repeats=5)
     args = parser.parse_args(argv)
-    if args.repeats < 1:
-        parser.error(f"--repeats must be >= 1, got {args.repeats}")
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA GPU here")
+    device = turn_device(parser, args)
     dtypes = args.dtypes or (["bfloat16"] if device.type == "cuda" else ["float32", "bfloat16"])
     results = Results(args.out, "predict", args.tag, environment(device), {"args": vars(args)}, table)
     for arch in args.archs:

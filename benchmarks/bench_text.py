@@ -24,7 +24,6 @@ import argparse
 import contextlib
 import functools
 import os
-import statistics
 import sys
 import tempfile
 from collections.abc import Callable
@@ -36,7 +35,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import denseclip_fast as dcf  # noqa: E402
-from benchmarks.common import Results, environment, rel_err, take_turns  # noqa: E402
+from benchmarks.common import Results, environment, rel_err, take_turns, turn_arguments, turn_device, turn_fields  # noqa: E402
 from benchmarks.official import randomize_  # noqa: E402
 from denseclip_fast.model.text import _bpe, token_span, tokenize_class_names  # noqa: E402
 
@@ -119,10 +118,7 @@ def run_case(model: dcf.DenseCLIP, device: torch.device, dtype: str, vocab: str,
     row = {"device": "cpu (onnxruntime)" if onnx is not None else device.type, "dtype": dtype, "vocabulary": vocab,
            "classes": len(names), "span": span, "mode": mode, "repeats": repeats,
            "rel_error": rel_err(shared.float(), whole.float()), "grad_rel_error": grad_error}  # fmt: skip
-    for path in PATHS:
-        row[f"{path}_median_ms"] = statistics.median(times[path])
-        row[f"{path}_min_ms"] = min(times[path])
-    return row
+    return {**row, **turn_fields(times)}
 
 
 def table(env: dict, rows: list[dict]) -> str:
@@ -156,18 +152,11 @@ def table(env: dict, rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu", help="cpu (float32) or cuda (float32 and bfloat16 autocast)")
     parser.add_argument("--vocabularies", nargs="+", choices=VOCABULARIES, default=list(VOCABULARIES))
     parser.add_argument("--modes", nargs="+", choices=MODES, default=["embed", "train"])
-    parser.add_argument("--repeats", type=int, default=3, help="timed rounds after one untimed (default 3)")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-    parser.add_argument("--tag", help="file name tag (default: cpu_smoke, or the GPU's name)")
+    turn_arguments(parser, repeats=3, device_help="cpu (float32) or cuda (float32 and bfloat16 autocast)")
     args = parser.parse_args(argv)
-    if args.repeats < 1:
-        parser.error(f"--repeats must be >= 1, got {args.repeats}")
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA GPU here")
+    device = turn_device(parser, args)
     torch.manual_seed(0)
     model = randomize_(dcf.DenseCLIP.from_arch("RN50")).eval().requires_grad_(False).to(device)
     model.contexts.requires_grad_(True)  # the trainer's: the encoder frozen, the contexts learning

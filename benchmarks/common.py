@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime
 import gc
@@ -153,6 +154,35 @@ def triton_device(script: str) -> torch.device | None:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def turn_fields(times: Mapping[str, list[float]]) -> dict[str, float]:
+    """``<name>_median_ms`` and ``<name>_min_ms`` of take_turns' times, for a result row."""
+    fields = {}
+    for name, ms in times.items():
+        fields[f"{name}_median_ms"] = statistics.median(ms)
+        fields[f"{name}_min_ms"] = min(ms)
+    return fields
+
+
+def turn_arguments(parser: argparse.ArgumentParser, repeats: int, device_help: str = "cpu or cuda") -> None:
+    """--device (default cpu), --repeats (timed rounds of take_turns, default ``repeats``), --out and --tag."""
+    parser.add_argument("--device", default="cpu", help=device_help)
+    parser.add_argument("--repeats", type=int, default=repeats,
+                        help=f"timed rounds after one untimed (default {repeats})")  # fmt: skip
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    parser.add_argument("--tag", help="file name tag (default: cpu_smoke, or the GPU's name)")
+
+
+def turn_device(parser: argparse.ArgumentParser, args: argparse.Namespace) -> torch.device:
+    """The --device of turn_arguments, after --repeats is checked (parser.error otherwise, as for a CUDA device
+    without a GPU)."""
+    if args.repeats < 1:
+        parser.error(f"--repeats must be >= 1, got {args.repeats}")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA GPU here")
+    return device
 
 
 def take_turns(
