@@ -1100,6 +1100,22 @@ def test_augmentation_pieces():
 # ------------------------------------------------------------------------------------------------ bad data
 
 
+def test_a_run_whose_evaluation_is_its_training_images_says_so(arch_file, tmp_path, capsys):
+    """A generic layout without splits/ evaluates on the training images (documented): the run says so on stderr
+    once, naming the folder; with splits/, or the ADE20K layout, nothing is said."""
+    from denseclip_fast.train.data import shared_split_note
+
+    data = make_generic(tmp_path / "g", n=3, splits=False)
+    note = shared_split_note(data, "generic")
+    assert note is not None and note.startswith(f"{os.path.join(data, 'splits')} does not exist")
+    assert "the mIoU measures the fit to the training images" in note
+    assert shared_split_note(make_generic(tmp_path / "s", n=3), "generic") is None
+    assert shared_split_note(data, "ade20k") is None
+    capsys.readouterr()
+    train(_config(arch_file, data, tmp_path / "run", iters=1, checkpoint_interval=1))
+    assert capsys.readouterr().err.count(f"denseclip-fast train: {note}") == 1
+
+
 def test_bad_files_are_named(tmp_path):
     data = make_generic(tmp_path / "g", n=3, splits=False)
     (tmp_path / "g" / "images" / "scene_1.png").write_bytes(b"not a png")

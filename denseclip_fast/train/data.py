@@ -173,6 +173,16 @@ def find_samples(root: str, layout: str, split: str) -> tuple[list[Sample], list
     return [Sample(images[n], labels[n]) for n in names], classes
 
 
+def shared_split_note(root: str, layout: str) -> str | None:
+    """What a training run on ``root`` should say when its evaluation is its training images: a generic layout
+    without splits/ (every image serves both splits, as documented); None otherwise."""
+    if layout != "generic" or os.path.isdir(os.path.join(root, "splits")):
+        return None
+    return (f"{os.path.join(root, 'splits')} does not exist, so every image serves both training and evaluation: "
+            "the mIoU measures the fit to the training images, not to unseen ones (list the names of each split in "
+            "splits/train.txt and splits/val.txt to hold images out)")  # fmt: skip
+
+
 def _label_size_error(
     sample: Sample, label_size: Sequence[int], image_size: Sequence[int], orientation: int | None = None
 ) -> ValueError:

@@ -46,7 +46,7 @@ from ..checkpoints import ClassCountError, load_checkpoint
 from ..checkpoints.io import PARTIAL_SUFFIX, CheckpointError, replaced_atomically
 from ..model import DenseCLIP
 from .config import TrainConfig
-from .data import SegmentationData, TrainSampler
+from .data import SegmentationData, TrainSampler, shared_split_note
 from .evaluate import check_image_sizes, evaluate, results_json
 from .launch import cudnn_benchmark, distributed, launch_environment
 from .optim import make_optimizer, segmentation_loss, set_learning_rates, short_run_warning
@@ -479,6 +479,8 @@ class Trainer:
                       file=sys.stderr)  # fmt: skip
 
         if rank == 0 and not complete and (note := batchnorm_note(cfg, world)):
+            print(f"denseclip-fast train: {note}", file=sys.stderr)
+        if rank == 0 and not complete and (note := shared_split_note(cfg.data, cfg.layout)):
             print(f"denseclip-fast train: {note}", file=sys.stderr)
         step_module: nn.Module = TrainStep(model)
         if world > 1:
