@@ -21,7 +21,7 @@ from denseclip_fast import DenseCLIP, Segmenter
 from denseclip_fast.engine import GraphCache, fold_batchnorm
 from denseclip_fast.engine.cpu_linear import use_onednn_linears
 from denseclip_fast.engine.segmenter import MAX_VOCABULARIES
-from denseclip_fast.preprocess import load_image, normalize
+from denseclip_fast.preprocess import keep_ratio_size, load_image, normalize
 from denseclip_fast.visualize import default_palette
 
 from .conftest import NAMES, randomized, rel_err, tiny_config
@@ -288,7 +288,6 @@ def test_predict_resizes_a_few_classes_at_a_time_and_equals_the_argmax(model, mo
     logits().argmax pixel for pixel (images of two sizes, one chunk per class up to all classes at once; open
     vocabulary too), and no resize of a chunk's holds more; a normalised batch too."""
     from denseclip_fast.engine import segmenter
-    from denseclip_fast.preprocess import keep_ratio_size
 
     seg = _engine(model, mode=mode)
     rng = np.random.default_rng(3)
@@ -297,25 +296,34 @@ def test_predict_resizes_a_few_classes_at_a_time_and_equals_the_argmax(model, mo
     expected = [t.argmax(dim=0) for t in seg.logits(images)]
     expected_vocab = [t.argmax(dim=0) for t in seg.open_vocab(images, names)]
     buffers: list[tuple[int, ...]] = []  # the shapes resized into a chunk's buffer
+    storages: set[int] = set()  # the 70x90 images' buffers
+    inputs: list[tuple[int, ...]] = []  # the shapes resized from
     resize = segmenter.resized
 
     def recorded(scores, size, out=None):
         result = resize(scores, size, out)
         if out is not None:
             buffers.append(tuple(result.shape))
+            inputs.append(tuple(scores.shape))
+            if result.shape[0] == 2:
+                storages.add(out.untyped_storage().data_ptr())
         return result
 
     monkeypatch.setattr(segmenter, "resized", recorded)
     sizes = [(70, 90)] if mode == "slide" else [keep_ratio_size(70, 90, model.config.test_scale), (70, 90)]
-    plane = 2 * sum(h * w for h, w in sizes)  # a class of the two 70x90 images through every resize
+    seg.predict(images)
+    (network,) = {shape[2:] for shape in inputs if shape[0] == 2 and shape[2:] not in sizes}  # the chain's start
+    plane = 2 * (network[0] * network[1] + sum(h * w for h, w in sizes))  # a class of the 70x90 images, every step
     for classes_at_once in (1, 2, 3, 7):
         monkeypatch.setattr(segmenter, "LABEL_CHUNK", classes_at_once * plane)
         buffers.clear()
+        storages.clear()
         got = seg.predict(images)
         assert all(torch.equal(g, e) for g, e in zip(got, expected)), classes_at_once
         assert [g.shape for g in got] == [(70, 90), (45, 101), (70, 90)] and got[0].dtype == torch.int64
         step = min(classes_at_once, 4)
         assert {b for b in buffers if b[0] == 2} == {(2, c, *size) for size in sizes for c in {step, 4 % step or step}}
+        assert len(storages) == len(sizes)  # one buffer per resize, every chunk written into it
         got = seg.predict(images, names)
         assert all(torch.equal(g, e) for g, e in zip(got, expected_vocab)), classes_at_once
     x = torch.randn(1, 3, 64, 80)  # a normalised batch: the argmax at its own size
@@ -343,8 +351,14 @@ def test_predict_equals_the_argmax_on_exact_ties_whatever_the_threads(model, thr
         logits = seg.logits(image)
         assert torch.equal(logits[:, 3], logits[:, 0])
         expected = logits.argmax(dim=1)
-        monkeypatch.setattr(segmenter, "LABEL_CHUNK", 3 * 200 * 300)  # chunks of 3 classes, the last of 1
+        test_size = keep_ratio_size(200, 300, model.config.test_scale)  # the network's input: (512, 768)
+        plane = test_size[0] * test_size[1] // 16 + test_size[0] * test_size[1] + 200 * 300  # its output, 2 resizes
+        monkeypatch.setattr(segmenter, "LABEL_CHUNK", 3 * plane)  # chunks of 3 classes, the last of 1
+        steps = []
+        label_step = segmenter.label_step
+        monkeypatch.setattr(segmenter, "label_step", lambda *a: steps.append(label_step(*a)) or steps[-1])
         assert torch.equal(seg.predict(image), expected)
+        assert steps == [3]
     finally:
         torch.set_num_threads(saved)
     assert (expected == 0).any() and not (expected == 3).any()
@@ -414,8 +428,6 @@ def test_a_resize_to_the_same_size_is_skipped_only_where_it_changes_nothing(mode
     torch.testing.assert_close(segmenter.resized_through(broken, (36, 44), (36, 44)), expected, rtol=0, atol=0,
                                equal_nan=True)  # fmt: skip
     assert torch.equal(segmenter.labels(broken, (36, 44), (36, 44)), expected.argmax(dim=1))
-
-    from denseclip_fast.preprocess import keep_ratio_size
 
     seg = _engine(model)
     short = min(model.config.test_scale)
@@ -796,6 +808,41 @@ def test_a_failed_capture_runs_that_shape_eagerly_and_says_so_once():
     with pytest.warns(RuntimeWarning):
         cache(b)
     assert attempts[-1] == (2, 3)
+
+
+def test_the_graphs_static_output_is_read_before_the_next_replay(model):
+    """A captured graph writes every replay into one output buffer, which whole mode's finish reads (the resizes
+    after the network): two groups of uint8 images of other sizes but the same network input (so the same graph),
+    and normalised batches, give what an engine without graphs gives, and returned logits stay as they were after
+    the next call."""
+
+    class Static:  # a capture as a CUDA graph's replay behaves: its output always in one buffer
+        def __init__(self, fn, example, pool):
+            self.fn, self.out = fn, fn(example).clone()
+
+        def __call__(self, x):
+            return self.out.copy_(self.fn(x))
+
+    reference = _engine(model, mode="whole")
+    seg = _engine(model, mode="whole")
+    seg._graphs = GraphCache(seg._forward, enabled=True, capture=Static, capture_after=1)
+    test_scale = model.config.test_scale
+    short = min(test_scale)
+    sizes = [(short // 5, max(test_scale) - d) for d in (2, 5)]  # fitted to the longer side: one network input
+    assert len({keep_ratio_size(h, w, test_scale) for h, w in sizes}) == 1 and sizes[0] != sizes[1]
+    rng = np.random.default_rng(8)
+    images = [rng.integers(0, 256, size=(*size, 3), dtype=np.uint8) for size in sizes]  # two groups of one
+    for call in ("logits", "predict"):
+        got, expected = getattr(seg, call)(images), getattr(reference, call)(images)
+        assert all(torch.equal(g, e) for g, e in zip(got, expected)), call
+    assert seg.captured_graphs == 1  # both groups replayed it
+    x = torch.randn(2, 3, 64, 96)
+    for call in ("logits", "predict"):
+        assert torch.equal(getattr(seg, call)(x), getattr(reference, call)(x)), call
+    first = seg.logits(x)
+    kept = first.clone()
+    seg.logits(torch.randn(2, 3, 64, 96))
+    assert torch.equal(first, kept)
 
 
 def test_segmenter_routes_every_forward_through_the_graph_cache(model):

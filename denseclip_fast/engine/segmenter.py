@@ -13,8 +13,9 @@ through in channels_last on every device (cuDNN's and oneDNN's fastest convoluti
 takes 13% / 25% less time than eager PyTorch at batch 1 / 4, benchmarks/results/export_cpu_2threads_512.md). Per
 image only the image encoder, the context decoder, the fused score/concat operator, the FPN and the head run; on
 CUDA every (batch, size) is captured once into a CUDA graph and replayed; the head's logits are resized to the input
-size after the replay, in float32, straight into the returned tensor. Slide mode evaluates all crops of a batch as
-one forward.
+size (and uint8 images' to their own) after the replay, in float32, by the finish: logits straight into the
+returned tensor, predict's labels a chunk of classes at a time (see labels). Slide mode evaluates all crops of a
+batch as one forward.
 
 Threads: every public method takes one lock, so a Segmenter may be shared by threads, which then take turns; for
 parallel inference give each thread (or GPU) its own Segmenter.
@@ -127,23 +128,43 @@ def label_step(batch: int, classes: int, size: Size, cpu: bool = True) -> int:
 
 def labels(scores: torch.Tensor, *sizes: Size) -> torch.Tensor:
     """``resized_through(scores, *sizes).argmax(dim=1)`` (int64 (N, H, W)), equal to it pixel for pixel (the first
-    class of a tie; a NaN wins, as in argmax): a chunk of classes (label_step) at a time goes through the resizes,
-    each into a buffer of its own reused by every chunk, and the best so far is kept in place (no allocation per
-    chunk, and no full-size scores of all classes: a photo's would take gigabytes). Exact because resized treats
-    each class plane alike whatever the chunk. Through ATen's max over the classes, which took half the time of
-    its argmax (with the same ties and NaNs)."""
+    class of a tie; a NaN wins, as in argmax): a chunk of classes (label_step) at a time is copied to float32 NCHW
+    (unless it is so already) and goes through the resizes, each step into a buffer of its own reused by every
+    chunk, and the best so far is kept in place (no allocation per chunk, and no full-size scores of all classes:
+    a photo's would take gigabytes). The buffers together hold at most label_step's bound, but for the resize to
+    the scores' own size that a CPU skips (unchanged_by_resize), whose buffer is made only for scores it cannot
+    skip. The per-pixel bookkeeping (best value and class, the chunk's, two masks: 26 bytes a pixel) comes on top.
+    Exact because resized treats each class plane alike whatever the chunk. Through ATen's max over the classes,
+    which took half the time of its argmax (with the same ties and NaNs)."""
     if not sizes:
         return resized(scores, None).max(dim=1).indices
-    n, k = scores.shape[:2]
+    n, k, height, width = scores.shape
     sizes = tuple((int(h), int(w)) for h, w in sizes)
-    step = label_step(n, k, (1, sum(h * w for h, w in sizes)), scores.device.type == "cpu")
-    buffers = [torch.empty(n * step * h * w, dtype=torch.float32, device=scores.device) for h, w in sizes]
+    cpu = scores.device.type == "cpu"
+    steps = list(zip(((height, width), *sizes[:-1]), sizes))  # (from, to) of each resize
+    skipped = [cpu and before == after for before, after in steps]  # likely: unless not all finite
+    plane = height * width + sum(h * w for (_, (h, w)), skip in zip(steps, skipped) if not skip)
+    step = label_step(n, k, (1, plane), cpu)
+    staged: list[torch.Tensor] = []  # the float32 NCHW copy of a chunk, made when the first chunk needs it
+    buffers: list[torch.Tensor | None] = [
+        None if skip else torch.empty(n * step * h * w, dtype=torch.float32, device=scores.device)
+        for (_, (h, w)), skip in zip(steps, skipped)
+    ]  # fmt: skip
 
     def chunk(first: int) -> torch.Tensor:
-        part = resized(scores[:, first : first + step], None)
-        for (h, w), buffer in zip(sizes, buffers):
-            if not unchanged_by_resize(part, (h, w)):
-                part = resized(part, (h, w), buffer[: part.shape[0] * part.shape[1] * h * w])
+        part = scores[:, first : first + step]
+        if part.dtype != torch.float32 or not part.is_contiguous():  # what resized would copy, into a buffer
+            if not staged:
+                staged.append(torch.empty(n * step * height * width, dtype=torch.float32, device=scores.device))
+            part = staged[0][: part.numel()].view(part.shape).copy_(part)
+        for j, (h, w) in enumerate(sizes):
+            if unchanged_by_resize(part, (h, w)):
+                continue
+            if buffers[j] is None:  # a resize to the same size that these scores' infinities or NaNs need
+                buffers[j] = torch.empty(n * step * h * w, dtype=torch.float32, device=scores.device)
+            buffer = buffers[j]
+            assert buffer is not None
+            part = resized(part, (h, w), buffer[: part.shape[0] * part.shape[1] * h * w])
         return part
 
     best, index = chunk(0).max(dim=1)
@@ -339,7 +360,9 @@ class Segmenter:
     def _run(self, x: torch.Tensor) -> Pending:
         """Whole or slide logits for a normalised batch on the device, with the resize to its size still to make
         (whole: the head's output, (N, K, h/4, w/4), in the graph's output buffer, to be read before the next
-        replay; slide: float32 (N, K, h, w), nothing to make)."""
+        replay; slide: float32 (N, K, h, w), nothing to make). The graph's buffer never reaches a caller: whole mode
+        always has a resize to make (h/4 is not h), which writes a new tensor (unchanged_by_resize skips only a
+        resize to the same size)."""
         x = x.to(self.device, self.dtype, memory_format=self._layout())
         if self.mode == "slide":
             return slide_inference(self._encode_decode, x, self.crop, self.stride, self.windows_per_batch), ()
@@ -422,9 +445,10 @@ class Segmenter:
 
     def predict(self, images: Any, names: Sequence[str] | None = None) -> torch.Tensor | list[torch.Tensor]:
         """(B, H, W) int64 label maps (a list when uint8 images differ in size): the argmax of :meth:`logits`, or
-        with ``names`` of :meth:`open_vocab`, equal to it pixel for pixel (ties to the first class). For uint8
-        images the scores at each image's own size are never held for all classes at once: they are made a few
-        classes at a time (LABEL_CHUNK values), as a photo's full-size scores would take gigabytes."""
+        with ``names`` of :meth:`open_vocab`, equal to it pixel for pixel (ties to the first class). The resized
+        scores are never held for all classes at once: they are made a chunk of classes at a time (see labels), as
+        a photo's full-size scores would take gigabytes (slide mode's windows are accumulated at the network's
+        input size for all classes, as logits does)."""
         if names is not None:
             return self._open_vocab(images, names, labels)
         return self._trained_head(images, labels)
