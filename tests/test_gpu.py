@@ -369,6 +369,29 @@ def test_engine_uint8_images_on_cuda_match_the_cpu():
     assert seg.captured_graphs == 2 and again.shape == (2, len(NAMES), 64, 80)
 
 
+@pytest.mark.parametrize("mode", ["whole", "slide"])
+def test_predict_on_cuda_equals_the_argmax_in_chunks(monkeypatch, mode):
+    """predict on CUDA (its labels after a graph's replay, the resizes chained per chunk of classes) equals the
+    argmax of the same engine's logits for uint8 images of two sizes and a normalised batch, in one chunk and in
+    chunks of 3 classes (the last smaller)."""
+    from denseclip_fast import DenseCLIP, Segmenter
+    from denseclip_fast.engine import segmenter
+
+    model = randomized(DenseCLIP(tiny_config("resnet"), NAMES)).eval()
+    seg = Segmenter(model, device="cuda", dtype=torch.bfloat16, mode=mode, crop=64, stride=40, capture_after=1)
+    generator = torch.Generator().manual_seed(9)
+    images = [torch.randint(0, 256, size, dtype=torch.uint8, generator=generator)
+              for size in ((97, 131, 3), (80, 60, 3), (97, 131, 3))]  # fmt: skip
+    x = torch.randn(2, 3, 64, 96, device="cuda")
+    for chunk in (segmenter.LABEL_CHUNK, 3 * 2 * 600 * 800):
+        monkeypatch.setattr(segmenter, "LABEL_CHUNK", chunk)
+        for _ in range(2):  # captured, then replayed
+            expected = [t.argmax(dim=0) for t in seg.logits(images)]
+            got = seg.predict(images)
+            assert all(g.is_cuda and torch.equal(g, e) for g, e in zip(got, expected)), chunk
+            assert torch.equal(seg.predict(x), seg.logits(x).argmax(dim=1)), chunk
+
+
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_aoti_package_on_cuda(tmp_path, monkeypatch, backend):
     """An AOTInductor package of a CUDA Segmenter: the Triton kernels compiled into it (triton backend) or the CUDA
