@@ -296,8 +296,9 @@ class AOTIPackage:
         return out[0] if isinstance(out, (list, tuple)) else out
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, H, W) int64 labels."""
-        return self(x).argmax(dim=1)
+        """(B, H, W) int64 labels: the logits' argmax (through max, as the Segmenter's labels: the same ties and
+        NaNs, in half the time on a CPU)."""
+        return self(x).max(dim=1).indices
 
 
 def load_aoti(path: str | os.PathLike[str], device_index: int = -1) -> AOTIPackage:
