@@ -228,7 +228,7 @@ def evaluate(
     try:
         for i in indices:
             image, label, _ = data[i]
-            pred = predict_probabilities(model, image, mode, scales, flip, dtype).argmax(dim=0)
+            pred = predict_probabilities(model, image, mode, scales, flip, dtype).max(dim=0).indices
             metrics.update(pred.cpu().numpy(), label)
     except (ValueError, OSError) as exc:  # a bad file, read by this process alone: the others must hear of it
         if world == 1:
