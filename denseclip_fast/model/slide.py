@@ -89,4 +89,4 @@ def slide_inference(
             total[:, :, y1:y2, x1:x2] += window_logits
             count[:, :, y1:y2, x1:x2] += 1
     assert total is not None
-    return total / count
+    return total.div_(count)  # in place: the sum is ours, and a second (B, K, H, W) tensor costs its page faults
