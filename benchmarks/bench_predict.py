@@ -81,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     device = turn_device(parser, args)
     dtypes = args.dtypes or (["bfloat16"] if device.type == "cuda" else ["float32", "bfloat16"])
+    if "float16" in dtypes and device.type != "cuda":
+        parser.error("--dtypes float16 needs --device cuda (the engine computes float16 on CUDA only)")
     results = Results(args.out, "predict", args.tag, environment(device), {"args": vars(args)}, table)
     for arch in args.archs:
         torch.manual_seed(0)

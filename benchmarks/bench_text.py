@@ -162,8 +162,11 @@ def main(argv: list[str] | None = None) -> int:
     model.contexts.requires_grad_(True)  # the trainer's: the encoder frozen, the contexts learning
     results = Results(args.out, "text_encoder", args.tag, environment(device), {"args": vars(args)}, table)
     if "onnx" in args.modes:
-        import onnxruntime
-
+        try:
+            import onnxruntime
+        except ImportError:
+            parser.error("--modes onnx needs onnxruntime (and onnxscript for the export): pip install onnxruntime "
+                         "onnxscript")  # fmt: skip
         results.env["onnxruntime"] = onnxruntime.__version__
     dtypes = ["float32", "bfloat16"] if device.type == "cuda" else ["float32"]
     with tempfile.TemporaryDirectory() as workdir:

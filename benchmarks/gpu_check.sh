@@ -232,7 +232,7 @@ e2e_more() {  # slide mode, the other architectures, and start-up on the GPU
   # a fresh process to its first segmentation on the GPU (CUDA's start, the load, the Segmenter, the first call)
   timed "bench_startup cuda" bench_startup.txt \
     python3 benchmarks/bench_startup.py --device cuda --formats pth safetensors --size 512 --repeats 2 --out "$OUT"
-  # predict's label maps on the GPU (its chunks are all classes there: one resize and one max while they fit)
+  # predict's label maps on the GPU (its chunks are all classes while they fit LABEL_CHUNK: one resize, one max)
   timed "bench_labels cuda" bench_labels.txt python3 benchmarks/bench_labels.py --device cuda --repeats 30 --out "$OUT"
   # uint8 images in, logits and label maps out (the command line's path: preprocessing and resizes included)
   timed "bench_predict cuda" bench_predict.txt python3 benchmarks/bench_predict.py --device cuda --repeats 30 --out "$OUT"

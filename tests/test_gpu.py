@@ -372,8 +372,8 @@ def test_engine_uint8_images_on_cuda_match_the_cpu():
 @pytest.mark.parametrize("mode", ["whole", "slide"])
 def test_predict_on_cuda_equals_the_argmax_in_chunks(monkeypatch, mode):
     """predict on CUDA (its labels after a graph's replay, the resizes chained per chunk of classes) equals the
-    argmax of the same engine's logits for uint8 images of two sizes and a normalised batch, in one chunk and in
-    chunks of 3 classes (the last smaller)."""
+    argmax of the same engine's logits for uint8 images of two sizes and a normalised batch (in slide mode already
+    at its size: no resize, no chunk), in one chunk of all classes and in chunks of one class."""
     from denseclip_fast import DenseCLIP, Segmenter
     from denseclip_fast.engine import segmenter
 
@@ -383,13 +383,18 @@ def test_predict_on_cuda_equals_the_argmax_in_chunks(monkeypatch, mode):
     images = [torch.randint(0, 256, size, dtype=torch.uint8, generator=generator)
               for size in ((97, 131, 3), (80, 60, 3), (97, 131, 3))]  # fmt: skip
     x = torch.randn(2, 3, 64, 96, device="cuda")
-    for chunk in (segmenter.LABEL_CHUNK, 3 * 2 * 600 * 800):
+    steps = []
+    label_step = segmenter.label_step
+    monkeypatch.setattr(segmenter, "label_step", lambda *a: steps.append(label_step(*a)) or steps[-1])
+    for chunk, step in ((segmenter.LABEL_CHUNK, len(NAMES)), (1, 1)):  # 1 value: one class at a time
         monkeypatch.setattr(segmenter, "LABEL_CHUNK", chunk)
         for _ in range(2):  # captured, then replayed
+            steps.clear()
             expected = [t.argmax(dim=0) for t in seg.logits(images)]
             got = seg.predict(images)
             assert all(g.is_cuda and torch.equal(g, e) for g, e in zip(got, expected)), chunk
             assert torch.equal(seg.predict(x), seg.logits(x).argmax(dim=1)), chunk
+            assert steps == [step] * (2 if mode == "slide" else 3), (chunk, steps)  # each group, and x in whole mode
 
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])

@@ -61,8 +61,9 @@ Pending = tuple[torch.Tensor, tuple[Size, ...]]
 # below every engine dtype's range (float16: 65504)
 MAX_INPUT = 16.0
 
-# predict's scores at an image's own size are made this many values at a time at most (256 MiB of float32): 150
-# classes of a 12-megapixel photo would take 7.2 GB at once
+# predict's labels take a chunk of classes at a time whose buffers (its float32 copy and every resize's output
+# together, see labels) hold at most this many values (256 MiB of float32): 150 classes of a 12-megapixel photo's
+# scores at its size would take 7.2 GB at once
 LABEL_CHUNK = 1 << 26
 # ... on a CPU in chunks of at most this many values (16 MiB) when they still hold LABEL_CLASSES classes (or all):
 # a buffer that small is reused by the C allocator from call to call, a larger one is mapped afresh and its pages

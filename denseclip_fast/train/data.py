@@ -138,7 +138,7 @@ def find_samples(root: str, layout: str, split: str) -> tuple[list[Sample], list
         if not classes:
             raise ValueError(f"{classes_file} lists no class names")
         splits = os.path.join(root, "splits")
-        held = sorted(f for f in os.listdir(splits) if not f.startswith(".")) if os.path.isdir(splits) else []
+        held = _split_files(root)
         lacking = [f for f in ("train.txt", "val.txt") if f not in held]
         if held and lacking:  # the missing split would be every image: validation images trained on, silently
             raise ValueError(
@@ -173,14 +173,21 @@ def find_samples(root: str, layout: str, split: str) -> tuple[list[Sample], list
     return [Sample(images[n], labels[n]) for n in names], classes
 
 
+def _split_files(root: str) -> list[str]:
+    """The files in a generic layout's ``root/splits`` (none without the folder; hidden files, a .gitkeep, not
+    counted): without any, every image serves both splits."""
+    splits = os.path.join(root, "splits")
+    return sorted(f for f in os.listdir(splits) if not f.startswith(".")) if os.path.isdir(splits) else []
+
+
 def shared_split_note(root: str, layout: str) -> str | None:
     """What a training run on ``root`` should say when its evaluation is its training images: a generic layout
-    without splits/ (every image serves both splits, as documented); None otherwise."""
-    if layout != "generic" or os.path.isdir(os.path.join(root, "splits")):
+    without split files (every image serves both splits, as documented); None otherwise."""
+    if layout != "generic" or _split_files(root):
         return None
-    return (f"{os.path.join(root, 'splits')} does not exist, so every image serves both training and evaluation: "
-            "the mIoU measures the fit to the training images, not to unseen ones (list the names of each split in "
-            "splits/train.txt and splits/val.txt to hold images out)")  # fmt: skip
+    return (f"{os.path.join(root, 'splits')} holds no split files, so every image serves both training and "
+            "evaluation: the mIoU measures the fit to the training images, not to unseen ones (list the names of "
+            "each split in splits/train.txt and splits/val.txt to hold images out)")  # fmt: skip
 
 
 def _label_size_error(
