@@ -8,7 +8,8 @@ RGB images through the official test pipeline (keep-ratio resize to the test sca
 network, the logits' resize to the network's input and then to the image's own size, and for predict the argmax.
 Inputs: ``ade`` a 683x512 image (ADE20K's usual size, which the test scale (2048, 512) leaves as it is), ``photo`` a
 2048x1536 one (resized to 683x512 and back), ``float`` a normalised 512x512 batch. Batch 1, random weights and
-pixels, 150 classes, whole mode; logits and predict take turns after one untimed round. Every predict's labels
+pixels, 150 classes, whole mode (``--modes slide``: the official test mode, 512 crops at stride 341, too);
+logits and predict take turns after one untimed round. Every predict's labels
 must equal the argmax of the same round's logits. Writes JSON and markdown (predict_<tag>.*).
 """
 
@@ -48,8 +49,8 @@ def run_case(seg: dcf.Segmenter, arch: str, dtype: str, name: str, repeats: int)
 
     calls = {call: functools.partial(getattr(seg, call), image) for call in CALLS}
     times, _ = take_turns(calls, repeats, seg.device, check)
-    return {"arch": arch, "dtype": dtype, "input": name, "size": list(INPUTS[name]), "repeats": repeats,
-            **turn_fields(times)}  # fmt: skip
+    return {"arch": arch, "dtype": dtype, "mode": seg.mode, "input": name, "size": list(INPUTS[name]),
+            "repeats": repeats, **turn_fields(times)}  # fmt: skip
 
 
 def table(env: dict, rows: list[dict]) -> str:
@@ -58,16 +59,17 @@ def table(env: dict, rows: list[dict]) -> str:
         f"# Segmenter end to end on images: logits and predict ({env['date']})",
         "",
         f"{env['device']} ({env['threads']} CPU threads); {versions}; commit {env['commit']}. Random weights, 150 "
-        "classes, whole mode, batch 1; uint8 images through the official test pipeline (ade: 683x512, left as it "
+        "classes, batch 1; uint8 images through the official test pipeline (ade: 683x512, left as it "
         "is by the test scale; photo: 2048x1536) or a normalised float batch (float: 512x512). Medians (min) in ms; "
         "predict's labels equal the logits' argmax in every round.",
         "",
-        "| arch | dtype | input | size | logits | predict |",
-        "|---|---|---|---|---|---|",
+        "| arch | dtype | mode | input | size | logits | predict |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         cells = " | ".join(f"{r[f'{c}_median_ms']:.1f} ({r[f'{c}_min_ms']:.1f})" for c in CALLS)
-        lines.append(f"| {r['arch']} | {r['dtype']} | {r['input']} | {r['size'][1]}x{r['size'][0]} | {cells} |")
+        lines.append(f"| {r['arch']} | {r['dtype']} | {r.get('mode', 'whole')} | {r['input']} | "
+                     f"{r['size'][1]}x{r['size'][0]} | {cells} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -77,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtypes", nargs="+", choices=("float32", "bfloat16", "float16"),
                         help="default: float32 and bfloat16 on a CPU, bfloat16 on a GPU")  # fmt: skip
     parser.add_argument("--inputs", nargs="+", choices=list(INPUTS), default=list(INPUTS))
+    parser.add_argument("--modes", nargs="+", choices=("whole", "slide"), default=["whole"])
     turn_arguments(parser, repeats=5)
     args = parser.parse_args(argv)
     device = turn_device(parser, args)
@@ -88,13 +91,14 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(0)
         model = randomize_(dcf.DenseCLIP.from_arch(arch)).eval()
         for dtype in dtypes:
-            seg = dcf.Segmenter(model, device=device, dtype=getattr(torch, dtype), mode="whole")
-            for name in args.inputs:
-                results.add(run_case(seg, arch, dtype, name, args.repeats))
-                r = results.rows[-1]
-                print(f"{arch} {dtype} {name}: logits {r['logits_median_ms']:.1f} ms, predict "
-                      f"{r['predict_median_ms']:.1f} ms", flush=True)  # fmt: skip
-            del seg
+            for mode in args.modes:
+                seg = dcf.Segmenter(model, device=device, dtype=getattr(torch, dtype), mode=mode)
+                for name in args.inputs:
+                    results.add(run_case(seg, arch, dtype, name, args.repeats))
+                    r = results.rows[-1]
+                    print(f"{arch} {dtype} {mode} {name}: logits {r['logits_median_ms']:.1f} ms, predict "
+                          f"{r['predict_median_ms']:.1f} ms", flush=True)  # fmt: skip
+                del seg
     print(results.render(results.env, results.rows))
     return 0
 

@@ -575,13 +575,13 @@ def test_predict_benchmark_times_logits_and_predict_on_images(tmp_path, monkeypa
     monkeypatch.setattr(bench_predict, "randomize_", randomized)
     monkeypatch.setattr(bench_predict, "INPUTS", {"ade": (64, 85), "photo": (96, 128), "float": (64, 64)})
     args = ["--repeats", "1", "--out", str(tmp_path), "--tag", "t"]
-    assert bench_predict.main(args) == 0
+    assert bench_predict.main([*args, "--modes", "whole", "slide"]) == 0
     rows = json.loads((tmp_path / "predict_t.json").read_text())["rows"]
-    assert [(r["dtype"], r["input"]) for r in rows] == [
-        (d, i) for d in ("float32", "bfloat16") for i in ("ade", "photo", "float")
+    assert [(r["dtype"], r["mode"], r["input"]) for r in rows] == [
+        (d, m, i) for d in ("float32", "bfloat16") for m in ("whole", "slide") for i in ("ade", "photo", "float")
     ]  # fmt: skip
     assert all(r[f"{c}_median_ms"] > 0 for r in rows for c in bench_predict.CALLS)
-    assert "| RN50 | bfloat16 | photo | 128x96 |" in (tmp_path / "predict_t.md").read_text()
+    assert "| RN50 | bfloat16 | slide | photo | 128x96 |" in (tmp_path / "predict_t.md").read_text()
     monkeypatch.setattr(Segmenter, "predict", lambda self, images: self.logits(images).argmin(dim=1))
     with pytest.raises(AssertionError, match="RN50 float32 ade: predict's labels differ from the logits' argmax"):
         bench_predict.main([*args, "--dtypes", "float32", "--inputs", "ade"])
