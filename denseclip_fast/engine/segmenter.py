@@ -132,40 +132,36 @@ def labels(scores: torch.Tensor, *sizes: Size) -> torch.Tensor:
     class of a tie; a NaN wins, as in argmax): a chunk of classes (label_step) at a time is copied to float32 NCHW
     (unless it is so already) and goes through the resizes, each step into a buffer of its own reused by every
     chunk, and the best so far is kept in place (no allocation per chunk, and no full-size scores of all classes:
-    a photo's would take gigabytes). The buffers together hold at most label_step's bound, but for the resize to
-    the scores' own size that a CPU skips (unchanged_by_resize), whose buffer is made only for scores it cannot
-    skip. The per-pixel bookkeeping (best value and class, the chunk's, two masks: 26 bytes a pixel) comes on top.
-    Exact because resized treats each class plane alike whatever the chunk. Through ATen's max over the classes,
-    which took half the time of its argmax (with the same ties and NaNs)."""
+    a photo's would take gigabytes). The buffers, each made when a chunk first needs it, together hold at most
+    label_step's bound, but for the resize to the scores' own size that a CPU skips (unchanged_by_resize), whose
+    buffer is made only for scores it cannot skip. The per-pixel bookkeeping (best value and class, the chunk's,
+    two masks: 26 bytes a pixel) comes on top. Exact because resized treats each class plane alike whatever the
+    chunk. Through ATen's max over the classes, which took half the time of its argmax (with the same ties and
+    NaNs)."""
     if not sizes:
         return resized(scores, None).max(dim=1).indices
     n, k, height, width = scores.shape
     sizes = tuple((int(h), int(w)) for h, w in sizes)
     cpu = scores.device.type == "cpu"
-    steps = list(zip(((height, width), *sizes[:-1]), sizes))  # (from, to) of each resize
-    skipped = [cpu and before == after for before, after in steps]  # likely: unless not all finite
-    plane = height * width + sum(h * w for (_, (h, w)), skip in zip(steps, skipped) if not skip)
+    # each resize's (from, to); one to the same size, which a CPU skips unless not all are finite, not counted
+    plane = height * width + sum(h * w for before, (h, w) in zip(((height, width), *sizes[:-1]), sizes)
+                                 if not (cpu and before == (h, w)))  # fmt: skip
     step = label_step(n, k, (1, plane), cpu)
-    staged: list[torch.Tensor] = []  # the float32 NCHW copy of a chunk, made when the first chunk needs it
-    buffers: list[torch.Tensor | None] = [
-        None if skip else torch.empty(n * step * h * w, dtype=torch.float32, device=scores.device)
-        for (_, (h, w)), skip in zip(steps, skipped)
-    ]  # fmt: skip
+    buffers: dict[int, torch.Tensor] = {}  # per resize (-1: the float32 copy), made when a chunk first needs it
+
+    def into(j: int, height: int, width: int, planes: int) -> torch.Tensor:
+        """``planes`` planes of height x width of buffer ``j`` (one of ``step`` classes' planes)."""
+        if j not in buffers:
+            buffers[j] = torch.empty(n * step * height * width, dtype=torch.float32, device=scores.device)
+        return buffers[j][: planes * height * width]
 
     def chunk(first: int) -> torch.Tensor:
         part = scores[:, first : first + step]
         if part.dtype != torch.float32 or not part.is_contiguous():  # what resized would copy, into a buffer
-            if not staged:
-                staged.append(torch.empty(n * step * height * width, dtype=torch.float32, device=scores.device))
-            part = staged[0][: part.numel()].view(part.shape).copy_(part)
+            part = into(-1, height, width, part.shape[0] * part.shape[1]).view(part.shape).copy_(part)
         for j, (h, w) in enumerate(sizes):
-            if unchanged_by_resize(part, (h, w)):
-                continue
-            if buffers[j] is None:  # a resize to the same size that these scores' infinities or NaNs need
-                buffers[j] = torch.empty(n * step * h * w, dtype=torch.float32, device=scores.device)
-            buffer = buffers[j]
-            assert buffer is not None
-            part = resized(part, (h, w), buffer[: part.shape[0] * part.shape[1] * h * w])
+            if not unchanged_by_resize(part, (h, w)):
+                part = resized(part, (h, w), into(j, h, w, part.shape[0] * part.shape[1]))
         return part
 
     best, index = chunk(0).max(dim=1)
