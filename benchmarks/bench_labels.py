@@ -27,7 +27,16 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import Results, environment, take_turns, turn_arguments, turn_device, turn_fields  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    Results,
+    environment,
+    take_turns,
+    turn_arguments,
+    turn_cells,
+    turn_device,
+    turn_fields,
+    turn_versions,
+)
 from denseclip_fast.engine.segmenter import labels, resized  # noqa: E402
 
 CHUNK_BEFORE = 1 << 26  # values: the chunk labels used before
@@ -74,7 +83,7 @@ def run_case(case: str, classes: int, batch: int, device: torch.device, repeats:
 
 
 def table(env: dict, rows: list[dict]) -> str:
-    versions = f"torch {env['torch']}" + (f", triton {env['triton']}" if env.get("gpu") else "")
+    versions = turn_versions(env)
     lines = [
         f"# Label maps from scores: labels() vs the argmax ({env['date']})",
         "",
@@ -86,7 +95,7 @@ def table(env: dict, rows: list[dict]) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        cells = " | ".join(f"{r[f'{n}_median_ms']:.1f} ({r[f'{n}_min_ms']:.1f})" for n in CONTESTANTS)
+        cells = turn_cells(r, list(CONTESTANTS))
         lines.append(f"| {r['case']} | {'x'.join(map(str, r['scores']))} | {r['size'][0]}x{r['size'][1]} | {cells} | "
                      f"{r['chunks_fresh_median_ms'] / r['labels_median_ms']:.2f}x |")  # fmt: skip
     return "\n".join(lines) + "\n"

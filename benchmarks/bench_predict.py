@@ -26,7 +26,16 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import denseclip_fast as dcf  # noqa: E402
-from benchmarks.common import Results, environment, take_turns, turn_arguments, turn_device, turn_fields  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    Results,
+    environment,
+    take_turns,
+    turn_arguments,
+    turn_cells,
+    turn_device,
+    turn_fields,
+    turn_versions,
+)
 from benchmarks.official import randomize_  # noqa: E402
 
 INPUTS = {"ade": (512, 683), "photo": (1536, 2048), "float": (512, 512)}
@@ -54,7 +63,7 @@ def run_case(seg: dcf.Segmenter, arch: str, dtype: str, name: str, repeats: int)
 
 
 def table(env: dict, rows: list[dict]) -> str:
-    versions = f"torch {env['torch']}" + (f", triton {env['triton']}" if env.get("gpu") else "")
+    versions = turn_versions(env)
     lines = [
         f"# Segmenter end to end on images: logits and predict ({env['date']})",
         "",
@@ -67,7 +76,7 @@ def table(env: dict, rows: list[dict]) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        cells = " | ".join(f"{r[f'{c}_median_ms']:.1f} ({r[f'{c}_min_ms']:.1f})" for c in CALLS)
+        cells = turn_cells(r, CALLS)
         lines.append(f"| {r['arch']} | {r['dtype']} | {r.get('mode', 'whole')} | {r['input']} | "
                      f"{r['size'][1]}x{r['size'][0]} | {cells} |")  # fmt: skip
     return "\n".join(lines) + "\n"

@@ -35,7 +35,16 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import denseclip_fast as dcf  # noqa: E402
-from benchmarks.common import Results, environment, rel_err, take_turns, turn_arguments, turn_device, turn_fields  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    Results,
+    environment,
+    rel_err,
+    take_turns,
+    turn_arguments,
+    turn_device,
+    turn_fields,
+    turn_versions,
+)
 from benchmarks.official import randomize_  # noqa: E402
 from denseclip_fast.model.text import _bpe, token_span, tokenize_class_names  # noqa: E402
 
@@ -122,7 +131,7 @@ def run_case(model: dcf.DenseCLIP, device: torch.device, dtype: str, vocab: str,
 
 
 def table(env: dict, rows: list[dict]) -> str:
-    versions = f"torch {env['torch']}" + (f", triton {env['triton']}" if env.get("gpu") else "")
+    versions = turn_versions(env)
     versions += f", onnxruntime {env['onnxruntime']}" if env.get("onnxruntime") else ""
     lines = [
         f"# Text encoder: shared start vs every prompt whole ({env['date']})",

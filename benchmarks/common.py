@@ -15,7 +15,7 @@ import statistics
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -163,6 +163,16 @@ def turn_fields(times: Mapping[str, list[float]]) -> dict[str, float]:
         fields[f"{name}_median_ms"] = statistics.median(ms)
         fields[f"{name}_min_ms"] = min(ms)
     return fields
+
+
+def turn_cells(row: Mapping[str, float], names: Sequence[str]) -> str:
+    """Markdown cells "median (min)" of turn_fields' ``names`` in ``row``, joined by " | "."""
+    return " | ".join(f"{row[f'{name}_median_ms']:.1f} ({row[f'{name}_min_ms']:.1f})" for name in names)
+
+
+def turn_versions(env: Mapping[str, Any]) -> str:
+    """"torch X", with ", triton Y" on a GPU (where its kernels ran), for a turn-taking benchmark's table."""
+    return f"torch {env['torch']}" + (f", triton {env['triton']}" if env.get("gpu") else "")
 
 
 def turn_arguments(parser: argparse.ArgumentParser, repeats: int, device_help: str = "cpu or cuda") -> None:
