@@ -10,6 +10,9 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Inductor refuses (AssertionError) to fall back to an ATen kernel for an op that has a decomposition wherever CI
+# is set, as GitHub Actions and this project's CI set it: every run of the tests checks the exports under it.
+os.environ.setdefault("CI", "1")
 
 import dataclasses  # noqa: E402
 import glob  # noqa: E402

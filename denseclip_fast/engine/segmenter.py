@@ -87,10 +87,16 @@ def resized(scores: torch.Tensor, size: Any, out: torch.Tensor | None = None) ->
         return scores
     n, c, h, w = scores.shape
     height, width = int(size[0]), int(size[1])
+    planes = scores.reshape(n * c, 1, h, w)
     if out is None:
-        out = torch.empty(n * c, 1, height, width, dtype=torch.float32, device=scores.device)
+        # F.interpolate, not the out= op below: traced into an exported graph (ImageGraph's float32 logits), the out=
+        # op becomes aten.upsample_bilinear2d.default, which Inductor has no lowering for; its fallback is refused
+        # with an AssertionError wherever the environment sets CI (GitHub Actions sets CI=true)
+        resized_planes = torch.nn.functional.interpolate(planes, size=(height, width), mode="bilinear",
+                                                         align_corners=False)  # fmt: skip
+        return resized_planes.view(n, c, height, width)
     # F.interpolate(size=...)'s kernel (the scales from the sizes), writing into ``out``
-    torch.ops.aten.upsample_bilinear2d.out(scores.reshape(n * c, 1, h, w), [height, width], False, None, None,
+    torch.ops.aten.upsample_bilinear2d.out(planes, [height, width], False, None, None,
                                            out=out.view(n * c, 1, height, width))  # fmt: skip
     return out.view(n, c, height, width)
 
