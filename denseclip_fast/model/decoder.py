@@ -17,6 +17,7 @@ from torch import nn
 
 from .. import ops
 from ..config import DecoderConfig
+from .layers import init_
 
 
 class Attention(nn.Module):
@@ -78,7 +79,7 @@ class ContextDecoder(nn.Module):
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
         if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
+            init_(nn.init.trunc_normal_, m.weight, std=0.02)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.LayerNorm):

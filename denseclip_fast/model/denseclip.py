@@ -31,6 +31,7 @@ from ..visualize import check_palette
 from .decoder import ContextDecoder
 from .features import ImageFeatures
 from .heads import FPN, SemanticFPNHead
+from .layers import init_
 from .resnet import CLIPResNetBackbone
 from .slide import slide_inference as _slide_inference
 from .slide import window_sizes
@@ -102,7 +103,7 @@ class DenseCLIP(nn.Module):
         self.neck = FPN(in_channels, config.fpn_channels)
         self.decode_head = SemanticFPNHead(config.fpn_channels, config.head_channels, k, config.head_dropout)
         self.contexts = nn.Parameter(torch.empty(1, config.text.n_ctx, config.text.width))
-        nn.init.trunc_normal_(self.contexts)
+        init_(nn.init.trunc_normal_, self.contexts)
         self.gamma = nn.Parameter(torch.full((d,), 1e-4))
         self.register_buffer("class_tokens", tokens, persistent=False)
         self._keep_class_span(token_span(tokens))  # read here, on the host: no GPU synchronisation in a forward

@@ -21,7 +21,9 @@ def init_(init: Callable[..., object], tensor: torch.Tensor, **kwargs: object) -
     """``init(tensor, **kwargs)``, an ``nn.init`` function, except on the meta device, where a model has shapes and no
     values: load_checkpoint builds one there to check a file against it, and PyTorch's meta ``normal_`` (like an
     out-of-place product of a meta tensor and a Python number, which the models' constructors therefore compute in
-    place) runs a Python decomposition whose first use imports torch._dynamo, seconds of a fresh process's start."""
+    place) runs a Python decomposition whose first use imports torch._dynamo, seconds of a fresh process's start (so
+    does torch 2.11's meta ``erfinv_``, which ``trunc_normal_`` calls). Every random init of the models goes through
+    here; the values drawn off the meta device are the same as a direct call's."""
     if not tensor.is_meta:
         init(tensor, **kwargs)
 
@@ -105,7 +107,7 @@ class MultiheadSelfAttention(nn.Module):
         self.out_proj = nn.Linear(width, width)
         # the in-projection's F.linear; the CPU engine's copy computes it with oneDNN (engine/cpu_linear.py)
         self.linear: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor] = F.linear
-        nn.init.xavier_uniform_(self.in_proj_weight)
+        init_(nn.init.xavier_uniform_, self.in_proj_weight)
         nn.init.zeros_(self.out_proj.bias)
 
     def forward(self, x: torch.Tensor, causal: bool = False, shared: SharedStart | None = None) -> torch.Tensor:
