@@ -578,22 +578,27 @@ def test_flip_and_scales_average_the_probabilities_they_name():
         assert torch.allclose(plain.sum(0), torch.ones(37, 51))
 
 
-def test_channels_last_gives_the_gradients_of_nchw(arch_file, generic, tmp_path):
-    """One training step's gradients with channels_last images and weights equal NCHW's up to summation order
-    (5.5e-5 over all of them observed, torch 2.11 and 2.14): what the trajectories below differ by is Adam
+@pytest.mark.parametrize("dtype, bound", [(torch.float64, 1e-9), (torch.float32, 1e-2)])
+def test_channels_last_gives_the_gradients_of_nchw(arch_file, generic, tmp_path, dtype, bound):
+    """One training step's gradients with channels_last images and weights equal NCHW's: in float64 to 3e-13 (the
+    same function), in float32 up to summation order, which this tiny model's training-mode BatchNorms (batch
+    statistics of 2 x 12 x 12 values) amplify: 1.2e-4 with torch 2.14 and 2.2e-3 with torch 2.11 (the GPU machine's)
+    for this seed's model. A layout mixed up anywhere is off by O(1). What the trajectories below differ by is Adam
     amplifying that noise in near-zero gradients, not another function."""
-    x, label = torch.randn(2, 3, 48, 48), torch.randint(0, 3, (2, 48, 48))
+    x, label = torch.randn(2, 3, 48, 48, dtype=dtype), torch.randint(0, 3, (2, 48, 48))
     grads = []
     for channels_last in (False, True):
         cfg = _config(arch_file, generic, tmp_path, channels_last=channels_last)
-        model = prepare_model(build_model(cfg, CLASSES), cfg, torch.device("cpu")).train()
+        model = prepare_model(build_model(cfg, CLASSES), cfg, torch.device("cpu")).train().to(dtype)
         logits, aux = TrainStep(model)(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
+        assert logits.dtype == dtype and model.backbone.conv1.weight.is_contiguous(
+            memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         segmentation_loss(logits, aux, label, cfg)["loss"].backward()
         grads.append({n: p.grad.double() for n, p in model.named_parameters() if p.grad is not None})
     nchw, nhwc = grads
     assert nchw.keys() == nhwc.keys() and len(nchw) > 50
     diff = sum((nchw[k] - nhwc[k]).square().sum() for k in nchw) ** 0.5
-    assert diff / sum(g.square().sum() for g in nchw.values()) ** 0.5 < 1e-3
+    assert diff / sum(g.square().sum() for g in nchw.values()) ** 0.5 < bound
 
 
 @pytest.mark.slow
