@@ -22,7 +22,7 @@ def init_(init: Callable[..., object], tensor: torch.Tensor, **kwargs: object) -
     values: load_checkpoint builds one there to check a file against it, and PyTorch's meta ``normal_`` (like an
     out-of-place product of a meta tensor and a Python number, which the models' constructors therefore compute in
     place) runs a Python decomposition whose first use imports torch._dynamo, seconds of a fresh process's start (so
-    does torch 2.11's meta ``erfinv_``, which ``trunc_normal_`` calls). Every random init of the models goes through
+    does torch 2.11's meta ``erfinv_``, which ``trunc_normal_`` calls). The models' own random inits go through
     here; the values drawn off the meta device are the same as a direct call's."""
     if not tensor.is_meta:
         init(tensor, **kwargs)
