@@ -478,10 +478,10 @@ class Trainer:
                       f"schedule go on with these values from iteration {start}",
                       file=sys.stderr)  # fmt: skip
 
-        if rank == 0 and not complete and (note := batchnorm_note(cfg, world)):
-            print(f"denseclip-fast train: {note}", file=sys.stderr)
-        if rank == 0 and not complete and (note := shared_split_note(cfg.data, cfg.layout)):
-            print(f"denseclip-fast train: {note}", file=sys.stderr)
+        if rank == 0 and not complete:
+            for note in (batchnorm_note(cfg, world), shared_split_note(cfg.data, cfg.layout)):
+                if note:
+                    print(f"denseclip-fast train: {note}", file=sys.stderr)
         step_module: nn.Module = TrainStep(model)
         if world > 1:
             if cfg.sync_bn:
