@@ -29,6 +29,7 @@ import denseclip_fast as dcf  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     Results,
     environment,
+    host_rss_gib,
     take_turns,
     turn_arguments,
     turn_cells,
@@ -37,6 +38,7 @@ from benchmarks.common import (  # noqa: E402
     turn_versions,
 )
 from benchmarks.official import randomize_  # noqa: E402
+from denseclip_fast.engine import host_memory  # noqa: E402
 
 INPUTS = {"ade": (512, 683), "photo": (1536, 2048), "float": (512, 512)}
 CALLS = ("logits", "predict")
@@ -59,7 +61,7 @@ def run_case(seg: dcf.Segmenter, arch: str, dtype: str, name: str, repeats: int)
     calls = {call: functools.partial(getattr(seg, call), image) for call in CALLS}
     times, _ = take_turns(calls, repeats, seg.device, check)
     return {"arch": arch, "dtype": dtype, "mode": seg.mode, "input": name, "size": list(INPUTS[name]),
-            "repeats": repeats, **turn_fields(times)}  # fmt: skip
+            "repeats": repeats, **turn_fields(times), **host_rss_gib()}  # fmt: skip
 
 
 def table(env: dict, rows: list[dict]) -> str:
@@ -67,18 +69,22 @@ def table(env: dict, rows: list[dict]) -> str:
     lines = [
         f"# Segmenter end to end on images: logits and predict ({env['date']})",
         "",
-        f"{env['device']} ({env['threads']} CPU threads); {versions}; commit {env['commit']}. Random weights, 150 "
+        f"{env['device']} ({env['threads']} CPU threads); {versions}; commit {env['commit']}; host memory "
+        f"{env.get('host_memory', 'glibc default')}. Random weights, 150 "
         "classes, batch 1; uint8 images through the official test pipeline (ade: 683x512, left as it "
         "is by the test scale; photo: 2048x1536) or a normalised float batch (float: 512x512). Medians (min) in ms; "
-        "predict's labels equal the logits' argmax in every round.",
+        "predict's labels equal the logits' argmax in every round. RSS: the process's resident memory after the "
+        "row, and its peak so far (GiB).",
         "",
-        "| arch | dtype | mode | input | size | logits | predict |",
-        "|---|---|---|---|---|---|---|",
+        "| arch | dtype | mode | input | size | logits | predict | RSS (peak) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         cells = turn_cells(r, CALLS)
+        now, peak = (("?" if r.get(k) is None else f"{r[k]:.2f}") for k in ("rss_gib", "peak_rss_gib"))
+        rss = f"{now} ({peak})"
         lines.append(f"| {r['arch']} | {r['dtype']} | {r.get('mode', 'whole')} | {r['input']} | "
-                     f"{r['size'][1]}x{r['size'][0]} | {cells} |")  # fmt: skip
+                     f"{r['size'][1]}x{r['size'][0]} | {cells} | {rss} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -89,8 +95,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="default: float32 and bfloat16 on a CPU, bfloat16 on a GPU")  # fmt: skip
     parser.add_argument("--inputs", nargs="+", choices=list(INPUTS), default=list(INPUTS))
     parser.add_argument("--modes", nargs="+", choices=("whole", "slide"), default=["whole"])
+    parser.add_argument("--retain-memory", action="store_true",
+                        help="keep freed host memory for reuse (denseclip_fast.engine.host_memory; what "
+                             "denseclip-fast segment does on a CPU): fewer page faults per call")  # fmt: skip
     turn_arguments(parser, repeats=5)
     args = parser.parse_args(argv)
+    if args.retain_memory and not host_memory.retain_freed_memory():
+        parser.error(f"--retain-memory: not in effect here ({host_memory.describe()})")
     device = turn_device(parser, args)
     dtypes = args.dtypes or (["bfloat16"] if device.type == "cuda" else ["float32", "bfloat16"])
     if "float16" in dtypes and device.type != "cuda":

@@ -153,6 +153,16 @@ def _device(args: argparse.Namespace) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _retain_on_cpu(args: argparse.Namespace, device: str) -> None:
+    """In the console script's own process, on a CPU: the memory each image's forward frees is kept for the next
+    (engine.host_memory; the process keeps its peak memory until it ends). Not where main is called as a function:
+    the setting would outlive the call in the caller's process."""
+    if args.own_process and device == "cpu":
+        from .engine.host_memory import retain_freed_memory
+
+        retain_freed_memory()
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     """"float32" for torch.float32: the options' spelling."""
     return str(dtype).removeprefix("torch.")
@@ -270,6 +280,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         else:
             model.set_classes(_classes_for(model, given, "add --open-vocab to score any number of names with the "
                                                          "pixel-text map instead of the trained head"))  # fmt: skip
+    _retain_on_cpu(args, device)
     seg = Segmenter(model, device=device, dtype=dtype, mode=args.mode or "slide")
     k = len(names) if names is not None else model.num_classes
     palette = model.palette if (model.palette is not None and names is None) else default_palette(k)
@@ -605,6 +616,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     check_not_an_input(out, "--out", {"--checkpoint": args.checkpoint})
     check_not_in_folder(out, "--out", args.data, "the data set --data")
     model.to(device)
+    _retain_on_cpu(args, device)
     dtype = torch.bfloat16 if args.bf16 else None  # float32 by default, as the official test
     result = evaluate(model, data, mode=args.mode, scales=scales, flip=args.flip, dtype=dtype, progress=True)
     result["checkpoint"] = args.checkpoint
@@ -794,13 +806,15 @@ class _NamedStdout:
         return getattr(self._stream, name)
 
 
-def main(argv: Sequence[str] | None = None, die_by_signal: bool = False) -> int:
+def main(argv: Sequence[str] | None = None, die_by_signal: bool = False, own_process: bool = False) -> int:
     """Run the command ``argv``; errors the user can fix (bad arguments and files, a file system refusing a path,
     a training run whose loss or weights stop being finite) print one line and return 2. Ctrl-C and SIGTERM print
     one line and return 130 / 143, or with ``die_by_signal`` (the console script) end the process by that signal,
     as an uncaught Ctrl-C does: a shell loop over the command stops on Ctrl-C only when the command died of SIGINT,
-    and a supervisor tells a stop (killed by SIGTERM) from a failure (exit 143)."""
+    and a supervisor tells a stop (killed by SIGTERM) from a failure (exit 143). ``own_process`` (the console
+    script): the process is the command's, whose process-wide settings it may choose (_retain_on_cpu)."""
     args = build_parser().parse_args(argv)
+    args.own_process = own_process
     saved_format = warnings.formatwarning
     warnings.formatwarning = _one_line_warning  # not Python's file:line and source line under each warning
     restore_signals = _sigterm_interrupts()
@@ -872,7 +886,7 @@ def _die_by(sig: int) -> None:
 
 def run() -> None:
     """The ``denseclip-fast`` console script: :func:`main`, whose interrupts end the process by their signal."""
-    sys.exit(main(die_by_signal=True))
+    sys.exit(main(die_by_signal=True, own_process=True))
 
 
 def _ignore_signal(signum: int, frame: Any) -> None:

@@ -563,11 +563,13 @@ def test_label_benchmark_times_each_contestant_and_checks_their_labels(tmp_path,
         bench_labels.main(args)
 
 
-def test_predict_benchmark_times_logits_and_predict_on_images(tmp_path, monkeypatch):
+def test_predict_benchmark_times_logits_and_predict_on_images(tmp_path, monkeypatch, capsys):
     """benchmarks/bench_predict.py runs logits and predict on uint8 images and a float batch per dtype (no timing
-    asserted), and fails a run whose labels are not the logits' argmax."""
+    asserted), records the process's memory and allocator policy, and fails a run whose labels are not the logits'
+    argmax."""
     from benchmarks import bench_predict
     from denseclip_fast import ADE20K_CLASSES, DenseCLIP, Segmenter
+    from denseclip_fast.engine import host_memory
 
     from .conftest import randomized, tiny_config
 
@@ -581,7 +583,18 @@ def test_predict_benchmark_times_logits_and_predict_on_images(tmp_path, monkeypa
         (d, m, i) for d in ("float32", "bfloat16") for m in ("whole", "slide") for i in ("ade", "photo", "float")
     ]  # fmt: skip
     assert all(r[f"{c}_median_ms"] > 0 for r in rows for c in bench_predict.CALLS)
+    assert all(0 < r["rss_gib"] <= r["peak_rss_gib"] for r in rows)
     assert "| RN50 | bfloat16 | slide | photo | 128x96 |" in (tmp_path / "predict_t.md").read_text()
+    # --retain-memory, with retain_freed_memory stood in for (the real one would stay in effect in this process)
+    monkeypatch.setattr(host_memory, "allocator_chosen", lambda: "MALLOC_MMAP_MAX_")
+    monkeypatch.setattr(host_memory, "retain_freed_memory", lambda: False)
+    with pytest.raises(SystemExit):
+        bench_predict.main([*args, "--retain-memory"])
+    assert "--retain-memory: not in effect here (chosen: MALLOC_MMAP_MAX_)" in capsys.readouterr().err
+    monkeypatch.setattr(host_memory, "retain_freed_memory", lambda: monkeypatch.setattr(host_memory, "_retained", True)
+                        or True)  # fmt: skip
+    assert bench_predict.main([*args, "--retain-memory", "--dtypes", "float32", "--inputs", "ade"]) == 0
+    assert "; host memory retained." in (tmp_path / "predict_t.md").read_text()
     monkeypatch.setattr(Segmenter, "predict", lambda self, images: self.logits(images).argmin(dim=1))
     with pytest.raises(AssertionError, match="RN50 float32 ade: predict's labels differ from the logits' argmax"):
         bench_predict.main([*args, "--dtypes", "float32", "--inputs", "ade"])

@@ -1132,3 +1132,14 @@ def test_a_workers_end_handled_before_the_sigterm_is_the_sigterm(monkeypatch, ca
     monkeypatch.setattr(cli, "cmd_info", lambda args: (_ for _ in ()).throw(RuntimeError("something else")))
     with pytest.raises(RuntimeError, match="something else"):
         cli.main(["info", "checkpoint"])
+
+
+@pytest.mark.parametrize("own_process", [False, True])
+def test_segment_retains_only_in_its_own_process_on_a_cpu(checkpoint, images, tmp_path, monkeypatch, own_process):
+    calls = []
+    from denseclip_fast.engine import host_memory
+
+    monkeypatch.setattr(host_memory, "retain_freed_memory", lambda: calls.append(1) or True)
+    argv = ["segment", "--checkpoint", str(checkpoint), "--device", "cpu", str(images[0]), "--out", str(tmp_path)]
+    assert main(argv, own_process=own_process) == 0
+    assert calls == ([1] if own_process else [])  # a caller of main() keeps its process's settings

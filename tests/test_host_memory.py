@@ -1,0 +1,71 @@
+"""engine.host_memory: glibc keeps freed memory for reuse, where the user has not chosen otherwise (the command line's
+use of it: test_cli)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from denseclip_fast.engine import host_memory
+
+from .conftest import ROOT
+
+glibc_only = pytest.mark.skipif(not host_memory.glibc(), reason="glibc's malloc (Linux)")
+
+# a fresh process: a 256 MiB tensor made and freed; prints what retain_freed_memory returned, the bytes glibc
+# mapped for it, and the bytes of its heap still held after it was freed (mallinfo2, glibc >= 2.33)
+PROBE = """
+import ctypes, sys, torch
+from denseclip_fast.engine.host_memory import retain_freed_memory
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks "
+                                               "fordblks keepcost").split()]
+libc = ctypes.CDLL(None)
+if not hasattr(libc, "mallinfo2"):
+    print("no mallinfo2"); sys.exit(0)
+libc.mallinfo2.restype = Info
+retained = retain_freed_memory() if sys.argv[1] == "retain" else None
+before = libc.mallinfo2().hblkhd
+t = torch.ones(64 * 2**20)
+mapped = libc.mallinfo2().hblkhd - before
+del t
+print(retained, mapped, libc.mallinfo2().arena)
+"""
+
+
+def probe(mode: str, **env: str) -> tuple[str, int, int]:
+    environ = {k: v for k, v in os.environ.items() if k not in host_memory.MALLOC_VARIABLES}
+    result = subprocess.run([sys.executable, "-c", PROBE, mode], cwd=ROOT, capture_output=True, text=True,
+                            env={**environ, **env}, check=True)  # fmt: skip
+    if result.stdout.strip() == "no mallinfo2":
+        pytest.skip("glibc older than 2.33 (no mallinfo2)")
+    retained, mapped, heap = result.stdout.split()
+    return retained, int(mapped), int(heap)
+
+
+@glibc_only
+def test_freed_memory_is_kept_in_the_heap_for_reuse():
+    size = 256 * 2**20
+    retained, mapped, heap = probe("retain")
+    assert retained == "True"
+    assert mapped == 0 and heap >= size, (mapped, heap)  # from the heap, and still held once freed
+    untouched, mapped, heap = probe("default")  # glibc's default: a mapping of its own, unmapped when freed
+    assert untouched == "None" and mapped >= size and heap < size, (mapped, heap)
+
+
+@glibc_only
+def test_the_users_malloc_settings_are_left_alone():
+    retained, mapped, heap = probe("retain", MALLOC_TRIM_THRESHOLD_="131072")
+    assert retained == "False" and mapped >= 256 * 2**20
+
+
+def test_allocator_chosen_names_what_the_user_set():
+    assert host_memory.allocator_chosen({}) is None
+    assert host_memory.allocator_chosen({"MALLOC_ARENA_MAX": "2", "LD_PRELOAD": "libasan.so"}) is None
+    assert host_memory.allocator_chosen({"MALLOC_MMAP_MAX_": "0"}) == "MALLOC_MMAP_MAX_"
+    chosen = host_memory.allocator_chosen({"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=0",
+                                           "LD_PRELOAD": "/usr/lib/libjemalloc.so.2"})  # fmt: skip
+    assert chosen == "GLIBC_TUNABLES, LD_PRELOAD=/usr/lib/libjemalloc.so.2"
