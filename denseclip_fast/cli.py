@@ -154,10 +154,13 @@ def _device(args: argparse.Namespace) -> str:
 
 
 def _retain_on_cpu(args: argparse.Namespace, device: str) -> None:
-    """In the console script's own process, on a CPU: the memory each image's forward frees is kept for the next
-    (engine.host_memory; the process keeps its peak memory until it ends). Not where main is called as a function:
-    the setting would outlive the call in the caller's process."""
-    if args.own_process and device == "cpu":
+    """segment, in the console script's own process, on a CPU: the memory each image's forward frees is kept for the
+    next (engine.host_memory; its allocations are bounded by the test scale and the labels' chunks, so the process
+    stays near its peak). Not where main is called as a function: the setting would outlive the call in the
+    caller's process."""
+    import torch
+
+    if args.own_process and torch.device(device).type == "cpu":
         from .engine.host_memory import retain_freed_memory
 
         retain_freed_memory()
@@ -616,7 +619,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     check_not_an_input(out, "--out", {"--checkpoint": args.checkpoint})
     check_not_in_folder(out, "--out", args.data, "the data set --data")
     model.to(device)
-    _retain_on_cpu(args, device)
     dtype = torch.bfloat16 if args.bf16 else None  # float32 by default, as the official test
     result = evaluate(model, data, mode=args.mode, scales=scales, flip=args.flip, dtype=dtype, progress=True)
     result["checkpoint"] = args.checkpoint

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import copy
 import importlib.util
 import json
@@ -1136,10 +1137,15 @@ def test_a_workers_end_handled_before_the_sigterm_is_the_sigterm(monkeypatch, ca
 
 @pytest.mark.parametrize("own_process", [False, True])
 def test_segment_retains_only_in_its_own_process_on_a_cpu(checkpoint, images, tmp_path, monkeypatch, own_process):
-    calls = []
+    from denseclip_fast import cli
     from denseclip_fast.engine import host_memory
 
+    calls = []
     monkeypatch.setattr(host_memory, "retain_freed_memory", lambda: calls.append(1) or True)
     argv = ["segment", "--checkpoint", str(checkpoint), "--device", "cpu", str(images[0]), "--out", str(tmp_path)]
     assert main(argv, own_process=own_process) == 0
     assert calls == ([1] if own_process else [])  # a caller of main() keeps its process's settings
+    for device, expected in (("cpu:0", True), ("cuda", False), ("cuda:1", False)):
+        calls.clear()
+        cli._retain_on_cpu(argparse.Namespace(own_process=own_process), device)
+        assert calls == ([1] if own_process and expected else []), device

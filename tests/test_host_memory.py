@@ -37,7 +37,9 @@ print(retained, mapped, libc.mallinfo2().arena)
 
 
 def probe(mode: str, **env: str) -> tuple[str, int, int]:
-    environ = {k: v for k, v in os.environ.items() if k not in host_memory.MALLOC_VARIABLES}
+    # without the settings of the environment the tests run in (a CI that preloads jemalloc, a tunable)
+    drop = {*host_memory.MALLOC_VARIABLES, "GLIBC_TUNABLES", "LD_PRELOAD"}
+    environ = {k: v for k, v in os.environ.items() if k not in drop}
     result = subprocess.run([sys.executable, "-c", PROBE, mode], cwd=ROOT, capture_output=True, text=True,
                             env={**environ, **env}, check=True)  # fmt: skip
     if result.stdout.strip() == "no mallinfo2":
@@ -64,8 +66,11 @@ def test_the_users_malloc_settings_are_left_alone():
 
 def test_allocator_chosen_names_what_the_user_set():
     assert host_memory.allocator_chosen({}) is None
-    assert host_memory.allocator_chosen({"MALLOC_ARENA_MAX": "2", "LD_PRELOAD": "libasan.so"}) is None
+    unrelated = {"MALLOC_ARENA_MAX": "2", "LD_PRELOAD": "libasan.so", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+    assert host_memory.allocator_chosen(unrelated) is None
     assert host_memory.allocator_chosen({"MALLOC_MMAP_MAX_": "0"}) == "MALLOC_MMAP_MAX_"
-    chosen = host_memory.allocator_chosen({"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=0",
+    chosen = host_memory.allocator_chosen({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1:glibc.malloc.trim_threshold=0",
                                            "LD_PRELOAD": "/usr/lib/libjemalloc.so.2"})  # fmt: skip
     assert chosen == "GLIBC_TUNABLES, LD_PRELOAD=/usr/lib/libjemalloc.so.2"
+    for preload in ("libtcmalloc_minimal.so.4", "libmimalloc.so", "libtbbmalloc_proxy.so.2"):
+        assert host_memory.allocator_chosen({"LD_PRELOAD": preload}) == f"LD_PRELOAD={preload}"
