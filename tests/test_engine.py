@@ -669,6 +669,30 @@ def test_batchnorm_folding_keeps_the_function():
         fold_batchnorm(folded.train())
 
 
+@pytest.mark.parametrize("batch", [1, 2])
+def test_the_cpu_engines_vit_pyramid_takes_channels_last_maps_and_the_model_keeps_nchw(batch):
+    """channels_last_pyramid: the CPU engine's ViT pyramid adapters get channels_last token maps (and give
+    channels_last levels), the same function (1e-6 against the NCHW maps, whole and slide); the user's model keeps
+    the official NCHW maps; a ResNet model has no such maps."""
+    torch.manual_seed(0)
+    model = randomized(DenseCLIP(tiny_config("vit"), NAMES)).eval()
+    x = torch.randn(batch, 3, 64, 80)
+    with torch.no_grad():
+        whole, slide = model(x), model.slide_inference(x, crop=64, stride=40)
+    for mode, expected in (("whole", whole), ("slide", slide)):
+        seg = _engine(model, mode=mode)
+        assert seg.model.backbone.pyramid_layout == torch.channels_last
+        assert rel_err(seg.logits(x), expected) < 1e-6
+    assert model.backbone.pyramid_layout == torch.contiguous_format
+    with torch.no_grad():
+        levels = seg.model.backbone(x.contiguous(memory_format=torch.channels_last)).levels
+        official = model.backbone(x).levels
+    assert all(level.is_contiguous(memory_format=torch.channels_last) for level in levels)
+    assert all(level.is_contiguous() for level in official)
+    resnet = _engine(randomized(DenseCLIP(tiny_config("resnet"), NAMES)).eval())
+    assert not hasattr(resnet.model.backbone, "pyramid_layout")
+
+
 @pytest.mark.parametrize("groups", [1, 2, 4])
 @pytest.mark.parametrize("transposed", [False, True])
 def test_folding_grouped_and_transposed_convolutions(groups, transposed):

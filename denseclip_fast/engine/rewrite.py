@@ -18,6 +18,7 @@ from torch import nn
 from ..model import DenseCLIP
 from ..model.heads import ConvModule
 from ..model.resnet import Bottleneck, CLIPResNetBackbone
+from ..model.vit import CLIPViTBackbone
 
 
 @torch.no_grad()
@@ -89,3 +90,14 @@ def prepare_for_inference(model: DenseCLIP, device: torch.device, dtype: torch.d
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     return model
+
+
+def channels_last_pyramid(model: DenseCLIP) -> bool:
+    """A ViT backbone's pyramid adapters (GroupNorm, transposed convolutions) fed channels_last token maps instead of
+    NCHW ones (in place; returns whether ``model`` has a ViT backbone): a copy of the tokens either way, and
+    oneDNN's channels_last ConvTranspose2d took half the time of its NCHW one on 2 CPU threads. For the CPU engine
+    (Segmenter), where it is measured: benchmarks/results/vit_pyramid_cpu_2threads_amx.md."""
+    if not isinstance(model.backbone, CLIPViTBackbone):
+        return False
+    model.backbone.pyramid_layout = torch.channels_last
+    return True

@@ -46,7 +46,7 @@ from ..visualize import overlay as blend
 from .cpu_linear import use_onednn_linears
 from .graphs import GraphCache
 from .inputs import ImageBatch, as_batch, stacked_for
-from .rewrite import prepare_for_inference
+from .rewrite import channels_last_pyramid, prepare_for_inference
 
 Mode = Literal["whole", "slide"]
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -294,6 +294,7 @@ class Segmenter:
         self.model = prepare_for_inference(model, self.device, self.dtype)
         if self.device.type == "cpu":  # float32 layers through oneDNN (cpu_linear.py), the text encoder's always
             use_onednn_linears(self.model)
+            channels_last_pyramid(self.model)
         self._text = self._embed(self.model.class_names)  # the buffer the graphs read; refreshed in place
         self._vocabularies: OrderedDict[tuple[str, ...], torch.Tensor] = OrderedDict()
         self._lock = threading.RLock()

@@ -37,7 +37,11 @@ def _pyramid(width: int) -> tuple[nn.Module, nn.Module, nn.Module, nn.Module]:
 
 class CLIPViTBackbone(nn.Module):
     """CLIP ViT trunk + pyramid adapters + dense projection; ``forward`` returns :class:`ImageFeatures`.
-    ``activation``: of the blocks' MLPs (see layers.clip_activation)."""
+    ``activation``: of the blocks' MLPs (see layers.clip_activation). ``pyramid_layout``: the memory layout of the
+    token maps the pyramid adapters take, NCHW as the official code's; the CPU engine's copy takes channels_last
+    (engine.rewrite.channels_last_pyramid), the same values in another order."""
+
+    pyramid_layout: torch.memory_format = torch.contiguous_format
 
     def __init__(self, cfg: VisionConfig, output_dim: int, activation: str = "quick_gelu") -> None:
         super().__init__()
@@ -80,6 +84,16 @@ class CLIPViTBackbone(nn.Module):
             pos = torch.cat([pos[:1] + self.class_embedding.to(x.dtype), pos[1:]], dim=0)
         return self.ln_pre(x + pos), h, w
 
+    def _token_map(self, tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """(B, h*w, D) tokens -> a (B, D, h, w) copy in ``pyramid_layout``. channels_last is made as a contiguous
+        (B, h, w, D) copy, permuted: its strides are then those of a channels_last tensor in every dimension, where
+        ``.contiguous(memory_format=torch.channels_last)`` would give back a view at batch 1 whose batch stride
+        (free for a dimension of size 1) can make GroupNorm and ConvTranspose2d take it, and return it, as NCHW."""
+        b = tokens.shape[0]
+        if self.pyramid_layout == torch.channels_last:
+            return tokens.reshape(b, h, w, -1).clone(memory_format=torch.contiguous_format).permute(0, 3, 1, 2)
+        return tokens.transpose(1, 2).reshape(b, -1, h, w).contiguous()
+
     def forward(self, x: torch.Tensor) -> ImageFeatures:
         x, h, w = self.embed(x)
         b = x.shape[0]
@@ -87,7 +101,7 @@ class CLIPViTBackbone(nn.Module):
         for i, block in enumerate(self.transformer.resblocks):
             x = block(x)
             if i in self.out_indices:
-                maps.append(x[:, 1:].transpose(1, 2).reshape(b, -1, h, w).contiguous())
+                maps.append(self._token_map(x[:, 1:], h, w))
         levels = [fpn(m) for fpn, m in zip((self.fpn1, self.fpn2, self.fpn3, self.fpn4), maps)]
         x = self.ln_post(x) @ self.proj
         global_feat = x[:, 0]
