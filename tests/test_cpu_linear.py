@@ -4,6 +4,7 @@ own copy of the model."""
 
 from __future__ import annotations
 
+import copy
 import platform
 import warnings
 
@@ -180,10 +181,14 @@ def test_every_linear_layer_is_rewritten_over_the_same_parameters(model):
     assert any(isinstance(m, OneDNNLinear) for m in rewritten.text_encoder.modules())
     attentions = [m for m in rewritten.modules() if isinstance(m, MultiheadSelfAttention)]
     assert attentions and all(m.linear is onednn_linear for m in attentions)
-    # the same parameters under the same names: nothing copied, the state dict as without the rewrite
+    # the same parameters under the same names: nothing copied, the state dict as without the rewrite, but for the
+    # MLPs whose QuickGELU became oneDNN's SiLU post-op (fuse_quick_gelu): c_fc times 1.702, c_proj's weight divided
     plain = prepare_for_inference(model, torch.device("cpu"), torch.float32).state_dict()
     state = rewritten.state_dict()
-    assert state.keys() == plain.keys() and all(torch.equal(state[k], plain[k]) for k in plain)
+    assert state.keys() == plain.keys()
+    scaled = {k: plain[k] * 1.702 for k in plain if ".mlp.c_fc." in k}
+    scaled |= {k: plain[k] / 1.702 for k in plain if k.endswith(".mlp.c_proj.weight")}
+    assert scaled and all(torch.equal(state[k], scaled.get(k, plain[k])) for k in plain)
 
 
 @needs_onednn
@@ -247,3 +252,64 @@ def test_usable_is_false_without_onednn(monkeypatch):
         onednn_linear_usable.cache_clear()
         monkeypatch.undo()
     assert onednn_linear_usable() is True
+
+
+needs_swish = pytest.mark.skipif(not cpu_linear.onednn_swish_usable(), reason="no usable oneDNN swish post-op")
+
+
+@needs_swish
+@pytest.mark.parametrize("rows", [1, 7, 300])
+def test_a_fused_quick_gelu_mlp_computes_the_same_through_onednn_and_without(rows):
+    """fuse_quick_gelu: c_fc' = 1.702 c_fc with SiLU, c_proj / 1.702 equals the MLP with QuickGELU, through oneDNN
+    (no gradients) and through F.silu(F.linear) (an input that needs gradients), which gives them."""
+    from denseclip_fast.model.layers import ResidualAttentionBlock
+
+    torch.manual_seed(0)
+    block = ResidualAttentionBlock(64, 4).eval()
+    for p in block.parameters():
+        p.data.normal_(0, 0.2)
+    fused = copy.deepcopy(block)
+    assert use_onednn_linears(fused) == 4 and cpu_linear.fuse_quick_gelu(fused) == 1  # in, out, c_fc, c_proj
+    assert type(fused.mlp.c_fc) is cpu_linear.OneDNNLinearSiLU and type(fused.mlp.gelu) is nn.Identity
+    assert cpu_linear.fuse_quick_gelu(fused) == 0  # done once
+    x = torch.randn(2, rows, 64)
+    with torch.no_grad():
+        expected = block.mlp(x)
+        assert "mkldnn::_linear_pointwise" in _ops_run(lambda: fused.mlp(x))
+        assert rel_err(fused.mlp(x), expected) < 1e-6
+    xg = x.clone().requires_grad_()
+    out = fused.mlp(xg)
+    assert rel_err(out, expected) < 1e-6
+    out.sum().backward()
+    xr = x.clone().requires_grad_()
+    block.mlp(xr).sum().backward()
+    assert rel_err(xg.grad, xr.grad) < 1e-5
+
+
+@needs_swish
+def test_quick_gelu_is_fused_only_where_the_linears_take_onednn(model, monkeypatch):
+    """A float32 engine fuses every QuickGELU MLP; a bfloat16 one the text encoder's alone (its image path keeps
+    F.linear); GELU MLPs and a PyTorch without the post-op are left alone."""
+    count = sum(type(m) is cpu_linear.QuickGELU for m in model.modules())
+    for dtype, fused in ((torch.float32, count), (torch.bfloat16, len(model.text_encoder.transformer.resblocks))):
+        seg = Segmenter(model, device="cpu", dtype=dtype)
+        assert sum(type(m) is cpu_linear.OneDNNLinearSiLU for m in seg.model.modules()) == fused, dtype
+    monkeypatch.setattr(cpu_linear, "onednn_swish_usable", lambda: False)
+    seg = Segmenter(model, device="cpu", dtype=torch.float32)
+    assert not any(type(m) is cpu_linear.OneDNNLinearSiLU for m in seg.model.modules())
+    gelu = copy.deepcopy(seg.model)
+    for m in gelu.modules():
+        if isinstance(m, nn.Sequential) and hasattr(m, "gelu"):
+            m.gelu = nn.GELU()
+    monkeypatch.undo()
+    assert cpu_linear.fuse_quick_gelu(gelu) == 0
+
+
+def test_the_swish_probe_says_no_without_a_usable_linear(monkeypatch):
+    cpu_linear.onednn_swish_usable.cache_clear()
+    try:
+        monkeypatch.setattr(cpu_linear, "onednn_linear_usable", lambda: False)
+        assert cpu_linear.onednn_swish_usable() is False
+    finally:
+        cpu_linear.onednn_swish_usable.cache_clear()
+

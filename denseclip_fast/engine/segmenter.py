@@ -43,7 +43,7 @@ from ..preprocess import normalize, resize_keep_ratio
 from ..validation import as_int, check_bool, check_device, given_dtype
 from ..visualize import default_palette
 from ..visualize import overlay as blend
-from .cpu_linear import use_onednn_linears
+from .cpu_linear import fuse_quick_gelu, use_onednn_linears
 from .graphs import GraphCache
 from .inputs import ImageBatch, as_batch, stacked_for
 from .rewrite import channels_last_pyramid, prepare_for_inference
@@ -294,6 +294,7 @@ class Segmenter:
         self.model = prepare_for_inference(model, self.device, self.dtype)
         if self.device.type == "cpu":  # float32 layers through oneDNN (cpu_linear.py), the text encoder's always
             use_onednn_linears(self.model)
+            fuse_quick_gelu(self.model)  # those layers' QuickGELU as oneDNN's SiLU post-op
             channels_last_pyramid(self.model)
         self._text = self._embed(self.model.class_names)  # the buffer the graphs read; refreshed in place
         self._vocabularies: OrderedDict[tuple[str, ...], torch.Tensor] = OrderedDict()
