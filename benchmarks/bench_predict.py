@@ -71,8 +71,9 @@ def table(env: dict, rows: list[dict]) -> str:
         "",
         f"{env['device']} ({env['threads']} CPU threads); {versions}; commit {env['commit']}; host memory "
         f"{env.get('host_memory', 'glibc default')}. Random weights, 150 "
-        "classes, batch 1; uint8 images through the official test pipeline (ade: 683x512, left as it "
-        "is by the test scale; photo: 2048x1536) or a normalised float batch (float: 512x512). Medians (min) in ms; "
+        "classes, batch 1; uint8 images through the official test pipeline (ade: 683x512, which the ResNets' test "
+        "scale (2048, 512) leaves as it is and ViT-B/16's (2048, 640) resizes to 854x640; photo: 2048x1536) or a "
+        "normalised float batch (float: 512x512). Medians (min) in ms; "
         "predict's labels equal the logits' argmax in every round. RSS: the process's resident memory after the "
         "row, and its peak so far (GiB).",
         "",

@@ -4,6 +4,7 @@ errors, the BatchNorm folding and the CUDA-graph cache logic (with the capture i
 from __future__ import annotations
 
 import copy
+import io
 import pickle
 import re
 import threading
@@ -19,7 +20,7 @@ from PIL import Image
 import denseclip_fast as dcf
 from denseclip_fast import DenseCLIP, Segmenter
 from denseclip_fast.engine import GraphCache, fold_batchnorm
-from denseclip_fast.engine.cpu_linear import use_onednn_linears
+from denseclip_fast.engine.cpu_linear import fuse_quick_gelu, use_onednn_linears
 from denseclip_fast.engine.segmenter import MAX_VOCABULARIES
 from denseclip_fast.preprocess import keep_ratio_size, load_image, normalize
 from denseclip_fast.visualize import default_palette
@@ -105,12 +106,14 @@ def test_a_half_precision_model_gets_float32_class_embeddings(model):
     """The engine works in float32 before it casts, whatever the model's dtype: from a bfloat16 model the text
     encoder and contexts stayed bfloat16 (0.65% off the embeddings, 0.1% off the logits of a float32 engine) and
     BatchNorm was folded into bfloat16 weights (rounded twice). The embeddings now equal a float32 model's with the
-    same (bfloat16-rounded) weights and its linear layers through oneDNN as the CPU engine's (the same sums), a
+    same (bfloat16-rounded) weights and its linear layers (and QuickGELUs) through oneDNN as the CPU engine's (the same
+    sums), a
     float32 engine's logits are close to the float32 model's; the image path runs in the engine's dtype."""
     half = copy.deepcopy(model).bfloat16()
     rounded = copy.deepcopy(half).float()
     same_math = copy.deepcopy(rounded)  # its linear layers through oneDNN, as the CPU engine's: the same sums
     use_onednn_linears(same_math)
+    fuse_quick_gelu(same_math)  # and its MLPs' QuickGELU as their post-op
     x = torch.randn(1, 3, 64, 64)
     for dtype in (torch.float32, torch.bfloat16):
         seg = _engine(half, dtype=dtype, mode="whole")
@@ -681,16 +684,20 @@ def test_the_cpu_engines_vit_pyramid_takes_channels_last_maps_and_the_model_keep
         whole, slide = model(x), model.slide_inference(x, crop=64, stride=40)
     for mode, expected in (("whole", whole), ("slide", slide)):
         seg = _engine(model, mode=mode)
-        assert seg.model.backbone.pyramid_layout == torch.channels_last
+        assert seg.model.backbone.pyramid_channels_last is True
         assert rel_err(seg.logits(x), expected) < 1e-6
-    assert model.backbone.pyramid_layout == torch.contiguous_format
+    assert model.backbone.pyramid_channels_last is False
+    buffer = io.BytesIO()  # the engine's model saves with torch.save (a memory format would not)
+    torch.save(seg.model, buffer)
+    buffer.seek(0)
+    assert torch.load(buffer, weights_only=False).backbone.pyramid_channels_last is True
     with torch.no_grad():
         levels = seg.model.backbone(x.contiguous(memory_format=torch.channels_last)).levels
         official = model.backbone(x).levels
     assert all(level.is_contiguous(memory_format=torch.channels_last) for level in levels)
     assert all(level.is_contiguous() for level in official)
     resnet = _engine(randomized(DenseCLIP(tiny_config("resnet"), NAMES)).eval())
-    assert not hasattr(resnet.model.backbone, "pyramid_layout")
+    assert not hasattr(resnet.model.backbone, "pyramid_channels_last")
 
 
 @pytest.mark.parametrize("groups", [1, 2, 4])

@@ -97,8 +97,8 @@ def channels_last_pyramid(model: DenseCLIP) -> bool:
     NCHW ones (in place; returns whether ``model`` has a ViT backbone): a copy of the tokens either way, and
     oneDNN's channels_last ConvTranspose2d took half the time of its NCHW one on 2 CPU threads. For the CPU engine
     (Segmenter), where it is measured: benchmarks/results/predict_vit_cpu_2threads_amx.md against
-    predict_vit_cpu_2threads_amx_before_5b29c29.md (ViT-B/16 logits in 0.72-0.90x the time)."""
+    predict_vit_cpu_2threads_amx_before_5b29c29.md (ViT-B/16 logits in 0.72-0.91x the time)."""
     if not isinstance(model.backbone, CLIPViTBackbone):
         return False
-    model.backbone.pyramid_layout = torch.channels_last
+    model.backbone.pyramid_channels_last = True
     return True

@@ -37,11 +37,12 @@ def _pyramid(width: int) -> tuple[nn.Module, nn.Module, nn.Module, nn.Module]:
 
 class CLIPViTBackbone(nn.Module):
     """CLIP ViT trunk + pyramid adapters + dense projection; ``forward`` returns :class:`ImageFeatures`.
-    ``activation``: of the blocks' MLPs (see layers.clip_activation). ``pyramid_layout``: the memory layout of the
-    token maps the pyramid adapters take, NCHW as the official code's; the CPU engine's copy takes channels_last
-    (engine.rewrite.channels_last_pyramid), the same values in another order."""
+    ``activation``: of the blocks' MLPs (see layers.clip_activation). ``pyramid_channels_last``: the token maps the
+    pyramid adapters take are channels_last instead of NCHW (the official code's); the CPU engine's copy sets it
+    (engine.rewrite.channels_last_pyramid), the same values in another order. A bool: torch.save cannot write a
+    memory format."""
 
-    pyramid_layout: torch.memory_format = torch.contiguous_format
+    pyramid_channels_last: bool = False
 
     def __init__(self, cfg: VisionConfig, output_dim: int, activation: str = "quick_gelu") -> None:
         super().__init__()
@@ -85,12 +86,13 @@ class CLIPViTBackbone(nn.Module):
         return self.ln_pre(x + pos), h, w
 
     def _token_map(self, tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        """(B, h*w, D) tokens -> a (B, D, h, w) copy in ``pyramid_layout``. channels_last is made as a contiguous
-        (B, h, w, D) copy, permuted: its strides are then those of a channels_last tensor in every dimension, where
-        ``.contiguous(memory_format=torch.channels_last)`` would give back a view at batch 1 whose batch stride
-        (free for a dimension of size 1) can make GroupNorm and ConvTranspose2d take it, and return it, as NCHW."""
+        """(B, h*w, D) tokens -> a (B, D, h, w) copy, NCHW or channels_last (``pyramid_channels_last``). channels_last
+        is made as a contiguous (B, h, w, D) copy, permuted: its strides are then those of a channels_last tensor in
+        every dimension, where ``.contiguous(memory_format=torch.channels_last)`` would give back a view at batch 1
+        whose batch stride (free for a dimension of size 1) can make GroupNorm and ConvTranspose2d take it, and return
+        it, as NCHW."""
         b = tokens.shape[0]
-        if self.pyramid_layout == torch.channels_last:
+        if self.pyramid_channels_last:
             return tokens.reshape(b, h, w, -1).clone(memory_format=torch.contiguous_format).permute(0, 3, 1, 2)
         return tokens.transpose(1, 2).reshape(b, -1, h, w).contiguous()
 
