@@ -162,7 +162,9 @@ def fuse_quick_gelu(model: nn.Module) -> int:
     between them, rewritten in place as c_fc' = 1.702 c_fc with oneDNN's SiLU post-op, and c_proj' = c_proj / 1.702
     (QuickGELU(y) = SiLU(1.702 y) / 1.702, the division folded into c_proj's weight): one pass over the 4x-wide
     activations instead of three (the sigmoid, two products). The same function (the scaled weights are rounded
-    once: about 1e-7 relative); for the Segmenter's private copy only (its parameters change). Returns how many MLPs
+    once: about 1e-7 relative); for the Segmenter's private copy only (its parameters change). ViT-B/16 float32
+    logits on 2 CPU threads: 0.90x the time at 854x640, 0.98x at 512x512
+    (benchmarks/results/predict_vit_cpu_2threads_amx_fp32.md against its _before_23a465b). Returns how many MLPs
     were rewritten; none where oneDNN's swish post-op is not usable."""
     if not onednn_swish_usable():
         return 0
