@@ -672,6 +672,22 @@ def test_batchnorm_folding_keeps_the_function():
         fold_batchnorm(folded.train())
 
 
+def test_a_folded_model_is_not_saved_as_a_checkpoint(tmp_path):
+    """A Segmenter's model (BatchNorms folded away) would save a file load_checkpoint cannot read back (missing
+    keys): save refuses it, saying what to save instead; the model the Segmenter was built from saves and loads;
+    a module folding found nothing in is not marked."""
+    model = randomized(DenseCLIP(tiny_config("resnet"), NAMES)).eval()
+    seg = _engine(model)
+    with pytest.raises(ValueError, match=r"BatchNorms are folded .* save the model the Segmenter was built from"):
+        seg.model.save(tmp_path / "engine.safetensors")
+    assert not (tmp_path / "engine.safetensors").exists()
+    model.save(tmp_path / "model.safetensors")
+    loaded = dcf.load_checkpoint(tmp_path / "model.safetensors")
+    assert rel_err(_engine(loaded).logits(x := torch.randn(1, 3, 64, 64)), seg.logits(x)) == 0
+    plain = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1))
+    assert fold_batchnorm(plain) == 0 and not hasattr(plain, "_batchnorm_folded")
+
+
 @pytest.mark.parametrize("batch", [1, 2])
 def test_the_cpu_engines_vit_pyramid_takes_channels_last_maps_and_the_model_keeps_nchw(batch):
     """channels_last_pyramid: the CPU engine's ViT pyramid adapters get channels_last token maps (and give

@@ -45,7 +45,9 @@ def fold_bn_into(conv: nn.Conv2d | nn.ConvTranspose2d, bn: nn.BatchNorm2d) -> No
 
 
 def fold_batchnorm(model: nn.Module) -> int:
-    """Fold every conv-BN pair of a DenseCLIP model (in place); returns how many were folded."""
+    """Fold every conv-BN pair of a DenseCLIP model (in place); returns how many were folded. A model with folded
+    pairs is marked (``_batchnorm_folded``): its state dict lacks the BatchNorms a checkpoint has, so DenseCLIP.save
+    refuses it."""
     folded = 0
     for module in model.modules():
         pairs: list[tuple[nn.Module, str, str]] = []
@@ -71,6 +73,8 @@ def fold_batchnorm(model: nn.Module) -> int:
             fold_bn_into(conv, bn)
             setattr(owner, bn_name, None if isinstance(owner, ConvModule) else nn.Identity())
             folded += 1
+    if folded:
+        setattr(model, "_batchnorm_folded", True)  # a plain attribute (nn.Module's typing takes no bool)
     return folded
 
 

@@ -387,9 +387,15 @@ class DenseCLIP(nn.Module):
     # ------------------------------------------------------------------ utilities
 
     def save(self, path: str | PathLike[str]) -> None:
-        """Write the model in denseclip_fast's format: safetensors tensors + the JSON config and class names."""
+        """Write the model in denseclip_fast's format: safetensors tensors + the JSON config and class names. A model
+        whose BatchNorms were folded into its convolutions (engine.fold_batchnorm: a Segmenter's ``model``, an
+        inference copy) is refused with a ValueError: load_checkpoint could not read it back."""
         from ..checkpoints.native import save_native
 
+        if any(getattr(m, "_batchnorm_folded", False) for m in self.modules()):
+            raise ValueError("this model's BatchNorms are folded into its convolutions (a Segmenter's inference "
+                             "copy, or engine.fold_batchnorm): a checkpoint needs them; save the model the "
+                             "Segmenter was built from")  # fmt: skip
         save_native(self, path)
 
     def parameter_counts(self) -> dict[str, int]:
