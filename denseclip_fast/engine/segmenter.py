@@ -19,6 +19,10 @@ batch as one forward.
 
 Threads: every public method takes one lock, so a Segmenter may be shared by threads, which then take turns; for
 parallel inference give each thread (or GPU) its own Segmenter.
+
+On a CPU, each call allocates its large tensors afresh and glibc page-faults them in again every time: a program
+calling the engine over and over may keep freed memory for reuse (host_memory.retain_freed_memory, process-wide,
+with limits said there), as ``denseclip-fast segment`` does.
 """
 
 from __future__ import annotations
