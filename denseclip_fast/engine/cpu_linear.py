@@ -25,6 +25,7 @@ exporters' graphs.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -39,18 +40,35 @@ def _operator() -> Any:
     return torch.ops.mkldnn._linear_pointwise
 
 
+# oneDNN's post-ops the engine uses, each with what computes it after F.linear where oneDNN is not taken
+POST_OPS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"none": lambda y: y, "swish": F.silu}
+
+
+def _agrees(post_op: str) -> bool:
+    """Whether oneDNN's linear with ``post_op`` equals F.linear and POST_OPS[post_op] on a small case (float32 CPU
+    tensors whatever the default dtype and device); raises what a missing or changed operator raises."""
+    x, w, b = (torch.linspace(-3, 3, n, dtype=torch.float32, device="cpu") for n in (15, 20, 4))
+    x, w = x.view(3, 5), w.view(4, 5)
+    y = _operator()(x, w, b, post_op, [], "")
+    return bool(y.shape == (3, 4) and torch.allclose(y, POST_OPS[post_op](F.linear(x, w, b)), rtol=1e-5, atol=1e-6))
+
+
 @functools.cache
 def onednn_linear_usable() -> bool:
-    """Whether this PyTorch has oneDNN's linear operator and it agrees with F.linear on a small case (probed once,
-    on float32 CPU tensors whatever the default dtype and device)."""
+    """Whether this PyTorch has oneDNN's linear operator and it agrees with F.linear on a small case (probed once)."""
     try:
-        if not torch.backends.mkldnn.is_available():
-            return False
-        x, w, b = (torch.linspace(-1, 1, n, dtype=torch.float32, device="cpu") for n in (15, 20, 4))
-        x, w = x.view(3, 5), w.view(4, 5)
-        y = _operator()(x, w, b, "none", [], "")
-        return bool(y.shape == (3, 4) and torch.allclose(y, F.linear(x, w, b), rtol=1e-5, atol=1e-6))
+        return torch.backends.mkldnn.is_available() and _agrees("none")
     except Exception:  # an operator missing, renamed or with another signature: the BLAS path stays
+        return False
+
+
+@functools.cache
+def onednn_swish_usable() -> bool:
+    """Whether oneDNN's linear operator also takes the "swish" post-op (SiLU) and agrees with F.silu(F.linear) on a
+    small case (probed once)."""
+    try:
+        return onednn_linear_usable() and _agrees("swish")
+    except Exception:  # no such post-op in this PyTorch's oneDNN binding
         return False
 
 
@@ -76,26 +94,34 @@ def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     """``F.linear(x, weight, bias)`` (x (..., in), weight (out, in), bias (out,)), through oneDNN for plain CPU
     float32 tensors that need no gradient, nothing recording the call, and oneDNN enabled
     (``torch.backends.mkldnn.flags(enabled=False)`` turns it off); F.linear otherwise."""
+    return _linear(x, weight, bias, "none")
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, post_op: str) -> torch.Tensor:
+    """:func:`onednn_linear` followed by ``post_op`` (POST_OPS: "none", or "swish", SiLU): oneDNN's post-op, or
+    POST_OPS[post_op] after F.linear where oneDNN is not taken."""
     if not _takes_onednn(x, weight, bias):
-        return F.linear(x, weight, bias)
-    return _operator()(x.contiguous(), weight, bias, "none", [], "")
+        return POST_OPS[post_op](F.linear(x, weight, bias))
+    return _operator()(x.contiguous(), weight, bias, post_op, [], "")
 
 
 class OneDNNLinear(nn.Module):
     """An ``nn.Linear``'s parameters (the same tensors: nothing is copied, the state dict keeps its keys) computed
-    with :func:`onednn_linear`."""
+    with :func:`onednn_linear`, followed by ``post_op`` ("none"; fuse_quick_gelu sets "swish")."""
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight
         self.bias = linear.bias
+        self.post_op = "none"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return onednn_linear(x, self.weight, self.bias)
+        return _linear(x, self.weight, self.bias, self.post_op)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        text = f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        return text if self.post_op == "none" else f"{text}, post_op={self.post_op}"
 
 
 def use_onednn_linears(model: DenseCLIP) -> int:
@@ -122,44 +148,11 @@ def use_onednn_linears(model: DenseCLIP) -> int:
 QUICK_GELU_SCALE = 1.702  # QuickGELU(y) = y * sigmoid(1.702 y) = silu(1.702 y) / 1.702
 
 
-@functools.cache
-def onednn_swish_usable() -> bool:
-    """Whether oneDNN's linear operator takes the "swish" post-op (SiLU) and agrees with F.silu(F.linear) on a
-    small case (probed once, as onednn_linear_usable)."""
-    if not onednn_linear_usable():
-        return False
-    try:
-        x, w, b = (torch.linspace(-3, 3, n, dtype=torch.float32, device="cpu") for n in (15, 20, 4))
-        x, w = x.view(3, 5), w.view(4, 5)
-        y = _operator()(x, w, b, "swish", [], "")
-        return bool(y.shape == (3, 4) and torch.allclose(y, F.silu(F.linear(x, w, b)), rtol=1e-5, atol=1e-6))
-    except Exception:  # no such post-op in this PyTorch's oneDNN binding
-        return False
-
-
-class OneDNNLinearSiLU(nn.Module):
-    """SiLU(linear(x)) in one oneDNN call (its "swish" post-op) where :func:`onednn_linear` would take oneDNN;
-    ``F.silu(F.linear(...))`` otherwise (gradients, tracing, other tensors)."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-        super().__init__()
-        self.out_features, self.in_features = weight.shape
-        self.weight = nn.Parameter(weight, requires_grad=False)
-        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _takes_onednn(x, self.weight, self.bias):
-            return _operator()(x.contiguous(), self.weight, self.bias, "swish", [], "")
-        return F.silu(F.linear(x, self.weight, self.bias))
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
-
-
 @torch.no_grad()
 def fuse_quick_gelu(model: nn.Module) -> int:
     """Each CLIP MLP of ``model`` whose layers run through oneDNN (:func:`use_onednn_linears`) with QuickGELU
-    between them, rewritten in place as c_fc' = 1.702 c_fc with oneDNN's SiLU post-op, and c_proj' = c_proj / 1.702
+    between them, rewritten in place as c_fc' = 1.702 c_fc with oneDNN's SiLU post-op ("swish"; F.silu where the
+    call does not take oneDNN: gradients, tracing), and c_proj' = c_proj / 1.702
     (QuickGELU(y) = SiLU(1.702 y) / 1.702, the division folded into c_proj's weight): one pass over the 4x-wide
     activations instead of three (the sigmoid, two products). The same function (the scaled weights are rounded
     once: about 1e-7 relative); for the Segmenter's private copy only (its parameters change). ViT-B/16 float32
@@ -175,8 +168,10 @@ def fuse_quick_gelu(model: nn.Module) -> int:
         c_fc, gelu, c_proj = module.c_fc, module.gelu, module.c_proj
         if not (type(gelu) is QuickGELU and type(c_fc) is OneDNNLinear and type(c_proj) is OneDNNLinear):
             continue
-        bias = None if c_fc.bias is None else c_fc.bias * QUICK_GELU_SCALE
-        module.c_fc = OneDNNLinearSiLU(c_fc.weight * QUICK_GELU_SCALE, bias)
+        c_fc.weight.mul_(QUICK_GELU_SCALE)
+        if c_fc.bias is not None:
+            c_fc.bias.mul_(QUICK_GELU_SCALE)
+        c_fc.post_op = "swish"
         module.gelu = nn.Identity()
         c_proj.weight.div_(QUICK_GELU_SCALE)
         fused += 1
