@@ -7,8 +7,10 @@ What ``Segmenter.predict`` does after the network: the (B, K, h, w) scores resiz
 size and their argmax over the K classes (denseclip_fast.engine.segmenter.labels). Contestants, on the same random
 scores: ``argmax``, ``resized(scores, size).argmax(dim=1)`` (what labels equals, and what it computed whenever the
 full-size scores fitted its 256 MiB chunk); ``chunks_fresh``, labels before commit 3b78993 (chunks of at most
-256 MiB, each resized into new memory, the best so far kept in new tensors); ``labels``, the engine's now (chunks
-resized into one buffer, 16 MiB ones on a CPU, the best kept in place). Shapes: a 512x512 image (scores 128x128,
+256 MiB, each resized into new memory, the best so far kept in new tensors); ``unfused``, labels before the fused
+kernel (as of af29102: chunks resized into one buffer, 16 MiB ones on a CPU, the best kept in place); ``labels``, the
+engine's now (on a CPU, the resize and the argmax in one pass of the extension's kernel: engine/cpu_labels.py; on a
+GPU as unfused). Shapes: a 512x512 image (scores 128x128,
 the stride-4 output of a 512x512 input) and a 2048x1536 photo, its scores (171x128, as of the 683x512 input the
 test scale fits it to) resized straight to its size: the second of predict's two resizes, the first left out
 (bench_predict.py times the whole way). K 150. Every contestant's labels must equal argmax's; the contestants take
@@ -62,8 +64,13 @@ def chunks_fresh(scores: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return index
 
 
+def unfused(scores: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """labels as of af29102, before the fused kernel: chunks resized into reused buffers, then their max."""
+    return labels(scores, size, fused=False)
+
+
 CONTESTANTS: dict[str, Callable[[torch.Tensor, tuple[int, int]], torch.Tensor]] = {
-    "argmax": argmax, "chunks_fresh": chunks_fresh, "labels": labels,
+    "argmax": argmax, "chunks_fresh": chunks_fresh, "unfused": unfused, "labels": labels,
 }  # fmt: skip
 
 
@@ -89,15 +96,17 @@ def table(env: dict, rows: list[dict]) -> str:
         "",
         f"{env['device']} ({env['threads']} CPU threads); {versions}; commit {env['commit']}. Random scores, bilinear "
         "resize to the size, argmax over the classes; every contestant's labels equal argmax's. argmax: "
-        "resized().argmax; chunks_fresh: labels before 3b78993; labels: the engine's now. Medians (min) in ms.",
+        "resized().argmax; chunks_fresh: labels before 3b78993; unfused: labels before the fused kernel (resized "
+        "chunks in reused buffers, then their max); labels: the engine's now (on a CPU the resize and the argmax in "
+        "one pass, engine/cpu_labels.py). Medians (min) in ms.",
         "",
-        "| case | scores | size | argmax | chunks_fresh | labels | chunks_fresh / labels |",
-        "|---|---|---|---|---|---|---|",
+        "| case | scores | size | argmax | chunks_fresh | unfused | labels | unfused / labels |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         cells = turn_cells(r, list(CONTESTANTS))
         lines.append(f"| {r['case']} | {'x'.join(map(str, r['scores']))} | {r['size'][0]}x{r['size'][1]} | {cells} | "
-                     f"{r['chunks_fresh_median_ms'] / r['labels_median_ms']:.2f}x |")  # fmt: skip
+                     f"{r['unfused_median_ms'] / r['labels_median_ms']:.2f}x |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

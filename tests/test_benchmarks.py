@@ -546,7 +546,9 @@ def test_label_benchmark_times_each_contestant_and_checks_their_labels(tmp_path,
     from benchmarks import bench_labels
     from denseclip_fast.engine import segmenter
 
-    monkeypatch.setattr(bench_labels, "CASES", {"small": ((9, 11), (37, 45)), "wide": ((5, 17), (20, 70))})
+    # "fused": a size whose sides add up past cpu_labels.MIN_SIDES, which labels resizes and reduces in one pass
+    cases = {"small": ((9, 11), (37, 45)), "wide": ((5, 17), (20, 70)), "fused": ((6, 7), (140, 130))}
+    monkeypatch.setattr(bench_labels, "CASES", cases)
     monkeypatch.setattr(bench_labels, "CHUNK_BEFORE", 3 * 37 * 45)
     monkeypatch.setattr(segmenter, "LABEL_CACHED", 4 * 37 * 45)
     monkeypatch.setattr(segmenter, "LABEL_CLASSES", 2)
@@ -554,7 +556,7 @@ def test_label_benchmark_times_each_contestant_and_checks_their_labels(tmp_path,
     assert bench_labels.main(args) == 0
     rows = json.loads((tmp_path / "labels_t.json").read_text())["rows"]
     assert [(r["case"], r["scores"], r["size"]) for r in rows] == [
-        ("small", [1, 10, 9, 11], [37, 45]), ("wide", [1, 10, 5, 17], [20, 70])
+        ("small", [1, 10, 9, 11], [37, 45]), ("wide", [1, 10, 5, 17], [20, 70]), ("fused", [1, 10, 6, 7], [140, 130])
     ]  # fmt: skip
     assert all(r[f"{n}_median_ms"] > 0 for r in rows for n in bench_labels.CONTESTANTS)
     assert "| small | 1x10x9x11 | 37x45 |" in (tmp_path / "labels_t.md").read_text()

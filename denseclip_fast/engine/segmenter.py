@@ -47,6 +47,7 @@ from ..preprocess import normalize, resize_keep_ratio
 from ..validation import as_int, check_bool, check_device, given_dtype
 from ..visualize import default_palette
 from ..visualize import overlay as blend
+from . import cpu_labels
 from .cpu_linear import fuse_quick_gelu, use_onednn_linears
 from .graphs import GraphCache
 from .inputs import ImageBatch, as_batch, stacked_for
@@ -137,7 +138,7 @@ def label_step(batch: int, classes: int, size: Size, cpu: bool = True) -> int:
     return max(1, min(classes, step, LABEL_CHUNK // plane))
 
 
-def labels(scores: torch.Tensor, *sizes: Size) -> torch.Tensor:
+def labels(scores: torch.Tensor, *sizes: Size, fused: bool = True) -> torch.Tensor:
     """``resized_through(scores, *sizes).argmax(dim=1)`` (int64 (N, H, W)), equal to it pixel for pixel (the first
     class of a tie; a NaN wins, as in argmax): a chunk of classes (label_step) at a time is copied to float32 NCHW
     (unless it is so already) and goes through the resizes, each step into a buffer of its own reused by every
@@ -147,14 +148,21 @@ def labels(scores: torch.Tensor, *sizes: Size) -> torch.Tensor:
     buffer is made only for scores it cannot skip. The per-pixel bookkeeping (best value and class, the chunk's,
     two masks: 26 bytes a pixel) comes on top. Exact because resized treats each class plane alike whatever the
     chunk. Through ATen's max over the classes, which took half the time of its argmax (with the same ties and
-    NaNs)."""
+    NaNs).
+
+    On a CPU the last resize and the argmax are one pass of the extension's kernel (cpu_labels; ``fused``: where it
+    applies), the same values bit for bit, so that no plane at the last size is written: its chunks go through the
+    resizes before the last one only."""
     if not sizes:
         return resized(scores, None).max(dim=1).indices
     n, k, height, width = scores.shape
     sizes = tuple((int(h), int(w)) for h, w in sizes)
     cpu = scores.device.type == "cpu"
+    last = sizes[-1]
+    fuse = fused and cpu and cpu_labels.fused_labels_apply(*last)
+    through = sizes[:-1] if fuse else sizes  # the resizes a chunk goes through in memory
     # each resize's (from, to); one to the same size, which a CPU skips unless not all are finite, not counted
-    plane = height * width + sum(h * w for before, (h, w) in zip(((height, width), *sizes[:-1]), sizes)
+    plane = height * width + sum(h * w for before, (h, w) in zip(((height, width), *through[:-1]), through)
                                  if not (cpu and before == (h, w)))  # fmt: skip
     step = label_step(n, k, (1, plane), cpu)
     buffers: dict[int, torch.Tensor] = {}  # per resize (-1: the float32 copy), made when a chunk first needs it
@@ -169,11 +177,17 @@ def labels(scores: torch.Tensor, *sizes: Size) -> torch.Tensor:
         part = scores[:, first : first + step]
         if part.dtype != torch.float32 or not part.is_contiguous():  # what resized would copy, into a buffer
             part = into(-1, height, width, part.shape[0] * part.shape[1]).view(part.shape).copy_(part)
-        for j, (h, w) in enumerate(sizes):
+        for j, (h, w) in enumerate(through):
             if not unchanged_by_resize(part, (h, w)):
                 part = resized(part, (h, w), into(j, h, w, part.shape[0] * part.shape[1]))
         return part
 
+    if fuse:
+        best = torch.full((n, *last), float("-inf"), dtype=torch.float32)
+        index = torch.zeros((n, *last), dtype=torch.int64)
+        for first in range(0, k, step):
+            cpu_labels.resize_argmax_(chunk(first), *last, best, index, first)
+        return index
     best, index = chunk(0).max(dim=1)
     if step >= k:
         return index

@@ -1,0 +1,178 @@
+"""predict's fused resize and argmax on a CPU (csrc/cpu/labels.cpp, denseclip_fast.engine.cpu_labels): the resize
+bit for bit ATen's, the argmax torch's (ties, NaNs), labels() equal to the argmax of the resized scores whichever way
+it takes, and the fallback where the kernel is missing or rounds otherwise."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from denseclip_fast.engine import cpu_labels, segmenter
+
+# (N, K, h, w) -> (H, W), all with H + W above cpu_labels.MIN_SIDES: upsampled by fractions, by an integer,
+# downsampled, mixed, one axis unchanged, a single source row or column, a single output column
+SHAPES = [
+    ((1, 3, 128, 171), (512, 683)),
+    ((2, 5, 37, 53), (101, 211)),
+    ((1, 4, 300, 301), (256, 149)),
+    ((1, 2, 128, 128), (128, 512)),
+    ((3, 2, 1, 7), (97, 160)),
+    ((1, 3, 9, 1), (300, 1)),
+    ((1, 2, 64, 640), (200, 77)),
+    ((1, 1, 257, 130), (129, 130)),
+]
+
+
+def aten(scores: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    n, k, h, w = scores.shape
+    return F.interpolate(scores.reshape(n * k, 1, h, w), size=size, mode="bilinear", align_corners=False).view(
+        n, k, *size
+    )
+
+
+def kernel_labels(scores: torch.Tensor, size: tuple[int, int], step: int | None = None) -> tuple[torch.Tensor, ...]:
+    n, k = scores.shape[:2]
+    best = torch.full((n, *size), float("-inf"))
+    index = torch.zeros((n, *size), dtype=torch.int64)
+    step = step or k
+    for first in range(0, k, step):
+        cpu_labels.resize_argmax_(scores[:, first : first + step].contiguous(), *size, best, index, first)
+    return best, index
+
+
+def spiked(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """Random scores with negative zeros, values near the float32 limit, infinities of each sign and NaNs (a row of
+    infinities and a column of NaNs too, which a resize reads in one direction at least)."""
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 8
+    flat = x.view(-1)
+    flat[::13] = -0.0
+    flat[5::17] = 3e38
+    flat[7::19] = -3e38
+    flat[flat.numel() // 2] = float("inf")
+    flat[flat.numel() // 3] = float("-inf")
+    flat[-1] = float("nan")
+    x[0, 0, x.shape[2] // 2, :] = float("inf")
+    x[0, 0, :, x.shape[3] // 2] = float("nan")
+    return x
+
+
+def test_the_probe_passes_with_this_torch():
+    """The engine takes the fused kernel here (this torch's resize rounds as the kernel does); the probe runs once."""
+    assert cpu_labels.fused_labels_usable()
+    assert cpu_labels.fused_labels_apply(129, 128) and not cpu_labels.fused_labels_apply(128, 128)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(("shape", "size"), SHAPES)
+def test_the_kernels_resize_is_atens_bit_for_bit(shape, size, threads):
+    """Every value, non-finite ones and their NaNs included, and the sign of zeros, on 1 and 2 threads."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        scores = spiked(shape, seed=sum(shape) + threads)
+        ours = torch.ops.denseclip_fast_engine.resize_bilinear(scores, *size)
+        theirs = aten(scores, size)
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0, equal_nan=True)
+        assert torch.equal(ours.signbit(), theirs.signbit())
+        assert theirs.isnan().any()  # the spikes reached the output (an infinity times a weight 0: NaN)
+    finally:
+        torch.set_num_threads(saved)
+
+
+@pytest.mark.parametrize(("shape", "size"), SHAPES)
+def test_the_fused_argmax_is_the_argmax_of_the_resize(shape, size):
+    """The running best and class equal max and argmax over the resized classes, in one call and in chunks of
+    classes; ties (a class repeated, later and earlier) keep the first class, a NaN wins (the first NaN)."""
+    n, k, h, w = shape
+    scores = torch.randn(n, k + 3, h, w, generator=torch.Generator().manual_seed(k + h))
+    scores[:, k + 1] = scores[:, 0]  # a tie with the first class
+    scores[:, k + 2] = scores[:, k]
+    scores[0, 1, 0, 0] = scores[0, k + 2, 0, 0] = float("nan")
+    scores[-1, -1, -1, -1] = float("inf")
+    resized = aten(scores, size)
+    expected = resized.max(dim=1)
+    assert torch.equal(expected.indices, resized.argmax(dim=1))
+    for step in (None, 1, 2):
+        best, index = kernel_labels(scores, size, step)
+        assert torch.equal(index, expected.indices), step
+        torch.testing.assert_close(best, expected.values, rtol=0, atol=0, equal_nan=True)
+
+
+def test_all_minus_infinity_gives_the_first_class():
+    scores = torch.full((1, 3, 4, 5), float("-inf"))
+    best, index = kernel_labels(scores, (200, 100))
+    assert (index == 0).all() and torch.equal(index, aten(scores, (200, 100)).argmax(dim=1))
+
+
+@pytest.mark.parametrize(
+    ("sizes", "chunk"),
+    [(((512, 683), (1536, 2048)), None), (((130, 160), (200, 300)), 3), (((40, 50), (300, 301)), 2),
+     (((300, 300),), None), (((90, 100), (60, 70)), None)],
+)  # fmt: skip
+def test_labels_equal_the_argmax_of_the_resized_scores_fused_or_not(sizes, chunk, monkeypatch):
+    """segmenter.labels through the fused kernel (the last size large enough) and through resize-then-argmax give
+    the argmax of resized_through, in one chunk or several, the scores float32 or bfloat16; a last size too small
+    for the kernel takes resize-then-argmax."""
+    calls: list[int] = []
+    fused = cpu_labels.resize_argmax_
+    monkeypatch.setattr(cpu_labels, "resize_argmax_", lambda *a: calls.append(a[-1]) or fused(*a))
+    if chunk is not None:
+        monkeypatch.setattr(segmenter, "label_step", lambda *a, **kw: chunk)
+    generator = torch.Generator().manual_seed(len(sizes))
+    for dtype in (torch.float32, torch.bfloat16):
+        scores = torch.randn(2, 7, 33, 40, generator=generator).to(dtype)
+        scores[:, 5] = scores[:, 1]
+        scores[1, 2, 3, 4] = float("nan")
+        expected = segmenter.resized_through(scores, *sizes).argmax(dim=1)
+        calls.clear()
+        assert torch.equal(segmenter.labels(scores, *sizes), expected), dtype
+        assert calls == ([] if sum(sizes[-1]) <= cpu_labels.MIN_SIDES else list(range(0, 7, chunk or 7)))
+        calls.clear()
+        assert torch.equal(segmenter.labels(scores, *sizes, fused=False), expected) and not calls
+
+
+def test_labels_fall_back_where_the_kernel_is_missing_or_rounds_otherwise(monkeypatch):
+    """Without the extension's operator, or with one whose resize differs from ATen's in one value on the probe,
+    fused_labels_usable is False and labels resize then take the argmax (still the argmax of the resize)."""
+    scores = torch.randn(1, 4, 20, 30, generator=torch.Generator().manual_seed(3))
+    expected = segmenter.resized_through(scores, (200, 300)).argmax(dim=1)
+    used = []
+    monkeypatch.setattr(cpu_labels, "resize_argmax_", lambda *a: used.append(a))
+    for op in (lambda name: None, lambda name: (lambda s, h, w: aten(s, (h, w)).nextafter(torch.tensor(1.0)))):
+        monkeypatch.setattr(cpu_labels, "_op", op)
+        cpu_labels.fused_labels_usable.cache_clear()
+        try:
+            assert not cpu_labels.fused_labels_usable()
+            assert torch.equal(segmenter.labels(scores, (200, 300)), expected) and not used
+        finally:
+            cpu_labels.fused_labels_usable.cache_clear()
+    monkeypatch.setattr(cpu_labels, "_op", lambda name: lambda s, h, w: aten(s, (h, w)))  # an exact stand-in
+    assert cpu_labels.fused_labels_usable()
+    cpu_labels.fused_labels_usable.cache_clear()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ((torch.zeros(1, 2, 3, 4, dtype=torch.float64), 9, 9), "scores must be float32, got Double"),
+        ((torch.zeros(2, 3, 4), 9, 9), r"scores must be \(N, K, h, w\), got shape \[2, 3, 4\]"),
+        ((torch.zeros(1, 2, 3, 4).transpose(2, 3), 9, 9), "scores must be contiguous"),
+        ((torch.zeros(1, 2, 0, 4), 9, 9), "scores must have h, w >= 1"),
+        ((torch.zeros(1, 2, 3, 4), 0, 9), "height and width must be >= 1, got 0 and 9"),
+    ],
+)
+def test_bad_kernel_inputs_are_refused_by_name(args, message):
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.denseclip_fast_engine.resize_bilinear(*args)
+
+
+def test_bad_running_argmax_buffers_are_refused_by_name():
+    scores = torch.zeros(2, 3, 4, 5)
+    index = torch.zeros(2, 6, 7, dtype=torch.int64)
+    with pytest.raises(RuntimeError, match=r"best must be a contiguous float32 CPU tensor of shape \(2, 6, 7\)"):
+        torch.ops.denseclip_fast_engine.resize_argmax_(scores, 6, 7, torch.zeros(1, 6, 7), index, 0)
+    with pytest.raises(RuntimeError, match=r"index must be a contiguous int64 CPU tensor of best's shape"):
+        torch.ops.denseclip_fast_engine.resize_argmax_(scores, 6, 7, torch.zeros(2, 6, 7), index.int(), 0)
+    with pytest.raises(RuntimeError, match="resize_argmax_: scores must be float32"):
+        torch.ops.denseclip_fast_engine.resize_argmax_(scores.double(), 6, 7, torch.zeros(2, 6, 7), index, 0)
