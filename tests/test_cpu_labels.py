@@ -4,6 +4,11 @@ it takes, and the fallback where the kernel is missing or rounds otherwise."""
 
 from __future__ import annotations
 
+import os
+import platform
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -58,9 +63,31 @@ def spiked(shape: tuple[int, ...], seed: int) -> torch.Tensor:
 
 
 def test_the_probe_passes_with_this_torch():
-    """The engine takes the fused kernel here (this torch's resize rounds as the kernel does); the probe runs once."""
+    """The engine takes the fused kernel here, where ATen runs its AVX2 or AVX-512 kernels (whose resize rounds with
+    fused multiply-adds, as the kernel does); the probe runs once."""
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip(f"ATen's {torch.backends.cpu.get_cpu_capability()} kernels: another rounding may be theirs")
     assert cpu_labels.fused_labels_usable()
     assert cpu_labels.fused_labels_apply(129, 128) and not cpu_labels.fused_labels_apply(128, 128)
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="ATen's DEFAULT kernels differ by CPU")
+def test_atens_default_kernels_round_otherwise_and_labels_fall_back():
+    """With ATEN_CPU_CAPABILITY=default ATen's resize is compiled without fused multiply-adds on x86-64: the probe
+    finds it unequal, and labels resize then take the argmax, still equal to it (a fresh process: the variable is
+    read when torch starts)."""
+    script = (
+        "import torch\n"
+        "from denseclip_fast.engine import cpu_labels, segmenter\n"
+        "assert torch.backends.cpu.get_cpu_capability() == 'DEFAULT'\n"
+        "assert not cpu_labels.fused_labels_usable()\n"
+        "x = torch.randn(1, 6, 20, 30, generator=torch.Generator().manual_seed(0))\n"
+        "assert torch.equal(segmenter.labels(x, (200, 300)), segmenter.resized_through(x, (200, 300)).argmax(1))\n"
+        "print('fell back')\n"
+    )
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "fell back" in done.stdout, done.stderr[-2000:]
 
 
 @pytest.mark.parametrize("threads", [1, 2])
