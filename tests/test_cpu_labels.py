@@ -107,6 +107,23 @@ def test_the_kernels_resize_is_atens_bit_for_bit(shape, size, threads):
         torch.set_num_threads(saved)
 
 
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "generic"])
+def test_each_compiled_variant_resizes_as_aten(isa):
+    """The loops compiled for AVX-512, for AVX2 with FMA and for any CPU (std::fma) give the same values, ATen's,
+    whichever the dispatch picks on this CPU (a test hook runs each; one this CPU lacks is skipped)."""
+    hook = torch.ops.denseclip_fast_testing.resize_bilinear_isa
+    for shape, size in SHAPES[:5]:
+        scores = spiked(shape, seed=len(isa) + sum(size))
+        try:
+            ours = hook(scores, *size, isa)
+        except RuntimeError as exc:
+            assert f"no {isa} loops in this build or on this CPU" in str(exc)
+            pytest.skip(f"no {isa} loops here")
+        torch.testing.assert_close(ours, aten(scores, size), rtol=0, atol=0, equal_nan=True)
+    with pytest.raises(RuntimeError, match="no sse9 loops in this build or on this CPU"):
+        hook(scores, 9, 9, "sse9")
+
+
 @pytest.mark.parametrize(("shape", "size"), SHAPES)
 def test_the_fused_argmax_is_the_argmax_of_the_resize(shape, size):
     """The running best and class equal max and argmax over the resized classes, in one call and in chunks of
