@@ -196,13 +196,52 @@ def test_labels_fall_back_where_the_kernel_is_missing_or_rounds_otherwise(monkey
     cpu_labels.fused_labels_usable.cache_clear()
 
 
+def test_labels_of_cpu_scores_whatever_the_default_device():
+    """The fused path's buffers and the probe's values are made on the scores' device (the CPU), not on torch's
+    default device (meta here: a CUDA default would fail alike)."""
+    scores = torch.randn(1, 4, 20, 30, generator=torch.Generator().manual_seed(4))
+    expected = segmenter.resized_through(scores, (200, 300)).argmax(dim=1)
+    cpu_labels.fused_labels_usable.cache_clear()
+    try:
+        with torch.device("meta"):
+            got = segmenter.labels(scores, (200, 300))
+            assert cpu_labels.fused_labels_usable()
+    finally:
+        cpu_labels.fused_labels_usable.cache_clear()
+    assert got.device.type == "cpu" and torch.equal(got, expected)
+
+
+def test_the_probe_sees_a_kernel_that_differs_only_where_a_weight_is_0():
+    """A resize equal to ATen's on finite values but not where an infinity meets a weight 0 (its NaN there: an
+    infinite value instead) fails the probe: its scores hold an infinity and a NaN."""
+
+    seen: list[int] = []
+
+    def finite_rounding(scores: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        out = aten(scores, (height, width))
+        from_infinity = aten(scores.masked_fill(scores.isnan(), 0.0), (height, width)).isnan()
+        seen.append(int(from_infinity.sum()))
+        return out.masked_fill(from_infinity, float("inf"))
+
+    original = cpu_labels._op
+    cpu_labels.fused_labels_usable.cache_clear()
+    try:
+        cpu_labels._op = lambda name: finite_rounding if name == "resize_bilinear" else original(name)
+        assert not cpu_labels.fused_labels_usable()
+        assert seen[-1] > 0 and not any(seen[:-1])  # the shapes before it had no such tap: equal there
+    finally:
+        cpu_labels._op = original
+        cpu_labels.fused_labels_usable.cache_clear()
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
         ((torch.zeros(1, 2, 3, 4, dtype=torch.float64), 9, 9), "scores must be float32, got Double"),
         ((torch.zeros(2, 3, 4), 9, 9), r"scores must be \(N, K, h, w\), got shape \[2, 3, 4\]"),
         ((torch.zeros(1, 2, 3, 4).transpose(2, 3), 9, 9), "scores must be contiguous"),
-        ((torch.zeros(1, 2, 0, 4), 9, 9), "scores must have h, w >= 1"),
+        ((torch.zeros(1, 2, 0, 4), 9, 9), "scores must have K, h, w >= 1"),
+        ((torch.zeros(1, 0, 3, 4), 9, 9), r"scores must have K, h, w >= 1, got shape \[1, 0, 3, 4\]"),
         ((torch.zeros(1, 2, 3, 4), 0, 9), "height and width must be >= 1, got 0 and 9"),
     ],
 )

@@ -10,7 +10,7 @@
 // fused multiply-adds, so the separable order here (each source row resized along the width once, kept for the
 // output rows that read it) rounds exactly as ATen's per-pixel one. The engine uses these kernels only where
 // denseclip_fast_engine::resize_bilinear equals F.interpolate on a probe (a torch whose kernel rounds otherwise
-// keeps the resize-then-argmax path); tests/test_labels_kernel.py checks odd shapes, non-finite values and ties.
+// keeps the resize-then-argmax path); tests/test_cpu_labels.py checks odd shapes, non-finite values and ties.
 //
 // The argmax keeps the first class of a tie and lets a NaN win (the first NaN stays), as torch.argmax: a class
 // replaces the best so far when not (value <= best) and the best is not NaN.
@@ -61,22 +61,23 @@ Axis make_axis(int64_t in, int64_t out) {
 
 // The hot loops, written once and compiled three times on x86-64: for CPUs with AVX-512, for those with AVX2 and FMA
 // (a fused multiply-add instruction, vectorised), and for any other (std::fma through the C library: the same
-// values, slower).
-#define DCF_ROW_LOOPS                                                                                              \
+// values, slower). Function attributes, not "#pragma GCC target", which clang ignores.
+#define DCF_ROW_LOOPS(SUFFIX, ATTRIBUTES)                                                                          \
   /* a source row resized along the width: out[j] = fma(row[i0[j]], l0[j], row[i1[j]] * l1[j]) */                 \
-  static void DCF_NAME(resize_row)(const float* __restrict row, const int64_t* __restrict i0,                     \
-                                   const int64_t* __restrict i1, const float* __restrict l0,                      \
-                                   const float* __restrict l1, float* __restrict out, int64_t n) {                \
+  ATTRIBUTES static void resize_row##SUFFIX(const float* __restrict row, const int64_t* __restrict i0,             \
+                                            const int64_t* __restrict i1, const float* __restrict l0,             \
+                                            const float* __restrict l1, float* __restrict out, int64_t n) {       \
     for (int64_t j = 0; j < n; ++j) out[j] = std::fma(row[i0[j]], l0[j], row[i1[j]] * l1[j]);                     \
   }                                                                                                                \
   /* two width-resized rows combined along the height: out[j] = fma(t0[j], h0, t1[j] * h1) */                      \
-  static void DCF_NAME(combine)(const float* __restrict t0, const float* __restrict t1, float h0, float h1,       \
-                                float* __restrict out, int64_t n) {                                                \
+  ATTRIBUTES static void combine##SUFFIX(const float* __restrict t0, const float* __restrict t1, float h0,        \
+                                         float h1, float* __restrict out, int64_t n) {                             \
     for (int64_t j = 0; j < n; ++j) out[j] = std::fma(t0[j], h0, t1[j] * h1);                                      \
   }                                                                                                                \
   /* the same, each value offered to the running argmax of its pixel as class k */                                \
-  static void DCF_NAME(combine_max)(const float* __restrict t0, const float* __restrict t1, float h0, float h1,   \
-                                    float* __restrict best, int64_t* __restrict index, int64_t k, int64_t n) {     \
+  ATTRIBUTES static void combine_max##SUFFIX(const float* __restrict t0, const float* __restrict t1, float h0,    \
+                                             float h1, float* __restrict best, int64_t* __restrict index,          \
+                                             int64_t k, int64_t n) {                                               \
     for (int64_t j = 0; j < n; ++j) {                                                                              \
       const float v = std::fma(t0[j], h0, t1[j] * h1);                                                             \
       const float b = best[j];                                                                                     \
@@ -86,24 +87,11 @@ Axis make_axis(int64_t in, int64_t out) {
     }                                                                                                              \
   }
 
-#define DCF_NAME(name) name##_generic
-DCF_ROW_LOOPS
-#undef DCF_NAME
-
+DCF_ROW_LOOPS(_generic, )
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define DCF_HAVE_FMA_CLONE 1
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-#define DCF_NAME(name) name##_fma
-DCF_ROW_LOOPS
-#undef DCF_NAME
-#pragma GCC pop_options
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,fma")
-#define DCF_NAME(name) name##_avx512
-DCF_ROW_LOOPS
-#undef DCF_NAME
-#pragma GCC pop_options
+DCF_ROW_LOOPS(_fma, __attribute__((target("avx2,fma"))))
+DCF_ROW_LOOPS(_avx512, __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,fma"))))
 #endif
 #undef DCF_ROW_LOOPS
 
@@ -149,8 +137,8 @@ void check_scores(const at::Tensor& scores, int64_t height, int64_t width, const
   TORCH_CHECK(scores.scalar_type() == at::kFloat, op, ": scores must be float32, got ", scores.scalar_type());
   TORCH_CHECK(scores.dim() == 4, op, ": scores must be (N, K, h, w), got shape ", scores.sizes());
   TORCH_CHECK(scores.is_contiguous(), op, ": scores must be contiguous (NCHW), got strides ", scores.strides());
-  TORCH_CHECK(scores.size(2) >= 1 && scores.size(3) >= 1, op, ": scores must have h, w >= 1, got shape ",
-              scores.sizes());
+  TORCH_CHECK(scores.size(1) >= 1 && scores.size(2) >= 1 && scores.size(3) >= 1, op,
+              ": scores must have K, h, w >= 1, got shape ", scores.sizes());
   TORCH_CHECK(height >= 1 && width >= 1, op, ": height and width must be >= 1, got ", height, " and ", width);
 }
 
@@ -235,7 +223,7 @@ void resize_argmax_cpu(const at::Tensor& scores, int64_t height, int64_t width, 
                   index.sizes() == best.sizes(),
               op, ": index must be a contiguous int64 CPU tensor of best's shape ", best.sizes(), ", got ",
               index.scalar_type(), " ", index.sizes(), " on ", index.device());
-  if (best.numel() == 0 || k == 0) return;
+  if (best.numel() == 0) return;
   float* best_data = best.data_ptr<float>();
   int64_t* index_data = index.data_ptr<int64_t>();
   for_each_output_row(scores, height, width, row_loops(),

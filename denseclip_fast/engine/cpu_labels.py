@@ -14,6 +14,10 @@ after :func:`fused_labels_usable` found it equal to F.interpolate on a probe in 
 with ATen's AVX2 and AVX-512 kernels). A torch whose resize rounds otherwise (ATen's DEFAULT kernels on x86-64,
 ATEN_CPU_CAPABILITY=default, have no fused multiply-add), or a build without the extension, keeps the
 resize-then-argmax way.
+
+Not covered: ``torch.set_flush_denormal(True)`` sets the calling thread only, so ATen's resize of denormal scores
+already depends on how its threads split the work; the kernel splits it otherwise, and its labels may differ from
+the argmax of such logits (the unfused way's do not).
 """
 
 from __future__ import annotations
@@ -27,9 +31,9 @@ import torch.nn.functional as F
 MIN_SIDES = 256
 
 # the probe's (h, w) -> (H, W): upsampled by a fraction and by an integer, downsampled, one axis unchanged, one
-# source row or column; every output's height + width just past MIN_SIDES or far past it
+# source row or column, one output column; every output's height + width just past MIN_SIDES or far past it
 PROBE = (((37, 53), (101, 211)), ((64, 64), (256, 256)), ((300, 301), (256, 149)), ((128, 128), (128, 512)),
-         ((1, 7), (97, 160)))  # fmt: skip
+         ((1, 7), (97, 160)), ((9, 1), (300, 1)))  # fmt: skip
 
 
 def _op(name: str) -> object | None:
@@ -42,16 +46,24 @@ def _op(name: str) -> object | None:
 @functools.cache
 def fused_labels_usable() -> bool:
     """Whether this build has the fused kernel and its resize equals F.interpolate's (per plane, as the engine
-    resizes) bit for bit on the PROBE shapes (random values, probed once)."""
+    resizes) bit for bit on the PROBE shapes (random values, an infinity and a NaN among them, whose spread through
+    the taps of weight 0 tells one rounding of those from another; probed once, on the CPU whatever torch's default
+    device)."""
     resize = _op("resize_bilinear")
     if resize is None or _op("resize_argmax_") is None:
         return False
     generator = torch.Generator().manual_seed(0)
     for (h, w), (height, width) in PROBE:
-        scores = torch.randn(1, 3, h, w, generator=generator) * 8
+        scores = torch.randn(1, 3, h, w, generator=generator, device="cpu") * 8
+        scores[0, 1, h // 2, w // 2] = float("inf")
+        scores[0, 2, h - 1, 0] = float("nan")
         ours = resize(scores, height, width)  # type: ignore[operator]
         theirs = F.interpolate(scores.view(3, 1, h, w), size=(height, width), mode="bilinear", align_corners=False)
-        if not torch.equal(ours, theirs.view(1, 3, height, width)):
+        theirs = theirs.view(ours.shape)
+        nan = ours.isnan()
+        if not torch.equal(nan, theirs.isnan()):
+            return False
+        if not torch.equal(ours.masked_fill(nan, 0.0), theirs.masked_fill(nan, 0.0)):
             return False
     return True
 

@@ -184,8 +184,8 @@ def labels(scores: torch.Tensor, *sizes: Size, fused: bool = True) -> torch.Tens
         return part
 
     if fuse:
-        best = torch.full((n, *last), float("-inf"), dtype=torch.float32)
-        index = torch.zeros((n, *last), dtype=torch.int64)
+        best = torch.full((n, *last), float("-inf"), dtype=torch.float32, device=scores.device)
+        index = torch.zeros((n, *last), dtype=torch.int64, device=scores.device)
         for first in range(0, k, step):
             cpu_labels.resize_argmax_(chunk(first), *last, best, index, first)
         return index
