@@ -36,13 +36,20 @@ def aten(scores: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     )
 
 
+def aten_chain(scores: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """ATen's resizes to the flattened (height, width) pairs ``sizes``, in turn (the kernel's signature)."""
+    for size in zip(sizes[::2], sizes[1::2]):
+        scores = aten(scores, size)
+    return scores
+
+
 def kernel_labels(scores: torch.Tensor, size: tuple[int, int], step: int | None = None) -> tuple[torch.Tensor, ...]:
     n, k = scores.shape[:2]
-    best = torch.full((n, *size), float("-inf"))
-    index = torch.zeros((n, *size), dtype=torch.int64)
+    best = torch.full((n, *size), float("nan"))  # garbage: the call with first 0 writes them, not reads
+    index = torch.full((n, *size), -5, dtype=torch.int64)
     step = step or k
     for first in range(0, k, step):
-        cpu_labels.resize_argmax_(scores[:, first : first + step].contiguous(), *size, best, index, first)
+        cpu_labels.resize_argmax_(scores[:, first : first + step].contiguous(), [size], best, index, first)
     return best, index
 
 
@@ -68,7 +75,8 @@ def test_the_probe_passes_with_this_torch():
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         pytest.skip(f"ATen's {torch.backends.cpu.get_cpu_capability()} kernels: another rounding may be theirs")
     assert cpu_labels.fused_labels_usable()
-    assert cpu_labels.fused_labels_apply(129, 128) and not cpu_labels.fused_labels_apply(128, 128)
+    assert cpu_labels.fused_tail([(129, 128)]) == 1 and cpu_labels.fused_tail([(128, 128)]) == 0
+    assert cpu_labels.fused_tail([(300, 300), (100, 100), (200, 300), (512, 683)]) == 2
 
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="ATen's DEFAULT kernels differ by CPU")
@@ -98,7 +106,7 @@ def test_the_kernels_resize_is_atens_bit_for_bit(shape, size, threads):
     torch.set_num_threads(threads)
     try:
         scores = spiked(shape, seed=sum(shape) + threads)
-        ours = torch.ops.denseclip_fast_engine.resize_bilinear(scores, *size)
+        ours = torch.ops.denseclip_fast_engine.resize_bilinear(scores, list(size))
         theirs = aten(scores, size)
         torch.testing.assert_close(ours, theirs, rtol=0, atol=0, equal_nan=True)
         assert torch.equal(ours.signbit(), theirs.signbit())
@@ -115,13 +123,32 @@ def test_each_compiled_variant_resizes_as_aten(isa):
     for shape, size in SHAPES[:5]:
         scores = spiked(shape, seed=len(isa) + sum(size))
         try:
-            ours = hook(scores, *size, isa)
+            ours = hook(scores, list(size), isa)
         except RuntimeError as exc:
             assert f"no {isa} loops in this build or on this CPU" in str(exc)
             pytest.skip(f"no {isa} loops here")
         torch.testing.assert_close(ours, aten(scores, size), rtol=0, atol=0, equal_nan=True)
     with pytest.raises(RuntimeError, match="no sse9 loops in this build or on this CPU"):
-        hook(scores, 9, 9, "sse9")
+        hook(scores, [9, 9], "sse9")
+
+
+@pytest.mark.parametrize(
+    "sizes",
+    [[512, 683, 1536, 2048], [101, 211, 101, 211, 300, 257], [300, 400, 129, 130], [200, 1, 257, 3],
+     [140, 130, 140, 130]],
+)  # fmt: skip
+def test_a_chain_of_resizes_is_atens_in_turn_and_its_argmax_the_argmax(sizes):
+    """Resizes in turn (the network's input, then the image's own; one to the same size; down after up), the rows of
+    each made as the next needs them: ATen's resizes in turn bit for bit, and the fused labels their argmax."""
+    scores = spiked((2, 3, 37, 53), seed=len(sizes))
+    ours = torch.ops.denseclip_fast_engine.resize_bilinear(scores, sizes)
+    theirs = aten_chain(scores, sizes)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(ours.signbit(), theirs.signbit())
+    best = torch.empty(2, *sizes[-2:])
+    index = torch.empty(2, *sizes[-2:], dtype=torch.int64)
+    torch.ops.denseclip_fast_engine.resize_argmax_(scores, sizes, best, index, 0)
+    assert torch.equal(index, theirs.argmax(dim=1))
 
 
 @pytest.mark.parametrize(("shape", "size"), SHAPES)
@@ -176,6 +203,34 @@ def test_labels_equal_the_argmax_of_the_resized_scores_fused_or_not(sizes, chunk
         assert torch.equal(segmenter.labels(scores, *sizes, fused=False), expected) and not calls
 
 
+def test_a_repeated_size_is_left_out_of_the_kernels_chain_only_for_tame_scores(monkeypatch):
+    """A resize to the size before it (a uint8 image of the network's input size) gives finite values back: the
+    kernel is not given it when every score is finite and within TAME (so are all resized values); an infinity,
+    a NaN or a value past TAME keeps it (the resize to the same size turns an infinity into NaN). The labels equal
+    the argmax of the resizes in turn either way."""
+    given: list[list[tuple[int, int]]] = []
+    kernel = cpu_labels.resize_argmax_
+    monkeypatch.setattr(cpu_labels, "resize_argmax_", lambda *a: given.append(list(a[1])) or kernel(*a))
+    base = torch.randn(1, 3, 30, 40, generator=torch.Generator().manual_seed(8))
+    spiked_inf, spiked_nan, huge = base.clone(), base.clone(), base.clone()
+    spiked_inf[0, 1, 5, 5] = float("inf")
+    spiked_nan[0, 2, 7, 9] = float("nan")
+    huge[0, 0, 3, 3] = 2e38
+    cases = [(base, ((300, 400), (300, 400)), [(300, 400)]), (base, ((30, 40), (300, 400)), [(300, 400)]),
+             (base, ((300, 400), (300, 400), (300, 400)), [(300, 400)]),
+             (base, ((300, 400), (200, 100), (200, 100)), [(300, 400), (200, 100)]),
+             (spiked_inf, ((300, 400), (300, 400)), [(300, 400), (300, 400)]),
+             (spiked_nan, ((300, 400), (300, 400)), [(300, 400), (300, 400)]),
+             (huge, ((300, 400), (300, 400)), [(300, 400), (300, 400)])]  # fmt: skip
+    for scores, sizes, expected_chain in cases:
+        given.clear()
+        expected = segmenter.labels(scores, *sizes, fused=False)
+        assert torch.equal(expected, aten_chain(scores, [side for size in sizes for side in size]).argmax(dim=1))
+        assert torch.equal(segmenter.labels(scores, *sizes), expected), sizes
+        assert given == [expected_chain], (sizes, given)
+    assert aten_chain(spiked_inf, [300, 400, 300, 400]).isnan().any()  # the kept resize's NaNs
+
+
 def test_labels_fall_back_where_the_kernel_is_missing_or_rounds_otherwise(monkeypatch):
     """Without the extension's operator, or with one whose resize differs from ATen's in one value on the probe,
     fused_labels_usable is False and labels resize then take the argmax (still the argmax of the resize)."""
@@ -183,7 +238,7 @@ def test_labels_fall_back_where_the_kernel_is_missing_or_rounds_otherwise(monkey
     expected = segmenter.resized_through(scores, (200, 300)).argmax(dim=1)
     used = []
     monkeypatch.setattr(cpu_labels, "resize_argmax_", lambda *a: used.append(a))
-    for op in (lambda name: None, lambda name: (lambda s, h, w: aten(s, (h, w)).nextafter(torch.tensor(1.0)))):
+    for op in (lambda name: None, lambda name: (lambda s, sizes: aten_chain(s, sizes).nextafter(torch.tensor(1.0)))):
         monkeypatch.setattr(cpu_labels, "_op", op)
         cpu_labels.fused_labels_usable.cache_clear()
         try:
@@ -191,7 +246,7 @@ def test_labels_fall_back_where_the_kernel_is_missing_or_rounds_otherwise(monkey
             assert torch.equal(segmenter.labels(scores, (200, 300)), expected) and not used
         finally:
             cpu_labels.fused_labels_usable.cache_clear()
-    monkeypatch.setattr(cpu_labels, "_op", lambda name: lambda s, h, w: aten(s, (h, w)))  # an exact stand-in
+    monkeypatch.setattr(cpu_labels, "_op", lambda name: aten_chain)  # an exact stand-in
     assert cpu_labels.fused_labels_usable()
     cpu_labels.fused_labels_usable.cache_clear()
 
@@ -217,9 +272,9 @@ def test_the_probe_sees_a_kernel_that_differs_only_where_a_weight_is_0():
 
     seen: list[int] = []
 
-    def finite_rounding(scores: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        out = aten(scores, (height, width))
-        from_infinity = aten(scores.masked_fill(scores.isnan(), 0.0), (height, width)).isnan()
+    def finite_rounding(scores: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        out = aten_chain(scores, sizes)
+        from_infinity = aten_chain(scores.masked_fill(scores.isnan(), 0.0), sizes).isnan()
         seen.append(int(from_infinity.sum()))
         return out.masked_fill(from_infinity, float("inf"))
 
@@ -237,12 +292,14 @@ def test_the_probe_sees_a_kernel_that_differs_only_where_a_weight_is_0():
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        ((torch.zeros(1, 2, 3, 4, dtype=torch.float64), 9, 9), "scores must be float32, got Double"),
-        ((torch.zeros(2, 3, 4), 9, 9), r"scores must be \(N, K, h, w\), got shape \[2, 3, 4\]"),
-        ((torch.zeros(1, 2, 3, 4).transpose(2, 3), 9, 9), "scores must be contiguous"),
-        ((torch.zeros(1, 2, 0, 4), 9, 9), "scores must have K, h, w >= 1"),
-        ((torch.zeros(1, 0, 3, 4), 9, 9), r"scores must have K, h, w >= 1, got shape \[1, 0, 3, 4\]"),
-        ((torch.zeros(1, 2, 3, 4), 0, 9), "height and width must be >= 1, got 0 and 9"),
+        ((torch.zeros(1, 2, 3, 4, dtype=torch.float64), [9, 9]), "scores must be float32, got Double"),
+        ((torch.zeros(2, 3, 4), [9, 9]), r"scores must be \(N, K, h, w\), got shape \[2, 3, 4\]"),
+        ((torch.zeros(1, 2, 3, 4).transpose(2, 3), [9, 9]), "scores must be contiguous"),
+        ((torch.zeros(1, 2, 0, 4), [9, 9]), "scores must have K, h, w >= 1"),
+        ((torch.zeros(1, 0, 3, 4), [9, 9]), r"scores must have K, h, w >= 1, got shape \[1, 0, 3, 4\]"),
+        ((torch.zeros(1, 2, 3, 4), [9, 9, 0, 9]), r"every height and width must be >= 1, got \[9, 9, 0, 9\]"),
+        ((torch.zeros(1, 2, 3, 4), [9, 9, 9]), r"sizes must be one or more \(height, width\) pairs"),
+        ((torch.zeros(1, 2, 3, 4), []), r"sizes must be one or more \(height, width\) pairs"),
     ],
 )
 def test_bad_kernel_inputs_are_refused_by_name(args, message):
@@ -254,8 +311,10 @@ def test_bad_running_argmax_buffers_are_refused_by_name():
     scores = torch.zeros(2, 3, 4, 5)
     index = torch.zeros(2, 6, 7, dtype=torch.int64)
     with pytest.raises(RuntimeError, match=r"best must be a contiguous float32 CPU tensor of shape \(2, 6, 7\)"):
-        torch.ops.denseclip_fast_engine.resize_argmax_(scores, 6, 7, torch.zeros(1, 6, 7), index, 0)
+        torch.ops.denseclip_fast_engine.resize_argmax_(scores, [6, 7], torch.zeros(1, 6, 7), index, 0)
     with pytest.raises(RuntimeError, match=r"index must be a contiguous int64 CPU tensor of best's shape"):
-        torch.ops.denseclip_fast_engine.resize_argmax_(scores, 6, 7, torch.zeros(2, 6, 7), index.int(), 0)
+        torch.ops.denseclip_fast_engine.resize_argmax_(scores, [6, 7], torch.zeros(2, 6, 7), index.int(), 0)
     with pytest.raises(RuntimeError, match="resize_argmax_: scores must be float32"):
-        torch.ops.denseclip_fast_engine.resize_argmax_(scores.double(), 6, 7, torch.zeros(2, 6, 7), index, 0)
+        torch.ops.denseclip_fast_engine.resize_argmax_(scores.double(), [6, 7], torch.zeros(2, 6, 7), index, 0)
+    with pytest.raises(RuntimeError, match="resize_argmax_: first must be >= 0, got -1"):
+        torch.ops.denseclip_fast_engine.resize_argmax_(scores, [6, 7], torch.zeros(2, 6, 7), index, -1)

@@ -335,12 +335,14 @@ def test_predict_resizes_a_few_classes_at_a_time_and_equals_the_argmax(model, mo
     assert torch.equal(seg.predict(x), seg.logits(x).argmax(dim=1))
 
 
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_predict_equals_the_argmax_on_exact_ties_whatever_the_threads(model, threads, monkeypatch):
+def test_predict_equals_the_argmax_on_exact_ties_whatever_the_threads(model, threads, fused, monkeypatch):
     """Two classes whose logits are equal (the head's rows 0 and 3 made the same): predict labels every such pixel
     0, as argmax does, with chunks of 3 classes on one thread too (ATen's CPU resize of 3 channels on one thread
-    took its channels_last kernel, whose sums differ by 1e-7 from the full resize's: 18% of pixels came out 3)."""
-    from denseclip_fast.engine import segmenter
+    took its channels_last kernel, whose sums differ by 1e-7 from the full resize's: 18% of pixels came out 3);
+    through the fused labels kernel (both resizes in it, chunks of 3 classes) and without it."""
+    from denseclip_fast.engine import cpu_labels, segmenter
 
     tied = copy.deepcopy(model)
     with torch.no_grad():
@@ -356,12 +358,19 @@ def test_predict_equals_the_argmax_on_exact_ties_whatever_the_threads(model, thr
         expected = logits.argmax(dim=1)
         test_size = keep_ratio_size(200, 300, model.config.test_scale)  # the network's input: (512, 768)
         plane = test_size[0] * test_size[1] // 16 + test_size[0] * test_size[1] + 200 * 300  # its output, 2 resizes
-        monkeypatch.setattr(segmenter, "LABEL_CHUNK", 3 * plane)  # chunks of 3 classes, the last of 1
+        calls: list[int] = []
+        if fused:  # the fused kernel takes both resizes, 3 classes a call
+            monkeypatch.setattr(cpu_labels, "ROW_VALUES", 3 * 3 * (test_size[1] + 300))
+            kernel = cpu_labels.resize_argmax_
+            monkeypatch.setattr(cpu_labels, "resize_argmax_", lambda *a: calls.append(a[-1]) or kernel(*a))
+        else:
+            monkeypatch.setattr(cpu_labels, "fused_tail", lambda sizes: 0)
+            monkeypatch.setattr(segmenter, "LABEL_CHUNK", 3 * plane)  # chunks of 3 classes, the last of 1
         steps = []
         label_step = segmenter.label_step
         monkeypatch.setattr(segmenter, "label_step", lambda *a: steps.append(label_step(*a)) or steps[-1])
         assert torch.equal(seg.predict(image), expected)
-        assert steps == [3]
+        assert steps == ([4] if fused else [3]) and calls == ([0, 3] if fused else [])
     finally:
         torch.set_num_threads(saved)
     assert (expected == 0).any() and not (expected == 3).any()
@@ -409,7 +418,7 @@ def test_a_resize_to_the_same_size_is_skipped_only_where_it_changes_nothing(mode
     """resized_through and labels skip a resize of CPU scores to their own size when all are finite (a uint8 image
     of the test scale's size: its logits are resized to its own size after the network), with the same result
     as ATen's; with an infinity among them the resize runs and turns it into NaN, as the official model's."""
-    from denseclip_fast.engine import segmenter
+    from denseclip_fast.engine import cpu_labels, segmenter
 
     def reference(scores, *sizes):
         out = scores.float()
@@ -440,9 +449,14 @@ def test_a_resize_to_the_same_size_is_skipped_only_where_it_changes_nothing(mode
     sizes: list[tuple[int, int]] = []
     resize = segmenter.resized
     monkeypatch.setattr(segmenter, "resized", lambda scores, s, out=None: sizes.append(s) or resize(scores, s, out))
+    kernel = cpu_labels.resize_argmax_  # predict's resizes on a CPU (fused), each size in turn
+    monkeypatch.setattr(cpu_labels, "resize_argmax_", lambda *a: sizes.extend(a[1]) or kernel(*a))
     logits, labels = seg.logits(image), seg.predict(image)
     assert [tuple(s) for s in sizes if s is not None] == [size] * 2  # the network's output's, not again
     assert logits.shape == (1, 4, *size) and torch.equal(labels, logits.argmax(dim=1))
+    sizes.clear()
+    monkeypatch.setattr(cpu_labels, "fused_tail", lambda sizes: 0)  # resize then reduce: the same sizes
+    assert torch.equal(seg.predict(image), labels) and [tuple(s) for s in sizes] == [size]
 
 
 def test_labels_break_ties_and_nans_as_argmax(monkeypatch):

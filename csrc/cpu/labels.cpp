@@ -21,7 +21,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace denseclip_fast {
@@ -132,61 +134,139 @@ const RowLoops& row_loops() {
   return *loops;
 }
 
-void check_scores(const at::Tensor& scores, int64_t height, int64_t width, const char* op) {
+void check_scores(const at::Tensor& scores, const char* op) {
   TORCH_CHECK(scores.device().is_cpu(), op, ": scores must be a CPU tensor, got one on ", scores.device());
   TORCH_CHECK(scores.scalar_type() == at::kFloat, op, ": scores must be float32, got ", scores.scalar_type());
   TORCH_CHECK(scores.dim() == 4, op, ": scores must be (N, K, h, w), got shape ", scores.sizes());
   TORCH_CHECK(scores.is_contiguous(), op, ": scores must be contiguous (NCHW), got strides ", scores.strides());
   TORCH_CHECK(scores.size(1) >= 1 && scores.size(2) >= 1 && scores.size(3) >= 1, op,
               ": scores must have K, h, w >= 1, got shape ", scores.sizes());
-  TORCH_CHECK(height >= 1 && width >= 1, op, ": height and width must be >= 1, got ", height, " and ", width);
 }
 
-// Each output row of each image of ``scores`` (N, K, h, w), resized: ``emit(image, out_row, h0, h1, t0, t1)``
-// with t0 and t1 the K width-resized source rows (each ``width`` long, class after class) that the row combines
-// with weights h0 and h1. Output rows are spread over the threads in contiguous ranges; a thread keeps the
-// width-resized rows of the last two source rows it used (an upsampled row's neighbours read the same ones).
+// Sizes (H1, W1, H2, W2, ...) as (height, width) pairs, each >= 1.
+std::vector<std::pair<int64_t, int64_t>> size_pairs(at::IntArrayRef sizes, const char* op) {
+  TORCH_CHECK(!sizes.empty() && sizes.size() % 2 == 0, op,
+              ": sizes must be one or more (height, width) pairs, flattened, got ", sizes);
+  std::vector<std::pair<int64_t, int64_t>> pairs;
+  for (size_t i = 0; i < sizes.size(); i += 2) {
+    TORCH_CHECK(sizes[i] >= 1 && sizes[i + 1] >= 1, op, ": every height and width must be >= 1, got ", sizes);
+    pairs.emplace_back(sizes[i], sizes[i + 1]);
+  }
+  return pairs;
+}
+
+// One resize of a chain, for one thread: its output rows made on demand, all K classes at a time, from the rows of
+// the resize before it (from the scores for the first). It keeps the width-resized input rows of the last two input
+// rows it used (an upsampled row's neighbour reads the same ones; a thread asks for rows in order, so the older of
+// the two is never one that the row being made still needs) and one output row.
+class Level {
+ public:
+  Level(Level* before, const float* scores, int64_t k, int64_t in_h, int64_t in_w, const Axis& rows,
+        const Axis& cols, const RowLoops& loops)
+      : before_(before),
+        scores_(scores),
+        k_(k),
+        in_h_(in_h),
+        in_w_(in_w),
+        out_w_(static_cast<int64_t>(cols.i0.size())),
+        rows_(rows),
+        cols_(cols),
+        loops_(loops),
+        resized_(static_cast<size_t>(2 * k * out_w_)) {}
+
+  const Axis& rows() const { return rows_; }
+  int64_t width() const { return out_w_; }
+
+  // Input row r of ``image``, all classes resized along the width (K rows of width(), class after class).
+  const float* width_resized(int64_t image, int64_t r) {
+    const int64_t key = image * in_h_ + r;
+    for (int s = 0; s < 2; ++s) {
+      if (cached_[s] == key) return resized_.data() + s * k_ * out_w_;
+    }
+    const int s = cached_[0] == -1 ? 0 : (cached_[1] == -1 ? 1 : (cached_[0] < cached_[1] ? 0 : 1));
+    float* out = resized_.data() + s * k_ * out_w_;
+    // the input row, class c at base + c * stride: the scores' row (planes of in_h x in_w) or the level before's
+    const float* base = before_ != nullptr ? before_->row(image, r) : scores_ + (image * k_ * in_h_ + r) * in_w_;
+    const int64_t stride = before_ != nullptr ? in_w_ : in_h_ * in_w_;
+    for (int64_t c = 0; c < k_; ++c) {
+      loops_.resize_row(base + c * stride, cols_.i0.data(), cols_.i1.data(), cols_.l0.data(), cols_.l1.data(),
+                        out + c * out_w_, out_w_);
+    }
+    cached_[s] = key;
+    return out;
+  }
+
+  // Output row oh of ``image`` (K rows of width(), class after class), valid until the next call.
+  const float* row(int64_t image, int64_t oh) {
+    const float* t0 = width_resized(image, rows_.i0[oh]);
+    const float* t1 = width_resized(image, rows_.i1[oh]);
+    if (row_.empty()) row_.resize(static_cast<size_t>(k_ * out_w_));  // the last level of a chain needs none
+    for (int64_t c = 0; c < k_; ++c) {
+      loops_.combine(t0 + c * out_w_, t1 + c * out_w_, rows_.l0[oh], rows_.l1[oh], row_.data() + c * out_w_,
+                     out_w_);
+    }
+    return row_.data();
+  }
+
+ private:
+  Level* before_;
+  const float* scores_;
+  int64_t k_, in_h_, in_w_, out_w_;
+  const Axis& rows_;
+  const Axis& cols_;
+  const RowLoops& loops_;
+  std::vector<float> resized_;
+  std::vector<float> row_;
+  int64_t cached_[2] = {-1, -1};  // the input row (image * in_h + row) each half of resized_ holds
+};
+
+// Each output row of the last resize of the chain ``sizes`` of each image of ``scores`` (N, K, h, w):
+// ``emit(image, out_row, h0, h1, t0, t1, loops)`` with t0 and t1 the K width-resized input rows (of the last
+// resize's width, class after class) that the row combines with weights h0 and h1. The resizes before the last one
+// are made row by row as the last one needs them, never whole. Output rows are spread over the threads in
+// contiguous ranges, each thread with its own chain.
 template <typename Emit>
-void for_each_output_row(const at::Tensor& scores, int64_t height, int64_t width, const RowLoops& loops,
-                         const Emit& emit) {
-  const int64_t n = scores.size(0), k = scores.size(1), h = scores.size(2), w = scores.size(3);
-  const Axis rows = make_axis(h, height), cols = make_axis(w, width);
+void for_each_output_row(const at::Tensor& scores, const std::vector<std::pair<int64_t, int64_t>>& sizes,
+                         const RowLoops& loops, const Emit& emit) {
+  const int64_t n = scores.size(0), k = scores.size(1);
+  std::vector<Axis> rows, cols;
+  std::vector<std::pair<int64_t, int64_t>> inputs;  // each resize's input size
+  int64_t h = scores.size(2), w = scores.size(3);
+  for (const auto& [height, width] : sizes) {
+    inputs.emplace_back(h, w);
+    rows.push_back(make_axis(h, height));
+    cols.push_back(make_axis(w, width));
+    h = height;
+    w = width;
+  }
+  const int64_t height = sizes.back().first, width = sizes.back().second;
   const float* src = scores.data_ptr<float>();
   // about 64 KiB of output values a task, at least one row
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(1, k * width));
   at::parallel_for(0, n * height, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> cache(static_cast<size_t>(2 * k * width));
-    int64_t cached[2] = {-1, -1};  // the source row (image * h + row) each half of the cache holds
-    auto source_row = [&](int64_t image, int64_t r) -> const float* {
-      const int64_t key = image * h + r;
-      for (int s = 0; s < 2; ++s) {
-        if (cached[s] == key) return cache.data() + s * k * width;
-      }
-      // replace the half that does not hold the other row this output row needs (the older one)
-      const int s = cached[0] == -1 ? 0 : (cached[1] == -1 ? 1 : (cached[0] < cached[1] ? 0 : 1));
-      float* out = cache.data() + s * k * width;
-      for (int64_t c = 0; c < k; ++c) {
-        loops.resize_row(src + ((image * k + c) * h + r) * w, cols.i0.data(), cols.i1.data(), cols.l0.data(),
-                         cols.l1.data(), out + c * width, width);
-      }
-      cached[s] = key;
-      return out;
-    };
+    std::vector<std::unique_ptr<Level>> chain;
+    for (size_t i = 0; i < sizes.size(); ++i) {
+      chain.push_back(std::make_unique<Level>(i == 0 ? nullptr : chain.back().get(), src, k, inputs[i].first,
+                                              inputs[i].second, rows[i], cols[i], loops));
+    }
+    Level& last = *chain.back();
     for (int64_t i = begin; i < end; ++i) {
       const int64_t image = i / height, oh = i % height;
-      const float* t0 = source_row(image, rows.i0[oh]);
-      const float* t1 = source_row(image, rows.i1[oh]);
-      emit(image, oh, rows.l0[oh], rows.l1[oh], t0, t1, loops);
+      const float* t0 = last.width_resized(image, last.rows().i0[oh]);
+      const float* t1 = last.width_resized(image, last.rows().i1[oh]);
+      emit(image, oh, last.rows().l0[oh], last.rows().l1[oh], t0, t1, loops);
     }
   });
 }
 
-at::Tensor resize_with(const at::Tensor& scores, int64_t height, int64_t width, const RowLoops& loops) {
-  const int64_t n = scores.size(0), k = scores.size(1);
+at::Tensor resize_with(const at::Tensor& scores, at::IntArrayRef sizes, const RowLoops& loops, const char* op) {
+  check_scores(scores, op);
+  const auto pairs = size_pairs(sizes, op);
+  const int64_t n = scores.size(0), k = scores.size(1), height = pairs.back().first, width = pairs.back().second;
   at::Tensor out = at::empty({n, k, height, width}, scores.options());
   if (out.numel() == 0) return out;
   float* dst = out.data_ptr<float>();
-  for_each_output_row(scores, height, width, loops,
+  for_each_output_row(scores, pairs, loops,
                       [&](int64_t image, int64_t oh, float h0, float h1, const float* t0, const float* t1,
                           const RowLoops& loops) {
                         for (int64_t c = 0; c < k; ++c) {
@@ -197,24 +277,23 @@ at::Tensor resize_with(const at::Tensor& scores, int64_t height, int64_t width, 
   return out;
 }
 
-at::Tensor resize_bilinear_cpu(const at::Tensor& scores, int64_t height, int64_t width) {
-  check_scores(scores, height, width, "resize_bilinear");
-  return resize_with(scores, height, width, row_loops());
+at::Tensor resize_bilinear_cpu(const at::Tensor& scores, at::IntArrayRef sizes) {
+  return resize_with(scores, sizes, row_loops(), "resize_bilinear");
 }
 
 // A test hook: the resize through the loops compiled for ``isa`` (see loops_for), which the dispatch may not pick.
-at::Tensor resize_bilinear_isa(const at::Tensor& scores, int64_t height, int64_t width, const std::string& isa) {
-  check_scores(scores, height, width, "resize_bilinear_isa");
+at::Tensor resize_bilinear_isa(const at::Tensor& scores, at::IntArrayRef sizes, const std::string& isa) {
   const RowLoops* loops = loops_for(isa);
   TORCH_CHECK(loops != nullptr, "resize_bilinear_isa: no ", isa, " loops in this build or on this CPU");
-  return resize_with(scores, height, width, *loops);
+  return resize_with(scores, sizes, *loops, "resize_bilinear_isa");
 }
 
-void resize_argmax_cpu(const at::Tensor& scores, int64_t height, int64_t width, const at::Tensor& best,
+void resize_argmax_cpu(const at::Tensor& scores, at::IntArrayRef sizes, const at::Tensor& best,
                        const at::Tensor& index, int64_t first) {
   const char* op = "resize_argmax_";
-  check_scores(scores, height, width, op);
-  const int64_t n = scores.size(0), k = scores.size(1);
+  check_scores(scores, op);
+  const auto pairs = size_pairs(sizes, op);
+  const int64_t n = scores.size(0), k = scores.size(1), height = pairs.back().first, width = pairs.back().second;
   TORCH_CHECK(best.device().is_cpu() && best.scalar_type() == at::kFloat && best.is_contiguous() &&
                   best.sizes() == at::IntArrayRef({n, height, width}),
               op, ": best must be a contiguous float32 CPU tensor of shape (", n, ", ", height, ", ", width,
@@ -223,14 +302,21 @@ void resize_argmax_cpu(const at::Tensor& scores, int64_t height, int64_t width, 
                   index.sizes() == best.sizes(),
               op, ": index must be a contiguous int64 CPU tensor of best's shape ", best.sizes(), ", got ",
               index.scalar_type(), " ", index.sizes(), " on ", index.device());
+  TORCH_CHECK(first >= 0, op, ": first must be >= 0, got ", first);
   if (best.numel() == 0) return;
   float* best_data = best.data_ptr<float>();
   int64_t* index_data = index.data_ptr<int64_t>();
-  for_each_output_row(scores, height, width, row_loops(),
+  for_each_output_row(scores, pairs, row_loops(),
                       [&](int64_t image, int64_t oh, float h0, float h1, const float* t0, const float* t1,
                           const RowLoops& loops) {
                         const int64_t offset = (image * height + oh) * width;
-                        for (int64_t c = 0; c < k; ++c) {
+                        int64_t c = 0;
+                        if (first == 0) {  // the first class starts the argmax: written, best and index not read
+                          loops.combine(t0, t1, h0, h1, best_data + offset, width);
+                          std::fill(index_data + offset, index_data + offset + width, int64_t{0});
+                          c = 1;
+                        }
+                        for (; c < k; ++c) {
                           loops.combine_max(t0 + c * width, t1 + c * width, h0, h1, best_data + offset,
                                             index_data + offset, first + c, width);
                         }
@@ -240,8 +326,8 @@ void resize_argmax_cpu(const at::Tensor& scores, int64_t height, int64_t width, 
 }  // namespace
 
 TORCH_LIBRARY(denseclip_fast_engine, m) {
-  m.def("resize_bilinear(Tensor scores, int height, int width) -> Tensor");
-  m.def("resize_argmax_(Tensor scores, int height, int width, Tensor(a!) best, Tensor(b!) index, int first) -> ()");
+  m.def("resize_bilinear(Tensor scores, int[] sizes) -> Tensor");
+  m.def("resize_argmax_(Tensor scores, int[] sizes, Tensor(a!) best, Tensor(b!) index, int first) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(denseclip_fast_engine, CPU, m) {
@@ -250,7 +336,7 @@ TORCH_LIBRARY_IMPL(denseclip_fast_engine, CPU, m) {
 }
 
 TORCH_LIBRARY_FRAGMENT(denseclip_fast_testing, m) {
-  m.def("resize_bilinear_isa(Tensor scores, int height, int width, str isa) -> Tensor", &resize_bilinear_isa);
+  m.def("resize_bilinear_isa(Tensor scores, int[] sizes, str isa) -> Tensor", &resize_bilinear_isa);
 }
 
 }  // namespace denseclip_fast

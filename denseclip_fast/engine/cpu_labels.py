@@ -1,15 +1,17 @@
-"""predict's last resize and its argmax over the classes in one pass on a CPU (the extension's
+"""predict's resizes and its argmax over the classes in one pass on a CPU (the extension's
 ``denseclip_fast_engine::resize_argmax_``, csrc/cpu/labels.cpp).
 
-The resize-then-argmax way (segmenter.labels) writes every class's plane at the image's size and reads it back:
-for a 2048x1536 photo and 150 classes, 472 million float32 values, which took most of predict's time on a CPU.
-The fused kernel resizes each source row along the width once, combines two such rows per output row and keeps the
-running best class in place, so no plane at the image's size is written.
+The resize-then-argmax way (segmenter.labels) writes every class's plane at each resize's size (the network's
+input, then a uint8 image's own) and reads it back: for a 2048x1536 photo and 150 classes, 472 million float32
+values at the last one, which took most of predict's time on a CPU. The fused kernel makes the rows of each resize as
+the next one needs them (each input row resized along the width once, two such rows combined per output row) and
+keeps the running best class in place, so no plane is written at any of the sizes.
 
 Its values are ATen's bilinear resize bit for bit (the same products and fused multiply-adds; the kernel's comment
 says which), so its labels equal the argmax of the logits, as the resize-then-argmax way's do. That is ATen's
 generic kernel, which it uses for a single-channel plane whose output's height + width exceed 128 (smaller ones go
-through its channels-vectorised kernel, which rounds otherwise): the fused kernel is used above MIN_SIDES, and only
+through its channels-vectorised kernel, which rounds otherwise): the fused kernel takes the resizes to sizes above
+MIN_SIDES (those after the last smaller one: :func:`fused_tail`), and only
 after :func:`fused_labels_usable` found it equal to F.interpolate on a probe in that range (torch 2.11 and 2.14
 with ATen's AVX2 and AVX-512 kernels). A torch whose resize rounds otherwise (ATen's DEFAULT kernels on x86-64,
 ATEN_CPU_CAPABILITY=default, have no fused multiply-add), or a build without the extension, keeps the
@@ -23,6 +25,7 @@ the argmax of such logits (the unfused way's do not).
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -30,10 +33,16 @@ import torch.nn.functional as F
 # the fused kernel serves outputs whose height + width exceed this (ATen's generic kernel's range starts at 129)
 MIN_SIDES = 256
 
-# the probe's (h, w) -> (H, W): upsampled by a fraction and by an integer, downsampled, one axis unchanged, one
-# source row or column, one output column; every output's height + width just past MIN_SIDES or far past it
-PROBE = (((37, 53), (101, 211)), ((64, 64), (256, 256)), ((300, 301), (256, 149)), ((128, 128), (128, 512)),
-         ((1, 7), (97, 160)), ((9, 1), (300, 1)))  # fmt: skip
+# the probe's (h, w) -> resizes: upsampled by a fraction and by an integer, downsampled, one axis unchanged, one
+# source row or column, one output column, two resizes in turn; every output's height + width just past MIN_SIDES
+# or far past it
+PROBE = (((37, 53), ((101, 211),)), ((64, 64), ((256, 256),)), ((300, 301), ((256, 149),)),
+         ((128, 128), ((128, 512),)), ((1, 7), ((97, 160),)), ((9, 1), ((300, 1),)),
+         ((20, 31), ((129, 200), (300, 257))))  # fmt: skip
+
+# the fused kernel's classes per call: each thread keeps about three rows of every resize's width for each class,
+# at most this many float32 values (32 MiB) in all
+ROW_VALUES = 1 << 23
 
 
 def _op(name: str) -> object | None:
@@ -46,19 +55,21 @@ def _op(name: str) -> object | None:
 @functools.cache
 def fused_labels_usable() -> bool:
     """Whether this build has the fused kernel and its resize equals F.interpolate's (per plane, as the engine
-    resizes) bit for bit on the PROBE shapes (random values, an infinity and a NaN among them, whose spread through
-    the taps of weight 0 tells one rounding of those from another; probed once, on the CPU whatever torch's default
-    device)."""
+    resizes; in turn for a chain) bit for bit on the PROBE shapes (random values, an infinity and a NaN among them,
+    whose spread through the taps of weight 0 tells one rounding of those from another; probed once, on the CPU
+    whatever torch's default device)."""
     resize = _op("resize_bilinear")
     if resize is None or _op("resize_argmax_") is None:
         return False
     generator = torch.Generator().manual_seed(0)
-    for (h, w), (height, width) in PROBE:
+    for (h, w), sizes in PROBE:
         scores = torch.randn(1, 3, h, w, generator=generator, device="cpu") * 8
         scores[0, 1, h // 2, w // 2] = float("inf")
         scores[0, 2, h - 1, 0] = float("nan")
-        ours = resize(scores, height, width)  # type: ignore[operator]
-        theirs = F.interpolate(scores.view(3, 1, h, w), size=(height, width), mode="bilinear", align_corners=False)
+        ours = resize(scores, [side for size in sizes for side in size])  # type: ignore[operator]
+        theirs = scores.view(3, 1, h, w)
+        for size in sizes:
+            theirs = F.interpolate(theirs, size=size, mode="bilinear", align_corners=False)
         theirs = theirs.view(ours.shape)
         nan = ours.isnan()
         if not torch.equal(nan, theirs.isnan()):
@@ -68,19 +79,52 @@ def fused_labels_usable() -> bool:
     return True
 
 
-def fused_labels_apply(height: int, width: int) -> bool:
-    """Whether labels resized to (height, width) on a CPU take the fused kernel: large enough and usable."""
-    return height + width > MIN_SIDES and fused_labels_usable()
+def fused_tail(sizes: Sequence[tuple[int, int]]) -> int:
+    """How many of the last resizes to ``sizes`` (in turn, on a CPU) the fused kernel takes: those after the last
+    one too small for it (height + width at most MIN_SIDES), none where it is not usable."""
+    tail = 0
+    for height, width in reversed(sizes):
+        if height + width <= MIN_SIDES:
+            break
+        tail += 1
+    return tail if tail and fused_labels_usable() else 0
+
+
+# scores of at most this magnitude stay finite through any bilinear resize (each value a convex combination of
+# theirs), far below float32's 3.4e38
+TAME = 1e38
+
+
+def without_repeats(
+    scores: torch.Tensor, start: tuple[int, int], sizes: Sequence[tuple[int, int]]
+) -> Sequence[tuple[int, int]]:
+    """``sizes`` without the resizes to the size before them (``start`` before the first) when all ``scores`` are
+    finite and within TAME: those resizes give such values back as they are (ATen's resize to the same size returns
+    finite values bit for bit, as segmenter.unchanged_by_resize relies on), so the kernel need not make them; the
+    last one stays when all are repeats. Other scores keep every resize (one to the same size turns an infinity into
+    NaN)."""
+    kept = [size for before, size in zip((start, *sizes[:-1]), sizes) if tuple(before) != tuple(size)]
+    if len(kept) == len(sizes):
+        return sizes
+    low, high = torch.aminmax(scores)  # NaN passes on: not tame
+    if not bool((low >= -TAME) & (high <= TAME)):
+        return sizes
+    return kept or sizes[-1:]
+
+
+def classes_per_call(sizes: Sequence[tuple[int, int]]) -> int:
+    """The most classes one call of the fused kernel takes for the resizes to ``sizes`` (ROW_VALUES)."""
+    return max(1, ROW_VALUES // (3 * sum(width for _, width in sizes)))
 
 
 def resize_argmax_(
-    scores: torch.Tensor, height: int, width: int, best: torch.Tensor, index: torch.Tensor, first: int
+    scores: torch.Tensor, sizes: Sequence[tuple[int, int]], best: torch.Tensor, index: torch.Tensor, first: int
 ) -> None:
-    """Offer the classes of ``scores`` (N, K, h, w) float32 contiguous, resized to (height, width), to the running
-    argmax ``best`` (N, H, W) float32 / ``index`` (N, H, W) int64 as classes first .. first + K - 1 (in place): a
-    class replaces the best so far when not (value <= best) and the best is not NaN (argmax's ties and NaNs). Start
-    with best -inf and index 0."""
+    """Offer the classes of ``scores`` (N, K, h, w) float32 contiguous, resized to each of ``sizes`` in turn, to the
+    running argmax ``best`` (N, H, W) float32 / ``index`` (N, H, W) int64 as classes first .. first + K - 1 (in
+    place): a class replaces the best so far when not (value <= best) and the best is not NaN (argmax's ties and
+    NaNs). ``first`` 0 starts the argmax: best and index are written, not read."""
     op = _op("resize_argmax_")
     if op is None:
         raise RuntimeError("resize_argmax_: the denseclip_fast extension with the fused label kernel is not loaded")
-    op(scores, height, width, best, index, first)  # type: ignore[operator]
+    op(scores, [side for size in sizes for side in size], best, index, first)  # type: ignore[operator]

@@ -151,21 +151,23 @@ def labels(scores: torch.Tensor, *sizes: Size, fused: bool = True) -> torch.Tens
     chunk. Through ATen's max over the classes, which took half the time of its argmax (with the same ties and
     NaNs).
 
-    On a CPU the last resize and the argmax are one pass of the extension's kernel (cpu_labels; ``fused``: where it
-    applies), the same values bit for bit, so that no plane at the last size is written: its chunks go through the
-    resizes before the last one only."""
+    On a CPU the resizes that the extension's kernel serves (cpu_labels; ``fused``: where it applies), the last ones,
+    usually all, and the argmax are one pass of it, the same values bit for bit: it makes their rows as it needs
+    them, so that no plane at their sizes is written; a chunk goes through the others (none, usually) in memory."""
     if not sizes:
         return resized(scores, None).max(dim=1).indices
     n, k, height, width = scores.shape
     sizes = tuple((int(h), int(w)) for h, w in sizes)
     cpu = scores.device.type == "cpu"
-    last = sizes[-1]
-    fuse = fused and cpu and cpu_labels.fused_labels_apply(*last)
-    through = sizes[:-1] if fuse else sizes  # the resizes a chunk goes through in memory
+    tail = cpu_labels.fused_tail(sizes) if fused and cpu else 0
+    through, fused_sizes = sizes[: len(sizes) - tail], sizes[len(sizes) - tail :]  # in memory, then fused
     # each resize's (from, to); one to the same size, which a CPU skips unless not all are finite, not counted
     plane = height * width + sum(h * w for before, (h, w) in zip(((height, width), *through[:-1]), through)
                                  if not (cpu and before == (h, w)))  # fmt: skip
     step = label_step(n, k, (1, plane), cpu)
+    if tail:
+        fused_sizes = cpu_labels.without_repeats(scores, through[-1] if through else (height, width), fused_sizes)
+        step = min(step, cpu_labels.classes_per_call(fused_sizes))
     buffers: dict[int, torch.Tensor] = {}  # per resize (-1: the float32 copy), made when a chunk first needs it
 
     def into(j: int, height: int, width: int, planes: int) -> torch.Tensor:
@@ -183,11 +185,11 @@ def labels(scores: torch.Tensor, *sizes: Size, fused: bool = True) -> torch.Tens
                 part = resized(part, (h, w), into(j, h, w, part.shape[0] * part.shape[1]))
         return part
 
-    if fuse:
-        best = torch.full((n, *last), float("-inf"), dtype=torch.float32, device=scores.device)
-        index = torch.zeros((n, *last), dtype=torch.int64, device=scores.device)
-        for first in range(0, k, step):
-            cpu_labels.resize_argmax_(chunk(first), *last, best, index, first)
+    if tail:
+        best = torch.empty((n, *sizes[-1]), dtype=torch.float32, device=scores.device)
+        index = torch.empty((n, *sizes[-1]), dtype=torch.int64, device=scores.device)
+        for first in range(0, k, step):  # the first call starts the argmax (writes best and index)
+            cpu_labels.resize_argmax_(chunk(first), fused_sizes, best, index, first)
         return index
     best, index = chunk(0).max(dim=1)
     if step >= k:
