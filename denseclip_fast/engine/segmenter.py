@@ -166,7 +166,8 @@ def labels(scores: torch.Tensor, *sizes: Size, fused: bool = True) -> torch.Tens
                                  if not (cpu and before == (h, w)))  # fmt: skip
     step = label_step(n, k, (1, plane), cpu)
     if tail:
-        fused_sizes = cpu_labels.without_repeats(scores, through[-1] if through else (height, width), fused_sizes)
+        fused_sizes = tuple(cpu_labels.without_repeats(scores, through[-1] if through else (height, width),
+                                                       fused_sizes))  # fmt: skip
         step = min(step, cpu_labels.classes_per_call(fused_sizes))
     buffers: dict[int, torch.Tensor] = {}  # per resize (-1: the float32 copy), made when a chunk first needs it
 
