@@ -128,6 +128,12 @@ def test_each_compiled_variant_resizes_as_aten(isa):
             assert f"no {isa} loops in this build or on this CPU" in str(exc)
             pytest.skip(f"no {isa} loops here")
         torch.testing.assert_close(ours, aten(scores, size), rtol=0, atol=0, equal_nan=True)
+    # the AVX-512 width resize's blocks of 16 outputs: source rows shorter than a block, ending inside its 32
+    # values, output widths around whole blocks, blocks whose taps lie within 32 values and blocks that gather
+    for w, width in [(1, 47), (2, 16), (17, 33), (31, 65), (32, 17), (40, 160), (100, 31), (300, 257), (7, 1)]:
+        scores = spiked((1, 2, 3, w), seed=w + width)
+        ours = hook(scores, [200, width], isa)
+        torch.testing.assert_close(ours, aten(scores, (200, width)), rtol=0, atol=0, equal_nan=True)
     with pytest.raises(RuntimeError, match="no sse9 loops in this build or on this CPU"):
         hook(scores, [9, 9], "sse9")
 

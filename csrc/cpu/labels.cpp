@@ -16,6 +16,9 @@
 // replaces the best so far when not (value <= best) and the best is not NaN.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 #include <torch/library.h>
 
 #include <algorithm>
@@ -29,10 +32,19 @@
 namespace denseclip_fast {
 namespace {
 
-// One axis of the resize: for each output index, the two source indices and their weights.
+// Outputs a block of the AVX-512 width resize makes at once (one vector).
+constexpr int64_t kBlock = 16;
+
+// One axis of the resize: for each output index, the two source indices and their weights (l0 and l1 padded with
+// zeros to whole blocks). And for the AVX-512 width resize, per block of kBlock outputs: the first source index
+// (base) and each output's two source indices past it (rel0, rel1, padded with zeros), and whether they all lie
+// within the 32 source values from the base (an upsampling's do; else that block gathers).
 struct Axis {
   std::vector<int64_t> i0, i1;
   std::vector<float> l0, l1;
+  std::vector<int64_t> block_base;
+  std::vector<int32_t> rel0, rel1;
+  std::vector<uint8_t> block_near;
 };
 
 Axis make_axis(int64_t in, int64_t out) {
@@ -57,6 +69,24 @@ Axis make_axis(int64_t in, int64_t out) {
     a.i1[d] = i + (i < in - 1 ? 1 : 0);
     a.l1[d] = l1;
     a.l0[d] = 1.f - l1;
+  }
+  const int64_t blocks = (out + kBlock - 1) / kBlock;
+  a.l0.resize(blocks * kBlock, 0.f);
+  a.l1.resize(blocks * kBlock, 0.f);
+  a.rel0.assign(blocks * kBlock, 0);
+  a.rel1.assign(blocks * kBlock, 0);
+  a.block_base.resize(blocks);
+  a.block_near.resize(blocks);
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t base = a.i0[b * kBlock];
+    bool near = true;
+    for (int64_t d = b * kBlock; d < std::min(out, (b + 1) * kBlock); ++d) {
+      near = near && a.i0[d] >= base && a.i1[d] - base < 2 * kBlock;
+      a.rel0[d] = static_cast<int32_t>(std::min<int64_t>(a.i0[d] - base, 2 * kBlock - 1));
+      a.rel1[d] = static_cast<int32_t>(std::min<int64_t>(a.i1[d] - base, 2 * kBlock - 1));
+    }
+    a.block_base[b] = base;
+    a.block_near[b] = near;
   }
   return a;
 }
@@ -97,16 +127,54 @@ DCF_ROW_LOOPS(_avx512, __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq
 #endif
 #undef DCF_ROW_LOOPS
 
+#ifdef DCF_HAVE_FMA_CLONE
+// The AVX-512 width resize without gathers: a block of 16 outputs of an upsampling reads at most 32 consecutive
+// source values, two vector loads from its base, from which two permutes pick each output's taps; the same fma as
+// the other loops. A block whose taps lie further apart (a downsampling) takes resize_row_avx512's gathers.
+__attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,fma"))) void resize_row_permute(const float* row,
+                                                                                       const Axis& cols,
+                                                                                       int64_t in_w, float* out) {
+  const int64_t n = static_cast<int64_t>(cols.i0.size());
+  for (int64_t b = 0, j = 0; j < n; ++b, j += kBlock) {
+    const int64_t count = std::min(kBlock, n - j);
+    if (!cols.block_near[b]) {
+      resize_row_avx512(row, cols.i0.data() + j, cols.i1.data() + j, cols.l0.data() + j, cols.l1.data() + j, out + j,
+                        count);
+      continue;
+    }
+    const int64_t base = cols.block_base[b];
+    const int64_t available = in_w - base;  // source values from the base to the row's end (masked loads past it)
+    const auto low_mask = static_cast<__mmask16>(available >= kBlock ? 0xFFFF : (1u << available) - 1);
+    const int64_t above = std::min(std::max<int64_t>(available - kBlock, 0), kBlock);
+    const auto high_mask = static_cast<__mmask16>(above >= kBlock ? 0xFFFF : (1u << above) - 1);
+    const __m512 low = _mm512_maskz_loadu_ps(low_mask, row + base);
+    const __m512 high = _mm512_maskz_loadu_ps(high_mask, row + base + kBlock);
+    const __m512 a = _mm512_permutex2var_ps(low, _mm512_loadu_si512(cols.rel0.data() + j), high);
+    const __m512 c = _mm512_permutex2var_ps(low, _mm512_loadu_si512(cols.rel1.data() + j), high);
+    const __m512 value = _mm512_fmadd_ps(a, _mm512_loadu_ps(cols.l0.data() + j),
+                                         _mm512_mul_ps(c, _mm512_loadu_ps(cols.l1.data() + j)));
+    _mm512_mask_storeu_ps(out + j, static_cast<__mmask16>(count >= kBlock ? 0xFFFF : (1u << count) - 1), value);
+  }
+}
+#endif
+
+// A row loop of the old signature behind the Axis one.
+template <void (*Loop)(const float*, const int64_t*, const int64_t*, const float*, const float*, float*, int64_t)>
+void resize_row_of(const float* row, const Axis& cols, int64_t, float* out) {
+  Loop(row, cols.i0.data(), cols.i1.data(), cols.l0.data(), cols.l1.data(), out,
+       static_cast<int64_t>(cols.i0.size()));
+}
+
 struct RowLoops {
-  void (*resize_row)(const float*, const int64_t*, const int64_t*, const float*, const float*, float*, int64_t);
+  void (*resize_row)(const float* row, const Axis& cols, int64_t in_w, float* out);
   void (*combine)(const float*, const float*, float, float, float*, int64_t);
   void (*combine_max)(const float*, const float*, float, float, float*, int64_t*, int64_t, int64_t);
 };
 
-constexpr RowLoops kGeneric{resize_row_generic, combine_generic, combine_max_generic};
+constexpr RowLoops kGeneric{resize_row_of<resize_row_generic>, combine_generic, combine_max_generic};
 #ifdef DCF_HAVE_FMA_CLONE
-constexpr RowLoops kAvx2{resize_row_fma, combine_fma, combine_max_fma};
-constexpr RowLoops kAvx512{resize_row_avx512, combine_avx512, combine_max_avx512};
+constexpr RowLoops kAvx2{resize_row_of<resize_row_fma>, combine_fma, combine_max_fma};
+constexpr RowLoops kAvx512{resize_row_permute, combine_avx512, combine_max_avx512};
 #endif
 
 // The loops compiled for ``isa`` ("avx512", "avx2" (with FMA) or "generic"), or nullptr where this build or this CPU
@@ -189,8 +257,7 @@ class Level {
     const float* base = before_ != nullptr ? before_->row(image, r) : scores_ + (image * k_ * in_h_ + r) * in_w_;
     const int64_t stride = before_ != nullptr ? in_w_ : in_h_ * in_w_;
     for (int64_t c = 0; c < k_; ++c) {
-      loops_.resize_row(base + c * stride, cols_.i0.data(), cols_.i1.data(), cols_.l0.data(), cols_.l1.data(),
-                        out + c * out_w_, out_w_);
+      loops_.resize_row(base + c * stride, cols_, in_w_, out + c * out_w_);
     }
     cached_[s] = key;
     return out;
