@@ -143,18 +143,31 @@ def test_each_compiled_variant_resizes_as_aten(isa):
     [[512, 683, 1536, 2048], [101, 211, 101, 211, 300, 257], [300, 400, 129, 130], [200, 1, 257, 3],
      [140, 130, 140, 130]],
 )  # fmt: skip
-def test_a_chain_of_resizes_is_atens_in_turn_and_its_argmax_the_argmax(sizes):
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_chain_of_resizes_is_atens_in_turn_and_its_argmax_the_argmax(sizes, threads):
     """Resizes in turn (the network's input, then the image's own; one to the same size; down after up), the rows of
-    each made as the next needs them: ATen's resizes in turn bit for bit, and the fused labels their argmax."""
-    scores = spiked((2, 3, 37, 53), seed=len(sizes))
-    ours = torch.ops.denseclip_fast_engine.resize_bilinear(scores, sizes)
-    theirs = aten_chain(scores, sizes)
-    torch.testing.assert_close(ours, theirs, rtol=0, atol=0, equal_nan=True)
-    assert torch.equal(ours.signbit(), theirs.signbit())
-    best = torch.empty(2, *sizes[-2:])
-    index = torch.empty(2, *sizes[-2:], dtype=torch.int64)
-    torch.ops.denseclip_fast_engine.resize_argmax_(scores, sizes, best, index, 0)
-    assert torch.equal(index, theirs.argmax(dim=1))
+    each made as the next needs them: ATen's resizes in turn bit for bit, through each compiled variant this CPU
+    has, on 1 and 2 threads; and the fused labels their argmax."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        scores = spiked((2, 3, 37, 53), seed=len(sizes))
+        ours = torch.ops.denseclip_fast_engine.resize_bilinear(scores, sizes)
+        theirs = aten_chain(scores, sizes)
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0, equal_nan=True)
+        assert torch.equal(ours.signbit(), theirs.signbit())
+        for isa in ("avx512", "avx2", "generic"):
+            try:
+                variant = torch.ops.denseclip_fast_testing.resize_bilinear_isa(scores, sizes, isa)
+            except RuntimeError:  # not on this CPU: test_each_compiled_variant_resizes_as_aten says which
+                continue
+            torch.testing.assert_close(variant, theirs, rtol=0, atol=0, equal_nan=True)
+        best = torch.empty(2, *sizes[-2:])
+        index = torch.empty(2, *sizes[-2:], dtype=torch.int64)
+        torch.ops.denseclip_fast_engine.resize_argmax_(scores, sizes, best, index, 0)
+        assert torch.equal(index, theirs.argmax(dim=1))
+    finally:
+        torch.set_num_threads(saved)
 
 
 @pytest.mark.parametrize(("shape", "size"), SHAPES)
@@ -311,6 +324,14 @@ def test_the_probe_sees_a_kernel_that_differs_only_where_a_weight_is_0():
 def test_bad_kernel_inputs_are_refused_by_name(args, message):
     with pytest.raises(RuntimeError, match=message):
         torch.ops.denseclip_fast_engine.resize_bilinear(*args)
+
+
+def test_labels_of_no_class_are_refused():
+    """argmax over no class has no answer: labels says so, fused or not (the fused path once returned its buffer's
+    uninitialised values)."""
+    for fused in (True, False):
+        with pytest.raises(ValueError, match=r"labels: scores must be \(N, K, h, w\) with K >= 1, got shape"):
+            segmenter.labels(torch.zeros(1, 0, 10, 10), (200, 300), fused=fused)
 
 
 def test_bad_running_argmax_buffers_are_refused_by_name():

@@ -137,18 +137,26 @@ __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,fma"))) void resize_ro
   const int64_t n = static_cast<int64_t>(cols.i0.size());
   for (int64_t b = 0, j = 0; j < n; ++b, j += kBlock) {
     const int64_t count = std::min(kBlock, n - j);
-    if (!cols.block_near[b]) {
+    if (!cols.block_near[b]) {  // this block and the gathering ones after it, in one loop
+      int64_t last = b;
+      while ((last + 1) * kBlock < n && !cols.block_near[last + 1]) ++last;
+      const int64_t outputs = std::min((last + 1) * kBlock, n) - j;
       resize_row_avx512(row, cols.i0.data() + j, cols.i1.data() + j, cols.l0.data() + j, cols.l1.data() + j, out + j,
-                        count);
+                        outputs);
+      j += (last - b) * kBlock;
+      b = last;
       continue;
     }
     const int64_t base = cols.block_base[b];
     const int64_t available = in_w - base;  // source values from the base to the row's end (masked loads past it)
     const auto low_mask = static_cast<__mmask16>(available >= kBlock ? 0xFFFF : (1u << available) - 1);
     const int64_t above = std::min(std::max<int64_t>(available - kBlock, 0), kBlock);
-    const auto high_mask = static_cast<__mmask16>(above >= kBlock ? 0xFFFF : (1u << above) - 1);
     const __m512 low = _mm512_maskz_loadu_ps(low_mask, row + base);
-    const __m512 high = _mm512_maskz_loadu_ps(high_mask, row + base + kBlock);
+    // the second load only where the row goes on (a pointer past the end of a buffer is not formed)
+    const __m512 high = above == 0 ? _mm512_setzero_ps()
+                                   : _mm512_maskz_loadu_ps(static_cast<__mmask16>(above >= kBlock ? 0xFFFF
+                                                                                                  : (1u << above) - 1),
+                                                           row + base + kBlock);
     const __m512 a = _mm512_permutex2var_ps(low, _mm512_loadu_si512(cols.rel0.data() + j), high);
     const __m512 c = _mm512_permutex2var_ps(low, _mm512_loadu_si512(cols.rel1.data() + j), high);
     const __m512 value = _mm512_fmadd_ps(a, _mm512_loadu_ps(cols.l0.data() + j),

@@ -154,6 +154,8 @@ def labels(scores: torch.Tensor, *sizes: Size, fused: bool = True) -> torch.Tens
     On a CPU the resizes that the extension's kernel serves (cpu_labels; ``fused``: where it applies), the last ones,
     usually all, and the argmax are one pass of it, the same values bit for bit: it makes their rows as it needs
     them, so that no plane at their sizes is written; a chunk goes through the others (none, usually) in memory."""
+    if scores.dim() != 4 or scores.shape[1] == 0:  # argmax over no class has no answer
+        raise ValueError(f"labels: scores must be (N, K, h, w) with K >= 1, got shape {tuple(scores.shape)}")
     if not sizes:
         return resized(scores, None).max(dim=1).indices
     n, k, height, width = scores.shape
