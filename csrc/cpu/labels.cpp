@@ -1,6 +1,8 @@
-// The engine's label maps on a CPU: the bilinear resize of (N, K, h, w) float32 scores to (H, W) and the argmax over
-// the K classes in one pass, without the (N, K, H, W) resized scores in memory (denseclip_fast.engine.segmenter's
-// labels; a photo's 150 planes at its size are gigabytes, whose writing and reading took most of predict's time).
+// The engine's label maps on a CPU: the bilinear resizes of (N, K, h, w) float32 scores to each of a chain of sizes
+// in turn (the network's input, then the image's own) and the argmax over the K classes in one pass, without any
+// resized scores in memory but a few rows (denseclip_fast.engine.segmenter's labels; a photo's 150 planes at its
+// size are gigabytes, whose writing and reading took most of predict's time). Each resize's rows are made as the
+// next one needs them (class Level).
 //
 // The values are ATen's CPU bilinear resize (align_corners=False, sizes given, no scale factors) bit for bit, as its
 // generic kernel computes a single-channel plane of a large output: per axis, scale = in / out and
