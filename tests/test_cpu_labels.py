@@ -326,6 +326,26 @@ def test_bad_kernel_inputs_are_refused_by_name(args, message):
         torch.ops.denseclip_fast_engine.resize_bilinear(*args)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_groups_of_rows_that_read_the_same_input_rows_split_across_threads_and_images(threads):
+    """An upsampling's output rows come in groups that read the same two input rows (each class's pair read once per
+    group): groups cut by a thread's range (which may start mid-image) and by the end of an image give ATen's values
+    and argmax (wide rows, so that the threads get ranges of a few rows)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        scores = spiked((3, 2, 5, 300), seed=threads)
+        for sizes in ([61, 2000], [37, 900, 61, 2000]):
+            theirs = aten_chain(scores, sizes)
+            ours = torch.ops.denseclip_fast_engine.resize_bilinear(scores, sizes)
+            torch.testing.assert_close(ours, theirs, rtol=0, atol=0, equal_nan=True)
+            best, index = torch.empty(3, 61, 2000), torch.empty(3, 61, 2000, dtype=torch.int64)
+            torch.ops.denseclip_fast_engine.resize_argmax_(scores, sizes, best, index, 0)
+            assert torch.equal(index, theirs.argmax(dim=1))
+    finally:
+        torch.set_num_threads(saved)
+
+
 def test_labels_of_no_class_are_refused():
     """argmax over no class has no answer: labels says so, fused or not (the fused path once returned its buffer's
     uninitialised values)."""
