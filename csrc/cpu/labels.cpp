@@ -301,7 +301,8 @@ class Level {
 // consecutive rows that read the same two input rows: ``emit(image, first_row, rows, axis, t0, t1, loops)`` with
 // t0 and t1 the K width-resized input rows (of the last resize's width, class after class) that row r of the group
 // combines with weights axis.l0[r] and axis.l1[r] (an emit goes class by class over the group's rows, so that a
-// class's two rows are read once for all of them: 0.69x the time of row by row for 128x171 -> 1536x2048). The
+// class's two rows are read once for all of them: 0.68x the time of row by row for 128x171 -> 1536x2048, in
+// benchmarks/results/labels_cpu_2threads.md against labels_cpu_2threads_before_0be9a0d.md). The
 // resizes before the last one are made row by row as the last one needs them, never whole. Output rows are spread
 // over the threads in contiguous ranges, each thread with its own chain.
 template <typename Emit>
