@@ -11,9 +11,9 @@ Its values are ATen's bilinear resize bit for bit (the same products and fused m
 says which), so its labels equal the argmax of the logits, as the resize-then-argmax way's do. That is ATen's
 generic kernel, which it uses for a single-channel plane whose output's height + width exceed 128 (smaller ones go
 through its channels-vectorised kernel, which rounds otherwise): the fused kernel takes the resizes to sizes above
-MIN_SIDES (those after the last smaller one: :func:`fused_tail`), and only
-after :func:`fused_labels_usable` found it equal to F.interpolate on a probe in that range (torch 2.11 and 2.14
-with ATen's AVX2 and AVX-512 kernels). A torch whose resize rounds otherwise (ATen's DEFAULT kernels on x86-64,
+MIN_SIDES (those after the last smaller one: :func:`fused_tail`), and only after :func:`fused_labels_usable` found
+it equal to F.interpolate on a probe in that range (it is with torch 2.14's AVX2 and AVX-512 kernels; torch 2.11's
+resize rounds alike, checked by hand). A torch whose resize rounds otherwise (ATen's DEFAULT kernels on x86-64,
 ATEN_CPU_CAPABILITY=default, have no fused multiply-add), or a build without the extension, keeps the
 resize-then-argmax way.
 
