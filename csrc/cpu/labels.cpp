@@ -253,9 +253,8 @@ class Level {
         resized_(static_cast<size_t>(2 * k * out_w_)) {}
 
   const Axis& rows() const { return rows_; }
-  int64_t width() const { return out_w_; }
 
-  // Input row r of ``image``, all classes resized along the width (K rows of width(), class after class).
+  // Input row r of ``image``, all classes resized along the width (K rows of the output's width, class after class).
   const float* width_resized(int64_t image, int64_t r) {
     const int64_t key = image * in_h_ + r;
     for (int s = 0; s < 2; ++s) {
@@ -273,7 +272,7 @@ class Level {
     return out;
   }
 
-  // Output row oh of ``image`` (K rows of width(), class after class), valid until the next call.
+  // Output row oh of ``image`` (K rows of the output's width, class after class), valid until the next call.
   const float* row(int64_t image, int64_t oh) {
     const float* t0 = width_resized(image, rows_.i0[oh]);
     const float* t1 = width_resized(image, rows_.i1[oh]);
@@ -335,15 +334,15 @@ void for_each_output_row(const at::Tensor& scores, const std::vector<std::pair<i
       const int64_t image = i / height, oh = i % height;
       // the output rows after it that read the same two input rows (an upsampling's): one group, so that each
       // class's two width-resized rows are read once for all of them
-      int64_t rows = 1;
-      while (i + rows < end && oh + rows < height && out_rows.i0[oh + rows] == out_rows.i0[oh] &&
-             out_rows.i1[oh + rows] == out_rows.i1[oh]) {
-        ++rows;
+      int64_t group = 1;
+      while (i + group < end && oh + group < height && out_rows.i0[oh + group] == out_rows.i0[oh] &&
+             out_rows.i1[oh + group] == out_rows.i1[oh]) {
+        ++group;
       }
       const float* t0 = last.width_resized(image, out_rows.i0[oh]);
       const float* t1 = last.width_resized(image, out_rows.i1[oh]);
-      emit(image, oh, rows, out_rows, t0, t1, loops);
-      i += rows;
+      emit(image, oh, group, out_rows, t0, t1, loops);
+      i += group;
     }
   });
 }

@@ -14,9 +14,8 @@ takes 13% / 25% less time than eager PyTorch at batch 1 / 4, benchmarks/results/
 image only the image encoder, the context decoder, the fused score/concat operator, the FPN and the head run; on
 CUDA every (batch, size) is captured once into a CUDA graph and replayed; the head's logits are resized to the input
 size (and uint8 images' to their own) after the replay, in float32, by the finish: logits straight into the
-returned tensor, predict's labels a chunk of classes at a time (see labels; on a CPU the last resize and the
-argmax in one pass of the extension's kernel, cpu_labels). Slide mode evaluates all crops of a
-batch as one forward.
+returned tensor, predict's labels a chunk of classes at a time (see labels; on a CPU the resizes and the argmax
+in one pass of the extension's kernel, cpu_labels). Slide mode evaluates all crops of a batch as one forward.
 
 Threads: every public method takes one lock, so a Segmenter may be shared by threads, which then take turns; for
 parallel inference give each thread (or GPU) its own Segmenter.
