@@ -8,7 +8,8 @@
 What happens once, at construction: a private copy of the model is put in eval mode, its BatchNorms are folded into
 the convolutions, it is moved to the device and dtype (channels_last weights on CUDA), and the class embeddings of
 the vocabulary are computed in float32 and kept in a buffer; on a CPU the float32 linear layers (the image path's in
-a float32 engine, the text encoder's always) run through oneDNN instead of the BLAS (cpu_linear.py). Images go
+a float32 engine, the text encoder's always) run through oneDNN instead of the BLAS (cpu_linear.py), and a bfloat16
+engine's convolutions through oneDNN's fused operator with their ReLU and residual sum (cpu_conv.py). Images go
 through in channels_last on every device (cuDNN's and oneDNN's fastest convolutions; on a 2-core CPU the engine
 takes 13% / 25% less time than eager PyTorch at batch 1 / 4, benchmarks/results/export_cpu_2threads_512.md). Per
 image only the image encoder, the context decoder, the fused score/concat operator, the FPN and the head run; on
@@ -48,6 +49,7 @@ from ..validation import as_int, check_bool, check_device, given_dtype
 from ..visualize import default_palette
 from ..visualize import overlay as blend
 from . import cpu_labels
+from .cpu_conv import fuse_convolutions
 from .cpu_linear import fuse_quick_gelu, use_onednn_linears
 from .graphs import GraphCache
 from .inputs import ImageBatch, as_batch, stacked_for
@@ -318,6 +320,7 @@ class Segmenter:
         if self.device.type == "cpu":  # float32 layers through oneDNN (cpu_linear.py), the text encoder's always
             use_onednn_linears(self.model)
             fuse_quick_gelu(self.model)  # those layers' QuickGELU as oneDNN's SiLU post-op
+            fuse_convolutions(self.model)  # bfloat16 convolutions with their ReLU and residual sum (cpu_conv.py)
             channels_last_pyramid(self.model)
         self._text = self._embed(self.model.class_names)  # the buffer the graphs read; refreshed in place
         self._vocabularies: OrderedDict[tuple[str, ...], torch.Tensor] = OrderedDict()

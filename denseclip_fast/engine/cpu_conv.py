@@ -1,0 +1,254 @@
+"""The bfloat16 CPU engine's convolutions through oneDNN, with what follows them as post-ops, on weights packed once.
+
+PyTorch runs a CPU convolution with oneDNN (``aten::mkldnn_convolution``) and then the ReLU, and a bottleneck's
+residual sum, as passes of their own over the output; it also reorders the weight into oneDNN's blocked layout at
+every call. ``torch.ops.mkldnn._convolution_pointwise`` (what torch.compile's CPU backend calls) takes the ReLU as a
+post-op, its ``.binary`` form the residual sum and then the ReLU, and both take a weight packed ahead of time
+(``torch._C._nn.mkldnn_reorder_conv2d_weight``). In a bfloat16 engine that saves the ReLU's and the sum's passes
+(they took 12% of RN50's time on 2 CPU threads of a Xeon with AMX) and the reorders (a 3x3 512-channel convolution
+of a 16x22 map: 1.9 ms as PyTorch runs it, 1.0 ms with the packed weight and the ReLU). In float32 the same
+operator was slower than PyTorch's on the large maps of the first stages (3.8 against 2.4 ms for a 64 -> 256 1x1
+convolution of a 128x171 map), so a float32 engine keeps PyTorch's convolutions.
+
+Where the rewrite applies: the Segmenter's private copy of a model on a CPU in bfloat16: the ResNet stem's three
+convolutions and ReLUs, each bottleneck's (two conv + ReLU, the last conv with the residual sum and ReLU, the
+shortcut's conv), the Semantic FPN's conv + ReLU blocks, the FPN's convolutions and the classifier (the ones
+without a post-op still gain the packed weight). The parameters stay the same tensors (the state dict keeps its
+keys); the packed copy is made at the first call and again whenever a weight or bias is replaced or changed in
+place. Equal to PyTorch's ReLU(conv) bit for bit in the cases measured; the residual sum is rounded once to
+bfloat16 instead of twice (after the convolution, then after the sum): at most an ulp of bfloat16 apart.
+
+The operators are private to PyTorch: they are probed once (present, bfloat16 supported by this CPU's oneDNN, and
+equal to ``F.conv2d`` and its post-ops on a small case). A PyTorch without them, a call that needs gradients or that
+something records (torch.compile, torch.export, a dispatch mode, torch.jit.trace, torch.func), oneDNN switched off
+(``torch.backends.mkldnn.flags(enabled=False)``), or tensors that are not plain CPU bfloat16 ones take
+``F.conv2d`` and the post-ops in PyTorch, as the model computes them.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..model import DenseCLIP
+from ..model.heads import ConvModule, SemanticFPNHead
+from ..model.layers import intercepted
+from ..model.resnet import Bottleneck, CLIPResNetBackbone
+
+# the dtypes whose convolutions are rewritten: where the fused, packed operator was measured faster (module docstring)
+DTYPES = (torch.bfloat16,)
+
+
+def _convolution() -> Any:
+    return torch.ops.mkldnn._convolution_pointwise
+
+
+def _pack(weight: torch.Tensor, conv: OneDNNConv2d, input_size: list[int]) -> torch.Tensor:
+    """``weight`` in oneDNN's layout for ``conv``'s convolution of an input of ``input_size`` (an opaque tensor)."""
+    reorder: Any = torch._C._nn.mkldnn_reorder_conv2d_weight  # its stub lacks the input size, which it takes
+    return reorder(weight.to_mkldnn(), conv.padding, conv.stride, conv.dilation, conv.groups, input_size)
+
+
+@torch.no_grad()
+def _agrees() -> bool:
+    """Whether the packed, fused convolutions agree with F.conv2d and their post-ops computed in float32 on a small
+    bfloat16 case (a 3x3 convolution with stride 2, odd sizes, channels_last input), within bfloat16's rounding."""
+    gen = torch.Generator().manual_seed(0)
+
+    def draw(*shape: int) -> torch.Tensor:  # whatever the default dtype and device
+        return torch.randn(shape, generator=gen, dtype=torch.float32, device="cpu").to(torch.bfloat16)
+
+    x, weight, bias = draw(1, 5, 9, 11).contiguous(memory_format=torch.channels_last), draw(6, 5, 3, 3), draw(6)
+    conv = OneDNNConv2d(nn.Conv2d(5, 6, 3, stride=2, padding=1, device="cpu", dtype=torch.bfloat16), "relu")
+    product = F.conv2d(x.float(), weight.float(), bias.float(), stride=2, padding=1)
+    residual = draw(*product.shape)
+    packed = _pack(weight, conv, list(x.shape))
+    args = (bias, conv.padding, conv.stride, conv.dilation, 1)
+    outs = (_convolution()(x, packed, *args, "relu", [], ""),
+            _convolution().binary(x, residual, packed, *args, "add", None, "relu", [], ""))  # fmt: skip
+    expected = (torch.relu(product), torch.relu(product + residual))
+    return all(
+        out.shape == want.shape and torch.allclose(out.float(), want, rtol=2**-7, atol=1e-2)
+        for out, want in zip(outs, expected)
+    )
+
+
+@functools.cache
+def onednn_conv_usable() -> bool:
+    """Whether this PyTorch has oneDNN's fused convolution and weight packing, this CPU's oneDNN computes bfloat16,
+    and the fused convolutions agree with F.conv2d and their post-ops on a small case (probed once)."""
+    try:
+        return (
+            torch.backends.mkldnn.is_available()
+            and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+            and _agrees()
+        )
+    except Exception:  # an operator missing, renamed or with another signature: PyTorch's convolutions stay
+        return False
+
+
+def _plain_cpu(t: torch.Tensor, dtype: torch.dtype) -> bool:
+    # not a traced (fake, functional) tensor nor a subclass with its own dispatch
+    return type(t) in (torch.Tensor, nn.Parameter) and t.device.type == "cpu" and t.dtype == dtype
+
+
+class OneDNNConv2d(nn.Module):
+    """An ``nn.Conv2d``'s parameters (the same tensors) computed with oneDNN's fused convolution on a packed copy of
+    the weight, followed by ``post_op`` ("none" or "relu"); ``forward(x, residual)`` adds ``residual`` (the output's
+    shape) before the post-op. Where oneDNN is not taken (module docstring), F.conv2d and the same steps in PyTorch."""
+
+    def __init__(self, conv: nn.Conv2d, post_op: str = "none") -> None:
+        super().__init__()
+        if type(conv) is not nn.Conv2d or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise ValueError(f"OneDNNConv2d takes an nn.Conv2d with numeric zero padding, got {conv!r}")
+        if post_op not in ("none", "relu"):
+            raise ValueError(f"post_op must be 'none' or 'relu', got {post_op!r}")
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.kernel_size = tuple(conv.kernel_size)
+        self.padding = list(conv.padding)
+        self.stride, self.dilation, self.groups = list(conv.stride), list(conv.dilation), conv.groups
+        self.weight = conv.weight
+        self.bias = conv.bias
+        self.post_op = post_op
+        # (the packed weight, the weight and bias it was made of, their versions)
+        self._packed: tuple[Any, ...] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # the packed weight is an opaque oneDNN tensor, which neither pickles nor deep-copies: made again when needed
+        state = self.__dict__.copy()
+        state["_packed"] = None
+        return state
+
+    def _packed_weight(self, input_size: list[int]) -> torch.Tensor:
+        """The packed weight, made again when the weight or bias is another tensor or was changed in place."""
+        weight, bias = self.weight, self.bias
+        versions = (weight._version, None if bias is None else bias._version)
+        packed = self._packed
+        if packed is None or packed[1] is not weight or packed[2] is not bias or packed[3] != versions:
+            packed = (_pack(weight.detach(), self, input_size), weight, bias, versions)
+            self._packed = packed
+        return packed[0]
+
+    def _output_size(self, x: torch.Tensor) -> tuple[int, ...]:
+        sides = (
+            (side + 2 * pad - dil * (kernel - 1) - 1) // step + 1
+            for side, pad, dil, kernel, step in zip(
+                x.shape[2:], self.padding, self.dilation, self.kernel_size, self.stride
+            )
+        )
+        return (x.shape[0], self.out_channels, *sides)
+
+    def _takes_onednn(self, x: torch.Tensor, residual: torch.Tensor | None) -> bool:
+        tensors = [x, self.weight] + [t for t in (self.bias, residual) if t is not None]
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            return False
+        if intercepted() or not torch.backends.mkldnn.enabled:  # first: a tracer is not asked about shapes
+            return False
+        dtype = self.weight.dtype
+        if dtype not in DTYPES or not all(_plain_cpu(t, dtype) for t in tensors):
+            return False
+        if x.dim() != 4 or x.shape[1] != self.in_channels or x.numel() == 0:
+            return False  # F.conv2d's error message, or its empty result
+        if residual is not None:
+            if tuple(residual.shape) != self._output_size(x):
+                return False  # PyTorch's broadcasting, or its error message
+            # the only residual sums oneDNN fuses; in other cases the operator sums with ATen's add_relu, which
+            # fails for bfloat16
+            if self.groups != 1 or not x.is_contiguous(memory_format=torch.channels_last):
+                return False
+        return onednn_conv_usable()
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if not self._takes_onednn(x, residual):
+            out = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+            if residual is not None:
+                out = out + residual
+            return torch.relu(out) if self.post_op == "relu" else out
+        packed = self._packed_weight(list(x.shape))
+        args = (self.bias, self.padding, self.stride, self.dilation, self.groups)
+        if residual is None:
+            return _convolution()(x, packed, *args, self.post_op, [], "")
+        unary = None if self.post_op == "none" else self.post_op
+        return _convolution().binary(x, residual, packed, *args, "add", None, unary, [], "")
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={tuple(self.stride)}, "
+            f"padding={tuple(self.padding)}, bias={self.bias is not None}, post_op={self.post_op}"
+        )
+
+
+def _folded(*modules: nn.Module | None) -> bool:
+    return all(m is None or type(m) is nn.Identity for m in modules)
+
+
+class OneDNNBottleneck(nn.Module):
+    """A ResNet :class:`Bottleneck` whose BatchNorms are folded, over the same modules (the state dict keeps its
+    keys), with its convolutions as :class:`OneDNNConv2d`: conv1 and conv2 with their ReLUs, conv3 with the residual
+    sum and the ReLU, the shortcut's conv without a post-op."""
+
+    def __init__(self, block: Bottleneck) -> None:
+        super().__init__()
+        if not _folded(block.bn1, block.bn2, block.bn3):
+            raise ValueError("OneDNNBottleneck takes a Bottleneck whose BatchNorms are folded (engine.rewrite)")
+        self.conv1, self.bn1 = OneDNNConv2d(block.conv1, "relu"), block.bn1
+        self.conv2, self.bn2 = OneDNNConv2d(block.conv2, "relu"), block.bn2
+        self.avgpool = block.avgpool
+        self.conv3, self.bn3 = OneDNNConv2d(block.conv3, "relu"), block.bn3
+        self.downsample = block.downsample
+        if self.downsample is not None:
+            _convolutions_of(self.downsample)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.avgpool(self.conv2(self.conv1(x)))
+        identity = x if self.downsample is None else self.downsample(x)
+        return self.conv3(out, identity)
+
+
+def _convolutions_of(module: nn.Module) -> int:
+    """Each plain ``nn.Conv2d`` child of ``module`` (not below it) as a :class:`OneDNNConv2d` without a post-op."""
+    count = 0
+    for name, child in list(module.named_children()):
+        if type(child) is nn.Conv2d and child.padding_mode == "zeros" and not isinstance(child.padding, str):
+            setattr(module, name, OneDNNConv2d(child))
+            count += 1
+    return count
+
+
+def fuse_convolutions(model: DenseCLIP) -> int:
+    """Rewrite ``model``'s image-path convolutions in place as :class:`OneDNNConv2d` (module docstring), with the
+    ReLU after them (the ResNet stem's, the bottlenecks', the Semantic FPN's conv + ReLU blocks) and a bottleneck's
+    residual sum as post-ops. For the Segmenter's private copy on a CPU, after the BatchNorms were folded
+    (engine.rewrite.fold_batchnorm; a block whose BatchNorm is still there is left as it is), and only when the
+    image path computes in a dtype of DTYPES and oneDNN's operators are usable here. Returns how many convolutions
+    were rewritten (a second call: none)."""
+    image_dtype = model.gamma.dtype
+    if image_dtype not in DTYPES or not onednn_conv_usable():
+        return 0
+    count = 0
+    for parent in [m for name, m in model.named_modules() if not name.startswith("text_encoder")]:
+        if isinstance(parent, CLIPResNetBackbone):
+            stem = (parent.conv1, parent.conv2, parent.conv3)
+            if not (_folded(parent.bn1, parent.bn2, parent.bn3) and all(type(c) is nn.Conv2d for c in stem)):
+                continue
+            for name in ("conv1", "conv2", "conv3"):
+                setattr(parent, name, OneDNNConv2d(getattr(parent, name), "relu"))
+            setattr(parent, "relu", nn.Identity())  # the stem's only: the bottlenecks have their own
+            count += 3
+        elif isinstance(parent, ConvModule) and parent.bn is None and type(parent.conv) is nn.Conv2d:
+            relu = type(parent.act) is nn.ReLU
+            setattr(parent, "conv", OneDNNConv2d(parent.conv, "relu" if relu else "none"))
+            if relu:
+                parent.act = None
+            count += 1
+        elif isinstance(parent, (SemanticFPNHead, nn.Sequential)):
+            for name, child in list(parent.named_children()):
+                if type(child) is Bottleneck and _folded(child.bn1, child.bn2, child.bn3):
+                    setattr(parent, name, OneDNNBottleneck(child))
+                    count += 3 + (child.downsample is not None)
+            count += _convolutions_of(parent)
+    return count

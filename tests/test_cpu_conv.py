@@ -1,0 +1,375 @@
+"""The bfloat16 CPU engine's convolutions through oneDNN (denseclip_fast/engine/cpu_conv.py): the convolution with
+its ReLU (and a bottleneck's residual sum) as post-ops on a packed weight, the same function as F.conv2d and those
+steps within bfloat16's rounding; taken only for plain CPU bfloat16 tensors without gradients, and only in the
+image path of the Segmenter's own copy of the model."""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+import platform
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from denseclip_fast import DenseCLIP, Segmenter
+from denseclip_fast.engine import cpu_conv
+from denseclip_fast.engine.cpu_conv import OneDNNBottleneck, OneDNNConv2d, fuse_convolutions, onednn_conv_usable
+from denseclip_fast.engine.rewrite import prepare_for_inference
+from denseclip_fast.model.resnet import Bottleneck
+
+from .conftest import NAMES, randomized, rel_err, tiny_config
+
+needs_onednn = pytest.mark.skipif(not onednn_conv_usable(), reason="no usable oneDNN bfloat16 fused convolution")
+FUSED = "mkldnn::_convolution_pointwise"
+BF16 = {"rtol": 2**-7, "atol": 2e-2}  # bfloat16's rounding of the result, against float32 arithmetic
+
+
+def _ops_run(fn) -> set[str]:
+    """The names of the operators ``fn()`` runs (torch.profiler)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {event.name for event in prof.events()}
+
+
+def _conv(cin: int, cout: int, kernel: int, dtype: torch.dtype = torch.bfloat16, seed: int = 0, **kw) -> nn.Conv2d:
+    torch.manual_seed(seed)
+    conv = nn.Conv2d(cin, cout, kernel, **kw)
+    with torch.no_grad():
+        conv.weight.normal_(0, (cin * kernel * kernel / conv.groups) ** -0.5)
+        if conv.bias is not None:
+            conv.bias.normal_(0, 0.5)
+    return conv.to(dtype).requires_grad_(False)
+
+
+def _in_float32(conv: nn.Conv2d, x: torch.Tensor, residual: torch.Tensor | None, relu: bool) -> torch.Tensor:
+    bias = None if conv.bias is None else conv.bias.float()
+    out = F.conv2d(x.float(), conv.weight.float(), bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    if residual is not None:
+        out = out + residual.float()
+    return torch.relu(out) if relu else out
+
+
+CASES = [  # (input shape, out channels, kernel, Conv2d keywords)
+    ((1, 3, 17, 23), 8, 3, {"padding": 1, "stride": 2}),
+    ((2, 16, 9, 10), 33, 1, {}),
+    ((1, 24, 8, 13), 24, 3, {"padding": 1, "groups": 3, "bias": False}),
+    ((3, 5, 12, 7), 6, 3, {"padding": 2, "dilation": 2}),
+    ((1, 64, 1, 1), 17, 1, {}),
+]
+
+
+@needs_onednn
+@pytest.mark.parametrize("shape, cout, kernel, kw", CASES)
+@pytest.mark.parametrize("post_op", ["none", "relu"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_equals_the_convolution_and_its_post_op(shape, cout, kernel, kw, post_op, layout):
+    conv = _conv(shape[1], cout, kernel, **kw)
+    fused = OneDNNConv2d(conv, post_op)
+    x = torch.randn(shape).to(torch.bfloat16)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        out = fused(x)
+        assert FUSED in _ops_run(lambda: fused(x))
+        plain = conv(x)
+        plain = torch.relu(plain) if post_op == "relu" else plain
+    assert out.shape == plain.shape and out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), _in_float32(conv, x, None, post_op == "relu"), **BF16)
+    torch.testing.assert_close(out, plain, **BF16)
+    if layout == "channels_last":  # the engine's layout stays: the next convolution takes it as it is
+        assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+@needs_onednn
+@pytest.mark.parametrize("shape, cout, kernel, kw", CASES)
+@pytest.mark.parametrize("post_op", ["none", "relu"])
+def test_the_residual_sum_before_the_post_op(shape, cout, kernel, kw, post_op):
+    kw = {k: v for k, v in kw.items() if k != "groups"}  # grouped: test_residual_sums_onednn_does_not_fuse_...
+    conv = _conv(shape[1], cout, kernel, **kw)
+    fused = OneDNNConv2d(conv, post_op)
+    x = torch.randn(shape).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        residual = torch.randn_like(conv(x))
+        out = fused(x, residual)
+        assert FUSED in _ops_run(lambda: fused(x, residual))
+    assert out.shape == residual.shape and out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), _in_float32(conv, x, residual, post_op == "relu"), **BF16)
+
+
+@needs_onednn
+@pytest.mark.parametrize("case", ["grouped", "nchw"])
+def test_residual_sums_onednn_does_not_fuse_take_pytorch(case):
+    """oneDNN fuses the sum for an ungrouped convolution of a channels_last input; otherwise its operator sums with
+    ATen's add_relu, which fails for bfloat16. Those take PyTorch's convolution and sum."""
+    conv = _conv(6, 6, 3, padding=1, groups=3 if case == "grouped" else 1)
+    fused = OneDNNConv2d(conv, "relu")
+    x = torch.randn(1, 6, 8, 13).to(torch.bfloat16)
+    if case == "grouped":
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        residual = torch.randn_like(conv(x))
+        assert FUSED not in _ops_run(lambda: fused(x, residual))
+        assert torch.equal(fused(x, residual), torch.relu(conv(x) + residual))
+        assert FUSED in _ops_run(lambda: fused(x))  # without a sum, oneDNN takes either
+
+
+@needs_onednn
+def test_a_residual_pytorch_would_broadcast_takes_pytorch():
+    conv = _conv(4, 6, 1)
+    fused = OneDNNConv2d(conv, "relu")
+    x = torch.randn(2, 4, 5, 7).to(torch.bfloat16)
+    residual = torch.randn(1, 6, 1, 1).to(torch.bfloat16)
+    with torch.no_grad():
+        assert FUSED not in _ops_run(lambda: fused(x, residual))
+        assert torch.equal(fused(x, residual), torch.relu(conv(x) + residual))
+        with pytest.raises(RuntimeError, match="size of tensor"):
+            fused(x, torch.randn(2, 5, 5, 7).to(torch.bfloat16))
+
+
+@needs_onednn
+def test_one_packed_weight_serves_every_input_size():
+    """The weight is packed for the first call's input size; later calls with other batch sizes and maps (the
+    engine's images differ in size) compute the same as a fresh module would."""
+    conv = _conv(32, 48, 3, padding=1)
+    fused = OneDNNConv2d(conv, "relu")
+    with torch.no_grad():
+        for shape in ((1, 32, 16, 22), (3, 32, 41, 9), (2, 32, 1, 1), (1, 32, 16, 22)):
+            x = torch.randn(shape).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+            expected = OneDNNConv2d(conv, "relu")(x)
+            assert torch.equal(fused(x), expected), shape
+            torch.testing.assert_close(fused(x).float(), _in_float32(conv, x, None, True), **BF16)
+
+
+@needs_onednn
+def test_a_changed_or_replaced_weight_is_packed_again():
+    conv = _conv(8, 8, 3, padding=1)
+    fused = OneDNNConv2d(conv, "none")
+    x = torch.randn(1, 8, 10, 12).to(torch.bfloat16)
+    with torch.no_grad():
+        before = fused(x)
+        fused.weight.mul_(-2)  # in place, as load_state_dict copies
+        torch.testing.assert_close(fused(x).float(), _in_float32(conv, x, None, False), **BF16)
+        assert not torch.equal(fused(x), before)
+        fused.weight = nn.Parameter(torch.zeros_like(conv.weight), requires_grad=False)
+        assert torch.equal(fused(x), fused.bias.view(1, -1, 1, 1).expand_as(before))
+        fused.bias.zero_()
+        assert not fused(x).any()
+
+
+@needs_onednn
+def test_copies_and_pickles_after_packing():
+    """The packed weight is an opaque oneDNN tensor, which neither deep-copies nor pickles: copies make their own."""
+    conv = _conv(8, 5, 1)
+    fused = OneDNNConv2d(conv, "relu")
+    x = torch.randn(2, 8, 6, 7).to(torch.bfloat16)
+    with torch.no_grad():
+        out = fused(x)
+        for other in (copy.deepcopy(fused), pickle.loads(pickle.dumps(fused))):
+            assert torch.equal(other(x), out)
+            assert other.weight is not fused.weight and torch.equal(other.weight, fused.weight)
+    buffer = io.BytesIO()
+    torch.save(fused, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), out)
+
+
+@pytest.mark.parametrize("case", ["float32", "float64", "grad", "no-onednn", "empty"])
+def test_everything_else_takes_pytorchs_convolution(case):
+    """Other dtypes, a call that needs gradients, oneDNN switched off by PyTorch's own flag and an empty batch give
+    exactly F.conv2d and the post-op (with autograd)."""
+    dtype = {"float32": torch.float32, "float64": torch.float64}.get(case, torch.bfloat16)
+    conv = _conv(6, 7, 3, dtype=dtype, padding=1)
+    fused = OneDNNConv2d(conv, "relu")
+    x = torch.randn(0 if case == "empty" else 2, 6, 9, 8).to(dtype)
+    residual = torch.randn(x.shape[0], 7, 9, 8).to(dtype)
+    if case == "grad":
+        x.requires_grad_(True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the flags' note on TF32 for Intel GPUs
+        with torch.backends.mkldnn.flags(enabled=case != "no-onednn"):
+            assert FUSED not in _ops_run(lambda: fused(x, residual))
+            out = fused(x, residual)
+            assert torch.equal(out, torch.relu(conv(x) + residual))
+    if case == "grad":
+        out.float().sum().backward()
+        xr = x.detach().clone().requires_grad_(True)
+        torch.relu(conv(xr) + residual).float().sum().backward()
+        assert x.grad is not None and torch.equal(x.grad, xr.grad)
+
+
+@needs_onednn
+def test_what_records_the_call_sees_the_convolution():
+    """FlopCounterMode counts the convolution, make_fx records aten's."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.utils.flop_counter import FlopCounterMode
+
+    fused = OneDNNConv2d(_conv(4, 6, 1), "relu")
+    x = torch.randn(1, 4, 5, 3).to(torch.bfloat16)
+    with torch.no_grad():
+        with FlopCounterMode(display=False) as counter:
+            fused(x)
+        assert counter.get_total_flops() == 2 * 4 * 6 * 5 * 3
+        graph = make_fx(fused)(x).graph
+        assert not any("mkldnn" in str(node.target) for node in graph.nodes)
+        assert any("convolution" in str(node.target) for node in graph.nodes)
+
+
+def test_refuses_what_it_cannot_compute():
+    with pytest.raises(ValueError, match="numeric zero padding"):
+        OneDNNConv2d(nn.Conv2d(3, 3, 3, padding="same"))
+    with pytest.raises(ValueError, match="numeric zero padding"):
+        OneDNNConv2d(nn.Conv2d(3, 3, 3, padding=1, padding_mode="reflect"))
+    with pytest.raises(ValueError, match="post_op must be 'none' or 'relu', got 'gelu'"):
+        OneDNNConv2d(nn.Conv2d(3, 3, 1), "gelu")
+    with pytest.raises(ValueError, match="BatchNorms are folded"):
+        OneDNNBottleneck(Bottleneck(8, 2))
+
+
+@pytest.mark.parametrize("stride, inplanes", [(1, 8), (2, 8), (1, 32)])
+def test_a_bottleneck_computes_as_before(stride, inplanes):
+    """OneDNNBottleneck over a folded Bottleneck's modules: in float32 (PyTorch's convolutions) exactly the block's
+    result; in bfloat16 through oneDNN within bfloat16's rounding of the float32 block."""
+    from denseclip_fast.engine.rewrite import fold_batchnorm
+
+    torch.manual_seed(0)
+    block = randomized(Bottleneck(inplanes, 8, stride)).eval().requires_grad_(False)
+    fold_batchnorm(block)
+    x = torch.randn(2, inplanes, 12, 10).contiguous(memory_format=torch.channels_last)
+    fused = OneDNNBottleneck(block)
+    assert fused.state_dict().keys() == block.state_dict().keys()
+    with torch.no_grad():
+        assert torch.equal(fused(x), block(x))
+        expected = block(x)
+        low = copy.deepcopy(fused).to(torch.bfloat16)
+        out = low(x.to(torch.bfloat16))
+        if onednn_conv_usable():
+            assert FUSED in _ops_run(lambda: low(x.to(torch.bfloat16)))
+    assert rel_err(out, expected) < 2e-2
+
+
+@pytest.mark.skipif(
+    platform.machine().lower() not in ("x86_64", "amd64")
+    or not torch.backends.mkldnn.is_available()
+    or not torch.ops.mkldnn._is_mkldnn_bf16_supported(),
+    reason="oneDNN's bfloat16 convolution is checked where PyTorch builds it and the CPU computes bfloat16",
+)
+def test_the_operator_is_usable_here():
+    """A PyTorch whose private operators moved or changed would switch the rewrite off silently: it fails here."""
+    assert onednn_conv_usable()
+
+
+def test_the_probe_says_no_for_an_operator_that_fails_or_disagrees(monkeypatch):
+    real = cpu_conv._convolution()
+
+    def raises(*args):
+        raise TypeError("_convolution_pointwise() got an unexpected argument")
+
+    class Disagrees:
+        def __call__(self, *args):
+            return real(*args) + 1
+
+        def binary(self, *args):
+            return real.binary(*args)
+
+    for fake in (raises, Disagrees()):
+        onednn_conv_usable.cache_clear()
+        monkeypatch.setattr(cpu_conv, "_convolution", lambda fake=fake: fake)
+        assert onednn_conv_usable() is False
+    onednn_conv_usable.cache_clear()
+
+
+def test_the_probe_ignores_the_default_dtype_and_device():
+    onednn_conv_usable.cache_clear()
+    saved = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(torch.float64)
+        with torch.device("meta"):
+            usable = onednn_conv_usable()
+    finally:
+        torch.set_default_dtype(saved)
+        onednn_conv_usable.cache_clear()
+    assert usable is onednn_conv_usable()
+
+
+@pytest.fixture(scope="module", params=["resnet", "vit"])
+def model(request) -> DenseCLIP:
+    torch.manual_seed(0)
+    return randomized(DenseCLIP(tiny_config(request.param), NAMES)).eval()
+
+
+@needs_onednn
+def test_a_bfloat16_engine_fuses_its_convolutions_over_the_same_parameters(model):
+    seg = Segmenter(model, device="cpu", dtype=torch.bfloat16)
+    text = set(seg.model.text_encoder.modules())
+    convs = [m for m in seg.model.modules() if isinstance(m, (nn.Conv2d, OneDNNConv2d)) and m not in text]
+    resnet = model.config.vision.kind == "resnet"
+    # the ViT's patch embedding stays PyTorch's; every other convolution of the image path is rewritten
+    assert sum(type(m) is nn.Conv2d for m in convs) == (0 if resnet else 1)
+    assert sum(isinstance(m, OneDNNConv2d) for m in convs) == len(convs) - (0 if resnet else 1)
+    relus = [m for m in seg.model.modules() if isinstance(m, nn.ReLU)]
+    assert not relus  # the ReLUs are post-ops (a bottleneck's last one, after the residual sum, conv3's)
+    assert any(isinstance(m, OneDNNBottleneck) for m in seg.model.modules()) is resnet
+    assert fuse_convolutions(seg.model) == 0  # done once, at construction
+    plain = prepare_for_inference(model, torch.device("cpu"), torch.bfloat16).state_dict()
+    state = seg.model.state_dict()
+    assert state.keys() == plain.keys()
+    # the same values, but for the text encoder's MLPs (fuse_quick_gelu scales them: test_cpu_linear)
+    assert [k for k in plain if not k.startswith("text_encoder.") and not torch.equal(state[k], plain[k])] == []
+
+
+@needs_onednn
+def test_a_bfloat16_engine_computes_the_same(model, monkeypatch):
+    x = torch.randn(2, 3, 64, 96)
+    seg = Segmenter(model, device="cpu", dtype=torch.bfloat16)
+    assert FUSED in _ops_run(lambda: seg.logits(x))
+    fused = seg.logits(x)
+    with torch.no_grad():
+        expected = model(x)
+    buffer = io.BytesIO()
+    torch.save(seg.model, buffer)  # the packed weights are left out, and made again by the copy
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    channels = model.config.fpn_channels
+    shapes = [(2, channels, 16 // s, 24 // s) for s in (1, 2, 4, 8)]
+    levels = [torch.randn(shape).to(torch.bfloat16).contiguous(memory_format=torch.channels_last) for shape in shapes]
+    with torch.no_grad():
+        assert FUSED in _ops_run(lambda: loaded.decode_head(levels))  # its conv + ReLU blocks, in both architectures
+        assert torch.equal(loaded.decode_head(levels), seg.model.decode_head(levels))
+    monkeypatch.setattr(cpu_conv, "DTYPES", ())
+    unfused = Segmenter(model, device="cpu", dtype=torch.bfloat16)
+    assert not any(isinstance(m, OneDNNConv2d) for m in unfused.model.modules())
+    before = unfused.logits(x)
+    # the residual sum is rounded once instead of twice: as close to float32 as the unfused engine
+    assert rel_err(fused, expected) < max(1.5 * rel_err(before, expected), 1e-3)
+    assert rel_err(fused, before) < 3e-2
+
+
+def test_a_float32_engine_and_an_unusable_onednn_keep_pytorchs_convolutions(model, monkeypatch):
+    seg = Segmenter(model, device="cpu", dtype=torch.float32)
+    assert not any(isinstance(m, OneDNNConv2d) for m in seg.model.modules())
+    monkeypatch.setattr(cpu_conv, "onednn_conv_usable", lambda: False)
+    seg = Segmenter(model, device="cpu", dtype=torch.bfloat16)
+    assert not any(isinstance(m, OneDNNConv2d) for m in seg.model.modules())
+
+
+@needs_onednn
+def test_the_engines_exported_graph_keeps_aten_convolutions(model):
+    """to_aoti of a CPU Segmenter traces ImageGraph(seg.model): the graph has aten's convolutions, not oneDNN's
+    private operator, and computes the same as the engine within bfloat16's rounding."""
+    from denseclip_fast.export.graphs import ImageGraph
+
+    seg = Segmenter(model, device="cpu", dtype=torch.bfloat16)
+    module = ImageGraph(seg.model, seg._text.clone()).eval()
+    x = torch.randn(1, 3, 64, 64).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)  # as to_aoti
+    with torch.no_grad():
+        program = torch.export.export(module, (x,))
+        targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+        assert not any("mkldnn" in t for t in targets) and any("aten.conv2d" in t for t in targets), targets
+        assert rel_err(program.module()(x).float(), module(x).float()) < 3e-2
