@@ -4,25 +4,30 @@ PyTorch runs a CPU convolution with oneDNN (``aten::mkldnn_convolution``) and th
 residual sum, as passes of their own over the output; it also reorders the weight into oneDNN's blocked layout at
 every call. ``torch.ops.mkldnn._convolution_pointwise`` (what torch.compile's CPU backend calls) takes the ReLU as a
 post-op, its ``.binary`` form the residual sum and then the ReLU, and both take a weight packed ahead of time
-(``torch._C._nn.mkldnn_reorder_conv2d_weight``). In a bfloat16 engine that saves the ReLU's and the sum's passes
-(they took 12% of RN50's time on 2 CPU threads of a Xeon with AMX) and the reorders (a 3x3 512-channel convolution
-of a 16x22 map: 1.9 ms as PyTorch runs it, 1.0 ms with the packed weight and the ReLU). In float32 the same
-operator was slower than PyTorch's on the large maps of the first stages (3.8 against 2.4 ms for a 64 -> 256 1x1
-convolution of a 128x171 map), so a float32 engine keeps PyTorch's convolutions.
+(``torch._C._nn.mkldnn_reorder_conv2d_weight``). In a bfloat16 engine that saves those passes and the reorders: RN50
+on 2 CPU threads of a Xeon with AMX, ``predict`` of a 683x512 image in 144 instead of 184 ms
+(benchmarks/results/predict_cpu_2threads_amx_conv.md against predict_cpu_2threads_amx_conv_before_092bd8e.md). In
+float32 it was no clear gain: the same rewrite of a float32 engine (bench_predict.py run with float32 added to
+DTYPES, predict_cpu_2threads_amx_conv_fp32_fused.md against _fp32_plain.md, one after the other) took 573 instead of
+644 ms for that image but 475 instead of 458 ms for a normalised 512x512 batch, so a float32 engine keeps PyTorch's
+convolutions.
 
-Where the rewrite applies: the Segmenter's private copy of a model on a CPU in bfloat16: the ResNet stem's three
-convolutions and ReLUs, each bottleneck's (two conv + ReLU, the last conv with the residual sum and ReLU, the
-shortcut's conv), the Semantic FPN's conv + ReLU blocks, the FPN's convolutions and the classifier (the ones
-without a post-op still gain the packed weight). The parameters stay the same tensors (the state dict keeps its
-keys); the packed copy is made at the first call and again whenever a weight or bias is replaced or changed in
-place. Equal to PyTorch's ReLU(conv) bit for bit in the cases measured; the residual sum is rounded once to
-bfloat16 instead of twice (after the convolution, then after the sum): at most an ulp of bfloat16 apart.
+Where the rewrite applies: the image path of the Segmenter's private copy of a model on a CPU in bfloat16. With
+the ReLUs (:func:`fuse_convolutions`): the ResNet stem's three convolutions and ReLUs, each bottleneck's (two conv +
+ReLU, the last conv with the residual sum and ReLU, the shortcut's conv), the Semantic FPN's conv + ReLU blocks;
+every other convolution (the FPN's, the classifier, a ViT's patch embedding) gains the packed weight alone. The
+parameters stay the same tensors (the state dict keeps its keys); the packed copy (as large again as the weights) is
+made at the first call and again when a weight changes (:meth:`OneDNNConv2d._packed_weight` says which changes it
+sees). For finite values the results are PyTorch's within bfloat16's rounding (bit for bit for a conv + ReLU in the
+cases measured; the residual sum is rounded once instead of twice). oneDNN's ReLU turns NaN into 0: an engine that
+lets non-finite images through (``check_finite=False``) keeps its ReLUs and sums as PyTorch's, so NaN spreads as in
+the model.
 
 The operators are private to PyTorch: they are probed once (present, bfloat16 supported by this CPU's oneDNN, and
 equal to ``F.conv2d`` and its post-ops on a small case). A PyTorch without them, a call that needs gradients or that
-something records (torch.compile, torch.export, a dispatch mode, torch.jit.trace, torch.func), oneDNN switched off
-(``torch.backends.mkldnn.flags(enabled=False)``), or tensors that are not plain CPU bfloat16 ones take
-``F.conv2d`` and the post-ops in PyTorch, as the model computes them.
+something records (torch.compile, torch.export, a dispatch mode, torch.jit.trace, torch.func), autocast, oneDNN
+switched off (``torch.backends.mkldnn.flags(enabled=False)``), tensors that are not plain CPU bfloat16 ones, and
+residual sums oneDNN would not fuse take ``F.conv2d`` and the post-ops in PyTorch, as the model computes them.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..model import DenseCLIP
-from ..model.heads import ConvModule, SemanticFPNHead
+from ..model.heads import ConvModule
 from ..model.layers import intercepted
 from ..model.resnet import Bottleneck, CLIPResNetBackbone
 
@@ -114,7 +119,7 @@ class OneDNNConv2d(nn.Module):
         self.weight = conv.weight
         self.bias = conv.bias
         self.post_op = post_op
-        # (the packed weight, the weight and bias it was made of, their versions)
+        # (the packed weight, the weight it was made of, a view of the data it was made of, the weight's version)
         self._packed: tuple[Any, ...] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -124,12 +129,23 @@ class OneDNNConv2d(nn.Module):
         return state
 
     def _packed_weight(self, input_size: list[int]) -> torch.Tensor:
-        """The packed weight, made again when the weight or bias is another tensor or was changed in place."""
-        weight, bias = self.weight, self.bias
-        versions = (weight._version, None if bias is None else bias._version)
+        """The packed weight, made again when the weight is another tensor or its data another storage or dtype
+        (``weight.data = ...``, ``module.to(...)``: the cache holds the storage it was made from, so a new one
+        cannot take its address), or it was changed in place through autograd's view of it (``copy_``,
+        ``load_state_dict``: its version counter). An in-place change through ``weight.data`` bumps no counter, and
+        an inference tensor keeps none: those are not seen."""
+        weight = self.weight
+        version = None if weight.is_inference() else weight._version
         packed = self._packed
-        if packed is None or packed[1] is not weight or packed[2] is not bias or packed[3] != versions:
-            packed = (_pack(weight.detach(), self, input_size), weight, bias, versions)
+        if (
+            packed is None
+            or packed[1] is not weight
+            or packed[2].data_ptr() != weight.data_ptr()
+            or packed[2].dtype != weight.dtype
+            or packed[3] != version
+        ):
+            data = weight.detach()
+            packed = (_pack(data, self, input_size), weight, data, version)
             self._packed = packed
         return packed[0]
 
@@ -151,10 +167,13 @@ class OneDNNConv2d(nn.Module):
         dtype = self.weight.dtype
         if dtype not in DTYPES or not all(_plain_cpu(t, dtype) for t in tensors):
             return False
-        if x.dim() != 4 or x.shape[1] != self.in_channels or x.numel() == 0:
-            return False  # F.conv2d's error message, or its empty result
+        if x.dim() != 4 or x.shape[1] != self.in_channels or x.numel() == 0 or torch.is_autocast_enabled("cpu"):
+            return False  # F.conv2d's error message, its empty result, or autocast's dtype
+        out_size = self._output_size(x)
+        if min(out_size[2:]) < 1:
+            return False  # F.conv2d's message on an input smaller than the kernel
         if residual is not None:
-            if tuple(residual.shape) != self._output_size(x):
+            if tuple(residual.shape) != out_size:
                 return False  # PyTorch's broadcasting, or its error message
             # the only residual sums oneDNN fuses; in other cases the operator sums with ATen's add_relu, which
             # fails for bfloat16
@@ -219,36 +238,41 @@ def _convolutions_of(module: nn.Module) -> int:
     return count
 
 
-def fuse_convolutions(model: DenseCLIP) -> int:
-    """Rewrite ``model``'s image-path convolutions in place as :class:`OneDNNConv2d` (module docstring), with the
-    ReLU after them (the ResNet stem's, the bottlenecks', the Semantic FPN's conv + ReLU blocks) and a bottleneck's
-    residual sum as post-ops. For the Segmenter's private copy on a CPU, after the BatchNorms were folded
-    (engine.rewrite.fold_batchnorm; a block whose BatchNorm is still there is left as it is), and only when the
-    image path computes in a dtype of DTYPES and oneDNN's operators are usable here. Returns how many convolutions
-    were rewritten (a second call: none)."""
+def fuse_convolutions(model: DenseCLIP, relu: bool = True) -> int:
+    """Rewrite ``model``'s image-path convolutions in place as :class:`OneDNNConv2d` (module docstring) on packed
+    weights; with ``relu``, the ReLU after them (the ResNet stem's, the bottlenecks', the Semantic FPN's conv + ReLU
+    blocks) and a bottleneck's residual sum become their post-ops. oneDNN's ReLU turns NaN into 0 where PyTorch's
+    keeps it: ``relu=False`` (the Segmenter's ``check_finite=False``, which lets non-finite images through) keeps
+    the ReLUs and sums as passes of their own, so that NaN spreads as in the model. For the Segmenter's private copy
+    on a CPU, after the BatchNorms were folded (engine.rewrite.fold_batchnorm; a block whose BatchNorm is still
+    there keeps its ReLUs), and only when the image path computes in a dtype of DTYPES and oneDNN's operators are
+    usable here. Returns how many convolutions were rewritten (a second call: none)."""
     image_dtype = model.gamma.dtype
     if image_dtype not in DTYPES or not onednn_conv_usable():
         return 0
+    def image_path() -> list[nn.Module]:
+        return [m for name, m in model.named_modules() if not name.startswith("text_encoder")]
+
     count = 0
-    for parent in [m for name, m in model.named_modules() if not name.startswith("text_encoder")]:
+    for parent in image_path() if relu else []:
         if isinstance(parent, CLIPResNetBackbone):
             stem = (parent.conv1, parent.conv2, parent.conv3)
-            if not (_folded(parent.bn1, parent.bn2, parent.bn3) and all(type(c) is nn.Conv2d for c in stem)):
-                continue
-            for name in ("conv1", "conv2", "conv3"):
-                setattr(parent, name, OneDNNConv2d(getattr(parent, name), "relu"))
-            setattr(parent, "relu", nn.Identity())  # the stem's only: the bottlenecks have their own
-            count += 3
+            if _folded(parent.bn1, parent.bn2, parent.bn3) and all(type(c) is nn.Conv2d for c in stem):
+                for name in ("conv1", "conv2", "conv3"):
+                    setattr(parent, name, OneDNNConv2d(getattr(parent, name), "relu"))
+                setattr(parent, "relu", nn.Identity())  # the stem's only: the bottlenecks have their own
+                count += 3
         elif isinstance(parent, ConvModule) and parent.bn is None and type(parent.conv) is nn.Conv2d:
-            relu = type(parent.act) is nn.ReLU
-            setattr(parent, "conv", OneDNNConv2d(parent.conv, "relu" if relu else "none"))
-            if relu:
+            fused = type(parent.act) is nn.ReLU
+            setattr(parent, "conv", OneDNNConv2d(parent.conv, "relu" if fused else "none"))
+            if fused:
                 parent.act = None
             count += 1
-        elif isinstance(parent, (SemanticFPNHead, nn.Sequential)):
+        elif isinstance(parent, nn.Sequential):
             for name, child in list(parent.named_children()):
                 if type(child) is Bottleneck and _folded(child.bn1, child.bn2, child.bn3):
                     setattr(parent, name, OneDNNBottleneck(child))
                     count += 3 + (child.downsample is not None)
-            count += _convolutions_of(parent)
+    for parent in image_path():  # the modules now in the model: the other convolutions, without a post-op
+        count += _convolutions_of(parent)
     return count

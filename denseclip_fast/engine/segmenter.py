@@ -320,7 +320,9 @@ class Segmenter:
         if self.device.type == "cpu":  # float32 layers through oneDNN (cpu_linear.py), the text encoder's always
             use_onednn_linears(self.model)
             fuse_quick_gelu(self.model)  # those layers' QuickGELU as oneDNN's SiLU post-op
-            fuse_convolutions(self.model)  # bfloat16 convolutions with their ReLU and residual sum (cpu_conv.py)
+            # bfloat16 convolutions with their ReLU and residual sum (cpu_conv.py); without the finite check the
+            # ReLUs stay passes of their own, which keep NaN as the model does
+            fuse_convolutions(self.model, relu=check_finite)
             channels_last_pyramid(self.model)
         self._text = self._embed(self.model.class_names)  # the buffer the graphs read; refreshed in place
         self._vocabularies: OrderedDict[tuple[str, ...], torch.Tensor] = OrderedDict()
