@@ -18,7 +18,13 @@ from torch import nn
 
 from denseclip_fast import DenseCLIP, Segmenter
 from denseclip_fast.engine import cpu_conv
-from denseclip_fast.engine.cpu_conv import OneDNNBottleneck, OneDNNConv2d, fuse_convolutions, onednn_conv_usable
+from denseclip_fast.engine.cpu_conv import (
+    GemmConvTranspose2d,
+    OneDNNBottleneck,
+    OneDNNConv2d,
+    fuse_convolutions,
+    onednn_conv_usable,
+)
 from denseclip_fast.engine.rewrite import prepare_for_inference
 from denseclip_fast.model.resnet import Bottleneck
 
@@ -382,6 +388,76 @@ def test_the_probe_ignores_the_default_dtype_and_device():
     assert usable is onednn_conv_usable()
 
 
+def _transposed(cin: int, cout: int, kernel: tuple[int, int], bias: bool = True, dtype=torch.bfloat16, **kw):
+    torch.manual_seed(1)
+    conv = nn.ConvTranspose2d(cin, cout, kernel, stride=kw.pop("stride", kernel), bias=bias, **kw)
+    return conv.to(dtype).requires_grad_(False)
+
+
+def _transposed_in_float32(conv: nn.ConvTranspose2d, x: torch.Tensor) -> torch.Tensor:
+    bias = None if conv.bias is None else conv.bias.float()
+    return F.conv_transpose2d(x.float(), conv.weight.float(), bias, conv.stride)
+
+
+@pytest.mark.parametrize(
+    "shape, cout, kernel, bias",
+    [((1, 768, 5, 7), 768, (2, 2), True), ((2, 5, 9, 13), 7, (3, 2), False), ((3, 4, 5, 1200), 6, (1, 1), True),
+     ((1, 16, 1, 1), 3, (2, 2), True), ((2, 8, 40, 30), 8, (2, 2), True)],
+)  # fmt: skip
+def test_a_transposed_convolution_as_matrix_products(shape, cout, kernel, bias):
+    """Kernel = stride: (pixels, C) @ (C, kh kw O) written in bands of rows (one row a band past PIXELS pixels, an
+    image at a time), equal to F.conv_transpose2d within bfloat16's rounding; NCHW inputs take PyTorch's."""
+    conv = _transposed(shape[1], cout, kernel, bias)
+    gemm = GemmConvTranspose2d(conv)
+    x = torch.randn(shape).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        out = gemm(x)
+        ops = _ops_run(lambda: gemm(x))
+        assert "aten::mm" in ops or "aten::addmm" in ops
+        assert "aten::convolution" not in ops
+        nchw = x.contiguous()
+        assert torch.equal(gemm(nchw), conv(nchw)) or shape[2:] == (1, 1)  # a 1x1 map is channels_last too
+        assert ("aten::convolution" in _ops_run(lambda: gemm(nchw))) is (shape[2:] != (1, 1))
+    assert out.shape == conv(x).shape and out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out.float(), _transposed_in_float32(conv, x), **BF16)
+    torch.testing.assert_close(out, conv(x), **BF16)
+
+
+def test_a_transposed_convolution_otherwise_is_pytorchs():
+    """Gradients, float32, and a weight changed in place (the reordered copy is made again)."""
+    conv = _transposed(6, 4, (2, 2))
+    gemm = GemmConvTranspose2d(conv)
+    x = torch.randn(2, 6, 5, 3).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        before = gemm(x)
+        gemm.weight.mul_(-1)
+        torch.testing.assert_close(gemm(x).float(), _transposed_in_float32(conv, x), **BF16)
+        assert not torch.equal(gemm(x), before)
+        copied = copy.deepcopy(gemm)
+        assert torch.equal(copied(x), gemm(x))
+    xg = x.float().requires_grad_(True)
+    conv32 = _transposed(6, 4, (2, 2), dtype=torch.float32)
+    gemm32 = GemmConvTranspose2d(conv32)
+    out = gemm32(xg)
+    assert torch.equal(out, conv32(xg))
+    out.sum().backward()
+    assert xg.grad is not None and xg.grad.abs().sum() > 0
+    xb = x.clone().requires_grad_(True)
+    assert "aten::convolution" in _ops_run(lambda: gemm(xb))
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [{"stride": 1}, {"padding": 1}, {"output_padding": 1, "stride": 3}, {"groups": 2}, {"dilation": 2}],
+)
+def test_other_transposed_convolutions_are_refused(kw):
+    conv = nn.ConvTranspose2d(4, 4, 2, **{"stride": 2, **kw})
+    with pytest.raises(ValueError, match="stride is its kernel size, without padding"):
+        GemmConvTranspose2d(conv)
+    holder = nn.Sequential(conv)
+    assert cpu_conv._convolutions_of(holder) == 0 and holder[0] is conv  # the rewrite leaves it alone
+
+
 @pytest.fixture(scope="module", params=["resnet", "vit"])
 def model(request) -> DenseCLIP:
     torch.manual_seed(0)
@@ -395,6 +471,8 @@ def test_a_bfloat16_engine_fuses_its_convolutions_over_the_same_parameters(model
     convs = [m for m in seg.model.modules() if isinstance(m, (nn.Conv2d, OneDNNConv2d)) and m not in text]
     resnet = model.config.vision.kind == "resnet"
     assert convs and all(isinstance(m, OneDNNConv2d) for m in convs)  # the ViT's patch embedding too
+    transposed = [m for m in seg.model.modules() if isinstance(m, (nn.ConvTranspose2d, GemmConvTranspose2d))]
+    assert len(transposed) == (0 if resnet else 3) and all(isinstance(m, GemmConvTranspose2d) for m in transposed)
     relus = [m for m in seg.model.modules() if isinstance(m, nn.ReLU)]
     assert not relus  # the ReLUs are post-ops (a bottleneck's last one, after the residual sum, conv3's)
     assert any(isinstance(m, OneDNNBottleneck) for m in seg.model.modules()) is resnet

@@ -15,10 +15,12 @@ convolutions.
 Where the rewrite applies: the image path of the Segmenter's private copy of a model on a CPU in bfloat16. With
 the ReLUs (:func:`fuse_convolutions`): the ResNet stem's three convolutions and ReLUs, each bottleneck's (two conv +
 ReLU, the last conv with the residual sum and ReLU, the shortcut's conv), the Semantic FPN's conv + ReLU blocks;
-every other convolution (the FPN's, the classifier, a ViT's patch embedding) gains the packed weight alone. The
+every other convolution (the FPN's, the classifier, a ViT's patch embedding) gains the packed weight alone. A ViT
+pyramid's 2x2 transposed convolutions become matrix products (:class:`GemmConvTranspose2d`): oneDNN's bfloat16
+transposed convolution ran them at a fraction of its convolutions' rate. The
 parameters stay the same tensors (the state dict keeps its keys); the packed copy (as large again as the weights) is
-made at the first call and again when a weight changes (:meth:`OneDNNConv2d._packed_weight` says which changes it
-sees). For finite values the results are PyTorch's within bfloat16's rounding (bit for bit for a conv + ReLU in the
+made at the first call and again when a weight changes (:meth:`_WeightCache._made_from_weight` says which changes
+it sees). For finite values the results are PyTorch's within bfloat16's rounding (bit for bit for a conv + ReLU in the
 cases measured; the residual sum is rounded once instead of twice). oneDNN's ReLU turns NaN into 0: an engine that
 lets non-finite images through (``check_finite=False``) keeps its ReLUs and sums as PyTorch's, so NaN spreads as in
 the model.
@@ -32,7 +34,9 @@ residual sums oneDNN would not fuse take ``F.conv2d`` and the post-ops in PyTorc
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -96,12 +100,64 @@ def onednn_conv_usable() -> bool:
         return False
 
 
-def _plain_cpu(t: torch.Tensor, dtype: torch.dtype) -> bool:
-    # not a traced (fake, functional) tensor nor a subclass with its own dispatch
-    return type(t) in (torch.Tensor, nn.Parameter) and t.device.type == "cpu" and t.dtype == dtype
+def _plain_call(tensors: list[torch.Tensor], x: torch.Tensor, in_channels: int) -> bool:
+    """Whether a call with ``tensors`` (the input ``x`` first, then the weight, ...) may take a rewritten path: no
+    gradient needed, nothing recording the call (first: a tracer is not asked about shapes), no autocast (its
+    dtype), every tensor a plain CPU one (not a traced, fake or functional tensor, nor a subclass with its own
+    dispatch) of the weight's dtype, one of DTYPES, and ``x`` a non-empty 4-D batch of ``in_channels`` channels
+    (else PyTorch's error message or empty result)."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    if intercepted() or torch.is_autocast_enabled("cpu"):
+        return False
+    dtype = tensors[1].dtype
+    plain = (type(t) in (torch.Tensor, nn.Parameter) and t.device.type == "cpu" and t.dtype == dtype for t in tensors)
+    if dtype not in DTYPES or not all(plain):
+        return False
+    return x.dim() == 4 and x.shape[1] == in_channels and x.numel() > 0
 
 
-class OneDNNConv2d(nn.Module):
+class _WeightCache(nn.Module):
+    """A module that computes with a tensor made from its ``weight`` (oneDNN's packed copy, a reordered matrix),
+    kept between calls and made again when the weight changes (:meth:`_made_from_weight` says which changes it
+    sees). The kept tensor is left out of pickles and copies (an opaque oneDNN tensor does neither): a copy makes its
+    own at its first call."""
+
+    weight: torch.Tensor
+
+    def __init__(self) -> None:
+        super().__init__()
+        # (the tensor made, the weight it was made from, a view of that weight's data, the weight's version)
+        self._made: tuple[Any, ...] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_made"] = None
+        return state
+
+    def _made_from_weight(self, make: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """``make(weight)``, kept, and made again when the weight is another tensor or its data another storage or
+        dtype (``weight.data = ...``, ``module.to(...)``: the cache holds the storage it was made from, so a new
+        one cannot take its address), or it was changed in place through autograd's view of it (``copy_``,
+        ``load_state_dict``: its version counter). An in-place change through ``weight.data`` bumps no counter,
+        and an inference tensor keeps none: those are not seen."""
+        weight = self.weight
+        version = None if weight.is_inference() else weight._version
+        made = self._made
+        if (
+            made is None
+            or made[1] is not weight
+            or made[2].data_ptr() != weight.data_ptr()
+            or made[2].dtype != weight.dtype
+            or made[3] != version
+        ):
+            data = weight.detach()
+            made = (make(data), weight, data, version)
+            self._made = made
+        return made[0]
+
+
+class OneDNNConv2d(_WeightCache):
     """An ``nn.Conv2d``'s parameters (the same tensors) computed with oneDNN's fused convolution on a packed copy of
     the weight, followed by ``post_op`` ("none" or "relu"); ``forward(x, residual)`` adds ``residual`` (the output's
     shape) before the post-op. Where oneDNN is not taken (module docstring), F.conv2d and the same steps in PyTorch."""
@@ -119,35 +175,6 @@ class OneDNNConv2d(nn.Module):
         self.weight = conv.weight
         self.bias = conv.bias
         self.post_op = post_op
-        # (the packed weight, the weight it was made of, a view of the data it was made of, the weight's version)
-        self._packed: tuple[Any, ...] | None = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        # the packed weight is an opaque oneDNN tensor, which neither pickles nor deep-copies: made again when needed
-        state = self.__dict__.copy()
-        state["_packed"] = None
-        return state
-
-    def _packed_weight(self, input_size: list[int]) -> torch.Tensor:
-        """The packed weight, made again when the weight is another tensor or its data another storage or dtype
-        (``weight.data = ...``, ``module.to(...)``: the cache holds the storage it was made from, so a new one
-        cannot take its address), or it was changed in place through autograd's view of it (``copy_``,
-        ``load_state_dict``: its version counter). An in-place change through ``weight.data`` bumps no counter, and
-        an inference tensor keeps none: those are not seen."""
-        weight = self.weight
-        version = None if weight.is_inference() else weight._version
-        packed = self._packed
-        if (
-            packed is None
-            or packed[1] is not weight
-            or packed[2].data_ptr() != weight.data_ptr()
-            or packed[2].dtype != weight.dtype
-            or packed[3] != version
-        ):
-            data = weight.detach()
-            packed = (_pack(data, self, input_size), weight, data, version)
-            self._packed = packed
-        return packed[0]
 
     def _output_size(self, x: torch.Tensor) -> tuple[int, ...]:
         sides = (
@@ -160,15 +187,8 @@ class OneDNNConv2d(nn.Module):
 
     def _takes_onednn(self, x: torch.Tensor, residual: torch.Tensor | None) -> bool:
         tensors = [x, self.weight] + [t for t in (self.bias, residual) if t is not None]
-        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        if not (_plain_call(tensors, x, self.in_channels) and torch.backends.mkldnn.enabled):
             return False
-        if intercepted() or not torch.backends.mkldnn.enabled:  # first: a tracer is not asked about shapes
-            return False
-        dtype = self.weight.dtype
-        if dtype not in DTYPES or not all(_plain_cpu(t, dtype) for t in tensors):
-            return False
-        if x.dim() != 4 or x.shape[1] != self.in_channels or x.numel() == 0 or torch.is_autocast_enabled("cpu"):
-            return False  # F.conv2d's error message, its empty result, or autocast's dtype
         out_size = self._output_size(x)
         if min(out_size[2:]) < 1:
             return False  # F.conv2d's message on an input smaller than the kernel
@@ -187,7 +207,7 @@ class OneDNNConv2d(nn.Module):
             if residual is not None:
                 out = out + residual
             return torch.relu(out) if self.post_op == "relu" else out
-        packed = self._packed_weight(list(x.shape))
+        packed = self._made_from_weight(lambda weight: _pack(weight, self, list(x.shape)))
         args = (self.bias, self.padding, self.stride, self.dilation, self.groups)
         if residual is None:
             return _convolution()(x, packed, *args, self.post_op, [], "")
@@ -199,6 +219,67 @@ class OneDNNConv2d(nn.Module):
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={tuple(self.stride)}, "
             f"padding={tuple(self.padding)}, bias={self.bias is not None}, post_op={self.post_op}"
         )
+
+
+class GemmConvTranspose2d(_WeightCache):
+    """An ``nn.ConvTranspose2d`` whose kernel equals its stride (no padding, dilation or groups: a ViT pyramid's 2x2
+    upsampling), over the same parameters, as matrix products. Its kernels do not overlap: the (kh, kw) block of the
+    output at each input pixel is that pixel's C channels times the weight, so the output is (pixels, C) @ (C, kh *
+    kw * O) (the weight reordered once, kept as :class:`_WeightCache` says), written into a channels_last output a
+    band of input rows at a time (``PIXELS`` pixels a product: the band is still in cache when it is copied into its
+    place). Taken for a channels_last bfloat16 input under the conditions of the module docstring; otherwise
+    ``F.conv_transpose2d`` as the module computes it. The same sums as oneDNN's transposed convolution, accumulated
+    in float32 and rounded once (within an ulp of bfloat16 of it: the products' blocking differs)."""
+
+    PIXELS = 1024
+
+    def __init__(self, conv: nn.ConvTranspose2d) -> None:
+        super().__init__()
+        kernel = tuple(conv.kernel_size)
+        plain = (
+            type(conv) is nn.ConvTranspose2d
+            and tuple(conv.stride) == kernel
+            and not any(conv.padding)
+            and not any(conv.output_padding)
+            and tuple(conv.dilation) == (1, 1)
+            and conv.groups == 1
+            and conv.padding_mode == "zeros"
+        )
+        if not plain:
+            raise ValueError(
+                "GemmConvTranspose2d takes an nn.ConvTranspose2d whose stride is its kernel size, without padding, "
+                f"output padding, dilation or groups, got {conv!r}"
+            )
+        self.in_channels, self.out_channels, self.kernel_size = conv.in_channels, conv.out_channels, kernel
+        self.weight = conv.weight  # (C, O, kh, kw)
+        self.bias = conv.bias
+
+    @staticmethod
+    def _matrix(weight: torch.Tensor) -> torch.Tensor:
+        """(C, O, kh, kw) -> (C, kh * kw * O), the columns in the output's order (row in block, column, channel)."""
+        return weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1).contiguous()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tensors = [x, self.weight] + ([self.bias] if self.bias is not None else [])
+        if not (_plain_call(tensors, x, self.in_channels) and x.is_contiguous(memory_format=torch.channels_last)):
+            return F.conv_transpose2d(x, self.weight, self.bias, self.kernel_size)
+        matrix = self._made_from_weight(self._matrix)
+        (kh, kw), (n, c, h, w), o = self.kernel_size, x.shape, self.out_channels
+        bias = None if self.bias is None else self.bias.repeat(kh * kw)
+        out = torch.empty((n, o, kh * h, kw * w), dtype=x.dtype, memory_format=torch.channels_last)
+        # out[b, o, kh i + a, kw j + d] = rows[b, i, a, j, d * O + o] = product[b, i, j, (a, d, o)]
+        rows = out.permute(0, 2, 3, 1).view(n, h, kh, w, kw * o)
+        pixels = x.permute(0, 2, 3, 1)  # (n, h, w, c), contiguous
+        band = max(1, self.PIXELS // w)
+        for b in range(n):
+            for i in range(0, h, band):
+                part = pixels[b, i : i + band].reshape(-1, c)
+                product = torch.mm(part, matrix) if bias is None else torch.addmm(bias, part, matrix)
+                rows[b, i : i + band].copy_(product.view(-1, w, kh, kw * o).transpose(1, 2))
+        return out
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.kernel_size}"
 
 
 def _folded(*modules: nn.Module | None) -> bool:
@@ -229,12 +310,17 @@ class OneDNNBottleneck(nn.Module):
 
 
 def _convolutions_of(module: nn.Module) -> int:
-    """Each plain ``nn.Conv2d`` child of ``module`` (not below it) as a :class:`OneDNNConv2d` without a post-op."""
+    """Each plain ``nn.Conv2d`` child of ``module`` (not below it) as a :class:`OneDNNConv2d` without a post-op, and
+    each ``nn.ConvTranspose2d`` child whose kernel is its stride as a :class:`GemmConvTranspose2d`."""
     count = 0
     for name, child in list(module.named_children()):
         if type(child) is nn.Conv2d and child.padding_mode == "zeros" and not isinstance(child.padding, str):
             setattr(module, name, OneDNNConv2d(child))
             count += 1
+        elif type(child) is nn.ConvTranspose2d:
+            with contextlib.suppress(ValueError):  # another kind of transposed convolution stays PyTorch's
+                setattr(module, name, GemmConvTranspose2d(child))
+                count += 1
     return count
 
 
