@@ -88,6 +88,34 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual - expected).norm() / expected.norm()).item()
 
 
+def probed_with_fakes(probe: Any, monkeypatch: pytest.MonkeyPatch, module: Any, getter: str, fakes: list) -> list[bool]:
+    """What ``probe`` (a functools.cache'd probe of an operator) answers when ``module.getter()`` returns each of
+    ``fakes`` in turn instead of the operator; its cache is cleared around each."""
+    answers, real = [], getattr(module, getter)
+    for fake in fakes:
+        probe.cache_clear()
+        monkeypatch.setattr(module, getter, lambda fake=fake: fake)
+        answers.append(probe())
+    monkeypatch.setattr(module, getter, real)
+    probe.cache_clear()
+    return answers
+
+
+def probed_under_other_defaults(probe: Any) -> bool:
+    """The answer of ``probe`` (a functools.cache'd probe of an operator) run afresh with float64 as the default
+    dtype and the meta device as the default device, which a probe must not depend on; its cache is cleared before
+    and after."""
+    probe.cache_clear()
+    saved = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(torch.float64)
+        with torch.device("meta"):
+            return bool(probe())
+    finally:
+        torch.set_default_dtype(saved)
+        probe.cache_clear()
+
+
 def randomized(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Random well-scaled weights, BN statistics and gamma (see benchmarks.official.randomize_)."""
     from benchmarks.official import randomize_
@@ -119,6 +147,15 @@ def text_dependent_model(kind: str = "resnet") -> torch.nn.Module:
     model = randomized(DenseCLIP(config, NAMES)).eval()
     weigh_score_channels_(model, size=64)
     return model
+
+
+@pytest.fixture(scope="module", params=["resnet", "vit"])
+def tiny_model(request: pytest.FixtureRequest) -> torch.nn.Module:
+    """A tiny DenseCLIP of each architecture kind in eval mode, with random well-scaled weights."""
+    from denseclip_fast import DenseCLIP
+
+    torch.manual_seed(0)
+    return randomized(DenseCLIP(tiny_config(request.param), NAMES)).eval()
 
 
 @pytest.fixture(autouse=True)

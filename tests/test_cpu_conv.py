@@ -28,7 +28,7 @@ from denseclip_fast.engine.cpu_conv import (
 from denseclip_fast.engine.rewrite import prepare_for_inference
 from denseclip_fast.model.resnet import Bottleneck
 
-from .conftest import NAMES, randomized, rel_err, tiny_config
+from .conftest import NAMES, probed_under_other_defaults, probed_with_fakes, randomized, rel_err, tiny_config
 
 needs_onednn = pytest.mark.skipif(not onednn_conv_usable(), reason="no usable oneDNN bfloat16 fused convolution")
 FUSED = "mkldnn::_convolution_pointwise"
@@ -368,24 +368,12 @@ def test_the_probe_says_no_for_an_operator_that_fails_or_disagrees(monkeypatch):
         def binary(self, *args):
             return real.binary(*args)
 
-    for fake in (raises, Disagrees()):
-        onednn_conv_usable.cache_clear()
-        monkeypatch.setattr(cpu_conv, "_convolution", lambda fake=fake: fake)
-        assert onednn_conv_usable() is False
-    onednn_conv_usable.cache_clear()
+    fakes = [raises, Disagrees()]
+    assert probed_with_fakes(onednn_conv_usable, monkeypatch, cpu_conv, "_convolution", fakes) == [False, False]
 
 
 def test_the_probe_ignores_the_default_dtype_and_device():
-    onednn_conv_usable.cache_clear()
-    saved = torch.get_default_dtype()
-    try:
-        torch.set_default_dtype(torch.float64)
-        with torch.device("meta"):
-            usable = onednn_conv_usable()
-    finally:
-        torch.set_default_dtype(saved)
-        onednn_conv_usable.cache_clear()
-    assert usable is onednn_conv_usable()
+    assert probed_under_other_defaults(onednn_conv_usable) is onednn_conv_usable()
 
 
 def _transposed(cin: int, cout: int, kernel: tuple[int, int], bias: bool = True, dtype=torch.bfloat16, **kw):
@@ -458,18 +446,12 @@ def test_other_transposed_convolutions_are_refused(kw):
     assert cpu_conv._convolutions_of(holder) == 0 and holder[0] is conv  # the rewrite leaves it alone
 
 
-@pytest.fixture(scope="module", params=["resnet", "vit"])
-def model(request) -> DenseCLIP:
-    torch.manual_seed(0)
-    return randomized(DenseCLIP(tiny_config(request.param), NAMES)).eval()
-
-
 @needs_onednn
-def test_a_bfloat16_engine_fuses_its_convolutions_over_the_same_parameters(model):
-    seg = Segmenter(model, device="cpu", dtype=torch.bfloat16)
+def test_a_bfloat16_engine_fuses_its_convolutions_over_the_same_parameters(tiny_model):
+    seg = Segmenter(tiny_model, device="cpu", dtype=torch.bfloat16)
     text = set(seg.model.text_encoder.modules())
     convs = [m for m in seg.model.modules() if isinstance(m, (nn.Conv2d, OneDNNConv2d)) and m not in text]
-    resnet = model.config.vision.kind == "resnet"
+    resnet = tiny_model.config.vision.kind == "resnet"
     assert convs and all(isinstance(m, OneDNNConv2d) for m in convs)  # the ViT's patch embedding too
     transposed = [m for m in seg.model.modules() if isinstance(m, (nn.ConvTranspose2d, GemmConvTranspose2d))]
     assert len(transposed) == (0 if resnet else 3) and all(isinstance(m, GemmConvTranspose2d) for m in transposed)
@@ -477,7 +459,7 @@ def test_a_bfloat16_engine_fuses_its_convolutions_over_the_same_parameters(model
     assert not relus  # the ReLUs are post-ops (a bottleneck's last one, after the residual sum, conv3's)
     assert any(isinstance(m, OneDNNBottleneck) for m in seg.model.modules()) is resnet
     assert fuse_convolutions(seg.model) == 0  # done once, at construction
-    plain = prepare_for_inference(model, torch.device("cpu"), torch.bfloat16).state_dict()
+    plain = prepare_for_inference(tiny_model, torch.device("cpu"), torch.bfloat16).state_dict()
     state = seg.model.state_dict()
     assert state.keys() == plain.keys()
     # the same values, but for the text encoder's MLPs (fuse_quick_gelu scales them: test_cpu_linear)
@@ -485,25 +467,25 @@ def test_a_bfloat16_engine_fuses_its_convolutions_over_the_same_parameters(model
 
 
 @needs_onednn
-def test_a_bfloat16_engine_computes_the_same(model, monkeypatch):
+def test_a_bfloat16_engine_computes_the_same(tiny_model, monkeypatch):
     x = torch.randn(2, 3, 64, 96)
-    seg = Segmenter(model, device="cpu", dtype=torch.bfloat16)
+    seg = Segmenter(tiny_model, device="cpu", dtype=torch.bfloat16)
     assert FUSED in _ops_run(lambda: seg.logits(x))
     fused = seg.logits(x)
     with torch.no_grad():
-        expected = model(x)
+        expected = tiny_model(x)
     buffer = io.BytesIO()
     torch.save(seg.model, buffer)  # the packed weights are left out, and made again by the copy
     buffer.seek(0)
     loaded = torch.load(buffer, weights_only=False)
-    channels = model.config.fpn_channels
+    channels = tiny_model.config.fpn_channels
     shapes = [(2, channels, 16 // s, 24 // s) for s in (1, 2, 4, 8)]
     levels = [torch.randn(shape).to(torch.bfloat16).contiguous(memory_format=torch.channels_last) for shape in shapes]
     with torch.no_grad():
         assert FUSED in _ops_run(lambda: loaded.decode_head(levels))  # its conv + ReLU blocks, in both architectures
         assert torch.equal(loaded.decode_head(levels), seg.model.decode_head(levels))
     monkeypatch.setattr(cpu_conv, "DTYPES", ())
-    unfused = Segmenter(model, device="cpu", dtype=torch.bfloat16)
+    unfused = Segmenter(tiny_model, device="cpu", dtype=torch.bfloat16)
     assert not any(isinstance(m, OneDNNConv2d) for m in unfused.model.modules())
     before = unfused.logits(x)
     # the residual sum is rounded once instead of twice: as close to float32 as the unfused engine
@@ -511,21 +493,21 @@ def test_a_bfloat16_engine_computes_the_same(model, monkeypatch):
     assert rel_err(fused, before) < 3e-2
 
 
-def test_a_float32_engine_and_an_unusable_onednn_keep_pytorchs_convolutions(model, monkeypatch):
-    seg = Segmenter(model, device="cpu", dtype=torch.float32)
+def test_a_float32_engine_and_an_unusable_onednn_keep_pytorchs_convolutions(tiny_model, monkeypatch):
+    seg = Segmenter(tiny_model, device="cpu", dtype=torch.float32)
     assert not any(isinstance(m, OneDNNConv2d) for m in seg.model.modules())
     monkeypatch.setattr(cpu_conv, "onednn_conv_usable", lambda: False)
-    seg = Segmenter(model, device="cpu", dtype=torch.bfloat16)
+    seg = Segmenter(tiny_model, device="cpu", dtype=torch.bfloat16)
     assert not any(isinstance(m, OneDNNConv2d) for m in seg.model.modules())
 
 
 @needs_onednn
-def test_the_engines_exported_graph_keeps_aten_convolutions(model):
+def test_the_engines_exported_graph_keeps_aten_convolutions(tiny_model):
     """to_aoti of a CPU Segmenter traces ImageGraph(seg.model): the graph has aten's convolutions, not oneDNN's
     private operator, and computes the same as the engine within bfloat16's rounding."""
     from denseclip_fast.export.graphs import ImageGraph
 
-    seg = Segmenter(model, device="cpu", dtype=torch.bfloat16)
+    seg = Segmenter(tiny_model, device="cpu", dtype=torch.bfloat16)
     module = ImageGraph(seg.model, seg._text.clone()).eval()
     x = torch.randn(1, 3, 64, 64).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)  # as to_aoti
     with torch.no_grad():

@@ -13,13 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from denseclip_fast import DenseCLIP, Segmenter
+from denseclip_fast import Segmenter
 from denseclip_fast.engine import cpu_linear
 from denseclip_fast.engine.cpu_linear import OneDNNLinear, onednn_linear, onednn_linear_usable, use_onednn_linears
 from denseclip_fast.engine.rewrite import prepare_for_inference
 from denseclip_fast.model.layers import MultiheadSelfAttention
 
-from .conftest import NAMES, randomized, rel_err, tiny_config
+from .conftest import NAMES, probed_under_other_defaults, probed_with_fakes, rel_err
 
 needs_onednn = pytest.mark.skipif(not onednn_linear_usable(), reason="this PyTorch has no usable oneDNN linear")
 
@@ -96,24 +96,12 @@ def test_the_probe_says_no_for_an_operator_that_fails_or_disagrees(monkeypatch):
     def disagrees(x, w, b, *args):
         return F.linear(x, w, b) + 1
 
-    for fake in (raises, disagrees):
-        onednn_linear_usable.cache_clear()
-        monkeypatch.setattr(cpu_linear, "_operator", lambda fake=fake: fake)
-        assert onednn_linear_usable() is False
-    onednn_linear_usable.cache_clear()
+    fakes = [raises, disagrees]
+    assert probed_with_fakes(onednn_linear_usable, monkeypatch, cpu_linear, "_operator", fakes) == [False, False]
 
 
 def test_the_probe_ignores_the_default_dtype_and_device():
-    onednn_linear_usable.cache_clear()
-    saved = torch.get_default_dtype()
-    try:
-        torch.set_default_dtype(torch.float64)
-        with torch.device("meta"):
-            usable = onednn_linear_usable()
-    finally:
-        torch.set_default_dtype(saved)
-        onednn_linear_usable.cache_clear()
-    assert usable is onednn_linear_usable()
+    assert probed_under_other_defaults(onednn_linear_usable) is onednn_linear_usable()
 
 
 @pytest.mark.parametrize("bias", ["strided", "expanded", "0-d", "(1, 5)", "(1,)"])
@@ -167,15 +155,9 @@ def test_forward_mode_ad_sees_f_linear():
             torch.testing.assert_close(fwAD.unpack_dual(out).tangent, F.linear(dx, w))
 
 
-@pytest.fixture(scope="module", params=["resnet", "vit"])
-def model(request) -> DenseCLIP:
-    torch.manual_seed(0)
-    return randomized(DenseCLIP(tiny_config(request.param), NAMES)).eval()
-
-
 @needs_onednn
-def test_every_linear_layer_is_rewritten_over_the_same_parameters(model):
-    seg = Segmenter(model, device="cpu", dtype=torch.float32)
+def test_every_linear_layer_is_rewritten_over_the_same_parameters(tiny_model):
+    seg = Segmenter(tiny_model, device="cpu", dtype=torch.float32)
     rewritten = seg.model
     assert not any(type(m) is nn.Linear for m in rewritten.modules())
     assert any(isinstance(m, OneDNNLinear) for m in rewritten.text_encoder.modules())
@@ -183,7 +165,7 @@ def test_every_linear_layer_is_rewritten_over_the_same_parameters(model):
     assert attentions and all(m.linear is onednn_linear for m in attentions)
     # the same parameters under the same names: nothing copied, the state dict as without the rewrite, but for the
     # MLPs whose QuickGELU became oneDNN's SiLU post-op (fuse_quick_gelu): c_fc times 1.702, c_proj's weight divided
-    plain = prepare_for_inference(model, torch.device("cpu"), torch.float32).state_dict()
+    plain = prepare_for_inference(tiny_model, torch.device("cpu"), torch.float32).state_dict()
     state = rewritten.state_dict()
     assert state.keys() == plain.keys()
     scaled = {k: plain[k] * 1.702 for k in plain if ".mlp.c_fc." in k}
@@ -192,41 +174,41 @@ def test_every_linear_layer_is_rewritten_over_the_same_parameters(model):
 
 
 @needs_onednn
-def test_the_vocabulary_goes_through_onednn_in_every_dtype(model):
+def test_the_vocabulary_goes_through_onednn_in_every_dtype(tiny_model):
     """The text encoder computes in float32 in any engine: its layers take oneDNN also in a bfloat16 engine, whose
     image path keeps F.linear (oneDNN's operator is not called per image)."""
     for dtype in (torch.float32, torch.bfloat16):
-        seg = Segmenter(model, device="cpu", dtype=dtype)
+        seg = Segmenter(tiny_model, device="cpu", dtype=dtype)
         assert "mkldnn::_linear_pointwise" in _ops_run(lambda seg=seg: seg.set_classes(NAMES[::-1]))
         per_image = _ops_run(lambda seg=seg: seg.logits(torch.randn(1, 3, 64, 64)))
         assert ("mkldnn::_linear_pointwise" in per_image) is (dtype == torch.float32)
         text = set(seg.model.text_encoder.modules())
         image_layers = [m for m in seg.model.modules() if m not in text and isinstance(m, (nn.Linear, OneDNNLinear))]
         assert image_layers and all(isinstance(m, OneDNNLinear) is (dtype == torch.float32) for m in image_layers)
-        plain = prepare_for_inference(model, torch.device("cpu"), torch.float32)
+        plain = prepare_for_inference(tiny_model, torch.device("cpu"), torch.float32)
         with torch.no_grad():
             expected = plain.text_features(NAMES[::-1])
         torch.testing.assert_close(seg.model.text_features(NAMES[::-1]), expected, rtol=1e-5, atol=1e-6)
 
 
 @needs_onednn
-def test_the_rewritten_model_computes_the_same(model):
-    seg = Segmenter(model, device="cpu", dtype=torch.float32)
+def test_the_rewritten_model_computes_the_same(tiny_model):
+    seg = Segmenter(tiny_model, device="cpu", dtype=torch.float32)
     before = seg.logits(x := torch.randn(1, 3, 64, 96))
     assert use_onednn_linears(seg.model) == 0  # done once, at construction
     with torch.no_grad():
-        expected = model(x)
+        expected = tiny_model(x)
     assert rel_err(before, expected) < 1e-5
     assert torch.equal(seg.logits(x), before)
 
 
 @needs_onednn
-def test_the_engines_traced_graph_keeps_aten_linear(model):
+def test_the_engines_traced_graph_keeps_aten_linear(tiny_model):
     """to_aoti of a CPU float32 Segmenter traces ImageGraph(seg.model) under no_grad, the parameters frozen: the
     graph has aten's linear, not oneDNN's private operator, and computes the same."""
     from denseclip_fast.export.graphs import ImageGraph
 
-    seg = Segmenter(model, device="cpu", dtype=torch.float32)
+    seg = Segmenter(tiny_model, device="cpu", dtype=torch.float32)
     module = ImageGraph(seg.model, seg._text.clone()).eval()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
@@ -236,9 +218,9 @@ def test_the_engines_traced_graph_keeps_aten_linear(model):
         assert rel_err(program.module()(x), module(x)) < 1e-5
 
 
-def test_an_unusable_onednn_leaves_the_model_alone(model, monkeypatch):
+def test_an_unusable_onednn_leaves_the_model_alone(tiny_model, monkeypatch):
     monkeypatch.setattr(cpu_linear, "onednn_linear_usable", lambda: False)
-    seg = Segmenter(model, device="cpu", dtype=torch.float32)
+    seg = Segmenter(tiny_model, device="cpu", dtype=torch.float32)
     assert not any(isinstance(m, OneDNNLinear) for m in seg.model.modules())
     assert use_onednn_linears(seg.model) == 0
 
@@ -288,15 +270,15 @@ def test_a_fused_quick_gelu_mlp_computes_the_same_through_onednn_and_without(row
 
 
 @needs_swish
-def test_quick_gelu_is_fused_only_where_the_linears_take_onednn(model, monkeypatch):
+def test_quick_gelu_is_fused_only_where_the_linears_take_onednn(tiny_model, monkeypatch):
     """A float32 engine fuses every QuickGELU MLP; a bfloat16 one the text encoder's alone (its image path keeps
     F.linear); GELU MLPs and a PyTorch without the post-op are left alone."""
-    count = sum(type(m) is cpu_linear.QuickGELU for m in model.modules())
-    for dtype, fused in ((torch.float32, count), (torch.bfloat16, len(model.text_encoder.transformer.resblocks))):
-        seg = Segmenter(model, device="cpu", dtype=dtype)
+    count = sum(type(m) is cpu_linear.QuickGELU for m in tiny_model.modules())
+    for dtype, fused in ((torch.float32, count), (torch.bfloat16, len(tiny_model.text_encoder.transformer.resblocks))):
+        seg = Segmenter(tiny_model, device="cpu", dtype=dtype)
         assert sum(getattr(m, "post_op", None) == "swish" for m in seg.model.modules()) == fused, dtype
     monkeypatch.setattr(cpu_linear, "onednn_swish_usable", lambda: False)
-    seg = Segmenter(model, device="cpu", dtype=torch.float32)
+    seg = Segmenter(tiny_model, device="cpu", dtype=torch.float32)
     assert not any(getattr(m, "post_op", None) == "swish" for m in seg.model.modules())
     gelu = copy.deepcopy(seg.model)
     for m in gelu.modules():
