@@ -261,12 +261,13 @@ class GemmConvTranspose2d(_WeightCache):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tensors = [x, self.weight] + ([self.bias] if self.bias is not None else [])
-        if not (_plain_call(tensors, x, self.in_channels) and x.is_contiguous(memory_format=torch.channels_last)):
+        takes = _plain_call(tensors, x, self.in_channels) and torch.backends.mkldnn.enabled
+        if not (takes and x.is_contiguous(memory_format=torch.channels_last)):
             return F.conv_transpose2d(x, self.weight, self.bias, self.kernel_size)
         matrix = self._made_from_weight(self._matrix)
         (kh, kw), (n, c, h, w), o = self.kernel_size, x.shape, self.out_channels
         bias = None if self.bias is None else self.bias.repeat(kh * kw)
-        out = torch.empty((n, o, kh * h, kw * w), dtype=x.dtype, memory_format=torch.channels_last)
+        out = torch.empty((n, o, kh * h, kw * w), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
         # out[b, o, kh i + a, kw j + d] = rows[b, i, a, j, d * O + o] = product[b, i, j, (a, d, o)]
         rows = out.permute(0, 2, 3, 1).view(n, h, kh, w, kw * o)
         pixels = x.permute(0, 2, 3, 1)  # (n, h, w, c), contiguous
@@ -326,7 +327,8 @@ def _convolutions_of(module: nn.Module) -> int:
 
 def fuse_convolutions(model: DenseCLIP, relu: bool = True) -> int:
     """Rewrite ``model``'s image-path convolutions in place as :class:`OneDNNConv2d` (module docstring) on packed
-    weights; with ``relu``, the ReLU after them (the ResNet stem's, the bottlenecks', the Semantic FPN's conv + ReLU
+    weights, and its transposed convolutions whose kernel is their stride as :class:`GemmConvTranspose2d`; with
+    ``relu``, the ReLU after them (the ResNet stem's, the bottlenecks', the Semantic FPN's conv + ReLU
     blocks) and a bottleneck's residual sum become their post-ops. oneDNN's ReLU turns NaN into 0 where PyTorch's
     keeps it: ``relu=False`` (the Segmenter's ``check_finite=False``, which lets non-finite images through) keeps
     the ReLUs and sums as passes of their own, so that NaN spreads as in the model. For the Segmenter's private copy
