@@ -411,11 +411,16 @@ def test_a_transposed_convolution_as_matrix_products(shape, cout, kernel, bias):
     torch.testing.assert_close(out, conv(x), **BF16)
 
 
+def _small_transposed() -> tuple[nn.ConvTranspose2d, GemmConvTranspose2d, torch.Tensor]:
+    """A 2x2 transposed convolution, its GemmConvTranspose2d and a channels_last bfloat16 input for it."""
+    conv = _transposed(6, 4, (2, 2))
+    x = torch.randn(2, 6, 5, 3).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    return conv, GemmConvTranspose2d(conv), x
+
+
 def test_a_transposed_convolution_on_any_default_device_and_empty_batches():
     """The output is made on the input's device, whatever torch's default; an empty batch takes PyTorch's path."""
-    conv = _transposed(6, 4, (2, 2))
-    gemm = GemmConvTranspose2d(conv)
-    x = torch.randn(2, 6, 5, 3).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    conv, gemm, x = _small_transposed()
     with torch.no_grad():
         expected = gemm(x)
         with torch.device("meta"):
@@ -427,9 +432,7 @@ def test_a_transposed_convolution_on_any_default_device_and_empty_batches():
 
 def test_a_transposed_convolution_otherwise_is_pytorchs():
     """Gradients, float32, and a weight changed in place (the reordered copy is made again)."""
-    conv = _transposed(6, 4, (2, 2))
-    gemm = GemmConvTranspose2d(conv)
-    x = torch.randn(2, 6, 5, 3).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    conv, gemm, x = _small_transposed()
     with torch.no_grad():
         before = gemm(x)
         gemm.weight.mul_(-1)

@@ -100,17 +100,20 @@ def onednn_conv_usable() -> bool:
         return False
 
 
-def _plain_call(tensors: list[torch.Tensor], x: torch.Tensor, in_channels: int) -> bool:
-    """Whether a call with ``tensors`` (the input ``x`` first, then the weight, ...) may take a rewritten path: no
-    gradient needed, nothing recording the call (first: a tracer is not asked about shapes), no autocast (its
-    dtype), every tensor a plain CPU one (not a traced, fake or functional tensor, nor a subclass with its own
-    dispatch) of the weight's dtype, one of DTYPES, and ``x`` a non-empty 4-D batch of ``in_channels`` channels
-    (else PyTorch's error message or empty result)."""
+def _plain_call(x: torch.Tensor, in_channels: int, weight: torch.Tensor, *others: torch.Tensor | None) -> bool:
+    """Whether a call of ``x`` with ``weight`` and ``others`` (bias, residual: None where there is none) may take a
+    rewritten path: oneDNN switched on (``torch.backends.mkldnn.flags``), no gradient needed, nothing recording the
+    call (first: a tracer is not asked about shapes), no autocast (its dtype), every tensor a plain CPU one (not a
+    traced, fake or functional tensor, nor a subclass with its own dispatch) of the weight's dtype, one of DTYPES,
+    and ``x`` a non-empty 4-D batch of ``in_channels`` channels (else PyTorch's error message or empty result)."""
+    tensors = [x, weight, *(t for t in others if t is not None)]
+    if not torch.backends.mkldnn.enabled:
+        return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False
     if intercepted() or torch.is_autocast_enabled("cpu"):
         return False
-    dtype = tensors[1].dtype
+    dtype = weight.dtype
     plain = (type(t) in (torch.Tensor, nn.Parameter) and t.device.type == "cpu" and t.dtype == dtype for t in tensors)
     if dtype not in DTYPES or not all(plain):
         return False
@@ -186,8 +189,7 @@ class OneDNNConv2d(_WeightCache):
         return (x.shape[0], self.out_channels, *sides)
 
     def _takes_onednn(self, x: torch.Tensor, residual: torch.Tensor | None) -> bool:
-        tensors = [x, self.weight] + [t for t in (self.bias, residual) if t is not None]
-        if not (_plain_call(tensors, x, self.in_channels) and torch.backends.mkldnn.enabled):
+        if not _plain_call(x, self.in_channels, self.weight, self.bias, residual):
             return False
         out_size = self._output_size(x)
         if min(out_size[2:]) < 1:
@@ -260,8 +262,7 @@ class GemmConvTranspose2d(_WeightCache):
         return weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1).contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tensors = [x, self.weight] + ([self.bias] if self.bias is not None else [])
-        takes = _plain_call(tensors, x, self.in_channels) and torch.backends.mkldnn.enabled
+        takes = _plain_call(x, self.in_channels, self.weight, self.bias)
         if not (takes and x.is_contiguous(memory_format=torch.channels_last)):
             return F.conv_transpose2d(x, self.weight, self.bias, self.kernel_size)
         matrix = self._made_from_weight(self._matrix)
@@ -312,15 +313,14 @@ class OneDNNBottleneck(nn.Module):
 
 def _convolutions_of(module: nn.Module) -> int:
     """Each plain ``nn.Conv2d`` child of ``module`` (not below it) as a :class:`OneDNNConv2d` without a post-op, and
-    each ``nn.ConvTranspose2d`` child whose kernel is its stride as a :class:`GemmConvTranspose2d`."""
+    each ``nn.ConvTranspose2d`` child whose kernel is its stride as a :class:`GemmConvTranspose2d`: the children
+    their constructors take (another kind stays PyTorch's)."""
     count = 0
     for name, child in list(module.named_children()):
-        if type(child) is nn.Conv2d and child.padding_mode == "zeros" and not isinstance(child.padding, str):
-            setattr(module, name, OneDNNConv2d(child))
-            count += 1
-        elif type(child) is nn.ConvTranspose2d:
-            with contextlib.suppress(ValueError):  # another kind of transposed convolution stays PyTorch's
-                setattr(module, name, GemmConvTranspose2d(child))
+        rewrite = {nn.Conv2d: OneDNNConv2d, nn.ConvTranspose2d: GemmConvTranspose2d}.get(type(child))
+        if rewrite is not None:
+            with contextlib.suppress(ValueError):
+                setattr(module, name, rewrite(child))
                 count += 1
     return count
 
@@ -338,6 +338,7 @@ def fuse_convolutions(model: DenseCLIP, relu: bool = True) -> int:
     image_dtype = model.gamma.dtype
     if image_dtype not in DTYPES or not onednn_conv_usable():
         return 0
+
     def image_path() -> list[nn.Module]:
         return [m for name, m in model.named_modules() if not name.startswith("text_encoder")]
 
