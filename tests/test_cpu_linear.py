@@ -1,6 +1,6 @@
 """The CPU engine's linear layers through oneDNN (denseclip_fast/engine/cpu_linear.py): the same function as
-F.linear, taken only for plain CPU float32 tensors without gradients, and only in the image path of the Segmenter's
-own copy of the model."""
+F.linear, taken only for plain CPU float32 (and, where the CPU computes it, bfloat16) tensors without gradients, and
+only in the Segmenter's own copy of the model."""
 
 from __future__ import annotations
 
@@ -18,10 +18,14 @@ from denseclip_fast.engine import cpu_linear
 from denseclip_fast.engine.cpu_linear import OneDNNLinear, onednn_linear, onednn_linear_usable, use_onednn_linears
 from denseclip_fast.engine.rewrite import prepare_for_inference
 from denseclip_fast.model.layers import MultiheadSelfAttention
+from denseclip_fast.model.vit import CLIPViTBackbone
 
 from .conftest import NAMES, probed_under_other_defaults, probed_with_fakes, rel_err
 
 needs_onednn = pytest.mark.skipif(not onednn_linear_usable(), reason="this PyTorch has no usable oneDNN linear")
+needs_bfloat16 = pytest.mark.skipif(
+    not cpu_linear.onednn_bfloat16_usable(), reason="this CPU's oneDNN linear computes no bfloat16"
+)
 
 
 def _ops_run(fn) -> set[str]:
@@ -32,20 +36,39 @@ def _ops_run(fn) -> set[str]:
 
 
 @needs_onednn
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=needs_bfloat16)])
 @pytest.mark.parametrize(
     "x_shape, out, bias",
     [((1, 1), 1, True), ((7, 13), 5, True), ((3, 65, 33), 70, False), ((2, 3, 4, 17), 9, True), ((257, 64), 192, True)],
 )
-def test_equals_f_linear_through_onednn(x_shape, out, bias):
+def test_equals_f_linear_through_onednn(x_shape, out, bias, dtype):
+    """float32: F.linear's sums in another order; bfloat16: float32 sums of the bfloat16 values, rounded once (so
+    within bfloat16's rounding of F.linear, which rounds the same way)."""
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(x_shape, generator=g)
-    w = torch.randn(out, x_shape[-1], generator=g)
-    b = torch.randn(out, generator=g) if bias else None
+    x = torch.randn(x_shape, generator=g).to(dtype)
+    w = torch.randn(out, x_shape[-1], generator=g).to(dtype)
+    b = torch.randn(out, generator=g).to(dtype) if bias else None
     with torch.inference_mode():
         y = onednn_linear(x, w, b)
         assert "mkldnn::_linear_pointwise" in _ops_run(lambda: onednn_linear(x, w, b))
-    assert y.shape == F.linear(x, w, b).shape and y.dtype == torch.float32
-    torch.testing.assert_close(y, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    assert y.shape == F.linear(x, w, b).shape and y.dtype == dtype
+    exact = F.linear(x.double(), w.double(), None if b is None else b.double())
+    if dtype == torch.float32:
+        torch.testing.assert_close(y, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    else:  # rounded once: within half a bfloat16 step (2**-8 relative) of the exact sums, as F.linear
+        assert ((y.double() - exact).abs() <= exact.abs() * 2**-8 + 1e-30).all()
+        torch.testing.assert_close(y, F.linear(x, w, b), rtol=2**-7, atol=0)
+
+
+@needs_bfloat16
+def test_bfloat16_swish_is_silu_of_the_float32_sums_rounded_once():
+    g = torch.Generator().manual_seed(1)
+    x, w, b = (torch.randn(shape, generator=g).bfloat16() for shape in ((5, 33, 40), (70, 40), (70,)))
+    with torch.inference_mode():
+        y = cpu_linear._linear(x, w, b, "swish")
+        assert "mkldnn::_linear_pointwise" in _ops_run(lambda: cpu_linear._linear(x, w, b, "swish"))
+    exact = F.silu(F.linear(x.double(), w.double(), b.double()))
+    assert y.dtype == torch.bfloat16 and ((y.double() - exact).abs() <= exact.abs() * 2**-8 + 1e-6).all()
 
 
 @needs_onednn
@@ -59,13 +82,15 @@ def test_non_contiguous_inputs():
 
 @pytest.mark.parametrize(
     "case",
-    ["float64", "bfloat16", "one-dimensional", "empty", "grad"],
+    ["float64", "float16", "bfloat16 unusable", "one-dimensional", "empty", "grad"],
 )
-def test_everything_else_takes_f_linear(case):
-    """Other dtypes, a 1-D or empty input, and a call that needs gradients give exactly F.linear (with autograd)."""
+def test_everything_else_takes_f_linear(case, monkeypatch):
+    """Other dtypes (bfloat16 where this CPU's oneDNN does not compute it), a 1-D or empty input, and a call that
+    needs gradients give exactly F.linear (with autograd)."""
     x, w, b = torch.randn(6, 10), torch.randn(4, 10), torch.randn(4)
-    if case in ("float64", "bfloat16"):
-        x, w, b = (t.to(getattr(torch, case)) for t in (x, w, b))
+    if case in ("float64", "float16", "bfloat16 unusable"):
+        x, w, b = (t.to(getattr(torch, case.split()[0])) for t in (x, w, b))
+        monkeypatch.setattr(cpu_linear, "onednn_bfloat16_usable", lambda: False)
     elif case == "one-dimensional":
         x = x[0]
     elif case == "empty":
@@ -104,6 +129,42 @@ def test_the_probe_ignores_the_default_dtype_and_device():
     assert probed_under_other_defaults(onednn_linear_usable) is onednn_linear_usable()
 
 
+def test_the_bfloat16_probe_says_no_for_an_operator_that_fails_disagrees_or_changes_the_dtype(monkeypatch):
+    """Only the bfloat16 answer is asked again (the float32 probes keep their cached yes, asked first)."""
+    real = cpu_linear._operator()
+
+    def fails_in_bfloat16(x, *args):
+        if x.dtype == torch.bfloat16:
+            raise RuntimeError("mkldnn_linear: bf16 path needs the cpu support avx_ne_convert or avx512bw")
+        return real(x, *args)
+
+    def disagrees_in_bfloat16(x, w, b, *args):
+        return real(x, w, b, *args) + (x.dtype == torch.bfloat16)
+
+    def float32_out(x, w, b, *args):
+        return real(x.float(), w.float(), b.float(), *args)
+
+    assert cpu_linear.onednn_swish_usable()  # cached before the fakes
+    fakes = [fails_in_bfloat16, disagrees_in_bfloat16, float32_out]
+    answers = probed_with_fakes(cpu_linear.onednn_bfloat16_usable, monkeypatch, cpu_linear, "_operator", fakes)
+    assert answers == [False, False, False]
+
+
+def test_the_bfloat16_probe_says_no_where_onednn_computes_no_bfloat16(monkeypatch):
+    cpu_linear.onednn_bfloat16_usable.cache_clear()
+    try:
+        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+        assert cpu_linear.onednn_bfloat16_usable() is False
+    finally:
+        cpu_linear.onednn_bfloat16_usable.cache_clear()
+        monkeypatch.undo()
+
+
+def test_the_bfloat16_probe_ignores_the_default_dtype_and_device():
+    answer = cpu_linear.onednn_bfloat16_usable()
+    assert probed_under_other_defaults(cpu_linear.onednn_bfloat16_usable) is answer
+
+
 @pytest.mark.parametrize("bias", ["strided", "expanded", "0-d", "(1, 5)", "(1,)"])
 def test_biases_f_linear_would_broadcast_take_f_linear(bias):
     """oneDNN reads a bias as a dense (out,) vector: a strided or broadcast one gave wrong sums; these take F.linear."""
@@ -115,6 +176,28 @@ def test_biases_f_linear_would_broadcast_take_f_linear(bias):
     with torch.inference_mode():
         assert "mkldnn::_linear_pointwise" not in _ops_run(lambda: onednn_linear(x, w, b))
         assert torch.equal(onednn_linear(x, w, b), F.linear(x, w, b))
+
+
+@needs_bfloat16
+@pytest.mark.parametrize("case", ["bfloat16 input, float32 weight", "float32 input, bfloat16 weight", "autocast"])
+def test_mixed_dtypes_and_autocast_take_f_linear(case):
+    """Mixed dtypes get F.linear's error; under autocast F.linear's own dtype rules hold (a float32 layer computes
+    in bfloat16, as F.linear would)."""
+    x, w, b = torch.randn(6, 10), torch.randn(4, 10), torch.randn(4)
+    if case == "autocast":
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            assert "mkldnn::_linear_pointwise" not in _ops_run(lambda: onednn_linear(x, w, b))
+            y, expected = onednn_linear(x, w, b), F.linear(x, w, b)
+        assert y.dtype == expected.dtype == torch.bfloat16 and torch.equal(y, expected)
+        return
+    if case.startswith("bfloat16"):
+        x = x.bfloat16()
+    else:
+        w, b = w.bfloat16(), b.bfloat16()
+    with pytest.raises(RuntimeError) as raised:
+        F.linear(x, w, b)
+    with pytest.raises(RuntimeError, match=str(raised.value)[:30]):
+        onednn_linear(x, w, b)
 
 
 def test_shape_errors_are_f_linears():
@@ -174,21 +257,52 @@ def test_every_linear_layer_is_rewritten_over_the_same_parameters(tiny_model):
 
 
 @needs_onednn
-def test_the_vocabulary_goes_through_onednn_in_every_dtype(tiny_model):
+def test_the_vocabulary_and_the_image_go_through_onednn_in_every_dtype(tiny_model):
     """The text encoder computes in float32 in any engine: its layers take oneDNN also in a bfloat16 engine, whose
-    image path keeps F.linear (oneDNN's operator is not called per image)."""
+    image path takes oneDNN's bfloat16 linear where this CPU computes it."""
     for dtype in (torch.float32, torch.bfloat16):
         seg = Segmenter(tiny_model, device="cpu", dtype=dtype)
         assert "mkldnn::_linear_pointwise" in _ops_run(lambda seg=seg: seg.set_classes(NAMES[::-1]))
         per_image = _ops_run(lambda seg=seg: seg.logits(torch.randn(1, 3, 64, 64)))
-        assert ("mkldnn::_linear_pointwise" in per_image) is (dtype == torch.float32)
+        image_onednn = dtype == torch.float32 or cpu_linear.onednn_bfloat16_usable()
+        assert ("mkldnn::_linear_pointwise" in per_image) is image_onednn
         text = set(seg.model.text_encoder.modules())
         image_layers = [m for m in seg.model.modules() if m not in text and isinstance(m, (nn.Linear, OneDNNLinear))]
-        assert image_layers and all(isinstance(m, OneDNNLinear) is (dtype == torch.float32) for m in image_layers)
+        assert image_layers and all(isinstance(m, OneDNNLinear) and m.weight.dtype == dtype for m in image_layers)
         plain = prepare_for_inference(tiny_model, torch.device("cpu"), torch.float32)
         with torch.no_grad():
             expected = plain.text_features(NAMES[::-1])
         torch.testing.assert_close(seg.model.text_features(NAMES[::-1]), expected, rtol=1e-5, atol=1e-6)
+
+
+@needs_onednn
+@pytest.mark.parametrize("bfloat16_onednn", [True, False])
+def test_a_bfloat16_engine_scales_its_mlps_in_float32_and_computes_the_model(tiny_model, monkeypatch, bfloat16_onednn):
+    """The QuickGELU MLPs' scaled weights are the float32 ones times 1.702 (c_proj's divided) rounded to bfloat16
+    once; the engine's logits are the float32 model's within bfloat16's error, through oneDNN's bfloat16 linear and
+    (where this CPU's oneDNN computes no bfloat16) through F.silu(F.linear)."""
+    if bfloat16_onednn and not cpu_linear.onednn_bfloat16_usable():
+        pytest.skip("this CPU's oneDNN linear computes no bfloat16")
+    if not bfloat16_onednn:
+        monkeypatch.setattr(cpu_linear, "onednn_bfloat16_usable", lambda: False)
+    seg = Segmenter(tiny_model, device="cpu", dtype=torch.bfloat16)
+    plain = prepare_for_inference(tiny_model, torch.device("cpu"), torch.float32).state_dict()
+    state = seg.model.state_dict()
+    image = [k for k in plain if ".mlp.c_" in k and not k.startswith("text_encoder.")]
+    assert bool(image) is isinstance(seg.model.backbone, CLIPViTBackbone)  # a ResNet's image path has no MLP
+    assert all(state[k].dtype == torch.bfloat16 for k in image)
+    for k in image:
+        if ".c_fc." in k:
+            scaled = plain[k] * 1.702
+        else:  # c_proj: its weight divided, its bias as it was
+            scaled = plain[k] / 1.702 if k.endswith(".weight") else plain[k]
+        assert torch.equal(state[k], scaled.bfloat16()), k
+    x = torch.randn(2, 3, 64, 96)
+    per_image = _ops_run(lambda: seg.logits(x))
+    assert ("mkldnn::_linear_pointwise" in per_image) is bfloat16_onednn
+    with torch.no_grad():
+        expected = tiny_model(x)
+    assert rel_err(seg.logits(x), expected) < 2e-2
 
 
 @needs_onednn
@@ -270,13 +384,15 @@ def test_a_fused_quick_gelu_mlp_computes_the_same_through_onednn_and_without(row
 
 
 @needs_swish
-def test_quick_gelu_is_fused_only_where_the_linears_take_onednn(tiny_model, monkeypatch):
-    """A float32 engine fuses every QuickGELU MLP; a bfloat16 one the text encoder's alone (its image path keeps
-    F.linear); GELU MLPs and a PyTorch without the post-op are left alone."""
+def test_quick_gelu_is_fused_where_the_linears_take_onednn(tiny_model, monkeypatch):
+    """Every QuickGELU MLP of a float32 or bfloat16 engine is fused; MLPs whose weights are no longer float32
+    (scaling would round them twice), GELU MLPs and a PyTorch without the post-op are left alone."""
     count = sum(type(m) is cpu_linear.QuickGELU for m in tiny_model.modules())
-    for dtype, fused in ((torch.float32, count), (torch.bfloat16, len(tiny_model.text_encoder.transformer.resblocks))):
+    for dtype in (torch.float32, torch.bfloat16):
         seg = Segmenter(tiny_model, device="cpu", dtype=dtype)
-        assert sum(getattr(m, "post_op", None) == "swish" for m in seg.model.modules()) == fused, dtype
+        assert sum(getattr(m, "post_op", None) == "swish" for m in seg.model.modules()) == count, dtype
+    half = copy.deepcopy(tiny_model).bfloat16()
+    assert use_onednn_linears(half) > 0 and cpu_linear.fuse_quick_gelu(half) == 0
     monkeypatch.setattr(cpu_linear, "onednn_swish_usable", lambda: False)
     seg = Segmenter(tiny_model, device="cpu", dtype=torch.float32)
     assert not any(getattr(m, "post_op", None) == "swish" for m in seg.model.modules())

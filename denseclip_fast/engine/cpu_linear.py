@@ -32,7 +32,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model import DenseCLIP
 from ..model.layers import MultiheadSelfAttention, QuickGELU, intercepted
 
 
@@ -44,13 +43,16 @@ def _operator() -> Any:
 POST_OPS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"none": lambda y: y, "swish": F.silu}
 
 
-def _agrees(post_op: str) -> bool:
-    """Whether oneDNN's linear with ``post_op`` equals F.linear and POST_OPS[post_op] on a small case (float32 CPU
-    tensors whatever the default dtype and device); raises what a missing or changed operator raises."""
-    x, w, b = (torch.linspace(-3, 3, n, dtype=torch.float32, device="cpu") for n in (15, 20, 4))
+def _agrees(post_op: str, dtype: torch.dtype = torch.float32) -> bool:
+    """Whether oneDNN's linear with ``post_op`` on ``dtype`` tensors equals F.linear and POST_OPS[post_op] computed
+    in float32 on a small case (CPU tensors whatever the default dtype and device), within ``dtype``'s rounding;
+    raises what a missing or changed operator raises."""
+    x, w, b = (torch.linspace(-3, 3, n, dtype=torch.float32, device="cpu").to(dtype) for n in (15, 20, 4))
     x, w = x.view(3, 5), w.view(4, 5)
     y = _operator()(x, w, b, post_op, [], "")
-    return bool(y.shape == (3, 4) and torch.allclose(y, POST_OPS[post_op](F.linear(x, w, b)), rtol=1e-5, atol=1e-6))
+    expected = POST_OPS[post_op](F.linear(x.float(), w.float(), b.float()))
+    rtol, atol = (1e-5, 1e-6) if dtype == torch.float32 else (2**-7, 1e-2)
+    return bool(y.shape == (3, 4) and y.dtype == dtype and torch.allclose(y.float(), expected, rtol=rtol, atol=atol))
 
 
 @functools.cache
@@ -72,9 +74,31 @@ def onednn_swish_usable() -> bool:
         return False
 
 
-def _plain_cpu_float32(t: torch.Tensor) -> bool:
+@functools.cache
+def onednn_bfloat16_usable() -> bool:
+    """Whether oneDNN's linear operator also computes bfloat16 on this CPU, with and without the "swish" post-op,
+    and agrees with F.linear (and F.silu) computed in float32 on a small case within bfloat16's rounding (probed
+    once)."""
+    try:
+        return (
+            onednn_swish_usable()
+            and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+            and all(_agrees(post_op, torch.bfloat16) for post_op in POST_OPS)
+        )
+    except Exception:  # no bfloat16 in this PyTorch's oneDNN binding
+        return False
+
+
+def _usable(dtype: torch.dtype) -> bool:
+    """Whether oneDNN's linear is taken for ``dtype`` tensors: float32, and bfloat16 where this CPU computes it."""
+    if dtype == torch.float32:
+        return onednn_linear_usable()
+    return dtype == torch.bfloat16 and onednn_bfloat16_usable()
+
+
+def _plain_cpu(t: torch.Tensor, dtype: torch.dtype) -> bool:
     # not a traced (fake, functional) tensor nor a subclass with its own dispatch
-    return type(t) in (torch.Tensor, nn.Parameter) and t.device.type == "cpu" and t.dtype == torch.float32
+    return type(t) in (torch.Tensor, nn.Parameter) and t.device.type == "cpu" and t.dtype == dtype
 
 
 def _takes_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
@@ -82,18 +106,21 @@ def _takes_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         return False
     if intercepted() or not torch.backends.mkldnn.enabled:  # first: a tracer is not asked about shapes
         return False
-    if not all(_plain_cpu_float32(t) for t in (x, weight) + ((bias,) if bias is not None else ())):
+    if torch.is_autocast_enabled("cpu"):  # F.linear's dtype
+        return False
+    if not all(_plain_cpu(t, weight.dtype) for t in (x, weight) + ((bias,) if bias is not None else ())):
         return False
     shapes_fit = x.dim() >= 2 and x.numel() > 0 and weight.dim() == 2 and x.shape[-1] == weight.shape[1]
     if not shapes_fit or not (bias is None or (bias.shape == weight.shape[:1] and bias.is_contiguous())):
         return False  # F.linear's broadcasting, or its error message
-    return onednn_linear_usable()
+    return _usable(weight.dtype)
 
 
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` (x (..., in), weight (out, in), bias (out,)), through oneDNN for plain CPU
-    float32 tensors that need no gradient, nothing recording the call, and oneDNN enabled
-    (``torch.backends.mkldnn.flags(enabled=False)`` turns it off); F.linear otherwise."""
+    float32 tensors, or bfloat16 ones where this CPU computes them, that need no gradient, nothing recording the call,
+    no autocast, and oneDNN enabled (``torch.backends.mkldnn.flags(enabled=False)`` turns it off); F.linear
+    otherwise."""
     return _linear(x, weight, bias, "none")
 
 
@@ -124,22 +151,27 @@ class OneDNNLinear(nn.Module):
         return text if self.post_op == "none" else f"{text}, post_op={self.post_op}"
 
 
-def use_onednn_linears(model: DenseCLIP) -> int:
-    """Compute the float32 linear layers of ``model`` with oneDNN, in place: each float32 ``nn.Linear`` becomes a
-    :class:`OneDNNLinear` over the same parameters and each float32 self-attention's in-projection calls
-    :func:`onednn_linear` (in a float32 engine every layer; in a bfloat16 one the text encoder's, which computes in
-    float32). Returns how many were rewritten (a second call: none); 0 when oneDNN's operator is not usable here (the
-    model is then left as it was)."""
+# the dtypes whose layers use_onednn_linears rewrites (bfloat16 ones take oneDNN where the CPU computes it)
+DTYPES = (torch.float32, torch.bfloat16)
+
+
+def use_onednn_linears(model: nn.Module) -> int:
+    """Compute the float32 and bfloat16 linear layers of ``model`` with oneDNN, in place: each such ``nn.Linear``
+    becomes a :class:`OneDNNLinear` over the same parameters and each such self-attention's in-projection calls
+    :func:`onednn_linear`. The Segmenter calls it on its float32 copy before the image path is cast (then
+    :func:`fuse_quick_gelu`); the layers keep taking oneDNN after a cast to bfloat16, where this CPU computes it
+    (``onednn_bfloat16_usable``; F.linear otherwise). Returns how many were rewritten (a second call: none); 0 when
+    oneDNN's operator is not usable here (the model is then left as it was)."""
     if not onednn_linear_usable():
         return 0
     rewritten = 0
     for module in list(model.modules()):
         if isinstance(module, MultiheadSelfAttention) and module.linear is not onednn_linear:
-            if module.in_proj_weight.dtype == torch.float32:
+            if module.in_proj_weight.dtype in DTYPES:
                 module.linear = onednn_linear
                 rewritten += 1
         for name, child in list(module.named_children()):
-            if type(child) is nn.Linear and child.weight.dtype == torch.float32:
+            if type(child) is nn.Linear and child.weight.dtype in DTYPES:
                 setattr(module, name, OneDNNLinear(child))
                 rewritten += 1
     return rewritten
@@ -151,14 +183,15 @@ QUICK_GELU_SCALE = 1.702  # QuickGELU(y) = y * sigmoid(1.702 y) = silu(1.702 y) 
 @torch.no_grad()
 def fuse_quick_gelu(model: nn.Module) -> int:
     """Each CLIP MLP of ``model`` whose layers run through oneDNN (:func:`use_onednn_linears`) with QuickGELU
-    between them, rewritten in place as c_fc' = 1.702 c_fc with oneDNN's SiLU post-op ("swish"; F.silu where the
-    call does not take oneDNN: gradients, tracing), and c_proj' = c_proj / 1.702
+    between them and float32 weights, rewritten in place as c_fc' = 1.702 c_fc with oneDNN's SiLU post-op ("swish";
+    F.silu where the call does not take oneDNN: gradients, tracing), and c_proj' = c_proj / 1.702
     (QuickGELU(y) = SiLU(1.702 y) / 1.702, the division folded into c_proj's weight): one pass over the 4x-wide
-    activations instead of three (the sigmoid, two products). The same function (the scaled weights are rounded
-    once: about 1e-7 relative); for the Segmenter's private copy only (its parameters change). ViT-B/16 float32
-    logits on 2 CPU threads: 0.90x the time at 854x640, 0.98x at 512x512
-    (benchmarks/results/predict_vit_cpu_2threads_amx_fp32.md against its _before_23a465b). Returns how many MLPs
-    were rewritten; none where oneDNN's swish post-op is not usable."""
+    activations instead of three (the sigmoid, two products). The same function: the scaled weights are rounded
+    once (about 1e-7 relative; a bfloat16 engine casts them afterwards, so they are rounded to bfloat16 once too).
+    For the Segmenter's private copy only (its parameters change). ViT-B/16 logits on 2 CPU threads: float32 in
+    0.90x the time at 854x640, 0.98x at 512x512 (benchmarks/results/predict_vit_cpu_2threads_amx_fp32.md against
+    its _before_23a465b); bfloat16: see README. Returns how many MLPs were rewritten; none where oneDNN's swish
+    post-op is not usable."""
     if not onednn_swish_usable():
         return 0
     fused = 0
@@ -168,6 +201,8 @@ def fuse_quick_gelu(model: nn.Module) -> int:
         c_fc, gelu, c_proj = module.c_fc, module.gelu, module.c_proj
         if not (type(gelu) is QuickGELU and type(c_fc) is OneDNNLinear and type(c_proj) is OneDNNLinear):
             continue
+        if not c_fc.weight.dtype == c_proj.weight.dtype == torch.float32:  # scaled in bfloat16: rounded twice
+            continue
         c_fc.weight.mul_(QUICK_GELU_SCALE)
         if c_fc.bias is not None:
             c_fc.bias.mul_(QUICK_GELU_SCALE)
@@ -176,3 +211,9 @@ def fuse_quick_gelu(model: nn.Module) -> int:
         c_proj.weight.div_(QUICK_GELU_SCALE)
         fused += 1
     return fused
+
+
+def rewrite_linears(model: nn.Module) -> tuple[int, int]:
+    """:func:`use_onednn_linears`, then :func:`fuse_quick_gelu`: what the CPU engine does to its float32 copy of a
+    model before it casts the image path. Returns both counts."""
+    return use_onednn_linears(model), fuse_quick_gelu(model)

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -78,14 +79,23 @@ def fold_batchnorm(model: nn.Module) -> int:
     return folded
 
 
-def prepare_for_inference(model: DenseCLIP, device: torch.device, dtype: torch.dtype) -> DenseCLIP:
+def prepare_for_inference(
+    model: DenseCLIP,
+    device: torch.device,
+    dtype: torch.dtype,
+    float32_rewrite: Callable[[DenseCLIP], object] | None = None,
+) -> DenseCLIP:
     """A private copy of ``model`` for inference (the engine's and the exporters'): eval, no gradients, BatchNorm
     folded, on ``device``; everything an image goes through in ``dtype`` (channels_last weights on CUDA), the text
-    encoder and the contexts kept in float32 for the class embeddings."""
+    encoder and the contexts kept in float32 for the class embeddings. ``float32_rewrite``: called with the float32
+    copy after the folding, before the move and the cast (the CPU engine's oneDNN linears, whose weight scaling is
+    then rounded once)."""
     # float32 first, whatever the model's dtype: the folded weights are rounded once, to ``dtype``, and the text
     # encoder computes in float32 (a half-precision model's folded weights were rounded to its dtype, then cast)
     model = copy.deepcopy(model).float().eval().requires_grad_(False)
     fold_batchnorm(model)
+    if float32_rewrite is not None:
+        float32_rewrite(model)
     model.to(device)
     for name, child in model.named_children():
         if name != "text_encoder":

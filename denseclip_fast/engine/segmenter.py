@@ -50,7 +50,7 @@ from ..visualize import default_palette
 from ..visualize import overlay as blend
 from . import cpu_labels
 from .cpu_conv import fuse_convolutions
-from .cpu_linear import fuse_quick_gelu, use_onednn_linears
+from .cpu_linear import rewrite_linears
 from .graphs import GraphCache
 from .inputs import ImageBatch, as_batch, stacked_for
 from .rewrite import channels_last_pyramid, prepare_for_inference
@@ -316,11 +316,10 @@ class Segmenter:
         window_sizes(self.crop, self.stride)  # a stride past the crop: refused now, not at the first slide call
         self.windows_per_batch = None if windows_per_batch is None else as_int(
             "windows_per_batch", windows_per_batch, why=" or None")  # fmt: skip
-        self.model = prepare_for_inference(model, self.device, self.dtype)
-        if self.device.type == "cpu":  # float32 layers through oneDNN (cpu_linear.py), the text encoder's always
-            use_onednn_linears(self.model)
-            fuse_quick_gelu(self.model)  # those layers' QuickGELU as oneDNN's SiLU post-op
-            # bfloat16 convolutions with their ReLU and residual sum (cpu_conv.py); without the finite check the
+        cpu = self.device.type == "cpu"  # linear layers through oneDNN, their QuickGELUs as its SiLU post-op
+        # (cpu_linear.py), rewritten in float32: the weights it scales are rounded once, also in a bfloat16 engine
+        self.model = prepare_for_inference(model, self.device, self.dtype, rewrite_linears if cpu else None)
+        if cpu:  # bfloat16 convolutions with their ReLU and residual sum (cpu_conv.py); without the finite check the
             # ReLUs stay passes of their own, which keep NaN as the model does
             fuse_convolutions(self.model, relu=check_finite)
             channels_last_pyramid(self.model)
