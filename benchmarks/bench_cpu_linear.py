@@ -2,15 +2,18 @@
 
     python benchmarks/bench_cpu_linear.py                       # RN50 and ViT-B/16 at 224, 2 repeats
     python benchmarks/bench_cpu_linear.py --size 512 --repeats 5
+    python benchmarks/bench_cpu_linear.py --dtype bfloat16 --archs ViT-B/16 --size 640 --tag ...
 
-The CPU Segmenter computes its float32 linear layers with oneDNN (denseclip_fast/engine/cpu_linear.py). This times,
-per architecture, what a user waits for with each library: building a Segmenter (float32, 150 ADE20K classes: the
-copy, the BatchNorm folding and the text encoder for the vocabulary), ``set_classes`` with the 150 names reversed
-(the text encoder alone: the same one in RN50 and ViT-B/16, and in a bfloat16 engine, whose text encoder computes
-in float32), and ``logits`` of one random image (the image path). "blas" is the same code with the oneDNN probe
-answering no: every layer takes F.linear, as the engine did before commits 59e7a9a (image path) and 3667aec (text
-encoder). The two paths take turns, which one goes first alternating from round to round, so that the machine's
-drift reaches both alike. Random weights. Writes JSON and markdown (cpu_linear_<tag>.*).
+The CPU Segmenter computes its linear layers with oneDNN (denseclip_fast/engine/cpu_linear.py). This times, per
+architecture, what a user waits for with each library: building a Segmenter (``--dtype``, float32 by default; 150
+ADE20K classes: the copy, the BatchNorm folding and the text encoder for the vocabulary), ``set_classes`` with the
+150 names reversed (the text encoder alone: the same one in RN50 and ViT-B/16, and in a bfloat16 engine, whose text
+encoder computes in float32), and ``logits`` of one random image (the image path). "blas" is the same code with the
+oneDNN probe answering no: every layer takes F.linear, as the engine did before commits 59e7a9a (image path) and
+3667aec (text encoder); in a bfloat16 engine, that is its image path before commit 0439a7d (F.linear, and QuickGELU
+as three passes instead of oneDNN's SiLU post-op). The two paths take turns, which one goes first alternating from
+round to round, so that the machine's drift reaches both alike. Random weights. Writes JSON and markdown
+(cpu_linear_<tag>.*).
 """
 
 from __future__ import annotations
@@ -62,7 +65,7 @@ def build(arch: str, names: list[str]) -> dcf.DenseCLIP:
     return randomize_(dcf.DenseCLIP.from_arch(arch, names)).eval()
 
 
-def run_arch(arch: str, size: int, repeats: int) -> list[dict]:
+def run_arch(arch: str, size: int, repeats: int, dtype: torch.dtype = torch.float32) -> list[dict]:
     names = list(dcf.ADE20K_CLASSES[:150])
     model = build(arch, names)
     image = torch.randn(1, 3, size, size)
@@ -72,7 +75,7 @@ def run_arch(arch: str, size: int, repeats: int) -> list[dict]:
         for path in PATHS if i % 2 else PATHS[::-1]:
             with linear_path(path):
                 build_ms = _timed(lambda: engines.__setitem__(path, dcf.Segmenter(model, device="cpu",
-                                                                                  dtype=torch.float32)))  # fmt: skip
+                                                                                  dtype=dtype)))  # fmt: skip
                 seg = engines[path]
                 # in the untimed round the build has run the text encoder (set_classes' work) already
                 vocab_ms = _timed(lambda: seg.set_classes(names[::-1])) if i else 0.0
@@ -85,19 +88,22 @@ def run_arch(arch: str, size: int, repeats: int) -> list[dict]:
     error = float((cast(torch.Tensor, engines["onednn"].logits(image)) - reference).norm() / reference.norm())
     rows = []
     for (what, path), samples in times.items():
-        rows.append({"arch": arch, "size": size, "what": what, "path": path, "median_ms": statistics.median(samples),
-                     "min_ms": min(samples), "repeats": len(samples),
+        rows.append({"arch": arch, "dtype": str(dtype).removeprefix("torch."), "size": size, "what": what,
+                     "path": path, "median_ms": statistics.median(samples), "min_ms": min(samples),
+                     "repeats": len(samples),
                      "rel_error_vs_blas": error if what == "logits" and path == "onednn" else None})  # fmt: skip
     return rows
 
 
 def table(env: dict, rows: list[dict]) -> str:
+    dtypes = ", ".join(dict.fromkeys(r.get("dtype", "float32") for r in rows))
     lines = [
         f"# CPU engine: oneDNN vs BLAS linear layers ({env['date']})",
         "",
-        f"CPU: {env['device']} ({env['threads']} threads); torch {env['torch']}; float32, 150 classes, random "
+        f"CPU: {env['device']} ({env['threads']} threads); torch {env['torch']}; {dtypes}, 150 classes, random "
         "weights, batch 1, square images. blas: every linear layer through F.linear (the engine before commits "
-        "59e7a9a and 3667aec); onednn: the engine as shipped. The paths take turns, which goes first alternating by "
+        "59e7a9a and 3667aec; a bfloat16 engine's image path and QuickGELU before 0439a7d); onednn: the engine as "
+        "shipped. The paths take turns, which goes first alternating by "
         "round. set_classes runs the text encoder alone, the same in both architectures. Error: relative L2 of the "
         "onednn logits against blas.",
         "",
@@ -123,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--archs", nargs="+", choices=dcf.config.ARCHS, default=["RN50", "ViT-B/16"])
     parser.add_argument("--size", type=int, default=224, help="square image side (default 224)")
     parser.add_argument("--repeats", type=int, default=2, help="timed rounds after one untimed (default 2)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="the engine's dtype")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     parser.add_argument("--tag", help="file name tag (default: cpu_smoke)")
     args = parser.parse_args(argv)
@@ -133,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     results = Results(args.out, "cpu_linear", args.tag, environment(torch.device("cpu")), {"args": vars(args)}, table)
     for arch in args.archs:
-        for row in run_arch(arch, args.size, args.repeats):
+        for row in run_arch(arch, args.size, args.repeats, getattr(torch, args.dtype)):
             results.add(row)
         print(f"{arch}: done", flush=True)
     print(results.render(results.env, results.rows))

@@ -463,9 +463,11 @@ def test_host_time_benchmark_measures_every_path_and_restores_the_launcher(tmp_p
     assert score.launch is launch
 
 
-def test_cpu_linear_benchmark_times_both_paths_and_restores_the_probe(tmp_path, monkeypatch):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cpu_linear_benchmark_times_both_paths_and_restores_the_probe(tmp_path, monkeypatch, dtype):
     """benchmarks/bench_cpu_linear.py times construction, set_classes and logits with the BLAS and with oneDNN (no
-    timing is asserted here), the logits of both agree, and the oneDNN probe is the real one afterwards."""
+    timing is asserted here) in an engine of either dtype, the logits of both agree (within bfloat16's error in a
+    bfloat16 engine, whose MLPs' weights are scaled), and the oneDNN probe is the real one afterwards."""
     import torch
 
     from benchmarks import bench_cpu_linear
@@ -480,7 +482,8 @@ def test_cpu_linear_benchmark_times_both_paths_and_restores_the_probe(tmp_path, 
 
     probe = cpu_linear.onednn_linear_usable
     monkeypatch.setattr(bench_cpu_linear, "build", tiny)
-    args = ["--archs", "RN50", "ViT-B/16", "--size", "64", "--repeats", "1", "--out", str(tmp_path), "--tag", "t"]
+    args = ["--archs", "RN50", "ViT-B/16", "--size", "64", "--repeats", "1", "--out", str(tmp_path), "--tag", "t",
+            "--dtype", dtype]  # fmt: skip
     assert bench_cpu_linear.main(args) == 0
     assert cpu_linear.onednn_linear_usable is probe
     if not probe():
@@ -491,8 +494,10 @@ def test_cpu_linear_benchmark_times_both_paths_and_restores_the_probe(tmp_path, 
         for path in ("blas", "onednn")
     }  # fmt: skip
     errors = [r["rel_error_vs_blas"] for r in rows if r["rel_error_vs_blas"] is not None]
-    assert len(errors) == 2 and all(e < 1e-5 for e in errors)
-    assert "| ViT-B/16 | 64 | logits |" in (tmp_path / "cpu_linear_t.md").read_text()
+    assert len(errors) == 2 and all(e < (1e-5 if dtype == "float32" else 2e-2) for e in errors)
+    assert {r["dtype"] for r in rows} == {dtype}
+    text = (tmp_path / "cpu_linear_t.md").read_text()
+    assert "| ViT-B/16 | 64 | logits |" in text and f"; {dtype}, 150 classes" in text
 
 
 def test_text_benchmark_times_both_paths_and_compares_them(tmp_path, monkeypatch):

@@ -13,13 +13,17 @@ vocabulary) is such GEMMs too: benchmarks/bench_cpu_linear.py times both librari
 time, ViT-B/16 logits in 0.66-0.71x, RN50 logits in 0.91-0.96x). Same float32 arithmetic, another summation order
 (about 1e-6 relative).
 
-The operator is private to PyTorch: it is probed once (present, and equal to F.linear on a small case). A PyTorch
-without it, a tensor that is not a plain CPU float32 tensor, a bias F.linear would broadcast, a call that needs
-gradients or that something records (torch.compile, torch.export, a dispatch mode such as FlopCounterMode,
-torch.jit.trace, torch.func), or oneDNN switched off (``torch.backends.mkldnn.flags(enabled=False)``) takes F.linear
-as before. Only the Segmenter's own copy of the model is rewritten, on a CPU: its image path in a float32 engine
-and its text encoder (float32 in any engine; it runs at construction and for each new vocabulary), never the
-exporters' graphs.
+A bfloat16 ``nn.Linear`` already runs on oneDNN's matrix product through F.linear; the gain of this operator there
+is its post-op, which takes a CLIP MLP's QuickGELU (:func:`fuse_quick_gelu`) into the first layer's output pass.
+
+The operator is private to PyTorch: it is probed once (present, and equal to F.linear on a small case; for bfloat16,
+this CPU's oneDNN computes it and agrees with float32 sums within bfloat16's rounding). A PyTorch without it, a
+tensor that is not a plain CPU float32 tensor (or bfloat16 where that probe fails), mixed dtypes, autocast, a bias
+F.linear would broadcast, a call that needs gradients or that something records (torch.compile, torch.export, a
+dispatch mode such as FlopCounterMode, torch.jit.trace, torch.func), or oneDNN switched off
+(``torch.backends.mkldnn.flags(enabled=False)``) takes F.linear as before. Only the Segmenter's own copy of the model
+is rewritten, on a CPU (its image path in the engine's dtype and its text encoder, float32 in any engine; it runs at
+construction and for each new vocabulary), never the exporters' graphs.
 """
 
 from __future__ import annotations
