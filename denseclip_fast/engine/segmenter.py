@@ -9,9 +9,9 @@ What happens once, at construction: a private copy of the model is put in eval m
 the convolutions, it is moved to the device and dtype (channels_last weights on CUDA), and the class embeddings of
 the vocabulary are computed in float32 and kept in a buffer; on a CPU the linear layers (the image path's in the
 engine's dtype, the text encoder's in float32) run through oneDNN, with QuickGELU as a post-op (cpu_linear.py), and
-a bfloat16 engine's convolutions through oneDNN's fused operator with their ReLU and residual sum (cpu_conv.py). Images go
-through in channels_last on every device (cuDNN's and oneDNN's fastest convolutions; on a 2-core CPU the engine
-takes 13% / 25% less time than eager PyTorch at batch 1 / 4, benchmarks/results/export_cpu_2threads_512.md). Per
+a bfloat16 engine's convolutions through oneDNN's fused operator with their ReLU and residual sum (cpu_conv.py).
+Images go through in channels_last on every device (cuDNN's and oneDNN's fastest convolutions; on a 2-core CPU the
+engine takes 13% / 25% less time than eager PyTorch at batch 1 / 4, benchmarks/results/export_cpu_2threads_512.md). Per
 image only the image encoder, the context decoder, the fused score/concat operator, the FPN and the head run; on
 CUDA every (batch, size) is captured once into a CUDA graph and replayed; the head's logits are resized to the input
 size (and uint8 images' to their own) after the replay, in float32, by the finish: logits straight into the
