@@ -23,7 +23,9 @@ F.linear would broadcast, a call that needs gradients or that something records 
 dispatch mode such as FlopCounterMode, torch.jit.trace, torch.func), or oneDNN switched off
 (``torch.backends.mkldnn.flags(enabled=False)``) takes F.linear as before. Only the Segmenter's own copy of the model
 is rewritten, on a CPU (its image path in the engine's dtype and its text encoder, float32 in any engine; it runs at
-construction and for each new vocabulary), never the exporters' graphs.
+construction and for each new vocabulary). An exported graph never holds oneDNN's operator: ``to_aoti`` traces the
+Segmenter's model, and so records F.linear and, in a fused MLP, the scaled weights and F.silu (the same function);
+the ONNX and TensorRT exporters prepare a copy of their own without the rewrite.
 """
 
 from __future__ import annotations
@@ -192,10 +194,11 @@ def fuse_quick_gelu(model: nn.Module) -> int:
     (QuickGELU(y) = SiLU(1.702 y) / 1.702, the division folded into c_proj's weight): one pass over the 4x-wide
     activations instead of three (the sigmoid, two products). The same function: the scaled weights are rounded
     once (about 1e-7 relative; a bfloat16 engine casts them afterwards, so they are rounded to bfloat16 once too).
-    For the Segmenter's private copy only (its parameters change). ViT-B/16 logits on 2 CPU threads: float32 in
-    0.90x the time at 854x640, 0.98x at 512x512 (benchmarks/results/predict_vit_cpu_2threads_amx_fp32.md against
-    its _before_23a465b); bfloat16: see README. Returns how many MLPs were rewritten; none where oneDNN's swish
-    post-op is not usable."""
+    For the Segmenter's private copy only: its parameters change, so weights loaded into it afterwards
+    (``load_state_dict``) would have to be scaled alike; build a new Segmenter from the model instead. ViT-B/16
+    logits on 2 CPU threads: float32 in 0.90x the time at 854x640, 0.98x at 512x512
+    (benchmarks/results/predict_vit_cpu_2threads_amx_fp32.md against its _before_23a465b); bfloat16: see README.
+    Returns how many MLPs were rewritten; none where oneDNN's swish post-op is not usable."""
     if not onednn_swish_usable():
         return 0
     fused = 0
