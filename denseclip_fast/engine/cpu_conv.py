@@ -29,7 +29,8 @@ The operators are private to PyTorch: they are probed once (present, bfloat16 su
 equal to ``F.conv2d`` and its post-ops on a small case). A PyTorch without them, a call that needs gradients or that
 something records (torch.compile, torch.export, a dispatch mode, torch.jit.trace, torch.func), autocast, oneDNN
 switched off (``torch.backends.mkldnn.flags(enabled=False)``), tensors that are not plain CPU bfloat16 ones, and
-residual sums oneDNN would not fuse take ``F.conv2d`` and the post-ops in PyTorch, as the model computes them.
+residual sums oneDNN would not fuse (or, in PyTorch 2.11, fails on: one output pixel) take ``F.conv2d`` and the
+post-ops in PyTorch, as the model computes them.
 """
 
 from __future__ import annotations
@@ -201,6 +202,8 @@ class OneDNNConv2d(_WeightCache):
             # fails for bfloat16
             if self.groups != 1 or not x.is_contiguous(memory_format=torch.channels_last):
                 return False
+            if out_size[2] * out_size[3] == 1:  # one pixel, whose layouts coincide: PyTorch 2.11's operator
+                return False  # fails ("could not create a memory"; 2.14's does not), e.g. a 32x32 image's layer4
         return onednn_conv_usable()
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
