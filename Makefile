@@ -6,7 +6,7 @@
 #   make gpu-wheels   the Python 3.12 wheels the GPU test machine lacks, into ./wheels (see benchmarks/gpu_check.sh)
 #   make test-gpu-torch   a rehearsal of the GPU session on the CPU: benchmarks/gpu_check.sh's build, GPU-test
 #                and CPU-suite steps in a copy of the tree (build/gpu-torch) with the GPU machine's Python 3.12 (where
-#                installed) and packages (torch 2.11, triton 3.6); about 12 minutes and 5 GB: run it before a GPU session
+#                installed) and packages (torch 2.11, triton 3.6); 12 to 17 minutes and 5 GB: run it before a GPU session
 PYTHON_SYSTEM ?= python3
 VENV   := .venv
 PYTHON := $(VENV)/bin/python
