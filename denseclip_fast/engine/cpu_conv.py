@@ -46,8 +46,8 @@ from torch import nn
 
 from ..model import DenseCLIP
 from ..model.heads import ConvModule
-from ..model.layers import intercepted
 from ..model.resnet import Bottleneck, CLIPResNetBackbone
+from .cpu_linear import plain_cpu_call
 
 # the dtypes whose convolutions are rewritten: where the fused, packed operator was measured faster (module docstring)
 DTYPES = (torch.bfloat16,)
@@ -103,20 +103,10 @@ def onednn_conv_usable() -> bool:
 
 def _plain_call(x: torch.Tensor, in_channels: int, weight: torch.Tensor, *others: torch.Tensor | None) -> bool:
     """Whether a call of ``x`` with ``weight`` and ``others`` (bias, residual: None where there is none) may take a
-    rewritten path: oneDNN switched on (``torch.backends.mkldnn.flags``), no gradient needed, nothing recording the
-    call (first: a tracer is not asked about shapes), no autocast (its dtype), every tensor a plain CPU one (not a
-    traced, fake or functional tensor, nor a subclass with its own dispatch) of the weight's dtype, one of DTYPES,
-    and ``x`` a non-empty 4-D batch of ``in_channels`` channels (else PyTorch's error message or empty result)."""
-    tensors = [x, weight, *(t for t in others if t is not None)]
-    if not torch.backends.mkldnn.enabled:
-        return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return False
-    if intercepted() or torch.is_autocast_enabled("cpu"):
-        return False
-    dtype = weight.dtype
-    plain = (type(t) in (torch.Tensor, nn.Parameter) and t.device.type == "cpu" and t.dtype == dtype for t in tensors)
-    if dtype not in DTYPES or not all(plain):
+    rewritten path: cpu_linear.plain_cpu_call (oneDNN switched on, no gradient, nothing recording the call, no
+    autocast, plain CPU tensors of the weight's dtype), that dtype one of DTYPES, and ``x`` a non-empty 4-D batch of
+    ``in_channels`` channels (else PyTorch's error message or empty result)."""
+    if weight.dtype not in DTYPES or not plain_cpu_call(weight.dtype, x, weight, *others):
         return False
     return x.dim() == 4 and x.shape[1] == in_channels and x.numel() > 0
 

@@ -102,19 +102,24 @@ def _usable(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and onednn_bfloat16_usable()
 
 
-def _plain_cpu(t: torch.Tensor, dtype: torch.dtype) -> bool:
-    # not a traced (fake, functional) tensor nor a subclass with its own dispatch
-    return type(t) in (torch.Tensor, nn.Parameter) and t.device.type == "cpu" and t.dtype == dtype
+def plain_cpu_call(dtype: torch.dtype, *tensors: torch.Tensor | None) -> bool:
+    """Whether a call on ``tensors`` (None where there is none) may take one of oneDNN's private operators instead of
+    PyTorch's own (here and in cpu_conv.py): oneDNN switched on (``torch.backends.mkldnn.flags``), no gradient
+    needed, nothing recording the call (layers.intercepted; before any shape is read: a tracer is not asked), no
+    autocast (PyTorch's operator would choose the dtype), and every tensor a plain CPU one of ``dtype`` (not a
+    traced, fake or functional tensor, nor a subclass with its own dispatch)."""
+    given = [t for t in tensors if t is not None]
+    if not torch.backends.mkldnn.enabled:
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in given):
+        return False
+    if intercepted() or torch.is_autocast_enabled("cpu"):
+        return False
+    return all(type(t) in (torch.Tensor, nn.Parameter) and t.device.type == "cpu" and t.dtype == dtype for t in given)
 
 
 def _takes_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
-        return False
-    if intercepted() or not torch.backends.mkldnn.enabled:  # first: a tracer is not asked about shapes
-        return False
-    if torch.is_autocast_enabled("cpu"):  # F.linear's dtype
-        return False
-    if not all(_plain_cpu(t, weight.dtype) for t in (x, weight) + ((bias,) if bias is not None else ())):
+    if not plain_cpu_call(weight.dtype, x, weight, bias):
         return False
     shapes_fit = x.dim() >= 2 and x.numel() > 0 and weight.dim() == 2 and x.shape[-1] == weight.shape[1]
     if not shapes_fit or not (bias is None or (bias.shape == weight.shape[:1] and bias.is_contiguous())):
