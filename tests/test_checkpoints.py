@@ -859,6 +859,73 @@ def test_damage_inside_a_tensor_is_refused_by_the_archives_crc(tmp_path, officia
         dcf.load_checkpoint(damaged)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_damage_inside_a_native_files_tensor_is_refused_by_its_crc(tmp_path, dtype):
+    """safetensors stores no checksum: a bit flipped inside a tensor of a native file loaded as a wrong weight.
+    DenseCLIP.save records a CRC-32 of the tensors' bytes in the metadata; load_checkpoint checks it."""
+    model = DenseCLIP(tiny_config("resnet"), ["sky", "road", "car"]).to(dtype)
+    name = "decode_head.conv_seg.weight"
+    head = model.state_dict()[name]
+    with torch.no_grad():  # values whose bytes occur once in the file
+        head.copy_(torch.arange(1000.0, 1000.0 + head.numel()).reshape(head.shape))
+    intact = tmp_path / "intact.safetensors"
+    model.save(intact)
+    data = bytearray(intact.read_bytes())
+    pattern = torch.tensor([1000.0, 1001.0, 1002.0, 1003.0], dtype=dtype).view(torch.uint8).numpy().tobytes()
+    at = data.find(pattern)
+    assert at > 0 and data.find(pattern, at + 1) == -1
+    data[at + len(pattern) - 1] ^= 0x01  # one bit of the fourth weight
+    damaged = tmp_path / "damaged.safetensors"
+    damaged.write_bytes(bytes(data))
+    assert torch.equal(dcf.load_checkpoint(intact).state_dict()[name], head)  # bfloat16 holds 1004 for 1003
+    with pytest.raises(CheckpointError, match=rf"damaged.safetensors: corrupt: 1 tensor\(s\) fail the CRC-32 "
+                                              rf"recorded in the file \({name}\): it was damaged after"):  # fmt: skip
+        dcf.load_checkpoint(damaged)
+
+
+def test_a_native_files_crcs_are_the_documented_ones(native_file, monkeypatch):
+    """The recorded CRC-32s are zlib's over each tensor's bytes as the file stores them (native.py's docstring):
+    computed here from the file's raw bytes, as another reader would; one thread or several give the same."""
+    import zlib
+
+    from denseclip_fast.checkpoints.native import tensor_crc32s
+
+    data = native_file.read_bytes()
+    length = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8 : 8 + length])
+    recorded = json.loads(header.pop("__metadata__")["tensors_crc32"])
+    body = data[8 + length :]
+    assert recorded == {n: f"{zlib.crc32(body[slice(*h['data_offsets'])]):08x}" for n, h in header.items()}
+    sd = dcf.load_checkpoint(native_file).state_dict()
+    for threads in (1, 3):
+        monkeypatch.setattr(torch, "get_num_threads", lambda threads=threads: threads)
+        assert tensor_crc32s(sd) == recorded
+
+
+def test_a_native_file_without_crcs_loads_and_a_malformed_record_is_refused(tmp_path, native_file):
+    """Files written before the CRCs were recorded load unchecked; a record that does not give each tensor 8 hex
+    digits is header damage."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(native_file), "pt") as f:
+        meta, sd = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    older = tmp_path / "older.safetensors"
+    save_file(sd, str(older), metadata={k: v for k, v in meta.items() if k != "tensors_crc32"})
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(dcf.load_checkpoint(older)(x), dcf.load_checkpoint(native_file)(x))
+    good = json.loads(meta["tensors_crc32"])
+    name = sorted(good)[0]
+    for bad in ([], {**good, name: "ABCDEF01"}, {**good, name: "1234567"}, {**good, name: 12345678},
+                {k: v for k, v in good.items() if k != name}, {**good, "extra": "00000000"}):  # fmt: skip
+        expected = rf"damaged denseclip_fast metadata: 'tensors_crc32' should map each of the file's {len(good)} "
+        with pytest.raises(CheckpointError, match=expected + "tensors to 8 hex digits, got "):
+            dcf.load_checkpoint(_native_with(tmp_path, native_file, tensors_crc32=json.dumps(bad)))
+    with pytest.raises(CheckpointError, match="damaged denseclip_fast metadata: 'tensors_crc32' is not valid JSON"):
+        dcf.load_checkpoint(_native_with(tmp_path, native_file, tensors_crc32="{"))
+
+
 def test_weights_that_load_state_dict_would_cast_or_copy_without_a_word_are_refused(tmp_path, official_file):
     """Integer, boolean or complex tensors where the model has floating-point weights (load_state_dict casts them),
     and NaN or infinite weights (which segment as all one class): a CheckpointError naming the tensors. float16

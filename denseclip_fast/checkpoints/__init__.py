@@ -19,7 +19,7 @@ import torch
 from ..class_names import ADE20K_CLASSES
 from ..visualize import rgb_triples
 from .io import CheckpointError, WeightFile, path_argument, read_weight_file
-from .native import is_native, native_contents
+from .native import check_tensors, is_native, native_contents
 from .official import check_arch, infer_config, key_listing, load_state_strict, state_problems
 
 if TYPE_CHECKING:
@@ -94,6 +94,7 @@ def load_checkpoint(
     if wf.kind == "safetensors" and is_native(wf.metadata):
         config, file_names, palette = native_contents(wf.metadata, path)
         check_arch(config, arch, path)
+        check_tensors(wf.metadata, wf.tensors, path)
         sd: Mapping[str, torch.Tensor] = wf.tensors
     else:
         sd, meta = _official_state(wf, path)

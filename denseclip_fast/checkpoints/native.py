@@ -2,15 +2,24 @@
 
 The tensors are the model's state dict under the official names; the safetensors header metadata holds
 ``format = "denseclip_fast"``, ``format_version``, ``config`` (the architecture as JSON, see DenseCLIPConfig),
-``class_names`` (JSON list) and optionally ``palette`` (JSON list of RGB triples). Any safetensors reader can list
-the tensors and read the JSON; nothing in the file is executable.
+``class_names`` (JSON list), optionally ``palette`` (JSON list of RGB triples), and ``tensors_crc32``: a JSON
+object giving each tensor's name the CRC-32 (zlib's, 8 lowercase hex digits) of its bytes as the file stores them.
+safetensors records no checksum, so without it a bit flipped inside a tensor (a failing disk, a copy that went
+wrong) loaded as a wrong weight. Files written before the CRCs were added have none and load unchecked. Any
+safetensors reader can list the tensors and read the JSON; nothing in the file is executable.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import zlib
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
+
+import torch
 
 from ..config import DenseCLIPConfig
 from .io import CheckpointError, excerpt, path_argument, replaced_atomically
@@ -20,6 +29,8 @@ if TYPE_CHECKING:
 
 FORMAT = "denseclip_fast"
 FORMAT_VERSION = "1"
+CRC_KEY = "tensors_crc32"
+_HEX8 = re.compile(r"[0-9a-f]{8}")
 
 
 def save_native(model: DenseCLIP, path: str | os.PathLike[str]) -> None:
@@ -41,6 +52,7 @@ def save_native(model: DenseCLIP, path: str | os.PathLike[str]) -> None:
         "format_version": FORMAT_VERSION,
         "config": json.dumps(model.config.to_dict()),
         "class_names": json.dumps(model.class_names),
+        CRC_KEY: json.dumps(dict(sorted(tensor_crc32s(tensors).items()))),
     }
     if model.palette is not None:
         metadata["palette"] = json.dumps([list(c) for c in model.palette])
@@ -61,6 +73,46 @@ def save_native(model: DenseCLIP, path: str | os.PathLike[str]) -> None:
     except (OSError, SafetensorError) as exc:  # e.g. a full disk, or permissions os.access cannot see
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise CheckpointError(path, f"cannot save: {reason}") from None
+
+
+def tensor_crc32s(tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """Name -> CRC-32 (zlib's, 8 lowercase hex digits) of each tensor's bytes, as safetensors stores them (contiguous
+    CPU tensors). The tensors are shared among ``torch.get_num_threads()`` threads, zlib's CRC releasing the GIL:
+    0.07 s for RN50's 456 MB on 2 cores, 0.12 s on one."""
+    names = sorted(tensors, key=lambda n: -tensors[n].nbytes)  # the largest first: the threads finish together
+
+    def crc(name: str) -> str:
+        return f"{zlib.crc32(tensors[name].reshape(-1).view(torch.uint8).numpy().data):08x}"
+
+    workers = min(torch.get_num_threads(), len(names))
+    if workers <= 1:
+        return {n: crc(n) for n in names}
+    with ThreadPoolExecutor(workers, thread_name_prefix="denseclip_fast-crc32") as pool:
+        return dict(zip(names, pool.map(crc, names)))
+
+
+def check_tensors(metadata: dict[str, str], tensors: Mapping[str, torch.Tensor], path: str) -> None:
+    """CheckpointError naming the tensors of a native file that fail the CRC-32s its metadata records, or saying
+    that the record is damaged (not a JSON object giving each of the file's tensors 8 hex digits). A file without
+    the record (written before it existed) is not checked."""
+    if CRC_KEY not in metadata:
+        return
+    recorded = _json(metadata, CRC_KEY, path)
+    if (
+        not isinstance(recorded, dict)
+        or set(recorded) != set(tensors)
+        or not all(isinstance(v, str) and _HEX8.fullmatch(v) for v in recorded.values())
+    ):
+        raise CheckpointError(path, f"damaged denseclip_fast metadata: {CRC_KEY!r} should map each of the file's "
+                                    f"{len(tensors)} tensors to 8 hex digits, got "
+                                    f"{excerpt(metadata[CRC_KEY], 80)}")  # fmt: skip
+    found = tensor_crc32s(tensors)
+    bad = sorted(n for n in tensors if found[n] != recorded[n])
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise CheckpointError(path, f"corrupt: {len(bad)} tensor(s) fail the CRC-32 recorded in the file ({shown}): "
+                                    "it was damaged after it was written; copy or download it again (a file whose "
+                                    f"tensors another tool edited: remove its {CRC_KEY!r} metadata entry)")  # fmt: skip
 
 
 def is_native(metadata: dict[str, str]) -> bool:
