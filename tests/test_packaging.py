@@ -47,6 +47,7 @@ def test_sdist_holds_every_build_input(tmp_path):
         "setup.py", "pyproject.toml", "README.md", "CMakeLists.txt", "MANIFEST.in",
     }  # fmt: skip
     assert any(name.endswith(".h") for name in needed) and "denseclip_fast/configs/RN50.json" in needed
+    assert "denseclip_fast/py.typed" in needed  # PEP 561's marker: without it mypy ignores the package's types
     missing = sorted(needed - names)
     assert not missing, f"the sdist lacks {missing}"
 
