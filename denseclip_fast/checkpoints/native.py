@@ -77,8 +77,9 @@ def save_native(model: DenseCLIP, path: str | os.PathLike[str]) -> None:
 
 def tensor_crc32s(tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
     """Name -> CRC-32 (zlib's, 8 lowercase hex digits) of each tensor's bytes, as safetensors stores them (contiguous
-    CPU tensors). The tensors are shared among ``torch.get_num_threads()`` threads, zlib's CRC releasing the GIL:
-    0.07 s for RN50's 456 MB on 2 cores, 0.12 s on one."""
+    CPU tensors). The tensors are shared among ``torch.get_num_threads()`` threads, zlib's CRC releasing the GIL
+    (the check added 0.2 s to a fresh process's load of RN50's 456 MB on 2 cores: benchmarks/results/
+    startup_cpu_2threads_epyc_9b92224.md)."""
     names = sorted(tensors, key=lambda n: -tensors[n].nbytes)  # the largest first: the threads finish together
 
     def crc(name: str) -> str:
