@@ -26,7 +26,7 @@ from benchmarks.official import OfficialDenseCLIP, save_mmcv_checkpoint
 from denseclip_fast import CheckpointError, DenseCLIP
 from denseclip_fast.checkpoints.official import infer_config
 
-from .conftest import NAMES, official_cfg, randomized, tiny_config
+from .conftest import NAMES, ROOT, official_cfg, randomized, tiny_config
 
 PWNED = "denseclip_fast_pwned_marker"
 
@@ -405,14 +405,20 @@ def native_file(tmp_path_factory):
 
 
 def _native_with(tmp_path, native_file, name="edited.safetensors", **changes):
-    """A copy of ``native_file`` with metadata entries replaced (each value as written to the header)."""
+    """A copy of ``native_file`` with metadata entries replaced (each value as written to the header), its CRC-32
+    record made to agree with them unless ``crc32`` is among them (a crafted file, which the checks must catch)."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
+    from denseclip_fast.checkpoints.native import metadata_crc32
+
     with safe_open(str(native_file), "pt") as f:
         meta, sd = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    meta = {**meta, **changes}
+    if "crc32" not in changes:
+        meta["crc32"] = json.dumps({**json.loads(meta["crc32"]), "__metadata__": metadata_crc32(meta)})
     path = tmp_path / name
-    save_file(sd, str(path), metadata={**meta, **changes})
+    save_file(sd, str(path), metadata=meta)
     return path
 
 
@@ -879,13 +885,14 @@ def test_damage_inside_a_native_files_tensor_is_refused_by_its_crc(tmp_path, dty
     damaged.write_bytes(bytes(data))
     assert torch.equal(dcf.load_checkpoint(intact).state_dict()[name], head)  # bfloat16 holds 1004 for 1003
     with pytest.raises(CheckpointError, match=rf"damaged.safetensors: corrupt: 1 tensor\(s\) fail the CRC-32 "
-                                              rf"recorded in the file \({name}\): it was damaged after"):  # fmt: skip
+                                              rf"recorded in the file \({name}\): its bytes are not"):  # fmt: skip
         dcf.load_checkpoint(damaged)
 
 
 def test_a_native_files_crcs_are_the_documented_ones(native_file, monkeypatch):
-    """The recorded CRC-32s are zlib's over each tensor's bytes as the file stores them (native.py's docstring):
-    computed here from the file's raw bytes, as another reader would; one thread or several give the same."""
+    """The recorded CRC-32s are zlib's over each tensor's bytes as the file stores them, and over the other metadata
+    entries (key NUL value NUL, keys sorted) as native.py's docstring says: computed here from the file's raw bytes,
+    as another reader would; one thread or several give the same."""
     import zlib
 
     from denseclip_fast.checkpoints.native import tensor_crc32s
@@ -893,37 +900,94 @@ def test_a_native_files_crcs_are_the_documented_ones(native_file, monkeypatch):
     data = native_file.read_bytes()
     length = struct.unpack("<Q", data[:8])[0]
     header = json.loads(data[8 : 8 + length])
-    recorded = json.loads(header.pop("__metadata__")["tensors_crc32"])
+    meta = header.pop("__metadata__")
+    recorded = json.loads(meta.pop("crc32"))
     body = data[8 + length :]
-    assert recorded == {n: f"{zlib.crc32(body[slice(*h['data_offsets'])]):08x}" for n, h in header.items()}
+    expected = {n: f"{zlib.crc32(body[slice(*h['data_offsets'])]):08x}" for n, h in header.items()}
+    entries = b"".join(f"{k}\0{meta[k]}\0".encode() for k in sorted(meta))
+    assert set(meta) == {"format", "format_version", "config", "class_names", "palette"}
+    assert recorded == {**expected, "__metadata__": f"{zlib.crc32(entries):08x}"}
     sd = dcf.load_checkpoint(native_file).state_dict()
     for threads in (1, 3):
         monkeypatch.setattr(torch, "get_num_threads", lambda threads=threads: threads)
-        assert tensor_crc32s(sd) == recorded
+        assert tensor_crc32s(sd) == expected
+
+
+def test_damage_in_a_native_files_metadata_is_refused_by_its_crc(tmp_path, native_file):
+    """A bit flipped in a class name (which no other check can tell from a name) or in the architecture."""
+    data = native_file.read_bytes()
+    for old, new in ((b'\\"road\\"', b'\\"roae\\"'), (b'\\"tau\\": 0.07', b'\\"tau\\": 0.06')):
+        assert data.count(old) == 1, old
+        damaged = tmp_path / "damaged.safetensors"
+        damaged.write_bytes(data.replace(old, new))
+        with pytest.raises(CheckpointError, match=r"damaged.safetensors: corrupt: its metadata \(architecture, class "
+                                                  r"names, palette\) fails the CRC-32 recorded"):  # fmt: skip
+            dcf.load_checkpoint(damaged)
+
+
+def test_tensors_another_tool_edited_renamed_or_added(tmp_path, native_file):
+    """Edited tensors under the old record: refused, naming five of them and counting the rest, with the advice to
+    drop the record. A renamed or added tensor is what load_state_strict names (missing and unexpected keys)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(native_file), "pt") as f:
+        meta, sd = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    floats = sorted(k for k, v in sd.items() if v.is_floating_point() and v.numel() > 0)[:7]
+    edited = tmp_path / "edited.safetensors"
+    save_file({**sd, **{k: sd[k] + 1 for k in floats}}, str(edited), metadata=meta)
+    shown = ", ".join(floats[:5])
+    with pytest.raises(CheckpointError, match=re.escape(f"corrupt: 7 tensor(s) fail the CRC-32 recorded in the file "
+                                                        f"({shown} and 2 more)") + ".*remove its 'crc32' metadata"):
+        dcf.load_checkpoint(edited)
+    head = "decode_head.conv_seg.weight"
+    renamed = {("decode_head.conv_seg.weighu" if k == head else k): v for k, v in sd.items()}
+    save_file(renamed, str(edited), metadata=meta)
+    with pytest.raises(CheckpointError, match=rf"missing keys \(1\): {head}; unexpected keys \(1\): {head[:-1]}u"):
+        dcf.load_checkpoint(edited)
+    save_file({**sd, "extra": torch.zeros(2)}, str(edited), metadata=meta)
+    with pytest.raises(CheckpointError, match=r"unexpected keys \(1\): extra"):
+        dcf.load_checkpoint(edited)
 
 
 def test_a_native_file_without_crcs_loads_and_a_malformed_record_is_refused(tmp_path, native_file):
-    """Files written before the CRCs were recorded load unchecked; a record that does not give each tensor 8 hex
-    digits is header damage."""
+    """Files written before the CRCs were recorded load unchecked; a record that is not a JSON object of 8 hex
+    digits with the metadata's entry is header damage."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     with safe_open(str(native_file), "pt") as f:
         meta, sd = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
     older = tmp_path / "older.safetensors"
-    save_file(sd, str(older), metadata={k: v for k, v in meta.items() if k != "tensors_crc32"})
+    save_file(sd, str(older), metadata={k: v for k, v in meta.items() if k != "crc32"})
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(dcf.load_checkpoint(older)(x), dcf.load_checkpoint(native_file)(x))
-    good = json.loads(meta["tensors_crc32"])
-    name = sorted(good)[0]
+    good = json.loads(meta["crc32"])
+    name = sorted(good)[1]
     for bad in ([], {**good, name: "ABCDEF01"}, {**good, name: "1234567"}, {**good, name: 12345678},
-                {k: v for k, v in good.items() if k != name}, {**good, "extra": "00000000"}):  # fmt: skip
-        expected = rf"damaged denseclip_fast metadata: 'tensors_crc32' should map each of the file's {len(good)} "
-        with pytest.raises(CheckpointError, match=expected + "tensors to 8 hex digits, got "):
-            dcf.load_checkpoint(_native_with(tmp_path, native_file, tensors_crc32=json.dumps(bad)))
-    with pytest.raises(CheckpointError, match="damaged denseclip_fast metadata: 'tensors_crc32' is not valid JSON"):
-        dcf.load_checkpoint(_native_with(tmp_path, native_file, tensors_crc32="{"))
+                {k: v for k, v in good.items() if k != "__metadata__"}):  # fmt: skip
+        expected = r"damaged denseclip_fast metadata: 'crc32' should be a JSON object of 8-hex-digit CRC-32s, "
+        with pytest.raises(CheckpointError, match=expected + "'__metadata__' among them, got "):
+            dcf.load_checkpoint(_native_with(tmp_path, native_file, crc32=json.dumps(bad)))
+    with pytest.raises(CheckpointError, match="damaged denseclip_fast metadata: 'crc32' is not valid JSON"):
+        dcf.load_checkpoint(_native_with(tmp_path, native_file, crc32="{"))
+
+
+def test_save_and_load_at_interpreter_shutdown(tmp_path):
+    """At shutdown (an atexit handler) no thread pool takes work: the CRCs are computed one at a time there."""
+    script = f"""
+import atexit, torch
+import denseclip_fast as dcf
+from tests.conftest import tiny_config
+torch.set_num_threads(2)
+def at_exit():
+    dcf.DenseCLIP(tiny_config("resnet"), ["sky", "road"]).save({str(tmp_path / "late.safetensors")!r})
+    print("loaded", dcf.load_checkpoint({str(tmp_path / "late.safetensors")!r}).class_names)
+atexit.register(at_exit)
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "loaded ['sky', 'road']" in done.stdout, done.stderr[-2000:]
 
 
 def test_weights_that_load_state_dict_would_cast_or_copy_without_a_word_are_refused(tmp_path, official_file):

@@ -19,7 +19,7 @@ import torch
 from ..class_names import ADE20K_CLASSES
 from ..visualize import rgb_triples
 from .io import CheckpointError, WeightFile, path_argument, read_weight_file
-from .native import check_tensors, is_native, native_contents
+from .native import check_crcs, is_native, native_contents
 from .official import check_arch, infer_config, key_listing, load_state_strict, state_problems
 
 if TYPE_CHECKING:
@@ -92,9 +92,9 @@ def load_checkpoint(
     wf = read_weight_file(path)
     file_names: list[str] | None  # None only when class_names are given
     if wf.kind == "safetensors" and is_native(wf.metadata):
+        check_crcs(wf.metadata, wf.tensors, path)  # first: damage explains any error the metadata would give
         config, file_names, palette = native_contents(wf.metadata, path)
         check_arch(config, arch, path)
-        check_tensors(wf.metadata, wf.tensors, path)
         sd: Mapping[str, torch.Tensor] = wf.tensors
     else:
         sd, meta = _official_state(wf, path)

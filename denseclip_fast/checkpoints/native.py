@@ -2,11 +2,13 @@
 
 The tensors are the model's state dict under the official names; the safetensors header metadata holds
 ``format = "denseclip_fast"``, ``format_version``, ``config`` (the architecture as JSON, see DenseCLIPConfig),
-``class_names`` (JSON list), optionally ``palette`` (JSON list of RGB triples), and ``tensors_crc32``: a JSON
-object giving each tensor's name the CRC-32 (zlib's, 8 lowercase hex digits) of its bytes as the file stores them.
-safetensors records no checksum, so without it a bit flipped inside a tensor (a failing disk, a copy that went
-wrong) loaded as a wrong weight. Files written before the CRCs were added have none and load unchecked. Any
-safetensors reader can list the tensors and read the JSON; nothing in the file is executable.
+``class_names`` (JSON list), optionally ``palette`` (JSON list of RGB triples), and ``crc32``: a JSON object of
+CRC-32s (zlib's, 8 lowercase hex digits) giving each tensor's name the CRC of its bytes as the file stores them, and
+``"__metadata__"`` (a name safetensors reserves) the CRC of the other metadata entries: for each key in sorted order,
+the UTF-8 bytes of the key, a NUL, the value, a NUL. safetensors records no checksum, so without them a bit flipped
+inside a tensor (a failing disk, a copy that went wrong) loaded as a wrong weight, and one in a class name as another
+name. Files written before the CRCs were added (2026-12-04) have none and load unchecked. Any safetensors reader can
+list the tensors and read the JSON; nothing in the file is executable.
 """
 
 from __future__ import annotations
@@ -29,13 +31,16 @@ if TYPE_CHECKING:
 
 FORMAT = "denseclip_fast"
 FORMAT_VERSION = "1"
-CRC_KEY = "tensors_crc32"
+CRC_KEY = "crc32"
+METADATA_ENTRY = "__metadata__"  # the record's entry for the metadata: safetensors reserves the name for its own
 _HEX8 = re.compile(r"[0-9a-f]{8}")
 
 
 def save_native(model: DenseCLIP, path: str | os.PathLike[str]) -> None:
     """Write ``model`` to ``path`` (replaced atomically). CheckpointError naming the path when it cannot be written:
-    a missing or unwritable directory, a directory at ``path``, a failed write (the old file is then kept)."""
+    a missing or unwritable directory, a directory at ``path``, a failed write (the old file is then kept). The
+    model's CPU tensors are written as they are, not copied first: one that another thread changes during the save
+    (an optimiser step) leaves a file whose bytes fail their CRCs, which load_checkpoint refuses."""
     from safetensors import SafetensorError
     from safetensors.torch import save, save_file
 
@@ -52,10 +57,11 @@ def save_native(model: DenseCLIP, path: str | os.PathLike[str]) -> None:
         "format_version": FORMAT_VERSION,
         "config": json.dumps(model.config.to_dict()),
         "class_names": json.dumps(model.class_names),
-        CRC_KEY: json.dumps(dict(sorted(tensor_crc32s(tensors).items()))),
     }
     if model.palette is not None:
         metadata["palette"] = json.dumps([list(c) for c in model.palette])
+    crcs = dict(sorted(tensor_crc32s(tensors).items()))
+    metadata[CRC_KEY] = json.dumps({METADATA_ENTRY: metadata_crc32(metadata), **crcs})
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         raise CheckpointError(path, f"cannot save: directory {parent} does not exist")
@@ -75,45 +81,63 @@ def save_native(model: DenseCLIP, path: str | os.PathLike[str]) -> None:
         raise CheckpointError(path, f"cannot save: {reason}") from None
 
 
+def metadata_crc32(metadata: Mapping[str, str]) -> str:
+    """The CRC-32 of the metadata entries other than the record itself (the module's docstring says how)."""
+    crc = 0
+    for key in sorted(metadata):
+        if key != CRC_KEY:
+            crc = zlib.crc32(f"{key}\0{metadata[key]}\0".encode(), crc)
+    return f"{crc:08x}"
+
+
 def tensor_crc32s(tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
     """Name -> CRC-32 (zlib's, 8 lowercase hex digits) of each tensor's bytes, as safetensors stores them (contiguous
     CPU tensors). The tensors are shared among ``torch.get_num_threads()`` threads, zlib's CRC releasing the GIL
-    (the check added 0.2 s to a fresh process's load of RN50's 456 MB on 2 cores: benchmarks/results/
-    startup_cpu_2threads_epyc_9b92224.md)."""
+    (the check added 0.2-0.25 s to a fresh process's load of RN50 and ViT-B/16 on 2 cores: benchmarks/results/
+    startup_cpu_2threads_epyc_9b92224.md); one at a time where no thread can start (at interpreter shutdown)."""
     names = sorted(tensors, key=lambda n: -tensors[n].nbytes)  # the largest first: the threads finish together
 
     def crc(name: str) -> str:
         return f"{zlib.crc32(tensors[name].reshape(-1).view(torch.uint8).numpy().data):08x}"
 
     workers = min(torch.get_num_threads(), len(names))
-    if workers <= 1:
-        return {n: crc(n) for n in names}
-    with ThreadPoolExecutor(workers, thread_name_prefix="denseclip_fast-crc32") as pool:
-        return dict(zip(names, pool.map(crc, names)))
+    if workers > 1:
+        try:
+            with ThreadPoolExecutor(workers, thread_name_prefix="denseclip_fast-crc32") as pool:
+                return dict(zip(names, pool.map(crc, names)))
+        except RuntimeError:  # "cannot schedule new futures after interpreter shutdown" (an atexit handler, a
+            pass  # thread outliving the main one): computed below, where an error of crc itself is raised again
+    return {n: crc(n) for n in names}
 
 
-def check_tensors(metadata: dict[str, str], tensors: Mapping[str, torch.Tensor], path: str) -> None:
-    """CheckpointError naming the tensors of a native file that fail the CRC-32s its metadata records, or saying
-    that the record is damaged (not a JSON object giving each of the file's tensors 8 hex digits). A file without
-    the record (written before it existed) is not checked."""
+def check_crcs(metadata: dict[str, str], tensors: Mapping[str, torch.Tensor], path: str) -> None:
+    """CheckpointError when a native file's metadata or tensors fail the CRC-32s its ``crc32`` record holds (naming
+    the tensors), or when the record is damaged (not a JSON object of 8-hex-digit strings with the metadata's
+    entry). A file without the record (written before it existed) is not checked. Tensors the record does not name,
+    and names it has that the file lacks, are left to load_state_strict's missing and unexpected keys."""
     if CRC_KEY not in metadata:
         return
     recorded = _json(metadata, CRC_KEY, path)
     if (
         not isinstance(recorded, dict)
-        or set(recorded) != set(tensors)
+        or METADATA_ENTRY not in recorded
         or not all(isinstance(v, str) and _HEX8.fullmatch(v) for v in recorded.values())
     ):
-        raise CheckpointError(path, f"damaged denseclip_fast metadata: {CRC_KEY!r} should map each of the file's "
-                                    f"{len(tensors)} tensors to 8 hex digits, got "
+        raise CheckpointError(path, f"damaged denseclip_fast metadata: {CRC_KEY!r} should be a JSON object of "
+                                    f"8-hex-digit CRC-32s, {METADATA_ENTRY!r} among them, got "
                                     f"{excerpt(metadata[CRC_KEY], 80)}")  # fmt: skip
-    found = tensor_crc32s(tensors)
-    bad = sorted(n for n in tensors if found[n] != recorded[n])
+    advice = ("copy or download it again (a file that another tool edited: remove its {key!r} metadata entry)"
+              .format(key=CRC_KEY))  # fmt: skip
+    if metadata_crc32(metadata) != recorded[METADATA_ENTRY]:
+        raise CheckpointError(path, "corrupt: its metadata (architecture, class names, palette) fails the CRC-32 "
+                                    f"recorded in the file: it was damaged after it was saved; {advice}")  # fmt: skip
+    found = tensor_crc32s({n: t for n, t in tensors.items() if n in recorded})
+    bad = sorted(n for n in found if found[n] != recorded[n])
     if bad:
         shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
         raise CheckpointError(path, f"corrupt: {len(bad)} tensor(s) fail the CRC-32 recorded in the file ({shown}): "
-                                    "it was damaged after it was written; copy or download it again (a file whose "
-                                    f"tensors another tool edited: remove its {CRC_KEY!r} metadata entry)")  # fmt: skip
+                                    "its bytes are not those saved (damaged since, or changed by another thread "
+                                    f"while saved); {advice}")  # fmt: skip
 
 
 def is_native(metadata: dict[str, str]) -> bool:
