@@ -404,16 +404,22 @@ def native_file(tmp_path_factory):
     return path
 
 
+def _native_parts(path):
+    """(metadata, tensors) of a safetensors file, read with the safetensors library alone."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+
+
 def _native_with(tmp_path, native_file, name="edited.safetensors", **changes):
     """A copy of ``native_file`` with metadata entries replaced (each value as written to the header), its CRC-32
     record made to agree with them unless ``crc32`` is among them (a crafted file, which the checks must catch)."""
-    from safetensors import safe_open
     from safetensors.torch import save_file
 
     from denseclip_fast.checkpoints.native import metadata_crc32
 
-    with safe_open(str(native_file), "pt") as f:
-        meta, sd = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    meta, sd = _native_parts(native_file)
     meta = {**meta, **changes}
     if "crc32" not in changes:
         meta["crc32"] = json.dumps({**json.loads(meta["crc32"]), "__metadata__": metadata_crc32(meta)})
@@ -928,17 +934,15 @@ def test_damage_in_a_native_files_metadata_is_refused_by_its_crc(tmp_path, nativ
 def test_tensors_another_tool_edited_renamed_or_added(tmp_path, native_file):
     """Edited tensors under the old record: refused, naming five of them and counting the rest, with the advice to
     drop the record. A renamed or added tensor is what load_state_strict names (missing and unexpected keys)."""
-    from safetensors import safe_open
     from safetensors.torch import save_file
 
-    with safe_open(str(native_file), "pt") as f:
-        meta, sd = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    meta, sd = _native_parts(native_file)
     floats = sorted(k for k, v in sd.items() if v.is_floating_point() and v.numel() > 0)[:7]
     edited = tmp_path / "edited.safetensors"
     save_file({**sd, **{k: sd[k] + 1 for k in floats}}, str(edited), metadata=meta)
     shown = ", ".join(floats[:5])
     with pytest.raises(CheckpointError, match=re.escape(f"corrupt: 7 tensor(s) fail the CRC-32 recorded in the file "
-                                                        f"({shown} and 2 more)") + ".*remove its 'crc32' metadata"):
+                                                        f"({shown} ... and 2 more)") + ".*remove its 'crc32' metadata"):
         dcf.load_checkpoint(edited)
     head = "decode_head.conv_seg.weight"
     renamed = {("decode_head.conv_seg.weighu" if k == head else k): v for k, v in sd.items()}
@@ -953,11 +957,9 @@ def test_tensors_another_tool_edited_renamed_or_added(tmp_path, native_file):
 def test_a_native_file_without_crcs_loads_and_a_malformed_record_is_refused(tmp_path, native_file):
     """Files written before the CRCs were recorded load unchecked; a record that is not a JSON object of 8 hex
     digits with the metadata's entry is header damage."""
-    from safetensors import safe_open
     from safetensors.torch import save_file
 
-    with safe_open(str(native_file), "pt") as f:
-        meta, sd = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    meta, sd = _native_parts(native_file)
     older = tmp_path / "older.safetensors"
     save_file(sd, str(older), metadata={k: v for k, v in meta.items() if k != "crc32"})
     x = torch.randn(1, 3, 32, 32)

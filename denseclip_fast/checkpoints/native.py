@@ -25,6 +25,7 @@ import torch
 
 from ..config import DenseCLIPConfig
 from .io import CheckpointError, excerpt, path_argument, replaced_atomically
+from .official import key_listing
 
 if TYPE_CHECKING:
     from ..model import DenseCLIP
@@ -126,16 +127,15 @@ def check_crcs(metadata: dict[str, str], tensors: Mapping[str, torch.Tensor], pa
         raise CheckpointError(path, f"damaged denseclip_fast metadata: {CRC_KEY!r} should be a JSON object of "
                                     f"8-hex-digit CRC-32s, {METADATA_ENTRY!r} among them, got "
                                     f"{excerpt(metadata[CRC_KEY], 80)}")  # fmt: skip
-    advice = ("copy or download it again (a file that another tool edited: remove its {key!r} metadata entry)"
-              .format(key=CRC_KEY))  # fmt: skip
+    advice = f"copy or download it again (a file that another tool edited: remove its {CRC_KEY!r} metadata entry)"
     if metadata_crc32(metadata) != recorded[METADATA_ENTRY]:
         raise CheckpointError(path, "corrupt: its metadata (architecture, class names, palette) fails the CRC-32 "
                                     f"recorded in the file: it was damaged after it was saved; {advice}")  # fmt: skip
     found = tensor_crc32s({n: t for n, t in tensors.items() if n in recorded})
     bad = sorted(n for n in found if found[n] != recorded[n])
     if bad:
-        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
-        raise CheckpointError(path, f"corrupt: {len(bad)} tensor(s) fail the CRC-32 recorded in the file ({shown}): "
+        raise CheckpointError(path, f"corrupt: {len(bad)} tensor(s) fail the CRC-32 recorded in the file "
+                                    f"({key_listing(bad, 5)}): "
                                     "its bytes are not those saved (damaged since, or changed by another thread "
                                     f"while saved); {advice}")  # fmt: skip
 
