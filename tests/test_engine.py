@@ -1070,9 +1070,9 @@ def test_no_tf32_is_process_wide_and_restores_on_the_last_exit():
     from denseclip_fast.engine import segmenter
 
     saved = segmenter._tf32_settings()
-    off = ("ieee", "ieee")
+    off = ("ieee", "ieee", "ieee", False)
     try:
-        on = ("tf32", "tf32")
+        on = ("tf32", "tf32", "tf32", True)
         segmenter._set_tf32(on)  # a user who chose TF32 through the fp32_precision settings
         first, second = segmenter.no_tf32(), segmenter.no_tf32()
         first.__enter__()
@@ -1084,6 +1084,35 @@ def test_no_tf32_is_process_wide_and_restores_on_the_last_exit():
         assert segmenter._tf32_settings() == on
         with segmenter.no_tf32(active=False):
             assert segmenter._tf32_settings() == on
+    finally:
+        segmenter._set_tf32(saved)
+
+
+def test_no_tf32_leaves_cudnns_legacy_flag_readable():
+    """Inside no_tf32, torch's own reads of cuDNN's legacy allow_tf32 flag work: torch.backends.cudnn.flags() (which
+    torch.export's tracing enters) raised "cuDNN conv and cuDNN RNN have different TF32 flags" when only the
+    convolutions' setting changed (an AOTInductor export of a float32 Segmenter on an H200, inside the GPU tests'
+    no_tf32). The settings come back as they were, the legacy flag included."""
+    from denseclip_fast.engine import segmenter
+
+    saved = segmenter._tf32_settings()
+    try:
+        for user in (saved, ("tf32", "tf32", "tf32", True), ("ieee", "ieee", "ieee", False)):
+            segmenter._set_tf32(user)  # what torch starts with, a user's TF32, a user's IEEE float32
+            with segmenter.no_tf32():
+                assert torch.backends.cudnn.allow_tf32 is False
+                with torch.backends.cudnn.flags(enabled=False):  # what torch.export enters (it raised)
+                    pass
+                # torch restores the flag it read, False (resetting both settings to "none": IEEE, as nothing
+                # above them asks for TF32): still no TF32 inside the block
+                assert torch.backends.cudnn.allow_tf32 is False
+                assert torch.backends.cudnn.conv.fp32_precision in ("ieee", "none")
+            assert segmenter._tf32_settings() == user
+        segmenter._set_tf32(("ieee", "none", "ieee", True))  # a program whose own settings disagree with the flag
+        assert segmenter._tf32_settings()[3] is None  # (reading it raises)
+        with segmenter.no_tf32():
+            assert segmenter._tf32_settings() == ("ieee", "ieee", "ieee", False)
+        assert segmenter._tf32_settings() == ("ieee", "none", "ieee", False)  # its settings back, the flag False
     finally:
         segmenter._set_tf32(saved)
 

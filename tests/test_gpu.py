@@ -82,7 +82,9 @@ def test_tensor_core_score_kernels(dtype, shape, layout, backend):
     concat = ops.score_concat(feature, vc, tc, 0.7, backend=backend)
     assert torch.equal(concat[:, :5], feature) and torch.equal(concat[:, 5:], out)
     concat.backward(torch.cat([torch.randn_like(feature), grad.to(dtype)], dim=1))
-    assert rel_err(vc.grad, v.grad) <= 1e-6 and rel_err(tc.grad, t.grad) <= 1e-6
+    # the same kernels on a channel slice: equal but for the order of float32 partial sums (a Triton NHWC case on an
+    # H200 differed by 2e-6, a few 16-bit roundings)
+    assert rel_err(vc.grad, v.grad) <= 1e-5 and rel_err(tc.grad, t.grad) <= 1e-5
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -475,6 +477,7 @@ def test_text_encoder_shared_start_on_cuda(dtype):
     assert rel_err(results["shared"][1], results["whole"][1]) < 10 * tolerance
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
 def test_a_model_on_a_gpu_that_is_not_the_current_one():
     """Triton launches on the current device, not on its arguments': the operators make the tensors' GPU current,
     and the engine captures and replays its graphs on its own GPU, whichever is current at the call."""

@@ -212,23 +212,38 @@ def labels(scores: torch.Tensor, *sizes: Size, fused: bool = True) -> torch.Tens
 
 _TF32_LOCK = threading.Lock()
 _tf32_holders = 0  # code inside no_tf32, in any thread: the settings are restored when the last one leaves
-_tf32_saved: tuple[str, str] = ("", "")  # read when the first holder enters
-# The fp32_precision settings (torch >= 2.9, below the floor in requirements.py): once a program uses them, reading
-# the legacy allow_tf32 flags raises. torch's stubs lack torch.backends.cudnn.conv (a runtime attribute of the cudnn
-# module): hence the ignores below
-def _tf32_settings() -> tuple[str, str]:
-    return torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision  # type: ignore[attr-defined]
+_tf32_saved: tuple[str, str, str, bool | None] = ("", "", "", None)  # read when the first holder enters
+# The fp32_precision settings (torch >= 2.9, below the floor in requirements.py) and cuDNN's legacy allow_tf32 flag.
+# torch reads that flag itself (torch.backends.cudnn.flags(), which torch.export's tracing enters) and raises unless
+# the convolutions' and RNNs' settings agree with it: tf32 with True, ieee or none with False. Setting only the
+# convolutions to ieee under the default True made an AOTInductor export on an H200 fail so ("a mix of the legacy and
+# new APIs"); hence the flag is set first (setting it resets both to agree with it), then both settings. The flag is
+# None where the program's own settings already disagreed (reading it raised): then it is left alone. torch's stubs
+# lack torch.backends.cudnn.conv and .rnn (runtime attributes of the cudnn module): hence the ignores below
+def _tf32_settings() -> tuple[str, str, str, bool | None]:
+    cudnn = torch.backends.cudnn
+    try:
+        legacy: bool | None = bool(cudnn.allow_tf32)
+    except RuntimeError:
+        legacy = None
+    return cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision, torch.backends.cuda.matmul.fp32_precision, legacy  # type: ignore[attr-defined]
 
 
-def _set_tf32(settings: tuple[str, str]) -> None:
-    torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision = settings  # type: ignore[attr-defined]
+def _set_tf32(settings: tuple[str, str, str, bool | None]) -> None:
+    conv, rnn, matmul, legacy = settings
+    cudnn = torch.backends.cudnn
+    if legacy is not None:
+        cudnn.allow_tf32 = legacy
+    cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision = conv, rnn  # type: ignore[attr-defined]
+    torch.backends.cuda.matmul.fp32_precision = matmul
 
 
 @contextlib.contextmanager
 def no_tf32(active: bool = True) -> Iterator[None]:
-    """TF32 off for cuDNN convolutions and cuBLAS matmuls while ``active`` code runs; the settings restored when the
-    last such block in the process ends (they are process-wide: a thread leaving its block must not switch TF32
-    back on under another still inside one). Through the fp32_precision settings."""
+    """TF32 off for cuDNN convolutions (and RNNs) and cuBLAS matmuls while ``active`` code runs; the settings
+    restored when the last such block in the process ends (they are process-wide: a thread leaving its block must
+    not switch TF32 back on under another still inside one). Through the fp32_precision settings and cuDNN's
+    legacy flag, kept in agreement (see _tf32_settings)."""
     global _tf32_holders, _tf32_saved
     if not active:
         yield
@@ -236,7 +251,7 @@ def no_tf32(active: bool = True) -> Iterator[None]:
     with _TF32_LOCK:
         if _tf32_holders == 0:
             _tf32_saved = _tf32_settings()
-            _set_tf32(("ieee", "ieee"))
+            _set_tf32(("ieee", "ieee", "ieee", False))
         _tf32_holders += 1
     try:
         yield
