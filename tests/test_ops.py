@@ -869,6 +869,48 @@ def test_triton_score_splits_a_batch_too_large_for_one_grid(monkeypatch, text_ba
     assert pieces[2].is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_score_takes_16_bit_nchw_maps_through_nhwc_where_asked(monkeypatch, dtype):
+    """score.NHWC_ONLY_16BIT (a GPU's device type: the NCHW 16-bit specialisation was wrong on an H200) runs a 16-bit
+    NCHW map through an NHWC copy: the kernels see only NHWC strides, the results (forward, score_concat's, both
+    gradients) equal the NCHW kernels' and keep NCHW layouts. Float32 maps, NHWC maps and maps of one channel or one
+    pixel are taken as they are. Here the CPU (Triton's interpreter) is made such a device."""
+    from denseclip_fast.ops.triton import score
+
+    visual, text = _visual(2, 24, 4, 8, "contiguous", dtype), _text(2, 150, 24, False, dtype)
+    feature = torch.randn(2, 3, 4, 8, device=DEVICE, dtype=dtype)
+    grad = torch.randn(2, 3 + 150, 4, 8, device=DEVICE, dtype=dtype)
+
+    def run():
+        v, t, f = _leaf(visual), _leaf(text), _leaf(feature)
+        out = ops.score_concat(f, v, t, 0.5, backend="triton")
+        out.backward(grad)
+        direct = torch.ops.denseclip_fast.pixel_text_score_backward_triton(grad[:, 3:], visual, text, 0.5)
+        return out.detach(), v.grad, t.grad, *direct
+
+    strides = []
+    real = score._forward_launch.__wrapped__
+
+    def spy(*key):
+        strides.append(key[1])
+        return real(*key)
+
+    monkeypatch.setattr(score, "_forward_launch", spy)
+    direct = run()
+    assert strides and all(st == visual.stride() for st in strides)
+    monkeypatch.setattr(score, "NHWC_ONLY_16BIT", (torch.device(DEVICE).type,))
+    strides.clear()
+    routed = run()
+    nhwc = visual.contiguous(memory_format=torch.channels_last).stride()
+    assert strides and all(st == nhwc for st in strides), strides
+    for got, want in zip(routed, direct):
+        assert got.is_contiguous() and got.dtype == dtype
+        _check_close(got, want, dtype)
+    assert score._via_nhwc(visual) and not score._via_nhwc(visual.float())
+    assert not score._via_nhwc(visual.contiguous(memory_format=torch.channels_last))
+    assert not score._via_nhwc(visual[:, :1]) and not score._via_nhwc(visual[:, :, :1, :1])
+
+
 def test_triton_score_indexes_in_int64_past_int32_offsets(monkeypatch):
     """An image whose element offsets pass int32 is indexed in int64 (decided from shapes and strides, checked here
     on meta tensors); the int64 kernels, forced on a small input, give the same scores and gradients."""
