@@ -440,6 +440,34 @@ def test_score_tuning_sweep_tries_each_variant_and_restores_the_defaults(tmp_pat
     assert "P16 C48 w8 2/SM | failed" in (tmp_path / "tune_score_t.md").read_text()
 
 
+def test_triton_nchw_probe_judges_each_specialisation(tmp_path, monkeypatch):
+    """benchmarks/triton_nchw_probe.py under Triton's interpreter (which computes every variant right): the forward
+    kernel launched directly on an NCHW map and the backward with the NHWC copy off are judged right; a forward made
+    1% off is judged wrong in float16 and not in bfloat16 (its tolerance 2e-2); the copy's switch is back after."""
+    from benchmarks import triton_nchw_probe as probe
+    from denseclip_fast.ops import backends
+
+    if backends.triton_available() is not None:
+        import pytest
+
+        pytest.skip(backends.triton_available())
+    from denseclip_fast.ops.triton import score
+
+    before = score.NHWC_ONLY_16BIT
+    assert probe.main(["--quick", "--out", str(tmp_path), "--tag", "t"]) == 0
+    rows = json.loads((tmp_path / "triton_nchw_probe_t.json").read_text())["rows"]
+    assert [(r["pass"], r["dtype"]) for r in rows] == [("forward", "float16"), ("backward", "float16"),
+                                                       ("forward", "bfloat16"), ("backward", "bfloat16")]  # fmt: skip
+    assert not any(r["wrong"] for r in rows) and score.NHWC_ONLY_16BIT == before
+    real = probe.forward
+    monkeypatch.setattr(probe, "forward", lambda *a: (real(*a).double() * 1.01).to(a[0].dtype))
+    assert probe.main(["--quick", "--out", str(tmp_path), "--tag", "t"]) == 0
+    rows = json.loads((tmp_path / "triton_nchw_probe_t.json").read_text())["rows"]
+    assert [r["wrong"] for r in rows if r["pass"] == "forward"] == [True, False]
+    assert "| forward | NCHW, H x W = 256 | 150 | float16 | 8 | 1 | 1.0e-02 | WRONG |" in (
+        tmp_path / "triton_nchw_probe_t.md").read_text()
+
+
 def test_host_time_benchmark_measures_every_path_and_restores_the_launcher(tmp_path, monkeypatch):
     """benchmarks/bench_host.py times each host path (no timing is asserted here) with the Triton launches stubbed
     out, and puts the real launcher back."""
