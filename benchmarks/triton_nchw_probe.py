@@ -30,7 +30,8 @@ from benchmarks.common import Results, failure, rel_err, triton_device  # noqa: 
 from benchmarks.common import environment as common_environment  # noqa: E402
 
 TOL = {torch.float16: 2e-3, torch.bfloat16: 2e-2}
-LAYOUTS = {"NCHW, H x W = 256": (16, 16, False), "NCHW, H x W = 255": (15, 17, False), "NHWC, H x W = 256": (16, 16, True)}
+LAYOUTS = {"NCHW, H x W = 256": (16, 16, False), "NCHW, H x W = 255": (15, 17, False),
+           "NHWC, H x W = 256": (16, 16, True)}  # (H, W, channels_last)
 CLASSES = [64, 128, 150]  # one class block of 64, 128 and 256 rows
 VARIANTS = {torch.bfloat16: ([4, 8], [1, 2, 3]), torch.float16: ([8], [3])}  # warps, software-pipelining stages
 QUICK = {"layouts": ["NCHW, H x W = 256"], "classes": [150], "variants": {dtype: ([8], [1]) for dtype in TOL}}

@@ -212,6 +212,28 @@ def test_operator_targets_judge_the_engines_backend():
     assert ok is True and "best fused; the engine's choice, triton, not measured" in measured
 
 
+def test_operator_forward_targets_use_the_cuda_graph_time_where_measured():
+    """A forward row with a CUDA-graph time (its kernels alone) is judged on it, and says so; without one, on its
+    median. The rows' markdown shows the graph column ("-" where not measured)."""
+    rn50, att = "B16 C1024 16x16 K150", "B16 H4 K150 x N257 D64"
+    rows = [{**_op("pixel_text_score", rn50, "forward", "triton", 0.45), "graph_ms": 0.012, "engine_backend": "triton"},
+            {**_op("context_attention", att, "forward", "triton", 0.2), "graph_ms": 0.010},
+            {**_op("context_attention", att, "forward", "sdpa", 0.012), "graph_ms": 0.011}]  # fmt: skip
+    checks = _checks(rows)
+    assert checks["score B16 C1024 16x16 K150 bf16 forward <= 15 us"] == (
+        "12.0 us in a CUDA graph (triton, the engine's choice)", True)
+    measured, ok = checks[f"attention {att} forward faster than SDPA"]
+    assert ok is True and measured == "10.0 us in a CUDA graph (triton, best fused) vs SDPA 11.0 us in a CUDA graph"
+    del rows[0]["graph_ms"]
+    assert _checks(rows)["score B16 C1024 16x16 K150 bf16 forward <= 15 us"] == (
+        "450.0 us (triton, the engine's choice)", False)
+    full = [{**r, "min_ms": r["median_ms"], "max_ms": r["median_ms"], "achieved_tb_per_s": 1.0,
+             "achieved_tflop_per_s": 1.0} for r in rows]  # fmt: skip
+    text = bench_ops.markdown({"gpu": False, "device": "cpu", "date": "d", "torch": "t", "triton": "t", "threads": 2},
+                              full)  # fmt: skip
+    assert "| 0.4500 | 0.4500 | 0.4500 | - |" in text and "| 0.2000 | 0.2000 | 0.2000 | 0.0100 |" in text
+
+
 def test_engine_targets():
     def row(contestant, batch, p50, err):
         return {"arch": "RN50", "mode": "whole", "shape": [batch, 3, 512, 512], "contestant": contestant,
