@@ -81,6 +81,7 @@ def backward_errors(visual: torch.Tensor, text: torch.Tensor) -> tuple[float, fl
                                       text, 1.0)  # fmt: skip
     finally:
         score.NHWC_ONLY_16BIT = saved
+    assert v64.grad is not None and t64.grad is not None
     return rel_err(gv, v64.grad), rel_err(gt, t64.grad)
 
 

@@ -430,7 +430,7 @@ def _batch_pieces(b: int | torch.SymInt) -> list[slice]:
 # was seen to get right: visual copied to NHWC, the kernels on it, the results copied back to NCHW (the forward's
 # map; the backward's visual gradient), at the cost of those copies. Triton's interpreter (CPU tensors) runs the
 # NCHW kernels themselves, which CI tests.
-NHWC_ONLY_16BIT = ("cuda",)
+NHWC_ONLY_16BIT: tuple[str, ...] = ("cuda",)
 
 
 def _via_nhwc(visual: torch.Tensor) -> bool:
