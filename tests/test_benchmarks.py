@@ -481,12 +481,13 @@ def test_triton_nchw_probe_judges_each_specialisation(tmp_path, monkeypatch):
     assert [(r["pass"], r["dtype"]) for r in rows] == [("forward", "float16"), ("backward", "float16"),
                                                        ("forward", "bfloat16"), ("backward", "bfloat16")]  # fmt: skip
     assert not any(r["wrong"] for r in rows) and score.NHWC_ONLY_16BIT == before
+    assert [r.get("repeatable") for r in rows] == [True, None, True, None]
     real = probe.forward
     monkeypatch.setattr(probe, "forward", lambda *a: (real(*a).double() * 1.01).to(a[0].dtype))
     assert probe.main(["--quick", "--out", str(tmp_path), "--tag", "t"]) == 0
     rows = json.loads((tmp_path / "triton_nchw_probe_t.json").read_text())["rows"]
     assert [r["wrong"] for r in rows if r["pass"] == "forward"] == [True, False]
-    assert "| forward | NCHW, H x W = 256 | 150 | float16 | 8 | 1 | 1.0e-02 | WRONG |" in (
+    assert "| forward | NCHW, H x W = 256 | 150 | float16 | 8 | 1 | 1.0e-02 | yes | WRONG |" in (
         tmp_path / "triton_nchw_probe_t.md").read_text()
 
 

@@ -41,6 +41,23 @@ def test_triton_kernels_compile_for_sm90_and_fit_smaller_gpus():
     assert {("sm_86", "attn_fwd"), ("sm_86", "attn_dq")} <= labels
 
 
+def test_wgmma_operand_race_is_found_in_the_ttgir():
+    """aot.wgmma_operand_races on the lines that matter of two compiled score forwards (Triton 3.6, sm_90): the one
+    that was wrong on an H200 (its dot's shared tiles also read into registers while the wgmma ran: pendings = 1)
+    and one that was right (the same reads, but the wait completes the wgmma first: pendings = 0)."""
+    from denseclip_fast.ops.triton import aot
+
+    loads = ("%v_139 = ttg.local_load %v_138 token %v_137 : !ttg.memdesc<32x64xbf16, #shared, #smem, mutable>\n"
+             "%t_141 = ttg.local_load %t_140 token %v_137 : !ttg.memdesc<256x32xbf16, #shared1, #smem, mutable>\n"
+             "%acc_148 = ttng.warp_group_dot %t_140, %v_138, %acc {inputPrecision = 0 : i32, isAsync = true}\n")
+    wait = "%acc_149:3 = ttng.warp_group_dot_wait %acc_148, %t_140, %v_138 {pendings = {n} : i32} : tensor<256x64>\n"
+    assert aot.wgmma_operand_races(loads + wait.replace("{n}", "1")) == ["%t_140", "%v_138"]
+    assert aot.wgmma_operand_races(loads + wait.replace("{n}", "0")) == []
+    unread = wait.replace("{n}", "1")  # the operands read by nothing else: the fixed forward's
+    assert aot.wgmma_operand_races(loads.replace("local_load %v_138", "local_load %v_99").replace(
+        "local_load %t_140", "local_load %t_98") + unread) == []
+
+
 # Compares aot.jit_specialize with what Triton's JIT binds for the same launch arguments (tensors as CPU tensors).
 _JIT_RULES = """
 import torch

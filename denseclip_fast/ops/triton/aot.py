@@ -355,11 +355,27 @@ def registers(ptx: str, arch: int) -> tuple[int, int] | None:
     return (int(used.group(1)) if used else 0), (int(spilled.group(1)) if spilled else 0)
 
 
+def wgmma_operand_races(ttgir: str) -> list[str]:
+    """The shared-memory operands of an asynchronous wgmma that other code also reads while the wgmma may still run:
+    in the TTGIR, a ``warp_group_dot_wait`` that leaves work pending (pendings > 0) over an operand that a
+    ``ttg.local_load`` reads too. Triton's software pipelining (3.6 to 3.8, Hopper) gives such a tile one buffer
+    too few, so the next tiles' asynchronous copies overwrite it under the running wgmma (triton-lang/triton#6691):
+    the score forward's dot tiles, also read for the norms, made 16-bit scores 3-14% wrong on an H200. Returns the
+    operands' names (none in a kernel without the race)."""
+    loaded = set(re.findall(r"ttg\.local_load (%[\w.]+)", ttgir))
+    races = []
+    for wait in re.finditer(r"ttng\.warp_group_dot_wait ([^{]*)\{pendings = (\d+)", ttgir):
+        if int(wait.group(2)) > 0:
+            races += [name for name in re.findall(r"%[\w.]+", wait.group(1)) if name in loaded]
+    return races
+
+
 def compile_one(arch: int, index: int) -> str:
     """Compile specialization ``index`` of ``specializations(arch)`` for sm_<arch>; one line saying what it took
     (with ptxas's registers and spill stores where a ptxas is found). Raises when the kernel does not build, needs
     more shared memory than the GPU has, or (float32 attention) more than attention.smem_estimate, from which the
-    launchers choose their blocks, or (sm_90, the GPU they are tuned for) spills registers; other GPUs' spills are
+    launchers choose their blocks, reads a wgmma operand while the wgmma may still run (:func:`wgmma_operand_races`),
+    or (sm_90, the GPU they are tuned for) spills registers; other GPUs' spills are
     reported (with Triton 3.8 none in the generic specs on sm_80 and sm_86, 4 to 16 B in a few JIT-like ones;
     Triton 3.6 spills some 16-bit backward blocks on sm_80)."""
     label, fn, sig, const, options, attrs = list(specializations(arch))[index]
@@ -377,6 +393,10 @@ def compile_one(arch: int, index: int) -> str:
         bound = attention.smem_estimate(kind, const["D"], const["BLOCK_M"], const["BLOCK_N"])
         if shared > bound:
             raise RuntimeError(f"{where}: {shared} B of shared memory, above attention.smem_estimate ({bound} B)")
+    races = wgmma_operand_races(kernel.asm.get("ttgir", ""))
+    if races:
+        raise RuntimeError(f"{where}: wgmma operands {', '.join(races)} also read while the wgmma runs (a "
+                           "pipelining race: aot.wgmma_operand_races)")  # fmt: skip
     regs = registers(kernel.asm["ptx"], arch)
     if regs is not None and regs[1] and arch == 90:
         raise RuntimeError(f"{where}: spills {regs[1]} B of registers ({options or 'default options'})")

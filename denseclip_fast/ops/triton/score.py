@@ -73,13 +73,6 @@ def _visual_offsets(b, offs_c, offs_p, C, P, s_vb, s_vc, s_vp):
 
 
 @triton.jit
-def _visual_tile(v_ptr, b, offs_c, offs_p, C, P, s_vb, s_vc, s_vp):
-    """The (BLOCK_C, BLOCK_P) visual tile of image b, zeros past C and P."""
-    ptr, mask = _visual_offsets(b, offs_c, offs_p, C, P, s_vb, s_vc, s_vp)
-    return tl.load(v_ptr + ptr, mask=mask, other=0.0)
-
-
-@triton.jit
 def _score_fwd_kernel(
     v_ptr, t_ptr, out_ptr, n_ptr,
     C, P, K,
@@ -102,13 +95,26 @@ def _score_fwd_kernel(
     for c0 in range(0, C, BLOCK_C):
         offs_c = _index(c0 + tl.arange(0, BLOCK_C), WIDE)
         mask_c = offs_c < C
-        v = _visual_tile(v_ptr, b, offs_c, offs_p, C, P, s_vb, s_vc, s_vp)
-        t = tl.load(
-            t_ptr + b * s_tb + offs_k[:, None] * s_tk + offs_c[None, :] * s_tc,
-            mask=mask_k[:, None] & mask_c[None, :], other=0.0,
-        )  # fmt: skip
-        vf = v.to(tl.float32)
-        tf = t.to(tl.float32)
+        v_offs, v_mask = _visual_offsets(b, offs_c, offs_p, C, P, s_vb, s_vc, s_vp)
+        t_offs = b * s_tb + offs_k[:, None] * s_tk + offs_c[None, :] * s_tc
+        t_mask = mask_k[:, None] & mask_c[None, :]
+        v = tl.load(v_ptr + v_offs, mask=v_mask, other=0.0)
+        t = tl.load(t_ptr + t_offs, mask=t_mask, other=0.0)
+        # 16-bit: the norms from loads of their own, not from the dot's tiles. Triton's software pipelining on Hopper
+        # (3.6 to 3.8) gives a loaded tile that feeds an asynchronous wgmma and other code (here the squared
+        # sums) one shared-memory buffer too few: the next tiles' asynchronous copies go into the buffer the
+        # still-running wgmma reads (in the TTGIR: 2 buffers with 2 tiles in flight, the wait at pendings = 1;
+        # triton-lang/triton#6691). On an H200 that made 16-bit NCHW scores 3-14% wrong. A second load of the
+        # same elements, with a cache modifier so that it is not merged with the first (.cg: L2, where the first
+        # load brought them), leaves the dot's tiles to the dot: 3 buffers. Read from L2 twice, from memory once.
+        # (aot.wgmma_operand_races finds the pattern in the compiled kernels, in CI.) Float32 products are FMAs on
+        # registers, no wgmma: their tiles serve both (a second load spilled 104 B of registers at 150 classes).
+        if DOT_F32:
+            vf = v.to(tl.float32)
+            tf = t.to(tl.float32)
+        else:
+            vf = tl.load(v_ptr + v_offs, mask=v_mask, other=0.0, cache_modifier=".cg").to(tl.float32)
+            tf = tl.load(t_ptr + t_offs, mask=t_mask, other=0.0, cache_modifier=".cg").to(tl.float32)
         v_sq += tl.sum(vf * vf, axis=0)
         t_sq += tl.sum(tf * tf, axis=1)
         if DOT_F32:
@@ -423,11 +429,12 @@ def _batch_pieces(b: int | torch.SymInt) -> list[slice]:
 
 # Device types whose 16-bit NCHW maps the kernels take through a channels_last copy. On an H200 (Triton 3.6.0,
 # 2026-12-04: benchmarks/results/h200_2026-12-04/tests_gpu_*.log) the forward on NCHW float16 and bfloat16 maps
-# whose channel stride H x W is a multiple of 16 gave 3-14% relative error (150 and 171 classes: one 256-row class
-# block, 8 warps), where NHWC maps, NCHW maps with other H x W and float32 were right: a miscompile of that
-# specialisation, by every sign (the kernel is the same code for both layouts and right under the interpreter), not
-# yet narrowed down (benchmarks/triton_nchw_probe.py does, on the next GPU). Until then a GPU runs only layouts it
-# was seen to get right: visual copied to NHWC, the kernels on it, the results copied back to NCHW (the forward's
+# whose channel stride H x W is a multiple of 16 gave 3-14% relative error at 150 and 171 classes, where NHWC maps,
+# NCHW maps of other sizes and float32 were right. The cause, found afterwards in the compiled kernel (no GPU to
+# confirm it on): the pipelining race _score_fwd_kernel's comment describes, now avoided there. Its TTGIR showed the
+# same race in the NHWC specialisation, right on the H200 by the instruction schedule's luck. Until a GPU has run
+# the fixed kernel on NCHW maps (benchmarks/triton_nchw_probe.py, a gpu_check.sh step), a GPU keeps to the layout
+# it was seen to get right: visual copied to NHWC, the kernels on it, the results copied back to NCHW (the forward's
 # map; the backward's visual gradient), at the cost of those copies. Triton's interpreter (CPU tensors) runs the
 # NCHW kernels themselves, which CI tests.
 NHWC_ONLY_16BIT: tuple[str, ...] = ("cuda",)
