@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import TrainConfig
+from .resize import resize_to
 
 NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
 
@@ -109,9 +110,11 @@ def segmentation_loss(
 ) -> dict[str, torch.Tensor]:
     """``loss = CE(head logits) + aux_weight * CE(score / tau upsampled to the label)``; returns all three."""
     logits, aux_logits = logits.float(), aux_logits.float()  # upsampled and scored in float32 under autocast too
+    # resize_to: F.interpolate's bilinear resize with a backward of two matrix products (resize.py: ATen's took
+    # three quarters of a training step on an H200)
     if logits.shape[-2:] != label.shape[-2:]:
-        logits = F.interpolate(logits, size=label.shape[-2:], mode="bilinear", align_corners=False)
-    aux = F.interpolate(aux_logits, size=label.shape[-2:], mode="bilinear", align_corners=False)
+        logits = resize_to(logits, label.shape[-2:])
+    aux = resize_to(aux_logits, label.shape[-2:])
     decode = _mean_cross_entropy(logits, label, cfg.ignore_index)
     identity = _mean_cross_entropy(aux, label, cfg.ignore_index)
     return {"loss": decode + cfg.aux_weight * identity, "loss_decode": decode, "loss_aux": identity}

@@ -1,0 +1,61 @@
+"""The training loss's resize of logits to the label: bilinear, align_corners=False (mmseg's ``resize``, which the
+official loss applies to the decode head's logits and to the score map), whose backward is two matrix products.
+
+The forward is ``F.interpolate`` itself. Its gradient is the transpose of that linear map: with L_h (H_out x H_in)
+and L_w (W_out x W_in) the per-axis interpolation weights, out = L_h x L_w^T per map, so grad_x = L_h^T G L_w,
+computed as one GEMM over every map (G L_w) and one batched product (L_h^T (G L_w)). On an H200 (RN50 512x512,
+batch 16, 150 classes; benchmarks/results/h200_2026-12-04/train_rn50_b16.md) ATen's backward of the two NCHW
+float32 resizes took 311 of a training step's 402 ms of GPU time (atomic adds of each output pixel into its
+input's gradient: 1024 of them per score-map pixel at 32x). The products are about 200 GFLOP at that shape (float32,
+as torch's matmul precision setting says). The weights come from ``F.interpolate`` of an identity matrix
+(mode="linear", the same source positions per axis as "bilinear"), so they are ATen's, for any sizes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+def interpolation_matrix(n_in: int, n_out: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(n_out, n_in): row j the weights F.interpolate(mode="linear", align_corners=False) gives output j from the
+    n_in input positions (two non-zeros at most)."""
+    eye = torch.eye(n_in, device=device, dtype=dtype)[None]  # (1, n_in channels, n_in positions)
+    return F.interpolate(eye, size=n_out, mode="linear", align_corners=False)[0].t()
+
+
+class _BilinearResize(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        ctx.in_size = tuple(x.shape[-2:])
+        ctx.channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        h_in, w_in = ctx.in_size
+        h_out, w_out = grad.shape[-2:]
+        with torch.autocast(grad.device.type, enabled=False):  # the products in the gradient's dtype
+            rows = interpolation_matrix(h_in, h_out, grad.device, grad.dtype)  # (h_out, h_in)
+            cols = interpolation_matrix(w_in, w_out, grad.device, grad.dtype)  # (w_out, w_in)
+            maps = grad.reshape(-1, h_out, w_out)
+            partial = (maps.reshape(-1, w_out) @ cols).view(-1, h_out, w_in)  # G L_w: one GEMM
+            out = torch.matmul(rows.t(), partial)  # L_h^T (G L_w): (N, h_in, w_in)
+        out = out.view(*grad.shape[:-2], h_in, w_in)
+        if ctx.channels_last:
+            out = out.contiguous(memory_format=torch.channels_last)
+        return out, None
+
+
+def resize_to(x: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
+    """``F.interpolate(x, size, mode="bilinear", align_corners=False)`` of a (N, C, H, W) tensor, with the backward
+    of the module docstring."""
+    if x.dim() != 4:
+        raise ValueError(f"resize_to takes a (N, C, H, W) tensor, got shape {tuple(x.shape)}")
+    size = (int(size[0]), int(size[1]))
+    if not (x.requires_grad and torch.is_grad_enabled()):
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    result: torch.Tensor = _BilinearResize.apply(x, size)
+    return result

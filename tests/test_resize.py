@@ -1,0 +1,64 @@
+"""The training loss's bilinear resize (denseclip_fast/train/resize.py): F.interpolate's values, and a backward of
+matrix products equal to ATen's gradient."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from denseclip_fast.train.resize import interpolation_matrix, resize_to
+
+
+def _aten(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+@pytest.mark.parametrize(("in_size", "size"), [((4, 4), (16, 16)), ((5, 7), (33, 18)), ((16, 16), (512, 512)),
+                                               ((9, 6), (4, 5)), ((3, 3), (3, 3)), ((1, 5), (7, 1))])  # fmt: skip
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_resize_values_and_gradient_equal_atens(in_size, size, layout):
+    """Up, down (odd factors), unchanged and single-row sizes; NCHW and channels_last: the same values as
+    F.interpolate, and the same gradient (float64, to rounding), in the input's layout."""
+    x = torch.randn(2, 3, *in_size, dtype=torch.float64)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(2, 3, *size, dtype=torch.float64)
+    a, b = x.detach().requires_grad_(), x.detach().requires_grad_()
+    ours, theirs = resize_to(a, size), _aten(b, size)
+    assert torch.equal(ours, theirs)
+    ours.backward(grad)
+    theirs.backward(grad)
+    assert a.grad is not None and b.grad is not None
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-12)
+    assert a.grad.is_contiguous(memory_format=torch.channels_last if layout == "channels_last" else
+                                torch.contiguous_format)  # fmt: skip
+
+
+def test_resize_gradcheck_and_float32():
+    x = torch.randn(1, 2, 3, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: resize_to(t, (7, 4)), (x,))
+    y = torch.randn(2, 150, 16, 16)
+    a, b = y.clone().requires_grad_(), y.clone().requires_grad_()
+    grad = torch.randn(2, 150, 128, 128)
+    resize_to(a, (128, 128)).backward(grad)
+    _aten(b, (128, 128)).backward(grad)
+    assert a.grad is not None and b.grad is not None
+    assert (a.grad - b.grad).norm() <= 1e-6 * b.grad.norm()
+
+
+def test_interpolation_matrix_rows_are_atens_weights():
+    m = interpolation_matrix(4, 8, torch.device("cpu"), torch.float64)
+    assert m.shape == (8, 4)
+    torch.testing.assert_close(m.sum(1), torch.ones(8, dtype=torch.float64))  # each output a convex combination
+    assert int((m != 0).sum(1).max()) <= 2
+    x = torch.randn(4, dtype=torch.float64)
+    torch.testing.assert_close(m @ x, F.interpolate(x[None, None], size=8, mode="linear", align_corners=False)[0, 0])
+
+
+def test_resize_without_gradient_and_bad_rank():
+    x = torch.randn(1, 2, 3, 3)
+    with torch.no_grad():
+        assert torch.equal(resize_to(x.requires_grad_(), (6, 6)), _aten(x, (6, 6)))
+    with pytest.raises(ValueError, match=r"resize_to takes a \(N, C, H, W\) tensor, got shape \(2, 3, 3\)"):
+        resize_to(torch.randn(2, 3, 3), (6, 6))
