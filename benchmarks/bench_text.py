@@ -65,15 +65,17 @@ def step(
     model: dcf.DenseCLIP, tokens: torch.Tensor, span: int | None, path: str, mode: str
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The class embeddings of ``tokens`` by ``path`` (the shared start given the span, as DenseCLIP gives it: no
-    read of the tokens per call); with mode train also the contexts' gradient of their sum
-    weighted by a fixed pattern (a loss that reaches every embedding)."""
+    read of the tokens per call; called directly, since the encoder's forward takes it on a CPU only); with mode
+    train also the contexts' gradient of their sum weighted by a fixed pattern (a loss that reaches every
+    embedding)."""
     enc = model.text_encoder
     with torch.set_grad_enabled(mode == "train"):
         contexts = model.contexts
         if path == "whole":
             out = enc._whole_prompts(tokens, contexts)
         else:
-            out = enc(tokens, contexts, span)
+            assert span is not None, "the shared start needs the span"
+            out = enc._shared_start(tokens, contexts, span)
         if mode == "embed":
             return out, None
         weights = torch.linspace(-1, 1, out.numel(), device=out.device).view_as(out)

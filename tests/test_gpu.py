@@ -453,12 +453,12 @@ def test_bf16_training_step_on_cuda(monkeypatch, backend, kind):
         assert rel_err(fused, reference) <= 0.2, (group, rel_err(fused, reference))
 
 
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_text_encoder_shared_start_on_cuda(dtype):
     """The text encoder's shared start (its attention through SDPA with a boolean mask, which CUDA runs in other
     kernels than the CPU's) against every prompt run whole: the 150 ADE20K embeddings at the released width, and the
-    contexts' gradient (a training step's text part); float32 with TF32 off, bfloat16 under autocast."""
+    contexts' gradient (a training step's text part); float32 with TF32 off, bfloat16 under autocast. (Skipped on
+    the H200 on 2026-12-04 by a two-GPU condition that belonged to the test after it.)"""
     torch.manual_seed(0)
     cfg = dataclasses.replace(tiny_config(), text=dcf.config.preset("RN50").text, embed_dim=1024)
     model = randomized(dcf.DenseCLIP(cfg, dcf.ADE20K_CLASSES)).cuda().requires_grad_(False)
@@ -467,7 +467,10 @@ def test_text_encoder_shared_start_on_cuda(dtype):
     results = {}
     for path in ("shared", "whole"):
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-            out = enc(tokens, model.contexts, model._class_tokens_span()) if path == "shared" else enc._whole_prompts(
+            span = model._class_tokens_span()
+            assert span is not None
+            # the shared start called directly: the encoder's forward takes it on a CPU only (SHARED_START_DEVICES)
+            out = enc._shared_start(tokens, model.contexts, span) if path == "shared" else enc._whole_prompts(
                 tokens, model.contexts)  # fmt: skip
         (grad,) = torch.autograd.grad((out.float() * torch.linspace(-1, 1, out.numel(), device="cuda").view_as(out))
                                       .sum(), model.contexts)  # fmt: skip

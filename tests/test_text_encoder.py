@@ -199,6 +199,24 @@ def test_span_argument_is_checked():
             enc(tokens, contexts, span)
 
 
+def test_devices_outside_shared_start_devices_run_the_prompts_whole(monkeypatch):
+    """On a device not in SHARED_START_DEVICES (a GPU: the shared start was the slower path on an H200) the prompts
+    run whole, without reading the tokens (no GPU synchronisation), and a given span is still checked. Here the CPU
+    is taken out of the list."""
+    enc, contexts = encoder(length=7)
+    tokens = prompts([1, 2], length=7)
+    shared = enc(tokens, contexts, token_span(tokens))
+    monkeypatch.setattr(text, "SHARED_START_DEVICES", ())
+    monkeypatch.setattr(enc, "_shared_start", lambda *a: pytest.fail("the shared start ran"))
+    monkeypatch.setattr(text, "token_span", lambda t: pytest.fail("the tokens were read"))
+    whole = enc(tokens, contexts, 3)
+    torch.testing.assert_close(whole, enc._whole_prompts(tokens, contexts), rtol=0, atol=0)
+    torch.testing.assert_close(whole, shared, rtol=1e-5, atol=1e-6)  # the same embeddings either way
+    torch.testing.assert_close(enc(tokens, contexts), whole, rtol=0, atol=0)  # no span: not read either
+    with pytest.raises(ValueError, match=r"span must be 2 to 7 \(the tokens' length\), got 9"):
+        enc(tokens, contexts, 9)
+
+
 def test_the_shared_layout_is_checked():
     """Rows that P and K do not lay out (P + K * S, S >= 1), or a shared start without causal attention (the start
     would read the sequences' positions), are ValueErrors naming shared, not a reshape's RuntimeError or a silently

@@ -13,9 +13,13 @@ encoder therefore computes that shared start once, as one sequence, and for each
 to the vocabulary's last EOT: 4 of the 13 positions for ADE20K's names, 2 for names of one token. On 2 CPU threads
 the 150 ADE20K embeddings took 0.23 s instead of 0.79 s, and the training step's forward and backward to the
 contexts 0.47 s instead of 1.35 s (benchmarks/bench_text.py, results/text_encoder_cpu_2threads.md). The same
-arithmetic (to rounding: other batch sizes in the matrix products). Prompts that do not share their first token run
-whole, as does a call that torch.compile, torch.export or a dispatch mode traces without being given the span (it
-cannot read the tokens; DenseCLIP gives it, read when its names were set: see token_span).
+arithmetic (to rounding: other batch sizes in the matrix products). On a GPU it was the slower path (more and
+smaller kernels, host-bound): on an H200 the 150 embeddings took 8.0 ms instead of 5.6 and the training step's text
+part 21.5 ms instead of 13.7 (float32; bfloat16 alike; results/h200_2026-12-04/text_encoder_NVIDIA_H200.md), so the
+encoder takes it on the devices of SHARED_START_DEVICES only, the CPU, and runs the prompts whole elsewhere. Prompts
+that do not share their first token run whole, as does a call that torch.compile, torch.export or a dispatch mode
+traces without being given the span (it cannot read the tokens; DenseCLIP gives it, read when its names were set:
+see token_span).
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ from torch import nn
 
 from ..config import TextConfig
 from .layers import LayerNormFp32, ResidualAttentionBlock, Transformer, init_, intercepted
+
+SHARED_START_DEVICES: tuple[str, ...] = ("cpu",)  # where the shared start is the faster path (module docstring)
 
 
 @functools.lru_cache(maxsize=1)
@@ -184,16 +190,16 @@ class ContextTextEncoder(nn.Module):
             raise ValueError(
                 f"tokens ({n_tok}) + contexts ({n_ctx}) must fill the context length {self.context_length}"
             )
+        if tokens.device.type not in SHARED_START_DEVICES:  # a GPU: whole (module docstring); no read of the tokens
+            if span is not None:
+                _check_span(span, n_tok)
+            return self._whole_prompts(tokens, contexts)
         if span is None and readable(tokens):
             span = token_span(tokens)
         drop_path = not all(isinstance(b.drop_path, nn.Identity) for b in self._blocks())
         if span is None or contexts.shape[0] != 1 or drop_path:  # per-class contexts (K, n_ctx, W): whole, as before
             return self._whole_prompts(tokens, contexts)
-        if not isinstance(span, int) or isinstance(span, bool):
-            raise ValueError(f"span must be an int, 2 to {n_tok} (the tokens' length), got {type(span).__name__} "
-                             f"{span!r}")  # fmt: skip
-        if not 2 <= span <= n_tok:
-            raise ValueError(f"span must be 2 to {n_tok} (the tokens' length), got {span}")
+        _check_span(span, n_tok)
         return self._shared_start(tokens, contexts, span)
 
     def _blocks(self) -> list[ResidualAttentionBlock]:
@@ -223,6 +229,14 @@ class ContextTextEncoder(nn.Module):
         eot = tokens.argmax(dim=-1) - 1  # the EOT's place among the S
         x = x[p:].view(k, s, -1)[torch.arange(k, device=x.device), eot]
         return self.ln_final(x) @ self.text_projection
+
+
+def _check_span(span: object, n_tok: int) -> None:
+    if not isinstance(span, int) or isinstance(span, bool):
+        raise ValueError(f"span must be an int, 2 to {n_tok} (the tokens' length), got {type(span).__name__} "
+                         f"{span!r}")  # fmt: skip
+    if not 2 <= span <= n_tok:
+        raise ValueError(f"span must be 2 to {n_tok} (the tokens' length), got {span}")
 
 
 def readable(tokens: torch.Tensor) -> bool:
