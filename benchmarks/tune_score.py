@@ -65,12 +65,14 @@ def backward_blocks(k: int, block_p: int, block_c: int, warps: int, per_sm: int)
     if not fused:
         raise ValueError(f"K={k} is past the fused kernel's {score.FUSED_MAX_K} classes")
     blocks = score.FUSED_BLOCKS[f32]
-    saved = blocks[block_k], score.BWD_WARPS, score.PROGRAMS_PER_SM
+    saved = blocks[block_k], score.BWD_WARPS, score.PROGRAMS_PER_SM, dict(score.FUSED_BLOCKS_NHWC)
     blocks[block_k], score.BWD_WARPS, score.PROGRAMS_PER_SM = (block_p, block_c), warps, per_sm
+    score.FUSED_BLOCKS_NHWC.clear()  # the variant's blocks for NHWC maps too
     try:
         yield
     finally:
-        blocks[block_k], score.BWD_WARPS, score.PROGRAMS_PER_SM = saved
+        blocks[block_k], score.BWD_WARPS, score.PROGRAMS_PER_SM = saved[:3]
+        score.FUSED_BLOCKS_NHWC.update(saved[3])
 
 
 def _time(fn: Callable[[], object], device: torch.device) -> tuple[float, float, float]:

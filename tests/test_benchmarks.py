@@ -446,7 +446,8 @@ def test_score_tuning_sweep_tries_each_variant_and_restores_the_defaults(tmp_pat
         pytest.skip(backends.triton_available())
     from denseclip_fast.ops.triton import score
 
-    before = (score._blocks, {k: dict(v) for k, v in score.FUSED_BLOCKS.items()}, score.BWD_WARPS)
+    before = (score._blocks, {k: dict(v) for k, v in score.FUSED_BLOCKS.items()}, score.BWD_WARPS,
+              dict(score.FUSED_BLOCKS_NHWC))  # fmt: skip
     monkeypatch.setattr(tune_score, "FORWARD", [(64, 64, 8), (64, 48, 8)])
     monkeypatch.setattr(tune_score, "BACKWARD", [(32, 64, 8, 1), (16, 48, 8, 2)])
     monkeypatch.setattr(tune_score, "QUICK_SHAPES", [(2, 40, 5, 7, 19)])
@@ -458,7 +459,7 @@ def test_score_tuning_sweep_tries_each_variant_and_restores_the_defaults(tmp_pat
     failed = {r["variant"] for r in rows if "error" in r}
     assert failed == {"P64 C48 w8", "P16 C48 w8 2/SM"}, rows
     assert all(r["rel_err_vs_default"] < 1e-5 for r in rows if "error" not in r)
-    assert (score._blocks, score.FUSED_BLOCKS, score.BWD_WARPS) == before
+    assert (score._blocks, score.FUSED_BLOCKS, score.BWD_WARPS, score.FUSED_BLOCKS_NHWC) == before
     assert "P16 C48 w8 2/SM | failed" in (tmp_path / "tune_score_t.md").read_text()
 
 

@@ -911,6 +911,31 @@ def test_triton_score_takes_16_bit_nchw_maps_through_nhwc_where_asked(monkeypatc
     assert not score._via_nhwc(visual[:, :1]) and not score._via_nhwc(visual[:, :, :1, :1])
 
 
+def test_triton_score_backward_takes_the_nhwc_blocks_for_aligned_nhwc_maps(monkeypatch):
+    """16-bit NHWC maps of channels and pixels in multiples of 16, at 129-256 classes, take FUSED_BLOCKS_NHWC's
+    blocks (16 pixels x 128 channels, measured on an H200); NCHW, unaligned and float32 maps the table's. The
+    gradients equal the reference's either way (float16: tensor-core blocks under the interpreter too)."""
+    from denseclip_fast.ops.triton import score
+
+    assert score.bwd_blocks(150, False, aligned_nhwc=True) == (16, 256, 128, True)
+    assert score.bwd_blocks(150, False) == (16, 256, 32, True)
+    assert score.bwd_blocks(150, True, aligned_nhwc=True)[2] == 16  # float32: the table's
+    assert score.bwd_blocks(150, False, wide=True, aligned_nhwc=True)[2] == 32  # int64 indexing: the table's
+    assert score.bwd_blocks(100, False, aligned_nhwc=True) == score.bwd_blocks(100, False)
+    chosen = []
+    real = score.bwd_blocks
+    monkeypatch.setattr(score, "bwd_blocks", lambda *a: chosen.append(real(*a)) or chosen[-1])
+    for layout, (h, w), c in (("channels_last", (4, 4), 32), ("contiguous", (4, 4), 32), ("channels_last", (3, 5), 32),
+                              ("channels_last", (4, 4), 24)):  # fmt: skip
+        chosen.clear()
+        visual, text = _visual(2, c, h, w, layout, torch.float16), _text(2, 150, c, False, torch.float16)
+        (out, v_grad, t_grad), (expected, v64_grad, t64_grad) = _score_with_reference(visual, text, 0.5, "triton")
+        aligned = layout == "channels_last" and c % 16 == 0 and (h * w) % 16 == 0
+        assert chosen and all(b[2] == (128 if aligned else 32) for b in chosen), (layout, h, w, c, chosen)
+        _check_close(v_grad, v64_grad, torch.float16, 2)
+        _check_close(t_grad, t64_grad, torch.float16, 2)
+
+
 def test_triton_score_indexes_in_int64_past_int32_offsets(monkeypatch):
     """An image whose element offsets pass int32 is indexed in int64 (decided from shapes and strides, checked here
     on meta tensors); the int64 kernels, forced on a small input, give the same scores and gradients."""

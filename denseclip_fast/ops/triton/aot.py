@@ -96,9 +96,9 @@ def _score(dt: str, k: int, wide: bool = False) -> Spec:
     return label, fn, _signature(fn, ptrs, ("scale", "eps"), const), const, {"num_warps": warps}, {}
 
 
-def _score_backward(dt: str, k: int = 150, wide: bool = False) -> Spec:
+def _score_backward(dt: str, k: int = 150, wide: bool = False, aligned_nhwc: bool = False) -> Spec:
     """The visual kernel of the score backward, with the blocks and warps score_backward launches."""
-    block_p, block_k, block_c, fused = score.bwd_blocks(k, dt == "fp32", wide)
+    block_p, block_k, block_c, fused = score.bwd_blocks(k, dt == "fp32", wide, aligned_nhwc)
     const = {"BLOCK_P": block_p, "BLOCK_K": block_k, "BLOCK_C": block_c, "DOT_F32": dt == "fp32", "WIDE": wide,
              "FUSE_TEXT": fused}  # fmt: skip
     ptrs = {"v_ptr": f"*{dt}", "that_ptr": "*fp32", "g_ptr": f"*{dt}", "n_ptr": "*fp32", "r_ptr": "*fp32",
@@ -179,8 +179,9 @@ def _jit_score(dt: str, k: int, layout: str) -> Spec:
 
 
 def _jit_score_backward(dt: str, k: int, layout: str) -> Spec:
-    """score_backward's launch of the visual kernel for the model's map in ``layout`` (G NCHW-contiguous)."""
-    label, fn, _, const, options, _ = _score_backward(dt, k)
+    """score_backward's launch of the visual kernel for the model's map in ``layout`` (G NCHW-contiguous; its
+    channels and pixels multiples of 16, so that an NHWC map takes FUSED_BLOCKS_NHWC)."""
+    label, fn, _, const, options, _ = _score_backward(dt, k, aligned_nhwc=layout == "nhwc")
     (h, w), c, b = MODEL_HW, MODEL_C, MODEL_BATCH
     p, block_p, fused = h * w, const["BLOCK_P"], const["FUSE_TEXT"]
     n_tiles, _, _, work, splits = score._visual_grid(b, p, c, block_p, const["BLOCK_C"], fused, True, MODEL_SMS)

@@ -520,16 +520,22 @@ def _score_map(score: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]
 # fits sm_86's 99 KB (tests/test_triton_aot.py checks both, with generic int32 arguments and as Triton's JIT
 # specialises the launches: unit strides constexpr, aligned pointers); the per-pixel kernel's PIXEL_BLOCKS (pixels,
 # classes a step) likewise. The split of the pixels: PROGRAMS_PER_SM programs per SM, each at least
-# MIN_PIXELS_PER_SPLIT pixels long (each split writes a K x C float32 partial). Tuning knobs, not measured on a GPU
-# yet. (The text half as G v^ (v / |v|, a second operand) made Triton 3.6 spill at 129-256 classes: 160 B in 16 bit
-# at 64 channels, 24 B in float32 at 32, and 8 B in float32 at 33-64 classes with 32 pixels; hence 32, 16 and 16
-# there. As the JIT compiles it, float32 at up to 32 classes spilled 4 B on sm_90 with 32 pixels (NCHW; 17-32
-# classes with Triton 3.8, 1-16 with 3.6): 16.)
+# MIN_PIXELS_PER_SPLIT pixels long (each split writes a K x C float32 partial). Tuning knobs chosen without a GPU
+# but FUSED_BLOCKS_NHWC (measured on an H200). (The text half as G v^ (v / |v|, a second operand) made Triton 3.6
+# spill at 129-256 classes: 160 B in 16 bit at 64 channels, 24 B in float32 at 32, and 8 B in float32 at 33-64
+# classes with 32 pixels; hence 32, 16 and 16 there. As the JIT compiles it, float32 at up to 32 classes spilled
+# 4 B on sm_90 with 32 pixels (NCHW; 17-32 classes with Triton 3.8, 1-16 with 3.6): 16.)
 FUSED_MAX_K = 256
 FUSED_BLOCKS = {
     False: {16: (64, 64), 32: (64, 64), 64: (32, 64), 128: (16, 64), 256: (16, 32)},
     True: {16: (16, 32), 32: (16, 32), 64: (16, 32), 128: (16, 16), 256: (16, 16)},
 }
+# 16-bit NHWC maps whose channels and pixels are multiples of 16 (the JIT then marks their strides divisible: the
+# model's maps on a GPU): measured on an H200 (benchmarks/results/h200_2026-12-04/tune_score_NVIDIA_H200.md, B32
+# C1024 128x128 K171, bfloat16) 16 pixels x 128 channels took 2.72 ms (shared text) and 2.84 ms (per-image) where
+# the table's (16, 32) took 11.96 and 9.08. ptxas: no spill as the JIT compiles it there (Triton 3.6 and 3.8, sm_90);
+# with generic arguments it spilled 1.7 KB, hence only for such maps.
+FUSED_BLOCKS_NHWC = {256: (16, 128)}
 UNFUSED_BLOCKS = (64, 64, 32)  # BLOCK_P, BLOCK_K (a loop over the classes), BLOCK_C
 PIXEL_BLOCKS = (64, 32)  # BLOCK_P, BLOCK_K (at most) of _score_bwd_pixel_kernel, 4 warps
 BWD_WARPS = 8
@@ -538,12 +544,15 @@ MIN_PIXELS_PER_SPLIT = 256
 INTERPRETER_SMS = 4  # what "SM" means under Triton's interpreter (tests vary it to exercise the splits)
 
 
-def bwd_blocks(k: int, fp32: bool, wide: bool = False) -> tuple[int, int, int, bool]:
+def bwd_blocks(k: int, fp32: bool, wide: bool = False, aligned_nhwc: bool = False) -> tuple[int, int, int, bool]:
     """(BLOCK_P, BLOCK_K, BLOCK_C, FUSE_TEXT) of the backward's visual kernel for k classes; fp32: float32 inputs
-    (DOT_F32); wide: int64 indexing (its 64-channel blocks past 128 classes spilled with Triton 3.6: 32)."""
+    (DOT_F32); wide: int64 indexing (its 64-channel blocks past 128 classes spilled with Triton 3.6: 32);
+    aligned_nhwc: an NHWC map of channels and pixels in multiples of 16 (FUSED_BLOCKS_NHWC)."""
     if k <= FUSED_MAX_K:
         block_k = max(16, next_power_of_2(k))
         block_p, block_c = FUSED_BLOCKS[fp32][block_k]
+        if aligned_nhwc and not (fp32 or wide) and block_k in FUSED_BLOCKS_NHWC:
+            block_p, block_c = FUSED_BLOCKS_NHWC[block_k]
         return block_p, block_k, (min(block_c, 32) if wide and block_k > 128 else block_c), True
     block_p, block_k, block_c = UNFUSED_BLOCKS
     return block_p, block_k, block_c, False
@@ -638,7 +647,8 @@ def score_backward(
     score, s_strides = _score_map(score)
     dot_f32 = dot_in_f32(v.dtype)
     wide = _wide(v, t_hat, g, score)
-    block_p, block_k, block_c, fused = bwd_blocks(k, dot_f32, wide)
+    aligned_nhwc = s_vc == 1 and c > 1 and c % 16 == 0 and p % 16 == 0 and g_strides[1] % 16 == 0
+    block_p, block_k, block_c, fused = bwd_blocks(k, dot_f32, wide, aligned_nhwc)
     radial = torch.empty((b, p), dtype=torch.float32, device=v.device)
     pixel_block_p, pixel_block_k = PIXEL_BLOCKS[0], min(PIXEL_BLOCKS[1], max(16, next_power_of_2(k)))
     launch(_score_bwd_pixel_kernel)[(cdiv(p, pixel_block_p), b)](
