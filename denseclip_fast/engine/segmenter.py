@@ -51,6 +51,7 @@ from ..visualize import overlay as blend
 from . import cpu_labels
 from .cpu_conv import fuse_convolutions
 from .cpu_linear import rewrite_linears
+from .cuda_conv import cudnn_fusion_problem, fuse_cudnn_convolutions
 from .graphs import GraphCache
 from .inputs import ImageBatch, as_batch, stacked_for
 from .rewrite import channels_last_pyramid, prepare_for_inference
@@ -338,6 +339,14 @@ class Segmenter:
             # ReLUs stay passes of their own, which keep NaN as the model does
             fuse_convolutions(self.model, relu=check_finite)
             channels_last_pyramid(self.model)
+        # a GPU: 16-bit convolutions with their bias, ReLU and residual sum in one cuDNN call (cuda_conv.py), where
+        # that checks out on this GPU; the reason where not (None where they are fused or on a CPU)
+        self._cudnn_fusion_problem: str | None = None
+        if self.device.type == "cuda":
+            self._cudnn_fusion_problem = cudnn_fusion_problem(self.device, self.dtype) if check_finite else (
+                "check_finite=False: the ReLUs stay PyTorch's, which keep NaN")  # fmt: skip
+            if self._cudnn_fusion_problem is None:
+                fuse_cudnn_convolutions(self.model)
         self._text = self._embed(self.model.class_names)  # the buffer the graphs read; refreshed in place
         self._vocabularies: OrderedDict[tuple[str, ...], torch.Tensor] = OrderedDict()
         self._lock = threading.RLock()

@@ -1,0 +1,174 @@
+"""A 16-bit CUDA engine's folded convolutions with their bias, ReLU and residual sum in one cuDNN call.
+
+ATen runs a convolution with a bias as cuDNN's convolution followed by a broadcast addition of the bias (a kernel of
+its own, ATen's generic elementwise one on a channels_last map), and the ReLU after it, and a bottleneck's residual
+sum, as more passes over the output. On an H200 (RN50 512x512, bfloat16, batch 1;
+benchmarks/results/h200_2026-12-04/e2e_rn50_whole.md's profile) the broadcast additions took 319 us in 71 launches
+and the ReLUs 109 us in 58, of the engine's 1953 us of GPU time. ``torch.cudnn_convolution_relu`` and
+``torch.cudnn_convolution_add_relu`` (ATen's own operators over cuDNN's fused convolution-bias-activation) compute
+relu(conv(x, w) + bias) and relu(conv(x, w) + residual + bias) as one operation.
+
+Where the rewrite applies (:func:`fuse_cudnn_convolutions`): the image path of a Segmenter's private copy of a model
+on a GPU in float16 or bfloat16, after its BatchNorms were folded: the ResNet stem's three convolutions and ReLUs,
+each bottleneck's (two conv + ReLU, the last conv with the residual sum and ReLU), the Semantic FPN's conv + ReLU
+blocks. The parameters stay the same tensors. Float32 engines keep PyTorch's convolutions (their TF32 setting is the
+engine's to keep), and so does an engine that lets non-finite images through (``check_finite=False``: a fused ReLU
+need not keep NaN).
+
+Not yet run on a GPU: the Segmenter checks the operators once on its GPU and dtype against the plain path
+(:func:`cudnn_fusion_problem`: a small convolution with and without a residual, within the dtype's rounding) and
+keeps PyTorch's convolutions where they raise or differ; ``DENSECLIP_FAST_CUDNN_FUSION=0`` keeps them always. A call
+that needs gradients or that something records (torch.compile, torch.export, a dispatch mode), autocast, cuDNN
+switched off, and tensors that are not plain CUDA ones of the weights' dtype take ``F.conv2d`` and the ReLU and sum
+in PyTorch, as the model computes them.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..model import DenseCLIP
+from ..model.heads import ConvModule
+from ..model.layers import intercepted
+from ..model.resnet import Bottleneck, CLIPResNetBackbone
+
+DTYPES = (torch.float16, torch.bfloat16)
+DEVICE_TYPES = ("cuda",)  # where the operators run (tests add "cpu" with stand-ins for them)
+TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 2e-2}  # relative to the result, as the operator tests'
+
+
+def plain_cuda_call(dtype: torch.dtype, *tensors: torch.Tensor | None) -> bool:
+    """Whether a call on ``tensors`` (None where there is none) may take cuDNN's fused operators: cuDNN enabled, no
+    gradient needed, nothing recording the call, no autocast, and every tensor a plain CUDA one of ``dtype``."""
+    given = [t for t in tensors if t is not None]
+    if not torch.backends.cudnn.enabled:
+        return False
+    if torch.is_autocast_enabled("cuda") or torch.is_autocast_enabled("cpu"):
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in given):
+        return False
+    if intercepted():
+        return False
+    return all(type(t) in (torch.Tensor, nn.Parameter) and t.device.type in DEVICE_TYPES and t.dtype == dtype
+               for t in given)  # fmt: skip
+
+
+class CudnnConv2d(nn.Module):
+    """A folded ``nn.Conv2d`` (with a bias) and the ReLU after it, optionally with a residual added before the ReLU,
+    in one cuDNN call where :func:`plain_cuda_call` allows, else ``F.conv2d``, the sum and ``torch.relu``."""
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        if type(conv) is not nn.Conv2d or conv.bias is None or conv.padding_mode != "zeros":
+            raise ValueError("CudnnConv2d takes a plain nn.Conv2d with a bias and zero padding")
+        if isinstance(conv.padding, str):
+            raise ValueError("CudnnConv2d takes a numeric padding")
+        self.weight, self.bias = conv.weight, conv.bias
+        self.stride, self.padding = list(conv.stride), list(conv.padding)
+        self.dilation, self.groups = list(conv.dilation), conv.groups
+        self.in_channels, self.out_channels, self.kernel_size = conv.in_channels, conv.out_channels, conv.kernel_size
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        args = (self.stride, self.padding, self.dilation, self.groups)
+        if not plain_cuda_call(self.weight.dtype, x, self.weight, self.bias, residual):
+            out = F.conv2d(x, self.weight, self.bias, *args)
+            return torch.relu(out if residual is None else out + residual)
+        if residual is None:
+            return torch.cudnn_convolution_relu(x, self.weight, self.bias, *args)
+        return torch.cudnn_convolution_add_relu(x, self.weight, residual, 1.0, self.bias, *args)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={tuple(self.stride)}"
+                ", bias + ReLU fused")  # fmt: skip
+
+
+def _folded(*modules: nn.Module | None) -> bool:
+    return all(m is None or type(m) is nn.Identity for m in modules)
+
+
+class CudnnBottleneck(nn.Module):
+    """A ResNet :class:`Bottleneck` whose BatchNorms are folded, over the same modules: conv1 and conv2 with their
+    ReLUs, conv3 with the residual sum and the ReLU (the shortcut's convolution stays PyTorch's)."""
+
+    def __init__(self, block: Bottleneck) -> None:
+        super().__init__()
+        if not _folded(block.bn1, block.bn2, block.bn3):
+            raise ValueError("CudnnBottleneck takes a Bottleneck whose BatchNorms are folded (engine.rewrite)")
+        self.conv1, self.bn1 = CudnnConv2d(block.conv1), block.bn1
+        self.conv2, self.bn2 = CudnnConv2d(block.conv2), block.bn2
+        self.avgpool = block.avgpool
+        self.conv3, self.bn3 = CudnnConv2d(block.conv3), block.bn3
+        self.downsample = block.downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.avgpool(self.conv2(self.conv1(x)))
+        identity = x if self.downsample is None else self.downsample(x)
+        return self.conv3(out, identity)
+
+
+def fuse_cudnn_convolutions(model: DenseCLIP) -> int:
+    """Rewrite ``model``'s image-path convolutions that a ReLU follows (module docstring) in place; returns how many
+    convolutions were rewritten (a second call: none). For a folded model (engine.rewrite.fold_batchnorm): a block
+    whose BatchNorm is still there is left as it is."""
+    count = 0
+    for name, parent in list(model.named_modules()):
+        if name.startswith("text_encoder"):
+            continue
+        if isinstance(parent, CLIPResNetBackbone):
+            stem = (parent.conv1, parent.conv2, parent.conv3)
+            if _folded(parent.bn1, parent.bn2, parent.bn3) and all(type(c) is nn.Conv2d and c.bias is not None
+                                                                   for c in stem):  # fmt: skip
+                for conv in ("conv1", "conv2", "conv3"):
+                    setattr(parent, conv, CudnnConv2d(getattr(parent, conv)))
+                setattr(parent, "relu", nn.Identity())  # the stem's only: the bottlenecks have their own
+                count += 3
+        elif isinstance(parent, ConvModule) and parent.bn is None and type(parent.act) is nn.ReLU:
+            if type(parent.conv) is nn.Conv2d and parent.conv.bias is not None:
+                setattr(parent, "conv", CudnnConv2d(parent.conv))
+                parent.act = None
+                count += 1
+        elif isinstance(parent, nn.Sequential):
+            for child_name, child in list(parent.named_children()):
+                if type(child) is Bottleneck and _folded(child.bn1, child.bn2, child.bn3):
+                    setattr(parent, child_name, CudnnBottleneck(child))
+                    count += 3
+    return count
+
+
+def cudnn_fusion_problem(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why the fused operators cannot serve an engine on ``device`` in ``dtype`` (None if they can): not a CUDA GPU
+    or a 16-bit dtype, switched off (``DENSECLIP_FAST_CUDNN_FUSION=0``), or, on a small convolution with and without a
+    residual (channels_last, 3x3, stride 1 and 2), an error or a result off the plain path's by more than the dtype's
+    rounding (TOLERANCE)."""
+    if device.type not in DEVICE_TYPES or dtype not in DTYPES:
+        return f"cuDNN's fused convolutions serve float16 and bfloat16 on CUDA, not {dtype} on {device.type}"
+    if os.environ.get("DENSECLIP_FAST_CUDNN_FUSION", "1") == "0":
+        return "switched off by DENSECLIP_FAST_CUDNN_FUSION=0"
+    generator = torch.Generator(device="cpu").manual_seed(0)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator).to(device, dtype)
+
+    try:
+        with torch.no_grad():
+            for stride in (1, 2):
+                conv = nn.Conv2d(32, 48, 3, stride=stride, padding=1).to(device, dtype)
+                conv.weight.copy_(randn(48, 32, 3, 3) * 0.1)
+                assert conv.bias is not None
+                conv.bias.copy_(randn(48))
+                conv = conv.to(memory_format=torch.channels_last)
+                fused = CudnnConv2d(conv)
+                x = randn(2, 32, 9, 11).contiguous(memory_format=torch.channels_last)
+                plain = F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding)
+                residual = randn(*plain.shape).contiguous(memory_format=torch.channels_last)
+                for got, want in ((fused(x), torch.relu(plain)), (fused(x, residual), torch.relu(plain + residual))):
+                    err = (got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-30)
+                    if not torch.isfinite(err) or err > TOLERANCE[dtype]:
+                        return f"cuDNN's fused convolution is {float(err):.2g} off the plain one here (stride {stride})"
+    except RuntimeError as exc:  # the operator missing in this build, or cuDNN without a plan for it
+        return f"cuDNN's fused convolution failed here: {str(exc).strip().splitlines()[0][:200]}"
+    return None
