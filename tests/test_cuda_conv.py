@@ -98,7 +98,15 @@ def test_cudnn_fusion_problem_says_why_not(stand_ins, monkeypatch):
     assert cuda_conv.cudnn_fusion_problem(cpu, torch.bfloat16) == "switched off by DENSECLIP_FAST_CUDNN_FUSION=0"
     monkeypatch.delenv("DENSECLIP_FAST_CUDNN_FUSION")
     monkeypatch.setattr(torch, "cudnn_convolution_add_relu", lambda *a: _conv_add_relu(*a) * 1.1)
-    assert "off the plain one here (stride 1)" in cuda_conv.cudnn_fusion_problem(cpu, torch.bfloat16)
+    assert cuda_conv.cudnn_fusion_problem(cpu, torch.bfloat16).endswith(
+        "off the plain one here (3->32 channels, 3x3, stride 2)")  # the stem's shape comes first
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a caller's autocast: the operators are still called
+        assert "off the plain one" in cuda_conv.cudnn_fusion_problem(cpu, torch.bfloat16)
+    monkeypatch.setattr(torch, "cudnn_convolution_add_relu", lambda *a: _conv_add_relu(*a) * float("nan"))
+    assert "is nan off the plain one" in cuda_conv.cudnn_fusion_problem(cpu, torch.float16)
+    monkeypatch.setattr(torch.backends.cudnn, "enabled", False)
+    assert cuda_conv.cudnn_fusion_problem(cpu, torch.float16) == "cuDNN is switched off (torch.backends.cudnn.enabled)"
+    monkeypatch.setattr(torch.backends.cudnn, "enabled", True)
 
     def fails(*a):
         raise RuntimeError("CUDNN_BACKEND_API_FAILED\nmore")
@@ -108,6 +116,29 @@ def test_cudnn_fusion_problem_says_why_not(stand_ins, monkeypatch):
         "cuDNN's fused convolution failed here: CUDNN_BACKEND_API_FAILED")
     monkeypatch.setattr(cuda_conv, "DEVICE_TYPES", ("cuda",))
     assert "on cpu" in cuda_conv.cudnn_fusion_problem(cpu, torch.bfloat16)
+
+
+def test_a_fused_call_that_raises_or_a_map_too_large_takes_the_plain_path(stand_ins, monkeypatch):
+    """A fused call that raises (a shape cuDNN has no plan for) warns once and the module keeps to PyTorch's path;
+    maps of LARGEST elements or more (input or output) take it too."""
+    conv = nn.Conv2d(4, 6, 3, padding=1)
+    fused = cuda_conv.CudnnConv2d(conv).requires_grad_(False)
+    x = torch.randn(1, 4, 5, 5)
+    expected = torch.relu(conv(x)).detach()
+    monkeypatch.setattr(cuda_conv, "LARGEST", 6 * 25)  # the output's 150 elements
+    assert torch.equal(fused(x), expected) and stand_ins["relu"] == 0
+    monkeypatch.setattr(cuda_conv, "LARGEST", 2**31)
+    calls = []
+
+    def fails(*a):
+        calls.append(1)
+        raise RuntimeError("GET was unable to find an engine to execute this computation")
+
+    monkeypatch.setattr(torch, "cudnn_convolution_relu", fails)
+    with pytest.warns(RuntimeWarning, match=r"failed on a \(1, 4, 5, 5\) input \(GET was unable"):
+        assert torch.equal(fused(x), expected)
+    assert torch.equal(fused(x), expected) and len(calls) == 1  # not tried again
+    assert fused.failed == "GET was unable to find an engine to execute this computation"
 
 
 def test_a_cpu_segmenter_leaves_its_convolutions_to_the_cpu_rewrite():

@@ -26,6 +26,7 @@ in PyTorch, as the model computes them.
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -57,9 +58,14 @@ def plain_cuda_call(dtype: torch.dtype, *tensors: torch.Tensor | None) -> bool:
                for t in given)  # fmt: skip
 
 
+LARGEST = 2**31  # elements of a map past which the plain path is taken (ATen splits such convolutions itself)
+
+
 class CudnnConv2d(nn.Module):
     """A folded ``nn.Conv2d`` (with a bias) and the ReLU after it, optionally with a residual added before the ReLU,
-    in one cuDNN call where :func:`plain_cuda_call` allows, else ``F.conv2d``, the sum and ``torch.relu``."""
+    in one cuDNN call where :func:`plain_cuda_call` allows and the maps are below LARGEST elements, else
+    ``F.conv2d``, the sum and ``torch.relu``. A fused call that raises (cuDNN without a plan for a shape the
+    Segmenter's check did not try) is reported once as a warning and the module keeps to the plain path."""
 
     def __init__(self, conv: nn.Conv2d) -> None:
         super().__init__()
@@ -71,19 +77,36 @@ class CudnnConv2d(nn.Module):
         self.stride, self.padding = list(conv.stride), list(conv.padding)
         self.dilation, self.groups = list(conv.dilation), conv.groups
         self.in_channels, self.out_channels, self.kernel_size = conv.in_channels, conv.out_channels, conv.kernel_size
+        self.failed: str | None = None  # why a fused call raised here; the plain path from then on
+
+    def _plain(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        out = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return torch.relu(out if residual is None else out + residual)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        args = (self.stride, self.padding, self.dilation, self.groups)
-        if not plain_cuda_call(self.weight.dtype, x, self.weight, self.bias, residual):
-            out = F.conv2d(x, self.weight, self.bias, *args)
-            return torch.relu(out if residual is None else out + residual)
-        if residual is None:
-            return torch.cudnn_convolution_relu(x, self.weight, self.bias, *args)
-        return torch.cudnn_convolution_add_relu(x, self.weight, residual, 1.0, self.bias, *args)
+        fused = self.failed is None and plain_cuda_call(self.weight.dtype, x, self.weight, self.bias, residual)
+        if not fused or x.numel() >= LARGEST or x.numel() // self.in_channels * self.out_channels >= LARGEST:
+            return self._plain(x, residual)
+        try:
+            return fused_call(x, self.weight, self.bias, residual, self.stride, self.padding, self.dilation,
+                              self.groups)  # fmt: skip
+        except RuntimeError as exc:
+            self.failed = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            warnings.warn(f"cuDNN's fused convolution failed on a {tuple(x.shape)} input ({self.failed}); this "
+                          "convolution runs as PyTorch's from now on", RuntimeWarning, stacklevel=2)  # fmt: skip
+            return self._plain(x, residual)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={tuple(self.stride)}"
                 ", bias + ReLU fused")  # fmt: skip
+
+
+def fused_call(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor | None,
+               stride: list[int], padding: list[int], dilation: list[int], groups: int) -> torch.Tensor:  # fmt: skip
+    """relu(conv(x, weight) + bias (+ residual)) by cuDNN's fused operators, as they are."""
+    if residual is None:
+        return torch.cudnn_convolution_relu(x, weight, bias, stride, padding, dilation, groups)
+    return torch.cudnn_convolution_add_relu(x, weight, residual, 1.0, bias, stride, padding, dilation, groups)
 
 
 def _folded(*modules: nn.Module | None) -> bool:
@@ -139,36 +162,46 @@ def fuse_cudnn_convolutions(model: DenseCLIP) -> int:
     return count
 
 
+# The check's convolutions: (in, out, kernel, stride), the shapes the rewrite meets: the stem's first (3 channels,
+# stride 2), a 3x3, a strided 3x3 and a 1x1
+CHECKS = ((3, 32, 3, 2), (32, 48, 3, 1), (32, 48, 3, 2), (64, 96, 1, 1))
+
+
 def cudnn_fusion_problem(device: torch.device, dtype: torch.dtype) -> str | None:
     """Why the fused operators cannot serve an engine on ``device`` in ``dtype`` (None if they can): not a CUDA GPU
-    or a 16-bit dtype, switched off (``DENSECLIP_FAST_CUDNN_FUSION=0``), or, on a small convolution with and without a
-    residual (channels_last, 3x3, stride 1 and 2), an error or a result off the plain path's by more than the dtype's
-    rounding (TOLERANCE)."""
+    or a 16-bit dtype, cuDNN or the rewrite switched off (``DENSECLIP_FAST_CUDNN_FUSION=0``), or, on small
+    convolutions of the shapes the rewrite meets (CHECKS; channels_last, with and without a residual), an error or
+    a result off the plain path's by more than the dtype's rounding (TOLERANCE). The operators are called as they
+    are (no autocast), on memory that held NaN just before: ATen's convolution + ReLU passes its fresh output to
+    cuDNN as a residual scaled by 0, which must not be read."""
     if device.type not in DEVICE_TYPES or dtype not in DTYPES:
         return f"cuDNN's fused convolutions serve float16 and bfloat16 on CUDA, not {dtype} on {device.type}"
     if os.environ.get("DENSECLIP_FAST_CUDNN_FUSION", "1") == "0":
         return "switched off by DENSECLIP_FAST_CUDNN_FUSION=0"
+    if not torch.backends.cudnn.enabled:
+        return "cuDNN is switched off (torch.backends.cudnn.enabled)"
     generator = torch.Generator(device="cpu").manual_seed(0)
 
     def randn(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=generator).to(device, dtype)
+        return torch.randn(*shape, generator=generator).to(device, dtype).contiguous(
+            memory_format=torch.channels_last if len(shape) == 4 else torch.contiguous_format)  # fmt: skip
 
     try:
-        with torch.no_grad():
-            for stride in (1, 2):
-                conv = nn.Conv2d(32, 48, 3, stride=stride, padding=1).to(device, dtype)
-                conv.weight.copy_(randn(48, 32, 3, 3) * 0.1)
-                assert conv.bias is not None
-                conv.bias.copy_(randn(48))
-                conv = conv.to(memory_format=torch.channels_last)
-                fused = CudnnConv2d(conv)
-                x = randn(2, 32, 9, 11).contiguous(memory_format=torch.channels_last)
-                plain = F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding)
-                residual = randn(*plain.shape).contiguous(memory_format=torch.channels_last)
-                for got, want in ((fused(x), torch.relu(plain)), (fused(x, residual), torch.relu(plain + residual))):
+        with torch.no_grad(), torch.autocast(device.type, enabled=False):
+            for cin, cout, kernel, stride in CHECKS:
+                weight, bias = randn(cout, cin, kernel, kernel) * (cin * kernel * kernel) ** -0.5, randn(cout)
+                x = randn(2, cin, 9, 11)
+                args = ([stride] * 2, [kernel // 2] * 2, [1, 1], 1)
+                plain = F.conv2d(x, weight, bias, *args)
+                residual = randn(*plain.shape)
+                for res in (None, residual):
+                    want = torch.relu(plain if res is None else plain + res)
+                    torch.full_like(want, float("nan"))  # freed at once: the next allocation of its size reuses it
+                    got = fused_call(x, weight, bias, res, *args)
                     err = (got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-30)
                     if not torch.isfinite(err) or err > TOLERANCE[dtype]:
-                        return f"cuDNN's fused convolution is {float(err):.2g} off the plain one here (stride {stride})"
+                        what = f"{cin}->{cout} channels, {kernel}x{kernel}, stride {stride}"
+                        return f"cuDNN's fused convolution is {float(err):.2g} off the plain one here ({what})"
     except RuntimeError as exc:  # the operator missing in this build, or cuDNN without a plan for it
         return f"cuDNN's fused convolution failed here: {str(exc).strip().splitlines()[0][:200]}"
     return None

@@ -394,7 +394,7 @@ def compile_one(arch: int, index: int) -> str:
         bound = attention.smem_estimate(kind, const["D"], const["BLOCK_M"], const["BLOCK_N"])
         if shared > bound:
             raise RuntimeError(f"{where}: {shared} B of shared memory, above attention.smem_estimate ({bound} B)")
-    races = wgmma_operand_races(kernel.asm.get("ttgir", ""))
+    races = wgmma_operand_races(kernel.asm["ttgir"])  # (a KeyError, not a silent pass, without the TTGIR)
     if races:
         raise RuntimeError(f"{where}: wgmma operands {', '.join(races)} also read while the wgmma runs (a "
                            "pipelining race: aot.wgmma_operand_races)")  # fmt: skip
