@@ -46,8 +46,9 @@ from torch import nn
 
 from ..model import DenseCLIP
 from ..model.heads import ConvModule
-from ..model.resnet import Bottleneck, CLIPResNetBackbone
+from ..model.resnet import Bottleneck
 from .cpu_linear import plain_cpu_call
+from .rewrite import folded, relu_sites
 
 # the dtypes whose convolutions are rewritten: where the fused, packed operator was measured faster (module docstring)
 DTYPES = (torch.bfloat16,)
@@ -277,10 +278,6 @@ class GemmConvTranspose2d(_WeightCache):
         return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.kernel_size}"
 
 
-def _folded(*modules: nn.Module | None) -> bool:
-    return all(m is None or type(m) is nn.Identity for m in modules)
-
-
 class OneDNNBottleneck(nn.Module):
     """A ResNet :class:`Bottleneck` whose BatchNorms are folded, over the same modules (the state dict keeps its
     keys), with its convolutions as :class:`OneDNNConv2d`: conv1 and conv2 with their ReLUs, conv3 with the residual
@@ -288,7 +285,7 @@ class OneDNNBottleneck(nn.Module):
 
     def __init__(self, block: Bottleneck) -> None:
         super().__init__()
-        if not _folded(block.bn1, block.bn2, block.bn3):
+        if not folded(block.bn1, block.bn2, block.bn3):
             raise ValueError("OneDNNBottleneck takes a Bottleneck whose BatchNorms are folded (engine.rewrite)")
         self.conv1, self.bn1 = OneDNNConv2d(block.conv1, "relu"), block.bn1
         self.conv2, self.bn2 = OneDNNConv2d(block.conv2, "relu"), block.bn2
@@ -336,25 +333,22 @@ def fuse_convolutions(model: DenseCLIP, relu: bool = True) -> int:
         return [m for name, m in model.named_modules() if not name.startswith("text_encoder")]
 
     count = 0
-    for parent in image_path() if relu else []:
-        if isinstance(parent, CLIPResNetBackbone):
-            stem = (parent.conv1, parent.conv2, parent.conv3)
-            if _folded(parent.bn1, parent.bn2, parent.bn3) and all(type(c) is nn.Conv2d for c in stem):
-                for name in ("conv1", "conv2", "conv3"):
-                    setattr(parent, name, OneDNNConv2d(getattr(parent, name), "relu"))
-                setattr(parent, "relu", nn.Identity())  # the stem's only: the bottlenecks have their own
-                count += 3
-        elif isinstance(parent, ConvModule) and parent.bn is None and type(parent.conv) is nn.Conv2d:
+    for kind, parent, child_name in relu_sites(model) if relu else iter(()):
+        if kind == "stem":
+            for name in ("conv1", "conv2", "conv3"):
+                setattr(parent, name, OneDNNConv2d(getattr(parent, name), "relu"))
+            setattr(parent, "relu", nn.Identity())  # the stem's only: the bottlenecks have their own
+            count += 3
+        elif kind == "block":
+            block = getattr(parent, child_name)
+            setattr(parent, child_name, OneDNNBottleneck(block))
+            count += 3 + (block.downsample is not None)
+        elif isinstance(parent, ConvModule):
             fused = type(parent.act) is nn.ReLU
             setattr(parent, "conv", OneDNNConv2d(parent.conv, "relu" if fused else "none"))
             if fused:
                 parent.act = None
             count += 1
-        elif isinstance(parent, nn.Sequential):
-            for name, child in list(parent.named_children()):
-                if type(child) is Bottleneck and _folded(child.bn1, child.bn2, child.bn3):
-                    setattr(parent, name, OneDNNBottleneck(child))
-                    count += 3 + (child.downsample is not None)
     for parent in image_path():  # the modules now in the model: the other convolutions, without a post-op
         count += _convolutions_of(parent)
     return count

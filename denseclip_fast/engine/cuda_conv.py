@@ -35,7 +35,8 @@ from torch import nn
 from ..model import DenseCLIP
 from ..model.heads import ConvModule
 from ..model.layers import intercepted
-from ..model.resnet import Bottleneck, CLIPResNetBackbone
+from ..model.resnet import Bottleneck
+from .rewrite import folded, relu_sites
 
 DTYPES = (torch.float16, torch.bfloat16)
 DEVICE_TYPES = ("cuda",)  # where the operators run (tests add "cpu" with stand-ins for them)
@@ -109,17 +110,13 @@ def fused_call(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, residu
     return torch.cudnn_convolution_add_relu(x, weight, residual, 1.0, bias, stride, padding, dilation, groups)
 
 
-def _folded(*modules: nn.Module | None) -> bool:
-    return all(m is None or type(m) is nn.Identity for m in modules)
-
-
 class CudnnBottleneck(nn.Module):
     """A ResNet :class:`Bottleneck` whose BatchNorms are folded, over the same modules: conv1 and conv2 with their
     ReLUs, conv3 with the residual sum and the ReLU (the shortcut's convolution stays PyTorch's)."""
 
     def __init__(self, block: Bottleneck) -> None:
         super().__init__()
-        if not _folded(block.bn1, block.bn2, block.bn3):
+        if not folded(block.bn1, block.bn2, block.bn3):
             raise ValueError("CudnnBottleneck takes a Bottleneck whose BatchNorms are folded (engine.rewrite)")
         self.conv1, self.bn1 = CudnnConv2d(block.conv1), block.bn1
         self.conv2, self.bn2 = CudnnConv2d(block.conv2), block.bn2
@@ -138,27 +135,19 @@ def fuse_cudnn_convolutions(model: DenseCLIP) -> int:
     convolutions were rewritten (a second call: none). For a folded model (engine.rewrite.fold_batchnorm): a block
     whose BatchNorm is still there is left as it is."""
     count = 0
-    for name, parent in list(model.named_modules()):
-        if name.startswith("text_encoder"):
-            continue
-        if isinstance(parent, CLIPResNetBackbone):
-            stem = (parent.conv1, parent.conv2, parent.conv3)
-            if _folded(parent.bn1, parent.bn2, parent.bn3) and all(type(c) is nn.Conv2d and c.bias is not None
-                                                                   for c in stem):  # fmt: skip
-                for conv in ("conv1", "conv2", "conv3"):
-                    setattr(parent, conv, CudnnConv2d(getattr(parent, conv)))
-                setattr(parent, "relu", nn.Identity())  # the stem's only: the bottlenecks have their own
-                count += 3
-        elif isinstance(parent, ConvModule) and parent.bn is None and type(parent.act) is nn.ReLU:
-            if type(parent.conv) is nn.Conv2d and parent.conv.bias is not None:
-                setattr(parent, "conv", CudnnConv2d(parent.conv))
-                parent.act = None
-                count += 1
-        elif isinstance(parent, nn.Sequential):
-            for child_name, child in list(parent.named_children()):
-                if type(child) is Bottleneck and _folded(child.bn1, child.bn2, child.bn3):
-                    setattr(parent, child_name, CudnnBottleneck(child))
-                    count += 3
+    for kind, parent, child_name in relu_sites(model):
+        if kind == "stem":
+            for conv in ("conv1", "conv2", "conv3"):
+                setattr(parent, conv, CudnnConv2d(getattr(parent, conv)))
+            setattr(parent, "relu", nn.Identity())  # the stem's only: the bottlenecks have their own
+            count += 3
+        elif kind == "block":
+            setattr(parent, child_name, CudnnBottleneck(getattr(parent, child_name)))
+            count += 3
+        elif isinstance(parent, ConvModule) and type(parent.act) is nn.ReLU and parent.conv.bias is not None:
+            setattr(parent, "conv", CudnnConv2d(parent.conv))
+            parent.act = None
+            count += 1
     return count
 
 

@@ -11,7 +11,8 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Literal
 
 import torch
 from torch import nn
@@ -77,6 +78,36 @@ def fold_batchnorm(model: nn.Module) -> int:
     if folded:
         setattr(model, "_batchnorm_folded", True)  # a plain attribute (nn.Module's typing takes no bool)
     return folded
+
+
+def folded(*modules: nn.Module | None) -> bool:
+    """Whether these BatchNorm places were folded away (fold_batchnorm leaves nn.Identity, or None in a ConvModule)."""
+    return all(m is None or type(m) is nn.Identity for m in modules)
+
+
+Site = tuple[Literal["stem", "block", "head"], nn.Module, str]
+
+
+def relu_sites(model: DenseCLIP) -> Iterator[Site]:
+    """Where the image path of a folded ``model`` has plain convolutions that a ReLU may follow, for the engines'
+    fused convolutions (cpu_conv.py, cuda_conv.py), listed before the caller rewrites any: ("stem", the ResNet
+    backbone, "") for its three conv + ReLU; ("block", a Sequential, the child's name) for each folded Bottleneck;
+    ("head", a ConvModule, "") for each BatchNorm-free ConvModule with a plain convolution (its ReLU, if any, in
+    ``act``). A block or stem whose BatchNorm is still there is not listed."""
+    sites: list[Site] = []
+    for name, parent in model.named_modules():
+        if name.startswith("text_encoder"):
+            continue
+        if isinstance(parent, CLIPResNetBackbone):
+            stem = (parent.conv1, parent.conv2, parent.conv3)
+            if folded(parent.bn1, parent.bn2, parent.bn3) and all(type(c) is nn.Conv2d for c in stem):
+                sites.append(("stem", parent, ""))
+        elif isinstance(parent, ConvModule) and parent.bn is None and type(parent.conv) is nn.Conv2d:
+            sites.append(("head", parent, ""))
+        elif isinstance(parent, nn.Sequential):
+            sites += [("block", parent, child_name) for child_name, child in parent.named_children()
+                      if type(child) is Bottleneck and folded(child.bn1, child.bn2, child.bn3)]  # fmt: skip
+    return iter(sites)
 
 
 def prepare_for_inference(
