@@ -17,6 +17,8 @@ Contestants (random weights, BN statistics and gamma randomised so every stage m
                       rows record cudagraph_skips, inductor's counter of skipped CUDA-graph runs (0: none skipped)
   engine-fp32         denseclip_fast.Segmenter, float32 in IEEE (TF32 off inside its calls), CUDA graphs on CUDA
   engine-bf16         the same in bfloat16
+  engine-bf16-plain-conv  the same with PyTorch's convolutions (DENSECLIP_FAST_CUDNN_FUSION=0: no cuDNN-fused
+                      bias and ReLU, engine/cuda_conv.py), for the difference they make
 On CUDA, cuDNN benchmark mode is on for every contestant (mmseg's default runtime has cudnn_benchmark=True, so
 upstream's test runs with it); the environment block records it and the TF32 settings, each row its precision.
 Each torch.compile contestant starts from torch._dynamo.reset() and compiles for static shapes (dynamic=False): a
@@ -73,7 +75,7 @@ from denseclip_fast.engine.segmenter import Mode, no_tf32  # noqa: E402
 
 PEAK_FLOPS = 790e12  # the engine issue's H200 bf16 dense tensor-core figure: a fixed yardstick for every row
 # The engine first and the slow compiles last, so that a run stopped by a time budget has measured what matters most.
-ALL = ("engine-bf16", "engine-fp32", "official", "official-bf16", "compile-ro", "compile-ma")
+ALL = ("engine-bf16", "engine-fp32", "official", "official-bf16", "compile-ro", "compile-ma", "engine-bf16-plain-conv")
 
 
 def build(arch: str, classes: int, device: torch.device) -> tuple[dcf.DenseCLIP, OfficialDenseCLIP]:
@@ -99,6 +101,8 @@ def precision(name: str, device: torch.device, tf32: dict[str, str]) -> str:
         return "fp32, IEEE (TF32 off)"
     if name == "engine-bf16":
         return "bf16"
+    if name == "engine-bf16-plain-conv":
+        return "bf16, PyTorch's convolutions"
     if name == "compile-ro":
         return "bf16 autocast, reduce-overhead (CUDA graphs), no freezing"
     if name == "compile-ma":
@@ -141,9 +145,17 @@ def contestant(name: str, model: dcf.DenseCLIP, official: OfficialDenseCLIP, dev
 
         return compiled_bf16
     dtype = torch.float32 if name == "engine-fp32" else torch.bfloat16
-    # capture at the first call, so that the reported first-call time includes the capture
-    seg = dcf.Segmenter(model, device=device, dtype=dtype, mode=mode, crop=crop, stride=stride, capture_after=1,
-                        cuda_graphs=graphs)  # fmt: skip
+    saved = os.environ.get("DENSECLIP_FAST_CUDNN_FUSION")
+    if name == "engine-bf16-plain-conv":  # read when the Segmenter is built
+        os.environ["DENSECLIP_FAST_CUDNN_FUSION"] = "0"
+    try:  # capture at the first call, so that the reported first-call time includes the capture
+        seg = dcf.Segmenter(model, device=device, dtype=dtype, mode=mode, crop=crop, stride=stride,
+                            capture_after=1, cuda_graphs=graphs)  # fmt: skip
+    finally:
+        if saved is None:
+            os.environ.pop("DENSECLIP_FAST_CUDNN_FUSION", None)
+        else:
+            os.environ["DENSECLIP_FAST_CUDNN_FUSION"] = saved
     return cast(Callable[[torch.Tensor], torch.Tensor], seg.logits)  # a float batch in: one tensor out
 
 
@@ -406,7 +418,8 @@ def bar_chart(rows: list[dict], path: str) -> None:
     draw.text((10, 10), "images/s (p50), longer is better", fill="black")
     top = max(r["images_per_s"] for r in rows)
     colors = {"official": (150, 150, 150), "official-bf16": (110, 110, 110), "compile-ro": (230, 150, 40),
-              "compile-ma": (200, 110, 20), "engine-fp32": (60, 130, 220), "engine-bf16": (20, 80, 180)}  # fmt: skip
+              "compile-ma": (200, 110, 20), "engine-fp32": (60, 130, 220), "engine-bf16": (20, 80, 180),
+              "engine-bf16-plain-conv": (90, 140, 200)}  # fmt: skip
     for i, r in enumerate(rows):
         y = 40 + i * (bar_h + pad)
         label = f"{r['arch']} {r['mode']} {'x'.join(map(str, r['shape']))} {r['contestant']}"

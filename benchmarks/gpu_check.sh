@@ -187,7 +187,7 @@ e2e_rn50() {  # the engine issue's headline: RN50 512x512 batch 1 and 16 (torch.
   # profile of engine-bf16 (torch.profiler) is taken after every row is measured (bench_e2e.profile_after_measuring)
   timed "bench_e2e RN50 whole" bench_e2e_rn50_whole.txt \
     python3 benchmarks/bench_e2e.py --archs RN50 --modes whole --batches 1 16 --out "$OUT" --tag rn50_whole \
-    --contestants official official-bf16 engine-fp32 engine-bf16
+    --contestants official official-bf16 engine-fp32 engine-bf16 engine-bf16-plain-conv
 }
 
 compile_baselines() {  # torch.compile of the official model and of the operator references: minutes of compilation,

@@ -377,6 +377,28 @@ def test_engine_table_labels_precision_tails_and_image_path_flops():
     assert bench_e2e.windows(512, 2048, 512, 341) == 6 and bench_e2e.windows(256, 256, 512, 341) == 1
 
 
+def test_plain_conv_engine_contestant_builds_its_segmenter_without_the_cudnn_fusion(monkeypatch):
+    """engine-bf16-plain-conv: a bfloat16 Segmenter built with DENSECLIP_FAST_CUDNN_FUSION=0 (PyTorch's
+    convolutions), the variable restored afterwards; engine-bf16 builds with the caller's setting."""
+    import torch
+
+    seen = []
+
+    class Recorder:
+        def __init__(self, model, **kwargs):
+            seen.append((kwargs["dtype"], os.environ.get("DENSECLIP_FAST_CUDNN_FUSION")))
+            self.logits = lambda x: x
+
+    monkeypatch.setattr(bench_e2e.dcf, "Segmenter", Recorder)
+    monkeypatch.delenv("DENSECLIP_FAST_CUDNN_FUSION", raising=False)
+    official = argparse.Namespace(texts=torch.zeros(1))
+    for name in ("engine-bf16-plain-conv", "engine-bf16"):
+        bench_e2e.contestant(name, None, official, torch.device("cpu"), "whole", 512, 341)
+    assert seen == [(torch.bfloat16, "0"), (torch.bfloat16, None)]
+    assert "DENSECLIP_FAST_CUDNN_FUSION" not in os.environ
+    assert bench_e2e.precision("engine-bf16-plain-conv", torch.device("cuda"), {}) == "bf16, PyTorch's convolutions"
+
+
 def test_training_target():
     rows = [{"contestant": "official-fp32", "images_per_s": 10.0}, {"contestant": "trainer-bf16", "images_per_s": 31.0}]
     assert _verdicts(bench_train.targets(rows)) == {"trainer-bf16 >= 3x official-fp32 images/s": True}
