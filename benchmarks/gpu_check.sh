@@ -11,7 +11,7 @@
 # copies of status.txt and env.json: three files, rewritten after every step, so a call cut short still returns what
 # it finished.
 #
-# STEP: build info gpu_tests probe ops e2e_rn50 train_bench compile_baselines export_bench tune_score e2e_more rest
+# STEP: build info gpu_tests ops e2e_rn50 train_bench probe compile_baselines export_bench tune_score e2e_more rest
 # (default: all but build, in that order: the GPU tests (at most DCF_TESTS_S seconds, default 180), then each issue's
 # targets (operators, end to end, training), then torch.compile's minutes of compilation, then the rest), and
 # save_prebuilt (what make test-gpu-torch leaves for the GPU session, below). The extension is built when it is
@@ -244,7 +244,7 @@ e2e_more() {  # slide mode, the other architectures, and start-up on the GPU
 }
 
 # Most valuable first, each step writing its files as it goes, so a run cut short still brings results back.
-ALL_STEPS="info gpu_tests probe ops e2e_rn50 train_bench compile_baselines export_bench tune_score e2e_more rest"
+ALL_STEPS="info gpu_tests ops e2e_rn50 train_bench probe compile_baselines export_bench tune_score e2e_more rest"
 STEPS=${*:-$ALL_STEPS}
 for step in $STEPS; do
   [[ " build $ALL_STEPS save_prebuilt " == *" $step "* ]] \
