@@ -56,6 +56,14 @@ def test_wgmma_operand_race_is_found_in_the_ttgir():
     unread = wait.replace("{n}", "1")  # the operands read by nothing else: the fixed forward's
     assert aot.wgmma_operand_races(loads.replace("local_load %v_138", "local_load %v_99").replace(
         "local_load %t_140", "local_load %t_98") + unread) == []
+    # a load through a transposed view of the same tile is the same race; one of another pipeline slot is not
+    through_view = ("%v_150 = ttg.memdesc_trans %v_138 {order = array<i32: 1, 0>} : !ttg.memdesc<32x64xbf16>\n"
+                    "%v_151 = ttg.local_load %v_150 : !ttg.memdesc<64x32xbf16> -> tensor<64x32xbf16>\n"
+                    "%v_152 = ttg.memdesc_index %v_49[%c1] : !ttg.memdesc<2x32x64xbf16>\n"
+                    "%v_153 = ttg.local_load %v_152 : !ttg.memdesc<32x64xbf16> -> tensor<32x64xbf16>\n")
+    dot = "%acc_148 = ttng.warp_group_dot %t_140, %v_138, %acc {inputPrecision = 0 : i32, isAsync = true}\n"
+    assert aot.wgmma_operand_races(through_view + dot + unread) == ["%v_138"]
+    assert aot.wgmma_operand_races(through_view.split("%v_152")[0].replace("%v_138", "%v_137") + dot + unread) == []
 
 
 # Compares aot.jit_specialize with what Triton's JIT binds for the same launch arguments (tensors as CPU tensors).

@@ -356,18 +356,33 @@ def registers(ptx: str, arch: int) -> tuple[int, int] | None:
     return (int(used.group(1)) if used else 0), (int(spilled.group(1)) if spilled else 0)
 
 
+# TTGIR operations that view a shared-memory buffer without moving to another pipeline slot: a load through one of
+# them reads the same tile (memdesc_index, which selects a slot, is not one)
+_SAME_TILE_VIEWS = re.compile(r"(%[\w.]+) = ttg\.memdesc_(?:trans|reinterpret|subslice|subview)\b[^%]*(%[\w.]+)")
+
+
 def wgmma_operand_races(ttgir: str) -> list[str]:
     """The shared-memory operands of an asynchronous wgmma that other code also reads while the wgmma may still run:
     in the TTGIR, a ``warp_group_dot_wait`` that leaves work pending (pendings > 0) over an operand that a
-    ``ttg.local_load`` reads too. Triton's software pipelining (3.6 to 3.8, Hopper) gives such a tile one buffer
-    too few, so the next tiles' asynchronous copies overwrite it under the running wgmma (triton-lang/triton#6691):
-    the score forward's dot tiles, also read for the norms, made 16-bit scores 3-14% wrong on an H200. Returns the
-    operands' names (none in a kernel without the race)."""
-    loaded = set(re.findall(r"ttg\.local_load (%[\w.]+)", ttgir))
+    ``ttg.local_load`` reads too, directly or through a view of the same tile (_SAME_TILE_VIEWS). Triton's software
+    pipelining (3.6 to 3.8, Hopper) gives such a tile one buffer too few, so the next tiles' asynchronous copies
+    overwrite it under the running wgmma (triton-lang/triton#6691): the score forward's dot tiles, also read for the
+    norms, made 16-bit scores 3-14% wrong on an H200. Returns the operands' names (none in a kernel without the
+    race)."""
+    view_of = {view: base for view, base in _SAME_TILE_VIEWS.findall(ttgir)}
+
+    def tile(name: str) -> str:
+        seen = set()
+        while name in view_of and name not in seen:
+            seen.add(name)
+            name = view_of[name]
+        return name
+
+    loaded = {tile(name) for name in re.findall(r"ttg\.local_load (%[\w.]+)", ttgir)}
     races = []
     for wait in re.finditer(r"ttng\.warp_group_dot_wait ([^{]*)\{pendings = (\d+)", ttgir):
         if int(wait.group(2)) > 0:
-            races += [name for name in re.findall(r"%[\w.]+", wait.group(1)) if name in loaded]
+            races += [name for name in re.findall(r"%[\w.]+", wait.group(1)) if tile(name) in loaded]
     return races
 
 
