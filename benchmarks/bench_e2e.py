@@ -59,6 +59,7 @@ from benchmarks.common import (  # noqa: E402
     Results,
     atomic_write,
     environment,
+    environment_variable,
     failure,
     free_gpu_memory,
     math_settings,
@@ -145,17 +146,11 @@ def contestant(name: str, model: dcf.DenseCLIP, official: OfficialDenseCLIP, dev
 
         return compiled_bf16
     dtype = torch.float32 if name == "engine-fp32" else torch.bfloat16
-    saved = os.environ.get("DENSECLIP_FAST_CUDNN_FUSION")
-    if name == "engine-bf16-plain-conv":  # read when the Segmenter is built
-        os.environ["DENSECLIP_FAST_CUDNN_FUSION"] = "0"
-    try:  # capture at the first call, so that the reported first-call time includes the capture
+    # DENSECLIP_FAST_CUDNN_FUSION is read when the Segmenter is built; capture at the first call, so that the
+    # reported first-call time includes the capture
+    with environment_variable("DENSECLIP_FAST_CUDNN_FUSION", "0" if name == "engine-bf16-plain-conv" else None):
         seg = dcf.Segmenter(model, device=device, dtype=dtype, mode=mode, crop=crop, stride=stride,
                             capture_after=1, cuda_graphs=graphs)  # fmt: skip
-    finally:
-        if saved is None:
-            os.environ.pop("DENSECLIP_FAST_CUDNN_FUSION", None)
-        else:
-            os.environ["DENSECLIP_FAST_CUDNN_FUSION"] = saved
     return cast(Callable[[torch.Tensor], torch.Tensor], seg.logits)  # a float batch in: one tensor out
 
 
@@ -168,18 +163,12 @@ def count_flops(model: dcf.DenseCLIP, x: torch.Tensor, mode: str, crop: int, str
     from denseclip_fast.ops.backends import ENV_VAR
 
     model = model.to(x.device)
-    saved = os.environ.get(ENV_VAR)
-    os.environ[ENV_VAR] = "reference"
     try:
-        with torch.no_grad():
+        with torch.no_grad(), environment_variable(ENV_VAR, "reference"):
             model.class_embeddings()
             with FlopCounterMode(display=False) as counter:
                 model(x) if mode == "whole" else model.slide_inference(x, crop, stride)
     finally:
-        if saved is None:
-            del os.environ[ENV_VAR]
-        else:
-            os.environ[ENV_VAR] = saved
         model.cpu()
     return float(counter.get_total_flops())
 

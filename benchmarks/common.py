@@ -15,7 +15,7 @@ import statistics
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -166,6 +166,22 @@ def triton_device(script: str) -> torch.device | None:
         print(f"{script}: {why}")
         return None
     return torch.device("cuda" if gpu else "cpu")
+
+
+@contextlib.contextmanager
+def environment_variable(name: str, value: str | None) -> Iterator[None]:
+    """``name`` set to ``value`` in os.environ while the block runs (left as it is for None), then as it was
+    (removed if it was not set)."""
+    saved = os.environ.get(name)
+    if value is not None:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved
 
 
 def sync(device: torch.device) -> None:
