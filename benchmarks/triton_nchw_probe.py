@@ -51,22 +51,21 @@ def _inputs(layout: str, k: int, dtype: torch.dtype, device: torch.device) -> tu
 
 
 def forward(visual: torch.Tensor, text: torch.Tensor, warps: int, stages: int) -> torch.Tensor:
-    """The forward kernel launched as score_forward_into plans it (blocks from score._blocks), with these warps and
-    stages, on visual's own layout (no NHWC copy)."""
+    """The forward kernel launched as score_forward_into plans it (score._forward_launch: blocks, grid, strides),
+    with these warps and stages, on visual's own layout (no NHWC copy)."""
     from denseclip_fast.ops.triton import score
 
     b, c, h, w = visual.shape
     k = text.shape[0]
-    block_p, block_k, block_c, _ = score._blocks(k)
-    layout = score.score_memory_format(visual)
-    out = torch.empty((b, k, h, w), dtype=visual.dtype, device=visual.device, memory_format=layout)
+    out = torch.empty((b, k, h, w), dtype=visual.dtype, device=visual.device,
+                      memory_format=score.score_memory_format(visual))  # fmt: skip
     norm = score.empty_norm(visual)
-    v_strides = score._dense_strides(visual.shape, layout)
-    grid = (score.cdiv(h * w, block_p), score.cdiv(k, block_k), b)
-    score._score_fwd_kernel[grid](
-        visual, text, out, norm, c, h * w, k, *v_strides, 0, text.stride(0), text.stride(1), out.stride(0),
-        out.stride(1), out.stride(3), 0.7, score.EPS, BLOCK_P=block_p, BLOCK_K=block_k, BLOCK_C=block_c,
-        DOT_F32=score.dot_in_f32(visual.dtype), WIDE=False, num_warps=warps, num_stages=stages,
+    plan = score._forward_launch.__wrapped__(tuple(visual.shape), visual.stride(), tuple(text.shape),
+                                             tuple(out.shape), out.stride(), visual.dtype)  # fmt: skip
+    score._score_fwd_kernel[plan.grid](
+        visual, text, out, norm, c, h * w, k, *plan.visual_strides, 0, text.stride(0), text.stride(1),
+        out.stride(0), out.stride(1), out.stride(3), 0.7, score.EPS, **plan.constexprs, num_warps=warps,
+        num_stages=stages,
     )  # fmt: skip
     return out
 
