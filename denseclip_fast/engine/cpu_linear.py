@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model.layers import MultiheadSelfAttention, QuickGELU, intercepted
+from ..model.layers import MultiheadSelfAttention, QuickGELU, plain_tensors
 
 
 def _operator() -> Any:
@@ -104,18 +104,12 @@ def _usable(dtype: torch.dtype) -> bool:
 
 def plain_cpu_call(dtype: torch.dtype, *tensors: torch.Tensor | None) -> bool:
     """Whether a call on ``tensors`` (None where there is none) may take one of oneDNN's private operators instead of
-    PyTorch's own (here and in cpu_conv.py): oneDNN switched on (``torch.backends.mkldnn.flags``), no gradient
-    needed, nothing recording the call (layers.intercepted; before any shape is read: a tracer is not asked), no
-    autocast (PyTorch's operator would choose the dtype), and every tensor a plain CPU one of ``dtype`` (not a
-    traced, fake or functional tensor, nor a subclass with its own dispatch)."""
-    given = [t for t in tensors if t is not None]
-    if not torch.backends.mkldnn.enabled:
+    PyTorch's own (here and in cpu_conv.py): oneDNN switched on (``torch.backends.mkldnn.flags``), no autocast
+    (PyTorch's operator would choose the dtype), and layers.plain_tensors: no gradient needed, nothing recording the
+    call, every tensor a plain CPU one of ``dtype``."""
+    if not torch.backends.mkldnn.enabled or torch.is_autocast_enabled("cpu"):
         return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in given):
-        return False
-    if intercepted() or torch.is_autocast_enabled("cpu"):
-        return False
-    return all(type(t) in (torch.Tensor, nn.Parameter) and t.device.type == "cpu" and t.dtype == dtype for t in given)
+    return plain_tensors(dtype, ("cpu",), *tensors)
 
 
 def _takes_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:

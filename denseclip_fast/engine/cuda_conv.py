@@ -34,7 +34,7 @@ from torch import nn
 
 from ..model import DenseCLIP
 from ..model.heads import ConvModule
-from ..model.layers import intercepted
+from ..model.layers import plain_tensors
 from ..model.resnet import Bottleneck
 from .rewrite import folded, relu_sites
 
@@ -46,17 +46,9 @@ TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 2e-2}  # relative to the resul
 def plain_cuda_call(dtype: torch.dtype, *tensors: torch.Tensor | None) -> bool:
     """Whether a call on ``tensors`` (None where there is none) may take cuDNN's fused operators: cuDNN enabled, no
     gradient needed, nothing recording the call, no autocast, and every tensor a plain CUDA one of ``dtype``."""
-    given = [t for t in tensors if t is not None]
-    if not torch.backends.cudnn.enabled:
+    if not torch.backends.cudnn.enabled or torch.is_autocast_enabled("cuda") or torch.is_autocast_enabled("cpu"):
         return False
-    if torch.is_autocast_enabled("cuda") or torch.is_autocast_enabled("cpu"):
-        return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in given):
-        return False
-    if intercepted():
-        return False
-    return all(type(t) in (torch.Tensor, nn.Parameter) and t.device.type in DEVICE_TYPES and t.dtype == dtype
-               for t in given)  # fmt: skip
+    return plain_tensors(dtype, DEVICE_TYPES, *tensors)
 
 
 LARGEST = 2**31  # elements of a map past which the plain path is taken (ATen splits such convolutions itself)

@@ -41,6 +41,21 @@ def intercepted() -> bool:
     )
 
 
+def plain_tensors(dtype: torch.dtype, device_types: tuple[str, ...], *tensors: torch.Tensor | None) -> bool:
+    """Whether a call on ``tensors`` (None where there is none) may take a fused operator in place of PyTorch's: no
+    gradient needed, nothing recording the call (:func:`intercepted`, asked before any shape is read: a tracer is
+    not), and every tensor a plain one (not a traced, fake or functional tensor, nor a subclass with its own
+    dispatch) of ``dtype`` on a device of ``device_types``. The engines' fused CPU and CUDA operators add their own
+    conditions (their library switched on, no autocast)."""
+    given = [t for t in tensors if t is not None]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in given):
+        return False
+    if intercepted():
+        return False
+    return all(type(t) in (torch.Tensor, nn.Parameter) and t.device.type in device_types and t.dtype == dtype
+               for t in given)  # fmt: skip
+
+
 class LayerNormFp32(nn.LayerNorm):
     """CLIP's LayerNorm: computed in float32 whatever the input and weight dtypes, result cast back."""
 
