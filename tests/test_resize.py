@@ -62,3 +62,7 @@ def test_resize_without_gradient_and_bad_rank():
         assert torch.equal(resize_to(x.requires_grad_(), (6, 6)), _aten(x, (6, 6)))
     with pytest.raises(ValueError, match=r"resize_to takes a \(N, C, H, W\) tensor, got shape \(2, 3, 3\)"):
         resize_to(torch.randn(2, 3, 3), (6, 6))
+    for size in ((6,), (6, 0), (6, 2.5), (6, 6, 6)):
+        with pytest.raises(ValueError, match=r"resize_to's size must be \(height, width\), two positive ints, got"):
+            resize_to(x, size)
+    assert resize_to(x, torch.Size([6, 4])).shape == (1, 2, 6, 4)

@@ -54,6 +54,8 @@ def resize_to(x: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tens
     of the module docstring."""
     if x.dim() != 4:
         raise ValueError(f"resize_to takes a (N, C, H, W) tensor, got shape {tuple(x.shape)}")
+    if len(size) != 2 or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in size):
+        raise ValueError(f"resize_to's size must be (height, width), two positive ints, got {tuple(size)!r}")
     size = (int(size[0]), int(size[1]))
     if not (x.requires_grad and torch.is_grad_enabled()):
         return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
