@@ -877,6 +877,7 @@ def test_triton_score_takes_16_bit_nchw_maps_through_nhwc_where_asked(monkeypatc
     pixel are taken as they are. Here the CPU (Triton's interpreter) is made such a device."""
     from denseclip_fast.ops.triton import score
 
+    monkeypatch.setattr(score, "NHWC_ONLY_16BIT", ())  # first no device copies (whatever the default)
     visual, text = _visual(2, 24, 4, 8, "contiguous", dtype), _text(2, 150, 24, False, dtype)
     feature = torch.randn(2, 3, 4, 8, device=DEVICE, dtype=dtype)
     grad = torch.randn(2, 3 + 150, 4, 8, device=DEVICE, dtype=dtype)
@@ -917,6 +918,7 @@ def test_triton_score_backward_takes_the_nhwc_blocks_for_aligned_nhwc_maps(monke
     gradients equal the reference's either way (float16: tensor-core blocks under the interpreter too)."""
     from denseclip_fast.ops.triton import score
 
+    monkeypatch.setattr(score, "NHWC_ONLY_16BIT", ())  # NCHW maps taken as they are (whatever the default)
     assert score.bwd_blocks(150, False, aligned_nhwc=True) == (16, 256, 128, True)
     assert score.bwd_blocks(150, False) == (16, 256, 32, True)
     assert score.bwd_blocks(150, True, aligned_nhwc=True)[2] == 16  # float32: the table's

@@ -427,17 +427,14 @@ def _batch_pieces(b: int | torch.SymInt) -> list[slice]:
     return [slice(start, min(start + MAX_BATCH, b)) for start in range(0, b, MAX_BATCH)] or [slice(0, 0)]
 
 
-# Device types whose 16-bit NCHW maps the kernels take through a channels_last copy. On an H200 (Triton 3.6.0,
-# 2026-12-04: benchmarks/results/h200_2026-12-04/tests_gpu_*.log) the forward on NCHW float16 and bfloat16 maps
-# whose channel stride H x W is a multiple of 16 gave 3-14% relative error at 150 and 171 classes, where NHWC maps,
-# NCHW maps of other sizes and float32 were right. The cause, found afterwards in the compiled kernel (no GPU to
-# confirm it on): the pipelining race _score_fwd_kernel's comment describes, now avoided there. Its TTGIR showed the
-# same race in the NHWC specialisation, right on the H200 by the instruction schedule's luck. Until a GPU has run
-# the fixed kernel on NCHW maps (benchmarks/triton_nchw_probe.py, a gpu_check.sh step), a GPU keeps to the layout
-# it was seen to get right: visual copied to NHWC, the kernels on it, the results copied back to NCHW (the forward's
-# map; the backward's visual gradient), at the cost of those copies. Triton's interpreter (CPU tensors) runs the
-# NCHW kernels themselves, which CI tests.
-NHWC_ONLY_16BIT: tuple[str, ...] = ("cuda",)
+# Device types whose 16-bit NCHW maps the kernels take through a channels_last copy (visual copied to NHWC, the
+# kernels on it, the results copied back to NCHW). None now. On an H200 (Triton 3.6.0, first GPU session:
+# benchmarks/results/h200_2026-12-04/tests_gpu_*.log) the forward on NCHW 16-bit maps whose channel stride H x W is
+# a multiple of 16 was 3-14% off at 150 and 171 classes: the pipelining race _score_fwd_kernel's comment describes.
+# With the kernel fixed, benchmarks/triton_nchw_probe.py found every layout, class block, warp count and stage count
+# right and bit-repeatable there (benchmarks/results/h200_2026-12-04b/triton_nchw_probe_NVIDIA_H200.md). Kept as a
+# switch for a GPU that a later probe finds wrong.
+NHWC_ONLY_16BIT: tuple[str, ...] = ()
 
 
 def _via_nhwc(visual: torch.Tensor) -> bool:
