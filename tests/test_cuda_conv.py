@@ -145,3 +145,38 @@ def test_a_cpu_segmenter_leaves_its_convolutions_to_the_cpu_rewrite():
     seg = dcf.Segmenter(randomized(dcf.DenseCLIP(tiny_config(), NAMES)).eval(), device="cpu")
     assert seg._cudnn_fusion_problem is None
     assert not any(isinstance(m, cuda_conv.CudnnConv2d) for m in seg.model.modules())
+
+
+def test_pointwise_convolutions_become_gemms_with_their_bias(stand_ins, monkeypatch):
+    """After the ReLU fusion, the image path's 1x1 convolutions with a bias and no ReLU (each strided or widening
+    bottleneck's shortcut, the FPN's laterals, the head's classifier) are rewritten as GEMMs: F.linear on the NHWC
+    view (counted), whose result is the channels_last map; the logits equal the folded model's (1e-6: a GEMM's sums
+    in another order). NCHW inputs, gradients and tracing take F.conv2d; other convolutions are refused."""
+    plain = _prepared().to(memory_format=torch.channels_last)
+    fused = _prepared().to(memory_format=torch.channels_last)
+    cuda_conv.fuse_cudnn_convolutions(fused)
+    shortcuts = sum(type(m).__name__ == "Bottleneck" and m.downsample is not None for m in plain.modules())
+    assert cuda_conv.gemm_pointwise_convolutions(fused) == shortcuts + 4 + 1 and shortcuts == 4
+    assert cuda_conv.gemm_pointwise_convolutions(fused) == 0
+    linears = []
+    real = F.linear
+    monkeypatch.setattr(F, "linear", lambda *a: linears.append(a[0].shape) or real(*a))
+    x = torch.randn(2, 3, 64, 96).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected, got = plain(x), fused(x)
+    assert sum(len(s) == 4 for s in linears) == shortcuts + 4 + 1  # the others: the decoder's linears
+    assert ((got - expected).norm() / expected.norm()).item() <= 1e-6
+    gemm = cuda_conv.GemmConv1x1(nn.Conv2d(4, 6, 1))
+    y = torch.randn(1, 4, 5, 7)
+    linears.clear()
+    with torch.no_grad():
+        out = gemm(y.contiguous(memory_format=torch.channels_last))
+        assert out.is_contiguous(memory_format=torch.channels_last) and len(linears) == 1
+        torch.testing.assert_close(out, F.conv2d(y, gemm.weight, gemm.bias), rtol=1e-6, atol=1e-6)
+        assert torch.equal(gemm(y), F.conv2d(y, gemm.weight, gemm.bias))  # NCHW: the convolution
+    assert gemm(y.contiguous(memory_format=torch.channels_last).requires_grad_()).grad_fn is not None
+    assert len(linears) == 1
+    for conv in (nn.Conv2d(4, 6, 3), nn.Conv2d(4, 6, 1, stride=2), nn.Conv2d(4, 6, 1, bias=False),
+                 nn.Conv2d(4, 6, 1, groups=2)):  # fmt: skip
+        with pytest.raises(ValueError, match="GemmConv1x1 takes a 1x1"):
+            cuda_conv.GemmConv1x1(conv)

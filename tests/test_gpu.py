@@ -317,23 +317,26 @@ def test_opencv_resizes_on_cuda_equal_the_cpu():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_engine_fuses_its_convolutions_with_cudnn(monkeypatch, dtype):
     """A 16-bit CUDA engine takes cuDNN's fused convolution + bias + ReLU (+ residual) operators (cuda_conv.py): its
-    check passes on this GPU, the stem's, bottlenecks' and head's convolutions are rewritten, and the logits, eager
+    check passes on this GPU, the stem's, bottlenecks' and head's convolutions are rewritten (the 1x1 ones without a
+    ReLU as cuBLAS GEMMs with their bias), and the logits, eager
     and replayed from a CUDA graph, equal an engine's without them (DENSECLIP_FAST_CUDNN_FUSION=0) within the
     dtype's rounding. A float32 engine and one without the finite check keep PyTorch's convolutions."""
     from denseclip_fast import DenseCLIP, Segmenter
-    from denseclip_fast.engine.cuda_conv import CudnnConv2d
+    from denseclip_fast.engine.cuda_conv import CudnnConv2d, GemmConv1x1
 
     model = randomized(DenseCLIP.from_arch("RN50", NAMES)).eval()
     x = torch.randn(2, 3, 128, 160, device="cuda")
     seg = Segmenter(model, device="cuda", dtype=dtype, capture_after=1)
     assert seg._cudnn_fusion_problem is None, seg._cudnn_fusion_problem
     assert sum(isinstance(m, CudnnConv2d) for m in seg.model.modules()) >= 3 + 3 * 16
+    # and the 1x1 convolutions without a ReLU as GEMMs: 4 shortcuts, 4 FPN laterals, the classifier
+    assert sum(isinstance(m, GemmConv1x1) for m in seg.model.modules()) == 9
     fused = seg.logits(x)
     assert torch.equal(seg.logits(x), fused) and seg.captured_graphs == 1
     monkeypatch.setenv("DENSECLIP_FAST_CUDNN_FUSION", "0")
     plain = Segmenter(model, device="cuda", dtype=dtype, capture_after=1)
     assert plain._cudnn_fusion_problem == "switched off by DENSECLIP_FAST_CUDNN_FUSION=0"
-    assert not any(isinstance(m, CudnnConv2d) for m in plain.model.modules())
+    assert not any(isinstance(m, (CudnnConv2d, GemmConv1x1)) for m in plain.model.modules())
     assert rel_err(fused, plain.logits(x)) < (2e-2 if dtype == torch.bfloat16 else 2e-3)
     monkeypatch.delenv("DENSECLIP_FAST_CUDNN_FUSION")
     for kept in (Segmenter(model, device="cuda", dtype=torch.float32),

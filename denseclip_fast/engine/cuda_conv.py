@@ -122,6 +122,54 @@ class CudnnBottleneck(nn.Module):
         return self.conv3(out, identity)
 
 
+class GemmConv1x1(nn.Module):
+    """A 1x1, stride-1, ungrouped ``nn.Conv2d`` with a bias and no ReLU after it (the ResNet shortcuts', the FPN's
+    laterals, the head's classifier) as one cuBLAS GEMM with the bias in its epilogue, where :func:`plain_cuda_call`
+    allows and the map is NHWC-contiguous: ``F.linear`` of the (N, H, W, C) view, whose (N, H, W, C_out) result is
+    returned as the channels_last map it is. ATen's convolution adds the bias in a kernel of its own (its generic
+    broadcast one, 13 of them in an RN50 engine: 71 us of 1573 at batch 1, 967 us of 13.9 ms at batch 16 on an H200,
+    benchmarks/results/h200_2026-12-04b), after rounding the product once before the bias. Elsewhere ``F.conv2d``."""
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        if not gemm_convolution(conv):
+            raise ValueError("GemmConv1x1 takes a 1x1, stride-1, unpadded, ungrouped nn.Conv2d with a bias")
+        self.weight, self.bias = conv.weight, conv.bias
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (x.dim() == 4 and x.shape[1] == self.in_channels and plain_cuda_call(self.weight.dtype, x, self.weight,
+                                                                               self.bias)
+                and x.is_contiguous(memory_format=torch.channels_last)):  # fmt: skip
+            rows = x.permute(0, 2, 3, 1)  # (N, H, W, C), contiguous
+            return F.linear(rows, self.weight.reshape(self.out_channels, self.in_channels), self.bias).permute(
+                0, 3, 1, 2)  # fmt: skip
+        return F.conv2d(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}, kernel_size=(1, 1), bias in the GEMM"
+
+
+def gemm_convolution(conv: nn.Module) -> bool:
+    """Whether ``conv`` is a plain 1x1, stride-1, unpadded, ungrouped, undilated ``nn.Conv2d`` with a bias."""
+    return (type(conv) is nn.Conv2d and conv.bias is not None and tuple(conv.kernel_size) == (1, 1)
+            and tuple(conv.stride) == (1, 1) and conv.padding in ((0, 0), 0, "valid") and conv.groups == 1
+            and tuple(conv.dilation) == (1, 1) and conv.padding_mode == "zeros")  # fmt: skip
+
+
+def gemm_pointwise_convolutions(model: DenseCLIP) -> int:
+    """Rewrite the 1x1 convolutions with a bias that are left in ``model``'s image path (backbone, neck, head) after
+    :func:`fuse_cudnn_convolutions` as :class:`GemmConv1x1`, in place; returns how many (a second call: none)."""
+    count = 0
+    for part in (model.backbone, model.neck, model.decode_head):
+        for parent in list(part.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.Conv2d) and gemm_convolution(child):
+                    setattr(parent, name, GemmConv1x1(child))
+                    count += 1
+    return count
+
+
 def fuse_cudnn_convolutions(model: DenseCLIP) -> int:
     """Rewrite ``model``'s image-path convolutions that a ReLU follows (module docstring) in place; returns how many
     convolutions were rewritten (a second call: none). For a folded model (engine.rewrite.fold_batchnorm): a block

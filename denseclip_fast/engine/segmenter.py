@@ -48,10 +48,10 @@ from ..preprocess import normalize, resize_keep_ratio
 from ..validation import as_int, check_bool, check_device, given_dtype
 from ..visualize import default_palette
 from ..visualize import overlay as blend
-from . import cpu_labels
+from . import cpu_labels, cuda_resample
 from .cpu_conv import fuse_convolutions
 from .cpu_linear import rewrite_linears
-from .cuda_conv import cudnn_fusion_problem, fuse_cudnn_convolutions
+from .cuda_conv import cudnn_fusion_problem, fuse_cudnn_convolutions, gemm_pointwise_convolutions
 from .graphs import GraphCache
 from .inputs import ImageBatch, as_batch, stacked_for
 from .rewrite import channels_last_pyramid, prepare_for_inference
@@ -89,7 +89,16 @@ def resized(scores: torch.Tensor, size: Any, out: torch.Tensor | None = None) ->
     ((N*C, 1, h, w)), so that it comes out the same however many planes are resized together (see labels): ATen's
     CPU resize of several channels picks its kernel, whose additions differ in order (1e-7), by the channel count and
     the thread count (its channels_last kernel for 3 channels on one thread), and a channels_last input computes a
-    chunk's channels in other vector and scalar steps than the whole."""
+    chunk's channels in other vector and scalar steps than the whole. On a GPU the Triton kernel
+    (cuda_resample.resize_into) reads the scores as they are (dtype and layout) and writes the float32 planes in one
+    pass, each element from its four inputs alone."""
+    if size is not None and scores.dim() == 4 and cuda_resample.usable(scores):
+        n, c = scores.shape[:2]
+        height, width = int(size[0]), int(size[1])
+        target = (torch.empty((n, c, height, width), dtype=torch.float32, device=scores.device) if out is None
+                  else out.view(n, c, height, width))  # fmt: skip
+        if cuda_resample.resize_into(target, scores) is not None:
+            return target
     scores = scores.to(torch.float32, memory_format=torch.contiguous_format)
     if size is None:
         return scores
@@ -347,6 +356,9 @@ class Segmenter:
                 "check_finite=False: the ReLUs stay PyTorch's, which keep NaN")  # fmt: skip
             if self._cudnn_fusion_problem is None:
                 fuse_cudnn_convolutions(self.model)
+                gemm_pointwise_convolutions(self.model)  # the 1x1 ones without a ReLU: cuBLAS, bias in its epilogue
+            # the FPN's 2x upsamplings and the ResNet's average poolings by Triton kernels (cuda_resample.py)
+            cuda_resample.swap_resamplings(self.model)
         self._text = self._embed(self.model.class_names)  # the buffer the graphs read; refreshed in place
         self._vocabularies: OrderedDict[tuple[str, ...], torch.Tensor] = OrderedDict()
         self._lock = threading.RLock()

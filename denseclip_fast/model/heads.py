@@ -65,9 +65,13 @@ class FPN(nn.Module):
             raise ValueError(f"FPN expects {len(self.lateral_convs)} levels, got {len(levels)}")
         laterals = [conv(x) for conv, x in zip(self.lateral_convs, levels)]
         for i in range(len(laterals) - 1, 0, -1):
-            up = F.interpolate(laterals[i], size=laterals[i - 1].shape[2:], mode="nearest")
-            laterals[i - 1] = laterals[i - 1] + up
+            laterals[i - 1] = self.add_upsampled(laterals[i - 1], laterals[i])
         return [conv(x) for conv, x in zip(self.fpn_convs, laterals)]
+
+    def add_upsampled(self, finer: torch.Tensor, coarser: torch.Tensor) -> torch.Tensor:
+        """The top-down step: ``finer`` + ``coarser`` resized to its size by nearest interpolation (a new tensor; the
+        CUDA engine's override adds in place, into the lateral conv's fresh output)."""
+        return finer + F.interpolate(coarser, size=finer.shape[2:], mode="nearest")
 
 
 class Upsample2x(nn.Module):

@@ -27,7 +27,7 @@ import torch
 import triton
 from triton.backends.compiler import GPUTarget
 
-from . import attention, score
+from . import attention, resample, score
 
 # Shared memory per block (opt-in maximum, bytes) by compute capability: A100, RTX 30xx/A10, Jetson Orin, RTX 40xx/L4,
 # H100/H200, B200, RTX 50xx. An arch whose float32 attention blocks equal sm_90's compiles nothing more.
@@ -222,6 +222,52 @@ def _jit_attention(dt: str, d: int, which: str, lq: int, lk: int, arch: int = 90
     return f"{label} jit-L{lq}x{lk}", fn, sig, const, options, attrs
 
 
+# The resampling kernels' launches in a CUDA engine (RN50 512x512): (kernel, input dtype, output dtype, input layout,
+# output layout, channels, input side, output side)
+RESAMPLES = (("bilinear", "bf16", "fp32", "nhwc", "nchw", 150, 128, 512),  # the logits to the image
+             ("bilinear", "fp32", "fp32", "nhwc", "nchw", 150, 128, 512),
+             ("bilinear", "bf16", "bf16", "nhwc", "nhwc", 128, 16, 32),  # the FPN's 2x upsampling
+             ("bilinear", "fp32", "fp32", "nhwc", "nhwc", 128, 16, 32),
+             ("avg_pool", "bf16", "bf16", "nhwc", "nhwc", 256, 128, 64),  # the ResNet's 2x2 poolings
+             ("avg_pool", "fp32", "fp32", "nhwc", "nhwc", 256, 128, 64),
+             ("add_nearest", "bf16", "bf16", "nhwc", "nhwc", 256, 64, 128),  # the FPN's top-down step
+             ("add_nearest", "fp32", "fp32", "nhwc", "nhwc", 256, 64, 128))  # fmt: skip
+
+
+def _resample(which: str, dt: str, out_dt: str, layout: str, out_layout: str, c: int, side: int, out_side: int,
+              jit: bool) -> Spec:  # fmt: skip
+    """A resampling kernel with the blocks its launcher chooses: generic (jit False) or as the JIT specialises the
+    launch on dense (1, c, side, side) maps in these layouts."""
+    x_strides = score._dense_strides((1, c, side, side), LAYOUTS[layout])
+    o_strides = score._dense_strides((1, c, out_side, out_side), LAYOUTS[out_layout])
+    block_c, block_w = resample.blocks(c, out_side, o_strides[1])
+    const: dict[str, Any] = {"BLOCK_C": block_c, "BLOCK_W": block_w, "WIDE": False}
+    fn: Any = {"bilinear": resample._bilinear_kernel, "avg_pool": resample._avg_pool_kernel,
+               "add_nearest": resample._add_nearest_kernel}[which]  # fmt: skip
+    floats: tuple[str, ...] = () if which == "avg_pool" else ("scale_h", "scale_w")
+    if which == "avg_pool":
+        const["S"] = side // out_side
+    ptrs = {"x_ptr": f"*{dt}", "out_ptr": f"*{out_dt}"}
+    if which == "add_nearest":  # the finer map (a), the coarser (b, the input here), the sum into a
+        ptrs = {"a_ptr": f"*{dt}", "b_ptr": f"*{dt}", "out_ptr": f"*{out_dt}"}
+    label = f"{which} {dt}->{out_dt} {layout}->{out_layout} C={c}"
+    if not jit:
+        return label, fn, _signature(fn, ptrs, floats, const), const, {"num_warps": resample.WARPS}, {}
+
+    def nchw_strides(strides: tuple[int, int, int], width: int) -> tuple[int, int, int, int]:
+        (s_b, s_c, s_p) = strides  # pixel stride -> (row, column) strides of a square map
+        return s_b, s_c, s_p * width, s_p
+
+    args: dict[str, Any] = {**ptrs, "C": c, "H_in": side, "W_in": side, "H_out": out_side, "W_out": out_side,
+                            "scale_h": 0.25, "scale_w": 0.25}  # fmt: skip
+    args.update(zip(("s_xn", "s_xc", "s_xh", "s_xw"), nchw_strides(x_strides, side)))
+    args.update(zip(("s_bn", "s_bc", "s_bh", "s_bw"), nchw_strides(x_strides, side)))
+    args.update(zip(("s_on", "s_oc", "s_oh", "s_ow"), nchw_strides(o_strides, out_side)))
+    args.update(zip(("s_an", "s_ac", "s_ah", "s_aw"), nchw_strides(o_strides, out_side)))
+    sig, const, attrs = jit_specialize(fn, {k: v for k, v in args.items() if k in fn.arg_names}, const)
+    return f"{label} jit", fn, sig, const, {"num_warps": resample.WARPS}, attrs
+
+
 def _score_specializations(arch: int) -> Iterator[Spec]:
     """Every score kernel at every block size its launchers choose (the same on every GPU); float16, which compiles
     as bfloat16, only for sm_90."""
@@ -326,6 +372,9 @@ def _specializations(arch: int) -> Iterator[Spec]:
         for lq in SMALL_QUERIES:
             yield _attention(dt, d, which, arch, lq)
     yield from _jit_specializations(arch)
+    for jit in (False, True):
+        for resampling in RESAMPLES:
+            yield _resample(*resampling, jit=jit)
 
 
 def _ptxas(arch: int) -> str | None:

@@ -1,0 +1,146 @@
+"""A CUDA engine's bilinear resizes, average poolings and FPN top-down steps through Triton kernels
+(ops/triton/resample.py).
+
+ATen's kernels for these took 452 us of the 1573 us of GPU time of an RN50 512x512 bfloat16 engine at batch 1 on an
+H200, and 7.3 of 13.9 ms at batch 16 (benchmarks/results/h200_2026-12-04b/e2e_rn50_whole.md): the logits' resize to
+the image 169 us (after a float32 copy of the head's output), the Semantic FPN head's 2x upsamplings 149 us, the
+ResNet's average poolings 96 us, the FPN's nearest upsamplings 38 us (and the sums after them).
+
+Where it applies: a Segmenter on a GPU swaps its private model's ``FPN`` (the neck), ``Upsample2x`` (the FPN head's
+scale heads) and ``nn.AvgPool2d(s)`` modules (the ResNet stem's, each strided bottleneck's and its shortcut's) for
+the modules below (:func:`swap_resamplings`), and resizes its logits (engine.segmenter.resized) with
+:func:`resize_into`. A call that needs gradients or that something records (torch.compile, torch.export, a
+dispatch mode), a tensor that is not a plain CUDA one, Triton missing, or ``DENSECLIP_FAST_TRITON_RESAMPLE=0`` take
+PyTorch's ``F.interpolate``, ``F.avg_pool2d`` and addition, as the model computes them. The pooling and the
+top-down step equal ATen's bit for bit; the bilinear resize may differ from it in the last bits of float32 (where the
+compilers contract its products into FMAs differently).
+"""
+
+from __future__ import annotations
+
+import os
+import typing
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..model.heads import FPN, Upsample2x
+from ..model.layers import plain_tensors
+from ..ops.triton import UNAVAILABLE
+
+DEVICE_TYPES = ("cuda",)  # where the kernels run (tests add "cpu": Triton's interpreter)
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _kernels() -> Any:
+    from ..ops.triton import resample
+
+    return resample
+
+
+def enabled() -> bool:
+    """Triton importable and the kernels not switched off (``DENSECLIP_FAST_TRITON_RESAMPLE=0``)."""
+    return UNAVAILABLE is None and os.environ.get("DENSECLIP_FAST_TRITON_RESAMPLE", "1") != "0"
+
+
+def usable(x: torch.Tensor) -> bool:
+    """Whether a resampling of ``x`` may take the Triton kernels (module docstring)."""
+    return x.dtype in DTYPES and enabled() and plain_tensors(x.dtype, DEVICE_TYPES, x)
+
+
+class TritonUpsample2x(Upsample2x):
+    """mmseg's ``Upsample(scale_factor=2, mode='bilinear')`` (resize to exactly twice the size) by the Triton
+    kernel where :func:`usable`, in the input's dtype and layout."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4 and usable(x):
+            return _kernels().bilinear(x, (2 * x.shape[-2], 2 * x.shape[-1]))
+        return super().forward(x)
+
+
+class TritonAvgPool2d(nn.Module):
+    """``nn.AvgPool2d(s)`` (kernel = stride = s, no padding, floor sizes) by the Triton kernel where :func:`usable`
+    (and the map has a window), in the input's dtype and layout."""
+
+    def __init__(self, s: int) -> None:
+        super().__init__()
+        self.s = s
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4 and x.shape[-2] >= self.s and x.shape[-1] >= self.s and usable(x):
+            return _kernels().avg_pool(x, self.s)
+        return F.avg_pool2d(x, self.s)
+
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.s}, stride={self.s} (Triton)"
+
+
+class TritonFPN(FPN):
+    """An FPN over the same convolutions whose top-down step adds the coarser lateral, resized by nearest
+    interpolation, into the finer lateral in place (one Triton pass, the lateral being its conv's fresh output)
+    where :func:`usable`; else the model's step."""
+
+    def __init__(self, fpn: FPN) -> None:
+        nn.Module.__init__(self)  # not FPN's: the convolutions are fpn's own
+        self.lateral_convs, self.fpn_convs = fpn.lateral_convs, fpn.fpn_convs
+
+    def add_upsampled(self, finer: torch.Tensor, coarser: torch.Tensor) -> torch.Tensor:
+        if (finer.dim() == 4 and coarser.dim() == 4 and finer.dtype == coarser.dtype and usable(finer)
+                and usable(coarser) and coarser.numel() > 0):  # fmt: skip
+            return _kernels().add_nearest_(finer, coarser)
+        return super().add_upsampled(finer, coarser)
+
+
+def _plain_pool(module: nn.Module) -> int | None:
+    """s when ``module`` is exactly ``nn.AvgPool2d(s)`` (kernel = stride = s, no padding, floor sizes), else None."""
+    if type(module) is not nn.AvgPool2d:
+        return None
+    k, stride, pad = (_single(v) for v in (module.kernel_size, module.stride, module.padding))
+    if k is None or stride != k or pad != 0 or module.ceil_mode or module.divisor_override is not None:
+        return None
+    return k
+
+
+def _single(value: Any) -> int | None:
+    """An int, or a tuple of equal ints, as that int; else None."""
+    if isinstance(value, int):
+        return value
+    values = set(value)
+    return int(values.pop()) if len(values) == 1 else None
+
+
+def swap_resamplings(model: nn.Module) -> int:
+    """Replace ``model``'s ``FPN``, ``Upsample2x`` and plain ``nn.AvgPool2d(s)`` modules with the Triton ones (an
+    ``nn.AvgPool2d(1)``, a copy, with ``nn.Identity``), in place; returns how many (a second call: none)."""
+    count = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            s = _plain_pool(child)
+            if type(child) is Upsample2x:
+                setattr(parent, name, TritonUpsample2x())
+            elif type(child) is FPN:
+                setattr(parent, name, TritonFPN(child))
+            elif s == 1:  # a copy (CLIP's unstrided shortcuts have one): the map as it is, the same values
+                setattr(parent, name, nn.Identity())
+            elif s is not None:
+                setattr(parent, name, TritonAvgPool2d(s))
+            else:
+                continue
+            count += 1
+    return count
+
+
+def resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """x (N, C, H, W) resized to ``size`` by the Triton kernel, in x's dtype and layout (as F.interpolate); for a
+    caller that asked :func:`usable`."""
+    return typing.cast(torch.Tensor, _kernels().bilinear(x, size))
+
+
+def resize_into(out: torch.Tensor, scores: torch.Tensor) -> torch.Tensor | None:
+    """``out`` (N, C, H, W) = ``scores`` (N, C, h, w) resized bilinearly (align_corners=False) by the Triton kernel,
+    reading scores in their own dtype and layout; None (nothing written) where the kernel does not apply."""
+    if not (usable(scores) and plain_tensors(out.dtype, DEVICE_TYPES, out)) or scores.numel() == 0:
+        return None
+    return _kernels().bilinear_into(out, scores)

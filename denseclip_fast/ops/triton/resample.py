@@ -1,0 +1,277 @@
+"""Triton kernels of the engine's resamplings on a GPU: the bilinear resize (``F.interpolate(x, size,
+mode="bilinear", align_corners=False)``), the s x s average pooling (``nn.AvgPool2d(s)``), and the FPN's top-down
+step (a map plus a coarser one resized by nearest interpolation, added in place); any float dtype and layout in, the
+output's dtype and layout the caller's.
+
+Why: ATen's kernels, on an H200 (RN50 512x512, bfloat16, batch 1; benchmarks/results/h200_2026-12-04b/
+e2e_rn50_whole.md's profile): the logits' resize to the image (150 float32 planes of 512x512 written, 157 MB: 33 us
+at 4.8 TB/s) took 169 us, after a float32 copy of the head's output; the Semantic FPN's six 2x upsamplings of NHWC
+bfloat16 maps (about 14 MB written in all) took 149 us; the ResNet's eight 2x2 average poolings 96 us; the FPN's
+three nearest upsamplings 38 us, and their sums more. At batch 16 these took 7.3 of the 13.9 ms of GPU time.
+
+Bilinear: one program per (image, output row), block of channels and block of output columns; the tile's pixels
+along the output's unit stride (columns of an NCHW output, channels of an NHWC one). The arithmetic is ATen's CUDA
+kernels': scale = in / out (float32), source = max(scale (dst + 0.5) - 0.5, 0), index = its floor, the next one
+clamped to the last, weights l1 = source - index and l0 = 1 - l1, value = lh0 (lw0 x00 + lw1 x01) + lh1 (lw0 x10 +
+lw1 x11) in float32, rounded once to the output's dtype. Compilers may contract those products into FMAs in other
+places than nvcc did for ATen: float32 results can differ from ATen's in the last bits. Every output element is a
+function of its four inputs alone, so that a plane comes out the same whatever else is resized with it.
+
+Top-down step: finer + coarser[min(floor(dst * scale), size - 1)] (ATen's nearest source index, scale = in / out in
+float32), summed in float32 and rounded once, as ATen's nearest resize followed by its addition: bit for bit.
+
+Average pooling (kernel = stride = s, no padding, floor of the sizes): the window summed in float32 in ATen's order
+(row by row, left to right), divided by s * s, rounded once: ATen's result bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+from ..backends import MAX_GRID_Y
+from .common import cdiv, next_power_of_2, on_device
+
+WIDE_FROM = 2**31  # element offsets from here on are computed in int64
+TILE = 2048  # elements a program computes (channels x columns)
+WARPS = 8  # 8 elements a thread (4 warps: 16, which spills registers in the generic top-down step on sm_90)
+
+
+@triton.jit
+def _bilinear_kernel(
+    x_ptr, out_ptr, C, H_in, W_in, H_out, W_out,
+    s_xn, s_xc, s_xh, s_xw, s_on, s_oc, s_oh, s_ow,
+    scale_h, scale_w,
+    BLOCK_C: tl.constexpr, BLOCK_W: tl.constexpr, WIDE: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0)
+    n = row // H_out
+    oh = row - n * H_out
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_w = tl.program_id(2) * BLOCK_W + tl.arange(0, BLOCK_W)
+    # the source row (a scalar) and columns (a vector), as ATen's area_pixel_compute_source_index
+    src_h = tl.maximum(scale_h * (oh.to(tl.float32) + 0.5) - 0.5, 0.0)
+    h0 = src_h.to(tl.int32)
+    h1 = h0 + (h0 < H_in - 1).to(tl.int32)
+    lh1 = src_h - h0.to(tl.float32)
+    lh0 = 1.0 - lh1
+    src_w = tl.maximum(scale_w * (offs_w.to(tl.float32) + 0.5) - 0.5, 0.0)
+    w0 = src_w.to(tl.int32)
+    w1 = w0 + (w0 < W_in - 1).to(tl.int32)
+    lw1 = src_w - w0.to(tl.float32)
+    lw0 = 1.0 - lw1
+    if WIDE:
+        n = n.to(tl.int64)
+        oh = oh.to(tl.int64)
+        h0 = h0.to(tl.int64)
+        h1 = h1.to(tl.int64)
+        c_idx = offs_c.to(tl.int64)
+        w0 = w0.to(tl.int64)
+        w1 = w1.to(tl.int64)
+        o_w = offs_w.to(tl.int64)
+    else:
+        c_idx = offs_c
+        o_w = offs_w
+    mask = (offs_c[:, None] < C) & (offs_w[None, :] < W_out)
+    base = x_ptr + n * s_xn + c_idx[:, None] * s_xc
+    top, bottom = base + h0 * s_xh, base + h1 * s_xh
+    left, right = w0[None, :] * s_xw, w1[None, :] * s_xw
+    x00 = tl.load(top + left, mask=mask, other=0.0).to(tl.float32)
+    x01 = tl.load(top + right, mask=mask, other=0.0).to(tl.float32)
+    x10 = tl.load(bottom + left, mask=mask, other=0.0).to(tl.float32)
+    x11 = tl.load(bottom + right, mask=mask, other=0.0).to(tl.float32)
+    lw0, lw1 = lw0[None, :], lw1[None, :]
+    value = lh0 * (lw0 * x00 + lw1 * x01) + lh1 * (lw0 * x10 + lw1 * x11)
+    out = out_ptr + n * s_on + c_idx[:, None] * s_oc + oh * s_oh + o_w[None, :] * s_ow
+    tl.store(out, value.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _avg_pool_kernel(
+    x_ptr, out_ptr, C, H_out, W_out,
+    s_xn, s_xc, s_xh, s_xw, s_on, s_oc, s_oh, s_ow,
+    S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_W: tl.constexpr, WIDE: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0)
+    n = row // H_out
+    oh = row - n * H_out
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_w = tl.program_id(2) * BLOCK_W + tl.arange(0, BLOCK_W)
+    if WIDE:
+        n = n.to(tl.int64)
+        oh = oh.to(tl.int64)
+        c_idx = offs_c.to(tl.int64)
+        o_w = offs_w.to(tl.int64)
+    else:
+        c_idx = offs_c
+        o_w = offs_w
+    mask = (offs_c[:, None] < C) & (offs_w[None, :] < W_out)
+    base = x_ptr + n * s_xn + c_idx[:, None] * s_xc + (oh * S) * s_xh + (o_w[None, :] * S) * s_xw
+    total = tl.zeros((BLOCK_C, BLOCK_W), dtype=tl.float32)
+    for i in tl.static_range(S):
+        for j in tl.static_range(S):
+            total += tl.load(base + i * s_xh + j * s_xw, mask=mask, other=0.0).to(tl.float32)
+    value = total / (S * S)
+    out = out_ptr + n * s_on + c_idx[:, None] * s_oc + oh * s_oh + o_w[None, :] * s_ow
+    tl.store(out, value.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _add_nearest_kernel(
+    a_ptr, b_ptr, out_ptr, C, H_in, W_in, H_out, W_out,
+    s_an, s_ac, s_ah, s_aw, s_bn, s_bc, s_bh, s_bw, s_on, s_oc, s_oh, s_ow,
+    scale_h, scale_w,
+    BLOCK_C: tl.constexpr, BLOCK_W: tl.constexpr, WIDE: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0)
+    n = row // H_out
+    oh = row - n * H_out
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_w = tl.program_id(2) * BLOCK_W + tl.arange(0, BLOCK_W)
+    # ATen's nearest_neighbor_compute_source_index: min(floor(dst * scale), size - 1)
+    ih = tl.minimum(tl.floor(oh.to(tl.float32) * scale_h).to(tl.int32), H_in - 1)
+    iw = tl.minimum(tl.floor(offs_w.to(tl.float32) * scale_w).to(tl.int32), W_in - 1)
+    if WIDE:
+        n = n.to(tl.int64)
+        oh = oh.to(tl.int64)
+        ih = ih.to(tl.int64)
+        iw = iw.to(tl.int64)
+        c_idx = offs_c.to(tl.int64)
+        o_w = offs_w.to(tl.int64)
+    else:
+        c_idx = offs_c
+        o_w = offs_w
+    mask = (offs_c[:, None] < C) & (offs_w[None, :] < W_out)
+    a = tl.load(a_ptr + n * s_an + c_idx[:, None] * s_ac + oh * s_ah + o_w[None, :] * s_aw, mask=mask, other=0.0)
+    b = tl.load(b_ptr + n * s_bn + c_idx[:, None] * s_bc + ih * s_bh + iw[None, :] * s_bw, mask=mask, other=0.0)
+    value = a.to(tl.float32) + b.to(tl.float32)
+    out = out_ptr + n * s_on + c_idx[:, None] * s_oc + oh * s_oh + o_w[None, :] * s_ow
+    tl.store(out, value.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _last_offset(t: torch.Tensor) -> int:
+    return sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()) if size > 0)
+
+
+def blocks(channels: int, width: int, channel_stride: int) -> tuple[int, int]:
+    """(BLOCK_C, BLOCK_W) for an output of ``channels`` and ``width`` columns whose channel stride is given: a unit
+    channel stride (NHWC) puts up to 256 channels along the tile's fast axis, else (NCHW) up to 256 columns; the
+    other axis fills TILE elements."""
+    if channel_stride == 1 and channels > 1:
+        block_c = min(next_power_of_2(channels), 256)
+        return block_c, max(1, min(next_power_of_2(width), TILE // block_c))
+    block_w = min(next_power_of_2(width), 256)
+    return max(1, min(next_power_of_2(channels), TILE // block_w)), block_w
+
+
+def _check_4d(name: str, *tensors: torch.Tensor) -> None:
+    for t in tensors:
+        if t.dim() != 4 or not t.is_floating_point():
+            raise ValueError(f"{name}: expected a (N, C, H, W) floating-point tensor, got {t.dtype} of shape "
+                             f"{tuple(t.shape)}")  # fmt: skip
+
+
+def _grid(out: torch.Tensor, block_c: int, block_w: int) -> tuple[int, int, int]:
+    n, c, h, w = out.shape
+    grid = (n * h, cdiv(c, block_c), cdiv(w, block_w))
+    if grid[1] > MAX_GRID_Y or grid[2] > MAX_GRID_Y:
+        raise ValueError(f"resample: an output of {c} channels and {w} columns is past the launch grid's limit")
+    return grid
+
+
+def _scale(size_in: int, size_out: int) -> float:
+    """ATen's scale of a resize given by sizes: in / out divided in float32."""
+    return float(np.float32(size_in) / np.float32(size_out))
+
+
+def _nhwc(x: torch.Tensor) -> bool:
+    """Whether x's strides are NHWC ones (not a map whose two layouts are the same memory: one channel or pixel)."""
+    if x.shape[1] == 1 or x.shape[2] * x.shape[3] == 1:
+        return False
+    return x.stride(1) == 1 and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def bilinear_into(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``out`` (N, C, h, w), any strides and float dtype, = x (N, C, H, W) resized to (h, w) bilinearly with
+    align_corners=False, as ``F.interpolate(x, size=(h, w))``; returns ``out``."""
+    _check_4d("bilinear_into", out, x)
+    if out.shape[:2] != x.shape[:2] or x.device != out.device:
+        raise ValueError(f"bilinear_into: out {tuple(out.shape)} on {out.device} does not fit x {tuple(x.shape)} on "
+                         f"{x.device} (same N, C and device expected)")  # fmt: skip
+    if out.numel() == 0:
+        return out
+    if x.numel() == 0:
+        raise ValueError(f"bilinear_into: an empty input {tuple(x.shape)} has nothing to resize to {tuple(out.shape)}")
+    _, c, h_in, w_in = x.shape
+    _, _, h_out, w_out = out.shape
+    block_c, block_w = blocks(c, w_out, out.stride(1))
+    wide = max(_last_offset(x), _last_offset(out)) >= WIDE_FROM
+    with on_device(x):
+        _bilinear_kernel[_grid(out, block_c, block_w)](
+            x, out, c, h_in, w_in, h_out, w_out, *x.stride(), *out.stride(), _scale(h_in, h_out),
+            _scale(w_in, w_out), BLOCK_C=block_c, BLOCK_W=block_w, WIDE=wide, num_warps=WARPS,
+        )  # fmt: skip
+    return out
+
+
+def bilinear(x: torch.Tensor, size: Sequence[int], dtype: torch.dtype | None = None,
+             memory_format: torch.memory_format | None = None) -> torch.Tensor:  # fmt: skip
+    """x (N, C, H, W) resized to ``size`` (h, w) as ``F.interpolate(x, size, mode="bilinear",
+    align_corners=False)``, in ``dtype`` (x's if None) and ``memory_format`` (x's own layout if None: channels_last
+    where x has NHWC strides)."""
+    _check_4d("bilinear", x)
+    if memory_format is None:
+        memory_format = torch.channels_last if _nhwc(x) else torch.contiguous_format
+    out = torch.empty((x.shape[0], x.shape[1], int(size[0]), int(size[1])), dtype=dtype or x.dtype, device=x.device,
+                      memory_format=memory_format)  # fmt: skip
+    return bilinear_into(out, x)
+
+
+def avg_pool(x: torch.Tensor, s: int) -> torch.Tensor:
+    """``F.avg_pool2d(x, s)`` (kernel = stride = s, no padding) of x (N, C, H, W), in x's dtype and layout."""
+    _check_4d("avg_pool", x)
+    if not isinstance(s, int) or s < 1:
+        raise ValueError(f"avg_pool: s must be a positive int, got {s!r}")
+    n, c, h, w = x.shape
+    if h < s or w < s:
+        raise ValueError(f"avg_pool: a {h}x{w} map is smaller than the {s}x{s} window")
+    out = torch.empty((n, c, h // s, w // s), dtype=x.dtype, device=x.device,
+                      memory_format=torch.channels_last if _nhwc(x) else torch.contiguous_format)  # fmt: skip
+    if out.numel() == 0:
+        return out
+    block_c, block_w = blocks(c, w // s, out.stride(1))
+    wide = max(_last_offset(x), _last_offset(out)) >= WIDE_FROM
+    with on_device(x):
+        _avg_pool_kernel[_grid(out, block_c, block_w)](
+            x, out, c, h // s, w // s, *x.stride(), *out.stride(), S=s, BLOCK_C=block_c, BLOCK_W=block_w,
+            WIDE=wide, num_warps=WARPS,
+        )  # fmt: skip
+    return out
+
+
+def add_nearest_(finer: torch.Tensor, coarser: torch.Tensor) -> torch.Tensor:
+    """``finer += F.interpolate(coarser, size=finer.shape[2:], mode="nearest")`` in place (one pass: the sum in
+    float32, rounded once, as ATen's addition), for maps of one dtype and device; returns ``finer``."""
+    _check_4d("add_nearest_", finer, coarser)
+    if finer.shape[:2] != coarser.shape[:2] or finer.dtype != coarser.dtype or finer.device != coarser.device:
+        raise ValueError(f"add_nearest_: coarser {tuple(coarser.shape)} {coarser.dtype} on {coarser.device} does not "
+                         f"fit finer {tuple(finer.shape)} {finer.dtype} on {finer.device} (same N, C, dtype and "
+                         "device expected)")  # fmt: skip
+    if finer.numel() == 0:
+        return finer
+    if coarser.numel() == 0:
+        raise ValueError(f"add_nearest_: an empty coarser map {tuple(coarser.shape)} has nothing to add")
+    _, c, h_in, w_in = coarser.shape
+    _, _, h_out, w_out = finer.shape
+    block_c, block_w = blocks(c, w_out, finer.stride(1))
+    wide = max(_last_offset(finer), _last_offset(coarser)) >= WIDE_FROM
+    with on_device(finer):
+        _add_nearest_kernel[_grid(finer, block_c, block_w)](
+            finer, coarser, finer, c, h_in, w_in, h_out, w_out, *finer.stride(), *coarser.stride(), *finer.stride(),
+            _scale(h_in, h_out), _scale(w_in, w_out), BLOCK_C=block_c, BLOCK_W=block_w, WIDE=wide, num_warps=WARPS,
+        )  # fmt: skip
+    return finer

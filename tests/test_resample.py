@@ -1,0 +1,235 @@
+"""The Triton resampling kernels (ops/triton/resample.py) and the CUDA engine's use of them (engine/cuda_resample.py),
+against PyTorch's F.interpolate and F.avg_pool2d: under Triton's interpreter on a CPU (CI), on CUDA where there is
+one. The interpreter rounds float32 to bfloat16 by truncation, so bfloat16 results are checked within one unit in
+the last place there (bit for bit in tests/test_gpu.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import denseclip_fast as dcf
+from denseclip_fast.engine import cuda_resample
+from denseclip_fast.engine.segmenter import resized
+from denseclip_fast.model.heads import Upsample2x
+from denseclip_fast.ops.triton import resample
+
+from .conftest import NAMES, randomized, rel_err, tiny_config
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ULP = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
+
+
+def _map(n: int, c: int, h: int, w: int, dtype: torch.dtype, layout: str, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c, h, w, generator=g).to(DEVICE, dtype)
+    if layout == "nhwc":
+        return x.contiguous(memory_format=torch.channels_last)
+    if layout == "sliced":  # a channel slice of a wider NCHW map: no dense layout
+        return torch.cat([x, x[:, :1]], dim=1)[:, 1:]
+    return x
+
+
+def _check_rounded(got: torch.Tensor, want64: torch.Tensor, dtype: torch.dtype) -> None:
+    """got (dtype) within a unit in the last place of want64 (float64) rounded to dtype; float32 to 1e-6 relative."""
+    assert got.dtype == dtype
+    if dtype == torch.float32:
+        torch.testing.assert_close(got.double(), want64, rtol=1e-6, atol=1e-6 * float(want64.abs().max()))
+        return
+    ulp = ULP[dtype] * want64.abs().clamp_min(2.0**-14)
+    assert bool(((got.double() - want64).abs() <= ulp).all()), float(((got.double() - want64).abs() / ulp).max())
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc", "sliced"])
+@pytest.mark.parametrize(
+    ("shape", "size"),
+    [((2, 5, 7, 9), (17, 23)), ((1, 3, 16, 16), (64, 64)), ((1, 4, 9, 13), (4, 5)), ((1, 2, 1, 1), (3, 5)),
+     ((1, 3, 5, 5), (5, 5)), ((2, 37, 8, 6), (16, 12)), ((1, 2, 6, 7), (1, 1))],
+)  # fmt: skip
+@pytest.mark.parametrize(("dtype", "out_dtype"), [(torch.float32, None), (torch.bfloat16, torch.float32),
+                                                  (torch.bfloat16, None), (torch.float16, None)])  # fmt: skip
+def test_bilinear_equals_interpolate(shape, size, layout, dtype, out_dtype):
+    """Up and down, by integer and other ratios, from one pixel, to one pixel and to the same size, from NCHW, NHWC
+    and strided maps, into the input's dtype or float32, in the input's layout: F.interpolate's values (computed in
+    float64 from the same inputs) within the output dtype's rounding."""
+    x = _map(*shape, dtype, layout)
+    got = resample.bilinear(x, size, dtype=out_dtype)
+    want = F.interpolate(x.double(), size=size, mode="bilinear", align_corners=False)
+    assert got.shape == want.shape
+    _check_rounded(got, want, out_dtype or dtype)
+    nhwc = layout == "nhwc" and shape[2] * shape[3] > 1  # as F.interpolate: a one-pixel map counts as NCHW
+    assert got.is_contiguous(memory_format=torch.channels_last if nhwc else torch.contiguous_format)
+
+
+def test_bilinear_into_takes_any_output_strides_and_int64_offsets(monkeypatch):
+    """Into a strided view of a wider buffer (the others untouched), and with int64 offsets (WIDE_FROM lowered so
+    that these small maps take that path): the same values."""
+    x = _map(2, 6, 5, 7, torch.float32, "nchw")
+    buffer = torch.full((2, 9, 11, 13), 7.0, device=DEVICE)
+    resample.bilinear_into(buffer[:, 2:8], x)
+    want = F.interpolate(x, size=(11, 13), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(buffer[:, 2:8], want, rtol=1e-6, atol=1e-6)
+    assert bool((buffer[:, :2] == 7).all() and (buffer[:, 8:] == 7).all())
+    monkeypatch.setattr(resample, "WIDE_FROM", 16)
+    assert torch.equal(resample.bilinear(x, (11, 13)), buffer[:, 2:8].contiguous())
+
+
+def _pool_in_aten_order(x: torch.Tensor, s: int) -> torch.Tensor:
+    """The window summed in float32 row by row, left to right, divided by s * s, rounded once (ATen's kernels)."""
+    n, c, h, w = x.shape
+    v = x.float()[:, :, : h // s * s, : w // s * s]
+    total = torch.zeros(n, c, h // s, w // s, device=x.device)
+    for i in range(s):
+        for j in range(s):
+            total = total + v[:, :, i::s, j::s]
+    return (total / (s * s)).to(x.dtype)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc", "sliced"])
+@pytest.mark.parametrize(("shape", "s"), [((2, 5, 8, 9), 2), ((1, 16, 8, 8), 2), ((1, 3, 7, 10), 3),
+                                          ((2, 33, 5, 4), 2), ((1, 4, 2, 2), 2)])  # fmt: skip
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_avg_pool_equals_avg_pool2d(shape, s, layout, dtype):
+    """Odd sizes (floored), windows of 2 and 3, NCHW, NHWC and strided maps: ATen's sum in its order, bit for bit
+    (bfloat16 within its rounding under the interpreter), and F.avg_pool2d within the dtype's rounding."""
+    x = _map(*shape, dtype, layout, seed=1)
+    got = resample.avg_pool(x, s)
+    exact = _pool_in_aten_order(x, s)
+    if dtype == torch.bfloat16 and not x.is_cuda:
+        _check_rounded(got, exact.double(), dtype)
+    else:
+        assert torch.equal(got, exact)
+    _check_rounded(got, F.avg_pool2d(x.double(), s), dtype)
+    assert got.is_contiguous(memory_format=torch.channels_last if layout == "nhwc" else torch.contiguous_format)
+
+
+def test_resample_rejects_bad_input():
+    x = _map(1, 3, 4, 4, torch.float32, "nchw")
+    with pytest.raises(ValueError, match=r"bilinear: expected a \(N, C, H, W\) floating-point tensor"):
+        resample.bilinear(x[0], (8, 8))
+    with pytest.raises(ValueError, match="avg_pool: expected .* got torch.int64"):
+        resample.avg_pool(x.long(), 2)
+    with pytest.raises(ValueError, match="smaller than the 5x5 window"):
+        resample.avg_pool(x, 5)
+    with pytest.raises(ValueError, match="s must be a positive int"):
+        resample.avg_pool(x, 0)
+    with pytest.raises(ValueError, match=r"out \(1, 2, 8, 8\) .* does not fit x \(1, 3, 4, 4\)"):
+        resample.bilinear_into(torch.empty(1, 2, 8, 8, device=DEVICE), x)
+
+
+def _with_kernels_here(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cuda_resample, "DEVICE_TYPES", (DEVICE,))
+
+
+def test_usable_falls_back_where_it_must(monkeypatch):
+    """Gradients needed, a recorded call (a dispatch mode), an integer map and the switch take PyTorch's ops."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    _with_kernels_here(monkeypatch)
+    x = _map(1, 3, 4, 4, torch.float32, "nchw")
+    assert cuda_resample.usable(x)
+    assert not cuda_resample.usable(x.clone().requires_grad_())
+    assert not cuda_resample.usable(x.long())
+    with FlopCounterMode(display=False):
+        assert not cuda_resample.usable(x)
+    monkeypatch.setenv("DENSECLIP_FAST_TRITON_RESAMPLE", "0")
+    assert not cuda_resample.usable(x)
+    monkeypatch.setattr(cuda_resample, "DEVICE_TYPES", ("no-such-device",))
+    monkeypatch.delenv("DENSECLIP_FAST_TRITON_RESAMPLE")
+    assert not cuda_resample.usable(x)
+
+
+def test_resized_takes_the_kernel_where_usable(monkeypatch):
+    """engine.segmenter.resized on a device the kernels serve: float32 NCHW planes from bfloat16 NHWC scores (no
+    copy first), into a given buffer too, equal to the plain path's within float32 rounding."""
+    scores = _map(2, 5, 6, 7, torch.bfloat16, "nhwc")
+    plain = resized(scores, (13, 17))
+    _with_kernels_here(monkeypatch)
+    calls = []
+    real = resample.bilinear_into
+    monkeypatch.setattr(resample, "bilinear_into", lambda out, x: calls.append(x) or real(out, x))
+    got = resized(scores, (13, 17))
+    buffer = torch.empty(2 * 5 * 13 * 17, device=DEVICE)
+    into = resized(scores, (13, 17), buffer)
+    assert len(calls) == 2 and all(c is scores for c in calls)
+    assert got.dtype == torch.float32 and got.is_contiguous() and into.data_ptr() == buffer.data_ptr()
+    torch.testing.assert_close(got, plain, rtol=1e-6, atol=1e-6)
+    assert torch.equal(into, got)
+
+
+def test_swap_resamplings_keeps_the_model_function(monkeypatch):
+    """A tiny RN model: the stem's and the strided blocks' average poolings (and their shortcuts'), the unstrided
+    shortcut's AvgPool2d(1) (an identity), the FPN head's six 2x upsamplings and the FPN (its three top-down steps)
+    swapped; its logits as before (1e-5), through the kernels; a second swap changes nothing."""
+    from denseclip_fast.engine.rewrite import prepare_for_inference
+
+    _with_kernels_here(monkeypatch)
+    model = prepare_for_inference(randomized(dcf.DenseCLIP(tiny_config("resnet"), NAMES)).eval(),
+                                  torch.device(DEVICE), torch.float32)  # fmt: skip
+    x = torch.randn(1, 3, 64, 64, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    text = model.text_features(NAMES)
+    with torch.no_grad():
+        want = model.logits_for(x, text, None)
+        ups = sum(type(m) is Upsample2x for m in model.modules())
+        assert cuda_resample.swap_resamplings(model) == ups + 8 + 1 and ups == 6
+        assert isinstance(model.neck, cuda_resample.TritonFPN)
+        assert cuda_resample.swap_resamplings(model) == 0
+        pools = [m for m in model.modules() if isinstance(m, cuda_resample.TritonAvgPool2d)]
+        assert len(pools) == 7 and not any(type(m) is torch.nn.AvgPool2d for m in model.modules())
+        calls = []
+        real_pool, real_up, real_add = resample.avg_pool, resample.bilinear, resample.add_nearest_
+        monkeypatch.setattr(resample, "avg_pool", lambda *a: calls.append("pool") or real_pool(*a))
+        monkeypatch.setattr(resample, "bilinear", lambda *a, **k: calls.append("up") or real_up(*a, **k))
+        monkeypatch.setattr(resample, "add_nearest_", lambda *a: calls.append("add") or real_add(*a))
+        got = model.logits_for(x, text, None)
+    assert calls.count("pool") == 7 and calls.count("up") == 6 and calls.count("add") == 3
+    assert rel_err(got, want) <= 1e-5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: ATen's CUDA kernels are the comparison")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_kernels_equal_aten_on_cuda(dtype):
+    """On a GPU, at the engine's shapes (RN50 512x512: the logits 150 x 128x128 to 512x512 in float32 from an NHWC
+    map, the FPN's 2x upsampling of 128 channels, the ResNet's 2x2 poolings, the FPN's top-down steps) and odd ones:
+    the pooling and the top-down step equal ATen's bit for bit; the resize ATen's within 2 units in the last place,
+    and equal in most elements."""
+    for shape, size, out_dtype in (((1, 150, 128, 128), (512, 512), torch.float32), ((2, 128, 16, 16), (32, 32), None),
+                                   ((3, 7, 13, 11), (29, 5), None)):  # fmt: skip
+        for layout in ("nchw", "nhwc"):
+            x = _map(*shape, dtype, layout)
+            got = resample.bilinear(x, size, dtype=out_dtype)
+            want = F.interpolate(x, size=size, mode="bilinear", align_corners=False).to(out_dtype or dtype)
+            assert got.stride() == want.stride(), (shape, layout)
+            ulp = (2.0**-23 if (out_dtype or dtype) == torch.float32 else ULP[out_dtype or dtype]) * 2
+            diff = (got.double() - want.double()).abs()
+            assert bool((diff <= ulp * want.double().abs().clamp_min(2.0**-14)).all()), (shape, layout)
+            assert float((diff == 0).double().mean()) >= 0.9, (shape, layout)
+    for shape in ((1, 64, 128, 128), (2, 256, 33, 31), (1, 3, 8, 8)):
+        for layout in ("nchw", "nhwc"):
+            x = _map(*shape, dtype, layout)
+            got, want = resample.avg_pool(x, 2), F.avg_pool2d(x, 2)
+            assert got.stride() == want.stride() and torch.equal(got, want), (shape, layout)
+            coarser = _map(shape[0], shape[1], (shape[2] + 1) // 2, (shape[3] + 1) // 2, dtype, layout, seed=4)
+            want = x + F.interpolate(coarser, size=shape[2:], mode="nearest")
+            assert torch.equal(resample.add_nearest_(x, coarser), want), (shape, layout)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc", "sliced"])
+@pytest.mark.parametrize(("shape", "coarse"), [((2, 6, 8, 10), (4, 5)), ((1, 5, 7, 9), (3, 4)), ((1, 3, 5, 5), (5, 5)),
+                                               ((1, 4, 6, 6), (1, 1))])  # fmt: skip
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_add_nearest_equals_the_fpn_step(shape, coarse, layout, dtype):
+    """The FPN's top-down step in place: finer + F.interpolate(coarser, nearest) as ATen computes it (each sum in
+    float32, rounded once), bit for bit (bfloat16 within its rounding under the interpreter), at 2x, other ratios,
+    the same size and from one pixel; the finer map's memory is the result's."""
+    finer = _map(*shape, dtype, layout, seed=2)
+    coarser = _map(shape[0], shape[1], *coarse, dtype, layout, seed=3)
+    want = (finer.float() + F.interpolate(coarser.float(), size=shape[2:], mode="nearest")).to(dtype)
+    ptr = finer.data_ptr()
+    got = resample.add_nearest_(finer, coarser)
+    assert got is finer and got.data_ptr() == ptr
+    if dtype == torch.bfloat16 and not finer.is_cuda:
+        _check_rounded(got, want.double(), dtype)
+    else:
+        assert torch.equal(got, want)
