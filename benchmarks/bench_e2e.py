@@ -17,8 +17,10 @@ Contestants (random weights, BN statistics and gamma randomised so every stage m
                       rows record cudagraph_skips, inductor's counter of skipped CUDA-graph runs (0: none skipped)
   engine-fp32         denseclip_fast.Segmenter, float32 in IEEE (TF32 off inside its calls), CUDA graphs on CUDA
   engine-bf16         the same in bfloat16
-  engine-bf16-plain-conv  the same with PyTorch's convolutions (DENSECLIP_FAST_CUDNN_FUSION=0: no cuDNN-fused
-                      bias and ReLU, engine/cuda_conv.py), for the difference they make
+  engine-bf16-plain-conv  the same with PyTorch's convolutions (DENSECLIP_FAST_CUDNN_FUSION=0 at its construction
+                      and calls: no cuDNN-fused bias and ReLU, engine/cuda_conv.py), for the difference they make
+  engine-bf16-aten-resample  engine-bf16 with ATen's bilinear resizes and average poolings
+                      (DENSECLIP_FAST_TRITON_RESAMPLE=0 at its construction and calls: engine/cuda_resample.py)
 On CUDA, cuDNN benchmark mode is on for every contestant (mmseg's default runtime has cudnn_benchmark=True, so
 upstream's test runs with it); the environment block records it and the TF32 settings, each row its precision.
 Each torch.compile contestant starts from torch._dynamo.reset() and compiles for static shapes (dynamic=False): a
@@ -76,7 +78,11 @@ from denseclip_fast.engine.segmenter import Mode, no_tf32  # noqa: E402
 
 PEAK_FLOPS = 790e12  # the engine issue's H200 bf16 dense tensor-core figure: a fixed yardstick for every row
 # The engine first and the slow compiles last, so that a run stopped by a time budget has measured what matters most.
-ALL = ("engine-bf16", "engine-fp32", "official", "official-bf16", "compile-ro", "compile-ma", "engine-bf16-plain-conv")
+ALL = ("engine-bf16", "engine-fp32", "official", "official-bf16", "compile-ro", "compile-ma", "engine-bf16-plain-conv",
+       "engine-bf16-aten-resample")
+# engine-bf16 with one of its GPU rewrites switched off, by the environment variable that does so: (name, value)
+SWITCHED_OFF = {"engine-bf16-plain-conv": ("DENSECLIP_FAST_CUDNN_FUSION", "0"),
+                "engine-bf16-aten-resample": ("DENSECLIP_FAST_TRITON_RESAMPLE", "0")}
 
 
 def build(arch: str, classes: int, device: torch.device) -> tuple[dcf.DenseCLIP, OfficialDenseCLIP]:
@@ -104,6 +110,8 @@ def precision(name: str, device: torch.device, tf32: dict[str, str]) -> str:
         return "bf16"
     if name == "engine-bf16-plain-conv":
         return "bf16, PyTorch's convolutions"
+    if name == "engine-bf16-aten-resample":
+        return "bf16, ATen's resizes and poolings"
     if name == "compile-ro":
         return "bf16 autocast, reduce-overhead (CUDA graphs), no freezing"
     if name == "compile-ma":
@@ -146,12 +154,21 @@ def contestant(name: str, model: dcf.DenseCLIP, official: OfficialDenseCLIP, dev
 
         return compiled_bf16
     dtype = torch.float32 if name == "engine-fp32" else torch.bfloat16
-    # DENSECLIP_FAST_CUDNN_FUSION is read when the Segmenter is built; capture at the first call, so that the
-    # reported first-call time includes the capture
-    with environment_variable("DENSECLIP_FAST_CUDNN_FUSION", "0" if name == "engine-bf16-plain-conv" else None):
+    # a switch of SWITCHED_OFF is set while the Segmenter is built (DENSECLIP_FAST_CUDNN_FUSION is read then) and
+    # while it is called (DENSECLIP_FAST_TRITON_RESAMPLE is read at each call: the capture, the resize after the
+    # replay); capture at the first call, so that the reported first-call time includes the capture
+    variable, value = SWITCHED_OFF.get(name, ("DENSECLIP_FAST_CUDNN_FUSION", None))
+    with environment_variable(variable, value):
         seg = dcf.Segmenter(model, device=device, dtype=dtype, mode=mode, crop=crop, stride=stride,
                             capture_after=1, cuda_graphs=graphs)  # fmt: skip
-    return cast(Callable[[torch.Tensor], torch.Tensor], seg.logits)  # a float batch in: one tensor out
+    if value is None:
+        return cast(Callable[[torch.Tensor], torch.Tensor], seg.logits)  # a float batch in: one tensor out
+
+    def switched_off(x: torch.Tensor) -> torch.Tensor:
+        with environment_variable(variable, value):
+            return cast(torch.Tensor, seg.logits(x))
+
+    return switched_off
 
 
 def count_flops(model: dcf.DenseCLIP, x: torch.Tensor, mode: str, crop: int, stride: int) -> float:
@@ -408,7 +425,7 @@ def bar_chart(rows: list[dict], path: str) -> None:
     top = max(r["images_per_s"] for r in rows)
     colors = {"official": (150, 150, 150), "official-bf16": (110, 110, 110), "compile-ro": (230, 150, 40),
               "compile-ma": (200, 110, 20), "engine-fp32": (60, 130, 220), "engine-bf16": (20, 80, 180),
-              "engine-bf16-plain-conv": (90, 140, 200)}  # fmt: skip
+              "engine-bf16-plain-conv": (90, 140, 200), "engine-bf16-aten-resample": (120, 160, 210)}  # fmt: skip
     for i, r in enumerate(rows):
         y = 40 + i * (bar_h + pad)
         label = f"{r['arch']} {r['mode']} {'x'.join(map(str, r['shape']))} {r['contestant']}"

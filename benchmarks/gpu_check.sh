@@ -169,8 +169,8 @@ gpu_tests() {  # the operators on CUDA (all backends) and the model, engine and 
     "${pytest[@]}" tests/test_ops.py -k "not triton" &
   timed "GPU tests: CUDA kernels (tensor-core and portable)" tests_gpu_kernels.log \
     "${pytest[@]}" tests/test_gpu.py -k "$kernels" &
-  timed "GPU tests: model, engine, AOTInductor, training" tests_gpu_model.log \
-    "${pytest[@]}" tests/test_gpu.py -k "not ($kernels)" &
+  timed "GPU tests: model, engine, AOTInductor, training, resampling" tests_gpu_model.log \
+    "${pytest[@]}" tests/test_gpu.py tests/test_resample.py -k "not ($kernels)" &
   wait
   for log in tests_gpu_triton_score tests_gpu_triton tests_gpu_ops tests_gpu_kernels tests_gpu_model; do
     tail -1 "$OUT/$log.log" 2>/dev/null
@@ -187,7 +187,7 @@ e2e_rn50() {  # the engine issue's headline: RN50 512x512 batch 1 and 16 (torch.
   # profile of engine-bf16 (torch.profiler) is taken after every row is measured (bench_e2e.profile_after_measuring)
   timed "bench_e2e RN50 whole" bench_e2e_rn50_whole.txt \
     python3 benchmarks/bench_e2e.py --archs RN50 --modes whole --batches 1 16 --out "$OUT" --tag rn50_whole \
-    --contestants official official-bf16 engine-fp32 engine-bf16 engine-bf16-plain-conv
+    --contestants official official-bf16 engine-fp32 engine-bf16 engine-bf16-plain-conv engine-bf16-aten-resample
 }
 
 compile_baselines() {  # torch.compile of the official model and of the operator references: minutes of compilation,
@@ -214,7 +214,8 @@ train_bench() {  # one training step, official style against the trainer (RN50 5
 
 rest() {  # the CPU suite on this machine's torch/triton, and CMake's CUDA build
   DENSECLIP_FAST_CMAKE_CUDA=1 timed "other tests" tests_rest.log \
-    python3 -m pytest -q -rs --durations=15 tests/ --ignore=tests/test_ops.py --ignore=tests/test_gpu.py
+    python3 -m pytest -q -rs --durations=15 tests/ --ignore=tests/test_ops.py --ignore=tests/test_gpu.py \
+    --ignore=tests/test_resample.py
   tail -3 "$OUT/tests_rest.log" 2>/dev/null
 }
 

@@ -353,7 +353,7 @@ def test_engine_table_labels_precision_tails_and_image_path_flops():
     assert bench_e2e.precision("official", torch.device("cpu"), defaults) == "fp32"
     assert bench_e2e.precision("engine-fp32", cuda, defaults) == "fp32, IEEE (TF32 off)"
     assert "no freezing" in bench_e2e.precision("compile-ro", cuda, defaults)
-    assert [bench_e2e.runs_official(n) for n in bench_e2e.ALL] == [False, False, True, True, True, True, False]
+    assert [bench_e2e.runs_official(n) for n in bench_e2e.ALL] == [False, False, True, True, True, True, False, False]
     assert set(tf32_settings().values()) <= {"tf32", "ieee"}
     row = {"arch": "RN50", "mode": "whole", "shape": [1, 3, 512, 512], "contestant": "official",
            "precision": bench_e2e.precision("official", cuda, defaults), "p50_ms": 10.0, "p90_ms": 11.0,
@@ -377,26 +377,32 @@ def test_engine_table_labels_precision_tails_and_image_path_flops():
     assert bench_e2e.windows(512, 2048, 512, 341) == 6 and bench_e2e.windows(256, 256, 512, 341) == 1
 
 
-def test_plain_conv_engine_contestant_builds_its_segmenter_without_the_cudnn_fusion(monkeypatch):
-    """engine-bf16-plain-conv: a bfloat16 Segmenter built with DENSECLIP_FAST_CUDNN_FUSION=0 (PyTorch's
-    convolutions), the variable restored afterwards; engine-bf16 builds with the caller's setting."""
+def test_switched_off_engine_contestants_build_and_call_their_segmenter_so(monkeypatch):
+    """engine-bf16-plain-conv: a bfloat16 Segmenter built and called with DENSECLIP_FAST_CUDNN_FUSION=0 (PyTorch's
+    convolutions; read when it is built); engine-bf16-aten-resample: with DENSECLIP_FAST_TRITON_RESAMPLE=0 (read at
+    each call); the variables restored afterwards; engine-bf16 builds and runs with the caller's settings."""
     import torch
 
+    variables = ("DENSECLIP_FAST_CUDNN_FUSION", "DENSECLIP_FAST_TRITON_RESAMPLE")
     seen = []
 
     class Recorder:
         def __init__(self, model, **kwargs):
-            seen.append((kwargs["dtype"], os.environ.get("DENSECLIP_FAST_CUDNN_FUSION")))
-            self.logits = lambda x: x
+            seen.append(("built", kwargs["dtype"], *(os.environ.get(v) for v in variables)))
+            self.logits = lambda x: seen.append(("called", *(os.environ.get(v) for v in variables))) or x
 
     monkeypatch.setattr(bench_e2e.dcf, "Segmenter", Recorder)
-    monkeypatch.delenv("DENSECLIP_FAST_CUDNN_FUSION", raising=False)
+    for variable in variables:
+        monkeypatch.delenv(variable, raising=False)
     official = argparse.Namespace(texts=torch.zeros(1))
-    for name in ("engine-bf16-plain-conv", "engine-bf16"):
-        bench_e2e.contestant(name, None, official, torch.device("cpu"), "whole", 512, 341)
-    assert seen == [(torch.bfloat16, "0"), (torch.bfloat16, None)]
-    assert "DENSECLIP_FAST_CUDNN_FUSION" not in os.environ
+    for name in ("engine-bf16-plain-conv", "engine-bf16-aten-resample", "engine-bf16"):
+        bench_e2e.contestant(name, None, official, torch.device("cpu"), "whole", 512, 341)(torch.zeros(1))
+    assert seen == [("built", torch.bfloat16, "0", None), ("called", "0", None),
+                    ("built", torch.bfloat16, None, "0"), ("called", None, "0"),
+                    ("built", torch.bfloat16, None, None), ("called", None, None)]  # fmt: skip
+    assert not any(v in os.environ for v in variables)
     assert bench_e2e.precision("engine-bf16-plain-conv", torch.device("cuda"), {}) == "bf16, PyTorch's convolutions"
+    assert set(bench_e2e.SWITCHED_OFF) <= set(bench_e2e.ALL)
 
 
 def test_training_target():
