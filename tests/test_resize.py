@@ -66,3 +66,30 @@ def test_resize_without_gradient_and_bad_rank():
         with pytest.raises(ValueError, match=r"resize_to's size must be \(height, width\), two positive ints, got"):
             resize_to(x, size)
     assert resize_to(x, torch.Size([6, 4])).shape == (1, 2, 6, 4)
+
+
+def test_resize_forward_takes_the_triton_kernel_where_usable(monkeypatch):
+    """Where the engine's Triton resize applies (the CPU made such a device: Triton's interpreter), resize_to's
+    forward (with and without a gradient to record) is that kernel, in the input's layout, equal to F.interpolate
+    within float32 rounding; the gradient is still the two products'."""
+    from denseclip_fast.engine import cuda_resample
+    from denseclip_fast.ops.triton import resample
+
+    monkeypatch.setattr(cuda_resample, "DEVICE_TYPES", ("cpu",))
+    calls = []
+    real = resample.bilinear
+    monkeypatch.setattr(resample, "bilinear", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    x = torch.randn(2, 3, 5, 7, dtype=torch.float32).contiguous(memory_format=torch.channels_last)
+    want = F.interpolate(x, size=(16, 21), mode="bilinear", align_corners=False)
+    x.requires_grad_()
+    got = resize_to(x, (16, 21))
+    assert calls == [(16, 21)] and got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got.detach(), want, rtol=1e-6, atol=1e-6)
+    grad = torch.randn_like(want)
+    got.backward(grad)
+    ref = x.detach().clone().requires_grad_()
+    F.interpolate(ref, size=(16, 21), mode="bilinear", align_corners=False).backward(grad)
+    torch.testing.assert_close(x.grad, ref.grad, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        resize_to(x, (4, 4))
+    assert calls == [(16, 21), (4, 4)]

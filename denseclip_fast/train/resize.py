@@ -9,6 +9,11 @@ float32 resizes took 311 of a training step's 402 ms of GPU time (atomic adds of
 input's gradient: 1024 of them per score-map pixel at 32x). The products are about 200 GFLOP at that shape (float32,
 as torch's matmul precision setting says). The weights come from ``F.interpolate`` of an identity matrix
 (mode="linear", the same source positions per axis as "bilinear"), so they are ATen's, for any sizes.
+
+On a GPU the forward is the engine's Triton resize (ops/triton/resample.py, engine/cuda_resample.py: the same
+arithmetic, in the input's dtype and layout) where it applies: ATen's NHWC float32 kernel took about 13 ms of the
+trainer's 96 ms step of GPU time for the two resizes (benchmarks/results/h200_2026-12-04b/train_rn50_b16.md),
+writing 2.5 GB each at that shape.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..engine import cuda_resample
+
 
 def interpolation_matrix(n_in: int, n_out: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """(n_out, n_in): row j the weights F.interpolate(mode="linear", align_corners=False) gives output j from the
@@ -26,12 +33,20 @@ def interpolation_matrix(n_in: int, n_out: int, device: torch.device, dtype: tor
     return F.interpolate(eye, size=n_out, mode="linear", align_corners=False)[0].t()
 
 
+def interpolate(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``F.interpolate(x, size, mode="bilinear", align_corners=False)``, by the Triton kernel where
+    cuda_resample.usable (a plain CUDA tensor, nothing recording the call, no gradient to record)."""
+    if cuda_resample.usable(x):
+        return cuda_resample.resize(x, size)
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
 class _BilinearResize(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         ctx.in_size = tuple(x.shape[-2:])
         ctx.channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
-        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        return interpolate(x, size)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
@@ -58,6 +73,6 @@ def resize_to(x: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tens
         raise ValueError(f"resize_to's size must be (height, width), two positive ints, got {tuple(size)!r}")
     size = (int(size[0]), int(size[1]))
     if not (x.requires_grad and torch.is_grad_enabled()):
-        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        return interpolate(x, size)
     result: torch.Tensor = _BilinearResize.apply(x, size)
     return result
