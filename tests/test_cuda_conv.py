@@ -152,6 +152,11 @@ def test_pointwise_convolutions_become_gemms_with_their_bias(stand_ins, monkeypa
     bottleneck's shortcut, the FPN's laterals, the head's classifier) are rewritten as GEMMs: F.linear on the NHWC
     view (counted), whose result is the channels_last map; the logits equal the folded model's (1e-6: a GEMM's sums
     in another order). NCHW inputs, gradients and tracing take F.conv2d; other convolutions are refused."""
+    from denseclip_fast.ops import extension_available
+
+    if not extension_available():
+        pytest.skip("needs the C++ extension (make setup): its score/concat gives the NHWC merged level a GPU gives")
+    monkeypatch.setenv("DENSECLIP_FAST_BACKEND", "cpu")  # the C++ score/concat: an NHWC merged level, as on a GPU
     plain = _prepared().to(memory_format=torch.channels_last)
     fused = _prepared().to(memory_format=torch.channels_last)
     cuda_conv.fuse_cudnn_convolutions(fused)
