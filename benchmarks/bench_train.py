@@ -16,8 +16,9 @@ both run at PyTorch's TF32 defaults (on CUDA: TF32 convolutions, IEEE matmuls), 
 Without --steps a GPU run times as many steps as fill 3 s (10 to 200); the JSON's p90_ms is None with fewer than 10.
 Per contestant: images/s, ms per step (median), peak memory of the timed steps (and of the first two, which create
 the optimiser state and search cuDNN's algorithms). --profile CONTESTANT... (default on a GPU: official-fp32 and
-trainer-bf16) adds where a step's time goes, by GPU kernel (torch.profiler). Writes JSON and
-markdown to benchmarks/results/ (train_<tag>.*) with the machine and versions.
+trainer-bf16) adds where a step's time goes, by GPU kernel (torch.profiler), once every contestant is timed (a
+run cut short has the ratio). Writes JSON and markdown to benchmarks/results/ (train_<tag>.*) with the machine and
+versions.
 """
 
 from __future__ import annotations
@@ -150,6 +151,11 @@ def targets(rows: list[dict]) -> list[tuple[str, str, bool | None]]:
     return [("trainer-bf16 >= 3x official-fp32 images/s", f"{ratio:.2f}x", ratio >= 3.0)]
 
 
+def profile_step(row: dict, step: Callable, x: torch.Tensor, label: torch.Tensor, device: torch.device) -> None:
+    """Where ``step``'s time goes, into ``row`` (the step and its model dropped on return)."""
+    row["profile"] = profile_kernels(lambda t: step(t, label), x, device, calls=2, grad=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -181,22 +187,33 @@ def main(argv: list[str] | None = None) -> int:
     env = environment(device) | math_settings()  # the float32 steps (official and trainer) run at these TF32 settings
     results = Results(args.out, "train", args.tag, env, {"args": vars(args)},
                       lambda env, rows: table(env, rows, args))  # fmt: skip
+
+    def build(name: str) -> Callable:
+        if name == "official-fp32":
+            return official_step(args.arch, names, cfg, device)
+        return trainer_step(args.arch, names, cfg, device, bf16="bf16" in name, ckpt=name.endswith("ckpt"))
+
+    # every contestant timed first, the profiles after: a run stopped by its time budget has the target's pair
+    # measured (the first GPU runs lost the official step behind the trainer's profile), and torch.profiler's
+    # hooks cannot slow a step timed after them
     for name in args.contestants:
         try:
-            if name == "official-fp32":
-                step = official_step(args.arch, names, cfg, device)
-            else:
-                step = trainer_step(args.arch, names, cfg, device, bf16="bf16" in name, ckpt=name.endswith("ckpt"))
-            row = {"contestant": name, **timed(step, x, label, args.steps, device)}
-            if name in args.profile:
-                row["profile"] = profile_kernels(lambda t: step(t, label), x, device, calls=2, grad=True)
-            results.add(row)
+            results.add({"contestant": name, **timed(build(name), x, label, args.steps, device)})
             print(f"{name}: {results.rows[-1]['ms_per_step']:.1f} ms/step", flush=True)
         except Exception as exc:  # reported in the results; the other contestants still run
             print(f"{name} failed: {failure(exc)}", flush=True)
             results.add({"contestant": name, "error": failure(exc)})
-        step = None  # type: ignore[assignment]  # drops the model; as Callable | None, the lambda's step(...) would not check
+        free_gpu_memory(device)  # the step (and its model) dropped on return from timed
+    for row in results.rows:
+        if row["contestant"] not in args.profile or "error" in row:
+            continue
+        print(f"{row['contestant']}: profiling ...", flush=True)
+        try:
+            profile_step(row, build(row["contestant"]), x, label, device)
+        except Exception as exc:  # the measurement stands without its profile
+            row["profile_error"] = failure(exc)
         free_gpu_memory(device)
+        results.save()
     print(results.render(results.env, results.rows))
     return 0
 
