@@ -152,15 +152,15 @@ PY
 }
 
 gpu_tests() {  # the operators on CUDA (all backends) and the model, engine and AOTInductor package on CUDA
-  # five pytest processes at once: most of their time is compiling (Triton kernels, one specialisation per dtype,
+  # seven pytest processes at once: most of their time is compiling (Triton kernels, one specialisation per dtype,
   # block and argument divisibility; AOTInductor), one core each, on 16 cores; at most TESTS_S seconds, so that the
   # benchmarks after them keep their time (a test cut short is reported by pytest's summary as it stops). The model,
   # engine, AOTInductor and training tests have a process of their own: behind test_gpu.py's 96 kernel tests (many
   # Triton compiles) they would likely not be reached in TESTS_S
-  # (3 CPU threads each: five processes of torch's default 16 threads would contend for the 16 cores; no pytest
-  # cache: five processes would write it at once)
+  # (2 CPU threads each: seven processes of torch's default 16 threads would contend for the 16 cores; no pytest
+  # cache: seven processes would write it at once)
   local STEP_CAP_S=$TESTS_S kernels="tensor_core or portable or called_directly"
-  local -a pytest=(env OMP_NUM_THREADS=3 python3 -m pytest -q -rs --durations=10 -p no:cacheprovider)
+  local -a pytest=(env OMP_NUM_THREADS=2 python3 -m pytest -q -rs --durations=10 -p no:cacheprovider)
   timed "GPU tests: Triton score operators" tests_gpu_triton_score.log \
     "${pytest[@]}" tests/test_ops.py -k "triton and (score or concat)" &
   timed "GPU tests: Triton attention and other operator tests" tests_gpu_triton.log \
@@ -169,10 +169,17 @@ gpu_tests() {  # the operators on CUDA (all backends) and the model, engine and 
     "${pytest[@]}" tests/test_ops.py -k "not triton" &
   timed "GPU tests: CUDA kernels (tensor-core and portable)" tests_gpu_kernels.log \
     "${pytest[@]}" tests/test_gpu.py -k "$kernels" &
-  timed "GPU tests: model, engine, AOTInductor, training, resampling" tests_gpu_model.log \
-    "${pytest[@]}" tests/test_gpu.py tests/test_resample.py -k "not ($kernels)" &
+  timed "GPU tests: model, engine, training, resampling" tests_gpu_model.log \
+    "${pytest[@]}" tests/test_gpu.py tests/test_resample.py -k "not ($kernels) and not aoti" &
+  # each AOTInductor package test in a process of its own: loading the CUDA C++ one crashed its process on the H200
+  # (segmentation fault, h200_2026-12-04b), which took the other one's failure message and the tests after it along
+  timed "GPU tests: AOTInductor, Triton" tests_gpu_aoti_triton.log \
+    "${pytest[@]}" tests/test_gpu.py -k "aoti and triton" &
+  timed "GPU tests: AOTInductor, CUDA C++" tests_gpu_aoti_cuda.log \
+    "${pytest[@]}" tests/test_gpu.py -k "aoti and not triton" &
   wait
-  for log in tests_gpu_triton_score tests_gpu_triton tests_gpu_ops tests_gpu_kernels tests_gpu_model; do
+  for log in tests_gpu_triton_score tests_gpu_triton tests_gpu_ops tests_gpu_kernels tests_gpu_model \
+      tests_gpu_aoti_triton tests_gpu_aoti_cuda; do
     tail -1 "$OUT/$log.log" 2>/dev/null
   done
 }
@@ -181,6 +188,8 @@ ops() {  # the fused operators against eager and SDPA: the kernels issue's targe
   timed bench_ops bench_ops.txt python3 benchmarks/bench_ops.py --dtype bf16 --compile no --out "$OUT"
   # the host time of the eager and autograd paths (launches stubbed), which the small shapes' timings include
   timed bench_host bench_host.txt python3 benchmarks/bench_host.py --out "$OUT"
+  # the engine's Triton resamplings against ATen's, one by one (which launch the e2e profile's bilinear time is)
+  timed bench_resample bench_resample.txt python3 benchmarks/bench_resample.py --out "$OUT"
 }
 
 e2e_rn50() {  # the engine issue's headline: RN50 512x512 batch 1 and 16 (torch.compile: compile_baselines); the

@@ -758,3 +758,25 @@ def test_startup_benchmark_times_each_stage_in_fresh_processes(tmp_path, monkeyp
         assert abs(sum(r["stages_s"].values()) - r["total_s"]) < 1e-9 and r["process_wall_s"][0] >= r["total_s"]
     assert "| RN50 | safetensors | cpu, float32 | 64x64 |" in (tmp_path / "startup_t.md").read_text()
 
+
+
+def test_bench_resample_times_each_case_against_aten(tmp_path, monkeypatch):
+    """benchmarks/bench_resample.py's CPU smoke run (tiny shapes, Triton's interpreter; one timing a call): every case
+    has its ATen row and its Triton rows, none failed, the markdown says them; the Triton rows' results equal ATen's
+    (what is timed is the kernel the engine runs, not another)."""
+    import torch
+
+    from benchmarks import bench_resample
+
+    monkeypatch.setattr(bench_resample, "_time", lambda fn, device: (fn(), (1.0, 1.0, 1.0))[1])
+    assert bench_resample.main(["--out", str(tmp_path), "--tag", "t", "--batches", "1"]) == 0
+    rows = json.loads((tmp_path / "resample_t.json").read_text())["rows"]
+    assert [r["case"] for r in rows] == ["logits resize"] * 3 + ["FPN 2x upsampling"] * 2 + [
+        "average pooling 2x2"] * 2 + ["FPN top-down step"] * 2  # fmt: skip
+    assert not any("error" in r for r in rows) and all(r["bytes"] > 0 for r in rows)
+    assert "| FPN top-down step |" in (tmp_path / "resample_t.md").read_text()
+    for case, _, _, fns in bench_resample.cases(1, torch.device("cpu"), small=True):
+        if case == "FPN top-down step":
+            continue  # in place: each call adds again
+        results = [fn().float() for fn in fns.values()]
+        assert all(torch.allclose(r.reshape(results[0].shape), results[0], rtol=2e-2, atol=2e-2) for r in results)

@@ -1,0 +1,128 @@
+"""The engine's Triton resamplings (ops/triton/resample.py) against the ATen operators they replace, one by one, at
+the shapes of an RN50 512x512 engine (batch 1 and 16).
+
+    python benchmarks/bench_resample.py [--out benchmarks/results] [--tag NAME] [--batches 1 16]
+
+Cases: the logits' resize to the image (150 bfloat16 NHWC planes of 128x128 -> float32 NCHW 512x512; ATen: the
+float32 NCHW copy the engine made first, then the resize of every plane; Triton: straight from the NHWC map, and
+from an NCHW copy of it, which tells whether the kernel's gathers across the NHWC map are what it waits on), the FPN
+head's 2x upsampling (128 channels, 64x64 -> 128x128 NHWC bfloat16), a bottleneck's 2x2 average pooling (256
+channels, 128x128 NHWC), the FPN's top-down step (256 channels, 64x64 nearest-upsampled and added into 128x128).
+Each timed with triton.testing.do_bench (L2 flushed) and as a CUDA-graph replay ('graph ms', the engine's way), with
+the bytes it must move (inputs read once, output written once) and the rate that makes at the graph time. On the
+H200 (benchmarks/results/h200_2026-12-04c/e2e_rn50_whole.md) the Triton bilinear kernel's 7 launches took 203 us at
+batch 1, where ATen's logits resize alone had taken 169 us: this benchmark says which launch that was. On a CPU:
+tiny shapes under Triton's interpreter, a smoke run (no timing worth reading).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+
+import torch
+
+if not torch.cuda.is_available():  # the kernels on CPU tensors: Triton's interpreter, chosen before triton's import
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch.nn.functional as F  # noqa: E402
+
+from benchmarks.bench_ops import HBM_BYTES_PER_S, _graph_time, _time  # noqa: E402
+from benchmarks.common import Results, failure  # noqa: E402
+from benchmarks.common import environment as common_environment  # noqa: E402
+from denseclip_fast.ops.triton import resample  # noqa: E402
+
+NHWC = torch.channels_last
+
+
+def cases(batch: int, device: torch.device, small: bool) -> list[tuple[str, str, int, dict[str, Callable[[], object]]]]:
+    """(case, shape, bytes moved, {contestant: call}) at ``batch`` (``small``: every side / 8, channels / 8)."""
+    s = 8 if small else 1
+    k, c_up, c_pool, side = 150 // s, 128 // s, 256 // s, 128 // s
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g).to(device, torch.bfloat16).contiguous(memory_format=NHWC)
+
+    logits = rand(batch, k, side, side)
+    image = (4 * side, 4 * side)
+
+    def aten_logits() -> torch.Tensor:
+        planes = logits.to(torch.float32, memory_format=torch.contiguous_format).view(batch * k, 1, side, side)
+        return F.interpolate(planes, size=image, mode="bilinear", align_corners=False)
+
+    level = rand(batch, c_up, side // 2, side // 2)
+    pooled = rand(batch, c_pool, side, side)
+    finer, coarser = rand(batch, c_pool, side, side), rand(batch, c_pool, side // 2, side // 2)
+    return [
+        ("logits resize", f"B{batch} K{k} {side}x{side} bf16 NHWC -> {image[0]}x{image[1]} fp32 NCHW",
+         logits.numel() * 2 + batch * k * image[0] * image[1] * 4,
+         {"aten (float32 copy, then resize)": aten_logits,
+          "triton": lambda: resample.bilinear(logits, image, dtype=torch.float32,
+                                              memory_format=torch.contiguous_format),
+          "triton from an NCHW copy": lambda: resample.bilinear(logits.contiguous(), image, dtype=torch.float32,
+                                                                memory_format=torch.contiguous_format)}),
+        ("FPN 2x upsampling", f"B{batch} C{c_up} {side // 2}x{side // 2} -> {side}x{side} bf16 NHWC",
+         level.numel() * 2 * 5,
+         {"aten": lambda: F.interpolate(level, size=(side, side), mode="bilinear", align_corners=False),
+          "triton": lambda: resample.bilinear(level, (side, side))}),
+        ("average pooling 2x2", f"B{batch} C{c_pool} {side}x{side} bf16 NHWC", pooled.numel() * 2 * 5 // 4,
+         {"aten": lambda: F.avg_pool2d(pooled, 2), "triton": lambda: resample.avg_pool(pooled, 2)}),
+        ("FPN top-down step", f"B{batch} C{c_pool} {side // 2}x{side // 2} into {side}x{side} bf16 NHWC",
+         finer.numel() * 2 * 2 + coarser.numel() * 2,
+         {"aten (nearest, then add)": lambda: finer + F.interpolate(coarser, size=(side, side), mode="nearest"),
+          "triton (in place)": lambda: resample.add_nearest_(finer, coarser)}),
+    ]  # fmt: skip
+
+
+def markdown(env: dict, rows: list[dict]) -> str:
+    lines = [f"# The engine's resamplings, Triton against ATen: {env['device']}", "",
+             f"torch {env['torch']}, triton {env['triton']}. Median ms by triton.testing.do_bench (L2 flushed); "
+             "graph ms: the call captured in a CUDA graph and replayed; TB/s: the bytes the case must move (inputs "
+             "read once, output written once) over the graph time (the plain time on a CPU, where the kernels run "
+             "under Triton's interpreter: a smoke run).", "",
+             "| case | shape | contestant | median ms | graph ms | TB/s | of 4.8 TB/s |", "| --- | --- | --- | --- | --- "
+             "| --- | --- |"]  # fmt: skip
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['case']} | {r['shape']} | {r['contestant']} | failed: {r['error']} | | | |")
+            continue
+        t = r["graph_ms"] if r["graph_ms"] is not None else r["median_ms"]
+        rate = r["bytes"] / (t * 1e-3) / 1e12
+        graph = f"{r['graph_ms']:.4f}" if r["graph_ms"] is not None else "-"
+        lines.append(f"| {r['case']} | {r['shape']} | {r['contestant']} | {r['median_ms']:.4f} | {graph} | "
+                     f"{rate:.2f} | {rate * 1e12 / HBM_BYTES_PER_S:.0%} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batches", nargs="+", type=int)
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    parser.add_argument("--tag", help="file name tag (default: cpu_smoke, or the GPU's name)")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    gpu = device.type == "cuda"
+    batches = args.batches or ([1, 16] if gpu else [1])
+    results = Results(args.out, "resample", args.tag, common_environment(device), {"args": vars(args)}, markdown)
+    for batch in batches:
+        for case, shape, moved, contestants in cases(batch, device, small=not gpu):
+            for name, fn in contestants.items():
+                row: dict = {"case": case, "shape": shape, "contestant": name, "bytes": moved}
+                try:
+                    median, low, high = _time(fn, device)
+                    row.update(median_ms=median, min_ms=low, max_ms=high, graph_ms=_graph_time(fn, device))
+                except Exception as exc:  # reported; the other rows still run
+                    row["error"] = failure(exc)
+                results.add(row)
+                print(row, flush=True)
+    print(markdown(results.env, results.rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
