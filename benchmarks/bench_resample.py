@@ -85,8 +85,8 @@ def markdown(env: dict, rows: list[dict]) -> str:
              "graph ms: the call captured in a CUDA graph and replayed; TB/s: the bytes the case must move (inputs "
              "read once, output written once) over the graph time (the plain time on a CPU, where the kernels run "
              "under Triton's interpreter: a smoke run).", "",
-             "| case | shape | contestant | median ms | graph ms | TB/s | of 4.8 TB/s |", "| --- | --- | --- | --- | --- "
-             "| --- | --- |"]  # fmt: skip
+             "| case | shape | contestant | median ms | graph ms | TB/s | of 4.8 TB/s |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['case']} | {r['shape']} | {r['contestant']} | failed: {r['error']} | | | |")
