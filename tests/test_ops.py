@@ -430,6 +430,37 @@ def test_attention_takes_inputs_transposed_in_their_last_two_dimensions(backend)
         torch.testing.assert_close(actual, expected)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_attention_reads_projection_views_and_writes_heads_last(monkeypatch, dtype):
+    """The model's q, k, v: (B, L, heads * D) projections viewed as (B, heads, L, D), the three of one fused
+    projection too (row strides 3 x heads x D). The Triton forward reads them as they are (no contiguous copy:
+    Tensor.contiguous is not called) and, on the eager inference path, writes the output heads-last, so that the
+    model's transpose-and-reshape after it is a view; the values equal the reference's; the operator's output
+    (the path that records gradients) stays contiguous; a D-strided input is still copied."""
+    b, heads, d, lq, lk = 2, 3, 16, 9, 21
+    fused = torch.randn(b, lk, 3, heads, d, device=DEVICE, dtype=dtype)
+    q = torch.randn(b, lq, heads * d, device=DEVICE, dtype=dtype).view(b, lq, heads, d).transpose(1, 2)
+    k, v = (fused[:, :, i].transpose(1, 2) for i in (1, 2))
+    assert k.stride(2) == 3 * heads * d and not k.is_contiguous()
+    d_strided = q.transpose(-1, -2).contiguous().transpose(-1, -2)  # its last stride is not 1
+    copies = []
+    real = torch.Tensor.contiguous
+    monkeypatch.setattr(torch.Tensor, "contiguous", lambda t, *a, **kw: copies.append(t.shape) or real(t, *a, **kw))
+    with torch.no_grad():
+        out = ops.context_attention(q, k, v, backend="triton")
+    assert copies == []
+    assert out.transpose(1, 2).is_contiguous() and out.transpose(1, 2).reshape(b, lq, heads * d).data_ptr() == (
+        out.data_ptr())  # fmt: skip
+    expected = reference.attention(q.double(), k.double(), v.double())
+    _check_close(out, expected, dtype)
+    recorded = ops.context_attention(q.clone().requires_grad_(), k, v, backend="triton")
+    assert recorded.is_contiguous()
+    _check_close(recorded.detach(), expected, dtype)
+    with torch.no_grad():
+        ops.context_attention(d_strided, k, v, backend="triton")
+    assert len(copies) == 1
+
+
 @pytest.mark.parametrize("backend", sorted({b for b, _ in BACKEND_DTYPES}))
 @pytest.mark.parametrize("where", ["one query element", "a query row", "one key element", "every key",
                                    "one value element", "a query element inf", "a query element -inf",

@@ -114,14 +114,17 @@ def context_attention(
     """``F.scaled_dot_product_attention(q, k, v)`` (no mask, no dropout, scale 1/sqrt(D)), flash-style: online
     softmax, no Lq x Lk score matrix in memory.
 
-    q: (B, heads, Lq, D); k, v: (B, heads, Lk, D), Lk >= 1. Returns (B, heads, Lq, D) in q's dtype.
+    q: (B, heads, Lq, D); k, v: (B, heads, Lk, D), Lk >= 1. Returns (B, heads, Lq, D) in q's dtype (on the
+    Triton backend's eager inference path, with no gradient to record, laid out as (B, Lq, heads, D) in memory, so
+    that merging the heads after it is a view; the Triton kernel also reads q, k and v of any strides whose last
+    one is 1 without a copy).
     """
     check_attention_inputs(q, k, v)
     chosen = backends.resolve("context_attention", q.device, q.dtype, backend, head_dim=q.shape[-1])
     if chosen == "reference" or differentiated_by_transform(q, k, v):
         return reference.attention(q, k, v)
     if chosen == "triton":
-        if eager_inference(q, k, v):
-            return _triton_kernels().attention_forward(q, k, v)[0]
+        if eager_inference(q, k, v):  # written heads-last: the model's transpose-and-reshape after it is a view
+            return _triton_kernels().attention_forward(q, k, v, heads_last=True)[0]
         return torch.ops.denseclip_fast.context_attention_triton(q, k, v)[0]
     return torch.ops.denseclip_fast.context_attention(q, k, v)[0]

@@ -51,10 +51,12 @@ if UNAVAILABLE is None:
             score.score_forward_into(out[:, cf:], norm, visual, text, scale)
         return out, norm
 
-    def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def attention_forward(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads_last: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         assert lse_dtype(q) == torch.float32, "the Triton kernels do not take float64"
         with on_device(q):
-            return attention.attention_forward(q, k, v)
+            return attention.attention_forward(q, k, v, heads_last)
 
     @triton_op("denseclip_fast::pixel_text_score_triton", mutates_args=())
     def pixel_text_score_triton(

@@ -214,10 +214,17 @@ def _jit_score_text(dt: str, which: str, k: int = 150) -> Spec:
 
 
 def _jit_attention(dt: str, d: int, which: str, lq: int, lk: int, arch: int = 90) -> Spec:
-    """attention_forward's or attention_backward's launch on contiguous q, k, v of lq queries and lk keys."""
+    """attention_forward's or attention_backward's launch for lq queries and lk keys: the backward's on contiguous
+    (B*H, L, D) tensors, the forward's as the model's eager calls launch it (q, k, v the (B, L, H, D) outputs of
+    their projections, out written heads-last alike; the decoder's 4 heads)."""
     label, fn, sig, const, options, _ = _attention(dt, d, which, arch, lq)
     args: dict[str, Any] = {name: sig[name] for name in fn.arg_names if name.endswith("_ptr")}
     args.update({"Lq": lq, "Lk": lk, "qk_scale": 0.18, "sm_scale": 0.125})
+    if which == "fwd":
+        heads = 4
+        for t, length in (("q", lq), ("k", lk), ("v", lk), ("o", lq)):
+            args.update({f"s_{t}b": length * heads * d, f"s_{t}h": d, f"s_{t}l": heads * d})
+        args["H"] = heads
     sig, const, attrs = jit_specialize(fn, {name: args[name] for name in fn.arg_names if name not in const}, const)
     return f"{label} jit-L{lq}x{lk}", fn, sig, const, options, attrs
 

@@ -59,23 +59,31 @@ def _query_block(q_ptr, do_ptr, lse_ptr, delta_ptr, bh, offs_m, Lq, D: tl.conste
 @triton.jit
 def _attn_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
-    Lq, Lk, qk_scale,
+    Lq, Lk, H, qk_scale,
+    s_qb, s_qh, s_ql, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl, s_ob, s_oh, s_ol,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr,
 ):  # fmt: skip
-    """q, k, v, o contiguous (B*H, L, D); lse (B*H, Lq) float32. qk_scale = log2(e) / sqrt(D)."""
+    """q, k, v, o (B, H, L, D) of any (batch, head, row) element strides, D contiguous (a projection's (B, L, H, D)
+    output seen as (B, H, L, D), or an output written so); lse (B*H, Lq) float32. qk_scale = log2(e) / sqrt(D)."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh - b * H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     mask_m = offs_m < Lq
-    q = tl.load(q_ptr + bh * Lq * D + offs_m[:, None] * D + offs_d[None, :], mask=mask_m[:, None], other=0.0)
+    q = tl.load(q_ptr + b * s_qb + h * s_qh + offs_m[:, None] * s_ql + offs_d[None, :], mask=mask_m[:, None],
+                other=0.0)  # fmt: skip
+    k_base = k_ptr + b * s_kb + h * s_kh
+    v_base = v_ptr + b * s_vb + h * s_vh
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, D), dtype=tl.float32)
     for n0 in range(0, Lk, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < Lk
-        k, v = _key_block(k_ptr, v_ptr, bh, offs_n, Lk, D)
+        k = tl.load(k_base + offs_n[:, None] * s_kl + offs_d[None, :], mask=mask_n[:, None], other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * s_vl + offs_d[None, :], mask=mask_n[:, None], other=0.0)
         if DOT_F32:
             s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
         else:
@@ -91,7 +99,7 @@ def _attn_fwd_kernel(
             acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
         m_i = m_new
     out = acc / l_i[:, None]
-    tl.store(o_ptr + bh * Lq * D + offs_m[:, None] * D + offs_d[None, :], out.to(o_ptr.dtype.element_ty),
+    tl.store(o_ptr + b * s_ob + h * s_oh + offs_m[:, None] * s_ol + offs_d[None, :], out.to(o_ptr.dtype.element_ty),
              mask=mask_m[:, None])  # fmt: skip
     tl.store(lse_ptr + bh * Lq + offs_m, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=mask_m)
 
@@ -254,25 +262,48 @@ def check_lengths(lq: int, lk: int, d: int) -> None:
                          "takes them")  # fmt: skip
 
 
-def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _rows_dense(t: torch.Tensor) -> bool:
+    """Whether the forward kernel can read t (B, H, L, D) as it is: D contiguous (stride 1, or D == 1)."""
+    return t.shape[-1] == 1 or t.stride(-1) == 1
+
+
+def attention_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads_last: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) of q, k, v (B, H, L, D). The kernel reads each as it is where its rows are dense (a projection's
+    (B, L, H, D) output viewed as (B, H, L, D): no copy), else a contiguous copy. ``heads_last``: out is written as
+    a (B, Lq, H, D) tensor seen as (B, H, Lq, D), so that ``out.transpose(1, 2).reshape(B, Lq, H * D)`` is a view
+    (the model's next step; the engine's eager calls); else out is contiguous (the operator's, as its fake)."""
     b, h, lq, d = q.shape
     lk = k.shape[2]
     check_lengths(lq, lk, d)
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    out = torch.empty_like(q)
+    pieces = _bh_slices(b * h)
+    if len(pieces) > 1:  # views of (B*H, L, D) per launch: every tensor contiguous then
+        q, k, v, heads_last = q.contiguous(), k.contiguous(), v.contiguous(), False
+    q, k, v = (t if _rows_dense(t) else t.contiguous() for t in (q, k, v))
+    if heads_last:
+        out = torch.empty((b, lq, h, d), dtype=q.dtype, device=q.device).transpose(1, 2)
+    else:
+        out = torch.empty((b, h, lq, d), dtype=q.dtype, device=q.device)
     lse = torch.empty((b, h, lq), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
     f32 = dot_in_f32(q.dtype)
     block_m, block_n = _blocks(lq, d, "fwd", f32, shared_memory_per_block(q.device), gpu_arch(q.device))
-    pieces = _bh_slices(b * h)
-    for p in pieces:  # views of (B*H, L, D) only when the grid needs more than one launch
-        qp, kp, vp, op, lp = (t.flatten(0, 1)[p] if len(pieces) > 1 else t for t in (q, k, v, out, lse))
+    for p in pieces:  # views of (B*H, 1, L, D) only when the grid needs more than one launch
+        qp, kp, vp, op = (t.flatten(0, 1)[p].unsqueeze(1) if len(pieces) > 1 else t for t in (q, k, v, out))
+        lp = lse.flatten(0, 1)[p] if len(pieces) > 1 else lse
         launch(_attn_fwd_kernel)[(cdiv(lq, block_m), p.stop - p.start)](
-            qp, kp, vp, op, lp, lq, lk, LOG2E / math.sqrt(d), D=d, BLOCK_M=block_m, BLOCK_N=block_n, DOT_F32=f32,
+            qp, kp, vp, op, lp, lq, lk, qp.shape[1], LOG2E / math.sqrt(d), *_bhl_strides(qp), *_bhl_strides(kp),
+            *_bhl_strides(vp), *_bhl_strides(op), D=d, BLOCK_M=block_m, BLOCK_N=block_n, DOT_F32=f32,
             num_warps=num_warps("fwd", f32, d),
-        )
+        )  # fmt: skip
     return out, lse
+
+
+def _bhl_strides(t: torch.Tensor) -> tuple[int, int, int]:
+    """(batch, head, row) element strides of t (B, H, L, D)."""
+    return t.stride(0), t.stride(1), t.stride(2)
 
 
 def attention_backward(
