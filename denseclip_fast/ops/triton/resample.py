@@ -35,10 +35,23 @@ import triton.language as tl
 
 from ..backends import MAX_GRID_Y
 from .common import cdiv, next_power_of_2, on_device
+from .score import _index
 
 WIDE_FROM = 2**31  # element offsets from here on are computed in int64
 TILE = 2048  # elements a program computes (channels x columns)
 WARPS = 8  # 8 elements a thread (4 warps: 16, which spills registers in the generic top-down step on sm_90)
+
+
+@triton.jit
+def _tile(C, H_out, W_out, BLOCK_C: tl.constexpr, BLOCK_W: tl.constexpr):
+    """This program's output tile: image n, output row oh, its channels and columns, and which of them exist."""
+    row = tl.program_id(0)
+    n = row // H_out
+    oh = row - n * H_out
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_w = tl.program_id(2) * BLOCK_W + tl.arange(0, BLOCK_W)
+    mask = (offs_c[:, None] < C) & (offs_w[None, :] < W_out)
+    return n, oh, offs_c, offs_w, mask
 
 
 @triton.jit
@@ -48,11 +61,7 @@ def _bilinear_kernel(
     scale_h, scale_w,
     BLOCK_C: tl.constexpr, BLOCK_W: tl.constexpr, WIDE: tl.constexpr,
 ):  # fmt: skip
-    row = tl.program_id(0)
-    n = row // H_out
-    oh = row - n * H_out
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    offs_w = tl.program_id(2) * BLOCK_W + tl.arange(0, BLOCK_W)
+    n, oh, offs_c, offs_w, mask = _tile(C, H_out, W_out, BLOCK_C, BLOCK_W)
     # the source row (a scalar) and columns (a vector), as ATen's area_pixel_compute_source_index
     src_h = tl.maximum(scale_h * (oh.to(tl.float32) + 0.5) - 0.5, 0.0)
     h0 = src_h.to(tl.int32)
@@ -64,19 +73,8 @@ def _bilinear_kernel(
     w1 = w0 + (w0 < W_in - 1).to(tl.int32)
     lw1 = src_w - w0.to(tl.float32)
     lw0 = 1.0 - lw1
-    if WIDE:
-        n = n.to(tl.int64)
-        oh = oh.to(tl.int64)
-        h0 = h0.to(tl.int64)
-        h1 = h1.to(tl.int64)
-        c_idx = offs_c.to(tl.int64)
-        w0 = w0.to(tl.int64)
-        w1 = w1.to(tl.int64)
-        o_w = offs_w.to(tl.int64)
-    else:
-        c_idx = offs_c
-        o_w = offs_w
-    mask = (offs_c[:, None] < C) & (offs_w[None, :] < W_out)
+    n, oh, h0, h1 = _index(n, WIDE), _index(oh, WIDE), _index(h0, WIDE), _index(h1, WIDE)
+    c_idx, w0, w1, o_w = _index(offs_c, WIDE), _index(w0, WIDE), _index(w1, WIDE), _index(offs_w, WIDE)
     base = x_ptr + n * s_xn + c_idx[:, None] * s_xc
     top, bottom = base + h0 * s_xh, base + h1 * s_xh
     left, right = w0[None, :] * s_xw, w1[None, :] * s_xw
@@ -96,20 +94,8 @@ def _avg_pool_kernel(
     s_xn, s_xc, s_xh, s_xw, s_on, s_oc, s_oh, s_ow,
     S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_W: tl.constexpr, WIDE: tl.constexpr,
 ):  # fmt: skip
-    row = tl.program_id(0)
-    n = row // H_out
-    oh = row - n * H_out
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    offs_w = tl.program_id(2) * BLOCK_W + tl.arange(0, BLOCK_W)
-    if WIDE:
-        n = n.to(tl.int64)
-        oh = oh.to(tl.int64)
-        c_idx = offs_c.to(tl.int64)
-        o_w = offs_w.to(tl.int64)
-    else:
-        c_idx = offs_c
-        o_w = offs_w
-    mask = (offs_c[:, None] < C) & (offs_w[None, :] < W_out)
+    n, oh, offs_c, offs_w, mask = _tile(C, H_out, W_out, BLOCK_C, BLOCK_W)
+    n, oh, c_idx, o_w = _index(n, WIDE), _index(oh, WIDE), _index(offs_c, WIDE), _index(offs_w, WIDE)
     base = x_ptr + n * s_xn + c_idx[:, None] * s_xc + (oh * S) * s_xh + (o_w[None, :] * S) * s_xw
     total = tl.zeros((BLOCK_C, BLOCK_W), dtype=tl.float32)
     for i in tl.static_range(S):
@@ -127,25 +113,12 @@ def _add_nearest_kernel(
     scale_h, scale_w,
     BLOCK_C: tl.constexpr, BLOCK_W: tl.constexpr, WIDE: tl.constexpr,
 ):  # fmt: skip
-    row = tl.program_id(0)
-    n = row // H_out
-    oh = row - n * H_out
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    offs_w = tl.program_id(2) * BLOCK_W + tl.arange(0, BLOCK_W)
+    n, oh, offs_c, offs_w, mask = _tile(C, H_out, W_out, BLOCK_C, BLOCK_W)
     # ATen's nearest_neighbor_compute_source_index: min(floor(dst * scale), size - 1)
     ih = tl.minimum(tl.floor(oh.to(tl.float32) * scale_h).to(tl.int32), H_in - 1)
     iw = tl.minimum(tl.floor(offs_w.to(tl.float32) * scale_w).to(tl.int32), W_in - 1)
-    if WIDE:
-        n = n.to(tl.int64)
-        oh = oh.to(tl.int64)
-        ih = ih.to(tl.int64)
-        iw = iw.to(tl.int64)
-        c_idx = offs_c.to(tl.int64)
-        o_w = offs_w.to(tl.int64)
-    else:
-        c_idx = offs_c
-        o_w = offs_w
-    mask = (offs_c[:, None] < C) & (offs_w[None, :] < W_out)
+    n, oh, ih, iw = _index(n, WIDE), _index(oh, WIDE), _index(ih, WIDE), _index(iw, WIDE)
+    c_idx, o_w = _index(offs_c, WIDE), _index(offs_w, WIDE)
     a = tl.load(a_ptr + n * s_an + c_idx[:, None] * s_ac + oh * s_ah + o_w[None, :] * s_aw, mask=mask, other=0.0)
     b = tl.load(b_ptr + n * s_bn + c_idx[:, None] * s_bc + ih * s_bh + iw[None, :] * s_bw, mask=mask, other=0.0)
     value = a.to(tl.float32) + b.to(tl.float32)
