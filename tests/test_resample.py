@@ -114,8 +114,12 @@ def test_resample_rejects_bad_input():
         resample.avg_pool(x, 5)
     with pytest.raises(ValueError, match="s must be a positive int"):
         resample.avg_pool(x, 0)
-    with pytest.raises(ValueError, match=r"out \(1, 2, 8, 8\) .* does not fit x \(1, 3, 4, 4\)"):
+    with pytest.raises(ValueError, match=r"bilinear_into: \(1, 3, 4, 4\) torch.float32 on .* does not fit \(1, 2, "):
         resample.bilinear_into(torch.empty(1, 2, 8, 8, device=DEVICE), x)
+    with pytest.raises(ValueError, match=r"add_nearest_: .* torch.float64 .* \(same N, C, dtype and device expected\)"):
+        resample.add_nearest_(x, x.double())
+    with pytest.raises(ValueError, match=r"add_nearest_: an empty map \(1, 3, 0, 4\) has nothing to give"):
+        resample.add_nearest_(x, x[:, :, :0])
 
 
 def _with_kernels_here(monkeypatch: pytest.MonkeyPatch) -> None:

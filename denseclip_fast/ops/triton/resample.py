@@ -27,6 +27,7 @@ Average pooling (kernel = stride = s, no padding, floor of the sizes): the windo
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -168,23 +169,33 @@ def _nhwc(x: torch.Tensor) -> bool:
     return x.stride(1) == 1 and x.is_contiguous(memory_format=torch.channels_last)
 
 
+def _plan(name: str, out: torch.Tensor, src: torch.Tensor, same_dtype: bool) -> tuple[Any, ...] | None:
+    """The launch of a kernel that writes ``out`` (N, C, h, w) from ``src`` (N, C, H, W): (grid, BLOCK_C, BLOCK_W,
+    WIDE); None when out is empty (nothing to launch). A ValueError naming ``name`` where they do not fit."""
+    _check_4d(name, out, src)
+    if out.shape[:2] != src.shape[:2] or src.device != out.device or (same_dtype and src.dtype != out.dtype):
+        raise ValueError(f"{name}: {tuple(src.shape)} {src.dtype} on {src.device} does not fit {tuple(out.shape)} "
+                         f"{out.dtype} on {out.device} (same N, C{', dtype' if same_dtype else ''} and device "
+                         "expected)")  # fmt: skip
+    if out.numel() == 0:
+        return None
+    if src.numel() == 0:
+        raise ValueError(f"{name}: an empty map {tuple(src.shape)} has nothing to give {tuple(out.shape)}")
+    block_c, block_w = blocks(out.shape[1], out.shape[3], out.stride(1))
+    wide = max(_last_offset(src), _last_offset(out)) >= WIDE_FROM
+    return _grid(out, block_c, block_w), block_c, block_w, wide
+
+
 def bilinear_into(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``out`` (N, C, h, w), any strides and float dtype, = x (N, C, H, W) resized to (h, w) bilinearly with
     align_corners=False, as ``F.interpolate(x, size=(h, w))``; returns ``out``."""
-    _check_4d("bilinear_into", out, x)
-    if out.shape[:2] != x.shape[:2] or x.device != out.device:
-        raise ValueError(f"bilinear_into: out {tuple(out.shape)} on {out.device} does not fit x {tuple(x.shape)} on "
-                         f"{x.device} (same N, C and device expected)")  # fmt: skip
-    if out.numel() == 0:
+    plan = _plan("bilinear_into", out, x, same_dtype=False)
+    if plan is None:
         return out
-    if x.numel() == 0:
-        raise ValueError(f"bilinear_into: an empty input {tuple(x.shape)} has nothing to resize to {tuple(out.shape)}")
-    _, c, h_in, w_in = x.shape
-    _, _, h_out, w_out = out.shape
-    block_c, block_w = blocks(c, w_out, out.stride(1))
-    wide = max(_last_offset(x), _last_offset(out)) >= WIDE_FROM
+    grid, block_c, block_w, wide = plan
+    (_, c, h_in, w_in), (h_out, w_out) = x.shape, out.shape[2:]
     with on_device(x):
-        _bilinear_kernel[_grid(out, block_c, block_w)](
+        _bilinear_kernel[grid](
             x, out, c, h_in, w_in, h_out, w_out, *x.stride(), *out.stride(), _scale(h_in, h_out),
             _scale(w_in, w_out), BLOCK_C=block_c, BLOCK_W=block_w, WIDE=wide, num_warps=WARPS,
         )  # fmt: skip
@@ -229,21 +240,13 @@ def avg_pool(x: torch.Tensor, s: int) -> torch.Tensor:
 def add_nearest_(finer: torch.Tensor, coarser: torch.Tensor) -> torch.Tensor:
     """``finer += F.interpolate(coarser, size=finer.shape[2:], mode="nearest")`` in place (one pass: the sum in
     float32, rounded once, as ATen's addition), for maps of one dtype and device; returns ``finer``."""
-    _check_4d("add_nearest_", finer, coarser)
-    if finer.shape[:2] != coarser.shape[:2] or finer.dtype != coarser.dtype or finer.device != coarser.device:
-        raise ValueError(f"add_nearest_: coarser {tuple(coarser.shape)} {coarser.dtype} on {coarser.device} does not "
-                         f"fit finer {tuple(finer.shape)} {finer.dtype} on {finer.device} (same N, C, dtype and "
-                         "device expected)")  # fmt: skip
-    if finer.numel() == 0:
+    plan = _plan("add_nearest_", finer, coarser, same_dtype=True)
+    if plan is None:
         return finer
-    if coarser.numel() == 0:
-        raise ValueError(f"add_nearest_: an empty coarser map {tuple(coarser.shape)} has nothing to add")
-    _, c, h_in, w_in = coarser.shape
-    _, _, h_out, w_out = finer.shape
-    block_c, block_w = blocks(c, w_out, finer.stride(1))
-    wide = max(_last_offset(finer), _last_offset(coarser)) >= WIDE_FROM
+    grid, block_c, block_w, wide = plan
+    (_, c, h_in, w_in), (h_out, w_out) = coarser.shape, finer.shape[2:]
     with on_device(finer):
-        _add_nearest_kernel[_grid(finer, block_c, block_w)](
+        _add_nearest_kernel[grid](
             finer, coarser, finer, c, h_in, w_in, h_out, w_out, *finer.stride(), *coarser.stride(), *finer.stride(),
             _scale(h_in, h_out), _scale(w_in, w_out), BLOCK_C=block_c, BLOCK_W=block_w, WIDE=wide, num_warps=WARPS,
         )  # fmt: skip
