@@ -18,6 +18,7 @@ compilers contract its products into FMAs differently).
 
 from __future__ import annotations
 
+import functools
 import os
 import typing
 from typing import Any
@@ -28,7 +29,6 @@ from torch import nn
 
 from ..model.heads import FPN, Upsample2x
 from ..model.layers import plain_tensors
-from ..ops.triton import UNAVAILABLE
 
 DEVICE_TYPES = ("cuda",)  # where the kernels run (tests add "cpu": Triton's interpreter)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -40,14 +40,25 @@ def _kernels() -> Any:
     return resample
 
 
+@functools.lru_cache(maxsize=1)
+def _triton_available() -> bool:
+    """Whether the Triton backend imports here. Asked only for a tensor the kernels could take: importing it at
+    ``import denseclip_fast`` would import torch's compiler (torch.library.triton_op: seconds of a fresh process,
+    tests/test_packaging.py)."""
+    from ..ops.triton import UNAVAILABLE
+
+    return UNAVAILABLE is None
+
+
 def enabled() -> bool:
     """Triton importable and the kernels not switched off (``DENSECLIP_FAST_TRITON_RESAMPLE=0``)."""
-    return UNAVAILABLE is None and os.environ.get("DENSECLIP_FAST_TRITON_RESAMPLE", "1") != "0"
+    return os.environ.get("DENSECLIP_FAST_TRITON_RESAMPLE", "1") != "0" and _triton_available()
 
 
 def usable(x: torch.Tensor) -> bool:
-    """Whether a resampling of ``x`` may take the Triton kernels (module docstring)."""
-    return x.dtype in DTYPES and enabled() and plain_tensors(x.dtype, DEVICE_TYPES, x)
+    """Whether a resampling of ``x`` may take the Triton kernels (module docstring); a CPU tensor is refused before
+    anything imports Triton."""
+    return x.dtype in DTYPES and plain_tensors(x.dtype, DEVICE_TYPES, x) and enabled()
 
 
 class TritonUpsample2x(Upsample2x):
