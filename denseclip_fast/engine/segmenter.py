@@ -357,7 +357,8 @@ class Segmenter:
             if self._cudnn_fusion_problem is None:
                 fuse_cudnn_convolutions(self.model)
                 gemm_pointwise_convolutions(self.model)  # the 1x1 ones without a ReLU: cuBLAS, bias in its epilogue
-            # the FPN's 2x upsamplings and the ResNet's average poolings by Triton kernels (cuda_resample.py)
+            # the FPN head's 2x upsamplings, the FPN's top-down steps and the ResNet's average poolings by Triton
+            # kernels (cuda_resample.py)
             cuda_resample.swap_resamplings(self.model)
         self._text = self._embed(self.model.class_names)  # the buffer the graphs read; refreshed in place
         self._vocabularies: OrderedDict[tuple[str, ...], torch.Tensor] = OrderedDict()
