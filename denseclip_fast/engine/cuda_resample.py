@@ -9,7 +9,7 @@ ResNet's average poolings 96 us, the FPN's nearest upsamplings 38 us (and the su
 Where it applies: a Segmenter on a GPU swaps its private model's ``FPN`` (the neck), ``Upsample2x`` (the FPN head's
 scale heads) and ``nn.AvgPool2d(s)`` modules (the ResNet stem's, each strided bottleneck's and its shortcut's) for
 the modules below (:func:`swap_resamplings`), and resizes its logits (engine.segmenter.resized) with
-:func:`resize_into`. A call that needs gradients or that something records (torch.compile, torch.export, a
+:func:`resize_planes`. A call that needs gradients or that something records (torch.compile, torch.export, a
 dispatch mode), a tensor that is not a plain CUDA one, Triton missing, or ``DENSECLIP_FAST_TRITON_RESAMPLE=0`` take
 PyTorch's ``F.interpolate``, ``F.avg_pool2d`` and addition, as the model computes them. The pooling and the
 top-down step equal ATen's bit for bit; the bilinear resize may differ from it in the last bits of float32 (where the
@@ -66,9 +66,7 @@ class TritonUpsample2x(Upsample2x):
     kernel where :func:`usable`, in the input's dtype and layout."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 4 and usable(x):
-            return _kernels().bilinear(x, (2 * x.shape[-2], 2 * x.shape[-1]))
-        return super().forward(x)
+        return resize(x, (2 * x.shape[-2], 2 * x.shape[-1]))
 
 
 class TritonAvgPool2d(nn.Module):
@@ -144,14 +142,22 @@ def swap_resamplings(model: nn.Module) -> int:
 
 
 def resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """x (N, C, H, W) resized to ``size`` by the Triton kernel, in x's dtype and layout (as F.interpolate); for a
-    caller that asked :func:`usable`."""
-    return typing.cast(torch.Tensor, _kernels().bilinear(x, size))
+    """``F.interpolate(x, size, mode="bilinear", align_corners=False)``: by the Triton kernel where :func:`usable`, in
+    x's dtype and layout (as F.interpolate's), else F.interpolate itself."""
+    if x.dim() == 4 and usable(x):
+        return typing.cast(torch.Tensor, _kernels().bilinear(x, size))
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
-def resize_into(out: torch.Tensor, scores: torch.Tensor) -> torch.Tensor | None:
-    """``out`` (N, C, H, W) = ``scores`` (N, C, h, w) resized bilinearly (align_corners=False) by the Triton kernel,
-    reading scores in their own dtype and layout; None (nothing written) where the kernel does not apply."""
-    if not (usable(scores) and plain_tensors(out.dtype, DEVICE_TYPES, out)) or scores.numel() == 0:
+def resize_planes(scores: torch.Tensor, size: tuple[int, int], out: torch.Tensor | None = None) -> torch.Tensor | None:
+    """``scores`` (N, C, h, w) resized bilinearly (align_corners=False) to float32 (N, C, H, W) NCHW planes by the
+    Triton kernel, reading scores in their own dtype and layout, into ``out`` (N*C*H*W float32 values) when given;
+    None (nothing allocated or written) where the kernel does not apply."""
+    if scores.dim() != 4 or scores.numel() == 0 or not usable(scores):
         return None
-    return _kernels().bilinear_into(out, scores)
+    if out is not None and not plain_tensors(torch.float32, DEVICE_TYPES, out):
+        return None
+    n, c = scores.shape[:2]
+    shape = (n, c, int(size[0]), int(size[1]))
+    target = torch.empty(shape, dtype=torch.float32, device=scores.device) if out is None else out.view(shape)
+    return typing.cast(torch.Tensor, _kernels().bilinear_into(target, scores))

@@ -90,15 +90,12 @@ def resized(scores: torch.Tensor, size: Any, out: torch.Tensor | None = None) ->
     CPU resize of several channels picks its kernel, whose additions differ in order (1e-7), by the channel count and
     the thread count (its channels_last kernel for 3 channels on one thread), and a channels_last input computes a
     chunk's channels in other vector and scalar steps than the whole. On a GPU the Triton kernel
-    (cuda_resample.resize_into) reads the scores as they are (dtype and layout) and writes the float32 planes in one
+    (cuda_resample.resize_planes) reads the scores as they are (dtype and layout) and writes the float32 planes in one
     pass, each element from its four inputs alone."""
-    if size is not None and scores.dim() == 4 and cuda_resample.usable(scores):
-        n, c = scores.shape[:2]
-        height, width = int(size[0]), int(size[1])
-        target = (torch.empty((n, c, height, width), dtype=torch.float32, device=scores.device) if out is None
-                  else out.view(n, c, height, width))  # fmt: skip
-        if cuda_resample.resize_into(target, scores) is not None:
-            return target
+    if size is not None:
+        planes = cuda_resample.resize_planes(scores, size, out)
+        if planes is not None:
+            return planes
     scores = scores.to(torch.float32, memory_format=torch.contiguous_format)
     if size is None:
         return scores

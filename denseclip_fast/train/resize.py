@@ -33,20 +33,12 @@ def interpolation_matrix(n_in: int, n_out: int, device: torch.device, dtype: tor
     return F.interpolate(eye, size=n_out, mode="linear", align_corners=False)[0].t()
 
 
-def interpolate(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """``F.interpolate(x, size, mode="bilinear", align_corners=False)``, by the Triton kernel where
-    cuda_resample.usable (a plain CUDA tensor, nothing recording the call, no gradient to record)."""
-    if cuda_resample.usable(x):
-        return cuda_resample.resize(x, size)
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-
-
 class _BilinearResize(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         ctx.in_size = tuple(x.shape[-2:])
         ctx.channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
-        return interpolate(x, size)
+        return cuda_resample.resize(x, size)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
@@ -73,6 +65,6 @@ def resize_to(x: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tens
         raise ValueError(f"resize_to's size must be (height, width), two positive ints, got {tuple(size)!r}")
     size = (int(size[0]), int(size[1]))
     if not (x.requires_grad and torch.is_grad_enabled()):
-        return interpolate(x, size)
+        return cuda_resample.resize(x, size)
     result: torch.Tensor = _BilinearResize.apply(x, size)
     return result
