@@ -114,6 +114,11 @@ def test_resample_rejects_bad_input():
         resample.avg_pool(x, 5)
     with pytest.raises(ValueError, match="s must be a positive int"):
         resample.avg_pool(x, 0)
+    with pytest.raises(ValueError, match="s must be a positive int, got True"):
+        resample.avg_pool(x, True)
+    for size in ((8,), (8, 0), (8, 2.0), (8, 8, 8)):
+        with pytest.raises(ValueError, match=r"bilinear: size must be \(height, width\), two positive ints"):
+            resample.bilinear(x, size)
     with pytest.raises(ValueError, match=r"bilinear_into: \(1, 3, 4, 4\) torch.float32 on .* does not fit \(1, 2, "):
         resample.bilinear_into(torch.empty(1, 2, 8, 8, device=DEVICE), x)
     with pytest.raises(ValueError, match=r"add_nearest_: .* torch.float64 .* \(same N, C, dtype and device expected\)"):

@@ -208,9 +208,11 @@ def bilinear(x: torch.Tensor, size: Sequence[int], dtype: torch.dtype | None = N
     align_corners=False)``, in ``dtype`` (x's if None) and ``memory_format`` (x's own layout if None: channels_last
     where x has NHWC strides)."""
     _check_4d("bilinear", x)
+    if len(size) != 2 or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in size):
+        raise ValueError(f"bilinear: size must be (height, width), two positive ints, got {tuple(size)!r}")
     if memory_format is None:
         memory_format = torch.channels_last if _nhwc(x) else torch.contiguous_format
-    out = torch.empty((x.shape[0], x.shape[1], int(size[0]), int(size[1])), dtype=dtype or x.dtype, device=x.device,
+    out = torch.empty((x.shape[0], x.shape[1], size[0], size[1]), dtype=dtype or x.dtype, device=x.device,
                       memory_format=memory_format)  # fmt: skip
     return bilinear_into(out, x)
 
@@ -218,7 +220,7 @@ def bilinear(x: torch.Tensor, size: Sequence[int], dtype: torch.dtype | None = N
 def avg_pool(x: torch.Tensor, s: int) -> torch.Tensor:
     """``F.avg_pool2d(x, s)`` (kernel = stride = s, no padding) of x (N, C, H, W), in x's dtype and layout."""
     _check_4d("avg_pool", x)
-    if not isinstance(s, int) or s < 1:
+    if not isinstance(s, int) or isinstance(s, bool) or s < 1:
         raise ValueError(f"avg_pool: s must be a positive int, got {s!r}")
     n, c, h, w = x.shape
     if h < s or w < s:
