@@ -1,11 +1,14 @@
 """The engine's Triton resamplings (ops/triton/resample.py) against the ATen operators they replace, one by one, at
 the shapes of an RN50 512x512 engine (batch 1 and 16).
 
-    python benchmarks/bench_resample.py [--out benchmarks/results] [--tag NAME] [--batches 1 16]
+    python benchmarks/bench_resample.py [--out benchmarks/results] [--tag NAME] [--batches 1 16] [--no-sweep]
 
 Cases: the logits' resize to the image (150 bfloat16 NHWC planes of 128x128 -> float32 NCHW 512x512; ATen: the
 float32 NCHW copy the engine made first, then the resize of every plane; Triton: straight from the NHWC map, and
-from an NCHW copy of it, which tells whether the kernel's gathers across the NHWC map are what it waits on), the FPN
+from an NCHW copy of it, which tells whether the kernel's gathers across the NHWC map are what it waits on; into a
+preallocated buffer, as the engine's graph does, with the default tiling and (on a GPU) 35 others: rows a program,
+blocks, warps; from an NHWC map whose channels are padded to 16, which tells whether the pixels' 300-byte stride,
+known 4-byte aligned only, costs the loads their width; and the write floor, the output filled), the FPN
 head's 2x upsampling (128 channels, 64x64 -> 128x128 NHWC bfloat16), a bottleneck's 2x2 average pooling (256
 channels, 128x128 NHWC), the FPN's top-down step (256 channels, 64x64 nearest-upsampled and added into 128x128).
 Each timed with triton.testing.do_bench (L2 flushed) and as a CUDA-graph replay ('graph ms', the engine's way), with
@@ -39,8 +42,28 @@ from denseclip_fast.ops.triton import resample  # noqa: E402
 NHWC = torch.channels_last
 
 
-def cases(batch: int, device: torch.device, small: bool) -> list[tuple[str, str, int, dict[str, Callable[[], object]]]]:
-    """(case, shape, bytes moved, {contestant: call}) at ``batch`` (``small``: every side / 8, channels / 8)."""
+def next_multiple(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def tilings(sweep: bool) -> list[resample.Tiling]:
+    """The bilinear tilings the logits case times besides the default: output rows a program (1, 2, 4), its
+    (channels, columns) block of 2048 elements or 4096 (8 x 256 the default for an NCHW output), 4 or 8 warps;
+    without ``sweep`` two of them (a smoke run)."""
+    if not sweep:
+        return [resample.Tiling(2, 8, 32, 4), resample.Tiling(4, 4, 64, 8)]
+    blocks = ((8, 256), (16, 128), (32, 64), (4, 512), (16, 256), (32, 128))
+    return [resample.Tiling(rows, c, w, warps) for rows in (1, 2, 4) for c, w in blocks for warps in (4, 8)]
+
+
+def label(tile: resample.Tiling) -> str:
+    return f"{tile.rows} row{'s' if tile.rows > 1 else ''} x {tile.block_c} ch x {tile.block_w} col, {tile.warps} warps"
+
+
+def cases(batch: int, device: torch.device, small: bool,
+          sweep: bool = False) -> list[tuple[str, str, int, dict[str, Callable[[], object]]]]:  # fmt: skip
+    """(case, shape, bytes moved, {contestant: call}) at ``batch`` (``small``: every side / 8, channels / 8; ``sweep``:
+    the logits case with every tiling of :func:`tilings`)."""
     s = 8 if small else 1
     k, c_up, c_pool, side = 150 // s, 128 // s, 256 // s, 128 // s
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -50,22 +73,38 @@ def cases(batch: int, device: torch.device, small: bool) -> list[tuple[str, str,
 
     logits = rand(batch, k, side, side)
     image = (4 * side, 4 * side)
+    # the same map in an NHWC buffer of channels padded to a multiple of 16 (pixel rows 16-byte aligned)
+    padded = torch.empty(batch, next_multiple(k, 16), side, side, device=device, dtype=torch.bfloat16,
+                         memory_format=NHWC)[:, :k].copy_(logits)  # fmt: skip
+    logits_out = torch.empty(batch, k, *image, device=device)
 
     def aten_logits() -> torch.Tensor:
         planes = logits.to(torch.float32, memory_format=torch.contiguous_format).view(batch * k, 1, side, side)
         return F.interpolate(planes, size=image, mode="bilinear", align_corners=False)
+
+    def into(x: torch.Tensor, tile: resample.Tiling | None = None) -> Callable[[], torch.Tensor]:
+        return lambda: resample.bilinear_into(logits_out, x, tile)
+
+    default = resample.tiling(logits_out)
+    logits_contestants: dict[str, Callable[[], object]] = {
+        "aten (float32 copy, then resize)": aten_logits,
+        "triton": lambda: resample.bilinear(logits, image, dtype=torch.float32, memory_format=torch.contiguous_format),
+        "triton from an NCHW copy": lambda: resample.bilinear(logits.contiguous(), image, dtype=torch.float32,
+                                                              memory_format=torch.contiguous_format),
+        "triton into a buffer": into(logits),
+        "triton into a buffer, channels padded to 16": into(padded),
+        "write floor (the output filled)": lambda: logits_out.fill_(1.0),
+    }  # fmt: skip
+    for tile in tilings(sweep):
+        if tile != default:
+            logits_contestants[f"triton into a buffer, {label(tile)}"] = into(logits, tile)
 
     level = rand(batch, c_up, side // 2, side // 2)
     pooled = rand(batch, c_pool, side, side)
     finer, coarser = rand(batch, c_pool, side, side), rand(batch, c_pool, side // 2, side // 2)
     return [
         ("logits resize", f"B{batch} K{k} {side}x{side} bf16 NHWC -> {image[0]}x{image[1]} fp32 NCHW",
-         logits.numel() * 2 + batch * k * image[0] * image[1] * 4,
-         {"aten (float32 copy, then resize)": aten_logits,
-          "triton": lambda: resample.bilinear(logits, image, dtype=torch.float32,
-                                              memory_format=torch.contiguous_format),
-          "triton from an NCHW copy": lambda: resample.bilinear(logits.contiguous(), image, dtype=torch.float32,
-                                                                memory_format=torch.contiguous_format)}),
+         logits.numel() * 2 + logits_out.numel() * 4, logits_contestants),
         ("FPN 2x upsampling", f"B{batch} C{c_up} {side // 2}x{side // 2} -> {side}x{side} bf16 NHWC",
          level.numel() * 2 * 5,
          {"aten": lambda: F.interpolate(level, size=(side, side), mode="bilinear", align_corners=False),
@@ -104,13 +143,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", nargs="+", type=int)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     parser.add_argument("--tag", help="file name tag (default: cpu_smoke, or the GPU's name)")
+    parser.add_argument("--no-sweep", action="store_true", help="on a GPU, time the logits resize with the default "
+                        "tiling and two others only (36 tilings otherwise)")  # fmt: skip
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gpu = device.type == "cuda"
     batches = args.batches or ([1, 16] if gpu else [1])
     results = Results(args.out, "resample", args.tag, common_environment(device), {"args": vars(args)}, markdown)
     for batch in batches:
-        for case, shape, moved, contestants in cases(batch, device, small=not gpu):
+        for case, shape, moved, contestants in cases(batch, device, small=not gpu, sweep=gpu and not args.no_sweep):
             for name, fn in contestants.items():
                 row: dict = {"case": case, "shape": shape, "contestant": name, "bytes": moved}
                 try:

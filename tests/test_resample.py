@@ -75,6 +75,19 @@ def test_bilinear_into_takes_any_output_strides_and_int64_offsets(monkeypatch):
     assert torch.equal(resample.bilinear(x, (11, 13)), buffer[:, 2:8].contiguous())
 
 
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize("tile", [resample.Tiling(2, 4, 16, 4), resample.Tiling(4, 8, 8, 8),
+                                  resample.Tiling(8, 2, 32, 2), resample.Tiling(1, 16, 4, 1)])  # fmt: skip
+def test_bilinear_tilings_agree_bit_for_bit(tile, layout):
+    """Several rows a program (output heights that are not a multiple of them), blocks smaller than the channels and
+    columns, other warps: the default tiling's values bit for bit (an output element depends on its inputs alone)."""
+    x = _map(2, 11, 5, 7, torch.bfloat16, layout, seed=2)
+    out = torch.empty(2, 11, 13, 19, device=DEVICE)  # NCHW float32, the logits' way
+    want = resample.bilinear_into(torch.empty_like(out), x)
+    assert torch.equal(resample.bilinear_into(out, x, tile), want)
+    _check_rounded(want, F.interpolate(x.double(), size=(13, 19), mode="bilinear", align_corners=False), torch.float32)
+
+
 def _pool_in_aten_order(x: torch.Tensor, s: int) -> torch.Tensor:
     """The window summed in float32 row by row, left to right, divided by s * s, rounded once (ATen's kernels)."""
     n, c, h, w = x.shape
@@ -121,6 +134,8 @@ def test_resample_rejects_bad_input():
             resample.bilinear(x, size)
     with pytest.raises(ValueError, match=r"bilinear_into: \(1, 3, 4, 4\) torch.float32 on .* does not fit \(1, 2, "):
         resample.bilinear_into(torch.empty(1, 2, 8, 8, device=DEVICE), x)
+    with pytest.raises(ValueError, match=r"tiling must hold powers of two .* got Tiling\(rows=3"):
+        resample.bilinear_into(torch.empty(1, 3, 8, 8, device=DEVICE), x, resample.Tiling(3, 4, 4, 4))
     with pytest.raises(ValueError, match=r"add_nearest_: .* torch.float64 .* \(same N, C, dtype and device expected\)"):
         resample.add_nearest_(x, x.double())
     with pytest.raises(ValueError, match=r"add_nearest_: an empty map \(1, 3, 0, 4\) has nothing to give"):

@@ -254,6 +254,8 @@ def _resample(which: str, dt: str, out_dt: str, layout: str, out_layout: str, c:
     floats: tuple[str, ...] = () if which == "avg_pool" else ("scale_h", "scale_w")
     if which == "avg_pool":
         const["S"] = side // out_side
+    if which == "bilinear":
+        const["ROWS"] = resample.ROWS
     ptrs = {"x_ptr": f"*{dt}", "out_ptr": f"*{out_dt}"}
     if which == "add_nearest":  # the finer map (a), the coarser (b, the input here), the sum into a
         ptrs = {"a_ptr": f"*{dt}", "b_ptr": f"*{dt}", "out_ptr": f"*{out_dt}"}

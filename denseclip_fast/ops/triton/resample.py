@@ -9,8 +9,9 @@ at 4.8 TB/s) took 169 us, after a float32 copy of the head's output; the Semanti
 bfloat16 maps (about 14 MB written in all) took 149 us; the ResNet's eight 2x2 average poolings 96 us; the FPN's
 three nearest upsamplings 38 us, and their sums more. At batch 16 these took 7.3 of the 13.9 ms of GPU time.
 
-Bilinear: one program per (image, output row), block of channels and block of output columns; the tile's pixels
-along the output's unit stride (columns of an NCHW output, channels of an NHWC one). The arithmetic is ATen's CUDA
+Bilinear: one program per (image, ROWS output rows), block of channels and block of output columns (a
+:class:`Tiling`); the tile's pixels along the output's unit stride (columns of an NCHW output, channels of an NHWC
+one). The arithmetic is ATen's CUDA
 kernels': scale = in / out (float32), source = max(scale (dst + 0.5) - 0.5, 0), index = its floor, the next one
 clamped to the last, weights l1 = source - index and l0 = 1 - l1, value = lh0 (lw0 x00 + lw1 x01) + lh1 (lw0 x10 +
 lw1 x11) in float32, rounded once to the output's dtype. Compilers may contract those products into FMAs in other
@@ -27,7 +28,7 @@ Average pooling (kernel = stride = s, no padding, floor of the sizes): the windo
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -40,6 +41,7 @@ from .score import _index
 
 WIDE_FROM = 2**31  # element offsets from here on are computed in int64
 TILE = 2048  # elements a program computes (channels x columns)
+ROWS = 1  # output rows a bilinear program computes
 WARPS = 8  # 8 elements a thread (4 warps: 16, which spills registers in the generic top-down step on sm_90)
 
 
@@ -60,10 +62,16 @@ def _bilinear_kernel(
     x_ptr, out_ptr, C, H_in, W_in, H_out, W_out,
     s_xn, s_xc, s_xh, s_xw, s_on, s_oc, s_oh, s_ow,
     scale_h, scale_w,
-    BLOCK_C: tl.constexpr, BLOCK_W: tl.constexpr, WIDE: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_W: tl.constexpr, WIDE: tl.constexpr,
 ):  # fmt: skip
-    n, oh, offs_c, offs_w, mask = _tile(C, H_out, W_out, BLOCK_C, BLOCK_W)
-    # the source row (a scalar) and columns (a vector), as ATen's area_pixel_compute_source_index
+    # this program's tile: image n, ROWS consecutive output rows (oh), a block of channels and one of columns
+    row_blocks = tl.cdiv(H_out, ROWS)
+    n = tl.program_id(0) // row_blocks
+    oh = (tl.program_id(0) - n * row_blocks) * ROWS + tl.arange(0, ROWS)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_w = tl.program_id(2) * BLOCK_W + tl.arange(0, BLOCK_W)
+    mask = (oh[:, None, None] < H_out) & (offs_c[None, :, None] < C) & (offs_w[None, None, :] < W_out)
+    # the source rows and columns, as ATen's area_pixel_compute_source_index
     src_h = tl.maximum(scale_h * (oh.to(tl.float32) + 0.5) - 0.5, 0.0)
     h0 = src_h.to(tl.int32)
     h1 = h0 + (h0 < H_in - 1).to(tl.int32)
@@ -76,16 +84,17 @@ def _bilinear_kernel(
     lw0 = 1.0 - lw1
     n, oh, h0, h1 = _index(n, WIDE), _index(oh, WIDE), _index(h0, WIDE), _index(h1, WIDE)
     c_idx, w0, w1, o_w = _index(offs_c, WIDE), _index(w0, WIDE), _index(w1, WIDE), _index(offs_w, WIDE)
-    base = x_ptr + n * s_xn + c_idx[:, None] * s_xc
-    top, bottom = base + h0 * s_xh, base + h1 * s_xh
-    left, right = w0[None, :] * s_xw, w1[None, :] * s_xw
+    base = x_ptr + n * s_xn + c_idx[None, :, None] * s_xc
+    top, bottom = base + h0[:, None, None] * s_xh, base + h1[:, None, None] * s_xh
+    left, right = w0[None, None, :] * s_xw, w1[None, None, :] * s_xw
     x00 = tl.load(top + left, mask=mask, other=0.0).to(tl.float32)
     x01 = tl.load(top + right, mask=mask, other=0.0).to(tl.float32)
     x10 = tl.load(bottom + left, mask=mask, other=0.0).to(tl.float32)
     x11 = tl.load(bottom + right, mask=mask, other=0.0).to(tl.float32)
-    lw0, lw1 = lw0[None, :], lw1[None, :]
+    lw0, lw1 = lw0[None, None, :], lw1[None, None, :]
+    lh0, lh1 = lh0[:, None, None], lh1[:, None, None]
     value = lh0 * (lw0 * x00 + lw1 * x01) + lh1 * (lw0 * x10 + lw1 * x11)
-    out = out_ptr + n * s_on + c_idx[:, None] * s_oc + oh * s_oh + o_w[None, :] * s_ow
+    out = out_ptr + n * s_on + c_idx[None, :, None] * s_oc + oh[:, None, None] * s_oh + o_w[None, None, :] * s_ow
     tl.store(out, value.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -149,9 +158,9 @@ def _check_4d(name: str, *tensors: torch.Tensor) -> None:
                              f"{tuple(t.shape)}")  # fmt: skip
 
 
-def _grid(out: torch.Tensor, block_c: int, block_w: int) -> tuple[int, int, int]:
+def _grid(out: torch.Tensor, block_c: int, block_w: int, rows: int = 1) -> tuple[int, int, int]:
     n, c, h, w = out.shape
-    grid = (n * h, cdiv(c, block_c), cdiv(w, block_w))
+    grid = (n * cdiv(h, rows), cdiv(c, block_c), cdiv(w, block_w))
     if grid[1] > MAX_GRID_Y or grid[2] > MAX_GRID_Y:
         raise ValueError(f"resample: an output of {c} channels and {w} columns is past the launch grid's limit")
     return grid
@@ -169,35 +178,60 @@ def _nhwc(x: torch.Tensor) -> bool:
     return x.stride(1) == 1 and x.is_contiguous(memory_format=torch.channels_last)
 
 
-def _plan(name: str, out: torch.Tensor, src: torch.Tensor, same_dtype: bool) -> tuple[Any, ...] | None:
-    """The launch of a kernel that writes ``out`` (N, C, h, w) from ``src`` (N, C, H, W): (grid, BLOCK_C, BLOCK_W,
-    WIDE); None when out is empty (nothing to launch). A ValueError naming ``name`` where they do not fit."""
+class Tiling(NamedTuple):
+    """How a bilinear launch splits its output: output rows, channels and columns a program computes, and its warps
+    (:func:`tiling`'s choice unless a caller, such as benchmarks/bench_resample.py's sweep, gives one)."""
+
+    rows: int
+    block_c: int
+    block_w: int
+    warps: int
+
+
+def tiling(out: torch.Tensor) -> Tiling:
+    """The bilinear launch's tiling of ``out`` (N, C, h, w): ROWS output rows a program, :func:`blocks`, WARPS."""
+    return Tiling(ROWS, *blocks(out.shape[1], out.shape[3], out.stride(1)), WARPS)
+
+
+def _plan(name: str, out: torch.Tensor, src: torch.Tensor, same_dtype: bool) -> bool:
+    """Whether a kernel that writes ``out`` (N, C, h, w) from ``src`` (N, C, H, W) has anything to launch (False:
+    out is empty); a ValueError naming ``name`` where they do not fit."""
     _check_4d(name, out, src)
     if out.shape[:2] != src.shape[:2] or src.device != out.device or (same_dtype and src.dtype != out.dtype):
         raise ValueError(f"{name}: {tuple(src.shape)} {src.dtype} on {src.device} does not fit {tuple(out.shape)} "
                          f"{out.dtype} on {out.device} (same N, C{', dtype' if same_dtype else ''} and device "
                          "expected)")  # fmt: skip
     if out.numel() == 0:
-        return None
+        return False
     if src.numel() == 0:
         raise ValueError(f"{name}: an empty map {tuple(src.shape)} has nothing to give {tuple(out.shape)}")
-    block_c, block_w = blocks(out.shape[1], out.shape[3], out.stride(1))
-    wide = max(_last_offset(src), _last_offset(out)) >= WIDE_FROM
-    return _grid(out, block_c, block_w), block_c, block_w, wide
+    return True
 
 
-def bilinear_into(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def _wide(*tensors: torch.Tensor) -> bool:
+    return max(_last_offset(t) for t in tensors) >= WIDE_FROM
+
+
+def _check_tiling(t: Tiling) -> None:
+    fields = (t.rows, t.block_c, t.block_w, t.warps)
+    if not all(isinstance(v, int) and v > 0 and v & (v - 1) == 0 for v in fields):
+        raise ValueError(f"bilinear_into: tiling must hold powers of two (rows, block_c, block_w, warps), got {t}")
+
+
+def bilinear_into(out: torch.Tensor, x: torch.Tensor, tile: Tiling | None = None) -> torch.Tensor:
     """``out`` (N, C, h, w), any strides and float dtype, = x (N, C, H, W) resized to (h, w) bilinearly with
-    align_corners=False, as ``F.interpolate(x, size=(h, w))``; returns ``out``."""
-    plan = _plan("bilinear_into", out, x, same_dtype=False)
-    if plan is None:
+    align_corners=False, as ``F.interpolate(x, size=(h, w))``; returns ``out``. ``tile``: the launch's
+    :class:`Tiling` (:func:`tiling`'s when None), which changes the speed, not a value."""
+    if not _plan("bilinear_into", out, x, same_dtype=False):
         return out
-    grid, block_c, block_w, wide = plan
+    t = tiling(out) if tile is None else tile
+    _check_tiling(t)
     (_, c, h_in, w_in), (h_out, w_out) = x.shape, out.shape[2:]
     with on_device(x):
-        _bilinear_kernel[grid](
+        _bilinear_kernel[_grid(out, t.block_c, t.block_w, t.rows)](
             x, out, c, h_in, w_in, h_out, w_out, *x.stride(), *out.stride(), _scale(h_in, h_out),
-            _scale(w_in, w_out), BLOCK_C=block_c, BLOCK_W=block_w, WIDE=wide, num_warps=WARPS,
+            _scale(w_in, w_out), ROWS=t.rows, BLOCK_C=t.block_c, BLOCK_W=t.block_w, WIDE=_wide(x, out),
+            num_warps=t.warps,
         )  # fmt: skip
     return out
 
@@ -230,11 +264,10 @@ def avg_pool(x: torch.Tensor, s: int) -> torch.Tensor:
     if out.numel() == 0:
         return out
     block_c, block_w = blocks(c, w // s, out.stride(1))
-    wide = max(_last_offset(x), _last_offset(out)) >= WIDE_FROM
     with on_device(x):
         _avg_pool_kernel[_grid(out, block_c, block_w)](
             x, out, c, h // s, w // s, *x.stride(), *out.stride(), S=s, BLOCK_C=block_c, BLOCK_W=block_w,
-            WIDE=wide, num_warps=WARPS,
+            WIDE=_wide(x, out), num_warps=WARPS,
         )  # fmt: skip
     return out
 
@@ -242,14 +275,14 @@ def avg_pool(x: torch.Tensor, s: int) -> torch.Tensor:
 def add_nearest_(finer: torch.Tensor, coarser: torch.Tensor) -> torch.Tensor:
     """``finer += F.interpolate(coarser, size=finer.shape[2:], mode="nearest")`` in place (one pass: the sum in
     float32, rounded once, as ATen's addition), for maps of one dtype and device; returns ``finer``."""
-    plan = _plan("add_nearest_", finer, coarser, same_dtype=True)
-    if plan is None:
+    if not _plan("add_nearest_", finer, coarser, same_dtype=True):
         return finer
-    grid, block_c, block_w, wide = plan
+    block_c, block_w = blocks(finer.shape[1], finer.shape[3], finer.stride(1))
     (_, c, h_in, w_in), (h_out, w_out) = coarser.shape, finer.shape[2:]
     with on_device(finer):
-        _add_nearest_kernel[grid](
+        _add_nearest_kernel[_grid(finer, block_c, block_w)](
             finer, coarser, finer, c, h_in, w_in, h_out, w_out, *finer.stride(), *coarser.stride(), *finer.stride(),
-            _scale(h_in, h_out), _scale(w_in, w_out), BLOCK_C=block_c, BLOCK_W=block_w, WIDE=wide, num_warps=WARPS,
+            _scale(h_in, h_out), _scale(w_in, w_out), BLOCK_C=block_c, BLOCK_W=block_w, WIDE=_wide(finer, coarser),
+            num_warps=WARPS,
         )  # fmt: skip
     return finer
