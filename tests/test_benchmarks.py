@@ -488,7 +488,9 @@ def test_score_tuning_sweep_tries_each_variant_and_restores_the_defaults(tmp_pat
     assert failed == {"P64 C48 w8", "P16 C48 w8 2/SM"}, rows
     assert all(r["rel_err_vs_default"] < 1e-5 for r in rows if "error" not in r)
     assert (score._blocks, score.FUSED_BLOCKS, score.BWD_WARPS, score.FUSED_BLOCKS_NHWC) == before
-    assert "P16 C48 w8 2/SM | failed" in (tmp_path / "tune_score_t.md").read_text()
+    md = (tmp_path / "tune_score_t.md").read_text()
+    assert "P16 C48 w8 2/SM | failed" in md and "| variant | graph | median |" in md
+    assert [r["graph_ms"] for r in rows if r["direction"] == "forward" and "error" not in r] == [None, None]  # a CPU
 
 
 def test_triton_nchw_probe_judges_each_specialisation(tmp_path, monkeypatch):
