@@ -370,8 +370,9 @@ def profile_kernels(
     """Where the time of one call goes, by kernel: torch.profiler over ``calls`` calls (after one untimed call).
     On CUDA the GPU kernels (and copies) by their device time, on a CPU the operators by their self CPU time; per
     call, the ``top`` largest and the rest summed. Returns {"unit", "total_us", "kernels": [{name, count, us,
-    share}]} (per call); an empty list when the profiler saw no kernel (e.g. a CUDA graph whose replays it does not
-    trace)."""
+    share}], "every_kernel": the same for every kernel, none summed (for the JSON: the long tail of small launches
+    is where a fused engine's time hides)} (per call); empty lists when the profiler saw no kernel (e.g. a CUDA graph
+    whose replays it does not trace)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -397,14 +398,16 @@ def profile_kernels(
             times.append((e.key, e.count, us))
     times.sort(key=lambda t: -t[2])
     total = sum(us for _, _, us in times)
-    kernels = [{"name": name[:120], "count": count / calls, "us": us / calls, "share": us / total}
-               for name, count, us in times[:top]]  # fmt: skip
+    every = [{"name": name[:120], "count": count / calls, "us": us / calls, "share": us / total}
+             for name, count, us in times]  # fmt: skip
+    kernels = every[:top]
     rest = times[top:]
     if rest:
         us = sum(t[2] for t in rest)
         kernels.append({"name": f"({len(rest)} others)", "count": sum(t[1] for t in rest) / calls, "us": us / calls,
                         "share": us / total})  # fmt: skip
-    return {"unit": "GPU kernel time" if cuda else "CPU self time", "total_us": total / calls, "kernels": kernels}
+    return {"unit": "GPU kernel time" if cuda else "CPU self time", "total_us": total / calls, "kernels": kernels,
+            "every_kernel": every}
 
 
 def profile_markdown(title: str, profile: dict) -> str:

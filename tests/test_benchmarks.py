@@ -452,6 +452,8 @@ def test_profiles_say_where_the_time_goes():
     assert next(k for k in prof["kernels"] if k["name"] == "aten::mm")["count"] == 1  # per call, not per run
     short = profile_kernels(lambda t: (t @ t).relu().sum(), x, torch.device("cpu"), calls=1, top=1)
     assert len(short["kernels"]) == 2 and short["kernels"][1]["name"].endswith("others)")
+    assert short["every_kernel"][0] == short["kernels"][0] and len(short["every_kernel"]) > 2  # none summed
+    assert abs(sum(k["share"] for k in short["every_kernel"]) - 1) < 1e-6
     assert "| `aten::mm` | 1 |" in profile_markdown("t", prof)
     assert "recorded no kernels" in profile_markdown("t", {"unit": "GPU kernel time", "total_us": 0, "kernels": []})
     row = {"contestant": "engine-bf16", "arch": "RN50", "mode": "whole", "shape": [1, 3, 64, 64], "profile": prof,
