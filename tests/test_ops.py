@@ -93,9 +93,9 @@ def test_pixel_text_score_forward_and_backward(backend, dtype, shape, batched):
     visual, text = _visual(b, c, h, w, layout, dtype), _text(b, k, c, batched, dtype)
     (out, v_grad, t_grad), (expected, v64_grad, t64_grad) = _score_with_reference(visual, text, 0.5, backend)
     assert out.dtype == dtype and out.shape == (b, k, h, w)
-    if backend != "reference":  # the kernels keep visual's layout (the reference only defines the values)
-        nhwc = visual.is_contiguous(memory_format=torch.channels_last) and not visual.is_contiguous()
-        assert out.is_contiguous(memory_format=torch.channels_last if nhwc else torch.contiguous_format)
+    # every backend keeps visual's layout (the reference backend too, whose einsum chooses its own)
+    nhwc = visual.is_contiguous(memory_format=torch.channels_last) and not visual.is_contiguous()
+    assert out.is_contiguous(memory_format=torch.channels_last if nhwc else torch.contiguous_format)
     _check_close(out, expected, dtype)
     _check_close(v_grad, v64_grad, dtype, 2)
     _check_close(t_grad, t64_grad, dtype, 2)
@@ -136,6 +136,8 @@ def test_score_concat(backend, dtype, layout):
     out = ops.score_concat(f, v, t, 2.0, backend=backend)
     out.backward(grad.to(dtype))
     assert out.shape == (2, 16, 5, 6)
+    nhwc = visual.is_contiguous(memory_format=torch.channels_last) and not visual.is_contiguous()
+    assert out.is_contiguous(memory_format=torch.channels_last if nhwc else torch.contiguous_format)  # visual's
     assert torch.equal(out[:, :9], feature)  # the feature channels are copied, not recomputed
     _check_close(out, expected, dtype)
     for actual, wanted in ((f.grad, f64.grad), (v.grad, v64.grad), (t.grad, t64.grad)):
@@ -263,7 +265,7 @@ def test_zero_pixel_in_16_bit(backend, dtype):
     _check_close(v_grad.where(nonzero, 0), v64_grad.where(nonzero, 0), dtype, 2)
 
 
-@pytest.mark.parametrize("backend", sorted({b for b in dict(BACKEND_DTYPES) if b != "reference"}))
+@pytest.mark.parametrize("backend", sorted(dict(BACKEND_DTYPES)))
 def test_layout_does_not_depend_on_the_batch_size(backend):
     """The score map of the pool's pixel tokens (a channels_last view with a padded batch stride) is NHWC at every
     batch size, B = 1 included, where a batch stride means nothing: a graph AOTInductor compiled at B = 2 relies on

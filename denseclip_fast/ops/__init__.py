@@ -65,6 +65,14 @@ def _triton_kernels():
     return kernels
 
 
+def _in_score_layout(out: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
+    """The reference's result in the layout every other backend gives (score_memory_format: channels_last when
+    visual is): torch.cat and einsum choose their own (an NCHW map where a channels_last feature met NCHW scores)."""
+    from .library import score_memory_format
+
+    return out.contiguous(memory_format=score_memory_format(visual))
+
+
 def pixel_text_score(
     visual: torch.Tensor, text: torch.Tensor, scale: float = 1.0, *, backend: str | None = None
 ) -> torch.Tensor:
@@ -82,7 +90,7 @@ def pixel_text_score(
     scale = check_scale(scale)
     chosen = backends.resolve("pixel_text_score", visual.device, visual.dtype, backend)
     if chosen == "reference" or differentiated_by_transform(visual, text):
-        return reference.pixel_text_score(visual, text, scale)
+        return _in_score_layout(reference.pixel_text_score(visual, text, scale), visual)
     if chosen == "triton":
         if eager_inference(visual, text):
             return _triton_kernels().score_forward(visual, text, scale)[0]
@@ -100,7 +108,7 @@ def score_concat(
     scale = check_scale(scale)
     chosen = backends.resolve("score_concat", visual.device, visual.dtype, backend)
     if chosen == "reference" or differentiated_by_transform(feature, visual, text):
-        return reference.score_concat(feature, visual, text, scale)
+        return _in_score_layout(reference.score_concat(feature, visual, text, scale), visual)
     if chosen == "triton":
         if eager_inference(feature, visual, text):
             return _triton_kernels().concat_forward(feature, visual, text, scale)[0]
