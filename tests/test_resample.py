@@ -211,6 +211,39 @@ def test_swap_resamplings_keeps_the_model_function(monkeypatch):
     assert rel_err(got, want) <= 1e-5
 
 
+def test_a_training_step_through_the_swapped_pools(monkeypatch):
+    """The trainer's swap (pools only: the FPN and the upsamplings stay the model's) on a tiny RN model in training
+    mode: the loss and every parameter's gradient as the unswapped model's (1e-5), the Triton backward called once
+    a pooling (7)."""
+    import copy
+
+    _with_kernels_here(monkeypatch)
+    model = randomized(dcf.DenseCLIP(tiny_config("resnet"), NAMES)).train()
+    swapped = copy.deepcopy(model)
+    assert cuda_resample.swap_resamplings(swapped, pools_only=True) == 8  # 7 poolings and the AvgPool2d(1)
+    assert type(swapped.neck) is type(model.neck) and not any(
+        isinstance(m, cuda_resample.TritonUpsample2x) for m in swapped.modules())  # fmt: skip
+    calls = []
+    real = resample.avg_pool_backward
+    monkeypatch.setattr(resample, "avg_pool_backward", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(2, 3, 64, 64, device=DEVICE)
+    losses = []
+    for net in (model, swapped):
+        net.to(DEVICE)
+        torch.manual_seed(0)  # the same dropout masks
+        feats = net.extract(x)
+        logits, score = net.logits_and_score(feats, net.context_prompt(feats, net.class_embeddings()), None)
+        loss = logits.square().mean() + score.square().mean()
+        loss.backward()
+        losses.append(loss.detach())
+    assert len(calls) == 7
+    assert rel_err(losses[1], losses[0]) <= 1e-5
+    grads = dict(model.named_parameters())
+    for name, p in swapped.named_parameters():
+        if p.grad is not None or grads[name].grad is not None:
+            assert rel_err(p.grad, grads[name].grad) <= 1e-5, name
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: ATen's CUDA kernels are the comparison")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_kernels_equal_aten_on_cuda(dtype):
@@ -234,9 +267,71 @@ def test_kernels_equal_aten_on_cuda(dtype):
             x = _map(*shape, dtype, layout)
             got, want = resample.avg_pool(x, 2), F.avg_pool2d(x, 2)
             assert got.stride() == want.stride() and torch.equal(got, want), (shape, layout)
+            leaf = x.detach().requires_grad_()
+            F.avg_pool2d(leaf, 2).backward(want)
+            got = resample.avg_pool_backward(want, x.shape, 2, resample.layout_of(x))
+            assert got.stride() == leaf.grad.stride() and torch.equal(got, leaf.grad), (shape, layout)
             coarser = _map(shape[0], shape[1], (shape[2] + 1) // 2, (shape[3] + 1) // 2, dtype, layout, seed=4)
             want = x + F.interpolate(coarser, size=shape[2:], mode="nearest")
             assert torch.equal(resample.add_nearest_(x, coarser), want), (shape, layout)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc", "sliced"])
+@pytest.mark.parametrize(("shape", "s"), [((2, 5, 8, 9), 2), ((1, 3, 7, 10), 3), ((2, 33, 5, 4), 2),
+                                          ((1, 4, 2, 2), 2)])  # fmt: skip
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_avg_pool_backward_equals_aten(shape, s, layout, dtype):
+    """Odd sizes (the rows and columns no window covers get zero), windows of 2 and 3, any layout of the output's
+    gradient: ATen's avg_pool2d backward, bit for bit where the interpreter rounds as a GPU (bfloat16 within its
+    rounding); the result in the layout asked for."""
+    x = _map(*shape, dtype, layout, seed=5)
+    n, c, h, w = shape
+    grad = _map(n, c, h // s, w // s, dtype, layout, seed=6)
+    leaf = x.detach().requires_grad_()
+    F.avg_pool2d(leaf, s).backward(grad)
+    fmt = resample.layout_of(x)
+    got = resample.avg_pool_backward(grad, x.shape, s, fmt)
+    assert got.shape == x.shape and got.dtype == dtype
+    assert got.is_contiguous(memory_format=fmt)
+    if dtype == torch.bfloat16 and not x.is_cuda:
+        _check_rounded(got, leaf.grad.double(), dtype)
+    else:
+        assert torch.equal(got, leaf.grad)
+    with pytest.raises(ValueError, match=r"avg_pool_backward: grad \(.*\) is not the gradient of a"):
+        resample.avg_pool_backward(grad[:, 1:], x.shape, s)
+
+
+def test_avg_pool_trains_through_the_kernels(monkeypatch):
+    """TritonAvgPool2d where autograd records the call: the Triton forward and backward (each called), the values and
+    the gradient of F.avg_pool2d; a second derivative through it raises instead of being silently wrong; under a
+    recording mode, or switched off, PyTorch's pooling."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    _with_kernels_here(monkeypatch)
+    calls = []
+    real_fwd, real_bwd = resample.avg_pool, resample.avg_pool_backward
+    monkeypatch.setattr(resample, "avg_pool", lambda *a: calls.append("fwd") or real_fwd(*a))
+    monkeypatch.setattr(resample, "avg_pool_backward", lambda *a: calls.append("bwd") or real_bwd(*a))
+    pool = cuda_resample.TritonAvgPool2d(2)
+    x = _map(2, 6, 7, 8, torch.float32, "nhwc", seed=7).requires_grad_()
+    ref = x.detach().clone().requires_grad_()
+    out = pool(x)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    F.avg_pool2d(ref, 2).backward(grad)
+    assert calls == ["fwd", "bwd"]
+    assert torch.equal(out, F.avg_pool2d(ref, 2)) and torch.equal(x.grad, ref.grad)
+    assert x.grad.is_contiguous(memory_format=torch.channels_last)
+    out = pool(x)
+    (g,) = torch.autograd.grad(out, x, torch.ones_like(out), create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+        torch.autograd.grad(g.sum(), x)
+    calls.clear()
+    with FlopCounterMode(display=False):
+        pool(x).sum().backward()
+    monkeypatch.setenv("DENSECLIP_FAST_TRITON_RESAMPLE", "0")
+    pool(x).sum().backward()
+    assert calls == []
 
 
 @pytest.mark.parametrize("layout", ["nchw", "nhwc", "sliced"])

@@ -26,9 +26,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from ..model.heads import FPN, Upsample2x
-from ..model.layers import plain_tensors
+from ..model.layers import intercepted, plain_tensors
 
 DEVICE_TYPES = ("cuda",)  # where the kernels run (tests add "cpu": Triton's interpreter)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -69,17 +70,47 @@ class TritonUpsample2x(Upsample2x):
         return resize(x, (2 * x.shape[-2], 2 * x.shape[-1]))
 
 
+def trainable(x: torch.Tensor) -> bool:
+    """Whether a resampling of ``x`` that autograd records may take the Triton kernels forward and backward: x needs
+    a gradient, nothing else records or transforms the call (intercepted: torch.compile, a dispatch mode, forward-mode
+    AD), x is a plain CUDA tensor of a float dtype, and the kernels are on."""
+    return (torch.is_grad_enabled() and x.requires_grad and x.dtype in DTYPES and not intercepted()
+            and type(x) in (torch.Tensor, nn.Parameter) and x.device.type in DEVICE_TYPES and enabled())  # fmt: skip
+
+
+class _AvgPool(torch.autograd.Function):
+    """The Triton average pooling with the Triton backward (ATen's NHWC backward took 4.75 ms of an RN50 training
+    step's 88 ms of GPU time at batch 16 on an H200, benchmarks/results/h200_2026-12-04c/train_rn50_b16.md: about
+    ten times the bytes it moves at the HBM's rate). Keeps x's size and layout for the backward, not x; once
+    differentiable (a second derivative through it raises)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, s: int) -> torch.Tensor:
+        ctx.s, ctx.size = s, tuple(x.shape)
+        ctx.memory_format = _kernels().layout_of(x)
+        return typing.cast(torch.Tensor, _kernels().avg_pool(x, s))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return _kernels().avg_pool_backward(grad, ctx.size, ctx.s, ctx.memory_format), None
+
+
 class TritonAvgPool2d(nn.Module):
     """``nn.AvgPool2d(s)`` (kernel = stride = s, no padding, floor sizes) by the Triton kernel where :func:`usable`
-    (and the map has a window), in the input's dtype and layout."""
+    (and the map has a window), in the input's dtype and layout; where autograd records the call
+    (:func:`trainable`), the Triton kernels forward and backward."""
 
     def __init__(self, s: int) -> None:
         super().__init__()
         self.s = s
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 4 and x.shape[-2] >= self.s and x.shape[-1] >= self.s and usable(x):
-            return _kernels().avg_pool(x, self.s)
+        if x.dim() == 4 and x.shape[-2] >= self.s and x.shape[-1] >= self.s:
+            if usable(x):
+                return _kernels().avg_pool(x, self.s)
+            if trainable(x):
+                return typing.cast(torch.Tensor, _AvgPool.apply(x, self.s))
         return F.avg_pool2d(x, self.s)
 
     def extra_repr(self) -> str:
@@ -120,13 +151,16 @@ def _single(value: Any) -> int | None:
     return int(values.pop()) if len(values) == 1 else None
 
 
-def swap_resamplings(model: nn.Module) -> int:
+def swap_resamplings(model: nn.Module, pools_only: bool = False) -> int:
     """Replace ``model``'s ``FPN``, ``Upsample2x`` and plain ``nn.AvgPool2d(s)`` modules with the Triton ones (an
-    ``nn.AvgPool2d(1)``, a copy, with ``nn.Identity``), in place; returns how many (a second call: none)."""
+    ``nn.AvgPool2d(1)``, a copy, with ``nn.Identity``), in place; returns how many (a second call: none).
+    ``pools_only``: the average poolings alone (the trainer's: the others' kernels have no backward)."""
     count = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             s = _plain_pool(child)
+            if pools_only and s is None:
+                continue
             if type(child) is Upsample2x:
                 setattr(parent, name, TritonUpsample2x())
             elif type(child) is FPN:

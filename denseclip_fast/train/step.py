@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..engine import cuda_resample
 from ..model import DenseCLIP
 from .config import TrainConfig
 from .optim import freeze_text_encoder
@@ -25,9 +26,13 @@ def memory_format(cfg: TrainConfig, device: torch.device) -> torch.memory_format
 
 def prepare_model(model: DenseCLIP, cfg: TrainConfig, device: torch.device) -> DenseCLIP:
     """The model as a run trains it: text encoder frozen, on ``device``, in train mode, channels_last weights where
-    the run uses them (the parameters keep their names and values), gradient checkpointing if asked."""
+    the run uses them (the parameters keep their names and values), gradient checkpointing if asked; on CUDA the
+    ResNet's average poolings by the Triton kernels, forward and backward (engine/cuda_resample.py: PyTorch's where
+    they do not apply)."""
     freeze_text_encoder(model)
     model.to(device).train()
+    if device.type == "cuda":
+        cuda_resample.swap_resamplings(model, pools_only=True)
     if memory_format(cfg, device) == torch.channels_last:
         model.to(memory_format=torch.channels_last)
     if cfg.grad_checkpointing:

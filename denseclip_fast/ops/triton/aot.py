@@ -237,6 +237,8 @@ RESAMPLES = (("bilinear", "bf16", "fp32", "nhwc", "nchw", 150, 128, 512),  # the
              ("bilinear", "fp32", "fp32", "nhwc", "nhwc", 128, 16, 32),
              ("avg_pool", "bf16", "bf16", "nhwc", "nhwc", 256, 128, 64),  # the ResNet's 2x2 poolings
              ("avg_pool", "fp32", "fp32", "nhwc", "nhwc", 256, 128, 64),
+             ("avg_pool_backward", "bf16", "bf16", "nhwc", "nhwc", 256, 64, 128),  # the trainer's poolings
+             ("avg_pool_backward", "fp32", "fp32", "nhwc", "nhwc", 256, 64, 128),
              ("add_nearest", "bf16", "bf16", "nhwc", "nhwc", 256, 64, 128),  # the FPN's top-down step
              ("add_nearest", "fp32", "fp32", "nhwc", "nhwc", 256, 64, 128))  # fmt: skip
 
@@ -250,13 +252,17 @@ def _resample(which: str, dt: str, out_dt: str, layout: str, out_layout: str, c:
     block_c, block_w = resample.blocks(c, out_side, o_strides[1])
     const: dict[str, Any] = {"BLOCK_C": block_c, "BLOCK_W": block_w, "WIDE": False}
     fn: Any = {"bilinear": resample._bilinear_kernel, "avg_pool": resample._avg_pool_kernel,
+               "avg_pool_backward": resample._avg_pool_backward_kernel,
                "add_nearest": resample._add_nearest_kernel}[which]  # fmt: skip
-    floats: tuple[str, ...] = () if which == "avg_pool" else ("scale_h", "scale_w")
-    if which == "avg_pool":
-        const["S"] = side // out_side
+    pooling = which.startswith("avg_pool")
+    floats: tuple[str, ...] = () if pooling else ("scale_h", "scale_w")
+    if pooling:  # the window: the ratio of the sides (the backward's input is the pooled gradient)
+        const["S"] = max(side, out_side) // min(side, out_side)
     if which == "bilinear":
         const["ROWS"] = resample.ROWS
     ptrs = {"x_ptr": f"*{dt}", "out_ptr": f"*{out_dt}"}
+    if which == "avg_pool_backward":
+        ptrs = {"g_ptr": f"*{dt}", "out_ptr": f"*{out_dt}"}
     if which == "add_nearest":  # the finer map (a), the coarser (b, the input here), the sum into a
         ptrs = {"a_ptr": f"*{dt}", "b_ptr": f"*{dt}", "out_ptr": f"*{out_dt}"}
     label = f"{which} {dt}->{out_dt} {layout}->{out_layout} C={c}"
@@ -271,6 +277,7 @@ def _resample(which: str, dt: str, out_dt: str, layout: str, out_layout: str, c:
                             "scale_h": 0.25, "scale_w": 0.25}  # fmt: skip
     args.update(zip(("s_xn", "s_xc", "s_xh", "s_xw"), nchw_strides(x_strides, side)))
     args.update(zip(("s_bn", "s_bc", "s_bh", "s_bw"), nchw_strides(x_strides, side)))
+    args.update(zip(("s_gn", "s_gc", "s_gh", "s_gw"), nchw_strides(x_strides, side)))
     args.update(zip(("s_on", "s_oc", "s_oh", "s_ow"), nchw_strides(o_strides, out_side)))
     args.update(zip(("s_an", "s_ac", "s_ah", "s_aw"), nchw_strides(o_strides, out_side)))
     sig, const, attrs = jit_specialize(fn, {k: v for k, v in args.items() if k in fn.arg_names}, const)

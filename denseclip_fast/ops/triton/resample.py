@@ -111,8 +111,27 @@ def _avg_pool_kernel(
     for i in tl.static_range(S):
         for j in tl.static_range(S):
             total += tl.load(base + i * s_xh + j * s_xw, mask=mask, other=0.0).to(tl.float32)
-    value = total / (S * S)
+    value = tl.math.div_rn(total, S * S * 1.0)  # IEEE division, as ATen's (Triton's '/' is div.full: 2 ulp)
     out = out_ptr + n * s_on + c_idx[:, None] * s_oc + oh * s_oh + o_w[None, :] * s_ow
+    tl.store(out, value.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _avg_pool_backward_kernel(
+    g_ptr, out_ptr, C, H_in, W_in, H_out, W_out,
+    s_gn, s_gc, s_gh, s_gw, s_on, s_oc, s_oh, s_ow,
+    S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_W: tl.constexpr, WIDE: tl.constexpr,
+):  # fmt: skip
+    """The input's gradient, one (image, input row) a program: each pixel its window's output gradient / (S x S),
+    zero past the last whole window (the rows and columns the floored output leaves out)."""
+    n, h, offs_c, offs_w, mask = _tile(C, H_in, W_in, BLOCK_C, BLOCK_W)
+    ph, pw = h // S, offs_w // S
+    inside = mask & (ph < H_out) & (pw[None, :] < W_out)
+    n, h, ph, pw = _index(n, WIDE), _index(h, WIDE), _index(ph, WIDE), _index(pw, WIDE)
+    c_idx, i_w = _index(offs_c, WIDE), _index(offs_w, WIDE)
+    g = tl.load(g_ptr + n * s_gn + c_idx[:, None] * s_gc + ph * s_gh + pw[None, :] * s_gw, mask=inside, other=0.0)
+    value = tl.math.div_rn(g.to(tl.float32), S * S * 1.0)
+    out = out_ptr + n * s_on + c_idx[:, None] * s_oc + h * s_oh + i_w[None, :] * s_ow
     tl.store(out, value.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -176,6 +195,11 @@ def _nhwc(x: torch.Tensor) -> bool:
     if x.shape[1] == 1 or x.shape[2] * x.shape[3] == 1:
         return False
     return x.stride(1) == 1 and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def layout_of(x: torch.Tensor) -> torch.memory_format:
+    """The layout the kernels give an output for input x: channels_last where x has NHWC strides, else NCHW."""
+    return torch.channels_last if _nhwc(x) else torch.contiguous_format
 
 
 class Tiling(NamedTuple):
@@ -245,7 +269,7 @@ def bilinear(x: torch.Tensor, size: Sequence[int], dtype: torch.dtype | None = N
     if len(size) != 2 or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in size):
         raise ValueError(f"bilinear: size must be (height, width), two positive ints, got {tuple(size)!r}")
     if memory_format is None:
-        memory_format = torch.channels_last if _nhwc(x) else torch.contiguous_format
+        memory_format = layout_of(x)
     out = torch.empty((x.shape[0], x.shape[1], size[0], size[1]), dtype=dtype or x.dtype, device=x.device,
                       memory_format=memory_format)  # fmt: skip
     return bilinear_into(out, x)
@@ -259,8 +283,7 @@ def avg_pool(x: torch.Tensor, s: int) -> torch.Tensor:
     n, c, h, w = x.shape
     if h < s or w < s:
         raise ValueError(f"avg_pool: a {h}x{w} map is smaller than the {s}x{s} window")
-    out = torch.empty((n, c, h // s, w // s), dtype=x.dtype, device=x.device,
-                      memory_format=torch.channels_last if _nhwc(x) else torch.contiguous_format)  # fmt: skip
+    out = torch.empty((n, c, h // s, w // s), dtype=x.dtype, device=x.device, memory_format=layout_of(x))
     if out.numel() == 0:
         return out
     block_c, block_w = blocks(c, w // s, out.stride(1))
@@ -268,6 +291,27 @@ def avg_pool(x: torch.Tensor, s: int) -> torch.Tensor:
         _avg_pool_kernel[_grid(out, block_c, block_w)](
             x, out, c, h // s, w // s, *x.stride(), *out.stride(), S=s, BLOCK_C=block_c, BLOCK_W=block_w,
             WIDE=_wide(x, out), num_warps=WARPS,
+        )  # fmt: skip
+    return out
+
+
+def avg_pool_backward(grad: torch.Tensor, size: Sequence[int], s: int,
+                      memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:  # fmt: skip
+    """The gradient of ``avg_pool(x, s)`` with respect to x, of ``size`` (N, C, H, W), given ``grad``, the output's
+    (N, C, H // s, W // s): ATen's avg_pool2d_backward, in grad's dtype, in ``memory_format``."""
+    _check_4d("avg_pool_backward", grad)
+    n, c, h, w = (int(v) for v in size)
+    if grad.shape != (n, c, h // s, w // s):
+        raise ValueError(f"avg_pool_backward: grad {tuple(grad.shape)} is not the gradient of a {s}x{s} pooling of "
+                         f"{(n, c, h, w)} (expected {(n, c, h // s, w // s)})")  # fmt: skip
+    out = torch.empty((n, c, h, w), dtype=grad.dtype, device=grad.device, memory_format=memory_format)
+    if out.numel() == 0:
+        return out
+    block_c, block_w = blocks(c, w, out.stride(1))
+    with on_device(grad):
+        _avg_pool_backward_kernel[_grid(out, block_c, block_w)](
+            grad, out, c, h, w, h // s, w // s, *grad.stride(), *out.stride(), S=s, BLOCK_C=block_c,
+            BLOCK_W=block_w, WIDE=_wide(grad, out), num_warps=WARPS,
         )  # fmt: skip
     return out
 
