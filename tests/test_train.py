@@ -756,6 +756,35 @@ def test_gradient_checkpointing_keeps_loss_and_gradients(kind, generic, tmp_path
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
+def test_the_loss_of_channels_last_logits_is_that_of_nchw_ones():
+    """segmentation_loss's cross-entropy over channels_last logits (read as a (pixels, classes) matrix, no NCHW copy)
+    is mmseg's: -log softmax at the label, 0 where ignored, the mean over every pixel (written out here in float64),
+    and its gradient that of NCHW logits, channels_last as the logits; a label of the wrong shape still gets torch's
+    error, not a reshape that fits."""
+    from denseclip_fast.train import optim
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 5, 6, 7, generator=g, dtype=torch.float64)
+    label = torch.randint(0, 5, (2, 6, 7), generator=g)
+    label[0, 1, :3] = 255
+    logp = logits.log_softmax(1)
+    picked = logp.gather(1, label.clamp_max(4)[:, None])[:, 0]
+    want = (-picked * (label != 255)).mean()
+    results = []
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        x = logits.float().contiguous(memory_format=fmt).requires_grad_()
+        loss = optim._mean_cross_entropy(x, label, 255)
+        loss.backward()
+        assert x.grad.is_contiguous(memory_format=fmt)
+        results.append((loss, x.grad))
+        torch.testing.assert_close(loss.double(), want, rtol=1e-6, atol=0)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-6, atol=1e-9)
+    assert optim._pixel_rows(logits.contiguous(memory_format=torch.channels_last), label)
+    with pytest.raises((RuntimeError, ValueError)):
+        optim._mean_cross_entropy(logits.float().contiguous(memory_format=torch.channels_last),
+                                  label.transpose(1, 2).contiguous(), 255)  # fmt: skip
+
+
 def test_train_step_leaves_the_upsampling_to_the_float32_loss(arch_file, generic):
     """TrainStep returns the head's logits at 1/4 of the input (the loss upsamples them in float32, as mmseg's
     force_fp32 losses); in float32 its loss equals that of the model's full-size forward."""

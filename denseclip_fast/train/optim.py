@@ -101,8 +101,26 @@ def set_learning_rates(optimizer: torch.optim.Optimizer, iteration: int, cfg: Tr
 
 
 def _mean_cross_entropy(logits: torch.Tensor, label: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    # mmseg 0.x's CrossEntropyLoss: per-pixel loss, ignored pixels 0, mean over *all* pixels
-    return F.cross_entropy(logits.float(), label, ignore_index=ignore_index, reduction="none").mean()
+    """mmseg 0.x's CrossEntropyLoss: per-pixel loss, ignored pixels 0, mean over *all* pixels. Channels_last logits
+    (the trainer's on CUDA) as the (pixels, classes) matrix they are in memory: F.cross_entropy of the 4-D map copies
+    it to NCHW first (its softmax takes a contiguous input), and the spatial softmax over dim 1 that follows took 3.7
+    ms a loss forward, 2.7 backward, at RN50 512x512 batch 16 on an H200 (2.5 GB of float32 logits;
+    benchmarks/results/h200_2026-12-04c/train_rn50_b16.md); the rows' softmax reads them as they are, and the
+    gradient comes back channels_last, as the logits."""
+    logits = logits.float()
+    if _pixel_rows(logits, label):
+        rows = logits.permute(0, 2, 3, 1).reshape(-1, logits.shape[1])  # a view: each pixel's classes contiguous
+        per_pixel = F.cross_entropy(rows, label.reshape(-1), ignore_index=ignore_index, reduction="none")
+    else:  # (and a label of another shape gets F.cross_entropy's own error)
+        per_pixel = F.cross_entropy(logits, label, ignore_index=ignore_index, reduction="none")
+    return per_pixel.mean()
+
+
+def _pixel_rows(logits: torch.Tensor, label: torch.Tensor) -> bool:
+    """Whether (N, K, H, W) logits are channels_last (K > 1, not also NCHW) with a label of shape (N, H, W)."""
+    if logits.dim() != 4 or label.shape != (logits.shape[0], *logits.shape[2:]) or logits.shape[1] < 2:
+        return False
+    return logits.stride(1) == 1 and logits.is_contiguous(memory_format=torch.channels_last)
 
 
 def segmentation_loss(
