@@ -10,7 +10,9 @@ preallocated buffer, as the engine's graph does, with the default tiling and (on
 blocks, warps; from an NHWC map whose channels are padded to 16, which tells whether the pixels' 300-byte stride,
 known 4-byte aligned only, costs the loads their width; and the write floor, the output filled), the FPN
 head's 2x upsampling (128 channels, 64x64 -> 128x128 NHWC bfloat16), a bottleneck's 2x2 average pooling (256
-channels, 128x128 NHWC), the FPN's top-down step (256 channels, 64x64 nearest-upsampled and added into 128x128).
+channels, 128x128 NHWC), the FPN's top-down step (256 channels, 64x64 nearest-upsampled and added into 128x128),
+and the training loss's resize gradient (150 float32 NHWC planes of 512x512 back to 128x128: ATen's autograd, the
+two products train/resize.py had on a GPU, the Triton gather it has now).
 Each timed with triton.testing.do_bench (L2 flushed) and as a CUDA-graph replay ('graph ms', the engine's way), with
 the bytes it must move (inputs read once, output written once) and the rate that makes at the graph time. On the
 H200 (benchmarks/results/h200_2026-12-04c/e2e_rn50_whole.md) the Triton bilinear kernel's 7 launches took 203 us at
@@ -38,6 +40,7 @@ from benchmarks.bench_ops import HBM_BYTES_PER_S, _graph_time, _time  # noqa: E4
 from benchmarks.common import Results, failure  # noqa: E402
 from benchmarks.common import environment as common_environment  # noqa: E402
 from denseclip_fast.ops.triton import resample  # noqa: E402
+from denseclip_fast.train.resize import product_gradient  # noqa: E402
 
 NHWC = torch.channels_last
 
@@ -99,12 +102,28 @@ def cases(batch: int, device: torch.device, small: bool,
         if tile != default:
             logits_contestants[f"triton into a buffer, {label(tile)}"] = into(logits, tile)
 
+    # the training loss's resize gradient: float32 NHWC gradients of the 4x upsampled logits, to the head's map
+    upsampled_grad = torch.randn(batch, k, *image, generator=g).to(device).contiguous(memory_format=NHWC)
+    source = torch.randn(batch, k, side, side, generator=g).to(device).contiguous(memory_format=NHWC)
+    source.requires_grad_()
+    upsampled = F.interpolate(source, size=image, mode="bilinear", align_corners=False)
+
+    def aten_gradient() -> torch.Tensor:
+        return torch.autograd.grad(upsampled, source, upsampled_grad, retain_graph=True)[0]
+
     level = rand(batch, c_up, side // 2, side // 2)
     pooled = rand(batch, c_pool, side, side)
     finer, coarser = rand(batch, c_pool, side, side), rand(batch, c_pool, side // 2, side // 2)
     return [
         ("logits resize", f"B{batch} K{k} {side}x{side} bf16 NHWC -> {image[0]}x{image[1]} fp32 NCHW",
          logits.numel() * 2 + logits_out.numel() * 4, logits_contestants),
+        ("loss resize gradient", f"B{batch} K{k} {image[0]}x{image[1]} -> {side}x{side} fp32 NHWC",
+         (upsampled_grad.numel() + source.numel()) * 4,
+         {"aten (autograd of F.interpolate)": aten_gradient,
+          "products (train/resize.py on a CPU: an NCHW copy, then two GEMMs)":
+              lambda: product_gradient(upsampled_grad, (side, side), NHWC),
+          "triton (gather: width pass, height pass)":
+              lambda: resample.bilinear_backward(upsampled_grad, source.shape, NHWC)}),
         ("FPN 2x upsampling", f"B{batch} C{c_up} {side // 2}x{side // 2} -> {side}x{side} bf16 NHWC",
          level.numel() * 2 * 5,
          {"aten": lambda: F.interpolate(level, size=(side, side), mode="bilinear", align_corners=False),

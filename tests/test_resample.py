@@ -88,6 +88,29 @@ def test_bilinear_tilings_agree_bit_for_bit(tile, layout):
     _check_rounded(want, F.interpolate(x.double(), size=(13, 19), mode="bilinear", align_corners=False), torch.float32)
 
 
+@pytest.mark.parametrize("layout", ["nchw", "nhwc", "sliced"])
+@pytest.mark.parametrize(
+    ("shape", "size"),
+    [((2, 5, 7, 9), (17, 23)), ((1, 3, 4, 4), (16, 16)), ((1, 4, 9, 13), (4, 5)), ((1, 2, 1, 1), (3, 5)),
+     ((1, 3, 5, 5), (5, 5)), ((1, 2, 6, 7), (1, 1)), ((1, 3, 2, 3), (19, 2))],
+)  # fmt: skip
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bilinear_backward_equals_autograd(shape, size, layout, dtype):
+    """Up (4x, the loss's ratio, and others), down, from and to one pixel, the same size, one axis up and the other
+    down: the gradient F.interpolate's backward gives (float64 here) within the dtype's rounding, in the layout
+    asked for."""
+    x = _map(*shape, torch.float64, "nchw").requires_grad_()
+    grad = _map(shape[0], shape[1], *size, dtype, layout, seed=8)
+    F.interpolate(x, size=size, mode="bilinear", align_corners=False).backward(grad.double())
+    fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
+    got = resample.bilinear_backward(grad, shape, fmt)
+    assert got.shape == shape and got.dtype == dtype and got.is_contiguous(memory_format=fmt)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got.double(), x.grad, rtol=1e-5, atol=1e-5 * float(x.grad.abs().max()))
+    else:
+        _check_rounded(got, x.grad, dtype)
+
+
 def _pool_in_aten_order(x: torch.Tensor, s: int) -> torch.Tensor:
     """The window summed in float32 row by row, left to right, divided by s * s, rounded once (ATen's kernels)."""
     n, c, h, w = x.shape

@@ -71,7 +71,8 @@ def test_resize_without_gradient_and_bad_rank():
 def test_resize_forward_takes_the_triton_kernel_where_usable(monkeypatch):
     """Where the engine's Triton resize applies (the CPU made such a device: Triton's interpreter), resize_to's
     forward (with and without a gradient to record) is that kernel, in the input's layout, equal to F.interpolate
-    within float32 rounding; the gradient is still the two products'."""
+    within float32 rounding; so is the backward (resample.bilinear_backward), for a gradient in either layout, its
+    result in the input's layout."""
     from denseclip_fast.engine import cuda_resample
     from denseclip_fast.ops.triton import resample
 
@@ -85,11 +86,19 @@ def test_resize_forward_takes_the_triton_kernel_where_usable(monkeypatch):
     got = resize_to(x, (16, 21))
     assert calls == [(16, 21)] and got.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(got.detach(), want, rtol=1e-6, atol=1e-6)
-    grad = torch.randn_like(want)
-    got.backward(grad)
+    backward_calls = []
+    real_backward = resample.bilinear_backward
+    monkeypatch.setattr(resample, "bilinear_backward",
+                        lambda *a: backward_calls.append(a[0].stride()) or real_backward(*a))  # fmt: skip
     ref = x.detach().clone().requires_grad_()
-    F.interpolate(ref, size=(16, 21), mode="bilinear", align_corners=False).backward(grad)
-    torch.testing.assert_close(x.grad, ref.grad, rtol=1e-5, atol=1e-5)
+    aten = F.interpolate(ref, size=(16, 21), mode="bilinear", align_corners=False)
+    for grad in (torch.randn_like(want), torch.randn_like(want).contiguous()):  # channels_last, then NCHW
+        x.grad, ref.grad = None, None
+        resize_to(x, (16, 21)).backward(grad)
+        torch.autograd.backward(aten, grad, retain_graph=True)
+        torch.testing.assert_close(x.grad, ref.grad, rtol=1e-5, atol=1e-5)
+        assert x.grad.is_contiguous(memory_format=torch.channels_last)
+    assert backward_calls == [want.stride(), want.contiguous().stride()]
     with torch.no_grad():
         resize_to(x, (4, 4))
-    assert calls == [(16, 21), (4, 4)]
+    assert calls == [(16, 21)] * 3 + [(4, 4)]

@@ -183,6 +183,13 @@ def resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
+def resized_gradient(grad: torch.Tensor, size: tuple[int, int], memory_format: torch.memory_format) -> torch.Tensor:
+    """The gradient with respect to x (size (H, W)) of :func:`resize`'s bilinear resize given ``grad``, the output's,
+    by the Triton kernels (the caller has asked :func:`usable` of grad), in ``memory_format``."""
+    n, c = grad.shape[:2]
+    return typing.cast(torch.Tensor, _kernels().bilinear_backward(grad, (n, c, *size), memory_format))
+
+
 def resize_planes(scores: torch.Tensor, size: tuple[int, int], out: torch.Tensor | None = None) -> torch.Tensor | None:
     """``scores`` (N, C, h, w) resized bilinearly (align_corners=False) to float32 (N, C, H, W) NCHW planes by the
     Triton kernel, reading scores in their own dtype and layout, into ``out`` (N*C*H*W float32 values) when given;

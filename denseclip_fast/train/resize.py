@@ -13,7 +13,10 @@ as torch's matmul precision setting says). The weights come from ``F.interpolate
 On a GPU the forward is the engine's Triton resize (ops/triton/resample.py, engine/cuda_resample.py: the same
 arithmetic, in the input's dtype and layout) where it applies: ATen's NHWC float32 kernel took about 13 ms of the
 trainer's 96 ms step of GPU time for the two resizes (benchmarks/results/h200_2026-12-04b/train_rn50_b16.md),
-writing 2.5 GB each at that shape.
+writing 2.5 GB each at that shape. So is the backward (resample.bilinear_backward: each input pixel gathers the
+dozen output columns, then rows, its weights reached): the products above are dense, 128 multiply-adds an output
+pixel where two weights are not zero (a non-tensor-core float32 GEMM took 3.4 ms of the trainer's step on the H200,
+h200_2026-12-04c), and a channels_last gradient (the loss's) was copied to NCHW for them first.
 """
 
 from __future__ import annotations
@@ -33,6 +36,21 @@ def interpolation_matrix(n_in: int, n_out: int, device: torch.device, dtype: tor
     return F.interpolate(eye, size=n_out, mode="linear", align_corners=False)[0].t()
 
 
+def product_gradient(grad: torch.Tensor, in_size: tuple[int, int], layout: torch.memory_format) -> torch.Tensor:
+    """The resize's gradient with respect to its (N, C, *in_size) input as the two products of the module docstring,
+    in the gradient's dtype, in ``layout``: the path of any device and dtype (float64 included)."""
+    h_in, w_in = in_size
+    h_out, w_out = grad.shape[-2:]
+    with torch.autocast(grad.device.type, enabled=False):  # the products in the gradient's dtype
+        rows = interpolation_matrix(h_in, h_out, grad.device, grad.dtype)  # (h_out, h_in)
+        cols = interpolation_matrix(w_in, w_out, grad.device, grad.dtype)  # (w_out, w_in)
+        maps = grad.reshape(-1, h_out, w_out)
+        partial = (maps.reshape(-1, w_out) @ cols).view(-1, h_out, w_in)  # G L_w: one GEMM
+        out = torch.matmul(rows.t(), partial)  # L_h^T (G L_w): (N, h_in, w_in)
+    out = out.view(*grad.shape[:-2], h_in, w_in)
+    return out.contiguous(memory_format=layout) if out.dim() == 4 else out
+
+
 class _BilinearResize(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -42,18 +60,10 @@ class _BilinearResize(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        h_in, w_in = ctx.in_size
-        h_out, w_out = grad.shape[-2:]
-        with torch.autocast(grad.device.type, enabled=False):  # the products in the gradient's dtype
-            rows = interpolation_matrix(h_in, h_out, grad.device, grad.dtype)  # (h_out, h_in)
-            cols = interpolation_matrix(w_in, w_out, grad.device, grad.dtype)  # (w_out, w_in)
-            maps = grad.reshape(-1, h_out, w_out)
-            partial = (maps.reshape(-1, w_out) @ cols).view(-1, h_out, w_in)  # G L_w: one GEMM
-            out = torch.matmul(rows.t(), partial)  # L_h^T (G L_w): (N, h_in, w_in)
-        out = out.view(*grad.shape[:-2], h_in, w_in)
-        if ctx.channels_last:
-            out = out.contiguous(memory_format=torch.channels_last)
-        return out, None
+        layout = torch.channels_last if ctx.channels_last else torch.contiguous_format
+        if grad.dim() == 4 and cuda_resample.usable(grad):  # the Triton gather, reading grad in its layout
+            return cuda_resample.resized_gradient(grad, ctx.in_size, layout), None
+        return product_gradient(grad, ctx.in_size, layout), None
 
 
 def resize_to(x: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:

@@ -284,6 +284,32 @@ def _resample(which: str, dt: str, out_dt: str, layout: str, out_layout: str, c:
     return f"{label} jit", fn, sig, const, {"num_warps": resample.WARPS}, attrs
 
 
+# The training loss's resize gradient (RN50 512x512: 150 float32 planes of 512x512 to 128x128, NHWC): the width
+# pass (into float32) and the height pass, in float32 and bfloat16
+RESIZE_GRADIENTS = (("w", "fp32"), ("h", "fp32"), ("w", "bf16"), ("h", "bf16"))
+
+
+def _resize_gradient(which: str, dt: str, jit: bool, c: int = 150, side: int = 128, out_side: int = 512) -> Spec:
+    """A pass of resample.bilinear_backward with the blocks it chooses, on NHWC maps: generic or JIT-like."""
+    fn: Any = resample._bilinear_grad_w_kernel if which == "w" else resample._bilinear_grad_h_kernel
+    block_c, block_w = resample.blocks(c, side, 1)  # an NHWC output: its channels along the tile
+    const: dict[str, Any] = {"BLOCK_C": block_c, "BLOCK_W": block_w, "WIDE": False}
+    g_dt, out_dt = (dt, "fp32") if which == "w" else ("fp32", dt)
+    ptrs = {"g_ptr": f"*{g_dt}", "out_ptr": f"*{out_dt}"}
+    label = f"bilinear_grad_{which} {g_dt}->{out_dt} nhwc C={c}"
+    if not jit:
+        return label, fn, _signature(fn, ptrs, ("scale", "inv_scale"), const), const, {"num_warps": resample.WARPS}, {}
+    g_w = out_side if which == "w" else side  # the columns of each pass's input
+    g_h = out_side  # and its rows (the width pass keeps the destination's rows)
+    o_w, o_h = side, (out_side if which == "w" else side)
+    args: dict[str, Any] = {**ptrs, "C": c, "R": out_side, "A": side, "B": out_side, "W": side, "scale": 0.25,
+                            "inv_scale": 4.0, "TAPS": 12,
+                            "s_gn": c * g_h * g_w, "s_gc": 1, "s_gr": g_w * c, "s_gh": g_w * c, "s_gw": c,
+                            "s_on": c * o_h * o_w, "s_oc": 1, "s_or": o_w * c, "s_oh": o_w * c, "s_ow": c}  # fmt: skip
+    sig, const, attrs = jit_specialize(fn, {k: v for k, v in args.items() if k in fn.arg_names}, const)
+    return f"{label} jit", fn, sig, const, {"num_warps": resample.WARPS}, attrs
+
+
 def _score_specializations(arch: int) -> Iterator[Spec]:
     """Every score kernel at every block size its launchers choose (the same on every GPU); float16, which compiles
     as bfloat16, only for sm_90."""
@@ -391,6 +417,8 @@ def _specializations(arch: int) -> Iterator[Spec]:
     for jit in (False, True):
         for resampling in RESAMPLES:
             yield _resample(*resampling, jit=jit)
+        for which, dt in RESIZE_GRADIENTS:
+            yield _resize_gradient(which, dt, jit)
 
 
 def _ptxas(arch: int) -> str | None:

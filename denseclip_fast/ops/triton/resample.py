@@ -99,6 +99,70 @@ def _bilinear_kernel(
 
 
 @triton.jit
+def _weight(o, j, A, scale):
+    """The weight bilinear resizing gives source index j (of A) in destination index o, per axis: the forward's
+    source index and weights (as _bilinear_kernel computes them), l0 where j is the lower index, l1 where the upper
+    (both at the last index, whose upper one is clamped to it)."""
+    src = tl.maximum(scale * (o.to(tl.float32) + 0.5) - 0.5, 0.0)
+    x0 = src.to(tl.int32)
+    x1 = x0 + (x0 < A - 1).to(tl.int32)
+    l1 = src - x0.to(tl.float32)
+    return tl.where(x0 == j, 1.0 - l1, 0.0) + tl.where(x1 == j, l1, 0.0)
+
+
+@triton.jit
+def _first_tap(j, inv_scale):
+    """The first destination index that may take source index j: two below the first whose source position reaches
+    j - 1 (the float32 rounding of its inverse covered), at least 0."""
+    return tl.maximum(tl.floor((j.to(tl.float32) - 0.5) * inv_scale - 0.5).to(tl.int32) - 1, 0)
+
+
+@triton.jit
+def _bilinear_grad_w_kernel(
+    g_ptr, out_ptr, C, R, A, B,
+    s_gn, s_gc, s_gr, s_gw, s_on, s_oc, s_or, s_ow,
+    scale, inv_scale, TAPS,
+    BLOCK_C: tl.constexpr, BLOCK_W: tl.constexpr, WIDE: tl.constexpr,
+):  # fmt: skip
+    """The width pass of the resize's gradient: out (N, C, R, A) = g (N, C, R, B) summed over its B columns with the
+    weights that gave them from the A source columns; TAPS destination columns a source column at most."""
+    n, r, offs_c, offs_j, mask = _tile(C, R, A, BLOCK_C, BLOCK_W)
+    lo = _first_tap(offs_j, inv_scale)
+    n, r, c_idx, j_idx = _index(n, WIDE), _index(r, WIDE), _index(offs_c, WIDE), _index(offs_j, WIDE)
+    row = g_ptr + n * s_gn + c_idx[:, None] * s_gc + r * s_gr
+    acc = tl.zeros((BLOCK_C, BLOCK_W), dtype=tl.float32)
+    for t in range(TAPS):
+        o = lo + t
+        w = _weight(o, offs_j, A, scale)[None, :]
+        g = tl.load(row + _index(o, WIDE)[None, :] * s_gw, mask=mask & (o < B)[None, :], other=0.0)
+        acc += w * g.to(tl.float32)
+    out = out_ptr + n * s_on + c_idx[:, None] * s_oc + r * s_or + j_idx[None, :] * s_ow
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bilinear_grad_h_kernel(
+    g_ptr, out_ptr, C, A, B, W,
+    s_gn, s_gc, s_gh, s_gw, s_on, s_oc, s_oh, s_ow,
+    scale, inv_scale, TAPS,
+    BLOCK_C: tl.constexpr, BLOCK_W: tl.constexpr, WIDE: tl.constexpr,
+):  # fmt: skip
+    """The height pass: out (N, C, A, W) = g (N, C, B, W) summed over its B rows with the weights that gave them from
+    the A source rows; one source row a program, its rows read whole along the map's unit stride."""
+    n, i, offs_c, offs_w, mask = _tile(C, A, W, BLOCK_C, BLOCK_W)
+    lo = _first_tap(i, inv_scale)
+    n, c_idx, w_idx = _index(n, WIDE), _index(offs_c, WIDE), _index(offs_w, WIDE)
+    tile = g_ptr + n * s_gn + c_idx[:, None] * s_gc + w_idx[None, :] * s_gw
+    acc = tl.zeros((BLOCK_C, BLOCK_W), dtype=tl.float32)
+    for t in range(TAPS):
+        o = lo + t
+        g = tl.load(tile + _index(o, WIDE) * s_gh, mask=mask & (o < B), other=0.0)
+        acc += _weight(o, i, A, scale) * g.to(tl.float32)
+    out = out_ptr + n * s_on + c_idx[:, None] * s_oc + _index(i, WIDE) * s_oh + w_idx[None, :] * s_ow
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _avg_pool_kernel(
     x_ptr, out_ptr, C, H_out, W_out,
     s_xn, s_xc, s_xh, s_xw, s_on, s_oc, s_oh, s_ow,
@@ -273,6 +337,46 @@ def bilinear(x: torch.Tensor, size: Sequence[int], dtype: torch.dtype | None = N
     out = torch.empty((x.shape[0], x.shape[1], size[0], size[1]), dtype=dtype or x.dtype, device=x.device,
                       memory_format=memory_format)  # fmt: skip
     return bilinear_into(out, x)
+
+
+def _taps(size_in: int, size_out: int) -> tuple[float, float, int]:
+    """(scale, inverse scale, taps) of one axis of the resize's gradient: the destination indices whose source
+    positions lie within one index of a source index j are at most floor(2 / scale) + 1, from at most two below
+    _first_tap's start, plus one for rounding."""
+    scale = _scale(size_in, size_out)
+    return scale, size_out / size_in, int(2.0 / scale) + 4
+
+
+def bilinear_backward(grad: torch.Tensor, size: Sequence[int],
+                      memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:  # fmt: skip
+    """The gradient with respect to x (N, C, H, W = ``size``) of ``bilinear(x, (h, w))`` given ``grad`` (N, C, h, w),
+    the output's: each source pixel gathers the output pixels its weights reached (no atomics: the same result
+    every run), a width pass into a float32 (N, C, h, W) map, then a height pass; in grad's dtype, in
+    ``memory_format``. ATen's backward within float32 rounding (its atomic additions add in another order)."""
+    _check_4d("bilinear_backward", grad)
+    n, c, h_in, w_in = (int(v) for v in size)
+    if grad.shape[:2] != (n, c) or min(h_in, w_in) < 1:
+        raise ValueError(f"bilinear_backward: grad {tuple(grad.shape)} is not the gradient of a resize of "
+                         f"{(n, c, h_in, w_in)}")  # fmt: skip
+    h_out, w_out = grad.shape[2:]
+    out = torch.empty((n, c, h_in, w_in), dtype=grad.dtype, device=grad.device, memory_format=memory_format)
+    if out.numel() == 0 or grad.numel() == 0:
+        return out.zero_()
+    narrow = torch.empty((n, c, h_out, w_in), dtype=torch.float32, device=grad.device, memory_format=layout_of(grad))
+    with on_device(grad):
+        scale, inv, taps = _taps(w_in, w_out)
+        block_c, block_w = blocks(c, w_in, narrow.stride(1))
+        _bilinear_grad_w_kernel[_grid(narrow, block_c, block_w)](
+            grad, narrow, c, h_out, w_in, w_out, *grad.stride(), *narrow.stride(), scale, inv, taps,
+            BLOCK_C=block_c, BLOCK_W=block_w, WIDE=_wide(grad, narrow), num_warps=WARPS,
+        )  # fmt: skip
+        scale, inv, taps = _taps(h_in, h_out)
+        block_c, block_w = blocks(c, w_in, out.stride(1))
+        _bilinear_grad_h_kernel[_grid(out, block_c, block_w)](
+            narrow, out, c, h_in, h_out, w_in, *narrow.stride(), *out.stride(), scale, inv, taps,
+            BLOCK_C=block_c, BLOCK_W=block_w, WIDE=_wide(narrow, out), num_warps=WARPS,
+        )  # fmt: skip
+    return out
 
 
 def avg_pool(x: torch.Tensor, s: int) -> torch.Tensor:
