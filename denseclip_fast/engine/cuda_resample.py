@@ -64,10 +64,14 @@ def usable(x: torch.Tensor) -> bool:
 
 class TritonUpsample2x(Upsample2x):
     """mmseg's ``Upsample(scale_factor=2, mode='bilinear')`` (resize to exactly twice the size) by the Triton
-    kernel where :func:`usable`, in the input's dtype and layout."""
+    kernels (:func:`resize`; where autograd records the call, :func:`trainable`, forward and backward), in the dtype
+    F.interpolate gives (autocast's float32 included) and the input's layout."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return resize(x, (2 * x.shape[-2], 2 * x.shape[-1]))
+        size = (2 * x.shape[-2], 2 * x.shape[-1])
+        if x.dim() == 4 and x.numel() > 0 and trainable(x):
+            return typing.cast(torch.Tensor, _Resize.apply(x, size, resized_dtype(x)))
+        return resize(x, size)
 
 
 def trainable(x: torch.Tensor) -> bool:
@@ -94,6 +98,22 @@ class _AvgPool(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         return _kernels().avg_pool_backward(grad, ctx.size, ctx.s, ctx.memory_format), None
+
+
+class _Resize(torch.autograd.Function):
+    """The Triton bilinear resize with the Triton backward (resample.bilinear_backward), its result in ``dtype``
+    (F.interpolate's under autocast: float32), its gradient in x's dtype and layout; once differentiable."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, size: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+        ctx.shape, ctx.dtype = tuple(x.shape), x.dtype
+        ctx.memory_format = _kernels().layout_of(x)
+        return typing.cast(torch.Tensor, _kernels().bilinear(x, size, dtype=dtype))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        return _kernels().bilinear_backward(grad, ctx.shape, ctx.memory_format, ctx.dtype), None, None
 
 
 class TritonAvgPool2d(nn.Module):
@@ -128,7 +148,8 @@ class TritonFPN(FPN):
 
     def add_upsampled(self, finer: torch.Tensor, coarser: torch.Tensor) -> torch.Tensor:
         if (finer.dim() == 4 and coarser.dim() == 4 and finer.dtype == coarser.dtype and usable(finer)
-                and usable(coarser) and coarser.numel() > 0):  # fmt: skip
+                and usable(coarser) and coarser.numel() > 0 and resized_dtype(coarser) == coarser.dtype):  # fmt: skip
+            # (under autocast the model's resize is float32, and so its sum: not the in-place step)
             return _kernels().add_nearest_(finer, coarser)
         return super().add_upsampled(finer, coarser)
 
@@ -151,15 +172,16 @@ def _single(value: Any) -> int | None:
     return int(values.pop()) if len(values) == 1 else None
 
 
-def swap_resamplings(model: nn.Module, pools_only: bool = False) -> int:
+def swap_resamplings(model: nn.Module, trainable_only: bool = False) -> int:
     """Replace ``model``'s ``FPN``, ``Upsample2x`` and plain ``nn.AvgPool2d(s)`` modules with the Triton ones (an
     ``nn.AvgPool2d(1)``, a copy, with ``nn.Identity``), in place; returns how many (a second call: none).
-    ``pools_only``: the average poolings alone (the trainer's: the others' kernels have no backward)."""
+    ``trainable_only``: the average poolings and the upsamplings alone (the trainer's: the FPN's in-place step has
+    no backward)."""
     count = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             s = _plain_pool(child)
-            if pools_only and s is None:
+            if trainable_only and type(child) is FPN:
                 continue
             if type(child) is Upsample2x:
                 setattr(parent, name, TritonUpsample2x())
@@ -175,11 +197,29 @@ def swap_resamplings(model: nn.Module, pools_only: bool = False) -> int:
     return count
 
 
+def resized_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype F.interpolate gives x: x's, but under autocast on x's device what autocast's policy for the
+    resizes says (CUDA's float32 list holds upsample_bilinear2d and upsample_nearest2d; the CPU's does not)."""
+    device = x.device.type
+    if not torch.is_autocast_enabled(device):
+        return x.dtype
+    return _autocast_resize_dtype(device, x.dtype, torch.get_autocast_dtype(device))
+
+
+@functools.lru_cache(maxsize=64)
+def _autocast_resize_dtype(device: str, dtype: torch.dtype, autocast_dtype: torch.dtype) -> torch.dtype:
+    """Asked of autocast once per combination, by a resize of one pixel: its policy, not a copy of it here."""
+    with torch.autocast(device, dtype=autocast_dtype):
+        probe = torch.zeros((1, 1, 1, 1), dtype=dtype, device=device)
+        return F.interpolate(probe, size=(2, 2), mode="bilinear", align_corners=False).dtype
+
+
 def resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """``F.interpolate(x, size, mode="bilinear", align_corners=False)``: by the Triton kernel where :func:`usable`, in
-    x's dtype and layout (as F.interpolate's), else F.interpolate itself."""
+    the dtype F.interpolate gives (:func:`resized_dtype`) and x's layout (as F.interpolate's), else F.interpolate
+    itself."""
     if x.dim() == 4 and usable(x):
-        return typing.cast(torch.Tensor, _kernels().bilinear(x, size))
+        return typing.cast(torch.Tensor, _kernels().bilinear(x, size, dtype=resized_dtype(x)))
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 

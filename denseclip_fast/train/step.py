@@ -27,12 +27,12 @@ def memory_format(cfg: TrainConfig, device: torch.device) -> torch.memory_format
 def prepare_model(model: DenseCLIP, cfg: TrainConfig, device: torch.device) -> DenseCLIP:
     """The model as a run trains it: text encoder frozen, on ``device``, in train mode, channels_last weights where
     the run uses them (the parameters keep their names and values), gradient checkpointing if asked; on CUDA the
-    ResNet's average poolings by the Triton kernels, forward and backward (engine/cuda_resample.py: PyTorch's where
-    they do not apply)."""
+    ResNet's average poolings and the FPN head's upsamplings by the Triton kernels, forward and backward
+    (engine/cuda_resample.py: PyTorch's where they do not apply)."""
     freeze_text_encoder(model)
     model.to(device).train()
     if device.type == "cuda":
-        cuda_resample.swap_resamplings(model, pools_only=True)
+        cuda_resample.swap_resamplings(model, trainable_only=True)
     if memory_format(cfg, device) == torch.channels_last:
         model.to(memory_format=torch.channels_last)
     if cfg.grad_checkpointing:

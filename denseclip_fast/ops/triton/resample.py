@@ -348,18 +348,19 @@ def _taps(size_in: int, size_out: int) -> tuple[float, float, int]:
 
 
 def bilinear_backward(grad: torch.Tensor, size: Sequence[int],
-                      memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:  # fmt: skip
+                      memory_format: torch.memory_format = torch.contiguous_format,
+                      dtype: torch.dtype | None = None) -> torch.Tensor:  # fmt: skip
     """The gradient with respect to x (N, C, H, W = ``size``) of ``bilinear(x, (h, w))`` given ``grad`` (N, C, h, w),
     the output's: each source pixel gathers the output pixels its weights reached (no atomics: the same result
-    every run), a width pass into a float32 (N, C, h, W) map, then a height pass; in grad's dtype, in
-    ``memory_format``. ATen's backward within float32 rounding (its atomic additions add in another order)."""
+    every run), a width pass into a float32 (N, C, h, W) map, then a height pass; in ``dtype`` (grad's if None),
+    in ``memory_format``. ATen's backward within float32 rounding (its atomic additions add in another order)."""
     _check_4d("bilinear_backward", grad)
     n, c, h_in, w_in = (int(v) for v in size)
     if grad.shape[:2] != (n, c) or min(h_in, w_in) < 1:
         raise ValueError(f"bilinear_backward: grad {tuple(grad.shape)} is not the gradient of a resize of "
                          f"{(n, c, h_in, w_in)}")  # fmt: skip
     h_out, w_out = grad.shape[2:]
-    out = torch.empty((n, c, h_in, w_in), dtype=grad.dtype, device=grad.device, memory_format=memory_format)
+    out = torch.empty((n, c, h_in, w_in), dtype=dtype or grad.dtype, device=grad.device, memory_format=memory_format)
     if out.numel() == 0 or grad.numel() == 0:
         return out.zero_()
     narrow = torch.empty((n, c, h_out, w_in), dtype=torch.float32, device=grad.device, memory_format=layout_of(grad))
