@@ -8,7 +8,8 @@ float32 NCHW copy the engine made first, then the resize of every plane; Triton:
 from an NCHW copy of it, which tells whether the kernel's gathers across the NHWC map are what it waits on; into a
 preallocated buffer, as the engine's graph does, with the default tiling and (on a GPU) 35 others: rows a program,
 blocks, warps; from an NHWC map whose channels are padded to 16, which tells whether the pixels' 300-byte stride,
-known 4-byte aligned only, costs the loads their width; and the write floor, the output filled), the FPN
+known 4-byte aligned only, costs the loads their width; from an NCHW map made beforehand, which tells what a
+classifier writing NCHW planes would save; and the write floor, the output filled), the FPN
 head's 2x upsampling (128 channels, 64x64 -> 128x128 NHWC bfloat16), a bottleneck's 2x2 average pooling (256
 channels, 128x128 NHWC), the FPN's top-down step (256 channels, 64x64 nearest-upsampled and added into 128x128),
 and the training loss's resize gradient (150 float32 NHWC planes of 512x512 back to 128x128: ATen's autograd, the
@@ -80,6 +81,7 @@ def cases(batch: int, device: torch.device, small: bool,
     padded = torch.empty(batch, next_multiple(k, 16), side, side, device=device, dtype=torch.bfloat16,
                          memory_format=NHWC)[:, :k].copy_(logits)  # fmt: skip
     logits_out = torch.empty(batch, k, *image, device=device)
+    logits_nchw = logits.contiguous()  # as a classifier GEMM could write it: the planes whole
 
     def aten_logits() -> torch.Tensor:
         planes = logits.to(torch.float32, memory_format=torch.contiguous_format).view(batch * k, 1, side, side)
@@ -96,6 +98,7 @@ def cases(batch: int, device: torch.device, small: bool,
                                                               memory_format=torch.contiguous_format),
         "triton into a buffer": into(logits),
         "triton into a buffer, channels padded to 16": into(padded),
+        "triton into a buffer, from an NCHW map (made before)": into(logits_nchw),
         "write floor (the output filled)": lambda: logits_out.fill_(1.0),
     }  # fmt: skip
     for tile in tilings(sweep):

@@ -775,7 +775,7 @@ def test_bench_resample_times_each_case_against_aten(tmp_path, monkeypatch):
     monkeypatch.setattr(bench_resample, "_time", lambda fn, device: (fn(), (1.0, 1.0, 1.0))[1])
     assert bench_resample.main(["--out", str(tmp_path), "--tag", "t", "--batches", "1"]) == 0
     rows = json.loads((tmp_path / "resample_t.json").read_text())["rows"]
-    assert [r["case"] for r in rows] == ["logits resize"] * 8 + ["loss resize gradient"] * 3 + [
+    assert [r["case"] for r in rows] == ["logits resize"] * 9 + ["loss resize gradient"] * 3 + [
         "FPN 2x upsampling"] * 2 + [
         "average pooling 2x2"] * 2 + ["FPN top-down step"] * 2  # fmt: skip
     assert not any("error" in r for r in rows) and all(r["bytes"] > 0 for r in rows)

@@ -449,8 +449,9 @@ def test_aoti_package_on_cuda(tmp_path, monkeypatch, backend):
 @pytest.mark.parametrize("kind", ["resnet", "vit"])
 def test_bf16_training_step_on_cuda(monkeypatch, backend, kind):
     """The trainer's step under bf16 autocast with the fused operators' backward (auto: Triton where it takes the
-    call, CUDA C++ elsewhere) against the same step on the reference backend; the model prepared as the trainer
-    does (channels_last on CUDA) and run through the trainer's TrainStep. ViT too: CUDA autocast runs its score
+    call, CUDA C++ elsewhere) and the Triton resamplings (engine/cuda_resample.py) against the same step on the
+    reference backend with PyTorch's resamplings; the model prepared as the trainer does (channels_last on CUDA) and
+    run through the trainer's TrainStep. ViT too: CUDA autocast runs its score
     level's GroupNorm in float32 (the CPU's does not), which the fused score_concat once refused."""
     from denseclip_fast.train import TrainConfig
     from denseclip_fast.train.optim import segmentation_loss
@@ -466,6 +467,8 @@ def test_bf16_training_step_on_cuda(monkeypatch, backend, kind):
             monkeypatch.delenv("DENSECLIP_FAST_BACKEND", raising=False)
         else:
             monkeypatch.setenv("DENSECLIP_FAST_BACKEND", name)
+        # the reference step with PyTorch's poolings, upsamplings and loss resize (the trainer's Triton ones else)
+        monkeypatch.setenv("DENSECLIP_FAST_TRITON_RESAMPLE", "0" if name == "reference" else "1")
         model = prepare_model(randomized(dcf.DenseCLIP(heads_of_16(tiny_config(kind)), NAMES)), cfg,
                               torch.device("cuda"))  # fmt: skip
         assert model.backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last)

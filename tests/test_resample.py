@@ -321,13 +321,21 @@ def test_kernels_equal_aten_on_cuda(dtype):
             diff = (got.double() - want.double()).abs()
             assert bool((diff <= ulp * want.double().abs().clamp_min(2.0**-14)).all()), (shape, layout)
             assert float((diff == 0).double().mean()) >= 0.9, (shape, layout)
+    for shape, size in (((1, 150, 128, 128), (512, 512)), ((2, 7, 13, 11), (29, 5))):  # the loss's resize gradient
+        for layout in ("nchw", "nhwc"):
+            leaf = _map(*shape, torch.float64, layout).requires_grad_()  # the gradient in float64 by ATen's CUDA
+            grad = _map(shape[0], shape[1], *size, dtype, layout, seed=3)
+            F.interpolate(leaf, size=size, mode="bilinear", align_corners=False).backward(grad.double())
+            got = resample.bilinear_backward(grad, shape, resample.layout_of(leaf))
+            assert got.stride() == leaf.grad.stride(), (shape, layout)
+            _check_rounded(got, leaf.grad, dtype)  # float32: 1e-6 of the largest; 16-bit: one unit, rounded once
     for shape in ((1, 64, 128, 128), (2, 256, 33, 31), (1, 3, 8, 8)):
         for layout in ("nchw", "nhwc"):
             x = _map(*shape, dtype, layout)
             got, want = resample.avg_pool(x, 2), F.avg_pool2d(x, 2)
             assert got.stride() == want.stride() and torch.equal(got, want), (shape, layout)
             leaf = x.detach().requires_grad_()
-            F.avg_pool2d(leaf, 2).backward(want)
+            F.avg_pool2d(leaf, 2).backward(want)  # (the pooled map as the gradient: any map of its shape)
             got = resample.avg_pool_backward(want, x.shape, 2, resample.layout_of(x))
             assert got.stride() == leaf.grad.stride() and torch.equal(got, leaf.grad), (shape, layout)
             coarser = _map(shape[0], shape[1], (shape[2] + 1) // 2, (shape[3] + 1) // 2, dtype, layout, seed=4)

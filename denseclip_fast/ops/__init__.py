@@ -89,7 +89,9 @@ def pixel_text_score(
     check_score_inputs(visual, text)
     scale = check_scale(scale)
     chosen = backends.resolve("pixel_text_score", visual.device, visual.dtype, backend)
-    if chosen == "reference" or differentiated_by_transform(visual, text):
+    if differentiated_by_transform(visual, text):  # (vmap cannot say a layout: the reference's as it comes)
+        return reference.pixel_text_score(visual, text, scale)
+    if chosen == "reference":
         return _in_score_layout(reference.pixel_text_score(visual, text, scale), visual)
     if chosen == "triton":
         if eager_inference(visual, text):
@@ -107,7 +109,9 @@ def score_concat(
     check_concat_feature(feature, visual)
     scale = check_scale(scale)
     chosen = backends.resolve("score_concat", visual.device, visual.dtype, backend)
-    if chosen == "reference" or differentiated_by_transform(feature, visual, text):
+    if differentiated_by_transform(feature, visual, text):
+        return reference.score_concat(feature, visual, text, scale)
+    if chosen == "reference":
         return _in_score_layout(reference.score_concat(feature, visual, text, scale), visual)
     if chosen == "triton":
         if eager_inference(feature, visual, text):
