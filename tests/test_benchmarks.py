@@ -463,6 +463,27 @@ def test_profiles_say_where_the_time_goes():
     assert "profiling failed: RuntimeError: x" in text
 
 
+def test_bench_train_switches_a_contestant_off_around_its_steps(monkeypatch):
+    """trainer-bf16-aten-resample: the switch is 0 while its step runs (where the kernels read it) and as it was
+    after, a step that raises included."""
+    seen = []
+
+    def step(x, label):
+        seen.append(os.environ.get("DENSECLIP_FAST_TRITON_RESAMPLE"))
+        if label == "boom":
+            raise RuntimeError("boom")
+        return 1.5
+
+    monkeypatch.setenv("DENSECLIP_FAST_TRITON_RESAMPLE", "1")
+    off = bench_train.switched_off(step, "DENSECLIP_FAST_TRITON_RESAMPLE")
+    assert off(None, None) == 1.5 and os.environ["DENSECLIP_FAST_TRITON_RESAMPLE"] == "1"
+    monkeypatch.delenv("DENSECLIP_FAST_TRITON_RESAMPLE")
+    with pytest.raises(RuntimeError, match="boom"):
+        off(None, "boom")
+    assert seen == ["0", "0"] and "DENSECLIP_FAST_TRITON_RESAMPLE" not in os.environ
+    assert "trainer-bf16-aten-resample" in bench_train.ALL
+
+
 def test_score_tuning_sweep_tries_each_variant_and_restores_the_defaults(tmp_path, monkeypatch):
     """benchmarks/tune_score.py under Triton's interpreter: each variant runs with its blocks (a block of 48
     channels, not a power of two, fails and is reported, the sweep goes on), agrees with the default's results, and
