@@ -1,7 +1,7 @@
-"""Triton kernels of the engine's resamplings on a GPU: the bilinear resize (``F.interpolate(x, size,
-mode="bilinear", align_corners=False)``), the s x s average pooling (``nn.AvgPool2d(s)``), and the FPN's top-down
-step (a map plus a coarser one resized by nearest interpolation, added in place); any float dtype and layout in, the
-output's dtype and layout the caller's.
+"""Triton kernels of the engine's and the trainer's resamplings on a GPU: the bilinear resize (``F.interpolate(x,
+size, mode="bilinear", align_corners=False)``) and its gradient, the s x s average pooling (``nn.AvgPool2d(s)``) and
+its gradient, and the FPN's top-down step (a map plus a coarser one resized by nearest interpolation, added in
+place); any float dtype and layout in, the output's dtype and layout the caller's.
 
 Why: ATen's kernels, on an H200 (RN50 512x512, bfloat16, batch 1; benchmarks/results/h200_2026-12-04b/
 e2e_rn50_whole.md's profile): the logits' resize to the image (150 float32 planes of 512x512 written, 157 MB: 33 us
@@ -11,18 +11,24 @@ three nearest upsamplings 38 us, and their sums more. At batch 16 these took 7.3
 
 Bilinear: one program per (image, ROWS output rows), block of channels and block of output columns (a
 :class:`Tiling`); the tile's pixels along the output's unit stride (columns of an NCHW output, channels of an NHWC
-one). The arithmetic is ATen's CUDA
-kernels': scale = in / out (float32), source = max(scale (dst + 0.5) - 0.5, 0), index = its floor, the next one
-clamped to the last, weights l1 = source - index and l0 = 1 - l1, value = lh0 (lw0 x00 + lw1 x01) + lh1 (lw0 x10 +
-lw1 x11) in float32, rounded once to the output's dtype. Compilers may contract those products into FMAs in other
-places than nvcc did for ATen: float32 results can differ from ATen's in the last bits. Every output element is a
-function of its four inputs alone, so that a plane comes out the same whatever else is resized with it.
+one). The arithmetic is ATen's CUDA kernels': scale = in / out (float32), source = max(scale (dst + 0.5) - 0.5,
+0), index = its floor, the next one clamped to the last, weights l1 = source - index and l0 = 1 - l1, value = lh0
+(lw0 x00 + lw1 x01) + lh1 (lw0 x10 + lw1 x11) in float32, rounded once to the output's dtype. Compilers may contract
+those products into FMAs in other places than nvcc did for ATen: float32 results can differ from ATen's in the last
+bits. Every output element is a function of its four inputs alone, so that a plane comes out the same whatever else
+is resized with it.
 
 Top-down step: finer + coarser[min(floor(dst * scale), size - 1)] (ATen's nearest source index, scale = in / out in
 float32), summed in float32 and rounded once, as ATen's nearest resize followed by its addition: bit for bit.
 
 Average pooling (kernel = stride = s, no padding, floor of the sizes): the window summed in float32 in ATen's order
-(row by row, left to right), divided by s * s, rounded once: ATen's result bit for bit.
+(row by row, left to right), divided by s * s (IEEE division, as ATen's), rounded once: ATen's result bit for bit.
+Its gradient: each input pixel its window's output gradient / (s * s), zero where no window covers it: ATen's.
+
+Gradients are gathers, one program per output tile, never atomic additions: the same result every run. The
+bilinear gradient (the transpose of the resize, weights recomputed as the forward computes them) in two passes, the
+width into a float32 map then the height, each input index summing the few output indices its weights reached
+(about 2 / scale of them); ATen's backward (atomic additions) within float32 rounding.
 """
 
 from __future__ import annotations
