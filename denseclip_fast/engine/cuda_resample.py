@@ -9,11 +9,15 @@ ResNet's average poolings 96 us, the FPN's nearest upsamplings 38 us (and the su
 Where it applies: a Segmenter on a GPU swaps its private model's ``FPN`` (the neck), ``Upsample2x`` (the FPN head's
 scale heads) and ``nn.AvgPool2d(s)`` modules (the ResNet stem's, each strided bottleneck's and its shortcut's) for
 the modules below (:func:`swap_resamplings`), and resizes its logits (engine.segmenter.resized) with
-:func:`resize_planes`. A call that needs gradients or that something records (torch.compile, torch.export, a
-dispatch mode), a tensor that is not a plain CUDA one, Triton missing, or ``DENSECLIP_FAST_TRITON_RESAMPLE=0`` take
-PyTorch's ``F.interpolate``, ``F.avg_pool2d`` and addition, as the model computes them. The pooling and the
-top-down step equal ATen's bit for bit; the bilinear resize may differ from it in the last bits of float32 (where the
-compilers contract its products into FMAs differently).
+:func:`resize_planes`. The trainer (train.step.prepare_model, on CUDA) swaps the poolings and the upsamplings
+(``trainable_only``), which run forward and backward through the kernels where autograd records them
+(:func:`trainable`: the autograd Functions below), and train/resize.py takes :func:`resize` and
+:func:`resized_gradient` for the loss. A call that something records (torch.compile, torch.export, a dispatch mode,
+a functorch transform), a tensor that is not a plain CUDA one, Triton missing, or ``DENSECLIP_FAST_TRITON_RESAMPLE=0``
+take PyTorch's ``F.interpolate``, ``F.avg_pool2d`` and addition, as the model computes them (so does the FPN's
+in-place step where autograd records it). Results follow autocast as F.interpolate's do (:func:`resized_dtype`). The
+pooling and the top-down step equal ATen's bit for bit; the bilinear resize may differ from it in the last bits of
+float32 (where the compilers contract its products into FMAs differently), its gradient in the order of its sums.
 """
 
 from __future__ import annotations
