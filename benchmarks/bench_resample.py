@@ -12,8 +12,10 @@ known 4-byte aligned only, costs the loads their width; from an NCHW map made be
 classifier writing NCHW planes would save; and the write floor, the output filled), the FPN
 head's 2x upsampling (128 channels, 64x64 -> 128x128 NHWC bfloat16), a bottleneck's 2x2 average pooling (256
 channels, 128x128 NHWC), the FPN's top-down step (256 channels, 64x64 nearest-upsampled and added into 128x128),
-and the training loss's resize gradient (150 float32 NHWC planes of 512x512 back to 128x128: ATen's autograd, the
-two products train/resize.py had on a GPU, the Triton gather it has now).
+the training loss's resize gradient (150 float32 NHWC planes of 512x512 back to 128x128: ATen's autograd, the
+two products train/resize.py had on a GPU, the Triton gather it has now), and the loss's cross-entropy of those
+logits, forward and backward (ATen on the 4-D map as the loss had it, ATen on the (pixels, classes) view, the Triton
+kernels).
 Each timed with triton.testing.do_bench (L2 flushed) and as a CUDA-graph replay ('graph ms', the engine's way), with
 the bytes it must move (inputs read once, output written once) and the rate that makes at the graph time. On the
 H200 (benchmarks/results/h200_2026-12-04c/e2e_rn50_whole.md) the Triton bilinear kernel's 7 launches took 203 us at
@@ -41,6 +43,7 @@ from benchmarks.bench_ops import HBM_BYTES_PER_S, _graph_time, _time  # noqa: E4
 from benchmarks.common import Results, failure  # noqa: E402
 from benchmarks.common import environment as common_environment  # noqa: E402
 from denseclip_fast.ops.triton import resample  # noqa: E402
+from denseclip_fast.train.cross_entropy import _RowsCrossEntropy  # noqa: E402
 from denseclip_fast.train.resize import product_gradient  # noqa: E402
 
 NHWC = torch.channels_last
@@ -114,6 +117,16 @@ def cases(batch: int, device: torch.device, small: bool,
     def aten_gradient() -> torch.Tensor:
         return torch.autograd.grad(upsampled, source, upsampled_grad, retain_graph=True)[0]
 
+    # the training loss's cross-entropy of the label-size logits (channels_last float32), forward and backward
+    ce_logits = upsampled_grad.detach().clone().requires_grad_()
+    ce_label = torch.randint(0, k, (batch, *image), generator=g).to(device)
+
+    def ce_gradient(loss_of: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[], torch.Tensor]:
+        return lambda: torch.autograd.grad(loss_of(ce_logits).mean(), ce_logits)[0]
+
+    def rows_of(x: torch.Tensor) -> torch.Tensor:
+        return x.permute(0, 2, 3, 1).reshape(-1, k)
+
     level = rand(batch, c_up, side // 2, side // 2)
     pooled = rand(batch, c_pool, side, side)
     finer, coarser = rand(batch, c_pool, side, side), rand(batch, c_pool, side // 2, side // 2)
@@ -127,6 +140,15 @@ def cases(batch: int, device: torch.device, small: bool,
               lambda: product_gradient(upsampled_grad, (side, side), NHWC),
           "triton (gather: width pass, height pass)":
               lambda: resample.bilinear_backward(upsampled_grad, source.shape, NHWC)}),
+        ("loss cross-entropy, forward and backward", f"B{batch} K{k} {image[0]}x{image[1]} fp32 NHWC",
+         ce_logits.numel() * 4 * 3,
+         {"aten, the 4-D map (an NCHW copy, the spatial softmax)":
+              ce_gradient(lambda x: F.cross_entropy(x, ce_label, ignore_index=255, reduction="none")),
+          "aten, the (pixels, classes) view":
+              ce_gradient(lambda x: F.cross_entropy(rows_of(x), ce_label.reshape(-1), ignore_index=255,
+                                                    reduction="none")),
+          "triton (train/cross_entropy.py's kernels)":
+              ce_gradient(lambda x: _RowsCrossEntropy.apply(rows_of(x), ce_label.reshape(-1), 255))}),
         ("FPN 2x upsampling", f"B{batch} C{c_up} {side // 2}x{side // 2} -> {side}x{side} bf16 NHWC",
          level.numel() * 2 * 5,
          {"aten": lambda: F.interpolate(level, size=(side, side), mode="bilinear", align_corners=False),

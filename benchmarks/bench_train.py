@@ -11,8 +11,9 @@ Contestants (random weights; loss = CE(head) + 0.4 CE(score / tau), AdamW step i
                     channels_last images and weights on CUDA
   trainer-bf16      the same under bf16 autocast (the trainer's default)
   trainer-bf16-ckpt the same with gradient checkpointing (memory for speed)
-  trainer-bf16-aten-resample  trainer-bf16 with PyTorch's poolings, upsamplings and loss resizes
-                    (DENSECLIP_FAST_TRITON_RESAMPLE=0 around each step): what the Triton ones gain, in one run
+  trainer-bf16-aten trainer-bf16 with PyTorch's poolings, upsamplings, loss resizes and cross-entropy
+                    (DENSECLIP_FAST_TRITON_RESAMPLE=0 and DENSECLIP_FAST_TRITON_LOSS=0 around each step): what the
+                    trainer's Triton kernels gain, in one run
 cuDNN benchmark mode is on for every contestant (mmseg's runtime default, and the trainer's). The float32 contestants
 both run at PyTorch's TF32 defaults (on CUDA: TF32 convolutions, IEEE matmuls), recorded in the environment block.
 Without --steps a GPU run times as many steps as fill 3 s (10 to 200); the JSON's p90_ms is None with fewer than 10.
@@ -55,7 +56,7 @@ from denseclip_fast.train import TrainConfig  # noqa: E402
 from denseclip_fast.train.optim import make_optimizer, segmentation_loss  # noqa: E402
 from denseclip_fast.train.step import TrainStep, memory_format, prepare_model  # noqa: E402
 
-ALL = ("trainer-bf16", "official-fp32", "trainer-bf16-aten-resample", "trainer-fp32",
+ALL = ("trainer-bf16", "official-fp32", "trainer-bf16-aten", "trainer-fp32",
        "trainer-bf16-ckpt")  # fmt: skip  (the target's pair first)
 
 
@@ -99,19 +100,20 @@ def trainer_step(
     return step
 
 
-def switched_off(step: Callable, variable: str) -> Callable:
-    """``step`` with the environment switch ``variable`` (read at each call) set to 0 while it runs."""
+def switched_off(step: Callable, *variables: str) -> Callable:
+    """``step`` with the environment switches ``variables`` (read at each call) set to 0 while it runs."""
 
     def off(x: torch.Tensor, label: torch.Tensor) -> float:
-        saved = os.environ.get(variable)
-        os.environ[variable] = "0"
+        saved = {name: os.environ.get(name) for name in variables}
+        os.environ.update({name: "0" for name in variables})
         try:
             return cast(float, step(x, label))
         finally:
-            if saved is None:
-                del os.environ[variable]
-            else:
-                os.environ[variable] = saved
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
 
     return off
 
@@ -213,7 +215,9 @@ def main(argv: list[str] | None = None) -> int:
         if name == "official-fp32":
             return official_step(args.arch, names, cfg, device)
         step = trainer_step(args.arch, names, cfg, device, bf16="bf16" in name, ckpt=name.endswith("ckpt"))
-        return switched_off(step, "DENSECLIP_FAST_TRITON_RESAMPLE") if name.endswith("aten-resample") else step
+        if name.endswith("-aten"):
+            return switched_off(step, "DENSECLIP_FAST_TRITON_RESAMPLE", "DENSECLIP_FAST_TRITON_LOSS")
+        return step
 
     # every contestant timed first, the profiles after: a run stopped by its time budget has the target's pair
     # measured (the first GPU runs lost the official step behind the trainer's profile), and torch.profiler's

@@ -464,24 +464,26 @@ def test_profiles_say_where_the_time_goes():
 
 
 def test_bench_train_switches_a_contestant_off_around_its_steps(monkeypatch):
-    """trainer-bf16-aten-resample: the switch is 0 while its step runs (where the kernels read it) and as it was
+    """trainer-bf16-aten: the switches are 0 while its step runs (where the kernels read them) and as they were
     after, a step that raises included."""
     seen = []
+    names = ("DENSECLIP_FAST_TRITON_RESAMPLE", "DENSECLIP_FAST_TRITON_LOSS")
 
     def step(x, label):
-        seen.append(os.environ.get("DENSECLIP_FAST_TRITON_RESAMPLE"))
+        seen.append(tuple(os.environ.get(name) for name in names))
         if label == "boom":
             raise RuntimeError("boom")
         return 1.5
 
-    monkeypatch.setenv("DENSECLIP_FAST_TRITON_RESAMPLE", "1")
-    off = bench_train.switched_off(step, "DENSECLIP_FAST_TRITON_RESAMPLE")
-    assert off(None, None) == 1.5 and os.environ["DENSECLIP_FAST_TRITON_RESAMPLE"] == "1"
-    monkeypatch.delenv("DENSECLIP_FAST_TRITON_RESAMPLE")
+    monkeypatch.setenv(names[0], "1")
+    monkeypatch.delenv(names[1], raising=False)
+    off = bench_train.switched_off(step, *names)
+    assert off(None, None) == 1.5 and os.environ[names[0]] == "1" and names[1] not in os.environ
+    monkeypatch.delenv(names[0])
     with pytest.raises(RuntimeError, match="boom"):
         off(None, "boom")
-    assert seen == ["0", "0"] and "DENSECLIP_FAST_TRITON_RESAMPLE" not in os.environ
-    assert "trainer-bf16-aten-resample" in bench_train.ALL
+    assert seen == [("0", "0"), ("0", "0")] and not any(name in os.environ for name in names)
+    assert "trainer-bf16-aten" in bench_train.ALL
 
 
 def test_score_tuning_sweep_tries_each_variant_and_restores_the_defaults(tmp_path, monkeypatch):
@@ -797,6 +799,7 @@ def test_bench_resample_times_each_case_against_aten(tmp_path, monkeypatch):
     assert bench_resample.main(["--out", str(tmp_path), "--tag", "t", "--batches", "1"]) == 0
     rows = json.loads((tmp_path / "resample_t.json").read_text())["rows"]
     assert [r["case"] for r in rows] == ["logits resize"] * 9 + ["loss resize gradient"] * 3 + [
+        "loss cross-entropy, forward and backward"] * 3 + [
         "FPN 2x upsampling"] * 2 + [
         "average pooling 2x2"] * 2 + ["FPN top-down step"] * 2  # fmt: skip
     assert not any("error" in r for r in rows) and all(r["bytes"] > 0 for r in rows)

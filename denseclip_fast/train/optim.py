@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import TrainConfig
+from .cross_entropy import pixel_cross_entropy
 from .resize import resize_to
 
 NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
@@ -105,12 +106,13 @@ def _mean_cross_entropy(logits: torch.Tensor, label: torch.Tensor, ignore_index:
     (the trainer's on CUDA) as the (pixels, classes) matrix they are in memory: F.cross_entropy of the 4-D map copies
     it to NCHW first (its softmax takes a contiguous input), and the spatial softmax over dim 1 that follows took 3.7
     ms a loss forward, 2.7 backward, at RN50 512x512 batch 16 on an H200 (2.5 GB of float32 logits;
-    benchmarks/results/h200_2026-12-04c/train_rn50_b16.md); the rows' softmax reads them as they are, and the
-    gradient comes back channels_last, as the logits."""
+    benchmarks/results/h200_2026-12-04c/train_rn50_b16.md); the rows' cross-entropy reads them as they are (on CUDA
+    by the Triton kernels of train/cross_entropy.py, one pass each way), and the gradient comes back channels_last,
+    as the logits."""
     logits = logits.float()
     if _pixel_rows(logits, label):
         rows = logits.permute(0, 2, 3, 1).reshape(-1, logits.shape[1])  # a view: each pixel's classes contiguous
-        per_pixel = F.cross_entropy(rows, label.reshape(-1), ignore_index=ignore_index, reduction="none")
+        per_pixel = pixel_cross_entropy(rows, label.reshape(-1), ignore_index)
     else:  # (and a label of another shape gets F.cross_entropy's own error)
         per_pixel = F.cross_entropy(logits, label, ignore_index=ignore_index, reduction="none")
     return per_pixel.mean()

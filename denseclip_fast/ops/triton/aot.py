@@ -310,6 +310,22 @@ def _resize_gradient(which: str, dt: str, jit: bool, c: int = 150, side: int = 1
     return f"{label} jit", fn, sig, const, {"num_warps": resample.WARPS}, attrs
 
 
+def _cross_entropy(which: str, jit: bool, k: int = 150) -> Spec:
+    """The training loss's cross-entropy kernel (forward or backward) on a (pixels, k) float32 matrix."""
+    from . import cross_entropy
+
+    fn: Any = cross_entropy._ce_fwd_kernel if which == "fwd" else cross_entropy._ce_bwd_kernel
+    const: dict[str, Any] = {"BLOCK_M": cross_entropy.BLOCK_M, "BLOCK_K": cross_entropy._block_k(k)}
+    ptrs = {name: ("*i64" if name == "label_ptr" else "*fp32") for name in fn.arg_names if name.endswith("_ptr")}
+    options = {"num_warps": cross_entropy.WARPS}
+    label = f"cross_entropy_{which} fp32 K={k}"
+    if not jit:
+        return label, fn, _signature(fn, ptrs, (), const), const, options, {}
+    args: dict[str, Any] = {**ptrs, "M": 16 * 512 * 512, "K": k, "s_m": k, "s_om": k, "ignore_index": 255}
+    sig, const, attrs = jit_specialize(fn, {name: args[name] for name in fn.arg_names if name not in const}, const)
+    return f"{label} jit", fn, sig, const, options, attrs
+
+
 def _score_specializations(arch: int) -> Iterator[Spec]:
     """Every score kernel at every block size its launchers choose (the same on every GPU); float16, which compiles
     as bfloat16, only for sm_90."""
@@ -419,6 +435,8 @@ def _specializations(arch: int) -> Iterator[Spec]:
             yield _resample(*resampling, jit=jit)
         for which, dt in RESIZE_GRADIENTS:
             yield _resize_gradient(which, dt, jit)
+        for which in ("fwd", "bwd"):
+            yield _cross_entropy(which, jit)
 
 
 def _ptxas(arch: int) -> str | None:

@@ -1,0 +1,90 @@
+"""The training loss's cross-entropy kernels (ops/triton/cross_entropy.py) and their use (train/cross_entropy.py),
+against F.cross_entropy in float64: under Triton's interpreter on a CPU (CI)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from denseclip_fast.train import cross_entropy as loss_module
+from denseclip_fast.train import optim
+
+triton = pytest.importorskip("triton")
+from denseclip_fast.ops.triton import cross_entropy  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _case(m: int, k: int, ignore: int, scale: float = 3.0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    rows = (torch.randn(m, k, generator=g) * scale).to(DEVICE)
+    label = torch.randint(0, k, (m,), generator=g)
+    label[::5] = ignore
+    return rows, label.to(DEVICE)
+
+
+@pytest.mark.parametrize(("m", "k"), [(37, 150), (5, 1), (16, 7), (9, 300), (1, 256), (33, 257)])
+@pytest.mark.parametrize("ignore", [255, -100])
+def test_loss_and_gradient_equal_cross_entropy(m, k, ignore):
+    """Rows not a multiple of the block, one class, classes in one block and in several (past 256), ignored pixels
+    (an index past the classes, and PyTorch's default -100): the per-pixel loss and the gradient of F.cross_entropy
+    in float64, to float32 rounding; the saved log-sum-exp is the rows' logsumexp."""
+    rows, label = _case(m, k, ignore)
+    loss, lse = cross_entropy.cross_entropy_rows(rows, label, ignore)
+    r64 = rows.double().requires_grad_()
+    want = F.cross_entropy(r64, label, ignore_index=ignore, reduction="none")
+    torch.testing.assert_close(loss.double(), want.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse.double(), torch.logsumexp(r64.detach(), 1), rtol=1e-6, atol=1e-5)
+    grad = torch.randn(m, dtype=torch.float64).to(DEVICE)
+    want.backward(grad)
+    got = cross_entropy.cross_entropy_rows_backward(grad.float(), rows, label, lse, ignore)
+    torch.testing.assert_close(got.double(), r64.grad, rtol=1e-5, atol=1e-6)
+    assert bool((got[label == ignore] == 0).all())
+
+
+def test_extreme_logits_and_a_label_past_the_classes():
+    """Logits of 1e4 (exp would overflow without the running maximum) and -inf (a class ruled out): finite losses
+    equal PyTorch's; a label that is neither a class nor the ignore index: NaN, not a number that looks right."""
+    rows = torch.tensor([[1e4, 0.0, -1e4], [float("-inf"), 2.0, 1.0], [0.5, 0.5, 0.5]], device=DEVICE)
+    label = torch.tensor([1, 1, 7], device=DEVICE)
+    loss, _ = cross_entropy.cross_entropy_rows(rows, label, 255)
+    want = F.cross_entropy(rows[:2].double(), label[:2], reduction="none")
+    torch.testing.assert_close(loss[:2].double(), want, rtol=1e-6, atol=1e-6)
+    assert bool(torch.isnan(loss[2]))
+    with pytest.raises(ValueError, match=r"label must be int64 of shape \(3,\)"):
+        cross_entropy.cross_entropy_rows(rows, label.int(), 255)
+    with pytest.raises(ValueError, match="rows must be a float32 .* matrix with contiguous rows"):
+        cross_entropy.cross_entropy_rows(rows.t(), label, 255)
+
+
+def test_the_training_loss_takes_the_kernels_where_usable(monkeypatch):
+    """On a device the kernels serve (the CPU made one here: Triton's interpreter), the loss of channels_last logits
+    goes through them forward and backward: the loss and the gradient of the NCHW path (PyTorch's); a call without
+    a gradient to record, or with DENSECLIP_FAST_TRITON_LOSS=0, is PyTorch's."""
+    monkeypatch.setattr(loss_module, "DEVICE_TYPES", (DEVICE,))
+    calls = []
+    real_fwd, real_bwd = cross_entropy.cross_entropy_rows, cross_entropy.cross_entropy_rows_backward
+    monkeypatch.setattr(cross_entropy, "cross_entropy_rows", lambda *a: calls.append("fwd") or real_fwd(*a))
+    monkeypatch.setattr(cross_entropy, "cross_entropy_rows_backward", lambda *a: calls.append("bwd") or real_bwd(*a))
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 6, 5, 7, generator=g).to(DEVICE)
+    label = torch.randint(0, 6, (2, 5, 7), generator=g).to(DEVICE)
+    label[0, 0] = 255
+    results = []
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        x = torch.empty_like(logits, memory_format=fmt).copy_(logits).requires_grad_()  # a leaf in that layout
+        loss = optim._mean_cross_entropy(x, label, 255)
+        loss.backward()
+        results.append((loss.detach(), x.grad))
+    assert calls == ["fwd", "bwd"]  # the channels_last one
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-5, atol=1e-8)
+    assert results[1][1].is_contiguous(memory_format=torch.channels_last)
+    calls.clear()
+    nhwc = logits.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        optim._mean_cross_entropy(nhwc, label, 255)
+    monkeypatch.setenv("DENSECLIP_FAST_TRITON_LOSS", "0")
+    optim._mean_cross_entropy(nhwc.clone().requires_grad_(), label, 255).backward()
+    assert calls == []
