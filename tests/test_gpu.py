@@ -467,8 +467,10 @@ def test_bf16_training_step_on_cuda(monkeypatch, backend, kind):
             monkeypatch.delenv("DENSECLIP_FAST_BACKEND", raising=False)
         else:
             monkeypatch.setenv("DENSECLIP_FAST_BACKEND", name)
-        # the reference step with PyTorch's poolings, upsamplings and loss resize (the trainer's Triton ones else)
-        monkeypatch.setenv("DENSECLIP_FAST_TRITON_RESAMPLE", "0" if name == "reference" else "1")
+        # the reference step with PyTorch's poolings, upsamplings, loss resizes and cross-entropy (the trainer's
+        # Triton kernels else)
+        for switch in ("DENSECLIP_FAST_TRITON_RESAMPLE", "DENSECLIP_FAST_TRITON_LOSS"):
+            monkeypatch.setenv(switch, "0" if name == "reference" else "1")
         model = prepare_model(randomized(dcf.DenseCLIP(heads_of_16(tiny_config(kind)), NAMES)), cfg,
                               torch.device("cuda"))  # fmt: skip
         assert model.backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last)
