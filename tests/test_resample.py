@@ -254,8 +254,14 @@ def test_upsampling_follows_autocast_and_trains_through_the_kernels(monkeypatch)
         out = up(leaf)
         finer, coarser = _map(1, 3, 8, 8, torch.bfloat16, "nhwc"), _map(1, 3, 4, 4, torch.bfloat16, "nhwc")
         fpn = cuda_resample.TritonFPN.__new__(cuda_resample.TritonFPN)
-        summed = cuda_resample.FPN.add_upsampled(fpn, finer, coarser)
-        assert cuda_resample.TritonFPN.add_upsampled(fpn, finer.clone(), coarser).dtype == summed.dtype
+        steps = []
+        real_step = resample.add_nearest_
+        monkeypatch.setattr(resample, "add_nearest_", lambda *a: steps.append(1) or real_step(*a))
+        cuda_resample.TritonFPN.add_upsampled(fpn, finer.clone(), coarser)
+        assert steps == []  # declined: the model's resize and sum (float32 under that policy)
+    with torch.no_grad():
+        cuda_resample.TritonFPN.add_upsampled(fpn, finer.clone(), coarser)
+    assert steps == [1]  # and taken outside autocast
     assert plain.dtype == out.dtype == torch.float32
     torch.testing.assert_close(plain, want, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(out.detach(), want, rtol=1e-6, atol=1e-6)

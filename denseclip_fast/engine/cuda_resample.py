@@ -90,7 +90,8 @@ class _AvgPool(torch.autograd.Function):
     """The Triton average pooling with the Triton backward (ATen's NHWC backward took 4.75 ms of an RN50 training
     step's 88 ms of GPU time at batch 16 on an H200, benchmarks/results/h200_2026-12-04c/train_rn50_b16.md: about
     ten times the bytes it moves at the HBM's rate). Keeps x's size and layout for the backward, not x; once
-    differentiable (a second derivative through it raises)."""
+    differentiable (PyTorch's once_differentiable: a second derivative through backward() or autograd.grad raises,
+    autograd.grad(allow_unused=True) gives None, as for any such function)."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, s: int) -> torch.Tensor:

@@ -273,7 +273,9 @@ def _resample(which: str, dt: str, out_dt: str, layout: str, out_layout: str, c:
         (s_b, s_c, s_p) = strides  # pixel stride -> (row, column) strides of a square map
         return s_b, s_c, s_p * width, s_p
 
-    args: dict[str, Any] = {**ptrs, "C": c, "H_in": side, "W_in": side, "H_out": out_side, "W_out": out_side,
+    # (the pooling's gradient writes the full map from the pooled one: its H_in is the output side here)
+    full, pooled = (out_side, side) if which == "avg_pool_backward" else (side, out_side)
+    args: dict[str, Any] = {**ptrs, "C": c, "H_in": full, "W_in": full, "H_out": pooled, "W_out": pooled,
                             "scale_h": 0.25, "scale_w": 0.25}  # fmt: skip
     args.update(zip(("s_xn", "s_xc", "s_xh", "s_xw"), nchw_strides(x_strides, side)))
     args.update(zip(("s_bn", "s_bc", "s_bh", "s_bw"), nchw_strides(x_strides, side)))
