@@ -56,6 +56,10 @@ def test_extreme_logits_and_a_label_past_the_classes():
         cross_entropy.cross_entropy_rows(rows, label.int(), 255)
     with pytest.raises(ValueError, match="rows must be a float32 .* matrix with contiguous rows"):
         cross_entropy.cross_entropy_rows(rows.t(), label, 255)
+    _, lse = cross_entropy.cross_entropy_rows(rows, label, 255)
+    with pytest.raises(ValueError, match=r"backward: grad must be a float \(3,\) tensor on .*, got torch.float32 of "
+                                         r"shape \(2,\)"):  # fmt: skip
+        cross_entropy.cross_entropy_rows_backward(torch.ones(2, device=DEVICE), rows, label, lse, 255)
 
 
 def test_the_training_loss_takes_the_kernels_where_usable(monkeypatch):

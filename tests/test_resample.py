@@ -105,6 +105,10 @@ def test_bilinear_backward_equals_autograd(shape, size, layout, dtype):
     fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
     got = resample.bilinear_backward(grad, shape, fmt)
     assert got.shape == shape and got.dtype == dtype and got.is_contiguous(memory_format=fmt)
+    with pytest.raises(ValueError, match=r"bilinear_backward: size must be the input's \(N, C, H, W\)"):
+        resample.bilinear_backward(grad, (shape[0], shape[1], 2.5, 3), fmt)
+    with pytest.raises(ValueError, match="bilinear_backward: dtype must be a floating-point dtype, got torch.int32"):
+        resample.bilinear_backward(grad, shape, fmt, torch.int32)
     if dtype == torch.float32:
         torch.testing.assert_close(got.double(), x.grad, rtol=1e-5, atol=1e-5 * float(x.grad.abs().max()))
     else:
@@ -372,6 +376,10 @@ def test_avg_pool_backward_equals_aten(shape, s, layout, dtype):
         assert torch.equal(got, leaf.grad)
     with pytest.raises(ValueError, match=r"avg_pool_backward: grad \(.*\) is not the gradient of a"):
         resample.avg_pool_backward(grad[:, 1:], x.shape, s)
+    with pytest.raises(ValueError, match=r"avg_pool_backward: s must be a positive int, got 0"):
+        resample.avg_pool_backward(grad, x.shape, 0)
+    with pytest.raises(ValueError, match=r"avg_pool_backward: size must be the input's \(N, C, H, W\)"):
+        resample.avg_pool_backward(grad, x.shape[1:], s)
 
 
 def test_avg_pool_trains_through_the_kernels(monkeypatch):

@@ -33,7 +33,8 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from ..model.heads import FPN, Upsample2x
-from ..model.layers import intercepted, plain_tensors
+from ..model.layers import plain_tensors, untraced_tensors
+from ..ops import backends
 
 DEVICE_TYPES = ("cuda",)  # where the kernels run (tests add "cpu": Triton's interpreter)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -45,19 +46,11 @@ def _kernels() -> Any:
     return resample
 
 
-@functools.lru_cache(maxsize=1)
-def _triton_available() -> bool:
-    """Whether the Triton backend imports here. Asked only for a tensor the kernels could take: importing it at
-    ``import denseclip_fast`` would import torch's compiler (torch.library.triton_op: seconds of a fresh process,
-    tests/test_packaging.py)."""
-    from ..ops.triton import UNAVAILABLE
-
-    return UNAVAILABLE is None
-
-
 def enabled() -> bool:
-    """Triton importable and the kernels not switched off (``DENSECLIP_FAST_TRITON_RESAMPLE=0``)."""
-    return os.environ.get("DENSECLIP_FAST_TRITON_RESAMPLE", "1") != "0" and _triton_available()
+    """Triton importable and the kernels not switched off (``DENSECLIP_FAST_TRITON_RESAMPLE=0``). Asked only for a
+    tensor the kernels could take: importing the Triton backend at ``import denseclip_fast`` would import torch's
+    compiler (torch.library.triton_op: seconds of a fresh process, tests/test_packaging.py)."""
+    return os.environ.get("DENSECLIP_FAST_TRITON_RESAMPLE", "1") != "0" and backends.triton_available() is None
 
 
 def usable(x: torch.Tensor) -> bool:
@@ -82,8 +75,8 @@ def trainable(x: torch.Tensor) -> bool:
     """Whether a resampling of ``x`` that autograd records may take the Triton kernels forward and backward: x needs
     a gradient, nothing else records or transforms the call (intercepted: torch.compile, a dispatch mode, forward-mode
     AD), x is a plain CUDA tensor of a float dtype, and the kernels are on."""
-    return (torch.is_grad_enabled() and x.requires_grad and x.dtype in DTYPES and not intercepted()
-            and type(x) in (torch.Tensor, nn.Parameter) and x.device.type in DEVICE_TYPES and enabled())  # fmt: skip
+    return (torch.is_grad_enabled() and x.requires_grad and x.dtype in DTYPES
+            and untraced_tensors(x.dtype, DEVICE_TYPES, x) and enabled())  # fmt: skip
 
 
 class _AvgPool(torch.autograd.Function):

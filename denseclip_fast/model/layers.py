@@ -50,10 +50,17 @@ def plain_tensors(dtype: torch.dtype, device_types: tuple[str, ...], *tensors: t
     given = [t for t in tensors if t is not None]
     if torch.is_grad_enabled() and any(t.requires_grad for t in given):
         return False
+    return untraced_tensors(dtype, device_types, *given)
+
+
+def untraced_tensors(dtype: torch.dtype, device_types: tuple[str, ...], *tensors: torch.Tensor) -> bool:
+    """:func:`plain_tensors` but for the gradient: nothing recording the call and every tensor a plain one of
+    ``dtype`` on a device of ``device_types`` (the test of a fused operator with its own backward, which autograd may
+    record)."""
     if intercepted():
         return False
     return all(type(t) in (torch.Tensor, nn.Parameter) and t.device.type in device_types and t.dtype == dtype
-               for t in given)  # fmt: skip
+               for t in tensors)  # fmt: skip
 
 
 class LayerNormFp32(nn.LayerNorm):

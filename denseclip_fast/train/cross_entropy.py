@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from ..model.layers import intercepted
+from ..model.layers import untraced_tensors
+from ..ops import backends
 
 DEVICE_TYPES = ("cuda",)  # where the kernels run (tests add "cpu": Triton's interpreter)
 
@@ -31,15 +32,11 @@ def _kernels() -> Any:
 
 def usable(rows: torch.Tensor) -> bool:
     """Whether the cross-entropy of ``rows`` may take the Triton kernels (module docstring)."""
-    if not (torch.is_grad_enabled() and rows.requires_grad) or rows.dtype != torch.float32 or rows.dim() != 2:
+    if not (torch.is_grad_enabled() and rows.requires_grad and untraced_tensors(torch.float32, DEVICE_TYPES, rows)):
         return False
-    if type(rows) is not torch.Tensor or rows.device.type not in DEVICE_TYPES or rows.stride(1) != 1:
+    if rows.dim() != 2 or rows.stride(1) != 1 or os.environ.get("DENSECLIP_FAST_TRITON_LOSS", "1") == "0":
         return False
-    if intercepted() or os.environ.get("DENSECLIP_FAST_TRITON_LOSS", "1") == "0":
-        return False
-    from ..ops.triton import UNAVAILABLE
-
-    return UNAVAILABLE is None
+    return backends.triton_available() is None
 
 
 class _RowsCrossEntropy(torch.autograd.Function):

@@ -30,10 +30,11 @@ from .common import cdiv, next_power_of_2, on_device
 BLOCK_M = 8
 MAX_BLOCK_K = 256
 WARPS = 8
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E), log(x) = log2(x) / LOG2E
 
 
 @triton.jit
-def _rows(M, K, s_m, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+def _rows(M, s_m, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """This program's rows (int64 offsets: a matrix past 2**31 elements is the common case) and the class offsets."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     return rows, rows.to(tl.int64) * s_m, tl.arange(0, BLOCK_K), rows < M
@@ -44,7 +45,7 @@ def _ce_fwd_kernel(
     x_ptr, label_ptr, loss_ptr, lse_ptr, M, K, s_m, ignore_index,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    rows, base, cols, row_ok = _rows(M, K, s_m, BLOCK_M, BLOCK_K)
+    rows, base, cols, row_ok = _rows(M, s_m, BLOCK_M, BLOCK_K)
     running_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     running_sum = tl.zeros((BLOCK_M,), tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -53,12 +54,12 @@ def _ce_fwd_kernel(
         x = tl.load(x_ptr + base[:, None] + k[None, :], mask=mask, other=float("-inf"))
         new_max = tl.maximum(running_max, tl.max(x, axis=1))
         safe = tl.where(new_max == float("-inf"), 0.0, new_max)  # a row of -inf so far: nothing to rescale
-        running_sum = running_sum * tl.exp2((running_max - safe) * 1.4426950408889634) + tl.sum(
-            tl.exp2((x - safe[:, None]) * 1.4426950408889634), axis=1
+        running_sum = running_sum * tl.exp2((running_max - safe) * LOG2E) + tl.sum(
+            tl.exp2((x - safe[:, None]) * LOG2E), axis=1
         )
         running_max = new_max
     # (a row of no class, or every logit -inf: lse -inf, as logsumexp; not log2(0), which the interpreter warns of)
-    lse = running_max + tl.log2(tl.where(running_sum > 0, running_sum, 1.0)) / 1.4426950408889634
+    lse = running_max + tl.log2(tl.where(running_sum > 0, running_sum, 1.0)) / LOG2E
     label = tl.load(label_ptr + rows, mask=row_ok, other=0)
     valid = (label >= 0) & (label < K)
     picked = tl.load(x_ptr + base + tl.where(valid, label, 0), mask=row_ok & valid, other=0.0)
@@ -72,7 +73,7 @@ def _ce_bwd_kernel(
     g_ptr, x_ptr, label_ptr, lse_ptr, out_ptr, M, K, s_m, s_om, ignore_index,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    rows, base, cols, row_ok = _rows(M, K, s_m, BLOCK_M, BLOCK_K)
+    rows, base, cols, row_ok = _rows(M, s_m, BLOCK_M, BLOCK_K)
     out_base = rows.to(tl.int64) * s_om
     label = tl.load(label_ptr + rows, mask=row_ok, other=0)
     g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
@@ -82,7 +83,7 @@ def _ce_bwd_kernel(
         k = k0 + cols
         mask = row_ok[:, None] & (k < K)[None, :]
         x = tl.load(x_ptr + base[:, None] + k[None, :], mask=mask, other=0.0)
-        p = tl.exp2((x - lse[:, None]) * 1.4426950408889634)
+        p = tl.exp2((x - lse[:, None]) * LOG2E)
         grad = g[:, None] * (p - tl.where(k[None, :] == label[:, None], 1.0, 0.0))
         tl.store(out_ptr + out_base[:, None] + k[None, :], grad, mask=mask)
 
@@ -122,6 +123,10 @@ def cross_entropy_rows_backward(grad: torch.Tensor, rows: torch.Tensor, label: t
     """The gradient of :func:`cross_entropy_rows`'s loss with respect to ``rows`` given ``grad`` (M,), the loss's;
     a float32 (M, K) matrix with contiguous rows."""
     _check(rows, label)
+    for name, t in (("grad", grad), ("lse", lse)):
+        if t.shape != rows.shape[:1] or not t.is_floating_point() or t.device != rows.device:
+            raise ValueError(f"cross_entropy_rows_backward: {name} must be a float ({rows.shape[0]},) tensor on "
+                             f"{rows.device}, got {t.dtype} of shape {tuple(t.shape)} on {t.device}")  # fmt: skip
     m, k = rows.shape
     out = torch.empty((m, k), dtype=torch.float32, device=rows.device)
     if m == 0 or k == 0:

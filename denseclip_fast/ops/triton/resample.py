@@ -247,6 +247,19 @@ def _check_4d(name: str, *tensors: torch.Tensor) -> None:
                              f"{tuple(t.shape)}")  # fmt: skip
 
 
+def _check_window(name: str, s: int) -> None:
+    if not isinstance(s, int) or isinstance(s, bool) or s < 1:
+        raise ValueError(f"{name}: s must be a positive int, got {s!r}")
+
+
+def _input_size(name: str, size: Sequence[int]) -> tuple[int, int, int, int]:
+    """A gradient's input size (N, C, H, W) as four ints; a ValueError naming ``name`` for anything else."""
+    if len(size) != 4 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in size):
+        raise ValueError(f"{name}: size must be the input's (N, C, H, W), four ints >= 0, got {tuple(size)!r}")
+    n, c, h, w = size
+    return n, c, h, w
+
+
 def _grid(out: torch.Tensor, block_c: int, block_w: int, rows: int = 1) -> tuple[int, int, int]:
     n, c, h, w = out.shape
     grid = (n * cdiv(h, rows), cdiv(c, block_c), cdiv(w, block_w))
@@ -361,7 +374,9 @@ def bilinear_backward(grad: torch.Tensor, size: Sequence[int],
     every run), a width pass into a float32 (N, C, h, W) map, then a height pass; in ``dtype`` (grad's if None),
     in ``memory_format``. ATen's backward within float32 rounding (its atomic additions add in another order)."""
     _check_4d("bilinear_backward", grad)
-    n, c, h_in, w_in = (int(v) for v in size)
+    n, c, h_in, w_in = _input_size("bilinear_backward", size)
+    if dtype is not None and not dtype.is_floating_point:
+        raise ValueError(f"bilinear_backward: dtype must be a floating-point dtype, got {dtype}")
     if grad.shape[:2] != (n, c) or min(h_in, w_in) < 1:
         raise ValueError(f"bilinear_backward: grad {tuple(grad.shape)} is not the gradient of a resize of "
                          f"{(n, c, h_in, w_in)}")  # fmt: skip
@@ -389,8 +404,7 @@ def bilinear_backward(grad: torch.Tensor, size: Sequence[int],
 def avg_pool(x: torch.Tensor, s: int) -> torch.Tensor:
     """``F.avg_pool2d(x, s)`` (kernel = stride = s, no padding) of x (N, C, H, W), in x's dtype and layout."""
     _check_4d("avg_pool", x)
-    if not isinstance(s, int) or isinstance(s, bool) or s < 1:
-        raise ValueError(f"avg_pool: s must be a positive int, got {s!r}")
+    _check_window("avg_pool", s)
     n, c, h, w = x.shape
     if h < s or w < s:
         raise ValueError(f"avg_pool: a {h}x{w} map is smaller than the {s}x{s} window")
@@ -411,7 +425,8 @@ def avg_pool_backward(grad: torch.Tensor, size: Sequence[int], s: int,
     """The gradient of ``avg_pool(x, s)`` with respect to x, of ``size`` (N, C, H, W), given ``grad``, the output's
     (N, C, H // s, W // s): ATen's avg_pool2d_backward, in grad's dtype, in ``memory_format``."""
     _check_4d("avg_pool_backward", grad)
-    n, c, h, w = (int(v) for v in size)
+    _check_window("avg_pool_backward", s)
+    n, c, h, w = _input_size("avg_pool_backward", size)
     if grad.shape != (n, c, h // s, w // s):
         raise ValueError(f"avg_pool_backward: grad {tuple(grad.shape)} is not the gradient of a {s}x{s} pooling of "
                          f"{(n, c, h, w)} (expected {(n, c, h // s, w // s)})")  # fmt: skip
