@@ -9,8 +9,8 @@ scores: ``argmax``, ``resized(scores, size).argmax(dim=1)`` (what labels equals,
 full-size scores fitted its 256 MiB chunk); ``chunks_fresh``, labels before commit 3b78993 (chunks of at most
 256 MiB, each resized into new memory, the best so far kept in new tensors); ``unfused``, labels before the fused
 kernel (as of af29102: chunks resized into one buffer, 16 MiB ones on a CPU, the best kept in place); ``labels``, the
-engine's now (on a CPU, the resize and the argmax in one pass of the extension's kernel: engine/cpu_labels.py; on a
-GPU as unfused). Shapes: a 512x512 image (scores 128x128,
+engine's now (the resize and the argmax in one pass: on a CPU the extension's kernel, engine/cpu_labels.py; on a GPU
+the Triton kernel, ops/triton/labels.py). Shapes: a 512x512 image (scores 128x128,
 the stride-4 output of a 512x512 input) and a 2048x1536 photo, its scores (171x128, as of the 683x512 input the
 test scale fits it to) resized straight to its size: the second of predict's two resizes, the first left out
 (bench_predict.py times the whole way). K 150. Every contestant's labels must equal argmax's; the contestants take

@@ -15,7 +15,8 @@ channels, 128x128 NHWC), the FPN's top-down step (256 channels, 64x64 nearest-up
 the training loss's resize gradient (150 float32 NHWC planes of 512x512 back to 128x128: ATen's autograd, the
 two products train/resize.py had on a GPU, the Triton gather it has now), and the loss's cross-entropy of those
 logits, forward and backward (ATen on the 4-D map as the loss had it, ATen on the (pixels, classes) view, the Triton
-kernels).
+kernels), and predict's labels (the resize then the max over the classes, against the fused kernel at its default
+tiling and, on a GPU, 23 others).
 Each timed with triton.testing.do_bench (L2 flushed) and as a CUDA-graph replay ('graph ms', the engine's way), with
 the bytes it must move (inputs read once, output written once) and the rate that makes at the graph time. On the
 H200 (benchmarks/results/h200_2026-12-04c/e2e_rn50_whole.md) the Triton bilinear kernel's 7 launches took 203 us at
@@ -42,7 +43,7 @@ import torch.nn.functional as F  # noqa: E402
 from benchmarks.bench_ops import HBM_BYTES_PER_S, _graph_time, _time  # noqa: E402
 from benchmarks.common import Results, failure  # noqa: E402
 from benchmarks.common import environment as common_environment  # noqa: E402
-from denseclip_fast.ops.triton import resample  # noqa: E402
+from denseclip_fast.ops.triton import labels, resample  # noqa: E402
 from denseclip_fast.train.cross_entropy import _RowsCrossEntropy  # noqa: E402
 from denseclip_fast.train.resize import product_gradient  # noqa: E402
 
@@ -65,6 +66,15 @@ def tilings(sweep: bool) -> list[resample.Tiling]:
 
 def label(tile: resample.Tiling) -> str:
     return f"{tile.rows} row{'s' if tile.rows > 1 else ''} x {tile.block_c} ch x {tile.block_w} col, {tile.warps} warps"
+
+
+def label_tilings(sweep: bool) -> list[labels.LabelTiling]:
+    """The fused label kernel's tilings the labels case times besides the default: classes a block (8 to 64) x
+    columns for 1024, 2048 or 4096 values, 4 or 8 warps; without ``sweep`` two of them (a smoke run)."""
+    if not sweep:
+        return [labels.LabelTiling(8, 64, 4), labels.LabelTiling(16, 32, 8)]
+    return [labels.LabelTiling(c, tile // c, warps) for c in (8, 16, 32, 64) for tile in (1024, 2048, 4096)
+            for warps in (4, 8)]  # fmt: skip
 
 
 def cases(batch: int, device: torch.device, small: bool,
@@ -108,6 +118,28 @@ def cases(batch: int, device: torch.device, small: bool,
         if tile != default:
             logits_contestants[f"triton into a buffer, {label(tile)}"] = into(logits, tile)
 
+    # predict's labels: the resize into a buffer and the max over the classes, against the fused kernel (best values
+    # and labels written: what labels() allocates)
+    best = torch.empty(batch, *image, device=device)
+    index = torch.empty(batch, *image, device=device, dtype=torch.int64)
+
+    def fused(tile: labels.LabelTiling | None = None) -> Callable[[], torch.Tensor]:
+        def call() -> torch.Tensor:
+            labels.bilinear_argmax_(logits, best, index, 0, tile)
+            return index
+
+        return call
+
+    label_contestants: dict[str, Callable[[], object]] = {
+        "triton resize into a buffer, then max over the classes": lambda: into(logits)().max(dim=1).indices,
+        "triton fused (ops/triton/labels.py)": fused(),
+    }
+    default_labels = labels.label_tiling(k, image[1])
+    for label_tile in label_tilings(sweep):
+        if label_tile != default_labels:
+            label_contestants[f"triton fused, {label_tile.block_c} classes x {label_tile.block_w} col, "
+                              f"{label_tile.warps} warps"] = fused(label_tile)  # fmt: skip
+
     # the training loss's resize gradient: float32 NHWC gradients of the 4x upsampled logits, to the head's map
     upsampled_grad = torch.randn(batch, k, *image, generator=g).to(device).contiguous(memory_format=NHWC)
     source = torch.randn(batch, k, side, side, generator=g).to(device).contiguous(memory_format=NHWC)
@@ -133,6 +165,8 @@ def cases(batch: int, device: torch.device, small: bool,
     return [
         ("logits resize", f"B{batch} K{k} {side}x{side} bf16 NHWC -> {image[0]}x{image[1]} fp32 NCHW",
          logits.numel() * 2 + logits_out.numel() * 4, logits_contestants),
+        ("predict's labels (resize, argmax)", f"B{batch} K{k} {side}x{side} bf16 NHWC -> {image[0]}x{image[1]} int64",
+         logits.numel() * 2 + best.numel() * 4 + index.numel() * 8, label_contestants),
         ("loss resize gradient", f"B{batch} K{k} {image[0]}x{image[1]} -> {side}x{side} fp32 NHWC",
          (upsampled_grad.numel() + source.numel()) * 4,
          {"aten (autograd of F.interpolate)": aten_gradient,

@@ -170,7 +170,7 @@ gpu_tests() {  # the operators on CUDA (all backends) and the model, engine and 
   timed "GPU tests: CUDA kernels (tensor-core and portable)" tests_gpu_kernels.log \
     "${pytest[@]}" tests/test_gpu.py -k "$kernels" &
   timed "GPU tests: model, engine, training, resampling" tests_gpu_model.log \
-    "${pytest[@]}" tests/test_gpu.py tests/test_resample.py tests/test_cross_entropy.py \
+    "${pytest[@]}" tests/test_gpu.py tests/test_resample.py tests/test_cross_entropy.py tests/test_triton_labels.py \
     -k "not ($kernels) and not aoti" &
   # each AOTInductor package test in a process of its own: loading the CUDA C++ one crashed its process on the H200
   # (segmentation fault, h200_2026-12-04b), which took the other one's failure message and the tests after it along
@@ -191,6 +191,8 @@ ops() {  # the fused operators against eager and SDPA: the kernels issue's targe
   timed bench_host bench_host.txt python3 benchmarks/bench_host.py --out "$OUT"
   # the engine's Triton resamplings against ATen's, one by one (which launch the e2e profile's bilinear time is)
   timed bench_resample bench_resample.txt python3 benchmarks/bench_resample.py --out "$OUT"
+  # predict's label maps on the GPU: the fused resize and argmax (labels) against the resize then the max (unfused)
+  timed "bench_labels cuda" bench_labels.txt python3 benchmarks/bench_labels.py --device cuda --repeats 30 --out "$OUT"
 }
 
 e2e_rn50() {  # the engine issue's headline: RN50 512x512 batch 1 and 16 (torch.compile: compile_baselines); the
@@ -225,7 +227,7 @@ train_bench() {  # one training step, official style against the trainer (RN50 5
 rest() {  # the CPU suite on this machine's torch/triton, and CMake's CUDA build
   DENSECLIP_FAST_CMAKE_CUDA=1 timed "other tests" tests_rest.log \
     python3 -m pytest -q -rs --durations=15 tests/ --ignore=tests/test_ops.py --ignore=tests/test_gpu.py \
-    --ignore=tests/test_resample.py --ignore=tests/test_cross_entropy.py
+    --ignore=tests/test_resample.py --ignore=tests/test_cross_entropy.py --ignore=tests/test_triton_labels.py
   tail -3 "$OUT/tests_rest.log" 2>/dev/null
 }
 
@@ -248,8 +250,6 @@ e2e_more() {  # slide mode, the other architectures, and start-up on the GPU
   # a fresh process to its first segmentation on the GPU (CUDA's start, the load, the Segmenter, the first call)
   timed "bench_startup cuda" bench_startup.txt \
     python3 benchmarks/bench_startup.py --device cuda --formats pth safetensors --size 512 --repeats 2 --out "$OUT"
-  # predict's label maps on the GPU (its chunks are all classes while they fit LABEL_CHUNK: one resize, one max)
-  timed "bench_labels cuda" bench_labels.txt python3 benchmarks/bench_labels.py --device cuda --repeats 30 --out "$OUT"
   # uint8 images in, logits and label maps out (the command line's path: preprocessing and resizes included)
   timed "bench_predict cuda" bench_predict.txt python3 benchmarks/bench_predict.py --device cuda --repeats 30 --out "$OUT"
 }

@@ -798,7 +798,8 @@ def test_bench_resample_times_each_case_against_aten(tmp_path, monkeypatch):
     monkeypatch.setattr(bench_resample, "_time", lambda fn, device: (fn(), (1.0, 1.0, 1.0))[1])
     assert bench_resample.main(["--out", str(tmp_path), "--tag", "t", "--batches", "1"]) == 0
     rows = json.loads((tmp_path / "resample_t.json").read_text())["rows"]
-    assert [r["case"] for r in rows] == ["logits resize"] * 9 + ["loss resize gradient"] * 3 + [
+    assert [r["case"] for r in rows] == ["logits resize"] * 9 + ["predict's labels (resize, argmax)"] * 4 + [
+        "loss resize gradient"] * 3 + [
         "loss cross-entropy, forward and backward"] * 3 + [
         "FPN 2x upsampling"] * 2 + [
         "average pooling 2x2"] * 2 + ["FPN top-down step"] * 2  # fmt: skip
@@ -812,3 +813,5 @@ def test_bench_resample_times_each_case_against_aten(tmp_path, monkeypatch):
         results = [fn().float().clone() for name, fn in fns.items() if not name.startswith("write floor")]
         assert len(results) == len(fns) - (case == "logits resize")
         assert all(torch.allclose(r.reshape(results[0].shape), results[0], rtol=2e-2, atol=2e-2) for r in results)
+        if case.startswith("predict's labels"):  # the same labels, exactly
+            assert all(torch.equal(r, results[0]) for r in results)

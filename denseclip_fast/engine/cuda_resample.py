@@ -8,8 +8,9 @@ ResNet's average poolings 96 us, the FPN's nearest upsamplings 38 us (and the su
 
 Where it applies: a Segmenter on a GPU swaps its private model's ``FPN`` (the neck), ``Upsample2x`` (the FPN head's
 scale heads) and ``nn.AvgPool2d(s)`` modules (the ResNet stem's, each strided bottleneck's and its shortcut's) for
-the modules below (:func:`swap_resamplings`), and resizes its logits (engine.segmenter.resized) with
-:func:`resize_planes`. The trainer (train.step.prepare_model, on CUDA) swaps the poolings and the upsamplings
+the modules below (:func:`swap_resamplings`), resizes its logits (engine.segmenter.resized) with
+:func:`resize_planes`, and makes predict's labels with :func:`resize_argmax_` (the last resize and the argmax in one
+pass: ops/triton/labels.py). The trainer (train.step.prepare_model, on CUDA) swaps the poolings and the upsamplings
 (``trainable_only``), which run forward and backward through the kernels where autograd records them
 (:func:`trainable`: the autograd Functions below), and train/resize.py takes :func:`resize` and
 :func:`resized_gradient` for the loss. A call that something records (torch.compile, torch.export, a dispatch mode,
@@ -240,3 +241,19 @@ def resize_planes(scores: torch.Tensor, size: tuple[int, int], out: torch.Tensor
     shape = (n, c, int(size[0]), int(size[1]))
     target = torch.empty(shape, dtype=torch.float32, device=scores.device) if out is None else out.view(shape)
     return typing.cast(torch.Tensor, _kernels().bilinear_into(target, scores))
+
+
+def labels_usable(scores: torch.Tensor) -> bool:
+    """Whether predict's last resize and argmax over the classes of ``scores`` (N, K, h, w) may be one pass of the
+    fused kernel (:func:`resize_argmax_`): where the resize kernel is :func:`usable`."""
+    return scores.dim() == 4 and scores.numel() > 0 and usable(scores)
+
+
+def resize_argmax_(scores: torch.Tensor, best: torch.Tensor, index: torch.Tensor, first: int) -> None:
+    """Offer the classes of ``scores`` (N, K, h, w), any float dtype and layout, resized bilinearly to the (H, W) of
+    ``best``, to the running argmax ``best`` (N, H, W) float32 / ``index`` (N, H, W) int64 as classes first ..
+    first + K - 1, in place (ops/triton/labels.py; ``first`` 0 starts it): the labels equal the argmax of
+    :func:`resize_planes`' planes pixel for pixel, with no plane written."""
+    from ..ops.triton import labels
+
+    labels.bilinear_argmax_(scores, best, index, first)

@@ -15,8 +15,9 @@ engine takes 13% / 25% less time than eager PyTorch at batch 1 / 4, benchmarks/r
 image only the image encoder, the context decoder, the fused score/concat operator, the FPN and the head run; on
 CUDA every (batch, size) is captured once into a CUDA graph and replayed; the head's logits are resized to the input
 size (and uint8 images' to their own) after the replay, in float32, by the finish: logits straight into the
-returned tensor, predict's labels a chunk of classes at a time (see labels; on a CPU the resizes and the argmax
-in one pass of the extension's kernel, cpu_labels). Slide mode evaluates all crops of a batch as one forward.
+returned tensor, predict's labels a chunk of classes at a time (see labels; the resizes and the argmax in one pass:
+on a CPU of the extension's kernel, cpu_labels, on a GPU the last resize of a Triton kernel, ops/triton/labels.py).
+Slide mode evaluates all crops of a batch as one forward.
 
 Threads: every public method takes one lock, so a Segmenter may be shared by threads, which then take turns; for
 parallel inference give each thread (or GPU) its own Segmenter.
@@ -161,7 +162,10 @@ def labels(scores: torch.Tensor, *sizes: Size, fused: bool = True) -> torch.Tens
 
     On a CPU the resizes that the extension's kernel serves (cpu_labels; ``fused``: where it applies), the last ones,
     usually all, and the argmax are one pass of it, the same values bit for bit: it makes their rows as it needs
-    them, so that no plane at their sizes is written; a chunk goes through the others (none, usually) in memory."""
+    them, so that no plane at their sizes is written; a chunk goes through the others (none, usually) in memory. On
+    a GPU (``fused``, where the Triton kernels serve the scores: cuda_resample.labels_usable) the last resize and
+    the argmax are one pass of the Triton kernel, which reads the scores in their own dtype and layout (no float32
+    copy) and makes the resize kernel's values: a normalised batch's labels straight from the head's map."""
     if scores.dim() != 4 or scores.shape[1] == 0:  # argmax over no class has no answer
         raise ValueError(f"labels: scores must be (N, K, h, w) with K >= 1, got shape {tuple(scores.shape)}")
     if not sizes:
@@ -169,13 +173,15 @@ def labels(scores: torch.Tensor, *sizes: Size, fused: bool = True) -> torch.Tens
     n, k, height, width = scores.shape
     sizes = tuple((int(h), int(w)) for h, w in sizes)
     cpu = scores.device.type == "cpu"
-    tail = cpu_labels.fused_tail(sizes) if fused and cpu else 0
+    # the Triton kernels (a GPU's; tests serve a CPU's by the interpreter), which read any dtype and layout
+    triton_kernels = fused and cuda_resample.labels_usable(scores)
+    tail = 1 if triton_kernels else (cpu_labels.fused_tail(sizes) if fused and cpu else 0)
     through, fused_sizes = sizes[: len(sizes) - tail], sizes[len(sizes) - tail :]  # in memory, then fused
     # each resize's (from, to); one to the same size, which a CPU skips unless not all are finite, not counted
     plane = height * width + sum(h * w for before, (h, w) in zip(((height, width), *through[:-1]), through)
                                  if not (cpu and before == (h, w)))  # fmt: skip
     step = label_step(n, k, (1, plane), cpu)
-    if tail:
+    if tail and not triton_kernels:
         fused_sizes = tuple(cpu_labels.without_repeats(scores, through[-1] if through else (height, width),
                                                        fused_sizes))  # fmt: skip
         step = min(step, cpu_labels.classes_per_call(fused_sizes))
@@ -189,7 +195,8 @@ def labels(scores: torch.Tensor, *sizes: Size, fused: bool = True) -> torch.Tens
 
     def chunk(first: int) -> torch.Tensor:
         part = scores[:, first : first + step]
-        if part.dtype != torch.float32 or not part.is_contiguous():  # what resized would copy, into a buffer
+        # what resized (or the CPU's fused kernel) would copy, into a buffer; the GPU's kernels read it as it is
+        if not triton_kernels and (part.dtype != torch.float32 or not part.is_contiguous()):
             part = into(-1, height, width, part.shape[0] * part.shape[1]).view(part.shape).copy_(part)
         for j, (h, w) in enumerate(through):
             if not unchanged_by_resize(part, (h, w)):
@@ -200,7 +207,10 @@ def labels(scores: torch.Tensor, *sizes: Size, fused: bool = True) -> torch.Tens
         best = torch.empty((n, *sizes[-1]), dtype=torch.float32, device=scores.device)
         index = torch.empty((n, *sizes[-1]), dtype=torch.int64, device=scores.device)
         for first in range(0, k, step):  # the first call starts the argmax (writes best and index)
-            cpu_labels.resize_argmax_(chunk(first), fused_sizes, best, index, first)
+            if triton_kernels:  # (one resize: fused_sizes is the last size alone)
+                cuda_resample.resize_argmax_(chunk(first), best, index, first)
+            else:
+                cpu_labels.resize_argmax_(chunk(first), fused_sizes, best, index, first)
         return index
     best, index = chunk(0).max(dim=1)
     if step >= k:

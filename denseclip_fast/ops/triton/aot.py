@@ -328,6 +328,34 @@ def _cross_entropy(which: str, jit: bool, k: int = 150) -> Spec:
     return f"{label} jit", fn, sig, const, options, attrs
 
 
+# predict's fused resize and argmax (RN50 512x512: 150 classes of 128x128 to 512x512): from the head's NHWC map in
+# the engine's dtypes, and from a float32 NCHW map (a uint8 image's second resize, after the first in memory)
+LABELS = (("bf16", "nhwc"), ("fp16", "nhwc"), ("fp32", "nhwc"), ("fp32", "nchw"))
+
+
+def _labels(dt: str, layout: str, jit: bool, start: bool, k: int = 150, side: int = 128, out_side: int = 512) -> Spec:
+    """labels.bilinear_argmax_'s kernel with the tiling it chooses: generic or JIT-like (dense maps, one call for all
+    classes when ``start``, a later chunk's call otherwise)."""
+    from . import labels
+
+    fn: Any = labels._bilinear_argmax_kernel
+    tile = labels.label_tiling(k, out_side)
+    const: dict[str, Any] = {"START": start, "BLOCK_C": tile.block_c, "BLOCK_W": tile.block_w, "WIDE": False}
+    ptrs = {"x_ptr": f"*{dt}", "best_ptr": "*fp32", "index_ptr": "*i64"}
+    options = {"num_warps": tile.warps}
+    label = f"bilinear_argmax {dt} {layout} C={k}{' start' if start else ''}"
+    if not jit:
+        return label, fn, _signature(fn, ptrs, ("scale_h", "scale_w"), const), const, options, {}
+    s_n, s_c, s_p = score._dense_strides((1, k, side, side), LAYOUTS[layout])
+    plane = out_side * out_side
+    args: dict[str, Any] = {**ptrs, "C": k, "H_in": side, "W_in": side, "H_out": out_side, "W_out": out_side,
+                            "s_xn": s_n, "s_xc": s_c, "s_xh": s_p * side, "s_xw": s_p, "s_bn": plane,
+                            "s_bh": out_side, "s_bw": 1, "s_in": plane, "s_ih": out_side, "s_iw": 1,
+                            "scale_h": 0.25, "scale_w": 0.25, "first": 0 if start else 64}  # fmt: skip
+    sig, const, attrs = jit_specialize(fn, {name: args[name] for name in fn.arg_names if name not in const}, const)
+    return f"{label} jit", fn, sig, const, options, attrs
+
+
 def _score_specializations(arch: int) -> Iterator[Spec]:
     """Every score kernel at every block size its launchers choose (the same on every GPU); float16, which compiles
     as bfloat16, only for sm_90."""
@@ -439,6 +467,9 @@ def _specializations(arch: int) -> Iterator[Spec]:
             yield _resize_gradient(which, dt, jit)
         for which in ("fwd", "bwd"):
             yield _cross_entropy(which, jit)
+        for dt, layout in LABELS:
+            for start in (True, False):
+                yield _labels(dt, layout, jit, start)
 
 
 def _ptxas(arch: int) -> str | None:

@@ -64,6 +64,29 @@ def _tile(C, H_out, W_out, BLOCK_C: tl.constexpr, BLOCK_W: tl.constexpr):
 
 
 @triton.jit
+def _source(o, scale, size):
+    """ATen's area_pixel_compute_source_index along one axis for destination indices o of a resize from ``size``
+    indices: the lower and upper source indices (the upper clamped to the last) and their weights l0, l1."""
+    src = tl.maximum(scale * (o.to(tl.float32) + 0.5) - 0.5, 0.0)
+    i0 = src.to(tl.int32)
+    i1 = i0 + (i0 < size - 1).to(tl.int32)
+    l1 = src - i0.to(tl.float32)
+    return i0, i1, 1.0 - l1, l1
+
+
+@triton.jit
+def _interpolate(top, bottom, left, right, mask, lh0, lh1, lw0, lw1):
+    """The bilinear value from the four source pixels at top/bottom row pointers + left/right column offsets, in
+    float32, in ATen's order: lh0 (lw0 x00 + lw1 x01) + lh1 (lw0 x10 + lw1 x11). One function for the resize and
+    the fused label kernel (labels.py), so that both compile the same expression (FMA contraction alike)."""
+    x00 = tl.load(top + left, mask=mask, other=0.0).to(tl.float32)
+    x01 = tl.load(top + right, mask=mask, other=0.0).to(tl.float32)
+    x10 = tl.load(bottom + left, mask=mask, other=0.0).to(tl.float32)
+    x11 = tl.load(bottom + right, mask=mask, other=0.0).to(tl.float32)
+    return lh0 * (lw0 * x00 + lw1 * x01) + lh1 * (lw0 * x10 + lw1 * x11)
+
+
+@triton.jit
 def _bilinear_kernel(
     x_ptr, out_ptr, C, H_in, W_in, H_out, W_out,
     s_xn, s_xc, s_xh, s_xw, s_on, s_oc, s_oh, s_ow,
@@ -77,29 +100,14 @@ def _bilinear_kernel(
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     offs_w = tl.program_id(2) * BLOCK_W + tl.arange(0, BLOCK_W)
     mask = (oh[:, None, None] < H_out) & (offs_c[None, :, None] < C) & (offs_w[None, None, :] < W_out)
-    # the source rows and columns, as ATen's area_pixel_compute_source_index
-    src_h = tl.maximum(scale_h * (oh.to(tl.float32) + 0.5) - 0.5, 0.0)
-    h0 = src_h.to(tl.int32)
-    h1 = h0 + (h0 < H_in - 1).to(tl.int32)
-    lh1 = src_h - h0.to(tl.float32)
-    lh0 = 1.0 - lh1
-    src_w = tl.maximum(scale_w * (offs_w.to(tl.float32) + 0.5) - 0.5, 0.0)
-    w0 = src_w.to(tl.int32)
-    w1 = w0 + (w0 < W_in - 1).to(tl.int32)
-    lw1 = src_w - w0.to(tl.float32)
-    lw0 = 1.0 - lw1
+    h0, h1, lh0, lh1 = _source(oh, scale_h, H_in)
+    w0, w1, lw0, lw1 = _source(offs_w, scale_w, W_in)
     n, oh, h0, h1 = _index(n, WIDE), _index(oh, WIDE), _index(h0, WIDE), _index(h1, WIDE)
     c_idx, w0, w1, o_w = _index(offs_c, WIDE), _index(w0, WIDE), _index(w1, WIDE), _index(offs_w, WIDE)
     base = x_ptr + n * s_xn + c_idx[None, :, None] * s_xc
     top, bottom = base + h0[:, None, None] * s_xh, base + h1[:, None, None] * s_xh
-    left, right = w0[None, None, :] * s_xw, w1[None, None, :] * s_xw
-    x00 = tl.load(top + left, mask=mask, other=0.0).to(tl.float32)
-    x01 = tl.load(top + right, mask=mask, other=0.0).to(tl.float32)
-    x10 = tl.load(bottom + left, mask=mask, other=0.0).to(tl.float32)
-    x11 = tl.load(bottom + right, mask=mask, other=0.0).to(tl.float32)
-    lw0, lw1 = lw0[None, None, :], lw1[None, None, :]
-    lh0, lh1 = lh0[:, None, None], lh1[:, None, None]
-    value = lh0 * (lw0 * x00 + lw1 * x01) + lh1 * (lw0 * x10 + lw1 * x11)
+    value = _interpolate(top, bottom, w0[None, None, :] * s_xw, w1[None, None, :] * s_xw, mask,
+                         lh0[:, None, None], lh1[:, None, None], lw0[None, None, :], lw1[None, None, :])  # fmt: skip
     out = out_ptr + n * s_on + c_idx[None, :, None] * s_oc + oh[:, None, None] * s_oh + o_w[None, None, :] * s_ow
     tl.store(out, value.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -107,13 +115,10 @@ def _bilinear_kernel(
 @triton.jit
 def _weight(o, j, A, scale):
     """The weight bilinear resizing gives source index j (of A) in destination index o, per axis: the forward's
-    source index and weights (as _bilinear_kernel computes them), l0 where j is the lower index, l1 where the upper
-    (both at the last index, whose upper one is clamped to it)."""
-    src = tl.maximum(scale * (o.to(tl.float32) + 0.5) - 0.5, 0.0)
-    x0 = src.to(tl.int32)
-    x1 = x0 + (x0 < A - 1).to(tl.int32)
-    l1 = src - x0.to(tl.float32)
-    return tl.where(x0 == j, 1.0 - l1, 0.0) + tl.where(x1 == j, l1, 0.0)
+    source index and weights (:func:`_source`), l0 where j is the lower index, l1 where the upper (both at the last
+    index, whose upper one is clamped to it)."""
+    x0, x1, l0, l1 = _source(o, scale, A)
+    return tl.where(x0 == j, l0, 0.0) + tl.where(x1 == j, l1, 0.0)
 
 
 @triton.jit

@@ -1,0 +1,137 @@
+"""predict's fused resize and argmax on a GPU (ops/triton/labels.py, engine.segmenter.labels through
+engine.cuda_resample): under Triton's interpreter on a CPU (CI), on CUDA where there is one. The labels must equal the
+argmax of the resize kernel's float32 planes pixel for pixel: ties to the first class, NaN beating numbers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from denseclip_fast.engine import cuda_resample, segmenter
+from denseclip_fast.ops.triton import labels, resample
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# the interpreter (numpy) warns of a max over a block of NaNs (the kernel then takes its NaN branch) and of an
+# infinity times a weight of 0 (NaN, as on a GPU)
+pytestmark = [pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning"),
+              pytest.mark.filterwarnings("ignore:invalid value encountered in multiply:RuntimeWarning")]
+
+
+def _scores(n: int, k: int, h: int, w: int, dtype: torch.dtype, layout: str, seed: int = 0) -> torch.Tensor:
+    """Random class scores with what an argmax must get right: two classes tied everywhere (1 and 2), a NaN, and an
+    infinity; in NCHW, NHWC or a class slice of a wider map (no dense layout)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, k, h, w, generator=g) * 3
+    if k > 2:
+        x[:, 2] = x[:, 1]
+    x[0, k // 2, h // 2, w // 2] = float("nan")
+    x[-1, k - 1, 0, w - 1] = float("inf")
+    x = x.to(DEVICE, dtype)
+    if layout == "nhwc":
+        return x.contiguous(memory_format=torch.channels_last)
+    if layout == "sliced":
+        return torch.cat([x[:, :1], x], dim=1)[:, 1:]
+    return x
+
+
+def _resize_then_argmax(x: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    planes = resample.bilinear(x, size, dtype=torch.float32, memory_format=torch.contiguous_format)
+    values, index = planes.max(dim=1)
+    return values, index
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc", "sliced"])
+@pytest.mark.parametrize(("shape", "size"), [((2, 5, 4, 6), (9, 13)), ((1, 37, 3, 3), (5, 4)), ((1, 1, 1, 1), (3, 2)),
+                                             ((1, 3, 5, 7), (2, 1)), ((1, 2, 3, 3), (3, 3))])  # fmt: skip
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_bilinear_argmax_equals_resize_then_argmax(shape, size, layout, dtype):
+    """Up and down, from one pixel, to one column, the same size; one class, more classes than a block (37, 32 a
+    block), a tie, a NaN (it wins, and spreads through the taps) and an infinity: the labels and best values of
+    resize-then-max, exactly, in one call and in chunks of classes offered in turn."""
+    x = _scores(*shape, dtype, layout)
+    values, want = _resize_then_argmax(x, size)
+    if size[0] >= shape[2] and size[1] >= shape[3]:  # (a downsampling may skip the NaN's pixel)
+        assert bool(values.isnan().any()), "the NaN should reach the output"
+    assert torch.equal(labels.bilinear_argmax(x, size), want)
+    best = torch.empty((shape[0], *size), device=DEVICE)
+    index = torch.empty((shape[0], *size), dtype=torch.int64, device=DEVICE)
+    for first in range(0, shape[1], 2):
+        labels.bilinear_argmax_(x[:, first : first + 2], best, index, first)
+    assert torch.equal(index, want)
+    assert torch.equal(best.nan_to_num(nan=7.0), values.nan_to_num(nan=7.0))
+
+
+@pytest.mark.parametrize("tile", [labels.LabelTiling(4, 8, 2), labels.LabelTiling(1, 32, 4),
+                                  labels.LabelTiling(64, 2, 1)])  # fmt: skip
+def test_bilinear_argmax_tilings_agree(tile, monkeypatch):
+    """Fewer classes a block than the map has (ties across blocks), blocks wider than the classes or the columns,
+    int64 offsets (WIDE_FROM lowered): the default tiling's labels."""
+    x = _scores(2, 11, 4, 5, torch.bfloat16, "nhwc", seed=3)
+    want = labels.bilinear_argmax(x, (7, 9))
+    best = torch.empty((2, 7, 9), device=DEVICE)
+    index = torch.empty((2, 7, 9), dtype=torch.int64, device=DEVICE)
+    labels.bilinear_argmax_(x, best, index, 0, tile)
+    assert torch.equal(index, want)
+    monkeypatch.setattr(labels, "WIDE_FROM", 16)
+    assert torch.equal(labels.bilinear_argmax(x, (7, 9)), want)
+
+
+def test_bilinear_argmax_rejects_bad_input():
+    x = _scores(1, 3, 4, 4, torch.float32, "nchw")
+    best = torch.empty((1, 8, 8), device=DEVICE)
+    index = torch.empty((1, 8, 8), dtype=torch.int64, device=DEVICE)
+    with pytest.raises(ValueError, match=r"bilinear_argmax_: expected a \(N, C, H, W\) floating-point tensor"):
+        labels.bilinear_argmax_(x.long(), best, index, 0)
+    with pytest.raises(ValueError, match="first must be an int >= 0, got -1"):
+        labels.bilinear_argmax_(x, best, index, -1)
+    with pytest.raises(ValueError, match=r"float32 and int64 of one shape, got torch.float32 \(1, 8, 8\) and "
+                                         r"torch.int32"):  # fmt: skip
+        labels.bilinear_argmax_(x, best, index.int(), 0)
+    with pytest.raises(ValueError, match=r"scores \(1, 3, 4, 4\) on .* do not fit best \(2, 8, 8\)"):
+        labels.bilinear_argmax_(x, best.expand(2, 8, 8), index.expand(2, 8, 8), 0)
+    with pytest.raises(ValueError, match=r"scores \(1, 0, 4, 4\) have nothing to offer"):
+        labels.bilinear_argmax_(x[:, :0], best, index, 0)
+    with pytest.raises(ValueError, match=r"tiling must hold powers of two .* got LabelTiling\(block_c=3"):
+        labels.bilinear_argmax_(x, best, index, 0, labels.LabelTiling(3, 4, 4))
+    with pytest.raises(ValueError, match=r"bilinear_argmax: size must be \(height, width\)"):
+        labels.bilinear_argmax(x, (8, 0))
+
+
+def test_labels_takes_the_fused_kernel_where_usable(monkeypatch):
+    """segmenter.labels where the Triton kernels serve the scores (the interpreter here): one fused call per chunk of
+    classes, reading the scores as they are (bfloat16 NHWC, no float32 copy), for one resize and for two (the first
+    in memory); the labels of the unfused way (resize, then max), in one chunk and in chunks of one class."""
+    x = _scores(2, 6, 3, 4, torch.bfloat16, "nhwc", seed=5)
+    monkeypatch.setattr(cuda_resample, "DEVICE_TYPES", (DEVICE,))
+    calls = []
+    real = labels.bilinear_argmax_
+    monkeypatch.setattr(labels, "bilinear_argmax_", lambda s, *a: calls.append(s) or real(s, *a))
+    for chunk in (segmenter.LABEL_CHUNK, 1):  # a bound of 1 value: a class at a time
+        monkeypatch.setattr(segmenter, "LABEL_CHUNK", chunk)
+        for sizes in (((7, 9),), ((5, 6), (11, 8))):
+            calls.clear()
+            want = segmenter.labels(x, *sizes, fused=False)
+            assert not calls
+            got = segmenter.labels(x, *sizes)
+            assert torch.equal(got, want), (chunk, sizes)
+            assert len(calls) == (1 if chunk > 1 else 6), (chunk, sizes)
+            if len(sizes) == 1:  # the scores themselves (views of them, a chunk at a time), not a copy
+                assert all(c.dtype == torch.bfloat16 and c.data_ptr() == x[:, i:].data_ptr() for i, c in
+                           enumerate(calls) if chunk == 1) and calls[0].dtype == torch.bfloat16  # fmt: skip
+    monkeypatch.setenv("DENSECLIP_FAST_TRITON_RESAMPLE", "0")
+    calls.clear()
+    assert torch.equal(segmenter.labels(x, (7, 9)), segmenter.labels(x, (7, 9), fused=False)) and not calls
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fused_labels_on_cuda_equal_the_resize_kernel_argmax(dtype):
+    """On a GPU, at the engine's shape (150 classes of 128x128 to 512x512 from the head's NHWC map) and odd ones:
+    exactly the argmax of the resize kernel's planes (both kernels compile the same expression; this is where a
+    difference in their contractions would show)."""
+    for shape, size in (((1, 150, 128, 128), (512, 512)), ((2, 150, 128, 171), (512, 683)),
+                        ((3, 7, 13, 11), (29, 5))):  # fmt: skip
+        for layout in ("nhwc", "nchw"):
+            x = _scores(*shape, dtype, layout, seed=7)
+            values, want = _resize_then_argmax(x, size)
+            assert torch.equal(labels.bilinear_argmax(x, size), want), (shape, layout)
