@@ -148,6 +148,27 @@ def test_a_segmenter_refuses_pickle_and_copy_saying_what_to_send(model):
     assert torch.equal(again.logits(x), seg.logits(x))
 
 
+def test_the_engines_model_refuses_weights_saying_where_they_go(model):
+    """load_state_dict into the engine's prepared copy (strict or not, on it or on a submodule, after pickling or
+    deepcopy) raises a RuntimeError naming the way that works, and leaves the engine as it was: a non-strict load
+    of the user's state dict had run silently with unprepared weights (folded BatchNorms missing, CPU MLPs
+    unscaled)."""
+    seg = _engine(model)
+    x = torch.randn(1, 3, 64, 64)
+    before = seg.logits(x)
+    message = r"^this is a Segmenter's prepared copy .* build a new Segmenter from it$"
+    copies = (seg.model, pickle.loads(pickle.dumps(seg.model)), copy.deepcopy(seg.model))
+    for target in copies:
+        with pytest.raises(RuntimeError, match=message):
+            target.load_state_dict(model.state_dict(), strict=False)
+        with pytest.raises(RuntimeError, match=message):
+            target.load_state_dict(target.state_dict())
+        with pytest.raises(RuntimeError, match=message):
+            target.backbone.load_state_dict(model.backbone.state_dict(), strict=False)
+    assert torch.equal(seg.logits(x), before)
+    model.load_state_dict(model.state_dict())  # the user's own model takes weights as before
+
+
 def test_set_classes_equals_rebuilding(model):
     names = ["sky", "road", "person", "tree"]
     rebuilt = DenseCLIP(model.config, names).eval()

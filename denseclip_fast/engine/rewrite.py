@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterator
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -135,6 +135,24 @@ def prepare_for_inference(
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     return model
+
+
+def _refuse_weights(module: nn.Module, *args: Any, **kwargs: Any) -> None:
+    raise RuntimeError(
+        "this is a Segmenter's prepared copy of a model (BatchNorm folded into the convolutions; on a CPU the MLPs' "
+        "weights scaled for oneDNN's SiLU, on a GPU convolutions fused): weights loaded into it would not be "
+        "prepared alike, and a non-strict load would run without them silently. Load the weights into a DenseCLIP "
+        "(denseclip_fast.load_checkpoint, or DenseCLIP.load_state_dict) and build a new Segmenter from it"
+    )
+
+
+def refuse_loading(model: nn.Module) -> None:
+    """Make ``load_state_dict`` on ``model`` or any of its modules raise a RuntimeError that says what to do instead
+    (a load_state_dict pre-hook on each module, which pickling and deepcopy keep): the engine's copy holds
+    rewritten weights, and a checkpoint's state dict loaded into it with ``strict=False`` ran with unscaled MLP
+    weights on a CPU (strict, it failed on the folded BatchNorms' keys, a message that did not say why)."""
+    for module in model.modules():
+        module.register_load_state_dict_pre_hook(_refuse_weights)
 
 
 def channels_last_pyramid(model: DenseCLIP) -> bool:

@@ -55,7 +55,7 @@ from .cpu_linear import rewrite_linears
 from .cuda_conv import cudnn_fusion_problem, fuse_cudnn_convolutions, gemm_pointwise_convolutions
 from .graphs import GraphCache
 from .inputs import ImageBatch, as_batch, stacked_for
-from .rewrite import channels_last_pyramid, prepare_for_inference
+from .rewrite import channels_last_pyramid, prepare_for_inference, refuse_loading
 
 Mode = Literal["whole", "slide"]
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -367,6 +367,7 @@ class Segmenter:
             # the FPN head's 2x upsamplings, the FPN's top-down steps and the ResNet's average poolings by Triton
             # kernels (cuda_resample.py)
             cuda_resample.swap_resamplings(self.model)
+        refuse_loading(self.model)  # its weights are rewritten: new ones go into a DenseCLIP and a new Segmenter
         self._text = self._embed(self.model.class_names)  # the buffer the graphs read; refreshed in place
         self._vocabularies: OrderedDict[tuple[str, ...], torch.Tensor] = OrderedDict()
         self._lock = threading.RLock()
