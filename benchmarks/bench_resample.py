@@ -15,8 +15,11 @@ channels, 128x128 NHWC), the FPN's top-down step (256 channels, 64x64 nearest-up
 the training loss's resize gradient (150 float32 NHWC planes of 512x512 back to 128x128: ATen's autograd, the
 two products train/resize.py had on a GPU, the Triton gather it has now), and the loss's cross-entropy of those
 logits, forward and backward (ATen on the 4-D map as the loss had it, ATen on the (pixels, classes) view, the Triton
-kernels), and predict's labels (the resize then the max over the classes, against the fused kernel at its default
-tiling and, on a GPU, 23 others).
+kernels), the whole loss of the head's logits (the resize to the label and the cross-entropy, forward and
+backward: ATen, the Triton kernels one after the other as the trainer had them, the fused kernels, whose bytes are
+the floor: the logits read twice and their gradient written, the label read twice, a loss and a log-sum-exp a pixel
+written and read), and predict's labels (the resize then the max over the classes, against the fused kernel at its
+default tiling and, on a GPU, 23 others).
 Each timed with triton.testing.do_bench (L2 flushed) and as a CUDA-graph replay ('graph ms', the engine's way), with
 the bytes it must move (inputs read once, output written once) and the rate that makes at the graph time. On the
 H200 (benchmarks/results/h200_2026-12-04c/e2e_rn50_whole.md) the Triton bilinear kernel's 7 launches took 203 us at
@@ -44,8 +47,8 @@ from benchmarks.bench_ops import HBM_BYTES_PER_S, _graph_time, _time  # noqa: E4
 from benchmarks.common import Results, failure  # noqa: E402
 from benchmarks.common import environment as common_environment  # noqa: E402
 from denseclip_fast.ops.triton import labels, resample  # noqa: E402
-from denseclip_fast.train.cross_entropy import _RowsCrossEntropy  # noqa: E402
-from denseclip_fast.train.resize import product_gradient  # noqa: E402
+from denseclip_fast.train.cross_entropy import _ResizedCrossEntropy, _RowsCrossEntropy  # noqa: E402
+from denseclip_fast.train.resize import _BilinearResize, product_gradient  # noqa: E402
 
 NHWC = torch.channels_last
 
@@ -159,6 +162,10 @@ def cases(batch: int, device: torch.device, small: bool,
     def rows_of(x: torch.Tensor) -> torch.Tensor:
         return x.permute(0, 2, 3, 1).reshape(-1, k)
 
+    # the whole loss of the head's logits: resized to the label, the cross-entropy, forward and backward
+    def loss_gradient(loss_of: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[], torch.Tensor]:
+        return lambda: torch.autograd.grad(loss_of(source).mean(), source)[0]
+
     level = rand(batch, c_up, side // 2, side // 2)
     pooled = rand(batch, c_pool, side, side)
     finer, coarser = rand(batch, c_pool, side, side), rand(batch, c_pool, side // 2, side // 2)
@@ -183,6 +190,18 @@ def cases(batch: int, device: torch.device, small: bool,
                                                     reduction="none")),
           "triton (train/cross_entropy.py's kernels)":
               ce_gradient(lambda x: _RowsCrossEntropy.apply(rows_of(x), ce_label.reshape(-1), 255))}),
+        ("loss resize and cross-entropy, forward and backward",
+         f"B{batch} K{k} {side}x{side} -> {image[0]}x{image[1]} fp32 NHWC",
+         source.numel() * 4 * 3 + ce_label.numel() * 32,
+         {"aten (F.interpolate, F.cross_entropy of the 4-D map)":
+              loss_gradient(lambda x: F.cross_entropy(F.interpolate(x, size=image, mode="bilinear",
+                                                                    align_corners=False), ce_label, ignore_index=255,
+                                                      reduction="none")),
+          "triton unfused (resize, the rows' cross-entropy, resize gradient: the trainer before)":
+              loss_gradient(lambda x: _RowsCrossEntropy.apply(rows_of(_BilinearResize.apply(x, image)),
+                                                              ce_label.reshape(-1), 255)),
+          "triton fused (ops/triton/resized_cross_entropy.py)":
+              loss_gradient(lambda x: _ResizedCrossEntropy.apply(x, ce_label, 255))}),
         ("FPN 2x upsampling", f"B{batch} C{c_up} {side // 2}x{side // 2} -> {side}x{side} bf16 NHWC",
          level.numel() * 2 * 5,
          {"aten": lambda: F.interpolate(level, size=(side, side), mode="bilinear", align_corners=False),

@@ -801,6 +801,7 @@ def test_bench_resample_times_each_case_against_aten(tmp_path, monkeypatch):
     assert [r["case"] for r in rows] == ["logits resize"] * 9 + ["predict's labels (resize, argmax)"] * 4 + [
         "loss resize gradient"] * 3 + [
         "loss cross-entropy, forward and backward"] * 3 + [
+        "loss resize and cross-entropy, forward and backward"] * 3 + [
         "FPN 2x upsampling"] * 2 + [
         "average pooling 2x2"] * 2 + ["FPN top-down step"] * 2  # fmt: skip
     assert not any("error" in r for r in rows) and all(r["bytes"] > 0 for r in rows)

@@ -92,3 +92,113 @@ def test_the_training_loss_takes_the_kernels_where_usable(monkeypatch):
     monkeypatch.setenv("DENSECLIP_FAST_TRITON_LOSS", "0")
     optim._mean_cross_entropy(nhwc.clone().requires_grad_(), label, 255).backward()
     assert calls == []
+
+
+# ---------------------------------------------------------------- the fused resize and cross-entropy of the loss
+
+
+def _resized_case(n: int, k: int, h: int, w: int, size: tuple[int, int], layout: str, ignore: int,
+                  seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, k, h, w, generator=g) * 3
+    label = torch.randint(0, k, (n, *size), generator=g)
+    label[:, ::3, ::2] = ignore
+    x = x.to(DEVICE)
+    return (x.contiguous(memory_format=torch.channels_last) if layout == "nhwc" else x), label.to(DEVICE)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize(("shape", "size"), [((2, 5, 3, 4), (12, 16)), ((1, 37, 3, 5), (7, 9)),
+                                             ((1, 1, 2, 2), (5, 3)), ((1, 6, 7, 9), (4, 5)), ((1, 3, 1, 1), (3, 2)),
+                                             ((1, 4, 3, 3), (3, 3))])  # fmt: skip
+@pytest.mark.parametrize("ignore", [255, -100])
+def test_resized_loss_and_gradient_equal_interpolate_then_cross_entropy(shape, size, layout, ignore):
+    """Up 4x (the loss's ratio) and by other ratios, down, from one pixel, to the same size; one class, classes past a
+    block (37, 32 a block); NCHW and NHWC logits; ignored pixels (past the classes, and PyTorch's -100): the per-pixel
+    loss, the saved log-sum-exp and the gradient of F.cross_entropy(F.interpolate(x)) in float64, to float32
+    rounding, the gradient in the logits' layout."""
+    from denseclip_fast.ops.triton import resized_cross_entropy as rce
+
+    x, label = _resized_case(*shape, size, layout, ignore)
+    loss, lse = rce.resized_cross_entropy(x, label, ignore)
+    x64 = x.double().requires_grad_()
+    up = F.interpolate(x64, size=size, mode="bilinear", align_corners=False)
+    want = F.cross_entropy(up, label, ignore_index=ignore, reduction="none")
+    torch.testing.assert_close(loss.double(), want.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse.double(), torch.logsumexp(up.detach(), 1), rtol=1e-6, atol=1e-5)
+    assert bool((loss[label == ignore] == 0).all())
+    grad = torch.rand(shape[0], *size, dtype=torch.float64).to(DEVICE)
+    want.backward(grad)
+    got = rce.resized_cross_entropy_backward(grad.float(), x, label, lse, ignore)
+    torch.testing.assert_close(got.double(), x64.grad, rtol=1e-5, atol=1e-6)
+    assert got.is_contiguous(memory_format=torch.channels_last if layout == "nhwc" else torch.contiguous_format)
+
+
+def test_resized_loss_extremes_and_bad_input():
+    """Logits of 1e4 (exp overflows without the running maximum): PyTorch's loss; a label that is neither a class
+    nor the ignore index: NaN at that pixel alone; bad arguments named."""
+    from denseclip_fast.ops.triton import resized_cross_entropy as rce
+
+    x = torch.tensor([[1e4, 0.0], [-1e4, 5.0], [0.5, 0.5]], device=DEVICE).reshape(1, 3, 2, 1).expand(1, 3, 2, 2)
+    label = torch.tensor([[[0, 1, 2, 1], [2, 7, 0, 255]]], device=DEVICE)
+    loss, lse = rce.resized_cross_entropy(x.contiguous(), label, 255)
+    up = F.interpolate(x.double(), size=(2, 4), mode="bilinear", align_corners=False)
+    want = F.cross_entropy(up, label.clamp_max(2), reduction="none")
+    nan = torch.zeros_like(label, dtype=torch.bool)
+    nan[0, 1, 1] = True
+    assert torch.equal(loss.isnan(), nan)
+    torch.testing.assert_close(loss[~nan].double(), torch.where(label == 255, 0.0, want)[~nan], rtol=1e-6, atol=1e-3)
+    with pytest.raises(ValueError, match="resized_cross_entropy: x must be float32 logits"):
+        rce.resized_cross_entropy(x.double(), label, 255)
+    with pytest.raises(ValueError, match=r"label must be int64 \(N, H, W\) with N = 1 .* got torch.int32"):
+        rce.resized_cross_entropy(x.contiguous(), label.int(), 255)
+    with pytest.raises(ValueError, match=r"x \(1, 0, 2, 2\) has no class or no pixel"):
+        rce.resized_cross_entropy(x[:, :0].contiguous(), label, 255)
+    with pytest.raises(ValueError, match=r"backward: lse must be a float \(1, 2, 4\) tensor"):
+        rce.resized_cross_entropy_backward(torch.ones_like(lse), x, label, lse[0], 255)
+
+
+def test_the_training_loss_takes_the_fused_kernels_where_usable(monkeypatch):
+    """On a device the kernels serve (the CPU made one here), segmentation_loss's two upsampled losses (the head's
+    logits and the score map's) go through the fused kernels forward and backward: the losses and the gradients of
+    the resize-then-cross-entropy path; logits already at the label's size take the rows' kernels; a call without a
+    gradient, or with either switch at 0, takes the unfused path."""
+    from denseclip_fast.ops.triton import resized_cross_entropy as rce
+    from denseclip_fast.train.config import TrainConfig
+
+    monkeypatch.setattr(loss_module, "DEVICE_TYPES", (DEVICE,))
+    calls = []
+    real_fwd, real_bwd = rce.resized_cross_entropy, rce.resized_cross_entropy_backward
+    monkeypatch.setattr(rce, "resized_cross_entropy", lambda *a: calls.append("fwd") or real_fwd(*a))
+    monkeypatch.setattr(rce, "resized_cross_entropy_backward", lambda *a: calls.append("bwd") or real_bwd(*a))
+    cfg = TrainConfig()
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(2, 5, 3, 4, generator=g).to(DEVICE).contiguous(memory_format=torch.channels_last)
+    aux = torch.randn(2, 5, 3, 4, generator=g).to(DEVICE)
+    label = torch.randint(0, 5, (2, 12, 16), generator=g).to(DEVICE)
+    label[0, :4] = cfg.ignore_index
+    results = {}
+    for switch in ("1", "0"):
+        monkeypatch.setenv("DENSECLIP_FAST_TRITON_RESAMPLE", switch)
+        a, b = logits.clone().requires_grad_(), aux.clone().requires_grad_()
+        losses = optim.segmentation_loss(a, b, label, cfg)
+        losses["loss"].backward()
+        results[switch] = ({k: v.detach() for k, v in losses.items()}, a.grad, b.grad)
+    assert calls == ["fwd", "fwd", "bwd", "bwd"]  # the switch at 1 only
+    (fused, a_fused, b_fused), (plain, a_plain, b_plain) = results["1"], results["0"]
+    for name in fused:
+        torch.testing.assert_close(fused[name], plain[name], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(a_fused, a_plain, rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(b_fused, b_plain, rtol=1e-5, atol=1e-8)
+    assert a_fused.is_contiguous(memory_format=torch.channels_last) and b_fused.is_contiguous()
+    calls.clear()
+    monkeypatch.setenv("DENSECLIP_FAST_TRITON_RESAMPLE", "1")
+    with torch.no_grad():
+        optim.segmentation_loss(logits, aux, label, cfg)
+    at_size = torch.randn(2, 5, 12, 16, generator=g).to(DEVICE).requires_grad_()
+    optim.segmentation_loss(at_size, aux.clone().requires_grad_(), label, cfg)["loss"].backward()
+    assert calls == ["fwd", "bwd"]  # the aux map's alone: the head's logits are at the label's size
+    monkeypatch.setenv("DENSECLIP_FAST_TRITON_LOSS", "0")
+    calls.clear()
+    optim.segmentation_loss(logits.clone().requires_grad_(), aux, label, cfg)["loss"].backward()
+    assert calls == []

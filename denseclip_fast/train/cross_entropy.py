@@ -1,11 +1,14 @@
 """The training loss's per-pixel cross-entropy of channels_last logits, by the Triton kernels on a GPU
 (ops/triton/cross_entropy.py: one pass over the logits forward and one backward, where PyTorch's log_softmax + NLL
-make five over a 2.5 GB matrix at RN50 512x512 batch 16), else PyTorch's F.cross_entropy.
+make five over a 2.5 GB matrix at RN50 512x512 batch 16), else PyTorch's F.cross_entropy; and the cross-entropy of
+logits upsampled to the label with the resize fused in (:func:`resized_cross_entropy`, ops/triton/
+resized_cross_entropy.py: the label-size logits and their gradient never in memory).
 
-The kernels apply to a float32 (pixels, classes) view with contiguous rows on CUDA that autograd records, nothing
-else recording or transforming the call, Triton importable and ``DENSECLIP_FAST_TRITON_LOSS`` not 0 (read at each
-call). A label that is neither a class nor the ignore index gives that pixel a NaN loss there (the run stops on it),
-where PyTorch's CUDA kernel stops the process with a device assertion.
+The kernels apply to a float32 (pixels, classes) view with contiguous rows (the fused ones: float32 (N, K, h, w)
+logits, any strides) on CUDA that autograd records, nothing else recording or transforming the call, Triton
+importable and ``DENSECLIP_FAST_TRITON_LOSS`` not 0 (read at each call; the fused ones also need the resize kernels,
+``DENSECLIP_FAST_TRITON_RESAMPLE`` not 0). A label that is neither a class nor the ignore index gives that pixel a NaN
+loss there (the run stops on it), where PyTorch's CUDA kernel stops the process with a device assertion.
 """
 
 from __future__ import annotations
@@ -30,13 +33,33 @@ def _kernels() -> Any:
     return cross_entropy
 
 
+def _fused_kernels() -> Any:
+    from ..ops.triton import resized_cross_entropy
+
+    return resized_cross_entropy
+
+
+def _recorded_float32(x: torch.Tensor) -> bool:
+    """A float32 tensor on a device of the kernels whose call autograd records, and nothing else records or
+    transforms; the loss kernels switched on, Triton importable."""
+    if not (torch.is_grad_enabled() and x.requires_grad and untraced_tensors(torch.float32, DEVICE_TYPES, x)):
+        return False
+    return os.environ.get("DENSECLIP_FAST_TRITON_LOSS", "1") != "0" and backends.triton_available() is None
+
+
 def usable(rows: torch.Tensor) -> bool:
     """Whether the cross-entropy of ``rows`` may take the Triton kernels (module docstring)."""
-    if not (torch.is_grad_enabled() and rows.requires_grad and untraced_tensors(torch.float32, DEVICE_TYPES, rows)):
+    return rows.dim() == 2 and rows.stride(1) == 1 and _recorded_float32(rows)
+
+
+def fused_usable(logits: torch.Tensor, label: torch.Tensor) -> bool:
+    """Whether the cross-entropy of ``logits`` (N, K, h, w) upsampled to ``label`` (N, H, W) may take the fused
+    kernels (module docstring)."""
+    if logits.dim() != 4 or logits.shape[1] < 1 or label.dim() != 3 or label.dtype != torch.int64:
         return False
-    if rows.dim() != 2 or rows.stride(1) != 1 or os.environ.get("DENSECLIP_FAST_TRITON_LOSS", "1") == "0":
+    if label.shape[0] != logits.shape[0] or label.device != logits.device:
         return False
-    return backends.triton_available() is None
+    return os.environ.get("DENSECLIP_FAST_TRITON_RESAMPLE", "1") != "0" and _recorded_float32(logits)
 
 
 class _RowsCrossEntropy(torch.autograd.Function):
@@ -60,3 +83,28 @@ def pixel_cross_entropy(rows: torch.Tensor, label: torch.Tensor, ignore_index: i
     if usable(rows) and label.dtype == torch.int64 and label.shape == rows.shape[:1]:
         return typing.cast(torch.Tensor, _RowsCrossEntropy.apply(rows, label.contiguous(), ignore_index))
     return F.cross_entropy(rows, label, ignore_index=ignore_index, reduction="none")
+
+
+class _ResizedCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, logits: torch.Tensor, label: torch.Tensor, ignore_index: int) -> torch.Tensor:
+        loss, lse = _fused_kernels().resized_cross_entropy(logits, label, ignore_index)
+        ctx.save_for_backward(logits, label, lse)
+        ctx.ignore_index = ignore_index
+        return typing.cast(torch.Tensor, loss)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        logits, label, lse = ctx.saved_tensors
+        kernels = _fused_kernels()
+        return kernels.resized_cross_entropy_backward(grad, logits, label, lse, ctx.ignore_index), None, None
+
+
+def resized_cross_entropy(logits: torch.Tensor, label: torch.Tensor, ignore_index: int) -> torch.Tensor | None:
+    """Per label pixel (N, H, W), ``F.cross_entropy(F.interpolate(logits, label.shape[1:], mode="bilinear",
+    align_corners=False), label, ignore_index=ignore_index, reduction="none")`` by the fused kernels where
+    :func:`fused_usable`; None where not (the caller resizes, then takes :func:`pixel_cross_entropy`)."""
+    if not fused_usable(logits, label):
+        return None
+    return typing.cast(torch.Tensor, _ResizedCrossEntropy.apply(logits, label, ignore_index))

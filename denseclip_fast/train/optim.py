@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import TrainConfig
-from .cross_entropy import pixel_cross_entropy
+from .cross_entropy import pixel_cross_entropy, resized_cross_entropy
 from .resize import resize_to
 
 NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
@@ -130,11 +130,20 @@ def segmentation_loss(
 ) -> dict[str, torch.Tensor]:
     """``loss = CE(head logits) + aux_weight * CE(score / tau upsampled to the label)``; returns all three."""
     logits, aux_logits = logits.float(), aux_logits.float()  # upsampled and scored in float32 under autocast too
-    # resize_to: F.interpolate's bilinear resize with a backward of two matrix products (resize.py: ATen's took
-    # three quarters of a training step on an H200)
-    if logits.shape[-2:] != label.shape[-2:]:
-        logits = resize_to(logits, label.shape[-2:])
-    aux = resize_to(aux_logits, label.shape[-2:])
-    decode = _mean_cross_entropy(logits, label, cfg.ignore_index)
-    identity = _mean_cross_entropy(aux, label, cfg.ignore_index)
+    decode = _mean_resized_cross_entropy(logits, label, cfg.ignore_index)
+    identity = _mean_resized_cross_entropy(aux_logits, label, cfg.ignore_index, always_resize=True)
     return {"loss": decode + cfg.aux_weight * identity, "loss_decode": decode, "loss_aux": identity}
+
+
+def _mean_resized_cross_entropy(logits: torch.Tensor, label: torch.Tensor, ignore_index: int,
+                                always_resize: bool = False) -> torch.Tensor:  # fmt: skip
+    """:func:`_mean_cross_entropy` of ``logits`` upsampled to the label (unless at its size already, and not
+    ``always_resize``): on a GPU by the fused kernels (train/cross_entropy.resized_cross_entropy: the label-size
+    logits never in memory), else resize_to (F.interpolate's bilinear resize with a gather or two-product backward,
+    resize.py: ATen's took three quarters of a training step on an H200), then the cross-entropy."""
+    if not always_resize and logits.shape[-2:] == label.shape[-2:]:
+        return _mean_cross_entropy(logits, label, ignore_index)
+    per_pixel = resized_cross_entropy(logits, label, ignore_index)
+    if per_pixel is not None:
+        return per_pixel.mean()
+    return _mean_cross_entropy(resize_to(logits, label.shape[-2:]), label, ignore_index)

@@ -356,6 +356,30 @@ def _labels(dt: str, layout: str, jit: bool, start: bool, k: int = 150, side: in
     return f"{label} jit", fn, sig, const, options, attrs
 
 
+def _resized_cross_entropy(which: str, jit: bool, k: int = 150, side: int = 128, out_side: int = 512) -> Spec:
+    """The training loss's fused resize and cross-entropy (forward, or its gradient's width pass) at RN50 512x512:
+    float32 channels_last logits of 128x128, int64 labels of 512x512."""
+    from . import resized_cross_entropy as rce
+
+    fn: Any = rce._resized_ce_fwd_kernel if which == "fwd" else rce._resized_ce_grad_w_kernel
+    block_c, block_w = rce._blocks(k, out_side if which == "fwd" else side)
+    const: dict[str, Any] = {"BLOCK_C": block_c, "BLOCK_W" if which == "fwd" else "BLOCK_J": block_w, "WIDE": False}
+    ptrs = {name: ("*i64" if name == "label_ptr" else "*fp32") for name in fn.arg_names if name.endswith("_ptr")}
+    floats = ("scale_h", "scale_w") if which == "fwd" else ("scale_h", "scale_w", "inv_scale_w")
+    options = {"num_warps": rce.WARPS}
+    label = f"resized_ce_{which} fp32 nhwc C={k}"
+    if not jit:
+        return label, fn, _signature(fn, ptrs, floats, const), const, options, {}
+    plane = out_side * out_side
+    args: dict[str, Any] = {**ptrs, "C": k, "H_in": side, "W_in": side, "H_out": out_side, "W_out": out_side,
+                            "s_xn": k * side * side, "s_xc": 1, "s_xh": side * k, "s_xw": k, "s_ln": plane,
+                            "s_lh": out_side, "s_lw": 1, "s_on": k * out_side * side, "s_oc": 1, "s_oh": side * k,
+                            "s_ow": k, "scale_h": 0.25, "scale_w": 0.25, "inv_scale_w": 4.0, "TAPS": 12,
+                            "ignore_index": 255}  # fmt: skip
+    sig, const, attrs = jit_specialize(fn, {name: args[name] for name in fn.arg_names if name not in const}, const)
+    return f"{label} jit", fn, sig, const, options, attrs
+
+
 def _score_specializations(arch: int) -> Iterator[Spec]:
     """Every score kernel at every block size its launchers choose (the same on every GPU); float16, which compiles
     as bfloat16, only for sm_90."""
@@ -467,6 +491,7 @@ def _specializations(arch: int) -> Iterator[Spec]:
             yield _resize_gradient(which, dt, jit)
         for which in ("fwd", "bwd"):
             yield _cross_entropy(which, jit)
+            yield _resized_cross_entropy(which, jit)
         for dt, layout in LABELS:
             for start in (True, False):
                 yield _labels(dt, layout, jit, start)

@@ -397,6 +397,15 @@ def bilinear_backward(grad: torch.Tensor, size: Sequence[int],
             grad, narrow, c, h_out, w_in, w_out, *grad.stride(), *narrow.stride(), scale, inv, taps,
             BLOCK_C=block_c, BLOCK_W=block_w, WIDE=_wide(grad, narrow), num_warps=WARPS,
         )  # fmt: skip
+    return height_pass(narrow, out)
+
+
+def height_pass(narrow: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """The height pass of a resize's gradient: ``out`` (N, C, A, W) = ``narrow`` (N, C, B, W), the width pass's
+    float32 map (rows of the resize's output, columns of its input), summed over its B rows with the weights that
+    gave them from the A source rows; returns ``out`` (any strides and float dtype)."""
+    (_, c, h_out, w_in), h_in = narrow.shape, out.shape[2]
+    with on_device(narrow):
         scale, inv, taps = _taps(h_in, h_out)
         block_c, block_w = blocks(c, w_in, out.stride(1))
         _bilinear_grad_h_kernel[_grid(out, block_c, block_w)](
