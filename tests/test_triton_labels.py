@@ -76,6 +76,26 @@ def test_bilinear_argmax_tilings_agree(tile, monkeypatch):
     assert torch.equal(labels.bilinear_argmax(x, (7, 9)), want)
 
 
+def test_bilinear_argmax_edge_values():
+    """A map of -inf (the interior pixels' values -inf in every class: class 0 wins their tie, not the running
+    index's start value; the border's zero weights make NaN, which wins), and NaNs at one pixel in two chunks (the
+    first NaN's class stays): resize-then-max's labels and values."""
+    x = torch.full((1, 3, 2, 2), float("-inf"), device=DEVICE)
+    values, want = _resize_then_argmax(x, (3, 3))
+    assert bool((want[values == float("-inf")] == 0).all()) and bool((values == float("-inf")).any())
+    assert torch.equal(labels.bilinear_argmax(x, (3, 3)), want)
+    x = torch.zeros((1, 5, 2, 2), device=DEVICE)
+    x[0, 1, 0, 0] = x[0, 3, 0, 0] = float("nan")
+    x[0, 4] = 9.0
+    values, want = _resize_then_argmax(x, (2, 2))  # (the same size: each pixel its own value)
+    assert int(want[0, 0, 0]) == 1
+    best = torch.empty((1, 2, 2), device=DEVICE)
+    index = torch.empty((1, 2, 2), dtype=torch.int64, device=DEVICE)
+    for first in range(0, 5, 2):
+        labels.bilinear_argmax_(x[:, first : first + 2], best, index, first)
+    assert torch.equal(index, want) and torch.equal(best.nan_to_num(nan=7.0), values.nan_to_num(nan=7.0))
+
+
 def test_bilinear_argmax_rejects_bad_input():
     x = _scores(1, 3, 4, 4, torch.float32, "nchw")
     best = torch.empty((1, 8, 8), device=DEVICE)
@@ -91,6 +111,11 @@ def test_bilinear_argmax_rejects_bad_input():
         labels.bilinear_argmax_(x, best.expand(2, 8, 8), index.expand(2, 8, 8), 0)
     with pytest.raises(ValueError, match=r"scores \(1, 0, 4, 4\) have nothing to offer"):
         labels.bilinear_argmax_(x[:, :0], best, index, 0)
+    with pytest.raises(ValueError, match="best and index must be contiguous"):  # pixels would share elements
+        labels.bilinear_argmax_(x, best[:, :1].expand(1, 8, 8), index, 0)
+    shared = torch.empty((1, 8, 8), dtype=torch.int64, device=DEVICE)
+    with pytest.raises(ValueError, match="best and index share memory"):
+        labels.bilinear_argmax_(x, shared.view(-1).view(torch.float32)[:64].view(1, 8, 8), shared, 0)
     with pytest.raises(ValueError, match=r"tiling must hold powers of two .* got LabelTiling\(block_c=3"):
         labels.bilinear_argmax_(x, best, index, 0, labels.LabelTiling(3, 4, 4))
     with pytest.raises(ValueError, match=r"bilinear_argmax: size must be \(height, width\)"):
@@ -127,11 +152,20 @@ def test_labels_takes_the_fused_kernel_where_usable(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_fused_labels_on_cuda_equal_the_resize_kernel_argmax(dtype):
     """On a GPU, at the engine's shape (150 classes of 128x128 to 512x512 from the head's NHWC map) and odd ones:
-    exactly the argmax of the resize kernel's planes (both kernels compile the same expression; this is where a
-    difference in their contractions would show)."""
+    exactly the argmax of the resize kernel's planes and its best values (both kernels make a value with the same
+    written-out FMAs; left to the compiler, the label kernel's sm_90 PTX had contracted the other product in some
+    elements of its tile)."""
     for shape, size in (((1, 150, 128, 128), (512, 512)), ((2, 150, 128, 171), (512, 683)),
                         ((3, 7, 13, 11), (29, 5))):  # fmt: skip
         for layout in ("nhwc", "nchw"):
             x = _scores(*shape, dtype, layout, seed=7)
+            if shape[1] > 8:  # a tie of classes in other places of a program's tile (1 and 2 share one)
+                x[:, 8] = x[:, 0]
             values, want = _resize_then_argmax(x, size)
-            assert torch.equal(labels.bilinear_argmax(x, size), want), (shape, layout)
+            best = torch.empty(values.shape, device="cuda")
+            index = torch.empty(values.shape, dtype=torch.int64, device="cuda")
+            labels.bilinear_argmax_(x, best, index, 0)
+            assert torch.equal(index, want), (shape, layout)
+            # every value (not only the winners) as the resize kernel makes it: a product contracted otherwise
+            # shows here in about a third of the pixels
+            assert torch.equal(best.nan_to_num(nan=7.0), values.nan_to_num(nan=7.0)), (shape, layout)

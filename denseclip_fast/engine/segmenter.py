@@ -177,9 +177,10 @@ def labels(scores: torch.Tensor, *sizes: Size, fused: bool = True) -> torch.Tens
     triton_kernels = fused and cuda_resample.labels_usable(scores)
     tail = 1 if triton_kernels else (cpu_labels.fused_tail(sizes) if fused and cpu else 0)
     through, fused_sizes = sizes[: len(sizes) - tail], sizes[len(sizes) - tail :]  # in memory, then fused
-    # each resize's (from, to); one to the same size, which a CPU skips unless not all are finite, not counted
-    plane = height * width + sum(h * w for before, (h, w) in zip(((height, width), *through[:-1]), through)
-                                 if not (cpu and before == (h, w)))  # fmt: skip
+    # the float32 copy (none for the Triton kernels), each resize's (from, to); one to the same size, which a CPU
+    # skips unless not all are finite, not counted
+    plane = (0 if triton_kernels else height * width) + sum(
+        h * w for before, (h, w) in zip(((height, width), *through[:-1]), through) if not (cpu and before == (h, w)))
     step = label_step(n, k, (1, plane), cpu)
     if tail and not triton_kernels:
         fused_sizes = tuple(cpu_labels.without_repeats(scores, through[-1] if through else (height, width),

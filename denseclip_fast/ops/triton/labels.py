@@ -10,8 +10,9 @@ in the caches: the whole map is 4.9 MB at batch 1) and keeps the running best cl
 the labels (and the best values, for a caller that offers the classes in chunks) is written.
 
 Values: each resized value is resample.py's bilinear kernel's (the same jit helpers :func:`resample._source` and
-:func:`resample._interpolate`, so the same expression compiles with the same contractions), so the labels equal the
-argmax of the logits the engine's resize gives, pixel for pixel. Argmax as ``torch.max``: the first class of a tie,
+:func:`resample._interpolate`, whose fused multiply-adds are written out: left to the compiler, some elements of this
+kernel's tile had contracted the other product of a sum), so the labels equal the argmax of the logits the engine's
+resize gives, pixel for pixel. Argmax as ``torch.max``: the first class of a tie,
 a NaN beats every number and the first NaN stays (:func:`_better`).
 """
 
@@ -25,7 +26,7 @@ import triton.language as tl
 
 from ..backends import MAX_GRID_Y
 from .common import cdiv, next_power_of_2, on_device
-from .resample import WIDE_FROM, _check_4d, _index, _interpolate, _last_offset, _scale, _source
+from .resample import WIDE_FROM, _check_4d, _index, _interpolate, _last_offset, _output_row, _scale
 
 BLOCK_C = 32  # classes a program resizes at a time
 TILE = 2048  # values a program holds at a time (classes x columns)
@@ -51,15 +52,8 @@ def _bilinear_argmax_kernel(
     scale_h, scale_w, first,
     START: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_W: tl.constexpr, WIDE: tl.constexpr,
 ):  # fmt: skip
-    row = tl.program_id(0)
-    n = row // H_out
-    oh = row - n * H_out
-    offs_w = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
-    inside = offs_w < W_out
-    h0, h1, lh0, lh1 = _source(oh, scale_h, H_in)
-    w0, w1, lw0, lw1 = _source(offs_w, scale_w, W_in)
-    n, oh, h0, h1 = _index(n, WIDE), _index(oh, WIDE), _index(h0, WIDE), _index(h1, WIDE)
-    w0, w1, o_w = _index(w0, WIDE), _index(w1, WIDE), _index(offs_w, WIDE)
+    n, oh, o_w, inside, h0, h1, lh0, lh1, w0, w1, lw0, lw1 = _output_row(H_in, W_in, H_out, W_out, scale_h, scale_w,
+                                                                         BLOCK_W, WIDE)  # fmt: skip
     left, right = w0[None, :] * s_xw, w1[None, :] * s_xw
     lw0, lw1 = lw0[None, :], lw1[None, :]
     best_at = best_ptr + n * s_bn + oh * s_bh + o_w * s_bw
@@ -75,18 +69,26 @@ def _bilinear_argmax_kernel(
         mask = (offs_c[:, None] < C) & inside[None, :]
         base = x_ptr + n * s_xn + _index(offs_c, WIDE)[:, None] * s_xc
         value = _interpolate(base + h0 * s_xh, base + h1 * s_xh, left, right, mask, lh0, lh1, lw0, lw1)
-        # classes past the last: -inf of an index above every real one, so they lose to any class
+        # classes past the last: -inf of index NONE, so they lose to any class (and first + their offset, which
+        # could pass int32 for a first near the limit, is never made)
         value = tl.where(mask, value, float("-inf"))
+        classes = tl.where(offs_c < C, first + offs_c, NONE)
         # the block's best: its first NaN if it has one, else the first class of its largest value (three plain
         # reductions: a tl.reduce of (value, class) pairs through _better took 5x longer under the interpreter)
         nan = value != value
         has_nan = tl.max(nan.to(tl.int32), 0) > 0
         top = tl.max(value, 0)
         pick = tl.where(has_nan[None, :], nan, value == top[None, :])
-        block_index = tl.min(tl.where(pick, first + offs_c[:, None], NONE), 0)
+        block_index = tl.min(tl.where(pick, classes[:, None], NONE), 0)
         best, index = _better(tl.where(has_nan, float("nan"), top), block_index, best, index)
     tl.store(best_at, best, mask=inside)
     tl.store(index_at, index.to(index_ptr.dtype.element_ty), mask=inside)
+
+
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two contiguous tensors' bytes overlap."""
+    a0, b0 = a.data_ptr(), b.data_ptr()
+    return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
 
 
 class LabelTiling(NamedTuple):
@@ -123,6 +125,11 @@ def bilinear_argmax_(x: torch.Tensor, best: torch.Tensor, index: torch.Tensor, f
         raise ValueError(f"bilinear_argmax_: scores {tuple(x.shape)} on {x.device} do not fit best "
                          f"{tuple(best.shape)} on {best.device} and index on {index.device} (same N and device "
                          "expected)")  # fmt: skip
+    if not (best.is_contiguous() and index.is_contiguous()):
+        raise ValueError("bilinear_argmax_: best and index must be contiguous (N, H, W) tensors (an expanded or "
+                         "strided one would have pixels share an element)")  # fmt: skip
+    if best.numel() and _overlap(best, index):
+        raise ValueError("bilinear_argmax_: best and index share memory")
     if first + k >= NONE.value:
         raise ValueError(f"bilinear_argmax_: classes {first}..{first + k - 1} pass the kernel's int32 class index")
     h_out, w_out = best.shape[1:]

@@ -77,13 +77,31 @@ def _source(o, scale, size):
 @triton.jit
 def _interpolate(top, bottom, left, right, mask, lh0, lh1, lw0, lw1):
     """The bilinear value from the four source pixels at top/bottom row pointers + left/right column offsets, in
-    float32, in ATen's order: lh0 (lw0 x00 + lw1 x01) + lh1 (lw0 x10 + lw1 x11). One function for the resize and
-    the fused label kernel (labels.py), so that both compile the same expression (FMA contraction alike)."""
+    float32, in ATen's order: lh0 (lw0 x00 + lw1 x01) + lh1 (lw0 x10 + lw1 x11), each sum one fused multiply-add of
+    its first product (what the compiler had made of the plain expression in the resize kernel). Written out: left
+    to the compiler, the same expression contracted the other product in some elements of the fused label kernel's
+    tile (labels.py; seen in its sm_90 PTX), whose values must equal the resize's. The interpreter rounds each
+    product (no FMA)."""
     x00 = tl.load(top + left, mask=mask, other=0.0).to(tl.float32)
     x01 = tl.load(top + right, mask=mask, other=0.0).to(tl.float32)
     x10 = tl.load(bottom + left, mask=mask, other=0.0).to(tl.float32)
     x11 = tl.load(bottom + right, mask=mask, other=0.0).to(tl.float32)
-    return lh0 * (lw0 * x00 + lw1 * x01) + lh1 * (lw0 * x10 + lw1 * x11)
+    return tl.fma(lh0, tl.fma(lw0, x00, lw1 * x01), lh1 * tl.fma(lw0, x10, lw1 * x11))
+
+
+@triton.jit
+def _output_row(H_in, W_in, H_out, W_out, scale_h, scale_w, BLOCK_W: tl.constexpr, WIDE: tl.constexpr):
+    """For a program over one output row (program axis 0: image x row) and a block of its columns (axis 1): image
+    n, row oh, the columns o_w and which of them exist, and their source taps (:func:`_source`): rows h0, h1 with
+    weights lh0, lh1, columns w0, w1 with lw0, lw1; indices int64 where WIDE."""
+    row = tl.program_id(0)
+    n = row // H_out
+    oh = row - n * H_out
+    offs_w = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+    h0, h1, lh0, lh1 = _source(oh, scale_h, H_in)
+    w0, w1, lw0, lw1 = _source(offs_w, scale_w, W_in)
+    n, oh, h0, h1 = _index(n, WIDE), _index(oh, WIDE), _index(h0, WIDE), _index(h1, WIDE)
+    return n, oh, _index(offs_w, WIDE), offs_w < W_out, h0, h1, lh0, lh1, _index(w0, WIDE), _index(w1, WIDE), lw0, lw1
 
 
 @triton.jit

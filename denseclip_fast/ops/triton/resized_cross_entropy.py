@@ -40,6 +40,7 @@ from .resample import (
     _index,
     _interpolate,
     _last_offset,
+    _output_row,
     _scale,
     _source,
     _taps,
@@ -60,15 +61,8 @@ def _resized_ce_fwd_kernel(
     scale_h, scale_w, ignore_index,
     BLOCK_C: tl.constexpr, BLOCK_W: tl.constexpr, WIDE: tl.constexpr,
 ):  # fmt: skip
-    row = tl.program_id(0)
-    n = row // H_out
-    oh = row - n * H_out
-    offs_w = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
-    inside = offs_w < W_out
-    h0, h1, lh0, lh1 = _source(oh, scale_h, H_in)
-    w0, w1, lw0, lw1 = _source(offs_w, scale_w, W_in)
-    n, oh, h0, h1 = _index(n, WIDE), _index(oh, WIDE), _index(h0, WIDE), _index(h1, WIDE)
-    w0, w1, o_w = _index(w0, WIDE), _index(w1, WIDE), _index(offs_w, WIDE)
+    n, oh, o_w, inside, h0, h1, lh0, lh1, w0, w1, lw0, lw1 = _output_row(H_in, W_in, H_out, W_out, scale_h, scale_w,
+                                                                         BLOCK_W, WIDE)  # fmt: skip
     running_max = tl.full((BLOCK_W,), float("-inf"), tl.float32)
     running_sum = tl.zeros((BLOCK_W,), tl.float32)
     for c0 in range(0, C, BLOCK_C):
