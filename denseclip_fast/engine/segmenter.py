@@ -20,7 +20,10 @@ on a CPU of the extension's kernel, cpu_labels, on a GPU the last resize of a Tr
 Slide mode evaluates all crops of a batch as one forward.
 
 Threads: every public method takes one lock, so a Segmenter may be shared by threads, which then take turns; for
-parallel inference give each thread (or GPU) its own Segmenter.
+parallel inference give each thread (or GPU) its own Segmenter. Processes: send the DenseCLIP model and build a
+Segmenter in each, started by spawn or forkserver where the parent has run torch on a CPU (a forked child hangs at
+its first parallel CPU kernel, as plain torch does: GNU OpenMP's pool does not survive fork; unless it runs
+``torch.set_num_threads(1)`` first).
 
 On a CPU, each call allocates its large tensors afresh and glibc page-faults them in again every time: a program
 calling the engine over and over may keep freed memory for reuse (host_memory.retain_freed_memory, process-wide,
