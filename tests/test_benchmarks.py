@@ -383,7 +383,7 @@ def test_switched_off_engine_contestants_build_and_call_their_segmenter_so(monke
     each call); the variables restored afterwards; engine-bf16 builds and runs with the caller's settings."""
     import torch
 
-    variables = ("DENSECLIP_FAST_CUDNN_FUSION", "DENSECLIP_FAST_TRITON_RESAMPLE")
+    variables = ("DENSECLIP_FAST_CUDNN_FUSION", "DENSECLIP_FAST_TRITON_RESAMPLE", "DENSECLIP_FAST_FUSED_QKV")
     seen = []
 
     class Recorder:
@@ -395,11 +395,12 @@ def test_switched_off_engine_contestants_build_and_call_their_segmenter_so(monke
     for variable in variables:
         monkeypatch.delenv(variable, raising=False)
     official = argparse.Namespace(texts=torch.zeros(1))
-    for name in ("engine-bf16-plain-conv", "engine-bf16-aten-resample", "engine-bf16"):
+    for name in ("engine-bf16-plain-conv", "engine-bf16-aten-resample", "engine-bf16-separate-qkv", "engine-bf16"):
         bench_e2e.contestant(name, None, official, torch.device("cpu"), "whole", 512, 341)(torch.zeros(1))
-    assert seen == [("built", torch.bfloat16, "0", None), ("called", "0", None),
-                    ("built", torch.bfloat16, None, "0"), ("called", None, "0"),
-                    ("built", torch.bfloat16, None, None), ("called", None, None)]  # fmt: skip
+    assert seen == [("built", torch.bfloat16, "0", None, None), ("called", "0", None, None),
+                    ("built", torch.bfloat16, None, "0", None), ("called", None, "0", None),
+                    ("built", torch.bfloat16, None, None, "0"), ("called", None, None, "0"),
+                    ("built", torch.bfloat16, None, None, None), ("called", None, None, None)]  # fmt: skip
     assert not any(v in os.environ for v in variables)
     assert bench_e2e.precision("engine-bf16-plain-conv", torch.device("cuda"), {}) == "bf16, PyTorch's convolutions"
     assert set(bench_e2e.SWITCHED_OFF) <= set(bench_e2e.ALL)

@@ -52,7 +52,7 @@ from ..preprocess import normalize, resize_keep_ratio
 from ..validation import as_int, check_bool, check_device, given_dtype
 from ..visualize import default_palette
 from ..visualize import overlay as blend
-from . import cpu_labels, cuda_resample
+from . import cpu_labels, cuda_resample, projections
 from .cpu_conv import fuse_convolutions
 from .cpu_linear import rewrite_linears
 from .cuda_conv import cudnn_fusion_problem, fuse_cudnn_convolutions, gemm_pointwise_convolutions
@@ -371,6 +371,8 @@ class Segmenter:
             # the FPN head's 2x upsamplings, the FPN's top-down steps and the ResNet's average poolings by Triton
             # kernels (cuda_resample.py)
             cuda_resample.swap_resamplings(self.model)
+            if projections.enabled():  # q/k/v of each attention in one GEMM (projections.py)
+                projections.fuse_attention_projections(self.model)
         refuse_loading(self.model)  # its weights are rewritten: new ones go into a DenseCLIP and a new Segmenter
         self._text = self._embed(self.model.class_names)  # the buffer the graphs read; refreshed in place
         self._vocabularies: OrderedDict[tuple[str, ...], torch.Tensor] = OrderedDict()

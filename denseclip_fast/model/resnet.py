@@ -91,19 +91,23 @@ class DenseAttentionPool(nn.Module):
         self.v_proj = nn.Linear(embed_dim, embed_dim)
         self.c_proj = nn.Linear(embed_dim, output_dim)
 
+    def project(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, N, C) tokens -> q, k, v, each (B, heads, N, C / heads)."""
+        b, n, c = tokens.shape
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.view(b, n, self.heads, c // self.heads).transpose(1, 2)
+
+        return heads(self.q_proj(tokens)), heads(self.k_proj(tokens)), heads(self.v_proj(tokens))
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: C5 (B, C, h, w) -> global (B, D), local (B, D, h, w)."""
         b, c, h, w = x.shape
         tokens = x.flatten(2).transpose(1, 2)  # (B, hw, C)
         tokens = torch.cat([tokens.mean(dim=1, keepdim=True), tokens], dim=1)
         tokens = tokens + resize_positional_grid(self.positional_embedding, self.grid, (h, w)).to(tokens.dtype)
-        n, d = tokens.shape[1], c // self.heads
-
-        def heads(t: torch.Tensor) -> torch.Tensor:
-            return t.view(b, n, self.heads, d).transpose(1, 2)
-
-        q, k, v = heads(self.q_proj(tokens)), heads(self.k_proj(tokens)), heads(self.v_proj(tokens))
-        out = ops.context_attention(q, k, v).transpose(1, 2).reshape(b, n, c)
+        q, k, v = self.project(tokens)
+        out = ops.context_attention(q, k, v).transpose(1, 2).reshape(b, tokens.shape[1], c)
         out = self.c_proj(out)  # (B, 1 + hw, D)
         global_feat = out[:, 0]
         local_feat = out[:, 1:].transpose(1, 2).reshape(b, -1, h, w)
