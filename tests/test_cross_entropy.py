@@ -52,6 +52,10 @@ def test_extreme_logits_and_a_label_past_the_classes():
     want = F.cross_entropy(rows[:2].double(), label[:2], reduction="none")
     torch.testing.assert_close(loss[:2].double(), want, rtol=1e-6, atol=1e-6)
     assert bool(torch.isnan(loss[2]))
+    # a NaN among a row's logits: NaN, as PyTorch's (not the loss of the other classes)
+    nan_row = torch.tensor([[0.1, float("nan"), 0.7], [0.1, 0.2, 0.7]], device=DEVICE)
+    loss, _ = cross_entropy.cross_entropy_rows(nan_row, torch.tensor([2, 2], device=DEVICE), 255)
+    assert bool(loss[0].isnan()) and bool(loss[1].isfinite())
     with pytest.raises(ValueError, match=r"label must be int64 of shape \(3,\)"):
         cross_entropy.cross_entropy_rows(rows, label.int(), 255)
     with pytest.raises(ValueError, match="rows must be a float32 .* matrix with contiguous rows"):
@@ -110,13 +114,15 @@ def _resized_case(n: int, k: int, h: int, w: int, size: tuple[int, int], layout:
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
 @pytest.mark.parametrize(("shape", "size"), [((2, 5, 3, 4), (12, 16)), ((1, 37, 3, 5), (7, 9)),
                                              ((1, 1, 2, 2), (5, 3)), ((1, 6, 7, 9), (4, 5)), ((1, 3, 1, 1), (3, 2)),
-                                             ((1, 4, 3, 3), (3, 3))])  # fmt: skip
+                                             ((1, 4, 3, 3), (3, 3)), ((1, 3, 2, 7), (3, 9)),
+                                             ((1, 3, 3, 9), (2, 7))])  # fmt: skip
 @pytest.mark.parametrize("ignore", [255, -100])
 def test_resized_loss_and_gradient_equal_interpolate_then_cross_entropy(shape, size, layout, ignore):
-    """Up 4x (the loss's ratio) and by other ratios, down, from one pixel, to the same size; one class, classes past a
-    block (37, 32 a block); NCHW and NHWC logits; ignored pixels (past the classes, and PyTorch's -100): the per-pixel
-    loss, the saved log-sum-exp and the gradient of F.cross_entropy(F.interpolate(x)) in float64, to float32
-    rounding, the gradient in the logits' layout."""
+    """Up 4x (the loss's ratio) and by other ratios, down, from one pixel, to the same size, widths 7 -> 9 and 9 -> 7
+    (where the width pass's tap bound has one spare tap); one class, classes past a block (37, 32 a block); NCHW and
+    NHWC logits; ignored pixels (past the classes, and PyTorch's -100): the per-pixel loss, the saved log-sum-exp and
+    the gradient of F.cross_entropy(F.interpolate(x)) in float64, to float32 rounding, the gradient in the logits'
+    layout."""
     from denseclip_fast.ops.triton import resized_cross_entropy as rce
 
     x, label = _resized_case(*shape, size, layout, ignore)
@@ -156,6 +162,38 @@ def test_resized_loss_extremes_and_bad_input():
         rce.resized_cross_entropy(x[:, :0].contiguous(), label, 255)
     with pytest.raises(ValueError, match=r"backward: lse must be a float \(1, 2, 4\) tensor"):
         rce.resized_cross_entropy_backward(torch.ones_like(lse), x, label, lse[0], 255)
+
+
+def test_resized_loss_nan_strided_labels_int64_offsets_and_a_class_ignored(monkeypatch):
+    """A -inf logit (its zero weights at the border make NaN, as PyTorch's resize does) and a NaN: NaN losses where
+    PyTorch's are, the others equal; a strided label, int64 offsets (WIDE_FROM lowered in both kernels' modules) and
+    an ignore index that is a class (0: those pixels 0, whatever their label's logit): the float64 loss and gradient."""
+    from denseclip_fast.ops.triton import resample
+    from denseclip_fast.ops.triton import resized_cross_entropy as rce
+
+    x, label = _resized_case(1, 4, 3, 3, (6, 5), "nhwc", 255, seed=4)
+    x[0, 1, 0, 2] = float("-inf")
+    x[0, 2, 2, 0] = float("nan")
+    loss, _ = rce.resized_cross_entropy(x, label, 255)
+    up = F.interpolate(x.double(), size=(6, 5), mode="bilinear", align_corners=False)
+    want = F.cross_entropy(up, label, ignore_index=255, reduction="none")
+    assert bool(want.isnan().any()) and torch.equal(loss.isnan(), want.isnan())
+    torch.testing.assert_close(loss[~want.isnan()].double(), want[~want.isnan()], rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(rce, "WIDE_FROM", 8)
+    monkeypatch.setattr(resample, "WIDE_FROM", 8)
+    x, label = _resized_case(2, 5, 4, 3, (9, 11), "nchw", 0, seed=5)
+    label = label.transpose(1, 2).contiguous().transpose(1, 2)  # the same values, strided
+    assert not label.is_contiguous()
+    loss, lse = rce.resized_cross_entropy(x, label, 0)
+    x64 = x.double().requires_grad_()
+    want = F.cross_entropy(F.interpolate(x64, size=(9, 11), mode="bilinear", align_corners=False), label,
+                           ignore_index=0, reduction="none")  # fmt: skip
+    torch.testing.assert_close(loss.double(), want.detach(), rtol=1e-5, atol=1e-5)
+    assert bool((loss[label == 0] == 0).all())
+    grad = torch.rand(2, 9, 11, dtype=torch.float64).to(DEVICE)
+    want.backward(grad)
+    got = rce.resized_cross_entropy_backward(grad.float(), x, label, lse, 0)
+    torch.testing.assert_close(got.double(), x64.grad, rtol=1e-5, atol=1e-6)
 
 
 def test_the_training_loss_takes_the_fused_kernels_where_usable(monkeypatch):

@@ -8,7 +8,9 @@ The kernels apply to a float32 (pixels, classes) view with contiguous rows (the 
 logits, any strides) on CUDA that autograd records, nothing else recording or transforming the call, Triton
 importable and ``DENSECLIP_FAST_TRITON_LOSS`` not 0 (read at each call; the fused ones also need the resize kernels,
 ``DENSECLIP_FAST_TRITON_RESAMPLE`` not 0). A label that is neither a class nor the ignore index gives that pixel a NaN
-loss there (the run stops on it), where PyTorch's CUDA kernel stops the process with a device assertion.
+loss there (the run stops on it), where PyTorch's CUDA kernel stops the process with a device assertion. The
+kernels' backward is differentiable once: a second-order gradient (``create_graph=True``, a gradient penalty) sees
+their gradient as a constant; ``DENSECLIP_FAST_TRITON_LOSS=0`` takes PyTorch's, which differentiate twice.
 """
 
 from __future__ import annotations

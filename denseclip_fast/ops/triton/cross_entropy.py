@@ -59,7 +59,9 @@ def _ce_fwd_kernel(
         )
         running_max = new_max
     # (a row of no class, or every logit -inf: lse -inf, as logsumexp; not log2(0), which the interpreter warns of)
-    lse = running_max + tl.log2(tl.where(running_sum > 0, running_sum, 1.0)) / LOG2E
+    # a NaN among the logits: the maxima skip it, the sum carries it (NaN == 0 is false), so lse and the loss
+    # are NaN, as PyTorch's (a guard of running_sum > 0 had turned a NaN sum into 1: a finite, wrong loss)
+    lse = running_max + tl.log2(tl.where(running_sum == 0, 1.0, running_sum)) / LOG2E
     label = tl.load(label_ptr + rows, mask=row_ok, other=0)
     valid = (label >= 0) & (label < K)
     picked = tl.load(x_ptr + base + tl.where(valid, label, 0), mask=row_ok & valid, other=0.0)

@@ -78,7 +78,9 @@ def _resized_ce_fwd_kernel(
             tl.exp2((z - safe[None, :]) * LOG2E), axis=0
         )
         running_max = new_max
-    lse = running_max + tl.log2(tl.where(running_sum > 0, running_sum, 1.0)) / LOG2E
+    # a NaN among the logits: the maxima skip it, the sum carries it (NaN == 0 is false), so lse and the loss
+    # are NaN, as PyTorch's (a guard of running_sum > 0 had turned a NaN sum into 1: a finite, wrong loss)
+    lse = running_max + tl.log2(tl.where(running_sum == 0, 1.0, running_sum)) / LOG2E
     label = tl.load(label_ptr + n * s_ln + oh * s_lh + o_w * s_lw, mask=inside, other=ignore_index)
     valid = (label >= 0) & (label < C)
     base = x_ptr + n * s_xn + _index(tl.where(valid, label, 0), WIDE) * s_xc  # the label's class, per column
