@@ -102,3 +102,19 @@ def test_resize_forward_takes_the_triton_kernel_where_usable(monkeypatch):
     with torch.no_grad():
         resize_to(x, (4, 4))
     assert calls == [(16, 21)] * 3 + [(4, 4)]
+
+
+def test_resize_to_under_torch_func_and_forward_mode():
+    """torch.func.grad and forward-mode AD through resize_to take F.interpolate's own derivatives (its autograd
+    Function has no setup_context, which the transforms need): autograd's gradient, and the tangent of the resize."""
+    import torch.autograd.forward_ad as fwAD
+
+    x = torch.randn(1, 2, 3, 4, dtype=torch.float64)
+    got = torch.func.grad(lambda t: resize_to(t, (6, 8)).square().sum())(x)
+    leaf = x.clone().requires_grad_()
+    _aten(leaf, (6, 8)).square().sum().backward()
+    torch.testing.assert_close(got, leaf.grad)
+    tangent = torch.randn_like(x)
+    with fwAD.dual_level():
+        out = resize_to(fwAD.make_dual(x, tangent).requires_grad_(), (6, 8))
+        torch.testing.assert_close(fwAD.unpack_dual(out).tangent, _aten(tangent, (6, 8)))

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..engine import cuda_resample
+from ..ops import differentiated_by_transform
 
 
 def interpolation_matrix(n_in: int, n_out: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -76,5 +77,8 @@ def resize_to(x: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tens
     size = (int(size[0]), int(size[1]))
     if not (x.requires_grad and torch.is_grad_enabled()):
         return cuda_resample.resize(x, size)
+    if differentiated_by_transform(x):  # torch.func and forward-mode AD: F.interpolate's own derivatives (the
+        # autograd Function below defines no setup_context, which those transforms need)
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
     result: torch.Tensor = _BilinearResize.apply(x, size)
     return result
