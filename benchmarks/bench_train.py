@@ -14,6 +14,8 @@ Contestants (random weights; loss = CE(head) + 0.4 CE(score / tau), AdamW step i
   trainer-bf16-aten trainer-bf16 with PyTorch's poolings, upsamplings, loss resizes and cross-entropy
                     (DENSECLIP_FAST_TRITON_RESAMPLE=0 and DENSECLIP_FAST_TRITON_LOSS=0 around each step): what the
                     trainer's Triton kernels gain, in one run
+  trainer-bf16-unfused-loss trainer-bf16 with the loss's resizes and cross-entropies as separate Triton kernels
+                    (DENSECLIP_FAST_FUSED_LOSS=0 around each step): what the fused resize + cross-entropy gains
 cuDNN benchmark mode is on for every contestant (mmseg's runtime default, and the trainer's). The float32 contestants
 both run at PyTorch's TF32 defaults (on CUDA: TF32 convolutions, IEEE matmuls), recorded in the environment block.
 Without --steps a GPU run times as many steps as fill 3 s (10 to 200); the JSON's p90_ms is None with fewer than 10.
@@ -56,7 +58,7 @@ from denseclip_fast.train import TrainConfig  # noqa: E402
 from denseclip_fast.train.optim import make_optimizer, segmentation_loss  # noqa: E402
 from denseclip_fast.train.step import TrainStep, memory_format, prepare_model  # noqa: E402
 
-ALL = ("trainer-bf16", "official-fp32", "trainer-bf16-aten", "trainer-fp32",
+ALL = ("trainer-bf16", "official-fp32", "trainer-bf16-aten", "trainer-bf16-unfused-loss", "trainer-fp32",
        "trainer-bf16-ckpt")  # fmt: skip  (the target's pair first)
 
 
@@ -217,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         step = trainer_step(args.arch, names, cfg, device, bf16="bf16" in name, ckpt=name.endswith("ckpt"))
         if name.endswith("-aten"):
             return switched_off(step, "DENSECLIP_FAST_TRITON_RESAMPLE", "DENSECLIP_FAST_TRITON_LOSS")
+        if name.endswith("-unfused-loss"):
+            return switched_off(step, "DENSECLIP_FAST_FUSED_LOSS")
         return step
 
     # every contestant timed first, the profiles after: a run stopped by its time budget has the target's pair

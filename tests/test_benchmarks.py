@@ -485,7 +485,7 @@ def test_bench_train_switches_a_contestant_off_around_its_steps(monkeypatch):
     with pytest.raises(RuntimeError, match="boom"):
         off(None, "boom")
     assert seen == [("0", "0"), ("0", "0")] and not any(name in os.environ for name in names)
-    assert "trainer-bf16-aten" in bench_train.ALL
+    assert {"trainer-bf16-aten", "trainer-bf16-unfused-loss"} <= set(bench_train.ALL)
 
 
 def test_score_tuning_sweep_tries_each_variant_and_restores_the_defaults(tmp_path, monkeypatch):

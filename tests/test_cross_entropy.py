@@ -200,7 +200,7 @@ def test_the_training_loss_takes_the_fused_kernels_where_usable(monkeypatch):
     """On a device the kernels serve (the CPU made one here), segmentation_loss's two upsampled losses (the head's
     logits and the score map's) go through the fused kernels forward and backward: the losses and the gradients of
     the resize-then-cross-entropy path; logits already at the label's size take the rows' kernels; a call without a
-    gradient, or with either switch at 0, takes the unfused path."""
+    gradient, or with a switch at 0 (the resamplings', the loss kernels', the fusion's), takes the unfused path."""
     from denseclip_fast.ops.triton import resized_cross_entropy as rce
     from denseclip_fast.train.config import TrainConfig
 
@@ -236,7 +236,8 @@ def test_the_training_loss_takes_the_fused_kernels_where_usable(monkeypatch):
     at_size = torch.randn(2, 5, 12, 16, generator=g).to(DEVICE).requires_grad_()
     optim.segmentation_loss(at_size, aux.clone().requires_grad_(), label, cfg)["loss"].backward()
     assert calls == ["fwd", "bwd"]  # the aux map's alone: the head's logits are at the label's size
-    monkeypatch.setenv("DENSECLIP_FAST_TRITON_LOSS", "0")
-    calls.clear()
-    optim.segmentation_loss(logits.clone().requires_grad_(), aux, label, cfg)["loss"].backward()
-    assert calls == []
+    for switch in ("DENSECLIP_FAST_FUSED_LOSS", "DENSECLIP_FAST_TRITON_LOSS"):  # either unfuses the loss
+        monkeypatch.setenv(switch, "0")
+        calls.clear()
+        optim.segmentation_loss(logits.clone().requires_grad_(), aux, label, cfg)["loss"].backward()
+        assert calls == [], switch

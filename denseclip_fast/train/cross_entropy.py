@@ -4,13 +4,15 @@ make five over a 2.5 GB matrix at RN50 512x512 batch 16), else PyTorch's F.cross
 logits upsampled to the label with the resize fused in (:func:`resized_cross_entropy`, ops/triton/
 resized_cross_entropy.py: the label-size logits and their gradient never in memory).
 
-The kernels apply to a float32 (pixels, classes) view with contiguous rows (the fused ones: float32 (N, K, h, w)
-logits, any strides) on CUDA that autograd records, nothing else recording or transforming the call, Triton
-importable and ``DENSECLIP_FAST_TRITON_LOSS`` not 0 (read at each call; the fused ones also need the resize kernels,
-``DENSECLIP_FAST_TRITON_RESAMPLE`` not 0). A label that is neither a class nor the ignore index gives that pixel a NaN
-loss there (the run stops on it), where PyTorch's CUDA kernel stops the process with a device assertion. The
-kernels' backward is differentiable once: a second-order gradient (``create_graph=True``, a gradient penalty) sees
-their gradient as a constant; ``DENSECLIP_FAST_TRITON_LOSS=0`` takes PyTorch's, which differentiate twice.
+The kernels apply to a float32 (pixels, classes) view with contiguous rows (the fused ones: float32 (N, K, h, w) logits,
+any strides) on CUDA that autograd records, nothing else recording or transforming the call, Triton importable and
+``DENSECLIP_FAST_TRITON_LOSS`` not 0 (read at each call; the fused ones also need the resize kernels,
+``DENSECLIP_FAST_TRITON_RESAMPLE`` not 0, and ``DENSECLIP_FAST_FUSED_LOSS`` not 0: at 0 the loss takes the resize and
+the rows' kernels one after the other, benchmarks/bench_train.py's trainer-bf16-unfused-loss). A label that is neither a
+class nor the ignore index gives that pixel a NaN loss there (the run stops on it), where PyTorch's CUDA kernel stops
+the process with a device assertion. The kernels' backward is differentiable once: a second-order gradient
+(``create_graph=True``, a gradient penalty) sees their gradient as a constant; ``DENSECLIP_FAST_TRITON_LOSS=0`` takes
+PyTorch's, which differentiate twice.
 """
 
 from __future__ import annotations
@@ -61,7 +63,8 @@ def fused_usable(logits: torch.Tensor, label: torch.Tensor) -> bool:
         return False
     if label.shape[0] != logits.shape[0] or label.device != logits.device:
         return False
-    return os.environ.get("DENSECLIP_FAST_TRITON_RESAMPLE", "1") != "0" and _recorded_float32(logits)
+    switches = ("DENSECLIP_FAST_TRITON_RESAMPLE", "DENSECLIP_FAST_FUSED_LOSS")
+    return all(os.environ.get(name, "1") != "0" for name in switches) and _recorded_float32(logits)
 
 
 class _RowsCrossEntropy(torch.autograd.Function):
