@@ -69,8 +69,8 @@ def _bilinear_argmax_kernel(
         mask = (offs_c[:, None] < C) & inside[None, :]
         base = x_ptr + n * s_xn + _index(offs_c, WIDE)[:, None] * s_xc
         value = _interpolate(base + h0 * s_xh, base + h1 * s_xh, left, right, mask, lh0, lh1, lw0, lw1)
-        # classes past the last: -inf of index NONE, so they lose to any class (and first + their offset, which
-        # could pass int32 for a first near the limit, is never made)
+        # classes past the last: -inf of index NONE, so they lose to any class (first + their offset, which could
+        # wrap past int32 for a first near the limit, is never used)
         value = tl.where(mask, value, float("-inf"))
         classes = tl.where(offs_c < C, first + offs_c, NONE)
         # the block's best: its first NaN if it has one, else the first class of its largest value (three plain
