@@ -241,3 +241,32 @@ def test_the_training_loss_takes_the_fused_kernels_where_usable(monkeypatch):
         calls.clear()
         optim.segmentation_loss(logits.clone().requires_grad_(), aux, label, cfg)["loss"].backward()
         assert calls == [], switch
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fused_loss_on_cuda_at_the_trainers_shape():
+    """On a GPU at the trainer's shape (150 classes of 128x128 channels_last float32 logits to 512x512 labels, a
+    tenth ignored), batch 2: the fused loss and gradient equal the separate kernels' (resize, rows' cross-entropy,
+    resize gradient) and PyTorch's within float32 rounding."""
+    from denseclip_fast.train.resize import _BilinearResize
+
+    g = torch.Generator().manual_seed(6)
+    x = (torch.randn(2, 150, 128, 128, generator=g) * 4).cuda().contiguous(memory_format=torch.channels_last)
+    label = torch.randint(0, 150, (2, 512, 512), generator=g).cuda()
+    label[torch.rand(label.shape, generator=g).cuda() < 0.1] = 255
+    grads = []
+    for way in ("fused", "kernels", "torch"):
+        leaf = x.clone().requires_grad_()
+        if way == "fused":
+            loss = loss_module._ResizedCrossEntropy.apply(leaf, label, 255)
+        elif way == "kernels":
+            up = _BilinearResize.apply(leaf, (512, 512))
+            loss = loss_module._RowsCrossEntropy.apply(up.permute(0, 2, 3, 1).reshape(-1, 150), label.reshape(-1), 255)
+        else:
+            up = F.interpolate(leaf, size=(512, 512), mode="bilinear", align_corners=False)
+            loss = F.cross_entropy(up, label, ignore_index=255, reduction="none")
+        loss.mean().backward()
+        grads.append((loss.reshape(-1).detach(), leaf.grad))
+    for other in grads[1:]:
+        torch.testing.assert_close(grads[0][0], other[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(grads[0][1], other[1], rtol=1e-4, atol=1e-9)
