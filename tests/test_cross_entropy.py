@@ -166,7 +166,7 @@ def test_resized_loss_extremes_and_bad_input():
 
 def test_resized_loss_nan_strided_labels_int64_offsets_and_a_class_ignored(monkeypatch):
     """A -inf logit (its zero weights at the border make NaN, as PyTorch's resize does) and a NaN: NaN losses where
-    PyTorch's are, the others equal; a strided label, int64 offsets (WIDE_FROM lowered in both kernels' modules) and
+    PyTorch's are, the others equal; a strided label, int64 offsets (resample.WIDE_FROM lowered: both passes) and
     an ignore index that is a class (0: those pixels 0, whatever their label's logit): the float64 loss and gradient."""
     from denseclip_fast.ops.triton import resample
     from denseclip_fast.ops.triton import resized_cross_entropy as rce
@@ -179,8 +179,7 @@ def test_resized_loss_nan_strided_labels_int64_offsets_and_a_class_ignored(monke
     want = F.cross_entropy(up, label, ignore_index=255, reduction="none")
     assert bool(want.isnan().any()) and torch.equal(loss.isnan(), want.isnan())
     torch.testing.assert_close(loss[~want.isnan()].double(), want[~want.isnan()], rtol=1e-5, atol=1e-5)
-    monkeypatch.setattr(rce, "WIDE_FROM", 8)
-    monkeypatch.setattr(resample, "WIDE_FROM", 8)
+    monkeypatch.setattr(resample, "WIDE_FROM", 8)  # resample._wide decides for both passes
     x, label = _resized_case(2, 5, 4, 3, (9, 11), "nchw", 0, seed=5)
     label = label.transpose(1, 2).contiguous().transpose(1, 2)  # the same values, strided
     assert not label.is_contiguous()

@@ -72,7 +72,7 @@ def test_bilinear_argmax_tilings_agree(tile, monkeypatch):
     index = torch.empty((2, 7, 9), dtype=torch.int64, device=DEVICE)
     labels.bilinear_argmax_(x, best, index, 0, tile)
     assert torch.equal(index, want)
-    monkeypatch.setattr(labels, "WIDE_FROM", 16)
+    monkeypatch.setattr(resample, "WIDE_FROM", 16)  # (resample._wide decides for the label kernel too)
     assert torch.equal(labels.bilinear_argmax(x, (7, 9)), want)
 
 

@@ -25,6 +25,14 @@ def next_power_of_2(n: int) -> int:
     return n + 1
 
 
+def class_blocks(classes: int, width: int, max_block_c: int, tile: int) -> tuple[int, int]:
+    """(classes, columns) of a program's tile in the kernels that take a block of classes at a time over a block of
+    output columns (labels.py, resized_cross_entropy.py): up to ``max_block_c`` classes (a power of two, fewer where
+    there are fewer), columns to fill ``tile`` values (at most the next power of two of ``width``)."""
+    block_c = min(next_power_of_2(classes), max_block_c)
+    return block_c, max(1, min(next_power_of_2(width), tile // block_c))
+
+
 def dot_in_f32(dtype: torch.dtype) -> bool:
     """Whether tl.dot must take float32 operands with IEEE products: for float32 inputs (TF32 would cost ~1e-3
     relative error), and for bfloat16 under Triton's interpreter, which mis-multiplies bfloat16."""

@@ -25,8 +25,8 @@ import triton
 import triton.language as tl
 
 from ..backends import MAX_GRID_Y
-from .common import cdiv, next_power_of_2, on_device
-from .resample import WIDE_FROM, _check_4d, _index, _interpolate, _last_offset, _output_row, _scale
+from .common import cdiv, class_blocks, on_device
+from .resample import _check_4d, _check_size, _check_tiling, _index, _interpolate, _output_row, _scale, _wide
 
 BLOCK_C = 32  # classes a program resizes at a time
 TILE = 2048  # values a program holds at a time (classes x columns)
@@ -102,8 +102,7 @@ class LabelTiling(NamedTuple):
 
 def label_tiling(classes: int, width: int) -> LabelTiling:
     """BLOCK_C classes at a time (fewer if there are fewer), columns to fill TILE values, WARPS warps."""
-    block_c = min(next_power_of_2(classes), BLOCK_C)
-    return LabelTiling(block_c, max(1, min(next_power_of_2(width), TILE // block_c)), WARPS)
+    return LabelTiling(*class_blocks(classes, width, BLOCK_C, TILE), WARPS)
 
 
 def bilinear_argmax_(x: torch.Tensor, best: torch.Tensor, index: torch.Tensor, first: int,
@@ -139,17 +138,15 @@ def bilinear_argmax_(x: torch.Tensor, best: torch.Tensor, index: torch.Tensor, f
         raise ValueError(f"bilinear_argmax_: scores {tuple(x.shape)} have nothing to offer (K, h and w >= 1 "
                          "expected)")  # fmt: skip
     t = label_tiling(k, w_out) if tile is None else tile
-    if not all(isinstance(v, int) and v > 0 and v & (v - 1) == 0 for v in t):
-        raise ValueError(f"bilinear_argmax_: tiling must hold powers of two (block_c, block_w, warps), got {t}")
+    _check_tiling("bilinear_argmax_", t)
     grid = (n * h_out, cdiv(w_out, t.block_w))
     if grid[1] > MAX_GRID_Y:
         raise ValueError(f"bilinear_argmax_: an output of {w_out} columns is past the launch grid's limit")
-    wide = max(_last_offset(x), _last_offset(best), _last_offset(index)) >= WIDE_FROM
     with on_device(x):
         _bilinear_argmax_kernel[grid](
             x, best, index, k, h_in, w_in, h_out, w_out, *x.stride(), *best.stride(), *index.stride(),
             _scale(h_in, h_out), _scale(w_in, w_out), first, START=first == 0, BLOCK_C=t.block_c,
-            BLOCK_W=t.block_w, WIDE=wide, num_warps=t.warps,
+            BLOCK_W=t.block_w, WIDE=_wide(x, best, index), num_warps=t.warps,
         )  # fmt: skip
 
 
@@ -157,8 +154,7 @@ def bilinear_argmax(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """int64 (N, H, W) labels: the argmax over the classes of ``x`` (N, K, h, w) resized to ``size`` (H, W), as
     ``resample.bilinear(x, size, torch.float32).max(dim=1).indices`` gives them, without the resized scores."""
     _check_4d("bilinear_argmax", x)
-    if len(size) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size):
-        raise ValueError(f"bilinear_argmax: size must be (height, width), two positive ints, got {tuple(size)!r}")
+    _check_size("bilinear_argmax", size)
     best = torch.empty((x.shape[0], *size), dtype=torch.float32, device=x.device)
     index = torch.empty((x.shape[0], *size), dtype=torch.int64, device=x.device)
     bilinear_argmax_(x, best, index, 0)

@@ -342,10 +342,17 @@ def _wide(*tensors: torch.Tensor) -> bool:
     return max(_last_offset(t) for t in tensors) >= WIDE_FROM
 
 
-def _check_tiling(t: Tiling) -> None:
-    fields = (t.rows, t.block_c, t.block_w, t.warps)
-    if not all(isinstance(v, int) and v > 0 and v & (v - 1) == 0 for v in fields):
-        raise ValueError(f"bilinear_into: tiling must hold powers of two (rows, block_c, block_w, warps), got {t}")
+def _check_tiling(name: str, t: NamedTuple) -> None:
+    """A launch's tiling (a NamedTuple of ints: Tiling, labels.LabelTiling) holds powers of two; a ValueError naming
+    ``name`` and the fields else."""
+    if not all(isinstance(v, int) and v > 0 and v & (v - 1) == 0 for v in t):
+        raise ValueError(f"{name}: tiling must hold powers of two ({', '.join(t._fields)}), got {t}")
+
+
+def _check_size(name: str, size: Sequence[int]) -> None:
+    """An output size (height, width) of two positive ints; a ValueError naming ``name`` else."""
+    if len(size) != 2 or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in size):
+        raise ValueError(f"{name}: size must be (height, width), two positive ints, got {tuple(size)!r}")
 
 
 def bilinear_into(out: torch.Tensor, x: torch.Tensor, tile: Tiling | None = None) -> torch.Tensor:
@@ -355,7 +362,7 @@ def bilinear_into(out: torch.Tensor, x: torch.Tensor, tile: Tiling | None = None
     if not _plan("bilinear_into", out, x, same_dtype=False):
         return out
     t = tiling(out) if tile is None else tile
-    _check_tiling(t)
+    _check_tiling("bilinear_into", t)
     (_, c, h_in, w_in), (h_out, w_out) = x.shape, out.shape[2:]
     with on_device(x):
         _bilinear_kernel[_grid(out, t.block_c, t.block_w, t.rows)](
@@ -372,8 +379,7 @@ def bilinear(x: torch.Tensor, size: Sequence[int], dtype: torch.dtype | None = N
     align_corners=False)``, in ``dtype`` (x's if None) and ``memory_format`` (x's own layout if None: channels_last
     where x has NHWC strides)."""
     _check_4d("bilinear", x)
-    if len(size) != 2 or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in size):
-        raise ValueError(f"bilinear: size must be (height, width), two positive ints, got {tuple(size)!r}")
+    _check_size("bilinear", size)
     if memory_format is None:
         memory_format = layout_of(x)
     out = torch.empty((x.shape[0], x.shape[1], size[0], size[1]), dtype=dtype or x.dtype, device=x.device,

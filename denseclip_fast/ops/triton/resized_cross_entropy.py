@@ -31,20 +31,19 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import cdiv, next_power_of_2, on_device
+from .common import cdiv, class_blocks, on_device
 from .cross_entropy import LOG2E
 from .resample import (
-    WIDE_FROM,
     _check_4d,
     _first_tap,
     _index,
     _interpolate,
-    _last_offset,
     _output_row,
     _scale,
     _source,
     _taps,
     _weight,
+    _wide,
     height_pass,
     layout_of,
 )
@@ -136,8 +135,7 @@ def _resized_ce_grad_w_kernel(
 
 
 def _blocks(classes: int, width: int) -> tuple[int, int]:
-    block_c = min(next_power_of_2(classes), BLOCK_C)
-    return block_c, max(1, min(next_power_of_2(width), TILE // block_c))
+    return class_blocks(classes, width, BLOCK_C, TILE)
 
 
 def _check(name: str, x: torch.Tensor, label: torch.Tensor) -> None:
@@ -164,11 +162,11 @@ def resized_cross_entropy(x: torch.Tensor, label: torch.Tensor,
     if loss.numel() == 0:
         return loss, lse
     block_c, block_w = _blocks(k, w_out)
-    wide = max(_last_offset(x), _last_offset(label), loss.numel() - 1) >= WIDE_FROM
     with on_device(x):
         _resized_ce_fwd_kernel[(n * h_out, cdiv(w_out, block_w))](
             x, label, loss, lse, k, h_in, w_in, h_out, w_out, *x.stride(), *label.stride(),
-            _scale(h_in, h_out), _scale(w_in, w_out), ignore_index, BLOCK_C=block_c, BLOCK_W=block_w, WIDE=wide,
+            _scale(h_in, h_out), _scale(w_in, w_out), ignore_index, BLOCK_C=block_c, BLOCK_W=block_w,
+            WIDE=_wide(x, label, loss),
             num_warps=WARPS,
         )  # fmt: skip
     return loss, lse
@@ -193,11 +191,10 @@ def resized_cross_entropy_backward(grad: torch.Tensor, x: torch.Tensor, label: t
     narrow = torch.empty((n, k, h_out, w_in), dtype=torch.float32, device=x.device, memory_format=layout)
     scale, inv, taps = _taps(w_in, w_out)
     block_c, block_j = _blocks(k, w_in)
-    wide = max(_last_offset(x), _last_offset(label), _last_offset(narrow), lse.numel() - 1) >= WIDE_FROM
     with on_device(x):
         _resized_ce_grad_w_kernel[(n * h_out, cdiv(k, block_c), cdiv(w_in, block_j))](
             x, label, lse, grad, narrow, k, h_in, w_in, h_out, w_out, *x.stride(), *label.stride(),
             *narrow.stride(), _scale(h_in, h_out), scale, inv, taps, ignore_index, BLOCK_C=block_c,
-            BLOCK_J=block_j, WIDE=wide, num_warps=WARPS,
+            BLOCK_J=block_j, WIDE=_wide(x, label, narrow, lse, grad), num_warps=WARPS,
         )  # fmt: skip
     return height_pass(narrow, out)
