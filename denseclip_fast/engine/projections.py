@@ -24,6 +24,7 @@ from torch import nn
 
 from .. import ops
 from ..model.decoder import Attention
+from ..model.layers import split_heads
 from ..model.resnet import DenseAttentionPool
 
 
@@ -35,12 +36,6 @@ def _stacked(*layers: nn.Linear) -> tuple[nn.Parameter, nn.Parameter | None]:
     biases: list[torch.Tensor] = [layer.bias if layer.bias is not None else torch.zeros_like(layer.weight[:, 0])
                                   for layer in layers]  # fmt: skip
     return weight, nn.Parameter(torch.cat(biases), requires_grad=False)
-
-
-def _heads(t: torch.Tensor, b: int, n: int, parts: int, heads: int) -> list[torch.Tensor]:
-    """The (B, N, parts * C) output of a stacked projection as ``parts`` (B, heads, N, C / heads) views."""
-    split = t.view(b, n, parts, heads, t.shape[-1] // (parts * heads))
-    return [split[:, :, i].transpose(1, 2) for i in range(parts)]
 
 
 class FusedAttention(nn.Module):
@@ -57,10 +52,10 @@ class FusedAttention(nn.Module):
     def forward(self, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
         b, n, c = q.shape
         if q is kv:
-            q, k, v = _heads(F.linear(q, self.qkv_weight), b, n, 3, self.heads)
+            q, k, v = split_heads(F.linear(q, self.qkv_weight), self.heads, 3)
         else:
-            k, v = _heads(F.linear(kv, self.qkv_weight[c:]), b, kv.shape[1], 2, self.heads)
-            (q,) = _heads(F.linear(q, self.qkv_weight[:c]), b, n, 1, self.heads)
+            k, v = split_heads(F.linear(kv, self.qkv_weight[c:]), self.heads, 2)
+            (q,) = split_heads(F.linear(q, self.qkv_weight[:c]), self.heads)
         out = ops.context_attention(q, k, v)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, c)))
 
@@ -76,8 +71,7 @@ class FusedAttentionPool(DenseAttentionPool):
         self.c_proj = pool.c_proj
 
     def project(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        b, n = tokens.shape[:2]
-        q, k, v = _heads(F.linear(tokens, self.qkv_weight, self.qkv_bias), b, n, 3, self.heads)
+        q, k, v = split_heads(F.linear(tokens, self.qkv_weight, self.qkv_bias), self.heads, 3)
         return q, k, v
 
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from .. import ops
 from ..config import DecoderConfig
-from .layers import init_
+from .layers import init_, split_heads
 
 
 class Attention(nn.Module):
@@ -35,11 +35,9 @@ class Attention(nn.Module):
     def forward(self, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
         """q: (B, N, C), kv: (B, M, C) -> (B, N, C)."""
         b, n, c = q.shape
-        m = kv.shape[1]
-        d = c // self.heads
-        q = self.q_proj(q).view(b, n, self.heads, d).transpose(1, 2)
-        k = self.k_proj(kv).view(b, m, self.heads, d).transpose(1, 2)
-        v = self.v_proj(kv).view(b, m, self.heads, d).transpose(1, 2)
+        (q,) = split_heads(self.q_proj(q), self.heads)
+        (k,) = split_heads(self.k_proj(kv), self.heads)
+        (v,) = split_heads(self.v_proj(kv), self.heads)
         out = ops.context_attention(q, k, v)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, c)))
 

@@ -116,6 +116,13 @@ class DropPath(nn.Module):
 SharedStart = tuple[int, int]
 
 
+def split_heads(t: torch.Tensor, heads: int, parts: int = 1) -> tuple[torch.Tensor, ...]:
+    """A projection's (B, L, parts * D) output as ``parts`` views (B, heads, L, D / heads): q, k and v of a packed
+    in-projection (parts 3), k and v of a packed pair (2), or one projection's heads (1)."""
+    b, n, width = t.shape
+    return t.view(b, n, parts, heads, width // (parts * heads)).permute(2, 0, 3, 1, 4).unbind(0)
+
+
 class MultiheadSelfAttention(nn.Module):
     """Self-attention with ``nn.MultiheadAttention``'s parameter layout (packed q/k/v in-projection)."""
 
@@ -140,8 +147,7 @@ class MultiheadSelfAttention(nn.Module):
                                  "reads each sequence's positions and is no longer shared")  # fmt: skip
             return self._shared_start(x, *shared)
         b, n, d = x.shape
-        qkv = self.linear(x, self.in_proj_weight, self.in_proj_bias)
-        q, k, v = qkv.view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = split_heads(self.linear(x, self.in_proj_weight, self.in_proj_bias), self.heads, 3)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
         return self.out_proj(out.transpose(1, 2).reshape(b, n, d))
 
@@ -159,8 +165,8 @@ class MultiheadSelfAttention(nn.Module):
         d = x.shape[-1]
         heads, s = self.heads, (x.shape[0] - p) // k
         qkv = self.linear(x, self.in_proj_weight, self.in_proj_bias)
-        q_p, k_p, v_p = qkv[:p].view(1, p, 3, heads, d // heads).permute(2, 0, 3, 1, 4).unbind(0)
-        q_s, k_s, v_s = qkv[p:].view(k, s, 3, heads, d // heads).permute(2, 0, 3, 1, 4).unbind(0)
+        q_p, k_p, v_p = split_heads(qkv[:p].view(1, p, 3 * d), heads, 3)
+        q_s, k_s, v_s = split_heads(qkv[p:].view(k, s, 3 * d), heads, 3)
         out_p = F.scaled_dot_product_attention(q_p, k_p, v_p, is_causal=True)  # (1, heads, P, d)
         keys = torch.cat([k_p.expand(k, -1, -1, -1), k_s], dim=2)  # (K, heads, P + S, d)
         values = torch.cat([v_p.expand(k, -1, -1, -1), v_s], dim=2)

@@ -21,7 +21,7 @@ from torch import nn
 from .. import ops
 from ..config import VisionConfig
 from .features import ImageFeatures
-from .layers import init_
+from .layers import init_, split_heads
 
 
 class Bottleneck(nn.Module):
@@ -93,12 +93,10 @@ class DenseAttentionPool(nn.Module):
 
     def project(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(B, N, C) tokens -> q, k, v, each (B, heads, N, C / heads)."""
-        b, n, c = tokens.shape
-
-        def heads(t: torch.Tensor) -> torch.Tensor:
-            return t.view(b, n, self.heads, c // self.heads).transpose(1, 2)
-
-        return heads(self.q_proj(tokens)), heads(self.k_proj(tokens)), heads(self.v_proj(tokens))
+        (q,) = split_heads(self.q_proj(tokens), self.heads)
+        (k,) = split_heads(self.k_proj(tokens), self.heads)
+        (v,) = split_heads(self.v_proj(tokens), self.heads)
+        return q, k, v
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: C5 (B, C, h, w) -> global (B, D), local (B, D, h, w)."""
