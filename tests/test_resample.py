@@ -161,6 +161,9 @@ def test_resample_rejects_bad_input():
             resample.bilinear(x, size)
     with pytest.raises(ValueError, match=r"bilinear_into: \(1, 3, 4, 4\) torch.float32 on .* does not fit \(1, 2, "):
         resample.bilinear_into(torch.empty(1, 2, 8, 8, device=DEVICE), x)
+    with pytest.raises(ValueError, match=r"height_pass: narrow must be a float32 \(N, C, B, W\) map .* got "
+                                         r"torch.float32 \(1, 3, 4, 4\) on .* and \(1, 3, 8, 5\)"):  # fmt: skip
+        resample.height_pass(x, torch.empty(1, 3, 8, 5, device=DEVICE))
     with pytest.raises(ValueError, match=r"tiling must hold powers of two .* got Tiling\(rows=3"):
         resample.bilinear_into(torch.empty(1, 3, 8, 8, device=DEVICE), x, resample.Tiling(3, 4, 4, 4))
     with pytest.raises(ValueError, match=r"add_nearest_: .* torch.float64 .* \(same N, C, dtype and device expected\)"):

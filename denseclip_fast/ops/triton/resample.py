@@ -428,6 +428,12 @@ def height_pass(narrow: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """The height pass of a resize's gradient: ``out`` (N, C, A, W) = ``narrow`` (N, C, B, W), the width pass's
     float32 map (rows of the resize's output, columns of its input), summed over its B rows with the weights that
     gave them from the A source rows; returns ``out`` (any strides and float dtype)."""
+    _check_4d("height_pass", narrow, out)
+    if (narrow.dtype != torch.float32 or narrow.device != out.device or narrow.shape[:2] != out.shape[:2]
+            or narrow.shape[3] != out.shape[3] or min(narrow.shape[2], out.shape[2]) < 1):  # fmt: skip
+        raise ValueError(f"height_pass: narrow must be a float32 (N, C, B, W) map on out's device with B >= 1 and "
+                         f"out (N, C, A, W) with A >= 1, got {narrow.dtype} {tuple(narrow.shape)} on {narrow.device} "
+                         f"and {tuple(out.shape)} on {out.device}")  # fmt: skip
     (_, c, h_out, w_in), h_in = narrow.shape, out.shape[2]
     with on_device(narrow):
         scale, inv, taps = _taps(h_in, h_out)
