@@ -122,6 +122,27 @@ def _graph_time(fn: Callable[[], object], device: torch.device) -> float | None:
     return statistics.median(times)
 
 
+# The Triton score forward's other plans (ops/triton/score.py: (ROWS_FROM, TEXT_NORMS_FROM), here from the first
+# pixel on), timed forward only (the backward is the triton row's) on a GPU, until one is adopted
+TRITON_PLANS = {"triton rows": (0, None), "triton text norms": (None, 0), "triton rows + text norms": (0, 0)}
+
+
+def _triton_plan(fn: Callable, rows_from: int | None, norms_from: int | None) -> Callable:
+    """``fn`` (the triton backend's pixel_text_score) with the forward planned so; forward only (``forward_only``)."""
+    from denseclip_fast.ops.triton import score
+
+    def run(*args: torch.Tensor) -> torch.Tensor:
+        saved = score.ROWS_FROM, score.TEXT_NORMS_FROM
+        score.ROWS_FROM, score.TEXT_NORMS_FROM = rows_from, norms_from
+        try:
+            return fn(*args)
+        finally:
+            score.ROWS_FROM, score.TEXT_NORMS_FROM = saved
+
+    run.forward_only = True  # type: ignore[attr-defined]
+    return run
+
+
 def _contestants(op: str, device: torch.device, dtype: torch.dtype, head_dim: int = 0,
                  compile_mode: str = "yes") -> dict[str, Callable]:  # fmt: skip
     """name -> function with the operator's signature: the fused backends first, torch.compile (slow to build)
@@ -147,6 +168,8 @@ def _contestants(op: str, device: torch.device, dtype: torch.dtype, head_dim: in
     runnable = [b for b in ("triton", "cuda", "cpu")
                 if ops.backends.unavailable_reason(b, op_name, device, dtype, head_dim) is None]  # fmt: skip
     fns = {backend: fused(backend) for backend in runnable if compile_mode != "only"}
+    if op == "score" and "triton" in fns and device.type == "cuda":
+        fns |= {name: _triton_plan(fns["triton"], *plan) for name, plan in TRITON_PLANS.items()}
     fns |= baselines
     if compile_mode != "no" and (device.type == "cuda" or os.environ.get("BENCH_COMPILE") == "1"):
         # default mode: no CUDA graphs, so _timed's forward output stays valid through its timed backward calls.
@@ -186,7 +209,7 @@ def _timed(op: str, shape: str, dtype: torch.dtype, inputs: tuple[torch.Tensor, 
             NOT_MEASURED.append({"what": f"{name} on {shape} in a CUDA graph", "error": failure(exc)})
             graph = None
         rows = [Row(op, shape, label, "forward", name, *t, *forward_cost, engine, graph)]
-        if backward:
+        if backward and not getattr(fn, "forward_only", False):
             leaves = tuple(x.detach().requires_grad_() for x in args)
             out = fn(*leaves)
             grad = torch.randn_like(out)
@@ -304,7 +327,7 @@ def markdown(env: dict, rows: list[dict]) -> str:
     return "\n".join(lines) + "\n" + (targets_markdown(targets(rows)) if env["gpu"] else "")
 
 
-FUSED = ("cuda", "triton")
+FUSED = ("cuda", "triton", *TRITON_PLANS)
 
 
 def engine_choices(rows: list[dict]) -> dict[tuple[str, str], str]:

@@ -9,8 +9,10 @@ and the compiled kernel was found (without a GPU) to race: the pipeline's next c
 shared-memory tiles while the wgmma read them, because the norms read the same tiles. The kernel now takes its norms
 from loads of its own. Where every row here is right, the copy can go.
 
-This launches the forward kernel itself, bypassing the copy, for each layout (NCHW with H x W a multiple of 16, NCHW
-without, NHWC), class count (one 64-, 128- and 256-row class block), warps and software-pipelining stages; and the
+This launches the forward kernel itself, bypassing the copy, for each kernel (KERNELS: the default, and the
+transposed one of score.ROWS_FROM with and without the text norms' launch, which take the visual tile as a wgmma
+operand from registers), layout (NCHW with H x W a multiple of 16, NCHW without, NHWC), class count (one 64-, 128-
+and 256-row class block), warps and software-pipelining stages; and the
 backward through the launcher with the copy switched off. Each result is compared with the float64 reference, and
 each forward is launched twice ("repeatable": bit for bit the same, which a race need not be). A forward is "wrong"
 past the operator tests' tolerance (2e-3 float16, 2e-2 bfloat16, relative to the result's norm; right ones are near
@@ -38,8 +40,14 @@ TOL = {torch.float16: 2e-3, torch.bfloat16: 2e-2}
 LAYOUTS = {"NCHW, H x W = 256": (16, 16, False), "NCHW, H x W = 255": (15, 17, False),
            "NHWC, H x W = 256": (16, 16, True)}  # (H, W, channels_last)
 CLASSES = [64, 128, 150]  # one class block of 64, 128 and 256 rows
-VARIANTS = {torch.bfloat16: ([4, 8], [1, 2, 3]), torch.float16: ([8], [3])}  # warps, software-pipelining stages
-QUICK = {"layouts": ["NCHW, H x W = 256"], "classes": [150], "variants": {dtype: ([8], [1]) for dtype in TOL}}
+# (warps, software-pipelining stages) per dtype, for the default kernel (every variant right on an H200 in
+# h200_2026-12-04b: now the launcher's 8 warps) and for the transposed one (its 8 warps, deeper pipelines too)
+VARIANTS = {torch.bfloat16: ([8], [1, 2, 3]), torch.float16: ([8], [3])}
+ROWS_VARIANTS = {torch.bfloat16: ([8], [2, 3, 4]), torch.float16: ([8], [3])}
+# The forward kernels probed: (score.ROWS_FROM, score.TEXT_NORMS_FROM) for each
+KERNELS = {"channels": (None, None), "rows": (0, None), "rows, text norms": (0, 0)}
+QUICK = {"layouts": ["NCHW, H x W = 256"], "classes": [150], "kernels": list(KERNELS),
+         "variants": {kernel: {dtype: ([8], [1]) for dtype in TOL} for kernel in KERNELS}}  # fmt: skip
 
 
 def _inputs(layout: str, k: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,9 +58,11 @@ def _inputs(layout: str, k: int, dtype: torch.dtype, device: torch.device) -> tu
     return visual.to(dtype), torch.randn(k, 64, device=device, dtype=torch.float64).to(dtype)
 
 
-def forward(visual: torch.Tensor, text: torch.Tensor, warps: int, stages: int) -> torch.Tensor:
+def forward(
+    visual: torch.Tensor, text: torch.Tensor, warps: int, stages: int, kernel: str = "channels"
+) -> torch.Tensor:
     """The forward kernel launched as score_forward_into plans it (score._forward_launch: blocks, grid, strides),
-    with these warps and stages, on visual's own layout (no NHWC copy)."""
+    with these warps and stages, on visual's own layout (no NHWC copy); ``kernel``: which plan (KERNELS)."""
     from denseclip_fast.ops.triton import score
 
     b, c, h, w = visual.shape
@@ -60,10 +70,11 @@ def forward(visual: torch.Tensor, text: torch.Tensor, warps: int, stages: int) -
     out = torch.empty((b, k, h, w), dtype=visual.dtype, device=visual.device,
                       memory_format=score.score_memory_format(visual))  # fmt: skip
     norm = score.empty_norm(visual)
-    plan = score._forward_launch.__wrapped__(tuple(visual.shape), visual.stride(), tuple(text.shape),
-                                             tuple(out.shape), out.stride(), visual.dtype)  # fmt: skip
-    score._score_fwd_kernel[plan.grid](
-        visual, text, out, norm, c, h * w, k, *plan.visual_strides, 0, text.stride(0), text.stride(1),
+    key = (tuple(visual.shape), visual.stride(), tuple(text.shape), tuple(out.shape), out.stride(), visual.dtype)
+    plan = score._forward_launch.__wrapped__(*key, *KERNELS[kernel])
+    t_norm = torch.linalg.vector_norm(text.float(), dim=-1) if plan.text_norms else norm  # read only if planned
+    (score._score_fwd_rows_kernel if plan.rows else score._score_fwd_kernel)[plan.grid](
+        visual, text, out, norm, t_norm, c, h * w, k, *plan.visual_strides, 0, text.stride(0), text.stride(1), 0,
         out.stride(0), out.stride(1), out.stride(3), 0.7, score.EPS, **plan.constexprs, num_warps=warps,
         num_stages=stages,
     )  # fmt: skip
@@ -94,15 +105,15 @@ def render(env: dict, rows: list[dict]) -> str:
              f"{env['date']}, torch {env['torch']}, triton {env.get('triton')}; forward: the kernel launched directly "
              "on the layout given; backward: the launcher with the NHWC copy off. Relative error against float64; "
              "'wrong' past the operator tests' tolerance (twice it for a backward).", "",
-             "| pass | layout | classes | dtype | warps | stages | relative error | repeatable | verdict |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+             "| pass | kernel | layout | classes | dtype | warps | stages | relative error | repeatable | verdict |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for r in rows:
         err = r.get("error")
         cell = r["failed"] if "failed" in r else f"{err:.1e}"
         verdict = "failed" if "failed" in r else ("WRONG" if r["wrong"] else "right")
         repeatable = {True: "yes", False: "NO", None: ""}[r.get("repeatable")]
-        lines.append(f"| {r['pass']} | {r['layout']} | {r['classes']} | {r['dtype']} | {r.get('warps', '')} | "
-                     f"{r.get('stages', '')} | {cell} | {repeatable} | {verdict} |")  # fmt: skip
+        lines.append(f"| {r['pass']} | {r.get('kernel', '')} | {r['layout']} | {r['classes']} | {r['dtype']} | "
+                     f"{r.get('warps', '')} | {r.get('stages', '')} | {cell} | {repeatable} | {verdict} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -118,20 +129,24 @@ def main(argv: list[str] | None = None) -> int:
     env = common_environment(device)
     results = Results(args.out, "triton_nchw_probe", args.tag, env, {}, render)
     plan: dict[str, Any] = QUICK if args.quick else {"layouts": list(LAYOUTS), "classes": CLASSES,
-                                                     "variants": VARIANTS}  # fmt: skip
+                                                     "kernels": list(KERNELS),
+                                                     "variants": {kernel: VARIANTS if kernel == "channels" else
+                                                                  ROWS_VARIANTS for kernel in KERNELS}}  # fmt: skip
     torch.manual_seed(0)
     for dtype, layout, k in itertools.product(TOL, plan["layouts"], plan["classes"]):
         visual, text = _inputs(layout, k, dtype, device)
         reference = torch.einsum("kc,bchw->bkhw", torch.nn.functional.normalize(text.double(), dim=-1),
                                  torch.nn.functional.normalize(visual.double(), dim=1)) * 0.7  # fmt: skip
         base = {"layout": layout, "classes": k, "dtype": str(dtype).removeprefix("torch.")}
-        for warps, stages in itertools.product(*plan["variants"][dtype]):
-            row: dict[str, Any] = {"pass": "forward", **base, "warps": warps, "stages": stages}
+        variants = [(kernel, warps, stages) for kernel in plan["kernels"]
+                    for warps, stages in itertools.product(*plan["variants"][kernel][dtype])]  # fmt: skip
+        for kernel, warps, stages in variants:
+            row: dict[str, Any] = {"pass": "forward", **base, "kernel": kernel, "warps": warps, "stages": stages}
             try:
-                first = forward(visual, text, warps, stages)
+                first = forward(visual, text, warps, stages, kernel)
                 row["error"] = rel_err(first, reference)
                 row["wrong"] = row["error"] > TOL[dtype]
-                row["repeatable"] = torch.equal(first, forward(visual, text, warps, stages))
+                row["repeatable"] = torch.equal(first, forward(visual, text, warps, stages, kernel))
             except Exception as exc:  # a variant that does not compile is reported, the others still run
                 row["failed"] = failure(exc)
             results.add(row)

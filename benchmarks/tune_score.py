@@ -40,22 +40,43 @@ QUICK_SHAPES = [(2, 64, 8, 8, 19)]
 # each walking all 1024 channels: 37.5 us in a CUDA graph where the target is 15, h200_2026-12-04b)
 FORWARD = [(32, 32, 8), (64, 64, 8), (128, 32, 8), (128, 16, 8), (64, 16, 8), (64, 32, 4), (16, 64, 8), (32, 64, 8),
            (16, 32, 4)]  # fmt: skip  (BLOCK_P, BLOCK_C, warps)
+# The forward with the text norms from a launch of their own (score.TEXT_NORMS_FROM = 0: each program reads its text
+# tiles once, not twice): at the default blocks, and at 128 pixels (64 and 32 channels a step), which spill nothing
+# on sm_90 that way (ptxas, as the JIT compiles them: 228-238 registers; without the norms (128, 32) spilled).
+NORMS_FORWARD = [(64, 32, 8), (128, 32, 8), (128, 64, 8), (64, 64, 8)]  # (BLOCK_P, BLOCK_C, warps)
+# The transposed forward (_score_fwd_rows_kernel, score.ROWS_FROM = 0: pixels as the product's rows, each visual tile
+# read once), with and without the text norms' launch: (BLOCK_P, BLOCK_C, warps, text norms). score.ROWS_BLOCKS,
+# (128, 16, 8), spills nothing on sm_90 in any specialisation; (128, 32, 8) nothing as the JIT compiles aligned
+# maps, 398 B with generic arguments without the norms (ptxas, Triton 3.8). For the RN50 shape (64 programs at 64
+# pixels, each walking 1024 channels): 64 and 128 channels a step, 4x fewer steps (with the norms, aligned maps: no
+# spill, 115 and 230 KB of shared memory).
+ROWS_FORWARD = [(128, 16, 8, False), (128, 16, 8, True), (128, 32, 8, False), (128, 32, 8, True), (64, 32, 8, True),
+                (64, 64, 8, True), (64, 128, 8, True)]  # fmt: skip
 BACKWARD = [(32, 64, 8, 2), (16, 32, 8, 2), (32, 32, 8, 2), (16, 128, 8, 2), (16, 64, 4, 2), (16, 64, 8, 1),
             (16, 64, 8, 4)]  # fmt: skip  (BLOCK_P, BLOCK_C, warps, programs per SM) of the fused kernel
 
 
 @contextlib.contextmanager
-def forward_blocks(block_p: int, block_c: int, warps: int) -> Iterator[None]:
-    """The forward launched with these blocks (the class block as the launcher chooses it)."""
+def forward_blocks(
+    block_p: int, block_c: int, warps: int, text_norms: bool = False, rows: bool = False
+) -> Iterator[None]:  # fmt: skip
+    """The forward launched with these blocks (the class block as the launcher chooses it); text_norms: with the
+    text norms from a launch of their own (score.TEXT_NORMS_FROM = 0); rows: the transposed kernel
+    (score.ROWS_FROM = 0, these blocks as score.ROWS_BLOCKS)."""
     from denseclip_fast.ops.triton import score
 
-    default = score._blocks
-    score._blocks = lambda k, fp32=False: (block_p, default(k, fp32)[1], block_c, warps)
+    saved = score._blocks, score.ROWS_BLOCKS, score.ROWS_FROM, score.TEXT_NORMS_FROM
+    if rows:
+        score.ROWS_BLOCKS = (block_p, block_c, warps)
+    else:
+        score._blocks = lambda k, fp32=False: (block_p, saved[0](k, fp32)[1], block_c, warps)
+    score.ROWS_FROM = 0 if rows else None
+    score.TEXT_NORMS_FROM = 0 if text_norms else None
     score._forward_launch.cache_clear()  # launches are planned once per shape: plan them again
     try:
         yield
     finally:
-        score._blocks = default
+        score._blocks, score.ROWS_BLOCKS, score.ROWS_FROM, score.TEXT_NORMS_FROM = saved
         score._forward_launch.cache_clear()
 
 
@@ -101,6 +122,11 @@ def variants(k: int) -> list[tuple[str, str, Callable[[], contextlib.AbstractCon
         ("forward", "default", contextlib.nullcontext), ("backward", "default", contextlib.nullcontext)]  # fmt: skip
     for bp, bc, w in FORWARD:
         out.append(("forward", f"P{bp} C{bc} w{w}", functools.partial(forward_blocks, bp, bc, w)))
+    for bp, bc, w in NORMS_FORWARD:
+        out.append(("forward", f"norms P{bp} C{bc} w{w}", functools.partial(forward_blocks, bp, bc, w, True)))
+    for bp, bc, w, norms in ROWS_FORWARD:
+        out.append(("forward", f"rows{' norms' if norms else ''} P{bp} C{bc} w{w}",
+                    functools.partial(forward_blocks, bp, bc, w, norms, True)))  # fmt: skip
     for bp, bc, w, per_sm in BACKWARD:
         out.append(("backward", f"P{bp} C{bc} w{w} {per_sm}/SM",
                     functools.partial(backward_blocks, k, bp, bc, w, per_sm)))  # fmt: skip

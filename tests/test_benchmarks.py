@@ -195,6 +195,46 @@ def test_official_concat_baseline_gets_nchw_inputs():
         [r.summary() for r in rows])  # fmt: skip
 
 
+def test_triton_score_plans_are_forward_only_contestants(monkeypatch):
+    """bench_ops.TRITON_PLANS: the Triton score forward with another plan (score.ROWS_FROM, score.TEXT_NORMS_FROM)
+    for the length of each call, its kernels as planned, the defaults back after; timed forward only (no backward
+    row: the backward is the triton row's); the best of them counts as the best fused forward in the targets."""
+    import torch
+
+    from denseclip_fast import ops
+    from denseclip_fast.ops import backends
+
+    if backends.triton_available() is not None:
+        pytest.skip(backends.triton_available())
+    from denseclip_fast.ops.triton import score
+
+    kernels: list[str] = []
+    real_launch = score.launch
+    monkeypatch.setattr(score, "launch", lambda kernel: kernels.append(kernel.fn.__name__) or real_launch(kernel))
+    triton = lambda v, t: ops.pixel_text_score(v, t, backend="triton")  # noqa: E731
+    visual, text = torch.randn(1, 8, 3, 3).contiguous(memory_format=torch.channels_last), torch.randn(5, 8)
+    expected = triton(visual, text)
+    launched = {}
+    for name, plan in bench_ops.TRITON_PLANS.items():
+        kernels.clear()
+        torch.testing.assert_close(bench_ops._triton_plan(triton, *plan)(visual, text), expected)
+        launched[name] = list(kernels)
+        assert (score.ROWS_FROM, score.TEXT_NORMS_FROM) == (None, None)
+    assert launched == {"triton rows": ["_score_fwd_rows_kernel"],
+                        "triton text norms": ["_text_norm_kernel", "_score_fwd_kernel"],
+                        "triton rows + text norms": ["_text_norm_kernel", "_score_fwd_rows_kernel"]}  # fmt: skip
+    cpu = torch.device("cpu")
+    one = bench_ops._timed("pixel_text_score", "s", torch.float32, (visual, text), cpu, True, (1.0, 1.0), (1.0, 1.0))
+    rows = one("triton", triton) + one("triton rows", bench_ops._triton_plan(triton, 0, None))
+    assert [(r.contestant, r.direction) for r in rows] == [("triton", "forward"), ("triton", "backward"),
+                                                          ("triton rows", "forward")]  # fmt: skip
+    large = "B32 C1024 128x128 K171"
+    verdicts = _checks([_op("pixel_text_score", large, "forward", "triton", 0.5),
+                        _op("pixel_text_score", large, "forward", "triton rows + text norms", 0.3)])  # fmt: skip
+    measured, ok = verdicts[f"score {large} bf16 forward <= 0.33 ms"]
+    assert ok is True and "triton rows + text norms" in measured, measured
+
+
 def test_operator_targets_judge_the_engines_backend():
     """Where the rows say which backend the engine resolves, that one is judged, with the best fused beside it."""
     large = "B32 C1024 128x128 K171"
@@ -502,22 +542,27 @@ def test_score_tuning_sweep_tries_each_variant_and_restores_the_defaults(tmp_pat
     from denseclip_fast.ops.triton import score
 
     before = (score._blocks, {k: dict(v) for k, v in score.FUSED_BLOCKS.items()}, score.BWD_WARPS,
-              dict(score.FUSED_BLOCKS_NHWC))  # fmt: skip
+              dict(score.FUSED_BLOCKS_NHWC), score.TEXT_NORMS_FROM, score.ROWS_FROM, score.ROWS_BLOCKS)  # fmt: skip
     monkeypatch.setattr(tune_score, "FORWARD", [(64, 64, 8), (64, 48, 8)])
+    monkeypatch.setattr(tune_score, "NORMS_FORWARD", [(32, 32, 8)])
+    monkeypatch.setattr(tune_score, "ROWS_FORWARD", [(32, 16, 4, True)])
     monkeypatch.setattr(tune_score, "BACKWARD", [(32, 64, 8, 1), (16, 48, 8, 2)])
     monkeypatch.setattr(tune_score, "QUICK_SHAPES", [(2, 40, 5, 7, 19)])
     assert tune_score.main(["--quick", "--out", str(tmp_path), "--tag", "t"]) == 0
     rows = json.loads((tmp_path / "tune_score_t.json").read_text())["rows"]
     assert [(r["direction"], r["variant"]) for r in rows] == [
         ("forward", "default"), ("backward", "default"), ("forward", "P64 C64 w8"), ("forward", "P64 C48 w8"),
-        ("backward", "P32 C64 w8 1/SM"), ("backward", "P16 C48 w8 2/SM")]  # fmt: skip
+        ("forward", "norms P32 C32 w8"), ("forward", "rows norms P32 C16 w4"), ("backward", "P32 C64 w8 1/SM"),
+        ("backward", "P16 C48 w8 2/SM")]  # fmt: skip
     failed = {r["variant"] for r in rows if "error" in r}
     assert failed == {"P64 C48 w8", "P16 C48 w8 2/SM"}, rows
     assert all(r["rel_err_vs_default"] < 1e-5 for r in rows if "error" not in r)
-    assert (score._blocks, score.FUSED_BLOCKS, score.BWD_WARPS, score.FUSED_BLOCKS_NHWC) == before
+    assert (score._blocks, score.FUSED_BLOCKS, score.BWD_WARPS, score.FUSED_BLOCKS_NHWC, score.TEXT_NORMS_FROM,
+            score.ROWS_FROM, score.ROWS_BLOCKS) == before  # fmt: skip
     md = (tmp_path / "tune_score_t.md").read_text()
     assert "P16 C48 w8 2/SM | failed" in md and "| variant | graph | median |" in md
-    assert [r["graph_ms"] for r in rows if r["direction"] == "forward" and "error" not in r] == [None, None]  # a CPU
+    forward_graphs = [r["graph_ms"] for r in rows if r["direction"] == "forward" and "error" not in r]
+    assert forward_graphs == [None, None, None, None]  # a CPU
 
 
 def test_triton_nchw_probe_judges_each_specialisation(tmp_path, monkeypatch):
@@ -536,16 +581,19 @@ def test_triton_nchw_probe_judges_each_specialisation(tmp_path, monkeypatch):
     before = score.NHWC_ONLY_16BIT
     assert probe.main(["--quick", "--out", str(tmp_path), "--tag", "t"]) == 0
     rows = json.loads((tmp_path / "triton_nchw_probe_t.json").read_text())["rows"]
-    assert [(r["pass"], r["dtype"]) for r in rows] == [("forward", "float16"), ("backward", "float16"),
-                                                       ("forward", "bfloat16"), ("backward", "bfloat16")]  # fmt: skip
+    kernels = list(probe.KERNELS)
+    assert [(r["pass"], r.get("kernel"), r["dtype"]) for r in rows] == [
+        *(("forward", kernel, "float16") for kernel in kernels), ("backward", None, "float16"),
+        *(("forward", kernel, "bfloat16") for kernel in kernels), ("backward", None, "bfloat16")]  # fmt: skip
     assert not any(r["wrong"] for r in rows) and score.NHWC_ONLY_16BIT == before
-    assert [r.get("repeatable") for r in rows] == [True, None, True, None]
+    assert (score.ROWS_FROM, score.TEXT_NORMS_FROM) == (None, None)  # each kernel's plan undone
+    assert [r.get("repeatable") for r in rows] == [True, True, True, None] * 2
     real = probe.forward
     monkeypatch.setattr(probe, "forward", lambda *a: (real(*a).double() * 1.01).to(a[0].dtype))
     assert probe.main(["--quick", "--out", str(tmp_path), "--tag", "t"]) == 0
     rows = json.loads((tmp_path / "triton_nchw_probe_t.json").read_text())["rows"]
-    assert [r["wrong"] for r in rows if r["pass"] == "forward"] == [True, False]
-    assert "| forward | NCHW, H x W = 256 | 150 | float16 | 8 | 1 | 1.0e-02 | yes | WRONG |" in (
+    assert [r["wrong"] for r in rows if r["pass"] == "forward"] == [True] * 3 + [False] * 3
+    assert "| forward | rows | NCHW, H x W = 256 | 150 | float16 | 8 | 1 | 1.0e-02 | yes | WRONG |" in (
         tmp_path / "triton_nchw_probe_t.md").read_text()
 
 

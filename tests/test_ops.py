@@ -971,6 +971,66 @@ def test_triton_score_backward_takes_the_nhwc_blocks_for_aligned_nhwc_maps(monke
         _check_close(t_grad, t64_grad, torch.float16, 2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("text_batched", [False, True])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "concat"])
+@pytest.mark.parametrize("k", [1, 21, 300])  # one class, one class block, several (each reads its own norms)
+def test_triton_score_forward_plans(monkeypatch, dtype, text_batched, layout, k):
+    """The forward's alternatives, each from a number of pixels in the batch on (score.ROWS_FROM: the transposed
+    kernel, pixels as the product's rows; score.TEXT_NORMS_FROM: |t| from _text_norm_kernel, launched before the
+    forward, instead of summed by every program), alone and together: the same scores (a zero text row and a zero
+    pixel among them) and norms as the reference and as the default single launch, for shared and per-image text
+    and every output layout; one pixel short of a threshold, the default's launch."""
+    from denseclip_fast.ops.triton import score
+
+    b, c, h, w = 2, 37, 5, 7
+    visual = _visual(b, c, h, w, "contiguous" if layout == "concat" else layout, torch.float64)
+    visual[1, :, 2, 3] = 0
+    text = _text(b, k, c, text_batched, torch.float64)
+    text[..., k // 2, :] = 0
+    feature = torch.randn(b, 3, h, w, dtype=torch.float64, device=DEVICE)
+    expected = reference.pixel_text_score(visual, text, 0.7)
+    kernels: list[str] = []
+    real_launch = score.launch
+    monkeypatch.setattr(score, "launch", lambda kernel: kernels.append(kernel.fn.__name__) or real_launch(kernel))
+
+    def forward(rows_from: int | None, norms_from: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        monkeypatch.setattr(score, "ROWS_FROM", rows_from)
+        monkeypatch.setattr(score, "TEXT_NORMS_FROM", norms_from)
+        score._forward_launch.cache_clear()
+        kernels.clear()
+        v, t = visual.to(dtype), text.to(dtype)
+        with torch.no_grad():
+            if layout == "concat":
+                out, norm = torch.ops.denseclip_fast.score_concat_triton(feature.to(dtype), v, t, 0.7)
+                return out[:, 3:], norm
+            return torch.ops.denseclip_fast.pixel_text_score_triton(v, t, 0.7)
+
+    pixels = b * h * w
+    plans = {  # (ROWS_FROM, TEXT_NORMS_FROM): the kernels launched
+        (None, None): ["_score_fwd_kernel"],
+        (pixels + 1, pixels + 1): ["_score_fwd_kernel"],
+        (None, pixels): ["_text_norm_kernel", "_score_fwd_kernel"],
+        (pixels, None): ["_score_fwd_rows_kernel"],
+        (pixels, 0): ["_text_norm_kernel", "_score_fwd_rows_kernel"],
+    }
+    results = {}
+    try:
+        for plan, launched in plans.items():
+            results[plan] = forward(*plan)
+            assert kernels == launched, (plan, kernels)
+    finally:
+        score._forward_launch.cache_clear()
+    default_out, default_norm = results[(None, None)]
+    _check_close(default_out, expected, dtype)
+    assert torch.equal(results[(pixels + 1, pixels + 1)][0], default_out)
+    for plan, (out, norm) in results.items():
+        _check_close(out, expected, dtype)
+        torch.testing.assert_close(out, default_out, rtol=TOL[dtype], atol=TOL[dtype])
+        torch.testing.assert_close(norm, default_norm, rtol=1e-6, atol=0)  # |v|: the same squares, summed in order
+        assert norm[1, 2, 3] == 0 and (out[1, :, 2, 3] == 0).all() and (out[:, k // 2] == 0).all(), plan
+
+
 def test_triton_score_indexes_in_int64_past_int32_offsets(monkeypatch):
     """An image whose element offsets pass int32 is indexed in int64 (decided from shapes and strides, checked here
     on meta tensors); the int64 kernels, forced on a small input, give the same scores and gradients."""

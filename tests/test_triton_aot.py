@@ -122,7 +122,8 @@ def test_torch_compile_never_copies_an_operator_input():
         pytest.skip("this Triton has no driver.set_active for the stand-in driver")
     assert result.returncode == 0, result.stderr[-4000:]
     lines = result.stdout.splitlines()
-    for kernel in ("_score_fwd_kernel", "_score_bwd_kernel", "_score_bwd_pixel_kernel", "_text_grad_kernel",
-                   "_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"):  # fmt: skip
+    for kernel in ("_score_fwd_kernel", "_score_fwd_rows_kernel", "_text_norm_kernel", "_score_bwd_kernel",
+                   "_score_bwd_pixel_kernel", "_text_normalize_kernel", "_text_grad_kernel", "_attn_fwd_kernel",
+                   "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"):  # fmt: skip
         assert any(f" {kernel} clones " in line for line in lines), (kernel, lines)
     assert not [line for line in lines if line.startswith("INPUT CLONED")], lines

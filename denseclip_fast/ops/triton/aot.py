@@ -87,12 +87,15 @@ def jit_specialize(
     return sig, const, attrs
 
 
-def _score(dt: str, k: int, wide: bool = False) -> Spec:
-    block_p, block_k, block_c, warps = score._blocks(k, dt == "fp32")
-    const = {"BLOCK_P": block_p, "BLOCK_K": block_k, "BLOCK_C": block_c, "DOT_F32": dt == "fp32", "WIDE": wide}
-    ptrs = {"v_ptr": f"*{dt}", "t_ptr": f"*{dt}", "out_ptr": f"*{dt}", "n_ptr": "*fp32"}
-    fn = score._score_fwd_kernel
-    label = f"score_fwd {dt} K={k}{' int64' if wide else ''}"
+def _score(dt: str, k: int, wide: bool = False, text_norms: bool = False, rows: bool = False) -> Spec:
+    """The forward at the blocks the launcher chooses for k classes; text_norms: |t| read, not summed (TEXT_NORMS);
+    rows: the transposed kernel (_score_fwd_rows_kernel)."""
+    block_p, block_k, block_c, warps = (score._rows_blocks if rows else score._blocks)(k, dt == "fp32")
+    const = {"BLOCK_P": block_p, "BLOCK_K": block_k, "BLOCK_C": block_c, "DOT_F32": dt == "fp32", "WIDE": wide,
+             "TEXT_NORMS": text_norms}  # fmt: skip
+    ptrs = {"v_ptr": f"*{dt}", "t_ptr": f"*{dt}", "out_ptr": f"*{dt}", "n_ptr": "*fp32", "tn_ptr": "*fp32"}
+    fn = score._score_fwd_rows_kernel if rows else score._score_fwd_kernel
+    label = f"score_fwd {dt} K={k}{' int64' if wide else ''}{' rows' if rows else ''}{' norms' if text_norms else ''}"
     return label, fn, _signature(fn, ptrs, ("scale", "eps"), const), const, {"num_warps": warps}, {}
 
 
@@ -116,14 +119,18 @@ def _score_backward_pixels(dt: str) -> Spec:
 
 
 def _score_text(dt: str, which: str) -> Spec:
-    """The text kernels of the score backward: normalisation ("normalize") and its Jacobian ("grad")."""
+    """The text kernels: the norms alone ("norm", the forward's under TEXT_NORMS_FROM), and the backward's
+    normalisation ("normalize") and its Jacobian ("grad")."""
     const = dict(score.TEXT_BLOCKS)
-    if which == "normalize":
+    if which == "norm":
+        fn, ptrs = score._text_norm_kernel, {"t_ptr": f"*{dt}", "norm_ptr": "*fp32"}
+    elif which == "normalize":
         fn, ptrs = score._text_normalize_kernel, {"t_ptr": f"*{dt}", "that_ptr": "*fp32", "norm_ptr": "*fp32"}
     else:
         fn = score._text_grad_kernel
         ptrs = {"gt_ptr": "*fp32", "that_ptr": "*fp32", "norm_ptr": "*fp32", "out_ptr": f"*{dt}"}
-    return f"score_text_{which} {dt}", fn, _signature(fn, ptrs, ("eps",), const), const, {}, {}
+    floats = ("eps",) if "eps" in fn.arg_names else ()
+    return f"score_text_{which} {dt}", fn, _signature(fn, ptrs, floats, const), const, {}, {}
 
 
 def _attention(dt: str, d: int, which: str, arch: int = 90, lq: int = 150) -> Spec:
@@ -165,15 +172,15 @@ def _strides(c: int, layout: str) -> tuple[int, int, int]:
     return score._dense_strides((MODEL_BATCH, c, *MODEL_HW), LAYOUTS[layout])
 
 
-def _jit_score(dt: str, k: int, layout: str) -> Spec:
+def _jit_score(dt: str, k: int, layout: str, text_norms: bool = False, rows: bool = False) -> Spec:
     """score_forward_into's launch for the model's map in ``layout``, writing its own output in that layout
     (score_concat's slice of the concatenated map specialises the same)."""
-    label, fn, _, const, options, _ = _score(dt, k)
+    label, fn, _, const, options, _ = _score(dt, k, text_norms=text_norms, rows=rows)
     (h, w), c = MODEL_HW, MODEL_C
     s_ob, s_ok, s_op = _strides(k, layout)
-    args = {"v_ptr": f"*{dt}", "t_ptr": f"*{dt}", "out_ptr": f"*{dt}", "n_ptr": "*fp32", "C": c, "P": h * w, "K": k,
-            **dict(zip(("s_vb", "s_vc", "s_vp"), _strides(c, layout))), "s_tb": 0, "s_tk": c, "s_tc": 1,
-            "s_ob": s_ob, "s_ok": s_ok, "s_op": s_op, "scale": 1.0, "eps": score.EPS}  # fmt: skip
+    args = {"v_ptr": f"*{dt}", "t_ptr": f"*{dt}", "out_ptr": f"*{dt}", "n_ptr": "*fp32", "tn_ptr": "*fp32", "C": c,
+            "P": h * w, "K": k, **dict(zip(("s_vb", "s_vc", "s_vp"), _strides(c, layout))), "s_tb": 0, "s_tk": c,
+            "s_tc": 1, "s_nb": 0, "s_ob": s_ob, "s_ok": s_ok, "s_op": s_op, "scale": 1.0, "eps": score.EPS}  # fmt: skip
     sig, const, attrs = jit_specialize(fn, args, const)
     return f"{label} jit-{layout}", fn, sig, const, options, attrs
 
@@ -208,7 +215,7 @@ def _jit_score_text(dt: str, which: str, k: int = 150) -> Spec:
     """The launch of a text kernel on the shared (k, MODEL_C) text."""
     label, fn, sig, const, options, _ = _score_text(dt, which)
     args: dict[str, Any] = {name: sig[name] for name in fn.arg_names if name.endswith("_ptr")}
-    args.update({"R": k, "C": MODEL_C, "eps": score.EPS})
+    args.update({"R": k, "C": MODEL_C, **({"eps": score.EPS} if "eps" in fn.arg_names else {})})
     sig, const, attrs = jit_specialize(fn, args, const)
     return f"{label} jit", fn, sig, const, options, attrs
 
@@ -385,11 +392,16 @@ def _score_specializations(arch: int) -> Iterator[Spec]:
     as bfloat16, only for sm_90."""
     dtypes = ("bf16", "fp16", "fp32") if arch == 90 else ("bf16", "fp32")
     for dt in dtypes:
-        yield _score(dt, 150)
+        for rows in (False, True):
+            yield _score(dt, 150, rows=rows)
+            yield _score(dt, 150, text_norms=True, rows=rows)
+        yield _score_text(dt, "norm")
     for k in SCORE_CLASSES:  # the other class blocks
-        yield _score("bf16", k)
-        yield _score("fp32", k)
-    yield _score("bf16", 150, wide=True)  # int64 indexing (images past 2**31 elements)
+        for rows in (False, True):
+            yield _score("bf16", k, rows=rows)
+            yield _score("fp32", k, rows=rows)
+    for rows in (False, True):
+        yield _score("bf16", 150, wide=True, rows=rows)  # int64 indexing (images past 2**31 elements)
     yield _score_backward("bf16", wide=True)
     for k in SCORE_CLASSES:
         yield _score_backward("bf16", k)
@@ -438,6 +450,10 @@ def _jit_specializations(arch: int) -> Iterator[Spec]:
                 yield _jit_score(dt, k, layout)
                 yield _jit_score_backward(dt, k, layout)
             yield _jit_score_backward_pixels(dt, layout)
+            for rows in (False, True):
+                yield _jit_score(dt, 150, layout, text_norms=True, rows=rows)
+            yield _jit_score(dt, 150, layout, rows=True)
+        yield _jit_score_text(dt, "norm")
         yield _jit_score_text(dt, "normalize")
         yield _jit_score_text(dt, "grad")
     for dt, d, which in _attention_kernels(arch):

@@ -5,7 +5,10 @@ chunks: load the visual tile (BLOCK_C x BLOCK_P) and the text tile (BLOCK_K x BL
 on the tensor cores (float32 accumulator) together with the squared norms of both; at the end divide by
 max(norm, eps) on both sides and multiply by scale. s = <t, v> / (max|t| max|v|) equals F.normalize on both sides
 followed by the dot product. Memory traffic: visual is read once when BLOCK_K >= K (one class block), the text
-(K x C, small) once per program from L2, the output written once: bytes = |visual| + |out| (+ L2-resident text).
+(K x C, small) once per program from L2 (each tile twice, see the kernel), the output written once: bytes =
+|visual| + |out| (+ L2-resident text). Two alternatives, chosen by the batch's pixels (ROWS_FROM, TEXT_NORMS_FROM;
+neither yet timed on a GPU, so off): _score_fwd_rows_kernel, the transposed product, reads each visual tile once;
+the text norms from a launch of their own (_text_norm_kernel) spare each program the second load of its text tiles.
 FLOPs = 2 B K C H W. Strides are arguments, so NCHW and NHWC visual (and any strided output view, which is how
 score_concat writes into its concatenated buffer) use the same kernel.
 
@@ -74,14 +77,18 @@ def _visual_offsets(b, offs_c, offs_p, C, P, s_vb, s_vc, s_vp):
 
 @triton.jit
 def _score_fwd_kernel(
-    v_ptr, t_ptr, out_ptr, n_ptr,
+    v_ptr, t_ptr, out_ptr, n_ptr, tn_ptr,
     C, P, K,
     s_vb, s_vc, s_vp,
-    s_tb, s_tk, s_tc,
+    s_tb, s_tk, s_tc, s_nb,
     s_ob, s_ok, s_op,
     scale, eps,
     BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, DOT_F32: tl.constexpr, WIDE: tl.constexpr,
+    TEXT_NORMS: tl.constexpr,
 ):  # fmt: skip
+    """TEXT_NORMS: |t| read from tn_ptr (float32, element b * s_nb + k: _text_norm_kernel's, launched before) instead
+    of summed here from a second load of every text tile (see below), which halves the text's traffic from L2: per
+    program K x C elements, against BLOCK_P x C of the visual map. Otherwise tn_ptr is not read."""
     pid_p = tl.program_id(0)
     pid_k = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -109,27 +116,102 @@ def _score_fwd_kernel(
         # load brought them), leaves the dot's tiles to the dot: 3 buffers. Read from L2 twice, from memory once.
         # (aot.wgmma_operand_races finds the pattern in the compiled kernels, in CI.) Float32 products are FMAs on
         # registers, no wgmma: their tiles serve both (a second load spilled 104 B of registers at 150 classes).
+        # TEXT_NORMS: no second load of the text tile (the norms come from tn_ptr).
         if DOT_F32:
             vf = v.to(tl.float32)
             tf = t.to(tl.float32)
         else:
             vf = tl.load(v_ptr + v_offs, mask=v_mask, other=0.0, cache_modifier=".cg").to(tl.float32)
-            tf = tl.load(t_ptr + t_offs, mask=t_mask, other=0.0, cache_modifier=".cg").to(tl.float32)
+            if not TEXT_NORMS:
+                tf = tl.load(t_ptr + t_offs, mask=t_mask, other=0.0, cache_modifier=".cg").to(tl.float32)
         v_sq += tl.sum(vf * vf, axis=0)
-        t_sq += tl.sum(tf * tf, axis=1)
+        if not TEXT_NORMS:
+            t_sq += tl.sum(tf * tf, axis=1)
         if DOT_F32:
             acc = tl.dot(tf, vf, acc, input_precision="ieee")
         else:
             acc = tl.dot(t, v, acc)
-    norm = tl.sqrt(v_sq)
-    if pid_k == 0:  # |v| per pixel, the backward's (B, P) float32: written once whatever the number of class blocks
-        tl.store(n_ptr + b * P + offs_p, norm, mask=mask_p)
-    inv_v = 1.0 / _clamp_min(norm, eps)
-    inv_t = 1.0 / _clamp_min(tl.sqrt(t_sq), eps)
+    inv_v, inv_t = _inverse_norms(v_sq, t_sq, n_ptr, tn_ptr, b, pid_k, P, s_nb, offs_p, mask_p, offs_k, mask_k, eps,
+                                  TEXT_NORMS)  # fmt: skip
     out = acc * (inv_t * scale)[:, None] * inv_v[None, :]
     tl.store(
         out_ptr + b * s_ob + offs_k[:, None] * s_ok + offs_p[None, :] * s_op,
         out.to(out_ptr.dtype.element_ty), mask=mask_k[:, None] & mask_p[None, :],
+    )  # fmt: skip
+
+
+@triton.jit
+def _inverse_norms(
+    v_sq, t_sq, n_ptr, tn_ptr, b, pid_k, P, s_nb, offs_p, mask_p, offs_k, mask_k, eps, TEXT_NORMS: tl.constexpr
+):  # fmt: skip
+    """The forwards' 1 / max(|v|, eps) per pixel and 1 / max(|t|, eps) per class, from the summed squares (|t| read
+    from tn_ptr instead under TEXT_NORMS); |v| written to n_ptr, the backward's (B, P) float32, by the programs of
+    the first class block only."""
+    norm = tl.sqrt(v_sq)
+    if pid_k == 0:
+        tl.store(n_ptr + b * P + offs_p, norm, mask=mask_p)
+    if TEXT_NORMS:
+        t_norm = tl.load(tn_ptr + b * s_nb + offs_k, mask=mask_k, other=1.0)
+    else:
+        t_norm = tl.sqrt(t_sq)
+    return 1.0 / _clamp_min(norm, eps), 1.0 / _clamp_min(t_norm, eps)
+
+
+@triton.jit
+def _score_fwd_rows_kernel(
+    v_ptr, t_ptr, out_ptr, n_ptr, tn_ptr,
+    C, P, K,
+    s_vb, s_vc, s_vp,
+    s_tb, s_tk, s_tc, s_nb,
+    s_ob, s_ok, s_op,
+    scale, eps,
+    BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, DOT_F32: tl.constexpr, WIDE: tl.constexpr,
+    TEXT_NORMS: tl.constexpr,
+):  # fmt: skip
+    """_score_fwd_kernel's scores (same arguments, same grid) as the transposed product: pixels are the rows, V^T T^T,
+    a (BLOCK_P, BLOCK_K) accumulator. The visual tile is the first operand, which a Hopper wgmma may take from
+    registers: made from the loaded tile by an exact operation (+ 0.0, which no compiler pass folds away: -0.0
+    becomes +0.0, the same in every product), it is read from shared memory into registers once, synchronously,
+    for both the squared norms and the product, so no second load is needed (aot.wgmma_operand_races: no race in
+    the TTGIR). The text tile, the second operand, is read by the wgmma from shared memory: its norms come from a
+    second (L2) load, as in _score_fwd_kernel, or under TEXT_NORMS from tn_ptr. Per BLOCK_C channels a program
+    reads BLOCK_P x BLOCK_C visual and K x BLOCK_C text elements from L2 once each (_score_fwd_kernel: each twice)."""
+    pid_p = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    offs_p = _index(pid_p * BLOCK_P + tl.arange(0, BLOCK_P), WIDE)
+    offs_k = _index(pid_k * BLOCK_K + tl.arange(0, BLOCK_K), WIDE)
+    mask_p = offs_p < P
+    mask_k = offs_k < K
+    acc = tl.zeros((BLOCK_P, BLOCK_K), dtype=tl.float32)
+    v_sq = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    t_sq = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = _index(c0 + tl.arange(0, BLOCK_C), WIDE)
+        mask_c = offs_c < C
+        v = tl.load(v_ptr + b * s_vb + offs_p[:, None] * s_vp + offs_c[None, :] * s_vc,
+                    mask=mask_p[:, None] & mask_c[None, :], other=0.0)  # fmt: skip
+        t_offs = b * s_tb + offs_c[:, None] * s_tc + offs_k[None, :] * s_tk
+        t_mask = mask_c[:, None] & mask_k[None, :]
+        t = tl.load(t_ptr + t_offs, mask=t_mask, other=0.0)  # (BLOCK_C, BLOCK_K): T^T
+        vf = v.to(tl.float32)
+        v_sq += tl.sum(vf * vf, axis=1)
+        if not TEXT_NORMS:
+            if DOT_F32:
+                tf = t.to(tl.float32)
+            else:
+                tf = tl.load(t_ptr + t_offs, mask=t_mask, other=0.0, cache_modifier=".cg").to(tl.float32)
+            t_sq += tl.sum(tf * tf, axis=0)
+        if DOT_F32:
+            acc = tl.dot(vf, t.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot((vf + 0.0).to(v.dtype), t, acc)
+    inv_v, inv_t = _inverse_norms(v_sq, t_sq, n_ptr, tn_ptr, b, pid_k, P, s_nb, offs_p, mask_p, offs_k, mask_k, eps,
+                                  TEXT_NORMS)  # fmt: skip
+    out = acc * (inv_t * scale)[None, :] * inv_v[:, None]
+    tl.store(
+        out_ptr + b * s_ob + offs_p[:, None] * s_op + offs_k[None, :] * s_ok,
+        out.to(out_ptr.dtype.element_ty), mask=mask_p[:, None] & mask_k[None, :],
     )  # fmt: skip
 
 
@@ -273,17 +355,33 @@ def _row_tile(base, mask_r, c0, C, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
-def _text_normalize_kernel(t_ptr, that_ptr, norm_ptr, R, C, eps, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Rows of the dense (R, C) text: t^ = t / max(|t|, eps) in float32, and |t|."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    mask_r = rows < R
-    base = rows.to(tl.int64) * C
+def _row_norms(t_ptr, base, mask_r, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """|t| of the BLOCK_R rows at ``base`` (row * C) of the dense (R, C) text. It returns the norms only: offsets a
+    helper returned together with a load of t would make torch.compile count t as written (_visual_offsets)."""
     sq = tl.zeros((BLOCK_R,), dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
         offs, mask = _row_tile(base, mask_r, c0, C, BLOCK_C)
         t = tl.load(t_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         sq += tl.sum(t * t, axis=1)
-    norm = tl.sqrt(sq)
+    return tl.sqrt(sq)
+
+
+@triton.jit
+def _text_norm_kernel(t_ptr, norm_ptr, R, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """|t| of the rows of the dense (R, C) text, float32: the forward's, where it does not sum them itself."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask_r = rows < R
+    norm = _row_norms(t_ptr, rows.to(tl.int64) * C, mask_r, C, BLOCK_R, BLOCK_C)
+    tl.store(norm_ptr + rows, norm, mask=mask_r)
+
+
+@triton.jit
+def _text_normalize_kernel(t_ptr, that_ptr, norm_ptr, R, C, eps, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Rows of the dense (R, C) text: t^ = t / max(|t|, eps) in float32, and |t|."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask_r = rows < R
+    base = rows.to(tl.int64) * C
+    norm = _row_norms(t_ptr, base, mask_r, C, BLOCK_R, BLOCK_C)
     inv = 1.0 / _clamp_min(norm, eps)
     tl.store(norm_ptr + rows, norm, mask=mask_r)
     for c0 in range(0, C, BLOCK_C):
@@ -382,10 +480,30 @@ def _blocks(k: int, fp32: bool = False) -> tuple[int, int, int, int]:
     return 64, block_k, 32, (8 if block_k > 128 else 4)
 
 
+def _rows_blocks(k: int, fp32: bool = False) -> tuple[int, int, int, int]:
+    """(BLOCK_P, BLOCK_K, BLOCK_C, num_warps) of _score_fwd_rows_kernel: ROWS_BLOCKS for 16-bit maps, _blocks' for
+    float32 products (FMAs on registers, no wgmma: the same tiles either way round)."""
+    block_p, block_k, block_c, warps = _blocks(k, fp32)
+    return (block_p, block_k, block_c, warps) if fp32 else (ROWS_BLOCKS[0], block_k, ROWS_BLOCKS[1], ROWS_BLOCKS[2])
+
+
 def empty_norm(visual: torch.Tensor) -> torch.Tensor:
     """The (B, H, W) float32 pixel norms |v| that the forward writes for the backward."""
     b, _, h, w = visual.shape
     return torch.empty((b, h, w), dtype=torch.float32, device=visual.device)
+
+
+# The forward's plan, by the pixels of the batch (B x H x W). Neither choice is timed on a GPU yet: both thresholds
+# are None (never) until benchmarks/tune_score.py's "rows" and "norms" variants have been measured.
+# - ROWS_FROM: _score_fwd_rows_kernel (pixels as the product's rows, ROWS_BLOCKS for 16-bit maps: each visual tile
+#   read from L2 once, not twice) instead of _score_fwd_kernel.
+# - TEXT_NORMS_FROM: the text norms |t| from a small launch of _text_norm_kernel before the forward (K rows of C: a
+#   few microseconds) instead of summed by every program from a second (L2) load of each text tile. Each program
+#   reads K x C text elements against BLOCK_P x C of the visual map: at the kernels issue's large shape (171 classes,
+#   64 pixels a block) the text is most of the forward's L2 traffic.
+ROWS_FROM: int | None = None
+TEXT_NORMS_FROM: int | None = None
+ROWS_BLOCKS = (128, 16, 8)  # BLOCK_P, BLOCK_C, warps of the rows kernel on 16-bit maps (no spill on sm_90)
 
 
 class _ForwardLaunch(NamedTuple):
@@ -396,26 +514,32 @@ class _ForwardLaunch(NamedTuple):
     grid: tuple[int, int, int]
     constexprs: dict[str, Any]
     warps: int
+    rows: bool  # _score_fwd_rows_kernel (ROWS_FROM)
+    text_norms: bool  # |t| from _text_norm_kernel (TEXT_NORMS_FROM)
 
 
 @functools.lru_cache(maxsize=1024)
 def _forward_launch(
     v_shape: tuple[int, ...], v_stride: tuple[int, ...], t_shape: tuple[int, ...], o_shape: tuple[int, ...],
-    o_stride: tuple[int, ...], dtype: torch.dtype,
+    o_stride: tuple[int, ...], dtype: torch.dtype, rows_from: int | None = None, norms_from: int | None = None,
 ) -> _ForwardLaunch:  # fmt: skip
-    """The launch for these sizes and strides, computed once (a few microseconds of Python per call otherwise)."""
+    """The launch for these sizes and strides, computed once (a few microseconds of Python per call otherwise);
+    rows_from and norms_from: ROWS_FROM and TEXT_NORMS_FROM, part of the key so that a change of them is seen."""
     b, c, h, w = v_shape
     k, p = t_shape[-2], h * w
     layout = memory_format_of(v_shape, v_stride)
     v_strides = _dense_strides(v_shape, layout)
     t_stride = (k * c, c, 1) if len(t_shape) == 3 else (c, 1)  # text.contiguous()
     dot_f32 = dot_in_f32(dtype)
-    block_p, block_k, block_c, warps = _blocks(k, dot_f32)
+    rows = rows_from is not None and b * p >= rows_from
+    text_norms = norms_from is not None and b * p >= norms_from
+    block_p, block_k, block_c, warps = (_rows_blocks if rows else _blocks)(k, dot_f32)
     wide = _wide_of((v_shape, (v_strides[0], v_strides[1], v_strides[2] * w, v_strides[2])), (t_shape, t_stride),
                     (o_shape, o_stride))  # fmt: skip
-    constexprs = {"BLOCK_P": block_p, "BLOCK_K": block_k, "BLOCK_C": block_c, "DOT_F32": dot_f32, "WIDE": wide}
     grid = (cdiv(p, block_p), cdiv(k, block_k), b)
-    return _ForwardLaunch(layout, v_strides, grid, constexprs, warps)
+    constexprs = {"BLOCK_P": block_p, "BLOCK_K": block_k, "BLOCK_C": block_c, "DOT_F32": dot_f32, "WIDE": wide,
+                  "TEXT_NORMS": text_norms}  # fmt: skip
+    return _ForwardLaunch(layout, v_strides, grid, constexprs, warps, rows, text_norms)
 
 
 def _batch_pieces(b: int | torch.SymInt) -> list[slice]:
@@ -466,7 +590,8 @@ def score_forward_into(
         score_forward_into(scores, norm, nhwc, text, scale)
         out.copy_(scores)
         return
-    key = (tuple(visual.shape), visual.stride(), tuple(text.shape), tuple(out.shape), out.stride(), visual.dtype)
+    key = (tuple(visual.shape), visual.stride(), tuple(text.shape), tuple(out.shape), out.stride(), visual.dtype,
+           ROWS_FROM, TEXT_NORMS_FROM)  # fmt: skip
     try:
         plan = _forward_launch(*key)
     except TypeError:  # symbolic sizes (torch.compile tracing with dynamic shapes) do not hash
@@ -474,8 +599,14 @@ def score_forward_into(
     v = visual.contiguous(memory_format=plan.layout)
     t = text.contiguous()
     b, c, h, w = v.shape
-    launch(_score_fwd_kernel)[plan.grid](
-        v, t, out, norm, c, h * w, t.shape[-2], *plan.visual_strides, *_text_strides(t), out.stride(0),
+    k = t.shape[-2]
+    t_norm, s_nb = norm, 0  # not read without TEXT_NORMS
+    if plan.text_norms:
+        t_norm = torch.empty(t.shape[:-1], dtype=torch.float32, device=t.device)
+        rows, s_nb = t_norm.numel(), (k if t.dim() == 3 else 0)
+        launch(_text_norm_kernel)[(cdiv(rows, TEXT_BLOCKS["BLOCK_R"]),)](t, t_norm, rows, c, **TEXT_BLOCKS)
+    launch(_score_fwd_rows_kernel if plan.rows else _score_fwd_kernel)[plan.grid](
+        v, t, out, norm, t_norm, c, h * w, k, *plan.visual_strides, *_text_strides(t), s_nb, out.stride(0),
         out.stride(1), out.stride(3), float(scale), EPS, **plan.constexprs, num_warps=plan.warps,
     )  # fmt: skip
 
