@@ -76,6 +76,16 @@ def _visual_offsets(b, offs_c, offs_p, C, P, s_vb, s_vc, s_vp):
 
 
 @triton.jit
+def _forward_program(P, K, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, WIDE: tl.constexpr):
+    """The forwards' program: (class block, image, its pixels and their mask, its classes and their mask), from its
+    grid position (pixel block, class block, image)."""
+    pid_k = tl.program_id(1)
+    offs_p = _index(tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P), WIDE)
+    offs_k = _index(pid_k * BLOCK_K + tl.arange(0, BLOCK_K), WIDE)
+    return pid_k, tl.program_id(2).to(tl.int64), offs_p, offs_p < P, offs_k, offs_k < K
+
+
+@triton.jit
 def _score_fwd_kernel(
     v_ptr, t_ptr, out_ptr, n_ptr, tn_ptr,
     C, P, K,
@@ -89,13 +99,7 @@ def _score_fwd_kernel(
     """TEXT_NORMS: |t| read from tn_ptr (float32, element b * s_nb + k: _text_norm_kernel's, launched before) instead
     of summed here from a second load of every text tile (see below), which halves the text's traffic from L2: per
     program K x C elements, against BLOCK_P x C of the visual map. Otherwise tn_ptr is not read."""
-    pid_p = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    offs_p = _index(pid_p * BLOCK_P + tl.arange(0, BLOCK_P), WIDE)
-    offs_k = _index(pid_k * BLOCK_K + tl.arange(0, BLOCK_K), WIDE)
-    mask_p = offs_p < P
-    mask_k = offs_k < K
+    pid_k, b, offs_p, mask_p, offs_k, mask_k = _forward_program(P, K, BLOCK_P, BLOCK_K, WIDE)
     acc = tl.zeros((BLOCK_K, BLOCK_P), dtype=tl.float32)
     v_sq = tl.zeros((BLOCK_P,), dtype=tl.float32)
     t_sq = tl.zeros((BLOCK_K,), dtype=tl.float32)
@@ -176,13 +180,7 @@ def _score_fwd_rows_kernel(
     the TTGIR). The text tile, the second operand, is read by the wgmma from shared memory: its norms come from a
     second (L2) load, as in _score_fwd_kernel, or under TEXT_NORMS from tn_ptr. Per BLOCK_C channels a program
     reads BLOCK_P x BLOCK_C visual and K x BLOCK_C text elements from L2 once each (_score_fwd_kernel: each twice)."""
-    pid_p = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    offs_p = _index(pid_p * BLOCK_P + tl.arange(0, BLOCK_P), WIDE)
-    offs_k = _index(pid_k * BLOCK_K + tl.arange(0, BLOCK_K), WIDE)
-    mask_p = offs_p < P
-    mask_k = offs_k < K
+    pid_k, b, offs_p, mask_p, offs_k, mask_k = _forward_program(P, K, BLOCK_P, BLOCK_K, WIDE)
     acc = tl.zeros((BLOCK_P, BLOCK_K), dtype=tl.float32)
     v_sq = tl.zeros((BLOCK_P,), dtype=tl.float32)
     t_sq = tl.zeros((BLOCK_K,), dtype=tl.float32)
