@@ -122,9 +122,10 @@ def _graph_time(fn: Callable[[], object], device: torch.device) -> float | None:
     return statistics.median(times)
 
 
-# The Triton score forward's other plans (ops/triton/score.py: (ROWS_FROM, TEXT_NORMS_FROM), here from the first
-# pixel on), timed forward only (the backward is the triton row's) on a GPU, until one is adopted
-TRITON_PLANS = {"triton rows": (0, None), "triton text norms": (None, 0), "triton rows + text norms": (0, 0)}
+# The Triton score forward's other plans for 16-bit maps (ops/triton/score.py: (ROWS_FROM, TEXT_NORMS_FROM), here
+# from the first pixel on; the rows kernel always with the text norms' launch), timed forward only (the backward is
+# the triton row's) on a GPU, until one is adopted
+TRITON_PLANS = {"triton text norms": (None, 0), "triton rows": (0, None)}
 
 
 def _triton_plan(fn: Callable, rows_from: int | None, norms_from: int | None) -> Callable:
@@ -168,7 +169,7 @@ def _contestants(op: str, device: torch.device, dtype: torch.dtype, head_dim: in
     runnable = [b for b in ("triton", "cuda", "cpu")
                 if ops.backends.unavailable_reason(b, op_name, device, dtype, head_dim) is None]  # fmt: skip
     fns = {backend: fused(backend) for backend in runnable if compile_mode != "only"}
-    if op == "score" and "triton" in fns and device.type == "cuda":
+    if op == "score" and "triton" in fns and device.type == "cuda" and dtype != torch.float32:
         fns |= {name: _triton_plan(fns["triton"], *plan) for name, plan in TRITON_PLANS.items()}
     fns |= baselines
     if compile_mode != "no" and (device.type == "cuda" or os.environ.get("BENCH_COMPILE") == "1"):

@@ -11,9 +11,9 @@
 # copies of status.txt and env.json: three files, rewritten after every step, so a call cut short still returns what
 # it finished.
 #
-# STEP: build info gpu_tests ops e2e_rn50 train_bench probe compile_baselines export_bench tune_score e2e_more rest
+# STEP: build info gpu_tests train_bench e2e_rn50 ops probe tune_score compile_baselines export_bench e2e_more rest
 # (default: all but build, in that order: the GPU tests (at most DCF_TESTS_S seconds, default 180), then each issue's
-# targets (operators, end to end, training), then torch.compile's minutes of compilation, then the rest), and
+# targets (training, end to end, operators), then torch.compile's minutes of compilation, then the rest), and
 # save_prebuilt (what make test-gpu-torch leaves for the GPU session, below). The extension is built when it is
 # missing and no prebuilt one fits (or with `build`); a warm machine keeps it. With the 15 minutes of device time of
 # a session (the machine's start included) plan one full call, `bash benchmarks/gpu_check.sh $OUT` with timeout_s
@@ -258,7 +258,9 @@ e2e_more() {  # slide mode, the other architectures, and start-up on the GPU
 }
 
 # Most valuable first, each step writing its files as it goes, so a run cut short still brings results back.
-ALL_STEPS="info gpu_tests ops e2e_rn50 train_bench probe compile_baselines export_bench tune_score e2e_more rest"
+# train_bench right after the tests: the training issue's target needs only its two rows (official-style and trainer
+# steps in one run); tune_score before torch.compile's minutes: it decides score.ROWS_FROM and TEXT_NORMS_FROM.
+ALL_STEPS="info gpu_tests train_bench e2e_rn50 ops probe tune_score compile_baselines export_bench e2e_more rest"
 STEPS=${*:-$ALL_STEPS}
 for step in $STEPS; do
   [[ " build $ALL_STEPS save_prebuilt " == *" $step "* ]] \

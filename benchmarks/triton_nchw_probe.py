@@ -9,15 +9,15 @@ and the compiled kernel was found (without a GPU) to race: the pipeline's next c
 shared-memory tiles while the wgmma read them, because the norms read the same tiles. The kernel now takes its norms
 from loads of its own. Where every row here is right, the copy can go.
 
-This launches the forward kernel itself, bypassing the copy, for each kernel (KERNELS: the default, and the
-transposed one of score.ROWS_FROM with and without the text norms' launch, which take the visual tile as a wgmma
-operand from registers), layout (NCHW with H x W a multiple of 16, NCHW without, NHWC), class count (one 64-, 128-
-and 256-row class block), warps and software-pipelining stages; and the
-backward through the launcher with the copy switched off. Each result is compared with the float64 reference, and
-each forward is launched twice ("repeatable": bit for bit the same, which a race need not be). A forward is "wrong"
-past the operator tests' tolerance (2e-3 float16, 2e-2 bfloat16, relative to the result's norm; right ones are near
-2e-4 and 3e-3), a backward past twice it. bfloat16 runs every variant, float16 Triton's default stages (3) at 8
-warps. Writes JSON and markdown. On a CPU (Triton's interpreter, which computes every variant right) --quick runs a
+This launches the forward kernel itself, bypassing the copy, for each kernel (KERNELS: the default, the same with
+the text norms from a launch of their own (score.TEXT_NORMS_FROM), and the transposed one of score.ROWS_FROM, which
+takes the visual tile as a wgmma operand from registers), layout (NCHW with H x W a multiple of 16, NCHW without,
+NHWC), class count (one 64-, 128- and 256-row class block), warps and software-pipelining stages (VARIANTS, and
+ROWS_VARIANTS for the other two kernels); and the backward through the launcher with the copy switched off. Each
+result is compared with the float64 reference, and each forward is launched twice ("repeatable": bit for bit the
+same, which a race need not be). A forward is "wrong" past the operator tests' tolerance (2e-3 float16, 2e-2
+bfloat16, relative to the result's norm; right ones are near 2e-4 and 3e-3), a backward past twice it. Writes JSON
+and markdown. On a CPU (Triton's interpreter, which computes every variant right) --quick runs a
 few variants as a smoke test.
 """
 
@@ -40,12 +40,13 @@ TOL = {torch.float16: 2e-3, torch.bfloat16: 2e-2}
 LAYOUTS = {"NCHW, H x W = 256": (16, 16, False), "NCHW, H x W = 255": (15, 17, False),
            "NHWC, H x W = 256": (16, 16, True)}  # (H, W, channels_last)
 CLASSES = [64, 128, 150]  # one class block of 64, 128 and 256 rows
-# (warps, software-pipelining stages) per dtype, for the default kernel (every variant right on an H200 in
-# h200_2026-12-04b: now the launcher's 8 warps) and for the transposed one (its 8 warps, deeper pipelines too)
+# (warps, software-pipelining stages) per dtype: for the default kernel (every variant of 4 and 8 warps right on an
+# H200 in h200_2026-12-04b; now 8 warps, the launcher's past 128 classes) and for the other two (8 warps, the rows
+# kernel's; deeper pipelines too)
 VARIANTS = {torch.bfloat16: ([8], [1, 2, 3]), torch.float16: ([8], [3])}
 ROWS_VARIANTS = {torch.bfloat16: ([8], [2, 3, 4]), torch.float16: ([8], [3])}
-# The forward kernels probed: (score.ROWS_FROM, score.TEXT_NORMS_FROM) for each
-KERNELS = {"channels": (None, None), "rows": (0, None), "rows, text norms": (0, 0)}
+# The forward kernels probed: (score.ROWS_FROM, score.TEXT_NORMS_FROM) for each (the rows kernel reads the text norms)
+KERNELS = {"channels": (None, None), "channels, text norms": (None, 0), "rows": (0, None)}
 QUICK = {"layouts": ["NCHW, H x W = 256"], "classes": [150], "kernels": list(KERNELS),
          "variants": {kernel: {dtype: ([8], [1]) for dtype in TOL} for kernel in KERNELS}}  # fmt: skip
 

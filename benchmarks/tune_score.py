@@ -45,13 +45,11 @@ FORWARD = [(32, 32, 8), (64, 64, 8), (128, 32, 8), (128, 16, 8), (64, 16, 8), (6
 # on sm_90 that way (ptxas, as the JIT compiles them: 228-238 registers; without the norms (128, 32) spilled).
 NORMS_FORWARD = [(64, 32, 8), (128, 32, 8), (128, 64, 8), (64, 64, 8)]  # (BLOCK_P, BLOCK_C, warps)
 # The transposed forward (_score_fwd_rows_kernel, score.ROWS_FROM = 0: pixels as the product's rows, each visual tile
-# read once), with and without the text norms' launch: (BLOCK_P, BLOCK_C, warps, text norms). score.ROWS_BLOCKS,
-# (128, 16, 8), spills nothing on sm_90 in any specialisation; (128, 32, 8) nothing as the JIT compiles aligned
-# maps, 398 B with generic arguments without the norms (ptxas, Triton 3.8). For the RN50 shape (64 programs at 64
-# pixels, each walking 1024 channels): 64 and 128 channels a step, 4x fewer steps (with the norms, aligned maps: no
-# spill, 115 and 230 KB of shared memory).
-ROWS_FORWARD = [(128, 16, 8, False), (128, 16, 8, True), (128, 32, 8, False), (128, 32, 8, True), (64, 32, 8, True),
-                (64, 64, 8, True), (64, 128, 8, True)]  # fmt: skip
+# read once; always with the text norms' launch): (BLOCK_P, BLOCK_C, warps). score.ROWS_BLOCKS, (128, 16, 8), spills
+# nothing on sm_90 in any specialisation (Triton 3.6 and 3.8); (128, 32, 8) nothing as the JIT compiles aligned maps.
+# For the RN50 shape (64 programs at 64 pixels, each walking 1024 channels): 64 and 128 channels a step, 4x fewer
+# steps (aligned maps: no spill, 115 and 230 KB of shared memory).
+ROWS_FORWARD = [(128, 16, 8), (128, 32, 8), (64, 32, 8), (64, 64, 8), (64, 128, 8)]
 BACKWARD = [(32, 64, 8, 2), (16, 32, 8, 2), (32, 32, 8, 2), (16, 128, 8, 2), (16, 64, 4, 2), (16, 64, 8, 1),
             (16, 64, 8, 4)]  # fmt: skip  (BLOCK_P, BLOCK_C, warps, programs per SM) of the fused kernel
 
@@ -124,9 +122,8 @@ def variants(k: int) -> list[tuple[str, str, Callable[[], contextlib.AbstractCon
         out.append(("forward", f"P{bp} C{bc} w{w}", functools.partial(forward_blocks, bp, bc, w)))
     for bp, bc, w in NORMS_FORWARD:
         out.append(("forward", f"norms P{bp} C{bc} w{w}", functools.partial(forward_blocks, bp, bc, w, True)))
-    for bp, bc, w, norms in ROWS_FORWARD:
-        out.append(("forward", f"rows{' norms' if norms else ''} P{bp} C{bc} w{w}",
-                    functools.partial(forward_blocks, bp, bc, w, norms, True)))  # fmt: skip
+    for bp, bc, w in ROWS_FORWARD:
+        out.append(("forward", f"rows P{bp} C{bc} w{w}", functools.partial(forward_blocks, bp, bc, w, True, True)))
     for bp, bc, w, per_sm in BACKWARD:
         out.append(("backward", f"P{bp} C{bc} w{w} {per_sm}/SM",
                     functools.partial(backward_blocks, k, bp, bc, w, per_sm)))  # fmt: skip

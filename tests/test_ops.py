@@ -976,11 +976,12 @@ def test_triton_score_backward_takes_the_nhwc_blocks_for_aligned_nhwc_maps(monke
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "concat"])
 @pytest.mark.parametrize("k", [1, 21, 300])  # one class, one class block, several (each reads its own norms)
 def test_triton_score_forward_plans(monkeypatch, dtype, text_batched, layout, k):
-    """The forward's alternatives, each from a number of pixels in the batch on (score.ROWS_FROM: the transposed
-    kernel, pixels as the product's rows; score.TEXT_NORMS_FROM: |t| from _text_norm_kernel, launched before the
-    forward, instead of summed by every program), alone and together: the same scores (a zero text row and a zero
-    pixel among them) and norms as the reference and as the default single launch, for shared and per-image text
-    and every output layout; one pixel short of a threshold, the default's launch."""
+    """The forward's alternatives for 16-bit maps, each from a number of pixels in the batch on
+    (score.TEXT_NORMS_FROM: |t| from _text_norm_kernel, launched before the forward, instead of summed by every
+    program; score.ROWS_FROM: the transposed kernel, pixels as the product's rows, with those norms): the same scores
+    (a zero text row and a zero pixel among them) and norms as the reference and as the default single launch, for
+    shared and per-image text and every output layout; one pixel short of a threshold, the default's launch; float32
+    maps always the default (each tile loaded once there)."""
     from denseclip_fast.ops.triton import score
 
     b, c, h, w = 2, 37, 5, 7
@@ -1007,12 +1008,14 @@ def test_triton_score_forward_plans(monkeypatch, dtype, text_batched, layout, k)
             return torch.ops.denseclip_fast.pixel_text_score_triton(v, t, 0.7)
 
     pixels = b * h * w
+    sixteen_bit = dtype != torch.float32
+    norms, rows = ["_text_norm_kernel", "_score_fwd_kernel"], ["_text_norm_kernel", "_score_fwd_rows_kernel"]
     plans = {  # (ROWS_FROM, TEXT_NORMS_FROM): the kernels launched
         (None, None): ["_score_fwd_kernel"],
         (pixels + 1, pixels + 1): ["_score_fwd_kernel"],
-        (None, pixels): ["_text_norm_kernel", "_score_fwd_kernel"],
-        (pixels, None): ["_score_fwd_rows_kernel"],
-        (pixels, 0): ["_text_norm_kernel", "_score_fwd_rows_kernel"],
+        (None, pixels): norms if sixteen_bit else ["_score_fwd_kernel"],
+        (pixels, None): rows if sixteen_bit else ["_score_fwd_kernel"],
+        (pixels, 0): rows if sixteen_bit else ["_score_fwd_kernel"],
     }
     results = {}
     try:

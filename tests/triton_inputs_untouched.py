@@ -95,10 +95,11 @@ for dtype in (torch.float16, torch.float32):
         full = torch.randn(2, 10, 5, 6, dtype=dtype).contiguous(memory_format=layout)
         tag = f"{dtype} {'nhwc' if layout == torch.channels_last else 'nchw'}"
         check(f"score {tag}", lambda v, t: ops.pixel_text_score_triton(v, t, 2.0), v, t)
-        # the forward's other plans (the transposed kernel, the text norms from a launch of their own)
-        score.ROWS_FROM = score.TEXT_NORMS_FROM = 0
-        check(f"score rows, text norms {tag}", lambda v, t: ops.pixel_text_score_triton(v, t, 2.0), v, t)
-        score.ROWS_FROM = score.TEXT_NORMS_FROM = None
+        # the forward's other plans (16-bit maps): the text norms from a launch of their own, the transposed kernel
+        for plan in ("TEXT_NORMS_FROM", "ROWS_FROM"):
+            setattr(score, plan, 0)
+            check(f"score {plan} {tag}", lambda v, t: ops.pixel_text_score_triton(v, t, 2.0), v, t)
+            setattr(score, plan, None)
         check(f"concat {tag}", lambda f, v, t: ops.score_concat_triton(f, v, t, 2.0), feature, v, t)
         norm = torch.rand(2, 5, 6) + 0.5
         check(f"score_backward {tag}", lambda g, v, t: ops.pixel_text_score_backward_triton(g[:, 3:], v, t, 2.0),

@@ -89,13 +89,13 @@ def jit_specialize(
 
 def _score(dt: str, k: int, wide: bool = False, text_norms: bool = False, rows: bool = False) -> Spec:
     """The forward at the blocks the launcher chooses for k classes; text_norms: |t| read, not summed (TEXT_NORMS);
-    rows: the transposed kernel (_score_fwd_rows_kernel)."""
+    rows: the transposed kernel (_score_fwd_rows_kernel, which reads them). Both for 16-bit maps only."""
     block_p, block_k, block_c, warps = (score._rows_blocks if rows else score._blocks)(k, dt == "fp32")
     const = {"BLOCK_P": block_p, "BLOCK_K": block_k, "BLOCK_C": block_c, "DOT_F32": dt == "fp32", "WIDE": wide,
-             "TEXT_NORMS": text_norms}  # fmt: skip
+             "TEXT_NORMS": text_norms or rows}  # fmt: skip
     ptrs = {"v_ptr": f"*{dt}", "t_ptr": f"*{dt}", "out_ptr": f"*{dt}", "n_ptr": "*fp32", "tn_ptr": "*fp32"}
     fn = score._score_fwd_rows_kernel if rows else score._score_fwd_kernel
-    label = f"score_fwd {dt} K={k}{' int64' if wide else ''}{' rows' if rows else ''}{' norms' if text_norms else ''}"
+    label = f"score_fwd {dt} K={k}{' int64' if wide else ''}{' rows' if rows else ' norms' if text_norms else ''}"
     return label, fn, _signature(fn, ptrs, ("scale", "eps"), const), const, {"num_warps": warps}, {}
 
 
@@ -392,14 +392,15 @@ def _score_specializations(arch: int) -> Iterator[Spec]:
     as bfloat16, only for sm_90."""
     dtypes = ("bf16", "fp16", "fp32") if arch == 90 else ("bf16", "fp32")
     for dt in dtypes:
-        for rows in (False, True):
-            yield _score(dt, 150, rows=rows)
-            yield _score(dt, 150, text_norms=True, rows=rows)
+        yield _score(dt, 150)
+    for dt in dtypes[:-1]:  # the 16-bit maps' other plans: the text norms' launch, the rows kernel
+        yield _score(dt, 150, text_norms=True)
+        yield _score(dt, 150, rows=True)
         yield _score_text(dt, "norm")
     for k in SCORE_CLASSES:  # the other class blocks
-        for rows in (False, True):
-            yield _score("bf16", k, rows=rows)
-            yield _score("fp32", k, rows=rows)
+        yield _score("bf16", k)
+        yield _score("bf16", k, rows=True)
+        yield _score("fp32", k)
     for rows in (False, True):
         yield _score("bf16", 150, wide=True, rows=rows)  # int64 indexing (images past 2**31 elements)
     yield _score_backward("bf16", wide=True)
@@ -450,10 +451,11 @@ def _jit_specializations(arch: int) -> Iterator[Spec]:
                 yield _jit_score(dt, k, layout)
                 yield _jit_score_backward(dt, k, layout)
             yield _jit_score_backward_pixels(dt, layout)
-            for rows in (False, True):
-                yield _jit_score(dt, 150, layout, text_norms=True, rows=rows)
-            yield _jit_score(dt, 150, layout, rows=True)
-        yield _jit_score_text(dt, "norm")
+            if dt != "fp32":
+                yield _jit_score(dt, 150, layout, text_norms=True)
+                yield _jit_score(dt, 150, layout, rows=True)
+        if dt != "fp32":
+            yield _jit_score_text(dt, "norm")
         yield _jit_score_text(dt, "normalize")
         yield _jit_score_text(dt, "grad")
     for dt, d, which in _attention_kernels(arch):

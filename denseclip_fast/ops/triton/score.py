@@ -6,9 +6,10 @@ on the tensor cores (float32 accumulator) together with the squared norms of bot
 max(norm, eps) on both sides and multiply by scale. s = <t, v> / (max|t| max|v|) equals F.normalize on both sides
 followed by the dot product. Memory traffic: visual is read once when BLOCK_K >= K (one class block), the text
 (K x C, small) once per program from L2 (each tile twice, see the kernel), the output written once: bytes =
-|visual| + |out| (+ L2-resident text). Two alternatives, chosen by the batch's pixels (ROWS_FROM, TEXT_NORMS_FROM;
-neither yet timed on a GPU, so off): _score_fwd_rows_kernel, the transposed product, reads each visual tile once;
-the text norms from a launch of their own (_text_norm_kernel) spare each program the second load of its text tiles.
+|visual| + |out| (+ L2-resident text). Two alternatives for 16-bit maps, chosen by the batch's pixels (ROWS_FROM,
+TEXT_NORMS_FROM; neither yet timed on a GPU, so off): the text norms from a launch of their own (_text_norm_kernel)
+spare each program the second load of its text tiles; _score_fwd_rows_kernel, the transposed product with those
+norms, reads each visual tile once too.
 FLOPs = 2 B K C H W. Strides are arguments, so NCHW and NHWC visual (and any strided output view, which is how
 score_concat writes into its concatenated buffer) use the same kernel.
 
@@ -172,40 +173,35 @@ def _score_fwd_rows_kernel(
     BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, DOT_F32: tl.constexpr, WIDE: tl.constexpr,
     TEXT_NORMS: tl.constexpr,
 ):  # fmt: skip
-    """_score_fwd_kernel's scores (same arguments, same grid) as the transposed product: pixels are the rows, V^T T^T,
-    a (BLOCK_P, BLOCK_K) accumulator. The visual tile is the first operand, which a Hopper wgmma may take from
-    registers: made from the loaded tile by an exact operation (+ 0.0, which no compiler pass folds away: -0.0
-    becomes +0.0, the same in every product), it is read from shared memory into registers once, synchronously,
-    for both the squared norms and the product, so no second load is needed (aot.wgmma_operand_races: no race in
-    the TTGIR). The text tile, the second operand, is read by the wgmma from shared memory: its norms come from a
-    second (L2) load, as in _score_fwd_kernel, or under TEXT_NORMS from tn_ptr. Per BLOCK_C channels a program
-    reads BLOCK_P x BLOCK_C visual and K x BLOCK_C text elements from L2 once each (_score_fwd_kernel: each twice)."""
+    """_score_fwd_kernel's scores (same arguments, same grid; TEXT_NORMS must be set) as the transposed product:
+    pixels are the rows, V^T T^T, a (BLOCK_P, BLOCK_K) accumulator. The visual tile is the first operand, which a
+    Hopper wgmma may take from registers: made from the loaded tile by an exact operation (+ 0.0, which no compiler
+    pass folds away: -0.0 becomes +0.0, the same in every product), it is read from shared memory into registers
+    once, synchronously, for both the squared norms and the product, so no second load is needed
+    (aot.wgmma_operand_races: no race in the TTGIR). The text tile, the second operand, is read by the wgmma from
+    shared memory and by nothing else: its norms come from tn_ptr (_text_norm_kernel). Per BLOCK_C channels a program
+    reads BLOCK_P x BLOCK_C visual and K x BLOCK_C text elements from L2 once each (_score_fwd_kernel: each twice).
+    For 16-bit maps (float32 products are FMAs on registers, where _score_fwd_kernel loads each tile once too; the
+    interpreter's bfloat16 takes them)."""
+    tl.static_assert(TEXT_NORMS, "the rows kernel reads the text norms")
     pid_k, b, offs_p, mask_p, offs_k, mask_k = _forward_program(P, K, BLOCK_P, BLOCK_K, WIDE)
     acc = tl.zeros((BLOCK_P, BLOCK_K), dtype=tl.float32)
     v_sq = tl.zeros((BLOCK_P,), dtype=tl.float32)
-    t_sq = tl.zeros((BLOCK_K,), dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
         offs_c = _index(c0 + tl.arange(0, BLOCK_C), WIDE)
         mask_c = offs_c < C
         v = tl.load(v_ptr + b * s_vb + offs_p[:, None] * s_vp + offs_c[None, :] * s_vc,
                     mask=mask_p[:, None] & mask_c[None, :], other=0.0)  # fmt: skip
-        t_offs = b * s_tb + offs_c[:, None] * s_tc + offs_k[None, :] * s_tk
-        t_mask = mask_c[:, None] & mask_k[None, :]
-        t = tl.load(t_ptr + t_offs, mask=t_mask, other=0.0)  # (BLOCK_C, BLOCK_K): T^T
+        t = tl.load(t_ptr + b * s_tb + offs_c[:, None] * s_tc + offs_k[None, :] * s_tk,
+                    mask=mask_c[:, None] & mask_k[None, :], other=0.0)  # (BLOCK_C, BLOCK_K): T^T  # fmt: skip
         vf = v.to(tl.float32)
         v_sq += tl.sum(vf * vf, axis=1)
-        if not TEXT_NORMS:
-            if DOT_F32:
-                tf = t.to(tl.float32)
-            else:
-                tf = tl.load(t_ptr + t_offs, mask=t_mask, other=0.0, cache_modifier=".cg").to(tl.float32)
-            t_sq += tl.sum(tf * tf, axis=0)
         if DOT_F32:
             acc = tl.dot(vf, t.to(tl.float32), acc, input_precision="ieee")
         else:
             acc = tl.dot((vf + 0.0).to(v.dtype), t, acc)
-    inv_v, inv_t = _inverse_norms(v_sq, t_sq, n_ptr, tn_ptr, b, pid_k, P, s_nb, offs_p, mask_p, offs_k, mask_k, eps,
-                                  TEXT_NORMS)  # fmt: skip
+    inv_v, inv_t = _inverse_norms(v_sq, None, n_ptr, tn_ptr, b, pid_k, P, s_nb, offs_p, mask_p, offs_k, mask_k, eps,
+                                  True)  # the text's squares: none, its norms read  # fmt: skip
     out = acc * (inv_t * scale)[None, :] * inv_v[:, None]
     tl.store(
         out_ptr + b * s_ob + offs_p[:, None] * s_op + offs_k[None, :] * s_ok,
@@ -479,8 +475,8 @@ def _blocks(k: int, fp32: bool = False) -> tuple[int, int, int, int]:
 
 
 def _rows_blocks(k: int, fp32: bool = False) -> tuple[int, int, int, int]:
-    """(BLOCK_P, BLOCK_K, BLOCK_C, num_warps) of _score_fwd_rows_kernel: ROWS_BLOCKS for 16-bit maps, _blocks' for
-    float32 products (FMAs on registers, no wgmma: the same tiles either way round)."""
+    """(BLOCK_P, BLOCK_K, BLOCK_C, num_warps) of _score_fwd_rows_kernel: ROWS_BLOCKS, or _blocks' where the products
+    are float32 (FMAs on registers: bfloat16 under Triton's interpreter)."""
     block_p, block_k, block_c, warps = _blocks(k, fp32)
     return (block_p, block_k, block_c, warps) if fp32 else (ROWS_BLOCKS[0], block_k, ROWS_BLOCKS[1], ROWS_BLOCKS[2])
 
@@ -491,17 +487,18 @@ def empty_norm(visual: torch.Tensor) -> torch.Tensor:
     return torch.empty((b, h, w), dtype=torch.float32, device=visual.device)
 
 
-# The forward's plan, by the pixels of the batch (B x H x W). Neither choice is timed on a GPU yet: both thresholds
-# are None (never) until benchmarks/tune_score.py's "rows" and "norms" variants have been measured.
-# - ROWS_FROM: _score_fwd_rows_kernel (pixels as the product's rows, ROWS_BLOCKS for 16-bit maps: each visual tile
-#   read from L2 once, not twice) instead of _score_fwd_kernel.
+# The forward's plan for 16-bit maps, by the pixels of the batch (B x H x W); float32 maps always take the default
+# (FMA products on registers: each tile is loaded once there already). Neither choice is timed on a GPU yet: both
+# thresholds are None (never) until benchmarks/tune_score.py's "rows" and "norms" variants have been measured.
 # - TEXT_NORMS_FROM: the text norms |t| from a small launch of _text_norm_kernel before the forward (K rows of C: a
 #   few microseconds) instead of summed by every program from a second (L2) load of each text tile. Each program
 #   reads K x C text elements against BLOCK_P x C of the visual map: at the kernels issue's large shape (171 classes,
 #   64 pixels a block) the text is most of the forward's L2 traffic.
+# - ROWS_FROM: _score_fwd_rows_kernel (pixels as the product's rows, ROWS_BLOCKS: each visual tile read from L2 once,
+#   not twice), always with the text norms' launch.
 ROWS_FROM: int | None = None
 TEXT_NORMS_FROM: int | None = None
-ROWS_BLOCKS = (128, 16, 8)  # BLOCK_P, BLOCK_C, warps of the rows kernel on 16-bit maps (no spill on sm_90)
+ROWS_BLOCKS = (128, 16, 8)  # BLOCK_P, BLOCK_C, warps of the rows kernel (no spill on sm_90, Triton 3.6 and 3.8)
 
 
 class _ForwardLaunch(NamedTuple):
@@ -513,7 +510,7 @@ class _ForwardLaunch(NamedTuple):
     constexprs: dict[str, Any]
     warps: int
     rows: bool  # _score_fwd_rows_kernel (ROWS_FROM)
-    text_norms: bool  # |t| from _text_norm_kernel (TEXT_NORMS_FROM)
+    text_norms: bool  # |t| from _text_norm_kernel (TEXT_NORMS_FROM, and with the rows kernel)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -529,8 +526,9 @@ def _forward_launch(
     v_strides = _dense_strides(v_shape, layout)
     t_stride = (k * c, c, 1) if len(t_shape) == 3 else (c, 1)  # text.contiguous()
     dot_f32 = dot_in_f32(dtype)
-    rows = rows_from is not None and b * p >= rows_from
-    text_norms = norms_from is not None and b * p >= norms_from
+    sixteen_bit = dtype != torch.float32
+    rows = sixteen_bit and rows_from is not None and b * p >= rows_from
+    text_norms = rows or (sixteen_bit and norms_from is not None and b * p >= norms_from)
     block_p, block_k, block_c, warps = (_rows_blocks if rows else _blocks)(k, dot_f32)
     wide = _wide_of((v_shape, (v_strides[0], v_strides[1], v_strides[2] * w, v_strides[2])), (t_shape, t_stride),
                     (o_shape, o_stride))  # fmt: skip
