@@ -984,7 +984,7 @@ def test_triton_score_forward_plans(monkeypatch, dtype, text_batched, layout, k)
     maps always the default (each tile loaded once there)."""
     from denseclip_fast.ops.triton import score
 
-    b, c, h, w = 2, 37, 5, 7
+    b, c, h, w = 2, 37, 9, 17  # 153 pixels: several pixel blocks of either kernel
     visual = _visual(b, c, h, w, "contiguous" if layout == "concat" else layout, torch.float64)
     visual[1, :, 2, 3] = 0
     text = _text(b, k, c, text_batched, torch.float64)
@@ -996,9 +996,8 @@ def test_triton_score_forward_plans(monkeypatch, dtype, text_batched, layout, k)
     monkeypatch.setattr(score, "launch", lambda kernel: kernels.append(kernel.fn.__name__) or real_launch(kernel))
 
     def forward(rows_from: int | None, norms_from: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-        monkeypatch.setattr(score, "ROWS_FROM", rows_from)
+        monkeypatch.setattr(score, "ROWS_FROM", rows_from)  # no cache_clear: the plans' cache key has both
         monkeypatch.setattr(score, "TEXT_NORMS_FROM", norms_from)
-        score._forward_launch.cache_clear()
         kernels.clear()
         v, t = visual.to(dtype), text.to(dtype)
         with torch.no_grad():
@@ -1018,12 +1017,9 @@ def test_triton_score_forward_plans(monkeypatch, dtype, text_batched, layout, k)
         (pixels, 0): rows if sixteen_bit else ["_score_fwd_kernel"],
     }
     results = {}
-    try:
-        for plan, launched in plans.items():
-            results[plan] = forward(*plan)
-            assert kernels == launched, (plan, kernels)
-    finally:
-        score._forward_launch.cache_clear()
+    for plan, launched in plans.items():
+        results[plan] = forward(*plan)
+        assert kernels == launched, (plan, kernels)
     default_out, default_norm = results[(None, None)]
     _check_close(default_out, expected, dtype)
     assert torch.equal(results[(pixels + 1, pixels + 1)][0], default_out)
@@ -1057,6 +1053,18 @@ def test_triton_score_indexes_in_int64_past_int32_offsets(monkeypatch):
     _check_close(out, expected, torch.float32)
     for actual, wanted in ((f.grad, f64.grad), (v.grad, v64.grad), (t.grad, t64.grad)):
         _check_close(actual, wanted, torch.float32, 2)
+    # the 16-bit maps' other forwards (the text norms' launch; the rows kernel), in int64 too
+    plans = []
+    real = score._forward_launch
+    monkeypatch.setattr(score, "_forward_launch", lambda *key: plans.append(real(*key)) or plans[-1])
+    for plan in ("TEXT_NORMS_FROM", "ROWS_FROM"):
+        monkeypatch.setattr(score, plan, 0)
+        with torch.no_grad():
+            out = ops.score_concat(*(x.to(DEVICE, torch.float16) for x in (feature, visual, text)), 2.0,
+                                   backend="triton")  # fmt: skip
+        _check_close(out, expected, torch.float16)
+        monkeypatch.setattr(score, plan, None)
+    assert [(p.rows, p.text_norms, p.constexprs["WIDE"]) for p in plans] == [(False, True, True), (True, True, True)]
 
 
 def test_triton_attention_blocks_fit_the_gpu_shared_memory():
