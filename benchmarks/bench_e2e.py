@@ -369,22 +369,25 @@ def table(env: dict, rows: list[dict], classes: int) -> str:
              f"{env['date']}, torch {env['torch']}, triton {env['triton']}, {env['threads']} CPU threads. "
              f"Random weights, K = {classes} ADE20K names.{settings} {note}", "",
              "p90/p99: nearest rank over the timed calls (calls); \"max\" where too few calls for that percentile. "
+             "Host ms: the median time until a call returned, before the wait for the GPU (near p50: the call is "
+             "bound by its launches on the host). "
              "Peak GiB: the contestant's own over the timed calls (its weights, the input batch, captured graphs, "
              "and what a call allocates); in brackets over the first two calls, which also compile, autotune, "
              "search cuDNN's algorithms and capture.", "",
-             "| arch | mode | input | contestant | precision | p50 ms | p90 ms | p99 ms | calls | img/s | first call s "
-             "| peak GiB | rel. error | image path, of 790 TFLOP/s |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+             "| arch | mode | input | contestant | precision | p50 ms | host ms | p90 ms | p99 ms | calls | img/s "
+             "| first call s | peak GiB | rel. error | image path, of 790 TFLOP/s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for r in rows:
         shape = "x".join(str(s) for s in r["shape"])
         head = f"| {r['arch']} | {r['mode']} | {shape} | {r['contestant']} | {r.get('precision', '')}{graphs_note(r)} |"
         if "error" in r:
-            lines.append(f"{head} failed: {r['error'][:80]} | | | | | | | | |")
+            lines.append(f"{head} failed: {r['error'][:80]} | | | | | | | | | |")
             continue
         mem = (f"{r['peak_memory_gib']:.2f} ({r['first_calls_peak_memory_gib']:.2f})"
                if r["peak_memory_gib"] is not None else "-")  # fmt: skip
         err = f"{r['rel_error_vs_official']:.1e}" if r["rel_error_vs_official"] is not None else "-"
-        lines.append(f"{head} {r['p50_ms']:.2f} | {tail_cell(r, 'p90_ms')} | {tail_cell(r, 'p99_ms')} | "
+        host = f"{r['host_p50_ms']:.2f}" if r.get("host_p50_ms") is not None else "-"
+        lines.append(f"{head} {r['p50_ms']:.2f} | {host} | {tail_cell(r, 'p90_ms')} | {tail_cell(r, 'p99_ms')} | "
                      f"{r.get('samples', '')} | {r['images_per_s']:.1f} | {r['first_call_s']:.1f} | {mem} | {err} | "
                      f"{100 * r['image_path_fraction_of_peak']:.2f}% |")  # fmt: skip
     targets_part = targets_markdown(targets(rows)) if env["gpu"] else ""

@@ -304,7 +304,9 @@ def measure(
     """Time ``fn(x)``: the first call's time, then after one untimed warm-up call the timed calls: ``repeats`` of
     them, or with ``repeats`` None as many as fill ``budget_s`` seconds (at least ``min_repeats``, at most
     ``max_repeats``). Returns first_call_s; p50_ms, p90_ms, p99_ms by nearest rank (p90/p99 None when too few calls
-    were timed for them: see :func:`nearest_rank`), max_ms and samples (the number of timed calls);
+    were timed for them: see :func:`nearest_rank`), max_ms and samples (the number of timed calls); host_p50_ms, the
+    median time until a call returned, before the wait for the device (near p50_ms: the call is bound by the host,
+    its launches; on a CPU the same as p50_ms);
     peak_memory_gib and first_calls_peak_memory_gib; and ``logits``, the first call's output as float32 on the CPU.
     Under ``torch.no_grad`` unless ``grad`` (a training step).
 
@@ -342,10 +344,12 @@ def measure(
                 return len(times) < repeats
             return len(times) < min_repeats or (sum(times) < budget_s and len(times) < max_repeats)
 
+        host: list[float] = []  # until the call returned, before the wait for the device
         while more():
             sync(device)
             start = time.perf_counter()
             fn(x)
+            host.append(time.perf_counter() - start)
             sync(device)
             times.append(time.perf_counter() - start)
     times.sort()
@@ -353,6 +357,7 @@ def measure(
     return {
         "first_call_s": first,
         "p50_ms": 1e3 * statistics.median(times),
+        "host_p50_ms": 1e3 * statistics.median(host),
         "p90_ms": ms(nearest_rank(times, 0.9)),
         "p99_ms": ms(nearest_rank(times, 0.99)),
         "max_ms": 1e3 * times[-1],

@@ -65,6 +65,7 @@ def test_measure_keeps_the_first_output_before_a_later_call_overwrites_it():
     assert len(calls) == 1 + 1 + 4  # first, warm-up, timed
     assert torch.equal(r["logits"], torch.ones(2, 3)) and r["logits"].dtype == torch.float32
     assert r["samples"] == 4 and r["max_ms"] >= r["p50_ms"] and r["peak_memory_gib"] is None
+    assert 0 < r["host_p50_ms"] <= r["p50_ms"]
     assert r["first_calls_peak_memory_gib"] is None
     bf16 = measure(lambda x: x.to(torch.bfloat16), torch.full((2,), 1.5), 1, torch.device("cpu"))
     assert bf16["logits"].dtype == torch.float32 and bf16["logits"].tolist() == [1.5, 1.5]
@@ -406,7 +407,9 @@ def test_engine_table_labels_precision_tails_and_image_path_flops():
            "cudnn_benchmark": True}  # fmt: skip
     text = bench_e2e.table(env, [row, {**row, "contestant": "engine-bf16", "error": "OOM"}], 150)
     label = "fp32, PyTorch defaults: TF32 convolutions, IEEE matmuls"
-    assert f"| official | {label} | 10.00 | 11.00 | max 12.50 | 40 | 100.0 | 1.0 | 1.50 (2.25) | 1.0e-03 |" in text
+    assert f"| official | {label} | 10.00 | - | 11.00 | max 12.50 | 40 | 100.0 | 1.0 | 1.50 (2.25) | 1.0e-03 |" in text
+    hosted = bench_e2e.table(env, [{**row, "host_p50_ms": 9.5}], 150)  # bound by its launches: near the p50
+    assert f"| official | {label} | 10.00 | 9.50 | 11.00 | max 12.50 |" in hosted and "| host ms |" in hosted
     assert "image path, of 790 TFLOP/s" in text and "cuDNN benchmark mode on" in text
     assert f"| engine-bf16 | {label} | failed: OOM |" in text
     # a contestant meant to replay CUDA graphs that ran without them says so beside its precision
