@@ -11,7 +11,7 @@
 # copies of status.txt and env.json: three files, rewritten after every step, so a call cut short still returns what
 # it finished.
 #
-# STEP: build info gpu_tests train_bench e2e_rn50 ops probe tune_score compile_baselines export_bench e2e_more rest
+# STEP: build info gpu_tests train_bench e2e_rn50 ops tune_score probe compile_baselines export_bench e2e_more rest
 # (default: all but build, in that order: the GPU tests (at most DCF_TESTS_S seconds, default 180), then each issue's
 # targets (training, end to end, operators), then torch.compile's minutes of compilation, then the rest), and
 # save_prebuilt (what make test-gpu-torch leaves for the GPU session, below). The extension is built when it is
@@ -239,8 +239,10 @@ probe() {  # which Triton score specialisations are wrong here (the NCHW 16-bit 
   timed "triton_nchw_probe" triton_nchw_probe.txt python3 benchmarks/triton_nchw_probe.py --out "$OUT"
 }
 
-tune_score() {  # the Triton score kernels' blocks, warps and pixel splits (chosen without a GPU) timed against each other
-  timed "tune_score" tune_score.txt python3 benchmarks/tune_score.py --out "$OUT"
+tune_score() {  # the Triton score forward's plans and blocks (chosen without a GPU) timed against each other (the
+  # backward's sweep was measured in the first session and adopted: FUSED_BLOCKS_NHWC); each variant's scores are
+  # compared with the default's too, so a wrong plan shows in its error column
+  timed "tune_score" tune_score.txt python3 benchmarks/tune_score.py --out "$OUT" --directions forward
 }
 
 e2e_more() {  # slide mode, the other architectures, and start-up on the GPU
@@ -259,8 +261,9 @@ e2e_more() {  # slide mode, the other architectures, and start-up on the GPU
 
 # Most valuable first, each step writing its files as it goes, so a run cut short still brings results back.
 # train_bench right after the tests: the training issue's target needs only its two rows (official-style and trainer
-# steps in one run); tune_score before torch.compile's minutes: it decides score.ROWS_FROM and TEXT_NORMS_FROM.
-ALL_STEPS="info gpu_tests train_bench e2e_rn50 ops probe tune_score compile_baselines export_bench e2e_more rest"
+# steps in one run); tune_score before the probe and torch.compile's minutes: it decides score.ROWS_FROM and
+# TEXT_NORMS_FROM (and checks their results against the default's).
+ALL_STEPS="info gpu_tests train_bench e2e_rn50 ops tune_score probe compile_baselines export_bench e2e_more rest"
 STEPS=${*:-$ALL_STEPS}
 for step in $STEPS; do
   [[ " build $ALL_STEPS save_prebuilt " == *" $step "* ]] \

@@ -1,6 +1,6 @@
 """Tuning sweep of the Triton score kernels (a benchmark for a GPU session, not part of `make bench`).
 
-    python benchmarks/tune_score.py [--out benchmarks/results] [--tag NAME] [--quick]
+    python benchmarks/tune_score.py [--out benchmarks/results] [--tag NAME] [--quick] [--directions forward backward]
 
 The blocks in ops/triton/score.py were chosen without a GPU, from ptxas (no register spills) and a byte count. This
 times, at the kernels issue's score shapes in bfloat16 (shared text as in bench_ops, and per-image text as in the
@@ -130,7 +130,10 @@ def variants(k: int) -> list[tuple[str, str, Callable[[], contextlib.AbstractCon
     return out
 
 
-def run_shape(shape: tuple[int, ...], batched_text: bool, device: torch.device, results: Results) -> None:
+def run_shape(
+    shape: tuple[int, ...], batched_text: bool, device: torch.device, results: Results,
+    directions: tuple[str, ...] = ("forward", "backward"),
+) -> None:  # fmt: skip
     from denseclip_fast import ops
 
     b, c, h, w, k = shape
@@ -147,6 +150,8 @@ def run_shape(shape: tuple[int, ...], batched_text: bool, device: torch.device, 
 
     expected: dict[str, Any] = {}
     for direction, name, context in variants(k):
+        if direction not in directions:
+            continue
         row: dict[str, Any] = {"shape": label, "direction": direction, "variant": name}
         try:
             with context():
@@ -202,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--tag", default=None)
     parser.add_argument("--quick", action="store_true", help="one tiny shape, shared text (the default without a GPU)")
+    parser.add_argument("--directions", nargs="+", choices=("forward", "backward"), default=["forward", "backward"],
+                        help="the passes to sweep (default both)")  # fmt: skip
     args = parser.parse_args(argv)
     device = triton_device("tune_score")
     if device is None:
@@ -210,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     results = Results(args.out, "tune_score", args.tag, common_environment(device), {"args": vars(args)}, markdown)
     for shape in QUICK_SHAPES if quick else SHAPES:
         for batched_text in (False,) if quick else (False, True):
-            run_shape(shape, batched_text, device, results)
+            run_shape(shape, batched_text, device, results, tuple(args.directions))
     print(f"wrote {results.save()}.md")
     return 0
 

@@ -567,6 +567,10 @@ def test_score_tuning_sweep_tries_each_variant_and_restores_the_defaults(tmp_pat
     assert "P16 C48 w8 2/SM | failed" in md and "| variant | graph | median |" in md
     forward_graphs = [r["graph_ms"] for r in rows if r["direction"] == "forward" and "error" not in r]
     assert forward_graphs == [None, None, None, None]  # a CPU
+    monkeypatch.setattr(tune_score, "FORWARD", [])
+    assert tune_score.main(["--quick", "--out", str(tmp_path), "--tag", "f", "--directions", "forward"]) == 0
+    rows = json.loads((tmp_path / "tune_score_f.json").read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["default", "norms P32 C32 w8", "rows P32 C16 w4"], rows
 
 
 def test_triton_nchw_probe_judges_each_specialisation(tmp_path, monkeypatch):
