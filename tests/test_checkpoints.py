@@ -872,7 +872,7 @@ def test_damage_inside_a_tensor_is_refused_by_the_archives_crc(tmp_path, officia
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_damage_inside_a_native_files_tensor_is_refused_by_its_crc(tmp_path, dtype):
+def test_damage_inside_a_native_files_tensor_is_refused_by_its_crc(tmp_path, dtype, monkeypatch):
     """safetensors stores no checksum: a bit flipped inside a tensor of a native file loaded as a wrong weight.
     DenseCLIP.save records a CRC-32 of the tensors' bytes in the metadata; load_checkpoint checks it."""
     model = DenseCLIP(tiny_config("resnet"), ["sky", "road", "car"]).to(dtype)
@@ -893,6 +893,22 @@ def test_damage_inside_a_native_files_tensor_is_refused_by_its_crc(tmp_path, dty
     with pytest.raises(CheckpointError, match=rf"damaged.safetensors: corrupt: 1 tensor\(s\) fail the CRC-32 "
                                               rf"recorded in the file \({name}\): its bytes are not"):  # fmt: skip
         dcf.load_checkpoint(damaged)
+    # verify=False: the tensors unchecked (a file the caller trusts): the damaged weight loads as it is, and the
+    # tensors' CRC-32s are not computed at all; the metadata's CRC still is
+    from denseclip_fast.checkpoints import native
+
+    computed = []
+    real = native.tensor_crc32s
+    monkeypatch.setattr(native, "tensor_crc32s", lambda tensors: computed.append(len(tensors)) or real(tensors))
+    loaded = dcf.load_checkpoint(damaged, verify=False).state_dict()[name]
+    assert not torch.equal(loaded, head) and loaded.flatten()[4:].equal(head.flatten()[4:]) and computed == []
+    assert torch.equal(dcf.load_checkpoint(intact, verify=True).state_dict()[name], head) and computed
+    meta_damaged = tmp_path / "meta.safetensors"
+    meta_damaged.write_bytes(intact.read_bytes().replace(b'\\"road\\"', b'\\"roae\\"'))
+    with pytest.raises(CheckpointError, match=r"its metadata \(architecture, class names, palette\) fails"):
+        dcf.load_checkpoint(meta_damaged, verify=False)
+    with pytest.raises(ValueError, match=r"verify must be True or False, got 'no'"):
+        dcf.load_checkpoint(intact, verify="no")  # type: ignore[arg-type]
 
 
 def test_a_native_files_crcs_are_the_documented_ones(native_file, monkeypatch):

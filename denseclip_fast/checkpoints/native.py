@@ -111,11 +111,14 @@ def tensor_crc32s(tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
     return {n: crc(n) for n in names}
 
 
-def check_crcs(metadata: dict[str, str], tensors: Mapping[str, torch.Tensor], path: str) -> None:
-    """CheckpointError when a native file's metadata or tensors fail the CRC-32s its ``crc32`` record holds (naming
-    the tensors), or when the record is damaged (not a JSON object of 8-hex-digit strings with the metadata's
-    entry). A file without the record (written before it existed) is not checked. Tensors the record does not name,
-    and names it has that the file lacks, are left to load_state_strict's missing and unexpected keys."""
+def check_crcs(
+    metadata: dict[str, str], tensors: Mapping[str, torch.Tensor], path: str, check_tensors: bool = True
+) -> None:  # fmt: skip
+    """CheckpointError when a native file's metadata or (with ``check_tensors``) tensors fail the CRC-32s its
+    ``crc32`` record holds (naming the tensors), or when the record is damaged (not a JSON object of 8-hex-digit
+    strings with the metadata's entry). A file without the record (written before it existed) is not checked.
+    Tensors the record does not name, and names it has that the file lacks, are left to load_state_strict's missing
+    and unexpected keys."""
     if CRC_KEY not in metadata:
         return
     recorded = _json(metadata, CRC_KEY, path)
@@ -131,6 +134,8 @@ def check_crcs(metadata: dict[str, str], tensors: Mapping[str, torch.Tensor], pa
     if metadata_crc32(metadata) != recorded[METADATA_ENTRY]:
         raise CheckpointError(path, "corrupt: its metadata (architecture, class names, palette) fails the CRC-32 "
                                     f"recorded in the file: it was damaged after it was saved; {advice}")  # fmt: skip
+    if not check_tensors:
+        return
     found = tensor_crc32s({n: t for n, t in tensors.items() if n in recorded})
     bad = sorted(n for n in found if found[n] != recorded[n])
     if bad:
