@@ -13,7 +13,8 @@
 #
 # STEP: build info gpu_tests train_bench e2e_rn50 ops tune_score probe compile_baselines export_bench e2e_more rest
 # (default: all but build, in that order: the GPU tests (at most DCF_TESTS_S seconds, default 180), then each issue's
-# targets (training, end to end, operators), then torch.compile's minutes of compilation, then the rest), and
+# targets (training, end to end, operators), the score forward's plans (tune_score) and the probe, then
+# torch.compile's minutes of compilation, then the rest), and
 # save_prebuilt (what make test-gpu-torch leaves for the GPU session, below). The extension is built when it is
 # missing and no prebuilt one fits (or with `build`); a warm machine keeps it. With the 15 minutes of device time of
 # a session (the machine's start included) plan one full call, `bash benchmarks/gpu_check.sh $OUT` with timeout_s
@@ -234,7 +235,7 @@ rest() {  # the CPU suite on this machine's torch/triton, and CMake's CUDA build
   tail -3 "$OUT/tests_rest.log" 2>/dev/null
 }
 
-probe() {  # which Triton score specialisations are wrong here (the NCHW 16-bit forward was on an H200): 2 minutes
+probe() {  # which Triton score specialisations are wrong here (the NCHW 16-bit forward was on an H200): <= 200 s
   local STEP_CAP_S=200
   timed "triton_nchw_probe" triton_nchw_probe.txt python3 benchmarks/triton_nchw_probe.py --out "$OUT"
 }

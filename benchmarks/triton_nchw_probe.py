@@ -40,15 +40,15 @@ TOL = {torch.float16: 2e-3, torch.bfloat16: 2e-2}
 LAYOUTS = {"NCHW, H x W = 256": (16, 16, False), "NCHW, H x W = 255": (15, 17, False),
            "NHWC, H x W = 256": (16, 16, True)}  # (H, W, channels_last)
 CLASSES = [64, 128, 150]  # one class block of 64, 128 and 256 rows
-# (warps, software-pipelining stages) per dtype: for the default kernel (every variant of 4 and 8 warps right on an
-# H200 in h200_2026-12-04b; now 8 warps, the launcher's past 128 classes) and for the other two (8 warps, the rows
-# kernel's; deeper pipelines too)
-VARIANTS = {torch.bfloat16: ([8], [1, 2, 3]), torch.float16: ([8], [3])}
-ROWS_VARIANTS = {torch.bfloat16: ([8], [2, 3, 4]), torch.float16: ([8], [3])}
+# (warps, software-pipelining stages) per dtype, warps None: the launcher's (4 up to 128 classes, 8 past them; the
+# rows kernel's 8): for the default kernel (every variant of 4 and 8 warps right on an H200 in h200_2026-12-04b)
+# and for the other two (deeper pipelines too)
+VARIANTS = {torch.bfloat16: ([None], [1, 2, 3]), torch.float16: ([None], [3])}
+ROWS_VARIANTS = {torch.bfloat16: ([None], [2, 3, 4]), torch.float16: ([None], [3])}
 # The forward kernels probed: (score.ROWS_FROM, score.TEXT_NORMS_FROM) for each (the rows kernel reads the text norms)
 KERNELS = {"channels": (None, None), "channels, text norms": (None, 0), "rows": (0, None)}
 QUICK = {"layouts": ["NCHW, H x W = 256"], "classes": [150], "kernels": list(KERNELS),
-         "variants": {kernel: {dtype: ([8], [1]) for dtype in TOL} for kernel in KERNELS}}  # fmt: skip
+         "variants": {kernel: {dtype: ([None], [1]) for dtype in TOL} for kernel in KERNELS}}  # fmt: skip
 
 
 def _inputs(layout: str, k: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,10 +60,11 @@ def _inputs(layout: str, k: int, dtype: torch.dtype, device: torch.device) -> tu
 
 
 def forward(
-    visual: torch.Tensor, text: torch.Tensor, warps: int, stages: int, kernel: str = "channels"
+    visual: torch.Tensor, text: torch.Tensor, warps: int | None, stages: int, kernel: str = "channels"
 ) -> torch.Tensor:
     """The forward kernel launched as score_forward_into plans it (score._forward_launch: blocks, grid, strides),
-    with these warps and stages, on visual's own layout (no NHWC copy); ``kernel``: which plan (KERNELS)."""
+    with these warps (None: the launcher's) and stages, on visual's own layout (no NHWC copy); ``kernel``: which
+    plan (KERNELS), the text norms (where planned) from _text_norm_kernel as the launcher makes them."""
     from denseclip_fast.ops.triton import score
 
     b, c, h, w = visual.shape
@@ -73,11 +74,15 @@ def forward(
     norm = score.empty_norm(visual)
     key = (tuple(visual.shape), visual.stride(), tuple(text.shape), tuple(out.shape), out.stride(), visual.dtype)
     plan = score._forward_launch.__wrapped__(*key, *KERNELS[kernel])
-    t_norm = torch.linalg.vector_norm(text.float(), dim=-1) if plan.text_norms else norm  # read only if planned
+    t_norm = norm  # read only if planned
+    if plan.text_norms:
+        t_norm = torch.empty(k, dtype=torch.float32, device=text.device)
+        score._text_norm_kernel[(score.cdiv(k, score.TEXT_BLOCKS["BLOCK_R"]),)](text, t_norm, k, c,
+                                                                               **score.TEXT_BLOCKS)  # fmt: skip
     (score._score_fwd_rows_kernel if plan.rows else score._score_fwd_kernel)[plan.grid](
         visual, text, out, norm, t_norm, c, h * w, k, *plan.visual_strides, 0, text.stride(0), text.stride(1), 0,
-        out.stride(0), out.stride(1), out.stride(3), 0.7, score.EPS, **plan.constexprs, num_warps=warps,
-        num_stages=stages,
+        out.stride(0), out.stride(1), out.stride(3), 0.7, score.EPS, **plan.constexprs,
+        num_warps=warps or plan.warps, num_stages=stages,
     )  # fmt: skip
     return out
 
@@ -142,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         variants = [(kernel, warps, stages) for kernel in plan["kernels"]
                     for warps, stages in itertools.product(*plan["variants"][kernel][dtype])]  # fmt: skip
         for kernel, warps, stages in variants:
-            row: dict[str, Any] = {"pass": "forward", **base, "kernel": kernel, "warps": warps, "stages": stages}
+            row: dict[str, Any] = {"pass": "forward", **base, "kernel": kernel, "warps": warps or "launcher's",
+                                   "stages": stages}  # fmt: skip
             try:
                 first = forward(visual, text, warps, stages, kernel)
                 row["error"] = rel_err(first, reference)

@@ -907,8 +907,9 @@ def test_damage_inside_a_native_files_tensor_is_refused_by_its_crc(tmp_path, dty
     meta_damaged.write_bytes(intact.read_bytes().replace(b'\\"road\\"', b'\\"roae\\"'))
     with pytest.raises(CheckpointError, match=r"its metadata \(architecture, class names, palette\) fails"):
         dcf.load_checkpoint(meta_damaged, verify=False)
-    with pytest.raises(ValueError, match=r"verify must be True or False, got 'no'"):
-        dcf.load_checkpoint(intact, verify="no")  # type: ignore[arg-type]
+    for bad in ("no", 1, None):
+        with pytest.raises(ValueError, match=rf"verify must be True or False, got {re.escape(repr(bad))}"):
+            dcf.load_checkpoint(intact, verify=bad)  # type: ignore[arg-type]
 
 
 def test_a_native_files_crcs_are_the_documented_ones(native_file, monkeypatch):

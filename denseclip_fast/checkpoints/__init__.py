@@ -88,7 +88,7 @@ def load_checkpoint(
         CheckpointError: unreadable, unsafe or inconsistent file (the message names the file and the reason);
             UnnamedClassesError when the file names no classes and ``class_names`` is None (unless K is 150).
         ValueError: ``path`` not a str or os.PathLike; ``class_names`` not a list of strings, of the wrong length
-            (ClassCountError) or with a name longer than 3 BPE tokens.
+            (ClassCountError) or with a name longer than 3 BPE tokens; ``verify`` not a bool.
     """
     path = path_argument(path)
     if not isinstance(verify, bool):

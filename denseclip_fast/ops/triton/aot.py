@@ -399,10 +399,11 @@ def _score_specializations(arch: int) -> Iterator[Spec]:
         yield _score_text(dt, "norm")
     for k in SCORE_CLASSES:  # the other class blocks
         yield _score("bf16", k)
+        yield _score("bf16", k, text_norms=True)
         yield _score("bf16", k, rows=True)
         yield _score("fp32", k)
-    for rows in (False, True):
-        yield _score("bf16", 150, wide=True, rows=rows)  # int64 indexing (images past 2**31 elements)
+    for text_norms, rows in ((False, False), (True, False), (False, True)):  # int64 indexing (images past 2**31
+        yield _score("bf16", 150, wide=True, text_norms=text_norms, rows=rows)  # elements), in each plan
     yield _score_backward("bf16", wide=True)
     for k in SCORE_CLASSES:
         yield _score_backward("bf16", k)

@@ -475,10 +475,9 @@ def _blocks(k: int, fp32: bool = False) -> tuple[int, int, int, int]:
 
 
 def _rows_blocks(k: int, fp32: bool = False) -> tuple[int, int, int, int]:
-    """(BLOCK_P, BLOCK_K, BLOCK_C, num_warps) of _score_fwd_rows_kernel: ROWS_BLOCKS, or _blocks' where the products
-    are float32 (FMAs on registers: bfloat16 under Triton's interpreter)."""
-    block_p, block_k, block_c, warps = _blocks(k, fp32)
-    return (block_p, block_k, block_c, warps) if fp32 else (ROWS_BLOCKS[0], block_k, ROWS_BLOCKS[1], ROWS_BLOCKS[2])
+    """(BLOCK_P, BLOCK_K, BLOCK_C, num_warps) of _score_fwd_rows_kernel: ROWS_BLOCKS, with _blocks' class block
+    (16-bit maps only on a GPU; ``fp32``, float32 products, is bfloat16 under Triton's interpreter)."""
+    return ROWS_BLOCKS[0], _blocks(k, fp32)[1], ROWS_BLOCKS[1], ROWS_BLOCKS[2]
 
 
 def empty_norm(visual: torch.Tensor) -> torch.Tensor:
