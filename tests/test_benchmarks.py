@@ -584,6 +584,37 @@ def test_score_tuning_sweep_tries_each_variant_and_restores_the_defaults(tmp_pat
     assert [r["variant"] for r in rows] == ["default", "norms P32 C32 w8", "rows P32 C16 w4"], rows
 
 
+@pytest.mark.parametrize("text_norms, rows, kernels", [
+    (False, False, ["_score_fwd_kernel"]), (True, False, ["_text_norm_kernel", "_score_fwd_kernel"]),
+    (True, True, ["_text_norm_kernel", "_score_fwd_rows_kernel"])])  # fmt: skip
+def test_score_tuning_variants_launch_what_their_labels_say(monkeypatch, text_norms, rows, kernels):
+    """tune_score.forward_blocks: a variant's blocks and plan are the ones launched (spied on the launcher), for the
+    default kernel, with the text norms' launch, and the rows kernel (16-bit maps); all back after."""
+    import torch
+
+    from benchmarks import tune_score
+    from denseclip_fast import ops
+    from denseclip_fast.ops import backends
+
+    if backends.triton_available() is not None:
+        pytest.skip(backends.triton_available())
+    from denseclip_fast.ops.triton import score
+
+    launched, plans = [], []
+    real_launch, real_plan, blocks = score.launch, score._forward_launch, score.ROWS_BLOCKS
+    monkeypatch.setattr(score, "launch", lambda kernel: launched.append(kernel.fn.__name__) or real_launch(kernel))
+    visual = torch.randn(1, 8, 5, 7).to(torch.float16)
+    text = torch.randn(3, 8).to(torch.float16)
+    with tune_score.forward_blocks(16, 32, 4, text_norms, rows):
+        monkeypatch.setattr(score, "_forward_launch", lambda *key: plans.append(real_plan(*key)) or plans[-1])
+        ops.pixel_text_score(visual, text, backend="triton")
+        monkeypatch.setattr(score, "_forward_launch", real_plan)
+    assert launched == kernels
+    (plan,) = plans
+    assert (plan.constexprs["BLOCK_P"], plan.constexprs["BLOCK_C"], plan.warps) == (16, 32, 4)
+    assert (score.ROWS_FROM, score.TEXT_NORMS_FROM, score.ROWS_BLOCKS) == (None, None, blocks)
+
+
 def test_triton_nchw_probe_judges_each_specialisation(tmp_path, monkeypatch):
     """benchmarks/triton_nchw_probe.py under Triton's interpreter (which computes every variant right): the forward
     kernel launched directly on an NCHW map and the backward with the NHWC copy off are judged right; a forward made
