@@ -133,12 +133,8 @@ def _triton_plan(fn: Callable, rows_from: int | None, norms_from: int | None) ->
     from denseclip_fast.ops.triton import score
 
     def run(*args: torch.Tensor) -> torch.Tensor:
-        saved = score.ROWS_FROM, score.TEXT_NORMS_FROM
-        score.ROWS_FROM, score.TEXT_NORMS_FROM = rows_from, norms_from
-        try:
+        with score.forward_plan(rows_from, norms_from):
             return fn(*args)
-        finally:
-            score.ROWS_FROM, score.TEXT_NORMS_FROM = saved
 
     run.forward_only = True  # type: ignore[attr-defined]
     return run

@@ -74,11 +74,7 @@ def forward(
     norm = score.empty_norm(visual)
     key = (tuple(visual.shape), visual.stride(), tuple(text.shape), tuple(out.shape), out.stride(), visual.dtype)
     plan = score._forward_launch.__wrapped__(*key, *KERNELS[kernel])
-    t_norm = norm  # read only if planned
-    if plan.text_norms:
-        t_norm = torch.empty(k, dtype=torch.float32, device=text.device)
-        score._text_norm_kernel[(score.cdiv(k, score.TEXT_BLOCKS["BLOCK_R"]),)](text, t_norm, k, c,
-                                                                               **score.TEXT_BLOCKS)  # fmt: skip
+    t_norm = score.text_norms(text) if plan.text_norms else norm  # read only if planned
     (score._score_fwd_rows_kernel if plan.rows else score._score_fwd_kernel)[plan.grid](
         visual, text, out, norm, t_norm, c, h * w, k, *plan.visual_strides, 0, text.stride(0), text.stride(1), 0,
         out.stride(0), out.stride(1), out.stride(3), 0.7, score.EPS, **plan.constexprs,

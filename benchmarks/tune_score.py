@@ -63,18 +63,17 @@ def forward_blocks(
     (score.ROWS_FROM = 0, these blocks as score.ROWS_BLOCKS)."""
     from denseclip_fast.ops.triton import score
 
-    saved = score._blocks, score.ROWS_BLOCKS, score.ROWS_FROM, score.TEXT_NORMS_FROM
+    saved = score._blocks, score.ROWS_BLOCKS
     if rows:
         score.ROWS_BLOCKS = (block_p, block_c, warps)
     else:
         score._blocks = lambda k, fp32=False: (block_p, saved[0](k, fp32)[1], block_c, warps)
-    score.ROWS_FROM = 0 if rows else None
-    score.TEXT_NORMS_FROM = 0 if text_norms else None
     score._forward_launch.cache_clear()  # launches are planned once per shape: plan them again
     try:
-        yield
+        with score.forward_plan(0 if rows else None, 0 if text_norms else None):
+            yield
     finally:
-        score._blocks, score.ROWS_BLOCKS, score.ROWS_FROM, score.TEXT_NORMS_FROM = saved
+        score._blocks, score.ROWS_BLOCKS = saved
         score._forward_launch.cache_clear()
 
 

@@ -1067,6 +1067,24 @@ def test_triton_score_indexes_in_int64_past_int32_offsets(monkeypatch):
     assert [(p.rows, p.text_norms, p.constexprs["WIDE"]) for p in plans] == [(False, True, True), (True, True, True)]
 
 
+def test_triton_score_plan_helpers_name_bad_arguments():
+    """score.forward_plan takes None or a pixel count for each threshold and puts the thresholds back after;
+    score.text_norms takes a contiguous (.., K, C) text and gives its rows' norms."""
+    from denseclip_fast.ops.triton import score
+
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match=rf"norms_from must be None or a number of pixels .*got {bad!r}"):
+            with score.forward_plan(None, bad):  # type: ignore[arg-type]
+                pass
+    with score.forward_plan(5, 0):
+        assert (score.ROWS_FROM, score.TEXT_NORMS_FROM) == (5, 0)
+    assert (score.ROWS_FROM, score.TEXT_NORMS_FROM) == (None, None)
+    text = torch.randn(2, 3, 8, dtype=torch.float64).to(DEVICE, torch.float16)
+    torch.testing.assert_close(score.text_norms(text), torch.linalg.vector_norm(text.float(), dim=-1))
+    with pytest.raises(ValueError, match=r"text must be a contiguous \(.., K, C\) tensor, got shape \(8, 3\)"):
+        score.text_norms(text[0].t())
+
+
 def test_triton_attention_blocks_fit_the_gpu_shared_memory():
     """float32 attention takes smaller blocks than the 16-bit kernels (registers: tests/test_triton_aot.py checks
     that no kernel spills), and shrinks them further to a GPU's shared memory; the H200 keeps them, and every

@@ -96,10 +96,9 @@ for dtype in (torch.float16, torch.float32):
         tag = f"{dtype} {'nhwc' if layout == torch.channels_last else 'nchw'}"
         check(f"score {tag}", lambda v, t: ops.pixel_text_score_triton(v, t, 2.0), v, t)
         # the forward's other plans (16-bit maps): the text norms from a launch of their own, the transposed kernel
-        for plan in ("TEXT_NORMS_FROM", "ROWS_FROM"):
-            setattr(score, plan, 0)
-            check(f"score {plan} {tag}", lambda v, t: ops.pixel_text_score_triton(v, t, 2.0), v, t)
-            setattr(score, plan, None)
+        for plan, thresholds in (("TEXT_NORMS_FROM", (None, 0)), ("ROWS_FROM", (0, None))):
+            with score.forward_plan(*thresholds):
+                check(f"score {plan} {tag}", lambda v, t: ops.pixel_text_score_triton(v, t, 2.0), v, t)
         check(f"concat {tag}", lambda f, v, t: ops.score_concat_triton(f, v, t, 2.0), feature, v, t)
         norm = torch.rand(2, 5, 6) + 0.5
         check(f"score_backward {tag}", lambda g, v, t: ops.pixel_text_score_backward_triton(g[:, 3:], v, t, 2.0),

@@ -33,8 +33,9 @@ A direct call without the forward's outputs runs the forward first.
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -500,6 +501,22 @@ TEXT_NORMS_FROM: int | None = None
 ROWS_BLOCKS = (128, 16, 8)  # BLOCK_P, BLOCK_C, warps of the rows kernel (no spill on sm_90, Triton 3.6 and 3.8)
 
 
+@contextlib.contextmanager
+def forward_plan(rows_from: int | None, norms_from: int | None) -> Iterator[None]:
+    """ROWS_FROM and TEXT_NORMS_FROM set so for the length of the block, and put back after (the benchmarks' A/Bs of
+    the forward's plans)."""
+    global ROWS_FROM, TEXT_NORMS_FROM
+    for name, value in (("rows_from", rows_from), ("norms_from", norms_from)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            raise ValueError(f"{name} must be None or a number of pixels (an int >= 0), got {value!r}")
+    saved = ROWS_FROM, TEXT_NORMS_FROM
+    ROWS_FROM, TEXT_NORMS_FROM = rows_from, norms_from
+    try:
+        yield
+    finally:
+        ROWS_FROM, TEXT_NORMS_FROM = saved
+
+
 class _ForwardLaunch(NamedTuple):
     """What score_forward_into launches for given sizes, strides and dtype (everything but the pointers)."""
 
@@ -509,7 +526,11 @@ class _ForwardLaunch(NamedTuple):
     constexprs: dict[str, Any]
     warps: int
     rows: bool  # _score_fwd_rows_kernel (ROWS_FROM)
-    text_norms: bool  # |t| from _text_norm_kernel (TEXT_NORMS_FROM, and with the rows kernel)
+
+    @property
+    def text_norms(self) -> bool:
+        """|t| from _text_norm_kernel (TEXT_NORMS_FROM, and with the rows kernel)."""
+        return bool(self.constexprs["TEXT_NORMS"])
 
 
 @functools.lru_cache(maxsize=1024)
@@ -527,14 +548,26 @@ def _forward_launch(
     dot_f32 = dot_in_f32(dtype)
     sixteen_bit = dtype != torch.float32
     rows = sixteen_bit and rows_from is not None and b * p >= rows_from
-    text_norms = rows or (sixteen_bit and norms_from is not None and b * p >= norms_from)
+    norms = rows or (sixteen_bit and norms_from is not None and b * p >= norms_from)
     block_p, block_k, block_c, warps = (_rows_blocks if rows else _blocks)(k, dot_f32)
     wide = _wide_of((v_shape, (v_strides[0], v_strides[1], v_strides[2] * w, v_strides[2])), (t_shape, t_stride),
                     (o_shape, o_stride))  # fmt: skip
     grid = (cdiv(p, block_p), cdiv(k, block_k), b)
     constexprs = {"BLOCK_P": block_p, "BLOCK_K": block_k, "BLOCK_C": block_c, "DOT_F32": dot_f32, "WIDE": wide,
-                  "TEXT_NORMS": text_norms}  # fmt: skip
-    return _ForwardLaunch(layout, v_strides, grid, constexprs, warps, rows, text_norms)
+                  "TEXT_NORMS": norms}  # fmt: skip
+    return _ForwardLaunch(layout, v_strides, grid, constexprs, warps, rows)
+
+
+def text_norms(t: torch.Tensor) -> torch.Tensor:
+    """|t| of the rows of the contiguous (.., K, C) text, float32 of its leading shape: _text_norm_kernel's launch,
+    where the forward's plan reads the norms (TEXT_NORMS)."""
+    if t.dim() < 2 or not t.is_contiguous():
+        raise ValueError(f"text must be a contiguous (.., K, C) tensor, got shape {tuple(t.shape)} with strides "
+                         f"{t.stride()}")  # fmt: skip
+    norms = torch.empty(t.shape[:-1], dtype=torch.float32, device=t.device)
+    rows = norms.numel()
+    launch(_text_norm_kernel)[(cdiv(rows, TEXT_BLOCKS["BLOCK_R"]),)](t, norms, rows, t.shape[-1], **TEXT_BLOCKS)
+    return norms
 
 
 def _batch_pieces(b: int | torch.SymInt) -> list[slice]:
@@ -597,9 +630,7 @@ def score_forward_into(
     k = t.shape[-2]
     t_norm, s_nb = norm, 0  # not read without TEXT_NORMS
     if plan.text_norms:
-        t_norm = torch.empty(t.shape[:-1], dtype=torch.float32, device=t.device)
-        rows, s_nb = t_norm.numel(), (k if t.dim() == 3 else 0)
-        launch(_text_norm_kernel)[(cdiv(rows, TEXT_BLOCKS["BLOCK_R"]),)](t, t_norm, rows, c, **TEXT_BLOCKS)
+        t_norm, s_nb = text_norms(t), (k if t.dim() == 3 else 0)
     launch(_score_fwd_rows_kernel if plan.rows else _score_fwd_kernel)[plan.grid](
         v, t, out, norm, t_norm, c, h * w, k, *plan.visual_strides, *_text_strides(t), s_nb, out.stride(0),
         out.stride(1), out.stride(3), float(scale), EPS, **plan.constexprs, num_warps=plan.warps,
