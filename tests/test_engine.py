@@ -176,12 +176,35 @@ def test_set_classes_equals_rebuilding(model):
     seg = _engine(model)
     x = torch.randn(1, 3, 64, 64)
     before = seg.logits(x)
-    buffer = seg._text.data_ptr()
+    buffers = [t.data_ptr() for t in (seg._text, *seg._prefix)]
     seg.set_classes(names)
-    assert seg._text.data_ptr() == buffer  # updated in place: captured graphs keep reading it
+    # the embeddings and the decoder's start from them updated in place: captured graphs keep reading them
+    assert [t.data_ptr() for t in (seg._text, *seg._prefix)] == buffers
     assert seg.class_names == names
     assert torch.equal(seg.logits(x), _engine(rebuilt).logits(x))
     assert rel_err(before, seg.logits(x)) > 1e-3
+
+
+def test_the_decoders_text_only_start_runs_once_per_vocabulary(model):
+    """What the context decoder computes from the class embeddings alone (model/decoder.py: text_proj, the first
+    layer's self-attention block, its cross-attention's queries) runs when a vocabulary is embedded (construction,
+    set_classes, an open vocabulary's first use), never per image; the logits stay the model's."""
+    seg = _engine(model)
+    starts: list[tuple[int, ...]] = []
+    seg.model.context_decoder.text_proj.register_forward_hook(lambda m, a, out: starts.append(tuple(out.shape)))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+    assert rel_err(seg.logits(x), expected) < 1e-4
+    seg.logits(x)
+    assert starts == []
+    names = ["dog", "sky", "road"]
+    seg.open_vocab(x, names)
+    seg.open_vocab(x, names)
+    assert starts == [(1, 3, model.config.decoder.width)]
+    seg.set_classes(list(reversed(model.class_names)))
+    seg.logits(x)
+    assert len(starts) == 2
 
 
 def test_a_segmenter_built_under_inference_mode_changes_its_classes(model):

@@ -11,7 +11,7 @@ import torch
 import denseclip_fast as dcf
 from denseclip_fast import DenseCLIP
 
-from .conftest import NAMES, rel_err, tiny_config
+from .conftest import NAMES, randomized, rel_err, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -415,3 +415,54 @@ def test_score_concat_output_in_the_lateral_convs_layout(kind):
             channels_innermost = score.stride(1) == 1 and score.stride(-1) != 1  # score: a slice of the level
             assert channels_innermost == (fused == torch.channels_last) and score.shape[1] == len(NAMES)
             torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-5)
+
+
+def _visual_context(feats) -> torch.Tensor:
+    """[g; z] (B, 1 + hw, D), the memory the context decoder attends to."""
+    return torch.cat([feats.global_feat.unsqueeze(1), feats.local_feat.flatten(2).transpose(1, 2)], dim=1)
+
+
+@pytest.mark.parametrize("kind", ["resnet", "vit"])
+@pytest.mark.parametrize("batch, names", [(1, NAMES[:1]), (3, NAMES)])
+def test_the_decoders_text_only_start_runs_once_for_a_batch(kind, batch, names):
+    """Out of training, what the context decoder computes from the class embeddings alone (text_proj, the first
+    layer's self-attention block and its cross-attention's queries) runs once, at batch 1, for the whole batch; in
+    float64 the result is the official decoder's on the text repeated for each image, which training keeps."""
+    model = randomized(DenseCLIP(tiny_config(kind), names)).double().eval()
+    x = torch.randn(batch, 3, 64, 64, dtype=torch.float64)
+    k, width = len(names), model.config.decoder.width
+    text_proj: list[tuple[int, ...]] = []
+    model.context_decoder.text_proj.register_forward_hook(lambda m, a, out: text_proj.append(tuple(out.shape)))
+    with torch.no_grad():
+        feats, text = model.extract(x), model.class_embeddings()
+        got = model.context_prompt(feats, text)
+        assert text_proj == [(1, k, width)]
+        repeated = text.unsqueeze(0).expand(batch, -1, -1)
+        decoded = model.context_decoder(repeated, _visual_context(feats))
+        prefix = model.context_decoder.prefix(text)
+        assert tuple(prefix.x.shape) == tuple(prefix.q.shape) == (1, k, width)
+    assert got.shape == (batch, k, text.shape[1])
+    torch.testing.assert_close(got, repeated + model.gamma * decoded, rtol=1e-12, atol=1e-12)
+    assert rel_err(model.gamma * decoded, got - repeated) < 1e-12
+    with pytest.raises(ValueError, match=r"text must be \(K, D\) class embeddings, got shape \(1, "):
+        model.context_decoder.prefix(text.unsqueeze(0))
+
+
+def test_training_repeats_the_text_for_each_images_dropout():
+    """In training the decoder runs on the text repeated for each image, as the official model's: its dropout draws
+    a mask per image, so two equal images get different class embeddings (a start shared by the batch would give
+    them the same, as evaluation does)."""
+    torch.manual_seed(0)
+    model = randomized(DenseCLIP(tiny_config("resnet"), NAMES)).train()
+    assert model.config.decoder.dropout > 0
+    text_proj: list[tuple[int, ...]] = []
+    model.context_decoder.text_proj.register_forward_hook(lambda m, a, out: text_proj.append(tuple(out.shape)))
+    x = torch.randn(1, 3, 64, 64).expand(2, -1, -1, -1)
+    feats = model.extract(x)
+    out = model.context_prompt(feats, model.class_embeddings())
+    assert text_proj == [(2, len(NAMES), model.config.decoder.width)]
+    assert rel_err(out[0], out[1]) > 1e-3, rel_err(out[0], out[1])
+    model.eval()
+    with torch.no_grad():
+        out = model.context_prompt(model.extract(x), model.class_embeddings())
+    assert rel_err(out[0], out[1]) < 1e-6, rel_err(out[0], out[1])  # the images' float32 rounding apart

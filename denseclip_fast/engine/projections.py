@@ -38,26 +38,30 @@ def _stacked(*layers: nn.Linear) -> tuple[nn.Parameter, nn.Parameter | None]:
     return weight, nn.Parameter(torch.cat(biases), requires_grad=False)
 
 
-class FusedAttention(nn.Module):
+class FusedAttention(Attention):
     """decoder.Attention with q_proj, k_proj and v_proj stacked in ``qkv_weight`` (3C, C): ``forward(q, kv)`` with
-    q and kv the same tensor (self-attention) in one GEMM, else q's and kv's (the stack's last 2C rows) in two."""
+    q and kv the same tensor (self-attention) in one GEMM, else q's and kv's (the stack's last 2C rows) in two
+    (:meth:`queries`, :meth:`keys_values`: a DecoderPrefix's queries are the stack's first C rows' too)."""
 
     def __init__(self, attention: Attention) -> None:
-        super().__init__()
+        nn.Module.__init__(self)  # not Attention's: the projections are the stack below
         self.heads = attention.heads
         self.qkv_weight, _ = _stacked(attention.q_proj, attention.k_proj, attention.v_proj)
         self.proj = attention.proj
         self.proj_drop = attention.proj_drop
 
     def forward(self, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
-        b, n, c = q.shape
-        if q is kv:
-            q, k, v = split_heads(F.linear(q, self.qkv_weight), self.heads, 3)
-        else:
-            k, v = split_heads(F.linear(kv, self.qkv_weight[c:]), self.heads, 2)
-            (q,) = split_heads(F.linear(q, self.qkv_weight[:c]), self.heads)
-        out = ops.context_attention(q, k, v)
-        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, c)))
+        if q is not kv:
+            return self.attend(self.queries(q), kv)
+        q, k, v = split_heads(F.linear(q, self.qkv_weight), self.heads, 3)
+        return self.merge(ops.context_attention(q, k, v))
+
+    def queries(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.qkv_weight[: x.shape[-1]])
+
+    def keys_values(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = split_heads(F.linear(kv, self.qkv_weight[kv.shape[-1] :]), self.heads, 2)
+        return k, v
 
 
 class FusedAttentionPool(DenseAttentionPool):

@@ -7,17 +7,18 @@
 
 What happens once, at construction: a private copy of the model is put in eval mode, its BatchNorms are folded into
 the convolutions, it is moved to the device and dtype (channels_last weights on CUDA), and the class embeddings of
-the vocabulary are computed in float32 and kept in a buffer; on a CPU the linear layers (the image path's in the
-engine's dtype, the text encoder's in float32) run through oneDNN, with QuickGELU as a post-op (cpu_linear.py), and
-a bfloat16 engine's convolutions through oneDNN's fused operator with their ReLU and residual sum (cpu_conv.py).
-Images go through in channels_last on every device (cuDNN's and oneDNN's fastest convolutions; on a 2-core CPU the
-engine takes 13% / 25% less time than eager PyTorch at batch 1 / 4, benchmarks/results/export_cpu_2threads_512.md). Per
-image only the image encoder, the context decoder, the fused score/concat operator, the FPN and the head run; on
-CUDA every (batch, size) is captured once into a CUDA graph and replayed; the head's logits are resized to the input
-size (and uint8 images' to their own) after the replay, in float32, by the finish: logits straight into the
-returned tensor, predict's labels a chunk of classes at a time (see labels; the resizes and the argmax in one pass:
-on a CPU of the extension's kernel, cpu_labels, on a GPU the last resize of a Triton kernel, ops/triton/labels.py).
-Slide mode evaluates all crops of a batch as one forward.
+the vocabulary are computed in float32 and kept in a buffer, with what the context decoder computes from them alone
+(text_proj, the first layer's self-attention block and its cross-attention's queries: model/decoder.py); on a CPU the
+linear layers (the image path's in the engine's dtype, the text encoder's in float32) run through oneDNN, with
+QuickGELU as a post-op (cpu_linear.py), and a bfloat16 engine's convolutions through oneDNN's fused operator with
+their ReLU and residual sum (cpu_conv.py). Images go through in channels_last on every device (cuDNN's and oneDNN's
+fastest convolutions; on a 2-core CPU the engine takes 13% / 25% less time than eager PyTorch at batch 1 / 4,
+benchmarks/results/export_cpu_2threads_512.md). Per image only the image encoder, the rest of the context decoder,
+the fused score/concat operator, the FPN and the head run; on CUDA every (batch, size) is captured once into a CUDA
+graph and replayed; the head's logits are resized to the input size (and uint8 images' to their own) after the
+replay, in float32, by the finish: logits straight into the returned tensor, predict's labels a chunk of classes at
+a time (see labels; the resizes and the argmax in one pass: on a CPU of the extension's kernel, cpu_labels, on a GPU
+the last resize of a Triton kernel, ops/triton/labels.py). Slide mode evaluates all crops of a batch as one forward.
 
 Threads: every public method takes one lock, so a Segmenter may be shared by threads, which then take turns; for
 parallel inference give each thread (or GPU) its own Segmenter. Processes: send the DenseCLIP model and build a
@@ -45,6 +46,7 @@ import torch
 from .. import ops
 from ..config import MIN_IMAGE_SIDE
 from ..model import DenseCLIP
+from ..model.decoder import DecoderPrefix
 from ..model.denseclip import check_image_size, check_test_image_size
 from ..model.slide import slide_inference, two_thirds_stride, window_sizes
 from ..model.text import check_class_names
@@ -374,8 +376,9 @@ class Segmenter:
             if projections.enabled():  # q/k/v of each attention in one GEMM (projections.py)
                 projections.fuse_attention_projections(self.model)
         refuse_loading(self.model)  # its weights are rewritten: new ones go into a DenseCLIP and a new Segmenter
-        self._text = self._embed(self.model.class_names)  # the buffer the graphs read; refreshed in place
-        self._vocabularies: OrderedDict[tuple[str, ...], torch.Tensor] = OrderedDict()
+        self._text = self._embed(self.model.class_names)  # the buffers the graphs read; refreshed in place
+        self._prefix = self._decoder_prefix(self._text)
+        self._vocabularies: OrderedDict[tuple[str, ...], tuple[torch.Tensor, DecoderPrefix]] = OrderedDict()
         self._lock = threading.RLock()
         self._done: Any = None  # a CUDA event recorded after the last call's GPU work (see _turn)
         self._graphs = GraphCache(self._forward, enabled=cuda_graphs and self.device.type == "cuda",
@@ -395,6 +398,12 @@ class Segmenter:
         names that tokenise alike are refused (open vocabulary)."""
         with torch.no_grad(), self._math(always=True):
             return self.model.text_features(names, distinct).to(self.dtype)
+
+    def _decoder_prefix(self, text: torch.Tensor) -> DecoderPrefix:
+        """The context decoder's start for class embeddings ``text`` (K, D) in the engine's dtype: what it computes
+        from the text alone (model/decoder.py), once per vocabulary, in the engine's arithmetic, not per image."""
+        with torch.no_grad(), self._math():
+            return self.model.context_decoder.prefix(text)
 
     def _math(self, always: bool = False) -> contextlib.ExitStack:
         """The engine's own arithmetic, whatever the caller's: float32 means float32 (TF32 off while a float32 engine,
@@ -429,7 +438,7 @@ class Segmenter:
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         """CLIP-normalised (N, 3, h, w) in the engine's dtype -> the head's logits (N, K, h/4, w/4): what the graphs
         capture. The resize to the input size runs after the replay (see _run and _encode_decode)."""
-        return self.model.logits_for(x, self._text, None)
+        return self.model.logits_for(x, self._text, None, self._prefix)
 
     def _encode_decode(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 3, h, w) -> (N, K, h, w) float32 logits in a new tensor (slide mode's windows; whole mode leaves the
@@ -554,19 +563,20 @@ class Segmenter:
         batch, finite = self._batch(images)
         with self._lock, self._turn(), torch.no_grad(), self._math():
             key = tuple(names)
-            text = self._vocabularies.get(key)
-            if text is None:
+            cached = self._vocabularies.get(key)
+            if cached is None:
                 text = self._embed(key, distinct=True)
-                self._vocabularies[key] = text
+                cached = self._vocabularies[key] = text, self._decoder_prefix(text)
                 while len(self._vocabularies) > MAX_VOCABULARIES:
                     self._vocabularies.popitem(last=False)
             self._vocabularies.move_to_end(key)  # the least recently used goes first (the oldest went, used or not)
+            text, prefix = cached
 
             def scores(x: torch.Tensor) -> Pending:
                 x = x.to(self.device, self.dtype, memory_format=self._layout())
                 feats = self.model.backbone(x)
                 z = feats.local_feat
-                s = ops.pixel_text_score(z, self.model.context_prompt(feats, text).to(z.dtype))
+                s = ops.pixel_text_score(z, self.model.context_prompt(feats, text, prefix).to(z.dtype))
                 return s, ((x.shape[2], x.shape[3]),)
 
             out = self._each_group(batch, scores, finish)
@@ -574,14 +584,17 @@ class Segmenter:
         return out
 
     def set_classes(self, names: Sequence[str]) -> None:
-        """Reword the vocabulary (exactly K names, each at most 3 BPE tokens); the embeddings are recomputed once
-        and written into the buffer the captured graphs read."""
+        """Reword the vocabulary (exactly K names, each at most 3 BPE tokens); the embeddings and the context
+        decoder's start from them are recomputed once and written into the buffers the captured graphs read."""
         with self._lock, self._turn():
             self.model.set_classes(names)
             # into the buffer the graphs read; made under torch.inference_mode (a Segmenter built there), it takes
             # in-place writes only in inference mode (it raised after the vocabulary had changed)
             with torch.inference_mode(self._text.is_inference()):
-                self._text.copy_(self._embed(self.model.class_names))
+                text = self._embed(self.model.class_names)
+                self._text.copy_(text)
+                for buffer, value in zip(self._prefix, self._decoder_prefix(text)):
+                    buffer.copy_(value)
 
     @property
     def class_names(self) -> list[str]:

@@ -5,6 +5,7 @@ Data flows one way:
     x (B,3,H,W) -> backbone -> levels C2..C5, global g (B,D), local z (B,D,h,w)
     class embeddings t (K,D) = text_encoder(class tokens, contexts)         [image-independent: cached in eval]
     t' = t + gamma * context_decoder(t, [g; z])                               (B,K,D)
+         (out of training the decoder's start, which sees t alone, runs once, not per image: decoder.py)
     s  = cosine(z, t')                                                        (B,K,h,w)
     levels[score_concat_index] = cat(levels[i], s)  -> FPN -> head -> bilinear resize to (H, W)
 
@@ -28,7 +29,7 @@ from ..config import MIN_IMAGE_SIDE, DenseCLIPConfig, preset
 from ..ops.library import memory_format_of
 from ..preprocess import keep_ratio_size
 from ..visualize import check_palette
-from .decoder import ContextDecoder
+from .decoder import ContextDecoder, DecoderPrefix
 from .features import ImageFeatures
 from .heads import FPN, SemanticFPNHead
 from .layers import init_
@@ -288,12 +289,23 @@ class DenseCLIP(nn.Module):
         self._check_images(x)
         return self.backbone(x.to(self.contexts.dtype))
 
-    def context_prompt(self, feats: ImageFeatures, text: torch.Tensor) -> torch.Tensor:
-        """Context-aware prompting: class embeddings (K, D) -> t + gamma * decoder(t, [g; z]), (B, K, D)."""
+    def context_prompt(
+        self, feats: ImageFeatures, text: torch.Tensor, prefix: DecoderPrefix | None = None
+    ) -> torch.Tensor:
+        """Context-aware prompting: class embeddings (K, D) -> t + gamma * decoder(t, [g; z]), (B, K, D).
+
+        In training, the decoder runs on the text repeated for each image, as the official model's (its dropout
+        draws a mask per image); else its image-independent start runs once (``prefix``: the decoder's
+        :meth:`~ContextDecoder.prefix` of this text in z's dtype, made beforehand; computed here where None)."""
         g, z = feats.global_feat, feats.local_feat
         visual_context = torch.cat([g.unsqueeze(1), z.flatten(2).transpose(1, 2)], dim=1)  # (B, 1 + hw, D)
-        text = text.to(z.dtype).unsqueeze(0).expand(z.shape[0], -1, -1)
-        return text + self.gamma * self.context_decoder(text, visual_context)
+        text = text.to(z.dtype)
+        if self.training and prefix is None:
+            text = text.unsqueeze(0).expand(z.shape[0], -1, -1)
+            return text + self.gamma * self.context_decoder(text, visual_context)
+        if prefix is None:
+            prefix = self.context_decoder.prefix(text)
+        return text + self.gamma * self.context_decoder.decode(prefix, visual_context)
 
     def logits_and_score(
         self, feats: ImageFeatures, text: torch.Tensor, size: Sequence[int] | None
@@ -327,12 +339,15 @@ class DenseCLIP(nn.Module):
             return out, score
         return F.interpolate(out, size=size, mode="bilinear", align_corners=False), score
 
-    def logits_for(self, x: torch.Tensor, text: torch.Tensor, size: Sequence[int] | None) -> torch.Tensor:
+    def logits_for(
+        self, x: torch.Tensor, text: torch.Tensor, size: Sequence[int] | None, prefix: DecoderPrefix | None = None
+    ) -> torch.Tensor:
         """Logits of images ``x`` already in the model's dtype and layout (not checked) for class embeddings ``text``
-        (K, D): image encoder, context prompting, score/concat, FPN, head, resize to ``size`` (None: 1/4 of the
-        image). The per-forward function of the engine and of the exported graphs."""
+        (K, D) (and their decoder ``prefix``, see context_prompt): image encoder, context prompting, score/concat,
+        FPN, head, resize to ``size`` (None: 1/4 of the image). The per-forward function of the engine and of the
+        exported graphs."""
         feats = self.backbone(x)
-        return self.logits_and_score(feats, self.context_prompt(feats, text), size)[0]
+        return self.logits_and_score(feats, self.context_prompt(feats, text, prefix), size)[0]
 
     def forward_features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Everything the whole-image forward computes: ``global_feat`` (B, D), ``local_feat`` (B, D, h, w),
