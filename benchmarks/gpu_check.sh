@@ -172,7 +172,7 @@ gpu_tests() {  # the operators on CUDA (all backends) and the model, engine and 
     "${pytest[@]}" tests/test_gpu.py -k "$kernels" &
   timed "GPU tests: model, engine, training, resampling" tests_gpu_model.log \
     "${pytest[@]}" tests/test_gpu.py tests/test_resample.py tests/test_cross_entropy.py tests/test_triton_labels.py \
-    tests/test_projections.py \
+    tests/test_projections.py tests/test_decoder_norms.py \
     -k "not ($kernels) and not aoti" &
   # each AOTInductor package test in a process of its own: loading the CUDA C++ one crashed its process on the H200
   # (segmentation fault, h200_2026-12-04b), which took the other one's failure message and the tests after it along
@@ -202,7 +202,7 @@ e2e_rn50() {  # the engine issue's headline: RN50 512x512 batch 1 and 16 (torch.
   timed "bench_e2e RN50 whole" bench_e2e_rn50_whole.txt \
     python3 benchmarks/bench_e2e.py --archs RN50 --modes whole --batches 1 16 --out "$OUT" --tag rn50_whole \
     --contestants official official-bf16 engine-fp32 engine-bf16 engine-bf16-plain-conv engine-bf16-aten-resample \
-    engine-bf16-separate-qkv
+    engine-bf16-separate-qkv engine-bf16-aten-add-ln
 }
 
 compile_baselines() {  # torch.compile of the official model and of the operator references: minutes of compilation,

@@ -54,7 +54,7 @@ from ..preprocess import normalize, resize_keep_ratio
 from ..validation import as_int, check_bool, check_device, given_dtype
 from ..visualize import default_palette
 from ..visualize import overlay as blend
-from . import cpu_labels, cuda_resample, projections
+from . import cpu_labels, cuda_resample, decoder_norms, projections
 from .cpu_conv import fuse_convolutions
 from .cpu_linear import rewrite_linears
 from .cuda_conv import cudnn_fusion_problem, fuse_cudnn_convolutions, gemm_pointwise_convolutions
@@ -375,6 +375,8 @@ class Segmenter:
             cuda_resample.swap_resamplings(self.model)
             if projections.enabled():  # q/k/v of each attention in one GEMM (projections.py)
                 projections.fuse_attention_projections(self.model)
+            # the context decoder's residual sums with the LayerNorms after them by a Triton kernel (decoder_norms.py)
+            decoder_norms.swap_decoder(self.model)
         refuse_loading(self.model)  # its weights are rewritten: new ones go into a DenseCLIP and a new Segmenter
         self._text = self._embed(self.model.class_names)  # the buffers the graphs read; refreshed in place
         self._prefix = self._decoder_prefix(self._text)

@@ -335,6 +335,25 @@ def _cross_entropy(which: str, jit: bool, k: int = 150) -> Spec:
     return f"{label} jit", fn, sig, const, options, attrs
 
 
+def _add_layer_norm(dt: str, jit: bool, width: int = 256, rows: int = 150) -> Spec:
+    """The CUDA engine decoder's residual sum + LayerNorm (layer_norm.py) at its width, for ``rows`` class queries
+    (RN50 batch 1: 150; the prefix's x broadcast over the batch)."""
+    from . import layer_norm
+
+    fn: Any = layer_norm._add_layer_norm_kernel
+    block_r, block_w = layer_norm.blocks(width)
+    const: dict[str, Any] = {"BLOCK_R": block_r, "BLOCK_W": block_w, "WIDE": False}
+    ptrs = {name: f"*{dt}" for name in fn.arg_names if name.endswith("_ptr")}
+    options = {"num_warps": layer_norm.WARPS}
+    label = f"add_layer_norm {dt} W={width}"
+    if not jit:
+        return label, fn, _signature(fn, ptrs, ("eps",), const), const, options, {}
+    args: dict[str, Any] = {**ptrs, "ROWS": rows, "L": rows, "W": width, "s_xb": 0, "s_xl": width,
+                            "s_yb": rows * width, "s_yl": width, "eps": 1e-5}  # fmt: skip
+    sig, const, attrs = jit_specialize(fn, {name: args[name] for name in fn.arg_names if name not in const}, const)
+    return f"{label} jit", fn, sig, const, options, attrs
+
+
 # predict's fused resize and argmax (RN50 512x512: 150 classes of 128x128 to 512x512): from the head's NHWC map in
 # the engine's dtypes, and from a float32 NCHW map (a uint8 image's second resize, after the first in memory)
 LABELS = (("bf16", "nhwc"), ("fp16", "nhwc"), ("fp32", "nhwc"), ("fp32", "nchw"))
@@ -514,6 +533,8 @@ def _specializations(arch: int) -> Iterator[Spec]:
         for dt, layout in LABELS:
             for start in (True, False):
                 yield _labels(dt, layout, jit, start)
+        for dt in ("bf16", "fp16", "fp32"):
+            yield _add_layer_norm(dt, jit)
 
 
 def _ptxas(arch: int) -> str | None:
