@@ -4,6 +4,8 @@ on a CPU (CI), on CUDA where there is one."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -56,6 +58,20 @@ def test_add_layer_norm_equals_the_sum_and_layer_norm(dtype, x_batch, batch, len
     _within(out, want, dtype, 2)
 
 
+class _Spy:
+    """A stand-in for the kernel that records each launch's WIDE and launches it."""
+
+    def __init__(self, kernel, seen: list) -> None:
+        self.kernel, self.seen = kernel, seen
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.seen.append(kwargs["WIDE"])
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
 @pytest.mark.parametrize("wide", [False, True])
 def test_add_layer_norm_reads_strided_rows_and_writes_zero_rows(wide, monkeypatch):
     """y a slice of a wider tensor (rows further apart than their width) and x a view with its own strides, with
@@ -63,13 +79,23 @@ def test_add_layer_norm_reads_strided_rows_and_writes_zero_rows(wide, monkeypatc
     if wide:
         monkeypatch.setattr(layer_norm, "WIDE_FROM", 1)
     g = torch.Generator().manual_seed(1)
-    wide = torch.randn(2, 6, 40, generator=g).to(DEVICE)
-    y = wide[:, 1:5, 3:35]  # (2, 4, 32), row stride 40, batch stride 240
+    wider = torch.randn(2, 6, 40, generator=g).to(DEVICE)
+    y = wider[:, 1:5, 3:35]  # (2, 4, 32), row stride 40, batch stride 240
     x = torch.randn(4, 2, 32, generator=g).to(DEVICE).transpose(0, 1)  # (2, 4, 32), strides (32, 64, 1)
     weight, bias = torch.rand(32, generator=g).to(DEVICE), torch.randn(32, generator=g).to(DEVICE)
+    widths = []
+    kernel = layer_norm._add_layer_norm_kernel
+    monkeypatch.setattr(layer_norm, "_add_layer_norm_kernel", _Spy(kernel, widths))
     total, out = layer_norm.add_layer_norm(x, y, weight, bias, 1e-6)
+    assert widths == [wide]
     assert torch.equal(total, x + y)
     torch.testing.assert_close(out, F.layer_norm(x + y, (32,), weight, bias, 1e-6), rtol=1e-5, atol=1e-5)
+    constant = torch.full((1, 2, 32), 3.0, device=DEVICE)  # no variance: eps alone sets the scale, bias the value
+    total, out = layer_norm.add_layer_norm(constant, constant, weight, bias, 0.25)
+    assert torch.equal(total, 2 * constant) and torch.allclose(out, bias.expand_as(out))
+    ones = torch.tensor([[[0.0, 2.0]]], device=DEVICE)  # variance 1: out = (+-1) / sqrt(1 + eps)
+    _, out = layer_norm.add_layer_norm(ones, torch.zeros_like(ones), weight[:2], torch.zeros(2, device=DEVICE), 3.0)
+    torch.testing.assert_close(out[0, 0], torch.stack([-weight[0], weight[1]]) / 2)
     empty = torch.zeros(0, 4, 32, device=DEVICE)
     total, out = layer_norm.add_layer_norm(x[:1], empty, weight, bias, 1e-5)
     assert total.shape == out.shape == (0, 4, 32)
@@ -102,16 +128,18 @@ def on_this_device(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(decoder_norms, "DEVICE_TYPES", (DEVICE,))
 
 
-@pytest.mark.parametrize("kind", ["resnet", "vit"])
+@pytest.mark.parametrize(("kind", "layers"), [("resnet", 1), ("resnet", 3), ("vit", 2)])
 @pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-def test_the_engines_decoder_equals_the_models(kind, dtype, tolerance, on_this_device, monkeypatch):
+def test_the_engines_decoder_equals_the_models(kind, layers, dtype, tolerance, on_this_device, monkeypatch):
     """An inference copy's ContextDecoder swapped (once) for the NormsDecoder over the same modules: from a
     vocabulary's prefix and a batch of 3 images' visual tokens, the kernel's route gives the model's decode within
     the dtype's rounding, every sum and LayerNorm of the decoder but the first layer's self-attention's through the
-    kernel (8 of 9 in the official 3 layers: 2 per layer, 3 in the others); switched off
+    kernel (8 of 9 in the official 3 layers: 2 in the first, 3 in the others); switched off
     (DENSECLIP_FAST_TRITON_ADD_LN=0), or in gradient mode (the kernel has no backward; the weights or the prefix
     may want a gradient), the model's decode exactly."""
-    model = randomized(dcf.DenseCLIP(tiny_config(kind), NAMES)).eval()
+    config = tiny_config(kind)
+    config = dataclasses.replace(config, decoder=dataclasses.replace(config.decoder, layers=layers))
+    model = randomized(dcf.DenseCLIP(config, NAMES)).eval()
     prepared = prepare_for_inference(model, torch.device(DEVICE), dtype)
     plain = prepared.context_decoder
     assert decoder_norms.swap_decoder(prepared) == 1 and decoder_norms.swap_decoder(prepared) == 0
@@ -141,10 +169,20 @@ def test_the_engines_decoder_equals_the_models(kind, dtype, tolerance, on_this_d
     assert len(calls) == 3 * len(plain.decoder) - 1
 
 
+def test_autocast_and_gradient_mode_take_the_models_decode(on_this_device):
+    x = torch.zeros(1, 2, 4, device=DEVICE)
+    with torch.no_grad():
+        assert decoder_norms.usable(x)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            assert not decoder_norms.usable(x)
+    assert not decoder_norms.usable(x)
+
+
 def test_a_cpu_tensor_never_imports_the_kernel(monkeypatch):
     """On a CPU (the engine's DEVICE_TYPES are CUDA's) the decoder is the model's, asked before Triton is."""
     monkeypatch.setattr(decoder_norms, "_kernels", lambda: pytest.fail("the kernel module was imported"))
-    assert not decoder_norms.usable(torch.zeros(1, 2, 4))
+    with torch.no_grad():
+        assert not decoder_norms.usable(torch.zeros(1, 2, 4))
     model = dcf.DenseCLIP(tiny_config("resnet"), NAMES).eval()
     decoder_norms.swap_decoder(model)
     with torch.no_grad():

@@ -466,3 +466,44 @@ def test_training_repeats_the_text_for_each_images_dropout():
     with torch.no_grad():
         out = model.context_prompt(model.extract(x), model.class_embeddings())
     assert rel_err(out[0], out[1]) < 1e-6, rel_err(out[0], out[1])  # the images' float32 rounding apart
+
+
+def test_an_eval_model_passes_gradients_through_the_decoders_start(tiny):
+    """Fine-tuning in eval mode: the decoder's text-only start, run once at batch 1, is on the autograd graph, so
+    every decoder parameter (text_proj, the first layer's self-attention and norms, its cross-attention's q_proj)
+    gets a gradient, as the per-image decoder's do."""
+    model = DenseCLIP(tiny.config, NAMES).eval()
+    model.load_state_dict(tiny.state_dict())
+    model(torch.randn(2, 3, 64, 64)).square().mean().backward()
+    missing = [name for name, p in model.context_decoder.named_parameters() if p.grad is None or not p.grad.any()]
+    assert missing == []
+
+
+def test_a_training_decoder_in_an_eval_model_draws_its_dropout_per_image():
+    """What decides is the decoder's own mode: a model in eval with its decoder training (fine-tuning the decoder
+    alone) repeats the text per image, so that each image gets its own dropout mask."""
+    torch.manual_seed(0)
+    model = randomized(DenseCLIP(tiny_config("resnet"), NAMES)).eval()
+    model.context_decoder.train()
+    text_proj: list[tuple[int, ...]] = []
+    model.context_decoder.text_proj.register_forward_hook(lambda m, a, out: text_proj.append(tuple(out.shape)))
+    x = torch.randn(1, 3, 64, 64).expand(2, -1, -1, -1)
+    with torch.no_grad():
+        out = model.context_prompt(model.extract(x), model.class_embeddings())
+    assert text_proj == [(2, len(NAMES), model.config.decoder.width)]
+    assert rel_err(out[0], out[1]) > 1e-3
+
+
+def test_a_prefix_of_another_vocabulary_or_dtype_is_refused(tiny):
+    with torch.no_grad():
+        feats = tiny.extract(torch.randn(1, 3, 64, 64))
+        text = tiny.class_embeddings()
+        other = tiny.context_decoder.prefix(text[:2])
+        message = f"prefix was made for 2 classes in torch.float32; the text has {len(NAMES)}"
+        with pytest.raises(ValueError, match=message):
+            tiny.context_prompt(feats, text, other)
+        wrong_dtype = tiny.context_decoder.prefix(text)._replace(x=torch.zeros(1, len(NAMES), 32, dtype=torch.float64))
+        with pytest.raises(ValueError, match="in torch.float64; .* image features are torch.float32"):
+            tiny.context_prompt(feats, text, wrong_dtype)
+        prefix = tiny.context_decoder.prefix(text)
+        torch.testing.assert_close(tiny.context_prompt(feats, text, prefix), tiny.context_prompt(feats, text))

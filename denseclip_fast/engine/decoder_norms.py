@@ -37,7 +37,8 @@ def _kernels() -> Any:
 
 
 def enabled() -> bool:
-    """Triton importable and the kernel not switched off (``DENSECLIP_FAST_TRITON_ADD_LN=0``, read at each call)."""
+    """Triton importable and the kernel not switched off (``DENSECLIP_FAST_TRITON_ADD_LN=0``, read at each call:
+    a captured CUDA graph keeps what was read at its capture)."""
     return os.environ.get("DENSECLIP_FAST_TRITON_ADD_LN", "1") != "0" and backends.triton_available() is None
 
 

@@ -294,17 +294,21 @@ class DenseCLIP(nn.Module):
     ) -> torch.Tensor:
         """Context-aware prompting: class embeddings (K, D) -> t + gamma * decoder(t, [g; z]), (B, K, D).
 
-        In training, the decoder runs on the text repeated for each image, as the official model's (its dropout
-        draws a mask per image); else its image-independent start runs once (``prefix``: the decoder's
+        While the decoder trains, it runs on the text repeated for each image, as the official model's (its
+        dropout draws a mask per image); else its image-independent start runs once (``prefix``: the decoder's
         :meth:`~ContextDecoder.prefix` of this text in z's dtype, made beforehand; computed here where None)."""
         g, z = feats.global_feat, feats.local_feat
         visual_context = torch.cat([g.unsqueeze(1), z.flatten(2).transpose(1, 2)], dim=1)  # (B, 1 + hw, D)
         text = text.to(z.dtype)
-        if self.training and prefix is None:
-            text = text.unsqueeze(0).expand(z.shape[0], -1, -1)
-            return text + self.gamma * self.context_decoder(text, visual_context)
         if prefix is None:
+            if self.context_decoder.training:
+                text = text.unsqueeze(0).expand(z.shape[0], -1, -1)
+                return text + self.gamma * self.context_decoder(text, visual_context)
             prefix = self.context_decoder.prefix(text)
+        elif prefix.x.shape[1] != text.shape[0] or prefix.x.dtype != z.dtype:
+            raise ValueError(f"prefix was made for {prefix.x.shape[1]} classes in {prefix.x.dtype}; the text has "
+                             f"{text.shape[0]} and the image features are {z.dtype}: make it with "
+                             "context_decoder.prefix(text) in the features' dtype")  # fmt: skip
         return text + self.gamma * self.context_decoder.decode(prefix, visual_context)
 
     def logits_and_score(

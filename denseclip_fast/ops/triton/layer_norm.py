@@ -1,5 +1,5 @@
 """A residual sum and the LayerNorm after it in one Triton pass: the CUDA engine's context decoder
-(engine/decoder.py), where each pre-norm block's residual sum is followed by the next block's LayerNorm.
+(engine/decoder_norms.py), where each pre-norm block's residual sum is followed by the next block's LayerNorm.
 
     s = x + y                       rounded to the dtype, as ATen's addition (x may have batch 1: broadcast)
     out = (s - mean) * rstd * weight + bias,  rstd = rsqrt(var + eps)
@@ -79,7 +79,8 @@ def _check(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.T
     for name, t in (("weight", weight), ("bias", bias)):
         if t.shape != (width,) or not t.is_contiguous() or not t.is_floating_point() or t.device != y.device:
             raise ValueError(f"add_layer_norm: {name} must be a contiguous floating-point ({width},) tensor on "
-                             f"{y.device}, got {t.dtype} of shape {tuple(t.shape)} on {t.device}")  # fmt: skip
+                             f"{y.device}, got {'a contiguous' if t.is_contiguous() else 'a non-contiguous'} "
+                             f"{t.dtype} tensor of shape {tuple(t.shape)} on {t.device}")  # fmt: skip
     if not 1 <= width <= MAX_WIDTH:
         raise ValueError(f"add_layer_norm: rows of 1 to {MAX_WIDTH} elements, got {width}")
 
