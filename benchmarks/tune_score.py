@@ -3,10 +3,11 @@
     python benchmarks/tune_score.py [--out benchmarks/results] [--tag NAME] [--quick] [--directions forward backward]
 
 The blocks in ops/triton/score.py were chosen without a GPU, from ptxas (no register spills) and a byte count. This
-times, at the kernels issue's score shapes in bfloat16 (shared text as in bench_ops, and per-image text as in the
-model), the forward at several (BLOCK_P, BLOCK_C, warps) and the backward (autograd, as bench_ops times it) at
-several fused-kernel (BLOCK_P, BLOCK_C), warps and pixel splits, each variant's scores and gradients compared with
-the default's. Writes JSON and markdown (fastest first per shape); a default changes only with a committed result.
+times, at the kernels issue's score shapes and the engine's batch-1 RN50 call in bfloat16 (shared text as in
+bench_ops, and per-image text as in the model), the forward at several (BLOCK_P, BLOCK_C, warps) and the backward
+(autograd, as bench_ops times it) at several fused-kernel (BLOCK_P, BLOCK_C), warps and pixel splits, each variant's
+scores and gradients compared with the default's. Writes JSON and markdown (fastest first per shape); a default
+changes only with a committed result.
 On a CPU (Triton's interpreter) --quick runs one tiny shape as a smoke test.
 """
 
@@ -30,8 +31,10 @@ from benchmarks.bench_ops import _graph_time  # noqa: E402
 from benchmarks.common import Results, failure, rel_err, triton_device  # noqa: E402
 from benchmarks.common import environment as common_environment  # noqa: E402
 
-# (B, C, H, W, K): the kernels issue's large and RN50/ADE score shapes; the quick one for a CPU
-SHAPES = [(32, 1024, 128, 128, 171), (16, 1024, 16, 16, 150)]
+# (B, C, H, W, K): the kernels issue's large and RN50/ADE score shapes, and the engine's RN50 call at batch 1 (256
+# pixels: 4 programs at 64 pixels a block, 16 at 16; 25.7 us of the engine's batch-1 profile, h200_2026-12-04c); the
+# quick one for a CPU
+SHAPES = [(32, 1024, 128, 128, 171), (16, 1024, 16, 16, 150), (1, 1024, 16, 16, 150)]
 QUICK_SHAPES = [(2, 64, 8, 8, 19)]
 # Variants besides the defaults (K > 128 in 16 bit: forward (64, 32, 8), backward BLOCK_P 16 and BLOCK_C 32, as
 # score.bwd_blocks gives them; the sweep times the defaults themselves too):
