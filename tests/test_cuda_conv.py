@@ -143,7 +143,9 @@ def test_a_fused_call_that_raises_or_a_map_too_large_takes_the_plain_path(stand_
 
 def test_a_cpu_segmenter_leaves_its_convolutions_to_the_cpu_rewrite():
     seg = dcf.Segmenter(randomized(dcf.DenseCLIP(tiny_config(), NAMES)).eval(), device="cpu")
-    assert seg._cudnn_fusion_problem is None
+    assert seg.cudnn_fusion_problem is None
+    with pytest.raises(AttributeError):
+        seg.cudnn_fusion_problem = "set"  # type: ignore[misc]  # read-only
     assert not any(isinstance(m, cuda_conv.CudnnConv2d) for m in seg.model.modules())
 
 

@@ -327,7 +327,7 @@ def test_engine_fuses_its_convolutions_with_cudnn(monkeypatch, dtype):
     model = randomized(DenseCLIP.from_arch("RN50", NAMES)).eval()
     x = torch.randn(2, 3, 128, 160, device="cuda")
     seg = Segmenter(model, device="cuda", dtype=dtype, capture_after=1)
-    assert seg._cudnn_fusion_problem is None, seg._cudnn_fusion_problem
+    assert seg.cudnn_fusion_problem is None, seg.cudnn_fusion_problem
     assert sum(isinstance(m, CudnnConv2d) for m in seg.model.modules()) >= 3 + 3 * 16
     # and the 1x1 convolutions without a ReLU as GEMMs: 4 shortcuts, 4 FPN laterals, the classifier
     assert sum(isinstance(m, GemmConv1x1) for m in seg.model.modules()) == 9
@@ -335,13 +335,13 @@ def test_engine_fuses_its_convolutions_with_cudnn(monkeypatch, dtype):
     assert torch.equal(seg.logits(x), fused) and seg.captured_graphs == 1
     monkeypatch.setenv("DENSECLIP_FAST_CUDNN_FUSION", "0")
     plain = Segmenter(model, device="cuda", dtype=dtype, capture_after=1)
-    assert plain._cudnn_fusion_problem == "switched off by DENSECLIP_FAST_CUDNN_FUSION=0"
+    assert plain.cudnn_fusion_problem == "switched off by DENSECLIP_FAST_CUDNN_FUSION=0"
     assert not any(isinstance(m, (CudnnConv2d, GemmConv1x1)) for m in plain.model.modules())
     assert rel_err(fused, plain.logits(x)) < (2e-2 if dtype == torch.bfloat16 else 2e-3)
     monkeypatch.delenv("DENSECLIP_FAST_CUDNN_FUSION")
     for kept in (Segmenter(model, device="cuda", dtype=torch.float32),
                  Segmenter(model, device="cuda", dtype=dtype, check_finite=False)):  # fmt: skip
-        assert kept._cudnn_fusion_problem is not None
+        assert kept.cudnn_fusion_problem is not None
         assert not any(isinstance(m, CudnnConv2d) for m in kept.model.modules())
 
 

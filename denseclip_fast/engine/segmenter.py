@@ -672,3 +672,11 @@ class Segmenter:
     def captured_graphs(self) -> int:
         """How many input shapes have been captured into CUDA graphs so far."""
         return self._graphs.captures
+
+    @property
+    def cudnn_fusion_problem(self) -> str | None:
+        """Why a CUDA engine's convolutions are PyTorch's own rather than cuDNN's fused convolution, bias, ReLU and
+        residual sum (engine/cuda_conv.py): its check on this GPU failed or differed, a float32 engine,
+        ``check_finite=False`` or ``DENSECLIP_FAST_CUDNN_FUSION=0``; None where they are fused, and on a CPU (whose
+        convolutions are oneDNN's: cpu_conv.py)."""
+        return self._cudnn_fusion_problem
