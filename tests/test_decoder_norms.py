@@ -14,7 +14,7 @@ import denseclip_fast as dcf
 from denseclip_fast.engine import decoder_norms
 from denseclip_fast.engine.rewrite import prepare_for_inference
 from denseclip_fast.model.decoder import ContextDecoder
-from denseclip_fast.ops.triton import layer_norm
+from denseclip_fast.ops.triton import layer_norm, resample
 
 from .conftest import NAMES, randomized, rel_err, tiny_config
 
@@ -77,7 +77,7 @@ def test_add_layer_norm_reads_strided_rows_and_writes_zero_rows(wide, monkeypatc
     """y a slice of a wider tensor (rows further apart than their width) and x a view with its own strides, with
     int32 offsets and (``wide``: the threshold lowered) int64 ones; an empty batch gives empty results."""
     if wide:
-        monkeypatch.setattr(layer_norm, "WIDE_FROM", 1)
+        monkeypatch.setattr(resample, "WIDE_FROM", 1)  # resample._wide decides, as for the other Triton kernels
     g = torch.Generator().manual_seed(1)
     wider = torch.randn(2, 6, 40, generator=g).to(DEVICE)
     y = wider[:, 1:5, 3:35]  # (2, 4, 32), row stride 40, batch stride 240

@@ -444,8 +444,13 @@ def test_the_decoders_text_only_start_runs_once_for_a_batch(kind, batch, names):
     assert got.shape == (batch, k, text.shape[1])
     torch.testing.assert_close(got, repeated + model.gamma * decoded, rtol=1e-12, atol=1e-12)
     assert rel_err(model.gamma * decoded, got - repeated) < 1e-12
-    with pytest.raises(ValueError, match=r"text must be \(K, D\) class embeddings, got shape \(1, "):
+    d = text.shape[1]
+    with pytest.raises(ValueError, match=rf"text must be \(K, {d}\) class embeddings, got shape \(1, "):
         model.context_decoder.prefix(text.unsqueeze(0))
+    with pytest.raises(ValueError, match=rf"text must be \(K, {d}\) class embeddings, got shape \({k}, {d + 1}\)"):
+        model.context_decoder.prefix(torch.zeros(k, d + 1, dtype=torch.float64))
+    with pytest.raises(ValueError, match=rf"visual must be \(B, N, {d}\) tokens, got shape \({batch}, {d}\)"):
+        model.context_decoder.decode(prefix, torch.zeros(batch, d, dtype=torch.float64))
 
 
 def test_training_repeats_the_text_for_each_images_dropout():

@@ -136,17 +136,23 @@ class ContextDecoder(nn.Module):
     def _first_layer(self) -> DecoderLayer:
         return typing.cast(DecoderLayer, self.decoder[0])
 
+    def _visual_dim(self) -> int:
+        """D, the width of the class embeddings and visual tokens (text_proj's LayerNorm's)."""
+        return int(typing.cast(nn.LayerNorm, self.text_proj[0]).normalized_shape[0])
+
     def prefix(self, text: torch.Tensor) -> DecoderPrefix:
         """The start of ``forward`` that sees only the class embeddings ``text`` (K, D): once for a vocabulary
         (DecoderConfig has at least one layer)."""
-        if text.dim() != 2:
-            raise ValueError(f"text must be (K, D) class embeddings, got shape {tuple(text.shape)}")
+        if text.dim() != 2 or text.shape[1] != self._visual_dim():
+            raise ValueError(f"text must be (K, {self._visual_dim()}) class embeddings, got shape {tuple(text.shape)}")
         return DecoderPrefix(*self._first_layer().start(self.text_proj(text.unsqueeze(0))))
 
     def decode(self, prefix: DecoderPrefix, visual: torch.Tensor) -> torch.Tensor:
         """``forward(text, visual)`` (B, K, D) for every image of ``visual`` (B, N, D), from the text's
         :meth:`prefix`; the same values where dropout draws nothing (evaluation), within rounding (the prefix's
         GEMMs run at batch 1)."""
+        if visual.dim() != 3 or visual.shape[2] != self._visual_dim():
+            raise ValueError(f"visual must be (B, N, {self._visual_dim()}) tokens, got shape {tuple(visual.shape)}")
         memory = self.memory_proj(visual)
         x = self._first_layer().finish(prefix.x, prefix.q, memory)
         for layer in self.decoder[1:]:

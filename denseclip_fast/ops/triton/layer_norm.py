@@ -23,12 +23,12 @@ import triton
 import triton.language as tl
 
 from .common import cdiv, next_power_of_2, on_device
+from .resample import _wide
 from .score import _index
 
 MAX_WIDTH = 8192  # widest row a program holds in registers
 TILE = 2048  # elements a program holds (rows x padded width)
 WARPS = 4
-WIDE_FROM = 2**31  # element offsets from here on are computed in int64
 
 
 @triton.jit
@@ -65,24 +65,24 @@ def blocks(width: int) -> tuple[int, int]:
     return max(1, TILE // block_w), block_w
 
 
-def _check(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> None:
-    """ValueErrors naming the argument for inputs the kernel does not take."""
+def problem(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> str | None:
+    """What the kernel does not take in these inputs, naming the argument (None: it takes them)."""
     if y.dim() != 3 or y.stride(-1) != 1 or y.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"add_layer_norm: y must be a (B, L, W) float32/float16/bfloat16 tensor with a unit last "
-                         f"stride, got {y.dtype} of shape {tuple(y.shape)} and strides {y.stride()}")  # fmt: skip
+        return (f"y must be a (B, L, W) float32/float16/bfloat16 tensor with a unit last stride, got {y.dtype} of "
+                f"shape {tuple(y.shape)} and strides {y.stride()}")  # fmt: skip
     b, length, width = y.shape
     if (x.dim() != 3 or x.shape[0] not in (1, b) or tuple(x.shape[1:]) != (length, width) or x.stride(-1) != 1
             or x.dtype != y.dtype or x.device != y.device):  # fmt: skip
-        raise ValueError(f"add_layer_norm: x must be ({b} or 1, {length}, {width}) {y.dtype} on {y.device} with a "
-                         f"unit last stride, as y, got {x.dtype} of shape {tuple(x.shape)} and strides {x.stride()} "
-                         f"on {x.device}")  # fmt: skip
+        return (f"x must be ({b} or 1, {length}, {width}) {y.dtype} on {y.device} with a unit last stride, as y, got "
+                f"{x.dtype} of shape {tuple(x.shape)} and strides {x.stride()} on {x.device}")  # fmt: skip
     for name, t in (("weight", weight), ("bias", bias)):
         if t.shape != (width,) or not t.is_contiguous() or not t.is_floating_point() or t.device != y.device:
-            raise ValueError(f"add_layer_norm: {name} must be a contiguous floating-point ({width},) tensor on "
-                             f"{y.device}, got {'a contiguous' if t.is_contiguous() else 'a non-contiguous'} "
-                             f"{t.dtype} tensor of shape {tuple(t.shape)} on {t.device}")  # fmt: skip
+            return (f"{name} must be a contiguous floating-point ({width},) tensor on {y.device}, got "
+                    f"{'a contiguous' if t.is_contiguous() else 'a non-contiguous'} {t.dtype} tensor of shape "
+                    f"{tuple(t.shape)} on {t.device}")  # fmt: skip
     if not 1 <= width <= MAX_WIDTH:
-        raise ValueError(f"add_layer_norm: rows of 1 to {MAX_WIDTH} elements, got {width}")
+        return f"rows of 1 to {MAX_WIDTH} elements, got {width}"
+    return None
 
 
 def add_layer_norm(
@@ -90,7 +90,9 @@ def add_layer_norm(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(x + y, F.layer_norm(x + y, (W,), weight, bias, eps)) for y (B, L, W) and x (B or 1, L, W) of y's dtype,
     each with a unit last stride; both results new contiguous (B, L, W) tensors in y's dtype (module docstring)."""
-    _check(x, y, weight, bias)
+    refused = problem(x, y, weight, bias)
+    if refused is not None:
+        raise ValueError(f"add_layer_norm: {refused}")
     b, length, width = y.shape
     total = torch.empty((b, length, width), dtype=y.dtype, device=y.device)
     out = torch.empty_like(total)
@@ -99,8 +101,7 @@ def add_layer_norm(
         return total, out
     block_r, block_w = blocks(width)
     s_xb = 0 if x.shape[0] == 1 else x.stride(0)
-    last = max(total.numel(), *((t.shape[0] - 1) * t.stride(0) + (length - 1) * t.stride(1) + width for t in (x, y)))
-    wide = last >= WIDE_FROM
+    wide = _wide(x, y, total)
     with on_device(y):
         _add_layer_norm_kernel[(cdiv(rows, block_r),)](
             x, y, weight, bias, total, out, rows, length, width, s_xb, x.stride(1), y.stride(0), y.stride(1),
