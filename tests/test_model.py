@@ -376,6 +376,48 @@ def test_score_concat_level_of_another_dtype():
 
 
 @pytest.mark.parametrize("kind", ["resnet", "vit"])
+def test_the_decoder_reads_the_encoders_tokens(kind):
+    """Both encoders make g and z views of one (B, 1 + h*w, D) token tensor, which the context decoder reads as
+    its memory instead of the official concatenation [g; z] (a copy): the same values, row by row of a map that is
+    not square, and the same prompted text as from the concatenation."""
+    model = randomized(DenseCLIP(tiny_config(kind), NAMES)).eval()
+    feats = model.extract(torch.randn(2, 3, 64, 96))
+    tokens = feats.tokens
+    assert tokens is not None and feats.visual_context() is tokens
+    b, d, h, w = feats.local_feat.shape
+    assert (h, w) != (w, h) and tokens.shape == (b, 1 + h * w, d)
+    assert feats.global_feat.data_ptr() == tokens.data_ptr() == feats.local_feat.data_ptr() - d * tokens.itemsize
+    concatenated = torch.cat([feats.global_feat.unsqueeze(1), feats.local_feat.flatten(2).transpose(1, 2)], dim=1)
+    assert torch.equal(tokens, concatenated)
+    assert torch.equal(feats.local_feat, tokens[:, 1:].transpose(1, 2).reshape(b, d, h, w))
+    without = dataclasses.replace(feats, tokens=None)
+    made = without.visual_context()
+    assert made.data_ptr() != tokens.data_ptr() and torch.equal(made, tokens)
+    text = model.class_embeddings()
+    with torch.no_grad():
+        assert torch.equal(model.context_prompt(feats, text), model.context_prompt(without, text))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        feats.local_feat = feats.local_feat.clone()  # type: ignore[misc]
+
+
+def test_context_prompt_adds_gamma_times_the_decoders_update():
+    """t' = t + gamma * decoder(t, [g; z]) (one addcmul), against the product and the sum written out, in float64
+    with a gamma far from its 1e-4 start, for the per-image (training) and the prefix (evaluation) paths."""
+    model = randomized(DenseCLIP(tiny_config(), NAMES)).double()
+    with torch.no_grad():
+        model.gamma.copy_(torch.linspace(-2.0, 3.0, model.gamma.numel(), dtype=torch.float64))
+    model.context_decoder.eval()
+    feats = model.extract(torch.randn(2, 3, 64, 64, dtype=torch.float64))
+    text = model.class_embeddings()
+    update = model.context_decoder(text.expand(2, -1, -1), feats.visual_context())
+    expected = text + model.gamma * update
+    torch.testing.assert_close(model.context_prompt(feats, text), expected, rtol=1e-12, atol=1e-12)
+    model.context_decoder.train()
+    model.context_decoder.apply(lambda m: setattr(m, "p", 0.0) if isinstance(m, torch.nn.Dropout) else None)
+    torch.testing.assert_close(model.context_prompt(feats, text), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["resnet", "vit"])
 def test_gradients_have_their_parameters_layout(kind):
     """DDP's gradient buckets are views in each parameter's layout: a gradient of another layout is copied every
     step (and DDP warns "Grad strides do not match bucket view strides"). The score/concat level, whose feature is
@@ -497,6 +539,32 @@ def test_a_training_decoder_in_an_eval_model_draws_its_dropout_per_image():
         out = model.context_prompt(model.extract(x), model.class_embeddings())
     assert text_proj == [(2, len(NAMES), model.config.decoder.width)]
     assert rel_err(out[0], out[1]) > 1e-3
+
+
+def test_a_training_decoder_layer_drops_its_mlps_residual():
+    """The official layer's last step is x + dropout(mlp(norm3(x))): in training each element of the MLP's update
+    is dropped or scaled by 1 / (1 - p), both seen; in eval it is added as it is. The attention's and the MLP's inner
+    dropouts are set to 0 here so that the residual's alone draws."""
+    from denseclip_fast.model.decoder import DecoderLayer
+
+    torch.manual_seed(0)
+    p, width = 0.5, 32
+    layer = randomized(DecoderLayer(width, 4, p)).double()
+    for module in (layer.self_attn.proj_drop, layer.cross_attn.proj_drop, layer.mlp[2]):
+        module.p = 0.0
+    x, memory = torch.randn(2, 5, width, dtype=torch.float64), torch.randn(2, 7, width, dtype=torch.float64)
+    with torch.no_grad():
+        x1, q = layer.start(x)
+        before = x1 + layer.cross_attn.attend(q, memory)
+        update = layer.mlp(layer.norm3(before))
+        layer.train()
+        drawn = layer.finish(x1, q, memory) - before
+        layer.eval()
+        kept = layer.finish(x1, q, memory) - before
+    torch.testing.assert_close(kept, update)
+    dropped = drawn.abs() < 1e-12
+    assert dropped.any() and (~dropped).any()
+    torch.testing.assert_close(drawn[~dropped], update[~dropped] / (1 - p))
 
 
 def test_a_prefix_of_another_vocabulary_or_dtype_is_refused(tiny):

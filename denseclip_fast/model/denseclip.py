@@ -296,20 +296,23 @@ class DenseCLIP(nn.Module):
 
         While the decoder trains, it runs on the text repeated for each image, as the official model's (its
         dropout draws a mask per image); else its image-independent start runs once (``prefix``: the decoder's
-        :meth:`~ContextDecoder.prefix` of this text in z's dtype, made beforehand; computed here where None)."""
-        g, z = feats.global_feat, feats.local_feat
-        visual_context = torch.cat([g.unsqueeze(1), z.flatten(2).transpose(1, 2)], dim=1)  # (B, 1 + hw, D)
+        :meth:`~ContextDecoder.prefix` of this text in z's dtype, made beforehand; computed here where None).
+        The decoder reads [g; z] as the encoder's tokens (ImageFeatures.visual_context: no concatenation), and
+        the product and the sum are one ``addcmul`` (one pass, rounded once: within an ulp of the official product
+        then sum)."""
+        z = feats.local_feat
+        visual_context = feats.visual_context()  # (B, 1 + hw, D)
         text = text.to(z.dtype)
         if prefix is None:
             if self.context_decoder.training:
                 text = text.unsqueeze(0).expand(z.shape[0], -1, -1)
-                return text + self.gamma * self.context_decoder(text, visual_context)
+                return torch.addcmul(text, self.gamma, self.context_decoder(text, visual_context))
             prefix = self.context_decoder.prefix(text)
         elif prefix.x.shape[1] != text.shape[0] or prefix.x.dtype != z.dtype:
             raise ValueError(f"prefix was made for {prefix.x.shape[1]} classes in {prefix.x.dtype}; the text has "
                              f"{text.shape[0]} and the image features are {z.dtype}: make it with "
                              "context_decoder.prefix(text) in the features' dtype")  # fmt: skip
-        return text + self.gamma * self.context_decoder.decode(prefix, visual_context)
+        return torch.addcmul(text, self.gamma, self.context_decoder.decode(prefix, visual_context))
 
     def logits_and_score(
         self, feats: ImageFeatures, text: torch.Tensor, size: Sequence[int] | None

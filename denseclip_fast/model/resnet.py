@@ -7,7 +7,8 @@ C2..C5 at strides 4/8/16/32 with 4w, 8w, 16w, 32w channels (w = 64 for RN50/RN10
 The attention pool is CLIP's, applied densely: tokens = [mean of C5; every C5 pixel] + positional embedding (the
 stored grid bilinearly resized to the actual h x w, align_corners=False), then multi-head attention of every token
 over all 1 + hw tokens with the q/k/v/c projections (through the fused ``ops.context_attention``). Token 0 is the
-global embedding g (B, D); tokens 1.. form the local embedding map z (B, D, h, w).
+global embedding g (B, D); tokens 1.. form the local embedding map z (B, D, h, w); both are views of the output
+tokens, which the context decoder reads as they are (ImageFeatures.visual_context).
 """
 
 from __future__ import annotations
@@ -98,18 +99,16 @@ class DenseAttentionPool(nn.Module):
         (v,) = split_heads(self.v_proj(tokens), self.heads)
         return q, k, v
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: C5 (B, C, h, w) -> global (B, D), local (B, D, h, w)."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: C5 (B, C, h, w) -> the output tokens (B, 1 + h*w, D): the global one, then every pixel's, row by row
+        (ImageFeatures.from_tokens makes g and z their views)."""
         b, c, h, w = x.shape
         tokens = x.flatten(2).transpose(1, 2)  # (B, hw, C)
         tokens = torch.cat([tokens.mean(dim=1, keepdim=True), tokens], dim=1)
         tokens = tokens + resize_positional_grid(self.positional_embedding, self.grid, (h, w)).to(tokens.dtype)
         q, k, v = self.project(tokens)
         out = ops.context_attention(q, k, v).transpose(1, 2).reshape(b, tokens.shape[1], c)
-        out = self.c_proj(out)  # (B, 1 + hw, D)
-        global_feat = out[:, 0]
-        local_feat = out[:, 1:].transpose(1, 2).reshape(b, -1, h, w)
-        return global_feat, local_feat
+        return self.c_proj(out)  # (B, 1 + hw, D)
 
 
 class CLIPResNetBackbone(nn.Module):
@@ -153,5 +152,4 @@ class CLIPResNetBackbone(nn.Module):
         c3 = self.layer2(c2)
         c4 = self.layer3(c3)
         c5 = self.layer4(c4)
-        global_feat, local_feat = self.attnpool(c5)
-        return ImageFeatures(levels=[c2, c3, c4, c5], global_feat=global_feat, local_feat=local_feat)
+        return ImageFeatures.from_tokens([c2, c3, c4, c5], self.attnpool(c5), c5.shape[-2:])

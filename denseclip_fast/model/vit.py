@@ -98,14 +98,10 @@ class CLIPViTBackbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> ImageFeatures:
         x, h, w = self.embed(x)
-        b = x.shape[0]
         maps = []
         for i, block in enumerate(self.transformer.resblocks):
             x = block(x)
             if i in self.out_indices:
                 maps.append(self._token_map(x[:, 1:], h, w))
         levels = [fpn(m) for fpn, m in zip((self.fpn1, self.fpn2, self.fpn3, self.fpn4), maps)]
-        x = self.ln_post(x) @ self.proj
-        global_feat = x[:, 0]
-        local_feat = x[:, 1:].reshape(b, h, w, -1).permute(0, 3, 1, 2)
-        return ImageFeatures(levels=levels, global_feat=global_feat, local_feat=local_feat)
+        return ImageFeatures.from_tokens(levels, self.ln_post(x) @ self.proj, (h, w))
