@@ -25,6 +25,9 @@ Contestants (random weights, BN statistics and gamma randomised so every stage m
                       (DENSECLIP_FAST_FUSED_QKV=0 at its construction and calls: engine/projections.py)
   engine-bf16-aten-add-ln  engine-bf16 with the context decoder's residual sums and LayerNorms as ATen's kernels
                       (DENSECLIP_FAST_TRITON_ADD_LN=0 at its construction and calls: engine/decoder_norms.py)
+  engine-bf16-fp32-ln  engine-bf16 with ViT's CLIP LayerNorms as the model computes them (float32 copies around a
+                      float32 LayerNorm: DENSECLIP_FAST_NATIVE_LN=0 at its construction and calls: engine/rewrite.py);
+                      the ResNets' image path has none
 On CUDA, cuDNN benchmark mode is on for every contestant (mmseg's default runtime has cudnn_benchmark=True, so
 upstream's test runs with it); the environment block records it and the TF32 settings, each row its precision.
 Each torch.compile contestant starts from torch._dynamo.reset() and compiles for static shapes (dynamic=False): a
@@ -83,12 +86,13 @@ from denseclip_fast.engine.segmenter import Mode, no_tf32  # noqa: E402
 PEAK_FLOPS = 790e12  # the engine issue's H200 bf16 dense tensor-core figure: a fixed yardstick for every row
 # The engine first and the slow compiles last, so that a run stopped by a time budget has measured what matters most.
 ALL = ("engine-bf16", "engine-fp32", "official", "official-bf16", "compile-ro", "compile-ma", "engine-bf16-plain-conv",
-       "engine-bf16-aten-resample", "engine-bf16-separate-qkv", "engine-bf16-aten-add-ln")
+       "engine-bf16-aten-resample", "engine-bf16-separate-qkv", "engine-bf16-aten-add-ln", "engine-bf16-fp32-ln")
 # engine-bf16 with one of its GPU rewrites switched off, by the environment variable that does so: (name, value)
 SWITCHED_OFF = {"engine-bf16-plain-conv": ("DENSECLIP_FAST_CUDNN_FUSION", "0"),
                 "engine-bf16-aten-resample": ("DENSECLIP_FAST_TRITON_RESAMPLE", "0"),
                 "engine-bf16-separate-qkv": ("DENSECLIP_FAST_FUSED_QKV", "0"),
-                "engine-bf16-aten-add-ln": ("DENSECLIP_FAST_TRITON_ADD_LN", "0")}
+                "engine-bf16-aten-add-ln": ("DENSECLIP_FAST_TRITON_ADD_LN", "0"),
+                "engine-bf16-fp32-ln": ("DENSECLIP_FAST_NATIVE_LN", "0")}
 
 
 def build(arch: str, classes: int, device: torch.device) -> tuple[dcf.DenseCLIP, OfficialDenseCLIP]:
@@ -122,6 +126,8 @@ def precision(name: str, device: torch.device, tf32: dict[str, str]) -> str:
         return "bf16, separate q/k/v GEMMs"
     if name == "engine-bf16-aten-add-ln":
         return "bf16, ATen's decoder sums and LayerNorms"
+    if name == "engine-bf16-fp32-ln":
+        return "bf16, CLIP LayerNorms through float32 copies"
     if name == "compile-ro":
         return "bf16 autocast, reduce-overhead (CUDA graphs), no freezing"
     if name == "compile-ma":
@@ -447,7 +453,8 @@ def bar_chart(rows: list[dict], path: str) -> None:
     colors = {"official": (150, 150, 150), "official-bf16": (110, 110, 110), "compile-ro": (230, 150, 40),
               "compile-ma": (200, 110, 20), "engine-fp32": (60, 130, 220), "engine-bf16": (20, 80, 180),
               "engine-bf16-plain-conv": (90, 140, 200), "engine-bf16-aten-resample": (120, 160, 210),
-              "engine-bf16-separate-qkv": (150, 180, 220), "engine-bf16-aten-add-ln": (170, 195, 225)}  # fmt: skip
+              "engine-bf16-separate-qkv": (150, 180, 220), "engine-bf16-aten-add-ln": (170, 195, 225),
+              "engine-bf16-fp32-ln": (185, 205, 230)}  # fmt: skip
     for i, r in enumerate(rows):
         y = 40 + i * (bar_h + pad)
         label = f"{r['arch']} {r['mode']} {'x'.join(map(str, r['shape']))} {r['contestant']}"

@@ -404,7 +404,7 @@ def test_engine_table_labels_precision_tails_and_image_path_flops():
     assert bench_e2e.precision("engine-fp32", cuda, defaults) == "fp32, IEEE (TF32 off)"
     assert "no freezing" in bench_e2e.precision("compile-ro", cuda, defaults)
     assert [bench_e2e.runs_official(n) for n in bench_e2e.ALL] == [False, False, True, True, True, True, False, False,
-                                                                   False, False]
+                                                                   False, False, False]
     assert set(tf32_settings().values()) <= {"tf32", "ieee"}
     row = {"arch": "RN50", "mode": "whole", "shape": [1, 3, 512, 512], "contestant": "official",
            "precision": bench_e2e.precision("official", cuda, defaults), "p50_ms": 10.0, "p90_ms": 11.0,
@@ -440,7 +440,7 @@ def test_switched_off_engine_contestants_build_and_call_their_segmenter_so(monke
     import torch
 
     variables = ("DENSECLIP_FAST_CUDNN_FUSION", "DENSECLIP_FAST_TRITON_RESAMPLE", "DENSECLIP_FAST_FUSED_QKV",
-                 "DENSECLIP_FAST_TRITON_ADD_LN")
+                 "DENSECLIP_FAST_TRITON_ADD_LN", "DENSECLIP_FAST_NATIVE_LN")
     seen = []
 
     class Recorder:
@@ -453,14 +453,14 @@ def test_switched_off_engine_contestants_build_and_call_their_segmenter_so(monke
         monkeypatch.delenv(variable, raising=False)
     official = argparse.Namespace(texts=torch.zeros(1))
     names = ("engine-bf16-plain-conv", "engine-bf16-aten-resample", "engine-bf16-separate-qkv",
-             "engine-bf16-aten-add-ln", "engine-bf16")
+             "engine-bf16-aten-add-ln", "engine-bf16-fp32-ln", "engine-bf16")
     for name in names:
         bench_e2e.contestant(name, None, official, torch.device("cpu"), "whole", 512, 341)(torch.zeros(1))
-    assert seen == [("built", torch.bfloat16, "0", None, None, None), ("called", "0", None, None, None),
-                    ("built", torch.bfloat16, None, "0", None, None), ("called", None, "0", None, None),
-                    ("built", torch.bfloat16, None, None, "0", None), ("called", None, None, "0", None),
-                    ("built", torch.bfloat16, None, None, None, "0"), ("called", None, None, None, "0"),
-                    ("built", torch.bfloat16, None, None, None, None), ("called", None, None, None, None)]  # fmt: skip
+    expected = []
+    for i in range(len(names)):  # each switched-off contestant sets its own variable alone; engine-bf16 none
+        values = tuple("0" if j == i else None for j in range(len(variables)))
+        expected += [("built", torch.bfloat16, *values), ("called", *values)]
+    assert seen == expected
     assert not any(v in os.environ for v in variables)
     assert bench_e2e.precision("engine-bf16-plain-conv", torch.device("cuda"), {}) == "bf16, PyTorch's convolutions"
     assert set(bench_e2e.SWITCHED_OFF) <= set(bench_e2e.ALL)

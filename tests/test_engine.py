@@ -87,6 +87,75 @@ def test_bf16_engine_is_close(model):
     assert out.dtype == torch.float32 and rel_err(out, expected) < 2e-2
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_native_layer_norm_is_clips_in_one_pass(dtype):
+    """NativeLayerNorm: for 16-bit tokens and weights one aten.native_layer_norm (no float32 copies) within a unit
+    of the last place of LayerNormFp32's float32 computation (equal in most elements); float32, or tokens of
+    another dtype than the weights, take LayerNormFp32's path and equal it."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from denseclip_fast.engine.rewrite import NativeLayerNorm
+    from denseclip_fast.model.layers import LayerNormFp32
+
+    class Ops(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.names: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    clip = LayerNormFp32(96)
+    with torch.no_grad():
+        clip.weight.normal_(1.0, 0.5), clip.bias.normal_(0.0, 0.2)
+    clip = clip.to(dtype)
+    native = NativeLayerNorm(96).to(dtype)
+    native.load_state_dict(clip.state_dict())
+    x = (torch.randn(3, 37, 96) * 4 + 2).to(dtype)
+    with torch.no_grad(), Ops() as ops:
+        got = native(x)
+    expected = clip(x)
+    assert got.dtype == dtype
+    if dtype == torch.float32:
+        assert torch.equal(got, expected)
+        return
+    assert ops.names == ["native_layer_norm.default"]
+    # a unit of the last place, and 1e-5 absolute where w * (x - mean) * rstd and b cancel (the float32 statistics'
+    # last bits then show in the bits of a value near 0)
+    ulp = torch.finfo(dtype).eps * expected.float().abs() + 1e-5
+    assert ((got.float() - expected.float()).abs() <= ulp).all()
+    assert (got == expected).float().mean() > 0.9
+    other = (torch.float16 if dtype == torch.bfloat16 else torch.bfloat16)
+    assert torch.equal(native(x.to(other)), clip(x.to(other)))  # tokens of another dtype: LayerNormFp32's path
+
+
+@pytest.mark.parametrize("dtype, switch, native", [(torch.bfloat16, None, True), (torch.bfloat16, "0", False),
+                                                   (torch.float32, None, False)])  # fmt: skip
+def test_a_16_bit_engine_swaps_the_vits_clip_layer_norms(dtype, switch, native, monkeypatch):
+    """A 16-bit Segmenter's ViT runs its ln_pre, blocks' ln_1/ln_2 and ln_post as NativeLayerNorm (the text
+    encoder keeps LayerNormFp32, and its embeddings stay the model's); not with DENSECLIP_FAST_NATIVE_LN=0, not in
+    float32. Either way the logits stay within bfloat16's tolerance of the model's."""
+    from denseclip_fast.engine.rewrite import NativeLayerNorm
+
+    if switch is None:
+        monkeypatch.delenv("DENSECLIP_FAST_NATIVE_LN", raising=False)
+    else:
+        monkeypatch.setenv("DENSECLIP_FAST_NATIVE_LN", switch)
+    torch.manual_seed(0)
+    model = randomized(DenseCLIP(tiny_config("vit"), NAMES)).eval()
+    seg = _engine(model, dtype=dtype)
+    image = [type(m) for m in seg.model.backbone.modules() if isinstance(m, torch.nn.LayerNorm)]
+    layers = len(model.backbone.transformer.resblocks)
+    assert image.count(NativeLayerNorm) == (2 * layers + 2 if native else 0)
+    assert not any(isinstance(m, NativeLayerNorm) for m in seg.model.text_encoder.modules())
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+    assert rel_err(seg.logits(x), expected) < (2e-2 if dtype == torch.bfloat16 else 1e-4)
+
+
 def test_bf16_engine_resizes_its_logits_in_float32(model):
     """The head's bfloat16 logits are cast to float32 before the bilinear resize to the input size (as the official
     model's, and as the AOTInductor packages'); a resize in bfloat16 rounds the full-size logits (3e-3)."""

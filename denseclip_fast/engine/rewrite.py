@@ -6,19 +6,25 @@
   sqrt(var + eps) + beta, computed in float32 before any cast.
 * channels_last weights (and inputs), which cuDNN's fastest convolutions use.
 * native low-precision weights (the CLIP LayerNorms keep computing in float32).
+* for the Segmenter's 16-bit copy: the image encoder's CLIP LayerNorms as one ATen ``layer_norm`` of the 16-bit
+  tokens and weights (:func:`native_layer_norms`), which computes in float32 too, instead of three float32 copies
+  around a float32 one.
 """
 
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..model import DenseCLIP
 from ..model.heads import ConvModule
+from ..model.layers import LayerNormFp32
 from ..model.resnet import Bottleneck, CLIPResNetBackbone
 from ..model.vit import CLIPViTBackbone
 
@@ -165,3 +171,44 @@ def channels_last_pyramid(model: DenseCLIP) -> bool:
         return False
     model.backbone.pyramid_channels_last = True
     return True
+
+
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
+class NativeLayerNorm(LayerNormFp32):
+    """CLIP's float32 LayerNorm where the input and the weights share a 16-bit dtype: ATen's ``layer_norm``, whose
+    CPU and CUDA kernels compute the statistics and the affine map in float32 and round once, as LayerNormFp32's
+    float32 computation and cast back do, in one pass; LayerNormFp32 made four more (the tokens to float32, the
+    weight and bias to float32, the result back), each a kernel and, for the tokens, a float32 copy written and read.
+    The results differ from LayerNormFp32's only in the order of the kernels' sums (float32 statistics): here, in at
+    most a unit of the last place of a few elements. Any other input (float32, or a dtype other than the weights')
+    takes LayerNormFp32's computation."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, b = self.weight, self.bias
+        if x.dtype in HALF_DTYPES and w is not None and b is not None and x.dtype == w.dtype == b.dtype:
+            return F.layer_norm(x, self.normalized_shape, w, b, self.eps)
+        return super().forward(x)
+
+
+def native_layer_norms_enabled() -> bool:
+    """Whether the Segmenter swaps them (``DENSECLIP_FAST_NATIVE_LN=0``: not; read when it is built)."""
+    return os.environ.get("DENSECLIP_FAST_NATIVE_LN", "1") != "0"
+
+
+def native_layer_norms(model: DenseCLIP) -> int:
+    """Swap the image encoder's LayerNormFp32 modules (a ViT's ln_pre, its blocks' ln_1 and ln_2, ln_post) for
+    :class:`NativeLayerNorm` on the same parameters, in place; returns how many. For the Segmenter's copy in a 16-bit
+    dtype (where they differ: float32 takes LayerNormFp32's path). The text encoder keeps its own (float32, and the
+    class embeddings stay the model's), and so do the exporters' graphs (ONNX's LayerNorm of a float16 graph would
+    run in float16 on some runtimes)."""
+    swapped = 0
+    for parent in model.backbone.modules():
+        for name, child in list(parent.named_children()):
+            if type(child) is LayerNormFp32:
+                native = NativeLayerNorm(child.normalized_shape, child.eps, child.elementwise_affine, device="meta")
+                native.weight, native.bias = child.weight, child.bias
+                setattr(parent, name, native)
+                swapped += 1
+    return swapped

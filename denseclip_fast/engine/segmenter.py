@@ -60,7 +60,14 @@ from .cpu_linear import rewrite_linears
 from .cuda_conv import cudnn_fusion_problem, fuse_cudnn_convolutions, gemm_pointwise_convolutions
 from .graphs import GraphCache
 from .inputs import ImageBatch, as_batch, stacked_for
-from .rewrite import channels_last_pyramid, prepare_for_inference, refuse_loading
+from .rewrite import (
+    HALF_DTYPES,
+    channels_last_pyramid,
+    native_layer_norms,
+    native_layer_norms_enabled,
+    prepare_for_inference,
+    refuse_loading,
+)
 
 Mode = Literal["whole", "slide"]
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -357,6 +364,8 @@ class Segmenter:
         cpu = self.device.type == "cpu"  # linear layers through oneDNN, their QuickGELUs as its SiLU post-op
         # (cpu_linear.py), rewritten in float32: the weights it scales are rounded once, also in a bfloat16 engine
         self.model = prepare_for_inference(model, self.device, self.dtype, rewrite_linears if cpu else None)
+        if self.dtype in HALF_DTYPES and native_layer_norms_enabled():  # ViT's CLIP LayerNorms in one pass each
+            native_layer_norms(self.model)
         if cpu:  # bfloat16 convolutions with their ReLU and residual sum (cpu_conv.py); without the finite check the
             # ReLUs stay passes of their own, which keep NaN as the model does
             fuse_convolutions(self.model, relu=check_finite)
