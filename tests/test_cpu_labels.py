@@ -365,3 +365,62 @@ def test_bad_running_argmax_buffers_are_refused_by_name():
         torch.ops.denseclip_fast_engine.resize_argmax_(scores.double(), [6, 7], torch.zeros(2, 6, 7), index, 0)
     with pytest.raises(RuntimeError, match="resize_argmax_: first must be >= 0, got -1"):
         torch.ops.denseclip_fast_engine.resize_argmax_(scores, [6, 7], torch.zeros(2, 6, 7), index, -1)
+
+
+@pytest.mark.parametrize(
+    "sizes, kernel_sizes",
+    [(((160, 208),), [(160, 208)]), (((160, 208), (300, 333)), [(160, 208), (300, 333)]),
+     (((160, 208), (160, 208)), [(160, 208)]), (((50, 60), (160, 208)), [(160, 208)]),
+     (((50, 60),), None), (((160, 208), (50, 60)), [(160, 208)])],
+)  # fmt: skip
+def test_the_logits_resizes_take_the_kernel_with_atens_values(sizes, kernel_sizes, monkeypatch):
+    """resized_through (the logits' finish) on a CPU: the resizes after the last one too small for the kernel in one
+    pass of it (cpu_labels.resize; a repeated size left out for tame scores), the others by F.interpolate; the
+    values ATen's resizes in turn bit for bit, float32 or bfloat16 scores, non-contiguous ones too. Where the last
+    size is too small, each resize before it that the kernel serves is a call of its own (resized)."""
+    calls: list[list[tuple[int, int]]] = []
+    kernel = cpu_labels.resize
+    monkeypatch.setattr(cpu_labels, "resize", lambda s, z: calls.append(list(z)) or kernel(s, z))
+    generator = torch.Generator().manual_seed(9)
+    for dtype in (torch.float32, torch.bfloat16):
+        scores = (torch.randn(2, 6, 40, 52, generator=generator) * 5).to(dtype)
+        for x in (scores, scores.transpose(2, 3).contiguous().transpose(2, 3)):
+            calls.clear()
+            expected = aten_chain(x.float(), [side for size in sizes for side in size])
+            assert torch.equal(segmenter.resized_through(x, *sizes), expected), (dtype, sizes)
+            assert calls == ([] if kernel_sizes is None else [kernel_sizes])
+
+
+def test_the_logits_resize_keeps_atens_where_the_kernel_may_not_serve(monkeypatch):
+    """F.interpolate's resizes (the same values) where the kernel does not serve the call: classes past one call's
+    rows (ROW_VALUES), scores that need a gradient, a call that something records (a dispatch mode), the kernel not
+    usable here; and a repeated size with an infinity among the scores goes to the kernel (which turns it into NaN
+    as ATen's resize to the same size does)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Recording(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    calls: list[list[tuple[int, int]]] = []
+    kernel = cpu_labels.resize
+    monkeypatch.setattr(cpu_labels, "resize", lambda s, z: calls.append(list(z)) or kernel(s, z))
+    scores = torch.randn(1, 5, 30, 40, generator=torch.Generator().manual_seed(10))
+    expected = aten(scores, (200, 300))
+    with monkeypatch.context() as m:
+        m.setattr(cpu_labels, "ROW_VALUES", 3 * 300 * 4)  # 4 classes a call: fewer than the 5 here
+        assert torch.equal(segmenter.resized_through(scores, (200, 300)), expected) and not calls
+    wanting = scores.clone().requires_grad_(True)
+    assert torch.equal(segmenter.resized_through(wanting, (200, 300)), expected) and not calls
+    with Recording():
+        assert torch.equal(segmenter.resized_through(scores, (200, 300)), expected) and not calls
+    with monkeypatch.context() as m:
+        m.setattr(cpu_labels, "fused_tail", lambda sizes: 0)
+        assert torch.equal(segmenter.resized_through(scores, (200, 300)), expected) and not calls
+    assert torch.equal(segmenter.resized_through(scores, (200, 300)), expected) and calls == [[(200, 300)]]
+    spiked_scores = scores.clone()
+    spiked_scores[0, 1, 5, 5] = float("inf")
+    calls.clear()
+    got = segmenter.resized_through(spiked_scores, (200, 300), (200, 300))
+    torch.testing.assert_close(got, aten(aten(spiked_scores, (200, 300)), (200, 300)), rtol=0, atol=0, equal_nan=True)
+    assert got.isnan().any() and calls == [[(200, 300), (200, 300)]]

@@ -564,6 +564,8 @@ def test_a_resize_to_the_same_size_is_skipped_only_where_it_changes_nothing(mode
     monkeypatch.setattr(segmenter, "resized", lambda scores, s, out=None: sizes.append(s) or resize(scores, s, out))
     kernel = cpu_labels.resize_argmax_  # predict's resizes on a CPU (fused), each size in turn
     monkeypatch.setattr(cpu_labels, "resize_argmax_", lambda *a: sizes.extend(a[1]) or kernel(*a))
+    fused = cpu_labels.resize  # the logits' (the extension's kernel, where it serves them)
+    monkeypatch.setattr(cpu_labels, "resize", lambda scores, s: sizes.extend(s) or fused(scores, s))
     logits, labels = seg.logits(image), seg.predict(image)
     assert [tuple(s) for s in sizes if s is not None] == [size] * 2  # the network's output's, not again
     assert logits.shape == (1, 4, *size) and torch.equal(labels, logits.argmax(dim=1))

@@ -117,6 +117,35 @@ def classes_per_call(sizes: Sequence[tuple[int, int]]) -> int:
     return max(1, ROW_VALUES // (3 * sum(width for _, width in sizes)))
 
 
+def resize_usable(scores: torch.Tensor, sizes: Sequence[tuple[int, int]]) -> bool:
+    """Whether :func:`resize` may make the resizes of ``scores`` to ``sizes`` (in turn) in place of F.interpolate:
+    a plain float32 CPU tensor (N, K, h, w) in NCHW that no gradient and nothing recording the call needs (an
+    exported graph traces F.interpolate), every resize one the kernel serves (fused_tail: all of them, probed), and
+    the kernel's rows for all K classes within ROW_VALUES (one call)."""
+    from ..model.layers import plain_tensors
+
+    return (
+        bool(sizes)
+        and plain_tensors(torch.float32, ("cpu",), scores)
+        and scores.dim() == 4
+        and scores.is_contiguous()
+        and min(scores.shape) > 0
+        and fused_tail(sizes) == len(sizes)
+        and scores.shape[1] <= classes_per_call(sizes)
+    )
+
+
+def resize(scores: torch.Tensor, sizes: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """``scores`` (N, K, h, w) float32 contiguous resized bilinearly to each of ``sizes`` in turn, each class plane
+    as ATen resizes a single-channel image, bit for bit (where :func:`resize_usable`): one pass of the kernel that
+    makes each resize's rows as the next needs them, so that only the last size's planes are written (timed against
+    F.interpolate's per-plane resizes by benchmarks/bench_logits_resize.py)."""
+    op = _op("resize_bilinear")
+    if op is None:
+        raise RuntimeError("resize: the denseclip_fast extension with the fused label kernel is not loaded")
+    return op(scores, [side for size in sizes for side in size])  # type: ignore[operator]
+
+
 def resize_argmax_(
     scores: torch.Tensor, sizes: Sequence[tuple[int, int]], best: torch.Tensor, index: torch.Tensor, first: int
 ) -> None:

@@ -109,11 +109,13 @@ def resized(scores: torch.Tensor, size: Any, out: torch.Tensor | None = None) ->
         planes = cuda_resample.resize_planes(scores, size, out)
         if planes is not None:
             return planes
-    scores = scores.to(torch.float32, memory_format=torch.contiguous_format)
+    scores = scores.to(torch.float32, memory_format=torch.contiguous_format).contiguous()  # (odd strides too)
     if size is None:
         return scores
     n, c, h, w = scores.shape
     height, width = int(size[0]), int(size[1])
+    if out is None and cpu_labels.resize_usable(scores, [(height, width)]):  # the extension's kernel, ATen's values
+        return cpu_labels.resize(scores, [(height, width)])
     planes = scores.reshape(n * c, 1, h, w)
     if out is None:
         # F.interpolate, not the out= op below: traced into an exported graph (ImageGraph's float32 logits), the out=
@@ -144,9 +146,22 @@ def resized_through(scores: torch.Tensor, *sizes: Size) -> torch.Tensor:
     """A finish (see Segmenter._each_group): ``scores`` resized to each of ``sizes`` in turn, float32 NCHW (as
     they are, in float32 NCHW, with no size; a resize that would change nothing skipped: unchanged_by_resize)."""
     scores = resized(scores, None)
-    for size in sizes:
+    pairs = [(int(h), int(w)) for h, w in sizes]
+    # on a CPU the last resizes that the extension's kernel serves (usually all) in one pass of it (cpu_labels.resize:
+    # no planes at the sizes before the last, a uint8 photo's network-size logits among them); ATen's values
+    tail = cpu_labels.fused_tail(pairs) if scores.device.type == "cpu" and pairs else 0
+    for size in pairs[: len(pairs) - tail]:
         if not unchanged_by_resize(scores, size):
             scores = resized(scores, size)
+    if tail:
+        fused = cpu_labels.without_repeats(scores, (scores.shape[2], scores.shape[3]), pairs[len(pairs) - tail :])
+        if len(fused) == 1 and unchanged_by_resize(scores, fused[0]):
+            return scores
+        if cpu_labels.resize_usable(scores, fused):
+            return cpu_labels.resize(scores, fused)
+        for size in pairs[len(pairs) - tail :]:
+            if not unchanged_by_resize(scores, size):
+                scores = resized(scores, size)
     return scores
 
 
