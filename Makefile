@@ -45,6 +45,7 @@ bench: setup
 	$(PYTHON) benchmarks/bench_startup.py --repeats 2  # the smoke: 2 fresh processes (3 by default)
 	$(PYTHON) benchmarks/bench_text.py --vocabularies ade20k --modes embed --repeats 2  # the smoke
 	$(PYTHON) benchmarks/bench_labels.py --cases 512 --repeats 2  # the smoke
+	$(PYTHON) benchmarks/bench_logits_resize.py --cases 512 --repeats 2  # the smoke
 	$(PYTHON) benchmarks/bench_predict.py --dtypes float32 --inputs ade --repeats 1  # the smoke
 
 SHARED_WHEELS ?= ../shared/wheels/py312

@@ -781,6 +781,32 @@ def test_label_benchmark_times_each_contestant_and_checks_their_labels(tmp_path,
         bench_labels.main(args)
 
 
+def test_logits_resize_benchmark_times_both_and_checks_their_values(tmp_path, monkeypatch):
+    """benchmarks/bench_logits_resize.py times F.interpolate's per-plane resizes against the extension's kernel on
+    small cases (one resize, a chain; no timing asserted); a kernel whose values differ fails the run, and a case
+    the kernel does not serve is named."""
+    from benchmarks import bench_logits_resize
+    from denseclip_fast.engine import cpu_labels
+
+    if not cpu_labels.fused_labels_usable():
+        pytest.skip("the extension's resize kernel does not serve this torch or CPU")
+    cases = {"one": ((9, 11), ((137, 145),)), "chain": ((5, 17), ((120, 170), (200, 90)))}
+    monkeypatch.setattr(bench_logits_resize, "CASES", cases)
+    args = ["--classes", "3", "--repeats", "1", "--out", str(tmp_path), "--tag", "t"]
+    assert bench_logits_resize.main(args) == 0
+    rows = json.loads((tmp_path / "logits_resize_t.json").read_text())["rows"]
+    assert [(r["case"], r["scores"], r["sizes"]) for r in rows] == [
+        ("one", [1, 3, 9, 11], [[137, 145]]), ("chain", [1, 3, 5, 17], [[120, 170], [200, 90]])]  # fmt: skip
+    assert all(r[f"{n}_median_ms"] > 0 for r in rows for n in bench_logits_resize.CONTESTANTS)
+    assert "| chain | 1x3x5x17 | 120x170 -> 200x90 |" in (tmp_path / "logits_resize_t.md").read_text()
+    monkeypatch.setattr(bench_logits_resize, "kernel", lambda s, sizes: cpu_labels.resize(s, sizes).flip(-1))
+    with pytest.raises(AssertionError, match=r"the kernel's resize differs from F.interpolate's \(one\)"):
+        bench_logits_resize.main(args)
+    monkeypatch.setattr(bench_logits_resize, "CASES", {"tiny": ((9, 11), ((37, 45),))})
+    with pytest.raises(SystemExit, match="does not serve tiny"):
+        bench_logits_resize.main(args)
+
+
 def test_predict_benchmark_times_logits_and_predict_on_images(tmp_path, monkeypatch, capsys):
     """benchmarks/bench_predict.py runs logits and predict on uint8 images and a float batch per dtype (no timing
     asserted), records the process's memory and allocator policy, and fails a run whose labels are not the logits'
