@@ -88,12 +88,14 @@ def test_bf16_engine_is_close(model):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_native_layer_norm_is_clips_in_one_pass(dtype):
+def test_native_layer_norm_is_clips_in_one_pass(dtype, monkeypatch):
     """NativeLayerNorm: for 16-bit tokens and weights one aten.native_layer_norm (no float32 copies) within a unit
-    of the last place of LayerNormFp32's float32 computation (equal in most elements); float32, or tokens of
-    another dtype than the weights, take LayerNormFp32's path and equal it."""
+    of the last place of LayerNormFp32's float32 computation (equal in most elements), on a device of
+    NATIVE_LN_DEVICES (CUDA; the CPU added here); float32, tokens of another dtype than the weights, a device not
+    listed (the CPU by default) or autocast take LayerNormFp32's path and equal it."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
+    from denseclip_fast.engine import rewrite
     from denseclip_fast.engine.rewrite import NativeLayerNorm
     from denseclip_fast.model.layers import LayerNormFp32
 
@@ -114,9 +116,13 @@ def test_native_layer_norm_is_clips_in_one_pass(dtype):
     native = NativeLayerNorm(96).to(dtype)
     native.load_state_dict(clip.state_dict())
     x = (torch.randn(3, 37, 96) * 4 + 2).to(dtype)
+    expected = clip(x)
+    assert torch.equal(native(x), expected)  # the CPU is not among the devices by default
+    monkeypatch.setattr(rewrite, "NATIVE_LN_DEVICES", ("cpu",))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(native(x), expected)  # autocast: the model's path (layer_norm would give float32)
     with torch.no_grad(), Ops() as ops:
         got = native(x)
-    expected = clip(x)
     assert got.dtype == dtype
     if dtype == torch.float32:
         assert torch.equal(got, expected)
@@ -131,14 +137,20 @@ def test_native_layer_norm_is_clips_in_one_pass(dtype):
     assert torch.equal(native(x.to(other)), clip(x.to(other)))  # tokens of another dtype: LayerNormFp32's path
 
 
-@pytest.mark.parametrize("dtype, switch, native", [(torch.bfloat16, None, True), (torch.bfloat16, "0", False),
-                                                   (torch.float32, None, False)])  # fmt: skip
-def test_a_16_bit_engine_swaps_the_vits_clip_layer_norms(dtype, switch, native, monkeypatch):
-    """A 16-bit Segmenter's ViT runs its ln_pre, blocks' ln_1/ln_2 and ln_post as NativeLayerNorm (the text
-    encoder keeps LayerNormFp32, and its embeddings stay the model's); not with DENSECLIP_FAST_NATIVE_LN=0, not in
-    float32. Either way the logits stay within bfloat16's tolerance of the model's."""
-    from denseclip_fast.engine.rewrite import NativeLayerNorm
+@pytest.mark.parametrize("dtype, switch, listed, native", [
+    (torch.bfloat16, None, True, True), (torch.bfloat16, "0", True, False), (torch.float32, None, True, False),
+    (torch.bfloat16, None, False, False)])  # fmt: skip
+def test_a_16_bit_engine_swaps_the_vits_clip_layer_norms(dtype, switch, listed, native, monkeypatch):
+    """A 16-bit Segmenter on a device of NATIVE_LN_DEVICES (CUDA; the CPU added here) runs its ViT's ln_pre,
+    blocks' ln_1/ln_2 and ln_post as NativeLayerNorm on their own parameters (the text encoder keeps LayerNormFp32,
+    and its embeddings stay the model's); not with DENSECLIP_FAST_NATIVE_LN=0, not in float32, not on a device not
+    listed (a CPU engine by default). Either way the logits stay within bfloat16's tolerance of the model's, and
+    the prepared copy's parameters (the biases that folding BatchNorm made included) take no gradient."""
+    from denseclip_fast.engine import rewrite
+    from denseclip_fast.engine.rewrite import NativeLayerNorm, native_layer_norms
 
+    if listed:
+        monkeypatch.setattr(rewrite, "NATIVE_LN_DEVICES", ("cpu",))
     if switch is None:
         monkeypatch.delenv("DENSECLIP_FAST_NATIVE_LN", raising=False)
     else:
@@ -150,10 +162,17 @@ def test_a_16_bit_engine_swaps_the_vits_clip_layer_norms(dtype, switch, native, 
     layers = len(model.backbone.transformer.resblocks)
     assert image.count(NativeLayerNorm) == (2 * layers + 2 if native else 0)
     assert not any(isinstance(m, NativeLayerNorm) for m in seg.model.text_encoder.modules())
+    assert not any(p.requires_grad for p in seg.model.parameters())
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         expected = model(x)
     assert rel_err(seg.logits(x), expected) < (2e-2 if dtype == torch.bfloat16 else 1e-4)
+    copy_ = copy.deepcopy(model)
+    before = {name: m.weight for name, m in copy_.backbone.named_modules() if type(m) is not NativeLayerNorm
+              and isinstance(m, torch.nn.LayerNorm)}  # fmt: skip
+    assert native_layer_norms(copy_) == len(before)
+    after = dict(copy_.backbone.named_modules())
+    assert all(type(after[name]) is NativeLayerNorm and after[name].weight is w for name, w in before.items())
 
 
 def test_bf16_engine_resizes_its_logits_in_float32(model):

@@ -381,7 +381,8 @@ def test_the_decoder_reads_the_encoders_tokens(kind):
     its memory instead of the official concatenation [g; z] (a copy): the same values, row by row of a map that is
     not square, and the same prompted text as from the concatenation."""
     model = randomized(DenseCLIP(tiny_config(kind), NAMES)).eval()
-    feats = model.extract(torch.randn(2, 3, 64, 96))
+    with torch.no_grad():
+        feats = model.extract(torch.randn(2, 3, 64, 96))
     tokens = feats.tokens
     assert tokens is not None and feats.visual_context() is tokens
     b, d, h, w = feats.local_feat.shape
@@ -390,14 +391,27 @@ def test_the_decoder_reads_the_encoders_tokens(kind):
     concatenated = torch.cat([feats.global_feat.unsqueeze(1), feats.local_feat.flatten(2).transpose(1, 2)], dim=1)
     assert torch.equal(tokens, concatenated)
     assert torch.equal(feats.local_feat, tokens[:, 1:].transpose(1, 2).reshape(b, d, h, w))
-    without = dataclasses.replace(feats, tokens=None)
+    # features made anew (dataclasses.replace: another g or z, here the same ones) do not keep the tokens
+    without = dataclasses.replace(feats, local_feat=feats.local_feat)
     made = without.visual_context()
-    assert made.data_ptr() != tokens.data_ptr() and torch.equal(made, tokens)
-    text = model.class_embeddings()
+    assert without.tokens is None and made.data_ptr() != tokens.data_ptr() and torch.equal(made, tokens)
     with torch.no_grad():
+        text = model.class_embeddings()
         assert torch.equal(model.context_prompt(feats, text), model.context_prompt(without, text))
     with pytest.raises(dataclasses.FrozenInstanceError):
         feats.local_feat = feats.local_feat.clone()  # type: ignore[misc]
+    with pytest.raises(ValueError, match="tokens is declared with init=False"):
+        dataclasses.replace(feats, tokens=tokens)  # not an argument: only from_tokens sets it
+
+
+def test_gradients_reach_the_local_map_through_the_decoder():
+    """Where a gradient flows, the decoder reads the concatenation of g and z, as the official model's: a gradient
+    taken with respect to local_feat or global_feat (a saliency map) includes the decoder's share."""
+    model = randomized(DenseCLIP(tiny_config(), NAMES)).eval()
+    feats = model.extract(torch.randn(1, 3, 64, 64))
+    prompted = model.context_prompt(feats, model.class_embeddings().detach())
+    g, z = torch.autograd.grad(prompted.square().sum(), (feats.global_feat, feats.local_feat))
+    assert g.abs().sum() > 0 and z.abs().sum() > 0
 
 
 def test_context_prompt_adds_gamma_times_the_decoders_update():

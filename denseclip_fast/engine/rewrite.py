@@ -6,8 +6,8 @@
   sqrt(var + eps) + beta, computed in float32 before any cast.
 * channels_last weights (and inputs), which cuDNN's fastest convolutions use.
 * native low-precision weights (the CLIP LayerNorms keep computing in float32).
-* for the Segmenter's 16-bit copy: the image encoder's CLIP LayerNorms as one ATen ``layer_norm`` of the 16-bit
-  tokens and weights (:func:`native_layer_norms`), which computes in float32 too, instead of three float32 copies
+* for a CUDA Segmenter's 16-bit copy: the image encoder's CLIP LayerNorms as one ATen ``layer_norm`` of the
+  16-bit tokens and weights (:func:`native_layer_norms`), which computes in float32 too, instead of float32 copies
   around a float32 one.
 """
 
@@ -46,8 +46,8 @@ def fold_bn_into(conv: nn.Conv2d | nn.ConvTranspose2d, bn: nn.BatchNorm2d) -> No
     bias = conv.bias.float() if conv.bias is not None else torch.zeros_like(factor)
     bias = (bias - bn.running_mean.float()) * factor + shift
     conv.weight.copy_(weight.to(conv.weight.dtype))
-    if conv.bias is None:
-        conv.bias = nn.Parameter(bias.to(conv.weight.dtype))
+    if conv.bias is None:  # a gradient as the weight's (a prepared copy's take none)
+        conv.bias = nn.Parameter(bias.to(conv.weight.dtype), requires_grad=conv.weight.requires_grad)
     else:
         conv.bias.copy_(bias.to(conv.bias.dtype))
 
@@ -174,35 +174,43 @@ def channels_last_pyramid(model: DenseCLIP) -> bool:
 
 
 HALF_DTYPES = (torch.bfloat16, torch.float16)
+NATIVE_LN_DEVICES = ("cuda",)  # where NativeLayerNorm takes ATen's 16-bit layer_norm (tests add "cpu")
 
 
 class NativeLayerNorm(LayerNormFp32):
-    """CLIP's float32 LayerNorm where the input and the weights share a 16-bit dtype: ATen's ``layer_norm``, whose
-    CPU and CUDA kernels compute the statistics and the affine map in float32 and round once, as LayerNormFp32's
-    float32 computation and cast back do, in one pass; LayerNormFp32 made four more (the tokens to float32, the
-    weight and bias to float32, the result back), each a kernel and, for the tokens, a float32 copy written and read.
-    The results differ from LayerNormFp32's only in the order of the kernels' sums (float32 statistics): here, in at
-    most a unit of the last place of a few elements. Any other input (float32, or a dtype other than the weights')
-    takes LayerNormFp32's computation."""
+    """CLIP's float32 LayerNorm where the input and the weights share a 16-bit dtype, on CUDA: ATen's
+    ``layer_norm``, whose CUDA kernel computes the statistics (Welford, in float32: T_ACC is float for Half and
+    BFloat16) and the affine map in float32 and rounds once, as LayerNormFp32's float32 computation and cast back do,
+    in one kernel; LayerNormFp32 launches four more (the tokens to float32, the weight and bias to float32, the
+    result back), the tokens' float32 copy written and read. The results differ from LayerNormFp32's only in the
+    order of the statistics' float32 sums (the kernel's vector width follows the dtype). Any other input (float32, a
+    dtype other than the weights', a CPU tensor, or under autocast, which would return layer_norm's float32) takes
+    LayerNormFp32's computation. Not on a CPU: there it changed nothing measurable
+    (benchmarks/results/e2e_cpu_2threads_vit_native_ln.md), and ATen's CPU kernel for 16-bit inputs computes the
+    statistics another way, less exactly for rows whose mean is large against their spread."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, b = self.weight, self.bias
-        if x.dtype in HALF_DTYPES and w is not None and b is not None and x.dtype == w.dtype == b.dtype:
+        if (x.dtype in HALF_DTYPES and x.device.type in NATIVE_LN_DEVICES and w is not None and b is not None
+                and x.dtype == w.dtype == b.dtype and not torch.is_autocast_enabled(x.device.type)):  # fmt: skip
             return F.layer_norm(x, self.normalized_shape, w, b, self.eps)
         return super().forward(x)
 
 
-def native_layer_norms_enabled() -> bool:
-    """Whether the Segmenter swaps them (``DENSECLIP_FAST_NATIVE_LN=0``: not; read when it is built)."""
-    return os.environ.get("DENSECLIP_FAST_NATIVE_LN", "1") != "0"
+def native_layer_norms_wanted(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether a Segmenter on ``device`` in ``dtype`` swaps them (:func:`native_layer_norms`): a device of
+    NATIVE_LN_DEVICES, a 16-bit dtype, and not ``DENSECLIP_FAST_NATIVE_LN=0`` (read when it is built)."""
+    return (device.type in NATIVE_LN_DEVICES and dtype in HALF_DTYPES
+            and os.environ.get("DENSECLIP_FAST_NATIVE_LN", "1") != "0")  # fmt: skip
 
 
 def native_layer_norms(model: DenseCLIP) -> int:
     """Swap the image encoder's LayerNormFp32 modules (a ViT's ln_pre, its blocks' ln_1 and ln_2, ln_post) for
-    :class:`NativeLayerNorm` on the same parameters, in place; returns how many. For the Segmenter's copy in a 16-bit
-    dtype (where they differ: float32 takes LayerNormFp32's path). The text encoder keeps its own (float32, and the
-    class embeddings stay the model's), and so do the exporters' graphs (ONNX's LayerNorm of a float16 graph would
-    run in float16 on some runtimes)."""
+    :class:`NativeLayerNorm` on the same parameters, in place; returns how many. For a CUDA Segmenter's copy in a
+    16-bit dtype (where they differ: float32 takes LayerNormFp32's path). The text encoder keeps its own (float32,
+    and the class embeddings stay the model's). An AOTInductor package made from such a Segmenter traces them
+    (Inductor's decomposition of a 16-bit layer_norm computes in float32 too); the ONNX graphs, prepared without a
+    Segmenter, keep LayerNormFp32 (a runtime may run a float16 graph's LayerNormalization in float16)."""
     swapped = 0
     for parent in model.backbone.modules():
         for name, child in list(parent.named_children()):

@@ -61,10 +61,9 @@ from .cuda_conv import cudnn_fusion_problem, fuse_cudnn_convolutions, gemm_point
 from .graphs import GraphCache
 from .inputs import ImageBatch, as_batch, stacked_for
 from .rewrite import (
-    HALF_DTYPES,
     channels_last_pyramid,
     native_layer_norms,
-    native_layer_norms_enabled,
+    native_layer_norms_wanted,
     prepare_for_inference,
     refuse_loading,
 )
@@ -379,7 +378,7 @@ class Segmenter:
         cpu = self.device.type == "cpu"  # linear layers through oneDNN, their QuickGELUs as its SiLU post-op
         # (cpu_linear.py), rewritten in float32: the weights it scales are rounded once, also in a bfloat16 engine
         self.model = prepare_for_inference(model, self.device, self.dtype, rewrite_linears if cpu else None)
-        if self.dtype in HALF_DTYPES and native_layer_norms_enabled():  # ViT's CLIP LayerNorms in one pass each
+        if native_layer_norms_wanted(self.device, self.dtype):  # ViT's CLIP LayerNorms in one kernel each
             native_layer_norms(self.model)
         if cpu:  # bfloat16 convolutions with their ReLU and residual sum (cpu_conv.py); without the finite check the
             # ReLUs stay passes of their own, which keep NaN as the model does
