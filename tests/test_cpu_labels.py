@@ -394,8 +394,9 @@ def test_the_logits_resizes_take_the_kernel_with_atens_values(sizes, kernel_size
 def test_the_logits_resize_keeps_atens_where_the_kernel_may_not_serve(monkeypatch):
     """F.interpolate's resizes (the same values) where the kernel does not serve the call: classes past one call's
     rows (ROW_VALUES), scores that need a gradient, a call that something records (a dispatch mode), the kernel not
-    usable here; and a repeated size with an infinity among the scores goes to the kernel (which turns it into NaN
-    as ATen's resize to the same size does)."""
+    usable here, a call torch.compile traces; scores already at their one size are given back as they are; and a
+    repeated size with an infinity among the scores goes to the kernel (which turns it into NaN as ATen's resize to
+    the same size does)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Recording(TorchDispatchMode):
@@ -418,6 +419,11 @@ def test_the_logits_resize_keeps_atens_where_the_kernel_may_not_serve(monkeypatc
         m.setattr(cpu_labels, "fused_tail", lambda sizes: 0)
         assert torch.equal(segmenter.resized_through(scores, (200, 300)), expected) and not calls
     assert torch.equal(segmenter.resized_through(scores, (200, 300)), expected) and calls == [[(200, 300)]]
+    calls.clear()
+    own = torch.randn(1, 2, 150, 160, generator=torch.Generator().manual_seed(11))  # slide: a window at its size
+    assert segmenter.resized_through(own, (150, 160)) is own and not calls  # given back, not copied
+    compiled = torch.compile(lambda t: segmenter.resized_through(t, (200, 300)), fullgraph=True, backend="eager")
+    assert torch.equal(compiled(scores), expected) and not calls  # traced: F.interpolate (no probe, no kernel)
     spiked_scores = scores.clone()
     spiked_scores[0, 1, 5, 5] = float("inf")
     calls.clear()

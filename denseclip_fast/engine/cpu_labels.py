@@ -41,7 +41,7 @@ PROBE = (((37, 53), ((101, 211),)), ((64, 64), ((256, 256),)), ((300, 301), ((25
          ((20, 31), ((129, 200), (300, 257))))  # fmt: skip
 
 # the fused kernel's classes per call: each thread keeps about three rows of every resize's width for each class,
-# at most this many float32 values (32 MiB) in all
+# at most this many float32 values (32 MiB) a thread
 ROW_VALUES = 1 << 23
 
 

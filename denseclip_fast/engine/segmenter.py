@@ -47,6 +47,7 @@ from .. import ops
 from ..config import MIN_IMAGE_SIDE
 from ..model import DenseCLIP
 from ..model.decoder import DecoderPrefix
+from ..model.layers import intercepted
 from ..model.denseclip import check_image_size, check_test_image_size
 from ..model.slide import slide_inference, two_thirds_stride, window_sizes
 from ..model.text import check_class_names
@@ -148,7 +149,8 @@ def resized_through(scores: torch.Tensor, *sizes: Size) -> torch.Tensor:
     pairs = [(int(h), int(w)) for h, w in sizes]
     # on a CPU the last resizes that the extension's kernel serves (usually all) in one pass of it (cpu_labels.resize:
     # no planes at the sizes before the last, a uint8 photo's network-size logits among them); ATen's values
-    tail = cpu_labels.fused_tail(pairs) if scores.device.type == "cpu" and pairs else 0
+    # (asked only untraced: the kernel's probe runs ops a tracer cannot follow)
+    tail = cpu_labels.fused_tail(pairs) if scores.device.type == "cpu" and pairs and not intercepted() else 0
     for size in pairs[: len(pairs) - tail]:
         if not unchanged_by_resize(scores, size):
             scores = resized(scores, size)

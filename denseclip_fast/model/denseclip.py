@@ -297,7 +297,8 @@ class DenseCLIP(nn.Module):
         While the decoder trains, it runs on the text repeated for each image, as the official model's (its
         dropout draws a mask per image); else its image-independent start runs once (``prefix``: the decoder's
         :meth:`~ContextDecoder.prefix` of this text in z's dtype, made beforehand; computed here where None).
-        The decoder reads [g; z] as the encoder's tokens (ImageFeatures.visual_context: no concatenation), and
+        The decoder reads [g; z] as the encoder's tokens (ImageFeatures.visual_context: no concatenation where no
+        gradient flows through them), and
         the product and the sum are one ``addcmul`` (one pass, rounded once: within an ulp of the official product
         then sum)."""
         z = feats.local_feat
