@@ -47,8 +47,8 @@ from .. import ops
 from ..config import MIN_IMAGE_SIDE
 from ..model import DenseCLIP
 from ..model.decoder import DecoderPrefix
-from ..model.layers import intercepted
 from ..model.denseclip import check_image_size, check_test_image_size
+from ..model.layers import intercepted
 from ..model.slide import slide_inference, two_thirds_stride, window_sizes
 from ..model.text import check_class_names
 from ..preprocess import normalize, resize_keep_ratio
