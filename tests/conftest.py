@@ -25,6 +25,7 @@ from typing import Any  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 if not torch.cuda.is_available():
     # Triton kernels run on CPU tensors under the interpreter; it must be chosen before triton is imported.
@@ -80,6 +81,18 @@ def official_cfg(config: DenseCLIPConfig) -> dict[str, Any]:
         text_dim=config.embed_dim, score_concat_index=config.score_concat_index, fpn_out=config.fpn_channels,
         head_channels=config.head_channels, slide=(config.slide_crop, config.slide_stride),
     )  # fmt: skip
+
+
+class RecordedOps(TorchDispatchMode):
+    """A dispatch mode that records the name of every ATen operator called under it (``names``) and runs it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.names.append(func.__name__)
+        return func(*args, **(kwargs or {}))
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:

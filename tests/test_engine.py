@@ -25,7 +25,7 @@ from denseclip_fast.engine.segmenter import MAX_VOCABULARIES
 from denseclip_fast.preprocess import keep_ratio_size, load_image, normalize
 from denseclip_fast.visualize import default_palette
 
-from .conftest import NAMES, randomized, rel_err, tiny_config
+from .conftest import NAMES, RecordedOps, randomized, rel_err, tiny_config
 
 CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1) * 255
 CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1) * 255
@@ -93,20 +93,9 @@ def test_native_layer_norm_is_clips_in_one_pass(dtype, monkeypatch):
     of the last place of LayerNormFp32's float32 computation (equal in most elements), on a device of
     NATIVE_LN_DEVICES (CUDA; the CPU added here); float32, tokens of another dtype than the weights, a device not
     listed (the CPU by default) or autocast take LayerNormFp32's path and equal it."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from denseclip_fast.engine import rewrite
     from denseclip_fast.engine.rewrite import NativeLayerNorm
     from denseclip_fast.model.layers import LayerNormFp32
-
-    class Ops(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.names: list[str] = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(func.__name__)
-            return func(*args, **(kwargs or {}))
 
     torch.manual_seed(0)
     clip = LayerNormFp32(96)
@@ -121,7 +110,7 @@ def test_native_layer_norm_is_clips_in_one_pass(dtype, monkeypatch):
     monkeypatch.setattr(rewrite, "NATIVE_LN_DEVICES", ("cpu",))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(native(x), expected)  # autocast: the model's path (layer_norm would give float32)
-    with torch.no_grad(), Ops() as ops:
+    with torch.no_grad(), RecordedOps() as ops:
         got = native(x)
     assert got.dtype == dtype
     if dtype == torch.float32:

@@ -15,7 +15,16 @@ from denseclip_fast import ops
 from denseclip_fast.engine.segmenter import no_tf32
 from denseclip_fast.ops.library import score_memory_format
 
-from .conftest import LEARNING_PARTS, NAMES, gradients_by_part, official_cfg, randomized, rel_err, tiny_config
+from .conftest import (
+    LEARNING_PARTS,
+    NAMES,
+    RecordedOps,
+    gradients_by_part,
+    official_cfg,
+    randomized,
+    rel_err,
+    tiny_config,
+)
 from .test_ops import _check_close
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -541,19 +550,8 @@ def test_a_16_bit_vit_engine_on_cuda_takes_one_layer_norm_kernel_each(dtype, mon
     """A 16-bit CUDA Segmenter of a ViT runs its CLIP LayerNorms as NativeLayerNorm (engine/rewrite.py: ATen's
     16-bit layer_norm, float32 inside): 2L + 2 of them, each one native_layer_norm call (no float32 copies); its
     logits within 2e-2 of the float32 model and within 1e-2 of the same engine with DENSECLIP_FAST_NATIVE_LN=0."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from denseclip_fast import DenseCLIP, Segmenter
     from denseclip_fast.engine.rewrite import NativeLayerNorm
-
-    class Ops(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.names: list[str] = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(func.__name__)
-            return func(*args, **(kwargs or {}))
 
     torch.manual_seed(0)
     model = randomized(DenseCLIP(tiny_config("vit"), NAMES)).eval()
@@ -565,7 +563,7 @@ def test_a_16_bit_vit_engine_on_cuda_takes_one_layer_norm_kernel_each(dtype, mon
     natives = [m for m in seg.model.backbone.modules() if isinstance(m, NativeLayerNorm)]
     assert len(natives) == 2 * len(model.backbone.transformer.resblocks) + 2
     tokens = torch.randn(2, 5, natives[0].normalized_shape[0], device="cuda", dtype=dtype)
-    with torch.no_grad(), Ops() as ops_seen:
+    with torch.no_grad(), RecordedOps() as ops_seen:
         natives[0](tokens)
     assert ops_seen.names == ["native_layer_norm.default"]
     got = seg.logits(x)
