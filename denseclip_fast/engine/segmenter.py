@@ -151,18 +151,23 @@ def resized_through(scores: torch.Tensor, *sizes: Size) -> torch.Tensor:
     # no planes at the sizes before the last, a uint8 photo's network-size logits among them); ATen's values
     # (asked only untraced: the kernel's probe runs ops a tracer cannot follow)
     tail = cpu_labels.fused_tail(pairs) if scores.device.type == "cpu" and pairs and not intercepted() else 0
-    for size in pairs[: len(pairs) - tail]:
-        if not unchanged_by_resize(scores, size):
-            scores = resized(scores, size)
-    if tail:
-        fused = cpu_labels.without_repeats(scores, (scores.shape[2], scores.shape[3]), pairs[len(pairs) - tail :])
+    head, rest = pairs[: len(pairs) - tail], pairs[len(pairs) - tail :]
+    scores = _resized_in_turn(scores, head)
+    if rest:
+        fused = cpu_labels.without_repeats(scores, (scores.shape[2], scores.shape[3]), rest)
         if len(fused) == 1 and unchanged_by_resize(scores, fused[0]):
             return scores
         if cpu_labels.resize_usable(scores, fused):
             return cpu_labels.resize(scores, fused)
-        for size in pairs[len(pairs) - tail :]:
-            if not unchanged_by_resize(scores, size):
-                scores = resized(scores, size)
+    return _resized_in_turn(scores, rest)
+
+
+def _resized_in_turn(scores: torch.Tensor, sizes: Sequence[Size]) -> torch.Tensor:
+    """float32 NCHW ``scores`` resized to each of ``sizes`` in turn (resized), a resize that would change nothing
+    skipped (unchanged_by_resize)."""
+    for size in sizes:
+        if not unchanged_by_resize(scores, size):
+            scores = resized(scores, size)
     return scores
 
 
