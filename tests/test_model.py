@@ -400,6 +400,9 @@ def test_the_decoder_reads_the_encoders_tokens(kind):
         assert torch.equal(model.context_prompt(feats, text), model.context_prompt(without, text))
     with pytest.raises(dataclasses.FrozenInstanceError):
         feats.local_feat = feats.local_feat.clone()  # type: ignore[misc]
+    with pytest.raises(ValueError, match=r"tokens must be \(B, 1 \+ h\*w, D\) = \(B, 7, D\) for a map of size "
+                                         r"\(2, 3\), got shape \(2, 8, 5\)"):  # fmt: skip
+        dcf.model.ImageFeatures.from_tokens([], torch.zeros(2, 8, 5), (2, 3))
     with pytest.raises(ValueError, match="tokens is declared with init=False"):
         dataclasses.replace(feats, tokens=tokens)  # not an argument: only from_tokens sets it
 

@@ -28,7 +28,11 @@ class ImageFeatures:
         """The features of an encoder whose output tokens (B, 1 + h*w, D) are the global token then the pixels of
         the (h, w) = ``size`` map row by row: g = tokens[:, 0] and z (B, D, h, w) are views of them (z with
         channels-last strides)."""
-        local = tokens[:, 1:].unflatten(1, (int(size[0]), int(size[1]))).permute(0, 3, 1, 2)
+        h, w = int(size[0]), int(size[1])
+        if tokens.dim() != 3 or tokens.shape[1] != 1 + h * w:
+            raise ValueError(f"tokens must be (B, 1 + h*w, D) = (B, {1 + h * w}, D) for a map of size {(h, w)}, got "
+                             f"shape {tuple(tokens.shape)}")  # fmt: skip
+        local = tokens[:, 1:].unflatten(1, (h, w)).permute(0, 3, 1, 2)
         features = cls(levels=levels, global_feat=tokens[:, 0], local_feat=local)
         object.__setattr__(features, "tokens", tokens)
         return features
