@@ -572,3 +572,28 @@ def test_a_16_bit_vit_engine_on_cuda_takes_one_layer_norm_kernel_each(dtype, mon
     plain = Segmenter(model, device="cuda", dtype=dtype, cuda_graphs=False)
     assert not any(isinstance(m, NativeLayerNorm) for m in plain.model.modules())
     assert rel_err(got, plain.logits(x)) < 1e-2
+
+
+@pytest.mark.parametrize("kind", ["resnet", "vit"])
+def test_kept_positions_in_captured_cuda_graphs(kind, monkeypatch):
+    """A bfloat16 CUDA Segmenter with graphs keeps one positional embedding for its input size (made in the warm-up
+    before the capture, engine/positions.py) and its replays give bit for bit the logits of one that keeps none."""
+    from denseclip_fast import DenseCLIP, Segmenter
+    from denseclip_fast.engine import positions
+
+    torch.manual_seed(0)
+    model = randomized(DenseCLIP(tiny_config(kind), NAMES)).eval()
+    x = torch.randn(2, 3, 64, 96, device="cuda")
+    seg = Segmenter(model, device="cuda", dtype=torch.bfloat16)
+    got = [seg.logits(x) for _ in range(3)]
+    assert seg.captured_graphs == 1
+    (module,) = [m for m in seg.model.modules() if isinstance(m, positions._KeptPositions)]
+    ((size, dtype, _), kept), = module.kept_positions.items()
+    with torch.no_grad():  # the kept tensor holds the values (not memory a capture allocated and never wrote)
+        assert torch.equal(kept, super(positions._KeptPositions, module).positions(size, dtype))
+    monkeypatch.setattr(positions, "MAX_SIZES", 0)
+    plain = Segmenter(model, device="cuda", dtype=torch.bfloat16)
+    want = [plain.logits(x) for _ in range(3)]
+    assert plain.captured_graphs == 1
+    # the same kernels on the same values (a margin for cuDNN picking another algorithm in the second engine)
+    assert all(rel_err(g, w) < 1e-2 for g, w in zip(got, want)), [rel_err(g, w) for g, w in zip(got, want)]

@@ -8,7 +8,8 @@
 What happens once, at construction: a private copy of the model is put in eval mode, its BatchNorms are folded into
 the convolutions, it is moved to the device and dtype (channels_last weights on CUDA), and the class embeddings of
 the vocabulary are computed in float32 and kept in a buffer, with what the context decoder computes from them alone
-(text_proj, the first layer's self-attention block and its cross-attention's queries: model/decoder.py); on a CPU the
+(text_proj, the first layer's self-attention block and its cross-attention's queries: model/decoder.py), and the
+image encoder's positional embedding is kept for each input size at its first call (positions.py); on a CPU the
 linear layers (the image path's in the engine's dtype, the text encoder's in float32) run through oneDNN, with
 QuickGELU as a post-op (cpu_linear.py), and a bfloat16 engine's convolutions through oneDNN's fused operator with
 their ReLU and residual sum (cpu_conv.py). Images go through in channels_last on every device (cuDNN's and oneDNN's
@@ -61,6 +62,7 @@ from .cpu_linear import rewrite_linears
 from .cuda_conv import cudnn_fusion_problem, fuse_cudnn_convolutions, gemm_pointwise_convolutions
 from .graphs import GraphCache
 from .inputs import ImageBatch, as_batch, stacked_for
+from .positions import keep_positions
 from .rewrite import (
     channels_last_pyramid,
     native_layer_norms,
@@ -407,6 +409,8 @@ class Segmenter:
                 projections.fuse_attention_projections(self.model)
             # the context decoder's residual sums with the LayerNorms after them by a Triton kernel (decoder_norms.py)
             decoder_norms.swap_decoder(self.model)
+        # the positional embeddings per input size, made once (positions.py), after the rewrites that replace modules
+        keep_positions(self.model)
         refuse_loading(self.model)  # its weights are rewritten: new ones go into a DenseCLIP and a new Segmenter
         self._text = self._embed(self.model.class_names)  # the buffers the graphs read; refreshed in place
         self._prefix = self._decoder_prefix(self._text)

@@ -92,6 +92,11 @@ class DenseAttentionPool(nn.Module):
         self.v_proj = nn.Linear(embed_dim, embed_dim)
         self.c_proj = nn.Linear(embed_dim, output_dim)
 
+    def positions(self, size: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+        """The (1 + h*w, C) positional embedding of a C5 map of ``size`` (h, w), in ``dtype``: the same for every
+        input of that size (a Segmenter keeps it per size: engine/positions.py)."""
+        return resize_positional_grid(self.positional_embedding, self.grid, size).to(dtype)
+
     def project(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(B, N, C) tokens -> q, k, v, each (B, heads, N, C / heads)."""
         (q,) = split_heads(self.q_proj(tokens), self.heads)
@@ -105,7 +110,7 @@ class DenseAttentionPool(nn.Module):
         b, c, h, w = x.shape
         tokens = x.flatten(2).transpose(1, 2)  # (B, hw, C)
         tokens = torch.cat([tokens.mean(dim=1, keepdim=True), tokens], dim=1)
-        tokens = tokens + resize_positional_grid(self.positional_embedding, self.grid, (h, w)).to(tokens.dtype)
+        tokens = tokens + self.positions((h, w), tokens.dtype)
         q, k, v = self.project(tokens)
         out = ops.context_attention(q, k, v).transpose(1, 2).reshape(b, tokens.shape[1], c)
         return self.c_proj(out)  # (B, 1 + hw, D)

@@ -80,10 +80,16 @@ class CLIPViTBackbone(nn.Module):
         x = x.flatten(2).transpose(1, 2)
         cls = self.class_embedding.to(x.dtype).expand(b, 1, c)
         x = torch.cat([cls, x], dim=1)
-        pos = resize_positional_grid(self.positional_embedding.to(x.dtype), self.grid, (h, w))
+        return self.ln_pre(x + self.positions((h, w), x.dtype)), h, w
+
+    def positions(self, size: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+        """The (1 + h*w, width) positional embedding of a token grid of ``size`` (h, w), in ``dtype``, the class
+        embedding added to its first row where ``double_class_embedding``: the same for every input of that size (a
+        Segmenter keeps it per size: engine/positions.py)."""
+        pos = resize_positional_grid(self.positional_embedding.to(dtype), self.grid, size)
         if self.double_class_embedding:
-            pos = torch.cat([pos[:1] + self.class_embedding.to(x.dtype), pos[1:]], dim=0)
-        return self.ln_pre(x + pos), h, w
+            pos = torch.cat([pos[:1] + self.class_embedding.to(dtype), pos[1:]], dim=0)
+        return pos
 
     def _token_map(self, tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
         """(B, h*w, D) tokens -> a (B, D, h, w) copy, NCHW or channels_last (``pyramid_channels_last``). channels_last

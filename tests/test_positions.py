@@ -1,0 +1,145 @@
+"""The engine's positional embeddings kept per input size (engine/positions.py): made once per size, bit for bit the
+values the model makes on each call, never kept where a trace, a gradient or a CUDA-graph capture could be fooled."""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+
+import denseclip_fast as dcf
+from denseclip_fast.engine import positions, projections
+from denseclip_fast.engine.rewrite import prepare_for_inference
+from denseclip_fast.model import resnet, vit
+
+from .conftest import NAMES, RecordedOps, randomized, tiny_config
+
+
+def _count_resizes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Every positional-grid resize the model makes, whichever module makes it."""
+    calls: list[int] = []
+    real = resnet.resize_positional_grid
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(resnet, "resize_positional_grid", counted)
+    monkeypatch.setattr(vit, "resize_positional_grid", counted)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["resnet", "vit"])
+def test_a_segmenter_makes_each_sizes_positions_once(kind, dtype, monkeypatch):
+    """One resize per input size (batch sizes share it; a non-square size of its own), and logits bit for bit those of
+    an engine that keeps nothing (MAX_SIZES 0: the model's own computation on every call)."""
+    model = randomized(dcf.DenseCLIP(tiny_config(kind), NAMES)).eval()
+    seg = dcf.Segmenter(model, device="cpu", dtype=dtype)
+    calls = _count_resizes(monkeypatch)
+    a, b = torch.randn(2, 3, 64, 64), torch.randn(1, 3, 96, 64)
+    first = seg.logits(a)
+    assert len(calls) == 1
+    again = seg.logits(a)
+    seg.logits(a[:1])
+    assert len(calls) == 1  # the same size at another batch size: kept
+    other = seg.logits(b)
+    assert len(calls) == 2
+    seg.logits(a)
+    assert len(calls) == 2
+    kept = [m.kept_positions for m in seg.model.modules() if isinstance(m, positions._KeptPositions)]
+    assert len(kept) == 1 and len(kept[0]) == 2
+    assert torch.equal(first, again)
+
+    monkeypatch.setattr(positions, "MAX_SIZES", 0)
+    plain = dcf.Segmenter(model, device="cpu", dtype=dtype)
+    before = len(calls)
+    assert torch.equal(plain.logits(a), first) and torch.equal(plain.logits(b), other)
+    assert torch.equal(plain.logits(a), first)
+    assert len(calls) - before == 3  # made on every call
+
+
+def test_sizes_past_the_bound_are_made_each_call(monkeypatch):
+    """The kept sizes never exceed MAX_SIZES (a graph may read any of them: none is dropped); later sizes are made on
+    each call, with the same logits."""
+    monkeypatch.setattr(positions, "MAX_SIZES", 2)
+    seg = dcf.Segmenter(randomized(dcf.DenseCLIP(tiny_config("vit"), NAMES)).eval(), device="cpu")
+    calls = _count_resizes(monkeypatch)
+    sizes = [(64, 64), (64, 80), (80, 64)]
+    images = {s: torch.randn(1, 3, *s) for s in sizes}
+    first = {s: seg.logits(x) for s, x in images.items()}
+    assert len(calls) == 3
+    again = {s: seg.logits(x) for s, x in images.items()}
+    assert len(calls) == 4  # the third size again; the first two kept
+    (pool,) = [m for m in seg.model.modules() if isinstance(m, positions._KeptPositions)]
+    assert sorted(key[0] for key in pool.kept_positions) == [(4, 4), (4, 5)]
+    assert all(torch.equal(first[s], again[s]) for s in sizes)
+
+
+def _kept_pool() -> torch.nn.Module:
+    model = prepare_for_inference(randomized(dcf.DenseCLIP(tiny_config("resnet"), NAMES)).eval(),
+                                  torch.device("cpu"), torch.float32)  # fmt: skip
+    assert positions.keep_positions(model) == 1
+    return model.backbone.attnpool
+
+
+def test_nothing_is_kept_where_a_trace_a_gradient_or_a_capture_could_be_fooled(monkeypatch):
+    pool = _kept_pool()
+    size = (3, 5)
+    want = resnet.resize_positional_grid(pool.positional_embedding, pool.grid, size)
+    with RecordedOps():  # traced: made, not kept
+        assert torch.equal(pool.positions(size, torch.float32), want)
+    assert not pool.kept_positions
+    pool.requires_grad_(True)
+    with torch.enable_grad():  # a gradient could flow to the embedding
+        made = pool.positions(size, torch.float32)
+    assert made.requires_grad and not pool.kept_positions
+    pool.requires_grad_(False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    pool.positions(size, torch.float32)  # a CUDA graph being captured
+    assert not pool.kept_positions
+    monkeypatch.undo()
+    with torch.enable_grad():  # frozen weights: no gradient can flow, kept
+        kept = pool.positions(size, torch.float32)
+    assert pool.kept_positions and torch.equal(kept, want)
+    assert pool.positions(size, torch.float32) is kept
+    assert pool.positions(size, torch.float64) is not kept  # another dtype: its own
+    with RecordedOps():  # a trace never reads what is kept
+        assert pool.positions(size, torch.float32) is not kept
+    pool.to("meta")  # moved (the kept tensors stay where they were made): made anew on the new device
+    assert pool.positions(size, torch.float32).device.type == "meta"
+
+
+def test_keep_positions_swaps_each_module_once_and_copies_carry_their_own():
+    """The attention pool (plain or with stacked projections) and the ViT backbone become their keeping subclasses,
+    once; the state dict is untouched; deepcopy and pickle give a model whose kept tensors are its own."""
+    model = prepare_for_inference(randomized(dcf.DenseCLIP(tiny_config("resnet"), NAMES)).eval(),
+                                  torch.device("cpu"), torch.float32)  # fmt: skip
+    projections.fuse_attention_projections(model)
+    state = model.state_dict()
+    assert positions.keep_positions(model) == 1
+    assert type(model.backbone.attnpool) is positions.KeptPositionsFusedPool
+    assert positions.keep_positions(model) == 0
+    after = model.state_dict()
+    assert list(after) == list(state) and all(after[k] is state[k] or torch.equal(after[k], state[k]) for k in state)
+    vit_model = dcf.DenseCLIP(tiny_config("vit"), NAMES)
+    vit_keys = list(vit_model.state_dict())
+    assert positions.keep_positions(vit_model) == 1 and type(vit_model.backbone) is positions.KeptPositionsViT
+    assert list(vit_model.state_dict()) == vit_keys
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        want = model.backbone(x).local_feat
+    original = list(model.backbone.attnpool.kept_positions.values())
+    assert len(original) == 1
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        pool = clone.backbone.attnpool
+        assert type(pool) is positions.KeptPositionsFusedPool
+        (kept,) = pool.kept_positions.values()
+        assert kept is not original[0] and torch.equal(kept, original[0])
+        with torch.no_grad():
+            assert torch.equal(clone.backbone(x).local_feat, want)
+    torch.save(model, io.BytesIO())  # a whole-module save (pickle) keeps working
