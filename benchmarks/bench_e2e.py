@@ -43,7 +43,8 @@ text encoder is not in that count: the official contestants run it on every call
 their rows, text_encoder_flops), the engine once per vocabulary. Writes JSON, markdown and a PNG bar chart to
 benchmarks/results/.
 --profile CONTESTANT... (default on a GPU: engine-bf16) adds where the time goes, by GPU kernel (torch.profiler), for
-those contestants; an engine is also profiled with its CUDA graphs off, whose kernels the profiler always sees. The
+those contestants; an engine is also profiled with its CUDA graphs off, whose kernels the profiler always sees, and
+that profile also lists the kernels' time by the line of the model or engine that launched them. The
 profiles are taken after every row is measured (the profiler's hooks may slow what runs after it), each contestant
 built again.
 """
@@ -331,6 +332,9 @@ def release(device: torch.device) -> None:
 # Kernels listed by name in the graphs-off profile of an engine (the rest summed): at batch 1 a third of the GPU
 # time was in "41 others" behind the top 15 (h200_2026-12-04c), too many small kernels to say which launches to fuse
 PROFILE_TOP_NO_GRAPHS = 60
+# ... and by the line of the model or engine that launched them (common.profile_kernels' sites): 29 copy kernels of
+# 68 us were in that profile, from no line it could name
+PROFILE_SITES = 40
 
 
 def where_the_time_goes(name: str, fn: Callable[[torch.Tensor], torch.Tensor], model: dcf.DenseCLIP,
@@ -338,12 +342,14 @@ def where_the_time_goes(name: str, fn: Callable[[torch.Tensor], torch.Tensor], m
                         x: torch.Tensor) -> dict:  # fmt: skip
     """{"profile": ``fn`` (the contestant, built again after the measurements) by kernel}, and
     for an engine on CUDA {"profile_no_graphs": the same engine with its CUDA graphs off} (the kernels are the same;
-    a graph replay may not be traced kernel by kernel), its PROFILE_TOP_NO_GRAPHS largest kernels listed."""
-    out = {"profile": profile_kernels(fn, x, device)}
-    if name.startswith("engine") and device.type == "cuda":
+    a graph replay may not be traced kernel by kernel), its PROFILE_TOP_NO_GRAPHS largest kernels listed; an
+    engine's profile that shows its kernels (CUDA: graphs off; a CPU: the one) also by call site (PROFILE_SITES)."""
+    engine, cuda = name.startswith("engine"), device.type == "cuda"
+    out = {"profile": profile_kernels(fn, x, device, sites=PROFILE_SITES if engine and not cuda else 0)}
+    if engine and cuda:
         out["profile_no_graphs"] = profile_kernels(
             contestant(name, model, official, device, mode, crop, stride, graphs=False), x, device,
-            top=PROFILE_TOP_NO_GRAPHS,
+            top=PROFILE_TOP_NO_GRAPHS, sites=PROFILE_SITES,
         )
     free_gpu_memory(device)
     return out

@@ -11,11 +11,12 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -368,25 +369,91 @@ def measure(
     }
 
 
+# a Python frame in a profiler event's stack ("path/file.py(123): function"), and a builtin's ("<built-in method
+# contiguous of Tensor object at 0x7f...>", whose address changes per tensor)
+_PY_FRAME = re.compile(r"^(?P<file>.+\.py)\((?P<line>\d+)\): (?P<function>.+)$")
+_BUILTIN = re.compile(r"^<built-in (?:method|function) (?P<name>\S+)(?: of (?P<owner>[^>]*?) object at 0x[0-9a-f]+)?>$")
+SITE_PACKAGES = ("denseclip_fast/", "benchmarks/official/")
+
+
+def call_site(stack: Sequence[str]) -> str | None:
+    """Where, in this project's code, a profiled operator was called from: the innermost frame of ``stack`` (a
+    profiler event's, innermost first) in one of SITE_PACKAGES, as "path/file.py:line function", the path from the
+    package on, with the builtin through which the call left Python ("Tensor.contiguous", "cat") where the stack
+    has one above it. None where the stack has no such frame."""
+    builtin = None
+    for frame in stack:
+        called = _BUILTIN.match(frame)
+        if called is not None:
+            if builtin is None:  # a Tensor method as such; a function of torch's or of an extension by its name
+                owner = called.group("owner")
+                builtin = f"Tensor.{called.group('name')}" if owner == "Tensor" else called.group("name")
+            continue
+        python = _PY_FRAME.match(frame)
+        if python is None:
+            continue
+        path = python.group("file")
+        for package in SITE_PACKAGES:
+            at = path.rfind(package)
+            if at >= 0:
+                site = f"{path[at:]}:{python.group('line')} {python.group('function')}"
+                return f"{site} ({builtin})" if builtin else site
+    return None
+
+
+def _by_call_site(events: Iterable[Any], cuda: bool, calls: int, top: int) -> list[dict]:
+    """Per call site (:func:`call_site`) and operator, the kernels' device time (CUDA: the kernels each operator
+    launched itself, with the longest one's name) or the operators' self CPU time, per call, the ``top`` largest."""
+    from torch.autograd import DeviceType
+
+    sites: dict[tuple[str, str], dict] = {}
+    total = 0.0
+    for e in events:
+        if e.device_type != DeviceType.CPU or _PY_FRAME.match(e.name) or e.name.startswith("<built-in"):
+            continue  # the kernels themselves (counted with the operator that launched them), Python's own frames
+        if cuda:
+            device_us = getattr(e, "self_device_time_total", None)
+            us = float(getattr(e, "self_cuda_time_total", 0.0) if device_us is None else device_us)
+        else:
+            us = float(e.self_cpu_time_total)
+        if us <= 0:
+            continue
+        total += us
+        site = call_site(getattr(e, "stack", None) or []) or "(outside this project's code)"
+        entry = sites.setdefault((site, e.name), {"site": site, "operator": e.name, "count": 0.0, "us": 0.0})
+        entry["count"] += 1 / calls
+        entry["us"] += us / calls
+        kernels = [k for k in getattr(e, "kernels", []) or [] if getattr(k, "duration", 0) > 0]
+        if kernels:
+            entry["kernel"] = max(kernels, key=lambda k: k.duration).name[:80]
+    ranked = sorted(sites.values(), key=lambda entry: -entry["us"])
+    for entry in ranked:
+        entry["share"] = entry["us"] * calls / total
+    return ranked[:top]
+
+
 def profile_kernels(
     fn: Callable[[torch.Tensor], object], x: torch.Tensor, device: torch.device, calls: int = 3, top: int = 15,
-    grad: bool = False,
+    grad: bool = False, sites: int = 0,
 ) -> dict:
     """Where the time of one call goes, by kernel: torch.profiler over ``calls`` calls (after one untimed call).
     On CUDA the GPU kernels (and copies) by their device time, on a CPU the operators by their self CPU time; per
     call, the ``top`` largest and the rest summed. Returns {"unit", "total_us", "kernels": [{name, count, us,
     share}], "every_kernel": the same for every kernel, none summed (for the JSON: the long tail of small launches
     is where a fused engine's time hides)} (per call); empty lists when the profiler saw no kernel (e.g. a CUDA graph
-    whose replays it does not trace)."""
+    whose replays it does not trace). With ``sites``, also "sites": the ``sites`` largest (call site, operator)
+    pairs by their kernels' time (:func:`_by_call_site`: which line of the model launches the copies, say), from
+    the Python stacks the profiler then records (verbose: torch 2.11 records none without it)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    verbose = torch._C._profiler._ExperimentalConfig(verbose=True) if sites else None
     with torch.set_grad_enabled(grad):
         fn(x)
         sync(device)
-        with profile(activities=activities) as prof:
+        with profile(activities=activities, with_stack=bool(sites), experimental_config=verbose) as prof:
             for _ in range(calls):
                 fn(x)
             sync(device)
@@ -411,8 +478,11 @@ def profile_kernels(
         us = sum(t[2] for t in rest)
         kernels.append({"name": f"({len(rest)} others)", "count": sum(t[1] for t in rest) / calls, "us": us / calls,
                         "share": us / total})  # fmt: skip
-    return {"unit": "GPU kernel time" if cuda else "CPU self time", "total_us": total / calls, "kernels": kernels,
-            "every_kernel": every}
+    result = {"unit": "GPU kernel time" if cuda else "CPU self time", "total_us": total / calls, "kernels": kernels,
+              "every_kernel": every}  # fmt: skip
+    if sites:
+        result["sites"] = _by_call_site(prof.events(), cuda, calls, sites)
+    return result
 
 
 def profile_markdown(title: str, profile: dict) -> str:
@@ -425,6 +495,14 @@ def profile_markdown(title: str, profile: dict) -> str:
     for k in profile["kernels"]:
         name = k["name"].replace("|", "/")
         lines.append(f"| `{name}` | {k['count']:g} | {k['us']:.1f} | {100 * k['share']:.1f}% |")
+    if profile.get("sites"):
+        lines += ["", f"By call site: the {len(profile['sites'])} largest (where in the code, operator)"
+                  f"{', the longest kernel it launched' if profile['unit'].startswith('GPU') else ''}.", "",
+                  "| call site | operator | per call | us | share |", "| --- | --- | --- | --- | --- |"]  # fmt: skip
+        for k in profile["sites"]:
+            op = k["operator"] + (f" -> {k['kernel']}" if "kernel" in k else "")
+            lines.append(f"| `{k['site'].replace('|', '/')}` | `{op.replace('|', '/')}` | {k['count']:g} | "
+                         f"{k['us']:.1f} | {100 * k['share']:.1f}% |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

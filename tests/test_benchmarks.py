@@ -524,6 +524,66 @@ def test_profiles_say_where_the_time_goes():
     assert "profiling failed: RuntimeError: x" in text
 
 
+def test_call_sites_name_the_projects_innermost_frame():
+    """common.call_site: the innermost frame in the project's packages, from the package on, with the builtin the
+    call left Python through (a Tensor method as such, an extension's function by its name, the object's address
+    dropped); None for a stack without such a frame."""
+    from benchmarks.common import call_site
+
+    stack = ["<built-in method contiguous of Tensor object at 0x7f5871d850e0>",
+             "/x/site-packages/torch/nn/functional.py(4012): interpolate",
+             "/repo/denseclip_fast/model/decoder.py(64): merge", "/repo/denseclip_fast/model/decoder.py(99): forward",
+             "bench.py(3): <module>"]  # fmt: skip
+    assert call_site(stack) == "denseclip_fast/model/decoder.py:64 merge (Tensor.contiguous)"
+    assert call_site(stack[1:]) == "denseclip_fast/model/decoder.py:64 merge"
+    extension = "<built-in method resize_bilinear of pybind11_builtins.pybind11_detail_function_record object at 0xab>"
+    assert call_site([extension, *stack[2:]]) == "denseclip_fast/model/decoder.py:64 merge (resize_bilinear)"
+    assert call_site(["<built-in function cat>", "/r/benchmarks/official/model.py(7): f"]) == (
+        "benchmarks/official/model.py:7 f (cat)")
+    assert call_site(["<built-in function cat>", "bench.py(3): <module>"]) is None
+    assert call_site([]) is None
+
+
+def test_profiles_by_call_site(monkeypatch):
+    """profile_kernels(sites=N): the operators' time by the line that called them, per call, the largest first, shares
+    of all the time; on CUDA the operators' own kernels (not the kernel events again) with the longest one's name."""
+    from types import SimpleNamespace
+
+    import torch
+    from torch.autograd import DeviceType
+
+    from benchmarks import common
+
+    monkeypatch.setattr(common, "SITE_PACKAGES", ("tests/", "denseclip_fast/"))
+    x = torch.randn(96, 96)
+
+    def work(t):
+        return (t @ t).relu()  # the matmul's line
+
+    prof = common.profile_kernels(work, x, torch.device("cpu"), calls=2, sites=3)
+    assert 1 <= len(prof["sites"]) <= 3
+    top = prof["sites"][0]
+    assert top["operator"] == "aten::mm" and top["count"] == 1, prof["sites"]
+    assert top["site"].startswith("tests/test_benchmarks.py:") and top["site"].endswith(" work")
+    assert prof["sites"] == sorted(prof["sites"], key=lambda k: -k["us"]) and 0 < top["share"] <= 1
+    assert "By call site: the" in common.profile_markdown("t", prof)
+    assert "sites" not in common.profile_kernels(work, x, torch.device("cpu"), calls=1)
+
+    frames = ["/r/denseclip_fast/model/decoder.py(64): merge"]
+    kernel = SimpleNamespace(name="direct_copy_kernel", duration=3.0)
+    events = [SimpleNamespace(name="aten::copy_", device_type=DeviceType.CPU, self_device_time_total=3.0,
+                              stack=frames, kernels=[kernel]),
+              SimpleNamespace(name="direct_copy_kernel", device_type=DeviceType.CUDA, self_device_time_total=3.0,
+                              stack=[], kernels=[]),
+              SimpleNamespace(name="aten::add", device_type=DeviceType.CPU, self_device_time_total=1.0, stack=[],
+                              kernels=[SimpleNamespace(name="add_kernel", duration=1.0)])]  # fmt: skip
+    sites = common._by_call_site(events, True, 1, 5)
+    assert sites == [{"site": "denseclip_fast/model/decoder.py:64 merge", "operator": "aten::copy_", "count": 1,
+                      "us": 3.0, "kernel": "direct_copy_kernel", "share": 0.75},
+                     {"site": "(outside this project's code)", "operator": "aten::add", "count": 1, "us": 1.0,
+                      "kernel": "add_kernel", "share": 0.25}]  # fmt: skip
+
+
 def test_bench_train_switches_a_contestant_off_around_its_steps(monkeypatch):
     """trainer-bf16-aten: the switches are 0 while its step runs (where the kernels read them) and as they were
     after, a step that raises included."""
