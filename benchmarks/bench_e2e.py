@@ -28,6 +28,9 @@ Contestants (random weights, BN statistics and gamma randomised so every stage m
   engine-bf16-fp32-ln  engine-bf16 with ViT's CLIP LayerNorms as the model computes them (float32 copies around a
                       float32 LayerNorm: DENSECLIP_FAST_NATIVE_LN=0 at its construction and calls: engine/rewrite.py);
                       the ResNets' image path has none
+  engine-bf16-quick-gelu  engine-bf16 with ViT's MLPs as the model computes them (QuickGELU's three kernels, not
+                      F.silu with the scale in the weights: DENSECLIP_FAST_SILU_MLP=0 at its construction and calls:
+                      engine/rewrite.py silu_mlps); the ResNets' image path has none
 On CUDA, cuDNN benchmark mode is on for every contestant (mmseg's default runtime has cudnn_benchmark=True, so
 upstream's test runs with it); the environment block records it and the TF32 settings, each row its precision.
 Each torch.compile contestant starts from torch._dynamo.reset() and compiles for static shapes (dynamic=False): a
@@ -87,13 +90,15 @@ from denseclip_fast.engine.segmenter import Mode, no_tf32  # noqa: E402
 PEAK_FLOPS = 790e12  # the engine issue's H200 bf16 dense tensor-core figure: a fixed yardstick for every row
 # The engine first and the slow compiles last, so that a run stopped by a time budget has measured what matters most.
 ALL = ("engine-bf16", "engine-fp32", "official", "official-bf16", "compile-ro", "compile-ma", "engine-bf16-plain-conv",
-       "engine-bf16-aten-resample", "engine-bf16-separate-qkv", "engine-bf16-aten-add-ln", "engine-bf16-fp32-ln")
+       "engine-bf16-aten-resample", "engine-bf16-separate-qkv", "engine-bf16-aten-add-ln", "engine-bf16-fp32-ln",
+       "engine-bf16-quick-gelu")
 # engine-bf16 with one of its GPU rewrites switched off, by the environment variable that does so: (name, value)
 SWITCHED_OFF = {"engine-bf16-plain-conv": ("DENSECLIP_FAST_CUDNN_FUSION", "0"),
                 "engine-bf16-aten-resample": ("DENSECLIP_FAST_TRITON_RESAMPLE", "0"),
                 "engine-bf16-separate-qkv": ("DENSECLIP_FAST_FUSED_QKV", "0"),
                 "engine-bf16-aten-add-ln": ("DENSECLIP_FAST_TRITON_ADD_LN", "0"),
-                "engine-bf16-fp32-ln": ("DENSECLIP_FAST_NATIVE_LN", "0")}
+                "engine-bf16-fp32-ln": ("DENSECLIP_FAST_NATIVE_LN", "0"),
+                "engine-bf16-quick-gelu": ("DENSECLIP_FAST_SILU_MLP", "0")}
 
 
 def build(arch: str, classes: int, device: torch.device) -> tuple[dcf.DenseCLIP, OfficialDenseCLIP]:
@@ -129,6 +134,8 @@ def precision(name: str, device: torch.device, tf32: dict[str, str]) -> str:
         return "bf16, ATen's decoder sums and LayerNorms"
     if name == "engine-bf16-fp32-ln":
         return "bf16, CLIP LayerNorms through float32 copies"
+    if name == "engine-bf16-quick-gelu":
+        return "bf16, QuickGELU's three kernels in the MLPs"
     if name == "compile-ro":
         return "bf16 autocast, reduce-overhead (CUDA graphs), no freezing"
     if name == "compile-ma":
@@ -460,7 +467,7 @@ def bar_chart(rows: list[dict], path: str) -> None:
               "compile-ma": (200, 110, 20), "engine-fp32": (60, 130, 220), "engine-bf16": (20, 80, 180),
               "engine-bf16-plain-conv": (90, 140, 200), "engine-bf16-aten-resample": (120, 160, 210),
               "engine-bf16-separate-qkv": (150, 180, 220), "engine-bf16-aten-add-ln": (170, 195, 225),
-              "engine-bf16-fp32-ln": (185, 205, 230)}  # fmt: skip
+              "engine-bf16-fp32-ln": (185, 205, 230), "engine-bf16-quick-gelu": (195, 212, 235)}  # fmt: skip
     for i, r in enumerate(rows):
         y = 40 + i * (bar_h + pad)
         label = f"{r['arch']} {r['mode']} {'x'.join(map(str, r['shape']))} {r['contestant']}"

@@ -252,7 +252,7 @@ e2e_more() {  # slide mode, the other architectures, and start-up on the GPU
     --contestants official official-bf16 engine-fp32 engine-bf16
   timed "bench_e2e RN101 ViT-B/16" bench_e2e_others.txt \
     python3 benchmarks/bench_e2e.py --archs RN101 ViT-B/16 --modes whole --batches 1 16 --out "$OUT" --tag others \
-    --contestants official official-bf16 engine-fp32 engine-bf16 engine-bf16-fp32-ln
+    --contestants official official-bf16 engine-fp32 engine-bf16 engine-bf16-fp32-ln engine-bf16-quick-gelu
   # a fresh process to its first segmentation on the GPU (CUDA's start, the load, the Segmenter, the first call)
   timed "bench_startup cuda" bench_startup.txt \
     python3 benchmarks/bench_startup.py --device cuda --formats pth safetensors --size 512 --repeats 2 --out "$OUT"

@@ -440,7 +440,7 @@ def test_switched_off_engine_contestants_build_and_call_their_segmenter_so(monke
     import torch
 
     variables = ("DENSECLIP_FAST_CUDNN_FUSION", "DENSECLIP_FAST_TRITON_RESAMPLE", "DENSECLIP_FAST_FUSED_QKV",
-                 "DENSECLIP_FAST_TRITON_ADD_LN", "DENSECLIP_FAST_NATIVE_LN")
+                 "DENSECLIP_FAST_TRITON_ADD_LN", "DENSECLIP_FAST_NATIVE_LN", "DENSECLIP_FAST_SILU_MLP")
     seen = []
 
     class Recorder:
@@ -453,7 +453,7 @@ def test_switched_off_engine_contestants_build_and_call_their_segmenter_so(monke
         monkeypatch.delenv(variable, raising=False)
     official = argparse.Namespace(texts=torch.zeros(1))
     names = ("engine-bf16-plain-conv", "engine-bf16-aten-resample", "engine-bf16-separate-qkv",
-             "engine-bf16-aten-add-ln", "engine-bf16-fp32-ln", "engine-bf16")
+             "engine-bf16-aten-add-ln", "engine-bf16-fp32-ln", "engine-bf16-quick-gelu", "engine-bf16")
     for name in names:
         bench_e2e.contestant(name, None, official, torch.device("cpu"), "whole", 512, 341)(torch.zeros(1))
     expected = []

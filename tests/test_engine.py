@@ -164,6 +164,68 @@ def test_a_16_bit_engine_swaps_the_vits_clip_layer_norms(dtype, switch, listed, 
     assert all(type(after[name]) is NativeLayerNorm and after[name].weight is w for name, w in before.items())
 
 
+def test_silu_mlps_keep_the_function():
+    """rewrite.silu_mlps on a float32 copy: each of the ViT's block MLPs as 1.702 c_fc, SiLU, c_proj / 1.702 (the
+    weights scaled in float32), the text encoder's untouched; logits within float32 rounding of the copy's without
+    it; nothing more the second time, nothing in 16-bit weights (scaled there, they would be rounded twice)."""
+    from denseclip_fast.engine.rewrite import prepare_for_inference, silu_mlps
+    from denseclip_fast.model.layers import QuickGELU
+
+    torch.manual_seed(0)
+    model = randomized(DenseCLIP(tiny_config("vit"), NAMES)).eval()
+    cpu = torch.device("cpu")
+    plain = prepare_for_inference(model, cpu, torch.float32)
+    rewritten = prepare_for_inference(model, cpu, torch.float32, silu_mlps)
+    layers = len(model.backbone.transformer.resblocks)
+    blocks = list(zip(plain.backbone.transformer.resblocks, rewritten.backbone.transformer.resblocks))
+    assert len(blocks) == layers and all(type(new.mlp.gelu) is torch.nn.SiLU for _, new in blocks)
+    for old, new in blocks:
+        assert torch.equal(new.mlp.c_fc.weight, old.mlp.c_fc.weight * 1.702)
+        assert torch.equal(new.mlp.c_fc.bias, old.mlp.c_fc.bias * 1.702)
+        assert torch.equal(new.mlp.c_proj.weight, old.mlp.c_proj.weight / 1.702)
+        assert torch.equal(new.mlp.c_proj.bias, old.mlp.c_proj.bias)
+    text = [type(m) for m in rewritten.text_encoder.modules() if isinstance(m, (QuickGELU, torch.nn.SiLU))]
+    assert text and set(text) == {QuickGELU}
+    x = torch.randn(2, 3, 64, 80)
+    names = plain.text_features(NAMES)
+    with torch.no_grad():
+        want, got = plain.logits_for(x, names, None), rewritten.logits_for(x, names, None)
+    assert rel_err(got, want) < 1e-5, rel_err(got, want)
+    assert silu_mlps(rewritten) == 0
+    assert silu_mlps(prepare_for_inference(model, cpu, torch.float32).to(torch.bfloat16)) == 0
+
+
+@pytest.mark.parametrize("dtype, switch, listed, silu", [
+    (torch.float32, None, True, True), (torch.bfloat16, None, True, True), (torch.float32, "0", True, False),
+    (torch.float32, None, False, False)])  # fmt: skip
+def test_an_engine_on_a_silu_device_rewrites_the_vits_mlps(dtype, switch, listed, silu, monkeypatch):
+    """A Segmenter on a device of SILU_DEVICES (CUDA; the CPU added here, in place of its oneDNN rewrite) takes
+    silu_mlps in float32 before its cast; not with DENSECLIP_FAST_SILU_MLP=0, not on a device not listed (a CPU
+    engine by default, which fuses the MLPs with oneDNN instead). The logits stay within the dtype's tolerance of
+    the model's."""
+    from denseclip_fast.engine import rewrite
+    from denseclip_fast.model.layers import QuickGELU
+
+    if listed:
+        monkeypatch.setattr(rewrite, "SILU_DEVICES", ("cpu",))
+    if switch is None:
+        monkeypatch.delenv("DENSECLIP_FAST_SILU_MLP", raising=False)
+    else:
+        monkeypatch.setenv("DENSECLIP_FAST_SILU_MLP", switch)
+    torch.manual_seed(0)
+    model = randomized(DenseCLIP(tiny_config("vit"), NAMES)).eval()
+    seg = _engine(model, dtype=dtype)
+    kinds = [type(b.mlp.gelu) for b in seg.model.backbone.transformer.resblocks]
+    layers = len(model.backbone.transformer.resblocks)
+    assert kinds.count(torch.nn.SiLU) == (layers if silu else 0)
+    if silu:  # else the CPU engine's own rewrite (oneDNN's SiLU post-op: the activation an Identity)
+        assert not any(isinstance(m, QuickGELU) for m in seg.model.backbone.modules())
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+    assert rel_err(seg.logits(x), expected) < (2e-2 if dtype == torch.bfloat16 else 1e-4)
+
+
 def test_bf16_engine_resizes_its_logits_in_float32(model):
     """The head's bfloat16 logits are cast to float32 before the bilinear resize to the input size (as the official
     model's, and as the AOTInductor packages'); a resize in bfloat16 rounds the full-size logits (3e-3)."""

@@ -597,3 +597,28 @@ def test_kept_positions_in_captured_cuda_graphs(kind, monkeypatch):
     assert plain.captured_graphs == 1
     # the same kernels on the same values (a margin for cuDNN picking another algorithm in the second engine)
     assert all(rel_err(g, w) < 1e-2 for g, w in zip(got, want)), [rel_err(g, w) for g, w in zip(got, want)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_cuda_vit_engine_runs_its_mlps_with_silu(dtype, monkeypatch):
+    """A CUDA Segmenter of a ViT rewrites its block MLPs (engine/rewrite.py silu_mlps: F.silu, one kernel, in place
+    of QuickGELU's three, the 1.702 folded into the weights); its logits within the dtype's tolerance of the float32
+    model and within rounding of the same engine with DENSECLIP_FAST_SILU_MLP=0."""
+    from denseclip_fast import DenseCLIP, Segmenter
+    from denseclip_fast.model.layers import QuickGELU
+
+    torch.manual_seed(0)
+    model = randomized(DenseCLIP(tiny_config("vit"), NAMES)).eval()
+    x = torch.randn(2, 3, 64, 96, device="cuda")
+    with torch.no_grad():
+        expected = model.cuda()(x)
+    monkeypatch.delenv("DENSECLIP_FAST_SILU_MLP", raising=False)
+    seg = Segmenter(model, device="cuda", dtype=dtype, cuda_graphs=False)
+    blocks = seg.model.backbone.transformer.resblocks
+    assert all(type(b.mlp.gelu) is torch.nn.SiLU for b in blocks)
+    got = seg.logits(x)
+    assert rel_err(got, expected) < (2e-2 if dtype == torch.bfloat16 else 1e-4)
+    monkeypatch.setenv("DENSECLIP_FAST_SILU_MLP", "0")
+    plain = Segmenter(model, device="cuda", dtype=dtype, cuda_graphs=False)
+    assert all(type(b.mlp.gelu) is QuickGELU for b in plain.model.backbone.transformer.resblocks)
+    assert rel_err(got, plain.logits(x)) < (1e-2 if dtype == torch.bfloat16 else 1e-5)

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model.layers import MultiheadSelfAttention, QuickGELU, plain_tensors
+from ..model.layers import QUICK_GELU_SCALE, MultiheadSelfAttention, QuickGELU, plain_tensors
 
 
 def _operator() -> Any:
@@ -180,9 +180,6 @@ def use_onednn_linears(model: nn.Module) -> int:
                 setattr(module, name, OneDNNLinear(child))
                 rewritten += 1
     return rewritten
-
-
-QUICK_GELU_SCALE = 1.702  # QuickGELU(y) = y * sigmoid(1.702 y) = silu(1.702 y) / 1.702
 
 
 @torch.no_grad()

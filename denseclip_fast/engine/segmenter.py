@@ -69,6 +69,8 @@ from .rewrite import (
     native_layer_norms_wanted,
     prepare_for_inference,
     refuse_loading,
+    silu_mlps,
+    silu_mlps_wanted,
 )
 
 Mode = Literal["whole", "slide"]
@@ -385,8 +387,10 @@ class Segmenter:
         self.windows_per_batch = None if windows_per_batch is None else as_int(
             "windows_per_batch", windows_per_batch, why=" or None")  # fmt: skip
         cpu = self.device.type == "cpu"  # linear layers through oneDNN, their QuickGELUs as its SiLU post-op
-        # (cpu_linear.py), rewritten in float32: the weights it scales are rounded once, also in a bfloat16 engine
-        self.model = prepare_for_inference(model, self.device, self.dtype, rewrite_linears if cpu else None)
+        # (cpu_linear.py), rewritten in float32: the weights it scales are rounded once, also in a bfloat16 engine;
+        # on a GPU the image encoder's QuickGELUs as F.silu, their scale in the weights alike (rewrite.silu_mlps)
+        float32_rewrite = silu_mlps if silu_mlps_wanted(self.device) else (rewrite_linears if cpu else None)
+        self.model = prepare_for_inference(model, self.device, self.dtype, float32_rewrite)
         if native_layer_norms_wanted(self.device, self.dtype):  # ViT's CLIP LayerNorms in one kernel each
             native_layer_norms(self.model)
         if cpu:  # bfloat16 convolutions with their ReLU and residual sum (cpu_conv.py); without the finite check the

@@ -72,11 +72,14 @@ class LayerNormFp32(nn.LayerNorm):
         return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
 
 
+QUICK_GELU_SCALE = 1.702  # QuickGELU(y) = y * sigmoid(1.702 y) = silu(1.702 y) / 1.702
+
+
 class QuickGELU(nn.Module):
     """x * sigmoid(1.702 x), the activation CLIP was trained with."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.sigmoid(1.702 * x)
+        return x * torch.sigmoid(QUICK_GELU_SCALE * x)
 
 
 def clip_activation(name: str) -> nn.Module:
