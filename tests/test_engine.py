@@ -126,6 +126,23 @@ def test_native_layer_norm_is_clips_in_one_pass(dtype, monkeypatch):
     assert torch.equal(native(x.to(other)), clip(x.to(other)))  # tokens of another dtype: LayerNormFp32's path
 
 
+def _vit_engine_with(monkeypatch: pytest.MonkeyPatch, devices: str, listed: bool, variable: str, switch: str | None,
+                     dtype: torch.dtype) -> tuple[DenseCLIP, Segmenter]:
+    """A tiny ViT and a CPU Segmenter of it, built with the CPU added to engine.rewrite's ``devices`` (``listed``)
+    and the environment ``variable`` set to ``switch`` (None: unset)."""
+    from denseclip_fast.engine import rewrite
+
+    if listed:
+        monkeypatch.setattr(rewrite, devices, ("cpu",))
+    if switch is None:
+        monkeypatch.delenv(variable, raising=False)
+    else:
+        monkeypatch.setenv(variable, switch)
+    torch.manual_seed(0)
+    model = randomized(DenseCLIP(tiny_config("vit"), NAMES)).eval()
+    return model, _engine(model, dtype=dtype)
+
+
 @pytest.mark.parametrize("dtype, switch, listed, native", [
     (torch.bfloat16, None, True, True), (torch.bfloat16, "0", True, False), (torch.float32, None, True, False),
     (torch.bfloat16, None, False, False)])  # fmt: skip
@@ -135,18 +152,9 @@ def test_a_16_bit_engine_swaps_the_vits_clip_layer_norms(dtype, switch, listed, 
     and its embeddings stay the model's); not with DENSECLIP_FAST_NATIVE_LN=0, not in float32, not on a device not
     listed (a CPU engine by default). Either way the logits stay within bfloat16's tolerance of the model's, and
     the prepared copy's parameters (the biases that folding BatchNorm made included) take no gradient."""
-    from denseclip_fast.engine import rewrite
     from denseclip_fast.engine.rewrite import NativeLayerNorm, native_layer_norms
 
-    if listed:
-        monkeypatch.setattr(rewrite, "NATIVE_LN_DEVICES", ("cpu",))
-    if switch is None:
-        monkeypatch.delenv("DENSECLIP_FAST_NATIVE_LN", raising=False)
-    else:
-        monkeypatch.setenv("DENSECLIP_FAST_NATIVE_LN", switch)
-    torch.manual_seed(0)
-    model = randomized(DenseCLIP(tiny_config("vit"), NAMES)).eval()
-    seg = _engine(model, dtype=dtype)
+    model, seg = _vit_engine_with(monkeypatch, "NATIVE_LN_DEVICES", listed, "DENSECLIP_FAST_NATIVE_LN", switch, dtype)
     image = [type(m) for m in seg.model.backbone.modules() if isinstance(m, torch.nn.LayerNorm)]
     layers = len(model.backbone.transformer.resblocks)
     assert image.count(NativeLayerNorm) == (2 * layers + 2 if native else 0)
@@ -203,18 +211,9 @@ def test_an_engine_on_a_silu_device_rewrites_the_vits_mlps(dtype, switch, listed
     silu_mlps in float32 before its cast; not with DENSECLIP_FAST_SILU_MLP=0, not on a device not listed (a CPU
     engine by default, which fuses the MLPs with oneDNN instead). The logits stay within the dtype's tolerance of
     the model's."""
-    from denseclip_fast.engine import rewrite
     from denseclip_fast.model.layers import QuickGELU
 
-    if listed:
-        monkeypatch.setattr(rewrite, "SILU_DEVICES", ("cpu",))
-    if switch is None:
-        monkeypatch.delenv("DENSECLIP_FAST_SILU_MLP", raising=False)
-    else:
-        monkeypatch.setenv("DENSECLIP_FAST_SILU_MLP", switch)
-    torch.manual_seed(0)
-    model = randomized(DenseCLIP(tiny_config("vit"), NAMES)).eval()
-    seg = _engine(model, dtype=dtype)
+    model, seg = _vit_engine_with(monkeypatch, "SILU_DEVICES", listed, "DENSECLIP_FAST_SILU_MLP", switch, dtype)
     kinds = [type(b.mlp.gelu) for b in seg.model.backbone.transformer.resblocks]
     layers = len(model.backbone.transformer.resblocks)
     assert kinds.count(torch.nn.SiLU) == (layers if silu else 0)

@@ -545,19 +545,27 @@ def test_a_model_on_a_gpu_that_is_not_the_current_one():
         assert rel_err(out, ops.reference.pixel_text_score(visual, text)) <= 1e-5
 
 
+def _tiny_vit_on_cuda() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """A tiny ViT DenseCLIP with random well-scaled weights, moved to the GPU; a (2, 3, 64, 96) batch there; the
+    float32 model's logits of it."""
+    from denseclip_fast import DenseCLIP
+
+    torch.manual_seed(0)
+    model = randomized(DenseCLIP(tiny_config("vit"), NAMES)).eval().cuda()
+    x = torch.randn(2, 3, 64, 96, device="cuda")
+    with torch.no_grad():
+        return model, x, model(x)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_a_16_bit_vit_engine_on_cuda_takes_one_layer_norm_kernel_each(dtype, monkeypatch):
     """A 16-bit CUDA Segmenter of a ViT runs its CLIP LayerNorms as NativeLayerNorm (engine/rewrite.py: ATen's
     16-bit layer_norm, float32 inside): 2L + 2 of them, each one native_layer_norm call (no float32 copies); its
     logits within 2e-2 of the float32 model and within 1e-2 of the same engine with DENSECLIP_FAST_NATIVE_LN=0."""
-    from denseclip_fast import DenseCLIP, Segmenter
+    from denseclip_fast import Segmenter
     from denseclip_fast.engine.rewrite import NativeLayerNorm
 
-    torch.manual_seed(0)
-    model = randomized(DenseCLIP(tiny_config("vit"), NAMES)).eval()
-    x = torch.randn(2, 3, 64, 96, device="cuda")
-    with torch.no_grad():
-        expected = model.cuda()(x)
+    model, x, expected = _tiny_vit_on_cuda()
     monkeypatch.delenv("DENSECLIP_FAST_NATIVE_LN", raising=False)
     seg = Segmenter(model, device="cuda", dtype=dtype, cuda_graphs=False)
     natives = [m for m in seg.model.backbone.modules() if isinstance(m, NativeLayerNorm)]
@@ -604,14 +612,10 @@ def test_a_cuda_vit_engine_runs_its_mlps_with_silu(dtype, monkeypatch):
     """A CUDA Segmenter of a ViT rewrites its block MLPs (engine/rewrite.py silu_mlps: F.silu, one kernel, in place
     of QuickGELU's three, the 1.702 folded into the weights); its logits within the dtype's tolerance of the float32
     model and within rounding of the same engine with DENSECLIP_FAST_SILU_MLP=0."""
-    from denseclip_fast import DenseCLIP, Segmenter
+    from denseclip_fast import Segmenter
     from denseclip_fast.model.layers import QuickGELU
 
-    torch.manual_seed(0)
-    model = randomized(DenseCLIP(tiny_config("vit"), NAMES)).eval()
-    x = torch.randn(2, 3, 64, 96, device="cuda")
-    with torch.no_grad():
-        expected = model.cuda()(x)
+    model, x, expected = _tiny_vit_on_cuda()
     monkeypatch.delenv("DENSECLIP_FAST_SILU_MLP", raising=False)
     seg = Segmenter(model, device="cuda", dtype=dtype, cuda_graphs=False)
     blocks = seg.model.backbone.transformer.resblocks
