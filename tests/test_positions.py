@@ -143,3 +143,17 @@ def test_keep_positions_swaps_each_module_once_and_copies_carry_their_own():
         with torch.no_grad():
             assert torch.equal(clone.backbone(x).local_feat, want)
     torch.save(model, io.BytesIO())  # a whole-module save (pickle) keeps working
+
+
+def test_positions_kept_under_inference_mode_serve_later_calls():
+    """An inference tensor kept by a call under torch.inference_mode is read (never written) by later calls outside
+    it, with gradients enabled by the caller too: the same logits."""
+    seg = dcf.Segmenter(randomized(dcf.DenseCLIP(tiny_config("vit"), NAMES)).eval(), device="cpu")
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        first = seg.logits(x)
+    (module,) = [m for m in seg.model.modules() if isinstance(m, positions._KeptPositions)]
+    assert all(t.is_inference() for t in module.kept_positions.values()) and module.kept_positions
+    with torch.enable_grad():
+        assert torch.equal(seg.logits(x), first)
+    assert torch.equal(seg.logits(x), first)
