@@ -3,7 +3,7 @@
     to_onnx(model, path, graph="image" | "image_with_text" | "text", image_size=None, dtype=torch.float32)
     graph_file(onnx_path)                              the path to open a graph by (a symlink's target, weights beside)
     tensorrt_problems(onnx_path)                       [] when every node is in TensorRT's ONNX operator list
-    build_tensorrt_engine(onnx_path, engine_path, fp16=True, batch=(1, 1, 16))    needs the tensorrt package
+    build_tensorrt_engine(onnx_path, engine_path, fp16=False, batch=None)    needs the tensorrt package
     to_aoti(model_or_segmenter, path, image_size=None)  a .pt2 package; load_aoti(path) runs it from Python
 
 The onnx/onnxscript packages are needed for ONNX export (``pip install denseclip_fast[export]``); they are imported
