@@ -401,15 +401,24 @@ def call_site(stack: Sequence[str]) -> str | None:
     return None
 
 
-def _by_call_site(events: Iterable[Any], cuda: bool, calls: int, top: int) -> list[dict]:
+UNLAUNCHED = "(no operator: kernels launched directly, e.g. the engine's Triton kernels)"
+
+
+def _by_call_site(events: Iterable[Any], cuda: bool, calls: int, top: int, total_us: float, kernels_per_call: float
+                  ) -> list[dict]:  # fmt: skip
     """Per call site (:func:`call_site`) and operator, the kernels' device time (CUDA: the kernels each operator
-    launched itself, with the longest one's name) or the operators' self CPU time, per call, the ``top`` largest."""
+    launched itself, with the longest one's name) or the operators' self CPU time, per call, the ``top`` largest,
+    each with its share of ``total_us`` (the profile's total per call). On CUDA a kernel launched outside any ATen
+    operator (a Triton kernel the engine launches itself) is linked to no operator and has no stack here: those
+    kernels are one row (UNLAUNCHED: ``total_us`` less what the operators launched; ``kernels_per_call`` less their
+    count)."""
     from torch.autograd import DeviceType
 
     sites: dict[tuple[str, str], dict] = {}
-    total = 0.0
+    attributed = launched = 0.0
     for e in events:
-        if e.device_type != DeviceType.CPU or _PY_FRAME.match(e.name) or e.name.startswith("<built-in"):
+        if (e.device_type != DeviceType.CPU or getattr(e, "is_python_function", False) or _PY_FRAME.match(e.name)
+                or e.name.startswith("<built-in")):  # fmt: skip
             continue  # the kernels themselves (counted with the operator that launched them), Python's own frames
         if cuda:
             device_us = getattr(e, "self_device_time_total", None)
@@ -418,18 +427,25 @@ def _by_call_site(events: Iterable[Any], cuda: bool, calls: int, top: int) -> li
             us = float(e.self_cpu_time_total)
         if us <= 0:
             continue
-        total += us
+        attributed += us / calls
         site = call_site(getattr(e, "stack", None) or []) or "(outside this project's code)"
         entry = sites.setdefault((site, e.name), {"site": site, "operator": e.name, "count": 0.0, "us": 0.0})
         entry["count"] += 1 / calls
         entry["us"] += us / calls
         kernels = [k for k in getattr(e, "kernels", []) or [] if getattr(k, "duration", 0) > 0]
-        if kernels:
-            entry["kernel"] = max(kernels, key=lambda k: k.duration).name[:80]
-    ranked = sorted(sites.values(), key=lambda entry: -entry["us"])
+        launched += len(kernels) / calls
+        for k in kernels:
+            if k.duration > entry.get("kernel_us", 0.0):
+                entry["kernel"], entry["kernel_us"] = k.name[:80], float(k.duration)
+    rows = list(sites.values())
+    if cuda and total_us - attributed > 1e-3 * total_us:
+        rows.append({"site": UNLAUNCHED, "operator": "-", "count": max(0.0, kernels_per_call - launched),
+                     "us": total_us - attributed})  # fmt: skip
+    ranked = sorted(rows, key=lambda entry: -entry["us"])[:top]
     for entry in ranked:
-        entry["share"] = entry["us"] * calls / total
-    return ranked[:top]
+        entry.pop("kernel_us", None)
+        entry["share"] = entry["us"] / total_us if total_us > 0 else 0.0
+    return ranked
 
 
 def profile_kernels(
@@ -478,10 +494,11 @@ def profile_kernels(
         us = sum(t[2] for t in rest)
         kernels.append({"name": f"({len(rest)} others)", "count": sum(t[1] for t in rest) / calls, "us": us / calls,
                         "share": us / total})  # fmt: skip
-    result = {"unit": "GPU kernel time" if cuda else "CPU self time", "total_us": total / calls, "kernels": kernels,
-              "every_kernel": every}  # fmt: skip
+    result: dict[str, Any] = {"unit": "GPU kernel time" if cuda else "CPU self time", "total_us": total / calls,
+                              "kernels": kernels, "every_kernel": every}  # fmt: skip
     if sites:
-        result["sites"] = _by_call_site(prof.events(), cuda, calls, sites)
+        result["sites"] = _by_call_site(prof.events(), cuda, calls, sites, total / calls,
+                                        sum(count for _, count, _ in times) / calls)  # fmt: skip
     return result
 
 

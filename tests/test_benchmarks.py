@@ -570,18 +570,24 @@ def test_profiles_by_call_site(monkeypatch):
     assert "sites" not in common.profile_kernels(work, x, torch.device("cpu"), calls=1)
 
     frames = ["/r/denseclip_fast/model/decoder.py(64): merge"]
-    kernel = SimpleNamespace(name="direct_copy_kernel", duration=3.0)
+    kernels = [SimpleNamespace(name="short_copy", duration=1.0),
+               SimpleNamespace(name="direct_copy_kernel", duration=2.0)]
     events = [SimpleNamespace(name="aten::copy_", device_type=DeviceType.CPU, self_device_time_total=3.0,
-                              stack=frames, kernels=[kernel]),
-              SimpleNamespace(name="direct_copy_kernel", device_type=DeviceType.CUDA, self_device_time_total=3.0,
+                              stack=frames, kernels=kernels),
+              SimpleNamespace(name="direct_copy_kernel", device_type=DeviceType.CUDA, self_device_time_total=2.0,
                               stack=[], kernels=[]),
               SimpleNamespace(name="aten::add", device_type=DeviceType.CPU, self_device_time_total=1.0, stack=[],
-                              kernels=[SimpleNamespace(name="add_kernel", duration=1.0)])]  # fmt: skip
-    sites = common._by_call_site(events, True, 1, 5)
+                              kernels=[SimpleNamespace(name="add_kernel", duration=1.0)]),
+              SimpleNamespace(name="nn.Module: Conv2d_0", device_type=DeviceType.CPU, self_device_time_total=9.0,
+                              stack=[], kernels=[], is_python_function=True)]  # fmt: skip
+    # 5 us and 4 kernels a call in all: 1 us in a kernel no operator launched (a Triton launch)
+    sites = common._by_call_site(events, True, 1, 5, 5.0, 4)
     assert sites == [{"site": "denseclip_fast/model/decoder.py:64 merge", "operator": "aten::copy_", "count": 1,
-                      "us": 3.0, "kernel": "direct_copy_kernel", "share": 0.75},
+                      "us": 3.0, "kernel": "direct_copy_kernel", "share": 0.6},
                      {"site": "(outside this project's code)", "operator": "aten::add", "count": 1, "us": 1.0,
-                      "kernel": "add_kernel", "share": 0.25}]  # fmt: skip
+                      "kernel": "add_kernel", "share": 0.2},
+                     {"site": common.UNLAUNCHED, "operator": "-", "count": 1, "us": 1.0, "share": 0.2}]  # fmt: skip
+    assert common._by_call_site(events, True, 1, 5, 4.0, 3)[-1]["site"] != common.UNLAUNCHED  # all launched
 
 
 def test_bench_train_switches_a_contestant_off_around_its_steps(monkeypatch):

@@ -133,16 +133,36 @@ def test_keep_positions_swaps_each_module_once_and_copies_carry_their_own():
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         want = model.backbone(x).local_feat
-    original = list(model.backbone.attnpool.kept_positions.values())
-    assert len(original) == 1
+    assert len(model.backbone.attnpool.kept_positions) == 1
     for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
         pool = clone.backbone.attnpool
-        assert type(pool) is positions.KeptPositionsFusedPool
-        (kept,) = pool.kept_positions.values()
-        assert kept is not original[0] and torch.equal(kept, original[0])
+        assert type(pool) is positions.KeptPositionsFusedPool and not pool.kept_positions  # a copy keeps its own
         with torch.no_grad():
             assert torch.equal(clone.backbone(x).local_feat, want)
+        assert len(pool.kept_positions) == 1
     torch.save(model, io.BytesIO())  # a whole-module save (pickle) keeps working
+    assert len(model.backbone.attnpool.kept_positions) == 1
+    assert positions.keep_positions(model) == 0 and not model.backbone.attnpool.kept_positions  # a new engine's
+
+
+def test_kept_positions_follow_the_weights():
+    """Weights changed in place, or moved to another dtype by .to(), are made anew (the new values), never read from
+    what the old weights made; with a gradient to flow, nothing kept is read."""
+    pool = _kept_pool()
+    size = (3, 5)
+    first = pool.positions(size, torch.float32)
+    assert pool.positions(size, torch.float32) is first
+    with torch.no_grad():
+        pool.positional_embedding.mul_(2)
+    again = pool.positions(size, torch.float32)
+    assert torch.equal(again, 2 * first)
+    pool.to(torch.float64)
+    made = pool.positions(size, torch.float64)
+    want = resnet.resize_positional_grid(pool.positional_embedding, pool.grid, size)
+    assert made.dtype == torch.float64 and torch.equal(made, want) and torch.allclose(made, 2 * first.double())
+    pool.requires_grad_(True)
+    with torch.enable_grad():
+        assert pool.positions(size, torch.float64).requires_grad  # not the kept, gradient-free tensor
 
 
 def test_positions_kept_under_inference_mode_serve_later_calls():

@@ -19,6 +19,7 @@ until a replay; the warm-up before a capture keeps it instead).
 from __future__ import annotations
 
 import typing
+from typing import Any
 
 import torch
 from torch import nn
@@ -28,36 +29,48 @@ from ..model.resnet import DenseAttentionPool
 from ..model.vit import CLIPViTBackbone
 from .projections import FusedAttentionPool
 
-MAX_SIZES = 16
-Key = tuple[tuple[int, int], torch.dtype, torch.device]
+MAX_SIZES = 16  # entries (a size in a dtype, on a device, of the weights as they are) kept at most
+Key = tuple[tuple[int, int], torch.dtype, torch.device, tuple[tuple[int, int], ...]]
 
 
 class _KeptPositions:
-    """The module's ``positions(size, dtype)``, kept per (size, dtype, device) as the module docstring says, in
-    ``kept_positions`` (a plain dict attribute: copied with the module by deepcopy and pickling, not moved by
-    ``.to()``, hence the device in the key)."""
+    """The module's ``positions(size, dtype)``, kept as the module docstring says in ``kept_positions`` (a plain
+    dict attribute, not moved by ``.to()`` and emptied in a deepcopy or a pickle: a copy keeps its own), per size,
+    dtype, device and state of the module's own parameters (each one's address and in-place version: weights
+    changed in place or moved by ``.to()`` are made anew, never read from what the old ones made)."""
 
     kept_positions: dict[Key, torch.Tensor]
     positional_embedding: nn.Parameter
 
-    def _may_keep(self) -> bool:
-        if len(self.kept_positions) >= MAX_SIZES:
-            return False
-        if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters(recurse=False)):  # type: ignore[attr-defined]
-            return False
-        return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+    def _weights(self) -> tuple[tuple[int, int], ...] | None:
+        """The module's own parameters as they are now; None where one needs a gradient that could flow (grad mode
+        on): made on each call then, neither kept nor read."""
+        params = list(self.parameters(recurse=False))  # type: ignore[attr-defined]
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            return None
+        try:
+            return tuple((p.data_ptr(), p._version) for p in params)
+        except RuntimeError:  # inference tensors (a model built under inference_mode) have no version counter
+            return None
 
     def positions(self, size: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
-        if intercepted():
+        weights = None if intercepted() else self._weights()
+        if weights is None:
             return super().positions(size, dtype)  # type: ignore[misc]
-        key = ((int(size[0]), int(size[1])), dtype, self.positional_embedding.device)
+        key = ((int(size[0]), int(size[1])), dtype, self.positional_embedding.device, weights)
         kept = self.kept_positions.get(key)
         if kept is not None:
             return kept
         value: torch.Tensor = super().positions(size, dtype)  # type: ignore[misc]
-        if self._may_keep():
+        capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+        if len(self.kept_positions) < MAX_SIZES and not capturing:
             self.kept_positions[key] = value
         return value
+
+    def __getstate__(self) -> dict[str, Any]:
+        """deepcopy and pickle: the module's state with nothing kept (a copy's weights may change apart from ours)."""
+        state: dict[str, Any] = nn.Module.__getstate__(typing.cast(nn.Module, self))
+        return {**state, "kept_positions": {}}
 
 
 class KeptPositionsPool(_KeptPositions, DenseAttentionPool):
@@ -86,6 +99,7 @@ def keep_positions(model: nn.Module) -> int:
         kept = KEPT.get(type(module))
         if kept is not None:
             module.__class__ = kept
-            typing.cast(_KeptPositions, module).kept_positions = {}
-            count += 1
+        if isinstance(module, _KeptPositions):  # swapped now, or by an earlier Segmenter: starts with nothing kept
+            module.kept_positions = {}
+            count += kept is not None
     return count
