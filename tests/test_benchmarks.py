@@ -404,7 +404,7 @@ def test_engine_table_labels_precision_tails_and_image_path_flops():
     assert bench_e2e.precision("engine-fp32", cuda, defaults) == "fp32, IEEE (TF32 off)"
     assert "no freezing" in bench_e2e.precision("compile-ro", cuda, defaults)
     assert [bench_e2e.runs_official(n) for n in bench_e2e.ALL] == [False, False, True, True, True, True, False, False,
-                                                                   False, False, False]
+                                                                   False, False, False, False]
     assert set(tf32_settings().values()) <= {"tf32", "ieee"}
     row = {"arch": "RN50", "mode": "whole", "shape": [1, 3, 512, 512], "contestant": "official",
            "precision": bench_e2e.precision("official", cuda, defaults), "p50_ms": 10.0, "p90_ms": 11.0,
