@@ -5,15 +5,16 @@ grid bilinearly resized to the input's grid (model/resnet.py ``resize_positional
 embedding to the first row. For a given grid size and dtype that is a constant of the weights: a Segmenter's
 private model, whose weights never change (engine.rewrite.refuse_loading), keeps it. Per call that saves the
 resize, a concatenation and, for ViT, the class row's sum and a second concatenation: 2 kernel launches at RN50's
-attention pool, 4 at ViT's embedding (per CUDA graph replay too: a graph captured after the warm-up reads the kept
-tensor). The values are the module's own, computed by the same operations: bit for bit the same logits.
+attention pool, 4 at ViT's embedding (per CUDA graph replay too: a graph captured after an eager call or the
+warm-up reads the kept tensor). The values are the module's own, computed by the same operations: bit for bit the
+same logits.
 
-Kept: at most ``MAX_SIZES`` sizes, never dropped while the Segmenter lives, because a captured CUDA graph reads the
-kept tensor at its address (a dropped and reused one would be read as garbage by the graph). Sizes past that are
-computed on each call, as before. Not kept (computed, as the model does) where the call is traced or transformed
-(:func:`~denseclip_fast.model.layers.intercepted`: an export would bake a constant), where a gradient could flow to
-the embedding, or while a CUDA graph is being captured (the capture runs no kernel: the tensor would hold nothing
-until a replay; the warm-up before a capture keeps it instead).
+Kept: at most ``MAX_SIZES`` entries, never dropped while the Segmenter lives, because a captured CUDA graph reads
+the kept tensor at its address (a dropped and reused one would be read as garbage by the graph). Sizes past that
+are computed on each call, as before. Neither kept nor read (computed, as the model does) where the call is traced
+or transformed (:func:`~denseclip_fast.model.layers.intercepted`: an export would bake a constant) or where a
+gradient could flow to the module's parameters; not kept while a CUDA graph is being captured (the capture runs no
+kernel: the tensor would hold nothing until a replay; the eager calls and the warm-up before a capture keep it).
 """
 
 from __future__ import annotations
