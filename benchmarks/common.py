@@ -376,12 +376,18 @@ _BUILTIN = re.compile(r"^<built-in (?:method|function) (?P<name>\S+)(?: of (?P<o
 SITE_PACKAGES = ("denseclip_fast/", "benchmarks/official/")
 
 
+OPERATOR_PACKAGE = "denseclip_fast/ops/"  # the fused operators' wrappers and launchers: who called them says more
+LAUNCHER = "denseclip_fast/ops/triton/common.py"  # launch()'s wrapper, the frame every profiled Triton launch is in
+
+
 def call_site(stack: Sequence[str]) -> str | None:
     """Where, in this project's code, a profiled operator was called from: the innermost frame of ``stack`` (a
     profiler event's, innermost first) in one of SITE_PACKAGES, as "path/file.py:line function", the path from the
     package on, with the builtin through which the call left Python ("Tensor.contiguous", "cat") where the stack
-    has one above it. None where the stack has no such frame."""
-    builtin = None
+    has one above it. A frame in the fused operators' code (OPERATOR_PACKAGE) comes after the innermost frame outside
+    it that called them ("model/decoder.py:62 attend > ops/triton/attention.py:290 attention_forward"). None where
+    the stack has no such frame."""
+    builtin = inner = None
     for frame in stack:
         called = _BUILTIN.match(frame)
         if called is not None:
@@ -393,12 +399,16 @@ def call_site(stack: Sequence[str]) -> str | None:
         if python is None:
             continue
         path = python.group("file")
-        for package in SITE_PACKAGES:
-            at = path.rfind(package)
-            if at >= 0:
-                site = f"{path[at:]}:{python.group('line')} {python.group('function')}"
-                return f"{site} ({builtin})" if builtin else site
-    return None
+        at = max(path.rfind(package) for package in SITE_PACKAGES)
+        if at < 0 or path.endswith(LAUNCHER):
+            continue  # not the project's code, or the Triton launch's own plumbing
+        site = f"{path[at:]}:{python.group('line')} {python.group('function')}"
+        innermost = inner is None
+        if innermost:
+            inner = f"{site} ({builtin})" if builtin else site
+        if OPERATOR_PACKAGE not in path[at:]:
+            return inner if innermost else f"{site} > {inner}"
+    return inner
 
 
 UNLAUNCHED = "(no operator: kernels launched directly, e.g. the engine's Triton kernels)"

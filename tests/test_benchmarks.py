@@ -542,6 +542,13 @@ def test_call_sites_name_the_projects_innermost_frame():
         "benchmarks/official/model.py:7 f (cat)")
     assert call_site(["<built-in function cat>", "bench.py(3): <module>"]) is None
     assert call_site([]) is None
+    # in the fused operators' code: after the caller outside it
+    launcher = ["/r/denseclip_fast/ops/triton/attention.py(290): attention_forward",
+                "/r/denseclip_fast/ops/__init__.py(140): context_attention", *stack[2:]]  # fmt: skip
+    assert call_site(launcher) == ("denseclip_fast/model/decoder.py:64 merge > "
+                                   "denseclip_fast/ops/triton/attention.py:290 attention_forward")
+    assert call_site([stack[0], *launcher[:2]]) == "denseclip_fast/ops/triton/attention.py:290 attention_forward " \
+        "(Tensor.contiguous)"  # no caller outside: the innermost alone
 
 
 def test_profiles_by_call_site(monkeypatch):
@@ -588,6 +595,30 @@ def test_profiles_by_call_site(monkeypatch):
                       "kernel": "add_kernel", "share": 0.2},
                      {"site": common.UNLAUNCHED, "operator": "-", "count": 1, "us": 1.0, "share": 0.2}]  # fmt: skip
     assert common._by_call_site(events, True, 1, 5, 4.0, 3)[-1]["site"] != common.UNLAUNCHED  # all launched
+
+
+def test_a_profiled_triton_launch_is_an_event_at_its_call_site(monkeypatch):
+    """While torch.profiler records, each launch through ops/triton/common.launch is a "triton::<kernel>" event (the
+    profiler links a GPU's kernels to it), placed by the call site table at the line that called the operator and
+    the launcher's line; unprofiled, launch() hands back the plain launcher."""
+    import torch
+
+    from benchmarks import common
+    from denseclip_fast import ops
+    from denseclip_fast.ops.triton import attention
+    from denseclip_fast.ops.triton import common as triton_common
+
+    monkeypatch.setattr(common, "SITE_PACKAGES", ("tests/", "denseclip_fast/"))
+    q, k, v = torch.randn(1, 2, 5, 16), torch.randn(1, 2, 7, 16), torch.randn(1, 2, 7, 16)
+
+    def attend(t):
+        return ops.context_attention(t, k, v, backend="triton")  # the caller's line
+
+    prof = common.profile_kernels(attend, q, torch.device("cpu"), calls=1, sites=100)
+    (row,) = [r for r in prof["sites"] if r["operator"] == "triton::_attn_fwd_kernel"]
+    assert row["count"] == 1 and row["site"].startswith("tests/test_benchmarks.py:"), row
+    assert " attend > denseclip_fast/ops/triton/attention.py:" in row["site"], row
+    assert not isinstance(triton_common.launch(attention._attn_fwd_kernel), triton_common._Profiled)
 
 
 def test_bench_train_switches_a_contestant_off_around_its_steps(monkeypatch):

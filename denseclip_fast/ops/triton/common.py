@@ -42,15 +42,40 @@ def dot_in_f32(dtype: torch.dtype) -> bool:
 def launch(kernel: Any) -> Any:
     """``wrap_triton(kernel)``, so that torch.compile, torch.export and AOTInductor see the kernel inside a
     ``triton_op``. torch <= 2.11's wrap_triton rejects the functions of Triton's interpreter (newer torch takes
-    them); there, and only under the interpreter, the kernel is launched as it is."""
+    them); there, and only under the interpreter, the kernel is launched as it is. While torch.profiler records an
+    eager call, each launch is also a profiler event of its own (:class:`_Profiled`)."""
     from torch.library import wrap_triton
 
     try:
-        return wrap_triton(kernel)
+        launcher = wrap_triton(kernel)
     except RuntimeError:
         if os.environ.get("TRITON_INTERPRET") != "1":
             raise
-        return kernel
+        launcher = kernel
+    if torch.autograd.profiler._is_profiler_enabled and not torch.compiler.is_compiling():
+        return _Profiled(launcher, kernel)
+    return launcher
+
+
+class _Profiled:
+    """A launcher whose launches are each a ``triton::<kernel name>`` event in torch.profiler's trace: a
+    RecordFunction of the default scope, to which the profiler links the kernels launched inside it (as it links
+    an ATen operator's) and whose Python stack it records, so that a profile by call site places the kernels the
+    engine launches itself (benchmarks/common.py). Only while a profiler runs: launch() returns the plain launcher
+    otherwise, at the cost of one flag read."""
+
+    def __init__(self, launcher: Any, kernel: Any) -> None:
+        self.launcher = launcher
+        self.name = "triton::" + str(getattr(getattr(kernel, "fn", kernel), "__name__", "kernel"))
+
+    def __getitem__(self, grid: Any) -> Any:
+        run = self.launcher[grid]
+
+        def launched(*args: Any, **kwargs: Any) -> Any:
+            with torch._C._profiler._RecordFunctionFast(self.name):
+                return run(*args, **kwargs)
+
+        return launched
 
 
 def on_device(t: torch.Tensor) -> contextlib.AbstractContextManager[Any]:
