@@ -411,17 +411,17 @@ def call_site(stack: Sequence[str]) -> str | None:
     return inner
 
 
-UNLAUNCHED = "(no operator: kernels launched directly, e.g. the engine's Triton kernels)"
+UNLAUNCHED = "(no operator: kernels the profiler linked to no operator or launch event)"
 
 
 def _by_call_site(events: Iterable[Any], cuda: bool, calls: int, top: int, total_us: float, kernels_per_call: float
                   ) -> list[dict]:  # fmt: skip
     """Per call site (:func:`call_site`) and operator, the kernels' device time (CUDA: the kernels each operator
     launched itself, with the longest one's name) or the operators' self CPU time, per call, the ``top`` largest,
-    each with its share of ``total_us`` (the profile's total per call). On CUDA a kernel launched outside any ATen
-    operator (a Triton kernel the engine launches itself) is linked to no operator and has no stack here: those
-    kernels are one row (UNLAUNCHED: ``total_us`` less what the operators launched; ``kernels_per_call`` less their
-    count)."""
+    each with its share of ``total_us`` (the profile's total per call). The engine's own Triton launches are
+    "triton::<kernel>" events of their own while a profiler records (ops/triton/common.launch); on CUDA a kernel
+    launched outside any operator or such event is linked to none and has no stack here: those kernels are one row
+    (UNLAUNCHED: ``total_us`` less what the events launched; ``kernels_per_call`` less their count)."""
     from torch.autograd import DeviceType
 
     sites: dict[tuple[str, str], dict] = {}
