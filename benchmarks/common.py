@@ -398,7 +398,7 @@ def call_site(stack: Sequence[str]) -> str | None:
         python = _PY_FRAME.match(frame)
         if python is None:
             continue
-        path = python.group("file")
+        path = python.group("file").replace("\\", "/")  # a Windows path's separators as the packages' names
         at = max(path.rfind(package) for package in SITE_PACKAGES)
         if at < 0 or path.endswith(LAUNCHER):
             continue  # not the project's code, or the Triton launch's own plumbing

@@ -598,9 +598,9 @@ def test_profiles_by_call_site(monkeypatch):
 
 
 def test_a_profiled_triton_launch_is_an_event_at_its_call_site(monkeypatch):
-    """While torch.profiler records, each launch through ops/triton/common.launch is a "triton::<kernel>" event (the
-    profiler links a GPU's kernels to it), placed by the call site table at the line that called the operator and
-    the launcher's line; unprofiled, launch() hands back the plain launcher."""
+    """While torch.profiler records, each launch through ops/triton/common.launch or .profiled is a "triton::<kernel>"
+    event (the profiler links a GPU's kernels to it), placed by the call site table at the line that called the
+    operator and the launcher's line; unprofiled, launch() and profiled() hand back the plain launcher."""
     import torch
 
     from benchmarks import common
@@ -619,6 +619,15 @@ def test_a_profiled_triton_launch_is_an_event_at_its_call_site(monkeypatch):
     assert row["count"] == 1 and row["site"].startswith("tests/test_benchmarks.py:"), row
     assert " attend > denseclip_fast/ops/triton/attention.py:" in row["site"], row
     assert not isinstance(triton_common.launch(attention._attn_fwd_kernel), triton_common._Profiled)
+    # a kernel launched as it is (no triton_op) goes through profiled(), which makes it an event the same way (a
+    # profile of the interpreted resize with stacks would take minutes: its launch is checked, not profiled)
+    from denseclip_fast.ops.triton import resample
+
+    assert triton_common.profiled(resample._bilinear_kernel) is resample._bilinear_kernel  # unprofiled: as it is
+    seen = []
+    monkeypatch.setattr(resample, "profiled", lambda kernel: seen.append(kernel) or kernel)
+    resample.bilinear(torch.randn(1, 3, 4, 5), (8, 9))
+    assert seen == [resample._bilinear_kernel]
 
 
 def test_bench_train_switches_a_contestant_off_around_its_steps(monkeypatch):

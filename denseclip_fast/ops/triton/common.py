@@ -43,7 +43,7 @@ def launch(kernel: Any) -> Any:
     """``wrap_triton(kernel)``, so that torch.compile, torch.export and AOTInductor see the kernel inside a
     ``triton_op``. torch <= 2.11's wrap_triton rejects the functions of Triton's interpreter (newer torch takes
     them); there, and only under the interpreter, the kernel is launched as it is. While torch.profiler records an
-    eager call, each launch is also a profiler event of its own (:class:`_Profiled`)."""
+    eager call, each launch is also a profiler event of its own (:func:`profiled`)."""
     from torch.library import wrap_triton
 
     try:
@@ -52,8 +52,15 @@ def launch(kernel: Any) -> Any:
         if os.environ.get("TRITON_INTERPRET") != "1":
             raise
         launcher = kernel
-    if torch.autograd.profiler._is_profiler_enabled and not torch.compiler.is_compiling():
-        return _Profiled(launcher, kernel)
+    return profiled(launcher, kernel)
+
+
+def profiled(launcher: Any, kernel: Any = None) -> Any:
+    """``launcher`` (``kernel``'s, or a kernel itself: ``profiled(kernel)[grid](...)`` at the launches that are
+    no ``triton_op``'s) as it is, or while torch.profiler records an eager call, a :class:`_Profiled` wrapper:
+    one flag read otherwise (the compile check first, so that a traced call never reads the flag)."""
+    if not torch.compiler.is_compiling() and torch.autograd.profiler._is_profiler_enabled:
+        return _Profiled(launcher, launcher if kernel is None else kernel)
     return launcher
 
 

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import cdiv, next_power_of_2, on_device
+from .common import cdiv, next_power_of_2, on_device, profiled
 
 # rows a program, classes a step (a row's classes in one step up to 256: ADE20K's 150), warps: 8 values a thread,
 # 64 registers in the forward and 32 in the backward on sm_90 (ptxas; 16 rows took 128 and 164: fewer programs an SM)
@@ -113,7 +113,7 @@ def cross_entropy_rows(rows: torch.Tensor, label: torch.Tensor, ignore_index: in
     if m == 0:
         return loss, lse
     with on_device(rows):
-        _ce_fwd_kernel[(cdiv(m, BLOCK_M),)](
+        profiled(_ce_fwd_kernel)[(cdiv(m, BLOCK_M),)](
             rows, label.contiguous(), loss, lse, m, k, rows.stride(0), ignore_index,
             BLOCK_M=BLOCK_M, BLOCK_K=_block_k(k), num_warps=WARPS,
         )  # fmt: skip
@@ -134,7 +134,7 @@ def cross_entropy_rows_backward(grad: torch.Tensor, rows: torch.Tensor, label: t
     if m == 0 or k == 0:
         return out
     with on_device(rows):
-        _ce_bwd_kernel[(cdiv(m, BLOCK_M),)](
+        profiled(_ce_bwd_kernel)[(cdiv(m, BLOCK_M),)](
             grad.float().contiguous(), rows, label.contiguous(), lse, out, m, k, rows.stride(0), out.stride(0),
             ignore_index, BLOCK_M=BLOCK_M, BLOCK_K=_block_k(k), num_warps=WARPS,
         )  # fmt: skip

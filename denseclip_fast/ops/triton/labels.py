@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from ..backends import MAX_GRID_Y
-from .common import cdiv, class_blocks, on_device
+from .common import cdiv, class_blocks, on_device, profiled
 from .resample import _check_4d, _check_size, _check_tiling, _index, _interpolate, _output_row, _scale, _wide
 
 BLOCK_C = 32  # classes a program resizes at a time
@@ -143,7 +143,7 @@ def bilinear_argmax_(x: torch.Tensor, best: torch.Tensor, index: torch.Tensor, f
     if grid[1] > MAX_GRID_Y:
         raise ValueError(f"bilinear_argmax_: an output of {w_out} columns is past the launch grid's limit")
     with on_device(x):
-        _bilinear_argmax_kernel[grid](
+        profiled(_bilinear_argmax_kernel)[grid](
             x, best, index, k, h_in, w_in, h_out, w_out, *x.stride(), *best.stride(), *index.stride(),
             _scale(h_in, h_out), _scale(w_in, w_out), first, START=first == 0, BLOCK_C=t.block_c,
             BLOCK_W=t.block_w, WIDE=_wide(x, best, index), num_warps=t.warps,

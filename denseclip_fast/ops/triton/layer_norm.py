@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import cdiv, next_power_of_2, on_device
+from .common import cdiv, next_power_of_2, on_device, profiled
 from .resample import _wide
 from .score import _index
 
@@ -103,7 +103,7 @@ def add_layer_norm(
     s_xb = 0 if x.shape[0] == 1 else x.stride(0)
     wide = _wide(x, y, total)
     with on_device(y):
-        _add_layer_norm_kernel[(cdiv(rows, block_r),)](
+        profiled(_add_layer_norm_kernel)[(cdiv(rows, block_r),)](
             x, y, weight, bias, total, out, rows, length, width, s_xb, x.stride(1), y.stride(0), y.stride(1),
             float(eps), BLOCK_R=block_r, BLOCK_W=block_w, WIDE=wide, num_warps=WARPS,
         )  # fmt: skip

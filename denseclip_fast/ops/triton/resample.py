@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from ..backends import MAX_GRID_Y
-from .common import cdiv, next_power_of_2, on_device
+from .common import cdiv, next_power_of_2, on_device, profiled
 from .score import _index
 
 WIDE_FROM = 2**31  # element offsets from here on are computed in int64
@@ -365,7 +365,7 @@ def bilinear_into(out: torch.Tensor, x: torch.Tensor, tile: Tiling | None = None
     _check_tiling("bilinear_into", t)
     (_, c, h_in, w_in), (h_out, w_out) = x.shape, out.shape[2:]
     with on_device(x):
-        _bilinear_kernel[_grid(out, t.block_c, t.block_w, t.rows)](
+        profiled(_bilinear_kernel)[_grid(out, t.block_c, t.block_w, t.rows)](
             x, out, c, h_in, w_in, h_out, w_out, *x.stride(), *out.stride(), _scale(h_in, h_out),
             _scale(w_in, w_out), ROWS=t.rows, BLOCK_C=t.block_c, BLOCK_W=t.block_w, WIDE=_wide(x, out),
             num_warps=t.warps,
@@ -417,7 +417,7 @@ def bilinear_backward(grad: torch.Tensor, size: Sequence[int],
     with on_device(grad):
         scale, inv, taps = _taps(w_in, w_out)
         block_c, block_w = blocks(c, w_in, narrow.stride(1))
-        _bilinear_grad_w_kernel[_grid(narrow, block_c, block_w)](
+        profiled(_bilinear_grad_w_kernel)[_grid(narrow, block_c, block_w)](
             grad, narrow, c, h_out, w_in, w_out, *grad.stride(), *narrow.stride(), scale, inv, taps,
             BLOCK_C=block_c, BLOCK_W=block_w, WIDE=_wide(grad, narrow), num_warps=WARPS,
         )  # fmt: skip
@@ -438,7 +438,7 @@ def height_pass(narrow: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     with on_device(narrow):
         scale, inv, taps = _taps(h_in, h_out)
         block_c, block_w = blocks(c, w_in, out.stride(1))
-        _bilinear_grad_h_kernel[_grid(out, block_c, block_w)](
+        profiled(_bilinear_grad_h_kernel)[_grid(out, block_c, block_w)](
             narrow, out, c, h_in, h_out, w_in, *narrow.stride(), *out.stride(), scale, inv, taps,
             BLOCK_C=block_c, BLOCK_W=block_w, WIDE=_wide(narrow, out), num_warps=WARPS,
         )  # fmt: skip
@@ -457,7 +457,7 @@ def avg_pool(x: torch.Tensor, s: int) -> torch.Tensor:
         return out
     block_c, block_w = blocks(c, w // s, out.stride(1))
     with on_device(x):
-        _avg_pool_kernel[_grid(out, block_c, block_w)](
+        profiled(_avg_pool_kernel)[_grid(out, block_c, block_w)](
             x, out, c, h // s, w // s, *x.stride(), *out.stride(), S=s, BLOCK_C=block_c, BLOCK_W=block_w,
             WIDE=_wide(x, out), num_warps=WARPS,
         )  # fmt: skip
@@ -479,7 +479,7 @@ def avg_pool_backward(grad: torch.Tensor, size: Sequence[int], s: int,
         return out
     block_c, block_w = blocks(c, w, out.stride(1))
     with on_device(grad):
-        _avg_pool_backward_kernel[_grid(out, block_c, block_w)](
+        profiled(_avg_pool_backward_kernel)[_grid(out, block_c, block_w)](
             grad, out, c, h, w, h // s, w // s, *grad.stride(), *out.stride(), S=s, BLOCK_C=block_c,
             BLOCK_W=block_w, WIDE=_wide(grad, out), num_warps=WARPS,
         )  # fmt: skip
@@ -494,7 +494,7 @@ def add_nearest_(finer: torch.Tensor, coarser: torch.Tensor) -> torch.Tensor:
     block_c, block_w = blocks(finer.shape[1], finer.shape[3], finer.stride(1))
     (_, c, h_in, w_in), (h_out, w_out) = coarser.shape, finer.shape[2:]
     with on_device(finer):
-        _add_nearest_kernel[_grid(finer, block_c, block_w)](
+        profiled(_add_nearest_kernel)[_grid(finer, block_c, block_w)](
             finer, coarser, finer, c, h_in, w_in, h_out, w_out, *finer.stride(), *coarser.stride(), *finer.stride(),
             _scale(h_in, h_out), _scale(w_in, w_out), BLOCK_C=block_c, BLOCK_W=block_w, WIDE=_wide(finer, coarser),
             num_warps=WARPS,

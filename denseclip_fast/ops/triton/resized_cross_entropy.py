@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import cdiv, class_blocks, on_device
+from .common import cdiv, class_blocks, on_device, profiled
 from .cross_entropy import LOG2E
 from .resample import (
     _check_4d,
@@ -163,7 +163,7 @@ def resized_cross_entropy(x: torch.Tensor, label: torch.Tensor,
         return loss, lse
     block_c, block_w = _blocks(k, w_out)
     with on_device(x):
-        _resized_ce_fwd_kernel[(n * h_out, cdiv(w_out, block_w))](
+        profiled(_resized_ce_fwd_kernel)[(n * h_out, cdiv(w_out, block_w))](
             x, label, loss, lse, k, h_in, w_in, h_out, w_out, *x.stride(), *label.stride(),
             _scale(h_in, h_out), _scale(w_in, w_out), ignore_index, BLOCK_C=block_c, BLOCK_W=block_w,
             WIDE=_wide(x, label, loss),
@@ -192,7 +192,7 @@ def resized_cross_entropy_backward(grad: torch.Tensor, x: torch.Tensor, label: t
     scale, inv, taps = _taps(w_in, w_out)
     block_c, block_j = _blocks(k, w_in)
     with on_device(x):
-        _resized_ce_grad_w_kernel[(n * h_out, cdiv(k, block_c), cdiv(w_in, block_j))](
+        profiled(_resized_ce_grad_w_kernel)[(n * h_out, cdiv(k, block_c), cdiv(w_in, block_j))](
             x, label, lse, grad, narrow, k, h_in, w_in, h_out, w_out, *x.stride(), *label.stride(),
             *narrow.stride(), _scale(h_in, h_out), scale, inv, taps, ignore_index, BLOCK_C=block_c,
             BLOCK_J=block_j, WIDE=_wide(x, label, narrow, lse, grad), num_warps=WARPS,
