@@ -17,7 +17,7 @@ from denseclip_fast import Segmenter
 from denseclip_fast.engine import cpu_linear
 from denseclip_fast.engine.cpu_linear import OneDNNLinear, onednn_linear, onednn_linear_usable, use_onednn_linears
 from denseclip_fast.engine.rewrite import prepare_for_inference
-from denseclip_fast.model.layers import MultiheadSelfAttention
+from denseclip_fast.model.layers import MultiheadSelfAttention, QuickGELU
 from denseclip_fast.model.vit import CLIPViTBackbone
 
 from .conftest import NAMES, probed_under_other_defaults, probed_with_fakes, rel_err
@@ -407,7 +407,7 @@ def test_a_fused_quick_gelu_mlp_computes_the_same_through_onednn_and_without(row
 def test_quick_gelu_is_fused_where_the_linears_take_onednn(tiny_model, monkeypatch):
     """Every QuickGELU MLP of a float32 or bfloat16 engine is fused; MLPs whose weights are no longer float32
     (scaling would round them twice), GELU MLPs and a PyTorch without the post-op are left alone."""
-    count = sum(type(m) is cpu_linear.QuickGELU for m in tiny_model.modules())
+    count = sum(type(m) is QuickGELU for m in tiny_model.modules())
     for dtype in (torch.float32, torch.bfloat16):
         seg = Segmenter(tiny_model, device="cpu", dtype=dtype)
         assert sum(getattr(m, "post_op", None) == "swish" for m in seg.model.modules()) == count, dtype

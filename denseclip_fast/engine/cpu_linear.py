@@ -38,7 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model.layers import QUICK_GELU_SCALE, MultiheadSelfAttention, QuickGELU, plain_tensors
+from ..model.layers import MultiheadSelfAttention, plain_tensors
+from .rewrite import fold_quick_gelus
 
 
 def _operator() -> Any:
@@ -197,23 +198,10 @@ def fuse_quick_gelu(model: nn.Module) -> int:
     Returns how many MLPs were rewritten; none where oneDNN's swish post-op is not usable."""
     if not onednn_swish_usable():
         return 0
-    fused = 0
-    for module in model.modules():
-        if not isinstance(module, nn.Sequential) or set(module._modules) != {"c_fc", "gelu", "c_proj"}:
-            continue
-        c_fc, gelu, c_proj = module.c_fc, module.gelu, module.c_proj
-        if not (type(gelu) is QuickGELU and type(c_fc) is OneDNNLinear and type(c_proj) is OneDNNLinear):
-            continue
-        if not c_fc.weight.dtype == c_proj.weight.dtype == torch.float32:  # scaled in bfloat16: rounded twice
-            continue
-        c_fc.weight.mul_(QUICK_GELU_SCALE)
-        if c_fc.bias is not None:
-            c_fc.bias.mul_(QUICK_GELU_SCALE)
+    folded = fold_quick_gelus(model, OneDNNLinear, nn.Identity)  # the SiLU is c_fc's post-op
+    for c_fc in folded:
         c_fc.post_op = "swish"
-        module.gelu = nn.Identity()
-        c_proj.weight.div_(QUICK_GELU_SCALE)
-        fused += 1
-    return fused
+    return len(folded)
 
 
 def rewrite_linears(model: nn.Module) -> tuple[int, int]:

@@ -155,33 +155,42 @@ def silu_mlps_wanted(device: torch.device) -> bool:
 
 
 @torch.no_grad()
-def silu_mlps(model: DenseCLIP) -> int:
-    """Each CLIP MLP of the image encoder (a ViT's blocks: ``c_fc``, QuickGELU, ``c_proj``, plain float32
-    ``nn.Linear`` layers) rewritten in place as c_fc' = 1.702 c_fc, ``nn.SiLU``, c_proj' = c_proj / 1.702:
-    QuickGELU(y) = y sigmoid(1.702 y) = SiLU(1.702 y) / 1.702. ATen's QuickGELU is three elementwise kernels (the
-    product by 1.702, the sigmoid, the product), each a pass over the 4x-wide activations (ViT-B/16 at 640x640:
-    1601 x 3072 values an image, in each of 12 blocks); F.silu is one, computed in float32 and rounded once. The
-    same function: the scaled weights are rounded once (about 1e-7 relative in float32; a 16-bit engine casts them
-    afterwards, so they are rounded to its dtype once too). For a Segmenter's private float32 copy, before its cast
-    (engine.rewrite.prepare_for_inference's ``float32_rewrite``) on a device of SILU_DEVICES (the CPU engine does the
-    same with oneDNN's SiLU post-op: cpu_linear.fuse_quick_gelu). The text encoder keeps its MLPs: the class
-    embeddings stay the model's. Returns how many MLPs were rewritten (a second call: none)."""
-    fused = 0
-    for module in model.backbone.modules():
+def fold_quick_gelus(root: nn.Module, linear: type[nn.Module], activation: Callable[[], nn.Module]) -> list[Any]:
+    """Each CLIP MLP under ``root`` (an ``nn.Sequential`` of ``c_fc``, QuickGELU, ``c_proj`` in that order, its
+    layers exactly of type ``linear`` with float32 weights) rewritten in place for a SiLU: c_fc' = 1.702 c_fc (its
+    bias too), c_proj' = c_proj / 1.702, QuickGELU replaced by ``activation()``: QuickGELU(y) = y sigmoid(1.702 y)
+    = SiLU(1.702 y) / 1.702. The scaled weights are rounded once (about 1e-7 relative in float32; a 16-bit engine
+    casts them afterwards, rounding them to its dtype once too: 16-bit weights, scaled, would be rounded twice, so
+    they are left alone). Returns the rewritten MLPs' c_fc layers (none a second time)."""
+    folded = []
+    for module in root.modules():
         if not isinstance(module, nn.Sequential) or list(module._modules) != ["c_fc", "gelu", "c_proj"]:
             continue
-        c_fc, gelu, c_proj = module.c_fc, module.gelu, module.c_proj
-        if not (type(gelu) is QuickGELU and type(c_fc) is nn.Linear and type(c_proj) is nn.Linear):
+        c_fc: Any = module.c_fc  # a ``linear`` once checked: its weight, bias and post-op
+        c_proj: Any = module.c_proj
+        if type(module.gelu) is not QuickGELU or {type(c_fc), type(c_proj)} != {linear}:  # both exactly ``linear``
             continue
-        if not c_fc.weight.dtype == c_proj.weight.dtype == torch.float32:  # scaled in 16 bits: rounded twice
+        if not c_fc.weight.dtype == c_proj.weight.dtype == torch.float32:
             continue
         c_fc.weight.mul_(QUICK_GELU_SCALE)
         if c_fc.bias is not None:
             c_fc.bias.mul_(QUICK_GELU_SCALE)
-        module.gelu = nn.SiLU()
         c_proj.weight.div_(QUICK_GELU_SCALE)
-        fused += 1
-    return fused
+        module.gelu = activation()
+        folded.append(c_fc)
+    return folded
+
+
+def silu_mlps(model: DenseCLIP) -> int:
+    """The image encoder's CLIP MLPs (a ViT's blocks, plain ``nn.Linear`` layers) with ``nn.SiLU`` in place of
+    QuickGELU, its scale folded into the weights (:func:`fold_quick_gelus`). ATen's QuickGELU is three elementwise
+    kernels (the product by 1.702, the sigmoid, the product), each a pass over the 4x-wide activations (ViT-B/16 at
+    640x640: 1601 x 3072 values an image, in each of 12 blocks); F.silu is one, computed in float32 and rounded
+    once. The same function. For a Segmenter's private float32 copy, before its cast
+    (engine.rewrite.prepare_for_inference's ``float32_rewrite``) on a device of SILU_DEVICES (the CPU engine does the
+    same with oneDNN's SiLU post-op: cpu_linear.fuse_quick_gelu). The text encoder keeps its MLPs: the class
+    embeddings stay the model's. Returns how many MLPs were rewritten (a second call: none)."""
+    return len(fold_quick_gelus(model.backbone, nn.Linear, nn.SiLU))
 
 
 def _refuse_weights(module: nn.Module, *args: Any, **kwargs: Any) -> None:
