@@ -374,8 +374,6 @@ def measure(
 _PY_FRAME = re.compile(r"^(?P<file>.+\.py)\((?P<line>\d+)\): (?P<function>.+)$")
 _BUILTIN = re.compile(r"^<built-in (?:method|function) (?P<name>\S+)(?: of (?P<owner>[^>]*?) object at 0x[0-9a-f]+)?>$")
 SITE_PACKAGES = ("denseclip_fast/", "benchmarks/official/")
-
-
 OPERATOR_PACKAGE = "denseclip_fast/ops/"  # the fused operators' wrappers and launchers: who called them says more
 LAUNCHER = "denseclip_fast/ops/triton/common.py"  # launch()'s wrapper, the frame every profiled Triton launch is in
 
@@ -411,6 +409,15 @@ def call_site(stack: Sequence[str]) -> str | None:
     return inner
 
 
+def _self_us(event: Any, cuda: bool) -> float:
+    """A profiler event's own time in us: on CUDA its device time (the kernels it launched itself, or a kernel's
+    own; ``self_cuda_time_total`` on a torch without ``self_device_time_total``), else its self CPU time."""
+    if not cuda:
+        return float(event.self_cpu_time_total)
+    device_us = getattr(event, "self_device_time_total", None)
+    return float(getattr(event, "self_cuda_time_total", 0.0) if device_us is None else device_us)
+
+
 UNLAUNCHED = "(no operator: kernels the profiler linked to no operator or launch event)"
 
 
@@ -430,11 +437,7 @@ def _by_call_site(events: Iterable[Any], cuda: bool, calls: int, top: int, total
         if (e.device_type != DeviceType.CPU or getattr(e, "is_python_function", False) or _PY_FRAME.match(e.name)
                 or e.name.startswith("<built-in")):  # fmt: skip
             continue  # the kernels themselves (counted with the operator that launched them), Python's own frames
-        if cuda:
-            device_us = getattr(e, "self_device_time_total", None)
-            us = float(getattr(e, "self_cuda_time_total", 0.0) if device_us is None else device_us)
-        else:
-            us = float(e.self_cpu_time_total)
+        us = _self_us(e, cuda)
         if us <= 0:
             continue
         attributed += us / calls
@@ -485,13 +488,9 @@ def profile_kernels(
             sync(device)
     times: list[tuple[str, int, float]] = []
     for e in prof.key_averages():
-        if cuda:
-            if e.device_type != DeviceType.CUDA:
-                continue
-            device_us = getattr(e, "self_device_time_total", None)
-            us = getattr(e, "self_cuda_time_total", 0.0) if device_us is None else device_us
-        else:
-            us = e.self_cpu_time_total
+        if cuda and e.device_type != DeviceType.CUDA:
+            continue
+        us = _self_us(e, cuda)
         if us > 0:
             times.append((e.key, e.count, us))
     times.sort(key=lambda t: -t[2])
