@@ -298,9 +298,8 @@ class DenseCLIP(nn.Module):
         dropout draws a mask per image); else its image-independent start runs once (``prefix``: the decoder's
         :meth:`~ContextDecoder.prefix` of this text in z's dtype, made beforehand; computed here where None).
         The decoder reads [g; z] as the encoder's tokens (ImageFeatures.visual_context: no concatenation where no
-        gradient flows through them), and
-        the product and the sum are one ``addcmul`` (one pass, rounded once: within an ulp of the official product
-        then sum)."""
+        gradient flows through them), and the product and the sum are one ``addcmul`` (one pass, rounded once:
+        within an ulp of the official product then sum)."""
         z = feats.local_feat
         visual_context = feats.visual_context()  # (B, 1 + hw, D)
         text = text.to(z.dtype)
