@@ -634,3 +634,38 @@ def test_a_cuda_vit_engine_runs_its_mlps_with_silu(dtype, monkeypatch):
     plain = Segmenter(model, device="cuda", dtype=dtype, cuda_graphs=False)
     assert all(type(b.mlp.gelu) is QuickGELU for b in plain.model.backbone.transformer.resblocks)
     assert rel_err(got, plain.logits(x)) < (1e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_16_bit_vit_engine_on_cuda_runs_its_transposed_convolutions_as_gemms(dtype, monkeypatch):
+    """A 16-bit CUDA Segmenter of a ViT has its pyramid's three transposed convolutions as CudaGemmConvTranspose2d
+    (engine/cuda_convt.py), which run no convolution on CUDA; each equals F.conv_transpose2d of its input within the
+    dtype's rounding; the logits within 2e-2 of the float32 model and within rounding of the same engine with
+    DENSECLIP_FAST_GEMM_CONVT=0 (PyTorch's transposed convolutions), CUDA graphs on."""
+    import torch.nn.functional as F
+
+    from denseclip_fast import Segmenter
+    from denseclip_fast.engine.cuda_convt import CudaGemmConvTranspose2d
+
+    model, x, expected = _tiny_vit_on_cuda()
+    monkeypatch.delenv("DENSECLIP_FAST_GEMM_CONVT", raising=False)
+    seg = Segmenter(model, device="cuda", dtype=dtype)
+    gemms = [m for m in seg.model.backbone.modules() if isinstance(m, CudaGemmConvTranspose2d)]
+    assert len(gemms) == 3
+    for gemm in gemms:
+        maps = torch.randn(2, gemm.in_channels, 5, 7, device="cuda", dtype=dtype)
+        for layout in (torch.contiguous_format, torch.channels_last):
+            xi = maps.contiguous(memory_format=layout)
+            with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                out = gemm(xi)
+            names = {event.name for event in prof.events()}
+            assert not any("convolution" in name for name in names)
+            assert "aten::mm" in names or "aten::bmm" in names
+            want = F.conv_transpose2d(xi.float(), gemm.weight.float(), gemm.bias.float(), gemm.kernel_size)
+            torch.testing.assert_close(out.float(), want, rtol=2e-2, atol=2e-2)
+    got = torch.stack([seg.logits(x) for _ in range(3)])  # eager, captured, replayed
+    assert all(rel_err(g, expected) < 2e-2 for g in got)
+    monkeypatch.setenv("DENSECLIP_FAST_GEMM_CONVT", "0")
+    plain = Segmenter(model, device="cuda", dtype=dtype)
+    assert not any(isinstance(m, CudaGemmConvTranspose2d) for m in plain.model.modules())
+    assert rel_err(got[-1], plain.logits(x)) < 1e-2

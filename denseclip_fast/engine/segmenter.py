@@ -60,6 +60,7 @@ from . import cpu_labels, cuda_resample, decoder_norms, projections
 from .cpu_conv import fuse_convolutions
 from .cpu_linear import rewrite_linears
 from .cuda_conv import cudnn_fusion_problem, fuse_cudnn_convolutions, gemm_pointwise_convolutions
+from .cuda_convt import gemm_transposed_convolutions, gemm_transposed_convolutions_wanted
 from .graphs import GraphCache
 from .inputs import ImageBatch, as_batch, stacked_for
 from .positions import keep_positions
@@ -393,6 +394,8 @@ class Segmenter:
         self.model = prepare_for_inference(model, self.device, self.dtype, float32_rewrite)
         if native_layer_norms_wanted(self.device, self.dtype):  # ViT's CLIP LayerNorms in one kernel each
             native_layer_norms(self.model)
+        if gemm_transposed_convolutions_wanted(self.device, self.dtype):  # a ViT pyramid's 2x2 transposed
+            gemm_transposed_convolutions(self.model)  # convolutions as one GEMM each (cuda_convt.py)
         if cpu:  # bfloat16 convolutions with their ReLU and residual sum (cpu_conv.py); without the finite check the
             # ReLUs stay passes of their own, which keep NaN as the model does
             fuse_convolutions(self.model, relu=check_finite)
