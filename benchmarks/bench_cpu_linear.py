@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import denseclip_fast as dcf  # noqa: E402
-from benchmarks.common import Results, environment  # noqa: E402
+from benchmarks.common import Results, arch_name, environment  # noqa: E402
 from benchmarks.official import randomize_  # noqa: E402
 from denseclip_fast.engine import cpu_linear  # noqa: E402
 
@@ -126,7 +126,7 @@ def table(env: dict, rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--archs", nargs="+", choices=dcf.config.ARCHS, default=["RN50", "ViT-B/16"])
+    parser.add_argument("--archs", nargs="+", type=arch_name, choices=dcf.config.ARCHS, default=["RN50", "ViT-B/16"])
     parser.add_argument("--size", type=int, default=224, help="square image side (default 224)")
     parser.add_argument("--repeats", type=int, default=2, help="timed rounds after one untimed (default 2)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="the engine's dtype")

@@ -27,10 +27,13 @@ Contestants (random weights, BN statistics and gamma randomised so every stage m
                       (DENSECLIP_FAST_TRITON_ADD_LN=0 at its construction and calls: engine/decoder_norms.py)
   engine-bf16-fp32-ln  engine-bf16 with ViT's CLIP LayerNorms as the model computes them (float32 copies around a
                       float32 LayerNorm: DENSECLIP_FAST_NATIVE_LN=0 at its construction and calls: engine/rewrite.py);
-                      the ResNets' image path has none
+                      not run on a ResNet, whose image path has none
   engine-bf16-quick-gelu  engine-bf16 with ViT's MLPs as the model computes them (QuickGELU's three kernels, not
                       F.silu with the scale in the weights: DENSECLIP_FAST_SILU_MLP=0 at its construction and calls:
-                      engine/rewrite.py silu_mlps); the ResNets' image path has none
+                      engine/rewrite.py silu_mlps); not run on a ResNet
+  engine-bf16-cudnn-convt  engine-bf16 with ViT's pyramid transposed convolutions as PyTorch's (cuDNN and a bias
+                      pass, not one GEMM each: DENSECLIP_FAST_GEMM_CONVT=0 at its construction and calls:
+                      engine/cuda_convt.py); not run on a ResNet
 On CUDA, cuDNN benchmark mode is on for every contestant (mmseg's default runtime has cudnn_benchmark=True, so
 upstream's test runs with it); the environment block records it and the TF32 settings, each row its precision.
 Each torch.compile contestant starts from torch._dynamo.reset() and compiles for static shapes (dynamic=False): a
@@ -70,6 +73,7 @@ from benchmarks.common import (  # noqa: E402
     MAX_REPEATS,
     MIN_REPEATS,
     Results,
+    arch_name,
     atomic_write,
     environment,
     environment_variable,
@@ -91,14 +95,17 @@ PEAK_FLOPS = 790e12  # the engine issue's H200 bf16 dense tensor-core figure: a 
 # The engine first and the slow compiles last, so that a run stopped by a time budget has measured what matters most.
 ALL = ("engine-bf16", "engine-fp32", "official", "official-bf16", "compile-ro", "compile-ma", "engine-bf16-plain-conv",
        "engine-bf16-aten-resample", "engine-bf16-separate-qkv", "engine-bf16-aten-add-ln", "engine-bf16-fp32-ln",
-       "engine-bf16-quick-gelu")
+       "engine-bf16-quick-gelu", "engine-bf16-cudnn-convt")
 # engine-bf16 with one of its GPU rewrites switched off, by the environment variable that does so: (name, value)
 SWITCHED_OFF = {"engine-bf16-plain-conv": ("DENSECLIP_FAST_CUDNN_FUSION", "0"),
                 "engine-bf16-aten-resample": ("DENSECLIP_FAST_TRITON_RESAMPLE", "0"),
                 "engine-bf16-separate-qkv": ("DENSECLIP_FAST_FUSED_QKV", "0"),
                 "engine-bf16-aten-add-ln": ("DENSECLIP_FAST_TRITON_ADD_LN", "0"),
                 "engine-bf16-fp32-ln": ("DENSECLIP_FAST_NATIVE_LN", "0"),
-                "engine-bf16-quick-gelu": ("DENSECLIP_FAST_SILU_MLP", "0")}
+                "engine-bf16-quick-gelu": ("DENSECLIP_FAST_SILU_MLP", "0"),
+                "engine-bf16-cudnn-convt": ("DENSECLIP_FAST_GEMM_CONVT", "0")}
+# those whose rewrite only a ViT's image path has: on a ResNet they are engine-bf16 again, and are not run
+VIT_ONLY = ("engine-bf16-fp32-ln", "engine-bf16-quick-gelu", "engine-bf16-cudnn-convt")
 
 
 def build(arch: str, classes: int, device: torch.device) -> tuple[dcf.DenseCLIP, OfficialDenseCLIP]:
@@ -109,6 +116,12 @@ def build(arch: str, classes: int, device: torch.device) -> tuple[dcf.DenseCLIP,
     model = dcf.DenseCLIP.from_arch(arch, names).eval()
     model.load_state_dict(official.state_dict())
     return model, official  # both on the CPU: run() puts the official model on the device only while it is measured
+
+
+def runs_on(name: str, config: dcf.DenseCLIPConfig) -> bool:
+    """Whether contestant ``name`` is run on a model of ``config``: not one of VIT_ONLY on a ResNet (the same engine
+    as engine-bf16 there, nothing to compare)."""
+    return name not in VIT_ONLY or config.vision.kind == "vit"
 
 
 def runs_official(name: str) -> bool:
@@ -136,6 +149,8 @@ def precision(name: str, device: torch.device, tf32: dict[str, str]) -> str:
         return "bf16, CLIP LayerNorms through float32 copies"
     if name == "engine-bf16-quick-gelu":
         return "bf16, QuickGELU's three kernels in the MLPs"
+    if name == "engine-bf16-cudnn-convt":
+        return "bf16, PyTorch's transposed convolutions"
     if name == "compile-ro":
         return "bf16 autocast, reduce-overhead (CUDA graphs), no freezing"
     if name == "compile-ma":
@@ -261,6 +276,8 @@ def run(args: argparse.Namespace, device: torch.device, results: Results) -> Non
                 reference = official_fp32(official.to(device), x, mode, crop, stride)
                 calls = 1 if mode == "whole" else windows(shape[2], shape[3], crop, stride)
                 for name in args.contestants:
+                    if not runs_on(name, cfg):
+                        continue
                     print(f"{arch} {mode} {tuple(shape)} {name} ...", flush=True)
                     # each row's peak memory is its contestant's own: the official weights are on the device only
                     # while a contestant that runs them is measured
@@ -467,7 +484,8 @@ def bar_chart(rows: list[dict], path: str) -> None:
               "compile-ma": (200, 110, 20), "engine-fp32": (60, 130, 220), "engine-bf16": (20, 80, 180),
               "engine-bf16-plain-conv": (90, 140, 200), "engine-bf16-aten-resample": (120, 160, 210),
               "engine-bf16-separate-qkv": (150, 180, 220), "engine-bf16-aten-add-ln": (170, 195, 225),
-              "engine-bf16-fp32-ln": (185, 205, 230), "engine-bf16-quick-gelu": (195, 212, 235)}  # fmt: skip
+              "engine-bf16-fp32-ln": (185, 205, 230), "engine-bf16-quick-gelu": (195, 212, 235),
+              "engine-bf16-cudnn-convt": (205, 220, 240)}  # fmt: skip
     for i, r in enumerate(rows):
         y = 40 + i * (bar_h + pad)
         label = f"{r['arch']} {r['mode']} {'x'.join(map(str, r['shape']))} {r['contestant']}"
@@ -481,7 +499,7 @@ def bar_chart(rows: list[dict], path: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--archs", nargs="+", choices=dcf.config.ARCHS)
+    parser.add_argument("--archs", nargs="+", type=arch_name, choices=dcf.config.ARCHS)
     parser.add_argument("--batches", nargs="+", type=int)
     parser.add_argument("--modes", nargs="+", choices=("whole", "slide"))
     parser.add_argument("--contestants", nargs="+", choices=ALL)

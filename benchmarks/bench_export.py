@@ -39,6 +39,7 @@ from benchmarks.common import (  # noqa: E402
     MAX_REPEATS,
     MIN_REPEATS,
     Results,
+    arch_name,
     environment,
     failure,
     free_gpu_memory,
@@ -170,7 +171,7 @@ def table(env: dict, rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", nargs="+", choices=("cpu", "gpu"))
-    parser.add_argument("--archs", nargs="+", choices=dcf.config.ARCHS)
+    parser.add_argument("--archs", nargs="+", type=arch_name, choices=dcf.config.ARCHS)
     parser.add_argument("--batches", nargs="+", type=int)
     parser.add_argument("--size", type=int, help="square input side (default 512 with a GPU, 256 without)")
     parser.add_argument("--classes", type=int, default=150)

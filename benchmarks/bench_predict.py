@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import denseclip_fast as dcf  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     Results,
+    arch_name,
     environment,
     host_rss_gib,
     take_turns,
@@ -91,7 +92,7 @@ def table(env: dict, rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--archs", nargs="+", choices=dcf.config.ARCHS, default=["RN50"])
+    parser.add_argument("--archs", nargs="+", type=arch_name, choices=dcf.config.ARCHS, default=["RN50"])
     parser.add_argument("--dtypes", nargs="+", choices=("float32", "bfloat16", "float16"),
                         help="default: float32 and bfloat16 on a CPU, bfloat16 on a GPU")  # fmt: skip
     parser.add_argument("--inputs", nargs="+", choices=list(INPUTS), default=list(INPUTS))

@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import denseclip_fast as dcf  # noqa: E402
-from benchmarks.common import ROOT, Results, environment  # noqa: E402
+from benchmarks.common import ROOT, Results, arch_name, environment  # noqa: E402
 from benchmarks.official import randomize_, save_mmcv_checkpoint  # noqa: E402
 
 STAGES = ("python + import torch", "import denseclip_fast", "load_checkpoint", "Segmenter(...)", "first logits")
@@ -116,7 +116,7 @@ def table(env: dict, rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--archs", nargs="+", choices=dcf.config.ARCHS, default=["RN50"])
+    parser.add_argument("--archs", nargs="+", type=arch_name, choices=dcf.config.ARCHS, default=["RN50"])
     parser.add_argument("--formats", nargs="+", choices=("pth", "safetensors"), default=["pth"])
     parser.add_argument("--device", default="cpu", help="the child processes' device (default cpu)")
     parser.add_argument("--size", type=int, default=224, help="square image side (default 224)")

@@ -43,6 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import denseclip_fast as dcf  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     Results,
+    arch_name,
     environment,
     failure,
     free_gpu_memory,
@@ -184,7 +185,7 @@ def profile_step(row: dict, step: Callable, x: torch.Tensor, label: torch.Tensor
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--arch", default="RN50", choices=dcf.config.ARCHS)
+    parser.add_argument("--arch", default="RN50", type=arch_name, choices=dcf.config.ARCHS)
     parser.add_argument("--batch", type=int)
     parser.add_argument("--size", type=int)
     parser.add_argument("--classes", type=int, default=150)

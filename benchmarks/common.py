@@ -209,6 +209,15 @@ def turn_versions(env: Mapping[str, Any]) -> str:
     return f"torch {env['torch']}" + (f", triton {env['triton']}" if env.get("gpu") else "")
 
 
+def arch_name(text: str) -> str:
+    """An ``--arch``/``--archs`` value (argparse's ``type``): a released architecture by its name or an alias of it
+    (``ViT-B-16``, as its config file and open_clip spell it) as its name (``ViT-B/16``); other text as it is, for
+    argparse's ``choices`` to name what is accepted."""
+    from denseclip_fast.config import ARCH_ALIASES, canonical_arch
+
+    return canonical_arch(text) if text in ARCH_ALIASES else text
+
+
 def turn_arguments(parser: argparse.ArgumentParser, repeats: int, device_help: str = "cpu or cuda") -> None:
     """--device (default cpu), --repeats (timed rounds of take_turns, default ``repeats``), --out and --tag."""
     parser.add_argument("--device", default="cpu", help=device_help)

@@ -78,7 +78,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import denseclip_fast as dcf  # noqa: E402
-from benchmarks.common import Results, environment  # noqa: E402
+from benchmarks.common import Results, arch_name, environment  # noqa: E402
 from benchmarks.official.model import FPN, FPNHead, randomize_, score_channel_gain  # noqa: E402
 
 # Tolerances, float32 on the CPU. Measured (benchmarks/results/upstream_parity_cpu.md): relative errors of exactly 0
@@ -601,8 +601,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--upstream", required=True, type=Path, metavar="DIR",
                         help="root of a raoyongming/DenseCLIP checkout (with segmentation/denseclip/models.py)")
-    parser.add_argument("--archs", nargs="+", choices=dcf.config.ARCHS, default=list(dcf.config.ARCHS))
-    parser.add_argument("--e2e-archs", nargs="*", choices=dcf.config.ARCHS, default=None,
+    parser.add_argument("--archs", nargs="+", type=arch_name, choices=dcf.config.ARCHS, default=list(dcf.config.ARCHS))
+    parser.add_argument("--e2e-archs", nargs="*", type=arch_name, choices=dcf.config.ARCHS, default=None,
                         help="architectures for the end-to-end uint8 check (default: all of --archs)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     parser.add_argument("--tag", default="cpu", help="file name tag: <out>/upstream_parity_<tag>.{json,md}")

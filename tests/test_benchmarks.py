@@ -10,7 +10,7 @@ import os
 import pytest
 
 from benchmarks import bench_e2e, bench_ops, bench_train
-from benchmarks.common import Results, failure, measure, nearest_rank, tail_cell, targets_markdown
+from benchmarks.common import Results, arch_name, failure, measure, nearest_rank, tail_cell, targets_markdown
 
 
 def test_results_are_rewritten_after_every_row(tmp_path):
@@ -404,7 +404,7 @@ def test_engine_table_labels_precision_tails_and_image_path_flops():
     assert bench_e2e.precision("engine-fp32", cuda, defaults) == "fp32, IEEE (TF32 off)"
     assert "no freezing" in bench_e2e.precision("compile-ro", cuda, defaults)
     assert [bench_e2e.runs_official(n) for n in bench_e2e.ALL] == [False, False, True, True, True, True, False, False,
-                                                                   False, False, False, False]
+                                                                   False, False, False, False, False]
     assert set(tf32_settings().values()) <= {"tf32", "ieee"}
     row = {"arch": "RN50", "mode": "whole", "shape": [1, 3, 512, 512], "contestant": "official",
            "precision": bench_e2e.precision("official", cuda, defaults), "p50_ms": 10.0, "p90_ms": 11.0,
@@ -440,7 +440,8 @@ def test_switched_off_engine_contestants_build_and_call_their_segmenter_so(monke
     import torch
 
     variables = ("DENSECLIP_FAST_CUDNN_FUSION", "DENSECLIP_FAST_TRITON_RESAMPLE", "DENSECLIP_FAST_FUSED_QKV",
-                 "DENSECLIP_FAST_TRITON_ADD_LN", "DENSECLIP_FAST_NATIVE_LN", "DENSECLIP_FAST_SILU_MLP")
+                 "DENSECLIP_FAST_TRITON_ADD_LN", "DENSECLIP_FAST_NATIVE_LN", "DENSECLIP_FAST_SILU_MLP",
+                 "DENSECLIP_FAST_GEMM_CONVT")
     seen = []
 
     class Recorder:
@@ -453,7 +454,8 @@ def test_switched_off_engine_contestants_build_and_call_their_segmenter_so(monke
         monkeypatch.delenv(variable, raising=False)
     official = argparse.Namespace(texts=torch.zeros(1))
     names = ("engine-bf16-plain-conv", "engine-bf16-aten-resample", "engine-bf16-separate-qkv",
-             "engine-bf16-aten-add-ln", "engine-bf16-fp32-ln", "engine-bf16-quick-gelu", "engine-bf16")
+             "engine-bf16-aten-add-ln", "engine-bf16-fp32-ln", "engine-bf16-quick-gelu", "engine-bf16-cudnn-convt",
+             "engine-bf16")
     for name in names:
         bench_e2e.contestant(name, None, official, torch.device("cpu"), "whole", 512, 341)(torch.zeros(1))
     expected = []
@@ -464,6 +466,26 @@ def test_switched_off_engine_contestants_build_and_call_their_segmenter_so(monke
     assert not any(v in os.environ for v in variables)
     assert bench_e2e.precision("engine-bf16-plain-conv", torch.device("cuda"), {}) == "bf16, PyTorch's convolutions"
     assert set(bench_e2e.SWITCHED_OFF) <= set(bench_e2e.ALL)
+
+
+def test_the_vit_only_contestants_are_not_run_on_a_resnet():
+    import denseclip_fast as dcf
+
+    resnet, vit = dcf.preset("RN50"), dcf.preset("ViT-B/16")
+    for name in bench_e2e.ALL:
+        assert bench_e2e.runs_on(name, vit)
+        assert bench_e2e.runs_on(name, resnet) is (name not in bench_e2e.VIT_ONLY)
+    assert len(bench_e2e.VIT_ONLY) == 3 and set(bench_e2e.VIT_ONLY) <= set(bench_e2e.SWITCHED_OFF)
+
+
+def test_arch_options_take_the_aliases_and_name_the_choices(capsys):
+    """--archs takes ViT-B-16 (its config file's and open_clip's spelling) as ViT-B/16; an unknown name is refused
+    with argparse's message listing the accepted ones."""
+    assert arch_name("ViT-B-16") == "ViT-B/16" and arch_name("RN101") == "RN101" and arch_name("rn50") == "rn50"
+    with pytest.raises(SystemExit) as exc:
+        bench_e2e.main(["--archs", "RN18"])
+    assert exc.value.code == 2
+    assert "invalid choice: 'RN18' (choose from" in capsys.readouterr().err
 
 
 def test_training_target():
@@ -799,7 +821,8 @@ def test_cpu_linear_benchmark_times_both_paths_and_restores_the_probe(tmp_path, 
 
     probe = cpu_linear.onednn_linear_usable
     monkeypatch.setattr(bench_cpu_linear, "build", tiny)
-    args = ["--archs", "RN50", "ViT-B/16", "--size", "64", "--repeats", "1", "--out", str(tmp_path), "--tag", "t",
+    # ViT-B-16: the alias, reported by its name
+    args = ["--archs", "RN50", "ViT-B-16", "--size", "64", "--repeats", "1", "--out", str(tmp_path), "--tag", "t",
             "--dtype", dtype]  # fmt: skip
     assert bench_cpu_linear.main(args) == 0
     assert cpu_linear.onednn_linear_usable is probe
