@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -89,6 +90,21 @@ def test_a_transposed_convolution_as_one_gemm(on_cpu, shape, cout, kernel, bias,
         assert rel_err(out, exact) < (4e-3 if dtype == torch.bfloat16 else 5e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_product_is_rounded_before_the_bias_is_added(on_cpu, dtype):
+    """As PyTorch's CUDA path rounds (cuDNN's product, then ATen's bias pass): the outputs equal the exact product
+    rounded, plus the bias, rounded; a single rounding of the exact sum differs in about a sixth of them here (so
+    this tells the two apart; the CPU's sums may differ from float64's in an element's last place)."""
+    conv = _transposed(48, 24, (2, 2), dtype=dtype)
+    x = torch.randn(2, 48, 9, 7).to(dtype)
+    with torch.no_grad():
+        out = CudaGemmConvTranspose2d(conv)(x)
+    product = F.conv_transpose2d(x.double(), conv.weight.double(), None, conv.kernel_size)
+    once = (product + conv.bias.double().view(1, -1, 1, 1)).to(dtype)
+    assert (out == _exact(conv, x)).double().mean() > 0.99
+    assert (out == once).double().mean() < 0.95
+
+
 def test_an_engines_channels_last_weight_is_used_as_it_is(on_cpu):
     """A channels_last weight (a CUDA engine's) is the GEMM's matrix without a copy (nothing kept beside it); a
     contiguous one is reordered once and made again after an in-place change."""
@@ -128,6 +144,16 @@ def test_a_transposed_convolution_otherwise_is_pytorchs(on_cpu):
         assert torch.equal(gemm(empty), conv(empty)) and gemm(empty).shape == (0, 4, 10, 6)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert convolves(lambda: gemm(x))
+        was = torch.is_autocast_enabled("cuda")
+        torch.set_autocast_enabled("cuda", True)  # CUDA's autocast on, as in a CUDA engine's caller
+        try:
+            assert convolves(lambda: gemm(x))
+        finally:
+            torch.set_autocast_enabled("cuda", was)
+        with pytest.raises(RuntimeError):  # PyTorch's message on a float16 input to bfloat16 weights
+            gemm(x.half())
+        wide = CudaGemmConvTranspose2d(_transposed(6, 4, (3, 2)))  # its kernel, not 2, as the stride
+        assert torch.equal(wide(strided), F.conv_transpose2d(strided, wide.weight, wide.bias, (3, 2)))
         with pytest.raises(RuntimeError, match="channels"):
             gemm(torch.randn(2, 5, 5, 3).to(torch.bfloat16))
         with RecordedOps() as recorded:  # a dispatch mode (what torch.export and torch.compile trace through)
@@ -135,10 +161,29 @@ def test_a_transposed_convolution_otherwise_is_pytorchs(on_cpu):
         assert any("convolution" in op for op in recorded.names)
     xg = x.clone().requires_grad_(True)
     assert convolves(lambda: gemm(xg))
+    trained = CudaGemmConvTranspose2d(_transposed(6, 4, (2, 2)).requires_grad_(True))
+    out = trained(x)  # the weight takes a gradient, the input none
+    assert out.requires_grad and convolves(lambda: trained(x))
     conv32 = _transposed(6, 4, (2, 2), dtype=torch.float32)
     gemm32 = CudaGemmConvTranspose2d(conv32)
     with torch.no_grad():
         assert convolves(lambda: gemm32(x.float()))
+
+
+def test_a_tracer_gets_pytorchs_path_without_reading_a_shape(on_cpu):
+    """torch.jit.trace records F.conv_transpose2d, and no shape was read before the check that something records
+    the call (a shape read under the tracer warns that a tensor became a Python value)."""
+    gemm = CudaGemmConvTranspose2d(_transposed(6, 4, (2, 2)))
+    x = torch.randn(1, 6, 3, 4).to(torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning)  # torch.jit.trace's deprecation
+        with torch.no_grad():
+            # (no check_trace: its rerun, untraced, takes the GEMM, whose sums differ from oneDNN's in places)
+            traced = torch.jit.trace(gemm, (x,), check_trace=False)
+    assert "aten::_convolution" in str(traced.graph) and "aten::mm" not in str(traced.graph)
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x), gemm(x), rtol=2**-7, atol=2e-2)
 
 
 def test_not_on_a_device_not_listed():

@@ -138,9 +138,9 @@ class GemmConv1x1(nn.Module):
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.dim() == 4 and x.shape[1] == self.in_channels and plain_cuda_call(self.weight.dtype, x, self.weight,
-                                                                               self.bias)
-                and x.is_contiguous(memory_format=torch.channels_last)):  # fmt: skip
+        # plain_cuda_call first: it asks whether anything records the call before any shape is read (a tracer)
+        if (plain_cuda_call(self.weight.dtype, x, self.weight, self.bias) and x.dim() == 4
+                and x.shape[1] == self.in_channels and x.is_contiguous(memory_format=torch.channels_last)):  # fmt: skip
             rows = x.permute(0, 2, 3, 1)  # (N, H, W, C), contiguous
             return F.linear(rows, self.weight.reshape(self.out_channels, self.in_channels), self.bias).permute(
                 0, 3, 1, 2)  # fmt: skip

@@ -5,12 +5,15 @@ of them in ViT-B/16 (fpn1's two, fpn2's), D = 768, from the 40x40 map at 640x640
 convolution data gradient, then adds the bias in a pass of its own over the output. Such a convolution's kernels
 do not overlap: the 2x2 block of the output at each input pixel is that pixel's D channels times the weight, so the
 whole convolution is one matrix product of (pixels, D) by (D, 2 * 2 * D) (cpu_conv.GemmConvTranspose2d, the CPU
-engine's, makes it in bands of rows for the cache). Here: one GEMM of all the batch's pixels (a channels_last input
-as it is; an NCHW one, the GroupNorm's output on CUDA, as the transposed operand, without a copy) by the weight seen
-as a (D, 2 * 2 * D) matrix (a view of the engine's channels_last weight: nothing kept), then one elementwise pass
-that adds the bias while it writes each pixel's block into its place of a channels_last output. The same roundings
-as PyTorch's (the product rounded to the dtype, then the bias added and rounded), the output in the layout the FPN's
-1x1 laterals take as a GEMM (cuda_conv.GemmConv1x1).
+engine's, makes it in bands of rows for the cache). Here: one GEMM of all the batch's pixels by the weight seen as a
+(D, 2 * 2 * D) matrix (a view of the engine's channels_last weight: nothing kept), then one elementwise pass that
+adds the bias while it writes each pixel's block into its place of a channels_last output. A channels_last input is
+the GEMM's (pixels, D) operand as it is; an NCHW one (the GroupNorm's output on CUDA) is read as each image's
+transposed (D, pixels) matrix, a batched GEMM over the images sharing the weight (on CUDA a batch stride of 0, no
+copy: the GPU test checks; ATen's CPU matmul copies the shared weight per image). The product is rounded to the dtype
+before the bias is added and the sum rounded, as on PyTorch's path (cuDNN's product, then ATen's bias pass); its
+sums are cuBLAS's, in their own order. The output is in the layout the FPN's 1x1 laterals take as a GEMM
+(cuda_conv.GemmConv1x1).
 
 Not yet timed on a GPU: cuDNN's transposed convolutions have had slow cases (pytorch/pytorch#51933), and ViT-B/16's
 H200 latency (8.07 ms at batch 1, benchmarks/results/h200_2026-12-04/e2e_others.md) is several times what its
@@ -50,12 +53,13 @@ class CudaGemmConvTranspose2d(GemmConvTranspose2d):
         """Whether a call on ``x`` takes the GEMM: a non-empty 4-D batch of ``in_channels`` channels, NCHW- or
         channels_last-contiguous, and plain tensors (no gradient needed, nothing recording the call) of a 16-bit
         weight's dtype on a device of GEMM_CONVT_DEVICES, outside autocast."""
-        if x.dim() != 4 or x.shape[1] != self.in_channels or x.numel() == 0:
-            return False
         dtype = self.weight.dtype
-        if dtype not in DTYPES or torch.is_autocast_enabled("cuda") or torch.is_autocast_enabled("cpu"):
+        # plain_tensors first: it asks whether anything records the call before any shape is read (a tracer)
+        if dtype not in DTYPES or not plain_tensors(dtype, GEMM_CONVT_DEVICES, x, self.weight, self.bias):
             return False
-        if not plain_tensors(dtype, GEMM_CONVT_DEVICES, x, self.weight, self.bias):
+        if torch.is_autocast_enabled("cuda") or torch.is_autocast_enabled("cpu"):
+            return False
+        if x.dim() != 4 or x.shape[1] != self.in_channels or x.numel() == 0:
             return False
         return x.is_contiguous(memory_format=torch.channels_last) or x.is_contiguous()
 
