@@ -34,6 +34,9 @@ Contestants (random weights, BN statistics and gamma randomised so every stage m
   engine-bf16-cudnn-convt  engine-bf16 with ViT's pyramid transposed convolutions as PyTorch's (cuDNN and a bias
                       pass, not one GEMM each: DENSECLIP_FAST_GEMM_CONVT=0 at its construction and calls:
                       engine/cuda_convt.py); not run on a ResNet
+  engine-bf16-aten-group-norm  engine-bf16 with ViT's pyramid GroupNorms as ATen's (a thread block an image for
+                      the statistics: DENSECLIP_FAST_GROUP_NORM=0 at its construction and calls:
+                      engine/cuda_group_norm.py); not run on a ResNet
 On CUDA, cuDNN benchmark mode is on for every contestant (mmseg's default runtime has cudnn_benchmark=True, so
 upstream's test runs with it); the environment block records it and the TF32 settings, each row its precision.
 Each torch.compile contestant starts from torch._dynamo.reset() and compiles for static shapes (dynamic=False): a
@@ -95,7 +98,7 @@ PEAK_FLOPS = 790e12  # the engine issue's H200 bf16 dense tensor-core figure: a 
 # The engine first and the slow compiles last, so that a run stopped by a time budget has measured what matters most.
 ALL = ("engine-bf16", "engine-fp32", "official", "official-bf16", "compile-ro", "compile-ma", "engine-bf16-plain-conv",
        "engine-bf16-aten-resample", "engine-bf16-separate-qkv", "engine-bf16-aten-add-ln", "engine-bf16-fp32-ln",
-       "engine-bf16-quick-gelu", "engine-bf16-cudnn-convt")
+       "engine-bf16-quick-gelu", "engine-bf16-cudnn-convt", "engine-bf16-aten-group-norm")
 # engine-bf16 with one of its GPU rewrites switched off, by the environment variable that does so: (name, value)
 SWITCHED_OFF = {"engine-bf16-plain-conv": ("DENSECLIP_FAST_CUDNN_FUSION", "0"),
                 "engine-bf16-aten-resample": ("DENSECLIP_FAST_TRITON_RESAMPLE", "0"),
@@ -103,9 +106,10 @@ SWITCHED_OFF = {"engine-bf16-plain-conv": ("DENSECLIP_FAST_CUDNN_FUSION", "0"),
                 "engine-bf16-aten-add-ln": ("DENSECLIP_FAST_TRITON_ADD_LN", "0"),
                 "engine-bf16-fp32-ln": ("DENSECLIP_FAST_NATIVE_LN", "0"),
                 "engine-bf16-quick-gelu": ("DENSECLIP_FAST_SILU_MLP", "0"),
-                "engine-bf16-cudnn-convt": ("DENSECLIP_FAST_GEMM_CONVT", "0")}
+                "engine-bf16-cudnn-convt": ("DENSECLIP_FAST_GEMM_CONVT", "0"),
+                "engine-bf16-aten-group-norm": ("DENSECLIP_FAST_GROUP_NORM", "0")}
 # those whose rewrite only a ViT's image path has: on a ResNet they are engine-bf16 again, and are not run
-VIT_ONLY = ("engine-bf16-fp32-ln", "engine-bf16-quick-gelu", "engine-bf16-cudnn-convt")
+VIT_ONLY = ("engine-bf16-fp32-ln", "engine-bf16-quick-gelu", "engine-bf16-cudnn-convt", "engine-bf16-aten-group-norm")
 
 
 def build(arch: str, classes: int, device: torch.device) -> tuple[dcf.DenseCLIP, OfficialDenseCLIP]:
@@ -151,6 +155,8 @@ def precision(name: str, device: torch.device, tf32: dict[str, str]) -> str:
         return "bf16, QuickGELU's three kernels in the MLPs"
     if name == "engine-bf16-cudnn-convt":
         return "bf16, PyTorch's transposed convolutions"
+    if name == "engine-bf16-aten-group-norm":
+        return "bf16, ATen's GroupNorms"
     if name == "compile-ro":
         return "bf16 autocast, reduce-overhead (CUDA graphs), no freezing"
     if name == "compile-ma":
@@ -485,7 +491,7 @@ def bar_chart(rows: list[dict], path: str) -> None:
               "engine-bf16-plain-conv": (90, 140, 200), "engine-bf16-aten-resample": (120, 160, 210),
               "engine-bf16-separate-qkv": (150, 180, 220), "engine-bf16-aten-add-ln": (170, 195, 225),
               "engine-bf16-fp32-ln": (185, 205, 230), "engine-bf16-quick-gelu": (195, 212, 235),
-              "engine-bf16-cudnn-convt": (205, 220, 240)}  # fmt: skip
+              "engine-bf16-cudnn-convt": (205, 220, 240), "engine-bf16-aten-group-norm": (215, 228, 244)}  # fmt: skip
     for i, r in enumerate(rows):
         y = 40 + i * (bar_h + pad)
         label = f"{r['arch']} {r['mode']} {'x'.join(map(str, r['shape']))} {r['contestant']}"

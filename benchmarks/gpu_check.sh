@@ -255,7 +255,7 @@ e2e_more() {  # slide mode, the other architectures, and start-up on the GPU
   timed "bench_e2e ViT-B/16 RN101" bench_e2e_others.txt \
     python3 benchmarks/bench_e2e.py --archs ViT-B/16 RN101 --modes whole --batches 1 16 --out "$OUT" --tag others \
     --contestants official official-bf16 engine-fp32 engine-bf16 engine-bf16-fp32-ln engine-bf16-quick-gelu \
-    engine-bf16-cudnn-convt
+    engine-bf16-cudnn-convt engine-bf16-aten-group-norm
   # a fresh process to its first segmentation on the GPU (CUDA's start, the load, the Segmenter, the first call)
   timed "bench_startup cuda" bench_startup.txt \
     python3 benchmarks/bench_startup.py --device cuda --formats pth safetensors --size 512 --repeats 2 --out "$OUT"

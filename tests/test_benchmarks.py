@@ -404,7 +404,7 @@ def test_engine_table_labels_precision_tails_and_image_path_flops():
     assert bench_e2e.precision("engine-fp32", cuda, defaults) == "fp32, IEEE (TF32 off)"
     assert "no freezing" in bench_e2e.precision("compile-ro", cuda, defaults)
     assert [bench_e2e.runs_official(n) for n in bench_e2e.ALL] == [False, False, True, True, True, True, False, False,
-                                                                   False, False, False, False, False]
+                                                                   False, False, False, False, False, False]
     assert set(tf32_settings().values()) <= {"tf32", "ieee"}
     row = {"arch": "RN50", "mode": "whole", "shape": [1, 3, 512, 512], "contestant": "official",
            "precision": bench_e2e.precision("official", cuda, defaults), "p50_ms": 10.0, "p90_ms": 11.0,
@@ -441,7 +441,7 @@ def test_switched_off_engine_contestants_build_and_call_their_segmenter_so(monke
 
     variables = ("DENSECLIP_FAST_CUDNN_FUSION", "DENSECLIP_FAST_TRITON_RESAMPLE", "DENSECLIP_FAST_FUSED_QKV",
                  "DENSECLIP_FAST_TRITON_ADD_LN", "DENSECLIP_FAST_NATIVE_LN", "DENSECLIP_FAST_SILU_MLP",
-                 "DENSECLIP_FAST_GEMM_CONVT")
+                 "DENSECLIP_FAST_GEMM_CONVT", "DENSECLIP_FAST_GROUP_NORM")
     seen = []
 
     class Recorder:
@@ -455,7 +455,7 @@ def test_switched_off_engine_contestants_build_and_call_their_segmenter_so(monke
     official = argparse.Namespace(texts=torch.zeros(1))
     names = ("engine-bf16-plain-conv", "engine-bf16-aten-resample", "engine-bf16-separate-qkv",
              "engine-bf16-aten-add-ln", "engine-bf16-fp32-ln", "engine-bf16-quick-gelu", "engine-bf16-cudnn-convt",
-             "engine-bf16")
+             "engine-bf16-aten-group-norm", "engine-bf16")
     for name in names:
         bench_e2e.contestant(name, None, official, torch.device("cpu"), "whole", 512, 341)(torch.zeros(1))
     expected = []
@@ -475,7 +475,7 @@ def test_the_vit_only_contestants_are_not_run_on_a_resnet():
     for name in bench_e2e.ALL:
         assert bench_e2e.runs_on(name, vit)
         assert bench_e2e.runs_on(name, resnet) is (name not in bench_e2e.VIT_ONLY)
-    assert len(bench_e2e.VIT_ONLY) == 3 and set(bench_e2e.VIT_ONLY) <= set(bench_e2e.SWITCHED_OFF)
+    assert len(bench_e2e.VIT_ONLY) == 4 and set(bench_e2e.VIT_ONLY) <= set(bench_e2e.SWITCHED_OFF)
 
 
 def test_arch_options_take_the_aliases_and_name_the_choices(capsys):

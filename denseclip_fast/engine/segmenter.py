@@ -61,6 +61,7 @@ from .cpu_conv import fuse_convolutions
 from .cpu_linear import rewrite_linears
 from .cuda_conv import cudnn_fusion_problem, fuse_cudnn_convolutions, gemm_pointwise_convolutions
 from .cuda_convt import gemm_transposed_convolutions, gemm_transposed_convolutions_wanted
+from .cuda_group_norm import group_norms_wanted, swap_group_norms
 from .graphs import GraphCache
 from .inputs import ImageBatch, as_batch, stacked_for
 from .positions import keep_positions
@@ -396,6 +397,8 @@ class Segmenter:
             native_layer_norms(self.model)
         if gemm_transposed_convolutions_wanted(self.device, self.dtype):  # a ViT pyramid's 2x2 transposed
             gemm_transposed_convolutions(self.model)  # convolutions as one GEMM each (cuda_convt.py)
+        if group_norms_wanted(self.device, self.dtype):  # its GroupNorm(1, C)s' statistics over the whole GPU
+            swap_group_norms(self.model)  # (cuda_group_norm.py)
         if cpu:  # bfloat16 convolutions with their ReLU and residual sum (cpu_conv.py); without the finite check the
             # ReLUs stay passes of their own, which keep NaN as the model does
             fuse_convolutions(self.model, relu=check_finite)
