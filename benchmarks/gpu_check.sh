@@ -193,6 +193,9 @@ ops() {  # the fused operators against eager and SDPA: the kernels issue's targe
   timed bench_host bench_host.txt python3 benchmarks/bench_host.py --out "$OUT"
   # the engine's Triton resamplings against ATen's, one by one (which launch the e2e profile's bilinear time is)
   timed bench_resample bench_resample.txt python3 benchmarks/bench_resample.py --out "$OUT"
+  # a ViT engine's pyramid GroupNorm and transposed convolutions, PyTorch's against the engine's (cuda_group_norm,
+  # cuda_convt): seconds, and ViT's own run (e2e_more) may not be reached
+  timed bench_pyramid bench_pyramid.txt python3 benchmarks/bench_pyramid.py --out "$OUT"
   # predict's label maps on the GPU: the fused resize and argmax (labels) against the resize then the max (unfused)
   timed "bench_labels cuda" bench_labels.txt python3 benchmarks/bench_labels.py --device cuda --repeats 30 --out "$OUT"
 }

@@ -1046,6 +1046,43 @@ def test_startup_benchmark_times_each_stage_in_fresh_processes(tmp_path, monkeyp
 
 
 
+def test_bench_pyramid_times_each_case_with_the_engines_code(tmp_path, monkeypatch):
+    """benchmarks/bench_pyramid.py's CPU smoke run (small shapes, the rewrites given the CPU; one timing a call):
+    every case's contestants give the same result within bfloat16's rounding, the engine's rows run the rewrites'
+    own computation (no native_group_norm, no convolution), none failed, the markdown says them; the device lists
+    it set are given back by the test."""
+    import torch
+
+    from benchmarks import bench_pyramid
+    from denseclip_fast.engine import cuda_convt, cuda_group_norm
+
+    monkeypatch.setattr(cuda_convt, "GEMM_CONVT_DEVICES", cuda_convt.GEMM_CONVT_DEVICES)
+    monkeypatch.setattr(cuda_group_norm, "GROUP_NORM_DEVICES", cuda_group_norm.GROUP_NORM_DEVICES)
+    outputs, ops = [], []
+
+    def timed(fn, device):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            outputs.append(fn().float().clone())
+        ops.append({event.name for event in prof.events()})
+        return 1.0, 1.0, 1.0
+
+    monkeypatch.setattr(bench_pyramid, "_time", timed)
+    assert bench_pyramid.main(["--out", str(tmp_path), "--tag", "t", "--batches", "2"]) == 0
+    rows = json.loads((tmp_path / "pyramid_t.json").read_text())["rows"]
+    assert [r["case"][:9] for r in rows] == ["GroupNorm"] * 2 + ["ConvTrans"] * 8 + ["fpn1 (Gro"] * 2
+    assert not any("error" in r for r in rows) and all(r["bytes"] > 0 for r in rows)
+    assert all((r["flops"] > 0) is r["case"].startswith(("ConvTranspose2d", "fpn1")) for r in rows)
+    for r, names in zip(rows, ops):
+        engine = "cuda_" in r["contestant"]
+        assert ("aten::native_group_norm" in names) is (r["case"].startswith(("GroupNorm", "fpn1")) and not engine)
+        assert any("convolution" in n for n in names) is (not engine and not r["case"].startswith("GroupNorm"))
+    for case in dict.fromkeys(r["case"] for r in rows):
+        results = [out for r, out in zip(rows, outputs) if r["case"] == case]
+        assert all(torch.allclose(out, results[0], rtol=2e-2, atol=2e-2) for out in results[1:])
+    md = (tmp_path / "pyramid_t.md").read_text()
+    assert "| GEMM, NCHW input (cuda_convt) |" in md and "| whole-map statistics (cuda_group_norm) |" in md
+
+
 def test_bench_resample_times_each_case_against_aten(tmp_path, monkeypatch):
     """benchmarks/bench_resample.py's CPU smoke run (tiny shapes, Triton's interpreter; one timing a call): every case
     has its ATen row and its Triton rows, none failed, the markdown says them; the Triton rows' results equal ATen's
