@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import typing
 from collections.abc import Callable
 
 import torch
@@ -41,6 +42,10 @@ NHWC = torch.channels_last
 Case = tuple[str, str, int, float, dict[str, Callable[[], object]]]  # case, shape, bytes, FLOPs, contestants
 
 
+def call(module: nn.Module, x: torch.Tensor) -> Callable[[], object]:
+    return lambda: module(x)
+
+
 def cases(batch: int, device: torch.device, small: bool) -> list[Case]:
     """The cases at ``batch`` (``small``: channels and sides / 8), bfloat16, weights channels_last as a CUDA engine's,
     on ``device``."""
@@ -55,7 +60,7 @@ def cases(batch: int, device: torch.device, small: bool) -> list[Case]:
         conv = nn.ConvTranspose2d(width, width, 2, stride=2).to(device, torch.bfloat16)
         with torch.no_grad():
             conv.weight.copy_(rand(*conv.weight.shape, scale=width**-0.5))
-            conv.bias.copy_(rand(width))
+            typing.cast(torch.Tensor, conv.bias).copy_(rand(width))
         return conv.to(memory_format=NHWC).requires_grad_(False)
 
     norm = nn.GroupNorm(1, width).to(device, torch.bfloat16).requires_grad_(False)
@@ -73,10 +78,9 @@ def cases(batch: int, device: torch.device, small: bool) -> list[Case]:
         moved = nchw.numel() * 2 * 5 + conv.weight.numel() * 2  # the input, 4x its size written, the weight
         flops = 2.0 * nchw.numel() * 4 * width
         out.append((f"ConvTranspose2d 2x2, {name}", f"B{batch} C{width} {rows}x{rows} bf16", moved, flops,
-                    {"cudnn, NCHW input": lambda conv=conv, x=nchw: conv(x),
-                     "cudnn, channels_last input": lambda conv=conv, x=nhwc: conv(x),
-                     "GEMM, NCHW input (cuda_convt)": lambda gemm=gemm, x=nchw: gemm(x),
-                     "GEMM, channels_last input (cuda_convt)": lambda gemm=gemm, x=nhwc: gemm(x)}))  # fmt: skip
+                    {"cudnn, NCHW input": call(conv, nchw), "cudnn, channels_last input": call(conv, nhwc),
+                     "GEMM, NCHW input (cuda_convt)": call(gemm, nchw),
+                     "GEMM, channels_last input (cuda_convt)": call(gemm, nhwc)}))  # fmt: skip
     first, second = transposed(), transposed()
     model_fpn1 = nn.Sequential(norm, first, nn.GELU(), second)
     engine_fpn1 = nn.Sequential(whole, CudaGemmConvTranspose2d(first), nn.GELU(), CudaGemmConvTranspose2d(second))

@@ -41,7 +41,7 @@ from ..model.layers import plain_tensors
 from .cpu_conv import GemmConvTranspose2d
 
 DTYPES = (torch.float16, torch.bfloat16)
-GEMM_CONVT_DEVICES = ("cuda",)  # where the GEMM is taken (tests add "cpu")
+GEMM_CONVT_DEVICES: tuple[str, ...] = ("cuda",)  # where the GEMM is taken (tests add "cpu")
 
 
 class CudaGemmConvTranspose2d(GemmConvTranspose2d):
