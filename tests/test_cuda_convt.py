@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from denseclip_fast import DenseCLIP, Segmenter
-from denseclip_fast.engine import cuda_convt
+from denseclip_fast.engine import cuda_convt, segmenter
 from denseclip_fast.engine.cpu_conv import GemmConvTranspose2d
 from denseclip_fast.engine.cuda_convt import (
     CudaGemmConvTranspose2d,
@@ -241,6 +241,12 @@ def test_a_16_bit_engine_on_a_listed_device_takes_the_gemm(listed, switch, gemm,
         monkeypatch.delenv("DENSECLIP_FAST_GEMM_CONVT", raising=False)
     else:
         monkeypatch.setenv("DENSECLIP_FAST_GEMM_CONVT", switch)
+    # the pyramid's maps NCHW, as on CUDA (a CPU engine makes them channels_last): fpn1's first and fpn2's take
+    # the NCHW form, fpn1's second the channels_last one (the GELU keeps the first's channels_last output)
+    monkeypatch.setattr(segmenter, "channels_last_pyramid", lambda model: False)
+    taken = []
+    monkeypatch.setattr(CudaGemmConvTranspose2d, "takes_gemm", lambda self, x, takes=CudaGemmConvTranspose2d.takes_gemm:
+                        taken.append((takes(self, x), x.is_contiguous())) or taken[-1][0])  # fmt: skip
     torch.manual_seed(0)
     model = randomized(DenseCLIP(tiny_config("vit"), NAMES)).eval()
     seg = Segmenter(model, device="cpu", dtype=torch.bfloat16)
@@ -251,6 +257,7 @@ def test_a_16_bit_engine_on_a_listed_device_takes_the_gemm(listed, switch, gemm,
         expected = model(x)
     got = seg.logits(x)
     assert rel_err(got, expected) < 2e-2
+    assert sorted(taken) == ([(True, False), (True, True), (True, True)] if gemm else [])
     monkeypatch.setattr(cuda_convt, "GEMM_CONVT_DEVICES", ("cuda",))
     other = Segmenter(model, device="cpu", dtype=torch.bfloat16)
     assert rel_err(got, other.logits(x)) < 1e-2
