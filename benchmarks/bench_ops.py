@@ -122,6 +122,25 @@ def _graph_time(fn: Callable[[], object], device: torch.device) -> float | None:
     return statistics.median(times)
 
 
+Timer = Callable[[Callable[[], object], torch.device], tuple[float, float, float]]  # _time's signature
+
+
+def time_contestants(results: Results, row: dict, contestants: dict[str, Callable[[], object]], device: torch.device,
+                     timer: Timer) -> None:  # fmt: skip
+    """A row per contestant (``row``'s fields, its name, and its median/min/max ms by ``timer`` and graph ms by
+    :func:`_graph_time`) added to ``results`` and printed; a contestant that fails has its error in its row, and the
+    others still run (bench_resample's and bench_pyramid's op-by-op cases)."""
+    for name, fn in contestants.items():
+        one = {**row, "contestant": name}
+        try:
+            median, low, high = timer(fn, device)
+            one.update(median_ms=median, min_ms=low, max_ms=high, graph_ms=_graph_time(fn, device))
+        except Exception as exc:  # reported; the other rows still run
+            one["error"] = failure(exc)
+        results.add(one)
+        print(one, flush=True)
+
+
 # The Triton score forward's other plans for 16-bit maps (ops/triton/score.py: (ROWS_FROM, TEXT_NORMS_FROM), here
 # from the first pixel on; the rows kernel always with the text norms' launch), timed forward only (the backward is
 # the triton row's) on a GPU, until one is adopted (tune_score.py checks their results); not judged by the targets

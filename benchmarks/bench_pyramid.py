@@ -31,8 +31,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from torch import nn  # noqa: E402
 
-from benchmarks.bench_ops import HBM_BYTES_PER_S, PEAK_FLOPS_16BIT, _graph_time, _time  # noqa: E402
-from benchmarks.common import Results, failure  # noqa: E402
+from benchmarks.bench_ops import HBM_BYTES_PER_S, PEAK_FLOPS_16BIT, _time, time_contestants  # noqa: E402
+from benchmarks.common import Results  # noqa: E402
 from benchmarks.common import environment as common_environment  # noqa: E402
 from denseclip_fast.engine import cuda_convt, cuda_group_norm  # noqa: E402
 from denseclip_fast.engine.cuda_convt import CudaGemmConvTranspose2d  # noqa: E402
@@ -131,15 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     with torch.no_grad():
         for batch in batches:
             for case, shape, moved, flops, contestants in cases(batch, device, small=not gpu):
-                for name, fn in contestants.items():
-                    row: dict = {"case": case, "shape": shape, "contestant": name, "bytes": moved, "flops": flops}
-                    try:
-                        median, low, high = _time(fn, device)
-                        row.update(median_ms=median, min_ms=low, max_ms=high, graph_ms=_graph_time(fn, device))
-                    except Exception as exc:  # reported; the other rows still run
-                        row["error"] = failure(exc)
-                    results.add(row)
-                    print(row, flush=True)
+                row = {"case": case, "shape": shape, "bytes": moved, "flops": flops}
+                time_contestants(results, row, contestants, device, _time)
     print(markdown(results.env, results.rows))
     return 0
 

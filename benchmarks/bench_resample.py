@@ -43,8 +43,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch.nn.functional as F  # noqa: E402
 
-from benchmarks.bench_ops import HBM_BYTES_PER_S, _graph_time, _time  # noqa: E402
-from benchmarks.common import Results, failure  # noqa: E402
+from benchmarks.bench_ops import HBM_BYTES_PER_S, _time, time_contestants  # noqa: E402
+from benchmarks.common import Results  # noqa: E402
 from benchmarks.common import environment as common_environment  # noqa: E402
 from denseclip_fast.ops.triton import labels, resample  # noqa: E402
 from denseclip_fast.train.cross_entropy import _ResizedCrossEntropy, _RowsCrossEntropy  # noqa: E402
@@ -249,15 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     results = Results(args.out, "resample", args.tag, common_environment(device), {"args": vars(args)}, markdown)
     for batch in batches:
         for case, shape, moved, contestants in cases(batch, device, small=not gpu, sweep=gpu and not args.no_sweep):
-            for name, fn in contestants.items():
-                row: dict = {"case": case, "shape": shape, "contestant": name, "bytes": moved}
-                try:
-                    median, low, high = _time(fn, device)
-                    row.update(median_ms=median, min_ms=low, max_ms=high, graph_ms=_graph_time(fn, device))
-                except Exception as exc:  # reported; the other rows still run
-                    row["error"] = failure(exc)
-                results.add(row)
-                print(row, flush=True)
+            time_contestants(results, {"case": case, "shape": shape, "bytes": moved}, contestants, device, _time)
     print(markdown(results.env, results.rows))
     return 0
 

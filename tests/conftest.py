@@ -136,6 +136,35 @@ def randomized(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return randomize_(model, seed)
 
 
+def set_switch(monkeypatch: pytest.MonkeyPatch, variable: str, value: str | None) -> None:
+    """The environment ``variable`` set to ``value`` for the test (None: unset)."""
+    if value is None:
+        monkeypatch.delenv(variable, raising=False)
+    else:
+        monkeypatch.setenv(variable, value)
+
+
+# (device type, dtype, switch, wanted) for a 16-bit CUDA rewrite's ``*_wanted(device, dtype)``: CUDA in float16 or
+# bfloat16 with the switch unset or "1"; not float32, not with "0", not on a CPU
+WANTED_16_BIT_CUDA = [("cuda", torch.bfloat16, None, True), ("cuda", torch.float16, "1", True),
+                      ("cuda", torch.float32, None, False), ("cuda", torch.bfloat16, "0", False),
+                      ("cpu", torch.bfloat16, None, False)]  # fmt: skip
+
+
+def vit_engine_with(monkeypatch: pytest.MonkeyPatch, module: Any, devices: str, listed: bool, variable: str,
+                    switch: str | None, dtype: torch.dtype, **kw: Any) -> tuple[Any, Any]:  # fmt: skip
+    """A tiny ViT and a CPU Segmenter of it (``kw`` its arguments), built with the CPU as ``module``'s ``devices``
+    (where ``listed``) and the environment ``variable`` set to ``switch`` (None: unset)."""
+    from denseclip_fast import DenseCLIP, Segmenter
+
+    if listed:
+        monkeypatch.setattr(module, devices, ("cpu",))
+    set_switch(monkeypatch, variable, switch)
+    torch.manual_seed(0)
+    model = randomized(DenseCLIP(tiny_config("vit"), NAMES)).eval()
+    return model, Segmenter(model, device="cpu", dtype=dtype, **kw)
+
+
 # the learning parts of a DenseCLIP, by parameter-name prefix (the text encoder is frozen)
 LEARNING_PARTS = ("contexts", "gamma", "context_decoder.", "backbone.", "neck.", "decode_head.")
 

@@ -22,7 +22,16 @@ from denseclip_fast.engine.cuda_convt import (
     gemm_transposed_convolutions_wanted,
 )
 
-from .conftest import NAMES, RecordedOps, randomized, rel_err, tiny_config
+from .conftest import (
+    NAMES,
+    WANTED_16_BIT_CUDA,
+    RecordedOps,
+    randomized,
+    rel_err,
+    set_switch,
+    tiny_config,
+    vit_engine_with,
+)
 
 
 @pytest.fixture
@@ -218,14 +227,9 @@ def test_a_resnet_has_none():
     assert gemm_transposed_convolutions(model) == 0
 
 
-@pytest.mark.parametrize("device, dtype, switch, wanted", [
-    ("cuda", torch.bfloat16, None, True), ("cuda", torch.float16, "1", True), ("cuda", torch.float32, None, False),
-    ("cuda", torch.bfloat16, "0", False), ("cpu", torch.bfloat16, None, False)])  # fmt: skip
+@pytest.mark.parametrize("device, dtype, switch, wanted", WANTED_16_BIT_CUDA)
 def test_which_engines_want_it(device, dtype, switch, wanted, monkeypatch):
-    if switch is None:
-        monkeypatch.delenv("DENSECLIP_FAST_GEMM_CONVT", raising=False)
-    else:
-        monkeypatch.setenv("DENSECLIP_FAST_GEMM_CONVT", switch)
+    set_switch(monkeypatch, "DENSECLIP_FAST_GEMM_CONVT", switch)
     assert gemm_transposed_convolutions_wanted(torch.device(device), dtype) is wanted
 
 
@@ -235,21 +239,14 @@ def test_a_16_bit_engine_on_a_listed_device_takes_the_gemm(listed, switch, gemm,
     three transposed convolutions as CudaGemmConvTranspose2d (fpn1's first with the BatchNorm folded into it), not
     with DENSECLIP_FAST_GEMM_CONVT=0 or on a device not listed (the CPU engine's own GEMM then); the logits stay
     within bfloat16's tolerance of the float32 model's and close to the engine without it."""
-    if listed:
-        monkeypatch.setattr(cuda_convt, "GEMM_CONVT_DEVICES", ("cpu",))
-    if switch is None:
-        monkeypatch.delenv("DENSECLIP_FAST_GEMM_CONVT", raising=False)
-    else:
-        monkeypatch.setenv("DENSECLIP_FAST_GEMM_CONVT", switch)
     # the pyramid's maps NCHW, as on CUDA (a CPU engine makes them channels_last): fpn1's first and fpn2's take
     # the NCHW form, fpn1's second the channels_last one (the GELU keeps the first's channels_last output)
     monkeypatch.setattr(segmenter, "channels_last_pyramid", lambda model: False)
     taken = []
     monkeypatch.setattr(CudaGemmConvTranspose2d, "takes_gemm", lambda self, x, takes=CudaGemmConvTranspose2d.takes_gemm:
                         taken.append((takes(self, x), x.is_contiguous())) or taken[-1][0])  # fmt: skip
-    torch.manual_seed(0)
-    model = randomized(DenseCLIP(tiny_config("vit"), NAMES)).eval()
-    seg = Segmenter(model, device="cpu", dtype=torch.bfloat16)
+    model, seg = vit_engine_with(monkeypatch, cuda_convt, "GEMM_CONVT_DEVICES", listed, "DENSECLIP_FAST_GEMM_CONVT",
+                                 switch, torch.bfloat16)
     kinds = [type(m) for m in seg.model.backbone.modules() if isinstance(m, (nn.ConvTranspose2d, GemmConvTranspose2d))]
     assert len(kinds) == 3 and all((k is CudaGemmConvTranspose2d) is gemm for k in kinds), kinds
     x = torch.randn(2, 3, 64, 80)

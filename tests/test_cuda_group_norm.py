@@ -21,7 +21,16 @@ from denseclip_fast.engine.cuda_group_norm import (
     swap_group_norms,
 )
 
-from .conftest import NAMES, RecordedOps, randomized, rel_err, tiny_config
+from .conftest import (
+    NAMES,
+    WANTED_16_BIT_CUDA,
+    RecordedOps,
+    randomized,
+    rel_err,
+    set_switch,
+    tiny_config,
+    vit_engine_with,
+)
 
 
 @pytest.fixture
@@ -173,14 +182,9 @@ def test_the_swap_takes_a_vits_four_and_nothing_else():
     assert swap_group_norms(randomized(DenseCLIP(tiny_config("resnet"), NAMES)).eval()) == 0
 
 
-@pytest.mark.parametrize("device, dtype, switch, wanted", [
-    ("cuda", torch.bfloat16, None, True), ("cuda", torch.float16, "1", True), ("cuda", torch.float32, None, False),
-    ("cuda", torch.bfloat16, "0", False), ("cpu", torch.bfloat16, None, False)])  # fmt: skip
+@pytest.mark.parametrize("device, dtype, switch, wanted", WANTED_16_BIT_CUDA)
 def test_which_engines_want_it(device, dtype, switch, wanted, monkeypatch):
-    if switch is None:
-        monkeypatch.delenv("DENSECLIP_FAST_GROUP_NORM", raising=False)
-    else:
-        monkeypatch.setenv("DENSECLIP_FAST_GROUP_NORM", switch)
+    set_switch(monkeypatch, "DENSECLIP_FAST_GROUP_NORM", switch)
     assert group_norms_wanted(torch.device(device), dtype) is wanted
 
 
@@ -190,20 +194,13 @@ def test_a_16_bit_engine_on_a_listed_device_swaps_them(listed, switch, swapped, 
     four GroupNorms as WholeMapGroupNorm, not with DENSECLIP_FAST_GROUP_NORM=0 or on a device not listed; the logits
     stay within bfloat16's tolerance of the float32 model's and equal the engine's without them (the same values
     on a CPU)."""
-    if listed:
-        monkeypatch.setattr(cuda_group_norm, "GROUP_NORM_DEVICES", ("cpu",))
-    if switch is None:
-        monkeypatch.delenv("DENSECLIP_FAST_GROUP_NORM", raising=False)
-    else:
-        monkeypatch.setenv("DENSECLIP_FAST_GROUP_NORM", switch)
     # the pyramid's maps NCHW, as on CUDA (a CPU engine makes them channels_last, which the swap leaves to ATen)
     monkeypatch.setattr(segmenter, "channels_last_pyramid", lambda model: False)
     taken = []
     monkeypatch.setattr(WholeMapGroupNorm, "takes", lambda self, x, takes=WholeMapGroupNorm.takes: taken.append(
         takes(self, x)) or taken[-1])  # fmt: skip
-    torch.manual_seed(0)
-    model = randomized(DenseCLIP(tiny_config("vit"), NAMES)).eval()
-    seg = Segmenter(model, device="cpu", dtype=torch.bfloat16)
+    model, seg = vit_engine_with(monkeypatch, cuda_group_norm, "GROUP_NORM_DEVICES", listed,
+                                 "DENSECLIP_FAST_GROUP_NORM", switch, torch.bfloat16)
     kinds = [type(m) for m in seg.model.backbone.modules() if isinstance(m, nn.GroupNorm)]
     assert len(kinds) == 4 and all((k is WholeMapGroupNorm) is swapped for k in kinds), kinds
     x = torch.randn(2, 3, 64, 80)

@@ -19,13 +19,13 @@ from PIL import Image
 
 import denseclip_fast as dcf
 from denseclip_fast import DenseCLIP, Segmenter
-from denseclip_fast.engine import GraphCache, fold_batchnorm
+from denseclip_fast.engine import GraphCache, fold_batchnorm, rewrite
 from denseclip_fast.engine.cpu_linear import fuse_quick_gelu, use_onednn_linears
 from denseclip_fast.engine.segmenter import MAX_VOCABULARIES
 from denseclip_fast.preprocess import keep_ratio_size, load_image, normalize
 from denseclip_fast.visualize import default_palette
 
-from .conftest import NAMES, RecordedOps, randomized, rel_err, tiny_config
+from .conftest import NAMES, RecordedOps, randomized, rel_err, tiny_config, vit_engine_with
 
 CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1) * 255
 CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1) * 255
@@ -126,23 +126,6 @@ def test_native_layer_norm_is_clips_in_one_pass(dtype, monkeypatch):
     assert torch.equal(native(x.to(other)), clip(x.to(other)))  # tokens of another dtype: LayerNormFp32's path
 
 
-def _vit_engine_with(monkeypatch: pytest.MonkeyPatch, devices: str, listed: bool, variable: str, switch: str | None,
-                     dtype: torch.dtype) -> tuple[DenseCLIP, Segmenter]:
-    """A tiny ViT and a CPU Segmenter of it, built with the CPU added to engine.rewrite's ``devices`` (``listed``)
-    and the environment ``variable`` set to ``switch`` (None: unset)."""
-    from denseclip_fast.engine import rewrite
-
-    if listed:
-        monkeypatch.setattr(rewrite, devices, ("cpu",))
-    if switch is None:
-        monkeypatch.delenv(variable, raising=False)
-    else:
-        monkeypatch.setenv(variable, switch)
-    torch.manual_seed(0)
-    model = randomized(DenseCLIP(tiny_config("vit"), NAMES)).eval()
-    return model, _engine(model, dtype=dtype)
-
-
 @pytest.mark.parametrize("dtype, switch, listed, native", [
     (torch.bfloat16, None, True, True), (torch.bfloat16, "0", True, False), (torch.float32, None, True, False),
     (torch.bfloat16, None, False, False)])  # fmt: skip
@@ -154,7 +137,8 @@ def test_a_16_bit_engine_swaps_the_vits_clip_layer_norms(dtype, switch, listed, 
     the prepared copy's parameters (the biases that folding BatchNorm made included) take no gradient."""
     from denseclip_fast.engine.rewrite import NativeLayerNorm, native_layer_norms
 
-    model, seg = _vit_engine_with(monkeypatch, "NATIVE_LN_DEVICES", listed, "DENSECLIP_FAST_NATIVE_LN", switch, dtype)
+    model, seg = vit_engine_with(monkeypatch, rewrite, "NATIVE_LN_DEVICES", listed, "DENSECLIP_FAST_NATIVE_LN", switch,
+                                 dtype, crop=64, stride=40)
     image = [type(m) for m in seg.model.backbone.modules() if isinstance(m, torch.nn.LayerNorm)]
     layers = len(model.backbone.transformer.resblocks)
     assert image.count(NativeLayerNorm) == (2 * layers + 2 if native else 0)
@@ -213,7 +197,8 @@ def test_an_engine_on_a_silu_device_rewrites_the_vits_mlps(dtype, switch, listed
     the model's."""
     from denseclip_fast.model.layers import QuickGELU
 
-    model, seg = _vit_engine_with(monkeypatch, "SILU_DEVICES", listed, "DENSECLIP_FAST_SILU_MLP", switch, dtype)
+    model, seg = vit_engine_with(monkeypatch, rewrite, "SILU_DEVICES", listed, "DENSECLIP_FAST_SILU_MLP", switch, dtype,
+                                 crop=64, stride=40)
     kinds = [type(b.mlp.gelu) for b in seg.model.backbone.transformer.resblocks]
     layers = len(model.backbone.transformer.resblocks)
     assert kinds.count(torch.nn.SiLU) == (layers if silu else 0)

@@ -636,6 +636,19 @@ def test_a_cuda_vit_engine_runs_its_mlps_with_silu(dtype, monkeypatch):
     assert rel_err(got, plain.logits(x)) < (1e-2 if dtype == torch.bfloat16 else 1e-5)
 
 
+def _graphs_within_rounding_of_switched_off(monkeypatch: pytest.MonkeyPatch, seg: dcf.Segmenter,
+                                            model: torch.nn.Module, x: torch.Tensor, expected: torch.Tensor,
+                                            variable: str, kind: type) -> None:  # fmt: skip
+    """``seg``'s logits of ``x`` eager, captured and replayed within 2e-2 of the float32 model's (``expected``), and
+    within rounding of a Segmenter of ``model`` in the same dtype built with ``variable``=0, which has no ``kind``."""
+    got = torch.stack([seg.logits(x) for _ in range(3)])  # eager, captured, replayed
+    assert all(rel_err(g, expected) < 2e-2 for g in got)
+    monkeypatch.setenv(variable, "0")
+    plain = dcf.Segmenter(model, device="cuda", dtype=seg.dtype)
+    assert not any(isinstance(m, kind) for m in plain.model.modules())
+    assert rel_err(got[-1], plain.logits(x)) < 1e-2
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_a_16_bit_vit_engine_on_cuda_runs_its_transposed_convolutions_as_gemms(dtype, monkeypatch):
     """A 16-bit CUDA Segmenter of a ViT has its pyramid's three transposed convolutions as CudaGemmConvTranspose2d
@@ -667,12 +680,8 @@ def test_a_16_bit_vit_engine_on_cuda_runs_its_transposed_convolutions_as_gemms(d
             assert out.is_contiguous(memory_format=torch.channels_last)
             torch.testing.assert_close(out, want, rtol=2e-2, atol=2e-2)
             assert (out == want).double().mean() > 0.9  # cuBLAS's sums, in its order, differ in a few places
-    got = torch.stack([seg.logits(x) for _ in range(3)])  # eager, captured, replayed
-    assert all(rel_err(g, expected) < 2e-2 for g in got)
-    monkeypatch.setenv("DENSECLIP_FAST_GEMM_CONVT", "0")
-    plain = Segmenter(model, device="cuda", dtype=dtype)
-    assert not any(isinstance(m, CudaGemmConvTranspose2d) for m in plain.model.modules())
-    assert rel_err(got[-1], plain.logits(x)) < 1e-2
+    _graphs_within_rounding_of_switched_off(monkeypatch, seg, model, x, expected, "DENSECLIP_FAST_GEMM_CONVT",
+                                            CudaGemmConvTranspose2d)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -700,9 +709,5 @@ def test_a_16_bit_vit_engine_on_cuda_reduces_its_group_norms_over_the_gpu(dtype,
         exact = F.group_norm(maps.double(), 1, norms[0].weight.double(), norms[0].bias.double(), norms[0].eps)
         torch.testing.assert_close(out.double(), exact, rtol=2e-2, atol=2e-2)
         assert rel_err(out, exact) < 1e-2
-    got = torch.stack([seg.logits(x) for _ in range(3)])  # eager, captured, replayed
-    assert all(rel_err(g, expected) < 2e-2 for g in got)
-    monkeypatch.setenv("DENSECLIP_FAST_GROUP_NORM", "0")
-    plain = Segmenter(model, device="cuda", dtype=dtype)
-    assert not any(isinstance(m, WholeMapGroupNorm) for m in plain.model.modules())
-    assert rel_err(got[-1], plain.logits(x)) < 1e-2
+    _graphs_within_rounding_of_switched_off(monkeypatch, seg, model, x, expected, "DENSECLIP_FAST_GROUP_NORM",
+                                            WholeMapGroupNorm)
