@@ -30,8 +30,6 @@ channels_last-contiguous takes ``F.conv_transpose2d``, as the model computes it.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -39,8 +37,8 @@ from torch import nn
 from ..model import DenseCLIP
 from ..model.layers import plain_tensors
 from .cpu_conv import GemmConvTranspose2d
+from .rewrite import HALF_DTYPES, half_rewrite_wanted, replace_children
 
-DTYPES = (torch.float16, torch.bfloat16)
 GEMM_CONVT_DEVICES: tuple[str, ...] = ("cuda",)  # where the GEMM is taken (tests add "cpu")
 
 
@@ -55,7 +53,7 @@ class CudaGemmConvTranspose2d(GemmConvTranspose2d):
         weight's dtype on a device of GEMM_CONVT_DEVICES, outside autocast."""
         dtype = self.weight.dtype
         # plain_tensors first: it asks whether anything records the call before any shape is read (a tracer)
-        if dtype not in DTYPES or not plain_tensors(dtype, GEMM_CONVT_DEVICES, x, self.weight, self.bias):
+        if dtype not in HALF_DTYPES or not plain_tensors(dtype, GEMM_CONVT_DEVICES, x, self.weight, self.bias):
             return False
         if torch.is_autocast_enabled("cuda") or torch.is_autocast_enabled("cpu"):
             return False
@@ -89,21 +87,20 @@ class CudaGemmConvTranspose2d(GemmConvTranspose2d):
 def gemm_transposed_convolutions_wanted(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether a Segmenter on ``device`` in ``dtype`` rewrites them (:func:`gemm_transposed_convolutions`): a device
     of GEMM_CONVT_DEVICES, a 16-bit dtype, and not ``DENSECLIP_FAST_GEMM_CONVT=0`` (read when it is built)."""
-    return (device.type in GEMM_CONVT_DEVICES and dtype in DTYPES
-            and os.environ.get("DENSECLIP_FAST_GEMM_CONVT", "1") != "0")  # fmt: skip
+    return half_rewrite_wanted(device, dtype, GEMM_CONVT_DEVICES, "DENSECLIP_FAST_GEMM_CONVT")
 
 
 def gemm_transposed_convolutions(model: DenseCLIP) -> int:
     """Each ``nn.ConvTranspose2d`` of ``model``'s backbone whose kernel is its stride (a ViT's pyramid adapters') as
     a :class:`CudaGemmConvTranspose2d` on the same parameters, in place; returns how many (a second call, or a
     ResNet: none). After the BatchNorms were folded (fpn1's into its first transposed convolution)."""
-    count = 0
-    for parent in list(model.backbone.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is nn.ConvTranspose2d:
-                try:
-                    setattr(parent, name, CudaGemmConvTranspose2d(child))
-                except ValueError:  # padding, groups, a kernel other than its stride: PyTorch's
-                    continue
-                count += 1
-    return count
+
+    def gemm(child: nn.Module) -> nn.Module | None:
+        if type(child) is not nn.ConvTranspose2d:
+            return None
+        try:
+            return CudaGemmConvTranspose2d(child)
+        except ValueError:  # padding, groups, a kernel other than its stride: PyTorch's
+            return None
+
+    return replace_children(model.backbone, gemm)

@@ -28,16 +28,14 @@ F.batch_norm refuses in torch 2.11) takes ``nn.GroupNorm``'s own computation.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..model import DenseCLIP
 from ..model.layers import plain_tensors
+from .rewrite import HALF_DTYPES, half_rewrite_wanted, replace_children
 
-DTYPES = (torch.float16, torch.bfloat16)
 GROUP_NORM_DEVICES: tuple[str, ...] = ("cuda",)  # where the statistics are reduced so (tests add "cpu")
 
 
@@ -61,7 +59,7 @@ class WholeMapGroupNorm(nn.GroupNorm):
         image."""
         dtype = self.weight.dtype
         # plain_tensors first: it asks whether anything records the call before any shape is read (a tracer)
-        if dtype not in DTYPES or not plain_tensors(dtype, GROUP_NORM_DEVICES, x, self.weight, self.bias):
+        if dtype not in HALF_DTYPES or not plain_tensors(dtype, GROUP_NORM_DEVICES, x, self.weight, self.bias):
             return False
         if torch.is_autocast_enabled("cuda") or torch.is_autocast_enabled("cpu") or not self.eps > 0:
             return False
@@ -81,18 +79,17 @@ class WholeMapGroupNorm(nn.GroupNorm):
 def group_norms_wanted(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether a Segmenter on ``device`` in ``dtype`` swaps them (:func:`swap_group_norms`): a device of
     GROUP_NORM_DEVICES, a 16-bit dtype, and not ``DENSECLIP_FAST_GROUP_NORM=0`` (read when it is built)."""
-    return (device.type in GROUP_NORM_DEVICES and dtype in DTYPES
-            and os.environ.get("DENSECLIP_FAST_GROUP_NORM", "1") != "0")  # fmt: skip
+    return half_rewrite_wanted(device, dtype, GROUP_NORM_DEVICES, "DENSECLIP_FAST_GROUP_NORM")
 
 
 def swap_group_norms(model: DenseCLIP) -> int:
     """Each ``nn.GroupNorm`` of one group with an affine map in ``model``'s backbone (a ViT's pyramid adapters) as a
     :class:`WholeMapGroupNorm` on the same parameters, in place; returns how many (a second call, or a ResNet:
     none)."""
-    count = 0
-    for parent in list(model.backbone.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is nn.GroupNorm and child.num_groups == 1 and child.affine:
-                setattr(parent, name, WholeMapGroupNorm.of(child))
-                count += 1
-    return count
+
+    def whole(child: nn.Module) -> nn.Module | None:
+        if type(child) is nn.GroupNorm and child.num_groups == 1 and child.affine:
+            return WholeMapGroupNorm.of(child)
+        return None
+
+    return replace_children(model.backbone, whole)

@@ -247,11 +247,29 @@ class NativeLayerNorm(LayerNormFp32):
         return super().forward(x)
 
 
+def half_rewrite_wanted(device: torch.device, dtype: torch.dtype, devices: tuple[str, ...], variable: str) -> bool:
+    """Whether a Segmenter on ``device`` in ``dtype`` takes one of its 16-bit rewrites: a device of ``devices``, a
+    dtype of HALF_DTYPES, and not ``variable=0`` in the environment (read when it is built)."""
+    return device.type in devices and dtype in HALF_DTYPES and os.environ.get(variable, "1") != "0"
+
+
+def replace_children(root: nn.Module, replacement: Callable[[nn.Module], nn.Module | None]) -> int:
+    """Each module below ``root`` for which ``replacement`` gives another module, replaced by it in its parent (in
+    place, under the same name); returns how many."""
+    count = 0
+    for parent in list(root.modules()):
+        for name, child in list(parent.named_children()):
+            new = replacement(child)
+            if new is not None:
+                setattr(parent, name, new)
+                count += 1
+    return count
+
+
 def native_layer_norms_wanted(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether a Segmenter on ``device`` in ``dtype`` swaps them (:func:`native_layer_norms`): a device of
     NATIVE_LN_DEVICES, a 16-bit dtype, and not ``DENSECLIP_FAST_NATIVE_LN=0`` (read when it is built)."""
-    return (device.type in NATIVE_LN_DEVICES and dtype in HALF_DTYPES
-            and os.environ.get("DENSECLIP_FAST_NATIVE_LN", "1") != "0")  # fmt: skip
+    return half_rewrite_wanted(device, dtype, NATIVE_LN_DEVICES, "DENSECLIP_FAST_NATIVE_LN")
 
 
 def native_layer_norms(model: DenseCLIP) -> int:
@@ -261,12 +279,12 @@ def native_layer_norms(model: DenseCLIP) -> int:
     and the class embeddings stay the model's). An AOTInductor package made from such a Segmenter traces them
     (Inductor's decomposition of a 16-bit layer_norm computes in float32 too); the ONNX graphs, prepared without a
     Segmenter, keep LayerNormFp32 (a runtime may run a float16 graph's LayerNormalization in float16)."""
-    swapped = 0
-    for parent in model.backbone.modules():
-        for name, child in list(parent.named_children()):
-            if type(child) is LayerNormFp32:
-                native = NativeLayerNorm(child.normalized_shape, child.eps, child.elementwise_affine, device="meta")
-                native.weight, native.bias = child.weight, child.bias
-                setattr(parent, name, native)
-                swapped += 1
-    return swapped
+
+    def native(child: nn.Module) -> nn.Module | None:
+        if type(child) is not LayerNormFp32:
+            return None
+        norm = NativeLayerNorm(child.normalized_shape, child.eps, child.elementwise_affine, device="meta")
+        norm.weight, norm.bias = child.weight, child.bias
+        return norm
+
+    return replace_children(model.backbone, native)
