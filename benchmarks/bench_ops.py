@@ -141,18 +141,21 @@ def time_contestants(results: Results, row: dict, contestants: dict[str, Callabl
         print(one, flush=True)
 
 
-# The Triton score forward's other plans for 16-bit maps (ops/triton/score.py: (ROWS_FROM, TEXT_NORMS_FROM), here
-# from the first pixel on; the rows kernel always with the text norms' launch), timed forward only (the backward is
-# the triton row's) on a GPU, until one is adopted (tune_score.py checks their results); not judged by the targets
-TRITON_PLANS = {"triton text norms": (None, 0), "triton rows": (0, None)}
+# The Triton score forward's other plans for 16-bit maps (ops/triton/score.py: (ROWS_FROM, TEXT_NORMS_FROM,
+# SPLIT_C_PER_SM), the first two here from the first pixel on; the rows kernel always with the text norms' launch; the
+# channels split where the grid has fewer than 4 programs per SM), timed forward only (the backward is the triton
+# row's) on a GPU, until one is adopted (tune_score.py checks their results); not judged by the targets
+TRITON_PLANS = {"triton text norms": (None, 0, None), "triton rows": (0, None, None), "triton split-C": (None, None, 4)}
 
 
-def _triton_plan(fn: Callable, rows_from: int | None, norms_from: int | None) -> Callable:
+def _triton_plan(
+    fn: Callable, rows_from: int | None, norms_from: int | None, split_c_per_sm: int | None = None
+) -> Callable:  # fmt: skip
     """``fn`` (the triton backend's pixel_text_score) with the forward planned so; forward only (``forward_only``)."""
     from denseclip_fast.ops.triton import score
 
     def run(*args: torch.Tensor) -> torch.Tensor:
-        with score.forward_plan(rows_from, norms_from):
+        with score.forward_plan(rows_from, norms_from, split_c_per_sm):
             return fn(*args)
 
     run.forward_only = True  # type: ignore[attr-defined]

@@ -53,6 +53,11 @@ NORMS_FORWARD = [(64, 32, 8), (128, 32, 8), (128, 64, 8), (64, 64, 8)]  # (BLOCK
 # For the RN50 shape (64 programs at 64 pixels, each walking 1024 channels): 64 and 128 channels a step, 4x fewer
 # steps (aligned maps: no spill, 115 and 230 KB of shared memory).
 ROWS_FORWARD = [(128, 16, 8), (128, 32, 8), (64, 32, 8), (64, 64, 8), (64, 128, 8)]
+# The channels split (_score_fwd_split_kernel, score.SPLIT_C_PER_SM: where the grid at score.SPLIT_BLOCK_P pixels a
+# program has fewer than that many per SM, up to score.MAX_SPLITS splits): (programs per SM, most splits). At the RN50
+# shape's 128 programs (32 pixels) on 132 SMs: 2, 4 and 8 splits of 16, 8 and 4 steps; at batch 1's 8: 8 or 16 splits.
+# Where a variant would not split (the large shape has programs enough) it launches the default: not timed again.
+SPLIT_FORWARD = [(2, 8), (4, 8), (8, 8), (8, 16)]
 BACKWARD = [(32, 64, 8, 2), (16, 32, 8, 2), (32, 32, 8, 2), (16, 128, 8, 2), (16, 64, 4, 2), (16, 64, 8, 1),
             (16, 64, 8, 4)]  # fmt: skip  (BLOCK_P, BLOCK_C, warps, programs per SM) of the fused kernel
 
@@ -78,6 +83,21 @@ def forward_blocks(
     finally:
         score._blocks, score.ROWS_BLOCKS = saved
         score._forward_launch.cache_clear()
+
+
+@contextlib.contextmanager
+def forward_split(per_sm: int, max_splits: int) -> Iterator[None]:
+    """The forward with the channels split where the grid has fewer than ``per_sm`` programs per SM, at most
+    ``max_splits`` ways (score.SPLIT_C_PER_SM, score.MAX_SPLITS)."""
+    from denseclip_fast.ops.triton import score
+
+    saved = score.MAX_SPLITS
+    score.MAX_SPLITS = max_splits
+    try:
+        with score.forward_plan(None, None, per_sm):
+            yield
+    finally:
+        score.MAX_SPLITS = saved
 
 
 @contextlib.contextmanager
@@ -116,6 +136,18 @@ def _time(fn: Callable[[], object], device: torch.device) -> tuple[float, float,
     return statistics.median(times), min(times), max(times)
 
 
+def splits(shape: tuple[int, ...], per_sm: int, max_splits: int, device: torch.device) -> int:
+    """How many ways the split variant (per_sm, max_splits) splits the channels of a bfloat16 ``shape`` (B, C, H, W,
+    K) on ``device`` (1: not at all)."""
+    from denseclip_fast.ops.triton import score
+    from denseclip_fast.ops.triton.common import dot_in_f32
+
+    b, c, h, w, k = shape
+    _, block_k, block_c, _ = score._blocks(k, dot_in_f32(torch.bfloat16))
+    programs = score.cdiv(h * w, score.SPLIT_BLOCK_P) * score.cdiv(k, block_k) * b
+    return score.channel_splits(programs, score.cdiv(c, block_c), score._sm_count(device), per_sm, max_splits)[0]
+
+
 def variants(k: int) -> list[tuple[str, str, Callable[[], contextlib.AbstractContextManager[Any]]]]:
     """(direction, label, context) for each variant, the default of each direction first."""
     out: list[tuple[str, str, Callable[[], contextlib.AbstractContextManager[Any]]]] = [
@@ -126,6 +158,9 @@ def variants(k: int) -> list[tuple[str, str, Callable[[], contextlib.AbstractCon
         out.append(("forward", f"norms P{bp} C{bc} w{w}", functools.partial(forward_blocks, bp, bc, w, True)))
     for bp, bc, w in ROWS_FORWARD:
         out.append(("forward", f"rows P{bp} C{bc} w{w}", functools.partial(forward_blocks, bp, bc, w, True, True)))
+    for per_sm, max_splits in SPLIT_FORWARD:
+        out.append(("forward", f"split-C {per_sm}/SM x{max_splits}", functools.partial(forward_split, per_sm,
+                                                                                         max_splits)))  # fmt: skip
     for bp, bc, w, per_sm in BACKWARD:
         out.append(("backward", f"P{bp} C{bc} w{w} {per_sm}/SM",
                     functools.partial(backward_blocks, k, bp, bc, w, per_sm)))  # fmt: skip
@@ -153,6 +188,10 @@ def run_shape(
     expected: dict[str, Any] = {}
     for direction, name, context in variants(k):
         if direction not in directions:
+            continue
+        if isinstance(context, functools.partial) and context.func is forward_split and splits(
+                shape, context.args[0], context.args[1], device) == 1:  # fmt: skip
+            print(f"{label}: {name} launches the default here (no split), not timed", flush=True)
             continue
         row: dict[str, Any] = {"shape": label, "direction": direction, "variant": name}
         try:

@@ -205,9 +205,10 @@ def test_official_concat_baseline_gets_nchw_inputs():
 
 
 def test_triton_score_plans_are_forward_only_contestants(monkeypatch):
-    """bench_ops.TRITON_PLANS: the Triton score forward with another plan (score.ROWS_FROM, score.TEXT_NORMS_FROM)
-    for the length of each call, its kernels as planned, the defaults back after; timed forward only (no backward
-    row: the backward is the triton row's); off until adopted, a plan's row meets no target by itself."""
+    """bench_ops.TRITON_PLANS: the Triton score forward with another plan (score.ROWS_FROM, score.TEXT_NORMS_FROM,
+    score.SPLIT_C_PER_SM) for the length of each call, its kernels as planned, the defaults back after; timed forward
+    only (no backward row: the backward is the triton row's); off until adopted, a plan's row meets no target by
+    itself."""
     import torch
 
     from denseclip_fast import ops
@@ -221,17 +222,18 @@ def test_triton_score_plans_are_forward_only_contestants(monkeypatch):
     real_launch = score.launch
     monkeypatch.setattr(score, "launch", lambda kernel: kernels.append(kernel.fn.__name__) or real_launch(kernel))
     triton = lambda v, t: ops.pixel_text_score(v, t, backend="triton")  # noqa: E731
-    visual = torch.randn(1, 8, 3, 3).to(torch.float16).contiguous(memory_format=torch.channels_last)
-    text = torch.randn(5, 8).to(torch.float16)  # the plans are for 16-bit maps
+    visual = torch.randn(1, 64, 3, 3).to(torch.float16).contiguous(memory_format=torch.channels_last)
+    text = torch.randn(5, 64).to(torch.float16)  # the plans are for 16-bit maps; 64 channels, 2 steps: a split
     expected = triton(visual, text)
     launched = {}
     for name, plan in bench_ops.TRITON_PLANS.items():
         kernels.clear()
         torch.testing.assert_close(bench_ops._triton_plan(triton, *plan)(visual, text), expected)
         launched[name] = list(kernels)
-        assert (score.ROWS_FROM, score.TEXT_NORMS_FROM) == (None, None)
+        assert (score.ROWS_FROM, score.TEXT_NORMS_FROM, score.SPLIT_C_PER_SM) == (None, None, None)
     assert launched == {"triton text norms": ["_text_norm_kernel", "_score_fwd_kernel"],
-                        "triton rows": ["_text_norm_kernel", "_score_fwd_rows_kernel"]}  # fmt: skip
+                        "triton rows": ["_text_norm_kernel", "_score_fwd_rows_kernel"],
+                        "triton split-C": ["_score_fwd_split_kernel"]}  # fmt: skip
     cpu = torch.device("cpu")
     one = bench_ops._timed("pixel_text_score", "s", torch.float16, (visual, text), cpu, True, (1.0, 1.0), (1.0, 1.0))
     rows_plan = bench_ops._triton_plan(triton, *bench_ops.TRITON_PLANS["triton rows"])
@@ -689,31 +691,34 @@ def test_score_tuning_sweep_tries_each_variant_and_restores_the_defaults(tmp_pat
     from denseclip_fast.ops.triton import score
 
     before = (score._blocks, {k: dict(v) for k, v in score.FUSED_BLOCKS.items()}, score.BWD_WARPS,
-              dict(score.FUSED_BLOCKS_NHWC), score.TEXT_NORMS_FROM, score.ROWS_FROM, score.ROWS_BLOCKS)  # fmt: skip
+              dict(score.FUSED_BLOCKS_NHWC), score.TEXT_NORMS_FROM, score.ROWS_FROM, score.ROWS_BLOCKS,
+              score.SPLIT_C_PER_SM, score.MAX_SPLITS)  # fmt: skip
     monkeypatch.setattr(tune_score, "FORWARD", [(64, 64, 8), (64, 48, 8)])
     monkeypatch.setattr(tune_score, "NORMS_FORWARD", [(32, 32, 8)])
     monkeypatch.setattr(tune_score, "ROWS_FORWARD", [(32, 16, 4)])
+    # 4 programs of 32 pixels on the interpreter's 4 "SMs": 2 a SM splits 2 ways, 1 a SM not at all (not timed)
+    monkeypatch.setattr(tune_score, "SPLIT_FORWARD", [(2, 8), (1, 8)])
     monkeypatch.setattr(tune_score, "BACKWARD", [(32, 64, 8, 1), (16, 48, 8, 2)])
     monkeypatch.setattr(tune_score, "QUICK_SHAPES", [(2, 40, 5, 7, 19)])
     assert tune_score.main(["--quick", "--out", str(tmp_path), "--tag", "t"]) == 0
     rows = json.loads((tmp_path / "tune_score_t.json").read_text())["rows"]
     assert [(r["direction"], r["variant"]) for r in rows] == [
         ("forward", "default"), ("backward", "default"), ("forward", "P64 C64 w8"), ("forward", "P64 C48 w8"),
-        ("forward", "norms P32 C32 w8"), ("forward", "rows P32 C16 w4"), ("backward", "P32 C64 w8 1/SM"),
-        ("backward", "P16 C48 w8 2/SM")]  # fmt: skip
+        ("forward", "norms P32 C32 w8"), ("forward", "rows P32 C16 w4"), ("forward", "split-C 2/SM x8"),
+        ("backward", "P32 C64 w8 1/SM"), ("backward", "P16 C48 w8 2/SM")]  # fmt: skip
     failed = {r["variant"] for r in rows if "error" in r}
     assert failed == {"P64 C48 w8", "P16 C48 w8 2/SM"}, rows
     assert all(r["rel_err_vs_default"] < 1e-5 for r in rows if "error" not in r)
     assert (score._blocks, score.FUSED_BLOCKS, score.BWD_WARPS, score.FUSED_BLOCKS_NHWC, score.TEXT_NORMS_FROM,
-            score.ROWS_FROM, score.ROWS_BLOCKS) == before  # fmt: skip
+            score.ROWS_FROM, score.ROWS_BLOCKS, score.SPLIT_C_PER_SM, score.MAX_SPLITS) == before  # fmt: skip
     md = (tmp_path / "tune_score_t.md").read_text()
     assert "P16 C48 w8 2/SM | failed" in md and "| variant | graph | median |" in md
     forward_graphs = [r["graph_ms"] for r in rows if r["direction"] == "forward" and "error" not in r]
-    assert forward_graphs == [None, None, None, None]  # a CPU
+    assert forward_graphs == [None] * 5  # a CPU
     monkeypatch.setattr(tune_score, "FORWARD", [])
     assert tune_score.main(["--quick", "--out", str(tmp_path), "--tag", "f", "--directions", "forward"]) == 0
     rows = json.loads((tmp_path / "tune_score_f.json").read_text())["rows"]
-    assert [r["variant"] for r in rows] == ["default", "norms P32 C32 w8", "rows P32 C16 w4"], rows
+    assert [r["variant"] for r in rows] == ["default", "norms P32 C32 w8", "rows P32 C16 w4", "split-C 2/SM x8"], rows
 
 
 @pytest.mark.parametrize("text_norms, rows, kernels", [
@@ -745,6 +750,37 @@ def test_score_tuning_variants_launch_what_their_labels_say(monkeypatch, text_no
     (plan,) = plans
     assert (plan.constexprs["BLOCK_P"], plan.constexprs["BLOCK_C"], plan.warps) == (16, 32, 4)
     assert (score.ROWS_FROM, score.TEXT_NORMS_FROM, score.ROWS_BLOCKS) == (None, None, blocks)
+
+
+@pytest.mark.parametrize("max_splits", [8, 3])
+def test_score_tuning_split_variants_launch_the_splits_tune_score_counts(monkeypatch, max_splits):
+    """tune_score.forward_split: the split kernel, in as many splits as tune_score.splits counts for the shape (at
+    most max_splits), the scores the default's; the switches back after."""
+    import torch
+
+    from benchmarks import tune_score
+    from denseclip_fast import ops
+    from denseclip_fast.ops import backends
+
+    if backends.triton_available() is not None:
+        pytest.skip(backends.triton_available())
+    from denseclip_fast.ops.triton import score
+
+    launched, plans = [], []
+    real_launch, real_plan = score.launch, score._forward_launch
+    monkeypatch.setattr(score, "launch", lambda kernel: launched.append(kernel.fn.__name__) or real_launch(kernel))
+    monkeypatch.setattr(score, "_forward_launch", lambda *key: plans.append(real_plan(*key)) or plans[-1])
+    visual = torch.randn(1, 64, 5, 7).to(torch.bfloat16)
+    text = torch.randn(3, 64).to(torch.bfloat16)
+    expected = ops.pixel_text_score(visual, text, backend="triton")
+    launched.clear()
+    with tune_score.forward_split(2, max_splits):
+        out = ops.pixel_text_score(visual, text, backend="triton")
+    assert launched == ["_score_fwd_split_kernel"]
+    wanted = tune_score.splits((1, 64, 5, 7, 3), 2, max_splits, visual.device)
+    assert plans[-1].splits == wanted and 1 < wanted <= max_splits
+    torch.testing.assert_close(out, expected, rtol=2e-2, atol=2e-2)
+    assert (score.SPLIT_C_PER_SM, score.MAX_SPLITS) == (None, 8)
 
 
 def test_triton_nchw_probe_judges_each_specialisation(tmp_path, monkeypatch):

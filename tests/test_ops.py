@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -1030,6 +1031,105 @@ def test_triton_score_forward_plans(monkeypatch, dtype, text_batched, layout, k)
         assert norm[1, 2, 3] == 0 and (out[1, :, 2, 3] == 0).all() and (out[:, k // 2] == 0).all(), plan
 
 
+@pytest.mark.parametrize(("dtype", "text_batched", "layout", "k"), [
+    (torch.float32, False, "contiguous", 21), (torch.float16, True, "channels_last", 1),
+    (torch.bfloat16, False, "concat", 300), (torch.float16, False, "concat", 21),
+    (torch.float32, True, "channels_last", 300),
+])  # fmt: skip  (one class, one class block, several; each dtype, text kind and output layout)
+def test_triton_score_forward_split_over_channels(monkeypatch, dtype, text_batched, layout, k):
+    """score.SPLIT_C_PER_SM: the channels split over programs (_score_fwd_split_kernel; a tile's last program sums
+    the partials) as many ways as the steps allow and at most 3 ways (a shorter last split), with and without the text
+    norms' launch: the reference's scores (a zero text row and a zero pixel among them) and the default launch's |v|,
+    for shared and per-image text and every output layout; without the switch, the default launch."""
+    from denseclip_fast.ops.triton import score
+    from denseclip_fast.ops.triton.common import dot_in_f32
+
+    b, c, h, w = 2, 100, 9, 17  # 153 pixels: several pixel blocks; 100 channels: several steps of either block
+    visual = _visual(b, c, h, w, "contiguous" if layout == "concat" else layout, torch.float64)
+    visual[1, :, 2, 3] = 0
+    text = _text(b, k, c, text_batched, torch.float64)
+    text[..., k // 2, :] = 0
+    feature = torch.randn(b, 3, h, w, dtype=torch.float64, device=DEVICE)
+    expected = reference.pixel_text_score(visual, text, 0.7)
+    kernels: list[str] = []
+    real_launch = score.launch
+    monkeypatch.setattr(score, "launch", lambda kernel: kernels.append(kernel.fn.__name__) or real_launch(kernel))
+    plans: list[Any] = []
+    real_plan = score._forward_launch
+    monkeypatch.setattr(score, "_forward_launch", lambda *key: plans.append(real_plan(*key)) or plans[-1])
+
+    def forward(per_sm: int | None, max_splits: int, norms_from: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        monkeypatch.setattr(score, "MAX_SPLITS", max_splits)  # no cache_clear: the plans' cache key has it
+        kernels.clear()
+        v, t = visual.to(dtype), text.to(dtype)
+        with torch.no_grad(), score.forward_plan(None, norms_from, per_sm):
+            if layout == "concat":
+                out, norm = torch.ops.denseclip_fast.score_concat_triton(feature.to(dtype), v, t, 0.7)
+                return out[:, 3:], norm
+            return torch.ops.denseclip_fast.pixel_text_score_triton(v, t, 0.7)
+
+    default_out, default_norm = forward(None, 8, None)
+    assert kernels == ["_score_fwd_kernel"] and plans[-1].splits == 1
+    block_c = score._blocks(k, dot_in_f32(dtype))[2]
+    sixteen_bit = dtype != torch.float32
+    for per_sm, max_splits, norms_from in ((64, 8, None), (64, 3, None), (64, 3, 0)):
+        out, norm = forward(per_sm, max_splits, norms_from)
+        plan = plans[-1]
+        launched = ["_score_fwd_split_kernel"]
+        if sixteen_bit and norms_from is not None:
+            launched.insert(0, "_text_norm_kernel")
+        assert kernels == launched, (per_sm, max_splits, norms_from, kernels)
+        # every split a whole number of steps and none empty; a step each where the steps allow, else at most 3
+        steps = -(-c // block_c)
+        assert plan.per_split % block_c == 0 and (plan.splits - 1) * plan.per_split < c <= plan.splits * plan.per_split
+        assert plan.splits == steps if steps <= max_splits else 1 < plan.splits <= max_splits, (steps, plan)
+        assert plan.constexprs["BLOCK_P"] == score.SPLIT_BLOCK_P and plan.grid[1] == -(-k // plan.constexprs[
+            "BLOCK_K"]) * plan.splits  # fmt: skip
+        if max_splits == 3:
+            assert c % plan.per_split, plan  # a shorter last split
+        _check_close(out, expected, dtype)
+        torch.testing.assert_close(out, default_out, rtol=TOL[dtype], atol=TOL[dtype])
+        torch.testing.assert_close(norm, default_norm, rtol=1e-6, atol=0)
+        assert norm[1, 2, 3] == 0 and (out[1, :, 2, 3] == 0).all() and (out[:, k // 2] == 0).all()
+
+
+def test_triton_score_split_forward_trains_and_splits_only_where_programs_are_few(monkeypatch):
+    """Gradients through a split forward are the reference's (the backward reads its scores and |v|); a grid with
+    the programs SPLIT_C_PER_SM asks for already is not split; score.channel_splits' rule."""
+    from denseclip_fast.ops.triton import score
+
+    visual, text = _visual(1, 100, 5, 7, "channels_last", torch.float32), _text(1, 19, 100, False, torch.float32)
+    kernels: list[str] = []
+    real_launch = score.launch
+    monkeypatch.setattr(score, "launch", lambda kernel: kernels.append(kernel.fn.__name__) or real_launch(kernel))
+    with score.forward_plan(None, None, 64):
+        (out, v_grad, t_grad), (expected, v64_grad, t64_grad) = _score_with_reference(visual, text, 0.5, "triton")
+    assert kernels[0] == "_score_fwd_split_kernel", kernels
+    _check_close(out, expected, torch.float32)
+    _check_close(v_grad, v64_grad, torch.float32, 2)
+    _check_close(t_grad, t64_grad, torch.float32, 2)
+    # one image per SM, 35 pixels: 2 programs per SM. Asked for 2, no split (2 splits would make 4); for 4, 2 splits
+    sms = score._sm_count(visual.device)
+    batch = visual.expand(sms, -1, -1, -1).contiguous(memory_format=torch.channels_last)
+    for per_sm, launched in ((2, "_score_fwd_kernel"), (4, "_score_fwd_split_kernel")):
+        kernels.clear()
+        with score.forward_plan(None, None, per_sm), torch.no_grad():
+            out, _ = torch.ops.denseclip_fast.pixel_text_score_triton(batch, text, 0.5)
+        assert kernels == [launched], (per_sm, kernels)
+        _check_close(out[-1:], expected, torch.float32)
+    # (programs, steps, SMs, per SM, most splits) -> (splits, steps a split)
+    assert score.channel_splits(64, 32, 132, None, 8) == (1, 32)  # off
+    assert score.channel_splits(200, 32, 132, 2, 8) == (1, 32)  # 2 x 200 programs would pass 2 a SM
+    assert score.channel_splits(128, 32, 132, 2, 8) == (2, 16)  # the RN50/ADE shape at 32 pixels a program
+    assert score.channel_splits(8, 32, 132, 2, 8) == (8, 4)  # the engine's batch-1 call: at most 8
+    assert score.channel_splits(8, 3, 132, 2, 8) == (3, 1)  # no split without a step
+    assert score.channel_splits(8, 7, 132, 2, 3) == (3, 3)  # 3, 3 and 1 steps
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match=rf"split_c_per_sm must be None or programs per SM .*got {bad!r}"):
+            with score.forward_plan(None, None, bad):  # type: ignore[arg-type]
+                pass
+
+
 def test_triton_score_indexes_in_int64_past_int32_offsets(monkeypatch):
     """An image whose element offsets pass int32 is indexed in int64 (decided from shapes and strides, checked here
     on meta tensors); the int64 kernels, forced on a small input, give the same scores and gradients."""
@@ -1053,18 +1153,20 @@ def test_triton_score_indexes_in_int64_past_int32_offsets(monkeypatch):
     _check_close(out, expected, torch.float32)
     for actual, wanted in ((f.grad, f64.grad), (v.grad, v64.grad), (t.grad, t64.grad)):
         _check_close(actual, wanted, torch.float32, 2)
-    # the 16-bit maps' other forwards (the text norms' launch; the rows kernel), in int64 too
+    # the other forward plans (the text norms' launch and the rows kernel for 16-bit maps; the channels split), in
+    # int64 too
     plans = []
     real = score._forward_launch
     monkeypatch.setattr(score, "_forward_launch", lambda *key: plans.append(real(*key)) or plans[-1])
-    for plan in ("TEXT_NORMS_FROM", "ROWS_FROM"):
-        monkeypatch.setattr(score, plan, 0)
+    for plan, value in (("TEXT_NORMS_FROM", 0), ("ROWS_FROM", 0), ("SPLIT_C_PER_SM", 64)):
+        monkeypatch.setattr(score, plan, value)
         with torch.no_grad():
             out = ops.score_concat(*(x.to(DEVICE, torch.float16) for x in (feature, visual, text)), 2.0,
                                    backend="triton")  # fmt: skip
         _check_close(out, expected, torch.float16)
         monkeypatch.setattr(score, plan, None)
-    assert [(p.rows, p.text_norms, p.constexprs["WIDE"]) for p in plans] == [(False, True, True), (True, True, True)]
+    assert [(p.rows, p.text_norms, p.splits > 1, p.constexprs["WIDE"]) for p in plans] == [
+        (False, True, False, True), (True, True, False, True), (False, False, True, True)]  # fmt: skip
 
 
 def test_triton_score_plan_helpers_name_bad_arguments():

@@ -87,15 +87,23 @@ def jit_specialize(
     return sig, const, attrs
 
 
-def _score(dt: str, k: int, wide: bool = False, text_norms: bool = False, rows: bool = False) -> Spec:
+def _score(
+    dt: str, k: int, wide: bool = False, text_norms: bool = False, rows: bool = False, split: bool = False
+) -> Spec:  # fmt: skip
     """The forward at the blocks the launcher chooses for k classes; text_norms: |t| read, not summed (TEXT_NORMS);
-    rows: the transposed kernel (_score_fwd_rows_kernel, which reads them). Both for 16-bit maps only."""
+    rows: the transposed kernel (_score_fwd_rows_kernel, which reads them), both for 16-bit maps only; split: the
+    channels split (_score_fwd_split_kernel, SPLIT_C_PER_SM), any dtype, with or without text_norms."""
     block_p, block_k, block_c, warps = (score._rows_blocks if rows else score._blocks)(k, dt == "fp32")
+    if split:
+        block_p = score.SPLIT_BLOCK_P
     const = {"BLOCK_P": block_p, "BLOCK_K": block_k, "BLOCK_C": block_c, "DOT_F32": dt == "fp32", "WIDE": wide,
              "TEXT_NORMS": text_norms or rows}  # fmt: skip
     ptrs = {"v_ptr": f"*{dt}", "t_ptr": f"*{dt}", "out_ptr": f"*{dt}", "n_ptr": "*fp32", "tn_ptr": "*fp32"}
     fn = score._score_fwd_rows_kernel if rows else score._score_fwd_kernel
-    label = f"score_fwd {dt} K={k}{' int64' if wide else ''}{' rows' if rows else ' norms' if text_norms else ''}"
+    if split:
+        fn, ptrs = score._score_fwd_split_kernel, {**ptrs, "part_ptr": "*fp32", "count_ptr": "*i32"}
+    plan = " rows" if rows else " split" if split else ""
+    label = f"score_fwd {dt} K={k}{' int64' if wide else ''}{plan}{' norms' if text_norms and not rows else ''}"
     return label, fn, _signature(fn, ptrs, ("scale", "eps"), const), const, {"num_warps": warps}, {}
 
 
@@ -163,6 +171,9 @@ LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
 ATTENTION_LENGTHS = ((150, 1601), (256, 256))  # (Lq, Lk)
 SMALL_QUERIES = (10, 19)  # a decoder over 10 or 19 classes (Cityscapes): query blocks of 16 and 32 (where the
 # kernel's block is not smaller anyway, e.g. float32 dq's 32: those compiles are the 150 queries', dropped as such)
+# The split forward's (splits, channels per split) at the model's 1024 channels: 4 x 256, the kernels issue's RN50
+# shape (64 programs) at 2 per SM on 132 SMs (the engine's batch-1 call, 8 x 128, specialises the same)
+SCORE_SPLIT = (4, 256)
 SCORE_CLASSES = (10, 19, 59, 100, 300)  # with 150 every class block of the forward (16, 32, 64, 128, 256; 300:
 # several blocks) and of the backward (its fused kernel's and the unfused)
 
@@ -172,15 +183,17 @@ def _strides(c: int, layout: str) -> tuple[int, int, int]:
     return score._dense_strides((MODEL_BATCH, c, *MODEL_HW), LAYOUTS[layout])
 
 
-def _jit_score(dt: str, k: int, layout: str, text_norms: bool = False, rows: bool = False) -> Spec:
+def _jit_score(dt: str, k: int, layout: str, text_norms: bool = False, rows: bool = False, split: bool = False) -> Spec:
     """score_forward_into's launch for the model's map in ``layout``, writing its own output in that layout
-    (score_concat's slice of the concatenated map specialises the same)."""
-    label, fn, _, const, options, _ = _score(dt, k, text_norms=text_norms, rows=rows)
+    (score_concat's slice of the concatenated map specialises the same); split: the channels split as SCORE_SPLIT."""
+    label, fn, _, const, options, _ = _score(dt, k, text_norms=text_norms, rows=rows, split=split)
     (h, w), c = MODEL_HW, MODEL_C
     s_ob, s_ok, s_op = _strides(k, layout)
     args = {"v_ptr": f"*{dt}", "t_ptr": f"*{dt}", "out_ptr": f"*{dt}", "n_ptr": "*fp32", "tn_ptr": "*fp32", "C": c,
             "P": h * w, "K": k, **dict(zip(("s_vb", "s_vc", "s_vp"), _strides(c, layout))), "s_tb": 0, "s_tk": c,
             "s_tc": 1, "s_nb": 0, "s_ob": s_ob, "s_ok": s_ok, "s_op": s_op, "scale": 1.0, "eps": score.EPS}  # fmt: skip
+    if split:
+        args.update({"part_ptr": "*fp32", "count_ptr": "*i32", "splits": SCORE_SPLIT[0], "per_split": SCORE_SPLIT[1]})
     sig, const, attrs = jit_specialize(fn, args, const)
     return f"{label} jit-{layout}", fn, sig, const, options, attrs
 
@@ -421,8 +434,15 @@ def _score_specializations(arch: int) -> Iterator[Spec]:
         yield _score("bf16", k, text_norms=True)
         yield _score("bf16", k, rows=True)
         yield _score("fp32", k)
+    for dt in dtypes:  # the channels split, in every dtype, with and without the text norms' launch
+        yield _score(dt, 150, split=True)
+        yield _score(dt, 150, text_norms=True, split=True)
+    for k in SCORE_CLASSES:
+        yield _score("bf16", k, split=True)
+        yield _score("fp32", k, split=True)
     for text_norms, rows in ((False, False), (True, False), (False, True)):  # int64 indexing (images past 2**31
         yield _score("bf16", 150, wide=True, text_norms=text_norms, rows=rows)  # elements), in each plan
+    yield _score("bf16", 150, wide=True, split=True)
     yield _score_backward("bf16", wide=True)
     for k in SCORE_CLASSES:
         yield _score_backward("bf16", k)
@@ -471,6 +491,7 @@ def _jit_specializations(arch: int) -> Iterator[Spec]:
                 yield _jit_score(dt, k, layout)
                 yield _jit_score_backward(dt, k, layout)
             yield _jit_score_backward_pixels(dt, layout)
+            yield _jit_score(dt, 150, layout, split=True)
             if dt != "fp32":
                 yield _jit_score(dt, 150, layout, text_norms=True)
                 yield _jit_score(dt, 150, layout, rows=True)

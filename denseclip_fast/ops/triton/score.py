@@ -9,7 +9,8 @@ followed by the dot product. Memory traffic: visual is read once when BLOCK_K >=
 |visual| + |out| (+ L2-resident text). Two alternatives for 16-bit maps, chosen by the batch's pixels (ROWS_FROM,
 TEXT_NORMS_FROM; neither yet timed on a GPU, so off): the text norms from a launch of their own (_text_norm_kernel)
 spare each program the second load of its text tiles; _score_fwd_rows_kernel, the transposed product with those
-norms, reads each visual tile once too.
+norms, reads each visual tile once too. A third, for grids of too few programs (SPLIT_C_PER_SM, off too):
+_score_fwd_split_kernel splits the channels over programs, the last of a tile's programs summing their partials.
 FLOPs = 2 B K C H W. Strides are arguments, so NCHW and NHWC visual (and any strided output view, which is how
 score_concat writes into its concatenated buffer) use the same kernel.
 
@@ -102,10 +103,25 @@ def _score_fwd_kernel(
     of summed here from a second load of every text tile (see below), which halves the text's traffic from L2: per
     program K x C elements, against BLOCK_P x C of the visual map. Otherwise tn_ptr is not read."""
     pid_k, b, offs_p, mask_p, offs_k, mask_k = _forward_program(P, K, BLOCK_P, BLOCK_K, WIDE)
+    acc, v_sq, t_sq = _products(v_ptr, t_ptr, b, offs_p, offs_k, mask_k, 0, C, C, P, s_vb, s_vc, s_vp, s_tb, s_tk,
+                                s_tc, BLOCK_P, BLOCK_K, BLOCK_C, DOT_F32, WIDE, TEXT_NORMS)  # fmt: skip
+    _store_scores(acc, v_sq, t_sq, out_ptr, n_ptr, tn_ptr, b, pid_k, P, s_nb, s_ob, s_ok, s_op, offs_p, mask_p, offs_k,
+                  mask_k, scale, eps, TEXT_NORMS)  # fmt: skip
+
+
+@triton.jit
+def _products(
+    v_ptr, t_ptr, b, offs_p, offs_k, mask_k, c_begin, c_end, C, P, s_vb, s_vc, s_vp, s_tb, s_tk, s_tc,
+    BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, DOT_F32: tl.constexpr, WIDE: tl.constexpr,
+    TEXT_NORMS: tl.constexpr,
+):  # fmt: skip
+    """Over channels c_begin .. c_end (BLOCK_C at a time; C, all of them, bounds the masks): the (BLOCK_K, BLOCK_P)
+    float32 products of the program's classes and pixels, the pixels' squared sums and (not under TEXT_NORMS) the
+    classes'."""
     acc = tl.zeros((BLOCK_K, BLOCK_P), dtype=tl.float32)
     v_sq = tl.zeros((BLOCK_P,), dtype=tl.float32)
     t_sq = tl.zeros((BLOCK_K,), dtype=tl.float32)
-    for c0 in range(0, C, BLOCK_C):
+    for c0 in range(c_begin, c_end, BLOCK_C):
         offs_c = _index(c0 + tl.arange(0, BLOCK_C), WIDE)
         mask_c = offs_c < C
         v_offs, v_mask = _visual_offsets(b, offs_c, offs_p, C, P, s_vb, s_vc, s_vp)
@@ -137,6 +153,16 @@ def _score_fwd_kernel(
             acc = tl.dot(tf, vf, acc, input_precision="ieee")
         else:
             acc = tl.dot(t, v, acc)
+    return acc, v_sq, t_sq
+
+
+@triton.jit
+def _store_scores(
+    acc, v_sq, t_sq, out_ptr, n_ptr, tn_ptr, b, pid_k, P, s_nb, s_ob, s_ok, s_op, offs_p, mask_p, offs_k, mask_k,
+    scale, eps, TEXT_NORMS: tl.constexpr,
+):  # fmt: skip
+    """The scores from a (BLOCK_K, BLOCK_P) tile of products and the squared sums over all channels (|v| written too,
+    see _inverse_norms)."""
     inv_v, inv_t = _inverse_norms(v_sq, t_sq, n_ptr, tn_ptr, b, pid_k, P, s_nb, offs_p, mask_p, offs_k, mask_k, eps,
                                   TEXT_NORMS)  # fmt: skip
     out = acc * (inv_t * scale)[:, None] * inv_v[None, :]
@@ -161,6 +187,76 @@ def _inverse_norms(
     else:
         t_norm = tl.sqrt(t_sq)
     return 1.0 / _clamp_min(norm, eps), 1.0 / _clamp_min(t_norm, eps)
+
+
+FINISH_K = tl.constexpr(32)  # the split forward's last program sums and writes this many classes at a time
+
+
+@triton.jit
+def _score_fwd_split_kernel(
+    v_ptr, t_ptr, out_ptr, n_ptr, tn_ptr, part_ptr, count_ptr,
+    C, P, K, splits, per_split,
+    s_vb, s_vc, s_vp,
+    s_tb, s_tk, s_tc, s_nb,
+    s_ob, s_ok, s_op,
+    scale, eps,
+    BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, DOT_F32: tl.constexpr, WIDE: tl.constexpr,
+    TEXT_NORMS: tl.constexpr,
+):  # fmt: skip
+    """_score_fwd_kernel's scores with the channels split ``splits`` ways (Split-C: more programs where the pixels
+    alone give too few for the GPU, each walking per_split channels, a multiple of BLOCK_C, instead of all C). Grid
+    (pixel blocks, class blocks x splits, images): program (p, k * splits + s) takes channels s * per_split ...
+    Each program writes its (BLOCK_K, BLOCK_P) float32 products and its squared sums to its slot of part_ptr
+    (SLOT floats: products, pixels' squares, classes' squares), then counts itself in count_ptr, one int32 per
+    (image, class block, pixel block), zero before the launch. The tile's last program to count sums the slots in
+    split order (the same sum whichever arrives last) and writes the scores and |v| as _score_fwd_kernel does.
+    Ordering: a CTA barrier after the slot's stores, then one thread's acq_rel atomic (the release covers the CTA's
+    stores, as CUTLASS's semaphore), and the slots read from L2 (.cg) after the acquire."""
+    pid_p = tl.program_id(0)
+    pid_k = tl.program_id(1) // splits
+    split = tl.program_id(1) % splits
+    b = tl.program_id(2).to(tl.int64)
+    offs_p = _index(pid_p * BLOCK_P + tl.arange(0, BLOCK_P), WIDE)
+    offs_k = _index(pid_k * BLOCK_K + tl.arange(0, BLOCK_K), WIDE)
+    mask_p = offs_p < P
+    mask_k = offs_k < K
+    c_begin = split * per_split
+    acc, v_sq, t_sq = _products(v_ptr, t_ptr, b, offs_p, offs_k, mask_k, c_begin, tl.minimum(c_begin + per_split, C),
+                                C, P, s_vb, s_vc, s_vp, s_tb, s_tk, s_tc, BLOCK_P, BLOCK_K, BLOCK_C, DOT_F32, WIDE,
+                                TEXT_NORMS)  # fmt: skip
+    tile = (b * (tl.num_programs(1) // splits) + pid_k) * tl.num_programs(0) + pid_p
+    slot_size: tl.constexpr = BLOCK_K * BLOCK_P + BLOCK_P + BLOCK_K
+    rows = tl.arange(0, BLOCK_K)
+    cols = tl.arange(0, BLOCK_P)
+    tile_offs = rows[:, None] * BLOCK_P + cols[None, :]
+    slots = part_ptr + tile * splits * slot_size
+    slot = slots + split * slot_size
+    tl.store(slot + tile_offs, acc, mask=mask_k[:, None])  # past K nothing: those rows are never read
+    tl.store(slot + BLOCK_K * BLOCK_P + cols, v_sq)
+    if not TEXT_NORMS:
+        tl.store(slot + BLOCK_K * BLOCK_P + BLOCK_P + rows, t_sq)
+    tl.debug_barrier()
+    if tl.atomic_add(count_ptr + tile, 1, sem="acq_rel") == splits - 1:
+        v_all = tl.zeros((BLOCK_P,), dtype=tl.float32)
+        for s in range(0, splits):
+            v_all += tl.load(slots + s * slot_size + BLOCK_K * BLOCK_P + cols, cache_modifier=".cg")
+        # the classes FINISH_K at a time (the whole tile's sum beside the loaded slot spilled registers on sm_90)
+        for k0 in range(0, tl.minimum(BLOCK_K, K - pid_k * BLOCK_K), FINISH_K):
+            sub = k0 + tl.arange(0, FINISH_K)
+            offs_sub = _index(pid_k * BLOCK_K + sub, WIDE)
+            mask_sub = offs_sub < K
+            sums = tl.zeros((FINISH_K, BLOCK_P), dtype=tl.float32)
+            t_all = tl.zeros((FINISH_K,), dtype=tl.float32)
+            for s in range(0, splits):
+                part = slots + s * slot_size
+                sums += tl.load(part + sub[:, None] * BLOCK_P + cols[None, :], mask=mask_sub[:, None], other=0.0,
+                               cache_modifier=".cg")  # fmt: skip
+                if not TEXT_NORMS:
+                    t_all += tl.load(part + BLOCK_K * BLOCK_P + BLOCK_P + sub, mask=mask_sub, other=0.0,
+                                    cache_modifier=".cg")  # fmt: skip
+            # (|v| written again by each class step: the same values)
+            _store_scores(sums, v_all, t_all, out_ptr, n_ptr, tn_ptr, b, pid_k, P, s_nb, s_ob, s_ok, s_op, offs_p,
+                          mask_p, offs_sub, mask_sub, scale, eps, TEXT_NORMS)  # fmt: skip
 
 
 @triton.jit
@@ -499,22 +595,48 @@ def empty_norm(visual: torch.Tensor) -> torch.Tensor:
 ROWS_FROM: int | None = None
 TEXT_NORMS_FROM: int | None = None
 ROWS_BLOCKS = (128, 16, 8)  # BLOCK_P, BLOCK_C, warps of the rows kernel (no spill on sm_90, Triton 3.6 and 3.8)
+# - SPLIT_C_PER_SM (any dtype; not with the rows kernel): where the default kernel's grid would have fewer than this
+#   many programs per SM (at SPLIT_BLOCK_P pixels a program), _score_fwd_split_kernel splits the channels, up to
+#   MAX_SPLITS ways (at least one BLOCK_C step each), so that the grid comes near that many. At the kernels issue's
+#   RN50/ADE shape (B16 C1024 16x16 K150: 64 programs, each walking 1024 channels in 32 dependent steps) the default
+#   took 37.5 us in a CUDA graph where the target is 15 (h200_2026-12-04b); the engine's batch-1 call (4 programs)
+#   25.7 us. Costs: a zeroed counter per tile (one fill launch) and K x BLOCK_P float32 products per split and tile
+#   through L2. None (never) until benchmarks/tune_score.py's "split-C" variants have been measured.
+SPLIT_C_PER_SM: int | None = None
+MAX_SPLITS = 8
+# The split kernel's pixels a program: 32, half the default's, for registers (sm_90, generic arguments: at 64 its
+# products beside the last program's sums spilled 20-144 B; at 32 nothing, in any dtype or class block)
+SPLIT_BLOCK_P = 32
 
 
 @contextlib.contextmanager
-def forward_plan(rows_from: int | None, norms_from: int | None) -> Iterator[None]:
-    """ROWS_FROM and TEXT_NORMS_FROM set so for the length of the block, and put back after (the benchmarks' A/Bs of
-    the forward's plans)."""
-    global ROWS_FROM, TEXT_NORMS_FROM
-    for name, value in (("rows_from", rows_from), ("norms_from", norms_from)):
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
-            raise ValueError(f"{name} must be None or a number of pixels (an int >= 0), got {value!r}")
-    saved = ROWS_FROM, TEXT_NORMS_FROM
-    ROWS_FROM, TEXT_NORMS_FROM = rows_from, norms_from
+def forward_plan(
+    rows_from: int | None, norms_from: int | None, split_c_per_sm: int | None = None
+) -> Iterator[None]:  # fmt: skip
+    """ROWS_FROM, TEXT_NORMS_FROM and SPLIT_C_PER_SM set so for the length of the block, and put back after (the
+    benchmarks' A/Bs of the forward's plans)."""
+    global ROWS_FROM, TEXT_NORMS_FROM, SPLIT_C_PER_SM
+    pixels, programs = "a number of pixels (an int >= 0)", "programs per SM (an int >= 1)"
+    for name, value, least, what in (("rows_from", rows_from, 0, pixels), ("norms_from", norms_from, 0, pixels),
+                                     ("split_c_per_sm", split_c_per_sm, 1, programs)):  # fmt: skip
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < least):
+            raise ValueError(f"{name} must be None or {what}, got {value!r}")
+    saved = ROWS_FROM, TEXT_NORMS_FROM, SPLIT_C_PER_SM
+    ROWS_FROM, TEXT_NORMS_FROM, SPLIT_C_PER_SM = rows_from, norms_from, split_c_per_sm
     try:
         yield
     finally:
-        ROWS_FROM, TEXT_NORMS_FROM = saved
+        ROWS_FROM, TEXT_NORMS_FROM, SPLIT_C_PER_SM = saved
+
+
+def channel_splits(programs: int, steps: int, sms: int, per_sm: int | None, max_splits: int) -> tuple[int, int]:
+    """(splits, BLOCK_C steps per split) of the channels' ``steps`` for a grid of ``programs`` on ``sms`` SMs: one
+    split (all steps) where per_sm is None or the grid has per_sm programs per SM already; otherwise as many splits
+    as bring it nearest that without passing it, at most max_splits and steps (no split without a step)."""
+    if per_sm is None or programs * 2 > per_sm * sms:  # a split of 2 would pass the aim
+        return 1, steps
+    per_split = cdiv(steps, max(1, min(max_splits, steps, per_sm * sms // programs)))
+    return cdiv(steps, per_split), per_split
 
 
 class _ForwardLaunch(NamedTuple):
@@ -526,6 +648,14 @@ class _ForwardLaunch(NamedTuple):
     constexprs: dict[str, Any]
     warps: int
     rows: bool  # _score_fwd_rows_kernel (ROWS_FROM)
+    splits: int = 1  # >1: _score_fwd_split_kernel (SPLIT_C_PER_SM), grid axis 1 class blocks x splits
+    per_split: int = 0  # its channels per split (a multiple of BLOCK_C)
+
+    @property
+    def slot(self) -> int:
+        """Floats of a split program's slot in the partials (products, pixels' and classes' squares)."""
+        p, k = self.constexprs["BLOCK_P"], self.constexprs["BLOCK_K"]
+        return k * p + p + k
 
     @property
     def text_norms(self) -> bool:
@@ -537,9 +667,11 @@ class _ForwardLaunch(NamedTuple):
 def _forward_launch(
     v_shape: tuple[int, ...], v_stride: tuple[int, ...], t_shape: tuple[int, ...], o_shape: tuple[int, ...],
     o_stride: tuple[int, ...], dtype: torch.dtype, rows_from: int | None = None, norms_from: int | None = None,
+    split: tuple[int, int, int] | None = None,
 ) -> _ForwardLaunch:  # fmt: skip
     """The launch for these sizes and strides, computed once (a few microseconds of Python per call otherwise);
-    rows_from and norms_from: ROWS_FROM and TEXT_NORMS_FROM, part of the key so that a change of them is seen."""
+    rows_from and norms_from: ROWS_FROM and TEXT_NORMS_FROM, split: (SPLIT_C_PER_SM, MAX_SPLITS, the GPU's SMs) or
+    None (never), all part of the key so that a change of them is seen."""
     b, c, h, w = v_shape
     k, p = t_shape[-2], h * w
     layout = memory_format_of(v_shape, v_stride)
@@ -550,12 +682,19 @@ def _forward_launch(
     rows = sixteen_bit and rows_from is not None and b * p >= rows_from
     norms = rows or (sixteen_bit and norms_from is not None and b * p >= norms_from)
     block_p, block_k, block_c, warps = (_rows_blocks if rows else _blocks)(k, dot_f32)
+    splits, steps = 1, cdiv(c, block_c)
+    if split is not None and not rows:
+        per_sm, max_splits, sms = split
+        programs = cdiv(p, SPLIT_BLOCK_P) * cdiv(k, block_k) * b
+        splits, per_split = channel_splits(programs, steps, sms, per_sm, max_splits)
+        if splits > 1:
+            block_p, steps = SPLIT_BLOCK_P, per_split
     wide = _wide_of((v_shape, (v_strides[0], v_strides[1], v_strides[2] * w, v_strides[2])), (t_shape, t_stride),
                     (o_shape, o_stride))  # fmt: skip
-    grid = (cdiv(p, block_p), cdiv(k, block_k), b)
+    grid = (cdiv(p, block_p), cdiv(k, block_k) * splits, b)
     constexprs = {"BLOCK_P": block_p, "BLOCK_K": block_k, "BLOCK_C": block_c, "DOT_F32": dot_f32, "WIDE": wide,
                   "TEXT_NORMS": norms}  # fmt: skip
-    return _ForwardLaunch(layout, v_strides, grid, constexprs, warps, rows)
+    return _ForwardLaunch(layout, v_strides, grid, constexprs, warps, rows, splits, steps * block_c)
 
 
 def text_norms(t: torch.Tensor) -> torch.Tensor:
@@ -618,8 +757,9 @@ def score_forward_into(
         score_forward_into(scores, norm, nhwc, text, scale)
         out.copy_(scores)
         return
+    split = None if SPLIT_C_PER_SM is None else (SPLIT_C_PER_SM, MAX_SPLITS, _sm_count(visual.device))
     key = (tuple(visual.shape), visual.stride(), tuple(text.shape), tuple(out.shape), out.stride(), visual.dtype,
-           ROWS_FROM, TEXT_NORMS_FROM)  # fmt: skip
+           ROWS_FROM, TEXT_NORMS_FROM, split)  # fmt: skip
     try:
         plan = _forward_launch(*key)
     except TypeError:  # symbolic sizes (torch.compile tracing with dynamic shapes) do not hash
@@ -631,9 +771,18 @@ def score_forward_into(
     t_norm, s_nb = norm, 0  # not read without TEXT_NORMS
     if plan.text_norms:
         t_norm, s_nb = text_norms(t), (k if t.dim() == 3 else 0)
+    strides = (*plan.visual_strides, *_text_strides(t), s_nb, out.stride(0), out.stride(1), out.stride(3))
+    if plan.splits > 1:
+        tiles = plan.grid[0] * plan.grid[2] * (plan.grid[1] // plan.splits)
+        partials = torch.empty(tiles * plan.splits * plan.slot, dtype=torch.float32, device=v.device)
+        counts = torch.zeros(tiles, dtype=torch.int32, device=v.device)
+        launch(_score_fwd_split_kernel)[plan.grid](
+            v, t, out, norm, t_norm, partials, counts, c, h * w, k, plan.splits, plan.per_split, *strides,
+            float(scale), EPS, **plan.constexprs, num_warps=plan.warps,
+        )  # fmt: skip
+        return
     launch(_score_fwd_rows_kernel if plan.rows else _score_fwd_kernel)[plan.grid](
-        v, t, out, norm, t_norm, c, h * w, k, *plan.visual_strides, *_text_strides(t), s_nb, out.stride(0),
-        out.stride(1), out.stride(3), float(scale), EPS, **plan.constexprs, num_warps=plan.warps,
+        v, t, out, norm, t_norm, c, h * w, k, *strides, float(scale), EPS, **plan.constexprs, num_warps=plan.warps,
     )  # fmt: skip
 
 
