@@ -144,6 +144,24 @@ def set_switch(monkeypatch: pytest.MonkeyPatch, variable: str, value: str | None
         monkeypatch.setenv(variable, value)
 
 
+def spy_launches(monkeypatch: pytest.MonkeyPatch, module: Any) -> list[str]:
+    """The names of the Triton kernels ``module.launch`` launches from now on, in order (for the test's length)."""
+    names: list[str] = []
+    real = module.launch
+    monkeypatch.setattr(module, "launch", lambda kernel: names.append(kernel.fn.__name__) or real(kernel))
+    return names
+
+
+def spy_score_plans(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """The plans the Triton score forward looks up (score._forward_launch) from now on, for the test's length."""
+    from denseclip_fast.ops.triton import score
+
+    plans: list[Any] = []
+    real = score._forward_launch
+    monkeypatch.setattr(score, "_forward_launch", lambda *key: plans.append(real(*key)) or plans[-1])
+    return plans
+
+
 # (device type, dtype, switch, wanted) for a 16-bit CUDA rewrite's ``*_wanted(device, dtype)``: CUDA in float16 or
 # bfloat16 with the switch unset or "1"; not float32, not with "0", not on a CPU
 WANTED_16_BIT_CUDA = [("cuda", torch.bfloat16, None, True), ("cuda", torch.float16, "1", True),

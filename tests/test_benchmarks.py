@@ -12,6 +12,8 @@ import pytest
 from benchmarks import bench_e2e, bench_ops, bench_train
 from benchmarks.common import Results, arch_name, failure, measure, nearest_rank, tail_cell, targets_markdown
 
+from .conftest import spy_launches, spy_score_plans
+
 
 def test_results_are_rewritten_after_every_row(tmp_path):
     env = {"gpu": False, "device": "cpu"}
@@ -218,9 +220,7 @@ def test_triton_score_plans_are_forward_only_contestants(monkeypatch):
         pytest.skip(backends.triton_available())
     from denseclip_fast.ops.triton import score
 
-    kernels: list[str] = []
-    real_launch = score.launch
-    monkeypatch.setattr(score, "launch", lambda kernel: kernels.append(kernel.fn.__name__) or real_launch(kernel))
+    kernels = spy_launches(monkeypatch, score)
     triton = lambda v, t: ops.pixel_text_score(v, t, backend="triton")  # noqa: E731
     visual = torch.randn(1, 64, 3, 3).to(torch.float16).contiguous(memory_format=torch.channels_last)
     text = torch.randn(5, 64).to(torch.float16)  # the plans are for 16-bit maps; 64 channels, 2 steps: a split
@@ -737,9 +737,9 @@ def test_score_tuning_variants_launch_what_their_labels_say(monkeypatch, text_no
         pytest.skip(backends.triton_available())
     from denseclip_fast.ops.triton import score
 
-    launched, plans = [], []
-    real_launch, real_plan, blocks = score.launch, score._forward_launch, score.ROWS_BLOCKS
-    monkeypatch.setattr(score, "launch", lambda kernel: launched.append(kernel.fn.__name__) or real_launch(kernel))
+    plans: list = []
+    real_plan, blocks = score._forward_launch, score.ROWS_BLOCKS
+    launched = spy_launches(monkeypatch, score)
     visual = torch.randn(1, 8, 5, 7).to(torch.float16)
     text = torch.randn(3, 8).to(torch.float16)
     with tune_score.forward_blocks(16, 32, 4, text_norms, rows):
@@ -766,10 +766,7 @@ def test_score_tuning_split_variants_launch_the_splits_tune_score_counts(monkeyp
         pytest.skip(backends.triton_available())
     from denseclip_fast.ops.triton import score
 
-    launched, plans = [], []
-    real_launch, real_plan = score.launch, score._forward_launch
-    monkeypatch.setattr(score, "launch", lambda kernel: launched.append(kernel.fn.__name__) or real_launch(kernel))
-    monkeypatch.setattr(score, "_forward_launch", lambda *key: plans.append(real_plan(*key)) or plans[-1])
+    launched, plans = spy_launches(monkeypatch, score), spy_score_plans(monkeypatch)
     visual = torch.randn(1, 64, 5, 7).to(torch.bfloat16)
     text = torch.randn(3, 64).to(torch.bfloat16)
     expected = ops.pixel_text_score(visual, text, backend="triton")

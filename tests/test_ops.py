@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 import pytest
@@ -20,6 +19,8 @@ import torch
 
 from denseclip_fast import ops
 from denseclip_fast.ops import reference
+
+from .conftest import spy_launches, spy_score_plans
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
@@ -972,6 +973,40 @@ def test_triton_score_backward_takes_the_nhwc_blocks_for_aligned_nhwc_maps(monke
         _check_close(t_grad, t64_grad, torch.float16, 2)
 
 
+def _plan_case(c: int, k: int, layout: str, text_batched: bool) -> tuple[torch.Tensor, ...]:
+    """The forward-plan tests' float64 inputs and expectation: 2 images of 9 x 17 = 153 pixels (several pixel blocks
+    of every forward kernel), ``c`` channels, ``k`` classes, pixel (1, 2, 3) and text row k // 2 zero; a 3-channel
+    feature map for score_concat (layout "concat": visual NCHW); the reference's scores at scale 0.7."""
+    b, h, w = 2, 9, 17
+    visual = _visual(b, c, h, w, "contiguous" if layout == "concat" else layout, torch.float64)
+    visual[1, :, 2, 3] = 0
+    text = _text(b, k, c, text_batched, torch.float64)
+    text[..., k // 2, :] = 0
+    feature = torch.randn(b, 3, h, w, dtype=torch.float64, device=DEVICE)
+    return visual, text, feature, reference.pixel_text_score(visual, text, 0.7)
+
+
+def _plan_forward(case: tuple[torch.Tensor, ...], layout: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Triton forward of a _plan_case in ``dtype`` without gradients, as the plan in force says: (scores, |v|),
+    score_concat's score channels for layout "concat"."""
+    visual, text, feature, _ = case
+    v, t = visual.to(dtype), text.to(dtype)
+    with torch.no_grad():
+        if layout == "concat":
+            out, norm = torch.ops.denseclip_fast.score_concat_triton(feature.to(dtype), v, t, 0.7)
+            return out[:, 3:], norm
+        return torch.ops.denseclip_fast.pixel_text_score_triton(v, t, 0.7)
+
+
+def _check_plan(out: torch.Tensor, norm: torch.Tensor, default: tuple[torch.Tensor, torch.Tensor],
+                expected: torch.Tensor, dtype: torch.dtype, k: int) -> None:  # fmt: skip
+    """A plan's scores and |v| against the reference's and the default launch's; the zero pixel and text row's zero."""
+    _check_close(out, expected, dtype)
+    torch.testing.assert_close(out, default[0], rtol=TOL[dtype], atol=TOL[dtype])
+    torch.testing.assert_close(norm, default[1], rtol=1e-6, atol=0)  # |v|: the same squares
+    assert norm[1, 2, 3] == 0 and (out[1, :, 2, 3] == 0).all() and (out[:, k // 2] == 0).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("text_batched", [False, True])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "concat"])
@@ -985,29 +1020,16 @@ def test_triton_score_forward_plans(monkeypatch, dtype, text_batched, layout, k)
     maps always the default (each tile loaded once there)."""
     from denseclip_fast.ops.triton import score
 
-    b, c, h, w = 2, 37, 9, 17  # 153 pixels: several pixel blocks of either kernel
-    visual = _visual(b, c, h, w, "contiguous" if layout == "concat" else layout, torch.float64)
-    visual[1, :, 2, 3] = 0
-    text = _text(b, k, c, text_batched, torch.float64)
-    text[..., k // 2, :] = 0
-    feature = torch.randn(b, 3, h, w, dtype=torch.float64, device=DEVICE)
-    expected = reference.pixel_text_score(visual, text, 0.7)
-    kernels: list[str] = []
-    real_launch = score.launch
-    monkeypatch.setattr(score, "launch", lambda kernel: kernels.append(kernel.fn.__name__) or real_launch(kernel))
+    case = _plan_case(37, k, layout, text_batched)
+    kernels = spy_launches(monkeypatch, score)
 
     def forward(rows_from: int | None, norms_from: int | None) -> tuple[torch.Tensor, torch.Tensor]:
         monkeypatch.setattr(score, "ROWS_FROM", rows_from)  # no cache_clear: the plans' cache key has both
         monkeypatch.setattr(score, "TEXT_NORMS_FROM", norms_from)
         kernels.clear()
-        v, t = visual.to(dtype), text.to(dtype)
-        with torch.no_grad():
-            if layout == "concat":
-                out, norm = torch.ops.denseclip_fast.score_concat_triton(feature.to(dtype), v, t, 0.7)
-                return out[:, 3:], norm
-            return torch.ops.denseclip_fast.pixel_text_score_triton(v, t, 0.7)
+        return _plan_forward(case, layout, dtype)
 
-    pixels = b * h * w
+    pixels = 2 * 9 * 17
     sixteen_bit = dtype != torch.float32
     norms, rows = ["_text_norm_kernel", "_score_fwd_kernel"], ["_text_norm_kernel", "_score_fwd_rows_kernel"]
     plans = {  # (ROWS_FROM, TEXT_NORMS_FROM): the kernels launched
@@ -1021,14 +1043,10 @@ def test_triton_score_forward_plans(monkeypatch, dtype, text_batched, layout, k)
     for plan, launched in plans.items():
         results[plan] = forward(*plan)
         assert kernels == launched, (plan, kernels)
-    default_out, default_norm = results[(None, None)]
-    _check_close(default_out, expected, dtype)
-    assert torch.equal(results[(pixels + 1, pixels + 1)][0], default_out)
-    for plan, (out, norm) in results.items():
-        _check_close(out, expected, dtype)
-        torch.testing.assert_close(out, default_out, rtol=TOL[dtype], atol=TOL[dtype])
-        torch.testing.assert_close(norm, default_norm, rtol=1e-6, atol=0)  # |v|: the same squares, summed in order
-        assert norm[1, 2, 3] == 0 and (out[1, :, 2, 3] == 0).all() and (out[:, k // 2] == 0).all(), plan
+    default = results[(None, None)]
+    assert torch.equal(results[(pixels + 1, pixels + 1)][0], default[0])
+    for out, norm in results.values():
+        _check_plan(out, norm, default, case[3], dtype, k)
 
 
 @pytest.mark.parametrize(("dtype", "text_batched", "layout", "k"), [
@@ -1044,31 +1062,18 @@ def test_triton_score_forward_split_over_channels(monkeypatch, dtype, text_batch
     from denseclip_fast.ops.triton import score
     from denseclip_fast.ops.triton.common import dot_in_f32
 
-    b, c, h, w = 2, 100, 9, 17  # 153 pixels: several pixel blocks; 100 channels: several steps of either block
-    visual = _visual(b, c, h, w, "contiguous" if layout == "concat" else layout, torch.float64)
-    visual[1, :, 2, 3] = 0
-    text = _text(b, k, c, text_batched, torch.float64)
-    text[..., k // 2, :] = 0
-    feature = torch.randn(b, 3, h, w, dtype=torch.float64, device=DEVICE)
-    expected = reference.pixel_text_score(visual, text, 0.7)
-    kernels: list[str] = []
-    real_launch = score.launch
-    monkeypatch.setattr(score, "launch", lambda kernel: kernels.append(kernel.fn.__name__) or real_launch(kernel))
-    plans: list[Any] = []
-    real_plan = score._forward_launch
-    monkeypatch.setattr(score, "_forward_launch", lambda *key: plans.append(real_plan(*key)) or plans[-1])
+    c = 100  # several steps of either channel block
+    case = _plan_case(c, k, layout, text_batched)
+    kernels = spy_launches(monkeypatch, score)
+    plans = spy_score_plans(monkeypatch)
 
     def forward(per_sm: int | None, max_splits: int, norms_from: int | None) -> tuple[torch.Tensor, torch.Tensor]:
         monkeypatch.setattr(score, "MAX_SPLITS", max_splits)  # no cache_clear: the plans' cache key has it
         kernels.clear()
-        v, t = visual.to(dtype), text.to(dtype)
-        with torch.no_grad(), score.forward_plan(None, norms_from, per_sm):
-            if layout == "concat":
-                out, norm = torch.ops.denseclip_fast.score_concat_triton(feature.to(dtype), v, t, 0.7)
-                return out[:, 3:], norm
-            return torch.ops.denseclip_fast.pixel_text_score_triton(v, t, 0.7)
+        with score.forward_plan(None, norms_from, per_sm):
+            return _plan_forward(case, layout, dtype)
 
-    default_out, default_norm = forward(None, 8, None)
+    default = forward(None, 8, None)
     assert kernels == ["_score_fwd_kernel"] and plans[-1].splits == 1
     block_c = score._blocks(k, dot_in_f32(dtype))[2]
     sixteen_bit = dtype != torch.float32
@@ -1087,10 +1092,7 @@ def test_triton_score_forward_split_over_channels(monkeypatch, dtype, text_batch
             "BLOCK_K"]) * plan.splits  # fmt: skip
         if max_splits == 3:
             assert c % plan.per_split, plan  # a shorter last split
-        _check_close(out, expected, dtype)
-        torch.testing.assert_close(out, default_out, rtol=TOL[dtype], atol=TOL[dtype])
-        torch.testing.assert_close(norm, default_norm, rtol=1e-6, atol=0)
-        assert norm[1, 2, 3] == 0 and (out[1, :, 2, 3] == 0).all() and (out[:, k // 2] == 0).all()
+        _check_plan(out, norm, default, case[3], dtype, k)
 
 
 def test_triton_score_split_forward_trains_and_splits_only_where_programs_are_few(monkeypatch):
@@ -1099,9 +1101,7 @@ def test_triton_score_split_forward_trains_and_splits_only_where_programs_are_fe
     from denseclip_fast.ops.triton import score
 
     visual, text = _visual(1, 100, 5, 7, "channels_last", torch.float32), _text(1, 19, 100, False, torch.float32)
-    kernels: list[str] = []
-    real_launch = score.launch
-    monkeypatch.setattr(score, "launch", lambda kernel: kernels.append(kernel.fn.__name__) or real_launch(kernel))
+    kernels = spy_launches(monkeypatch, score)
     with score.forward_plan(None, None, 64):
         (out, v_grad, t_grad), (expected, v64_grad, t64_grad) = _score_with_reference(visual, text, 0.5, "triton")
     assert kernels[0] == "_score_fwd_split_kernel", kernels
@@ -1155,9 +1155,7 @@ def test_triton_score_indexes_in_int64_past_int32_offsets(monkeypatch):
         _check_close(actual, wanted, torch.float32, 2)
     # the other forward plans (the text norms' launch and the rows kernel for 16-bit maps; the channels split), in
     # int64 too
-    plans = []
-    real = score._forward_launch
-    monkeypatch.setattr(score, "_forward_launch", lambda *key: plans.append(real(*key)) or plans[-1])
+    plans = spy_score_plans(monkeypatch)
     for plan, value in (("TEXT_NORMS_FROM", 0), ("ROWS_FROM", 0), ("SPLIT_C_PER_SM", 64)):
         monkeypatch.setattr(score, plan, value)
         with torch.no_grad():
