@@ -53,6 +53,9 @@ NORMS_FORWARD = [(64, 32, 8), (128, 32, 8), (128, 64, 8), (64, 64, 8)]  # (BLOCK
 # For the RN50 shape (64 programs at 64 pixels, each walking 1024 channels): 64 and 128 channels a step, 4x fewer
 # steps (aligned maps: no spill, 115 and 230 KB of shared memory).
 ROWS_FORWARD = [(128, 16, 8), (128, 32, 8), (64, 32, 8), (64, 64, 8), (64, 128, 8)]
+# The rows kernel with its classes as a block and a tail (score.ROWS_TAIL_K: 171 classes as 128 + 64 columns of
+# products, 150 as 128 + 32, instead of 256): (BLOCK_P, BLOCK_C, warps). Not timed where the classes take no tail.
+ROWS_TAIL_FORWARD = [(128, 16, 8), (128, 32, 8), (64, 64, 8)]
 # The channels split (_score_fwd_split_kernel, score.SPLIT_C_PER_SM: where the grid at score.SPLIT_BLOCK_P pixels a
 # program has fewer than that many per SM, up to score.MAX_SPLITS splits): (programs per SM, most splits). At the RN50
 # shape's 128 programs (32 pixels) on 132 SMs: 2, 4 and 8 splits of 16, 8 and 4 steps; at batch 1's 8: 8 or 16 splits.
@@ -64,14 +67,16 @@ BACKWARD = [(32, 64, 8, 2), (16, 32, 8, 2), (32, 32, 8, 2), (16, 128, 8, 2), (16
 
 @contextlib.contextmanager
 def forward_blocks(
-    block_p: int, block_c: int, warps: int, text_norms: bool = False, rows: bool = False
+    block_p: int, block_c: int, warps: int, text_norms: bool = False, rows: bool = False, tail: bool = False
 ) -> Iterator[None]:  # fmt: skip
     """The forward launched with these blocks (the class block as the launcher chooses it); text_norms: with the
     text norms from a launch of their own (score.TEXT_NORMS_FROM = 0); rows: the transposed kernel
-    (score.ROWS_FROM = 0, these blocks as score.ROWS_BLOCKS)."""
+    (score.ROWS_FROM = 0, these blocks as score.ROWS_BLOCKS), with ``tail`` its classes as a block and a tail
+    (score.ROWS_TAIL_K)."""
     from denseclip_fast.ops.triton import score
 
-    saved = score._blocks, score.ROWS_BLOCKS
+    saved = score._blocks, score.ROWS_BLOCKS, score.ROWS_TAIL_K
+    score.ROWS_TAIL_K = tail
     if rows:
         score.ROWS_BLOCKS = (block_p, block_c, warps)
     else:
@@ -81,7 +86,7 @@ def forward_blocks(
         with score.forward_plan(0 if rows else None, 0 if text_norms else None):
             yield
     finally:
-        score._blocks, score.ROWS_BLOCKS = saved
+        score._blocks, score.ROWS_BLOCKS, score.ROWS_TAIL_K = saved
         score._forward_launch.cache_clear()
 
 
@@ -148,6 +153,16 @@ def splits(shape: tuple[int, ...], per_sm: int, max_splits: int, device: torch.d
     return score.channel_splits(programs, score.cdiv(c, block_c), score._sm_count(device), per_sm, max_splits)[0]
 
 
+def same_as_without(context: functools.partial, shape: tuple[int, ...], device: torch.device) -> bool:
+    """Whether a split variant would not split ``shape``, or a tail variant's classes take no tail."""
+    from denseclip_fast.ops.triton import score
+
+    if context.func is forward_split:
+        return splits(shape, context.args[0], context.args[1], device) == 1
+    return bool(context.func is forward_blocks and context.args[5:6] == (True,)
+                and not score.rows_class_blocks(shape[-1], True)[1])  # fmt: skip
+
+
 def variants(k: int) -> list[tuple[str, str, Callable[[], contextlib.AbstractContextManager[Any]]]]:
     """(direction, label, context) for each variant, the default of each direction first."""
     out: list[tuple[str, str, Callable[[], contextlib.AbstractContextManager[Any]]]] = [
@@ -158,6 +173,9 @@ def variants(k: int) -> list[tuple[str, str, Callable[[], contextlib.AbstractCon
         out.append(("forward", f"norms P{bp} C{bc} w{w}", functools.partial(forward_blocks, bp, bc, w, True)))
     for bp, bc, w in ROWS_FORWARD:
         out.append(("forward", f"rows P{bp} C{bc} w{w}", functools.partial(forward_blocks, bp, bc, w, True, True)))
+    for bp, bc, w in ROWS_TAIL_FORWARD:
+        out.append(("forward", f"rows tail P{bp} C{bc} w{w}", functools.partial(forward_blocks, bp, bc, w, True, True,
+                                                                                 True)))  # fmt: skip
     for per_sm, max_splits in SPLIT_FORWARD:
         out.append(("forward", f"split-C {per_sm}/SM x{max_splits}", functools.partial(forward_split, per_sm,
                                                                                          max_splits)))  # fmt: skip
@@ -189,9 +207,9 @@ def run_shape(
     for direction, name, context in variants(k):
         if direction not in directions:
             continue
-        if isinstance(context, functools.partial) and context.func is forward_split and splits(
-                shape, context.args[0], context.args[1], device) == 1:  # fmt: skip
-            print(f"{label}: {name} launches the default here (no split), not timed", flush=True)
+        if isinstance(context, functools.partial) and same_as_without(context, shape, device):
+            print(f"{label}: {name} launches what it does without its switch here (no split, no tail), not timed",
+                  flush=True)  # fmt: skip
             continue
         row: dict[str, Any] = {"shape": label, "direction": direction, "variant": name}
         try:

@@ -153,12 +153,19 @@ def spy_launches(monkeypatch: pytest.MonkeyPatch, module: Any) -> list[str]:
 
 
 def spy_score_plans(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
-    """The plans the Triton score forward looks up (score._forward_launch) from now on, for the test's length."""
+    """The plans the Triton score forward looks up (score._forward_launch) from now on, for the test's length (the
+    spy clears the real cache, as the benchmarks' variants do)."""
     from denseclip_fast.ops.triton import score
 
     plans: list[Any] = []
     real = score._forward_launch
-    monkeypatch.setattr(score, "_forward_launch", lambda *key: plans.append(real(*key)) or plans[-1])
+
+    def spy(*key: Any) -> Any:
+        plans.append(real(*key))
+        return plans[-1]
+
+    spy.cache_clear = real.cache_clear  # type: ignore[attr-defined]
+    monkeypatch.setattr(score, "_forward_launch", spy)
     return plans
 
 

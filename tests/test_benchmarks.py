@@ -692,12 +692,13 @@ def test_score_tuning_sweep_tries_each_variant_and_restores_the_defaults(tmp_pat
 
     before = (score._blocks, {k: dict(v) for k, v in score.FUSED_BLOCKS.items()}, score.BWD_WARPS,
               dict(score.FUSED_BLOCKS_NHWC), score.TEXT_NORMS_FROM, score.ROWS_FROM, score.ROWS_BLOCKS,
-              score.SPLIT_C_PER_SM, score.MAX_SPLITS)  # fmt: skip
+              score.SPLIT_C_PER_SM, score.MAX_SPLITS, score.ROWS_TAIL_K)  # fmt: skip
     monkeypatch.setattr(tune_score, "FORWARD", [(64, 64, 8), (64, 48, 8)])
     monkeypatch.setattr(tune_score, "NORMS_FORWARD", [(32, 32, 8)])
     monkeypatch.setattr(tune_score, "ROWS_FORWARD", [(32, 16, 4)])
     # 4 programs of 32 pixels on the interpreter's 4 "SMs": 2 a SM splits 2 ways, 1 a SM not at all (not timed)
     monkeypatch.setattr(tune_score, "SPLIT_FORWARD", [(2, 8), (1, 8)])
+    monkeypatch.setattr(tune_score, "ROWS_TAIL_FORWARD", [(32, 16, 4)])  # 19 classes take no tail: not timed
     monkeypatch.setattr(tune_score, "BACKWARD", [(32, 64, 8, 1), (16, 48, 8, 2)])
     monkeypatch.setattr(tune_score, "QUICK_SHAPES", [(2, 40, 5, 7, 19)])
     assert tune_score.main(["--quick", "--out", str(tmp_path), "--tag", "t"]) == 0
@@ -710,7 +711,8 @@ def test_score_tuning_sweep_tries_each_variant_and_restores_the_defaults(tmp_pat
     assert failed == {"P64 C48 w8", "P16 C48 w8 2/SM"}, rows
     assert all(r["rel_err_vs_default"] < 1e-5 for r in rows if "error" not in r)
     assert (score._blocks, score.FUSED_BLOCKS, score.BWD_WARPS, score.FUSED_BLOCKS_NHWC, score.TEXT_NORMS_FROM,
-            score.ROWS_FROM, score.ROWS_BLOCKS, score.SPLIT_C_PER_SM, score.MAX_SPLITS) == before  # fmt: skip
+            score.ROWS_FROM, score.ROWS_BLOCKS, score.SPLIT_C_PER_SM, score.MAX_SPLITS,
+            score.ROWS_TAIL_K) == before  # fmt: skip
     md = (tmp_path / "tune_score_t.md").read_text()
     assert "P16 C48 w8 2/SM | failed" in md and "| variant | graph | median |" in md
     forward_graphs = [r["graph_ms"] for r in rows if r["direction"] == "forward" and "error" not in r]
@@ -737,19 +739,48 @@ def test_score_tuning_variants_launch_what_their_labels_say(monkeypatch, text_no
         pytest.skip(backends.triton_available())
     from denseclip_fast.ops.triton import score
 
-    plans: list = []
-    real_plan, blocks = score._forward_launch, score.ROWS_BLOCKS
-    launched = spy_launches(monkeypatch, score)
+    blocks = score.ROWS_BLOCKS
+    launched, plans = spy_launches(monkeypatch, score), spy_score_plans(monkeypatch)
     visual = torch.randn(1, 8, 5, 7).to(torch.float16)
     text = torch.randn(3, 8).to(torch.float16)
     with tune_score.forward_blocks(16, 32, 4, text_norms, rows):
-        monkeypatch.setattr(score, "_forward_launch", lambda *key: plans.append(real_plan(*key)) or plans[-1])
         ops.pixel_text_score(visual, text, backend="triton")
-        monkeypatch.setattr(score, "_forward_launch", real_plan)
     assert launched == kernels
     (plan,) = plans
     assert (plan.constexprs["BLOCK_P"], plan.constexprs["BLOCK_C"], plan.warps) == (16, 32, 4)
     assert (score.ROWS_FROM, score.TEXT_NORMS_FROM, score.ROWS_BLOCKS) == (None, None, blocks)
+
+
+def test_score_tuning_tail_variant_launches_the_rows_kernel_with_a_tail(monkeypatch):
+    """tune_score's "rows tail" variant: the rows kernel at its blocks with the classes as a block and a tail (40
+    classes: 32 + 16), the scores the default's; tune_score.same_as_without says it differs at 40 classes, not at 19;
+    the switches back after."""
+    import functools
+
+    import torch
+
+    from benchmarks import tune_score
+    from denseclip_fast import ops
+    from denseclip_fast.ops import backends
+
+    if backends.triton_available() is not None:
+        pytest.skip(backends.triton_available())
+    from denseclip_fast.ops.triton import score
+
+    visual = torch.randn(1, 8, 5, 7).to(torch.float16)
+    text = torch.randn(40, 8).to(torch.float16)
+    expected = ops.pixel_text_score(visual, text, backend="triton")
+    variant = functools.partial(tune_score.forward_blocks, 16, 32, 4, True, True, True)
+    launched, plans = spy_launches(monkeypatch, score), spy_score_plans(monkeypatch)
+    with variant():
+        out = ops.pixel_text_score(visual, text, backend="triton")
+    assert launched == ["_text_norm_kernel", "_score_fwd_rows_kernel"]
+    assert (plans[-1].constexprs["BLOCK_K"], plans[-1].constexprs["BLOCK_K2"], plans[-1].warps) == (32, 16, 4)
+    torch.testing.assert_close(out, expected, rtol=2e-3, atol=2e-3)
+    assert (score.ROWS_TAIL_K, score.ROWS_FROM, score.TEXT_NORMS_FROM) == (False, None, None)
+    cpu = torch.device("cpu")
+    assert not tune_score.same_as_without(variant, (1, 8, 5, 7, 40), cpu)
+    assert tune_score.same_as_without(variant, (1, 8, 5, 7, 19), cpu)
 
 
 @pytest.mark.parametrize("max_splits", [8, 3])

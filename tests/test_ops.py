@@ -1050,6 +1050,35 @@ def test_triton_score_forward_plans(monkeypatch, dtype, text_batched, layout, k)
 
 
 @pytest.mark.parametrize(("dtype", "text_batched", "layout", "k"), [
+    (torch.float16, False, "channels_last", 150), (torch.bfloat16, True, "concat", 171),
+    (torch.float16, True, "contiguous", 40),
+])  # fmt: skip
+def test_triton_score_rows_kernel_with_a_tail_class_block(monkeypatch, dtype, text_batched, layout, k):
+    """score.ROWS_TAIL_K: the rows kernel's classes as a block and a smaller tail block (rows_class_blocks), one
+    program row over all of them: the reference's scores (a zero text row and a zero pixel among them) and the
+    default launch's |v|, for shared and per-image text and every output layout."""
+    from denseclip_fast.ops.triton import score
+
+    case = _plan_case(37, k, layout, text_batched)
+    kernels = spy_launches(monkeypatch, score)
+    plans = spy_score_plans(monkeypatch)
+    default = _plan_forward(case, layout, dtype)
+    monkeypatch.setattr(score, "ROWS_TAIL_K", True)  # no cache_clear: the plans' cache key has it
+    kernels.clear()
+    with score.forward_plan(0, None):
+        out, norm = _plan_forward(case, layout, dtype)
+    assert kernels == ["_text_norm_kernel", "_score_fwd_rows_kernel"], kernels
+    plan = plans[-1]
+    blocks = plan.constexprs["BLOCK_K"], plan.constexprs["BLOCK_K2"]
+    assert blocks == {150: (128, 32), 171: (128, 64), 40: (32, 16)}[k] and plan.grid[1] == 1, plan
+    _check_plan(out, norm, default, case[3], dtype, k)
+    # the rule: a tail only where it covers k in fewer columns than one power of two, and k fits one block
+    assert [score.rows_class_blocks(n, True) for n in (1, 16, 17, 24, 100, 129, 200, 256, 300)] == [
+        (16, 0), (16, 0), (32, 0), (32, 0), (128, 0), (128, 16), (256, 0), (256, 0), (256, 0)]  # fmt: skip
+    assert score.rows_class_blocks(150, False) == (256, 0)
+
+
+@pytest.mark.parametrize(("dtype", "text_batched", "layout", "k"), [
     (torch.float32, False, "contiguous", 21), (torch.float16, True, "channels_last", 1),
     (torch.bfloat16, False, "concat", 300), (torch.float16, False, "concat", 21),
     (torch.float32, True, "channels_last", 300),

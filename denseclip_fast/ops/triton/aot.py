@@ -88,21 +88,25 @@ def jit_specialize(
 
 
 def _score(
-    dt: str, k: int, wide: bool = False, text_norms: bool = False, rows: bool = False, split: bool = False
+    dt: str, k: int, wide: bool = False, text_norms: bool = False, rows: bool = False, split: bool = False,
+    tail: bool = False,
 ) -> Spec:  # fmt: skip
     """The forward at the blocks the launcher chooses for k classes; text_norms: |t| read, not summed (TEXT_NORMS);
-    rows: the transposed kernel (_score_fwd_rows_kernel, which reads them), both for 16-bit maps only; split: the
-    channels split (_score_fwd_split_kernel, SPLIT_C_PER_SM), any dtype, with or without text_norms."""
+    rows: the transposed kernel (_score_fwd_rows_kernel, which reads them), both for 16-bit maps only, with ``tail``
+    its classes as a block and a tail (ROWS_TAIL_K); split: the channels split (_score_fwd_split_kernel,
+    SPLIT_C_PER_SM), any dtype, with or without text_norms."""
     block_p, block_k, block_c, warps = (score._rows_blocks if rows else score._blocks)(k, dt == "fp32")
     if split:
         block_p = score.SPLIT_BLOCK_P
     const = {"BLOCK_P": block_p, "BLOCK_K": block_k, "BLOCK_C": block_c, "DOT_F32": dt == "fp32", "WIDE": wide,
              "TEXT_NORMS": text_norms or rows}  # fmt: skip
+    if rows:
+        const["BLOCK_K"], const["BLOCK_K2"] = score.rows_class_blocks(k, tail)
     ptrs = {"v_ptr": f"*{dt}", "t_ptr": f"*{dt}", "out_ptr": f"*{dt}", "n_ptr": "*fp32", "tn_ptr": "*fp32"}
     fn = score._score_fwd_rows_kernel if rows else score._score_fwd_kernel
     if split:
         fn, ptrs = score._score_fwd_split_kernel, {**ptrs, "part_ptr": "*fp32", "count_ptr": "*i32"}
-    plan = " rows" if rows else " split" if split else ""
+    plan = f" rows{' tail' if tail else ''}" if rows else " split" if split else ""
     label = f"score_fwd {dt} K={k}{' int64' if wide else ''}{plan}{' norms' if text_norms and not rows else ''}"
     return label, fn, _signature(fn, ptrs, ("scale", "eps"), const), const, {"num_warps": warps}, {}
 
@@ -174,6 +178,7 @@ SMALL_QUERIES = (10, 19)  # a decoder over 10 or 19 classes (Cityscapes): query 
 # The split forward's (splits, channels per split) at the model's 1024 channels: 4 x 256, the kernels issue's RN50
 # shape (64 programs) at 2 per SM on 132 SMs (the engine's batch-1 call, 8 x 128, specialises the same)
 SCORE_SPLIT = (4, 256)
+TAIL_CLASSES = (150, 171, 40)  # the rows kernel's tails: 128 + 32, 128 + 64 (the kernels issue's large shape), 32 + 16
 SCORE_CLASSES = (10, 19, 59, 100, 300)  # with 150 every class block of the forward (16, 32, 64, 128, 256; 300:
 # several blocks) and of the backward (its fused kernel's and the unfused)
 
@@ -183,10 +188,12 @@ def _strides(c: int, layout: str) -> tuple[int, int, int]:
     return score._dense_strides((MODEL_BATCH, c, *MODEL_HW), LAYOUTS[layout])
 
 
-def _jit_score(dt: str, k: int, layout: str, text_norms: bool = False, rows: bool = False, split: bool = False) -> Spec:
+def _jit_score(
+    dt: str, k: int, layout: str, text_norms: bool = False, rows: bool = False, split: bool = False, tail: bool = False
+) -> Spec:  # fmt: skip
     """score_forward_into's launch for the model's map in ``layout``, writing its own output in that layout
     (score_concat's slice of the concatenated map specialises the same); split: the channels split as SCORE_SPLIT."""
-    label, fn, _, const, options, _ = _score(dt, k, text_norms=text_norms, rows=rows, split=split)
+    label, fn, _, const, options, _ = _score(dt, k, text_norms=text_norms, rows=rows, split=split, tail=tail)
     (h, w), c = MODEL_HW, MODEL_C
     s_ob, s_ok, s_op = _strides(k, layout)
     args = {"v_ptr": f"*{dt}", "t_ptr": f"*{dt}", "out_ptr": f"*{dt}", "n_ptr": "*fp32", "tn_ptr": "*fp32", "C": c,
@@ -443,6 +450,10 @@ def _score_specializations(arch: int) -> Iterator[Spec]:
     for text_norms, rows in ((False, False), (True, False), (False, True)):  # int64 indexing (images past 2**31
         yield _score("bf16", 150, wide=True, text_norms=text_norms, rows=rows)  # elements), in each plan
     yield _score("bf16", 150, wide=True, split=True)
+    for k in TAIL_CLASSES:  # the rows kernel's classes as a block and a tail (ROWS_TAIL_K)
+        yield _score("bf16", k, rows=True, tail=True)
+    yield _score("fp16", 150, rows=True, tail=True)
+    yield _score("bf16", 150, wide=True, rows=True, tail=True)
     yield _score_backward("bf16", wide=True)
     for k in SCORE_CLASSES:
         yield _score_backward("bf16", k)
@@ -492,6 +503,9 @@ def _jit_specializations(arch: int) -> Iterator[Spec]:
                 yield _jit_score_backward(dt, k, layout)
             yield _jit_score_backward_pixels(dt, layout)
             yield _jit_score(dt, 150, layout, split=True)
+            if dt == "bf16":
+                for k in TAIL_CLASSES:
+                    yield _jit_score(dt, k, layout, rows=True, tail=True)
             if dt != "fp32":
                 yield _jit_score(dt, 150, layout, text_norms=True)
                 yield _jit_score(dt, 150, layout, rows=True)

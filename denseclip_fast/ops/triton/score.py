@@ -9,7 +9,8 @@ followed by the dot product. Memory traffic: visual is read once when BLOCK_K >=
 |visual| + |out| (+ L2-resident text). Two alternatives for 16-bit maps, chosen by the batch's pixels (ROWS_FROM,
 TEXT_NORMS_FROM; neither yet timed on a GPU, so off): the text norms from a launch of their own (_text_norm_kernel)
 spare each program the second load of its text tiles; _score_fwd_rows_kernel, the transposed product with those
-norms, reads each visual tile once too. A third, for grids of too few programs (SPLIT_C_PER_SM, off too):
+norms, reads each visual tile once too (ROWS_TAIL_K, off: with its classes as a block and a smaller tail, fewer
+padded columns of products). A third, for grids of too few programs (SPLIT_C_PER_SM, off too):
 _score_fwd_split_kernel splits the channels over programs, the last of a tile's programs summing their partials.
 FLOPs = 2 B K C H W. Strides are arguments, so NCHW and NHWC visual (and any strided output view, which is how
 score_concat writes into its concatenated buffer) use the same kernel.
@@ -268,7 +269,7 @@ def _score_fwd_rows_kernel(
     s_ob, s_ok, s_op,
     scale, eps,
     BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, DOT_F32: tl.constexpr, WIDE: tl.constexpr,
-    TEXT_NORMS: tl.constexpr,
+    TEXT_NORMS: tl.constexpr, BLOCK_K2: tl.constexpr,
 ):  # fmt: skip
     """_score_fwd_kernel's scores (same arguments, same grid; TEXT_NORMS must be set) as the transposed product:
     pixels are the rows, V^T T^T, a (BLOCK_P, BLOCK_K) accumulator. The visual tile is the first operand, which a
@@ -279,11 +280,18 @@ def _score_fwd_rows_kernel(
     shared memory and by nothing else: its norms come from tn_ptr (_text_norm_kernel). Per BLOCK_C channels a program
     reads BLOCK_P x BLOCK_C visual and K x BLOCK_C text elements from L2 once each (_score_fwd_kernel: each twice).
     For 16-bit maps (float32 products are FMAs on registers, where _score_fwd_kernel loads each tile once too; the
-    interpreter's bfloat16 takes them)."""
+    interpreter's bfloat16 takes them).
+    BLOCK_K2 > 0 (ROWS_TAIL_K; one class block, K <= BLOCK_K + BLOCK_K2): the classes past BLOCK_K in a second, smaller
+    block with an accumulator and text tile of its own, the visual operand shared: 150 classes as 128 + 32 columns of
+    products instead of 256, 171 as 128 + 64."""
     tl.static_assert(TEXT_NORMS, "the rows kernel reads the text norms")
     pid_k, b, offs_p, mask_p, offs_k, mask_k = _forward_program(P, K, BLOCK_P, BLOCK_K, WIDE)
     acc = tl.zeros((BLOCK_P, BLOCK_K), dtype=tl.float32)
     v_sq = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    if BLOCK_K2 > 0:
+        offs_k2 = _index(BLOCK_K + tl.arange(0, BLOCK_K2), WIDE)
+        mask_k2 = offs_k2 < K
+        acc2 = tl.zeros((BLOCK_P, BLOCK_K2), dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
         offs_c = _index(c0 + tl.arange(0, BLOCK_C), WIDE)
         mask_c = offs_c < C
@@ -297,8 +305,24 @@ def _score_fwd_rows_kernel(
             acc = tl.dot(vf, t.to(tl.float32), acc, input_precision="ieee")
         else:
             acc = tl.dot((vf + 0.0).to(v.dtype), t, acc)
+        if BLOCK_K2 > 0:
+            t2 = tl.load(t_ptr + b * s_tb + offs_c[:, None] * s_tc + offs_k2[None, :] * s_tk,
+                         mask=mask_c[:, None] & mask_k2[None, :], other=0.0)  # fmt: skip
+            if DOT_F32:
+                acc2 = tl.dot(vf, t2.to(tl.float32), acc2, input_precision="ieee")
+            else:
+                acc2 = tl.dot((vf + 0.0).to(v.dtype), t2, acc2)
     inv_v, inv_t = _inverse_norms(v_sq, None, n_ptr, tn_ptr, b, pid_k, P, s_nb, offs_p, mask_p, offs_k, mask_k, eps,
                                   True)  # the text's squares: none, its norms read  # fmt: skip
+    _store_rows(out_ptr, acc, inv_v, inv_t, scale, b, offs_p, mask_p, offs_k, mask_k, s_ob, s_ok, s_op)
+    if BLOCK_K2 > 0:
+        inv_t2 = 1.0 / _clamp_min(tl.load(tn_ptr + b * s_nb + offs_k2, mask=mask_k2, other=1.0), eps)
+        _store_rows(out_ptr, acc2, inv_v, inv_t2, scale, b, offs_p, mask_p, offs_k2, mask_k2, s_ob, s_ok, s_op)
+
+
+@triton.jit
+def _store_rows(out_ptr, acc, inv_v, inv_t, scale, b, offs_p, mask_p, offs_k, mask_k, s_ob, s_ok, s_op):
+    """The rows kernel's scores from a (pixels, classes) tile of products and the inverse norms."""
     out = acc * (inv_t * scale)[None, :] * inv_v[:, None]
     tl.store(
         out_ptr + b * s_ob + offs_p[:, None] * s_op + offs_k[None, :] * s_ok,
@@ -571,6 +595,18 @@ def _blocks(k: int, fp32: bool = False) -> tuple[int, int, int, int]:
     return 64, block_k, 32, (8 if block_k > 128 else 4)
 
 
+def rows_class_blocks(k: int, tail: bool) -> tuple[int, int]:
+    """(BLOCK_K, BLOCK_K2) of the rows kernel for k classes: _blocks' power of two and no second block; with ``tail``
+    (ROWS_TAIL_K), where half that power of two and a smaller one cover k in fewer columns, those two (150 classes:
+    128 + 32 instead of 256; 171: 128 + 64; 100: 128, as 64 + 64 would be no fewer)."""
+    block_k = _blocks(k)[1]
+    if tail and k <= 256:
+        rest = max(16, next_power_of_2(k - block_k // 2))
+        if block_k // 2 + rest < block_k:
+            return block_k // 2, rest
+    return block_k, 0
+
+
 def _rows_blocks(k: int, fp32: bool = False) -> tuple[int, int, int, int]:
     """(BLOCK_P, BLOCK_K, BLOCK_C, num_warps) of _score_fwd_rows_kernel: ROWS_BLOCKS, with _blocks' class block
     (16-bit maps only on a GPU; ``fp32``, float32 products, is bfloat16 under Triton's interpreter)."""
@@ -595,6 +631,11 @@ def empty_norm(visual: torch.Tensor) -> torch.Tensor:
 ROWS_FROM: int | None = None
 TEXT_NORMS_FROM: int | None = None
 ROWS_BLOCKS = (128, 16, 8)  # BLOCK_P, BLOCK_C, warps of the rows kernel (no spill on sm_90, Triton 3.6 and 3.8)
+# - ROWS_TAIL_K: the rows kernel's classes as two blocks, a power of two and a smaller tail (rows_class_blocks), where
+#   they cover K in fewer columns of products than one power of two: at the kernels issue's large shape (171 classes)
+#   192 columns instead of 256, a third fewer tensor-core products (at 150, 160 instead of 256). Off until tune_score's
+#   "tail" variants have timed it.
+ROWS_TAIL_K = False
 # - SPLIT_C_PER_SM (any dtype; not with the rows kernel): where the default kernel's grid would have fewer than this
 #   many programs per SM (at SPLIT_BLOCK_P pixels a program), _score_fwd_split_kernel splits the channels, up to
 #   MAX_SPLITS ways (at least one BLOCK_C step each), so that the grid comes near that many. At the kernels issue's
@@ -667,11 +708,11 @@ class _ForwardLaunch(NamedTuple):
 def _forward_launch(
     v_shape: tuple[int, ...], v_stride: tuple[int, ...], t_shape: tuple[int, ...], o_shape: tuple[int, ...],
     o_stride: tuple[int, ...], dtype: torch.dtype, rows_from: int | None = None, norms_from: int | None = None,
-    split: tuple[int, int, int] | None = None,
+    split: tuple[int, int, int] | None = None, tail: bool = False,
 ) -> _ForwardLaunch:  # fmt: skip
     """The launch for these sizes and strides, computed once (a few microseconds of Python per call otherwise);
     rows_from and norms_from: ROWS_FROM and TEXT_NORMS_FROM, split: (SPLIT_C_PER_SM, MAX_SPLITS, the GPU's SMs) or
-    None (never), all part of the key so that a change of them is seen."""
+    None (never), tail: ROWS_TAIL_K, all part of the key so that a change of them is seen."""
     b, c, h, w = v_shape
     k, p = t_shape[-2], h * w
     layout = memory_format_of(v_shape, v_stride)
@@ -691,9 +732,12 @@ def _forward_launch(
             block_p, steps = SPLIT_BLOCK_P, per_split
     wide = _wide_of((v_shape, (v_strides[0], v_strides[1], v_strides[2] * w, v_strides[2])), (t_shape, t_stride),
                     (o_shape, o_stride))  # fmt: skip
-    grid = (cdiv(p, block_p), cdiv(k, block_k) * splits, b)
+    block_k2 = 0
+    if rows:
+        block_k, block_k2 = rows_class_blocks(k, tail)
+    grid = (cdiv(p, block_p), cdiv(k, block_k + block_k2) * splits, b)
     constexprs = {"BLOCK_P": block_p, "BLOCK_K": block_k, "BLOCK_C": block_c, "DOT_F32": dot_f32, "WIDE": wide,
-                  "TEXT_NORMS": norms}  # fmt: skip
+                  "TEXT_NORMS": norms, **({"BLOCK_K2": block_k2} if rows else {})}  # fmt: skip
     return _ForwardLaunch(layout, v_strides, grid, constexprs, warps, rows, splits, steps * block_c)
 
 
@@ -759,7 +803,7 @@ def score_forward_into(
         return
     split = None if SPLIT_C_PER_SM is None else (SPLIT_C_PER_SM, MAX_SPLITS, _sm_count(visual.device))
     key = (tuple(visual.shape), visual.stride(), tuple(text.shape), tuple(out.shape), out.stride(), visual.dtype,
-           ROWS_FROM, TEXT_NORMS_FROM, split)  # fmt: skip
+           ROWS_FROM, TEXT_NORMS_FROM, split, ROWS_TAIL_K)  # fmt: skip
     try:
         plan = _forward_launch(*key)
     except TypeError:  # symbolic sizes (torch.compile tracing with dynamic shapes) do not hash
