@@ -143,8 +143,8 @@ def time_contestants(results: Results, row: dict, contestants: dict[str, Callabl
 
 # The Triton score forward's other plans for 16-bit maps (ops/triton/score.py: (ROWS_FROM, TEXT_NORMS_FROM,
 # SPLIT_C_PER_SM), the first two here from the first pixel on; the rows kernel always with the text norms' launch; the
-# channels split where the grid has fewer than 4 programs per SM), timed forward only (the backward is the triton
-# row's) on a GPU, until one is adopted (tune_score.py checks their results); not judged by the targets
+# channels split where the grid has at most 2 programs per SM, towards 4), timed forward only (the backward is the
+# triton row's) on a GPU, until one is adopted (tune_score.py checks their results); not judged by the targets
 TRITON_PLANS = {"triton text norms": (None, 0, None), "triton rows": (0, None, None), "triton split-C": (None, None, 4)}
 
 

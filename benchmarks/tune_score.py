@@ -57,8 +57,9 @@ ROWS_FORWARD = [(128, 16, 8), (128, 32, 8), (64, 32, 8), (64, 64, 8), (64, 128, 
 # products, 150 as 128 + 32, instead of 256): (BLOCK_P, BLOCK_C, warps). Not timed where the classes take no tail.
 ROWS_TAIL_FORWARD = [(128, 16, 8), (128, 32, 8), (64, 64, 8)]
 # The channels split (_score_fwd_split_kernel, score.SPLIT_C_PER_SM: where the grid at score.SPLIT_BLOCK_P pixels a
-# program has fewer than that many per SM, up to score.MAX_SPLITS splits): (programs per SM, most splits). At the RN50
-# shape's 128 programs (32 pixels) on 132 SMs: 2, 4 and 8 splits of 16, 8 and 4 steps; at batch 1's 8: 8 or 16 splits.
+# program has at most half that many per SM, up to score.MAX_SPLITS splits): (programs per SM, most splits). At the
+# RN50 shape's 128 programs (32 pixels) on 132 SMs: 2, 4 and 8 splits of 16, 8 and 4 steps; at batch 1's 8: 8 or 16
+# splits. Past 2 per SM the programs run in waves (the split kernel's registers allow 1-2 per SM at 8 warps).
 # Where a variant would not split (the large shape has programs enough) it launches the default: not timed again.
 SPLIT_FORWARD = [(2, 8), (4, 8), (8, 8), (8, 16)]
 BACKWARD = [(32, 64, 8, 2), (16, 32, 8, 2), (32, 32, 8, 2), (16, 128, 8, 2), (16, 64, 4, 2), (16, 64, 8, 1),

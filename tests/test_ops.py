@@ -1124,6 +1124,27 @@ def test_triton_score_forward_split_over_channels(monkeypatch, dtype, text_batch
         _check_plan(out, norm, default, case[3], dtype, k)
 
 
+def test_triton_score_split_forward_only_the_last_arrival_writes(monkeypatch):
+    """A tile's scores and |v| are written by its last program to arrive, none other: with every counter preset to
+    the number of splits (no arrival is then the last), the split forward writes nothing of its output; with the
+    counters at zero, all of it."""
+    from denseclip_fast.ops.triton import score
+
+    visual, text = _visual(2, 100, 5, 7, "contiguous", torch.float32), _text(2, 19, 100, True, torch.float32)
+    plans = spy_score_plans(monkeypatch)
+    real = score._tile_counts
+    for preset, written in ((None, True), ("splits", False)):
+        if preset:
+            monkeypatch.setattr(score, "_tile_counts", lambda tiles, device: real(tiles, device) + plans[-1].splits)
+        out = torch.full((2, 19, 5, 7), float("nan"), device=DEVICE)
+        norm = torch.full((2, 5, 7), float("nan"), device=DEVICE)
+        with score.forward_plan(None, None, 64):
+            score.score_forward_into(out, norm, visual, text, 0.5)
+        assert plans[-1].splits > 1
+        assert (not out.isnan().any() and not norm.isnan().any()) if written else (out.isnan().all()
+                                                                                 and norm.isnan().all())  # fmt: skip
+
+
 def test_triton_score_split_forward_trains_and_splits_only_where_programs_are_few(monkeypatch):
     """Gradients through a split forward are the reference's (the backward reads its scores and |v|); a grid with
     the programs SPLIT_C_PER_SM asks for already is not split; score.channel_splits' rule."""
@@ -1153,6 +1174,10 @@ def test_triton_score_split_forward_trains_and_splits_only_where_programs_are_fe
     assert score.channel_splits(8, 32, 132, 2, 8) == (8, 4)  # the engine's batch-1 call: at most 8
     assert score.channel_splits(8, 3, 132, 2, 8) == (3, 1)  # no split without a step
     assert score.channel_splits(8, 7, 132, 2, 3) == (3, 3)  # 3, 3 and 1 steps
+    assert score.channel_splits(8, 1, 132, 2, 8) == (1, 1) and score.channel_splits(8, 0, 132, 2, 8) == (1, 0)
+    with score.forward_plan(None, None, 64), torch.no_grad():  # no channels: nothing to split, the scores zero
+        out, norm = torch.ops.denseclip_fast.pixel_text_score_triton(visual[:, :0], text[:, :0], 0.5)
+    assert not out.any() and not norm.any() and out.shape == (1, 19, 5, 7)
     for bad in (0, -1, 2.0, True):
         with pytest.raises(ValueError, match=rf"split_c_per_sm must be None or programs per SM .*got {bad!r}"):
             with score.forward_plan(None, None, bad):  # type: ignore[arg-type]

@@ -113,6 +113,37 @@ def test_aot_specializes_as_triton_jit():
     assert result.stdout.count(" as the JIT") == 6, result.stdout
 
 
+_SPLIT_PTX = """
+import triton
+from triton.backends.compiler import GPUTarget
+from denseclip_fast.ops.triton import aot
+(spec,) = [spec for spec in aot.specializations(90) if spec[0] == "score_fwd bf16 K=150 split jit-nhwc"]
+label, fn, sig, const, options, attrs = spec
+source = triton.compiler.ASTSource(fn, sig, const, attrs)
+print(triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"])
+"""
+
+
+def test_split_score_forward_orders_its_partials_before_counting():
+    """The split forward's hand-off between programs, in its sm_90 PTX (as the JIT compiles the model's launch): every
+    store of a program's partials comes before a CTA barrier, the barrier before one atomic count with acquire-release
+    semantics at GPU scope, and the last arrival reads the partials after it from L2 (ld.global.cg), so that the
+    partials of programs on other SMs are seen (the pattern of CUTLASS's semaphore)."""
+    import re
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", _SPLIT_PTX], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-4000:]
+    lines = [line.strip() for line in result.stdout.splitlines()]
+    atoms = [i for i, line in enumerate(lines) if re.search(r"\batom\.|\bred\.", line)]
+    assert len(atoms) == 1 and "atom.global.gpu.acq_rel.add" in lines[atoms[0]], [lines[i] for i in atoms]
+    before = lines[: atoms[0]]
+    last_store = max(i for i, line in enumerate(before) if "st.global" in line)
+    last_barrier = max(i for i, line in enumerate(before) if line.startswith("bar.sync"))
+    assert last_store < last_barrier
+    assert any("ld.global.cg" in line for line in lines[atoms[0]:])
+
+
 def test_torch_compile_never_copies_an_operator_input():
     """torch.compile decides from a Triton kernel's TTIR which of its tensors it writes, and clones those first. A
     store through offsets that a helper returned together with a load made it count q, k, v, dO, lse (attention
@@ -125,7 +156,8 @@ def test_torch_compile_never_copies_an_operator_input():
         pytest.skip("this Triton has no driver.set_active for the stand-in driver")
     assert result.returncode == 0, result.stderr[-4000:]
     lines = result.stdout.splitlines()
-    for kernel in ("_score_fwd_kernel", "_score_fwd_rows_kernel", "_text_norm_kernel", "_score_bwd_kernel",
+    for kernel in ("_score_fwd_kernel", "_score_fwd_rows_kernel", "_score_fwd_split_kernel", "_text_norm_kernel",
+                   "_score_bwd_kernel",
                    "_score_bwd_pixel_kernel", "_text_normalize_kernel", "_text_grad_kernel", "_attn_fwd_kernel",
                    "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"):  # fmt: skip
         assert any(f" {kernel} clones " in line for line in lines), (kernel, lines)

@@ -95,8 +95,10 @@ for dtype in (torch.float16, torch.float32):
         full = torch.randn(2, 10, 5, 6, dtype=dtype).contiguous(memory_format=layout)
         tag = f"{dtype} {'nhwc' if layout == torch.channels_last else 'nchw'}"
         check(f"score {tag}", lambda v, t: ops.pixel_text_score_triton(v, t, 2.0), v, t)
-        # the forward's other plans (16-bit maps): the text norms from a launch of their own, the transposed kernel
-        for plan, thresholds in (("TEXT_NORMS_FROM", (None, 0)), ("ROWS_FROM", (0, None))):
+        # the forward's other plans: the text norms from a launch of their own and the transposed kernel (16-bit
+        # maps), the channels split
+        for plan, thresholds in (("TEXT_NORMS_FROM", (None, 0)), ("ROWS_FROM", (0, None)),
+                                 ("SPLIT_C_PER_SM", (None, None, 64))):  # fmt: skip
             with score.forward_plan(*thresholds):
                 check(f"score {plan} {tag}", lambda v, t: ops.pixel_text_score_triton(v, t, 2.0), v, t)
         check(f"concat {tag}", lambda f, v, t: ops.score_concat_triton(f, v, t, 2.0), feature, v, t)

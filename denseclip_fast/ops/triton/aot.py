@@ -176,7 +176,8 @@ ATTENTION_LENGTHS = ((150, 1601), (256, 256))  # (Lq, Lk)
 SMALL_QUERIES = (10, 19)  # a decoder over 10 or 19 classes (Cityscapes): query blocks of 16 and 32 (where the
 # kernel's block is not smaller anyway, e.g. float32 dq's 32: those compiles are the 150 queries', dropped as such)
 # The split forward's (splits, channels per split) at the model's 1024 channels: 4 x 256, the kernels issue's RN50
-# shape (64 programs) at 2 per SM on 132 SMs (the engine's batch-1 call, 8 x 128, specialises the same)
+# shape (128 programs of 32 pixels) at 4 per SM on 132 SMs (2 per SM: 2 x 512; the engine's batch-1 call, 8 x 128:
+# the JIT specialises them all alike)
 SCORE_SPLIT = (4, 256)
 TAIL_CLASSES = (150, 171, 40)  # the rows kernel's tails: 128 + 32, 128 + 64 (the kernels issue's large shape), 32 + 16
 SCORE_CLASSES = (10, 19, 59, 100, 300)  # with 150 every class block of the forward (16, 32, 64, 128, 256; 300:

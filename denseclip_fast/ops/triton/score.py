@@ -636,13 +636,16 @@ ROWS_BLOCKS = (128, 16, 8)  # BLOCK_P, BLOCK_C, warps of the rows kernel (no spi
 #   192 columns instead of 256, a third fewer tensor-core products (at 150, 160 instead of 256). Off until tune_score's
 #   "tail" variants have timed it.
 ROWS_TAIL_K = False
-# - SPLIT_C_PER_SM (any dtype; not with the rows kernel): where the default kernel's grid would have fewer than this
-#   many programs per SM (at SPLIT_BLOCK_P pixels a program), _score_fwd_split_kernel splits the channels, up to
-#   MAX_SPLITS ways (at least one BLOCK_C step each), so that the grid comes near that many. At the kernels issue's
-#   RN50/ADE shape (B16 C1024 16x16 K150: 64 programs, each walking 1024 channels in 32 dependent steps) the default
-#   took 37.5 us in a CUDA graph where the target is 15 (h200_2026-12-04b); the engine's batch-1 call (4 programs)
-#   25.7 us. Costs: a zeroed counter per tile (one fill launch) and K x BLOCK_P float32 products per split and tile
-#   through L2. None (never) until benchmarks/tune_score.py's "split-C" variants have been measured.
+# - SPLIT_C_PER_SM (any dtype; not with the rows kernel): where the default kernel's grid would have at most half
+#   this many programs per SM (at SPLIT_BLOCK_P pixels a program; channel_splits), _score_fwd_split_kernel splits the
+#   channels, up to MAX_SPLITS ways (at least one BLOCK_C step each), so that the grid comes near that many programs
+#   (not that many at once per SM: the generic 16-bit split compiles take 252 registers a thread at 8 warps, one
+#   program per SM; as the JIT specialises the model's maps, 103-138, two). At the kernels issue's RN50/ADE shape
+#   (B16 C1024 16x16 K150: 64 programs, each walking 1024 channels in 32 dependent steps) the default took 37.5 us in
+#   a CUDA graph where the target is 15 (h200_2026-12-04b); the engine's batch-1 call (4 programs) 25.7 us; that too
+#   few programs are the cause is our reading, not a measurement. Costs: a zeroed counter per tile (one fill launch)
+#   and K x BLOCK_P float32 products per split and tile through L2. None (never) until benchmarks/tune_score.py's
+#   "split-C" variants have been measured.
 SPLIT_C_PER_SM: int | None = None
 MAX_SPLITS = 8
 # The split kernel's pixels a program: 32, half the default's, for registers (sm_90, generic arguments: at 64 its
@@ -672,9 +675,10 @@ def forward_plan(
 
 def channel_splits(programs: int, steps: int, sms: int, per_sm: int | None, max_splits: int) -> tuple[int, int]:
     """(splits, BLOCK_C steps per split) of the channels' ``steps`` for a grid of ``programs`` on ``sms`` SMs: one
-    split (all steps) where per_sm is None or the grid has per_sm programs per SM already; otherwise as many splits
-    as bring it nearest that without passing it, at most max_splits and steps (no split without a step)."""
-    if per_sm is None or programs * 2 > per_sm * sms:  # a split of 2 would pass the aim
+    split (all steps) where per_sm is None, where fewer than 2 steps leave nothing to split, or where 2 splits would
+    pass per_sm programs per SM (a grid with more than half of them is not split); otherwise as many splits as bring
+    it nearest that without passing it, at most max_splits and steps (no split without a step)."""
+    if per_sm is None or steps < 2 or programs * 2 > per_sm * sms:
         return 1, steps
     per_split = cdiv(steps, max(1, min(max_splits, steps, per_sm * sms // programs)))
     return cdiv(steps, per_split), per_split
@@ -781,6 +785,11 @@ def _via_nhwc(visual: torch.Tensor) -> bool:
     return c > 1 and h * w > 1 and score_memory_format(visual) == torch.contiguous_format
 
 
+def _tile_counts(tiles: int, device: torch.device) -> torch.Tensor:
+    """The split forward's arrival counters, one int32 per tile, zero (a test presets them)."""
+    return torch.zeros(tiles, dtype=torch.int32, device=device)
+
+
 def score_forward_into(
     out: torch.Tensor, norm: torch.Tensor, visual: torch.Tensor, text: torch.Tensor, scale: float
 ) -> None:
@@ -819,7 +828,7 @@ def score_forward_into(
     if plan.splits > 1:
         tiles = plan.grid[0] * plan.grid[2] * (plan.grid[1] // plan.splits)
         partials = torch.empty(tiles * plan.splits * plan.slot, dtype=torch.float32, device=v.device)
-        counts = torch.zeros(tiles, dtype=torch.int32, device=v.device)
+        counts = _tile_counts(tiles, v.device)
         launch(_score_fwd_split_kernel)[plan.grid](
             v, t, out, norm, t_norm, partials, counts, c, h * w, k, plan.splits, plan.per_split, *strides,
             float(scale), EPS, **plan.constexprs, num_warps=plan.warps,
