@@ -742,12 +742,13 @@ def test_score_tuning_variants_launch_what_their_labels_say(monkeypatch, text_no
     blocks = score.ROWS_BLOCKS
     launched, plans = spy_launches(monkeypatch, score), spy_score_plans(monkeypatch)
     visual = torch.randn(1, 8, 5, 7).to(torch.float16)
-    text = torch.randn(3, 8).to(torch.float16)
+    text = torch.randn(40, 8).to(torch.float16)  # 40 classes could take a tail (32 + 16): these variants take none
     with tune_score.forward_blocks(16, 32, 4, text_norms, rows):
         ops.pixel_text_score(visual, text, backend="triton")
     assert launched == kernels
     (plan,) = plans
     assert (plan.constexprs["BLOCK_P"], plan.constexprs["BLOCK_C"], plan.warps) == (16, 32, 4)
+    assert (plan.constexprs["BLOCK_K"], plan.constexprs.get("BLOCK_K2", 0)) == (64, 0)
     assert (score.ROWS_FROM, score.TEXT_NORMS_FROM, score.ROWS_BLOCKS) == (None, None, blocks)
 
 

@@ -1055,14 +1055,20 @@ def test_triton_score_forward_plans(monkeypatch, dtype, text_batched, layout, k)
 ])  # fmt: skip
 def test_triton_score_rows_kernel_with_a_tail_class_block(monkeypatch, dtype, text_batched, layout, k):
     """score.ROWS_TAIL_K: the rows kernel's classes as a block and a smaller tail block (rows_class_blocks), one
-    program row over all of them: the reference's scores (a zero text row and a zero pixel among them) and the
-    default launch's |v|, for shared and per-image text and every output layout."""
+    program row over all of them: the reference's scores (a zero text row and a zero pixel among them, and a zero
+    text row in the tail) and the default launch's |v|, for shared and per-image text and every output layout;
+    without the switch, the rows kernel's one power-of-two block."""
     from denseclip_fast.ops.triton import score
 
-    case = _plan_case(37, k, layout, text_batched)
+    visual, text, feature, _ = _plan_case(37, k, layout, text_batched)
+    text[..., k - 1, :] = 0  # in the tail: its text norm clamped as the first block's
+    case = visual, text, feature, reference.pixel_text_score(visual, text, 0.7)
     kernels = spy_launches(monkeypatch, score)
     plans = spy_score_plans(monkeypatch)
     default = _plan_forward(case, layout, dtype)
+    with score.forward_plan(0, None):
+        _plan_forward(case, layout, dtype)
+    assert (plans[-1].constexprs["BLOCK_K"], plans[-1].constexprs["BLOCK_K2"]) == (score._blocks(k)[1], 0)
     monkeypatch.setattr(score, "ROWS_TAIL_K", True)  # no cache_clear: the plans' cache key has it
     kernels.clear()
     with score.forward_plan(0, None):
@@ -1072,6 +1078,7 @@ def test_triton_score_rows_kernel_with_a_tail_class_block(monkeypatch, dtype, te
     blocks = plan.constexprs["BLOCK_K"], plan.constexprs["BLOCK_K2"]
     assert blocks == {150: (128, 32), 171: (128, 64), 40: (32, 16)}[k] and plan.grid[1] == 1, plan
     _check_plan(out, norm, default, case[3], dtype, k)
+    assert (out[:, k - 1] == 0).all()
     # the rule: a tail only where it covers k in fewer columns than one power of two, and k fits one block
     assert [score.rows_class_blocks(n, True) for n in (1, 16, 17, 24, 100, 129, 200, 256, 300)] == [
         (16, 0), (16, 0), (32, 0), (32, 0), (128, 0), (128, 16), (256, 0), (256, 0), (256, 0)]  # fmt: skip

@@ -283,7 +283,9 @@ def _score_fwd_rows_kernel(
     interpreter's bfloat16 takes them).
     BLOCK_K2 > 0 (ROWS_TAIL_K; one class block, K <= BLOCK_K + BLOCK_K2): the classes past BLOCK_K in a second, smaller
     block with an accumulator and text tile of its own, the visual operand shared: 150 classes as 128 + 32 columns of
-    products instead of 256, 171 as 128 + 64."""
+    products instead of 256, 171 as 128 + 64. (Compiled for sm_90, the two wgmmas then overlap the next channel step,
+    one group in flight where the one-block kernel waits for all: the register operand is rewritten only after the
+    wait that retires it. aot.wgmma_operand_races checks shared-memory operands only; ptxas guards the registers.)"""
     tl.static_assert(TEXT_NORMS, "the rows kernel reads the text norms")
     pid_k, b, offs_p, mask_p, offs_k, mask_k = _forward_program(P, K, BLOCK_P, BLOCK_K, WIDE)
     acc = tl.zeros((BLOCK_P, BLOCK_K), dtype=tl.float32)
@@ -633,8 +635,8 @@ TEXT_NORMS_FROM: int | None = None
 ROWS_BLOCKS = (128, 16, 8)  # BLOCK_P, BLOCK_C, warps of the rows kernel (no spill on sm_90, Triton 3.6 and 3.8)
 # - ROWS_TAIL_K: the rows kernel's classes as two blocks, a power of two and a smaller tail (rows_class_blocks), where
 #   they cover K in fewer columns of products than one power of two: at the kernels issue's large shape (171 classes)
-#   192 columns instead of 256, a third fewer tensor-core products (at 150, 160 instead of 256). Off until tune_score's
-#   "tail" variants have timed it.
+#   192 columns instead of 256, a quarter fewer tensor-core products (at 150, 160 instead of 256). Off until
+#   tune_score's "rows tail" variants have timed it.
 ROWS_TAIL_K = False
 # - SPLIT_C_PER_SM (any dtype; not with the rows kernel): where the default kernel's grid would have at most half
 #   this many programs per SM (at SPLIT_BLOCK_P pixels a program; channel_splits), _score_fwd_split_kernel splits the
