@@ -125,6 +125,39 @@ def _graph_time(fn: Callable[[], object], device: torch.device) -> float | None:
 Timer = Callable[[Callable[[], object], torch.device], tuple[float, float, float]]  # _time's signature
 
 
+def op_parser(description: str | None) -> argparse.ArgumentParser:
+    """The op-by-op benchmarks' command line (bench_resample, bench_pyramid): --batches, --out, --tag."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batches", nargs="+", type=int)
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    parser.add_argument("--tag", help="file name tag (default: cpu_smoke, or the GPU's name)")
+    return parser
+
+
+def contestant_table(rows: list[dict], flops: bool = False) -> list[str]:
+    """The op-by-op benchmarks' table of :func:`time_contestants`' rows: median and graph ms, TB/s (the row's bytes
+    over the graph time, the median without one) and its share of HBM_BYTES_PER_S; with ``flops`` also TFLOP/s (the
+    row's flops, "-" where 0) and its share of PEAK_FLOPS_16BIT; a failed contestant's error."""
+    extra = " TFLOP/s | of 790 |" if flops else ""
+    lines = [f"| case | shape | contestant | median ms | graph ms | TB/s | of 4.8 TB/s |{extra}",
+             "| --- " * (9 if flops else 7) + "|"]  # fmt: skip
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['case']} | {r['shape']} | {r['contestant']} | failed: {r['error']} | | |"
+                         + (" | | |" if flops else " |"))  # fmt: skip
+            continue
+        t = (r["graph_ms"] if r["graph_ms"] is not None else r["median_ms"]) * 1e-3
+        rate = r["bytes"] / t
+        graph = f"{r['graph_ms']:.4f}" if r["graph_ms"] is not None else "-"
+        line = (f"| {r['case']} | {r['shape']} | {r['contestant']} | {r['median_ms']:.4f} | {graph} | "
+                f"{rate / 1e12:.2f} | {rate / HBM_BYTES_PER_S:.0%} |")  # fmt: skip
+        if flops:
+            rate_f = r["flops"] / t
+            line += f" {rate_f / 1e12:.1f} | {rate_f / PEAK_FLOPS_16BIT:.1%} |" if r["flops"] else " - | - |"
+        lines.append(line)
+    return lines
+
+
 def time_contestants(results: Results, row: dict, contestants: dict[str, Callable[[], object]], device: torch.device,
                      timer: Timer) -> None:  # fmt: skip
     """A row per contestant (``row``'s fields, its name, and its median/min/max ms by ``timer`` and graph ms by

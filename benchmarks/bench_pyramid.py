@@ -19,7 +19,6 @@ timing worth reading).
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import typing
@@ -31,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from torch import nn  # noqa: E402
 
-from benchmarks.bench_ops import HBM_BYTES_PER_S, PEAK_FLOPS_16BIT, _time, time_contestants  # noqa: E402
+from benchmarks.bench_ops import _time, contestant_table, op_parser, time_contestants  # noqa: E402
 from benchmarks.common import Results  # noqa: E402
 from benchmarks.common import environment as common_environment  # noqa: E402
 from denseclip_fast.engine import cuda_convt, cuda_group_norm  # noqa: E402
@@ -99,28 +98,12 @@ def markdown(env: dict, rows: list[dict]) -> str:
              "graph ms: the call captured in a CUDA graph and replayed; TB/s: the bytes the case must move (inputs "
              "and weights read once, output written once) over the graph time; TFLOP/s: the transposed "
              "convolutions' multiply-adds (x2) over it (the plain time on a CPU: a smoke run, channels and sides / "
-             "8).", "",
-             "| case | shape | contestant | median ms | graph ms | TB/s | of 4.8 TB/s | TFLOP/s | of 790 |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
-    for r in rows:
-        if "error" in r:
-            lines.append(f"| {r['case']} | {r['shape']} | {r['contestant']} | failed: {r['error']} | | | | | |")
-            continue
-        t = (r["graph_ms"] if r["graph_ms"] is not None else r["median_ms"]) * 1e-3
-        rate, flops = r["bytes"] / t, r["flops"] / t
-        graph = f"{r['graph_ms']:.4f}" if r["graph_ms"] is not None else "-"
-        compute = f"{flops / 1e12:.1f} | {flops / PEAK_FLOPS_16BIT:.1%}" if r["flops"] else "- | -"
-        lines.append(f"| {r['case']} | {r['shape']} | {r['contestant']} | {r['median_ms']:.4f} | {graph} | "
-                     f"{rate / 1e12:.2f} | {rate / HBM_BYTES_PER_S:.0%} | {compute} |")  # fmt: skip
+             "8).", "", *contestant_table(rows, flops=True)]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batches", nargs="+", type=int)
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-    parser.add_argument("--tag", help="file name tag (default: cpu_smoke, or the GPU's name)")
-    args = parser.parse_args(argv)
+    args = op_parser(__doc__).parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gpu = device.type == "cuda"
     if not gpu:  # the smoke run goes through the rewrites' code, as a GPU's would

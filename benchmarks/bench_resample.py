@@ -29,7 +29,6 @@ tiny shapes under Triton's interpreter, a smoke run (no timing worth reading).
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from collections.abc import Callable
@@ -43,7 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch.nn.functional as F  # noqa: E402
 
-from benchmarks.bench_ops import HBM_BYTES_PER_S, _time, time_contestants  # noqa: E402
+from benchmarks.bench_ops import _time, contestant_table, op_parser, time_contestants  # noqa: E402
 from benchmarks.common import Results  # noqa: E402
 from benchmarks.common import environment as common_environment  # noqa: E402
 from denseclip_fast.ops.triton import labels, resample  # noqa: E402
@@ -220,26 +219,12 @@ def markdown(env: dict, rows: list[dict]) -> str:
              f"torch {env['torch']}, triton {env['triton']}. Median ms by triton.testing.do_bench (L2 flushed); "
              "graph ms: the call captured in a CUDA graph and replayed; TB/s: the bytes the case must move (inputs "
              "read once, output written once) over the graph time (the plain time on a CPU, where the kernels run "
-             "under Triton's interpreter: a smoke run).", "",
-             "| case | shape | contestant | median ms | graph ms | TB/s | of 4.8 TB/s |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
-    for r in rows:
-        if "error" in r:
-            lines.append(f"| {r['case']} | {r['shape']} | {r['contestant']} | failed: {r['error']} | | | |")
-            continue
-        t = r["graph_ms"] if r["graph_ms"] is not None else r["median_ms"]
-        rate = r["bytes"] / (t * 1e-3) / 1e12
-        graph = f"{r['graph_ms']:.4f}" if r["graph_ms"] is not None else "-"
-        lines.append(f"| {r['case']} | {r['shape']} | {r['contestant']} | {r['median_ms']:.4f} | {graph} | "
-                     f"{rate:.2f} | {rate * 1e12 / HBM_BYTES_PER_S:.0%} |")  # fmt: skip
+             "under Triton's interpreter: a smoke run).", "", *contestant_table(rows)]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batches", nargs="+", type=int)
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-    parser.add_argument("--tag", help="file name tag (default: cpu_smoke, or the GPU's name)")
+    parser = op_parser(__doc__)
     parser.add_argument("--no-sweep", action="store_true", help="on a GPU, time the logits resize with the default "
                         "tiling and two others only (36 tilings otherwise)")  # fmt: skip
     args = parser.parse_args(argv)
