@@ -83,7 +83,12 @@ def _visual_offsets(b, offs_c, offs_p, C, P, s_vb, s_vc, s_vp):
 def _forward_program(P, K, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, WIDE: tl.constexpr):
     """The forwards' program: (class block, image, its pixels and their mask, its classes and their mask), from its
     grid position (pixel block, class block, image)."""
-    pid_k = tl.program_id(1)
+    return _program_of(tl.program_id(1), P, K, BLOCK_P, BLOCK_K, WIDE)
+
+
+@triton.jit
+def _program_of(pid_k, P, K, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, WIDE: tl.constexpr):
+    """_forward_program's tuple for class block ``pid_k`` (the split forward's grid row holds its splits too)."""
     offs_p = _index(tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P), WIDE)
     offs_k = _index(pid_k * BLOCK_K + tl.arange(0, BLOCK_K), WIDE)
     return pid_k, tl.program_id(2).to(tl.int64), offs_p, offs_p < P, offs_k, offs_k < K
@@ -213,14 +218,8 @@ def _score_fwd_split_kernel(
     split order (the same sum whichever arrives last) and writes the scores and |v| as _score_fwd_kernel does.
     Ordering: a CTA barrier after the slot's stores, then one thread's acq_rel atomic (the release covers the CTA's
     stores, as CUTLASS's semaphore), and the slots read from L2 (.cg) after the acquire."""
-    pid_p = tl.program_id(0)
-    pid_k = tl.program_id(1) // splits
-    split = tl.program_id(1) % splits
-    b = tl.program_id(2).to(tl.int64)
-    offs_p = _index(pid_p * BLOCK_P + tl.arange(0, BLOCK_P), WIDE)
-    offs_k = _index(pid_k * BLOCK_K + tl.arange(0, BLOCK_K), WIDE)
-    mask_p = offs_p < P
-    mask_k = offs_k < K
+    pid_k, b, offs_p, mask_p, offs_k, mask_k = _program_of(tl.program_id(1) // splits, P, K, BLOCK_P, BLOCK_K, WIDE)
+    pid_p, split = tl.program_id(0), tl.program_id(1) % splits
     c_begin = split * per_split
     acc, v_sq, t_sq = _products(v_ptr, t_ptr, b, offs_p, offs_k, mask_k, c_begin, tl.minimum(c_begin + per_split, C),
                                 C, P, s_vb, s_vc, s_vp, s_tb, s_tk, s_tc, BLOCK_P, BLOCK_K, BLOCK_C, DOT_F32, WIDE,
