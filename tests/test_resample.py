@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import denseclip_fast as dcf
 from denseclip_fast.engine import cuda_resample
-from denseclip_fast.engine.segmenter import resized
+from denseclip_fast.engine.segmenter import resized, resized_through
 from denseclip_fast.model.heads import Upsample2x
 from denseclip_fast.ops.triton import resample
 
@@ -210,6 +210,31 @@ def test_resized_takes_the_kernel_where_usable(monkeypatch):
     assert got.dtype == torch.float32 and got.is_contiguous() and into.data_ptr() == buffer.data_ptr()
     torch.testing.assert_close(got, plain, rtol=1e-6, atol=1e-6)
     assert torch.equal(into, got)
+
+
+def test_resized_through_reads_the_scores_as_they_are(monkeypatch):
+    """The logits' finish on a device the kernels serve: the first resize reads the head's bfloat16 NHWC map itself
+    (no float32 copy made first, which the engine had made before every logits call), a second one the float32
+    planes of the first; the same values as resizing a float32 NCHW copy (the bfloat16 values convert exactly) and,
+    within float32 rounding, as the plain path; an empty map and no size at all keep the copy."""
+    scores = _map(2, 5, 6, 7, torch.bfloat16, "nhwc", seed=10)
+    plain = resized_through(scores, (13, 17), (9, 11))
+    _with_kernels_here(monkeypatch)
+    calls = []
+    real = resample.bilinear_into
+    monkeypatch.setattr(resample, "bilinear_into", lambda out, x: calls.append(x) or real(out, x))
+    got = resized_through(scores, (13, 17), (9, 11))
+    assert len(calls) == 2 and calls[0] is scores
+    assert calls[1].dtype == torch.float32 and calls[1].shape == (2, 5, 13, 17) and calls[1].is_contiguous()
+    assert got.dtype == torch.float32 and got.shape == (2, 5, 9, 11) and got.is_contiguous()
+    copied = scores.to(torch.float32, memory_format=torch.contiguous_format)
+    assert torch.equal(got, resized_through(copied, (13, 17), (9, 11)))
+    torch.testing.assert_close(got, plain, rtol=1e-6, atol=1e-6)
+    calls.clear()
+    same = resized_through(scores)
+    assert not calls and same.dtype == torch.float32 and same.is_contiguous() and torch.equal(same, copied)
+    empty = resized_through(scores[:0], (13, 17))
+    assert not calls and empty.shape == (0, 5, 13, 17) and empty.dtype == torch.float32
 
 
 def test_swap_resamplings_keeps_the_model_function(monkeypatch):

@@ -229,11 +229,17 @@ def resized_gradient(grad: torch.Tensor, size: tuple[int, int], memory_format: t
     return typing.cast(torch.Tensor, _kernels().bilinear_backward(grad, (n, c, *size), memory_format))
 
 
+def planes_usable(scores: torch.Tensor) -> bool:
+    """Whether :func:`resize_planes` resizes ``scores`` by the Triton kernel (into a buffer of its own): a non-empty
+    (N, C, h, w) map it may take (:func:`usable`)."""
+    return scores.dim() == 4 and scores.numel() > 0 and usable(scores)
+
+
 def resize_planes(scores: torch.Tensor, size: tuple[int, int], out: torch.Tensor | None = None) -> torch.Tensor | None:
     """``scores`` (N, C, h, w) resized bilinearly (align_corners=False) to float32 (N, C, H, W) NCHW planes by the
     Triton kernel, reading scores in their own dtype and layout, into ``out`` (N*C*H*W float32 values) when given;
     None (nothing allocated or written) where the kernel does not apply."""
-    if scores.dim() != 4 or scores.numel() == 0 or not usable(scores):
+    if not planes_usable(scores):
         return None
     if out is not None and not plain_tensors(torch.float32, DEVICE_TYPES, out):
         return None
@@ -245,8 +251,8 @@ def resize_planes(scores: torch.Tensor, size: tuple[int, int], out: torch.Tensor
 
 def labels_usable(scores: torch.Tensor) -> bool:
     """Whether predict's last resize and argmax over the classes of ``scores`` (N, K, h, w) may be one pass of the
-    fused kernel (:func:`resize_argmax_`): where the resize kernel is :func:`usable`."""
-    return scores.dim() == 4 and scores.numel() > 0 and usable(scores)
+    fused kernel (:func:`resize_argmax_`): where the resize kernel takes them (:func:`planes_usable`)."""
+    return planes_usable(scores)
 
 
 def resize_argmax_(scores: torch.Tensor, best: torch.Tensor, index: torch.Tensor, first: int) -> None:

@@ -150,9 +150,13 @@ def unchanged_by_resize(scores: torch.Tensor, size: Size) -> bool:
 
 def resized_through(scores: torch.Tensor, *sizes: Size) -> torch.Tensor:
     """A finish (see Segmenter._each_group): ``scores`` resized to each of ``sizes`` in turn, float32 NCHW (as
-    they are, in float32 NCHW, with no size; a resize that would change nothing skipped: unchanged_by_resize)."""
-    scores = resized(scores, None)
+    they are, in float32 NCHW, with no size; a resize that would change nothing skipped: unchanged_by_resize). Where
+    the GPU's Triton kernel takes the first resize (:func:`resized`), it reads the scores in their own dtype and
+    layout (the head's bfloat16 NHWC map): no float32 copy of them is made first."""
     pairs = [(int(h), int(w)) for h, w in sizes]
+    if pairs and cuda_resample.planes_usable(scores):
+        scores, pairs = resized(scores, pairs[0]), pairs[1:]
+    scores = resized(scores, None)
     # on a CPU the last resizes that the extension's kernel serves (usually all) in one pass of it (cpu_labels.resize:
     # no planes at the sizes before the last, a uint8 photo's network-size logits among them); ATen's values
     # (asked only untraced: the kernel's probe runs ops a tracer cannot follow)
@@ -489,9 +493,10 @@ class Segmenter:
     def _encode_decode(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 3, h, w) -> (N, K, h, w) float32 logits in a new tensor (slide mode's windows; whole mode leaves the
         resize to its finish: see _run). The bilinear resize to the input size runs outside the captured graph,
-        from the small logits cast to float32: the full-size logits are written once, in float32 (no half-precision
-        full-size copy written, read back and converted), they never alias the graph's output buffer (which the
-        next replay overwrites), and the resize is in float32 as the official model's."""
+        from the small logits (read in their dtype and layout by the GPU's Triton kernel, cast to float32 first
+        elsewhere: resized): the full-size logits are written once, in float32 (no half-precision full-size copy
+        written, read back and converted), they never alias the graph's output buffer (which the next replay
+        overwrites), and the resize is in float32 as the official model's."""
         small = self._graphs(x)
         return resized(small, x.shape[2:])
 
