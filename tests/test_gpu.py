@@ -270,6 +270,25 @@ def test_engine_rejects_non_finite_cuda_batches_after_the_forward():
     assert torch.equal(seg.logits(x), expected) and seg.captured_graphs == 1
 
 
+def test_engine_returns_before_its_forward_is_done():
+    """With the finite check on, a CUDA call waits for the scan's verdict (copied to pinned memory), not for its
+    own forward: a forward that starts with a long sleep on the GPU is still running when logits returns (a read of
+    the GPU flag itself would have waited for it), and its result is right once the stream is done."""
+    from denseclip_fast import DenseCLIP, Segmenter
+
+    model = randomized(DenseCLIP(heads_of_16(tiny_config("resnet")), NAMES)).eval()
+    seg = Segmenter(model, device="cuda", dtype=torch.float32, cuda_graphs=False)
+    x = torch.randn(1, 3, 64, 64, device="cuda")
+    expected = seg.logits(x)
+    forward = seg._graphs.fn
+    seg._graphs.fn = lambda images: (torch.cuda._sleep(1 << 30), forward(images))[1]  # ~0.5 s of GPU time
+    torch.cuda.synchronize()
+    got = seg.logits(x)
+    assert not torch.cuda.current_stream().query()  # the sleep and the forward still queued
+    torch.cuda.synchronize()
+    assert torch.equal(got, expected)
+
+
 def test_threads_on_their_own_streams_share_a_segmenter():
     """Threads that take turns with the lock but queue their work on streams of their own: each call's GPU work
     follows the previous call's (an event), so no replay overwrites the static buffers another call still reads.

@@ -39,7 +39,7 @@ import itertools
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Literal, NoReturn
+from typing import Any, Literal, NamedTuple, NoReturn
 
 import numpy as np
 import torch
@@ -323,6 +323,32 @@ def no_tf32(active: bool = True) -> Iterator[None]:
                 _set_tf32(_tf32_saved)
 
 
+class FiniteVerdict(NamedTuple):
+    """A float batch's finite check (Segmenter._batch): ``flag``, a bool scalar, and for a GPU batch ``ready``, an
+    event recorded on the scan's stream once the flag's copy to pinned host memory is queued (:meth:`sent`). Reading
+    it waits for that event, which the scan reaches before the forward queued after it: the call returns without
+    waiting for its own forward (the previous call's work on that stream, queued before the scan, is waited for), as
+    a plain PyTorch call returns. Reading the GPU flag itself (``bool``) would wait for the whole stream."""
+
+    flag: torch.Tensor
+    ready: Any  # torch.cuda.Event, or None where the flag is on the host already
+
+    @staticmethod
+    def sent(flag: torch.Tensor) -> FiniteVerdict:
+        """The GPU ``flag`` copied to pinned host memory (asynchronously) and an event after that copy."""
+        host = torch.empty((), dtype=torch.bool, pin_memory=True)
+        host.copy_(flag, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record(torch.cuda.current_stream(flag.device))
+        return FiniteVerdict(host, ready)
+
+    def finite(self) -> bool:
+        """The verdict (waiting for the copy where it is one)."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        return bool(self.flag)
+
+
 class Segmenter:
     """Serve segmentation with a DenseCLIP model.
 
@@ -344,8 +370,9 @@ class Segmenter:
             past it; 1e39 in a float64 batch turned infinite in the cast to float32, 7e4 in float16, and 1e20
             overflowed inside the network, the logits NaN), with a ValueError. A
             batch on the CPU is checked before the forward; a batch on a GPU is scanned on the GPU and its verdict
-            read after the forward is queued (one synchronisation per call, at its end, and no idle gap before the
-            forward); a pipeline that vouches for its inputs turns it off to keep the CPU ahead of the GPU.
+            (copied to page-locked memory) read after the forward is queued: the call waits for the scan, not for
+            its forward (no idle gap before the forward, and the host one call ahead of the GPU at most); a pipeline
+            that vouches for its inputs turns it off to keep the CPU further ahead.
         windows_per_batch: slide mode: at most this many windows (each holding one crop per image of the batch) go
             through one forward; None (the default): all of them at once, fastest, with memory growing with the
             window count (a small stride on a large image makes thousands). The logits are the same either way (to
@@ -546,10 +573,10 @@ class Segmenter:
 
     # ------------------------------------------------------------------ public API
 
-    def _batch(self, images: Any) -> tuple[ImageBatch, torch.Tensor | None]:
+    def _batch(self, images: Any) -> tuple[ImageBatch, FiniteVerdict | None]:
         """``images`` checked (as_batch) and, with check_finite, a float batch scanned for NaN and infinities: a CPU
-        batch is refused here, before any work; for a GPU batch the scan's flag is returned, for
-        ``_finite_or_raise`` to read once the forward is queued (no idle round trip before it)."""
+        batch is refused here, before any work; a GPU batch's verdict is on its way to the host (FiniteVerdict),
+        for ``_finite_or_raise`` to read once the forward is queued (no idle round trip before it)."""
         batch = as_batch(images)
         self._check_sizes(batch)
         if not self.check_finite or batch.normalized is None:
@@ -560,9 +587,9 @@ class Segmenter:
             low, high = torch.aminmax(x)
             finite = (low >= -MAX_INPUT) & (high <= MAX_INPUT)
         if x.device.type == "cpu":
-            self._finite_or_raise(finite)
+            self._finite_or_raise(FiniteVerdict(finite, None))
             return batch, None
-        return batch, finite
+        return batch, FiniteVerdict.sent(finite)
 
     def _check_sizes(self, batch: ImageBatch) -> None:
         """Images the network can take: at least MIN_IMAGE_SIDE pixels a side as they enter it (uint8 images
@@ -574,8 +601,8 @@ class Segmenter:
         for i, image in enumerate(batch.raw):
             check_test_image_size(image.shape[:2], self.model.config.test_scale, f"images[{i}]")
 
-    def _finite_or_raise(self, flag: torch.Tensor | None) -> None:
-        if flag is not None and not bool(flag):
+    def _finite_or_raise(self, verdict: FiniteVerdict | None) -> None:
+        if verdict is not None and not verdict.finite():
             raise ValueError(f"images contain NaN or infinite values, or values past ±{MAX_INPUT:g}: a float batch "
                              "is CLIP-normalised (0..255 RGB through preprocess.normalize lies within -1.8..2.2); "
                              "pass 0..255 pixels as uint8 images, which the engine normalises, or through "
