@@ -148,6 +148,43 @@ def test_labels_takes_the_fused_kernel_where_usable(monkeypatch):
     assert torch.equal(segmenter.labels(x, (7, 9)), segmenter.labels(x, (7, 9), fused=False)) and not calls
 
 
+def test_a_copying_device_skips_resizes_to_the_same_size(monkeypatch):
+    """On a device whose ATen resize to a map's own size is a copy (CUDA's; this CPU stands in for one), a resize
+    to the size before it is skipped whatever the values: predict of a uint8 image at the network's size makes its
+    labels from the head's map in one fused pass (no planes at the network's size), logits resize once, and both
+    equal the single resize's results bit for bit, NaN and infinity included (the Triton resize to the same size
+    would have spread NaN to their neighbours)."""
+    x = _scores(2, 6, 3, 4, torch.bfloat16, "nhwc", seed=6)  # (a NaN and an infinity among them)
+    monkeypatch.setattr(cuda_resample, "DEVICE_TYPES", (DEVICE,))
+    once_logits, once_labels = segmenter.resized_through(x, (7, 9)), segmenter.labels(x, (7, 9))
+    twice = segmenter.resized_through(x, (7, 9), (7, 9))  # the second resize made: more NaN around the infinity
+    assert twice.isnan().sum() > once_logits.isnan().sum()
+    fused, planes = [], []
+    real_fused, real_planes = labels.bilinear_argmax_, resample.bilinear_into
+    monkeypatch.setattr(labels, "bilinear_argmax_", lambda s, *a: fused.append(s) or real_fused(s, *a))
+    monkeypatch.setattr(resample, "bilinear_into", lambda out, s: planes.append(s) or real_planes(out, s))
+    monkeypatch.setattr(segmenter, "COPYING_DEVICES", (DEVICE,))
+    for sizes in (((7, 9), (7, 9)), ((3, 4), (7, 9), (7, 9), (7, 9))):
+        fused.clear(), planes.clear()
+        assert torch.equal(segmenter.labels(x, *sizes), once_labels), sizes
+        assert len(fused) == 1 and fused[0].data_ptr() == x.data_ptr() and fused[0].dtype == x.dtype, sizes
+        assert not planes, sizes
+        fused.clear()
+        got = segmenter.resized_through(x, *sizes)
+        assert len(planes) == 1 and planes[0] is x and not fused, sizes
+        assert torch.equal(got.isnan(), once_logits.isnan()), sizes
+        assert torch.equal(got.nan_to_num(), once_logits.nan_to_num()), sizes
+    planes.clear()
+    same = segmenter.resized_through(x, (3, 4))  # no resize left: the scores as float32 NCHW
+    assert not planes and same.dtype == torch.float32 and same.is_contiguous()
+    assert torch.equal(same.nan_to_num(), x.float().nan_to_num()) and torch.equal(same.isnan(), x.isnan())
+    assert torch.equal(segmenter.labels(x, (3, 4)), x.float().max(dim=1).indices) and not fused
+    monkeypatch.setattr(segmenter, "COPYING_DEVICES", ())
+    planes.clear()
+    segmenter.resized_through(x, (7, 9), (7, 9))
+    assert len(planes) == 2  # not a copying device: each resize made
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_fused_labels_on_cuda_equal_the_resize_kernel_argmax(dtype):

@@ -136,13 +136,24 @@ def resized(scores: torch.Tensor, size: Any, out: torch.Tensor | None = None) ->
     return out.view(n, c, height, width)
 
 
+# devices whose ATen bilinear resize to a map's own size copies it (CUDA's kernel does that first, whatever the
+# values): a resize there to the size the scores have is skipped without looking at them (see unchanged_by_resize)
+COPYING_DEVICES = ("cuda",)
+
+
 def unchanged_by_resize(scores: torch.Tensor, size: Size) -> bool:
     """Whether resizing ``scores`` to ``size`` would give them back as they are, bit for bit, so that it can be
-    skipped: on a CPU, to their own size, all finite. ATen's bilinear resize to the same size returns finite values
-    unchanged (negative zeros too: test_engine checks it) and turns an infinity into NaN. A photo of the test
-    scale's size (ADE20K's 683x512 images at (2048, 512)) is resized to its own size after the network; that took
-    longer than the resize before it (one reduction, no copy, instead)."""
-    if scores.device.type != "cpu" or tuple(scores.shape[2:]) != tuple(size):
+    skipped: to their own size, on a device whose ATen resize copies them then (COPYING_DEVICES), or on a CPU when
+    all are finite. ATen's CPU bilinear resize to the same size returns finite values unchanged (negative zeros too:
+    test_engine checks it) and turns an infinity into NaN; its CUDA resize copies (the Triton kernel, which would
+    also turn an infinity's neighbours into NaN and a negative zero into zero, is not launched for it). A photo of
+    the test scale's size (ADE20K's 683x512 images at (2048, 512)) is resized to its own size after the network; on
+    a CPU that took longer than the resize before it (one reduction, no copy, instead)."""
+    if tuple(scores.shape[2:]) != tuple(size):
+        return False
+    if scores.device.type in COPYING_DEVICES:
+        return True
+    if scores.device.type != "cpu":
         return False
     low, high = torch.aminmax(scores)  # NaN passes on: not finite
     return bool(low.isfinite() & high.isfinite())
@@ -153,7 +164,7 @@ def resized_through(scores: torch.Tensor, *sizes: Size) -> torch.Tensor:
     they are, in float32 NCHW, with no size; a resize that would change nothing skipped: unchanged_by_resize). Where
     the GPU's Triton kernel takes the first resize (:func:`resized`), it reads the scores in their own dtype and
     layout (the head's bfloat16 NHWC map): no float32 copy of them is made first."""
-    pairs = [(int(h), int(w)) for h, w in sizes]
+    pairs = list(_without_copies(scores, [(int(h), int(w)) for h, w in sizes]))
     if pairs and cuda_resample.planes_usable(scores):
         scores, pairs = resized(scores, pairs[0]), pairs[1:]
     scores = resized(scores, None)
@@ -170,6 +181,21 @@ def resized_through(scores: torch.Tensor, *sizes: Size) -> torch.Tensor:
         if cpu_labels.resize_usable(scores, fused):
             return cpu_labels.resize(scores, fused)
     return _resized_in_turn(scores, rest)
+
+
+def _without_copies(scores: torch.Tensor, sizes: Sequence[Size]) -> tuple[Size, ...]:
+    """``sizes`` without the resizes to the size before them (the scores' own before the first) where the scores'
+    device resizes to the same size by a copy (COPYING_DEVICES): skipped, they change nothing whatever the values,
+    and the resize before them (or none) is the last; elsewhere ``sizes`` as they are."""
+    if scores.device.type not in COPYING_DEVICES:
+        return tuple(sizes)
+    before = tuple(scores.shape[2:])
+    kept = []
+    for size in sizes:
+        if tuple(size) != before:
+            kept.append(size)
+        before = tuple(size)
+    return tuple(kept)
 
 
 def _resized_in_turn(scores: torch.Tensor, sizes: Sequence[Size]) -> torch.Tensor:
@@ -211,10 +237,10 @@ def labels(scores: torch.Tensor, *sizes: Size, fused: bool = True) -> torch.Tens
     copy) and makes the resize kernel's values: a normalised batch's labels straight from the head's map."""
     if scores.dim() != 4 or scores.shape[1] == 0:  # argmax over no class has no answer
         raise ValueError(f"labels: scores must be (N, K, h, w) with K >= 1, got shape {tuple(scores.shape)}")
+    sizes = _without_copies(scores, tuple((int(h), int(w)) for h, w in sizes))
     if not sizes:
         return resized(scores, None).max(dim=1).indices
     n, k, height, width = scores.shape
-    sizes = tuple((int(h), int(w)) for h, w in sizes)
     cpu = scores.device.type == "cpu"
     # the Triton kernels (a GPU's; tests serve a CPU's by the interpreter), which read any dtype and layout
     triton_kernels = fused and cuda_resample.labels_usable(scores)
