@@ -11,6 +11,7 @@ opencv-python 4.5.5, 4.14 and 5.0 on random sizes, up and down).
 from __future__ import annotations
 
 import contextlib
+import functools
 import numbers
 import os
 from collections.abc import Iterator, Sequence
@@ -239,6 +240,31 @@ def _linear_taps(src: int, dst: int, device: torch.device, clamp_weight: bool) -
     return first.clamp(0, src - 1), (first + 1).clamp(0, src - 1), w0, w1
 
 
+# the taps of this many (source size, output size, axis, device, stream) kept (:func:`_kept_taps`)
+TAPS_KEPT = 64
+
+
+def _kept_taps(src: int, dst: int, device: torch.device, clamp_weight: bool) -> tuple[torch.Tensor, ...]:
+    """:func:`_linear_taps`, made once per sizes, axis, device and (on a GPU) current stream: about fifteen small
+    launches an axis that every uint8 batch of a size repeated (the engine's preprocessing, outside its CUDA graph).
+    The same tensors, never written by their users; made outside inference mode (an inference tensor would refuse
+    some uses outside it) and on the stream that reads them, so that the caching allocator never hands their memory
+    to another stream while its work still reads them (a kept tensor is freed only when TAPS_KEPT newer ones have
+    pushed it out). Not kept where the call is traced or recorded (intercepted)."""
+    from .model.layers import intercepted
+
+    if intercepted():  # a tracer's or a dispatch mode's tensors are not kept for later calls
+        return _linear_taps(src, dst, device, clamp_weight)
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    return _taps_of(src, dst, device, stream, clamp_weight)
+
+
+@functools.lru_cache(maxsize=TAPS_KEPT)
+def _taps_of(src: int, dst: int, device: torch.device, stream: int, clamp_weight: bool) -> tuple[torch.Tensor, ...]:
+    with torch.inference_mode(False), torch.no_grad():
+        return _linear_taps(src, dst, device, clamp_weight)
+
+
 def resize_bilinear_uint8(
     x: torch.Tensor, size: Sequence[int], window: tuple[int, int, int, int] | None = None
 ) -> torch.Tensor:
@@ -265,15 +291,17 @@ def resize_bilinear_uint8(
         x = x.round().clamp(0, 255).to(torch.uint8) if x.is_floating_point() else x.clamp(0, 255).to(torch.uint8)
     if (height, width) == tuple(x.shape[2:]):
         return x[:, :, top : top + out_h, left : left + out_w].float()  # cv2.resize copies an image of the same size
-    c0, c1, a0, a1 = (t[left : left + out_w] for t in _linear_taps(x.shape[3], width, x.device, clamp_weight=True))
-    r0, r1, b0, b1 = (t[top : top + out_h] for t in _linear_taps(x.shape[2], height, x.device, clamp_weight=False))
+    c0, c1, a0, a1 = (t[left : left + out_w] for t in _kept_taps(x.shape[3], width, x.device, clamp_weight=True))
+    r0, r1, b0, b1 = (t[top : top + out_h] for t in _kept_taps(x.shape[2], height, x.device, clamp_weight=False))
     # the source rows a window reads (the taps are monotonic; reading them syncs a GPU, so only for a window)
     first, last = (int(r0[0]), int(r1[-1])) if window is not None else (0, x.shape[2] - 1)
     hwc = x[:, :, first : last + 1].permute(0, 2, 3, 1).contiguous()
     rows = hwc.index_select(2, c0).to(torch.int32).mul_(a0.view(-1, 1))  # (B, rows, out_w, C), up to 255 * 2048
     rows.addcmul_(hwc.index_select(2, c1).to(torch.int32), a1.view(-1, 1)).bitwise_right_shift_(4)
-    upper = rows.index_select(1, r0 - first).mul_(b0.view(-1, 1, 1)).bitwise_right_shift_(16)
-    lower = rows.index_select(1, r1 - first).mul_(b1.view(-1, 1, 1)).bitwise_right_shift_(16)
+    if first:  # (rows from the window's first source row on)
+        r0, r1 = r0 - first, r1 - first
+    upper = rows.index_select(1, r0).mul_(b0.view(-1, 1, 1)).bitwise_right_shift_(16)
+    lower = rows.index_select(1, r1).mul_(b1.view(-1, 1, 1)).bitwise_right_shift_(16)
     return upper.add_(lower).add_(2).bitwise_right_shift_(2).permute(0, 3, 1, 2).float()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -281,6 +282,34 @@ def test_resize_bilinear_uint8_is_opencv_bit_for_bit():
         assert out.dtype == torch.float32 and out.shape == (1, 3, th, tw)
         assert np.array_equal(out[0].permute(1, 2, 0).numpy(), expected.astype(np.float32)), ((h, w), (th, tw))
         assert torch.equal(resize_bilinear_uint8(x.float(), (th, tw)), out)  # integer-valued floats: the same
+
+
+def test_resize_taps_are_kept_per_size(monkeypatch):
+    """The resize's taps are made once per (source, output) size and axis and kept (TAPS_KEPT of them): a second
+    batch of a size makes none and gets the same pixels; kept under inference mode, they serve calls outside it (not
+    inference tensors); a dispatch mode's call keeps nothing; the oldest are dropped past the bound."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from denseclip_fast import preprocess
+
+    preprocess._taps_of.cache_clear()
+    made = []
+    real = preprocess._linear_taps
+    monkeypatch.setattr(preprocess, "_linear_taps", lambda *a, **k: made.append(a[:2]) or real(*a, **k))
+    x = torch.from_numpy(np.random.default_rng(6).integers(0, 256, size=(1, 3, 37, 53), dtype=np.uint8))
+    with torch.inference_mode():
+        first = resize_bilinear_uint8(x, (64, 90))
+    assert sorted(made) == [(37, 64), (53, 90)]
+    again = resize_bilinear_uint8(x, (64, 90), (3, 5, 20, 30))
+    assert len(made) == 2 and torch.equal(again, first[:, :, 3:23, 5:35])
+    assert not any(t.is_inference() for t in preprocess._kept_taps(37, 64, x.device, clamp_weight=False))
+    with FlopCounterMode(display=False):
+        resize_bilinear_uint8(x, (64, 90))
+    assert len(made) == 4 and preprocess._taps_of.cache_info().currsize == 2
+    monkeypatch.setattr(preprocess, "_taps_of", functools.lru_cache(maxsize=3)(preprocess._taps_of.__wrapped__))
+    for width in (91, 92):
+        resize_bilinear_uint8(x, (64, width))
+    assert preprocess._taps_of.cache_info().currsize == 3
 
 
 def test_resize_window_is_the_same_part_of_the_whole_resize():
