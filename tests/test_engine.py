@@ -922,15 +922,23 @@ def test_folding_grouped_and_transposed_convolutions(groups, transposed):
 # ------------------------------------------------------------------------------------------------ graph cache
 
 
+def static_input_replay(fn, example):
+    """A replay as CapturedForward's: the call's input copied into a static input (converted to its dtype and
+    layout by the copy), then the function of that input."""
+    static = example.clone()
+    return lambda x: fn(static.copy_(x))
+
+
 class FakeCapture:
-    """Stands in for a CUDA graph on CPU: records what was captured and replays by calling the function."""
+    """Stands in for a CUDA graph on CPU: records what was captured and replays by calling the function on a static
+    input (static_input_replay)."""
 
     def __init__(self) -> None:
         self.captured: list[tuple[int, ...]] = []
 
     def __call__(self, fn, example, pool):
         self.captured.append(tuple(example.shape))
-        return lambda x: fn(x)
+        return static_input_replay(fn, example)
 
 
 def test_graph_cache_captures_each_shape_once_and_evicts():
@@ -957,6 +965,33 @@ def test_graph_cache_captures_each_shape_once_and_evicts():
         GraphCache(fn, max_graphs=0)
     with pytest.raises(ValueError, match="capture_after must be an int >= 1"):
         GraphCache(fn, capture_after=0)
+
+
+def test_graph_cache_converts_an_input_in_the_copy_to_its_static_input():
+    """With a layout (dtype, memory format) the cache keys a call by the converted signature and hands the
+    replay x as it is, for the copy into the static input to convert (no converted x made first); an eager call and
+    the capture convert it; the values are those of converting first."""
+    seen = []
+    fn = lambda x: (seen.append((x.dtype, x.is_contiguous(memory_format=torch.channels_last))), x * 2)[1]  # noqa: E731
+    replays = []
+
+    def capture(f, example, pool):
+        replay = static_input_replay(f, example)
+        return lambda x: replays.append(x) or replay(x)
+
+    cache = GraphCache(fn, enabled=True, capture=capture, capture_after=2)
+    layout = (torch.bfloat16, torch.channels_last)
+    x = torch.randn(2, 3, 5, 7)
+    want = x.to(torch.bfloat16, memory_format=torch.channels_last) * 2
+    for _ in range(3):  # eager, captured, replayed
+        assert torch.equal(cache(x, layout), want)
+    assert seen == [(torch.bfloat16, True)] * 3  # the eager call, then two replays' static input
+    assert len(replays) == 2 and all(r is x for r in replays)  # (the capture call replays x too)
+    assert list(cache.graphs) == [((2, 3, 5, 7), torch.bfloat16, torch.device("cpu"), torch.channels_last)]
+    assert torch.equal(cache(x.contiguous(memory_format=torch.channels_last), layout), want)  # the same graph
+    assert len(cache.graphs) == 1 and len(replays) == 3
+    off = GraphCache(fn, enabled=False)
+    assert torch.equal(off(x, layout), want) and seen[-1] == (torch.bfloat16, True)
 
 
 def test_graph_cache_captures_a_shape_when_it_comes_back():
@@ -1048,10 +1083,10 @@ def test_the_graphs_static_output_is_read_before_the_next_replay(model):
 
     class Static:  # a capture as a CUDA graph's replay behaves: its output always in one buffer
         def __init__(self, fn, example, pool):
-            self.fn, self.out = fn, fn(example).clone()
+            self.replay, self.out = static_input_replay(fn, example), fn(example).clone()
 
         def __call__(self, x):
-            return self.out.copy_(self.fn(x))
+            return self.out.copy_(self.replay(x))
 
     reference = _engine(model, mode="whole")
     seg = _engine(model, mode="whole")
@@ -1089,6 +1124,25 @@ def test_segmenter_routes_every_forward_through_the_graph_cache(model):
     assert Segmenter(model, device="cpu", dtype=torch.float32).captured_graphs == 0  # no capture on CPU
 
 
+def test_whole_mode_hands_the_graphs_its_batch_unconverted(model):
+    """Whole mode's batch goes to the graph cache as the caller gave it (on the device), with the engine's dtype
+    and layout for the copy into the static input to convert to: the replay reads the caller's tensor; the logits
+    are those of an engine without graphs."""
+    reference = _engine(model, mode="whole")
+    seg = _engine(model, mode="whole")
+    replays = []
+
+    def capture(fn, example, pool):
+        assert example.is_contiguous(memory_format=torch.channels_last) and example.dtype == seg.dtype
+        replay = static_input_replay(fn, example)
+        return lambda x: replays.append(x) or replay(x)
+
+    seg._graphs = GraphCache(seg._forward, enabled=True, capture=capture, capture_after=1)
+    x = torch.randn(2, 3, 64, 96)
+    assert torch.equal(seg.logits(x), reference.logits(x)) and torch.equal(seg.logits(x), reference.logits(x))
+    assert len(replays) == 2 and all(r is x for r in replays)
+
+
 @pytest.mark.parametrize("mode", ["whole", "slide"])
 def test_warmup_captures_the_shapes_a_size_will_run(model, mode, monkeypatch):
     """warmup((h, w), batch) leaves captured the graphs that calls with images of that size then replay (raw uint8
@@ -1100,7 +1154,7 @@ def test_warmup_captures_the_shapes_a_size_will_run(model, mode, monkeypatch):
 
     def capture(fn, example, pool):
         captured.append(tuple(example.shape))
-        return forward  # a replay: not through the eager path below
+        return static_input_replay(forward, example)  # a replay: not through the eager path below
 
     seg._graphs = GraphCache(lambda x: eager.append(tuple(x.shape)) or forward(x), enabled=True, capture=capture,
                              capture_after=3)  # fmt: skip
@@ -1198,10 +1252,10 @@ class StaticBufferCapture:
     """Like a CUDA graph: every replay writes into the same output buffer."""
 
     def __call__(self, fn, example, pool):
-        out = fn(example)
+        out, run = fn(example), static_input_replay(fn, example)
 
         def replay(x):
-            out.copy_(fn(x))
+            out.copy_(run(x))
             return out
 
         return replay

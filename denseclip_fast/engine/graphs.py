@@ -23,6 +23,7 @@ import torch
 from ..validation import as_int
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
+Layout = tuple[torch.dtype, torch.memory_format]  # what a call's input is converted to (GraphCache.__call__)
 
 # One capture at a time in the process, each on its own stream and in thread-local error mode: a capture in the
 # default global mode fails (and is invalidated) when any other thread allocates or synchronises meanwhile, and
@@ -30,9 +31,17 @@ Forward = Callable[[torch.Tensor], torch.Tensor]
 _CAPTURE_LOCK = threading.Lock()
 
 
-def signature(x: torch.Tensor) -> tuple[Any, ...]:
-    """What a captured graph is specific to."""
-    return tuple(x.shape), x.dtype, x.device, x.stride()
+def signature(x: torch.Tensor, layout: Layout | None = None) -> tuple[Any, ...]:
+    """What a captured graph is specific to: x's shape, dtype, device and strides; with ``layout`` (dtype, memory
+    format) those of x converted to it, whatever x's own (a graph's static input takes the conversion in its copy)."""
+    if layout is None:
+        return tuple(x.shape), x.dtype, x.device, x.stride()
+    return tuple(x.shape), layout[0], x.device, layout[1]
+
+
+def converted(x: torch.Tensor, layout: Layout | None) -> torch.Tensor:
+    """x in ``layout``'s dtype and memory format (x itself where it is so already, or without a layout)."""
+    return x if layout is None else x.to(dtype=layout[0], memory_format=layout[1])
 
 
 class CapturedForward:
@@ -57,7 +66,8 @@ class CapturedForward:
                 self.static_output = fn(self.static_input)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """The output buffer, overwritten by the next replay: consume or clone it before calling again."""
+        """The output buffer, overwritten by the next replay: consume or clone it before calling again. ``x`` is
+        copied into the static input, converted to its dtype and layout on the way (one copy)."""
         with torch.cuda.device(self.device):  # replays go to the current stream of the graph's own GPU
             self.static_input.copy_(x)
             self.graph.replay()
@@ -100,35 +110,39 @@ class GraphCache:
         self.failed: OrderedDict[tuple[Any, ...], None] = OrderedDict()  # signatures whose capture failed: eager
         self._pool: Any = None
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, layout: Layout | None = None) -> torch.Tensor:
+        """``fn`` of x converted to ``layout`` (dtype, memory format; None: as it is), through the graph captured
+        for that signature: a replay copies x into the graph's static input, converting it in the same copy (no
+        converted x made first), an eager call converts it."""
         if not self.enabled:
-            return self.fn(x)
-        key = signature(x)
+            return self.fn(converted(x, layout))
+        key = signature(x, layout)
         graph = self.graphs.get(key)
         if graph is None:
+            example = converted(x, layout)
             if key in self.failed:
-                return self.fn(x)
+                return self.fn(example)
             seen = self.sightings.pop(key, 0) + 1
             if seen < self.capture_after:
                 self.sightings[key] = seen
                 while len(self.sightings) > 4 * self.max_graphs:
                     self.sightings.popitem(last=False)
-                return self.fn(x)
+                return self.fn(example)
             if self._pool is None and x.is_cuda:
                 self._pool = torch.cuda.graph_pool_handle()
             try:
-                graph = self.capture(self.fn, x, self._pool)
+                graph = self.capture(self.fn, example, self._pool)
             except RuntimeError as exc:
                 self.failed[key] = None
                 while len(self.failed) > 4 * self.max_graphs:
                     self.failed.popitem(last=False)
                 warnings.warn(
-                    f"capturing a CUDA graph for inputs of shape {tuple(x.shape)} ({x.dtype}) failed, so that shape "
-                    f"runs eagerly from now on: {type(exc).__name__}: {str(exc).strip().splitlines()[0]}",
+                    f"capturing a CUDA graph for inputs of shape {tuple(x.shape)} ({example.dtype}) failed, so that "
+                    f"shape runs eagerly from now on: {type(exc).__name__}: {str(exc).strip().splitlines()[0]}",
                     RuntimeWarning,
                     stacklevel=2,
                 )
-                return self.fn(x)
+                return self.fn(example)
             self.captures += 1
             self.graphs[key] = graph
             while len(self.graphs) > self.max_graphs:

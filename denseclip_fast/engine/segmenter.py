@@ -558,11 +558,14 @@ class Segmenter:
         (whole: the head's output, (N, K, h/4, w/4), in the graph's output buffer, to be read before the next
         replay; slide: float32 (N, K, h, w), nothing to make). The graph's buffer never reaches a caller: whole mode
         always has a resize to make (h/4 is not h), which writes a new tensor (unchanged_by_resize skips only a
-        resize to the same size)."""
-        x = x.to(self.device, self.dtype, memory_format=self._layout())
+        resize to the same size). Whole mode hands the batch to the graphs as it is (on the device), to be
+        converted to the engine's dtype and layout by the copy into the graph's static input (one copy, where
+        converting first and then copying made two)."""
         if self.mode == "slide":
+            x = x.to(self.device, self.dtype, memory_format=self._layout())
             return slide_inference(self._encode_decode, x, self.crop, self.stride, self.windows_per_batch), ()
-        return self._graphs(x), ((x.shape[2], x.shape[3]),)
+        x = x.to(self.device)
+        return self._graphs(x, (self.dtype, self._layout())), ((x.shape[2], x.shape[3]),)
 
     def _layout(self) -> torch.memory_format:
         return torch.channels_last
