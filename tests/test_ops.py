@@ -19,6 +19,7 @@ import torch
 
 from denseclip_fast import ops
 from denseclip_fast.ops import reference
+from denseclip_fast.ops.library import score_memory_format
 
 from .conftest import spy_launches, spy_score_plans
 
@@ -1150,6 +1151,54 @@ def test_triton_score_split_forward_only_the_last_arrival_writes(monkeypatch):
         assert plans[-1].splits > 1
         assert (not out.isnan().any() and not norm.isnan().any()) if written else (out.isnan().all()
                                                                                  and norm.isnan().all())  # fmt: skip
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_triton_score_reads_a_batch_strided_map_as_it_is(monkeypatch, layout):
+    """A map whose images are each dense but lie apart by more than one image (the engine's local embedding map: a
+    view of the attention pool's tokens past their first row) is read as it is, with its own batch stride, by the
+    default, rows and split forwards: the scores and |v| of its contiguous copy, bit for bit, and no copy made (the
+    plan says as_is, the kernel gets the view's memory). An overlapping batch stride (an expanded map) is copied."""
+    from denseclip_fast.ops.triton import score
+
+    b, c, h, w, k = 3, 40, 5, 7, 19
+    tokens = torch.randn(b, 1 + h * w, c, dtype=torch.float64)
+    maps = torch.randn(b, c + 2, h, w, dtype=torch.float64)
+
+    def strided(dtype: torch.dtype) -> torch.Tensor:  # made in dtype (a cast of a view makes it dense)
+        if layout == "channels_last":  # (B, 1 + HW, C) tokens: each image's pixels NHWC, one token row apart
+            return tokens.to(DEVICE, dtype)[:, 1:].unflatten(1, (h, w)).permute(0, 3, 1, 2)
+        return maps.to(DEVICE, dtype)[:, 1 : c + 1]  # each image NCHW, two channels' planes apart
+
+    text = _text(b, k, c, False, torch.float32)
+    plans, kernels = spy_score_plans(monkeypatch), []
+    real = score.launch
+
+    class FirstArguments:  # score.launch(kernel)[grid](visual, ...): the visual map each launch reads
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            run = real(self.kernel)[grid]
+            return lambda *args, **kwargs: kernels.append(args[0]) or run(*args, **kwargs)
+
+    monkeypatch.setattr(score, "launch", FirstArguments)
+    for dtype, plan in ((torch.float32, (None, None)), (torch.bfloat16, (0, None)), (torch.float32, (None, None, 64))):
+        v = strided(dtype)
+        assert score_memory_format(v) == (torch.channels_last if layout == "channels_last" else torch.contiguous_format)
+        assert not v.is_contiguous(memory_format=score_memory_format(v)) and v.stride(0) > c * h * w
+        with score.forward_plan(*plan), torch.no_grad():
+            kernels.clear()
+            got = torch.ops.denseclip_fast.pixel_text_score_triton(v, text.to(dtype), 0.5)
+            assert plans[-1].as_is and plans[-1].visual_strides[0] == v.stride(0), plan
+            assert kernels[-1].data_ptr() == v.data_ptr(), plan
+            want = torch.ops.denseclip_fast.pixel_text_score_triton(v.contiguous(memory_format=score_memory_format(v)),
+                                                                    text.to(dtype), 0.5)  # fmt: skip
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (dtype, plan)
+    expanded = strided(torch.float32)[:1].expand(b, -1, -1, -1)
+    with torch.no_grad():
+        got = torch.ops.denseclip_fast.pixel_text_score_triton(expanded, text, 0.5)
+    assert not plans[-1].as_is and torch.equal(got[0][0], got[0][2])
 
 
 def test_triton_score_split_forward_trains_and_splits_only_where_programs_are_few(monkeypatch):

@@ -688,7 +688,7 @@ def channel_splits(programs: int, steps: int, sms: int, per_sm: int | None, max_
 class _ForwardLaunch(NamedTuple):
     """What score_forward_into launches for given sizes, strides and dtype (everything but the pointers)."""
 
-    layout: torch.memory_format  # visual's, made contiguous in it
+    layout: torch.memory_format  # visual's, made contiguous in it unless as_is
     visual_strides: tuple[int, int, int]  # (image, channel, pixel) element strides once it is
     grid: tuple[int, int, int]
     constexprs: dict[str, Any]
@@ -696,6 +696,7 @@ class _ForwardLaunch(NamedTuple):
     rows: bool  # _score_fwd_rows_kernel (ROWS_FROM)
     splits: int = 1  # >1: _score_fwd_split_kernel (SPLIT_C_PER_SM), grid axis 1 class blocks x splits
     per_split: int = 0  # its channels per split (a multiple of BLOCK_C)
+    as_is: bool = False  # visual read as it is: each image dense in layout, a batch stride of its own (_batch_stride)
 
     @property
     def slot(self) -> int:
@@ -722,6 +723,9 @@ def _forward_launch(
     k, p = t_shape[-2], h * w
     layout = memory_format_of(v_shape, v_stride)
     v_strides = _dense_strides(v_shape, layout)
+    batch_stride = _batch_stride(v_shape, v_stride, v_strides)
+    if batch_stride is not None:
+        v_strides = (batch_stride, v_strides[1], v_strides[2])
     t_stride = (k * c, c, 1) if len(t_shape) == 3 else (c, 1)  # text.contiguous()
     dot_f32 = dot_in_f32(dtype)
     sixteen_bit = dtype != torch.float32
@@ -743,7 +747,24 @@ def _forward_launch(
     grid = (cdiv(p, block_p), cdiv(k, block_k + block_k2) * splits, b)
     constexprs = {"BLOCK_P": block_p, "BLOCK_K": block_k, "BLOCK_C": block_c, "DOT_F32": dot_f32, "WIDE": wide,
                   "TEXT_NORMS": norms, **({"BLOCK_K2": block_k2} if rows else {})}  # fmt: skip
-    return _ForwardLaunch(layout, v_strides, grid, constexprs, warps, rows, splits, steps * block_c)
+    return _ForwardLaunch(layout, v_strides, grid, constexprs, warps, rows, splits, steps * block_c,
+                          batch_stride is not None)  # fmt: skip
+
+
+def _batch_stride(v_shape: tuple[int, ...], v_stride: tuple[int, ...], dense: tuple[int, int, int]) -> int | None:
+    """The batch stride of a visual map the forward reads as it is: each image dense in its layout (``dense``: the
+    (image, channel, pixel) strides of a contiguous one) and the images apart by at least one image's elements, as a
+    view of a wider buffer holds them (the engine's local embedding map, a view of the attention pool's tokens
+    (B, 1 + HW, C) past their first row, whose batch stride is (1 + HW) C: a copy of it had been made for every
+    batch of more than one image). None for a map that must be made contiguous first (a batch of one needs no
+    batch stride of its own: a contiguous() of it is no copy)."""
+    b, c, h, w = v_shape
+    if b < 2 or v_stride[0] < dense[0]:
+        return None
+    image = (dense[1], dense[2] * w, dense[2])  # the channel, row and column strides of a dense image
+    if not all(size == 1 or stride == want for size, stride, want in zip(v_shape[1:], v_stride[1:], image)):
+        return None
+    return v_stride[0]
 
 
 def text_norms(t: torch.Tensor) -> torch.Tensor:
@@ -818,7 +839,7 @@ def score_forward_into(
         plan = _forward_launch(*key)
     except TypeError:  # symbolic sizes (torch.compile tracing with dynamic shapes) do not hash
         plan = _forward_launch.__wrapped__(*key)
-    v = visual.contiguous(memory_format=plan.layout)
+    v = visual if plan.as_is else visual.contiguous(memory_format=plan.layout)
     t = text.contiguous()
     b, c, h, w = v.shape
     k = t.shape[-2]
