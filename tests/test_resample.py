@@ -346,8 +346,8 @@ def test_a_training_step_through_the_swapped_resamplings(monkeypatch):
 def test_kernels_equal_aten_on_cuda(dtype):
     """On a GPU, at the engine's shapes (RN50 512x512: the logits 150 x 128x128 to 512x512 in float32 from an NHWC
     map, the FPN's 2x upsampling of 128 channels, the ResNet's 2x2 poolings, the FPN's top-down steps) and odd ones:
-    the pooling and the top-down step equal ATen's bit for bit; the resize ATen's within 2 units in the last place,
-    and equal in most elements."""
+    the pooling and the top-down step equal ATen's bit for bit, the head's fused sum the Triton resize followed by
+    ATen's addition; the resize ATen's within 2 units in the last place, and equal in most elements."""
     for shape, size, out_dtype in (((1, 150, 128, 128), (512, 512), torch.float32), ((2, 128, 16, 16), (32, 32), None),
                                    ((3, 7, 13, 11), (29, 5), None)):  # fmt: skip
         for layout in ("nchw", "nhwc"):
@@ -377,6 +377,8 @@ def test_kernels_equal_aten_on_cuda(dtype):
             got = resample.avg_pool_backward(want, x.shape, 2, resample.layout_of(x))
             assert got.stride() == leaf.grad.stride() and torch.equal(got, leaf.grad), (shape, layout)
             coarser = _map(shape[0], shape[1], (shape[2] + 1) // 2, (shape[3] + 1) // 2, dtype, layout, seed=4)
+            want = x + resample.bilinear(coarser, shape[2:])  # the head's sum: the Triton resize, ATen's addition
+            assert torch.equal(resample.add_bilinear_(x.clone(), coarser), want), (shape, layout)
             want = x + F.interpolate(coarser, size=shape[2:], mode="nearest")
             assert torch.equal(resample.add_nearest_(x, coarser), want), (shape, layout)
 
@@ -461,3 +463,59 @@ def test_add_nearest_equals_the_fpn_step(shape, coarse, layout, dtype):
         _check_rounded(got, want.double(), dtype)
     else:
         assert torch.equal(got, want)
+
+def _added(finer: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """finer + up (one dtype) as ATen adds them, in float32 rounded once; under the interpreter, which rounds float32
+    to bfloat16 by truncation, bfloat16 sums truncated as it rounds them."""
+    if finer.dtype == torch.bfloat16 and not finer.is_cuda:
+        total = finer.float() + up.float()
+        return (total.view(torch.int32) & -(2**16)).view(torch.float32).to(torch.bfloat16)  # (exact: no low bits)
+    return finer + up
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc", "sliced"])
+@pytest.mark.parametrize(("shape", "coarse"), [((2, 6, 8, 10), (4, 5)), ((1, 5, 9, 13), (5, 7)), ((1, 3, 7, 9), (5, 4)),
+                                               ((1, 4, 6, 6), (1, 1)), ((1, 3, 5, 5), (5, 5)),
+                                               ((2, 3, 1, 1), (3, 2))])  # fmt: skip
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_add_bilinear_equals_the_head_sum(shape, coarse, layout, dtype):
+    """The Semantic FPN head's sum in place: finer + resample.bilinear(coarser, finer's size) (ATen's addition of the
+    resize rounded to the dtype), bit for bit (bfloat16 sums as the interpreter rounds them, and within one unit of
+    ATen's), at 2x, odd sizes, non-integer ratios, from one pixel, the same size and down to one pixel; the finer
+    map's memory is the result's."""
+    finer = _map(*shape, dtype, layout, seed=2)
+    coarser = _map(shape[0], shape[1], *coarse, dtype, layout, seed=3)
+    up = resample.bilinear(coarser, shape[2:])
+    want, aten = _added(finer, up), finer + up
+    ptr = finer.data_ptr()
+    got = resample.add_bilinear_(finer, coarser)
+    assert got is finer and got.data_ptr() == ptr and torch.equal(got, want)
+    if dtype == torch.bfloat16 and not finer.is_cuda:
+        _check_rounded(got, aten.double(), dtype)  # and within a unit of ATen's rounding
+
+
+def test_add_bilinear_takes_int64_offsets_and_rejects_bad_input(monkeypatch):
+    """With int64 offsets (WIDE_FROM lowered so that these small maps take that path), into a channel slice of a
+    wider map (the others untouched): the same sums; maps that do not fit raise ValueErrors that name it."""
+    finer = _map(2, 5, 7, 9, torch.float16, "nhwc", seed=4)
+    coarser = _map(2, 5, 4, 5, torch.float16, "nhwc", seed=5)
+    want = _added(finer, resample.bilinear(coarser, (7, 9)))
+    monkeypatch.setattr(resample, "WIDE_FROM", 16)
+    assert resample._wide(finer, coarser)
+    assert torch.equal(resample.add_bilinear_(finer.clone(), coarser), want)
+    buffer = torch.full((2, 8, 7, 9), 7.0, device=DEVICE, dtype=torch.float16)
+    buffer[:, 2:7] = finer
+    resample.add_bilinear_(buffer[:, 2:7], coarser)
+    assert torch.equal(buffer[:, 2:7], want) and bool((buffer[:, :2] == 7).all() and (buffer[:, 7:] == 7).all())
+    x = _map(1, 3, 4, 4, torch.float32, "nchw")
+    with pytest.raises(ValueError, match=r"add_bilinear_: .* torch.float64 .* \(same N, C, dtype and device expect"):
+        resample.add_bilinear_(x, x.double())
+    with pytest.raises(ValueError, match=r"add_bilinear_: \(1, 2, 2, 2\) .* does not fit \(1, 3, 4, 4\)"):
+        resample.add_bilinear_(x, x[:, :2, :2, :2])
+    with pytest.raises(ValueError, match=r"add_bilinear_: an empty map \(1, 3, 0, 4\) has nothing to give"):
+        resample.add_bilinear_(x, x[:, :, :0])
+    with pytest.raises(ValueError, match=r"add_bilinear_: expected a \(N, C, H, W\) floating-point tensor"):
+        resample.add_bilinear_(x[0], x)
+    with pytest.raises(ValueError, match=r"add_bilinear_: expected .* got torch.int64"):
+        resample.add_bilinear_(x.long(), x.long())
+

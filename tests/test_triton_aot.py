@@ -24,7 +24,7 @@ def test_triton_kernels_compile_for_sm90_and_fit_smaller_gpus():
     lines = result.stdout.strip().splitlines()
     labels = {tuple(line.split(":")[0].split()[:2]) for line in lines}
     for kernel in ("score_fwd", "score_bwd", "score_bwd_pixels", "attn_fwd", "attn_delta", "attn_dkdv", "attn_dq",
-                   "bilinear", "avg_pool", "add_nearest", "bilinear_argmax", "resized_ce_fwd",
+                   "bilinear", "avg_pool", "add_nearest", "add_bilinear", "bilinear_argmax", "resized_ce_fwd",
                    "resized_ce_bwd", "add_layer_norm"):  # fmt: skip
         assert ("sm_90", kernel) in labels, lines
     # ptxas (Triton's own) reported every kernel's registers, and none spills on sm_90 (compile_all raises if one
@@ -34,7 +34,7 @@ def test_triton_kernels_compile_for_sm90_and_fit_smaller_gpus():
     # also as Triton's JIT compiles the launches (unit strides constexpr, aligned pointers and ints divisible by 16)
     jit = {tuple(line.split(":")[0].split()[:2]) for line in lines if " jit" in line.split(":")[0]}
     for kernel in ("score_fwd", "score_bwd", "score_bwd_pixels", "attn_fwd", "attn_delta", "attn_dkdv", "attn_dq",
-                   "bilinear", "avg_pool", "add_nearest", "bilinear_argmax", "resized_ce_fwd",
+                   "bilinear", "avg_pool", "add_nearest", "add_bilinear", "bilinear_argmax", "resized_ce_fwd",
                    "resized_ce_bwd", "add_layer_norm"):  # fmt: skip
         assert ("sm_90", kernel) in jit, lines
     assert {("sm_86", kernel) for kernel in ("score_fwd", "score_bwd", "attn_fwd", "attn_dkdv", "attn_dq")} <= jit

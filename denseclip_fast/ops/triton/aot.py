@@ -268,7 +268,9 @@ RESAMPLES = (("bilinear", "bf16", "fp32", "nhwc", "nchw", 150, 128, 512),  # the
              ("avg_pool_backward", "bf16", "bf16", "nhwc", "nhwc", 256, 64, 128),  # the trainer's poolings
              ("avg_pool_backward", "fp32", "fp32", "nhwc", "nhwc", 256, 64, 128),
              ("add_nearest", "bf16", "bf16", "nhwc", "nhwc", 256, 64, 128),  # the FPN's top-down step
-             ("add_nearest", "fp32", "fp32", "nhwc", "nhwc", 256, 64, 128))  # fmt: skip
+             ("add_nearest", "fp32", "fp32", "nhwc", "nhwc", 256, 64, 128),
+             ("add_bilinear", "bf16", "bf16", "nhwc", "nhwc", 256, 64, 128),  # the FPN head's sum (head_channels)
+             ("add_bilinear", "fp32", "fp32", "nhwc", "nhwc", 256, 64, 128))  # fmt: skip
 
 
 def _resample(which: str, dt: str, out_dt: str, layout: str, out_layout: str, c: int, side: int, out_side: int,
@@ -281,7 +283,8 @@ def _resample(which: str, dt: str, out_dt: str, layout: str, out_layout: str, c:
     const: dict[str, Any] = {"BLOCK_C": block_c, "BLOCK_W": block_w, "WIDE": False}
     fn: Any = {"bilinear": resample._bilinear_kernel, "avg_pool": resample._avg_pool_kernel,
                "avg_pool_backward": resample._avg_pool_backward_kernel,
-               "add_nearest": resample._add_nearest_kernel}[which]  # fmt: skip
+               "add_nearest": resample._add_nearest_kernel,
+               "add_bilinear": resample._add_bilinear_kernel}[which]  # fmt: skip
     pooling = which.startswith("avg_pool")
     floats: tuple[str, ...] = () if pooling else ("scale_h", "scale_w")
     if pooling:  # the window: the ratio of the sides (the backward's input is the pooled gradient)
@@ -293,6 +296,7 @@ def _resample(which: str, dt: str, out_dt: str, layout: str, out_layout: str, c:
         ptrs = {"g_ptr": f"*{dt}", "out_ptr": f"*{out_dt}"}
     if which == "add_nearest":  # the finer map (a), the coarser (b, the input here), the sum into a
         ptrs = {"a_ptr": f"*{dt}", "b_ptr": f"*{dt}", "out_ptr": f"*{out_dt}"}
+    # (add_bilinear: x the coarser map, out the finer one, read and written in place)
     label = f"{which} {dt}->{out_dt} {layout}->{out_layout} C={c}"
     if not jit:
         return label, fn, _signature(fn, ptrs, floats, const), const, {"num_warps": resample.WARPS}, {}

@@ -1,7 +1,8 @@
 """Triton kernels of the engine's and the trainer's resamplings on a GPU: the bilinear resize (``F.interpolate(x,
 size, mode="bilinear", align_corners=False)``) and its gradient, the s x s average pooling (``nn.AvgPool2d(s)``) and
-its gradient, and the FPN's top-down step (a map plus a coarser one resized by nearest interpolation, added in
-place); any float dtype and layout in, the output's dtype and layout the caller's.
+its gradient, the FPN's top-down step (a map plus a coarser one resized by nearest interpolation, added in
+place) and the Semantic FPN head's sum (a map plus a coarser one resized bilinearly, added in place); any float
+dtype and layout in, the output's dtype and layout the caller's.
 
 Why: ATen's kernels, on an H200 (RN50 512x512, bfloat16, batch 1; benchmarks/results/h200_2026-12-04b/
 e2e_rn50_whole.md's profile): the logits' resize to the image (150 float32 planes of 512x512 written, 157 MB: 33 us
@@ -20,6 +21,15 @@ is resized with it.
 
 Top-down step: finer + coarser[min(floor(dst * scale), size - 1)] (ATen's nearest source index, scale = in / out in
 float32), summed in float32 and rounded once, as ATen's nearest resize followed by its addition: bit for bit.
+
+Head sum (:func:`add_bilinear_`): finer + the bilinear resize of coarser to finer's size, the resize computed as
+the bilinear kernel computes it (the same helpers) and rounded to finer's dtype as it stores it, then summed in
+float32 and rounded once: ``finer + bilinear(coarser, size)`` (ATen's addition) bit for bit, in one pass that
+writes no resized map (the head's three levels each wrote one, at RN50 512x512 bfloat16 a (B, 256, 128, 128) map
+of 8 MiB a batch item, and read it back in an addition launch of their own: 48 MiB of traffic at batch 1 that the
+fused step does not move). Not yet timed on a GPU. (Triton's sm_90 compile makes the 16-bit sum one add.bf16 /
+add.f16 of the two rounded values: the exact sum rounded once, which the float32 sum rounded again equals. Triton's
+interpreter rounds float32 to bfloat16 by truncation, in the resize and in the sum alike.)
 
 Average pooling (kernel = stride = s, no padding, floor of the sizes): the window summed in float32 in ATen's order
 (row by row, left to right), divided by s * s (IEEE division, as ATen's), rounded once: ATen's result bit for bit.
@@ -246,6 +256,30 @@ def _add_nearest_kernel(
     value = a.to(tl.float32) + b.to(tl.float32)
     out = out_ptr + n * s_on + c_idx[:, None] * s_oc + oh * s_oh + o_w[None, :] * s_ow
     tl.store(out, value.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _add_bilinear_kernel(
+    x_ptr, out_ptr, C, H_in, W_in, H_out, W_out,
+    s_xn, s_xc, s_xh, s_xw, s_on, s_oc, s_oh, s_ow,
+    scale_h, scale_w,
+    BLOCK_C: tl.constexpr, BLOCK_W: tl.constexpr, WIDE: tl.constexpr,
+):  # fmt: skip
+    """out += x resized bilinearly to out's size, in place: the resize as _bilinear_kernel computes it (the same
+    taps, weights and fused multiply-adds), rounded to out's dtype as it stores it, then the sum in float32 rounded
+    once, as ATen's addition of the two maps."""
+    n, oh, offs_c, offs_w, mask = _tile(C, H_out, W_out, BLOCK_C, BLOCK_W)
+    h0, h1, lh0, lh1 = _source(oh, scale_h, H_in)
+    w0, w1, lw0, lw1 = _source(offs_w, scale_w, W_in)
+    n, oh, h0, h1 = _index(n, WIDE), _index(oh, WIDE), _index(h0, WIDE), _index(h1, WIDE)
+    c_idx, w0, w1, o_w = _index(offs_c, WIDE), _index(w0, WIDE), _index(w1, WIDE), _index(offs_w, WIDE)
+    base = x_ptr + n * s_xn + c_idx[:, None] * s_xc
+    up = _interpolate(base + h0 * s_xh, base + h1 * s_xh, w0[None, :] * s_xw, w1[None, :] * s_xw, mask, lh0, lh1,
+                      lw0[None, :], lw1[None, :])  # fmt: skip
+    dtype = out_ptr.dtype.element_ty
+    out = out_ptr + n * s_on + c_idx[:, None] * s_oc + oh * s_oh + o_w[None, :] * s_ow
+    value = tl.load(out, mask=mask, other=0.0).to(tl.float32) + up.to(dtype).to(tl.float32)
+    tl.store(out, value.to(dtype), mask=mask)
 
 
 def _last_offset(t: torch.Tensor) -> int:
@@ -498,5 +532,21 @@ def add_nearest_(finer: torch.Tensor, coarser: torch.Tensor) -> torch.Tensor:
             finer, coarser, finer, c, h_in, w_in, h_out, w_out, *finer.stride(), *coarser.stride(), *finer.stride(),
             _scale(h_in, h_out), _scale(w_in, w_out), BLOCK_C=block_c, BLOCK_W=block_w, WIDE=_wide(finer, coarser),
             num_warps=WARPS,
+        )  # fmt: skip
+    return finer
+
+
+def add_bilinear_(finer: torch.Tensor, coarser: torch.Tensor) -> torch.Tensor:
+    """``finer += bilinear(coarser, finer.shape[2:])`` in place (one pass, no resized map written): the resize
+    rounded to finer's dtype, as :func:`bilinear` returns it, then the sum in float32 rounded once, as ATen's
+    addition of the two; for maps of one dtype and device, any strides; returns ``finer``."""
+    if not _plan("add_bilinear_", finer, coarser, same_dtype=True):
+        return finer
+    block_c, block_w = blocks(finer.shape[1], finer.shape[3], finer.stride(1))
+    (_, c, h_in, w_in), (h_out, w_out) = coarser.shape, finer.shape[2:]
+    with on_device(finer):
+        profiled(_add_bilinear_kernel)[_grid(finer, block_c, block_w)](
+            coarser, finer, c, h_in, w_in, h_out, w_out, *coarser.stride(), *finer.stride(), _scale(h_in, h_out),
+            _scale(w_in, w_out), BLOCK_C=block_c, BLOCK_W=block_w, WIDE=_wide(finer, coarser), num_warps=WARPS,
         )  # fmt: skip
     return finer
