@@ -5,6 +5,8 @@ the last place there (bit for bit in tests/test_gpu.py)."""
 
 from __future__ import annotations
 
+import typing
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -239,8 +241,9 @@ def test_resized_through_reads_the_scores_as_they_are(monkeypatch):
 
 def test_swap_resamplings_keeps_the_model_function(monkeypatch):
     """A tiny RN model: the stem's and the strided blocks' average poolings (and their shortcuts'), the unstrided
-    shortcut's AvgPool2d(1) (an identity), the FPN head's six 2x upsamplings and the FPN (its three top-down steps)
-    swapped; its logits as before (1e-5), through the kernels; a second swap changes nothing."""
+    shortcut's AvgPool2d(1) (an identity), the FPN head's six 2x upsamplings, the FPN (its three top-down steps)
+    and the head (its levels' last upsamplings added in place) swapped; its logits as before (1e-5), through the
+    kernels (three of the upsamplings in the head's fused sums); a second swap changes nothing."""
     from denseclip_fast.engine.rewrite import prepare_for_inference
 
     _with_kernels_here(monkeypatch)
@@ -251,18 +254,22 @@ def test_swap_resamplings_keeps_the_model_function(monkeypatch):
     with torch.no_grad():
         want = model.logits_for(x, text, None)
         ups = sum(type(m) is Upsample2x for m in model.modules())
-        assert cuda_resample.swap_resamplings(model) == ups + 8 + 1 and ups == 6
+        assert cuda_resample.swap_resamplings(model) == ups + 8 + 2 and ups == 6
         assert isinstance(model.neck, cuda_resample.TritonFPN)
+        assert isinstance(model.decode_head, cuda_resample.TritonSemanticFPNHead)
         assert cuda_resample.swap_resamplings(model) == 0
         pools = [m for m in model.modules() if isinstance(m, cuda_resample.TritonAvgPool2d)]
         assert len(pools) == 7 and not any(type(m) is torch.nn.AvgPool2d for m in model.modules())
         calls = []
         real_pool, real_up, real_add = resample.avg_pool, resample.bilinear, resample.add_nearest_
+        real_sum = resample.add_bilinear_
         monkeypatch.setattr(resample, "avg_pool", lambda *a: calls.append("pool") or real_pool(*a))
         monkeypatch.setattr(resample, "bilinear", lambda *a, **k: calls.append("up") or real_up(*a, **k))
         monkeypatch.setattr(resample, "add_nearest_", lambda *a: calls.append("add") or real_add(*a))
+        monkeypatch.setattr(resample, "add_bilinear_", lambda *a: calls.append("sum") or real_sum(*a))
         got = model.logits_for(x, text, None)
-    assert calls.count("pool") == 7 and calls.count("up") == 6 and calls.count("add") == 3
+    assert calls.count("pool") == 7 and calls.count("up") == 3 and calls.count("add") == 3
+    assert calls.count("sum") == 3
     assert rel_err(got, want) <= 1e-5
 
 
@@ -464,6 +471,7 @@ def test_add_nearest_equals_the_fpn_step(shape, coarse, layout, dtype):
     else:
         assert torch.equal(got, want)
 
+
 def _added(finer: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """finer + up (one dtype) as ATen adds them, in float32 rounded once; under the interpreter, which rounds float32
     to bfloat16 by truncation, bfloat16 sums truncated as it rounds them."""
@@ -519,3 +527,118 @@ def test_add_bilinear_takes_int64_offsets_and_rejects_bad_input(monkeypatch):
     with pytest.raises(ValueError, match=r"add_bilinear_: expected .* got torch.int64"):
         resample.add_bilinear_(x.long(), x.long())
 
+
+def _counted(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The standalone resizes ("up") and the head's fused sums ("sum") called from now on, in order."""
+    calls: list[str] = []
+    real_up, real_sum = resample.bilinear, resample.add_bilinear_
+    monkeypatch.setattr(resample, "bilinear", lambda *a, **k: calls.append("up") or real_up(*a, **k))
+    monkeypatch.setattr(resample, "add_bilinear_", lambda *a: calls.append("sum") or real_sum(*a))
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
+    DEVICE != "cuda", reason="the interpreter truncates bfloat16 where ATen's sum rounds"))])  # fmt: skip
+def test_the_swapped_head_sums_as_the_model_head(monkeypatch, dtype):
+    """A tiny RN engine: the swapped head's logits equal, bit for bit, those of the same Triton engine with the
+    model's head forward (each level's Triton upsampling written, then ATen's sum); three of the six upsamplings
+    become fused sums."""
+    from denseclip_fast.engine.rewrite import prepare_for_inference
+    from denseclip_fast.model.heads import SemanticFPNHead
+
+    _with_kernels_here(monkeypatch)
+    model = prepare_for_inference(randomized(dcf.DenseCLIP(tiny_config("resnet"), NAMES)).eval(),
+                                  torch.device(DEVICE), dtype)  # fmt: skip
+    cuda_resample.swap_resamplings(model)
+    x = torch.randn(1, 3, 64, 64, device=DEVICE).to(dtype).contiguous(memory_format=torch.channels_last)
+    text = model.text_features(NAMES)
+    calls = _counted(monkeypatch)
+    with torch.no_grad():
+        with monkeypatch.context() as m:
+            m.setattr(cuda_resample.TritonSemanticFPNHead, "forward", SemanticFPNHead.forward)
+            want = model.logits_for(x, text, None)
+        assert calls == ["up"] * 6
+        calls.clear()
+        got = model.logits_for(x, text, None)
+    assert calls.count("up") == 3 and calls.count("sum") == 3
+    assert got.dtype == want.dtype and torch.equal(got, want)
+
+
+def _head(first: torch.nn.Module | None = None) -> cuda_resample.TritonSemanticFPNHead:
+    """A swapped Semantic FPN head of 4 channels and 3 classes (random BatchNorm statistics), in eval mode; ``first``
+    its first scale head where given."""
+    from denseclip_fast.model.heads import SemanticFPNHead
+
+    torch.manual_seed(0)
+    head = SemanticFPNHead(4, 4, 3).to(DEVICE)
+    if first is not None:
+        head.scale_heads[0] = first
+    for m in head.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    root = torch.nn.ModuleList([head]).eval()
+    assert cuda_resample.swap_resamplings(root) == 1 + 6
+    return typing.cast(cuda_resample.TritonSemanticFPNHead, root[0])
+
+
+def _levels(sides: tuple[int, ...], dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+    return [_map(2, 4, s, s, dtype, "nhwc", seed=20 + i) for i, s in enumerate(sides)]
+
+
+def test_the_swapped_head_takes_the_model_step_where_it_must(monkeypatch):
+    """The head's fallbacks, each the model's forward over the same modules (equal values): sides whose doubling
+    misses the first level's (a 72-pixel image's 18, 9, 5, 3: the first of the three levels fused, the others
+    upsampled then resized as the model does), gradients recorded (none fused; the backward runs), CUDA's autocast
+    policy (a float32 resize: none fused), a first scale head that returns its input (not written in place: the
+    second level's sum is the model's new map, into which the last two levels are then fused; the input
+    unchanged)."""
+    from denseclip_fast.model.heads import SemanticFPNHead
+
+    _with_kernels_here(monkeypatch)
+    head = _head()
+    calls = _counted(monkeypatch)
+    with torch.no_grad():
+        levels = _levels((18, 9, 5, 3))
+        want = SemanticFPNHead.forward(head, levels)
+        calls.clear()
+        assert torch.equal(head(levels), want) and calls == ["sum", "up", "up", "up", "up", "up"]
+    calls.clear()
+    levels = _levels((16, 8, 4, 2))
+    got, want = head(levels), SemanticFPNHead.forward(head, levels)
+    assert got.requires_grad and "sum" not in calls and torch.equal(got, want)
+    got.sum().backward()
+    assert all(p.grad is not None for p in head.parameters())
+    monkeypatch.setattr(cuda_resample, "_autocast_resize_dtype", lambda device, dtype, autocast: torch.float32)
+    calls.clear()
+    with torch.no_grad(), torch.autocast(DEVICE, dtype=torch.bfloat16):
+        got, want = head(levels), SemanticFPNHead.forward(head, levels)
+    assert "sum" not in calls and got.dtype == want.dtype and torch.equal(got, want)
+    monkeypatch.undo()
+    _with_kernels_here(monkeypatch)
+    calls = _counted(monkeypatch)
+    same = _head(torch.nn.Identity())
+    with torch.no_grad():
+        levels = _levels((16, 8, 4, 2))
+        first = levels[0].clone()
+        got = same(levels)
+        assert calls == ["up", "up", "sum", "up", "up", "sum"] and torch.equal(levels[0], first)
+        assert torch.equal(got, SemanticFPNHead.forward(same, levels))
+        calls.clear()
+        assert torch.equal(_head()(levels), SemanticFPNHead.forward(_head(), levels)) and calls.count("sum") == 3
+
+
+def test_the_head_fuses_only_into_a_map_of_its_own(monkeypatch):
+    """TritonSemanticFPNHead.fusable: a dense map of twice small's size, of its dtype, sharing no memory with the
+    levels or small; not a broadcast view (an element stored twice), a level or a view of one, another dtype,
+    another size."""
+    _with_kernels_here(monkeypatch)
+    fusable = cuda_resample.TritonSemanticFPNHead.fusable
+    levels = _levels((8, 4))
+    out, small = _map(2, 4, 8, 8, torch.float32, "nhwc", seed=30), levels[1]
+    assert fusable(out, small, levels) and fusable(out.contiguous(), small, levels)
+    assert not fusable(out[:, :1, :1, :1].expand(2, 4, 8, 8), small, levels)
+    assert not fusable(out[:, :, :1].expand(2, 4, 8, 8), small, levels)
+    assert not fusable(levels[0], small, levels) and not fusable(levels[0][:, :, :], small, levels)
+    assert not fusable(out, small.double(), levels) and not fusable(out[:, :, :7], small, levels)
+    assert not fusable(out, out[:, :, :4, :4], levels)

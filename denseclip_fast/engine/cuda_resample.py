@@ -1,24 +1,26 @@
-"""A CUDA engine's bilinear resizes, average poolings and FPN top-down steps through Triton kernels
-(ops/triton/resample.py).
+"""A CUDA engine's bilinear resizes, average poolings, FPN top-down steps and Semantic FPN head sums through Triton
+kernels (ops/triton/resample.py).
 
 ATen's kernels for these took 452 us of the 1573 us of GPU time of an RN50 512x512 bfloat16 engine at batch 1 on an
 H200, and 7.3 of 13.9 ms at batch 16 (benchmarks/results/h200_2026-12-04b/e2e_rn50_whole.md): the logits' resize to
 the image 169 us (after a float32 copy of the head's output), the Semantic FPN head's 2x upsamplings 149 us, the
 ResNet's average poolings 96 us, the FPN's nearest upsamplings 38 us (and the sums after them).
 
-Where it applies: a Segmenter on a GPU swaps its private model's ``FPN`` (the neck), ``Upsample2x`` (the FPN head's
-scale heads) and ``nn.AvgPool2d(s)`` modules (the ResNet stem's, each strided bottleneck's and its shortcut's) for
-the modules below (:func:`swap_resamplings`), resizes its logits (engine.segmenter.resized) with
-:func:`resize_planes`, and makes predict's labels with :func:`resize_argmax_` (the last resize and the argmax in one
-pass: ops/triton/labels.py). The trainer (train.step.prepare_model, on CUDA) swaps the poolings and the upsamplings
-(``trainable_only``), which run forward and backward through the kernels where autograd records them
-(:func:`trainable`: the autograd Functions below), and train/resize.py takes :func:`resize` and
-:func:`resized_gradient` for the loss. A call that something records (torch.compile, torch.export, a dispatch mode,
-a functorch transform), a tensor that is not a plain CUDA one, Triton missing, or ``DENSECLIP_FAST_TRITON_RESAMPLE=0``
-take PyTorch's ``F.interpolate``, ``F.avg_pool2d`` and addition, as the model computes them (so does the FPN's
-in-place step where autograd records it). Results follow autocast as F.interpolate's do (:func:`resized_dtype`). The
-pooling and the top-down step equal ATen's bit for bit; the bilinear resize may differ from it in the last bits of
-float32 (where the compilers contract its products into FMAs differently), its gradient in the order of its sums.
+Where it applies: a Segmenter on a GPU swaps its private model's ``FPN`` (the neck), ``SemanticFPNHead`` (the head: each
+level's last 2x upsampling added into the levels' sum in place, one pass that writes no upsampled map; not yet timed on
+a GPU), ``Upsample2x`` (the FPN head's scale heads) and ``nn.AvgPool2d(s)`` modules (the ResNet stem's, each strided
+bottleneck's and its shortcut's) for the modules below (:func:`swap_resamplings`), resizes its logits
+(engine.segmenter.resized) with :func:`resize_planes`, and makes predict's labels with :func:`resize_argmax_` (the last
+resize and the argmax in one pass: ops/triton/labels.py). The trainer (train.step.prepare_model, on CUDA) swaps the
+poolings and the upsamplings (``trainable_only``), which run forward and backward through the kernels where autograd
+records them (:func:`trainable`: the autograd Functions below), and train/resize.py takes :func:`resize` and
+:func:`resized_gradient` for the loss. A call that something records (torch.compile, torch.export, a dispatch mode, a
+functorch transform), a tensor that is not a plain CUDA one, Triton missing, or ``DENSECLIP_FAST_TRITON_RESAMPLE=0``
+take PyTorch's ``F.interpolate``, ``F.avg_pool2d`` and addition, as the model computes them (so do the FPN's and the
+head's in-place steps where autograd records them). Results follow autocast as F.interpolate's do
+(:func:`resized_dtype`). The pooling and the top-down step equal ATen's bit for bit; the bilinear resize may differ from
+it in the last bits of float32 (where the compilers contract its products into FMAs differently), its gradient in the
+order of its sums; the head's fused sum equals the Triton resize followed by ATen's addition bit for bit.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from __future__ import annotations
 import functools
 import os
 import typing
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -33,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from ..model.heads import FPN, Upsample2x
+from ..model.heads import FPN, SemanticFPNHead, Upsample2x
 from ..model.layers import plain_tensors, untraced_tensors
 from ..ops import backends
 
@@ -153,6 +156,53 @@ class TritonFPN(FPN):
         return super().add_upsampled(finer, coarser)
 
 
+class TritonSemanticFPNHead(SemanticFPNHead):
+    """A Semantic FPN head over the same modules whose levels after the first add their scale head's last 2x
+    upsampling into the running sum in place, one Triton pass that writes no upsampled map
+    (resample.add_bilinear_: the resize rounded to the sum's dtype, then the sum rounded once, as the model's
+    ``out + y`` of the Triton resize), where :meth:`fusable`; else the model's step: the upsampling, its resize to
+    the sum's size where that differs, the new sum."""
+
+    def __init__(self, head: SemanticFPNHead) -> None:
+        nn.Module.__init__(self)  # not SemanticFPNHead's: the modules are head's own
+        self.scale_heads, self.dropout, self.conv_seg = head.scale_heads, head.dropout, head.conv_seg
+
+    def forward(self, levels: Sequence[torch.Tensor]) -> torch.Tensor:
+        out = self.scale_heads[0](levels[0])
+        for head, x in zip(self.scale_heads[1:], levels[1:]):
+            blocks = list(head) if isinstance(head, nn.Sequential) else [head]
+            if blocks and type(blocks[-1]) in (Upsample2x, TritonUpsample2x):
+                small = x
+                for block in blocks[:-1]:
+                    small = block(small)
+                if self.fusable(out, small, levels):
+                    _kernels().add_bilinear_(out, small)
+                    continue
+                y = blocks[-1](small)  # (head(x), the model's y)
+            else:
+                y = head(x)
+            if y.shape[2:] != out.shape[2:]:  # the model's step (SemanticFPNHead.forward)
+                y = F.interpolate(y, size=out.shape[2:], mode="bilinear", align_corners=False)
+            out = out + y
+        return self.conv_seg(self.dropout(out))
+
+    @staticmethod
+    def fusable(out: torch.Tensor, small: torch.Tensor, levels: Sequence[torch.Tensor]) -> bool:
+        """Whether ``small``'s 2x upsampling may be added into ``out`` in place: both maps ones the kernels take
+        (:func:`usable`: no gradient recorded, nothing tracing the call), of one dtype that autocast leaves to the
+        resize (under CUDA autocast the model's resize and sum are float32), the upsampling of out's size, and out a
+        map of the head's own (a conv's fresh output or an earlier sum): dense, NCHW or NHWC (no element stored
+        twice, as in a broadcast view), sharing no memory with the levels or ``small`` (a first scale head that
+        returned its input, or a view of it, keeps the model's new sum)."""
+        if not (out.dim() == 4 and small.dim() == 4 and small.numel() > 0 and out.dtype == small.dtype
+                and out.shape[:2] == small.shape[:2] and out.shape[2:] == (2 * small.shape[2], 2 * small.shape[3])
+                and usable(out) and usable(small) and resized_dtype(small) == small.dtype
+                and (out.is_contiguous() or out.is_contiguous(memory_format=torch.channels_last))):  # fmt: skip
+            return False
+        memory = out.untyped_storage().data_ptr()
+        return all(t.untyped_storage().data_ptr() != memory for t in (*levels, small))
+
+
 def _plain_pool(module: nn.Module) -> int | None:
     """s when ``module`` is exactly ``nn.AvgPool2d(s)`` (kernel = stride = s, no padding, floor sizes), else None."""
     if type(module) is not nn.AvgPool2d:
@@ -172,20 +222,22 @@ def _single(value: Any) -> int | None:
 
 
 def swap_resamplings(model: nn.Module, trainable_only: bool = False) -> int:
-    """Replace ``model``'s ``FPN``, ``Upsample2x`` and plain ``nn.AvgPool2d(s)`` modules with the Triton ones (an
-    ``nn.AvgPool2d(1)``, a copy, with ``nn.Identity``), in place; returns how many (a second call: none).
-    ``trainable_only``: the average poolings and the upsamplings alone (the trainer's: the FPN's in-place step has
-    no backward)."""
+    """Replace ``model``'s ``FPN``, ``SemanticFPNHead``, ``Upsample2x`` and plain ``nn.AvgPool2d(s)`` modules with
+    the Triton ones (an ``nn.AvgPool2d(1)``, a copy, with ``nn.Identity``), in place; returns how many (a second
+    call: none). ``trainable_only``: the average poolings and the upsamplings alone (the trainer's: the FPN's and
+    the head's in-place steps have no backward)."""
     count = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             s = _plain_pool(child)
-            if trainable_only and type(child) is FPN:
+            if trainable_only and type(child) in (FPN, SemanticFPNHead):
                 continue
             if type(child) is Upsample2x:
                 setattr(parent, name, TritonUpsample2x())
             elif type(child) is FPN:
                 setattr(parent, name, TritonFPN(child))
+            elif type(child) is SemanticFPNHead:
+                setattr(parent, name, TritonSemanticFPNHead(child))
             elif s == 1:  # a copy (CLIP's unstrided shortcuts have one): the map as it is, the same values
                 setattr(parent, name, nn.Identity())
             elif s is not None:
