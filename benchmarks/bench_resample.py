@@ -12,6 +12,9 @@ known 4-byte aligned only, costs the loads their width; from an NCHW map made be
 classifier writing NCHW planes would save; and the write floor, the output filled), the FPN
 head's 2x upsampling (128 channels, 64x64 -> 128x128 NHWC bfloat16), a bottleneck's 2x2 average pooling (256
 channels, 128x128 NHWC), the FPN's top-down step (256 channels, 64x64 nearest-upsampled and added into 128x128),
+the FPN head's sum of a level (its last 2x upsampling, 256 channels of 64x64, added into the 128x128 sum: ATen's
+upsampling then addition, the Triton upsampling then ATen's addition as the engine had it, the fused in-place
+kernel; not yet timed on a GPU),
 the training loss's resize gradient (150 float32 NHWC planes of 512x512 back to 128x128: ATen's autograd, the
 two products train/resize.py had on a GPU, the Triton gather it has now), and the loss's cross-entropy of those
 logits, forward and backward (ATen on the 4-D map as the loss had it, ATen on the (pixels, classes) view, the Triton
@@ -168,6 +171,8 @@ def cases(batch: int, device: torch.device, small: bool,
     level = rand(batch, c_up, side // 2, side // 2)
     pooled = rand(batch, c_pool, side, side)
     finer, coarser = rand(batch, c_pool, side, side), rand(batch, c_pool, side // 2, side // 2)
+    # the FPN head's sum (head_channels 256, as c_pool) and a level's last upsampling
+    head_sum, head_level = rand(batch, c_pool, side, side), rand(batch, c_pool, side // 2, side // 2)
     return [
         ("logits resize", f"B{batch} K{k} {side}x{side} bf16 NHWC -> {image[0]}x{image[1]} fp32 NCHW",
          logits.numel() * 2 + logits_out.numel() * 4, logits_contestants),
@@ -211,6 +216,12 @@ def cases(batch: int, device: torch.device, small: bool,
          finer.numel() * 2 * 2 + coarser.numel() * 2,
          {"aten (nearest, then add)": lambda: finer + F.interpolate(coarser, size=(side, side), mode="nearest"),
           "triton (in place)": lambda: resample.add_nearest_(finer, coarser)}),
+        ("FPN head sum", f"B{batch} C{c_pool} {side // 2}x{side // 2} bilinear into {side}x{side} bf16 NHWC",
+         head_sum.numel() * 2 * 2 + head_level.numel() * 2,
+         {"aten (upsample, then add)": lambda: head_sum + F.interpolate(head_level, size=(side, side),
+                                                                        mode="bilinear", align_corners=False),
+          "triton upsample, then aten add": lambda: head_sum + resample.bilinear(head_level, (side, side)),
+          "triton fused (in place)": lambda: resample.add_bilinear_(head_sum, head_level)}),
     ]  # fmt: skip
 
 

@@ -1172,13 +1172,14 @@ def test_bench_resample_times_each_case_against_aten(tmp_path, monkeypatch):
         "loss cross-entropy, forward and backward"] * 3 + [
         "loss resize and cross-entropy, forward and backward"] * 3 + [
         "FPN 2x upsampling"] * 2 + [
-        "average pooling 2x2"] * 2 + ["FPN top-down step"] * 2  # fmt: skip
+        "average pooling 2x2"] * 2 + ["FPN top-down step"] * 2 + ["FPN head sum"] * 3  # fmt: skip
     assert not any("error" in r for r in rows) and all(r["bytes"] > 0 for r in rows)
     md = (tmp_path / "resample_t.md").read_text()
-    assert "| FPN top-down step |" in md and "| triton into a buffer, 4 rows x 4 ch x 64 col, 8 warps |" in md
+    assert "| FPN top-down step |" in md and "| FPN head sum |" in md
+    assert "| triton into a buffer, 4 rows x 4 ch x 64 col, 8 warps |" in md
     for case, _, _, fns in bench_resample.cases(1, torch.device("cpu"), small=True):
         if case == "FPN top-down step":
-            continue  # in place: each call adds again
+            continue  # in place: each call adds again (the head sum's fused row is its last, so it is checked)
         results = [out for row, out in zip(rows, outputs)
                    if row["case"] == case and not row["contestant"].startswith("write floor")]  # fmt: skip
         assert len(results) == len(fns) - (case == "logits resize")
