@@ -250,13 +250,20 @@ def _kept_taps(src: int, dst: int, device: torch.device, clamp_weight: bool) -> 
     The same tensors, never written by their users; made outside inference mode (an inference tensor would refuse
     some uses outside it) and on the stream that reads them, so that the caching allocator never hands their memory
     to another stream while its work still reads them (a kept tensor is freed only when TAPS_KEPT newer ones have
-    pushed it out). Not kept where the call is traced or recorded (intercepted)."""
+    pushed it out). Not kept, nor taken from the kept ones, where the call is traced or recorded (intercepted) or
+    captured into a CUDA graph (a capture runs no kernel, so kept taps would hold nothing until a replay, and a graph
+    that read kept taps would read freed memory once they were pushed out: the graph's own are its to keep)."""
     from .model.layers import intercepted
 
-    if intercepted():  # a tracer's or a dispatch mode's tensors are not kept for later calls
+    if intercepted() or _capturing(device):  # a tracer's, a dispatch mode's or a CUDA graph's tensors: not kept
         return _linear_taps(src, dst, device, clamp_weight)
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     return _taps_of(src, dst, device, stream, clamp_weight)
+
+
+def _capturing(device: torch.device) -> bool:
+    """Whether work queued on ``device`` now goes into a CUDA graph being captured."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 @functools.lru_cache(maxsize=TAPS_KEPT)

@@ -749,6 +749,26 @@ def test_the_finite_check_can_be_turned_off(model):
     assert torch.isnan(seg.open_vocab(nan, ["cat"])).all()
 
 
+def test_a_gpu_verdict_is_read_after_its_copy_has_arrived():
+    """FiniteVerdict: a GPU flag's verdict waits for the event after its copy to the host, then reads the copy;
+    one already on the host is read as it is."""
+    from denseclip_fast.engine.segmenter import FiniteVerdict
+
+    log = []
+
+    class Flag:
+        def __bool__(self):
+            log.append("read")
+            return False
+
+    class Ready:
+        def synchronize(self):
+            log.append("waited")
+
+    assert not FiniteVerdict(Flag(), Ready()).finite() and log == ["waited", "read"]  # type: ignore[arg-type]
+    assert FiniteVerdict(torch.tensor(True), None).finite() and not FiniteVerdict(torch.tensor(False), None).finite()
+
+
 def test_bad_vocabularies_and_settings(model):
     seg = _engine(model)
     with pytest.raises(ValueError, match="exactly 4 names"):

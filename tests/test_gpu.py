@@ -342,6 +342,31 @@ def test_opencv_resizes_on_cuda_equal_the_cpu():
     assert torch.allclose(normalize(on_gpu).cpu(), normalize(on_cpu), rtol=0, atol=1e-5)
 
 
+def test_uint8_resize_captured_in_a_cuda_graph_keeps_no_taps():
+    """A uint8 resize captured into a CUDA graph makes its own taps (kept ones would hold nothing until a replay,
+    and a graph reading kept ones would read freed memory once they were pushed out): nothing kept by the capture,
+    the eager call after it and the replay both OpenCV's pixels."""
+    from denseclip_fast import preprocess
+
+    x = torch.randint(0, 256, (1, 3, 37, 53), dtype=torch.uint8, device="cuda")
+    want = preprocess.resize_bilinear_uint8(x.cpu(), (64, 90))
+    preprocess._taps_of.cache_clear()
+    graph = torch.cuda.CUDAGraph()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # a warm-up, as before any capture
+        preprocess.resize_bilinear_uint8(x, (64, 90))
+    torch.cuda.current_stream().wait_stream(side)
+    preprocess._taps_of.cache_clear()
+    with torch.cuda.graph(graph):
+        out = preprocess.resize_bilinear_uint8(x, (64, 90))
+    assert preprocess._taps_of.cache_info().currsize == 0
+    eager = preprocess.resize_bilinear_uint8(x, (64, 90))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(eager.cpu(), want) and torch.equal(out.cpu(), want)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_engine_fuses_its_convolutions_with_cudnn(monkeypatch, dtype):
     """A 16-bit CUDA engine takes cuDNN's fused convolution + bias + ReLU (+ residual) operators (cuda_conv.py): its

@@ -1199,6 +1199,13 @@ def test_triton_score_reads_a_batch_strided_map_as_it_is(monkeypatch, layout):
     with torch.no_grad():
         got = torch.ops.denseclip_fast.pixel_text_score_triton(expanded, text, 0.5)
     assert not plans[-1].as_is and torch.equal(got[0][0], got[0][2])
+    # images that are not dense themselves (rows apart by more than a row, channels by more than a channel): copied
+    nchw, nhwc = torch.randn(b, c, h, w + 2, device=DEVICE), torch.randn(b, h, w + 2, c, device=DEVICE)
+    for loose in (nchw[..., 1 : w + 1], nhwc[:, :, 1 : w + 1].permute(0, 3, 1, 2)):
+        with torch.no_grad():
+            got = torch.ops.denseclip_fast.pixel_text_score_triton(loose, text, 0.5)
+            want = torch.ops.denseclip_fast.pixel_text_score_triton(loose.contiguous(), text, 0.5)
+        assert not plans[-2].as_is and torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
 def test_triton_score_split_forward_trains_and_splits_only_where_programs_are_few(monkeypatch):

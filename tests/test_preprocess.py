@@ -287,7 +287,8 @@ def test_resize_bilinear_uint8_is_opencv_bit_for_bit():
 def test_resize_taps_are_kept_per_size(monkeypatch):
     """The resize's taps are made once per (source, output) size and axis and kept (TAPS_KEPT of them): a second
     batch of a size makes none and gets the same pixels; kept under inference mode, they serve calls outside it (not
-    inference tensors); a dispatch mode's call keeps nothing; the oldest are dropped past the bound."""
+    inference tensors); a dispatch mode's call and a CUDA graph's capture neither keep nor take kept ones; the
+    oldest are dropped past the bound."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from denseclip_fast import preprocess
@@ -306,6 +307,10 @@ def test_resize_taps_are_kept_per_size(monkeypatch):
     with FlopCounterMode(display=False):
         resize_bilinear_uint8(x, (64, 90))
     assert len(made) == 4 and preprocess._taps_of.cache_info().currsize == 2
+    monkeypatch.setattr(preprocess, "_capturing", lambda device: True)  # a CUDA graph's capture: its own taps
+    assert torch.equal(resize_bilinear_uint8(x, (64, 90)), first)
+    assert len(made) == 6 and preprocess._taps_of.cache_info().currsize == 2
+    monkeypatch.setattr(preprocess, "_capturing", lambda device: False)
     monkeypatch.setattr(preprocess, "_taps_of", functools.lru_cache(maxsize=3)(preprocess._taps_of.__wrapped__))
     for width in (91, 92):
         resize_bilinear_uint8(x, (64, width))

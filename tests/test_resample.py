@@ -509,8 +509,19 @@ def test_add_bilinear_takes_int64_offsets_and_rejects_bad_input(monkeypatch):
     coarser = _map(2, 5, 4, 5, torch.float16, "nhwc", seed=5)
     want = _added(finer, resample.bilinear(coarser, (7, 9)))
     monkeypatch.setattr(resample, "WIDE_FROM", 16)
-    assert resample._wide(finer, coarser)
-    assert torch.equal(resample.add_bilinear_(finer.clone(), coarser), want)
+    wide = []
+    real = resample.profiled
+
+    class Launch:  # profiled(kernel)[grid](..., WIDE=...): what the launch was given
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            run = real(self.kernel)[grid]
+            return lambda *args, **kwargs: wide.append(kwargs["WIDE"]) or run(*args, **kwargs)
+
+    monkeypatch.setattr(resample, "profiled", Launch)
+    assert torch.equal(resample.add_bilinear_(finer.clone(), coarser), want) and wide == [True]
     buffer = torch.full((2, 8, 7, 9), 7.0, device=DEVICE, dtype=torch.float16)
     buffer[:, 2:7] = finer
     resample.add_bilinear_(buffer[:, 2:7], coarser)

@@ -179,7 +179,9 @@ def test_a_copying_device_skips_resizes_to_the_same_size(monkeypatch):
     assert not planes and same.dtype == torch.float32 and same.is_contiguous()
     assert torch.equal(same.nan_to_num(), x.float().nan_to_num()) and torch.equal(same.isnan(), x.isnan())
     assert torch.equal(segmenter.labels(x, (3, 4)), x.float().max(dim=1).indices) and not fused
+    assert segmenter.unchanged_by_resize(x, (3, 4)) and not segmenter.unchanged_by_resize(x, (3, 5))  # NaN or not
     monkeypatch.setattr(segmenter, "COPYING_DEVICES", ())
+    assert not segmenter.unchanged_by_resize(x, (3, 4))  # a CPU's rule: not with a NaN among the scores
     planes.clear()
     segmenter.resized_through(x, (7, 9), (7, 9))
     assert len(planes) == 2  # not a copying device: each resize made

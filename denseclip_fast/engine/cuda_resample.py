@@ -161,7 +161,9 @@ class TritonSemanticFPNHead(SemanticFPNHead):
     upsampling into the running sum in place, one Triton pass that writes no upsampled map
     (resample.add_bilinear_: the resize rounded to the sum's dtype, then the sum rounded once, as the model's
     ``out + y`` of the Triton resize), where :meth:`fusable`; else the model's step: the upsampling, its resize to
-    the sum's size where that differs, the new sum."""
+    the sum's size where that differs, the new sum. It runs each scale head's blocks itself (hooks on a scale head's
+    Sequential do not fire) and writes into the first scale head's output (a hook keeping it would see it change):
+    a private inference model's head, as the Segmenter's."""
 
     def __init__(self, head: SemanticFPNHead) -> None:
         nn.Module.__init__(self)  # not SemanticFPNHead's: the modules are head's own

@@ -539,7 +539,9 @@ def add_nearest_(finer: torch.Tensor, coarser: torch.Tensor) -> torch.Tensor:
 def add_bilinear_(finer: torch.Tensor, coarser: torch.Tensor) -> torch.Tensor:
     """``finer += bilinear(coarser, finer.shape[2:])`` in place (one pass, no resized map written): the resize
     rounded to finer's dtype, as :func:`bilinear` returns it, then the sum in float32 rounded once, as ATen's
-    addition of the two; for maps of one dtype and device, any strides; returns ``finer``."""
+    addition of the two; for maps of one dtype and device, any strides, but ``finer`` must hold each element once
+    and share no memory with ``coarser`` (an expanded or aliased map would be written under its own reads: the
+    engine's head asks TritonSemanticFPNHead.fusable first); returns ``finer``."""
     if not _plan("add_bilinear_", finer, coarser, same_dtype=True):
         return finer
     block_c, block_w = blocks(finer.shape[1], finer.shape[3], finer.stride(1))
