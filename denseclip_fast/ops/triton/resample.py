@@ -44,7 +44,7 @@ width into a float32 map then the height, each input index summing the few outpu
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -523,17 +523,7 @@ def avg_pool_backward(grad: torch.Tensor, size: Sequence[int], s: int,
 def add_nearest_(finer: torch.Tensor, coarser: torch.Tensor) -> torch.Tensor:
     """``finer += F.interpolate(coarser, size=finer.shape[2:], mode="nearest")`` in place (one pass: the sum in
     float32, rounded once, as ATen's addition), for maps of one dtype and device; returns ``finer``."""
-    if not _plan("add_nearest_", finer, coarser, same_dtype=True):
-        return finer
-    block_c, block_w = blocks(finer.shape[1], finer.shape[3], finer.stride(1))
-    (_, c, h_in, w_in), (h_out, w_out) = coarser.shape, finer.shape[2:]
-    with on_device(finer):
-        profiled(_add_nearest_kernel)[_grid(finer, block_c, block_w)](
-            finer, coarser, finer, c, h_in, w_in, h_out, w_out, *finer.stride(), *coarser.stride(), *finer.stride(),
-            _scale(h_in, h_out), _scale(w_in, w_out), BLOCK_C=block_c, BLOCK_W=block_w, WIDE=_wide(finer, coarser),
-            num_warps=WARPS,
-        )  # fmt: skip
-    return finer
+    return _add_resized_("add_nearest_", _add_nearest_kernel, finer, coarser, (finer, coarser, finer))
 
 
 def add_bilinear_(finer: torch.Tensor, coarser: torch.Tensor) -> torch.Tensor:
@@ -542,13 +532,20 @@ def add_bilinear_(finer: torch.Tensor, coarser: torch.Tensor) -> torch.Tensor:
     addition of the two; for maps of one dtype and device, any strides, but ``finer`` must hold each element once
     and share no memory with ``coarser`` (an expanded or aliased map would be written under its own reads: the
     engine's head asks TritonSemanticFPNHead.fusable first); returns ``finer``."""
-    if not _plan("add_bilinear_", finer, coarser, same_dtype=True):
+    return _add_resized_("add_bilinear_", _add_bilinear_kernel, finer, coarser, (coarser, finer))
+
+
+def _add_resized_(name: str, kernel: Any, finer: torch.Tensor, coarser: torch.Tensor,
+                  maps: tuple[torch.Tensor, ...]) -> torch.Tensor:  # fmt: skip
+    """The launch of an in-place sum of ``finer`` and ``coarser`` resized to its size: ``kernel`` given ``maps``
+    (its pointers, in its order), the sizes, each map's strides and the two axes' scales."""
+    if not _plan(name, finer, coarser, same_dtype=True):
         return finer
     block_c, block_w = blocks(finer.shape[1], finer.shape[3], finer.stride(1))
     (_, c, h_in, w_in), (h_out, w_out) = coarser.shape, finer.shape[2:]
     with on_device(finer):
-        profiled(_add_bilinear_kernel)[_grid(finer, block_c, block_w)](
-            coarser, finer, c, h_in, w_in, h_out, w_out, *coarser.stride(), *finer.stride(), _scale(h_in, h_out),
+        profiled(kernel)[_grid(finer, block_c, block_w)](
+            *maps, c, h_in, w_in, h_out, w_out, *(s for t in maps for s in t.stride()), _scale(h_in, h_out),
             _scale(w_in, w_out), BLOCK_C=block_c, BLOCK_W=block_w, WIDE=_wide(finer, coarser), num_warps=WARPS,
         )  # fmt: skip
     return finer
