@@ -365,10 +365,10 @@ def normalize(x: torch.Tensor) -> torch.Tensor:
     """(B, 3, H, W) 0..255 RGB -> CLIP-normalised, in x's floating dtype (float32 for an integer batch: uint8
     arithmetic would truncate CLIP's mean and std and wrap below zero)."""
     _check_rgb_batch(x, "RGB values 0..255")
-    if not x.is_floating_point():
-        x = x.float()
-    mean, std = _mean_std(x.dtype, x.device)
-    return (x - mean) / std
+    mean, std = _mean_std(x.dtype if x.is_floating_point() else torch.float32, x.device)
+    # an integer batch minus the float32 mean is float32 (the same values as converting it first, one pass fewer),
+    # divided in place: two passes
+    return torch.sub(x, mean).div_(std)
 
 
 def prepare(image: np.ndarray | torch.Tensor, scale: Sequence[int]) -> torch.Tensor:

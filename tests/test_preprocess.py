@@ -94,6 +94,7 @@ def test_normalize_and_resize_keep_ratio_take_rgb_batches_only():
         got = normalize(pixels.to(dtype))
         assert got.dtype == torch.float32
         torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=1e-6)
+        assert torch.equal(got, normalize(pixels.float()))  # as converting first, bit for bit
     assert normalize(pixels.half()).dtype == torch.float16
     for bad in (torch.zeros(1, 1, 8, 8), torch.zeros(1, 4, 8, 8), torch.zeros(64, 80, 3), torch.zeros(1, 64, 80, 3)):
         shape = re.escape(str(tuple(bad.shape)))
