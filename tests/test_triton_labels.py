@@ -156,6 +156,7 @@ def test_a_copying_device_skips_resizes_to_the_same_size(monkeypatch):
     would have spread NaN to their neighbours)."""
     x = _scores(2, 6, 3, 4, torch.bfloat16, "nhwc", seed=6)  # (a NaN and an infinity among them)
     monkeypatch.setattr(cuda_resample, "DEVICE_TYPES", (DEVICE,))
+    monkeypatch.setattr(segmenter, "COPYING_DEVICES", ())  # (on a GPU too: every resize made)
     once_logits, once_labels = segmenter.resized_through(x, (7, 9)), segmenter.labels(x, (7, 9))
     twice = segmenter.resized_through(x, (7, 9), (7, 9))  # the second resize made: more NaN around the infinity
     assert twice.isnan().sum() > once_logits.isnan().sum()
