@@ -46,7 +46,7 @@ import triton.language as tl
 
 from ..backends import MAX_GRID_Y
 from ..checks import check_like
-from ..library import empty_score, memory_format_of, score_memory_format
+from ..library import _image_strides_are, empty_score, memory_format_of, score_memory_format
 from .common import cdiv, dot_in_f32, launch, next_power_of_2
 
 # Images per launch: the kernels' grids give the batch their second or third axis, which CUDA caps at 65535 (an
@@ -761,10 +761,8 @@ def _batch_stride(v_shape: tuple[int, ...], v_stride: tuple[int, ...], dense: tu
     b, c, h, w = v_shape
     if b < 2 or v_stride[0] < dense[0]:
         return None
-    image = (dense[1], dense[2] * w, dense[2])  # the channel, row and column strides of a dense image
-    if not all(size == 1 or stride == want for size, stride, want in zip(v_shape[1:], v_stride[1:], image)):
-        return None
-    return v_stride[0]
+    # the channel, row and column strides of a dense image
+    return v_stride[0] if _image_strides_are(v_shape, v_stride, (dense[1], dense[2] * w, dense[2])) else None
 
 
 def text_norms(t: torch.Tensor) -> torch.Tensor:
