@@ -618,10 +618,10 @@ class Segmenter:
             # one reduction (aminmax passes NaN on, and the comparisons refuse it)
             low, high = torch.aminmax(x)
             finite = (low >= -MAX_INPUT) & (high <= MAX_INPUT)
-        if x.device.type != "cuda":  # (another accelerator's flag: read when the forward is queued, as it is)
-            if x.device.type == "cpu":
-                self._finite_or_raise(FiniteVerdict(finite, None))
-                return batch, None
+        if x.device.type == "cpu":
+            self._finite_or_raise(FiniteVerdict(finite, None))
+            return batch, None
+        if x.device.type != "cuda":  # another accelerator's flag: read as it is once the forward is queued
             return batch, FiniteVerdict(finite, None)
         return batch, FiniteVerdict.sent(finite)
 
