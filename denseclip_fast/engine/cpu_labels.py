@@ -95,6 +95,12 @@ def fused_tail(sizes: Sequence[tuple[int, int]]) -> int:
 TAME = 1e38
 
 
+def changing(start: tuple[int, int], sizes: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """``sizes`` without those equal to the size before them (``start`` before the first): the resizes in turn that
+    change a map's size."""
+    return [size for before, size in zip((start, *sizes[:-1]), sizes) if tuple(before) != tuple(size)]
+
+
 def without_repeats(
     scores: torch.Tensor, start: tuple[int, int], sizes: Sequence[tuple[int, int]]
 ) -> Sequence[tuple[int, int]]:
@@ -103,7 +109,7 @@ def without_repeats(
     finite values bit for bit, as segmenter.unchanged_by_resize relies on), so the kernel need not make them; the
     last one stays when all are repeats. Other scores keep every resize (one to the same size turns an infinity into
     NaN)."""
-    kept = [size for before, size in zip((start, *sizes[:-1]), sizes) if tuple(before) != tuple(size)]
+    kept = changing(start, sizes)
     if len(kept) == len(sizes):
         return sizes
     low, high = torch.aminmax(scores)  # NaN passes on: not tame

@@ -189,13 +189,7 @@ def _without_copies(scores: torch.Tensor, sizes: Sequence[Size]) -> tuple[Size, 
     and the resize before them (or none) is the last; elsewhere ``sizes`` as they are."""
     if scores.device.type not in COPYING_DEVICES:
         return tuple(sizes)
-    before = tuple(scores.shape[2:])
-    kept = []
-    for size in sizes:
-        if tuple(size) != before:
-            kept.append(size)
-        before = tuple(size)
-    return tuple(kept)
+    return tuple(cpu_labels.changing((scores.shape[2], scores.shape[3]), sizes))
 
 
 def _resized_in_turn(scores: torch.Tensor, sizes: Sequence[Size]) -> torch.Tensor:
