@@ -371,6 +371,17 @@ def normalize(x: torch.Tensor) -> torch.Tensor:
     return torch.sub(x, mean).div_(std)
 
 
+def normalize_keep_ratio(x: torch.Tensor, scale: Sequence[int]) -> torch.Tensor:
+    """The test pipeline on a batch: (B, 3, H, W) 0..255 RGB -> :func:`resize_keep_ratio`, then :func:`normalize`;
+    a uint8 batch the scale leaves at its size is normalised from its uint8 values (the same values, without the
+    float32 copy the resize makes of it)."""
+    _check_rgb_batch(x, "RGB values 0..255")
+    size = keep_ratio_size(x.shape[2], x.shape[3], scale)
+    if x.dtype != torch.uint8 or size != tuple(x.shape[2:]):  # (other values are rounded to uint8 by the resize)
+        x = resize_bilinear_uint8(x, size)
+    return normalize(x)
+
+
 def prepare(image: np.ndarray | torch.Tensor, scale: Sequence[int]) -> torch.Tensor:
     """The whole test pipeline for one uint8 image: (H, W, 3) -> CLIP-normalised (1, 3, h, w)."""
-    return normalize(resize_keep_ratio(to_tensor(image), scale))
+    return normalize_keep_ratio(to_tensor(image), scale)

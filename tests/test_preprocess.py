@@ -84,6 +84,23 @@ def test_a_scale_other_than_two_positive_ints_is_refused_by_name(scale):
     assert keep_ratio_size(40, 60, np.array([512, 2048])) == keep_ratio_size(40, 60, [2048, 512]) == (512, 768)
 
 
+def test_normalize_keep_ratio_is_the_resize_then_normalize():
+    """normalize_keep_ratio equals normalize(resize_keep_ratio(x)) bit for bit: a uint8 batch the scale leaves at its
+    size (normalised from its uint8 values), one it resizes, and a float batch at its size (still rounded to uint8
+    values by the resize); not an RGB batch: the same error."""
+    from denseclip_fast.preprocess import normalize_keep_ratio
+
+    rng = np.random.default_rng(7)
+    at_size = torch.from_numpy(rng.integers(0, 256, size=(2, 3, 32, 128), dtype=np.uint8))
+    other = torch.from_numpy(rng.integers(0, 256, size=(1, 3, 40, 50), dtype=np.uint8))
+    fractions = at_size.float() + 0.4
+    for x in (at_size, other, fractions):
+        assert torch.equal(normalize_keep_ratio(x, (128, 32)), normalize(resize_keep_ratio(x, (128, 32))))
+    assert not torch.equal(normalize_keep_ratio(fractions, (128, 32)), normalize(fractions))
+    with pytest.raises(ValueError, match=r"x must be a \(B, 3, H, W\) batch"):
+        normalize_keep_ratio(torch.zeros(1, 4, 8, 8, dtype=torch.uint8), (128, 32))
+
+
 def test_normalize_and_resize_keep_ratio_take_rgb_batches_only():
     """Integer batches are normalised in float32 (uint8 arithmetic truncated CLIP's mean and std and wrapped below
     zero: up to 3.9 off); an (H, W, 3) image, a 1- or 4-channel batch are refused, naming x, where they were

@@ -52,7 +52,7 @@ from ..model.denseclip import check_image_size, check_test_image_size
 from ..model.layers import intercepted
 from ..model.slide import slide_inference, two_thirds_stride, window_sizes
 from ..model.text import check_class_names
-from ..preprocess import keep_ratio_size, normalize, resize_bilinear_uint8
+from ..preprocess import normalize_keep_ratio
 from ..validation import as_int, check_bool, check_device, given_dtype
 from ..visualize import default_palette
 from ..visualize import overlay as blend
@@ -567,10 +567,7 @@ class Segmenter:
     def _prepare_raw(self, images: list[torch.Tensor]) -> torch.Tensor:
         """uint8 (H, W, 3) images of one size -> the official test pipeline's normalised batch on the device."""
         x = stacked_for(images, self.device).to(self.device, non_blocking=True).permute(0, 3, 1, 2)
-        size = keep_ratio_size(x.shape[2], x.shape[3], self.model.config.test_scale)
-        if size != tuple(x.shape[2:]):  # (an image the test scale leaves as it is is normalised from its uint8 values)
-            x = resize_bilinear_uint8(x, size)
-        return normalize(x)
+        return normalize_keep_ratio(x, self.model.config.test_scale)
 
     def _each_group(
         self, batch: ImageBatch, fn: Callable[[torch.Tensor], Pending], finish: Finish

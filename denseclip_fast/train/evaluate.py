@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from ..config import MIN_IMAGE_SIDE
 from ..model import DenseCLIP
 from ..model.denseclip import check_test_image_size
-from ..preprocess import image_size, normalize, resize_keep_ratio, to_tensor
+from ..preprocess import image_size, normalize_keep_ratio, to_tensor
 from ..validation import finite_real
 from .data import IGNORE, SegmentationData
 
@@ -180,7 +180,7 @@ def predict_probabilities(
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None and dtype != torch.float32)
     for ratio in scales:
         scale = [int(s * ratio) for s in model.config.test_scale]
-        x = normalize(resize_keep_ratio(raw, scale))
+        x = normalize_keep_ratio(raw, scale)
         for flipped in (False, True) if flip else (False,):
             xi = x.flip(-1) if flipped else x
             with autocast:
