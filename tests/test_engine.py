@@ -750,23 +750,42 @@ def test_the_finite_check_can_be_turned_off(model):
 
 
 def test_a_gpu_verdict_is_read_after_its_copy_has_arrived():
-    """FiniteVerdict: a GPU flag's verdict waits for the event after its copy to the host, then reads the copy;
-    one already on the host is read as it is."""
+    """FiniteVerdict: a GPU batch's bounds are read once the event after their copy to the host has passed; bounds
+    already on the host are read as they are."""
     from denseclip_fast.engine.segmenter import FiniteVerdict
 
     log = []
 
-    class Flag:
-        def __bool__(self):
+    class Bounds:
+        def tolist(self):
             log.append("read")
-            return False
+            return [0.0, float("nan")]
 
     class Ready:
         def synchronize(self):
             log.append("waited")
 
-    assert not FiniteVerdict(Flag(), Ready()).finite() and log == ["waited", "read"]  # type: ignore[arg-type]
-    assert FiniteVerdict(torch.tensor(True), None).finite() and not FiniteVerdict(torch.tensor(False), None).finite()
+    assert not FiniteVerdict(Bounds(), Ready()).finite() and log == ["waited", "read"]  # type: ignore[arg-type]
+    assert FiniteVerdict(torch.tensor([-1.0, 2.0]), None).finite()
+    assert not FiniteVerdict(torch.tensor([-1.0, 17.0]), None).finite()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_the_finite_scan_bounds_a_batch_by_its_minimum_and_maximum(dtype):
+    """FiniteVerdict.scanned: one reduction's minimum and maximum in one buffer; the verdict takes ±MAX_INPUT
+    themselves and refuses anything past them, NaN and infinities, wherever they are (first, last, in between)."""
+    from denseclip_fast.engine.segmenter import MAX_INPUT, FiniteVerdict
+
+    x = (torch.rand(2, 3, 7, 9, dtype=torch.float64) * 4 - 2).to(dtype)
+    bounds = FiniteVerdict.scanned(x)
+    assert bounds.dtype == dtype and bounds.tolist() == [x.min().item(), x.max().item()]
+    assert FiniteVerdict(bounds, None).finite()
+    for value, finite in [(MAX_INPUT, True), (-MAX_INPUT, True), (16.5, False), (-16.5, False),
+                          (float("nan"), False), (float("inf"), False), (float("-inf"), False)]:  # fmt: skip
+        for where in (0, x.numel() // 2, x.numel() - 1):
+            bad = x.clone()
+            bad.view(-1)[where] = value
+            assert FiniteVerdict(FiniteVerdict.scanned(bad), None).finite() == finite, (value, where)
 
 
 def test_bad_vocabularies_and_settings(model):

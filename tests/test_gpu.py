@@ -260,7 +260,7 @@ def test_engine_rejects_non_finite_cuda_batches_after_the_forward():
 
     model = randomized(DenseCLIP(heads_of_16(tiny_config("resnet")), NAMES)).eval()
     seg = Segmenter(model, device="cuda", dtype=torch.float32, capture_after=1)
-    x = torch.randn(1, 3, 64, 64, device="cuda")
+    x = torch.randn(1, 3, 64, 64, device="cuda").clamp_(-4, 4)
     expected = seg.logits(x)
     bad = x.clone()
     bad[0, 1, 5, 7] = float("inf")
@@ -268,6 +268,18 @@ def test_engine_rejects_non_finite_cuda_batches_after_the_forward():
         with pytest.raises(ValueError, match="NaN or infinite"):
             call(bad)
     assert torch.equal(seg.logits(x), expected) and seg.captured_graphs == 1
+    # the bounds come to the host and are compared there: ±16 pass, past them, NaN and -inf do not, in any float
+    # dtype the batch comes in (the scan reads the caller's batch, before the engine's conversion)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for value, finite in [(16.0, True), (-16.0, True), (16.5, False), (-16.5, False), (float("nan"), False),
+                              (float("-inf"), False)]:  # fmt: skip
+            edge = x.to(dtype)
+            edge[0, 2, 63, 63] = value
+            if finite:
+                assert torch.isfinite(seg.logits(edge)).all()
+            else:
+                with pytest.raises(ValueError, match="NaN or infinite"):
+                    seg.logits(edge)
 
 
 def test_engine_returns_before_its_forward_is_done():

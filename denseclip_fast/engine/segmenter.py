@@ -344,29 +344,40 @@ def no_tf32(active: bool = True) -> Iterator[None]:
 
 
 class FiniteVerdict(NamedTuple):
-    """A float batch's finite check (Segmenter._batch): ``flag``, a bool scalar, and for a GPU batch ``ready``, an
-    event recorded on the scan's stream once the flag's copy to pinned host memory is queued (:meth:`sent`). Reading
-    it waits for that event, which the scan reaches before the forward queued after it: the call returns without
-    waiting for its own forward (the previous call's work on that stream, queued before the scan, is waited for), as
-    a plain PyTorch call returns. Reading the GPU flag itself (``bool``) would wait for the whole stream."""
+    """A float batch's finite check (Segmenter._batch): ``bounds``, its minimum and maximum (NaN where it holds a
+    NaN), and for a GPU batch ``ready``, an event recorded on the scan's stream once their copy to pinned host memory
+    is queued (:meth:`sent`). Reading the verdict waits for that event, which the scan reaches before the forward
+    queued after it: the call returns without waiting for its own forward (the previous call's work on that stream,
+    queued before the scan, is waited for), as a plain PyTorch call returns. Reading the GPU bounds themselves would
+    wait for the whole stream. The bounds are compared with ±MAX_INPUT on the host: a GPU batch's check is two
+    launches (the reduction, the copy), not a comparison, a conjunction and a copy after it."""
 
-    flag: torch.Tensor
-    ready: Any  # torch.cuda.Event, or None where the flag is on the host already
+    bounds: torch.Tensor  # (2,): the minimum and the maximum, in the batch's dtype
+    ready: Any  # torch.cuda.Event, or None where the bounds are on the host already
 
     @staticmethod
-    def sent(flag: torch.Tensor) -> FiniteVerdict:
-        """The GPU ``flag`` copied to pinned host memory (asynchronously) and an event after that copy."""
-        host = torch.empty((), dtype=torch.bool, pin_memory=True)
-        host.copy_(flag, non_blocking=True)
+    def scanned(x: torch.Tensor) -> torch.Tensor:
+        """``x``'s minimum and maximum in one (2,) tensor on its device: one reduction (aminmax, which passes NaN on)
+        written into the two halves of one buffer, so that one copy takes both to the host."""
+        bounds = torch.empty(2, dtype=x.dtype, device=x.device)
+        torch.aminmax(x, out=(bounds[0], bounds[1]))
+        return bounds
+
+    @staticmethod
+    def sent(bounds: torch.Tensor) -> FiniteVerdict:
+        """The GPU ``bounds`` copied to pinned host memory (asynchronously) and an event after that copy."""
+        host = torch.empty(bounds.shape, dtype=bounds.dtype, pin_memory=True)
+        host.copy_(bounds, non_blocking=True)
         ready = torch.cuda.Event()
-        ready.record(torch.cuda.current_stream(flag.device))
+        ready.record(torch.cuda.current_stream(bounds.device))
         return FiniteVerdict(host, ready)
 
     def finite(self) -> bool:
-        """The verdict (waiting for the copy where it is one)."""
+        """The verdict (waiting for the copy where it is one): both bounds within ±MAX_INPUT (a NaN is not)."""
         if self.ready is not None:
             self.ready.synchronize()
-        return bool(self.flag)
+        low, high = self.bounds.tolist()
+        return bool(low >= -MAX_INPUT and high <= MAX_INPUT)
 
 
 class Segmenter:
@@ -606,15 +617,13 @@ class Segmenter:
             return batch, None
         x = batch.normalized
         with torch.no_grad():
-            # one reduction (aminmax passes NaN on, and the comparisons refuse it)
-            low, high = torch.aminmax(x)
-            finite = (low >= -MAX_INPUT) & (high <= MAX_INPUT)
+            bounds = FiniteVerdict.scanned(x)
         if x.device.type == "cpu":
-            self._finite_or_raise(FiniteVerdict(finite, None))
+            self._finite_or_raise(FiniteVerdict(bounds, None))
             return batch, None
-        if x.device.type != "cuda":  # another accelerator's flag: read as it is once the forward is queued
-            return batch, FiniteVerdict(finite, None)
-        return batch, FiniteVerdict.sent(finite)
+        if x.device.type != "cuda":  # another accelerator's bounds: read as they are once the forward is queued
+            return batch, FiniteVerdict(bounds, None)
+        return batch, FiniteVerdict.sent(bounds)
 
     def _check_sizes(self, batch: ImageBatch) -> None:
         """Images the network can take: at least MIN_IMAGE_SIDE pixels a side as they enter it (uint8 images
