@@ -741,6 +741,32 @@ def test_pil_images_that_cannot_be_decoded_are_named(model, tmp_path):
             _engine(model).logits(images)
 
 
+def test_a_float_batch_within_0_to_1_is_warned_of(model):
+    """Pixels scaled to 0..1 (torchvision's ToTensor) and passed as if CLIP-normalised run, but with a warning that
+    names the likely mistake, from every public call that takes a float batch; a CLIP-normalised batch, a constant
+    one (warmup's zeros) and any batch with check_finite=False are not warned of."""
+    import warnings
+
+    seg = _engine(model)
+    unit = torch.rand(1, 3, 64, 64)
+    calls = (seg.logits, seg.predict, lambda x: seg.open_vocab(x, ["cat"]), lambda x: seg.predict(x, ["cat", "dog"]))
+    for call in calls:
+        with pytest.warns(UserWarning, match=r"^images: a float batch within 0\.\.1 \(min .*, max .*\) looks like "
+                                             r"pixels scaled to 0\.\.1") as caught:  # fmt: skip
+            call(unit)
+        assert [w.filename for w in caught] == [__file__]  # the caller's line
+    normalised = (unit * 255 - 120) / 60
+    below, above = unit.clone(), unit.clone()
+    below[0, 1, 2, 3], above[0, 2, 3, 4] = -1e-3, 1.001  # one value past the range: not pixels scaled to 0..1
+    quiet = (normalised, torch.zeros(1, 3, 64, 64), below, above)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for x in quiet:
+            seg.logits(x)
+        seg.warmup((64, 64), raw=False)
+        _engine(model, check_finite=False).logits(unit)
+
+
 def test_the_finite_check_can_be_turned_off(model):
     """check_finite=False skips the NaN/Inf scan (and its GPU synchronisation): NaN input gives NaN logits."""
     nan = torch.full((1, 3, 64, 64), float("nan"))

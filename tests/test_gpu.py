@@ -280,6 +280,10 @@ def test_engine_rejects_non_finite_cuda_batches_after_the_forward():
             else:
                 with pytest.raises(ValueError, match="NaN or infinite"):
                     seg.logits(edge)
+    # and a batch within 0..1 is warned of, from the caller's line
+    with pytest.warns(UserWarning, match="looks like pixels scaled to 0..1") as caught:
+        seg.logits(torch.rand_like(x))
+    assert [w.filename for w in caught] == [__file__]
 
 
 def test_engine_returns_before_its_forward_is_done():

@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import threading
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal, NamedTuple, NoReturn
@@ -372,12 +373,25 @@ class FiniteVerdict(NamedTuple):
         ready.record(torch.cuda.current_stream(bounds.device))
         return FiniteVerdict(host, ready)
 
-    def finite(self) -> bool:
-        """The verdict (waiting for the copy where it is one): both bounds within ±MAX_INPUT (a NaN is not)."""
+    def read(self) -> tuple[float, float]:
+        """The batch's minimum and maximum (waiting for their copy where it is one)."""
         if self.ready is not None:
             self.ready.synchronize()
         low, high = self.bounds.tolist()
+        return low, high
+
+    def finite(self) -> bool:
+        """The verdict: both bounds within ±MAX_INPUT (a NaN is not)."""
+        low, high = self.read()
         return bool(low >= -MAX_INPUT and high <= MAX_INPUT)
+
+    def unit_range(self) -> bool:
+        """Whether the batch lies within 0..1 and is not constant, as pixels scaled to 0..1 and not CLIP-normalised
+        do (torchvision's ToTensor, PIL.Image / 255): a CLIP-normalised photo holds negative values unless every
+        pixel is brighter than CLIP's mean in every channel, and values within 0..1 only if also within one std
+        above it. (A constant batch, such as warmup's zeros, an image of CLIP's mean colour, is not taken for one.)"""
+        low, high = self.read()
+        return bool(0 <= low < high <= 1)
 
 
 class Segmenter:
@@ -619,7 +633,7 @@ class Segmenter:
         with torch.no_grad():
             bounds = FiniteVerdict.scanned(x)
         if x.device.type == "cpu":
-            self._finite_or_raise(FiniteVerdict(bounds, None))
+            self._finite_or_raise(FiniteVerdict(bounds, None), stacklevel=5)
             return batch, None
         if x.device.type != "cuda":  # another accelerator's bounds: read as they are once the forward is queued
             return batch, FiniteVerdict(bounds, None)
@@ -635,12 +649,23 @@ class Segmenter:
         for i, image in enumerate(batch.raw):
             check_test_image_size(image.shape[:2], self.model.config.test_scale, f"images[{i}]")
 
-    def _finite_or_raise(self, verdict: FiniteVerdict | None) -> None:
-        if verdict is not None and not verdict.finite():
+    def _finite_or_raise(self, verdict: FiniteVerdict | None, stacklevel: int = 4) -> None:
+        """The finite check's verdict: a ValueError for a batch it refuses, a warning for a batch within 0..1
+        (``stacklevel``: the caller's call of the public method, through _trained_head or _open_vocab)."""
+        if verdict is None:
+            return
+        if not verdict.finite():
             raise ValueError(f"images contain NaN or infinite values, or values past ±{MAX_INPUT:g}: a float batch "
                              "is CLIP-normalised (0..255 RGB through preprocess.normalize lies within -1.8..2.2); "
                              "pass 0..255 pixels as uint8 images, which the engine normalises, or through "
                              "preprocess.normalize (Segmenter(check_finite=False) turns this check off)")  # fmt: skip
+        if verdict.unit_range():
+            low, high = verdict.read()
+            warnings.warn(f"images: a float batch within 0..1 (min {low:.3g}, max {high:.3g}) looks like pixels "
+                          "scaled to 0..1 (torchvision's ToTensor), not CLIP-normalised ones (a photo's hold negative "
+                          "values): its results are likely wrong. Pass 0..255 pixels as uint8 images, which the "
+                          "engine normalises, or preprocess.normalize(x * 255); Segmenter(check_finite=False) turns "
+                          "this check off", UserWarning, stacklevel=stacklevel)  # fmt: skip
 
     def logits(self, images: Any) -> torch.Tensor | list[torch.Tensor]:
         """(B, K, H, W) float32 logits, at the input size for a normalised float batch and at each image's own size
