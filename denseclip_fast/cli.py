@@ -193,17 +193,22 @@ def _dtype(args: argparse.Namespace, device: str | None) -> torch.dtype:
 
 def _output_stems(files: Sequence[str]) -> list[str]:
     """NAME of each file's NAME_labels.png and NAME_overlay.png; two files with one NAME are refused before any
-    work (one would overwrite the other's results)."""
+    work (one would overwrite the other's results), also where the NAMEs differ in case only (A.JPG and a.png: one
+    file on macOS's and Windows' file systems)."""
     seen: dict[str, str] = {}
     stems = []
     for path in files:
         stem = os.path.splitext(os.path.basename(path))[0]
-        if stem in seen and os.path.realpath(seen[stem]) == os.path.realpath(path):
+        key = stem.casefold()
+        if key in seen and os.path.realpath(seen[key]) == os.path.realpath(path):
             raise ValueError(f"{path} is given twice")
-        if stem in seen:
-            raise ValueError(f"{seen[stem]} and {path} would both write {stem}_labels.png; rename one or segment "
-                             "them in separate runs")  # fmt: skip
-        seen[stem] = path
+        if key in seen:
+            other = os.path.splitext(os.path.basename(seen[key]))[0]
+            names = f"{stem}_labels.png" if other == stem else f"{other}_labels.png and {stem}_labels.png (one file "\
+                "where case is ignored)"  # fmt: skip
+            raise ValueError(f"{seen[key]} and {path} would both write {names}; rename one or segment them in "
+                             "separate runs")  # fmt: skip
+        seen[key] = path
         stems.append(stem)
     return stems
 
@@ -267,7 +272,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     dtype = _dtype(args, device)
     if args.open_vocab and args.classes is None:
         raise ValueError("--open-vocab needs --classes")
-    if args.open_vocab and args.mode is not None:  # refused rather than ignored, as export's options
+    if args.open_vocab and args.mode not in (None, "whole"):  # refused rather than ignored, as export's options
         raise ValueError(f"--mode applies to the trained head's labels; --open-vocab scores the whole image with the "
                          f"pixel-text map, got --mode {args.mode}")  # fmt: skip
     given = _parse_classes(args.classes, distinct=args.open_vocab) if args.classes is not None else None
@@ -648,11 +653,16 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import torch
+
+    from . import __version__
     from .export.aoti import DEFAULT_MAX_BATCH
     from .export.onnx import DEFAULT_OPSET, OPSETS
     from .export.tensorrt import DEFAULT_BATCH
 
     parser = _Parser(prog="denseclip-fast", description="DenseCLIP semantic segmentation")
+    parser.add_argument("--version", action="version",
+                        version=f"denseclip-fast {__version__} (torch {torch.__version__})")  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True)
 
     info = sub.add_parser("info", help="architecture, classes and parameter counts of a checkpoint")
@@ -667,7 +677,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="score --classes (any number) with the pixel-text map, not the trained head")  # fmt: skip
     seg.add_argument("--mode", choices=("slide", "whole"),
                      help="inference of the trained head's labels: sliding windows (default) or the whole image; "
-                          "not with --open-vocab, which scores the whole image")  # fmt: skip
+                          "--open-vocab scores the whole image (whole, or no --mode)")  # fmt: skip
     seg.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     seg.add_argument("--dtype", choices=sorted(DTYPE_NAMES),
                      help="default: bfloat16 on CUDA, float32 on CPU (bfloat16 is faster on a CPU with AMX)")

@@ -126,6 +126,13 @@ def test_segment_refuses_bad_image_lists_before_any_work(checkpoint, images, tmp
     assert main([*base, str(images[0]), str(other / "a.jpg")]) == 2
     err = capsys.readouterr().err
     assert f"{images[0]} and {other / 'a.jpg'} would both write a_labels.png" in err and err.count("\n") == 1
+    upper = tmp_path / "upper"
+    upper.mkdir()
+    (upper / "A.JPG").write_bytes(images[0].read_bytes())  # the same output file where case is ignored
+    assert main([*base, str(images[0]), str(upper / "A.JPG")]) == 2
+    assert capsys.readouterr().err == (f"denseclip-fast: error: {images[0]} and {upper / 'A.JPG'} would both write "
+                                       "a_labels.png and A_labels.png (one file where case is ignored); rename one or "
+                                       "segment them in separate runs\n")  # fmt: skip
     again = images[0].parent / ".." / images[0].parent.name / "a.png"  # the same file by another path
     assert main([*base, str(images[0]), str(again)]) == 2
     assert capsys.readouterr().err == f"denseclip-fast: error: {again} is given twice\n"
@@ -203,6 +210,7 @@ def test_segment_with_classes(checkpoint, images, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "exactly 4 names" in err and "--open-vocab" in err
     assert main([*args, "--classes", "sky,road", "--open-vocab"]) == 0
+    assert main([*args, "--classes", "sky,road", "--open-vocab", "--mode", "whole"]) == 0  # what it does anyway
     assert np.asarray(Image.open(out / "a_labels.png")).max() < 2  # the two names' labels
     assert main([*args, "--classes", "sky,road,sky,grass"]) == 0  # a trained head's names may repeat
     assert main([*args, "--classes", "sky,,road"]) == 2
@@ -237,6 +245,23 @@ def test_console_script_is_installed():
     exe = os.path.join(os.path.dirname(sys.executable), "denseclip-fast")
     result = subprocess.run([exe, "--help"], capture_output=True, text=True, check=True)
     assert "segment" in result.stdout and "info" in result.stdout
+
+
+def test_version_and_python_dash_m(capsys):
+    """--version prints the package's and torch's versions and exits 0; ``python -m denseclip_fast`` is the command."""
+    import torch
+
+    import denseclip_fast
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0
+    assert capsys.readouterr().out == f"denseclip-fast {denseclip_fast.__version__} (torch {torch.__version__})\n"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-m", "denseclip_fast", "info"], capture_output=True, text=True,
+                            cwd=root, env={**os.environ, "PYTHONPATH": root})  # fmt: skip
+    assert result.returncode == 2 and result.stderr.startswith("denseclip-fast info: error: the following arguments "
+                                                               "are required: checkpoint"), result.stderr  # fmt: skip
 
 
 def test_export_onnx_with_verification(varied, tmp_path, capsys, monkeypatch):
@@ -442,9 +467,9 @@ def test_option_combinations_are_refused_naming_the_options_before_any_work(chec
         ([*seg, "--open-vocab", "--classes", "Cat,dog,cat"],  # alike as tokens: refused before loading too
          "--classes: class name 2 ('cat') has the same BPE tokens as class name 0 ('Cat')"),
         ([*seg, "--open-vocab"], "--open-vocab needs --classes"),
-        ([*seg, "--open-vocab", "--classes", "sky,road", "--mode", "whole"],
+        ([*seg, "--open-vocab", "--classes", "sky,road", "--mode", "slide"],  # (--mode whole: what it does, taken)
          "--mode applies to the trained head's labels; --open-vocab scores the whole image with the pixel-text map, "
-         "got --mode whole"),
+         "got --mode slide"),
         ([*seg, "--open-vocab", "--classes", ",".join(f"c{i}" for i in range(65537))],  # 16-bit label PNGs
          "--classes: 65537 names; NAME_labels.png holds class indices in 16 bits, so at most 65536 names"),
     ]  # fmt: skip

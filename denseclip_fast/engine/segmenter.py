@@ -723,6 +723,11 @@ class Segmenter:
     def set_classes(self, names: Sequence[str]) -> None:
         """Reword the vocabulary (exactly K names, each at most 3 BPE tokens); the embeddings and the context
         decoder's start from them are recomputed once and written into the buffers the captured graphs read."""
+        k = self.model.num_classes
+        if isinstance(names, Sequence) and not isinstance(names, str) and len(names) != k:
+            raise ValueError(f"set_classes needs exactly {k} names (the head has {k} outputs), got {len(names)} "
+                             "names; seg.open_vocab(images, names) and seg.predict(images, names) score any number "
+                             "of names")  # fmt: skip
         with self._lock, self._turn():
             self.model.set_classes(names)
             # into the buffer the graphs read; made under torch.inference_mode (a Segmenter built there), it takes
