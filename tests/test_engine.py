@@ -701,7 +701,7 @@ def test_threads_take_turns(model, monkeypatch):
     "images, match",
     [
         (torch.randn(1, 4, 64, 64), r"CLIP-normalised \(B, 3, H, W\), got shape \(1, 4, 64, 64\)"),
-        (np.zeros((32, 32, 4), np.uint8), r"uint8 \(H, W, 3\) image, got shape \(32, 32, 4\)"),
+        (np.zeros((32, 32, 4), np.uint8), r"uint8 \(H, W, 3\) image, got shape \(32, 32, 4\) dtype uint8"),
         (torch.randn(0, 3, 64, 64), "empty batch"),
         ([], "empty list"),
         (np.zeros((0, 10, 3), np.uint8), "zero-size image"),
@@ -721,6 +721,19 @@ def test_threads_take_turns(model, monkeypatch):
         (np.array(3, np.uint8), r"uint8 \(H, W, 3\) image, got shape \(\)"),  # was "(1,)"
         (np.zeros((0, 40, 40, 3), np.uint8), "empty batch"),  # was "empty list"
         (Image.new("La", (40, 40)), r"images: the PIL image \(mode La\) cannot be read as RGB"),
+        # what the image likely is, and how to pass it (a fresh-eyes audit)
+        (np.zeros((3, 40, 48), np.uint8), r"^images: expected a uint8 \(H, W, 3\) image, got shape \(3, 40, 48\) "
+                                          r"dtype uint8: a \(3, H, W\) image \(torchvision\.io\.read_image's layout\) "
+                                          r"goes in as image\.transpose\(1, 2, 0\)$"),
+        ([torch.zeros(3, 40, 48, dtype=torch.uint8)],
+         r"^images\[0\]: .*dtype torch\.uint8: .* image\.permute\(1, 2, 0\)$"),
+        (torch.zeros(2, 3, 40, 48, dtype=torch.uint8), r"^images: expected a uint8 \(B, H, W, 3\) batch, got shape "
+                                                       r"\(2, 3, 40, 48\): a \(B, 3, H, W\) one goes in as "
+                                                       r"images\.permute\(0, 2, 3, 1\)$"),
+        ([torch.randn(3, 40, 48)], r"images\[0\]: .*: float images go in as one CLIP-normalised \(B, 3, H, W\) tensor"),
+        (np.zeros((40, 48), np.uint8), r"got shape \(40, 48\) dtype uint8: a grayscale image goes in as RGB"),
+        (np.zeros((40, 48, 4), np.uint8), r"dtype uint8: an RGBA image goes in as its RGB channels"),
+        (np.zeros((40, 48, 5), np.uint8), r"got shape \(40, 48, 5\) dtype uint8$"),
     ],
 )
 def test_bad_images(model, images, match):

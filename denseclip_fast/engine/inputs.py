@@ -43,7 +43,8 @@ def _uint8_image(x: Any, where: str) -> torch.Tensor:
         # opened from a file (format set), a 32-bit integer image is one of 16 bits (Pillow 13 opens a 16-bit PGM,
         # older Pillows a 16-bit PNG, as "I"), as load_image reads it; made in memory, Pillow's conversion
         x = pil_to_rgb(x, where, int32_is_16_bit=getattr(x, "format", None) is not None)
-    if isinstance(x, np.ndarray):
+    numpy = isinstance(x, np.ndarray)
+    if numpy:
         if x.dtype != np.uint8:
             raise ValueError(f"{where}: numpy images must be uint8 (H, W, 3), got dtype {x.dtype}")
         # (ascontiguousarray would make a 0-d array 1-d, and the error below report shape (1,))
@@ -55,10 +56,28 @@ def _uint8_image(x: Any, where: str) -> torch.Tensor:
         raise ValueError(f"{where}: expected uint8 images (or one float (B, 3, H, W) batch, CLIP-normalised), got "
                          f"dtype {x.dtype}")  # fmt: skip
     if x.dtype != torch.uint8 or x.dim() != 3 or x.shape[2] != 3:
-        raise ValueError(f"{where}: expected a uint8 (H, W, 3) image, got shape {tuple(x.shape)} dtype {x.dtype}")
+        dtype = "uint8" if numpy else x.dtype
+        raise ValueError(f"{where}: expected a uint8 (H, W, 3) image, got shape {tuple(x.shape)} dtype {dtype}"
+                         f"{_layout_hint(x, numpy)}")  # fmt: skip
     if x.shape[0] == 0 or x.shape[1] == 0:
         raise ValueError(f"{where}: zero-size image {tuple(x.shape[:2])}")
     return x
+
+
+def _layout_hint(x: torch.Tensor, numpy: bool) -> str:
+    """What an image that is not uint8 (H, W, 3) likely is, and how to pass it: "" where nothing fits."""
+    if x.dtype != torch.uint8:
+        if x.dim() == 3 and x.shape[0] == 3:
+            return ": float images go in as one CLIP-normalised (B, 3, H, W) tensor (torch.stack them)"
+        return ""
+    if x.dim() == 3 and x.shape[0] == 3 and x.shape[2] != 3:
+        fix = "image.transpose(1, 2, 0)" if numpy else "image.permute(1, 2, 0)"
+        return f": a (3, H, W) image (torchvision.io.read_image's layout) goes in as {fix}"
+    if x.dim() == 2:
+        return ": a grayscale image goes in as RGB (PIL's .convert('RGB'), or its channel repeated 3 times)"
+    if x.dim() == 3 and x.shape[2] == 4:
+        return ": an RGBA image goes in as its RGB channels (image[..., :3], or PIL's .convert('RGB'))"
+    return ""
 
 
 def stacked_for(images: list[torch.Tensor], device: torch.device) -> torch.Tensor:
@@ -99,6 +118,9 @@ def as_batch(images: Any) -> ImageBatch:
     if isinstance(images, torch.Tensor) and images.dim() == 4:
         if images.shape[0] == 0:
             raise ValueError("images is an empty batch (B=0)")
+        if images.dtype == torch.uint8 and images.shape[1] == 3 and images.shape[3] != 3:
+            raise ValueError(f"images: expected a uint8 (B, H, W, 3) batch, got shape {tuple(images.shape)}: a "
+                             "(B, 3, H, W) one goes in as images.permute(0, 2, 3, 1)")  # fmt: skip
         return ImageBatch(raw=[_uint8_image(img, f"images[{i}]") for i, img in enumerate(images)])
     if isinstance(images, np.ndarray) and images.ndim == 4:
         if images.shape[0] == 0:
