@@ -700,8 +700,9 @@ def test_pickles_that_run_code_are_refused_without_running(tmp_path, monkeypatch
     torch.save({"state_dict": {"gamma": torch.zeros(2)}, "payload": _Evil()}, zipped)
     raw = tmp_path / "evil_raw.pth"
     raw.write_bytes(pickle.dumps({"state_dict": _Evil()}, protocol=2))
-    for path in (zipped, raw):
-        with pytest.raises(CheckpointError, match="refused: loading it would execute code") as err:
+    for path, match in ((zipped, "refused: loading it would execute code"),
+                        (raw, "not a torch checkpoint: a plain pickle .* not unpickled")):  # fmt: skip
+        with pytest.raises(CheckpointError, match=match) as err:
             dcf.load_checkpoint(path)
         assert "\n" not in str(err.value) and str(path) in str(err.value)
         assert err.value.__cause__ is None and err.value.__suppress_context__
@@ -811,6 +812,29 @@ def test_non_checkpoints(tmp_path, content, match):
     path = path.rename(tmp_path / "file.onnx")  # an ONNX graph by name, whatever its first bytes say
     with pytest.raises(CheckpointError, match="the file is empty" if not content else "looks like an ONNX graph"):
         dcf.load_checkpoint(path)
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_a_plain_pickle_is_named_as_such_and_not_unpickled(tmp_path, protocol, monkeypatch):
+    """pickle.dump's files (a state dict of tensors, or of anything) were "could not be read as a torch file
+    (RuntimeError: Invalid magic number ...)" or said to be torch files of protocol 4; now named as plain pickles,
+    refused before any unpickling (torch.load is not reached), where torch.save's legacy files of every protocol
+    still load."""
+    import pickle
+
+    path = tmp_path / "plain.pkl"
+    with open(path, "wb") as f:
+        pickle.dump({"w": torch.zeros(2)}, f, protocol=protocol)
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load reached"))
+    with pytest.raises(CheckpointError, match=r": not a torch checkpoint: a plain pickle \(pickle\.dump\), which "
+                                              r"torch\.save does not write; it is not unpickled"):  # fmt: skip
+        dcf.load_checkpoint(path)
+    monkeypatch.undo()
+    legacy = tmp_path / "legacy.pth"
+    torch.save({"w": torch.ones(2)}, legacy, pickle_protocol=min(protocol, 2), _use_new_zipfile_serialization=False)
+    from denseclip_fast.checkpoints.io import read_weight_file
+
+    assert read_weight_file(legacy).obj["w"].tolist() == [1.0, 1.0]
 
 
 @pytest.mark.parametrize("zip_format", [True, False])

@@ -193,7 +193,7 @@ def read_weight_file(path: str | os.PathLike[str]) -> WeightFile:
     if size == 0:
         raise CheckpointError(path, "the file is empty")
     with open(path, "rb") as f:
-        head = f.read(16)
+        head = f.read(32)
     if head[:4] == b"PK\x03\x04":
         entries = _zip_entries(path)
         if entries is not None and any("/data/aotinductor/" in f"/{e.filename}" for e in entries):
@@ -217,7 +217,11 @@ def read_weight_file(path: str | os.PathLike[str]) -> WeightFile:
         if header <= SAFETENSORS_MAX_HEADER:
             raise CheckpointError(path, f"truncated or corrupt safetensors file: its header should be {header} bytes "
                                         f"but the file has {size} bytes in all")  # fmt: skip
-    if head[:1] == b"\x80":  # a pickle protocol marker: torch.save's legacy format
+    if head[:1] == b"\x80":  # a pickle protocol marker: torch.save's legacy format, whose magic number comes first
+        if LEGACY_MAGIC not in head:
+            raise CheckpointError(path, "not a torch checkpoint: a plain pickle (pickle.dump), which torch.save does "
+                                        "not write; it is not unpickled (that could run code): re-save its tensors "
+                                        "with torch.save or safetensors in a trusted environment") from None  # fmt: skip
         return WeightFile("torch", obj=_checked_views(_torch_load(path, size), path))
     if head[:1] == b"\x08" and head[2:3] == b"\x12" or path.lower().endswith(".onnx"):  # ModelProto's ir_version,
         # then its producer_name: what every ONNX exporter writes first
@@ -249,6 +253,9 @@ def _numpy_safe_globals() -> list[Any]:
     return items
 
 
+# the magic number torch.save's legacy (pre-zip) format pickles first (a LONG1 of 10 little-endian bytes: byte 4 of
+# a protocol 2 file, byte 13 of a framed protocol 4 or 5 one); a pickle without it is not a torch file
+LEGACY_MAGIC = torch.serialization.MAGIC_NUMBER.to_bytes(10, "little")
 FRAME = pickle.FRAME[0]  # protocol 4's framing opcode (149), which torch's weights-only unpickler does not take
 
 
