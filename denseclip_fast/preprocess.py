@@ -46,7 +46,8 @@ def pil_to_rgb(img: Any, where: str, int32_is_16_bit: bool = False) -> np.ndarra
 def too_large(path: str, exc: Exception) -> ValueError:
     """Pillow's DecompressionBombError (an image past twice PIL.Image.MAX_IMAGE_PIXELS: a small file that would
     decode to gigabytes) as a ValueError naming the file and how to lift the guard, which is kept."""
-    return ValueError(f"{path}: {exc} Raise PIL.Image.MAX_IMAGE_PIXELS (None: no limit) to read it if you trust it")
+    return ValueError(f"{path}: {exc} If you trust it, downscale it, or from Python raise PIL.Image.MAX_IMAGE_PIXELS "
+                      "(None: no limit) before reading it")  # fmt: skip
 
 
 def _missing(path: str, what: str) -> ValueError:

@@ -221,7 +221,8 @@ def read_weight_file(path: str | os.PathLike[str]) -> WeightFile:
         if LEGACY_MAGIC not in head:
             raise CheckpointError(path, "not a torch checkpoint: a plain pickle (pickle.dump), which torch.save does "
                                         "not write; it is not unpickled (that could run code): re-save its tensors "
-                                        "with torch.save or safetensors in a trusted environment") from None  # fmt: skip
+                                        "with torch.save or safetensors in a trusted environment",
+                                  ) from None  # fmt: skip
         return WeightFile("torch", obj=_checked_views(_torch_load(path, size), path))
     if head[:1] == b"\x08" and head[2:3] == b"\x12" or path.lower().endswith(".onnx"):  # ModelProto's ir_version,
         # then its producer_name: what every ONNX exporter writes first
