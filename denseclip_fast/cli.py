@@ -2,7 +2,7 @@
 
     denseclip-fast info CHECKPOINT [--json]
     denseclip-fast segment --checkpoint C [--classes "a,b,c"] [--open-vocab] [--mode slide|whole] [--device cpu|cuda]
-                           [--dtype float32|bfloat16|float16] [--io-threads N] IMAGE|DIR... --out DIR
+                           [--dtype float32|bfloat16|float16] [--io-threads N] [--keep-going] IMAGE|DIR... --out DIR
     denseclip-fast export --checkpoint C --format onnx|tensorrt|aoti --out PATH [--graph image|image_with_text|text]
                           [--image-size 512 | 512x1024] [--dtype ...] [--max-batch N] [--verify] [--classes "a,b"]
 
@@ -293,14 +293,20 @@ def cmd_segment(args: argparse.Namespace) -> int:
     k = len(names) if names is not None else model.num_classes
     palette = model.palette if (model.palette is not None and names is None) else default_palette(k)
     with made_folder(args.out):  # a run that wrote nothing leaves no empty --out behind (an interrupted one neither)
-        _segment_files(args, seg, files, stems, names, palette, k, workers)
+        skipped = _segment_files(args, seg, files, stems, names, palette, k, workers)
+    if skipped:
+        print(f"wrote {2 * (len(files) - len(skipped))} files to {args.out}; skipped {len(skipped)} of {len(files)} "
+              f"images that could not be segmented (--keep-going; named above)")  # fmt: skip
+        return 1
     print(f"wrote {2 * len(files)} files to {args.out}")
     return 0
 
 
 def _segment_files(args: argparse.Namespace, seg: Segmenter, files: list[str], stems: list[str],
-                   names: list[str] | None, palette: Any, k: int, workers: int) -> None:  # fmt: skip
-    """The labels and overlay of every file, written to ``args.out`` as they come."""
+                   names: list[str] | None, palette: Any, k: int, workers: int) -> list[str]:  # fmt: skip
+    """The labels and overlay of every file, written to ``args.out`` as they come. An image that cannot be read or
+    segmented at the test scale (a ValueError naming it) ends the run, or with ``args.keep_going`` is said on stderr
+    and skipped; returns the skipped files."""
     from concurrent.futures import Future, ThreadPoolExecutor
 
     from PIL import Image
@@ -318,19 +324,29 @@ def _segment_files(args: argparse.Namespace, seg: Segmenter, files: list[str], s
         pool = ThreadPoolExecutor(max_workers=workers)
         loads = deque(pool.submit(load_image, path) for path in files[:workers])
         writes: deque[Future[None]] = deque()
+        skipped: list[str] = []
         try:
-            for i, stem in enumerate(tqdm(stems, desc="segment", unit="img", disable=len(files) < 2)):
-                image = loads.popleft().result()
+            for i, stem in enumerate(progress := tqdm(stems, desc="segment", unit="img", disable=len(files) < 2)):
+                load = loads.popleft()
                 if i + workers < len(files):
                     loads.append(pool.submit(load_image, files[i + workers]))
-                _warn_if_huge(files[i], image.shape[:2])
-                check_test_image_size(image.shape[:2], seg.model.config.test_scale, files[i])  # named by its file
+                try:
+                    image = load.result()
+                    _warn_if_huge(files[i], image.shape[:2])
+                    check_test_image_size(image.shape[:2], seg.model.config.test_scale, files[i])  # named by its file
+                except ValueError as exc:
+                    if not args.keep_going:
+                        raise
+                    skipped.append(files[i])
+                    progress.write(f"denseclip-fast: warning: skipped {exc}", file=sys.stderr)
+                    continue
                 labels = seg.predict(image, names)[0].cpu().numpy()  # names None: the trained head's classes
                 writes.append(pool.submit(_write_results, args.out, stem, image, labels, palette, k > 256))
                 if len(writes) > workers:
                     writes.popleft().result()
             while writes:
                 writes.popleft().result()
+            return skipped
         finally:  # after an error too, every image segmented so far is saved; the images read ahead are dropped
             for load in loads:
                 load.cancel()
@@ -685,6 +701,9 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--io-threads", type=int,
                      help="threads decoding images and writing PNGs while the engine runs (default: 1 on CPU, "
                           "where the engine uses every core; up to 4 with a GPU)")  # fmt: skip
+    seg.add_argument("--keep-going", action="store_true",
+                     help="skip an image that cannot be read or segmented (named on stderr) instead of stopping; "
+                          "the exit status is then 1")  # fmt: skip
     seg.add_argument("images", nargs="+", metavar="IMAGE", help="image files, or directories of them (not recursive)")
     seg.set_defaults(func=cmd_segment)
 

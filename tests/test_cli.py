@@ -7,6 +7,7 @@ import copy
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -179,6 +180,31 @@ def test_segment_names_an_unreadable_image(checkpoint, images, tmp_path, capsys)
     assert not (tmp_path / "new").exists()
     out.mkdir(parents=True)
     assert main(args) == 2 and out.is_dir()
+
+
+def test_segment_keep_going_skips_what_cannot_be_segmented(checkpoint, images, tmp_path, capsys):
+    """--keep-going: an unreadable image and one too elongated for the test scale are each named on stderr and
+    skipped, every other image is written (those after them too), the summary counts them, the exit status is 1;
+    without a failure it is 0."""
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for i in range(5):
+        (folder / f"{i}.png").write_bytes(images[0].read_bytes())
+    (folder / "1.png").write_bytes(b"not a png")
+    Image.fromarray(np.zeros((2, 2000, 3), np.uint8)).save(folder / "3.png")  # 1 pixel high at the test scale
+    out = tmp_path / "out"
+    args = ["segment", "--checkpoint", str(checkpoint), "--mode", "whole", "--io-threads", "2", "--keep-going",
+            "--out", str(out), str(folder)]  # fmt: skip
+    assert main(args) == 1
+    captured = capsys.readouterr()
+    warned = [line for line in re.split(r"[\r\n]", captured.err) if line.startswith("denseclip-fast: warning: ")]
+    assert len(warned) == 2 and warned[0].startswith(f"denseclip-fast: warning: skipped {folder / '1.png'}: not a "
+                                                     "readable image")  # fmt: skip
+    assert warned[1].startswith(f"denseclip-fast: warning: skipped {folder / '3.png'} of (2, 2000) pixels")
+    assert sorted(os.listdir(out)) == [f"{i}_{kind}.png" for i in (0, 2, 4) for kind in ("labels", "overlay")]
+    assert captured.out == (f"wrote 6 files to {out}; skipped 2 of 5 images that could not be segmented "
+                            "(--keep-going; named above)\n")  # fmt: skip
+    assert main([*args[:-1], str(folder / "0.png")]) == 0  # nothing skipped
 
 
 def test_segment_names_an_image_past_pillows_pixel_limit(checkpoint, images, tmp_path, monkeypatch):
