@@ -1566,6 +1566,25 @@ def test_config_files_and_errors(arch_file, generic, tmp_path, capsys):
     assert not os.path.exists(tmp_path / "x" / "metrics.csv")
 
 
+def test_a_missing_architecture_file_is_said_to_be_missing(generic, tmp_path, capsys, monkeypatch):
+    """An --arch that looks like a file path (a .json name, a folder that exists) and is not there is said not to
+    exist, naming it: not that it is no known architecture name; a mistyped name with a "/" is still a name."""
+    missing = str(tmp_path / "nope.json")
+    assert main(["train", "--arch", missing, "--data", generic, "--print-config"]) == 2
+    assert capsys.readouterr().err == (f"denseclip-fast: error: arch (--arch) architecture file {missing!r} does not "
+                                       "exist (arch is one of ['RN50', 'RN101', 'ViT-B/16'] or an architecture JSON "
+                                       "file)\n")  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    os.makedirs("archs")
+    with pytest.raises(ValueError, match=re.escape("architecture file 'archs/tiny' does not exist")):
+        _config(os.path.join("archs", "tiny"), generic, tmp_path).validate()  # no .json, but its folder exists
+    with pytest.raises(ValueError, match=re.escape(f"architecture file {str(tmp_path)!r} is not a regular file")):
+        _config(str(tmp_path), generic, tmp_path).validate()
+    with pytest.raises(ValueError, match=re.escape("arch must be one of ['RN50', 'RN101', 'ViT-B/16'] or an "
+                                                   "architecture JSON file, got 'ViT-B/32'")):  # fmt: skip
+        _config("ViT-B/32", generic, tmp_path).validate()
+
+
 def test_extra_is_notes_kept_with_the_run_and_must_be_json(generic, tmp_path, capsys):
     """extra is free-form notes: read by nothing, printed and saved with the config (config.json, the states). A
     value JSON cannot hold (YAML reads 2024-01-01 as a date) is refused naming extra, before any work; it was a

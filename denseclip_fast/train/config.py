@@ -193,6 +193,9 @@ class TrainConfig:
                     config = DenseCLIPConfig.from_dict(json.load(f))
             except ValueError as exc:  # not JSON (JSONDecodeError, UnicodeDecodeError), or not an architecture
                 raise ValueError(f"arch file {self.arch}: {exc}") from None
+        elif _looks_like_a_path(self.arch):  # a mistyped file path, not a mistyped name
+            raise ValueError(f"arch (--arch) architecture file {self.arch!r} {not_a_file(self.arch)} (arch is one of "
+                             f"{list(ARCHS)} or an architecture JSON file)")  # fmt: skip
         else:
             raise ValueError(f"arch must be one of {list(ARCHS)} or an architecture JSON file, got {self.arch!r}")
         if self.clip_activation:
@@ -250,6 +253,15 @@ class TrainConfig:
         except ValueError as exc:
             raise ValueError(f"training config {path!r}: preset: {exc}") from None
         return cls.from_dict({**base, **data})
+
+
+def _looks_like_a_path(arch: str) -> bool:
+    """Whether an ``arch`` that is neither a released architecture nor a file was meant as a file: it ends with
+    .json, starts as a path does (/, ./, ../, ~) or its folder exists ("ViT-B/32" is a mistyped name, its "/" no
+    path separator)."""
+    folder = os.path.dirname(arch)
+    return (arch.lower().endswith(".json") or arch.startswith(("/", "./", "../", "~", os.sep))
+            or (bool(folder) and os.path.isdir(folder)))  # fmt: skip
 
 
 def _read_yaml(path: str, stream: typing.TextIO) -> Any:
