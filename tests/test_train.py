@@ -1246,6 +1246,33 @@ def test_images_of_other_extensions_are_named_with_the_accepted_ones(tmp_path):
         SegmentationData(ade, "ade20k", "val")
 
 
+def test_a_folder_of_the_other_layout_is_said_to_be_so(arch_file, tmp_path, capsys):
+    """train's default layout is ade20k: a generic folder was told that images/training does not exist, as if the
+    data were incomplete. A folder with the other layout's marks is said to look like it, with the option to pass;
+    one with neither's is told what is missing, as before."""
+    from denseclip_fast.train.data import find_samples
+
+    gen, ade = make_generic(tmp_path / "gen", n=2, splits=False), make_ade20k(tmp_path / "ade", n=1)
+    assert main(["train", "--arch", arch_file, "--data", gen, "--device", "cpu", "--work-dir",
+                 str(tmp_path / "w")]) == 2  # fmt: skip
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"denseclip-fast: error: {os.path.join(gen, 'images', 'training')} does not exist (ade20k layout), but {gen} "
+        "looks like the generic layout (DIR/images, DIR/labels, DIR/classes.txt): pass --layout generic (train's "
+        "default is ade20k; layout: generic in a config)"
+    )
+    os.remove(os.path.join(gen, "classes.txt"))  # image files right in images/, beside labels/: still generic
+    with pytest.raises(ValueError, match="looks like the generic layout"):
+        find_samples(gen, "ade20k", "val")
+    with pytest.raises(ValueError, match=re.escape(f"{os.path.join(ade, 'labels')} does not exist (generic layout), "
+                                                   f"but {ade} looks like the ade20k layout (DIR/images/training, "
+                                                   "DIR/annotations/training): pass --layout ade20k (layout: ade20k "
+                                                   "in a config)")):  # fmt: skip
+        find_samples(ade, "generic", "train")
+    os.makedirs(tmp_path / "empty" / "images")
+    with pytest.raises(ValueError, match=r"empty.images.training does not exist \(the layouts: README.md"):
+        find_samples(str(tmp_path / "empty"), "ade20k", "train")
+
+
 def _with_orientation(path, orientation: int) -> None:
     """Rewrites the image at ``path`` (its pixels as they are) with an EXIF orientation tag."""
     with Image.open(path) as img:

@@ -125,13 +125,15 @@ def find_samples(root: str, layout: str, split: str) -> tuple[list[Sample], list
     if layout == "ade20k":
         sub = "training" if split == "train" else "validation"
         image_dir, label_dir = os.path.join(root, "images", sub), os.path.join(root, "annotations", sub)
+        _check_layout(root, layout, [image_dir, label_dir])
         images, labels = _names_in(image_dir, IMAGE_SUFFIXES), _names_in(label_dir, (".png",))
         names = list(images)
         classes = list(ADE20K_CLASSES)
     elif layout == "generic":
         image_dir, label_dir = os.path.join(root, "images"), os.path.join(root, "labels")
-        images, labels = _names_in(image_dir, IMAGE_SUFFIXES), _names_in(label_dir, (".png",))
         classes_file = os.path.join(root, "classes.txt")
+        _check_layout(root, layout, [image_dir, label_dir, classes_file])
+        images, labels = _names_in(image_dir, IMAGE_SUFFIXES), _names_in(label_dir, (".png",))
         if not os.path.isfile(classes_file):
             raise ValueError(f"{classes_file} is missing (one class name a line)")
         classes = _text_lines(classes_file, blank_inside=False)
@@ -171,6 +173,39 @@ def find_samples(root: str, layout: str, split: str) -> tuple[list[Sample], list
         raise ValueError(f"no {split} images found in {image_dir} ({layout} layout: images are "
                          f"{_accepted(image_dir, IMAGE_SUFFIXES)})")  # fmt: skip
     return [Sample(images[n], labels[n]) for n in names], classes
+
+
+def _looks_like(root: str, layout: str) -> bool:
+    """Whether ``root`` has the marks of ``layout``: ADE20K's images/training or images/validation folder beside
+    annotations/; the generic layout's classes.txt, or image files right in images/ beside labels/."""
+    if layout == "ade20k":
+        return os.path.isdir(os.path.join(root, "annotations")) and any(
+            os.path.isdir(os.path.join(root, "images", sub)) for sub in ("training", "validation")
+        )
+    images = os.path.join(root, "images")
+    if os.path.isfile(os.path.join(root, "classes.txt")):
+        return True
+    return (os.path.isdir(os.path.join(root, "labels")) and os.path.isdir(images)
+            and any(f.lower().endswith(IMAGE_SUFFIXES) for f in os.listdir(images)))  # fmt: skip
+
+
+LAYOUT_SHAPES = {  # for the messages
+    "ade20k": "DIR/images/training, DIR/annotations/training",
+    "generic": "DIR/images, DIR/labels, DIR/classes.txt",
+}
+
+
+def _check_layout(root: str, layout: str, paths: Sequence[str]) -> None:
+    """ValueError saying which layout ``root`` looks like when one of ``layout``'s ``paths`` is missing and the
+    folder has the other layout's marks (train's default is ade20k: a generic folder was told that
+    images/training does not exist); nothing otherwise (the caller's own checks name what is missing)."""
+    missing = next((p for p in paths if not os.path.exists(p)), None)
+    other = "generic" if layout == "ade20k" else "ade20k"
+    if missing is not None and _looks_like(root, other):
+        default = "train's default is ade20k; " if layout == "ade20k" else ""
+        raise ValueError(f"{missing} does not exist ({layout} layout), but {root} looks like the {other} layout "
+                         f"({LAYOUT_SHAPES[other]}): pass --layout {other} ({default}layout: {other} in a "
+                         "config)")  # fmt: skip
 
 
 def _split_files(root: str) -> list[str]:
