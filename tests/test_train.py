@@ -1273,6 +1273,22 @@ def test_a_folder_of_the_other_layout_is_said_to_be_so(arch_file, tmp_path, caps
         find_samples(str(tmp_path / "empty"), "ade20k", "train")
 
 
+def test_images_in_subfolders_are_said_not_to_be_searched(tmp_path):
+    """images/train/x.png was counted as "1 file(s) of other extensions skipped, e.g. train": a subfolder is said to
+    be one, and that subfolders are not searched."""
+    data = make_generic(tmp_path / "g", n=2, splits=False)
+    for folder in ("images", "labels"):
+        os.makedirs(tmp_path / "g" / folder / "train")
+        for name in ("scene_0.png", "scene_1.png"):
+            os.rename(tmp_path / "g" / folder / name, tmp_path / "g" / folder / "train" / name)
+    (tmp_path / "g" / "images" / "notes.txt").write_text("")
+    with pytest.raises(ValueError, match=r"no train images found in .*images \(generic layout: images are \.jpg, "
+                                         r"\.jpeg or \.png files, any letter case; 1 file\(s\) of other extensions "
+                                         r"skipped, e.g. notes.txt; 1 subfolder\(s\) skipped, e.g. train: subfolders "
+                                         r"are not searched\)$"):  # fmt: skip
+        SegmentationData(data, "generic", "train")
+
+
 def _with_orientation(path, orientation: int) -> None:
     """Rewrites the image at ``path`` (its pixels as they are) with an EXIF orientation tag."""
     with Image.open(path) as img:

@@ -91,10 +91,15 @@ def _names_in(folder: str, suffixes: Sequence[str]) -> dict[str, str]:
 
 
 def _accepted(folder: str, suffixes: Sequence[str]) -> str:
-    """For an error message: the files ``folder`` may hold and, if it holds others, how many were skipped."""
+    """For an error message: the files ``folder`` may hold and, if it holds others, how many were skipped, files of
+    other extensions and subfolders apart (images/train/ was called a file of another extension)."""
     kinds = " or ".join([", ".join(suffixes[:-1]), suffixes[-1]] if len(suffixes) > 1 else suffixes)
-    others = sorted(f for f in os.listdir(folder) if not f.startswith(".") and not f.lower().endswith(tuple(suffixes)))
+    entries = sorted(f for f in os.listdir(folder) if not f.startswith("."))
+    folders = [f for f in entries if os.path.isdir(os.path.join(folder, f))]
+    others = [f for f in entries if not f.lower().endswith(tuple(suffixes)) and f not in folders]
     skipped = f"; {len(others)} file(s) of other extensions skipped, e.g. {others[0]}" if others else ""
+    if folders:
+        skipped += f"; {len(folders)} subfolder(s) skipped, e.g. {folders[0]}: subfolders are not searched"
     return f"{kinds} files, any letter case{skipped}"
 
 
