@@ -1289,6 +1289,16 @@ def test_images_in_subfolders_are_said_not_to_be_searched(tmp_path):
         SegmentationData(data, "generic", "train")
 
 
+def test_split_names_with_their_extension_are_said_to_need_none(tmp_path):
+    """splits/train.txt listing s0.png for the image s0.png was told only that s0.png has no image."""
+    data = make_generic(tmp_path / "g", n=4)
+    (tmp_path / "g" / "splits" / "train.txt").write_text("scene_0.png\nscene_1.png\n")
+    with pytest.raises(ValueError, match=r"train.txt lists 2 name\(s\) without an image, e.g. 'scene_0.png': a split "
+                                         r"file lists image NAMEs without their extension \('scene_0', not "
+                                         r"'scene_0.png'\)$"):  # fmt: skip
+        SegmentationData(data, "generic", "train")
+
+
 def _with_orientation(path, orientation: int) -> None:
     """Rewrites the image at ``path`` (its pixels as they are) with an EXIF orientation tag."""
     with Image.open(path) as img:

@@ -164,6 +164,11 @@ def find_samples(root: str, layout: str, split: str) -> tuple[list[Sample], list
                                  "an evaluation would count each of them as often; list every image once")  # fmt: skip
             missing = [n for n in names if n not in images]
             if missing:
+                stem, suffix = os.path.splitext(missing[0])
+                if suffix.lower() in IMAGE_SUFFIXES and stem in images:  # s0.jpg for the image s0.jpg
+                    raise ValueError(f"{split_file} lists {len(missing)} name(s) without an image, e.g. "
+                                     f"{missing[0]!r}: a split file lists image NAMEs without their extension "
+                                     f"({stem!r}, not {missing[0]!r})")  # fmt: skip
                 raise ValueError(f"{split_file} lists {len(missing)} name(s) without an image, e.g. {missing[0]!r} "
                                  f"(images in {image_dir} are {_accepted(image_dir, IMAGE_SUFFIXES)})")  # fmt: skip
         else:
