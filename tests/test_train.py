@@ -1141,14 +1141,16 @@ def test_a_run_whose_evaluation_is_its_training_images_says_so(arch_file, tmp_pa
 
     data = make_generic(tmp_path / "g", n=3, splits=False)
     note = shared_split_note(data, "generic")
-    assert note is not None and note.startswith(f"{os.path.join(data, 'splits')} holds no split files")
+    assert note is not None and note.startswith(f"{data} has no splits/ folder, so every image serves both training "
+                                                "and evaluation")  # fmt: skip
     assert "the mIoU measures the fit to the training images" in note
     assert shared_split_note(make_generic(tmp_path / "s", n=3), "generic") is None
     assert shared_split_note(data, "ade20k") is None
     kept = make_generic(tmp_path / "k", n=3, splits=False)
     os.makedirs(os.path.join(kept, "splits"))
     open(os.path.join(kept, "splits", ".gitkeep"), "w").close()  # an empty folder kept in git: still no splits
-    assert shared_split_note(kept, "generic") == note.replace(data, kept)
+    held = f"{os.path.join(kept, 'splits')} holds no split files"
+    assert shared_split_note(kept, "generic") == note.replace(f"{data} has no splits/ folder", held)
     assert SegmentationData(kept, "generic", "train").samples == SegmentationData(kept, "generic", "val").samples
     capsys.readouterr()
     train(_config(arch_file, data, tmp_path / "run", iters=1, checkpoint_interval=1))

@@ -230,9 +230,12 @@ def shared_split_note(root: str, layout: str) -> str | None:
     without split files (every image serves both splits, as documented); None otherwise."""
     if layout != "generic" or _split_files(root):
         return None
-    return (f"{os.path.join(root, 'splits')} holds no split files, so every image serves both training and "
-            "evaluation: the mIoU measures the fit to the training images, not to unseen ones (list the names of "
-            "each split in splits/train.txt and splits/val.txt to hold images out)")  # fmt: skip
+    splits = os.path.join(root, "splits")
+    # "splits holds no split files" of a folder that is not there sent users looking for it
+    where = f"{splits} holds no split files" if os.path.isdir(splits) else f"{root} has no splits/ folder"
+    return (f"{where}, so every image serves both training and evaluation: the mIoU measures the fit to the "
+            "training images, not to unseen ones (list the names of each split in splits/train.txt and "
+            "splits/val.txt to hold images out)")  # fmt: skip
 
 
 def _label_size_error(
