@@ -1555,6 +1555,15 @@ def test_config_files_and_errors(arch_file, generic, tmp_path, capsys):
     path.write_text("itres: 10\n")
     with pytest.raises(ValueError, match=r"unknown training config keys \['itres'\]"):
         TrainConfig.load(str(path))
+    path.write_text("iter: 10\nlrr: 0.1\n")  # the 38 keys listed without a word of which was meant
+    with pytest.raises(ValueError, match=re.escape("unknown training config keys ['iter', 'lrr']: did you mean "
+                                                   "'iters' for 'iter', 'lr' for 'lrr'? (train --print-config "
+                                                   "prints every key)")):  # fmt: skip
+        TrainConfig.load(str(path))
+    path.write_text("iter: 10\nzzz: 1\n")  # a key like none: the known ones are listed
+    with pytest.raises(ValueError, match=re.escape("unknown training config keys ['iter', 'zzz'] (did you mean "
+                                                   "'iters' for 'iter'?); known: ['accum', 'amp', ")):  # fmt: skip
+        TrainConfig.load(str(path))
     path.write_text("iters: 10\nlr: 0.1\niters: 20\n")  # the last value won without a word
     with pytest.raises(ValueError, match=r"is not valid YAML: the key 'iters' is given twice \(line 3, column 1\)"):
         TrainConfig.load(str(path))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import json
 import math
 import os
@@ -224,9 +225,9 @@ class TrainConfig:
         dot) as a string and ``lr: 1`` as an int, which become floats; anything else of the wrong type is a
         ValueError naming the field."""
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(set(data) - known, key=str)
         if unknown:
-            raise ValueError(f"unknown training config keys {unknown}; known: {sorted(known)}")
+            raise ValueError(_unknown_keys(unknown, sorted(known)))
         hints = typing.get_type_hints(cls)
         return cls(**{name: _typed(name, hints[name], value) for name, value in data.items()})
 
@@ -253,6 +254,19 @@ class TrainConfig:
         except ValueError as exc:
             raise ValueError(f"training config {path!r}: preset: {exc}") from None
         return cls.from_dict({**base, **data})
+
+
+def _unknown_keys(unknown: list[Any], known: list[str]) -> str:
+    """The message for config keys that are no field: each with the field it is closest to, if one is close (iter:
+    did you mean 'iters'?); the known fields listed when a key has none (``train --print-config`` prints them all)."""
+    guesses = {key: difflib.get_close_matches(key, known, n=1) if isinstance(key, str) else [] for key in unknown}
+    meant = [f"{guess[0]!r} for {key!r}" if len(unknown) > 1 else repr(guess[0]) for key, guess in guesses.items()
+             if guess]  # fmt: skip
+    if all(guesses.values()):
+        return (f"unknown training config keys {unknown}: did you mean {', '.join(meant)}? (train --print-config "
+                "prints every key)")  # fmt: skip
+    hint = f" (did you mean {', '.join(meant)}?)" if meant else ""
+    return f"unknown training config keys {unknown}{hint}; known: {known}"
 
 
 def _looks_like_a_path(arch: str) -> bool:
