@@ -1577,7 +1577,8 @@ def test_config_files_and_errors(arch_file, generic, tmp_path, capsys):
     upper.write_text("preset: RN99\n")
     with pytest.raises(ValueError, match=rf"training config {re.escape(repr(str(upper)))}: preset: arch must be one"):
         TrainConfig.load(str(upper))
-    with pytest.raises(ValueError, match="batch_size 3 must be divisible by accum 2"):
+    with pytest.raises(ValueError, match=re.escape("batch_size (--batch-size) 3 must be divisible by accum (--accum) "
+                                                   "2")):  # fmt: skip
         _config(arch_file, generic, tmp_path, batch_size=3, accum=2).validate()
     with pytest.raises(ValueError, match="data directory .* does not exist"):
         _config(arch_file, str(tmp_path / "nowhere"), tmp_path).validate()

@@ -169,7 +169,8 @@ class TrainConfig:
         elif not self.work_dir:  # a template's may be another machine's, but never none
             raise ValueError("work_dir must name a directory, got ''")
         if self.batch_size % self.accum:
-            raise ValueError(f"batch_size {self.batch_size} must be divisible by accum {self.accum}")
+            raise ValueError(f"batch_size (--batch-size) {self.batch_size} must be divisible by accum (--accum) "
+                             f"{self.accum}")  # fmt: skip
         if self.amp not in ("bf16", "fp16", "none"):
             raise ValueError(f"amp must be 'bf16', 'fp16' or 'none', got {self.amp!r}")
         if self.norm_decay not in ("all", "official"):

@@ -427,7 +427,8 @@ class Trainer:
         cfg = self.cfg
         if cfg.batch_size % (world * cfg.accum):
             raise ValueError(
-                f"batch_size {cfg.batch_size} must be divisible by processes x accum = {world} x {cfg.accum}"
+                f"batch_size (--batch-size) {cfg.batch_size} must be divisible by processes x accum (--accum) = "
+                f"{world} x {cfg.accum}"
             )
         micro = cfg.batch_size // (world * cfg.accum)
         bn_images = batchnorm_images(cfg, world)
