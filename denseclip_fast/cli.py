@@ -758,7 +758,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--seed", type=int, help="default 0")
     tr.add_argument("--device")
     tr.add_argument("--work-dir", dest="work_dir", help="default work_dirs/denseclip")
-    tr.add_argument("--num-workers", dest="num_workers", type=int, help="DataLoader workers per process (default 4)")
+    tr.add_argument("--num-workers", dest="num_workers", type=int,
+                    help="DataLoader workers per process (default: 4, or the CPUs the process may use where they are "
+                         "fewer)")  # fmt: skip
     tr.add_argument("--checkpoint-interval", dest="checkpoint_interval", type=int, help="default 8000")
     tr.add_argument("--eval-interval", dest="eval_interval", type=int,
                     help="default 0: validation at the end only")  # fmt: skip

@@ -1650,6 +1650,37 @@ def test_a_missing_architecture_file_is_said_to_be_missing(generic, tmp_path, ca
         _config("ViT-B/32", generic, tmp_path).validate()
 
 
+def test_the_default_worker_count_is_at_most_the_cpus_and_a_given_one_stays(generic, tmp_path, monkeypatch, capsys):
+    """4 DataLoader workers on a 2-core machine made PyTorch warn, twice, that they may slow the run: left unset
+    (None, printed and saved as null, so that a resume elsewhere takes that machine's), the count is 4 or the CPUs
+    the process may use where fewer; one given (--num-workers, a config file) is taken as it is."""
+    from denseclip_fast.train import config as config_module
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert config_module.default_num_workers() == 2 and TrainConfig().workers() == 2
+    assert train_preset("RN50").num_workers is None
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert TrainConfig().workers() == 4
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)  # macOS, Windows
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    assert TrainConfig().workers() == 1
+    path = tmp_path / "run.yaml"
+    path.write_text(f"preset: RN50\ndata: {generic}\nnum_workers: 6\n")
+    assert TrainConfig.load(str(path)).workers() == 6  # a file's value, more than the machine's CPUs: as given
+    assert main(["train", str(path), "--print-config"]) == 0
+    assert json.loads(capsys.readouterr().out)["num_workers"] == 6
+    assert main(["train", str(path), "--num-workers", "0", "--print-config"]) == 0
+    assert json.loads(capsys.readouterr().out)["num_workers"] == 0
+    path.write_text(f"preset: RN50\ndata: {generic}\nnum_workers: null\n")
+    assert main(["train", str(path), "--print-config"]) == 0
+    assert json.loads(capsys.readouterr().out)["num_workers"] is None
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--num-workers NUM_WORKERS DataLoader workers per process (default: 4, or the CPUs the process may use " \
+           "where they are fewer)" in help_text  # fmt: skip
+
+
 def test_extra_is_notes_kept_with_the_run_and_must_be_json(generic, tmp_path, capsys):
     """extra is free-form notes: read by nothing, printed and saved with the config (config.json, the states). A
     value JSON cannot hold (YAML reads 2024-01-01 as a date) is refused naming extra, before any work; it was a

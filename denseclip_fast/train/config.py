@@ -45,6 +45,16 @@ NUMBER_RANGES: tuple[tuple[str, float, float, bool], ...] = (
 )  # fmt: skip
 
 
+def default_num_workers() -> int:
+    """The DataLoader workers of a run that leaves ``num_workers`` unset: 4, or the CPUs this process may run on
+    where they are fewer (4 workers on a 2-core machine made PyTorch warn that they may slow the run or freeze it)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS and Windows have no sched_getaffinity
+        cpus = os.cpu_count() or 1
+    return min(4, cpus)
+
+
 @dataclass
 class TrainConfig:
     """Every knob of a training run. ``arch`` is a released architecture or a path to an architecture JSON file
@@ -83,7 +93,7 @@ class TrainConfig:
     channels_last: bool | None = None  # images and weights in NHWC; None: on CUDA (cuDNN's tensor-core layout) only
     sync_bn: bool = False
     cudnn_benchmark: bool = True  # cuDNN times its convolution algorithms once per shape (mmseg's runtime default)
-    num_workers: int = 4
+    num_workers: int | None = None  # DataLoader workers per process; None: default_num_workers() where the run is
     checkpoint_interval: int = 8000
     eval_interval: int = 0  # 0: evaluate only at the end
     log_interval: int = 50
@@ -98,6 +108,11 @@ class TrainConfig:
         if self.img_scale is not None:
             self.img_scale = tuple(self.img_scale)  # type: ignore[assignment]
         self.ratio_range = tuple(self.ratio_range)  # type: ignore[assignment]
+
+    def workers(self) -> int:
+        """The DataLoader workers a process of the run starts: ``num_workers``, or, left None, this machine's
+        :func:`default_num_workers`."""
+        return default_num_workers() if self.num_workers is None else self.num_workers
 
     def apply_arch_defaults(self) -> None:
         """Fill ``crop`` and ``img_scale`` left None with the architecture's slide window and test scale, which the
@@ -141,7 +156,8 @@ class TrainConfig:
             if getattr(self, name) > most:
                 raise ValueError(f"{name} must be at most {most}, got {getattr(self, name)!r}")
         for name in ("eval_interval", "num_workers", "max_checkpoints", "warmup_iters"):
-            check_int(name, getattr(self, name), 0)
+            if name != "num_workers" or self.num_workers is not None:  # None: the machine's default
+                check_int(name, getattr(self, name), 0)
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed <= MAX_SEED:
             raise ValueError(f"seed must be an int in 0..{MAX_SEED}, got {self.seed!r}")
         self.ignore_index = check_ignore_index(self.ignore_index)  # a numpy integer: the int config.json can hold

@@ -492,8 +492,9 @@ class Trainer:
         sampler = TrainSampler(len(data), cfg.seed, rank, world, start=start * micro * cfg.accum)
         # its own generator: creating the loader must not draw from the global RNG (a resumed run creates it at
         # a different point of the run than an uninterrupted one)
-        loader = DataLoader(data, batch_size=micro, sampler=sampler, num_workers=cfg.num_workers,
-                            pin_memory=device.type == "cuda", persistent_workers=cfg.num_workers > 0,
+        workers = cfg.workers()
+        loader = DataLoader(data, batch_size=micro, sampler=sampler, num_workers=workers,
+                            pin_memory=device.type == "cuda", persistent_workers=workers > 0,
                             generator=torch.Generator().manual_seed(cfg.seed), worker_init_fn=worker_init)  # fmt: skip
         batches = iter(loader)
         autocast = torch.autocast(device.type, dtype=torch.bfloat16 if cfg.amp == "bf16" else torch.float16,
