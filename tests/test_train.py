@@ -881,14 +881,14 @@ def test_a_warm_up_that_keeps_the_rate_low_is_said(arch_file, generic, tmp_path,
     short = _config(arch_file, generic, tmp_path / "run", iters=2, warmup_iters=5, checkpoint_interval=1)
     train(short)
     err = capsys.readouterr().err
-    assert f"warning: {short_run_warning(short)}" in err and "warmup_iters 5 and iters 2" in err
+    assert f"denseclip-fast train: warning: {short_run_warning(short)}\n" in err and "warmup_iters 5 and iters 2" in err
     assert "(--warmup-iters N, or warmup_iters in the config file; 0 for none)" in err
     # said once per run: not again on resuming it, again when the resumed run's schedule is another
     train(short, resume=str(tmp_path / "run" / "iter_1.state.pt"))
     assert "learning rate peaks" not in capsys.readouterr().err
     longer = dataclasses.replace(short, iters=3)
     train(longer, resume=str(tmp_path / "run" / "iter_1.state.pt"))
-    assert f"warning: {short_run_warning(longer)}" in capsys.readouterr().err
+    assert f"denseclip-fast train: warning: {short_run_warning(longer)}\n" in capsys.readouterr().err
     train(_config(arch_file, generic, tmp_path / "other", iters=1, warmup_iters=0, checkpoint_interval=1))
     assert "warning" not in capsys.readouterr().err
 

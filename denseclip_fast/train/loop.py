@@ -378,7 +378,7 @@ class Trainer:
         cfg = self.cfg
         short = short_run_warning(cfg) if resume_path is None or self._schedule_changed() else None
         if short is not None and rank == 0:  # said when the run starts, again on resuming only if its schedule changed
-            print(f"warning: {short}", file=sys.stderr)
+            print(f"denseclip-fast train: warning: {short}", file=sys.stderr)
         with (
             distributed(cfg) as (rank, world, device),
             cudnn_benchmark(cfg.cudnn_benchmark),
