@@ -6,8 +6,9 @@
     denseclip-fast export --checkpoint C --format onnx|tensorrt|aoti --out PATH [--graph image|image_with_text|text]
                           [--image-size 512 | 512x1024] [--dtype ...] [--max-batch N] [--verify] [--classes "a,b"]
 
-    denseclip-fast train [CONFIG.yaml] [--arch A] [--data DIR] [--layout ade20k|generic] [--init CLIP|none] [--iters N]
-                         [--batch-size N] [--accum N] [--crop N] [--lr X] [--seed N] [--device D] [--work-dir DIR]
+    denseclip-fast train [CONFIG.yaml] [--arch A] [--data DIR] [--layout ade20k|generic] [--init CLIP|DENSECLIP|none]
+                         [--iters N] [--batch-size N] [--accum N] [--crop N] [--lr X] [--seed N] [--device D]
+                         [--work-dir DIR]
     denseclip-fast eval --checkpoint C --data DIR --layout L [--mode whole|slide] [--scales 0.5,1.0] [--flip]
 
 segment runs the engine (denseclip_fast.Segmenter): the official test pipeline on the chosen device. export writes
@@ -742,9 +743,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--arch", help="RN50, RN101, ViT-B/16 (the official recipe), or an architecture JSON file")
     tr.add_argument("--data", help="the data set directory")
     tr.add_argument("--layout", choices=("ade20k", "generic"))
-    tr.add_argument("--init", help="CLIP weights (OpenAI .pt, state dict, open_clip) to start from, or 'none' "
-                                   "(the default without a config: random weights, for tests; DenseCLIP "
-                                   "fine-tunes CLIP)")  # fmt: skip
+    tr.add_argument("--init", help="CLIP weights (OpenAI .pt, state dict, open_clip) to start from, a DenseCLIP "
+                                   "checkpoint of the same architecture (its weights; its classifier too where its "
+                                   "classes are the data set's), or 'none' (the default without a config: random "
+                                   "weights, for tests; DenseCLIP fine-tunes CLIP)")  # fmt: skip
     tr.add_argument("--clip-activation", dest="clip_activation", choices=("quick_gelu", "gelu"),
                     help="the activation the --init weights were trained with: quick_gelu (OpenAI CLIP, the "
                          "presets' default) or gelu (most other open_clip weights, e.g. LAION's)")  # fmt: skip

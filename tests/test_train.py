@@ -419,8 +419,9 @@ def test_numbers_out_of_range_are_refused_naming_the_field(arch_file, generic, t
         ({"batch_size": 10**22}, "batch_size must be at most 65536, got 10000000000000000000000"),
         ({"iters": True}, "iters must be an int >= 1, got True"),
         ({"num_workers": False}, "num_workers must be an int >= 0, got False"),
-        ({"init": ""}, "init (--init) must be a CLIP weight file or 'none'; '' is empty"),  # was path_argument's
-        ({"init": str(tmp_path / "RN50.pt")}, f"init (--init) must be a CLIP weight file or 'none'; "
+        ({"init": ""}, "init (--init) must be CLIP weights, a DenseCLIP checkpoint or 'none'; '' is "
+                       "empty"),  # was path_argument's
+        ({"init": str(tmp_path / "RN50.pt")}, f"init (--init) must be CLIP weights, a DenseCLIP checkpoint or 'none'; "
                                               f"{str(tmp_path / 'RN50.pt')!r} does not exist"),
     ):
         with pytest.raises(ValueError, match=re.escape(message)):
@@ -2261,3 +2262,88 @@ def test_a_fresh_run_checks_the_work_dir_again_once_it_holds_it(arch_file, gener
     with pytest.raises(ValueError, match=r"holds checkpoint files that cannot be resumed \(iter_5.safetensors"):
         train(_config(arch_file, generic, work))
     assert sorted(os.listdir(work)) == [".lock", "iter_5.safetensors"]
+
+
+# ------------------------------------------------------------------------------------------------ --init DenseCLIP
+
+
+def test_a_run_starts_from_a_denseclip_checkpoint(arch_file, generic, tmp_path):
+    """--init with a DenseCLIP checkpoint of the run's architecture: every weight is the file's when its classes are
+    the run's; with other classes (another count, or other names) the classifier and the score map's columns of the
+    neck's lateral convolution keep the run's own initialisation (the same seed's: as with --init none), the
+    class tokens are the run's names, everything else is the file's, and a note says so."""
+    from denseclip_fast import DenseCLIP
+
+    cfg = _config(arch_file, generic, tmp_path / "x")
+    torch.manual_seed(123)  # weights unlike a fresh run's
+    source = DenseCLIP(cfg.model_config(), CLASSES)
+    with torch.no_grad():
+        source.gamma.fill_(0.5)
+    path = tmp_path / "source.safetensors"
+    source.save(path)
+    given = source.state_dict()
+    started = dataclasses.replace(cfg, init=str(path))
+    notes: list[str] = []
+    same = build_model(started, CLASSES, notes.append).state_dict()
+    assert not notes and all(torch.equal(same[k], v) for k, v in given.items())
+    index = cfg.model_config().score_concat_index
+    lateral = f"neck.lateral_convs.{index}.conv.weight"
+    for names in (["cat", "dog"], ["sky", "road", "grass"]):  # another count; the same count, another order
+        fresh = build_model(cfg, names).state_dict()
+        moved = build_model(started, names, notes.append).state_dict()
+        channels = fresh[lateral].shape[1] - len(names)
+        for key, value in moved.items():
+            if key.startswith("decode_head.conv_seg.") or key == "class_tokens":
+                assert torch.equal(value, fresh[key]), key
+            elif key == lateral:
+                assert torch.equal(value[:, :channels], given[key][:, :channels])
+                assert torch.equal(value[:, channels:], fresh[key][:, channels:])
+            else:
+                assert torch.equal(value, given[key]), key
+        assert notes[-1] == (f"--init {path}: the trained head's classifier and the score map's columns of {lateral} "
+                             f"keep their initialisation (its 3 classes are not the run's {len(names)}, name for "
+                             "name); every other weight is the checkpoint's")  # fmt: skip
+
+
+def test_a_denseclip_checkpoint_of_another_architecture_or_grid(arch_file, generic, tmp_path):
+    """Another architecture is refused, naming the fields that differ; another input resolution has its positional
+    embedding resized to the run's grid (said in a note); --init's check names both kinds of file."""
+    from denseclip_fast import DenseCLIP
+    from denseclip_fast.model.resnet import resize_positional_grid
+
+    cfg = _config(arch_file, generic, tmp_path / "x")
+    vit = tmp_path / "vit.safetensors"
+    DenseCLIP(tiny_config("vit"), CLASSES).save(vit)
+    with pytest.raises(CheckpointError, match=r"vit.safetensors: this DenseCLIP checkpoint is of another "
+                                              r"architecture than the run's \(--arch\): .*vision\.kind: 'vit' in the "
+                                              r"file, 'resnet' here"):  # fmt: skip
+        build_model(dataclasses.replace(cfg, init=str(vit)), CLASSES)
+    own = cfg.model_config()
+    vision = dataclasses.replace(own.vision, input_resolution=2 * own.vision.input_resolution)
+    larger = dataclasses.replace(own, vision=vision)
+    source = DenseCLIP(larger, CLASSES)
+    path = tmp_path / "larger.safetensors"
+    source.save(path)
+    notes: list[str] = []
+    model = build_model(dataclasses.replace(cfg, init=str(path)), CLASSES, notes.append)
+    key = "backbone.attnpool.positional_embedding"
+    old, new = larger.vision.grid, own.vision.grid
+    assert torch.equal(model.state_dict()[key], resize_positional_grid(source.state_dict()[key], old, (new, new)))
+    assert notes == [f"--init {path}: {key} resized from a {old}x{old} grid to {new}x{new}"]
+    with pytest.raises(ValueError, match=r"init \(--init\) must be CLIP weights, a DenseCLIP checkpoint or 'none'"):
+        dataclasses.replace(cfg, init=str(tmp_path / "missing.pt")).validate()
+
+
+def test_train_from_a_denseclip_checkpoint_says_what_it_kept(arch_file, generic, tmp_path, capsys):
+    """The command line's run from a DenseCLIP checkpoint of other classes trains, and says on stderr which weights
+    kept their initialisation; resuming that run says nothing of it again."""
+    from denseclip_fast import DenseCLIP
+
+    cfg = _config(arch_file, generic, tmp_path / "run", iters=2, checkpoint_interval=1)
+    path = tmp_path / "ade.safetensors"
+    DenseCLIP(cfg.model_config(), ["wall", "floor"]).save(path)
+    train(dataclasses.replace(cfg, init=str(path), iters=1))
+    err = capsys.readouterr().err
+    assert f"denseclip-fast train: --init {path}: the trained head's classifier" in err
+    train(dataclasses.replace(cfg, init=str(path)), resume="auto")
+    assert "--init" not in capsys.readouterr().err

@@ -32,6 +32,10 @@ TEXT_KEYS = ("positional_embedding", "text_projection")
 IGNORED = ("logit_scale", "logit_bias", "input_resolution", "context_length", "vocab_size")
 
 
+class DenseCLIPCheckpointGiven(CheckpointError):
+    """A DenseCLIP checkpoint where CLIP weights were asked for (checkpoints/transfer.py starts a run from one)."""
+
+
 def read_clip_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """CLIP weights from any supported file as a flat ``{name: tensor}`` dict with CLIP's key names."""
     path = os.fspath(path)
@@ -47,9 +51,9 @@ def read_clip_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor
         sd = {k[len("module."):]: v for k, v in sd.items()}
     if "visual.conv1.weight" not in sd or "token_embedding.weight" not in sd:
         if is_native(wf.metadata or {}) or any(k.startswith(("backbone.", "text_encoder.")) for k in sd):
-            raise CheckpointError(path, "this is a DenseCLIP checkpoint, not CLIP weights (OpenAI .pt, open_clip), "
-                                        "which a fine-tuning run starts from; to go on with a run, resume it "
-                                        "(--resume)")  # fmt: skip
+            raise DenseCLIPCheckpointGiven(path, "this is a DenseCLIP checkpoint, not CLIP weights (OpenAI .pt, "
+                                                 "open_clip); a training run starts from one with --init (to go on "
+                                                 "with a run instead, resume it: --resume)")  # fmt: skip
         missing = " or ".join(repr(k) for k in ("visual.conv1.weight", "token_embedding.weight") if k not in sd)
         raise CheckpointError(path, f"not CLIP weights: no {missing} (a CLIP state dict holds both the image and the "
                                     "text encoder)")  # fmt: skip

@@ -58,7 +58,8 @@ def default_num_workers() -> int:
 @dataclass
 class TrainConfig:
     """Every knob of a training run. ``arch`` is a released architecture or a path to an architecture JSON file
-    (``DenseCLIPConfig.to_dict()``); ``init`` is CLIP weights for ``DenseCLIP.from_clip`` or ``"none"``; ``extra``
+    (``DenseCLIPConfig.to_dict()``); ``init`` is CLIP weights for ``DenseCLIP.from_clip``, a DenseCLIP
+    checkpoint (checkpoints/transfer.py) or ``"none"``; ``extra``
     is free-form notes, not a knob."""
 
     arch: str = "RN50"
@@ -148,7 +149,8 @@ class TrainConfig:
             raise ValueError(f"data directory {self.data!r} {not_a_directory(self.data)}")
         if self.init != "none" and not os.path.isfile(self.init):  # as data: a file given must be there
             what = not_a_file(self.init) if self.init else "is empty"
-            raise ValueError(f"init (--init) must be a CLIP weight file or 'none'; {self.init!r} {what}")
+            raise ValueError(f"init (--init) must be CLIP weights, a DenseCLIP checkpoint or 'none'; {self.init!r} "
+                             f"{what}")  # fmt: skip
         for name in ("iters", "batch_size", "accum", "checkpoint_interval", "log_interval"):
             check_int(name, getattr(self, name))
         check_int("crop", self.crop, MIN_IMAGE_SIDE, " (the stride-32 level keeps a pixel)")

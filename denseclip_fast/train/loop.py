@@ -82,13 +82,22 @@ def next_batch(batches: Iterator[Any]) -> Any:
         raise ValueError(last.removeprefix("ValueError: ")) from None
 
 
-def build_model(cfg: TrainConfig, class_names: list[str]) -> DenseCLIP:
+def build_model(cfg: TrainConfig, class_names: list[str], say: Callable[[str], None] | None = None) -> DenseCLIP:
+    """The run's model: freshly initialised (``cfg.seed``), then ``cfg.init``'s weights: CLIP's (backbone and text
+    encoder), or a DenseCLIP checkpoint's (every weight but the classes' where they are other ones:
+    checkpoints/transfer.py, whose notes go to ``say``)."""
     torch.manual_seed(cfg.seed)
     model = DenseCLIP(cfg.model_config(), class_names)
     if cfg.init != "none":
-        from ..checkpoints.clip import init_from_clip
+        from ..checkpoints.clip import DenseCLIPCheckpointGiven, init_from_clip
+        from ..checkpoints.transfer import init_from_denseclip
 
-        init_from_clip(model, cfg.init)
+        try:
+            init_from_clip(model, cfg.init)
+        except DenseCLIPCheckpointGiven:
+            for note in init_from_denseclip(model, cfg.init):
+                if say is not None:
+                    say(f"--init {cfg.init}: {note}")
     return model
 
 
@@ -437,7 +446,8 @@ class Trainer:
         val = SegmentationData(cfg.data, cfg.layout, "val", ignore_index=cfg.ignore_index)  # kept for _evaluate
         check_image_sizes(val, cfg.model_config().test_scale, (1.0,))
         data.check_label_sizes()  # as check_image_sizes does for val: now, not in a DataLoader worker hours in
-        model = prepare_model(build_model(cfg, data.class_names), cfg, device)
+        say = (lambda note: print(f"denseclip-fast train: {note}", file=sys.stderr)) if rank == 0 else None
+        model = prepare_model(build_model(cfg, data.class_names, say if resume_path is None else None), cfg, device)
         layout = memory_format(cfg, device)
         optimizer = make_optimizer(model, cfg, device)
         scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
