@@ -10,8 +10,8 @@ structural fields: the backbone, text encoder, context decoder, neck and head wi
   convolution that read the score map (one input channel per class, after the backbone's channels). They keep the
   new model's initialisation: class i of another vocabulary has nothing to do with class i of this one. The
   lateral convolution's backbone columns are copied.
-* the positional embeddings, resized bilinearly to the new model's grid where the input resolutions differ (a 640
-  crop after a 512 one), as for CLIP weights.
+* the positional embeddings, resized bilinearly to the new model's grid where the architectures' input resolutions
+  differ (an architecture file of another ``input_resolution``), as for CLIP weights.
 * ``class_tokens``: the run's own class names.
 """
 
