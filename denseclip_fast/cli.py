@@ -761,8 +761,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--device")
     tr.add_argument("--work-dir", dest="work_dir", help="default work_dirs/denseclip")
     tr.add_argument("--num-workers", dest="num_workers", type=int,
-                    help="DataLoader workers per process (default: 4, or the CPUs the process may use where they are "
-                         "fewer)")  # fmt: skip
+                    help="DataLoader workers per process (default: 4, or the process's share of the CPUs it may use, "
+                         "among torchrun's processes on the machine, where fewer)")  # fmt: skip
     tr.add_argument("--checkpoint-interval", dest="checkpoint_interval", type=int, help="default 8000")
     tr.add_argument("--eval-interval", dest="eval_interval", type=int,
                     help="default 0: validation at the end only")  # fmt: skip

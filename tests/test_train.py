@@ -1653,8 +1653,9 @@ def test_a_missing_architecture_file_is_said_to_be_missing(generic, tmp_path, ca
 
 def test_the_default_worker_count_is_at_most_the_cpus_and_a_given_one_stays(generic, tmp_path, monkeypatch, capsys):
     """4 DataLoader workers on a 2-core machine made PyTorch warn, twice, that they may slow the run: left unset
-    (None, printed and saved as null, so that a resume elsewhere takes that machine's), the count is 4 or the CPUs
-    the process may use where fewer; one given (--num-workers, a config file) is taken as it is."""
+    (None, printed and saved as null, so that a resume elsewhere takes that machine's), the count is 4 or the
+    process's share of the CPUs it may use (among torchrun's processes on the machine) where fewer; one given
+    (--num-workers, a config file) is taken as it is."""
     from denseclip_fast.train import config as config_module
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
@@ -1662,6 +1663,12 @@ def test_the_default_worker_count_is_at_most_the_cpus_and_a_given_one_stays(gene
     assert train_preset("RN50").num_workers is None
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
     assert TrainConfig().workers() == 4
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # torchrun's 8 processes on this machine share its 16 CPUs
+    assert TrainConfig().workers() == 2
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "32")  # more processes than CPUs: still one worker each
+    assert TrainConfig().workers() == 1
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
     monkeypatch.delattr(os, "sched_getaffinity", raising=False)  # macOS, Windows
     monkeypatch.setattr(os, "cpu_count", lambda: 1)
     assert TrainConfig().workers() == 1
@@ -1678,8 +1685,8 @@ def test_the_default_worker_count_is_at_most_the_cpus_and_a_given_one_stays(gene
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
-    assert "--num-workers NUM_WORKERS DataLoader workers per process (default: 4, or the CPUs the process may use " \
-           "where they are fewer)" in help_text  # fmt: skip
+    assert "--num-workers NUM_WORKERS DataLoader workers per process (default: 4, or the process's share of the " \
+           "CPUs it may use, among torchrun's processes on the machine, where fewer)" in help_text  # fmt: skip
 
 
 def test_extra_is_notes_kept_with_the_run_and_must_be_json(generic, tmp_path, capsys):

@@ -46,13 +46,17 @@ NUMBER_RANGES: tuple[tuple[str, float, float, bool], ...] = (
 
 
 def default_num_workers() -> int:
-    """The DataLoader workers of a run that leaves ``num_workers`` unset: 4, or the CPUs this process may run on
-    where they are fewer (4 workers on a 2-core machine made PyTorch warn that they may slow the run or freeze it)."""
+    """The DataLoader workers of a run that leaves ``num_workers`` unset: 4, or this process's share of the CPUs it
+    may run on where that is fewer: the CPUs divided by the processes torchrun started on this machine
+    (``LOCAL_WORLD_SIZE``), at least 1 (4 workers on a 2-core machine made PyTorch warn that they may slow the run or
+    freeze it; 8 processes of 4 workers each on 16 CPUs were 32 workers)."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # macOS and Windows have no sched_getaffinity
         cpus = os.cpu_count() or 1
-    return min(4, cpus)
+    local = os.environ.get("LOCAL_WORLD_SIZE", "1")
+    processes = int(local) if local.isdigit() and int(local) > 0 else 1
+    return max(1, min(4, cpus // processes))
 
 
 @dataclass
