@@ -39,6 +39,7 @@ from denseclip_fast.train import (
 from denseclip_fast.train.data import (
     _from_hsv8,
     _to_hsv8,
+    find_samples,
     photometric_distortion,
     random_crop_box,
     read_label,
@@ -1253,7 +1254,6 @@ def test_a_folder_of_the_other_layout_is_said_to_be_so(arch_file, tmp_path, caps
     """train's default layout is ade20k: a generic folder was told that images/training does not exist, as if the
     data were incomplete. A folder with the other layout's marks is said to look like it, with the option to pass;
     one with neither's is told what is missing, as before."""
-    from denseclip_fast.train.data import find_samples
 
     gen, ade = make_generic(tmp_path / "gen", n=2, splits=False), make_ade20k(tmp_path / "ade", n=1)
     assert main(["train", "--arch", arch_file, "--data", gen, "--device", "cpu", "--work-dir",
@@ -1290,6 +1290,17 @@ def test_images_in_subfolders_are_said_not_to_be_searched(tmp_path):
                                          r"skipped, e.g. notes.txt; 1 subfolder\(s\) skipped, e.g. train: subfolders "
                                          r"are not searched\)$"):  # fmt: skip
         SegmentationData(data, "generic", "train")
+
+
+def test_a_folder_named_like_an_image_is_not_a_sample(tmp_path):
+    """images/more.png/ (a folder) was taken for an image, paired with labels/more.png/, and the run failed when a
+    worker opened it; folders are left out of the listing, as hidden files are."""
+    data = make_generic(tmp_path / "g", n=2, splits=False)
+    for folder in ("images", "labels"):
+        os.makedirs(tmp_path / "g" / folder / "more.png")
+    samples, _ = find_samples(data, "generic", "train")
+    assert [os.path.basename(s.image) for s in samples] == ["scene_0.png", "scene_1.png"]
+    assert len(SegmentationData(data, "generic", "train")) == 2
 
 
 def test_split_names_with_their_extension_are_said_to_need_none(tmp_path):

@@ -75,12 +75,14 @@ class Sample:
 
 def _names_in(folder: str, suffixes: Sequence[str]) -> dict[str, str]:
     """NAME -> path of the files in ``folder`` with one of ``suffixes`` (any case), hidden ones (a name starting with
-    a dot: macOS's ._NAME.png resource forks) left out; two files of one NAME (a.jpg and a.png, a.png and a.PNG)
-    are refused: which one a sample takes would be a guess."""
+    a dot: macOS's ._NAME.png resource forks) and folders (a folder named x.png) left out; two files of one NAME
+    (a.jpg and a.png, a.png and a.PNG) are refused: which one a sample takes would be a guess."""
     if not os.path.isdir(folder):
         raise ValueError(f"{folder} {not_a_directory(folder)} (the layouts: README.md, Training, Data)")
     paths: dict[str, str] = {}
-    for file in sorted(os.listdir(folder)):
+    with os.scandir(folder) as entries:  # the kind of each entry comes with the listing: no stat per file
+        files = sorted(e.name for e in entries if not e.is_dir())
+    for file in files:
         if file.lower().endswith(tuple(suffixes)) and not file.startswith("."):
             name, path = os.path.splitext(file)[0], os.path.join(folder, file)
             if name in paths:
