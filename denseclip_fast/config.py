@@ -273,10 +273,25 @@ def _build(cls: type, data: Any, where: str) -> Any:
     return cls(**kwargs)
 
 
+def _arch_key(name: str) -> str:
+    """A name as it is compared for :func:`meant_arch`: lower case, without separators, 'resnet' as 'rn'."""
+    key = "".join(c for c in name.lower() if c.isalnum())
+    return "rn" + key[len("resnet"):] if key.startswith("resnet") else key
+
+
+def meant_arch(arch: object) -> str:
+    """For an error message: " (did you mean 'RN50'?)" when ``arch`` names a released architecture but for letter
+    case and separators ('rn50', 'ResNet-50', 'vit_b_16'), else ""."""
+    if not isinstance(arch, str):
+        return ""
+    meant = [name for name in ARCHS if _arch_key(name) == _arch_key(arch)]
+    return f" (did you mean {meant[0]!r}?)" if meant else ""
+
+
 def canonical_arch(arch: str) -> str:
     """``'ViT-B-16'`` -> ``'ViT-B/16'``; raises ValueError for an unknown name."""
     if arch not in ARCH_ALIASES:
-        raise ValueError(f"arch must be one of {list(ARCHS)}, got {arch!r}")
+        raise ValueError(f"arch must be one of {list(ARCHS)}, got {arch!r}{meant_arch(arch)}")
     return "ViT-B/16" if ARCH_ALIASES[arch] == "ViT-B-16" else arch
 
 

@@ -134,8 +134,10 @@ def test_config_errors_name_the_problem():
         DenseCLIPConfig.from_dict(data)
     with pytest.raises(ValueError, match="score_concat_index must be in 0..3"):
         preset("RN50").replace(score_concat_index=4)
-    with pytest.raises(ValueError, match="arch must be one of"):
+    with pytest.raises(ValueError, match=r"arch must be one of .*, got 'ViT-L/14'$"):
         preset("ViT-L/14")
+    with pytest.raises(ValueError, match=re.escape("got 'vit-b/16' (did you mean 'ViT-B/16'?)")):
+        preset("vit-b/16")
 
 
 @pytest.mark.parametrize(
@@ -244,8 +246,9 @@ def test_config_json_with_missing_or_unknown_keys(tmp_path):
 
     path = tmp_path / "arch.json"
     path.write_text(json.dumps(data))
-    with pytest.raises(ValueError, match=rf"arch file {re.escape(str(path))}: config: missing keys \['embed_dim'\]"):
+    with pytest.raises(ValueError, match=rf"arch \(--arch\) file {re.escape(str(path))}: config: missing keys "
+                                         r"\['embed_dim'\]"):  # fmt: skip
         TrainConfig(arch=str(path)).model_config()
     path.write_text("{not json")
-    with pytest.raises(ValueError, match=rf"arch file {re.escape(str(path))}: Expecting property name"):
+    with pytest.raises(ValueError, match=rf"arch \(--arch\) file {re.escape(str(path))}: Expecting property name"):
         TrainConfig(arch=str(path)).model_config()

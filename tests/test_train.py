@@ -1594,7 +1594,7 @@ def test_config_files_and_errors(arch_file, generic, tmp_path, capsys):
         _config(arch_file, generic, tmp_path, batch_size=3, accum=2).validate()
     with pytest.raises(ValueError, match="data directory .* does not exist"):
         _config(arch_file, str(tmp_path / "nowhere"), tmp_path).validate()
-    with pytest.raises(ValueError, match="arch must be one of"):
+    with pytest.raises(ValueError, match=re.escape("arch (--arch) must be one of")):
         _config("RN42", generic, tmp_path).validate()
     for device, message in (("meta", "device must be a CPU or CUDA device"), ("cuda:99", "device is 'cuda:99' but ")):
         with pytest.raises(ValueError, match=re.escape(message)):
@@ -1657,9 +1657,12 @@ def test_a_missing_architecture_file_is_said_to_be_missing(generic, tmp_path, ca
         _config(os.path.join("archs", "tiny"), generic, tmp_path).validate()  # no .json, but its folder exists
     with pytest.raises(ValueError, match=re.escape(f"architecture file {str(tmp_path)!r} is not a regular file")):
         _config(str(tmp_path), generic, tmp_path).validate()
-    with pytest.raises(ValueError, match=re.escape("arch must be one of ['RN50', 'RN101', 'ViT-B/16'] or an "
-                                                   "architecture JSON file, got 'ViT-B/32'")):  # fmt: skip
+    with pytest.raises(ValueError, match=re.escape("arch (--arch) must be one of ['RN50', 'RN101', 'ViT-B/16'] or "
+                                                   "an architecture JSON file, got 'ViT-B/32'") + "$"):  # fmt: skip
         _config("ViT-B/32", generic, tmp_path).validate()
+    for typed, meant in (("rn50", "RN50"), ("ResNet-101", "RN101"), ("vit_b_16", "ViT-B/16")):
+        with pytest.raises(ValueError, match=re.escape(f"got {typed!r} (did you mean {meant!r}?)")):
+            _config(typed, generic, tmp_path).validate()
 
 
 def test_the_default_worker_count_is_at_most_the_cpus_and_a_given_one_stays(generic, tmp_path, monkeypatch, capsys):

@@ -22,7 +22,16 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import ACTIVATIONS, ARCH_ALIASES, ARCHS, MIN_IMAGE_SIDE, DenseCLIPConfig, canonical_arch, preset
+from ..config import (
+    ACTIVATIONS,
+    ARCH_ALIASES,
+    ARCHS,
+    MIN_IMAGE_SIDE,
+    DenseCLIPConfig,
+    canonical_arch,
+    meant_arch,
+    preset,
+)
 from ..validation import check_device, check_int, check_writable_dir, is_finite_number, not_a_file
 from .data import check_ignore_index, not_a_directory
 
@@ -216,12 +225,13 @@ class TrainConfig:
                 with open(self.arch, encoding="utf-8") as f:
                     config = DenseCLIPConfig.from_dict(json.load(f))
             except ValueError as exc:  # not JSON (JSONDecodeError, UnicodeDecodeError), or not an architecture
-                raise ValueError(f"arch file {self.arch}: {exc}") from None
+                raise ValueError(f"arch (--arch) file {self.arch}: {exc}") from None
         elif _looks_like_a_path(self.arch):  # a mistyped file path, not a mistyped name
             raise ValueError(f"arch (--arch) architecture file {self.arch!r} {not_a_file(self.arch)} (arch is one of "
                              f"{list(ARCHS)} or an architecture JSON file)")  # fmt: skip
         else:
-            raise ValueError(f"arch must be one of {list(ARCHS)} or an architecture JSON file, got {self.arch!r}")
+            raise ValueError(f"arch (--arch) must be one of {list(ARCHS)} or an architecture JSON file, got "
+                             f"{self.arch!r}{meant_arch(self.arch)}")  # fmt: skip
         if self.clip_activation:
             if self.clip_activation not in ACTIVATIONS:
                 raise ValueError(f"clip_activation must be one of {ACTIVATIONS} (or '' for the architecture's), "
