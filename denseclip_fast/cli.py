@@ -1,6 +1,6 @@
 """The ``denseclip-fast`` command.
 
-    denseclip-fast info CHECKPOINT [--json]
+    denseclip-fast info CHECKPOINT [--json]       (or info --checkpoint CHECKPOINT)
     denseclip-fast segment --checkpoint C [--classes "a,b,c"] [--open-vocab] [--mode slide|whole] [--device cpu|cuda]
                            [--dtype float32|bfloat16|float16] [--io-threads N] [--keep-going] IMAGE|DIR... --out DIR
     denseclip-fast export --checkpoint C --format onnx|tensorrt|aoti --out PATH [--graph image|image_with_text|text]
@@ -111,6 +111,17 @@ def _load_model(path: str, unnamed: str, renamed: bool = False, hint: str = "--c
             raise ValueError(f"{path}: {what}; its head has {exc.outputs} outputs: give their {exc.outputs} names "
                              f"with --classes ({unnamed})") from None  # fmt: skip
         return load_checkpoint(path, class_names=[UNNAMED] * exc.outputs), False
+
+
+def _info_checkpoint(positional: str | None, option: str | None) -> str:
+    """info's checkpoint, given as CHECKPOINT or as --checkpoint (the other commands' spelling), once."""
+    if positional is not None and option is not None:
+        raise ValueError(f"info takes one checkpoint, as CHECKPOINT or --checkpoint, got both ({positional!r} and "
+                         f"--checkpoint {option!r})")  # fmt: skip
+    if positional is None and option is None:
+        raise ValueError("info needs the checkpoint to describe: denseclip-fast info CHECKPOINT (or --checkpoint "
+                         "CHECKPOINT)")  # fmt: skip
+    return typing.cast(str, positional if option is None else option)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -683,7 +694,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     info = sub.add_parser("info", help="architecture, classes and parameter counts of a checkpoint")
-    info.add_argument("checkpoint")
+    info.add_argument("checkpoint", nargs="?", metavar="CHECKPOINT",
+                      help="the weight file to describe (a DenseCLIP checkpoint: official, or this package's)")
+    info.add_argument("--checkpoint", dest="checkpoint_option", metavar="CHECKPOINT",
+                      help="the same, named as segment, export and eval take it")  # fmt: skip
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(func=cmd_info)
 
@@ -858,6 +872,8 @@ def main(argv: Sequence[str] | None = None, die_by_signal: bool = False, own_pro
     if saved_stdout is not None:  # None: started with standard output closed (print writes nothing)
         sys.stdout = _NamedStdout(saved_stdout)
     try:
+        if args.command == "info":
+            args.checkpoint = _info_checkpoint(args.checkpoint, args.checkpoint_option)
         if getattr(args, "checkpoint", None) == "":  # load_checkpoint's message named its own argument, "path"
             raise ValueError(f"{'CHECKPOINT' if args.command == 'info' else '--checkpoint'} must name a weight "
                              "file, got ''")  # fmt: skip

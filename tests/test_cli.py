@@ -52,6 +52,15 @@ def test_info(checkpoint, capsys):
     assert main(["info", "--json", str(checkpoint)]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["num_classes"] == 4 and info["parameters"] == counts["total"]
+    assert main(["info", "--checkpoint", str(checkpoint), "--json"]) == 0  # as segment, export and eval name it
+    assert json.loads(capsys.readouterr().out) == info
+    assert main(["info", str(checkpoint), "--checkpoint", str(checkpoint)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "denseclip-fast: error: info takes one checkpoint, as CHECKPOINT or --checkpoint, got both "
+        f"({str(checkpoint)!r} and --checkpoint {str(checkpoint)!r})"
+    )
+    assert main(["info", "--json"]) == 2
+    assert "info needs the checkpoint to describe: denseclip-fast info CHECKPOINT" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("mode", ["slide", "whole"])
