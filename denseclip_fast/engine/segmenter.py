@@ -403,8 +403,10 @@ class Segmenter:
         dtype: float32 (true float32 math: TF32 is switched off inside the engine), float16 or bfloat16 (the
             CLIP LayerNorms still compute in float32). float16 needs CUDA.
         mode: "whole" (one forward per image) or "slide" (mmseg's sliding window, crops batched).
-        crop, stride: the sliding window; default the architecture's (512/341, 640/426 for ViT-B/16); a ``crop``
-            given without ``stride`` slides by two thirds of it (as 341 of 512).
+        crop, stride: the sliding window of mode "slide"; default the architecture's (512/341, 640/426 for
+            ViT-B/16); a ``crop`` given without ``stride`` slides by two thirds of it (as 341 of 512). Calls in mode
+            "whole" do not use them; an AOTInductor package made from the Segmenter (export.to_aoti) takes its
+            default image size and slide stride from them, whatever the mode.
         cuda_graphs: capture and replay CUDA graphs per input shape (CUDA only).
         max_graphs: how many input shapes keep a captured graph.
         capture_after: an input shape is captured on its capture_after-th call and replayed from then on; the calls
