@@ -19,6 +19,7 @@ import importlib.metadata
 import importlib.util
 import io
 import json
+import logging
 import numbers
 import os
 import uuid
@@ -104,6 +105,26 @@ def _installed(module: str) -> str | None:
         return "" if importlib.util.find_spec(module) is not None else None
 
 
+class _FoldingNotes(logging.Filter):
+    """Drops onnxscript's "Skipping constant folding for op LayerNormalization with multiple outputs." (a warning,
+    printed twice by every export: the decoder's LayerNorm of the class embeddings, constants in an image graph,
+    left to run with the graph as the exported program has it; nothing the user can act on)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Skipping constant folding for op ")
+
+
+@contextlib.contextmanager
+def _without_folding_notes() -> Iterator[None]:
+    """onnxscript's constant folder without its notes of the nodes it leaves (:class:`_FoldingNotes`)."""
+    logger, notes = logging.getLogger("onnxscript.optimizer._constant_folding"), _FoldingNotes()
+    logger.addFilter(notes)
+    try:
+        yield
+    finally:
+        logger.removeFilter(notes)
+
+
 def to_onnx(
     model: DenseCLIP,
     path: str | os.PathLike[str],
@@ -160,7 +181,7 @@ def to_onnx(
 
     from .onnx_ops import translation_table
 
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _without_folding_notes():
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=FutureWarning)
         program = torch.onnx.export(
