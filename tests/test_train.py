@@ -2368,3 +2368,87 @@ def test_train_from_a_denseclip_checkpoint_says_what_it_kept(arch_file, generic,
     assert f"denseclip-fast train: --init {path}: the trained head's classifier" in err
     train(dataclasses.replace(cfg, init=str(path)), resume="auto")
     assert "--init" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_denseclip_checkpoint_starts_a_float32_run(arch_file, generic, tmp_path, dtype):
+    """A DenseCLIP checkpoint of a model in bfloat16 or float16 (``.to(dtype)``, then saved), here of another input
+    resolution, starts a float32 run: every weight is the file's value in float32, the positional grid resized from
+    those values."""
+    from denseclip_fast import DenseCLIP
+    from denseclip_fast.model.resnet import resize_positional_grid
+
+    cfg = _config(arch_file, generic, tmp_path / "x")
+    own = cfg.model_config()
+    vision = dataclasses.replace(own.vision, input_resolution=2 * own.vision.input_resolution)
+    larger = dataclasses.replace(own, vision=vision)
+    torch.manual_seed(123)
+    source = DenseCLIP(larger, CLASSES).to(dtype)
+    path = tmp_path / "half.safetensors"
+    source.save(path)
+    model = build_model(dataclasses.replace(cfg, init=str(path)), CLASSES)
+    state, key = model.state_dict(), "backbone.attnpool.positional_embedding"
+    old, new = larger.vision.grid, own.vision.grid
+    for name, value in source.state_dict().items():
+        floating = value.is_floating_point()
+        assert state[name].dtype == (torch.float32 if floating else value.dtype), name
+        expected = value.to(state[name].dtype)
+        if name == key:
+            expected = resize_positional_grid(expected, old, (new, new))
+        assert torch.equal(state[name], expected), name
+
+
+def test_a_vit_denseclip_checkpoint_of_another_grid_computes_as_the_file_did(tmp_path):
+    """ViT-B/16's positional embedding from a checkpoint of another input resolution: the class token's row kept,
+    the grid resized as the model resizes it for an input of another size, so that the new model's output on an
+    image of its own resolution is the file's model's on that image."""
+    from denseclip_fast import DenseCLIP
+
+    own = tiny_config("vit", input_resolution=96)
+    source_config = tiny_config("vit", input_resolution=64)
+    arch = tmp_path / "vit.json"
+    arch.write_text(json.dumps(own.to_dict()))
+    torch.manual_seed(123)
+    source = DenseCLIP(source_config, CLASSES).eval()
+    path = tmp_path / "vit.safetensors"
+    source.save(path)
+    notes: list[str] = []
+    cfg = TrainConfig(arch=str(arch), init=str(path), seed=0)
+    model = build_model(cfg, CLASSES, notes.append).eval()
+    key = "backbone.positional_embedding"
+    assert notes == [f"--init {path}: {key} resized from a 4x4 grid to 6x6"]
+    theirs, ours = source.state_dict()[key], model.state_dict()[key]
+    assert ours.shape == (37, 64) and torch.equal(ours[0], theirs[0])
+    image = torch.randn(1, 3, 96, 96, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(image), source(image), rtol=0, atol=0)
+
+
+def test_an_official_layout_denseclip_checkpoint_starts_a_run(arch_file, generic, tmp_path):
+    """--init takes a file of the official code's layout too (mmcv's {'meta': {'CLASSES': ...}, 'state_dict': ...},
+    here in float16): of the run's classes, every weight is the file's; a bare state dict (names no classes) keeps
+    the run's classifier."""
+    from benchmarks.official import OfficialDenseCLIP, save_mmcv_checkpoint
+
+    from .conftest import official_cfg, randomized
+
+    cfg = _config(arch_file, generic, tmp_path / "x")
+    official = randomized(OfficialDenseCLIP(official_cfg(tiny_config("resnet")), CLASSES)).eval().half()
+    path = tmp_path / "official.pth"
+    save_mmcv_checkpoint(official, str(path), CLASSES)
+    given = official.state_dict()
+    notes: list[str] = []
+    model = build_model(dataclasses.replace(cfg, init=str(path)), CLASSES, notes.append)
+    assert not notes
+    for key, value in model.state_dict().items():
+        if key != "class_tokens":
+            assert value.dtype != torch.float16 and torch.equal(value, given[key].to(value.dtype)), key
+    bare = tmp_path / "bare.pth"
+    torch.save({f"module.{k}": v for k, v in given.items()}, bare)
+    model = build_model(dataclasses.replace(cfg, init=str(bare)), CLASSES, notes.append).state_dict()
+    fresh = build_model(cfg, CLASSES).state_dict()
+    assert torch.equal(model["decode_head.conv_seg.weight"], fresh["decode_head.conv_seg.weight"])
+    assert torch.equal(model["gamma"], given["gamma"].float())
+    assert notes == [f"--init {bare}: the trained head's classifier and the score map's columns of "
+                     "neck.lateral_convs.3.conv.weight keep their initialisation (the file names no classes); every "
+                     "other weight is the checkpoint's"]  # fmt: skip
