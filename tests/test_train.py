@@ -2452,3 +2452,19 @@ def test_an_official_layout_denseclip_checkpoint_starts_a_run(arch_file, generic
     assert notes == [f"--init {bare}: the trained head's classifier and the score map's columns of "
                      "neck.lateral_convs.3.conv.weight keep their initialisation (the file names no classes); every "
                      "other weight is the checkpoint's"]  # fmt: skip
+
+
+def test_a_denseclip_checkpoint_of_the_run_s_architecture_under_another_name(arch_file, generic, tmp_path):
+    """The architecture's name (``arch``, a preset's or an architecture file's free label) decides no weight: a
+    checkpoint of the run's structure saved under another name (a released 'RN50' for a run whose architecture
+    file, RN50's with another test scale, says 'custom') starts the run, every weight the file's."""
+    from denseclip_fast import DenseCLIP
+
+    cfg = _config(arch_file, generic, tmp_path / "x")
+    torch.manual_seed(123)
+    source = DenseCLIP(cfg.model_config().replace(arch="my-rn50"), CLASSES)
+    path = tmp_path / "named.safetensors"
+    source.save(path)
+    notes: list[str] = []
+    state = build_model(dataclasses.replace(cfg, init=str(path)), CLASSES, notes.append).state_dict()
+    assert not notes and all(torch.equal(state[k], v) for k, v in source.state_dict().items())

@@ -30,8 +30,9 @@ from .io import CheckpointError
 if TYPE_CHECKING:
     from ..model import DenseCLIP
 
-# DenseCLIPConfig fields that decide the weights' shapes or meaning (test sizes, dropouts, tau and the like do not)
-STRUCTURE = ("arch", "embed_dim", "fpn_channels", "head_channels", "score_concat_index", "activation")
+# DenseCLIPConfig fields that decide the weights' shapes or meaning (test sizes, dropouts, tau and the like do not;
+# nor does ``arch``, a name: a released file reads as 'RN50', an architecture file may say 'custom' or anything)
+STRUCTURE = ("embed_dim", "fpn_channels", "head_channels", "score_concat_index", "activation")
 VISION = ("kind", "layers", "width", "heads", "patch_size", "out_indices", "double_class_embedding")
 CLASSIFIER = ("decode_head.conv_seg.weight", "decode_head.conv_seg.bias")
 POSITIONS = ("backbone.attnpool.positional_embedding", "backbone.positional_embedding")
