@@ -1779,14 +1779,18 @@ def test_another_work_dirs_state_resumes_into_an_empty_work_dir_only(arch_file, 
 
 
 def test_a_training_state_given_as_a_model_points_to_the_weights_beside_it(arch_file, generic, tmp_path):
-    """load_checkpoint (eval --checkpoint, segment ...) of an iter_N.state.pt listed its entries as 'not tensors'."""
-    train(_config(arch_file, generic, tmp_path / "w", iters=1, checkpoint_interval=1))
+    """load_checkpoint (eval --checkpoint, segment ...) of an iter_N.state.pt listed its entries as 'not tensors';
+    train --init (CLIP weights or a DenseCLIP checkpoint: a run of this trainer's) said 'not CLIP weights'."""
+    cfg = _config(arch_file, generic, tmp_path / "w", iters=1, checkpoint_interval=1)
+    train(cfg)
     state = tmp_path / "w" / "iter_1.state.pt"
     weights = re.escape(str(tmp_path / "w" / "iter_1.safetensors"))
-    with pytest.raises(CheckpointError, match=r"iter_1.state.pt: a training state \(iteration, optimizer, random "
-                                              r"state\), not a model: the model is the weights file saved beside it, "
-                                              rf"{weights}$"):  # fmt: skip
+    match = (r"iter_1.state.pt: a training state \(iteration, optimizer, random state\), not a model: the model is the "
+             rf"weights file saved beside it, {weights}$")  # fmt: skip
+    with pytest.raises(CheckpointError, match=match):
         load_checkpoint(state)
+    with pytest.raises(CheckpointError, match=match):
+        build_model(dataclasses.replace(cfg, init=str(state)), CLASSES)
 
 
 @pytest.mark.slow

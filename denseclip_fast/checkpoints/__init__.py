@@ -18,7 +18,7 @@ import torch
 
 from ..class_names import ADE20K_CLASSES
 from ..visualize import rgb_triples
-from .io import CheckpointError, WeightFile, path_argument, read_weight_file
+from .io import CheckpointError, WeightFile, check_not_a_training_state, path_argument, read_weight_file
 from .native import check_crcs, is_native, native_contents
 from .official import check_arch, infer_config, key_listing, load_state_strict, state_problems
 
@@ -202,10 +202,7 @@ def _official_state(wf: WeightFile, path: str) -> tuple[dict[str, torch.Tensor],
     if isinstance(obj, Mapping) and "state_dict" in obj:
         meta = obj.get("meta")
         obj = obj["state_dict"]
-    if isinstance(obj, Mapping) and {"iteration", "optimizer", "rng"} <= set(obj):  # train's iter_N.state.pt
-        weights = path.removesuffix(".state.pt") + ".safetensors" if path.endswith(".state.pt") else "its .safetensors"
-        raise CheckpointError(path, f"a training state (iteration, optimizer, random state), not a model: the model "
-                                    f"is the weights file saved beside it, {weights}")  # fmt: skip
+    check_not_a_training_state(obj, path)
     if not isinstance(obj, Mapping) or not obj:
         found = f"an empty {type(obj).__name__}" if isinstance(obj, Mapping) else type(obj).__name__
         raise CheckpointError(path, f"not a checkpoint: expected a state dict or {{'state_dict': ...}}, found {found}")

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..model.resnet import resize_positional_grid
-from .io import CheckpointError, read_weight_file
+from .io import CheckpointError, check_not_a_training_state, read_weight_file
 from .native import is_native
 from .official import key_listing, square_grid, state_problems
 
@@ -41,6 +41,7 @@ def read_clip_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor
     path = os.fspath(path)
     wf = read_weight_file(path)
     obj = wf.obj if wf.kind == "torch" else wf.tensors
+    check_not_a_training_state(obj, path)  # train --init takes a run's weights, not its iter_N.state.pt
     if isinstance(obj, Mapping) and "state_dict" in obj:
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):

@@ -32,7 +32,7 @@ import warnings
 import zipfile
 import zlib
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +57,15 @@ class WeightFile:
     obj: Any = None
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     metadata: dict[str, str] = field(default_factory=dict)
+
+
+def check_not_a_training_state(obj: Any, path: str) -> None:
+    """CheckpointError for what torch.load read from train's iter_N.state.pt (no model: the iteration, optimizer and
+    random state), naming the weights file saved beside it; a file given for a model (load_checkpoint, --init)."""
+    if isinstance(obj, Mapping) and {"iteration", "optimizer", "rng"} <= set(obj):
+        weights = path.removesuffix(".state.pt") + ".safetensors" if path.endswith(".state.pt") else "its .safetensors"
+        raise CheckpointError(path, f"a training state (iteration, optimizer, random state), not a model: the model "
+                                    f"is the weights file saved beside it, {weights}")  # fmt: skip
 
 
 PARTIAL_SUFFIX = ".partial"
