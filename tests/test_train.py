@@ -2339,9 +2339,9 @@ def test_a_denseclip_checkpoint_of_another_architecture_or_grid(arch_file, gener
     cfg = _config(arch_file, generic, tmp_path / "x")
     vit = tmp_path / "vit.safetensors"
     DenseCLIP(tiny_config("vit"), CLASSES).save(vit)
-    with pytest.raises(CheckpointError, match=r"vit.safetensors: this DenseCLIP checkpoint is of another "
-                                              r"architecture than the run's \(--arch\): .*vision\.kind: 'vit' in the "
-                                              r"file, 'resnet' here"):  # fmt: skip
+    with pytest.raises(CheckpointError, match=r"vit.safetensors: this DenseCLIP checkpoint \(--init\) is of "
+                                              r"another architecture than the run's \(--arch\): .*vision\.kind: 'vit' "
+                                              r"in the file, 'resnet' here"):  # fmt: skip
         build_model(dataclasses.replace(cfg, init=str(vit)), CLASSES)
     own = cfg.model_config()
     vision = dataclasses.replace(own.vision, input_resolution=2 * own.vision.input_resolution)
@@ -2472,3 +2472,22 @@ def test_a_denseclip_checkpoint_of_the_run_s_architecture_under_another_name(arc
     notes: list[str] = []
     state = build_model(dataclasses.replace(cfg, init=str(path)), CLASSES, notes.append).state_dict()
     assert not notes and all(torch.equal(state[k], v) for k, v in source.state_dict().items())
+
+
+def test_init_refusals_name_the_option_and_what_it_takes(arch_file, generic, tmp_path):
+    """--init of a file that is neither CLIP weights nor a DenseCLIP checkpoint says that --init takes either (it
+    said 'not CLIP weights' only); one of another architecture names --init as well as --arch."""
+    from denseclip_fast import DenseCLIP
+
+    cfg = _config(arch_file, generic, tmp_path / "x")
+    junk = tmp_path / "junk.pth"
+    torch.save({"state_dict": {"fc.weight": torch.zeros(2, 2)}}, junk)
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(junk))}: --init takes CLIP weights or a DenseCLIP "
+                                              r"checkpoint; not CLIP weights: no 'visual.conv1.weight' or "
+                                              r"'token_embedding.weight'"):  # fmt: skip
+        build_model(dataclasses.replace(cfg, init=str(junk)), CLASSES)
+    vit = tmp_path / "vit.safetensors"
+    DenseCLIP(tiny_config("vit"), CLASSES).save(vit)
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(vit))}: this DenseCLIP checkpoint \(--init\) is of "
+                                              r"another architecture than the run's \(--arch\): "):  # fmt: skip
+        build_model(dataclasses.replace(cfg, init=str(vit)), CLASSES)

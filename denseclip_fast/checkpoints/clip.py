@@ -36,6 +36,10 @@ class DenseCLIPCheckpointGiven(CheckpointError):
     """A DenseCLIP checkpoint where CLIP weights were asked for (checkpoints/transfer.py starts a run from one)."""
 
 
+class NotCLIPWeights(CheckpointError):
+    """A file that holds neither CLIP weights nor a DenseCLIP checkpoint (train --init says that it takes either)."""
+
+
 def read_clip_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """CLIP weights from any supported file as a flat ``{name: tensor}`` dict with CLIP's key names."""
     path = os.fspath(path)
@@ -45,7 +49,7 @@ def read_clip_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor
     if isinstance(obj, Mapping) and "state_dict" in obj:
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):
-        raise CheckpointError(path, f"not CLIP weights: expected a state dict, found {type(obj).__name__}")
+        raise NotCLIPWeights(path, f"not CLIP weights: expected a state dict, found {type(obj).__name__}")
     # attn_mask: the causal mask, stored as an attribute or buffer by CLIP implementations; not a weight.
     sd = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor) and not str(k).endswith("attn_mask")}
     if sd and all(k.startswith("module.") for k in sd):
@@ -56,8 +60,8 @@ def read_clip_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor
                                                  "open_clip); a training run starts from one with --init (to go on "
                                                  "with a run instead, resume it: --resume)")  # fmt: skip
         missing = " or ".join(repr(k) for k in ("visual.conv1.weight", "token_embedding.weight") if k not in sd)
-        raise CheckpointError(path, f"not CLIP weights: no {missing} (a CLIP state dict holds both the image and the "
-                                    "text encoder)")  # fmt: skip
+        raise NotCLIPWeights(path, f"not CLIP weights: no {missing} (a CLIP state dict holds both the image and the "
+                                   "text encoder)")  # fmt: skip
     return sd
 
 

@@ -71,8 +71,8 @@ def init_from_denseclip(model: DenseCLIP, path: str | os.PathLike[str]) -> list[
     source, named = _read(path)
     differences = _differences(model, source)
     if differences:
-        raise CheckpointError(path, "this DenseCLIP checkpoint is of another architecture than the run's (--arch): "
-                                    + "; ".join(differences))  # fmt: skip
+        raise CheckpointError(path, "this DenseCLIP checkpoint (--init) is of another architecture than the run's "
+                                    "(--arch): " + "; ".join(differences))  # fmt: skip
     same_classes = named and list(source.class_names) == list(model.class_names)
     own, given = model.state_dict(), source.state_dict()
     state: dict[str, torch.Tensor] = {}

@@ -89,7 +89,7 @@ def build_model(cfg: TrainConfig, class_names: list[str], say: Callable[[str], N
     torch.manual_seed(cfg.seed)
     model = DenseCLIP(cfg.model_config(), class_names)
     if cfg.init != "none":
-        from ..checkpoints.clip import DenseCLIPCheckpointGiven, init_from_clip
+        from ..checkpoints.clip import DenseCLIPCheckpointGiven, NotCLIPWeights, init_from_clip
         from ..checkpoints.transfer import init_from_denseclip
 
         try:
@@ -98,6 +98,9 @@ def build_model(cfg: TrainConfig, class_names: list[str], say: Callable[[str], N
             for note in init_from_denseclip(model, cfg.init):
                 if say is not None:
                     say(f"--init {cfg.init}: {note}")
+        except NotCLIPWeights as exc:  # nor a DenseCLIP checkpoint: 'not CLIP weights' alone hides the other kind
+            raise CheckpointError(exc.path, "--init takes CLIP weights or a DenseCLIP checkpoint; "
+                                            + exc.reason) from None  # fmt: skip
     return model
 
 
