@@ -2491,3 +2491,33 @@ def test_init_refusals_name_the_option_and_what_it_takes(arch_file, generic, tmp
     with pytest.raises(CheckpointError, match=rf"^{re.escape(str(vit))}: this DenseCLIP checkpoint \(--init\) is of "
                                               r"another architecture than the run's \(--arch\): "):  # fmt: skip
         build_model(dataclasses.replace(cfg, init=str(vit)), CLASSES)
+
+
+def test_init_reads_a_denseclip_checkpoint_once_its_reading_as_clip_weights_is_freed(arch_file, generic, tmp_path,
+                                                                                      monkeypatch):  # fmt: skip
+    """--init reads the file as CLIP weights first; a DenseCLIP checkpoint is then read again, once that first
+    reading is freed: loaded inside the except clause, the exception's frames held every tensor of it, twice the
+    file in memory while the checkpoint loaded."""
+    import weakref
+
+    from denseclip_fast import DenseCLIP
+    from denseclip_fast.checkpoints import clip, transfer
+
+    cfg = _config(arch_file, generic, tmp_path / "x")
+    path = tmp_path / "source.safetensors"
+    DenseCLIP(cfg.model_config(), CLASSES).save(path)
+    first: list[weakref.ref[torch.Tensor]] = []
+    read, load = clip.read_weight_file, transfer._read
+
+    def reading(file: str) -> object:
+        contents = read(file)
+        first.append(weakref.ref(contents.tensors["gamma"]))
+        return contents
+
+    def loading(file: str) -> object:
+        assert first and first[0]() is None, "the reading as CLIP weights is still held"
+        return load(file)
+
+    monkeypatch.setattr(clip, "read_weight_file", reading)
+    monkeypatch.setattr(transfer, "_read", loading)
+    build_model(dataclasses.replace(cfg, init=str(path)), CLASSES)

@@ -94,13 +94,16 @@ def build_model(cfg: TrainConfig, class_names: list[str], say: Callable[[str], N
 
         try:
             init_from_clip(model, cfg.init)
+            denseclip = False
         except DenseCLIPCheckpointGiven:
-            for note in init_from_denseclip(model, cfg.init):
-                if say is not None:
-                    say(f"--init {cfg.init}: {note}")
+            denseclip = True  # read below: here the exception's frames still hold this first reading's tensors
         except NotCLIPWeights as exc:  # nor a DenseCLIP checkpoint: 'not CLIP weights' alone hides the other kind
             raise CheckpointError(exc.path, "--init takes CLIP weights or a DenseCLIP checkpoint; "
                                             + exc.reason) from None  # fmt: skip
+        if denseclip:
+            for note in init_from_denseclip(model, cfg.init):
+                if say is not None:
+                    say(f"--init {cfg.init}: {note}")
     return model
 
 
