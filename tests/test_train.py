@@ -2278,10 +2278,10 @@ def test_a_fresh_run_checks_the_work_dir_again_once_it_holds_it(arch_file, gener
     work = tmp_path / "w"
     real_build = build_model
 
-    def build_while_another_run_saves(cfg, class_names):
+    def build_while_another_run_saves(cfg, class_names, say=None):
         os.makedirs(work, exist_ok=True)
         (work / "iter_5.safetensors").write_bytes(b"")
-        return real_build(cfg, class_names)
+        return real_build(cfg, class_names, say)
 
     monkeypatch.setattr("denseclip_fast.train.loop.build_model", build_while_another_run_saves)
     with pytest.raises(ValueError, match=r"holds checkpoint files that cannot be resumed \(iter_5.safetensors"):
