@@ -185,9 +185,11 @@ def predict_probabilities(
             xi = x.flip(-1) if flipped else x
             with autocast:
                 logits = model(xi) if mode == "whole" else model.slide_inference(xi)
-            logits = logits.float().flip(-1) if flipped else logits.float()
-            logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
-            total += logits[0].softmax(dim=0)
+            # in mmseg's order (its inference): resized to the image's size, softmax, then mirrored back; mirroring
+            # the logits before the resize samples them at other, float32-rounded, positions
+            logits = F.interpolate(logits.float(), size=(height, width), mode="bilinear", align_corners=False)
+            probs = logits[0].softmax(dim=0)
+            total += probs.flip(-1) if flipped else probs
     return total / (len(scales) * (2 if flip else 1))
 
 
