@@ -599,13 +599,18 @@ def test_flip_resizes_the_flipped_logits_before_mirroring_the_probabilities_back
         probs = logits.softmax(dim=1)[0]
         return probs.flip(-1) if flipped else probs
 
+    # MultiScaleFlipAug's scale for a ratio truncates: (int(128 * 1.37), int(64 * 1.37)) = (175, 87), which
+    # rescale_size fits as (int(37 * 87 / 37 + 0.5), int(51 * 87 / 37 + 0.5)) = (87, 120) (a rounded scale: 88 x 121)
+    sizes = {1.0: (64, 88), 1.37: (87, 120)}
     with torch.no_grad():
         total = torch.zeros(model.num_classes, 37, 51)
-        for ratio in (1.0, 1.5):
+        for ratio, size in sizes.items():
             x = prepare(image, [int(s * ratio) for s in model.config.test_scale])
+            assert x.shape[2:] == size
             for flipped in (False, True):
                 total += mmseg_pass(x, flipped)
-        assert torch.equal(predict_probabilities(model, image, mode="whole", scales=(1.0, 1.5), flip=True), total / 4)
+        found = predict_probabilities(model, image, mode="whole", scales=tuple(sizes), flip=True)
+        assert torch.equal(found, total / 4)
 
 
 @pytest.mark.parametrize("dtype, bound", [(torch.float64, 1e-9), (torch.float32, 1e-2)])
