@@ -993,6 +993,39 @@ def test_metrics_on_hand_made_cases():
         perfect.update(label[:1], label)
 
 
+def test_metrics_equal_mmseg_on_ade20k_labels(tmp_path):
+    """Areas and metrics of raw ADE20K label files against mmseg's definitions, computed here independently: the
+    uint8 label with 0 -> 255, minus 1 (wrapping), 254 -> 255; pixels of ignore_index 255 dropped; per-class areas
+    as torch.histc over 0..K-1, summed over the images in float64; IoU and Acc NaN where 0 / 0 (a class absent from
+    both: left out of mIoU; one predicted, never labelled: IoU 0, Acc left out of mAcc); aAcc over labelled pixels."""
+    rng = np.random.default_rng(0)
+    k = len(ADE20K_CLASSES)
+    metrics = SegmentationMetrics(k)
+    totals = torch.zeros(4, k, dtype=torch.float64)
+    for i, (h, w) in enumerate([(7, 9), (12, 5), (6, 6)]):
+        raw = rng.choice(np.array([0, 1, 2, 3, 5, 8, 150, 255], dtype=np.uint8), size=(h, w))
+        pred = rng.integers(0, 10, size=(h, w))  # class 9 is predicted, never labelled; 10..148 neither
+        Image.fromarray(raw).save(tmp_path / f"{i}.png")
+        metrics.update(pred, read_label(str(tmp_path / f"{i}.png"), k, True))
+        label = torch.from_numpy(raw.copy())
+        label[label == 0] = 255
+        label = label - 1
+        label[label == 254] = 255
+        keep = label != 255
+        p, y = torch.from_numpy(pred)[keep].float(), label[keep].float()
+        inter, area_pred, area_label = (torch.histc(t, bins=k, min=0, max=k - 1) for t in (p[p == y], p, y))
+        totals += torch.stack([inter, area_pred + area_label - inter, area_pred, area_label]).double()
+    inter, union, _, area_label = totals.numpy()
+    with np.errstate(invalid="ignore"):
+        iou, acc = inter / union, inter / area_label
+    r = metrics.results()
+    # classes 0..9 predicted, 0, 1, 2, 4, 7 and 149 (raw 150) labelled
+    assert np.isnan(iou).sum() == k - 11 and np.isnan(acc).sum() == k - 6 and area_label[149] > 0
+    assert r["mIoU"] == pytest.approx(np.nanmean(iou), abs=1e-15) and r["mAcc"] == pytest.approx(np.nanmean(acc))
+    assert r["aAcc"] == pytest.approx(inter.sum() / area_label.sum(), abs=1e-15)
+    assert [c["IoU"] for c in r["per_class"].values()] == [None if np.isnan(v) else v for v in iou]
+    assert [c["Acc"] for c in r["per_class"].values()] == [None if np.isnan(v) else v for v in acc]
+
 def test_repeated_class_names_keep_one_entry_each():
     """A trained head's names may repeat (a classes.txt of wall, wall, cat, bed): keyed by name, the second wall's
     IoU would replace the first's. Each repeated name is keyed with its class index; unique names stay as they are."""
