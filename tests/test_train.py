@@ -1748,6 +1748,11 @@ def test_the_default_worker_count_is_at_most_the_cpus_and_a_given_one_stays(gene
     assert TrainConfig().workers() == 2
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "32")  # more processes than CPUs: still one worker each
     assert TrainConfig().workers() == 1
+    # torchrun --numa-binding=exclusive bound each of its 8 processes to 4 of the launcher's 32 CPUs: that is its
+    # share already, not to be divided again (4 // 8 was 1 worker)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(32)) if pid else set(range(4)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert TrainConfig().workers() == 4
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
     monkeypatch.delattr(os, "sched_getaffinity", raising=False)  # macOS, Windows
     monkeypatch.setattr(os, "cpu_count", lambda: 1)

@@ -58,13 +58,21 @@ def default_num_workers() -> int:
     """The DataLoader workers of a run that leaves ``num_workers`` unset: 4, or this process's share of the CPUs it
     may run on where that is fewer: the CPUs divided by the processes torchrun started on this machine
     (``LOCAL_WORLD_SIZE``), at least 1 (4 workers on a 2-core machine made PyTorch warn that they may slow the run or
-    freeze it; 8 processes of 4 workers each on 16 CPUs were 32 workers)."""
+    freeze it; 8 processes of 4 workers each on 16 CPUs were 32 workers). A process that torchrun bound to fewer CPUs
+    than its own (``--numa-binding``) has its share already: its CPUs are not divided again."""
     try:
-        cpus = len(os.sched_getaffinity(0))
+        own = os.sched_getaffinity(0)
+        cpus = len(own)
     except AttributeError:  # macOS and Windows have no sched_getaffinity
-        cpus = os.cpu_count() or 1
+        own, cpus = None, os.cpu_count() or 1
     local = os.environ.get("LOCAL_WORLD_SIZE", "1")
     processes = int(local) if local.isdigit() and int(local) > 0 else 1
+    if processes > 1 and own is not None:
+        try:  # torchrun, the parent, runs on every CPU its processes share
+            bound = own < os.sched_getaffinity(os.getppid())
+        except OSError:  # the parent is gone
+            bound = False
+        processes = 1 if bound else processes
     return max(1, min(4, cpus // processes))
 
 
