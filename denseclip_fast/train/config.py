@@ -66,7 +66,7 @@ def default_num_workers() -> int:
     except AttributeError:  # macOS and Windows have no sched_getaffinity
         own, cpus = None, os.cpu_count() or 1
     local = os.environ.get("LOCAL_WORLD_SIZE", "1")
-    processes = int(local) if local.isdigit() and int(local) > 0 else 1
+    processes = int(local) if local.isdecimal() and int(local) > 0 else 1  # not "²", a digit int() refuses
     if processes > 1 and own is not None:
         try:  # torchrun, the parent, runs on every CPU its processes share
             bound = own < os.sched_getaffinity(os.getppid())
