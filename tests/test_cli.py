@@ -295,8 +295,8 @@ def test_version_and_python_dash_m(capsys):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     result = subprocess.run([sys.executable, "-m", "denseclip_fast", "info"], capture_output=True, text=True,
                             cwd=root, env={**os.environ, "PYTHONPATH": root})  # fmt: skip
-    assert result.returncode == 2 and result.stderr.startswith("denseclip-fast info: error: the following arguments "
-                                                               "are required: checkpoint"), result.stderr  # fmt: skip
+    assert result.returncode == 2 and result.stderr.startswith("denseclip-fast: error: info needs the checkpoint to "
+                                                               "describe"), result.stderr  # fmt: skip
 
 
 def test_export_onnx_with_verification(varied, tmp_path, capsys, monkeypatch):
