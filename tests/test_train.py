@@ -820,6 +820,36 @@ def test_the_loss_of_channels_last_logits_is_that_of_nchw_ones():
                                   label.transpose(1, 2).contiguous(), 255)  # fmt: skip
 
 
+def test_the_loss_is_mmsegs_decode_head_plus_identity_head():
+    """segmentation_loss against mmseg 0.19's BaseDecodeHead.losses written out in float64: the head's logits and
+    the identity head's input (score / tau) each resized to the label (bilinear, align_corners=False), their
+    cross-entropy with ignore index 255 averaged over every pixel, ignored ones included (0.19 has no
+    avg_non_ignore), the identity head's weighted 0.4, the two summed; logits at the label's size are not resized."""
+    import torch.nn.functional as F
+
+    cfg = TrainConfig()
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(2, 6, 8, 10, generator=g, dtype=torch.float64)  # the head's 1/4
+    aux = torch.randn(2, 6, 2, 3, generator=g, dtype=torch.float64) / 0.07  # the score map's 1/32 (of 32 x 40)
+    label = torch.randint(0, 6, (2, 32, 40), generator=g)
+    label[0, :9] = 255
+    label[1, :, 30:] = 255
+
+    def mmseg(x: torch.Tensor) -> torch.Tensor:
+        up = F.interpolate(x, size=label.shape[1:], mode="bilinear", align_corners=False)
+        return F.cross_entropy(up, label, ignore_index=255, reduction="none").sum() / label.numel()
+
+    got = segmentation_loss(logits.float(), aux.float(), label, cfg)
+    want = {"loss_decode": mmseg(logits), "loss_aux": mmseg(aux)}
+    want["loss"] = want["loss_decode"] + 0.4 * want["loss_aux"]
+    for name, value in want.items():
+        torch.testing.assert_close(got[name].double(), value, rtol=1e-5, atol=0, msg=name)
+    at_size = torch.randn(2, 6, 32, 40, generator=g, dtype=torch.float64)
+    at_size_got = segmentation_loss(at_size.float(), aux.float(), label, cfg)["loss_decode"]
+    plain = F.cross_entropy(at_size, label, ignore_index=255, reduction="none").mean()
+    torch.testing.assert_close(at_size_got.double(), plain, rtol=1e-5, atol=0)
+
+
 def test_train_step_leaves_the_upsampling_to_the_float32_loss(arch_file, generic):
     """TrainStep returns the head's logits at 1/4 of the input (the loss upsamples them in float32, as mmseg's
     force_fp32 losses); in float32 its loss equals that of the model's full-size forward."""
@@ -883,6 +913,78 @@ def test_parameter_groups_and_schedule(arch_file, generic):
     assert learning_rate(1e-4, 1500, cfg) == pytest.approx((1e-4 - 1e-6) * (1 - 1500 / 80_000) ** 0.9 + 1e-6)
     assert learning_rate(1e-4, 80_000, cfg) == pytest.approx(1e-6)
     assert train_preset("RN50").batch_size == 32
+
+
+@pytest.mark.parametrize("arch", ["RN50", "RN101", "ViT-B/16"])
+def test_the_presets_are_the_official_configs(arch):
+    """train_preset's numbers are DenseCLIP's segmentation/configs/denseclip_fpn_{res50,res101}_512x512_80k.py and
+    denseclip_fpn_vit-b_640x640_80k.py (with their _base_ ade20k_clip(_640).py, schedule_80k.py, denseclip_r50.py):
+    AdamW 1e-4 / 1e-4, backbone lr_mult 0.1, poly 0.9 to 1e-6 after 1500 linear warm-up iterations from 1e-6,
+    80k iterations of 8 x 4 images, Resize (2048, 512 or 640) x [0.5, 2], RandomCrop 512 or 640 with
+    cat_max_ratio 0.75, ignore 255, the identity head's loss weight 0.4 on score / tau 0.07, the decode head's and
+    the context decoder's dropout 0.1, ViT-B/16's drop path 0.1 (none in the ResNets)."""
+    cfg = train_preset(arch)
+    cfg.apply_arch_defaults()
+    side = 640 if arch == "ViT-B/16" else 512
+    assert (cfg.lr, cfg.weight_decay, cfg.backbone_lr_mult) == (1e-4, 1e-4, 0.1)
+    assert (cfg.poly_power, cfg.min_lr, cfg.warmup_iters, cfg.warmup_ratio) == (0.9, 1e-6, 1500, 1e-6)
+    assert (cfg.iters, cfg.batch_size, cfg.checkpoint_interval) == (80_000, 32, 8000)
+    assert (cfg.crop, cfg.img_scale, cfg.ratio_range, cfg.cat_max_ratio) == (side, (2048, side), (0.5, 2.0), 0.75)
+    assert (cfg.aux_weight, cfg.ignore_index, cfg.layout) == (0.4, 255, "ade20k")
+    model = cfg.model_config()
+    assert (model.tau, model.head_dropout, model.decoder.dropout) == (0.07, 0.1, 0.1)
+    assert model.vision.drop_path_rate == (0.1 if arch == "ViT-B/16" else 0.0)
+
+
+def test_the_schedule_is_mmcvs_poly_after_a_linear_warm_up():
+    """mmcv's PolyLrUpdaterHook(power 0.9, min_lr 1e-6, by_epoch False, warmup 'linear', warmup_iters 1500,
+    warmup_ratio 1e-6), written out here: before iteration i (0-based: runner.iter before the step) each group's
+    poly rate (base - min_lr) (1 - i / iters)^0.9 + min_lr, times 1 - (1 - i / 1500)(1 - 1e-6) while i < 1500. The
+    warm-up multiplies that iteration's poly rate, not the base (at i = 750 they differ by 0.8%), and the first step
+    takes lr x 1e-6 (an index off by one would take 1500 times that)."""
+    cfg = TrainConfig(iters=80_000)
+
+    def mmcv(base: float, i: int) -> float:
+        regular = (base - 1e-6) * (1 - i / 80_000) ** 0.9 + 1e-6
+        return regular * (1 - (1 - i / 1500) * (1 - 1e-6)) if i < 1500 else regular
+
+    for base in (1e-4, 1e-5):  # the head's and the backbone's (lr_mult 0.1)
+        for i in (0, 1, 2, 750, 1499, 1500, 1501, 40_000, 79_999):
+            assert learning_rate(base, i, cfg) == pytest.approx(mmcv(base, i), rel=1e-12, abs=0), (base, i)
+    on_base = 1e-4 * (1 - (1 - 750 / 1500) * (1 - 1e-6))
+    assert learning_rate(1e-4, 750, cfg) < 0.995 * on_base
+
+
+def test_parameter_groups_are_mmcvs_custom_keys(arch_file, generic):
+    """DefaultOptimizerConstructor with the official paramwise_cfg, written out here: custom keys tried longest
+    first ('text_encoder' lr x 0, 'backbone' lr x 0.1, 'norm' weight decay x 0), the first that is a substring of the
+    parameter's name wins. norm_decay="official" gives every trained parameter that lr and weight decay; the default
+    differs only in that every normalisation layer's weight and bias (BatchNorm, LayerNorm, GroupNorm) has none,
+    as the recipe says (README, Training). The text encoder is left out (frozen; mmcv gave it lr x 0)."""
+    cfg = _config(arch_file, generic, "unused", lr=1e-4, weight_decay=1e-4, backbone_lr_mult=0.1)
+    model = build_model(cfg, CLASSES)
+    freeze_text_encoder(model)
+    keys = {"text_encoder": (0.0, 1.0), "backbone": (0.1, 1.0), "norm": (1.0, 0.0)}  # (lr_mult, decay_mult)
+
+    def mmcv(name: str) -> tuple[float, float]:
+        for key in sorted(sorted(keys), key=len, reverse=True):
+            if key in name:
+                return 1e-4 * keys[key][0], 1e-4 * keys[key][1]
+        return 1e-4, 1e-4
+
+    kinds = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.LayerNorm, torch.nn.GroupNorm)
+    norms = {f"{m}.{n}" for m, module in model.named_modules() if isinstance(module, kinds)
+             for n, _ in module.named_parameters(recurse=False)}  # fmt: skip
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trained and norms and all(not n.startswith("text_encoder.") for n in trained)
+    for mode in ("official", "all"):
+        got = {n: (g["lr"], g["weight_decay"]) for g in param_groups(model, dataclasses.replace(cfg, norm_decay=mode))
+               for n in g["names"]}  # fmt: skip
+        assert sorted(got) == sorted(trained), mode
+        for name in trained:
+            lr, decay = mmcv(name)
+            decay = 0.0 if mode == "all" and name in norms else decay
+            assert got[name] == pytest.approx((lr, decay), rel=1e-12), (mode, name)
 
 
 def test_a_group_under_min_lr_never_rises_above_its_base(arch_file, generic):
