@@ -159,7 +159,7 @@ def image_files(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
                 if os.path.isfile(entry):
                     found.append(entry)
                 else:  # only what is not a readable file can be a broken link: one lookup per image, not three
-                    _refuse_broken_link(entry)
+                    refuse_broken_link(entry)
             if not found:
                 raise ValueError(f"{path}: a directory without image files ({', '.join(IMAGE_EXTENSIONS)})")
             files.extend(found)
@@ -168,12 +168,12 @@ def image_files(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
         elif os.path.exists(path):
             raise ValueError(f"{path}: not a regular file or a directory (a FIFO, a socket or a device)")
         else:
-            _refuse_broken_link(path)
+            refuse_broken_link(path)
             raise _missing(path, "no such image file or directory")
     return files
 
 
-def _refuse_broken_link(path: str) -> None:
+def refuse_broken_link(path: str) -> None:
     """ValueError naming ``path`` when it is a symbolic link whose target cannot be reached: an image meant to be there
     (a folder's other entries that are not regular files, FIFOs or folders, are no images and are skipped)."""
     if os.path.islink(path) and not os.path.exists(path):

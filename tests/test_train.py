@@ -1469,6 +1469,17 @@ def test_a_folder_named_like_an_image_is_not_a_sample(tmp_path):
     samples, _ = find_samples(data, "generic", "train")
     assert [os.path.basename(s.image) for s in samples] == ["scene_0.png", "scene_1.png"]
     assert len(SegmentationData(data, "generic", "train")) == 2
+    # a link to an image is one; a broken link of an image's name is refused when the data is listed, not when a
+    # worker opens it hours into the run; a FIFO is no image (reading it could block forever)
+    os.symlink(tmp_path / "g" / "images" / "scene_1.png", tmp_path / "g" / "images" / "linked.png")
+    os.symlink(tmp_path / "g" / "labels" / "scene_1.png", tmp_path / "g" / "labels" / "linked.png")
+    assert len(find_samples(data, "generic", "train")[0]) == 3
+    os.mkfifo(tmp_path / "g" / "images" / "pipe.png")
+    assert len(find_samples(data, "generic", "train")[0]) == 3
+    os.symlink(tmp_path / "gone.png", tmp_path / "g" / "images" / "scene_2.png")
+    with pytest.raises(ValueError, match=r"scene_2.png: a symbolic link whose target cannot be reached \(.*gone.png: "
+                                         r"missing"):  # fmt: skip
+        find_samples(data, "generic", "train")
 
 
 def test_split_names_with_their_extension_are_said_to_need_none(tmp_path):

@@ -39,6 +39,7 @@ from ..preprocess import (
     keep_ratio_size,
     load_image,
     normalize,
+    refuse_broken_link,
     resize_bilinear_uint8,
     resize_nearest,
     too_large,
@@ -76,14 +77,16 @@ class Sample:
 def _names_in(folder: str, suffixes: Sequence[str]) -> dict[str, str]:
     """NAME -> path of the files in ``folder`` with one of ``suffixes`` (any case), hidden ones (a name starting with
     a dot: macOS's ._NAME.png resource forks) and folders (a folder named x.png) left out; two files of one NAME
-    (a.jpg and a.png, a.png and a.PNG) are refused: which one a sample takes would be a guess."""
+    (a.jpg and a.png, a.png and a.PNG) are refused: which one a sample takes would be a guess, and so is a broken
+    symbolic link of such a name, here rather than when a DataLoader worker opens it, hours into a run."""
     if not os.path.isdir(folder):
         raise ValueError(f"{folder} {not_a_directory(folder)} (the layouts: README.md, Training, Data)")
     paths: dict[str, str] = {}
-    with os.scandir(folder) as entries:  # the kind of each entry comes with the listing: no stat per file
-        files = sorted(e.name for e in entries if not e.is_dir())
+    with os.scandir(folder) as entries:  # the kind of each entry comes with the listing: a stat for links only
+        files = sorted(e.name for e in entries if not e.is_dir() and (e.is_file() or e.is_symlink()))
     for file in files:
         if file.lower().endswith(tuple(suffixes)) and not file.startswith("."):
+            refuse_broken_link(os.path.join(folder, file))
             name, path = os.path.splitext(file)[0], os.path.join(folder, file)
             if name in paths:
                 raise ValueError(f"{paths[name]} and {path} have the same NAME {name!r}: keep one file per name "
