@@ -2462,10 +2462,10 @@ def test_a_fresh_run_checks_the_work_dir_again_once_it_holds_it(arch_file, gener
     work = tmp_path / "w"
     real_build = build_model
 
-    def build_while_another_run_saves(cfg, class_names, say=None):
+    def build_while_another_run_saves(cfg, class_names, say=None, init=True):
         os.makedirs(work, exist_ok=True)
         (work / "iter_5.safetensors").write_bytes(b"")
-        return real_build(cfg, class_names, say)
+        return real_build(cfg, class_names, say, init)
 
     monkeypatch.setattr("denseclip_fast.train.loop.build_model", build_while_another_run_saves)
     with pytest.raises(ValueError, match=r"holds checkpoint files that cannot be resumed \(iter_5.safetensors"):
@@ -2545,7 +2545,8 @@ def test_a_denseclip_checkpoint_of_another_architecture_or_grid(arch_file, gener
 
 def test_train_from_a_denseclip_checkpoint_says_what_it_kept(arch_file, generic, tmp_path, capsys):
     """The command line's run from a DenseCLIP checkpoint of other classes trains, and says on stderr which weights
-    kept their initialisation; resuming that run says nothing of it again."""
+    kept their initialisation; resuming that run says nothing of it again, nor reads the file: its checkpoint holds
+    every weight, and the file may be gone (a fresh run, also --resume auto without a checkpoint, needs it)."""
     from denseclip_fast import DenseCLIP
 
     cfg = _config(arch_file, generic, tmp_path / "run", iters=2, checkpoint_interval=1)
@@ -2554,8 +2555,13 @@ def test_train_from_a_denseclip_checkpoint_says_what_it_kept(arch_file, generic,
     train(dataclasses.replace(cfg, init=str(path), iters=1))
     err = capsys.readouterr().err
     assert f"denseclip-fast train: --init {path}: the trained head's classifier" in err
+    os.remove(path)
     train(dataclasses.replace(cfg, init=str(path)), resume="auto")
     assert "--init" not in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"init \(--init\) must be CLIP weights, a DenseCLIP checkpoint or 'none'; "
+                                         r".*ade.safetensors' does not exist"):  # fmt: skip
+        train(dataclasses.replace(cfg, init=str(path), work_dir=str(tmp_path / "fresh")), resume="auto")
+    assert not os.path.exists(tmp_path / "fresh")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -148,12 +148,13 @@ class TrainConfig:
             if self.img_scale is None:
                 self.img_scale = (arch.test_scale[0], arch.test_scale[1])
 
-    def validate(self, template: bool = False) -> None:
+    def validate(self, template: bool = False, init_file: bool = True) -> None:
         """ValueError naming the field for anything a run cannot start with; fills the architecture's defaults
         first (:meth:`apply_arch_defaults`). ``template`` (``train --print-config``: a config to print, perhaps to
         run elsewhere) lets ``data`` be unset and checks no more of this machine than what is given exists: a
         ``data`` given must be a directory, but a CUDA ``device`` need not be present here and ``work_dir`` need not
-        be writable here."""
+        be writable here. ``init_file`` False leaves the ``init`` file unchecked (:meth:`check_init`): a resumed run
+        takes every weight from its checkpoint, and the file it started from may have moved since."""
         for name in ("arch", "data", "init", "work_dir"):  # a pathlib.Path is a path: kept as the str it stands for
             value = getattr(self, name)
             if isinstance(value, os.PathLike):
@@ -168,10 +169,8 @@ class TrainConfig:
             raise ValueError("data must name the dataset directory (--data DIR)")
         if self.data and not os.path.isdir(self.data):
             raise ValueError(f"data directory {self.data!r} {not_a_directory(self.data)}")
-        if self.init != "none" and not os.path.isfile(self.init):  # as data: a file given must be there
-            what = not_a_file(self.init) if self.init else "is empty"
-            raise ValueError(f"init (--init) must be CLIP weights, a DenseCLIP checkpoint or 'none'; {self.init!r} "
-                             f"{what}")  # fmt: skip
+        if init_file:
+            self.check_init()
         for name in ("iters", "batch_size", "accum", "checkpoint_interval", "log_interval"):
             check_int(name, getattr(self, name))
         check_int("crop", self.crop, MIN_IMAGE_SIDE, " (the stride-32 level keeps a pixel)")
@@ -224,6 +223,13 @@ class TrainConfig:
             raise ValueError(f"extra (notes saved in config.json) must hold JSON values (strings, finite numbers, "
                              f"true/false, null, lists, mappings; quote a YAML date): {exc}") from None  # fmt: skip
         self.model_config()
+
+    def check_init(self) -> None:
+        """ValueError unless ``init`` is 'none' or an existing file (as ``data``: a path given must be there)."""
+        if self.init != "none" and not os.path.isfile(self.init):
+            what = not_a_file(self.init) if self.init else "is empty"
+            raise ValueError(f"init (--init) must be CLIP weights, a DenseCLIP checkpoint or 'none'; {self.init!r} "
+                             f"{what}")  # fmt: skip
 
     def model_config(self) -> DenseCLIPConfig:
         if self.arch in ARCH_ALIASES:

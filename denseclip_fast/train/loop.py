@@ -82,13 +82,15 @@ def next_batch(batches: Iterator[Any]) -> Any:
         raise ValueError(last.removeprefix("ValueError: ")) from None
 
 
-def build_model(cfg: TrainConfig, class_names: list[str], say: Callable[[str], None] | None = None) -> DenseCLIP:
-    """The run's model: freshly initialised (``cfg.seed``), then ``cfg.init``'s weights: CLIP's (backbone and text
-    encoder), or a DenseCLIP checkpoint's (every weight but the classes' where they are other ones:
-    checkpoints/transfer.py, whose notes go to ``say``)."""
+def build_model(cfg: TrainConfig, class_names: list[str], say: Callable[[str], None] | None = None,
+                init: bool = True) -> DenseCLIP:  # fmt: skip
+    """The run's model: freshly initialised (``cfg.seed``), then, with ``init``, ``cfg.init``'s weights: CLIP's
+    (backbone and text encoder), or a DenseCLIP checkpoint's (every weight but the classes' where they are other
+    ones: checkpoints/transfer.py, whose notes go to ``say``). A resumed run passes ``init=False``: its checkpoint
+    replaces every weight, so the file is not read (nor needed)."""
     torch.manual_seed(cfg.seed)
     model = DenseCLIP(cfg.model_config(), class_names)
-    if cfg.init != "none":
+    if init and cfg.init != "none":
         from ..checkpoints.clip import DenseCLIPCheckpointGiven, NotCLIPWeights, init_from_clip
         from ..checkpoints.transfer import init_from_denseclip
 
@@ -114,7 +116,7 @@ class Trainer:
         cfg = dataclasses.replace(cfg)  # validate() fills the sizes left to the architecture: in a copy, so that the
         # caller's config keeps following its arch (a sweep that changes arch and trains again)
         self.sizes_left_to_arch = [name for name in ("crop", "img_scale") if getattr(cfg, name) is None]
-        cfg.validate()
+        cfg.validate(init_file=resume in (None, "", "none"))  # a resumed run's init file: run() checks it if needed
         self.cfg = cfg
         self.resume = resume
         self._state: dict[str, Any] | None = None  # the resume file, read once
@@ -342,7 +344,7 @@ class Trainer:
         kept = {name: saved[name] for name in self.sizes_left_to_arch if saved.get(name) is not None}
         if kept:
             self.cfg = dataclasses.replace(self.cfg, **kept)  # __post_init__: a JSON list becomes the tuple
-            self.cfg.validate()
+            self.cfg.validate(init_file=False)
 
     def _check_settings(self, path: str) -> None:
         """A resume whose settings the saved state cannot go on with is refused naming the file, the saved and the
@@ -381,6 +383,7 @@ class Trainer:
         rank = launch_environment()[0]  # checked before any other work (distributed reads it again)
         resume_path = self._find_resume()
         if resume_path is None:
+            self.cfg.check_init()  # a fresh run (also --resume auto without a checkpoint) starts from the file
             self._refuse_used_work_dir()
         else:
             if self.resume != "auto":
@@ -453,7 +456,7 @@ class Trainer:
         check_image_sizes(val, cfg.model_config().test_scale, (1.0,))
         data.check_label_sizes()  # as check_image_sizes does for val: now, not in a DataLoader worker hours in
         say = (lambda note: print(f"denseclip-fast train: {note}", file=sys.stderr)) if rank == 0 else None
-        model = prepare_model(build_model(cfg, data.class_names, say if resume_path is None else None), cfg, device)
+        model = prepare_model(build_model(cfg, data.class_names, say, init=resume_path is None), cfg, device)
         layout = memory_format(cfg, device)
         optimizer = make_optimizer(model, cfg, device)
         scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
