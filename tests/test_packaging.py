@@ -30,13 +30,18 @@ def _tracked(*paths: str) -> list[str]:
     return listed.stdout.split()
 
 
-def test_sdist_holds_every_build_input(tmp_path):
-    """Built from a copy of the tracked files, so that the checkout's egg-info is left alone."""
-    files = _tracked()
+def _tracked_copy(tmp_path: Path) -> Path:
+    """A copy of the tracked files, to build from: setuptools' commands rewrite the checkout's egg-info."""
     src = tmp_path / "src"
-    for name in files:
+    for name in _tracked():
         (src / name).parent.mkdir(parents=True, exist_ok=True)
         (src / name).write_bytes((Path(ROOT) / name).read_bytes())
+    return src
+
+
+def test_sdist_holds_every_build_input(tmp_path):
+    """Built from a copy of the tracked files, so that the checkout's egg-info is left alone."""
+    src = _tracked_copy(tmp_path)
     result = subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path / "dist")], cwd=src,
                             capture_output=True, text=True)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
@@ -50,6 +55,20 @@ def test_sdist_holds_every_build_input(tmp_path):
     assert "denseclip_fast/py.typed" in needed  # PEP 561's marker: without it mypy ignores the package's types
     missing = sorted(needed - names)
     assert not missing, f"the sdist lacks {missing}"
+
+
+def test_the_installed_package_holds_every_tracked_file_of_it(tmp_path):
+    """What pip installs from the sdist or a wheel is build_py's tree (plus the compiled extension): every module
+    and data file of denseclip_fast/ (configs/*.json, export/*.json, py.typed) must be in it; a data file the
+    package-data table of pyproject.toml does not name is left out, and the package fails where it reads it."""
+    tracked = set(_tracked("denseclip_fast"))
+    result = subprocess.run([sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(tmp_path / "lib")],
+                            cwd=_tracked_copy(tmp_path), capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    built = {path.relative_to(tmp_path / "lib").as_posix() for path in (tmp_path / "lib").rglob("*") if path.is_file()}
+    assert "denseclip_fast/configs/RN50.json" in tracked and "denseclip_fast/py.typed" in tracked
+    missing = sorted(tracked - built)
+    assert not missing, f"an installed package would lack {missing} (pyproject.toml's [tool.setuptools.package-data])"
 
 
 @pytest.mark.parametrize("version", ["2.10.0", "2.11.0+cu130", "2.10.0a0+git1234abc", "2.12.0.dev20260101+cpu",
