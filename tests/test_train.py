@@ -1844,6 +1844,21 @@ def test_a_missing_architecture_file_is_said_to_be_missing(generic, tmp_path, ca
             _config(typed, generic, tmp_path).validate()
 
 
+def test_an_info_json_output_as_arch_and_init_none_say_what_to_give(arch_file, generic, tmp_path):
+    """`denseclip-fast info --json`'s output given as --arch was refused listing its keys as unknown; it is said to
+    hold the architecture as its "config" object. init=None in Python (random weights) was "init must be a str":
+    the message names 'none'."""
+    info = tmp_path / "info.json"
+    info.write_text(json.dumps({"checkpoint": "m.safetensors", "classes": CLASSES,
+                                "config": json.loads(Path(arch_file).read_text())}))  # fmt: skip
+    with pytest.raises(ValueError, match=re.escape("denseclip-fast info --json's output: the architecture is its "
+                                                   "\"config\" object")):  # fmt: skip
+        _config(str(info), generic, tmp_path).validate()
+    with pytest.raises(ValueError, match=re.escape("init must be a str (or a path), got NoneType: None ('none' for "
+                                                   "random weights)")):  # fmt: skip
+        _config(arch_file, generic, tmp_path, init=None).validate()
+
+
 def test_the_default_worker_count_is_at_most_the_cpus_and_a_given_one_stays(generic, tmp_path, monkeypatch, capsys):
     """4 DataLoader workers on a 2-core machine made PyTorch warn, twice, that they may slow the run: left unset
     (None, printed and saved as null, so that a resume elsewhere takes that machine's), the count is 4 or the

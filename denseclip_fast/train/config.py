@@ -160,7 +160,8 @@ class TrainConfig:
             if isinstance(value, os.PathLike):
                 setattr(self, name, os.fspath(value))
             if not isinstance(getattr(self, name), str):
-                raise ValueError(f"{name} must be a str (or a path), got {type(value).__name__}: {value!r}")
+                hint = " ('none' for random weights)" if name == "init" and value is None else ""
+                raise ValueError(f"{name} must be a str (or a path), got {type(value).__name__}: {value!r}{hint}")
         self.apply_arch_defaults()
         assert self.crop is not None and self.img_scale is not None
         if self.layout not in LAYOUTS:
@@ -237,7 +238,11 @@ class TrainConfig:
         elif os.path.isfile(self.arch):
             try:
                 with open(self.arch, encoding="utf-8") as f:
-                    config = DenseCLIPConfig.from_dict(json.load(f))
+                    data = json.load(f)
+                if isinstance(data, dict) and isinstance(data.get("config"), dict) and "checkpoint" in data:
+                    raise ValueError("this is denseclip-fast info --json's output: the architecture is its \"config\" "
+                                     "object; save that object alone as the architecture file")  # fmt: skip
+                config = DenseCLIPConfig.from_dict(data)
             except ValueError as exc:  # not JSON (JSONDecodeError, UnicodeDecodeError), or not an architecture
                 raise ValueError(f"arch (--arch) file {self.arch}: {exc}") from None
         elif _looks_like_a_path(self.arch):  # a mistyped file path, not a mistyped name
