@@ -19,7 +19,7 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-from denseclip_fast import ADE20K_CLASSES, DenseCLIP  # noqa: E402
+from denseclip_fast import ADE20K_CLASSES, DenseCLIP, Segmenter  # noqa: E402
 from denseclip_fast.export import (  # noqa: E402
     graph_file,
     read_metadata,
@@ -309,6 +309,9 @@ def test_unsupported_export_requests_say_what_is_wrong(tiny, tmp_path):
     assert type(check_image_size(tiny, np.int64(48))[0]) is int
     with pytest.raises(ValueError, match="model must be a denseclip_fast.DenseCLIP"):
         to_onnx(torch.nn.Linear(2, 2), tmp_path / "x.onnx")  # type: ignore[arg-type]
+    # a Segmenter (to_aoti takes one) is named with what to_onnx takes instead
+    with pytest.raises(ValueError, match=re.escape("got Segmenter: pass the DenseCLIP model it was built from")):
+        to_onnx(Segmenter(tiny, device="cpu", dtype=torch.float32), tmp_path / "x.onnx")  # type: ignore[arg-type]
 
 
 def test_output_paths_are_checked_before_the_trace(tiny, tmp_path, monkeypatch):

@@ -121,7 +121,11 @@ def build_graph(
 ) -> tuple[nn.Module, DenseCLIP]:
     """The module for ``graph`` on a prepared copy of ``model`` (which is returned too)."""
     if not isinstance(model, DenseCLIP):
-        raise ValueError(f"model must be a denseclip_fast.DenseCLIP, got {type(model).__name__}")
+        from ..engine import Segmenter
+
+        # to_aoti takes a Segmenter, so to_onnx was given one: name the model that the graph is made from
+        hint = ": pass the DenseCLIP model it was built from" if isinstance(model, Segmenter) else ""
+        raise ValueError(f"model must be a denseclip_fast.DenseCLIP, got {type(model).__name__}{hint}")
     if graph not in GRAPHS:
         raise ValueError(f"graph must be one of {GRAPHS}, got {graph!r}")
     prepared = prepare_for_inference(model, device, dtype)
