@@ -1482,6 +1482,25 @@ def test_a_folder_named_like_an_image_is_not_a_sample(tmp_path):
         find_samples(data, "generic", "train")
 
 
+def test_a_labelled_image_of_a_format_training_does_not_read_is_refused_not_left_out(tmp_path):
+    """images/scene_0.bmp beside labels/scene_0.png (segment reads .bmp) was left out of the data set without a
+    word: the run trained and evaluated on the other images. It is refused naming the file and the formats taken."""
+    data = make_generic(tmp_path / "g", n=3, splits=False)
+    image = tmp_path / "g" / "images" / "scene_0.png"
+    Image.open(image).save(image.with_suffix(".bmp"))
+    os.remove(image)
+    with pytest.raises(ValueError, match=re.escape(f"{image.with_suffix('.bmp')}: an image of a labelled NAME in a "
+                                                   "format training does not read (.jpg, .jpeg or .png); convert it "
+                                                   "to one of them")):  # fmt: skip
+        find_samples(data, "generic", "train")
+    ade = make_ade20k(tmp_path / "a", n=2)
+    image = tmp_path / "a" / "images" / "training" / "ADE_training_00000000.jpg"
+    Image.open(image).save(image.with_suffix(".webp"))
+    os.remove(image)
+    with pytest.raises(ValueError, match=re.escape(f"{image.with_suffix('.webp')}: an image of a labelled NAME")):
+        find_samples(ade, "ade20k", "train")
+
+
 def test_split_names_with_their_extension_are_said_to_need_none(tmp_path):
     """splits/train.txt listing s0.png for the image s0.png was told only that s0.png has no image."""
     data = make_generic(tmp_path / "g", n=4)

@@ -33,6 +33,7 @@ from torch.utils.data import Dataset, Sampler
 
 from ..class_names import ADE20K_CLASSES
 from ..preprocess import (
+    IMAGE_EXTENSIONS,
     TRANSPOSING_ORIENTATIONS,
     exif_orientation,
     image_size,
@@ -95,6 +96,21 @@ def _names_in(folder: str, suffixes: Sequence[str]) -> dict[str, str]:
     return paths
 
 
+def _refuse_unread_formats(image_dir: str, images: dict[str, str], labels: dict[str, str]) -> None:
+    """ValueError for an image of a labelled NAME in a format that ``segment`` reads and training does not
+    (images/a.bmp beside labels/a.png): listed by its extension alone, it was left out without a word. A folder of
+    such images alone is left to the "no images found" error, which names what it skipped."""
+    unmatched = set(labels) - set(images)
+    if not images or not unmatched:
+        return
+    for file in sorted(os.listdir(image_dir)):
+        stem, suffix = os.path.splitext(file)
+        if stem in unmatched and suffix.lower() in IMAGE_EXTENSIONS and not file.startswith("."):
+            raise ValueError(f"{os.path.join(image_dir, file)}: an image of a labelled NAME in a format training "
+                             f"does not read ({', '.join(IMAGE_SUFFIXES[:-1])} or {IMAGE_SUFFIXES[-1]}); convert it "
+                             "to one of them")  # fmt: skip
+
+
 def _accepted(folder: str, suffixes: Sequence[str]) -> str:
     """For an error message: the files ``folder`` may hold and, if it holds others, how many were skipped, files of
     other extensions and subfolders apart (images/train/ was called a file of another extension)."""
@@ -137,6 +153,7 @@ def find_samples(root: str, layout: str, split: str) -> tuple[list[Sample], list
         image_dir, label_dir = os.path.join(root, "images", sub), os.path.join(root, "annotations", sub)
         _check_layout(root, layout, [image_dir, label_dir])
         images, labels = _names_in(image_dir, IMAGE_SUFFIXES), _names_in(label_dir, (".png",))
+        _refuse_unread_formats(image_dir, images, labels)
         names = list(images)
         classes = list(ADE20K_CLASSES)
     elif layout == "generic":
@@ -177,6 +194,7 @@ def find_samples(root: str, layout: str, split: str) -> tuple[list[Sample], list
                 raise ValueError(f"{split_file} lists {len(missing)} name(s) without an image, e.g. {missing[0]!r} "
                                  f"(images in {image_dir} are {_accepted(image_dir, IMAGE_SUFFIXES)})")  # fmt: skip
         else:
+            _refuse_unread_formats(image_dir, images, labels)
             names = list(images)
     else:
         raise ValueError(f"layout must be 'ade20k' or 'generic', got {layout!r}")
