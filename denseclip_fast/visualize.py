@@ -74,14 +74,36 @@ def colorize(labels: np.ndarray, palette: Palette) -> np.ndarray:
     return lut[labels]
 
 
-def overlay(image: np.ndarray, labels: np.ndarray, palette: Palette, alpha: float = 0.5) -> np.ndarray:
+IGNORE_INDEX = 255  # the data sets' "no class" label (ADE20K's reduced 0, a generic layout's unlabelled pixels)
+
+
+def ignored(labels: np.ndarray, palette: Palette, ignore_index: int | None = IGNORE_INDEX) -> np.ndarray | None:
+    """The (H, W) mask of ``labels`` equal to ``ignore_index`` where that is no class of ``palette`` (a ground-truth
+    map's unlabelled pixels), or None when there is none to leave out."""
+    labels = np.asarray(labels)
+    colours = len(np.asarray(palette).reshape(-1, 3))
+    if ignore_index is None or ignore_index < colours or labels.dtype.kind not in "iu":
+        return None
+    mask = labels == ignore_index
+    return mask if mask.any() else None
+
+
+def overlay(image: np.ndarray, labels: np.ndarray, palette: Palette, alpha: float = 0.5,
+            ignore_index: int | None = IGNORE_INDEX) -> np.ndarray:  # fmt: skip
     """Blend the colourised labels over an (H, W, 3) uint8 image; ``alpha`` is the weight of the colours, a real
-    number in [0, 1] (ValueError otherwise)."""
+    number in [0, 1] (ValueError otherwise). Pixels labelled ``ignore_index`` (255; None: none), when it is no
+    class of the palette, are left unpainted: a ground-truth map's unlabelled pixels beside a prediction."""
     weight = finite_real(alpha)
     if weight is None or not 0.0 <= weight <= 1.0:
         raise ValueError(f"alpha must be a real number in [0, 1], got {type(alpha).__name__} {alpha!r}")
     image = np.asarray(image)
     if image.shape[:2] != np.asarray(labels).shape:
         raise ValueError(f"image {image.shape[:2]} and labels {np.asarray(labels).shape} differ in size")
+    mask = ignored(labels, palette, ignore_index)
+    if mask is not None:
+        labels = np.where(mask, 0, labels)
     blended = (1 - weight) * image.astype(np.float32) + weight * colorize(labels, palette).astype(np.float32)
-    return np.clip(blended + 0.5, 0, 255).astype(np.uint8)
+    painted = np.clip(blended + 0.5, 0, 255).astype(np.uint8)
+    if mask is not None:
+        painted[mask] = image[mask]
+    return painted

@@ -439,8 +439,21 @@ def test_predict_overlay_and_open_vocab(model):
     open_labels = torch.full((40, 52), 5, dtype=torch.int64)
     open_labels[:, :20] = 0
     with pytest.raises(ValueError, match=r"labels go up to 5, past this segmenter's 4 classes: for the labels of "
-                                         r"predict\(images, names\), give overlay the same names"):  # fmt: skip
+                                         r"predict\(images, names\), give overlay the same names \(a ground "
+                                         r"truth's ignored pixels, 255, are left unpainted\)"):  # fmt: skip
         seg.overlay(image, open_labels)
+    # a ground truth: its ignored pixels (255) are left as the image is, the others painted; 254 is no class
+    truth = torch.full((40, 52), 255, dtype=torch.int64)
+    truth[:, 30:] = 2
+    painted = seg.overlay(image, truth, alpha=1.0)
+    colours = seg.model.palette or default_palette(4)
+    assert (painted[:, :30] == image[:, :30]).all() and (painted[:, 30:] == colours[2]).all()
+    assert (seg.overlay(image, truth.numpy().astype(np.uint8), alpha=1.0) == painted).all()
+    with pytest.raises(ValueError, match="labels go up to 255, past this segmenter's 4 classes: .* same names$"):
+        seg.overlay(image, truth, ignore_index=None)
+    truth[0, 0] = 254
+    with pytest.raises(ValueError, match="labels go up to 254, past this segmenter's 4 classes"):
+        seg.overlay(image, truth)
     colours = default_palette(len(names))
     solid = seg.overlay(image, open_labels, alpha=1.0, names=names)
     assert (solid[:, :20] == colours[0]).all() and (solid[:, 20:] == colours[5]).all()

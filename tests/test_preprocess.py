@@ -277,6 +277,14 @@ def test_palette_colorize_overlay():
         colorize(np.array([[150]]), palette)
     with pytest.raises(ValueError, match="differ in size"):
         overlay(np.zeros((3, 3, 3), np.uint8), labels, palette)
+    # 255, no class of a 150-colour palette: a ground truth's unlabelled pixel, left unpainted; a class of a
+    # 256-colour one: painted
+    truth = np.array([[0, 255], [255, 149]], dtype=np.uint8)
+    painted = overlay(image, truth, palette, alpha=1.0)
+    assert np.array_equal(painted[0, 1], image[0, 1]) and tuple(painted[1, 1]) == palette[149]
+    assert tuple(overlay(image, truth, default_palette(256), alpha=1.0)[0, 1]) == default_palette(256)[255]
+    with pytest.raises(ValueError, match="exceeds the palette of 150"):
+        overlay(image, truth, palette, ignore_index=None)
 
 
 def _resize_cases(seed: int, count: int) -> list[tuple[tuple[int, int], tuple[int, int]]]:

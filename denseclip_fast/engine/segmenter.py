@@ -55,7 +55,7 @@ from ..model.slide import slide_inference, two_thirds_stride, window_sizes
 from ..model.text import check_class_names
 from ..preprocess import normalize_keep_ratio
 from ..validation import as_int, check_bool, check_device, given_dtype
-from ..visualize import default_palette
+from ..visualize import IGNORE_INDEX, default_palette, ignored
 from ..visualize import overlay as blend
 from . import cpu_labels, cuda_resample, decoder_norms, projections
 from .cpu_conv import fuse_convolutions
@@ -745,11 +745,13 @@ class Segmenter:
         return self.model.class_names
 
     def overlay(
-        self, image: Any, labels: torch.Tensor | np.ndarray, alpha: float = 0.5, names: Sequence[str] | None = None
-    ) -> np.ndarray:
+        self, image: Any, labels: torch.Tensor | np.ndarray, alpha: float = 0.5, names: Sequence[str] | None = None,
+        ignore_index: int | None = IGNORE_INDEX,
+    ) -> np.ndarray:  # fmt: skip
         """Colour the label map over a uint8 (H, W, 3) image: the trained head's labels in the checkpoint's palette
         (else a generated one); with ``names``, the labels of ``predict(images, names)`` in a generated palette of
-        ``len(names)`` colours (the command line's open-vocabulary overlays)."""
+        ``len(names)`` colours (the command line's open-vocabulary overlays). A ground-truth map's pixels labelled
+        ``ignore_index`` (255; None: none), when that is no class, are left unpainted."""
         img = as_batch(image).raw
         if img is None or len(img) != 1:
             raise ValueError("overlay takes one uint8 (H, W, 3) image")
@@ -759,15 +761,17 @@ class Segmenter:
         labels = labels.cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
         if names is None:
             palette = self.model.palette or default_palette(self.model.num_classes)
-            if labels.dtype.kind in "iu" and labels.size and labels.max() >= len(palette):
-                raise ValueError(
-                    f"labels go up to {labels.max()}, past this segmenter's {len(palette)} classes: for the labels "
-                    "of predict(images, names), give overlay the same names"
-                )
+            mask = ignored(labels, palette, ignore_index)  # (colorize refuses non-integer labels, naming them)
+            top = (labels if mask is None else labels[~mask]).max(initial=0) if labels.dtype.kind in "iu" else 0
+            if top >= len(palette):
+                left = "" if ignore_index is None else (f" (a ground truth's ignored pixels, {ignore_index}, are "
+                                                        "left unpainted)")  # fmt: skip
+                raise ValueError(f"labels go up to {top}, past this segmenter's {len(palette)} classes: for the labels "
+                                 f"of predict(images, names), give overlay the same names{left}")  # fmt: skip
         else:
             check_class_names(names)
             palette = default_palette(len(names))
-        return blend(img[0].numpy(), labels, palette, alpha)
+        return blend(img[0].numpy(), labels, palette, alpha, ignore_index)
 
     def warmup(
         self, size: Sequence[int], batch: int = 1, raw: bool = True, names: Sequence[str] | None = None
