@@ -619,9 +619,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from . import load_checkpoint
     from .train import SegmentationData, evaluate
-    from .train.data import check_ignore_index
     from .train.evaluate import check_scales, results_json
-    from .validation import check_not_an_input, check_not_in_folder, check_writable_file
+    from .validation import check_ignore_index, check_not_an_input, check_not_in_folder, check_writable_file
 
     try:
         scales = [float(s) for s in args.scales.split(",")]

@@ -14,6 +14,19 @@ import torch
 DEVICE_EXAMPLES = "'cpu', 'cuda' or 'cuda:N'"
 
 
+IGNORE = 255  # the data sets' "no class" label value (ADE20K's reduced 0, a generic layout's unlabelled pixels)
+MAX_LABEL = 65535  # the largest value of a (16-bit) label PNG
+
+
+def check_ignore_index(value: object, name: str = "ignore_index") -> int:
+    """``value`` if it is a label PNG value, 0..65535 (255 in 8-bit labels; e.g. 65535 in 16-bit ones with 256
+    classes or more); ValueError naming ``name`` otherwise (a value no label holds would silently ignore nothing)."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or not 0 <= int(value) <= MAX_LABEL:
+        raise ValueError(f"{name} must be a label value in 0..{MAX_LABEL} (255 for 8-bit labels, e.g. 65535 for "
+                         f"16-bit ones), got {value!r}")  # fmt: skip
+    return int(value)
+
+
 def finite_real(value: object) -> float | None:
     """``value`` as a float when it is a finite real number (an int, a float or a numpy scalar; not a bool), else
     None. An int past float's range is not finite (float() would raise OverflowError, math.isfinite too)."""

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from .validation import finite_real
+from .validation import IGNORE, check_ignore_index, finite_real
 
 Palette = Sequence[Sequence[int]]
 
@@ -74,22 +74,22 @@ def colorize(labels: np.ndarray, palette: Palette) -> np.ndarray:
     return lut[labels]
 
 
-IGNORE_INDEX = 255  # the data sets' "no class" label (ADE20K's reduced 0, a generic layout's unlabelled pixels)
-
-
-def ignored(labels: np.ndarray, palette: Palette, ignore_index: int | None = IGNORE_INDEX) -> np.ndarray | None:
+def ignored(labels: np.ndarray, palette: Palette, ignore_index: int | None = IGNORE) -> np.ndarray | None:
     """The (H, W) mask of ``labels`` equal to ``ignore_index`` where that is no class of ``palette`` (a ground-truth
-    map's unlabelled pixels), or None when there is none to leave out."""
+    map's unlabelled pixels), or None when there is none to leave out; ValueError for an ``ignore_index`` that is
+    neither None nor a label value."""
+    if ignore_index is None:
+        return None
+    ignore_index = check_ignore_index(ignore_index)
     labels = np.asarray(labels)
-    colours = len(np.asarray(palette).reshape(-1, 3))
-    if ignore_index is None or ignore_index < colours or labels.dtype.kind not in "iu":
+    if ignore_index < len(np.asarray(palette).reshape(-1, 3)) or labels.dtype.kind not in "iu":
         return None
     mask = labels == ignore_index
     return mask if mask.any() else None
 
 
 def overlay(image: np.ndarray, labels: np.ndarray, palette: Palette, alpha: float = 0.5,
-            ignore_index: int | None = IGNORE_INDEX) -> np.ndarray:  # fmt: skip
+            ignore_index: int | None = IGNORE) -> np.ndarray:  # fmt: skip
     """Blend the colourised labels over an (H, W, 3) uint8 image; ``alpha`` is the weight of the colours, a real
     number in [0, 1] (ValueError otherwise). Pixels labelled ``ignore_index`` (255; None: none), when it is no
     class of the palette, are left unpainted: a ground-truth map's unlabelled pixels beside a prediction."""

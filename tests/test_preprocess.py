@@ -285,6 +285,9 @@ def test_palette_colorize_overlay():
     assert tuple(overlay(image, truth, default_palette(256), alpha=1.0)[0, 1]) == default_palette(256)[255]
     with pytest.raises(ValueError, match="exceeds the palette of 150"):
         overlay(image, truth, palette, ignore_index=None)
+    for bad in ("255", -1, 1.5, True):  # a value no label holds: named, as train's ignore_index is
+        with pytest.raises(ValueError, match=r"ignore_index must be a label value in 0..65535 .*got "):
+            overlay(image, truth, palette, ignore_index=bad)
 
 
 def _resize_cases(seed: int, count: int) -> list[tuple[tuple[int, int], tuple[int, int]]]:

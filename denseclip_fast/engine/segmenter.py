@@ -54,8 +54,8 @@ from ..model.layers import intercepted
 from ..model.slide import slide_inference, two_thirds_stride, window_sizes
 from ..model.text import check_class_names
 from ..preprocess import normalize_keep_ratio
-from ..validation import as_int, check_bool, check_device, given_dtype
-from ..visualize import IGNORE_INDEX, default_palette, ignored
+from ..validation import IGNORE, as_int, check_bool, check_device, given_dtype
+from ..visualize import default_palette, ignored
 from ..visualize import overlay as blend
 from . import cpu_labels, cuda_resample, decoder_norms, projections
 from .cpu_conv import fuse_convolutions
@@ -746,7 +746,7 @@ class Segmenter:
 
     def overlay(
         self, image: Any, labels: torch.Tensor | np.ndarray, alpha: float = 0.5, names: Sequence[str] | None = None,
-        ignore_index: int | None = IGNORE_INDEX,
+        ignore_index: int | None = IGNORE,
     ) -> np.ndarray:  # fmt: skip
         """Colour the label map over a uint8 (H, W, 3) image: the trained head's labels in the checkpoint's palette
         (else a generated one); with ``names``, the labels of ``predict(images, names)`` in a generated palette of

@@ -32,8 +32,15 @@ from ..config import (
     meant_arch,
     preset,
 )
-from ..validation import check_device, check_int, check_writable_dir, is_finite_number, not_a_file
-from .data import check_ignore_index, not_a_directory
+from ..validation import (
+    check_device,
+    check_ignore_index,
+    check_int,
+    check_writable_dir,
+    is_finite_number,
+    not_a_file,
+)
+from .data import not_a_directory
 
 LAYOUTS = ("ade20k", "generic")
 MAX_SEED = 2**32 - 1

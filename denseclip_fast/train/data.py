@@ -20,7 +20,6 @@ worker count, and a resumed run sees the same data.
 from __future__ import annotations
 
 import dataclasses
-import numbers
 import os
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
@@ -45,22 +44,12 @@ from ..preprocess import (
     resize_nearest,
     too_large,
 )
+from ..validation import IGNORE, check_ignore_index
 
 if TYPE_CHECKING:
     from .config import TrainConfig
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-IGNORE = 255
-MAX_LABEL = 65535  # the largest value of a (16-bit) label PNG
-
-
-def check_ignore_index(value: object, name: str = "ignore_index") -> int:
-    """``value`` if it is a label PNG value, 0..65535 (255 in 8-bit labels; e.g. 65535 in 16-bit ones with 256
-    classes or more); ValueError naming ``name`` otherwise (a value no label holds would silently ignore nothing)."""
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or not 0 <= int(value) <= MAX_LABEL:
-        raise ValueError(f"{name} must be a label value in 0..{MAX_LABEL} (255 for 8-bit labels, e.g. 65535 for "
-                         f"16-bit ones), got {value!r}")  # fmt: skip
-    return int(value)
 
 
 def not_a_directory(path: str) -> str:
