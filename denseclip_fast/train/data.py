@@ -73,10 +73,11 @@ def _names_in(folder: str, suffixes: Sequence[str]) -> dict[str, str]:
         raise ValueError(f"{folder} {not_a_directory(folder)} (the layouts: README.md, Training, Data)")
     paths: dict[str, str] = {}
     with os.scandir(folder) as entries:  # the kind of each entry comes with the listing: a stat for links only
-        files = sorted(e.name for e in entries if not e.is_dir() and (e.is_file() or e.is_symlink()))
-    for file in files:
+        listed = sorted((e.name, e.is_file()) for e in entries if not e.is_dir() and (e.is_file() or e.is_symlink()))
+    for file, reachable in listed:
         if file.lower().endswith(tuple(suffixes)) and not file.startswith("."):
-            refuse_broken_link(os.path.join(folder, file))
+            if not reachable:  # a link to nothing: no lookup of the files that are there
+                refuse_broken_link(os.path.join(folder, file))
             name, path = os.path.splitext(file)[0], os.path.join(folder, file)
             if name in paths:
                 raise ValueError(f"{paths[name]} and {path} have the same NAME {name!r}: keep one file per name "
