@@ -67,6 +67,7 @@ from .workdir import work_dir_lock
 
 LOSSES = ("loss", "loss_decode", "loss_aux")
 METRIC_COLUMNS = ["iter", *LOSSES, "lr", "images_per_s", "seconds"]
+NO_RESUME = (None, "", "none")  # the resume values of a fresh run
 
 
 def next_batch(batches: Iterator[Any]) -> Any:
@@ -116,7 +117,7 @@ class Trainer:
         cfg = dataclasses.replace(cfg)  # validate() fills the sizes left to the architecture: in a copy, so that the
         # caller's config keeps following its arch (a sweep that changes arch and trains again)
         self.sizes_left_to_arch = [name for name in ("crop", "img_scale") if getattr(cfg, name) is None]
-        cfg.validate(init_file=resume in (None, "", "none"))  # a resumed run's init file: run() checks it if needed
+        cfg.validate(init_file=resume in NO_RESUME)  # a resumed run's init file: run() checks it if needed
         self.cfg = cfg
         self.resume = resume
         self._state: dict[str, Any] | None = None  # the resume file, read once
@@ -128,7 +129,7 @@ class Trainer:
         return os.path.join(self.cfg.work_dir, name)
 
     def _find_resume(self) -> str | None:
-        if self.resume in (None, "", "none"):
+        if self.resume in NO_RESUME:
             return None
         if self.resume == "auto":
             latest = self._path("latest.json")
