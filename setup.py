@@ -13,9 +13,22 @@ import glob
 import os
 import re
 
+import setuptools
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+MIN_SETUPTOOLS = 77  # pyproject.toml's SPDX license expression (PEP 639); older releases reject the field
+
+
+def check_setuptools(version: str) -> None:
+    """SystemExit naming the upgrade for a setuptools older than MIN_SETUPTOOLS: under ``pip install
+    --no-build-isolation`` (how the extension builds against the installed torch) pip uses the environment's
+    setuptools, not pyproject.toml's build requirement, and an old one fails on the license field with a schema
+    error that does not say so."""
+    major = re.match(r"\d+", version)
+    if major is not None and int(major.group()) < MIN_SETUPTOOLS:
+        raise SystemExit(f"cannot build denseclip_fast: it needs setuptools >= {MIN_SETUPTOOLS}, this environment has "
+                         f"{version}; run `pip install -U 'setuptools>={MIN_SETUPTOOLS}'`")
 
 
 def _version() -> str:
@@ -87,5 +100,6 @@ def _extensions() -> tuple[list, dict]:
 
 
 if __name__ == "__main__":
+    check_setuptools(setuptools.__version__)
     ext_modules, cmdclass = _extensions()
     setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -50,6 +50,15 @@ def test_setup_refuses_to_build_against_a_torch_the_package_refuses():
         check("2.4.1+cu121")
 
 
+def test_setup_names_the_setuptools_upgrade_the_license_field_needs():
+    check = runpy.run_path(os.path.join(ROOT, "setup.py"), run_name="not_main")["check_setuptools"]
+    for accepted in ("77.0.0", "81.0.0", "84.2.1", "100.1"):
+        check(accepted)
+    with pytest.raises(SystemExit, match=r"needs setuptools >= 77, this environment has 69\.5\.1; run `pip install "
+                                         r"-U 'setuptools>=77'`"):  # fmt: skip
+        check("69.5.1")
+
+
 @pytest.mark.slow
 def test_cmake_builds_the_library_for_cpp_consumers(cmake_build):
     info = json.loads(cmake_build.run("denseclip_fast_info"))

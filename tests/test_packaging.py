@@ -48,8 +48,13 @@ def test_sdist_holds_every_build_input(tmp_path):
     (archive,) = (tmp_path / "dist").glob("denseclip_fast-*.tar.gz")
     with tarfile.open(archive) as tar:
         names = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
+        (pkg_info,) = [member for member in tar.getmembers() if member.name.count("/") == 1
+                       and member.name.endswith("/PKG-INFO")]  # fmt: skip
+        metadata = tar.extractfile(pkg_info).read().decode()  # type: ignore[union-attr]
+    # the license travels with the code and is declared where pip and PyPI read it (PEP 639)
+    assert "License-Expression: MIT" in metadata.splitlines() and "License-File: LICENSE" in metadata.splitlines()
     needed = set(_tracked("csrc", "examples", "denseclip_fast")) | {
-        "setup.py", "pyproject.toml", "README.md", "CMakeLists.txt", "MANIFEST.in",
+        "setup.py", "pyproject.toml", "README.md", "CMakeLists.txt", "MANIFEST.in", "LICENSE",
     }  # fmt: skip
     assert any(name.endswith(".h") for name in needed) and "denseclip_fast/configs/RN50.json" in needed
     assert "denseclip_fast/py.typed" in needed  # PEP 561's marker: without it mypy ignores the package's types
