@@ -13,8 +13,10 @@ import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import denseclip_fast
 from denseclip_fast import DenseCLIP, Segmenter, export
@@ -22,10 +24,14 @@ from denseclip_fast.cli import build_parser
 from denseclip_fast.export import AOTIPackage
 from denseclip_fast.train import TrainConfig
 
+from .conftest import NAMES as CLASS_NAMES
+from .conftest import randomized, tiny_config
+
 README = Path(__file__).resolve().parent.parent / "README.md"
 # what the blocks' names stand for: modules, or the class of the object a name is bound to
 NAMES: dict[str, Any] = {"dcf": denseclip_fast, "torch": torch, "export": export, "model": DenseCLIP,
-                         "seg": Segmenter, "pkg": AOTIPackage, "cfg": TrainConfig}  # fmt: skip
+                         "seg": Segmenter, "pkg": AOTIPackage, "cfg": TrainConfig, "np": np,
+                         "Image": Image}  # fmt: skip
 
 
 def _blocks(language: str) -> list[tuple[int, str]]:
@@ -116,8 +122,41 @@ def _check_python(code: str, start: int) -> list[str]:
 @pytest.mark.parametrize("start, code", _blocks("python"), ids=lambda v: str(v) if isinstance(v, int) else "")
 def test_readme_python_blocks_use_what_the_package_has(start, code):
     # every call is checked but torch's builtins (torch.randn): a block whose objects the check does not know (a
-    # model named net) fails here, to be added to NAMES
-    assert [f for f in _check_python(code, start) if not f.startswith("torch.")] == []
+    # model named net) fails here, to be added to NAMES; the Quick start's calls of what it computed (an image read
+    # with PIL) are checked by running it (test_the_quick_start_runs)
+    unchecked = [f for f in _check_python(code, start) if not f.startswith("torch.")]
+    assert unchecked == [] or start == _quick_start()[0]
+
+
+def _quick_start() -> tuple[int, str]:
+    """(first line, text) of the Python block of README's Quick start section."""
+    text = README.read_text(encoding="utf-8")
+    heading = text.count("\n", 0, text.index("\n## Quick start\n")) + 2
+    following = [(n, block) for n, block in _blocks("python") if n > heading]
+    assert following, "README has no Python block after its Quick start heading"
+    return following[0]
+
+
+def test_the_quick_start_runs(tmp_path, monkeypatch):
+    """README's Quick start Python block, run as written but for its files (a tiny random-weight checkpoint in place
+    of the released one, a random photo) and, without a GPU, its device and dtype (the ones its comment names)."""
+    start, code = _quick_start()
+    checkpoint = "denseclip_fpn_res50_512x512_80k.pth"
+    on_gpu = 'device="cuda", dtype=torch.bfloat16'
+    assert checkpoint in code and "street.jpg" in code and on_gpu in code and 'no GPU: "cpu", torch.float32' in code
+    randomized(DenseCLIP(tiny_config(), CLASS_NAMES)).eval().save(tmp_path / "tiny.safetensors")
+    code = code.replace(checkpoint, "tiny.safetensors")
+    if not torch.cuda.is_available():
+        code = code.replace(on_gpu, 'device="cpu", dtype=torch.float32')
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (90, 120, 3), dtype=np.uint8)).save(tmp_path / "street.jpg")
+    monkeypatch.chdir(tmp_path)
+    scope: dict[str, Any] = {}
+    exec(compile(code, f"README.md, the block at line {start}", "exec"), scope)
+    labels = scope["labels"]
+    assert labels.shape == (90, 120) and 0 <= int(labels.min()) and int(labels.max()) < len(CLASS_NAMES)
+    with Image.open(tmp_path / "street_overlay.png") as overlay:
+        assert overlay.size == (120, 90) and overlay.mode == "RGB"
 
 
 def test_readme_code_blocks_are_all_read():
