@@ -610,7 +610,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = train(cfg, resume=args.resume)
     evaluation = result.get("eval")
     if evaluation:
-        print(f"mIoU {100 * evaluation['mIoU']:.2f}  aAcc {100 * evaluation['aAcc']:.2f}  (work dir {cfg.work_dir})")
+        from .train.evaluate import summary
+
+        print(f"{summary(evaluation)}  (work dir {cfg.work_dir})")
     return 0
 
 
@@ -619,7 +621,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from . import load_checkpoint
     from .train import SegmentationData, evaluate
-    from .train.evaluate import check_scales, results_json
+    from .train.evaluate import check_scales, results_json, summary
     from .validation import check_ignore_index, check_not_an_input, check_not_in_folder, check_writable_file
 
     try:
@@ -663,8 +665,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if math.isnan(result["aAcc"]):
         print(f"denseclip-fast eval: the {len(data)} image(s) have no labelled pixel (every label is the ignore index "
               f"{args.ignore_index}): no metric is defined, they are written as null", file=sys.stderr)  # fmt: skip
-    print(f"mIoU {100 * result['mIoU']:.2f}  aAcc {100 * result['aAcc']:.2f}  mAcc {100 * result['mAcc']:.2f}  "
-          f"({result['images']} images, {args.mode}; written to {out})")  # fmt: skip
+    print(f"{summary(result)}  ({result['images']} images, {args.mode}; written to {out})")
     return 0
 
 

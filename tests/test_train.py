@@ -177,12 +177,13 @@ def test_tensorboard_events_match_the_csv(arch_file, generic, tmp_path):
     result = train(_config(arch_file, generic, tmp_path / "run", iters=3, checkpoint_interval=2, tensorboard=True))
     events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
     events.Reload()
-    assert {"train/loss", "train/lr", "val/mIoU", "val/aAcc"} <= set(events.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "val/mIoU", "val/aAcc", "val/mAcc"} <= set(events.Tags()["scalars"])
     rows = _metrics(tmp_path / "run")
     assert [e.step for e in events.Scalars("train/loss")] == [int(r["iter"]) for r in rows] == [1, 2, 3]
     assert [e.value for e in events.Scalars("train/loss")] == pytest.approx([float(r["loss"]) for r in rows], rel=1e-6)
-    (val,) = events.Scalars("val/mIoU")
-    assert val.step == 3 and val.value == pytest.approx(result["eval"]["mIoU"], rel=1e-6)
+    for key in ("mIoU", "aAcc", "mAcc"):  # eval.csv's columns
+        (val,) = events.Scalars(f"val/{key}")
+        assert val.step == 3 and val.value == pytest.approx(result["eval"][key], rel=1e-6)
     # resumed from iteration 2 (as after a kill): the interrupted run's events after it are purged, not doubled
     train(_config(arch_file, generic, tmp_path / "run", iters=3, checkpoint_interval=2, tensorboard=True),
           resume=str(tmp_path / "run" / "iter_2.state.pt"))  # fmt: skip
@@ -750,7 +751,9 @@ def test_ade20k_layout_through_the_command_line(arch_file, tmp_path, capsys):
                  "--iters", "30", "--batch-size", "2", "--crop", "48", "--lr", "3e-3", "--seed", "3",
                  "--device", "cpu", "--work-dir", str(work), "--num-workers", "0", "--amp", "none",
                  "--log-interval", "1"]) == 0  # fmt: skip
-    assert "mIoU" in capsys.readouterr().out
+    final = json.loads((work / "eval_iter_30.json").read_text())  # the end of training says the final evaluation
+    assert f"mIoU {100 * final['mIoU']:.2f}  aAcc {100 * final['aAcc']:.2f}  mAcc {100 * final['mAcc']:.2f}  (work " \
+           f"dir {work})" in capsys.readouterr().out  # fmt: skip
     rows = _metrics(work)
     assert [int(r["iter"]) for r in rows] == list(range(1, 31))
     losses = [float(r["loss"]) for r in rows]
@@ -762,7 +765,8 @@ def test_ade20k_layout_through_the_command_line(arch_file, tmp_path, capsys):
                  "--out", str(out)]) == 0  # fmt: skip
     printed = capsys.readouterr().out
     result = json.loads(out.read_text())
-    assert f"mIoU {100 * result['mIoU']:.2f}" in printed and result["images"] == 2 and result["flip"]
+    assert f"mIoU {100 * result['mIoU']:.2f}  aAcc {100 * result['aAcc']:.2f}  mAcc {100 * result['mAcc']:.2f}  (2 " \
+           "images, slide;" in printed and result["images"] == 2 and result["flip"]  # fmt: skip
     assert 0 <= result["aAcc"] <= 1 and len(result["per_class"]) == 150
 
 

@@ -100,6 +100,16 @@ def results_json(result: dict[str, Any]) -> str:
     return json.dumps(clean, indent=2, allow_nan=False)
 
 
+def summary(result: dict[str, Any]) -> str:
+    """The headline metrics as the commands print them: ``mIoU 41.23  aAcc 79.80  mAcc 52.10`` (percent; "n/a" for
+    a metric the split does not define, written as null in the JSON)."""
+    def percent(key: str) -> str:
+        value = result.get(key)
+        return "n/a" if value is None or math.isnan(value) else f"{100 * value:.2f}"
+
+    return "  ".join(f"{key} {percent(key)}" for key in ("mIoU", "aAcc", "mAcc"))
+
+
 def per_class_keys(names: Sequence[str]) -> list[str]:
     """One distinct key per class for the ``per_class`` results: its name, or "NAME [i]" (i: its class index) for a
     name that several classes share (a trained head's names may repeat; keyed by name, one class's entry would

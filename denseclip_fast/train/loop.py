@@ -641,7 +641,7 @@ class Trainer:
             with open(self._path(f"eval_iter_{iteration}.json"), "w", encoding="utf-8") as f:
                 f.write(results_json(result))
             if writer is not None:
-                for k in ("mIoU", "aAcc"):
+                for k in ("mIoU", "aAcc", "mAcc"):
                     writer.add_scalar(f"val/{k}", row[k], iteration)
         return result if rank == 0 else None
 
