@@ -1095,7 +1095,16 @@ def test_the_finite_check_of_checkpoint_tensors_finds_every_nan_and_infinity(dty
 def test_missing_file_and_directory(tmp_path):
     with pytest.raises(CheckpointError, match="nope.pth: no such file"):
         dcf.load_checkpoint(tmp_path / "nope.pth")
-    with pytest.raises(CheckpointError, match=f"{re.escape(str(tmp_path))}: a directory, not a checkpoint file"):
+    with pytest.raises(CheckpointError, match=f"{re.escape(str(tmp_path))}: a directory, not a checkpoint file$"):
+        dcf.load_checkpoint(tmp_path)
+    # a training work dir: its newest model file is named (by iteration, not by name: iter_900 < iter_1000)
+    for name in ("iter_900.safetensors", "iter_1000.safetensors", "iter_1000.state.pt", "iter_5000.json",
+                 "latest.json"):  # fmt: skip
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "iter_9999.safetensors.tmp").write_bytes(b"")  # a partial write is no checkpoint
+    newest = re.escape(os.path.join(str(tmp_path), "iter_1000.safetensors"))
+    with pytest.raises(CheckpointError, match=f"a directory, not a checkpoint file; this training work dir's newest "
+                                              f"checkpoint is {newest}$"):  # fmt: skip
         dcf.load_checkpoint(tmp_path)
 
 

@@ -190,6 +190,21 @@ def path_argument(value: Any, name: str = "path") -> str:
     return path
 
 
+_SAVED = re.compile(r"iter_(\d+)\.safetensors")  # a training run's model files (train/loop.py)
+
+
+def _a_directory(path: str) -> str:
+    """What a directory given as a checkpoint is; for a training work dir, its newest model file, by iteration."""
+    try:
+        saved = [(int(m.group(1)), name) for name in os.listdir(path) if (m := _SAVED.fullmatch(name))]
+    except OSError:
+        saved = []
+    if not saved:
+        return "a directory, not a checkpoint file"
+    return (f"a directory, not a checkpoint file; this training work dir's newest checkpoint is "
+            f"{os.path.join(path, max(saved)[1])}")  # fmt: skip
+
+
 def read_weight_file(path: str | os.PathLike[str]) -> WeightFile:
     """Open a checkpoint of any supported format, safely. Raises CheckpointError (ValueError for a ``path`` that
     is not a str or os.PathLike)."""
@@ -197,7 +212,7 @@ def read_weight_file(path: str | os.PathLike[str]) -> WeightFile:
     if not os.path.exists(path):
         raise CheckpointError(path, "no such file")
     if not os.path.isfile(path):
-        raise CheckpointError(path, "a directory, not a checkpoint file" if os.path.isdir(path) else "not a file")
+        raise CheckpointError(path, _a_directory(path) if os.path.isdir(path) else "not a file")
     size = os.path.getsize(path)
     if size == 0:
         raise CheckpointError(path, "the file is empty")
