@@ -747,6 +747,19 @@ def test_threads_take_turns(model, monkeypatch):
         (np.zeros((40, 48), np.uint8), r"got shape \(40, 48\) dtype uint8: a grayscale image goes in as RGB"),
         (np.zeros((40, 48, 4), np.uint8), r"dtype uint8: an RGBA image goes in as its RGB channels"),
         (np.zeros((40, 48, 5), np.uint8), r"got shape \(40, 48, 5\) dtype uint8$"),
+        # another dtype: how it goes in, judged by its values
+        (np.full((40, 48, 3), 0.5), r"^images: numpy images must be uint8 \(H, W, 3\), got dtype float64: a 0\.\.1 "
+                                    r"float image goes in as \(image \* 255\)\.round\(\)\.astype\(np\.uint8\)$"),
+        ([np.full((40, 48, 3), 200.0, np.float32)], r"^images\[0\]: .*float32: a 0\.\.255 float image goes in as "
+                                                   r"image\.round\(\)\.astype\(np\.uint8\)$"),
+        (np.full((40, 48, 3), -1.5, np.float32), r"float32: a CLIP-normalised image goes in as one float \(B, 3, H, "
+                                                 r"W\) torch tensor"),
+        (np.full((40, 48, 3), np.nan, np.float32), r"float32: a CLIP-normalised image"),
+        (np.full((40, 48, 3), 300.0), r"got dtype float64$"),
+        (np.full((40, 48, 3), 7, np.int64), r"got dtype int64: its values fit 8 bits: image\.astype\(np\.uint8\)$"),
+        (np.full((40, 48, 3), 4000, np.uint16), r"uint16: a 16-bit image goes in as its high byte, \(image >> 8\)"),
+        (np.full((40, 48, 3), 4000, np.int32), r"got dtype int32$"),
+        (np.full((40, 48, 3), True), r"got dtype bool$"),
     ],
 )
 def test_bad_images(model, images, match):

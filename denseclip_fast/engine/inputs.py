@@ -46,7 +46,7 @@ def _uint8_image(x: Any, where: str) -> torch.Tensor:
     numpy = isinstance(x, np.ndarray)
     if numpy:
         if x.dtype != np.uint8:
-            raise ValueError(f"{where}: numpy images must be uint8 (H, W, 3), got dtype {x.dtype}")
+            raise ValueError(f"{where}: numpy images must be uint8 (H, W, 3), got dtype {x.dtype}{_dtype_hint(x)}")
         # (ascontiguousarray would make a 0-d array 1-d, and the error below report shape (1,))
         x = torch.from_numpy(x if x.flags.writeable and x.flags.c_contiguous else x.copy(order="C"))
     if not isinstance(x, torch.Tensor):
@@ -62,6 +62,25 @@ def _uint8_image(x: Any, where: str) -> torch.Tensor:
     if x.shape[0] == 0 or x.shape[1] == 0:
         raise ValueError(f"{where}: zero-size image {tuple(x.shape[:2])}")
     return x
+
+
+def _dtype_hint(x: np.ndarray) -> str:
+    """How a numpy image of another dtype goes in, judged by its values (an error path: reading them is no cost
+    that matters): "" where nothing fits (complex, object, NaN, values outside 0..255)."""
+    if x.size == 0 or not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
+        return ""
+    low, high = x.min(), x.max()
+    if np.issubdtype(x.dtype, np.floating):
+        if not (np.isfinite(low) and np.isfinite(high)) or low < 0:
+            return ": a CLIP-normalised image goes in as one float (B, 3, H, W) torch tensor (no preprocessing)"
+        if high <= 1:
+            return ": a 0..1 float image goes in as (image * 255).round().astype(np.uint8)"
+        return ": a 0..255 float image goes in as image.round().astype(np.uint8)" if high <= 255 else ""
+    if low >= 0 and high <= 255:
+        return ": its values fit 8 bits: image.astype(np.uint8)"
+    if x.dtype == np.uint16:
+        return ": a 16-bit image goes in as its high byte, (image >> 8).astype(np.uint8), as image files are read"
+    return ""
 
 
 def _layout_hint(x: torch.Tensor, numpy: bool) -> str:
