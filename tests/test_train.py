@@ -2721,31 +2721,38 @@ def test_init_refusals_name_the_option_and_what_it_takes(arch_file, generic, tmp
         build_model(dataclasses.replace(cfg, init=str(vit)), CLASSES)
 
 
-def test_init_reads_a_denseclip_checkpoint_once_its_reading_as_clip_weights_is_freed(arch_file, generic, tmp_path,
-                                                                                      monkeypatch):  # fmt: skip
-    """--init reads the file as CLIP weights first; a DenseCLIP checkpoint is then read again, once that first
-    reading is freed: loaded inside the except clause, the exception's frames held every tensor of it, twice the
-    file in memory while the checkpoint loaded."""
-    import weakref
-
+@pytest.mark.parametrize("kind", ["denseclip", "bare state dict", "clip"])
+def test_init_reads_its_file_once(arch_file, generic, tmp_path, monkeypatch, kind):
+    """--init reads its file once, whatever it is: it was read as CLIP weights first, then again as a DenseCLIP
+    checkpoint, and a bare state dict (no class names) a third time for its placeholder names. The model is the
+    file's all the same (the other tests of --init)."""
+    import denseclip_fast.checkpoints as package
+    from benchmarks.official import OfficialDenseCLIP
     from denseclip_fast import DenseCLIP
-    from denseclip_fast.checkpoints import clip, transfer
+    from denseclip_fast.checkpoints import clip, io, transfer
+
+    from .conftest import official_cfg, randomized
 
     cfg = _config(arch_file, generic, tmp_path / "x")
-    path = tmp_path / "source.safetensors"
-    DenseCLIP(cfg.model_config(), CLASSES).save(path)
-    first: list[weakref.ref[torch.Tensor]] = []
-    read, load = clip.read_weight_file, transfer._read
+    path = tmp_path / ("source.safetensors" if kind == "denseclip" else "source.pth")
+    if kind == "denseclip":
+        DenseCLIP(cfg.model_config(), CLASSES).save(path)
+    elif kind == "bare state dict":
+        torch.save(randomized(OfficialDenseCLIP(official_cfg(tiny_config("resnet")), CLASSES)).state_dict(), path)
+    else:
+        model = DenseCLIP(cfg.model_config(), CLASSES)
+        torch.save({**{f"visual.{k}": v for k, v in model.backbone.state_dict().items()},
+                    **model.text_encoder.state_dict()}, path)  # fmt: skip
+    reads: list[str] = []
+    read = io.read_weight_file
 
-    def reading(file: str) -> object:
-        contents = read(file)
-        first.append(weakref.ref(contents.tensors["gamma"]))
-        return contents
+    def counted(file: str) -> object:
+        reads.append(str(file))
+        return read(file)
 
-    def loading(file: str) -> object:
-        assert first and first[0]() is None, "the reading as CLIP weights is still held"
-        return load(file)
-
-    monkeypatch.setattr(clip, "read_weight_file", reading)
-    monkeypatch.setattr(transfer, "_read", loading)
-    build_model(dataclasses.replace(cfg, init=str(path)), CLASSES)
+    for module in (io, clip, transfer, package):
+        monkeypatch.setattr(module, "read_weight_file", counted)
+    notes: list[str] = []
+    build_model(dataclasses.replace(cfg, init=str(path)), CLASSES, notes.append)
+    assert reads == [str(path)]
+    assert bool(notes) == (kind == "bare state dict")  # the placeholder names' run: its classifier kept

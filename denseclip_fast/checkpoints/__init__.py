@@ -95,7 +95,14 @@ def load_checkpoint(
         raise ValueError(f"verify must be True or False, got {verify!r}")
     if class_names is not None:
         class_names = _class_names_argument(class_names)
-    wf = read_weight_file(path)
+    return load_weights(read_weight_file(path), path, arch, class_names, verify)
+
+
+def load_weights(wf: WeightFile, path: str, arch: str | None, class_names: list[str] | None,
+                 verify: bool = True) -> DenseCLIP:  # fmt: skip
+    """:func:`load_checkpoint` of a file already read (``wf``, read from ``path``) with checked arguments: a caller
+    that reads a file to tell what it is (train's --init) loads it without reading it again. ``wf`` is left as it
+    was."""
     file_names: list[str] | None  # None only when class_names are given
     if wf.kind == "safetensors" and is_native(wf.metadata):
         check_crcs(wf.metadata, wf.tensors, path, verify)  # first: damage explains any error the metadata would give

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..model.resnet import resize_positional_grid
-from .io import CheckpointError, check_not_a_training_state, read_weight_file
+from .io import CheckpointError, WeightFile, check_not_a_training_state, read_weight_file
 from .native import is_native
 from .official import key_listing, square_grid, state_problems
 
@@ -40,10 +40,11 @@ class NotCLIPWeights(CheckpointError):
     """A file that holds neither CLIP weights nor a DenseCLIP checkpoint (train --init says that it takes either)."""
 
 
-def read_clip_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    """CLIP weights from any supported file as a flat ``{name: tensor}`` dict with CLIP's key names."""
+def read_clip_state_dict(path: str | os.PathLike[str], weights: WeightFile | None = None) -> dict[str, torch.Tensor]:
+    """CLIP weights from any supported file as a flat ``{name: tensor}`` dict with CLIP's key names; ``weights``:
+    the file already read (read_weight_file(path)), not read again."""
     path = os.fspath(path)
-    wf = read_weight_file(path)
+    wf = read_weight_file(path) if weights is None else weights
     obj = wf.obj if wf.kind == "torch" else wf.tensors
     check_not_a_training_state(obj, path)  # train --init takes a run's weights, not its iter_N.state.pt
     if isinstance(obj, Mapping) and "state_dict" in obj:
@@ -101,10 +102,11 @@ def _load_part(part: torch.nn.Module, state: dict[str, torch.Tensor], label: str
     part.load_state_dict(state, strict=False)
 
 
-def init_from_clip(model: DenseCLIP, path: str | os.PathLike[str]) -> None:
-    """Copy CLIP weights into ``model.backbone`` and ``model.text_encoder`` (in place)."""
+def init_from_clip(model: DenseCLIP, path: str | os.PathLike[str], weights: WeightFile | None = None) -> None:
+    """Copy CLIP weights into ``model.backbone`` and ``model.text_encoder`` (in place); ``weights``: the file already
+    read, as read_clip_state_dict takes it."""
     path = os.fspath(path)
-    sd = read_clip_state_dict(path)
+    sd = read_clip_state_dict(path, weights)
     visual_keys = ("visual.",)
     others = sorted(k for k in sd if not k.startswith(visual_keys + TEXT_PREFIXES) and k not in TEXT_KEYS + IGNORED)
     if others:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..model.resnet import resize_positional_grid
-from .io import CheckpointError
+from .io import CheckpointError, WeightFile, read_weight_file
 
 if TYPE_CHECKING:
     from ..model import DenseCLIP
@@ -50,25 +50,28 @@ def _differences(model: DenseCLIP, source: DenseCLIP) -> list[str]:
     return [f"{name}: {a!r} in the file, {b!r} here" for name, a, b in pairs if a != b]
 
 
-def _read(path: str) -> tuple[DenseCLIP, bool]:
+def _read(path: str, weights: WeightFile | None) -> tuple[DenseCLIP, bool]:
     """The checkpoint's model, and whether the file names its classes (a bare state dict whose head is not
-    ADE20K's 150 does not: read with placeholder names, which no run's names equal)."""
-    from . import AssumedADE20KClasses, UnnamedClassesError, load_checkpoint
+    ADE20K's 150 does not: built with placeholder names, which no run's names equal). The file is read once
+    (``weights``: already read)."""
+    from . import AssumedADE20KClasses, UnnamedClassesError, load_weights
 
+    wf = read_weight_file(path) if weights is None else weights
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", AssumedADE20KClasses)  # ADE20K's names, as the CLI's info says; compared below
         try:
-            return load_checkpoint(path), True
+            return load_weights(wf, path, None, None), True
         except UnnamedClassesError as exc:
-            return load_checkpoint(path, class_names=[f"class {i}" for i in range(exc.outputs)]), False
+            return load_weights(wf, path, None, [f"class {i}" for i in range(exc.outputs)]), False
 
 
-def init_from_denseclip(model: DenseCLIP, path: str | os.PathLike[str]) -> list[str]:
+def init_from_denseclip(model: DenseCLIP, path: str | os.PathLike[str], weights: WeightFile | None = None) -> list[str]:
     """Copy a DenseCLIP checkpoint's weights into ``model`` (in place; see the module's docstring for what is not
-    copied). Returns notes for the user: what kept its initialisation and what was resized. Raises CheckpointError
-    for a file of another architecture, naming the fields that differ."""
+    copied); ``weights``: the file already read (read_weight_file(path)), not read again. Returns notes for the
+    user: what kept its initialisation and what was resized. Raises CheckpointError for a file of another
+    architecture, naming the fields that differ."""
     path = os.fspath(path)
-    source, named = _read(path)
+    source, named = _read(path, weights)
     differences = _differences(model, source)
     if differences:
         raise CheckpointError(path, "this DenseCLIP checkpoint (--init) is of another architecture than the run's "

@@ -93,18 +93,20 @@ def build_model(cfg: TrainConfig, class_names: list[str], say: Callable[[str], N
     model = DenseCLIP(cfg.model_config(), class_names)
     if init and cfg.init != "none":
         from ..checkpoints.clip import DenseCLIPCheckpointGiven, NotCLIPWeights, init_from_clip
+        from ..checkpoints.io import read_weight_file
         from ..checkpoints.transfer import init_from_denseclip
 
+        weights = read_weight_file(cfg.init)  # once: which kind it is shows in its tensors
         try:
-            init_from_clip(model, cfg.init)
+            init_from_clip(model, cfg.init, weights)
             denseclip = False
         except DenseCLIPCheckpointGiven:
-            denseclip = True  # read below: here the exception's frames still hold this first reading's tensors
+            denseclip = True  # loaded below, out of the except clause (whose frames would keep their locals alive)
         except NotCLIPWeights as exc:  # nor a DenseCLIP checkpoint: 'not CLIP weights' alone hides the other kind
             raise CheckpointError(exc.path, "--init takes CLIP weights or a DenseCLIP checkpoint; "
                                             + exc.reason) from None  # fmt: skip
         if denseclip:
-            for note in init_from_denseclip(model, cfg.init):
+            for note in init_from_denseclip(model, cfg.init, weights):
                 if say is not None:
                     say(f"--init {cfg.init}: {note}")
     return model
