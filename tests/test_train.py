@@ -1395,14 +1395,15 @@ def test_a_val_split_listing_an_image_twice_is_refused(tmp_path):
 
 
 def test_images_of_other_extensions_are_named_with_the_accepted_ones(tmp_path):
-    """A folder of .tif images (or labels) is said to hold none of the accepted extensions, with what was skipped."""
+    """A folder of .gif images (or labels) is said to hold none of the accepted extensions, with what was skipped."""
     data = make_generic(tmp_path / "g", n=2)
     for name in ("scene_0", "scene_1"):
-        os.rename(tmp_path / "g" / "images" / f"{name}.png", tmp_path / "g" / "images" / f"{name}.tif")
+        os.rename(tmp_path / "g" / "images" / f"{name}.png", tmp_path / "g" / "images" / f"{name}.gif")
     shutil.rmtree(tmp_path / "g" / "splits")
-    with pytest.raises(ValueError, match=r"no val images found in .*images \(generic layout: images are \.jpg, "
-                                         r"\.jpeg or \.png files, any letter case; 2 file\(s\) of other extensions "
-                                         r"skipped, e.g. scene_0.tif\)$"):  # fmt: skip
+    accepted = r"\.bmp, \.jpeg, \.jpg, \.png, \.ppm, \.tif, \.tiff or \.webp"  # segment's
+    with pytest.raises(ValueError, match=rf"no val images found in .*images \(generic layout: images are {accepted} "
+                                         r"files, any letter case; 2 file\(s\) of other extensions skipped, e.g. "
+                                         r"scene_0.gif\)$"):  # fmt: skip
         SegmentationData(data, "generic", "val")
     os.makedirs(tmp_path / "g" / "splits")
     (tmp_path / "g" / "splits" / "train.txt").write_text("scene_0\n")
@@ -1410,7 +1411,7 @@ def test_images_of_other_extensions_are_named_with_the_accepted_ones(tmp_path):
     with pytest.raises(ValueError, match=r"val.txt lists no names \(one image NAME a line\)"):
         SegmentationData(data, "generic", "val")
     with pytest.raises(ValueError, match=r"train.txt lists 1 name\(s\) without an image, e.g. 'scene_0' \(images "
-                                         r"in .*images are \.jpg, .*, .*skipped, e.g. scene_0.tif\)"):  # fmt: skip
+                                         r"in .*images are \.bmp, .*, .*skipped, e.g. scene_0.gif\)"):  # fmt: skip
         SegmentationData(data, "generic", "train")
     ade = make_ade20k(tmp_path / "ade")
     labels = tmp_path / "ade" / "annotations" / "validation"
@@ -1457,8 +1458,8 @@ def test_images_in_subfolders_are_said_not_to_be_searched(tmp_path):
         for name in ("scene_0.png", "scene_1.png"):
             os.rename(tmp_path / "g" / folder / name, tmp_path / "g" / folder / "train" / name)
     (tmp_path / "g" / "images" / "notes.txt").write_text("")
-    with pytest.raises(ValueError, match=r"no train images found in .*images \(generic layout: images are \.jpg, "
-                                         r"\.jpeg or \.png files, any letter case; 1 file\(s\) of other extensions "
+    with pytest.raises(ValueError, match=r"no train images found in .*images \(generic layout: images are \.bmp, .* "
+                                         r"or \.webp files, any letter case; 1 file\(s\) of other extensions "
                                          r"skipped, e.g. notes.txt; 1 subfolder\(s\) skipped, e.g. train: subfolders "
                                          r"are not searched\)$"):  # fmt: skip
         SegmentationData(data, "generic", "train")
@@ -1486,23 +1487,26 @@ def test_a_folder_named_like_an_image_is_not_a_sample(tmp_path):
         find_samples(data, "generic", "train")
 
 
-def test_a_labelled_image_of_a_format_training_does_not_read_is_refused_not_left_out(tmp_path):
-    """images/scene_0.bmp beside labels/scene_0.png (segment reads .bmp) was left out of the data set without a
-    word: the run trained and evaluated on the other images. It is refused naming the file and the formats taken."""
+@pytest.mark.parametrize("suffix, options", [(".bmp", {}), (".webp", {"lossless": True}), (".tif", {}),
+                                             (".PPM", {})])  # fmt: skip
+def test_training_reads_every_image_format_segment_reads(tmp_path, suffix, options):
+    """images/scene_0.bmp (.webp, .tif, .ppm) beside labels/scene_0.png is a sample, read as the .png it was
+    saved from (lossless formats): training takes what segment and eval read, not only .jpg and .png (it was left
+    out without a word, later refused). The ADE20K layout too."""
     data = make_generic(tmp_path / "g", n=3, splits=False)
     image = tmp_path / "g" / "images" / "scene_0.png"
-    Image.open(image).save(image.with_suffix(".bmp"))
+    pixels = np.asarray(Image.open(image).convert("RGB"))
+    Image.open(image).save(image.with_suffix(suffix), **options)
     os.remove(image)
-    with pytest.raises(ValueError, match=re.escape(f"{image.with_suffix('.bmp')}: an image of a labelled NAME in a "
-                                                   "format training does not read (.jpg, .jpeg or .png); convert it "
-                                                   "to one of them")):  # fmt: skip
-        find_samples(data, "generic", "train")
+    samples, _ = find_samples(data, "generic", "train")
+    assert [s.image for s in samples][0] == str(image.with_suffix(suffix)) and len(samples) == 3
+    read, label = SegmentationData(data, "generic", "train").read(0)
+    assert np.array_equal(read, pixels) and label.shape == pixels.shape[:2]
     ade = make_ade20k(tmp_path / "a", n=2)
     image = tmp_path / "a" / "images" / "training" / "ADE_training_00000000.jpg"
-    Image.open(image).save(image.with_suffix(".webp"))
+    Image.open(image).save(image.with_suffix(suffix), **options)
     os.remove(image)
-    with pytest.raises(ValueError, match=re.escape(f"{image.with_suffix('.webp')}: an image of a labelled NAME")):
-        find_samples(ade, "ade20k", "train")
+    assert str(image.with_suffix(suffix)) in [s.image for s in find_samples(ade, "ade20k", "train")[0]]
 
 
 def test_split_names_with_their_extension_are_said_to_need_none(tmp_path):

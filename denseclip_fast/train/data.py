@@ -1,10 +1,10 @@
 """Segmentation data: the ADE20K and the generic directory layouts, the official training augmentation, and a
 resumable, distributed sampler.
 
-Layouts:
+Layouts (images in any format segment reads, preprocess.IMAGE_EXTENSIONS):
   ade20k   DIR/images/{training,validation}/*.jpg, DIR/annotations/{training,validation}/*.png; label 0 is
            "other" and ignored, classes shift down by one (mmseg's ``reduce_zero_label``); the 150 ADE20K classes.
-  generic  DIR/images/NAME.jpg|png, DIR/labels/NAME.png (class indices, 255 ignored), DIR/classes.txt (one name a
+  generic  DIR/images/NAME.jpg, DIR/labels/NAME.png (class indices, 255 ignored), DIR/classes.txt (one name a
            line), optional DIR/splits/train.txt and DIR/splits/val.txt listing NAMEs, both or neither (without
            splits/ every image serves both; a splits/ without one of them is refused: that split would be every
            image, the other's included). With 256 classes or more, 255 is a class: the labels are 16-bit PNGs and
@@ -49,7 +49,7 @@ from ..validation import IGNORE, check_ignore_index
 if TYPE_CHECKING:
     from .config import TrainConfig
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+IMAGE_SUFFIXES = IMAGE_EXTENSIONS  # what segment reads: training reads any of them (a .tif or .webp data set too)
 
 
 def not_a_directory(path: str) -> str:
@@ -84,21 +84,6 @@ def _names_in(folder: str, suffixes: Sequence[str]) -> dict[str, str]:
                                  "(remove or rename the other)")  # fmt: skip
             paths[name] = path
     return paths
-
-
-def _refuse_unread_formats(image_dir: str, images: dict[str, str], labels: dict[str, str]) -> None:
-    """ValueError for an image of a labelled NAME in a format that ``segment`` reads and training does not
-    (images/a.bmp beside labels/a.png): listed by its extension alone, it was left out without a word. A folder of
-    such images alone is left to the "no images found" error, which names what it skipped."""
-    unmatched = set(labels) - set(images)
-    if not images or not unmatched:
-        return
-    for file in sorted(os.listdir(image_dir)):
-        stem, suffix = os.path.splitext(file)
-        if stem in unmatched and suffix.lower() in IMAGE_EXTENSIONS and not file.startswith("."):
-            raise ValueError(f"{os.path.join(image_dir, file)}: an image of a labelled NAME in a format training "
-                             f"does not read ({', '.join(IMAGE_SUFFIXES[:-1])} or {IMAGE_SUFFIXES[-1]}); convert it "
-                             "to one of them")  # fmt: skip
 
 
 def _accepted(folder: str, suffixes: Sequence[str]) -> str:
@@ -143,7 +128,6 @@ def find_samples(root: str, layout: str, split: str) -> tuple[list[Sample], list
         image_dir, label_dir = os.path.join(root, "images", sub), os.path.join(root, "annotations", sub)
         _check_layout(root, layout, [image_dir, label_dir])
         images, labels = _names_in(image_dir, IMAGE_SUFFIXES), _names_in(label_dir, (".png",))
-        _refuse_unread_formats(image_dir, images, labels)
         names = list(images)
         classes = list(ADE20K_CLASSES)
     elif layout == "generic":
@@ -184,7 +168,6 @@ def find_samples(root: str, layout: str, split: str) -> tuple[list[Sample], list
                 raise ValueError(f"{split_file} lists {len(missing)} name(s) without an image, e.g. {missing[0]!r} "
                                  f"(images in {image_dir} are {_accepted(image_dir, IMAGE_SUFFIXES)})")  # fmt: skip
         else:
-            _refuse_unread_formats(image_dir, images, labels)
             names = list(images)
     else:
         raise ValueError(f"layout must be 'ade20k' or 'generic', got {layout!r}")
