@@ -175,11 +175,13 @@ gpu_tests() {  # the operators on CUDA (all backends) and the model, engine and 
     tests/test_projections.py tests/test_decoder_norms.py \
     -k "not ($kernels) and not aoti" &
   # each AOTInductor package test in a process of its own: loading the CUDA C++ one crashed its process on the H200
-  # (segmentation fault, h200_2026-12-04b), which took the other one's failure message and the tests after it along
+  # (segmentation fault, h200_2026-12-04b), which took the other one's failure message and the tests after it along;
+  # -s: uncaptured, so that a crash's C++ frames (the test's native_frames_on_crash) reach the log, not pytest's
+  # capture file, lost with the process
   timed "GPU tests: AOTInductor, Triton" tests_gpu_aoti_triton.log \
-    "${pytest[@]}" tests/test_gpu.py -k "aoti and triton" &
+    "${pytest[@]}" -s tests/test_gpu.py -k "aoti and triton" &
   timed "GPU tests: AOTInductor, CUDA C++" tests_gpu_aoti_cuda.log \
-    "${pytest[@]}" tests/test_gpu.py -k "aoti and not triton" &
+    "${pytest[@]}" -s tests/test_gpu.py -k "aoti and not triton" &
   wait
   for log in tests_gpu_triton_score tests_gpu_triton tests_gpu_ops tests_gpu_kernels tests_gpu_model \
       tests_gpu_aoti_triton tests_gpu_aoti_cuda; do

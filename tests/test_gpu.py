@@ -499,8 +499,19 @@ def test_predict_on_cuda_equals_the_argmax_in_chunks(monkeypatch, mode):
             assert steps == [step] * (2 if mode == "slide" else 3), (chunk, steps)  # each group, and x in whole mode
 
 
+@pytest.fixture
+def native_frames_on_crash():
+    """A crash (SIGSEGV, SIGABRT, ...) during the test prints the C++ frames of every thread (c10's fatal-signal
+    handler, then pytest's faulthandler with the Python ones): loading the CUDA C++ backend's AOTInductor package
+    died of a segmentation fault inside torch._inductor.aoti_load_package on the H200 (h200_2026-12-04b), with no
+    native frame to say where, and the GPU machine may have no debugger."""
+    torch._C._set_print_stack_traces_on_fatal_signal(True)
+    yield
+    torch._C._set_print_stack_traces_on_fatal_signal(False)
+
+
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
-def test_aoti_package_on_cuda(tmp_path, monkeypatch, backend):
+def test_aoti_package_on_cuda(tmp_path, monkeypatch, backend, native_frames_on_crash):
     """An AOTInductor package of a CUDA Segmenter: the Triton kernels compiled into it (triton backend) or the CUDA
     C++ operators called through the dispatcher (cuda backend); logits equal the engine's at batch 1 and 3."""
     from denseclip_fast.export import load_aoti, to_aoti
