@@ -679,6 +679,20 @@ class _Parser(argparse.ArgumentParser):
             message = f"a command is needed: one of {', '.join(commands[0].choices)}"
         self.exit(2, f"{self.prog}: error: {message} ({self.prog} --help lists the options)\n")
 
+    def parse_args(self, args: Any = None, namespace: Any = None) -> Any:
+        """argparse's, but an option the command does not know is refused by the command's parser: argparse's
+        top-level one pointed at `denseclip-fast --help`, which lists the commands, not their options."""
+        argv = list(sys.argv[1:] if args is None else args)
+        parsed, extras = self.parse_known_args(argv, namespace)
+        if extras:
+            commands = [a for a in self._actions if isinstance(a, argparse._SubParsersAction)]
+            name = str(getattr(parsed, "command", None))
+            command = commands[0].choices.get(name) if commands else None
+            after = argv[argv.index(name) + 1 :] if name in argv else []
+            owner = command if command is not None and all(e in after for e in extras) else self
+            owner.error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed
+
 
 def build_parser() -> argparse.ArgumentParser:
     import torch

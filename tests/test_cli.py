@@ -905,6 +905,10 @@ def test_a_failed_write_to_standard_output_is_named(checkpoint, command):
         (["segment", "x.png"], "denseclip-fast segment: error: the following arguments are required: --checkpoint, "
                                "--out (denseclip-fast segment --help lists the options)"),
         (["train", "--iters", "abc"], "denseclip-fast train: error: argument --iters: invalid int value: 'abc' "),
+        (["segment", "--checkpoint", "c", "x.png", "--out", "o", "--modee", "x"],
+         "denseclip-fast segment: error: unrecognized arguments: --modee x (denseclip-fast segment --help lists the "
+         "options)"),
+        (["--bogus", "info", "x"], "denseclip-fast: error: unrecognized arguments: --bogus (denseclip-fast --help"),
         ([], "denseclip-fast: error: a command is needed: one of info, segment, export, train, eval (denseclip-fast "
              "--help lists the options)"),
     ],
