@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -605,6 +606,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
     if cfg.init == "none" and args.resume is None and launch_environment()[0] == 0:  # once, on rank 0
+        # a config train would refuse is said in its one line alone, not after this warning (checked on a copy:
+        # train validates its own, which fills the sizes left to the architecture)
+        dataclasses.replace(cfg).validate()
         warnings.warn("training from random weights (init: none): DenseCLIP fine-tunes CLIP, so a real run starts "
                       "from CLIP weights (--init PATH)", stacklevel=1)  # fmt: skip
     result = train(cfg, resume=args.resume)

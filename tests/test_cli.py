@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -674,6 +675,19 @@ def test_bad_training_config_files_are_one_line(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith("denseclip-fast: error: training config ") and message in err, err
         assert err.count("\n") == 1, err
+
+
+def test_a_training_setting_refused_is_said_without_the_random_weights_warning_first(tmp_path, capsys):
+    """A run without --init warns that it starts from random weights; a setting train refuses (--iters 0) was said
+    after that warning, two lines for one mistake, where the command promises the error's one line."""
+    (tmp_path / "data").mkdir()
+    args = ["train", "--data", str(tmp_path / "data"), "--layout", "generic", "--work-dir", str(tmp_path / "w"),
+            "--device", "cpu", "--iters", "0"]  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(args) == 2
+    assert capsys.readouterr().err == "denseclip-fast: error: iters must be an int >= 1, got 0\n"
+    assert [str(w.message) for w in caught] == []
 
 
 def test_export_limits_are_said_in_the_options_words_before_loading(checkpoint, tmp_path, capsys, monkeypatch):
