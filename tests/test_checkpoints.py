@@ -340,12 +340,13 @@ def test_a_safetensors_header_length_starting_with_0x80_is_not_a_pickle(tmp_path
     model.palette = [(1, 2, 3), (4, 5, 6), (7, 8, 9), (10, 11, 12)]
     for pad in range(0, 264, 8):  # 8 more bytes of header each: every length modulo 256 within 32 saves
         model.set_classes(["sky", "road", "tree" + " " * pad, "car"])
-        path = tmp_path / f"model{suffix}"
+        path = tmp_path / "model.safetensors"
         model.save(path)
         if path.read_bytes()[0] == 0x80:
             break
     else:
         pytest.fail("no header length ending in 0x80 found")
+    path = path.rename(path.with_suffix(suffix))  # (save refuses .bin, a pickle's suffix; a file renamed is read)
     loaded = dcf.load_checkpoint(path)
     assert loaded.config == model.config and loaded.config.activation == "gelu"
     assert loaded.class_names == model.class_names and loaded.palette == model.palette
@@ -586,6 +587,16 @@ def test_save_errors_name_the_path(tmp_path, monkeypatch):
         with pytest.raises(CheckpointError, match=rf"{re.escape(given)}: cannot save: the path ends in a separator"):
             model.save(f"{tmp_path}/{given}")
     assert target.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["model.safetensors"]
+    # a suffix of another format: torch.load of a "model.pth" safetensors file failed
+    for name, what in (("model.pth", "torch.save's pickle"), ("m.ONNX", "an ONNX graph"), ("m.pt2", "an AOTInductor")):
+        with pytest.raises(CheckpointError, match=rf"{re.escape(name)}: cannot save: the file is written in "
+                                                  rf"safetensors \(denseclip_fast's format\), not as {what}.* name "
+                                                  rf"it {name.split('.')[0]}\.safetensors$"):  # fmt: skip
+            model.save(tmp_path / name)
+    assert sorted(os.listdir(tmp_path)) == ["model.safetensors"]
+    model.save(tmp_path / "model")  # no suffix, or one of no other format: taken as given
+    model.save(tmp_path / "model.st")
+    assert sorted(os.listdir(tmp_path)) == ["model", "model.safetensors", "model.st"]
     if os.geteuid() != 0:  # root writes anywhere
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o500)

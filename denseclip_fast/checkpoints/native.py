@@ -37,6 +37,13 @@ METADATA_ENTRY = "__metadata__"  # the record's entry for the metadata: safetens
 _HEX8 = re.compile(r"[0-9a-f]{8}")
 
 
+OTHER_FORMATS = {  # suffixes of formats that a saved model is not in, and what they say it is
+    ".pth": "torch.save's pickle", ".pt": "torch.save's pickle", ".bin": "torch.save's pickle",
+    ".ckpt": "a training checkpoint", ".pkl": "a pickle", ".pt2": "an AOTInductor package", ".onnx": "an ONNX graph",
+    ".engine": "a TensorRT engine", ".plan": "a TensorRT engine",
+}  # fmt: skip
+
+
 def save_native(model: DenseCLIP, path: str | os.PathLike[str]) -> None:
     """Write ``model`` to ``path`` (replaced atomically). CheckpointError naming the path when it cannot be written:
     a missing or unwritable directory, a directory at ``path``, a failed write (the old file is then kept). The
@@ -48,6 +55,11 @@ def save_native(model: DenseCLIP, path: str | os.PathLike[str]) -> None:
     path = path_argument(path)
     if path.endswith((os.sep, "/")):  # realpath drops it: "new/" was written as a file "new"
         raise CheckpointError(path, "cannot save: the path ends in a separator, as a directory's; name the file")
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix in OTHER_FORMATS:  # the file would claim a format it is not in: torch.load of a .pth one fails
+        raise CheckpointError(path, f"cannot save: the file is written in safetensors (denseclip_fast's format), not "
+                                    f"as {OTHER_FORMATS[suffix]}, which the suffix {suffix} says; name it "
+                                    f"{os.path.splitext(os.path.basename(path))[0]}.safetensors")  # fmt: skip
     state = model.state_dict()
     if any(v.is_meta for v in state.values()):  # no data to write: torch's NotImplementedError from the copy
         raise CheckpointError(path, "cannot save: the model is on the meta device (shapes without data); load or "
