@@ -204,6 +204,9 @@ def _dtype(args: argparse.Namespace, device: str | None) -> torch.dtype:
     return getattr(torch, name or ("bfloat16" if device.startswith("cuda") else "float32"))
 
 
+MAX_IO_THREADS = 32  # segment's images read ahead, each held decoded until the engine takes it
+
+
 def _output_stems(files: Sequence[str]) -> list[str]:
     """NAME of each file's NAME_labels.png and NAME_overlay.png; two files with one NAME are refused before any
     work (one would overwrite the other's results), also where the NAMEs differ in case only (A.JPG and a.png: one
@@ -273,8 +276,9 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from .validation import check_writable_dir
     from .visualize import default_palette
 
-    if args.io_threads is not None and args.io_threads < 1:
-        raise ValueError(f"--io-threads must be >= 1, got {args.io_threads}")
+    if args.io_threads is not None and not 1 <= args.io_threads <= MAX_IO_THREADS:
+        raise ValueError(f"--io-threads must be >= 1 and <= {MAX_IO_THREADS}, got {args.io_threads} (each thread's "
+                         "image is read ahead and held decoded: a thousand photos would be gigabytes)")  # fmt: skip
     files = image_files(args.images)
     stems = _output_stems(files)
     _check_apart(args.out, args.images, files, stems)
@@ -732,7 +736,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="default: bfloat16 on CUDA, float32 on CPU (bfloat16 is faster on a CPU with AMX)")
     seg.add_argument("--out", required=True, help="output directory")
     seg.add_argument("--io-threads", type=int,
-                     help="threads decoding images and writing PNGs while the engine runs (default: 1 on CPU, "
+                     help="threads decoding images and writing PNGs while the engine runs, 1 to 32 (default: 1 on CPU, "
                           "where the engine uses every core; up to 4 with a GPU)")  # fmt: skip
     seg.add_argument("--keep-going", action="store_true",
                      help="skip an image that cannot be read or segmented (named on stderr) instead of stopping; "

@@ -156,8 +156,9 @@ def test_segment_refuses_bad_image_lists_before_any_work(checkpoint, images, tmp
         os.mkfifo(tmp_path / "pipe.png")
         assert main([*base, str(tmp_path / "pipe.png")]) == 2
         assert "pipe.png: not a regular file or a directory" in capsys.readouterr().err
-    assert main([*base, "--io-threads", "0", str(images[0])]) == 2
-    assert "--io-threads must be >= 1, got 0" in capsys.readouterr().err
+    for threads in ("0", "33"):
+        assert main([*base, "--io-threads", threads, str(images[0])]) == 2
+        assert f"--io-threads must be >= 1 and <= 32, got {threads} (each thread's image" in capsys.readouterr().err
     assert not out.exists()
     # results into the folder of the images: a later run over it would take them for images (4 -> 12 -> 28 files)
     assert main(["segment", "--checkpoint", str(checkpoint), "--out", str(other / "."), str(other)]) == 2
