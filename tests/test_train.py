@@ -2452,13 +2452,17 @@ def test_resuming_a_complete_run_says_so_and_a_smaller_iters_is_refused(arch_fil
     err = capsys.readouterr().err
     assert err == (f"denseclip-fast train: the run in work dir {str(work)!r} is already complete at iteration 2 "
                    f"({work / 'iter_2.state.pt'}; its final evaluation is eval_iter_2.json): nothing to train; give "
-                   "iters above 2 (--iters) to train on\n")  # fmt: skip
+                   "iters above 2 (--iters) to train on; the settings given that differ from the run's (lr) are not "
+                   "used\n")  # fmt: skip
     assert result == {"iterations": 2, "last": {}, "eval": first["eval"]} and files() == before
     base = ["train", "--arch", arch_file, "--data", generic, "--layout", "generic", "--device", "cpu",
             "--batch-size", "2", "--work-dir", str(work), "--resume", "auto"]  # fmt: skip
     assert main([*base, "--iters", "2"]) == 0
     out, err = capsys.readouterr()
-    assert out.startswith("mIoU ") and err.count("\n") == 1 and "already complete at iteration 2" in err
+    assert out.startswith("mIoU ") and err.count("\n") == 1 and err.endswith("to train on\n")  # the run's settings
+    other = shutil.copytree(generic, tmp_path / "other")  # another data set given: not read, and said so
+    assert main([*base[:4], str(other), *base[5:], "--iters", "2"]) == 0
+    assert capsys.readouterr().err.endswith("the settings given that differ from the run's (data) are not used\n")
     assert main([*base, "--iters", "1"]) == 2
     out, err = capsys.readouterr()
     assert out == "" and err == (f"denseclip-fast: error: {work / 'iter_2.state.pt'} is at iteration 2, past this "

@@ -428,10 +428,26 @@ class Trainer:
         if evaluation is None:
             return None
         if rank == 0:
+            unused = self._settings_unlike_the_run()
+            unused_note = f"; the settings given that differ from the run's ({', '.join(unused)}) are not used" \
+                if unused else ""  # fmt: skip
             print(f"denseclip-fast train: the run in work dir {self.cfg.work_dir!r} is already complete at iteration "
                   f"{saved} ({path}; its final evaluation is eval_iter_{saved}.json): nothing to train; give iters "
-                  f"above {saved} (--iters) to train on", file=sys.stderr)  # fmt: skip
+                  f"above {saved} (--iters) to train on{unused_note}", file=sys.stderr)  # fmt: skip
         return {"iterations": saved, "last": {}, "eval": evaluation if rank == 0 else None}
+
+    def _settings_unlike_the_run(self) -> list[str]:
+        """The fields of this config (but iters and work_dir) that differ from the work dir's config.json, the
+        run's: what a complete run does not use (--data of another data set said nothing, and the run's old
+        evaluation was printed as if of it). Empty when config.json cannot be read."""
+        try:
+            with open(self._path("config.json"), encoding="utf-8") as f:
+                run = json.load(f)
+        except (OSError, ValueError):
+            return []
+        given = json.loads(json.dumps(self.cfg.to_dict(absolute_paths=True)))  # tuples as JSON lists
+        return [name for name, value in given.items()
+                if name not in ("iters", "work_dir") and isinstance(run, dict) and name in run and run[name] != value]
 
     def _saved_evaluation(self, iteration: int) -> dict[str, Any] | None:
         """The work dir's eval_iter_<iteration>.json; None when it is missing or unreadable (then it is run again)."""
