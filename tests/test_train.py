@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import functools
@@ -527,6 +528,24 @@ def test_what_a_run_says_of_its_batchnorm_statistics(arch_file, generic):
     assert batchnorm_note(dataclasses.replace(cfg, accum=1), 1) is None
     alone = batchnorm_note(dataclasses.replace(synced, accum=1), 1)
     assert alone.startswith("--sync-bn synchronises BatchNorm across torchrun's processes and does nothing in one")
+
+
+def test_sync_bn_under_torchrun_on_the_cpu_is_refused_naming_the_option(arch_file, generic, tmp_path, monkeypatch):
+    """--sync-bn in two processes on the CPU (gloo): PyTorch's SyncBatchNorm runs on CUDA only, and the run failed
+    with its "SyncBatchNorm layers only work with GPU modules", naming no option, once config.json and the lock were
+    written. Two processes simulated: the launch yields rank 0 of 2 without a process group."""
+    from denseclip_fast.train import loop
+
+    @contextlib.contextmanager
+    def two_processes(cfg):
+        yield 0, 2, torch.device("cpu")
+
+    monkeypatch.setattr(loop, "distributed", two_processes)
+    cfg = _config(arch_file, generic, tmp_path / "w", crop=64, sync_bn=True)
+    with pytest.raises(ValueError, match=r"^sync_bn \(--sync-bn\) synchronises BatchNorm across CUDA processes: "
+                                         r"PyTorch's SyncBatchNorm does not run on device cpu"):  # fmt: skip
+        train(cfg)
+    assert not (tmp_path / "w").exists()  # refused before the work dir was made
 
 
 def test_the_sampler_deals_every_image_to_the_ranks_and_pads_any_size():

@@ -467,6 +467,10 @@ class Trainer:
                 f"batch_size (--batch-size) {cfg.batch_size} must be divisible by processes x accum (--accum) = "
                 f"{world} x {cfg.accum}"
             )
+        if cfg.sync_bn and world > 1 and device.type != "cuda":  # else torch's own error, once the work dir is written
+            raise ValueError(f"sync_bn (--sync-bn) synchronises BatchNorm across CUDA processes: PyTorch's "
+                             f"SyncBatchNorm does not run on device {device}; leave it off (each process keeps its "
+                             "own statistics)")  # fmt: skip
         micro = cfg.batch_size // (world * cfg.accum)
         bn_images = batchnorm_images(cfg, world)
         data = SegmentationData(cfg.data, cfg.layout, "train", cfg)
