@@ -629,6 +629,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from . import load_checkpoint
     from .train import SegmentationData, evaluate
+    from .train.data import class_list_source
     from .train.evaluate import check_scales, results_json, summary
     from .validation import check_ignore_index, check_not_an_input, check_not_in_folder, check_writable_file
 
@@ -641,10 +642,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     data = SegmentationData(args.data, args.layout, "val", ignore_index=args.ignore_index)
     # the data set's names replace the checkpoint's saved wording, as the official test takes its config's names
     names = data.class_names
-    if args.layout == "ade20k":
-        source = f"--layout ade20k's class list (the {len(names)} ADE20K classes)"
-    else:
-        source = f"the data set's class list {os.path.join(args.data, 'classes.txt')}"
+    source = class_list_source(args.data, args.layout, len(names))
     try:
         model = load_checkpoint(args.checkpoint, class_names=names)
     except ClassCountError as exc:

@@ -548,6 +548,18 @@ def test_sync_bn_under_torchrun_on_the_cpu_is_refused_naming_the_option(arch_fil
     assert not (tmp_path / "w").exists()  # refused before the work dir was made
 
 
+def test_a_class_name_the_text_encoder_cannot_take_names_the_class_list(arch_file, tmp_path):
+    """A classes.txt name past the class token length (3 BPE tokens in the official architectures) stopped the run
+    with "class name ... has 4 BPE tokens", naming no file: eval named the data set's class list, train did not."""
+    data = make_generic(tmp_path / "g", n=2, splits=False)
+    (tmp_path / "g" / "classes.txt").write_text("sky\nbig traffic light pole\nroad\n")
+    cfg = _config(arch_file, data, tmp_path / "w")
+    with pytest.raises(ValueError, match=rf"^the data set's class list {re.escape(os.path.join(data, 'classes.txt'))}: "
+                                         r"class name 'big traffic light pole' has 4 BPE tokens"):  # fmt: skip
+        train(cfg)
+    assert not (tmp_path / "w").exists()
+
+
 def test_the_sampler_deals_every_image_to_the_ranks_and_pads_any_size():
     """Each epoch is a permutation dealt round-robin, padded (with its first images) to a multiple of the processes;
     with more processes than twice the images the padding ran out (IndexError). Resuming skips what was seen."""

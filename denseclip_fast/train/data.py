@@ -221,6 +221,13 @@ def _split_files(root: str) -> list[str]:
     return sorted(f for f in os.listdir(splits) if not f.startswith(".")) if os.path.isdir(splits) else []
 
 
+def class_list_source(root: str, layout: str, count: int) -> str:
+    """Where a data set's ``count`` class names come from, as messages about them say it."""
+    if layout == "ade20k":
+        return f"--layout ade20k's class list (the {count} ADE20K classes)"
+    return f"the data set's class list {os.path.join(root, 'classes.txt')}"
+
+
 def shared_split_note(root: str, layout: str) -> str | None:
     """What a training run on ``root`` should say when its evaluation is its training images: a generic layout
     without split files (every image serves both splits, as documented); None otherwise."""

@@ -45,8 +45,9 @@ from torch.utils.data import DataLoader
 from ..checkpoints import ClassCountError, load_checkpoint
 from ..checkpoints.io import PARTIAL_SUFFIX, CheckpointError, replaced_atomically
 from ..model import DenseCLIP
+from ..model.text import tokenize_class_names
 from .config import TrainConfig
-from .data import SegmentationData, TrainSampler, shared_split_note
+from .data import SegmentationData, TrainSampler, class_list_source, shared_split_note
 from .evaluate import check_image_sizes, evaluate, results_json
 from .launch import cudnn_benchmark, distributed, launch_environment
 from .optim import make_optimizer, segmentation_loss, set_learning_rates, short_run_warning
@@ -474,6 +475,10 @@ class Trainer:
         micro = cfg.batch_size // (world * cfg.accum)
         bn_images = batchnorm_images(cfg, world)
         data = SegmentationData(cfg.data, cfg.layout, "train", cfg)
+        try:  # the names the text encoder takes, said with their file (DenseCLIP's own error named none)
+            tokenize_class_names(data.class_names, cfg.model_config().text.class_token_length)
+        except ValueError as exc:
+            raise ValueError(f"{class_list_source(cfg.data, cfg.layout, len(data.class_names))}: {exc}") from None
         # the evaluation's images (their headers), now rather than after the training; every process stops alike
         val = SegmentationData(cfg.data, cfg.layout, "val", ignore_index=cfg.ignore_index)  # kept for _evaluate
         check_image_sizes(val, cfg.model_config().test_scale, (1.0,))
