@@ -1063,6 +1063,12 @@ def test_a_warm_up_that_keeps_the_rate_low_is_said(arch_file, generic, tmp_path,
     assert f"denseclip-fast train: warning: {short_run_warning(longer)}\n" in capsys.readouterr().err
     train(_config(arch_file, generic, tmp_path / "other", iters=1, warmup_iters=0, checkpoint_interval=1))
     assert "warning" not in capsys.readouterr().err
+    # a run its data set refuses says that alone: the warning comes once the data is checked
+    data = shutil.copytree(generic, tmp_path / "data")  # (the fixture's data set is shared)
+    (data / "classes.txt").write_text("wall\nbig traffic light pole\n")
+    with pytest.raises(ValueError, match="has 4 BPE tokens"):
+        train(dataclasses.replace(short, data=str(data), work_dir=str(tmp_path / "refused")))
+    assert "warning" not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("how", ["preset", "constructor", "file", "file_and_option", "preset_file_and_option"])

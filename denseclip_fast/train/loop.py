@@ -398,9 +398,6 @@ class Trainer:
             if finished is not None:
                 return finished
         cfg = self.cfg
-        short = short_run_warning(cfg) if resume_path is None or self._schedule_changed() else None
-        if short is not None and rank == 0:  # said when the run starts, again on resuming only if its schedule changed
-            print(f"denseclip-fast train: warning: {short}", file=sys.stderr)
         with (
             distributed(cfg) as (rank, world, device),
             cudnn_benchmark(cfg.cudnn_benchmark),
@@ -483,6 +480,11 @@ class Trainer:
         val = SegmentationData(cfg.data, cfg.layout, "val", ignore_index=cfg.ignore_index)  # kept for _evaluate
         check_image_sizes(val, cfg.model_config().test_scale, (1.0,))
         data.check_label_sizes()  # as check_image_sizes does for val: now, not in a DataLoader worker hours in
+        # said when the run starts, again on resuming only if its schedule changed; after the checks above, so that
+        # a run they refuse says its one error alone
+        short = short_run_warning(cfg) if resume_path is None or self._schedule_changed() else None
+        if short is not None and rank == 0:
+            print(f"denseclip-fast train: warning: {short}", file=sys.stderr)
         say = (lambda note: print(f"denseclip-fast train: {note}", file=sys.stderr)) if rank == 0 else None
         model = prepare_model(build_model(cfg, data.class_names, say, init=resume_path is None), cfg, device)
         layout = memory_format(cfg, device)
