@@ -2801,3 +2801,13 @@ def test_init_reads_its_file_once(arch_file, generic, tmp_path, monkeypatch, kin
     build_model(dataclasses.replace(cfg, init=str(path)), CLASSES, notes.append)
     assert reads == [str(path)]
     assert bool(notes) == (kind == "bare state dict")  # the placeholder names' run: its classifier kept
+
+
+@pytest.mark.parametrize("kept, saved", [(2, [3, 4]), (0, [1, 2, 3, 4])])
+def test_max_checkpoints_keeps_the_newest_or_with_0_all(arch_file, generic, tmp_path, kept, saved):
+    """The newest max_checkpoints weights and states are kept; 0 keeps every one (as mmcv kept them)."""
+    work = tmp_path / "w"
+    train(_config(arch_file, generic, work, checkpoint_interval=1, max_checkpoints=kept, iters=4))
+    names = os.listdir(work)
+    assert sorted(int(n[5:-12]) for n in names if n.startswith("iter_") and n.endswith(".safetensors")) == saved
+    assert sorted(int(n[5:-9]) for n in names if n.startswith("iter_") and n.endswith(".state.pt")) == saved

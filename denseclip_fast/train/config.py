@@ -127,7 +127,7 @@ class TrainConfig:
     eval_interval: int = 0  # 0: evaluate only at the end
     log_interval: int = 50
     eval_mode: str = "slide"
-    max_checkpoints: int = 3
+    max_checkpoints: int = 3  # the newest kept; 0: all
     tensorboard: bool = True
     # free-form notes kept with the run (config.json, each state's config; what a YAML comment cannot be), never
     # read by the trainer: a knob is a field above, and an unknown one is refused
