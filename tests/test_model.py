@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import pickle
 import re
 
 import pytest
@@ -119,6 +120,29 @@ def test_class_embeddings_cached_and_invalidated(tiny):
     assert second is not first and not torch.allclose(first, second)
     model.load_state_dict(tiny.state_dict())
     assert torch.allclose(model.class_embeddings(), tiny.class_embeddings())
+
+
+@torch.no_grad()
+def test_a_new_tensor_at_a_freed_tensors_address_is_not_taken_for_it(tiny):
+    """The cache's key read each tensor's address and version: a tensor swapped in (torch.func.functional_call) and
+    freed after the call left its address to the allocator, and the next fresh tensor there (version 0, as the
+    freed one's) was served the freed one's embeddings: functional_call over candidate contexts gave the previous
+    candidate's logits. (from_numpy over one array: an address reuse made certain.) The cache is not pickled."""
+    model = DenseCLIP(tiny.config, NAMES).eval()
+    model.load_state_dict(tiny.state_dict())
+    x = torch.randn(1, 3, 64, 64)
+    memory = model.contexts.numpy().copy()
+    first = torch.from_numpy(memory)
+    torch.func.functional_call(model, {"contexts": first}, (x,))
+    del first
+    memory *= 2  # the freed tensor's memory, now another tensor's
+    second = torch.from_numpy(memory)
+    expected = DenseCLIP(tiny.config, NAMES).eval()
+    expected.load_state_dict({**tiny.state_dict(), "contexts": second})
+    torch.testing.assert_close(torch.func.functional_call(model, {"contexts": second}, (x,)), expected(x))
+    copied = pickle.loads(pickle.dumps(model))
+    assert copied._text_cache is None
+    torch.testing.assert_close(copied(x), model(x), rtol=0, atol=0)
 
 
 def test_an_eval_model_passes_gradients_to_the_contexts(tiny):

@@ -16,6 +16,7 @@ Submodule and parameter names are the official ones (``backbone``, ``text_encode
 from __future__ import annotations
 
 import reprlib
+import weakref
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -108,7 +109,9 @@ class DenseCLIP(nn.Module):
         self.gamma = nn.Parameter(torch.full((d,), 1e-4))
         self.register_buffer("class_tokens", tokens, persistent=False)
         self._keep_class_span(token_span(tokens))  # read here, on the host: no GPU synchronisation in a forward
-        self._text_cache: tuple[tuple[Any, ...], torch.Tensor] | None = None
+        # (key: autocast state and each tensor's address, version, dtype, device; weak references to the tensors;
+        # the embeddings)
+        self._text_cache: tuple[tuple[Any, ...], tuple[weakref.ref[torch.Tensor], ...], torch.Tensor] | None = None
 
     # ------------------------------------------------------------------ construction
 
@@ -191,8 +194,9 @@ class DenseCLIP(nn.Module):
         they are computed on every call, as the official model does, so that gradients reach them. What is returned
         is the caller's own (a copy of the cache).
 
-        A change is seen through the tensors' version counters, which an in-place operation on a parameter (an
-        optimiser step, ``load_state_dict``, ``copy_`` under ``no_grad``) bumps, and a switch of mode
+        A change is seen through the tensors themselves (one swapped in, as ``torch.func.functional_call`` does, is
+        another, also where it took a freed one's address) and their version counters, which an in-place operation
+        on a parameter (an optimiser step, ``load_state_dict``, ``copy_`` under ``no_grad``) bumps, and a switch of mode
         (``train()``/``eval()``) drops the cache: a fused optimizer's step (``AdamW(fused=True)``, the trainer's
         on CUDA) bumps no version counter, nor does an edit through ``.data``; after one in eval mode call
         ``set_classes(model.class_names)``. Embeddings are cached per autocast state (cached under bfloat16
@@ -219,10 +223,23 @@ class DenseCLIP(nn.Module):
             autocast = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         key = (autocast, *((p.data_ptr(), p._version, p.dtype, p.device) for p in params))
         cache = self._text_cache
-        if cache is None or cache[0] != key or (cache[1].is_inference() and not torch.is_inference_mode_enabled()):
+        # the tensors themselves too (weakly, not to keep replaced weights alive): an address and a version are not
+        # a tensor's identity, as a new tensor may take a freed one's address at version 0 (a functional_call's)
+        if (
+            cache is None
+            or cache[0] != key
+            or any(kept() is not p for kept, p in zip(cache[1], params))
+            or (cache[2].is_inference() and not torch.is_inference_mode_enabled())
+        ):
             with torch.no_grad():
-                cache = self._text_cache = (key, self._encode_classes())
-        return cache[1]
+                embeddings = self._encode_classes()
+            cache = self._text_cache = (key, tuple(weakref.ref(p) for p in params), embeddings)
+        return cache[2]
+
+    def __getstate__(self) -> dict[str, Any]:
+        """deepcopy and pickle: the module's state without the cached class embeddings (whose weak references
+        pickle cannot take; a copy computes its own)."""
+        return {**super().__getstate__(), "_text_cache": None}
 
     def _encode_classes(self) -> torch.Tensor:
         return self.text_encoder(self.class_tokens, self.contexts, self._class_tokens_span())
