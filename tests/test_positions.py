@@ -114,6 +114,22 @@ def test_nothing_is_kept_where_a_trace_a_gradient_or_a_capture_could_be_fooled(m
     assert pool.positions(size, torch.float32).device.type == "meta"
 
 
+def test_a_new_weight_at_a_freed_ones_address_is_not_taken_for_it():
+    """The key reads each parameter's address and version; a tensor swapped in for a freed one at its address, at
+    version 0 too (functional_call's way; from_numpy over one array makes the reuse certain), is another tensor:
+    its positions are made, not read from what the freed one made."""
+    pool = _kept_pool()
+    size = (3, 5)
+    memory = pool.positional_embedding.detach().numpy().copy()
+    pool.positional_embedding = torch.nn.Parameter(torch.from_numpy(memory), requires_grad=False)
+    before = pool.positions(size, torch.float32)
+    assert pool.positions(size, torch.float32) is before  # kept
+    memory *= 2  # the freed tensor's memory, now another tensor's
+    pool.positional_embedding = torch.nn.Parameter(torch.from_numpy(memory), requires_grad=False)
+    want = resnet.resize_positional_grid(pool.positional_embedding, pool.grid, size)
+    assert torch.equal(pool.positions(size, torch.float32), want) and not torch.equal(before, want)
+
+
 def test_keep_positions_swaps_each_module_once_and_copies_carry_their_own():
     """The attention pool (plain or with stacked projections) and the ViT backbone become their keeping subclasses,
     once; the state dict is untouched; deepcopy and pickle give a model whose kept tensors are its own."""
@@ -173,7 +189,7 @@ def test_positions_kept_under_inference_mode_serve_later_calls():
     with torch.inference_mode():
         first = seg.logits(x)
     (module,) = [m for m in seg.model.modules() if isinstance(m, positions._KeptPositions)]
-    assert all(t.is_inference() for t in module.kept_positions.values()) and module.kept_positions
+    assert all(t.is_inference() for _, t in module.kept_positions.values()) and module.kept_positions
     with torch.enable_grad():
         assert torch.equal(seg.logits(x), first)
     assert torch.equal(seg.logits(x), first)

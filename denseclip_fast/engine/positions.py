@@ -20,6 +20,7 @@ kernel: the tensor would hold nothing until a replay; the eager calls and the wa
 from __future__ import annotations
 
 import typing
+import weakref
 from typing import Any
 
 import torch
@@ -38,9 +39,12 @@ class _KeptPositions:
     """The module's ``positions(size, dtype)``, kept as the module docstring says in ``kept_positions`` (a plain
     dict attribute, not moved by ``.to()`` and emptied in a deepcopy or a pickle: a copy keeps its own), per size,
     dtype, device and state of the module's own parameters (each one's address and in-place version: weights
-    changed in place or moved by ``.to()`` are made anew, never read from what the old ones made)."""
+    changed in place or moved by ``.to()`` are made anew, never read from what the old ones made), with weak
+    references to those parameters: a tensor swapped in (``torch.func.functional_call``) that took a freed one's
+    address at version 0 is another tensor, whose positions are made, not read (as DenseCLIP's class-embedding
+    cache checks its tensors)."""
 
-    kept_positions: dict[Key, torch.Tensor]
+    kept_positions: dict[Key, tuple[tuple[weakref.ref[torch.Tensor], ...], torch.Tensor]]
     positional_embedding: nn.Parameter
 
     def _weights(self) -> tuple[tuple[int, int], ...] | None:
@@ -59,13 +63,18 @@ class _KeptPositions:
         if weights is None:
             return super().positions(size, dtype)  # type: ignore[misc]
         key = ((int(size[0]), int(size[1])), dtype, self.positional_embedding.device, weights)
+        params = list(self.parameters(recurse=False))  # type: ignore[attr-defined]
         kept = self.kept_positions.get(key)
         if kept is not None:
-            return kept
+            if all(ref() is p for ref, p in zip(kept[0], params)):
+                return kept[1]
+            # another tensor at a kept one's address: made, not kept (the kept entry stays, since a captured graph
+            # may read its tensor)
+            return super().positions(size, dtype)  # type: ignore[misc]
         value: torch.Tensor = super().positions(size, dtype)  # type: ignore[misc]
         capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
         if len(self.kept_positions) < MAX_SIZES and not capturing:
-            self.kept_positions[key] = value
+            self.kept_positions[key] = (tuple(weakref.ref(p) for p in params), value)
         return value
 
     def __getstate__(self) -> dict[str, Any]:
