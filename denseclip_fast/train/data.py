@@ -49,8 +49,6 @@ from ..validation import IGNORE, check_ignore_index
 if TYPE_CHECKING:
     from .config import TrainConfig
 
-IMAGE_SUFFIXES = IMAGE_EXTENSIONS  # what segment reads: training reads any of them (a .tif or .webp data set too)
-
 
 def not_a_directory(path: str) -> str:
     """What is wrong with ``path``, which is not a directory: "does not exist", or, when it exists (a file), "is not
@@ -127,14 +125,14 @@ def find_samples(root: str, layout: str, split: str) -> tuple[list[Sample], list
         sub = "training" if split == "train" else "validation"
         image_dir, label_dir = os.path.join(root, "images", sub), os.path.join(root, "annotations", sub)
         _check_layout(root, layout, [image_dir, label_dir])
-        images, labels = _names_in(image_dir, IMAGE_SUFFIXES), _names_in(label_dir, (".png",))
+        images, labels = _names_in(image_dir, IMAGE_EXTENSIONS), _names_in(label_dir, (".png",))
         names = list(images)
         classes = list(ADE20K_CLASSES)
     elif layout == "generic":
         image_dir, label_dir = os.path.join(root, "images"), os.path.join(root, "labels")
         classes_file = os.path.join(root, "classes.txt")
         _check_layout(root, layout, [image_dir, label_dir, classes_file])
-        images, labels = _names_in(image_dir, IMAGE_SUFFIXES), _names_in(label_dir, (".png",))
+        images, labels = _names_in(image_dir, IMAGE_EXTENSIONS), _names_in(label_dir, (".png",))
         if not os.path.isfile(classes_file):
             raise ValueError(f"{classes_file} is missing (one class name a line)")
         classes = _text_lines(classes_file, blank_inside=False)
@@ -161,12 +159,12 @@ def find_samples(root: str, layout: str, split: str) -> tuple[list[Sample], list
             missing = [n for n in names if n not in images]
             if missing:
                 stem, suffix = os.path.splitext(missing[0])
-                if suffix.lower() in IMAGE_SUFFIXES and stem in images:  # s0.jpg for the image s0.jpg
+                if suffix.lower() in IMAGE_EXTENSIONS and stem in images:  # s0.jpg for the image s0.jpg
                     raise ValueError(f"{split_file} lists {len(missing)} name(s) without an image, e.g. "
                                      f"{missing[0]!r}: a split file lists image NAMEs without their extension "
                                      f"({stem!r}, not {missing[0]!r})")  # fmt: skip
                 raise ValueError(f"{split_file} lists {len(missing)} name(s) without an image, e.g. {missing[0]!r} "
-                                 f"(images in {image_dir} are {_accepted(image_dir, IMAGE_SUFFIXES)})")  # fmt: skip
+                                 f"(images in {image_dir} are {_accepted(image_dir, IMAGE_EXTENSIONS)})")  # fmt: skip
         else:
             names = list(images)
     else:
@@ -177,7 +175,7 @@ def find_samples(root: str, layout: str, split: str) -> tuple[list[Sample], list
                          f"(labels in {label_dir} are NAME{_accepted(label_dir, ('.png',))})")  # fmt: skip
     if not names:
         raise ValueError(f"no {split} images found in {image_dir} ({layout} layout: images are "
-                         f"{_accepted(image_dir, IMAGE_SUFFIXES)})")  # fmt: skip
+                         f"{_accepted(image_dir, IMAGE_EXTENSIONS)})")  # fmt: skip
     return [Sample(images[n], labels[n]) for n in names], classes
 
 
@@ -192,7 +190,7 @@ def _looks_like(root: str, layout: str) -> bool:
     if os.path.isfile(os.path.join(root, "classes.txt")):
         return True
     return (os.path.isdir(os.path.join(root, "labels")) and os.path.isdir(images)
-            and any(f.lower().endswith(IMAGE_SUFFIXES) for f in os.listdir(images)))  # fmt: skip
+            and any(f.lower().endswith(IMAGE_EXTENSIONS) for f in os.listdir(images)))  # fmt: skip
 
 
 LAYOUT_SHAPES = {  # for the messages
