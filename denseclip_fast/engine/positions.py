@@ -47,14 +47,14 @@ class _KeptPositions:
     kept_positions: dict[Key, tuple[tuple[weakref.ref[torch.Tensor], ...], torch.Tensor]]
     positional_embedding: nn.Parameter
 
-    def _weights(self) -> tuple[tuple[int, int], ...] | None:
-        """The module's own parameters as they are now; None where one needs a gradient that could flow (grad mode
-        on): made on each call then, neither kept nor read."""
+    def _weights(self) -> tuple[list[torch.Tensor], tuple[tuple[int, int], ...]] | None:
+        """The module's own parameters and their state now (each one's address and version); None where one needs
+        a gradient that could flow (grad mode on): made on each call then, neither kept nor read."""
         params = list(self.parameters(recurse=False))  # type: ignore[attr-defined]
         if torch.is_grad_enabled() and any(p.requires_grad for p in params):
             return None
         try:
-            return tuple((p.data_ptr(), p._version) for p in params)
+            return params, tuple((p.data_ptr(), p._version) for p in params)
         except RuntimeError:  # inference tensors (a model built under inference_mode) have no version counter
             return None
 
@@ -62,8 +62,8 @@ class _KeptPositions:
         weights = None if intercepted() else self._weights()
         if weights is None:
             return super().positions(size, dtype)  # type: ignore[misc]
-        key = ((int(size[0]), int(size[1])), dtype, self.positional_embedding.device, weights)
-        params = list(self.parameters(recurse=False))  # type: ignore[attr-defined]
+        params, state = weights
+        key = ((int(size[0]), int(size[1])), dtype, self.positional_embedding.device, state)
         kept = self.kept_positions.get(key)
         if kept is not None:
             if all(ref() is p for ref, p in zip(kept[0], params)):
