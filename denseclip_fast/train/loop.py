@@ -443,9 +443,11 @@ class Trainer:
                 run = json.load(f)
         except (OSError, ValueError):
             return []
+        if not isinstance(run, dict):
+            return []
         given = json.loads(json.dumps(self.cfg.to_dict(absolute_paths=True)))  # tuples as JSON lists
         return [name for name, value in given.items()
-                if name not in ("iters", "work_dir") and isinstance(run, dict) and name in run and run[name] != value]
+                if name not in ("iters", "work_dir") and name in run and run[name] != value]
 
     def _saved_evaluation(self, iteration: int) -> dict[str, Any] | None:
         """The work dir's eval_iter_<iteration>.json; None when it is missing or unreadable (then it is run again)."""
