@@ -1353,6 +1353,25 @@ def test_a_model_or_labels_without_values_are_refused(model):
             seg.overlay(image, labels)
 
 
+def test_a_model_with_nan_or_infinite_weights_is_refused(model):
+    """A model whose weights hold NaN (a training run that diverged) gives NaN logits; the bfloat16 CPU engine's
+    fused convolutions (oneDNN's ReLU turns NaN into 0) gave finite, meaningless logits from it without a word."""
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        broken.decode_head.scale_heads[0][0].conv.weight[0, 0, 0, 0] = float("nan")  # a conv a ReLU follows
+        x = torch.randn(1, 3, 64, 64) * 0.5
+        assert broken(x).isnan().all()  # what the model says
+    for dtype in (torch.bfloat16, torch.float32):
+        with pytest.raises(ValueError, match=r"^model's weights hold NaN or infinite values \(1 tensors: "
+                                             r"decode_head\.scale_heads\.0\.0\.conv\.weight\)"):  # fmt: skip
+            Segmenter(broken, device="cpu", dtype=dtype)
+    infinite = copy.deepcopy(model)
+    with torch.no_grad():
+        infinite.contexts[0, 0, 0] = -float("inf")
+    with pytest.raises(ValueError, match=r"\(1 tensors: contexts\)"):
+        Segmenter(infinite, device="cpu", dtype=torch.bfloat16)
+
+
 class StaticBufferCapture:
     """Like a CUDA graph: every replay writes into the same output buffer."""
 

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checkpoints.official import all_finite, key_listing
 from ..model import DenseCLIP
 from ..model.heads import ConvModule
 from ..model.layers import QUICK_GELU_SCALE, LayerNormFp32, QuickGELU
@@ -118,6 +119,20 @@ def relu_sites(model: DenseCLIP) -> Iterator[Site]:
     return iter(sites)
 
 
+def check_finite_weights(model: nn.Module) -> None:
+    """ValueError naming the parameters and buffers of ``model`` that hold NaN or infinite values (meta tensors,
+    which hold none, are skipped). Such a model's outputs are NaN, but the prepared copy's need not be: its fused
+    convolutions' ReLU (oneDNN's in a bfloat16 CPU engine, cuDNN's on a GPU) turns NaN into 0, so that a model whose
+    training diverged gave finite, meaningless logits and labels without a word. load_checkpoint refuses such
+    files; a model in memory is checked here."""
+    broken = [name for name, t in (*model.named_parameters(), *model.named_buffers())
+              if t.is_floating_point() and not t.is_meta and not all_finite(t.detach())]  # fmt: skip
+    if broken:
+        raise ValueError(f"model's weights hold NaN or infinite values ({len(broken)} tensors: "
+                         f"{key_listing(broken, 5)}): its outputs would be meaningless (a training run that "
+                         "diverged?); load finite weights first")  # fmt: skip
+
+
 def prepare_for_inference(
     model: DenseCLIP,
     device: torch.device,
@@ -129,6 +144,7 @@ def prepare_for_inference(
     encoder and the contexts kept in float32 for the class embeddings. ``float32_rewrite``: called with the float32
     copy after the folding, before the move and the cast (the CPU engine's oneDNN linears, whose weight scaling is
     then rounded once)."""
+    check_finite_weights(model)
     # float32 first, whatever the model's dtype: the folded weights are rounded once, to ``dtype``, and the text
     # encoder computes in float32 (a half-precision model's folded weights were rounded to its dtype, then cast)
     model = copy.deepcopy(model).float().eval().requires_grad_(False)
