@@ -604,6 +604,26 @@ def test_save_errors_name_the_path(tmp_path, monkeypatch):
             model.save(locked / "model.safetensors")
 
 
+@pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated:FutureWarning")
+def test_a_model_with_pruned_or_parametrized_weights_is_not_saved(tmp_path):
+    """A pruned or parametrized weight's state dict entries are its parts (weight_orig and weight_mask,
+    parametrizations.weight.original0 ...): save wrote a file that load_checkpoint then refused (missing and
+    unexpected keys). It is refused when saved, saying what to do."""
+    from torch.nn.utils import prune, weight_norm
+    from torch.nn.utils.parametrizations import weight_norm as parametrized_weight_norm
+
+    for reparametrize in (lambda conv: prune.l1_unstructured(conv, "weight", amount=0.3),
+                          parametrized_weight_norm, weight_norm):  # fmt: skip
+        model = DenseCLIP(tiny_config("resnet"), NAMES)
+        reparametrize(model.decode_head.scale_heads[0][0].conv)
+        target = tmp_path / "model.safetensors"
+        with pytest.raises(CheckpointError, match=r"cannot save: weights of the model are pruned or parametrized "
+                                                  r"\(decode_head\.scale_heads\.0\.0\.conv\.weight\): .* "
+                                                  r"make them plain first"):  # fmt: skip
+            model.save(target)
+        assert not target.exists()
+
+
 def test_saved_files_get_the_permissions_open_would_give(tmp_path):
     """safetensors writes owner-only files (0600), so a checkpoint saved on a shared machine could not be loaded by
     the other users of its group: a new file gets 0666 less the umask, a replaced one keeps its mode."""

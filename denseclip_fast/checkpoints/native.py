@@ -64,6 +64,14 @@ def save_native(model: DenseCLIP, path: str | os.PathLike[str]) -> None:
     if any(v.is_meta for v in state.values()):  # no data to write: torch's NotImplementedError from the copy
         raise CheckpointError(path, "cannot save: the model is on the meta device (shapes without data); load or "
                                     "initialise its weights first")  # fmt: skip
+    reparametrized = reparametrized_weights(model)
+    if reparametrized:  # their parts (weight_orig and weight_mask, parametrizations.weight.original0 ...) are no
+        # DenseCLIP's keys: the file was written, and load_checkpoint refused it (missing and unexpected keys)
+        raise CheckpointError(path, f"cannot save: weights of the model are pruned or parametrized "
+                                    f"({key_listing(reparametrized, 5)}): the state dict holds their parts, not the "
+                                    "weights, and load_checkpoint would refuse the file; make them plain first "
+                                    "(torch.nn.utils.prune.remove(module, name), torch.nn.utils.parametrize."
+                                    "remove_parametrizations(module, name), torch.nn.utils.remove_weight_norm)")
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     metadata = {
         "format": FORMAT,
@@ -92,6 +100,25 @@ def save_native(model: DenseCLIP, path: str | os.PathLike[str]) -> None:
     except (OSError, SafetensorError) as exc:  # e.g. a full disk, or permissions os.access cannot see
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise CheckpointError(path, f"cannot save: {reason}") from None
+
+
+def reparametrized_weights(model: torch.nn.Module) -> list[str]:
+    """The names of ``model``'s weights that PyTorch computes from others at every forward: torch.nn.utils.parametrize's
+    parametrizations, torch.nn.utils.prune's masks and the older weight_norm and spectral_norm hooks."""
+    from torch.nn.utils import parametrize, prune
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    found = []
+    for prefix, module in model.named_modules():
+        names = list(module.parametrizations) if parametrize.is_parametrized(module) else []
+        for hook in module._forward_pre_hooks.values():
+            if isinstance(hook, prune.BasePruningMethod):
+                names.append(hook._tensor_name)
+            elif isinstance(hook, (WeightNorm, SpectralNorm)):
+                names.append(hook.name)
+        found += [f"{prefix}.{name}" if prefix else name for name in names]
+    return found
 
 
 def metadata_crc32(metadata: Mapping[str, str]) -> str:
