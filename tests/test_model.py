@@ -145,6 +145,22 @@ def test_a_new_tensor_at_a_freed_tensors_address_is_not_taken_for_it(tiny):
     torch.testing.assert_close(copied(x), model(x), rtol=0, atol=0)
 
 
+@torch.no_grad()
+def test_a_text_encoder_pruned_further_is_not_served_stale_embeddings(tiny):
+    """Pruning a text encoder layer further (torch.nn.utils.prune) replaces its mask, a buffer, and keeps its
+    weight_orig, the parameter: the cache, keyed on the parameters, served the embeddings of the earlier mask."""
+    from torch.nn.utils import prune
+
+    model = DenseCLIP(tiny.config, NAMES).eval()
+    model.load_state_dict(tiny.state_dict())
+    layer = model.text_encoder.transformer.resblocks[0].mlp.c_fc
+    prune.l1_unstructured(layer, "weight", amount=0.2)
+    before = model.class_embeddings()
+    prune.l1_unstructured(layer, "weight", amount=0.5)
+    after = model.class_embeddings()
+    assert not torch.allclose(after, before) and torch.equal(after, _text_path(model))
+
+
 def test_an_eval_model_passes_gradients_to_the_contexts(tiny):
     """Fine-tuning in eval mode (BatchNorm statistics frozen): the official model's contexts get their gradient.
     Embeddings cached detached (by an inference call before, here) left contexts.grad None, with no word; the

@@ -210,7 +210,9 @@ class DenseCLIP(nn.Module):
         """:meth:`class_embeddings` without the copy, for the forward, which does not write to it."""
         if self.training or torch.compiler.is_compiling():  # no cache inside a compiled graph (its key reads pointers)
             return self._encode_classes()
-        params = [self.contexts, self.class_tokens, *self.text_encoder.parameters()]
+        # the text encoder's buffers too: none of its own, but a pruned layer's mask (torch.nn.utils.prune), which
+        # pruning it further replaces while its weight_orig stays the same tensor (stale embeddings were served)
+        params = [self.contexts, self.class_tokens, *self.text_encoder.parameters(), *self.text_encoder.buffers()]
         if (
             # a cache would be detached: an eval-mode fine-tuning step lost its gradients to the contexts
             (torch.is_grad_enabled() and any(p.requires_grad for p in params))
