@@ -25,7 +25,6 @@ from .common import cdiv, dot_in_f32, launch, next_power_of_2
 HEAD_DIMS = TRITON_HEAD_DIMS  # what the kernels are compiled for (aot.py) and tested at
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 
 
 @triton.jit
