@@ -2811,3 +2811,15 @@ def test_max_checkpoints_keeps_the_newest_or_with_0_all(arch_file, generic, tmp_
     names = os.listdir(work)
     assert sorted(int(n[5:-12]) for n in names if n.startswith("iter_") and n.endswith(".safetensors")) == saved
     assert sorted(int(n[5:-9]) for n in names if n.startswith("iter_") and n.endswith(".state.pt")) == saved
+
+
+def test_pruning_leaves_the_users_own_iter_files_alone(arch_file, generic, tmp_path):
+    """A copy the user keeps in the work dir under another name (iter_2_best.safetensors) is neither pruned nor
+    read as an iteration: int() of "2_best" ended the resumed run at its first save with "invalid literal for
+    int()"."""
+    work = tmp_path / "w"
+    train(_config(arch_file, generic, work, checkpoint_interval=1, max_checkpoints=2, iters=2))
+    shutil.copy(work / "iter_2.safetensors", work / "iter_2_best.safetensors")
+    train(_config(arch_file, generic, work, checkpoint_interval=1, max_checkpoints=2, iters=4), resume="auto")
+    names = sorted(n for n in os.listdir(work) if n.startswith("iter_") and n.endswith(".safetensors"))
+    assert names == ["iter_2_best.safetensors", "iter_3.safetensors", "iter_4.safetensors"]

@@ -296,8 +296,10 @@ class Trainer:
             torch.save(state, partial)
         with replaced_atomically(self._path("latest.json")) as partial, open(partial, "w", encoding="utf-8") as f:
             json.dump({"iteration": iteration, "model": f"{name}.safetensors", "state": f"{name}.state.pt"}, f)
-        kept = sorted((int(n[5:-12]) for n in os.listdir(self.cfg.work_dir)
-                       if n.startswith("iter_") and n.endswith(".safetensors")))  # fmt: skip
+        # this run's checkpoints alone: a file of another name (a copy kept as iter_8000_best.safetensors) is the
+        # user's, neither pruned nor read as a number (int() of "8000_best" ended the run at its next save)
+        kept = sorted(int(m.group(1)) for m in map(re.compile(r"iter_([0-9]+)\.safetensors").fullmatch,
+                                                   os.listdir(self.cfg.work_dir)) if m)  # fmt: skip
         for old in kept[: -self.cfg.max_checkpoints] if self.cfg.max_checkpoints > 0 else []:
             for suffix in (".safetensors", ".state.pt"):
                 with contextlib.suppress(FileNotFoundError):
