@@ -121,6 +121,9 @@ def check_writable_dir(path: str, name: str) -> None:
     can create (its nearest existing ancestor is a writable directory)."""
     if not path:
         raise ValueError(f"{name} must name a directory, got {path!r}")
+    if os.path.islink(path) and not os.path.exists(path):  # said "exists and is not a directory"
+        raise ValueError(f"{name} {path!r} is a symbolic link to {os.readlink(path)!r}, which cannot be reached "
+                         "(missing, or a loop): create the folder it points to, or name another")  # fmt: skip
     if os.path.lexists(path) and not os.path.isdir(path):
         raise ValueError(f"{name} {path!r} exists and is not a directory")
     base = _existing_ancestor(path)

@@ -643,6 +643,7 @@ def test_output_paths_are_checked_before_any_work(checkpoint, images, data, tmp_
     missing parent where none is created) is one line naming the option before any work, not an OSError after it."""
     (tmp_path / "file").write_text("")
     (tmp_path / "dir").mkdir()
+    (tmp_path / "link").symlink_to("gone")  # a dangling link
     seg = ["segment", "--checkpoint", str(checkpoint), str(images[0]), "--out"]
     exp = ["export", "--checkpoint", str(checkpoint), "--format", "onnx", "--out"]
     ev = ["eval", "--checkpoint", str(checkpoint), "--data", str(data), "--layout", "generic", "--out"]
@@ -654,11 +655,14 @@ def test_output_paths_are_checked_before_any_work(checkpoint, images, data, tmp_
         ([*ev, str(tmp_path / "dir")], f"--out {str(tmp_path / 'dir')!r} is a directory"),
         ([*ev, str(tmp_path / "missing" / "e.json")], f"the directory {str(tmp_path / 'missing')!r} does not exist"),
         ([*tr, str(tmp_path / "file")], f"work_dir {str(tmp_path / 'file')!r} exists and is not a directory"),
+        ([*seg, str(tmp_path / "link")], f"--out {str(tmp_path / 'link')!r} is a symbolic link to 'gone', which "
+                                         "cannot be reached"),  # was "exists and is not a directory"
+        ([*tr, str(tmp_path / "link")], f"work_dir {str(tmp_path / 'link')!r} is a symbolic link to 'gone'"),
     ):
         assert main(args) == 2, args
         err = capsys.readouterr().err
         assert err.startswith("denseclip-fast: error: ") and message in err and err.count("\n") == 1, (args, err)
-    assert sorted(os.listdir(tmp_path)) == ["dir", "file"] and os.listdir(tmp_path / "dir") == []
+    assert sorted(os.listdir(tmp_path)) == ["dir", "file", "link"] and os.listdir(tmp_path / "dir") == []
 
 
 def test_bad_training_config_files_are_one_line(tmp_path, capsys):
