@@ -410,6 +410,17 @@ def test_uint8_images_go_through_the_official_test_pipeline(model, mode):
         model.config = saved
 
 
+def test_methods_returning_a_list_for_images_of_several_sizes_say_so():
+    """logits, predict and open_vocab return a list when uint8 images differ in size; open_vocab's docstring (and
+    README's line for it) promised a (B, K', H, W) tensor alone."""
+    import inspect
+
+    for name in ("logits", "predict", "open_vocab"):
+        method = getattr(Segmenter, name)
+        assert "list" in str(inspect.signature(method).return_annotation), name
+        assert "a list" in " ".join((method.__doc__ or "").split()), f"Segmenter.{name}'s docstring"
+
+
 def test_predict_overlay_and_open_vocab(model):
     seg = _engine(model)
     image = np.random.default_rng(1).integers(0, 256, size=(40, 52, 3), dtype=np.uint8)

@@ -694,7 +694,8 @@ class Segmenter:
 
     def open_vocab(self, images: Any, names: Sequence[str]) -> torch.Tensor | list[torch.Tensor]:
         """(B, K', H, W) float32 pixel-text cosine scores of any ``names`` (context decoder applied), from the
-        whole image's local embedding map, upsampled to the image. Each vocabulary's embeddings are cached."""
+        whole image's local embedding map, upsampled to the image (a list of (K', H_i, W_i) when uint8 images
+        differ in size, as logits). Each vocabulary's embeddings are cached."""
         return self._open_vocab(images, names, resized_through)
 
     def _open_vocab(self, images: Any, names: Sequence[str], finish: Finish) -> torch.Tensor | list[torch.Tensor]:
