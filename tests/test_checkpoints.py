@@ -1144,6 +1144,10 @@ def test_clip_weights_are_pointed_to_from_clip(tmp_path):
     torch.save({"visual.conv1.weight": torch.zeros(1), "token_embedding.weight": torch.zeros(1)}, path)
     with pytest.raises(CheckpointError, match="CLIP weights, not a DenseCLIP checkpoint; use DenseCLIP.from_clip"):
         dcf.load_checkpoint(path)
+    # the command line's user (segment --checkpoint RN50.pt) was pointed at the Python API alone
+    with pytest.raises(CheckpointError, match="on the command line fine-tune DenseCLIP from them: denseclip-fast "
+                                              "train --init PATH$"):  # fmt: skip
+        dcf.load_checkpoint(path)
 
 
 # ------------------------------------------------------------------------------------------------ resource limits

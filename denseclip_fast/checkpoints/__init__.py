@@ -198,11 +198,15 @@ def _class_names_argument(class_names: Any) -> list[str]:
     return names
 
 
+# CLIP weights given where a DenseCLIP checkpoint goes (segment, export, info, eval): the command line's way from them
+FROM_CLIP_CLI = ", or on the command line fine-tune DenseCLIP from them: denseclip-fast train --init PATH"
+
+
 def _official_state(wf: WeightFile, path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     if wf.kind == "torchscript":
         raise CheckpointError(
             path, "this is a TorchScript archive (CLIP weights?), not a DenseCLIP checkpoint; "
-            "use DenseCLIP.from_clip(path, arch, class_names) to initialise a model from CLIP weights"
+            f"use DenseCLIP.from_clip(path, arch, class_names) to initialise a model from CLIP weights{FROM_CLIP_CLI}"
         )  # fmt: skip
     obj = wf.tensors if wf.kind == "safetensors" else wf.obj
     meta: Any = None  # anything but a mapping is no meta; never tested for truth (a tensor or an array raises)
@@ -218,8 +222,9 @@ def _official_state(wf: WeightFile, path: str) -> tuple[dict[str, torch.Tensor],
         sd = {k[len("module."):]: v for k, v in sd.items()}
     if "visual.conv1.weight" in sd or "token_embedding.weight" in sd:
         raise CheckpointError(
-            path, "these are CLIP weights, not a DenseCLIP checkpoint; use DenseCLIP.from_clip(path, arch, class_names)"
-        )
+            path, "these are CLIP weights, not a DenseCLIP checkpoint; use DenseCLIP.from_clip(path, arch, "
+            f"class_names){FROM_CLIP_CLI}"
+        )  # fmt: skip
     not_tensors = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
     if not_tensors:
         raise CheckpointError(path, f"state dict entries that are not tensors: {key_listing(not_tensors)}")
