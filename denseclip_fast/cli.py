@@ -309,14 +309,26 @@ def cmd_segment(args: argparse.Namespace) -> int:
     seg = Segmenter(model, device=device, dtype=dtype, mode=args.mode or "slide")
     k = len(names) if names is not None else model.num_classes
     palette = model.palette if (model.palette is not None and names is None) else default_palette(k)
-    with made_folder(args.out):  # a run that wrote nothing leaves no empty --out behind (an interrupted one neither)
+    skipped: list[str] = []
+    # a run that wrote nothing leaves no empty --out behind: an interrupted one, nor one whose every image was skipped
+    with contextlib.suppress(_NothingWritten), made_folder(args.out):
         skipped = _segment_files(args, seg, files, stems, names, palette, k, workers)
+        if len(skipped) == len(files):
+            raise _NothingWritten  # made_folder removes the folders it made
+    if len(skipped) == len(files):
+        print(f"wrote nothing: skipped all {len(files)} images, which could not be segmented (--keep-going; named "
+              "above)")  # fmt: skip
+        return 1
     if skipped:
         print(f"wrote {2 * (len(files) - len(skipped))} files to {args.out}; skipped {len(skipped)} of {len(files)} "
               f"images that could not be segmented (--keep-going; named above)")  # fmt: skip
         return 1
     print(f"wrote {2 * len(files)} files to {args.out}")
     return 0
+
+
+class _NothingWritten(Exception):
+    """segment --keep-going skipped every image: the --out folders the run made are removed."""
 
 
 def _segment_files(args: argparse.Namespace, seg: Segmenter, files: list[str], stems: list[str],

@@ -216,6 +216,14 @@ def test_segment_keep_going_skips_what_cannot_be_segmented(checkpoint, images, t
     assert captured.out == (f"wrote 6 files to {out}; skipped 2 of 5 images that could not be segmented "
                             "(--keep-going; named above)\n")  # fmt: skip
     assert main([*args[:-1], str(folder / "0.png")]) == 0  # nothing skipped
+    capsys.readouterr()
+    # every image skipped: the run wrote nothing, so the --out folders it made are removed, as after an error (it
+    # said "wrote 0 files to OUT" and left OUT empty)
+    none = tmp_path / "none" / "out"
+    assert main([*args[:-2], str(none), str(folder / "1.png"), str(folder / "3.png")]) == 1
+    assert not (tmp_path / "none").exists()
+    assert capsys.readouterr().out == ("wrote nothing: skipped all 2 images, which could not be segmented "
+                                       "(--keep-going; named above)\n")  # fmt: skip
 
 
 def test_segment_names_an_image_past_pillows_pixel_limit(checkpoint, images, tmp_path, monkeypatch):
