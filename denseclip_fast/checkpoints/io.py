@@ -190,13 +190,14 @@ def path_argument(value: Any, name: str = "path") -> str:
     return path
 
 
-_SAVED = re.compile(r"iter_(\d+)\.safetensors")  # a training run's model files (train/loop.py)
+# a training run's model files, iter_N.safetensors (train/loop.py writes and prunes them; N is group 1)
+SAVED_MODEL = re.compile(r"iter_([0-9]+)\.safetensors")
 
 
 def _a_directory(path: str) -> str:
     """What a directory given as a checkpoint is; for a training work dir, its newest model file, by iteration."""
     try:
-        saved = [(int(m.group(1)), name) for name in os.listdir(path) if (m := _SAVED.fullmatch(name))]
+        saved = [(int(m.group(1)), name) for name in os.listdir(path) if (m := SAVED_MODEL.fullmatch(name))]
     except OSError:
         saved = []
     if not saved:

@@ -43,7 +43,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..checkpoints import ClassCountError, load_checkpoint
-from ..checkpoints.io import PARTIAL_SUFFIX, CheckpointError, replaced_atomically
+from ..checkpoints.io import PARTIAL_SUFFIX, SAVED_MODEL, CheckpointError, replaced_atomically
 from ..model import DenseCLIP
 from ..model.text import tokenize_class_names
 from .config import TrainConfig
@@ -298,8 +298,7 @@ class Trainer:
             json.dump({"iteration": iteration, "model": f"{name}.safetensors", "state": f"{name}.state.pt"}, f)
         # this run's checkpoints alone: a file of another name (a copy kept as iter_8000_best.safetensors) is the
         # user's, neither pruned nor read as a number (int() of "8000_best" ended the run at its next save)
-        kept = sorted(int(m.group(1)) for m in map(re.compile(r"iter_([0-9]+)\.safetensors").fullmatch,
-                                                   os.listdir(self.cfg.work_dir)) if m)  # fmt: skip
+        kept = sorted(int(m.group(1)) for m in map(SAVED_MODEL.fullmatch, os.listdir(self.cfg.work_dir)) if m)
         for old in kept[: -self.cfg.max_checkpoints] if self.cfg.max_checkpoints > 0 else []:
             for suffix in (".safetensors", ".state.pt"):
                 with contextlib.suppress(FileNotFoundError):
