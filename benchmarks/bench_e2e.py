@@ -61,6 +61,7 @@ built again.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -467,10 +468,14 @@ def targets(rows: list[dict]) -> list[tuple[str, str, bool | None]]:
     for contestant, bound in (("engine-fp32", 1e-4), ("engine-bf16", 2e-2)):
         errors = [r["rel_error_vs_official"] for r in rows
                   if r.get("contestant") == contestant and r.get("rel_error_vs_official") is not None]  # fmt: skip
-        worst = max(errors, default=None)
-        checks.append((f"{contestant} logits within {bound:g} of official (every configuration)",
-                       "-" if worst is None else f"worst {worst:.1e} over {len(errors)}",
-                       None if worst is None else worst <= bound))  # fmt: skip
+        failed = sum(1 for r in rows if r.get("contestant") == contestant and "error" in r)
+        # NaN (NaN logits) first: max() keeps the first of values it cannot order, so a NaN after a number was lost
+        worst = next((e for e in errors if math.isnan(e)), max(errors, default=None))
+        measured = "-" if worst is None else f"worst {worst:.1e} over {len(errors)}"
+        if failed:  # a configuration the contestant failed in has no logits within the bound
+            measured = f"{'' if worst is None else measured + '; '}{failed} failed"
+        checks.append((f"{contestant} logits within {bound:g} of official (every configuration)", measured,
+                       False if failed else None if worst is None else worst <= bound))  # fmt: skip
     return checks
 
 

@@ -297,8 +297,18 @@ def test_engine_targets():
     assert v["RN50 512x512 batch 16, engine-bf16: >= 3000 images/s"] is False  # 2667 images/s
     assert v["engine-fp32 logits within 0.0001 of official (every configuration)"] is True
     assert v["engine-bf16 logits within 0.02 of official (every configuration)"] is False  # the worst one counts
-    missing = _verdicts(bench_e2e.targets([{"arch": "RN50", "contestant": "engine-bf16", "error": "OOM"}]))
-    assert set(missing.values()) == {None}
+    missing = _verdicts(bench_e2e.targets([{"arch": "RN50", "contestant": "engine-fp32", "error": "OOM"}]))
+    assert set(missing.values()) == {None, False}
+    assert missing["engine-fp32 logits within 0.0001 of official (every configuration)"] is False  # failed there
+    assert missing["RN50 512x512 batch 1, engine-bf16: p50 <= 1.0 ms"] is None
+    # NaN logits in one configuration, after one within the bound (max() kept the first: "yes"), and a configuration
+    # the contestant failed in (left out: "yes" for "every configuration")
+    nan = [row("engine-bf16", 1, 0.9, 1e-3), row("engine-bf16", 16, 4.0, float("nan")),
+           row("engine-fp32", 1, 3.0, 1e-6), {**row("engine-fp32", 16, 3.0, None), "error": "OOM"}]  # fmt: skip
+    checks = {target: (measured, ok) for target, measured, ok in bench_e2e.targets(nan)}
+    assert checks["engine-bf16 logits within 0.02 of official (every configuration)"] == ("worst nan over 2", False)
+    assert checks["engine-fp32 logits within 0.0001 of official (every configuration)"] == (
+        "worst 1.0e-06 over 1; 1 failed", False)
 
 
 def test_relative_errors_compare_outputs_of_one_shape():
