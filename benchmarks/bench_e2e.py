@@ -294,6 +294,8 @@ def run(args: argparse.Namespace, device: torch.device, results: Results) -> Non
                            "precision": precision(name, device, tf32)}  # fmt: skip
                     try:
                         r = measure_contestant(name, args, model, official, device, mode, crop, stride, x)
+                        # logits of another shape (other classes, another size) are not the task's: a failure
+                        error = rel_err(r.pop("logits"), reference)
                     except Exception as exc:  # report and go on: one failing contestant must not hide the rest
                         print(f"  failed: {failure(exc)}", flush=True)
                         results.add({**row, "error": failure(exc)})
@@ -301,7 +303,7 @@ def run(args: argparse.Namespace, device: torch.device, results: Results) -> Non
                     finally:
                         release(device)
                     r.update(row, image_path_flops=flops, images_per_s=batch / (r["p50_ms"] / 1e3),
-                             rel_error_vs_official=rel_err(r.pop("logits"), reference))  # fmt: skip
+                             rel_error_vs_official=error)  # fmt: skip
                     r["image_path_fraction_of_peak"] = flops / (r["p50_ms"] / 1e3) / PEAK_FLOPS
                     if runs_official(name):
                         r["text_encoder_flops"] = text_flops * calls

@@ -1196,3 +1196,37 @@ def test_bench_resample_times_each_case_against_aten(tmp_path, monkeypatch):
         assert all(torch.allclose(r.reshape(results[0].shape), results[0], rtol=2e-2, atol=2e-2) for r in results)
         if case.startswith("predict's labels"):  # the same labels, exactly
             assert all(torch.equal(r, results[0]) for r in results)
+
+
+def test_e2e_contestant_with_logits_of_another_shape_is_a_failed_row(tmp_path, monkeypatch):
+    """A contestant whose logits differ in shape from the official ones (another class count or size) is a failed
+    row with rel_err's reason, and the contestants after it are still measured (it raised out of run())."""
+    import torch
+
+    import denseclip_fast as dcf
+
+    class Official:
+        def to(self, device):
+            return self
+
+    model = argparse.Namespace(config=dcf.preset("RN50"))
+    monkeypatch.setattr(bench_e2e, "build", lambda arch, classes, device: (model, Official()))
+    monkeypatch.setattr(bench_e2e, "text_encoder_flops", lambda official, device: 1.0)
+    monkeypatch.setattr(bench_e2e, "count_flops", lambda *args: 2.0)
+    monkeypatch.setattr(bench_e2e, "official_fp32", lambda official, x, *args: torch.ones(x.shape[0], 3, *x.shape[2:]))
+    monkeypatch.setattr(bench_e2e, "release", lambda device: None)
+
+    def measured(name, args, model, official, device, mode, crop, stride, x):
+        classes = 2 if name == "engine-fp32" else 3  # one contestant computes fewer classes
+        return {"p50_ms": 1.0, "logits": torch.ones(x.shape[0], classes, *x.shape[2:])}
+
+    monkeypatch.setattr(bench_e2e, "measure_contestant", measured)
+    args = argparse.Namespace(archs=["RN50"], modes=["whole"], batches=[1], size=32, slide_height=32, classes=3,
+                              contestants=["engine-fp32", "official"], profile=[], repeats=1)  # fmt: skip
+    env = {"gpu": False, "device": "cpu", "tf32": {"cudnn_conv": "tf32", "cuda_matmul": "ieee"}}
+    results = Results(str(tmp_path), "e2e", "t", env, {}, lambda env, rows: "")
+    bench_e2e.run(args, torch.device("cpu"), results)
+    failed, official = results.rows
+    assert failed["contestant"] == "engine-fp32" and "differ in shape" in failed["error"]
+    assert "p50_ms" not in failed
+    assert official["contestant"] == "official" and official["rel_error_vs_official"] == 0.0
