@@ -45,7 +45,8 @@ Per contestant: p50/p90/p99 latency by nearest rank (on a GPU as many timed call
 where too few for the percentile), images/s, peak memory in GiB (the contestant's own over the timed calls: its
 weights, the input batch, captured graphs and what a call allocates; beside it the first two calls', which compile,
 autotune and capture; the official model is moved off the GPU while the engine runs), the first call's time
-(compile or capture included), the relative error of the logits against `official` run once in strict float32 (TF32
+(compile or capture included; beside it the contestant's construction, build_s: a Segmenter's weight rewrites and
+class embeddings), the relative error of the logits against `official` run once in strict float32 (TF32
 off), and the image path's FLOP rate: FLOPs of one image-dependent forward (counted once with
 torch.utils.flop_counter) per p50, as a fraction of 790 TFLOP/s (the engine issue's H200 bf16 dense figure). The
 text encoder is not in that count: the official contestants run it on every call too (its FLOPs per call are in
@@ -64,6 +65,7 @@ import argparse
 import math
 import os
 import sys
+import time
 from collections.abc import Callable
 from typing import cast
 
@@ -88,6 +90,7 @@ from benchmarks.common import (  # noqa: E402
     profile_kernels,
     profile_markdown,
     rel_err,
+    sync,
     tail_cell,
     targets_markdown,
     tf32_label,
@@ -340,13 +343,21 @@ def profile_after_measuring(args: argparse.Namespace, profiled: list[tuple[dict,
 
 def measure_contestant(name: str, args: argparse.Namespace, model: dcf.DenseCLIP, official: OfficialDenseCLIP,
                        device: torch.device, mode: Mode, crop: int, stride: int, x: torch.Tensor) -> dict:  # fmt: skip
-    """common.measure of one contestant, built here and dropped on return (its profile, if asked for, is taken
-    after every measurement: profile_after_measuring)."""
+    """common.measure of one contestant, built here (build_s: how long that took) and dropped on return (its
+    profile, if asked for, is taken after every measurement: profile_after_measuring)."""
     from torch._dynamo.utils import counters
 
     skips = counters["inductor"]["cudagraph_skips"]
+    # the contestant's construction, a one-off cost beside its first call: a Segmenter rewrites its copy of the
+    # weights, computes the class embeddings and probes cuDNN here (torch.compile is lazy: its compile is in the
+    # first call)
+    sync(device)
+    start = time.perf_counter()
     fn = contestant(name, model, official, device, mode, crop, stride)
+    sync(device)
+    build_s = time.perf_counter() - start
     row = measure(fn, x, args.repeats, device)
+    row["build_s"] = build_s
     if name.startswith("compile") and device.type == "cuda":  # a compile without its CUDA graphs says so
         row["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"] - skips
     engine = getattr(fn, "__self__", None)
@@ -431,7 +442,9 @@ def table(env: dict, rows: list[dict], classes: int) -> str:
              "bound by its launches on the host). "
              "Peak GiB: the contestant's own over the timed calls (its weights, the input batch, captured graphs, "
              "and what a call allocates); in brackets over the first two calls, which also compile, autotune, "
-             "search cuDNN's algorithms and capture.", "",
+             "search cuDNN's algorithms and capture. First call s: compile or capture included; \"+N build\": "
+             "the contestant's construction before it (a Segmenter's weight rewrites and class embeddings; "
+             "torch.compile compiles in its first call).", "",
              "| arch | mode | input | contestant | precision | p50 ms | host ms | p90 ms | p99 ms | calls | img/s "
              "| first call s | peak GiB | rel. error | image path, of 790 TFLOP/s |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
@@ -445,8 +458,9 @@ def table(env: dict, rows: list[dict], classes: int) -> str:
                if r["peak_memory_gib"] is not None else "-")  # fmt: skip
         err = f"{r['rel_error_vs_official']:.1e}" if r["rel_error_vs_official"] is not None else "-"
         host = f"{r['host_p50_ms']:.2f}" if r.get("host_p50_ms") is not None else "-"
+        first = f"{r['first_call_s']:.1f}" + (f" (+{r['build_s']:.1f} build)" if r.get("build_s") is not None else "")
         lines.append(f"{head} {r['p50_ms']:.2f} | {host} | {tail_cell(r, 'p90_ms')} | {tail_cell(r, 'p99_ms')} | "
-                     f"{r.get('samples', '')} | {r['images_per_s']:.1f} | {r['first_call_s']:.1f} | {mem} | {err} | "
+                     f"{r.get('samples', '')} | {r['images_per_s']:.1f} | {first} | {mem} | {err} | "
                      f"{100 * r['image_path_fraction_of_peak']:.2f}% |")  # fmt: skip
     targets_part = targets_markdown(targets(rows)) if env["gpu"] else ""
     return "\n".join(lines) + "\n" + targets_part + profiles_markdown(rows)

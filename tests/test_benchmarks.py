@@ -1230,3 +1230,25 @@ def test_e2e_contestant_with_logits_of_another_shape_is_a_failed_row(tmp_path, m
     assert failed["contestant"] == "engine-fp32" and "differ in shape" in failed["error"]
     assert "p50_ms" not in failed
     assert official["contestant"] == "official" and official["rel_error_vs_official"] == 0.0
+
+
+def test_e2e_rows_report_each_contestants_construction_beside_its_first_call(monkeypatch):
+    """A Segmenter does its one-off work (weight rewrites, class embeddings) when it is built, before its first call;
+    torch.compile when first called: build_s is reported beside first_call_s, so that the two are compared whole."""
+    import time
+
+    import torch
+
+    def built_slowly(*args, **kwargs):
+        time.sleep(0.2)
+        return lambda x: x + 1
+
+    monkeypatch.setattr(bench_e2e, "contestant", built_slowly)
+    args = argparse.Namespace(repeats=1)
+    row = bench_e2e.measure_contestant("engine-bf16", args, None, None, torch.device("cpu"), "whole", 512, 341,
+                                       torch.zeros(1))  # fmt: skip
+    assert row["build_s"] >= 0.2 > row["first_call_s"]
+    row.update(arch="RN50", mode="whole", shape=[1, 3, 64, 64], contestant="engine-bf16", precision="bf16",
+               images_per_s=1.0, rel_error_vs_official=0.0, image_path_fraction_of_peak=0.0)  # fmt: skip
+    env = {"gpu": False, "device": "cpu", "date": "d", "torch": "t", "triton": "t", "threads": 2}
+    assert f"| {row['first_call_s']:.1f} (+{row['build_s']:.1f} build) |" in bench_e2e.table(env, [row], 150)
