@@ -262,11 +262,15 @@ def _timed(op: str, shape: str, dtype: torch.dtype, inputs: tuple[torch.Tensor, 
             graph = None
         rows = [Row(op, shape, label, "forward", name, *t, *forward_cost, engine, graph)]
         if backward and not getattr(fn, "forward_only", False):
-            leaves = tuple(x.detach().requires_grad_() for x in args)
-            out = fn(*leaves)
-            grad = torch.randn_like(out)
-            t = _time(lambda: torch.autograd.grad(out, leaves, grad, retain_graph=True), device)
-            rows.append(Row(op, shape, label, "backward", name, *t, *backward_cost, engine))
+            try:
+                leaves = tuple(x.detach().requires_grad_() for x in args)
+                out = fn(*leaves)
+                grad = torch.randn_like(out)
+                t = _time(lambda: torch.autograd.grad(out, leaves, grad, retain_graph=True), device)
+                rows.append(Row(op, shape, label, "backward", name, *t, *backward_cost, engine))
+            except Exception as exc:  # the backward alone is not measured: the forward's row stands
+                NOT_MEASURED.append({"what": f"{name} backward on {shape}", "error": failure(exc)})
+                print(f"  backward of {name} on {shape} not measured: {failure(exc)}", flush=True)
         return rows
 
     return one

@@ -1252,3 +1252,19 @@ def test_e2e_rows_report_each_contestants_construction_beside_its_first_call(mon
                images_per_s=1.0, rel_error_vs_official=0.0, image_path_fraction_of_peak=0.0)  # fmt: skip
     env = {"gpu": False, "device": "cpu", "date": "d", "torch": "t", "triton": "t", "threads": 2}
     assert f"| {row['first_call_s']:.1f} (+{row['build_s']:.1f} build) |" in bench_e2e.table(env, [row], 150)
+
+
+def test_operator_backward_that_fails_keeps_the_forwards_row(monkeypatch):
+    """A contestant whose backward raises (out of memory, no derivative) keeps its measured forward row; the
+    backward is listed as not measured, by pass."""
+    import torch
+
+    monkeypatch.setattr(bench_ops, "NOT_MEASURED", [])
+    visual, text = torch.randn(1, 4, 2, 2), torch.randn(3, 4)
+    one = bench_ops._timed("pixel_text_score", "B1 C4 2x2 K3", torch.float32, (visual, text), torch.device("cpu"),
+                           True, (1.0, 1.0), (1.0, 1.0))  # fmt: skip
+    rows = one("no backward", lambda v, t: torch.einsum("bchw,kc->bkhw", v, t).detach())
+    assert [(r.contestant, r.direction) for r in rows] == [("no backward", "forward")]
+    assert [m["what"] for m in bench_ops.NOT_MEASURED] == ["no backward backward on B1 C4 2x2 K3"]
+    both = one("eager", lambda v, t: torch.einsum("bchw,kc->bkhw", v, t))
+    assert [r.direction for r in both] == ["forward", "backward"] and len(bench_ops.NOT_MEASURED) == 1
