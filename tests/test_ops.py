@@ -537,6 +537,41 @@ def test_triton_attention_refuses_sequences_past_its_int32_offsets():
         ops.context_attention(q, k, k, backend="triton")
 
 
+@pytest.mark.parametrize("heads_last", [False, True])
+def test_triton_attention_row_offsets_of_strided_views_stay_int32(monkeypatch, heads_last):
+    """The forward kernel indexes a (batch, head)'s rows as row x row stride in int32. A packed q/k/v projection's
+    views have row stride 3 x heads x D, and a heads-last output heads x D: at RN50's attention pool (2048 channels,
+    32 heads of 64) 350k tokens pass 2^31 there (the output 1M), while L x D, which check_lengths bounds, is far
+    from it. Such views are read (and the output written) as contiguous copies then, whose row stride is D: every
+    launch's largest row offset fits int32 (meta tensors: shapes and strides without memory; the launch recorded,
+    not run)."""
+    from denseclip_fast.ops.triton import attention
+
+    launched: list[tuple[int, ...]] = []
+
+    class Recorder:
+        def __getitem__(self, grid: object) -> Callable[..., None]:
+            return lambda *args, **kwargs: launched.append(args)
+
+    monkeypatch.setattr(attention, "launch", lambda kernel: Recorder())
+    b, length, heads, d = 1, 1_100_000, 32, 64  # the heads-last output past 2^31 too (1M tokens)
+    packed = torch.empty((b, length, 3, heads, d), device="meta", dtype=torch.bfloat16)
+    q, k, v = packed.permute(2, 0, 3, 1, 4).unbind(0)
+    assert (length - 1) * q.stride(2) >= 2**31 > length * d
+    attention.attention_forward(q, k, v, heads_last=heads_last)
+    (args,) = launched
+    lq, lk = args[5], args[6]
+    s_ql, s_kl, s_vl, s_ol = args[11], args[14], args[17], args[20]
+    for rows, stride in ((lq, s_ql), (lk, s_kl), (lk, s_vl), (lq, s_ol)):
+        assert (rows - 1) * stride + d - 1 < 2**31, (rows, stride)
+    # views whose rows fit are still read as they are (the model's shapes: no copy)
+    launched.clear()
+    small = packed[:, :1000]
+    q, k, v = small.permute(2, 0, 3, 1, 4).unbind(0)
+    attention.attention_forward(q, k, v, heads_last=heads_last)
+    assert launched[0][11] == 3 * heads * d and launched[0][20] == (heads * d if heads_last else d)
+
+
 # The ends of the attention's specified range (any K from 1 to 2048 queries, any N from 1 to 65536 keys, head dims
 # 32/64/128): one query over 65536 keys, 2048 queries over one key or three; on a GPU also 2048 x 65536 (on the CPU
 # that takes a minute: its kernel is tested there at smaller sizes)

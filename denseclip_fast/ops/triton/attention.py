@@ -262,8 +262,16 @@ def check_lengths(lq: int, lk: int, d: int) -> None:
 
 
 def _rows_dense(t: torch.Tensor) -> bool:
-    """Whether the forward kernel can read t (B, H, L, D) as it is: D contiguous (stride 1, or D == 1)."""
-    return t.shape[-1] == 1 or t.stride(-1) == 1
+    """Whether the forward kernel can read t (B, H, L, D) as it is: D contiguous (stride 1, or D == 1), and its row
+    offsets within one (batch, head), (L - 1) x its row stride + D - 1, within the kernel's int32 (a strided view
+    such as a packed q/k/v projection's, row stride 3 H D, passes it long before L x D does; a contiguous copy's row
+    stride is D, which check_lengths bounds)."""
+    return (t.shape[-1] == 1 or t.stride(-1) == 1) and _rows_fit(t.shape[2], t.stride(2), t.shape[3])
+
+
+def _rows_fit(length: int, row_stride: int, d: int) -> bool:
+    """Whether rows 0 .. length - 1 of ``row_stride`` elements apart, D elements each, have int32 offsets."""
+    return (length - 1) * abs(row_stride) + d - 1 <= MAX_ROW_ELEMENTS
 
 
 def attention_forward(
@@ -280,6 +288,8 @@ def attention_forward(
     if len(pieces) > 1:  # views of (B*H, L, D) per launch: every tensor contiguous then
         q, k, v, heads_last = q.contiguous(), k.contiguous(), v.contiguous(), False
     q, k, v = (t if _rows_dense(t) else t.contiguous() for t in (q, k, v))
+    if heads_last and not _rows_fit(lq, h * d, d):  # heads-last rows are H x D apart: contiguous then
+        heads_last = False
     if heads_last:
         out = torch.empty((b, lq, h, d), dtype=q.dtype, device=q.device).transpose(1, 2)
     else:
