@@ -38,6 +38,7 @@ from denseclip_fast.visualize import colorize, default_palette, overlay
         ((500, 2000), (2048, 512), (512, 2048)),  # both limits at once
         ((100, 3000), (2048, 512), (68, 2048)),  # long side limits: 100 * 2048/3000 = 68.27
         ((333, 500), (2048, 640), (640, 961)),  # ViT scale: 500 * 640/333 = 960.96 -> 961
+        ((300, 3000), (2048, 512), (205, 2048)),  # the height rounds too: 300 * 2048/3000 = 204.8 -> 205
     ],
 )
 def test_keep_ratio_size_is_mmcv_rescale_size(hw, scale, expected):
