@@ -58,6 +58,20 @@ def test_prepare_resizes_rounds_and_normalises():
     )
 
 
+def test_normalisation_uses_clips_rgb_mean_and_std():
+    """CLIP's published mean and std, in RGB order (not BGR as OpenCV reads images): a pure red, green or blue
+    image normalises to (255 - mean_c) / std_c in its own channel and -mean_c / std_c in the others."""
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073], dtype=torch.float64) * 255
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711], dtype=torch.float64) * 255
+    for c in range(3):
+        image = np.zeros((2, 2, 3), np.uint8)
+        image[..., c] = 255
+        got = normalize(to_tensor(image))[0, :, 0, 0].double()
+        expected = -mean / std
+        expected[c] = (255 - mean[c]) / std[c]
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
 def test_sizes_and_paths_that_are_not_images_are_named():
     """keep_ratio_size of an empty image divided by zero; load_image(None) was os's TypeError."""
     with pytest.raises(ValueError, match="the image size must be at least 1 x 1, got 0 x 5"):
