@@ -15,7 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from denseclip_fast import DenseCLIP
 from denseclip_fast.config import TextConfig
 from denseclip_fast.model import text
-from denseclip_fast.model.layers import DropPath, LayerNormFp32
+from denseclip_fast.model.layers import DropPath, LayerNormFp32, MultiheadSelfAttention
 from denseclip_fast.model.text import ContextTextEncoder, token_span
 
 from .conftest import NAMES, tiny_config
@@ -88,6 +88,25 @@ def test_shared_start_equals_every_prompt_run_whole(name_lengths, heads, n_ctx):
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
     # what was computed is the shared path's (the whole path would agree with itself): P = 1 + n_ctx, K prompts
     assert shared_calls(enc, lambda: enc(tokens, contexts)) == [(1 + n_ctx, len(name_lengths))] * 2  # per layer
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_multi_head_self_attention_is_nn_multihead_attention(causal):
+    """The packed in-projection split as nn.MultiheadAttention splits it (q, k, v blocks of rows, then heads within
+    each), with several heads: the tiny models' text encoders and ViTs have one head, where a q/k/v split interleaved
+    with the heads reads the same rows."""
+    torch.manual_seed(0)
+    width, heads, length = 24, 4, 6
+    ours = MultiheadSelfAttention(width, heads).double()
+    with torch.no_grad():
+        ours.in_proj_bias.normal_()
+        ours.out_proj.bias.normal_()
+    torch_mha = nn.MultiheadAttention(width, heads, batch_first=True).double()
+    torch_mha.load_state_dict(ours.state_dict())
+    x = torch.randn(2, length, width, dtype=torch.float64)
+    mask = nn.Transformer.generate_square_subsequent_mask(length, dtype=torch.float64) if causal else None
+    expected = torch_mha(x, x, x, need_weights=False, attn_mask=mask)[0]
+    torch.testing.assert_close(ours(x, causal=causal), expected, rtol=1e-12, atol=1e-12)
 
 
 def test_gradients_equal_those_of_the_whole_prompts():
