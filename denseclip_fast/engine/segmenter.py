@@ -508,6 +508,13 @@ class Segmenter:
         self._graphs = GraphCache(self._forward, enabled=cuda_graphs and self.device.type == "cuda",
                                   max_graphs=max_graphs, capture_after=capture_after)  # fmt: skip
 
+    def __repr__(self) -> str:
+        """What the engine serves and how, on one line (the prepared model is ``seg.model``)."""
+        window = f", crop={self.crop}, stride={self.stride}" if self.mode == "slide" else ""
+        graphs = f", cuda_graphs={self._graphs.enabled}" if self.device.type == "cuda" else ""
+        return (f"Segmenter(arch={self.model.config.arch!r}, num_classes={self.model.num_classes}, "
+                f"device={str(self.device)!r}, dtype={self.dtype}, mode={self.mode!r}{window}{graphs})")  # fmt: skip
+
     def __reduce__(self) -> NoReturn:
         """Refused with a TypeError that says what to send instead: pickle (multiprocessing, Ray, copy.deepcopy)
         would otherwise fail on the lock with a message naming no Segmenter."""
