@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from denseclip_fast import DenseCLIP, Segmenter
 
-from .conftest import NAMES, tiny_config
+from .conftest import NAMES, ROOT, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -24,3 +28,26 @@ def test_a_segmenters_repr_says_what_it_serves_on_one_line(model):
                          "crop=64, stride=40)")  # fmt: skip
     whole = Segmenter(model, device="cpu", dtype=torch.float32)
     assert repr(whole) == "Segmenter(arch='custom', num_classes=4, device='cpu', dtype=torch.float32, mode='whole')"
+
+
+# A typed user's calls, checked by mypy --strict as a user's code is (the package's own errors not reported, as
+# for an installed package): each line says what a call gives, so that a result typed Any, which --strict refuses to
+# return as a concrete type, fails.
+USER_SNIPPET = '''
+import torch
+import denseclip_fast as dcf
+
+
+def logits_of(model: dcf.DenseCLIP, x: torch.Tensor) -> torch.Tensor:
+    return model(x)
+'''
+
+
+def test_a_strictly_typed_user_gets_concrete_types(tmp_path):
+    pytest.importorskip("mypy", reason="mypy is not installed (requirements.lock pins it)")
+    (tmp_path / "user.py").write_text(USER_SNIPPET)
+    env = {**os.environ, "MYPYPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-m", "mypy", "--strict", "--follow-imports=silent", "--no-incremental",
+                             "--cache-dir", os.devnull, str(tmp_path / "user.py")], cwd=tmp_path, env=env,
+                            capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]

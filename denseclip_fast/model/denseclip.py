@@ -391,6 +391,10 @@ class DenseCLIP(nn.Module):
             "logits": logits,
         }
 
+    if TYPE_CHECKING:  # what model(x) returns, for a type checker (nn.Module.__call__ says Any); runs forward
+
+        def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Whole-image inference: CLIP-normalised x (B, 3, H, W) float -> logits (B, K, H, W)."""
         feats = self.extract(x)
