@@ -31,15 +31,29 @@ def test_a_segmenters_repr_says_what_it_serves_on_one_line(model):
 
 
 # A typed user's calls, checked by mypy --strict as a user's code is (the package's own errors not reported, as
-# for an installed package): each line says what a call gives, so that a result typed Any, which --strict refuses to
-# return as a concrete type, fails.
+# for an installed package): a result typed Any, which --strict refuses to return as a concrete type, fails, and so
+# does a line marked ``# type: ignore[...]`` that mypy finds no error on (--strict warns of unused ignores): those
+# are the mistakes the annotations must catch.
 USER_SNIPPET = '''
+import numpy as np
+import numpy.typing as npt
 import torch
+from PIL import Image
+
 import denseclip_fast as dcf
 
 
 def logits_of(model: dcf.DenseCLIP, x: torch.Tensor) -> torch.Tensor:
     return model(x)
+
+
+def labels_of(seg: dcf.Segmenter, image: npt.NDArray[np.uint8], photo: Image.Image) -> torch.Tensor:
+    seg.predict([image, photo])
+    seg.logits(torch.zeros(1, 3, 64, 64))
+    seg.open_vocab((image,), ["cat", "dog"])
+    seg.predict("street.jpg")  # type: ignore[arg-type]
+    seg.overlay("street.jpg", seg.predict(image)[0])  # type: ignore[arg-type]
+    return seg.predict(photo)[0]
 '''
 
 

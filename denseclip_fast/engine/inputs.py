@@ -9,13 +9,24 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
 import torch
 
 from ..ops.checks import FLOAT_DTYPES
 from ..preprocess import pil_to_rgb
+
+if TYPE_CHECKING:  # for a type checker (PIL is imported where an image is read, not with the package)
+    import PIL.Image
+
+    # one image: uint8 (H, W, 3) as a tensor, a numpy array or a PIL image; or a float (B, 3, H, W) / (3, H, W)
+    # CLIP-normalised tensor, or a uint8 (B, H, W, 3) tensor or array
+    Image: TypeAlias = torch.Tensor | np.ndarray[Any, Any] | PIL.Image.Image
+    # what the Segmenter's logits, predict and open_vocab take: one of those or a sequence of images
+    Images: TypeAlias = Image | Sequence[Image]
+else:
+    Image = Images = Any
 
 
 @dataclass

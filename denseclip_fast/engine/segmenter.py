@@ -43,6 +43,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal, NamedTuple, NoReturn
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from .. import ops
@@ -64,7 +65,7 @@ from .cuda_conv import cudnn_fusion_problem, fuse_cudnn_convolutions, gemm_point
 from .cuda_convt import gemm_transposed_convolutions, gemm_transposed_convolutions_wanted
 from .cuda_group_norm import group_norms_wanted, swap_group_norms
 from .graphs import GraphCache
-from .inputs import ImageBatch, as_batch, stacked_for
+from .inputs import Image, ImageBatch, Images, as_batch, stacked_for
 from .positions import keep_positions
 from .rewrite import (
     channels_last_pyramid,
@@ -630,7 +631,7 @@ class Segmenter:
 
     # ------------------------------------------------------------------ public API
 
-    def _batch(self, images: Any) -> tuple[ImageBatch, FiniteVerdict | None]:
+    def _batch(self, images: Images) -> tuple[ImageBatch, FiniteVerdict | None]:
         """``images`` checked (as_batch) and, with check_finite, a float batch scanned for NaN and infinities: a CPU
         batch is refused here, before any work; a GPU batch's verdict is on its way to the host (FiniteVerdict),
         for ``_finite_or_raise`` to read once the forward is queued (no idle round trip before it)."""
@@ -676,12 +677,16 @@ class Segmenter:
                           "engine normalises, or preprocess.normalize(x * 255); Segmenter(check_finite=False) turns "
                           "this check off", UserWarning, stacklevel=stacklevel)  # fmt: skip
 
-    def logits(self, images: Any) -> torch.Tensor | list[torch.Tensor]:
+    def logits(self, images: Images) -> torch.Tensor | list[torch.Tensor]:
         """(B, K, H, W) float32 logits, at the input size for a normalised float batch and at each image's own size
-        for uint8 images; a list of (K, H_i, W_i) when uint8 images differ in size."""
+        for uint8 images; a list of (K, H_i, W_i) when uint8 images differ in size.
+
+        ``images`` (as predict and open_vocab take them): uint8 RGB images, each a (H, W, 3) tensor or numpy array
+        or a PIL image, a list of them (sizes may differ) or a (B, H, W, 3) batch, which go through the official test
+        pipeline; or a float (B, 3, H, W) tensor, taken as CLIP-normalised already (preprocess.normalize)."""
         return self._trained_head(images, resized_through)
 
-    def predict(self, images: Any, names: Sequence[str] | None = None) -> torch.Tensor | list[torch.Tensor]:
+    def predict(self, images: Images, names: Sequence[str] | None = None) -> torch.Tensor | list[torch.Tensor]:
         """(B, H, W) int64 label maps (a list when uint8 images differ in size): the argmax of :meth:`logits`, or
         with ``names`` of :meth:`open_vocab`, equal to it pixel for pixel (ties to the first class). The resized
         scores are never held for all classes at once: they are made a chunk of classes at a time (see labels), as
@@ -691,7 +696,7 @@ class Segmenter:
             return self._open_vocab(images, names, labels)
         return self._trained_head(images, labels)
 
-    def _trained_head(self, images: Any, finish: Finish) -> torch.Tensor | list[torch.Tensor]:
+    def _trained_head(self, images: Images, finish: Finish) -> torch.Tensor | list[torch.Tensor]:
         """The trained head's logits of ``images``, finished by ``finish`` (see _each_group)."""
         batch, finite = self._batch(images)
         with self._lock, self._turn(), torch.no_grad(), self._math():
@@ -699,13 +704,13 @@ class Segmenter:
         self._finite_or_raise(finite)
         return out
 
-    def open_vocab(self, images: Any, names: Sequence[str]) -> torch.Tensor | list[torch.Tensor]:
+    def open_vocab(self, images: Images, names: Sequence[str]) -> torch.Tensor | list[torch.Tensor]:
         """(B, K', H, W) float32 pixel-text cosine scores of any ``names`` (context decoder applied), from the
         whole image's local embedding map, upsampled to the image (a list of (K', H_i, W_i) when uint8 images
         differ in size, as logits). Each vocabulary's embeddings are cached."""
         return self._open_vocab(images, names, resized_through)
 
-    def _open_vocab(self, images: Any, names: Sequence[str], finish: Finish) -> torch.Tensor | list[torch.Tensor]:
+    def _open_vocab(self, images: Images, names: Sequence[str], finish: Finish) -> torch.Tensor | list[torch.Tensor]:
         check_class_names(names, distinct=True)  # before the cache key is made of them; tokens checked on a miss
         batch, finite = self._batch(images)
         with self._lock, self._turn(), torch.no_grad(), self._math():
@@ -753,9 +758,9 @@ class Segmenter:
         return self.model.class_names
 
     def overlay(
-        self, image: Any, labels: torch.Tensor | np.ndarray, alpha: float = 0.5, names: Sequence[str] | None = None,
+        self, image: Image, labels: torch.Tensor | np.ndarray, alpha: float = 0.5, names: Sequence[str] | None = None,
         ignore_index: int | None = IGNORE,
-    ) -> np.ndarray:  # fmt: skip
+    ) -> npt.NDArray[np.uint8]:  # fmt: skip
         """Colour the label map over a uint8 (H, W, 3) image: the trained head's labels in the checkpoint's palette
         (else a generated one); with ``names``, the labels of ``predict(images, names)`` in a generated palette of
         ``len(names)`` colours (the command line's open-vocabulary overlays). A ground-truth map's pixels labelled
