@@ -672,8 +672,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     check_not_in_folder(out, "--out", args.data, "the data set --data")
     model.to(device)
     dtype = torch.bfloat16 if args.bf16 else None  # float32 by default, as the official test
-    result = evaluate(model, data, mode=args.mode, scales=scales, flip=args.flip, dtype=dtype, progress=True)
-    result["checkpoint"] = args.checkpoint
+    evaluation = evaluate(model, data, mode=args.mode, scales=scales, flip=args.flip, dtype=dtype, progress=True)
+    result: dict[str, Any] = {**evaluation, "checkpoint": args.checkpoint}
 
     def write(path: str) -> None:
         with open(path, "w", encoding="utf-8") as f:

@@ -41,6 +41,7 @@ import torch
 from PIL import Image
 
 import denseclip_fast as dcf
+from denseclip_fast.train import SegmentationData, evaluate
 
 
 def logits_of(model: dcf.DenseCLIP, x: torch.Tensor) -> torch.Tensor:
@@ -54,6 +55,13 @@ def labels_of(seg: dcf.Segmenter, image: npt.NDArray[np.uint8], photo: Image.Ima
     seg.predict("street.jpg")  # type: ignore[arg-type]
     seg.overlay("street.jpg", seg.predict(image)[0])  # type: ignore[arg-type]
     return seg.predict(photo)[0]
+
+
+def miou(model: dcf.DenseCLIP, data: SegmentationData) -> float:
+    result = evaluate(model, data, mode="slide")
+    iou: float | None = result["per_class"]["cat"]["IoU"]
+    result["miou"]  # type: ignore[typeddict-item]
+    return result["mIoU"] + result["images"] + (iou or 0.0)
 '''
 
 

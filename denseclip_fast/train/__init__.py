@@ -12,7 +12,18 @@ launch.py (torchrun's environment, process group), state.py (the saved training 
 
 from .config import TrainConfig, train_preset
 from .data import SegmentationData
-from .evaluate import SegmentationMetrics, evaluate
+from .evaluate import ClassMetrics, Evaluation, Metrics, SegmentationMetrics, evaluate
 from .loop import Trainer, train
 
-__all__ = ["SegmentationData", "SegmentationMetrics", "TrainConfig", "Trainer", "evaluate", "train", "train_preset"]
+__all__ = [
+    "ClassMetrics",
+    "Evaluation",
+    "Metrics",
+    "SegmentationData",
+    "SegmentationMetrics",
+    "TrainConfig",
+    "Trainer",
+    "evaluate",
+    "train",
+    "train_preset",
+]

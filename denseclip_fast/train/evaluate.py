@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
@@ -25,6 +25,33 @@ from ..model.denseclip import check_test_image_size
 from ..preprocess import image_size, normalize_keep_ratio, to_tensor
 from ..validation import finite_real
 from .data import IGNORE, SegmentationData
+
+
+class ClassMetrics(TypedDict):
+    """One class's entry of ``per_class``: None where mmseg's value is NaN (Acc: no label of the class; IoU: neither
+    a label nor a prediction of it)."""
+
+    IoU: float | None
+    Acc: float | None
+
+
+class Metrics(TypedDict):
+    """What SegmentationMetrics.results returns: fractions (0.4515), NaN where the split defines none (no labelled
+    pixel at all); ``per_class`` in class order, keyed by per_class_keys."""
+
+    mIoU: float
+    mAcc: float
+    aAcc: float
+    per_class: dict[str, ClassMetrics]
+
+
+class Evaluation(Metrics):
+    """What evaluate returns: the metrics and how they were made."""
+
+    images: int
+    mode: str
+    scales: list[float]
+    flip: bool
 
 
 def _host_array(x: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -72,7 +99,7 @@ class SegmentationMetrics:
         self.intersect, self.union, self.pred_area, self.label_area = summed[:-1].reshape(4, self.num_classes)
         return int(summed[-1])
 
-    def results(self, class_names: Sequence[str] | None = None) -> dict[str, Any]:
+    def results(self, class_names: Sequence[str] | None = None) -> Metrics:
         """mIoU, mAcc, aAcc and ``per_class``: {key: {"IoU", "Acc"}} in class order (None for NaN), keyed as
         per_class_keys words ``class_names`` (default: the class indices)."""
         if class_names is not None and len(class_names) != self.num_classes:
@@ -82,25 +109,24 @@ class SegmentationMetrics:
             iou = self.intersect / self.union
             acc = self.intersect / self.label_area
         total = self.label_area.sum()
-        out: dict[str, Any] = {
+        names = list(class_names) if class_names is not None else [str(i) for i in range(self.num_classes)]
+        return {
             "mIoU": float(np.nanmean(iou)) if np.isfinite(iou).any() else math.nan,
             "mAcc": float(np.nanmean(acc)) if np.isfinite(acc).any() else math.nan,
             "aAcc": float(self.intersect.sum() / total) if total else math.nan,
-        }
-        names = list(class_names) if class_names is not None else [str(i) for i in range(self.num_classes)]
-        out["per_class"] = {n: {"IoU": None if math.isnan(i) else float(i), "Acc": None if math.isnan(a) else float(a)}
-                            for n, i, a in zip(per_class_keys(names), iou, acc)}  # fmt: skip
-        return out
+            "per_class": {n: {"IoU": None if math.isnan(i) else float(i), "Acc": None if math.isnan(a) else float(a)}
+                          for n, i, a in zip(per_class_keys(names), iou, acc)},
+        }  # fmt: skip
 
 
-def results_json(result: dict[str, Any]) -> str:
+def results_json(result: Mapping[str, Any]) -> str:
     """The results as JSON text, a NaN metric (a split without one labelled pixel: every label ignored) written as
     ``null``, as ``per_class`` writes them: a bare NaN is not JSON, and strict readers refused the file."""
     clean = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in result.items()}
     return json.dumps(clean, indent=2, allow_nan=False)
 
 
-def summary(result: dict[str, Any]) -> str:
+def summary(result: Mapping[str, Any]) -> str:
     """The headline metrics as the commands print them: ``mIoU 41.23  aAcc 79.80  mAcc 52.10`` (percent; "n/a" for
     a metric the split does not define, written as null in the JSON)."""
     def percent(key: str) -> str:
@@ -214,7 +240,7 @@ def evaluate(
     progress: bool = False,
     rank: int = 0,
     world: int = 1,
-) -> dict[str, Any]:
+) -> Evaluation:
     """Metrics of ``model`` (in eval mode while it runs) over ``data`` (a "val" SegmentationData). With
     ``world`` > 1 (an initialised process group) each process takes every world-th image and the areas are summed
     over the processes; every process returns the same result."""
@@ -255,6 +281,4 @@ def evaluate(
         if failed:
             raise RuntimeError(f"the evaluation failed in {failed} other process(es) (a file they read: see their "
                                "error); this one's images were fine")  # fmt: skip
-    result = metrics.results(data.class_names)
-    result |= {"images": count, "mode": mode, "scales": list(scales), "flip": flip}
-    return result
+    return {**metrics.results(data.class_names), "images": count, "mode": mode, "scales": list(scales), "flip": flip}

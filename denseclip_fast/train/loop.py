@@ -48,7 +48,7 @@ from ..model import DenseCLIP
 from ..model.text import tokenize_class_names
 from .config import TrainConfig
 from .data import SegmentationData, TrainSampler, class_list_source, shared_split_note
-from .evaluate import check_image_sizes, evaluate, results_json
+from .evaluate import Evaluation, check_image_sizes, evaluate, results_json
 from .launch import cudnn_benchmark, distributed, launch_environment
 from .optim import make_optimizer, segmentation_loss, set_learning_rates, short_run_warning
 from .state import (
@@ -659,7 +659,7 @@ class Trainer:
 
     def _evaluate(
         self, model: DenseCLIP, val: SegmentationData, rank: int, world: int, iteration: int, writer: Any
-    ) -> dict[str, Any] | None:
+    ) -> Evaluation | None:
         """mIoU/aAcc on the val split in float32 (as the official test), the images shared by the processes, each
         with rank 0's buffers: the saved model's. (Without SyncBatchNorm each process's BatchNorm statistics have
         moved with its own last batch since DDP copied rank 0's before that forward.)"""
