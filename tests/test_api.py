@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
 
+import denseclip_fast as dcf
 from denseclip_fast import DenseCLIP, Segmenter
 
 from .conftest import NAMES, ROOT, tiny_config
@@ -28,6 +30,20 @@ def test_a_segmenters_repr_says_what_it_serves_on_one_line(model):
                          "crop=64, stride=40)")  # fmt: skip
     whole = Segmenter(model, device="cpu", dtype=torch.float32)
     assert repr(whole) == "Segmenter(arch='custom', num_classes=4, device='cpu', dtype=torch.float32, mode='whole')"
+
+
+def test_a_float_batch_of_0_to_1_pixels_warns_in_a_category_a_user_can_filter(model):
+    """The Segmenter's warning about a float batch within 0..1 (pixels through ToTensor, not CLIP-normalised) is a
+    UserWarning of its own, exported, so that a pipeline can make it an error or silence it by category."""
+    seg = Segmenter(model, device="cpu", dtype=torch.float32)
+    x = torch.rand(1, 3, 64, 64)
+    with pytest.warns(dcf.UnnormalizedImagesWarning, match=r"^images: a float batch within 0\.\.1"):
+        seg.logits(x)
+    assert issubclass(dcf.UnnormalizedImagesWarning, UserWarning) and "UnnormalizedImagesWarning" in dcf.__all__
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", dcf.UnnormalizedImagesWarning)
+        with pytest.raises(dcf.UnnormalizedImagesWarning):
+            seg.predict(x)
 
 
 # A typed user's calls, checked by mypy --strict as a user's code is (the package's own errors not reported, as

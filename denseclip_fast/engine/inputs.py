@@ -29,6 +29,12 @@ else:
     Image = Images = Any
 
 
+class UnnormalizedImagesWarning(UserWarning):
+    """A float batch given to a Segmenter as CLIP-normalised holds values within 0..1 only: likely pixels scaled to
+    0..1 (torchvision's ToTensor), whose results are wrong. A category of its own, so that a pipeline can filter it
+    (``warnings.simplefilter("error", UnnormalizedImagesWarning)``) without matching the message."""
+
+
 @dataclass
 class ImageBatch:
     """Either ``normalized`` (B, 3, H, W) float, or ``raw``: uint8 (H, W, 3) images, grouped by size in ``groups``

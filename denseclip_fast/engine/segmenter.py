@@ -65,7 +65,7 @@ from .cuda_conv import cudnn_fusion_problem, fuse_cudnn_convolutions, gemm_point
 from .cuda_convt import gemm_transposed_convolutions, gemm_transposed_convolutions_wanted
 from .cuda_group_norm import group_norms_wanted, swap_group_norms
 from .graphs import GraphCache
-from .inputs import Image, ImageBatch, Images, as_batch, stacked_for
+from .inputs import Image, ImageBatch, Images, UnnormalizedImagesWarning, as_batch, stacked_for
 from .positions import keep_positions
 from .rewrite import (
     channels_last_pyramid,
@@ -675,7 +675,7 @@ class Segmenter:
                           "scaled to 0..1 (torchvision's ToTensor), not CLIP-normalised ones (a photo's hold negative "
                           "values): its results are likely wrong. Pass 0..255 pixels as uint8 images, which the "
                           "engine normalises, or preprocess.normalize(x * 255); Segmenter(check_finite=False) turns "
-                          "this check off", UserWarning, stacklevel=stacklevel)  # fmt: skip
+                          "this check off", UnnormalizedImagesWarning, stacklevel=stacklevel)  # fmt: skip
 
     def logits(self, images: Images) -> torch.Tensor | list[torch.Tensor]:
         """(B, K, H, W) float32 logits, at the input size for a normalised float batch and at each image's own size
