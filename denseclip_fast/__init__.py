@@ -19,6 +19,7 @@ from .checkpoints import CheckpointError, load_checkpoint  # noqa: E402
 from .class_names import ADE20K_CLASSES  # noqa: E402
 from .config import DenseCLIPConfig, preset  # noqa: E402
 from .engine import Segmenter  # noqa: E402
+from .engine.fallback import EngineFallbackWarning  # noqa: E402
 from .engine.inputs import UnnormalizedImagesWarning  # noqa: E402
 from .model import DenseCLIP  # noqa: E402
 
@@ -29,6 +30,7 @@ __all__ = [
     "CheckpointError",
     "DenseCLIP",
     "DenseCLIPConfig",
+    "EngineFallbackWarning",
     "Segmenter",
     "UnnormalizedImagesWarning",
     "load_checkpoint",

@@ -135,7 +135,7 @@ def test_a_fused_call_that_raises_or_a_map_too_large_takes_the_plain_path(stand_
         raise RuntimeError("GET was unable to find an engine to execute this computation")
 
     monkeypatch.setattr(torch, "cudnn_convolution_relu", fails)
-    with pytest.warns(RuntimeWarning, match=r"failed on a \(1, 4, 5, 5\) input \(GET was unable"):
+    with pytest.warns(dcf.EngineFallbackWarning, match=r"failed on a \(1, 4, 5, 5\) input \(GET was unable"):
         assert torch.equal(fused(x), expected)
     assert torch.equal(fused(x), expected) and len(calls) == 1  # not tried again
     assert fused.failed == "GET was unable to find an engine to execute this computation"

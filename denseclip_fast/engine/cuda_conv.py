@@ -36,6 +36,7 @@ from ..model import DenseCLIP
 from ..model.heads import ConvModule
 from ..model.layers import plain_tensors
 from ..model.resnet import Bottleneck
+from .fallback import EngineFallbackWarning
 from .rewrite import folded, relu_sites
 
 DTYPES = (torch.float16, torch.bfloat16)
@@ -86,7 +87,7 @@ class CudnnConv2d(nn.Module):
         except RuntimeError as exc:
             self.failed = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
             warnings.warn(f"cuDNN's fused convolution failed on a {tuple(x.shape)} input ({self.failed}); this "
-                          "convolution runs as PyTorch's from now on", RuntimeWarning, stacklevel=2)  # fmt: skip
+                          "convolution runs as PyTorch's from now on", EngineFallbackWarning, stacklevel=2)  # fmt: skip
             return self._plain(x, residual)
 
     def extra_repr(self) -> str:

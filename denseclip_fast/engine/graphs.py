@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from ..validation import as_int
+from .fallback import EngineFallbackWarning
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 Layout = tuple[torch.dtype, torch.memory_format]  # what a call's input is converted to (GraphCache.__call__)
@@ -87,9 +88,9 @@ class GraphCache:
             ever-new sizes (keep-ratio resized images in whole mode) would pay that on every call and reuse
             nothing, so a signature is captured once it has come back (2, the default), or at once (1).
 
-    A capture that fails (a RuntimeError: out of memory, an operation a graph cannot hold) is said once in a
-    RuntimeWarning, and that signature runs eagerly from then on (until :meth:`clear`): the call, and the
-    engine, go on working instead of raising, and of trying again every call.
+    A capture that fails (a RuntimeError: out of memory, an operation a graph cannot hold) is said once in an
+    EngineFallbackWarning (a RuntimeWarning), and that signature runs eagerly from then on (until :meth:`clear`): the
+    call, and the engine, go on working instead of raising, and of trying again every call.
     """
 
     def __init__(
@@ -139,7 +140,7 @@ class GraphCache:
                 warnings.warn(
                     f"capturing a CUDA graph for inputs of shape {tuple(x.shape)} ({example.dtype}) failed, so that "
                     f"shape runs eagerly from now on: {type(exc).__name__}: {str(exc).strip().splitlines()[0]}",
-                    RuntimeWarning,
+                    EngineFallbackWarning,
                     stacklevel=2,
                 )
                 return self.fn(example)
