@@ -95,6 +95,24 @@ def test_a_module_file_runs_without_its_package(tmp_path, monkeypatch):
     monkeypatch.delitem(sys.modules, "_denseclip_fast_dcf_probe_package_alone")
 
 
+def test_the_tokenizers_cache_of_words_is_bounded(monkeypatch):
+    """open_clip's tokenizer keeps the BPE merges of every word it has encoded: a service scoring its users'
+    vocabularies (open_vocab, predict with names) would grow it forever. At most BPE_CACHE_SIZE words are kept, the
+    oldest dropped first; the special tokens stay, and a dropped word tokenises as before."""
+    from denseclip_fast.model import text
+
+    monkeypatch.setattr(text, "BPE_CACHE_SIZE", 8, raising=False)
+    bpe = text._bpe()
+    first = tokenize_class_names(["zebra"], 5)
+    for i in range(40):  # distinct words, as users' vocabularies bring
+        tokenize_class_names(["".join("abcdefghij"[int(d)] for d in f"{i:03d}") + "q"], 5)
+    assert len(bpe.cache) <= 8
+    assert "zebra" not in bpe.cache  # the oldest went
+    assert torch.equal(tokenize_class_names(["zebra"], 5), first)
+    with pytest.raises(ValueError, match="start or end-of-text token"):  # still found among the special tokens
+        tokenize_class_names(["<start_of_text> cat"], 5)
+
+
 def test_padding_and_cleaning():
     tokens = tokenize_class_names(["bed ", "  Bed"], 5)
     assert torch.equal(tokens[0], tokens[1])  # mmseg's trailing space and case do not matter

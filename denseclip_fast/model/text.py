@@ -28,7 +28,8 @@ import functools
 import importlib.util
 import os
 import sys
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from types import ModuleType
 from typing import Any
 
@@ -41,10 +42,41 @@ from .layers import LayerNormFp32, ResidualAttentionBlock, Transformer, init_, i
 SHARED_START_DEVICES: tuple[str, ...] = ("cpu",)  # where the shared start is the faster path (module docstring)
 
 
+# words whose BPE merges the tokenizer keeps (open_clip's SimpleTokenizer keeps every word it has ever encoded: in a
+# service scoring the vocabularies its users send, a cache that grew without bound); a few MiB at most
+BPE_CACHE_SIZE = 10_000
+
+
+class _BoundedBPECache(OrderedDict[str, str]):
+    """SimpleTokenizer's ``cache`` (word -> its BPE merges) holding at most BPE_CACHE_SIZE words, the oldest dropped
+    first (a dropped word is merged again when it comes back: the same tokens), besides its special tokens, which
+    always stay (the tokenizer finds them there and never merges them). The tokenizer reads and writes it as a dict:
+    ``in``, ``[]`` and ``[] =``."""
+
+    def __init__(self, special: Mapping[str, str]) -> None:
+        super().__init__()
+        self.special = dict(special)
+
+    def __contains__(self, word: object) -> bool:
+        return word in self.special or super().__contains__(word)
+
+    def __getitem__(self, word: str) -> str:
+        return self.special[word] if word in self.special else super().__getitem__(word)
+
+    def __setitem__(self, word: str, merges: str) -> None:
+        super().__setitem__(word, merges)
+        while len(self) > BPE_CACHE_SIZE:  # (the special tokens are not counted: never in the OrderedDict itself)
+            self.popitem(last=False)
+
+
 @functools.lru_cache(maxsize=1)
 def _bpe() -> Any:
-    """open_clip's SimpleTokenizer: CLIP's BPE and the vocabulary bundled with open_clip, made on first use."""
-    return _tokenizer_module().SimpleTokenizer()
+    """open_clip's SimpleTokenizer: CLIP's BPE and the vocabulary bundled with open_clip, made on first use, its
+    cache of words bounded (_BoundedBPECache)."""
+    tokenizer = _tokenizer_module().SimpleTokenizer()
+    if isinstance(getattr(tokenizer, "cache", None), dict):
+        tokenizer.cache = _BoundedBPECache(tokenizer.cache)
+    return tokenizer
 
 
 @functools.lru_cache(maxsize=1)
