@@ -28,6 +28,7 @@ import functools
 import importlib.util
 import os
 import sys
+import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from types import ModuleType
@@ -67,6 +68,17 @@ class _BoundedBPECache(OrderedDict[str, str]):
         super().__setitem__(word, merges)
         while len(self) > BPE_CACHE_SIZE:  # (the special tokens are not counted: never in the OrderedDict itself)
             self.popitem(last=False)
+
+
+# one tokenizer for the process, its word cache shared by every thread that encodes (two Segmenters in two threads):
+# the cache's check-then-read (open_clip's ``if word in cache: return cache[word]``) met another thread's eviction
+_BPE_LOCK = threading.Lock()
+
+
+def _encode(name: str) -> list[int]:
+    """The BPE tokens of ``name`` from the process's tokenizer, one thread at a time (_BPE_LOCK)."""
+    with _BPE_LOCK:
+        return list(_bpe().encode(name))
 
 
 @functools.lru_cache(maxsize=1)
@@ -147,8 +159,7 @@ def check_distinct_tokens(names: Sequence[str], encoded: Sequence[Sequence[int]]
     where a name is all that tells two classes apart, refuses them as check_class_names refuses repeated strings).
     ``encoded``: the names' BPE tokens when the caller has them (else they are encoded here)."""
     if encoded is None:
-        bpe = _bpe()
-        encoded = [bpe.encode(name) for name in names]
+        encoded = [_encode(name) for name in names]
     seen: dict[tuple[int, ...], int] = {}
     for i, (name, name_tokens) in enumerate(zip(names, encoded)):
         tokens = tuple(name_tokens)
@@ -175,7 +186,7 @@ def tokenize_class_names(names: Sequence[str], length: int, distinct: bool = Fal
     out = torch.zeros(len(names), length, dtype=torch.long)
     encoded = []
     for i, name in enumerate(names):
-        tokens = bpe.encode(name)
+        tokens = _encode(name)
         encoded.append(tokens)
         if not tokens:
             raise ValueError(f"class name {i} ({name!r}) has no tokens")
