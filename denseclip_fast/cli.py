@@ -309,13 +309,13 @@ def cmd_segment(args: argparse.Namespace) -> int:
     seg = Segmenter(model, device=device, dtype=dtype, mode=args.mode or "slide")
     k = len(names) if names is not None else model.num_classes
     palette = model.palette if (model.palette is not None and names is None) else default_palette(k)
-    skipped: list[str] = []
     # a run that wrote nothing leaves no empty --out behind: an interrupted one, nor one whose every image was skipped
-    with contextlib.suppress(_NothingWritten), made_folder(args.out):
-        skipped = _segment_files(args, seg, files, stems, names, palette, k, workers)
-        if len(skipped) == len(files):
-            raise _NothingWritten  # made_folder removes the folders it made
-    if len(skipped) == len(files):
+    try:
+        with made_folder(args.out):
+            skipped = _segment_files(args, seg, files, stems, names, palette, k, workers)
+            if len(skipped) == len(files):
+                raise _NothingWritten  # made_folder removes the folders it made
+    except _NothingWritten:
         print(f"wrote nothing: skipped all {len(files)} images, which could not be segmented (--keep-going; named "
               "above)")  # fmt: skip
         return 1
