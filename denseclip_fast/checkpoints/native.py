@@ -105,20 +105,27 @@ def save_native(model: DenseCLIP, path: str | os.PathLike[str]) -> None:
 def reparametrized_weights(model: torch.nn.Module) -> list[str]:
     """The names of ``model``'s weights that PyTorch computes from others at every forward: torch.nn.utils.parametrize's
     parametrizations, torch.nn.utils.prune's masks and the older weight_norm and spectral_norm hooks."""
-    from torch.nn.utils import parametrize, prune
-    from torch.nn.utils.spectral_norm import SpectralNorm
-    from torch.nn.utils.weight_norm import WeightNorm
+    from torch.nn.utils import parametrize
 
     found = []
     for prefix, module in model.named_modules():
         names = list(module.parametrizations) if parametrize.is_parametrized(module) else []
-        for hook in module._forward_pre_hooks.values():
-            if isinstance(hook, prune.BasePruningMethod):
-                names.append(hook._tensor_name)
-            elif isinstance(hook, (WeightNorm, SpectralNorm)):
-                names.append(hook.name)
+        names += [name for name, _ in weight_hooks(module)]
         found += [f"{prefix}.{name}" if prefix else name for name in names]
     return found
+
+
+def weight_hooks(module: torch.nn.Module) -> list[tuple[str, Any]]:
+    """(weight name, hook) of each forward pre-hook of ``module`` itself that recomputes one of its weights from
+    others at every forward: torch.nn.utils.prune's masks and the older weight_norm and spectral_norm (parametrize's
+    parametrizations are ``module.parametrizations``)."""
+    from torch.nn.utils import prune
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    hooks = module._forward_pre_hooks.values()
+    return [(hook._tensor_name if isinstance(hook, prune.BasePruningMethod) else hook.name, hook) for hook in hooks
+            if isinstance(hook, (prune.BasePruningMethod, WeightNorm, SpectralNorm))]  # fmt: skip
 
 
 def metadata_crc32(metadata: Mapping[str, str]) -> str:

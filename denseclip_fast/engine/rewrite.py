@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checkpoints.native import weight_hooks
 from ..checkpoints.official import all_finite, key_listing
 from ..model import DenseCLIP
 from ..model.heads import ConvModule
@@ -143,7 +144,6 @@ def bake_reparametrizations(model: nn.Module) -> int:
     float32 engine gave logits 2% off without a word (the bfloat16 CPU engine's convolution rewrite refused the
     module, or failed on a dtype mismatch). Returns how many weights were made plain."""
     from torch.nn.utils import parametrize, prune, remove_spectral_norm, remove_weight_norm
-    from torch.nn.utils.spectral_norm import SpectralNorm
     from torch.nn.utils.weight_norm import WeightNorm
 
     baked = 0
@@ -157,15 +157,13 @@ def bake_reparametrizations(model: nn.Module) -> int:
             for name, value in values.items():
                 module.register_parameter(name, nn.Parameter(value.detach().clone(), requires_grad=False))
             baked += len(values)
-        for hook in list(module._forward_pre_hooks.values()):
+        for name, hook in weight_hooks(module):  # prune's masks, the hook-based weight_norm and spectral_norm
             if isinstance(hook, prune.BasePruningMethod):
-                prune.remove(module, hook._tensor_name)
+                prune.remove(module, name)
             elif isinstance(hook, WeightNorm):
-                remove_weight_norm(module, hook.name)
-            elif isinstance(hook, SpectralNorm):
-                remove_spectral_norm(module, hook.name)
+                remove_weight_norm(module, name)
             else:
-                continue
+                remove_spectral_norm(module, name)
             baked += 1
     return baked
 
