@@ -26,7 +26,7 @@ MIN_IMAGE_SIDE = 32  # the stride-32 level must keep at least one pixel
 MAX_EXPORT_SIDE = 8192
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class VisionConfig:
     """CLIP image encoder. ``kind='resnet'``: ModifiedResNet with the dense attention pool; ``'vit'``: ViT with
     the 4-level pyramid adapters.
@@ -97,7 +97,7 @@ class VisionConfig:
         return (self.width,) * 4
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TextConfig:
     """CLIP text transformer with CoOp-style learned contexts: ``context_length`` positions =
     SOT + ``n_ctx`` learned vectors + the class tokens + EOT (+ padding)."""
@@ -134,7 +134,7 @@ class TextConfig:
         return self.class_token_length - 2
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DecoderConfig:
     """Context decoder (post-model prompting)."""
 
@@ -152,7 +152,7 @@ class DecoderConfig:
             raise ValueError(f"decoder.width {self.width} is not divisible by decoder.heads {self.heads}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DenseCLIPConfig:
     """Everything that fixes the shapes and the function of a DenseCLIP model, except the class names."""
 

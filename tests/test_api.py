@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import os
 import subprocess
 import sys
@@ -44,6 +46,51 @@ def test_a_float_batch_of_0_to_1_pixels_warns_in_a_category_a_user_can_filter(mo
         warnings.simplefilter("error", dcf.UnnormalizedImagesWarning)
         with pytest.raises(dcf.UnnormalizedImagesWarning):
             seg.predict(x)
+
+
+# Options past those a reader can tell by position: given positionally, a reordering or a new option in between
+# would silently give a value to another parameter, so each takes a keyword only.
+KEYWORD_ONLY = {
+    "Segmenter": (Segmenter.__init__, "max_graphs"),
+    "Segmenter.warmup": (Segmenter.warmup, "raw"),
+    "evaluate": ("denseclip_fast.train:evaluate", "mode"),
+    "build_tensorrt_engine": ("denseclip_fast.export:build_tensorrt_engine", "bf16"),
+    "check_onnx_export": ("denseclip_fast.export:check_onnx_export", "runtime"),
+    "to_onnx": ("denseclip_fast.export:to_onnx", "graph"),
+    "to_aoti": ("denseclip_fast.export:to_aoti", "image_size"),
+    "load_checkpoint": (dcf.load_checkpoint, "verify"),
+    "pixel_text_score": ("denseclip_fast.ops:pixel_text_score", "backend"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(KEYWORD_ONLY))
+def test_options_take_keywords_only(name):
+    """From its first option on, every parameter of the function is keyword-only; those before it are not."""
+    func, first = KEYWORD_ONLY[name]
+    if isinstance(func, str):
+        module, attr = func.split(":")
+        func = getattr(importlib.import_module(module), attr)
+    params = list(inspect.signature(func).parameters.values())
+    kinds = {p.name: p.kind for p in params}
+    at = [p.name for p in params].index(first)
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in params[at:]), kinds
+    assert all(p.kind is not inspect.Parameter.KEYWORD_ONLY for p in params[:at]), kinds
+
+
+@pytest.mark.parametrize("config", ["DenseCLIPConfig", "VisionConfig", "TextConfig", "DecoderConfig", "TrainConfig"])
+def test_configs_take_keywords_only(config):
+    """A configuration of tens of fields built by position would shift every value at a new field: refused."""
+    module = "denseclip_fast.train" if config == "TrainConfig" else "denseclip_fast.config"
+    cls = getattr(importlib.import_module(module), config)
+    with pytest.raises(TypeError, match="positional"):
+        cls("RN50")
+
+
+def test_a_segmenter_refuses_its_later_options_by_position(model):
+    with pytest.raises(TypeError, match="positional"):
+        Segmenter(model, "cpu", torch.float32, "whole", None, None, False, 4)  # type: ignore[misc]
+    seg = Segmenter(model, "cpu", torch.float32, "whole", None, None, False, max_graphs=4)  # the issue's order
+    assert repr(seg).endswith("mode='whole')")
 
 
 # A typed user's calls, checked by mypy --strict as a user's code is (the package's own errors not reported, as

@@ -436,6 +436,7 @@ class Segmenter:
         crop: int | None = None,
         stride: int | None = None,
         cuda_graphs: bool = True,
+        *,
         max_graphs: int = 16,
         check_finite: bool = True,
         capture_after: int = 2,
@@ -787,7 +788,7 @@ class Segmenter:
         return blend(img[0].numpy(), labels, palette, alpha, ignore_index)
 
     def warmup(
-        self, size: Sequence[int], batch: int = 1, raw: bool = True, names: Sequence[str] | None = None
+        self, size: Sequence[int], batch: int = 1, *, raw: bool = True, names: Sequence[str] | None = None
     ) -> None:
         """Pay now, on a blank batch, what the first calls of logits or predict with images of this size would
         pay: the Triton kernels' compilation for the shapes the network launches, cuDNN's algorithm search and (on

@@ -61,7 +61,7 @@ class ONNXExportUnavailable(ImportError):
     than MIN_ONNXSCRIPT."""
 
 
-def check_onnx_export(versions: dict[str, str | None] | None = None, runtime: bool = False) -> None:
+def check_onnx_export(versions: dict[str, str | None] | None = None, *, runtime: bool = False) -> None:
     """ONNXExportUnavailable naming what is missing, too old or broken, and what to install, where torch.onnx cannot
     export: an older onnxscript fails inside it with its own pass errors, a missing one with a bare
     ModuleNotFoundError. Only onnxscript's version is compared (onnx and onnxruntime older than the extra's floors

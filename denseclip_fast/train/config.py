@@ -83,7 +83,7 @@ def default_num_workers() -> int:
     return max(1, min(4, cpus // processes))
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TrainConfig:
     """Every knob of a training run. ``arch`` is a released architecture or a path to an architecture JSON file
     (``DenseCLIPConfig.to_dict()``); ``init`` is CLIP weights for ``DenseCLIP.from_clip``, a DenseCLIP

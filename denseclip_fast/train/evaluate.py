@@ -232,6 +232,7 @@ def predict_probabilities(
 def evaluate(
     model: DenseCLIP,
     data: SegmentationData,
+    *,
     mode: str = "slide",
     scales: Sequence[float] = (1.0,),
     flip: bool = False,
