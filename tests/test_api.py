@@ -104,7 +104,7 @@ import torch
 from PIL import Image
 
 import denseclip_fast as dcf
-from denseclip_fast.train import SegmentationData, evaluate
+from denseclip_fast.train import SegmentationData, TrainConfig, evaluate, train
 
 
 def logits_of(model: dcf.DenseCLIP, x: torch.Tensor) -> torch.Tensor:
@@ -125,6 +125,13 @@ def miou(model: dcf.DenseCLIP, data: SegmentationData) -> float:
     iou: float | None = result["per_class"]["cat"]["IoU"]
     result["miou"]  # type: ignore[typeddict-item]
     return result["mIoU"] + result["images"] + (iou or 0.0)
+
+
+def trained(cfg: TrainConfig) -> float:
+    result = train(cfg)
+    result["loss"]  # type: ignore[typeddict-item]
+    final = result["eval"]
+    return result["last"]["loss"] + result["iterations"] + (final["mIoU"] if final is not None else 0.0)
 '''
 
 

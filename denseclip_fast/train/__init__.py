@@ -13,7 +13,7 @@ launch.py (torchrun's environment, process group), state.py (the saved training 
 from .config import TrainConfig, train_preset
 from .data import SegmentationData
 from .evaluate import ClassMetrics, Evaluation, Metrics, SegmentationMetrics, evaluate
-from .loop import Trainer, train
+from .loop import Trainer, TrainResult, train
 
 __all__ = [
     "ClassMetrics",
@@ -22,6 +22,7 @@ __all__ = [
     "SegmentationData",
     "SegmentationMetrics",
     "TrainConfig",
+    "TrainResult",
     "Trainer",
     "evaluate",
     "train",

@@ -35,7 +35,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, TypedDict, cast
 
 import torch
 import torch.distributed as dist
@@ -67,6 +67,16 @@ from .step import TrainStep, batchnorm_advice, batchnorm_images, batchnorm_note,
 from .workdir import work_dir_lock
 
 LOSSES = ("loss", "loss_decode", "loss_aux")
+
+
+class TrainResult(TypedDict):
+    """What train returns: the iteration the run reached, the losses last logged (LOSSES' names; empty when no
+    iteration was logged in this process, as on resuming a complete run) and the final evaluation (None on the
+    processes but rank 0)."""
+
+    iterations: int
+    last: dict[str, float]
+    eval: Evaluation | None
 METRIC_COLUMNS = ["iter", *LOSSES, "lr", "images_per_s", "seconds"]
 NO_RESUME = (None, "", "none")  # the resume values of a fresh run
 
@@ -384,7 +394,7 @@ class Trainer:
         self._changed = {name: f"{name} {getattr(cfg, name)!r} (the saved run had {saved[name]!r})"
                          for name in RESUME_FOLLOWS if name in saved and saved[name] != getattr(cfg, name)}  # fmt: skip
 
-    def run(self) -> dict[str, Any]:
+    def run(self) -> TrainResult:
         rank = launch_environment()[0]  # checked before any other work (distributed reads it again)
         resume_path = self._find_resume()
         if resume_path is None:
@@ -410,7 +420,7 @@ class Trainer:
         """Whether this run's learning-rate schedule differs from the resumed state's run (_check_settings's)."""
         return any(name in self._changed for name in SCHEDULE)
 
-    def _already_finished(self, path: str, rank: int) -> dict[str, Any] | None:
+    def _already_finished(self, path: str, rank: int) -> TrainResult | None:
         """What resuming from ``path`` returns when its run has reached cfg.iters and has its final evaluation
         (eval_iter_N.json in the work dir): that evaluation, with one line on stderr saying that the run is complete;
         nothing is trained or written (it said nothing and exited 0, and a smaller iters rewrote config.json as if
@@ -450,18 +460,18 @@ class Trainer:
         return [name for name, value in given.items()
                 if name not in ("iters", "work_dir") and name in run and run[name] != value]
 
-    def _saved_evaluation(self, iteration: int) -> dict[str, Any] | None:
+    def _saved_evaluation(self, iteration: int) -> Evaluation | None:
         """The work dir's eval_iter_<iteration>.json; None when it is missing or unreadable (then it is run again)."""
         try:
             with open(self._path(f"eval_iter_{iteration}.json"), encoding="utf-8") as f:
                 evaluation = json.load(f)
         except (OSError, ValueError):
             return None
-        return evaluation if isinstance(evaluation, dict) and "mIoU" in evaluation else None
+        return cast(Evaluation, evaluation) if isinstance(evaluation, dict) and "mIoU" in evaluation else None
 
     def _run(
         self, rank: int, world: int, device: torch.device, resume_path: str | None, held: contextlib.ExitStack
-    ) -> dict[str, Any]:
+    ) -> TrainResult:
         cfg = self.cfg
         if cfg.batch_size % (world * cfg.accum):
             raise ValueError(
@@ -618,8 +628,8 @@ class Trainer:
                 self._evaluate(model, val, rank, world, done, writer)
         if progress is not None:
             progress.close()
-        result: dict[str, Any] = {"iterations": cfg.iters, "last": last}
-        result["eval"] = self._evaluate(model, val, rank, world, cfg.iters, writer)
+        result: TrainResult = {"iterations": cfg.iters, "last": last,
+                               "eval": self._evaluate(model, val, rank, world, cfg.iters, writer)}  # fmt: skip
         if writer is not None:
             writer.close()
         return result
@@ -712,9 +722,10 @@ def _holds_events(path: str) -> bool:
     return size > 0 and (len(head) < 8 or size != 16 + int.from_bytes(head, "little"))
 
 
-def train(cfg: TrainConfig, resume: str | None = None) -> dict[str, Any]:
+def train(cfg: TrainConfig, resume: str | None = None) -> TrainResult:
     """Train with ``cfg`` (see :class:`TrainConfig`); ``resume``: None, "auto" (the work dir's latest) or a
-    ``iter_<N>.state.pt`` path. Returns the last losses and the final evaluation.
+    ``iter_<N>.state.pt`` path. Returns a TrainResult: the iteration reached, the last losses logged and the final
+    evaluation.
 
     Resuming a run that has already reached ``cfg.iters`` trains nothing: it says so on stderr in one line and
     returns the run's final evaluation (eval_iter_N.json), or runs that evaluation where the run stopped before it;
