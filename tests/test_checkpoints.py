@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import errno
 import io
 import json
 import math
@@ -1124,8 +1125,16 @@ def test_the_finite_check_of_checkpoint_tensors_finds_every_nan_and_infinity(dty
 
 
 def test_missing_file_and_directory(tmp_path):
-    with pytest.raises(CheckpointError, match="nope.pth: no such file"):
+    with pytest.raises(CheckpointError, match="nope.pth: no such file$"):
         dcf.load_checkpoint(tmp_path / "nope.pth")
+    # a missing file is also what a caller's ``except FileNotFoundError`` expects (and OSError's errno), its one line
+    # kept; a dangling link is one too
+    (tmp_path / "link.pth").symlink_to(tmp_path / "gone.pth")
+    for missing in ("nope.pth", "link.pth"):
+        with pytest.raises(FileNotFoundError) as caught:
+            dcf.load_checkpoint(tmp_path / missing)
+        assert isinstance(caught.value, CheckpointError) and caught.value.errno == errno.ENOENT
+        assert str(caught.value) == f"{tmp_path / missing}: no such file"
     with pytest.raises(CheckpointError, match=f"{re.escape(str(tmp_path))}: a directory, not a checkpoint file$"):
         dcf.load_checkpoint(tmp_path)
     # a training work dir: its newest model file is named (by iteration, not by name: iter_900 < iter_1000)

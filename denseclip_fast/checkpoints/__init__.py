@@ -18,7 +18,14 @@ import torch
 
 from ..class_names import ADE20K_CLASSES
 from ..visualize import rgb_triples
-from .io import CheckpointError, WeightFile, check_not_a_training_state, path_argument, read_weight_file
+from .io import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    WeightFile,
+    check_not_a_training_state,
+    path_argument,
+    read_weight_file,
+)
 from .native import check_crcs, is_native, native_contents
 from .official import check_arch, infer_config, key_listing, load_state_strict, state_problems
 
@@ -29,6 +36,7 @@ if TYPE_CHECKING:
 __all__ = [
     "AssumedADE20KClasses",
     "CheckpointError",
+    "CheckpointNotFoundError",
     "ClassCountError",
     "MismatchedClassNamesError",
     "UnnamedClassesError",
@@ -86,7 +94,8 @@ def load_checkpoint(
 
     Raises:
         CheckpointError: unreadable, unsafe or inconsistent file (the message names the file and the reason);
-            UnnamedClassesError when the file names no classes and ``class_names`` is None (unless K is 150).
+            UnnamedClassesError when the file names no classes and ``class_names`` is None (unless K is 150);
+            CheckpointNotFoundError, a FileNotFoundError too, when there is no file at ``path``.
         ValueError: ``path`` not a str or os.PathLike; ``class_names`` not a list of strings, of the wrong length
             (ClassCountError) or with a name longer than 3 BPE tokens; ``verify`` not a bool.
     """

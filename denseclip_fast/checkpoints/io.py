@@ -21,6 +21,7 @@ memory on a valid file is a MemoryError naming the file, not "not a valid checkp
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
 import os
 import pickle
@@ -46,6 +47,15 @@ class CheckpointError(ValueError):
         self.path = os.fspath(path)
         self.reason = " ".join(reason.split())
         super().__init__(f"{self.path}: {self.reason}")
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """No file at a checkpoint's path: a CheckpointError (its one line, a ValueError) that a caller's ``except
+    FileNotFoundError`` or ``except OSError`` catches too, as for any other file that is not there (errno ENOENT)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        super().__init__(path, "no such file")
+        self.errno = errno.ENOENT  # filename stays None: OSError's str would then replace the one line
 
 
 @dataclass
@@ -211,7 +221,7 @@ def read_weight_file(path: str | os.PathLike[str]) -> WeightFile:
     is not a str or os.PathLike)."""
     path = path_argument(path)
     if not os.path.exists(path):
-        raise CheckpointError(path, "no such file")
+        raise CheckpointNotFoundError(path)
     if not os.path.isfile(path):
         raise CheckpointError(path, _a_directory(path) if os.path.isdir(path) else "not a file")
     size = os.path.getsize(path)
