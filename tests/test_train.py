@@ -2512,6 +2512,12 @@ def test_resuming_a_complete_run_says_so_and_a_smaller_iters_is_refused(arch_fil
     with open(work / "eval.csv", newline="") as f:
         assert [int(r["iter"]) for r in csv.DictReader(f)] == [2]
     assert os.path.exists(work / "eval_iter_2.json") and files()["config.json"] == before["config.json"]
+    # a split without one labelled pixel: its metrics were NaN, written null; returned as evaluate returned them
+    saved = json.loads((work / "eval_iter_2.json").read_text())
+    (work / "eval_iter_2.json").write_text(json.dumps({**saved, "mIoU": None, "mAcc": None, "aAcc": None}))
+    final = train(dataclasses.replace(cfg, lr=5e-4), resume="auto")["eval"]
+    assert final is not None and all(math.isnan(final[k]) for k in ("mIoU", "mAcc", "aAcc"))
+    assert final["per_class"] == saved["per_class"] and final["images"] == saved["images"]
 
 
 def test_a_file_where_a_directory_belongs_and_back_is_named_as_such(arch_file, generic, tmp_path, capsys):

@@ -461,13 +461,19 @@ class Trainer:
                 if name not in ("iters", "work_dir") and name in run and run[name] != value]
 
     def _saved_evaluation(self, iteration: int) -> Evaluation | None:
-        """The work dir's eval_iter_<iteration>.json; None when it is missing or unreadable (then it is run again)."""
+        """The work dir's eval_iter_<iteration>.json; None when it is missing or unreadable (then it is run again).
+        A headline metric the split does not define, written as null, is NaN again, as evaluate returned it."""
         try:
             with open(self._path(f"eval_iter_{iteration}.json"), encoding="utf-8") as f:
                 evaluation = json.load(f)
         except (OSError, ValueError):
             return None
-        return cast(Evaluation, evaluation) if isinstance(evaluation, dict) and "mIoU" in evaluation else None
+        if not isinstance(evaluation, dict) or "mIoU" not in evaluation:
+            return None
+        for key in ("mIoU", "mAcc", "aAcc"):
+            if evaluation.get(key, 0.0) is None:
+                evaluation[key] = math.nan
+        return cast(Evaluation, evaluation)
 
     def _run(
         self, rank: int, world: int, device: torch.device, resume_path: str | None, held: contextlib.ExitStack
