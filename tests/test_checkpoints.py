@@ -76,6 +76,54 @@ def test_numpy_values_in_meta_are_read(tmp_path, official_file):
     assert dcf.load_checkpoint(path).palette == [tuple(map(int, c)) for c in palette]
 
 
+def test_threads_loading_at_once_keep_the_numpy_globals_and_the_warning_filters(tmp_path, official_file, monkeypatch):
+    """load_checkpoint in two threads at once: torch's safe_globals (the numpy globals mmcv's meta needs) and
+    catch_warnings change process-wide state, so a load that ended while another was inside torch.load took the
+    numpy globals away from it (its file refused as "not a valid checkpoint") and left that load's warning filter
+    in place for good. Here the first thread's torch.load waits (up to 1 s) for the second's to start, and the
+    second's for the first's load_checkpoint to end: the interleaving that failed, which loads taking turns turn
+    into one after the other (each wait then runs out, or was met)."""
+    import threading
+
+    sd = _state(official_file)["state_dict"]
+    path = _save_state(tmp_path, sd, meta={"CLASSES": tuple(NAMES), "PALETTE": np.arange(12).reshape(4, 3),
+                                           "seed": np.int64(7)})  # fmt: skip
+    real_load = torch.load
+    first_inside, second_inside, first_done = threading.Event(), threading.Event(), threading.Event()
+
+    def load(*args, **kwargs):
+        if threading.current_thread() is first:
+            first_inside.set()
+            second_inside.wait(timeout=1.0)
+        else:
+            second_inside.set()
+            first_done.wait(timeout=1.0)
+        return real_load(*args, **kwargs)
+
+    results: dict[str, object] = {}
+
+    def run(name: str) -> None:
+        try:
+            results[name] = dcf.load_checkpoint(path)
+        except Exception as exc:  # the test's assertion says which
+            results[name] = exc
+        finally:
+            if name == "first":
+                first_done.set()
+
+    monkeypatch.setattr(torch, "load", load)
+    filters = list(warnings.filters)
+    first, second = threading.Thread(target=run, args=("first",)), threading.Thread(target=run, args=("second",))
+    first.start()
+    assert first_inside.wait(timeout=30)
+    second.start()
+    first.join()
+    second.join()
+    assert all(isinstance(model, DenseCLIP) for model in results.values()) and len(results) == 2, results
+    assert results["second"].palette == [(0, 1, 2), (3, 4, 5), (6, 7, 8), (9, 10, 11)]
+    assert warnings.filters == filters
+
+
 @pytest.mark.parametrize("kind", ["tensor", "array"])
 def test_meta_that_is_a_tensor_or_an_array_is_ignored(tmp_path, official_file, kind):
     """A meta that is not a dict is ignored, as it always was for a string or a list; one holding several values was

@@ -28,6 +28,7 @@ import pickle
 import re
 import stat
 import struct
+import threading
 import uuid
 import warnings
 import zipfile
@@ -295,9 +296,16 @@ LEGACY_MAGIC = torch.serialization.MAGIC_NUMBER.to_bytes(10, "little")
 FRAME = pickle.FRAME[0]  # protocol 4's framing opcode (149), which torch's weights-only unpickler does not take
 
 
+# one torch.load at a time in the process: torch's safe_globals adds the numpy globals to a process-wide set and
+# removes them on exit, and catch_warnings saves and restores the process-wide filters. Two threads loading at once
+# took the numpy globals away from each other mid-load (a checkpoint whose meta holds numpy values was refused as
+# "not a valid checkpoint") and left the filter below in place for good (the second exit restored the first's)
+_TORCH_LOAD_LOCK = threading.Lock()
+
+
 def _torch_load(path: str, size: int) -> Any:
     try:
-        with torch.serialization.safe_globals(_numpy_safe_globals()), warnings.catch_warnings():
+        with _TORCH_LOAD_LOCK, torch.serialization.safe_globals(_numpy_safe_globals()), warnings.catch_warnings():
             # its advice to file an issue for a pickle protocol past 2; what fails is said below
             warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
             return torch.load(path, map_location="cpu", weights_only=True)
