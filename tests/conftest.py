@@ -129,6 +129,18 @@ def probed_under_other_defaults(probe: Any) -> bool:
         probe.cache_clear()
 
 
+def probed_under_autocast(probe: Any) -> bool:
+    """The answer of ``probe`` (a functools.cache'd probe of an operator) run afresh inside a CPU bfloat16 autocast
+    region, which a probe must not depend on: its answer is kept for the process, every thread's; its cache is
+    cleared before and after."""
+    probe.cache_clear()
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return bool(probe())
+    finally:
+        probe.cache_clear()
+
+
 def randomized(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Random well-scaled weights, BN statistics and gamma (see benchmarks.official.randomize_)."""
     from benchmarks.official import randomize_

@@ -28,7 +28,15 @@ from denseclip_fast.engine.cpu_conv import (
 from denseclip_fast.engine.rewrite import prepare_for_inference
 from denseclip_fast.model.resnet import Bottleneck
 
-from .conftest import NAMES, probed_under_other_defaults, probed_with_fakes, randomized, rel_err, tiny_config
+from .conftest import (
+    NAMES,
+    probed_under_autocast,
+    probed_under_other_defaults,
+    probed_with_fakes,
+    randomized,
+    rel_err,
+    tiny_config,
+)
 
 needs_onednn = pytest.mark.skipif(not onednn_conv_usable(), reason="no usable oneDNN bfloat16 fused convolution")
 FUSED = "mkldnn::_convolution_pointwise"
@@ -378,6 +386,12 @@ def test_the_probe_says_no_for_an_operator_that_fails_or_disagrees(monkeypatch):
 
 def test_the_probe_ignores_the_default_dtype_and_device():
     assert probed_under_other_defaults(onednn_conv_usable) is onednn_conv_usable()
+
+
+def test_the_probe_ignores_a_callers_autocast():
+    """Asked first inside a CPU autocast region (a bfloat16 Segmenter built there, in any thread), it said no, and
+    that no was kept for the process."""
+    assert probed_under_autocast(onednn_conv_usable) is onednn_conv_usable()
 
 
 def _transposed(cin: int, cout: int, kernel: tuple[int, int], bias: bool = True, dtype=torch.bfloat16, **kw):

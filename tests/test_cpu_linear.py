@@ -20,7 +20,7 @@ from denseclip_fast.engine.rewrite import prepare_for_inference
 from denseclip_fast.model.layers import MultiheadSelfAttention, QuickGELU
 from denseclip_fast.model.vit import CLIPViTBackbone
 
-from .conftest import NAMES, probed_under_other_defaults, probed_with_fakes, rel_err
+from .conftest import NAMES, probed_under_autocast, probed_under_other_defaults, probed_with_fakes, rel_err
 
 needs_onednn = pytest.mark.skipif(not onednn_linear_usable(), reason="this PyTorch has no usable oneDNN linear")
 needs_bfloat16 = pytest.mark.skipif(
@@ -144,6 +144,14 @@ def test_the_probe_says_no_for_an_operator_that_fails_or_disagrees(monkeypatch):
 
 def test_the_probe_ignores_the_default_dtype_and_device():
     assert probed_under_other_defaults(onednn_linear_usable) is onednn_linear_usable()
+
+
+def test_the_probes_ignore_a_callers_autocast():
+    """Asked first inside a CPU autocast region (a Segmenter built there, in any thread), the probes said no (the
+    float32 F.linear they compare with ran in bfloat16), and that no was kept for the process."""
+    for probe in (onednn_linear_usable, cpu_linear.onednn_swish_usable, cpu_linear.onednn_bfloat16_usable):
+        answer = probe()
+        assert probed_under_autocast(probe) is answer, probe.__name__
 
 
 @needs_bfloat16  # else it says no anyway

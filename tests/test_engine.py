@@ -1519,6 +1519,38 @@ def test_results_are_ordinary_tensors(model):
     assert torch.equal(seg.logits(images), before)  # and the edit reached no buffer the engine reuses
 
 
+def test_a_segmenter_built_in_a_threads_autocast_region_is_the_one_built_outside(model):
+    """The CPU engine's oneDNN probes are asked once for the process, first when a Segmenter is built: built inside
+    a thread's CPU autocast region, they said no (the float32 results they compare with came out bfloat16), and that
+    engine and every one built after it, in any thread, took PyTorch's linear layers and convolutions instead
+    (slower, and other sums: logits 1e-6 off). Each engine here equals the one built before, bit for bit."""
+    from denseclip_fast.engine import cpu_conv, cpu_linear
+
+    probes = (cpu_linear.onednn_linear_usable, cpu_linear.onednn_swish_usable, cpu_linear.onednn_bfloat16_usable,
+              cpu_conv.onednn_conv_usable)  # fmt: skip
+    x = torch.randn(1, 3, 64, 64)
+    expected = {dtype: _engine(model, dtype=dtype).logits(x) for dtype in (torch.float32, torch.bfloat16)}
+    built: dict[torch.dtype, Segmenter] = {}
+
+    def build() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            for dtype in expected:
+                built[dtype] = _engine(model, dtype=dtype)
+
+    for probe in probes:
+        probe.cache_clear()
+    try:
+        thread = threading.Thread(target=build)
+        thread.start()
+        thread.join()
+        for dtype, logits in expected.items():
+            assert torch.equal(built[dtype].logits(x), logits), dtype
+            assert torch.equal(_engine(model, dtype=dtype).logits(x), logits), dtype  # built outside, afterwards
+    finally:
+        for probe in probes:
+            probe.cache_clear()
+
+
 def test_a_callers_autocast_does_not_reach_the_engine(model):
     """The engine computes in its own dtype: called inside the caller's bfloat16 autocast region, a float32 engine
     gives its float32 logits."""

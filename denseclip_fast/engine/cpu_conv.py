@@ -67,7 +67,8 @@ def _pack(weight: torch.Tensor, conv: OneDNNConv2d, input_size: list[int]) -> to
 @torch.no_grad()
 def _agrees() -> bool:
     """Whether the packed, fused convolutions agree with F.conv2d and their post-ops computed in float32 on a small
-    bfloat16 case (a 3x3 convolution with stride 2, odd sizes, channels_last input), within bfloat16's rounding."""
+    bfloat16 case (a 3x3 convolution with stride 2, odd sizes, channels_last input), within bfloat16's rounding
+    (whatever the caller's autocast)."""
     gen = torch.Generator().manual_seed(0)
 
     def draw(*shape: int) -> torch.Tensor:  # whatever the default dtype and device
@@ -75,7 +76,10 @@ def _agrees() -> bool:
 
     x, weight, bias = draw(1, 5, 9, 11).contiguous(memory_format=torch.channels_last), draw(6, 5, 3, 3), draw(6)
     conv = OneDNNConv2d(nn.Conv2d(5, 6, 3, stride=2, padding=1, device="cpu", dtype=torch.bfloat16), "relu")
-    product = F.conv2d(x.float(), weight.float(), bias.float(), stride=2, padding=1)
+    # outside the calling thread's autocast, which made the float32 product bfloat16 and the answer a no, kept for
+    # the process (every bfloat16 engine of every thread on PyTorch's convolutions)
+    with torch.autocast("cpu", enabled=False):
+        product = F.conv2d(x.float(), weight.float(), bias.float(), stride=2, padding=1)
     residual = draw(*product.shape)
     packed = _pack(weight, conv, list(x.shape))
     args = (bias, conv.padding, conv.stride, conv.dilation, 1)
