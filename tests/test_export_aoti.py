@@ -257,6 +257,32 @@ def _stub_compilation(monkeypatch) -> dict[str, Any]:
     return given
 
 
+def test_a_set_classes_during_the_export_leaves_the_package_one_vocabulary(model, tmp_path, monkeypatch):
+    """to_aoti(segmenter) while another thread rewords the Segmenter (set_classes, here while torch.export traces):
+    the package bakes in the embeddings of the vocabulary its metadata names. It named the new vocabulary while it
+    computed the old one (the names were read after the export). torch.export and the compilation are stubbed."""
+    import threading
+
+    seg = Segmenter(model, device="cpu", dtype=torch.float32)
+    names, text = seg.class_names, seg._text.clone()
+    other = [f"{name} outside" for name in names]
+    traced: list[torch.nn.Module] = []
+
+    def export(module, args, **kwargs):
+        traced.append(module)
+        rewording = threading.Thread(target=seg.set_classes, args=(other,))
+        rewording.start()
+        rewording.join()
+        return mock.Mock(example_inputs=((args[0],), {}))
+
+    given = _stub_compilation(monkeypatch)
+    monkeypatch.setattr(torch.export, "export", export)
+    to_aoti(seg, tmp_path / "seg.pt2", image_size=SIZE)
+    assert seg.class_names == other  # the other thread's call went through
+    assert json.loads(given["denseclip_fast.class_names"]) == names
+    assert torch.equal(traced[0].class_embeddings, text)
+
+
 class _FullDisk(io.FileIO):
     """A file on a disk that fills up: a write stores half of its bytes, then raises ENOSPC."""
 

@@ -112,7 +112,12 @@ def to_aoti(
     # the Segmenter it was made from
     size = check_image_size(seg.model, seg.crop if image_size is None else image_size)
     window_stride = _window_stride(stride, size, seg)
-    module = ImageGraph(seg.model, seg._text.clone(), float32_logits=True).eval()
+    # the vocabulary's embeddings and names read together, under the Segmenter's lock: a set_classes in another
+    # thread during the export (seconds to minutes) gave a package computing the old vocabulary whose metadata named
+    # the new one
+    with seg._lock:
+        text, class_names = seg._text.clone(), seg.class_names
+    module = ImageGraph(seg.model, text, float32_logits=True).eval()
     example = random_input((TRACE_BATCH, 3, *size), seg.dtype, seg.device).contiguous(memory_format=_layout(seg.device))
     batch = torch.export.Dim("batch", min=1, max=max_batch)
     with torch.no_grad(), seg._math():
@@ -128,7 +133,7 @@ def to_aoti(
         "denseclip_fast.dtype": DTYPE_NAMES[seg.dtype],
         "denseclip_fast.mean": json.dumps(CLIP_MEAN),
         "denseclip_fast.std": json.dumps(CLIP_STD),
-        "denseclip_fast.class_names": json.dumps(seg.class_names, ensure_ascii=False),
+        "denseclip_fast.class_names": json.dumps(class_names, ensure_ascii=False),
     }
     # Packaged in memory, then written by write_file (replaced atomically): torch's zip writer, given a path, writes
     # it in place, and when a write fails (a full disk) its destructor, finishing the archive, fails again and
