@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import sys
+import warnings
 from unittest import mock
 
 import numpy as np
@@ -738,3 +739,46 @@ def test_float16_graphs_compute_the_fused_operators_in_float32():
     for actual, wanted in zip((scores, attended), expected):
         actual = torch.from_numpy(actual)
         assert torch.isfinite(actual).all() and rel_err(actual, wanted) < 2e-3, rel_err(actual, wanted)
+
+
+def test_exports_in_two_threads_take_turns_and_leave_stdout_as_it_was(tiny, tmp_path, monkeypatch):
+    """to_onnx swaps sys.stdout (and the warnings filters) while torch.onnx.export runs, process-wide. Two exports in
+    two threads left them swapped for good: the first to end restored the real stdout, the last restored the
+    first's buffer, and every later print of the process went into it. They take turns now (export.graphs's
+    EXPORT_LOCK). The exporter here is a stand-in that fails, after the first waits for the second to come in."""
+    import threading
+
+    entered = [threading.Event(), threading.Event()]
+    release_second = threading.Event()
+    calls: list[int] = []
+
+    def exporter(*args, **kwargs):
+        n = len(calls)
+        calls.append(n)
+        entered[n].set()
+        if n == 0:  # the second comes in meanwhile unless the exports take turns
+            entered[1].wait(timeout=1.0)
+        else:  # ends after the first has
+            release_second.wait(timeout=5.0)
+        raise RuntimeError("stand-in exporter")
+
+    monkeypatch.setattr(torch.onnx, "export", exporter)
+    stdout, filters = sys.stdout, list(warnings.filters)
+    errors: list[BaseException] = []
+
+    def export(name: str) -> None:
+        try:
+            to_onnx(tiny, tmp_path / name, image_size=SIZE)
+        except RuntimeError as exc:
+            errors.append(exc)
+
+    first = threading.Thread(target=export, args=("a.onnx",))
+    first.start()
+    assert entered[0].wait(timeout=60)
+    second = threading.Thread(target=export, args=("b.onnx",))
+    second.start()
+    first.join(timeout=60)
+    release_second.set()
+    second.join(timeout=60)
+    assert [str(e) for e in errors] == ["stand-in exporter"] * 2
+    assert sys.stdout is stdout and warnings.filters == filters

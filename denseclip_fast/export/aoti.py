@@ -37,6 +37,7 @@ from ..ops.backends import MAX_GRID_Y
 from ..preprocess import CLIP_MEAN, CLIP_STD
 from ..validation import check_device, not_a_file
 from .graphs import (
+    EXPORT_LOCK,
     TRACE_BATCH,
     ImageGraph,
     check_image_size,
@@ -120,7 +121,7 @@ def to_aoti(
     module = ImageGraph(seg.model, text, float32_logits=True).eval()
     example = random_input((TRACE_BATCH, 3, *size), seg.dtype, seg.device).contiguous(memory_format=_layout(seg.device))
     batch = torch.export.Dim("batch", min=1, max=max_batch)
-    with torch.no_grad(), seg._math():
+    with EXPORT_LOCK, torch.no_grad(), seg._math():
         program = torch.export.export(module, (example,), dynamic_shapes={"image": {0: batch}})
     metadata = {
         "denseclip_fast.version": __version__,
@@ -143,7 +144,7 @@ def to_aoti(
     package = io.BytesIO()
     if seg.device.type == "cpu":
         import_cpp_extension_quietly()
-    with seg._math():
+    with EXPORT_LOCK, seg._math():
         torch._inductor.aoti_compile_and_package(
             program, package_path=package, inductor_configs={"aot_inductor.metadata": metadata}
         )

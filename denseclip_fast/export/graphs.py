@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import numbers
 import os
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -34,6 +35,11 @@ GRAPHS: tuple[str, ...] = ("image", "image_with_text", "text")
 # the graphs are traced at this batch size with the batch dimension symbolic: a trace at batch 1 lets the tracer
 # specialise size-1 dimensions into constants (and the graph would then reject batch 3)
 TRACE_BATCH = 2
+# One export (its trace and compilation) at a time in the process. to_onnx swaps sys.stdout and the warnings filters
+# while torch.onnx.export runs, process-wide: two exports in two threads left them swapped for good (the one ending
+# last restored what the other had put there: every later print of the process went into a discarded buffer). Dynamo,
+# which traces for torch.export, keeps process-wide state of its own as well.
+EXPORT_LOCK = threading.Lock()
 
 
 class ImageGraph(nn.Module):

@@ -36,7 +36,7 @@ from ..model import DenseCLIP
 from ..preprocess import CLIP_MEAN, CLIP_STD
 from ..requirements import dotted, release_below
 from ..validation import check_bool, given_dtype, not_a_file
-from .graphs import build_graph, check_image_size, default_window_stride, example_inputs, output_path
+from .graphs import EXPORT_LOCK, build_graph, check_image_size, default_window_stride, example_inputs, output_path
 
 ONNX_DTYPES = (torch.float32, torch.float16)
 DEFAULT_OPSET = 18
@@ -181,7 +181,7 @@ def to_onnx(
 
     from .onnx_ops import translation_table
 
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _without_folding_notes():
+    with EXPORT_LOCK, warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _without_folding_notes():
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=FutureWarning)
         program = torch.onnx.export(
