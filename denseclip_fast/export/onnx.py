@@ -138,6 +138,8 @@ def to_onnx(
     """Export ``model`` to an ONNX file at ``path``; returns the path. The file is replaced in one step: a failed
     write (a full disk ...) leaves the file at ``path`` as it was and raises an OSError naming ``path``. Weights above
     EXTERNAL_DATA_THRESHOLD (custom architectures only) go to ``NAME.<unique>.data`` beside it (see save_onnx).
+    Exports take turns in the process (EXPORT_LOCK); while torch.onnx.export runs, ``sys.stdout`` is a buffer that
+    is discarded (its progress lines), so another thread's prints meanwhile are lost too.
 
     Args:
         model: a DenseCLIP model (left untouched: a prepared copy is exported, BatchNorm folded).
