@@ -17,6 +17,7 @@ import time
 import tracemalloc
 import warnings
 import zipfile
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -161,6 +162,20 @@ def test_no_class_names_with_150_outputs_assumes_ade20k(tmp_path):
     with pytest.warns(UserWarning, match="assuming the 150 ADE20K classes"):
         model = dcf.load_checkpoint(path)
     assert model.class_names == list(dcf.ADE20K_CLASSES)
+    # train's --init reads such a file quietly (it compares the names itself), without catch_warnings: its filters
+    # are the process's, and two threads' catch_warnings interleaved leave one's filter in place for good
+    from denseclip_fast.checkpoints import transfer
+    from denseclip_fast.checkpoints.io import read_weight_file
+
+    def process_wide(*args, **kwargs):
+        raise AssertionError("the process's warning filters changed")
+
+    weights = read_weight_file(path)  # (torch.load's own warning is filtered under io's lock)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with mock.patch.object(warnings, "catch_warnings", process_wide):
+            read, named = transfer._read(str(path), weights)
+    assert named and read.class_names == list(dcf.ADE20K_CLASSES) and caught == []
 
 
 def test_missing_and_unexpected_keys_are_listed(tmp_path, official_file):

@@ -108,10 +108,11 @@ def load_checkpoint(
 
 
 def load_weights(wf: WeightFile, path: str, arch: str | None, class_names: list[str] | None,
-                 verify: bool = True) -> DenseCLIP:  # fmt: skip
+                 verify: bool = True, *, warn_assumed: bool = True) -> DenseCLIP:  # fmt: skip
     """:func:`load_checkpoint` of a file already read (``wf``, read from ``path``) with checked arguments: a caller
     that reads a file to tell what it is (train's --init) loads it without reading it again. ``wf`` is left as it
-    was."""
+    was. ``warn_assumed`` False: no AssumedADE20KClasses warning (for a caller that compares the names itself;
+    without a catch_warnings, whose filters are the process's, not the thread's)."""
     file_names: list[str] | None  # None only when class_names are given
     if wf.kind == "safetensors" and is_native(wf.metadata):
         check_crcs(wf.metadata, wf.tensors, path, verify)  # first: damage explains any error the metadata would give
@@ -123,7 +124,7 @@ def load_weights(wf: WeightFile, path: str, arch: str | None, class_names: list[
         config, k = infer_config(sd, path)
         check_arch(config, arch, path)
         palette = meta.get("PALETTE")
-        file_names = _official_names(meta, k, path) if class_names is None else None
+        file_names = _official_names(meta, k, path, warn_assumed) if class_names is None else None
     names = list(class_names) if class_names is not None else file_names
     assert names is not None
     head = sd.get("decode_head.conv_seg.weight")
@@ -240,7 +241,7 @@ def _official_state(wf: WeightFile, path: str) -> tuple[dict[str, torch.Tensor],
     return sd, dict(meta) if isinstance(meta, Mapping) else {}
 
 
-def _official_names(meta: Mapping[str, Any], k: int, path: str) -> list[str]:
+def _official_names(meta: Mapping[str, Any], k: int, path: str, warn_assumed: bool = True) -> list[str]:
     classes = meta.get("CLASSES")
     if classes is not None:
         listed = isinstance(classes, Iterable) and not isinstance(classes, str)
@@ -248,6 +249,8 @@ def _official_names(meta: Mapping[str, Any], k: int, path: str) -> list[str]:
             raise CheckpointError(path, f"meta['CLASSES'] is not a list of strings, got {type(classes).__name__}")
         return list(classes)
     if k == len(ADE20K_CLASSES):
+        if not warn_assumed:
+            return list(ADE20K_CLASSES)
         warnings.warn(
             f"{path}: no class names in the file (meta['CLASSES']); assuming the 150 ADE20K classes. "
             "Pass class_names=[...] to choose.",

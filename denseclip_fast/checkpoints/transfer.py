@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import warnings
 from typing import TYPE_CHECKING
 
 import torch
@@ -54,15 +53,13 @@ def _read(path: str, weights: WeightFile | None) -> tuple[DenseCLIP, bool]:
     """The checkpoint's model, and whether the file names its classes (a bare state dict whose head is not
     ADE20K's 150 does not: built with placeholder names, which no run's names equal). The file is read once
     (``weights``: already read)."""
-    from . import AssumedADE20KClasses, UnnamedClassesError, load_weights
+    from . import UnnamedClassesError, load_weights
 
     wf = read_weight_file(path) if weights is None else weights
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", AssumedADE20KClasses)  # ADE20K's names, as the CLI's info says; compared below
-        try:
-            return load_weights(wf, path, None, None), True
-        except UnnamedClassesError as exc:
-            return load_weights(wf, path, None, [f"class {i}" for i in range(exc.outputs)]), False
+    try:  # a file without names and 150 classes: ADE20K's, as the CLI's info says, unsaid (compared below)
+        return load_weights(wf, path, None, None, warn_assumed=False), True
+    except UnnamedClassesError as exc:
+        return load_weights(wf, path, None, [f"class {i}" for i in range(exc.outputs)]), False
 
 
 def init_from_denseclip(model: DenseCLIP, path: str | os.PathLike[str], weights: WeightFile | None = None) -> list[str]:
