@@ -1022,6 +1022,23 @@ def test_parameter_groups_are_mmcvs_custom_keys(arch_file, generic):
             assert got[name] == pytest.approx((lr, decay), rel=1e-12), (mode, name)
 
 
+def test_vit_group_norms_get_no_weight_decay():
+    """The default norm_decay exempts GroupNorm too (module docstring, README): ViT-B/16's pyramid normalises its
+    token maps with GroupNorms (backbone.fpn1.0, fpn2.0, fpn3, fpn4.0), which the ResNet of the tests above lacks,
+    so a NORMS tuple without nn.GroupNorm decayed them unseen. Each is in a backbone group (lr x 0.1) without
+    decay; the patch embedding's convolution beside them keeps its decay."""
+    from denseclip_fast.model import DenseCLIP
+
+    model = DenseCLIP(tiny_config("vit"), CLASSES)
+    freeze_text_encoder(model)
+    groups = {n: (g["lr"], g["weight_decay"]) for g in param_groups(model, TrainConfig()) for n in g["names"]}
+    norms = [f"{m}.{p}" for m, module in model.named_modules() if isinstance(module, torch.nn.GroupNorm)
+             for p in ("weight", "bias")]  # fmt: skip
+    assert len(norms) == 8 and all(n.startswith("backbone.fpn") for n in norms)
+    assert all(groups[n] == pytest.approx((1e-5, 0.0)) for n in norms), {n: groups[n] for n in norms}
+    assert groups["backbone.conv1.weight"] == pytest.approx((1e-5, 1e-4))
+
+
 def test_a_group_under_min_lr_never_rises_above_its_base(arch_file, generic):
     """mmcv's poly schedule raises a group whose base is under min_lr up to min_lr: the official recipe's lr_mult 0
     moved its "frozen" text encoder so, and backbone_lr_mult 0 here moved the backbone. The floor is the smaller of
