@@ -1359,6 +1359,29 @@ def test_augmentation_pieces():
     assert 0 <= top <= 60 and 0 <= left <= 60 and window.shape == (40, 40)
 
 
+def test_the_crop_check_is_mmsegs_strict_ratio_of_the_labelled_pixels():
+    """mmseg's RandomCrop keeps a box once ``len(cnt) > 1 and max(cnt) / sum(cnt) < cat_max_ratio``, cnt the pixel
+    counts of the classes in it, the ignore index left out. On a label the size of the crop (every box the same)
+    the draws tell what was decided: 2 for a box kept at once, 2 x 11 for one redrawn 10 times. The sample test
+    above rarely meets either edge: a box at exactly 0.75 (a <= kept it), and one of a class and ignored pixels
+    (counting the ignored pixels as a class, at 0.7, kept it)."""
+    def draws(label: np.ndarray) -> int:
+        recorded = _Recorded(0)
+        assert random_crop_box(label, 8, 0.75, recorded) == (0, 0)
+        return len(recorded.draws)
+
+    label = np.zeros((8, 8), dtype=np.int64)
+    label[:2] = 1  # 48 of 64 pixels class 0: 0.75, not under it
+    assert draws(label) == 22
+    label[2, :1] = 1  # 47: kept
+    assert draws(label) == 2
+    one_class = np.zeros((8, 8), dtype=np.int64)
+    one_class.reshape(-1)[:20] = 255  # 44 pixels of class 0 and 20 ignored: one class
+    assert draws(one_class) == 22
+    one_class.reshape(-1)[:4] = 1  # and 4 of class 1: 40 / 44 of the labelled pixels
+    assert draws(one_class) == 22
+
+
 # ------------------------------------------------------------------------------------------------ bad data
 
 
