@@ -1200,6 +1200,19 @@ def test_repeated_class_names_keep_one_entry_each():
         m.results(["a", "b", "c"])
 
 
+def test_evaluate_leaves_the_model_in_the_mode_it_found(arch_file, tmp_path):
+    """evaluate runs the model in eval mode and gives it back in its own: a training model (the trainer's periodic
+    evaluation) trains on, and an eval-mode one (an API user's, a loaded checkpoint) stays in eval, not left with
+    dropout on and BatchNorm statistics moving by a model.train() that ignores the mode it had."""
+    data = make_generic(tmp_path / "g", n=1, splits=False)
+    model = build_model(_config(arch_file, data, "x"), CLASSES)
+    val = SegmentationData(data, "generic", "val")
+    for training in (True, False):
+        model.train(training)
+        assert evaluate(model, val, mode="whole")["images"] == 1
+        assert model.training is training and all(m.training is training for m in model.modules())
+
+
 def test_a_distributed_evaluation_error_reaches_every_process(arch_file, tmp_path, monkeypatch):
     """A bad label read by one process raised there while the others waited in the metrics' all_reduce (until the
     collective timed out). The failure is summed in that collective: the process that read it raises its error, the
