@@ -826,6 +826,22 @@ def test_gradient_checkpointing_keeps_loss_and_gradients(kind, generic, tmp_path
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("kind", ["resnet", "vit"])
+def test_gradient_checkpointing_wraps_every_stage_and_block(kind):
+    """enable_gradient_checkpointing recomputes each of the ResNet's four stages (or each of ViT's blocks) and each
+    text encoder block: the loss and gradients above are the same whichever it wraps, so a stage left out (range(1,
+    4) for the four stages) kept its activations unseen, the memory the option is there to save."""
+    from denseclip_fast.model import DenseCLIP
+
+    model = DenseCLIP(tiny_config(kind), CLASSES)
+    backbone = model.backbone
+    blocks = ([getattr(backbone, f"layer{i}") for i in range(1, 5)] if kind == "resnet"
+              else list(backbone.transformer.resblocks))  # fmt: skip
+    blocks += list(model.text_encoder.transformer.resblocks)
+    assert enable_gradient_checkpointing(model) == len(blocks)
+    assert all(isinstance(block.forward, functools.partial) for block in blocks)
+
+
 def test_the_loss_of_channels_last_logits_is_that_of_nchw_ones():
     """segmentation_loss's cross-entropy over channels_last logits (read as a (pixels, classes) matrix, no NCHW copy)
     is mmseg's: -log softmax at the label, 0 where ignored, the mean over every pixel (written out here in float64),
