@@ -66,6 +66,23 @@ def test_extreme_logits_and_a_label_past_the_classes():
         cross_entropy.cross_entropy_rows_backward(torch.ones(2, device=DEVICE), rows, label, lse, 255)
 
 
+def test_a_label_equal_to_the_class_count_is_no_class():
+    """A label of exactly K (one past the last class: an off-by-one in the data, or a class list one short) is NaN
+    in both kernels, as any label past the classes: the tests above use 7 of 3 classes, which a check of
+    label <= K also refuses, while label K read the next row's first logit (the rows' kernel) or the next image's
+    first class plane, past the last image out of bounds (the fused kernel): a finite, wrong loss."""
+    from denseclip_fast.ops.triton import resized_cross_entropy as rce
+
+    rows = torch.randn(4, 3, device=DEVICE)
+    loss, _ = cross_entropy.cross_entropy_rows(rows, torch.tensor([0, 3, 2, 3], device=DEVICE), 255)
+    assert torch.equal(loss.isnan().cpu(), torch.tensor([False, True, False, True]))
+    x = torch.randn(2, 3, 2, 2, device=DEVICE)
+    label = torch.zeros(2, 3, 3, dtype=torch.int64, device=DEVICE)
+    label[0, 1, 1] = label[1, 2, 0] = 3
+    loss, _ = rce.resized_cross_entropy(x, label, 255)
+    assert torch.equal(loss.isnan(), label == 3)
+
+
 def test_the_training_loss_takes_the_kernels_where_usable(monkeypatch):
     """On a device the kernels serve (the CPU made one here: Triton's interpreter), the loss of channels_last logits
     goes through them forward and backward: the loss and the gradient of the NCHW path (PyTorch's); a call without
