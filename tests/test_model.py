@@ -624,6 +624,31 @@ def test_a_training_decoder_layer_drops_its_mlps_residual():
     torch.testing.assert_close(drawn[~dropped], update[~dropped] / (1 - p))
 
 
+def test_a_training_decoder_layer_drops_its_attentions_outputs():
+    """The official decoder's attentions are Attention(proj_drop=dropout): in training each element of the
+    self-attention's and the cross-attention's output projection is dropped or scaled by 1 / (1 - p), both seen; in
+    eval they are as they are. The residual's and the MLP's dropouts are set to 0 here, so that the attentions'
+    alone draw (the test above leaves them out: a merge without proj_drop passed every test)."""
+    from denseclip_fast.model.decoder import DecoderLayer
+
+    torch.manual_seed(0)
+    p, width = 0.5, 32
+    layer = randomized(DecoderLayer(width, 4, p)).double()
+    layer.dropout.p = layer.mlp[2].p = 0.0
+    x, memory = torch.randn(2, 5, width, dtype=torch.float64), torch.randn(2, 7, width, dtype=torch.float64)
+    with torch.no_grad():
+        y, q = layer.norm1(x), layer.norm2(x)
+        updates = []
+        for training in (True, False):
+            layer.train(training)
+            updates.append((layer.start(x)[0] - x, layer.cross_attn(q, memory)))
+    for drawn, kept in zip(*updates):
+        dropped = drawn.abs() < 1e-12
+        assert dropped.any() and (~dropped).any()
+        torch.testing.assert_close(drawn[~dropped], kept[~dropped] / (1 - p))
+    torch.testing.assert_close(updates[1][0], layer.self_attn(y, y))
+
+
 def test_a_prefix_of_another_vocabulary_or_dtype_is_refused(tiny):
     with torch.no_grad():
         feats = tiny.extract(torch.randn(1, 3, 64, 64))
