@@ -649,6 +649,25 @@ def test_a_training_decoder_layer_drops_its_attentions_outputs():
     torch.testing.assert_close(updates[1][0], layer.self_attn(y, y))
 
 
+def test_the_training_head_drops_whole_channels():
+    """mmseg's BaseDecodeHead drops its features with nn.Dropout2d before conv_seg: in training each (image,
+    channel) map is zeroed or scaled by 1 / (1 - p) as a whole, not element by element (nn.Dropout, which the
+    official-parity tests, in eval, cannot tell apart)."""
+    from denseclip_fast.model.heads import SemanticFPNHead
+
+    torch.manual_seed(0)
+    head = SemanticFPNHead(8, 16, 3, dropout=0.5).train()
+    seen = []
+    head.dropout.register_forward_hook(lambda m, args, out: seen.append((args[0], out)))
+    levels = [torch.randn(2, 8, 16 // s, 16 // s) for s in (1, 2, 4, 8)]
+    with torch.no_grad():
+        head(levels)
+    (before, after), = seen
+    dropped, kept = ((after == value).flatten(2).all(-1) for value in (0, 2 * before))  # x 2 is exact
+    assert (dropped | kept).all()  # each channel map all dropped or all kept (the ReLU's zeros are either)
+    assert (dropped & ~kept).any() and (kept & ~dropped).any()
+
+
 def test_a_prefix_of_another_vocabulary_or_dtype_is_refused(tiny):
     with torch.no_grad():
         feats = tiny.extract(torch.randn(1, 3, 64, 64))
