@@ -181,6 +181,22 @@ def test_kept_positions_follow_the_weights():
         assert pool.positions(size, torch.float64).requires_grad  # not the kept, gradient-free tensor
 
 
+def test_a_vit_with_one_of_its_embeddings_trainable_keeps_nothing():
+    """ViT's positions read two of its own parameters (the positional and the class embedding): one of them
+    trainable under grad mode is enough for a gradient to flow, so nothing is kept or read and the positions made
+    carry the gradient (the pool above has one such parameter, where "any" and "all" of them are the same)."""
+    model = randomized(dcf.DenseCLIP(tiny_config("vit"), NAMES)).eval().requires_grad_(False)
+    assert positions.keep_positions(model) == 1
+    backbone = model.backbone
+    size = (3, 5)
+    for trainable in (backbone.class_embedding, backbone.positional_embedding):
+        trainable.requires_grad_(True)
+        with torch.enable_grad():
+            made = backbone.positions(size, torch.float32)
+        assert made.requires_grad and not backbone.kept_positions
+        trainable.requires_grad_(False)
+
+
 def test_positions_kept_under_inference_mode_serve_later_calls():
     """An inference tensor kept by a call under torch.inference_mode is read (never written) by later calls outside
     it, with gradients enabled by the caller too: the same logits."""
