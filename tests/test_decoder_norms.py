@@ -169,6 +169,23 @@ def test_the_engines_decoder_equals_the_models(kind, layers, dtype, tolerance, o
     assert len(calls) == 3 * len(plain.decoder) - 1
 
 
+def test_sums_the_kernel_refuses_are_the_models(on_this_device, monkeypatch):
+    """add_norm's way round the kernel (inputs it refuses: layer_norm.problem, e.g. rows past MAX_WIDTH, which no
+    tiny decoder reaches) is the model's x + y and the LayerNorm of that sum, exactly: the decode with every sum
+    refused equals the model's bit for bit (the LayerNorm of y alone there once passed every test)."""
+    model = randomized(dcf.DenseCLIP(tiny_config("resnet"), NAMES)).eval()
+    plain = model.context_decoder
+    swapped = decoder_norms.NormsDecoder(plain)
+    monkeypatch.setattr(layer_norm, "problem", lambda *a: "refused")
+    g = torch.Generator().manual_seed(1)
+    d = model.config.embed_dim
+    text, visual = torch.randn(len(NAMES), d, generator=g), torch.randn(2, 9, d, generator=g)
+    with torch.no_grad():
+        prefix = plain.prefix(text)
+        assert decoder_norms.usable(visual)
+        assert torch.equal(swapped.decode(prefix, visual), plain.decode(prefix, visual))
+
+
 def test_autocast_and_gradient_mode_take_the_models_decode(on_this_device):
     x = torch.zeros(1, 2, 4, device=DEVICE)
     with torch.no_grad():
