@@ -266,6 +266,9 @@ class AOTIPackage:
         self.path = path
         _check_loadable(path, device_index)
         import_cpp_extension_quietly()  # the loader imports it: its CUDA_HOME line printed on every CPU load
+        # torch 2.10's loader calls torch._inductor.codecache without importing it (AttributeError in a process that
+        # has exported nothing); later releases import it there
+        import torch._inductor.codecache  # noqa: F401
         try:
             self._compiled = torch._inductor.aoti_load_package(path, device_index=device_index)
         except RuntimeError as exc:  # a corrupt or foreign library: torch leaves its extracted copy in the temp dir
