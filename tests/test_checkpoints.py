@@ -28,7 +28,7 @@ from benchmarks.official import OfficialDenseCLIP, save_mmcv_checkpoint
 from denseclip_fast import CheckpointError, DenseCLIP
 from denseclip_fast.checkpoints.official import infer_config
 
-from .conftest import NAMES, ROOT, official_cfg, randomized, tiny_config
+from .conftest import NAMES, ROOT, RecordedOps, official_cfg, randomized, tiny_config
 
 PWNED = "denseclip_fast_pwned_marker"
 
@@ -392,6 +392,28 @@ def test_a_fresh_process_loads_and_segments_without_torchs_compiler_or_open_clip
     result = subprocess.run([sys.executable, "-c", code, *paths], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(result.stdout.strip().splitlines()[-1]) == []
+
+
+def test_the_skeleton_draws_no_random_values_on_the_meta_device_and_elsewhere_the_same_ones():
+    """MetaInitsSkipped (load_checkpoint's skeleton): PyTorch's modules' own inits (nn.init's functions, some
+    dispatched whole, some calling uniform_ directly) run no random fill on a meta tensor, which with torch 2.10
+    imported sympy (the test above); on the CPU the same values as without it."""
+    from torch import nn
+
+    from denseclip_fast.model.layers import MetaInitsSkipped
+
+    def modules() -> list[nn.Module]:
+        return [nn.Conv2d(3, 4, 3), nn.Linear(4, 5), nn.Embedding(6, 4), nn.MultiheadAttention(8, 2)]
+
+    with RecordedOps() as ops, MetaInitsSkipped(), torch.device("meta"):
+        built = modules()
+    assert all(p.is_meta for m in built for p in m.parameters())
+    assert not [name for name in ops.names if name.startswith(("uniform", "normal"))], ops.names
+    torch.manual_seed(0)
+    with MetaInitsSkipped():
+        drawn = [p.detach().clone() for m in modules() for p in m.parameters()]
+    torch.manual_seed(0)
+    assert all(torch.equal(a, p) for a, p in zip(drawn, (p for m in modules() for p in m.parameters()), strict=True))
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".bin"])

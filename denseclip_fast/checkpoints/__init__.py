@@ -167,6 +167,7 @@ def _model_skeleton(
     or fail with a raw RuntimeError, before the mismatch is reported. The block count is bounded first: a meta model
     still takes ~0.1 MB and ~1 ms a block. ValueError from the tokenizer for class names it refuses."""
     from ..model import DenseCLIP
+    from ..model.layers import MetaInitsSkipped
 
     blocks = sum(config.vision.layers) + config.text.layers + config.decoder.layers
     if blocks > MAX_BLOCKS:
@@ -175,7 +176,7 @@ def _model_skeleton(
             f"{config.text.layers}, decoder.layers {config.decoder.layers}); more than the {MAX_BLOCKS} read (the "
             "released models have 27 to 48)"
         )  # fmt: skip
-    with torch.device("meta"):
+    with torch.device("meta"), MetaInitsSkipped():  # (torch 2.10's meta uniform_ imports sympy: see the class)
         skeleton = DenseCLIP(config, names)
     expected = skeleton.state_dict()
     counters = [k for k in expected if k.endswith(".num_batches_tracked") and k not in sd]

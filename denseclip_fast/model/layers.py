@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from ..config import ACTIVATIONS
 
@@ -26,6 +28,29 @@ def init_(init: Callable[..., object], tensor: torch.Tensor, **kwargs: object) -
     here; the values drawn off the meta device are the same as a direct call's."""
     if not tensor.is_meta:
         init(tensor, **kwargs)
+
+
+_RANDOM_FILLS = (torch.Tensor.uniform_, torch.Tensor.normal_)
+
+
+class MetaInitsSkipped(TorchFunctionMode):
+    """Within it, meta tensors are not randomly initialised: an ``nn.init`` function or an in-place ``uniform_`` /
+    ``normal_`` given one returns it as it is, as :func:`init_` does for the models' own inits. PyTorch's modules
+    (nn.Conv2d, nn.Linear, nn.Embedding) draw theirs in their constructors, and torch 2.10's meta ``uniform_`` is a
+    Python decomposition whose first use imports sympy (0.3 s of a fresh process; later releases have a C++ meta
+    kernel). Tensors on other devices are initialised as usual. A torch function mode: the thread's alone."""
+
+    def __torch_function__(
+        self, func: Callable[..., Any], types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")  # nn.init's public in-place functions: uniform_, kaiming_uniform_ ...
+        in_place_init = getattr(func, "__module__", None) == "torch.nn.init" and name.endswith("_") and name[0] != "_"
+        if func in _RANDOM_FILLS or in_place_init:
+            tensor = args[0] if args else kwargs.get("tensor")  # nn.init's functions pass theirs by keyword
+            if isinstance(tensor, torch.Tensor) and tensor.is_meta:
+                return tensor
+        return func(*args, **kwargs)
 
 
 def intercepted() -> bool:
