@@ -108,21 +108,30 @@ def _installed(module: str) -> str | None:
 class _FoldingNotes(logging.Filter):
     """Drops onnxscript's "Skipping constant folding for op LayerNormalization with multiple outputs." (a warning,
     printed twice by every export: the decoder's LayerNorm of the class embeddings, constants in an image graph,
-    left to run with the graph as the exported program has it; nothing the user can act on)."""
+    left to run with the graph as the exported program has it; nothing the user can act on), and torch 2.10's
+    "Missing annotation for parameter 'input' from (input, rois, ...)" (four warnings of every export, about
+    onnxscript's translations of torchvision's roi_align and roi_pool, which the exporter's registry reads whatever
+    the graph holds; later torch releases log them at debug level)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Skipping constant folding for op ")
+        return not str(record.msg).startswith(_NOTES)
+
+
+_NOTES = ("Skipping constant folding for op ", "Missing annotation for parameter ")
+_NOTED_LOGGERS = ("onnxscript.optimizer._constant_folding", "torch.onnx._internal.exporter._schemas")
 
 
 @contextlib.contextmanager
 def _without_folding_notes() -> Iterator[None]:
-    """onnxscript's constant folder without its notes of the nodes it leaves (:class:`_FoldingNotes`)."""
-    logger, notes = logging.getLogger("onnxscript.optimizer._constant_folding"), _FoldingNotes()
-    logger.addFilter(notes)
+    """The exporter without its notes of what concerns no graph of ours (:class:`_FoldingNotes`)."""
+    loggers, notes = [logging.getLogger(name) for name in _NOTED_LOGGERS], _FoldingNotes()
+    for logger in loggers:
+        logger.addFilter(notes)
     try:
         yield
     finally:
-        logger.removeFilter(notes)
+        for logger in loggers:
+            logger.removeFilter(notes)
 
 
 def to_onnx(
