@@ -6,8 +6,9 @@ the cause: torch 2.4 cannot read checkpoints safely (no ``torch.serialization.sa
 ``torch.library.triton_op``; with torch 2.6 the CPU engine and training run, but ONNX export fails on the dynamic
 batch, ``aoti_load_package`` has no ``device_index`` and its Triton (3.2) does not compile a score kernel; torch
 2.9's ONNX exporter cannot export a ViT with a dynamic batch. 2.10.0 is the oldest release tried that passes the CPU
-test suite (measured on 2026-12-01, not rerun since; the GPU test machine's 2.11 is rerun by ``make
-test-gpu-torch``).
+test suite (measured on 2026-12-06 with numpy < 2.4, which its Triton 3.6's interpreter needs, after three fixes made
+that day; mypy, a development check, fails against its older type stubs: README, "Versions"; the GPU test machine's
+2.11 is rerun by ``make test-gpu-torch``).
 """
 
 from __future__ import annotations
