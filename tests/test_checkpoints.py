@@ -26,6 +26,7 @@ import torch
 import denseclip_fast as dcf
 from benchmarks.official import OfficialDenseCLIP, save_mmcv_checkpoint
 from denseclip_fast import CheckpointError, DenseCLIP
+from denseclip_fast.checkpoints.io import CheckpointNotFoundError
 from denseclip_fast.checkpoints.official import infer_config
 
 from .conftest import NAMES, ROOT, RecordedOps, official_cfg, randomized, tiny_config
@@ -153,6 +154,30 @@ def test_bare_state_dict_and_ddp_prefix(tmp_path, official_file):
         dcf.load_checkpoint(bare)
     model = dcf.load_checkpoint(bare, class_names=NAMES)
     assert torch.equal(model.gamma, sd["gamma"])
+
+
+def test_checkpoint_errors_cross_processes(tmp_path, official_file):
+    """Every error load_checkpoint raises pickles and unpickles as itself (its class, message and attributes): a
+    multiprocessing pool's worker sends its error to the parent so. CheckpointError's default pickling rebuilt it as
+    cls(message), which failed (no ``reason``): the parent's result thread died on it and the pool hung."""
+    from denseclip_fast.checkpoints import ClassCountError, UnnamedClassesError
+
+    sd = _state(official_file)["state_dict"]
+    bare = tmp_path / "bare.pth"
+    torch.save(sd, bare)
+    (tmp_path / "text.pth").write_text("not a checkpoint")
+    cases = [(tmp_path / "nope.pth", {}), (tmp_path / "text.pth", {}), (bare, {}), (bare, {"class_names": ["a"]})]
+    raised = []
+    for path, kwargs in cases:
+        with pytest.raises(ValueError) as caught:
+            dcf.load_checkpoint(path, **kwargs)
+        raised.append(caught.value)
+    kinds = [type(e) for e in raised]
+    assert kinds == [CheckpointNotFoundError, CheckpointError, UnnamedClassesError, ClassCountError]
+    for error in raised:
+        again = pickle.loads(pickle.dumps(error))
+        assert type(again) is type(error) and str(again) == str(error) and again.args == error.args
+        assert vars(again) == vars(error) and getattr(again, "errno", None) == getattr(error, "errno", None)
 
 
 def test_no_class_names_with_150_outputs_assumes_ade20k(tmp_path):

@@ -52,6 +52,9 @@ class ClassCountError(ValueError):
         self.given, self.outputs = given, outputs
         super().__init__(f"class_names has {given} names but the checkpoint's head has {outputs} outputs")
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (self.given, self.outputs)
+
 
 class AssumedADE20KClasses(UserWarning):
     """A file that names no classes, whose head has 150 outputs, was given ADE20K's 150 names (class_names=None)."""

@@ -49,6 +49,18 @@ class CheckpointError(ValueError):
         self.reason = " ".join(reason.split())
         super().__init__(f"{self.path}: {self.reason}")
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled as its message and attributes: the default, ``cls(message)``, failed to unpickle (no ``reason``)
+        where an error crosses processes (a multiprocessing pool's worker that loads a checkpoint: its pool hung)."""
+        return _unpickled, (type(self), self.args, dict(self.__dict__))
+
+
+def _unpickled(cls: type[CheckpointError], args: tuple[Any, ...], state: dict[str, Any]) -> CheckpointError:
+    error = cls.__new__(cls, *args)
+    error.args = args
+    error.__dict__.update(state)
+    return error
+
 
 class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
     """No file at a checkpoint's path: a CheckpointError (its one line, a ValueError) that a caller's ``except
@@ -57,6 +69,9 @@ class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
     def __init__(self, path: str | os.PathLike[str]) -> None:
         super().__init__(path, "no such file")
         self.errno = errno.ENOENT  # filename stays None: OSError's str would then replace the one line
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (self.path,)
 
 
 @dataclass
