@@ -56,8 +56,7 @@ class CheckpointError(ValueError):
 
 
 def _unpickled(cls: type[CheckpointError], args: tuple[Any, ...], state: dict[str, Any]) -> CheckpointError:
-    error = cls.__new__(cls, *args)
-    error.args = args
+    error = cls.__new__(cls, *args)  # BaseException.__new__ keeps the args; __init__ is not called again
     error.__dict__.update(state)
     return error
 
