@@ -13,7 +13,7 @@ import json
 import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from typing import Any, TypedDict
+from typing import Any, Literal, TypedDict, cast
 
 import numpy as np
 import torch
@@ -119,11 +119,30 @@ class SegmentationMetrics:
         }  # fmt: skip
 
 
+# the metrics the commands print and the trainer logs, in that order
+HEADLINE: tuple[Literal["mIoU", "aAcc", "mAcc"], ...] = ("mIoU", "aAcc", "mAcc")
+
+
 def results_json(result: Mapping[str, Any]) -> str:
     """The results as JSON text, a NaN metric (a split without one labelled pixel: every label ignored) written as
     ``null``, as ``per_class`` writes them: a bare NaN is not JSON, and strict readers refused the file."""
     clean = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in result.items()}
     return json.dumps(clean, indent=2, allow_nan=False)
+
+
+def results_from_json(text: str) -> Evaluation | None:
+    """What results_json wrote, read back as evaluate returned it: a headline metric written as null is NaN again.
+    None for text that holds no evaluation."""
+    try:
+        evaluation = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(evaluation, dict) or "mIoU" not in evaluation:
+        return None
+    for key in HEADLINE:
+        if evaluation.get(key, 0.0) is None:
+            evaluation[key] = math.nan
+    return cast(Evaluation, evaluation)
 
 
 def summary(result: Mapping[str, Any]) -> str:
@@ -133,7 +152,7 @@ def summary(result: Mapping[str, Any]) -> str:
         value = result.get(key)
         return "n/a" if value is None or math.isnan(value) else f"{100 * value:.2f}"
 
-    return "  ".join(f"{key} {percent(key)}" for key in ("mIoU", "aAcc", "mAcc"))
+    return "  ".join(f"{key} {percent(key)}" for key in HEADLINE)
 
 
 def per_class_keys(names: Sequence[str]) -> list[str]:

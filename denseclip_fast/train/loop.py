@@ -35,7 +35,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from typing import Any, TypedDict, cast
+from typing import Any, TypedDict
 
 import torch
 import torch.distributed as dist
@@ -48,7 +48,7 @@ from ..model import DenseCLIP
 from ..model.text import tokenize_class_names
 from .config import TrainConfig
 from .data import SegmentationData, TrainSampler, class_list_source, shared_split_note
-from .evaluate import Evaluation, check_image_sizes, evaluate, results_json
+from .evaluate import HEADLINE, Evaluation, check_image_sizes, evaluate, results_from_json, results_json
 from .launch import cudnn_benchmark, distributed, launch_environment
 from .optim import make_optimizer, segmentation_loss, set_learning_rates, short_run_warning
 from .state import (
@@ -465,15 +465,9 @@ class Trainer:
         A headline metric the split does not define, written as null, is NaN again, as evaluate returned it."""
         try:
             with open(self._path(f"eval_iter_{iteration}.json"), encoding="utf-8") as f:
-                evaluation = json.load(f)
-        except (OSError, ValueError):
+                return results_from_json(f.read())
+        except (OSError, ValueError):  # (a file that is not UTF-8: a ValueError)
             return None
-        if not isinstance(evaluation, dict) or "mIoU" not in evaluation:
-            return None
-        for key in ("mIoU", "mAcc", "aAcc"):
-            if evaluation.get(key, 0.0) is None:
-                evaluation[key] = math.nan
-        return cast(Evaluation, evaluation)
 
     def _run(
         self, rank: int, world: int, device: torch.device, resume_path: str | None, held: contextlib.ExitStack
@@ -684,12 +678,12 @@ class Trainer:
                 dist.broadcast(buffer, 0)
         result = evaluate(model, val, mode=self.cfg.eval_mode, rank=rank, world=world, progress=True)
         if rank == 0:
-            row = {"iter": iteration, "mIoU": result["mIoU"], "aAcc": result["aAcc"], "mAcc": result["mAcc"]}
+            row: dict[str, float] = {"iter": iteration, **{k: result[k] for k in HEADLINE}}
             self._append_csv(self._path("eval.csv"), list(row), row)
             with open(self._path(f"eval_iter_{iteration}.json"), "w", encoding="utf-8") as f:
                 f.write(results_json(result))
             if writer is not None:
-                for k in ("mIoU", "aAcc", "mAcc"):
+                for k in HEADLINE:
                     writer.add_scalar(f"val/{k}", row[k], iteration)
         return result if rank == 0 else None
 
