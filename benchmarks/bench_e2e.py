@@ -87,6 +87,7 @@ from benchmarks.common import (  # noqa: E402
     free_gpu_memory,
     math_settings,
     measure,
+    other_load_note,
     profile_kernels,
     profile_markdown,
     rel_err,
@@ -462,6 +463,9 @@ def table(env: dict, rows: list[dict], classes: int) -> str:
         lines.append(f"{head} {r['p50_ms']:.2f} | {host} | {tail_cell(r, 'p90_ms')} | {tail_cell(r, 'p99_ms')} | "
                      f"{r.get('samples', '')} | {r['images_per_s']:.1f} | {first} | {mem} | {err} | "
                      f"{100 * r['image_path_fraction_of_peak']:.2f}% |")  # fmt: skip
+    load = other_load_note(rows, lambda r: f"{r['contestant']} {'x'.join(str(s) for s in r['shape'])}")
+    if load:
+        lines += ["", load]
     targets_part = targets_markdown(targets(rows)) if env["gpu"] else ""
     return "\n".join(lines) + "\n" + targets_part + profiles_markdown(rows)
 

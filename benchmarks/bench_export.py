@@ -45,6 +45,7 @@ from benchmarks.common import (  # noqa: E402
     free_gpu_memory,
     math_settings,
     measure,
+    other_load_note,
     rel_err,
     tail_cell,
 )
@@ -165,6 +166,9 @@ def table(env: dict, rows: list[dict]) -> str:
             f"| {r['images_per_s']:.1f} | {r['first_call_s']:.2f} | {'' if made is None else f'{made:.0f}'} "
             f"| {'' if err is None else f'{err:.1e}'} |"
         )
+    load = other_load_note(rows, lambda r: f"{r['contestant']} {r['arch']} batch {r['batch']}")
+    if load:
+        lines += ["", load]
     return "\n".join(lines) + "\n"
 
 

@@ -49,6 +49,7 @@ from benchmarks.common import (  # noqa: E402
     free_gpu_memory,
     math_settings,
     measure,
+    other_load_note,
     profile_kernels,
     profile_markdown,
     targets_markdown,
@@ -134,7 +135,8 @@ def timed(step: Callable, x: torch.Tensor, label: torch.Tensor, steps: int | Non
     return {"ms_per_step": r["p50_ms"], "p90_ms": r["p90_ms"], "max_ms": r["max_ms"], "timed_steps": r["samples"],
             "images_per_s": x.shape[0] / (r["p50_ms"] / 1e3), "first_call_s": r["first_call_s"],
             "first_loss": r["logits"].item(), "peak_memory_gib": r["peak_memory_gib"],
-            "first_calls_peak_memory_gib": r["first_calls_peak_memory_gib"]}  # fmt: skip
+            "first_calls_peak_memory_gib": r["first_calls_peak_memory_gib"],
+            "other_cpu_cores": r["other_cpu_cores"]}  # fmt: skip
 
 
 def table(env: dict, rows: list[dict], args: argparse.Namespace) -> str:
@@ -162,6 +164,9 @@ def table(env: dict, rows: list[dict], args: argparse.Namespace) -> str:
         mem = "" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.1f} ({first:.1f})"
         speedup = "" if base is None else f"{r['images_per_s'] / base:.2f}"
         lines.append(f"| {r['contestant']} | {r['ms_per_step']:.1f} | {r['images_per_s']:.1f} | {mem} | {speedup} |")
+    load = other_load_note(rows, lambda r: r["contestant"])
+    if load:
+        lines += ["", load]
     profiles = "".join(profile_markdown(f"Where the time goes: {r['contestant']}", r["profile"])
                        for r in rows if "profile" in r)  # fmt: skip
     targets_part = targets_markdown(targets(rows)) if env["gpu"] else ""

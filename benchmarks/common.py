@@ -121,6 +121,59 @@ def host_rss_gib() -> dict[str, float | None]:
     return {"rss_gib": now, "peak_rss_gib": peak}
 
 
+def _cpu_ticks() -> tuple[int, int, int] | None:
+    """The machine's CPU time so far, from /proc/stat's first line: (busy ticks, all ticks, CPUs); None where there
+    is no such file (not Linux) or it reads otherwise. Idle and iowait are idle; guest time is inside user's."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/stat") as f:
+            lines = f.read().splitlines()
+        fields = lines[0].split()
+        if fields[0] == "cpu" and len(fields) >= 5:
+            ticks = [int(v) for v in fields[1:9]]  # user nice system idle iowait irq softirq steal
+            cpus = sum(1 for line in lines if re.match(r"cpu\d+ ", line))
+            return sum(ticks) - ticks[3] - ticks[4], sum(ticks), cpus
+    return None
+
+
+class OtherLoad:
+    """How busy other processes kept the machine's CPUs between ``start()`` and ``cores()``: the machine's busy CPU
+    time (/proc/stat) less this process's own (``time.process_time``: all its threads), per second of wall time, in
+    cores. A host-bound contestant (its launches) runs slower beside another process's work: this says whether its
+    row was timed on a quiet machine. None where /proc/stat is missing; /proc/stat counts in ticks (1/100 s), so a
+    window of a few seconds reads within about 0.1 core."""
+
+    def start(self) -> OtherLoad:
+        self._ticks, self._own, self._wall = _cpu_ticks(), time.process_time(), time.perf_counter()
+        return self
+
+    def cores(self) -> float | None:
+        ticks, own, wall = _cpu_ticks(), time.process_time() - self._own, time.perf_counter() - self._wall
+        if ticks is None or self._ticks is None or wall <= 0:
+            return None
+        busy, total = ticks[0] - self._ticks[0], ticks[1] - self._ticks[1]
+        if total <= 0:
+            return None
+        return max(busy / total * ticks[2] - own / wall, 0.0)
+
+
+OTHER_LOAD_NOTABLE = 0.5  # cores: from here a results table names the row (other_load_note)
+
+
+def other_load_note(rows: Sequence[Mapping[str, Any]], label: Callable[[Mapping[str, Any]], str]) -> str:
+    """A sentence for a results table: the most CPU cores other processes kept busy while one of ``rows`` was timed
+    (measure's other_cpu_cores), and each row (``label``) where they reached OTHER_LOAD_NOTABLE; "" where no row
+    knows it."""
+    loads = [(r["other_cpu_cores"], label(r)) for r in rows if r.get("other_cpu_cores") is not None]
+    if not loads:
+        return ""
+    busy = [f"{name} {cores:.1f}" for cores, name in loads if cores >= OTHER_LOAD_NOTABLE]
+    text = (f"Other processes kept at most {max(cores for cores, _ in loads):.1f} CPU cores busy while a row was timed "
+            "(other_cpu_cores in the JSON)")  # fmt: skip
+    if not busy:
+        return text + "."
+    return text + ": " + "; ".join(busy) + " (a row bound by its launches on the host runs slower beside them)."
+
+
 def tf32_settings() -> dict[str, str]:
     """What float32 convolutions (cuDNN) and matrix multiplications (cuBLAS) compute in on CUDA under the process's
     current settings: {"cudnn_conv": "tf32" | "ieee", "cuda_matmul": "tf32" | "ieee"} (PyTorch's defaults: TF32
@@ -316,9 +369,10 @@ def measure(
     ``max_repeats``). Returns first_call_s; p50_ms, p90_ms, p99_ms by nearest rank (p90/p99 None when too few calls
     were timed for them: see :func:`nearest_rank`), max_ms and samples (the number of timed calls); host_p50_ms, the
     median time until a call returned, before the wait for the device (near p50_ms: the call is bound by the host,
-    its launches; on a CPU the same as p50_ms);
-    peak_memory_gib and first_calls_peak_memory_gib; and ``logits``, the first call's output as float32 on the CPU.
-    Under ``torch.no_grad`` unless ``grad`` (a training step).
+    its launches; on a CPU the same as p50_ms); peak_memory_gib and first_calls_peak_memory_gib; other_cpu_cores,
+    how many CPU cores other processes kept busy while the calls were timed (:class:`OtherLoad`; None where
+    unknown); and ``logits``, the first call's output as float32 on the CPU. Under ``torch.no_grad`` unless
+    ``grad`` (a training step).
 
     The first output is copied to the CPU right after the first call, before any other call, and not kept: a
     function compiled with CUDA graphs (torch.compile's "reduce-overhead"/"max-autotune", an engine's captured
@@ -355,6 +409,7 @@ def measure(
             return len(times) < min_repeats or (sum(times) < budget_s and len(times) < max_repeats)
 
         host: list[float] = []  # until the call returned, before the wait for the device
+        load = OtherLoad().start()
         while more():
             sync(device)
             start = time.perf_counter()
@@ -362,6 +417,7 @@ def measure(
             host.append(time.perf_counter() - start)
             sync(device)
             times.append(time.perf_counter() - start)
+        other_cores = load.cores()
     times.sort()
     ms = lambda t: None if t is None else 1e3 * t  # noqa: E731
     return {
@@ -374,6 +430,7 @@ def measure(
         "samples": len(times),
         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         "first_calls_peak_memory_gib": first_peak,
+        "other_cpu_cores": other_cores,
         "logits": logits,
     }
 

@@ -10,7 +10,17 @@ import os
 import pytest
 
 from benchmarks import bench_e2e, bench_ops, bench_train
-from benchmarks.common import Results, arch_name, failure, measure, nearest_rank, tail_cell, targets_markdown
+from benchmarks.common import (
+    OtherLoad,
+    Results,
+    arch_name,
+    failure,
+    measure,
+    nearest_rank,
+    other_load_note,
+    tail_cell,
+    targets_markdown,
+)
 
 from .conftest import spy_launches, spy_score_plans
 
@@ -79,6 +89,58 @@ def test_measure_keeps_the_first_output_before_a_later_call_overwrites_it(monkey
     assert r["first_calls_peak_memory_gib"] is None
     bf16 = measure(lambda x: x.to(torch.bfloat16), torch.full((2,), 1.5), 1, torch.device("cpu"))
     assert bf16["logits"].dtype == torch.float32 and bf16["logits"].tolist() == [1.5, 1.5]
+
+
+def test_other_load_is_the_machines_busy_time_less_this_processs_own(monkeypatch):
+    """OtherLoad's arithmetic on made-up counters: the machine's busy share of its ticks times its CPUs, less this
+    process's CPU seconds per wall second; never below 0; None without /proc/stat or without ticks between."""
+    import benchmarks.common as common
+
+    ticks = iter([(100, 1000, 4), (100 + 300, 1000 + 400, 4)])  # 3 of 4 cores busy over the window
+    clocks = {"process_time": iter([5.0, 6.0]), "perf_counter": iter([10.0, 12.0])}  # 0.5 of a core our own
+    monkeypatch.setattr(common, "_cpu_ticks", lambda: next(ticks))
+    monkeypatch.setattr(common.time, "process_time", lambda: next(clocks["process_time"]))
+    monkeypatch.setattr(common.time, "perf_counter", lambda: next(clocks["perf_counter"]))
+    assert OtherLoad().start().cores() == pytest.approx(3.0 - 0.5)
+    ticks = iter([(0, 0, 2), (10, 100, 2)])  # 0.2 cores busy in all, the process ran 1.0 core: 0, not -0.8
+    clocks = {"process_time": iter([0.0, 1.0]), "perf_counter": iter([0.0, 1.0])}
+    assert OtherLoad().start().cores() == 0.0
+    for first, last in (((0, 0, 2), None), ((0, 0, 2), (0, 0, 2))):  # no /proc/stat; no tick between
+        ticks = iter([first, last])
+        clocks = {"process_time": iter([0.0, 1.0]), "perf_counter": iter([0.0, 1.0])}
+        assert OtherLoad().start().cores() is None
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="OtherLoad reads /proc/stat (Linux)")
+def test_other_load_sees_another_process_spinning():
+    """A process spinning beside the window keeps about one core busy, and measure's rows say so."""
+    import subprocess
+    import sys
+    import time
+
+    import torch
+
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.2)
+        load = OtherLoad().start()
+        time.sleep(1.0)
+        assert load.cores() >= 0.5
+        r = measure(lambda x: time.sleep(0.1) or x, torch.zeros(1), 8, torch.device("cpu"))
+        assert r["other_cpu_cores"] >= 0.5
+    finally:
+        spinner.kill()
+        spinner.wait()
+
+
+def test_other_load_note_names_the_rows_timed_beside_busy_processes():
+    rows = [{"name": "a", "other_cpu_cores": 0.1}, {"name": "b", "other_cpu_cores": 1.26}, {"name": "c"},
+            {"name": "d", "other_cpu_cores": None}]  # fmt: skip
+    note = other_load_note(rows, lambda r: r["name"])
+    assert note.startswith("Other processes kept at most 1.3 CPU cores busy") and ": b 1.3 (" in note
+    assert "0.1" not in note
+    assert other_load_note(rows[:1], lambda r: r["name"]).endswith("(other_cpu_cores in the JSON).")
+    assert other_load_note(rows[2:], lambda r: r["name"]) == ""
 
 
 def test_measure_times_as_many_calls_as_fill_its_budget():
