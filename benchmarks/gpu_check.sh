@@ -59,11 +59,54 @@ timed() {  # timed NAME LOG COMMAND...: COMMAND > OUT/LOG under the time that is
   fi
   local limit=$(( left - 15 )) cap=${STEP_CAP_S:-0}
   (( cap > 0 && cap < limit )) && limit=$cap
-  local begin=$(date +%s)
+  local begin=$(date +%s) load
+  load=$(cut -d' ' -f1 /proc/loadavg 2>/dev/null || echo "?")
   timeout --signal=INT --kill-after=15 "$limit" "$@" > "$OUT/$log" 2>&1
   local rc=$? note=""
   (( rc == 124 || rc == 137 )) && note=" (stopped: time limit of ${limit} s)"
-  echo "$name: exit $rc in $(( $(date +%s) - begin )) s${note}" | tee -a "$OUT/status.txt"
+  echo "$name: exit $rc in $(( $(date +%s) - begin )) s${note}; load average ${load} at its start" \
+    | tee -a "$OUT/status.txt"
+  (( rc == 124 || rc == 137 )) && busy_processes "after $name was stopped"
+  return 0
+}
+
+busy_processes() {  # busy_processes WHEN: processes using a CPU now (over half a second; a step's leftovers:
+  # compile workers, a stopped test's children) into status.txt, where a host-bound benchmark after them runs slower
+  # (h200_2026-12-04c's official batch-1 row took 28.65 ms where the first calls of two sessions had measured 15.70
+  # and 16.11)
+  python3 - "$1" >> "$OUT/status.txt" 2>/dev/null <<'PY'
+import os, sys, time
+
+def cpu_ticks():
+    ticks = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            ticks[pid] = int(fields[11]) + int(fields[12])  # utime + stime
+        except (OSError, IndexError, ValueError):
+            pass
+    return ticks
+
+before = cpu_ticks()
+time.sleep(0.5)
+after = cpu_ticks()
+busy = []
+for pid, t in after.items():
+    share = (t - before.get(pid, t)) / os.sysconf("SC_CLK_TCK") / 0.5
+    if share >= 0.2:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                command = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            command = "?"
+        busy.append((share, pid, command[:140]))
+if busy:
+    print(f"busy processes ({sys.argv[1]}; cores, pid, command):")
+    for share, pid, command in sorted(busy, reverse=True)[:5]:
+        print(f"  {share:.1f} {pid} {command}")
+PY
+  return 0
 }
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1
@@ -281,6 +324,7 @@ done
 # a warm machine keeps the work folder: each call's lines begin with its time and code (results carry both too)
 echo "== call at $(date -u +%FT%TZ), code $(python3 -c 'from benchmarks.common import code_hash; print(code_hash())' \
   2>/dev/null || echo unknown), steps: $STEPS" | tee -a "$OUT/status.txt"
+busy_processes "at the call's start"
 if [[ " $STEPS " == *" build "* ]]; then
   build
 elif ext_current; then
