@@ -472,27 +472,13 @@ class Trainer:
     def _run(
         self, rank: int, world: int, device: torch.device, resume_path: str | None, held: contextlib.ExitStack
     ) -> TrainResult:
+        """Checks, the model and the work dir, then cfg.iters iterations from the resumed one (or 0): each one step
+        of the optimiser over ``accum`` micro-batches, logged, saved and evaluated at their intervals; then the
+        final evaluation."""
         cfg = self.cfg
-        if cfg.batch_size % (world * cfg.accum):
-            raise ValueError(
-                f"batch_size (--batch-size) {cfg.batch_size} must be divisible by processes x accum (--accum) = "
-                f"{world} x {cfg.accum}"
-            )
-        if cfg.sync_bn and world > 1 and device.type != "cuda":  # else torch's own error, once the work dir is written
-            raise ValueError(f"sync_bn (--sync-bn) synchronises BatchNorm across CUDA processes: PyTorch's "
-                             f"SyncBatchNorm does not run on device {device}; leave it off (each process keeps its "
-                             "own statistics)")  # fmt: skip
-        micro = cfg.batch_size // (world * cfg.accum)
+        micro = self._micro_batch(world, device)
         bn_images = batchnorm_images(cfg, world)
-        data = SegmentationData(cfg.data, cfg.layout, "train", cfg)
-        try:  # the names the text encoder takes, said with their file (DenseCLIP's own error named none)
-            tokenize_class_names(data.class_names, cfg.model_config().text.class_token_length)
-        except ValueError as exc:
-            raise ValueError(f"{class_list_source(cfg.data, cfg.layout, len(data.class_names))}: {exc}") from None
-        # the evaluation's images (their headers), now rather than after the training; every process stops alike
-        val = SegmentationData(cfg.data, cfg.layout, "val", ignore_index=cfg.ignore_index)  # kept for _evaluate
-        check_image_sizes(val, cfg.model_config().test_scale, (1.0,))
-        data.check_label_sizes()  # as check_image_sizes does for val: now, not in a DataLoader worker hours in
+        data, val = self._datasets()
         # said when the run starts, again on resuming only if its schedule changed; after the checks above, so that
         # a run they refuse says its one error alone
         short = short_run_warning(cfg) if resume_path is None or self._schedule_changed() else None
@@ -505,71 +491,22 @@ class Trainer:
         scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
         start = self._load(resume_path, model, optimizer, scaler, rank, device) if resume_path else 0
         complete = start == cfg.iters  # resumed at its end (_already_finished): only the final evaluation is left
-        worker_init: Callable[[int], None] | None = None
-        if rank == 0:  # only once the resume is accepted: a refused one leaves the work dir as it was
-            os.makedirs(cfg.work_dir, exist_ok=True)
-            worker_init = held.enter_context(work_dir_lock(cfg.work_dir))  # before anything is written or removed
-            if not resume_path:  # again, locked: a run that held the work dir meanwhile may have saved checkpoints
-                self._refuse_used_work_dir()
-            elif self.resume == "auto" and (now := self._find_resume()) != resume_path:  # or moved latest.json on
-                raise ValueError(
-                    f"--resume auto: work dir {cfg.work_dir!r} moved on while this run started (latest.json named "
-                    f"{resume_path}, now {now}: another run?); nothing was written, start it again"
-                )
-            for name in os.listdir(cfg.work_dir):  # left by a run killed while it saved (replaced_atomically)
-                if name.startswith(".") and name.endswith(PARTIAL_SUFFIX):
-                    os.remove(self._path(name))
-            if not resume_path:  # before config.json is written: the old run's goes with its logs
-                self._start_logs_over()
-            if not complete:  # the saved run's settings stay in it
-                with open(self._path("config.json"), "w", encoding="utf-8") as f:
-                    json.dump(cfg.to_dict(absolute_paths=True), f, indent=2)
+        # only once the resume is accepted: a refused one leaves the work dir as it was
+        worker_init = self._claim_work_dir(resume_path, complete, held) if rank == 0 else None
         if not resume_path:
             torch.manual_seed(cfg.seed + rank)  # dropout masks: distinct per process, reproducible
         elif rank == 0:
-            self._keep_rows_until("metrics.csv", start)
-            self._keep_rows_until("eval.csv", start - 1 if complete else start)  # a final row without its JSON
-            for name in self._eval_files(lambda iteration: iteration > start):  # of weights that were never saved
-                os.remove(self._path(name))
-            if complete:
-                print(f"denseclip-fast train: the run in work dir {cfg.work_dir!r} is already trained to iteration "
-                      f"{start} ({resume_path}) but its final evaluation is missing: running it",
-                      file=sys.stderr)  # fmt: skip
-            elif self._changed:
-                changed = ", ".join(self._changed.values())
-                print(f"denseclip-fast train: resuming from {resume_path} with {changed}: the optimizer and the "
-                      f"schedule go on with these values from iteration {start}",
-                      file=sys.stderr)  # fmt: skip
-
+            self._trim_logs_for_resume(resume_path, start, complete)
         if rank == 0 and not complete:
             for note in (batchnorm_note(cfg, world), shared_split_note(cfg.data, cfg.layout)):
                 if note:
                     print(f"denseclip-fast train: {note}", file=sys.stderr)
-        step_module: nn.Module = TrainStep(model)
-        if world > 1:
-            if cfg.sync_bn:
-                step_module = nn.SyncBatchNorm.convert_sync_batchnorm(step_module)
-            ids = [device.index] if device.type == "cuda" else None
-            step_module = nn.parallel.DistributedDataParallel(step_module, device_ids=ids)
-        sampler = TrainSampler(len(data), cfg.seed, rank, world, start=start * micro * cfg.accum)
-        # its own generator: creating the loader must not draw from the global RNG (a resumed run creates it at
-        # a different point of the run than an uninterrupted one)
-        workers = cfg.workers()
-        loader = DataLoader(data, batch_size=micro, sampler=sampler, num_workers=workers,
-                            pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-                            generator=torch.Generator().manual_seed(cfg.seed), worker_init_fn=worker_init)  # fmt: skip
-        batches = iter(loader)
+        step_module = self._step_module(model, world, device)
+        batches = iter(self._loader(data, micro, start, rank, world, device, worker_init))
         autocast = torch.autocast(device.type, dtype=torch.bfloat16 if cfg.amp == "bf16" else torch.float16,
                                   enabled=cfg.amp != "none")  # fmt: skip
         writer = self._tensorboard(start) if rank == 0 else None
-        progress = None
-        if rank == 0:
-            from tqdm import tqdm
-
-            progress = tqdm(total=cfg.iters, initial=start, desc="train", unit="it", dynamic_ncols=True)
-            # closed however the run ends: an error (a truncated image, a bad label) was printed glued to the bar's
-            # line, and the bar printed again after it when it was collected
-            held.callback(progress.close)
+        progress = self._progress_bar(start, held) if rank == 0 else None
         metrics_file = self._path("metrics.csv")
         last: dict[str, float] = {}
         tic = time.perf_counter()
@@ -595,28 +532,19 @@ class Trainer:
             # the losses are read (a host sync) only when logged or saved, so the host queues the next iteration
             log_now = done % cfg.log_interval == 0 or done == cfg.iters or done == start + 1
             save_now = done % cfg.checkpoint_interval == 0 or done == cfg.iters
-            values: list[float] = []
-            if log_now or save_now:
-                if world > 1:  # log the global mean, not this process's
-                    dist.all_reduce(sums)
-                    sums /= world
-                values = sums.tolist()
-                if cfg.amp != "fp16":  # fp16: the scaler skips such steps by design
-                    self._check_finite(values, done)
-            if rank == 0:
-                assert progress is not None
+            values = self._read_losses(sums, world, done) if log_now or save_now else []
+            if progress is not None:  # rank 0
                 progress.update(1)
                 if log_now:
-                    totals = dict(zip(LOSSES, values))
-                    progress.set_postfix(loss=f"{totals['loss']:.4f}", lr=f"{lr:.2e}")
+                    last = dict(zip(LOSSES, values))
+                    progress.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{lr:.2e}")
                     seconds = time.perf_counter() - tic
-                    row = {"iter": done, **totals, "lr": lr, "images_per_s": cfg.batch_size * (done - start) / seconds,
+                    row = {"iter": done, **last, "lr": lr, "images_per_s": cfg.batch_size * (done - start) / seconds,
                            "seconds": seconds}  # fmt: skip
                     self._append_csv(metrics_file, METRIC_COLUMNS, row)
                     if writer is not None:
                         for k in ("loss", "loss_decode", "loss_aux", "lr"):
                             writer.add_scalar(f"train/{k}", row[k], done)
-                    last = totals
             if save_now:  # every run ends with one: its final weights are checked too
                 self._check_weights_finite(model, done)
                 rng = self._rng_states(world, device)
@@ -633,6 +561,130 @@ class Trainer:
         if writer is not None:
             writer.close()
         return result
+
+    # ------------------------------------------------------------------ a run's parts, in _run's order
+
+    def _micro_batch(self, world: int, device: torch.device) -> int:
+        """The images of one micro-batch per process, batch_size / (world x accum), once the batch and the
+        BatchNorm option fit the processes."""
+        cfg = self.cfg
+        if cfg.batch_size % (world * cfg.accum):
+            raise ValueError(
+                f"batch_size (--batch-size) {cfg.batch_size} must be divisible by processes x accum (--accum) = "
+                f"{world} x {cfg.accum}"
+            )
+        if cfg.sync_bn and world > 1 and device.type != "cuda":  # else torch's own error, once the work dir is written
+            raise ValueError(f"sync_bn (--sync-bn) synchronises BatchNorm across CUDA processes: PyTorch's "
+                             f"SyncBatchNorm does not run on device {device}; leave it off (each process keeps its "
+                             "own statistics)")  # fmt: skip
+        return cfg.batch_size // (world * cfg.accum)
+
+    def _datasets(self) -> tuple[SegmentationData, SegmentationData]:
+        """The training and evaluation splits, checked before any training: the class names the text encoder
+        takes, the evaluation images' sizes at the test scale and the training labels' sizes."""
+        cfg = self.cfg
+        data = SegmentationData(cfg.data, cfg.layout, "train", cfg)
+        try:  # the names the text encoder takes, said with their file (DenseCLIP's own error named none)
+            tokenize_class_names(data.class_names, cfg.model_config().text.class_token_length)
+        except ValueError as exc:
+            raise ValueError(f"{class_list_source(cfg.data, cfg.layout, len(data.class_names))}: {exc}") from None
+        # the evaluation's images (their headers), now rather than after the training; every process stops alike
+        val = SegmentationData(cfg.data, cfg.layout, "val", ignore_index=cfg.ignore_index)  # kept for _evaluate
+        check_image_sizes(val, cfg.model_config().test_scale, (1.0,))
+        data.check_label_sizes()  # as check_image_sizes does for val: now, not in a DataLoader worker hours in
+        return data, val
+
+    def _claim_work_dir(
+        self, resume_path: str | None, complete: bool, held: contextlib.ExitStack
+    ) -> Callable[[int], None] | None:
+        """Rank 0: the work dir made and locked for the run (the lock held by ``held``; the returned function
+        makes DataLoader workers close their copies of it, None where nothing is locked), a fresh run's refused
+        where checkpoints came meanwhile, --resume auto's where latest.json moved on, files of a save that was
+        killed removed, a fresh run's old logs set aside and config.json written (not for a complete run: the
+        saved settings stay)."""
+        cfg = self.cfg
+        os.makedirs(cfg.work_dir, exist_ok=True)
+        worker_init = held.enter_context(work_dir_lock(cfg.work_dir))  # before anything is written or removed
+        if not resume_path:  # again, locked: a run that held the work dir meanwhile may have saved checkpoints
+            self._refuse_used_work_dir()
+        elif self.resume == "auto" and (now := self._find_resume()) != resume_path:  # or moved latest.json on
+            raise ValueError(
+                f"--resume auto: work dir {cfg.work_dir!r} moved on while this run started (latest.json named "
+                f"{resume_path}, now {now}: another run?); nothing was written, start it again"
+            )
+        for name in os.listdir(cfg.work_dir):  # left by a run killed while it saved (replaced_atomically)
+            if name.startswith(".") and name.endswith(PARTIAL_SUFFIX):
+                os.remove(self._path(name))
+        if not resume_path:  # before config.json is written: the old run's goes with its logs
+            self._start_logs_over()
+        if not complete:  # the saved run's settings stay in it
+            with open(self._path("config.json"), "w", encoding="utf-8") as f:
+                json.dump(cfg.to_dict(absolute_paths=True), f, indent=2)
+        return worker_init
+
+    def _trim_logs_for_resume(self, resume_path: str, start: int, complete: bool) -> None:
+        """Rank 0 of a resumed run: the logs cut back to the iteration resumed at (rows and evaluations of weights
+        that were never saved removed), and what the run goes on with said."""
+        self._keep_rows_until("metrics.csv", start)
+        self._keep_rows_until("eval.csv", start - 1 if complete else start)  # a final row without its JSON
+        for name in self._eval_files(lambda iteration: iteration > start):  # of weights that were never saved
+            os.remove(self._path(name))
+        if complete:
+            print(f"denseclip-fast train: the run in work dir {self.cfg.work_dir!r} is already trained to iteration "
+                  f"{start} ({resume_path}) but its final evaluation is missing: running it",
+                  file=sys.stderr)  # fmt: skip
+        elif self._changed:
+            changed = ", ".join(self._changed.values())
+            print(f"denseclip-fast train: resuming from {resume_path} with {changed}: the optimizer and the "
+                  f"schedule go on with these values from iteration {start}",
+                  file=sys.stderr)  # fmt: skip
+
+    def _step_module(self, model: DenseCLIP, world: int, device: torch.device) -> nn.Module:
+        """The module a micro-batch goes through: TrainStep (the forward with the loss's inputs), in
+        DistributedDataParallel across processes (its BatchNorms synchronised with sync_bn)."""
+        step_module: nn.Module = TrainStep(model)
+        if world > 1:
+            if self.cfg.sync_bn:
+                step_module = nn.SyncBatchNorm.convert_sync_batchnorm(step_module)
+            ids = [device.index] if device.type == "cuda" else None
+            step_module = nn.parallel.DistributedDataParallel(step_module, device_ids=ids)
+        return step_module
+
+    def _loader(
+        self, data: SegmentationData, micro: int, start: int, rank: int, world: int, device: torch.device,
+        worker_init: Callable[[int], None] | None,
+    ) -> DataLoader:  # fmt: skip
+        """This process's micro-batches from the iteration resumed at (TrainSampler: the data order of an
+        uninterrupted run)."""
+        cfg = self.cfg
+        sampler = TrainSampler(len(data), cfg.seed, rank, world, start=start * micro * cfg.accum)
+        # its own generator: creating the loader must not draw from the global RNG (a resumed run creates it at
+        # a different point of the run than an uninterrupted one)
+        workers = cfg.workers()
+        return DataLoader(data, batch_size=micro, sampler=sampler, num_workers=workers,
+                          pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                          generator=torch.Generator().manual_seed(cfg.seed), worker_init_fn=worker_init)  # fmt: skip
+
+    def _progress_bar(self, start: int, held: contextlib.ExitStack) -> Any:
+        """Rank 0's tqdm bar over the iterations, closed by ``held`` however the run ends."""
+        from tqdm import tqdm
+
+        progress = tqdm(total=self.cfg.iters, initial=start, desc="train", unit="it", dynamic_ncols=True)
+        # closed however the run ends: an error (a truncated image, a bad label) was printed glued to the bar's
+        # line, and the bar printed again after it when it was collected
+        held.callback(progress.close)
+        return progress
+
+    def _read_losses(self, sums: torch.Tensor, world: int, iteration: int) -> list[float]:
+        """This iteration's losses (LOSSES' order) on the host, averaged over the processes; checked finite (but
+        with fp16's scaler, which skips such steps by design)."""
+        if world > 1:  # log the global mean, not this process's
+            dist.all_reduce(sums)
+            sums /= world
+        values: list[float] = sums.tolist()
+        if self.cfg.amp != "fp16":
+            self._check_finite(values, iteration)
+        return values
 
     @staticmethod
     def _check_finite(values: list[float], iteration: int) -> None:
