@@ -32,7 +32,7 @@ $(VENV)/.ext: $(VENV)/.deps setup.py pyproject.toml $(CSRC)
 	touch $@
 
 test: setup
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q --durations=20
 
 bench: setup
 	$(PYTHON) benchmarks/bench_ops.py
