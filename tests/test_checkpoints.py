@@ -322,6 +322,26 @@ def test_not_a_denseclip_state_dict(tmp_path):
         dcf.load_checkpoint(path)
 
 
+def test_a_clip_fpn_baseline_is_said_to_be_one(tmp_path):
+    """The official repository also released CLIP + FPN baselines (configs fpn_clipres50 and the like): a CLIP
+    backbone, an FPN neck and a decode head without DenseCLIP's text side. Their refusal says so, not only which
+    keys are missing; a state dict with any part of the text side, or without a neck or head, gets no such hint."""
+    sd = DenseCLIP(tiny_config("resnet"), NAMES).state_dict()
+    baseline = {k: v for k, v in sd.items() if not k.startswith(("contexts", "gamma", "text_encoder.",
+                                                                  "context_decoder."))}  # fmt: skip
+    with pytest.raises(CheckpointError, match="not a DenseCLIP state dict: missing contexts, gamma") as err:
+        dcf.load_checkpoint(_save_state(tmp_path, baseline), class_names=NAMES)
+    assert "no text side" in str(err.value) and "fpn_clip" in str(err.value)
+    for kept in ("gamma", "context_decoder.text_proj.1.weight"):  # DenseCLIP's, damaged: the plain list
+        with pytest.raises(CheckpointError) as err:
+            dcf.load_checkpoint(_save_state(tmp_path, {**baseline, kept: sd[kept]}), class_names=NAMES)
+        assert "not a DenseCLIP state dict" in str(err.value) and "fpn_clip" not in str(err.value)
+    headless = {k: v for k, v in baseline.items() if not k.startswith("decode_head.")}
+    with pytest.raises(CheckpointError) as err:
+        dcf.load_checkpoint(_save_state(tmp_path, headless), class_names=NAMES)
+    assert "fpn_clip" not in str(err.value)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["RN50", "RN101", "ViT-B/16"])
 def test_architecture_detected_from_tensors(arch):

@@ -99,6 +99,23 @@ def infer_config(sd: Mapping[str, torch.Tensor], path: str) -> tuple[DenseCLIPCo
         raise CheckpointError(path, f"the tensors describe an invalid architecture: {exc}") from None
 
 
+TEXT_SIDE = ("contexts", "gamma", "text_encoder.", "context_decoder.")  # what DenseCLIP adds to CLIP + FPN
+
+
+def _baseline_hint(sd: Mapping[str, torch.Tensor]) -> str:
+    """For a segmentation model without DenseCLIP's text side (a CLIP backbone, an FPN neck and a decode head, no
+    contexts, gamma, text encoder or context decoder): what it likely is, the official repository's CLIP + FPN
+    baselines (configs fpn_clipres50, fpn_clipres101, fpn_clipvit-b), and why it does not load; "" otherwise."""
+    keys = list(sd)
+    if any(k.startswith(TEXT_SIDE) for k in keys):
+        return ""
+    if not all(any(k.startswith(part) for k in keys) for part in ("backbone.", "neck.", "decode_head.")):
+        return ""
+    return ("; it holds a backbone, an FPN neck and a decode head but no text side (contexts, gamma, text_encoder, "
+            "context_decoder): a segmentation model without pixel-text matching, such as the official CLIP + FPN "
+            "baselines (fpn_clip* configs), which is not a DenseCLIP model and which denseclip_fast does not run")
+
+
 def _infer_config(sd: Mapping[str, torch.Tensor], path: str) -> tuple[DenseCLIPConfig, int]:
     missing = [k for k in REQUIRED_KEYS if k not in sd]
     if "backbone.class_embedding" in sd:  # a ViT
@@ -107,7 +124,7 @@ def _infer_config(sd: Mapping[str, torch.Tensor], path: str) -> tuple[DenseCLIPC
     elif "backbone.attnpool.positional_embedding" not in sd:
         missing.append("backbone.attnpool.positional_embedding or backbone.class_embedding")
     if missing:
-        raise CheckpointError(path, f"not a DenseCLIP state dict: missing {', '.join(missing)}")
+        raise CheckpointError(path, f"not a DenseCLIP state dict: missing {', '.join(missing)}{_baseline_hint(sd)}")
     _check_shapes(sd, path)
     embed_dim = sd["gamma"].shape[0]
     pos = sd["text_encoder.positional_embedding"]
