@@ -339,7 +339,26 @@ def test_a_clip_fpn_baseline_is_said_to_be_one(tmp_path):
     headless = {k: v for k, v in baseline.items() if not k.startswith("decode_head.")}
     with pytest.raises(CheckpointError) as err:
         dcf.load_checkpoint(_save_state(tmp_path, headless), class_names=NAMES)
-    assert "fpn_clip" not in str(err.value)
+    assert "fpn_clip" not in str(err.value) and "RetinaNet" not in str(err.value)
+
+
+@pytest.mark.parametrize("heads", [("bbox_head",), ("rpn_head", "roi_head")])
+def test_a_denseclip_detector_is_said_to_be_one(tmp_path, heads):
+    """The official DenseCLIP detectors (RetinaNet: bbox_head; Mask R-CNN: rpn_head and roi_head) share the
+    backbone, text encoder, context decoder and neck with the segmentation models but have no decode head: their
+    refusal says what they are. A segmentation state dict with a stray head of that name keeps the plain message
+    (its decode head is what it is)."""
+    sd = DenseCLIP(tiny_config("resnet"), NAMES).state_dict()
+    detector = {k: v for k, v in sd.items() if not k.startswith("decode_head.")}
+    detector.update({f"{head}.conv.weight": torch.zeros(4, 4, 1, 1) for head in heads})
+    with pytest.raises(CheckpointError, match="missing decode_head.conv_seg.weight") as err:
+        dcf.load_checkpoint(_save_state(tmp_path, detector), class_names=NAMES)
+    assert "a detector" in str(err.value) and "RetinaNet and Mask R-CNN" in str(err.value)
+    del sd["gamma"]
+    sd.update({f"{head}.conv.weight": torch.zeros(4, 4, 1, 1) for head in heads})
+    with pytest.raises(CheckpointError, match="missing gamma") as err:
+        dcf.load_checkpoint(_save_state(tmp_path, sd), class_names=NAMES)
+    assert "RetinaNet" not in str(err.value)
 
 
 @pytest.mark.slow

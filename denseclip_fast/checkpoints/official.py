@@ -100,13 +100,20 @@ def infer_config(sd: Mapping[str, torch.Tensor], path: str) -> tuple[DenseCLIPCo
 
 
 TEXT_SIDE = ("contexts", "gamma", "text_encoder.", "context_decoder.")  # what DenseCLIP adds to CLIP + FPN
+DETECTION_HEADS = ("bbox_head.", "rpn_head.", "roi_head.")  # mmdet's RetinaNet and Mask R-CNN
 
 
-def _baseline_hint(sd: Mapping[str, torch.Tensor]) -> str:
-    """For a segmentation model without DenseCLIP's text side (a CLIP backbone, an FPN neck and a decode head, no
-    contexts, gamma, text encoder or context decoder): what it likely is, the official repository's CLIP + FPN
-    baselines (configs fpn_clipres50, fpn_clipres101, fpn_clipvit-b), and why it does not load; "" otherwise."""
+def _other_model_hint(sd: Mapping[str, torch.Tensor]) -> str:
+    """For the official repository's other models, what the state dict likely is and why it does not load ("" for
+    anything else): a detector (its detection/ code: RetinaNet's bbox_head, Mask R-CNN's rpn_head and roi_head,
+    no decode head), or a segmentation model without DenseCLIP's text side (a CLIP backbone, an FPN neck and a
+    decode head, no contexts, gamma, text encoder or context decoder: the CLIP + FPN baselines, configs
+    fpn_clipres50, fpn_clipres101, fpn_clipvit-b)."""
     keys = list(sd)
+    if not any(k.startswith("decode_head.") for k in keys) and any(k.startswith(DETECTION_HEADS) for k in keys):
+        return ("; it holds a detection head (bbox_head, rpn_head or roi_head) and no decode head: a detector, such "
+                "as the official DenseCLIP RetinaNet and Mask R-CNN models (detection/ configs), which "
+                "denseclip_fast does not run (it runs the Semantic FPN segmentation models)")  # fmt: skip
     if any(k.startswith(TEXT_SIDE) for k in keys):
         return ""
     if not all(any(k.startswith(part) for k in keys) for part in ("backbone.", "neck.", "decode_head.")):
@@ -124,7 +131,7 @@ def _infer_config(sd: Mapping[str, torch.Tensor], path: str) -> tuple[DenseCLIPC
     elif "backbone.attnpool.positional_embedding" not in sd:
         missing.append("backbone.attnpool.positional_embedding or backbone.class_embedding")
     if missing:
-        raise CheckpointError(path, f"not a DenseCLIP state dict: missing {', '.join(missing)}{_baseline_hint(sd)}")
+        raise CheckpointError(path, f"not a DenseCLIP state dict: missing {', '.join(missing)}{_other_model_hint(sd)}")
     _check_shapes(sd, path)
     embed_dim = sd["gamma"].shape[0]
     pos = sd["text_encoder.positional_embedding"]
