@@ -276,6 +276,8 @@ def test_non_tensor_entries_are_refused(tmp_path, official_file):
         ("text_encoder.token_embedding.weight", torch.zeros(10, 64),
          "text_encoder.token_embedding.weight has shape (10, 64), expected (49408 or more, text width): the "
          "tokenizer's ids go up to 49407"),
+        ("text_encoder.token_embedding.weight", torch.zeros(49407, 64),  # one row short: id 49407 (EOT) missing
+         "text_encoder.token_embedding.weight has shape (49407, 64), expected (49408 or more, text width)"),
     ],
 )  # fmt: skip
 def test_official_tensors_of_the_wrong_shape_are_named(tmp_path, official_file, key, tensor, message):
@@ -376,6 +378,56 @@ def test_detection_of_tiny_vit_and_arch_check(tmp_path):
     path = _save_state(tmp_path, sd, meta={"CLASSES": tuple(NAMES)})
     with pytest.raises(CheckpointError, match=r"arch='RN50' was requested but the checkpoint holds 'custom'"):
         dcf.load_checkpoint(path, arch="RN50")
+
+
+@pytest.mark.parametrize(
+    "section, changes",
+    [
+        ("text", {"width": 32, "heads": 1}),  # narrower than one 64-wide head: still one head, never 0
+        ("text", {"layers": 11}),  # block indices of two digits
+        ("decoder", {"layers": 11}),
+    ],
+)  # fmt: skip
+def test_detection_of_sizes_no_preset_has(section, changes):
+    """Head and block counts the tensors imply for sizes the released models do not have: a text width under 64
+    has one head (``max(1, width // 64)``: 0 heads is no architecture), and stacks of 10 or more blocks count their
+    two-digit indices (a block count read as 10 for 11 blocks builds a model that the file's keys do not fit)."""
+    import dataclasses
+
+    config = tiny_config("resnet")
+    config = config.replace(**{section: dataclasses.replace(getattr(config, section), **changes)})
+    detected, k = infer_config(DenseCLIP(config, NAMES).state_dict(), "x.pth")
+    assert detected == config and k == len(NAMES)
+
+
+def test_a_released_architecture_at_another_resolution_is_custom():
+    """RN50's tensors with the attention pool's grid of a 640-pixel input (20 x 20, not the preset's 16 x 16) are a
+    custom architecture of that resolution, not the RN50 preset: the preset's 257-row positional embedding would
+    refuse the file's 401 rows. (Shapes only: the model is built on the meta device.)"""
+    import dataclasses
+
+    rn50 = dcf.preset("RN50")
+    config = rn50.replace(arch="custom", vision=dataclasses.replace(rn50.vision, input_resolution=640))
+    sd = _meta_model(config, dcf.ADE20K_CLASSES).state_dict()
+    assert sd["backbone.attnpool.positional_embedding"].shape[0] == 1 + 20 * 20
+    detected, k = infer_config(sd, "x.pth")
+    assert detected.arch == "custom" and detected.vision.input_resolution == 640 and k == 150
+    assert detected.vision.layers == rn50.vision.layers and detected.vision.width == rn50.vision.width
+
+
+def test_arch_requested_by_any_of_its_names():
+    """``arch`` is checked by its canonical name: 'ViT-B-16' (open_clip's spelling, which the command line takes) is
+    the 'ViT-B/16' a released ViT checkpoint holds, not a mismatch; an unknown name is named as such."""
+    from denseclip_fast.checkpoints.official import check_arch
+
+    vit = dcf.preset("ViT-B/16")
+    check_arch(vit, "ViT-B-16", "x.pth")
+    check_arch(vit, "ViT-B/16", "x.pth")
+    check_arch(vit, None, "x.pth")
+    with pytest.raises(CheckpointError, match=r"arch='RN50' was requested but the checkpoint holds 'ViT-B/16'"):
+        check_arch(vit, "RN50", "x.pth")
+    with pytest.raises(ValueError, match=r"arch must be one of .*got 'ViT-L/14'"):
+        check_arch(vit, "ViT-L/14", "x.pth")
 
 
 # ------------------------------------------------------------------------------------------------ own format
@@ -1153,6 +1205,17 @@ def test_damage_in_a_native_files_metadata_is_refused_by_its_crc(tmp_path, nativ
             dcf.load_checkpoint(damaged)
 
 
+@pytest.mark.parametrize("version", ["2", "0", "", "1.0"])
+def test_a_native_file_of_another_format_version_is_refused(tmp_path, native_file, version):
+    """Only format version "1" is read: a file of a later version may store its tensors or metadata otherwise (read
+    as version 1 it could load as another model without an error). Its CRC-32 record agrees (written by a tool of
+    that version): the version check itself refuses it."""
+    assert dcf.load_checkpoint(_native_with(tmp_path, native_file, name="v1.safetensors", format_version="1"))
+    with pytest.raises(CheckpointError, match=rf"denseclip_fast format version {version!r} is not supported "
+                                              r"\(expected 1\)"):  # fmt: skip
+        dcf.load_checkpoint(_native_with(tmp_path, native_file, format_version=version))
+
+
 def test_tensors_another_tool_edited_renamed_or_added(tmp_path, native_file):
     """Edited tensors under the old record: refused, naming five of them and counting the rest, with the advice to
     drop the record. A renamed or added tensor is what load_state_strict names (missing and unexpected keys)."""
@@ -1566,6 +1629,56 @@ def test_real_torchscript_archive_with_a_tied_submodule(tmp_path):
     assert set(tensors) == set(expected) and {"linear.weight", "tied.weight"} <= set(tensors)
     assert all(torch.equal(tensors[k], v) for k, v in expected.items())
     assert tensors["tied.weight"] is tensors["linear.weight"]
+
+
+class _EveryDtype(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        values = torch.randn(5, 3, generator=generator) * 100
+        for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+            self.register_buffer("t_" + str(dtype).split(".")[1], values.to(dtype))
+        for dtype in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+            self.register_buffer("t_" + str(dtype).split(".")[1], values.abs().clamp(max=120).to(dtype))
+        self.register_buffer("t_bool", values > 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def _scripted(module: torch.nn.Module, path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.script(module).save(str(path))
+
+
+def test_torchscript_tensors_of_every_storage_type_keep_their_dtype_and_values(tmp_path):
+    """OpenAI's CLIP archives (RN50.pt ...) hold float16 weights: each storage type of the archive is read as its
+    own dtype (a float16 storage read as bfloat16 loads every CLIP weight as other numbers, without an error)."""
+    module = _EveryDtype()
+    path = tmp_path / "dtypes.pt"
+    _scripted(module, path)
+    tensors = _read(path).tensors
+    expected = module.state_dict()
+    assert set(tensors) == set(expected) and len(expected) == 10
+    for name, value in expected.items():
+        assert tensors[name].dtype == value.dtype and torch.equal(tensors[name], value), name
+
+
+def test_a_big_endian_torchscript_archive_is_refused(tmp_path):
+    """An archive whose ``byteorder`` record says big-endian holds its tensors' bytes in the other order: read as
+    little-endian they are other numbers, so it is refused by name (rewritten here from a real archive, whose record
+    says little)."""
+    path, big = tmp_path / "little.pt", tmp_path / "big.pt"
+    _scripted(_EveryDtype(), path)
+    with zipfile.ZipFile(path) as z, zipfile.ZipFile(big, "w", zipfile.ZIP_STORED) as out:
+        records = [e for e in z.infolist() if e.filename.endswith("/byteorder")]
+        assert len(records) == 1 and z.read(records[0]).strip() == b"little"
+        for entry in z.infolist():
+            out.writestr(entry.filename, b"big" if entry in records else z.read(entry))
+    assert torch.equal(_read(path).tensors["t_float32"], _EveryDtype().t_float32)
+    with pytest.raises(CheckpointError, match="big-endian TorchScript archives are not supported"):
+        _read(big)
 
 
 def _nested(depth: int, key_length: int) -> bytes:
