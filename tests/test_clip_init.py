@@ -201,3 +201,39 @@ def test_mismatched_clip_weights_are_refused(tmp_path):
     torch.save(sd, junk)
     with pytest.raises(CheckpointError, match=r"unexpected keys \(1\): visual.extra.weight"):
         init_from_clip(DenseCLIP(tiny_config("resnet"), NAMES), junk)
+
+
+@pytest.mark.parametrize("kind", ["resnet", "vit"])
+@pytest.mark.parametrize("clip_size, model_size, dtype", [(64, 128, torch.float16), (128, 64, torch.float32)])
+def test_the_positional_grid_is_resized_in_float32_either_way(tmp_path, kind, clip_size, model_size, dtype):
+    """CLIP's positional grid is resized to the model's, larger or smaller (a model of a lower input resolution than
+    CLIP's), in float32 from the file's values: OpenAI's archives hold float16 weights, and a resize in float16
+    rounds every interpolated value to 11 bits before the float32 model holds it. The expected grid is F.interpolate
+    of the float32 values (bilinear, align_corners=False)."""
+    clip = _open_clip(kind, clip_size).to(dtype)
+    path = _save(clip, tmp_path / "clip.pt", "torchscript")
+    model = DenseCLIP(tiny_config(kind, input_resolution=model_size), NAMES)
+    init_from_clip(model, path)
+    sd = clip.state_dict()
+    key = "attnpool.positional_embedding" if kind == "resnet" else "positional_embedding"
+    pos = sd[f"visual.{key}"].float()
+    old, new = int((pos.shape[0] - 1) ** 0.5), model.config.vision.grid
+    assert new * clip_size == old * model_size  # resized up, or down
+    spatial = pos[1:].reshape(1, old, old, -1).permute(0, 3, 1, 2)
+    spatial = F.interpolate(spatial, size=(new, new), mode="bilinear", align_corners=False)
+    assert torch.equal(model.backbone.state_dict()[key], torch.cat([pos[:1], spatial.flatten(2)[0].t()]))
+    assert torch.equal(model.backbone.conv1.weight, sd["visual.conv1.weight"].float())
+
+
+def test_clip_entries_that_are_no_weights_are_ignored(tmp_path):
+    """What CLIP implementations store beside the weights (the logit scale, SigLIP's logit bias, OpenAI's
+    input_resolution, context_length and vocab_size) is skipped, not refused as unrecognised keys."""
+    clip = _open_clip("resnet", 64)
+    sd = clip.state_dict()
+    extras = {"logit_scale": torch.tensor(4.6), "logit_bias": torch.tensor(-10.0), "input_resolution": torch.tensor(64),
+              "context_length": torch.tensor(77), "vocab_size": torch.tensor(49408)}  # fmt: skip
+    path = tmp_path / "clip.pth"
+    torch.save({**sd, **extras}, path)
+    model = DenseCLIP(tiny_config("resnet"), NAMES)
+    init_from_clip(model, path)
+    assert torch.equal(model.backbone.conv1.weight, sd["visual.conv1.weight"])
