@@ -2776,6 +2776,36 @@ def test_a_vit_denseclip_checkpoint_of_another_grid_computes_as_the_file_did(tmp
         torch.testing.assert_close(model(image), source(image), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize(
+    "field, change, shown",
+    [
+        ("vision", {"out_indices": (2, 5, 7, 11)}, "vision.out_indices: (3, 5, 7, 11) in the file, (2, 5, 7, 11) here"),
+        ("vision", {"heads": 2}, "vision.heads: 1 in the file, 2 here"),
+        ("vision", {"double_class_embedding": False}, "vision.double_class_embedding: True in the file, False here"),
+        ("decoder", {"heads": 2}, "decoder.heads: 4 in the file, 2 here"),
+        ("text", {"heads": 2}, "text.heads: 1 in the file, 2 here"),
+        (None, {"activation": "gelu"}, "activation: 'quick_gelu' in the file, 'gelu' here"),
+    ],
+)  # fmt: skip
+def test_a_denseclip_checkpoint_of_other_heads_taps_or_activation_is_refused(tmp_path, field, change, shown):
+    """Fields that no tensor's shape shows but that decide what the weights compute (the ViT blocks the pyramid
+    taps, the head counts that split each attention's width, the class embedding's second use, the MLPs'
+    activation): a file that differs in one is of another architecture, refused naming it; loaded anyway, every
+    weight would fit and the model compute something else."""
+    from denseclip_fast import DenseCLIP
+    from denseclip_fast.checkpoints.transfer import init_from_denseclip
+
+    config = tiny_config("vit")
+    path = tmp_path / "vit.safetensors"
+    DenseCLIP(config, CLASSES).save(path)
+    other = (config.replace(**{field: dataclasses.replace(getattr(config, field), **change)}) if field else
+             config.replace(**change))  # fmt: skip
+    assert init_from_denseclip(DenseCLIP(config, CLASSES), path) == []  # the same architecture: taken whole
+    with pytest.raises(CheckpointError, match=r"is of another architecture than the run's \(--arch\): "
+                                              + re.escape(shown) + "$"):  # fmt: skip
+        init_from_denseclip(DenseCLIP(other, CLASSES), path)
+
+
 def test_an_official_layout_denseclip_checkpoint_starts_a_run(arch_file, generic, tmp_path):
     """--init takes a file of the official code's layout too (mmcv's {'meta': {'CLASSES': ...}, 'state_dict': ...},
     here in float16): of the run's classes, every weight is the file's; a bare state dict (names no classes) keeps
