@@ -39,6 +39,10 @@ from denseclip_fast.visualize import colorize, default_palette, overlay
         ((100, 3000), (2048, 512), (68, 2048)),  # long side limits: 100 * 2048/3000 = 68.27
         ((333, 500), (2048, 640), (640, 961)),  # ViT scale: 500 * 640/333 = 960.96 -> 961
         ((300, 3000), (2048, 512), (205, 2048)),  # the height rounds too: 300 * 2048/3000 = 204.8 -> 205
+        # halves round up as mmcv's int(x + 0.5), not to even as Python's round(): 2049 * 0.5 = 1024.5 -> 1025,
+        # 5 * 0.5 = 2.5 -> 3
+        ((1024, 2049), (2048, 512), (512, 1025)),
+        ((5, 8), (4, 4), (3, 4)),
     ],
 )
 def test_keep_ratio_size_is_mmcv_rescale_size(hw, scale, expected):
@@ -278,6 +282,34 @@ def test_load_image_reads_as_opencv_does(tmp_path):
             read(tmp_path / "bad_exif.png")
 
 
+# EXIF orientation -> the upright picture of the stored pixels (the EXIF / TIFF specification's eight cases)
+UPRIGHT = {1: lambda a: a, 2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
+           5: lambda a: a.transpose(1, 0, 2), 6: lambda a: np.rot90(a, k=-1),
+           7: lambda a: a.transpose(1, 0, 2)[::-1, ::-1], 8: lambda a: np.rot90(a, k=1)}  # fmt: skip
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_exif_orientation_is_read_and_sized_as_load_image_turns_it(tmp_path, orientation):
+    """Each of the eight EXIF orientations, in each format that carries one: load_image returns the upright picture
+    (checked pixel for pixel where the format is lossless), exif_orientation names the tag, from the header alone
+    too, and image_size gives the stored size, or with upright=True load_image's: the sides swapped for the four
+    orientations that transpose (5 to 8), which train's label-size check compares a label with."""
+    from PIL import Image
+
+    rgb = np.random.default_rng(orientation).integers(0, 256, size=(20, 30, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    upright = UPRIGHT[orientation](rgb)
+    for name in ("image.png", "image.jpg", "image.tif", "image.webp"):
+        path = tmp_path / name
+        Image.fromarray(rgb).save(path, exif=exif, lossless=True)  # (lossless: a WebP option)
+        loaded = load_image(path)
+        assert loaded.shape == upright.shape, name
+        assert name == "image.jpg" or np.array_equal(loaded, upright), name
+        assert exif_orientation(path) == exif_orientation(path, header_only=True) == orientation, name
+        assert image_size(path) == (20, 30) and image_size(path, upright=True) == upright.shape[:2], name
+
+
 def test_palette_colorize_overlay():
     palette = default_palette(150)
     assert len(set(palette)) == 150
@@ -303,6 +335,25 @@ def test_palette_colorize_overlay():
     for bad in ("255", -1, 1.5, True):  # a value no label holds: named, as train's ignore_index is
         with pytest.raises(ValueError, match=r"ignore_index must be a label value in 0..65535 .*got "):
             overlay(image, truth, palette, ignore_index=bad)
+
+
+def test_overlay_rounds_the_blend_and_leaves_out_the_first_value_past_the_palette():
+    """The blend ``(1 - alpha) * image + alpha * colour`` is rounded half up, not truncated (0.5 * 0 + 0.5 * 255 =
+    127.5 -> 128; 0.75 * 10 + 0.25 * 255 = 71.25 -> 71; 0.25 * 3 + 0.75 * 200 = 150.75 -> 151); and ignore_index
+    equal to the palette's length (255 with 255 colours: classes 0..254) is no class, so its pixels stay unpainted,
+    where colorize would refuse them."""
+    labels = np.zeros((1, 3), np.int64)
+    assert overlay(np.zeros((1, 3, 3), np.uint8), labels, [(255, 255, 255)], alpha=0.5).tolist() == [[[128] * 3] * 3]
+    assert overlay(np.full((1, 3, 3), 10, np.uint8), labels, [(255, 0, 10)], alpha=0.25).tolist() == [
+        [[71, 8, 10]] * 3
+    ]
+    assert overlay(np.full((1, 3, 3), 3, np.uint8), labels, [(200, 0, 3)], alpha=0.75).tolist() == [[[151, 1, 3]] * 3]
+    palette = default_palette(255)
+    image = np.full((1, 3, 3), 7, np.uint8)
+    truth = np.array([[0, 255, 254]], np.uint8)
+    painted = overlay(image, truth, palette, alpha=1.0)
+    assert painted[0, 1].tolist() == [7, 7, 7]
+    assert tuple(painted[0, 0]) == palette[0] and tuple(painted[0, 2]) == palette[254]
 
 
 def _resize_cases(seed: int, count: int) -> list[tuple[tuple[int, int], tuple[int, int]]]:
