@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from denseclip_fast.model.slide import slide_inference, slide_windows
+from denseclip_fast.model.slide import slide_inference, slide_windows, two_thirds_stride
 
 
 def mmseg_windows(h, w, crop, stride):
@@ -55,7 +55,8 @@ def test_averaging_and_chunking():
 
 @pytest.mark.parametrize("crop, stride, match", [(0, 10, "crop must be"), (32, (1, 2, 3), "stride must be"),
                                                  (32.5, 10, "crop must be"),
-                                                 ((32, 64), (40, 40), r"exceed crop.*\(40, 40\)")])  # fmt: skip
+                                                 ((32, 64), (40, 40), r"exceed crop.*\(40, 40\)"),
+                                                 ((64, 32), (40, 40), r"exceed crop.*\(40, 40\)")])  # fmt: skip
 def test_bad_window_arguments(crop, stride, match):
     with pytest.raises(ValueError, match=match):
         slide_windows(64, 64, crop, stride)
@@ -73,3 +74,27 @@ def test_half_precision_windows_are_summed_in_float32():
     out = slide_inference(encode_decode, x, crop=32, stride=7)
     assert out.dtype == torch.float32
     assert torch.allclose(out, torch.full_like(out, value.float().item()), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("h, w", [(100, 300), (300, 100), (64, 64), (20, 500)])
+@pytest.mark.parametrize("crop, stride", [((64, 96), (40, 60)), ((96, 64), (50, 21)), ((32, 128), (32, 100))])
+def test_windows_of_other_height_and_width_equal_mmseg(h, w, crop, stride):
+    """A crop and a stride given as (height, width) pairs, as mmseg's test_cfg takes them: rows follow the heights
+    and columns the widths, each axis on its own (mmseg's loop, written out per axis here)."""
+    (h_crop, w_crop), (h_stride, w_stride) = crop, stride
+    rows = [(max(min(i * h_stride + h_crop, h) - h_crop, 0), min(i * h_stride + h_crop, h))
+            for i in range(max(h - h_crop + h_stride - 1, 0) // h_stride + 1)]  # fmt: skip
+    cols = [(max(min(j * w_stride + w_crop, w) - w_crop, 0), min(j * w_stride + w_crop, w))
+            for j in range(max(w - w_crop + w_stride - 1, 0) // w_stride + 1)]  # fmt: skip
+    assert slide_windows(h, w, crop, stride) == [(y1, y2, x1, x2) for y1, y2 in rows for x1, x2 in cols]
+
+
+def test_a_crop_without_a_stride_moves_two_thirds_of_it():
+    """The stride of a window given without one is two thirds of its side, rounded down: the official configs' 341
+    for a 512 crop and 426 for 640 (the presets' slide_stride), never 0 for the smallest windows."""
+    import denseclip_fast as dcf
+
+    for arch in ("RN50", "RN101", "ViT-B/16"):
+        config = dcf.preset(arch)
+        assert two_thirds_stride(config.slide_crop) == config.slide_stride, arch
+    assert [two_thirds_stride(side) for side in (1, 2, 3, 4, 5, 6, 96)] == [1, 1, 2, 2, 3, 4, 64]
