@@ -117,12 +117,17 @@ def test_padding_and_cleaning():
     tokens = tokenize_class_names(["bed ", "  Bed"], 5)
     assert torch.equal(tokens[0], tokens[1])  # mmseg's trailing space and case do not matter
     assert tokens[0, 3:].tolist() == [0, 0]
+    # a name of exactly length - 2 tokens fills the row: SOT, its 3 tokens, EOT (CLIP's ids 49406 and 49407)
+    assert tokenize_class_names(["chest of drawers"], 5).tolist() == [[49406, 10563, 539, 38975, 49407]]
 
 
 @pytest.mark.parametrize(
     "names, match",
     [
         (["sky", "a very long class name"], r"class name 'a very long class name' has 5 BPE tokens; at most 3 fit"),
+        # one token too many (4 of 3): the boundary; and CLIP's end-of-text token inside a name, as its start one
+        (["big red fire truck"], r"class name 'big red fire truck' has 4 BPE tokens; at most 3 fit"),
+        (["cat <end_of_text>"], r"class name 0 \('cat <end_of_text>'\) holds CLIP's start or end-of-text token"),
         ([], "must not be empty"),
         (["sky", ""], r"class name 1 \(''\) has no tokens"),
         (["sky", 3], "class name 1 must be a string, got int"),
