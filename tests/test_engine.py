@@ -778,6 +778,30 @@ def test_bad_images(model, images, match):
         _engine(model).logits(images)
 
 
+def test_uint8_inputs_keep_their_pixels_in_any_layout_and_group_by_height_and_width():
+    """What as_batch makes of uint8 inputs, pixel for pixel: a numpy view with negative strides (OpenCV's BGR image
+    reversed to RGB, ``image[:, :, ::-1]``, which torch.from_numpy refuses) or a read-only array is copied, not
+    refused or warned of; a PIL image made in memory in 32-bit mode "I" keeps Pillow's values (only one opened from
+    a file is 16-bit data, reduced to its high byte); and images are grouped by (height, width), never by one side
+    alone (a group is stacked into one batch)."""
+    from denseclip_fast.engine.inputs import as_batch
+
+    bgr = np.random.default_rng(0).integers(0, 256, size=(6, 5, 3), dtype=np.uint8)
+    frozen = bgr.copy()
+    frozen.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch.from_numpy warns of a read-only array (once a process)
+        batch = as_batch([bgr[:, :, ::-1], bgr[::-1], frozen])
+    assert np.array_equal(batch.raw[0].numpy(), bgr[:, :, ::-1]) and np.array_equal(batch.raw[1].numpy(), bgr[::-1])
+    assert np.array_equal(batch.raw[2].numpy(), bgr) and batch.raw[2].data_ptr() != frozen.ctypes.data  # a copy
+    grey = Image.fromarray(np.arange(30, dtype=np.int32).reshape(5, 6) * 8)
+    assert grey.mode == "I"
+    assert np.array_equal(as_batch(grey).raw[0][:, :, 1].numpy(), np.arange(30).reshape(5, 6) * 8)
+    sizes = [(40, 44), (40, 50), (30, 44), (40, 44)]
+    images = [np.zeros((h, w, 3), np.uint8) for h, w in sizes]
+    assert as_batch(images).groups == [[0, 3], [1], [2]]
+
+
 def test_pil_images_that_cannot_be_decoded_are_named(model, tmp_path):
     """A lazily opened, truncated file and a closed image: Pillow's OSError / ValueError without a name before."""
     path = tmp_path / "cut.png"
