@@ -43,6 +43,10 @@ from denseclip_fast.visualize import colorize, default_palette, overlay
         # 5 * 0.5 = 2.5 -> 3
         ((1024, 2049), (2048, 512), (512, 1025)),
         ((5, 8), (4, 4), (3, 4)),
+        # portrait images (a phone's photo, one turned upright by its EXIF orientation): the long side is the height
+        ((683, 512), (2048, 512), (683, 512)),
+        ((3000, 100), (2048, 512), (2048, 68)),
+        ((500, 333), (640, 2048), (961, 640)),  # the scale's sides in either order: 500 * 640/333 = 960.96
     ],
 )
 def test_keep_ratio_size_is_mmcv_rescale_size(hw, scale, expected):
