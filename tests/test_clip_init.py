@@ -237,3 +237,15 @@ def test_clip_entries_that_are_no_weights_are_ignored(tmp_path):
     model = DenseCLIP(tiny_config("resnet"), NAMES)
     init_from_clip(model, path)
     assert torch.equal(model.backbone.conv1.weight, sd["visual.conv1.weight"])
+
+
+def test_a_text_positional_embedding_without_dimensions_is_a_shape_mismatch(tmp_path):
+    """A 0-d text positional embedding (a damaged or hand-edited file) is reported as a shape mismatch naming the
+    key, not truncated to the context length first (slicing a 0-d tensor is torch's IndexError)."""
+    sd = _open_clip("resnet", 64).state_dict()
+    sd["positional_embedding"] = torch.tensor(0.5)
+    path = tmp_path / "clip.pth"
+    torch.save(sd, path)
+    with pytest.raises(CheckpointError, match=r"shape mismatch \(1\): positional_embedding: checkpoint \(\) vs model "
+                                              r"\(13, 64\)"):  # fmt: skip
+        init_from_clip(DenseCLIP(tiny_config("resnet"), NAMES), path)
