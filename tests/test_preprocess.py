@@ -212,6 +212,14 @@ def test_paths_that_are_not_regular_files_are_refused_not_read(tmp_path):
     assert image_files(str(tmp_path / "a.png")) == [str(tmp_path / "a.png")]
 
 
+def test_a_folder_lists_images_of_any_extension_case_sorted_by_name(tmp_path):
+    """Cameras name their files IMG_0001.JPG: a folder's images are found whatever the case of their extension,
+    listed in name order (the order segment writes and reports them in), and its other files left out."""
+    for name in ("c.png", "IMG_0001.JPG", "b.Jpeg", "a.TIF", "notes.txt", "d.webp.bak"):
+        (tmp_path / name).write_bytes(b"")
+    assert image_files(tmp_path) == [str(tmp_path / n) for n in ("IMG_0001.JPG", "a.TIF", "b.Jpeg", "c.png")]
+
+
 def test_hidden_files_in_a_folder_are_left_out(tmp_path):
     """macOS's ._NAME.jpg resource forks (and other hidden files) in a folder of images are no images: segment
     stopped at the first one; given by name, a hidden file is read as any file."""
