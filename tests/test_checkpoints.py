@@ -203,6 +203,25 @@ def test_no_class_names_with_150_outputs_assumes_ade20k(tmp_path):
     assert named and read.class_names == list(dcf.ADE20K_CLASSES) and caught == []
 
 
+
+@pytest.mark.parametrize("k", [149, 151])
+def test_no_class_names_with_other_than_150_outputs_asks_for_them(tmp_path, k):
+    """Only a head of exactly ADE20K's 150 outputs is given ADE20K's names: one of 149 or 151 names no classes, so
+    load_checkpoint asks for them (UnnamedClassesError saying so), without the ADE20K warning and without calling
+    150 assumed names the file's own."""
+    from denseclip_fast.checkpoints import MismatchedClassNamesError, UnnamedClassesError
+
+    sd = DenseCLIP(tiny_config("resnet"), (list(dcf.ADE20K_CLASSES) * 2)[:k]).state_dict()
+    path = tmp_path / "bare.pth"
+    torch.save(sd, path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(UnnamedClassesError, match=rf"the file names no classes and its head has {k} outputs: pass "
+                                                      r"class_names=\[\.\.\.\]$") as err:  # fmt: skip
+            dcf.load_checkpoint(path)
+    assert not isinstance(err.value, MismatchedClassNamesError) and err.value.outputs == k
+
+
 def test_missing_and_unexpected_keys_are_listed(tmp_path, official_file):
     sd = dict(_state(official_file)["state_dict"])
     del sd["decode_head.scale_heads.1.0.bn.running_var"]
