@@ -266,6 +266,14 @@ def test_shape_mismatch_names_key_and_shapes(tmp_path, official_file):
         CheckpointError, match=r"context_decoder.decoder.0.mlp.0.bias: checkpoint \(7,\) vs model \(128,\)"
     ):
         dcf.load_checkpoint(path, class_names=NAMES)
+    # a weight stored transposed (a converter that forgot a .t()): as many elements, another shape; and a stray
+    # BatchNorm counter of no module
+    key = "text_encoder.text_projection"
+    sd = dict(_state(official_file)["state_dict"], **{key: sd[key].t().contiguous()})
+    sd["backbone.bn9.num_batches_tracked"] = torch.tensor(0)
+    with pytest.raises(CheckpointError, match=rf"unexpected keys \(1\): backbone.bn9.num_batches_tracked; shape "
+                                              rf"mismatch \(1\): {key}: checkpoint \(48, 64\) vs model \(64, 48\)$"):
+        dcf.load_checkpoint(_save_state(tmp_path, sd), class_names=NAMES)
 
 
 def test_non_tensor_entries_are_refused(tmp_path, official_file):
