@@ -1182,7 +1182,6 @@ def test_startup_benchmark_times_each_stage_in_fresh_processes(tmp_path, monkeyp
     assert "| RN50 | safetensors | cpu, float32 | 64x64 |" in (tmp_path / "startup_t.md").read_text()
 
 
-
 def test_bench_pyramid_times_each_case_with_the_engines_code(tmp_path, monkeypatch):
     """benchmarks/bench_pyramid.py's CPU smoke run (small shapes, the rewrites given the CPU; one timing a call):
     every case's contestants give the same result within bfloat16's rounding, the engine's rows run the rewrites'

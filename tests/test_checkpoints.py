@@ -203,7 +203,6 @@ def test_no_class_names_with_150_outputs_assumes_ade20k(tmp_path):
     assert named and read.class_names == list(dcf.ADE20K_CLASSES) and caught == []
 
 
-
 @pytest.mark.parametrize("k", [149, 151])
 def test_no_class_names_with_other_than_150_outputs_asks_for_them(tmp_path, k):
     """Only a head of exactly ADE20K's 150 outputs is given ADE20K's names: one of 149 or 151 names no classes, so
