@@ -1241,3 +1241,66 @@ def test_segment_retains_only_in_its_own_process_on_a_cpu(checkpoint, images, tm
         calls.clear()
         cli._retain_on_cpu(argparse.Namespace(own_process=own_process), device)
         assert calls == ([1] if own_process and expected else []), device
+
+
+def test_segment_options_reach_the_engine_and_the_reader_threads(checkpoint, images, tmp_path, monkeypatch):
+    """segment's defaults and options each have their effect: without --mode the engine slides (the official test
+    pipeline; whole differs on most images), on a CPU in float32; --io-threads sets the reader/writer pool's size,
+    up to its documented bound of 32 inclusive. (A mutation left --io-threads unread, the default mode whole, and
+    refused 32: the other tests still passed.)"""
+    import concurrent.futures
+
+    import denseclip_fast
+
+    engines, pools = [], []
+    real_segmenter, real_pool = denseclip_fast.Segmenter, concurrent.futures.ThreadPoolExecutor
+
+    def segmenter(model, **kwargs):
+        engines.append((kwargs["mode"], kwargs["dtype"], kwargs["device"]))
+        return real_segmenter(model, **kwargs)
+
+    class Pool(real_pool):
+        def __init__(self, max_workers=None, **kwargs):
+            pools.append(max_workers)
+            super().__init__(max_workers=max_workers, **kwargs)
+
+    monkeypatch.setattr(denseclip_fast, "Segmenter", segmenter)
+    monkeypatch.setattr(concurrent.futures, "ThreadPoolExecutor", Pool)
+    base = ["segment", "--checkpoint", str(checkpoint), "--device", "cpu", str(images[0])]
+    assert main([*base, "--out", str(tmp_path / "default")]) == 0
+    assert engines == [("slide", torch.float32, "cpu")] and pools == [1]  # one reader on a CPU: the engine's cores
+    for threads in ("3", "32"):
+        assert main([*base, "--mode", "whole", "--io-threads", threads, "--out", str(tmp_path / threads)]) == 0
+    assert engines[1:] == [("whole", torch.float32, "cpu")] * 2 and pools[1:] == [3, 32]
+
+
+def test_segment_refuses_an_overlay_that_would_overwrite_an_input(checkpoint, images, tmp_path, capsys):
+    """Both of an image's results are checked against the inputs, the overlay as the labels: x.png's x_overlay.png
+    in --out, itself an input image there, would be replaced by the overlay (a mutation checking the labels only
+    replaced it, exit 0)."""
+    (tmp_path / "x.png").write_bytes(images[0].read_bytes())
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "x_overlay.png").write_bytes(images[1].read_bytes())
+    before = (out / "x_overlay.png").read_bytes()
+    argv = ["segment", "--checkpoint", str(checkpoint), "--out", str(out), str(tmp_path / "x.png"),
+            str(out / "x_overlay.png")]  # fmt: skip
+    assert main(argv) == 2
+    assert capsys.readouterr().err == (f"denseclip-fast: error: the result {out / 'x_overlay.png'} would overwrite the "
+                                       f"input image {out / 'x_overlay.png'}; choose another --out\n")  # fmt: skip
+    assert (out / "x_overlay.png").read_bytes() == before and os.listdir(out) == ["x_overlay.png"]
+
+
+def test_segment_label_pngs_are_16_bit_past_256_classes(checkpoint, images, tmp_path):
+    """NAME_labels.png holds class indices in 8 bits up to 256 classes (0..255) and in 16 bits past them: with 257
+    names index 256 written in 8 bits wrapped to class 0 (a mutation moving the bound by one passed the other
+    tests)."""
+    for count, mode in ((256, "L"), (257, "I;16")):
+        out = tmp_path / str(count)
+        names = ",".join([a + b for a in "bcdfghklmp" for b in "abcdefghijklmnopqrstuvwxyz"][:count])
+        argv = ["segment", "--checkpoint", str(checkpoint), "--device", "cpu", "--open-vocab", "--classes", names,
+                "--out", str(out), str(images[1])]  # fmt: skip
+        assert main(argv) == 0
+        with Image.open(out / "b_labels.png") as labels:
+            assert labels.mode == mode, count
+            assert np.asarray(labels).max() < count
