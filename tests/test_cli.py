@@ -1304,3 +1304,86 @@ def test_segment_label_pngs_are_16_bit_past_256_classes(checkpoint, images, tmp_
         with Image.open(out / "b_labels.png") as labels:
             assert labels.mode == mode, count
             assert np.asarray(labels).max() < count
+
+
+def test_export_options_reach_the_exporters(checkpoint, tmp_path, capsys, monkeypatch):
+    """export passes each option given to the exporter it names: --max-batch, --image-size, --device and --dtype to
+    the AOTInductor package; --opset, --dtype, --graph and --image-size to the ONNX graph; --fp16 (implied by
+    --dtype float16), --bf16 and --trt-batch to the TensorRT build, which reads the graph written beside the engine.
+    The exporters are stand-ins that record their arguments (a mutation dropping --max-batch, --opset, --dtype or
+    float16's --fp16 passed the other tests: the defaults were used silently)."""
+    from unittest import mock
+
+    from denseclip_fast import export
+
+    calls = []
+
+    def record(name):
+        def exporter(*args, **kwargs):
+            calls.append((name, [str(a) for a in args[1:]], kwargs))
+            return args[1]
+
+        return exporter
+
+    monkeypatch.setattr(export, "to_aoti", record("aoti"))
+    monkeypatch.setattr(export, "to_onnx", record("onnx"))
+    monkeypatch.setattr(export, "build_tensorrt_engine", lambda *args, **kwargs: calls.append(
+        ("tensorrt", [str(a) for a in args], kwargs)) or args[1])  # fmt: skip
+    monkeypatch.setattr(export, "tensorrt_problems", lambda path: [])
+    monkeypatch.setattr(export.onnx, "check_onnx_export", lambda runtime=False: None)
+    monkeypatch.setitem(sys.modules, "tensorrt", mock.MagicMock())  # TensorRT is looked for first
+    exp = ["export", "--checkpoint", str(checkpoint), "--format"]
+    pt2, onnx, engine = (str(tmp_path / name) for name in ("m.pt2", "m.onnx", "m.engine"))
+    assert main([*exp, "aoti", "--out", pt2, "--max-batch", "8", "--image-size", "64x96", "--device", "cpu",
+                 "--dtype", "bf16"]) == 0  # fmt: skip
+    assert main([*exp, "aoti", "--out", pt2, "--device", "cpu"]) == 0
+    assert main([*exp, "onnx", "--out", onnx, "--opset", "19", "--dtype", "fp16", "--graph", "image_with_text",
+                 "--image-size", "96"]) == 0  # fmt: skip
+    assert main([*exp, "onnx", "--out", onnx]) == 0
+    assert main([*exp, "tensorrt", "--out", engine, "--dtype", "float16", "--trt-batch", "1,2,4"]) == 0
+    assert main([*exp, "tensorrt", "--out", engine, "--bf16"]) == 0
+    capsys.readouterr()
+    aoti = [(path, kw) for name, path, kw in calls if name == "aoti"]
+    assert aoti == [([pt2], {"image_size": (64, 96), "max_batch": 8, "device": "cpu", "dtype": torch.bfloat16}),
+                    ([pt2], {"image_size": None, "max_batch": 64, "device": "cpu", "dtype": torch.float32})]
+    onnx_calls = [(path, kw) for name, path, kw in calls if name == "onnx"]
+    assert [(path, kw["graph"], kw["image_size"], kw["dtype"], kw["opset"]) for path, kw in onnx_calls] == [
+        ([onnx], "image_with_text", (96, 96), torch.float16, 19), ([onnx], "image", None, torch.float32, 18),
+        ([str(tmp_path / "m.onnx")], "image", None, torch.float16, 18), ([str(tmp_path / "m.onnx")], "image", None,
+                                                                         torch.float32, 18)]  # fmt: skip
+    assert [(path, kw) for name, path, kw in calls if name == "tensorrt"] == [
+        ([str(tmp_path / "m.onnx"), engine], {"fp16": True, "bf16": False, "batch": (1, 2, 4)}),
+        ([str(tmp_path / "m.onnx"), engine], {"fp16": False, "bf16": True, "batch": None})]
+
+
+def test_export_bounds_are_inclusive(checkpoint, tmp_path, capsys, monkeypatch):
+    """The bounds export states are taken, not refused: --image-size 32 to 8192 on each side, --max-batch 2 to
+    65536, --opset 18 to 20, --trt-batch with MIN = OPT = MAX (a mutation refusing a bound itself passed the other
+    tests, which try values past the bounds only). Checked before loading, which is stopped here."""
+    from unittest import mock
+
+    import denseclip_fast
+
+    class Loaded(Exception):
+        pass
+
+    def load(path, *args, **kwargs):
+        raise Loaded
+
+    monkeypatch.setattr(denseclip_fast, "load_checkpoint", load)
+    monkeypatch.setattr(denseclip_fast.export.onnx, "check_onnx_export", lambda runtime=False: None)
+    monkeypatch.setitem(sys.modules, "tensorrt", mock.MagicMock())
+    exp = ["export", "--checkpoint", str(checkpoint), "--format"]
+    aoti, onnx = [*exp, "aoti", "--out", str(tmp_path / "m.pt2")], [*exp, "onnx", "--out", str(tmp_path / "m.onnx")]
+    trt = [*exp, "tensorrt", "--out", str(tmp_path / "m.engine")]
+    for extra in (["--image-size", "32x8192"], ["--image-size", "8192x32"], ["--max-batch", "2"],
+                  ["--max-batch", "65536"]):  # fmt: skip
+        with pytest.raises(Loaded):
+            main([*aoti, *extra])
+    for extra in (["--opset", "18"], ["--opset", "20"], ["--image-size", "32"]):
+        with pytest.raises(Loaded):
+            main([*onnx, *extra])
+    for batch in ("1,1,1", "2,2,2", "1,4,4"):
+        with pytest.raises(Loaded):
+            main([*trt, "--trt-batch", batch])
+    assert capsys.readouterr().err == "" and os.listdir(tmp_path) == []
