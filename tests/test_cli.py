@@ -1387,3 +1387,32 @@ def test_export_bounds_are_inclusive(checkpoint, tmp_path, capsys, monkeypatch):
         with pytest.raises(Loaded):
             main([*trt, "--trt-batch", batch])
     assert capsys.readouterr().err == "" and os.listdir(tmp_path) == []
+
+
+def test_eval_options_reach_the_evaluation(checkpoint, data, tmp_path, capsys, monkeypatch):
+    """eval's defaults and options each have their effect: sliding windows and float32 by default, --mode, --flip,
+    --bf16, --scales and --ignore-index passed on (the last to the data set's labels), and the results written to
+    CHECKPOINT_eval.json beside the checkpoint without --out. The evaluation is the real one, its arguments recorded
+    (a mutation ignoring --flip, --bf16 or --ignore-index, or changing the default mode or file name, passed the
+    other tests)."""
+    import denseclip_fast.train
+
+    own = tmp_path / "own.safetensors"
+    shutil.copy(checkpoint, own)
+    seen = []
+    real = denseclip_fast.train.evaluate
+
+    def evaluate(model, data, **kwargs):
+        seen.append({"ignore_index": data.ignore_index, **{k: kwargs[k] for k in ("mode", "scales", "flip", "dtype")}})
+        return real(model, data, **kwargs)
+
+    monkeypatch.setattr(denseclip_fast.train, "evaluate", evaluate)
+    ev = ["eval", "--checkpoint", str(own), "--data", str(data), "--layout", "generic", "--device", "cpu"]
+    assert main(ev) == 0
+    assert json.loads((tmp_path / "own_eval.json").read_text())["checkpoint"] == str(own)
+    assert main([*ev, "--mode", "whole", "--flip", "--bf16", "--scales", "0.5,1.0", "--ignore-index", "7",
+                 "--out", str(tmp_path / "e.json")]) == 0  # fmt: skip
+    capsys.readouterr()
+    assert seen == [{"ignore_index": 255, "mode": "slide", "scales": [1.0], "flip": False, "dtype": None},
+                    {"ignore_index": 7, "mode": "whole", "scales": [0.5, 1.0], "flip": True, "dtype": torch.bfloat16}]
+    assert sorted(os.listdir(tmp_path)) == ["e.json", "own.safetensors", "own_eval.json"]
