@@ -1416,3 +1416,60 @@ def test_eval_options_reach_the_evaluation(checkpoint, data, tmp_path, capsys, m
     assert seen == [{"ignore_index": 255, "mode": "slide", "scales": [1.0], "flip": False, "dtype": None},
                     {"ignore_index": 7, "mode": "whole", "scales": [0.5, 1.0], "flip": True, "dtype": torch.bfloat16}]
     assert sorted(os.listdir(tmp_path)) == ["e.json", "own.safetensors", "own_eval.json"]
+
+
+def test_trt_batch_refuses_an_opt_outside_min_and_max(checkpoint, tmp_path, capsys, monkeypatch):
+    """--trt-batch's OPT must lie between MIN and MAX: 2,1,4 and 1,8,4 are refused before any work, as 4,1,2 is (a
+    mutation comparing MIN with MAX alone passed the other tests, whose refused profiles also had MIN > MAX)."""
+    from unittest import mock
+
+    monkeypatch.setattr("denseclip_fast.export.onnx.check_onnx_export", lambda runtime=False: None)
+    monkeypatch.setitem(sys.modules, "tensorrt", mock.MagicMock())
+    trt = ["export", "--checkpoint", str(checkpoint), "--format", "tensorrt", "--out", str(tmp_path / "m.engine")]
+    for batch in ("2,1,4", "1,8,4"):
+        assert main([*trt, "--trt-batch", batch]) == 2
+        err = capsys.readouterr().err
+        assert err == f"denseclip-fast: error: --trt-batch must be MIN,OPT,MAX with 1 <= MIN <= OPT <= MAX, got " \
+                      f"'{batch}'\n", err
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_gpu_index_is_checked_against_the_gpus_present(monkeypatch):
+    """check_device with N GPUs takes cuda:0..cuda:N-1 and refuses cuda:N, naming the option (a mutation letting
+    cuda:N through passed the other tests, which run without a GPU or name cuda:99). The GPUs are faked: two."""
+    from denseclip_fast.validation import check_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert check_device("cuda:1", "--device") == torch.device("cuda:1")
+    assert check_device("cuda", "--device") == torch.device("cuda")
+    with pytest.raises(ValueError) as refused:
+        check_device("cuda:2", "--device")
+    assert str(refused.value) == "--device is 'cuda:2' but this machine has 2 CUDA GPU(s): cuda:0..cuda:1"
+    assert check_device("cuda:2", "--device", present=False) == torch.device("cuda:2")  # for another machine
+
+
+def test_an_output_folder_without_write_permission_is_refused_before_any_work(checkpoint, images, data, tmp_path,
+                                                                             capsys, monkeypatch):
+    """A folder the process may not write in is said before any work, naming the option: segment's --out (to be
+    created in it), export's and eval's --out. os.access is faked to refuse one folder (the tests may run as root,
+    whom the file system lets write anywhere; a mutation dropping the permission checks passed the other tests)."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real = os.access
+
+    def access(path, mode, **kwargs):
+        return os.path.abspath(path) != str(locked) and real(path, mode, **kwargs)
+
+    monkeypatch.setattr(os, "access", access)
+    for argv, message in (
+        (["segment", "--checkpoint", str(checkpoint), "--out", str(locked / "out"), str(images[0])],
+         f"--out {str(locked / 'out')!r}: no permission to write in {str(locked)!r}"),
+        (["export", "--checkpoint", str(checkpoint), "--format", "aoti", "--out", str(locked / "m.pt2")],
+         f"--out {str(locked / 'm.pt2')!r}: no permission to write in {str(locked)!r}"),
+        (["eval", "--checkpoint", str(checkpoint), "--data", str(data), "--layout", "generic", "--out",
+          str(locked / "e.json")], f"--out {str(locked / 'e.json')!r}: no permission to write in {str(locked)!r}"),
+    ):  # fmt: skip
+        assert main(argv) == 2, argv
+        assert capsys.readouterr().err == f"denseclip-fast: error: {message}\n"
+    assert os.listdir(locked) == []
