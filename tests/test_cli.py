@@ -1473,3 +1473,29 @@ def test_an_output_folder_without_write_permission_is_refused_before_any_work(ch
         assert main(argv) == 2, argv
         assert capsys.readouterr().err == f"denseclip-fast: error: {message}\n"
     assert os.listdir(locked) == []
+
+
+def test_more_classes_than_the_head_has_are_said_in_the_commands_words(checkpoint, images, tmp_path, capsys):
+    """--classes with more names than the head's outputs is refused as fewer are: naming --classes and what to do on
+    the command line (a mutation refusing fewer names only let the library's message through, which tells a Python
+    caller to use open_vocab_scores)."""
+    five = "sky,road,tree,grass,dog"
+    for argv, hint in ((["segment", "--out", str(tmp_path / "out"), str(images[0])], "add --open-vocab"),
+                       (["export", "--format", "aoti", "--out", str(tmp_path / "m.pt2")], "segment --open-vocab")):
+        assert main([argv[0], "--checkpoint", str(checkpoint), "--classes", five, *argv[1:]]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("denseclip-fast: error: --classes needs exactly 4 names (the checkpoint's head has 4 "
+                              "outputs), got 5; ") and hint in err and "open_vocab_scores" not in err, err
+    assert os.listdir(tmp_path) == []
+
+
+def test_info_lists_up_to_ten_class_names(tmp_path, capsys):
+    """info prints the first ten class names, with ' ...' only when there are more (a mutation adding ' ...' at
+    exactly ten passed the other tests, whose checkpoints have 4 classes)."""
+    for count in (10, 11):
+        path = tmp_path / f"k{count}.safetensors"
+        names = [f"c{i}" for i in range(count)]
+        DenseCLIP(tiny_config("resnet"), names).save(path)
+        assert main(["info", str(path)]) == 0
+        shown = ", ".join(names[:10]) + (" ..." if count > 10 else "")
+        assert f"classes      {count}: {shown}\n" in capsys.readouterr().out
