@@ -1499,3 +1499,35 @@ def test_info_lists_up_to_ten_class_names(tmp_path, capsys):
         assert main(["info", str(path)]) == 0
         shown = ", ".join(names[:10]) + (" ..." if count > 10 else "")
         assert f"classes      {count}: {shown}\n" in capsys.readouterr().out
+
+
+def test_an_output_link_into_a_missing_folder_is_refused_before_any_work(checkpoint, tmp_path, capsys, monkeypatch):
+    """export --out a symbolic link whose target's folder does not exist: the file is written where the link points
+    and that folder is not made (the link is kept), so the command says so before loading, naming the link and its
+    target (a mutation letting --out's create-the-parents apply to the target passed the check, and failed after
+    the export's work)."""
+    import denseclip_fast
+
+    def no_load(path, *args, **kwargs):
+        raise AssertionError("the checkpoint was loaded before --out was checked")
+
+    monkeypatch.setattr(denseclip_fast, "load_checkpoint", no_load)
+    link = tmp_path / "current.pt2"
+    os.symlink(tmp_path / "missing" / "m.pt2", link)
+    assert main(["export", "--checkpoint", str(checkpoint), "--format", "aoti", "--out", str(link)]) == 2
+    target = tmp_path / "missing" / "m.pt2"
+    assert capsys.readouterr().err == (f"denseclip-fast: error: --out {str(link)!r} (a link to {str(target)!r}): the "
+                                       f"directory {str(tmp_path / 'missing')!r} does not exist\n")  # fmt: skip
+    assert os.listdir(tmp_path) == ["current.pt2"]
+
+
+def test_eval_out_deep_in_the_data_set_is_refused(checkpoint, data, tmp_path, capsys):
+    """eval --out naming a file in a subfolder of --data (a label) is refused as a file at its top is (a mutation
+    checking the top folder only replaced the label with the JSON)."""
+    label = os.path.join(data, "labels", "x.png")
+    before = open(label, "rb").read()
+    argv = ["eval", "--checkpoint", str(checkpoint), "--data", str(data), "--layout", "generic", "--out", label]
+    assert main(argv) == 2
+    assert capsys.readouterr().err == (f"denseclip-fast: error: --out {label!r} is a file of the data set --data "
+                                       f"{str(data)!r}: writing it would replace it; choose another path\n")
+    assert open(label, "rb").read() == before
