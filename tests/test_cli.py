@@ -1531,3 +1531,18 @@ def test_eval_out_deep_in_the_data_set_is_refused(checkpoint, data, tmp_path, ca
     assert capsys.readouterr().err == (f"denseclip-fast: error: --out {label!r} is a file of the data set --data "
                                        f"{str(data)!r}: writing it would replace it; choose another path\n")
     assert open(label, "rb").read() == before
+
+
+def test_classes_names_are_taken_without_the_spaces_around_them(checkpoint, tmp_path, monkeypatch, capsys):
+    """--classes "sky, road" names "road", not " road": the spaces after the commas are the list's, not the
+    names' (a mutation keeping them passed the other tests: the tokens are alike, but the names the exported graph
+    carries had the spaces). The AOTInductor exporter is a stand-in recording the model's names."""
+    from denseclip_fast import export
+
+    named = []
+    monkeypatch.setattr(export, "to_aoti", lambda model, path, **kwargs: named.append(list(model.class_names)) or path)
+    argv = ["export", "--checkpoint", str(checkpoint), "--format", "aoti", "--device", "cpu", "--out",
+            str(tmp_path / "m.pt2"), "--classes", " sky, road ,tree ,  grass"]  # fmt: skip
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert named == [["sky", "road", "tree", "grass"]]
