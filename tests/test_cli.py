@@ -1546,3 +1546,25 @@ def test_classes_names_are_taken_without_the_spaces_around_them(checkpoint, tmp_
     assert main(argv) == 0
     capsys.readouterr()
     assert named == [["sky", "road", "tree", "grass"]]
+
+
+def test_an_output_file_without_write_permission_is_refused_before_any_work(checkpoint, data, tmp_path, capsys,
+                                                                           monkeypatch):
+    """An existing --out file the process may not overwrite is said before any work, naming the option (export,
+    eval). os.access is faked to refuse the file (the tests may run as root; a mutation dropping the check passed
+    the other tests)."""
+    for name in ("m.pt2", "e.json"):
+        (tmp_path / name).write_text("kept")
+    real = os.access
+
+    def access(path, mode, **kwargs):
+        refused = os.path.dirname(os.path.abspath(path)) == str(tmp_path) and mode & os.W_OK
+        return not refused and real(path, mode, **kwargs)
+
+    monkeypatch.setattr(os, "access", access)
+    for argv, out in ((["export", "--checkpoint", str(checkpoint), "--format", "aoti"], tmp_path / "m.pt2"),
+                      (["eval", "--checkpoint", str(checkpoint), "--data", str(data), "--layout", "generic"],
+                       tmp_path / "e.json")):  # fmt: skip
+        assert main([*argv, "--out", str(out)]) == 2, argv
+        assert capsys.readouterr().err == f"denseclip-fast: error: --out {str(out)!r}: no permission to overwrite it\n"
+        assert out.read_text() == "kept"
