@@ -1568,3 +1568,13 @@ def test_an_output_file_without_write_permission_is_refused_before_any_work(chec
         assert main([*argv, "--out", str(out)]) == 2, argv
         assert capsys.readouterr().err == f"denseclip-fast: error: --out {str(out)!r}: no permission to overwrite it\n"
         assert out.read_text() == "kept"
+
+
+def test_an_os_error_of_two_paths_names_both():
+    """An OSError of two paths (a rename across file systems) is said naming both, source -> target (a mutation
+    keeping the first passed the other tests, whose errors name one path)."""
+    from denseclip_fast.cli import _os_error
+
+    assert _os_error(OSError(18, "Invalid cross-device link", "a.partial", None, "b.onnx")) == \
+        "a.partial -> b.onnx: Invalid cross-device link"
+    assert _os_error(FileNotFoundError(2, "No such file or directory", "c.pth")) == "c.pth: No such file or directory"
