@@ -1578,3 +1578,17 @@ def test_an_os_error_of_two_paths_names_both():
     assert _os_error(OSError(18, "Invalid cross-device link", "a.partial", None, "b.onnx")) == \
         "a.partial -> b.onnx: Invalid cross-device link"
     assert _os_error(FileNotFoundError(2, "No such file or directory", "c.pth")) == "c.pth: No such file or directory"
+
+
+def test_a_resume_state_file_brings_its_runs_config(tmp_path, capsys, monkeypatch):
+    """train --resume DIR/iter_N.state.pt without CONFIG or --work-dir reads the run's settings from DIR/config.json,
+    the folder of the state (a mutation looking only in --work-dir and the default work dir said that no run was
+    found, exit 2)."""
+    monkeypatch.chdir(tmp_path)  # the default work dir (work_dirs/denseclip) holds no run
+    run = tmp_path / "run"
+    run.mkdir()
+    assert main(["train", "--arch", "RN50", "--iters", "7", "--work-dir", str(run), "--print-config"]) == 0
+    (run / "config.json").write_text(capsys.readouterr().out)
+    assert main(["train", "--resume", str(run / "iter_2.state.pt"), "--print-config"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert (printed["iters"], printed["work_dir"]) == (7, str(run))
