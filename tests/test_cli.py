@@ -1592,3 +1592,14 @@ def test_a_resume_state_file_brings_its_runs_config(tmp_path, capsys, monkeypatc
     assert main(["train", "--resume", str(run / "iter_2.state.pt"), "--print-config"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert (printed["iters"], printed["work_dir"]) == (7, str(run))
+
+
+def test_segment_results_keep_the_images_name_as_given(checkpoint, images, tmp_path):
+    """Photo.PNG's results are Photo_labels.png and Photo_overlay.png: the name's case is kept (it is folded only to
+    find two images whose results would collide; a mutation writing the folded name passed the other tests, whose
+    images are lower case)."""
+    (tmp_path / "Photo.PNG").write_bytes(images[0].read_bytes())
+    out = tmp_path / "out"
+    assert main(["segment", "--checkpoint", str(checkpoint), "--mode", "whole", "--out", str(out),
+                 str(tmp_path / "Photo.PNG")]) == 0  # fmt: skip
+    assert sorted(os.listdir(out)) == ["Photo_labels.png", "Photo_overlay.png"]
