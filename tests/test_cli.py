@@ -1603,3 +1603,34 @@ def test_segment_results_keep_the_images_name_as_given(checkpoint, images, tmp_p
     assert main(["segment", "--checkpoint", str(checkpoint), "--mode", "whole", "--out", str(out),
                  str(tmp_path / "Photo.PNG")]) == 0  # fmt: skip
     assert sorted(os.listdir(out)) == ["Photo_labels.png", "Photo_overlay.png"]
+
+
+def test_segment_and_eval_default_to_the_gpu_when_there_is_one(checkpoint, images, data, tmp_path, monkeypatch):
+    """Without --device, segment and eval run on CUDA where it is available (segment in bfloat16), the CPU otherwise
+    (a mutation always choosing the CPU passed the other tests, which run without a GPU). The GPU is faked and the
+    command stopped where it would use it."""
+    import denseclip_fast
+
+    class OnTheDevice(Exception):
+        pass
+
+    def segmenter(model, **kwargs):
+        raise OnTheDevice(kwargs["device"], kwargs["dtype"])
+
+    def to(self, device):
+        raise OnTheDevice(device)
+
+    monkeypatch.setattr(denseclip_fast, "Segmenter", segmenter)
+    monkeypatch.setattr(DenseCLIP, "to", to)
+    seg = ["segment", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "out"), str(images[0])]
+    ev = ["eval", "--checkpoint", str(checkpoint), "--data", str(data), "--layout", "generic", "--out",
+          str(tmp_path / "e.json")]  # fmt: skip
+    for available, device, dtype in ((True, "cuda", torch.bfloat16), (False, "cpu", torch.float32)):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda available=available: available)
+        with pytest.raises(OnTheDevice) as used:
+            main(seg)
+        assert used.value.args == (device, dtype)
+        with pytest.raises(OnTheDevice) as used:
+            main(ev)
+        assert used.value.args == (device,)
+    assert os.listdir(tmp_path) == []
