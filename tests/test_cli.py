@@ -1634,3 +1634,31 @@ def test_segment_and_eval_default_to_the_gpu_when_there_is_one(checkpoint, image
             main(ev)
         assert used.value.args == (device,)
     assert os.listdir(tmp_path) == []
+
+
+def test_export_refuses_an_image_size_of_three_sides_and_an_engine_named_onnx(checkpoint, tmp_path, capsys,
+                                                                             monkeypatch):
+    """--image-size 32x64x96 is refused, not read as 32x96; a TensorRT --out ending in .onnx is refused, the ONNX
+    graph being written beside the engine under that name (a mutation taking three sides, and one letting the graph
+    and the engine share the file, passed the other tests). Before loading."""
+    from unittest import mock
+
+    import denseclip_fast
+
+    def no_load(path, *args, **kwargs):
+        raise AssertionError("the checkpoint was loaded before the options were checked")
+
+    monkeypatch.setattr(denseclip_fast, "load_checkpoint", no_load)
+    monkeypatch.setattr(denseclip_fast.export.onnx, "check_onnx_export", lambda runtime=False: None)
+    monkeypatch.setitem(sys.modules, "tensorrt", mock.MagicMock())
+    exp = ["export", "--checkpoint", str(checkpoint), "--format"]
+    for argv, message in (
+        ([*exp, "onnx", "--out", str(tmp_path / "m.onnx"), "--image-size", "32x64x96"],
+         "--image-size must be N or HxW (e.g. 512 or 512x1024), got '32x64x96'"),
+        ([*exp, "tensorrt", "--out", str(tmp_path / "m.onnx")],
+         "--out is the engine file for --format tensorrt (e.g. model.engine); the ONNX graph is written next to it "
+         "with the .onnx suffix"),
+    ):  # fmt: skip
+        assert main(argv) == 2, argv
+        assert capsys.readouterr().err == f"denseclip-fast: error: {message}\n"
+    assert os.listdir(tmp_path) == []
