@@ -129,10 +129,6 @@ class TextConfig:
         """Length of the tokenised class name, SOT and EOT included (the official ``context_length=5``)."""
         return self.context_length - self.n_ctx
 
-    @property
-    def max_name_tokens(self) -> int:
-        return self.class_token_length - 2
-
 
 @dataclass(frozen=True, kw_only=True)
 class DecoderConfig:
