@@ -105,7 +105,7 @@ def _installed(module: str) -> str | None:
         return "" if importlib.util.find_spec(module) is not None else None
 
 
-class _FoldingNotes(logging.Filter):
+class _ExporterNotes(logging.Filter):
     """Drops onnxscript's "Skipping constant folding for op LayerNormalization with multiple outputs." (a warning,
     printed twice by every export: the decoder's LayerNorm of the class embeddings, constants in an image graph,
     left to run with the graph as the exported program has it; nothing the user can act on), and torch 2.10's
@@ -122,9 +122,9 @@ _NOTED_LOGGERS = ("onnxscript.optimizer._constant_folding", "torch.onnx._interna
 
 
 @contextlib.contextmanager
-def _without_folding_notes() -> Iterator[None]:
-    """The exporter without its notes of what concerns no graph of ours (:class:`_FoldingNotes`)."""
-    loggers, notes = [logging.getLogger(name) for name in _NOTED_LOGGERS], _FoldingNotes()
+def _without_exporter_notes() -> Iterator[None]:
+    """The exporter without its notes of what concerns no graph of ours (:class:`_ExporterNotes`)."""
+    loggers, notes = [logging.getLogger(name) for name in _NOTED_LOGGERS], _ExporterNotes()
     for logger in loggers:
         logger.addFilter(notes)
     try:
@@ -192,7 +192,7 @@ def to_onnx(
 
     from .onnx_ops import translation_table
 
-    with EXPORT_LOCK, warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _without_folding_notes():
+    with EXPORT_LOCK, warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _without_exporter_notes():
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=FutureWarning)
         program = torch.onnx.export(
