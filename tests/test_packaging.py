@@ -118,6 +118,20 @@ def test_pyproject_asks_pip_for_the_torch_the_import_check_accepts():
     assert f"torch>={floor}" in project["build-system"]["requires"]
 
 
+def test_the_python_classifiers_run_from_the_floor_pyproject_declares():
+    """The Python versions the metadata lists (those the suite passed on) are consecutive and start at
+    requires-python's lower bound, which mypy's python_version checks the code against."""
+    with open(Path(ROOT) / "pyproject.toml", "rb") as f:
+        config = tomllib.load(f)
+    project = config["project"]
+    floor = re.fullmatch(r">=3\.(\d+)", project["requires-python"])
+    assert floor, project["requires-python"]
+    minors = [int(c.rsplit(".", 1)[1]) for c in project["classifiers"]
+              if re.fullmatch(r"Programming Language :: Python :: 3\.\d+", c)]  # fmt: skip
+    assert minors == list(range(int(floor.group(1)), int(floor.group(1)) + len(minors))) and len(minors) >= 1, minors
+    assert config["tool"]["mypy"]["python_version"] == f"3.{floor.group(1)}"
+
+
 # modules the package imports without declaring their distribution, and why that is right
 UNDECLARED = {
     "triton": "ships with the CUDA builds of torch; imported under try (the Triton backend)",
