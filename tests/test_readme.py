@@ -207,3 +207,21 @@ def test_readme_command_lines_give_options_the_commands_take():
     assert sum(_check_commands(span, number) for number, span in spans) >= 4  # commands in the prose
     with pytest.raises(AssertionError, match="segment takes no --outdir"):
         _check_commands("denseclip-fast segment --checkpoint C IMAGE \\\n    --outdir DIR", 1)
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation but hyphens dropped, spaces as hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_readme_links_within_it_name_its_headings_and_its_contents_list_every_section():
+    text = README.read_text(encoding="utf-8")
+    outside = re.sub(r"^```.*?^```", "", text, flags=re.MULTILINE | re.DOTALL)  # a bash comment is no heading
+    headings = re.findall(r"^#{1,6} (.+)$", outside, flags=re.MULTILINE)
+    anchors = {_slug(h) for h in headings}
+    links = re.findall(r"\]\(#([^)]*)\)", outside)
+    assert links and not [link for link in links if link not in anchors], sorted(set(links) - anchors)
+    contents = re.search(r"^\*\*Contents\.\*\*(.*?)\n\n", outside, flags=re.MULTILINE | re.DOTALL)
+    assert contents, "README has no **Contents.** paragraph"
+    sections = [_slug(h) for h in re.findall(r"^## (.+)$", outside, flags=re.MULTILINE)]
+    assert re.findall(r"\]\(#([^)]*)\)", contents.group(1)) == sections
