@@ -25,6 +25,18 @@ from denseclip_fast.cli import _parse_batch, main
 from .conftest import NAMES, ROOT, tiny_config
 
 
+def _loading_fails(monkeypatch, before: str) -> None:
+    """load_checkpoint replaced by a stand-in that raises AssertionError("the checkpoint was loaded before
+    BEFORE"): a command that must stop before loading fails the test if it loads, and one that passes its checks is
+    stopped there (``pytest.raises(AssertionError, match="the checkpoint was loaded")``)."""
+    import denseclip_fast
+
+    def no_load(path, *args, **kwargs):
+        raise AssertionError(f"the checkpoint was loaded before {before}")
+
+    monkeypatch.setattr(denseclip_fast, "load_checkpoint", no_load)
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("cli") / "tiny.safetensors"
@@ -451,13 +463,9 @@ def test_export_without_a_usable_onnxscript_says_what_to_install_before_loading(
     """onnxscript missing or older than 0.7 (whose passes fail inside torch.onnx): one line for the ONNX-based
     formats, before the checkpoint is loaded (and before TensorRT's check: its advice, --format onnx, needs
     onnxscript too); onnxruntime only with --verify; --format aoti needs none of them."""
-    import denseclip_fast
     from denseclip_fast.export import onnx as onnx_export
 
-    def no_load(path, *args, **kwargs):
-        raise AssertionError("the checkpoint was loaded before onnxscript was checked")
-
-    monkeypatch.setattr(denseclip_fast, "load_checkpoint", no_load)
+    _loading_fails(monkeypatch, "onnxscript was checked")
     for installed, says in (("0.6.2", "and this environment has 0.6.2"), (None, "needs onnxscript, not installed")):
         monkeypatch.setattr(onnx_export, "_installed", lambda name, v=installed: v if name == "onnxscript" else "1.23")
         for fmt, out in (("onnx", "m.onnx"), ("tensorrt", "m.engine")):
@@ -484,12 +492,8 @@ def test_option_combinations_are_refused_naming_the_options_before_any_work(chec
     """Options that cannot go together are said in the options' words before the checkpoint is loaded: float16
     needs CUDA, ONNX graphs are float32 or float16, --fp16/--bf16 are TensorRT's, aoti compiles the image graph,
     open-vocabulary names must differ (a trained head's may repeat)."""
-    import denseclip_fast
 
-    def no_load(path, *args, **kwargs):
-        raise AssertionError("the checkpoint was loaded before the options were checked")
-
-    monkeypatch.setattr(denseclip_fast, "load_checkpoint", no_load)
+    _loading_fails(monkeypatch, "the options were checked")
     seg = ["segment", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "seg"), str(images[0])]
     exp = ["export", "--checkpoint", str(checkpoint)]
     cases = [
@@ -709,12 +713,8 @@ def test_export_limits_are_said_in_the_options_words_before_loading(checkpoint, 
     """The exporters' limits (a .pt2 package, a batch range traced from 2, ONNX opsets 18..20) are checked by the
     command with the options' names, before the checkpoint is loaded, not by the library after it (which names its
     own arguments: path, max_batch, opset)."""
-    import denseclip_fast
 
-    def no_load(path, *args, **kwargs):
-        raise AssertionError("the checkpoint was loaded before the options were checked")
-
-    monkeypatch.setattr(denseclip_fast, "load_checkpoint", no_load)
+    _loading_fails(monkeypatch, "the options were checked")
     exp = ["export", "--checkpoint", str(checkpoint), "--format"]
     out, bare = str(tmp_path / "m.onnx"), str(tmp_path / ".pt2")
     for args, message in (
@@ -1366,13 +1366,7 @@ def test_export_bounds_are_inclusive(checkpoint, tmp_path, capsys, monkeypatch):
 
     import denseclip_fast
 
-    class Loaded(Exception):
-        pass
-
-    def load(path, *args, **kwargs):
-        raise Loaded
-
-    monkeypatch.setattr(denseclip_fast, "load_checkpoint", load)
+    _loading_fails(monkeypatch, "the test stopped it")
     monkeypatch.setattr(denseclip_fast.export.onnx, "check_onnx_export", lambda runtime=False: None)
     monkeypatch.setitem(sys.modules, "tensorrt", mock.MagicMock())
     exp = ["export", "--checkpoint", str(checkpoint), "--format"]
@@ -1380,13 +1374,13 @@ def test_export_bounds_are_inclusive(checkpoint, tmp_path, capsys, monkeypatch):
     trt = [*exp, "tensorrt", "--out", str(tmp_path / "m.engine")]
     for extra in (["--image-size", "32x8192"], ["--image-size", "8192x32"], ["--max-batch", "2"],
                   ["--max-batch", "65536"]):  # fmt: skip
-        with pytest.raises(Loaded):
+        with pytest.raises(AssertionError, match="the checkpoint was loaded"):
             main([*aoti, *extra])
     for extra in (["--opset", "18"], ["--opset", "20"], ["--image-size", "32"]):
-        with pytest.raises(Loaded):
+        with pytest.raises(AssertionError, match="the checkpoint was loaded"):
             main([*onnx, *extra])
     for batch in ("1,1,1", "2,2,2", "1,4,4"):
-        with pytest.raises(Loaded):
+        with pytest.raises(AssertionError, match="the checkpoint was loaded"):
             main([*trt, "--trt-batch", batch])
     assert capsys.readouterr().err == "" and os.listdir(tmp_path) == []
 
@@ -1492,12 +1486,8 @@ def test_an_output_link_into_a_missing_folder_is_refused_before_any_work(checkpo
     and that folder is not made (the link is kept), so the command says so before loading, naming the link and its
     target (a mutation letting --out's create-the-parents apply to the target passed the check, and failed after
     the export's work)."""
-    import denseclip_fast
 
-    def no_load(path, *args, **kwargs):
-        raise AssertionError("the checkpoint was loaded before --out was checked")
-
-    monkeypatch.setattr(denseclip_fast, "load_checkpoint", no_load)
+    _loading_fails(monkeypatch, "--out was checked")
     link = tmp_path / "current.pt2"
     os.symlink(tmp_path / "missing" / "m.pt2", link)
     assert main(["export", "--checkpoint", str(checkpoint), "--format", "aoti", "--out", str(link)]) == 2
@@ -1631,10 +1621,7 @@ def test_export_refuses_an_image_size_of_three_sides_and_an_engine_named_onnx(ch
 
     import denseclip_fast
 
-    def no_load(path, *args, **kwargs):
-        raise AssertionError("the checkpoint was loaded before the options were checked")
-
-    monkeypatch.setattr(denseclip_fast, "load_checkpoint", no_load)
+    _loading_fails(monkeypatch, "the options were checked")
     monkeypatch.setattr(denseclip_fast.export.onnx, "check_onnx_export", lambda runtime=False: None)
     monkeypatch.setitem(sys.modules, "tensorrt", mock.MagicMock())
     exp = ["export", "--checkpoint", str(checkpoint), "--format"]
