@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import errno
 import io
 import json
@@ -418,8 +419,6 @@ def test_detection_of_sizes_no_preset_has(section, changes):
     """Head and block counts the tensors imply for sizes the released models do not have: a text width under 64
     has one head (``max(1, width // 64)``: 0 heads is no architecture), and stacks of 10 or more blocks count their
     two-digit indices (a block count read as 10 for 11 blocks builds a model that the file's keys do not fit)."""
-    import dataclasses
-
     config = tiny_config("resnet")
     config = config.replace(**{section: dataclasses.replace(getattr(config, section), **changes)})
     detected, k = infer_config(DenseCLIP(config, NAMES).state_dict(), "x.pth")
@@ -430,8 +429,6 @@ def test_a_released_architecture_at_another_resolution_is_custom():
     """RN50's tensors with the attention pool's grid of a 640-pixel input (20 x 20, not the preset's 16 x 16) are a
     custom architecture of that resolution, not the RN50 preset: the preset's 257-row positional embedding would
     refuse the file's 401 rows. (Shapes only: the model is built on the meta device.)"""
-    import dataclasses
-
     rn50 = dcf.preset("RN50")
     config = rn50.replace(arch="custom", vision=dataclasses.replace(rn50.vision, input_resolution=640))
     sd = _meta_model(config, dcf.ADE20K_CLASSES).state_dict()
