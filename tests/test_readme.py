@@ -219,9 +219,10 @@ def test_readme_links_within_it_name_its_headings_and_its_contents_list_every_se
     outside = re.sub(r"^```.*?^```", "", text, flags=re.MULTILINE | re.DOTALL)  # a bash comment is no heading
     headings = re.findall(r"^#{1,6} (.+)$", outside, flags=re.MULTILINE)
     anchors = {_slug(h) for h in headings}
-    links = re.findall(r"\]\(#([^)]*)\)", outside)
+    in_page = re.compile(r"\]\(#([^)]*)\)")  # [text](#anchor)
+    links = in_page.findall(outside)
     assert links and not [link for link in links if link not in anchors], sorted(set(links) - anchors)
     contents = re.search(r"^\*\*Contents\.\*\*(.*?)\n\n", outside, flags=re.MULTILINE | re.DOTALL)
     assert contents, "README has no **Contents.** paragraph"
     sections = [_slug(h) for h in re.findall(r"^## (.+)$", outside, flags=re.MULTILINE)]
-    assert re.findall(r"\]\(#([^)]*)\)", contents.group(1)) == sections
+    assert in_page.findall(contents.group(1)) == sections
