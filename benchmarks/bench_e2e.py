@@ -466,7 +466,7 @@ def table(env: dict, rows: list[dict], classes: int) -> str:
     load = other_load_note(rows, lambda r: f"{r['contestant']} {'x'.join(str(s) for s in r['shape'])}")
     if load:
         lines += ["", load]
-    targets_part = targets_markdown(targets(rows)) if env["gpu"] else ""
+    targets_part = targets_markdown(targets(rows), env["device"]) if env["gpu"] else ""
     return "\n".join(lines) + "\n" + targets_part + profiles_markdown(rows)
 
 

@@ -380,7 +380,7 @@ def markdown(env: dict, rows: list[dict]) -> str:
     if choices:
         listed = "; ".join(f"{op} {dtype}: {backend}" for (op, dtype), backend in choices.items())
         lines += ["", f"The engine's backend (ops' automatic choice on this machine): {listed}."]
-    return "\n".join(lines) + "\n" + (targets_markdown(targets(rows)) if env["gpu"] else "")
+    return "\n".join(lines) + "\n" + (targets_markdown(targets(rows), env["device"]) if env["gpu"] else "")
 
 
 FUSED = ("cuda", "triton")  # not TRITON_PLANS: off until adopted, their rows are reported, not judged

@@ -169,7 +169,7 @@ def table(env: dict, rows: list[dict], args: argparse.Namespace) -> str:
         lines += ["", load]
     profiles = "".join(profile_markdown(f"Where the time goes: {r['contestant']}", r["profile"])
                        for r in rows if "profile" in r)  # fmt: skip
-    targets_part = targets_markdown(targets(rows)) if env["gpu"] else ""
+    targets_part = targets_markdown(targets(rows), env["device"]) if env["gpu"] else ""
     return "\n".join(lines) + "\n" + targets_part + ("\n## Profiles\n" + profiles if profiles else "")
 
 

@@ -18,7 +18,9 @@
 # save_prebuilt (what make test-gpu-torch leaves for the GPU session, below). The extension is built when it is
 # missing and no prebuilt one fits (or with `build`); a warm machine keeps it. With the 15 minutes of device time of
 # a session (the machine's start included) plan one full call, `bash benchmarks/gpu_check.sh $OUT` with timeout_s
-# 600, and, if minutes are left, a short second one for what the first had no time for.
+# 600 and kind nvidia-h200, and, if minutes are left, a short second one for what the first had no time for. Name the
+# kind: the issues' targets and DESIGN.md's anchors are an H200's, and a call naming none may start an H100 (HBM3,
+# 3.35 TB/s where the H200 has 4.8); on another GPU status.txt and the Targets sections say whose verdicts they are.
 #
 # The GPU machine receives a copy of the checkout, not ../shared: before the call, `make gpu-wheels` puts the wheels
 # it lacks (open_clip, ftfy, wcwidth from ../shared; onnxscript, onnx-ir, cmake from PyPI) into ./wheels (ignored by
@@ -137,6 +139,11 @@ except ImportError:
 print(json.dumps(info, indent=2))
 PY
 cat "$OUT/env.json"
+GPU_NAME=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["gpu"] or "")' "$OUT/env.json" 2>/dev/null)
+if [[ -n $GPU_NAME && $GPU_NAME != *H200* ]]; then
+  echo "NOTE: this GPU is ${GPU_NAME}, not the H200 that the targets and DESIGN.md's anchors name: compare its" \
+    "timings only with rows measured on it (each benchmark runs its baselines in the same call)" | tee -a "$OUT/status.txt"
+fi
 
 build() {  # the extension, stamped with the hash of its sources (a warm machine keeps it for the next call)
   rm -f denseclip_fast/_C*.so "$STAMP"

@@ -219,12 +219,24 @@ def test_operator_targets():
     assert v[f"attention {att} forward faster than SDPA"] is True
     assert v[f"pixel_text_score {large} bfloat16 triton: backward <= 2.5x forward"] is False  # 3.0x
     assert v[f"context_attention {att} bfloat16 cuda: backward <= 2.5x forward"] is True
-    text = targets_markdown(bench_ops.targets(rows))
+    text = targets_markdown(bench_ops.targets(rows), "NVIDIA H200")
     assert "| NO |" in text and "| yes |" in text
     measured = {label: value for label, value, _ in bench_ops.targets(rows)}
     assert measured[f"{score} {large} bfloat16 triton: backward <= 2.5x forward"] == (
         "3.00x (forward 87%, backward 54% of floor)"
     )
+
+
+def test_targets_on_another_gpu_say_whose_verdicts_they_are():
+    """The targets are an H200's; a run on the H100 that the device tool's plain first call gets says so above its
+    verdicts (which it still gives), and an H200 run does not."""
+    checks = [("score forward <= 0.33 ms", "0.30 ms", True), ("attention faster than SDPA", "-", None)]
+    on_h100, on_h200 = targets_markdown(checks, "NVIDIA H100 80GB HBM3"), targets_markdown(checks, "NVIDIA H200")
+    assert "this run's GPU is NVIDIA H100 80GB HBM3" in on_h100 and "not whether the H200's targets" in on_h100
+    assert "run's GPU" not in on_h200
+    for text in (on_h100, on_h200):
+        assert "| score forward <= 0.33 ms | 0.30 ms | yes |" in text and "| - | not measured |" in text
+    assert targets_markdown([], "NVIDIA H100 80GB HBM3") == ""
 
 
 def test_operator_floor_uses_the_dtypes_compute_peak():
