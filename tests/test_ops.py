@@ -232,6 +232,29 @@ def test_nan_spreads_as_in_the_reference(backend):
             _check_close(actual[finite], wanted[finite], torch.float32, 2)
 
 
+@pytest.mark.parametrize("backend, dtype", [(b, d) for b, d in BACKEND_DTYPES if d in (torch.float32, torch.bfloat16)
+                                            and b != "reference"])  # fmt: skip
+def test_norms_past_float32s_range(backend, dtype):
+    """A pixel or a class whose squared norm overflows float32 (|x| past 1.8e19, its entries finite) scores 0, as the
+    reference's F.normalize divides it by an infinite norm: everywhere on the C++ CPU backend, which normalises the
+    text first. The Triton and CUDA kernels divide the product <t, v> by the norms after it, so a huge pixel against
+    a huge class, whose product overflows too (|t| |v| past 3.4e38), gives inf / inf = NaN there instead: the
+    divergence README's Fused operators states (elsewhere their scores are the reference's)."""
+    visual, text = _visual(1, 8, 2, 3, "contiguous", dtype), _text(1, 3, 8, False, dtype)
+    visual[0, :, 0, 0] *= 1e20  # a huge pixel, its entries finite
+    text[1] *= 1e20  # a huge class
+    out, expected = ops.pixel_text_score(visual, text, backend=backend), reference.pixel_text_score(visual, text)
+    assert (expected[0, :, 0, 0] == 0).all() and (expected[0, 1] == 0).all() and not expected.isnan().any()
+    both = torch.zeros_like(out, dtype=torch.bool)
+    both[0, 1, 0, 0] = True  # the huge pixel's score against the huge class
+    if backend == "cpu":
+        assert not out.isnan().any()
+    else:
+        assert torch.equal(out.isnan(), both), out
+    assert (out[(expected == 0) & ~both] == 0).all()  # the huge pixel's and the huge class's other scores
+    _check_close(out[~both], expected[~both], dtype)
+
+
 @pytest.mark.parametrize("backend", sorted({b for b, _ in BACKEND_DTYPES}))
 def test_zero_vectors(backend):
     """Zero pixels and zero classes score 0, and their gradients follow F.normalize's clamp (g / eps), as do those
