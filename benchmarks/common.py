@@ -668,7 +668,7 @@ TARGET_GPU = "H200"  # the issues' targets and DESIGN.md's anchor timings are an
 
 def targets_markdown(checks: list[tuple[str, str, bool | None]], gpu: str) -> str:
     """A "Targets" section: (target, what was measured, met?) per line; None = not measured in this run. gpu: the
-    device's name (environment()'s "device"); on a GPU other than an H200 (the device tool's plain first call gets
+    device's name (environment()'s "device"); on a GPU other than an H200 (the device tool's plain first call may start
     an H100) the section says that its verdicts are that GPU's, not the H200's the targets name."""
     if not checks:
         return ""

@@ -228,7 +228,7 @@ def test_operator_targets():
 
 
 def test_targets_on_another_gpu_say_whose_verdicts_they_are():
-    """The targets are an H200's; a run on the H100 that the device tool's plain first call gets says so above its
+    """The targets are an H200's; a run on the H100 that the device tool's plain first call may start says so above its
     verdicts (which it still gives), and an H200 run does not."""
     checks = [("score forward <= 0.33 ms", "0.30 ms", True), ("attention faster than SDPA", "-", None)]
     on_h100, on_h200 = targets_markdown(checks, "NVIDIA H100 80GB HBM3"), targets_markdown(checks, "NVIDIA H200")
