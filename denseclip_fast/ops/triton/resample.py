@@ -157,6 +157,14 @@ def _first_tap(j, inv_scale):
 
 
 @triton.jit
+def _and_scalar(mask, cond):
+    """``mask & cond`` for a scalar comparison ``cond``, as a select: Triton 3.9's interpreter keeps a scalar
+    comparison in int32, which ``&`` spreads into the mask (its tl.load then refuses it: "mask has unsupported
+    dtype"); compiled, either is one instruction on the mask."""
+    return tl.where(cond, mask, False)
+
+
+@triton.jit
 def _bilinear_grad_w_kernel(
     g_ptr, out_ptr, C, R, A, B,
     s_gn, s_gc, s_gr, s_gw, s_on, s_oc, s_or, s_ow,
@@ -195,7 +203,7 @@ def _bilinear_grad_h_kernel(
     acc = tl.zeros((BLOCK_C, BLOCK_W), dtype=tl.float32)
     for t in range(TAPS):
         o = lo + t
-        g = tl.load(tile + _index(o, WIDE) * s_gh, mask=mask & (o < B), other=0.0)
+        g = tl.load(tile + _index(o, WIDE) * s_gh, mask=_and_scalar(mask, o < B), other=0.0)
         acc += _weight(o, i, A, scale) * g.to(tl.float32)
     out = out_ptr + n * s_on + c_idx[:, None] * s_oc + _index(i, WIDE) * s_oh + w_idx[None, :] * s_ow
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
@@ -229,7 +237,7 @@ def _avg_pool_backward_kernel(
     zero past the last whole window (the rows and columns the floored output leaves out)."""
     n, h, offs_c, offs_w, mask = _tile(C, H_in, W_in, BLOCK_C, BLOCK_W)
     ph, pw = h // S, offs_w // S
-    inside = mask & (ph < H_out) & (pw[None, :] < W_out)
+    inside = _and_scalar(mask & (pw[None, :] < W_out), ph < H_out)
     n, h, ph, pw = _index(n, WIDE), _index(h, WIDE), _index(ph, WIDE), _index(pw, WIDE)
     c_idx, i_w = _index(offs_c, WIDE), _index(offs_w, WIDE)
     g = tl.load(g_ptr + n * s_gn + c_idx[:, None] * s_gc + ph * s_gh + pw[None, :] * s_gw, mask=inside, other=0.0)
