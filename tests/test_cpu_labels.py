@@ -9,6 +9,7 @@ import platform
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -70,13 +71,62 @@ def spiked(shape: tuple[int, ...], seed: int) -> torch.Tensor:
 
 
 def test_the_probe_passes_with_this_torch():
-    """The engine takes the fused kernel here, where ATen runs its AVX2 or AVX-512 kernels (whose resize rounds with
-    fused multiply-adds, as the kernel does); the probe runs once."""
+    """The engine takes the fused kernel here, where ATen runs its AVX2 or AVX-512 kernels (whose resize rounds its
+    values with fused multiply-adds, as the kernel does, and its source positions in one of the two ways the kernel
+    offers); the probe runs once."""
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         pytest.skip(f"ATen's {torch.backends.cpu.get_cpu_capability()} kernels: another rounding may be theirs")
     assert cpu_labels.fused_labels_usable()
     assert cpu_labels.fused_tail([(129, 128)]) == 1 and cpu_labels.fused_tail([(128, 128)]) == 0
     assert cpu_labels.fused_tail([(300, 300), (100, 100), (200, 300), (512, 683)]) == 2
+
+
+def source_weights(w: int, width: int, fused: bool) -> np.ndarray:
+    """(w, width) float32: the weight of each of a row's w source values in each of its width outputs, as the kernel
+    makes them, written out in numpy: the source position scale * (d + 0.5) - 0.5 rounded once (fused) or the product
+    first; float64 holds the products of two float32 values exactly, so each float32 rounding below is one rounding
+    of the exact value."""
+    scale = np.float32(w) / np.float32(width)
+    weights = np.zeros((w, width), dtype=np.float32)
+    for d in range(width):
+        product = np.float64(scale) * np.float64(np.float32(d) + np.float32(0.5))
+        src = np.float32(product - 0.5) if fused else np.float32(product) - np.float32(0.5)
+        src = max(src, np.float32(0.0))
+        i = min(int(np.floor(src)), w - 1)
+        l1 = np.float32(min(max(src - np.float32(i), np.float32(0.0)), np.float32(1.0)))
+        l0 = np.float32(1.0) - l1
+        if i < w - 1:  # fma(1, l0, 0 * l1) and fma(0, l0, 1 * l1): each weight alone
+            weights[i, d], weights[i + 1, d] = l0, l1
+        else:  # the last source value is both taps: fma(1, l0, 1 * l1)
+            weights[i, d] = np.float32(np.float64(l0) + np.float64(l1))
+    return weights
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize(("w", "width"), [(53, 211), (7, 160), (301, 149), (40, 40 * 3)])
+def test_the_kernels_source_positions_round_once_or_twice_as_asked(w, width, fused):
+    """The kernel's weights (a one-hot source row per class gives each output's two weights as they are) against the
+    formula written out, for each rounding of the source positions; upsampled by fractions and by an integer,
+    downsampled. Where the two roundings give other weights (the fractions here), the kernel tells them apart."""
+    rows = torch.eye(w).view(1, w, 1, w)
+    ours = torch.ops.denseclip_fast_engine.resize_bilinear(rows, [1, width], fused).view(w, width)
+    assert torch.equal(ours, torch.from_numpy(source_weights(w, width, fused)))
+    if (w, width) in ((53, 211), (7, 160)):
+        assert not np.array_equal(source_weights(w, width, True), source_weights(w, width, False))
+
+
+def test_the_probe_finds_the_rounding_that_is_atens():
+    """Of the two roundings of the source positions, the probe's is the one whose resize equals F.interpolate on
+    a fractional upsampling; the other differs there (torch 2.11 to 2.14 round once on x86-64, 2.15 twice)."""
+    fused = cpu_labels.source_fused()
+    if fused is None:
+        pytest.skip("the kernel equals ATen's resize in neither rounding here (test_the_probe_passes_with_this_torch)")
+    scores = torch.randn(2, 3, 37, 53, generator=torch.Generator().manual_seed(11))
+    theirs = aten(scores, (101, 211))
+    resize = torch.ops.denseclip_fast_engine.resize_bilinear
+    assert torch.equal(resize(scores, [101, 211], fused), theirs)
+    assert not torch.equal(resize(scores, [101, 211], not fused), theirs)
+    assert cpu_labels.kernel_rounding() is fused
 
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="ATen's DEFAULT kernels differ by CPU")
@@ -106,7 +156,7 @@ def test_the_kernels_resize_is_atens_bit_for_bit(shape, size, threads):
     torch.set_num_threads(threads)
     try:
         scores = spiked(shape, seed=sum(shape) + threads)
-        ours = torch.ops.denseclip_fast_engine.resize_bilinear(scores, list(size))
+        ours = torch.ops.denseclip_fast_engine.resize_bilinear(scores, list(size), cpu_labels.kernel_rounding())
         theirs = aten(scores, size)
         torch.testing.assert_close(ours, theirs, rtol=0, atol=0, equal_nan=True)
         assert torch.equal(ours.signbit(), theirs.signbit())
@@ -123,7 +173,7 @@ def test_each_compiled_variant_resizes_as_aten(isa):
     for shape, size in SHAPES[:5]:
         scores = spiked(shape, seed=len(isa) + sum(size))
         try:
-            ours = hook(scores, list(size), isa)
+            ours = hook(scores, list(size), cpu_labels.kernel_rounding(), isa)
         except RuntimeError as exc:
             assert f"no {isa} loops in this build or on this CPU" in str(exc)
             pytest.skip(f"no {isa} loops here")
@@ -132,10 +182,10 @@ def test_each_compiled_variant_resizes_as_aten(isa):
     # values, output widths around whole blocks, blocks whose taps lie within 32 values and blocks that gather
     for w, width in [(1, 47), (2, 16), (17, 33), (31, 65), (32, 17), (40, 160), (100, 31), (300, 257), (7, 1)]:
         scores = spiked((1, 2, 3, w), seed=w + width)
-        ours = hook(scores, [200, width], isa)
+        ours = hook(scores, [200, width], cpu_labels.kernel_rounding(), isa)
         torch.testing.assert_close(ours, aten(scores, (200, width)), rtol=0, atol=0, equal_nan=True)
     with pytest.raises(RuntimeError, match="no sse9 loops in this build or on this CPU"):
-        hook(scores, [9, 9], "sse9")
+        hook(scores, [9, 9], True, "sse9")
 
 
 @pytest.mark.parametrize(
@@ -152,19 +202,20 @@ def test_a_chain_of_resizes_is_atens_in_turn_and_its_argmax_the_argmax(sizes, th
     torch.set_num_threads(threads)
     try:
         scores = spiked((2, 3, 37, 53), seed=len(sizes))
-        ours = torch.ops.denseclip_fast_engine.resize_bilinear(scores, sizes)
+        fused = cpu_labels.kernel_rounding()
+        ours = torch.ops.denseclip_fast_engine.resize_bilinear(scores, sizes, fused)
         theirs = aten_chain(scores, sizes)
         torch.testing.assert_close(ours, theirs, rtol=0, atol=0, equal_nan=True)
         assert torch.equal(ours.signbit(), theirs.signbit())
         for isa in ("avx512", "avx2", "generic"):
             try:
-                variant = torch.ops.denseclip_fast_testing.resize_bilinear_isa(scores, sizes, isa)
+                variant = torch.ops.denseclip_fast_testing.resize_bilinear_isa(scores, sizes, fused, isa)
             except RuntimeError:  # not on this CPU: test_each_compiled_variant_resizes_as_aten says which
                 continue
             torch.testing.assert_close(variant, theirs, rtol=0, atol=0, equal_nan=True)
         best = torch.empty(2, *sizes[-2:])
         index = torch.empty(2, *sizes[-2:], dtype=torch.int64)
-        torch.ops.denseclip_fast_engine.resize_argmax_(scores, sizes, best, index, 0)
+        torch.ops.denseclip_fast_engine.resize_argmax_(scores, sizes, fused, best, index, 0)
         assert torch.equal(index, theirs.argmax(dim=1))
     finally:
         torch.set_num_threads(saved)
@@ -257,17 +308,17 @@ def test_labels_fall_back_where_the_kernel_is_missing_or_rounds_otherwise(monkey
     expected = segmenter.resized_through(scores, (200, 300)).argmax(dim=1)
     used = []
     monkeypatch.setattr(cpu_labels, "resize_argmax_", lambda *a: used.append(a))
-    for op in (lambda name: None, lambda name: (lambda s, sizes: aten_chain(s, sizes).nextafter(torch.tensor(1.0)))):
+    for op in (lambda name: None, lambda name: lambda s, sizes, _: aten_chain(s, sizes).nextafter(torch.tensor(1.0))):
         monkeypatch.setattr(cpu_labels, "_op", op)
-        cpu_labels.fused_labels_usable.cache_clear()
+        cpu_labels.source_fused.cache_clear()
         try:
             assert not cpu_labels.fused_labels_usable()
             assert torch.equal(segmenter.labels(scores, (200, 300)), expected) and not used
         finally:
-            cpu_labels.fused_labels_usable.cache_clear()
-    monkeypatch.setattr(cpu_labels, "_op", lambda name: aten_chain)  # an exact stand-in
-    assert cpu_labels.fused_labels_usable()
-    cpu_labels.fused_labels_usable.cache_clear()
+            cpu_labels.source_fused.cache_clear()
+    monkeypatch.setattr(cpu_labels, "_op", lambda name: lambda s, sizes, _: aten_chain(s, sizes))  # an exact stand-in
+    assert cpu_labels.fused_labels_usable() and cpu_labels.source_fused() is True  # the first rounding tried
+    cpu_labels.source_fused.cache_clear()
 
 
 def test_labels_of_cpu_scores_whatever_the_default_device():
@@ -275,13 +326,13 @@ def test_labels_of_cpu_scores_whatever_the_default_device():
     default device (meta here: a CUDA default would fail alike)."""
     scores = torch.randn(1, 4, 20, 30, generator=torch.Generator().manual_seed(4))
     expected = segmenter.resized_through(scores, (200, 300)).argmax(dim=1)
-    cpu_labels.fused_labels_usable.cache_clear()
+    cpu_labels.source_fused.cache_clear()
     try:
         with torch.device("meta"):
             got = segmenter.labels(scores, (200, 300))
             assert cpu_labels.fused_labels_usable()
     finally:
-        cpu_labels.fused_labels_usable.cache_clear()
+        cpu_labels.source_fused.cache_clear()
     assert got.device.type == "cpu" and torch.equal(got, expected)
 
 
@@ -291,21 +342,23 @@ def test_the_probe_sees_a_kernel_that_differs_only_where_a_weight_is_0():
 
     seen: list[int] = []
 
-    def finite_rounding(scores: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    def finite_rounding(scores: torch.Tensor, sizes: list[int], fused_source: bool) -> torch.Tensor:
         out = aten_chain(scores, sizes)
         from_infinity = aten_chain(scores.masked_fill(scores.isnan(), 0.0), sizes).isnan()
         seen.append(int(from_infinity.sum()))
         return out.masked_fill(from_infinity, float("inf"))
 
     original = cpu_labels._op
-    cpu_labels.fused_labels_usable.cache_clear()
+    cpu_labels.source_fused.cache_clear()
     try:
         cpu_labels._op = lambda name: finite_rounding if name == "resize_bilinear" else original(name)
         assert not cpu_labels.fused_labels_usable()
-        assert seen[-1] > 0 and not any(seen[:-1])  # the shapes before it had no such tap: equal there
+        # both roundings tried, each up to the first shape with such a tap (equal on the shapes before it)
+        tries = [seen[: len(seen) // 2], seen[len(seen) // 2 :]]
+        assert tries[0] == tries[1] and tries[0][-1] > 0 and not any(tries[0][:-1]), seen
     finally:
         cpu_labels._op = original
-        cpu_labels.fused_labels_usable.cache_clear()
+        cpu_labels.source_fused.cache_clear()
 
 
 @pytest.mark.parametrize(
@@ -323,7 +376,7 @@ def test_the_probe_sees_a_kernel_that_differs_only_where_a_weight_is_0():
 )
 def test_bad_kernel_inputs_are_refused_by_name(args, message):
     with pytest.raises(RuntimeError, match=message):
-        torch.ops.denseclip_fast_engine.resize_bilinear(*args)
+        torch.ops.denseclip_fast_engine.resize_bilinear(*args, True)
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
@@ -337,10 +390,10 @@ def test_groups_of_rows_that_read_the_same_input_rows_split_across_threads_and_i
         scores = spiked((3, 2, 5, 300), seed=threads)
         for sizes in ([61, 2000], [37, 900, 61, 2000]):
             theirs = aten_chain(scores, sizes)
-            ours = torch.ops.denseclip_fast_engine.resize_bilinear(scores, sizes)
+            ours = torch.ops.denseclip_fast_engine.resize_bilinear(scores, sizes, cpu_labels.kernel_rounding())
             torch.testing.assert_close(ours, theirs, rtol=0, atol=0, equal_nan=True)
             best, index = torch.empty(3, 61, 2000), torch.empty(3, 61, 2000, dtype=torch.int64)
-            torch.ops.denseclip_fast_engine.resize_argmax_(scores, sizes, best, index, 0)
+            torch.ops.denseclip_fast_engine.resize_argmax_(scores, sizes, cpu_labels.kernel_rounding(), best, index, 0)
             assert torch.equal(index, theirs.argmax(dim=1))
     finally:
         torch.set_num_threads(saved)
@@ -358,13 +411,13 @@ def test_bad_running_argmax_buffers_are_refused_by_name():
     scores = torch.zeros(2, 3, 4, 5)
     index = torch.zeros(2, 6, 7, dtype=torch.int64)
     with pytest.raises(RuntimeError, match=r"best must be a contiguous float32 CPU tensor of shape \(2, 6, 7\)"):
-        torch.ops.denseclip_fast_engine.resize_argmax_(scores, [6, 7], torch.zeros(1, 6, 7), index, 0)
+        torch.ops.denseclip_fast_engine.resize_argmax_(scores, [6, 7], True, torch.zeros(1, 6, 7), index, 0)
     with pytest.raises(RuntimeError, match=r"index must be a contiguous int64 CPU tensor of best's shape"):
-        torch.ops.denseclip_fast_engine.resize_argmax_(scores, [6, 7], torch.zeros(2, 6, 7), index.int(), 0)
+        torch.ops.denseclip_fast_engine.resize_argmax_(scores, [6, 7], True, torch.zeros(2, 6, 7), index.int(), 0)
     with pytest.raises(RuntimeError, match="resize_argmax_: scores must be float32"):
-        torch.ops.denseclip_fast_engine.resize_argmax_(scores.double(), [6, 7], torch.zeros(2, 6, 7), index, 0)
+        torch.ops.denseclip_fast_engine.resize_argmax_(scores.double(), [6, 7], True, torch.zeros(2, 6, 7), index, 0)
     with pytest.raises(RuntimeError, match="resize_argmax_: first must be >= 0, got -1"):
-        torch.ops.denseclip_fast_engine.resize_argmax_(scores, [6, 7], torch.zeros(2, 6, 7), index, -1)
+        torch.ops.denseclip_fast_engine.resize_argmax_(scores, [6, 7], True, torch.zeros(2, 6, 7), index, -1)
 
 
 @pytest.mark.parametrize(

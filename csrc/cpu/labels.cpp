@@ -6,13 +6,17 @@
 //
 // The values are ATen's CPU bilinear resize (align_corners=False, sizes given, no scale factors) bit for bit, as its
 // generic kernel computes a single-channel plane of a large output: per axis, scale = in / out and
-// src = fma(scale, dst + 0.5, -0.5) clamped at 0, index floor(src) (and the next one but at the edge), lambda1 =
+// src = scale * (dst + 0.5) - 0.5 clamped at 0, index floor(src) (and the next one but at the edge), lambda1 =
 // src - index clamped to [0, 1], lambda0 = 1 - lambda1 (an axis of the same size: the identity, lambda 1 and 0); a
-// value, height outer: fma(fma(a, w0, b * w1), h0, fma(c, w0, d * w1) * h1). Its additions are single products and
-// fused multiply-adds, so the separable order here (each source row resized along the width once, kept for the
-// output rows that read it) rounds exactly as ATen's per-pixel one. The engine uses these kernels only where
-// denseclip_fast_engine::resize_bilinear equals F.interpolate on a probe (a torch whose kernel rounds otherwise
-// keeps the resize-then-argmax path); tests/test_cpu_labels.py checks odd shapes, non-finite values and ties.
+// value, height outer: fma(fma(a, w0, b * w1), h0, fma(c, w0, d * w1) * h1). ATen writes src in plain C++, which
+// its compiler may round once, as a fused multiply-add (torch 2.11 to 2.14 on x86-64), or twice, the product before
+// the subtraction (torch 2.15; 1455 of the 21311 values of a 37x53 -> 101x211 plane differ between the two): the
+// caller says which (fused_source: engine/cpu_labels.py's probe found which one F.interpolate gives). Its additions
+// are single products and fused multiply-adds, so the separable order here (each source row resized along the width
+// once, kept for the output rows that read it) rounds exactly as ATen's per-pixel one. The engine uses these kernels
+// only where denseclip_fast_engine::resize_bilinear equals F.interpolate on a probe, in one of the two roundings (a
+// torch whose kernel rounds otherwise keeps the resize-then-argmax path); tests/test_cpu_labels.py checks odd shapes,
+// non-finite values and ties.
 //
 // The argmax keeps the first class of a tie and lets a NaN win (the first NaN stays), as torch.argmax: a class
 // replaces the best so far when not (value <= best) and the best is not NaN.
@@ -49,7 +53,16 @@ struct Axis {
   std::vector<uint8_t> block_near;
 };
 
-Axis make_axis(int64_t in, int64_t out) {
+// The source position of output index d: one rounding of scale * (d + 0.5) - 0.5 where fused_source, else the
+// product rounded first (a volatile, so that no compiler contracts the two into one fused multiply-add).
+float source_position(float scale, int64_t d, bool fused_source) {
+  const float center = static_cast<float>(d) + 0.5f;
+  if (fused_source) return std::fma(scale, center, -0.5f);
+  volatile float product = scale * center;
+  return product - 0.5f;
+}
+
+Axis make_axis(int64_t in, int64_t out, bool fused_source) {
   Axis a;
   a.i0.resize(out);
   a.i1.resize(out);
@@ -63,7 +76,7 @@ Axis make_axis(int64_t in, int64_t out) {
       a.l1[d] = 0.f;
       continue;
     }
-    float src = std::fma(scale, static_cast<float>(d) + 0.5f, -0.5f);
+    float src = source_position(scale, d, fused_source);
     if (src < 0.f) src = 0.f;
     const int64_t i = std::min(static_cast<int64_t>(std::floor(src)), in - 1);
     const float l1 = std::min(std::max(src - static_cast<float>(i), 0.f), 1.f);
@@ -307,15 +320,15 @@ class Level {
 // over the threads in contiguous ranges, each thread with its own chain.
 template <typename Emit>
 void for_each_output_row(const at::Tensor& scores, const std::vector<std::pair<int64_t, int64_t>>& sizes,
-                         const RowLoops& loops, const Emit& emit) {
+                         bool fused_source, const RowLoops& loops, const Emit& emit) {
   const int64_t n = scores.size(0), k = scores.size(1);
   std::vector<Axis> rows, cols;
   std::vector<std::pair<int64_t, int64_t>> inputs;  // each resize's input size
   int64_t h = scores.size(2), w = scores.size(3);
   for (const auto& [height, width] : sizes) {
     inputs.emplace_back(h, w);
-    rows.push_back(make_axis(h, height));
-    cols.push_back(make_axis(w, width));
+    rows.push_back(make_axis(h, height, fused_source));
+    cols.push_back(make_axis(w, width, fused_source));
     h = height;
     w = width;
   }
@@ -348,14 +361,15 @@ void for_each_output_row(const at::Tensor& scores, const std::vector<std::pair<i
   });
 }
 
-at::Tensor resize_with(const at::Tensor& scores, at::IntArrayRef sizes, const RowLoops& loops, const char* op) {
+at::Tensor resize_with(const at::Tensor& scores, at::IntArrayRef sizes, bool fused_source, const RowLoops& loops,
+                       const char* op) {
   check_scores(scores, op);
   const auto pairs = size_pairs(sizes, op);
   const int64_t n = scores.size(0), k = scores.size(1), height = pairs.back().first, width = pairs.back().second;
   at::Tensor out = at::empty({n, k, height, width}, scores.options());
   if (out.numel() == 0) return out;
   float* dst = out.data_ptr<float>();
-  for_each_output_row(scores, pairs, loops,
+  for_each_output_row(scores, pairs, fused_source, loops,
                       [&](int64_t image, int64_t oh, int64_t rows, const Axis& weights, const float* t0,
                           const float* t1, const RowLoops& loops) {
                         for (int64_t c = 0; c < k; ++c) {
@@ -368,18 +382,19 @@ at::Tensor resize_with(const at::Tensor& scores, at::IntArrayRef sizes, const Ro
   return out;
 }
 
-at::Tensor resize_bilinear_cpu(const at::Tensor& scores, at::IntArrayRef sizes) {
-  return resize_with(scores, sizes, row_loops(), "resize_bilinear");
+at::Tensor resize_bilinear_cpu(const at::Tensor& scores, at::IntArrayRef sizes, bool fused_source) {
+  return resize_with(scores, sizes, fused_source, row_loops(), "resize_bilinear");
 }
 
 // A test hook: the resize through the loops compiled for ``isa`` (see loops_for), which the dispatch may not pick.
-at::Tensor resize_bilinear_isa(const at::Tensor& scores, at::IntArrayRef sizes, const std::string& isa) {
+at::Tensor resize_bilinear_isa(const at::Tensor& scores, at::IntArrayRef sizes, bool fused_source,
+                               const std::string& isa) {
   const RowLoops* loops = loops_for(isa);
   TORCH_CHECK(loops != nullptr, "resize_bilinear_isa: no ", isa, " loops in this build or on this CPU");
-  return resize_with(scores, sizes, *loops, "resize_bilinear_isa");
+  return resize_with(scores, sizes, fused_source, *loops, "resize_bilinear_isa");
 }
 
-void resize_argmax_cpu(const at::Tensor& scores, at::IntArrayRef sizes, const at::Tensor& best,
+void resize_argmax_cpu(const at::Tensor& scores, at::IntArrayRef sizes, bool fused_source, const at::Tensor& best,
                        const at::Tensor& index, int64_t first) {
   const char* op = "resize_argmax_";
   check_scores(scores, op);
@@ -397,7 +412,7 @@ void resize_argmax_cpu(const at::Tensor& scores, at::IntArrayRef sizes, const at
   if (best.numel() == 0) return;
   float* best_data = best.data_ptr<float>();
   int64_t* index_data = index.data_ptr<int64_t>();
-  for_each_output_row(scores, pairs, row_loops(),
+  for_each_output_row(scores, pairs, fused_source, row_loops(),
                       [&](int64_t image, int64_t oh, int64_t rows, const Axis& weights, const float* t0,
                           const float* t1, const RowLoops& loops) {
                         const int64_t offset = (image * height + oh) * width;  // the group's first row
@@ -423,8 +438,10 @@ void resize_argmax_cpu(const at::Tensor& scores, at::IntArrayRef sizes, const at
 }  // namespace
 
 TORCH_LIBRARY(denseclip_fast_engine, m) {
-  m.def("resize_bilinear(Tensor scores, int[] sizes) -> Tensor");
-  m.def("resize_argmax_(Tensor scores, int[] sizes, Tensor(a!) best, Tensor(b!) index, int first) -> ()");
+  m.def("resize_bilinear(Tensor scores, int[] sizes, bool fused_source) -> Tensor");
+  m.def(
+      "resize_argmax_(Tensor scores, int[] sizes, bool fused_source, Tensor(a!) best, Tensor(b!) index, int first) "
+      "-> ()");
 }
 
 TORCH_LIBRARY_IMPL(denseclip_fast_engine, CPU, m) {
@@ -433,7 +450,7 @@ TORCH_LIBRARY_IMPL(denseclip_fast_engine, CPU, m) {
 }
 
 TORCH_LIBRARY_FRAGMENT(denseclip_fast_testing, m) {
-  m.def("resize_bilinear_isa(Tensor scores, int[] sizes, str isa) -> Tensor", &resize_bilinear_isa);
+  m.def("resize_bilinear_isa(Tensor scores, int[] sizes, bool fused_source, str isa) -> Tensor", &resize_bilinear_isa);
 }
 
 }  // namespace denseclip_fast

@@ -12,10 +12,12 @@ says which), so its labels equal the argmax of the logits, as the resize-then-ar
 generic kernel, which it uses for a single-channel plane whose output's height + width exceed 128 (smaller ones go
 through its channels-vectorised kernel, which rounds otherwise): the fused kernel takes the resizes to sizes above
 MIN_SIDES (those after the last smaller one: :func:`fused_tail`), and only after :func:`fused_labels_usable` found
-it equal to F.interpolate on a probe in that range (it is with torch 2.14's AVX2 and AVX-512 kernels; torch 2.11's
-resize rounds alike, checked by hand). A torch whose resize rounds otherwise (ATen's DEFAULT kernels on x86-64,
-ATEN_CPU_CAPABILITY=default, have no fused multiply-add), or a build without the extension, keeps the
-resize-then-argmax way.
+it equal to F.interpolate on a probe in that range. ATen's source positions, scale * (dst + 0.5) - 0.5, are rounded
+once (a fused multiply-add: torch 2.11 to 2.14 on x86-64) or twice (torch 2.15), as its compiler made them; the probe
+tries both (:func:`source_fused`), and the kernel then rounds as the installed torch does (it is equal with torch
+2.14's and 2.15's AVX2 and AVX-512 kernels; torch 2.11's resize rounds as 2.14's, checked by hand). A torch whose
+resize rounds otherwise (ATen's DEFAULT kernels on x86-64, ATEN_CPU_CAPABILITY=default, have no fused multiply-add in
+their values), or a build without the extension, keeps the resize-then-argmax way.
 
 Not covered: ``torch.set_flush_denormal(True)`` sets the calling thread only, so ATen's resize of denormal scores
 already depends on how its threads split the work; the kernel splits it otherwise, and its labels may differ from
@@ -52,21 +54,16 @@ def _op(name: str) -> object | None:
         return None
 
 
-@functools.cache
-def fused_labels_usable() -> bool:
-    """Whether this build has the fused kernel and its resize equals F.interpolate's (per plane, as the engine
-    resizes; in turn for a chain) bit for bit on the PROBE shapes (random values, an infinity and a NaN among them,
-    whose spread through the taps of weight 0 tells one rounding of those from another; probed once, on the CPU
-    whatever torch's default device)."""
-    resize = _op("resize_bilinear")
-    if resize is None or _op("resize_argmax_") is None:
-        return False
+def _equals_interpolate(resize: object, fused_source: bool) -> bool:
+    """Whether the kernel's resize with that rounding of the source positions equals F.interpolate's (per plane, as
+    the engine resizes; in turn for a chain) bit for bit on the PROBE shapes: random values, an infinity and a NaN
+    among them, whose spread through the taps of weight 0 tells one rounding of those from another."""
     generator = torch.Generator().manual_seed(0)
     for (h, w), sizes in PROBE:
         scores = torch.randn(1, 3, h, w, generator=generator, device="cpu") * 8
         scores[0, 1, h // 2, w // 2] = float("inf")
         scores[0, 2, h - 1, 0] = float("nan")
-        ours = resize(scores, [side for size in sizes for side in size])  # type: ignore[operator]
+        ours = resize(scores, [side for size in sizes for side in size], fused_source)  # type: ignore[operator]
         theirs = scores.view(3, 1, h, w)
         for size in sizes:
             theirs = F.interpolate(theirs, size=size, mode="bilinear", align_corners=False)
@@ -77,6 +74,26 @@ def fused_labels_usable() -> bool:
         if not torch.equal(ours.masked_fill(nan, 0.0), theirs.masked_fill(nan, 0.0)):
             return False
     return True
+
+
+@functools.cache
+def source_fused() -> bool | None:
+    """How this torch's CPU resize rounds its source positions, as the probe found: True for once (a fused
+    multiply-add), False for twice (the product, then the subtraction), None where the kernel equals F.interpolate
+    in neither way or this build lacks it (probed once, on the CPU whatever torch's default device)."""
+    resize = _op("resize_bilinear")
+    if resize is None or _op("resize_argmax_") is None:
+        return None
+    for fused in (True, False):
+        if _equals_interpolate(resize, fused):
+            return fused
+    return None
+
+
+def fused_labels_usable() -> bool:
+    """Whether this build has the fused kernel and its resize equals F.interpolate's bit for bit (in one of the two
+    roundings of the source positions: :func:`source_fused`)."""
+    return source_fused() is not None
 
 
 def fused_tail(sizes: Sequence[tuple[int, int]]) -> int:
@@ -149,7 +166,7 @@ def resize(scores: torch.Tensor, sizes: Sequence[tuple[int, int]]) -> torch.Tens
     op = _op("resize_bilinear")
     if op is None:
         raise RuntimeError("resize: the denseclip_fast extension with the fused label kernel is not loaded")
-    return op(scores, [side for size in sizes for side in size])  # type: ignore[operator]
+    return op(scores, [side for size in sizes for side in size], kernel_rounding())  # type: ignore[operator]
 
 
 def resize_argmax_(
@@ -162,4 +179,12 @@ def resize_argmax_(
     op = _op("resize_argmax_")
     if op is None:
         raise RuntimeError("resize_argmax_: the denseclip_fast extension with the fused label kernel is not loaded")
-    op(scores, [side for size in sizes for side in size], best, index, first)  # type: ignore[operator]
+    op(scores, [side for size in sizes for side in size], kernel_rounding(), best, index, first)  # type: ignore[operator]
+
+
+def kernel_rounding() -> bool:
+    """The kernel's rounding of the source positions: the installed torch's (:func:`source_fused`), once (fused)
+    where the probe matched neither (the callers check :func:`fused_labels_usable` first; a direct call then gets the
+    rounding of torch 2.11 to 2.14)."""
+    fused = source_fused()
+    return True if fused is None else fused
