@@ -7,6 +7,7 @@
 #   make test-gpu-torch   a rehearsal of the GPU session on the CPU: benchmarks/gpu_check.sh's build, GPU-test
 #                and CPU-suite steps in a copy of the tree (build/gpu-torch) with the GPU machine's Python 3.12 (where
 #                installed) and packages (torch 2.11, triton 3.6); 12 to 17 minutes and 5 GB: run it before a GPU session
+#   make test-latest   the CPU suite with the newest releases of every dependency (what a fresh pip install gets)
 PYTHON_SYSTEM ?= python3
 VENV   := .venv
 PYTHON := $(VENV)/bin/python
@@ -16,7 +17,7 @@ CSRC   := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*
 export HF_HUB_OFFLINE := 1
 export MAX_JOBS ?= 2
 
-.PHONY: setup test bench gpu-wheels test-gpu-torch clean
+.PHONY: setup test bench gpu-wheels test-gpu-torch test-latest clean
 
 setup: $(VENV)/.ext
 
@@ -83,5 +84,22 @@ test-gpu-torch: gpu-wheels
 	$(call gpu_machine,$(GPU_TORCH_TREE)-2,info)
 	grep -q "prebuilt extension: loaded" $(GPU_TORCH_TREE)-2/out/status.txt
 
+# The newest releases, as a fresh `pip install` of the package picks them (no lock file: torch, torchvision, Triton,
+# numpy, open_clip, ONNX's packages...): a copy of the checkout in build/latest with its own build of the extension,
+# a venv of its own, the whole CPU suite, the versions printed first. A pip configuration that caps versions caps them
+# here too (a constraints file: PIP_CONFIG_FILE=/dev/null make test-latest reads none). 25 minutes and 8 GB on 2 cores.
+LATEST_VENV := .venv-latest
+LATEST_TREE := build/latest
+LATEST_PIP := $(CURDIR)/$(LATEST_VENV)/bin/pip -q --disable-pip-version-check install --upgrade --upgrade-strategy eager
+test-latest:
+	test -x $(LATEST_VENV)/bin/python || $(PYTHON_SYSTEM) -m venv $(LATEST_VENV)
+	$(LATEST_PIP) pip setuptools wheel cmake torch torchvision  # cmake: the C++ examples (torch wants >= 3.26)
+	rm -rf $(LATEST_TREE) && mkdir -p $(LATEST_TREE)
+	git ls-files -z --cached --others --exclude-standard | xargs -0 cp --parents -t $(LATEST_TREE)
+	cd $(LATEST_TREE) && $(LATEST_PIP) --no-build-isolation -e ".[dev,export]"
+	$(LATEST_VENV)/bin/python -c "import sys, torch, triton, numpy; print('Python', sys.version.split()[0], \
+		'torch', torch.__version__, 'triton', triton.__version__, 'numpy', numpy.__version__)"
+	cd $(LATEST_TREE) && $(CURDIR)/$(LATEST_VENV)/bin/python -m pytest -q -p no:cacheprovider
+
 clean:
-	rm -rf $(VENV) $(GPU_TORCH_VENV) .venv-gpu-torch build denseclip_fast/_C*.so denseclip_fast/_C.sources.sha256 *.egg-info
+	rm -rf $(VENV) $(GPU_TORCH_VENV) $(LATEST_VENV) .venv-gpu-torch build denseclip_fast/_C*.so denseclip_fast/_C.sources.sha256 *.egg-info
