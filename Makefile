@@ -102,4 +102,5 @@ test-latest:
 	cd $(LATEST_TREE) && $(CURDIR)/$(LATEST_VENV)/bin/python -m pytest -q -p no:cacheprovider
 
 clean:
-	rm -rf $(VENV) $(GPU_TORCH_VENV) $(LATEST_VENV) .venv-gpu-torch build denseclip_fast/_C*.so denseclip_fast/_C.sources.sha256 *.egg-info
+	rm -rf $(VENV) $(GPU_TORCH_VENV) $(LATEST_VENV) .venv-gpu-torch build \
+		denseclip_fast/_C*.so denseclip_fast/_C.sources.sha256 *.egg-info

@@ -107,7 +107,7 @@ def source_weights(w: int, width: int, fused: bool) -> np.ndarray:
 def test_the_kernels_source_positions_round_once_or_twice_as_asked(w, width, fused):
     """The kernel's weights (a one-hot source row per class gives each output's two weights as they are) against the
     formula written out, for each rounding of the source positions; upsampled by fractions and by an integer,
-    downsampled. Where the two roundings give other weights (the fractions here), the kernel tells them apart."""
+    downsampled. On the first two shapes the roundings give other weights, so the kernel is seen to tell them apart."""
     rows = torch.eye(w).view(1, w, 1, w)
     ours = torch.ops.denseclip_fast_engine.resize_bilinear(rows, [1, width], fused).view(w, width)
     assert torch.equal(ours, torch.from_numpy(source_weights(w, width, fused)))
