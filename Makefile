@@ -62,10 +62,14 @@ gpu-wheels: $(VENV)/.deps
 PYTHON_GPU ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) $(shell command -v python3.12) python3)
 GPU_TORCH_VENV := .venv-gpu-machine
 GPU_TORCH_TREE := build/gpu-torch
-# $(call gpu_machine,DIR,STEPS): a fresh copy of the checkout and ./wheels in DIR, running gpu_check.sh STEPS there
-define gpu_machine
+# $(call copy_checkout,DIR): a fresh copy of the checkout in DIR (tracked and untracked files, not ignored ones)
+define copy_checkout
 	rm -rf $(1) && mkdir -p $(1)
 	git ls-files -z --cached --others --exclude-standard | xargs -0 cp --parents -t $(1)
+endef
+# $(call gpu_machine,DIR,STEPS): a fresh copy of the checkout and ./wheels in DIR, running gpu_check.sh STEPS there
+define gpu_machine
+	$(call copy_checkout,$(1))
 	cp -r wheels $(1)/
 	cd $(1) && PATH=$(CURDIR)/$(GPU_TORCH_VENV)/bin:$$PATH DCF_BUDGET_S=3600 DCF_TESTS_S=3600 DCF_WORK=work \
 		DCF_SITE=$(CURDIR)/$(GPU_TORCH_TREE)/site bash benchmarks/gpu_check.sh out $(2)
@@ -94,8 +98,7 @@ LATEST_PIP := $(CURDIR)/$(LATEST_VENV)/bin/pip -q --disable-pip-version-check in
 test-latest:
 	test -x $(LATEST_VENV)/bin/python || $(PYTHON_SYSTEM) -m venv $(LATEST_VENV)
 	$(LATEST_PIP) pip setuptools wheel cmake torch torchvision  # cmake: the C++ examples (torch wants >= 3.26)
-	rm -rf $(LATEST_TREE) && mkdir -p $(LATEST_TREE)
-	git ls-files -z --cached --others --exclude-standard | xargs -0 cp --parents -t $(LATEST_TREE)
+	$(call copy_checkout,$(LATEST_TREE))
 	cd $(LATEST_TREE) && $(LATEST_PIP) --no-build-isolation -e ".[dev,export]"
 	$(LATEST_VENV)/bin/python -c "import sys, torch, triton, numpy; print('Python', sys.version.split()[0], \
 		'torch', torch.__version__, 'triton', triton.__version__, 'numpy', numpy.__version__)"
