@@ -741,12 +741,14 @@ def test_bad_numbers_are_one_line_naming_the_option_before_any_work(checkpoint, 
     32 pixels) and sizes int() refuses are refused before the evaluation or the export starts."""
     ev = ["eval", "--checkpoint", str(checkpoint), "--data", str(data), "--layout", "generic",
           "--out", str(tmp_path / "e.json")]  # fmt: skip
+    commas = "--scales must be comma-separated numbers, e.g. 0.5,0.75,1.0"
     for scales, message in (("nan", "--scales must be finite ratios > 0 of the test scale, got nan"),
                             ("1,inf", "--scales must be finite ratios > 0 of the test scale, got inf"),
                             ("0", "--scales must be finite ratios > 0 of the test scale, got 0.0"),
                             ("-1", "--scales must be finite ratios > 0 of the test scale, got -1.0"),
                             ("0.001", "--scales: 0.001 x the test scale (2048, 512) leaves 0 pixels for the short "
-                                      "side, under the network's 32; use ratios >= 0.0625")):  # fmt: skip
+                                      "side, under the network's 32; use ratios >= 0.0625"),
+                            ("1,x", f"{commas}, got '1,x'"), ("1;2", f"{commas}, got '1;2'")):  # fmt: skip
         assert main([*ev, "--scales", scales]) == 2, scales
         assert capsys.readouterr().err == f"denseclip-fast: error: {message}\n"
     assert main([*ev, "--ignore-index", "-1"]) == 2

@@ -530,6 +530,41 @@ def test_what_a_run_says_of_its_batchnorm_statistics(arch_file, generic):
     assert alone.startswith("--sync-bn synchronises BatchNorm across torchrun's processes and does nothing in one")
 
 
+def test_choices_a_missing_data_set_and_bad_config_files_are_refused_naming_them(arch_file, generic, tmp_path):
+    """The fields that take one of a few words name the field, the choices and what came; a run without --data
+    says which option names it; a config file that is no UTF-8 text or no mapping of fields names the file."""
+    for overrides, message in (
+        ({"layout": "voc"}, "layout must be one of ('ade20k', 'generic'), got 'voc'"),
+        ({"amp": "fp8"}, "amp must be 'bf16', 'fp16' or 'none', got 'fp8'"),
+        ({"norm_decay": "some"}, "norm_decay must be 'all' or 'official', got 'some'"),
+        ({"eval_mode": "tiles"}, "eval_mode must be 'whole' or 'slide', got 'tiles'"),
+    ):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            _config(arch_file, generic, tmp_path / "w", **overrides).validate()
+    with pytest.raises(ValueError, match=re.escape("data must name the dataset directory (--data DIR)")):
+        _config(arch_file, "", tmp_path / "w").validate()
+    _config(arch_file, "", tmp_path / "w").validate(template=True)  # print-config: a template may leave data out
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("arch: café\n".encode("latin-1"))
+    listed = tmp_path / "listed.json"
+    listed.write_text("[1, 2]")
+    for path, message in ((latin, f"training config {str(latin)!r} is not UTF-8 text"),
+                          (listed, f"{listed}: a training config must be a mapping of fields, got list")):  # fmt: skip
+        with pytest.raises(ValueError, match=re.escape(message)):
+            TrainConfig.load(str(path))
+
+
+def test_the_config_switch_turns_gradient_checkpointing_on_and_only_it(arch_file, generic, tmp_path):
+    """prepare_model wraps the backbone's stages and the text blocks when the run's config asks (the command line's
+    --grad-checkpointing reaches the model through this field), and leaves every forward as it is otherwise."""
+    for on in (False, True):
+        cfg = _config(arch_file, generic, tmp_path / "w", grad_checkpointing=on)
+        model = prepare_model(build_model(cfg, CLASSES), cfg, torch.device("cpu"))
+        blocks = [getattr(model.backbone, f"layer{i}") for i in range(1, 5)]
+        blocks += list(model.text_encoder.transformer.resblocks)
+        assert all(isinstance(block.forward, functools.partial) == on for block in blocks), on
+
+
 def test_sync_bn_under_torchrun_on_the_cpu_is_refused_naming_the_option(arch_file, generic, tmp_path, monkeypatch):
     """--sync-bn in two processes on the CPU (gloo): PyTorch's SyncBatchNorm runs on CUDA only, and the run failed
     with its "SyncBatchNorm layers only work with GPU modules", naming no option, once config.json and the lock were
@@ -589,6 +624,10 @@ def test_scales_advice_passes_and_ints_past_float_are_refused():
     assert check_scales([0.0534], (2048, 600)) == [0.0534]
     with pytest.raises(ValueError, match="scales must be finite ratios > 0 of the test scale, got 1"):
         check_scales([2**1100], (2048, 600))
+    for scales in ([], "1.0", 1.0):  # a number or a string is no sequence of ratios (a string's would be its digits)
+        with pytest.raises(ValueError, match=re.escape(f"scales must be a non-empty sequence of ratios of the test "
+                                                       f"scale, e.g. (0.5, 1.0), got {scales!r}")):  # fmt: skip
+            check_scales(scales, (2048, 600))
 
 
 def test_flip_and_scales_average_the_probabilities_they_name():
@@ -1456,6 +1495,33 @@ def test_bad_files_are_named(tmp_path):
         SegmentationData(data, "generic", "train")
 
 
+def test_bad_labels_class_lists_splits_and_layouts_are_named(tmp_path):
+    """A label file that is no image, or an RGB one, names the file and what a label must be; a generic data set
+    without classes.txt, or with an empty one, names that file; find_samples takes the splits and layouts it knows
+    only."""
+    (tmp_path / "label.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'label.png'}: not a readable label image")):
+        read_label(str(tmp_path / "label.png"), 3, False)
+    Image.fromarray(np.zeros((4, 5, 3), np.uint8)).save(tmp_path / "rgb.png")
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'rgb.png'}: a label must be a single-channel image "
+                                                   "of class indices, got shape (4, 5, 3)")):  # fmt: skip
+        read_label(str(tmp_path / "rgb.png"), 3, False)
+    data = make_generic(tmp_path / "g", n=2, splits=False)
+    classes = os.path.join(data, "classes.txt")
+    os.remove(classes)
+    with pytest.raises(ValueError, match=re.escape(f"{classes} is missing (one class name a line)")):
+        find_samples(data, "generic", "train")
+    Path(classes).write_text("")
+    with pytest.raises(ValueError, match=re.escape(f"{classes} lists no class names")):
+        find_samples(data, "generic", "train")
+    Path(classes).write_text("\n".join(CLASSES) + "\n")
+    assert len(find_samples(data, "generic", "val")[0]) == 2
+    with pytest.raises(ValueError, match="split must be 'train' or 'val', got 'test'"):
+        find_samples(data, "generic", "test")
+    with pytest.raises(ValueError, match="layout must be 'ade20k' or 'generic', got 'voc'"):
+        find_samples(data, "voc", "train")
+
+
 @pytest.mark.parametrize("kept, renamed", [("train.txt", None), ("val.txt", None), ("train.txt", "validation.txt")])
 def test_one_split_file_alone_is_refused_not_filled_with_every_image(tmp_path, kept, renamed):
     """A split file without its partner (or with a misnamed one) is refused for both splits: the missing split
@@ -2269,10 +2335,17 @@ def test_resume_files_that_are_not_training_states_are_named(arch_file, generic,
     DenseCLIP(tiny_config("resnet"), ["sky", "road"]).save(model)
     torch.save({"iteration": 2, "optimizer": {}, "scaler": {}, "rng": [{"cpu": torch.zeros(2)}], "config": "{"},
                partial)  # fmt: skip
+    listed, seeded = tmp_path / "l.state.pt", tmp_path / "r.state.pt"
+    torch.save([1, 2], listed)
+    torch.save({"iteration": 2, "optimizer": {}, "scaler": {}, "rng": [{"cuda": torch.zeros(2)}], "config": "{}"},
+               seeded)  # an rng entry without the CPU generator's state  # fmt: skip
     cases = ((evil, r"cannot resume from it \(refused: loading it would execute code \(it references posix.system"),
              (text, r"cannot resume from it \(not a checkpoint: unrecognised format"),
              (model, r"cannot resume from it: it is a .safetensors model file"),
-             (partial, r"cannot resume from it: missing or malformed entries config \(a JSON object\)"))  # fmt: skip
+             (partial, r"cannot resume from it: missing or malformed entries config \(a JSON object\)"),
+             (listed, r"cannot resume from it: it holds a list;"),
+             (seeded, r"cannot resume from it: missing or malformed entries rng \(a list of \{'cpu': tensor, "
+                      r"\.\.\.\}\)"))  # fmt: skip
     for path, match in cases:
         with pytest.raises(CheckpointError, match=match) as err:
             read_train_state(str(path))
@@ -2611,6 +2684,10 @@ def test_a_file_where_a_directory_belongs_and_back_is_named_as_such(arch_file, g
     assert capsys.readouterr().err == (f"denseclip-fast: error: resume file {str(tmp_path)!r} is a directory: --resume "
                                        "takes a training state file: the iter_N.state.pt that train writes beside "
                                        "each iter_N.safetensors, or 'auto'\n")  # fmt: skip
+    assert main(["train", "--arch", arch_file, "--data", generic, "--layout", "generic", "--device", "cpu",
+                 "--work-dir", str(tmp_path / "w"), "--resume", str(tmp_path / "gone.state.pt")]) == 2  # fmt: skip
+    assert capsys.readouterr().err == (f"denseclip-fast: error: resume file {str(tmp_path / 'gone.state.pt')!r} does "
+                                       "not exist\n")  # fmt: skip
     assert not os.path.exists(tmp_path / "w")
 
 
