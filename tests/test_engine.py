@@ -744,6 +744,9 @@ def test_threads_take_turns(model, monkeypatch):
         ([torch.zeros(40, 40, 3, dtype=torch.uint8, device="meta")], r"images\[0\] must be a dense .*meta tensor"),
         (np.array(3, np.uint8), r"uint8 \(H, W, 3\) image, got shape \(\)"),  # was "(1,)"
         (np.zeros((0, 40, 40, 3), np.uint8), "empty batch"),  # was "empty list"
+        (torch.zeros(0, 40, 40, 3, dtype=torch.uint8), r"^images is an empty batch \(B=0\)$"),
+        (torch.randn(1, 3, 0, 64), r"^zero-size images \(0, 64\)$"),
+        (torch.randn(2, 3, 64, 0), r"^zero-size images \(64, 0\)$"),
         (Image.new("La", (40, 40)), r"images: the PIL image \(mode La\) cannot be read as RGB"),
         # what the image likely is, and how to pass it (a fresh-eyes audit)
         (np.zeros((3, 40, 48), np.uint8), r"^images: expected a uint8 \(H, W, 3\) image, got shape \(3, 40, 48\) "
@@ -964,6 +967,9 @@ def test_bad_vocabularies_and_settings(model):
         with pytest.raises(ValueError, match=re.escape(f"alpha must be a real number in [0, 1], got {shown}")):
             seg.overlay(image, labels, alpha=alpha)
     assert seg.overlay(image, labels, alpha=np.float32(0.0)).max() == 0  # a numpy number is a real number too
+    for images in ([image, image], torch.zeros(1, 3, 4, 6)):  # two images; a CLIP-normalised (float) batch
+        with pytest.raises(ValueError, match=re.escape("overlay takes one uint8 (H, W, 3) image")):
+            seg.overlay(images, labels)
     for device in ("gpu", "", None, "meta", torch.device("meta")):
         with pytest.raises(ValueError, match=f"device must be a .*such as 'cpu'.*got {re.escape(repr(device))}"):
             Segmenter(model, device=device)

@@ -1780,6 +1780,26 @@ def test_bad_attention_inputs(shapes, match):
         ops.context_attention(*(torch.randn(1, 1, 2, 4).to(torch.float8_e5m2) for _ in "qkv"))
 
 
+def test_attention_inputs_of_mixed_dtypes_or_devices_or_no_head_dim_are_refused_naming_them():
+    q = torch.randn(1, 2, 3, 8)
+    with pytest.raises(ValueError, match=r"^q, k and v must have the same dtype, got torch.float32, torch.float64, "
+                                         r"torch.float32$"):  # fmt: skip
+        ops.context_attention(q, q.double(), q)
+    with pytest.raises(ValueError, match=r"^q, k and v must be on the same device, got cpu, cpu, meta$"):
+        ops.context_attention(q, q, q.to("meta"))
+    empty = torch.randn(1, 2, 3, 0)
+    with pytest.raises(ValueError, match=r"^the head dim D must be >= 1, got 0$"):
+        ops.context_attention(empty, empty, empty)
+
+
+def test_a_concat_feature_that_is_no_4d_tensor_is_refused_naming_it():
+    visual, text = torch.randn(2, 3, 4, 4), torch.randn(5, 3)
+    for feature, shown in ((torch.randn(2, 3, 16), "shape (2, 3, 16)"), (None, "NoneType")):
+        with pytest.raises(ValueError, match=re.escape("feature must be a (B, C_feat, H, W) tensor, got")) as info:
+            ops.score_concat(feature, visual, text)
+        assert shown in str(info.value)
+
+
 def test_the_raw_operators_check_their_inputs_too():
     """torch.ops.denseclip_fast.* called directly (bypassing the Python checks) raise RuntimeError, never crash."""
     lib = torch.ops.denseclip_fast

@@ -161,6 +161,12 @@ def test_config_errors_name_the_problem():
         preset("ViT-L/14")
     with pytest.raises(ValueError, match=re.escape("got 'vit-b/16' (did you mean 'ViT-B/16'?)")):
         preset("vit-b/16")
+    data = preset("RN50").to_dict()
+    data["decoder"] = [256, 3]  # a section that is no JSON object
+    with pytest.raises(ValueError, match=r"^decoder: expected a JSON object, got list$"):
+        DenseCLIPConfig.from_dict(data)
+    with pytest.raises(ValueError, match=r"^vision must be a VisionConfig, got dict$"):  # built directly
+        dataclasses.replace(preset("RN50"), vision=preset("RN50").vision.__dict__)
 
 
 @pytest.mark.parametrize(
