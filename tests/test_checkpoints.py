@@ -712,6 +712,23 @@ def test_native_class_names_metadata_is_validated(tmp_path, native_file, value):
         dcf.load_checkpoint(path)
 
 
+@pytest.mark.parametrize("key", ["config", "class_names"])
+def test_a_native_file_without_an_entry_of_its_metadata_is_named_damaged(tmp_path, native_file, key):
+    """A file whose denseclip_fast metadata lacks the config or the class names (its CRC-32 record made to agree:
+    a file another tool rewrote) names the file and the entry, not a KeyError."""
+    from safetensors.torch import save_file
+
+    from denseclip_fast.checkpoints.native import metadata_crc32
+
+    meta, sd = _native_parts(native_file)
+    del meta[key]
+    meta["crc32"] = json.dumps({**json.loads(meta["crc32"]), "__metadata__": metadata_crc32(meta)})
+    path = tmp_path / "lacking.safetensors"
+    save_file(sd, str(path), metadata=meta)
+    with pytest.raises(CheckpointError, match=re.escape(f"{path}: damaged denseclip_fast metadata: no {key!r} entry")):
+        dcf.load_checkpoint(path)
+
+
 @pytest.mark.parametrize(
     "palette",
     ["[[Infinity, 0, 0], [0, 0, 0], [0, 0, 0]]", "[[1.5, 2, 3], [4, 5, 6], [7, 8, 9]]", "[[1, 2, 3], [4, 5, 6]]",
@@ -1393,6 +1410,17 @@ def test_clip_weights_are_pointed_to_from_clip(tmp_path):
                                               "train --init PATH$"):  # fmt: skip
         dcf.load_checkpoint(path)
 
+    # OpenAI's own CLIP files (RN50.pt, ViT-B-16.pt) are TorchScript archives: named as such, and the same ways out
+    archive = tmp_path / "RN50.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.script(torch.nn.Linear(2, 3)).save(str(archive))
+    with pytest.raises(CheckpointError, match=re.escape(
+        f"{archive}: this is a TorchScript archive (CLIP weights?), not a DenseCLIP checkpoint; use "
+        "DenseCLIP.from_clip(path, arch, class_names) to initialise a model from CLIP weights, or on the command "
+        "line fine-tune DenseCLIP from them: denseclip-fast train --init PATH")):  # fmt: skip
+        dcf.load_checkpoint(archive)
+
 
 # ------------------------------------------------------------------------------------------------ resource limits
 # Small crafted files that made the reader allocate hundreds of megabytes or more. Each is now refused (or read)
@@ -1635,6 +1663,30 @@ class _TiedModule(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.tied(self.linear(x)[:, :3]))
+
+
+def test_a_torchscript_archive_without_its_pickle_or_with_a_damaged_tensor_is_named(tmp_path):
+    """An archive of TorchScript's layout with no data.pkl, and one whose weight bytes were changed after saving
+    (the zip entry's CRC-32 fails), are each a CheckpointError naming the file and the damage."""
+    bare = tmp_path / "bare.pt"
+    with zipfile.ZipFile(bare, "w") as z:
+        z.writestr("archive/constants.pkl", b"\x80\x02).")
+    with pytest.raises(CheckpointError, match=re.escape(f"{bare}: TorchScript archive without data.pkl")):
+        dcf.load_checkpoint(bare)
+    module = torch.nn.Linear(4, 8)
+    path = tmp_path / "damaged.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.script(module).save(str(path))
+    data = bytearray(path.read_bytes())
+    weight = module.weight.detach().numpy().tobytes()
+    at = data.find(weight)
+    assert at > 0 and data.find(weight, at + 1) < 0
+    data[at + 5] ^= 0x40
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=re.escape(f"{path}: truncated or corrupt TorchScript archive (") +
+                                              "Bad CRC-32"):  # fmt: skip
+        dcf.load_checkpoint(path)
 
 
 def test_real_torchscript_archive_with_a_tied_submodule(tmp_path):

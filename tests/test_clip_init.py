@@ -201,6 +201,14 @@ def test_mismatched_clip_weights_are_refused(tmp_path):
     torch.save(sd, junk)
     with pytest.raises(CheckpointError, match=r"unexpected keys \(1\): visual.extra.weight"):
         init_from_clip(DenseCLIP(tiny_config("resnet"), NAMES), junk)
+    del sd["visual.extra.weight"]
+    sd["adapter.weight"] = torch.zeros(1)  # outside visual., the text encoder's keys and the ignored entries
+    torch.save(sd, junk)
+    with pytest.raises(CheckpointError, match=r"unrecognised keys in CLIP weights: adapter.weight"):
+        init_from_clip(DenseCLIP(tiny_config("resnet"), NAMES), junk)
+    torch.save([torch.zeros(1)], junk)
+    with pytest.raises(CheckpointError, match=r"not CLIP weights: expected a state dict, found list$"):
+        read_clip_state_dict(junk)
 
 
 @pytest.mark.parametrize("kind", ["resnet", "vit"])
