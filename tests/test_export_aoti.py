@@ -174,6 +174,25 @@ def test_what_the_archive_tells_is_refused_before_torchs_loader_runs(package, tm
     assert loaded == [str(cuda), str(package)]
 
 
+@pytest.mark.slow
+def test_a_package_whose_library_is_damaged_is_named_with_the_loaders_reason(package, tmp_path, monkeypatch):
+    """The metadata intact but the compiled library's bytes not an ELF file (a damaged copy): torch's loader fails,
+    and the error names the package and the loader's first line, as a ValueError. (The loader's extracted copy,
+    which it leaves behind, goes to this test's directory.)"""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    damaged = tmp_path / "damaged.pt2"
+    libraries = 0
+    with zipfile.ZipFile(package) as src, zipfile.ZipFile(damaged, "w") as dst:
+        for name in src.namelist():
+            data = src.read(name)
+            if name.endswith(".so"):
+                data, libraries = b"\0" * len(data), libraries + 1
+            dst.writestr(name, data)
+    assert libraries == 1
+    with pytest.raises(ValueError, match=re.escape(f"{damaged}: the AOTInductor package could not be loaded: ")):
+        load_aoti(damaged)
+
+
 def test_to_aoti_argument_errors(model, tmp_path):
     seg = Segmenter(model, device="cpu", dtype=torch.float32)
     with pytest.raises(ValueError, match="device and dtype come from the Segmenter"):
