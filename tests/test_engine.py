@@ -1419,16 +1419,18 @@ def test_a_model_with_nan_or_infinite_weights_is_refused(model):
 @pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated:FutureWarning")
 def test_pruned_and_parametrized_weights_are_folded_as_the_model_computes_them(model):
     """A weight that PyTorch recomputes at every forward (torch.nn.utils.prune's mask, a parametrization such as
-    parametrizations.weight_norm, the older weight_norm hook) lost its BatchNorm fold: the engine wrote the folded
-    weight into ``conv.weight``, which the module recomputed from the original at its next call, the BatchNorm gone
-    (float32 logits 2% off without a word; the bfloat16 engine failed). The user's model keeps its
-    reparametrizations (parametrize's own removal would take the property off the class the copy shares with it)."""
-    from torch.nn.utils import prune, weight_norm
+    parametrizations.weight_norm or spectral_norm, the older weight_norm and spectral_norm hooks) lost its BatchNorm
+    fold: the engine wrote the folded weight into ``conv.weight``, which the module recomputed from the original at
+    its next call, the BatchNorm gone (float32 logits 2% off without a word; the bfloat16 engine failed). The user's
+    model keeps its reparametrizations (parametrize's own removal would take the property off the class the copy
+    shares with it)."""
+    from torch.nn.utils import prune, spectral_norm, weight_norm
+    from torch.nn.utils.parametrizations import spectral_norm as parametrized_spectral_norm
     from torch.nn.utils.parametrizations import weight_norm as parametrized_weight_norm
 
     x = torch.randn(1, 3, 64, 64)
-    for reparametrize in (lambda conv: prune.l1_unstructured(conv, "weight", amount=0.3),
-                          parametrized_weight_norm, weight_norm):  # fmt: skip
+    for reparametrize in (lambda conv: prune.l1_unstructured(conv, "weight", amount=0.3), parametrized_weight_norm,
+                          weight_norm, spectral_norm, parametrized_spectral_norm):  # fmt: skip
         changed = copy.deepcopy(model)
         reparametrize(changed.decode_head.scale_heads[0][0].conv)  # a conv its BatchNorm is folded into
         with torch.no_grad():
