@@ -543,6 +543,8 @@ def test_choices_a_missing_data_set_and_bad_config_files_are_refused_naming_them
             _config(arch_file, generic, tmp_path / "w", **overrides).validate()
     with pytest.raises(ValueError, match=re.escape("data must name the dataset directory (--data DIR)")):
         _config(arch_file, "", tmp_path / "w").validate()
+    with pytest.raises(ValueError, match=re.escape("work_dir must name a directory, got ''")):
+        _config(arch_file, generic, "").validate()
     _config(arch_file, "", tmp_path / "w").validate(template=True)  # print-config: a template may leave data out
     latin = tmp_path / "latin.yaml"
     latin.write_bytes("arch: café\n".encode("latin-1"))
@@ -2286,6 +2288,22 @@ def test_resume_with_another_architecture_norm_decay_or_classes_is_one_line(arch
                                               r"has 3"):  # fmt: skip
         train(_config(arch_file, generic, tmp_path / "b", norm_decay="official"), resume=state)
     assert not os.path.exists(tmp_path / "b")
+
+
+def test_a_saved_optimizer_state_of_other_parameters_says_how_they_differ():
+    """Saved parameter groups naming a parameter this run lacks, the same names in another order, or (no names
+    saved) another count: each named, before torch's load_state_dict, whose error names neither group nor parameter
+    (and which takes same-sized groups of other parameters without a word)."""
+    a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(3))
+    optimizer = torch.optim.AdamW([{"params": [a, b], "names": ["a", "b"]}])
+    sizes = "parameter group 0 was saved with 2 parameters, this run's has 2"
+    for group, difference in (({"params": [0, 1], "names": ["a", "c"]}, f"{sizes} (e.g. c is in only one of them)"),
+                              ({"params": [0, 1], "names": ["b", "a"]}, f"{sizes} (in another order)"),
+                              ({"params": [0]}, sizes.replace("with 2", "with 1"))):  # fmt: skip
+        with pytest.raises(ValueError, match=re.escape(f"its optimizer state does not fit this run's parameters: "
+                                                       f"{difference}")):  # fmt: skip
+            load_optimizer_state(optimizer, {"state": {}, "param_groups": [group]})
+    load_optimizer_state(optimizer, {"state": {}, "param_groups": [{"params": [0, 1], "names": ["a", "b"]}]})
 
 
 def test_a_resume_with_reordered_classes_is_refused_and_renamed_ones_said(arch_file, generic, tmp_path, capsys):
