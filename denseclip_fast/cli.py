@@ -666,8 +666,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     except ValueError as exc:  # a name the checkpoint's text encoder cannot take
         raise ValueError(f"{source}: {exc}") from None
     check_scales(scales, model.config.test_scale, "--scales")
-    out = args.out or os.path.splitext(args.checkpoint)[0] + "_eval.json"  # checked once the checkpoint was found
-    check_writable_file(out, "--out" if args.out else "--out (default: CHECKPOINT_eval.json)", create_parents=False)
+    # checked once the checkpoint was found; an empty --out (an unset shell variable) is refused, as export's is
+    given = args.out is not None
+    out = args.out if given else os.path.splitext(args.checkpoint)[0] + "_eval.json"
+    check_writable_file(out, "--out" if given else "--out (default: CHECKPOINT_eval.json)", create_parents=False)
     check_not_an_input(out, "--out", {"--checkpoint": args.checkpoint})
     check_not_in_folder(out, "--out", args.data, "the data set --data")
     model.to(device)

@@ -761,6 +761,9 @@ def test_bad_numbers_are_one_line_naming_the_option_before_any_work(checkpoint, 
         assert err.startswith(f"denseclip-fast: error: {message}") and err.count("\n") == 1, err
     with pytest.raises(ValueError, match="--trt-batch must be MIN,OPT,MAX"):  # said after TensorRT's presence
         _parse_batch("1,\u00b2,4")
+    for command in ([*exp[:-1], ""], [*ev[:-1], ""]):  # an empty --out: export's, and eval's (not its default)
+        assert main(command) == 2
+        assert capsys.readouterr().err == "denseclip-fast: error: --out must name a file, got ''\n"
     assert os.listdir(tmp_path) == []
 
 
