@@ -56,6 +56,21 @@ def images(tmp_path_factory):
     return paths
 
 
+def test_the_loaders_other_warnings_reach_the_command_line_once(tmp_path, capsys):
+    """load_checkpoint's warnings other than the assumed ADE20K names (which the commands word themselves), here a
+    palette of the wrong count in an official-format file, are warned again once by the command (which prints them
+    as "denseclip-fast: warning: ..."), and the command goes on."""
+    path = tmp_path / "palette.pth"
+    torch.save({"state_dict": DenseCLIP(tiny_config("resnet"), NAMES).state_dict(),
+                "meta": {"CLASSES": NAMES, "PALETTE": [[1, 2, 3]]}}, path)  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["info", str(path)]) == 0
+    assert [str(w.message) for w in caught] == [f"{path}: ignoring the palette in the file: it is not 4 RGB triples "
+                                                "of integers in 0..255"]  # fmt: skip
+    assert "classes      4: wall, chest of drawers, cat, bed" in capsys.readouterr().out
+
+
 def test_info(checkpoint, capsys):
     assert main(["info", str(checkpoint)]) == 0
     out = capsys.readouterr().out
