@@ -2615,6 +2615,40 @@ def test_old_logs_are_moved_aside_across_file_systems(arch_file, generic, tmp_pa
         assert os.listdir(elsewhere) == [] and not (work / "metrics.csv").exists()
 
 
+def test_logs_moved_aside_again_go_to_the_next_free_folder_and_only_events_files_move(arch_file, generic, tmp_path):
+    """With previous_logs_1/ there (an earlier move), the logs go to previous_logs_2/, the first left as it was; in
+    tensorboard/ only the events files move (another tool's file there stays)."""
+    work = tmp_path / "w"
+    (work / "previous_logs_1").mkdir(parents=True)
+    (work / "previous_logs_1" / "metrics.csv").write_text("iter,loss\n1,9.0\n")
+    (work / "metrics.csv").write_text("iter,loss\n1,2.0\n")
+    (work / "tensorboard").mkdir()
+    (work / "tensorboard" / "events.out.tfevents.1.host").write_bytes(b"events")
+    (work / "tensorboard" / "projector_config.pbtxt").write_text("embeddings {}\n")
+    Trainer(_config(arch_file, generic, work))._start_logs_over()
+    assert sorted(os.listdir(work / "previous_logs_2")) == ["metrics.csv", "tensorboard"]
+    assert os.listdir(work / "previous_logs_2" / "tensorboard") == ["events.out.tfevents.1.host"]
+    assert os.listdir(work / "tensorboard") == ["projector_config.pbtxt"]
+    assert (work / "previous_logs_1" / "metrics.csv").read_text() == "iter,loss\n1,9.0\n"
+    assert (work / "previous_logs_2" / "metrics.csv").read_text() == "iter,loss\n1,2.0\n"
+
+
+def test_a_saved_evaluation_file_that_holds_none_reads_as_missing(arch_file, generic, tmp_path):
+    """An eval_iter_N.json that is damaged (not JSON, not UTF-8), not an object, or without mIoU reads as no saved
+    evaluation (a complete run resumed then evaluates again), not as an error or as metrics; a metric written as
+    null reads as NaN."""
+    work = tmp_path / "w"
+    work.mkdir()
+    trainer = Trainer(_config(arch_file, generic, work))
+    saved = work / "eval_iter_4.json"
+    for content in (b'{"mIoU": 0.5', b"[0.5]", b'{"aAcc": 0.9}', b'{"mIoU": "\xff"}'):
+        saved.write_bytes(content)
+        assert trainer._saved_evaluation(4) is None, content
+    saved.write_text('{"mIoU": 0.5, "aAcc": null}')
+    evaluation = trainer._saved_evaluation(4)
+    assert evaluation is not None and evaluation["mIoU"] == 0.5 and math.isnan(evaluation["aAcc"])
+
+
 def test_a_resume_keeps_the_logs_up_to_its_checkpoint_only(arch_file, generic, tmp_path, monkeypatch):
     """The rows that a killed run logged after its last checkpoint are dropped when it is resumed: the resumed run
     logs those iterations again, each once. Its eval_iter_N.json after the checkpoint go too (they evaluated weights
