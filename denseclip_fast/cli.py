@@ -605,6 +605,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.device is not None:  # "" would be the config's "default device"; on the command line it is a mistake
         # a config printed for another machine may name its GPU (the spelling is still checked)
         check_device(args.device, "--device", present=not args.print_config)
+    if args.config == "":  # an unset shell variable: not "no CONFIG", which would train the default recipe instead
+        raise ValueError("CONFIG must name a training config file (YAML or JSON), got ''")
     source = args.config or (_resumed_runs_config(args) if args.resume is not None else None)
     if source:
         cfg = TrainConfig.load(source)

@@ -530,9 +530,11 @@ def test_what_a_run_says_of_its_batchnorm_statistics(arch_file, generic):
     assert alone.startswith("--sync-bn synchronises BatchNorm across torchrun's processes and does nothing in one")
 
 
-def test_choices_a_missing_data_set_and_bad_config_files_are_refused_naming_them(arch_file, generic, tmp_path):
+def test_choices_a_missing_data_set_and_bad_config_files_are_refused_naming_them(arch_file, generic, tmp_path,
+                                                                                 capsys):  # fmt: skip
     """The fields that take one of a few words name the field, the choices and what came; a run without --data
-    says which option names it; a config file that is no UTF-8 text or no mapping of fields names the file."""
+    says which option names it; a config file that is no UTF-8 text or no mapping of fields names the file, and an
+    empty CONFIG argument is refused (it was taken as none: the default recipe trained)."""
     for overrides, message in (
         ({"layout": "voc"}, "layout must be one of ('ade20k', 'generic'), got 'voc'"),
         ({"amp": "fp8"}, "amp must be 'bf16', 'fp16' or 'none', got 'fp8'"),
@@ -550,6 +552,13 @@ def test_choices_a_missing_data_set_and_bad_config_files_are_refused_naming_them
     latin.write_bytes("arch: café\n".encode("latin-1"))
     listed = tmp_path / "listed.json"
     listed.write_text("[1, 2]")
+    capsys.readouterr()
+    assert main(["train", "", "--arch", arch_file, "--data", generic, "--layout", "generic", "--iters", "1",
+                 "--batch-size", "2", "--crop", "48", "--device", "cpu", "--num-workers", "0",
+                 "--work-dir", str(tmp_path / "w")]) == 2  # (a short run should the refusal go)  # fmt: skip
+    assert capsys.readouterr().err == ("denseclip-fast: error: CONFIG must name a training config file (YAML or "
+                                       "JSON), got ''\n")  # it trained the default RN50 recipe  # fmt: skip
+    assert not os.path.exists(tmp_path / "w")
     for path, message in ((latin, f"training config {str(latin)!r} is not UTF-8 text"),
                           (listed, f"{listed}: a training config must be a mapping of fields, got list")):  # fmt: skip
         with pytest.raises(ValueError, match=re.escape(message)):
