@@ -510,7 +510,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .export.onnx import DEFAULT_OPSET
     from .validation import check_not_an_input, check_writable_file
 
-    size = _parse_size(args.image_size) if args.image_size else None
+    size = _parse_size(args.image_size) if args.image_size is not None else None  # "": refused, not the default
     check_writable_file(args.out, "--out", create_parents=True)
     check_not_an_input(args.out, "--out", {"--checkpoint": args.checkpoint})
     # the package's device; for the ONNX formats a --device given is refused by _check_export_options (not checked
@@ -607,6 +607,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         check_device(args.device, "--device", present=not args.print_config)
     if args.config == "":  # an unset shell variable: not "no CONFIG", which would train the default recipe instead
         raise ValueError("CONFIG must name a training config file (YAML or JSON), got ''")
+    if args.resume == "":  # as train()'s resume="" a fresh run; here an unset shell variable
+        raise ValueError("--resume takes 'auto' or a training state file (iter_N.state.pt), got ''")
     source = args.config or (_resumed_runs_config(args) if args.resume is not None else None)
     if source:
         cfg = TrainConfig.load(source)

@@ -56,7 +56,7 @@ def _missing(path: str, what: str) -> ValueError:
     bare = path.rstrip("/" + os.sep)
     if bare and bare != path and os.path.isfile(bare):
         return ValueError(f"{path}: a file named as a directory (a trailing '/'); pass {bare}")
-    return ValueError(f"{path}: {what}")
+    return ValueError(f"{path or repr(path)}: {what}")  # '': no such image file, not ": no such image file"
 
 
 @contextlib.contextmanager

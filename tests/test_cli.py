@@ -176,6 +176,8 @@ def test_segment_refuses_bad_image_lists_before_any_work(checkpoint, images, tmp
     assert capsys.readouterr().err == f"denseclip-fast: error: {again} is given twice\n"
     assert main([*base, str(tmp_path / "missing.png")]) == 2
     assert "missing.png: no such image file or directory" in capsys.readouterr().err
+    assert main([*base, ""]) == 2  # an unset shell variable
+    assert capsys.readouterr().err == "denseclip-fast: error: '': no such image file or directory\n"
     (tmp_path / "empty").mkdir()
     assert main([*base, str(tmp_path / "empty")]) == 2
     assert "empty: a directory without image files" in capsys.readouterr().err
@@ -779,6 +781,9 @@ def test_bad_numbers_are_one_line_naming_the_option_before_any_work(checkpoint, 
     for command in ([*exp[:-1], ""], [*ev[:-1], ""]):  # an empty --out: export's, and eval's (not its default)
         assert main(command) == 2
         assert capsys.readouterr().err == "denseclip-fast: error: --out must name a file, got ''\n"
+    assert main([*exp, "--image-size", ""]) == 2  # exported at the default size before
+    assert capsys.readouterr().err == ("denseclip-fast: error: --image-size must be N or HxW (e.g. 512 or "
+                                       "512x1024), got ''\n")  # fmt: skip
     assert os.listdir(tmp_path) == []
 
 

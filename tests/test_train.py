@@ -558,6 +558,11 @@ def test_choices_a_missing_data_set_and_bad_config_files_are_refused_naming_them
                  "--work-dir", str(tmp_path / "w")]) == 2  # (a short run should the refusal go)  # fmt: skip
     assert capsys.readouterr().err == ("denseclip-fast: error: CONFIG must name a training config file (YAML or "
                                        "JSON), got ''\n")  # it trained the default RN50 recipe  # fmt: skip
+    assert main(["train", "--arch", arch_file, "--data", generic, "--layout", "generic", "--iters", "1",
+                 "--batch-size", "2", "--crop", "48", "--device", "cpu", "--num-workers", "0",
+                 "--work-dir", str(tmp_path / "w"), "--resume", ""]) == 2  # fmt: skip
+    assert capsys.readouterr().err == ("denseclip-fast: error: --resume takes 'auto' or a training state file "
+                                       "(iter_N.state.pt), got ''\n")  # it started a fresh run  # fmt: skip
     assert not os.path.exists(tmp_path / "w")
     for path, message in ((latin, f"training config {str(latin)!r} is not UTF-8 text"),
                           (listed, f"{listed}: a training config must be a mapping of fields, got list")):  # fmt: skip
