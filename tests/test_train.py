@@ -533,8 +533,9 @@ def test_what_a_run_says_of_its_batchnorm_statistics(arch_file, generic):
 def test_choices_a_missing_data_set_and_bad_config_files_are_refused_naming_them(arch_file, generic, tmp_path,
                                                                                  capsys):  # fmt: skip
     """The fields that take one of a few words name the field, the choices and what came; a run without --data
-    says which option names it; a config file that is no UTF-8 text or no mapping of fields names the file, and an
-    empty CONFIG argument is refused (it was taken as none: the default recipe trained)."""
+    says which option names it; a config file that is no UTF-8 text or no mapping of fields names the file. An empty
+    CONFIG or --resume (an unset shell variable) is refused: they were taken as none, and the default recipe, or a
+    fresh run, trained."""
     for overrides, message in (
         ({"layout": "voc"}, "layout must be one of ('ade20k', 'generic'), got 'voc'"),
         ({"amp": "fp8"}, "amp must be 'bf16', 'fp16' or 'none', got 'fp8'"),
@@ -548,10 +549,6 @@ def test_choices_a_missing_data_set_and_bad_config_files_are_refused_naming_them
     with pytest.raises(ValueError, match=re.escape("work_dir must name a directory, got ''")):
         _config(arch_file, generic, "").validate()
     _config(arch_file, "", tmp_path / "w").validate(template=True)  # print-config: a template may leave data out
-    latin = tmp_path / "latin.yaml"
-    latin.write_bytes("arch: café\n".encode("latin-1"))
-    listed = tmp_path / "listed.json"
-    listed.write_text("[1, 2]")
     capsys.readouterr()
     assert main(["train", "", "--arch", arch_file, "--data", generic, "--layout", "generic", "--iters", "1",
                  "--batch-size", "2", "--crop", "48", "--device", "cpu", "--num-workers", "0",
@@ -564,6 +561,10 @@ def test_choices_a_missing_data_set_and_bad_config_files_are_refused_naming_them
     assert capsys.readouterr().err == ("denseclip-fast: error: --resume takes 'auto' or a training state file "
                                        "(iter_N.state.pt), got ''\n")  # it started a fresh run  # fmt: skip
     assert not os.path.exists(tmp_path / "w")
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("arch: café\n".encode("latin-1"))
+    listed = tmp_path / "listed.json"
+    listed.write_text("[1, 2]")
     for path, message in ((latin, f"training config {str(latin)!r} is not UTF-8 text"),
                           (listed, f"{listed}: a training config must be a mapping of fields, got list")):  # fmt: skip
         with pytest.raises(ValueError, match=re.escape(message)):
