@@ -8,6 +8,8 @@
 #                and CPU-suite steps in a copy of the tree (build/gpu-torch) with the GPU machine's Python 3.12 (where
 #                installed) and packages (torch 2.11, triton 3.6); 12 to 17 minutes and 5 GB: run it before a GPU session
 #   make test-latest   the CPU suite with the newest releases of every dependency (what a fresh pip install gets)
+#   make coverage   the suite under coverage.py: the package's lines and branches that no test runs (about twice
+#                make test's time; PYTEST_ARGS=tests/test_cli.py for one file)
 PYTHON_SYSTEM ?= python3
 VENV   := .venv
 PYTHON := $(VENV)/bin/python
@@ -17,7 +19,7 @@ CSRC   := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*
 export HF_HUB_OFFLINE := 1
 export MAX_JOBS ?= 2
 
-.PHONY: setup test bench gpu-wheels test-gpu-torch test-latest clean
+.PHONY: setup test bench gpu-wheels test-gpu-torch test-latest coverage clean
 
 setup: $(VENV)/.ext
 
@@ -34,6 +36,13 @@ $(VENV)/.ext: $(VENV)/.deps setup.py pyproject.toml $(CSRC)
 
 test: setup
 	$(PYTHON) -m pytest -q --durations=20
+
+PYTEST_ARGS ?=
+coverage: setup
+	rm -rf build/coverage && mkdir -p build/coverage
+	$(PYTHON) -m coverage run -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	$(PYTHON) -m coverage combine -q
+	$(PYTHON) -m coverage report
 
 bench: setup
 	$(PYTHON) benchmarks/bench_ops.py
