@@ -639,14 +639,15 @@ def _native_parts(path):
 
 
 def _native_with(tmp_path, native_file, name="edited.safetensors", **changes):
-    """A copy of ``native_file`` with metadata entries replaced (each value as written to the header), its CRC-32
-    record made to agree with them unless ``crc32`` is among them (a crafted file, which the checks must catch)."""
+    """A copy of ``native_file`` with metadata entries replaced (each value as written to the header; None: the entry
+    removed), its CRC-32 record made to agree with them unless ``crc32`` is among them (a crafted file, which the
+    checks must catch)."""
     from safetensors.torch import save_file
 
     from denseclip_fast.checkpoints.native import metadata_crc32
 
     meta, sd = _native_parts(native_file)
-    meta = {**meta, **changes}
+    meta = {k: v for k, v in {**meta, **changes}.items() if v is not None}
     if "crc32" not in changes:
         meta["crc32"] = json.dumps({**json.loads(meta["crc32"]), "__metadata__": metadata_crc32(meta)})
     path = tmp_path / name
@@ -716,15 +717,7 @@ def test_native_class_names_metadata_is_validated(tmp_path, native_file, value):
 def test_a_native_file_without_an_entry_of_its_metadata_is_named_damaged(tmp_path, native_file, key):
     """A file whose denseclip_fast metadata lacks the config or the class names (its CRC-32 record made to agree:
     a file another tool rewrote) names the file and the entry, not a KeyError."""
-    from safetensors.torch import save_file
-
-    from denseclip_fast.checkpoints.native import metadata_crc32
-
-    meta, sd = _native_parts(native_file)
-    del meta[key]
-    meta["crc32"] = json.dumps({**json.loads(meta["crc32"]), "__metadata__": metadata_crc32(meta)})
-    path = tmp_path / "lacking.safetensors"
-    save_file(sd, str(path), metadata=meta)
+    path = _native_with(tmp_path, native_file, "lacking.safetensors", **{key: None})
     with pytest.raises(CheckpointError, match=re.escape(f"{path}: damaged denseclip_fast metadata: no {key!r} entry")):
         dcf.load_checkpoint(path)
 

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 from unittest import mock
@@ -117,21 +118,29 @@ def test_package_rejects_what_it_was_not_compiled_for(package, tmp_path):
         load_aoti(tmp_path)
 
 
+def _rewritten(package: Any, path: Any, edit: Callable[[str, bytes], bytes]) -> Any:
+    """A copy of ``package`` at ``path`` with each entry's bytes as ``edit(name, data)`` returns them."""
+    with zipfile.ZipFile(package) as src, zipfile.ZipFile(path, "w") as dst:
+        for name in src.namelist():
+            dst.writestr(name, edit(name, src.read(name)))
+    return path
+
+
 def _with_metadata(package: Any, path: Any, **changes: str | None) -> Any:
     """A copy of ``package`` with its compiled-in metadata changed (None: the key removed), for example to name
     another device as a CUDA package's does."""
-    with zipfile.ZipFile(package) as src, zipfile.ZipFile(path, "w") as dst:
-        for name in src.namelist():
-            data = src.read(name)
-            if name.endswith("_metadata.json"):
-                meta = json.loads(data)
-                assert meta["AOTI_DEVICE_KEY"] == meta["denseclip_fast.device"] == "cpu", meta
-                meta.update({key: value for key, value in changes.items() if value is not None})
-                for key in [key for key, value in changes.items() if value is None]:
-                    del meta[key]
-                data = json.dumps(meta).encode()
-            dst.writestr(name, data)
-    return path
+
+    def edit(name: str, data: bytes) -> bytes:
+        if not name.endswith("_metadata.json"):
+            return data
+        meta = json.loads(data)
+        assert meta["AOTI_DEVICE_KEY"] == meta["denseclip_fast.device"] == "cpu", meta
+        meta.update({key: value for key, value in changes.items() if value is not None})
+        for key in [key for key, value in changes.items() if value is None]:
+            del meta[key]
+        return json.dumps(meta).encode()
+
+    return _rewritten(package, path, edit)
 
 
 @pytest.mark.slow
@@ -180,15 +189,16 @@ def test_a_package_whose_library_is_damaged_is_named_with_the_loaders_reason(pac
     and the error names the package and the loader's first line, as a ValueError. (The loader's extracted copy,
     which it leaves behind, goes to this test's directory.)"""
     monkeypatch.setenv("TMPDIR", str(tmp_path))
-    damaged = tmp_path / "damaged.pt2"
-    libraries = 0
-    with zipfile.ZipFile(package) as src, zipfile.ZipFile(damaged, "w") as dst:
-        for name in src.namelist():
-            data = src.read(name)
-            if name.endswith(".so"):
-                data, libraries = b"\0" * len(data), libraries + 1
-            dst.writestr(name, data)
-    assert libraries == 1
+    libraries: list[str] = []
+
+    def zeroed(name: str, data: bytes) -> bytes:
+        if not name.endswith(".so"):
+            return data
+        libraries.append(name)
+        return b"\0" * len(data)
+
+    damaged = _rewritten(package, tmp_path / "damaged.pt2", zeroed)
+    assert len(libraries) == 1
     with pytest.raises(ValueError, match=re.escape(f"{damaged}: the AOTInductor package could not be loaded: ")):
         load_aoti(damaged)
 

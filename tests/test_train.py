@@ -550,14 +550,13 @@ def test_choices_a_missing_data_set_and_bad_config_files_are_refused_naming_them
         _config(arch_file, generic, "").validate()
     _config(arch_file, "", tmp_path / "w").validate(template=True)  # print-config: a template may leave data out
     capsys.readouterr()
-    assert main(["train", "", "--arch", arch_file, "--data", generic, "--layout", "generic", "--iters", "1",
-                 "--batch-size", "2", "--crop", "48", "--device", "cpu", "--num-workers", "0",
-                 "--work-dir", str(tmp_path / "w")]) == 2  # (a short run should the refusal go)  # fmt: skip
+    short = ["--arch", arch_file, "--data", generic, "--layout", "generic", "--iters", "1", "--batch-size", "2",
+             "--crop", "48", "--device", "cpu", "--num-workers", "0",
+             "--work-dir", str(tmp_path / "w")]  # (a short run should the refusals go)  # fmt: skip
+    assert main(["train", "", *short]) == 2
     assert capsys.readouterr().err == ("denseclip-fast: error: CONFIG must name a training config file (YAML or "
                                        "JSON), got ''\n")  # it trained the default RN50 recipe  # fmt: skip
-    assert main(["train", "--arch", arch_file, "--data", generic, "--layout", "generic", "--iters", "1",
-                 "--batch-size", "2", "--crop", "48", "--device", "cpu", "--num-workers", "0",
-                 "--work-dir", str(tmp_path / "w"), "--resume", ""]) == 2  # fmt: skip
+    assert main(["train", *short, "--resume", ""]) == 2
     assert capsys.readouterr().err == ("denseclip-fast: error: --resume takes 'auto' or a training state file "
                                        "(iter_N.state.pt), got ''\n")  # it started a fresh run  # fmt: skip
     assert not os.path.exists(tmp_path / "w")
@@ -2746,13 +2745,13 @@ def test_a_file_where_a_directory_belongs_and_back_is_named_as_such(arch_file, g
     with pytest.raises(ValueError, match=rf"^{re.escape(str(tmp_path / 'data' / 'images'))} is not a directory \(the "
                                          r"layouts: README.md, Training, Data\)$"):  # fmt: skip
         find_samples(str(tmp_path / "data"), "generic", "train")
-    assert main(["train", "--arch", arch_file, "--data", generic, "--layout", "generic", "--device", "cpu",
-                 "--work-dir", str(tmp_path / "w"), "--resume", str(tmp_path)]) == 2  # fmt: skip
+    run = ["train", "--arch", arch_file, "--data", generic, "--layout", "generic", "--device", "cpu",
+           "--work-dir", str(tmp_path / "w")]  # fmt: skip
+    assert main([*run, "--resume", str(tmp_path)]) == 2
     assert capsys.readouterr().err == (f"denseclip-fast: error: resume file {str(tmp_path)!r} is a directory: --resume "
                                        "takes a training state file: the iter_N.state.pt that train writes beside "
                                        "each iter_N.safetensors, or 'auto'\n")  # fmt: skip
-    assert main(["train", "--arch", arch_file, "--data", generic, "--layout", "generic", "--device", "cpu",
-                 "--work-dir", str(tmp_path / "w"), "--resume", str(tmp_path / "gone.state.pt")]) == 2  # fmt: skip
+    assert main([*run, "--resume", str(tmp_path / "gone.state.pt")]) == 2
     assert capsys.readouterr().err == (f"denseclip-fast: error: resume file {str(tmp_path / 'gone.state.pt')!r} does "
                                        "not exist\n")  # fmt: skip
     assert not os.path.exists(tmp_path / "w")
