@@ -66,6 +66,36 @@ def test_extreme_logits_and_a_label_past_the_classes():
         cross_entropy.cross_entropy_rows_backward(torch.ones(2, device=DEVICE), rows, label, lse, 255)
 
 
+def test_no_pixels_launch_nothing_and_no_classes_is_pytorchs(monkeypatch):
+    """No pixels (an empty batch): empty losses and gradients without a launch (a grid of no programs is an error on
+    CUDA), in both kernels; rows of no classes whose pixels are all ignored: PyTorch's zero losses, and a gradient
+    of no columns without a launch."""
+    from denseclip_fast.ops.triton import resized_cross_entropy as rce
+
+    rows, label = torch.zeros(3, 0, device=DEVICE), torch.full((3,), 255, device=DEVICE)
+    loss, lse = cross_entropy.cross_entropy_rows(rows, label, 255)
+    assert torch.equal(loss, F.cross_entropy(rows, label, ignore_index=255, reduction="none"))
+
+    def no_launch(kernel: object) -> object:
+        raise AssertionError(f"{kernel} launched for no pixels")
+
+    monkeypatch.setattr(cross_entropy, "profiled", no_launch)
+    monkeypatch.setattr(rce, "profiled", no_launch)
+    grad = cross_entropy.cross_entropy_rows_backward(torch.ones(3, device=DEVICE), rows, label, lse, 255)
+    assert grad.shape == (3, 0)
+    none = torch.zeros(0, 5, device=DEVICE)
+    no_label = torch.zeros(0, dtype=torch.int64, device=DEVICE)
+    loss, lse = cross_entropy.cross_entropy_rows(none, no_label, 255)
+    assert loss.shape == lse.shape == (0,)
+    assert cross_entropy.cross_entropy_rows_backward(loss, none, no_label, lse, 255).shape == (0, 5)
+    x = torch.randn(0, 4, 3, 5, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    maps = torch.zeros(0, 6, 10, dtype=torch.int64, device=DEVICE)
+    loss, lse = rce.resized_cross_entropy(x, maps, 255)
+    assert loss.shape == lse.shape == (0, 6, 10)
+    grad = rce.resized_cross_entropy_backward(loss, x, maps, lse, 255)
+    assert grad.shape == (0, 4, 3, 5) and grad.is_contiguous(memory_format=torch.channels_last)
+
+
 def test_a_label_equal_to_the_class_count_is_no_class():
     """A label of exactly K (one past the last class: an off-by-one in the data, or a class list one short) is NaN
     in both kernels, as any label past the classes: the tests above use 7 of 3 classes, which a check of

@@ -174,6 +174,31 @@ def test_resample_rejects_bad_input():
         resample.add_nearest_(x, x[:, :, :0])
 
 
+def test_empty_maps_launch_nothing(monkeypatch):
+    """A batch of no images or maps of no channels: every kernel returns an empty result of the right shape and dtype
+    (ATen's, for no images; ATen refuses no channels) without a launch (a grid of no programs is an error on CUDA)."""
+
+    def no_launch(kernel: object) -> object:
+        raise AssertionError(f"{kernel} launched for an empty map")
+
+    monkeypatch.setattr(resample, "profiled", no_launch)
+    for shape in ((0, 3, 4, 6), (2, 0, 4, 6)):
+        for layout in ("nchw", "nhwc"):
+            x = _map(*shape, torch.float32, layout)
+            got, pooled = resample.bilinear(x, (8, 12)), resample.avg_pool(x, 2)
+            assert got.shape == (*shape[:2], 8, 12) and pooled.shape == (*shape[:2], 2, 3)
+            assert got.dtype == pooled.dtype == torch.float32
+            if shape[0] == 0:  # ATen refuses maps of no channels ("Non-empty 4D data tensor expected")
+                assert got.shape == F.interpolate(x, size=(8, 12), mode="bilinear", align_corners=False).shape
+                assert pooled.shape == F.avg_pool2d(x, 2).shape
+            grad = resample.bilinear_backward(got, shape, dtype=torch.float16)
+            assert grad.shape == shape and grad.dtype == torch.float16
+            assert resample.avg_pool_backward(pooled, shape, 2).shape == shape
+            finer = torch.empty_like(got)
+            assert resample.add_nearest_(finer, x) is finer and resample.add_bilinear_(finer, x) is finer
+            assert resample.bilinear_into(torch.empty_like(got), x).shape == got.shape
+
+
 def _with_kernels_here(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cuda_resample, "DEVICE_TYPES", (DEVICE,))
 

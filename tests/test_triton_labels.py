@@ -96,6 +96,21 @@ def test_bilinear_argmax_edge_values():
     assert torch.equal(index, want) and torch.equal(best.nan_to_num(nan=7.0), values.nan_to_num(nan=7.0))
 
 
+def test_bilinear_argmax_of_no_images_launches_nothing(monkeypatch):
+    """A batch of no images: (0, H, W) labels, as resize-then-max gives them, without a launch (a grid of no programs
+    is an error on CUDA); with no images the scores of no classes are no error either."""
+
+    def no_launch(kernel: object) -> object:
+        raise AssertionError(f"{kernel} launched for no images")
+
+    x = _scores(2, 3, 4, 5, torch.float32, "nhwc")[:0]
+    want = _resize_then_argmax(x, (7, 9))[1]
+    monkeypatch.setattr(labels, "profiled", no_launch)
+    got = labels.bilinear_argmax(x, (7, 9))
+    assert got.shape == want.shape == (0, 7, 9) and got.dtype == want.dtype == torch.int64
+    assert labels.bilinear_argmax(x[:, :0], (7, 9)).shape == (0, 7, 9)
+
+
 def test_bilinear_argmax_rejects_bad_input():
     x = _scores(1, 3, 4, 4, torch.float32, "nchw")
     best = torch.empty((1, 8, 8), device=DEVICE)
