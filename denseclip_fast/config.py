@@ -207,8 +207,10 @@ class DenseCLIPConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DenseCLIPConfig:
-        """Inverse of :meth:`to_dict`; unknown or missing keys and bad values are a ValueError naming the field, so a
-        typo never passes silently."""
+        """Inverse of :meth:`to_dict`; unknown keys, missing required ones (``arch``, ``embed_dim``, ``vision``
+        and the vision section's own) and bad values are a ValueError naming the field, so a typo never passes
+        silently. A key with a default may be left out and takes it, a whole ``text`` or ``decoder`` section
+        included (the official text encoder and context decoder)."""
         if not isinstance(data, dict):
             raise ValueError(f"config: expected a JSON object, got {type(data).__name__}")
         data = dict(data)

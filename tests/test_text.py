@@ -148,6 +148,11 @@ def test_presets_and_config_round_trip():
     vit = preset("ViT-B-16")
     assert vit.vision.grid == 40 and vit.score_concat_index == 2 and vit.slide_crop == 640
     assert canonical_arch("ViT-B-16") == "ViT-B/16"
+    short = {key: value for key, value in preset("RN50").to_dict().items() if key not in ("text", "decoder")}
+    assert DenseCLIPConfig.from_dict(short) == preset("RN50")  # a section left out is the default, the official one
+    custom = preset("RN50").to_dict()
+    custom["decoder"] = {"layers": 1}  # and so is a key left out of a section
+    assert DenseCLIPConfig.from_dict(custom).decoder == dataclasses.replace(preset("RN50").decoder, layers=1)
 
 
 def test_config_errors_name_the_problem():
