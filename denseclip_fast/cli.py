@@ -521,11 +521,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     max_batch = DEFAULT_MAX_BATCH if args.max_batch is None else args.max_batch
     opset = DEFAULT_OPSET if args.opset is None else args.opset
     names = _parse_classes(args.classes) if args.classes is not None else None
+    batch = None if args.trt_batch is None else _parse_batch(args.trt_batch)  # None: the graph's default
     if args.format != "aoti":  # before any work, and before TensorRT's check, whose advice (--format onnx) needs it
         export.onnx.check_onnx_export(runtime=args.verify)
     if args.format == "tensorrt":
         export.tensorrt._tensorrt()  # say so before any work when TensorRT is missing
-        batch = None if args.trt_batch is None else _parse_batch(args.trt_batch)  # None: the graph's default
         if args.out.endswith(".onnx"):
             raise ValueError("--out is the engine file for --format tensorrt (e.g. model.engine); the ONNX graph is "
                              "written next to it with the .onnx suffix")  # fmt: skip
@@ -609,6 +609,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ValueError("CONFIG must name a training config file (YAML or JSON), got ''")
     if args.resume == "":  # as train()'s resume="" a fresh run; here an unset shell variable
         raise ValueError("--resume takes 'auto' or a training state file (iter_N.state.pt), got ''")
+    for given, option, what in ((args.data, "--data", "the data set directory"), (args.work_dir, "--work-dir",
+                                                                                 "a directory")):  # fmt: skip
+        if given == "":  # the config's words (data, work_dir) named no option given on the command line
+            raise ValueError(f"{option} must name {what}, got ''")
     source = args.config or (_resumed_runs_config(args) if args.resume is not None else None)
     if source:
         cfg = TrainConfig.load(source)
@@ -655,6 +659,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ValueError(f"--scales must be comma-separated numbers, e.g. 0.5,0.75,1.0, got {args.scales!r}") from None
     check_ignore_index(args.ignore_index, "--ignore-index")
     device = _device(args)
+    if args.data == "":  # the data set's reader named no option
+        raise ValueError("--data must name the data set directory, got ''")
+    if args.out == "":  # an unset shell variable, refused before the checkpoint is read (the other checks follow it)
+        raise ValueError("--out must name a file, got ''")
     data = SegmentationData(args.data, args.layout, "val", ignore_index=args.ignore_index)
     # the data set's names replace the checkpoint's saved wording, as the official test takes its config's names
     names = data.class_names
@@ -670,7 +678,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     except ValueError as exc:  # a name the checkpoint's text encoder cannot take
         raise ValueError(f"{source}: {exc}") from None
     check_scales(scales, model.config.test_scale, "--scales")
-    # checked once the checkpoint was found; an empty --out (an unset shell variable) is refused, as export's is
+    # checked once the checkpoint was found (an empty --out was refused above)
     given = args.out is not None
     out = args.out if given else os.path.splitext(args.checkpoint)[0] + "_eval.json"
     check_writable_file(out, "--out" if given else "--out (default: CHECKPOINT_eval.json)", create_parents=False)
@@ -913,8 +921,8 @@ def main(argv: Sequence[str] | None = None, die_by_signal: bool = False, own_pro
         if args.command == "info":
             args.checkpoint = _info_checkpoint(args.checkpoint, args.checkpoint_option)
         if getattr(args, "checkpoint", None) == "":  # load_checkpoint's message named its own argument, "path"
-            raise ValueError(f"{'CHECKPOINT' if args.command == 'info' else '--checkpoint'} must name a weight "
-                             "file, got ''")  # fmt: skip
+            option = "CHECKPOINT" if args.command == "info" and args.checkpoint_option is None else "--checkpoint"
+            raise ValueError(f"{option} must name a weight file, got ''")
         code = int(args.func(args))
         if sys.stdout is not None:  # flushed here, where a failing write is reported, not at the interpreter's exit
             sys.stdout.flush()

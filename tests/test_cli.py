@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from denseclip_fast import ADE20K_CLASSES, DenseCLIP
-from denseclip_fast.cli import _parse_batch, main
+from denseclip_fast.cli import main
 
 from .conftest import NAMES, ROOT, tiny_config
 
@@ -776,8 +776,9 @@ def test_bad_numbers_are_one_line_naming_the_option_before_any_work(checkpoint, 
         assert main([*exp, "--image-size", size]) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"denseclip-fast: error: {message}") and err.count("\n") == 1, err
-    with pytest.raises(ValueError, match="--trt-batch must be MIN,OPT,MAX"):  # said after TensorRT's presence
-        _parse_batch("1,\u00b2,4")
+    trt = ["export", "--checkpoint", str(checkpoint), "--format", "tensorrt", "--out", str(tmp_path / "m.engine")]
+    assert main([*trt, "--trt-batch", "1,\u00b2,4"]) == 2  # before TensorRT is looked for (not installed here)
+    assert capsys.readouterr().err.startswith("denseclip-fast: error: --trt-batch must be MIN,OPT,MAX (e.g. ")
     for command in ([*exp[:-1], ""], [*ev[:-1], ""]):  # an empty --out: export's, and eval's (not its default)
         assert main(command) == 2
         assert capsys.readouterr().err == "denseclip-fast: error: --out must name a file, got ''\n"
@@ -887,11 +888,71 @@ def test_a_file_that_names_no_classes_takes_them_from_classes(images, tmp_path, 
 
 
 def test_an_empty_checkpoint_path_is_named_by_its_option(capsys):
-    for args, option in ((["info", ""], "CHECKPOINT"), (["segment", "--checkpoint", "", "--out", "o", "x.png"],
+    for args, option in ((["info", ""], "CHECKPOINT"), (["info", "--checkpoint", ""], "--checkpoint"),
+                         (["segment", "--checkpoint", "", "--out", "o", "x.png"],
                          "--checkpoint"), (["eval", "--checkpoint", "", "--data", "d", "--layout", "generic"],
                          "--checkpoint")):  # fmt: skip
         assert main(args) == 2
         assert capsys.readouterr().err == f"denseclip-fast: error: {option} must name a weight file, got ''\n"
+
+
+def _value_options() -> list[tuple[str, str, str | None]]:
+    """(command, option or positional, its metavar) of every argument of every command that takes a value."""
+    from denseclip_fast.cli import build_parser
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    found = []
+    for name, parser in commands.choices.items():
+        for action in parser._actions:
+            if action.nargs != 0 and not isinstance(action, argparse._HelpAction):
+                found.append((name, action.option_strings[0] if action.option_strings else action.dest,
+                              action.metavar))  # fmt: skip
+    return found
+
+
+@pytest.mark.parametrize(("command", "option", "metavar"), _value_options())
+def test_every_value_refuses_an_empty_string(command, option, metavar, checkpoint, images, data, tmp_path,
+                                             monkeypatch, capsys):  # fmt: skip
+    """Every argument of every command that takes a value, found in the parser (so that one added later is tried
+    too), given '' (an unset shell variable) with the others valid: one error line that names the argument and
+    shows '', exit 2, before any work (the checkpoint never loaded, no training step). Several were taken as
+    "not given" (train's CONFIG trained the default recipe)."""
+    from denseclip_fast import cli
+    from denseclip_fast.train import loop
+
+    _loading_fails(monkeypatch, f"{option} '' was refused")
+
+    def no_work(*args, **kwargs):
+        raise AssertionError(f"the command went to work with {option} ''")
+
+    monkeypatch.setattr(cli, "_load_model", no_work)
+    monkeypatch.setattr(loop.Trainer, "run", no_work)
+    formats = {"--device": "aoti", "--max-batch": "aoti", "--trt-batch": "tensorrt"}
+    base = {
+        "info": {"checkpoint": [str(checkpoint)]},
+        "segment": {"--checkpoint": [str(checkpoint)], "--out": [str(tmp_path / "o")], "images": [str(images[0])]},
+        "export": {"--checkpoint": [str(checkpoint)], "--format": [formats.get(option, "onnx")],
+                   "--out": [str(tmp_path / ("m.pt2" if formats.get(option) == "aoti" else "m.onnx"))]},
+        "train": {"--data": [str(data)], "--init": ["none"], "--work-dir": [str(tmp_path / "w")], "--iters": ["1"]},
+        "eval": {"--checkpoint": [str(checkpoint)], "--data": [str(data)], "--layout": ["generic"]},
+    }[command]  # fmt: skip
+    if option == "checkpoint_option":  # info's --checkpoint (the positional's other spelling) in its place
+        base, option = {"--checkpoint": [""]}, "--checkpoint"
+    else:
+        base[option] = [""]
+    argv = [command]
+    for key, values in base.items():
+        argv += [*([] if key in ("checkpoint", "images", "config") else [key]), *values]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # train's "from random weights"
+        try:
+            code = main(argv)
+        except SystemExit as exc:  # argparse's own refusals (an int, a choice)
+            code = exc.code
+    assert code == 2, argv
+    err = capsys.readouterr().err
+    named = option if option.startswith("--") else (metavar or option)
+    assert err.count("\n") == 1 and "''" in err and named.lower() in err.lower(), (argv, err)
 
 
 def test_a_file_whose_names_disagree_with_its_head_takes_them_from_classes(images, tmp_path, capsys):

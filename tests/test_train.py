@@ -492,7 +492,9 @@ def test_a_resume_on_the_command_line_needs_only_the_work_dir(arch_file, generic
                                        "writes it into its work dir when it starts): give the run's --work-dir, or "
                                        "its CONFIG file, or --data and the other settings\n")  # fmt: skip
     assert main(["train", "--work-dir", "", "--print-config"]) == 2  # a template's work dir may be elsewhere, not ''
-    assert capsys.readouterr().err == "denseclip-fast: error: work_dir must name a directory, got ''\n"
+    assert capsys.readouterr().err == "denseclip-fast: error: --work-dir must name a directory, got ''\n"
+    with pytest.raises(ValueError, match=r"^work_dir must name a directory, got ''$"):  # a config file's, in its words
+        TrainConfig(work_dir="").validate(template=True)
 
 
 def test_one_value_per_batchnorm_channel_names_the_options(arch_file, generic, tmp_path, capsys):
