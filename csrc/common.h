@@ -110,7 +110,8 @@ inline Normalized normalize_along(const at::Tensor& x, int64_t dim, const std::o
 }
 
 // Backward of x / max(|x|, eps) along `dim`, for the gradient g_hat of the normalised tensor x.hat. The gradient
-// passes the clamp at equality, as F.normalize's does.
+// passes the clamp at equality, as F.normalize's did up to torch 2.13 and in the official code's torch (from 2.14
+// torch's clamp_min passes none at its bound): ops/reference.py's normalize, whatever the torch.
 inline at::Tensor normalize_backward(const at::Tensor& g_hat, const Normalized& x, int64_t dim) {
   const at::Tensor radial = (x.hat * g_hat).sum(dim, /*keepdim=*/true) * x.norm.ge(kNormEps);
   return (g_hat - x.hat * radial) / x.clamped;

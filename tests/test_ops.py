@@ -16,6 +16,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from denseclip_fast import ops
 from denseclip_fast.ops import reference
@@ -272,6 +273,36 @@ def test_zero_vectors(backend):
     _check_close(out, expected, dtype)
     _check_close(v_grad, v64_grad, dtype, 2)
     _check_close(t_grad, t64_grad, dtype, 2)
+
+
+@pytest.mark.parametrize("backend, dtype", [(b, d) for b, d in BACKEND_DTYPES if d in (torch.float64, torch.float32)])
+def test_a_norm_of_exactly_eps(backend, dtype):
+    """A pixel and a class whose norm is exactly eps (1e-12 in the input's dtype): the normalisation's gradient
+    passes its clamp there (the radial term applies: none along the vector itself), as F.normalize's did up to
+    torch 2.13 and in the official code's torch, and as reference.normalize's does whatever the torch; from torch
+    2.14 F.normalize gives g / eps there (pytorch/pytorch#184572). The kernels compare in the input's dtype, so the
+    reference runs in it too; away from exactly eps reference.normalize is F.normalize, values bit for bit."""
+    eps = torch.tensor(1e-12, dtype=dtype).item()
+    visual = _visual(1, 3, 2, 2, "contiguous", dtype)
+    visual[0, :, 0, 1] = torch.tensor([eps, 0.0, 0.0], dtype=dtype)
+    text = _text(1, 2, 3, False, dtype)
+    text[1] = torch.tensor([0.0, eps, 0.0], dtype=dtype)
+    assert visual[0, :, 0, 1].norm().item() == text[1].norm().item() == eps
+    grad = torch.randn(1, 2, 2, 2, dtype=torch.float64).to(DEVICE, dtype)
+    got, want = [], []
+    kernels = lambda v, t: ops.pixel_text_score(v, t, backend=backend)  # noqa: E731
+    for result, fn in ((got, kernels), (want, reference.pixel_text_score)):
+        v, t = _leaf(visual), _leaf(text)
+        fn(v, t).backward(grad)
+        result += [v.grad, t.grad]
+    for g, w in zip(got, want):
+        _check_close(g, w, dtype, 2)
+    scale = want[0][0, :, 0, 1].abs().max()  # g / eps: about 1e12
+    assert got[0][0, 0, 0, 1].abs() <= 1e-5 * scale and got[1][1, 1].abs() <= 1e-5 * scale, (got[0], got[1])
+    x = torch.randn(4, 5, dtype=torch.float64)
+    x[1] *= 1e-14
+    x[2] = 0
+    assert torch.equal(reference.normalize(x, -1), F.normalize(x, dim=-1))
 
 
 @pytest.mark.parametrize("backend, dtype", [(b, d) for b, d in BACKEND_DTYPES if d in (torch.float16, torch.bfloat16)])

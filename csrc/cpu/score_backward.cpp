@@ -4,7 +4,7 @@
 //   G' = scale * G                                      (K x n, converted to float32/float64)
 //   g^_v = T^^T G'                                      (one GEMM, C x n)
 //   dv  = (g^_v - v <v, g^_v> / max(|v|, eps)^2) / max(|v|, eps)   F.normalize's Jacobian; the radial term only
-//                                                       where |v| >= eps, as its clamp does (csrc/common.h)
+//                                                       where |v| >= eps, as its clamp did (csrc/common.h)
 //   A_t += (G' / max(|v|, eps)) V^T                     (one GEMM, K x C, accumulated per thread and text row)
 // The per-thread sums are added in the order of their tiles (deterministic for a given thread count), and the text
 // rows' Jacobian applied to them (ATen, K x C). |v| comes from the forward's norms when autograd passes them, else

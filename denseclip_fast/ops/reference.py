@@ -7,17 +7,28 @@ code computes, written for clarity, not speed.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+NORM_EPS = 1e-12  # F.normalize's default eps
+
+
+def normalize(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """``F.normalize(x, dim=dim)``, x / max(||x||, eps), with the gradient it had up to torch 2.13 (and in the
+    official code's torch) at a norm of exactly eps: clamp_min's gradient passed its bound there; from torch 2.14 it
+    does not (pytorch/pytorch#184572), so F.normalize's gradient at exactly eps depends on the torch installed. The
+    values are F.normalize's, bit for bit; the gradients differ only for a vector whose norm is exactly eps."""
+    norm = x.norm(2, dim, keepdim=True)  # F.normalize's own calls, so that the values are its own
+    return x / torch.where(norm >= NORM_EPS, norm, norm.clamp_min(NORM_EPS))
 
 
 def pixel_text_score(visual: torch.Tensor, text: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     """Cosine similarity between every pixel of ``visual`` and every class embedding, times ``scale``.
 
     visual: (B, C, H, W); text: (K, C) shared by the batch or (B, K, C). Both are L2-normalised along C the way
-    ``F.normalize`` does (x / max(||x||, 1e-12)). Returns (B, K, H, W) in the promoted input dtype.
+    ``F.normalize`` does (x / max(||x||, 1e-12); :func:`normalize`). Returns (B, K, H, W) in the promoted input
+    dtype.
     """
-    v = F.normalize(visual, dim=1, p=2)
-    t = F.normalize(text, dim=-1, p=2)
+    v = normalize(visual, dim=1)
+    t = normalize(text, dim=-1)
     if t.dim() == 2:
         t = t.unsqueeze(0).expand(visual.shape[0], -1, -1)
     score = torch.einsum("bchw,bkc->bkhw", v, t)
