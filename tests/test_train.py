@@ -2558,6 +2558,32 @@ def test_the_training_loader_closes_the_lock_in_its_workers(arch_file, generic, 
     assert len(given) == 1 and isinstance(given[0], functools.partial) and given[0].func is workdir._close_copy
 
 
+@pytest.mark.slow
+def test_workers_started_by_forkserver_train_as_the_process_alone(arch_file, generic, tmp_path):
+    """The same run with no DataLoader worker and with two started by forkserver, Python 3.14's default start
+    method on Linux (a worker gets the data set and the lock's worker_init_fn pickled, not forked; spawn is the same
+    there): the same losses and the same final weights, so neither the worker count nor the start method changes a
+    run (each sample's draws come from the seed and its index)."""
+    alone = _config(arch_file, generic, tmp_path / "alone", iters=2, checkpoint_interval=2, eval_interval=0)
+    train(alone)
+    workers = dataclasses.replace(alone, work_dir=str(tmp_path / "workers"), num_workers=2)
+    (tmp_path / "workers.json").write_text(json.dumps(workers.to_dict()))
+    script = tmp_path / "run.py"  # forkserver imports the main module in each worker: a file, not -c
+    script.write_text("import multiprocessing, sys\n"
+                      "if __name__ == '__main__':\n"
+                      "    multiprocessing.set_start_method('forkserver')\n"
+                      "    from denseclip_fast.train import TrainConfig, train\n"
+                      "    train(TrainConfig.load(sys.argv[1]))\n")  # fmt: skip
+    run = subprocess.run([sys.executable, str(script), str(tmp_path / "workers.json")], timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    losses = [[row[k] for k in ("iter", "loss", "loss_decode", "loss_aux")] for row in _metrics(tmp_path / "alone")]
+    assert losses == [[row[k] for k in ("iter", "loss", "loss_decode", "loss_aux")]
+                      for row in _metrics(tmp_path / "workers")]  # fmt: skip
+    want, got = _final(tmp_path / "alone", 2).state_dict(), _final(tmp_path / "workers", 2).state_dict()
+    assert all(torch.equal(want[k], got[k]) for k in want)
+
+
 class _Killed(Exception):
     """Stands for a kill at a save: the files written until then stay as a killed run leaves them."""
 
