@@ -1,5 +1,5 @@
 """Operator benchmark: each fused operator, forward and backward, per backend, against eager PyTorch and
-torch.compile of the reference.
+torch.compile of the reference (for the score, in the official code's words: F.normalize, the same values).
 
     python benchmarks/bench_ops.py [--out benchmarks/results] [--dtype bf16] [--quick] [--compile yes|no|only]
 
@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -195,6 +196,19 @@ def _triton_plan(
     return run
 
 
+def official_score(visual: torch.Tensor, text: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """The official code's score, F.normalize of both sides and their products: the eager and torch.compile
+    baselines. reference.pixel_text_score has its values, with a normalisation whose gradient at a norm of exactly
+    eps does not depend on the torch (a few small operations more), which is not the official code's cost."""
+    return reference.normalized_score(F.normalize(visual, dim=1), F.normalize(text, dim=-1), scale)
+
+
+def official_concat(feature: torch.Tensor, visual: torch.Tensor, text: torch.Tensor,
+                    scale: float = 1.0) -> torch.Tensor:  # fmt: skip
+    """The official model's torch.cat of a pyramid level and its score map (the baselines of score_concat)."""
+    return torch.cat([feature, official_score(visual, text, scale)], dim=1)
+
+
 def _contestants(op: str, device: torch.device, dtype: torch.dtype, head_dim: int = 0,
                  compile_mode: str = "yes") -> dict[str, Callable]:  # fmt: skip
     """name -> function with the operator's signature: the fused backends first, torch.compile (slow to build)
@@ -205,13 +219,13 @@ def _contestants(op: str, device: torch.device, dtype: torch.dtype, head_dim: in
     compiled_ref: Callable
     if op == "score":
         fused = lambda backend: lambda v, t: ops.pixel_text_score(v, t, backend=backend)  # noqa: E731
-        baselines: dict[str, Callable] = {"eager": reference.pixel_text_score}
-        compiled_ref = reference.pixel_text_score
+        baselines: dict[str, Callable] = {"eager": official_score}
+        compiled_ref = official_score
     elif op == "concat":
         fused = lambda backend: lambda f, v, t: ops.score_concat(f, v, t, backend=backend)  # noqa: E731
         # the same function: bench_concat gives the official one NCHW inputs
-        baselines = {CONCAT_OFFICIAL: reference.score_concat, CONCAT_CHANNELS_LAST: reference.score_concat}
-        compiled_ref = reference.score_concat
+        baselines = {CONCAT_OFFICIAL: official_concat, CONCAT_CHANNELS_LAST: official_concat}
+        compiled_ref = official_concat
     else:
         fused = lambda backend: lambda q, k, v: ops.context_attention(q, k, v, backend=backend)  # noqa: E731
         baselines = {"eager einsum (official)": reference.attention,

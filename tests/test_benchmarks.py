@@ -21,6 +21,7 @@ from benchmarks.common import (
     tail_cell,
     targets_markdown,
 )
+from denseclip_fast import ops
 
 from .conftest import spy_launches, spy_score_plans
 
@@ -201,6 +202,13 @@ def test_operator_contestants_with_and_without_torch_compile(monkeypatch):
     assert without == every - {"torch.compile(reference)"}
     only = set(bench_ops._contestants("score", cpu, torch.float32, compile_mode="only"))
     assert only == {"eager", "torch.compile(reference)"}
+    # the score's baselines are the official code's F.normalize (reference.normalize's where is not its cost), with
+    # the reference's values, bit for bit, zero and tiny vectors included
+    visual, text, feature = torch.randn(2, 8, 3, 5), torch.randn(4, 8), torch.randn(2, 3, 3, 5)
+    visual[0, :, 1, 1], text[2] = 0, text[2] * 1e-14
+    assert torch.equal(bench_ops.official_score(visual, text, 0.7), ops.reference.pixel_text_score(visual, text, 0.7))
+    assert torch.equal(bench_ops.official_concat(feature, visual, text),
+                       ops.reference.score_concat(feature, visual, text))  # fmt: skip
 
 
 def test_operator_targets():

@@ -27,10 +27,14 @@ def pixel_text_score(visual: torch.Tensor, text: torch.Tensor, scale: float = 1.
     ``F.normalize`` does (x / max(||x||, 1e-12); :func:`normalize`). Returns (B, K, H, W) in the promoted input
     dtype.
     """
-    v = normalize(visual, dim=1)
-    t = normalize(text, dim=-1)
+    return normalized_score(normalize(visual, dim=1), normalize(text, dim=-1), scale)
+
+
+def normalized_score(v: torch.Tensor, t: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """``scale`` x the dot products of the pixels of ``v`` (B, C, H, W) and the rows of ``t`` ((K, C) or (B, K, C)),
+    both already normalised: :func:`pixel_text_score` after its normalisations."""
     if t.dim() == 2:
-        t = t.unsqueeze(0).expand(visual.shape[0], -1, -1)
+        t = t.unsqueeze(0).expand(v.shape[0], -1, -1)
     score = torch.einsum("bchw,bkc->bkhw", v, t)
     return score * scale if scale != 1.0 else score
 
