@@ -256,6 +256,23 @@ def test_norms_past_float32s_range(backend, dtype):
     _check_close(out[~both], expected[~both], dtype)
 
 
+@pytest.mark.parametrize("backend", sorted({b for b, d in BACKEND_DTYPES if d == torch.float16}))
+def test_float16_vectors_whose_norm_passes_float16s_range(backend):
+    """A float16 class and a float16 pixel whose entries are finite but whose norms pass float16's largest value
+    (65504) score as in the reference, with its gradients: float16 inputs are computed in float32, where those norms
+    are finite. A text normalised in float16 before its cast to float32 (in the forward, or in the backward) has an
+    infinite norm there: that class scored 0 and reached no pixel's gradient."""
+    dtype = torch.float16
+    visual, text = _visual(1, 8, 3, 4, "contiguous", dtype), _text(1, 5, 8, False, dtype)
+    text[2] = text[2].sign() * 3e4
+    visual[0, :, 1, 2] = visual[0, :, 1, 2].sign() * 3e4
+    assert text.isfinite().all() and min(text[2].double().norm(), visual[0, :, 1, 2].double().norm()) > 65504
+    (out, v_grad, t_grad), (expected, v64_grad, t64_grad) = _score_with_reference(visual, text, 2.0, backend)
+    _check_close(out, expected, dtype)
+    _check_close(v_grad, v64_grad, dtype, 2)
+    _check_close(t_grad, t64_grad, dtype, 2)
+
+
 @pytest.mark.parametrize("backend", sorted({b for b, _ in BACKEND_DTYPES}))
 def test_zero_vectors(backend):
     """Zero pixels and zero classes score 0, and their gradients follow F.normalize's clamp (g / eps), as do those
@@ -380,6 +397,23 @@ def test_size_one_dimensions_with_odd_strides(backend):
         _check_close(ops.pixel_text_score(visual, text, backend=backend), expected, torch.float32)
         feature = torch.randn(2, 2, *visual.shape[2:], device=DEVICE)
         _check_close(ops.score_concat(feature, visual, text, backend=backend)[:, 2:], expected, torch.float32)
+
+
+@pytest.mark.parametrize("backend", sorted({b for b, _ in BACKEND_DTYPES}))
+def test_a_one_channel_map_scores_in_nchw(backend):
+    """A visual of one channel has NCHW and NHWC strides at once: score_memory_format, the fake kernels' rule, makes
+    its outputs NCHW, and the kernels must too (several classes and pixels, so that the two layouts differ). A rule
+    that took NHWC strides alone for NHWC wrote them channels_last, not the layout a traced graph expects."""
+    visual, text = _visual(2, 1, 3, 4, "contiguous", torch.float32), _text(2, 5, 1, False, torch.float32)
+    assert visual.is_contiguous(memory_format=torch.channels_last)
+    assert score_memory_format(visual) == torch.contiguous_format
+    (out, v_grad, t_grad), (expected, v64_grad, t64_grad) = _score_with_reference(visual, text, 2.0, backend)
+    assert out.is_contiguous()
+    _check_close(out, expected, torch.float32)
+    _check_close(v_grad, v64_grad, torch.float32, 2)
+    _check_close(t_grad, t64_grad, torch.float32, 2)
+    feature = torch.randn(2, 3, 3, 4, device=DEVICE)
+    assert ops.score_concat(feature, visual, text, 2.0, backend=backend).is_contiguous()
 
 
 @pytest.mark.parametrize("backend", sorted({b for b, _ in BACKEND_DTYPES}))
@@ -579,6 +613,51 @@ def test_cpu_attention_finds_a_non_finite_query_element_anywhere(dtype, value, l
     assert torch.equal(out.isnan(), wanted.isnan()) and wanted[0, 1, -1].isnan().all()
     finite = wanted.isfinite()
     _check_close(out[finite], wanted[finite], dtype)
+
+
+@pytest.mark.parametrize("where", ["q", "k"])
+def test_cpu_attention_finds_a_non_finite_element_in_the_first_threads_chunk(where):
+    """The chunks of the cpu backend's scan for a NaN or an infinity (65536 elements a chunk, at most one a thread)
+    are combined, every thread's finding kept: on two threads, a -inf in q's first row, or a key dimension of -inf in
+    the first head (both in the first chunk of two), still makes the rows whose scores are all -inf NaN, as in the
+    reference (a combine that kept the last thread's finding missed them, and ATen's kernel gave those rows 0)."""
+    q, k, v = (torch.randn(1, 2, n, 64, dtype=torch.float32) for n in (520, 520, 520))
+    if where == "q":
+        k[..., -1] = 1.0  # the last dimension's scores are q's last element: -inf for every key of q's first row
+        q[0, 0, 0, -1] = -math.inf
+    else:
+        q[..., 3] = 1.0  # every score of the first head -inf
+        k[0, 0, :, 3] = -math.inf
+    assert q.numel() == k.numel() > 65536
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        out = ops.context_attention(q, k, v, backend="cpu")
+    finally:
+        torch.set_num_threads(before)
+    wanted = ops.context_attention(q, k, v, backend="reference")
+    assert wanted[0, 0, 0].isnan().all() and torch.equal(out.isnan(), wanted.isnan())
+    finite = wanted.isfinite()
+    _check_close(out[finite], wanted[finite], torch.float32)
+
+
+def test_cpu_attention_takes_atens_flash_kernel_exactly_for_finite_inputs():
+    """The cpu backend's scan for a NaN or an infinity chooses the path: finite q and k (of several chunks, on two
+    threads) run ATen's flash kernel, one NaN in k the reference's formulation. A scan that tested the wrong bits,
+    finding a non-finite value in every input, computed everything the slow way (the reference's formulation), whose
+    values every other test passed."""
+    q, k, v = (torch.randn(1, 2, n, 64) for n in (520, 520, 520))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for value, flash in ((1.0, True), (math.nan, False)):
+            k[0, 1, 3, 5] = value
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                ops.context_attention(q, k, v, backend="cpu")
+            names = {event.name for event in prof.events()}
+            assert ("aten::_scaled_dot_product_flash_attention_for_cpu" in names) == flash, (value, sorted(names))
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_triton_attention_refuses_sequences_past_its_int32_offsets():
@@ -815,6 +894,23 @@ def test_cpu_score_tiles_cover_the_map_on_any_thread_count(threads, dtype, layou
         _check_close(grad_text, t64.grad, dtype, 2)
         assert grad_visual.is_contiguous(memory_format=torch.channels_last) == ("channels_last" in layout)
     torch.testing.assert_close(norm.double(), torch.linalg.vector_norm(visual.double(), dim=1), rtol=1e-6, atol=0)
+
+
+def test_cpu_score_backward_gives_the_same_bits_on_every_run():
+    """The CPU backward adds its threads' text-gradient sums in the order of their tiles, not in the order the
+    threads finish: the same call on the same thread count gives the same bits every time (four threads, four sums,
+    whose float32 additions round differently in another order)."""
+    if not ops.extension_available():
+        pytest.skip("the C++ extension is not built")
+    visual, text, grad = torch.randn(2, 40, 16, 16), torch.randn(11, 40), torch.randn(2, 11, 16, 16)
+    before = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        runs = [torch.ops.denseclip_fast.pixel_text_score_backward(grad, visual, text, 3.0) for _ in range(20)]
+    finally:
+        torch.set_num_threads(before)
+    for grad_visual, grad_text in runs[1:]:
+        assert torch.equal(grad_visual, runs[0][0]) and torch.equal(grad_text, runs[0][1])
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
