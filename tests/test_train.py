@@ -2577,9 +2577,9 @@ def test_workers_started_by_forkserver_train_as_the_process_alone(arch_file, gen
     run = subprocess.run([sys.executable, str(script), str(tmp_path / "workers.json")], timeout=300,
                          env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)  # fmt: skip
     assert run.returncode == 0, run.stderr[-2000:]
-    losses = [[row[k] for k in ("iter", "loss", "loss_decode", "loss_aux")] for row in _metrics(tmp_path / "alone")]
-    assert losses == [[row[k] for k in ("iter", "loss", "loss_decode", "loss_aux")]
-                      for row in _metrics(tmp_path / "workers")]  # fmt: skip
+    columns = ("iter", "loss", "loss_decode", "loss_aux")
+    alone_rows, workers_rows = _metrics(tmp_path / "alone"), _metrics(tmp_path / "workers")
+    assert [[r[k] for k in columns] for r in alone_rows] == [[r[k] for k in columns] for r in workers_rows]
     want, got = _final(tmp_path / "alone", 2).state_dict(), _final(tmp_path / "workers", 2).state_dict()
     assert all(torch.equal(want[k], got[k]) for k in want)
 
