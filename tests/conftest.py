@@ -14,11 +14,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # is set, as GitHub Actions and this project's CI set it: every run of the tests checks the exports under it.
 os.environ.setdefault("CI", "1")
 
+import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
 import glob  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
@@ -154,6 +156,28 @@ def set_switch(monkeypatch: pytest.MonkeyPatch, variable: str, value: str | None
         monkeypatch.delenv(variable, raising=False)
     else:
         monkeypatch.setenv(variable, value)
+
+
+def forbid_launches(monkeypatch: pytest.MonkeyPatch, *modules: Any) -> None:
+    """Any Triton launch through ``module.profiled`` of ``modules`` fails the test from now on (an empty tensor's
+    early return must launch nothing: a grid of no programs is an error on CUDA)."""
+
+    def no_launch(kernel: object) -> object:
+        raise AssertionError(f"{kernel} launched for an empty tensor")
+
+    for module in modules:
+        monkeypatch.setattr(module, "profiled", no_launch)
+
+
+@contextlib.contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """torch's intra-op thread count set to ``count`` inside the block, the previous one restored after it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def spy_launches(monkeypatch: pytest.MonkeyPatch, module: Any) -> list[str]:

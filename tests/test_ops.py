@@ -23,7 +23,7 @@ from denseclip_fast import ops
 from denseclip_fast.ops import reference
 from denseclip_fast.ops.library import score_memory_format
 
-from .conftest import spy_launches, spy_score_plans
+from .conftest import spy_launches, spy_score_plans, torch_threads
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
@@ -622,7 +622,7 @@ def test_cpu_attention_finds_a_non_finite_element_in_the_first_threads_chunk(whe
     are combined, every thread's finding kept: on two threads, a -inf in q's first row, or a key dimension of -inf in
     the first head (both in the first chunk of two), still makes the rows whose scores are all -inf NaN, as in the
     reference (a combine that kept the last thread's finding missed them, and ATen's kernel gave those rows 0)."""
-    q, k, v = (torch.randn(1, 2, n, 64, dtype=torch.float32) for n in (520, 520, 520))
+    q, k, v = (torch.randn(1, 2, 520, 64) for _ in range(3))
     if where == "q":
         k[..., -1] = 1.0  # the last dimension's scores are q's last element: -inf for every key of q's first row
         q[0, 0, 0, -1] = -math.inf
@@ -630,12 +630,8 @@ def test_cpu_attention_finds_a_non_finite_element_in_the_first_threads_chunk(whe
         q[..., 3] = 1.0  # every score of the first head -inf
         k[0, 0, :, 3] = -math.inf
     assert q.numel() == k.numel() > 65536
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with torch_threads(2):
         out = ops.context_attention(q, k, v, backend="cpu")
-    finally:
-        torch.set_num_threads(before)
     wanted = ops.context_attention(q, k, v, backend="reference")
     assert wanted[0, 0, 0].isnan().all() and torch.equal(out.isnan(), wanted.isnan())
     finite = wanted.isfinite()
@@ -647,18 +643,13 @@ def test_cpu_attention_takes_atens_flash_kernel_exactly_for_finite_inputs():
     threads) run ATen's flash kernel, one NaN in k the reference's formulation. A scan that tested the wrong bits,
     finding a non-finite value in every input, computed everything the slow way (the reference's formulation), whose
     values every other test passed."""
-    q, k, v = (torch.randn(1, 2, n, 64) for n in (520, 520, 520))
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        for value, flash in ((1.0, True), (math.nan, False)):
-            k[0, 1, 3, 5] = value
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-                ops.context_attention(q, k, v, backend="cpu")
-            names = {event.name for event in prof.events()}
-            assert ("aten::_scaled_dot_product_flash_attention_for_cpu" in names) == flash, (value, sorted(names))
-    finally:
-        torch.set_num_threads(before)
+    q, k, v = (torch.randn(1, 2, 520, 64) for _ in range(3))
+    for value, flash in ((1.0, True), (math.nan, False)):
+        k[0, 1, 3, 5] = value
+        with torch_threads(2), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            ops.context_attention(q, k, v, backend="cpu")
+        names = {event.name for event in prof.events()}
+        assert ("aten::_scaled_dot_product_flash_attention_for_cpu" in names) == flash, (value, sorted(names))
 
 
 def test_triton_attention_refuses_sequences_past_its_int32_offsets():
@@ -904,12 +895,8 @@ def test_cpu_score_backward_gives_the_same_bits_on_every_run():
     if not ops.extension_available():
         pytest.skip("the C++ extension is not built")
     visual, text, grad = torch.randn(2, 40, 16, 16), torch.randn(11, 40), torch.randn(2, 11, 16, 16)
-    before = torch.get_num_threads()
-    torch.set_num_threads(4)
-    try:
+    with torch_threads(4):
         runs = [torch.ops.denseclip_fast.pixel_text_score_backward(grad, visual, text, 3.0) for _ in range(20)]
-    finally:
-        torch.set_num_threads(before)
     for grad_visual, grad_text in runs[1:]:
         assert torch.equal(grad_visual, runs[0][0]) and torch.equal(grad_text, runs[0][1])
 

@@ -17,7 +17,7 @@ from denseclip_fast.engine.segmenter import resized, resized_through
 from denseclip_fast.model.heads import Upsample2x
 from denseclip_fast.ops.triton import resample
 
-from .conftest import NAMES, randomized, rel_err, tiny_config
+from .conftest import NAMES, forbid_launches, randomized, rel_err, tiny_config
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ULP = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
@@ -177,11 +177,7 @@ def test_resample_rejects_bad_input():
 def test_empty_maps_launch_nothing(monkeypatch):
     """A batch of no images or maps of no channels: every kernel returns an empty result of the right shape and dtype
     (ATen's, for no images; ATen refuses no channels) without a launch (a grid of no programs is an error on CUDA)."""
-
-    def no_launch(kernel: object) -> object:
-        raise AssertionError(f"{kernel} launched for an empty map")
-
-    monkeypatch.setattr(resample, "profiled", no_launch)
+    forbid_launches(monkeypatch, resample)
     for shape in ((0, 3, 4, 6), (2, 0, 4, 6)):
         for layout in ("nchw", "nhwc"):
             x = _map(*shape, torch.float32, layout)

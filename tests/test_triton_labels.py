@@ -10,6 +10,8 @@ import torch
 from denseclip_fast.engine import cuda_resample, segmenter
 from denseclip_fast.ops.triton import labels, resample
 
+from .conftest import forbid_launches
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # the interpreter (numpy) warns of a max over a block of NaNs (the kernel then takes its NaN branch) and of an
 # infinity times a weight of 0 (NaN, as on a GPU)
@@ -99,13 +101,9 @@ def test_bilinear_argmax_edge_values():
 def test_bilinear_argmax_of_no_images_launches_nothing(monkeypatch):
     """A batch of no images: (0, H, W) labels, as resize-then-max gives them, without a launch (a grid of no programs
     is an error on CUDA); with no images the scores of no classes are no error either."""
-
-    def no_launch(kernel: object) -> object:
-        raise AssertionError(f"{kernel} launched for no images")
-
     x = _scores(2, 3, 4, 5, torch.float32, "nhwc")[:0]
     want = _resize_then_argmax(x, (7, 9))[1]
-    monkeypatch.setattr(labels, "profiled", no_launch)
+    forbid_launches(monkeypatch, labels)
     got = labels.bilinear_argmax(x, (7, 9))
     assert got.shape == want.shape == (0, 7, 9) and got.dtype == want.dtype == torch.int64
     assert labels.bilinear_argmax(x[:, :0], (7, 9)).shape == (0, 7, 9)
