@@ -19,7 +19,8 @@ from typing import Any
 import torch
 from onnxscript import opset18 as op
 
-EPS = 1e-12  # F.normalize's, as in ops/reference.py
+from ..ops.reference import NORM_EPS as EPS  # F.normalize's
+
 FLOAT = 1  # onnx.TensorProto.FLOAT
 # The type-var ignores below: onnxscript types op.Cast's result as a union of ONNX tensor types (its ``to`` is an
 # int), and the constrained type variables of ReduceL2, MatMul and Transpose take one of those types, not a union

@@ -47,13 +47,14 @@ import triton.language as tl
 from ..backends import MAX_GRID_Y
 from ..checks import check_like
 from ..library import _image_strides_are, empty_score, memory_format_of, score_memory_format
+from ..reference import NORM_EPS
 from .common import cdiv, dot_in_f32, launch, next_power_of_2
 
 # Images per launch: the kernels' grids give the batch their second or third axis, which CUDA caps at 65535 (an
 # operator call with more, e.g. (N, C, 1, 1) region embeddings, runs in pieces of this many images).
 MAX_BATCH = MAX_GRID_Y
 
-EPS = 1e-12
+EPS = NORM_EPS  # F.normalize's, a kernel argument
 
 
 @triton.jit
