@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -97,11 +98,10 @@ def test_segment_writes_labels_and_overlays(checkpoint, images, tmp_path, mode):
     assert main(["segment", "--checkpoint", str(checkpoint), "--mode", mode, "--out", str(out), *map(str, images)]) == 0
     for path in images:
         stem = os.path.splitext(path.name)[0]
-        source = Image.open(path)
-        labels = np.asarray(Image.open(out / f"{stem}_labels.png"))
-        overlay = Image.open(out / f"{stem}_overlay.png")
-        assert labels.shape == (source.height, source.width) and labels.max() < 4
-        assert overlay.size == source.size and overlay.mode == "RGB"
+        with Image.open(path) as source, Image.open(out / f"{stem}_overlay.png") as overlay:
+            labels = np.asarray(Image.open(out / f"{stem}_labels.png"))
+            assert labels.shape == (source.height, source.width) and labels.max() < 4
+            assert overlay.size == source.size and overlay.mode == "RGB"
 
 
 @pytest.fixture(scope="module")
@@ -462,14 +462,14 @@ def test_eval_out_that_is_a_file_of_the_data_set_is_refused(checkpoint, data, tm
     0, and the next run read the JSON as class names (a review's finding). Refused, the file untouched; a new file
     in the data set's folder is not a data set file and is written."""
     classes = os.path.join(data, "classes.txt")
-    before = open(classes, "rb").read()
+    before = Path(classes).read_bytes()
     os.symlink(classes, tmp_path / "to_classes")
     evaluate = ["eval", "--checkpoint", str(checkpoint), "--data", str(data), "--layout", "generic"]
     for out in (classes, str(tmp_path / "to_classes")):
         assert main([*evaluate, "--out", out]) == 2
         assert capsys.readouterr().err == (f"denseclip-fast: error: --out {out!r} is a file of the data set --data "
                                            f"{str(data)!r}: writing it would replace it; choose another path\n")
-    assert open(classes, "rb").read() == before
+    assert Path(classes).read_bytes() == before
     from denseclip_fast.validation import check_not_in_folder
 
     check_not_in_folder(os.path.join(data, "new.json"), "--out", str(data), "the data set --data")  # not there yet
@@ -1587,12 +1587,12 @@ def test_eval_out_deep_in_the_data_set_is_refused(checkpoint, data, tmp_path, ca
     """eval --out naming a file in a subfolder of --data (a label) is refused as a file at its top is (a mutation
     checking the top folder only replaced the label with the JSON)."""
     label = os.path.join(data, "labels", "x.png")
-    before = open(label, "rb").read()
+    before = Path(label).read_bytes()
     argv = ["eval", "--checkpoint", str(checkpoint), "--data", str(data), "--layout", "generic", "--out", label]
     assert main(argv) == 2
     assert capsys.readouterr().err == (f"denseclip-fast: error: --out {label!r} is a file of the data set --data "
                                        f"{str(data)!r}: writing it would replace it; choose another path\n")
-    assert open(label, "rb").read() == before
+    assert Path(label).read_bytes() == before
 
 
 def test_classes_names_are_taken_without_the_spaces_around_them(checkpoint, tmp_path, monkeypatch, capsys):

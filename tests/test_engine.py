@@ -810,12 +810,13 @@ def test_pil_images_that_cannot_be_decoded_are_named(model, tmp_path):
     path = tmp_path / "cut.png"
     Image.fromarray(np.full((64, 64, 3), 100, np.uint8)).save(path)
     path.write_bytes(path.read_bytes()[:60])
-    closed = Image.open(tmp_path / "cut.png")
-    for images, reason in (([Image.new("RGB", (40, 40)), Image.open(path)], "images\\[1\\]"), (closed, "images")):
-        if images is closed:
-            closed.close()
-        with pytest.raises(ValueError, match=rf"^{reason}: the PIL image \(mode RGB\) cannot be read as RGB: "):
-            _engine(model).logits(images)
+    with Image.open(path) as truncated:
+        with pytest.raises(ValueError, match=r"^images\[1\]: the PIL image \(mode RGB\) cannot be read as RGB: "):
+            _engine(model).logits([Image.new("RGB", (40, 40)), truncated])
+    closed = Image.open(path)
+    closed.close()
+    with pytest.raises(ValueError, match=r"^images: the PIL image \(mode RGB\) cannot be read as RGB: "):
+        _engine(model).logits(closed)
 
 
 def test_a_float_batch_within_0_to_1_is_warned_of(model):
