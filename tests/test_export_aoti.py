@@ -186,9 +186,13 @@ def test_what_the_archive_tells_is_refused_before_torchs_loader_runs(package, tm
 @pytest.mark.slow
 def test_a_package_whose_library_is_damaged_is_named_with_the_loaders_reason(package, tmp_path, monkeypatch):
     """The metadata intact but the compiled library's bytes not an ELF file (a damaged copy): torch's loader fails,
-    and the error names the package and the loader's first line, as a ValueError. (The loader's extracted copy,
-    which it leaves behind, goes to this test's directory.)"""
-    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    and the error names the package and the loader's first line, as a ValueError. The loader's extracted copies,
+    which it leaves behind (two per load with torch 2.14: the library and its weights each time), are removed;
+    another package's extraction, which holds another library, and any made before the load are not."""
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmpdir))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmpdir))
     libraries: list[str] = []
 
     def zeroed(name: str, data: bytes) -> bytes:
@@ -199,8 +203,29 @@ def test_a_package_whose_library_is_damaged_is_named_with_the_loaders_reason(pac
 
     damaged = _rewritten(package, tmp_path / "damaged.pt2", zeroed)
     assert len(libraries) == 1
-    with pytest.raises(ValueError, match=re.escape(f"{damaged}: the AOTInductor package could not be loaded: ")):
-        load_aoti(damaged)
+    (tmpdir / "aotinductor_before" / libraries[0]).parent.mkdir(parents=True)  # this library, there before the load
+    (tmpdir / "aotinductor_before" / libraries[0]).write_bytes(b"\0")
+    library = os.path.join("archive", "data", "aotinductor", "model", "other.wrapper.so")
+    kept = ["aotinductor_before", "aotinductor_concurrent", "aotinductor_empty"]
+    left: list[str] = []
+    loader = torch._inductor.aoti_load_package
+
+    def concurrent(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return loader(*args, **kwargs)
+        finally:  # what the loader left, and what another load (another library) or another program made meanwhile
+            left.extend(sorted(set(os.listdir(tmpdir)) - {*kept, *left}))
+            (tmpdir / "aotinductor_concurrent" / library).parent.mkdir(parents=True, exist_ok=True)
+            (tmpdir / "aotinductor_concurrent" / library).write_bytes(b"\0")
+            (tmpdir / "aotinductor_empty").mkdir(exist_ok=True)
+
+    monkeypatch.setattr(torch._inductor, "aoti_load_package", concurrent)
+    for _ in range(2):
+        with pytest.raises(ValueError, match=re.escape(f"{damaged}: the AOTInductor package could not be loaded: ")):
+            load_aoti(damaged)
+        assert sorted(os.listdir(tmpdir)) == kept
+    assert len(left) >= 2 and all(name.startswith("aotinductor_") for name in left), left  # removed
+    assert (tmpdir / "aotinductor_concurrent" / library).read_bytes() == b"\0"
 
 
 def test_to_aoti_argument_errors(model, tmp_path):

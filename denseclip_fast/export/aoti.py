@@ -14,12 +14,15 @@ Facts the C++ runner needs (image size, mean/std, class names, device, dtype) ar
 
 from __future__ import annotations
 
+import glob
 import io
 import json
 import logging
 import numbers
 import os
+import shutil
 import sys
+import tempfile
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -249,6 +252,24 @@ def _check_loadable(path: str, device_index: int) -> None:
             )
 
 
+def _extracted_copies() -> set[str]:
+    """The folders torch's loader extracts packages into: aotinductor_* in $TMPDIR (torch 2.14) or /tmp (2.11)."""
+    roots = {os.path.realpath(root) for root in (os.environ.get("TMPDIR"), tempfile.gettempdir(), "/tmp") if root}
+    return {found for root in roots for found in glob.glob(os.path.join(glob.escape(root), "aotinductor_*"))}
+
+
+def _remove_new_copies(path: str, before: set[str]) -> None:
+    """torch's loader leaves its extracted copy of a package it failed to load (the compiled library and its weights,
+    a folder per try, two per load with torch 2.14): remove those made since ``before`` that hold this package's
+    library. Another package's extraction (another load in this or another process) holds another library's name
+    (a hash of its code) and is left alone."""
+    with zipfile.ZipFile(path) as archive:
+        libraries = [name for name in archive.namelist() if name.endswith(".so")]
+    for copy in _extracted_copies() - before:
+        if any(os.path.isfile(os.path.join(copy, name)) for name in libraries):
+            shutil.rmtree(copy, ignore_errors=True)
+
+
 class AOTIPackage:
     """A loaded AOTInductor package: ``pkg(x)`` -> float32 logits (B, K, H, W) on its device (the package's dtype is
     the one it computes in; as the Segmenter, it resizes the head's logits in float32)."""
@@ -269,9 +290,13 @@ class AOTIPackage:
         # torch 2.10's loader calls torch._inductor.codecache without importing it (AttributeError in a process that
         # has exported nothing); later releases import it there
         import torch._inductor.codecache  # noqa: F401
+        extracted = _extracted_copies()
         try:
             self._compiled = torch._inductor.aoti_load_package(path, device_index=device_index)
-        except RuntimeError as exc:  # a corrupt or foreign library: torch leaves its extracted copy in the temp dir
+        except BaseException as exc:  # a corrupt or foreign library
+            _remove_new_copies(path, extracted)
+            if not isinstance(exc, RuntimeError):
+                raise
             reason = excerpt(str(exc).strip().split("\n", 1)[0], 160)  # torch's lists the archive's files below it
             raise ValueError(f"{path}: the AOTInductor package could not be loaded: {reason}") from exc
         meta = self._compiled.get_metadata()
