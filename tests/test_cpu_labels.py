@@ -16,6 +16,8 @@ import torch.nn.functional as F
 
 from denseclip_fast.engine import cpu_labels, segmenter
 
+from .conftest import torch_threads
+
 # (N, K, h, w) -> (H, W), all with H + W above cpu_labels.MIN_SIDES: upsampled by fractions, by an integer,
 # downsampled, mixed, one axis unchanged, a single source row or column, a single output column
 SHAPES = [
@@ -152,17 +154,13 @@ def test_atens_default_kernels_round_otherwise_and_labels_fall_back():
 @pytest.mark.parametrize(("shape", "size"), SHAPES)
 def test_the_kernels_resize_is_atens_bit_for_bit(shape, size, threads):
     """Every value, non-finite ones and their NaNs included, and the sign of zeros, on 1 and 2 threads."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         scores = spiked(shape, seed=sum(shape) + threads)
         ours = torch.ops.denseclip_fast_engine.resize_bilinear(scores, list(size), cpu_labels.kernel_rounding())
         theirs = aten(scores, size)
         torch.testing.assert_close(ours, theirs, rtol=0, atol=0, equal_nan=True)
         assert torch.equal(ours.signbit(), theirs.signbit())
         assert theirs.isnan().any()  # the spikes reached the output (an infinity times a weight 0: NaN)
-    finally:
-        torch.set_num_threads(saved)
 
 
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "generic"])
@@ -198,9 +196,7 @@ def test_a_chain_of_resizes_is_atens_in_turn_and_its_argmax_the_argmax(sizes, th
     """Resizes in turn (the network's input, then the image's own; one to the same size; down after up), the rows of
     each made as the next needs them: ATen's resizes in turn bit for bit, through each compiled variant this CPU
     has, on 1 and 2 threads; and the fused labels their argmax."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         scores = spiked((2, 3, 37, 53), seed=len(sizes))
         fused = cpu_labels.kernel_rounding()
         ours = torch.ops.denseclip_fast_engine.resize_bilinear(scores, sizes, fused)
@@ -217,8 +213,6 @@ def test_a_chain_of_resizes_is_atens_in_turn_and_its_argmax_the_argmax(sizes, th
         index = torch.empty(2, *sizes[-2:], dtype=torch.int64)
         torch.ops.denseclip_fast_engine.resize_argmax_(scores, sizes, fused, best, index, 0)
         assert torch.equal(index, theirs.argmax(dim=1))
-    finally:
-        torch.set_num_threads(saved)
 
 
 @pytest.mark.parametrize(("shape", "size"), SHAPES)
@@ -384,9 +378,7 @@ def test_groups_of_rows_that_read_the_same_input_rows_split_across_threads_and_i
     """An upsampling's output rows come in groups that read the same two input rows (each class's pair read once per
     group): groups cut by a thread's range (which may start mid-image) and by the end of an image give ATen's values
     and argmax (wide rows, so that the threads get ranges of a few rows)."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         scores = spiked((3, 2, 5, 300), seed=threads)
         for sizes in ([61, 2000], [37, 900, 61, 2000]):
             theirs = aten_chain(scores, sizes)
@@ -395,8 +387,6 @@ def test_groups_of_rows_that_read_the_same_input_rows_split_across_threads_and_i
             best, index = torch.empty(3, 61, 2000), torch.empty(3, 61, 2000, dtype=torch.int64)
             torch.ops.denseclip_fast_engine.resize_argmax_(scores, sizes, cpu_labels.kernel_rounding(), best, index, 0)
             assert torch.equal(index, theirs.argmax(dim=1))
-    finally:
-        torch.set_num_threads(saved)
 
 
 def test_labels_of_no_class_are_refused():

@@ -25,7 +25,7 @@ from denseclip_fast.engine.segmenter import MAX_VOCABULARIES
 from denseclip_fast.preprocess import keep_ratio_size, load_image, normalize
 from denseclip_fast.visualize import default_palette
 
-from .conftest import NAMES, RecordedOps, randomized, rel_err, tiny_config, vit_engine_with
+from .conftest import NAMES, RecordedOps, randomized, rel_err, tiny_config, torch_threads, vit_engine_with
 
 CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1) * 255
 CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1) * 255
@@ -541,9 +541,7 @@ def test_predict_equals_the_argmax_on_exact_ties_whatever_the_threads(model, thr
         tied.decode_head.conv_seg.bias[3] = tied.decode_head.conv_seg.bias[0]
     seg = _engine(tied, mode="whole")
     image = np.random.default_rng(4).integers(0, 256, size=(200, 300, 3), dtype=np.uint8)
-    saved = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         logits = seg.logits(image)
         assert torch.equal(logits[:, 3], logits[:, 0])
         expected = logits.argmax(dim=1)
@@ -562,8 +560,6 @@ def test_predict_equals_the_argmax_on_exact_ties_whatever_the_threads(model, thr
         monkeypatch.setattr(segmenter, "label_step", lambda *a: steps.append(label_step(*a)) or steps[-1])
         assert torch.equal(seg.predict(image), expected)
         assert steps == ([4] if fused else [3]) and calls == ([0, 3] if fused else [])
-    finally:
-        torch.set_num_threads(saved)
     assert (expected == 0).any() and not (expected == 3).any()
 
 
@@ -587,9 +583,7 @@ def test_aten_resizes_finite_values_to_their_own_size_unchanged(threads):
     """What unchanged_by_resize relies on: ATen's bilinear resize of (N, 1, H, W) planes to (H, W) returns finite
     values bit for bit (negative zeros and values near the float32 limit too), whatever the shape and threads; an
     infinity comes back NaN (so the skip needs all values finite)."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         generator = torch.Generator().manual_seed(5)
         for shape in [(1, 1, 1, 1), (3, 1, 1, 7), (4, 1, 37, 129), (2, 1, 64, 683), (6, 1, 3, 1000)]:
             x = torch.randn(shape, generator=generator)
@@ -601,8 +595,6 @@ def test_aten_resizes_finite_values_to_their_own_size_unchanged(threads):
         x[0, 0, 2, 3] = float("inf")
         y = F.interpolate(x, size=(4, 5), mode="bilinear", align_corners=False)
         assert y[0, 0, 2, 3].isnan() and y.isnan().sum() == 1
-    finally:
-        torch.set_num_threads(saved)
 
 
 def test_a_resize_to_the_same_size_is_skipped_only_where_it_changes_nothing(model, monkeypatch):

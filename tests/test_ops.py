@@ -867,9 +867,7 @@ def test_cpu_score_tiles_cover_the_map_on_any_thread_count(threads, dtype, layou
     v64, t64 = _leaf(visual, torch.float64), _leaf(text, torch.float64)
     expected = reference.pixel_text_score(v64, t64, 3.0)
     expected.backward(grad.double())
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         with torch.inference_mode():
             if "concat" in layout:
                 out, norm = lib.score_concat(feature, visual, text, 3.0)
@@ -878,8 +876,6 @@ def test_cpu_score_tiles_cover_the_map_on_any_thread_count(threads, dtype, layou
             else:
                 out, norm = lib.pixel_text_score(visual, text, 3.0)
         grads = [lib.pixel_text_score_backward(grad, visual, text, 3.0, None, given) for given in (norm, None)]
-    finally:
-        torch.set_num_threads(before)
     _check_close(out, expected, dtype)
     for grad_visual, grad_text in grads:
         _check_close(grad_visual, v64.grad, dtype, 2)

@@ -66,7 +66,7 @@ from denseclip_fast.train.step import (
 )
 from denseclip_fast.train.workdir import work_dir_lock
 
-from .conftest import LEARNING_PARTS, ROOT, gradients_by_part, text_dependent_model, tiny_config
+from .conftest import LEARNING_PARTS, ROOT, gradients_by_part, text_dependent_model, tiny_config, torch_threads
 
 CLASSES = ["sky", "grass", "road"]
 COLOURS = np.array([[70, 130, 230], [40, 180, 60], [120, 120, 120]], dtype=np.float64)
@@ -799,12 +799,8 @@ def test_two_process_ddp_matches_one_process(arch_file, generic, tmp_path):
     gradients are ill-conditioned enough that a different summation order (thread count) shows up at 1e-1."""
     import torch.multiprocessing as mp
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         train(_config(arch_file, generic, tmp_path / "single", accum=2, crop=64))  # BN needs > 1 value per channel
-    finally:
-        torch.set_num_threads(threads)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
