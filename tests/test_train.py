@@ -450,6 +450,39 @@ def test_numbers_out_of_range_are_refused_naming_the_field(arch_file, generic, t
             evaluate(model, val, scales=scales)
 
 
+def test_a_value_of_the_wrong_kind_in_any_field_is_refused_by_validate_naming_it(arch_file, generic, tmp_path):
+    """Every field (walked from the dataclass, so a field added later is tried too) given values of the wrong kind
+    for its type: validate refuses each naming the field. A review found "false" for a bool field taken as true
+    (gradient checkpointing switched on, then the run's own config.json refused on resume), device 0 taken as '',
+    10**6 DataLoader workers accepted, and img_scale=96 failing in the constructor with a bare TypeError."""
+    import types
+    import typing
+
+    wrong: dict[typing.Any, list[typing.Any]] = {
+        bool: ["false", 1, None], int: ["3", 2.5, True, None], float: ["x", True, None], str: [0, None, ["a"]],
+        dict: ["notes", [1, 2]], tuple: [96, "ab", {1, 2}, None],
+    }  # fmt: skip
+    hints = typing.get_type_hints(TrainConfig)
+    base, tried = _config(arch_file, generic, tmp_path / "w"), 0
+    for spec in dataclasses.fields(TrainConfig):
+        hint = hints[spec.name]
+        kinds = [a for a in typing.get_args(hint) if a is not type(None)] if typing.get_origin(hint) in (
+            typing.Union, types.UnionType) else [hint]  # fmt: skip
+        (kind,) = kinds
+        kind = typing.get_origin(kind) or kind
+        for value in wrong[kind]:
+            if value is None and type(None) in typing.get_args(hint):
+                continue
+            with pytest.raises(ValueError, match=re.escape(spec.name)) as caught:
+                dataclasses.replace(base, **{spec.name: value}).validate()
+            assert repr(value) in str(caught.value) or spec.name in ("data", "init"), (spec.name, caught.value)
+            tried += 1
+    assert tried > 100
+    with pytest.raises(ValueError, match="num_workers must be at most 256, got 1000000"):
+        _config(arch_file, generic, tmp_path / "w", num_workers=10**6).validate()
+    _config(arch_file, generic, tmp_path / "w", num_workers=256, img_scale=[96, 48]).validate()
+
+
 def test_paths_and_numpy_integers_in_the_python_config_become_what_config_json_holds(arch_file, generic, tmp_path):
     """A pathlib.Path for data, work_dir or arch, and a numpy integer for ignore_index, passed validate() and then
     failed writing config.json mid-run (its work dir locked, config.json cut short); they are the str and int they

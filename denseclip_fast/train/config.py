@@ -33,6 +33,7 @@ from ..config import (
     preset,
 )
 from ..validation import (
+    check_bool,
     check_device,
     check_ignore_index,
     check_int,
@@ -48,6 +49,8 @@ MAX_SEED = 2**32 - 1
 # step, a batch of 1e22 images in itertools' message; 8192 is the largest side evaluation resizes to
 MAX_CROP = 8192
 MAX_BATCH = 65536
+# DataLoader worker processes per training process: 10**6 started processes until the machine gave out
+MAX_WORKERS = 256
 # values in a YAML config counted with its aliases expanded: a few lines of aliases of aliases hold 1e9 of them,
 # which printing the config or writing config.json would spell out until memory ran out
 MAX_CONFIG_VALUES = 100_000
@@ -133,10 +136,11 @@ class TrainConfig:
     # read by the trainer: a knob is a field above, and an unknown one is refused
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def __post_init__(self) -> None:
-        if self.img_scale is not None:
-            self.img_scale = tuple(self.img_scale)  # type: ignore[assignment]
-        self.ratio_range = tuple(self.ratio_range)  # type: ignore[assignment]
+    def __post_init__(self) -> None:  # a list (YAML's, JSON's) is the tuple it stands for; anything else: validate
+        if isinstance(self.img_scale, list):
+            self.img_scale = tuple(self.img_scale)
+        if isinstance(self.ratio_range, list):
+            self.ratio_range = tuple(self.ratio_range)
 
     def workers(self) -> int:
         """The DataLoader workers a process of the run starts: ``num_workers``, or, left None, this machine's
@@ -169,6 +173,17 @@ class TrainConfig:
             if not isinstance(getattr(self, name), str):
                 hint = " ('none' for random weights)" if name == "init" and value is None else ""
                 raise ValueError(f"{name} must be a str (or a path), got {type(value).__name__}: {value!r}{hint}")
+        for name in ("grad_checkpointing", "sync_bn", "cudnn_benchmark", "tensorboard"):
+            check_bool(name, getattr(self, name))  # "false" would be true
+        if not isinstance(self.device, str):  # 0 or None would be "": cuda when available
+            raise ValueError(f"device must be a str ('cpu', 'cuda', 'cuda:N'; '' for cuda when available), got "
+                             f"{self.device!r}")  # fmt: skip
+        if not isinstance(self.extra, dict):
+            raise ValueError(f"extra (notes saved in config.json) must be a mapping, got {self.extra!r}")
+        for name, example in (("img_scale", "(2048, 512)"), ("ratio_range", "(0.5, 2.0)")):
+            value = getattr(self, name)
+            if not (isinstance(value, tuple) or (value is None and name == "img_scale")):
+                raise ValueError(f"{name} must be a pair such as {example}, got {value!r}")
         self.apply_arch_defaults()
         assert self.crop is not None and self.img_scale is not None
         if self.layout not in LAYOUTS:
@@ -182,12 +197,12 @@ class TrainConfig:
         for name in ("iters", "batch_size", "accum", "checkpoint_interval", "log_interval"):
             check_int(name, getattr(self, name))
         check_int("crop", self.crop, MIN_IMAGE_SIDE, " (the stride-32 level keeps a pixel)")
-        for name, most in (("crop", MAX_CROP), ("batch_size", MAX_BATCH)):
-            if getattr(self, name) > most:
-                raise ValueError(f"{name} must be at most {most}, got {getattr(self, name)!r}")
         for name in ("eval_interval", "num_workers", "max_checkpoints", "warmup_iters"):
             if name != "num_workers" or self.num_workers is not None:  # None: the machine's default
                 check_int(name, getattr(self, name), 0)
+        for name, most in (("crop", MAX_CROP), ("batch_size", MAX_BATCH), ("num_workers", MAX_WORKERS)):
+            if getattr(self, name) is not None and getattr(self, name) > most:
+                raise ValueError(f"{name} must be at most {most}, got {getattr(self, name)!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed <= MAX_SEED:
             raise ValueError(f"seed must be an int in 0..{MAX_SEED}, got {self.seed!r}")
         self.ignore_index = check_ignore_index(self.ignore_index)  # a numpy integer: the int config.json can hold
@@ -231,6 +246,8 @@ class TrainConfig:
             raise ValueError(f"extra (notes saved in config.json) must hold JSON values (strings, finite numbers, "
                              f"true/false, null, lists, mappings; quote a YAML date): {exc}") from None  # fmt: skip
         self.model_config()
+        # a run's resume reads its config back from config.json: what from_dict would refuse there, refused now
+        TrainConfig.from_dict(json.loads(json.dumps(self.to_dict())))
 
     def check_init(self) -> None:
         """ValueError unless ``init`` is 'none' or an existing file (as ``data``: a path given must be there)."""
