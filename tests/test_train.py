@@ -1255,6 +1255,73 @@ def test_metrics_on_hand_made_cases():
         perfect.update(label[:1], label)
 
 
+def test_metrics_refuse_what_would_count_wrong(monkeypatch):
+    """SegmentationMetrics took anything (a fuzz of the public API): ignore_index "255" or a class index (1) counted
+    ignored pixels or dropped a class, float predictions were truncated to classes, out-of-range indices silently
+    dropped, names given as one string or a set (arbitrary order) keyed the wrong classes. Each is a ValueError naming
+    the argument; numpy integers and tensors of any integer dtype are what they stand for."""
+    for args, message in (((0,), "num_classes must be an int >= 1, got 0"), ((2.0,), "num_classes must be an int"),
+                          ((10**6,), "num_classes must be at most 65535"),
+                          ((3, "255"), "ignore_index must be a label value in 0..65535"),
+                          ((3, 1), "ignore_index 1 is a class index (0..2); ignored pixels need a value"),
+                          ((3, -1), "ignore_index must be a label value")):  # fmt: skip
+        with pytest.raises(ValueError, match=re.escape(message)):
+            SegmentationMetrics(*args)
+    m = SegmentationMetrics(np.int64(3), np.int64(255))
+    label = np.array([[0, 1, 255], [2, 2, 1]], dtype=np.uint8)
+    for pred, message in ((label + 0.7, "pred must hold integer class indices, got dtype float64"),
+                          (label > 0, "pred must hold integer class indices, got dtype bool"),
+                          (label.tolist(), "pred must be a numpy array or a tensor of class indices, got list"),
+                          (label.astype(np.int64) - 5, "pred holds -5, not a class index (0..2)"),
+                          (np.where(label == 2, 7, label), "pred holds 7, not a class index (0..2)")):  # fmt: skip
+        with pytest.raises(ValueError, match=re.escape(message)):
+            m.update(pred, label)
+    with pytest.raises(ValueError, match=re.escape("label holds 3, neither ignore_index 255 nor a class index (0..2)")):
+        m.update(np.zeros((2, 3), np.int64), np.where(label == 0, 3, label))
+    assert m.union.sum() == 0  # nothing was counted by a refused update
+    m.update(torch.tensor([[0, 1, -7], [2, 1, 1]], dtype=torch.int32), torch.from_numpy(label))  # ignored: any pred
+    assert m.results()["aAcc"] == pytest.approx(4 / 5) and m.pred_area.sum() == 5
+    for names in ("abc", {"a", "b", "c"}, [1, 2, 3], 5):
+        with pytest.raises(ValueError, match=re.escape("class_names must be a list of str (one name per class")):
+            m.results(names)  # type: ignore[arg-type]
+
+
+def test_evaluate_refuses_wrong_arguments_before_any_image(arch_file, generic, monkeypatch):
+    """evaluate checked only mode and scales (a fuzz of the public API): rank -1 evaluated the last image twice, a
+    rank past the world or limit 0 none (NaN metrics), flip="no" flipped, dtype torch.int64 was dropped by autocast
+    with a warning, world 2 without a process group failed in torch. Each is a ValueError naming the argument, before
+    an image is read; numpy integers are what they stand for."""
+    model, val = build_model(_config(arch_file, generic, "x"), CLASSES), SegmentationData(generic, "generic", "val")
+    read: list[int] = []
+    monkeypatch.setattr(SegmentationData, "__getitem__", lambda self, i: read.append(i))
+    for kwargs, message in (
+        ({"model": None}, "model must be a denseclip_fast.DenseCLIP, got NoneType"),
+        ({"data": "val"}, "data must be a SegmentationData (a split of a data set), got str"),
+        ({"flip": "no"}, "flip must be True or False, got 'no'"), ({"progress": 1}, "progress must be True or False"),
+        ({"dtype": torch.int64}, "dtype must be None (float32) or one of (torch.float32, torch.float16, torch.bfloat16)"
+                                 " (the autocast dtype), got torch.int64"),
+        ({"dtype": "bfloat16"}, "got the string 'bfloat16' (pass torch.bfloat16)"),
+        ({"limit": 0}, "limit must be an int >= 1 (None: every image), got 0"),
+        ({"limit": "1"}, "limit must be an int >= 1 (None: every image), got '1'"),
+        ({"limit": True}, "limit must be an int >= 1 (None: every image), got True"),
+        ({"world": 0}, "world must be an int >= 1, got 0"), ({"rank": -1}, "rank must be an int >= 0, got -1"),
+        ({"rank": 1}, "rank must be in 0..0 (world 1), got 1"), ({"rank": None}, "rank must be an int >= 0, got None"),
+        ({"world": 2}, "world 2 needs the default process group initialised (torchrun, then torch.distributed"),
+    ):  # fmt: skip
+        with pytest.raises(ValueError, match=re.escape(message)):
+            evaluate(**{"model": model, "data": val, "mode": "whole", **kwargs})
+    import torch.distributed as dist
+
+    for name, value in (("is_initialized", True), ("get_rank", 1), ("get_world_size", 2)):
+        monkeypatch.setattr(dist, name, lambda value=value: value)
+    with pytest.raises(ValueError, match=re.escape("rank 0 and world 2 must be the process group's: rank 1 of 2")):
+        evaluate(model, val, rank=0, world=2)
+    assert read == []
+    monkeypatch.undo()
+    result = evaluate(model, val, mode="whole", limit=np.int64(1), rank=np.int64(0), world=np.int64(1))
+    assert result["images"] == 1 and type(result["images"]) is int
+
+
 def test_metrics_equal_mmseg_on_ade20k_labels(tmp_path):
     """Areas and metrics of raw ADE20K label files against mmseg's definitions, computed here independently: the
     uint8 label with 0 -> 255, minus 1 (wrapping), 254 -> 255; pixels of ignore_index 255 dropped; per-class areas
@@ -1324,7 +1391,8 @@ def test_a_distributed_evaluation_error_reaches_every_process(arch_file, tmp_pat
     data = make_generic(tmp_path / "g", n=2, splits=False)
     model = build_model(_config(arch_file, data, "x"), CLASSES)
     other_failed = []
-    monkeypatch.setattr(dist, "get_backend", lambda: "gloo")
+    for name, value in (("get_backend", "gloo"), ("is_initialized", True), ("get_rank", 0), ("get_world_size", 2)):
+        monkeypatch.setattr(dist, name, lambda value=value: value)
     monkeypatch.setattr(dist, "all_reduce", lambda t: t[-1:].add_(int(bool(other_failed))))
     val = SegmentationData(data, "generic", "val")
     assert evaluate(model, val, rank=0, world=2)["images"] == 2  # fine everywhere: a result

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import reprlib
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, TypedDict, cast
@@ -23,7 +24,7 @@ from ..config import MIN_IMAGE_SIDE
 from ..model import DenseCLIP
 from ..model.denseclip import check_test_image_size
 from ..preprocess import image_size, normalize_keep_ratio, to_tensor
-from ..validation import finite_real
+from ..validation import MAX_LABEL, as_int, check_bool, check_ignore_index, finite_real, given_dtype
 from .data import IGNORE, SegmentationData
 
 
@@ -58,10 +59,29 @@ def _host_array(x: np.ndarray | torch.Tensor) -> np.ndarray:
     return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
+def _class_indices(name: str, x: object) -> np.ndarray:
+    """``x`` (a numpy array or a tensor on any device) as an int64 array; ValueError naming ``name`` unless it
+    holds integers (float predictions would be truncated to classes, booleans counted as classes 0 and 1)."""
+    if not isinstance(x, (np.ndarray, torch.Tensor)):
+        raise ValueError(f"{name} must be a numpy array or a tensor of class indices, got {type(x).__name__}")
+    array = _host_array(x)
+    if array.dtype == np.bool_ or not np.issubdtype(array.dtype, np.integer):
+        raise ValueError(f"{name} must hold integer class indices, got dtype {x.dtype}")
+    return array.astype(np.int64, copy=False)
+
+
 class SegmentationMetrics:
     """Accumulates intersection/union/prediction/label areas per class."""
 
     def __init__(self, num_classes: int, ignore_index: int = IGNORE) -> None:
+        num_classes = as_int("num_classes", num_classes)
+        if num_classes > MAX_LABEL:
+            raise ValueError(f"num_classes must be at most {MAX_LABEL} (a label PNG's largest value), got "
+                             f"{num_classes}")  # fmt: skip
+        ignore_index = check_ignore_index(ignore_index)
+        if ignore_index < num_classes:  # as SegmentationData's: its class's pixels would silently not count
+            raise ValueError(f"ignore_index {ignore_index} is a class index (0..{num_classes - 1}); ignored pixels "
+                             "need a value >= num_classes (255; 65535 in 16-bit labels)")  # fmt: skip
         self.num_classes, self.ignore_index = num_classes, ignore_index
         self.intersect = np.zeros(num_classes, dtype=np.int64)
         self.union = np.zeros(num_classes, dtype=np.int64)
@@ -69,13 +89,19 @@ class SegmentationMetrics:
         self.label_area = np.zeros(num_classes, dtype=np.int64)
 
     def update(self, pred: np.ndarray | torch.Tensor, label: np.ndarray | torch.Tensor) -> None:
-        """Add one image's (or batch's) areas; tensors may be on any device."""
-        pred, label = (_host_array(x).astype(np.int64) for x in (pred, label))
+        """Add one image's (or batch's) areas; tensors may be on any device. ValueError for a class index outside
+        0..num_classes-1 where the label is not ignore_index (it would not be counted)."""
+        pred, label = _class_indices("pred", pred), _class_indices("label", label)
         if pred.shape != label.shape:
             raise ValueError(f"prediction {pred.shape} and label {label.shape} must have the same shape")
         keep = label != self.ignore_index
-        pred, label = pred[keep], label[keep]
+        pred, label = pred[keep], label[keep]  # an ignored pixel's prediction is not counted, whatever it is
         k = self.num_classes
+        for name, values, what in (("pred", pred, "not a class index"),
+                                   ("label", label, f"neither ignore_index {self.ignore_index} nor a class index")):
+            if values.size and not 0 <= values.min() <= values.max() < k:
+                bad = values.min() if values.min() < 0 else values.max()
+                raise ValueError(f"{name} holds {bad}, {what} (0..{k - 1})")
         inter = np.bincount(label[pred == label], minlength=k)[:k]
         area_pred = np.bincount(pred, minlength=k)[:k]
         area_label = np.bincount(label, minlength=k)[:k]
@@ -102,6 +128,10 @@ class SegmentationMetrics:
     def results(self, class_names: Sequence[str] | None = None) -> Metrics:
         """mIoU, mAcc, aAcc and ``per_class``: {key: {"IoU", "Acc"}} in class order (None for NaN), keyed as
         per_class_keys words ``class_names`` (default: the class indices)."""
+        if class_names is not None and (isinstance(class_names, str) or not isinstance(class_names, Sequence)
+                                        or not all(isinstance(name, str) for name in class_names)):  # fmt: skip
+            raise ValueError(f"class_names must be a list of str (one name per class, in class order), got "
+                             f"{reprlib.repr(class_names)}")  # fmt: skip
         if class_names is not None and len(class_names) != self.num_classes:
             raise ValueError(f"class_names has {len(class_names)} names but the metrics have {self.num_classes} "
                              "classes")  # fmt: skip
@@ -248,6 +278,41 @@ def predict_probabilities(
     return total / (len(scales) * (2 if flip else 1))
 
 
+AUTOCAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_evaluate_arguments(
+    model: object, data: object, flip: object, dtype: object, limit: object, progress: object, rank: object,
+    world: object,
+) -> tuple[int | None, int, int]:
+    """ValueError naming the first of evaluate's arguments that is wrong (a rank outside the world evaluated an image
+    twice or none, a flip of "no" flipped); ``limit``, ``rank`` and ``world`` as plain ints."""
+    if not isinstance(model, DenseCLIP):
+        raise ValueError(f"model must be a denseclip_fast.DenseCLIP, got {type(model).__name__}")
+    if not isinstance(data, SegmentationData):
+        raise ValueError(f"data must be a SegmentationData (a split of a data set), got {type(data).__name__}")
+    check_bool("flip", flip)
+    check_bool("progress", progress)
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype in AUTOCAST_DTYPES):
+        raise ValueError(f"dtype must be None (float32) or one of {AUTOCAST_DTYPES} (the autocast dtype), got "
+                         f"{given_dtype(dtype, AUTOCAST_DTYPES)}")  # fmt: skip
+    count = None if limit is None else as_int("limit", limit, 1, " (None: every image)")
+    world = as_int("world", world)
+    rank = as_int("rank", rank, 0)
+    if rank >= world:
+        raise ValueError(f"rank must be in 0..{world - 1} (world {world}), got {rank}")
+    if world > 1:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise ValueError(f"world {world} needs the default process group initialised (torchrun, then "
+                             "torch.distributed.init_process_group); it is not")  # fmt: skip
+        if (rank, world) != (dist.get_rank(), dist.get_world_size()):
+            raise ValueError(f"rank {rank} and world {world} must be the process group's: rank {dist.get_rank()} of "
+                             f"{dist.get_world_size()}")  # fmt: skip
+    return count, rank, world
+
+
 def evaluate(
     model: DenseCLIP,
     data: SegmentationData,
@@ -264,6 +329,7 @@ def evaluate(
     """Metrics of ``model`` (in eval mode while it runs) over ``data`` (a "val" SegmentationData). With
     ``world`` > 1 (an initialised process group) each process takes every world-th image and the areas are summed
     over the processes; every process returns the same result."""
+    limit, rank, world = _check_evaluate_arguments(model, data, flip, dtype, limit, progress, rank, world)
     if model.num_classes != len(data.class_names):
         raise ValueError(
             f"the model has {model.num_classes} classes but the data set has {len(data.class_names)} "
