@@ -288,7 +288,7 @@ def meant_arch(arch: object) -> str:
 
 def canonical_arch(arch: str) -> str:
     """``'ViT-B-16'`` -> ``'ViT-B/16'``; raises ValueError for an unknown name."""
-    if arch not in ARCH_ALIASES:
+    if not isinstance(arch, str) or arch not in ARCH_ALIASES:
         raise ValueError(f"arch must be one of {list(ARCHS)}, got {arch!r}{meant_arch(arch)}")
     return "ViT-B/16" if ARCH_ALIASES[arch] == "ViT-B-16" else arch
 

@@ -451,6 +451,9 @@ def test_arch_requested_by_any_of_its_names():
         check_arch(vit, "RN50", "x.pth")
     with pytest.raises(ValueError, match=r"arch must be one of .*got 'ViT-L/14'"):
         check_arch(vit, "ViT-L/14", "x.pth")
+    for wrong in (["RN50"], {"RN50"}, None, 50):  # a list was "unhashable type: 'list'"
+        with pytest.raises(ValueError, match=re.escape(f"arch must be one of {list(dcf.config.ARCHS)}, got {wrong!r}")):
+            dcf.preset(wrong)  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------------------------------------------ own format

@@ -175,12 +175,14 @@ def test_what_the_archive_tells_is_refused_before_torchs_loader_runs(package, tm
             load_aoti(cuda, device_index=2)
         with pytest.raises(AssertionError, match="torch's loader ran"):  # the control: GPU 1 of 2 gets to it
             load_aoti(cuda, device_index=1)
-    for wrong in ("0", True, -2, 1.0):
+    for wrong in ("0", True, -2, 1.0, np.int64(-2), np.True_):
         with pytest.raises(ValueError, match=r"device_index must be -1 \(the package's own device\) or a CUDA "):
             load_aoti(package, device_index=wrong)  # type: ignore[arg-type]
     with pytest.raises(AssertionError, match="torch's loader ran"):  # and so does a good CPU package
         load_aoti(package)
-    assert loaded == [str(cuda), str(package)]
+    with pytest.raises(AssertionError, match="torch's loader ran"):  # a numpy integer is the int it stands for
+        load_aoti(package, device_index=np.int64(-1))
+    assert loaded == [str(cuda), str(package), str(package)]
 
 
 @pytest.mark.slow

@@ -96,6 +96,9 @@ def test_open_vocab_and_text_features(tiny):
     assert torch.allclose(same, feats["score_map"], atol=1e-6)
     assert torch.allclose(text, tiny.class_embeddings(), atol=1e-6)
     assert tiny.text_features(["dog"]).shape == (1, 48)
+    for wrong in ("no", None, 0):  # "no" was true (and refused the names as alike), None and 0 false
+        with pytest.raises(ValueError, match=f"^distinct must be True or False, got {wrong!r}$"):
+            tiny.text_features(["dog", "Dog"], distinct=wrong)
 
 
 def test_a_slide_window_smaller_than_the_network_takes_names_the_crop(tiny):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -51,6 +52,12 @@ def test_averaging_and_chunking():
     for bad in (0, 1.5, True, "2"):
         with pytest.raises(ValueError, match=f"windows_per_batch must be an int >= 1 or None, got {bad!r}"):
             slide_inference(fake, x, crop=32, stride=20, windows_per_batch=bad)
+    # numpy integers (sizes computed with numpy) are the ints they stand for, as the Segmenter's crop and stride
+    # (they were refused: "crop must be a positive int ..., got np.int64(32)")
+    calls.clear()
+    numpy = slide_inference(fake, x, crop=np.int64(32), stride=(np.int32(20), 20), windows_per_batch=np.int64(2))
+    assert torch.equal(numpy, out) and calls[0] == 4 and sum(calls) == 2 * n_windows
+    assert slide_windows(40, 70, np.int64(32), np.uint8(20)) == slide_windows(40, 70, 32, 20)
 
 
 @pytest.mark.parametrize("crop, stride, match", [(0, 10, "crop must be"), (32, (1, 2, 3), "stride must be"),

@@ -280,9 +280,12 @@ class AOTIPackage:
         path = path_argument(path)
         if not os.path.isfile(path):
             raise ValueError(f"path {path!r} {not_a_file(path)}; expected an AOTInductor package (.pt2)")
+        given = device_index
+        if isinstance(device_index, numbers.Integral) and not isinstance(device_index, bool):
+            device_index = int(device_index)  # a numpy integer: the int torch's loader takes
         if type(device_index) is not int or device_index < -1:
             raise ValueError(
-                f"device_index must be -1 (the package's own device) or a CUDA device index >= 0, got {device_index!r}"
+                f"device_index must be -1 (the package's own device) or a CUDA device index >= 0, got {given!r}"
             )
         self.path = path
         _check_loadable(path, device_index)

@@ -8,20 +8,21 @@ cover each pixel. All windows have the same size, so they are evaluated as one b
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 
 import torch
 
-from ..validation import check_int
+from ..validation import as_int
 
 Window = tuple[int, int, int, int]  # y1, y2, x1, x2
 
 
 def _pair(value: int | tuple[int, int], name: str) -> tuple[int, int]:
     pair = (value, value) if not isinstance(value, (tuple, list)) else tuple(value)
-    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in pair):
+    if len(pair) != 2 or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v > 0 for v in pair):
         raise ValueError(f"{name} must be a positive int or a pair of positive ints, got {value!r}")
-    return pair
+    return int(pair[0]), int(pair[1])  # a numpy integer (a size computed with numpy) is the int it stands for
 
 
 def two_thirds_stride(side: int) -> int:
@@ -74,7 +75,7 @@ def slide_inference(
     b, _, height, width = x.shape
     windows = slide_windows(height, width, crop, stride)
     step = len(windows) if windows_per_batch is None else windows_per_batch
-    check_int("windows_per_batch", step, why=" or None")
+    step = as_int("windows_per_batch", step, why=" or None")
     total: torch.Tensor | None = None
     count = x.new_zeros((1, 1, height, width))
     for start in range(0, len(windows), step):
