@@ -24,6 +24,9 @@ CLIP_VOCAB_SIZE = 49408  # CLIP's BPE vocabulary: the tokenizer's ids run to 494
 MIN_IMAGE_SIDE = 32  # the stride-32 level must keep at least one pixel
 # an exported graph's fixed image size, at most: its output alone (150 float32 score maps of 8192 x 8192) is 40 GB
 MAX_EXPORT_SIDE = 8192
+# every int of a configuration (widths, depths, heads, lengths, sizes), at most: a sanity bound, far above any CLIP's
+# (embed_dim 10**30 ended in torch's "Overflow when unpacking long" building the model)
+MAX_CONFIG_INT = 2**20
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -53,10 +56,10 @@ class VisionConfig:
             raise ValueError(f"vision.kind must be 'resnet' or 'vit', got {self.kind!r}")
         _set_tuple(self, "layers", _int_tuple("vision.layers", self.layers, 4 if self.kind == "resnet" else 1))
         _set_tuple(self, "out_indices", _int_tuple("vision.out_indices", self.out_indices, 4, minimum=0))
-        check_int("vision.width", self.width)
-        check_int("vision.heads", self.heads)
-        check_int("vision.input_resolution", self.input_resolution)
-        check_int("vision.patch_size", self.patch_size, minimum=0)
+        _check_size("vision.width", self.width)
+        _check_size("vision.heads", self.heads)
+        _check_size("vision.input_resolution", self.input_resolution)
+        _check_size("vision.patch_size", self.patch_size, minimum=0)
         _check_number("vision.drop_path_rate", self.drop_path_rate, 0.0, 1.0, high_open=True)
         if not isinstance(self.double_class_embedding, bool):
             raise ValueError(
@@ -110,12 +113,12 @@ class TextConfig:
     layers: int = 12
 
     def __post_init__(self) -> None:
-        check_int("text.context_length", self.context_length)
-        check_int("text.n_ctx", self.n_ctx, minimum=0)
-        check_int("text.vocab_size", self.vocab_size, minimum=CLIP_VOCAB_SIZE, why=" (the tokenizer's vocabulary)")
-        check_int("text.width", self.width)
-        check_int("text.heads", self.heads)
-        check_int("text.layers", self.layers)
+        _check_size("text.context_length", self.context_length)
+        _check_size("text.n_ctx", self.n_ctx, minimum=0)
+        _check_size("text.vocab_size", self.vocab_size, minimum=CLIP_VOCAB_SIZE, why=" (the tokenizer's vocabulary)")
+        _check_size("text.width", self.width)
+        _check_size("text.heads", self.heads)
+        _check_size("text.layers", self.layers)
         if self.width % self.heads:
             raise ValueError(f"text.width {self.width} is not divisible by text.heads {self.heads}")
         if self.class_token_length < 3:
@@ -140,9 +143,9 @@ class DecoderConfig:
     dropout: float = 0.1
 
     def __post_init__(self) -> None:
-        check_int("decoder.width", self.width)
-        check_int("decoder.heads", self.heads)
-        check_int("decoder.layers", self.layers)
+        _check_size("decoder.width", self.width)
+        _check_size("decoder.heads", self.heads)
+        _check_size("decoder.layers", self.layers)
         _check_number("decoder.dropout", self.dropout, 0.0, 1.0)
         if self.width % self.heads:
             raise ValueError(f"decoder.width {self.width} is not divisible by decoder.heads {self.heads}")
@@ -183,16 +186,16 @@ class DenseCLIPConfig:
         kind = "vit" if ARCH_ALIASES.get(self.arch) == "ViT-B-16" else "resnet"
         if self.arch in ARCH_ALIASES and self.vision.kind != kind:  # a released name; any other is a free label
             raise ValueError(f"arch {self.arch!r} has vision.kind {kind!r}, got {self.vision.kind!r}")
-        check_int("embed_dim", self.embed_dim)
-        check_int("fpn_channels", self.fpn_channels)
-        check_int("head_channels", self.head_channels)
+        _check_size("embed_dim", self.embed_dim)
+        _check_size("fpn_channels", self.fpn_channels)
+        _check_size("head_channels", self.head_channels)
         _check_number("head_dropout", self.head_dropout, 0.0, 1.0)
-        check_int("score_concat_index", self.score_concat_index, minimum=0)
+        _check_size("score_concat_index", self.score_concat_index, minimum=0)
         if self.score_concat_index > 3:
             raise ValueError(f"score_concat_index must be in 0..3, got {self.score_concat_index}")
         _check_number("tau", self.tau, 0.0, math.inf, low_open=True, high_open=True)
-        check_int("slide_crop", self.slide_crop, minimum=MIN_IMAGE_SIDE, why=" (the stride-32 level keeps a pixel)")
-        check_int("slide_stride", self.slide_stride)
+        _check_size("slide_crop", self.slide_crop, minimum=MIN_IMAGE_SIDE, why=" (the stride-32 level keeps a pixel)")
+        _check_size("slide_stride", self.slide_stride)
         if self.slide_stride > self.slide_crop:
             raise ValueError(f"slide_stride must not exceed slide_crop {self.slide_crop} (the windows would leave "
                              f"pixels out), got {self.slide_stride}")  # fmt: skip
@@ -236,12 +239,22 @@ def _check_number(
         raise ValueError(f"{name} must be a number in {interval}, got {value!r}")
 
 
+def _check_size(name: str, value: object, minimum: int = 1, why: str = "") -> None:
+    """:func:`check_int`, and at most MAX_CONFIG_INT."""
+    check_int(name, value, minimum, why)
+    if value > MAX_CONFIG_INT:  # type: ignore[operator]
+        raise ValueError(f"{name} must be at most {MAX_CONFIG_INT} (a sanity bound), got {value!r}")
+
+
 def _int_tuple(name: str, value: Any, length: int, minimum: int = 1, why: str = "") -> tuple[int, ...]:
-    """``value`` (a tuple or list of ``length`` ints >= ``minimum``) as a tuple, or ValueError naming ``name``."""
+    """``value`` (a tuple or list of ``length`` ints >= ``minimum``, at most MAX_CONFIG_INT) as a tuple, or
+    ValueError naming ``name``."""
     ok = isinstance(value, (tuple, list)) and len(value) == length
     if not ok or not all(isinstance(v, int) and not isinstance(v, bool) and v >= minimum for v in value):
         ints = "1 int" if length == 1 else f"{length} ints"
         raise ValueError(f"{name} must be a list of {ints} >= {minimum}{why}, got {value!r}")
+    if max(value) > MAX_CONFIG_INT:
+        raise ValueError(f"{name} must hold ints of at most {MAX_CONFIG_INT} (a sanity bound), got {value!r}")
     return tuple(value)
 
 

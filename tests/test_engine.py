@@ -1374,6 +1374,11 @@ def test_warmup_refuses_what_logits_would(model):
     seg.warmup(torch.tensor([64, 80]), raw=False)
     with pytest.raises(ValueError, match=r"size must be \(height, width\)"):
         seg.warmup(np.array([64, 80, 3]))
+    # past int64 (torch's "Overflow when unpacking long"), past any storage: named, with torch's reason
+    for size, batch in (((64, 80), 10**30), ((10**30, 10**30), 1), ((10**12, 10**12), 1)):
+        with pytest.raises(ValueError, match=re.escape(f"size {size} and batch {batch}: a blank batch of that size "
+                                                       "cannot be made here (")):  # fmt: skip
+            seg.warmup(size, batch, raw=False)
 
 
 def test_a_model_or_labels_without_values_are_refused(model):

@@ -307,6 +307,9 @@ def test_unsupported_export_requests_say_what_is_wrong(tiny, tmp_path):
         to_onnx(tiny, tmp_path / "x.onnx", image_size=(64, 64, 3))
     with pytest.raises(ValueError, match=r"image_size must be an int or \(H, W\) ints, got \(True, 64\)"):
         to_onnx(tiny, tmp_path / "x.onnx", image_size=(True, 64))
+    for unordered in ({48, 64}, {48: 64}):  # which would be H, which W? (a set was taken in its own order)
+        with pytest.raises(ValueError, match=re.escape(f"image_size must be an int or (H, W) ints, got {unordered!r}")):
+            to_onnx(tiny, tmp_path / "x.onnx", image_size=unordered)  # type: ignore[arg-type]
     # NumPy's ints (an image's shape[:2]) are ints: as plain ints, not refused as "not ints"
     assert check_image_size(tiny, np.array([40, 56])[::-1]) == check_image_size(tiny, (56, 40)) == (56, 40)
     assert type(check_image_size(tiny, np.int64(48))[0]) is int

@@ -816,10 +816,17 @@ class Segmenter:
         check_bool("raw", raw)
         if raw:  # host images, as numpy arrays and PIL images come (staged in page-locked memory on CUDA)
             check_test_image_size((height, width), self.model.config.test_scale, "size")
-            images = torch.zeros((batch, height, width, 3), dtype=torch.uint8)
         else:
             check_image_size((height, width), "size")
-            images = torch.zeros((batch, 3, height, width), dtype=self.dtype, device=self.device)
+        try:
+            if raw:
+                images = torch.zeros((batch, height, width, 3), dtype=torch.uint8)
+            else:
+                images = torch.zeros((batch, 3, height, width), dtype=self.dtype, device=self.device)
+        except (RuntimeError, TypeError) as exc:  # past memory, or past int64 ("Overflow when unpacking long")
+            reason = str(exc).strip().split("\n", 1)[0]
+            raise ValueError(f"size {(height, width)} and batch {batch}: a blank batch of that size cannot be made "
+                             f"here ({reason})") from exc  # fmt: skip
         # finished as predict finishes: its resizes a chunk of classes at a time (a photo's full-size float32 scores
         # for all classes would take gigabytes, which predict never holds), its buffers' first allocation paid
         if names is not None:

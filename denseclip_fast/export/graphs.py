@@ -16,7 +16,8 @@ from __future__ import annotations
 import numbers
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 from typing import Literal
 
@@ -87,9 +88,11 @@ def check_image_size(model: DenseCLIP, image_size: int | Sequence[int] | None) -
     size the network sees in the official slide inference)."""
     if image_size is None:
         return model.config.slide_crop, model.config.slide_crop
-    try:  # ints of any kind (a NumPy shape's, e.g.), not bools
+    try:  # ints of any kind (a NumPy shape's, e.g.), not bools; not a set's (which would be H and which W?)
         size = (image_size, image_size) if isinstance(image_size, numbers.Integral) else tuple(image_size)  # type: ignore[arg-type]
     except TypeError:  # a float, ...: not iterable
+        size = ()
+    if isinstance(image_size, (AbstractSet, Mapping)):
         size = ()
     if len(size) != 2 or not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) for s in size):
         raise ValueError(f"image_size must be an int or (H, W) ints, got {image_size!r}")
