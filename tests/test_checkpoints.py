@@ -783,6 +783,9 @@ def test_class_names_argument_is_checked(native_file, class_names, match):
     with pytest.raises(ValueError, match=match):
         dcf.load_checkpoint(native_file, class_names=class_names)
     assert dcf.load_checkpoint(native_file, class_names=(n for n in "xyz")).class_names == ["x", "y", "z"]
+    # a numpy array's names are the plain strings (they were kept as np.str_, shown as np.str_('x') in messages)
+    names = dcf.load_checkpoint(native_file, class_names=np.array(["x", "y", "z"])).class_names
+    assert names == ["x", "y", "z"] and all(type(name) is str for name in names)
 
 
 @pytest.mark.parametrize("path, shown", [(b"/some/file.pth", "bytes: b'/some/file.pth'"), (None, "NoneType: None"),

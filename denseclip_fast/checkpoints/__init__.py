@@ -209,7 +209,7 @@ def _class_names_argument(class_names: Any) -> list[str]:
     for i, name in enumerate(names):
         if not isinstance(name, str):
             raise ValueError(f"class_names[{i}] must be a string, got {type(name).__name__}: {reprlib.repr(name)}")
-    return names
+    return [str(name) for name in names]  # a numpy array's np.str_ values: the plain strings (repr 'cat', not np.str_)
 
 
 # CLIP weights given where a DenseCLIP checkpoint goes (segment, export, info, eval): the command line's way from them
