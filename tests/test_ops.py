@@ -1907,6 +1907,28 @@ def test_attention_inputs_of_mixed_dtypes_or_devices_or_no_head_dim_are_refused_
         ops.context_attention(empty, empty, empty)
 
 
+def test_sparse_or_nested_inputs_are_refused_naming_them():
+    """A sparse or nested tensor met the dispatcher's "Could not run 'denseclip_fast::pixel_text_score' with arguments
+    from the 'SparseCPU' backend" (the reference backend: "norm_sparse currently only supports full reductions");
+    each is a ValueError naming the argument, on every backend."""
+    visual, text, q = torch.randn(2, 8, 5, 6), torch.randn(3, 8), torch.randn(1, 2, 3, 8)
+    for backend in (None, "reference"):
+        for args, name in (((visual.to_sparse(), text), "visual"), ((visual, text.to_sparse()), "text")):
+            for call in (lambda: ops.pixel_text_score(*args, backend=backend),
+                         lambda: ops.score_concat(visual, *args, backend=backend)):  # fmt: skip
+                with pytest.raises(ValueError, match=f"^{name} must be a dense \\(strided\\) tensor, got layout"):
+                    call()
+        with pytest.raises(ValueError, match=r"^feature must be a dense \(strided\) tensor, got layout torch.sparse"):
+            ops.score_concat(visual.to_sparse(), visual, text, backend=backend)
+        nested = torch.nested.nested_tensor([torch.randn(2, 3, 8), torch.randn(2, 4, 8)], layout=torch.jagged)
+        for i, name in enumerate("qkv"):
+            for bad, what in ((q.to_sparse(), "layout torch.sparse_coo"), (nested, "a nested tensor")):
+                args = [q, q, q]
+                args[i] = bad
+                with pytest.raises(ValueError, match=re.escape(f"{name} must be a dense (strided) tensor, got {what}")):
+                    ops.context_attention(*args, backend=backend)
+
+
 def test_the_raw_operators_check_their_inputs_too():
     """torch.ops.denseclip_fast.* called directly (bypassing the Python checks) raise RuntimeError, never crash."""
     lib = torch.ops.denseclip_fast

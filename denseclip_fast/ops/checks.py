@@ -23,8 +23,13 @@ FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 def check_float(name: str, t: torch.Tensor) -> None:
+    """A float tensor of the operators' dtypes, dense (strided: a sparse or nested one met 'Could not run ... with
+    arguments from the SparseCPU backend'; meta and fake tensors are dense, as tracing makes them)."""
     if t.dtype not in FLOAT_DTYPES:  # not the float8 types either
         raise ValueError(f"{name} must be a float32, float64, float16 or bfloat16 tensor, got dtype {t.dtype}")
+    if t.layout != torch.strided or t.is_nested:
+        what = "a nested tensor" if t.is_nested else f"layout {t.layout}"
+        raise ValueError(f"{name} must be a dense (strided) tensor, got {what} (.to_dense() makes one)")
 
 
 def check_scale(scale: object) -> float:
@@ -75,6 +80,7 @@ def check_concat_feature(feature: torch.Tensor, visual: torch.Tensor) -> None:
     """score_concat's feature: (B, C_feat, H, W) with visual's B, H, W, dtype and device."""
     if not isinstance(feature, torch.Tensor) or feature.dim() != 4:
         raise ValueError(f"feature must be a (B, C_feat, H, W) tensor, got {describe(feature)}")
+    check_float("feature", feature)
     if (feature.shape[0], *feature.shape[2:]) != (visual.shape[0], *visual.shape[2:]):
         raise ValueError(f"feature {tuple(feature.shape)} and visual {tuple(visual.shape)} must agree in B, H and W")
     if feature.dtype != visual.dtype or feature.device != visual.device:
