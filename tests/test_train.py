@@ -675,7 +675,8 @@ def test_scales_advice_passes_and_ints_past_float_are_refused():
     assert check_scales([0.0534], (2048, 600)) == [0.0534]
     with pytest.raises(ValueError, match="scales must be finite ratios > 0 of the test scale, got 1"):
         check_scales([2**1100], (2048, 600))
-    for scales in ([], "1.0", 1.0):  # a number or a string is no sequence of ratios (a string's would be its digits)
+    # a number or a string is no sequence of ratios (a string's would be its digits), nor a mapping (its keys)
+    for scales in ([], "1.0", 1.0, {1.0: 1}):
         with pytest.raises(ValueError, match=re.escape(f"scales must be a non-empty sequence of ratios of the test "
                                                        f"scale, e.g. (0.5, 1.0), got {scales!r}")):  # fmt: skip
             check_scales(scales, (2048, 600))
@@ -786,8 +787,10 @@ def test_channels_last_training_matches_nchw_and_resumes(arch_file, generic, tmp
     assert model.backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     assert memory_format(TrainConfig(), torch.device("cpu")) == torch.contiguous_format
     assert memory_format(TrainConfig(), torch.device("cuda")) == torch.channels_last
-    with pytest.raises(ValueError, match="channels_last must be true, false or null"):
-        _config(arch_file, generic, tmp_path, channels_last="yes").validate()
+    for wrong in ("yes", 1, np.False_):  # np.False_ == False passed, then config.json could not hold it
+        with pytest.raises(ValueError, match=re.escape(f"channels_last must be true, false or null (on CUDA only), "
+                                                       f"got {wrong!r}")):  # fmt: skip
+            _config(arch_file, generic, tmp_path, channels_last=wrong).validate()
 
 
 @pytest.mark.slow

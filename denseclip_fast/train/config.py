@@ -236,7 +236,7 @@ class TrainConfig:
             raise ValueError(f"amp must be 'bf16', 'fp16' or 'none', got {self.amp!r}")
         if self.norm_decay not in ("all", "official"):
             raise ValueError(f"norm_decay must be 'all' or 'official', got {self.norm_decay!r}")
-        if self.channels_last not in (None, True, False):
+        if not (self.channels_last is None or isinstance(self.channels_last, bool)):  # not 1, np.False_ (not JSON)
             raise ValueError(f"channels_last must be true, false or null (on CUDA only), got {self.channels_last!r}")
         if self.eval_mode not in ("whole", "slide"):
             raise ValueError(f"eval_mode must be 'whole' or 'slide', got {self.eval_mode!r}")

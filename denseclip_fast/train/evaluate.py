@@ -204,8 +204,8 @@ MAX_SCALED_SIDE = 8192
 def check_scales(scales: Sequence[float], test_scale: Sequence[int], name: str = "scales") -> list[float]:
     """``scales`` as a list of floats if each is a finite ratio > 0 at which the test scale keeps the network's
     MIN_IMAGE_SIDE pixels on its short side (below it no image could be evaluated); ValueError naming ``name``."""
-    try:
-        ratios = [] if isinstance(scales, str) else list(scales)
+    try:  # a mapping's keys are no ratios given
+        ratios = [] if isinstance(scales, (str, Mapping)) else list(scales)
     except TypeError:
         ratios = []
     if not ratios:
