@@ -1104,6 +1104,12 @@ def test_graph_cache_captures_each_shape_once_and_evicts():
         GraphCache(fn, max_graphs=0)
     with pytest.raises(ValueError, match="capture_after must be an int >= 1"):
         GraphCache(fn, capture_after=0)
+    for most in (1001, 10**30):  # Segmenter.warmup runs capture_after forwards: 10**30 was a warmup without end
+        with pytest.raises(ValueError, match=re.escape(f"capture_after must be at most 1000 (warmup runs that many "
+                                                       f"forwards to capture a shape; cuda_graphs=False captures "
+                                                       f"none), got {most}")):  # fmt: skip
+            GraphCache(fn, capture_after=most)
+    assert GraphCache(fn, capture_after=1000).capture_after == 1000
 
 
 def test_graph_cache_converts_an_input_in_the_copy_to_its_static_input():

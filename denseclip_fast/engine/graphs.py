@@ -75,6 +75,10 @@ class CapturedForward:
         return self.static_output
 
 
+# capture_after, at most: warmup runs capture_after forwards of a shape (10**30 was accepted: a warmup without end)
+MAX_CAPTURE_AFTER = 1000
+
+
 class GraphCache:
     """``cache(x)`` runs ``fn(x)`` through the graph captured for x's signature, capturing it on the
     ``capture_after``-th call with that signature (the calls before run ``fn`` eagerly).
@@ -86,7 +90,8 @@ class GraphCache:
         max_graphs: how many signatures keep a graph; the least recently used is dropped beyond.
         capture_after: a capture costs two warm-up forwards, the capture and a device synchronisation; a stream of
             ever-new sizes (keep-ratio resized images in whole mode) would pay that on every call and reuse
-            nothing, so a signature is captured once it has come back (2, the default), or at once (1).
+            nothing, so a signature is captured once it has come back (2, the default), or at once (1). At most
+            MAX_CAPTURE_AFTER: Segmenter.warmup runs that many forwards (for no graphs at all, enabled=False).
 
     A capture that fails (a RuntimeError: out of memory, an operation a graph cannot hold) is said once in an
     EngineFallbackWarning (a RuntimeWarning), and that signature runs eagerly from then on (until :meth:`clear`): the
@@ -105,6 +110,9 @@ class GraphCache:
         self.enabled = enabled
         self.capture = capture or (lambda f, x, pool: CapturedForward(f, x, pool))
         self.max_graphs, self.capture_after = as_int("max_graphs", max_graphs), as_int("capture_after", capture_after)
+        if self.capture_after > MAX_CAPTURE_AFTER:
+            raise ValueError(f"capture_after must be at most {MAX_CAPTURE_AFTER} (warmup runs that many forwards to "
+                             f"capture a shape; cuda_graphs=False captures none), got {capture_after!r}")  # fmt: skip
         self.graphs: OrderedDict[tuple[Any, ...], Forward] = OrderedDict()
         self.sightings: OrderedDict[tuple[Any, ...], int] = OrderedDict()  # eager calls of signatures not captured
         self.captures = 0
