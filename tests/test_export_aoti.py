@@ -14,6 +14,7 @@ import tempfile
 import zipfile
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 from unittest import mock
 
@@ -388,7 +389,7 @@ def _write_ppm(path, image: np.ndarray) -> None:
 
 
 def _read_pgm(path) -> np.ndarray:
-    data = open(path, "rb").read()
+    data = Path(path).read_bytes()
     magic, w, h, maxval, rest = data.split(maxsplit=4)
     assert magic == b"P5" and int(maxval) == 255
     return np.frombuffer(rest, dtype=np.uint8).reshape(int(h), int(w))

@@ -299,7 +299,7 @@ def test_a_failed_save_leaves_the_previous_checkpoint_in_charge(arch_file, gener
     import safetensors.torch
 
     def write_half(tensors, path, metadata=None):
-        open(path, "wb").write(b"half")
+        Path(path).write_bytes(b"half")
         raise OSError("disk quota exceeded")
 
     monkeypatch.setattr(safetensors.torch, "save_file", write_half)
@@ -1930,7 +1930,7 @@ def test_a_label_of_another_size_stops_training_before_it_starts(arch_file, tmp_
 
 def _exif_after_the_pixels(path) -> None:
     """Moves a PNG's eXIf chunk after its pixel data, where Pillow finds it only by decoding the image."""
-    data = open(path, "rb").read()
+    data = Path(path).read_bytes()
     chunks, pos = [], 8
     while pos < len(data):
         end = pos + 12 + int.from_bytes(data[pos : pos + 4], "big")
@@ -1939,7 +1939,7 @@ def _exif_after_the_pixels(path) -> None:
     exif = [c for c in chunks if c[4:8] == b"eXIf"]
     rest = [c for c in chunks if c[4:8] != b"eXIf"]
     assert len(exif) == 1 and rest[-1][4:8] == b"IEND"
-    open(path, "wb").write(data[:8] + b"".join(rest[:-1] + exif + rest[-1:]))
+    Path(path).write_bytes(data[:8] + b"".join(rest[:-1] + exif + rest[-1:]))
 
 
 def test_label_sizes_from_the_headers_follow_the_exif_orientation(tmp_path):
@@ -2379,7 +2379,7 @@ def test_resume_with_another_architecture_norm_decay_or_classes_is_one_line(arch
     train(_config(arch_file, generic, tmp_path / "a", iters=2, checkpoint_interval=2))
     state = str(tmp_path / "a" / "iter_2.state.pt")
     wide = tmp_path / "wide.json"
-    wide.write_text(json.dumps({**json.loads(open(arch_file).read()), "fpn_channels": 32}))
+    wide.write_text(json.dumps({**json.loads(Path(arch_file).read_text()), "fpn_channels": 32}))
     four = make_generic(tmp_path / "four", n=4)
     (tmp_path / "four" / "classes.txt").write_text("\n".join([*CLASSES, "tree"]) + "\n")
     wide_arch = rf"arch '{re.escape(arch_file)}' \(fpn_channels 16\), this one has '{re.escape(str(wide))}' "
