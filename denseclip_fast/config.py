@@ -241,9 +241,7 @@ def _check_number(
 
 def _check_size(name: str, value: object, minimum: int = 1, why: str = "") -> None:
     """:func:`check_int`, and at most MAX_CONFIG_INT."""
-    check_int(name, value, minimum, why)
-    if value > MAX_CONFIG_INT:  # type: ignore[operator]
-        raise ValueError(f"{name} must be at most {MAX_CONFIG_INT} (a sanity bound), got {value!r}")
+    check_int(name, value, minimum, why, MAX_CONFIG_INT, " (a sanity bound)")
 
 
 def _int_tuple(name: str, value: Any, length: int, minimum: int = 1, why: str = "") -> tuple[int, ...]:

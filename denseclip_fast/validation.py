@@ -45,11 +45,15 @@ def is_finite_number(value: object) -> bool:
     return isinstance(value, (int, float)) and finite_real(value) is not None
 
 
-def check_int(name: str, value: object, minimum: int = 1, why: str = "") -> None:
-    """ValueError naming ``name`` unless ``value`` is an int (not a bool) >= ``minimum``; ``why`` follows the bound
-    in the message."""
+def check_int(
+    name: str, value: object, minimum: int = 1, why: str = "", maximum: int | None = None, why_most: str = ""
+) -> None:
+    """ValueError naming ``name`` unless ``value`` is an int (not a bool) >= ``minimum`` and, given a ``maximum``,
+    at most that; ``why`` and ``why_most`` follow the bounds in the messages."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}{why}, got {value!r}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be at most {maximum}{why_most}, got {value!r}")
 
 
 def check_bool(name: str, value: object) -> None:
@@ -58,12 +62,14 @@ def check_bool(name: str, value: object) -> None:
         raise ValueError(f"{name} must be True or False, got {value!r}")
 
 
-def as_int(name: str, value: object, minimum: int = 1, why: str = "") -> int:
+def as_int(
+    name: str, value: object, minimum: int = 1, why: str = "", maximum: int | None = None, why_most: str = ""
+) -> int:
     """:func:`check_int` for an argument of the Python API, where a numpy integer (a size computed with numpy) is
     an int too: ``value`` as a plain int. Config fields stay plain ints (check_int): they are written as JSON."""
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):
         value = int(value)
-    check_int(name, value, minimum, why)
+    check_int(name, value, minimum, why, maximum, why_most)
     assert isinstance(value, int)
     return value
 

@@ -109,10 +109,10 @@ class GraphCache:
         self.fn = fn
         self.enabled = enabled
         self.capture = capture or (lambda f, x, pool: CapturedForward(f, x, pool))
-        self.max_graphs, self.capture_after = as_int("max_graphs", max_graphs), as_int("capture_after", capture_after)
-        if self.capture_after > MAX_CAPTURE_AFTER:
-            raise ValueError(f"capture_after must be at most {MAX_CAPTURE_AFTER} (warmup runs that many forwards to "
-                             f"capture a shape; cuda_graphs=False captures none), got {capture_after!r}")  # fmt: skip
+        self.max_graphs = as_int("max_graphs", max_graphs)
+        self.capture_after = as_int("capture_after", capture_after, maximum=MAX_CAPTURE_AFTER,
+                                    why_most=" (warmup runs that many forwards to capture a shape; cuda_graphs=False "
+                                             "captures none)")  # fmt: skip
         self.graphs: OrderedDict[tuple[Any, ...], Forward] = OrderedDict()
         self.sightings: OrderedDict[tuple[Any, ...], int] = OrderedDict()  # eager calls of signatures not captured
         self.captures = 0

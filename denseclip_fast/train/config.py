@@ -195,14 +195,11 @@ class TrainConfig:
         if init_file:
             self.check_init()
         for name in ("iters", "batch_size", "accum", "checkpoint_interval", "log_interval"):
-            check_int(name, getattr(self, name))
-        check_int("crop", self.crop, MIN_IMAGE_SIDE, " (the stride-32 level keeps a pixel)")
+            check_int(name, getattr(self, name), maximum=MAX_BATCH if name == "batch_size" else None)
+        check_int("crop", self.crop, MIN_IMAGE_SIDE, " (the stride-32 level keeps a pixel)", MAX_CROP)
         for name in ("eval_interval", "num_workers", "max_checkpoints", "warmup_iters"):
             if name != "num_workers" or self.num_workers is not None:  # None: the machine's default
-                check_int(name, getattr(self, name), 0)
-        for name, most in (("crop", MAX_CROP), ("batch_size", MAX_BATCH), ("num_workers", MAX_WORKERS)):
-            if getattr(self, name) is not None and getattr(self, name) > most:
-                raise ValueError(f"{name} must be at most {most}, got {getattr(self, name)!r}")
+                check_int(name, getattr(self, name), 0, maximum=MAX_WORKERS if name == "num_workers" else None)
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed <= MAX_SEED:
             raise ValueError(f"seed must be an int in 0..{MAX_SEED}, got {self.seed!r}")
         self.ignore_index = check_ignore_index(self.ignore_index)  # a numpy integer: the int config.json can hold

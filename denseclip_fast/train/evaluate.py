@@ -74,10 +74,7 @@ class SegmentationMetrics:
     """Accumulates intersection/union/prediction/label areas per class."""
 
     def __init__(self, num_classes: int, ignore_index: int = IGNORE) -> None:
-        num_classes = as_int("num_classes", num_classes)
-        if num_classes > MAX_LABEL:
-            raise ValueError(f"num_classes must be at most {MAX_LABEL} (a label PNG's largest value), got "
-                             f"{num_classes}")  # fmt: skip
+        num_classes = as_int("num_classes", num_classes, maximum=MAX_LABEL, why_most=" (a label PNG's largest value)")
         ignore_index = check_ignore_index(ignore_index)
         if ignore_index < num_classes:  # as SegmentationData's: its class's pixels would silently not count
             raise ValueError(f"ignore_index {ignore_index} is a class index (0..{num_classes - 1}); ignored pixels "
