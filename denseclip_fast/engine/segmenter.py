@@ -816,13 +816,12 @@ class Segmenter:
         check_bool("raw", raw)
         if raw:  # host images, as numpy arrays and PIL images come (staged in page-locked memory on CUDA)
             check_test_image_size((height, width), self.model.config.test_scale, "size")
+            shape, dtype, device = (batch, height, width, 3), torch.uint8, None
         else:
             check_image_size((height, width), "size")
+            shape, dtype, device = (batch, 3, height, width), self.dtype, self.device
         try:
-            if raw:
-                images = torch.zeros((batch, height, width, 3), dtype=torch.uint8)
-            else:
-                images = torch.zeros((batch, 3, height, width), dtype=self.dtype, device=self.device)
+            images = torch.zeros(shape, dtype=dtype, device=device)
         except (RuntimeError, TypeError) as exc:  # past memory, or past int64 ("Overflow when unpacking long")
             reason = str(exc).strip().split("\n", 1)[0]
             raise ValueError(f"size {(height, width)} and batch {batch}: a blank batch of that size cannot be made "
