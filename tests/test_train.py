@@ -1258,7 +1258,7 @@ def test_metrics_on_hand_made_cases():
         perfect.update(label[:1], label)
 
 
-def test_metrics_refuse_what_would_count_wrong(monkeypatch):
+def test_metrics_refuse_what_would_count_wrong():
     """SegmentationMetrics took anything (a fuzz of the public API): ignore_index "255" or a class index (1) counted
     ignored pixels or dropped a class, float predictions were truncated to classes, out-of-range indices silently
     dropped, names given as one string or a set (arbitrary order) keyed the wrong classes. Each is a ValueError naming
@@ -1289,6 +1289,15 @@ def test_metrics_refuse_what_would_count_wrong(monkeypatch):
             m.results(names)  # type: ignore[arg-type]
 
 
+def _fake_process_group(monkeypatch: pytest.MonkeyPatch, rank: int, world: int) -> None:
+    """torch.distributed answering as an initialised gloo process group of ``world`` processes, this one ``rank``."""
+    import torch.distributed as dist
+
+    answers = {"get_backend": "gloo", "is_initialized": True, "get_rank": rank, "get_world_size": world}
+    for name, value in answers.items():
+        monkeypatch.setattr(dist, name, lambda value=value: value)
+
+
 def test_evaluate_refuses_wrong_arguments_before_any_image(arch_file, generic, monkeypatch):
     """evaluate checked only mode and scales (a fuzz of the public API): rank -1 evaluated the last image twice, a
     rank past the world or limit 0 none (NaN metrics), flip="no" flipped, dtype torch.int64 was dropped by autocast
@@ -1313,10 +1322,7 @@ def test_evaluate_refuses_wrong_arguments_before_any_image(arch_file, generic, m
     ):  # fmt: skip
         with pytest.raises(ValueError, match=re.escape(message)):
             evaluate(**{"model": model, "data": val, "mode": "whole", **kwargs})
-    import torch.distributed as dist
-
-    for name, value in (("is_initialized", True), ("get_rank", 1), ("get_world_size", 2)):
-        monkeypatch.setattr(dist, name, lambda value=value: value)
+    _fake_process_group(monkeypatch, rank=1, world=2)
     with pytest.raises(ValueError, match=re.escape("rank 0 and world 2 must be the process group's: rank 1 of 2")):
         evaluate(model, val, rank=0, world=2)
     assert read == []
@@ -1394,8 +1400,7 @@ def test_a_distributed_evaluation_error_reaches_every_process(arch_file, tmp_pat
     data = make_generic(tmp_path / "g", n=2, splits=False)
     model = build_model(_config(arch_file, data, "x"), CLASSES)
     other_failed = []
-    for name, value in (("get_backend", "gloo"), ("is_initialized", True), ("get_rank", 0), ("get_world_size", 2)):
-        monkeypatch.setattr(dist, name, lambda value=value: value)
+    _fake_process_group(monkeypatch, rank=0, world=2)
     monkeypatch.setattr(dist, "all_reduce", lambda t: t[-1:].add_(int(bool(other_failed))))
     val = SegmentationData(data, "generic", "val")
     assert evaluate(model, val, rank=0, world=2)["images"] == 2  # fine everywhere: a result
