@@ -271,6 +271,15 @@ def _deterministic() -> None:
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def with_root_on_path(env: dict[str, str] | None = None) -> dict[str, str]:
+    """``env`` (os.environ's copy by default) with the checkout first on PYTHONPATH and what PYTHONPATH held kept
+    after it: the GPU machine's packages (open_clip, ...) are a folder on PYTHONPATH (benchmarks/gpu_check.sh), which
+    a child process given PYTHONPATH=ROOT alone could not import."""
+    env = dict(os.environ if env is None else env)
+    env["PYTHONPATH"] = os.pathsep.join([ROOT, *([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])])
+    return env
+
+
 def cuda_toolkit() -> str | None:
     """The CUDA toolkit setup.py would use, or None."""
     from torch.utils import cpp_extension

@@ -23,7 +23,7 @@ from PIL import Image
 from denseclip_fast import ADE20K_CLASSES, DenseCLIP
 from denseclip_fast.cli import main
 
-from .conftest import NAMES, ROOT, tiny_config
+from .conftest import NAMES, ROOT, tiny_config, with_root_on_path
 
 
 def _loading_fails(monkeypatch, before: str) -> None:
@@ -331,9 +331,8 @@ def test_version_and_python_dash_m(capsys):
         main(["--version"])
     assert stop.value.code == 0
     assert capsys.readouterr().out == f"denseclip-fast {denseclip_fast.__version__} (torch {torch.__version__})\n"
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     result = subprocess.run([sys.executable, "-m", "denseclip_fast", "info"], capture_output=True, text=True,
-                            cwd=root, env={**os.environ, "PYTHONPATH": root})  # fmt: skip
+                            cwd=ROOT, env=with_root_on_path())  # fmt: skip
     assert result.returncode == 2 and result.stderr.startswith("denseclip-fast: error: info needs the checkpoint to "
                                                                "describe"), result.stderr  # fmt: skip
 
@@ -1207,7 +1206,7 @@ cli.run()
                                     ("term", "ignore", 0, "")):  # fmt: skip
         env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
         done = subprocess.run([sys.executable, "-c", program, case, ignore or "-"], capture_output=True, text=True,
-                              cwd=tmp_path, env={**env, "PYTHONPATH": str(ROOT)}, timeout=120)  # fmt: skip
+                              cwd=tmp_path, env=with_root_on_path(env), timeout=120)  # fmt: skip
         assert (done.returncode, done.stderr) == (code, err), (case, ignore, done.stderr)
         assert ("survived" in done.stdout) == (code == 0)
         assert "atexit ran" in done.stdout  # as before it dies: the interpreter's shutdown is not skipped
@@ -1240,7 +1239,7 @@ cli.run()
 """
     process = subprocess.Popen([sys.executable, "-c", program], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, start_new_session=True, cwd=tmp_path,
-                               env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
+                               env=with_root_on_path())  # fmt: skip
     try:
         assert process.stdout.readline().strip() == "ready"
         time.sleep(0.3)

@@ -66,7 +66,14 @@ from denseclip_fast.train.step import (
 )
 from denseclip_fast.train.workdir import work_dir_lock
 
-from .conftest import LEARNING_PARTS, ROOT, gradients_by_part, text_dependent_model, tiny_config, torch_threads
+from .conftest import (
+    LEARNING_PARTS,
+    gradients_by_part,
+    text_dependent_model,
+    tiny_config,
+    torch_threads,
+    with_root_on_path,
+)
 
 CLASSES = ["sky", "grass", "road"]
 COLOURS = np.array([[70, 130, 230], [40, 180, 60], [120, 120, 120]], dtype=np.float64)
@@ -2641,7 +2648,7 @@ with work_dir_lock({str(tmp_path)!r}) as worker_init:
     time.sleep(0.5)
     os.kill(os.getpid(), signal.SIGKILL)
 """
-    run = subprocess.run([sys.executable, "-c", program], env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
+    run = subprocess.run([sys.executable, "-c", program], env=with_root_on_path(), timeout=60)
     assert run.returncode == -signal.SIGKILL
     with work_dir_lock(str(tmp_path)) as worker_init:  # a ValueError 'in use by another run' without the fix
         assert worker_init is not None
@@ -2680,7 +2687,7 @@ def test_workers_started_by_forkserver_train_as_the_process_alone(arch_file, gen
                       "    from denseclip_fast.train import TrainConfig, train\n"
                       "    train(TrainConfig.load(sys.argv[1]))\n")  # fmt: skip
     run = subprocess.run([sys.executable, str(script), str(tmp_path / "workers.json")], timeout=300,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)  # fmt: skip
+                         env=with_root_on_path(), capture_output=True, text=True)  # fmt: skip
     assert run.returncode == 0, run.stderr[-2000:]
     columns = ("iter", "loss", "loss_decode", "loss_aux")
     alone_rows, workers_rows = _metrics(tmp_path / "alone"), _metrics(tmp_path / "workers")
