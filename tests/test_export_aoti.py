@@ -234,6 +234,32 @@ def test_a_package_whose_library_is_damaged_is_named_with_the_loaders_reason(pac
     assert (tmpdir / "aotinductor_concurrent" / library).read_bytes() == b"\0"
 
 
+def test_a_failed_load_extracted_under_any_name_is_removed(package, tmp_path, monkeypatch):
+    """torch 2.11's loader extracts into a mkdtemp folder of six random characters in /tmp (2.14: aotinductor_* in
+    TMPDIR), which load_aoti, looking for aotinductor_* alone, left behind after a failed load (the GPU machine's
+    rehearsal found them). A folder is this package's copy by what it holds, whatever its name; a folder made
+    meanwhile that holds no such library stays."""
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmpdir))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmpdir))
+    made: list[str] = []
+
+    def extracts_then_fails(path: str, *args: Any, **kwargs: Any) -> Any:
+        copy = tempfile.mkdtemp(dir=tmpdir)  # a name such as 'x1Yz9q', as torch 2.11's C++ loader makes
+        with zipfile.ZipFile(path) as archive:
+            archive.extractall(copy)
+        made.append(copy)
+        os.mkdir(tmpdir / "another_program")
+        raise RuntimeError("Error in dlopen: invalid ELF header")
+
+    monkeypatch.setattr(torch._inductor, "aoti_load_package", extracts_then_fails)
+    with pytest.raises(ValueError, match="the AOTInductor package could not be loaded: Error in dlopen"):
+        load_aoti(package)
+    assert len(made) == 1 and not os.path.exists(made[0])
+    assert os.listdir(tmpdir) == ["another_program"]
+
+
 def test_to_aoti_argument_errors(model, tmp_path):
     seg = Segmenter(model, device="cpu", dtype=torch.float32)
     with pytest.raises(ValueError, match="device and dtype come from the Segmenter"):

@@ -14,7 +14,7 @@ Facts the C++ runner needs (image size, mean/std, class names, device, dtype) ar
 
 from __future__ import annotations
 
-import glob
+import contextlib
 import io
 import json
 import logging
@@ -253,9 +253,16 @@ def _check_loadable(path: str, device_index: int) -> None:
 
 
 def _extracted_copies() -> set[str]:
-    """The folders torch's loader extracts packages into: aotinductor_* in $TMPDIR (torch 2.14) or /tmp (2.11)."""
+    """The folders where torch's loader may extract a package: every folder in $TMPDIR, Python's temp folder and
+    /tmp (torch 2.14 makes aotinductor_* in $TMPDIR, 2.11 a mkdtemp folder of six random characters in /tmp, which
+    the GPU machine's rehearsal found left behind). Which of them are this package's copies, only their contents
+    tell (:func:`_remove_new_copies`)."""
     roots = {os.path.realpath(root) for root in (os.environ.get("TMPDIR"), tempfile.gettempdir(), "/tmp") if root}
-    return {found for root in roots for found in glob.glob(os.path.join(glob.escape(root), "aotinductor_*"))}
+    found: set[str] = set()
+    for root in roots:
+        with contextlib.suppress(OSError):
+            found.update(entry.path for entry in os.scandir(root) if entry.is_dir(follow_symlinks=False))
+    return found
 
 
 def _remove_new_copies(path: str, before: set[str]) -> None:
