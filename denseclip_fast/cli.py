@@ -140,7 +140,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    shown = ", ".join(model.class_names[:10]) + (" ..." if model.num_classes > 10 else "")
+    # a name with a control character (a newline) quoted, so that it cannot break the listing's line
+    shown = ", ".join(n if n.isprintable() else repr(n) for n in model.class_names[:10])
+    shown += " ..." if model.num_classes > 10 else ""
     shown = shown if named else "(the file names none that fit its head)"
     print(f"checkpoint   {args.checkpoint}")
     print(f"arch         {model.config.arch}")

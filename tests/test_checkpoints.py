@@ -1021,7 +1021,8 @@ _CRAFTED = {
 def test_crafted_torchscript_pickles_are_checkpoint_errors(tmp_path, case):
     """The restricted TorchScript reader let TypeError (bad arguments to an allowlisted function, a storage type
     called), AttributeError (BUILD on a dtype) and IndexError out, and a BUILD on an allowlisted function set its
-    __defaults__ for the rest of the process. Each is now "not a valid checkpoint", and nothing is changed."""
+    __defaults__ for the rest of the process. Each is now "not a valid checkpoint", and nothing is changed (an
+    opcode taking more than the stack holds is seen before any unpickler runs: pickle_shape)."""
     from denseclip_fast.checkpoints import io as checkpoint_io
 
     path = tmp_path / "crafted.pt"
@@ -1029,7 +1030,8 @@ def test_crafted_torchscript_pickles_are_checkpoint_errors(tmp_path, case):
         z.writestr("archive/data.pkl", b"\x80\x02" + _CRAFTED[case] + b".")
         z.writestr("archive/constants.pkl", pickle.dumps((), protocol=2))
         z.writestr("archive/code/__torch__.py", "")
-    with pytest.raises(CheckpointError, match="not a valid checkpoint: its TorchScript archive could not be decoded"):
+    reason = "its pickle is malformed" if case == "stack_underflow" else "its TorchScript archive could not be decoded"
+    with pytest.raises(CheckpointError, match=f"not a valid checkpoint: {reason}"):
         dcf.load_checkpoint(path)
     assert checkpoint_io._first.__defaults__ is None and checkpoint_io._rebuild_tensor.__defaults__ is None
 
@@ -1044,7 +1046,8 @@ def test_crafted_torch_pickles_are_checkpoint_errors(tmp_path, case):
     with zipfile.ZipFile(buf) as src, zipfile.ZipFile(path, "w") as z:
         for name in src.namelist():
             z.writestr(name, b"\x80\x02" + _CRAFTED[case] + b"." if name.endswith("data.pkl") else src.read(name))
-    with pytest.raises(CheckpointError, match="not a valid checkpoint: it could not be read as a torch file"):
+    reason = "its pickle is malformed" if case == "stack_underflow" else "it could not be read as a torch file"
+    with pytest.raises(CheckpointError, match=f"not a valid checkpoint: {reason}"):
         dcf.load_checkpoint(path)
     with zipfile.ZipFile(buf) as src, zipfile.ZipFile(path, "w") as z:
         for name in src.namelist():
@@ -1056,9 +1059,10 @@ def test_crafted_torch_pickles_are_checkpoint_errors(tmp_path, case):
 
 def test_torchscript_nesting_and_cycles_are_read_without_recursion(tmp_path):
     """20000 nested dicts were a RecursionError in _flatten (and a cycle would have been one too); the nesting is now
-    refused past 256 levels, without recursion either."""
+    refused past 512 levels before any unpickler runs (pickle_shape; _flatten's own bound, 256 levels of names, is
+    test_deep_torchscript_names_are_bounded's), without recursion either."""
     cyclic = b"}q\x00X\x01\x00\x00\x00ah\x00s"  # d = {}; d['a'] = d
-    for data, match in ((_NESTED, "refused: the TorchScript archive nests containers more than 256 deep"),
+    for data, match in ((_NESTED, "not a valid checkpoint: its pickle nests containers more than 512 deep"),
                         (cyclic, "the TorchScript archive holds no tensors")):  # fmt: skip
         path = tmp_path / "nested.pt"
         with zipfile.ZipFile(path, "w") as z:
@@ -1628,7 +1632,9 @@ def test_torch_file_views_sharing_a_storage_are_bounded(tmp_path):
 def test_lists_and_mappings_from_the_memo_are_not_copied(tmp_path):
     """build_intlist called 400 times on one memoized 100000-int list: each call copied it (320 MB of lists from a
     200 KB file; quadratic in the file size). The list is now returned as it is (torch's own build_intlist does
-    so); OrderedDict, which copied its argument, may only be called without one, as the archives do."""
+    so); OrderedDict, which copied its argument, may only be called without one, as the archives do. Such a file
+    (40 million objects reached from 100000 opcodes) is now refused before it is unpickled (pickle_shape), without
+    that memory either."""
     from denseclip_fast.checkpoints.io import _as_list
 
     items = b"](" + b"K\x07" * 100_000 + b"e" + _put(0)
@@ -1638,7 +1644,8 @@ def test_lists_and_mappings_from_the_memo_are_not_copied(tmp_path):
     path = _ts_archive(tmp_path / "lists.pt", body, {"0": bytes(4)})
     tracemalloc.start()
     try:
-        assert list(_read(path).tensors) == ["w"]
+        with pytest.raises(CheckpointError, match="its pickle would build more than 1048576 objects"):
+            _read(path)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -1765,14 +1772,15 @@ def _nested(depth: int, key_length: int) -> bytes:
 @pytest.mark.parametrize(
     "depth, key_length, match",
     [
-        (3500, 50, "archive nests containers more than 256 deep"),
+        (400, 50, "archive nests containers more than 256 deep"),
         (200, 2**16, "archive's names add up to more than 16000000 characters"),
     ],
 )
 def test_deep_torchscript_names_are_bounded(tmp_path, depth, key_length, match):
     """The dotted names grow with the depth, so their total length with its square: 3500 levels of a 50-character
     key were ~300 MB of names from a 70 KB file (depth 8000, 3.7 GB), 200 levels of a 64 Ki-character key 1.3 G
-    characters. The nesting (256) and the characters of all names (16 M) are capped."""
+    characters. The nesting (256) and the characters of all names (16 M) are capped. (Past 512 levels the pickle
+    itself is refused first: pickle_shape.)"""
     path = _ts_archive(tmp_path / "deep.pt", _nested(depth, key_length), {"0": bytes(4)})
     start = time.perf_counter()
     with pytest.raises(CheckpointError, match=f"refused: the TorchScript {match}"):
@@ -1790,14 +1798,17 @@ def _shared_chain(depth: int) -> bytes:
 
 
 def test_containers_shared_along_many_paths_are_bounded(tmp_path, monkeypatch):
-    """Every path to a shared container gives a name (tied submodules), so the entries visited are capped: 2**40
-    paths here (the cap is lowered to keep the test fast)."""
+    """Every path to a shared container gives a name (tied submodules), so the entries visited are capped: 2**12
+    paths here (the cap is lowered to keep the test fast). 2**40 paths are refused before the pickle is read: the
+    objects it reaches, a shared one counted each time (pickle_shape)."""
     from denseclip_fast.checkpoints import io as checkpoint_io
 
     small = _read(_ts_archive(tmp_path / "dag.pt", _shared_chain(3), {"0": bytes(4)})).tensors
     assert sorted(small) == [f"{x}.{y}.{z}.w" for x in "ab" for y in "ab" for z in "ab"]
     monkeypatch.setattr(checkpoint_io, "MAX_ENTRIES", 1000)
     with pytest.raises(CheckpointError, match="has more than 1000 entries to read"):
+        _read(_ts_archive(tmp_path / "dag.pt", _shared_chain(12), {"0": bytes(4)}))
+    with pytest.raises(CheckpointError, match="its pickle would build more than 1048576 objects"):
         _read(_ts_archive(tmp_path / "dag.pt", _shared_chain(40), {"0": bytes(4)}))
 
 
@@ -1833,6 +1844,162 @@ def test_legacy_torch_file_declaring_a_huge_storage(tmp_path):
     with pytest.raises(CheckpointError, match=rf"not a valid checkpoint: reading it asks for {4 * 2**50} bytes of "
                                               rf"memory at once, more than the whole file \({len(data) + 8} bytes\)"):
         _read(path)
+
+
+# ---- found by a fuzz of the readers (2,099 damaged and crafted files): each was a raw exception, a crash, a hang or
+# gigabytes of memory from a file of a few hundred bytes
+
+
+def _keyed_file(path, key: bytes, legacy: bool):
+    """A torch file {'state_dict': {KEY: tensor}} whose key is the object the pickle opcodes ``key`` push (built as
+    bytes: a dict holding such a key would have to hash it first)."""
+    buf = io.BytesIO()
+    torch.save({"state_dict": {"MARKER": torch.zeros(1)}}, buf, _use_new_zipfile_serialization=not legacy)
+    marker = b"X\x06\x00\x00\x00MARKER"  # BINUNICODE 'MARKER'
+    if legacy:
+        path.write_bytes(buf.getvalue().replace(marker, key))
+        return path
+    with zipfile.ZipFile(buf) as src, zipfile.ZipFile(path, "w") as z:
+        for name in src.namelist():
+            data = src.read(name)
+            z.writestr(name, data.replace(marker, key) if name.endswith("/data.pkl") else data)
+    return path
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_pickles_of_absurd_shape_are_refused_before_torch_reads_them(tmp_path, legacy):
+    """A key nested 300,000 tuples deep crashed the process inside torch.load (its hash overflowed the C stack), one
+    doubling 40 times (each tuple the one below twice: 2**40 paths) hashed for hours, and 25 times took 3 GiB to
+    print in a message. Both formats' pickles are measured first (pickle_shape). Here 600 levels and 20 doublings:
+    refused all the same, where torch alone would read them in moments (so that a regression fails, not hangs)."""
+    leaf = b"X\x01\x00\x00\x00k"  # BINUNICODE 'k'
+    cases = [(leaf + b"\x85" * 600, "its pickle nests containers more than 512 deep"),  # TUPLE1
+             (leaf + b"".join(b"q%ch%c\x86" % (i, i) for i in range(3, 23)),  # BINPUT i, BINGET i, TUPLE2
+              r"its pickle would build more than 1048576 objects")]
+    for key, match in cases:  # fmt: skip
+        path = _keyed_file(tmp_path / "crafted.pth", key, legacy)
+        assert path.stat().st_size < 20_000
+        start = time.perf_counter()
+        with pytest.raises(CheckpointError, match=rf"crafted.pth: not a valid checkpoint: {match}"):
+            dcf.load_checkpoint(path)
+        assert time.perf_counter() - start < 5
+    (key,) = _read(_keyed_file(tmp_path / "fine.pth", leaf + b"\x85" * 300, legacy)).obj["state_dict"]
+    for _ in range(300):  # read (load_checkpoint then wants a name for a key)
+        (key,) = key
+    assert key == "k"
+
+
+def test_a_torchscript_memo_index_is_bounded_before_unpickling(tmp_path):
+    """CPython's unpickler sizes its memo by the largest index: a 261-byte archive storing index 2**27 took 2 GiB."""
+    body = b"N" + b"r" + struct.pack("<I", 2**27)
+    tracemalloc.start()
+    try:
+        with pytest.raises(CheckpointError, match=r"its pickle stores memo index 134217728 after 3 opcodes"):
+            _read(_ts_archive(tmp_path / "memo.pt", body))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * 2**20, peak
+
+
+def test_a_legacy_file_cut_inside_its_pickle_is_called_truncated(tmp_path):
+    buf = io.BytesIO()
+    torch.save({"state_dict": {f"w{i}": torch.zeros(2) for i in range(20)}}, buf, _use_new_zipfile_serialization=False)
+    path = tmp_path / "cut.pth"
+    path.write_bytes(buf.getvalue()[:400])
+    with pytest.raises(CheckpointError, match=r"cut.pth: truncated or corrupt: its pickle ends early"):
+        dcf.load_checkpoint(path)
+
+
+def _renamed_entry(data: bytes, where: str) -> bytes:
+    """A torch zip file whose last central-directory name (or first local-header name) ends in byte 0xFF: not
+    UTF-8, though the entry is flagged as UTF-8 (as torch.save writes it)."""
+    out = bytearray(data)
+    if where == "central":
+        at = out.rfind(b"PK\x01\x02")
+        length = int.from_bytes(out[at + 28 : at + 30], "little")
+        out[at + 46 + length - 1] = 0xFF
+    else:
+        out[30] = 0xFF  # the first byte of the first local header's name
+    return bytes(out)
+
+
+@pytest.mark.parametrize("where", ["central", "local"])
+def test_a_zip_entry_name_that_is_not_utf8_is_a_checkpoint_error(tmp_path, official_file, where):
+    """Python's zipfile raised UnicodeDecodeError, a ValueError that load_checkpoint let out and the CLI printed
+    without the file's name."""
+    path = tmp_path / "renamed.pth"
+    path.write_bytes(_renamed_entry(official_file.read_bytes(), where))
+    with pytest.raises(CheckpointError, match=r"renamed.pth: truncated or corrupt: .*not UTF-8 text"):
+        dcf.load_checkpoint(path)
+
+
+def test_a_zip_archive_whose_entries_cannot_be_read_is_never_handed_to_torch(tmp_path):
+    """The zip64 end record's directory offset off by one: Python's zipfile lists the entries but cannot read them
+    (OSError, which leaked); the pickle it could not read is not given to torch.load unmeasured."""
+    buf = io.BytesIO()
+    torch.save({"state_dict": {"w": torch.zeros(3)}}, buf)
+    data = bytearray(buf.getvalue())
+    data[data.rfind(b"PK\x06\x06") + 48] ^= 1  # the low byte of the central directory's offset
+    path = tmp_path / "offset.pth"
+    path.write_bytes(data)
+    with pytest.raises(CheckpointError, match=r"offset.pth: truncated or corrupt: its zip archive could not be read "
+                                              r"\(OSError: "):  # fmt: skip
+        dcf.load_checkpoint(path)
+
+
+def test_a_zip_entry_held_twice_is_refused(tmp_path, official_file):
+    """torch.load read the first of two entries of one name and Python's zipfile the last: one file could hold two
+    sets of weights, each passing its CRC-32."""
+    path = tmp_path / "twice.pth"
+    with zipfile.ZipFile(official_file) as src, zipfile.ZipFile(path, "w") as z, warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # zipfile's "Duplicate name"
+        names = src.namelist()
+        for name in names:
+            z.writestr(name, src.read(name))
+        z.writestr(names[-1], src.read(names[-1]))
+    with pytest.raises(CheckpointError, match=rf"twice.pth: refused: its zip archive holds the entry "
+                                              rf"'{re.escape(names[-1])}' twice"):  # fmt: skip
+        dcf.load_checkpoint(path)
+
+
+@pytest.mark.parametrize("classes", [np.array(3), torch.tensor(3)], ids=["ndarray", "tensor"])
+def test_class_names_that_are_a_0d_array_are_a_checkpoint_error(tmp_path, official_file, classes):
+    """A 0-d array or tensor is Iterable, but iterating it is a TypeError (which load_checkpoint let out)."""
+    path = _save_state(tmp_path, _state(official_file)["state_dict"], meta={"CLASSES": classes})
+    with pytest.raises(CheckpointError, match=r"meta\['CLASSES'\] is not a list of strings, got "):
+        dcf.load_checkpoint(path)
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.bits8], ids=str)
+def test_an_integer_buffer_from_a_tensor_copy_cannot_convert(tmp_path, official_file, dtype):
+    """num_batches_tracked (int64) from a complex tensor lost its imaginary part with a warning, from a bit-typed
+    one (or packed float4) was torch's multi-line RuntimeError out of load_state_dict."""
+    sd = _state(official_file)["state_dict"]
+    key = next(k for k in sd if k.endswith("num_batches_tracked"))
+    sd[key] = torch.zeros((), dtype=dtype) if dtype.is_complex else torch.zeros((), dtype=torch.uint8).view(dtype)
+    with pytest.raises(CheckpointError, match=rf"not an integer or real number \(1\): {re.escape(key)}: checkpoint "
+                                              rf"{dtype} vs model torch.int64"):  # fmt: skip
+        dcf.load_checkpoint(_save_state(tmp_path, sd, meta={"CLASSES": tuple(NAMES)}))
+
+
+def test_a_class_name_with_a_lone_surrogate_is_refused(tmp_path, native_file):
+    """JSON's "\\ud800" escape makes a string that no UTF-8 file or terminal holds: `info` failed halfway through
+    printing it. Names are checked where every model gets them."""
+    with pytest.raises(ValueError, match=r"class name 1 \('a\\ud800'\) is not text: it holds a lone surrogate"):
+        DenseCLIP(tiny_config("resnet"), ["sky", "a\ud800", "car"])
+    path = _native_with(tmp_path, native_file, class_names=json.dumps(["sky", "\ud800", "car"]))
+    with pytest.raises(CheckpointError, match=r"the file's class names cannot be used: class name 1 .* lone surrogate"):
+        dcf.load_checkpoint(path)
+
+
+def test_info_quotes_a_class_name_that_would_break_its_line(tmp_path, native_file, capsys):
+    from denseclip_fast.cli import main
+
+    path = _native_with(tmp_path, native_file, class_names=json.dumps(["sky", "road\ncar", "car"]))
+    assert main(["info", str(path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line for line in lines if line.startswith("classes")] == ["classes      3: sky, 'road\\ncar', car"]
 
 
 # ---- sizes read from a file are checked before the model is built

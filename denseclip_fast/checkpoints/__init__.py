@@ -248,8 +248,8 @@ def _official_state(wf: WeightFile, path: str) -> tuple[dict[str, torch.Tensor],
 def _official_names(meta: Mapping[str, Any], k: int, path: str, warn_assumed: bool = True) -> list[str]:
     classes = meta.get("CLASSES")
     if classes is not None:
-        listed = isinstance(classes, Iterable) and not isinstance(classes, str)
-        if not listed or not all(isinstance(c, str) for c in classes):
+        # a list or tuple (mmcv writes a tuple): a 0-d array or tensor is Iterable too, but iterating it fails
+        if not isinstance(classes, (list, tuple)) or not all(isinstance(c, str) for c in classes):
             raise CheckpointError(path, f"meta['CLASSES'] is not a list of strings, got {type(classes).__name__}")
         return list(classes)
     if k == len(ADE20K_CLASSES):

@@ -26,6 +26,7 @@ import math
 import os
 import pickle
 import re
+import reprlib
 import stat
 import struct
 import threading
@@ -34,11 +35,13 @@ import warnings
 import zipfile
 import zlib
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from .pickle_shape import PickleShapeError, check_pickle, check_pickle_bytes
 
 
 class CheckpointError(ValueError):
@@ -246,6 +249,7 @@ def read_weight_file(path: str | os.PathLike[str]) -> WeightFile:
         head = f.read(32)
     if head[:4] == b"PK\x03\x04":
         entries = _zip_entries(path)
+        _check_names_once(entries or [], path)
         if entries is not None and any("/data/aotinductor/" in f"/{e.filename}" for e in entries):
             raise CheckpointError(path, "this is an AOTInductor package (export --format aoti, to_aoti), not a "
                                         "checkpoint: run it with denseclip_fast.export.load_aoti or the C++ runner, or "
@@ -256,6 +260,7 @@ def read_weight_file(path: str | os.PathLike[str]) -> WeightFile:
             _check_stored(entry, path, size)
         if entries is not None:
             _check_crcs(path)
+            _check_zip_pickles(path, entries, size)
         return WeightFile("torch", obj=_checked_views(_torch_load(path, size), path))
     # safetensors: an 8-byte little-endian header length, then the JSON header. Tested before the pickle marker: the
     # length's first byte is 0x80 for one header length in 32 (they are multiples of 8), and torch.save's legacy
@@ -273,6 +278,9 @@ def read_weight_file(path: str | os.PathLike[str]) -> WeightFile:
                                         "not write; it is not unpickled (that could run code): re-save its tensors "
                                         "with torch.save or safetensors in a trusted environment",
                                   ) from None  # fmt: skip
+        with open(path, "rb") as f:
+            for _ in range(LEGACY_PICKLES):
+                _check_pickle(path, lambda: check_pickle(f, size - f.tell()))
         return WeightFile("torch", obj=_checked_views(_torch_load(path, size), path))
     if head[:1] == b"\x08" and head[2:3] == b"\x12" or path.lower().endswith(".onnx"):  # ModelProto's ir_version,
         # then its producer_name: what every ONNX exporter writes first
@@ -308,6 +316,9 @@ def _numpy_safe_globals() -> list[Any]:
 # a protocol 2 file, byte 13 of a framed protocol 4 or 5 one); a pickle without it is not a torch file
 LEGACY_MAGIC = torch.serialization.MAGIC_NUMBER.to_bytes(10, "little")
 FRAME = pickle.FRAME[0]  # protocol 4's framing opcode (149), which torch's weights-only unpickler does not take
+# the pickles a legacy file begins with: the magic number, the format's version, sys_info, the object, its storages'
+# keys (the storages' bytes follow them)
+LEGACY_PICKLES = 5
 
 
 # one torch.load at a time in the process: torch's safe_globals adds the numpy globals to a process-wide set and
@@ -388,6 +399,46 @@ def _zip_entries(path: str) -> list[zipfile.ZipInfo] | None:
             return z.infolist()
     except (zipfile.BadZipFile, OSError):
         return None
+    except UnicodeDecodeError:  # an entry flagged UTF-8 (as torch.save writes them) whose name is not
+        raise CheckpointError(path, "truncated or corrupt: its zip index holds an entry name that is not UTF-8 text, "
+                                    "as torch.save writes them") from None  # fmt: skip
+
+
+def _check_names_once(entries: list[zipfile.ZipInfo], path: str) -> None:
+    """CheckpointError for a zip archive that holds an entry name twice: torch.save never writes one, and its
+    readers disagree on which copy counts (torch.load reads the first, Python's zipfile the last), so that one file
+    could hold two sets of weights, each passing its CRC-32."""
+    seen: set[str] = set()
+    for entry in entries:
+        if entry.filename in seen:
+            raise CheckpointError(path, f"refused: its zip archive holds the entry {excerpt(repr(entry.filename))} "
+                                        "twice, which torch.save never writes (which copy counts depends on the "
+                                        "reader)")  # fmt: skip
+        seen.add(entry.filename)
+
+
+def _check_pickle(path: str, check: Callable[[], None]) -> None:
+    """Runs ``check`` (pickle_shape's, on one of the file's pickles) and turns its PickleShapeError into a
+    CheckpointError: the pickle is read by no unpickler unless its shape is sound."""
+    try:
+        check()
+    except PickleShapeError as exc:
+        kind = "truncated or corrupt" if exc.truncated else "not a valid checkpoint"
+        raise CheckpointError(path, f"{kind}: its pickle {exc}") from None
+
+
+def _check_zip_pickles(path: str, entries: list[zipfile.ZipInfo], size: int) -> None:
+    """:func:`_check_pickle` on every ``data.pkl`` of a torch zip file (the archive's object; torch.load reads the
+    one under its top folder)."""
+    names = [e.filename for e in entries if e.filename.endswith("/data.pkl") and e.filename.count("/") == 1]
+    try:
+        with zipfile.ZipFile(path) as archive:
+            pickles = [_read_entry(archive, name, path, size) for name in names]
+    except (OSError, zipfile.BadZipFile, EOFError, UnicodeDecodeError) as exc:  # never handed to torch unread
+        raise CheckpointError(path, f"truncated or corrupt: its zip archive could not be read ({type(exc).__name__}: "
+                                    f"{excerpt(exc)})") from None  # fmt: skip
+    for data in pickles:
+        _check_pickle(path, lambda: check_pickle_bytes(data))
 
 
 def _check_stored(entry: zipfile.ZipInfo, path: str, size: int) -> None:
@@ -411,6 +462,9 @@ def _check_crcs(path: str) -> None:
             bad = archive.testzip()
     except (OSError, zipfile.BadZipFile, EOFError):  # torch.load reports the damage
         return
+    except UnicodeDecodeError:  # a local header's name flagged UTF-8 that is not
+        raise CheckpointError(path, "truncated or corrupt: one of its zip entries is named in bytes that are not "
+                                    "UTF-8 text, as torch.save writes them") from None  # fmt: skip
     if bad is not None:
         raise CheckpointError(path, f"corrupt: its entry {bad!r} fails the CRC-32 check the archive stores for it (the "
                                     "file was damaged after it was written); copy or download it again")  # fmt: skip
@@ -445,15 +499,14 @@ def _check_views(tensors: list[tuple[Any, torch.Tensor]], path: str) -> None:
     storages: dict[int, int] = {}
     total = 0
     for key, t in distinct.values():
-        where = f"the tensor under {excerpt(repr(key), 80)}" if key is not None else "a tensor"
         if t.layout != torch.strided or t.device.type != "cpu":
-            raise CheckpointError(path, f"refused: {where} is a {t.layout} tensor on {t.device}; only dense CPU "
+            raise CheckpointError(path, f"refused: {_where(key)} is a {t.layout} tensor on {t.device}; only dense CPU "
                                         "tensors are read")  # fmt: skip
         storage = t.untyped_storage()
         nbytes = t.numel() * t.element_size()
         if nbytes > storage.nbytes():
             raise CheckpointError(
-                path, f"refused: {where} has shape {tuple(t.shape)} ({t.numel()} elements) but its storage holds "
+                path, f"refused: {_where(key)} has shape {tuple(t.shape)} ({t.numel()} elements) but its storage holds "
                 f"{storage.nbytes() // t.element_size()}: an expanded or overlapping view, which no saved weight is"
             )  # fmt: skip
         storages[storage.data_ptr()] = storage.nbytes()
@@ -462,6 +515,11 @@ def _check_views(tensors: list[tuple[Any, torch.Tensor]], path: str) -> None:
     if total > 2 * held + SHARED_VIEW_SLACK:
         raise CheckpointError(path, f"refused: its tensors view the same storages over and over ({total} bytes of "
                                     f"tensors over {held} bytes of data)")  # fmt: skip
+
+
+def _where(key: Any) -> str:
+    """The tensor under ``key``, for a message: the key's repr, shortened (:func:`short_repr`)."""
+    return f"the tensor under {excerpt(short_repr(key), 80)}" if key is not None else "a tensor"
 
 
 def _read_safetensors(path: str) -> WeightFile:
@@ -600,7 +658,7 @@ class _TorchScriptUnpickler(pickle.Unpickler):
 
     def persistent_load(self, pid: Any) -> torch.Tensor:
         if not (isinstance(pid, tuple) and len(pid) >= 3 and pid[0] == "storage"):
-            raise CheckpointError(self.path, f"unsupported TorchScript storage reference {excerpt(repr(pid))}")
+            raise CheckpointError(self.path, f"unsupported TorchScript storage reference {excerpt(short_repr(pid))}")
         dtype, key = pid[1], str(pid[2])
         if not isinstance(dtype, torch.dtype):
             raise CheckpointError(self.path, f"unsupported storage type in TorchScript archive: {dtype!r}")
@@ -700,6 +758,7 @@ def _read_torchscript(path: str, size: int) -> dict[str, torch.Tensor]:
             if byteorder in archive.namelist() and _read_entry(archive, byteorder, path, size).strip() != b"little":
                 raise CheckpointError(path, "big-endian TorchScript archives are not supported")
             data = _read_entry(archive, data_pkl[0], path, size)
+            _check_pickle(path, lambda: check_pickle_bytes(data))
             tensors = _flatten(_TorchScriptUnpickler(data, archive, prefix, path, size).load(), path)
         if not tensors:
             raise CheckpointError(path, "the TorchScript archive holds no tensors")
@@ -736,7 +795,21 @@ def _own_storages(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {name: owned[id(t)] for name, t in tensors.items()}
 
 
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother = 3, 120, 120
+_SHORT.maxtuple = _SHORT.maxlist = _SHORT.maxdict = _SHORT.maxset = _SHORT.maxfrozenset = 8
+
+
+def short_repr(value: Any) -> str:
+    """``repr(value)`` with a crafted file's nesting and lengths cut short (reprlib: 3 levels, 8 items a container,
+    120 characters a string): a key nested 5000 tuples deep, or 25 doublings of a tuple that a 1.4 KB pickle
+    shares (2**25 leaves), is not written out whole."""
+    return _SHORT.repr(value)
+
+
 def excerpt(value: Any, limit: int = 200) -> str:
-    """``str(value)`` on one line, cut to ``limit`` characters (a crafted file's error may quote anything)."""
-    text = " ".join(str(value).split())
+    """``str(value)`` on one line, cut to ``limit`` characters (a crafted file's error may quote anything); a
+    container as :func:`short_repr` writes it."""
+    text = short_repr(value) if isinstance(value, (tuple, list, dict, set, frozenset)) else str(value)
+    text = " ".join(text[: 4 * limit].split())
     return text if len(text) <= limit else text[: limit - 3] + "..."

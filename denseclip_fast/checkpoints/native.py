@@ -209,7 +209,7 @@ def native_contents(metadata: dict[str, str], path: str) -> tuple[DenseCLIPConfi
     names = _json(metadata, "class_names", path)
     if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
         raise CheckpointError(
-            path, f"the metadata 'class_names' must be a non-empty JSON list of strings, got {excerpt(repr(names), 80)}"
+            path, f"the metadata 'class_names' must be a non-empty JSON list of strings, got {excerpt(names, 80)}"
         )
     palette = _json(metadata, "palette", path) if "palette" in metadata else None
     return config, names, palette

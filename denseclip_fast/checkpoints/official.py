@@ -226,6 +226,15 @@ def key_listing(keys: list[str], limit: int = 20) -> str:
 PACKED_FLOATS = tuple(d for d in (getattr(torch, "float4_e2m1fn_x2", None),) if d is not None)
 
 
+INTEGER_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint16,
+                  torch.uint32, torch.uint64)  # fmt: skip
+
+
+def _real_number(t: torch.Tensor) -> bool:
+    """Whether ``t`` holds integers or real numbers that copy_ converts (not complex, packed or bit-typed)."""
+    return t.dtype in INTEGER_DTYPES or (t.is_floating_point() and t.dtype not in PACKED_FLOATS)
+
+
 def all_finite(t: torch.Tensor) -> bool:
     """No NaN or infinity in ``t`` (floating point): its minimum and maximum in one read (aminmax propagates NaN,
     and an infinity is one of them), where ``isfinite(t).all()`` also writes and reads a boolean tensor as large."""
@@ -266,6 +275,12 @@ def state_problems(
              for k, v, e in shared if e.is_floating_point() and not v.is_floating_point()]  # fmt: skip
     if kinds:
         problems.append(f"not floating point ({len(kinds)}): {key_listing(kinds, 10)}")
+    # an integer buffer (BatchNorm's num_batches_tracked) from a complex tensor (its imaginary part dropped with a
+    # warning) or from one of the dtypes copy_ has no kernel for (torch's multi-line error from load_state_dict)
+    counts = [f"{label}{k}: checkpoint {v.dtype} vs model {e.dtype}" for k, v, e in shared
+              if not e.is_floating_point() and not _real_number(v)]  # fmt: skip
+    if counts:
+        problems.append(f"not an integer or real number ({len(counts)}): {key_listing(counts, 10)}")
     packed = [f"{label}{k}: {v.dtype}" for k, v, e in shared if e.is_floating_point() and v.dtype in PACKED_FLOATS]
     if packed:
         problems.append(f"packed floating point, not convertible to float32 ({len(packed)}): {key_listing(packed, 10)}")

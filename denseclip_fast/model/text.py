@@ -136,10 +136,11 @@ def _module_from_file(package: str, file_name: str) -> ModuleType:
 
 def check_class_names(names: Sequence[str], distinct: bool = False) -> None:
     """ValueError unless ``names`` is a non-empty sequence of strings (not a string itself), naming the first entry
-    that is not one; with ``distinct`` (open-vocabulary scoring, where a name is all that tells two classes apart:
-    a repeated one is one class scored twice, and which of them a pixel's argmax picks is arbitrary) also the first
-    that repeats one. A trained head tells its classes apart by its weights, so its names may repeat. (Their tokens
-    are tokenize_class_names' to check.)"""
+    that is not one (or holds a lone surrogate, which is no text: printing or saving it fails); with ``distinct``
+    (open-vocabulary scoring, where a name is all that tells two classes apart: a repeated one is one class scored
+    twice, and which of them a pixel's argmax picks is arbitrary) also the first that repeats one. A trained head
+    tells its classes apart by its weights, so its names may repeat. (Their tokens are tokenize_class_names' to
+    check.)"""
     if isinstance(names, str) or not isinstance(names, Sequence):
         raise ValueError(f"class names must be a sequence of strings, got {type(names).__name__}")
     if len(names) == 0:
@@ -148,6 +149,9 @@ def check_class_names(names: Sequence[str], distinct: bool = False) -> None:
     for i, name in enumerate(names):
         if not isinstance(name, str):
             raise ValueError(f"class name {i} must be a string, got {type(name).__name__}: {name!r}")
+        if any("\ud800" <= c <= "\udfff" for c in name):  # JSON's "\ud800" escape makes one; UTF-8 cannot hold it
+            raise ValueError(f"class name {i} ({name!r}) is not text: it holds a lone surrogate (U+D800 to U+DFFF), "
+                             "which no UTF-8 file or terminal can hold")  # fmt: skip
         if distinct and name in seen:
             raise ValueError(f"class name {i} ({name!r}) repeats class name {seen[name]}; class names must differ")
         seen[name] = i
