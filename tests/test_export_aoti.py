@@ -520,6 +520,28 @@ def test_cpp_runner_stretch_mode_and_a_too_narrow_image(cmake_build, model, pack
 
 
 @pytest.mark.slow
+def test_cpp_runner_leaves_no_copy_of_a_package_it_cannot_load(cmake_build, package, tmp_path):
+    """libtorch's loader extracts the package into TMPDIR and leaves that copy (its weights, its library) behind when
+    the load fails: the runner makes a folder of its own TMPDIR while it runs and removes it at the end, whatever
+    happened. (torch 2.11's loader extracts into /tmp, past TMPDIR: its failed loads still leave theirs.)"""
+
+    def zeroed(name: str, data: bytes) -> bytes:
+        return b"\0" * len(data) if name.endswith(".so") else data
+
+    damaged = _rewritten(package, tmp_path / "damaged.pt2", zeroed)
+    _write_ppm(tmp_path / "in.ppm", np.zeros((64, 96, 3), np.uint8))
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    runner = str(cmake_build.directory / "denseclip_fast_segment")
+    for pt2, code in ((damaged, 1), (package, 0)):
+        result = subprocess.run([runner, str(pt2), str(tmp_path / "in.ppm"), str(tmp_path / "out.pgm")],
+                                capture_output=True, text=True, env={**os.environ, "TMPDIR": str(tmpdir)})  # fmt: skip
+        assert result.returncode == code, result.stderr
+        assert os.listdir(tmpdir) == [], pt2
+    assert result.stderr == "" and json.loads(result.stdout)["classes"] == len(CLASSES)
+
+
+@pytest.mark.slow
 def test_a_cpu_export_imports_the_compiler_driver_without_its_cuda_warning(package):
     """torch.utils.cpp_extension warns at import on a machine with a CUDA toolkit and no GPU ("No CUDA runtime is
     found"), which every CPU package export printed, and every load; to_aoti and load_aoti import it with that

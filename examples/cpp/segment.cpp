@@ -23,10 +23,13 @@
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>
 #include <torch/torch.h>
 
+#include <stdlib.h>
+
 #include <algorithm>
 #include <cctype>
 #include <cmath>
 #include <cstdint>
+#include <filesystem>
 #include <fstream>
 #include <iostream>
 #include <memory>
@@ -305,7 +308,41 @@ struct Package {
   }
 };
 
+// A folder of this process's own in the temp folder, made TMPDIR while the program runs and removed with all it holds
+// when it ends: libtorch's loader extracts the package there (torch 2.14 honours TMPDIR) and leaves that copy behind
+// when a load fails (a damaged library, another machine's package), a full copy of its weights each time. torch
+// 2.11's loader extracts into /tmp whatever TMPDIR says: its failed loads still leave theirs.
+class PrivateTempDir {
+ public:
+  PrivateTempDir() {
+    const char* parent = std::getenv("TMPDIR");
+    std::string pattern = std::string(parent && *parent ? parent : "/tmp") + "/denseclip_fast_segment.XXXXXX";
+    if (mkdtemp(pattern.data()) == nullptr) return;  // no private folder: the loader uses TMPDIR as it is
+    path_ = pattern;
+    if (parent) saved_ = parent;
+    had_ = parent != nullptr;
+    setenv("TMPDIR", path_.c_str(), 1);
+  }
+  ~PrivateTempDir() {
+    if (path_.empty()) return;
+    if (had_) {
+      setenv("TMPDIR", saved_.c_str(), 1);
+    } else {
+      unsetenv("TMPDIR");
+    }
+    std::error_code ignored;
+    std::filesystem::remove_all(path_, ignored);
+  }
+  PrivateTempDir(const PrivateTempDir&) = delete;
+  PrivateTempDir& operator=(const PrivateTempDir&) = delete;
+
+ private:
+  std::string path_, saved_;
+  bool had_ = false;
+};
+
 int run(int argc, char** argv) {
+  const PrivateTempDir temp;  // first: destroyed last, after the loader
   std::vector<std::string> positional;
   std::string logits_path, mode = "slide";
   int device_index = -1;
