@@ -234,6 +234,7 @@ def test_a_package_whose_library_is_damaged_is_named_with_the_loaders_reason(pac
     assert (tmpdir / "aotinductor_concurrent" / library).read_bytes() == b"\0"
 
 
+@pytest.mark.slow
 def test_a_failed_load_extracted_under_any_name_is_removed(package, tmp_path, monkeypatch):
     """torch 2.11's loader extracts into a mkdtemp folder of six random characters in /tmp (2.14: aotinductor_* in
     TMPDIR), which load_aoti, looking for aotinductor_* alone, left behind after a failed load (the GPU machine's
@@ -246,7 +247,7 @@ def test_a_failed_load_extracted_under_any_name_is_removed(package, tmp_path, mo
     made: list[str] = []
 
     def extracts_then_fails(path: str, *args: Any, **kwargs: Any) -> Any:
-        copy = tempfile.mkdtemp(dir=tmpdir)  # a name such as 'x1Yz9q', as torch 2.11's C++ loader makes
+        copy = tempfile.mkdtemp(dir=tmpdir)  # 'tmp' and random characters: not aotinductor_*, as 2.11's aren't
         with zipfile.ZipFile(path) as archive:
             archive.extractall(copy)
         made.append(copy)
