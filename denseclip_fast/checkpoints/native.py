@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..config import DenseCLIPConfig
-from .io import CheckpointError, excerpt, path_argument, replaced_atomically
+from .io import CheckpointError, excerpt, path_argument, replaced_atomically, short_repr
 from .official import key_listing
 
 if TYPE_CHECKING:
@@ -208,9 +208,8 @@ def native_contents(metadata: dict[str, str], path: str) -> tuple[DenseCLIPConfi
         raise CheckpointError(path, f"invalid architecture in the metadata 'config': {exc}") from None
     names = _json(metadata, "class_names", path)
     if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
-        raise CheckpointError(
-            path, f"the metadata 'class_names' must be a non-empty JSON list of strings, got {excerpt(names, 80)}"
-        )
+        raise CheckpointError(path, "the metadata 'class_names' must be a non-empty JSON list of strings, got "
+                                    f"{excerpt(short_repr(names), 80)}")  # fmt: skip
     palette = _json(metadata, "palette", path) if "palette" in metadata else None
     return config, names, palette
 
