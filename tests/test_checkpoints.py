@@ -1036,22 +1036,26 @@ def test_crafted_torchscript_pickles_are_checkpoint_errors(tmp_path, case):
     assert checkpoint_io._first.__defaults__ is None and checkpoint_io._rebuild_tensor.__defaults__ is None
 
 
+def _with_data_pkl(buf: io.BytesIO, path, edit):
+    """A copy at ``path`` of the torch zip file in ``buf`` whose data.pkl is ``edit(data.pkl's bytes)``."""
+    with zipfile.ZipFile(buf) as src, zipfile.ZipFile(path, "w") as z:
+        for name in src.namelist():
+            data = src.read(name)
+            z.writestr(name, edit(data) if name.endswith("/data.pkl") else data)
+    return path
+
+
 @pytest.mark.parametrize("case", ["bad_rebuild_arguments", "stack_underflow"])
 def test_crafted_torch_pickles_are_checkpoint_errors(tmp_path, case):
     """torch.load(weights_only=True) lets AttributeError and IndexError out of a crafted zip; its UnpicklingError for
     other objects advises weights_only=False, which the message must not repeat."""
     buf = io.BytesIO()
     torch.save({"gamma": torch.zeros(2)}, buf)
-    path = tmp_path / "crafted.pth"
-    with zipfile.ZipFile(buf) as src, zipfile.ZipFile(path, "w") as z:
-        for name in src.namelist():
-            z.writestr(name, b"\x80\x02" + _CRAFTED[case] + b"." if name.endswith("data.pkl") else src.read(name))
+    path = _with_data_pkl(buf, tmp_path / "crafted.pth", lambda _: b"\x80\x02" + _CRAFTED[case] + b".")
     reason = "its pickle is malformed" if case == "stack_underflow" else "it could not be read as a torch file"
     with pytest.raises(CheckpointError, match=f"not a valid checkpoint: {reason}"):
         dcf.load_checkpoint(path)
-    with zipfile.ZipFile(buf) as src, zipfile.ZipFile(path, "w") as z:
-        for name in src.namelist():
-            z.writestr(name, b"\x80\x02}" + _pushed({"x": 1}) + b"b." if name.endswith("data.pkl") else src.read(name))
+    _with_data_pkl(buf, path, lambda _: b"\x80\x02}" + _pushed({"x": 1}) + b"b.")
     with pytest.raises(CheckpointError, match="not a valid checkpoint: it holds objects other than tensors") as err:
         dcf.load_checkpoint(path)
     assert "weights_only" not in str(err.value)
@@ -1859,11 +1863,7 @@ def _keyed_file(path, key: bytes, legacy: bool):
     if legacy:
         path.write_bytes(buf.getvalue().replace(marker, key))
         return path
-    with zipfile.ZipFile(buf) as src, zipfile.ZipFile(path, "w") as z:
-        for name in src.namelist():
-            data = src.read(name)
-            z.writestr(name, data.replace(marker, key) if name.endswith("/data.pkl") else data)
-    return path
+    return _with_data_pkl(buf, path, lambda data: data.replace(marker, key))
 
 
 @pytest.mark.parametrize("legacy", [False, True])
