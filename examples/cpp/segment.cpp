@@ -319,26 +319,17 @@ class PrivateTempDir {
     std::string pattern = std::string(parent && *parent ? parent : "/tmp") + "/denseclip_fast_segment.XXXXXX";
     if (mkdtemp(pattern.data()) == nullptr) return;  // no private folder: the loader uses TMPDIR as it is
     path_ = pattern;
-    if (parent) saved_ = parent;
-    had_ = parent != nullptr;
-    setenv("TMPDIR", path_.c_str(), 1);
+    setenv("TMPDIR", path_.c_str(), 1);  // left so: the program ends with this object
   }
   ~PrivateTempDir() {
-    if (path_.empty()) return;
-    if (had_) {
-      setenv("TMPDIR", saved_.c_str(), 1);
-    } else {
-      unsetenv("TMPDIR");
-    }
     std::error_code ignored;
-    std::filesystem::remove_all(path_, ignored);
+    if (!path_.empty()) std::filesystem::remove_all(path_, ignored);
   }
   PrivateTempDir(const PrivateTempDir&) = delete;
   PrivateTempDir& operator=(const PrivateTempDir&) = delete;
 
  private:
-  std::string path_, saved_;
-  bool had_ = false;
+  std::string path_;
 };
 
 int run(int argc, char** argv) {
