@@ -15,8 +15,8 @@ reaches, a shared one counted each time it is reached. It refuses (:class:`Pickl
 than MAX_DEPTH deep, one reaching more than max(MIN_OBJECTS, OBJECTS_PER_OPCODE x its opcodes so far) objects (a
 file can then stand for no more than a few times its own size), a memo index past the opcodes read so far (an
 unpickler's memo is an array that long) and a malformed one. A saved state dict nests under 10 deep and reaches
-fewer objects than it has opcodes. The cost: an RN50 DenseCLIP checkpoint's pickle (22,000 opcodes) is read in
-about 25 ms, against torch.load's 350 ms for the whole file (2 cores of a Xeon).
+fewer objects than it has opcodes. The cost: each opcode read once more, in Python (an RN50 DenseCLIP checkpoint's
+pickle has 22,000; not yet timed by a committed benchmark).
 """
 
 from __future__ import annotations
