@@ -56,6 +56,7 @@ bench: setup
 	$(PYTHON) benchmarks/bench_host.py
 	$(PYTHON) benchmarks/bench_cpu_linear.py
 	$(PYTHON) benchmarks/bench_startup.py --repeats 2  # the smoke: 2 fresh processes (3 by default)
+	$(PYTHON) benchmarks/bench_checkpoint_read.py --repeats 1  # the smoke: RN50 official .pth, 1 round (5 by default)
 	$(PYTHON) benchmarks/bench_text.py --vocabularies ade20k --modes embed --repeats 2  # the smoke
 	$(PYTHON) benchmarks/bench_labels.py --cases 512 --repeats 2  # the smoke
 	$(PYTHON) benchmarks/bench_logits_resize.py --cases 512 --repeats 2  # the smoke

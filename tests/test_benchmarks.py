@@ -1202,6 +1202,32 @@ def test_startup_benchmark_times_each_stage_in_fresh_processes(tmp_path, monkeyp
     assert "| RN50 | safetensors | cpu, float32 | 64x64 |" in (tmp_path / "startup_t.md").read_text()
 
 
+def test_checkpoint_read_benchmark_times_each_stage_of_each_format(tmp_path, monkeypatch):
+    """benchmarks/bench_checkpoint_read.py writes a checkpoint per format and times read_weight_file's stages (the
+    zip file's index and CRC-32s for a zip file only), the whole read, load_checkpoint and a bare torch.load (no
+    timing is asserted here); it times the CPU alone."""
+    from benchmarks import bench_checkpoint_read
+    from denseclip_fast import ADE20K_CLASSES, DenseCLIP
+
+    from .conftest import randomized, tiny_config
+
+    tiny = randomized(DenseCLIP(tiny_config(), ADE20K_CLASSES))
+    monkeypatch.setattr(bench_checkpoint_read, "build", lambda arch: tiny)
+    args = ["--formats", "zip", "legacy", "--repeats", "2", "--out", str(tmp_path), "--tag", "t"]
+    assert bench_checkpoint_read.main(args) == 0
+    rows = json.loads((tmp_path / "checkpoint_read_t.json").read_text())["rows"]
+    assert [(r["arch"], r["format"], r["rounds"]) for r in rows] == [("RN50", "zip", 2), ("RN50", "legacy", 2)]
+    for r in rows:
+        timed = [stage for stage, formats in bench_checkpoint_read.STAGES if r["format"] in formats]
+        for name in [*timed, *bench_checkpoint_read.WHOLE]:
+            assert len(r["samples_ms"][name]) == 2 and r[f"{name}_median_ms"] > 0, name
+        assert set(r["samples_ms"]) == {*timed, *bench_checkpoint_read.WHOLE}
+    text = (tmp_path / "checkpoint_read_t.md").read_text()
+    assert "| RN50 | zip |" in text and "| RN50 | legacy |" in text and " | - | - | " in text
+    with pytest.raises(SystemExit):
+        bench_checkpoint_read.main(["--device", "cuda", "--out", str(tmp_path)])
+
+
 def test_bench_pyramid_times_each_case_with_the_engines_code(tmp_path, monkeypatch):
     """benchmarks/bench_pyramid.py's CPU smoke run (small shapes, the rewrites given the CPU; one timing a call):
     every case's contestants give the same result within bfloat16's rounding, the engine's rows run the rewrites'
