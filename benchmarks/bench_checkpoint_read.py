@@ -7,9 +7,10 @@
 ``torch.load(weights_only=True)`` itself: for a zip file (what torch.save writes since torch 1.6, the released
 weights' format) its index (each entry stored, no name twice), the CRC-32 of every entry (torch.load checks none),
 the shape of its pickle (``checkpoints.pickle_shape``: nesting, object count and memo indices measured from the
-opcodes before any unpickler reads them), then torch.load, then the tensors' views checked against their storages;
-for the legacy format (torch.save's ``_use_new_zipfile_serialization=False``) the pickle check of its five pickles,
-torch.load and the views. This writes a random-weight checkpoint per architecture and format (mmcv's layout:
+opcodes before any unpickler reads them), then torch.load, then the tensors' views checked against their storages
+(read_weight_file checks the CRC-32s in a thread of its own meanwhile: its whole time is less than the stages'
+sum); for the legacy format (torch.save's ``_use_new_zipfile_serialization=False``) the pickle check of its five
+pickles, torch.load and the views. This writes a random-weight checkpoint per architecture and format (mmcv's layout:
 ``{'meta', 'state_dict'}``), then times each stage, the whole ``read_weight_file``, the whole ``load_checkpoint``
 (the model built and filled too) and, for comparison, a bare ``torch.load(path, weights_only=True)``, taking turns
 (``common.take_turns``: one untimed round, then ``--repeats`` rounds, each call once a round). The files were just

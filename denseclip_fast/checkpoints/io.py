@@ -2,7 +2,7 @@
 
 * torch files (zip or legacy pickle) go through ``torch.load(weights_only=True)``: tensors, plain containers and
   numpy arrays/scalars (mmcv's ``meta`` may hold them) only; a zip file's entries are checked against their CRC-32s
-  first (torch.load does not check them).
+  (torch.load does not check them) while torch.load reads it, its result kept only if they pass.
 * TorchScript archives (OpenAI's CLIP ``.pt`` files) are read by :class:`_TorchScriptUnpickler`, which rebuilds
   tensors from the archive's storages and turns every scripted module into a plain record. No TorchScript code,
   no ``__setstate__`` of the archive and no global outside a short allowlist is ever run.
@@ -36,6 +36,7 @@ import zipfile
 import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -258,10 +259,9 @@ def read_weight_file(path: str | os.PathLike[str]) -> WeightFile:
             return WeightFile("torchscript", tensors=_read_torchscript(path, size))
         for entry in entries or ():  # torch.save writes every entry stored; torch.load would inflate any other
             _check_stored(entry, path, size)
-        if entries is not None:
-            _check_crcs(path)
-            _check_zip_pickles(path, entries, size)
-        return WeightFile("torch", obj=_checked_views(_torch_load(path, size), path))
+        if entries is None:  # not readable as a zip file: torch.load names the damage
+            return WeightFile("torch", obj=_checked_views(_torch_load(path, size), path))
+        return WeightFile("torch", obj=_checked_views(_load_zip(path, entries, size), path))
     # safetensors: an 8-byte little-endian header length, then the JSON header. Tested before the pickle marker: the
     # length's first byte is 0x80 for one header length in 32 (they are multiples of 8), and torch.save's legacy
     # files, which begin with 0x80, never have "{" at byte 8 (their magic number's bytes are there)
@@ -425,6 +425,33 @@ def _check_pickle(path: str, check: Callable[[], None]) -> None:
     except PickleShapeError as exc:
         kind = "truncated or corrupt" if exc.truncated else "not a valid checkpoint"
         raise CheckpointError(path, f"{kind}: its pickle {exc}") from None
+
+
+def _load_zip(path: str, entries: list[zipfile.ZipInfo], size: int) -> Any:
+    """torch.load of a torch zip file once its pickles passed :func:`_check_zip_pickles`, with every entry's CRC-32
+    checked (:func:`_check_crcs`) in a thread of its own meanwhile: zlib's CRC and the file reads release the GIL,
+    so the check (a pass over the whole file, more than torch.load's time for RN50) runs beside the pickle check
+    and torch.load instead of before them (benchmarks/results/checkpoint_read_*.md). What torch.load returned is
+    handed on only once the CRCs passed; a failing CRC is the error whatever else failed (it names the damage
+    best). Where no thread can start (at interpreter shutdown) the check runs first, alone."""
+    try:
+        pool = ThreadPoolExecutor(1, thread_name_prefix="denseclip_fast-zip-crc32")
+        crcs = pool.submit(_check_crcs, path)
+    except RuntimeError:  # "cannot schedule new futures after interpreter shutdown"
+        _check_crcs(path)
+        _check_zip_pickles(path, entries, size)
+        return _torch_load(path, size)
+    with pool:
+        try:
+            _check_zip_pickles(path, entries, size)
+            loaded = _torch_load(path, size)
+        except Exception:
+            damage = crcs.exception()
+            if isinstance(damage, CheckpointError):
+                raise damage from None
+            raise
+        crcs.result()
+    return loaded
 
 
 def _check_zip_pickles(path: str, entries: list[zipfile.ZipInfo], size: int) -> None:
