@@ -28,7 +28,7 @@ import torch
 import denseclip_fast as dcf
 from benchmarks.official import OfficialDenseCLIP, save_mmcv_checkpoint
 from denseclip_fast import CheckpointError, DenseCLIP
-from denseclip_fast.checkpoints.io import CheckpointNotFoundError
+from denseclip_fast.checkpoints.io import CheckpointNotFoundError, read_weight_file
 from denseclip_fast.checkpoints.official import infer_config
 
 from .conftest import NAMES, ROOT, RecordedOps, official_cfg, randomized, tiny_config
@@ -192,7 +192,6 @@ def test_no_class_names_with_150_outputs_assumes_ade20k(tmp_path):
     # train's --init reads such a file quietly (it compares the names itself), without catch_warnings: its filters
     # are the process's, and two threads' catch_warnings interleaved leave one's filter in place for good
     from denseclip_fast.checkpoints import transfer
-    from denseclip_fast.checkpoints.io import read_weight_file
 
     def process_wide(*args, **kwargs):
         raise AssertionError("the process's warning filters changed")
@@ -1174,6 +1173,53 @@ def test_damage_inside_a_tensor_is_refused_by_the_archives_crc(tmp_path, officia
     assert dcf.load_checkpoint(intact).state_dict()[name].flatten()[1] == 1001.0
     with pytest.raises(CheckpointError, match=r"damaged.pth: corrupt: its entry '.*/data/\d+' fails the CRC-32 check"):
         dcf.load_checkpoint(damaged)
+
+
+def test_a_loaded_model_owns_its_weights_whatever_views_the_file_saved(tmp_path, official_file):
+    """load_checkpoint gives the model the file's tensors themselves where they can be its own (contiguous, alone on
+    their storage and covering it: no second copy of the weights); views sharing one storage, one tensor under two
+    keys, a slice of a larger storage, a transposed tensor, float16 tensors and tensors not aligned as torch aligns
+    its memory (a safetensors file's) are copied into float32 tensors of their own, values kept."""
+    state = _state(official_file)
+    sd = state["state_dict"]
+    expected = {k: v.clone() for k, v in sd.items()}
+    weight, bias = "decode_head.conv_seg.weight", "decode_head.conv_seg.bias"
+    joined = torch.cat([sd[weight].flatten(), sd[bias]])  # two keys, one storage
+    sd[weight], sd[bias] = joined[: sd[weight].numel()].view(sd[weight].shape), joined[sd[weight].numel() :]
+    sliced = "backbone.conv1.weight"  # the head of a larger storage
+    sd[sliced] = torch.cat([sd[sliced].flatten(), torch.full((1000,), 7.0)])[: sd[sliced].numel()].view_as(sd[sliced])
+    transposed = "contexts"
+    sd[transposed] = sd[transposed].transpose(1, 2).contiguous().transpose(1, 2)
+    halved = "backbone.conv2.weight"
+    sd[halved] = sd[halved].half()
+    expected[halved] = sd[halved].float()
+    tied, twin = "backbone.layer1.0.downsample.0.weight", "backbone.layer1.0.conv3.weight"  # one tensor, two keys
+    sd[tied] = sd[twin]
+    expected[tied] = expected[twin]
+    path = tmp_path / "views.pth"
+    torch.save(state, path)
+    model = dcf.load_checkpoint(path)
+    loaded = model.state_dict()
+    assert not sd[transposed].is_contiguous() and sd[weight].untyped_storage().data_ptr() == sd[bias].data_ptr() - (
+        sd[weight].nbytes)  # the file holds what was meant
+    pointers = set()
+    for key, value in expected.items():
+        tensor = loaded[key]
+        assert torch.equal(tensor, value.float() if value.is_floating_point() else value), key
+        assert tensor.dtype == (torch.float32 if value.is_floating_point() else value.dtype), key
+        storage = tensor.untyped_storage()
+        assert tensor.is_contiguous() and tensor.storage_offset() == 0 and storage.nbytes() == tensor.nbytes, key
+        assert tensor.data_ptr() % 64 == 0, key
+        assert tensor.numel() == 0 or storage.data_ptr() not in pointers, key
+        pointers.add(storage.data_ptr())
+    with torch.no_grad():
+        model.decode_head.conv_seg.weight.fill_(3.0)
+    assert torch.equal(model.decode_head.conv_seg.bias, expected[bias])
+    # safetensors' tensors start anywhere on 8 bytes: copied into memory aligned as torch aligns its own
+    model.save(tmp_path / "native.safetensors")
+    assert {t.data_ptr() % 64 for t in read_weight_file(tmp_path / "native.safetensors").tensors.values()} != {0}
+    native = dcf.load_checkpoint(tmp_path / "native.safetensors").state_dict()
+    assert all(t.data_ptr() % 64 == 0 and torch.equal(t, model.state_dict()[k]) for k, t in native.items())
 
 
 def _damaged_tensor_file(tmp_path, official_file):

@@ -113,9 +113,10 @@ def load_checkpoint(
 def load_weights(wf: WeightFile, path: str, arch: str | None, class_names: list[str] | None,
                  verify: bool = True, *, warn_assumed: bool = True) -> DenseCLIP:  # fmt: skip
     """:func:`load_checkpoint` of a file already read (``wf``, read from ``path``) with checked arguments: a caller
-    that reads a file to tell what it is (train's --init) loads it without reading it again. ``wf`` is left as it
-    was. ``warn_assumed`` False: no AssumedADE20KClasses warning (for a caller that compares the names itself;
-    without a catch_warnings, whose filters are the process's, not the thread's)."""
+    that reads a file to tell what it is (train's --init) loads it without reading it again. ``wf`` is not changed,
+    but the model may hold its tensors themselves (no copy: :func:`_assignable`), so that changing the model's
+    weights in place changes them too. ``warn_assumed`` False: no AssumedADE20KClasses warning (for a caller that
+    compares the names itself; without a catch_warnings, whose filters are the process's, not the thread's)."""
     file_names: list[str] | None  # None only when class_names are given
     if wf.kind == "safetensors" and is_native(wf.metadata):
         check_crcs(wf.metadata, wf.tensors, path, verify)  # first: damage explains any error the metadata would give
@@ -142,16 +143,51 @@ def load_weights(wf: WeightFile, path: str, arch: str | None, class_names: list[
         if class_names is not None or isinstance(exc, CheckpointError):
             raise
         raise CheckpointError(path, f"the file's class names cannot be used: {exc}") from None
-    # Memory for the skeleton's tensors, left uninitialised: the file overwrites every parameter and persistent
-    # buffer (load_state_strict refuses a missing key), so the random initialisation that DenseCLIP(config, names)
-    # performs would be thrown away (most of the time of a load). The one non-persistent buffer, the class tokens,
-    # is made again from the names. Not to_empty(): its empty_like of a meta tensor runs a Python decomposition whose
-    # first use imports sympy (a fresh process's start-up, as layers.init_ says of normal_).
-    model = skeleton._apply(lambda t: torch.empty(t.shape, dtype=t.dtype))
+    # The skeleton takes the file's tensors themselves (load_state_strict assigns them, converted or copied only
+    # where they cannot be its own: _assignable): no random initialisation for the file to overwrite, no second copy
+    # of the weights. Every parameter and persistent buffer is in the file (load_state_strict refuses a missing
+    # key); the one non-persistent buffer, the class tokens, still on the meta device, gets memory here and is made
+    # again from the names. Not to_empty(): its empty_like of a meta tensor runs a Python decomposition whose first
+    # use imports sympy (a fresh process's start-up, as layers.init_ says of normal_).
+    model = skeleton
+    load_state_strict(model, _assignable(sd, model.state_dict()), path, assign=True)
+    for module in model.modules():
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            if buffer.is_meta:
+                setattr(module, name, torch.empty(buffer.shape, dtype=buffer.dtype))
     model.set_classes(names)
-    load_state_strict(model, sd, path)
     model.palette = _palette(palette, k, path)
     return model.eval()
+
+
+ALIGNMENT = 64  # bytes: c10's CPU allocator's alignment (gAlignment), the start of every tensor torch allocates
+
+
+def _assignable(sd: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The file's tensors ``sd`` as a model whose state dict is ``expected`` may own them (load_state_dict's assign):
+    each in the model's dtype (converted as load_state_dict's copy_ would), and a tensor that is contiguous, alone on
+    its storage, covering it exactly and aligned as torch's CPU allocator aligns its memory (ALIGNMENT bytes: what
+    torch.load gives) kept as it is (the file's memory becomes the model's); any other copied: a view of a larger
+    storage, one storage under several keys or several tensors (no two weights share memory, and none keeps more
+    of the file alive than itself), and safetensors' tensors, which start anywhere on 8 bytes."""
+    users: dict[int, int] = {}
+    for t in sd.values():
+        if t.numel():
+            users[t.untyped_storage().data_ptr()] = users.get(t.untyped_storage().data_ptr(), 0) + 1
+    owned = {}
+    for key, t in sd.items():
+        target = expected[key].dtype if key in expected else t.dtype
+        storage = t.untyped_storage()
+        alone = t.numel() == 0 or users[storage.data_ptr()] == 1
+        whole = t.storage_offset() == 0 and t.numel() * t.element_size() == storage.nbytes()
+        aligned = t.data_ptr() % ALIGNMENT == 0
+        if t.dtype != target:
+            owned[key] = t.to(target, memory_format=torch.contiguous_format)
+        elif not (t.is_contiguous() and alone and whole and aligned):
+            owned[key] = t.clone(memory_format=torch.contiguous_format)
+        else:
+            owned[key] = t
+    return owned
 
 
 MAX_BLOCKS = 512  # residual / transformer blocks of all the stacks; the released models have 27 to 48

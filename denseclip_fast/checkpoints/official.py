@@ -291,10 +291,11 @@ def state_problems(
     return problems
 
 
-def load_state_strict(model: nn.Module, sd: Mapping[str, torch.Tensor], path: str) -> None:
-    """Load every tensor of ``sd`` into ``model``: any missing or unexpected key, or any shape mismatch, is a
-    CheckpointError that lists them. The values are not checked again (load_checkpoint's _model_skeleton did)."""
+def load_state_strict(model: nn.Module, sd: Mapping[str, torch.Tensor], path: str, assign: bool = False) -> None:
+    """Load every tensor of ``sd`` into ``model`` (``assign``: the tensors themselves become the model's, as
+    load_state_dict's ``assign``): any missing or unexpected key, or any shape mismatch, is a CheckpointError that
+    lists them. The values are not checked again (load_checkpoint's _model_skeleton did)."""
     problems = state_problems(model.state_dict(), sd, values=False)
     if problems:
         raise CheckpointError(path, "; ".join(problems))
-    model.load_state_dict(dict(sd), strict=True)
+    model.load_state_dict(dict(sd), strict=True, assign=assign)
