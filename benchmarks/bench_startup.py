@@ -9,7 +9,8 @@ the class names tokenised, the model built and filled), building the ``Segmenter
 folded, the class embeddings computed by the text encoder) and the first ``logits`` call. This writes a random-weight
 checkpoint per architecture and format (``pth``: an official mmcv-style file, the format of the released weights;
 ``safetensors``: the project's own), then starts one fresh Python process per repeat and format, one after another,
-each timing those stages with the wall clock; the table gives each stage's median over the processes. The child
+each timing those stages with the wall clock and reading its peak resident memory after each; the table gives
+each stage's median over the processes, and the peak memory once the checkpoint is loaded and at the end. The child
 processes run in float32 on the CPU (the CLI's default there) or, with ``--device cuda``, in bfloat16 on the GPU.
 Writes JSON and markdown (startup_<tag>.*).
 """
@@ -34,28 +35,33 @@ from benchmarks.common import ROOT, Results, arch_name, environment  # noqa: E40
 from benchmarks.official import randomize_, save_mmcv_checkpoint  # noqa: E402
 
 STAGES = ("python + import torch", "import denseclip_fast", "load_checkpoint", "Segmenter(...)", "first logits")
+PEAKS = ("load_checkpoint", "first logits")  # the stages after which the table gives the peak resident memory
 
 # The child process: argv[1] is a JSON object (root, path, device, dtype, size). It prints one JSON object, the wall
-# clock (time.time()) at the end of each stage; the parent knows when it started the process.
+# clock (time.time()) at the end of each stage and the process's peak resident memory so far (MiB; ru_maxrss, in
+# KiB on Linux); the parent knows when it started the process.
 CHILD = """
-import json, sys, time
+import json, resource, sys, time
 args = json.loads(sys.argv[1])
-stamps = []
+stamps, peaks = [], []
+def stage_done():
+    stamps.append(time.time())
+    peaks.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 import torch
-stamps.append(time.time())
+stage_done()
 sys.path.insert(0, args["root"])
 import denseclip_fast as dcf
-stamps.append(time.time())
+stage_done()
 model = dcf.load_checkpoint(args["path"])
-stamps.append(time.time())
+stage_done()
 seg = dcf.Segmenter(model, device=args["device"], dtype=getattr(torch, args["dtype"]))
-stamps.append(time.time())
+stage_done()
 image = torch.randn(1, 3, args["size"], args["size"], generator=torch.Generator().manual_seed(0))
 logits = seg.logits(image)
 if args["device"].startswith("cuda"):
     torch.cuda.synchronize()
-stamps.append(time.time())
-print(json.dumps({"stamps": stamps, "module": dcf.__file__}))
+stage_done()
+print(json.dumps({"stamps": stamps, "peaks_mib": peaks, "module": dcf.__file__}))
 """
 
 
@@ -79,8 +85,9 @@ def write_checkpoints(arch: str, formats: list[str], folder: str) -> dict[str, s
     return paths
 
 
-def child_run(path: str, device: str, dtype: str, size: int) -> tuple[list[float], float]:
-    """One fresh process through the stages: the seconds each took, and the process's whole wall time."""
+def child_run(path: str, device: str, dtype: str, size: int) -> tuple[list[float], float, list[float]]:
+    """One fresh process through the stages: the seconds each took, the process's whole wall time, and its peak
+    resident memory (MiB) at the end of each stage."""
     args = {"root": ROOT, "path": path, "device": device, "dtype": dtype, "size": size}
     start = time.time()
     proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(args)], capture_output=True, text=True)
@@ -91,7 +98,7 @@ def child_run(path: str, device: str, dtype: str, size: int) -> tuple[list[float
     if not report["module"].startswith(ROOT):
         raise RuntimeError(f"the child imported denseclip_fast from {report['module']}, not from {ROOT}")
     stamps = [start, *report["stamps"]]
-    return [b - a for a, b in zip(stamps, stamps[1:])], end - start
+    return [b - a for a, b in zip(stamps, stamps[1:])], end - start, report["peaks_mib"]
 
 
 def table(env: dict, rows: list[dict]) -> str:
@@ -102,15 +109,18 @@ def table(env: dict, rows: list[dict]) -> str:
         "150 ADE20K classes, one image. Seconds, median over fresh processes run one after another (their count in "
         "the last column); each stage ends where the next begins, and the time to the first logits is the median of "
         "the processes' sums. `pth`: an official mmcv-style checkpoint (the released weights' format); "
-        "`safetensors`: the project's own.",
+        "`safetensors`: the project's own. Peak MiB: the process's peak resident memory (ru_maxrss) once "
+        "load_checkpoint returned, and at the end; medians.",
         "",
-        "| arch | file | device, dtype | image | " + " | ".join(STAGES) + " | to first logits | processes |",
-        "|---|---|---|---|" + "---|" * (len(STAGES) + 2),
+        "| arch | file | device, dtype | image | " + " | ".join(STAGES) + " | to first logits | peak MiB after "
+        "load_checkpoint | peak MiB at the end | processes |",
+        "|---|---|---|---|" + "---|" * (len(STAGES) + 4),
     ]
     for r in rows:
         cells = " | ".join(f"{r['stages_s'][stage]:.2f}" for stage in STAGES)
+        peaks = " | ".join(f"{r['peak_mib'][stage]:.0f}" if "peak_mib" in r else "-" for stage in PEAKS)
         lines.append(f"| {r['arch']} | {r['format']} | {r['device']}, {r['dtype']} | {r['size']}x{r['size']} | "
-                     f"{cells} | {r['total_s']:.2f} | {r['processes']} |")  # fmt: skip
+                     f"{cells} | {r['total_s']:.2f} | {peaks} | {r['processes']} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -141,7 +151,10 @@ def main(argv: list[str] | None = None) -> int:
                              "processes": len(runs), "stages_s": stages,
                              "total_s": statistics.median(sum(run[0]) for run in runs),
                              "process_wall_s": [run[1] for run in runs],
-                             "samples_s": [dict(zip(STAGES, run[0])) for run in runs]})  # fmt: skip
+                             "samples_s": [dict(zip(STAGES, run[0])) for run in runs],
+                             "peak_mib": {stage: statistics.median(run[2][STAGES.index(stage)] for run in runs)
+                                          for stage in PEAKS},
+                             "samples_peak_mib": [dict(zip(STAGES, run[2])) for run in runs]})  # fmt: skip
                 print(f"{arch} {fmt}: {results.rows[-1]['total_s']:.2f} s to the first logits", flush=True)
     print(results.render(results.env, results.rows))
     return 0

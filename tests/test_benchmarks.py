@@ -1199,6 +1199,9 @@ def test_startup_benchmark_times_each_stage_in_fresh_processes(tmp_path, monkeyp
     for r in rows:
         assert list(r["stages_s"]) == list(bench_startup.STAGES) and all(s > 0 for s in r["stages_s"].values())
         assert abs(sum(r["stages_s"].values()) - r["total_s"]) < 1e-9 and r["process_wall_s"][0] >= r["total_s"]
+        peaks = list(r["samples_peak_mib"][0].values())
+        assert list(r["samples_peak_mib"][0]) == list(bench_startup.STAGES) and peaks == sorted(peaks) and peaks[0] > 10
+        assert r["peak_mib"] == {s: r["samples_peak_mib"][0][s] for s in bench_startup.PEAKS}
     assert "| RN50 | safetensors | cpu, float32 | 64x64 |" in (tmp_path / "startup_t.md").read_text()
 
 
