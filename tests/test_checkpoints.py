@@ -28,6 +28,7 @@ import torch
 import denseclip_fast as dcf
 from benchmarks.official import OfficialDenseCLIP, save_mmcv_checkpoint
 from denseclip_fast import CheckpointError, DenseCLIP
+from denseclip_fast.checkpoints import load_weights
 from denseclip_fast.checkpoints.io import CheckpointNotFoundError, read_weight_file
 from denseclip_fast.checkpoints.official import infer_config
 
@@ -1178,8 +1179,8 @@ def test_damage_inside_a_tensor_is_refused_by_the_archives_crc(tmp_path, officia
 def test_a_loaded_model_owns_its_weights_whatever_views_the_file_saved(tmp_path, official_file):
     """load_checkpoint gives the model the file's tensors themselves where they can be its own (contiguous, alone on
     their storage and covering it: no second copy of the weights); views sharing one storage, one tensor under two
-    keys, a slice of a larger storage, a transposed tensor, float16 tensors and tensors not aligned as torch aligns
-    its memory (a safetensors file's) are copied into float32 tensors of their own, values kept."""
+    keys, a slice of a larger storage, a transposed tensor and float16 tensors are copied into float32 tensors of
+    their own, values kept; a safetensors file's tensors are all copied (see _assignable)."""
     state = _state(official_file)
     sd = state["state_dict"]
     expected = {k: v.clone() for k, v in sd.items()}
@@ -1215,11 +1216,19 @@ def test_a_loaded_model_owns_its_weights_whatever_views_the_file_saved(tmp_path,
     with torch.no_grad():
         model.decode_head.conv_seg.weight.fill_(3.0)
     assert torch.equal(model.decode_head.conv_seg.bias, expected[bias])
-    # safetensors' tensors start anywhere on 8 bytes: copied into memory aligned as torch aligns its own
+    # the file's own tensors where they could be kept: the very memory torch.load gave
+    weights = read_weight_file(path)
+    kept = load_weights(weights, str(path), None, None).state_dict()
+    file_pointers = {t.data_ptr() for t in weights.obj["state_dict"].values()}
+    untouched = [k for k in expected if k not in (weight, bias, sliced, transposed, halved, tied, twin)]
+    assert untouched and all(kept[k].data_ptr() in file_pointers for k in untouched)
+    # safetensors' tensors (which start anywhere on 8 bytes): every one copied, into memory aligned as torch's
     model.save(tmp_path / "native.safetensors")
-    assert {t.data_ptr() % 64 for t in read_weight_file(tmp_path / "native.safetensors").tensors.values()} != {0}
-    native = dcf.load_checkpoint(tmp_path / "native.safetensors").state_dict()
+    native_weights = read_weight_file(tmp_path / "native.safetensors")
+    assert {t.data_ptr() % 64 for t in native_weights.tensors.values()} != {0}
+    native = load_weights(native_weights, str(tmp_path / "native.safetensors"), None, None).state_dict()
     assert all(t.data_ptr() % 64 == 0 and torch.equal(t, model.state_dict()[k]) for k, t in native.items())
+    assert not {t.data_ptr() for t in native.values()} & {t.data_ptr() for t in native_weights.tensors.values()}
 
 
 def _damaged_tensor_file(tmp_path, official_file):
