@@ -6,11 +6,14 @@ import errno
 import glob
 import io
 import json
+import mmap
 import os
 import re
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 import zipfile
 from collections.abc import Callable
 from dataclasses import replace
@@ -259,6 +262,64 @@ def test_a_failed_load_extracted_under_any_name_is_removed(package, tmp_path, mo
         load_aoti(package)
     assert len(made) == 1 and not os.path.exists(made[0])
     assert os.listdir(tmpdir) == ["another_program"]
+
+
+@pytest.mark.slow
+def test_a_failed_load_leaves_the_copies_of_loads_of_the_same_package_made_meanwhile(package, tmp_path, monkeypatch):
+    """Two loads of one package at once (a server's workers starting), one failing while the other is under way:
+    the failed one's clean-up waits for the other to end (a shared flock on the package file while loading; without
+    it the other's copy, extracted but not yet loaded, was removed as a leftover under it), then leaves every copy
+    that a process maps (the other's, from which a CUDA package's kernels are read later); its own copy goes."""
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmpdir))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmpdir))
+    with zipfile.ZipFile(package) as archive:
+        library = next(name for name in archive.namelist() if name.endswith(".so"))
+    real = torch._inductor.aoti_load_package
+    failing_extracted, loading_extracted = threading.Event(), threading.Event()
+    copies: dict[str, str] = {}
+    maps: list[mmap.mmap] = []
+
+    def loader(path: str, *args: Any, **kwargs: Any) -> Any:
+        name = threading.current_thread().name
+        copies[name] = tempfile.mkdtemp(dir=tmpdir)
+        with zipfile.ZipFile(path) as archive:
+            archive.extractall(copies[name])
+        if name == "failing":
+            failing_extracted.set()
+            assert loading_extracted.wait(60)  # the other's copy made after this load began
+            raise RuntimeError("Error in dlopen: out of memory")
+        loading_extracted.set()
+        time.sleep(1.0)  # the other load fails meanwhile
+        with open(os.path.join(copies[name], library), "rb") as f:  # loaded: its library mapped, as dlopen does
+            maps.append(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+        return real(path, *args, **kwargs)
+
+    results: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            results[threading.current_thread().name] = load_aoti(package)
+        except BaseException as exc:
+            results[threading.current_thread().name] = exc
+
+    monkeypatch.setattr(torch._inductor, "aoti_load_package", loader)
+    threads = [threading.Thread(target=run, name=name) for name in ("failing", "loading")]
+    try:
+        threads[0].start()
+        assert failing_extracted.wait(60)
+        threads[1].start()
+        for thread in threads:
+            thread.join(120)
+        assert isinstance(results["failing"], ValueError), results["failing"]
+        assert "could not be loaded: Error in dlopen: out of memory" in str(results["failing"])
+        assert type(results["loading"]).__name__ == "AOTIPackage", results["loading"]
+        assert not os.path.exists(copies["failing"]) and os.path.isfile(os.path.join(copies["loading"], library))
+        assert results["loading"](torch.zeros(1, 3, *SIZE)).shape[1] == len(CLASSES)
+    finally:
+        for mapped in maps:
+            mapped.close()
 
 
 def test_to_aoti_argument_errors(model, tmp_path):

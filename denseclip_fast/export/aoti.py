@@ -23,8 +23,9 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -265,16 +266,81 @@ def _extracted_copies() -> set[str]:
     return found
 
 
+def _mapped_files() -> set[str]:
+    """The files that some process (this one included) has mapped into its memory, from /proc/*/maps (Linux; a
+    process whose maps this one may not read is skipped; empty where there is no /proc): a loaded package's compiled
+    library is among them while it runs."""
+    mapped: set[str] = set()
+    with contextlib.suppress(OSError):
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            with contextlib.suppress(OSError), open(os.path.join(entry.path, "maps"), encoding="utf-8",
+                                                    errors="surrogateescape") as maps:  # fmt: skip
+                for line in maps:
+                    fields = line.rstrip("\n").split(maxsplit=5)
+                    if len(fields) == 6 and fields[5].startswith("/"):
+                        mapped.add(fields[5].removesuffix(" (deleted)"))
+    return mapped
+
+
 def _remove_new_copies(path: str, before: set[str]) -> None:
     """torch's loader leaves its extracted copy of a package it failed to load (the compiled library and its weights,
     a folder per try, two per load with torch 2.14): remove those made since ``before`` that hold this package's
-    library. Another package's extraction (another load in this or another process) holds another library's name
-    (a hash of its code) and is left alone."""
+    library and that no process runs (maps one of their files: :func:`_mapped_files`). Another package's extraction
+    (another load in this or another process) holds another library's name (a hash of its code) and is left alone;
+    so is a load of this package that succeeded meanwhile, in this process or another, whose copy the loader may
+    still read (a CUDA package's kernels). A load still under way is waited for by the caller
+    (:func:`_package_lock`)."""
     with zipfile.ZipFile(path) as archive:
         libraries = [name for name in archive.namelist() if name.endswith(".so")]
-    for copy in _extracted_copies() - before:
-        if any(os.path.isfile(os.path.join(copy, name)) for name in libraries):
+    new = [copy for copy in _extracted_copies() - before
+           if any(os.path.isfile(os.path.join(copy, name)) for name in libraries)]  # fmt: skip
+    if not new:
+        return
+    in_use = {os.path.realpath(os.path.dirname(file)) for file in _mapped_files()}
+    for copy in new:
+        real = os.path.realpath(copy)
+        if not any(folder == real or folder.startswith(real + os.sep) for folder in in_use):
             shutil.rmtree(copy, ignore_errors=True)
+
+
+LOCK_WAIT_S = 300.0  # how long a failed load's clean-up waits for the other loads of its package to end
+
+
+@contextlib.contextmanager
+def _package_lock(path: str, exclusive: bool) -> Iterator[None]:
+    """An advisory lock (flock) on the package file while torch's loader runs (shared: loads run together) or while
+    a failed load removes what it left (exclusive: it waits until every other load_aoti of the same package, in any
+    process or thread, has ended, so that none of their copies is taken for a leftover while it is extracted; each
+    is then mapped, or failed and removed by its own load). An exclusive wait longer than LOCK_WAIT_S, or a file
+    system without flock (or Windows), goes on unlocked: the mapped-files check still keeps loaded copies."""
+    try:
+        if sys.platform == "win32":
+            raise OSError("no flock")
+        import fcntl
+
+        descriptor = os.open(path, os.O_RDONLY)
+    except OSError:
+        yield
+        return
+    try:
+        if not exclusive:
+            with contextlib.suppress(OSError):
+                fcntl.flock(descriptor, fcntl.LOCK_SH)
+        else:
+            deadline = time.monotonic() + LOCK_WAIT_S
+            while time.monotonic() < deadline:
+                try:
+                    fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    time.sleep(0.05)
+                except OSError:
+                    break
+        yield
+    finally:
+        os.close(descriptor)  # and the lock with it
 
 
 class AOTIPackage:
@@ -302,9 +368,11 @@ class AOTIPackage:
         import torch._inductor.codecache  # noqa: F401
         extracted = _extracted_copies()
         try:
-            self._compiled = torch._inductor.aoti_load_package(path, device_index=device_index)
+            with _package_lock(path, exclusive=False):
+                self._compiled = torch._inductor.aoti_load_package(path, device_index=device_index)
         except BaseException as exc:  # a corrupt or foreign library
-            _remove_new_copies(path, extracted)
+            with _package_lock(path, exclusive=True):
+                _remove_new_copies(path, extracted)
             if not isinstance(exc, RuntimeError):
                 raise
             reason = excerpt(str(exc).strip().split("\n", 1)[0], 160)  # torch's lists the archive's files below it
