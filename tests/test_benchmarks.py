@@ -678,17 +678,21 @@ def test_profiles_by_call_site(monkeypatch):
     from benchmarks import common
 
     monkeypatch.setattr(common, "SITE_PACKAGES", ("tests/", "denseclip_fast/"))
-    x = torch.randn(256, 256)  # large enough that mm's own time beats matmul's profiling overhead (35 us on torch 2.11)
+    x = torch.randn(96, 96)
 
     def work(t):
         return (t @ t).relu()  # the matmul's line
 
-    prof = common.profile_kernels(work, x, torch.device("cpu"), calls=2, sites=3)
-    assert 1 <= len(prof["sites"]) <= 3
+    # which operator's self time is the largest is the machine's business (torch 2.11 gave matmul's profiling
+    # overhead more than mm's own; under load relu's took 6 ms): each row is found by its operator
+    prof = common.profile_kernels(work, x, torch.device("cpu"), calls=2, sites=20)
+    rows = {row["operator"]: row for row in prof["sites"]}
+    assert {"aten::mm", "aten::clamp_min"} <= set(rows), prof["sites"]
+    assert rows["aten::mm"]["count"] == 1 and rows["aten::mm"]["site"].startswith("tests/test_benchmarks.py:")
+    assert rows["aten::mm"]["site"].endswith(" work") and rows["aten::clamp_min"]["site"].endswith("work (Tensor.relu)")
     top = prof["sites"][0]
-    assert top["operator"] == "aten::mm" and top["count"] == 1, prof["sites"]
-    assert top["site"].startswith("tests/test_benchmarks.py:") and top["site"].endswith(" work")
     assert prof["sites"] == sorted(prof["sites"], key=lambda k: -k["us"]) and 0 < top["share"] <= 1
+    assert len(common.profile_kernels(work, x, torch.device("cpu"), calls=2, sites=1)["sites"]) == 1
     assert "By call site: the" in common.profile_markdown("t", prof)
     assert "sites" not in common.profile_kernels(work, x, torch.device("cpu"), calls=1)
 
