@@ -311,6 +311,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     seg = Segmenter(model, device=device, dtype=dtype, mode=args.mode or "slide")
     k = len(names) if names is not None else model.num_classes
     palette = model.palette if (model.palette is not None and names is None) else default_palette(k)
+    del model  # the Segmenter has its own copy: the loaded weights are not held while every image is segmented
     # a run that wrote nothing leaves no empty --out behind: an interrupted one, nor one whose every image was skipped
     try:
         with made_folder(args.out):

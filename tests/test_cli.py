@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import importlib.util
 import json
 import os
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import time
 import warnings
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -140,6 +142,31 @@ def test_segment_labels_are_the_engines(varied, images, tmp_path):
     assert any(not np.array_equal(written["whole", None, i.stem], written["slide", None, i.stem]) for i in images)
     assert all(not np.array_equal(written["slide", None, i.stem], written["slide", "sky,road,tree,grass", i.stem])
                for i in images)  # fmt: skip
+
+
+def test_segment_holds_no_copy_of_the_loaded_model_while_it_segments(checkpoint, images, tmp_path, monkeypatch):
+    """segment builds the Segmenter (its own copy of the weights) from the loaded model, then lets the model go: the
+    images are segmented with one copy of the weights in memory, not two."""
+    from denseclip_fast import cli
+
+    loaded: list[weakref.ref] = []
+    real_load, real_segment = cli._load_model, cli._segment_files
+
+    def load(*args, **kwargs):
+        result = real_load(*args, **kwargs)
+        loaded.append(weakref.ref(result[0]))
+        return result
+
+    def segment(*args, **kwargs):
+        gc.collect()
+        assert loaded and loaded[0]() is None, "the loaded model is alive while the images are segmented"
+        return real_segment(*args, **kwargs)
+
+    monkeypatch.setattr(cli, "_load_model", load)
+    monkeypatch.setattr(cli, "_segment_files", segment)
+    assert main(["segment", "--checkpoint", str(checkpoint), "--mode", "whole", "--out", str(tmp_path / "out"),
+                 *map(str, images)]) == 0  # fmt: skip
+    assert len(os.listdir(tmp_path / "out")) == 2 * len(images)
 
 
 def test_segment_takes_directories_and_any_io_threads(checkpoint, images, tmp_path):
