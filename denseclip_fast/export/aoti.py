@@ -315,13 +315,16 @@ def _package_lock(path: str, exclusive: bool) -> Iterator[None]:
     process or thread, has ended, so that none of their copies is taken for a leftover while it is extracted; each
     is then mapped, or failed and removed by its own load). An exclusive wait longer than LOCK_WAIT_S, or a file
     system without flock (or Windows), goes on unlocked: the mapped-files check still keeps loaded copies."""
-    try:
-        if sys.platform == "win32":
-            raise OSError("no flock")
-        import fcntl
+    if sys.platform == "win32":
+        yield
+        return
+    import fcntl
 
+    try:
         descriptor = os.open(path, os.O_RDONLY)
     except OSError:
+        descriptor = -1
+    if descriptor < 0:  # (the body runs outside the except clause: its errors are not chained to this one)
         yield
         return
     try:
