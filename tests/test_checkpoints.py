@@ -28,6 +28,7 @@ import torch
 import denseclip_fast as dcf
 from benchmarks.official import OfficialDenseCLIP, save_mmcv_checkpoint
 from denseclip_fast import CheckpointError, DenseCLIP
+from denseclip_fast.checkpoints import io as checkpoint_io
 from denseclip_fast.checkpoints import load_weights
 from denseclip_fast.checkpoints.io import CheckpointNotFoundError, read_weight_file
 from denseclip_fast.checkpoints.official import infer_config
@@ -1176,11 +1177,11 @@ def test_damage_inside_a_tensor_is_refused_by_the_archives_crc(tmp_path, officia
         dcf.load_checkpoint(damaged)
 
 
-def test_a_loaded_model_owns_its_weights_whatever_views_the_file_saved(tmp_path, official_file):
+def test_a_loaded_model_owns_its_weights_whatever_views_the_file_saved(tmp_path, official_file, monkeypatch):
     """load_checkpoint gives the model the file's tensors themselves where they can be its own (contiguous, alone on
-    their storage and covering it: no second copy of the weights); views sharing one storage, one tensor under two
-    keys, a slice of a larger storage, a transposed tensor and float16 tensors are copied into float32 tensors of
-    their own, values kept; a safetensors file's tensors are all copied (see _assignable)."""
+    their storage, covering it and aligned as torch's: no second copy of the weights); views sharing one storage,
+    one tensor under two keys, a slice of a larger storage, a transposed tensor and float16 tensors are copied into
+    float32 tensors of their own, values kept. A safetensors file's are kept too, unless the library read them."""
     state = _state(official_file)
     sd = state["state_dict"]
     expected = {k: v.clone() for k, v in sd.items()}
@@ -1222,13 +1223,37 @@ def test_a_loaded_model_owns_its_weights_whatever_views_the_file_saved(tmp_path,
     file_pointers = {t.data_ptr() for t in weights.obj["state_dict"].values()}
     untouched = [k for k in expected if k not in (weight, bias, sliced, transposed, halved, tied, twin)]
     assert untouched and all(kept[k].data_ptr() in file_pointers for k in untouched)
-    # safetensors' tensors (which start anywhere on 8 bytes): every one copied, into memory aligned as torch's
-    model.save(tmp_path / "native.safetensors")
-    native_weights = read_weight_file(tmp_path / "native.safetensors")
-    assert {t.data_ptr() % 64 for t in native_weights.tensors.values()} != {0}
-    native = load_weights(native_weights, str(tmp_path / "native.safetensors"), None, None).state_dict()
+    # a safetensors file's tensors, read straight into memory torch allocates: kept too
+    native_path = tmp_path / "native.safetensors"
+    model.save(native_path)
+    native_weights = read_weight_file(native_path)
+    native = load_weights(native_weights, str(native_path), None, None).state_dict()
+    assert native_weights.owned and all(torch.equal(t, model.state_dict()[k]) for k, t in native.items())
+    assert {t.data_ptr() for t in native.values()} <= {t.data_ptr() for t in native_weights.tensors.values()}
+    # read by the safetensors library (a dtype io does not map; here none is), whose tensors start anywhere on 8
+    # bytes: every one copied, into memory aligned as torch's
+    monkeypatch.setattr(checkpoint_io, "SAFETENSORS_DTYPES", {})
+    library_weights = read_weight_file(native_path)
+    assert not library_weights.owned and {t.data_ptr() % 64 for t in library_weights.tensors.values()} != {0}
+    native = load_weights(library_weights, str(native_path), None, None).state_dict()
     assert all(t.data_ptr() % 64 == 0 and torch.equal(t, model.state_dict()[k]) for k, t in native.items())
-    assert not {t.data_ptr() for t in native.values()} & {t.data_ptr() for t in native_weights.tensors.values()}
+    assert not {t.data_ptr() for t in native.values()} & {t.data_ptr() for t in library_weights.tensors.values()}
+
+
+def test_a_safetensors_header_that_names_a_tensor_twice_is_refused(tmp_path):
+    """The safetensors library reads a header that names a tensor twice, keeping one of the entries (here the same
+    bytes as float32 or as int32: which is the reader's business); the reader refuses it, naming the file."""
+    entry = b'{"dtype":"F32","shape":[1],"data_offsets":[0,4]}'
+    header = b'{"a":' + entry + b',"a":' + entry.replace(b"F32", b"I32") + b"}"  # the same bytes, two meanings
+    header += b" " * (-len(header) % 8)
+    path = tmp_path / "twice.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header + struct.pack("<f", 1.5))
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:  # the library reads it
+        assert list(f.keys()) == ["a"]
+    with pytest.raises(CheckpointError, match=r"twice.safetensors: corrupt safetensors header \(a name appears twice"):
+        read_weight_file(path)
 
 
 def _damaged_tensor_file(tmp_path, official_file):

@@ -150,7 +150,7 @@ def load_weights(wf: WeightFile, path: str, arch: str | None, class_names: list[
     # again from the names. Not to_empty(): its empty_like of a meta tensor runs a Python decomposition whose first
     # use imports sympy (a fresh process's start-up, as layers.init_ says of normal_).
     model = skeleton
-    load_state_strict(model, _assignable(sd, model.state_dict(), keep=wf.kind == "torch"), path, assign=True)
+    load_state_strict(model, _assignable(sd, model.state_dict(), keep=wf.owned), path, assign=True)
     for module in model.modules():
         for name, buffer in list(module.named_buffers(recurse=False)):
             if buffer.is_meta:
@@ -167,14 +167,14 @@ def _assignable(
     sd: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], keep: bool
 ) -> dict[str, torch.Tensor]:  # fmt: skip
     """The file's tensors ``sd`` as a model whose state dict is ``expected`` may own them (load_state_dict's assign),
-    each in the model's dtype (converted as load_state_dict's copy_ would). With ``keep`` (torch.load's tensors,
-    memory torch allocated), a tensor that is contiguous, alone on its storage, covering it exactly and aligned as
-    torch's CPU allocator aligns its memory (ALIGNMENT bytes) is kept as it is: the file's memory becomes the
-    model's. Any other is copied: a view of a larger storage, one storage under several keys or several tensors (no
-    two weights share memory, and none keeps more of the file alive than itself), and every tensor without
-    ``keep`` (a safetensors file's: they start anywhere on 8 bytes, and a few of them kept, the aligned ones, held
-    the heap below them, so that glibc gave none of the freed rest back: a native RN50 file's process held 1515
-    MiB after the load instead of 1080)."""
+    each in the model's dtype (converted as load_state_dict's copy_ would). With ``keep`` (WeightFile.owned: memory
+    torch allocated for each tensor, as torch.load's and io's own safetensors reads), a tensor that is contiguous,
+    alone on its storage, covering it exactly and aligned as torch's CPU allocator aligns its memory (ALIGNMENT
+    bytes) is kept as it is: the file's memory becomes the model's. Any other is copied: a view of a larger
+    storage, one storage under several keys or several tensors (no two weights share memory, and none keeps more of
+    the file alive than itself), and every tensor without ``keep`` (the safetensors library's: they start anywhere
+    on 8 bytes, and a few of them kept, the aligned ones, held the heap below them, so that glibc gave none of the
+    freed rest back: a native RN50 file's process held 1515 MiB after the load instead of 1080)."""
     users: dict[int, int] = {}
     for t in sd.values():
         if t.numel():

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import math
 import os
 import pickle
@@ -29,6 +30,7 @@ import re
 import reprlib
 import stat
 import struct
+import sys
 import threading
 import uuid
 import warnings
@@ -86,6 +88,7 @@ class WeightFile:
     obj: Any = None
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     metadata: dict[str, str] = field(default_factory=dict)
+    owned: bool = False  # every tensor in memory torch allocated for it alone (a model may keep it: load_weights)
 
 
 def check_not_a_training_state(obj: Any, path: str) -> None:
@@ -260,8 +263,8 @@ def read_weight_file(path: str | os.PathLike[str]) -> WeightFile:
         for entry in entries or ():  # torch.save writes every entry stored; torch.load would inflate any other
             _check_stored(entry, path, size)
         if entries is None:  # not readable as a zip file: torch.load names the damage
-            return WeightFile("torch", obj=_checked_views(_torch_load(path, size), path))
-        return WeightFile("torch", obj=_checked_views(_load_zip(path, entries, size), path))
+            return WeightFile("torch", obj=_checked_views(_torch_load(path, size), path), owned=True)
+        return WeightFile("torch", obj=_checked_views(_load_zip(path, entries, size), path), owned=True)
     # safetensors: an 8-byte little-endian header length, then the JSON header. Tested before the pickle marker: the
     # length's first byte is 0x80 for one header length in 32 (they are multiples of 8), and torch.save's legacy
     # files, which begin with 0x80, never have "{" at byte 8 (their magic number's bytes are there)
@@ -281,7 +284,7 @@ def read_weight_file(path: str | os.PathLike[str]) -> WeightFile:
         with open(path, "rb") as f:
             for _ in range(LEGACY_PICKLES):
                 _check_pickle(path, lambda: check_pickle(f, size - f.tell()))
-        return WeightFile("torch", obj=_checked_views(_torch_load(path, size), path))
+        return WeightFile("torch", obj=_checked_views(_torch_load(path, size), path), owned=True)
     if head[:1] == b"\x08" and head[2:3] == b"\x12" or path.lower().endswith(".onnx"):  # ModelProto's ir_version,
         # then its producer_name: what every ONNX exporter writes first
         raise CheckpointError(
@@ -562,12 +565,74 @@ def _read_safetensors(path: str) -> WeightFile:
             if not os.path.exists(opened):
                 raise CheckpointError(path, "the safetensors library opens only UTF-8 file names; rename the file")
         try:
-            with safe_open(opened, framework="pt", device="cpu") as f:
+            with safe_open(opened, framework="pt", device="cpu") as f:  # the header checked by the library first
                 metadata = dict(f.metadata() or {})
-                tensors = {name: f.get_tensor(name) for name in f.keys()}
+                names = list(f.keys())
+                read = _read_safetensors_data(opened, names, path)
+                tensors = read if read is not None else {name: f.get_tensor(name) for name in names}
+        except CheckpointError:
+            raise
         except Exception as exc:  # safetensors raises its own SafetensorError / OSError variants
             raise CheckpointError(path, f"corrupt or truncated safetensors file ({exc})") from None
-    return WeightFile("safetensors", tensors=tensors, metadata=metadata)
+    return WeightFile("safetensors", tensors=tensors, metadata=metadata, owned=read is not None)
+
+
+# safetensors' dtype names -> torch's (those this torch has)
+SAFETENSORS_DTYPES = {
+    name: getattr(torch, attr)
+    for name, attr in (("F64", "float64"), ("F32", "float32"), ("F16", "float16"), ("BF16", "bfloat16"),
+                       ("I64", "int64"), ("I32", "int32"), ("I16", "int16"), ("I8", "int8"), ("U8", "uint8"),
+                       ("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64"), ("BOOL", "bool"),
+                       ("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"))
+    if hasattr(torch, attr)
+}  # fmt: skip
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json.loads' object_pairs_hook: an object, or ValueError for a name it holds twice."""
+    keys = [key for key, _ in pairs]
+    if len(set(keys)) < len(keys):
+        raise ValueError("a name appears twice in an object")
+    return dict(pairs)
+
+
+def _read_safetensors_data(opened: str, names: list[str], path: str) -> dict[str, torch.Tensor] | None:
+    """The tensors ``names`` of a safetensors file whose header the library has checked, each read straight from
+    the file into memory torch allocates for it, as torch.load's are: a model may keep such tensors, where the
+    library's start anywhere on 8 bytes and were copied (a second pass over the weights, and their memory twice at
+    once). None (the library then reads them) on a big-endian machine or for a dtype not in SAFETENSORS_DTYPES. The
+    header's entries are checked again as they are used: no name twice, offsets inside the data, sizes that agree
+    with the shapes (each tensor's memory is allocated only then: at most the file's size in all)."""
+    if sys.byteorder != "little":  # safetensors stores little-endian bytes
+        return None
+    with open(opened, "rb") as f:
+        length = struct.unpack("<Q", f.read(8))[0]
+        try:
+            header = json.loads(f.read(length), object_pairs_hook=_unique_keys)
+        except ValueError as exc:  # (the library read it: a name twice, which it may have taken otherwise)
+            raise CheckpointError(path, f"corrupt safetensors header ({exc})") from None
+        data = os.fstat(f.fileno()).st_size - 8 - length
+        entries = [header.get(name) if isinstance(header, dict) else None for name in names]
+        infos = [info for info in entries if isinstance(info, dict) and info.get("dtype") in SAFETENSORS_DTYPES]
+        if len(infos) < len(names):
+            return None
+        tensors = {}
+        for name, info in zip(names, infos):
+            shape, offsets = info.get("shape"), info.get("data_offsets")
+            dtype = SAFETENSORS_DTYPES[info["dtype"]]
+            if (not isinstance(shape, list) or not all(type(n) is int and n >= 0 for n in shape)
+                    or not isinstance(offsets, list) or len(offsets) != 2
+                    or not all(type(n) is int for n in offsets) or not 0 <= offsets[0] <= offsets[1] <= data
+                    or math.prod(shape) * dtype.itemsize != offsets[1] - offsets[0]):  # fmt: skip
+                raise CheckpointError(path, f"corrupt safetensors header: the entry of {excerpt(repr(name), 80)} "
+                                            f"({excerpt(info)}) does not fit its {data} bytes of data")  # fmt: skip
+            tensor = torch.empty(shape, dtype=dtype)
+            f.seek(8 + length + offsets[0])
+            into = tensor.reshape(-1).view(torch.uint8).numpy()
+            if f.readinto(into.data) != into.nbytes:
+                raise CheckpointError(path, "truncated safetensors file: it ends inside a tensor's data")
+            tensors[name] = tensor
+    return tensors
 
 
 # ---------------------------------------------------------------------------------------------- TorchScript
