@@ -24,6 +24,7 @@ import contextlib
 import errno
 import json
 import math
+import mmap
 import os
 import pickle
 import re
@@ -627,12 +628,22 @@ def _read_safetensors_data(opened: str, names: list[str], path: str) -> dict[str
                 raise CheckpointError(path, f"corrupt safetensors header: the entry of {excerpt(repr(name), 80)} "
                                             f"({excerpt(info)}) does not fit its {data} bytes of data")  # fmt: skip
             tensor = torch.empty(shape, dtype=dtype)
-            f.seek(8 + length + offsets[0])
-            into = tensor.reshape(-1).view(torch.uint8).numpy()
-            if f.readinto(into.data) != into.nbytes:
-                raise CheckpointError(path, "truncated safetensors file: it ends inside a tensor's data")
+            if tensor.numel():
+                _copy_from_file(f.fileno(), 8 + length + offsets[0], tensor.reshape(-1).view(torch.uint8))
             tensors[name] = tensor
     return tensors
+
+
+def _copy_from_file(descriptor: int, offset: int, into: torch.Tensor) -> None:
+    """``into`` (uint8, not empty) filled with the file's bytes from ``offset`` on, through a private mapping of just
+    those pages (a copy_ of mapped memory: faster than read() into fresh memory, 0.17 s against 0.25 s for RN50's
+    456 MB in a fresh process, and only one tensor's pages mapped at a time, so that the process does not hold the
+    whole file mapped besides the weights)."""
+    start = offset - offset % mmap.ALLOCATIONGRANULARITY
+    with mmap.mmap(descriptor, offset - start + into.numel(), access=mmap.ACCESS_COPY, offset=start) as mapped:
+        source = torch.frombuffer(mapped, dtype=torch.uint8, count=into.numel(), offset=offset - start)
+        into.copy_(source)
+        del source  # (the mapping closes only once no tensor views it)
 
 
 # ---------------------------------------------------------------------------------------------- TorchScript
