@@ -603,7 +603,8 @@ def _read_safetensors_data(opened: str, names: list[str], path: str) -> dict[str
     library's start anywhere on 8 bytes and were copied (a second pass over the weights, and their memory twice at
     once). None (the library then reads them) on a big-endian machine or for a dtype not in SAFETENSORS_DTYPES. The
     header's entries are checked again as they are used: no name twice, offsets inside the data, sizes that agree
-    with the shapes (each tensor's memory is allocated only then: at most the file's size in all)."""
+    with the shapes (each tensor's memory is allocated only then; the library checked that the entries do not
+    overlap, so that they come to the file's data in all)."""
     if sys.byteorder != "little":  # safetensors stores little-endian bytes
         return None
     with open(opened, "rb") as f:
