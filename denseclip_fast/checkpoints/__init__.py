@@ -174,7 +174,8 @@ def _assignable(
     storage, one storage under several keys or several tensors (no two weights share memory, and none keeps more of
     the file alive than itself), and every tensor without ``keep`` (the safetensors library's: they start anywhere
     on 8 bytes, and a few of them kept, the aligned ones, held the heap below them, so that glibc gave none of the
-    freed rest back: a native RN50 file's process held 1515 MiB after the load instead of 1080)."""
+    freed rest back: a native RN50 file's process peaked at 2052 MiB by its first logits instead of 1619,
+    benchmarks/results/startup_cpu_2threads_75ded4c.md against ..._before_66db1dc.md)."""
     users: dict[int, int] = {}
     for t in sd.values():
         if t.numel():

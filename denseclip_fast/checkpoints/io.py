@@ -637,9 +637,10 @@ def _read_safetensors_data(opened: str, names: list[str], path: str) -> dict[str
 
 def _copy_from_file(descriptor: int, offset: int, into: torch.Tensor) -> None:
     """``into`` (uint8, not empty) filled with the file's bytes from ``offset`` on, through a private mapping of just
-    those pages (a copy_ of mapped memory: faster than read() into fresh memory, 0.17 s against 0.25 s for RN50's
-    456 MB in a fresh process, and only one tensor's pages mapped at a time, so that the process does not hold the
-    whole file mapped besides the weights)."""
+    those pages (a copy_ of mapped memory, faster than read() into fresh memory: a fresh process's load_checkpoint of
+    a native RN50 file took 0.56 s against 0.64 s, benchmarks/results/startup_cpu_2threads_ed01653.md against
+    ..._5819c2b.md; only one tensor's pages mapped at a time, so that the process does not hold the whole file
+    mapped besides the weights)."""
     start = offset - offset % mmap.ALLOCATIONGRANULARITY
     with mmap.mmap(descriptor, offset - start + into.numel(), access=mmap.ACCESS_COPY, offset=start) as mapped:
         source = torch.frombuffer(mapped, dtype=torch.uint8, count=into.numel(), offset=offset - start)
