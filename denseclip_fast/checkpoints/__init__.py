@@ -23,6 +23,7 @@ from .io import (
     CheckpointNotFoundError,
     WeightFile,
     check_not_a_training_state,
+    covers_its_storage,
     path_argument,
     read_weight_file,
 )
@@ -183,11 +184,9 @@ def _assignable(
     owned, copied = {}, []
     for key, t in sd.items():
         target = expected[key].dtype if key in expected else t.dtype
-        storage = t.untyped_storage()
-        alone = t.numel() == 0 or users[storage.data_ptr()] == 1
-        whole = t.storage_offset() == 0 and t.numel() * t.element_size() == storage.nbytes()
+        alone = t.numel() == 0 or users[t.untyped_storage().data_ptr()] == 1
         aligned = t.data_ptr() % ALIGNMENT == 0
-        if keep and t.dtype == target and t.is_contiguous() and alone and whole and aligned:
+        if keep and t.dtype == target and covers_its_storage(t) and alone and aligned:
             owned[key] = t
         else:
             owned[key] = torch.empty(t.shape, dtype=target)

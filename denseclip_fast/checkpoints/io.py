@@ -883,6 +883,13 @@ def _read_torchscript(path: str, size: int) -> dict[str, torch.Tensor]:
         ) from None  # fmt: skip
 
 
+def covers_its_storage(t: torch.Tensor) -> bool:
+    """Whether ``t`` is contiguous and spans its storage exactly, from its first byte to its last: no view of a
+    larger storage (which would keep the rest of it alive) and no strided one."""
+    spanned = t.numel() * t.element_size() == t.untyped_storage().nbytes()
+    return bool(t.storage_offset() == 0 and t.is_contiguous() and spanned)
+
+
 def _own_storages(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``tensors`` with no two distinct tensors sharing memory: a tensor that is the only one on its storage and
     covers it exactly (CLIP's weights: one storage each) is kept as it is, any other view is copied, so the peak stays
@@ -894,9 +901,8 @@ def _own_storages(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for t in tensors.values():
         if id(t) in owned:
             continue
-        storage = t.untyped_storage()
-        whole = t.storage_offset() == 0 and t.is_contiguous() and t.numel() * t.element_size() == storage.nbytes()
-        owned[id(t)] = t if whole and len(users[storage.data_ptr()]) == 1 else t.clone()
+        alone = len(users[t.untyped_storage().data_ptr()]) == 1
+        owned[id(t)] = t if covers_its_storage(t) and alone else t.clone()
     return {name: owned[id(t)] for name, t in tensors.items()}
 
 
