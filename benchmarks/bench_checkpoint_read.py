@@ -31,8 +31,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import denseclip_fast as dcf  # noqa: E402
+from benchmarks.bench_startup import build  # noqa: E402
 from benchmarks.common import Results, arch_name, environment, take_turns, turn_arguments, turn_fields  # noqa: E402
-from benchmarks.official import randomize_  # noqa: E402
+from benchmarks.official import save_mmcv_checkpoint  # noqa: E402
 from denseclip_fast.checkpoints import io  # noqa: E402
 
 FORMATS = ("zip", "legacy")
@@ -47,20 +48,12 @@ STAGES = (
 WHOLE = ("read_weight_file", "load_checkpoint", "bare torch.load")
 
 
-def build(arch: str) -> dcf.DenseCLIP:
-    """A random-weight model of ``arch`` with the 150 ADE20K classes."""
-    torch.manual_seed(0)
-    return randomize_(dcf.DenseCLIP.from_arch(arch))
-
-
 def write_checkpoint(arch: str, fmt: str, folder: str) -> str:
-    """build(arch) saved as mmcv's save_checkpoint lays it out, in ``fmt`` (zip: torch.save's default; legacy: its
-    format before torch 1.6)."""
+    """bench_startup's build(arch) saved as mmcv's save_checkpoint lays it out, in ``fmt`` (zip: torch.save's
+    default; legacy: its format before torch 1.6)."""
     model = build(arch)
-    meta = {"mmcv_version": "1.4.0", "CLASSES": tuple(model.class_names)}
-    state = {k: v.detach() for k, v in model.state_dict().items()}
     path = os.path.join(folder, f"{arch.replace('/', '-')}_{fmt}.pth")
-    torch.save({"meta": meta, "state_dict": state}, path, _use_new_zipfile_serialization=fmt == "zip")
+    save_mmcv_checkpoint(model, path, model.class_names, legacy=fmt == "legacy")
     return path
 
 

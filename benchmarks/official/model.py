@@ -571,11 +571,12 @@ def weigh_score_channels_(model: OfficialDenseCLIP | DenseCLIP, size: int = 224,
 
 
 def save_mmcv_checkpoint(model: nn.Module, path: str, classes: list[str],
-                         palette: list[list[int]] | None = None) -> None:  # fmt: skip
+                         palette: list[list[int]] | None = None, legacy: bool = False) -> None:  # fmt: skip
     """Write what mmcv's ``save_checkpoint`` writes: ``{'meta': {...}, 'state_dict': OrderedDict}``. ``model``: an
-    OfficialDenseCLIP, or a denseclip_fast DenseCLIP (the same state-dict keys)."""
+    OfficialDenseCLIP, or a denseclip_fast DenseCLIP (the same state-dict keys). ``legacy``: in torch.save's format
+    before torch 1.6 (no zip archive)."""
     meta: dict[str, Any] = {"mmcv_version": "1.4.0", "time": "Thu Jan  1 00:00:00 2022", "CLASSES": tuple(classes)}
     if palette is not None:
         meta["PALETTE"] = palette
     state = OrderedDict((k, v.detach().cpu()) for k, v in model.state_dict().items())
-    torch.save({"meta": meta, "state_dict": state}, path)
+    torch.save({"meta": meta, "state_dict": state}, path, _use_new_zipfile_serialization=not legacy)
