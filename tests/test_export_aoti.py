@@ -48,6 +48,17 @@ def model() -> DenseCLIP:
     return randomized(DenseCLIP(replace(tiny_config("resnet"), test_scale=TEST_SCALE), CLASSES)).eval()
 
 
+@pytest.fixture
+def temp_root(tmp_path, monkeypatch) -> Path:
+    """A folder of the test's own as TMPDIR and Python's temp folder, where torch 2.14's AOTInductor loader extracts
+    packages (2.11's goes to /tmp whatever TMPDIR says): the copies a test watches are the test's alone."""
+    root = tmp_path / "tmp"
+    root.mkdir()
+    monkeypatch.setenv("TMPDIR", str(root))
+    monkeypatch.setattr(tempfile, "tempdir", str(root))
+    return root
+
+
 @pytest.fixture(scope="module")
 def package(model, tmp_path_factory):
     """One CPU package (about 30 s of C++ compilation on 2 cores), shared by the tests below."""
@@ -190,15 +201,12 @@ def test_what_the_archive_tells_is_refused_before_torchs_loader_runs(package, tm
 
 
 @pytest.mark.slow
-def test_a_package_whose_library_is_damaged_is_named_with_the_loaders_reason(package, tmp_path, monkeypatch):
+def test_a_package_whose_library_is_damaged_is_named_with_the_loaders_reason(package, tmp_path, monkeypatch, temp_root):
     """The metadata intact but the compiled library's bytes not an ELF file (a damaged copy): torch's loader fails,
     and the error names the package and the loader's first line, as a ValueError. The loader's extracted copies,
     which it leaves behind (two per load with torch 2.14: the library and its weights each time), are removed;
     another package's extraction, which holds another library, and any made before the load are not."""
-    tmpdir = tmp_path / "tmp"
-    tmpdir.mkdir()
-    monkeypatch.setenv("TMPDIR", str(tmpdir))
-    monkeypatch.setattr(tempfile, "tempdir", str(tmpdir))
+    tmpdir = temp_root
     libraries: list[str] = []
 
     def zeroed(name: str, data: bytes) -> bytes:
@@ -238,15 +246,12 @@ def test_a_package_whose_library_is_damaged_is_named_with_the_loaders_reason(pac
 
 
 @pytest.mark.slow
-def test_a_failed_load_extracted_under_any_name_is_removed(package, tmp_path, monkeypatch):
+def test_a_failed_load_extracted_under_any_name_is_removed(package, monkeypatch, temp_root):
     """torch 2.11's loader extracts into a mkdtemp folder of six random characters in /tmp (2.14: aotinductor_* in
     TMPDIR), which load_aoti, looking for aotinductor_* alone, left behind after a failed load (the GPU machine's
     rehearsal found them). A folder is this package's copy by what it holds, whatever its name; a folder made
     meanwhile that holds no such library stays."""
-    tmpdir = tmp_path / "tmp"
-    tmpdir.mkdir()
-    monkeypatch.setenv("TMPDIR", str(tmpdir))
-    monkeypatch.setattr(tempfile, "tempdir", str(tmpdir))
+    tmpdir = temp_root
     made: list[str] = []
 
     def extracts_then_fails(path: str, *args: Any, **kwargs: Any) -> Any:
@@ -265,15 +270,12 @@ def test_a_failed_load_extracted_under_any_name_is_removed(package, tmp_path, mo
 
 
 @pytest.mark.slow
-def test_a_failed_load_leaves_the_copies_of_loads_of_the_same_package_made_meanwhile(package, tmp_path, monkeypatch):
+def test_a_failed_load_leaves_the_copies_of_loads_of_the_same_package_made_meanwhile(package, monkeypatch, temp_root):
     """Two loads of one package at once (a server's workers starting), one failing while the other is under way:
     the failed one's clean-up waits for the other to end (a shared flock on the package file while loading; without
     it the other's copy, extracted but not yet loaded, was removed as a leftover under it), then leaves every copy
     that a process maps (the other's, from which a CUDA package's kernels are read later); its own copy goes."""
-    tmpdir = tmp_path / "tmp"
-    tmpdir.mkdir()
-    monkeypatch.setenv("TMPDIR", str(tmpdir))
-    monkeypatch.setattr(tempfile, "tempdir", str(tmpdir))
+    tmpdir = temp_root
     with zipfile.ZipFile(package) as archive:
         library = next(name for name in archive.namelist() if name.endswith(".so"))
     real = torch._inductor.aoti_load_package
