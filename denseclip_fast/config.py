@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Literal
 
-from .validation import check_int, is_finite_number
+from .validation import check_int, is_finite_number, plain_scalar
 
 ARCH_ALIASES = {"RN50": "RN50", "RN101": "RN101", "ViT-B/16": "ViT-B-16", "ViT-B-16": "ViT-B-16"}
 ARCHS = ("RN50", "RN101", "ViT-B/16")
@@ -52,6 +52,7 @@ class VisionConfig:
     double_class_embedding: bool = True
 
     def __post_init__(self) -> None:
+        _plain_fields(self)
         if self.kind not in ("resnet", "vit"):
             raise ValueError(f"vision.kind must be 'resnet' or 'vit', got {self.kind!r}")
         _set_tuple(self, "layers", _int_tuple("vision.layers", self.layers, 4 if self.kind == "resnet" else 1))
@@ -113,6 +114,7 @@ class TextConfig:
     layers: int = 12
 
     def __post_init__(self) -> None:
+        _plain_fields(self)
         _check_size("text.context_length", self.context_length)
         _check_size("text.n_ctx", self.n_ctx, minimum=0)
         _check_size("text.vocab_size", self.vocab_size, minimum=CLIP_VOCAB_SIZE, why=" (the tokenizer's vocabulary)")
@@ -143,6 +145,7 @@ class DecoderConfig:
     dropout: float = 0.1
 
     def __post_init__(self) -> None:
+        _plain_fields(self)
         _check_size("decoder.width", self.width)
         _check_size("decoder.heads", self.heads)
         _check_size("decoder.layers", self.layers)
@@ -176,7 +179,9 @@ class DenseCLIPConfig:
     def __post_init__(self) -> None:
         """Every field checked (type and range), so that a bad configuration is a ValueError naming the field and
         the value here, not a TypeError or a division by zero inside the model, or a model that loads and computes
-        nonsense. The sub-configurations check themselves when built."""
+        nonsense. The sub-configurations check themselves when built. A numpy number is kept as the Python one it
+        stands for (:func:`_plain_fields`)."""
+        _plain_fields(self)
         if not isinstance(self.arch, str) or not self.arch:
             raise ValueError(f"arch must be a non-empty name ({', '.join(ARCHS)}, {CUSTOM_ARCH!r} or your own), "
                              f"got {self.arch!r}")  # fmt: skip
@@ -254,6 +259,19 @@ def _int_tuple(name: str, value: Any, length: int, minimum: int = 1, why: str = 
     if max(value) > MAX_CONFIG_INT:
         raise ValueError(f"{name} must hold ints of at most {MAX_CONFIG_INT} (a sanity bound), got {value!r}")
     return tuple(value)
+
+
+def _plain_fields(config: Any) -> None:
+    """Each field of the frozen dataclass ``config`` that holds a numpy bool, integer or float (a size or rate
+    computed with numpy), or a tuple or list holding them, stored as the Python values they stand for
+    (validation.plain_scalar): the checks then take them, the configuration compares equal to one written with
+    plain numbers, and to_dict gives what JSON holds (a checkpoint's config; json.dumps refuses np.int64)."""
+    for spec in dataclasses.fields(config):
+        value = getattr(config, spec.name)
+        if isinstance(value, (tuple, list)):
+            object.__setattr__(config, spec.name, type(value)(map(plain_scalar, value)))
+        else:
+            object.__setattr__(config, spec.name, plain_scalar(value))
 
 
 def _set_tuple(obj: Any, name: str, value: tuple[int, ...]) -> None:

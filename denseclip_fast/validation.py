@@ -9,6 +9,7 @@ import numbers
 import os
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 DEVICE_EXAMPLES = "'cpu', 'cuda' or 'cuda:N'"
@@ -56,10 +57,33 @@ def check_int(
         raise ValueError(f"{name} must be at most {maximum}{why_most}, got {value!r}")
 
 
+def plain_scalar(value: object) -> object:
+    """``value`` as the Python scalar it stands for where it is a numpy bool, integer or float (a number computed
+    with numpy: ``np.float32(1e-4)``, a size from an array), else ``value`` itself: what the checks take and what JSON
+    writes (``json.dumps(np.int64(3))`` raises, ``np.bool_`` is no bool). Other numpy scalars (complex, strings,
+    dates) are left to the checks, which refuse them."""
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    return value
+
+
 def check_bool(name: str, value: object) -> None:
     """ValueError naming ``name`` unless ``value`` is True or False (a string such as "no" would be true)."""
     if not isinstance(value, bool):
         raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
+def as_bool(name: str, value: object) -> bool:
+    """:func:`check_bool` for an argument of the Python API, where a numpy bool (``np.True_``, an element of a mask)
+    is a bool too: ``value`` as a plain bool. An int (1) or a string ("no") is still refused."""
+    value = plain_scalar(value) if isinstance(value, np.bool_) else value
+    check_bool(name, value)
+    assert isinstance(value, bool)
+    return value
 
 
 def as_int(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 import denseclip_fast as dcf
-from denseclip_fast import DenseCLIP, Segmenter
+from denseclip_fast import DenseCLIP, DenseCLIPConfig, Segmenter
 
 from .conftest import NAMES, ROOT, tiny_config
 
@@ -84,6 +85,41 @@ def test_configs_take_keywords_only(config):
     cls = getattr(importlib.import_module(module), config)
     with pytest.raises(TypeError, match="positional"):
         cls("RN50")
+
+
+def test_numpy_values_in_a_configuration_are_the_python_ones_they_stand_for():
+    """A size or rate computed with numpy was refused ("embed_dim must be an int >= 1, got np.int64(1024)"), or
+    kept (an np.float64, which is a float; a numpy bool would have been refused): each is stored as the Python int,
+    float or bool it stands for, so the configuration equals one written with plain values and to_dict holds only
+    what JSON writes. A numpy bool in an int field, a complex and an array are still refused naming the field."""
+    import dataclasses
+    import json
+
+    import numpy as np
+
+    base = dcf.preset("RN50")
+    given = base.replace(
+        embed_dim=np.int64(1024), head_dropout=np.float64(0.1), slide_crop=np.int32(512),
+        test_scale=(np.int64(2048), np.uint16(512)), tau=np.float32(0.5),
+        vision=dataclasses.replace(base.vision, layers=tuple(np.array([3, 4, 6, 3])), drop_path_rate=np.float16(0.5),
+                                   double_class_embedding=np.True_),
+        text=dataclasses.replace(base.text, n_ctx=np.int8(8)),
+        decoder=dataclasses.replace(base.decoder, heads=np.uint32(4)),
+    )  # fmt: skip
+    assert given == base.replace(tau=0.5, vision=dataclasses.replace(base.vision, drop_path_rate=0.5))
+
+    def leaves(value):
+        if isinstance(value, dict):
+            return [leaf for v in value.values() for leaf in leaves(v)]
+        return [leaf for v in value for leaf in leaves(v)] if isinstance(value, (tuple, list)) else [value]
+
+    assert {type(leaf) for leaf in leaves(given.to_dict())} == {str, int, float, bool}
+    assert DenseCLIPConfig.from_dict(json.loads(json.dumps(given.to_dict()))) == given
+    for change, message in (({"embed_dim": np.True_}, "embed_dim must be an int >= 1, got True"),
+                            ({"tau": np.complex64(1)}, "tau must be a number in (0.0, inf), got np.complex64(1+0j)"),
+                            ({"test_scale": np.array([512, 512])}, "test_scale must be a list of 2 ints >= 32")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            base.replace(**change)
 
 
 def test_a_segmenter_refuses_its_later_options_by_position(model):

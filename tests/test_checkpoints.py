@@ -1350,6 +1350,9 @@ def test_damage_inside_a_native_files_tensor_is_refused_by_its_crc(tmp_path, dty
     loaded = dcf.load_checkpoint(damaged, verify=False).state_dict()[name]
     assert not torch.equal(loaded, head) and loaded.flatten()[4:].equal(head.flatten()[4:]) and computed == []
     assert torch.equal(dcf.load_checkpoint(intact, verify=True).state_dict()[name], head) and computed
+    computed.clear()
+    dcf.load_checkpoint(intact, verify=np.False_)  # a numpy bool is the bool it stands for
+    assert computed == []
     meta_damaged = tmp_path / "meta.safetensors"
     meta_damaged.write_bytes(intact.read_bytes().replace(b'\\"road\\"', b'\\"roae\\"'))
     with pytest.raises(CheckpointError, match=r"its metadata \(architecture, class names, palette\) fails"):

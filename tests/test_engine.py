@@ -909,7 +909,12 @@ def test_bad_vocabularies_and_settings(model):
     sized = Segmenter(model, device="cpu", mode="slide", crop=np.int64(64), stride=np.int32(40),
                       capture_after=np.int64(1))  # numpy's integers are ints: taken as plain ints  # fmt: skip
     assert (type(sized.crop), type(sized.stride), type(sized._graphs.capture_after)) == (int, int, int)
-    sized.warmup((np.int64(64), np.uint16(70)), batch=np.int8(1))
+    sized.warmup((np.int64(64), np.uint16(70)), batch=np.int8(1), raw=np.False_)
+    flags = Segmenter(model, device="cpu", cuda_graphs=np.False_, check_finite=np.bool_(False))  # numpy's bools too
+    assert flags.check_finite is False and flags._graphs.enabled is False
+    for flag in ("cuda_graphs", "check_finite"):
+        with pytest.raises(ValueError, match=f"^{flag} must be True or False, got 0$"):  # an int is still no bool
+            Segmenter(model, device="cpu", **{flag: 0})
     with pytest.raises(ValueError, match="stride must not exceed crop.*stride=100 and crop=64"):
         Segmenter(model, device="cpu", mode="slide", crop=64, stride=100)
     # a crop without a stride slides by two thirds of it (the architecture's stride was kept: past a smaller crop,

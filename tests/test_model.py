@@ -6,6 +6,7 @@ import dataclasses
 import pickle
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -99,6 +100,8 @@ def test_open_vocab_and_text_features(tiny):
     for wrong in ("no", None, 0):  # "no" was true (and refused the names as alike), None and 0 false
         with pytest.raises(ValueError, match=f"^distinct must be True or False, got {wrong!r}$"):
             tiny.text_features(["dog", "Dog"], distinct=wrong)
+    with pytest.raises(ValueError, match="has the same BPE tokens as class name 0"):  # np.True_: True
+        tiny.text_features(["dog", "Dog"], distinct=np.True_)
 
 
 def test_a_slide_window_smaller_than_the_network_takes_names_the_crop(tiny):

@@ -490,16 +490,29 @@ def test_a_value_of_the_wrong_kind_in_any_field_is_refused_by_validate_naming_it
     _config(arch_file, generic, tmp_path / "w", num_workers=256, img_scale=[96, 48]).validate()
 
 
-def test_paths_and_numpy_integers_in_the_python_config_become_what_config_json_holds(arch_file, generic, tmp_path):
+def test_paths_and_numpy_values_in_the_python_config_become_what_config_json_holds(arch_file, generic, tmp_path):
     """A pathlib.Path for data, work_dir or arch, and a numpy integer for ignore_index, passed validate() and then
     failed writing config.json mid-run (its work dir locked, config.json cut short); they are the str and int they
-    stand for. Other types are refused naming the field."""
-    cfg = _config(arch_file, Path(generic), tmp_path / "w", arch=Path(arch_file), ignore_index=np.int64(255), iters=1)
+    stand for. So are numpy numbers and bools in the other fields and pairs (a sweep's np.float32 learning rate and
+    np.int64 batch size were refused: "lr must be a finite number >= 0, got np.float32(0.001)"). Other types are
+    refused naming the field."""
+    numpy_values = dict(ignore_index=np.int64(255), lr=np.float32(1e-3), batch_size=np.int64(2),
+                        warmup_ratio=np.float64(1e-6), img_scale=(np.int64(96), np.uint8(48)),
+                        ratio_range=(np.float32(0.5), np.float16(2.0)), tensorboard=np.False_,
+                        channels_last=np.bool_(False), crop=np.int16(48))  # fmt: skip
+    cfg = _config(arch_file, Path(generic), tmp_path / "w", arch=Path(arch_file), iters=1, **numpy_values)
     cfg.validate()
     assert (cfg.data, cfg.work_dir, cfg.arch) == (generic, str(tmp_path / "w"), arch_file)
-    assert type(cfg.ignore_index) is int and cfg.ignore_index == 255
+    plain = {name: (tuple(v.item() for v in value) if isinstance(value, tuple) else value.item())
+             for name, value in numpy_values.items()}  # fmt: skip
+    assert {name: getattr(cfg, name) for name in plain} == plain
+    for name in plain:
+        for value in getattr(cfg, name) if name in ("img_scale", "ratio_range") else [getattr(cfg, name)]:
+            assert type(value) in (int, float, bool), (name, type(value))
     train(cfg)
-    assert json.loads((tmp_path / "w" / "config.json").read_text())["data"] == generic
+    saved = json.loads((tmp_path / "w" / "config.json").read_text())
+    assert saved["data"] == generic and saved["lr"] == float(np.float32(1e-3)) and saved["channels_last"] is False
+    assert saved["img_scale"] == [96, 48] and saved["ratio_range"] == [0.5, 2.0] and saved["batch_size"] == 2
     with pytest.raises(ValueError, match=r"work_dir must be a str \(or a path\), got int: 3"):
         dataclasses.replace(cfg, work_dir=3).validate()
 
@@ -794,7 +807,7 @@ def test_channels_last_training_matches_nchw_and_resumes(arch_file, generic, tmp
     assert model.backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     assert memory_format(TrainConfig(), torch.device("cpu")) == torch.contiguous_format
     assert memory_format(TrainConfig(), torch.device("cuda")) == torch.channels_last
-    for wrong in ("yes", 1, np.False_):  # np.False_ == False passed, then config.json could not hold it
+    for wrong in ("yes", 1):  # (np.False_ is stored as False: test_paths_and_numpy_values_...)
         with pytest.raises(ValueError, match=re.escape(f"channels_last must be true, false or null (on CUDA only), "
                                                        f"got {wrong!r}")):  # fmt: skip
             _config(arch_file, generic, tmp_path, channels_last=wrong).validate()
@@ -1309,7 +1322,7 @@ def test_evaluate_refuses_wrong_arguments_before_any_image(arch_file, generic, m
     """evaluate checked only mode and scales (a fuzz of the public API): rank -1 evaluated the last image twice, a
     rank past the world or limit 0 none (NaN metrics), flip="no" flipped, dtype torch.int64 was dropped by autocast
     with a warning, world 2 without a process group failed in torch. Each is a ValueError naming the argument, before
-    an image is read; numpy integers are what they stand for."""
+    an image is read; numpy integers and bools are what they stand for."""
     model, val = build_model(_config(arch_file, generic, "x"), CLASSES), SegmentationData(generic, "generic", "val")
     read: list[int] = []
     monkeypatch.setattr(SegmentationData, "__getitem__", lambda self, i: read.append(i))
@@ -1334,8 +1347,10 @@ def test_evaluate_refuses_wrong_arguments_before_any_image(arch_file, generic, m
         evaluate(model, val, rank=0, world=2)
     assert read == []
     monkeypatch.undo()
-    result = evaluate(model, val, mode="whole", limit=np.int64(1), rank=np.int64(0), world=np.int64(1))
-    assert result["images"] == 1 and type(result["images"]) is int
+    result = evaluate(model, val, mode="whole", limit=np.int64(1), rank=np.int64(0), world=np.int64(1),
+                      flip=np.True_, progress=np.False_)  # fmt: skip
+    assert result["images"] == 1 and type(result["images"]) is int and result["flip"] is True
+    assert json.loads(json.dumps(result, allow_nan=True))["flip"] is True  # (eval's JSON: a numpy bool was refused)
 
 
 def test_metrics_equal_mmseg_on_ade20k_labels(tmp_path):

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..class_names import ADE20K_CLASSES
+from ..validation import as_bool
 from ..visualize import rgb_triples
 from .io import (
     CheckpointError,
@@ -104,8 +105,7 @@ def load_checkpoint(
             (ClassCountError) or with a name longer than 3 BPE tokens; ``verify`` not a bool.
     """
     path = path_argument(path)
-    if not isinstance(verify, bool):
-        raise ValueError(f"verify must be True or False, got {verify!r}")
+    verify = as_bool("verify", verify)
     if class_names is not None:
         class_names = _class_names_argument(class_names)
     return load_weights(read_weight_file(path), path, arch, class_names, verify)

@@ -55,7 +55,7 @@ from ..model.layers import intercepted
 from ..model.slide import slide_inference, two_thirds_stride, window_sizes
 from ..model.text import check_class_names
 from ..preprocess import normalize_keep_ratio
-from ..validation import IGNORE, as_int, check_bool, check_device, given_dtype
+from ..validation import IGNORE, as_bool, as_int, check_device, given_dtype
 from ..visualize import default_palette, ignored
 from ..visualize import overlay as blend
 from . import cpu_labels, cuda_resample, decoder_norms, projections
@@ -456,8 +456,8 @@ class Segmenter:
             raise ValueError("dtype=torch.float16 needs a CUDA device; use float32 or bfloat16 on CPU")
         if mode not in ("whole", "slide"):
             raise ValueError(f"mode must be 'whole' or 'slide', got {mode!r}")
-        check_bool("cuda_graphs", cuda_graphs)
-        check_bool("check_finite", check_finite)
+        cuda_graphs = as_bool("cuda_graphs", cuda_graphs)
+        check_finite = as_bool("check_finite", check_finite)
         self.dtype, self.mode, self.check_finite = dtype, mode, check_finite
         self.crop = as_int("crop", model.config.slide_crop if crop is None else crop, MIN_IMAGE_SIDE,
                            " (the stride-32 level keeps a pixel)")  # fmt: skip
@@ -813,7 +813,7 @@ class Segmenter:
             raise ValueError(f"size must be (height, width), got {size!r}")
         height, width = (as_int(name, side) for name, side in zip(("size[0] (height)", "size[1] (width)"), size))
         batch = as_int("batch", batch)
-        check_bool("raw", raw)
+        raw = as_bool("raw", raw)
         if raw:  # host images, as numpy arrays and PIL images come (staged in page-locked memory on CUDA)
             check_test_image_size((height, width), self.model.config.test_scale, "size")
             shape, dtype, device = (batch, height, width, 3), torch.uint8, None

@@ -35,7 +35,7 @@ from ..checkpoints.io import path_argument, written_atomically
 from ..model import DenseCLIP
 from ..preprocess import CLIP_MEAN, CLIP_STD
 from ..requirements import dotted, release_below
-from ..validation import check_bool, given_dtype, not_a_file
+from ..validation import as_bool, given_dtype, not_a_file
 from .graphs import EXPORT_LOCK, build_graph, check_image_size, default_window_stride, example_inputs, output_path
 
 ONNX_DTYPES = (torch.float32, torch.float16)
@@ -165,7 +165,7 @@ def to_onnx(
         bf16 = dtype in (torch.bfloat16, "bfloat16", "bf16")
         raise ValueError(f"dtype must be torch.float32 or torch.float16 for ONNX, got "
                          f"{given_dtype(dtype, ONNX_DTYPES)}{hint if bf16 else ''}")  # fmt: skip
-    check_bool("check_tensorrt", check_tensorrt)
+    check_tensorrt = as_bool("check_tensorrt", check_tensorrt)
     # an int: 18.0 is "in" the range, and the exporter given it failed, and failed every later export of the process
     if not isinstance(opset, numbers.Integral) or isinstance(opset, bool) or opset not in OPSETS:
         raise ValueError(f"opset must be an int in {OPSETS.start}..{OPSETS.stop - 1}, got {opset!r}")

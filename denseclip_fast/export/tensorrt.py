@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..checkpoints.io import path_argument
-from ..validation import check_bool, not_a_file
+from ..validation import as_bool, not_a_file
 from .graphs import output_path, write_file
 from .onnx import graph_file, load_onnx, read_metadata
 
@@ -253,8 +253,7 @@ def build_tensorrt_engine(
         full disk ...: the file there is kept as it was).
     """
     onnx_path = Path(path_argument(onnx_path, "onnx_path"))
-    check_bool("fp16", fp16)
-    check_bool("bf16", bf16)
+    fp16, bf16 = as_bool("fp16", fp16), as_bool("bf16", bf16)
     if not onnx_path.is_file():
         raise ValueError(f"onnx_path {str(onnx_path)!r} {not_a_file(str(onnx_path))}; expected an ONNX file")
     engine_path = output_path(engine_path, "engine_path")

@@ -29,7 +29,7 @@ from ..class_names import ADE20K_CLASSES
 from ..config import MIN_IMAGE_SIDE, DenseCLIPConfig, preset
 from ..ops.library import memory_format_of
 from ..preprocess import keep_ratio_size
-from ..validation import check_bool
+from ..validation import as_bool
 from ..visualize import check_palette
 from .decoder import ContextDecoder, DecoderPrefix
 from .features import ImageFeatures
@@ -184,7 +184,7 @@ class DenseCLIP(nn.Module):
     def text_features(self, names: Sequence[str], distinct: bool = False) -> torch.Tensor:
         """(K', D) class embeddings of any names through the learned contexts (before the context decoder); with
         ``distinct`` (open vocabulary) names that tokenise alike are a ValueError."""
-        check_bool("distinct", distinct)
+        distinct = as_bool("distinct", distinct)
         tokens = tokenize_class_names(names, self.config.text.class_token_length, distinct)
         return self.text_encoder(tokens.to(self.contexts.device), self.contexts, token_span(tokens))
 

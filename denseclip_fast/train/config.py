@@ -40,6 +40,7 @@ from ..validation import (
     check_writable_dir,
     is_finite_number,
     not_a_file,
+    plain_scalar,
 )
 from .data import not_a_directory
 
@@ -165,7 +166,13 @@ class TrainConfig:
         run elsewhere) lets ``data`` be unset and checks no more of this machine than what is given exists: a
         ``data`` given must be a directory, but a CUDA ``device`` need not be present here and ``work_dir`` need not
         be writable here. ``init_file`` False leaves the ``init`` file unchecked (:meth:`check_init`): a resumed run
-        takes every weight from its checkpoint, and the file it started from may have moved since."""
+        takes every weight from its checkpoint, and the file it started from may have moved since. A numpy number
+        or bool in a field (or in a pair: img_scale, ratio_range), a value computed with numpy in a sweep, is
+        stored as the Python int, float or bool it stands for (config.json holds those), then checked as one."""
+        for spec in dataclasses.fields(self):
+            value = getattr(self, spec.name)
+            setattr(self, spec.name, tuple(map(plain_scalar, value)) if isinstance(value, tuple) else
+                    plain_scalar(value))  # fmt: skip
         for name in ("arch", "data", "init", "work_dir"):  # a pathlib.Path is a path: kept as the str it stands for
             value = getattr(self, name)
             if isinstance(value, os.PathLike):
@@ -202,7 +209,7 @@ class TrainConfig:
                 check_int(name, getattr(self, name), 0, maximum=MAX_WORKERS if name == "num_workers" else None)
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed <= MAX_SEED:
             raise ValueError(f"seed must be an int in 0..{MAX_SEED}, got {self.seed!r}")
-        self.ignore_index = check_ignore_index(self.ignore_index)  # a numpy integer: the int config.json can hold
+        check_ignore_index(self.ignore_index)
         for name, low, high, low_excluded in NUMBER_RANGES:
             value = getattr(self, name)
             if not is_finite_number(value) or not (low < value if low_excluded else low <= value) or value > high:
@@ -233,7 +240,7 @@ class TrainConfig:
             raise ValueError(f"amp must be 'bf16', 'fp16' or 'none', got {self.amp!r}")
         if self.norm_decay not in ("all", "official"):
             raise ValueError(f"norm_decay must be 'all' or 'official', got {self.norm_decay!r}")
-        if not (self.channels_last is None or isinstance(self.channels_last, bool)):  # not 1, np.False_ (not JSON)
+        if not (self.channels_last is None or isinstance(self.channels_last, bool)):  # not 1
             raise ValueError(f"channels_last must be true, false or null (on CUDA only), got {self.channels_last!r}")
         if self.eval_mode not in ("whole", "slide"):
             raise ValueError(f"eval_mode must be 'whole' or 'slide', got {self.eval_mode!r}")

@@ -24,7 +24,7 @@ from ..config import MIN_IMAGE_SIDE
 from ..model import DenseCLIP
 from ..model.denseclip import check_test_image_size
 from ..preprocess import image_size, normalize_keep_ratio, to_tensor
-from ..validation import MAX_LABEL, as_int, check_bool, check_ignore_index, finite_real, given_dtype
+from ..validation import MAX_LABEL, as_bool, as_int, check_ignore_index, finite_real, given_dtype
 from .data import IGNORE, SegmentationData
 
 
@@ -281,15 +281,15 @@ AUTOCAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 def _check_evaluate_arguments(
     model: object, data: object, flip: object, dtype: object, limit: object, progress: object, rank: object,
     world: object,
-) -> tuple[int | None, int, int]:
+) -> tuple[int | None, int, int, bool, bool]:
     """ValueError naming the first of evaluate's arguments that is wrong (a rank outside the world evaluated an image
-    twice or none, a flip of "no" flipped); ``limit``, ``rank`` and ``world`` as plain ints."""
+    twice or none, a flip of "no" flipped); ``limit``, ``rank`` and ``world`` as plain ints, ``flip`` and
+    ``progress`` as plain bools (numpy's taken: validation.as_int, as_bool)."""
     if not isinstance(model, DenseCLIP):
         raise ValueError(f"model must be a denseclip_fast.DenseCLIP, got {type(model).__name__}")
     if not isinstance(data, SegmentationData):
         raise ValueError(f"data must be a SegmentationData (a split of a data set), got {type(data).__name__}")
-    check_bool("flip", flip)
-    check_bool("progress", progress)
+    flipped, shown = as_bool("flip", flip), as_bool("progress", progress)
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype in AUTOCAST_DTYPES):
         raise ValueError(f"dtype must be None (float32) or one of {AUTOCAST_DTYPES} (the autocast dtype), got "
                          f"{given_dtype(dtype, AUTOCAST_DTYPES)}")  # fmt: skip
@@ -307,7 +307,7 @@ def _check_evaluate_arguments(
         if (rank, world) != (dist.get_rank(), dist.get_world_size()):
             raise ValueError(f"rank {rank} and world {world} must be the process group's: rank {dist.get_rank()} of "
                              f"{dist.get_world_size()}")  # fmt: skip
-    return count, rank, world
+    return count, rank, world, flipped, shown
 
 
 def evaluate(
@@ -326,7 +326,8 @@ def evaluate(
     """Metrics of ``model`` (in eval mode while it runs) over ``data`` (a "val" SegmentationData). With
     ``world`` > 1 (an initialised process group) each process takes every world-th image and the areas are summed
     over the processes; every process returns the same result."""
-    limit, rank, world = _check_evaluate_arguments(model, data, flip, dtype, limit, progress, rank, world)
+    limit, rank, world, flip, progress = _check_evaluate_arguments(model, data, flip, dtype, limit, progress, rank,
+                                                                   world)  # fmt: skip
     if model.num_classes != len(data.class_names):
         raise ValueError(
             f"the model has {model.num_classes} classes but the data set has {len(data.class_names)} "
