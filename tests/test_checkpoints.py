@@ -8,6 +8,7 @@ import errno
 import io
 import json
 import math
+import mmap
 import os
 import pickle
 import re
@@ -1254,6 +1255,48 @@ def test_a_safetensors_header_that_names_a_tensor_twice_is_refused(tmp_path):
         assert list(f.keys()) == ["a"]
     with pytest.raises(CheckpointError, match=r"twice.safetensors: corrupt safetensors header \(a name appears twice"):
         read_weight_file(path)
+
+
+def test_a_safetensors_files_tensors_are_read_in_its_order_behind_given_back_pages(tmp_path, monkeypatch):
+    """io reads a native file's tensors from one mapping in the order of their bytes (the library's key order is
+    another: safetensors sorts by alignment, then name), giving back the pages behind each copy; with pages given
+    back after every tensor, tensors spanning pages and sharing them, of every dtype and empty ones, come out as
+    saved, under their own names, in the library's key order."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(0)
+    tensors = {
+        "z.big": torch.randn(3 * mmap.PAGESIZE + 5, generator=generator),  # over pages, ends inside one
+        "a.half": torch.randn(7, 3, generator=generator).half(),
+        "m.bf16": torch.randn(1, generator=generator).bfloat16(),
+        "b.ints": torch.arange(-5, 6, dtype=torch.int64),
+        "k.bytes": torch.arange(0, 250, 7, dtype=torch.uint8),
+        "c.empty": torch.zeros(0, 4),
+        "y.small": torch.randn(2, generator=generator),
+    }  # fmt: skip
+    path = tmp_path / "order.safetensors"
+    save_file(tensors, str(path))
+    with safe_open(str(path), "pt") as f:
+        keys = list(f.keys())
+    offsets = []
+    copy = checkpoint_io._FileCopies.copy
+
+    def recorded(self, offset, into):
+        offsets.append(offset)
+        copy(self, offset, into)
+
+    monkeypatch.setattr(checkpoint_io._FileCopies, "copy", recorded)
+    monkeypatch.setattr(checkpoint_io, "DROP_EVERY", 1)  # every page behind a copy given back at once
+    weights = read_weight_file(path)
+    length = struct.unpack("<Q", path.read_bytes()[:8])[0]
+    header = json.loads(path.read_bytes()[8 : 8 + length])
+    in_file = sorted((k for k in keys if tensors[k].numel()), key=lambda k: header[k]["data_offsets"][0])
+    assert in_file != [k for k in keys if tensors[k].numel()]  # the case: the file's order is not the keys'
+    assert offsets == [8 + length + header[k]["data_offsets"][0] for k in in_file]  # read in the file's order
+    assert weights.owned and list(weights.tensors) == keys
+    for key, value in tensors.items():
+        assert weights.tensors[key].dtype == value.dtype and torch.equal(weights.tensors[key], value), key
 
 
 def _damaged_tensor_file(tmp_path, official_file):

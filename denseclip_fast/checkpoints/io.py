@@ -602,9 +602,9 @@ def _read_safetensors_data(opened: str, names: list[str], path: str) -> dict[str
     the file into memory torch allocates for it, as torch.load's are: a model may keep such tensors, where the
     library's start anywhere on 8 bytes and were copied (a second pass over the weights, and their memory twice at
     once). None (the library then reads them) on a big-endian machine or for a dtype not in SAFETENSORS_DTYPES. The
-    header's entries are checked again as they are used: no name twice, offsets inside the data, sizes that agree
-    with the shapes (each tensor's memory is allocated only then; the library checked that the entries do not
-    overlap, so that they come to the file's data in all)."""
+    header's entries are checked again before any is read: no name twice, offsets inside the data, sizes that agree
+    with the shapes (the library checked that the entries do not overlap, so that they come to the file's data in
+    all). The tensors are read in the file's order (:class:`_FileCopies`)."""
     if sys.byteorder != "little":  # safetensors stores little-endian bytes
         return None
     with open(opened, "rb") as f:
@@ -613,12 +613,13 @@ def _read_safetensors_data(opened: str, names: list[str], path: str) -> dict[str
             header = json.loads(f.read(length), object_pairs_hook=_unique_keys)
         except ValueError as exc:  # (the library read it: a name twice, which it may have taken otherwise)
             raise CheckpointError(path, f"corrupt safetensors header ({exc})") from None
-        data = os.fstat(f.fileno()).st_size - 8 - length
+        size = os.fstat(f.fileno()).st_size
+        data = size - 8 - length
         entries = [header.get(name) if isinstance(header, dict) else None for name in names]
         infos = [info for info in entries if isinstance(info, dict) and info.get("dtype") in SAFETENSORS_DTYPES]
         if len(infos) < len(names):
             return None
-        tensors = {}
+        plan = []
         for name, info in zip(names, infos):
             shape, offsets = info.get("shape"), info.get("data_offsets")
             dtype = SAFETENSORS_DTYPES[info["dtype"]]
@@ -628,24 +629,48 @@ def _read_safetensors_data(opened: str, names: list[str], path: str) -> dict[str
                     or math.prod(shape) * dtype.itemsize != offsets[1] - offsets[0]):  # fmt: skip
                 raise CheckpointError(path, f"corrupt safetensors header: the entry of {excerpt(repr(name), 80)} "
                                             f"({excerpt(info)}) does not fit its {data} bytes of data")  # fmt: skip
-            tensor = torch.empty(shape, dtype=dtype)
-            if tensor.numel():
-                _copy_from_file(f.fileno(), 8 + length + offsets[0], tensor.reshape(-1).view(torch.uint8))
-            tensors[name] = tensor
-    return tensors
+            plan.append((8 + length + offsets[0], name, dtype, shape))
+        tensors = {}
+        with _FileCopies(f.fileno(), size) as copies:
+            for offset, name, dtype, shape in sorted(plan, key=lambda entry: entry[0]):
+                tensor = torch.empty(shape, dtype=dtype)
+                if tensor.numel():
+                    copies.copy(offset, tensor.reshape(-1).view(torch.uint8))
+                tensors[name] = tensor
+    return {name: tensors[name] for name in names}
 
 
-def _copy_from_file(descriptor: int, offset: int, into: torch.Tensor) -> None:
-    """``into`` (uint8, not empty) filled with the file's bytes from ``offset`` on, through a private mapping of just
-    those pages (a copy_ of mapped memory, faster than read() into fresh memory: a fresh process's load_checkpoint of
-    a native RN50 file took 0.56 s against 0.64 s, benchmarks/results/startup_cpu_2threads_ed01653.md against
-    ..._5819c2b.md; only one tensor's pages mapped at a time, so that the process does not hold the whole file
-    mapped besides the weights)."""
-    start = offset - offset % mmap.ALLOCATIONGRANULARITY
-    with mmap.mmap(descriptor, offset - start + into.numel(), access=mmap.ACCESS_COPY, offset=start) as mapped:
-        source = torch.frombuffer(mapped, dtype=torch.uint8, count=into.numel(), offset=offset - start)
-        into.copy_(source)
-        del source  # (the mapping closes only once no tensor views it)
+DROP_EVERY = 8 << 20  # bytes of copied pages _FileCopies gives back at a time
+
+
+class _FileCopies:
+    """Copies of a file's bytes into tensors from one private mapping of the whole file, asked in the file's order
+    (offsets that never go back): the pages behind the copies are given back to the kernel as it goes (madvise's
+    DONTNEED, DROP_EVERY bytes at a time, where the platform has it), so that the process never holds the whole file
+    mapped besides the weights. Faster than a mapping a tensor (its setting up and tearing down, 624 times for RN50)
+    and than read() into the fresh tensors; numbers in the README (Checkpoints)."""
+
+    def __init__(self, descriptor: int, size: int) -> None:
+        self._mapping = mmap.mmap(descriptor, size, access=mmap.ACCESS_COPY)
+        self._bytes = torch.frombuffer(self._mapping, dtype=torch.uint8)
+        self._dropped = 0  # the mapping's bytes below this were given back
+        self._drop = hasattr(self._mapping, "madvise") and hasattr(mmap, "MADV_DONTNEED")
+
+    def __enter__(self) -> _FileCopies:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        del self._bytes  # (the mapping closes only once no tensor views it)
+        self._mapping.close()
+
+    def copy(self, offset: int, into: torch.Tensor) -> None:
+        """``into`` (uint8, not empty) filled with the file's bytes from ``offset`` on."""
+        end = offset + into.numel()
+        into.copy_(self._bytes[offset:end])
+        end -= end % mmap.PAGESIZE  # the pages wholly below the copy's end
+        if self._drop and end - self._dropped >= DROP_EVERY:
+            self._mapping.madvise(mmap.MADV_DONTNEED, self._dropped, end - self._dropped)
+            self._dropped = end
 
 
 # ---------------------------------------------------------------------------------------------- TorchScript
