@@ -289,7 +289,7 @@ def _check_evaluate_arguments(
         raise ValueError(f"model must be a denseclip_fast.DenseCLIP, got {type(model).__name__}")
     if not isinstance(data, SegmentationData):
         raise ValueError(f"data must be a SegmentationData (a split of a data set), got {type(data).__name__}")
-    flipped, shown = as_bool("flip", flip), as_bool("progress", progress)
+    switches = as_bool("flip", flip), as_bool("progress", progress)
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype in AUTOCAST_DTYPES):
         raise ValueError(f"dtype must be None (float32) or one of {AUTOCAST_DTYPES} (the autocast dtype), got "
                          f"{given_dtype(dtype, AUTOCAST_DTYPES)}")  # fmt: skip
@@ -307,7 +307,7 @@ def _check_evaluate_arguments(
         if (rank, world) != (dist.get_rank(), dist.get_world_size()):
             raise ValueError(f"rank {rank} and world {world} must be the process group's: rank {dist.get_rank()} of "
                              f"{dist.get_world_size()}")  # fmt: skip
-    return count, rank, world, flipped, shown
+    return count, rank, world, *switches
 
 
 def evaluate(
