@@ -494,8 +494,8 @@ def test_paths_and_numpy_values_in_the_python_config_become_what_config_json_hol
     """A pathlib.Path for data, work_dir or arch, and a numpy integer for ignore_index, passed validate() and then
     failed writing config.json mid-run (its work dir locked, config.json cut short); they are the str and int they
     stand for. So are numpy numbers and bools in the other fields and pairs (a sweep's np.float32 learning rate and
-    np.int64 batch size were refused: "lr must be a finite number >= 0, got np.float32(0.001)"). Other types are
-    refused naming the field."""
+    np.int64 batch size were refused: "lr must be a finite number > 0 and <= 1, got np.float32(0.001)"). Other types
+    are refused naming the field."""
     numpy_values = dict(ignore_index=np.int64(255), lr=np.float32(1e-3), batch_size=np.int64(2),
                         warmup_ratio=np.float64(1e-6), img_scale=(np.int64(96), np.uint8(48)),
                         ratio_range=(np.float32(0.5), np.float16(2.0)), tensorboard=np.False_,
@@ -1350,7 +1350,7 @@ def test_evaluate_refuses_wrong_arguments_before_any_image(arch_file, generic, m
     result = evaluate(model, val, mode="whole", limit=np.int64(1), rank=np.int64(0), world=np.int64(1),
                       flip=np.True_, progress=np.False_)  # fmt: skip
     assert result["images"] == 1 and type(result["images"]) is int and result["flip"] is True
-    assert json.loads(json.dumps(result, allow_nan=True))["flip"] is True  # (eval's JSON: a numpy bool was refused)
+    assert json.loads(json.dumps(result, allow_nan=True))["flip"] is True  # (what eval's JSON file holds)
 
 
 def test_metrics_equal_mmseg_on_ade20k_labels(tmp_path):
