@@ -168,6 +168,18 @@ def test_opset_20(tiny, tmp_path):
         assert rel_err(out, tiny.text_features(["sky"])) <= 1e-5
 
 
+def test_the_tensorrt_check_switch_takes_a_numpy_bool(tiny, tmp_path, monkeypatch):
+    """check_tensorrt=np.False_ (a numpy bool, which was refused) skips the check, np.True_ runs it."""
+    from denseclip_fast.export import tensorrt
+
+    checked: list[object] = []
+    monkeypatch.setattr(tensorrt, "tensorrt_problems", lambda path: checked.append(path) or [])
+    to_onnx(tiny, tmp_path / "unchecked.onnx", graph="text", check_tensorrt=np.False_)
+    assert checked == []
+    to_onnx(tiny, tmp_path / "checked.onnx", graph="text", check_tensorrt=np.True_)
+    assert len(checked) == 1
+
+
 def test_text_graph_equals_set_classes(tiny, tmp_path):
     """The text graph maps class tokens to exactly what set_classes gives the model, for any number of names."""
     path = to_onnx(tiny, tmp_path / "text.onnx", graph="text")
@@ -549,6 +561,10 @@ def test_the_text_graphs_default_profile_covers_its_vocabulary(tmp_path, monkeyp
     for switch in ("fp16", "bf16"):
         with pytest.raises(ValueError, match=rf"^{switch} must be True or False, got 'no'$"):
             build_tensorrt_engine(tmp_path / "m.onnx", tmp_path / "m.engine", **{switch: "no"})  # type: ignore[arg-type]
+        trt = _stand_in_tensorrt(monkeypatch, [("x", [-1, 3, 64, 64])])  # a numpy bool is the bool it stands for
+        build_tensorrt_engine(tmp_path / "m.onnx", tmp_path / "m.engine", **{switch: np.True_})
+        config = trt.Builder.return_value.create_builder_config.return_value
+        config.set_flag.assert_any_call(getattr(trt.BuilderFlag, switch.upper()))
 
 
 def test_a_weakly_typed_build_pins_the_reductions_and_the_squares_they_take(tmp_path, monkeypatch):
