@@ -265,11 +265,14 @@ def _plain_fields(config: Any) -> None:
     """Each field of the frozen dataclass ``config`` that holds a numpy bool, integer or float (a size or rate
     computed with numpy), or a tuple or list holding them, stored as the Python values they stand for
     (validation.plain_scalar): the checks then take them, the configuration compares equal to one written with
-    plain numbers, and to_dict gives what JSON holds (a checkpoint's config; json.dumps refuses np.int64)."""
+    plain numbers, and to_dict gives what JSON holds (a checkpoint's config; json.dumps refuses np.int64). A tuple of
+    any kind (a named tuple, a torch.Size) becomes a plain one, as the tuple fields store."""
     for spec in dataclasses.fields(config):
         value = getattr(config, spec.name)
-        if isinstance(value, (tuple, list)):
-            object.__setattr__(config, spec.name, type(value)(map(plain_scalar, value)))
+        if isinstance(value, tuple):
+            object.__setattr__(config, spec.name, tuple(map(plain_scalar, value)))
+        elif isinstance(value, list):
+            object.__setattr__(config, spec.name, list(map(plain_scalar, value)))
         else:
             object.__setattr__(config, spec.name, plain_scalar(value))
 

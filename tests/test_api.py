@@ -92,6 +92,7 @@ def test_numpy_values_in_a_configuration_are_the_python_ones_they_stand_for():
     kept (an np.float64, which is a float; a numpy bool would have been refused): each is stored as the Python int,
     float or bool it stands for, so the configuration equals one written with plain values and to_dict holds only
     what JSON writes. A numpy bool in an int field, a complex and an array are still refused naming the field."""
+    import collections
     import dataclasses
     import json
 
@@ -114,6 +115,8 @@ def test_numpy_values_in_a_configuration_are_the_python_ones_they_stand_for():
         return [leaf for v in value for leaf in leaves(v)] if isinstance(value, (tuple, list)) else [value]
 
     assert {type(leaf) for leaf in leaves(given.to_dict())} == {str, int, float, bool}
+    size = collections.namedtuple("Size", "long short")  # a tuple of another kind is the plain tuple too (the
+    assert type(base.replace(test_scale=size(2048, 512)).test_scale) is tuple  # conversion rebuilt it: TypeError)
     assert DenseCLIPConfig.from_dict(json.loads(json.dumps(given.to_dict()))) == given
     for change, message in (({"embed_dim": np.True_}, "embed_dim must be an int >= 1, got True"),
                             ({"tau": np.complex64(1)}, "tau must be a number in (0.0, inf), got np.complex64(1+0j)"),

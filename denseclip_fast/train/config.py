@@ -209,7 +209,7 @@ class TrainConfig:
                 check_int(name, getattr(self, name), 0, maximum=MAX_WORKERS if name == "num_workers" else None)
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed <= MAX_SEED:
             raise ValueError(f"seed must be an int in 0..{MAX_SEED}, got {self.seed!r}")
-        check_ignore_index(self.ignore_index)
+        self.ignore_index = check_ignore_index(self.ignore_index)  # an integer of another kind: the int JSON holds
         for name, low, high, low_excluded in NUMBER_RANGES:
             value = getattr(self, name)
             if not is_finite_number(value) or not (low < value if low_excluded else low <= value) or value > high:
