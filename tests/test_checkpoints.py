@@ -1259,16 +1259,17 @@ def test_a_safetensors_header_that_names_a_tensor_twice_is_refused(tmp_path):
 
 def test_a_safetensors_files_tensors_are_read_in_its_order_behind_given_back_pages(tmp_path, monkeypatch):
     """io reads a native file's tensors from one mapping in the order of their bytes (the library's key order is
-    another: safetensors sorts by alignment, then name), giving back the pages behind each copy; with pages given
-    back after every tensor, tensors spanning pages and sharing them, of every dtype and empty ones, come out as
-    saved, under their own names, in the library's key order."""
+    another: safetensors sorts by alignment, then name), giving back the pages behind each copy (madvise, here after
+    every tensor: the pages from the file's start, each once, up to the last whole page the copies passed); tensors
+    spanning pages and sharing them, of every dtype and empty ones, come out as saved, under their own names, in the
+    library's key order."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     generator = torch.Generator().manual_seed(0)
     tensors = {
-        "z.big": torch.randn(3 * mmap.PAGESIZE + 5, generator=generator),  # over pages, ends inside one
-        "a.half": torch.randn(7, 3, generator=generator).half(),
+        "z.big": torch.randn(3 * mmap.PAGESIZE // 4 + 5, generator=generator),  # over pages, ends inside one
+        "a.half": torch.randn(mmap.PAGESIZE, 3, generator=generator).half(),  # after it in the file: 6 more pages
         "m.bf16": torch.randn(1, generator=generator).bfloat16(),
         "b.ints": torch.arange(-5, 6, dtype=torch.int64),
         "k.bytes": torch.arange(0, 250, 7, dtype=torch.uint8),
@@ -1286,14 +1287,27 @@ def test_a_safetensors_files_tensors_are_read_in_its_order_behind_given_back_pag
         offsets.append(offset)
         copy(self, offset, into)
 
+    given_back: list[tuple[int, int]] = []
+
+    class Recording(mmap.mmap):
+        def madvise(self, option, start, length):
+            given_back.append((start, length))
+            return super().madvise(option, start, length)
+
     monkeypatch.setattr(checkpoint_io._FileCopies, "copy", recorded)
     monkeypatch.setattr(checkpoint_io, "DROP_EVERY", 1)  # every page behind a copy given back at once
+    monkeypatch.setattr(mmap, "mmap", Recording)
     weights = read_weight_file(path)
+    monkeypatch.undo()
     length = struct.unpack("<Q", path.read_bytes()[:8])[0]
     header = json.loads(path.read_bytes()[8 : 8 + length])
     in_file = sorted((k for k in keys if tensors[k].numel()), key=lambda k: header[k]["data_offsets"][0])
     assert in_file != [k for k in keys if tensors[k].numel()]  # the case: the file's order is not the keys'
     assert offsets == [8 + length + header[k]["data_offsets"][0] for k in in_file]  # read in the file's order
+    last = 8 + length + max(header[k]["data_offsets"][1] for k in keys)
+    assert len(given_back) > 1 and given_back[0][0] == 0
+    assert all(start + size == after for (start, size), (after, _) in zip(given_back, given_back[1:]))
+    assert sum(size for _, size in given_back) == last - last % mmap.PAGESIZE
     assert weights.owned and list(weights.tensors) == keys
     for key, value in tensors.items():
         assert weights.tensors[key].dtype == value.dtype and torch.equal(weights.tensors[key], value), key

@@ -648,7 +648,10 @@ class _FileCopies:
     (offsets that never go back): the pages behind the copies are given back to the kernel as it goes (madvise's
     DONTNEED, DROP_EVERY bytes at a time, where the platform has it), so that the process never holds the whole file
     mapped besides the weights. Faster than a mapping a tensor (its setting up and tearing down, 624 times for RN50)
-    and than read() into the fresh tensors; numbers in the README (Checkpoints)."""
+    and than read() into the fresh tensors; numbers in the README (Checkpoints). The mapping is private and writable,
+    as torch.frombuffer takes without a warning (it warns, once a process, of a read-only buffer, and a copy through
+    numpy took longer): where the kernel counts commitments strictly (vm.overcommit_memory=2) the file's size counts
+    against the limit while it is mapped."""
 
     def __init__(self, descriptor: int, size: int) -> None:
         self._mapping = mmap.mmap(descriptor, size, access=mmap.ACCESS_COPY)
@@ -660,7 +663,8 @@ class _FileCopies:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        del self._bytes  # (the mapping closes only once no tensor views it)
+        # no view of the mapping may outlive it: torch.frombuffer holds no buffer export, so close() would not refuse
+        del self._bytes
         self._mapping.close()
 
     def copy(self, offset: int, into: torch.Tensor) -> None:
