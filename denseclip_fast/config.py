@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Literal
 
-from .validation import check_int, is_finite_number, plain_scalar
+from .validation import check_int, is_finite_number, plain_value
 
 ARCH_ALIASES = {"RN50": "RN50", "RN101": "RN101", "ViT-B/16": "ViT-B-16", "ViT-B-16": "ViT-B-16"}
 ARCHS = ("RN50", "RN101", "ViT-B/16")
@@ -264,17 +264,10 @@ def _int_tuple(name: str, value: Any, length: int, minimum: int = 1, why: str = 
 def _plain_fields(config: Any) -> None:
     """Each field of the frozen dataclass ``config`` that holds a numpy bool, integer or float (a size or rate
     computed with numpy), or a tuple or list holding them, stored as the Python values they stand for
-    (validation.plain_scalar): the checks then take them, the configuration compares equal to one written with
-    plain numbers, and to_dict gives what JSON holds (a checkpoint's config; json.dumps refuses np.int64). A tuple of
-    any kind (a named tuple, a torch.Size) becomes a plain one, as the tuple fields store."""
+    (validation.plain_value): the checks then take them, the configuration compares equal to one written with
+    plain numbers, and to_dict gives what JSON holds (a checkpoint's config; json.dumps refuses np.int64)."""
     for spec in dataclasses.fields(config):
-        value = getattr(config, spec.name)
-        if isinstance(value, tuple):
-            object.__setattr__(config, spec.name, tuple(map(plain_scalar, value)))
-        elif isinstance(value, list):
-            object.__setattr__(config, spec.name, list(map(plain_scalar, value)))
-        else:
-            object.__setattr__(config, spec.name, plain_scalar(value))
+        object.__setattr__(config, spec.name, plain_value(getattr(config, spec.name)))
 
 
 def _set_tuple(obj: Any, name: str, value: tuple[int, ...]) -> None:

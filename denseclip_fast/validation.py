@@ -71,6 +71,16 @@ def plain_scalar(value: object) -> object:
     return value
 
 
+def plain_value(value: object) -> object:
+    """:func:`plain_scalar` of ``value``, or of each element of a tuple (any kind: a named tuple, a torch.Size; made
+    a plain tuple) or a list: a config field's value as JSON holds it (DenseCLIPConfig's, TrainConfig's)."""
+    if isinstance(value, tuple):
+        return tuple(map(plain_scalar, value))
+    if isinstance(value, list):
+        return list(map(plain_scalar, value))
+    return plain_scalar(value)
+
+
 def check_bool(name: str, value: object) -> None:
     """ValueError naming ``name`` unless ``value`` is True or False (a string such as "no" would be true)."""
     if not isinstance(value, bool):

@@ -40,7 +40,7 @@ from ..validation import (
     check_writable_dir,
     is_finite_number,
     not_a_file,
-    plain_scalar,
+    plain_value,
 )
 from .data import not_a_directory
 
@@ -170,9 +170,7 @@ class TrainConfig:
         or bool in a field (or in a pair: img_scale, ratio_range), a value computed with numpy in a sweep, is
         stored as the Python int, float or bool it stands for (config.json holds those), then checked as one."""
         for spec in dataclasses.fields(self):
-            value = getattr(self, spec.name)
-            setattr(self, spec.name, tuple(map(plain_scalar, value)) if isinstance(value, tuple) else
-                    plain_scalar(value))  # fmt: skip
+            setattr(self, spec.name, plain_value(getattr(self, spec.name)))
         for name in ("arch", "data", "init", "work_dir"):  # a pathlib.Path is a path: kept as the str it stands for
             value = getattr(self, name)
             if isinstance(value, os.PathLike):
