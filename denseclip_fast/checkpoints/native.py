@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import zlib
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
@@ -24,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..config import DenseCLIPConfig
+from .crc import crc32
 from .io import CheckpointError, excerpt, path_argument, replaced_atomically, short_repr
 from .official import key_listing
 
@@ -133,28 +133,43 @@ def metadata_crc32(metadata: Mapping[str, str]) -> str:
     crc = 0
     for key in sorted(metadata):
         if key != CRC_KEY:
-            crc = zlib.crc32(f"{key}\0{metadata[key]}\0".encode(), crc)
+            crc = crc32(f"{key}\0{metadata[key]}\0".encode(), crc)
     return f"{crc:08x}"
 
 
 def tensor_crc32s(tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
     """Name -> CRC-32 (zlib's, 8 lowercase hex digits) of each tensor's bytes, as safetensors stores them (contiguous
-    CPU tensors). The tensors are shared among ``torch.get_num_threads()`` threads, zlib's CRC releasing the GIL
-    (the check added 0.2-0.25 s to a fresh process's load of RN50 and ViT-B/16 on 2 cores: benchmarks/results/
-    startup_cpu_2threads_epyc_9b92224.md); one at a time where no thread can start (at interpreter shutdown)."""
-    names = sorted(tensors, key=lambda n: -tensors[n].nbytes)  # the largest first: the threads finish together
+    CPU tensors; :func:`crc.crc32`). The tensors are shared among ``torch.get_num_threads()`` threads, the CRC
+    releasing the GIL, in groups of about equal bytes, one a thread (:func:`balanced_groups`): with a task a tensor,
+    the 624 tensors of RN50 took 45-52 ms on the CI's 2 threads, one thread alone 40, the groups 28-32 (probes).
+    One at a time where no thread can start (at interpreter shutdown)."""
+    names = list(tensors)
 
-    def crc(name: str) -> str:
-        return f"{zlib.crc32(tensors[name].reshape(-1).view(torch.uint8).numpy().data):08x}"
+    def crcs(group: list[str]) -> list[str]:
+        return [f"{crc32(tensors[n].reshape(-1).view(torch.uint8).numpy().data):08x}" for n in group]
 
     workers = min(torch.get_num_threads(), len(names))
     if workers > 1:
+        groups = balanced_groups(names, [tensors[n].nbytes for n in names], workers)
         try:
             with ThreadPoolExecutor(workers, thread_name_prefix="denseclip_fast-crc32") as pool:
-                return dict(zip(names, pool.map(crc, names)))
+                found = list(pool.map(crcs, groups))
+            return {n: crc for group, values in zip(groups, found) for n, crc in zip(group, values)}
         except RuntimeError:  # "cannot schedule new futures after interpreter shutdown" (an atexit handler, a
-            pass  # thread outliving the main one): computed below, where an error of crc itself is raised again
-    return {n: crc(n) for n in names}
+            pass  # thread outliving the main one): computed below, where an error of crcs itself is raised again
+    return dict(zip(names, crcs(names)))
+
+
+def balanced_groups(names: list[str], sizes: list[int], count: int) -> list[list[str]]:
+    """``names`` in ``count`` groups whose ``sizes`` sum about alike: the largest first, each to the group with the
+    least so far."""
+    groups: list[list[str]] = [[] for _ in range(count)]
+    loads = [0] * count
+    for size, name in sorted(zip(sizes, names), key=lambda pair: -pair[0]):
+        least = loads.index(min(loads))
+        groups[least].append(name)
+        loads[least] += size
+    return groups
 
 
 def check_crcs(

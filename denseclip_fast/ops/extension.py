@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -47,3 +48,13 @@ def build_info() -> dict[str, Any]:
     if info["cuda"] is not None:  # nvcc's __CUDA_ARCH_LIST__ counts in tens (900 for sm_90)
         info["cuda"]["archs"] = [arch // 10 for arch in info["cuda"]["archs"]]
     return info
+
+
+def extension_module() -> ModuleType | None:
+    """The imported module ``denseclip_fast._C``, or None where it is not built (its functions besides the
+    operators: :mod:`denseclip_fast.checkpoints.crc`)."""
+    if _load() is not None:
+        return None
+    from .. import _C  # type: ignore[attr-defined]  # the compiled module has no stub
+
+    return _C
