@@ -82,7 +82,7 @@ def stage_calls(path: str, fmt: str) -> dict[str, Callable[[], Any]]:
     if fmt == "zip":
         entries = io._zip_entries(path) or []
         calls["zip index"] = lambda: zip_index(path, size)
-        calls["CRC-32"] = lambda: io._check_crcs(path)
+        calls["CRC-32"] = lambda: io._check_crcs(path, entries)
         calls["pickle check"] = lambda: io._check_zip_pickles(path, entries, size)
     else:
         calls["pickle check"] = lambda: legacy_pickles(path, size)

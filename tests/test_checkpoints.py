@@ -1343,11 +1343,11 @@ def test_the_archives_crcs_are_checked_while_torch_load_reads_it(tmp_path, offic
         loaded.set()
         return result
 
-    def crcs_after_load(path):
+    def crcs_after_load(path, entries):
         threads.append(threading.current_thread())
         if not loaded.wait(30):
             raise AssertionError("the CRC-32s were checked before torch.load ran, not beside it")
-        real_crcs(path)
+        real_crcs(path, entries)
 
     monkeypatch.setattr(checkpoint_io, "_torch_load", load_then_tell)
     monkeypatch.setattr(checkpoint_io, "_check_crcs", crcs_after_load)
@@ -2275,3 +2275,91 @@ def test_model_elements_beyond_the_files_are_bounded(native_file, monkeypatch):
     with pytest.raises(CheckpointError, match=r"the model it describes has 15 elements besides the file's tensors "
                                               r"\(more than 10: 3 class names of 5 tokens\?\)"):  # fmt: skip
         dcf.load_checkpoint(native_file)
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        (6, 200, r"its zip index asks for what torch.save never writes \(zip file version 20.0\)"),  # version needed
+        (8, 0x1 | 0x800, r"its zip entry '.*' is encrypted, which torch.save and torch.jit.save never do"),  # flags
+        (20, None, r"its zip entry '.*' is stored, yet declares \d+ bytes held in \d+"),  # compressed size + 1
+    ],
+)
+def test_a_zip_index_that_torch_save_never_writes_is_a_checkpoint_error(tmp_path, field, value, message):
+    """The first central-directory entry of a torch.save file damaged: its version needed to extract past zipfile's
+    (NotImplementedError from zipfile, which load_checkpoint let out), its encryption flag (zipfile's RuntimeError,
+    asking for a password, from the CRC check), its compressed size one more than its size (a stored entry's two are
+    equal)."""
+    buf = io.BytesIO()
+    torch.save({"state_dict": {"w": torch.zeros(3)}}, buf)
+    data = bytearray(buf.getvalue())
+    at = data.find(b"PK\x01\x02") + field
+    if value is None:
+        data[at : at + 4] = struct.pack("<I", struct.unpack("<I", data[at : at + 4])[0] + 1)
+    else:
+        data[at : at + (1 if field == 6 else 2)] = value.to_bytes(1 if field == 6 else 2, "little")
+    path = tmp_path / "index.pth"
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=rf"index.pth: (truncated or corrupt|refused): {message}"):
+        dcf.load_checkpoint(path)
+
+
+def _testzip_outcome(data: bytes) -> tuple[str, ...] | None:
+    """What zipfile's testzip makes of a zip archive in ``data``: ("fails", name), ("passes",), ("unreadable",) or
+    ("unicode",); None for an archive _first_failing_entry is never given (a directory zipfile cannot read, names
+    twice, an entry compressed, encrypted or of two sizes, which _check_stored refuses first) or whose local flags
+    zipfile refuses to read (patched data, strong encryption: NotImplementedError, where the CRC check reads them)."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            entries = archive.infolist()
+            if (len({e.filename for e in entries}) < len(entries)
+                    or any(e.compress_type != zipfile.ZIP_STORED or e.flag_bits & 0x1 or e.compress_size != e.file_size
+                           for e in entries)):  # fmt: skip
+                return None
+            try:
+                bad = archive.testzip()
+            except NotImplementedError:
+                return None
+            except (OSError, EOFError):
+                return ("unreadable",)
+            except UnicodeDecodeError:
+                return ("unicode",)
+    except (zipfile.BadZipFile, OSError, EOFError, UnicodeDecodeError, ValueError, NotImplementedError):
+        return None
+    return ("fails", bad) if bad is not None else ("passes",)
+
+
+def test_the_zip_crc_check_agrees_with_zipfiles_testzip_on_every_damaged_byte(tmp_path, monkeypatch):
+    """The zip entries' check (_first_failing_entry, its own reading of the local headers and the data, its CRC the
+    extension's) passes, fails (naming the same entry) or finds the file unreadable exactly where zipfile's testzip,
+    which it replaced, did: every byte of a small archive (three stored entries, one named in UTF-8, one longer than
+    the read's chunk, here 64 bytes) changed in turn, and bit 0 and bit 7 of each."""
+    monkeypatch.setattr(checkpoint_io, "ZIP_CHUNK", 64)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as archive:
+        archive.writestr("archive/data.pkl", bytes(range(40)))
+        archive.writestr("archive/data/0", os.urandom(300))
+        archive.writestr("archive/dätä/1", b"x" * 7)
+    data = buf.getvalue()
+    path = tmp_path / "a.zip"
+    seen = set()
+    for at in range(len(data)):
+        for bit in (0x01, 0x80):
+            damaged = bytearray(data)
+            damaged[at] ^= bit
+            expected = _testzip_outcome(bytes(damaged))
+            if expected is None:
+                continue
+            path.write_bytes(damaged)
+            with zipfile.ZipFile(path) as archive:
+                entries = archive.infolist()
+            try:
+                failing = checkpoint_io._first_failing_entry(str(path), entries)
+                found = ("fails", failing[0]) if failing is not None else ("passes",)
+            except (OSError, EOFError):
+                found = ("unreadable",)
+            except UnicodeDecodeError:
+                found = ("unicode",)
+            assert found == expected, (at, bit)
+            seen.add(expected[0])
+    assert seen == {"fails", "passes", "unreadable", "unicode"}  # every outcome met

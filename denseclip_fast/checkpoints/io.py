@@ -45,6 +45,7 @@ from typing import Any
 
 import torch
 
+from .crc import crc32
 from .pickle_shape import PickleShapeError, check_pickle, check_pickle_bytes
 
 
@@ -406,6 +407,9 @@ def _zip_entries(path: str) -> list[zipfile.ZipInfo] | None:
     except UnicodeDecodeError:  # an entry flagged UTF-8 (as torch.save writes them) whose name is not
         raise CheckpointError(path, "truncated or corrupt: its zip index holds an entry name that is not UTF-8 text, "
                                     "as torch.save writes them") from None  # fmt: skip
+    except NotImplementedError as exc:  # "zip file version 20.0": an entry needing a version zipfile lacks
+        raise CheckpointError(path, f"truncated or corrupt: its zip index asks for what torch.save never writes "
+                                    f"({excerpt(exc)})") from None  # fmt: skip
 
 
 def _check_names_once(entries: list[zipfile.ZipInfo], path: str) -> None:
@@ -433,16 +437,16 @@ def _check_pickle(path: str, check: Callable[[], None]) -> None:
 
 def _load_zip(path: str, entries: list[zipfile.ZipInfo], size: int) -> Any:
     """torch.load of a torch zip file once its pickles passed :func:`_check_zip_pickles`, with every entry's CRC-32
-    checked (:func:`_check_crcs`) in a thread of its own meanwhile: zlib's CRC and the file reads release the GIL,
+    checked (:func:`_check_crcs`) in a thread of its own meanwhile: the CRC and the file reads release the GIL,
     so the check (a pass over the whole file, more than torch.load's time for RN50) runs beside the pickle check
     and torch.load instead of before them (benchmarks/results/checkpoint_read_*.md). What torch.load returned is
     handed on only once the CRCs passed; a failing CRC is the error whatever else failed (it names the damage
     best). Where no thread can start (at interpreter shutdown) the check runs first, alone."""
     try:
         pool = ThreadPoolExecutor(1, thread_name_prefix="denseclip_fast-zip-crc32")
-        crcs = pool.submit(_check_crcs, path)
+        crcs = pool.submit(_check_crcs, path, entries)
     except RuntimeError:  # "cannot schedule new futures after interpreter shutdown"
-        _check_crcs(path)
+        _check_crcs(path, entries)
         _check_zip_pickles(path, entries, size)
         return _torch_load(path, size)
     with pool:
@@ -473,32 +477,73 @@ def _check_zip_pickles(path: str, entries: list[zipfile.ZipInfo], size: int) -> 
 
 
 def _check_stored(entry: zipfile.ZipInfo, path: str, size: int) -> None:
-    """CheckpointError unless ``entry`` is stored uncompressed and declares no more bytes than the whole file has:
-    torch.save and torch.jit.save write their records so, and inflating a compressed one could make gigabytes out
-    of a few kilobytes (a zip bomb)."""
+    """CheckpointError unless ``entry`` is stored uncompressed (its two sizes equal), not encrypted, and declares no
+    more bytes than the whole file has: torch.save and torch.jit.save write their records so, and inflating a
+    compressed one could make gigabytes out of a few kilobytes (a zip bomb)."""
+    if entry.flag_bits & 0x1:
+        raise CheckpointError(path, f"refused: its zip entry {entry.filename!r} is encrypted, which torch.save and "
+                                    "torch.jit.save never do")  # fmt: skip
     if entry.compress_type != zipfile.ZIP_STORED:
         raise CheckpointError(path, f"refused: its zip entry {entry.filename!r} is compressed, which torch.save and "
                                     "torch.jit.save never do (a compressed entry may inflate to any size)")  # fmt: skip
     if max(entry.file_size, entry.compress_size) > size:
         raise CheckpointError(path, f"truncated or corrupt: its zip entry {entry.filename!r} declares "
                                     f"{entry.file_size} bytes but the file has {size} bytes in all")  # fmt: skip
+    if entry.compress_size != entry.file_size:
+        raise CheckpointError(path, f"truncated or corrupt: its zip entry {entry.filename!r} is stored, yet declares "
+                                    f"{entry.file_size} bytes held in {entry.compress_size}")  # fmt: skip
 
 
-def _check_crcs(path: str) -> None:
+ZIP_CHUNK = 1 << 20  # bytes of an entry :func:`_check_crcs` reads at a time (their CRC taken while in the cache)
+_LOCAL_HEADER = struct.Struct("<4s2xH18xHH")  # a zip local header's signature, flags, name and extra lengths
+
+
+def _check_crcs(path: str, entries: list[zipfile.ZipInfo]) -> None:
     """CheckpointError naming the first entry of a torch zip file whose bytes fail the CRC-32 the archive stores for
-    it: torch.load does not check them, so damage inside a tensor's data (a failing disk, a copy that went wrong)
-    loaded as wrong weights. One read of the file, whose entries are stored (a fraction of a second per 100 MB)."""
+    it, or whose local header is not the one the archive's directory describes: torch.load does not check them, so
+    damage inside a tensor's data (a failing disk, a copy that went wrong) loaded as wrong weights. One read of the
+    file (:func:`_first_failing_entry`); damage that makes it unreadable is left to torch.load to report."""
     try:
-        with zipfile.ZipFile(path) as archive:
-            bad = archive.testzip()
-    except (OSError, zipfile.BadZipFile, EOFError):  # torch.load reports the damage
+        failing = _first_failing_entry(path, entries)
+    except (OSError, EOFError):  # torch.load reports the damage
         return
     except UnicodeDecodeError:  # a local header's name flagged UTF-8 that is not
         raise CheckpointError(path, "truncated or corrupt: one of its zip entries is named in bytes that are not "
                                     "UTF-8 text, as torch.save writes them") from None  # fmt: skip
-    if bad is not None:
-        raise CheckpointError(path, f"corrupt: its entry {bad!r} fails the CRC-32 check the archive stores for it (the "
-                                    "file was damaged after it was written); copy or download it again")  # fmt: skip
+    if failing is not None:
+        name, problem = failing
+        raise CheckpointError(path, f"corrupt: its entry {name!r} {problem} (the file was damaged after it was "
+                                    "written); copy or download it again")  # fmt: skip
+
+
+def _first_failing_entry(path: str, entries: list[zipfile.ZipInfo]) -> tuple[str, str] | None:
+    """The first of ``entries`` (stored and not encrypted, as _check_stored made sure) that fails zipfile's testzip,
+    and what fails: its local header (not one, or naming another entry) or its CRC-32; None where all pass. Read
+    here ZIP_CHUNK bytes at a time into one buffer, the CRC taken by :func:`crc.crc32` (testzip's zlib CRC took
+    149 ms of RN50's 235 ms read_weight_file, beside torch.load, on the CI's 2 threads: benchmarks/results/
+    checkpoint_read_cpu_2threads.md). A local name is decoded as its flags say, as zipfile does (UnicodeDecodeError
+    where it is not UTF-8); an entry cut short raises EOFError."""
+    buffer = memoryview(bytearray(ZIP_CHUNK))
+    with open(path, "rb", buffering=0) as f:
+        for entry in entries:
+            f.seek(entry.header_offset)
+            header = f.read(_LOCAL_HEADER.size)
+            if len(header) < _LOCAL_HEADER.size or header[:4] != b"PK\x03\x04":
+                return entry.filename, "has no local header where the archive's directory puts it"
+            _, flags, name_length, extra_length = _LOCAL_HEADER.unpack(header)
+            if f.read(name_length).decode("utf-8" if flags & 0x800 else "cp437") != entry.orig_filename:
+                return entry.filename, "has a local header that names another entry"
+            f.seek(extra_length, os.SEEK_CUR)
+            value, left = 0, entry.compress_size
+            while left:
+                count = f.readinto(buffer[: min(left, ZIP_CHUNK)])
+                if not count:
+                    raise EOFError
+                value = crc32(buffer[:count], value)
+                left -= count
+            if value != entry.CRC:
+                return entry.filename, "fails the CRC-32 check the archive stores for it"
+    return None
 
 
 def _checked_views(obj: Any, path: str) -> Any:
