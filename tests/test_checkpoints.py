@@ -1359,6 +1359,34 @@ def test_the_archives_crcs_are_checked_while_torch_load_reads_it(tmp_path, offic
     assert len(threads) == 2 and threading.current_thread() not in threads
 
 
+def test_a_file_saved_without_crcs_loads_unchecked_and_one_zeroed_crc_is_damage(tmp_path, official_file):
+    """torch.save after torch.serialization.set_crc32_options(False) records 0 as every entry's CRC-32: such a file
+    has no checksums and loads (unchecked, as a legacy file; it was refused as damaged); one entry's CRC-32 alone
+    read as 0 (the others kept) is damage, refused as before."""
+    if not hasattr(torch.serialization, "set_crc32_options"):
+        pytest.skip("this torch writes every CRC-32")
+    state = torch.load(official_file, weights_only=True)
+    path = tmp_path / "no_crcs.pth"
+    torch.serialization.set_crc32_options(False)
+    try:
+        torch.save(state, path)
+    finally:
+        torch.serialization.set_crc32_options(True)
+    with zipfile.ZipFile(path) as z:
+        assert {e.CRC for e in z.infolist()} == {0}
+    assert dcf.load_checkpoint(path).class_names == NAMES
+    intact = tmp_path / "intact.pth"
+    torch.save(state, intact)
+    data = bytearray(intact.read_bytes())
+    at = data.rfind(b"PK\x01\x02")  # the last entry's central header: its CRC-32 at byte 16
+    assert struct.unpack("<I", data[at + 16 : at + 20])[0] != 0
+    data[at + 16 : at + 20] = bytes(4)
+    zeroed = tmp_path / "zeroed.pth"
+    zeroed.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"zeroed.pth: corrupt: its entry '.*' fails the CRC-32 check"):
+        dcf.load_checkpoint(zeroed)
+
+
 def test_a_damaged_pickle_is_named_by_the_archives_crc(tmp_path):
     """A data.pkl damaged after saving (here cut short by its last byte, the STOP opcode) fails both its CRC-32 and
     the pickle check, which run side by side: the error names the damage (the CRC), whichever finished first."""
@@ -2308,13 +2336,17 @@ def _testzip_outcome(data: bytes) -> tuple[str, ...] | None:
     """What zipfile's testzip makes of a zip archive in ``data``: ("fails", name), ("passes",), ("unreadable",) or
     ("unicode",); None for an archive _first_failing_entry is never given (a directory zipfile cannot read, names
     twice, an entry compressed, encrypted or of two sizes, which _check_stored refuses first) or whose local flags
-    zipfile refuses to read (patched data, strong encryption: NotImplementedError, where the CRC check reads them)."""
+    zipfile refuses to read (patched data, strong encryption: NotImplementedError, where the CRC check reads them),
+    or whose entries overlap (which newer Pythons' zipfile refuses, 3.11.7's not; either way the CRC check fails an
+    entry or leaves the file to torch.load)."""
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as archive:
             entries = archive.infolist()
             if (len({e.filename for e in entries}) < len(entries)
                     or any(e.compress_type != zipfile.ZIP_STORED or e.flag_bits & 0x1 or e.compress_size != e.file_size
                            for e in entries)):  # fmt: skip
+                return None
+            if _overlapping(data, entries, archive.start_dir):
                 return None
             try:
                 bad = archive.testzip()
@@ -2329,22 +2361,48 @@ def _testzip_outcome(data: bytes) -> tuple[str, ...] | None:
     return ("fails", bad) if bad is not None else ("passes",)
 
 
+def _overlapping(data: bytes, entries: list[zipfile.ZipInfo], start_dir: int) -> bool:
+    """Whether an entry's local header and data reach past the next entry's header (in the file's order) or, for
+    the last, the central directory: what zipfile.open refuses as "Overlapped entries" since gh-109858."""
+    ordered = sorted(entries, key=lambda e: e.header_offset)
+    ends = [e.header_offset for e in ordered[1:]] + [start_dir]
+    for entry, end in zip(ordered, ends):
+        header = data[entry.header_offset : entry.header_offset + 30]
+        if entry.header_offset < 0 or len(header) < 30:
+            continue
+        name_length, extra_length = struct.unpack("<HH", header[26:30])
+        if entry.header_offset + 30 + name_length + extra_length + entry.compress_size > end:
+            return True
+    return False
+
+
 def test_the_zip_crc_check_agrees_with_zipfiles_testzip_on_every_damaged_byte(tmp_path, monkeypatch):
     """The zip entries' check (_first_failing_entry, its own reading of the local headers and the data, its CRC the
     extension's) passes, fails (naming the same entry) or finds the file unreadable exactly where zipfile's testzip,
     which it replaced, did: every byte of a small archive (three stored entries, one named in UTF-8, one longer than
-    the read's chunk, here 64 bytes) changed in turn, and bit 0 and bit 7 of each."""
+    the read's chunk, here 64 bytes) changed in turn, and bit 0 and bit 7 of each; then a file torch.save wrote
+    (its entries flagged for data descriptors, their local headers padded by extra fields), bits 0 and 4."""
     monkeypatch.setattr(checkpoint_io, "ZIP_CHUNK", 64)
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as archive:
         archive.writestr("archive/data.pkl", bytes(range(40)))
         archive.writestr("archive/data/0", os.urandom(300))
         archive.writestr("archive/dätä/1", b"x" * 7)
-    data = buf.getvalue()
+    saved = io.BytesIO()
+    torch.save({"w": torch.arange(30.0), "b": torch.ones(3, dtype=torch.int64)}, saved)
     path = tmp_path / "a.zip"
     seen = set()
+    for data, bits in ((buf.getvalue(), (0x01, 0x80)), (saved.getvalue(), (0x01, 0x10))):
+        seen |= _damaged_bytes_agree(data, bits, path)
+    assert seen == {"fails", "passes", "unicode"}  # every outcome met (no "unreadable": those files overlap)
+
+
+def _damaged_bytes_agree(data: bytes, bits: tuple[int, ...], path) -> set[str]:
+    """Each byte of the zip archive ``data`` changed in turn by each of ``bits``: _first_failing_entry's outcome
+    (the file written to ``path``) equals testzip's where testzip gives one; returns the outcomes met."""
+    seen = set()
     for at in range(len(data)):
-        for bit in (0x01, 0x80):
+        for bit in bits:
             damaged = bytearray(data)
             damaged[at] ^= bit
             expected = _testzip_outcome(bytes(damaged))
@@ -2362,4 +2420,4 @@ def test_the_zip_crc_check_agrees_with_zipfiles_testzip_on_every_damaged_byte(tm
                 found = ("unicode",)
             assert found == expected, (at, bit)
             seen.add(expected[0])
-    assert seen == {"fails", "passes", "unreadable", "unicode"}  # every outcome met
+    return seen

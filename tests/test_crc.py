@@ -53,6 +53,23 @@ def test_the_extensions_crc32_takes_what_zlibs_takes():
         assert type(ours.value) is type(zlibs.value), (bad, ours.value, zlibs.value)
 
 
+@needs_extension
+def test_the_extension_folds_where_the_processor_multiplies_without_carries():
+    """On an x86-64 processor that lists pclmulqdq (the CI's), the extension takes the folding path: were its
+    detection or its build guard to fail, every CRC would quietly come from the table (or zlib) and the tests above
+    would pass on the slow path."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read().split()
+    except OSError:
+        pytest.skip("no /proc/cpuinfo")
+    if platform.machine() not in ("x86_64", "AMD64") or "pclmulqdq" not in flags:
+        pytest.skip("not an x86-64 processor with PCLMULQDQ")
+    assert _C.CRC32_CLMUL == 1
+
+
 def test_crc32_is_the_extensions_where_it_folds_and_zlibs_otherwise(monkeypatch):
     """crc.crc32 calls the extension's CRC where the processor has carry-less multiplication, zlib's where the
     variable asks for it, where the extension is not built, and where it was built before it had the CRC."""

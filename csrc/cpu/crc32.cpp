@@ -15,13 +15,14 @@
 // and take one 16-byte block at a time (D = 128); the last register, as 16 bytes, and the bytes past the last whole
 // block go through the table, starting from 0. The starting value enters as the inverted register XORed into the
 // first 4 bytes (a CRC started at R over M is the CRC started at 0 over M with R added to its first 32 bits). The
-// constants were checked against zlib by a model of this in Python; tests/test_checkpoints.py compares the result
+// constants were checked against zlib by a model of this in Python; tests/test_crc.py compares the result
 // with zlib.crc32 at every length up to 300 bytes, at every alignment, and from other starting values.
 #include "crc32.h"
 
 #include <array>
 
-#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+// GCC and clang (not clang-cl, whose __builtin_cpu_supports needs a runtime it may not link; MSVC takes the table)
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__)) && !defined(_MSC_VER)
 #define DCF_CRC32_CLMUL 1
 #include <immintrin.h>
 #endif

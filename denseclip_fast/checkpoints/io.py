@@ -464,11 +464,11 @@ def _load_zip(path: str, entries: list[zipfile.ZipInfo], size: int) -> Any:
 
 def _check_zip_pickles(path: str, entries: list[zipfile.ZipInfo], size: int) -> None:
     """:func:`_check_pickle` on every ``data.pkl`` of a torch zip file (the archive's object; torch.load reads the
-    one under its top folder)."""
-    names = [e.filename for e in entries if e.filename.endswith("/data.pkl") and e.filename.count("/") == 1]
+    one under its top folder), read as stored (:func:`_stored_bytes`; their CRC-32s are :func:`_check_crcs`'s)."""
+    pickled = [e for e in entries if e.filename.endswith("/data.pkl") and e.filename.count("/") == 1]
     try:
-        with zipfile.ZipFile(path) as archive:
-            pickles = [_read_entry(archive, name, path, size) for name in names]
+        with open(path, "rb", buffering=0) as f:
+            pickles = [_stored_bytes(f, entry) for entry in pickled]
     except (OSError, zipfile.BadZipFile, EOFError, UnicodeDecodeError) as exc:  # never handed to torch unread
         raise CheckpointError(path, f"truncated or corrupt: its zip archive could not be read ({type(exc).__name__}: "
                                     f"{excerpt(exc)})") from None  # fmt: skip
@@ -502,7 +502,11 @@ def _check_crcs(path: str, entries: list[zipfile.ZipInfo]) -> None:
     """CheckpointError naming the first entry of a torch zip file whose bytes fail the CRC-32 the archive stores for
     it, or whose local header is not the one the archive's directory describes: torch.load does not check them, so
     damage inside a tensor's data (a failing disk, a copy that went wrong) loaded as wrong weights. One read of the
-    file (:func:`_first_failing_entry`); damage that makes it unreadable is left to torch.load to report."""
+    file (:func:`_first_failing_entry`); damage that makes it unreadable is left to torch.load to report. A file
+    whose every entry records 0, as torch.save writes them after ``torch.serialization.set_crc32_options(False)``,
+    holds no checksums and is not checked (it was refused as damaged)."""
+    if all(entry.CRC == 0 for entry in entries):
+        return
     try:
         failing = _first_failing_entry(path, entries)
     except (OSError, EOFError):  # torch.load reports the damage
@@ -518,22 +522,17 @@ def _check_crcs(path: str, entries: list[zipfile.ZipInfo]) -> None:
 
 def _first_failing_entry(path: str, entries: list[zipfile.ZipInfo]) -> tuple[str, str] | None:
     """The first of ``entries`` (stored and not encrypted, as _check_stored made sure) that fails zipfile's testzip,
-    and what fails: its local header (not one, or naming another entry) or its CRC-32; None where all pass. Read
-    here ZIP_CHUNK bytes at a time into one buffer, the CRC taken by :func:`crc.crc32` (testzip's zlib CRC took
-    149 ms of RN50's 235 ms read_weight_file, beside torch.load, on the CI's 2 threads: benchmarks/results/
-    checkpoint_read_cpu_2threads.md). A local name is decoded as its flags say, as zipfile does (UnicodeDecodeError
-    where it is not UTF-8); an entry cut short raises EOFError."""
+    and what fails: its local header (:func:`_data_offset`) or its CRC-32; None where all pass. Read here ZIP_CHUNK
+    bytes at a time into one buffer, the CRC taken by :func:`crc.crc32` (testzip's zlib CRC took 149 ms of RN50's
+    235 ms read_weight_file, beside torch.load, on the CI's 2 threads: benchmarks/results/
+    checkpoint_read_cpu_2threads.md). An entry cut short raises EOFError."""
     buffer = memoryview(bytearray(ZIP_CHUNK))
     with open(path, "rb", buffering=0) as f:
         for entry in entries:
-            f.seek(entry.header_offset)
-            header = f.read(_LOCAL_HEADER.size)
-            if len(header) < _LOCAL_HEADER.size or header[:4] != b"PK\x03\x04":
-                return entry.filename, "has no local header where the archive's directory puts it"
-            _, flags, name_length, extra_length = _LOCAL_HEADER.unpack(header)
-            if f.read(name_length).decode("utf-8" if flags & 0x800 else "cp437") != entry.orig_filename:
-                return entry.filename, "has a local header that names another entry"
-            f.seek(extra_length, os.SEEK_CUR)
+            try:
+                f.seek(_data_offset(f, entry))
+            except _LocalHeaderError as exc:
+                return entry.filename, str(exc)
             value, left = 0, entry.compress_size
             while left:
                 count = f.readinto(buffer[: min(left, ZIP_CHUNK)])
@@ -544,6 +543,35 @@ def _first_failing_entry(path: str, entries: list[zipfile.ZipInfo]) -> tuple[str
             if value != entry.CRC:
                 return entry.filename, "fails the CRC-32 check the archive stores for it"
     return None
+
+
+class _LocalHeaderError(zipfile.BadZipFile):
+    """An entry's local header is not the one the archive's directory describes (the message says how)."""
+
+
+def _data_offset(f: Any, entry: zipfile.ZipInfo) -> int:
+    """Where the data of ``entry`` begins in the open zip file ``f``, once its local header checks as zipfile's
+    open checks it: a local header at the directory's offset (_LocalHeaderError otherwise), naming the directory's
+    entry, decoded as its flags say (UnicodeDecodeError where a name flagged UTF-8 is not; _LocalHeaderError for
+    another name)."""
+    f.seek(entry.header_offset)
+    header = f.read(_LOCAL_HEADER.size)
+    if len(header) < _LOCAL_HEADER.size or header[:4] != b"PK\x03\x04":
+        raise _LocalHeaderError("has no local header where the archive's directory puts it")
+    _, flags, name_length, extra_length = _LOCAL_HEADER.unpack(header)
+    if f.read(name_length).decode("utf-8" if flags & 0x800 else "cp437") != entry.orig_filename:
+        raise _LocalHeaderError("has a local header that names another entry")
+    return int(entry.header_offset) + _LOCAL_HEADER.size + name_length + extra_length
+
+
+def _stored_bytes(f: Any, entry: zipfile.ZipInfo) -> bytes:
+    """The bytes of a stored ``entry`` of the open zip file ``f`` (:func:`_data_offset`; EOFError where the file
+    ends first). Their CRC-32 unchecked: that is :func:`_check_crcs`'s, which also knows a file without them."""
+    f.seek(_data_offset(f, entry))
+    data = f.read(entry.compress_size)
+    if len(data) < entry.compress_size:
+        raise EOFError(f"entry {entry.filename!r} ends after {len(data)} of its {entry.compress_size} bytes")
+    return bytes(data)
 
 
 def _checked_views(obj: Any, path: str) -> Any:
