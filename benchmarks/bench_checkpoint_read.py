@@ -83,7 +83,7 @@ def stage_calls(path: str, fmt: str) -> dict[str, Callable[[], Any]]:
         entries = io._zip_entries(path) or []
         calls["zip index"] = lambda: zip_index(path, size)
         calls["CRC-32"] = lambda: io._check_crcs(path, entries)
-        calls["pickle check"] = lambda: io._check_zip_pickles(path, entries, size)
+        calls["pickle check"] = lambda: io._check_zip_pickles(path, entries)
     else:
         calls["pickle check"] = lambda: legacy_pickles(path, size)
     calls["torch.load"] = lambda: io._torch_load(path, size)

@@ -449,11 +449,11 @@ def _load_zip(path: str, entries: list[zipfile.ZipInfo], size: int) -> Any:
         crcs = pool.submit(_check_crcs, path, entries)
     except RuntimeError:  # "cannot schedule new futures after interpreter shutdown"
         _check_crcs(path, entries)
-        _check_zip_pickles(path, entries, size)
+        _check_zip_pickles(path, entries)
         return _torch_load(path, size)
     with pool:
         try:
-            _check_zip_pickles(path, entries, size)
+            _check_zip_pickles(path, entries)
             loaded = _torch_load(path, size)
         except Exception:
             damage = crcs.exception()
@@ -464,7 +464,7 @@ def _load_zip(path: str, entries: list[zipfile.ZipInfo], size: int) -> Any:
     return loaded
 
 
-def _check_zip_pickles(path: str, entries: list[zipfile.ZipInfo], size: int) -> None:
+def _check_zip_pickles(path: str, entries: list[zipfile.ZipInfo]) -> None:
     """:func:`_check_pickle` on every ``data.pkl`` of a torch zip file (the archive's object; torch.load reads the
     one under its top folder), read as stored (:func:`_stored_bytes`; their CRC-32s are :func:`_check_crcs`'s)."""
     pickled = [e for e in entries if e.filename.endswith("/data.pkl") and e.filename.count("/") == 1]
