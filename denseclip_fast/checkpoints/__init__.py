@@ -108,7 +108,7 @@ def load_checkpoint(
     verify = as_bool("verify", verify)
     if class_names is not None:
         class_names = _class_names_argument(class_names)
-    return load_weights(read_weight_file(path, crc32s=verify), path, arch, class_names, verify)
+    return load_weights(read_weight_file(path), path, arch, class_names, verify)
 
 
 def load_weights(wf: WeightFile, path: str, arch: str | None, class_names: list[str] | None,
@@ -120,8 +120,7 @@ def load_weights(wf: WeightFile, path: str, arch: str | None, class_names: list[
     compares the names itself; without a catch_warnings, whose filters are the process's, not the thread's)."""
     file_names: list[str] | None  # None only when class_names are given
     if wf.kind == "safetensors" and is_native(wf.metadata):
-        # first: damage explains any error the metadata would give
-        check_crcs(wf.metadata, wf.tensors, path, verify, found=wf.crc32s)
+        check_crcs(wf.metadata, wf.tensors, path, verify)  # first: damage explains any error the metadata would give
         config, file_names, palette = native_contents(wf.metadata, path)
         check_arch(config, arch, path)
         sd: Mapping[str, torch.Tensor] = wf.tensors

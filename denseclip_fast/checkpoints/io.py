@@ -91,7 +91,6 @@ class WeightFile:
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     metadata: dict[str, str] = field(default_factory=dict)
     owned: bool = False  # every tensor in memory torch allocated for it alone (a model may keep it: load_weights)
-    crc32s: dict[str, str] | None = None  # name -> CRC-32 of each tensor, taken as it was read (read_weight_file)
 
 
 def check_not_a_training_state(obj: Any, path: str) -> None:
@@ -241,10 +240,9 @@ def _a_directory(path: str) -> str:
             f"{os.path.join(path, max(saved)[1])}")  # fmt: skip
 
 
-def read_weight_file(path: str | os.PathLike[str], crc32s: bool = False) -> WeightFile:
+def read_weight_file(path: str | os.PathLike[str]) -> WeightFile:
     """Open a checkpoint of any supported format, safely. Raises CheckpointError (ValueError for a ``path`` that
-    is not a str or os.PathLike). ``crc32s``: a safetensors file's tensors' CRC-32s taken as they are read, into
-    ``WeightFile.crc32s`` (native.tensor_crc32s' form), where the package reads them (None where it does not)."""
+    is not a str or os.PathLike)."""
     path = path_argument(path)
     if not os.path.exists(path):
         raise CheckpointNotFoundError(path)
@@ -275,7 +273,7 @@ def read_weight_file(path: str | os.PathLike[str], crc32s: bool = False) -> Weig
     if len(head) >= 9 and head[8:9] == b"{":
         header = struct.unpack("<Q", head[:8])[0]
         if 8 + header <= size:
-            return _read_safetensors(path, crc32s)
+            return _read_safetensors(path)
         if header <= SAFETENSORS_MAX_HEADER:
             raise CheckpointError(path, f"truncated or corrupt safetensors file: its header should be {header} bytes "
                                         f"but the file has {size} bytes in all")  # fmt: skip
@@ -628,7 +626,7 @@ def _where(key: Any) -> str:
     return f"the tensor under {excerpt(short_repr(key), 80)}" if key is not None else "a tensor"
 
 
-def _read_safetensors(path: str, crc32s: bool) -> WeightFile:
+def _read_safetensors(path: str) -> WeightFile:
     from safetensors import safe_open
 
     with contextlib.ExitStack() as stack:
@@ -644,14 +642,13 @@ def _read_safetensors(path: str, crc32s: bool) -> WeightFile:
             with safe_open(opened, framework="pt", device="cpu") as f:  # the header checked by the library first
                 metadata = dict(f.metadata() or {})
                 names = list(f.keys())
-                read = _read_safetensors_data(opened, names, path, crc32s)
-                tensors = read[0] if read is not None else {name: f.get_tensor(name) for name in names}
+                read = _read_safetensors_data(opened, names, path)
+                tensors = read if read is not None else {name: f.get_tensor(name) for name in names}
         except CheckpointError:
             raise
         except Exception as exc:  # safetensors raises its own SafetensorError / OSError variants
             raise CheckpointError(path, f"corrupt or truncated safetensors file ({exc})") from None
-    return WeightFile("safetensors", tensors=tensors, metadata=metadata, owned=read is not None,
-                      crc32s=read[1] if read is not None else None)
+    return WeightFile("safetensors", tensors=tensors, metadata=metadata, owned=read is not None)
 
 
 # safetensors' dtype names -> torch's (those this torch has)
@@ -673,17 +670,14 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return dict(pairs)
 
 
-def _read_safetensors_data(
-    opened: str, names: list[str], path: str, crc32s: bool = False
-) -> tuple[dict[str, torch.Tensor], dict[str, str] | None] | None:  # fmt: skip
+def _read_safetensors_data(opened: str, names: list[str], path: str) -> dict[str, torch.Tensor] | None:
     """The tensors ``names`` of a safetensors file whose header the library has checked, each read straight from
     the file into memory torch allocates for it, as torch.load's are: a model may keep such tensors, where the
     library's start anywhere on 8 bytes and were copied (a second pass over the weights, and their memory twice at
     once). None (the library then reads them) on a big-endian machine or for a dtype not in SAFETENSORS_DTYPES. The
     header's entries are checked again before any is read: no name twice, offsets inside the data, sizes that agree
     with the shapes (the library checked that the entries do not overlap, so that they come to the file's data in
-    all). The tensors are read in the file's order (:class:`_FileCopies`). With ``crc32s``, also the name -> CRC-32
-    of each tensor's bytes (native.tensor_crc32s' form), taken as they are copied."""
+    all). The tensors are read in the file's order (:class:`_FileCopies`)."""
     if sys.byteorder != "little":  # safetensors stores little-endian bytes
         return None
     with open(opened, "rb") as f:
@@ -709,17 +703,17 @@ def _read_safetensors_data(
                 raise CheckpointError(path, f"corrupt safetensors header: the entry of {excerpt(repr(name), 80)} "
                                             f"({excerpt(info)}) does not fit its {data} bytes of data")  # fmt: skip
             plan.append((8 + length + offsets[0], name, dtype, shape))
-        tensors, crcs = {}, {}
+        tensors = {}
         with _FileCopies(f.fileno(), size) as copies:
             for offset, name, dtype, shape in sorted(plan, key=lambda entry: entry[0]):
                 tensor = torch.empty(shape, dtype=dtype)
-                value = copies.copy(offset, tensor.reshape(-1).view(torch.uint8), crc32s) if tensor.numel() else 0
-                tensors[name], crcs[name] = tensor, f"{value:08x}"
-    return {name: tensors[name] for name in names}, crcs if crc32s else None
+                if tensor.numel():
+                    copies.copy(offset, tensor.reshape(-1).view(torch.uint8))
+                tensors[name] = tensor
+    return {name: tensors[name] for name in names}
 
 
 DROP_EVERY = 8 << 20  # bytes of copied pages _FileCopies gives back at a time
-CRC_CHUNK = 1 << 20  # bytes _FileCopies copies before it takes their CRC-32, still in the cache (2 MiB of L2 a core)
 
 
 class _FileCopies:
@@ -746,24 +740,14 @@ class _FileCopies:
         del self._bytes
         self._mapping.close()
 
-    def copy(self, offset: int, into: torch.Tensor, crc: bool = False) -> int:
-        """``into`` (uint8, not empty) filled with the file's bytes from ``offset`` on; with ``crc``, returns their
-        CRC-32 (:func:`crc.crc32`), taken CRC_CHUNK bytes at a time right after they are copied, while they are in
-        the cache (0 without)."""
+    def copy(self, offset: int, into: torch.Tensor) -> None:
+        """``into`` (uint8, not empty) filled with the file's bytes from ``offset`` on."""
         end = offset + into.numel()
-        value = 0
-        if crc:
-            for start in range(0, into.numel(), CRC_CHUNK):
-                piece = into[start : start + CRC_CHUNK]
-                piece.copy_(self._bytes[offset + start : offset + start + piece.numel()])
-                value = crc32(piece.numpy().data, value)
-        else:
-            into.copy_(self._bytes[offset:end])
+        into.copy_(self._bytes[offset:end])
         end -= end % mmap.PAGESIZE  # the pages wholly below the copy's end
         if self._drop and end - self._dropped >= DROP_EVERY:
             self._mapping.madvise(mmap.MADV_DONTNEED, self._dropped, end - self._dropped)
             self._dropped = end
-        return value
 
 
 # ---------------------------------------------------------------------------------------------- TorchScript

@@ -173,15 +173,13 @@ def balanced_groups(names: list[str], sizes: list[int], count: int) -> list[list
 
 
 def check_crcs(
-    metadata: dict[str, str], tensors: Mapping[str, torch.Tensor], path: str, check_tensors: bool = True,
-    found: Mapping[str, str] | None = None,
+    metadata: dict[str, str], tensors: Mapping[str, torch.Tensor], path: str, check_tensors: bool = True
 ) -> None:  # fmt: skip
     """CheckpointError when a native file's metadata or (with ``check_tensors``) tensors fail the CRC-32s its
     ``crc32`` record holds (naming the tensors), or when the record is damaged (not a JSON object of 8-hex-digit
     strings with the metadata's entry). A file without the record (written before it existed) is not checked.
     Tensors the record does not name, and names it has that the file lacks, are left to load_state_strict's missing
-    and unexpected keys. ``found``: the tensors' CRC-32s already taken (read_weight_file's, as it read them; a name
-    -> CRC-32 for every tensor), else computed here (:func:`tensor_crc32s`)."""
+    and unexpected keys."""
     if CRC_KEY not in metadata:
         return
     recorded = _json(metadata, CRC_KEY, path)
@@ -199,9 +197,7 @@ def check_crcs(
                                     f"recorded in the file: it was damaged after it was saved; {advice}")  # fmt: skip
     if not check_tensors:
         return
-    if found is None:
-        found = tensor_crc32s({n: t for n, t in tensors.items() if n in recorded})
-    found = {n: found[n] for n in tensors if n in recorded}
+    found = tensor_crc32s({n: t for n, t in tensors.items() if n in recorded})
     bad = sorted(n for n in found if found[n] != recorded[n])
     if bad:
         raise CheckpointError(path, f"corrupt: {len(bad)} tensor(s) fail the CRC-32 recorded in the file "
