@@ -1,7 +1,7 @@
 # Two commands do everything on a fresh machine:
 #   make test    set up .venv if needed, build the extension, run the whole test suite
 #   make bench   set up .venv if needed, run the operator, end-to-end, export, training, data, host, CPU-linear,
-#                start-up, text-encoder, label-map and predict benchmarks
+#                start-up, checkpoint-read, CRC-32, text-encoder, label-map and predict benchmarks
 #                (a small smoke grid on a CPU, the full grids on a GPU; results in benchmarks/results/)
 #   make gpu-wheels   the Python 3.12 wheels the GPU test machine lacks, into ./wheels (see benchmarks/gpu_check.sh)
 #   make test-gpu-torch   a rehearsal of the GPU session on the CPU: benchmarks/gpu_check.sh's build, GPU-test
@@ -57,6 +57,7 @@ bench: setup
 	$(PYTHON) benchmarks/bench_cpu_linear.py
 	$(PYTHON) benchmarks/bench_startup.py --repeats 2  # the smoke: 2 fresh processes (3 by default)
 	$(PYTHON) benchmarks/bench_checkpoint_read.py --repeats 1  # the smoke: RN50 official .pth, 1 round (5 by default)
+	$(PYTHON) benchmarks/bench_crc.py --repeats 2  # the smoke: 2 rounds (5 by default)
 	$(PYTHON) benchmarks/bench_text.py --vocabularies ade20k --modes embed --repeats 2  # the smoke
 	$(PYTHON) benchmarks/bench_labels.py --cases 512 --repeats 2  # the smoke
 	$(PYTHON) benchmarks/bench_logits_resize.py --cases 512 --repeats 2  # the smoke

@@ -1235,6 +1235,30 @@ def test_checkpoint_read_benchmark_times_each_stage_of_each_format(tmp_path, mon
         bench_checkpoint_read.main(["--device", "cuda", "--out", str(tmp_path)])
 
 
+def test_crc_benchmark_times_both_crcs_and_compares_them(tmp_path, monkeypatch):
+    """benchmarks/bench_crc.py times zlib's CRC-32 and the extension's on each buffer size (no timing asserted), a
+    small buffer checksummed again and again in a timed call; a round whose two CRCs differ fails the run; it times
+    the CPU alone."""
+    from benchmarks import bench_crc
+    from denseclip_fast.ops.extension import extension_module
+
+    if extension_module() is None:
+        pytest.skip("the extension is not built")
+    monkeypatch.setattr(bench_crc, "PER_CALL", 1 << 16)
+    assert bench_crc.main(["--sizes", "100", "70000", "--repeats", "2", "--out", str(tmp_path), "--tag", "t"]) == 0
+    rows = json.loads((tmp_path / "crc_t.json").read_text())["rows"]
+    assert [(r["bytes"], r["calls_a_round"], r["rounds"]) for r in rows] == [(100, 655, 2), (70000, 1, 2)]
+    for r in rows:
+        assert all(len(r["samples_ms"][name]) == 2 and r[f"{name}_gbs"] > 0 for name in bench_crc.CONTESTANTS)
+    assert "| 100 | 655 |" in (tmp_path / "crc_t.md").read_text()
+    wrong = type("Wrong", (), {"crc32": staticmethod(lambda data: 0), "CRC32_CLMUL": 1})
+    monkeypatch.setattr(bench_crc, "extension_module", lambda: wrong)
+    with pytest.raises(AssertionError, match="the CRC-32s of 100 bytes differ"):
+        bench_crc.main(["--sizes", "100", "--repeats", "1", "--out", str(tmp_path), "--tag", "t"])
+    with pytest.raises(SystemExit):
+        bench_crc.main(["--device", "cuda", "--out", str(tmp_path)])
+
+
 def test_bench_pyramid_times_each_case_with_the_engines_code(tmp_path, monkeypatch):
     """benchmarks/bench_pyramid.py's CPU smoke run (small shapes, the rewrites given the CPU; one timing a call):
     every case's contestants give the same result within bfloat16's rounding, the engine's rows run the rewrites'

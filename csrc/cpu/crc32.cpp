@@ -1,6 +1,6 @@
 // CRC-32 (zlib's) by folding with carry-less multiplication. Why: zlib 1.2's CRC (Python's zlib.crc32) runs at about
-// 2.2 GB/s a core on the Xeon of the CI machines, so checking a native RN50 checkpoint's 456 MB took 0.12 s of its
-// 0.28 s warm load on 2 threads; this runs at memory speed.
+// 2 GB/s a core on the Xeon of the CI machines, so checking a native RN50 checkpoint's 456 MB took 0.12 s of its
+// 0.28 s warm load on 2 threads (a probe); this runs 3-5x faster there (benchmarks/results/crc_cpu_2threads.md).
 //
 // The arithmetic, over GF(2), in zlib's bit order: byte 0 bit 0 of a message is the coefficient of its highest power
 // of x, so 16 bytes loaded little-endian into a 128-bit register hold bit i as the coefficient of x^(127 - i), and
