@@ -1,4 +1,4 @@
-"""CRC-32 of a checkpoint's bytes: zlib's function, the same values, at memory speed.
+"""CRC-32 of a checkpoint's bytes: zlib's function, the same values, 3-5x faster where the extension computes it.
 
 The native files record a CRC-32 per tensor (native.py), checked at every load and computed at every save, and the
 torch zip files one per entry (io.py): zlib 1.2's CRC (Python's ``zlib.crc32``) took 0.12 s of a warm 0.28 s load of
