@@ -80,11 +80,36 @@ def git_commit() -> str | None:
         return None
 
 
+# Environment variables that can change a result's speed or numbers (this library's switches, the thread pools',
+# allocators' and math libraries' settings, the GPU stack's): each one set is recorded with the results
+# (environment_variables). A name holding one of SECRET_WORDS is left out, whatever its prefix.
+TUNING_VARIABLES = ("DENSECLIP_FAST_", "OMP_", "KMP_", "GOMP_", "MKL_", "DNNL_", "ONEDNN_", "THP_MEM_ALLOC_ENABLE",
+                    "PYTORCH_", "TORCH_", "TORCHINDUCTOR_", "TRITON_", "CUDA_", "CUBLAS", "CUDNN_",
+                    "NVIDIA_TF32_OVERRIDE", "LD_PRELOAD", "MALLOC_", "JE_MALLOC_CONF")  # fmt: skip
+SECRET_WORDS = ("TOKEN", "KEY", "SECRET", "PASSWORD", "CREDENTIAL")
+
+
+def environment_variables() -> dict[str, str]:
+    """The variables set in this process whose names start with one of TUNING_VARIABLES, sorted by name: a run
+    with ``OMP_NUM_THREADS=1`` or ``THP_MEM_ALLOC_ENABLE=1`` says so in its results."""
+    return {name: value for name, value in sorted(os.environ.items())
+            if name.startswith(TUNING_VARIABLES) and not any(w in name.upper() for w in SECRET_WORDS)}  # fmt: skip
+
+
+def environment_variables_markdown(env: Mapping[str, Any]) -> str:
+    """A closing sentence naming the variables a run had set (``environment_variables``), or "" where none was."""
+    variables = env.get("environment_variables") or {}
+    if not variables:
+        return ""
+    return "Environment variables set for this run: " + ", ".join(f"`{k}={v}`" for k, v in variables.items()) + "."
+
+
 def environment(device: torch.device) -> dict:
     """Date and time, versions, the code (code_hash, git_commit) and the machine, recorded with every result. A
     GPU's multiprocessor count and memory tell a MIG slice or another variant from the full GPU its name says; the
     CPU's instruction sets (cpu_features) tell apart CPUs that share a name (a VM's "Intel(R) Xeon(R) Processor");
-    host_memory says whether freed host memory is kept for reuse (engine.host_memory: fewer page faults a call)."""
+    host_memory says whether freed host memory is kept for reuse (engine.host_memory: fewer page faults a call);
+    environment_variables, the settings given through the environment (TUNING_VARIABLES)."""
     from denseclip_fast.engine import host_memory
 
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -92,7 +117,8 @@ def environment(device: torch.device) -> dict:
            "python": platform.python_version(), "gpu": device.type == "cuda",
            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
            "threads": torch.get_num_threads(), "cpu_features": cpu_features(), "code": code_hash(),
-           "commit": git_commit(), "host_memory": host_memory.describe()}  # fmt: skip
+           "commit": git_commit(), "host_memory": host_memory.describe(),
+           "environment_variables": environment_variables()}  # fmt: skip
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         env["gpu_properties"] = {"multiprocessors": props.multi_processor_count,
@@ -633,13 +659,17 @@ class Results:
 
 
 def write_results(out_dir: str, prefix: str, tag: str | None, env: dict, data: dict, text: str) -> str:
-    """``<prefix>_<tag>.json`` ({"environment": env, **data}) and ``.md`` (``text``) in ``out_dir``; the tag defaults
+    """``<prefix>_<tag>.json`` ({"environment": env, **data}) and ``.md`` (``text``, then a sentence naming the
+    environment variables the run had set, where it had any) in ``out_dir``; the tag defaults
     to ``cpu_smoke`` on a CPU and to the GPU's name. Each file is replaced whole (:func:`atomic_write`), so a run
     stopped while writing leaves the previous version. Returns the path without the suffix (for further files)."""
     os.makedirs(out_dir, exist_ok=True)
     tag = tag or (env["device"].replace(" ", "_") if env["gpu"] else "cpu_smoke")
     stem = os.path.join(out_dir, f"{prefix}_{tag}")
     atomic_write(f"{stem}.json", lambda f: json.dump({"environment": env, **data}, f, indent=2))
+    note = environment_variables_markdown(env)
+    if note:  # after the results, as their last paragraph
+        text = text.rstrip("\n") + "\n\n" + note + "\n"
     atomic_write(f"{stem}.md", lambda f: f.write(text))
     return stem
 

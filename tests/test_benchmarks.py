@@ -457,6 +457,41 @@ def test_environment_names_the_cpus_instruction_sets(monkeypatch, tmp_path):
     assert common.cpu_features() is None
 
 
+def test_results_name_the_environment_variables_that_shaped_them(monkeypatch, tmp_path):
+    """A run's tuning variables (THP_MEM_ALLOC_ENABLE, OMP_NUM_THREADS, the library's switches) are recorded in its
+    JSON and named at the end of its markdown; others, and secret-looking names under those prefixes, are not."""
+    import json
+    import os
+
+    import torch
+
+    from benchmarks import common
+
+    for name in list(os.environ):
+        if name.startswith(common.TUNING_VARIABLES):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("SOME_OTHER_SETTING", "1")
+    env = common.environment(torch.device("cpu"))
+    assert env["environment_variables"] == {}
+    stem = common.write_results(str(tmp_path), "plain", "t", env, {"rows": []}, "# Title\n\n| a |\n")
+    assert open(f"{stem}.md").read() == "# Title\n\n| a |\n"  # unchanged without variables
+
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "1")
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    monkeypatch.setenv("DENSECLIP_FAST_CRC32", "zlib")
+    monkeypatch.setenv("TORCH_HUB_TOKEN", "hidden")
+    env = common.environment(torch.device("cpu"))
+    assert env["environment_variables"] == {"DENSECLIP_FAST_CRC32": "zlib", "OMP_NUM_THREADS": "2",
+                                            "THP_MEM_ALLOC_ENABLE": "1"}  # fmt: skip
+    assert list(env["environment_variables"]) == sorted(env["environment_variables"])
+    stem = common.write_results(str(tmp_path), "set", "t", env, {"rows": []}, "# Title\n\n| a |\n\n")
+    text = open(f"{stem}.md").read()
+    assert text == ("# Title\n\n| a |\n\nEnvironment variables set for this run: `DENSECLIP_FAST_CRC32=zlib`, "
+                    "`OMP_NUM_THREADS=2`, `THP_MEM_ALLOC_ENABLE=1`.\n")  # fmt: skip
+    assert "hidden" not in text and "hidden" not in open(f"{stem}.json").read()
+    assert json.load(open(f"{stem}.json"))["environment"]["environment_variables"]["THP_MEM_ALLOC_ENABLE"] == "1"
+
+
 def test_tf32_settings_resolve_none_through_the_backend_and_generic_settings():
     """An operator's "none" takes its backend's fp32_precision, then torch.backends.fp32_precision; "none"
     throughout is IEEE. Read through the fp32_precision settings only (the legacy flags raise once these are set)."""
