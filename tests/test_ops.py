@@ -2021,6 +2021,70 @@ def test_flop_counter_counts_the_fused_operators_as_the_reference():
     assert fused[1] == ref[1] == 2 * (2 * score) + 2 * attention
 
 
+def test_flop_formulas_are_registered_when_flop_counter_is_imported_before_or_after_the_package():
+    """The formulas go in when torch.utils.flop_counter is imported (ops.library.after_import), not at the package's
+    import, which would import Triton through it: in fresh processes, the counter imported after denseclip_fast
+    and before it both count the operators."""
+    import subprocess
+    import sys
+
+    count = ("from torch.utils.flop_counter import FlopCounterMode\n"
+             "v, t = torch.randn(2, 24, 5, 7), torch.randn(3, 24)\n"
+             "with FlopCounterMode(display=False) as c:\n"
+             "    ops.pixel_text_score(v, t, backend='cpu')\n"
+             "print(c.get_total_flops(), 'torch.utils.flop_counter' in imported)\n")  # fmt: skip
+    package = "from denseclip_fast import ops\nimported = set(sys.modules)\n"
+    for first, imported in (("", "False"), (", torch.utils.flop_counter", "True")):
+        code = f"import sys, torch{first}\n" + package + count
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert result.stdout.split() == [str(2 * 2 * 3 * 24 * 35), imported]
+
+
+def test_after_import_runs_its_callback_once_the_module_has_executed(tmp_path, monkeypatch):
+    """after_import: the callback runs at once for an imported module, else after the module's code (which sees
+    its own loader), once; a spec looked up without an import runs nothing; a module that fails to execute keeps
+    the hook for the next try; a failing callback warns and the import goes on."""
+    import importlib
+    import importlib.util
+    import sys
+
+    from denseclip_fast.ops.library import _AfterImport, after_import
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(sys, "meta_path", list(sys.meta_path))  # whatever a failure leaves behind
+    seen: list[str] = []
+    (tmp_path / "dcf_probe_ok.py").write_text("import sys\nSEEN_LOADER = type(__loader__).__name__\n"
+                                              "sys.modules[__name__].EXECUTED = True\n")  # fmt: skip
+    after_import("dcf_probe_ok", lambda: seen.append("ok"))
+    assert seen == [] and importlib.util.find_spec("dcf_probe_ok") is not None and seen == []
+    module = importlib.import_module("dcf_probe_ok")
+    assert seen == ["ok"] and module.EXECUTED and module.SEEN_LOADER == "SourceFileLoader"
+    assert type(module.__loader__).__name__ == type(module.__spec__.loader).__name__ == "SourceFileLoader"
+    assert not any(isinstance(f, _AfterImport) for f in sys.meta_path)
+    importlib.reload(module)
+    after_import("dcf_probe_ok", lambda: seen.append("now"))
+    assert seen == ["ok", "now"]  # once each: at the import, and at once for a module already there
+
+    (tmp_path / "dcf_probe_bad.py").write_text("raise ImportError('not yet')\n")
+    after_import("dcf_probe_bad", lambda: seen.append("bad"))
+    with pytest.raises(ImportError, match="not yet"):
+        importlib.import_module("dcf_probe_bad")
+    assert seen == ["ok", "now"] and any(isinstance(f, _AfterImport) for f in sys.meta_path)
+    (tmp_path / "dcf_probe_bad.py").write_text("VALUE = 1\n")
+    importlib.invalidate_caches()
+    sys.modules.pop("dcf_probe_bad", None)
+    assert importlib.import_module("dcf_probe_bad").VALUE == 1 and seen == ["ok", "now", "bad"]
+
+    (tmp_path / "dcf_probe_hook_fails.py").write_text("VALUE = 2\n")
+    after_import("dcf_probe_hook_fails", lambda: 1 / 0)
+    with pytest.warns(RuntimeWarning, match="dcf_probe_hook_fails imported, but its hook failed: ZeroDivisionError"):
+        assert importlib.import_module("dcf_probe_hook_fails").VALUE == 2
+    assert not any(isinstance(f, _AfterImport) for f in sys.meta_path)
+    for name in ("dcf_probe_ok", "dcf_probe_bad", "dcf_probe_hook_fails"):
+        sys.modules.pop(name, None)
+
+
 def _three_ops(backend: str) -> list[tuple[str, Callable[..., torch.Tensor], tuple[torch.Tensor, ...]]]:
     """(name, f(*inputs) through ``backend``, float32 inputs) of each operator: odd sizes, text shared and per image."""
     visual = _visual(2, 13, 3, 5, "channels_last", torch.float32)

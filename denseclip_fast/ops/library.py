@@ -7,7 +7,12 @@ Importing this module loads the extension; it is imported by :mod:`denseclip_fas
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+import importlib.abc
+import importlib.machinery
+import sys
+import types
+import warnings
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -252,7 +257,73 @@ def register_flop_formulas(suffix: str = "") -> None:
         register_flop_formula(getattr(ops, f"{name}{suffix}"))(formula)
 
 
+# FlopCounterMode's module, which imports Triton (0.12 s of a fresh process on the CI's Xeon, a third of
+# ``import denseclip_fast``'s time then), a module a CPU process never needs otherwise
+FLOP_COUNTER = "torch.utils.flop_counter"
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """A post-import hook for one module: first in sys.meta_path, it asks the finders after it for ``name``'s spec
+    and wraps that spec's loader (:class:`_HookedLoader`), so that ``callback()`` runs once the module has executed;
+    it then leaves sys.meta_path. A spec found but never executed (``importlib.util.find_spec``) changes nothing."""
+
+    def __init__(self, name: str, callback: Callable[[], None]) -> None:
+        self.name, self.callback = name, callback
+
+    def find_spec(self, fullname: str, path: Sequence[str] | None, target: types.ModuleType | None = None) -> Any:
+        if fullname != self.name:
+            return None
+        for finder in sys.meta_path:
+            find_spec = getattr(finder, "find_spec", None)
+            if finder is self or find_spec is None:
+                continue
+            spec = find_spec(fullname, path, target)
+            if spec is not None:
+                if spec.loader is not None and hasattr(spec.loader, "exec_module"):  # else left alone: no callback
+                    spec.loader = _HookedLoader(spec.loader, self)
+                return spec
+        return None
+
+    def fire(self) -> None:
+        """The callback, once (the hook leaves sys.meta_path first); a failing one warns: the import goes on."""
+        if self not in sys.meta_path:
+            return
+        sys.meta_path.remove(self)
+        try:
+            self.callback()
+        except Exception as e:  # noqa: BLE001 - the user's import must not fail for it
+            warnings.warn(f"denseclip_fast: {self.name} imported, but its hook failed: {type(e).__name__}: {e}",
+                          RuntimeWarning, stacklevel=2)  # fmt: skip
+
+
+class _HookedLoader(importlib.abc.Loader):
+    """``loader``, which executes the module (given its own loader back first: ``__loader__``, ``__spec__.loader``),
+    then fires ``hook``; a module that fails to execute leaves the hook in place for the next try."""
+
+    def __init__(self, loader: Any, hook: _AfterImport) -> None:
+        self.loader, self.hook = loader, hook
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType | None:
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        module.__loader__ = self.loader
+        if module.__spec__ is not None:
+            module.__spec__.loader = self.loader
+        self.loader.exec_module(module)
+        self.hook.fire()
+
+
+def after_import(name: str, callback: Callable[[], None]) -> None:
+    """``callback()`` now if module ``name`` is imported, else right after its import (:class:`_AfterImport`)."""
+    if name in sys.modules:
+        callback()
+    else:
+        sys.meta_path.insert(0, _AfterImport(name, callback))
+
+
 if extension_available():
     register_fakes()
     register_autograd()
-    register_flop_formulas()
+    # FlopCounterMode reads its registry when it is made, after its module's import: the formulas are in by then
+    after_import(FLOP_COUNTER, register_flop_formulas)
