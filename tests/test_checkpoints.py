@@ -1381,14 +1381,15 @@ def test_a_file_saved_without_crcs_loads_unchecked_and_one_zeroed_crc_is_damage(
     assert dcf.load_checkpoint(path).class_names == NAMES
     intact = tmp_path / "intact.pth"
     torch.save(state, intact)
-    data = bytearray(intact.read_bytes())
-    at = data.rfind(b"PK\x01\x02")  # the last entry's central header: its CRC-32 at byte 16
-    assert struct.unpack("<I", data[at + 16 : at + 20])[0] != 0
-    data[at + 16 : at + 20] = bytes(4)
-    zeroed = tmp_path / "zeroed.pth"
-    zeroed.write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match=r"zeroed.pth: corrupt: its entry '.*' fails the CRC-32 check"):
-        dcf.load_checkpoint(zeroed)
+    for which in ("first", "last"):  # the central headers' first and last: a CRC-32 at byte 16 of each
+        data = bytearray(intact.read_bytes())
+        at = data.find(b"PK\x01\x02") if which == "first" else data.rfind(b"PK\x01\x02")
+        assert struct.unpack("<I", data[at + 16 : at + 20])[0] != 0
+        data[at + 16 : at + 20] = bytes(4)
+        zeroed = tmp_path / "zeroed.pth"
+        zeroed.write_bytes(bytes(data))
+        with pytest.raises(CheckpointError, match=r"zeroed.pth: corrupt: its entry '.*' fails the CRC-32 check"):
+            dcf.load_checkpoint(zeroed)
 
 
 def test_a_damaged_pickle_is_named_by_the_archives_crc(tmp_path):
@@ -1405,6 +1406,158 @@ def test_a_damaged_pickle_is_named_by_the_archives_crc(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match=r"damaged.pth: corrupt: its entry '.*/data.pkl' fails the CRC-32 check"):
         dcf.load_checkpoint(path)
+
+
+def _central_record(data: bytes | bytearray, name: str) -> int:
+    """Where the zip central directory's record of entry ``name`` begins in ``data``."""
+    for match in re.finditer(b"PK\x01\x02", bytes(data)):
+        at = match.start()
+        (length,) = struct.unpack("<H", data[at + 28 : at + 30])
+        if data[at + 46 : at + 46 + length] == name.encode():
+            return at
+    raise KeyError(name)
+
+
+def _local_name_changed(path, suffix: str):
+    """``path`` rewritten with the last letter of the local header's name of its entry ending in ``suffix`` made X
+    (the central directory unchanged); returns that entry's name."""
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as z:
+        entry = next(e for e in z.infolist() if e.filename.endswith(suffix))
+    at = entry.header_offset + 30 + len(entry.filename) - 1
+    assert data[entry.header_offset : entry.header_offset + 4] == b"PK\x03\x04" and data[at] != ord("X")
+    data[at] = ord("X")
+    path.write_bytes(bytes(data))
+    return entry.filename
+
+
+def test_a_tensor_entry_whose_local_header_names_another_is_refused(tmp_path, official_file):
+    """A tensor's entry, not only data.pkl (which the pickle check reads too), is checked against its local header
+    by the CRC pass: a file whose tensor entry's local header names another entry is refused, naming the entry; so
+    is a file saved without CRC-32s whose data.pkl's local header does (the pickle reader's check, alone there)."""
+    damaged = tmp_path / "local.pth"
+    damaged.write_bytes(official_file.read_bytes())
+    name = _local_name_changed(damaged, "/data/0")
+    with pytest.raises(CheckpointError, match=rf"corrupt: its entry '{re.escape(name)}' has a local header that "
+                                              "names another entry"):  # fmt: skip
+        dcf.load_checkpoint(damaged)
+    if not hasattr(torch.serialization, "set_crc32_options"):
+        return
+    unchecked = tmp_path / "no_crcs.pth"
+    torch.serialization.set_crc32_options(False)
+    try:
+        torch.save(torch.load(official_file, weights_only=True), unchecked)
+    finally:
+        torch.serialization.set_crc32_options(True)
+    _local_name_changed(unchecked, "/data.pkl")
+    with pytest.raises(CheckpointError, match="names another entry"):
+        dcf.load_checkpoint(unchecked)
+
+
+def test_an_entry_running_past_the_end_of_the_file_is_refused_not_waited_on(tmp_path, official_file):
+    """An entry whose declared size (no more than the file's, so not refused up front) runs past the file's end:
+    the CRC pass stops at the end (a read of 0 bytes: EOFError, never a loop waiting for more) and the load is
+    refused, for a tensor's entry (torch.load's error) and for data.pkl (the pickle reader's). In a child process
+    with a time limit: a CRC thread stuck in that loop would also hold the test process at its exit."""
+    paths = []
+    for suffix in ("/data/0", "/data.pkl"):
+        data = bytearray(official_file.read_bytes())
+        with zipfile.ZipFile(official_file) as z:
+            entry = next(e for e in z.infolist() if e.filename.endswith(suffix))
+        record = _central_record(data, entry.filename)
+        size = len(data) - entry.header_offset  # from its local header to the file's end: past it from its data
+        data[record + 20 : record + 28] = struct.pack("<II", size, size)  # compressed and uncompressed sizes
+        paths.append(str(tmp_path / f"past_end_{len(paths)}.pth"))
+        open(paths[-1], "wb").write(bytes(data))
+    script = (
+        "import sys, zipfile, denseclip_fast as dcf\n"
+        "from denseclip_fast.checkpoints import io\n"
+        "for path in sys.argv[1:]:\n"
+        "    try:\n"
+        "        io._first_failing_entry(path, zipfile.ZipFile(path).infolist())\n"
+        "        print('no EOFError')\n"
+        "    except EOFError:\n"
+        "        print('EOFError')\n"
+        "    try:\n"
+        "        dcf.load_checkpoint(path)\n"
+        "        print('loaded')\n"
+        "    except dcf.CheckpointError as exc:\n"
+        "        print('refused:', exc)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, *paths], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert lines[0] == lines[2] == "EOFError", done.stdout
+    assert "truncated or corrupt" in lines[1] and "archive ends early" in lines[1], done.stdout
+    assert re.search(r"could not be read \(EOFError: entry '.*/data.pkl' ends after \d+ of its \d+ bytes", lines[3])
+
+
+def test_a_local_header_cut_short_by_the_end_of_the_file_is_named(tmp_path, official_file):
+    """A directory record pointing at a local header that the file's end cuts short (here its last 4 bytes, a zip
+    comment reading PK\\x03\\x04) names the entry, as testzip does, instead of raising struct.error."""
+    path = tmp_path / "cut.pth"
+    path.write_bytes(official_file.read_bytes())
+    with zipfile.ZipFile(path, "a") as z:
+        z.comment = b"PK\x03\x04"
+    data = bytearray(path.read_bytes())
+    assert data.endswith(b"PK\x03\x04")
+    with zipfile.ZipFile(path) as z:
+        name = next(e.filename for e in z.infolist() if e.filename.endswith("/data/0"))
+    record = _central_record(data, name)
+    data[record + 42 : record + 46] = struct.pack("<I", len(data) - 4)  # its local header's offset
+    path.write_bytes(bytes(data))
+    with zipfile.ZipFile(path) as z:
+        entries = z.infolist()
+    assert checkpoint_io._first_failing_entry(str(path), entries) == (
+        name, "has no local header where the archive's directory puts it")
+    with pytest.raises(CheckpointError, match=rf"its entry '{re.escape(name)}' has no local header"):
+        dcf.load_checkpoint(path)
+
+
+def test_entry_names_decode_as_testzip_decodes_them(tmp_path):
+    """A name without the UTF-8 flag is cp437 (zipfile's reading): such an entry passes as it passes testzip; a
+    local header whose UTF-8 flag was cleared (the directory's kept) names another entry for both."""
+    plain = tmp_path / "cp437.zip"
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("archive/dXta/1", b"x" * 7)
+    plain.write_bytes(buf.getvalue().replace(b"dXta", b"d\x84ta"))  # cp437's a-umlaut, no UTF-8 flag
+    with zipfile.ZipFile(plain) as z:
+        entries = z.infolist()
+        assert entries[0].filename == "archive/d\u00e4ta/1" and not entries[0].flag_bits & 0x800
+        assert z.testzip() is None
+    assert checkpoint_io._first_failing_entry(str(plain), entries) is None
+    flagged = tmp_path / "flag.zip"
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("archive/d\u00e4t\u00e4/1", b"x" * 7)
+    data = bytearray(buf.getvalue())
+    assert data[7] & 0x08  # the local header's flags' high byte: 0x800, UTF-8
+    data[7] &= ~0x08
+    flagged.write_bytes(bytes(data))
+    with zipfile.ZipFile(flagged) as z:
+        entries = z.infolist()
+        assert z.testzip() == "archive/d\u00e4t\u00e4/1"
+    assert checkpoint_io._first_failing_entry(str(flagged), entries) == (
+        "archive/d\u00e4t\u00e4/1", "has a local header that names another entry")
+
+
+def test_crc_passes_over_files_at_once_share_no_buffer(tmp_path, monkeypatch):
+    """Each _first_failing_entry call reads into a buffer of its own: calls on two files at once in four threads
+    (4 KiB chunks, 256 entries' worth of reads each) all find both intact."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setattr(checkpoint_io, "ZIP_CHUNK", 4096)
+    paths, entries = [], []
+    for seed in range(2):
+        path = tmp_path / f"f{seed}.pth"
+        torch.save({"w": torch.randn(2**18, generator=torch.Generator().manual_seed(seed))}, path)
+        with zipfile.ZipFile(path) as z:
+            paths.append(str(path))
+            entries.append(z.infolist())
+    with ThreadPoolExecutor(4) as pool:
+        found = list(pool.map(lambda i: checkpoint_io._first_failing_entry(paths[i % 2], entries[i % 2]), range(16)))
+    assert found == [None] * 16
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -1449,6 +1602,20 @@ def test_damage_inside_a_native_files_tensor_is_refused_by_its_crc(tmp_path, dty
     for bad in ("no", 1, None):
         with pytest.raises(ValueError, match=rf"verify must be True or False, got {re.escape(repr(bad))}"):
             dcf.load_checkpoint(intact, verify=bad)  # type: ignore[arg-type]
+
+
+def test_every_damaged_tensor_of_a_native_file_is_counted(tmp_path, native_file):
+    """Each tensor's CRC-32 is checked, the first in the file's order as the last: a file whose every non-empty
+    floating-point tensor changed (the metadata and its record kept) is refused with all of them counted."""
+    from safetensors.torch import save_file
+
+    meta, sd = _native_parts(native_file)
+    changed = [k for k, v in sd.items() if v.is_floating_point() and v.numel()]
+    assert len(changed) > 10
+    path = tmp_path / "every.safetensors"
+    save_file({k: v + 1 if k in changed else v for k, v in sd.items()}, str(path), metadata=meta)
+    with pytest.raises(CheckpointError, match=rf"corrupt: {len(changed)} tensor\(s\) fail the CRC-32"):
+        dcf.load_checkpoint(path)
 
 
 def test_a_native_files_crcs_are_the_documented_ones(native_file, monkeypatch):
@@ -1545,9 +1712,11 @@ def test_a_native_file_without_crcs_loads_and_a_malformed_record_is_refused(tmp_
 
 def test_save_and_load_at_interpreter_shutdown(tmp_path):
     """At shutdown (an atexit handler) no thread pool takes work: the CRCs are computed one at a time there, a
-    native file's and a torch zip file's alike."""
+    native file's and a torch zip file's alike: every tensor's recorded at a save, a damaged entry refused at a
+    load."""
+    late_pth, damaged = str(tmp_path / "late.pth"), str(tmp_path / "damaged.pth")
     script = f"""
-import atexit, torch
+import atexit, torch, zipfile
 import denseclip_fast as dcf
 from tests.conftest import tiny_config
 torch.set_num_threads(2)
@@ -1556,13 +1725,26 @@ def at_exit():
     model.save({str(tmp_path / "late.safetensors")!r})
     print("loaded", dcf.load_checkpoint({str(tmp_path / "late.safetensors")!r}).class_names)
     state = {{"meta": {{"CLASSES": ("sea", "sand")}}, "state_dict": model.state_dict()}}
-    torch.save(state, {str(tmp_path / "late.pth")!r})
-    print("loaded", dcf.load_checkpoint({str(tmp_path / "late.pth")!r}).class_names)
+    torch.save(state, {late_pth!r})
+    print("loaded", dcf.load_checkpoint({late_pth!r}).class_names)
+    data = bytearray(open({late_pth!r}, "rb").read())
+    with zipfile.ZipFile({late_pth!r}) as z:
+        stored = z.read(max(z.infolist(), key=lambda e: e.file_size))
+    data[data.find(stored) + 5] ^= 0x40
+    open({damaged!r}, "wb").write(bytes(data))
+    try:
+        dcf.load_checkpoint({damaged!r})
+        print("loaded the damaged file")
+    except dcf.CheckpointError as exc:
+        print("refused:", exc)
 atexit.register(at_exit)
 """
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "loaded ['sky', 'road']" in done.stdout and "loaded ['sea', 'sand']" in done.stdout, done.stderr[-2000:]
+    assert "refused:" in done.stdout and "fails the CRC-32 check" in done.stdout, done.stdout
+    meta, tensors = _native_parts(tmp_path / "late.safetensors")
+    assert set(json.loads(meta["crc32"])) == set(tensors) | {"__metadata__"}
 
 
 def test_weights_that_load_state_dict_would_cast_or_copy_without_a_word_are_refused(tmp_path, official_file):
@@ -1740,11 +1922,12 @@ def test_compressed_zip_entries_are_refused(tmp_path, entry):
     buf = io.BytesIO()
     torch.save({"w": torch.zeros(2**18)}, buf)
     torch_file = tmp_path / "zipped.pth"
-    with zipfile.ZipFile(buf) as src, zipfile.ZipFile(torch_file, "w", zipfile.ZIP_DEFLATED) as z:
-        for name in src.namelist():
-            z.writestr(name, src.read(name))
-    with pytest.raises(CheckpointError, match="refused: its zip entry 'archive/data.pkl' is compressed"):
-        _read(torch_file)  # torch.load would inflate it too
+    for method in (zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA):  # any method but stored
+        with zipfile.ZipFile(buf) as src, zipfile.ZipFile(torch_file, "w", method) as z:
+            for name in src.namelist():
+                z.writestr(name, src.read(name))
+        with pytest.raises(CheckpointError, match="refused: its zip entry 'archive/data.pkl' is compressed"):
+            _read(torch_file)  # torch.load would inflate it too
 
 
 def test_zip_entry_declaring_more_bytes_than_the_file_has(tmp_path):

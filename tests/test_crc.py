@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import types
 import zlib
 
 import numpy as np
@@ -84,6 +85,27 @@ def test_crc32_is_the_extensions_where_it_folds_and_zlibs_otherwise(monkeypatch)
     monkeypatch.setattr(crc, "extension_module", lambda: object())  # an older build: no CRC32_CLMUL
     assert crc.implementation() is zlib.crc32
     assert crc.crc32(b"denseclip", 7) == zlib.crc32(b"denseclip", 7)
+    built = types.SimpleNamespace(crc32=lambda data, value=0: 0, CRC32_CLMUL=0)  # the table's path: zlib's is faster
+    monkeypatch.setattr(crc, "extension_module", lambda: built)
+    assert crc.implementation() is zlib.crc32
+    assert crc.VARIABLE == "DENSECLIP_FAST_CRC32"  # the documented name (README)
+
+
+def test_the_variable_is_read_at_each_call(monkeypatch):
+    """DENSECLIP_FAST_CRC32 set after crc32 has run still takes effect (the choice is not kept from a first call)."""
+    monkeypatch.delenv(crc.VARIABLE, raising=False)
+    calls = []
+    fake = types.SimpleNamespace(crc32=lambda data, value=0: calls.append("extension") or zlib.crc32(data, value),
+                                 CRC32_CLMUL=1)  # fmt: skip
+    spy = types.SimpleNamespace(crc32=lambda data, value=0: calls.append("zlib") or zlib.crc32(data, value))
+    monkeypatch.setattr(crc, "extension_module", lambda: fake)
+    monkeypatch.setattr(crc, "zlib", spy)
+    assert crc.crc32(b"abc") == zlib.crc32(b"abc")
+    monkeypatch.setenv("DENSECLIP_FAST_CRC32", "zlib")
+    assert crc.crc32(b"abc") == zlib.crc32(b"abc")
+    monkeypatch.delenv("DENSECLIP_FAST_CRC32")
+    assert crc.crc32(b"abc") == zlib.crc32(b"abc")
+    assert calls == ["extension", "zlib", "extension"]
 
 
 @pytest.mark.parametrize("variable", ["", "zlib"])
