@@ -462,6 +462,7 @@ def test_results_name_the_environment_variables_that_shaped_them(monkeypatch, tm
     JSON and named at the end of its markdown; others, and secret-looking names under those prefixes, are not."""
     import json
     import os
+    from pathlib import Path
 
     import torch
 
@@ -474,7 +475,7 @@ def test_results_name_the_environment_variables_that_shaped_them(monkeypatch, tm
     env = common.environment(torch.device("cpu"))
     assert env["environment_variables"] == {}
     stem = common.write_results(str(tmp_path), "plain", "t", env, {"rows": []}, "# Title\n\n| a |\n")
-    assert open(f"{stem}.md").read() == "# Title\n\n| a |\n"  # unchanged without variables
+    assert Path(f"{stem}.md").read_text() == "# Title\n\n| a |\n"  # unchanged without variables
 
     monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "1")
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
@@ -485,11 +486,12 @@ def test_results_name_the_environment_variables_that_shaped_them(monkeypatch, tm
                                             "THP_MEM_ALLOC_ENABLE": "1"}  # fmt: skip
     assert list(env["environment_variables"]) == sorted(env["environment_variables"])
     stem = common.write_results(str(tmp_path), "set", "t", env, {"rows": []}, "# Title\n\n| a |\n\n")
-    text = open(f"{stem}.md").read()
+    text = Path(f"{stem}.md").read_text()
     assert text == ("# Title\n\n| a |\n\nEnvironment variables set for this run: `DENSECLIP_FAST_CRC32=zlib`, "
                     "`OMP_NUM_THREADS=2`, `THP_MEM_ALLOC_ENABLE=1`.\n")  # fmt: skip
-    assert "hidden" not in text and "hidden" not in open(f"{stem}.json").read()
-    assert json.load(open(f"{stem}.json"))["environment"]["environment_variables"]["THP_MEM_ALLOC_ENABLE"] == "1"
+    saved = Path(f"{stem}.json").read_text()
+    assert "hidden" not in text and "hidden" not in saved
+    assert json.loads(saved)["environment"]["environment_variables"]["THP_MEM_ALLOC_ENABLE"] == "1"
 
 
 def test_tf32_settings_resolve_none_through_the_backend_and_generic_settings():

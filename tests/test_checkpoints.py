@@ -1467,8 +1467,9 @@ def test_an_entry_running_past_the_end_of_the_file_is_refused_not_waited_on(tmp_
         record = _central_record(data, entry.filename)
         size = len(data) - entry.header_offset  # from its local header to the file's end: past it from its data
         data[record + 20 : record + 28] = struct.pack("<II", size, size)  # compressed and uncompressed sizes
-        paths.append(str(tmp_path / f"past_end_{len(paths)}.pth"))
-        open(paths[-1], "wb").write(bytes(data))
+        path = tmp_path / f"past_end_{len(paths)}.pth"
+        path.write_bytes(bytes(data))
+        paths.append(str(path))
     script = (
         "import sys, zipfile, denseclip_fast as dcf\n"
         "from denseclip_fast.checkpoints import io\n"
