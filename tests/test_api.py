@@ -87,6 +87,44 @@ def test_configs_take_keywords_only(config):
         cls("RN50")
 
 
+def test_numpy_values_inside_a_list_or_a_named_tuple_are_the_python_ones():
+    """A config field given as a list (as JSON gives it) or as a named tuple, holding numpy numbers, is stored with
+    the Python numbers they stand for, as a plain tuple is (plain_value: a list stays a list, any tuple becomes a
+    plain one)."""
+    import collections
+    import dataclasses
+    import json
+
+    import numpy as np
+
+    from denseclip_fast.validation import plain_value
+
+    Size = collections.namedtuple("Size", "long short")
+    for given in ([np.int64(3), np.float32(0.5), np.True_], Size(np.int64(2048), np.uint16(512))):
+        plain = plain_value(given)
+        assert type(plain) is (list if isinstance(given, list) else tuple)
+        assert [type(v) for v in plain] == [type(v.item()) for v in given] and list(plain) == [v.item() for v in given]
+    base = dcf.preset("RN50")
+    for scale in ([np.int64(2048), np.int32(512)], Size(np.int64(2048), np.uint16(512))):
+        given = base.replace(test_scale=scale)
+        assert given == base and all(type(v) is int for v in given.test_scale)
+    vision = dataclasses.replace(base.vision, layers=[np.int64(3), np.int64(4), np.int64(6), np.int64(3)])
+    assert vision == base.vision
+    assert json.dumps(base.replace(vision=vision).to_dict()) == json.dumps(base.to_dict())
+
+
+def test_a_numpy_number_is_no_bool():
+    """as_bool takes numpy's bools, not its numbers: np.int64(1), like 1, is refused naming the argument."""
+    import numpy as np
+
+    from denseclip_fast.validation import as_bool
+
+    for value in (np.int64(1), np.int8(0), np.uint8(1), np.float32(1.0), 1):
+        with pytest.raises(ValueError, match=r"^flag must be True or False, got "):
+            as_bool("flag", value)
+    assert as_bool("flag", np.True_) is True and as_bool("flag", np.bool_(False)) is False
+
+
 def test_numpy_values_in_a_configuration_are_the_python_ones_they_stand_for():
     """A size or rate computed with numpy was refused ("embed_dim must be an int >= 1, got np.int64(1024)"), or
     kept (an np.float64, which is a float; a numpy bool would have been refused): each is stored as the Python int,

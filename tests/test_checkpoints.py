@@ -1317,6 +1317,130 @@ def test_a_safetensors_files_tensors_are_read_in_its_order_behind_given_back_pag
         assert weights.tensors[key].dtype == value.dtype and torch.equal(weights.tensors[key], value), key
 
 
+def _raw_safetensors(path, header: dict, data: bytes, pad: bool = True) -> str:
+    """A safetensors file written by hand: ``header`` as JSON (padded with spaces to 8 bytes unless ``pad`` is
+    False), then ``data``."""
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8) if pad else b""
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+    return str(path)
+
+
+@pytest.mark.parametrize("name", sorted(checkpoint_io.SAFETENSORS_DTYPES))
+def test_every_safetensors_dtype_io_reads_comes_out_as_the_library_reads_it(tmp_path, name):
+    """Each dtype io maps to torch's, and so reads itself (not through the library), gives the dtype and the bytes
+    the safetensors library gives for the same entry. Bytes with their high bit set: a wrong entry of the same item
+    size (U16 as int16, BOOL as uint8, I32 as uint32, F64 as int64, the two float8s swapped) read other values
+    without a word, and the suite's files held F32, F16, BF16, I64 and U8 only."""
+    from safetensors import safe_open
+
+    itemsize = torch.empty(0, dtype=checkpoint_io.SAFETENSORS_DTYPES[name]).element_size()
+    if name == "BOOL":
+        data = bytes([1, 0, 0, 1, 1, 0])
+    else:
+        data = bytes(torch.randint(128, 256, (6 * itemsize,), generator=torch.Generator().manual_seed(1)).tolist())
+    entry = {"t": {"dtype": name, "shape": [2, 3], "data_offsets": [0, len(data)]}}
+    path = _raw_safetensors(tmp_path / "dtype.safetensors", entry, data)
+    with safe_open(path, "pt") as f:
+        expected = f.get_tensor("t")
+    weights = read_weight_file(path)
+    assert weights.owned  # read by io
+    got = weights.tensors["t"]
+    assert got.dtype == expected.dtype and got.shape == expected.shape == (2, 3)
+    assert torch.equal(got.reshape(-1).view(torch.uint8), expected.reshape(-1).view(torch.uint8))
+
+
+@pytest.mark.parametrize(
+    "entry, data",
+    [
+        ({"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, 4),  # ends past the data (a file cut since)
+        ({"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}, 8),  # starts inside, ends past
+        ({"dtype": "F32", "shape": [1], "data_offsets": [0, 8]}, 8),  # more bytes than its shape holds
+        ({"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}, 4),  # fewer
+        ({"dtype": "F32", "shape": [1], "data_offsets": [0, 4, 4]}, 4),  # three offsets
+        ({"dtype": "F32", "shape": [1], "data_offsets": [4, 0]}, 4),  # reversed
+        ({"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}, 4),  # a negative size
+        ({"dtype": "F32", "shape": [True], "data_offsets": [0, 4]}, 4),  # a bool for a size
+        ({"dtype": "F32", "shape": [1], "data_offsets": [0.0, 4]}, 4),  # a float offset
+        ({"dtype": "F32", "shape": 1, "data_offsets": [0, 4]}, 4),  # no list
+    ],
+)
+def test_a_header_entry_that_does_not_fit_its_data_is_refused_before_any_read(tmp_path, monkeypatch, entry, data):
+    """io checks the header's entries again before reading (the library checked the file it opened, which may have
+    changed since; a library that checks less): an entry outside the data, or of another size than its shape and
+    dtype, is a CheckpointError naming the tensor and the data's size, and nothing is copied. Through
+    read_weight_file the library refuses such a header first, so the reader is called directly."""
+    path = _raw_safetensors(tmp_path / "bad.safetensors", {"t": entry}, bytes(data))
+    copied = []
+    copy = checkpoint_io._FileCopies.copy
+    monkeypatch.setattr(checkpoint_io._FileCopies, "copy", lambda self, offset, into: copied.append(offset) or copy(
+        self, offset, into))  # fmt: skip
+    with pytest.raises(CheckpointError, match=rf"bad.safetensors: corrupt safetensors header: the entry of 't' .* "
+                                              rf"does not fit its {data} bytes of data"):  # fmt: skip
+        checkpoint_io._read_safetensors_data(path, ["t"], path)
+    assert copied == []
+
+
+def test_a_safetensors_header_is_read_whole_padded_or_not(tmp_path):
+    """The format pads its JSON header with spaces to 8 bytes, but a header of any length is a header: io reads all
+    of it, as the library does (an unpadded one whose JSON is a multiple of 8 long, and one of an odd length)."""
+    for extra in range(8):  # a name that makes the JSON a multiple of 8 bytes long
+        header = {"t" + "x" * extra: {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
+        if len(json.dumps(header, separators=(",", ":"))) % 8 == 0:
+            break
+    path = _raw_safetensors(tmp_path / "unpadded.safetensors", header, struct.pack("<2f", 1.5, -2.0), pad=False)
+    weights = read_weight_file(path)
+    assert weights.owned and torch.equal(next(iter(weights.tensors.values())), torch.tensor([1.5, -2.0]))
+    entry = {"t": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}
+    path = _raw_safetensors(tmp_path / "odd.safetensors", entry, struct.pack("<f", 3.0), pad=False)
+    assert torch.equal(read_weight_file(path).tensors["t"], torch.tensor([3.0]))
+
+
+def test_pages_are_given_back_once_drop_every_bytes_are_behind_and_the_mapping_is_closed(tmp_path, monkeypatch):
+    """With DROP_EVERY one page and tensors of one page each, each copy after the first gives back the page it
+    passed (the release comes when DROP_EVERY bytes are behind, not one copy later); the one mapping is closed once
+    the tensors are read."""
+    from safetensors.torch import save_file
+
+    page = mmap.PAGESIZE
+    tensors = {f"t{i}": torch.full((page,), i + 1, dtype=torch.uint8) for i in range(4)}
+    path = tmp_path / "pages.safetensors"
+    save_file(tensors, str(path))
+    given_back, mappings = [], []
+
+    class Recording(mmap.mmap):
+        def __init__(self, *args, **kwargs):
+            mappings.append(self)
+
+        def madvise(self, option, start, length):
+            given_back.append((start, length))
+            return super().madvise(option, start, length)
+
+    monkeypatch.setattr(checkpoint_io, "DROP_EVERY", page)
+    monkeypatch.setattr(mmap, "mmap", Recording)
+    weights = read_weight_file(path)
+    monkeypatch.undo()
+    assert len(given_back) == 4 and given_back[0][0] == 0
+    assert [size for _, size in given_back[1:]] == [page] * 3
+    assert len(mappings) == 1 and mappings[0].closed
+    assert all(torch.equal(weights.tensors[k], v) for k, v in tensors.items())
+
+
+def test_reading_a_native_file_raises_no_read_only_buffer_warning(tmp_path):
+    """The mapping is private and writable because torch.frombuffer warns (once a process) of a read-only buffer: a
+    fresh process reading a safetensors file through io sees no warning."""
+    from safetensors.torch import save_file
+
+    path = tmp_path / "w.safetensors"
+    save_file({"t": torch.arange(10.0)}, str(path))
+    code = ("import warnings, torch\nfrom denseclip_fast.checkpoints.io import read_weight_file\n"
+            "with warnings.catch_warnings(record=True) as w:\n    warnings.simplefilter('always')\n"
+            f"    assert read_weight_file({str(path)!r}).owned\n"
+            "print('warnings:', [str(x.message)[:80] for x in w])")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "warnings: []" in out, out
+
+
 def _damaged_tensor_file(tmp_path, official_file):
     """A copy of ``official_file`` with one byte of a tensor's data changed (its zip entry's CRC-32 now fails)."""
     data = bytearray(official_file.read_bytes())
