@@ -1426,6 +1426,35 @@ def test_pages_are_given_back_once_drop_every_bytes_are_behind_and_the_mapping_i
     assert all(torch.equal(weights.tensors[k], v) for k, v in tensors.items())
 
 
+def test_a_native_file_replaced_while_it_is_read_gives_one_files_metadata_and_tensors(tmp_path, monkeypatch):
+    """The library reads the metadata and io the tensors: a file renamed over the path between the two (a training
+    run replacing its checkpoint) gave the old file's metadata (class names, CRC-32s) with the new file's tensors,
+    refused as corrupt at best and with verify=False loaded as a mixture. Both now read one open file (Linux)."""
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("no /proc/self/fd: each reader opens the path")
+    first, second = DenseCLIP(tiny_config("resnet"), ["sky", "road"]), DenseCLIP(tiny_config("resnet"), ["sea", "sand"])
+    with torch.no_grad():
+        for p in second.parameters():
+            p.add_(1.0)
+    path, newer = tmp_path / "latest.safetensors", tmp_path / "newer.safetensors"
+    first.save(path)
+    second.save(newer)
+    read = checkpoint_io._read_safetensors_data
+
+    def replaced_meanwhile(opened, names, shown):
+        if newer.exists():
+            os.replace(newer, path)
+        return read(opened, names, shown)
+
+    monkeypatch.setattr(checkpoint_io, "_read_safetensors_data", replaced_meanwhile)
+    for verify in (True, False):
+        model = dcf.load_checkpoint(path, verify=verify)
+        expected = first if verify else second  # the second load reads the file now at the path
+        assert model.class_names == expected.class_names
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in expected.state_dict().items())
+    assert not newer.exists()
+
+
 def test_reading_a_native_file_raises_no_read_only_buffer_warning(tmp_path):
     """The mapping is private and writable because torch.frombuffer warns (once a process) of a read-only buffer: a
     fresh process reading a safetensors file through io sees no warning."""

@@ -627,17 +627,22 @@ def _where(key: Any) -> str:
 
 
 def _read_safetensors(path: str) -> WeightFile:
+    """The library reads the header and the metadata, io the tensors (:func:`_read_safetensors_data`), both through
+    one open file where the system names it (Linux's /proc/self/fd): a file replaced meanwhile (a training run
+    renaming a new checkpoint over it) cannot give the old file's metadata with the new file's tensors. Elsewhere
+    each opens the path."""
     from safetensors import safe_open
 
     with contextlib.ExitStack() as stack:
-        opened = path
-        try:
-            path.encode("utf-8")
-        except UnicodeEncodeError:  # a name of bytes that are not UTF-8: safetensors takes only UTF-8 paths
-            descriptor = stack.enter_context(open(path, "rb")).fileno()
-            opened = f"/proc/self/fd/{descriptor}"  # the open file, by a path safetensors can take (Linux)
-            if not os.path.exists(opened):
-                raise CheckpointError(path, "the safetensors library opens only UTF-8 file names; rename the file")
+        descriptor = stack.enter_context(open(path, "rb")).fileno()
+        opened = f"/proc/self/fd/{descriptor}"  # the open file, by a path safetensors can take (Linux)
+        if not os.path.exists(opened):
+            opened = path
+            try:
+                path.encode("utf-8")
+            except UnicodeEncodeError:  # a name of bytes that are not UTF-8: safetensors takes only UTF-8 paths
+                raise CheckpointError(path, "the safetensors library opens only UTF-8 file names; rename the "
+                                            "file") from None  # fmt: skip
         try:
             with safe_open(opened, framework="pt", device="cpu") as f:  # the header checked by the library first
                 metadata = dict(f.metadata() or {})
