@@ -59,7 +59,7 @@ def write_checkpoint(arch: str, fmt: str, folder: str) -> str:
 
 def zip_index(path: str, size: int) -> None:
     """read_weight_file's checks of a zip file's index: its entries read, no name twice, each stored."""
-    entries = io._zip_entries(path)
+    entries = io._zip_entries(path, path)
     if entries is None:
         raise RuntimeError(f"{path} is not a zip file")
     io._check_names_once(entries, path)
@@ -77,16 +77,16 @@ def legacy_pickles(path: str, size: int) -> None:
 def stage_calls(path: str, fmt: str) -> dict[str, Callable[[], Any]]:
     """The calls timed for one file: its format's stages, then the wholes."""
     size = os.path.getsize(path)
-    loaded = io._torch_load(path, size)  # the views check's input, loaded once
+    loaded = io._torch_load(path, path, size)  # the views check's input, loaded once
     calls: dict[str, Callable[[], Any]] = {}
     if fmt == "zip":
-        entries = io._zip_entries(path) or []
+        entries = io._zip_entries(path, path) or []
         calls["zip index"] = lambda: zip_index(path, size)
-        calls["CRC-32"] = lambda: io._check_crcs(path, entries)
-        calls["pickle check"] = lambda: io._check_zip_pickles(path, entries)
+        calls["CRC-32"] = lambda: io._check_crcs(path, path, entries)
+        calls["pickle check"] = lambda: io._check_zip_pickles(path, path, entries)
     else:
         calls["pickle check"] = lambda: legacy_pickles(path, size)
-    calls["torch.load"] = lambda: io._torch_load(path, size)
+    calls["torch.load"] = lambda: io._torch_load(path, path, size)
     calls["views check"] = lambda: io._checked_views(loaded, path)
     calls["read_weight_file"] = lambda: io.read_weight_file(path)
     calls["load_checkpoint"] = lambda: dcf.load_checkpoint(path)

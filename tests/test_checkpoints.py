@@ -1455,6 +1455,87 @@ def test_a_native_file_replaced_while_it_is_read_gives_one_files_metadata_and_te
     assert not newer.exists()
 
 
+def _torch_file(path, fmt: str, value: float) -> None:
+    """A weight file of ``fmt`` ('zip', 'legacy': torch.save's formats; 'torchscript': a torch.jit.save archive)
+    whose tensors all hold ``value``."""
+    module = _TiedModule()
+    with torch.no_grad():
+        for t in module.state_dict().values():
+            t.fill_(value)
+    if fmt == "torchscript":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.jit.script(module).save(str(path))
+    else:
+        torch.save({"state_dict": module.state_dict()}, path, _use_new_zipfile_serialization=fmt == "zip")
+
+
+@pytest.mark.parametrize("fmt", ["zip", "legacy", "torchscript"])
+def test_a_torch_file_replaced_while_it_is_read_is_read_whole_from_the_first(tmp_path, monkeypatch, fmt):
+    """A .pth/.pt file's readers (zipfile's directory, the CRC-32 thread, the pickle check, torch.load, the
+    TorchScript reader) each opened the path: a file renamed over it after the first had read (a training run
+    replacing its checkpoint) was checked on one file and loaded from the other, refused as corrupt (its directory's
+    offsets) or loaded unchecked. Now every reader reads the one file opened first (Linux's /proc/self/fd)."""
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("no /proc/self/fd: each reader opens the path")
+    path, newer = tmp_path / "latest.pth", tmp_path / "newer.pth"
+    _torch_file(path, fmt, 1.0)
+    _torch_file(newer, fmt, 2.0)
+    with open(newer, "rb") as f:  # a different file, not the same bytes
+        assert f.read() != path.read_bytes()
+
+    def replace_after(function):
+        def replaced(*args):
+            result = function(*args)
+            if newer.exists():
+                os.replace(newer, path)
+            return result
+
+        return replaced
+
+    # the first reads: the zip directory (zip, TorchScript); the legacy file's first pickle check
+    monkeypatch.setattr(checkpoint_io, "_zip_entries", replace_after(checkpoint_io._zip_entries))
+    monkeypatch.setattr(checkpoint_io, "check_pickle", replace_after(checkpoint_io.check_pickle))
+    read = read_weight_file(path)
+    assert not newer.exists(), "the file was not replaced while it was read"
+    tensors = read.tensors if fmt == "torchscript" else read.obj["state_dict"]
+    assert tensors.keys() >= {"linear.weight", "norm.running_mean"}
+    assert all(torch.all(t == 1.0) for t in tensors.values() if t.is_floating_point()), "not the first file's"
+    again = read_weight_file(path)  # the file now at the path: the second one
+    tensors = again.tensors if fmt == "torchscript" else again.obj["state_dict"]
+    assert all(torch.all(t == 2.0) for t in tensors.values() if t.is_floating_point())
+
+
+def test_a_path_that_stops_being_a_regular_file_before_it_is_opened_is_refused(tmp_path, monkeypatch):
+    """read_weight_file looks at the path, then opens it once for every reader: what is there by then is what counts.
+    A FIFO put there meanwhile is refused as not a file (it was called empty: its size, 0, was asked of the path),
+    and not waited on (a plain open() of a FIFO blocks until a writer comes); a file removed meanwhile is not
+    found."""
+    fifo, gone = tmp_path / "pipe.pth", tmp_path / "gone.pth"
+    os.mkfifo(fifo)
+    monkeypatch.setattr(checkpoint_io.os.path, "isfile", lambda p: True)  # as if a regular file had been there
+    outcome: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            read_weight_file(fifo)
+        except BaseException as exc:  # noqa: BLE001 (handed to the test's thread)
+            outcome.append(exc)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(timeout=30)
+    if reader.is_alive():
+        with open(fifo, "wb"):  # let the reader go
+            pass
+        pytest.fail("read_weight_file waited on a FIFO for a writer")
+    assert len(outcome) == 1 and isinstance(outcome[0], CheckpointError), outcome
+    assert str(outcome[0]) == f"{fifo}: not a file"
+    monkeypatch.setattr(checkpoint_io.os.path, "exists", lambda p: True)
+    with pytest.raises(CheckpointNotFoundError, match=re.escape(f"{gone}: no such file")):
+        read_weight_file(gone)
+
+
 def test_reading_a_native_file_raises_no_read_only_buffer_warning(tmp_path):
     """The mapping is private and writable because torch.frombuffer warns (once a process) of a read-only buffer: a
     fresh process reading a safetensors file through io sees no warning."""
@@ -1495,16 +1576,16 @@ def test_the_archives_crcs_are_checked_while_torch_load_reads_it(tmp_path, offic
     loaded = threading.Event()
     threads = []
 
-    def load_then_tell(path, size):
-        result = real_load(path, size)
+    def load_then_tell(opened, path, size):
+        result = real_load(opened, path, size)
         loaded.set()
         return result
 
-    def crcs_after_load(path, entries):
+    def crcs_after_load(opened, path, entries):
         threads.append(threading.current_thread())
         if not loaded.wait(30):
             raise AssertionError("the CRC-32s were checked before torch.load ran, not beside it")
-        real_crcs(path, entries)
+        real_crcs(opened, path, entries)
 
     monkeypatch.setattr(checkpoint_io, "_torch_load", load_then_tell)
     monkeypatch.setattr(checkpoint_io, "_check_crcs", crcs_after_load)

@@ -248,32 +248,56 @@ def read_weight_file(path: str | os.PathLike[str]) -> WeightFile:
         raise CheckpointNotFoundError(path)
     if not os.path.isfile(path):
         raise CheckpointError(path, _a_directory(path) if os.path.isdir(path) else "not a file")
-    size = os.path.getsize(path)
-    if size == 0:
-        raise CheckpointError(path, "the file is empty")
-    with open(path, "rb") as f:
-        head = f.read(32)
+    with _opened(path) as (opened, size, head):
+        return _read_opened(opened, path, size, head)
+
+
+@contextlib.contextmanager
+def _opened(path: str) -> Iterator[tuple[str, int, bytes]]:
+    """The file at ``path`` opened once for all the checkpoint's readers: a path that names this open file (Linux's
+    /proc/self/fd/N; elsewhere ``path`` itself), its size and its first 32 bytes, the file open until the block
+    ends. Each reader opening the path itself (zipfile's directory, the CRC-32 thread, the pickle check, torch.load,
+    the safetensors library) could read another file where one was renamed over ``path`` meanwhile (a training run
+    replacing its checkpoint): the checks passed on one file and the other was loaded. Opened without blocking (a
+    FIFO put at ``path`` meanwhile is refused, not waited on)."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    except FileNotFoundError:  # removed since read_weight_file looked
+        raise CheckpointNotFoundError(path) from None
+    with open(descriptor, "rb") as f:  # closes the descriptor
+        info = os.fstat(descriptor)
+        if not stat.S_ISREG(info.st_mode):  # replaced since read_weight_file looked
+            raise CheckpointError(path, "not a file")
+        if info.st_size == 0:
+            raise CheckpointError(path, "the file is empty")
+        opened = f"/proc/self/fd/{descriptor}"
+        yield (opened if os.path.exists(opened) else path), info.st_size, f.read(32)
+
+
+def _read_opened(opened: str, path: str, size: int, head: bytes) -> WeightFile:
+    """read_weight_file's reading of the file open as ``opened`` (:func:`_opened`), of ``size`` bytes beginning with
+    ``head``, by its format; ``path`` (the caller's) names it in messages."""
     if head[:4] == b"PK\x03\x04":
-        entries = _zip_entries(path)
+        entries = _zip_entries(opened, path)
         _check_names_once(entries or [], path)
         if entries is not None and any("/data/aotinductor/" in f"/{e.filename}" for e in entries):
             raise CheckpointError(path, "this is an AOTInductor package (export --format aoti, to_aoti), not a "
                                         "checkpoint: run it with denseclip_fast.export.load_aoti or the C++ runner, or "
                                         "give the checkpoint it was exported from")  # fmt: skip
         if entries is not None and _is_torchscript(entries):
-            return WeightFile("torchscript", tensors=_read_torchscript(path, size))
+            return WeightFile("torchscript", tensors=_read_torchscript(opened, path, size))
         for entry in entries or ():  # torch.save writes every entry stored; torch.load would inflate any other
             _check_stored(entry, path, size)
         if entries is None:  # not readable as a zip file: torch.load names the damage
-            return WeightFile("torch", obj=_checked_views(_torch_load(path, size), path), owned=True)
-        return WeightFile("torch", obj=_checked_views(_load_zip(path, entries, size), path), owned=True)
+            return WeightFile("torch", obj=_checked_views(_torch_load(opened, path, size), path), owned=True)
+        return WeightFile("torch", obj=_checked_views(_load_zip(opened, path, entries, size), path), owned=True)
     # safetensors: an 8-byte little-endian header length, then the JSON header. Tested before the pickle marker: the
     # length's first byte is 0x80 for one header length in 32 (they are multiples of 8), and torch.save's legacy
     # files, which begin with 0x80, never have "{" at byte 8 (their magic number's bytes are there)
     if len(head) >= 9 and head[8:9] == b"{":
         header = struct.unpack("<Q", head[:8])[0]
         if 8 + header <= size:
-            return _read_safetensors(path)
+            return _read_safetensors(opened, path)
         if header <= SAFETENSORS_MAX_HEADER:
             raise CheckpointError(path, f"truncated or corrupt safetensors file: its header should be {header} bytes "
                                         f"but the file has {size} bytes in all")  # fmt: skip
@@ -283,10 +307,10 @@ def read_weight_file(path: str | os.PathLike[str]) -> WeightFile:
                                         "not write; it is not unpickled (that could run code): re-save its tensors "
                                         "with torch.save or safetensors in a trusted environment",
                                   ) from None  # fmt: skip
-        with open(path, "rb") as f:
+        with open(opened, "rb") as f:
             for _ in range(LEGACY_PICKLES):
                 _check_pickle(path, lambda: check_pickle(f, size - f.tell()))
-        return WeightFile("torch", obj=_checked_views(_torch_load(path, size), path), owned=True)
+        return WeightFile("torch", obj=_checked_views(_torch_load(opened, path, size), path), owned=True)
     if head[:1] == b"\x08" and head[2:3] == b"\x12" or path.lower().endswith(".onnx"):  # ModelProto's ir_version,
         # then its producer_name: what every ONNX exporter writes first
         raise CheckpointError(
@@ -333,12 +357,13 @@ LEGACY_PICKLES = 5
 _TORCH_LOAD_LOCK = threading.Lock()
 
 
-def _torch_load(path: str, size: int) -> Any:
+def _torch_load(opened: str, path: str, size: int) -> Any:
+    """torch.load(weights_only=True) of the file ``opened`` names, its failures a CheckpointError naming ``path``."""
     try:
         with _TORCH_LOAD_LOCK, torch.serialization.safe_globals(_numpy_safe_globals()), warnings.catch_warnings():
             # its advice to file an issue for a pickle protocol past 2; what fails is said below
             warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(opened, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         found = re.search(r"GLOBAL ([\w.]+)", str(exc))
         if not found and f"Unsupported operand {FRAME}" in str(exc):
@@ -397,10 +422,11 @@ def _out_of_memory(exc: BaseException, path: str, size: int) -> Exception | None
     return MemoryError(f"{path}: not enough memory to read it ({excerpt(exc) or type(exc).__name__})")
 
 
-def _zip_entries(path: str) -> list[zipfile.ZipInfo] | None:
-    """The entries of a zip file, or None when it cannot be opened as one (torch.load then reports the damage)."""
+def _zip_entries(opened: str, path: str) -> list[zipfile.ZipInfo] | None:
+    """The entries of the zip file ``opened`` names, or None when it cannot be opened as one (torch.load then reports
+    the damage); ``path`` names it in messages."""
     try:
-        with zipfile.ZipFile(path) as z:
+        with zipfile.ZipFile(opened) as z:
             return z.infolist()
     except (zipfile.BadZipFile, OSError):
         return None
@@ -435,7 +461,7 @@ def _check_pickle(path: str, check: Callable[[], None]) -> None:
         raise CheckpointError(path, f"{kind}: its pickle {exc}") from None
 
 
-def _load_zip(path: str, entries: list[zipfile.ZipInfo], size: int) -> Any:
+def _load_zip(opened: str, path: str, entries: list[zipfile.ZipInfo], size: int) -> Any:
     """torch.load of a torch zip file once its pickles passed :func:`_check_zip_pickles`, with every entry's CRC-32
     checked (:func:`_check_crcs`) in a thread of its own meanwhile: the CRC and the file reads release the GIL,
     so the check (a pass over the whole file, more than torch.load's time for RN50) runs beside the pickle check
@@ -444,15 +470,15 @@ def _load_zip(path: str, entries: list[zipfile.ZipInfo], size: int) -> Any:
     best). Where no thread can start (at interpreter shutdown) the check runs first, alone."""
     try:
         pool = ThreadPoolExecutor(1, thread_name_prefix="denseclip_fast-zip-crc32")
-        crcs = pool.submit(_check_crcs, path, entries)
+        crcs = pool.submit(_check_crcs, opened, path, entries)
     except RuntimeError:  # "cannot schedule new futures after interpreter shutdown"
-        _check_crcs(path, entries)
-        _check_zip_pickles(path, entries)
-        return _torch_load(path, size)
+        _check_crcs(opened, path, entries)
+        _check_zip_pickles(opened, path, entries)
+        return _torch_load(opened, path, size)
     with pool:
         try:
-            _check_zip_pickles(path, entries)
-            loaded = _torch_load(path, size)
+            _check_zip_pickles(opened, path, entries)
+            loaded = _torch_load(opened, path, size)
         except Exception:
             damage = crcs.exception()
             if isinstance(damage, CheckpointError):
@@ -462,12 +488,12 @@ def _load_zip(path: str, entries: list[zipfile.ZipInfo], size: int) -> Any:
     return loaded
 
 
-def _check_zip_pickles(path: str, entries: list[zipfile.ZipInfo]) -> None:
+def _check_zip_pickles(opened: str, path: str, entries: list[zipfile.ZipInfo]) -> None:
     """:func:`_check_pickle` on every ``data.pkl`` of a torch zip file (the archive's object; torch.load reads the
     one under its top folder), read as stored (:func:`_stored_bytes`; their CRC-32s are :func:`_check_crcs`'s)."""
     pickled = [e for e in entries if e.filename.endswith("/data.pkl") and e.filename.count("/") == 1]
     try:
-        with open(path, "rb", buffering=0) as f:
+        with open(opened, "rb", buffering=0) as f:
             pickles = [_stored_bytes(f, entry) for entry in pickled]
     except (OSError, zipfile.BadZipFile, EOFError, UnicodeDecodeError) as exc:  # never handed to torch unread
         raise CheckpointError(path, f"truncated or corrupt: its zip archive could not be read ({type(exc).__name__}: "
@@ -498,7 +524,7 @@ ZIP_CHUNK = 1 << 20  # bytes of an entry :func:`_check_crcs` reads at a time (th
 _LOCAL_HEADER = struct.Struct("<4s2xH18xHH")  # a zip local header's signature, flags, name and extra lengths
 
 
-def _check_crcs(path: str, entries: list[zipfile.ZipInfo]) -> None:
+def _check_crcs(opened: str, path: str, entries: list[zipfile.ZipInfo]) -> None:
     """CheckpointError naming the first entry of a torch zip file whose bytes fail the CRC-32 the archive stores for
     it, or whose local header is not the one the archive's directory describes: torch.load does not check them, so
     damage inside a tensor's data (a failing disk, a copy that went wrong) loaded as wrong weights. One read of the
@@ -508,7 +534,7 @@ def _check_crcs(path: str, entries: list[zipfile.ZipInfo]) -> None:
     if all(entry.CRC == 0 for entry in entries):
         return
     try:
-        failing = _first_failing_entry(path, entries)
+        failing = _first_failing_entry(opened, entries)
     except (OSError, EOFError):  # torch.load reports the damage
         return
     except UnicodeDecodeError:  # a local header's name flagged UTF-8 that is not
@@ -520,14 +546,14 @@ def _check_crcs(path: str, entries: list[zipfile.ZipInfo]) -> None:
                                     "written); copy or download it again")  # fmt: skip
 
 
-def _first_failing_entry(path: str, entries: list[zipfile.ZipInfo]) -> tuple[str, str] | None:
-    """The first of ``entries`` (stored and not encrypted, as _check_stored made sure) that fails zipfile's testzip,
-    and what fails: its local header (:func:`_data_offset`) or its CRC-32; None where all pass. Read here ZIP_CHUNK
-    bytes at a time into one buffer, the CRC taken by :func:`crc.crc32` (testzip's zlib CRC took 149 ms of RN50's
-    235 ms read_weight_file, beside torch.load, on the CI's 2 threads: benchmarks/results/
-    checkpoint_read_cpu_2threads.md). An entry cut short raises EOFError."""
+def _first_failing_entry(opened: str, entries: list[zipfile.ZipInfo]) -> tuple[str, str] | None:
+    """The first of ``entries`` (stored and not encrypted, as _check_stored made sure) of the zip file ``opened``
+    names that fails zipfile's testzip, and what fails: its local header (:func:`_data_offset`) or its CRC-32; None
+    where all pass. Read here ZIP_CHUNK bytes at a time into one buffer, the CRC taken by :func:`crc.crc32`
+    (testzip's zlib CRC took 149 ms of RN50's 235 ms read_weight_file, beside torch.load, on the CI's 2 threads:
+    benchmarks/results/checkpoint_read_cpu_2threads.md). An entry cut short raises EOFError."""
     buffer = memoryview(bytearray(ZIP_CHUNK))
-    with open(path, "rb", buffering=0) as f:
+    with open(opened, "rb", buffering=0) as f:
         for entry in entries:
             try:
                 f.seek(_data_offset(f, entry))
@@ -626,33 +652,28 @@ def _where(key: Any) -> str:
     return f"the tensor under {excerpt(short_repr(key), 80)}" if key is not None else "a tensor"
 
 
-def _read_safetensors(path: str) -> WeightFile:
-    """The library reads the header and the metadata, io the tensors (:func:`_read_safetensors_data`), both through
-    one open file where the system names it (Linux's /proc/self/fd): a file replaced meanwhile (a training run
-    renaming a new checkpoint over it) cannot give the old file's metadata with the new file's tensors. Elsewhere
-    each opens the path."""
+def _read_safetensors(opened: str, path: str) -> WeightFile:
+    """The library reads the header and the metadata, io the tensors (:func:`_read_safetensors_data`), both from
+    the file ``opened`` names (:func:`_opened`: on Linux the one open file, so that a file replaced meanwhile cannot
+    give the old file's metadata with the new file's tensors); ``path`` names it in messages."""
     from safetensors import safe_open
 
-    with contextlib.ExitStack() as stack:
-        descriptor = stack.enter_context(open(path, "rb")).fileno()
-        opened = f"/proc/self/fd/{descriptor}"  # the open file, by a path safetensors can take (Linux)
-        if not os.path.exists(opened):
-            opened = path
-            try:
-                path.encode("utf-8")
-            except UnicodeEncodeError:  # a name of bytes that are not UTF-8: safetensors takes only UTF-8 paths
-                raise CheckpointError(path, "the safetensors library opens only UTF-8 file names; rename the "
-                                            "file") from None  # fmt: skip
+    if opened == path:  # no /proc/self/fd: the library opens the path itself
         try:
-            with safe_open(opened, framework="pt", device="cpu") as f:  # the header checked by the library first
-                metadata = dict(f.metadata() or {})
-                names = list(f.keys())
-                read = _read_safetensors_data(opened, names, path)
-                tensors = read if read is not None else {name: f.get_tensor(name) for name in names}
-        except CheckpointError:
-            raise
-        except Exception as exc:  # safetensors raises its own SafetensorError / OSError variants
-            raise CheckpointError(path, f"corrupt or truncated safetensors file ({exc})") from None
+            path.encode("utf-8")
+        except UnicodeEncodeError:  # a name of bytes that are not UTF-8: safetensors takes only UTF-8 paths
+            raise CheckpointError(path, "the safetensors library opens only UTF-8 file names; rename the "
+                                        "file") from None  # fmt: skip
+    try:
+        with safe_open(opened, framework="pt", device="cpu") as f:  # the header checked by the library first
+            metadata = dict(f.metadata() or {})
+            names = list(f.keys())
+            read = _read_safetensors_data(opened, names, path)
+            tensors = read if read is not None else {name: f.get_tensor(name) for name in names}
+    except CheckpointError:
+        raise
+    except Exception as exc:  # safetensors raises its own SafetensorError / OSError variants
+        raise CheckpointError(path, f"corrupt or truncated safetensors file ({exc})") from None
     return WeightFile("safetensors", tensors=tensors, metadata=metadata, owned=read is not None)
 
 
@@ -959,9 +980,11 @@ def _flatten(root: Any, path: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def _read_torchscript(path: str, size: int) -> dict[str, torch.Tensor]:
+def _read_torchscript(opened: str, path: str, size: int) -> dict[str, torch.Tensor]:
+    """The tensors of the TorchScript archive ``opened`` names (:class:`_TorchScriptUnpickler`), by dotted name;
+    ``path`` names it in messages."""
     try:
-        with zipfile.ZipFile(path) as archive:
+        with zipfile.ZipFile(opened) as archive:
             data_pkl = [n for n in archive.namelist() if n.endswith("data.pkl") and n.count("/") == 1]
             if not data_pkl:
                 raise CheckpointError(path, "TorchScript archive without data.pkl")
