@@ -2168,8 +2168,7 @@ def test_compressed_zip_entries_are_refused(tmp_path, entry):
 def test_zip_entry_declaring_more_bytes_than_the_file_has(tmp_path):
     path = _ts_archive(tmp_path / "sizes.pt", b"}" + _str("w") + _ts_tensor("0", (4,), (1,)) + b"s", {"0": bytes(16)})
     data = bytearray(path.read_bytes())
-    records = [m.start() for m in re.finditer(b"PK\x01\x02", bytes(data))]  # the central directory's
-    record = next(r for r in records if data[r + 46 : r + 60] == b"archive/data/0")
+    record = _central_record(data, "archive/data/0")
     data[record + 24 : record + 28] = struct.pack("<I", 2**31)  # its uncompressed size
     path.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match=rf"truncated or corrupt: its zip entry 'archive/data/0' declares "
