@@ -1600,3 +1600,178 @@ def test_a_callers_autocast_does_not_reach_the_engine(model):
     expected = seg.logits(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(seg.logits(x), expected)
+
+
+def test_graph_cache_forgets_the_least_recently_seen_shapes_first():
+    """The sightings of shapes not captured yet are kept least recently seen first (4 x max_graphs of them): a
+    shape seen again moves to the end, and a new shape seen while they are full is kept (the oldest goes), so that
+    it is captured when it comes back. Mutants: ``sightings.get`` for ``pop`` (a shape seen again kept its old
+    place and was forgotten first), ``popitem(last=True)`` (the new shape was forgotten at once)."""
+    capture = FakeCapture()
+    cache = GraphCache(lambda x: x * 2, enabled=True, capture=capture, max_graphs=1, capture_after=3)  # 4 kept
+    a = torch.ones(1, 3)
+    cache(a)
+    for n in (2, 3, 4):
+        cache(torch.ones(n, 3))
+    cache(a)  # a seen twice: now the most recent
+    cache(torch.ones(5, 3))  # full: the shape of 2 rows goes, not a
+    assert [key[0][0] for key in cache.sightings] == [3, 4, 1, 5]
+    assert torch.equal(cache(a), a * 2) and capture.captured == [(1, 3)]  # a's third call: captured
+    capture = FakeCapture()
+    cache = GraphCache(lambda x: x * 2, enabled=True, capture=capture, max_graphs=1, capture_after=2)
+    for n in range(1, 6):  # ever-new shapes: the fifth is kept, the first forgotten
+        cache(torch.ones(n, 3))
+    cache(torch.ones(5, 3))
+    assert capture.captured == [(5, 3)]
+
+
+def test_a_capture_failing_with_any_runtime_error_runs_that_shape_eagerly():
+    """Not only out of memory: any RuntimeError of the capture (an operation a graph cannot hold) is said once in an
+    EngineFallbackWarning and that shape runs eagerly. Mutant: ``except torch.OutOfMemoryError``."""
+    attempts = []
+
+    def failing(fn, example, pool):
+        attempts.append(tuple(example.shape))
+        raise RuntimeError("operation not permitted when stream is capturing\nmore text")
+
+    cache = GraphCache(lambda x: x * 2, enabled=True, capture=failing, capture_after=1)
+    x = torch.ones(2, 3)
+    with pytest.warns(dcf.EngineFallbackWarning, match=r"RuntimeError: operation not permitted when stream is "
+                                                       r"capturing$"):  # fmt: skip
+        assert torch.equal(cache(x), x * 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(cache(x), x * 2)
+    assert attempts == [(2, 3)] and cache.captures == 0
+
+
+def test_graph_cache_remembers_the_latest_failed_captures():
+    """The shapes whose capture failed are remembered, 4 x max_graphs of them, the oldest forgotten first: none of
+    them is tried (and warned of) again. Mutants: a bound of max_graphs, ``failed.popitem(last=True)``."""
+    attempts = []
+
+    def failing(fn, example, pool):
+        attempts.append(example.shape[0])
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    cache = GraphCache(lambda x: x * 2, enabled=True, capture=failing, max_graphs=1, capture_after=1)
+    with pytest.warns(dcf.EngineFallbackWarning):
+        for n in range(1, 6):
+            cache(torch.ones(n, 3))
+    assert attempts == [1, 2, 3, 4, 5] and [key[0][0] for key in cache.failed] == [2, 3, 4, 5]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the four latest: eager, not tried again
+        for n in (2, 3, 4, 5):
+            assert torch.equal(cache(torch.ones(n, 3)), torch.ones(n, 3) * 2)
+    assert attempts == [1, 2, 3, 4, 5]
+
+
+def test_graph_cache_clear_drops_the_graphs_and_the_sightings():
+    """clear() (after changing what the captured function reads other than in place) drops every graph and every
+    count of sightings: a captured shape is captured anew, a shape seen once before counts from nothing. Mutants:
+    ``graphs.clear()`` or ``sightings.clear()`` left out."""
+    capture = FakeCapture()
+    cache = GraphCache(lambda x: x * 2, enabled=True, capture=capture, capture_after=2)
+    a, b = torch.ones(1, 3), torch.ones(2, 3)
+    cache(a), cache(a), cache(b)  # a captured, b seen once
+    cache.clear()
+    assert not cache.graphs and not cache.sightings and not cache.failed
+    cache(b)
+    cache(a)
+    assert capture.captured == [(1, 3)]  # both eager: counted from nothing
+    cache(a)
+    assert capture.captured == [(1, 3), (1, 3)] and cache.captures == 2
+
+
+def test_open_vocab_keeps_max_vocabularies_embedded(model):
+    """open_vocab keeps the embeddings of MAX_VOCABULARIES vocabularies: used again in turn, none is embedded twice.
+    Mutant: ``>=`` for ``>`` in the eviction loop (one fewer kept; test_predict_overlay_and_open_vocab's
+    alternation of two vocabularies does not see it)."""
+    seg = _engine(model)
+    embedded = []
+    embed = seg._embed
+    seg._embed = lambda names, **kwargs: embedded.append(names) or embed(names, **kwargs)  # type: ignore[method-assign]
+    x = torch.randn(1, 3, 32, 32)
+    vocabularies = [[f"thing {i}"] for i in range(MAX_VOCABULARIES)]
+    for names in vocabularies * 2:
+        seg.open_vocab(x, names)
+    assert embedded == [tuple(names) for names in vocabularies]
+
+
+def test_a_float_batch_within_0_to_1_holding_0_is_warned_of():
+    """Pixels scaled to 0..1 hold 0 wherever a photo is black in a channel (and 1 where it is saturated): such a
+    batch is taken for one (0 <= min < max <= 1); a constant one is not. Mutant: ``0 < low`` (torch.rand's batches
+    in test_a_float_batch_within_0_to_1_is_warned_of never hold 0 exactly)."""
+    from denseclip_fast.engine.segmenter import FiniteVerdict
+
+    for low, high, unit in [(0.0, 1.0, True), (0.0, 0.5, True), (0.25, 1.0, True), (0.0, 0.0, False),
+                            (1.0, 1.0, False), (-0.01, 1.0, False), (0.0, 1.01, False)]:  # fmt: skip
+        assert FiniteVerdict(torch.tensor([low, high]), None).unit_range() == unit, (low, high)
+
+
+def test_resized_through_keeps_the_resizes_after_one_that_changes_nothing():
+    """resized_through skips a resize of finite scores to their own size, never the resizes after it: scores past
+    cpu_labels.TAME (finite, so that the resize to their own size is skippable, but the fused kernel's chain keeps
+    every size for them), large enough for the kernel (height + width past MIN_SIDES), resized to their own size and
+    then to another. Mutant: ``len(fused) >= 1`` for ``== 1`` (returned the scores at their own size)."""
+    from denseclip_fast.engine import cpu_labels, segmenter
+
+    scores = torch.randn(1, 3, 120, 150, generator=torch.Generator().manual_seed(6))
+    scores[0, 1, 40, 50] = 2e38  # finite, past TAME
+    assert 120 + 150 > cpu_labels.MIN_SIDES and 2e38 > cpu_labels.TAME
+    expected = scores
+    for size in ((120, 150), (200, 300)):
+        expected = F.interpolate(expected, size=size, mode="bilinear", align_corners=False)
+    got = segmenter.resized_through(scores, (120, 150), (200, 300))
+    assert got.shape == (1, 3, 200, 300) and torch.equal(got, expected)
+
+
+def test_overlay_refuses_a_label_one_past_the_last_class(model):
+    """A label equal to the class count is past the palette: the segmenter's own message names the classes and
+    the names overlay takes. Mutant: ``top > len(palette)`` (colorize's bare 'exceeds the palette' instead)."""
+    seg = _engine(model)
+    image = np.zeros((4, 6, 3), np.uint8)
+    labels = np.full((4, 6), model.num_classes, np.int64)
+    with pytest.raises(ValueError, match=rf"labels go up to {model.num_classes}, past this segmenter's "
+                                         rf"{model.num_classes} classes"):  # fmt: skip
+        seg.overlay(image, labels)
+    assert seg.overlay(image, labels - 1).shape == (4, 6, 3)
+
+
+def test_a_model_with_a_parameter_on_the_meta_device_is_refused(model):
+    """One weight without values (a partial load onto a meta-built model) is refused as a wholly meta one is.
+    Mutant: only the buffers looked at."""
+    import copy
+
+    partial = copy.deepcopy(model)
+    conv = partial.decode_head.conv_seg
+    conv.weight = torch.nn.Parameter(torch.empty_like(conv.weight, device="meta"))
+    with pytest.raises(ValueError, match=r"model's weights are on the meta device"):
+        dcf.Segmenter(partial, device="cpu", dtype=torch.float32)
+
+
+def test_a_bf16_engine_without_the_finite_check_keeps_nan(model):
+    """check_finite=False: a bfloat16 CPU engine's ReLUs stay passes of their own, which keep NaN as the model does
+    (oneDNN's fused ReLU turns NaN into 0: finite, meaningless logits). Mutant: fuse_convolutions(relu=True)
+    whatever check_finite (test_the_finite_check_can_be_turned_off runs a float32 engine, which fuses nothing)."""
+    nan = torch.full((1, 3, 64, 64), float("nan"))
+    seg = dcf.Segmenter(model, device="cpu", dtype=torch.bfloat16, check_finite=False)
+    assert torch.isnan(seg.logits(nan)).all()
+
+
+def test_a_verdict_handed_on_by_the_batch_check_is_acted_on_by_every_call(model, monkeypatch):
+    """On a GPU, _batch hands the finite check's verdict on (FiniteVerdict.sent) and each public method reads it
+    once the forward is queued (tests/test_gpu.py checks that on a GPU only). On a CPU: an engine whose _batch hands
+    a verdict on, as a GPU engine's does, raises from every public method. Mutant: _trained_head's
+    ``self._finite_or_raise(finite)`` left out (CPU batches are refused inside _batch, so no CPU test saw it)."""
+    from denseclip_fast.engine.segmenter import FiniteVerdict
+
+    seg = _engine(model, check_finite=False)  # _batch itself refuses nothing
+    batch_of = seg._batch
+    monkeypatch.setattr(seg, "_batch", lambda images: (batch_of(images)[0],
+                                                       FiniteVerdict(FiniteVerdict.scanned(images), None)))  # fmt: skip
+    bad = torch.randn(1, 3, 64, 64)
+    bad[0, 0, 5, 5] = float("nan")
+    for call in (seg.logits, seg.predict, lambda x: seg.open_vocab(x, ["cat"]), lambda x: seg.predict(x, ["cat", "a"])):
+        with pytest.raises(ValueError, match="images contain NaN or infinite values"):
+            call(bad)
