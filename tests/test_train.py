@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +56,12 @@ from denseclip_fast.train.optim import (
     set_learning_rates,
     short_run_warning,
 )
-from denseclip_fast.train.state import load_optimizer_state
+from denseclip_fast.train.state import (
+    architecture_difference,
+    check_class_names,
+    iteration_of,
+    load_optimizer_state,
+)
 from denseclip_fast.train.step import (
     TrainStep,
     batchnorm_images,
@@ -64,7 +70,7 @@ from denseclip_fast.train.step import (
     memory_format,
     prepare_model,
 )
-from denseclip_fast.train.workdir import work_dir_lock
+from denseclip_fast.train.workdir import _close_copy, work_dir_lock
 
 from .conftest import (
     LEARNING_PARTS,
@@ -3226,3 +3232,141 @@ def test_pruning_leaves_the_users_own_iter_files_alone(arch_file, generic, tmp_p
     train(_config(arch_file, generic, work, checkpoint_interval=1, max_checkpoints=2, iters=4), resume="auto")
     names = sorted(n for n in os.listdir(work) if n.startswith("iter_") and n.endswith(".safetensors"))
     assert names == ["iter_2_best.safetensors", "iter_3.safetensors", "iter_4.safetensors"]
+
+
+def test_the_work_dir_lock_file_holds_this_runs_pid_only_while_it_runs(tmp_path):
+    """The lock file holds the PID alone while the run holds it (a longer stale content is cut, not overwritten in
+    part), and nothing once it ends; a holder that has not written its PID yet is not named by one. Mutants: the
+    ftruncate before the PID or at the end left out, ' (PID ...)' added whatever the file holds."""
+    import fcntl
+
+    lock = tmp_path / ".lock"
+    lock.write_text("12345678901234567890\n")  # what a crashed writer might leave
+    with work_dir_lock(str(tmp_path)) as worker_init:
+        assert worker_init is not None and lock.read_text() == f"{os.getpid()}\n"
+    assert lock.read_text() == ""  # no PID of a run that has ended
+    with open(lock, "r+") as other:
+        fcntl.flock(other, fcntl.LOCK_EX)  # held, its PID not written yet
+        with pytest.raises(ValueError, match=rf"^work dir {re.escape(repr(str(tmp_path)))} is in use by another run: "
+                                             r"wait for it to end"):  # fmt: skip
+            with work_dir_lock(str(tmp_path)):
+                pass
+
+
+def test_a_workers_close_copy_closes_only_the_lock_file(tmp_path):
+    """worker_init_fn closes its descriptor only where that number is the lock file (a worker started by spawn or
+    forkserver inherits none: the number may be another file's). Mutant: the identity check left out."""
+    lock = os.open(tmp_path / ".lock", os.O_RDWR | os.O_CREAT)
+    other = os.open(tmp_path / "other", os.O_RDWR | os.O_CREAT)
+    try:
+        _close_copy(other, os.fstat(lock), 0)
+        os.fstat(other)  # still open
+        _close_copy(lock, os.fstat(lock), 0)
+        with pytest.raises(OSError):
+            os.fstat(lock)
+    finally:
+        os.close(other)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="forked DataLoader workers")
+def test_the_work_dir_lock_is_released_at_the_end_while_a_forked_child_lives_on(tmp_path):
+    """A DataLoader worker forked during the run shares the lock's open file: the run unlocks it explicitly as it
+    ends, so the work dir is free at once though a worker that never ran worker_init_fn still lives. Mutant: the
+    LOCK_UN left out (os.close alone leaves the child's copy holding the lock)."""
+    program = f"""
+import fcntl, os, time
+from denseclip_fast.train.workdir import work_dir_lock
+with work_dir_lock({str(tmp_path)!r}):
+    child = os.fork()
+    if child == 0:
+        time.sleep(5)
+        os._exit(0)
+with open(os.path.join({str(tmp_path)!r}, ".lock")) as f:
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        print("free")
+    except BlockingIOError:
+        print("held")
+os.kill(child, 9)
+os.waitpid(child, 0)
+"""
+    run = subprocess.run([sys.executable, "-c", program], env=with_root_on_path(), capture_output=True, text=True,
+                         timeout=60)  # fmt: skip
+    assert run.stdout.split() == ["free"], run.stderr
+
+
+def test_renamed_classes_are_listed_five_at_most(capsys):
+    """A resume with renamed classes lists the first five renames and the count. Mutant: the count left out."""
+    saved = [f"class {i}" for i in range(7)]
+    check_class_names("iter_2.state.pt", saved, [f"thing {i}" for i in range(7)], "data", 0)
+    err = capsys.readouterr().err
+    assert "4: 'class 4' -> 'thing 4', ... (7 in all)" in err and "'class 5'" not in err
+    check_class_names("iter_2.state.pt", saved, [f"thing {i}" for i in range(7)], "data", 1)  # other ranks: quiet
+    check_class_names("iter_2.state.pt", saved, list(saved), "data", 0)  # the same names: quiet
+    assert capsys.readouterr().err == ""
+
+
+def test_architecture_difference_lists_at_most_limit_fields():
+    """The fields in which two architectures differ, ', ...' only past ``limit``. Mutant: ``>=`` for ``>``."""
+    from denseclip_fast.config import preset
+
+    a = preset("RN50")
+    b = a.replace(fpn_channels=a.fpn_channels * 2, head_channels=a.head_channels * 2, embed_dim=a.embed_dim * 2)
+    theirs, ours = architecture_difference(a, b)
+    assert "..." not in theirs and "..." not in ours and theirs.count(",") == 2, (theirs, ours)
+    theirs, ours = architecture_difference(a, b, limit=2)
+    assert theirs.endswith(", ...") and ours.endswith(", ...")
+
+
+def test_iteration_of_names_that_are_not_iterations():
+    """iteration_of: N of iter_N.*, -1 for a name whose N is not a number (sorted before iter_0). Mutant: 0."""
+    assert [iteration_of(n) for n in ("iter_12.state.pt", "iter_0.safetensors", "iter_x.state.pt", "iter_.pt")] == [
+        12, 0, -1, -1]
+
+
+def test_a_saved_optimizer_group_lacking_one_of_this_runs_parameters_names_it():
+    """Saved names that this run's group all holds, but not all of this run's: the one only this run has is named
+    (not 'in another order'). Mutant: only the saved names looked for in this run's."""
+    a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(3))
+    optimizer = torch.optim.AdamW([{"params": [a, b], "names": ["a", "b"]}])
+    with pytest.raises(ValueError, match=re.escape("parameter group 0 was saved with 1 parameters, this run's has 2 "
+                                                   "(e.g. b is in only one of them)")):  # fmt: skip
+        load_optimizer_state(optimizer, {"state": {}, "param_groups": [{"params": [0], "names": ["a"]}]})
+
+
+def test_training_states_with_bool_or_deeply_nested_entries_are_named(tmp_path):
+    """An ``iteration`` of True is no int (bool is an int's subclass), and a config nested past the recursion
+    limit is no JSON object: each a CheckpointError naming the entry, not a resume at iteration 1 or a
+    RecursionError. Mutants: the bool check, the RecursionError caught, left out."""
+    from denseclip_fast.train.state import read_train_state
+
+    good = {"iteration": 2, "optimizer": {}, "scaler": {}, "rng": [{"cpu": torch.zeros(2)}], "config": "{}"}
+    for name, changed, match in (("bool", {"iteration": True}, r"malformed entries iteration \(int\)"),
+                                 ("deep", {"config": "[" * 100_000 + "]" * 100_000},
+                                  r"malformed entries config \(a JSON object\)")):  # fmt: skip
+        path = tmp_path / f"{name}.state.pt"
+        torch.save({**good, **changed}, path)
+        with pytest.raises(CheckpointError, match=match):
+            read_train_state(str(path))
+    torch.save(good, tmp_path / "good.state.pt")
+    assert read_train_state(str(tmp_path / "good.state.pt"))["iteration"] == 2
+
+
+def test_a_resume_names_a_torchscript_archive_and_reads_no_contents_from_foreign_safetensors(tmp_path):
+    """--resume of a TorchScript archive says so (not 'a .safetensors model file'); the saved architecture and
+    class names are read only from this project's safetensors, None from another's (loading it says why). Mutants:
+    the message for every non-torch kind the safetensors one; ``is_native`` not asked."""
+    from safetensors.torch import save_file
+
+    from denseclip_fast.train.state import read_train_state, saved_contents
+
+    scripted = tmp_path / "s.state.pt"
+    with warnings.catch_warnings():  # torch.jit.script is deprecated (as test_checkpoints makes its archives)
+        warnings.simplefilter("ignore")
+        torch.jit.script(torch.nn.Linear(2, 2)).save(str(scripted))
+    with pytest.raises(CheckpointError, match=r"cannot resume from it: it is a TorchScript archive; --resume takes"):
+        read_train_state(str(scripted))
+    foreign = tmp_path / "f.safetensors"
+    save_file({"weight": torch.zeros(2)}, str(foreign), metadata={"format": "pt"})
+    assert saved_contents(str(foreign)) is None
+    assert saved_contents(str(tmp_path / "missing.safetensors")) is None
