@@ -4,6 +4,7 @@ use of it: test_cli)."""
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 import sys
 
@@ -74,3 +75,31 @@ def test_allocator_chosen_names_what_the_user_set():
     assert chosen == "GLIBC_TUNABLES, LD_PRELOAD=/usr/lib/libjemalloc.so.2"
     for preload in ("libtcmalloc_minimal.so.4", "libmimalloc.so", "libtbbmalloc_proxy.so.2"):
         assert host_memory.allocator_chosen({"LD_PRELOAD": preload}) == f"LD_PRELOAD={preload}"
+
+
+TWICE = """
+from denseclip_fast.engine import host_memory
+print(host_memory.describe(), host_memory.retain_freed_memory(), host_memory.retain_freed_memory(),
+      host_memory.describe(), sep="|")
+"""
+
+
+@glibc_only
+def test_retaining_stays_in_effect_and_is_described():
+    """retain_freed_memory's second call says the setting is in effect (it is, once: process-wide), and describe
+    says which policy a process runs under. Mutants: the second call returning False, describe never 'retained'."""
+    drop = {*host_memory.MALLOC_VARIABLES, "GLIBC_TUNABLES", "LD_PRELOAD"}
+    environ = {k: v for k, v in os.environ.items() if k not in drop}
+    for env, expected in (({}, "glibc default|True|True|retained"),
+                          ({"MALLOC_MMAP_MAX_": "0"}, "chosen: MALLOC_MMAP_MAX_|False|False|chosen: MALLOC_MMAP_MAX_")):
+        result = subprocess.run([sys.executable, "-c", TWICE], cwd=ROOT, capture_output=True, text=True,
+                                env={**environ, **env}, check=True)  # fmt: skip
+        assert result.stdout.strip() == expected, env
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+                    reason="Linux's GNU libc")  # fmt: skip
+def test_glibc_is_recognised_where_python_runs_on_it():
+    """The tests above skip where glibc() is False: on GNU libc itself it must be True (a wrong prefix for
+    CS_GNU_LIBC_VERSION, 'glibc 2.35', turned retain_freed_memory off and skipped them without a word)."""
+    assert host_memory.glibc()
