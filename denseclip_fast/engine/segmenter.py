@@ -626,9 +626,7 @@ class Segmenter:
                 return out
             for i, o in zip(group, out):
                 results[i] = o
-        if all(t.shape == results[0].shape for t in results):
-            return torch.stack(results)
-        return results
+        return results  # groups of other sizes: results of other sizes (all of one size were one group, above)
 
     # ------------------------------------------------------------------ public API
 
