@@ -2151,3 +2151,268 @@ def test_calls_outside_transforms_keep_the_fused_operators(monkeypatch):
         _, fn, inputs = _three_ops(backend)[0]
         fn(forward_ad.make_dual(inputs[0], torch.randn_like(inputs[0])), inputs[1])
     assert called == ["pixel_text_score"]
+
+
+def test_batched_text_is_checked_against_visuals_batch_and_for_classes():
+    """C09, C14, C15: a 5-D visual map, per-batch text of no classes, per-batch text whose K (not B) equals visual's
+    B. (These fit BAD_SCORE as three more entries.)"""
+    visual = torch.randn(2, 3, 2, 2)
+    for backend in (None, "reference"):
+        with pytest.raises(ValueError, match=re.escape("visual must be a (B, C, H, W) tensor, got Tensor of shape "
+                                                       "(2, 3, 2, 2, 1)")):  # fmt: skip
+            ops.pixel_text_score(visual[..., None], torch.randn(5, 3), backend=backend)
+        with pytest.raises(ValueError, match=r"K >= 1"):
+            ops.pixel_text_score(visual, torch.randn(2, 0, 3), backend=backend)
+        with pytest.raises(ValueError, match="per-batch text has B=3 but visual has B=2"):
+            ops.pixel_text_score(visual, torch.randn(3, 2, 3), backend=backend)
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
+def test_nested_inputs_of_the_strided_layout_are_refused_naming_them():
+    """C03: torch.nested.nested_tensor's default layout is torch.strided (the sparse/nested test takes a jagged
+    one, whose layout alone is refused): is_nested is what refuses it."""
+    nested_map = torch.nested.nested_tensor([torch.randn(3, 2, 2), torch.randn(3, 2, 3)])
+    nested_q = torch.nested.nested_tensor([torch.randn(2, 3, 8), torch.randn(2, 4, 8)])
+    assert nested_map.layout == nested_q.layout == torch.strided
+    q = torch.randn(1, 2, 3, 8)
+    for backend in (None, "reference"):
+        with pytest.raises(ValueError, match=re.escape("visual must be a dense (strided) tensor, got a nested tensor")):
+            ops.pixel_text_score(nested_map, torch.randn(5, 3), backend=backend)
+        with pytest.raises(ValueError, match=re.escape("q must be a dense (strided) tensor, got a nested tensor")):
+            ops.context_attention(nested_q, q, q, backend=backend)
+
+
+def test_any_real_scale_is_taken_as_its_float_on_every_backend():
+    """I06: the wrappers pass on check_scale's float, not the argument: a fractions.Fraction (a numbers.Real that
+    check_scale accepts) met "unsupported operand type(s) for *: 'Tensor' and 'Fraction'" in the reference."""
+    from fractions import Fraction
+
+
+    visual, text = torch.randn(1, 3, 2, 2, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
+    expected = reference.pixel_text_score(visual, text, 0.5)
+    for backend in ("reference", None):
+        torch.testing.assert_close(ops.pixel_text_score(visual, text, Fraction(1, 2), backend=backend), expected)
+        concat = ops.score_concat(visual, visual, text, Fraction(1, 2), backend=backend)
+        torch.testing.assert_close(concat[:, 3:], expected)
+
+
+def test_concat_feature_of_another_batch_or_device_is_refused():
+    """C16, C17: feature's B is compared (not only H and W), and its device."""
+    visual, text = torch.randn(2, 3, 4, 4), torch.randn(5, 3)
+    for backend in (None, "reference"):
+        with pytest.raises(ValueError, match=re.escape("feature (1, 3, 4, 4) and visual (2, 3, 4, 4) must agree")):
+            ops.score_concat(torch.randn(1, 3, 4, 4), visual, text, backend=backend)
+        with pytest.raises(ValueError, match=re.escape("feature must match visual's dtype and device (torch.float32, "
+                                                       "cpu), got torch.float32 on meta")):  # fmt: skip
+            ops.score_concat(torch.randn(2, 3, 4, 4, device="meta"), visual, text, backend=backend)
+
+
+def test_attention_values_of_another_head_dim_or_batch_are_refused():
+    """C23, C24: v of k's length but another head dim; k and v of another batch than q (SDPA, the reference,
+    would broadcast it)."""
+    q = torch.randn(2, 1, 3, 8)
+    for backend in (None, "reference"):
+        with pytest.raises(ValueError, match=re.escape("k and v must have the same shape, got (2, 1, 4, 8) and "
+                                                       "(2, 1, 4, 16)")):  # fmt: skip
+            ops.context_attention(q, torch.randn(2, 1, 4, 8), torch.randn(2, 1, 4, 16), backend=backend)
+        kv = torch.randn(1, 1, 4, 8)
+        with pytest.raises(ValueError, match=re.escape("q (2, 1, 3, 8) and k (1, 1, 4, 8) must agree in B, heads")):
+            ops.context_attention(q, kv, kv, backend=backend)
+
+
+def test_the_backward_fake_kernels_check_what_they_are_handed():
+    """C20, C21, C22, C28, C29: the fake kernels of the C++ backward operators (what torch.compile / torch.export
+    trace) refuse a gradient on another device, a score map of the wrong shape, norms of the wrong dtype, an lse or
+    grad_out of the wrong length; they take 16-bit inputs' float32 norms."""
+    lib = torch.ops.denseclip_fast
+    grad, visual, text = torch.randn(1, 5, 2, 2), torch.randn(1, 3, 2, 2), torch.randn(5, 3)
+    with pytest.raises(ValueError, match=re.escape("grad must be the gradient of the (B, K, H, W) score, "
+                                                   "torch.float32 on cpu, got torch.float32 on meta")):  # fmt: skip
+        lib.pixel_text_score_backward(grad.to("meta"), visual, text, 1.0)
+    meta = {"device": "meta", "dtype": torch.float16}
+    grad, visual, text = torch.empty(1, 5, 2, 2, **meta), torch.empty(1, 3, 2, 2, **meta), torch.empty(5, 3, **meta)
+    norm = torch.empty(1, 2, 2, device="meta")  # float32 for 16-bit inputs
+    grad_visual, grad_text = lib.pixel_text_score_backward(grad, visual, text, 1.0, grad, norm)
+    assert grad_visual.shape == visual.shape and grad_text.shape == text.shape
+    with pytest.raises(ValueError, match=re.escape("norm must be the forward's output, torch.float32 on meta, got "
+                                                   "torch.float16")):  # fmt: skip
+        lib.pixel_text_score_backward(grad, visual, text, 1.0, grad, norm.half())
+    with pytest.raises(ValueError, match=re.escape("score_map must be the forward's output, shape (1, 5, 2, 2), got "
+                                                   "(1, 4, 2, 2)")):  # fmt: skip
+        lib.pixel_text_score_backward(grad, visual, text, 1.0, grad[:, :4], norm)
+    q, lse = torch.empty(1, 2, 3, 8, device="meta"), torch.empty(1, 2, 3, device="meta")
+    assert [g.shape for g in lib.context_attention_backward(q, q, q, q, q, lse)] == [q.shape] * 3
+    with pytest.raises(ValueError, match=re.escape("lse must be (B, heads, Lq) = (1, 2, 3)")):
+        lib.context_attention_backward(q, q, q, q, q, lse[..., :1])
+    with pytest.raises(ValueError, match=re.escape("grad_out must match q ((1, 2, 3, 8)")):
+        lib.context_attention_backward(q[:, :, :1], q, q, q, q, lse)
+
+
+# fake kernels, autograd and FLOP formulas beyond test_opcheck's cases (float64 / float32, shared text, NCHW or NHWC)
+
+
+def _fake_kernel_cases():
+    """Inputs whose outputs' metadata the fake kernels must get right beyond test_opcheck's cases: 16-bit inputs
+    (float32 norms and log-sum-exp), per-batch text with B != K, a size-1 dimension with an odd stride."""
+    lib = torch.ops.denseclip_fast
+    half = torch.randn(2, 6, 3, 4, dtype=torch.float16)
+    yield lib.pixel_text_score.default, (half, torch.randn(5, 6, dtype=torch.float16), 1.0)
+    yield lib.score_concat.default, (torch.randn(2, 3, 3, 4, dtype=torch.bfloat16), half.bfloat16(),
+                                     torch.randn(5, 6, dtype=torch.bfloat16), 1.0)  # fmt: skip
+    q, k = torch.randn(1, 2, 3, 16, dtype=torch.bfloat16), torch.randn(1, 2, 5, 16, dtype=torch.bfloat16)
+    yield lib.context_attention.default, (q, k, k)
+    visual, per_batch = torch.randn(2, 6, 3, 4), torch.randn(2, 5, 6)
+    yield lib.pixel_text_score.default, (visual, per_batch, 1.0)
+    yield lib.score_concat.default, (torch.randn(2, 3, 3, 4), visual, per_batch, 1.0)
+    odd = torch.randn(2, 6, 9, 5).contiguous(memory_format=torch.channels_last)[:, :, ::9]  # H = 1, stride 9 W C
+    yield lib.pixel_text_score.default, (odd, torch.randn(5, 6), 1.0)
+
+
+@pytest.mark.skipif(not ops.extension_available(), reason="needs the extension")
+def test_the_fake_kernels_give_the_cpu_kernels_metadata():
+    """L01, L03, L04, L05: opcheck's fake-tensor comparison (shapes, dtypes, strides of every output) on the
+    cases above; each also gives its outputs' layout by score_memory_format's rule."""
+    odd = torch.randn(2, 6, 9, 5).contiguous(memory_format=torch.channels_last)[:, :, ::9]
+    assert odd.shape == (2, 6, 1, 5) and score_memory_format(odd) == torch.channels_last
+    for op, args in _fake_kernel_cases():
+        args = tuple(a.requires_grad_() if isinstance(a, torch.Tensor) else a for a in args)
+        result = torch.library.opcheck(op, args, test_utils=["test_faketensor", "test_autograd_registration"])
+        assert all(v == "SUCCESS" for v in result.values()), (op, result)
+
+
+@pytest.mark.skipif(not ops.extension_available(), reason="needs the extension")
+def test_the_norms_and_log_sum_exp_the_operators_return_record_no_gradient():
+    """L12, L16: the C++ operators' second outputs (the pixel norms, the attention's log-sum-exp) are aids to the
+    backward, marked non-differentiable: they do not require grad (a loss on them would silently get a zero
+    gradient otherwise)."""
+    lib = torch.ops.denseclip_fast
+    visual, text = torch.randn(1, 3, 2, 2, requires_grad=True), torch.randn(5, 3, requires_grad=True)
+    for out, aid in (lib.pixel_text_score(visual, text, 1.0), lib.score_concat(visual, visual, text, 1.0)):
+        assert out.requires_grad and not aid.requires_grad
+    q = torch.randn(1, 2, 3, 8, requires_grad=True)
+    out, lse = lib.context_attention(q, q, q)
+    assert out.requires_grad and not lse.requires_grad
+
+
+@pytest.mark.skipif(not ops.extension_available(), reason="needs the extension")
+def test_flop_counter_counts_per_batch_text_as_the_reference():
+    """L18: with per-batch text (B, K, C), B != K, the score's formula takes K from the text's second-last dimension."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def count(name: str) -> int:
+        v, t = torch.randn(2, 24, 5, 7, requires_grad=True), torch.randn(2, 3, 24, requires_grad=True)
+        with FlopCounterMode(display=False) as counter:
+            ops.pixel_text_score(v, t, backend=name).sum().backward()
+            ops.score_concat(torch.randn(2, 6, 5, 7), v, t, backend=name).sum().backward()
+        return counter.get_total_flops()
+
+    score = 2 * 2 * 3 * 24 * 35
+    assert count("cpu") == count("reference") == 2 * (score + 2 * score)
+
+
+@pytest.mark.skipif(not ops.extension_available(), reason="needs the extension")
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")  # torch.func.jvp's own import
+def test_forward_mode_ad_with_a_tangent_on_text_or_feature_alone_runs_the_reference():
+    """I10, I11: a tangent on any one input (the text alone, the feature alone) sends the call to the reference,
+    not only one on the visual map (torch gave the fused operators' outputs no tangent)."""
+    import torch.autograd.forward_ad as forward_ad
+
+
+    visual, text, feature = torch.randn(1, 4, 2, 3), torch.randn(3, 4), torch.randn(1, 2, 2, 3)
+    dt, df = torch.randn_like(text), torch.randn_like(feature)
+    _, expected = torch.func.jvp(lambda t: reference.pixel_text_score(visual, t), (text,), (dt,))
+    with forward_ad.dual_level():
+        tangent = forward_ad.unpack_dual(ops.pixel_text_score(visual, forward_ad.make_dual(text, dt),
+                                                              backend="cpu")).tangent  # fmt: skip
+        assert tangent is not None
+        torch.testing.assert_close(tangent, expected)
+        tangent = forward_ad.unpack_dual(ops.score_concat(forward_ad.make_dual(feature, df), visual, text,
+                                                          backend="cpu")).tangent  # fmt: skip
+        assert tangent is not None
+        torch.testing.assert_close(tangent, torch.cat([df, torch.zeros(1, 3, 2, 3)], dim=1))
+
+
+# backend choice on a machine described by monkeypatching ops.backends (as test_a_build_runs_on_the_minor_versions_
+# above_it does: no GPU needed)
+
+
+def _a_cuda_build_for(monkeypatch, archs, gpu_arch):
+    """A machine whose extension has CUDA kernels for ``archs`` and whose GPU is sm_``gpu_arch`` (no GPU needed)."""
+    monkeypatch.delenv("DENSECLIP_FAST_BACKEND", raising=False)
+    monkeypatch.setattr(ops.backends, "_memo", {})
+    monkeypatch.setattr(ops.backends, "build_info", lambda: {"cuda": {"archs": archs}})
+    monkeypatch.setattr(ops.backends, "extension_available", lambda: True)
+    monkeypatch.setattr(ops.backends, "_device_arch", lambda device: gpu_arch)
+
+
+@pytest.mark.parametrize("gpu_arch, hint", [(75, "7.5"), (90, "9.0"), (120, "12.0")])
+def test_the_cuda_arch_message_names_the_gpus_arch_to_rebuild_for(monkeypatch, gpu_arch, hint):
+    """B05: the rebuild hint is the GPU's own major.minor (an sm_75 GPU: TORCH_CUDA_ARCH_LIST=7.5, not 7.0)."""
+    _a_cuda_build_for(monkeypatch, [80, 86], gpu_arch)
+    why = ops.backends.unavailable_reason("cuda", "pixel_text_score", torch.device("cuda", 0), torch.float32)
+    assert why == (f"the extension's CUDA kernels were built for sm_80, sm_86 and this GPU is sm_{gpu_arch} "
+                   f"(rebuild with TORCH_CUDA_ARCH_LIST={hint})")  # fmt: skip
+
+
+def test_the_cuda_attention_takes_head_dims_up_to_128(monkeypatch):
+    """B12: D = 128 (ViT-L's 64 x 2) is the CUDA attention kernel's largest, accepted; 129 is refused saying so."""
+    _a_cuda_build_for(monkeypatch, [90], 90)
+    gpu = torch.device("cuda", 0)
+    assert ops.backends.unavailable_reason("cuda", "context_attention", gpu, torch.float32, head_dim=128) is None
+    why = ops.backends.unavailable_reason("cuda", "context_attention", gpu, torch.float32, head_dim=129)
+    assert why == "the CUDA attention kernel supports head dims up to 128, got 129"
+
+
+@pytest.mark.skipif(ops.backends.triton_available() is not None, reason="needs Triton")
+def test_auto_prefers_triton_over_the_cuda_kernels_on_an_ampere_gpu(monkeypatch):
+    """B14, B23: on CUDA tensors auto takes Triton first, then the CUDA kernels; sm_80 (an A100) is Triton's
+    lowest architecture, not refused."""
+    _a_cuda_build_for(monkeypatch, [80], 80)
+    gpu = torch.device("cuda", 0)
+    assert ops.backends.unavailable_reason("triton", "pixel_text_score", gpu, torch.float16) is None
+    assert ops.backends.resolve("pixel_text_score", gpu, torch.float16) == "triton"
+    assert ops.backends.resolve("pixel_text_score", gpu, torch.float64) == "cuda"  # float64: Triton refuses it
+    assert ops.backends.resolve("context_attention", gpu, torch.float32, head_dim=24) == "cuda"
+
+
+@pytest.mark.skipif(ops.backends.triton_available() is not None, reason="needs Triton")
+def test_triton_runs_cpu_tensors_only_under_its_interpreter(monkeypatch):
+    """B10, B18: CPU tensors are Triton's only where TRITON_INTERPRET=1 (not merely where it is unset or not 0);
+    tensors of other devices (meta, mps, ...) never."""
+    cpu, why = torch.device("cpu"), "Triton kernels run CUDA tensors (or CPU tensors with TRITON_INTERPRET=1)"
+    for value in (None, "", "true"):
+        if value is None:
+            monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+        else:
+            monkeypatch.setenv("TRITON_INTERPRET", value)
+        assert why in ops.backends.unavailable_reason("triton", "pixel_text_score", cpu, torch.float32), value
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert ops.backends.unavailable_reason("triton", "pixel_text_score", cpu, torch.float32) is None
+    for device in ("meta", "mps"):
+        reason = ops.backends.unavailable_reason("triton", "pixel_text_score", torch.device(device), torch.float32)
+        assert reason is not None and f"these are on {device}" in reason
+
+
+def test_the_cpu_backend_runs_cpu_tensors_only(monkeypatch):
+    """B11: the cpu backend refuses tensors of any device but the CPU (an mps or xpu tensor, not only a CUDA one);
+    auto gives them the reference."""
+    monkeypatch.delenv("DENSECLIP_FAST_BACKEND", raising=False)
+    for device in ("mps", "meta", "xpu"):
+        why = ops.backends.unavailable_reason("cpu", "pixel_text_score", torch.device(device), torch.float32)
+        assert why == f"the cpu backend runs CPU tensors, these are on {device}"
+        assert ops.backends.resolve("pixel_text_score", torch.device(device), torch.float32) == "reference"
+
+
+def test_a_forced_backends_error_says_where_it_was_forced(monkeypatch):
+    """B22, B27: the error names the setting that forced the backend (backend= or DENSECLIP_FAST_BACKEND); an empty
+    backend= is refused as not a backend (only an empty environment variable means auto)."""
+    visual, text = torch.randn(1, 4, 2, 2), torch.randn(3, 4)
+    monkeypatch.delenv("DENSECLIP_FAST_BACKEND", raising=False)
+    with pytest.raises(RuntimeError, match=re.escape("backend 'cuda' (from backend) cannot run this call: the cuda "
+                                                     "backend runs CUDA tensors, these are on cpu")):  # fmt: skip
+        ops.pixel_text_score(visual, text, backend="cuda")
+    monkeypatch.setenv("DENSECLIP_FAST_BACKEND", "cuda")
+    with pytest.raises(RuntimeError, match=re.escape("backend 'cuda' (from DENSECLIP_FAST_BACKEND) cannot run")):
+        ops.pixel_text_score(visual, text)
+    with pytest.raises(ValueError, match=re.escape("backend='' is not a backend")):
+        ops.pixel_text_score(visual, text, backend="")
