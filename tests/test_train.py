@@ -51,6 +51,7 @@ from denseclip_fast.train.loop import build_model
 from denseclip_fast.train.optim import (
     freeze_text_encoder,
     learning_rate,
+    make_optimizer,
     param_groups,
     segmentation_loss,
     set_learning_rates,
@@ -3370,3 +3371,43 @@ def test_a_resume_names_a_torchscript_archive_and_reads_no_contents_from_foreign
     save_file({"weight": torch.zeros(2)}, str(foreign), metadata={"format": "pt"})
     assert saved_contents(str(foreign)) is None
     assert saved_contents(str(tmp_path / "missing.safetensors")) is None
+
+
+def test_the_cuda_optimizer_is_the_fused_adamw():
+    """O01: on CUDA make_optimizer takes AdamW's fused implementation (the CPU test checks foreach only; fused AdamW
+    also takes CPU parameters, so no GPU is needed to see the choice)."""
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    group = make_optimizer(model, TrainConfig(), torch.device("cuda")).param_groups[0]
+    assert group["fused"] is True and not group["foreach"]
+    group = make_optimizer(model, TrainConfig(), torch.device("cpu")).param_groups[0]
+    assert not group["fused"] and group["foreach"] is True
+
+
+def test_official_norm_decay_lets_the_backbone_key_win_over_norm():
+    """O06: mmcv tried its custom keys longest first, so "backbone" (lr x 0.1, decayed) beat "norm" (no decay) for
+    a backbone parameter named *norm*; the default exempts it as a normalisation layer. (The project's ResNet and
+    ViT backbones have no parameter named *norm*, so the model-based tests cannot see the difference.)"""
+    model = torch.nn.ModuleDict({"backbone": torch.nn.ModuleDict({"norm": torch.nn.LayerNorm(4)}),
+                                 "head": torch.nn.ModuleDict({"norm1": torch.nn.LayerNorm(4),
+                                                              "proj": torch.nn.Linear(4, 4)})})  # fmt: skip
+    cfg = TrainConfig(lr=1e-4, weight_decay=1e-4, backbone_lr_mult=0.1, norm_decay="official")
+    got = {n: (g["lr"], g["weight_decay"]) for g in param_groups(model, cfg) for n in g["names"]}
+    assert got["backbone.norm.weight"] == pytest.approx((1e-5, 1e-4))
+    assert got["head.norm1.weight"] == pytest.approx((1e-4, 0.0))
+    assert got["head.proj.weight"] == pytest.approx((1e-4, 1e-4))
+    cfg.norm_decay = "all"
+    got = {n: (g["lr"], g["weight_decay"]) for g in param_groups(model, cfg) for n in g["names"]}
+    assert got["backbone.norm.weight"] == pytest.approx((1e-5, 0.0))
+
+
+def test_the_groups_outside_the_backbone_come_first_whatever_the_modules_order():
+    """O12: param_groups orders its groups (head, head norms, backbone, backbone norms), not by the first parameter
+    met: set_learning_rates logs the first group's rate as the head's. DenseCLIP registers its own parameters
+    (contexts, gamma) before the backbone, which hid an insertion-ordered list; a model whose backbone comes first
+    logged the backbone's rate."""
+    model = torch.nn.ModuleDict({"backbone": torch.nn.Linear(4, 4), "head": torch.nn.Linear(4, 4)})
+    cfg = TrainConfig(lr=1e-4, backbone_lr_mult=0.1, iters=100, warmup_iters=0, min_lr=0.0)
+    groups = param_groups(model, cfg)
+    assert [g["names"] for g in groups] == [["head.weight", "head.bias"], ["backbone.weight", "backbone.bias"]]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
+    assert set_learning_rates(optimizer, 0, cfg) == pytest.approx(1e-4)
