@@ -21,7 +21,7 @@ import denseclip_fast as dcf
 from denseclip_fast import DenseCLIP, Segmenter
 from denseclip_fast.engine import GraphCache, fold_batchnorm, rewrite
 from denseclip_fast.engine.cpu_linear import fuse_quick_gelu, use_onednn_linears
-from denseclip_fast.engine.segmenter import MAX_VOCABULARIES
+from denseclip_fast.engine.segmenter import MAX_VOCABULARIES, FiniteVerdict
 from denseclip_fast.preprocess import keep_ratio_size, load_image, normalize
 from denseclip_fast.visualize import default_palette
 
@@ -1702,8 +1702,6 @@ def test_a_float_batch_within_0_to_1_holding_0_is_warned_of():
     """Pixels scaled to 0..1 hold 0 wherever a photo is black in a channel (and 1 where it is saturated): such a
     batch is taken for one (0 <= min < max <= 1); a constant one is not. Mutant: ``0 < low`` (torch.rand's batches
     in test_a_float_batch_within_0_to_1_is_warned_of never hold 0 exactly)."""
-    from denseclip_fast.engine.segmenter import FiniteVerdict
-
     for low, high, unit in [(0.0, 1.0, True), (0.0, 0.5, True), (0.25, 1.0, True), (0.0, 0.0, False),
                             (1.0, 1.0, False), (-0.01, 1.0, False), (0.0, 1.01, False)]:  # fmt: skip
         assert FiniteVerdict(torch.tensor([low, high]), None).unit_range() == unit, (low, high)
@@ -1741,8 +1739,6 @@ def test_overlay_refuses_a_label_one_past_the_last_class(model):
 def test_a_model_with_a_parameter_on_the_meta_device_is_refused(model):
     """One weight without values (a partial load onto a meta-built model) is refused as a wholly meta one is.
     Mutant: only the buffers looked at."""
-    import copy
-
     partial = copy.deepcopy(model)
     conv = partial.decode_head.conv_seg
     conv.weight = torch.nn.Parameter(torch.empty_like(conv.weight, device="meta"))
@@ -1764,8 +1760,6 @@ def test_a_verdict_handed_on_by_the_batch_check_is_acted_on_by_every_call(model,
     once the forward is queued (tests/test_gpu.py checks that on a GPU only). On a CPU: an engine whose _batch hands
     a verdict on, as a GPU engine's does, raises from every public method. Mutant: _trained_head's
     ``self._finite_or_raise(finite)`` left out (CPU batches are refused inside _batch, so no CPU test saw it)."""
-    from denseclip_fast.engine.segmenter import FiniteVerdict
-
     seg = _engine(model, check_finite=False)  # _batch itself refuses nothing
     batch_of = seg._batch
     monkeypatch.setattr(seg, "_batch", lambda images: (batch_of(images)[0],

@@ -1675,14 +1675,20 @@ def test_a_gpu_the_cuda_kernels_were_not_built_for(monkeypatch):
     assert ops.backends.unavailable_reason("cuda", "pixel_text_score", gpu, torch.float32) is None
 
 
+def _a_cuda_build_for(monkeypatch, archs, gpu_arch):
+    """A machine whose extension has CUDA kernels for ``archs`` and whose GPU is sm_``gpu_arch`` (no GPU needed)."""
+    monkeypatch.delenv("DENSECLIP_FAST_BACKEND", raising=False)
+    monkeypatch.setattr(ops.backends, "_memo", {})
+    monkeypatch.setattr(ops.backends, "build_info", lambda: {"cuda": {"archs": archs}})
+    monkeypatch.setattr(ops.backends, "extension_available", lambda: True)
+    monkeypatch.setattr(ops.backends, "_device_arch", lambda device: gpu_arch)
+
+
 @pytest.mark.parametrize("gpu_arch, runs", [(80, True), (86, True), (89, True), (90, False), (75, False), (100, False)])
 def test_a_build_runs_on_the_minor_versions_above_it(monkeypatch, gpu_arch, runs):
     """CUDA's binary compatibility: a build for sm_80 runs on sm_86 and sm_89 GPUs (an A10, an L4), not on sm_90 (no
     PTX is relied on) nor on an older GPU; the cuda backend accepts or refuses accordingly."""
-    monkeypatch.setattr(ops.backends, "_memo", {})
-    monkeypatch.setattr(ops.backends, "build_info", lambda: {"cuda": {"archs": [80]}})
-    monkeypatch.setattr(ops.backends, "extension_available", lambda: True)
-    monkeypatch.setattr(ops.backends, "_device_arch", lambda device: gpu_arch)
+    _a_cuda_build_for(monkeypatch, [80], gpu_arch)
     why = ops.backends.unavailable_reason("cuda", "pixel_text_score", torch.device("cuda", 0), torch.float32)
     assert (why is None) == runs, why
     if not runs:
@@ -2332,17 +2338,7 @@ def test_forward_mode_ad_with_a_tangent_on_text_or_feature_alone_runs_the_refere
         torch.testing.assert_close(tangent, torch.cat([df, torch.zeros(1, 3, 2, 3)], dim=1))
 
 
-# backend choice on a machine described by monkeypatching ops.backends (as test_a_build_runs_on_the_minor_versions_
-# above_it does: no GPU needed)
-
-
-def _a_cuda_build_for(monkeypatch, archs, gpu_arch):
-    """A machine whose extension has CUDA kernels for ``archs`` and whose GPU is sm_``gpu_arch`` (no GPU needed)."""
-    monkeypatch.delenv("DENSECLIP_FAST_BACKEND", raising=False)
-    monkeypatch.setattr(ops.backends, "_memo", {})
-    monkeypatch.setattr(ops.backends, "build_info", lambda: {"cuda": {"archs": archs}})
-    monkeypatch.setattr(ops.backends, "extension_available", lambda: True)
-    monkeypatch.setattr(ops.backends, "_device_arch", lambda device: gpu_arch)
+# backend choice on a machine described by monkeypatching ops.backends (_a_cuda_build_for: no GPU needed)
 
 
 @pytest.mark.parametrize("gpu_arch, hint", [(75, "7.5"), (90, "9.0"), (120, "12.0")])
