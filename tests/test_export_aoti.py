@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from denseclip_fast import DenseCLIP, Segmenter
 from denseclip_fast.export import load_aoti, to_aoti
-from denseclip_fast.export.aoti import _extracted_copies, check_grid
+from denseclip_fast.export.aoti import AOTIPackage, _extracted_copies, check_grid
 from denseclip_fast.model.slide import slide_inference
 from denseclip_fast.preprocess import normalize, prepare, resize_bilinear_uint8
 
@@ -621,3 +621,111 @@ def test_a_cpu_export_imports_the_compiler_driver_without_its_cuda_warning(packa
         assert "No CUDA runtime" not in run.stderr
     if "No CUDA runtime" not in said[2].stderr:
         pytest.skip("torch says nothing here either (no CUDA toolkit, or a GPU)")
+
+
+def _fake_package(path, meta: object) -> Any:
+    """A zip archive laid out as a package (data/aotinductor/model/) whose compiled metadata is ``meta`` (JSON text
+    when a str): what _check_loadable reads before torch's loader runs."""
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("tiny/data/aotinductor/model/abc.so", b"not a library")
+        archive.writestr("tiny/data/aotinductor/model/abc_metadata.json", meta if isinstance(meta, str)
+                         else json.dumps(meta))  # fmt: skip
+    return path
+
+
+def test_what_the_archives_metadata_tells_is_refused_without_a_compiled_package(tmp_path):
+    """From the metadata alone: a CPU package (AOTI_DEVICE_KEY, the key torch writes) with a device index, a package
+    without denseclip_fast's metadata, metadata that is not JSON; and device_index values that are not ints."""
+    cpu = _fake_package(tmp_path / "cpu.pt2", {"AOTI_DEVICE_KEY": "cpu", "denseclip_fast.image_size": "[64, 96]"})
+    for index in (0, 1, np.int64(0)):
+        with pytest.raises(ValueError, match=rf"cpu.pt2 is a CPU package; device_index={index} applies to CUDA"):
+            load_aoti(cpu, index)
+    for index in (-2, 0.0, "0", True, None):
+        with pytest.raises(ValueError, match=r"^device_index must be -1 \(the package's own device\) or a CUDA"):
+            load_aoti(cpu, index)  # type: ignore[arg-type]
+    foreign = _fake_package(tmp_path / "foreign.pt2", {"AOTI_DEVICE_KEY": "cpu"})
+    with pytest.raises(ValueError, match=r"foreign.pt2 is not a denseclip_fast package \(no denseclip_fast metadata"):
+        load_aoti(foreign)
+    garbled = _fake_package(tmp_path / "garbled.pt2", "{not json")
+    with pytest.raises(ValueError, match=r"garbled.pt2 is not an AOTInductor package .*: it holds no compiled model"):
+        load_aoti(garbled)
+
+
+def _package_stand_in(image_size=(4, 6), max_batch=3, out=None) -> tuple[AOTIPackage, list[torch.Tensor]]:
+    """An AOTIPackage whose compiled model is a stand-in (a package compiles for about 30 s): it keeps its inputs
+    and returns ``out`` (default: logits of 2 classes, x's first two channels, in a list as torch's runner does)."""
+    pkg = AOTIPackage.__new__(AOTIPackage)
+    pkg.image_size, pkg.max_batch, pkg.dtype, pkg.device = image_size, max_batch, torch.float32, torch.device("cpu")
+    given: list[torch.Tensor] = []
+    pkg._compiled = lambda x: given.append(x) or [x[:, :2].float() if out is None else out]
+    return pkg, given
+
+
+def test_a_package_takes_batches_up_to_max_batch_of_dense_floating_point_images():
+    pkg, given = _package_stand_in()
+    assert pkg(torch.zeros(3, 3, 4, 6)).shape == (3, 2, 4, 6)  # max_batch itself
+    with pytest.raises(ValueError, match=r"^the batch must be 1..3 for this package, got 4$"):
+        pkg(torch.zeros(4, 3, 4, 6))
+    with pytest.raises(ValueError, match=r"^x must be a CLIP-normalised floating-point tensor, got dtype torch.uint8"):
+        pkg(torch.zeros(1, 3, 4, 6, dtype=torch.uint8))
+    view = torch.randn(1, 6, 4, 3).permute(0, 3, 2, 1)  # (1, 3, 4, 6), not contiguous
+    pkg(view)
+    assert given[-1].is_contiguous() and torch.equal(given[-1], view)
+    x = torch.randn(2, 3, 4, 6)
+    labels = pkg.predict(x)
+    assert labels.shape == (2, 4, 6) and labels.dtype == torch.int64
+    assert torch.equal(labels, (x[:, 1] > x[:, 0]).long())  # class 1 where its logit is the larger
+
+
+def test_to_aoti_bounds_are_inclusive(model, tmp_path):
+    """max_batch MAX_BATCH (65536) and a stride equal to the image size are accepted (on to the trace); a stride of 0
+    and paths that do not end in .pt2 are not."""
+    seg = Segmenter(model, device="cpu", dtype=torch.float32)
+
+    class Traced(Exception):
+        pass
+
+    def export(*args, **kwargs):
+        raise Traced
+
+    with mock.patch.object(torch.export, "export", export):
+        with pytest.raises(Traced):
+            to_aoti(seg, tmp_path / "x.pt2", max_batch=65536, image_size=SIZE)
+        with pytest.raises(Traced):
+            to_aoti(seg, tmp_path / "x.pt2", image_size=SIZE, stride=SIZE)
+        for stride in (0, (0, 32), (32, -1)):
+            with pytest.raises(ValueError, match=r"^stride must be an int or \(int, int\) between 1 and the image"):
+                to_aoti(seg, tmp_path / "x.pt2", image_size=SIZE, stride=stride)
+        for name in ("xpt2", "x.pt2.part", "x.PT2x"):
+            with pytest.raises(ValueError, match=r"^path must end in \.pt2"):
+                to_aoti(seg, tmp_path / name, image_size=SIZE)
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_cpu_model_compiles_in_float32_and_records_its_max_batch(model, tmp_path, monkeypatch):
+    """A DenseCLIP model on the CPU without a dtype is compiled in float32 (bfloat16 is the CUDA default), and the
+    metadata says the max_batch given (the C++ runner and load_aoti refuse larger batches by it). The compilation is
+    stubbed (torch.export still traces)."""
+    given = _stub_compilation(monkeypatch)
+    to_aoti(model, tmp_path / "m.pt2", image_size=SIZE, max_batch=5, device="cpu")
+    assert given["denseclip_fast.dtype"] == "float32" and given["denseclip_fast.device"] == "cpu"
+    assert given["denseclip_fast.max_batch"] == "5"
+
+
+def test_a_compilation_that_leaves_no_package_is_said_and_nothing_written(model, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", lambda program, package_path, **kwargs: "x")
+    path = tmp_path / "m.pt2"
+    with pytest.raises(RuntimeError, match=r"m.pt2: aoti_compile_and_package left no package in the buffer it was"):
+        to_aoti(model, path, image_size=SIZE, max_batch=2, device="cpu")
+    assert os.listdir(tmp_path) == []
+
+
+def test_the_grid_bound_takes_a_batch_that_fills_the_grid_axis_exactly():
+    """max_batch x heads may be MAX_GRID_Y itself (CUDA's grid y dimension takes up to 65535 blocks): 13107 images x 5
+    heads = 65535 fit, one image more does not."""
+    from types import SimpleNamespace
+
+    config: Any = SimpleNamespace(vision=SimpleNamespace(heads=5), decoder=SimpleNamespace(heads=3))
+    check_grid(13107, config, torch.device("cuda"))
+    with pytest.raises(ValueError, match=r"^max_batch must be <= 13107 for this architecture on CUDA, got 13108"):
+        check_grid(13108, config, torch.device("cuda"))

@@ -9,7 +9,9 @@ import logging
 import os
 import re
 import sys
+import threading
 import warnings
+from types import SimpleNamespace
 from unittest import mock
 
 import numpy as np
@@ -79,7 +81,8 @@ def test_released_architectures_match_pytorch_in_onnxruntime(arch, dtype, tmp_pa
 
 @pytest.mark.parametrize("kind, activation", [("resnet", "quick_gelu"), ("vit", "quick_gelu"), ("vit", "gelu")])
 def test_vocabulary_as_an_input(kind, activation, tmp_path):
-    """image_with_text takes any vocabulary's class embeddings (K, D): a reworded model's logits, no re-export.
+    """image_with_text takes another wording's class embeddings (K, D) (the model's K classes: the score map's K
+    channels feed the FPN): a reworded model's logits, no re-export.
     (A ViT with GELU, as from most open_clip weights: the activation exports too.)"""
     model = randomized(DenseCLIP(tiny_config(kind).replace(activation=activation), NAMES)).eval()
     path = to_onnx(model, tmp_path / "t.onnx", graph="image_with_text", image_size=SIZE)
@@ -93,6 +96,10 @@ def test_vocabulary_as_an_input(kind, activation, tmp_path):
         model.set_classes(new_names)
         expected = model(x)
     assert rel_err(_logits(session, x, torch.float32, text), expected) <= 1e-4
+    # the input's K is the model's: the graph declares it, and ONNX Runtime refuses another
+    assert session.get_inputs()[1].shape == [len(NAMES), text.shape[1]]
+    with pytest.raises(Exception, match="class_embeddings"):
+        _logits(session, x, torch.float32, torch.cat([text, text[:2]]))
 
 
 def test_float16_graph_and_dynamic_batch(tiny, tmp_path):
@@ -550,7 +557,7 @@ def test_the_text_graphs_default_profile_covers_its_vocabulary(tmp_path, monkeyp
     for batch in (5, (4, 1, 8), (1.0, 2, 3), (1, 2), (0, 1, 1)):
         with pytest.raises(ValueError, match=rf"^batch must be \(min, opt, max\) ints .*got {re.escape(repr(batch))}$"):
             build_tensorrt_engine(tmp_path / "m.onnx", tmp_path / "m.engine", batch=batch)
-    for workspace in (-1, 0, float("nan"), "2", True):
+    for workspace in (-1, 0, float("nan"), "2", True, np.bool_(True), np.float64("inf")):
         with pytest.raises(ValueError, match=r"^workspace_gib must be a positive number of GiB"):
             build_tensorrt_engine(tmp_path / "m.onnx", tmp_path / "m.engine", workspace_gib=workspace)
     # the paths and switches are checked as the other exporters' (None was a TypeError, '' read as the folder '.',
@@ -650,8 +657,15 @@ def test_onnx_export_arguments_it_cannot_use_are_refused(tiny, tmp_path):
             to_onnx(tiny, f"{tmp_path}/{out}", graph="text")
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
-    with pytest.raises(ValueError, match=r"^path '.*fifo' is not a regular file: an ONNX graph is written as a file"):
-        to_onnx(tiny, fifo, graph="text")
+    # were the FIFO not refused, writing it would wait for a reader forever: one opens it after 60 s, so that the
+    # write fails (a broken pipe) and the test with it, where it hung
+    unblock = threading.Timer(60, lambda: os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)))
+    unblock.start()
+    try:
+        with pytest.raises(ValueError, match=r"^path '.*fifo' is not a regular file: an ONNX graph is written as a "):
+            to_onnx(tiny, fifo, graph="text")
+    finally:
+        unblock.cancel()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo", "m.onnx"]
     # an image graph's trace input leaves the caller's random numbers as they were (torch.randn drew from them)
     torch.manual_seed(5)
@@ -803,3 +817,383 @@ def test_exports_in_two_threads_take_turns_and_leave_stdout_as_it_was(tiny, tmp_
     second.join(timeout=60)
     assert [str(e) for e in errors] == ["stand-in exporter"] * 2
     assert sys.stdout is stdout and warnings.filters == filters
+
+
+def _stand_in_exporter(monkeypatch, opset: int = 18, say: str = "") -> list[dict]:
+    """torch.onnx.export replaced by one that prints ``say`` (as the exporter's progress lines) and returns a program
+    whose model is a small onnx_ir graph (_weighted) claiming ``opset``; the keyword arguments of each call are
+    returned in the list."""
+    calls: list[dict] = []
+
+    def export(module, args, **kwargs):
+        calls.append(kwargs)
+        if say:
+            print(say)
+        model = _weighted(1.0)
+        model.opset_imports[""] = opset
+        return SimpleNamespace(model=model)
+
+    monkeypatch.setattr(torch.onnx, "export", export)
+    return calls
+
+
+def test_a_bf16_dtype_string_gets_the_bfloat16_hint(tiny, tmp_path):
+    """'bf16' (the CLI's spelling, which to_onnx's check lists with 'bfloat16') gets the same TensorRT advice."""
+    with pytest.raises(ValueError, match=r"got the string 'bf16' \(for bfloat16, build a TensorRT engine with bf16="):
+        to_onnx(tiny, tmp_path / "x.onnx", dtype="bf16")
+
+
+def test_any_image_size_given_with_the_text_graph_is_refused(tiny, tmp_path):
+    """image_size=0 or () with the text graph is an image_size given (only None is none), refused as (64, 96) is."""
+    for size in (0, ()):
+        message = rf"^image_size applies to the image graphs .*got image_size={re.escape(repr(size))}$"
+        with pytest.raises(ValueError, match=message):
+            to_onnx(tiny, tmp_path / "t.onnx", graph="text", image_size=size)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_graph_of_another_opset_than_requested_is_refused_and_not_written(tiny, tmp_path, monkeypatch):
+    _stand_in_exporter(monkeypatch, opset=19)
+    with pytest.raises(ValueError, match=r"^the exporter wrote opset 19, not the requested 18$"):
+        to_onnx(tiny, tmp_path / "m.onnx", graph="text")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_exporters_progress_lines_are_not_printed(tiny, tmp_path, monkeypatch, capsys):
+    calls = _stand_in_exporter(monkeypatch, say="[torch.onnx] Obtain model graph ... done")
+    to_onnx(tiny, tmp_path / "m.onnx", graph="text", check_tensorrt=False)
+    assert len(calls) == 1 and capsys.readouterr().out == ""
+    print("after the export")  # stdout is the real one again
+    assert capsys.readouterr().out == "after the export\n"
+
+
+def test_nodes_outside_tensorrts_list_are_warned_about_ten_at_most(tiny, tmp_path, monkeypatch):
+    from denseclip_fast.export import tensorrt as tensorrt_export
+
+    _stand_in_exporter(monkeypatch)
+    problems = [f"problem {i}" for i in range(12)]
+    monkeypatch.setattr(tensorrt_export, "tensorrt_problems", lambda path: problems)
+    path = tmp_path / "m.onnx"
+    listed = "; ".join(problems[:10])
+    with pytest.warns(UserWarning, match=re.escape(f"{path}: 12 node(s) outside TensorRT's ONNX operator list: "
+                                                   f"{listed}") + "$"):  # fmt: skip
+        to_onnx(tiny, path, graph="text")
+    assert path.is_file()
+
+
+def test_a_float16_text_graph_names_its_input_and_output_and_is_a_text_graph(tiny, tmp_path):
+    """The text graph in float16: its input and output are named as the README says (class_tokens ->
+    class_embeddings), its output is float16 and equals the model's embeddings to float16's precision, and its
+    metadata says it is a text graph (build_tensorrt_engine's default profile reads it) of embed_dim columns."""
+    path = to_onnx(tiny, tmp_path / "text16.onnx", graph="text", dtype=torch.float16)
+    session = _session(path)
+    assert [i.name for i in session.get_inputs()] == ["class_tokens"]
+    assert [o.name for o in session.get_outputs()] == ["class_embeddings"]
+    assert session.get_outputs()[0].type == "tensor(float16)"
+    meta = read_metadata(path)
+    assert meta["graph"] == "text" and meta["dtype"] == "float16"
+    assert meta["embed_dim"] == str(tiny.config.embed_dim) == "48"
+    assert meta["class_token_length"] == str(tiny.config.text.class_token_length)
+    assert "image_size" not in meta and "slide_stride" not in meta
+    names = ["sky", "a dog", "tree"]
+    tokens = tokenize_class_names(names, int(meta["class_token_length"]))
+    (out,) = session.run(None, {"class_tokens": tokens.numpy()})
+    assert out.dtype == np.float16 and out.shape == (3, 48)
+    with torch.no_grad():
+        assert rel_err(torch.from_numpy(out).float(), tiny.text_features(names)) <= 2e-2
+
+
+def test_an_image_graph_names_its_output_logits(tiny, tmp_path):
+    path = to_onnx(tiny, tmp_path / "small.onnx", image_size=32, check_tensorrt=False)
+    session = _session(path)
+    assert [i.name for i in session.get_inputs()] == ["image"]
+    assert [o.name for o in session.get_outputs()] == ["logits"]
+    meta = read_metadata(path)
+    assert meta["graph"] == "image" and meta["embed_dim"] == "48" and json.loads(meta["image_size"]) == [32, 32]
+
+
+def test_weights_of_exactly_the_threshold_stay_in_the_graph(tmp_path, monkeypatch):
+    """EXTERNAL_DATA_THRESHOLD is the most weights a graph holds itself: 512 bytes at 512 stay inside, at 511 go to
+    a file beside it."""
+    path = tmp_path / "m.onnx"
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 512)
+    save_onnx(_weighted(1.0), path)
+    assert os.listdir(tmp_path) == ["m.onnx"] and _weight_read(path) == 1.0
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 511)
+    save_onnx(_weighted(2.0), path)
+    assert len([n for n in os.listdir(tmp_path) if n.endswith(".data")]) == 1 and _weight_read(path) == 2.0
+
+
+def test_a_replaced_weights_file_that_cannot_be_removed_is_warned_about(tmp_path, monkeypatch):
+    """The new graph is in place when the replaced graph's weights file is removed: a file that cannot be removed is
+    a warning naming it (the graph written), one already gone is nothing to say."""
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 0)
+    path = tmp_path / "m.onnx"
+    save_onnx(_weighted(1.0), path)
+    (first,) = [n for n in os.listdir(tmp_path) if n.endswith(".data")]
+    remove = os.remove
+
+    def refused(name, *args, **kwargs):  # the replaced graph's file only (onnx_ir removes its own files too)
+        if os.path.basename(name) == first:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(name))
+        return remove(name, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "remove", refused)
+        with pytest.warns(UserWarning, match=re.escape(f"{tmp_path / first}: the replaced graph's weights file could "
+                                                       "not be removed (Permission denied)")):  # fmt: skip
+            save_onnx(_weighted(2.0), path)
+    assert _weight_read(path) == 2.0 and first in os.listdir(tmp_path)  # the orphan left, as said
+    (second,) = [n for n in os.listdir(tmp_path) if n.endswith(".data") and n != first]
+
+    def gone(name, *args, **kwargs):
+        if os.path.basename(name) == second:
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(name))
+        return remove(name, *args, **kwargs)
+
+    with monkeypatch.context() as patch, warnings.catch_warnings():
+        warnings.simplefilter("error")
+        patch.setattr(os, "remove", gone)
+        save_onnx(_weighted(3.0), path)  # the weights file another process removed meanwhile: no warning
+    assert _weight_read(path) == 3.0 and second in os.listdir(tmp_path)  # (the stand-in removed nothing)
+
+
+def test_a_file_that_is_not_an_onnx_graph_is_replaced_and_the_files_beside_it_kept(tmp_path):
+    """A non-graph at the path refers to no weights file: it is replaced, and a NAME.<x>.data beside it (not the
+    replaced file's, then) is left alone."""
+    path = tmp_path / "m.onnx"
+    path.write_bytes(b"some text, not a graph")
+    (tmp_path / "m.onnx.0123abcd.data").write_bytes(b"another graph's weights")
+    save_onnx(_weighted(1.0), path)
+    assert _weight_read(path) == 1.0
+    assert (tmp_path / "m.onnx.0123abcd.data").read_bytes() == b"another graph's weights"
+
+
+def test_metadata_is_read_through_a_link_without_the_weights_and_only_denseclip_fasts(tmp_path, monkeypatch):
+    """read_metadata reads the graph alone (its weights file, beside the link's target, is not looked for beside
+    the link) and returns the denseclip_fast.* properties only, without their prefix."""
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 0)
+    (tmp_path / "models").mkdir()
+    model = _weighted(1.0)
+    model.metadata_props.update({"denseclip_fast.graph": "text", "producer_note": "not ours"})
+    save_onnx(model, tmp_path / "models" / "m.onnx")
+    os.symlink(tmp_path / "models" / "m.onnx", tmp_path / "link.onnx")
+    assert read_metadata(tmp_path / "link.onnx") == {"graph": "text"}
+
+
+def test_a_protobuf_without_an_ir_version_is_not_an_onnx_model(tmp_path):
+    """Bytes that parse as a ModelProto with a graph but no IR version (no ONNX writer makes one) are refused too."""
+    proto = onnx.ModelProto()
+    proto.graph.name = "g"
+    (tmp_path / "m.onnx").write_bytes(proto.SerializeToString())
+    with pytest.raises(ValueError, match=r"m.onnx' is not an ONNX model \(not a serialized onnx.ModelProto\)$"):
+        read_metadata(tmp_path / "m.onnx")
+
+
+def test_image_size_bounds_are_inclusive(tiny):
+    """32 (MIN_IMAGE_SIDE) and 8192 (MAX_EXPORT_SIDE) are sizes a graph may have; one less and one more are not."""
+    assert check_image_size(tiny, 32) == (32, 32)
+    assert check_image_size(tiny, (32, 8192)) == (32, 8192) and check_image_size(tiny, (8192, 32)) == (8192, 32)
+    for bad in ((31, 64), (64, 31), (8193, 64), (64, 8193)):
+        with pytest.raises(ValueError, match=re.escape(f"image_size must be 32 to 8192 on each side, got {bad}")):
+            check_image_size(tiny, bad)
+
+
+def test_a_graph_one_side_of_which_is_the_crop_records_two_thirds_strides():
+    """The model's stride is for its crop x crop window only: a 512 x 640 graph of a 512-crop model records two
+    thirds of each side (the official 341 of 512, 426 of 640), as to_aoti."""
+    assert default_window_stride((512, 640), 512, 300) == (341, 426)
+    assert default_window_stride((640, 512), 512, 300) == (426, 341)
+    assert default_window_stride((512, 512), 512, 300) == (300, 300)
+
+
+def test_tensorrt_check_reads_types_attributes_and_opsets_it_was_given():
+    """Each rule of the check on a one-node graph: a float16 input is FP16 (in the tables' types), an initializer's
+    type is known (a UINT64 weight), constants TensorRT cannot hold, Resize's attributes beyond its mode, omitted
+    optional inputs and outputs, and a graph past the table's opsets, which is checked at the highest opset the
+    table knows (ReduceL2's axes an input there: still one that must be an initializer)."""
+    h = onnx.helper
+    half = onnx.TensorProto.FLOAT16
+    relu = _graph([h.make_node("Relu", ["x"], ["y"])], [_tensor("x", half)], [_tensor("y", half)])
+    assert tensorrt_problems(relu) == []
+    uint64 = onnx.numpy_helper.from_array(np.ones((1, 3, 8, 8), np.uint64), "w")
+    problems = tensorrt_problems(_graph([h.make_node("Add", ["w", "w"], ["y"])], [],
+                                        [_tensor("y", onnx.TensorProto.UINT64)], [uint64]))  # fmt: skip
+    assert len(problems) == 1 and "input type UINT64 is not one of" in problems[0], problems
+    sparse = h.make_sparse_tensor(onnx.numpy_helper.from_array(np.ones(1, np.float32), "v"),
+                                  onnx.numpy_helper.from_array(np.zeros(1, np.int64), "i"), [4])  # fmt: skip
+    for attribute, value in (("sparse_value", sparse), ("value_strings", [b"a", b"b"])):
+        graph = _graph([h.make_node("Constant", [], ["c"], **{attribute: value})], [], [_tensor("c", shape=(4,))])
+        assert tensorrt_problems(graph) == [f"Constant node '': attribute {attribute} is unsupported"]
+    scales = [onnx.numpy_helper.from_array(np.ones(4, np.float32), "s")]
+    for attrs, says in ((dict(coordinate_transformation_mode="tf_crop_and_resize"), "coordinate_transformation_mode"),
+                        (dict(antialias=1), "antialiasing is unsupported"),
+                        (dict(keep_aspect_ratio_policy="not_larger"), "keep_aspect_ratio_policy must be 'stretch'"),
+                        (dict(coordinate_transformation_mode="asymmetric"), None)):  # fmt: skip
+        graph = _graph([h.make_node("Resize", ["x", "", "s"], ["y"], mode="nearest", **attrs)], [_tensor("x")],
+                       [_tensor("y")], scales)  # fmt: skip
+        problems = tensorrt_problems(graph)
+        assert (problems == []) if says is None else (len(problems) == 1 and says in problems[0]), (attrs, problems)
+    no_axes = _graph([h.make_node("ReduceL2", ["x", ""], ["y"])], [_tensor("x")], [_tensor("y", shape=())])
+    assert tensorrt_problems(no_axes) == []  # an omitted optional input is no input to hold constant
+    norm = _graph([h.make_node("LayerNormalization", ["x", "s"], ["y", "", ""], axis=-1)], [_tensor("x")],
+                  [_tensor("y")], [onnx.numpy_helper.from_array(np.ones(8, np.float32), "s")])  # fmt: skip
+    assert tensorrt_problems(norm) == []  # optional outputs named "" are not asked for
+    late = _graph([h.make_node("ReduceL2", ["x", "axes"], ["y"])],
+                  [_tensor("x"), _tensor("axes", onnx.TensorProto.INT64, (1,))], [_tensor("y")], opset=21)
+    problems = tensorrt_problems(late)
+    assert len(problems) == 2 and "opset 21 is outside TensorRT's range 9..20" in problems[0], problems
+    assert "input 1 ('axes') must be an initializer" in problems[1]
+
+
+def test_tensorrt_profiles_that_are_not_what_they_look_like():
+    """default_batch for a graph without class names (0 classes) is still a valid profile (min <= opt); a bool is
+    not a batch size, though True == 1."""
+    from denseclip_fast.export.tensorrt import check_batch, default_batch
+
+    assert default_batch("text", 0) == (1, 1, 16) == check_batch(default_batch("text", 0))
+    assert default_batch("image", 0) == (1, 1, 16)
+    for batch in ((1, True, 2), (True, True, True), (1, 1, False)):
+        with pytest.raises(ValueError, match=r"^batch must be \(min, opt, max\) ints"):
+            check_batch(batch)
+    assert check_batch([1, 2, 3]) == (1, 2, 3)
+    # numpy integers are ints, as the other exporters' arguments take them (a profile computed with numpy)
+    for given in (np.array([1, 4, 8]), (np.int64(1), 4, np.int32(8))):
+        batch = check_batch(given)
+        assert batch == (1, 4, 8) and all(type(b) is int for b in batch), batch
+    for batch in ((np.bool_(True), 1, 2), (1, np.float64(2), 3), np.array([1.0, 2.0, 3.0])):
+        with pytest.raises(ValueError, match=r"^batch must be \(min, opt, max\) ints"):
+            check_batch(batch)
+
+
+def _engine_graph(tmp_path, dtype: str = "float32"):
+    graph = _relu_graph()
+    onnx.helper.set_model_props(graph, {"denseclip_fast.graph": "image", "denseclip_fast.dtype": dtype})
+    onnx.save(graph, tmp_path / "m.onnx")
+    return tmp_path / "m.onnx"
+
+
+def test_a_float16_graph_is_built_strongly_typed_without_the_precision_flags(tmp_path, monkeypatch):
+    """A float16 graph's network is created STRONGLY_TYPED, and --fp16/--bf16 (which the CLI passes for it) set no
+    builder flag and pin no layer: TensorRT keeps the graph's types. A float32 graph is created without the flag."""
+    graph = _engine_graph(tmp_path, "float16")
+    trt = _stand_in_tensorrt(monkeypatch, [("image", [-1, 3, 64, 64])])
+    trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED = 3
+    network = trt.Builder.return_value.create_network.return_value
+    network.num_layers = 1
+    network.get_layer.side_effect = AssertionError("a layer looked at for pinning")
+    build_tensorrt_engine(graph, tmp_path / "m.engine", fp16=True, bf16=True)
+    trt.Builder.return_value.create_network.assert_called_once_with(1 << 3)
+    trt.Builder.return_value.create_builder_config.return_value.set_flag.assert_not_called()
+    graph = _engine_graph(tmp_path, "float32")
+    trt = _stand_in_tensorrt(monkeypatch, [("image", [-1, 3, 64, 64])])
+    trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED = 3
+    build_tensorrt_engine(graph, tmp_path / "m.engine")
+    trt.Builder.return_value.create_network.assert_called_once_with(0)
+
+
+def test_the_engine_builder_passes_what_tensorrt_needs_and_says_what_it_refused(tmp_path, monkeypatch):
+    """The parser reads the link's target (the weights file is beside it); the workspace is in GiB; a static input
+    adds no profile (TensorRT refuses an empty one), a dynamic one exactly one; dimensions dynamic beyond the batch,
+    a build that returns None and a TensorRT without the FP16 flag are errors, no engine written; the engine path
+    may not be the graph's, a link to it included."""
+    (tmp_path / "models").mkdir()
+    target = _engine_graph(tmp_path / "models")
+    link = tmp_path / "link.onnx"
+    os.symlink(target, link)
+    engine = tmp_path / "m.engine"
+    trt = _stand_in_tensorrt(monkeypatch, [("image", [-1, 3, 64, 64])])
+    build_tensorrt_engine(link, engine, workspace_gib=np.float32(1.5))  # a numpy number is the number
+    builder = trt.Builder.return_value
+    trt.OnnxParser.return_value.parse_from_file.assert_called_once_with(str(target))
+    config = builder.create_builder_config.return_value
+    config.set_memory_pool_limit.assert_called_once_with(trt.MemoryPoolType.WORKSPACE, 3 * 2**29)
+    config.add_optimization_profile.assert_called_once_with(builder.create_optimization_profile.return_value)
+    trt = _stand_in_tensorrt(monkeypatch, [("image", [2, 3, 64, 64])])
+    build_tensorrt_engine(target, engine)
+    trt.Builder.return_value.create_builder_config.return_value.add_optimization_profile.assert_not_called()
+    engine.unlink()
+    _stand_in_tensorrt(monkeypatch, [("image", [-1, 3, -1, 64])])
+    with pytest.raises(ValueError, match=r"^input 'image' has dynamic dimensions beyond the first: \[-1, 3, -1, 64\]$"):
+        build_tensorrt_engine(target, engine)
+    trt = _stand_in_tensorrt(monkeypatch, [("image", [-1, 3, 64, 64])])
+    trt.Builder.return_value.build_serialized_network.return_value = None
+    with pytest.raises(ValueError, match=r"^TensorRT could not build an engine from .*m.onnx \(see its log above\)$"):
+        build_tensorrt_engine(target, engine)
+    trt = _stand_in_tensorrt(monkeypatch, [("image", [-1, 3, 64, 64])])
+    trt.BuilderFlag = SimpleNamespace(BF16="bf16", OBEY_PRECISION_CONSTRAINTS="obey")  # no FP16 (TensorRT 11?)
+    with pytest.raises(ValueError, match=r"^this TensorRT has no BuilderFlag.FP16 \(weakly typed networks were"):
+        build_tensorrt_engine(target, engine, fp16=True)
+    assert not engine.exists()
+    for same in (target, link):
+        with pytest.raises(ValueError, match="^engine_path must differ from onnx_path$"):
+            build_tensorrt_engine(target, same)
+    assert [node.op_type for node in onnx.load(str(target)).graph.node] == ["Relu"]  # the graph as it was
+
+
+def test_the_score_translation_clamps_small_norms_as_the_reference_does():
+    """pixel_text_score divides by max(|v|, eps) (F.normalize's rule, ops/reference.py): a pixel whose features have
+    a norm of eps / 2 is scaled up to a unit vector, not divided by |v| + eps (a third of the way there)."""
+    from denseclip_fast import ops
+    from denseclip_fast.export.onnx_ops import translation_table
+    from denseclip_fast.ops.reference import NORM_EPS
+
+    class Score(torch.nn.Module):
+        def forward(self, visual, text):
+            return ops.pixel_text_score(visual, text)
+
+    visual = torch.randn(1, 8, 2, 3)
+    visual[0, :, 0, 0] = 0
+    visual[0, 0, 0, 0] = NORM_EPS / 2  # |v| = eps / 2
+    text = torch.randn(5, 8)
+    program = torch.onnx.export(Score().eval(), (visual, text), dynamo=True,
+                                custom_translation_table=translation_table(), opset_version=18)  # fmt: skip
+    graph = program.model_proto
+    session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, {"visual": visual.numpy(), "text": text.numpy()})
+    expected = ops.reference.pixel_text_score(visual.double(), text.double())
+    # the small pixel's scores: half its unit vector's (v / eps), i.e. text[:, 0] / (2 |t|)
+    assert torch.allclose(expected[0, :, 0, 0], (text[:, 0] / text.norm(dim=1) / 2).double(), atol=1e-6)
+    assert rel_err(torch.from_numpy(out), expected) < 1e-5
+
+
+def _branching(value: float):
+    """An onnx.ModelProto whose only weights (512 bytes, all ``value``) are in a subgraph: an If node's branch."""
+    h = onnx.helper
+    weight = onnx.numpy_helper.from_array(np.full((1, 128), value, dtype=np.float32), "w")
+    branch = h.make_graph([h.make_node("Identity", ["w"], ["z"])], "then", [], [_tensor("z", shape=(1, 128))],
+                          initializer=[weight])  # fmt: skip
+    other = h.make_graph([h.make_node("Identity", ["x"], ["z"])], "else", [], [_tensor("z", shape=(1, 128))])
+    return _graph([h.make_node("If", ["c"], ["y"], then_branch=branch, else_branch=other)],
+                  [_tensor("c", onnx.TensorProto.BOOL, ()), _tensor("x", shape=(1, 128))],
+                  [_tensor("y", shape=(1, 128))])  # fmt: skip
+
+
+def test_weights_inside_subgraphs_count_and_their_files_are_replaced_too(tmp_path, monkeypatch):
+    """Weights in If/Loop/Scan bodies count towards EXTERNAL_DATA_THRESHOLD, and the replaced graph's weights file
+    that only a subgraph refers to is removed with it."""
+    from onnxscript import ir
+
+    path = tmp_path / "m.onnx"
+    onnx.save(_branching(1.0), str(path), save_as_external_data=True, location="m.onnx.old.data", size_threshold=0)
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx", "m.onnx.old.data"]  # (onnx wrote the branch's weights there)
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 511)
+    save_onnx(ir.serde.deserialize_model(_branching(2.0)), path)
+    names = sorted(os.listdir(tmp_path))
+    assert len(names) == 2 and names[0] == "m.onnx" and names[1].endswith(".data") and names[1] != "m.onnx.old.data"
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 2**40)
+    save_onnx(ir.serde.deserialize_model(_branching(3.0)), path)
+    assert os.listdir(tmp_path) == ["m.onnx"]
+
+
+def test_the_attention_translation_refuses_a_symbolic_head_dimension():
+    """The softmax scale 1/sqrt(D) is a constant of the graph: a head dimension the exporter knows only by name is
+    refused with what to do, before any node is made."""
+    from onnxscript import ir
+
+    from denseclip_fast.export.onnx_ops import context_attention
+
+    for last in (ir.SymbolicDim("d"), None):
+        q = ir.Value(name="q", shape=ir.Shape([1, 2, 5, last]))
+        with pytest.raises(ValueError, match=r"^context_attention exports with a static head dimension, got q of"):
+            context_attention(q, q, q)

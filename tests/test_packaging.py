@@ -217,3 +217,15 @@ def test_a_module_without_distribution_metadata_counts_as_installed(monkeypatch)
 
     monkeypatch.setattr(onnx_export.importlib.metadata, "version", no_metadata)
     assert onnx_export._installed("pytest") == ""
+
+
+def test_versions_given_are_compared_not_imported(monkeypatch):
+    """check_onnx_export(versions) judges the versions it is given (those of another environment, a lock file's):
+    it imports nothing; only this environment's (versions=None) are imported too."""
+    imported: list[str] = []
+    monkeypatch.setattr(onnx_export.importlib, "import_module", lambda name: imported.append(name))
+    check_onnx_export({"onnx": "1.17.0", "onnxscript": "0.7.0", "onnxruntime": "1.20.0"})
+    assert imported == []
+    monkeypatch.setattr(onnx_export, "_installed", lambda name: "1.0")
+    check_onnx_export(runtime=True)
+    assert imported == ["onnx", "onnxscript", "onnxruntime"]

@@ -153,7 +153,9 @@ def to_onnx(
     Args:
         model: a DenseCLIP model (left untouched: a prepared copy is exported, BatchNorm folded).
         graph: ``"image"`` (class embeddings of the current vocabulary baked in), ``"image_with_text"`` (class
-            embeddings (K, D) as a second input: reword the vocabulary without re-exporting) or ``"text"``.
+            embeddings (K, D) as a second input: reword the vocabulary without re-exporting; K is fixed, the
+            model's class count, as the score map's K channels feed the FPN and the head has K outputs) or
+            ``"text"``.
         image_size: H and W of the image graphs (int or (H, W)); default the sliding-window crop (512, 640 for
             ViT-B/16), the size the network sees in the official slide inference.
         dtype: torch.float32 or torch.float16 (the fused operators and the CLIP LayerNorms compute in float32).

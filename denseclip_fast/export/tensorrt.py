@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..checkpoints.io import path_argument
-from ..validation import as_bool, not_a_file
+from ..validation import as_bool, not_a_file, plain_scalar
 from .graphs import output_path, write_file
 from .onnx import graph_file, load_onnx, read_metadata
 
@@ -185,15 +185,16 @@ def default_batch(graph: str, classes: int) -> tuple[int, int, int]:
 
 
 def check_batch(batch: Any, name: str = "batch") -> tuple[int, int, int]:
-    """``batch`` as (min, opt, max) ints with 1 <= min <= opt <= max; ValueError naming ``name`` otherwise."""
+    """``batch`` as (min, opt, max) ints with 1 <= min <= opt <= max (numpy integers too, as the other exporters'
+    arguments: a numpy array's elements); ValueError naming ``name`` otherwise."""
     try:
-        values = tuple(batch)
+        given = tuple(map(plain_scalar, batch))
     except TypeError:  # an int, ...
-        values = ()
-    if len(values) != 3 or not all(isinstance(b, int) and not isinstance(b, bool) for b in values) \
-            or not 1 <= values[0] <= values[1] <= values[2]:  # fmt: skip
+        given = ()
+    values = tuple(b for b in given if isinstance(b, int) and not isinstance(b, bool))
+    if len(values) != 3 or len(given) != 3 or not 1 <= values[0] <= values[1] <= values[2]:
         raise ValueError(f"{name} must be (min, opt, max) ints with 1 <= min <= opt <= max, got {batch!r}")
-    return values
+    return values[0], values[1], values[2]
 
 
 def float32_layers(network: Any, trt: Any) -> list[Any]:
@@ -259,9 +260,12 @@ def build_tensorrt_engine(
     engine_path = output_path(engine_path, "engine_path")
     if batch is not None:
         batch = check_batch(batch)
-    if workspace_gib is not None and (isinstance(workspace_gib, bool) or not (
-            isinstance(workspace_gib, (int, float)) and 0 < workspace_gib < math.inf)):  # fmt: skip
+    workspace = plain_scalar(workspace_gib)  # a numpy number is the number (a numpy bool stays refused)
+    if workspace is not None and (isinstance(workspace, bool) or not (
+            isinstance(workspace, (int, float)) and 0 < workspace < math.inf)):  # fmt: skip
         raise ValueError(f"workspace_gib must be a positive number of GiB (or None: TensorRT's), got {workspace_gib!r}")
+    assert workspace is None or isinstance(workspace, (int, float))
+    workspace_gib = workspace
     if engine_path.resolve() == onnx_path.resolve():
         raise ValueError("engine_path must differ from onnx_path")
     trt = _tensorrt()
