@@ -97,6 +97,9 @@ def overlay(image: np.ndarray, labels: np.ndarray, palette: Palette, alpha: floa
     if weight is None or not 0.0 <= weight <= 1.0:
         raise ValueError(f"alpha must be a real number in [0, 1], got {type(alpha).__name__} {alpha!r}")
     image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:  # a grey (H, W) image broadcast its rows
+        # across the colours; an RGBA one, a numpy error naming nothing; a float one was clipped as 0..255 pixels
+        raise ValueError(f"image must be a uint8 (H, W, 3) RGB array, got {image.dtype} {image.shape}")
     if image.shape[:2] != np.asarray(labels).shape:
         raise ValueError(f"image {image.shape[:2]} and labels {np.asarray(labels).shape} differ in size")
     mask = ignored(labels, palette, ignore_index)

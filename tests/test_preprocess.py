@@ -512,3 +512,77 @@ def test_normalisation_is_within_an_ulp_of_mmcvs():
     ulp = np.spacing(np.abs(expected))
     assert np.all(np.abs(ours - expected) <= ulp)
     assert 0 < int(np.count_nonzero(ours != expected)) < 300  # not bit for bit (else README's note is stale)
+
+
+def test_the_default_palette_is_its_hues_at_saturation_075_and_alternating_brightness():
+    """default_palette's colour i is the HSV colour (i x 0.618... mod 1, 0.75, 0.95 for even i, 0.7 for odd i),
+    rounded to 8 bits: read back with colorsys every component is within the rounding (hue to 1%). By hand: colour 0
+    is hue 0, so (0.95, 0.95 x 0.25, 0.95 x 0.25) x 255 = (242.25, 60.56, 60.56) -> (242, 61, 61)."""
+    import colorsys
+
+    palette = default_palette(64)
+    assert palette[0] == (242, 61, 61)
+    for i, colour in enumerate(palette):
+        hue, saturation, value = colorsys.rgb_to_hsv(*(c / 255 for c in colour))
+        expected = (i * 0.618033988749895) % 1.0
+        assert min(abs(hue - expected), 1 - abs(hue - expected)) < 0.01, (i, colour)
+        assert abs(saturation - 0.75) < 0.01 and abs(value - (0.95 if i % 2 == 0 else 0.7)) < 0.003, (i, colour)
+
+
+@pytest.mark.parametrize(
+    "palette, got",
+    [([(1, 2, 3, 4), (5, 6, 7, 8)], "[(1, 2, 3, 4), (5, 6, 7, 8)]"),
+     ([(-1, 0, 0), (0, 0, 0)], "[(-1, 0, 0), (0, 0, 0)]"),
+     ([(1, 2, 3), (4, 5, 6), (7, 8, 9)], "3 colours")],
+)  # fmt: skip
+def test_a_palette_of_four_channels_negative_values_or_a_colour_too_many_is_refused(palette, got):
+    from denseclip_fast.visualize import check_palette
+
+    with pytest.raises(ValueError) as info:
+        check_palette(palette, 2)
+    assert str(info.value) == ("palette must be None or 2 (r, g, b) triples of integers in 0..255 (one per class), "
+                               f"got {got}")  # fmt: skip
+
+
+def test_colorize_refuses_labels_that_are_not_integers_naming_their_dtype():
+    """1.0 is no class index (numpy's own IndexError for float indices names nothing)."""
+    with pytest.raises(ValueError, match="labels must be integer class indices, got dtype float64"):
+        colorize(np.array([[1.0, 0.0]]), default_palette(2))
+
+
+def test_colorize_refuses_negative_labels_and_takes_an_empty_map():
+    """-1 would index the palette's last colour; an empty map is an empty picture (no min() of nothing)."""
+    palette = default_palette(2)
+    with pytest.raises(ValueError, match=re.escape("labels range -1..1 exceeds the palette of 2 colours")):
+        colorize(np.array([[-1, 1]]), palette)
+    assert colorize(np.zeros((0, 4), np.int64), palette).shape == (0, 4, 3)
+
+
+def test_colorize_gives_uint8_colours_whatever_the_palettes_integer_type():
+    """A palette of Python ints (int64 to numpy) still colours in uint8, an image's type (Image.fromarray takes it)."""
+    colours = colorize(np.array([[1, 0]], np.uint8), [(1, 2, 3), (250, 251, 252)])
+    assert colours.dtype == np.uint8 and colours.tolist() == [[[250, 251, 252], [1, 2, 3]]]
+
+
+def test_overlay_refuses_an_alpha_past_1_and_labels_with_a_third_axis():
+    image = np.zeros((2, 2, 3), np.uint8)
+    with pytest.raises(ValueError, match=re.escape("alpha must be a real number in [0, 1], got float 1.5")):
+        overlay(image, np.zeros((2, 2), np.int64), default_palette(2), alpha=1.5)
+    with pytest.raises(ValueError, match=re.escape("image (2, 2) and labels (2, 2, 1) differ in size")):
+        overlay(image, np.zeros((2, 2, 1), np.int64), default_palette(2))
+    # the image is what the docstring says: a grey (3, 3) one broadcast its rows across the colours (alpha 0 gave
+    # [[0, 60, 120]] * 3 back, not the image), an RGBA one got numpy's broadcast error, a 0..1 float one was black
+    grey = np.arange(9, dtype=np.uint8).reshape(3, 3) * 20
+    for bad, shown in ((grey, "uint8 (3, 3)"), (np.zeros((3, 3, 4), np.uint8), "uint8 (3, 3, 4)"),
+                       (np.full((3, 3, 3), 0.5, np.float32), "float32 (3, 3, 3)")):  # fmt: skip
+        with pytest.raises(ValueError, match=re.escape(f"image must be a uint8 (H, W, 3) RGB array, got {shown}")):
+            overlay(bad, np.zeros((3, 3), np.int64), [(0, 0, 0)], alpha=0.0)
+    rgb = np.stack([grey, grey + 1, grey + 2], axis=-1)
+    assert np.array_equal(overlay(rgb, np.zeros((3, 3), np.int64), [(0, 0, 0)], alpha=0.0), rgb)
+
+
+def test_an_ignored_pixel_beside_a_one_class_palette_is_left_unpainted():
+    """The ignored pixels are coloured as class 0 (a class every palette has) and then given their image back."""
+    image = np.full((1, 2, 3), 7, np.uint8)
+    painted = overlay(image, np.array([[0, 255]], np.uint8), [(10, 20, 30)], alpha=1.0)
+    assert painted.tolist() == [[[10, 20, 30], [7, 7, 7]]]

@@ -311,3 +311,36 @@ def test_the_tokenizer_encodes_under_its_lock(monkeypatch):
     tokenize_class_names(["cat", "dog"], 5, distinct=True)
     text.check_distinct_tokens(["cat", "dog"])
     assert held == [True] * 4
+
+
+def test_the_lowest_and_highest_values_each_check_names_are_accepted():
+    """The bounds are inclusive where the messages say >= / at most: a ViT may tap its first block (index 0), a
+    text encoder may learn no context (n_ctx 0: every position after SOT is the class's), windows may tile without
+    overlap (slide_stride == slide_crop), and a size list may hold MAX_CONFIG_INT itself."""
+    from denseclip_fast.config import TextConfig
+
+    vit = preset("ViT-B/16").vision
+    assert dataclasses.replace(vit, out_indices=(0, 1, 2, 3)).out_indices == (0, 1, 2, 3)
+    assert TextConfig(n_ctx=0).class_token_length == TextConfig().context_length
+    assert preset("RN50").replace(slide_stride=512).slide_stride == 512
+    assert preset("RN50").replace(test_scale=(2**20, 512)).test_scale == (2**20, 512)
+    with pytest.raises(ValueError, match=r"test_scale must hold ints of at most 1048576"):
+        preset("RN50").replace(test_scale=(2**20 + 1, 512))
+
+
+@pytest.mark.parametrize(
+    "key, value, match",
+    [("layers", (True, 1, 1, 1), r"vision.layers must be a list of 4 ints >= 1, got \(True, 1, 1, 1\)"),
+     ("out_indices", (False, 5, 7, 11), r"vision.out_indices must be a list of 4 ints >= 0, got \(False, 5, 7, 11\)")],
+)  # fmt: skip
+def test_a_bool_in_a_list_of_ints_is_refused(key, value, match):
+    """True is no block count and False no block index (as for the single ints: embed_dim True is refused)."""
+    with pytest.raises(ValueError, match=match):
+        dataclasses.replace(preset("RN50").vision, **{key: value})
+
+
+@pytest.mark.parametrize("name, meant", [("ResNet-50", "RN50"), ("resnet101", "RN101"), ("rn50", "RN50"),
+                                         ("vit_b_16", "ViT-B/16")])  # fmt: skip
+def test_an_arch_spelled_another_way_is_told_the_released_name(name, meant):
+    with pytest.raises(ValueError, match=re.escape(f"got {name!r} (did you mean {meant!r}?)")):
+        preset(name)

@@ -3411,3 +3411,235 @@ def test_the_groups_outside_the_backbone_come_first_whatever_the_modules_order()
     assert [g["names"] for g in groups] == [["head.weight", "head.bias"], ["backbone.weight", "backbone.bias"]]
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
     assert set_learning_rates(optimizer, 0, cfg) == pytest.approx(1e-4)
+
+
+def test_a_local_world_size_of_0_is_read_as_one_process(monkeypatch):
+    """LOCAL_WORLD_SIZE=0 is no process count: the CPUs are this process's alone (not a ZeroDivisionError)."""
+    from denseclip_fast.train import config as config_module
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "0")
+    assert config_module.default_num_workers() == 2
+
+
+def test_a_ratio_range_given_as_a_list_is_the_pair_it_stands_for(arch_file, generic, tmp_path):
+    """As img_scale: a list (a Python sweep's, YAML's) is the tuple, and validate takes it."""
+    cfg = _config(arch_file, generic, tmp_path / "w", ratio_range=[0.75, 1.5])
+    assert cfg.ratio_range == (0.75, 1.5) and isinstance(cfg.ratio_range, tuple)
+    cfg.validate()
+
+
+def test_validate_without_init_file_leaves_a_missing_init_unchecked(arch_file, generic, tmp_path):
+    """A resumed run takes its weights from the checkpoint: the init file it started from may have moved since."""
+    cfg = _config(arch_file, generic, tmp_path / "w", init=str(tmp_path / "moved.pt"))
+    cfg.validate(init_file=False)
+    with pytest.raises(ValueError, match=re.escape(f"{str(tmp_path / 'moved.pt')!r} does not exist")):
+        cfg.validate()
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{"seed": 2**32 - 1}, {"lr": 1.0, "weight_decay": 1.0, "backbone_lr_mult": 1.0}, {"min_lr": 1.0},
+     {"warmup_ratio": 1.0}, {"cat_max_ratio": 1.0}, {"ratio_range": (1.0, 1.0)}],
+)  # fmt: skip
+def test_the_ends_of_each_range_are_accepted(arch_file, generic, tmp_path, overrides):
+    """The bounds the messages give are inclusive: seed 0..4294967295, lr <= 1 (and lr x mult <= 1), min_lr and
+    warmup_ratio <= 1, cat_max_ratio 1 (no check), ratio_range low <= high (one scale)."""
+    _config(arch_file, generic, tmp_path / "w", **overrides).validate()
+
+
+def test_a_ratio_range_that_shrinks_the_short_side_below_a_pixel_is_refused(arch_file, generic, tmp_path):
+    """The short side is the one that vanishes: 200 x 0.004 = 0.8 pixels, though the long side keeps 4."""
+    cfg = _config(arch_file, generic, tmp_path / "w", img_scale=(1024, 200), ratio_range=(0.004, 1.0))
+    with pytest.raises(ValueError, match=re.escape("ratio_range's low end 0.004 scales img_scale (1024, 200) below")):
+        cfg.validate()
+
+
+def test_a_template_config_still_needs_a_work_dir(arch_file):
+    """--print-config's template need not have a writable work dir here, but it must name one."""
+    with pytest.raises(ValueError, match=re.escape("work_dir must name a directory, got ''")):
+        TrainConfig(arch=arch_file, work_dir="").validate(template=True)
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [("amp", "fp32", "amp must be 'bf16', 'fp16' or 'none', got 'fp32'"),
+     ("eval_mode", "sliding", "eval_mode must be 'whole' or 'slide', got 'sliding'")],
+)  # fmt: skip
+def test_a_string_field_outside_its_choices_is_refused_naming_them(arch_file, generic, tmp_path, field, value,
+                                                                   message):  # fmt: skip
+    with pytest.raises(ValueError, match=re.escape(message)):
+        _config(arch_file, generic, tmp_path / "w", **{field: value}).validate()
+
+
+def test_clip_activation_replaces_the_architectures_activation():
+    assert TrainConfig(arch="RN50").model_config().activation == "quick_gelu"  # OpenAI CLIP's, the preset's
+    assert TrainConfig(arch="RN50", clip_activation="gelu").model_config().activation == "gelu"
+
+
+def test_absolute_paths_make_each_path_absolute_and_leave_names_alone(tmp_path, monkeypatch):
+    """config.json keeps data, work_dir, init and an architecture file absolute (a resume from elsewhere finds
+    them); 'none' and a released architecture's name stay names, even beside a file of that name."""
+    monkeypatch.chdir(tmp_path)
+    here = os.getcwd()
+    (tmp_path / "RN50").write_text("")
+    (tmp_path / "arch.json").write_text("{}")
+    fields = TrainConfig(arch="RN50", data="d", work_dir="w", init="none").to_dict(absolute_paths=True)
+    assert (fields["arch"], fields["data"], fields["work_dir"], fields["init"]) == (
+        "RN50", os.path.join(here, "d"), os.path.join(here, "w"), "none")  # fmt: skip
+    fields = TrainConfig(arch="arch.json", init="w.pt").to_dict(absolute_paths=True)
+    assert (fields["arch"], fields["init"], fields["data"]) == (os.path.join(here, "arch.json"),
+                                                                os.path.join(here, "w.pt"), "")  # fmt: skip
+    assert TrainConfig(data="d").to_dict()["data"] == "d"  # without absolute_paths: as given
+
+
+def test_one_unknown_key_with_a_close_field_is_told_that_field():
+    with pytest.raises(ValueError) as caught:
+        TrainConfig.from_dict({"itres": 10})
+    assert str(caught.value) == ("unknown training config keys ['itres']: did you mean 'iters'? (train "
+                                 "--print-config prints every key)")  # fmt: skip
+
+
+def test_an_empty_yaml_config_is_the_defaults(tmp_path):
+    path = tmp_path / "empty.yaml"
+    path.write_text("# nothing set yet\n")
+    assert TrainConfig.load(str(path)) == TrainConfig()
+
+
+def test_the_yaml_value_count_counts_keys_and_stops_only_past_the_bound():
+    """Values as printing meets them: the container, each key, each value; 'more than' the limit."""
+    from denseclip_fast.train.config import _more_values_than
+
+    assert not _more_values_than([1, 2], 3) and _more_values_than([1, 2, 3], 3)
+    assert _more_values_than({"a": 1, "b": 2}, 4) and not _more_values_than({"a": 1, "b": 2}, 5)
+
+
+@pytest.mark.parametrize(
+    "key, message",
+    [("iters", "iters must be an int, got True"), ("num_workers", "num_workers must be an int or null, got True")],
+)  # fmt: skip
+def test_a_yaml_bool_for_an_int_field_is_refused_when_the_file_is_read(tmp_path, key, message):
+    """true is no count: not 1 for iters, refused when the file is read (not only at validate)."""
+    path = tmp_path / "run.yaml"
+    path.write_text(f"{key}: true\n")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        TrainConfig.load(str(path))
+
+
+def test_a_yaml_bool_for_the_learning_rate_is_refused_not_read_as_1(tmp_path):
+    """lr: true is no learning rate: refused naming lr when the file is read, as iters: true is (it was read as
+    True, which only validate refused), not taken as lr 1.0 (which validate accepts)."""
+    path = tmp_path / "run.yaml"
+    path.write_text("lr: true\n")
+    with pytest.raises(ValueError, match=re.escape("lr must be a number, got True")):
+        TrainConfig.load(str(path))
+    for field in ("lr", "min_lr", "cat_max_ratio"):
+        with pytest.raises(ValueError, match=rf"^{field} must be a number, got False$"):
+            TrainConfig.from_dict({field: False})
+    assert TrainConfig.from_dict({"lr": 1}).lr == 1.0 and TrainConfig.from_dict({"lr": "2e-4"}).lr == 2e-4
+
+
+def test_the_defaults_the_readme_gives_beside_the_official_recipe():
+    """README: the newest 3 checkpoints kept, cuDNN benchmark on (mmseg's runtime), no weight decay on any
+    normalisation layer (norm_decay 'all'), bf16 autocast, one evaluation at the end."""
+    for cfg in (TrainConfig(), train_preset("RN50")):
+        assert (cfg.max_checkpoints, cfg.cudnn_benchmark, cfg.norm_decay, cfg.amp, cfg.eval_interval) == (
+            3, True, "all", "bf16", 0)  # fmt: skip
+
+
+
+
+def _fake_process_group(monkeypatch, initialized: bool = False) -> list[tuple]:
+    """torch.distributed's group calls and torch.cuda.set_device recorded instead of made (no GPU, no group)."""
+    from denseclip_fast.train import launch
+
+    calls: list[tuple] = []
+    monkeypatch.setattr(launch.dist, "is_initialized", lambda: initialized)
+    monkeypatch.setattr(launch.dist, "init_process_group", lambda backend: calls.append(("init", backend)))
+    monkeypatch.setattr(launch.dist, "barrier", lambda: calls.append(("barrier",)))
+    monkeypatch.setattr(launch.dist, "destroy_process_group", lambda: calls.append(("destroy",)))
+    monkeypatch.setattr(launch.torch.cuda, "set_device", lambda device: calls.append(("set_device", device)))
+    return calls
+
+
+def _torchrun_env(monkeypatch, rank: str | None, world: str | None, local: str | None) -> None:
+    for name, value in (("RANK", rank), ("WORLD_SIZE", world), ("LOCAL_RANK", local)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+
+
+def test_a_torchrun_process_on_the_cpu_starts_a_gloo_group_and_ends_it_after_a_barrier(monkeypatch):
+    """Every rank done with its collectives (the barrier) before the group goes; after a failure no barrier (the
+    other ranks may never reach it: a hang), but the group it started still goes; a group the caller started is
+    neither started again nor destroyed."""
+    from denseclip_fast.train.launch import distributed
+
+    calls = _fake_process_group(monkeypatch)
+    _torchrun_env(monkeypatch, "1", "2", "1")
+    with distributed(TrainConfig(device="cpu")) as got:
+        assert got == (1, 2, torch.device("cpu")) and calls == [("init", "gloo")]
+    assert calls == [("init", "gloo"), ("barrier",), ("destroy",)]
+    calls.clear()
+    with pytest.raises(RuntimeError, match="a rank failed"), distributed(TrainConfig(device="cpu")):
+        raise RuntimeError("a rank failed")
+    assert calls == [("init", "gloo"), ("destroy",)]
+    calls = _fake_process_group(monkeypatch, initialized=True)
+    with distributed(TrainConfig(device="cpu")) as got:
+        assert got == (1, 2, torch.device("cpu"))
+    assert calls == []
+    _torchrun_env(monkeypatch, None, None, None)  # one process: no group at all
+    with distributed(TrainConfig(device="cpu")) as got:
+        assert got == (0, 1, torch.device("cpu"))
+    assert calls == []
+
+
+def test_each_torchrun_process_takes_the_gpu_of_its_local_rank_and_one_process_the_gpu_given(monkeypatch):
+    """Under torchrun each process drives GPU LOCAL_RANK (whatever index --device gave) in an NCCL group; a run
+    in one process takes the GPU given (cuda:2), cuda:0 for 'cuda', and '' is cuda where CUDA is available."""
+    from denseclip_fast.train import launch
+
+    calls = _fake_process_group(monkeypatch)
+    monkeypatch.setattr(launch.torch.cuda, "is_available", lambda: True)
+    _torchrun_env(monkeypatch, "3", "4", "1")
+    with launch.distributed(TrainConfig(device="cuda:3")) as (rank, world, device):
+        assert (rank, world, device) == (3, 4, torch.device("cuda", 1))
+    assert calls == [("set_device", torch.device("cuda", 1)), ("init", "nccl"), ("barrier",), ("destroy",)]
+    _torchrun_env(monkeypatch, None, None, None)
+    for given, expected in (("cuda:2", torch.device("cuda", 2)), ("cuda", torch.device("cuda", 0)),
+                            ("", torch.device("cuda", 0))):  # fmt: skip
+        calls.clear()
+        with launch.distributed(TrainConfig(device=given)) as (_, _, device):
+            assert device == expected, given
+        assert calls == [("set_device", expected)], given
+
+
+def test_cudnn_benchmark_is_set_for_the_run_and_restored_after_it_even_after_a_failure():
+    from denseclip_fast.train.launch import cudnn_benchmark
+
+    before = torch.backends.cudnn.benchmark
+    try:
+        for value in (True, False):
+            torch.backends.cudnn.benchmark = not value
+            with pytest.raises(RuntimeError, match="failed"), cudnn_benchmark(value):
+                assert torch.backends.cudnn.benchmark is value
+                raise RuntimeError("failed")
+            assert torch.backends.cudnn.benchmark is (not value)
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
+@pytest.mark.parametrize("env", [{"RANK": "\u0661", "WORLD_SIZE": "2"}, {"RANK": "0", "WORLD_SIZE": "+2"}])
+def test_torchrun_variables_in_other_digits_or_with_a_sign_are_refused(env):
+    """int() takes Arabic-Indic digits and a '+': no torchrun writes them."""
+    from denseclip_fast.train.launch import launch_environment
+
+    with pytest.raises(ValueError, match="must be a non-negative integer"):
+        launch_environment(env)
+
+
+def test_a_local_rank_left_unset_is_0_whatever_the_rank():
+    from denseclip_fast.train.launch import launch_environment
+
+    assert launch_environment({"RANK": "1", "WORLD_SIZE": "2"}) == (1, 2, 0)

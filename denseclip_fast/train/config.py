@@ -426,7 +426,9 @@ def _typed(name: str, hint: Any, value: Any) -> Any:
             return _typed(name, kind, value)
         except ValueError as exc:
             raise ValueError(f"{exc}".replace(", got", " or null, got", 1)) from None
-    if hint is float and not isinstance(value, bool):
+    if hint is float:
+        if isinstance(value, bool):  # (True is no learning rate of 1.0, as it is no iteration count of 1)
+            raise ValueError(f"{name} must be a number, got {value!r}")
         if isinstance(value, (int, float)):
             return float(value)
         with contextlib.suppress(ValueError, TypeError):
