@@ -33,8 +33,9 @@ from ..validation import check_writable_file
 
 GraphKind = Literal["image", "image_with_text", "text"]
 GRAPHS: tuple[str, ...] = ("image", "image_with_text", "text")
-# the graphs are traced at this batch size with the batch dimension symbolic: a trace at batch 1 lets the tracer
-# specialise size-1 dimensions into constants (and the graph would then reject batch 3)
+# the graphs are traced at this batch size with the batch dimension symbolic: torch.export may specialise a size-1
+# dimension into a constant (its 0/1 specialisation; the graph would then reject batch 3). torch 2.14 given the Dim
+# did not (a batch-1 trace ran at batch 3), but a trace at 2 is safe in every version
 TRACE_BATCH = 2
 # One export (its trace and compilation) at a time in the process. to_onnx swaps sys.stdout and the warnings filters
 # while torch.onnx.export runs, process-wide: two exports in two threads left them swapped for good (the one ending
