@@ -3643,3 +3643,319 @@ def test_a_local_rank_left_unset_is_0_whatever_the_rank():
     from denseclip_fast.train.launch import launch_environment
 
     assert launch_environment({"RANK": "1", "WORLD_SIZE": "2"}) == (1, 2, 0)
+
+
+def _state_file(path, cfg: TrainConfig, iteration: int = 2, drop=(), **config) -> str:
+    """A minimal training state (as read_train_state accepts it) whose config is ``cfg``'s, without the fields
+    ``drop`` (as an older version wrote it) and with ``config``'s values."""
+    saved = {k: v for k, v in {**cfg.to_dict(), **config}.items() if k not in drop}
+    torch.save({"iteration": iteration, "optimizer": {}, "scaler": {}, "rng": [{"cpu": torch.get_rng_state()}],
+                "config": json.dumps(saved)}, str(path))  # fmt: skip
+    return str(path)
+
+
+def test_next_batch_gives_a_workers_error_as_its_last_line_alone():
+    """A DataLoader worker's ValueError comes back as the worker's last line without its 'ValueError: ' (the CLI
+    prints 'denseclip-fast: error: ' before it); any other ValueError goes through as it was raised."""
+    from denseclip_fast.train.loop import next_batch
+
+    def failing(exc):
+        raise exc
+        yield
+
+    worker = ValueError("Caught ValueError in DataLoader worker process 0.\nOriginal Traceback (most recent call "
+                        "last):\n  File \"data.py\", line 9, in read_label\nValueError: a.png: label value 7 is out "
+                        "of range for 3 classes\n\n")  # fmt: skip
+    with pytest.raises(ValueError) as err:
+        next_batch(failing(worker))
+    assert str(err.value) == "a.png: label value 7 is out of range for 3 classes"
+    assert err.value.__cause__ is None and err.value.__suppress_context__
+    own = ValueError("ValueError: not from a worker\nsecond line")
+    with pytest.raises(ValueError) as err:
+        next_batch(failing(own))
+    assert err.value is own
+    assert next_batch(iter([1, 2])) == 1
+
+
+def test_resume_auto_names_a_latest_json_of_another_shape_as_damaged(arch_file, generic, tmp_path):
+    """latest.json that is JSON but not an object, whose "state" is not a file name, or that names a directory: one
+    ValueError saying what to do, not a TypeError from deep inside; no latest.json (or a folder of that name), or a
+    resume of '' or 'none', is a fresh run."""
+    work = tmp_path / "w"
+    work.mkdir()
+    cfg = _config(arch_file, generic, work)
+    trainer = Trainer(cfg, resume="auto")
+    assert trainer._find_resume() is None
+    (work / "latest.json").mkdir()
+    assert trainer._find_resume() is None
+    (work / "latest.json").rmdir()
+    for content in ('["iter_2.state.pt"]', '{"state": 2}', '{"state": null}'):
+        (work / "latest.json").write_text(content)
+        with pytest.raises(ValueError, match=r"^--resume auto: .*latest.json is damaged \(TypeError: .*resume from an "
+                                             r"iter_N.state.pt of the work dir with --resume FILE$"):  # fmt: skip
+            trainer._find_resume()
+    (work / "iter_2.state.pt").mkdir()  # a folder of a state's name is no state
+    (work / "latest.json").write_text('{"state": "iter_2.state.pt"}')
+    with pytest.raises(ValueError, match=r"names .*iter_2.state.pt, which does not exist"):
+        trainer._find_resume()
+    for fresh in (None, "", "none"):
+        assert Trainer(cfg, resume=fresh)._find_resume() is None
+
+
+def test_only_latest_json_and_iter_n_weights_count_as_a_runs_checkpoints(arch_file, generic, tmp_path):
+    """A work dir holding the user's own .safetensors (CLIP weights, an exported model) holds no run: a fresh run
+    may start there; an iter_N.safetensors or a latest.json alone are a run's."""
+    work = tmp_path / "w"
+    trainer = Trainer(_config(arch_file, generic, work))
+    assert not trainer._holds_checkpoints()  # no work dir yet
+    work.mkdir()
+    for name in ("clip.safetensors", "model_iter_3.safetensors", "iter_3.txt", "latest.json.bak"):
+        (work / name).write_bytes(b"")
+    assert not trainer._holds_checkpoints()
+    trainer._refuse_used_work_dir()  # nothing to refuse
+    (work / "latest.json").write_text("{}")
+    assert trainer._holds_checkpoints()
+    os.remove(work / "latest.json")
+    (work / "iter_3.safetensors").write_bytes(b"")
+    assert trainer._holds_checkpoints()
+
+
+def test_a_state_of_this_work_dir_given_by_a_relative_path_is_not_another_runs(arch_file, generic, tmp_path,
+                                                                               monkeypatch):  # fmt: skip
+    """--resume w/iter_2.state.pt with --work-dir w (relative, or the same folder by another spelling) resumes this
+    run: the folders are compared as files, not as strings; a state of another work dir is refused there."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "w").mkdir()
+    for name in ("iter_2.safetensors", "iter_2.state.pt", "latest.json"):
+        (tmp_path / "w" / name).write_bytes(b"")
+    for work_dir in ("w", "./w", str(tmp_path / "w")):
+        Trainer(_config(arch_file, generic, work_dir))._refuse_another_runs_state(os.path.join("w", "iter_2.state.pt"))
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "iter_1.state.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"^--resume other/iter_1.state.pt is a state of another work dir"):
+        Trainer(_config(arch_file, generic, "w"))._refuse_another_runs_state(os.path.join("other", "iter_1.state.pt"))
+
+
+def test_a_used_work_dir_is_listed_and_advised_by_iteration_not_by_name(arch_file, generic, tmp_path):
+    """Past iteration 9 the names sort otherwise than the iterations: the listing goes 9, 10, and the state advised
+    is the newest by iteration (iter_10), never one whose weights are missing beside it; eight files are listed
+    whole, a ninth becomes ', ...'."""
+    work = tmp_path / "w"
+    work.mkdir()
+    cfg = _config(arch_file, generic, work)
+    for name in ("iter_9.safetensors", "iter_9.state.pt", "iter_10.safetensors", "iter_10.state.pt"):
+        (work / name).write_bytes(b"")
+    newest = re.escape(str(work / "iter_10.state.pt"))
+    listed = r"iter_9.safetensors, iter_9.state.pt, iter_10.safetensors, iter_10.state.pt"
+    for fresh in (None, "", "none"):  # a fresh run's advice, not --resume auto's
+        with pytest.raises(ValueError, match=rf"\({listed}\) but no latest.json: continue their run with --resume "
+                                             rf"{newest}, or start"):  # fmt: skip
+            Trainer(cfg, resume=fresh)._refuse_used_work_dir()
+    with pytest.raises(ValueError, match=rf"checkpoint files \({listed}\): name the newest state explicitly with "
+                                         rf"--resume {newest}, or start"):  # fmt: skip
+        Trainer(cfg, resume="auto")._refuse_used_work_dir()
+    (work / "iter_11.state.pt").write_bytes(b"")  # its weights were never written: not resumable
+    with pytest.raises(ValueError, match=rf"iter_11.state.pt\) but no latest.json: continue their run with --resume "
+                                         rf"{newest}, or start"):  # fmt: skip
+        Trainer(cfg)._refuse_used_work_dir()
+    for name in ("iter_9.state.pt", "iter_10.state.pt"):
+        os.remove(work / name)
+    listed = r"\(iter_9.safetensors, iter_10.safetensors, iter_11.state.pt: no iter_N.state.pt beside"
+    with pytest.raises(ValueError, match=r"holds checkpoint files that cannot be resumed " + listed):
+        Trainer(cfg)._refuse_used_work_dir()
+    for name in ("iter_11.state.pt", "iter_9.safetensors", "iter_10.safetensors"):
+        os.remove(work / name)
+    eight = [f"iter_{i}{suffix}" for i in range(1, 5) for suffix in (".safetensors", ".state.pt")]
+    for name in eight:
+        (work / name).write_bytes(b"")
+    with pytest.raises(ValueError) as err:
+        Trainer(cfg)._refuse_used_work_dir()
+    assert f"({', '.join(eight)}) but no latest.json" in str(err.value)
+    (work / "iter_5.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError) as err:
+        Trainer(cfg)._refuse_used_work_dir()
+    assert f"({', '.join(eight)}, ...) but no latest.json" in str(err.value)
+
+
+def test_eval_files_are_the_exact_eval_iter_n_json_names_whose_n_is_taken(arch_file, generic, tmp_path):
+    """A resume removes the eval_iter_N.json after its iteration and a fresh run moves them aside: a copy the user
+    made (eval_iter_3.json.bak) or another name is none of them."""
+    work = tmp_path / "w"
+    work.mkdir()
+    for name in ("eval_iter_3.json", "eval_iter_10.json", "eval_iter_3.json.bak", "eval_iter_x.json",
+                 "my_eval_iter_4.json", "eval_iter_.json"):  # fmt: skip
+        (work / name).write_text("{}")
+    trainer = Trainer(_config(arch_file, generic, work))
+    assert trainer._eval_files(lambda iteration: True) == ["eval_iter_10.json", "eval_iter_3.json"]
+    assert trainer._eval_files(lambda iteration: iteration > 3) == ["eval_iter_10.json"]
+
+
+def test_an_events_file_holds_events_past_its_version_record_or_when_unreadable(tmp_path):
+    """_holds_events: an empty file or one of the version record alone (8-byte length, 4-byte CRC, the data, 4-byte
+    CRC) holds none (a run that failed before its first step: removed, not moved aside); a longer one, a malformed
+    one or one that cannot be read is kept."""
+    from denseclip_fast.train.loop import _holds_events
+
+    path = tmp_path / "events.out.tfevents.1.host"
+    version = b"brain.Event:2"
+    record = len(version).to_bytes(8, "little") + b"crc!" + version + b"crc!"
+    for content, holds in ((b"", False), (record, False), (record + record, True), (record[:-1], True),
+                           (b"abc", True)):  # fmt: skip
+        path.write_bytes(content)
+        assert _holds_events(str(path)) is holds, content
+    assert _holds_events(str(tmp_path / "gone")) is True
+    assert _holds_events(str(tmp_path)) is True  # a folder: not readable as a file
+
+
+def test_resume_sizes_and_settings_of_a_state_written_before_some_fields_existed(arch_file, generic, tmp_path):
+    """A state whose config lacks fields (crop, img_scale, norm_decay, min_lr: an older version's) resumes: the sizes
+    stay the architecture's, no field is said to have changed but the ones that did, and without weights beside it
+    (so no saved architecture to compare) the settings are not refused."""
+    cfg = _config(arch_file, generic, tmp_path / "w", crop=None, img_scale=None)
+    state = _state_file(tmp_path / "iter_2.state.pt", Trainer(cfg).cfg, drop=("crop", "img_scale", "norm_decay",
+                                                                                "min_lr"), lr=5e-4)  # fmt: skip
+    trainer = Trainer(cfg, resume=state)
+    filled = (trainer.cfg.crop, trainer.cfg.img_scale)
+    trainer._keep_saved_sizes(state)
+    assert (trainer.cfg.crop, trainer.cfg.img_scale) == filled == (64, (128, 64))
+    trainer._check_settings(state)
+    assert list(trainer._changed) == ["lr"] and "the saved run had 0.0005" in trainer._changed["lr"]
+    kept = Trainer(cfg, resume=state)
+    _state_file(tmp_path / "iter_2.state.pt", kept.cfg, crop=48, img_scale=[96, 48])
+    kept._keep_saved_sizes(state)
+    assert (kept.cfg.crop, kept.cfg.img_scale) == (48, (96, 48))
+
+
+def test_a_complete_run_speaks_and_returns_its_evaluation_on_rank_0_only(arch_file, generic, tmp_path, capsys):
+    """Resuming a complete run under torchrun: rank 0 says it is complete and returns the evaluation; the other
+    ranks say nothing and return None as their eval (as train's TrainResult says)."""
+    work = tmp_path / "w"
+    work.mkdir()
+    cfg = _config(arch_file, generic, work, iters=4)
+    state = _state_file(work / "iter_4.state.pt", cfg, iteration=4)
+    (work / "eval_iter_4.json").write_text('{"mIoU": 0.5, "aAcc": 0.75, "mAcc": 0.625}')
+    trainer = Trainer(cfg, resume=state)
+    trainer._keep_saved_sizes(state)
+    capsys.readouterr()
+    other = trainer._already_finished(state, 1)
+    assert capsys.readouterr().err == "" and other == {"iterations": 4, "last": {}, "eval": None}
+    mine = trainer._already_finished(state, 0)
+    assert "is already complete at iteration 4" in capsys.readouterr().err
+    assert mine is not None and mine["eval"] is not None and mine["eval"]["mIoU"] == 0.5
+
+
+def test_the_settings_unlike_a_complete_run_ignore_its_work_dir_and_a_config_json_they_cannot_read(
+    arch_file, generic, tmp_path
+):  # fmt: skip
+    """A work dir moved or copied elsewhere (its config.json names the old place), a config.json of an older version
+    that lacks fields, or one that is damaged or not an object: no field is said to differ but those that do."""
+    work = tmp_path / "w"
+    work.mkdir()
+    cfg = _config(arch_file, generic, work)
+    trainer = Trainer(cfg)
+    run = json.loads(json.dumps(trainer.cfg.to_dict(absolute_paths=True)))
+    (work / "config.json").write_text(json.dumps({**run, "work_dir": "/elsewhere/w", "iters": 8}))
+    assert trainer._settings_unlike_the_run() == []
+    (work / "config.json").write_text(json.dumps({k: v for k, v in run.items() if k not in ("lr", "norm_decay")}))
+    assert trainer._settings_unlike_the_run() == []
+    (work / "config.json").write_text(json.dumps({**run, "lr": 1.0, "seed": 7}))
+    assert trainer._settings_unlike_the_run() == ["lr", "seed"]
+    for content in ("[1, 2]", '{"lr": ', "null"):
+        (work / "config.json").write_text(content)
+        assert trainer._settings_unlike_the_run() == [], content
+
+
+def test_the_micro_batch_divides_the_batch_by_processes_and_accum(arch_file, generic, tmp_path):
+    """batch_size / (world x accum) images per process and micro-batch; a batch that the processes x accum do not
+    divide is refused naming both; sync_bn is refused on the CPU only where there are processes to synchronise."""
+    cpu = torch.device("cpu")
+    trainer = Trainer(_config(arch_file, generic, tmp_path / "w", batch_size=8, accum=2))
+    assert [trainer._micro_batch(world, cpu) for world in (1, 2, 4)] == [4, 2, 1]
+    with pytest.raises(ValueError, match=re.escape("batch_size (--batch-size) 8 must be divisible by processes x "
+                                                   "accum (--accum) = 8 x 2")):  # fmt: skip
+        trainer._micro_batch(8, cpu)
+    sync = Trainer(_config(arch_file, generic, tmp_path / "w", batch_size=8, accum=2, sync_bn=True))
+    assert sync._micro_batch(1, cpu) == 4
+    with pytest.raises(ValueError, match=r"^sync_bn \(--sync-bn\) synchronises BatchNorm across CUDA processes"):
+        sync._micro_batch(2, cpu)
+
+
+def test_claiming_the_work_dir_removes_only_hidden_partial_files_and_keeps_a_resumed_runs_logs(arch_file, generic,
+                                                                                              tmp_path):  # fmt: skip
+    """A save killed midway leaves .iter_N.*.partial (hidden): removed; a file of the user's that merely ends in
+    .partial stays. A resumed run keeps its logs (trimmed later, not moved aside) and writes its config.json; a
+    complete one leaves config.json as the run wrote it."""
+    work = tmp_path / "w"
+    work.mkdir()
+    for name in (".iter_4.state.pt.9.0123abcd.partial", "download.partial", "metrics.csv"):
+        (work / name).write_text("iter,loss\n1,2.0\n")
+    (work / "config.json").write_text("{}")
+    cfg = _config(arch_file, generic, work)
+    state = str(work / "iter_2.state.pt")
+    with contextlib.ExitStack() as held:
+        Trainer(cfg, resume=state)._claim_work_dir(state, True, held)
+    assert sorted(os.listdir(work)) == [".lock", "config.json", "download.partial", "metrics.csv"]
+    assert (work / "config.json").read_text() == "{}"
+    with contextlib.ExitStack() as held:
+        Trainer(cfg, resume=state)._claim_work_dir(state, False, held)
+    assert json.loads((work / "config.json").read_text())["work_dir"] == str(work)
+    assert (work / "metrics.csv").read_text() == "iter,loss\n1,2.0\n" and not (work / "previous_logs_1").exists()
+
+
+def test_logs_moved_aside_skip_every_previous_logs_folder_taken(arch_file, generic, tmp_path, capsys):
+    """With previous_logs_1/ and previous_logs_2/ there, the logs go to previous_logs_3/: the next free folder, not
+    merely the one after the first (into previous_logs_2/, over its metrics.csv)."""
+    work = tmp_path / "w"
+    for number in (1, 2):
+        (work / f"previous_logs_{number}").mkdir(parents=True)
+        (work / f"previous_logs_{number}" / "metrics.csv").write_text(f"iter,loss\n1,{number}.0\n")
+    (work / "metrics.csv").write_text("iter,loss\n1,3.0\n")
+    Trainer(_config(arch_file, generic, work))._start_logs_over()
+    assert [(work / f"previous_logs_{n}" / "metrics.csv").read_text() for n in (1, 2, 3)] == [
+        f"iter,loss\n1,{n}.0\n" for n in (1, 2, 3)]  # fmt: skip
+    assert capsys.readouterr().err.endswith("moved metrics.csv to previous_logs_3/; this run starts the logs over\n")
+
+
+def test_pruning_counts_only_exact_iter_n_weights_names(arch_file, generic, tmp_path):
+    """A backup the user keeps as iter_3.safetensors.bak is no checkpoint: it is neither pruned nor counted, so
+    max_checkpoints 2 keeps iter_3 and iter_4 (counted as a second 3, it pruned the real iter_3 with iter_2)."""
+    work = tmp_path / "w"
+    work.mkdir()
+    for name in ("iter_2.safetensors", "iter_2.state.pt", "iter_3.safetensors", "iter_3.state.pt",
+                 "iter_3.safetensors.bak"):  # fmt: skip
+        (work / name).write_bytes(b"")
+
+    class Model:  # what _save asks of the model
+        def save(self, path):
+            Path(path).write_bytes(b"weights")
+
+    trainer = Trainer(_config(arch_file, generic, work, max_checkpoints=2))
+    trainer._save(Model(), torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))]),
+                  torch.amp.GradScaler("cpu", enabled=False), 4, [{"cpu": torch.get_rng_state()}])  # fmt: skip
+    assert sorted(n for n in os.listdir(work) if n.startswith("iter_")) == [
+        "iter_3.safetensors", "iter_3.safetensors.bak", "iter_3.state.pt", "iter_4.safetensors", "iter_4.state.pt"]
+    assert json.loads((work / "latest.json").read_text()) == {"iteration": 4, "model": "iter_4.safetensors",
+                                                               "state": "iter_4.state.pt"}  # fmt: skip
+
+
+def test_a_save_never_prunes_the_checkpoint_it_has_just_written(arch_file, generic, tmp_path):
+    """A run resumed from an earlier state of its own work dir (--resume W/iter_2.state.pt, say with a lower lr)
+    saves iteration 3 beside the first run's iter_4 (newer by number, never removed on resume): pruning to
+    max_checkpoints by iteration number deleted the iter_3 just written, so latest.json named a deleted state and
+    the resumed run's final weights were gone."""
+    work = tmp_path / "w"
+    work.mkdir()
+    for i in (1, 2, 3, 4):  # the first run's, kept with max_checkpoints 0
+        for suffix in (".safetensors", ".state.pt"):
+            (work / f"iter_{i}{suffix}").write_bytes(b"first run")
+
+    class Model:  # what _save asks of the model
+        def save(self, path):
+            Path(path).write_bytes(b"resumed run")
+
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    trainer = Trainer(_config(arch_file, generic, work, max_checkpoints=1, iters=3))
+    trainer._save(Model(), torch.optim.AdamW([parameter]), torch.amp.GradScaler("cpu", enabled=False), 3,
+                  [{"cpu": torch.get_rng_state()}])  # fmt: skip
+    latest = json.loads((work / "latest.json").read_text())
+    assert (work / latest["state"]).is_file() and (work / latest["model"]).read_bytes() == b"resumed run"

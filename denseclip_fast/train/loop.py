@@ -307,8 +307,12 @@ class Trainer:
         with replaced_atomically(self._path("latest.json")) as partial, open(partial, "w", encoding="utf-8") as f:
             json.dump({"iteration": iteration, "model": f"{name}.safetensors", "state": f"{name}.state.pt"}, f)
         # this run's checkpoints alone: a file of another name (a copy kept as iter_8000_best.safetensors) is the
-        # user's, neither pruned nor read as a number (int() of "8000_best" ended the run at its next save)
-        kept = sorted(int(m.group(1)) for m in map(SAVED_MODEL.fullmatch, os.listdir(self.cfg.work_dir)) if m)
+        # user's, neither pruned nor read as a number (int() of "8000_best" ended the run at its next save); and
+        # those up to this iteration: a run resumed from an earlier state of its work dir finds the first run's
+        # later ones there (newer by number: pruned by number, the checkpoint just written went, and latest.json
+        # named a deleted state); they are left, and replaced as this run reaches their iterations
+        saved = (int(m.group(1)) for m in map(SAVED_MODEL.fullmatch, os.listdir(self.cfg.work_dir)) if m)
+        kept = sorted(n for n in saved if n <= iteration)
         for old in kept[: -self.cfg.max_checkpoints] if self.cfg.max_checkpoints > 0 else []:
             for suffix in (".safetensors", ".state.pt"):
                 with contextlib.suppress(FileNotFoundError):
