@@ -3549,7 +3549,7 @@ def test_the_defaults_the_readme_gives_beside_the_official_recipe():
 
 
 
-def _fake_process_group(monkeypatch, initialized: bool = False) -> list[tuple]:
+def _recorded_process_group(monkeypatch, initialized: bool = False) -> list[tuple]:
     """torch.distributed's group calls and torch.cuda.set_device recorded instead of made (no GPU, no group)."""
     from denseclip_fast.train import launch
 
@@ -3576,7 +3576,7 @@ def test_a_torchrun_process_on_the_cpu_starts_a_gloo_group_and_ends_it_after_a_b
     neither started again nor destroyed."""
     from denseclip_fast.train.launch import distributed
 
-    calls = _fake_process_group(monkeypatch)
+    calls = _recorded_process_group(monkeypatch)
     _torchrun_env(monkeypatch, "1", "2", "1")
     with distributed(TrainConfig(device="cpu")) as got:
         assert got == (1, 2, torch.device("cpu")) and calls == [("init", "gloo")]
@@ -3585,7 +3585,7 @@ def test_a_torchrun_process_on_the_cpu_starts_a_gloo_group_and_ends_it_after_a_b
     with pytest.raises(RuntimeError, match="a rank failed"), distributed(TrainConfig(device="cpu")):
         raise RuntimeError("a rank failed")
     assert calls == [("init", "gloo"), ("destroy",)]
-    calls = _fake_process_group(monkeypatch, initialized=True)
+    calls = _recorded_process_group(monkeypatch, initialized=True)
     with distributed(TrainConfig(device="cpu")) as got:
         assert got == (1, 2, torch.device("cpu"))
     assert calls == []
@@ -3600,7 +3600,7 @@ def test_each_torchrun_process_takes_the_gpu_of_its_local_rank_and_one_process_t
     in one process takes the GPU given (cuda:2), cuda:0 for 'cuda', and '' is cuda where CUDA is available."""
     from denseclip_fast.train import launch
 
-    calls = _fake_process_group(monkeypatch)
+    calls = _recorded_process_group(monkeypatch)
     monkeypatch.setattr(launch.torch.cuda, "is_available", lambda: True)
     _torchrun_env(monkeypatch, "3", "4", "1")
     with launch.distributed(TrainConfig(device="cuda:3")) as (rank, world, device):
