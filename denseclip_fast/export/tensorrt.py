@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 import re
 from collections.abc import Sequence
@@ -23,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..checkpoints.io import path_argument
-from ..validation import as_bool, not_a_file, plain_scalar
+from ..validation import as_bool, finite_real, not_a_file, plain_scalar
 from .graphs import output_path, write_file
 from .onnx import graph_file, load_onnx, read_metadata
 
@@ -260,12 +259,12 @@ def build_tensorrt_engine(
     engine_path = output_path(engine_path, "engine_path")
     if batch is not None:
         batch = check_batch(batch)
-    workspace = plain_scalar(workspace_gib)  # a numpy number is the number (a numpy bool stays refused)
-    if workspace is not None and (isinstance(workspace, bool) or not (
-            isinstance(workspace, (int, float)) and 0 < workspace < math.inf)):  # fmt: skip
-        raise ValueError(f"workspace_gib must be a positive number of GiB (or None: TensorRT's), got {workspace_gib!r}")
-    assert workspace is None or isinstance(workspace, (int, float))
-    workspace_gib = workspace
+    if workspace_gib is not None:  # a numpy number is the number (a numpy bool stays refused)
+        workspace = finite_real(workspace_gib)
+        if workspace is None or workspace <= 0:
+            raise ValueError(f"workspace_gib must be a positive number of GiB (or None: TensorRT's), got "
+                             f"{workspace_gib!r}")  # fmt: skip
+        workspace_gib = workspace
     if engine_path.resolve() == onnx_path.resolve():
         raise ValueError("engine_path must differ from onnx_path")
     trt = _tensorrt()
